@@ -1,0 +1,298 @@
+"""The record model: everything a gateway carries to the hub.
+
+Every record is a small immutable tuple (a ``NamedTuple``) whose first two fields are
+``source`` (the name of the configured source that produced it) and ``ts`` (seconds since
+the Unix epoch, float).  The per-gateway record id is not stored in the record: the frame
+that carries a batch numbers its records consecutively from ``first_rid`` (see
+``docs/protocol.md``), so the id costs nothing on the wire.
+
+On the wire a record is a positional CBOR array ``[kind, source_index, ts, field...]``.
+Positional arrays decode about twice as fast as per-record maps with cbor2 and are less
+than half the size (``bench/record_layout.py`` measures it); the hub decodes every record,
+so this is its ceiling.  ``kind`` is the small integer ``KIND`` of the record class.
+Field order is part of the wire protocol: append new fields at the end only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+
+class LotStart(NamedTuple):
+    KIND = 1
+    source: str
+    ts: float
+    lot_id: str
+    part_type: str = ""
+    node_name: str = ""
+    tester_type: str = ""
+    job_name: str = ""
+    start_t: int = 0
+    extra: dict[str, Any] | None = None
+
+
+class LotEnd(NamedTuple):
+    KIND = 2
+    source: str
+    ts: float
+    lot_id: str
+    finish_t: int = 0
+    extra: dict[str, Any] | None = None
+
+
+class WaferStart(NamedTuple):
+    KIND = 3
+    source: str
+    ts: float
+    lot_id: str
+    wafer_id: str
+    head: int = 1
+    start_t: int = 0
+
+
+class WaferEnd(NamedTuple):
+    KIND = 4
+    source: str
+    ts: float
+    lot_id: str
+    wafer_id: str
+    head: int = 1
+    finish_t: int = 0
+    part_count: int | None = None
+    good_count: int | None = None
+
+
+class PartResult(NamedTuple):
+    """One tested part (STDF PRR).  ``passed`` is None when pass/fail is invalid.
+    ``supersedes`` marks a retest that replaces an earlier result of the same
+    part id or X/Y: yield counts only the final result."""
+
+    KIND = 5
+    source: str
+    ts: float
+    lot_id: str
+    wafer_id: str
+    head: int
+    site: int
+    part_id: str
+    x: int | None
+    y: int | None
+    hard_bin: int
+    soft_bin: int | None
+    passed: bool | None
+    supersedes: bool = False
+    part_flag: int = 0
+    test_time_ms: int | None = None
+    num_tests: int | None = None
+
+
+class ParametricResult(NamedTuple):
+    """One parametric measurement (STDF PTR), limits/units resolved from the test's
+    default state.  ``passed`` is None when the tester reports no pass/fail."""
+
+    KIND = 6
+    source: str
+    ts: float
+    lot_id: str
+    head: int
+    site: int
+    part_id: str
+    test_num: int
+    test_txt: str
+    value: float | None
+    lo_limit: float | None
+    hi_limit: float | None
+    units: str
+    passed: bool | None
+    test_flag: int = 0
+    parm_flag: int = 0
+
+
+class FunctionalResult(NamedTuple):
+    """One functional test result (STDF FTR)."""
+
+    KIND = 7
+    source: str
+    ts: float
+    lot_id: str
+    head: int
+    site: int
+    part_id: str
+    test_num: int
+    test_txt: str
+    passed: bool | None
+    test_flag: int = 0
+    fail_count: int | None = None
+
+
+class MultiPinResult(NamedTuple):
+    """A multi-pin parametric result (STDF MPR): one value per pin."""
+
+    KIND = 8
+    source: str
+    ts: float
+    lot_id: str
+    head: int
+    site: int
+    part_id: str
+    test_num: int
+    test_txt: str
+    values: list[float]
+    lo_limit: float | None
+    hi_limit: float | None
+    units: str
+    passed: bool | None
+    test_flag: int = 0
+    parm_flag: int = 0
+
+
+class BinSummary(NamedTuple):
+    """A tester's own bin count (STDF HBR/SBR).  ``bin_kind`` is "H" or "S";
+    ``head`` 255 means all sites."""
+
+    KIND = 9
+    source: str
+    ts: float
+    lot_id: str
+    bin_kind: str
+    head: int
+    site: int
+    bin_num: int
+    count: int
+    pass_fail: str
+    name: str = ""
+
+
+class PartCount(NamedTuple):
+    """The tester's own part counts (STDF PCR); ``head`` 255 means all sites."""
+
+    KIND = 10
+    source: str
+    ts: float
+    lot_id: str
+    head: int
+    site: int
+    part_count: int
+    retest_count: int | None = None
+    abort_count: int | None = None
+    good_count: int | None = None
+    func_count: int | None = None
+
+
+class SensorReading(NamedTuple):
+    """One raw sensor value (forwarded unthrottled when a channel asks for it)."""
+
+    KIND = 11
+    source: str
+    ts: float
+    channel: str
+    value: float
+    unit: str = ""
+
+
+class SensorWindow(NamedTuple):
+    """A throttled sensor window: the statistics of every reading in [t0, t1)."""
+
+    KIND = 12
+    source: str
+    ts: float
+    channel: str
+    last: float
+    min: float
+    max: float
+    mean: float
+    count: int
+    t0: float
+    t1: float
+    unit: str = ""
+
+
+class GatewayEvent(NamedTuple):
+    """Something the gateway itself reports: an overflow, a corrupt input, a restart."""
+
+    KIND = 13
+    source: str
+    ts: float
+    level: str
+    code: str
+    message: str
+    detail: dict[str, Any] | None = None
+
+
+class RawRecord(NamedTuple):
+    """A tester record forwarded as decoded, so nothing in the file is lost to the hub."""
+
+    KIND = 14
+    source: str
+    ts: float
+    format: str
+    rec: str
+    fields: dict[str, Any]
+
+
+Record = (
+    LotStart
+    | LotEnd
+    | WaferStart
+    | WaferEnd
+    | PartResult
+    | ParametricResult
+    | FunctionalResult
+    | MultiPinResult
+    | BinSummary
+    | PartCount
+    | SensorReading
+    | SensorWindow
+    | GatewayEvent
+    | RawRecord
+)
+
+RECORD_TYPES: tuple[type[Any], ...] = (
+    LotStart,
+    LotEnd,
+    WaferStart,
+    WaferEnd,
+    PartResult,
+    ParametricResult,
+    FunctionalResult,
+    MultiPinResult,
+    BinSummary,
+    PartCount,
+    SensorReading,
+    SensorWindow,
+    GatewayEvent,
+    RawRecord,
+)
+
+#: kind number -> record class
+BY_KIND: dict[int, type[Any]] = {cls.KIND: cls for cls in RECORD_TYPES}
+#: record class -> kind number
+KIND_OF: dict[type[Any], int] = {cls: cls.KIND for cls in RECORD_TYPES}
+
+
+class RecordError(ValueError):
+    """A wire record that does not match the record model."""
+
+
+def to_wire(record: Record, source_index: int) -> tuple[Any, ...]:
+    """The positional wire form ``(kind, source_index, ts, field...)``."""
+    return (KIND_OF[type(record)], source_index, *record[1:])
+
+
+def from_wire(item: Any, sources: list[str]) -> Record:
+    """Rebuild a record from its wire form; raises RecordError on anything malformed."""
+    if not isinstance(item, list) or len(item) < 3:
+        raise RecordError(f"record must be an array of at least 3 items, got {item!r:.80}")
+    cls = BY_KIND.get(item[0])
+    if cls is None:
+        raise RecordError(f"unknown record kind {item[0]!r}")
+    idx = item[1]
+    if not isinstance(idx, int) or not 0 <= idx < len(sources):
+        raise RecordError(f"source index {idx!r} out of range")
+    n_fields = len(cls._fields)
+    n_required = n_fields - len(cls._field_defaults)
+    if not n_required <= len(item) - 1 <= n_fields:
+        raise RecordError(
+            f"{cls.__name__} needs {n_required}..{n_fields} fields, got {len(item) - 1}"
+        )
+    return cls(sources[idx], *item[2:])

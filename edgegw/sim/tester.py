@@ -1,0 +1,175 @@
+"""A seeded model of a multi-site wafer-sort tester, sans-IO.
+
+``TesterModel.touchdowns()`` yields, touchdown by touchdown, what a tester does: lot and
+wafer starts, the parts of each site (with their parametric tests) and the summaries at
+wafer and lot end.  It produces *events* in tester terms; the built-in simulated source
+turns them into edgegw records directly, and the STDF simulator writes them as STDF.
+
+Realism that matters to a live monitor: a controlled base yield, an edge ring that fails
+more, one weak site, parametric drift over the lot, and retests of a few failed dies
+(marked as superseding the first result).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from collections.abc import Iterator
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TesterProfile:
+    lot_id: str = "LOT0001"
+    part_type: str = "EDGE-SIM-1"
+    node_name: str = "ate-sim"
+    tester_type: str = "SIM-4000"
+    job_name: str = "sim_sort.prg"
+    sites: int = 4
+    wafers: int = 1
+    wafer_diameter_dies: int = 20
+    tests_per_part: int = 8
+    base_yield: float = 0.92
+    edge_ring_yield: float = 0.6
+    weak_site: int | None = 1
+    weak_site_penalty: float = 0.1
+    drift_per_wafer: float = 0.02
+    retest_fraction: float = 0.03
+    seed: int = 1
+
+
+@dataclasses.dataclass
+class TestResult:
+    test_num: int
+    test_txt: str
+    value: float
+    lo: float
+    hi: float
+    units: str
+    passed: bool
+
+
+@dataclasses.dataclass
+class Part:
+    wafer_id: str
+    site: int
+    part_id: str
+    x: int
+    y: int
+    hard_bin: int
+    soft_bin: int
+    passed: bool
+    retest: bool
+    test_time_ms: int
+    tests: list[TestResult]
+
+
+@dataclasses.dataclass
+class Event:
+    kind: str  # lot_start, wafer_start, touchdown, wafer_end, lot_end
+    data: Any = None
+
+
+SOFT_BINS = {1: "PASS", 2: "PASS_SLOW", 10: "FAIL_IDD", 11: "FAIL_VTH", 12: "FAIL_LEAK",
+             20: "FAIL_FUNC", 30: "FAIL_CONT"}
+HARD_OF_SOFT = {1: 1, 2: 1, 10: 3, 11: 3, 12: 4, 20: 5, 30: 6}
+TESTS = [
+    (100, "IDD_STATIC", "uA", 5.0, 45.0, 25.0, 3.0),
+    (110, "VTH_N", "V", 0.35, 0.55, 0.45, 0.02),
+    (120, "VTH_P", "V", -0.55, -0.35, -0.45, 0.02),
+    (130, "ILEAK_IN", "nA", -50.0, 50.0, 0.0, 8.0),
+    (140, "VOH", "V", 2.9, 3.4, 3.15, 0.05),
+    (150, "VOL", "V", 0.0, 0.4, 0.18, 0.04),
+    (160, "FMAX", "MHz", 800.0, 1400.0, 1100.0, 60.0),
+    (170, "IDD_DYN", "mA", 10.0, 60.0, 35.0, 4.0),
+]
+
+
+class TesterModel:
+    def __init__(self, profile: TesterProfile | None = None) -> None:
+        self.profile = profile or TesterProfile()
+        self.rng = random.Random(self.profile.seed)
+
+    def dies(self) -> list[tuple[int, int]]:
+        """Die coordinates of a round wafer, in prober stepping order (serpentine rows)."""
+        d = self.profile.wafer_diameter_dies
+        r = d / 2
+        out: list[tuple[int, int]] = []
+        for y in range(d):
+            row = [x for x in range(d) if math.hypot(x + 0.5 - r, y + 0.5 - r) <= r]
+            out.extend((x, y) for x in (row if y % 2 == 0 else reversed(row)))
+        return out
+
+    def _is_edge(self, x: int, y: int) -> bool:
+        r = self.profile.wafer_diameter_dies / 2
+        return math.hypot(x + 0.5 - r, y + 0.5 - r) > r - 1.5
+
+    def _test_part(self, wafer_no: int, site: int, x: int, y: int) -> tuple[list[TestResult], int]:
+        p = self.profile
+        good = p.base_yield
+        if self._is_edge(x, y):
+            good = min(good, p.edge_ring_yield)
+        if p.weak_site is not None and site == p.weak_site:
+            good -= p.weak_site_penalty
+        fail = self.rng.random() > good
+        fail_test = self.rng.randrange(min(p.tests_per_part, len(TESTS))) if fail else -1
+        results = []
+        for i, (num, txt, units, lo, hi, mean, sigma) in enumerate(TESTS[: p.tests_per_part]):
+            drift = mean * p.drift_per_wafer * wafer_no if num == 100 else 0.0
+            value = self.rng.gauss(mean + drift, sigma)
+            if i == fail_test:
+                value = hi + abs(hi - lo) * (0.05 + self.rng.random() * 0.2)
+            passed = lo <= value <= hi
+            results.append(TestResult(num, txt, value, lo, hi, units, passed))
+        soft = 1
+        for r in results:
+            if not r.passed:
+                soft = {100: 10, 170: 10, 110: 11, 120: 11, 130: 12, 160: 20}.get(r.test_num, 30)
+                break
+        if soft == 1 and self.rng.random() < 0.05:
+            soft = 2
+        return results, soft
+
+    def events(self) -> Iterator[Event]:
+        """Every tester event of the lot, in order; a touchdown carries one part per site."""
+        p = self.profile
+        yield Event("lot_start", p)
+        part_no = 0
+        for w in range(p.wafers):
+            wafer_id = f"{p.lot_id}-W{w + 1:02d}"
+            yield Event("wafer_start", wafer_id)
+            dies = self.dies()
+            retests: list[tuple[int, int]] = []
+            counts = {"parts": 0, "good": 0}
+            for i in range(0, len(dies), p.sites):
+                group = dies[i : i + p.sites]
+                yield Event("touchdown", self._touchdown(w, wafer_id, group, counts, retests,
+                                                           part_no, False))
+                part_no += len(group)
+            for i in range(0, len(retests), p.sites):
+                group = retests[i : i + p.sites]
+                yield Event("touchdown", self._touchdown(w, wafer_id, group, counts, [],
+                                                           part_no, True))
+                part_no += len(group)
+            yield Event("wafer_end", {"wafer_id": wafer_id, **counts})
+        yield Event("lot_end", p)
+
+    def _touchdown(self, w: int, wafer_id: str, group: list[tuple[int, int]],
+                   counts: dict[str, int], retests: list[tuple[int, int]], part_no: int,
+                   is_retest: bool) -> list[Part]:
+        parts = []
+        for site, (x, y) in enumerate(group):
+            tests, soft = self._test_part(w, site, x, y)
+            passed = soft in (1, 2)
+            parts.append(Part(wafer_id, site, str(part_no + site + 1), x, y,
+                              HARD_OF_SOFT[soft], soft, passed, is_retest,
+                              int(self.rng.uniform(80, 160)), tests))
+            if not is_retest:
+                counts["parts"] += 1
+                counts["good"] += passed
+                if not passed and self.rng.random() < self.profile.retest_fraction:
+                    retests.append((x, y))
+            elif passed:
+                counts["good"] += 1  # a retest that passes turns a failed die good
+        return parts

@@ -1,0 +1,80 @@
+"""Sources: where records come from.
+
+A source type is a class registered under the ``edgegw.sources`` entry-point group
+(``edgegw.sources.simulated`` is the built-in example; STDF tail and MQTT are others).
+It declares a ``Config`` dataclass for its own keys in a ``[[sources]]`` table, and an
+``async def run(self, sink, *, task_status)`` that puts records into the sink in batches.
+
+``sink.put`` is the only way records leave a source.  It awaits while the gateway is
+full (backpressure: a tailed file simply waits, an MQTT socket stops being read); it
+never drops.  A ``checkpoint`` passed with a batch is the source's resume position after
+that batch; the gateway hands the last *durable* checkpoint back as
+``context.checkpoint`` on the next start, so a restart neither re-reads nor skips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Protocol
+
+import trio
+
+from ..metrics import Metrics
+from ..records import Record
+
+ENTRY_POINT_GROUP = "edgegw.sources"
+
+
+class RecordSink(Protocol):
+    async def put(self, records: Sequence[Record], checkpoint: Any = None) -> None: ...
+
+
+@dataclasses.dataclass
+class SourceContext:
+    """What the gateway gives a source besides its config."""
+
+    gateway_id: str
+    metrics: Metrics
+    checkpoint: Any = None  # last durable checkpoint of this source, or None
+    state_dir: str | None = None  # a directory the source may keep files in
+
+
+class Source(Protocol):
+    Config: ClassVar[type]
+
+    def __init__(self, name: str, config: Any, context: SourceContext) -> None: ...
+
+    async def run(
+        self, sink: RecordSink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None: ...
+
+
+class UnknownSourceType(LookupError):
+    pass
+
+
+def source_types() -> dict[str, type[Source]]:
+    """Every installed source type, by name."""
+    found: dict[str, type[Source]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            found[ep.name] = ep.load()
+        except Exception:  # a broken plugin must not take the gateway down
+            continue
+    if "simulated" not in found:  # running from a source tree without the entry points
+        from .simulated import SimulatedTesterSource
+
+        found["simulated"] = SimulatedTesterSource
+    return found
+
+
+def source_type(name: str) -> type[Source]:
+    types_ = source_types()
+    try:
+        return types_[name]
+    except KeyError:
+        raise UnknownSourceType(
+            f"unknown source type {name!r} (installed: {', '.join(sorted(types_))})"
+        ) from None
