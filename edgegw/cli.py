@@ -19,6 +19,7 @@ from .config import ConfigError
 #: modules that contribute subcommands (each has ``add_commands(subparsers)``)
 COMMAND_MODULES = (
     "edgegw.commands",
+    "edgegw.sim.cli",
 )
 
 

@@ -1,0 +1,43 @@
+"""``edgegw simulate``: a tester writing STDF (default) or sensors publishing to MQTT."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="simulate a tester writing STDF files (default) or sensors publishing MQTT",
+    )
+    p.add_argument("--sensors", action="store_true",
+                   help="publish handler/prober sensor readings to an MQTT broker instead")
+    # STDF mode
+    p.add_argument("--out", metavar="DIR", help="directory the STDF files are written to")
+    p.add_argument("--sites", type=int, default=4)
+    p.add_argument("--parts-per-second", type=float, default=50.0)
+    p.add_argument("--tests-per-part", type=int, default=8)
+    p.add_argument("--wafers", type=int, default=1)
+    p.add_argument("--wafer-diameter", type=int, default=20, help="dies across the wafer")
+    p.add_argument("--lot", default="LOT0001")
+    p.add_argument("--byte-order", choices=["little", "big"], default="little")
+    # sensor mode
+    p.add_argument("--broker", default="127.0.0.1:1883", help="HOST:PORT (sensor mode)")
+    p.add_argument("--rate", type=float, default=100.0, help="messages/s per channel (sensor mode)")
+    p.add_argument("--tester", default="ate-01", help="tester name in the topic (sensor mode)")
+    p.add_argument("--qos", type=int, choices=[0, 1], default=1)
+    # both
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--duration", type=float, default=0.0, help="seconds; 0 = until done / Ctrl-C")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.sensors:
+        from .sensors import main as sensors_main
+
+        return sensors_main(args)
+    from .stdf_tester import main as stdf_main
+
+    return stdf_main(args)
