@@ -428,6 +428,7 @@ class DiskSpool:
         self._ack_gen = 0
         self._last_ack_persist = 0.0
         self._drop_requested = False
+        self._flush_acks = False
         self._work = trio.Event()
         self._durable_changed = trio.Event()
         self._room = trio.Event()
@@ -452,6 +453,9 @@ class DiskSpool:
             await nursery.start(spool.run)
             try:
                 yield spool
+                # a clean close persists the last acks (an exception exits like a crash)
+                with trio.move_on_after(10):
+                    await spool.flush()
             finally:
                 nursery.cancel_scope.cancel()
 
@@ -640,6 +644,16 @@ class DiskSpool:
         while self._durable_seq <= seq:
             await self._durable_changed.wait()
 
+    async def flush(self) -> None:
+        """Wait until every appended frame is durable and the latest acks are persisted."""
+        self._flush_acks = True
+        self._work.set()
+        try:
+            while self._pending or self._ack_dirty:
+                await self._durable_changed.wait()
+        finally:
+            self._flush_acks = False
+
     async def wait_durable(self, seq: int) -> None:
         while self._durable_seq < seq:
             await self._durable_changed.wait()
@@ -719,9 +733,7 @@ class DiskSpool:
     def _read_sync(self, start: int, limit: int) -> list[StoredFrame]:
         out: list[StoredFrame] = []
         budget = READ_MAX_BYTES
-        firsts = [s.first_seq or s.last_seq for s in self._segments]
-        i = max(0, bisect.bisect_right(firsts, start) - 1)
-        for seg in list(self._segments[i:]):
+        for seg in list(self._segments):  # few segments (1 GB / 16 MiB = 64): linear is fine
             if not seg.n_frames or seg.last_seq < start:
                 continue
             offset = seg.offset_before(start)
@@ -778,7 +790,7 @@ class DiskSpool:
                 await self._commit()
             elif self._ack_dirty:
                 wait = self._last_ack_persist + ACK_PERSIST_S - time.monotonic()
-                if wait > 0 and not self._deletable():
+                if wait > 0 and not self._deletable() and not self._flush_acks:
                     with trio.move_on_after(wait):
                         await self._work.wait()
                     continue
@@ -789,7 +801,9 @@ class DiskSpool:
         return [s for s in self._segments[:-1] if s.last_seq <= floor]
 
     async def _commit(self) -> None:
-        batch = self._pending[: self.config.commit_max_frames]
+        # on a full disk, first persist the acks alone (a few bytes) so segments can go
+        ack_first = self._disk_full and self._ack_dirty and bool(self._deletable())
+        batch = [] if ack_first else self._pending[: self.config.commit_max_frames]
         parts = [p.record for p in batch]
         if batch:
             parts.append(encode_commit(batch[-1].seq))
@@ -811,6 +825,14 @@ class DiskSpool:
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
+            if ack_first:
+                # not even the ACK record fits: unlink the acked segments first.  Should we
+                # crash before the ACK is written, recovery counts their seqs as lost (they
+                # were acked, so nothing is missing at the hub) and never resends them.
+                await trio.to_thread.run_sync(self._unlink_sync, deletable)
+                self._segments = [s for s in self._segments if s not in deletable]
+                self.counts["segments_deleted"] += len(deletable)
+                self._signal_room()
             await self._on_disk_full(exc)
             return
         if self._disk_full:
@@ -873,6 +895,12 @@ class DiskSpool:
                 seg.path.unlink()
         if deletable:
             _fsync_dir(self.directory)
+
+    def _unlink_sync(self, segments: list[Segment]) -> None:
+        for seg in segments:
+            with contextlib.suppress(FileNotFoundError):
+                seg.path.unlink()
+        _fsync_dir(self.directory)
 
     async def _on_disk_full(self, exc: OSError) -> None:
         """Disk full is handled like the cap, never a crash loop."""
