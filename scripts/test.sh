@@ -23,5 +23,5 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" \
   $(for p in plugins/*/; do [ -f "$p/pyproject.toml" ] && printf -- '-e %s ' "$p"; done)
-.venv/bin/ruff check edgegw tests bench plugins
+.venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q "$@"
