@@ -209,3 +209,31 @@ async def test_a_gateway_delivers_everything_a_source_puts(tmp_path: Path) -> No
                 await trio.sleep(0.02)
         assert gw.store.first_unacked == gw.store.next_seq  # everything acknowledged
         nursery.cancel_scope.cancel()
+
+
+async def test_overflow_under_drop_oldest_is_counted_and_reported_to_the_hub(
+        tmp_path: Path) -> None:
+    port = __import__("conftest").free_port()  # the hub is not there yet
+    cfg = gateway_config(tmp_path / "gw", port, queue={"max_frames": 5, "policy": "drop_oldest"},
+                         batch={"max_records": 10, "max_delay_ms": 1000})
+    async with trio.open_nursery() as nursery:
+        gw = Gateway(cfg)
+        await nursery.start(gw.run)
+        for i in range(20):  # 20 frames into a queue of 5
+            await gw.sink.put([SensorReading("s", float(i), "c", float(j)) for j in range(10)],
+                              source="s")
+        st = gw.store.stats()
+        assert st["dropped_frames"] >= 15 and st["dropped_records"] >= 150
+        assert gw.metrics.counter("gateway_records_dropped_total").total() == st["dropped_records"]
+        hub, _ = await start_hub(nursery, hub_config(tmp_path / "hub", port=port))
+        await gw.flush()
+        with trio.fail_after(10):
+            while gw.store.first_unacked < gw.store.next_seq:
+                await trio.sleep(0.02)
+        stats = hub.stats()["gateways"]["ate-01"]
+        # the hub learns which frames will never come, and an event says why
+        assert stats["frames_lost"] == gw.store.stats()["dropped_frames"]
+        rows = await hub.store.query("SELECT body FROM frames")
+        events = [r for (b,) in rows for r in cbor2.loads(b)[2] if r[0] == 13]
+        assert any(e[4] == "store_overflow" for e in events)
+        nursery.cancel_scope.cancel()
