@@ -39,7 +39,8 @@ from ..protocol import (
 from ..records import GatewayEvent
 from ..taskgroups import reraise_meaningful
 from .config import GatewaySection, UplinkSection
-from .store import FrameStore
+from .scheduler import SendScheduler
+from .store import FrameStore, StoredFrame
 
 log = logging.getLogger("edgegw.uplink")
 
@@ -63,6 +64,7 @@ class Uplink:
         self.last_error: str | None = None
         self.last_ack_at: float | None = None
         self.acked_watermark = 0
+        self.scheduler: SendScheduler | None = None
         self._ack_changed = trio.Event()
         self.backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
         self.m_connects = metrics.counter("uplink_connects_total", "successful hub handshakes")
@@ -150,6 +152,8 @@ class Uplink:
         if above:
             self.store.ack_set(above)
         self.acked_watermark = max(self.acked_watermark, watermark)
+        if self.scheduler is not None:  # frees window room for the live-first sender
+            self.scheduler.acked(watermark, above)
         self.last_ack_at = time.time()
         self._ack_changed.set()
         self._ack_changed = trio.Event()
@@ -178,6 +182,8 @@ class Uplink:
                 await f.write(len(entry).to_bytes(4, "big") + entry)
         if ack:
             self.store.ack_set([(seq, seq)])
+            if self.scheduler is not None:
+                self.scheduler.acked(0, [(seq, seq)])
 
     async def _heartbeat(self, ws: Any, conn: GatewayConnection) -> None:
         while True:
@@ -187,37 +193,65 @@ class Uplink:
                 await ws.send_message(ping)
 
     async def _sender(self, ws: Any, conn: GatewayConnection, welcome: Welcome) -> None:
-        window = self.config.window_frames
-        next_seq = self.store.first_unacked
+        # Live first, backlog in large windows (spool helper): the sans-IO SendScheduler
+        # decides what to fetch; see edgegw/gateway/scheduler.py and docs/spool.md.
+        sched = self.scheduler = SendScheduler(self.config.window_frames)
+        sched.start(self.store.first_unacked, self.store.next_seq)
+        read_async = getattr(self.store, "read_frames", None)  # DiskSpool: reads in a thread
         while True:
-            in_flight = next_seq - 1 - self.acked_watermark
-            if in_flight >= window:
+            progressed = False
+            for want in sched.wants():
+                if want.lane == "live":
+                    frames = self.store.frames_from(want.start, want.limit)
+                else:
+                    frames = (await read_async(want.start, want.limit) if read_async
+                              else self.store.frames_from(want.start, want.limit))
+                    frames = [f for f in frames if f.seq < (want.below or f.seq + 1)]
+                    if not frames:
+                        sched.backlog_exhausted()
+                        continue
+                for f in frames:
+                    await self._send_frame(ws, conn, welcome, f)
+                sched.sent(want.lane, [f.seq for f in frames])
+                if frames:
+                    progressed = True
+                    break  # plan again: live frames that appeared meanwhile go first
+            if not progressed:
+                await self._wait_for_work(sched)
+
+    async def _wait_for_work(self, sched: SendScheduler) -> None:
+        """Until a new frame is durable or an ack frees window room."""
+        async with trio.open_nursery() as nursery:
+            async def frame() -> None:
+                await self.store.wait_for_frame_after(sched.live_next - 1)
+                nursery.cancel_scope.cancel()
+
+            async def ack() -> None:
                 await self._ack_changed.wait()
-                continue
-            frames = self.store.frames_from(next_seq, window - in_flight)
-            if not frames:
-                await self.store.wait_for_frame_after(next_seq - 1)
-                continue
-            for f in frames:
-                next_seq = f.seq + 1
-                data = conn.data(f.seq, f.body, trio.current_time())
-                problem = None
-                if f.n_records > welcome.max_records:
-                    problem = (f"{f.n_records} records exceed the hub's limit of "
-                               f"{welcome.max_records} per frame")
-                elif len(data) > welcome.max_frame_bytes:
-                    problem = (f"frame of {len(data)} bytes exceeds the hub's limit of "
-                               f"{welcome.max_frame_bytes}")
-                if problem is not None:
-                    # the hub would close the link for this frame, again and again: keep it
-                    # in the dead-letter file and send a stand-in that says so, so the
-                    # hub's sequence stays gap-free and the loss is visible there too
-                    await self._dead_letter(f.seq, problem, ack=False)
-                    data = conn.data(f.seq, _stand_in(f.body, f.seq, problem),
-                                     trio.current_time())
-                await ws.send_message(data)
-                self.m_frames.inc()
-                self.m_bytes.inc(len(data))
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(frame)
+            nursery.start_soon(ack)
+
+    async def _send_frame(self, ws: Any, conn: GatewayConnection, welcome: Welcome,
+                          f: StoredFrame) -> None:
+        data = conn.data(f.seq, f.body, trio.current_time())
+        problem = None
+        if f.n_records > welcome.max_records:
+            problem = (f"{f.n_records} records exceed the hub's limit of "
+                       f"{welcome.max_records} per frame")
+        elif len(data) > welcome.max_frame_bytes:
+            problem = (f"frame of {len(data)} bytes exceeds the hub's limit of "
+                       f"{welcome.max_frame_bytes}")
+        if problem is not None:
+            # the hub would close the link for this frame, again and again: keep it
+            # in the dead-letter file and send a stand-in that says so, so the
+            # hub's sequence stays gap-free and the loss is visible there too
+            await self._dead_letter(f.seq, problem, ack=False)
+            data = conn.data(f.seq, _stand_in(f.body, f.seq, problem), trio.current_time())
+        await ws.send_message(data)
+        self.m_frames.inc()
+        self.m_bytes.inc(len(data))
 
 
 def _stand_in(body: bytes, seq: int, reason: str) -> bytes:

@@ -1,0 +1,103 @@
+"""Which frames the uplink sends next: live first, backlog in large windows (sans-IO).
+
+After an outage the store may hold hours of frames.  Sending them oldest-first starves the
+live view (BRIEF §4: a 12-day backlog sent before any live data); sending one per interval
+takes forever.  The scheduler splits the sequence space at connect time:
+
+- **live lane**: frames with ``seq >= live_from`` (appended after the connection came up).
+  They are always offered first and may use the whole window, so a new frame is sent as
+  soon as it is durable and window room exists.
+- **backlog lane**: frames in ``[backlog_next, live_from)``, drained oldest first in
+  windows of up to ``window - live_reserve`` frames in flight.  ``live_reserve`` slots are
+  kept free for live frames, so live data never waits behind a full backlog window.
+
+Ordering guarantee (documented in docs/spool.md): within each lane frames are sent in
+increasing seq; across lanes a live frame is never delayed by backlog frames beyond one
+window already on the wire.  The hub applies out of order (its applied set tolerates a
+few holes), and the two lanes create at most one hole (between the backlog cursor and
+``live_from``) plus what selective acks leave.  Consumers order by record id.
+
+Time is never read here; the uplink passes events in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Literal
+
+Lane = Literal["live", "backlog"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Want:
+    """Ask the store for up to ``limit`` frames with ``seq >= start`` (and ``< below``)."""
+
+    lane: Lane
+    start: int
+    limit: int
+    below: int | None = None
+
+
+class SendScheduler:
+    def __init__(self, window: int, live_reserve: int | None = None) -> None:
+        if window < 2:
+            raise ValueError("window must be >= 2 (one slot is reserved for live frames)")
+        self.window = window
+        self.live_reserve = live_reserve if live_reserve is not None else max(1, window // 4)
+        if not 1 <= self.live_reserve < window:
+            raise ValueError("live_reserve must be between 1 and window - 1")
+        self.live_from = 1
+        self.live_next = 1
+        self.backlog_next = 1
+        self.in_flight: set[int] = set()
+        self.sent_live = 0
+        self.sent_backlog = 0
+
+    def start(self, first_unacked: int, next_seq: int) -> None:
+        """A new connection: everything below ``next_seq`` is backlog, the rest live."""
+        self.live_from = self.live_next = max(next_seq, first_unacked)
+        self.backlog_next = first_unacked
+        self.in_flight.clear()
+
+    @property
+    def backlog_pending(self) -> bool:
+        return self.backlog_next < self.live_from
+
+    @property
+    def room(self) -> int:
+        return self.window - len(self.in_flight)
+
+    def wants(self) -> list[Want]:
+        """What to fetch next, in priority order (live before backlog)."""
+        out = []
+        room = self.room
+        if room > 0:
+            out.append(Want("live", self.live_next, room))
+        backlog_room = room - self.live_reserve
+        if self.backlog_pending and backlog_room > 0:
+            out.append(Want("backlog", self.backlog_next, backlog_room, self.live_from))
+        return out
+
+    def sent(self, lane: Lane, seqs: Iterable[int]) -> None:
+        seqs = list(seqs)
+        if not seqs:
+            return
+        self.in_flight.update(seqs)
+        if lane == "live":
+            self.live_next = max(self.live_next, max(seqs) + 1)
+            self.sent_live += len(seqs)
+        else:
+            self.backlog_next = max(self.backlog_next, max(seqs) + 1)
+            self.sent_backlog += len(seqs)
+
+    def backlog_exhausted(self) -> None:
+        """The store holds nothing more below ``live_from`` (acked meanwhile, or lost)."""
+        self.backlog_next = self.live_from
+
+    def acked(self, watermark: int, ranges: Iterable[tuple[int, int]] = ()) -> None:
+        ranges = list(ranges)
+        self.in_flight = {s for s in self.in_flight
+                          if s > watermark and not any(lo <= s <= hi for lo, hi in ranges)}
+        if watermark >= self.backlog_next:
+            self.backlog_next = min(watermark + 1, self.live_from)

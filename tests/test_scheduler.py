@@ -1,0 +1,71 @@
+"""The live-first send scheduler, sans-IO: which frames go next after an outage."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgegw.gateway.scheduler import SendScheduler, Want
+
+
+def test_after_an_outage_live_frames_are_offered_before_the_backlog() -> None:
+    s = SendScheduler(window=64)
+    s.start(first_unacked=1, next_seq=100_001)  # a 100k-frame backlog
+    wants = s.wants()
+    assert wants[0] == Want("live", 100_001, 64)
+    assert wants[1] == Want("backlog", 1, 64 - 16, below=100_001)
+
+
+def test_the_backlog_never_takes_the_slots_reserved_for_live_frames() -> None:
+    s = SendScheduler(window=64, live_reserve=16)
+    s.start(1, 10_000)
+    s.sent("backlog", range(1, 49))  # a full backlog window on the wire
+    assert [w.lane for w in s.wants()] == ["live"]
+    assert s.wants()[0].limit == 16
+    s.sent("live", [10_000])
+    assert s.wants()[0] == Want("live", 10_001, 15)
+
+
+def test_acks_free_room_and_move_the_backlog_cursor() -> None:
+    s = SendScheduler(window=8, live_reserve=2)
+    s.start(1, 1000)
+    s.sent("backlog", range(1, 7))
+    s.sent("live", [1000, 1001])
+    assert s.wants() == []
+    s.acked(4, [(1000, 1000)])
+    assert s.room == 5
+    assert s.wants() == [Want("live", 1002, 5), Want("backlog", 7, 3, below=1000)]
+
+
+def test_backlog_drains_in_windows_not_one_frame_per_interval() -> None:
+    """With acks arriving per round trip, the backlog moves a whole window per round trip
+    even while live frames keep arriving: 48 backlog frames for every live one here."""
+    s = SendScheduler(window=64)
+    s.start(1, 10_001)
+    rounds = 0
+    live_seq = 10_001
+    while s.backlog_pending:
+        rounds += 1
+        for w in s.wants():
+            if w.lane == "live":
+                s.sent("live", [live_seq])  # one new live frame per round trip
+                live_seq += 1
+            else:
+                n = min(w.limit, w.below - w.start)
+                s.sent("backlog", range(w.start, w.start + n))
+        s.acked(max(s.backlog_next - 1, 0), [(10_001, live_seq - 1)])
+    assert s.sent_backlog == 10_000
+    assert rounds <= 10_000 // 47 + 2
+    assert s.sent_backlog >= 5 * s.sent_live * 9
+
+
+def test_exhausted_backlog_leaves_only_the_live_lane() -> None:
+    s = SendScheduler(window=4, live_reserve=1)
+    s.start(5, 9)
+    s.backlog_exhausted()
+    assert not s.backlog_pending
+    assert [w.lane for w in s.wants()] == ["live"]
+
+
+def test_a_window_too_small_to_reserve_live_room_is_refused() -> None:
+    with pytest.raises(ValueError):
+        SendScheduler(window=1)
