@@ -364,7 +364,7 @@ async def test_disk_full_is_handled_like_the_cap_never_a_crash(tiny_fs: Path,
     conf = cfg(tiny_fs, segment_bytes=64 << 10, max_bytes=64 << 20, policy=policy)
     async with DiskSpool.open(conf) as spool:
         with trio.move_on_after(3):
-            await fill(spool, 20_000, size=1000)  # ~ 20 MB into 2 MiB
+            await fill(spool, 5000, size=8000)  # ~ 40 MB into 2 MiB
         st = spool.stats()
         assert st["disk_full_events"] > 0
         if policy == "block":
@@ -372,7 +372,7 @@ async def test_disk_full_is_handled_like_the_cap_never_a_crash(tiny_fs: Path,
             stuck = spool.next_seq
             spool.ack(spool.durable_seq)  # the hub catches up: segments freed
             with trio.fail_after(10):
-                await fill(spool, 50, size=1000)
+                await fill(spool, 50, size=8000)
             assert spool.next_seq == stuck + 50 or spool.next_seq > stuck
         else:
             assert st["dropped_frames"] > 0

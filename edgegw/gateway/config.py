@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from ..config import ConfigError, build
 from ..sources import UnknownSourceType, source_type
+from ..spool.config import SpoolConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,8 @@ class GatewayConfig:
     batch: BatchSection = dataclasses.field(default_factory=BatchSection)
     uplink: UplinkSection = dataclasses.field(default_factory=UplinkSection)
     queue: QueueSection = dataclasses.field(default_factory=QueueSection)
+    # the crash-safe disk spool (edgegw/spool); without it frames wait in memory (queue)
+    spool: SpoolConfig | None = None
     sources: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def validate(self) -> list[tuple[str, str]]:

@@ -24,6 +24,7 @@ from ..metrics import Metrics
 from ..protocol import encode_body
 from ..records import GatewayEvent, Record
 from ..sources import Source, SourceContext, source_type
+from ..spool import DiskSpool
 from .config import GatewayConfig
 from .store import FrameStore, MemoryFrameStore
 from .uplink import Uplink
@@ -60,6 +61,9 @@ class Gateway:
         self.config = config
         self.metrics = metrics or Metrics()
         self.state_dir = Path(config.gateway.state_dir)
+        if store is None and config.spool is not None:
+            # the disk spool recovers (in Gateway.run) before anything reads the store
+            store = DiskSpool(config.spool, metrics=self.metrics)
         self.store: FrameStore = store or MemoryFrameStore(config.queue.max_frames,
                                                            config.queue.policy)
         self.batcher = Batcher(config.batch.max_records, config.batch.max_delay_ms / 1000)
@@ -174,6 +178,12 @@ class Gateway:
         }
 
     def healthy(self) -> tuple[bool, str]:
+        if isinstance(self.store, DiskSpool) and not self.store.healthy():
+            st = self.store.stats()
+            if st["disk_full"]:
+                return False, "spool: disk full"
+            return False, (f"spool: {st['frames']} frame(s) waiting, nothing acknowledged "
+                           f"for {st['stalled_for_s']:.0f} s")
         st = self.store.stats()
         frames = st.get("frames", 0)
         up = self.uplink
@@ -208,6 +218,16 @@ class Gateway:
 
     async def run(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
                   ) -> None:
+        if isinstance(self.store, DiskSpool) and not self.store.recovered:
+            # the spool's group-commit task outlives everything that appends to it
+            async with trio.open_nursery() as spool_nursery:
+                await spool_nursery.start(self.store.run)
+                await self._run(task_status=task_status)
+                spool_nursery.cancel_scope.cancel()
+        else:
+            await self._run(task_status=task_status)
+
+    async def _run(self, *, task_status: trio.TaskStatus[Gateway]) -> None:
         await trio.Path(self.state_dir).mkdir(parents=True, exist_ok=True)
         self.next_rid = int(self.store.checkpoints.get(RID_KEY, 1))
         self._build_sources()

@@ -104,10 +104,16 @@ class SimulatedTesterSource:
         task_status.started()
         interval = 1.0 / self.config.parts_per_second
         next_t = trio.current_time()
-        for batch, n_parts in self._records():
+        # The model is seeded, so its batches are a deterministic sequence: the checkpoint
+        # is the number of batches put, and a restart resumes after the last durable one
+        # (neither re-sending nor skipping; the fault-injection tests rely on it).
+        resume = self.context.checkpoint if isinstance(self.context.checkpoint, int) else 0
+        for index, (batch, n_parts) in enumerate(self._records()):
             if self._stopping:
                 break
-            await sink.put(batch)
+            if index < resume:
+                continue
+            await sink.put(batch, checkpoint=index + 1)
             self.produced += len(batch)
             if n_parts:
                 next_t += interval * n_parts
