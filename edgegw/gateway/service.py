@@ -118,6 +118,19 @@ class Gateway:
         self._last_progress = time.time()
         self._report_drops()
 
+    def _spool_damage(self) -> tuple[str, dict[str, Any]] | None:
+        """What the disk spool found damaged at recovery, for a GatewayEvent to the hub."""
+        if not isinstance(self.store, DiskSpool):
+            return None
+        st = self.store.stats()
+        if not (st["lost_frames"] or st["damaged_regions"] or st["unrecoverable_files"]):
+            return None
+        detail = {k: st[k] for k in ("lost_frames", "damaged_regions", "damaged_bytes",
+                                     "unrecoverable_files")}
+        detail["lost_ranges"] = [list(r) for r in st["lost_ranges"]]
+        return (f"disk spool damaged: {st['lost_frames']} frame(s) lost, "
+                f"{st['damaged_regions']} damaged region(s)", detail)
+
     def _report_drops(self) -> None:
         """Overflow under ``drop_oldest`` is counted by the store; say so to the hub too."""
         st = self.store.stats()
@@ -229,6 +242,7 @@ class Gateway:
 
     async def _run(self, *, task_status: trio.TaskStatus[Gateway]) -> None:
         await trio.Path(self.state_dir).mkdir(parents=True, exist_ok=True)
+        spool_damage = self._spool_damage()
         self.next_rid = int(self.store.checkpoints.get(RID_KEY, 1))
         self._build_sources()
         self.uplink = Uplink(self.config.gateway, self.config.uplink, self.store, self.metrics,
@@ -243,6 +257,8 @@ class Gateway:
                     await nursery.start(source.run, _SourceSink(self, name))
                 log.info("gateway %s running with %d source(s)", self.config.gateway.id,
                          len(self.sources))
+                if spool_damage is not None:
+                    await self.emit_event("error", "spool_damage", *spool_damage)
                 task_status.started(self)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):

@@ -207,6 +207,8 @@ class Uplink:
                     frames = (await read_async(want.start, want.limit) if read_async
                               else self.store.frames_from(want.start, want.limit))
                     frames = [f for f in frames if f.seq < (want.below or f.seq + 1)]
+                    frames = self._with_stand_ins(frames, want.start,
+                                                  (want.below or want.start) - 1, want.limit)
                     if not frames:
                         sched.backlog_exhausted()
                         continue
@@ -218,6 +220,21 @@ class Uplink:
                     break  # plan again: live frames that appeared meanwhile go first
             if not progressed:
                 await self._wait_for_work(sched)
+
+    def _with_stand_ins(self, frames: list[StoredFrame], lo: int, below_hi: int,
+                        limit: int) -> list[StoredFrame]:
+        """Frames the spool found damaged at recovery (``lost_ranges``) go out, in order, as
+        empty stand-ins, so the hub's sequence stays gap-free (the gateway has already
+        reported the damage as a GatewayEvent and in its metrics)."""
+        lost = getattr(self.store, "lost_ranges", None)
+        if not lost:
+            return frames
+        hi = frames[-1].seq if len(frames) >= limit else below_hi
+        stand_ins = [StoredFrame(s, encode_body(1, []), 0)
+                     for a, b in lost for s in range(max(a, lo), min(b, hi) + 1)]
+        if not stand_ins:
+            return frames
+        return sorted(frames + stand_ins[:limit], key=lambda f: f.seq)
 
     async def _wait_for_work(self, sched: SendScheduler) -> None:
         """Until a new frame is durable or an ack frees window room."""

@@ -602,7 +602,8 @@ class DiskSpool:
         # a range touching the watermark (or lost seqs just above it) extends it
         while True:
             nxt = floor + 1
-            r = _contains(self._ranges, nxt)
+            # lost seqs (damaged at recovery) can never be acked by the hub: pass over them
+            r = _contains(self._ranges, nxt) or _contains(self._lost, nxt)
             if r is None:
                 break
             self._acked = max(self._acked, r[1])

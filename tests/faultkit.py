@@ -1,0 +1,283 @@
+"""Fault-injection kit: real hub and gateway processes, a TCP proxy that cuts or black-holes
+the link, and the record-by-record comparison of what the tester produced with what the
+hub applied."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sqlite3
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from conftest import free_port
+from processes import REPO, get_json, spawn, wait_for
+
+from edgegw.metrics import Metrics
+from edgegw.protocol import decode_body
+from edgegw.records import from_wire
+from edgegw.sources import SourceContext
+from edgegw.sources.simulated import SimulatedConfig, SimulatedTesterSource
+
+GATEWAY = "ate-01"
+TOKEN = "change-me-ate-01"
+TIME_FIELDS = ("start_t", "finish_t")  # wall-clock fields: differ when regenerated
+
+
+def normalise(record: Any) -> tuple[Any, ...]:
+    """A record without its wall-clock fields (regenerated after a restart, they differ)."""
+    fields = {f: 0 for f in TIME_FIELDS if f in record._fields}
+    return (type(record).__name__, *record._replace(ts=0, **fields))
+
+
+def expected_records(**source: Any) -> list[tuple[Any, ...]]:
+    cfg = SimulatedConfig(**source)
+    src = SimulatedTesterSource("tester", cfg, SourceContext(GATEWAY, Metrics()))
+    return [normalise(r) for batch, _ in src._records() for r in batch]
+
+
+def hub_records(hub_dir: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[int]]:
+    """(tester records in record-id order, gateway event records, all record ids)."""
+    db = sqlite3.connect(hub_dir / "hub.sqlite3")
+    try:
+        rows = db.execute("SELECT body FROM frames WHERE gateway = ? ORDER BY first_rid",
+                          (GATEWAY,)).fetchall()
+    finally:
+        db.close()
+    tester: list[tuple[int, tuple[Any, ...]]] = []
+    events: list[tuple[Any, ...]] = []
+    rids: list[int] = []
+    for (body,) in rows:
+        first_rid, sources, wire = decode_body(body, 1 << 30)
+        for i, item in enumerate(wire):
+            rec = from_wire(item, sources)
+            rids.append(first_rid + i)
+            if rec.source == "tester":
+                tester.append((first_rid + i, normalise(rec)))
+            else:
+                events.append(tuple(rec))
+    tester.sort()
+    return [r for _, r in tester], events, rids
+
+
+def assert_exactly_once(hub_dir: Path, expected: list[tuple[Any, ...]],
+                        missing_ok: list[tuple[Any, ...]] | None = None) -> dict[str, int]:
+    """Zero lost and zero duplicated: the hub's tester records, in record-id order, are the
+    tester's records exactly (minus ``missing_ok``: records the gateway reported lost)."""
+    got, _, rids = hub_records(hub_dir)
+    dup_rids = [rid for rid, n in Counter(rids).items() if n > 1]
+    assert not dup_rids, f"{len(dup_rids)} record ids applied twice, e.g. {dup_rids[:5]}"
+    counts = Counter(got)
+    dups = [r for r, n in counts.items() if n > 1]
+    assert not dups, f"{len(dups)} records applied twice, e.g. {dups[:2]}"
+    want = expected
+    if missing_ok:
+        gone = Counter(missing_ok)
+        want = []
+        for r in expected:
+            if gone[r]:
+                gone[r] -= 1
+            else:
+                want.append(r)
+    if got != want:
+        lost = Counter(want) - Counter(got)
+        extra = Counter(got) - Counter(want)
+        raise AssertionError(f"hub has {len(got)} tester records, expected {len(want)}: "
+                             f"{sum(lost.values())} lost (e.g. {list(lost)[:2]}), "
+                             f"{sum(extra.values())} unexpected (e.g. {list(extra)[:2]})")
+    return {"records": len(got)}
+
+
+class Hub:
+    def __init__(self, tmp: Path, port: int | None = None) -> None:
+        self.tmp = tmp
+        self.dir = tmp / "hub"
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Hub:
+        self.proc = spawn("hub", "--config", str(REPO / "conf" / "hub.toml"),
+                          "--set", f"hub.port={self.port}", "--set", f"hub.data_dir={self.dir}",
+                          "--set", "hub.heartbeat_s=1.0", log=self.tmp / "hub.log")
+        wait_for(lambda: get_json(f"{self.url}/healthz")["status"] == "ok")
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stats(self) -> dict[str, Any]:
+        return get_json(f"{self.url}/api/stats")["gateways"].get(GATEWAY, {})
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class Gateway:
+    def __init__(self, tmp: Path, hub_port: int, *settings: str) -> None:
+        self.tmp = tmp
+        self.state = tmp / "gw"
+        self.spool = tmp / "gw" / "spool"
+        self.hub_port = hub_port
+        self.settings = settings
+        self.status = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> Gateway:
+        self.starts += 1
+        self.proc = spawn(
+            "gateway", "--config", str(REPO / "conf" / "gateway.toml"),
+            "--set", f"gateway.hub_url=ws://127.0.0.1:{self.hub_port}/ws/gateway",
+            "--set", f"gateway.state_dir={self.state}",
+            "--set", f"gateway.status_port={self.status}",
+            "--set", f"spool.dir={self.spool}",
+            "--set", "uplink.backoff_initial_s=0.1", "--set", "uplink.backoff_max_s=1.0",
+            "--set", "uplink.heartbeat_s=1.0", "--set", "uplink.connect_timeout_s=3.0",
+            *self.settings, log=self.tmp / "gw.log")
+        wait_for(lambda: self.stats())
+        return self
+
+    def stats(self) -> dict[str, Any]:
+        return get_json(f"http://127.0.0.1:{self.status}/api/stats")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def source_settings(**source: Any) -> list[str]:
+    out = []
+    for k, v in source.items():
+        out += ["--set", f"sources.0.{k}={v!r}" if isinstance(v, str) else
+                f"sources.0.{k}={v}"]
+    return out
+
+
+def wait_all_applied(hub: Hub, gw: Gateway, n_expected: int, timeout: float = 60) -> None:
+    """Until the source has finished and the spool holds nothing unacknowledged."""
+    def done() -> bool:
+        st = gw.stats()["store"]
+        return (hub.stats().get("records_applied", 0) >= n_expected
+                and st["frames"] == 0 and st["pending_frames"] == 0)
+    wait_for(done, timeout=timeout, interval=0.25)
+
+
+class Proxy:
+    """A TCP proxy between gateway and hub that can cut the link (``drop``: connections are
+    closed, new ones refused) or black-hole it (``blackhole``: bytes vanish, nothing is
+    closed, no FIN, no RST — as when a cable is pulled or a firewall drops packets)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.mode = "pass"
+        self._lock = threading.Lock()
+        self._pairs: list[dict[str, Any]] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.mode == "drop":
+                client.close()
+                continue
+            pair: dict[str, Any] = {"client": client, "upstream": None, "hole": False}
+            if self.mode == "blackhole":
+                pair["hole"] = True  # accepted (SYN answered by the kernel), never forwarded
+            else:
+                try:
+                    pair["upstream"] = socket.create_connection(("127.0.0.1", self.target))
+                except OSError:
+                    client.close()
+                    continue
+            with self._lock:
+                self._pairs.append(pair)
+            threading.Thread(target=self._pump, args=(pair, "client", "upstream"),
+                             daemon=True).start()
+            if pair["upstream"] is not None:
+                threading.Thread(target=self._pump, args=(pair, "upstream", "client"),
+                                 daemon=True).start()
+
+    def _pump(self, pair: dict[str, Any], src: str, dst: str) -> None:
+        try:
+            while True:
+                data = pair[src].recv(65536)
+                if not data:
+                    break
+                if pair["hole"]:
+                    continue  # swallowed
+                pair[dst].sendall(data)
+        except OSError:
+            pass
+        finally:
+            if not pair["hole"]:
+                self._close(pair)
+
+    @staticmethod
+    def _close(pair: dict[str, Any]) -> None:
+        for key in ("client", "upstream"):
+            s = pair[key]
+            if s is not None:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def drop(self) -> None:
+        self.mode = "drop"
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for p in pairs:
+            p["hole"] = False
+            self._close(p)
+
+    def blackhole(self) -> None:
+        self.mode = "blackhole"
+        with self._lock:
+            for p in self._pairs:
+                p["hole"] = True
+
+    def restore(self) -> None:
+        self.mode = "pass"
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for p in pairs:
+            p["hole"] = False
+            self._close(p)
+
+
+def sleep_random(rng: Any, lo: float, hi: float) -> None:
+    time.sleep(rng.uniform(lo, hi))
