@@ -188,8 +188,9 @@ def wait_all_applied(hub: Hub, gw: Gateway, n_expected: int, timeout: float = 60
 
 class Proxy:
     """A TCP proxy between gateway and hub that can cut the link (``drop``: connections are
-    closed, new ones refused) or black-hole it (``blackhole``: bytes vanish, nothing is
-    closed, no FIN, no RST — as when a cable is pulled or a firewall drops packets)."""
+    closed and new ones refused, as when the hub's host goes away) or black-hole it
+    (``blackhole``: bytes vanish, nothing is closed, no FIN, no RST — as when a cable is
+    pulled or a firewall drops packets)."""
 
     def __init__(self, target_port: int) -> None:
         self.target = target_port
@@ -199,12 +200,12 @@ class Proxy:
         self._lock = threading.Lock()
         self._pairs: list[dict[str, Any]] = []
         self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         while not self._closed:
             try:
-                client, _ = self.listener.accept()
+                client, _ = listener.accept()
             except OSError:
                 return
             if self.mode == "drop":
@@ -254,6 +255,7 @@ class Proxy:
 
     def drop(self) -> None:
         self.mode = "drop"
+        self.listener.close()  # new connections are refused (RST to the SYN)
         with self._lock:
             pairs, self._pairs = self._pairs, []
         for p in pairs:
@@ -267,6 +269,9 @@ class Proxy:
                 p["hole"] = True
 
     def restore(self) -> None:
+        if self.mode == "drop":
+            self.listener = socket.create_server(("127.0.0.1", self.port))
+            threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
         self.mode = "pass"
 
     def close(self) -> None:

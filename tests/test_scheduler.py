@@ -69,3 +69,16 @@ def test_exhausted_backlog_leaves_only_the_live_lane() -> None:
 def test_a_window_too_small_to_reserve_live_room_is_refused() -> None:
     with pytest.raises(ValueError):
         SendScheduler(window=1)
+
+
+def test_a_fragmented_applied_set_at_the_hub_sends_the_backlog_first() -> None:
+    """Each outage during a drain leaves one more live range at the hub; before its holes
+    limit is near, new live ranges stop until the backlog has filled the gaps."""
+    s = SendScheduler(window=8, live_reserve=2, max_holes=4)
+    s.start(10, 500, applied=[(1, 9), (100, 120), (200, 220), (300, 320)])
+    assert [w.lane for w in s.wants()] == ["backlog"]
+    assert s.wants()[0].limit == 8  # the whole window, nothing reserved
+    s.backlog_exhausted()
+    assert [w.lane for w in s.wants()] == ["live"]
+    s.start(10, 500, applied=[(1, 9), (100, 120)])
+    assert [w.lane for w in s.wants()] == ["live", "backlog"]

@@ -40,7 +40,8 @@ class Want:
 
 
 class SendScheduler:
-    def __init__(self, window: int, live_reserve: int | None = None) -> None:
+    def __init__(self, window: int, live_reserve: int | None = None,
+                 max_holes: int = 6) -> None:
         if window < 2:
             raise ValueError("window must be >= 2 (one slot is reserved for live frames)")
         self.window = window
@@ -51,14 +52,23 @@ class SendScheduler:
         self.live_next = 1
         self.backlog_next = 1
         self.in_flight: set[int] = set()
+        # the hub refuses frames that leave more than its max_holes (default 8) gaps in its
+        # applied set; repeated outages during a drain leave one live range each, so when
+        # the hub's set is already fragmented the backlog (which only fills gaps) goes first
+        self.max_holes = max_holes
+        self.live_held = False
         self.sent_live = 0
         self.sent_backlog = 0
 
-    def start(self, first_unacked: int, next_seq: int) -> None:
-        """A new connection: everything below ``next_seq`` is backlog, the rest live."""
+    def start(self, first_unacked: int, next_seq: int,
+              applied: Iterable[tuple[int, int]] = ()) -> None:
+        """A new connection: everything below ``next_seq`` is backlog, the rest live.
+        ``applied`` is the hub's applied set from WELCOME."""
         self.live_from = self.live_next = max(next_seq, first_unacked)
         self.backlog_next = first_unacked
         self.in_flight.clear()
+        above = [r for r in applied if r[1] >= first_unacked]
+        self.live_held = len(above) + 1 >= self.max_holes
 
     @property
     def backlog_pending(self) -> bool:
@@ -72,9 +82,11 @@ class SendScheduler:
         """What to fetch next, in priority order (live before backlog)."""
         out = []
         room = self.room
-        if room > 0:
+        if self.live_held and not self.backlog_pending:
+            self.live_held = False
+        if room > 0 and not self.live_held:
             out.append(Want("live", self.live_next, room))
-        backlog_room = room - self.live_reserve
+        backlog_room = room if self.live_held else room - self.live_reserve
         if self.backlog_pending and backlog_room > 0:
             out.append(Want("backlog", self.backlog_next, backlog_room, self.live_from))
         return out

@@ -196,7 +196,7 @@ class Uplink:
         # Live first, backlog in large windows (spool helper): the sans-IO SendScheduler
         # decides what to fetch; see edgegw/gateway/scheduler.py and docs/spool.md.
         sched = self.scheduler = SendScheduler(self.config.window_frames)
-        sched.start(self.store.first_unacked, self.store.next_seq)
+        sched.start(self.store.first_unacked, self.store.next_seq, welcome.applied)
         read_async = getattr(self.store, "read_frames", None)  # DiskSpool: reads in a thread
         while True:
             progressed = False

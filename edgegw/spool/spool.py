@@ -839,6 +839,7 @@ class DiskSpool:
         if self._disk_full:
             self._disk_full = False
             log.warning("spool %s: writes succeed again", self.directory)
+            self._signal_room()  # appenders held back by the full disk may go on
         self.counts["commits"] += 1
         self.m_fsyncs.inc()
         active.size += len(data)
