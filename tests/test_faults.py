@@ -269,6 +269,10 @@ def test_long_outage_then_live_data_within_2_s_and_backlog_drained_5x_faster(
               f"{backlog_rps / live_rps:.1f}x the live {live_rps:,} records/s; live frames "
               f"during the drain: {len(live)}, latency max {max(live, default=-1):.2f} s "
               f"(the gateway reconnected {reconnect_s:.2f} s after the link came back)")
+        for f in sorted(frames):
+            if f[1] >= restored and f[0] - f[1] > 1.0:
+                print(f"slow live frame: made {f[1] - restored:.2f}..{f[2] - restored:.2f} s, "
+                      f"applied {f[0] - restored:.2f} s after the link came back, {f[3]} records")
         assert live, "no live frame reached the hub while the backlog drained"
         assert max(live) < 2.0
         assert backlog_rps >= 5 * live_rps

@@ -9,7 +9,7 @@ from edgegw.gateway.scheduler import SendScheduler, Want
 
 def test_after_an_outage_live_frames_are_offered_before_the_backlog() -> None:
     s = SendScheduler(window=64)
-    s.start(first_unacked=1, next_seq=100_001)  # a 100k-frame backlog
+    s.start(first_unacked=1, live_from=100_001)  # a 100k-frame backlog
     wants = s.wants()
     assert wants[0] == Want("live", 100_001, 64)
     assert wants[1] == Want("backlog", 1, 64 - 16, below=100_001)

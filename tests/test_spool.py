@@ -281,6 +281,16 @@ async def test_cap_with_drop_oldest_drops_counts_and_reports(tmp_path: Path) -> 
         assert all_frames(spool) == got  # dropped frames stay dropped after a restart
 
 
+async def test_first_seq_since_names_the_frames_of_the_last_seconds(tmp_path: Path) -> None:
+    async with DiskSpool.open(cfg(tmp_path)) as spool:
+        await fill(spool, 10)
+        await trio.sleep(0.3)
+        await fill(spool, 5)
+        assert spool.first_seq_since(0.2) == 11
+        assert spool.first_seq_since(10) == 1
+        assert spool.first_seq_since(0) == spool.next_seq == 16
+
+
 async def test_health_reports_a_stall_only_while_there_is_work(tmp_path: Path) -> None:
     async with DiskSpool.open(cfg(tmp_path, stall_timeout_s=0.2)) as spool:
         assert spool.healthy() and spool.stalled_for() == 0

@@ -4,7 +4,8 @@ After an outage the store may hold hours of frames.  Sending them oldest-first s
 live view (BRIEF §4: a 12-day backlog sent before any live data); sending one per interval
 takes forever.  The scheduler splits the sequence space at connect time:
 
-- **live lane**: frames with ``seq >= live_from`` (appended after the connection came up).
+- **live lane**: frames with ``seq >= live_from``: those made in the last 2 s before the
+  connection came up (the spool remembers commit times) and everything appended after.
   They are always offered first and may use the whole window, so a new frame is sent as
   soon as it is durable and window room exists.
 - **backlog lane**: frames in ``[backlog_next, live_from)``, drained oldest first in
@@ -60,11 +61,12 @@ class SendScheduler:
         self.sent_live = 0
         self.sent_backlog = 0
 
-    def start(self, first_unacked: int, next_seq: int,
+    def start(self, first_unacked: int, live_from: int,
               applied: Iterable[tuple[int, int]] = ()) -> None:
-        """A new connection: everything below ``next_seq`` is backlog, the rest live.
+        """A new connection: everything below ``live_from`` is backlog, the rest live
+        (the uplink passes the first frame made in the last 2 s, or the next seq).
         ``applied`` is the hub's applied set from WELCOME."""
-        self.live_from = self.live_next = max(next_seq, first_unacked)
+        self.live_from = self.live_next = max(live_from, first_unacked)
         self.backlog_next = first_unacked
         self.in_flight.clear()
         above = [r for r in applied if r[1] >= first_unacked]

@@ -44,6 +44,8 @@ from .store import FrameStore, StoredFrame
 
 log = logging.getLogger("edgegw.uplink")
 
+LIVE_S = 2.0  # after an outage, frames younger than this are sent before the backlog
+
 
 class Refused(Exception):
     def __init__(self, code: int, reason: str) -> None:
@@ -196,7 +198,10 @@ class Uplink:
         # Live first, backlog in large windows (spool helper): the sans-IO SendScheduler
         # decides what to fetch; see edgegw/gateway/scheduler.py and docs/spool.md.
         sched = self.scheduler = SendScheduler(self.config.window_frames)
-        sched.start(self.store.first_unacked, self.store.next_seq, welcome.applied)
+        # frames made in the last LIVE_S seconds before the link came up count as live too
+        recent = getattr(self.store, "first_seq_since", None)
+        live_from = recent(LIVE_S) if recent else self.store.next_seq
+        sched.start(self.store.first_unacked, live_from, welcome.applied)
         read_async = getattr(self.store, "read_frames", None)  # DiskSpool: reads in a thread
         while True:
             progressed = False

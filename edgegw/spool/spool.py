@@ -62,7 +62,7 @@ import logging
 import os
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -433,6 +433,7 @@ class DiskSpool:
         self._durable_changed = trio.Event()
         self._room = trio.Event()
         self._cache: OrderedDict[int, StoredFrame] = OrderedDict()
+        self._recent: deque[tuple[float, int]] = deque(maxlen=4096)  # (commit time, seq)
         self._cache_bytes = 0
         self._last_progress = time.monotonic()
         self._disk_full = False
@@ -640,6 +641,17 @@ class DiskSpool:
         if cached is not None:
             return cached
         return await trio.to_thread.run_sync(self._read_sync, start, limit)
+
+    def first_seq_since(self, age_s: float) -> int:
+        """The first seq committed at most ``age_s`` ago (``next_seq`` if none): the uplink
+        sends these as live data when a connection comes up."""
+        since = time.monotonic() - age_s
+        seq = self._next_seq
+        for t, first in reversed(self._recent):
+            if t < since:
+                break
+            seq = first
+        return seq
 
     async def wait_for_frame_after(self, seq: int) -> None:
         while self._durable_seq <= seq:
@@ -857,6 +869,7 @@ class DiskSpool:
             self._pending_since = time.monotonic()
         if batch:
             self._durable_seq = batch[-1].seq
+            self._recent.append((time.monotonic(), batch[0].seq))
         if write_ack:
             self._persisted_floor = floor
             self._ack_dirty = self._ack_gen != ack_gen  # acks that arrived meanwhile
