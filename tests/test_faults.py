@@ -212,7 +212,7 @@ def test_cap_reached_with_drop_oldest_drops_counts_and_reports(tmp_path: Path) -
         expected = expected_records(**source)
         wait_for(lambda: gw.stats()["store"]["frames"] == 0
                  and hub.stats().get("records_applied", 0) > 0
-                 and tester_records_in(gw) >= len(expected), timeout=60, interval=0.25)
+                 and records_in_from_tester(gw) >= len(expected), timeout=60, interval=0.25)
         time.sleep(1.0)
         wait_for(lambda: gw.stats()["store"]["frames"] == 0, timeout=30)
         st = gw.stats()["store"]
@@ -282,7 +282,7 @@ def test_long_outage_then_live_data_within_2_s_and_backlog_drained_5x_faster(
         proxy.close()
 
 
-def tester_records_in(gw: Gateway) -> int:
+def records_in_from_tester(gw: Gateway) -> int:
     counts = gw.stats()["metrics"].get("gateway_records_in_total", {})
     return int(counts.get("source=tester", 0)) if isinstance(counts, dict) else 0
 
