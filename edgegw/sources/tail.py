@@ -287,19 +287,20 @@ class TailSource:
             try:
                 data = await f.reader.read(self.config.read_size)
             except FormatError as exc:  # a broken gzip stream
+                f.size = info.size
                 await self._corrupt(f, sink, exc, [])
                 return
             if not data:
                 break
             grew = True
             f.fed += len(data)
+            f.size = info.size if f.gz else f.fed
             f.parser.feed(data)
             try:
                 batch, mrr = self._map(f, f.parser.records(), time.time())
             except FormatError as exc:
                 await self._corrupt(f, sink, exc, getattr(exc, "batch", []))
                 return
-            f.size = info.size if f.gz else f.fed
             if mrr:
                 await self._finish(f, sink, "MRR", batch=batch, close_parser=False)
                 return
