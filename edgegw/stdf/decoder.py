@@ -241,66 +241,97 @@ def _segments(fields: tuple[Field, ...]) -> list[list[int]]:
     return segs
 
 
-def _compile(spec: RecordSpec, readers: _Readers) -> Callable[[bytes, int, int], dict]:
-    """Generate and exec a decoding function specialised for one record type and order."""
+def _compile(spec: RecordSpec, readers: _Readers) -> Callable[[bytes, str, int, int], dict]:
+    """Generate and exec a decoding function specialised for one record type and order.
+
+    The function takes the buffer twice: as bytes (for numbers and lengths) and as the
+    same bytes decoded latin-1 (``txt``), so a ``C*n`` field is one str slice.  The
+    bound check each field needs anyway doubles as the "record ends here" check: only
+    when a field does not fit does the code look at whether the record ended exactly
+    before it (trailing fields absent) or inside it (the generic decoder decides).
+    """
     fields = spec.fields
     ns: dict[str, Any] = {
-        "_Short": _Short, "_chr": chr, "Bits": Bits, "_cn": _read_cn, "_bn": _read_bn,
+        "_Short": _Short, "_chr": chr, "Bits": Bits, "_bn": _read_bn,
         "_r": readers, "_spec": spec, "_generic": decode_generic,
     }
-    lines = ["def decode(buf, p0, end):", "  p = p0", "  try:"]
+    lines = ["def decode(buf, txt, p0, end):", "  p = p0", "  try:"]
 
     def literal(n: int) -> str:
         return "{" + ", ".join(f"{fields[i].name!r}: f{i}" for i in range(n)) + "}"
 
     ind = "    "
+    skip: set[int] = set()  # C*n fields read together with the run before them
     for k, seg in enumerate(_segments(fields)):
         first = seg[0]
         f = fields[first]
-        if f.count is None:
-            # an empty array costs no bytes, so only non-array fields can be "absent"
-            lines.append(f"{ind}if p >= end: return {literal(first)}")
         if f.count is None and f.type in _SIZES:
             size = sum(_SIZES[fields[i].type] for i in seg)
             names = ", ".join(f"f{i}" for i in seg)
-            if size == 1:
+            codes = "".join("B" if fields[i].type == "C1" else STRUCT_CODES[fields[i].type]
+                            for i in seg)
+            after = seg[-1] + 1
+            cn_next = (after < len(fields) and fields[after].type == "Cn"
+                       and fields[after].count is None)
+            if cn_next:
+                # one unpack also reads the length byte of the C*n that follows the run
+                ns[f"_s{k}"] = struct.Struct(readers.order + codes).unpack_from
+                ns[f"_l{k}"] = struct.Struct(readers.order + codes + "B").unpack_from
+                lines.append(f"{ind}if p + {size + 1} > end:")
+                lines.append(f"{ind}  if p >= end: return {literal(first)}")
+                lines.append(f"{ind}  if p + {size} > end: raise _Short")
+                lines.append(f"{ind}  {names}, = _s{k}(buf, p)")
+                for i in seg:
+                    if fields[i].type == "C1":
+                        lines.append(f"{ind}  f{i} = _chr(f{i})")
+                lines.append(f"{ind}  return {literal(after)}")
+                lines.append(f"{ind}{names}, n = _l{k}(buf, p)")
+                lines.append(f"{ind}p += {size + 1}")
+                lines.append(f"{ind}q = p + n")
+                lines.append(f"{ind}if q > end: raise _Short")
+                lines.append(f"{ind}f{after} = txt[p:q]")
+                lines.append(f"{ind}p = q")
+                skip.add(after)
+            elif size == 1:
+                lines.append(f"{ind}if p >= end: return {literal(first)}")
                 lines.append(f"{ind}f{first} = buf[p]")
                 if f.type == "I1":
                     lines.append(f"{ind}if f{first} > 127: f{first} -= 256")
+                lines.append(f"{ind}p += 1")
             else:
-                fmt = readers.order + "".join(
-                    "B" if fields[i].type == "C1" else STRUCT_CODES[fields[i].type]
-                    for i in seg)
-                ns[f"_s{k}"] = struct.Struct(fmt).unpack_from
-                lines.append(f"{ind}if p + {size} > end: raise _Short")
+                ns[f"_s{k}"] = struct.Struct(readers.order + codes).unpack_from
+                lines.append(f"{ind}if p + {size} > end:")
+                lines.append(f"{ind}  if p >= end: return {literal(first)}")
+                lines.append(f"{ind}  raise _Short")
                 lines.append(f"{ind}{names}, = _s{k}(buf, p)")
-            lines.append(f"{ind}p += {size}")
+                lines.append(f"{ind}p += {size}")
             for i in seg:
                 if fields[i].type == "C1":
                     lines.append(f"{ind}f{i} = _chr(f{i})")
             continue
+        if first in skip:
+            continue
         i = first
         if f.count is not None:
+            # an empty array costs no bytes, so an array is present whenever its count is
             cnt = f"f{[x.name for x in fields].index(f.count)}"
             size = f"f{[x.name for x in fields].index(f.size)}" if f.size else "0"
             lines.append(f"{ind}f{i}, p = _r.array({f.type!r}, {cnt}, buf, p, end, {size})")
         elif f.type == "Cn":
+            # at p == end, buf[p] is the next record's first byte: q > end all the same
             lines.append(f"{ind}q = p + 1 + buf[p]")
-            lines.append(f"{ind}if q > end: raise _Short")
-            lines.append(f"{ind}f{i} = buf[p + 1:q].decode('latin-1')")
+            lines.append(f"{ind}if q > end:")
+            lines.append(f"{ind}  if p >= end: return {literal(first)}")
+            lines.append(f"{ind}  raise _Short")
+            lines.append(f"{ind}f{i} = txt[p + 1:q]")
             lines.append(f"{ind}p = q")
-        elif f.type == "Bn":
-            lines.append(f"{ind}f{i}, p = _bn(buf, p, end)")
-        elif f.type == "Dn":
-            lines.append(f"{ind}f{i}, p = _r.dn(buf, p, end)")
-        elif f.type == "Sn":
-            lines.append(f"{ind}f{i}, p = _r.sn(buf, p, end)")
-        elif f.type == "Vn":
-            lines.append(f"{ind}f{i}, p = _r.vn(buf, p, end)")
-        else:  # pragma: no cover - the spec table has no other field kinds
-            raise AssertionError(f"{spec.name}.{f.name}: {f.type}")
+        else:
+            reader = {"Bn": "_bn", "Dn": "_r.dn", "Sn": "_r.sn", "Vn": "_r.vn"}[f.type]
+            lines.append(f"{ind}if p >= end: return {literal(first)}")
+            lines.append(f"{ind}f{i}, p = {reader}(buf, p, end)")
     lines.append(f"{ind}return {literal(len(fields))}")
-    lines.append("  except _Short:")
+    # IndexError: a record at the very end of the buffer indexed buf[end]
+    lines.append("  except (_Short, IndexError):")
     lines.append("    return _generic(_spec, _r, buf, p0, end)")
     src = "\n".join(lines) + "\n"
     exec(compile(src, f"<stdf {spec.name} {readers.order}>", "exec"), ns)
@@ -318,9 +349,11 @@ def _max_size(spec: RecordSpec) -> int | None:
 
 
 class _Table(NamedTuple):
-    header: Callable[[bytes, int], tuple[int, int, int]]
-    #: index typ * 256 + sub -> (name, decode function, largest REC_LEN) or None
-    entries: list[tuple[str, Callable[[bytes, int, int], dict], int] | None]
+    #: header -> (REC_LEN, type key); the type key is REC_TYP and REC_SUB read as one U2
+    #: in the file's byte order (one lookup, no arithmetic)
+    header: Callable[[bytes, int], tuple[int, int]]
+    #: index type key -> (name, decode function, largest REC_LEN) or None
+    entries: list[tuple[str, Callable[[bytes, str, int, int], dict], int] | None]
     readers: _Readers
 
 
@@ -334,10 +367,11 @@ def decoder_table(order: str) -> _Table:
         entries: list[Any] = [None] * 65536
         for (typ, sub), spec in BY_TYPE.items():
             limit = _max_size(spec)
-            entries[typ * 256 + sub] = (
+            key = typ * 256 + sub if order == ">" else sub * 256 + typ
+            entries[key] = (
                 spec.name, _compile(spec, readers),
                 65535 if limit is None else limit + LENGTH_SLACK)
-        table = _TABLES[order] = _Table(struct.Struct(order + "HBB").unpack_from, entries,
+        table = _TABLES[order] = _Table(struct.Struct(order + "HH").unpack_from, entries,
                                         readers)
     return table
 
@@ -359,6 +393,7 @@ class StdfDecoder:
         if start_offset and byte_order is None:
             raise ValueError("resuming at start_offset > 0 needs the file's byte_order")
         self._buf = b""
+        self._txt: str | None = ""  # _buf decoded latin-1 (None: not yet)
         self._pos = 0  # index into _buf of the next record
         self._base = start_offset  # stream offset of _buf[0]
         self._generation = 0
@@ -368,6 +403,7 @@ class StdfDecoder:
         self.unknown_count = 0
         self.unknown_types: dict[tuple[int, int], int] = {}
         self._unknown_run = 0
+        self._unknown_end = -1  # stream offset where the last unknown record ended
 
     @property
     def position(self) -> int:
@@ -381,6 +417,7 @@ class StdfDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._generation += 1
+        self._txt = None
         if self._pos:
             self._base += self._pos
             self._buf = self._buf[self._pos:] + bytes(data)
@@ -417,6 +454,9 @@ class StdfDecoder:
             self.byte_order = order
         header, entries, _ = decoder_table(order)
         buf = self._buf
+        txt = self._txt
+        if txt is None:
+            txt = self._txt = buf.decode("latin-1")
         pos = self._pos
         n = len(buf)
         base = self._base
@@ -424,14 +464,14 @@ class StdfDecoder:
         new = _new_record
         Record = StdfRecord
         while pos + 4 <= n:
-            rec_len, typ, sub = header(buf, pos)
+            rec_len, key = header(buf, pos)
             body = pos + 4
             end = body + rec_len
-            entry = entries[typ * 256 + sub]
+            entry = entries[key]
             if entry is None:
                 if end > n:
                     return
-                record = self._unknown(typ, sub, buf, pos, end)
+                record = self._unknown(buf, pos, end)
                 pos = end
                 self._pos = pos
                 if record is None:
@@ -445,26 +485,27 @@ class StdfDecoder:
                 if end > n:
                     return
                 try:
-                    record = new(Record, (name, base + pos, decode(buf, body, end)))
+                    record = new(Record, (name, base + pos, decode(buf, txt, body, end)))
                 except _BadGdr as exc:
                     self._pos = end
                     raise StdfError(f"GDR field of unknown type code {exc.code}",
                                     base + exc.pos) from None
-                self._unknown_run = 0
                 pos = end
                 self._pos = pos
             yield record
             if self._generation != generation:
                 return
 
-    def _unknown(self, typ: int, sub: int, buf: bytes, pos: int,
-                 end: int) -> StdfRecord | None:
+    def _unknown(self, buf: bytes, pos: int, end: int) -> StdfRecord | None:
+        typ, sub = buf[pos + 2], buf[pos + 3]
         self.unknown_count += 1
         self.unknown_types[(typ, sub)] = self.unknown_types.get((typ, sub), 0) + 1
-        self._unknown_run += 1
+        offset = self._base + pos
+        self._unknown_run = self._unknown_run + 1 if offset == self._unknown_end else 1
+        self._unknown_end = self._base + end
         if self._unknown_run >= MAX_UNKNOWN_RUN:
             raise StdfError(f"garbage: {self._unknown_run} consecutive records of unknown "
-                            f"type (last REC_TYP {typ} REC_SUB {sub})", self._base + pos)
+                            f"type (last REC_TYP {typ} REC_SUB {sub})", offset)
         if not self.keep_unknown:
             return None
         return StdfRecord("UNKNOWN", self._base + pos,
