@@ -20,6 +20,7 @@ from .config import ConfigError
 COMMAND_MODULES = (
     "edgegw.commands",
     "edgegw.sim.cli",
+    "edgegw.stdf.cli",
 )
 
 
