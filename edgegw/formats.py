@@ -79,7 +79,7 @@ class UnknownFormat(LookupError):
     pass
 
 
-def tester_formats() -> dict[str, TesterFormat]:
+def installed_formats() -> dict[str, TesterFormat]:
     """Every installed tester format, by name (entry-point name)."""
     found: dict[str, TesterFormat] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
@@ -95,9 +95,9 @@ def tester_formats() -> dict[str, TesterFormat]:
     return found
 
 
-def tester_format(name: str) -> TesterFormat:
+def get_format(name: str) -> TesterFormat:
     """The installed format ``name``; the error names every installed one."""
-    formats = tester_formats()
+    formats = installed_formats()
     try:
         return formats[name]
     except KeyError:

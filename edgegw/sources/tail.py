@@ -47,7 +47,7 @@ from typing import Any, ClassVar, Literal
 
 import trio
 
-from ..formats import FormatError, FormatParser, TesterFormat, UnknownFormat, tester_format
+from ..formats import FormatError, FormatParser, TesterFormat, UnknownFormat, get_format
 from ..records import GatewayEvent, Record
 from ..stdf.mapping import RecordMapper
 from . import RecordSink, SourceContext
@@ -85,7 +85,7 @@ class TailConfig:
         if self.read_size < 512:
             problems.append(("read_size", "must be at least 512"))
         try:
-            tester_format(self.format)
+            get_format(self.format)
         except UnknownFormat as exc:
             problems.append(("format", str(exc)))
         return problems
@@ -176,7 +176,7 @@ class TailSource:
         self.name = name
         self.config = config
         self.context = context
-        self.format: TesterFormat = tester_format(config.format)
+        self.format: TesterFormat = get_format(config.format)
         self.files: dict[str, _File] = {}
         self.errors = context.metrics.counter(
             "source_errors", "bad input a source survived (corrupt files, read errors)")
