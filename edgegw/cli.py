@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "edgegw.commands",
     "edgegw.sim.cli",
     "edgegw.stdf.cli",
+    "edgegw.plugins_cli",
 )
 
 

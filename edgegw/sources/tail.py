@@ -170,6 +170,8 @@ class _GzipReader:
 
 
 class TailSource:
+    """Tester files (STDF, or any installed format) followed as the tester writes them."""
+
     Config: ClassVar[type] = TailConfig
 
     def __init__(self, name: str, config: TailConfig, context: SourceContext) -> None:
