@@ -89,6 +89,8 @@ TESTS = [
 
 
 class TesterModel:
+    __test__ = False  # not a pytest test class despite the name
+
     def __init__(self, profile: TesterProfile | None = None) -> None:
         self.profile = profile or TesterProfile()
         self.rng = random.Random(self.profile.seed)
