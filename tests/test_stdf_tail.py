@@ -293,6 +293,38 @@ async def test_closed_gzip_files_are_read(tmp_path: Path) -> None:
     assert no_ts(sink.records) == want
 
 
+async def test_a_gzip_file_is_followed_while_it_is_written(tmp_path: Path) -> None:
+    data = stdf_file_bytes(SMALL)
+    packed = gzip.compress(data)
+    path = tmp_path / "lot.stdf.gz"
+    path.write_bytes(packed[: len(packed) // 2])
+    sink = CollectingSink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail([tmp_path]).run, sink)
+        await sink.wait_until(lambda: len(sink.of(PartResult)) > 0)
+        assert not sink.of(LotEnd)
+        with path.open("ab") as f:
+            f.write(packed[len(packed) // 2:])
+        await sink.wait_until(lambda: bool(sink.of(LotEnd)))
+        nursery.cancel_scope.cancel()
+    assert no_ts(sink.records) == expected(data)
+
+
+async def test_a_gzip_stream_cut_short_is_an_error_once_idle(tmp_path: Path) -> None:
+    packed = gzip.compress(stdf_file_bytes(SMALL))
+    (tmp_path / "cut.stdf.gz").write_bytes(packed[: len(packed) // 2])
+    metrics = Metrics()
+    sink = CollectingSink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail([tmp_path], idle_timeout=0.1, metrics=metrics).run, sink)
+        await sink.wait_until(lambda: bool(sink.of(GatewayEvent)))
+        nursery.cancel_scope.cancel()
+    (event,) = sink.of(GatewayEvent)
+    assert "gzip stream is truncated" in event.message
+    assert metrics.counter("source_errors").get(source="tester1", kind="corrupt") == 1
+    assert sink.of(PartResult)  # what could be read was delivered
+
+
 def shared_stdf() -> Path:
     root = os.environ.get("EDGEGW_SHARED_DATA")
     base = Path(root) if root else Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -10,8 +10,9 @@ file reads go through ``trio.open_file``.  A record cut at the end of what the t
 written so far is simply waited for.
 
 A file is complete when its MRR arrives, or when it has not grown for ``idle_timeout``
-seconds (a tester that crashed never writes its MRR); a ``.gz`` file is read once, when its
-size has stopped changing (it is complete by construction: testers gzip closed files).
+seconds (a tester that crashed never writes its MRR).  A ``.gz`` file is decompressed as a
+stream, so one still being written is followed too; it is complete at the end of its last
+gzip member (or MRR), and a gzip stream cut in the middle that stays idle is an error.
 
 Checkpoint (passed with every batch; the gateway keeps the last durable one and hands it
 back as ``context.checkpoint``)::
@@ -117,7 +118,6 @@ class _File:
     parser: FormatParser | None = None
     mapper: RecordMapper | None = None
     last_growth: float = 0.0
-    stable_size: int = -1  # .gz: size at the previous scan
     fed: int = 0  # bytes given to the parser
     skip_below: int = 0  # after a restart: records before this offset were already emitted
     warned: bool = False
@@ -128,33 +128,36 @@ class _File:
 
 
 class _GzipReader:
-    """Async reads of the decompressed bytes of a gzip file (all members)."""
+    """Async reads of the decompressed bytes of a gzip file (all members), streaming: a
+    gzip file still being written is followed like a plain one."""
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
         self.d = zlib.decompressobj(31)
         self.out = 0  # decompressed bytes returned so far
-        self.eof = False
+        self.started = False
+
+    @property
+    def complete(self) -> bool:
+        """The data read so far ends exactly at the end of a gzip member."""
+        return self.started and self.d.eof and not self.d.unused_data
 
     async def read(self, n: int) -> bytes:
         while True:
             if self.d.unconsumed_tail:
                 data = self._decompress(self.d.unconsumed_tail, n)
+            elif self.d.eof and self.d.unused_data:  # the next member of the file
+                rest = self.d.unused_data
+                self.d = zlib.decompressobj(31)
+                data = self._decompress(rest, n)
             else:
+                raw = await self.handle.read(n)
+                if not raw:
+                    return b""
                 if self.d.eof:
-                    rest = self.d.unused_data
-                    if not rest:
-                        rest = await self.handle.read(n)
-                        if not rest:
-                            self.eof = True
-                            return b""
-                    self.d = zlib.decompressobj(31)  # the next member of a multi-member file
-                    data = self._decompress(rest, n)
-                else:
-                    raw = await self.handle.read(n)
-                    if not raw:
-                        raise FormatError("gzip stream is truncated", self.out)
-                    data = self._decompress(raw, n)
+                    self.d = zlib.decompressobj(31)
+                self.started = True
+                data = self._decompress(raw, n)
             if data:
                 self.out += len(data)
                 return data
@@ -275,11 +278,6 @@ class TailSource:
     # -- one file --------------------------------------------------------------------------
 
     async def _follow(self, f: _File, info: _FileInfo, sink: RecordSink) -> None:
-        if f.gz:
-            # a .gz file is read once complete: its size must not change between two scans
-            if info.size != f.stable_size:
-                f.stable_size = info.size
-                return
         if f.parser is None:
             await self._open(f)
             f.last_growth = trio.current_time()
@@ -308,11 +306,15 @@ class TailSource:
                 return
             if batch:
                 await sink.put(batch, checkpoint=self.checkpoint())
-        if f.gz:
+        if f.gz and f.reader.complete:
             await self._finish(f, sink, "end of gzip file")
         elif grew:
             f.last_growth = trio.current_time()
         elif trio.current_time() - f.last_growth >= self.config.idle_timeout:
+            if f.gz:  # idle in the middle of a gzip member: it will never be complete
+                await self._corrupt(f, sink, FormatError("gzip stream is truncated",
+                                                         f.reader.out), [])
+                return
             log.info("source %s: %s idle for %.0f s without MRR: complete", self.name, f.path,
                      self.config.idle_timeout)
             await self._finish(f, sink, "idle")
