@@ -27,7 +27,7 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
-from .spec import BY_TYPE, GDR_TYPES, STRUCT_CODES, Bits, Field, RecordSpec
+from .spec import BY_NAME, BY_TYPE, GDR_TYPES, STRUCT_CODES, Bits, Field, RecordSpec
 
 #: consecutive records of unknown type after which the input is declared garbage
 MAX_UNKNOWN_RUN = 8
@@ -241,26 +241,57 @@ def _segments(fields: tuple[Field, ...]) -> list[list[int]]:
     return segs
 
 
-def _compile(spec: RecordSpec, readers: _Readers) -> Callable[[bytes, str, int, int], dict]:
-    """Generate and exec a decoding function specialised for one record type and order.
+def _cn_run(fields: tuple[Field, ...], start: int) -> list[int]:
+    """Indexes of the consecutive plain C*n fields from ``start`` on."""
+    run = []
+    for i in range(start, len(fields)):
+        if fields[i].type != "Cn" or fields[i].count is not None:
+            break
+        run.append(i)
+    return run
 
-    The function takes the buffer twice: as bytes (for numbers and lengths) and as the
+
+def _compile(spec: RecordSpec, readers: _Readers) -> Callable[[bytes, str, int, int], dict]:
+    """Generate and exec a decoding function specialised for one record type and order:
+    an optimistic one, falling back to a careful one, falling back to the generic."""
+    ns: dict[str, Any] = {"_spec": spec, "_generic": decode_generic}
+    lines = ["def careful(buf, txt, p0, end):", "  p = p0", "  try:",
+             *_body(spec, readers, ns, "    ", "return {}", "c"),
+             "  except (_Short, IndexError):",
+             # IndexError: a record at the very end of the buffer indexed buf[end]
+             "    return _generic(_spec, _r, buf, p0, end)",
+             "def decode(buf, txt, p0, end):", "  p = p0", "  try:",
+             *_body(spec, readers, ns, "    ", "return {}", "o", optimistic=True),
+             "  except (_Short, IndexError):",
+             "    return careful(buf, txt, p0, end)"]
+    src = "\n".join(lines) + "\n"
+    exec(compile(src, f"<stdf {spec.name} {readers.order}>", "exec"), ns)
+    return ns["decode"]
+
+
+def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret: str,
+          prefix: str, optimistic: bool = False) -> list[str]:
+    """Source lines decoding ``spec``'s fields from ``p`` into locals and ending with
+    ``ret`` formatted with the field dict literal (also for a record that ends early).
+    Raises ``_Short`` (or IndexError at the end of the buffer) for the generic decoder.
+
+    The code takes the buffer twice: as bytes (for numbers and lengths) and as the
     same bytes decoded latin-1 (``txt``), so a ``C*n`` field is one str slice.  The
     bound check each field needs anyway doubles as the "record ends here" check: only
     when a field does not fit does the code look at whether the record ended exactly
     before it (trailing fields absent) or inside it (the generic decoder decides).
+
+    ``optimistic``: a run of consecutive C*n fields is read with one bound check at its
+    end (positions only grow, so the last one fitting means all fit); a record that ends
+    inside the run raises ``_Short`` and the careful code takes over.
     """
     fields = spec.fields
-    ns: dict[str, Any] = {
-        "_Short": _Short, "_chr": chr, "Bits": Bits, "_bn": _read_bn,
-        "_r": readers, "_spec": spec, "_generic": decode_generic,
-    }
-    lines = ["def decode(buf, txt, p0, end):", "  p = p0", "  try:"]
+    ns.update({"_Short": _Short, "_chr": chr, "Bits": Bits, "_bn": _read_bn, "_r": readers})
+    lines: list[str] = []
 
     def literal(n: int) -> str:
-        return "{" + ", ".join(f"{fields[i].name!r}: f{i}" for i in range(n)) + "}"
+        return ret.format("{" + ", ".join(f"{fields[i].name!r}: f{i}" for i in range(n)) + "}")
 
-    ind = "    "
     skip: set[int] = set()  # C*n fields read together with the run before them
     for k, seg in enumerate(_segments(fields)):
         first = seg[0]
@@ -275,35 +306,50 @@ def _compile(spec: RecordSpec, readers: _Readers) -> Callable[[bytes, str, int, 
                        and fields[after].count is None)
             if cn_next:
                 # one unpack also reads the length byte of the C*n that follows the run
-                ns[f"_s{k}"] = struct.Struct(readers.order + codes).unpack_from
-                ns[f"_l{k}"] = struct.Struct(readers.order + codes + "B").unpack_from
+                ns[f"_s{prefix}{k}"] = struct.Struct(readers.order + codes).unpack_from
+                ns[f"_l{prefix}{k}"] = struct.Struct(readers.order + codes + "B").unpack_from
                 lines.append(f"{ind}if p + {size + 1} > end:")
-                lines.append(f"{ind}  if p >= end: return {literal(first)}")
+                lines.append(f"{ind}  if p >= end: {literal(first)}")
                 lines.append(f"{ind}  if p + {size} > end: raise _Short")
-                lines.append(f"{ind}  {names}, = _s{k}(buf, p)")
+                lines.append(f"{ind}  {names}, = _s{prefix}{k}(buf, p)")
                 for i in seg:
                     if fields[i].type == "C1":
                         lines.append(f"{ind}  f{i} = _chr(f{i})")
-                lines.append(f"{ind}  return {literal(after)}")
-                lines.append(f"{ind}{names}, n = _l{k}(buf, p)")
+                lines.append(f"{ind}  {literal(after)}")
+                lines.append(f"{ind}{names}, ln = _l{prefix}{k}(buf, p)")
                 lines.append(f"{ind}p += {size + 1}")
-                lines.append(f"{ind}q = p + n")
-                lines.append(f"{ind}if q > end: raise _Short")
-                lines.append(f"{ind}f{after} = txt[p:q]")
-                lines.append(f"{ind}p = q")
-                skip.add(after)
+                if optimistic:
+                    run = _cn_run(fields, after)
+                    lines.append(f"{ind}e{after} = p + ln")
+                    starts = {after: "p"}
+                    prev = f"e{after}"
+                    for i in run[1:]:
+                        lines.append(f"{ind}e{i} = {prev} + 1 + buf[{prev}]")
+                        starts[i] = f"{prev} + 1"
+                        prev = f"e{i}"
+                    lines.append(f"{ind}if {prev} > end: raise _Short")
+                    for i in run:
+                        lines.append(f"{ind}f{i} = txt[{starts[i]}:e{i}]")
+                    lines.append(f"{ind}p = {prev}")
+                    skip.update(run)
+                else:
+                    lines.append(f"{ind}q = p + ln")
+                    lines.append(f"{ind}if q > end: raise _Short")
+                    lines.append(f"{ind}f{after} = txt[p:q]")
+                    lines.append(f"{ind}p = q")
+                    skip.add(after)
             elif size == 1:
-                lines.append(f"{ind}if p >= end: return {literal(first)}")
+                lines.append(f"{ind}if p >= end: {literal(first)}")
                 lines.append(f"{ind}f{first} = buf[p]")
                 if f.type == "I1":
                     lines.append(f"{ind}if f{first} > 127: f{first} -= 256")
                 lines.append(f"{ind}p += 1")
             else:
-                ns[f"_s{k}"] = struct.Struct(readers.order + codes).unpack_from
+                ns[f"_s{prefix}{k}"] = struct.Struct(readers.order + codes).unpack_from
                 lines.append(f"{ind}if p + {size} > end:")
-                lines.append(f"{ind}  if p >= end: return {literal(first)}")
+                lines.append(f"{ind}  if p >= end: {literal(first)}")
                 lines.append(f"{ind}  raise _Short")
-                lines.append(f"{ind}{names}, = _s{k}(buf, p)")
+                lines.append(f"{ind}{names}, = _s{prefix}{k}(buf, p)")
                 lines.append(f"{ind}p += {size}")
             for i in seg:
                 if fields[i].type == "C1":
@@ -317,25 +363,34 @@ def _compile(spec: RecordSpec, readers: _Readers) -> Callable[[bytes, str, int, 
             cnt = f"f{[x.name for x in fields].index(f.count)}"
             size = f"f{[x.name for x in fields].index(f.size)}" if f.size else "0"
             lines.append(f"{ind}f{i}, p = _r.array({f.type!r}, {cnt}, buf, p, end, {size})")
+        elif f.type == "Cn" and optimistic:
+            run = _cn_run(fields, i)
+            lines.append(f"{ind}if p >= end: {literal(first)}")
+            prev = "p"
+            starts = {}
+            for j in run:
+                lines.append(f"{ind}e{j} = {prev} + 1 + buf[{prev}]")
+                starts[j] = f"{prev} + 1"
+                prev = f"e{j}"
+            lines.append(f"{ind}if {prev} > end: raise _Short")
+            for j in run:
+                lines.append(f"{ind}f{j} = txt[{starts[j]}:e{j}]")
+            lines.append(f"{ind}p = {prev}")
+            skip.update(run)
         elif f.type == "Cn":
             # at p == end, buf[p] is the next record's first byte: q > end all the same
             lines.append(f"{ind}q = p + 1 + buf[p]")
             lines.append(f"{ind}if q > end:")
-            lines.append(f"{ind}  if p >= end: return {literal(first)}")
+            lines.append(f"{ind}  if p >= end: {literal(first)}")
             lines.append(f"{ind}  raise _Short")
             lines.append(f"{ind}f{i} = txt[p + 1:q]")
             lines.append(f"{ind}p = q")
         else:
             reader = {"Bn": "_bn", "Dn": "_r.dn", "Sn": "_r.sn", "Vn": "_r.vn"}[f.type]
-            lines.append(f"{ind}if p >= end: return {literal(first)}")
+            lines.append(f"{ind}if p >= end: {literal(first)}")
             lines.append(f"{ind}f{i}, p = {reader}(buf, p, end)")
-    lines.append(f"{ind}return {literal(len(fields))}")
-    # IndexError: a record at the very end of the buffer indexed buf[end]
-    lines.append("  except (_Short, IndexError):")
-    lines.append("    return _generic(_spec, _r, buf, p0, end)")
-    src = "\n".join(lines) + "\n"
-    exec(compile(src, f"<stdf {spec.name} {readers.order}>", "exec"), ns)
-    return ns["decode"]
+    lines.append(f"{ind}{literal(len(fields))}")
+    return lines
 
 
 def _max_size(spec: RecordSpec) -> int | None:
@@ -348,6 +403,87 @@ def _max_size(spec: RecordSpec) -> int | None:
     return total
 
 
+#: record types decoded inline in the scanning loop (the bulk of any file: no call)
+INLINE = ("PTR", "PIR", "PRR", "MPR", "FTR")
+
+
+def _type_key(order: str, typ: int, sub: int) -> int:
+    return typ * 256 + sub if order == ">" else sub * 256 + typ
+
+
+def _too_long(name: str, rec_len: int, limit: int, offset: int) -> StdfError:
+    return StdfError(f"impossible REC_LEN {rec_len} for a {name} "
+                     f"(its fields take at most {limit - LENGTH_SLACK} bytes)", offset)
+
+
+def _compile_scan(order: str, entries: list[Any], readers: _Readers) -> Callable[..., Any]:
+    """Generate the record loop of one byte order, with the INLINE types' decoding
+    written into it and every other type dispatched through ``entries``."""
+    ns: dict[str, Any] = {
+        "_header": struct.Struct(order + "HH").unpack_from, "_entries": entries,
+        "_new": _new_record, "_Record": StdfRecord, "_too_long": _too_long,
+        "_generic": decode_generic, "_BadGdr": _BadGdr, "_gdr_error": _gdr_error,
+    }
+    lines = [
+        "def scan(self, buf, txt, pos, base, generation):",
+        "  n = len(buf)",
+        "  while pos + 4 <= n:",
+        "    rec_len, key = _header(buf, pos)",
+        "    body = pos + 4",
+        "    end = body + rec_len",
+    ]
+    for k, name in enumerate(INLINE):
+        spec = BY_NAME[name]
+        limit = entries[_type_key(order, spec.typ, spec.sub)][2]
+        ns[f"_decode_{name}"] = entries[_type_key(order, spec.typ, spec.sub)][1]
+        lines += [
+            f"    {'if' if k == 0 else 'elif'} key == {_type_key(order, spec.typ, spec.sub)}:",
+            f"      if rec_len > {limit}: raise _too_long({name!r}, rec_len, {limit}, base + pos)",
+            "      if end > n: return",
+            "      p = body",
+            "      while True:",
+            "        try:",
+            *_body(spec, readers, ns, "          ", "fields = {}; break", name,
+                   optimistic=True),
+            "        except (_Short, IndexError):",
+            f"          fields = _decode_{name}(buf, txt, body, end)",
+            "        break",
+            f"      record = _new(_Record, ({name!r}, base + pos, fields))",
+        ]
+    lines += [
+        "    else:",
+        "      entry = _entries[key]",
+        "      if entry is None:",
+        "        if end > n: return",
+        "        record = self._unknown(buf, pos, end)",
+        "        pos = end",
+        "        self._pos = pos",
+        "        if record is None: continue",
+        "        yield record",
+        "        if self._generation != generation: return",
+        "        continue",
+        "      name, decode, limit = entry",
+        "      if rec_len > limit: raise _too_long(name, rec_len, limit, base + pos)",
+        "      if end > n: return",
+        "      try:",
+        "        record = _new(_Record, (name, base + pos, decode(buf, txt, body, end)))",
+        "      except _BadGdr as exc:",
+        "        self._pos = end",
+        "        raise _gdr_error(exc, base) from None",
+        "    pos = end",
+        "    self._pos = pos",
+        "    yield record",
+        "    if self._generation != generation: return",
+    ]
+    src = "\n".join(lines) + "\n"
+    exec(compile(src, f"<stdf scan {order}>", "exec"), ns)
+    return ns["scan"]
+
+
+def _gdr_error(exc: _BadGdr, base: int) -> StdfError:
+    return StdfError(f"GDR field of unknown type code {exc.code}", base + exc.pos)
+
+
 class _Table(NamedTuple):
     #: header -> (REC_LEN, type key); the type key is REC_TYP and REC_SUB read as one U2
     #: in the file's byte order (one lookup, no arithmetic)
@@ -355,6 +491,8 @@ class _Table(NamedTuple):
     #: index type key -> (name, decode function, largest REC_LEN) or None
     entries: list[tuple[str, Callable[[bytes, str, int, int], dict], int] | None]
     readers: _Readers
+    #: the record loop: scan(decoder, buf, txt, pos, base, generation) -> records
+    scan: Callable[..., Iterator[StdfRecord]]
 
 
 _TABLES: dict[str, _Table] = {}
@@ -367,12 +505,11 @@ def decoder_table(order: str) -> _Table:
         entries: list[Any] = [None] * 65536
         for (typ, sub), spec in BY_TYPE.items():
             limit = _max_size(spec)
-            key = typ * 256 + sub if order == ">" else sub * 256 + typ
-            entries[key] = (
+            entries[_type_key(order, typ, sub)] = (
                 spec.name, _compile(spec, readers),
                 65535 if limit is None else limit + LENGTH_SLACK)
         table = _TABLES[order] = _Table(struct.Struct(order + "HH").unpack_from, entries,
-                                        readers)
+                                        readers, _compile_scan(order, entries, readers))
     return table
 
 
@@ -450,51 +587,14 @@ class StdfDecoder:
         if order is None:
             order = self._detect_order()
             if order is None:
-                return
+                return iter(())
             self.byte_order = order
-        header, entries, _ = decoder_table(order)
         buf = self._buf
         txt = self._txt
         if txt is None:
             txt = self._txt = buf.decode("latin-1")
-        pos = self._pos
-        n = len(buf)
-        base = self._base
-        generation = self._generation
-        new = _new_record
-        Record = StdfRecord
-        while pos + 4 <= n:
-            rec_len, key = header(buf, pos)
-            body = pos + 4
-            end = body + rec_len
-            entry = entries[key]
-            if entry is None:
-                if end > n:
-                    return
-                record = self._unknown(buf, pos, end)
-                pos = end
-                self._pos = pos
-                if record is None:
-                    continue
-            else:
-                name, decode, limit = entry
-                if rec_len > limit:
-                    raise StdfError(f"impossible REC_LEN {rec_len} for a {name} "
-                                    f"(its fields take at most {limit - LENGTH_SLACK} bytes)",
-                                    base + pos)
-                if end > n:
-                    return
-                try:
-                    record = new(Record, (name, base + pos, decode(buf, txt, body, end)))
-                except _BadGdr as exc:
-                    self._pos = end
-                    raise StdfError(f"GDR field of unknown type code {exc.code}",
-                                    base + exc.pos) from None
-                pos = end
-                self._pos = pos
-            yield record
-            if self._generation != generation:
-                return
+        return decoder_table(order).scan(self, buf, txt, self._pos, self._base,
+                                         self._generation)
 
     def _unknown(self, buf: bytes, pos: int, end: int) -> StdfRecord | None:
         typ, sub = buf[pos + 2], buf[pos + 3]
