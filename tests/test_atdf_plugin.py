@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,10 @@ from edgegw.sources import SourceContext
 from edgegw.sources.tail import TailConfig, TailSource
 from edgegw.stdf import StdfDecoder, StdfWriter
 from edgegw.stdf.mapping import RecordMapper
+
+if importlib.util.find_spec("edgegw_atdf") is None:
+    pytest.fail("the ATDF example plugin is not installed: pip install -e plugins/edgegw-atdf",
+                pytrace=False)
 
 # Two sites interleaved; the first PTR of test 100 carries its limits and units, the next
 # does not; the part on site 2 has no X/Y and no soft bin; a retest by coordinates; a
