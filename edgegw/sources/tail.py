@@ -186,7 +186,7 @@ class TailSource:
         self.errors = context.metrics.counter(
             "source_errors", "bad input a source survived (corrupt files, read errors)")
         self.read_records = context.metrics.counter(
-            "tail_records", "tester records read from tailed files")
+            "tail_records", "tester records parsed from tailed files (re-reads included)")
         suffixes = tuple(s.lower() for s in self.format.suffixes)
         self._suffixes = suffixes + tuple(s + ".gz" for s in suffixes)
 
@@ -268,12 +268,16 @@ class TailSource:
                     await self._report(sink, f, "io", f"cannot read: {exc}", f.offset,
                                        level="warning", abandon=False)
         for path in [p for p in self.files if p not in seen]:
-            f = self.files[path]
+            # gone from disk (or no longer matched): forget it, keeping what it still held
+            f = self.files.pop(path)
+            batch: list[Record] = []
             if not f.done:
                 log.warning("source %s: %s disappeared before it was complete", self.name, path)
-                await self._finish(f, sink, "deleted", close_parser=False)
+                if f.mapper is not None and not f.skip_below:
+                    batch = f.mapper.close(time.time())
             await self._release(f)
-            del self.files[path]
+            if batch:
+                await sink.put(batch, checkpoint=self.checkpoint())
 
     # -- one file --------------------------------------------------------------------------
 
@@ -329,8 +333,10 @@ class TailSource:
         assert f.parser is not None and f.mapper is not None
         batch: list[Record] = []
         mapper = f.mapper
+        parsed = 0
         try:
             for rec in records:
+                parsed += 1
                 mapped = mapper.map(rec, now)
                 if f.skip_below:
                     if rec.offset < f.skip_below:
@@ -350,7 +356,7 @@ class TailSource:
             if not f.skip_below:
                 f.offset = max(f.offset, f.parser.position)
             f.state = f.parser.state()
-            self.read_records.inc(len(batch), source=self.name)
+            self.read_records.inc(parsed, source=self.name)
         return batch, False
 
     async def _open(self, f: _File) -> None:
@@ -380,7 +386,8 @@ class TailSource:
         f.reason = reason
         await self._release(f)
         log.info("source %s: %s complete (%s) at byte %d", self.name, f.path, reason, f.offset)
-        await sink.put(batch, checkpoint=self.checkpoint())
+        if batch:  # (no empty batches: "done" then rides along with the next one)
+            await sink.put(batch, checkpoint=self.checkpoint())
 
     async def _corrupt(self, f: _File, sink: RecordSink, exc: FormatError,
                        batch: list[Record]) -> None:
