@@ -117,6 +117,18 @@ def test_the_testers_summaries_agree_with_its_prrs() -> None:
     assert tsr[100]["EXEC_CNT"] == len(prrs) and tsr[100]["TEST_NAM"] == "IDD_STATIC"
 
 
+def test_a_realistic_number_of_tests_per_part() -> None:
+    profile = TesterProfile(sites=2, wafer_diameter_dies=8, tests_per_part=120, seed=2)
+    recs = decode(stdf_file_bytes(profile))
+    prrs = [r.fields for r in recs if r.name == "PRR"]
+    ptrs = [r.fields for r in recs if r.name == "PTR"]
+    assert len(ptrs) == 120 * len(prrs)
+    assert {p["TEST_NUM"] for p in ptrs} == {100, 110, 120, 130, 140, 150, 160, 170} | set(
+        range(1000, 1112))
+    assert all(p["NUM_TEST"] == 120 for p in prrs)
+    assert len([r for r in recs if r.name == "TSR"]) == 120
+
+
 def test_lots_and_wafers_split_into_files() -> None:
     chunks = list(stdf_chunks(PROFILE, lots=2, per_wafer=True))
     ends = [c.file_name for c in chunks if c.end_of_file]

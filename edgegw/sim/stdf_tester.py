@@ -37,7 +37,15 @@ from typing import Any, NamedTuple
 import trio
 
 from ..stdf import StdfWriter
-from .tester import HARD_OF_SOFT, SOFT_BINS, TESTS, Part, TesterModel, TesterProfile
+from .tester import (
+    HARD_OF_SOFT,
+    MAX_TESTS,
+    SOFT_BINS,
+    Part,
+    TesterModel,
+    TesterProfile,
+    program_tests,
+)
 
 HEAD = 1
 PASS_SOFT_BINS = frozenset(s for s in SOFT_BINS if SOFT_BINS[s].startswith("PASS"))
@@ -191,7 +199,7 @@ class _FileWriter:
                                "PART_CNT": sum(s.parts.values()),
                                "RTST_CNT": sum(s.retests.values()), "ABRT_CNT": 0,
                                "GOOD_CNT": sum(s.good.values()), "FUNC_CNT": 4294967295}))
-        names = {num: txt for num, txt, *_ in TESTS}
+        names = {num: txt for num, txt, *_ in program_tests(self.profile.tests_per_part)}
         for num in sorted(s.test_exec):
             out.append(enc("TSR", {
                 "HEAD_NUM": 255, "SITE_NUM": 0, "TEST_TYP": "P", "TEST_NUM": num,
@@ -342,8 +350,8 @@ def main(args: argparse.Namespace) -> int:
     if not 1 <= args.sites <= 255:
         print("edgegw simulate: --sites must be between 1 and 255", file=sys.stderr)
         return 2
-    if not 1 <= args.tests_per_part <= len(TESTS):
-        print(f"edgegw simulate: --tests-per-part must be between 1 and {len(TESTS)}",
+    if not 1 <= args.tests_per_part <= MAX_TESTS:
+        print(f"edgegw simulate: --tests-per-part must be between 1 and {MAX_TESTS}",
               file=sys.stderr)
         return 2
     start = args.start_time if getattr(args, "start_time", None) is not None else int(time.time())
