@@ -277,6 +277,32 @@ async def test_a_new_file_per_lot_and_per_wafer(tmp_path: Path) -> None:
     assert all(e["done"] and e["reason"] == "MRR" for e in sink.checkpoint["files"].values())
 
 
+async def test_a_file_renamed_while_it_is_written_is_not_read_twice(tmp_path: Path) -> None:
+    data = stdf_file_bytes(SMALL)
+    first = tmp_path / "lot.stdf"
+    first.write_bytes(data[: len(data) // 2])
+    sink = CollectingSink()
+    source = tail([tmp_path])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run, sink)
+        await sink.wait_until(lambda: len(sink.of(PartResult)) > 0)
+        first.rename(tmp_path / "lot_final.stdf")
+        with (tmp_path / "lot_final.stdf").open("ab") as f:
+            f.write(data[len(data) // 2:])
+        await sink.wait_until(lambda: bool(sink.of(LotEnd)))
+        await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert no_ts(sink.records) == expected(data)
+    assert list(source.checkpoint()["files"]) == [str(tmp_path / "lot_final.stdf")]
+    # a restart from the checkpoint last sent (which may still name the old path)
+    again = CollectingSink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail([tmp_path], checkpoint=sink.checkpoint).run, again)
+        await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    assert again.records == []
+
+
 async def test_a_corrupt_file_is_reported_and_the_source_keeps_going(tmp_path: Path) -> None:
     good = stdf_file_bytes(SMALL)
     dec = StdfDecoder()

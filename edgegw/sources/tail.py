@@ -237,10 +237,12 @@ class TailSource:
     async def poll_once(self, sink: RecordSink) -> None:
         """One pass: find files, read what each has grown by, finish idle ones."""
         found = await trio.to_thread.run_sync(self._scan)
-        seen = set()
+        seen = {info.path for info in found}
+        gone = {f.inode: f for p, f in self.files.items() if p not in seen}
         for info in found:
-            seen.add(info.path)
             f = self.files.get(info.path)
+            if f is None and info.inode in gone:
+                f = self._renamed(gone.pop(info.inode), info)
             if f is not None and f.inode != info.inode:
                 log.warning("source %s: %s was replaced (new inode); reading it from the start",
                             self.name, info.path)
@@ -278,6 +280,18 @@ class TailSource:
             await self._release(f)
             if batch:
                 await sink.put(batch, checkpoint=self.checkpoint())
+
+    def _renamed(self, old: _File, info: _FileInfo) -> _File | None:
+        """A file that vanished from one path while one with its inode appeared at another
+        was renamed: keep following it (a finished one only if its size is unchanged, as
+        an inode can be reused for a new file)."""
+        if old.gz != info.gz or (old.done and old.size != info.size):
+            return None
+        log.info("source %s: %s was renamed to %s", self.name, old.path, info.path)
+        del self.files[old.path]
+        old.path = info.path
+        self.files[info.path] = old
+        return old
 
     # -- one file --------------------------------------------------------------------------
 
