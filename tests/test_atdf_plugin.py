@@ -143,6 +143,28 @@ def test_a_record_is_held_until_it_cannot_be_continued() -> None:
     assert ptr.fields["TEST_TXT"] == "VDD_A" and ptr.fields["TEST_FLG"] == 0
 
 
+def test_flag_letters_and_times_become_the_stdf_values() -> None:
+    parser = get_format("atdf").new_parser()
+    parser.feed(b"FAR:A|4|2|U\n"
+                b"WIR:1|9:5:7 3-feb-2025|255|W2\n"
+                b"PTR:7|1|2|3.5|A|AUTNX SDOHL|VDD||LH|V|1|4\n"
+                b"PTR:7|1|2||||\n"
+                b"FTR:9|1|2|F|T|pat|ts1|100|2|1|5\n"
+                b"PRR:1|2|P7|3||5|5|1|2|I|Y|40\n")
+    _far, wir, ptr, empty, ftr, prr = parser.close()
+    assert wir.fields["START_T"] == 1738573507 and wir.fields["WAFER_ID"] == "W2"
+    assert ptr.fields["TEST_FLG"] == 0x01 | 0x04 | 0x08 | 0x10 | 0x20
+    assert ptr.fields["PARM_FLG"] == 0x1F | 0x20 | 0x40 | 0x80  # alarms, alternate, L/H
+    assert ptr.fields["OPT_FLAG"] == 0x02 | 0x01 | 0x04 | 0x08  # no scale, no spec limits
+    assert (ptr.fields["LO_LIMIT"], ptr.fields["HI_LIMIT"], ptr.fields["UNITS"]) == (1, 4, "V")
+    assert empty.fields["TEST_FLG"] == 0x40 | 0x02  # no pass/fail indication, no result
+    assert (ftr.fields["TEST_FLG"], ftr.fields["NUM_FAIL"], ftr.fields["VECT_NAM"]) == (
+        0x80 | 0x08, 5, "pat")
+    assert ftr.fields["OPT_FLAG"] == 0x10 | 0x20  # no X/Y fail address, no vector offset
+    assert prr.fields["PART_FLG"] == 0x10 | 0x01 | 0x04  # no P/F, supersedes by id, abort
+    assert (prr.fields["TEST_T"], prr.fields["SOFT_BIN"]) == (40, 5)
+
+
 def test_corrupt_atdf_is_a_format_error_with_the_offset() -> None:
     parser = get_format("atdf").new_parser()
     parser.feed(b"FAR:A|4|2|U\nPIR:1|1\nPTR:1|1|1|abc|P\nPIR:1|1\n")

@@ -16,7 +16,9 @@ lines before that), or at ``close()``; MRR, the last record of a file, is comple
 end of its line.
 
 Covered record types (the ones a live monitor needs): FAR, ATR, MIR, MRR, PCR, HBR, SBR,
-SDR, WIR, WRR, WCR, PIR, PRR, TSR, PTR, FTR (without its pin/index arrays), BPS, EPS, DTR.
+SDR, WIR, WRR, WCR, PIR, PRR, TSR, PTR, FTR (without its pin/index arrays), BPS, EPS, DTR;
+field orders and flag letters as in the ATDF specification (and Semi-ATE STDF's ATDF
+output).
 Other valid record names (PMR, PGR, PLR, RDR, MPR, GDR, ...) are skipped and counted in
 ``skipped``.  Values are taken as written (the FAR scaling flag is not applied).
 """
@@ -92,20 +94,23 @@ _LAYOUT: dict[str, tuple[tuple[str, str], ...]] = {
     "FTR": (("TEST_NUM", _I), ("HEAD_NUM", _I), ("SITE_NUM", _I), ("_PASS_FAIL", _S),
             ("_ALARMS", _S), ("VECT_NAM", _S), ("TIME_SET", _S), ("CYCL_CNT", _I),
             ("REL_VADR", _I), ("REPT_CNT", _I), ("NUM_FAIL", _I), ("XFAIL_AD", _I),
-            ("YFAIL_AD", _I), ("VECT_OFF", _I), ("_RTN", _S), ("_PGM", _S), ("_FAIL_PIN", _S),
+            ("YFAIL_AD", _I), ("VECT_OFF", _I), ("_RTN_INDX", _S), ("_RTN_STAT", _S),
+            ("_PGM_INDX", _S), ("_PGM_STAT", _S), ("_FAIL_PIN", _S),
             ("OP_CODE", _S), ("TEST_TXT", _S), ("ALARM_ID", _S), ("PROG_TXT", _S),
-            ("RSLT_TXT", _S), ("PATG_NUM", _I)),
+            ("RSLT_TXT", _S), ("PATG_NUM", _I), ("_SPIN_MAP", _S)),
     "BPS": (("SEQ_NAME", _S),),
     "EPS": (),
     "DTR": (("TEXT_DAT", _S),),
 }
 
-#: alarm-flag letters -> TEST_FLG bits (PTR/FTR)
-_TEST_FLAG_LETTERS = {"A": 0x01, "D": 0x02, "N": 0x04, "T": 0x08, "U": 0x10, "X": 0x20}
-#: alarm-flag letters -> PARM_FLG bits (PTR): scale error, drift, oscillation, high, low
-_PARM_FLAG_LETTERS = {"S": 0x01, "R": 0x02, "O": 0x04, "H": 0x08, "L": 0x10}
+#: alarm-flag letters -> TEST_FLG bits (PTR/FTR): alarm, unreliable, timeout, not executed,
+#: aborted (TEST_FLG bit 1 "result invalid" has no letter: the result field is empty)
+_TEST_FLAG_LETTERS = {"A": 0x01, "U": 0x04, "T": 0x08, "N": 0x10, "X": 0x20}
+#: alarm-flag letters -> PARM_FLG bits (PTR): scale error, drift, oscillation, higher than
+#: the high limit, lower than the low limit
+_PARM_FLAG_LETTERS = {"S": 0x01, "D": 0x02, "O": 0x04, "H": 0x08, "L": 0x10}
 _MONTHS = {m.upper(): i for i, m in enumerate(calendar.month_abbr) if m}
-_TIME = re.compile(r"\s*(\d{1,2}):(\d\d):(\d\d)\s+(\d{1,2})-([A-Za-z]{3})-(\d{4})\s*$")
+_TIME = re.compile(r"\s*(\d{1,2}):(\d{1,2}):(\d{1,2})\s+(\d{1,2})-([A-Za-z]{3})-(\d{4})\s*$")
 _NAME = re.compile(rb"[A-Z]{3}:")
 
 
@@ -181,7 +186,8 @@ def _post_ptr(f: dict[str, Any]) -> None:
 
 def _post_ftr(f: dict[str, Any]) -> None:
     _test_flags(f, parametric=False)
-    for name in ("_RTN", "_PGM", "_FAIL_PIN"):
+    # the pin/index arrays are not converted (a live monitor does not use them)
+    for name in ("_RTN_INDX", "_RTN_STAT", "_PGM_INDX", "_PGM_STAT", "_FAIL_PIN", "_SPIN_MAP"):
         f.pop(name, None)
     opt = 0
     for names, bit in ((("CYCL_CNT",), 0x01), (("REL_VADR",), 0x02), (("REPT_CNT",), 0x04),
