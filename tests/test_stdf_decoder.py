@@ -313,3 +313,32 @@ def test_compiled_decoders_agree_with_the_generic_one_wherever_rec_len_cuts(
         got = decode(stream_bytes)[1]
         readers = decoder_table(order).readers
         assert got.fields == decode_generic(spec, readers, stream_bytes, 10, 10 + keep)
+
+
+def test_the_ptr_tail_memo_changes_nothing_but_speed() -> None:
+    """Repeated PTR tails (everything from OPT_FLAG on) decode the same with the memo on,
+    off, and when the memo overflows and is cleared."""
+    from edgegw.stdf.decoder import MEMO_SIZE, set_tail_memo
+
+    w = StdfWriter(">")
+    head = {"HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0, "PARM_FLG": 0, "TEST_TXT": "t",
+            "ALARM_ID": ""}
+    tail = {"OPT_FLAG": 2, "RES_SCAL": 0, "LLM_SCAL": 0, "HLM_SCAL": 0, "LO_LIMIT": 1.0,
+            "HI_LIMIT": 2.0, "UNITS": "V", "C_RESFMT": "%f", "C_LLMFMT": "", "C_HLMFMT": "",
+            "LO_SPEC": 0.5, "HI_SPEC": 2.5}
+    names = list(tail)
+    data = w.encode("FAR", {})
+    for i in range(300):
+        kept = {k: tail[k] for k in names[:1 + i % len(names)]}  # every tail length
+        kept["LO_LIMIT" if "LO_LIMIT" in kept else "OPT_FLAG"] = (
+            float(i % 7) if "LO_LIMIT" in kept else i % 3)
+        data += w.encode("PTR", {"TEST_NUM": i % 5, **head, "RESULT": float(i), **kept})
+    try:
+        results = []
+        for size in (MEMO_SIZE, 0, 3):
+            set_tail_memo(size)
+            results.append(as_pairs(decode(data)))
+    finally:
+        set_tail_memo(MEMO_SIZE)
+    assert results[0] == results[1] == results[2]
+    assert len(results[0]) == 301

@@ -241,6 +241,38 @@ def _segments(fields: tuple[Field, ...]) -> list[list[int]]:
     return segs
 
 
+#: PTR: the fields from OPT_FLAG on are the test's semi-static information (limits,
+#: scales, units, formats).  Testers that do not truncate PTRs repeat the same bytes
+#: there for every result of a test, so the decoded values of the last MEMO_SIZE
+#: distinct tails are kept, keyed by their bytes: a repeat costs one slice and one dict
+#: lookup instead of decoding ten fields.  The values are immutable (int, float, str).
+MEMO_FROM = {"PTR": 8}
+MEMO_SIZE = 4096
+
+
+def _memo() -> tuple[Callable[[bytes], tuple | None], Callable[[bytes, tuple], None]]:
+    memo: dict[bytes, tuple] = {}
+
+    def put(tail: bytes, values: tuple) -> None:
+        if len(memo) >= MEMO_SIZE:
+            memo.clear()  # bounded: memory stays flat on files whose tails never repeat
+        memo[tail] = values
+
+    return memo.get, put
+
+
+def set_tail_memo(size: int) -> None:
+    """Set how many distinct PTR tails are remembered (0 turns the memo off); the
+    compiled decoders are rebuilt on next use.  For benchmarks and tests."""
+    global MEMO_SIZE
+    MEMO_SIZE = size
+    _TABLES.clear()
+
+
+def literal_plain(fields: tuple[Field, ...], n: int) -> str:
+    return "{" + ", ".join(f"{fields[i].name!r}: f{i}" for i in range(n)) + "}"
+
+
 def _cn_run(fields: tuple[Field, ...], start: int) -> list[int]:
     """Indexes of the consecutive plain C*n fields from ``start`` on."""
     run = []
@@ -289,13 +321,31 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
     ns.update({"_Short": _Short, "_chr": chr, "Bits": Bits, "_bn": _read_bn, "_r": readers})
     lines: list[str] = []
 
+    memo_from = MEMO_FROM.get(spec.name, -1) if optimistic and MEMO_SIZE else -1
+
     def literal(n: int) -> str:
-        return ret.format("{" + ", ".join(f"{fields[i].name!r}: f{i}" for i in range(n)) + "}")
+        out = ret.format("{" + ", ".join(f"{fields[i].name!r}: f{i}" for i in range(n)) + "}")
+        if 0 <= memo_from < n:
+            tail = ", ".join(f"f{i}" for i in range(memo_from, n))
+            out = f"_memo_put(tail, ({tail},)); {out}"
+        return out
 
     skip: set[int] = set()  # C*n fields read together with the run before them
     for k, seg in enumerate(_segments(fields)):
         first = seg[0]
         f = fields[first]
+        if first == memo_from:
+            ns["_memo_get"], ns["_memo_put"] = _memo()
+            lines.append(f"{ind}if p >= end: {literal(first)}")
+            lines.append(f"{ind}tail = buf[p:end]")
+            lines.append(f"{ind}hit = _memo_get(tail)")
+            lines.append(f"{ind}if hit is not None:")
+            lines.append(f"{ind}  k = len(hit)")
+            for n in range(len(fields), memo_from, -1):
+                names = ", ".join(f"f{i}" for i in range(memo_from, n))
+                lines.append(f"{ind}  if k == {n - memo_from}:")
+                lines.append(f"{ind}    {names}, = hit")
+                lines.append(f"{ind}    {ret.format(literal_plain(fields, n))}")
         if f.count is None and f.type in _SIZES:
             size = sum(_SIZES[fields[i].type] for i in seg)
             names = ", ".join(f"f{i}" for i in seg)
