@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,7 @@ def test_dump_prints_one_valid_json_object_per_record(tmp_path: Path,
                                         "PRR", "PRR", "PIR", "PRR", "GDR", "WRR", "HBR", "MRR"]
     ptr = objs[5]
     assert ptr["TEST_NUM"] == 1 and ptr["RESULT"] == "nan" and ptr["LO_LIMIT"] == "-inf"
+    assert ptr["HI_LIMIT"] == 1.0
     assert objs[6]["FAIL_PIN"] == {"bits": 4, "hex": "05"}
     assert objs[7]["PART_FIX"] == "ab" and objs[7]["PART_ID"] == "1"
     assert objs[11]["GEN_DATA"] == [[10, "x"], [0, None], [11, "0102"]]
@@ -145,3 +147,18 @@ def test_the_installed_command_exits_1_without_a_traceback(tmp_path: Path) -> No
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and "not STDF" in proc.stderr
+
+
+def test_r4_values_print_as_the_shortest_decimal_of_the_same_float32(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    w = StdfWriter("<")
+    path = tmp_path / "f.stdf"
+    path.write_bytes(w.encode("FAR", {}) + w.encode("PTR", {
+        "TEST_NUM": 1, "HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0, "PARM_FLG": 0,
+        "RESULT": 0.1, "TEST_TXT": "", "ALARM_ID": "", "OPT_FLAG": 0, "RES_SCAL": 0,
+        "LLM_SCAL": 0, "HLM_SCAL": 0, "LO_LIMIT": -0.9, "HI_LIMIT": 3.4e38}))
+    status, out, _ = run(capsys, "stdf", "dump", "--rec", "PTR", str(path))
+    ptr = json.loads(out)
+    assert status == 0
+    assert (ptr["RESULT"], ptr["LO_LIMIT"], ptr["HI_LIMIT"]) == (0.1, -0.9, 3.4e38)
+    assert struct.pack("<f", ptr["RESULT"]) == struct.pack("<f", 0.1)

@@ -1,7 +1,8 @@
 """``edgegw stdf dump FILE`` and ``edgegw stdf stats FILE``: inspect an STDF file.
 
 ``dump`` prints one JSON object per record, ``{"rec": "PTR", "TEST_NUM": ..., ...}``
-with the spec's field names (bytes as hex, D*n as ``{"bits": n, "hex": ...}``, GDR data
+with the spec's field names (R*4 values as the shortest decimal that is the same
+float32, bytes as hex, D*n as ``{"bits": n, "hex": ...}``, GDR data
 as ``[type_code, value]`` pairs, NaN and infinities as the strings "nan", "inf", "-inf").
 ``stats`` prints one JSON object: record counts by type, parts, good parts, counts per
 hard and soft bin, per site (retests counted once), and the file's own HBR/SBR/PCR.
@@ -15,13 +16,14 @@ import argparse
 import gzip
 import json
 import math
+import struct
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from .decoder import StdfDecoder, StdfError, StdfRecord
-from .spec import Bits
+from .spec import BY_NAME, Bits
 from .stats import StdfStats
 
 CHUNK = 1 << 20
@@ -74,6 +76,26 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+_F32 = struct.Struct("<f")
+
+
+def short_r4(value: float) -> float:
+    """The shortest decimal that reads back as the same float32 (-0.9, not
+    -0.8999999761581421): R*4 fields print as the tester meant them."""
+    if not math.isfinite(value):
+        return value
+    for digits in range(6, 10):
+        candidate = float(f"{value:.{digits}g}")
+        if _F32.unpack(_F32.pack(candidate))[0] == value:
+            return candidate
+    return value
+
+
+def _r4_fields(name: str) -> frozenset[str]:
+    spec = BY_NAME.get(name)
+    return frozenset(f.name for f in spec.fields if f.type == "R4") if spec else frozenset()
+
+
 def _fail(path: Path, message: str) -> int:
     print(f"edgegw stdf: {path}: {message}", file=sys.stderr)
     return 1
@@ -102,6 +124,7 @@ def _run(args: argparse.Namespace, each: Any) -> int:
 def run_dump(args: argparse.Namespace) -> int:
     wanted = {name.upper() for name in args.rec}
     write = sys.stdout.write
+    r4_by_name: dict[str, frozenset[str]] = {}
 
     def each(rec: StdfRecord) -> None:
         if wanted and rec.name not in wanted:
@@ -109,7 +132,15 @@ def run_dump(args: argparse.Namespace) -> int:
         obj: dict[str, Any] = {"rec": rec.name}
         if args.offset:
             obj["_offset"] = rec.offset
+        r4 = r4_by_name.get(rec.name)
+        if r4 is None:
+            r4 = r4_by_name[rec.name] = _r4_fields(rec.name)
         for key, value in rec.fields.items():
+            if key in r4:
+                value = [short_r4(v) for v in value] if isinstance(value, list) else \
+                    short_r4(value)
+            elif key == "GEN_DATA":
+                value = [(c, short_r4(v) if c == 7 else v) for c, v in value]
             obj[key] = jsonable(value)
         write(json.dumps(obj, allow_nan=False) + "\n")
 
