@@ -36,7 +36,7 @@ from ..records import (
     WaferStart,
 )
 from . import TestState
-from .state import part_passed, part_supersedes, test_passed
+from .state import part_passed, part_supersedes, result_passed
 
 MISSING_COORD = -32768
 MISSING_SOFT_BIN = 65535
@@ -180,7 +180,7 @@ class RecordMapper:
         value = None if flg & 0x02 else f.get("RESULT")
         self._result(head, site, ParametricResult(
             self.source, now, self.lot_id, head, site, "", num, self._text_of(num, f), value,
-            f["LO_LIMIT"], f["HI_LIMIT"], f.get("UNITS", "") or "", test_passed(flg), flg,
+            f["LO_LIMIT"], f["HI_LIMIT"], f.get("UNITS", "") or "", result_passed(flg), flg,
             f.get("PARM_FLG", 0)), out)
 
     def _mpr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
@@ -192,7 +192,7 @@ class RecordMapper:
         self._result(head, site, MultiPinResult(
             self.source, now, self.lot_id, head, site, "", num, self._text_of(num, f),
             list(f.get("RTN_RSLT") or []), f["LO_LIMIT"], f["HI_LIMIT"],
-            f.get("UNITS", "") or "", test_passed(flg), flg, f.get("PARM_FLG", 0)), out)
+            f.get("UNITS", "") or "", result_passed(flg), flg, f.get("PARM_FLG", 0)), out)
 
     def _ftr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
         head = f.get("HEAD_NUM", 1)
@@ -204,7 +204,7 @@ class RecordMapper:
         fails = None if opt is None or opt & 0x08 else f.get("NUM_FAIL")
         self._result(head, site, FunctionalResult(
             self.source, now, self.lot_id, head, site, "", num, self._text_of(num, f),
-            test_passed(flg), flg, fails), out)
+            result_passed(flg), flg, fails), out)
 
     # -- the tester's own summaries --------------------------------------------------------
 
