@@ -1,12 +1,16 @@
 """Sans-IO incremental STDF V4 decoder: bytes in (any chunking), decoded records out.
 
-Speed comes from compiling, once per record type and byte order, a specialised Python
-function from the spec table (:mod:`edgegw.stdf.spec`): runs of fixed-size fields are read
-by one precompiled ``struct.Struct.unpack_from`` and the result dict is built by a single
-dict literal, so there is no per-field dispatch on the common path.  Records whose fields
-stop early (optional trailing fields omitted, REC_LEN shorter than a field) return the
-fields present so far; a field cut in the middle sends the record through a generic
-field-by-field decoder, which is also the reference the fast path must agree with.
+Speed comes from generating Python source, once per record type and byte order, from the
+spec table (:mod:`edgegw.stdf.spec`): runs of fixed-size fields are read by one
+precompiled ``struct.Struct.unpack_from`` (which also reads the length byte of a C*n
+that follows), C*n fields are slices of a latin-1 view of the buffer, and the result dict
+is one dict literal, so there is no per-field dispatch on the common path.  The record
+loop is generated too, with the bulk types (PTR, PIR, PRR, MPR, FTR) decoded inline.
+Records whose fields stop early (optional trailing fields omitted) return the fields
+present so far.  Each type has three decoders: an optimistic one (one bound check per
+run of C*n fields, the PTR tail memo), a careful one (a check per field) it falls back
+to, and the generic field-by-field one, which is the reference the others are tested
+against and handles a field cut in its middle.
 
 Framing rules:
 
@@ -246,7 +250,7 @@ def _segments(fields: tuple[Field, ...]) -> list[list[int]]:
 #: there for every result of a test, so the decoded values of the last MEMO_SIZE
 #: distinct tails are kept, keyed by their bytes: a repeat costs one slice and one dict
 #: lookup instead of decoding ten fields.  The values are immutable (int, float, str).
-MEMO_FROM = {"PTR": 8}
+MEMO_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("OPT_FLAG")}
 MEMO_SIZE = 4096
 
 
@@ -269,7 +273,8 @@ def set_tail_memo(size: int) -> None:
     _TABLES.clear()
 
 
-def literal_plain(fields: tuple[Field, ...], n: int) -> str:
+def _literal(fields: tuple[Field, ...], n: int) -> str:
+    """Source of the dict literal of the first ``n`` fields (values in locals f0, f1...)."""
     return "{" + ", ".join(f"{fields[i].name!r}: f{i}" for i in range(n)) + "}"
 
 
@@ -324,7 +329,7 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
     memo_from = MEMO_FROM.get(spec.name, -1) if optimistic and MEMO_SIZE else -1
 
     def literal(n: int) -> str:
-        out = ret.format("{" + ", ".join(f"{fields[i].name!r}: f{i}" for i in range(n)) + "}")
+        out = ret.format(_literal(fields, n))
         if 0 <= memo_from < n:
             tail = ", ".join(f"f{i}" for i in range(memo_from, n))
             out = f"_memo_put(tail, ({tail},)); {out}"
@@ -345,7 +350,7 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                 names = ", ".join(f"f{i}" for i in range(memo_from, n))
                 lines.append(f"{ind}  if k == {n - memo_from}:")
                 lines.append(f"{ind}    {names}, = hit")
-                lines.append(f"{ind}    {ret.format(literal_plain(fields, n))}")
+                lines.append(f"{ind}    {ret.format(_literal(fields, n))}")
         if f.count is None and f.type in _SIZES:
             size = sum(_SIZES[fields[i].type] for i in seg)
             names = ", ".join(f"f{i}" for i in seg)
