@@ -15,24 +15,35 @@ from edgegw.hub.live_protocol import (
     Client,
     LiveConfig,
     LiveHub,
-    apply_patch,
     coalesce,
-    compose_patches,
+    compose_deltas,
     pattern_error,
     topic_matches,
 )
 from edgegw.metrics import Metrics
 
 
+def apply_delta(state: dict[str, Any] | None, delta: dict[str, Any]) -> dict[str, Any]:
+    """What a dashboard does with a delta (docs/live-topics.md): keys replace, except the
+    list keys that add (dies, append) and events, which accumulate."""
+    out = dict(state or {})
+    for key, value in delta.items():
+        if key in ("dies", "append", "event"):
+            out[key] = [*out.get(key, []), *(value if key != "event" else [value])]
+        else:
+            out[key] = value
+    return out
+
+
 class DictState:
-    """A minimal live state: topic -> dict, changed by merge patches it also publishes."""
+    """A minimal live state: topic -> dict, changed by the deltas it also publishes."""
 
     def __init__(self) -> None:
         self.state: dict[str, dict[str, Any]] = {}
         self.hub: LiveHub | None = None
 
     def change(self, topic: str, delta: dict[str, Any], ts: float | None = None) -> None:
-        self.state[topic] = apply_patch(self.state.get(topic, {}), delta)
+        self.state[topic] = apply_delta(self.state.get(topic, {}), delta)
         assert self.hub is not None
         self.hub.publish(topic, delta, ts)
 
@@ -85,7 +96,7 @@ class Viewer:
         else:
             assert self.offsets[topic] == item["from"], "a gap would be silent here"
             for patch in item["data"]:
-                self.views[topic] = apply_patch(self.views[topic], patch)
+                self.views[topic] = apply_delta(self.views[topic], patch)
         self.offsets[topic] = item["offset"]
 
     def items(self) -> list[dict[str, Any]]:
@@ -122,21 +133,24 @@ def test_invalid_patterns_are_named(pattern: object) -> None:
     assert pattern_error(pattern) is not None
 
 
-def test_composed_merge_patches_equal_applying_them_in_turn() -> None:
-    target = {"a": 1, "b": {"c": 2, "d": 3}, "e": {"f": 1}}
-    patches = [{"b": {"c": 5}}, {"b": {"d": None}, "g": 1}, {"a": None},
-               {"e": 7}, {"e": {"h": 1}}, {"b": {"x": {"y": 1}}}]
+def test_composed_deltas_equal_applying_them_in_turn() -> None:
+    target = {"good": 1, "dies": [[0, 0, 1, 1, True, 0]], "history": []}
+    deltas = [{"good": 2, "dies": [[1, 0, 1, 1, True, 1]]}, {"status": "open"},
+              {"good": 3, "dies": [[2, 0, 5, 20, False, 2]], "append": [[1.0, 2.0]]},
+              {"event": {"kind": "connected"}}, {"event": {"kind": "disconnected"}},
+              {"append": [[2.0, 3.0]]}]
     sequential = target
-    for p in patches:
-        sequential = apply_patch(sequential, p)
+    for d in deltas:
+        sequential = apply_delta(sequential, d)
+    merged = coalesce(deltas)
+    assert len(merged) == 2  # two events never merge into one
     composed = target
-    merged = coalesce(patches)
-    assert len(merged) == 2  # 'e' set to a scalar then merged into cannot be one patch
-    for p in merged:
-        composed = apply_patch(composed, p)
+    for d in merged:
+        composed = apply_delta(composed, d)
     assert composed == sequential
-    assert compose_patches({"k": 1}, {"k": {"z": 1}}) is None
-    assert patches[0] == {"b": {"c": 5}}  # inputs untouched
+    assert merged[0]["dies"] == [[1, 0, 1, 1, True, 1], [2, 0, 5, 20, False, 2]]
+    assert compose_deltas({"event": 1}, {"event": 2}) is None
+    assert deltas[0] == {"good": 2, "dies": [[1, 0, 1, 1, True, 1]]}  # inputs untouched
 
 
 # --------------------------------------------------------------------------- flow
@@ -144,7 +158,7 @@ def test_composed_merge_patches_equal_applying_them_in_turn() -> None:
 
 def test_subscription_starts_with_a_snapshot_then_coalesced_deltas() -> None:
     state, hub = make_hub()
-    state.change("lot/L1/wafer/1", {"dies": {"0,0": [0, 0, 1, 1, True, 0]}, "good": 1})
+    state.change("lot/L1/wafer/1", {"dies": [[0, 0, 1, 1, True, 0]], "good": 1})
     state.change("lot/L1", {"parts": 1})
     viewer = Viewer(hub)
     viewer.send({"type": "subscribe", "id": 1, "topics": ["lot/+/wafer/+"]})
@@ -160,14 +174,14 @@ def test_subscription_starts_with_a_snapshot_then_coalesced_deltas() -> None:
     assert snap["offset"] == 1 and snap["epoch"] == "E1" and "resync" not in snap
 
     for i in range(1, 50):
-        state.change("lot/L1/wafer/1", {"dies": {f"{i},0": [i, 0, 1, 1, True, i % 4]},
+        state.change("lot/L1/wafer/1", {"dies": [[i, 0, 1, 1, True, i % 4]],
                                         "good": i + 1}, ts=999.0 + i / 100)
         state.change("lot/L1", {"parts": i + 1})  # not subscribed: never sent
     hub.tick(0.10, 1000.05)
     [batch] = viewer.drain()
     [delta] = batch["items"]
     assert delta["type"] == "delta" and delta["from"] == 1 and delta["offset"] == 50
-    assert delta["n"] == 49 and len(delta["data"]) == 1  # 49 deltas, one composed patch
+    assert delta["n"] == 49 and len(delta["data"]) == 1  # 49 deltas, composed into one
     assert delta["ts"] == [999.01, 999.49]
     assert viewer.views["lot/L1/wafer/1"] == state.state["lot/L1/wafer/1"]
     assert "lot/L1" not in viewer.views
@@ -182,7 +196,7 @@ def test_a_channel_created_later_reaches_pattern_subscribers_with_a_snapshot() -
     viewer.send({"type": "subscribe", "id": 1, "topics": ["gateway/ate-07/#", "alert/#"]})
     state.change("gateway/ate-07", {"online": True})
     state.change("gateway/ate-08", {"online": True})
-    state.change("alert/P0/yield_low", {"events": {"1": {"state": "raised"}}})
+    state.change("alert/P0/yield_low", {"event": {"state": "raised"}})
     hub.tick(0.05, 1.0)
     viewer.drain()
     assert set(viewer.views) == {"gateway/ate-07", "alert/P0/yield_low"}
@@ -322,7 +336,7 @@ def test_a_slow_alert_subscriber_is_closed_too_slow_and_others_keep_their_rate()
     slow.drain()
     closed: list[Client] = []
     for t in range(1, 21):
-        state.change("alert/P1/sensor_range", {"events": {str(t): {"state": "raised"}}})
+        state.change("alert/P1/sensor_range", {"event": {"n": t, "state": "raised"}})
         woken, to_close = hub.tick(t / 20, t / 20)
         closed += to_close
         fast.drain(t / 20)

@@ -12,7 +12,8 @@ The ideas, taken from the real-time hubs that work (Centrifugo, Phoenix, Mercure
   of its recent deltas.  A client that resubscribes with ``(epoch, offset)`` gets exactly the
   deltas it missed, or a fresh snapshot marked ``resync`` with the reason -- never a silent gap.
 * **Coalescing**: deltas are not sent as they come but collected and sent once per UI tick
-  (default 20/s); consecutive merge patches of one channel are composed into one.
+  (default 20/s); consecutive deltas of one channel are composed into one where their
+  shape allows it (``compose_deltas``).
 * **Encode once, write many**: one tick's item for a channel is encoded once per encoding and
   shared by every subscriber that is in step; a whole frame whose items are all shared is
   built (and WebSocket-framed, through ``prepare``) once for every client that gets the same
@@ -126,49 +127,49 @@ def topic_matches(pattern: str, topic: str) -> bool:
 # --------------------------------------------------------------------------- deltas
 
 
-def compose_patches(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any] | None:
-    """One merge patch (RFC 7386) equal to applying ``first`` then ``second``, or None when
-    no single merge patch says the same (``first`` sets a key to a non-object that
-    ``second`` then merges an object into).  Neither argument is modified."""
+# How the live state's deltas combine (``docs/live-topics.md``): a delta's keys replace the
+# same keys of the topic's state, except list keys that *add* to it -- wafer ``dies`` (rows
+# upserted by X/Y, in order) and sensor ``append`` (history points) -- and ``event`` keys,
+# of which each one is an event of its own (a gateway's connect/disconnect).
+CONCAT_KEYS = frozenset({"dies", "append"})
+EVENT_KEYS = frozenset({"event"})
+
+
+def compose_deltas(
+    first: dict[str, Any],
+    second: dict[str, Any],
+    concat_keys: frozenset[str] = CONCAT_KEYS,
+    event_keys: frozenset[str] = EVENT_KEYS,
+) -> dict[str, Any] | None:
+    """One delta equal to applying ``first`` then ``second``, or None when there is none
+    (both carry an event).  Neither argument is modified."""
     out = dict(first)
     for key, value in second.items():
-        if isinstance(value, dict) and key in out:
-            before = out[key]
-            if not isinstance(before, dict):
+        if key in out:
+            if key in event_keys:
                 return None
-            inner = compose_patches(before, value)
-            if inner is None:
-                return None
-            out[key] = inner
-        else:
-            out[key] = value
+            if key in concat_keys and isinstance(value, list) and isinstance(out[key], list):
+                out[key] = out[key] + value
+                continue
+        out[key] = value
     return out
 
 
-def coalesce(deltas: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Consecutive merge patches composed into as few as say exactly the same."""
+def coalesce(
+    deltas: Iterable[dict[str, Any]],
+    concat_keys: frozenset[str] = CONCAT_KEYS,
+    event_keys: frozenset[str] = EVENT_KEYS,
+) -> list[dict[str, Any]]:
+    """Consecutive deltas of one channel composed into as few as say exactly the same."""
     out: list[dict[str, Any]] = []
     for delta in deltas:
         if out:
-            merged = compose_patches(out[-1], delta)
+            merged = compose_deltas(out[-1], delta, concat_keys, event_keys)
             if merged is not None:
                 out[-1] = merged
                 continue
         out.append(delta)
     return out
-
-
-def apply_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 merge patch: what a client does with each delta (used by tests and tools)."""
-    if not isinstance(patch, dict):
-        return patch
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = apply_patch(result.get(key), value)
-    return result
 
 
 # --------------------------------------------------------------------------- encoding
@@ -623,7 +624,8 @@ class LiveHub:
         # 1. One shared item per dirty channel: the deltas of this tick, coalesced.
         shared: dict[str, tuple[int, Item]] = {}
         for channel in self._dirty:
-            deltas = coalesce(channel.pending)
+            # Alert channels are event streams: their deltas are sent as they are, in order.
+            deltas = list(channel.pending) if channel.event_like else coalesce(channel.pending)
             message: dict[str, Any] = {
                 "type": "delta", "topic": channel.topic, "epoch": self.epoch,
                 "from": channel.pending_from, "offset": channel.offset, "data": deltas,
@@ -726,7 +728,8 @@ class LiveHub:
                         item = cache[key] = Item(key, {
                             "type": "delta", "topic": topic, "epoch": self.epoch,
                             "from": position, "offset": channel.offset,
-                            "data": coalesce(deltas), "n": len(deltas),
+                            "data": deltas if channel.event_like else coalesce(deltas),
+                            "n": len(deltas),
                         })
                 if item is not None:
                     items.append(item)
