@@ -1,0 +1,34 @@
+"""Exponential backoff with full jitter, sans-IO.
+
+Each delay is drawn uniformly from [0, min(maximum, initial * multiplier**attempt)]
+("full jitter"): a floor of gateways that lost the hub at the same moment does not come
+back at the same moment.
+"""
+
+from __future__ import annotations
+
+import random
+
+
+class Backoff:
+    def __init__(self, initial: float, maximum: float, multiplier: float = 2.0,
+                 rng: random.Random | None = None) -> None:
+        if initial <= 0 or maximum < initial or multiplier < 1:
+            raise ValueError("need 0 < initial <= maximum and multiplier >= 1")
+        self.initial = initial
+        self.maximum = maximum
+        self.multiplier = multiplier
+        self.rng = rng or random.Random()
+        self.attempt = 0
+
+    def cap(self) -> float:
+        """The upper bound of the next delay."""
+        return min(self.maximum, self.initial * self.multiplier ** min(self.attempt, 64))
+
+    def next_delay(self) -> float:
+        delay = self.rng.uniform(0, self.cap())
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
