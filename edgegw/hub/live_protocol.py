@@ -67,7 +67,8 @@ class LiveConfig:
     queue_frames: int = 64  # unsent frames a client may have queued before it is "too slow"
     history: int = 4096  # deltas kept per channel for resume
     max_patterns: int = 256  # subscriptions per client
-    stall_timeout: float = 30.0  # a state-only client that sends nothing for this long is closed
+    stall_timeout: float = 30.0  # a client whose writes make no progress this long is closed
+    close_grace: float = 5.0  # a closed slow client's write in progress may finish this long
     event_prefixes: tuple[str, ...] = ("alert/",)  # channels where every event matters
 
     def validate(self) -> list[tuple[str, str]]:
@@ -82,6 +83,8 @@ class LiveConfig:
             errors.append(("max_patterns", "must be >= 1"))
         if self.stall_timeout <= 0:
             errors.append(("stall_timeout", "must be > 0"))
+        if self.close_grace < 0:
+            errors.append(("close_grace", "must be >= 0"))
         return errors
 
 
@@ -612,6 +615,7 @@ class LiveHub:
         client.closed = True
         client.close_code = CLOSE_TOO_SLOW
         client.close_reason = reason
+        client.queue.clear()
         self._m_slow.inc(action="closed")
 
     # ----------------------------------------------------------------- the tick
