@@ -26,8 +26,10 @@ Invariants worth knowing before reading the code:
   after a restart costs the same per record as live data.
 * **Bounded.**  At most ``max_lots`` lots are live; the least recently updated (closed
   lots first) is evicted from memory (it stays in the hub's store) and records arriving
-  later for an evicted lot are counted and ignored.  Sensor history and per-gateway event
-  lists are bounded deques; per test only running sums are kept (Welford).
+  later for an evicted lot are counted and ignored.  ``on_evict`` receives the evicted
+  lot's full figures (``lot_archive``) so the history API can still serve them.  Sensor
+  history and per-gateway event lists are bounded deques; per test only running sums are
+  kept (Welford).
 * One delta per changed topic per ``on_records`` call: a batch of 2,000 parts on one
   wafer publishes one wafer delta with the changed dies, not 2,000.
 """
@@ -440,10 +442,12 @@ class LiveState:
         max_lots: int = 16,
         sensor_history: int = 120,
         metrics: Metrics | None = None,
+        on_evict: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         if max_lots < 1:
             raise ValueError("max_lots must be at least 1")
         self._publish = publish
+        self._on_evict = on_evict
         self.alerts = alerts
         self._clock = clock
         self.max_lots = max_lots
@@ -603,6 +607,8 @@ class LiveState:
         self.evicted.append(victim.lot_id)
         self._evicted_set.add(victim.lot_id)
         self._m_evicted.inc()
+        if self._on_evict is not None:
+            self._on_evict(victim.lot_id, lot_archive(victim))
         self._publish(victim.topic, {"status": "evicted"})
 
     def _wafer(self, lot: LotState, wafer_id: str) -> WaferState:
@@ -864,6 +870,16 @@ class LiveState:
             for stats in batch.tests:
                 if stats.lot_id in self.lots:
                     self.alerts.evaluate_test(stats, ts, now)
+
+
+def lot_archive(lot: LotState) -> dict[str, Any]:
+    """Everything the history API serves about a lot, as plain JSON-able data: its summary,
+    every wafer's map and counts, every test's statistics."""
+    return {
+        "lot": lot.snapshot(),
+        "wafers": {w.wafer_id: w.snapshot() for w in lot.wafers.values()},
+        "tests": {str(t.test_num): t.snapshot() for t in lot.tests.values()},
+    }
 
 
 class _Batch:
