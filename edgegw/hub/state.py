@@ -77,6 +77,26 @@ _RATE_WINDOW_S = 10
 _GATEWAY_EVENTS = 20
 
 
+class BadRecord(ValueError):
+    """A record whose fields the live state cannot use (wrong types, over a limit)."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _opt_int(v: Any) -> bool:
+    return v is None or _is_int(v)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _opt_num(v: Any) -> bool:
+    return v is None or _is_num(v)
+
+
 def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 
@@ -440,6 +460,9 @@ class LiveState:
         alerts: AlertEngine | None = None,
         clock: Callable[[], float] = time.time,
         max_lots: int = 16,
+        max_wafers_per_lot: int = 200,
+        max_tests_per_lot: int = 20_000,
+        max_sensors: int = 5_000,
         sensor_history: int = 120,
         metrics: Metrics | None = None,
         on_evict: Callable[[str, dict[str, Any]], None] | None = None,
@@ -451,6 +474,9 @@ class LiveState:
         self.alerts = alerts
         self._clock = clock
         self.max_lots = max_lots
+        self.max_wafers_per_lot = max_wafers_per_lot
+        self.max_tests_per_lot = max_tests_per_lot
+        self.max_sensors = max_sensors
         self.sensor_history = sensor_history
         self.lots: dict[str, LotState] = {}
         self.evicted: deque[str] = deque(maxlen=1024)
@@ -467,6 +493,11 @@ class LiveState:
             "records the live state did not use, by reason (evicted lot, bad value, ...)",
         )
         self._m_evicted = metrics.counter("hub_state_lots_evicted_total", "lots evicted")
+        self._m_bad = metrics.counter(
+            "hub_state_bad_records_total", "records with fields the live state cannot use, by kind"
+        )
+        #: the latest bad record, for health pages and logs
+        self.last_error: str | None = None
 
     # ------------------------------------------------------------------ consumer API
 
@@ -491,9 +522,16 @@ class LiveState:
             if handler is None:
                 self._m_ignored.inc(reason="kind", kind=type(rec).__name__)
                 continue
-            handler(self, gateway_id, first_rid + i, rec, batch)
-            if rec.ts > batch.ts:
-                batch.ts = rec.ts
+            try:
+                handler(self, gateway_id, first_rid + i, rec, batch)
+                if rec.ts > batch.ts:
+                    batch.ts = rec.ts
+            except (BadRecord, TypeError, ValueError, AttributeError) as exc:
+                # A record the hub accepted but this state cannot use: count it, say which
+                # one, keep going -- one bad field must not stop a gateway's stream.
+                self._m_bad.inc(kind=type(rec).__name__)
+                self.last_error = (f"gateway {gateway_id} rid {first_rid + i} "
+                                   f"{type(rec).__name__}: {exc}")
         self._flush(batch, now)
 
     def on_gateway(self, gateway_id: str, connected: bool, now: float) -> None:
@@ -614,10 +652,19 @@ class LiveState:
     def _wafer(self, lot: LotState, wafer_id: str) -> WaferState:
         wafer = lot.wafers.get(wafer_id)
         if wafer is None:
+            if len(lot.wafers) >= self.max_wafers_per_lot:
+                raise BadRecord(f"lot {lot.lot_id!r} already has {len(lot.wafers)} wafers "
+                                f"(max_wafers_per_lot); wafer {wafer_id!r} not kept live")
             wafer = lot.wafers[wafer_id] = WaferState(lot.lot_id, wafer_id)
         return wafer
 
     def _on_part(self, gateway_id: str, rid: int, rec: PartResult, batch: _Batch) -> None:
+        # Checked before anything is counted, so a bad part never leaves half its counts.
+        if not (_is_int(rec.hard_bin) and _is_int(rec.site) and _opt_int(rec.x)
+                and _opt_int(rec.y) and _opt_int(rec.soft_bin) and _is_num(rec.ts)
+                and rec.passed in (True, False, None)
+                and isinstance(rec.lot_id, str) and isinstance(rec.wafer_id, str)):
+            raise BadRecord(f"part {rec.part_id!r} has a field of the wrong type: {rec!r:.200}")
         lot = self._lot(rec.lot_id, rec.ts)
         if lot is None:
             return
@@ -655,11 +702,22 @@ class LiveState:
             self.alerts.on_part(lot, wafer, rec, gateway_id, self._now)
 
     def _test(self, rec: Any, kind: str) -> TestStats | None:
+        if not (_is_int(rec.test_num) and isinstance(rec.lot_id, str) and _is_num(rec.ts)):
+            raise BadRecord(f"test result with a bad test number or lot id: {rec!r:.200}")
+        if kind != "functional" and not (
+            _opt_num(rec.lo_limit) and _opt_num(rec.hi_limit)
+            and (_opt_num(rec.value) if kind == "parametric"
+                 else isinstance(rec.values, list) and all(_opt_num(v) for v in rec.values))
+        ):
+            raise BadRecord(f"test {rec.test_num} result with a non-numeric value or limit")
         lot = self._lot(rec.lot_id, rec.ts)
         if lot is None:
             return None
         stats = lot.tests.get(rec.test_num)
         if stats is None:
+            if len(lot.tests) >= self.max_tests_per_lot:
+                self._m_ignored.inc(reason="too_many_tests")
+                return None
             stats = lot.tests[rec.test_num] = TestStats(rec.lot_id, rec.test_num, kind)
         if rec.test_txt:
             stats.test_txt = rec.test_txt
@@ -784,8 +842,16 @@ class LiveState:
 
     def _on_sensor(self, gateway_id: str, rid: int, rec: SensorWindow | SensorReading,
                    batch: _Batch) -> None:
+        values = (rec.last, rec.min, rec.max, rec.mean, rec.t0, rec.t1) \
+            if isinstance(rec, SensorWindow) else (rec.value,)
+        if not (isinstance(rec.channel, str) and _is_num(rec.ts)
+                and all(_is_num(v) for v in values)):
+            raise BadRecord(f"sensor record with a non-numeric value: {rec!r:.200}")
         sensor = self.sensors.get(rec.channel)
         if sensor is None:
+            if len(self.sensors) >= self.max_sensors:
+                self._m_ignored.inc(reason="too_many_sensors")
+                return
             sensor = self.sensors[rec.channel] = SensorState(rec.channel, self.sensor_history)
         point = sensor.add(rec)
         batch.sensors.setdefault(sensor, []).append(point)
