@@ -44,15 +44,8 @@ def _error(status: int, message: str) -> Result:
     return status, {"error": message}
 
 
-def _lot_data(state: LiveState, lot_id: str,
-              archived: dict[str, Any] | None) -> dict[str, Any] | None:
-    """``lot_archive`` shape, from memory when the lot is live, else the archive."""
-    from edgegw.hub.state import lot_archive
-
-    lot = state.lots.get(lot_id)
-    if lot is not None:
-        return lot_archive(lot)
-    return archived
+def _wafer_row(snap: dict[str, Any]) -> dict[str, Any]:
+    return {k: snap.get(k) for k in _WAFER_FIELDS}
 
 
 def lots(state: LiveState, archived: list[dict[str, Any]], params: dict[str, str]) -> Result:
@@ -76,20 +69,30 @@ def lots(state: LiveState, archived: list[dict[str, Any]], params: dict[str, str
 
 
 def wafers(state: LiveState, lot_id: str, archived: dict[str, Any] | None) -> Result:
-    data = _lot_data(state, lot_id, archived)
-    if data is None:
+    """A lot's wafers with their counts (no die maps: ask per wafer)."""
+    lot = state.lots.get(lot_id)
+    if lot is not None:
+        rows = [_wafer_row({"wafer_id": w.wafer_id, "status": w.status, "started": w.started,
+                            "ended": w.ended, "updated": w.updated, **w.tally.as_dict()})
+                for w in lot.wafers.values() if w.wafer_id]
+    elif archived is not None:
+        rows = [_wafer_row(w) for wid, w in archived["wafers"].items() if wid]
+    else:
         return _error(404, f"unknown lot {lot_id!r}")
-    rows = [{k: w.get(k) for k in _WAFER_FIELDS}
-            for wid, w in data["wafers"].items() if wid]
-    return 200, {"lot_id": lot_id, "live": lot_id in state.lots, "wafers": rows}
+    return 200, {"lot_id": lot_id, "live": lot is not None, "wafers": rows}
 
 
 def wafer(state: LiveState, lot_id: str, wafer_id: str,
           archived: dict[str, Any] | None) -> Result:
-    data = _lot_data(state, lot_id, archived)
-    if data is None:
+    """A wafer's map and counts: the live topic's snapshot."""
+    lot = state.lots.get(lot_id)
+    if lot is not None:
+        live = lot.wafers.get(wafer_id)
+        snap = live.snapshot() if live is not None else None
+    elif archived is not None:
+        snap = archived["wafers"].get(wafer_id)
+    else:
         return _error(404, f"unknown lot {lot_id!r}")
-    snap = data["wafers"].get(wafer_id)
     if snap is None:
         return _error(404, f"lot {lot_id!r} has no wafer {wafer_id!r}")
     return 200, snap
@@ -101,10 +104,14 @@ def test(state: LiveState, lot_id: str, test_num: str,
         num = int(test_num)
     except ValueError:
         return _error(400, f"test number must be an integer, got {test_num!r}")
-    data = _lot_data(state, lot_id, archived)
-    if data is None:
+    lot = state.lots.get(lot_id)
+    if lot is not None:
+        stats = lot.tests.get(num)
+        snap = stats.snapshot() if stats is not None else None
+    elif archived is not None:
+        snap = archived["tests"].get(str(num))
+    else:
         return _error(404, f"unknown lot {lot_id!r}")
-    snap = data["tests"].get(str(num))
     if snap is None:
         return _error(404, f"lot {lot_id!r} has no test {num}")
     return 200, snap
