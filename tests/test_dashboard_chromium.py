@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,14 @@ from trio_websocket import open_websocket_url
 from edgegw.config import build
 from edgegw.gateway.config import GatewayConfig
 from edgegw.gateway.service import Gateway
+from edgegw.hub.alerts import AlertEngine, AlertsConfig
 from edgegw.hub.config import HubConfig
 from edgegw.hub.dashboard import STATIC_DIR, Dashboard
 from edgegw.hub.fanout import LiveFanout
 from edgegw.hub.live_protocol import LiveConfig
 from edgegw.hub.service import Hub
 from edgegw.hub.state import LiveState
+from edgegw.records import SensorReading
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -63,6 +66,7 @@ class LiveHub:
         self.port = 0
         self.state: LiveState | None = None
         self.fanout: LiveFanout | None = None
+        self.alerts: AlertEngine | None = None
         self._scope: trio.CancelScope | None = None
         self.stopped = trio.Event()
 
@@ -70,12 +74,17 @@ class LiveHub:
         hub = Hub(build(HubConfig, {"hub": {"port": self.port, "data_dir": str(self.data_dir)},
                                     "gateways": {"ate-01": {"token": TOKEN}}}))
         fanout = LiveFanout(LiveConfig(), metrics=hub.metrics)
-        state = LiveState(fanout.publish, metrics=hub.metrics)
-        fanout.attach(state)
+        # A rule that trips on the simulated wafers: 2 fails in a row on one site.
+        alerts = AlertEngine(build(AlertsConfig, {"rules": [
+            {"name": "site_fails", "kind": "consecutive_fails", "priority": "P1", "count": 2},
+        ]}), fanout.publish, metrics=hub.metrics)
+        state = LiveState(fanout.publish, alerts=alerts, metrics=hub.metrics)
+        fanout.attach(state, on_ack=lambda alert_id, user: alerts.ack(alert_id, user,
+                                                                      time.time()))
         hub.add_consumer(state)
         fanout.install(hub.http)
         Dashboard().install(hub.http)
-        self.state, self.fanout = state, fanout
+        self.state, self.fanout, self.alerts = state, fanout, alerts
         self.stopped = trio.Event()
         with trio.CancelScope() as self._scope:
             async with trio.open_nursery() as nursery:
@@ -152,9 +161,13 @@ class Browser:
             " resyncs: Number(document.body.dataset.resyncs || 0),"
             " restarted: document.body.dataset.hubRestarted === 'true',"
             " alerts: document.querySelectorAll('#alerts li[data-alert-id]').length,"
+            " acked: [...document.querySelectorAll('#alerts li[data-acknowledged=\"true\"]')]"
+            "   .map(li => li.dataset.alertId),"
             " gateways: [...document.querySelectorAll('#gateways tr[data-gateway]')]"
             "   .map(r => r.dataset.gateway + ':' + r.cells[1].textContent),"
             " pareto: document.querySelectorAll('#pareto .row').length,"
+            " sensors: [...document.querySelectorAll('#sensors .sensor')]"
+            "   .map(d => d.dataset.topic.slice(7)),"
             " sites: document.querySelectorAll('#sites .row').length}; })()")
 
     async def screenshot(self, path: Path) -> None:
@@ -269,19 +282,57 @@ async def test_the_wafer_map_shows_the_dies_the_hub_applied_even_across_a_restar
             assert page["frames"] > 5, page  # it was updated live, many times
             assert page["pareto"] >= 2 and page["sites"] == 4
             assert "ate-01:online" in page["gateways"]
+
+            # Sensor readings as the hub applies them from an MQTT-fed gateway.
+            assert hub.state is not None
+            hub.state.on_records("ate-01", 10_000_000, [
+                SensorReading("mqtt", time.time() - 30 + i, "handler/1/temp",
+                              30 + (i % 7) * 0.3, "degC") for i in range(30)])
+            await wait_page(browser, lambda p: p["sensors"] == ["handler%2F1%2Ftemp"], 10,
+                            "the sensor trend")
+
+            # Hovering a die shows it.
+            die = await browser.eval(
+                "(() => { const v = views.get(mapGeom.topic); const d = [...v.dies.values()][7];"
+                " const r = canvas.getBoundingClientRect(); const k = r.width / canvas.width;"
+                " return {row: d, x: r.left + (mapGeom.ox + (d[0] - mapGeom.minX + 0.5)"
+                "   * mapGeom.cell) * k, y: r.top + (mapGeom.oy + (d[1] - mapGeom.minY + 0.5)"
+                "   * mapGeom.cell) * k}; })()")
+            await browser.call("Input.dispatchMouseEvent", type="mouseMoved", x=die["x"],
+                               y=die["y"])
+            tip = await browser.eval("document.getElementById('die-tip').textContent")
+            x, y, hard_bin, _soft, _passed, site = die["row"]
+            assert f"x {x}  y {y}" in tip and f"hard bin {hard_bin}" in tip
+            assert f"site {site}" in tip
+
+            # Alerts arrive live; acknowledging one in the page reaches the alert engine
+            # and comes back to the page as an "acknowledged" event.
+            assert hub.alerts is not None and hub.alerts.alerts
+            page = await wait_page(browser, lambda p: p["alerts"] > 0, 10, "alerts")
+            await browser.eval("document.getElementById('user').value = 'maria'")
+            alert_id = await browser.eval(
+                "(() => { const li = document.querySelector("
+                "'#alerts li[data-acknowledged=\"false\"]');"
+                " li.querySelector('button').click(); return li.dataset.alertId; })()")
+            await wait_page(browser, lambda p: hub.alerts.alerts[alert_id].acknowledged, 10,
+                            "the acknowledgement")
+            assert hub.alerts.alerts[alert_id].acked_by == "maria"
+            acked = await wait_page(browser, lambda p: alert_id in p["acked"], 10,
+                                    "the page to show it acknowledged")
             await browser.screenshot(ARTIFACTS / "dashboard.png")
+            del acked
 
             # Hub restart on the same port: the page reconnects by itself, learns the
-            # new epoch, takes fresh snapshots (rebuilt from the hub's store) and redraws.
-            drawn = page
+            # new epoch, is sent fresh snapshots marked resync (the hub rebuilt its state
+            # from its store) and redraws the same wafer.
+            drawn = await browser.page()
             await hub.stop()
             await wait_page(browser, lambda p: p["conn"] != "live", 10, "the page to notice")
             await nursery.start(hub.run)
             page = await wait_page(
-                browser, lambda p: p["conn"] == "live" and p["restarted"]
+                browser, lambda p: p["conn"] == "live" and p["restarted"] and p["resyncs"] > 0
                 and p["dies"] == hub.wafer_dies(p["topic"]), 30, "the page to recover")
             assert (page["topic"], page["dies"]) == (drawn["topic"], drawn["dies"])
-            assert page["resyncs"] > 0, page  # told plainly: new epoch, new snapshots
             await browser.screenshot(ARTIFACTS / "dashboard-after-restart.png")
         nursery.cancel_scope.cancel()
 

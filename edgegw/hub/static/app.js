@@ -14,6 +14,7 @@ let ws = null;
 let backoff = 500;
 let nextId = 1;
 let dirty = true;
+let alertsDirty = true;  // the alert list is rebuilt only when alerts change (keeps buttons)
 const stats = { frames: 0, items: 0, resyncs: 0, reconnects: 0 };
 
 const $ = (id) => document.getElementById(id);
@@ -70,7 +71,14 @@ function send(msg) {
 function onMessage(msg) {
   switch (msg.type) {
     case "hello":
-      if (epoch !== null && msg.epoch !== epoch) document.body.dataset.hubRestarted = "true";
+      if (epoch !== null && msg.epoch !== epoch) {
+        // Another hub run: what we hold may name topics it no longer has.  Its snapshots
+        // (marked resync: epoch_changed) follow right after our subscribe.
+        document.body.dataset.hubRestarted = "true";
+        views.clear();
+        offsets.clear();
+        dirty = alertsDirty = true;
+      }
       epoch = msg.epoch;
       setConn("live", "live");
       break;
@@ -91,6 +99,7 @@ function onMessage(msg) {
 function applyItem(item) {
   stats.items++;
   const topic = item.topic;
+  if (topic.startsWith("alert/")) alertsDirty = true;
   if (item.type === "snapshot") {
     if (item.resync) stats.resyncs++;
     views.set(topic, prepare(topic, item.data || {}));
@@ -400,7 +409,10 @@ function draw() {
     const wv = wafer ? views.get(wafer) : null;
     renderPareto(wv, wv ? `wafer ${wv.wafer_id}` : "");
     renderSites(wv);
-    renderAlerts();
+    if (alertsDirty) {
+      alertsDirty = false;
+      renderAlerts();
+    }
     renderGateways();
     renderSensors();
     renderTests(wv ? wv.lot_id : null);
