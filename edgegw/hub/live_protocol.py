@@ -61,7 +61,7 @@ class StateSource(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class LiveConfig:
-    """The ``[hub.live]`` section: how the hub serves ``/ws/live``."""
+    """How the hub serves ``/ws/live`` (the hub config's ``[live]`` section)."""
 
     ui_rate: float = 20.0  # frames of updates per second per client, at most
     queue_frames: int = 64  # unsent frames a client may have queued before it is "too slow"
