@@ -215,6 +215,8 @@ Publish = Callable[[str, dict[str, Any]], None]
 
 #: alerts kept per alert topic for its snapshot
 _PER_TOPIC = 50
+#: (rule, lot, head, site) fail runs remembered; bounded across months of lots
+_MAX_RUNS = 10_000
 
 
 def _alert_id(key: str, raised_at: float) -> str:
@@ -272,6 +274,8 @@ class AlertEngine:
                 self._runs.pop(run_key, None)
                 continue
             run = self._runs[run_key] = self._runs.get(run_key, 0) + 1
+            if len(self._runs) > _MAX_RUNS:  # old lots' sites: forget the oldest run
+                del self._runs[next(iter(self._runs))]
             if run >= rule.count:
                 self._raise(
                     rule, f"{rule.name}|{lot.lot_id}|{rec.head}|{rec.site}", rec.ts, now,
