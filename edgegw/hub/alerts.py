@@ -462,7 +462,7 @@ class AlertEngine:
     def topics(self) -> list[str]:
         return [t for t, recent in self._by_topic.items() if recent]
 
-    def list(self, *, unacknowledged: bool = False, priority: str | None = None,
+    def list_alerts(self, *, unacknowledged: bool = False, priority: str | None = None,
              limit: int = 100) -> list[Alert]:
         """Newest first."""
         out: list[Alert] = []

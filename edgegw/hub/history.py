@@ -147,7 +147,7 @@ def alerts(engine: AlertEngine, params: dict[str, str],
     if problem:
         return _error(400, problem)
     before = query["before"]
-    rows = [a.to_dict() for a in engine.list(
+    rows = [a.to_dict() for a in engine.list_alerts(
         unacknowledged=query["unacknowledged"], priority=query["priority"], limit=10**9)
         if before is None or a.raised_at < before]
     seen = {r["id"] for r in rows}
