@@ -116,7 +116,8 @@ class Hub:
     async def settle(self) -> None:
         """Wait until the alert service has written what is queued."""
         with trio.fail_after(5):
-            await self.alerts.persisted.wait()
+            await self.alerts.wait_persisted()
+        assert self.alerts.backlog == 0
 
     def stop(self) -> None:
         self.cancel.cancel()

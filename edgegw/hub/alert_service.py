@@ -58,7 +58,9 @@ class AlertService:
                                              "alert events written to the history store")
         self._m_store_errors = self.metrics.counter(
             "hub_history_store_errors_total", "history store writes that failed")
-        self.persisted = trio.Event()  # set after each write; for tests and health
+        self._queued = 0
+        self._done = 0
+        self._progress = trio.Event()
         self._opened = False
 
     async def open(self) -> int:
@@ -74,11 +76,24 @@ class AlertService:
             await self.store.close()
 
     def _on_event(self, event: dict[str, Any]) -> None:
+        self._queued += 1
         self._send.send_nowait(("alert", event))
 
     def archive_lot(self, lot_id: str, archive: dict[str, Any]) -> None:
         """``LiveState(on_evict=...)``: keep an evicted lot's figures for the history API."""
+        self._queued += 1
         self._send.send_nowait(("lot", (lot_id, archive)))
+
+    @property
+    def backlog(self) -> int:
+        """Events and archives handed over but not yet written."""
+        return self._queued - self._done
+
+    async def wait_persisted(self) -> None:
+        """Until everything handed over so far has been written (or failed to be)."""
+        target = self._queued
+        while self._done < target:
+            await self._progress.wait()
 
     async def run(self, state: LiveState | None = None, *, tick_s: float = 1.0,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -125,5 +140,6 @@ class AlertService:
                 self._m_saved.inc(len(events))
             for event in events:
                 self.webhooks.submit(event)
-            self.persisted.set()
-            self.persisted = trio.Event()
+            self._done += len(items)
+            self._progress.set()
+            self._progress = trio.Event()
