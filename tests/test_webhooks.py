@@ -65,6 +65,14 @@ class HookServer:
         return f"http://127.0.0.1:{self.port}/hooks/alerts?src=hub"
 
 
+class TopOfRange:
+    """A random source whose draws are always the top of the range: full jitter's upper
+    bound, so the backoff's growth is visible in the timings."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,7 +109,8 @@ async def test_failed_deliveries_are_retried_with_growing_backoff_until_accepted
     async with trio.open_nursery() as nursery:
         url = await server.serve(nursery)
         sender = WebhookSender([WebhookConfig(url=url, max_attempts=8, backoff_initial_s=0.02,
-                                              backoff_max_s=1.0)], metrics=metrics)
+                                              backoff_max_s=1.0)], metrics=metrics,
+                               backoff_rng=TopOfRange())
         await nursery.start(sender.run)
         sender.submit(event("a1"))
         sender.submit(event("a2"))
@@ -110,10 +119,11 @@ async def test_failed_deliveries_are_retried_with_growing_backoff_until_accepted
         assert [r["json"]["alert"]["id"] for r in server.requests] == ["a1"] * 5 + ["a2"]
         assert sender.m_attempts.get(outcome="http_503") == 4
         assert sender.m_delivered.total() == 2 and sender.pending() == 0
-        # full-jitter backoff: each wait is at most 0.02 * 2**n (plus scheduling slack)
+        # exponential backoff: with the jitter pinned to the top of its range the waits
+        # are 0.02, 0.04, 0.08, 0.16 s
         gaps = [b["t"] - a["t"] for a, b in itertools.pairwise(server.requests[:5])]
         for n, gap in enumerate(gaps):
-            assert gap <= 0.02 * 2**n + 0.25
+            assert 0.02 * 2**n <= gap < 0.02 * 2**n + 1.0
         nursery.cancel_scope.cancel()
 
 
