@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -203,7 +204,7 @@ async def open_browser(profile: Path) -> AsyncIterator[Browser]:
          "--disable-sync", "--disable-dev-shm-usage", "--mute-audio",
          f"--user-data-dir={profile}", "--remote-debugging-port=0",
          "--remote-debugging-address=127.0.0.1", "--window-size=1600,1000", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         port_file = profile / "DevToolsActivePort"
         with trio.fail_after(30):
@@ -226,13 +227,18 @@ async def open_browser(profile: Path) -> AsyncIterator[Browser]:
             await browser.call("Runtime.enable")
             yield browser
     finally:
+        # Chromium is a tree of processes: end its whole group (its own session), always.
         with trio.CancelScope(shield=True):
-            proc.terminate()
+            _signal_group(proc.pid, signal.SIGTERM)
             with trio.move_on_after(10):
                 await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+            _signal_group(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
 
 
 # --------------------------------------------------------------------------- the test

@@ -1,0 +1,464 @@
+"""Fan-out benchmark: 1,000 /ws/live subscribers on one hub while a simulated tester feeds
+10,000 records/s through a gateway.
+
+    python bench/fanout.py [--clients 1000] [--rate 10000] [--seconds 30] [--ui-rate 20]
+
+Three processes, as in production: the hub (Hub + LiveState + LiveFanout), the tester
+(simulated tester -> Gateway -> uplink), and this one, which runs the subscribers: bare
+WebSocket clients on non-blocking sockets under one epoll loop (a Trio task per client
+would cost this process more than the hub).  Every client subscribes like the dashboard
+(lot/+, lot/+/wafer/+, test/+/+, gateway/+) with CBOR.
+
+Measured:
+* latency from record creation to client receipt, per die: the tester logs each part's
+  creation time (its record ts); a client's receipt time of a wafer delta minus the
+  creation time of every die row in it.  Pooled over a 10 % sample of the clients (all of
+  them would be ~30 M samples for pure Python);
+* the update rate (batch frames per second) every client sees;
+* the hub process's CPU (utime+stime from /proc) and memory (VmRSS, VmHWM).
+The run has two halves; at the half a deliberately stalled client connects (it subscribes
+and never reads).  Figures are printed per half: the stalled client must not change them.
+Goal: p99 under 50 ms plus one UI frame interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import bisect
+import collections
+import hashlib
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+TOKEN = "bench-token"
+TOPICS = ["lot/+", "lot/+/wafer/+", "test/+/+", "gateway/+"]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _raise_nofile() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+
+
+# --------------------------------------------------------------------------- hub process
+
+
+def run_hub(args: argparse.Namespace) -> None:
+    import trio
+
+    from edgegw.config import build
+    from edgegw.hub.config import HubConfig
+    from edgegw.hub.fanout import LiveFanout
+    from edgegw.hub.live_protocol import LiveConfig
+    from edgegw.hub.service import Hub
+    from edgegw.hub.state import LiveState
+
+    async def main() -> None:
+        hub = Hub(build(HubConfig, {"hub": {"port": 0, "data_dir": args.data},
+                                    "gateways": {"bench-gw": {"token": TOKEN}}}))
+        fanout = LiveFanout(LiveConfig(ui_rate=args.ui_rate, stall_timeout=args.stall_timeout),
+                            metrics=hub.metrics)
+
+        def publish(topic: str, delta: dict[str, Any]) -> None:
+            # For the latency breakdown: how old the newest record of a wafer delta is
+            # when the live state publishes it (gateway batching, uplink, durable commit).
+            if "/wafer/" in topic and delta.get("updated"):
+                lags.append(time.time() - delta["updated"])
+            fanout.publish(topic, delta)
+
+        state = LiveState(publish, metrics=hub.metrics)
+        fanout.attach(state)
+        hub.add_consumer(state)
+        fanout.install(hub.http)
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(hub.run)
+            await nursery.start(fanout.run)
+            print(f"PORT {port}", flush=True)
+
+            async def ticker() -> None:  # what the hub service does about once a second
+                while True:
+                    await trio.sleep(1)
+                    state.tick(time.time())
+
+            nursery.start_soon(ticker)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    lags: list[float] = []
+    _raise_nofile()
+    trio.run(main)
+    lags.sort()
+    print("LAGS " + json.dumps({"n": len(lags), "p50": pct(lags, 50), "p99": pct(lags, 99)}),
+          flush=True)
+
+
+# --------------------------------------------------------------------------- tester process
+
+
+def run_tester(args: argparse.Namespace) -> None:
+    import trio
+
+    from edgegw.config import build
+    from edgegw.gateway.config import GatewayConfig
+    from edgegw.gateway.service import Gateway
+    from edgegw.records import PartResult
+    from edgegw.sources import SourceContext
+    from edgegw.sources.simulated import SimulatedConfig, SimulatedTesterSource
+
+    created: list[tuple[str, int, int, float]] = []
+
+    class LoggedTester(SimulatedTesterSource):
+        """The built-in simulated tester, logging when each part record was created."""
+
+        def _records(self) -> Any:
+            for batch, n_parts in super()._records():
+                for rec in batch:
+                    if type(rec) is PartResult:
+                        created.append((rec.wafer_id, rec.x, rec.y, rec.ts))
+                yield batch, n_parts
+
+    tests_per_part = 8
+    parts_per_second = args.rate / (tests_per_part + 1)
+    sim = LoggedTester("tester", SimulatedConfig(
+        parts_per_second=parts_per_second, sites=4, wafer_diameter_dies=30,
+        tests_per_part=tests_per_part, wafers=1000),
+        SourceContext(gateway_id="bench-gw", metrics=None, checkpoint=None,  # type: ignore[arg-type]
+                      state_dir=args.data))
+
+    async def main() -> None:
+        gw = Gateway(build(GatewayConfig, {
+            "gateway": {"id": "bench-gw", "token": TOKEN, "state_dir": args.data,
+                        "hub_url": f"ws://127.0.0.1:{args.port}/ws/gateway"},
+            "batch": {"max_records": args.batch_records, "max_delay_ms": args.batch_ms},
+        }), extra_sources=[("tester", sim)])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gw.run)
+            await trio.sleep(args.seconds)
+            sim.stop()
+            await trio.sleep(0.2)
+            await gw.flush()
+            with trio.move_on_after(10):
+                while gw.store.first_unacked < gw.store.next_seq:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    Path(args.log).write_text(json.dumps({"created": created, "produced": sim.produced}))
+
+
+# --------------------------------------------------------------------------- subscribers
+
+
+def ws_connect(port: int, rcvbuf: int | None = None) -> tuple[socket.socket, bytes]:
+    """A subscribed client socket (non-blocking) and any bytes read past the handshake."""
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16))
+    sock.sendall(b"GET /ws/live HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\n"
+                 b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: edgegw.live.v1.cbor"
+                 b"\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("hub closed during the handshake")
+        head += chunk
+    if b" 101 " not in head.split(b"\r\n", 1)[0]:
+        raise ConnectionError(head.decode("latin-1"))
+    import cbor2
+
+    payload = cbor2.dumps({"type": "subscribe", "id": 1, "topics": TOPICS})
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    n = len(payload)
+    header = bytes((0x82, 0x80 | n)) if n < 126 else bytes((0x82, 0xFE)) + n.to_bytes(2, "big")
+    sock.sendall(header + mask + masked)
+    rest = head.partition(b"\r\n\r\n")[2]
+    sock.setblocking(False)
+    return sock, rest
+
+
+class Subscribers:
+    """Many bare WebSocket clients under one epoll: record (client, time, message)."""
+
+    def __init__(self) -> None:
+        self.ep = select.epoll()
+        self.socks: dict[int, socket.socket] = {}
+        self.index: dict[int, int] = {}  # fd -> client number
+        self.bufs: dict[int, bytearray] = {}
+        self.payloads: dict[bytes, int] = {}
+        self.received: list[tuple[int, float, int]] = []  # (client, t, payload index)
+        self.closed: dict[int, float] = {}
+
+    def add(self, conn: tuple[socket.socket, bytes], number: int) -> None:
+        sock, rest = conn
+        fd = sock.fileno()
+        self.socks[fd] = sock
+        self.index[fd] = number
+        self.bufs[fd] = bytearray(rest)
+        self.ep.register(fd, select.EPOLLIN)
+
+    def poll(self, until: float) -> None:
+        payloads = self.payloads
+        received = self.received
+        while True:
+            timeout = until - time.monotonic()
+            if timeout <= 0:
+                return
+            for fd, _ in self.ep.poll(min(timeout, 0.05)):
+                sock = self.socks[fd]
+                try:
+                    data = sock.recv(1 << 18)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                now = time.time()
+                if not data:
+                    self.ep.unregister(fd)
+                    self.closed[self.index[fd]] = now
+                    continue
+                buf = self.bufs[fd]
+                buf += data
+                client = self.index[fd]
+                while len(buf) >= 2:
+                    n = buf[1] & 0x7F
+                    at = 2
+                    if n == 126:
+                        if len(buf) < 4:
+                            break
+                        n, at = int.from_bytes(buf[2:4], "big"), 4
+                    elif n == 127:
+                        if len(buf) < 10:
+                            break
+                        n, at = int.from_bytes(buf[2:10], "big"), 10
+                    if len(buf) < at + n:
+                        break
+                    if buf[0] & 0x0F == 0x2:
+                        payload = bytes(buf[at:at + n])
+                        idx = payloads.get(payload)
+                        if idx is None:
+                            idx = payloads[payload] = len(payloads)
+                        received.append((client, now, idx))
+                    del buf[:at + n]
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_mem_mb(pid: int) -> tuple[float, float]:
+    rss = hwm = 0.0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) / 1024
+        elif line.startswith("VmHWM:"):
+            hwm = int(line.split()[1]) / 1024
+    return rss, hwm
+
+
+def pct(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--role", choices=["main", "hub", "tester"], default="main")
+    ap.add_argument("--clients", type=int, default=1000)
+    ap.add_argument("--rate", type=float, default=10_000, help="records per second")
+    ap.add_argument("--seconds", type=float, default=30.0, help="measured seconds (two halves)")
+    ap.add_argument("--ui-rate", type=float, default=20.0)
+    ap.add_argument("--stall-timeout", type=float, default=5.0)
+    ap.add_argument("--batch-records", type=int, default=2000)
+    ap.add_argument("--batch-ms", type=float, default=10.0)
+    ap.add_argument("--no-stalled", action="store_true")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--data", default="")
+    ap.add_argument("--log", default="")
+    args = ap.parse_args()
+    if args.role == "hub":
+        run_hub(args)
+        return 0
+    if args.role == "tester":
+        run_tester(args)
+        return 0
+    _raise_nofile()
+    return run_main(args)
+
+
+def run_main(args: argparse.Namespace) -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="edgegw-bench-fanout-"))
+    me = [sys.executable, os.path.abspath(__file__)]
+    hub = subprocess.Popen([*me, "--role", "hub", "--data", str(tmp / "hub"),
+                            "--ui-rate", str(args.ui_rate),
+                            "--stall-timeout", str(args.stall_timeout)],
+                           stdout=subprocess.PIPE, text=True)
+    tester = None
+    try:
+        line = hub.stdout.readline() if hub.stdout else ""
+        if not line.startswith("PORT "):
+            print("hub did not start", file=sys.stderr)
+            return 1
+        port = int(line.split()[1])
+        subs = Subscribers()
+        t0 = time.monotonic()
+        for i in range(args.clients):
+            subs.add(ws_connect(port), i)
+            if i % 100 == 99:
+                subs.poll(time.monotonic() + 0.01)
+        print(f"{args.clients} subscribers connected in {time.monotonic() - t0:.1f} s",
+              flush=True)
+        subs.poll(time.monotonic() + 1.0)
+
+        warmup = 3.0
+        tester = subprocess.Popen([*me, "--role", "tester", "--port", str(port),
+                                   "--rate", str(args.rate),
+                                   "--seconds", str(args.seconds + warmup + 1),
+                                   "--batch-records", str(args.batch_records),
+                                   "--batch-ms", str(args.batch_ms),
+                                   "--data", str(tmp / "gw"), "--log", str(tmp / "created.json")])
+        subs.poll(time.monotonic() + warmup)
+        half = args.seconds / 2
+        phases = []
+        stalled = None
+        for name in ("first half (no stalled client)", "second half (a stalled client)"):
+            if name.startswith("second") and not args.no_stalled:
+                stalled, _ = ws_connect(port, rcvbuf=4096)  # never read from
+            cpu0, w0, m0 = proc_cpu_seconds(hub.pid), time.time(), time.monotonic()
+            subs.poll(m0 + half)
+            phases.append((name, w0, time.time(), proc_cpu_seconds(hub.pid) - cpu0,
+                           time.monotonic() - m0, proc_mem_mb(hub.pid)))
+        stats = json.loads(_http_get(port, "/api/live/stats?clients=0"))
+        hub_stats = json.loads(_http_get(port, "/api/stats"))
+        tester.wait(timeout=60)
+        subs.poll(time.monotonic() + 0.5)
+        log = json.loads((tmp / "created.json").read_text())
+        hub.send_signal(signal.SIGTERM)
+        out = hub.communicate(timeout=30)[0] or ""
+        lags = next((json.loads(line[5:]) for line in out.splitlines()
+                     if line.startswith("LAGS ")), None)
+        report(args, subs, phases, log, stats, hub_stats, stalled is not None, lags)
+        if stalled is not None:
+            stalled.close()
+        return 0
+    finally:
+        for p in (tester, hub):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def _http_get(port: int, path: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data.partition(b"\r\n\r\n")[2]
+
+
+def report(args: argparse.Namespace, subs: Subscribers, phases: list[Any], log: dict[str, Any],
+           stats: dict[str, Any], hub_stats: dict[str, Any], had_stalled: bool,
+           lags: dict[str, Any] | None) -> None:
+    import cbor2
+
+    # creation time of each die result, by (wafer, x, y), in order
+    created: dict[tuple[str, int, int], list[float]] = collections.defaultdict(list)
+    for wafer, x, y, ts in log["created"]:
+        created[(wafer, x, y)].append(ts)
+    # per distinct payload: its batch ts and the creation times of the dies in its deltas
+    payload_info: list[tuple[float, list[float]]] = [(0.0, [])] * len(subs.payloads)
+    for payload, idx in subs.payloads.items():
+        msg = cbor2.loads(payload)
+        if msg.get("type") != "batch":
+            continue
+        dies: list[float] = []
+        for item in msg["items"]:
+            if item["type"] != "delta" or "/wafer/" not in item["topic"]:
+                continue
+            wafer = item["topic"].rsplit("/", 1)[1]
+            for delta in item["data"]:
+                for row in delta.get("dies", ()):
+                    times = created.get((wafer, row[0], row[1]))
+                    if times:
+                        # the newest result of that die made before the batch
+                        k = bisect.bisect_right(times, msg["ts"])
+                        dies.append(times[max(0, k - 1)])
+        payload_info[idx] = (msg["ts"], dies)
+
+    sample = max(1, args.clients // 10)
+    step = max(1, args.clients // sample)
+    print(f"\nfan-out bench: {args.clients} subscribers, tester {args.rate:.0f} records/s "
+          f"(produced {log['produced']} records), ui_rate {args.ui_rate:g}/s, "
+          f"goal p99 < {50 + 1000 / args.ui_rate:.0f} ms")
+    print(f"  hub: {hub_stats['gateways'].get('bench-gw', {}).get('records_applied')} records "
+          f"applied; live: {stats['channels']} channels, tick mean "
+          f"{stats['tick_ms_mean']:.2f} ms over {stats['ticks']} ticks")
+    if lags:
+        print(f"  breakdown: newest record of a wafer delta is {1000 * lags['p50']:.1f} ms old "
+              f"(p50; p99 {1000 * lags['p99']:.1f} ms) when the hub's live state publishes it "
+              f"(gateway batching, uplink, durable commit, apply)")
+    for name, w0, w1, cpu, secs, (rss, hwm) in phases:
+        lat: list[float] = []
+        tick_lat: list[float] = []
+        frames = collections.Counter()
+        for client, t, idx in subs.received:
+            if not (w0 <= t < w1) or client >= args.clients:
+                continue
+            frames[client] += 1
+            if client % step:
+                continue
+            ts, dies = payload_info[idx]
+            if ts:
+                tick_lat.append(t - ts)
+            lat.extend(t - d for d in dies)
+        lat.sort()
+        tick_lat.sort()
+        rates = sorted(frames.get(c, 0) / (w1 - w0) for c in range(args.clients))
+        print(f"\n  {name}: {w1 - w0:.1f} s")
+        print(f"    record creation -> client receipt (dies, {len(lat)} samples from "
+              f"{len(range(0, args.clients, step))} clients): p50 {1000 * pct(lat, 50):.1f} ms, "
+              f"p99 {1000 * pct(lat, 99):.1f} ms, max {1000 * pct(lat, 100):.1f} ms")
+        print(f"    hub batch -> client receipt: p50 {1000 * pct(tick_lat, 50):.1f} ms, "
+              f"p99 {1000 * pct(tick_lat, 99):.1f} ms")
+        print(f"    update rate per client (frames/s): min {rates[0]:.1f}, "
+              f"median {statistics.median(rates):.1f}, max {rates[-1]:.1f}")
+        print(f"    hub CPU {100 * cpu / secs:.0f} % of one core; RSS {rss:.0f} MB "
+              f"(peak {hwm:.0f} MB)")
+    if had_stalled:
+        print(f"\n  stalled client: closed by the hub: {bool(subs.closed) or 'see stats'}; "
+              f"hub slow-client metric: "
+              f"{hub_stats['metrics'].get('live_slow_clients_total', {})}")
+    digest = hashlib.sha256(b"".join(sorted(subs.payloads))).hexdigest()[:8]
+    print(f"  distinct frames received: {len(subs.payloads)} (digest {digest})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
