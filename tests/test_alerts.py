@@ -333,3 +333,19 @@ priorities = ["P0", "P1"]
         build(AlertsConfig, {"rules": [{"name": "b", "kind": "lot_yield", "threshold": 85}]})
     with pytest.raises(ConfigError, match="duplicate rule name"):
         build(AlertsConfig, {"rules": [{"name": "x", "kind": "sensor_range", "low": 1.0}] * 2})
+
+
+def test_a_restored_unacknowledged_p0_still_escalates_after_a_restart() -> None:
+    rule = AlertRuleConfig(name="y", kind="lot_yield", priority="P0", threshold=0.9,
+                           min_parts=1)
+    state, engine, _ = make(rule)
+    Feeder(state)([part(0, 3, ts=100.0)], now=1000.0)
+    persisted = [a.to_dict() for a in engine.alerts.values()]
+
+    state2, engine2, bus2 = make(rule)
+    engine2.restore(persisted)
+    state2.tick(1100.0)  # the hub was down; 100 s since it was raised
+    assert bus2.of("escalated") == []
+    state2.tick(1121.0)
+    (esc,) = bus2.of("escalated")
+    assert esc["alert"]["id"] == persisted[0]["id"]
