@@ -350,3 +350,13 @@ def test_bad_records_are_counted_named_and_skipped_without_stopping_the_batch() 
     assert state.last_error is not None and "rid 4 SensorWindow" in state.last_error
     assert sorted(state.lots[LOT].tests) == [200, 201]
     assert metrics.counter("hub_state_records_ignored_total").get(reason="too_many_tests") == 1
+
+
+def test_replayed_frames_do_not_count_as_live_rate() -> None:
+    state = LiveState(Recorder())
+    state.on_records("gw9", 1, [part(i, 0, 1) for i in range(500)], now=100.0)  # replay
+    snap = state.snapshot(topics.gateway("gw9"))
+    assert snap is not None and snap["records"] == 500 and snap["records_per_s"] == 0.0
+    state.on_gateway("gw9", True, 101.0)
+    state.on_records("gw9", 501, [part(i, 1, 1) for i in range(50)], now=101.5)
+    assert state.snapshot(topics.gateway("gw9"))["records_per_s"] == 5.0

@@ -511,7 +511,10 @@ class LiveState:
         gw.records += len(records)
         gw.frames += 1
         gw.last_seen = now
-        gw.count(len(records), now)
+        if gw.online:
+            # Only frames from a connected gateway make its live rate: the replay after a
+            # restart (gateway not connected yet) would otherwise show as a burst.
+            gw.count(len(records), now)
         last_rid = first_rid + len(records) - 1
         if records and (gw.last_rid is None or last_rid > gw.last_rid):
             gw.last_rid = last_rid
