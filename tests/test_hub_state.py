@@ -354,9 +354,10 @@ def test_bad_records_are_counted_named_and_skipped_without_stopping_the_batch() 
 
 def test_replayed_frames_do_not_count_as_live_rate() -> None:
     state = LiveState(Recorder())
-    state.on_records("gw9", 1, [part(i, 0, 1) for i in range(500)], now=100.0)  # replay
+    state.on_records("gw9", 1, [part(i, 0, 1) for i in range(500)], now=900.0)  # replay
     snap = state.snapshot(topics.gateway("gw9"))
     assert snap is not None and snap["records"] == 500 and snap["records_per_s"] == 0.0
+    assert snap["last_seen"] == 100.0  # the replayed records' own time, not the replay's
     state.on_gateway("gw9", True, 101.0)
     state.on_records("gw9", 501, [part(i, 1, 1) for i in range(50)], now=101.5)
     assert state.snapshot(topics.gateway("gw9"))["records_per_s"] == 5.0

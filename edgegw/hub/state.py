@@ -486,7 +486,7 @@ class LiveState:
         self._now = 0.0
         metrics = metrics or Metrics()
         self._m_records = metrics.counter(
-            "hub_state_records_total", "records applied to the live state, by kind"
+            "hub_state_records_total", "records given to the live state"
         )
         self._m_ignored = metrics.counter(
             "hub_state_records_ignored_total",
@@ -510,10 +510,12 @@ class LiveState:
         gw = self._gateway(gateway_id)
         gw.records += len(records)
         gw.frames += 1
-        gw.last_seen = now
+        self._m_records.inc(len(records))
         if gw.online:
-            # Only frames from a connected gateway make its live rate: the replay after a
-            # restart (gateway not connected yet) would otherwise show as a burst.
+            # Only frames from a connected gateway make its live rate and "last seen": the
+            # replay after a restart (gateway not connected yet) would otherwise show as a
+            # burst, seen now.
+            gw.last_seen = now
             gw.count(len(records), now)
         last_rid = first_rid + len(records) - 1
         if records and (gw.last_rid is None or last_rid > gw.last_rid):
@@ -535,6 +537,8 @@ class LiveState:
                 self._m_bad.inc(kind=type(rec).__name__)
                 self.last_error = (f"gateway {gateway_id} rid {first_rid + i} "
                                    f"{type(rec).__name__}: {exc}")
+        if not gw.online and batch.ts and (gw.last_seen is None or batch.ts > gw.last_seen):
+            gw.last_seen = batch.ts  # replayed: the records' own time
         self._flush(batch, now)
 
     def on_gateway(self, gateway_id: str, connected: bool, now: float) -> None:
