@@ -11,6 +11,7 @@ from typing import Any
 
 import trio
 
+from . import sdnotify
 from .config import ConfigError, apply_overrides, build, load, read_toml
 from .gateway.config import GatewayConfig, load_gateway_config
 from .hub.config import HubConfig
@@ -86,6 +87,8 @@ def cmd_hub(args: argparse.Namespace) -> int:
             port = await nursery.start(hub.run)
             print(f"edgegw hub listening on http://{cfg.hub.listen}:{port}/", flush=True)
             nursery.start_soon(_until_signal, nursery)
+            await nursery.start(sdnotify.watchdog)
+            await sdnotify.ready(f"listening on {cfg.hub.listen}:{port}")
 
     trio.run(main)
     return 0
@@ -103,6 +106,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             print(f"edgegw gateway {cfg.gateway.id} running, hub {cfg.gateway.hub_url}",
                   flush=True)
             nursery.start_soon(_until_signal, nursery)
+            await nursery.start(sdnotify.watchdog)
+            await sdnotify.ready(f"gateway {cfg.gateway.id} running")
 
     trio.run(main)
     return 0

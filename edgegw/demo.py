@@ -119,11 +119,7 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             # a clean stop: the tester stops, the batcher flushes, the hub acks everything
             source.stop()
             await trio.sleep(0.05)
-            await gateway.flush()
-            with trio.move_on_after(15):
-                # polled: the store signals new frames, not acks
-                while gateway.store.first_unacked < gateway.store.next_seq:  # noqa: ASYNC110
-                    await trio.sleep(0.05)
+            await gateway.drain(15)
             nursery.cancel_scope.cancel()
 
     elapsed = time.monotonic() - started

@@ -76,6 +76,9 @@ class Gateway:
         self.m_records_stored = m.counter("gateway_records_stored_total", "records in frames")
         self.m_source_errors = m.counter("source_errors", "bad input seen by sources")
         self._last_progress = time.time()
+        self._dropped_reported = (0, 0)
+        self.m_dropped = m.counter("gateway_records_dropped_total",
+                                   "records dropped by the drop_oldest overflow policy")
 
     def _build_sources(self) -> None:
         checkpoints = self.store.checkpoints
@@ -109,6 +112,25 @@ class Gateway:
         self.m_frames.inc()
         self.m_records_stored.inc(len(batch.records))
         self._last_progress = time.time()
+        self._report_drops()
+
+    def _report_drops(self) -> None:
+        """Overflow under ``drop_oldest`` is counted by the store; say so to the hub too."""
+        st = self.store.stats()
+        frames, records = st.get("dropped_frames", 0), st.get("dropped_records", 0)
+        if frames > self._dropped_reported[0]:
+            new_f = frames - self._dropped_reported[0]
+            new_r = records - self._dropped_reported[1]
+            self._dropped_reported = (frames, records)
+            self.m_dropped.inc(new_r)
+            log.error("frame store full: dropped the %d oldest frame(s), %d record(s)",
+                      new_f, new_r)
+            self.batcher.add([GatewayEvent(
+                "gateway", time.time(), "error", "store_overflow",
+                f"frame store full ({self.store.stats().get('kind')}, drop_oldest): dropped "
+                f"{new_f} frame(s) with {new_r} record(s)",
+                {"dropped_frames": frames, "dropped_records": records})],
+                trio.current_time(), "gateway")
 
     async def emit_event(self, level: str, code: str, message: str,
                          detail: dict[str, Any] | None = None) -> None:
@@ -138,6 +160,16 @@ class Gateway:
             batch = self.batcher.flush()
             if batch is not None:
                 await self._store(batch)
+
+    async def drain(self, seconds: float) -> bool:
+        """Flush the batcher and wait up to ``seconds`` for the hub to acknowledge every
+        stored frame.  True when everything was acknowledged."""
+        await self.flush()
+        with trio.move_on_after(seconds):
+            # polled: the store signals new frames, not acks
+            while self.store.first_unacked < self.store.next_seq:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        return self.store.first_unacked >= self.store.next_seq
 
     def stats(self) -> dict[str, Any]:
         up = self.uplink
