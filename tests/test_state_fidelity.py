@@ -190,7 +190,7 @@ async def test_galaxy_streamed_through_gateway_and_hub_then_rebuilt_after_restar
         })
         await nursery.start(Gateway(gw_cfg).run)
         with trio.fail_after(60):
-            while not lot_done(state):  # noqa: ASYNC110 -- polling the consumer's state
+            while not lot_done(state):  # polling the consumer's state
                 await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
     check_against_file(state, fig)

@@ -82,7 +82,7 @@ def free_port() -> int:
 async def wait_for(cond: Callable[[], bool], limit_s: float = 10.0) -> None:
     # Polling is the honest way to wait on another component's counters from outside.
     with trio.fail_after(limit_s):
-        while not cond():  # noqa: ASYNC110
+        while not cond():
             await trio.sleep(0.01)
 
 
