@@ -19,6 +19,7 @@ same ``bytes`` object, WebSocket-framed once (``prepare_message``) and written a
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -68,7 +69,8 @@ def new_epoch() -> str:
 
 
 class _Session:
-    __slots__ = ("aborted", "client", "scope", "send_scope", "wake", "ws")
+    __slots__ = ("aborted", "client", "fd", "idle", "remainder", "scope", "send_scope", "wake",
+                 "ws")
 
     def __init__(self, client: Client, ws: WebSocket) -> None:
         self.client = client
@@ -77,6 +79,18 @@ class _Session:
         self.scope: trio.CancelScope | None = None  # the connection's tasks
         self.send_scope: trio.CancelScope | None = None  # the write in progress, if any
         self.aborted = False  # a write was cut mid-frame: no clean close is possible
+        self.idle = False  # its sender is parked, waiting for frames
+        self.remainder: bytes | None = None  # the unwritten end of a frame written directly
+        self.fd = _socket_fd(ws)
+
+
+def _socket_fd(ws: WebSocket) -> int | None:
+    """The socket's file descriptor, when the WebSocket runs over a plain TCP socket."""
+    sock = getattr(ws.stream, "socket", None)
+    try:
+        return sock.fileno() if sock is not None else None
+    except OSError:
+        return None
 
 
 class LiveFanout:
@@ -133,13 +147,17 @@ class LiveFanout:
 
     def tick(self) -> None:
         started = time.perf_counter()
-        woken, slow = self.core.tick(trio.current_time(), self._clock())
+        now = trio.current_time()
+        woken, slow = self.core.tick(now, self._clock())
         sessions = self._sessions
         for client in woken:
             session = sessions.get(client.id)
-            if session is not None:
-                session.wake.set()
-        grace = trio.current_time() + self.config.close_grace
+            if session is None:
+                continue
+            if session.idle and self._write_now(session, now):
+                continue
+            session.wake.set()
+        grace = now + self.config.close_grace
         for client in slow:
             session = sessions.get(client.id)
             if session is None:
@@ -151,6 +169,34 @@ class LiveFanout:
             session.wake.set()
         self.ticks += 1
         self.tick_seconds += time.perf_counter() - started
+
+    def _write_now(self, session: _Session, now: float) -> bool:
+        """Write a parked client's frames straight to its socket, without waking its task.
+
+        This is the common case -- a client that keeps up has room in its socket buffer --
+        and it saves a task switch per client per tick (1,000 clients x 20 ticks/s).  Only
+        when the socket takes less than a whole frame does the sender task take over with
+        the rest.  True when nothing is left for the sender."""
+        ws = session.ws
+        fd = session.fd
+        if fd is None or ws.closed is not None or ws._send_lock.locked():
+            return False  # someone is writing to it (a pong): let the sender queue behind
+        core = self.core
+        client = session.client
+        while (frame := core.take_frame(client)) is not None:
+            try:
+                n = os.write(fd, frame)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                session.remainder = frame  # the sender's write will see the error
+                return False
+            ws.bytes_sent += n
+            if n < len(frame):
+                session.remainder = frame[n:]
+                return False
+            core.frame_written(client, now)
+        return True
 
     # ------------------------------------------------------------------ clients
 
@@ -190,14 +236,26 @@ class LiveFanout:
         client = session.client
         ws = session.ws
         try:
-            while not client.closed:
-                frame = core.take_frame(client)
-                if frame is None:
-                    session.wake = trio.Event()
-                    await session.wake.wait()
-                    continue
+            # A closed (too slow) client still gets the rest of a frame begun, so that it
+            # can see the close frame after whole messages.
+            while not client.closed or session.remainder is not None:
+                frame = session.remainder
+                if frame is not None:
+                    session.remainder = None  # the rest of a frame the ticker began
+                else:
+                    frame = core.take_frame(client)
+                    if frame is None:
+                        session.wake = trio.Event()
+                        session.idle = True
+                        try:
+                            await session.wake.wait()
+                        finally:
+                            session.idle = False
+                        continue
                 with trio.CancelScope() as scope:
                     session.send_scope = scope
+                    if client.closed:
+                        scope.deadline = trio.current_time() + self.config.close_grace
                     await ws.send_prepared(frame)
                 session.send_scope = None
                 if scope.cancelled_caught:
