@@ -18,7 +18,7 @@ from edgegw.hub.alerts import AlertRuleConfig, AlertsConfig
 from edgegw.hub.history import HistoryApi
 from edgegw.hub.http import HttpServer
 from edgegw.hub.state import LiveState
-from edgegw.records import LotStart, ParametricResult, PartResult, WaferEnd
+from edgegw.records import LotEnd, LotStart, ParametricResult, PartResult, WaferEnd
 
 
 def lot_records(lot: str, wafer: str, n: int, good_every: int = 2, ts: float = 100.0,
@@ -30,6 +30,7 @@ def lot_records(lot: str, wafer: str, n: int, good_every: int = 2, ts: float = 1
                                     0.0, 100.0, "V", True))
         out.append(PartResult("t", ts + i, lot, wafer, 1, i % 2, str(i), i, 0, hb, hb, hb == 1))
     out.append(WaferEnd("t", ts + n, lot, wafer, 1, 0, n, None))
+    out.append(LotEnd("t", ts + n, lot, 0))
     return out
 
 

@@ -236,20 +236,42 @@ def test_gateway_online_offline_rates_and_events() -> None:
     assert pub.deltas("gateway/ate-07")[-1] == {"records_per_s": 0.0}
 
 
-def test_least_recently_updated_lot_is_evicted_and_late_records_ignored() -> None:
+def test_closed_then_idle_lots_are_evicted_and_late_records_ignored() -> None:
+    from edgegw.metrics import Metrics
+
+    metrics = Metrics()
     pub = Recorder()
-    state = LiveState(pub, max_lots=2)
+    evicted: list[tuple[str, dict[str, Any]]] = []
+    state = LiveState(pub, max_lots=2, idle_lot_s=60.0, metrics=metrics,
+                      on_evict=lambda lot_id, archive: evicted.append((lot_id, archive)))
     state.on_records("gw1", 1, [part(0, 0, 1, lot="A", ts=1.0)], now=1.0)
     state.on_records("gw1", 2, [part(0, 0, 1, lot="B", ts=2.0)], now=2.0)
     state.on_records("gw1", 3, [part(0, 0, 1, lot="C", ts=3.0)], now=3.0)
-    assert list(state.lots) == ["B", "C"]
-    assert state.snapshot("lot/A") is None and ("lot/A", {"status": "evicted"}) in pub.items
-    state.on_records("gw1", 4, [part(1, 0, 1, lot="A", ts=4.0)], now=4.0)
-    assert state.snapshot("lot/A") is None and list(state.lots) == ["B", "C"]
-    # a closed lot goes before an open one, however recent
-    state.on_records("gw1", 5, [LotEnd("t", 5.0, "C", 0)], now=5.0)
-    state.on_records("gw1", 6, [part(0, 0, 1, lot="D", ts=6.0)], now=6.0)
-    assert list(state.lots) == ["B", "D"]
+    # three lots all being tested: none is evicted, the cap bends and says so
+    assert list(state.lots) == ["A", "B", "C"]
+    assert metrics.counter("hub_state_lots_over_cap_total").total() == 1
+    # a closed lot goes first, however recent
+    state.on_records("gw1", 4, [LotEnd("t", 4.0, "C", 0)], now=4.0)
+    state.on_records("gw1", 5, [part(0, 0, 1, lot="D", ts=5.0)], now=5.0)
+    assert list(state.lots) == ["A", "B", "D"]
+    assert state.snapshot("lot/C") is None and ("lot/C", {"status": "evicted"}) in pub.items
+    assert evicted[0][0] == "C" and evicted[0][1]["lot"]["die_count"] == 1
+    assert set(evicted[0][1]["wafers"]) == {WAFER}
+    # a minute of record time later A and B are idle: evicted down to the cap
+    state.on_records("gw1", 6, [part(1, 0, 1, lot="D", ts=70.0)], now=70.0)
+    state.on_records("gw1", 7, [part(0, 0, 1, lot="E", ts=71.0)], now=71.0)
+    assert list(state.lots) == ["D", "E"]
+    # late records of an evicted lot are ignored (the store and archive have the lot)
+    state.on_records("gw1", 8, [part(1, 0, 1, lot="A", ts=72.0)], now=72.0)
+    assert state.snapshot("lot/A") is None and list(state.lots) == ["D", "E"]
+    assert metrics.counter("hub_state_records_ignored_total").get(reason="evicted_lot") == 1
+
+
+def test_lots_beyond_four_times_the_cap_evict_the_least_recent_even_if_active() -> None:
+    state = LiveState(Recorder(), max_lots=1, idle_lot_s=1e9)
+    for i in range(6):
+        state.on_records("gw1", i + 1, [part(0, 0, 1, lot=f"L{i}", ts=float(i))], now=1.0)
+    assert list(state.lots) == ["L2", "L3", "L4", "L5"]
 
 
 def test_simulated_lot_matches_the_testers_own_counts_and_replays_identically() -> None:

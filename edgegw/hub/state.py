@@ -24,9 +24,11 @@ Invariants worth knowing before reading the code:
 * **Incremental.**  Every applied part changes counters by +1/-1 (a replaced result is
   subtracted, its replacement added); nothing is recomputed over a wafer, so replay
   after a restart costs the same per record as live data.
-* **Bounded.**  At most ``max_lots`` lots are live; the least recently updated (closed
-  lots first) is evicted from memory (it stays in the hub's store) and records arriving
-  later for an evicted lot are counted and ignored.  ``on_evict`` receives the evicted
+* **Bounded.**  About ``max_lots`` lots are live.  Over the cap, a closed lot (MRR seen) is
+  evicted from memory first (it stays in the hub's store), then a lot idle for
+  ``idle_lot_s`` of record time; a lot still being tested is not evicted unless lots
+  exceed 4 x ``max_lots`` (counted).  Records arriving later for an evicted lot are counted
+  and ignored.  ``on_evict`` receives the evicted
   lot's full figures (``lot_archive``) so the history API can still serve them.  Sensor
   history and per-gateway event lists are bounded deques; per test only running sums are
   kept (Welford).
@@ -460,6 +462,7 @@ class LiveState:
         alerts: AlertEngine | None = None,
         clock: Callable[[], float] = time.time,
         max_lots: int = 16,
+        idle_lot_s: float = 3600.0,
         max_wafers_per_lot: int = 200,
         max_tests_per_lot: int = 20_000,
         max_sensors: int = 5_000,
@@ -474,6 +477,7 @@ class LiveState:
         self.alerts = alerts
         self._clock = clock
         self.max_lots = max_lots
+        self.idle_lot_s = idle_lot_s
         self.max_wafers_per_lot = max_wafers_per_lot
         self.max_tests_per_lot = max_tests_per_lot
         self.max_sensors = max_sensors
@@ -493,6 +497,10 @@ class LiveState:
             "records the live state did not use, by reason (evicted lot, bad value, ...)",
         )
         self._m_evicted = metrics.counter("hub_state_lots_evicted_total", "lots evicted")
+        self._m_over_cap = metrics.counter(
+            "hub_state_lots_over_cap_total",
+            "new lots kept beyond max_lots because every other lot was still active",
+        )
         self._m_bad = metrics.counter(
             "hub_state_bad_records_total", "records with fields the live state cannot use, by kind"
         )
@@ -636,16 +644,32 @@ class LiveState:
             return None
         lot = self.lots[lot_id] = LotState(lot_id)
         lot.updated = ts
-        if len(self.lots) > self.max_lots:
-            self._evict(keep=lot_id)
+        while len(self.lots) > self.max_lots:
+            victim = self._eviction_victim(keep=lot_id)
+            if victim is None:
+                # Every other lot is still being tested: a floor with more testers than
+                # max_lots must not lose live lots, so the cap bends (up to 4x) and says so.
+                self._m_over_cap.inc()
+                break
+            self._evict(victim)
         return lot
 
-    def _evict(self, keep: str) -> None:
-        # Closed lots go first, then the least recently updated.
-        victim = min(
-            (lot for lid, lot in self.lots.items() if lid != keep),
-            key=lambda lot: (lot.status != "closed", lot.updated),
-        )
+    def _eviction_victim(self, keep: str) -> LotState | None:
+        others = [lot for lid, lot in self.lots.items() if lid != keep]
+        if not others:
+            return None
+        closed = [lot for lot in others if lot.status == "closed"]
+        if closed:
+            return min(closed, key=lambda lot: lot.updated)
+        newest = max(lot.updated for lot in self.lots.values())
+        idle = [lot for lot in others if newest - lot.updated >= self.idle_lot_s]
+        if idle:
+            return min(idle, key=lambda lot: lot.updated)
+        if len(self.lots) > 4 * self.max_lots:
+            return min(others, key=lambda lot: lot.updated)
+        return None
+
+    def _evict(self, victim: LotState) -> None:
         del self.lots[victim.lot_id]
         if len(self.evicted) == self.evicted.maxlen:
             self._evicted_set.discard(self.evicted[0])
