@@ -7,7 +7,9 @@ Three processes, as in production: the hub (Hub + LiveState + LiveFanout), the t
 (simulated tester -> Gateway -> uplink), and this one, which runs the subscribers: bare
 WebSocket clients on non-blocking sockets under one epoll loop (a Trio task per client
 would cost this process more than the hub).  Every client subscribes like the dashboard
-(lot/+, lot/+/wafer/+, test/+/+, gateway/+) with CBOR.
+(lot/+, lot/+/wafer/+, test/+/+, gateway/+) with CBOR.  ``--feed direct`` leaves the
+gateway, uplink and store out: the hub process feeds the tester's records straight into its
+live state, which measures the fan-out on its own.
 
 Measured:
 * latency from record creation to client receipt, per die: the tester logs each part's
@@ -93,12 +95,48 @@ def run_hub(args: argparse.Namespace) -> None:
                     state.tick(time.time())
 
             nursery.start_soon(ticker)
+            if args.feed == "direct":
+                nursery.start_soon(feed_directly, args, state)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break
 
     lags: list[float] = []
+    created: list[tuple[str, int, int, float]] = []
+
+    async def feed_directly(args: argparse.Namespace, state: LiveState) -> None:
+        """The simulated tester's records straight into the live state, every 10 ms, as
+        the hub applies them (no gateway, no uplink, no store): the fan-out on its own."""
+        from edgegw.records import PartResult
+        from edgegw.sources import SourceContext
+        from edgegw.sources.simulated import SimulatedConfig, SimulatedTesterSource
+
+        go = Path(args.log).with_suffix(".go")
+        while not go.exists():
+            await trio.sleep(0.05)
+        sim = SimulatedTesterSource("tester", SimulatedConfig(
+            parts_per_second=args.rate / 9, sites=4, wafer_diameter_dies=30, tests_per_part=8,
+            wafers=1000), SourceContext(gateway_id="bench-gw", metrics=None,  # type: ignore[arg-type]
+                                        checkpoint=None, state_dir=args.data))
+        records = sim._records()
+        rid = 1
+        start = time.monotonic()
+        sent = 0
+        while time.monotonic() - start < args.seconds:
+            await trio.sleep(0.01)
+            due = int(args.rate * (time.monotonic() - start))
+            batch: list[Any] = []
+            while sent + len(batch) < due:
+                batch.extend(next(records)[0])
+            for rec in batch:
+                if type(rec) is PartResult:
+                    created.append((rec.wafer_id, rec.x, rec.y, rec.ts))
+            state.on_records("bench-gw", rid, batch)
+            rid += len(batch)
+            sent += len(batch)
+        await trio.Path(args.log).write_text(json.dumps({"created": created, "produced": sent}))
+
     _raise_nofile()
     trio.run(main)
     lags.sort()
@@ -152,7 +190,7 @@ def run_tester(args: argparse.Namespace) -> None:
             await trio.sleep(0.2)
             await gw.flush()
             with trio.move_on_after(10):
-                while gw.store.first_unacked < gw.store.next_seq:  # noqa: ASYNC110
+                while gw.store.first_unacked < gw.store.next_seq:
                     await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
 
@@ -278,6 +316,11 @@ def proc_mem_mb(pid: int) -> tuple[float, float]:
     return rss, hwm
 
 
+def _own_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def pct(sorted_values: list[float], p: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -296,6 +339,10 @@ def main() -> int:
     ap.add_argument("--batch-records", type=int, default=2000)
     ap.add_argument("--batch-ms", type=float, default=10.0)
     ap.add_argument("--no-stalled", action="store_true")
+    ap.add_argument("--feed", choices=["gateway", "direct"], default="gateway",
+                    help="gateway: tester -> gateway -> uplink -> hub store -> live state "
+                         "(end to end); direct: records straight into the hub's live state "
+                         "(the fan-out on its own)")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--data", default="")
     ap.add_argument("--log", default="")
@@ -314,7 +361,9 @@ def run_main(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="edgegw-bench-fanout-"))
     me = [sys.executable, os.path.abspath(__file__)]
     hub = subprocess.Popen([*me, "--role", "hub", "--data", str(tmp / "hub"),
-                            "--ui-rate", str(args.ui_rate),
+                            "--ui-rate", str(args.ui_rate), "--feed", args.feed,
+                            "--rate", str(args.rate), "--log", str(tmp / "created.json"),
+                            "--seconds", str(args.seconds + 4),
                             "--stall-timeout", str(args.stall_timeout)],
                            stdout=subprocess.PIPE, text=True)
     tester = None
@@ -335,12 +384,15 @@ def run_main(args: argparse.Namespace) -> int:
         subs.poll(time.monotonic() + 1.0)
 
         warmup = 3.0
-        tester = subprocess.Popen([*me, "--role", "tester", "--port", str(port),
-                                   "--rate", str(args.rate),
-                                   "--seconds", str(args.seconds + warmup + 1),
-                                   "--batch-records", str(args.batch_records),
-                                   "--batch-ms", str(args.batch_ms),
-                                   "--data", str(tmp / "gw"), "--log", str(tmp / "created.json")])
+        if args.feed == "gateway":
+            tester = subprocess.Popen([*me, "--role", "tester", "--port", str(port),
+                                       "--rate", str(args.rate),
+                                       "--seconds", str(args.seconds + warmup + 1),
+                                       "--batch-records", str(args.batch_records),
+                                       "--batch-ms", str(args.batch_ms), "--data", str(tmp / "gw"),
+                                       "--log", str(tmp / "created.json")])
+        else:
+            (tmp / "created.go").touch()
         subs.poll(time.monotonic() + warmup)
         half = args.seconds / 2
         phases = []
@@ -349,12 +401,18 @@ def run_main(args: argparse.Namespace) -> int:
             if name.startswith("second") and not args.no_stalled:
                 stalled, _ = ws_connect(port, rcvbuf=4096)  # never read from
             cpu0, w0, m0 = proc_cpu_seconds(hub.pid), time.time(), time.monotonic()
+            own0 = _own_cpu()
             subs.poll(m0 + half)
             phases.append((name, w0, time.time(), proc_cpu_seconds(hub.pid) - cpu0,
-                           time.monotonic() - m0, proc_mem_mb(hub.pid)))
+                           time.monotonic() - m0, proc_mem_mb(hub.pid), _own_cpu() - own0,
+                           os.getloadavg()[0]))
         stats = json.loads(_http_get(port, "/api/live/stats?clients=0"))
         hub_stats = json.loads(_http_get(port, "/api/stats"))
-        tester.wait(timeout=60)
+        if tester is not None:
+            tester.wait(timeout=60)
+        else:
+            while not (tmp / "created.json").exists():
+                subs.poll(time.monotonic() + 0.2)
         subs.poll(time.monotonic() + 0.5)
         log = json.loads((tmp / "created.json").read_text())
         hub.send_signal(signal.SIGTERM)
@@ -415,17 +473,19 @@ def report(args: argparse.Namespace, subs: Subscribers, phases: list[Any], log: 
 
     sample = max(1, args.clients // 10)
     step = max(1, args.clients // sample)
-    print(f"\nfan-out bench: {args.clients} subscribers, tester {args.rate:.0f} records/s "
+    print(f"\nfan-out bench ({args.feed} feed): {args.clients} subscribers, tester "
+          f"{args.rate:.0f} records/s "
           f"(produced {log['produced']} records), ui_rate {args.ui_rate:g}/s, "
           f"goal p99 < {50 + 1000 / args.ui_rate:.0f} ms")
-    print(f"  hub: {hub_stats['gateways'].get('bench-gw', {}).get('records_applied')} records "
-          f"applied; live: {stats['channels']} channels, tick mean "
+    applied = hub_stats["gateways"].get("bench-gw", {}).get("records_applied", "n/a")
+    print(f"  hub: {applied} records applied from the gateway; live: {stats['channels']} "
+          f"channels, tick mean "
           f"{stats['tick_ms_mean']:.2f} ms over {stats['ticks']} ticks")
-    if lags:
+    if lags and lags["n"]:
         print(f"  breakdown: newest record of a wafer delta is {1000 * lags['p50']:.1f} ms old "
               f"(p50; p99 {1000 * lags['p99']:.1f} ms) when the hub's live state publishes it "
               f"(gateway batching, uplink, durable commit, apply)")
-    for name, w0, w1, cpu, secs, (rss, hwm) in phases:
+    for name, w0, w1, cpu, secs, (rss, hwm), own, load in phases:
         lat: list[float] = []
         tick_lat: list[float] = []
         frames = collections.Counter()
@@ -451,7 +511,8 @@ def report(args: argparse.Namespace, subs: Subscribers, phases: list[Any], log: 
         print(f"    update rate per client (frames/s): min {rates[0]:.1f}, "
               f"median {statistics.median(rates):.1f}, max {rates[-1]:.1f}")
         print(f"    hub CPU {100 * cpu / secs:.0f} % of one core; RSS {rss:.0f} MB "
-              f"(peak {hwm:.0f} MB)")
+              f"(peak {hwm:.0f} MB); the subscribers' process {100 * own / secs:.0f} %; "
+              f"machine load average {load:.1f} on {os.cpu_count()} cores")
     if had_stalled:
         print(f"\n  stalled client: closed by the hub: {bool(subs.closed) or 'see stats'}; "
               f"hub slow-client metric: "
