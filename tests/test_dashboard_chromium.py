@@ -279,7 +279,7 @@ async def test_the_wafer_map_shows_the_dies_the_hub_applied_even_across_a_restar
                 await source.finished.wait()
                 await gateway.flush()
                 # every frame acknowledged by the hub: its state is final
-                while gateway.store.first_unacked < gateway.store.next_seq:  # noqa: ASYNC110
+                while gateway.store.first_unacked < gateway.store.next_seq:
                     await trio.sleep(0.05)
             page = await wait_page(
                 browser, lambda p: p["topic"] and p["dies"] == hub.wafer_dies(p["topic"]),

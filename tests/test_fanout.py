@@ -107,7 +107,7 @@ async def follow(port: int, topics: list[str], view: LiveView, json_text: bool =
 
 async def wait_for(predicate: Any, seconds: float = 10.0) -> None:
     with trio.fail_after(seconds):
-        while not predicate():  # noqa: ASYNC110 -- polling state that has no event
+        while not predicate():
             await trio.sleep(0.02)
 
 

@@ -239,6 +239,7 @@ def test_a_shared_batch_is_encoded_once_for_all_clients_of_an_encoding() -> None
     assert len({id(f) for f in frames[50:]}) == 1  # and one JSON frame
     assert isinstance(frames[0], bytes) and isinstance(frames[50], str)
     assert hub.metrics.counter("live_encodes_total").get(kind="frame") - frames_before == 2
+    assert hub.metrics.counter("live_encodes_total").get(kind="item") == 4  # 2 ticks x 2
     for v in viewers:
         v.drain()
         assert v.views == {"sensor/t1": {"v": 2.5}}

@@ -683,10 +683,12 @@ class LiveHub:
                 self._m_encodes.inc(kind="frame")
             self._enqueue(client, now, frame, update=True)
             client.items_sent += len(items)
-            self._m_frames.inc()
             woken.append(client)
         self._attention = keep
-        self._m_encodes.inc(len(items_cache), kind="item")
+        self._m_frames.inc(len(woken))
+        encoded = sum(len(i._encoded) for i in items_cache.values())
+        encoded += sum(len(i._encoded) for _, i in shared.values())
+        self._m_encodes.inc(encoded, kind="item")
         return woken, to_close
 
     def _conflate(self, client: Client) -> None:
