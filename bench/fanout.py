@@ -18,8 +18,10 @@ Measured:
   them would be ~30 M samples for pure Python);
 * the update rate (batch frames per second) every client sees;
 * the hub process's CPU (utime+stime from /proc) and memory (VmRSS, VmHWM).
-The run has two halves; at the half a deliberately stalled client connects (it subscribes
-and never reads).  Figures are printed per half: the stalled client must not change them.
+The measured time is split in phases that alternate between without and with a
+deliberately stalled client (a new connection that subscribes and never reads; the hub
+closes it after --stall-timeout).  Figures are printed for both kinds: the stalled client
+must not change them.
 Goal: p99 under 50 ms plus one UI frame interval.
 """
 
@@ -343,6 +345,8 @@ def main() -> int:
     ap.add_argument("--batch-records", type=int, default=2000)
     ap.add_argument("--batch-ms", type=float, default=10.0)
     ap.add_argument("--no-stalled", action="store_true")
+    ap.add_argument("--phases", type=int, default=4,
+                    help="measured phases, alternately without and with a stalled client")
     ap.add_argument("--feed", choices=["gateway", "direct"], default="gateway",
                     help="gateway: tester -> gateway -> uplink -> hub store -> live state "
                          "(end to end); direct: records straight into the hub's live state "
@@ -398,16 +402,21 @@ def run_main(args: argparse.Namespace) -> int:
         else:
             (tmp / "created.go").touch()
         subs.poll(time.monotonic() + warmup)
-        half = args.seconds / 2
+        # Phases alternate: without, with a stalled client, without, with ...  A stalled
+        # client is a new connection each time that subscribes and never reads; the hub
+        # closes it after stall_timeout.  Alternating keeps drifts of the machine's load
+        # (other processes) out of the comparison.
+        span = args.seconds / args.phases
         phases = []
-        stalled = None
-        for name in ("first half (no stalled client)", "second half (a stalled client)"):
-            if name.startswith("second") and not args.no_stalled:
-                stalled, _ = ws_connect(port, rcvbuf=4096)  # never read from
+        stalled: list[socket.socket] = []
+        for i in range(args.phases):
+            with_stalled = i % 2 == 1 and not args.no_stalled
+            if with_stalled:
+                stalled.append(ws_connect(port, rcvbuf=4096)[0])  # never read from
             cpu0, w0, m0 = proc_cpu_seconds(hub.pid), time.time(), time.monotonic()
             own0 = _own_cpu()
-            subs.poll(m0 + half)
-            phases.append((name, w0, time.time(), proc_cpu_seconds(hub.pid) - cpu0,
+            subs.poll(m0 + span)
+            phases.append((with_stalled, w0, time.time(), proc_cpu_seconds(hub.pid) - cpu0,
                            time.monotonic() - m0, proc_mem_mb(hub.pid), _own_cpu() - own0,
                            os.getloadavg()[0]))
         stats = json.loads(_http_get(port, "/api/live/stats?clients=0"))
@@ -423,9 +432,9 @@ def run_main(args: argparse.Namespace) -> int:
         out = hub.communicate(timeout=30)[0] or ""
         lags = next((json.loads(line[5:]) for line in out.splitlines()
                      if line.startswith("LAGS ")), None)
-        report(args, subs, phases, log, stats, hub_stats, stalled is not None, lags)
-        if stalled is not None:
-            stalled.close()
+        report(args, subs, phases, log, stats, hub_stats, bool(stalled), lags)
+        for sock in stalled:
+            sock.close()
         return 0
     finally:
         for p in (tester, hub):
@@ -488,24 +497,39 @@ def report(args: argparse.Namespace, subs: Subscribers, phases: list[Any], log: 
         print(f"  breakdown: newest record of a wafer delta is {1000 * lags['p50']:.1f} ms old "
               f"(p50; p99 {1000 * lags['p99']:.1f} ms) when the hub's live state publishes it "
               f"(gateway batching, uplink, durable commit, apply)")
-    for name, w0, w1, cpu, secs, (rss, hwm), own, load in phases:
+    def figures(parts: list[Any]) -> tuple[list[float], list[float], list[float]]:
         lat: list[float] = []
         tick_lat: list[float] = []
-        frames = collections.Counter()
-        for client, t, idx in subs.received:
-            if not (w0 <= t < w1) or client >= args.clients:
-                continue
-            frames[client] += 1
-            if client % step or idx < 0:
-                continue
-            ts, dies = payload_info[idx]
-            if ts:
-                tick_lat.append(t - ts)
-            lat.extend(t - d for d in dies)
+        rates: list[float] = []
+        for _, w0, w1, *_rest in parts:
+            frames: collections.Counter[int] = collections.Counter()
+            for client, t, idx in subs.received:
+                if not (w0 <= t < w1) or client >= args.clients:
+                    continue
+                frames[client] += 1
+                if client % step or idx < 0:
+                    continue
+                ts, dies = payload_info[idx]
+                if ts:
+                    tick_lat.append(t - ts)
+                lat.extend(t - d for d in dies)
+            rates.extend(frames.get(c, 0) / (w1 - w0) for c in range(args.clients))
         lat.sort()
         tick_lat.sort()
-        rates = sorted(frames.get(c, 0) / (w1 - w0) for c in range(args.clients))
-        print(f"\n  {name}: {w1 - w0:.1f} s")
+        rates.sort()
+        return lat, tick_lat, rates
+
+    def show(title: str, parts: list[Any]) -> None:
+        if not parts:
+            return
+        lat, tick_lat, rates = figures(parts)
+        secs = sum(p[4] for p in parts)
+        cpu = sum(p[3] for p in parts)
+        own = sum(p[6] for p in parts)
+        rss = max(p[5][0] for p in parts)
+        hwm = max(p[5][1] for p in parts)
+        loads = ", ".join(f"{p[7]:.1f}" for p in parts)
+        print(f"\n  {title}: {len(parts)} x {secs / len(parts):.1f} s")
         print(f"    record creation -> client receipt (dies, {len(lat)} samples from "
               f"{len(range(0, args.clients, step))} clients): p50 {1000 * pct(lat, 50):.1f} ms, "
               f"p99 {1000 * pct(lat, 99):.1f} ms, max {1000 * pct(lat, 100):.1f} ms")
@@ -515,11 +539,14 @@ def report(args: argparse.Namespace, subs: Subscribers, phases: list[Any], log: 
               f"median {statistics.median(rates):.1f}, max {rates[-1]:.1f}")
         print(f"    hub CPU {100 * cpu / secs:.0f} % of one core; RSS {rss:.0f} MB "
               f"(peak {hwm:.0f} MB); the subscribers' process {100 * own / secs:.0f} %; "
-              f"machine load average {load:.1f} on {os.cpu_count()} cores")
+              f"load average {loads} on {os.cpu_count()} cores")
+
+    show("without a stalled client", [p for p in phases if not p[0]])
+    show("with a stalled client", [p for p in phases if p[0]])
     if had_stalled:
-        print(f"\n  stalled client: closed by the hub: {bool(subs.closed) or 'see stats'}; "
-              f"hub slow-client metric: "
-              f"{hub_stats['metrics'].get('live_slow_clients_total', {})}")
+        print(f"\n  stalled clients: hub slow-client metric "
+              f"{hub_stats['metrics'].get('live_slow_clients_total', {})}; subscribers the "
+              f"hub closed: {len(subs.closed)} (must be 0)")
     digest = hashlib.sha256(b"".join(sorted(subs.payloads))).hexdigest()[:8]
     print(f"  distinct frames received: {len(subs.payloads)} (digest {digest})")
 
