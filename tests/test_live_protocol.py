@@ -439,3 +439,30 @@ def test_unsubscribe_stops_updates() -> None:
     assert replies[0]["type"] == "unsubscribed"
     assert [i["topic"] for i in replies[1]["items"]] == ["lot/L1"]
     assert hub.channels["sensor/t1"].subscribers == set()
+
+
+def test_history_is_bounded_by_rows_as_well_as_by_deltas() -> None:
+    state, hub = make_hub(history=1000, history_rows=300)
+    state.change("lot/L1/wafer/1", {"good": 0})
+    viewer = _follow(hub, state, ["lot/+/wafer/+"])
+    where = ["E1", viewer.offsets["lot/L1/wafer/1"]]
+    for i in range(10):  # 10 deltas of 50 dies: 510 rows, more than the history keeps
+        state.change("lot/L1/wafer/1", {"dies": [[i, j, 1, 1, True, 0] for j in range(50)]})
+    hub.tick(0.5, 0.5)  # the first viewer gets them; the tick's own batch is gone
+    channel = hub.channels["lot/L1/wafer/1"]
+    assert channel.rows <= 300 and len(channel.history) == 5
+    late = Viewer(hub)
+    late.send({"type": "subscribe", "id": 1, "topics": ["lot/+/wafer/+"],
+               "resume": {"lot/L1/wafer/1": where}})
+    hub.tick(1.0, 1.0)
+    late.drain()
+    [item] = late.items()
+    assert item["type"] == "snapshot" and item["resync"] == "history_truncated"
+    assert len(late.views["lot/L1/wafer/1"]["dies"]) == 500
+
+
+def test_coalescing_many_deltas_keeps_every_row_and_leaves_the_inputs_alone() -> None:
+    deltas = [{"dies": [[i, 0, 1, 1, True, 0]], "good": i} for i in range(2000)]
+    [merged] = coalesce(deltas)
+    assert len(merged["dies"]) == 2000 and merged["good"] == 1999
+    assert all(len(d["dies"]) == 1 for d in deltas)

@@ -65,7 +65,8 @@ class LiveConfig:
 
     ui_rate: float = 20.0  # frames of updates per second per client, at most
     queue_frames: int = 64  # unsent frames a client may have queued before it is "too slow"
-    history: int = 4096  # deltas kept per channel for resume
+    history: int = 1024  # deltas kept per channel for resume ...
+    history_rows: int = 50_000  # ... and at most this many list rows (dies, points) in them
     max_patterns: int = 256  # subscriptions per client
     stall_timeout: float = 30.0  # a client whose writes make no progress this long is closed
     close_grace: float = 5.0  # a closed slow client's write in progress may finish this long
@@ -79,6 +80,8 @@ class LiveConfig:
             errors.append(("queue_frames", "must be >= 2"))
         if self.history < 0:
             errors.append(("history", "must be >= 0"))
+        if self.history_rows < 0:
+            errors.append(("history_rows", "must be >= 0"))
         if self.max_patterns < 1:
             errors.append(("max_patterns", "must be >= 1"))
         if self.stall_timeout <= 0:
@@ -146,16 +149,8 @@ def compose_deltas(
 ) -> dict[str, Any] | None:
     """One delta equal to applying ``first`` then ``second``, or None when there is none
     (both carry an event).  Neither argument is modified."""
-    out = dict(first)
-    for key, value in second.items():
-        if key in out:
-            if key in event_keys:
-                return None
-            if key in concat_keys and isinstance(value, list) and isinstance(out[key], list):
-                out[key] = out[key] + value
-                continue
-        out[key] = value
-    return out
+    merged = coalesce([first, second], concat_keys, event_keys)
+    return merged[0] if len(merged) == 1 else None
 
 
 def coalesce(
@@ -163,15 +158,33 @@ def coalesce(
     concat_keys: frozenset[str] = CONCAT_KEYS,
     event_keys: frozenset[str] = EVENT_KEYS,
 ) -> list[dict[str, Any]]:
-    """Consecutive deltas of one channel composed into as few as say exactly the same."""
+    """Consecutive deltas of one channel composed into as few as say exactly the same.
+
+    Linear in the rows: a list is copied once, when a second delta first adds to it, and
+    extended in place after that (a tick may compose hundreds of wafer deltas during a
+    replay).  The input deltas are never modified."""
     out: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    owned: set[str] = set()  # concat keys whose list in ``current`` is our own copy
     for delta in deltas:
-        if out:
-            merged = compose_deltas(out[-1], delta, concat_keys, event_keys)
-            if merged is not None:
-                out[-1] = merged
-                continue
-        out.append(delta)
+        if current is not None and not (event_keys & delta.keys() & current.keys()):
+            for key, value in delta.items():
+                before = current.get(key)
+                if key in concat_keys and isinstance(value, list) and isinstance(before, list):
+                    if key not in owned:
+                        current[key] = before = list(before)
+                        owned.add(key)
+                    before.extend(value)
+                else:
+                    current[key] = value
+                    owned.discard(key)
+            continue
+        if current is not None:
+            out.append(current)
+        current = dict(delta)
+        owned = set()
+    if current is not None:
+        out.append(current)
     return out
 
 
@@ -257,22 +270,38 @@ def decode_client_message(data: bytes | str) -> Any:
 # --------------------------------------------------------------------------- channels
 
 
+def _rows(delta: dict[str, Any]) -> int:
+    """A delta's weight in the history: 1 plus its list rows (dies, sensor points)."""
+    return 1 + sum(len(v) for v in delta.values() if isinstance(v, list))
+
+
 class Channel:
     """One topic: its offset, a bounded history of deltas, and the deltas of this tick."""
 
-    __slots__ = ("event_like", "history", "offset", "pending", "pending_from", "subscribers",
-                 "topic", "ts_max", "ts_min")
+    __slots__ = ("event_like", "history", "history_rows", "max_history", "max_rows", "offset",
+                 "pending", "pending_from", "rows", "subscribers", "topic", "ts_max", "ts_min")
 
-    def __init__(self, topic: str, history: int, event_like: bool) -> None:
+    def __init__(self, topic: str, history: int, history_rows: int, event_like: bool) -> None:
         self.topic = topic
         self.offset = 0
-        self.history: deque[dict[str, Any]] = deque(maxlen=history)  # deltas up to offset
+        self.history: deque[tuple[dict[str, Any], int]] = deque()  # (delta, rows) up to offset
+        self.rows = 0
+        self.max_history = history
+        self.max_rows = history_rows
         self.pending: list[dict[str, Any]] = []
         self.pending_from = 0
         self.ts_min: float | None = None
         self.ts_max: float | None = None
         self.subscribers: set[Client] = set()
         self.event_like = event_like
+
+    def remember(self, delta: dict[str, Any]) -> None:
+        rows = _rows(delta)
+        self.history.append((delta, rows))
+        self.rows += rows
+        while self.history and (len(self.history) > self.max_history
+                                or self.rows > self.max_rows):
+            self.rows -= self.history.popleft()[1]
 
     def deltas_after(self, offset: int) -> list[dict[str, Any]] | None:
         """The deltas after ``offset`` up to now, or None when history no longer has them."""
@@ -281,7 +310,7 @@ class Channel:
             return None
         if missing == 0:
             return []
-        return list(itertools.islice(self.history, len(self.history) - missing, None))
+        return [d for d, _ in itertools.islice(self.history, len(self.history) - missing, None)]
 
 
 class Item:
@@ -408,7 +437,7 @@ class LiveHub:
             self._dirty.add(channel)
         channel.offset += 1
         channel.pending.append(delta)
-        channel.history.append(delta)
+        channel.remember(delta)
         if ts is not None:
             if channel.ts_min is None or ts < channel.ts_min:
                 channel.ts_min = ts
@@ -417,7 +446,8 @@ class LiveHub:
         self._m_published.inc()
 
     def _create_channel(self, topic: str) -> Channel:
-        channel = Channel(topic, self.config.history, topic.startswith(self.config.event_prefixes))
+        channel = Channel(topic, self.config.history, self.config.history_rows,
+                          topic.startswith(self.config.event_prefixes))
         self.channels[topic] = channel
         for pattern, clients in self._patterns.items():
             if topic_matches(pattern, topic):
@@ -628,6 +658,11 @@ class LiveHub:
         # 1. One shared item per dirty channel: the deltas of this tick, coalesced.
         shared: dict[str, tuple[int, Item]] = {}
         for channel in self._dirty:
+            if not channel.subscribers:
+                # Nobody to send to (history keeps the deltas for a resume).
+                channel.pending = []
+                channel.ts_min = channel.ts_max = None
+                continue
             # Alert channels are event streams: their deltas are sent as they are, in order.
             deltas = list(channel.pending) if channel.event_like else coalesce(channel.pending)
             message: dict[str, Any] = {
