@@ -259,7 +259,6 @@ async def wait_page(browser: Browser, predicate: Any, seconds: float, what: str)
 
 
 @needs_chromium
-@pytest.mark.slow
 async def test_the_wafer_map_shows_the_dies_the_hub_applied_even_across_a_restart(
         tmp_path: Path) -> None:
     hub = LiveHub(tmp_path / "hub")
