@@ -4,21 +4,25 @@ and the UI-rate ticker.  What each client gets is decided by the sans-IO core
 
 Wiring (the hub service does this)::
 
-    fanout = LiveFanout(LiveConfig(), metrics=metrics)
-    state = LiveState(fanout.publish, alerts=alerts, metrics=metrics)
-    fanout.attach(state, on_ack=lambda alert_id, user: alerts.ack(alert_id, user, time.time()))
+    fanout = LiveFanout(config.live, metrics=metrics)
+    alerts = AlertService(config.alerts, fanout.publish, data_dir / "history.sqlite3")
+    state = LiveState(fanout.publish, alerts=alerts.engine, on_evict=alerts.archive_lot)
+    fanout.attach(state, on_ack=lambda alert_id, user:
+                  alerts.engine.ack(alert_id, user, time.time()))
     fanout.install(hub.http)            # GET /api/live/stats and the /ws/live route
-    nursery.start_soon(fanout.run)      # the ticker, for as long as the hub runs
+    Dashboard().install(hub.http)       # GET / and /static/...
+    await nursery.start(fanout.run)     # the ticker, for as long as the hub runs
 
 Why one sender task per client: a write to a client that does not read blocks only that
 client's task; the ticker never awaits a client, it appends ready-made frames to bounded
-queues (``LiveHub.tick``) and wakes the senders.  A frame shared by many clients is the
-same ``bytes`` object, WebSocket-framed once (``prepare_message``) and written as is.
+queues (``LiveHub.tick``).  A frame shared by many clients is the same ``bytes`` object,
+WebSocket-framed once (``prepare_message``) and written as is -- directly from the ticker
+to the socket when the client's sender is idle and the socket has room (the common case,
+no task switch), else by the client's sender task.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import secrets
 import time
@@ -285,6 +289,3 @@ class LiveFanout:
             stats["clients"] = len(stats["clients"])
         return json_response(stats)
 
-
-def ui_interval(config: LiveConfig) -> float:
-    return 1.0 / config.ui_rate if config.ui_rate > 0 else math.inf
