@@ -466,3 +466,26 @@ def test_coalescing_many_deltas_keeps_every_row_and_leaves_the_inputs_alone() ->
     [merged] = coalesce(deltas)
     assert len(merged["dies"]) == 2000 and merged["good"] == 1999
     assert all(len(d["dies"]) == 1 for d in deltas)
+
+
+def test_channels_of_topics_the_state_dropped_are_swept_and_offsets_never_reused() -> None:
+    state, hub = make_hub()
+    for i in range(5):
+        state.change("lot/OLD/wafer/1", {"good": i})
+    viewer = _follow(hub, state, ["lot/+/wafer/+"])
+    where = ["E1", viewer.offsets["lot/OLD/wafer/1"]]
+    hub.disconnect(viewer.client)
+    del state.state["lot/OLD/wafer/1"]  # evicted by the live state
+    assert hub.sweep() == 1 and "lot/OLD/wafer/1" not in hub.channels
+    # The topic comes back, its state afresh: its offsets continue past the old ones with
+    # a gap, so no delta can be applied on top of the old state.
+    state.change("lot/OLD/wafer/1", {"good": 100})
+    assert hub.channels["lot/OLD/wafer/1"].offset == 7
+    late = Viewer(hub)
+    late.send({"type": "subscribe", "id": 1, "topics": ["lot/+/wafer/+"],
+               "resume": {"lot/OLD/wafer/1": where}})
+    hub.tick(1.0, 1.0)
+    late.drain()
+    [item] = late.items()
+    assert item["type"] == "snapshot" and item["resync"] == "history_truncated"
+    assert late.views["lot/OLD/wafer/1"] == {"good": 100}

@@ -407,6 +407,10 @@ class LiveHub:
         self._dirty: set[Channel] = set()
         self._attention: set[Client] = set()  # clients with todo topics outside dirty channels
         self._ids = itertools.count(1)
+        # Offsets of channels dropped by ``sweep``: a topic that comes back continues past
+        # them, so an old offset can never name a different delta in the same epoch.
+        self._tombstones: dict[str, int] = {}
+        self._ticks = 0
         self._m_published = self.metrics.counter("live_deltas_published_total",
                                                  "deltas published by the live state")
         self._m_frames = self.metrics.counter("live_frames_total",
@@ -448,6 +452,10 @@ class LiveHub:
     def _create_channel(self, topic: str) -> Channel:
         channel = Channel(topic, self.config.history, self.config.history_rows,
                           topic.startswith(self.config.event_prefixes))
+        if topic in self._tombstones:
+            # One offset is skipped: no history can lead from the old channel's offsets
+            # into the new one (its state started afresh), so a resume there resyncs.
+            channel.offset = self._tombstones.pop(topic) + 1
         self.channels[topic] = channel
         for pattern, clients in self._patterns.items():
             if topic_matches(pattern, topic):
@@ -655,6 +663,9 @@ class LiveHub:
 
         Returns (clients with new frames to write, clients to close as too slow).
         ``now`` is monotonic (stall detection); ``wall`` is the Unix time put in frames."""
+        self._ticks += 1
+        if self._ticks % max(1, round(self.config.ui_rate * 10)) == 0:
+            self.sweep()  # about every 10 s
         # 1. One shared item per dirty channel: the deltas of this tick, coalesced.
         shared: dict[str, tuple[int, Item]] = {}
         for channel in self._dirty:
@@ -725,6 +736,17 @@ class LiveHub:
         encoded += sum(len(i._encoded) for _, i in shared.values())
         self._m_encodes.inc(encoded, kind="item")
         return woken, to_close
+
+    def sweep(self) -> int:
+        """Drop the channels (and their history) of topics the live state no longer has
+        (an evicted lot's wafers and tests) that nobody follows; returns how many."""
+        alive = set(self.source.topics())
+        gone = [c for t, c in self.channels.items()
+                if t not in alive and not c.subscribers and not c.pending]
+        for channel in gone:
+            self._tombstones[channel.topic] = channel.offset
+            del self.channels[channel.topic]
+        return len(gone)
 
     def _conflate(self, client: Client) -> None:
         """Drop a state-only client's queued updates; it will get the latest state instead."""
