@@ -492,7 +492,8 @@ def report(args: argparse.Namespace, subs: Subscribers, phases: list[Any], log: 
     applied = hub_stats["gateways"].get("bench-gw", {}).get("records_applied", "n/a")
     print(f"  hub: {applied} records applied from the gateway; live: {stats['channels']} "
           f"channels, tick mean "
-          f"{stats['tick_ms_mean']:.2f} ms over {stats['ticks']} ticks")
+          f"{stats['tick_ms_mean']:.2f} ms (deciding and encoding "
+          f"{stats['tick_core_ms_mean']:.2f} ms, the rest writing) over {stats['ticks']} ticks")
     if lags and lags["n"]:
         print(f"  breakdown: newest record of a wafer delta is {1000 * lags['p50']:.1f} ms old "
               f"(p50; p99 {1000 * lags['p99']:.1f} ms) when the hub's live state publishes it "

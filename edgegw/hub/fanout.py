@@ -114,6 +114,7 @@ class LiveFanout:
         self._sessions: dict[int, _Session] = {}
         self.ticks = 0
         self.tick_seconds = 0.0  # time spent in ticks, for the stats page and the bench
+        self.core_seconds = 0.0  # of which deciding and encoding (the rest: writing)
 
     @property
     def config(self) -> LiveConfig:
@@ -153,6 +154,7 @@ class LiveFanout:
         started = time.perf_counter()
         now = trio.current_time()
         woken, slow = self.core.tick(now, self._clock())
+        self.core_seconds += time.perf_counter() - started
         sessions = self._sessions
         for client in woken:
             session = sessions.get(client.id)
@@ -277,6 +279,7 @@ class LiveFanout:
         out = self.core.stats()
         out["ticks"] = self.ticks
         out["tick_ms_mean"] = (1000 * self.tick_seconds / self.ticks) if self.ticks else None
+        out["tick_core_ms_mean"] = (1000 * self.core_seconds / self.ticks) if self.ticks else None
         for entry in out["clients"]:
             session = self._sessions.get(entry["id"])
             if session is not None:
