@@ -489,3 +489,13 @@ def test_channels_of_topics_the_state_dropped_are_swept_and_offsets_never_reused
     [item] = late.items()
     assert item["type"] == "snapshot" and item["resync"] == "history_truncated"
     assert late.views["lot/OLD/wafer/1"] == {"good": 100}
+
+
+def test_a_client_that_never_reads_its_replies_is_closed_too_slow() -> None:
+    _state, hub = make_hub(queue_frames=4)
+    viewer = Viewer(hub)
+    for i in range(20):
+        viewer.send({"type": "ping", "id": i})
+    assert viewer.client.closed and viewer.client.close_code == CLOSE_TOO_SLOW
+    assert viewer.client.close_reason == "too many unread replies"
+    assert viewer.client.queue_depth == 0  # dropped with the client

@@ -217,7 +217,7 @@ class LiveFanout:
                 session.scope = nursery.cancel_scope
                 nursery.start_soon(self._sender, session)
                 try:
-                    while True:
+                    while True:  # a closed client's sender ends the connection
                         data = await ws.get_message()
                         core.receive(client, data, trio.current_time())
                         session.wake.set()

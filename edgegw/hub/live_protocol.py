@@ -504,6 +504,13 @@ class LiveHub:
         self._attention.add(client)
 
     def _control(self, client: Client, now: float, message: dict[str, Any]) -> None:
+        if client.closed:
+            return
+        if len(client.queue) >= 2 * self.config.queue_frames:
+            # Replies are never dropped, so a client that sends requests without reading
+            # the answers would grow its queue without bound: it is too slow as well.
+            self.close_slow(client, "too many unread replies")
+            return
         self._enqueue(client, now, self.prepare(client.encoding.encode(message)), update=False)
 
     def _enqueue(self, client: Client, now: float, frame: Any, *, update: bool) -> None:
@@ -516,6 +523,8 @@ class LiveHub:
 
     def receive(self, client: Client, data: bytes | str, now: float) -> None:
         """Act on one message from ``client``; replies and errors go to its queue."""
+        if client.closed:
+            return  # being closed: whatever it asks now is moot
         request_id = None
         try:
             try:
