@@ -499,3 +499,23 @@ def test_a_client_that_never_reads_its_replies_is_closed_too_slow() -> None:
     assert viewer.client.closed and viewer.client.close_code == CLOSE_TOO_SLOW
     assert viewer.client.close_reason == "too many unread replies"
     assert viewer.client.queue_depth == 0  # dropped with the client
+
+
+def test_big_snapshots_are_spread_over_ticks_and_deltas_keep_flowing() -> None:
+    state, hub = make_hub(snapshot_rows_per_tick=2500)
+    for w in range(10):
+        state.change(f"lot/L1/wafer/{w}", {"dies": [[x, 0, 1, 1, True, 0] for x in range(1000)]})
+    viewer = Viewer(hub)
+    viewer.send({"type": "subscribe", "id": 1, "topics": ["lot/+/wafer/+"]})
+    per_tick = []
+    for t in range(1, 8):
+        state.change("lot/L1/wafer/0", {"good": t})  # a live change on the first wafer
+        hub.tick(t / 20, t / 20)
+        before = len(viewer.items())
+        viewer.drain()
+        per_tick.append(len(viewer.items()) - before)
+    # 3 wafer maps (3,000 rows) per tick at most, the rest on the following ticks; from
+    # the second tick on, the first wafer's delta comes along ...
+    assert per_tick == [3, 4, 4, 2, 1, 1, 1]
+    # ... and the first wafer's deltas went on meanwhile: nothing is missing or stale.
+    assert viewer.views == state.state

@@ -67,6 +67,9 @@ class LiveConfig:
     queue_frames: int = 64  # unsent frames a client may have queued before it is "too slow"
     history: int = 1024  # deltas kept per channel for resume ...
     history_rows: int = 50_000  # ... and at most this many list rows (dies, points) in them
+    # Snapshots built per tick, in list rows (a wafer map: one per die); more wait for the
+    # next tick.  At least one is always built.
+    snapshot_rows_per_tick: int = 5_000
     max_patterns: int = 256  # subscriptions per client
     stall_timeout: float = 30.0  # a client whose writes make no progress this long is closed
     close_grace: float = 5.0  # a closed slow client's write in progress may finish this long
@@ -82,6 +85,8 @@ class LiveConfig:
             errors.append(("history", "must be >= 0"))
         if self.history_rows < 0:
             errors.append(("history_rows", "must be >= 0"))
+        if self.snapshot_rows_per_tick < 1:
+            errors.append(("snapshot_rows_per_tick", "must be >= 1"))
         if self.max_patterns < 1:
             errors.append(("max_patterns", "must be >= 1"))
         if self.stall_timeout <= 0:
@@ -411,6 +416,7 @@ class LiveHub:
         # them, so an old offset can never name a different delta in the same epoch.
         self._tombstones: dict[str, int] = {}
         self._ticks = 0
+        self._snapshot_budget = self.config.snapshot_rows_per_tick
         self._m_published = self.metrics.counter("live_deltas_published_total",
                                                  "deltas published by the live state")
         self._m_frames = self.metrics.counter("live_frames_total",
@@ -673,6 +679,7 @@ class LiveHub:
         Returns (clients with new frames to write, clients to close as too slow).
         ``now`` is monotonic (stall detection); ``wall`` is the Unix time put in frames."""
         self._ticks += 1
+        self._snapshot_budget = self.config.snapshot_rows_per_tick
         if self._ticks % max(1, round(self.config.ui_rate * 10)) == 0:
             self.sweep()  # about every 10 s
         # 1. One shared item per dirty channel: the deltas of this tick, coalesced.
@@ -726,8 +733,10 @@ class LiveHub:
                 self._conflate(client)
                 keep.add(client)
                 continue
-            items = self._items_for(client, shared, items_cache)
-            client.todo.clear()
+            items, deferred = self._items_for(client, shared, items_cache)
+            client.todo = deferred
+            if deferred:
+                keep.add(client)
             if not items:
                 continue
             key = (client.encoding.name, *(item.key for item in items))
@@ -777,8 +786,11 @@ class LiveHub:
         client: Client,
         shared: dict[str, tuple[int, Item]],
         cache: dict[tuple[Any, ...], Item],
-    ) -> list[Item]:
+    ) -> tuple[list[Item], set[str]]:
+        """The items ``client`` gets this tick, and the topics whose snapshots wait for
+        the next one (the tick's snapshot budget is spent)."""
         items: list[Item] = []
+        deferred: set[str] = set()
         for topic in sorted(client.todo):
             position = client.positions.get(topic, -1)
             if position == -1:
@@ -808,11 +820,19 @@ class LiveHub:
                     client.positions[topic] = channel.offset
                     continue
                 client.resync[topic] = "history_truncated"
-            reason = client.resync.pop(topic, None)
+                client.positions[topic] = position = None
+            reason = client.resync.get(topic)
             key = ("s", topic, reason)
             item = cache.get(key)
             if item is None:
+                if self._snapshot_budget <= 0:
+                    # Snapshots are built in the tick, which every client waits for: a
+                    # dashboard that subscribes to 50 wafer maps gets them over a few ticks
+                    # rather than delaying everyone's next frame.
+                    deferred.add(topic)
+                    continue
                 data = self.source.snapshot(topic)
+                self._snapshot_budget -= _rows(data) if data else 1
                 message: dict[str, Any] = {
                     "type": "snapshot", "topic": topic, "epoch": self.epoch,
                     "offset": channel.offset, "data": data if data is not None else {},
@@ -821,9 +841,10 @@ class LiveHub:
                     message["resync"] = reason
                     self._m_resync.inc(reason=reason)
                 item = cache[key] = Item(key, message)
+            client.resync.pop(topic, None)
             items.append(item)
             client.positions[topic] = channel.offset
-        return items
+        return items, deferred
 
     # ----------------------------------------------------------------- stats
 
