@@ -204,7 +204,8 @@ def run_tester(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- subscribers
 
 
-def ws_connect(port: int, rcvbuf: int | None = None) -> tuple[socket.socket, bytes]:
+def ws_connect(port: int, rcvbuf: int | None = None,
+               topics: list[str] | None = None) -> tuple[socket.socket, bytes]:
     """A subscribed client socket (non-blocking) and any bytes read past the handshake."""
     sock = socket.socket()
     if rcvbuf:
@@ -225,7 +226,7 @@ def ws_connect(port: int, rcvbuf: int | None = None) -> tuple[socket.socket, byt
         raise ConnectionError(head.decode("latin-1"))
     import cbor2
 
-    payload = cbor2.dumps({"type": "subscribe", "id": 1, "topics": TOPICS})
+    payload = cbor2.dumps({"type": "subscribe", "id": 1, "topics": topics or TOPICS})
     mask = os.urandom(4)
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     n = len(payload)
@@ -346,6 +347,8 @@ def main() -> int:
     ap.add_argument("--batch-records", type=int, default=2000)
     ap.add_argument("--batch-ms", type=float, default=10.0)
     ap.add_argument("--no-stalled", action="store_true")
+    ap.add_argument("--stalled-topics", nargs="+", default=None,
+                    help="what the stalled client subscribes to (default: as the others)")
     ap.add_argument("--phases", type=int, default=4,
                     help="measured phases, alternately without and with a stalled client")
     ap.add_argument("--feed", choices=["gateway", "direct"], default="gateway",
@@ -413,7 +416,8 @@ def run_main(args: argparse.Namespace) -> int:
         for i in range(args.phases):
             with_stalled = i % 2 == 1 and not args.no_stalled
             if with_stalled:
-                stalled.append(ws_connect(port, rcvbuf=4096)[0])  # never read from
+                stalled.append(ws_connect(port, rcvbuf=4096,  # never read from
+                                          topics=args.stalled_topics)[0])
             cpu0, w0, m0 = proc_cpu_seconds(hub.pid), time.time(), time.monotonic()
             own0 = _own_cpu()
             subs.poll(m0 + span)
