@@ -35,9 +35,11 @@ from edgegw.hub.alerts import AlertEngine, AlertsConfig
 from edgegw.hub.config import HubConfig
 from edgegw.hub.dashboard import STATIC_DIR, Dashboard
 from edgegw.hub.fanout import LiveFanout
+from edgegw.hub.history import HistoryApi
 from edgegw.hub.live_protocol import LiveConfig
 from edgegw.hub.service import Hub
 from edgegw.hub.state import LiveState
+from edgegw.hub.topics import split
 from edgegw.records import SensorReading
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -60,7 +62,8 @@ def test_the_dashboard_loads_nothing_from_the_internet() -> None:
 
 
 class LiveHub:
-    """Hub + live state + fan-out + dashboard, startable and stoppable on a fixed port."""
+    """Hub + live state + alerts + fan-out + dashboard + history API, startable and
+    stoppable on a fixed port."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
@@ -85,6 +88,7 @@ class LiveHub:
         hub.add_consumer(state)
         fanout.install(hub.http)
         Dashboard().install(hub.http)
+        HistoryApi(state, alerts).install(hub.http)
         self.state, self.fanout, self.alerts = state, fanout, alerts
         self.stopped = trio.Event()
         with trio.CancelScope() as self._scope:
@@ -178,6 +182,10 @@ class Browser:
 
 
 async def http_json(port: int, path: str) -> Any:
+    return (await http_json_status(port, path))[1]
+
+
+async def http_json_status(port: int, path: str) -> tuple[int, Any]:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
@@ -192,7 +200,8 @@ async def http_json(port: int, path: str) -> Any:
             m = re.search(rb"(?i)content-length:\s*(\d+)", data.partition(b"\r\n\r\n")[0])
             if m and b"\r\n\r\n" in data:
                 length = int(m.group(1))
-    return json.loads(data.partition(b"\r\n\r\n")[2])
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
 
 
 @contextlib.asynccontextmanager
@@ -284,6 +293,13 @@ async def test_the_wafer_map_shows_the_dies_the_hub_applied_even_across_a_restar
                 browser, lambda p: p["topic"] and p["dies"] == hub.wafer_dies(p["topic"]),
                 15, "the page to draw every die the hub applied")
             assert page["dies"] > 100
+            # Die by die, what the page holds is what the hub's API says of the wafer.
+            _, lot_id, _, wafer_id = split(page["topic"])
+            status, api = await http_json_status(port, f"/api/lots/{lot_id}/wafers/{wafer_id}")
+            assert status == 200
+            drawn_rows = await browser.eval("[...views.get(canvas.dataset.topic).dies.values()]")
+            assert sorted(map(tuple, drawn_rows)) == sorted(map(tuple, api["dies"]))
+            assert len(api["dies"]) == page["dies"]
             assert page["frames"] > 5, page  # it was updated live, many times
             assert page["pareto"] >= 2 and page["sites"] == 4
             assert "ate-01:online" in page["gateways"]
