@@ -164,6 +164,8 @@ class Browser:
             " conn: document.getElementById('conn').dataset.state,"
             " frames: Number(document.body.dataset.frames || 0),"
             " resyncs: Number(document.body.dataset.resyncs || 0),"
+            " snapshots: Number(document.body.dataset.snapshots || 0),"
+            " reconnects: Number(document.body.dataset.reconnects || 0),"
             " restarted: document.body.dataset.hubRestarted === 'true',"
             " alerts: document.querySelectorAll('#alerts li[data-alert-id]').length,"
             " acked: [...document.querySelectorAll('#alerts li[data-acknowledged=\"true\"]')]"
@@ -173,6 +175,7 @@ class Browser:
             " pareto: document.querySelectorAll('#pareto .row').length,"
             " sensors: [...document.querySelectorAll('#sensors .sensor')]"
             "   .map(d => d.dataset.topic.slice(7)),"
+            " sensor_text: document.getElementById('sensors').textContent,"
             " sites: document.querySelectorAll('#sites .row').length}; })()")
 
     async def screenshot(self, path: Path) -> None:
@@ -342,6 +345,20 @@ async def test_the_wafer_map_shows_the_dies_the_hub_applied_even_across_a_restar
                                     "the page to show it acknowledged")
             await browser.screenshot(ARTIFACTS / "dashboard.png")
             del acked
+
+            # The connection drops (the hub keeps running): the page reconnects and resumes
+            # from its offsets -- it is sent what it missed and no snapshot at all.
+            before = await browser.page()
+            await browser.eval("ws.close()")
+            await wait_page(browser, lambda p: p["reconnects"] > before["reconnects"], 10,
+                            "the page to reconnect")
+            hub.state.on_records("ate-01", 10_000_100, [
+                SensorReading("mqtt", time.time(), "handler/1/temp", 99.5, "degC")])
+            await wait_page(browser, lambda p: p["conn"] == "live" and p["frames"] > before[
+                "frames"] and "99.5" in p["sensor_text"], 10, "the update after resuming")
+            page = await browser.page()
+            assert page["snapshots"] == before["snapshots"]  # resumed, not re-snapshotted
+            assert (page["topic"], page["dies"]) == (before["topic"], before["dies"])
 
             # Hub restart on the same port: the page reconnects by itself, learns the
             # new epoch, is sent fresh snapshots marked resync (the hub rebuilt its state

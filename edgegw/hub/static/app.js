@@ -15,7 +15,7 @@ let backoff = 500;
 let nextId = 1;
 let dirty = true;
 let alertsDirty = true;  // the alert list is rebuilt only when alerts change (keeps buttons)
-const stats = { frames: 0, items: 0, resyncs: 0, reconnects: 0 };
+const stats = { frames: 0, items: 0, snapshots: 0, resyncs: 0, reconnects: 0 };
 
 const $ = (id) => document.getElementById(id);
 const conn = $("conn");
@@ -59,6 +59,7 @@ function connect() {
 
 function scheduleReconnect() {
   stats.reconnects++;
+  dirty = true;
   const delay = backoff * (0.75 + Math.random() * 0.5);  // jitter: not every tab at once
   backoff = Math.min(backoff * 2, 10000);
   setTimeout(connect, delay);
@@ -101,6 +102,7 @@ function applyItem(item) {
   const topic = item.topic;
   if (topic.startsWith("alert/")) alertsDirty = true;
   if (item.type === "snapshot") {
+    stats.snapshots++;
     if (item.resync) stats.resyncs++;
     views.set(topic, prepare(topic, item.data || {}));
   } else if (item.type === "delta") {
@@ -418,6 +420,8 @@ function draw() {
     renderTests(wv ? wv.lot_id : null);
     document.body.dataset.frames = String(stats.frames);
     document.body.dataset.resyncs = String(stats.resyncs);
+    document.body.dataset.snapshots = String(stats.snapshots);
+    document.body.dataset.reconnects = String(stats.reconnects);
   }
 }
 
