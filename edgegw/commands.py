@@ -80,12 +80,12 @@ async def _until_signal(nursery: trio.Nursery) -> None:
 
 
 def cmd_hub(args: argparse.Namespace) -> int:
-    from .hub.service import Hub
+    from .hub.app import HubApp
 
     cfg = load(HubConfig, args.config, args.overrides)
 
     async def main() -> None:
-        hub = Hub(cfg)
+        hub = HubApp(cfg)
         async with trio.open_nursery() as nursery:
             port = await nursery.start(hub.run)
             print(f"edgegw hub listening on http://{cfg.hub.listen}:{port}/", flush=True)

@@ -24,8 +24,8 @@ import trio
 from .config import apply_overrides, build
 from .gateway.config import GatewayConfig
 from .gateway.service import Gateway
+from .hub.app import HubApp
 from .hub.config import HubConfig
-from .hub.service import Hub
 from .protocol import IntervalSet
 from .records import PartResult, Record
 from .sim.stdf_tester import stdf_chunks, write_files
@@ -125,13 +125,15 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "hub": {"port": args.port, "data_dir": str(tmp / "hub")},
         "gateways": {GATEWAY_ID: {"token": token}},
     }, hub_over), "<demo>")
-    hub = Hub(hub_cfg)
+    app = HubApp(hub_cfg)
+    hub = app.hub
     counter = ReceiptCounter()
     hub.add_consumer(counter)
     started = time.monotonic()
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(hub.run)
-        print(f"edgegw demo: hub at http://127.0.0.1:{port}/  (stats: /api/stats)", flush=True)
+        port = await nursery.start(app.run)
+        print(f"edgegw demo: dashboard at http://127.0.0.1:{port}/  (stats: /api/stats)",
+              flush=True)
         stdf_dir = tmp / "stdf"
         if args.source == "stdf":
             source_cfg = {"name": "tester", "type": "stdf", "paths": [str(stdf_dir)],
