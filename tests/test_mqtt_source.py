@@ -78,7 +78,7 @@ async def start_publisher(nursery: trio.Nursery, broker: BrokerAddress | Broker,
 async def wait_for(predicate: Callable[[], bool], within: float, what: str) -> None:
     """Poll a plain condition (counters of the source, the sink's records)."""
     deadline = trio.current_time() + within
-    while not predicate():  # noqa: ASYNC110 - the conditions are plain state, no event
+    while not predicate():
         if trio.current_time() > deadline:
             raise AssertionError(f"timed out after {within} s waiting for {what}")
         await trio.sleep(0.02)

@@ -32,7 +32,10 @@ def _number(raw: Any, what: str) -> float:
     if isinstance(raw, bool):
         return 1.0 if raw else 0.0
     if not isinstance(raw, (int, float)):
-        raise PayloadError(f"{what} is {type(raw).__name__} {_short(raw)}, not a number")
+        if raw is None:
+            raise PayloadError(f"{what} is null, not a number")
+        kind = {str: "the string", dict: "an object", list: "an array"}.get(type(raw), "")
+        raise PayloadError(f"{what} is {kind or type(raw).__name__} {_short(raw)}, not a number")
     value = float(raw)
     if not math.isfinite(value):
         raise PayloadError(f"{what} is not finite ({value})")

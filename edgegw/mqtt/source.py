@@ -169,6 +169,7 @@ class MqttSource:
         self._pending: list[Record] = []
         self._flush_lock = trio.Lock()
         self._tick = trio.Event()
+        self._ticker_deadline = math.inf  # when the ticker wakes by itself
         m = context.metrics
         self._m_messages = m.counter("mqtt_messages_total", "MQTT messages received")
         self._m_bad = m.counter("mqtt_bad_payloads_total",
@@ -244,7 +245,16 @@ class MqttSource:
         for throttle in self._throttles.values():
             for w in throttle.poll(now):
                 self._pending.append(as_sensor_window(w, self.name, self._units.get(w.channel, "")))
-        self._tick.set()  # the ticker recomputes its deadline
+
+    def _next_deadline(self) -> float:
+        deadlines = [d for t in self._throttles.values() if (d := t.deadline) is not None]
+        return min(deadlines, default=math.inf)
+
+    def _wake_ticker(self) -> None:
+        """After a burst: wake the ticker only if a window now ends before it would wake
+        (a channel that was idle got a reading), not once per burst."""
+        if self._next_deadline() < self._ticker_deadline:
+            self._tick.set()
 
     def _burst_full(self) -> bool:
         return len(self._pending) >= self.config.max_batch
@@ -271,13 +281,14 @@ class MqttSource:
     async def _ticker(self, sink: RecordSink) -> None:
         """Emit windows at their deadline when no message arrives to do it."""
         while True:
-            deadlines = [d for t in self._throttles.values() if (d := t.deadline) is not None]
+            self._ticker_deadline = deadline = self._next_deadline()
             self._tick = trio.Event()
-            if deadlines:
-                with trio.move_on_after(max(0.0, min(deadlines) - time.time())):
+            if deadline < math.inf:
+                with trio.move_on_after(max(0.0, deadline - time.time())):
                     await self._tick.wait()
             else:
                 await self._tick.wait()
+            self._ticker_deadline = -math.inf  # busy: no need to wake it
             self._poll_throttles()
             await self._flush(sink)
 
@@ -307,6 +318,7 @@ class MqttSource:
         options = await self._options()
 
         async def after_read() -> None:
+            self._wake_ticker()
             await self._flush(sink)
 
         self.client = TrioMqttClient(
