@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import sys
 import termios
 import time
 import uuid
@@ -350,3 +351,29 @@ def test_bad_config_is_named_by_file_and_key(raw: dict[str, Any], message: str) 
 
 def test_the_source_is_registered_under_its_entry_point() -> None:
     assert source_type("mqtt") is MqttSource
+
+
+async def test_the_sensor_simulator_feeds_the_source_realistic_readings(
+        mqtt_broker: BrokerAddress) -> None:
+    tester = unique("sim")
+    source = make_source(mqtt_broker, [
+        {"topic": f"ate/{tester}/+/+", "channel": "{2}.{3}", "timestamp_field": "ts"}])
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        await started(nursery, source, sink)
+        done = await trio.run_process(
+            [sys.executable, "-m", "edgegw", "simulate", "--sensors", "--broker",
+             f"{mqtt_broker.host}:{mqtt_broker.port}", "--rate", "200", "--count", "300",
+             "--tester", tester, "--qos", "1", "--seed", "7"], capture_stdout=True)
+        assert b"published 1500 messages" in done.stdout
+        await wait_for(lambda: source.received >= 1500, 20, "every reading")
+        nursery.cancel_scope.cancel()
+    by_channel: dict[str, list[SensorWindow]] = {}
+    for w in sink.of(SensorWindow):
+        by_channel.setdefault(w.channel, []).append(w)
+    assert sorted(by_channel) == ["handler.air_pressure", "handler.humidity", "handler.temp",
+                                  "prober.chuck_temp", "prober.vacuum"]
+    assert all(sum(w.count for w in ws) == 300 for ws in by_channel.values())
+    temps = by_channel["handler.temp"]
+    assert all(80 < w.min <= w.max < 90 for w in temps)
+    assert 0 < max(w.max - w.min for w in temps) < 2  # noise, not chaos
