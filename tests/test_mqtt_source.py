@@ -6,11 +6,14 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import shutil
+import subprocess
 import sys
 import termios
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +22,7 @@ from mqtt_broker import Broker, BrokerAddress, StartBroker
 
 from edgegw.config import ConfigError, build
 from edgegw.metrics import Metrics
-from edgegw.mqtt.client import ConnectOptions, TrioMqttClient
+from edgegw.mqtt.client import ConnectOptions, TrioMqttClient, ssl_context
 from edgegw.mqtt.source import MqttSource, MqttSourceConfig
 from edgegw.records import GatewayEvent, Record, SensorReading, SensorWindow
 from edgegw.sources import SourceContext, source_type
@@ -377,3 +380,40 @@ async def test_the_sensor_simulator_feeds_the_source_realistic_readings(
     temps = by_channel["handler.temp"]
     assert all(80 < w.min <= w.max < 90 for w in temps)
     assert 0 < max(w.max - w.min for w in temps) < 2  # noise, not chaos
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "broker.crt", directory / "broker.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+         "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl to make a certificate")
+async def test_tls_with_the_brokers_ca_and_a_clear_error_without_it(
+        start_broker: StartBroker, tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    broker = start_broker(extra=f"certfile {cert}\nkeyfile {key}\n")
+    prefix = unique("ate")
+    subs = [{"topic": f"{prefix}/+/seq", "raw": True}]
+    trusted = make_source(broker, subs, tls={"ca_file": str(cert)})
+    insecure = make_source(broker, subs, tls={"insecure": True})
+    untrusted = make_source(broker, subs, tls={})  # the system CAs do not know this broker
+    sinks = [Sink(), Sink(), Sink()]
+    async with trio.open_nursery() as nursery:
+        await started(nursery, trusted, sinks[0])
+        await started(nursery, insecure, sinks[1])
+        await nursery.start(untrusted.run, sinks[2])
+        pub = await start_publisher(nursery, broker, ssl_context=ssl_context(str(cert)))
+        for i in range(500):
+            await pub.publish(f"{prefix}/handler/seq", payload(i), qos=1)
+        await wait_for(lambda: len(sinks[0].records) >= 500 and len(sinks[1].records) >= 500,
+                       20, "the messages over TLS")
+        assert untrusted.client is not None
+        await wait_for(lambda: untrusted.client.connect_failures >= 2, 10, "TLS failures")
+        nursery.cancel_scope.cancel()
+    assert seqs(sinks[0]) == seqs(sinks[1]) == list(range(500))
+    assert "TLS handshake" in untrusted.client.last_error
+    assert "certificate verify failed" in untrusted.client.last_error
