@@ -112,3 +112,15 @@ def test_topic_filters_are_checked() -> None:
     assert check_filter("ate/#/x") is not None
     assert check_filter("ate/a+/x") is not None
     assert check_filter("") is not None
+
+
+def test_the_example_config_builds() -> None:
+    from edgegw.config import build, read_toml
+    from edgegw.mqtt.source import MqttSourceConfig
+
+    path = Path(__file__).resolve().parent.parent / "conf" / "gateway-mqtt.example.toml"
+    (table,) = read_toml(path)["sources"]
+    assert table.pop("type") == "mqtt" and table.pop("name") == "handler-sensors"
+    config = build(MqttSourceConfig, table, str(path))
+    assert [s.channel for s in config.subscriptions] == ["{1}.handler.{#}",
+                                                         "{1}.prober.chuck_temp"]
