@@ -112,6 +112,7 @@ class _Connection:
         self.disconnect_reason = ""
         self.write_wanted = trio.Event()
         self.subacks: dict[int, tuple[trio.Event, list[Any]]] = {}
+        self.abandoned = False  # set when Trio stopped waiting for connect()'s thread
 
 
 class TrioMqttClient:
@@ -250,6 +251,11 @@ class TrioMqttClient:
         while True:
             if self._after_read is not None:
                 await self._after_read()  # may block: that is the backpressure
+            # The socket may have been closed (by the writer or misc task) meanwhile; its
+            # descriptor number may already belong to another connection.  No await
+            # between this check and the wait, so it cannot go stale.
+            if conn.closed.is_set():
+                return
             try:
                 await trio.lowlevel.wait_readable(sock)
             except (trio.ClosedResourceError, OSError):
@@ -274,6 +280,8 @@ class TrioMqttClient:
                 conn.write_wanted = trio.Event()
                 await conn.write_wanted.wait()
                 continue
+            if conn.closed.is_set():  # see _reader
+                return
             try:
                 await trio.lowlevel.wait_writable(sock)
             except (trio.ClosedResourceError, OSError):
@@ -289,7 +297,7 @@ class TrioMqttClient:
 
     # ---------------------------------------------------------------- one connection
 
-    def _blocking_connect(self) -> None:
+    def _blocking_connect(self, conn: _Connection) -> None:
         o = self.options
         kwargs: dict[str, Any] = {}
         if o.protocol == "5":
@@ -299,6 +307,10 @@ class TrioMqttClient:
                 props.SessionExpiryInterval = o.session_expiry
                 kwargs["properties"] = props
         self.paho.connect(o.host, o.port, keepalive=o.keepalive, **kwargs)
+        if conn.abandoned:  # Trio gave up waiting (shutdown): do not leak the socket
+            sock = self.paho.socket()
+            if sock is not None:
+                sock.close()
 
     async def _connect(self, nursery: trio.Nursery) -> _Connection:
         """Open the socket, start the I/O tasks in ``nursery``, wait for CONNACK."""
@@ -306,7 +318,12 @@ class TrioMqttClient:
         conn = self._conn = _Connection()
         where = f"{o.host}:{o.port}"
         try:
-            await trio.to_thread.run_sync(self._blocking_connect)
+            # Abandoned on cancel, so that stopping the gateway never waits for a
+            # connect to a black-holed broker (up to connect_timeout).
+            await trio.to_thread.run_sync(self._blocking_connect, conn, abandon_on_cancel=True)
+        except trio.Cancelled:
+            conn.abandoned = True
+            raise
         except ssl.SSLError as exc:
             raise ConnectError(f"TLS handshake with {where} failed: {exc}") from None
         except (OSError, ValueError) as exc:
@@ -399,7 +416,7 @@ class TrioMqttClient:
                     self._set_connected(False)
                 if conn is None:
                     conn = self._conn
-                if conn is not None:
+                if conn is not None and not conn.abandoned:
                     self._close_quietly(conn)
                 nursery.cancel_scope.cancel()
         if error is not None:

@@ -261,6 +261,7 @@ class MqttSource:
 
     def _collect(self) -> None:
         client = self.client
+        self._m_messages.set(self.received, source=self.name)
         if client is not None:
             self._m_connected.set(1 if client.connected else 0, source=self.name)
             self._m_failures.set(client.connect_failures, source=self.name)
