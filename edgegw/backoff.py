@@ -1,9 +1,9 @@
-"""Exponential backoff with full jitter, for every reconnect loop in the gateway.
+"""Exponential backoff with full jitter, sans-IO.
 
-Fixed retry intervals make every gateway on a floor hammer a restarted broker or hub in
-lock-step; "full jitter" (a delay drawn uniformly from ``[0, ceiling]``, the ceiling
-doubling per failure up to a cap) spreads them out and is the variant AWS measured to
-finish soonest with the least load.  Pure: no clock, no sleeping; the caller sleeps.
+Each delay is drawn uniformly from [0, min(maximum, initial * multiplier**attempt)]
+("full jitter"): a floor of gateways that lost the hub (or the broker) at the same moment
+does not come back at the same moment, and nobody retries at a fixed interval.  Pure: no
+clock, no sleeping; the caller sleeps.  Used by the uplink and the MQTT client.
 """
 
 from __future__ import annotations
@@ -12,45 +12,37 @@ import random
 
 
 class Backoff:
-    """``next_delay()`` after each failure, ``reset()`` after a success.
+    """``next_delay()`` after each failure, ``reset()`` after a success."""
 
-    The n-th consecutive delay is uniform in ``[0, min(maximum, initial * multiplier**n)]``.
-    """
-
-    def __init__(
-        self,
-        initial: float,
-        maximum: float,
-        multiplier: float = 2.0,
-        rng: random.Random | None = None,
-    ) -> None:
+    def __init__(self, initial: float, maximum: float, multiplier: float = 2.0,
+                 rng: random.Random | None = None) -> None:
         if initial <= 0 or maximum < initial or multiplier < 1:
             raise ValueError(
                 f"backoff needs 0 < initial <= maximum and multiplier >= 1 "
-                f"(got initial={initial}, maximum={maximum}, multiplier={multiplier})"
-            )
+                f"(got initial={initial}, maximum={maximum}, multiplier={multiplier})")
         self.initial = initial
         self.maximum = maximum
         self.multiplier = multiplier
-        self._rng = rng or random.Random()
-        self._ceiling = initial
-        self.failures = 0  # consecutive failures since the last reset
+        self.rng = rng or random.Random()
+        self.attempt = 0  # consecutive failures since the last reset
+
+    def cap(self) -> float:
+        """The upper bound of the next delay."""
+        return min(self.maximum, self.initial * self.multiplier ** min(self.attempt, 64))
 
     @property
     def ceiling(self) -> float:
-        """The upper bound of the next delay."""
-        return self._ceiling
+        return self.cap()
 
     @property
     def at_cap(self) -> bool:
-        return self._ceiling >= self.maximum
+        """Retrying at the longest interval (a broker refusing our credentials, say)."""
+        return self.cap() >= self.maximum
 
     def next_delay(self) -> float:
-        delay = self._rng.uniform(0.0, self._ceiling)
-        self.failures += 1
-        self._ceiling = min(self.maximum, self._ceiling * self.multiplier)
+        delay = self.rng.uniform(0, self.cap())
+        self.attempt += 1
         return delay
 
     def reset(self) -> None:
-        self._ceiling = self.initial
-        self.failures = 0
+        self.attempt = 0

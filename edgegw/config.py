@@ -9,16 +9,11 @@ needs no change here.
 from __future__ import annotations
 
 import dataclasses
-import sys
+import tomllib  # Python >= 3.11; the tomli fallback is only declared for older builds
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 T = TypeVar("T")
 
@@ -193,10 +188,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
 
 
-def build(cls: type[T], data: dict[str, Any], origin: str = "<config>") -> T:
-    """Build the dataclass ``cls`` from ``data``; raise ConfigError listing every problem."""
+def build(cls: type[T], data: dict[str, Any], origin: str = "<config>", prefix: str = "") -> T:
+    """Build the dataclass ``cls`` from ``data``; raise ConfigError listing every problem.
+    ``prefix`` is the dotted key of ``data`` within its file, for the messages."""
     builder = _Builder(origin)
-    obj = builder.section(cls, data, "")
+    obj = builder.section(cls, data, prefix)
     if builder.errors:
         raise ConfigError(builder.errors)
     return obj

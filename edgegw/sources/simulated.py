@@ -54,6 +54,11 @@ class SimulatedTesterSource:
         self.context = context
         self.produced = 0
         self.finished = trio.Event()
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Stop after the current batch (a clean stop: every counted record was put)."""
+        self._stopping = True
 
     def _records(self) -> Any:
         c = self.config
@@ -100,6 +105,8 @@ class SimulatedTesterSource:
         interval = 1.0 / self.config.parts_per_second
         next_t = trio.current_time()
         for batch, n_parts in self._records():
+            if self._stopping:
+                break
             await sink.put(batch)
             self.produced += len(batch)
             if n_parts:

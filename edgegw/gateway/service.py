@@ -1,0 +1,239 @@
+"""The gateway service: sources -> batcher -> frame store -> uplink.
+
+Sources put records in batches into ``GatewaySink``; the sink feeds the sans-IO batcher
+and appends each full batch, encoded once as a frame body, to the frame store (memory
+queue or disk spool).  Appending awaits when the store is full under the ``block``
+policy, so backpressure reaches the sources (a tailed file simply waits).  The uplink
+sends what the store holds.  Record ids are per gateway and increasing; the next id is
+kept with the store's checkpoints so it survives a restart together with the frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..batcher import Batch, Batcher
+from ..hub.http import HttpServer, Request, Response, json_response
+from ..metrics import Metrics
+from ..protocol import encode_body
+from ..records import GatewayEvent, Record
+from ..sources import Source, SourceContext, source_type
+from .config import GatewayConfig
+from .store import FrameStore, MemoryFrameStore
+from .uplink import Uplink
+
+log = logging.getLogger("edgegw.gateway")
+
+RID_KEY = "__rid__"  # the next record id, kept among the checkpoints
+
+
+class GatewaySink:
+    """What sources put records into."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def put(self, records: Sequence[Record], checkpoint: Any = None,
+                  source: str | None = None) -> None:
+        await self.gateway._put(records, checkpoint, source)
+
+
+class _SourceSink:
+    def __init__(self, gateway: Gateway, name: str) -> None:
+        self.gateway = gateway
+        self.name = name
+
+    async def put(self, records: Sequence[Record], checkpoint: Any = None) -> None:
+        await self.gateway._put(records, checkpoint, self.name)
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, *, metrics: Metrics | None = None,
+                 store: FrameStore | None = None,
+                 extra_sources: Sequence[tuple[str, Source]] = ()) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.state_dir = Path(config.gateway.state_dir)
+        self.store: FrameStore = store or MemoryFrameStore(config.queue.max_frames,
+                                                           config.queue.policy)
+        self.batcher = Batcher(config.batch.max_records, config.batch.max_delay_ms / 1000)
+        self.sink = GatewaySink(self)
+        self._lock = trio.Lock()
+        self._wake_flusher = trio.Event()
+        self.next_rid = 1
+        self.sources: list[tuple[str, Source]] = list(extra_sources)
+        self.uplink: Uplink | None = None
+        self.status_port: int | None = None
+        m = self.metrics
+        self.m_records_in = m.counter("gateway_records_in_total", "records put by sources")
+        self.m_frames = m.counter("gateway_frames_stored_total", "frames appended to the store")
+        self.m_records_stored = m.counter("gateway_records_stored_total", "records in frames")
+        self.m_source_errors = m.counter("source_errors", "bad input seen by sources")
+        self._last_progress = time.time()
+        self._dropped_reported = (0, 0)
+        self.m_dropped = m.counter("gateway_records_dropped_total",
+                                   "records dropped by the drop_oldest overflow policy")
+
+    def _build_sources(self) -> None:
+        checkpoints = self.store.checkpoints
+        for entry in self.config.source_entries():
+            cls = source_type(entry.type)
+            context = SourceContext(
+                gateway_id=self.config.gateway.id, metrics=self.metrics,
+                checkpoint=checkpoints.get(entry.name),
+                state_dir=str(self.state_dir / "sources" / entry.name))
+            self.sources.append((entry.name, cls(entry.name, entry.config, context)))
+
+    async def _put(self, records: Sequence[Record], checkpoint: Any, source: str | None) -> None:
+        if records:
+            self.m_records_in.inc(len(records), source=source or "?")
+        async with self._lock:
+            batches = self.batcher.add(records, trio.current_time(), source, checkpoint)
+            for batch in batches:
+                await self._store(batch)
+        self._wake_flusher.set()
+
+    async def _store(self, batch: Batch) -> None:
+        first_rid = self.next_rid
+        self.next_rid += len(batch.records)
+        checkpoints = dict(batch.checkpoints)
+        checkpoints[RID_KEY] = self.next_rid
+        if batch.records:
+            body = encode_body(first_rid, batch.records)
+        else:  # a checkpoint alone still travels in an (empty) frame to stay in order
+            body = encode_body(first_rid, [])
+        await self.store.append(body, len(batch.records), checkpoints)
+        self.m_frames.inc()
+        self.m_records_stored.inc(len(batch.records))
+        self._last_progress = time.time()
+        self._report_drops()
+
+    def _report_drops(self) -> None:
+        """Overflow under ``drop_oldest`` is counted by the store; say so to the hub too."""
+        st = self.store.stats()
+        frames, records = st.get("dropped_frames", 0), st.get("dropped_records", 0)
+        if frames > self._dropped_reported[0]:
+            new_f = frames - self._dropped_reported[0]
+            new_r = records - self._dropped_reported[1]
+            self._dropped_reported = (frames, records)
+            self.m_dropped.inc(new_r)
+            log.error("frame store full: dropped the %d oldest frame(s), %d record(s)",
+                      new_f, new_r)
+            self.batcher.add([GatewayEvent(
+                "gateway", time.time(), "error", "store_overflow",
+                f"frame store full ({self.store.stats().get('kind')}, drop_oldest): dropped "
+                f"{new_f} frame(s) with {new_r} record(s)",
+                {"dropped_frames": frames, "dropped_records": records})],
+                trio.current_time(), "gateway")
+
+    async def emit_event(self, level: str, code: str, message: str,
+                         detail: dict[str, Any] | None = None) -> None:
+        """Report something about the gateway itself to the hub, as a record."""
+        await self._put([GatewayEvent("gateway", time.time(), level, code, message, detail)],
+                        None, "gateway")
+
+    async def _flusher(self) -> None:
+        while True:
+            deadline = self.batcher.deadline
+            if deadline is None:
+                await self._wake_flusher.wait()
+                self._wake_flusher = trio.Event()
+                continue
+            with trio.move_on_at(deadline):
+                await self._wake_flusher.wait()
+                self._wake_flusher = trio.Event()
+                continue
+            async with self._lock:
+                batch = self.batcher.poll(trio.current_time())
+                if batch is not None:
+                    await self._store(batch)
+
+    async def flush(self) -> None:
+        """Store whatever the batcher holds now (used at shutdown and by embedders)."""
+        async with self._lock:
+            batch = self.batcher.flush()
+            if batch is not None:
+                await self._store(batch)
+
+    async def drain(self, seconds: float) -> bool:
+        """Flush the batcher and wait up to ``seconds`` for the hub to acknowledge every
+        stored frame.  True when everything was acknowledged."""
+        await self.flush()
+        with trio.move_on_after(seconds):
+            # polled: the store signals new frames, not acks
+            while self.store.first_unacked < self.store.next_seq:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        return self.store.first_unacked >= self.store.next_seq
+
+    def stats(self) -> dict[str, Any]:
+        up = self.uplink
+        return {
+            "gateway": self.config.gateway.id,
+            "connected": bool(up and up.connected),
+            "last_error": up.last_error if up else None,
+            "next_rid": self.next_rid,
+            "pending_in_batcher": self.batcher.pending,
+            "store": self.store.stats(),
+            "metrics": self.metrics.as_dict(),
+        }
+
+    def healthy(self) -> tuple[bool, str]:
+        st = self.store.stats()
+        frames = st.get("frames", 0)
+        up = self.uplink
+        if frames and up is not None and up.last_ack_at is not None:
+            idle = time.time() - up.last_ack_at
+            if idle > 60:
+                return False, f"{frames} frame(s) waiting and no ack for {idle:.0f} s"
+        return True, "ok"
+
+    async def _serve_status(self, *, task_status: trio.TaskStatus[int]) -> None:
+        server = HttpServer()
+
+        async def healthz(request: Request) -> Response:
+            ok, why = self.healthy()
+            return json_response({"status": "ok" if ok else "unhealthy", "detail": why},
+                                 200 if ok else 503)
+
+        async def stats(request: Request) -> Response:
+            return json_response(self.stats())
+
+        async def metrics(request: Request) -> Response:
+            return Response(200, self.metrics.render_prometheus().encode(),
+                            "text/plain; version=0.0.4")
+
+        server.add_route("GET", "/healthz", healthz)
+        server.add_route("GET", "/api/stats", stats)
+        server.add_route("GET", "/metrics", metrics)
+        g = self.config.gateway
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(server.serve, g.status_listen, g.status_port)
+            task_status.started(listeners[0].socket.getsockname()[1])
+
+    async def run(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        await trio.Path(self.state_dir).mkdir(parents=True, exist_ok=True)
+        self.next_rid = int(self.store.checkpoints.get(RID_KEY, 1))
+        self._build_sources()
+        self.uplink = Uplink(self.config.gateway, self.config.uplink, self.store, self.metrics,
+                             trio.Path(self.state_dir / "dead-letter.cborseq"))
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.uplink.run)
+                nursery.start_soon(self._flusher)
+                if self.config.gateway.status_port:
+                    self.status_port = await nursery.start(self._serve_status)
+                for name, source in self.sources:
+                    await nursery.start(source.run, _SourceSink(self, name))
+                log.info("gateway %s running with %d source(s)", self.config.gateway.id,
+                         len(self.sources))
+                task_status.started(self)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await self.flush()

@@ -1,0 +1,232 @@
+"""The uplink: keeps one WebSocket to the hub and moves frames from the store to it.
+
+Connect, say HELLO (epoch, first unacknowledged sequence), learn from WELCOME what the
+hub already has, then send every stored frame the hub lacks, oldest first, with at most
+``window_frames`` unacknowledged.  Acks release frames in the store.  Any failure closes
+the connection and the loop reconnects after an exponential, fully jittered delay; the
+store keeps every frame meanwhile, so nothing is lost and the hub's dedup makes a resend
+harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from typing import Any
+
+import cbor2
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    open_websocket_url,
+)
+
+from ..backoff import Backoff
+from ..metrics import Metrics
+from ..protocol import (
+    Ack,
+    CloseCode,
+    GatewayConnection,
+    ProtocolError,
+    Refuse,
+    Reject,
+    Welcome,
+    encode_body,
+)
+from ..records import GatewayEvent
+from ..taskgroups import reraise_meaningful
+from .config import GatewaySection, UplinkSection
+from .store import FrameStore
+
+log = logging.getLogger("edgegw.uplink")
+
+
+class Refused(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"hub refused the connection: {reason} (code {code})")
+        self.code = code
+        self.reason = reason
+
+
+class Uplink:
+    def __init__(self, gateway: GatewaySection, config: UplinkSection, store: FrameStore,
+                 metrics: Metrics, dead_letter_path: trio.Path | None = None) -> None:
+        self.gateway = gateway
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.dead_letter_path = dead_letter_path
+        self.connected = False
+        self.last_error: str | None = None
+        self.last_ack_at: float | None = None
+        self.acked_watermark = 0
+        self._ack_changed = trio.Event()
+        self.backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
+        self.m_connects = metrics.counter("uplink_connects_total", "successful hub handshakes")
+        self.m_failures = metrics.counter("uplink_failures_total", "connection failures")
+        self.m_frames = metrics.counter("uplink_frames_sent_total", "data frames sent")
+        self.m_bytes = metrics.counter("uplink_bytes_sent_total", "data frame bytes sent")
+        self.m_rejected = metrics.counter("uplink_frames_rejected_total",
+                                          "frames the hub refused as invalid (dead-lettered)")
+        self.m_connected = metrics.gauge("uplink_connected", "1 while connected to the hub")
+        metrics.add_collector(lambda: self.m_connected.set(1 if self.connected else 0))
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.gateway.hub_url.startswith("wss://"):
+            return None
+        ctx = ssl.create_default_context()
+        if self.config.ca_file:
+            ctx.load_verify_locations(self.config.ca_file)
+        return ctx
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            try:
+                await self._session()
+            except Refused as exc:
+                self.last_error = str(exc)
+                log.error("%s", exc)
+                if exc.code in (CloseCode.UNAUTHORIZED, CloseCode.UNSUPPORTED_VERSION):
+                    # configuration problem: keep trying, but at the slowest pace
+                    self.backoff.attempt = 64
+            except (OSError, HandshakeError, ConnectionClosed, ConnectionRejected,
+                    ProtocolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("hub link down: %s", self.last_error)
+            finally:
+                self.connected = False
+            self.m_failures.inc()
+            delay = self.backoff.next_delay()
+            log.info("reconnecting in %.2f s", delay)
+            await trio.sleep(delay)
+
+    async def _session(self) -> None:
+        cfg = self.config
+        async with open_websocket_url(
+            self.gateway.hub_url, self._ssl_context(), message_queue_size=16,
+            max_message_size=1 << 20, connect_timeout=cfg.connect_timeout_s,
+            disconnect_timeout=2, receive_buffer_size=None,
+        ) as ws:
+            now = trio.current_time()
+            conn = GatewayConnection(self.gateway.id, self.gateway.token, self.store.epoch,
+                                     self.store.first_unacked, heartbeat=cfg.heartbeat_s,
+                                     max_message_bytes=1 << 20, now=now)
+            await ws.send_message(conn.hello(now))
+            with trio.fail_after(cfg.connect_timeout_s):
+                while conn.welcome is None:
+                    events, _ = conn.receive(await ws.get_message(), trio.current_time())
+                    for ev in events:
+                        if isinstance(ev, Refuse):
+                            raise Refused(ev.code, ev.reason)
+            welcome = conn.welcome
+            assert isinstance(welcome, Welcome)
+            self._apply_ack(welcome.applied)
+            self.connected = True
+            self.m_connects.inc()
+            self.backoff.reset()
+            self.last_error = None
+            log.info("connected to %s (hub has %s)", self.gateway.hub_url,
+                     welcome.applied[:3] or "nothing")
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._receiver, ws, conn)
+                    nursery.start_soon(self._heartbeat, ws, conn)
+                    nursery.start_soon(self._sender, ws, conn, welcome)
+            except BaseExceptionGroup as group:
+                reraise_meaningful(group, ProtocolError, ConnectionClosed, trio.TooSlowError,
+                                   OSError, trio.BrokenResourceError)
+
+    def _apply_ack(self, ranges: list[tuple[int, int]]) -> None:
+        watermark = 0
+        if ranges and ranges[0][0] == 1:
+            watermark = ranges[0][1]
+        if watermark:
+            self.store.ack(watermark)
+        above = [r for r in ranges if r[0] > 1]
+        if above:
+            self.store.ack_set(above)
+        self.acked_watermark = max(self.acked_watermark, watermark)
+        self.last_ack_at = time.time()
+        self._ack_changed.set()
+        self._ack_changed = trio.Event()
+
+    async def _receiver(self, ws: Any, conn: GatewayConnection) -> None:
+        while True:
+            events, reply = conn.receive(await ws.get_message(), trio.current_time())
+            if reply is not None:
+                await ws.send_message(reply)
+            for ev in events:
+                if isinstance(ev, Ack):
+                    self._apply_ack([(1, ev.watermark), *ev.ranges] if ev.watermark else ev.ranges)
+                elif isinstance(ev, Reject):
+                    await self._dead_letter(ev.seq, ev.reason)
+
+    async def _dead_letter(self, seq: int, reason: str, ack: bool = True) -> None:
+        self.m_rejected.inc()
+        log.error("hub rejected frame %d as invalid: %s (kept in the dead-letter file)",
+                  seq, reason)
+        frames = self.store.frames_from(seq, 1)
+        body = frames[0].body if frames and frames[0].seq == seq else None
+        if self.dead_letter_path is not None:
+            entry = cbor2.dumps({"seq": seq, "epoch": self.store.epoch, "reason": reason,
+                                 "at": time.time(), "body": body})
+            async with await self.dead_letter_path.open("ab") as f:
+                await f.write(len(entry).to_bytes(4, "big") + entry)
+        if ack:
+            self.store.ack_set([(seq, seq)])
+
+    async def _heartbeat(self, ws: Any, conn: GatewayConnection) -> None:
+        while True:
+            await trio.sleep_until(conn.next_deadline())
+            ping = conn.on_timer(trio.current_time())
+            if ping is not None:
+                await ws.send_message(ping)
+
+    async def _sender(self, ws: Any, conn: GatewayConnection, welcome: Welcome) -> None:
+        window = self.config.window_frames
+        next_seq = self.store.first_unacked
+        while True:
+            in_flight = next_seq - 1 - self.acked_watermark
+            if in_flight >= window:
+                await self._ack_changed.wait()
+                continue
+            frames = self.store.frames_from(next_seq, window - in_flight)
+            if not frames:
+                await self.store.wait_for_frame_after(next_seq - 1)
+                continue
+            for f in frames:
+                next_seq = f.seq + 1
+                data = conn.data(f.seq, f.body, trio.current_time())
+                problem = None
+                if f.n_records > welcome.max_records:
+                    problem = (f"{f.n_records} records exceed the hub's limit of "
+                               f"{welcome.max_records} per frame")
+                elif len(data) > welcome.max_frame_bytes:
+                    problem = (f"frame of {len(data)} bytes exceeds the hub's limit of "
+                               f"{welcome.max_frame_bytes}")
+                if problem is not None:
+                    # the hub would close the link for this frame, again and again: keep it
+                    # in the dead-letter file and send a stand-in that says so, so the
+                    # hub's sequence stays gap-free and the loss is visible there too
+                    await self._dead_letter(f.seq, problem, ack=False)
+                    data = conn.data(f.seq, _stand_in(f.body, f.seq, problem),
+                                     trio.current_time())
+                await ws.send_message(data)
+                self.m_frames.inc()
+                self.m_bytes.inc(len(data))
+
+
+def _stand_in(body: bytes, seq: int, reason: str) -> bytes:
+    """A one-record frame body standing in for a dead-lettered frame."""
+    try:
+        first_rid = cbor2.loads(body)[0]
+    except Exception:
+        first_rid = 1
+    event = GatewayEvent("gateway", time.time(), "error", "frame_dead_lettered",
+                         f"frame {seq} kept in the gateway's dead-letter file: {reason}",
+                         {"seq": seq})
+    return encode_body(first_rid if isinstance(first_rid, int) and first_rid > 0 else 1, [event])

@@ -1,0 +1,49 @@
+"""The hub's configuration (``edgegw hub --config hub.toml``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class HubSection:
+    listen: str = "127.0.0.1"
+    port: int = 8765
+    data_dir: str = "./edgegw-hub-data"
+    heartbeat_s: float = 5.0
+    hello_timeout_s: float = 10.0
+    max_frame_bytes: int = 8 << 20
+    max_records_per_frame: int = 50_000
+    # how many holes the applied sequence set may have: >0 lets a gateway send live
+    # frames ahead of its backlog after an outage (see docs/protocol.md)
+    max_holes: int = 8
+    # frames in flight per gateway between receipt and durable commit
+    apply_queue_frames: int = 64
+    keep_frame_bodies: bool = True
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(("port", "must be between 0 and 65535"))
+        if self.heartbeat_s <= 0:
+            problems.append(("heartbeat_s", "must be > 0"))
+        if self.max_frame_bytes < 1024:
+            problems.append(("max_frame_bytes", "must be at least 1024"))
+        if self.max_holes < 0:
+            problems.append(("max_holes", "must be >= 0"))
+        return problems
+
+
+@dataclasses.dataclass(frozen=True)
+class GatewayAuth:
+    token: str
+
+    def validate(self) -> list[tuple[str, str]]:
+        return [("token", "must not be empty")] if not self.token else []
+
+
+@dataclasses.dataclass(frozen=True)
+class HubConfig:
+    hub: HubSection = dataclasses.field(default_factory=HubSection)
+    # gateway id -> its token; a gateway not listed here is refused
+    gateways: dict[str, GatewayAuth] = dataclasses.field(default_factory=dict)

@@ -1,0 +1,239 @@
+"""Sans-IO state machines for the two ends of a gateway -> hub connection.
+
+Like h11 and wsproto, these do no I/O and read no clock: the I/O layer hands each whole
+WebSocket message to ``receive(data, now)`` and gets events back; it sends the bytes the
+methods return; it calls ``on_timer(now)`` at ``next_deadline()``.  Faults by the peer
+raise ``ProtocolError`` carrying the close code to use; the connection is then closed.
+
+Heartbeats: each side sends PING once per ``heartbeat`` seconds of its own silence and
+answers every PING with PONG; a side that has received nothing for ``2 x heartbeat``
+declares the peer dead (close code 4005).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from .intervals import IntervalSet
+from .messages import (
+    SUPPORTED_VERSIONS,
+    Ack,
+    CloseCode,
+    Data,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    ProtocolError,
+    Refuse,
+    Reject,
+    Welcome,
+    decode,
+    encode,
+)
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class _Heartbeat:
+    def __init__(self, interval: float, now: float) -> None:
+        self.interval = interval
+        self.last_received = now
+        self.last_sent = now
+
+    def deadline(self) -> float:
+        return min(self.last_sent + self.interval, self.last_received + 2 * self.interval)
+
+    def check(self, now: float) -> bytes | None:
+        if now - self.last_received >= 2 * self.interval:
+            raise ProtocolError(CloseCode.HEARTBEAT_TIMEOUT,
+                                f"nothing received for {now - self.last_received:.1f} s "
+                                f"(heartbeat {self.interval:g} s)")
+        if now - self.last_sent >= self.interval:
+            self.last_sent = now
+            return encode(Ping(now))
+        return None
+
+
+class _Base:
+    def __init__(self, heartbeat: float, max_message_bytes: int, now: float) -> None:
+        self.state = State.HANDSHAKE
+        self.heartbeat = _Heartbeat(heartbeat, now)
+        self.max_message_bytes = max_message_bytes
+        self.rtt: float | None = None
+
+    def next_deadline(self) -> float:
+        return self.heartbeat.deadline()
+
+    def on_timer(self, now: float) -> bytes | None:
+        """A PING to send when due; raises ProtocolError when the peer is silent too long."""
+        if self.state is State.CLOSED:
+            return None
+        try:
+            return self.heartbeat.check(now)
+        except ProtocolError:
+            self.state = State.CLOSED
+            raise
+
+    def _sent(self, data: bytes, now: float) -> bytes:
+        self.heartbeat.last_sent = now
+        return data
+
+    def _decode(self, data: bytes | str, now: float) -> tuple[Message, bytes | None]:
+        """Decode, enforce size, handle PING/PONG.  Returns (message, reply or None)."""
+        if self.state is State.CLOSED:
+            raise ProtocolError(CloseCode.PROTOCOL_ERROR, "message after close")
+        if len(data) > self.max_message_bytes:
+            self.state = State.CLOSED
+            raise ProtocolError(CloseCode.TOO_BIG,
+                                f"message of {len(data)} bytes exceeds the limit of "
+                                f"{self.max_message_bytes} bytes")
+        self.heartbeat.last_received = now
+        try:
+            msg = decode(data)
+        except ProtocolError:
+            self.state = State.CLOSED
+            raise
+        if isinstance(msg, Ping):
+            return msg, self._sent(encode(Pong(msg.t)), now)
+        if isinstance(msg, Pong):
+            self.rtt = max(0.0, now - msg.t)
+        return msg, None
+
+    def fail(self, reason: str, code: int = CloseCode.PROTOCOL_ERROR) -> ProtocolError:
+        self.state = State.CLOSED
+        return ProtocolError(code, reason)
+
+
+class GatewayConnection(_Base):
+    """The gateway's end.  ``hello()`` first; ``receive`` yields Welcome, Ack, Reject,
+    Refuse; ``data(seq, body)`` frames a data frame."""
+
+    def __init__(self, gateway_id: str, token: str, epoch: str, next_seq: int, *,
+                 heartbeat: float = 5.0, max_message_bytes: int = 16 << 20,
+                 now: float = 0.0) -> None:
+        super().__init__(heartbeat, max_message_bytes, now)
+        self._hello = Hello(gateway_id, token, epoch, next_seq, SUPPORTED_VERSIONS, heartbeat)
+        self.welcome: Welcome | None = None
+
+    def hello(self, now: float) -> bytes:
+        return self._sent(encode(self._hello), now)
+
+    def data(self, seq: int, body: bytes, now: float) -> bytes:
+        if self.state is not State.OPEN:
+            raise RuntimeError(f"cannot send data in state {self.state.value}")
+        return self._sent(encode(Data(seq, now, body)), now)
+
+    def receive(self, data: bytes | str, now: float) -> tuple[list[Any], bytes | None]:
+        """Returns (events, reply-to-send or None)."""
+        msg, reply = self._decode(data, now)
+        if isinstance(msg, (Ping, Pong)):
+            return [], reply
+        if self.state is State.HANDSHAKE:
+            if isinstance(msg, Welcome):
+                if msg.version not in SUPPORTED_VERSIONS:
+                    raise self.fail(f"hub chose unsupported version {msg.version}",
+                                    CloseCode.UNSUPPORTED_VERSION)
+                self.state = State.OPEN
+                self.welcome = msg
+                # the hub's heartbeat wins so both ends agree on the timeout
+                self.heartbeat.interval = msg.heartbeat
+                return [msg], None
+            if isinstance(msg, Refuse):
+                self.state = State.CLOSED
+                return [msg], None
+            raise self.fail(f"expected WELCOME or REFUSE, got {type(msg).__name__.upper()}")
+        if isinstance(msg, (Ack, Reject)):
+            return [msg], None
+        raise self.fail(f"unexpected {type(msg).__name__.upper()} from hub")
+
+
+class HubConnection(_Base):
+    """The hub's end of one gateway connection.
+
+    ``receive`` yields ``Hello`` (the hub then calls ``accept`` or ``refuse``), ``Data``
+    for frames not yet applied, and ``Duplicate`` for frames already applied (the hub
+    counts them; ``receive`` has already produced the ACK reply).  After applying a
+    frame the hub calls ``applied(seq)`` for the ACK, or ``rejected(seq, reason)``.
+    """
+
+    def __init__(self, *, heartbeat: float = 5.0, max_message_bytes: int = 16 << 20,
+                 max_records: int = 100_000, max_holes: int = 8, now: float = 0.0) -> None:
+        super().__init__(heartbeat, max_message_bytes, now)
+        self.max_records = max_records
+        self.max_holes = max_holes
+        self.hello_msg: Hello | None = None
+        self.applied_set = IntervalSet()
+        self._seen = IntervalSet()  # applied, or received and being applied
+        self.declared_lost = 0
+
+    def receive(self, data: bytes | str, now: float) -> tuple[list[Any], bytes | None]:
+        msg, reply = self._decode(data, now)
+        if isinstance(msg, (Ping, Pong)):
+            return [], reply
+        if self.state is State.HANDSHAKE:
+            if not isinstance(msg, Hello) or self.hello_msg is not None:
+                raise self.fail(f"expected HELLO, got {type(msg).__name__.upper()}")
+            self.hello_msg = msg
+            return [msg], None
+        if isinstance(msg, Data):
+            if msg.seq in self.applied_set:
+                return [Duplicate(msg.seq)], self.ack(now)
+            if msg.seq in self._seen:
+                raise self.fail(f"frame {msg.seq} sent twice on one connection")
+            trial = IntervalSet(self._seen.ranges())
+            trial.add(msg.seq)
+            if trial.holes > self.max_holes:
+                raise self.fail(
+                    f"sequence gap: frame {msg.seq} leaves {trial.holes} holes in "
+                    f"{trial.ranges()[:4]}, limit is {self.max_holes}")
+            self._seen = trial
+            return [msg], None
+        raise self.fail(f"unexpected {type(msg).__name__.upper()} from gateway")
+
+    def accept(self, applied: IntervalSet, now: float) -> bytes:
+        """Welcome the gateway; ``applied`` is what the hub already has for its epoch.
+        Frames below the gateway's ``next_seq`` that the hub lacks are ones the gateway
+        no longer holds: they are recorded as lost (``declared_lost``), not waited for."""
+        assert self.hello_msg is not None
+        missing = IntervalSet(applied.ranges())
+        missing.add_range(1, self.hello_msg.next_seq - 1)
+        self.declared_lost = missing.count() - applied.count()
+        self.applied_set = missing
+        self._seen = IntervalSet(missing.ranges())
+        self.state = State.OPEN
+        welcome = Welcome(1, self.applied_set.ranges(), self.heartbeat.interval,
+                          self.max_message_bytes, self.max_records)
+        return self._sent(encode(welcome), now)
+
+    def refuse(self, code: int, reason: str, now: float) -> bytes:
+        self.state = State.CLOSED
+        return self._sent(encode(Refuse(code, reason)), now)
+
+    def applied(self, seq: int, now: float) -> bytes:
+        self.applied_set.add(seq)
+        return self.ack(now)
+
+    def rejected(self, seq: int, reason: str, now: float) -> bytes:
+        """A frame the hub will never accept: counted as done so it does not block."""
+        self.applied_set.add(seq)
+        return self._sent(encode(Reject(seq, reason)), now)
+
+    def ack(self, now: float) -> bytes:
+        s = self.applied_set
+        return self._sent(encode(Ack(s.watermark(), s.above_watermark())), now)
+
+
+class Duplicate:
+    __slots__ = ("seq",)
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+
+    def __repr__(self) -> str:
+        return f"Duplicate(seq={self.seq})"

@@ -1,0 +1,72 @@
+"""A set of sequence numbers kept as sorted, disjoint, inclusive ranges.
+
+The hub's record of what it has applied for one (gateway, epoch): usually one range
+``[1, N]``; after an outage with live-first delivery, two or three.  Memory is bounded by
+the number of holes, which the protocol limits.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+
+
+class IntervalSet:
+    __slots__ = ("_hi", "_lo")
+
+    def __init__(self, ranges: Iterable[tuple[int, int]] | Iterable[list[int]] = ()) -> None:
+        self._lo: list[int] = []
+        self._hi: list[int] = []
+        for lo, hi in ranges:
+            self.add_range(lo, hi)
+
+    def __contains__(self, n: int) -> bool:
+        i = bisect.bisect_right(self._lo, n) - 1
+        return i >= 0 and n <= self._hi[i]
+
+    def __bool__(self) -> bool:
+        return bool(self._lo)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IntervalSet) and self.ranges() == other.ranges()
+
+    def __repr__(self) -> str:
+        return f"IntervalSet({self.ranges()!r})"
+
+    def add(self, n: int) -> None:
+        self.add_range(n, n)
+
+    def add_range(self, lo: int, hi: int) -> None:
+        if hi < lo:
+            return
+        # every range that overlaps or touches [lo, hi] merges with it
+        i = bisect.bisect_left(self._hi, lo - 1)
+        j = bisect.bisect_right(self._lo, hi + 1)
+        if i < j:
+            lo = min(lo, self._lo[i])
+            hi = max(hi, self._hi[j - 1])
+        self._lo[i:j] = [lo]
+        self._hi[i:j] = [hi]
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return list(zip(self._lo, self._hi, strict=True))
+
+    @property
+    def holes(self) -> int:
+        """Gaps between ranges (a set starting above 1 counts the gap below it too)."""
+        if not self._lo:
+            return 0
+        return len(self._lo) - 1 + (1 if self._lo[0] > 1 else 0)
+
+    def watermark(self) -> int:
+        """The highest n such that every number in 1..n is in the set (0 if none)."""
+        if self._lo and self._lo[0] == 1:
+            return self._hi[0]
+        return 0
+
+    def above_watermark(self) -> list[tuple[int, int]]:
+        ranges = self.ranges()
+        return ranges[1:] if ranges and ranges[0][0] == 1 else ranges
+
+    def count(self) -> int:
+        return sum(h - l + 1 for l, h in zip(self._lo, self._hi, strict=True))  # noqa: E741

@@ -1,0 +1,274 @@
+"""Wire protocol v1 messages: their CBOR encoding and validation.
+
+Every WebSocket message is one binary message holding one CBOR array whose first item is
+the message type.  ``docs/protocol.md`` is the normative description; this module is its
+reference implementation.  Decoding validates shape and types and raises
+``ProtocolError`` with the close code the receiver must use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import cbor2
+
+from ..records import Record, to_wire
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+# message types
+HELLO = 1
+WELCOME = 2
+REFUSE = 3
+DATA = 4
+ACK = 5
+REJECT = 6
+PING = 7
+PONG = 8
+
+
+class CloseCode:
+    """WebSocket close codes used by the protocol (4000-4999 are application codes)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # the peer is shutting down; reconnect later
+    TOO_BIG = 1009  # a message larger than the configured frame limit
+    UNAUTHORIZED = 4001  # unknown gateway id or wrong token
+    UNSUPPORTED_VERSION = 4002  # no protocol version in common
+    ALREADY_CONNECTED = 4003  # the same gateway id is connected already
+    PROTOCOL_ERROR = 4004  # malformed message, message out of order, sequence gap
+    HEARTBEAT_TIMEOUT = 4005  # nothing received for 2 x heartbeat interval
+    TOO_MANY_RECORDS = 4006  # a data frame with more records than the limit
+    HELLO_TIMEOUT = 4007  # no hello within the handshake timeout
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; close the connection with ``code`` and ``reason``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{reason} (close code {code})")
+        self.code = code
+        self.reason = reason
+
+
+# --- events (what a decoded message means) ---------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello:
+    gateway_id: str
+    token: str
+    epoch: str
+    next_seq: int
+    versions: tuple[int, ...] = SUPPORTED_VERSIONS
+    heartbeat: float = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Welcome:
+    version: int
+    applied: list[tuple[int, int]]
+    heartbeat: float
+    max_frame_bytes: int
+    max_records: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Refuse:
+    code: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    seq: int
+    sent_at: float
+    body: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Ack:
+    watermark: int
+    ranges: list[tuple[int, int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reject:
+    seq: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Ping:
+    t: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Pong:
+    t: float
+
+
+Message = Hello | Welcome | Refuse | Data | Ack | Reject | Ping | Pong
+
+
+# --- encoding ------------------------------------------------------------------------
+
+
+def encode(msg: Message) -> bytes:
+    if isinstance(msg, Data):
+        return cbor2.dumps([DATA, msg.seq, msg.sent_at, msg.body])
+    if isinstance(msg, Ack):
+        return cbor2.dumps([ACK, msg.watermark, [list(r) for r in msg.ranges]])
+    if isinstance(msg, Ping):
+        return cbor2.dumps([PING, msg.t])
+    if isinstance(msg, Pong):
+        return cbor2.dumps([PONG, msg.t])
+    if isinstance(msg, Hello):
+        return cbor2.dumps([HELLO, {
+            "versions": list(msg.versions), "gateway": msg.gateway_id, "token": msg.token,
+            "epoch": msg.epoch, "next_seq": msg.next_seq, "heartbeat": msg.heartbeat}])
+    if isinstance(msg, Welcome):
+        return cbor2.dumps([WELCOME, {
+            "version": msg.version, "applied": [list(r) for r in msg.applied],
+            "heartbeat": msg.heartbeat, "max_frame_bytes": msg.max_frame_bytes,
+            "max_records": msg.max_records}])
+    if isinstance(msg, Refuse):
+        return cbor2.dumps([REFUSE, msg.code, msg.reason])
+    if isinstance(msg, Reject):
+        return cbor2.dumps([REJECT, msg.seq, msg.reason])
+    raise TypeError(f"not a protocol message: {msg!r}")
+
+
+# --- decoding ------------------------------------------------------------------------
+
+
+def _bad(reason: str) -> ProtocolError:
+    return ProtocolError(CloseCode.PROTOCOL_ERROR, reason)
+
+
+def _int(v: Any, what: str, minimum: int = 0) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise _bad(f"{what} must be an integer >= {minimum}, got {v!r:.40}")
+    return v
+
+
+def _num(v: Any, what: str) -> float:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise _bad(f"{what} must be a finite number, got {v!r:.40}")
+    return float(v)
+
+
+def _str(v: Any, what: str, max_len: int = 256) -> str:
+    if not isinstance(v, str) or len(v) > max_len:
+        raise _bad(f"{what} must be a string of at most {max_len} characters")
+    return v
+
+
+def _ranges(v: Any, what: str, max_ranges: int = 1024) -> list[tuple[int, int]]:
+    if not isinstance(v, list) or len(v) > max_ranges:
+        raise _bad(f"{what} must be a list of at most {max_ranges} [lo, hi] pairs")
+    out = []
+    for r in v:
+        if not isinstance(r, list) or len(r) != 2:
+            raise _bad(f"{what}: each range must be [lo, hi]")
+        lo, hi = _int(r[0], what, 1), _int(r[1], what, 1)
+        if hi < lo:
+            raise _bad(f"{what}: range [{lo}, {hi}] is reversed")
+        out.append((lo, hi))
+    return out
+
+
+def decode(data: bytes | str) -> Message:
+    """Decode one WebSocket message; raises ProtocolError for anything malformed."""
+    if isinstance(data, str):
+        raise _bad("text messages are not part of the protocol; send binary CBOR")
+    try:
+        item = cbor2.loads(data)
+    except Exception as exc:  # cbor2 raises several types for junk input
+        raise _bad(f"message is not valid CBOR: {exc}") from None
+    if not isinstance(item, list) or not item:
+        raise _bad("message must be a non-empty CBOR array")
+    kind = item[0]
+    n = len(item)
+    if kind == DATA and n == 4:
+        if not isinstance(item[3], bytes):
+            raise _bad("DATA body must be a byte string")
+        return Data(_int(item[1], "DATA seq", 1), _num(item[2], "DATA sent_at"), item[3])
+    if kind == ACK and n == 3:
+        return Ack(_int(item[1], "ACK watermark"), _ranges(item[2], "ACK ranges"))
+    if kind == PING and n == 2:
+        return Ping(_num(item[1], "PING t"))
+    if kind == PONG and n == 2:
+        return Pong(_num(item[1], "PONG t"))
+    if kind == HELLO and n == 2 and isinstance(item[1], dict):
+        m = item[1]
+        versions = m.get("versions")
+        if not isinstance(versions, list) or not all(isinstance(v, int) for v in versions):
+            raise _bad("HELLO versions must be a list of integers")
+        return Hello(
+            gateway_id=_str(m.get("gateway"), "HELLO gateway", 128),
+            token=_str(m.get("token"), "HELLO token", 1024),
+            epoch=_str(m.get("epoch"), "HELLO epoch", 128),
+            next_seq=_int(m.get("next_seq"), "HELLO next_seq", 1),
+            versions=tuple(versions),
+            heartbeat=_num(m.get("heartbeat", 5.0), "HELLO heartbeat"),
+        )
+    if kind == WELCOME and n == 2 and isinstance(item[1], dict):
+        m = item[1]
+        return Welcome(
+            version=_int(m.get("version"), "WELCOME version", 1),
+            applied=_ranges(m.get("applied"), "WELCOME applied"),
+            heartbeat=_num(m.get("heartbeat"), "WELCOME heartbeat"),
+            max_frame_bytes=_int(m.get("max_frame_bytes"), "WELCOME max_frame_bytes", 1),
+            max_records=_int(m.get("max_records"), "WELCOME max_records", 1),
+        )
+    if kind == REFUSE and n == 3:
+        return Refuse(_int(item[1], "REFUSE code"), _str(item[2], "REFUSE reason", 1024))
+    if kind == REJECT and n == 3:
+        return Reject(_int(item[1], "REJECT seq", 1), _str(item[2], "REJECT reason", 1024))
+    raise _bad(f"unknown message type {kind!r} with {n} items")
+
+
+# --- frame bodies ----------------------------------------------------------------------
+
+
+class FrameError(Exception):
+    """A data frame whose body is invalid: the hub rejects it (dead letter), the
+    connection stays up."""
+
+
+def encode_body(first_rid: int, records: Sequence[Record]) -> bytes:
+    """CBOR ``[first_rid, [source...], [record...]]``; each record positional."""
+    index: dict[str, int] = {}
+    wire = []
+    for r in records:
+        src = r[0]
+        i = index.get(src)
+        if i is None:
+            i = index[src] = len(index)
+        wire.append(to_wire(r, i))
+    return cbor2.dumps([first_rid, list(index), wire])
+
+
+def decode_body(body: bytes, max_records: int) -> tuple[int, list[str], list[Any]]:
+    """(first_rid, sources, wire records); raises FrameError or ProtocolError."""
+    try:
+        item = cbor2.loads(body)
+    except Exception as exc:
+        raise FrameError(f"body is not valid CBOR: {exc}") from None
+    if not (isinstance(item, list) and len(item) == 3 and isinstance(item[1], list)
+            and isinstance(item[2], list)):
+        raise FrameError("body must be [first_rid, sources, records]")
+    first_rid, sources, records = item
+    if not isinstance(first_rid, int) or first_rid < 1:
+        raise FrameError(f"first_rid must be an integer >= 1, got {first_rid!r:.40}")
+    if not all(isinstance(s, str) for s in sources):
+        raise FrameError("sources must be strings")
+    if len(records) > max_records:
+        raise ProtocolError(CloseCode.TOO_MANY_RECORDS,
+                            f"frame has {len(records)} records, limit is {max_records}")
+    return first_rid, sources, records

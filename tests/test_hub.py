@@ -1,0 +1,239 @@
+"""The hub over real loopback sockets: handshake outcomes, dedup, limits, HTTP endpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cbor2
+import trio
+import trio.testing
+from hubtools import gateway_config, http_get, hub_config, start_hub
+from trio_websocket import ConnectionClosed, open_websocket_url
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request
+
+from edgegw.gateway.service import Gateway
+from edgegw.protocol import (
+    Ack,
+    CloseCode,
+    GatewayConnection,
+    Refuse,
+    decode,
+    encode_body,
+)
+from edgegw.records import SensorReading
+
+
+async def handshake(port: int, gw_id: str = "ate-01", token: str = "s3cret",
+                    epoch: str = "e1", next_seq: int = 1):
+    conn = GatewayConnection(gw_id, token, epoch, next_seq, now=trio.current_time())
+    ws_cm = open_websocket_url(f"ws://127.0.0.1:{port}/ws/gateway", message_queue_size=16)
+    ws = await ws_cm.__aenter__()
+    await ws.send_message(conn.hello(trio.current_time()))
+    events, _ = conn.receive(await ws.get_message(), trio.current_time())
+    return ws_cm, ws, conn, events[0]
+
+
+def body(first_rid: int, n: int) -> bytes:
+    return encode_body(first_rid, [SensorReading("s", 1.0, "c", float(i)) for i in range(n)])
+
+
+async def test_a_wrong_token_is_refused_with_its_reason_and_counted(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        _hub, port = await start_hub(nursery, hub_config(tmp_path))
+        ws_cm, ws, _, event = await handshake(port, token="nope")
+        assert event == Refuse(CloseCode.UNAUTHORIZED, "wrong token for gateway 'ate-01'")
+        try:
+            await ws.get_message()
+        except ConnectionClosed as exc:
+            assert exc.reason.code == CloseCode.UNAUTHORIZED
+        await ws_cm.__aexit__(None, None, None)
+        _, stats = await http_get(port, "/api/stats")
+        assert stats["gateways"]["ate-01"]["refused"] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_unknown_gateway_and_unsupported_version_are_refused(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        _, port = await start_hub(nursery, hub_config(tmp_path))
+        ws_cm, _, _, event = await handshake(port, gw_id="stranger")
+        assert event.code == CloseCode.UNAUTHORIZED and "unknown gateway" in event.reason
+        await ws_cm.__aexit__(None, None, None)
+        # a v2-only hello
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/gateway") as ws:
+            await ws.send_message(cbor2.dumps([1, {
+                "versions": [2], "gateway": "ate-01", "token": "s3cret", "epoch": "e",
+                "next_seq": 1, "heartbeat": 5.0}]))
+            reply = decode(await ws.get_message())
+            assert reply.code == CloseCode.UNSUPPORTED_VERSION
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_same_gateway_twice_is_refused(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        _, port = await start_hub(nursery, hub_config(tmp_path))
+        first = await handshake(port)
+        second = await handshake(port)
+        assert second[3].code == CloseCode.ALREADY_CONNECTED
+        await second[0].__aexit__(None, None, None)
+        await first[0].__aexit__(None, None, None)
+        nursery.cancel_scope.cancel()
+
+
+async def test_frames_are_applied_acked_and_duplicates_dropped_across_reconnects(
+        tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        _hub, port = await start_hub(nursery, hub_config(tmp_path))
+        ws_cm, ws, conn, welcome = await handshake(port)
+        assert welcome.applied == []
+        await ws.send_message(conn.data(1, body(1, 10), trio.current_time()))
+        await ws.send_message(conn.data(2, body(11, 5), trio.current_time()))
+        acks = [decode(await ws.get_message()) for _ in range(1)]
+        while acks[-1] != Ack(2, []):
+            acks.append(decode(await ws.get_message()))
+        await ws_cm.__aexit__(None, None, None)
+        await trio.sleep(0.05)
+        # the gateway reconnects without having seen the acks: it resends frame 2
+        ws_cm, ws, conn, welcome = await handshake(port, next_seq=2)
+        assert welcome.applied == [(1, 2)]
+        await ws.send_message(conn.data(2, body(11, 5), trio.current_time()))
+        assert decode(await ws.get_message()) == Ack(2, [])
+        await ws_cm.__aexit__(None, None, None)
+        _, stats = await http_get(port, "/api/stats")
+        gw = stats["gateways"]["ate-01"]
+        assert gw["frames_applied"] == 2 and gw["records_applied"] == 15
+        assert gw["duplicates_dropped"] == 1 and gw["last_seq"] == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_oversized_frame_closes_the_link_with_1009(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        _, port = await start_hub(nursery, hub_config(tmp_path, max_frame_bytes=4096))
+        ws_cm, ws, conn, _ = await handshake(port)
+        await ws.send_message(conn.data(1, b"\x00" * 20000, trio.current_time()))
+        try:
+            await ws.get_message()
+            raise AssertionError("the hub should have closed the connection")
+        except ConnectionClosed as exc:
+            assert exc.reason.code == CloseCode.TOO_BIG
+        await ws_cm.__aexit__(None, None, None)
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_invalid_frame_is_rejected_and_the_frames_behind_it_still_apply(
+        tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path))
+        ws_cm, ws, conn, _ = await handshake(port)
+        await ws.send_message(conn.data(1, cbor2.dumps([1, ["s"], [[999, 0, 1.0]]]),
+                                        trio.current_time()))
+        await ws.send_message(conn.data(2, body(2, 3), trio.current_time()))
+        seen = []
+        while not seen or seen[-1] != Ack(2, []):
+            seen.append(decode(await ws.get_message()))
+        assert seen[0].seq == 1 and "unknown record kind 999" in seen[0].reason
+        await ws_cm.__aexit__(None, None, None)
+        st = hub.stats()["gateways"]["ate-01"]
+        assert st["frames_rejected"] == 1 and st["records_applied"] == 3
+        rows = await hub.store.query("SELECT seq, reason FROM rejected")
+        assert rows[0][0] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_health_stats_metrics_and_errors_over_plain_http(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path))
+        status, health = await http_get(port, "/healthz")
+        assert status == 200 and health["status"] == "ok"
+        status, _ = await http_get(port, "/nope")
+        assert status == 404
+        status, text = await http_get(port, "/metrics")
+        assert status == 200 and b"edgegw_hub_frames_applied_total" in text
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"THIS IS NOT HTTP\r\n\r\n")
+        assert (await stream.receive_some(1000)).startswith(b"HTTP/1.1 400")
+        await stream.aclose()
+        assert hub.metrics.counter("hub_bad_http_requests_total").total() == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_silent_gateway_is_dropped_after_two_heartbeats(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """The hub's heartbeat, in virtual time, over an in-memory stream."""
+    cfg = hub_config(tmp_path, heartbeat_s=3.0)
+    from edgegw.hub.service import Hub
+
+    hub = Hub(cfg)
+    await hub.store.open()
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    client = WSConnection(ConnectionType.CLIENT)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.http.handle_stream, server_stream)
+        await client_stream.send_all(client.send(Request(host="x", target="/ws/gateway")))
+        conn = GatewayConnection("ate-01", "s3cret", "e", 1, now=trio.current_time())
+        events: list[object] = []
+
+        async def pump() -> None:
+            while True:
+                data = await client_stream.receive_some(65536)
+                if not data:
+                    return
+                client.receive_data(data)
+                events.extend(client.events())
+
+        nursery.start_soon(pump)
+        while not any(isinstance(e, AcceptConnection) for e in events):
+            await trio.sleep(0.01)
+        await client_stream.send_all(client.send(BytesMessage(data=conn.hello(0))))
+        start = trio.current_time()
+        while not any(isinstance(e, CloseConnection) for e in events):
+            await trio.sleep(0.1)  # silent: never answers the hub's pings
+        close = next(e for e in events if isinstance(e, CloseConnection))
+        assert close.code == CloseCode.HEARTBEAT_TIMEOUT
+        assert 6.0 <= trio.current_time() - start <= 6.5
+        nursery.cancel_scope.cancel()
+    await hub.store.close()
+
+
+async def test_a_gateway_delivers_everything_a_source_puts(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path / "hub"))
+        gw = Gateway(gateway_config(tmp_path / "gw", port))
+        await nursery.start(gw.run)
+        for i in range(50):
+            await gw.sink.put([SensorReading("embedded", float(i), "c", float(j))
+                               for j in range(37)], source="embedded")
+        await gw.flush()
+        with trio.fail_after(10):
+            while hub.stats()["gateways"].get("ate-01", {}).get("records_applied", 0) < 1850:
+                await trio.sleep(0.02)
+        assert gw.store.first_unacked == gw.store.next_seq  # everything acknowledged
+        nursery.cancel_scope.cancel()
+
+
+async def test_overflow_under_drop_oldest_is_counted_and_reported_to_the_hub(
+        tmp_path: Path) -> None:
+    port = __import__("conftest").free_port()  # the hub is not there yet
+    cfg = gateway_config(tmp_path / "gw", port, queue={"max_frames": 5, "policy": "drop_oldest"},
+                         batch={"max_records": 10, "max_delay_ms": 1000})
+    async with trio.open_nursery() as nursery:
+        gw = Gateway(cfg)
+        await nursery.start(gw.run)
+        for i in range(20):  # 20 frames into a queue of 5
+            await gw.sink.put([SensorReading("s", float(i), "c", float(j)) for j in range(10)],
+                              source="s")
+        st = gw.store.stats()
+        assert st["dropped_frames"] >= 15 and st["dropped_records"] >= 150
+        assert gw.metrics.counter("gateway_records_dropped_total").total() == st["dropped_records"]
+        hub, _ = await start_hub(nursery, hub_config(tmp_path / "hub", port=port))
+        await gw.flush()
+        with trio.fail_after(10):
+            while gw.store.first_unacked < gw.store.next_seq:
+                await trio.sleep(0.02)
+        stats = hub.stats()["gateways"]["ate-01"]
+        # the hub learns which frames will never come, and an event says why
+        assert stats["frames_lost"] == gw.store.stats()["dropped_frames"]
+        rows = await hub.store.query("SELECT body FROM frames")
+        events = [r for (b,) in rows for r in cbor2.loads(b)[2] if r[0] == 13]
+        assert any(e[4] == "store_overflow" for e in events)
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,166 @@
+"""Wire protocol v1: the two state machines wired together in memory."""
+
+import cbor2
+import pytest
+
+from edgegw.protocol import (
+    Ack,
+    CloseCode,
+    Data,
+    Duplicate,
+    GatewayConnection,
+    HubConnection,
+    IntervalSet,
+    ProtocolError,
+    Refuse,
+    Reject,
+    State,
+    Welcome,
+    decode,
+    decode_body,
+    encode,
+    encode_body,
+)
+from edgegw.protocol.messages import Hello
+from edgegw.records import PartResult, SensorReading
+
+
+def pair(next_seq: int = 1, applied: IntervalSet | None = None, **hub_kw: object
+         ) -> tuple[GatewayConnection, HubConnection]:
+    gw = GatewayConnection("ate-01", "secret", "epoch-a", next_seq, heartbeat=5.0, now=0.0)
+    hub = HubConnection(now=0.0, **hub_kw)  # type: ignore[arg-type]
+    events, _ = hub.receive(gw.hello(0.0), 0.0)
+    assert isinstance(events[0], Hello) and events[0].token == "secret"
+    events, _ = gw.receive(hub.accept(applied or IntervalSet(), 0.0), 0.0)
+    assert isinstance(events[0], Welcome)
+    return gw, hub
+
+
+def test_handshake_opens_both_ends_and_tells_the_gateway_what_the_hub_has() -> None:
+    gw, hub = pair(next_seq=4, applied=IntervalSet([(1, 3)]))
+    assert gw.state is State.OPEN and hub.state is State.OPEN
+    assert gw.welcome is not None and gw.welcome.applied == [(1, 3)]
+    assert hub.declared_lost == 0
+
+
+def test_frames_below_the_gateways_first_unacked_that_the_hub_lacks_are_declared_lost() -> None:
+    _, hub = pair(next_seq=11, applied=IntervalSet([(1, 4)]))
+    assert hub.declared_lost == 6  # frames 5..10 were dropped by the gateway
+    assert hub.applied_set.ranges() == [(1, 10)]
+
+
+def test_a_refusal_reaches_the_gateway_with_its_code_and_reason() -> None:
+    gw = GatewayConnection("ate-01", "wrong", "e", 1, now=0.0)
+    hub = HubConnection(now=0.0)
+    hub.receive(gw.hello(0.0), 0.0)
+    events, _ = gw.receive(hub.refuse(CloseCode.UNAUTHORIZED, "wrong token", 0.0), 0.0)
+    assert events == [Refuse(CloseCode.UNAUTHORIZED, "wrong token")]
+    assert gw.state is State.CLOSED and hub.state is State.CLOSED
+
+
+def test_a_gateway_rejects_a_hub_that_picked_a_version_it_does_not_speak() -> None:
+    gw = GatewayConnection("ate-01", "t", "e", 1, now=0.0)
+    gw.hello(0.0)
+    bad = encode(Welcome(2, [], 5.0, 1 << 20, 1000))
+    with pytest.raises(ProtocolError) as exc:
+        gw.receive(bad, 0.0)
+    assert exc.value.code == CloseCode.UNSUPPORTED_VERSION
+
+
+def test_data_is_applied_then_acknowledged_cumulatively() -> None:
+    gw, hub = pair()
+    for seq in (1, 2, 3):
+        events, reply = hub.receive(gw.data(seq, b"body", 1.0), 1.0)
+        assert isinstance(events[0], Data) and events[0].seq == seq and reply is None
+    ack = hub.applied(1, 1.0)
+    hub.applied(2, 1.0)
+    events, _ = gw.receive(hub.applied(3, 1.0), 1.0)
+    assert decode(ack) == Ack(1, [])
+    assert events == [Ack(3, [])]
+
+
+def test_a_duplicate_frame_is_reported_and_acked_not_applied_again() -> None:
+    gw, hub = pair(next_seq=1, applied=IntervalSet([(1, 2)]))
+    events, reply = hub.receive(gw.data(2, b"again", 1.0), 1.0)
+    assert [type(e) for e in events] == [Duplicate]
+    assert reply is not None and decode(reply) == Ack(2, [])
+
+
+def test_frames_may_arrive_out_of_order_within_the_hole_limit() -> None:
+    gw, hub = pair(max_holes=1)
+    hub.receive(gw.data(10, b"live", 1.0), 1.0)  # live ahead of a backlog 1..9
+    hub.applied(10, 1.0)
+    events, _ = gw.receive(hub.applied(10, 1.0), 1.0)
+    assert events == [Ack(0, [(10, 10)])]
+    for seq in range(1, 10):
+        hub.receive(gw.data(seq, b"old", 1.0), 1.0)
+        reply = hub.applied(seq, 1.0)
+    assert decode(reply) == Ack(10, [])
+
+
+def test_a_sequence_gap_beyond_the_hole_limit_closes_the_connection() -> None:
+    gw, hub = pair(max_holes=0)
+    hub.receive(gw.data(1, b"a", 1.0), 1.0)
+    hub.receive(gw.data(2, b"b", 1.0), 1.0)
+    with pytest.raises(ProtocolError) as exc:
+        hub.receive(gw.data(4, b"d", 1.0), 1.0)
+    assert exc.value.code == CloseCode.PROTOCOL_ERROR
+    assert "sequence gap" in exc.value.reason
+    assert hub.state is State.CLOSED
+
+
+def test_an_oversized_message_is_refused_with_1009_and_the_sizes() -> None:
+    gw, hub = pair(max_message_bytes=1000)
+    with pytest.raises(ProtocolError) as exc:
+        hub.receive(gw.data(1, b"x" * 2000, 1.0), 1.0)
+    assert exc.value.code == CloseCode.TOO_BIG
+    assert "exceeds the limit of 1000 bytes" in exc.value.reason
+
+
+def test_too_many_records_in_a_frame_is_a_protocol_fault() -> None:
+    body = encode_body(1, [SensorReading("s", 0.0, "c", 1.0)] * 5)
+    with pytest.raises(ProtocolError) as exc:
+        decode_body(body, max_records=4)
+    assert exc.value.code == CloseCode.TOO_MANY_RECORDS
+
+
+@pytest.mark.parametrize("junk", [b"", b"\xff\xff", cbor2.dumps({"a": 1}), cbor2.dumps([99]),
+                                  cbor2.dumps([4, "one", 0.0, b""]), "text"])
+def test_malformed_messages_are_protocol_errors(junk: bytes | str) -> None:
+    _, hub = pair()
+    with pytest.raises(ProtocolError) as exc:
+        hub.receive(junk, 1.0)
+    assert exc.value.code == CloseCode.PROTOCOL_ERROR
+
+
+def test_a_rejected_frame_is_reported_and_counts_as_done() -> None:
+    gw, hub = pair()
+    hub.receive(gw.data(1, b"poison", 1.0), 1.0)
+    events, _ = gw.receive(hub.rejected(1, "bad record", 1.0), 1.0)
+    assert events == [Reject(1, "bad record")]
+    assert hub.applied_set.watermark() == 1
+
+
+def test_heartbeat_sends_pings_and_declares_a_silent_peer_dead_after_two_intervals() -> None:
+    gw, hub = pair()  # heartbeat 5 s
+    assert gw.next_deadline() == 5.0
+    ping = gw.on_timer(5.0)
+    assert ping is not None
+    _, pong = hub.receive(ping, 5.0)
+    assert pong is not None
+    gw.receive(pong, 5.0)
+    assert gw.rtt == 0.0
+    assert gw.on_timer(9.0) is None  # heard from the hub at 5.0
+    with pytest.raises(ProtocolError) as exc:
+        gw.on_timer(15.0)
+    assert exc.value.code == CloseCode.HEARTBEAT_TIMEOUT
+
+
+def test_frame_bodies_round_trip_records_with_a_source_table() -> None:
+    recs = [PartResult("tester", 1.5, "L1", "W1", 1, s, str(s), s, 2 * s, 1, 1, True)
+            for s in range(3)] + [SensorReading("mqtt", 2.0, "handler.temp", 25.5, "C")]
+    first_rid, sources, wire = decode_body(encode_body(42, recs), 100)
+    assert first_rid == 42 and sources == ["tester", "mqtt"]
+    from edgegw.records import from_wire
+
+    assert [from_wire(w, sources) for w in wire] == recs
