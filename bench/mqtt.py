@@ -172,7 +172,7 @@ async def drain_gateway(port: int, client_id: str, n: int, qos: int, raw: bool) 
         await nursery.start(source.run, sink)
         # "Ingested" = decoded into the throttle or the batch; waiting for the sink would
         # add up to one window interval (100 ms) to the time.
-        while source.received < n:  # noqa: ASYNC110 - a plain counter, polled every 2 ms
+        while source.received < n:  # a plain counter, polled every 2 ms
             await trio.sleep(0.002)
         elapsed = time.perf_counter() - t0
         nursery.cancel_scope.cancel()
