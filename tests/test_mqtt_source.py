@@ -24,7 +24,7 @@ from mqtt_broker import Broker, BrokerAddress, StartBroker
 from edgegw.config import ConfigError, build
 from edgegw.metrics import Metrics
 from edgegw.mqtt.client import ConnectOptions, TrioMqttClient, ssl_context
-from edgegw.mqtt.source import MqttSource, MqttSourceConfig
+from edgegw.mqtt.source import MqttSource, MqttSourceConfig, MqttSourceError
 from edgegw.records import GatewayEvent, Record, SensorReading, SensorWindow
 from edgegw.sources import SourceContext, source_type
 
@@ -192,17 +192,19 @@ async def test_broker_restart_mid_stream_reconnects_resubscribes_and_loses_nothi
     assert "Outgoing messages are being dropped" not in broker.log_text()
 
 
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 async def test_a_persistent_session_gets_what_was_published_while_the_gateway_was_away(
-        start_broker: StartBroker) -> None:
+        start_broker: StartBroker, protocol: str) -> None:
     broker = start_broker()
     prefix = unique("ate")
     client_id = unique("gw")
     subs = [{"topic": f"{prefix}/+/seq", "raw": True}]
     sink = Sink()
     async with trio.open_nursery() as nursery:
-        pub = await start_publisher(nursery, broker)
+        pub = await start_publisher(nursery, broker, protocol=protocol)
         async with trio.open_nursery() as gateway:
-            first = make_source(broker, subs, client_id=client_id, clean_session=False)
+            first = make_source(broker, subs, client_id=client_id, clean_session=False,
+                                protocol=protocol)
             await started(gateway, first, sink)
             for i in range(100):
                 await pub.publish(f"{prefix}/prober/seq", payload(i), qos=1)
@@ -213,7 +215,8 @@ async def test_a_persistent_session_gets_what_was_published_while_the_gateway_wa
             await pub.publish(f"{prefix}/prober/seq", payload(i), qos=1)
         with trio.fail_after(20):
             await pub.wait_all_acked()
-        second = make_source(broker, subs, client_id=client_id, clean_session=False)
+        second = make_source(broker, subs, client_id=client_id, clean_session=False,
+                             protocol=protocol)
         await started(nursery, second, sink)
         await wait_for(lambda: len(set(seqs(sink))) >= 2100, 20, "the queued messages")
         assert second.client is not None and second.client.session_present
@@ -303,11 +306,12 @@ async def test_a_slow_downstream_makes_the_source_stop_reading_instead_of_droppi
 
 
 async def test_wrong_credentials_give_a_clear_error_and_retry_at_the_backoff_cap(
-        start_broker: StartBroker, caplog: pytest.LogCaptureFixture) -> None:
+        start_broker: StartBroker, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     broker = start_broker(users={"gateway": "s3cret"})
     subs = [{"topic": "ate/+/temp"}]
     bad = make_source(broker, subs, username="gateway", password="wrong")
-    good = make_source(broker, subs, username="gateway", password="s3cret")
+    (tmp_path / "pw").write_text("s3cret\n")
+    good = make_source(broker, subs, username="gateway", password_file=str(tmp_path / "pw"))
     caplog.set_level(logging.ERROR, logger="edgegw.mqtt.client")
     async with trio.open_nursery() as nursery:
         await nursery.start(bad.run, Sink())
@@ -422,3 +426,30 @@ async def test_tls_with_the_brokers_ca_and_a_clear_error_without_it(
     assert seqs(sinks[0]) == seqs(sinks[1]) == list(range(500))
     assert "TLS handshake" in untrusted.client.last_error
     assert "certificate verify failed" in untrusted.client.last_error
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+async def test_qos0_readings_arrive_with_either_protocol_version(
+        start_broker: StartBroker, protocol: str) -> None:
+    broker = start_broker()
+    prefix = unique("ate")
+    source = make_source(broker, [{"topic": f"{prefix}/+/seq", "raw": True, "qos": 0}],
+                         protocol=protocol, clean_session=True)
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        await started(nursery, source, sink)
+        pub = await start_publisher(nursery, broker, protocol=protocol)
+        for i in range(1000):
+            await pub.publish(f"{prefix}/handler/seq", payload(i), qos=0)
+            if i % 100 == 99:
+                await trio.sleep(0.01)
+        await wait_for(lambda: len(sink.records) >= 1000, 20, "the QoS 0 readings")
+        nursery.cancel_scope.cancel()
+    assert seqs(sink) == list(range(1000))
+
+
+async def test_an_unreadable_password_file_is_one_clear_error(tmp_path: Path) -> None:
+    source = make_source(BrokerAddress("127.0.0.1", 1), [{"topic": "a/b"}],
+                         username="gw", password_file=str(tmp_path / "missing"))
+    with pytest.raises(MqttSourceError, match="cannot read password_file .*missing"):
+        await source.run(Sink())

@@ -181,7 +181,6 @@ class TrioMqttClient:
         self.last_error = ""
         self.session_present = False
         self.subscribed = trio.Event()  # set once the first subscriptions are acknowledged
-        self.state_changed = trio.Event()  # replaced after every connect / disconnect
 
     # ---------------------------------------------------------------- paho callbacks
 
@@ -235,7 +234,9 @@ class TrioMqttClient:
         if mid in self._unacked:
             self._unacked.discard(mid)
             if self._in_trio():
+                # wake every waiter; later waiters wait on the fresh event
                 self._acked.set()
+                self._acked = trio.Event()
 
     # ---------------------------------------------------------------- the I/O tasks
 
@@ -383,8 +384,6 @@ class TrioMqttClient:
 
     def _set_connected(self, value: bool) -> None:
         self.connected = value
-        self.state_changed.set()
-        self.state_changed = trio.Event()
 
     async def _serve_one(self) -> float:
         """One connection, from connect to loss; returns how long it was up (seconds)."""
@@ -449,7 +448,6 @@ class TrioMqttClient:
         """Queue a message; waits while ``max_unacked`` QoS>0 messages are unacknowledged
         (also while disconnected: paho resends them after the reconnect)."""
         while len(self._unacked) >= self.max_unacked:
-            self._acked = trio.Event()
             await self._acked.wait()
         info = self.paho.publish(topic, payload, qos=qos, retain=retain)
         if qos > 0:
@@ -464,7 +462,6 @@ class TrioMqttClient:
 
     async def wait_all_acked(self) -> None:
         while self._unacked:
-            self._acked = trio.Event()
             await self._acked.wait()
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import ssl
 import time
 from typing import Any, ClassVar, Literal
 
@@ -36,6 +37,10 @@ from .payloads import Decoder, PayloadError, UnknownPayloadDecoder, make_decoder
 from .topics import TemplateError, check_filter, compile_template
 
 log = logging.getLogger(__name__)
+
+
+class MqttSourceError(Exception):
+    """A setting that cannot work (unreadable password or TLS file): one clear line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,12 +302,21 @@ class MqttSource:
         c = self.config
         password = c.password
         if c.password_file:
-            password = (await trio.Path(c.password_file).read_text()).strip()
+            try:
+                text = await trio.Path(c.password_file).read_text()
+            except OSError as exc:
+                raise MqttSourceError(f"mqtt source {self.name!r}: cannot read password_file "
+                                      f"{c.password_file!r}: {exc.strerror or exc}") from None
+            password = text.splitlines()[0].strip() if text.strip() else ""
         ctx = None
         if c.tls is not None:
             t = c.tls
-            ctx = await trio.to_thread.run_sync(
-                lambda: ssl_context(t.ca_file, t.cert_file, t.key_file, t.insecure))
+            try:
+                ctx = await trio.to_thread.run_sync(
+                    lambda: ssl_context(t.ca_file, t.cert_file, t.key_file, t.insecure))
+            except (OSError, ssl.SSLError) as exc:
+                raise MqttSourceError(f"mqtt source {self.name!r}: bad TLS files "
+                                      f"(ca_file / cert_file / key_file): {exc}") from None
         subs = subscriptions_of(
             [(s.topic, c.qos if s.qos is None else s.qos) for s in c.subscriptions])
         return ConnectOptions(
