@@ -451,5 +451,5 @@ async def test_qos0_readings_arrive_with_either_protocol_version(
 async def test_an_unreadable_password_file_is_one_clear_error(tmp_path: Path) -> None:
     source = make_source(BrokerAddress("127.0.0.1", 1), [{"topic": "a/b"}],
                          username="gw", password_file=str(tmp_path / "missing"))
-    with pytest.raises(MqttSourceError, match="cannot read password_file .*missing"):
+    with pytest.raises(MqttSourceError, match=r"cannot read password_file .*missing"):
         await source.run(Sink())
