@@ -1,6 +1,6 @@
 """How fast the gateway's MQTT source ingests, beside paho's own threaded client.
 
-Usage: python bench/mqtt.py [--messages 30000] [--runs 3] [--qos 0 1] [--size 200]
+Usage: python bench/mqtt.py [--messages 30000] [--runs 5] [--qos 0 1] [--size 200]
 
 For a fair race both clients drain the same thing from the same broker: the bench starts
 its own Mosquitto (free port, no queue limit, QoS 0 queued for offline sessions), and for
@@ -12,7 +12,9 @@ publisher competes for the CPU while a client drains.
 - gateway: ``MqttSource`` (the Trio driver, the topic route, the JSON decoder and the
   throttle to 10 Hz windows, records put to a sink in batches), and with ``raw = true``.
 
-Prints messages/s per client (median of the runs) and the ratio gateway / paho.
+Prints messages/s per client (median of the runs), the ratio gateway / paho, and the CPU
+time of the bench process per message (less sensitive to other load on the machine than
+the wall-clock rate).
 """
 
 from __future__ import annotations
@@ -179,19 +181,23 @@ async def drain_gateway(port: int, client_id: str, n: int, qos: int, raw: bool) 
     return n / elapsed
 
 
-def measure(port: int, kind: str, n: int, qos: int, size: int) -> float:
+def measure(port: int, kind: str, n: int, qos: int, size: int) -> tuple[float, float]:
+    """(messages/s, CPU µs of this process per message) for one drain."""
     client_id = f"bench-{kind}-{uuid.uuid4().hex[:8]}"
     create_session(port, client_id, qos)
     trio.run(_preload, port, n, qos, size)
+    cpu0 = time.process_time()
     if kind == "paho":
-        return drain_paho(port, client_id, n)
-    return trio.run(drain_gateway, port, client_id, n, qos, kind == "gateway-raw")
+        rate = drain_paho(port, client_id, n)
+    else:
+        rate = trio.run(drain_gateway, port, client_id, n, qos, kind == "gateway-raw")
+    return rate, (time.process_time() - cpu0) / n * 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--messages", type=int, default=30000)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--qos", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--size", type=int, default=200, help="payload bytes")
     args = ap.parse_args(argv)
@@ -201,18 +207,21 @@ def main(argv: list[str] | None = None) -> int:
               f"queued per measurement; median of {args.runs} runs")
         for qos in args.qos:
             results: dict[str, list[float]] = {k: [] for k in kinds}
+            cpu: dict[str, list[float]] = {k: [] for k in kinds}
             for run in range(args.runs):
                 order = kinds if run % 2 == 0 else kinds[::-1]  # alternate: no order bias
                 for kind in order:
-                    results[kind].append(measure(port, kind, args.messages, qos, args.size))
+                    rate, us = measure(port, kind, args.messages, qos, args.size)
+                    results[kind].append(rate)
+                    cpu[kind].append(us)
             med = {k: statistics.median(v) for k, v in results.items()}
-            print(f"QoS {qos}:")
-            print(f"  paho threaded (loop_start)   {med['paho']:9.0f} msg/s  "
-                  f"runs: {' '.join(f'{x:.0f}' for x in results['paho'])}")
-            for k, label in (("gateway", "gateway source (10 Hz windows)"),
+            mcpu = {k: statistics.median(v) for k, v in cpu.items()}
+            print(f"QoS {qos}:                        msg/s   ratio   CPU us/msg  runs (msg/s)")
+            for k, label in (("paho", "paho threaded (loop_start)"),
+                             ("gateway", "gateway source (10 Hz windows)"),
                              ("gateway-raw", "gateway source (raw readings)")):
-                print(f"  {label:29s}{med[k]:9.0f} msg/s  ratio {med[k] / med['paho']:.2f}  "
-                      f"runs: {' '.join(f'{x:.0f}' for x in results[k])}")
+                print(f"  {label:31s}{med[k]:7.0f}  {med[k] / med['paho']:5.2f}  "
+                      f"{mcpu[k]:9.1f}     {' '.join(f'{x:.0f}' for x in results[k])}")
     return 0
 
 

@@ -65,10 +65,6 @@ class ConnectRefused(ConnectError):
         self.reason_code = reason_code
 
 
-class SubscribeRefused(Exception):
-    pass
-
-
 @dataclasses.dataclass(frozen=True)
 class ConnectOptions:
     host: str = "127.0.0.1"
@@ -111,7 +107,7 @@ class _Connection:
         self.session_present = False
         self.disconnect_reason = ""
         self.write_wanted = trio.Event()
-        self.subacks: dict[int, tuple[trio.Event, list[Any]]] = {}
+        self.subscribing: dict[int, list[tuple[str, int]]] = {}  # SUBSCRIBE mid -> filters
         self.abandoned = False  # set when Trio stopped waiting for connect()'s thread
 
 
@@ -181,6 +177,7 @@ class TrioMqttClient:
         self.last_error = ""
         self.session_present = False
         self.subscribed = trio.Event()  # set once the first subscriptions are acknowledged
+        self.paused = False  # the reader waits for the gateway to take data (backpressure)
 
     # ---------------------------------------------------------------- paho callbacks
 
@@ -225,10 +222,17 @@ class TrioMqttClient:
 
     def _cb_subscribe(self, _c: Any, _u: Any, mid: int, reasons: list[Any], _p: Any) -> None:
         conn = self._conn
-        if conn is not None and mid in conn.subacks:
-            event, out = conn.subacks[mid]
-            out.extend(reasons)
-            event.set()
+        if conn is None or mid not in conn.subscribing:
+            return
+        subs = conn.subscribing.pop(mid)
+        refused = [(topic, r) for (topic, _), r in zip(subs, reasons, strict=False)
+                   if getattr(r, "is_failure", False)]
+        for topic, reason in refused:
+            log.error("%s: broker refused the subscription to %r: %s", self.name, topic, reason)
+        if refused:
+            self.last_error = f"broker refused the subscription to {refused[0][0]!r}: " \
+                              f"{refused[0][1]}"
+        self.subscribed.set()
 
     def _cb_publish(self, _c: Any, _u: Any, mid: int, _reason: Any, _p: Any) -> None:
         if mid in self._unacked:
@@ -250,8 +254,6 @@ class TrioMqttClient:
         poller.register(sock.fileno(), select.POLLIN)
         loop_read = self.paho.loop_read
         while True:
-            if self._after_read is not None:
-                await self._after_read()  # may block: that is the backpressure
             # The socket may have been closed (by the writer or misc task) meanwhile; its
             # descriptor number may already belong to another connection.  No await
             # between this check and the wait, so it cannot go stale.
@@ -273,6 +275,14 @@ class TrioMqttClient:
                     continue
                 if not poller.poll(0):
                     break
+            if self._after_read is not None:
+                # May block while the gateway is full: that is the backpressure.  Only
+                # after a burst, so a new connection always reads its CONNACK first.
+                self.paused = True
+                try:
+                    await self._after_read()
+                finally:
+                    self.paused = False
 
     async def _writer(self, conn: _Connection) -> None:
         sock = conn.sock
@@ -293,6 +303,13 @@ class TrioMqttClient:
     async def _misc(self, conn: _Connection) -> None:
         while True:
             await trio.sleep(1.0)
+            # While the reader is paused by backpressure the PINGRESP cannot be read, and
+            # paho would call the broker dead and reconnect over and over.  Instead stay
+            # quiet: the broker may drop us after 1.5 x keepalive, which the reader sees
+            # once the gateway takes data again (then we reconnect; a persistent session
+            # gets everything unacknowledged again).
+            if self.paused:
+                continue
             if self.paho.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 return
 
@@ -347,26 +364,18 @@ class TrioMqttClient:
             raise ConnectRefused(f"broker {where} refused the connection: {rc}{hint}", rc.value)
         return conn
 
-    async def _subscribe(self, conn: _Connection) -> None:
+    def _subscribe(self, conn: _Connection) -> None:
+        """Send SUBSCRIBE; the SUBACK is handled by ``_cb_subscribe`` whenever the reader
+        gets to it.  Not awaited: under backpressure the reader may not read for a while,
+        and that must not look like a broken connection."""
         subs = list(self.options.subscriptions)
         if not subs:
+            self.subscribed.set()
             return
         rc, mid = self.paho.subscribe(subs)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise ConnectError(f"cannot subscribe: {paho.error_string(rc)}")
-        event = trio.Event()
-        reasons: list[Any] = []
-        conn.subacks[mid] = (event, reasons)
-        with trio.move_on_after(self.options.connect_timeout):
-            await event.wait()
-        if not event.is_set():
-            raise ConnectError(f"no SUBACK within {self.options.connect_timeout:g} s")
-        refused = [(t, r) for (t, _), r in zip(subs, reasons, strict=False)
-                   if getattr(r, "is_failure", False)]
-        for topic, reason in refused:
-            log.error("%s: broker refused the subscription to %r: %s", self.name, topic, reason)
-        if refused and len(refused) == len(subs):
-            raise SubscribeRefused(f"broker refused every subscription ({refused[0][1]})")
+        conn.subscribing[mid] = subs
 
     def _close_quietly(self, conn: _Connection) -> None:
         """Best-effort DISCONNECT (non-blocking) and close, on shutdown."""
@@ -396,9 +405,8 @@ class TrioMqttClient:
                 up_since = time.monotonic()
                 self.session_present = conn.session_present
                 self.connections += 1
-                await self._subscribe(conn)
+                self._subscribe(conn)
                 self._set_connected(True)
-                self.subscribed.set()
                 log.info("%s: connected to %s:%d (session present: %s)", self.name,
                          self.options.host, self.options.port, conn.session_present)
                 await conn.closed.wait()
@@ -407,7 +415,7 @@ class TrioMqttClient:
                 self.last_error = "connection lost" + (
                     f": {reason}" if reason and reason != "Unspecified error" else
                     " (closed by the broker or the network)")
-            except (ConnectError, SubscribeRefused) as exc:
+            except ConnectError as exc:
                 # caught here, not outside, so that it is not wrapped in an ExceptionGroup
                 error = exc
             finally:
@@ -433,7 +441,7 @@ class TrioMqttClient:
                 if up_for >= STABLE_AFTER:
                     self.backoff.reset()
                 level = logging.WARNING
-            except (ConnectError, SubscribeRefused) as exc:
+            except ConnectError as exc:
                 self.connect_failures += 1
                 self.last_error = str(exc)
                 level = logging.ERROR if isinstance(exc, ConnectRefused) else logging.WARNING

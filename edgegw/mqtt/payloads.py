@@ -81,7 +81,8 @@ def json_decoder(value_path: str = "value", timestamp_field: str = "") -> Decode
 
     def decode(payload: bytes) -> tuple[float, float | None]:
         try:
-            doc = loads(payload)
+            # decoding first skips json's byte-encoding detection (a tenth of its cost)
+            doc = loads(payload.decode())
         except (ValueError, UnicodeDecodeError) as exc:
             raise PayloadError(f"not JSON: {exc}") from None
         value = _number(_get(doc, vpath, value_path) if vpath else doc, "value")

@@ -169,7 +169,7 @@ class MqttSource:
                                         timestamp_field=sub.timestamp_field,
                                         options=sub.payload_options), throttle)
             self._routes.append((sub.topic, route))
-        self._route_cache: dict[str, _Route | None] = {}
+        self._route_cache: dict[str, tuple[_Route, str] | None] = {}
         self._units: dict[str, str] = {}  # channel -> unit, for windows
         self._pending: list[Record] = []
         self._flush_lock = trio.Lock()
@@ -191,7 +191,9 @@ class MqttSource:
 
     # ------------------------------------------------------------ message path (sync)
 
-    def _route(self, topic: str) -> _Route | None:
+    def _route(self, topic: str) -> tuple[_Route, str] | None:
+        """The subscription a topic belongs to and its channel name, cached per topic
+        (the template and the filter match cost more than the rest of the message)."""
         try:
             return self._route_cache[topic]
         except KeyError:
@@ -199,7 +201,10 @@ class MqttSource:
         found = None
         for topic_filter, route in self._routes:
             if paho.topic_matches_sub(topic_filter, topic):
-                found = route
+                channel = route.channel(topic)  # TemplateError: not cached, counted
+                found = (route, channel)
+                if route.sub.unit:
+                    self._units[channel] = route.sub.unit
                 break
         if len(self._route_cache) > 100_000:  # topics with ids in them: do not grow forever
             self._route_cache.clear()
@@ -209,25 +214,21 @@ class MqttSource:
     def _on_message(self, msg: paho.MQTTMessage) -> None:
         self.received += 1
         topic = msg.topic
-        route = self._route(topic)
-        if route is None:  # a retained or overlapping message we did not ask for
-            self._m_unrouted.inc(source=self.name)
-            return
         try:
-            channel = route.channel(topic)
+            hit = self._route(topic)
+            if hit is None:  # a retained or overlapping message we did not ask for
+                self._m_unrouted.inc(source=self.name)
+                return
+            route, channel = hit
             value, ts = route.decode(msg.payload)
         except (PayloadError, TemplateError) as exc:
             self._bad_payload(topic, str(exc))
             return
-        now = time.time()
-        if ts is None:
-            ts = now
         if route.throttle is None:
-            self._pending.append(SensorReading(self.name, ts, channel, value, route.sub.unit))
+            self._pending.append(SensorReading(self.name, time.time() if ts is None else ts,
+                                               channel, value, route.sub.unit))
         else:
-            route.throttle.add(channel, value, ts)
-            if route.sub.unit:
-                self._units[channel] = route.sub.unit
+            route.throttle.add(channel, value, time.time() if ts is None else ts)
 
     def _bad_payload(self, topic: str, reason: str) -> None:
         self.bad += 1
@@ -282,7 +283,14 @@ class MqttSource:
         async with self._flush_lock:
             if self._pending:
                 batch, self._pending = self._pending, []
-                await sink.put(batch)
+                try:
+                    await sink.put(batch)
+                except BaseException:
+                    # Cancelled while the sink was full (the connection died meanwhile,
+                    # or shutdown): the batch is not lost, it goes out first next time.
+                    # (A put cancelled half-way may repeat records: at least once.)
+                    self._pending[:0] = batch
+                    raise
 
     async def _ticker(self, sink: RecordSink) -> None:
         """Emit windows at their deadline when no message arrives to do it."""
