@@ -13,14 +13,17 @@ paho does the MQTT protocol; this module does its I/O from Trio:
   messages.  Nothing is buffered here beyond one burst.
 - a *writer* task sleeps until paho wants to write (``on_socket_register_write`` wakes it,
   ``want_write()`` is the truth), waits for ``wait_writable`` and calls ``loop_write``.
-- a *misc* task calls ``loop_misc`` once a second (keepalive pings, dead-broker detection).
+- a *misc* task calls ``loop_misc`` once a second (keepalive pings, dead-broker detection),
+  except while the reader is paused by backpressure: the PINGRESP could not be read, and
+  paho would declare the broker dead and reconnect over and over during a long stall.
 - ``on_socket_close`` calls ``trio.lowlevel.notify_closing(sock)`` so a task parked on the
   socket wakes instead of waiting on a closed descriptor, and ends the connection.
 
 paho has no reconnect outside its own loops, so ``run()`` is the reconnect loop:
 exponential backoff with full jitter (``edgegw.backoff``), resubscribing after every
 connect (a clean session has lost its subscriptions; re-subscribing a persistent one is
-harmless).  A broker that refuses the connection (bad credentials, say) raises
+harmless).  The SUBACK is not awaited but handled when it is read (refusals are logged):
+a reader paused by backpressure must not look like a broken connection.  A broker that refuses the connection (bad credentials, say) raises
 ``ConnectRefused`` with the broker's reason, is logged, and is retried at the backoff cap.
 """
 
