@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
 import trio
 from mqtt_broker import Broker, BrokerAddress, StartBroker
@@ -486,3 +487,26 @@ async def test_a_downstream_stall_longer_than_the_keepalive_loses_nothing(
     got = seqs(sink)
     assert set(got) == set(range(total))
     assert len(got) - total <= 100  # a few may come twice (at least once), never lost
+
+
+def test_bad_payload_reports_repeat_after_the_interval_with_the_count_suppressed(
+        caplog: pytest.LogCaptureFixture) -> None:
+    source = make_source(BrokerAddress("127.0.0.1", 1), [{"topic": "ate/+/temp"}],
+                         bad_payload_log_interval=0.2)
+    caplog.set_level(logging.WARNING, logger="edgegw.mqtt.source")
+
+    def message(payload: bytes) -> paho.MQTTMessage:
+        msg = paho.MQTTMessage(topic=b"ate/t1/temp")
+        msg.payload = payload
+        return msg
+
+    for _ in range(5):
+        source._on_message(message(b"junk"))
+    time.sleep(0.25)
+    source._on_message(message(b"junk"))
+    source._on_message(message(b'{"value": 1.5}'))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert "not JSON" in lines[0] and "more since" not in lines[0]
+    assert "(4 more since the last report)" in lines[1]
+    assert source.bad == 6 and source.buffered == 1 + 2  # one reading, two events
