@@ -23,8 +23,9 @@ paho has no reconnect outside its own loops, so ``run()`` is the reconnect loop:
 exponential backoff with full jitter (``edgegw.backoff``), resubscribing after every
 connect (a clean session has lost its subscriptions; re-subscribing a persistent one is
 harmless).  The SUBACK is not awaited but handled when it is read (refusals are logged):
-a reader paused by backpressure must not look like a broken connection.  A broker that refuses the connection (bad credentials, say) raises
-``ConnectRefused`` with the broker's reason, is logged, and is retried at the backoff cap.
+a reader paused by backpressure must not look like a broken connection.  A broker that
+refuses the connection (bad credentials, say) raises ``ConnectRefused`` with the broker's
+reason, which is logged, and the connection is retried at the backoff cap.
 """
 
 from __future__ import annotations
