@@ -2,7 +2,8 @@
 
 - ``mqtt_broker``: any broker.  The one on 127.0.0.1:1883 when it runs (tests using it must
   not restart it and must use their own topics and client ids), else one started for the
-  test session on a free port.
+  test session on a free port.  ``EDGEGW_TEST_BROKER=own`` forces the latter,
+  ``EDGEGW_TEST_BROKER=HOST:PORT`` names another broker.
 - ``start_broker``: a factory for a broker of the test's own, on a free port, with a
   generated config in ``tmp_path``.  Tests that restart the broker, need the "nothing
   lost" settings (persistence, no queue limit) or a password file always use it.
@@ -182,7 +183,13 @@ class BrokerAddress:
 
 @pytest.fixture(scope="session")
 def mqtt_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerAddress]:
-    if port_open("127.0.0.1", 1883):
+    """``EDGEGW_TEST_BROKER=own`` always starts one; ``=HOST:PORT`` names one to use."""
+    choice = os.environ.get("EDGEGW_TEST_BROKER", "")
+    if choice and choice != "own":
+        host, _, port = choice.rpartition(":")
+        yield BrokerAddress(host or "127.0.0.1", int(port))
+        return
+    if choice != "own" and port_open("127.0.0.1", 1883):
         yield BrokerAddress("127.0.0.1", 1883)
         return
     if MOSQUITTO is None:
