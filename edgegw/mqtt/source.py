@@ -179,6 +179,8 @@ class MqttSource:
         self._m_messages = m.counter("mqtt_messages_total", "MQTT messages received")
         self._m_bad = m.counter("mqtt_bad_payloads_total",
                                 "MQTT messages that did not decode, by topic")
+        # the gateway-wide count of bad input, beside the per-topic one
+        self._m_source_errors = m.counter("source_errors", "bad input seen by sources")
         self._m_unrouted = m.counter("mqtt_unrouted_total",
                                      "MQTT messages matching no subscription")
         self._m_connected = m.gauge("mqtt_connected", "1 while connected to the broker")
@@ -233,6 +235,7 @@ class MqttSource:
     def _bad_payload(self, topic: str, reason: str) -> None:
         self.bad += 1
         self._m_bad.inc(source=self.name, topic=topic)
+        self._m_source_errors.inc(source=self.name)
         now = time.monotonic()
         last, suppressed = self._bad_logged.get(topic, (-math.inf, 0))
         if now - last < self.config.bad_payload_log_interval:
