@@ -511,3 +511,52 @@ def test_bad_payload_reports_repeat_after_the_interval_with_the_count_suppressed
     assert "not JSON" in lines[0] and "more since" not in lines[0]
     assert "(4 more since the last report)" in lines[1]
     assert source.bad == 6 and source.buffered == 1 + 2  # one reading, two events
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def _ca_signed(directory: Path) -> dict[str, Path]:
+    """A CA, a broker certificate for 127.0.0.1 and a client certificate, both signed by it."""
+    p = {name: directory / name for name in (
+        "ca.key", "ca.crt", "broker.key", "broker.csr", "broker.crt", "client.key",
+        "client.csr", "client.crt", "san.ext")}
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=edgegw test CA", "-keyout", str(p["ca.key"]), "-out", str(p["ca.crt"]))
+    p["san.ext"].write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for who, cn in (("broker", "localhost"), ("client", "gateway-ate-01")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
+                 "-keyout", str(p[f"{who}.key"]), "-out", str(p[f"{who}.csr"]))
+        _openssl("x509", "-req", "-in", str(p[f"{who}.csr"]), "-CA", str(p["ca.crt"]),
+                 "-CAkey", str(p["ca.key"]), "-CAcreateserial", "-days", "1",
+                 "-extfile", str(p["san.ext"]), "-out", str(p[f"{who}.crt"]))
+    return p
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl to make certificates")
+async def test_a_broker_requiring_client_certificates(
+        start_broker: StartBroker, tmp_path: Path) -> None:
+    p = _ca_signed(tmp_path)
+    broker = start_broker(extra=f"cafile {p['ca.crt']}\ncertfile {p['broker.crt']}\n"
+                                f"keyfile {p['broker.key']}\nrequire_certificate true\n")
+    prefix = unique("ate")
+    subs = [{"topic": f"{prefix}/+/seq", "raw": True}]
+    with_cert = make_source(broker, subs, tls={
+        "ca_file": str(p["ca.crt"]), "cert_file": str(p["client.crt"]),
+        "key_file": str(p["client.key"])})
+    without = make_source(broker, subs, tls={"ca_file": str(p["ca.crt"])})
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        await started(nursery, with_cert, sink)
+        await nursery.start(without.run, Sink())
+        pub = await start_publisher(nursery, broker, ssl_context=ssl_context(
+            str(p["ca.crt"]), str(p["client.crt"]), str(p["client.key"])))
+        for i in range(200):
+            await pub.publish(f"{prefix}/handler/seq", payload(i), qos=1)
+        await wait_for(lambda: len(sink.records) >= 200, 20, "messages over mutual TLS")
+        assert without.client is not None
+        await wait_for(lambda: without.client.connect_failures >= 2, 10, "refusals")
+        nursery.cancel_scope.cancel()
+    assert seqs(sink) == list(range(200))
+    assert not without.client.connected and without.client.connections == 0
