@@ -560,3 +560,4 @@ async def test_a_broker_requiring_client_certificates(
         nursery.cancel_scope.cancel()
     assert seqs(sink) == list(range(200))
     assert not without.client.connected and without.client.connections == 0
+    assert "client certificate" in without.client.last_error

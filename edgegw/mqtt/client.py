@@ -361,8 +361,12 @@ class TrioMqttClient:
             raise ConnectError(f"no CONNACK from {where} within {o.connect_timeout:g} s")
         rc = conn.connack
         if rc is None:
-            raise ConnectError(f"{where} closed the connection before CONNACK"
-                               + (f" ({conn.disconnect_reason})" if conn.disconnect_reason else ""))
+            reason = conn.disconnect_reason
+            detail = f" ({reason})" if reason and reason != "Unspecified error" else ""
+            if o.ssl_context is not None:
+                # TLS 1.3 reports a refused client certificate only after the handshake
+                detail += " — with TLS: does the broker want a client certificate?"
+            raise ConnectError(f"{where} closed the connection before CONNACK{detail}")
         if rc.is_failure:
             hint = " — check the username and password" if rc.value in _AUTH_HINT else ""
             raise ConnectRefused(f"broker {where} refused the connection: {rc}{hint}", rc.value)
