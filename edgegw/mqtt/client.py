@@ -100,6 +100,19 @@ def ssl_context(ca_file: str = "", cert_file: str = "", key_file: str = "",
     return ctx
 
 
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """paho drops the socket without closing it when the TLS handshake fails (inside
+    connect(), before ``on_socket_open``); closing it here keeps the descriptor from
+    leaking until the garbage collector finds it."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
 class _Connection:
     """The state of one connection attempt, shared by its tasks and paho's callbacks."""
 
@@ -159,6 +172,8 @@ class TrioMqttClient:
         if options.username:
             self.paho.username_pw_set(options.username, options.password or None)
         if options.ssl_context is not None:
+            if options.ssl_context.sslsocket_class is ssl.SSLSocket:
+                options.ssl_context.sslsocket_class = _ClosingSSLSocket
             self.paho.tls_set_context(options.ssl_context)
         self.paho.on_socket_open = self._cb_socket_open
         self.paho.on_socket_close = self._cb_socket_close
