@@ -41,6 +41,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8765, help="hub port (0 = any free port)")
     p.add_argument("--parts-per-second", type=float, default=200.0)
     p.add_argument("--sites", type=int, default=4)
+    p.add_argument("--source", choices=["stdf", "records"], default="stdf",
+                   help="stdf: the tester writes STDF files the gateway tails (default); "
+                        "records: the simulated source produces records directly")
     _add_set(p)
     p.set_defaults(func=cmd_demo)
 
