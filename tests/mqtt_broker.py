@@ -134,6 +134,8 @@ def write_config(directory: Path, port: int, *, persistence: bool = True,
 
 
 def make_password_file(directory: Path, users: dict[str, str]) -> Path:
+    if shutil.which("mosquitto_passwd") is None:
+        no_broker("no mosquitto_passwd to make a password file")
     path = directory / "passwd"
     path.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))
     subprocess.run(["mosquitto_passwd", "-U", str(path)], check=True,
