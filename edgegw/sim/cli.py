@@ -36,6 +36,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--rate", type=float, default=100.0, help="messages/s per channel (sensor mode)")
     p.add_argument("--tester", default="ate-01", help="tester name in the topic (sensor mode)")
     p.add_argument("--qos", type=int, choices=[0, 1], default=1)
+    p.add_argument("--count", type=int, default=0,
+                   help="messages per sensor, then stop (sensor mode; 0 = no limit)")
     # both
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--duration", type=float, default=0.0, help="seconds; 0 = until done / Ctrl-C")
