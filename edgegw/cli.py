@@ -20,6 +20,8 @@ from .config import ConfigError
 COMMAND_MODULES = (
     "edgegw.commands",
     "edgegw.sim.cli",
+    "edgegw.stdf.cli",
+    "edgegw.plugins_cli",
 )
 
 

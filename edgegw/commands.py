@@ -11,6 +11,7 @@ from typing import Any
 
 import trio
 
+from . import sdnotify
 from .config import ConfigError, apply_overrides, build, load, read_toml
 from .gateway.config import GatewayConfig, load_gateway_config
 from .hub.config import HubConfig
@@ -40,6 +41,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8765, help="hub port (0 = any free port)")
     p.add_argument("--parts-per-second", type=float, default=200.0)
     p.add_argument("--sites", type=int, default=4)
+    p.add_argument("--source", choices=["stdf", "records"], default="stdf",
+                   help="stdf: the tester writes STDF files the gateway tails (default); "
+                        "records: the simulated source produces records directly")
     _add_set(p)
     p.set_defaults(func=cmd_demo)
 
@@ -76,16 +80,18 @@ async def _until_signal(nursery: trio.Nursery) -> None:
 
 
 def cmd_hub(args: argparse.Namespace) -> int:
-    from .hub.service import Hub
+    from .hub.app import HubApp
 
     cfg = load(HubConfig, args.config, args.overrides)
 
     async def main() -> None:
-        hub = Hub(cfg)
+        hub = HubApp(cfg)
         async with trio.open_nursery() as nursery:
             port = await nursery.start(hub.run)
             print(f"edgegw hub listening on http://{cfg.hub.listen}:{port}/", flush=True)
             nursery.start_soon(_until_signal, nursery)
+            await nursery.start(sdnotify.watchdog)
+            await sdnotify.ready(f"listening on {cfg.hub.listen}:{port}")
 
     trio.run(main)
     return 0
@@ -103,6 +109,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             print(f"edgegw gateway {cfg.gateway.id} running, hub {cfg.gateway.hub_url}",
                   flush=True)
             nursery.start_soon(_until_signal, nursery)
+            await nursery.start(sdnotify.watchdog)
+            await sdnotify.ready(f"gateway {cfg.gateway.id} running")
 
     trio.run(main)
     return 0

@@ -104,6 +104,7 @@ class _Builder:
         if not isinstance(raw, dict):
             self.error(key, f"expected a table, got {_show(raw)}")
             raw = {}
+        before = len(self.errors)
         hints = get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         kwargs: dict[str, Any] = {}
@@ -117,7 +118,7 @@ class _Builder:
                 kwargs[name] = self.value(hints[name], raw[name], sub)
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 self.error(sub, f"required key is missing (expected {_describe(hints[name])})")
-        if self.errors:
+        if len(self.errors) > before:  # later sections are still checked in full
             return None  # type: ignore[return-value]
         try:
             obj = cls(**kwargs)

@@ -1,8 +1,11 @@
 """``edgegw demo``: a hub, a gateway and a simulated tester in one process.
 
-Embedded defaults only: no config file, no broker, data in a temporary directory.  On exit
-it stops the tester cleanly, waits for the hub to acknowledge everything, and compares,
-record id by record id, what the tester produced with what the hub applied.
+Embedded defaults only: no config file, no broker, data in a temporary directory.  By
+default the simulated tester writes real STDF files, one per wafer, in real time, and the
+gateway tails them as it would on a tester host (``--source records`` skips the files and
+produces records directly).  On exit it stops the tester, waits for the hub to acknowledge
+everything, and compares what the tester produced (for STDF: every record the written
+files map to, decoded afresh) with what the hub applied, record id by record id.
 """
 
 from __future__ import annotations
@@ -21,11 +24,15 @@ import trio
 from .config import apply_overrides, build
 from .gateway.config import GatewayConfig
 from .gateway.service import Gateway
+from .hub.app import HubApp
 from .hub.config import HubConfig
-from .hub.service import Hub
 from .protocol import IntervalSet
 from .records import PartResult, Record
+from .sim.stdf_tester import stdf_chunks, write_files
+from .sim.tester import TesterProfile
 from .sources.simulated import SimulatedTesterSource
+from .stdf import StdfDecoder
+from .stdf.mapping import RecordMapper
 
 GATEWAY_ID = "demo-gw"
 
@@ -59,6 +66,45 @@ class ReceiptCounter:
         return s.count() if s else 0
 
 
+class _StdfTester:
+    """The STDF tester simulator writing one file per wafer into ``out`` in real time."""
+
+    def __init__(self, out: Path, args: argparse.Namespace) -> None:
+        self.out = out
+        self.args = args
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+
+    async def run(self) -> None:
+        profile = TesterProfile(sites=self.args.sites, wafers=1000, seed=1)
+        chunks = stdf_chunks(profile, lots=1, per_wafer=True,
+                             parts_per_second=self.args.parts_per_second)
+        with self.scope:
+            await write_files(self.out, chunks, parts_per_second=self.args.parts_per_second)
+        self.done.set()
+
+    async def stop(self) -> int:
+        """Stop writing (the last file stays unfinished, as when a tester stops) and count
+        the records the files written map to: what the hub must end up with."""
+        self.scope.cancel()
+        await self.done.wait()
+        return await trio.to_thread.run_sync(expected_records, self.out)
+
+
+def expected_records(directory: Path) -> int:
+    """Records the STDF files in ``directory`` map to, decoded and mapped afresh."""
+    total = 0
+    for path in sorted(directory.glob("*.stdf")):
+        decoder = StdfDecoder()
+        decoder.feed(path.read_bytes())
+        records = list(decoder.records())
+        mapper = RecordMapper("tester")
+        total += len(mapper.map_all(records, 0.0))
+        if records and records[-1].name == "MRR":
+            total += len(mapper.close(0.0))
+    return total
+
+
 def _split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     hub = [o for o in overrides if o.startswith(("hub.", "gateways."))]
     return hub, [o for o in overrides if o not in hub]
@@ -79,24 +125,35 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "hub": {"port": args.port, "data_dir": str(tmp / "hub")},
         "gateways": {GATEWAY_ID: {"token": token}},
     }, hub_over), "<demo>")
-    hub = Hub(hub_cfg)
+    app = HubApp(hub_cfg)
+    hub = app.hub
     counter = ReceiptCounter()
     hub.add_consumer(counter)
     started = time.monotonic()
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(hub.run)
-        print(f"edgegw demo: hub at http://127.0.0.1:{port}/  (stats: /api/stats)", flush=True)
+        port = await nursery.start(app.run)
+        print(f"edgegw demo: dashboard at http://127.0.0.1:{port}/  (stats: /api/stats)",
+              flush=True)
+        stdf_dir = tmp / "stdf"
+        if args.source == "stdf":
+            source_cfg = {"name": "tester", "type": "stdf", "paths": [str(stdf_dir)],
+                          "poll_interval": 0.1}
+        else:
+            source_cfg = {"name": "tester", "type": "simulated",
+                          "parts_per_second": args.parts_per_second, "sites": args.sites}
         gw_cfg = build(GatewayConfig, apply_overrides({
             "gateway": {"id": GATEWAY_ID, "token": token, "state_dir": str(tmp / "gateway"),
                         "hub_url": f"ws://127.0.0.1:{port}/ws/gateway"},
-            "sources": [{"name": "tester", "type": "simulated",
-                         "parts_per_second": args.parts_per_second, "sites": args.sites}],
+            "sources": [source_cfg],
         }, gw_over), "<demo>")
         gateway = Gateway(gw_cfg)
         await nursery.start(gateway.run)
+        tester = _StdfTester(stdf_dir, args) if args.source == "stdf" else None
+        if tester is not None:
+            nursery.start_soon(tester.run)
         source = gateway.sources[0][1]
-        assert isinstance(source, SimulatedTesterSource)
-        print("edgegw demo: simulated tester running"
+        print(f"edgegw demo: simulated {args.sites}-site tester running"
+              + (f", writing STDF into {stdf_dir}" if tester else "")
               + (f" for {args.duration:g} s" if args.duration else "; Ctrl-C to stop"),
               flush=True)
 
@@ -112,22 +169,24 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     stop_scope.deadline = trio.current_time() + args.duration
                 while True:
                     await trio.sleep(2)
-                    print(f"  produced {source.produced:>8}  received "
-                          f"{counter.received(GATEWAY_ID):>8}  parts {counter.parts:>6}",
-                          flush=True)
+                    print(f"  parts tested {counter.parts:>6}  records applied by the hub "
+                          f"{counter.received(GATEWAY_ID):>8}", flush=True)
 
-            # a clean stop: the tester stops, the batcher flushes, the hub acks everything
-            source.stop()
-            await trio.sleep(0.05)
-            await gateway.flush()
-            with trio.move_on_after(15):
-                # polled: the store signals new frames, not acks
-                while gateway.store.first_unacked < gateway.store.next_seq:  # noqa: ASYNC110
-                    await trio.sleep(0.05)
+            # a clean stop: the tester stops, the gateway catches up, the hub acks everything
+            if tester is not None:
+                produced = await tester.stop()
+                with trio.move_on_after(15):
+                    while counter.received(GATEWAY_ID) < produced:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+            else:
+                assert isinstance(source, SimulatedTesterSource)
+                source.stop()
+                await trio.sleep(0.05)
+                produced = source.produced
+            await gateway.drain(15)
             nursery.cancel_scope.cancel()
 
     elapsed = time.monotonic() - started
-    produced = source.produced
     received = counter.received(GATEWAY_ID)
     stats = hub.stats()["gateways"].get(GATEWAY_ID, {})
     summary = {

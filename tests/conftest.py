@@ -26,3 +26,9 @@ def port() -> int:
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() == "true"
+
+
+# ---- mqtt: real Mosquitto brokers (fixtures live in tests/mqtt_broker.py) ---------------
+from mqtt_broker import mqtt_broker, start_broker  # noqa: E402, F401
+
+# ---- end mqtt ---------------------------------------------------------------------------

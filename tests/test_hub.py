@@ -203,11 +203,8 @@ async def test_a_gateway_delivers_everything_a_source_puts(tmp_path: Path) -> No
         for i in range(50):
             await gw.sink.put([SensorReading("embedded", float(i), "c", float(j))
                                for j in range(37)], source="embedded")
-        await gw.flush()
-        with trio.fail_after(10):
-            while hub.stats()["gateways"].get("ate-01", {}).get("records_applied", 0) < 1850:
-                await trio.sleep(0.02)
-        assert gw.store.first_unacked == gw.store.next_seq  # everything acknowledged
+        assert await gw.drain(10), "the hub did not acknowledge everything"
+        assert hub.stats()["gateways"]["ate-01"]["records_applied"] == 1850
         nursery.cancel_scope.cancel()
 
 

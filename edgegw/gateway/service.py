@@ -178,6 +178,16 @@ class Gateway:
             if batch is not None:
                 await self._store(batch)
 
+    async def drain(self, seconds: float) -> bool:
+        """Flush the batcher and wait up to ``seconds`` for the hub to acknowledge every
+        stored frame.  True when everything was acknowledged."""
+        await self.flush()
+        with trio.move_on_after(seconds):
+            # polled: the store signals new frames, not acks
+            while self.store.first_unacked < self.store.next_seq:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        return self.store.first_unacked >= self.store.next_seq
+
     def stats(self) -> dict[str, Any]:
         up = self.uplink
         return {

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from .alerts import AlertsConfig
+from .live_protocol import LiveConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class HubSection:
@@ -47,3 +50,5 @@ class HubConfig:
     hub: HubSection = dataclasses.field(default_factory=HubSection)
     # gateway id -> its token; a gateway not listed here is refused
     gateways: dict[str, GatewayAuth] = dataclasses.field(default_factory=dict)
+    live: LiveConfig = dataclasses.field(default_factory=LiveConfig)
+    alerts: AlertsConfig = dataclasses.field(default_factory=AlertsConfig)

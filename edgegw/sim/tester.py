@@ -21,6 +21,8 @@ from typing import Any
 
 @dataclasses.dataclass(frozen=True)
 class TesterProfile:
+    __test__ = False  # not a pytest test class despite the name
+
     lot_id: str = "LOT0001"
     part_type: str = "EDGE-SIM-1"
     node_name: str = "ate-sim"
@@ -86,10 +88,29 @@ TESTS = [
 ]
 
 
+MAX_TESTS = 2000
+
+
+def program_tests(n: int) -> list[tuple[int, str, str, float, float, float, float]]:
+    """The first ``n`` tests of the program: the eight named ones, then (for realistic
+    test counts; real programs run tens to hundreds of tests per part) generated
+    parametric tests 1000, 1001, ... around 1.0 V with limits at +-5 sigma."""
+    out = TESTS[:n]
+    for i in range(max(0, n - len(TESTS))):
+        mean = 1.0 + (i % 17) * 0.1
+        sigma = mean * 0.01
+        out.append((1000 + i, f"PARAM_{1000 + i}", "V", mean - 5 * sigma, mean + 5 * sigma,
+                    mean, sigma))
+    return out
+
+
 class TesterModel:
+    __test__ = False  # not a pytest test class despite the name
+
     def __init__(self, profile: TesterProfile | None = None) -> None:
         self.profile = profile or TesterProfile()
         self.rng = random.Random(self.profile.seed)
+        self.tests = program_tests(self.profile.tests_per_part)
 
     def dies(self) -> list[tuple[int, int]]:
         """Die coordinates of a round wafer, in prober stepping order (serpentine rows)."""
@@ -113,9 +134,9 @@ class TesterModel:
         if p.weak_site is not None and site == p.weak_site:
             good -= p.weak_site_penalty
         fail = self.rng.random() > good
-        fail_test = self.rng.randrange(min(p.tests_per_part, len(TESTS))) if fail else -1
+        fail_test = self.rng.randrange(len(self.tests)) if fail else -1
         results = []
-        for i, (num, txt, units, lo, hi, mean, sigma) in enumerate(TESTS[: p.tests_per_part]):
+        for i, (num, txt, units, lo, hi, mean, sigma) in enumerate(self.tests):
             drift = mean * p.drift_per_wafer * wafer_no if num == 100 else 0.0
             value = self.rng.gauss(mean + drift, sigma)
             if i == fail_test:

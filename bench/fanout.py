@@ -1,0 +1,570 @@
+"""Fan-out benchmark: 1,000 /ws/live subscribers on one hub while a simulated tester feeds
+10,000 records/s through a gateway.
+
+    python bench/fanout.py [--clients 1000] [--rate 10000] [--seconds 30] [--ui-rate 20]
+
+Three processes, as in production: the hub (Hub + LiveState + LiveFanout), the tester
+(simulated tester -> Gateway -> uplink), and this one, which runs the subscribers: bare
+WebSocket clients on non-blocking sockets under one epoll loop (a Trio task per client
+would cost this process more than the hub).  Every client subscribes like the dashboard
+(lot/+, lot/+/wafer/+, test/+/+, gateway/+) with CBOR.  ``--feed direct`` leaves the
+gateway, uplink and store out: the hub process feeds the tester's records straight into its
+live state, which measures the fan-out on its own.
+
+Measured:
+* latency from record creation to client receipt, per die: the tester logs each part's
+  creation time (its record ts); a client's receipt time of a wafer delta minus the
+  creation time of every die row in it.  Pooled over a 10 % sample of the clients (all of
+  them would be ~30 M samples for pure Python);
+* the update rate (batch frames per second) every client sees;
+* the hub process's CPU (utime+stime from /proc) and memory (VmRSS, VmHWM).
+The measured time is split in phases that alternate between without and with a
+deliberately stalled client (a new connection that subscribes and never reads; the hub
+closes it after --stall-timeout).  Figures are printed for both kinds: the stalled client
+must not change them.
+Goal: p99 under 50 ms plus one UI frame interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import bisect
+import collections
+import hashlib
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+TOKEN = "bench-token"
+TOPICS = ["lot/+", "lot/+/wafer/+", "test/+/+", "gateway/+"]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _raise_nofile() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+
+
+# --------------------------------------------------------------------------- hub process
+
+
+def run_hub(args: argparse.Namespace) -> None:
+    import trio
+
+    from edgegw.config import build
+    from edgegw.hub.config import HubConfig
+    from edgegw.hub.fanout import LiveFanout
+    from edgegw.hub.live_protocol import LiveConfig
+    from edgegw.hub.service import Hub
+    from edgegw.hub.state import LiveState
+
+    async def main() -> None:
+        hub = Hub(build(HubConfig, {"hub": {"port": 0, "data_dir": args.data},
+                                    "gateways": {"bench-gw": {"token": TOKEN}}}))
+        fanout = LiveFanout(LiveConfig(ui_rate=args.ui_rate, stall_timeout=args.stall_timeout),
+                            metrics=hub.metrics)
+
+        def publish(topic: str, delta: dict[str, Any]) -> None:
+            # For the latency breakdown: how old the newest record of a wafer delta is
+            # when the live state publishes it (gateway batching, uplink, durable commit).
+            now = time.time()
+            if "/wafer/" in topic and delta.get("updated"):
+                lags.append(now - delta["updated"])
+            fanout.publish(topic, delta, now)  # items carry the publish times: fan-out latency
+
+        state = LiveState(publish, metrics=hub.metrics)
+        fanout.attach(state)
+        hub.add_consumer(state)
+        fanout.install(hub.http)
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(hub.run)
+            await nursery.start(fanout.run)
+            print(f"PORT {port}", flush=True)
+
+            async def ticker() -> None:  # what the hub service does about once a second
+                while True:
+                    await trio.sleep(1)
+                    state.tick(time.time())
+
+            nursery.start_soon(ticker)
+            if args.feed == "direct":
+                nursery.start_soon(feed_directly, args, state)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    lags: list[float] = []
+    created: list[tuple[str, int, int, float]] = []
+
+    async def feed_directly(args: argparse.Namespace, state: LiveState) -> None:
+        """The simulated tester's records straight into the live state, every 10 ms, as
+        the hub applies them (no gateway, no uplink, no store): the fan-out on its own."""
+        from edgegw.records import PartResult
+        from edgegw.sources import SourceContext
+        from edgegw.sources.simulated import SimulatedConfig, SimulatedTesterSource
+
+        go = Path(args.log).with_suffix(".go")
+        while not go.exists():
+            await trio.sleep(0.05)
+        sim = SimulatedTesterSource("tester", SimulatedConfig(
+            parts_per_second=args.rate / 9, sites=4, wafer_diameter_dies=30, tests_per_part=8,
+            wafers=1000), SourceContext(gateway_id="bench-gw", metrics=None,  # type: ignore[arg-type]
+                                        checkpoint=None, state_dir=args.data))
+        records = sim._records()
+        rid = 1
+        start = time.monotonic()
+        sent = 0
+        while time.monotonic() - start < args.seconds:
+            await trio.sleep(0.01)
+            due = int(args.rate * (time.monotonic() - start))
+            batch: list[Any] = []
+            while sent + len(batch) < due:
+                batch.extend(next(records)[0])
+            for rec in batch:
+                if type(rec) is PartResult:
+                    created.append((rec.wafer_id, rec.x, rec.y, rec.ts))
+            state.on_records("bench-gw", rid, batch)
+            rid += len(batch)
+            sent += len(batch)
+        await trio.Path(args.log).write_text(json.dumps({"created": created, "produced": sent}))
+
+    _raise_nofile()
+    trio.run(main)
+    lags.sort()
+    print("LAGS " + json.dumps({"n": len(lags), "p50": pct(lags, 50), "p99": pct(lags, 99)}),
+          flush=True)
+
+
+# --------------------------------------------------------------------------- tester process
+
+
+def run_tester(args: argparse.Namespace) -> None:
+    import trio
+
+    from edgegw.config import build
+    from edgegw.gateway.config import GatewayConfig
+    from edgegw.gateway.service import Gateway
+    from edgegw.records import PartResult
+    from edgegw.sources import SourceContext
+    from edgegw.sources.simulated import SimulatedConfig, SimulatedTesterSource
+
+    created: list[tuple[str, int, int, float]] = []
+
+    class LoggedTester(SimulatedTesterSource):
+        """The built-in simulated tester, logging when each part record was created."""
+
+        def _records(self) -> Any:
+            for batch, n_parts in super()._records():
+                for rec in batch:
+                    if type(rec) is PartResult:
+                        created.append((rec.wafer_id, rec.x, rec.y, rec.ts))
+                yield batch, n_parts
+
+    tests_per_part = 8
+    parts_per_second = args.rate / (tests_per_part + 1)
+    sim = LoggedTester("tester", SimulatedConfig(
+        parts_per_second=parts_per_second, sites=4, wafer_diameter_dies=30,
+        tests_per_part=tests_per_part, wafers=1000),
+        SourceContext(gateway_id="bench-gw", metrics=None, checkpoint=None,  # type: ignore[arg-type]
+                      state_dir=args.data))
+
+    async def main() -> None:
+        gw = Gateway(build(GatewayConfig, {
+            "gateway": {"id": "bench-gw", "token": TOKEN, "state_dir": args.data,
+                        "hub_url": f"ws://127.0.0.1:{args.port}/ws/gateway"},
+            "batch": {"max_records": args.batch_records, "max_delay_ms": args.batch_ms},
+        }), extra_sources=[("tester", sim)])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gw.run)
+            await trio.sleep(args.seconds)
+            sim.stop()
+            await trio.sleep(0.2)
+            await gw.flush()
+            with trio.move_on_after(10):
+                while gw.store.first_unacked < gw.store.next_seq:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    Path(args.log).write_text(json.dumps({"created": created, "produced": sim.produced}))
+
+
+# --------------------------------------------------------------------------- subscribers
+
+
+def ws_connect(port: int, rcvbuf: int | None = None,
+               topics: list[str] | None = None) -> tuple[socket.socket, bytes]:
+    """A subscribed client socket (non-blocking) and any bytes read past the handshake."""
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16))
+    sock.sendall(b"GET /ws/live HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\n"
+                 b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: edgegw.live.v1.cbor"
+                 b"\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("hub closed during the handshake")
+        head += chunk
+    if b" 101 " not in head.split(b"\r\n", 1)[0]:
+        raise ConnectionError(head.decode("latin-1"))
+    import cbor2
+
+    payload = cbor2.dumps({"type": "subscribe", "id": 1, "topics": topics or TOPICS})
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    n = len(payload)
+    header = bytes((0x82, 0x80 | n)) if n < 126 else bytes((0x82, 0xFE)) + n.to_bytes(2, "big")
+    sock.sendall(header + mask + masked)
+    rest = head.partition(b"\r\n\r\n")[2]
+    sock.setblocking(False)
+    return sock, rest
+
+
+class Subscribers:
+    """Many bare WebSocket clients under one epoll: record (client, time, message)."""
+
+    def __init__(self, sample_step: int) -> None:
+        self.sample_step = sample_step  # every n-th client's messages are kept for latency
+        self.ep = select.epoll()
+        self.socks: dict[int, socket.socket] = {}
+        self.index: dict[int, int] = {}  # fd -> client number
+        self.bufs: dict[int, bytearray] = {}
+        self.payloads: dict[bytes, int] = {}
+        self.received: list[tuple[int, float, int]] = []  # (client, t, payload index)
+        self.closed: dict[int, float] = {}
+
+    def add(self, conn: tuple[socket.socket, bytes], number: int) -> None:
+        sock, rest = conn
+        fd = sock.fileno()
+        self.socks[fd] = sock
+        self.index[fd] = number
+        self.bufs[fd] = bytearray(rest)
+        self.ep.register(fd, select.EPOLLIN)
+
+    def poll(self, until: float) -> None:
+        payloads = self.payloads
+        received = self.received
+        while True:
+            timeout = until - time.monotonic()
+            if timeout <= 0:
+                return
+            for fd, _ in self.ep.poll(min(timeout, 0.05)):
+                sock = self.socks[fd]
+                try:
+                    data = sock.recv(1 << 18)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                now = time.time()
+                if not data:
+                    self.ep.unregister(fd)
+                    self.closed[self.index[fd]] = now
+                    continue
+                buf = self.bufs[fd]
+                buf += data
+                client = self.index[fd]
+                while len(buf) >= 2:
+                    n = buf[1] & 0x7F
+                    at = 2
+                    if n == 126:
+                        if len(buf) < 4:
+                            break
+                        n, at = int.from_bytes(buf[2:4], "big"), 4
+                    elif n == 127:
+                        if len(buf) < 10:
+                            break
+                        n, at = int.from_bytes(buf[2:10], "big"), 10
+                    if len(buf) < at + n:
+                        break
+                    if buf[0] & 0x0F == 0x2:
+                        if client % self.sample_step:
+                            idx = -1  # counted only: keeps this process light
+                        else:
+                            payload = bytes(buf[at:at + n])
+                            idx = payloads.get(payload)
+                            if idx is None:
+                                idx = payloads[payload] = len(payloads)
+                        received.append((client, now, idx))
+                    del buf[:at + n]
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_mem_mb(pid: int) -> tuple[float, float]:
+    rss = hwm = 0.0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) / 1024
+        elif line.startswith("VmHWM:"):
+            hwm = int(line.split()[1]) / 1024
+    return rss, hwm
+
+
+def _own_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def pct(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--role", choices=["main", "hub", "tester"], default="main")
+    ap.add_argument("--clients", type=int, default=1000)
+    ap.add_argument("--rate", type=float, default=10_000, help="records per second")
+    ap.add_argument("--seconds", type=float, default=30.0, help="measured seconds (two halves)")
+    ap.add_argument("--ui-rate", type=float, default=20.0)
+    ap.add_argument("--stall-timeout", type=float, default=5.0)
+    ap.add_argument("--batch-records", type=int, default=2000)
+    ap.add_argument("--batch-ms", type=float, default=10.0)
+    ap.add_argument("--no-stalled", action="store_true")
+    ap.add_argument("--stalled-topics", nargs="+", default=None,
+                    help="what the stalled client subscribes to (default: as the others)")
+    ap.add_argument("--phases", type=int, default=4,
+                    help="measured phases, alternately without and with a stalled client")
+    ap.add_argument("--feed", choices=["gateway", "direct"], default="gateway",
+                    help="gateway: tester -> gateway -> uplink -> hub store -> live state "
+                         "(end to end); direct: records straight into the hub's live state "
+                         "(the fan-out on its own)")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--data", default="")
+    ap.add_argument("--log", default="")
+    args = ap.parse_args()
+    if args.role == "hub":
+        run_hub(args)
+        return 0
+    if args.role == "tester":
+        run_tester(args)
+        return 0
+    _raise_nofile()
+    return run_main(args)
+
+
+def run_main(args: argparse.Namespace) -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="edgegw-bench-fanout-"))
+    me = [sys.executable, os.path.abspath(__file__)]
+    hub = subprocess.Popen([*me, "--role", "hub", "--data", str(tmp / "hub"),
+                            "--ui-rate", str(args.ui_rate), "--feed", args.feed,
+                            "--rate", str(args.rate), "--log", str(tmp / "created.json"),
+                            "--seconds", str(args.seconds + 4),
+                            "--stall-timeout", str(args.stall_timeout)],
+                           stdout=subprocess.PIPE, text=True)
+    tester = None
+    try:
+        line = hub.stdout.readline() if hub.stdout else ""
+        if not line.startswith("PORT "):
+            print("hub did not start", file=sys.stderr)
+            return 1
+        port = int(line.split()[1])
+        subs = Subscribers(max(1, args.clients // max(1, args.clients // 10)))
+        t0 = time.monotonic()
+        for i in range(args.clients):
+            subs.add(ws_connect(port), i)
+            if i % 100 == 99:
+                subs.poll(time.monotonic() + 0.01)
+        print(f"{args.clients} subscribers connected in {time.monotonic() - t0:.1f} s",
+              flush=True)
+        subs.poll(time.monotonic() + 1.0)
+
+        warmup = 3.0
+        if args.feed == "gateway":
+            tester = subprocess.Popen([*me, "--role", "tester", "--port", str(port),
+                                       "--rate", str(args.rate),
+                                       "--seconds", str(args.seconds + warmup + 1),
+                                       "--batch-records", str(args.batch_records),
+                                       "--batch-ms", str(args.batch_ms), "--data", str(tmp / "gw"),
+                                       "--log", str(tmp / "created.json")])
+        else:
+            (tmp / "created.go").touch()
+        subs.poll(time.monotonic() + warmup)
+        # Phases alternate: without, with a stalled client, without, with ...  A stalled
+        # client is a new connection each time that subscribes and never reads; the hub
+        # closes it after stall_timeout.  Alternating keeps drifts of the machine's load
+        # (other processes) out of the comparison.
+        span = args.seconds / args.phases
+        phases = []
+        stalled: list[socket.socket] = []
+        for i in range(args.phases):
+            with_stalled = i % 2 == 1 and not args.no_stalled
+            if with_stalled:
+                stalled.append(ws_connect(port, rcvbuf=4096,  # never read from
+                                          topics=args.stalled_topics)[0])
+            cpu0, w0, m0 = proc_cpu_seconds(hub.pid), time.time(), time.monotonic()
+            own0 = _own_cpu()
+            subs.poll(m0 + span)
+            phases.append((with_stalled, w0, time.time(), proc_cpu_seconds(hub.pid) - cpu0,
+                           time.monotonic() - m0, proc_mem_mb(hub.pid), _own_cpu() - own0,
+                           os.getloadavg()[0]))
+        stats = json.loads(_http_get(port, "/api/live/stats?clients=0"))
+        hub_stats = json.loads(_http_get(port, "/api/stats"))
+        if tester is not None:
+            tester.wait(timeout=60)
+        else:
+            while not (tmp / "created.json").exists():
+                subs.poll(time.monotonic() + 0.2)
+        subs.poll(time.monotonic() + 0.5)
+        log = json.loads((tmp / "created.json").read_text())
+        hub.send_signal(signal.SIGTERM)
+        out = hub.communicate(timeout=30)[0] or ""
+        lags = next((json.loads(line[5:]) for line in out.splitlines()
+                     if line.startswith("LAGS ")), None)
+        report(args, subs, phases, log, stats, hub_stats, bool(stalled), lags)
+        for sock in stalled:
+            sock.close()
+        return 0
+    finally:
+        for p in (tester, hub):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def _http_get(port: int, path: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data.partition(b"\r\n\r\n")[2]
+
+
+def report(args: argparse.Namespace, subs: Subscribers, phases: list[Any], log: dict[str, Any],
+           stats: dict[str, Any], hub_stats: dict[str, Any], had_stalled: bool,
+           lags: dict[str, Any] | None) -> None:
+    import cbor2
+
+    # creation time of each die result, by (wafer, x, y), in order
+    created: dict[tuple[str, int, int], list[float]] = collections.defaultdict(list)
+    for wafer, x, y, ts in log["created"]:
+        created[(wafer, x, y)].append(ts)
+    # per distinct payload: its batch ts and the creation times of the dies in its deltas
+    payload_info: list[tuple[float, list[float], list[float]]] = (
+        [(0.0, [], [])] * len(subs.payloads))
+    for payload, idx in subs.payloads.items():
+        msg = cbor2.loads(payload)
+        if msg.get("type") != "batch":
+            continue
+        dies: list[float] = []
+        published: list[float] = []  # oldest publish time of each delta item
+        for item in msg["items"]:
+            if item["type"] == "delta" and "ts" in item:
+                published.append(item["ts"][0])
+            if item["type"] != "delta" or "/wafer/" not in item["topic"]:
+                continue
+            wafer = item["topic"].rsplit("/", 1)[1]
+            for delta in item["data"]:
+                for row in delta.get("dies", ()):
+                    times = created.get((wafer, row[0], row[1]))
+                    if times:
+                        # the newest result of that die made before the batch
+                        k = bisect.bisect_right(times, msg["ts"])
+                        dies.append(times[max(0, k - 1)])
+        payload_info[idx] = (msg["ts"], dies, published)
+
+    step = subs.sample_step
+    print(f"\nfan-out bench ({args.feed} feed): {args.clients} subscribers, tester "
+          f"{args.rate:.0f} records/s "
+          f"(produced {log['produced']} records), ui_rate {args.ui_rate:g}/s, "
+          f"goal p99 < {50 + 1000 / args.ui_rate:.0f} ms")
+    applied = hub_stats["gateways"].get("bench-gw", {}).get("records_applied", "n/a")
+    print(f"  hub: {applied} records applied from the gateway; live: {stats['channels']} "
+          f"channels, tick mean "
+          f"{stats['tick_ms_mean']:.2f} ms (deciding and encoding "
+          f"{stats['tick_core_ms_mean']:.2f} ms, the rest writing) over {stats['ticks']} ticks")
+    if lags and lags["n"]:
+        print(f"  breakdown: newest record of a wafer delta is {1000 * lags['p50']:.1f} ms old "
+              f"(p50; p99 {1000 * lags['p99']:.1f} ms) when the hub's live state publishes it "
+              f"(gateway batching, uplink, durable commit, apply)")
+    def figures(parts: list[Any]) -> tuple[list[float], list[float], list[float], list[float]]:
+        lat: list[float] = []
+        tick_lat: list[float] = []
+        pub_lat: list[float] = []
+        rates: list[float] = []
+        for _, w0, w1, *_rest in parts:
+            frames: collections.Counter[int] = collections.Counter()
+            for client, t, idx in subs.received:
+                if not (w0 <= t < w1) or client >= args.clients:
+                    continue
+                frames[client] += 1
+                if client % step or idx < 0:
+                    continue
+                ts, dies, published = payload_info[idx]
+                if ts:
+                    tick_lat.append(t - ts)
+                lat.extend(t - d for d in dies)
+                pub_lat.extend(t - p for p in published)
+            rates.extend(frames.get(c, 0) / (w1 - w0) for c in range(args.clients))
+        lat.sort()
+        tick_lat.sort()
+        pub_lat.sort()
+        rates.sort()
+        return lat, tick_lat, pub_lat, rates
+
+    def show(title: str, parts: list[Any]) -> None:
+        if not parts:
+            return
+        lat, tick_lat, pub_lat, rates = figures(parts)
+        secs = sum(p[4] for p in parts)
+        cpu = sum(p[3] for p in parts)
+        own = sum(p[6] for p in parts)
+        rss = max(p[5][0] for p in parts)
+        hwm = max(p[5][1] for p in parts)
+        loads = ", ".join(f"{p[7]:.1f}" for p in parts)
+        print(f"\n  {title}: {len(parts)} x {secs / len(parts):.1f} s")
+        print(f"    record creation -> client receipt (dies, {len(lat)} samples from "
+              f"{len(range(0, args.clients, step))} clients): p50 {1000 * pct(lat, 50):.1f} ms, "
+              f"p99 {1000 * pct(lat, 99):.1f} ms, max {1000 * pct(lat, 100):.1f} ms")
+        print(f"    of which the fan-out, live-state publish -> client receipt (oldest delta "
+              f"of each item): p50 {1000 * pct(pub_lat, 50):.1f} ms, "
+              f"p99 {1000 * pct(pub_lat, 99):.1f} ms; hub batch made -> client receipt: "
+              f"p50 {1000 * pct(tick_lat, 50):.1f} ms, p99 {1000 * pct(tick_lat, 99):.1f} ms")
+        print(f"    update rate per client (frames/s): min {rates[0]:.1f}, "
+              f"median {statistics.median(rates):.1f}, max {rates[-1]:.1f}")
+        print(f"    hub CPU {100 * cpu / secs:.0f} % of one core; RSS {rss:.0f} MB "
+              f"(peak {hwm:.0f} MB); the subscribers' process {100 * own / secs:.0f} %; "
+              f"load average {loads} on {os.cpu_count()} cores")
+
+    show("without a stalled client", [p for p in phases if not p[0]])
+    show("with a stalled client", [p for p in phases if p[0]])
+    if had_stalled:
+        print(f"\n  stalled clients: hub slow-client metric "
+              f"{hub_stats['metrics'].get('live_slow_clients_total', {})}; subscribers the "
+              f"hub closed: {len(subs.closed)} (must be 0)")
+    digest = hashlib.sha256(b"".join(sorted(subs.payloads))).hexdigest()[:8]
+    print(f"  distinct frames received: {len(subs.payloads)} (digest {digest})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""The gateway: sources -> batcher -> frame store -> uplink."""
+
+from .config import GatewayConfig, load_gateway_config
+from .service import Gateway, GatewaySink
+from .store import FrameStore, MemoryFrameStore, StoredFrame
+
+__all__ = [
+    "FrameStore", "Gateway", "GatewayConfig", "GatewaySink", "MemoryFrameStore", "StoredFrame",
+    "load_gateway_config",
+]

@@ -1,0 +1,145 @@
+"""The Trio side of alerts: persistence, webhook delivery and the clock.
+
+The engine (``edgegw.hub.alerts``) is sans-IO and called synchronously from the live state
+in the Trio thread; it hands each event to ``AlertService`` through a memory channel
+(``send_nowait``: the caller never blocks).  ``run`` drains the channel, writes each
+event's alert to the history store, and only then queues it for the webhooks -- a webhook
+never announces an alert the hub could forget in a crash.  Evicted lots' archives travel
+the same way.
+
+Wiring, in this order (the engine must know the persisted alerts before the hub replays
+its frames, or replay would raise them again)::
+
+    alerts = AlertService(config.alerts, publish, data_dir / "history.sqlite3")
+    await alerts.open()
+    state = LiveState(publish, alerts=alerts.engine, on_evict=alerts.archive_lot)
+    hub.add_consumer(state)
+    await nursery.start(alerts.run, state)   # ticks state.tick(now) once a second
+    await nursery.start(hub.run)             # replays, then serves
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from edgegw.hub.alerts import AlertEngine, AlertsConfig
+from edgegw.hub.history_store import HistoryStore
+from edgegw.hub.webhooks import WebhookSender
+from edgegw.metrics import Metrics
+
+if TYPE_CHECKING:
+    from edgegw.hub.state import LiveState
+
+log = logging.getLogger("edgegw.hub.alerts")
+
+Publish = Callable[[str, dict[str, Any]], None]
+
+
+class AlertService:
+    def __init__(self, config: AlertsConfig, publish: Publish, path: str | Path, *,
+                 metrics: Metrics | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.store = HistoryStore(path)
+        self.engine = AlertEngine(config, publish, sink=self._on_event, metrics=self.metrics)
+        self.webhooks = WebhookSender(config.webhooks, metrics=self.metrics)
+        self._clock = clock
+        # Unbounded on purpose: alert events and lot evictions are rare (de-duplicated per
+        # key), and dropping one would lose an acknowledgement or an alert.
+        self._send, self._receive = trio.open_memory_channel[tuple[str, Any]](math.inf)
+        self._m_saved = self.metrics.counter("hub_alert_events_persisted_total",
+                                             "alert events written to the history store")
+        self._m_store_errors = self.metrics.counter(
+            "hub_history_store_errors_total", "history store writes that failed")
+        self._queued = 0
+        self._done = 0
+        self._progress = trio.Event()
+        self._opened = False
+
+    async def open(self) -> int:
+        """Open the history store and restore the persisted alerts into the engine;
+        returns how many were restored.  Call before the hub replays its frames."""
+        await self.store.open()
+        self._opened = True
+        return self.engine.restore(await self.store.load_alerts(self.config.keep))
+
+    async def aclose(self) -> None:
+        if self._opened:
+            self._opened = False
+            await self.store.close()
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        self._queued += 1
+        self._send.send_nowait(("alert", event))
+
+    def archive_lot(self, lot_id: str, archive: dict[str, Any]) -> None:
+        """``LiveState(on_evict=...)``: keep an evicted lot's figures for the history API."""
+        self._queued += 1
+        self._send.send_nowait(("lot", (lot_id, archive)))
+
+    @property
+    def backlog(self) -> int:
+        """Events and archives handed over but not yet written."""
+        return self._queued - self._done
+
+    async def wait_persisted(self) -> None:
+        """Until everything handed over so far has been written (or failed to be)."""
+        target = self._queued
+        while self._done < target:
+            await self._progress.wait()
+
+    async def run(self, state: LiveState | None = None, *, tick_s: float = 1.0,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Persist and deliver events; call ``state.tick(now)`` (or the engine's) every
+        ``tick_s`` seconds for escalation and offline gateways."""
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.webhooks.run)
+                nursery.start_soon(self._persist_loop)
+                nursery.start_soon(self._tick_loop, state, tick_s)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.aclose()
+
+    async def _tick_loop(self, state: LiveState | None, tick_s: float) -> None:
+        while True:
+            await trio.sleep(tick_s)
+            now = self._clock()
+            if state is not None:
+                state.tick(now)
+            else:
+                self.engine.tick(now)
+
+    async def _persist_loop(self) -> None:
+        async for first in self._receive:
+            items = [first]
+            while True:
+                try:
+                    items.append(self._receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            events = [payload for kind, payload in items if kind == "alert"]
+            # Several events of one alert in a batch: the last carries its latest state.
+            latest = {e["alert"]["id"]: e["alert"] for e in events}
+            lots = [payload for kind, payload in items if kind == "lot"]
+            try:
+                await self.store.save(list(latest.values()), lots)
+            except Exception as exc:  # a full disk must not stop alerting
+                self._m_store_errors.inc()
+                log.error("history store write failed (%d alert events, %d lots): %s",
+                          len(events), len(lots), exc)
+            else:
+                self._m_saved.inc(len(events))
+            for event in events:
+                self.webhooks.submit(event)
+            self._done += len(items)
+            self._progress.set()
+            self._progress = trio.Event()

@@ -1,0 +1,54 @@
+"""The whole hub, assembled: ingest, live state, alerts, fan-out, dashboard, history API.
+
+``Hub`` (service.py) accepts gateways and applies frames; everything a person looks at
+hangs off it as a consumer or a route.  The order in ``run`` matters: the alert service
+restores its persisted alerts before the hub replays its stored frames into the live
+state, or the replay would raise every old alert again.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import trio
+
+from ..metrics import Metrics
+from .alert_service import AlertService
+from .config import HubConfig
+from .dashboard import Dashboard
+from .fanout import LiveFanout
+from .history import HistoryApi
+from .service import Hub
+from .state import LiveState
+
+
+class HubApp:
+    def __init__(self, config: HubConfig, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.hub = Hub(config, metrics)
+        metrics = self.hub.metrics
+        self.fanout = LiveFanout(config.live, metrics=metrics)
+        self.alerts = AlertService(config.alerts, self.fanout.publish,
+                                   Path(config.hub.data_dir) / "history.sqlite3",
+                                   metrics=metrics)
+        self.state = LiveState(self.fanout.publish, alerts=self.alerts.engine,
+                               on_evict=self.alerts.archive_lot, metrics=metrics)
+        self.fanout.attach(self.state, on_ack=lambda alert_id, user:
+                           self.alerts.engine.ack(alert_id, user, time.time()))
+        self.hub.add_consumer(self.state)
+        self.fanout.install(self.hub.http)
+        Dashboard().install(self.hub.http)
+        HistoryApi(self.state, self.alerts.engine, self.alerts.store).install(self.hub.http)
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.hub.metrics
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.alerts.open()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.alerts.run, self.state)
+            port = await nursery.start(self.hub.run)
+            await nursery.start(self.fanout.run)
+            task_status.started(port)

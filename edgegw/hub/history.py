@@ -1,0 +1,232 @@
+"""The history API: what a dashboard loads to see what happened before it connected.
+
+Handlers are plain functions ``(...) -> (status, json_dict)`` over the live state (and, for
+a lot evicted from memory, its archive from the history store); ``HistoryApi`` adapts them
+to the hub's HTTP server and fetches archives off the Trio thread.  Routes::
+
+    GET  /api/lots                               lots, live and archived, newest first
+    GET  /api/lots/<lot>/wafers                  a lot's wafers with their counts
+    GET  /api/lots/<lot>/wafers/<wafer>          a wafer's map and bins (the live snapshot)
+    GET  /api/tests/<lot>/<test_num>             a test's statistics
+    GET  /api/alerts[?unacknowledged=1&priority=P0&limit=100&before=<raised_at>]
+    POST /api/alerts/<id>/ack                    body {"user": "..."}
+
+The JSON shapes are the live topics' snapshots (``docs/live-topics.md``), so a dashboard
+renders history and live updates with the same code.  Errors are ``{"error": "..."}``
+with 400 (bad parameter) or 404 (unknown lot, wafer, test or alert).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from edgegw.hub.alerts import AlertEngine
+from edgegw.hub.topics import PRIORITIES
+
+if TYPE_CHECKING:
+    from edgegw.hub.history_store import HistoryStore
+    from edgegw.hub.http import HttpServer, Request, Response
+    from edgegw.hub.state import LiveState
+
+Result = tuple[int, dict[str, Any]]
+
+_LOT_FIELDS = ("lot_id", "part_type", "node_name", "tester_type", "job_name", "status",
+               "started", "ended", "die_count", "good", "yield", "parts", "units_per_hour",
+               "updated")
+_WAFER_FIELDS = ("wafer_id", "status", "started", "ended", "die_count", "good", "yield",
+                 "parts", "retests", "hard_bins", "soft_bins", "updated")
+
+
+def _error(status: int, message: str) -> Result:
+    return status, {"error": message}
+
+
+def _wafer_row(snap: dict[str, Any]) -> dict[str, Any]:
+    return {k: snap.get(k) for k in _WAFER_FIELDS}
+
+
+def lots(state: LiveState, archived: list[dict[str, Any]], params: dict[str, str]) -> Result:
+    """Every lot: live ones, then archived ones not live, most recently updated first."""
+    try:
+        limit = int(params.get("limit", "200"))
+    except ValueError:
+        return _error(400, "limit must be an integer")
+    rows = []
+    for lot in state.lots.values():
+        snap = lot.snapshot()
+        rows.append({k: snap.get(k) for k in _LOT_FIELDS} | {
+            "wafers": len(lot.wafers), "live": True})
+    for summary in archived:
+        if summary.get("lot_id") in state.lots:
+            continue
+        rows.append({k: summary.get(k) for k in _LOT_FIELDS} | {
+            "wafers": len(summary.get("wafers", ())), "live": False})
+    rows.sort(key=lambda r: r.get("updated") or 0.0, reverse=True)
+    return 200, {"lots": rows[:limit]}
+
+
+def wafers(state: LiveState, lot_id: str, archived: dict[str, Any] | None) -> Result:
+    """A lot's wafers with their counts (no die maps: ask per wafer)."""
+    lot = state.lots.get(lot_id)
+    if lot is not None:
+        rows = [_wafer_row({"wafer_id": w.wafer_id, "status": w.status, "started": w.started,
+                            "ended": w.ended, "updated": w.updated, **w.tally.as_dict()})
+                for w in lot.wafers.values() if w.wafer_id]
+    elif archived is not None:
+        rows = [_wafer_row(w) for wid, w in archived["wafers"].items() if wid]
+    else:
+        return _error(404, f"unknown lot {lot_id!r}")
+    return 200, {"lot_id": lot_id, "live": lot is not None, "wafers": rows}
+
+
+def wafer(state: LiveState, lot_id: str, wafer_id: str,
+          archived: dict[str, Any] | None) -> Result:
+    """A wafer's map and counts: the live topic's snapshot."""
+    lot = state.lots.get(lot_id)
+    if lot is not None:
+        live = lot.wafers.get(wafer_id)
+        snap = live.snapshot() if live is not None else None
+    elif archived is not None:
+        snap = archived["wafers"].get(wafer_id)
+    else:
+        return _error(404, f"unknown lot {lot_id!r}")
+    if snap is None:
+        return _error(404, f"lot {lot_id!r} has no wafer {wafer_id!r}")
+    return 200, snap
+
+
+def test(state: LiveState, lot_id: str, test_num: str,
+         archived: dict[str, Any] | None) -> Result:
+    try:
+        num = int(test_num)
+    except ValueError:
+        return _error(400, f"test number must be an integer, got {test_num!r}")
+    lot = state.lots.get(lot_id)
+    if lot is not None:
+        stats = lot.tests.get(num)
+        snap = stats.snapshot() if stats is not None else None
+    elif archived is not None:
+        snap = archived["tests"].get(str(num))
+    else:
+        return _error(404, f"unknown lot {lot_id!r}")
+    if snap is None:
+        return _error(404, f"lot {lot_id!r} has no test {num}")
+    return 200, snap
+
+
+test.__test__ = False  # type: ignore[attr-defined]  # a handler, not a pytest test
+
+
+def alert_query(params: dict[str, str]) -> tuple[dict[str, Any], str | None]:
+    """Parse the /api/alerts query; returns (kwargs, error)."""
+    out: dict[str, Any] = {}
+    unack = params.get("unacknowledged", "0").lower()
+    if unack not in ("0", "1", "true", "false"):
+        return out, "unacknowledged must be 0/1 or true/false"
+    out["unacknowledged"] = unack in ("1", "true")
+    priority = params.get("priority")
+    if priority is not None and priority not in PRIORITIES:
+        return out, f"priority must be one of {', '.join(PRIORITIES)}"
+    out["priority"] = priority
+    try:
+        out["limit"] = max(1, min(1000, int(params.get("limit", "100"))))
+        out["before"] = float(params["before"]) if "before" in params else None
+    except ValueError:
+        return out, "limit must be an integer and before a number"
+    return out, None
+
+
+def alerts(engine: AlertEngine, params: dict[str, str],
+           stored: list[dict[str, Any]] | None = None) -> Result:
+    """Alerts newest first, from memory, completed from the store (``stored``, already
+    filtered the same way) when memory holds fewer than asked."""
+    query, problem = alert_query(params)
+    if problem:
+        return _error(400, problem)
+    before = query["before"]
+    rows = [a.to_dict() for a in engine.list_alerts(
+        unacknowledged=query["unacknowledged"], priority=query["priority"], limit=10**9)
+        if before is None or a.raised_at < before]
+    seen = {r["id"] for r in rows}
+    rows.extend(a for a in stored or () if a["id"] not in seen)
+    rows.sort(key=lambda a: a["raised_at"], reverse=True)
+    return 200, {"alerts": rows[: query["limit"]]}
+
+
+def ack(engine: AlertEngine, alert_id: str, body: bytes | dict[str, Any], now: float) -> Result:
+    """Acknowledge; the engine broadcasts it to every client and the service persists it."""
+    if isinstance(body, bytes | bytearray):
+        try:
+            body = json.loads(body or b"{}")
+        except ValueError:
+            return _error(400, "body must be JSON: {\"user\": \"name\"}")
+    if not isinstance(body, dict):
+        return _error(400, "body must be a JSON object: {\"user\": \"name\"}")
+    user = body.get("user")
+    if not isinstance(user, str) or not user.strip():
+        return _error(400, "who acknowledges? body needs {\"user\": \"name\"}")
+    try:
+        alert = engine.ack(alert_id, user.strip()[:100], now)
+    except KeyError:
+        return _error(404, f"unknown alert {alert_id!r}")
+    return 200, {"alert": alert.to_dict()}
+
+
+class HistoryApi:
+    """Routes the ``/api/...`` history requests of the hub's HTTP server."""
+
+    def __init__(self, state: LiveState, engine: AlertEngine, store: HistoryStore | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.state = state
+        self.engine = engine
+        self.store = store
+        self.clock = clock
+
+    def install(self, http: HttpServer) -> None:
+        http.add_route("GET", "/api/lots", self.handle)
+        http.add_route("GET", "/api/lots/*", self.handle)
+        http.add_route("GET", "/api/tests/*", self.handle)
+        http.add_route("GET", "/api/alerts", self.handle)
+        http.add_route("POST", "/api/alerts/*", self.handle)
+
+    async def _archived(self, lot_id: str) -> dict[str, Any] | None:
+        if lot_id in self.state.lots or self.store is None:
+            return None
+        return await self.store.lot(lot_id)
+
+    async def dispatch(self, method: str, path: str, params: dict[str, str],
+                       body: bytes = b"") -> Result:
+        parts = [p for p in path.split("/") if p]
+        if parts[:1] != ["api"]:
+            return _error(404, "not an API path")
+        parts = parts[1:]
+        if method == "GET" and parts == ["lots"]:
+            archived = await self.store.lot_summaries() if self.store is not None else []
+            return lots(self.state, archived, params)
+        if method == "GET" and len(parts) == 3 and parts[0] == "lots" and parts[2] == "wafers":
+            return wafers(self.state, parts[1], await self._archived(parts[1]))
+        if method == "GET" and len(parts) == 4 and parts[0] == "lots" and parts[2] == "wafers":
+            return wafer(self.state, parts[1], parts[3], await self._archived(parts[1]))
+        if method == "GET" and len(parts) == 3 and parts[0] == "tests":
+            return test(self.state, parts[1], parts[2], await self._archived(parts[1]))
+        if method == "GET" and parts == ["alerts"]:
+            query, problem = alert_query(params)
+            if problem:
+                return _error(400, problem)
+            stored = None
+            if self.store is not None:
+                stored = await self.store.alerts(**query)
+            return alerts(self.engine, params, stored)
+        if method == "POST" and len(parts) == 3 and parts[0] == "alerts" and parts[2] == "ack":
+            return ack(self.engine, parts[1], body, self.clock())
+        return _error(404, f"no such API route: {method} {path}")
+
+    async def handle(self, request: Request) -> Response:
+        from edgegw.hub.http import json_response
+
+        status, payload = await self.dispatch(request.method, request.path, request.query,
+                                              request.body)
+        return json_response(payload, status)

@@ -1,0 +1,1009 @@
+"""The hub's live state: what the dashboards look at, kept in memory, built from records.
+
+``LiveState`` is a consumer of applied records (``on_records``) and of gateway
+connection changes (``on_gateway``).  It is sans-IO: it never touches a socket or a file;
+time is passed in (or read from an injected ``clock``); every change goes out through the
+``publish(topic, delta)`` callback given at construction, and ``snapshot(topic)`` answers
+what a new subscriber starts from.  Topic names come from ``edgegw.hub.topics``; the
+snapshot and delta shape of each is specified in ``docs/live-topics.md``.
+
+Invariants worth knowing before reading the code:
+
+* **A die is its location.**  On a wafer a die is keyed by X/Y; a part without X/Y is
+  keyed by its PART_ID (and a part with neither is its own die).  Of several results for
+  one die, the *final* one is the newest: greatest rid from the same gateway (rids grow
+  in creation order even when frames are applied out of order after an outage), record
+  time across gateways.  A retest flagged ``supersedes`` is the common case, but real
+  files retest without the flag (galaxy-a530-lot2 retests 113 dies at the end of the
+  wafer with PART_FLG 0), so the flag is not required: a later result at the same
+  location always replaces the earlier one.  Yield counts each die's final result once.
+* **Two kinds of bin count.**  ``hard_bins``/``soft_bins`` count final dies (the wafer
+  map); ``hard_bins_tested``/``soft_bins_tested`` count every part result, which is what
+  the tester's own HBR/SBR/PCR report.  Both are kept, so the live figures can be checked
+  against the file's own.
+* **Incremental.**  Every applied part changes counters by +1/-1 (a replaced result is
+  subtracted, its replacement added); nothing is recomputed over a wafer, so replay
+  after a restart costs the same per record as live data.
+* **Bounded.**  About ``max_lots`` lots are live.  Over the cap, a closed lot (MRR seen) is
+  evicted from memory first (it stays in the hub's store), then a lot idle for
+  ``idle_lot_s`` of record time; a lot still being tested is not evicted unless lots
+  exceed 4 x ``max_lots`` (counted).  Records arriving later for an evicted lot are counted
+  and ignored.  ``on_evict`` receives the evicted
+  lot's full figures (``lot_archive``) so the history API can still serve them.  Sensor
+  history and per-gateway event lists are bounded deques; per test only running sums are
+  kept (Welford).
+* One delta per changed topic per ``on_records`` call: a batch of 2,000 parts on one
+  wafer publishes one wafer delta with the changed dies, not 2,000.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from edgegw.hub import topics
+from edgegw.metrics import Metrics
+from edgegw.records import (
+    BinSummary,
+    FunctionalResult,
+    GatewayEvent,
+    LotEnd,
+    LotStart,
+    MultiPinResult,
+    ParametricResult,
+    PartCount,
+    PartResult,
+    SensorReading,
+    SensorWindow,
+    WaferEnd,
+    WaferStart,
+)
+
+if TYPE_CHECKING:
+    from edgegw.hub.alerts import AlertEngine
+
+Publish = Callable[[str, dict[str, Any]], None]
+
+#: TEST_FLG bits that make a measured value unusable for statistics: result invalid,
+#: unreliable, timeout, not executed, aborted.
+_BAD_VALUE_FLAGS = 0b0011_1110
+
+#: Parts remembered per lot for the units-per-hour figure.
+_UPH_WINDOW = 500
+#: Seconds of arrival history behind a gateway's records-per-second figure.
+_RATE_WINDOW_S = 10
+#: Gateway events (GatewayEvent records) kept per gateway.
+_GATEWAY_EVENTS = 20
+
+
+class BadRecord(ValueError):
+    """A record whose fields the live state cannot use (wrong types, over a limit)."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _opt_int(v: Any) -> bool:
+    return v is None or _is_int(v)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _opt_num(v: Any) -> bool:
+    return v is None or _is_num(v)
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+class Tally:
+    """Counts over final dies (the map) and over every part result (what testers report)."""
+
+    __slots__ = (
+        "dies",
+        "good",
+        "hard",
+        "hard_tested",
+        "parts",
+        "retests",
+        "site_dies",
+        "site_good",
+        "soft",
+        "soft_tested",
+    )
+
+    def __init__(self) -> None:
+        self.dies = 0
+        self.good = 0
+        self.parts = 0
+        self.retests = 0
+        self.hard: Counter[int] = Counter()
+        self.soft: Counter[int] = Counter()
+        self.hard_tested: Counter[int] = Counter()
+        self.soft_tested: Counter[int] = Counter()
+        self.site_dies: Counter[int] = Counter()
+        self.site_good: Counter[int] = Counter()
+
+    def count_final(self, die: Die, sign: int) -> None:
+        self.dies += sign
+        self.hard[die.hard_bin] += sign
+        if die.soft_bin is not None:
+            self.soft[die.soft_bin] += sign
+        self.site_dies[die.site] += sign
+        if die.passed:
+            self.good += sign
+            self.site_good[die.site] += sign
+
+    def count_tested(self, die: Die, replaced: bool) -> None:
+        self.parts += 1
+        self.retests += replaced
+        self.hard_tested[die.hard_bin] += 1
+        if die.soft_bin is not None:
+            self.soft_tested[die.soft_bin] += 1
+
+    @property
+    def yield_(self) -> float | None:
+        return _ratio(self.good, self.dies)
+
+    def site_yields(self) -> dict[int, float | None]:
+        return {s: _ratio(self.site_good[s], n) for s, n in self.site_dies.items() if n}
+
+    def share(self, hard_bin: int) -> float | None:
+        return _ratio(self.hard[hard_bin], self.dies)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "die_count": self.dies,
+            "good": self.good,
+            "yield": self.yield_,
+            "parts": self.parts,
+            "retests": self.retests,
+            "hard_bins": _keyed(self.hard),
+            "soft_bins": _keyed(self.soft),
+            "hard_bins_tested": _keyed(self.hard_tested),
+            "soft_bins_tested": _keyed(self.soft_tested),
+            "sites": {
+                str(s): {
+                    "dies": n, "good": self.site_good[s], "yield": _ratio(self.site_good[s], n)
+                }
+                for s, n in sorted(self.site_dies.items())
+                if n
+            },
+        }
+
+
+def _keyed(counter: Counter[int]) -> dict[str, int]:
+    # String keys: the same snapshot goes out as CBOR and as JSON, and a JSON client
+    # would otherwise see "1" where a CBOR client sees 1.
+    return {str(k): v for k, v in sorted(counter.items()) if v}
+
+
+class Die:
+    """One part result; the final one of its location is what the map shows."""
+
+    __slots__ = ("gateway", "hard_bin", "part_id", "passed", "rid", "site", "soft_bin", "ts",
+                 "x", "y")
+
+    def __init__(self, gateway: str, rid: int, rec: PartResult) -> None:
+        self.gateway = gateway
+        self.rid = rid
+        self.ts = rec.ts
+        self.x = rec.x
+        self.y = rec.y
+        self.hard_bin = rec.hard_bin
+        self.soft_bin = rec.soft_bin
+        self.passed = rec.passed
+        self.site = rec.site
+        self.part_id = rec.part_id
+
+    def newer_than(self, other: Die) -> bool:
+        if self.gateway == other.gateway:
+            return self.rid > other.rid
+        return (self.ts, self.gateway) > (other.ts, other.gateway)
+
+    def row(self) -> list[Any]:
+        return [self.x, self.y, self.hard_bin, self.soft_bin, self.passed, self.site]
+
+
+class WaferState:
+    def __init__(self, lot_id: str, wafer_id: str) -> None:
+        self.lot_id = lot_id
+        self.wafer_id = wafer_id
+        self.topic = topics.wafer(lot_id, wafer_id)
+        self.dies: dict[Any, Die] = {}
+        self.tally = Tally()
+        self.status = "open"
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.reported: dict[str, Any] = {}
+        self.updated = 0.0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "lot_id": self.lot_id,
+            "wafer_id": self.wafer_id,
+            "status": self.status,
+            "started": self.started,
+            "ended": self.ended,
+            "dies": [d.row() for d in self.dies.values() if d.x is not None and d.y is not None],
+            **self.tally.as_dict(),
+            "reported": dict(self.reported),
+            "updated": self.updated,
+        }
+
+
+class TestStats:
+    """Running statistics of one test in one lot (Welford's algorithm: no sample list)."""
+
+    __test__ = False  # not a pytest class, whatever the name says
+
+    def __init__(self, lot_id: str, test_num: int, kind: str) -> None:
+        self.lot_id = lot_id
+        self.test_num = test_num
+        self.kind = kind
+        self.topic = topics.test(lot_id, test_num)
+        self.test_txt = ""
+        self.units = ""
+        self.lo: float | None = None
+        self.hi: float | None = None
+        self.executions = 0
+        self.fails = 0
+        self.count = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+        self.min: float | None = None
+        self.max: float | None = None
+
+    def add_value(self, value: float) -> None:
+        self.count += 1
+        delta = value - self.mean
+        self.mean += delta / self.count
+        self.m2 += delta * (value - self.mean)
+        if self.min is None or value < self.min:
+            self.min = value
+        if self.max is None or value > self.max:
+            self.max = value
+
+    @property
+    def sigma(self) -> float | None:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else None
+
+    @property
+    def cpk(self) -> float | None:
+        sigma = self.sigma
+        if not sigma or (self.lo is None and self.hi is None):
+            return None
+        sides = []
+        if self.hi is not None:
+            sides.append((self.hi - self.mean) / (3 * sigma))
+        if self.lo is not None:
+            sides.append((self.mean - self.lo) / (3 * sigma))
+        return min(sides)
+
+    @property
+    def cp(self) -> float | None:
+        sigma = self.sigma
+        if not sigma or self.lo is None or self.hi is None:
+            return None
+        return (self.hi - self.lo) / (6 * sigma)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "lot_id": self.lot_id,
+            "test_num": self.test_num,
+            "kind": self.kind,
+            "test_txt": self.test_txt,
+            "units": self.units,
+            "lo_limit": self.lo,
+            "hi_limit": self.hi,
+            "executions": self.executions,
+            "fails": self.fails,
+            "count": self.count,
+            "mean": self.mean if self.count else None,
+            "sigma": self.sigma,
+            "min": self.min,
+            "max": self.max,
+            "cp": self.cp,
+            "cpk": self.cpk,
+        }
+
+
+class LotState:
+    def __init__(self, lot_id: str) -> None:
+        self.lot_id = lot_id
+        self.topic = topics.lot(lot_id)
+        self.info: dict[str, Any] = {
+            "part_type": "", "node_name": "", "tester_type": "", "job_name": ""
+        }
+        self.status = "open"
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.gateways: set[str] = set()
+        self.wafers: dict[str, WaferState] = {}
+        self.tests: dict[int, TestStats] = {}
+        self.tally = Tally()
+        self.part_times: deque[float] = deque(maxlen=_UPH_WINDOW)
+        self.test_time_sum = 0
+        self.test_time_n = 0
+        self.reported_hard: dict[str, int] = {}
+        self.reported_soft: dict[str, int] = {}
+        self.reported_counts: dict[str, Any] = {}
+        self.updated = 0.0
+
+    @property
+    def units_per_hour(self) -> float | None:
+        if len(self.part_times) < 2:
+            return None
+        span = max(self.part_times) - min(self.part_times)
+        return (len(self.part_times) - 1) * 3600.0 / span if span > 0 else None
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "lot_id": self.lot_id,
+            **self.info,
+            "status": self.status,
+            "started": self.started,
+            "ended": self.ended,
+            "gateways": sorted(self.gateways),
+            "wafers": list(self.wafers),
+            **self.tally.as_dict(),
+            "units_per_hour": self.units_per_hour,
+            "test_time_ms": self.test_time_sum / self.test_time_n if self.test_time_n else None,
+            "tests": sorted(self.tests),
+            "reported": {
+                "hard_bins": dict(self.reported_hard),
+                "soft_bins": dict(self.reported_soft),
+                **self.reported_counts,
+            },
+            "updated": self.updated,
+        }
+
+
+class SensorState:
+    def __init__(self, channel: str, history: int) -> None:
+        self.channel = channel
+        self.topic = topics.sensor(channel)
+        self.unit = ""
+        self.latest: dict[str, Any] | None = None
+        self.history: deque[list[Any]] = deque(maxlen=history)
+        self.source = ""
+
+    def add(self, rec: SensorWindow | SensorReading) -> list[Any]:
+        if isinstance(rec, SensorWindow):
+            self.latest = {
+                "ts": rec.ts, "t0": rec.t0, "t1": rec.t1, "last": rec.last, "min": rec.min,
+                "max": rec.max, "mean": rec.mean, "count": rec.count,
+            }
+            point = [rec.t1, rec.last, rec.min, rec.max, rec.mean]
+        else:
+            self.latest = {
+                "ts": rec.ts, "t0": rec.ts, "t1": rec.ts, "last": rec.value, "min": rec.value,
+                "max": rec.value, "mean": rec.value, "count": 1,
+            }
+            point = [rec.ts, rec.value, rec.value, rec.value, rec.value]
+        self.unit = rec.unit or self.unit
+        self.source = rec.source
+        self.history.append(point)
+        return point
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "channel": self.channel,
+            "unit": self.unit,
+            "source": self.source,
+            "latest": self.latest,
+            "history": list(self.history),
+        }
+
+
+class GatewayState:
+    def __init__(self, gateway_id: str) -> None:
+        self.gateway_id = gateway_id
+        self.topic = topics.gateway(gateway_id)
+        self.online = False
+        self.last_seen: float | None = None
+        self.connected_at: float | None = None
+        self.disconnected_at: float | None = None
+        self.records = 0
+        self.frames = 0
+        self.last_rid: int | None = None
+        self.per_second: dict[int, int] = {}
+        self.rate_now = 0.0
+        self.events: deque[dict[str, Any]] = deque(maxlen=_GATEWAY_EVENTS)
+
+    def count(self, n: int, now: float) -> None:
+        sec = int(now)
+        self.per_second[sec] = self.per_second.get(sec, 0) + n
+        if len(self.per_second) > _RATE_WINDOW_S + 2:
+            for old in [s for s in self.per_second if s <= sec - _RATE_WINDOW_S]:
+                del self.per_second[old]
+        self.rate_now = now
+
+    def records_per_s(self, now: float | None = None) -> float:
+        now = self.rate_now if now is None else now
+        low = now - _RATE_WINDOW_S
+        total = sum(n for s, n in self.per_second.items() if s > low)
+        return total / _RATE_WINDOW_S
+
+    def snapshot(self, now: float | None = None) -> dict[str, Any]:
+        return {
+            "gateway_id": self.gateway_id,
+            "online": self.online,
+            "last_seen": self.last_seen,
+            "connected_at": self.connected_at,
+            "disconnected_at": self.disconnected_at,
+            "records": self.records,
+            "frames": self.frames,
+            "last_rid": self.last_rid,
+            "records_per_s": self.records_per_s(now),
+            "events": list(self.events),
+        }
+
+
+class LiveState:
+    """Per lot, wafer, test, sensor channel and gateway: the live figures, and their deltas.
+
+    ``publish(topic, delta)`` is called synchronously from ``on_records``/``on_gateway``/
+    ``tick``; it must not block (hub-fanout queues the delta).  ``alerts`` (optional) is
+    the alert engine fed from the same state.
+    """
+
+    def __init__(
+        self,
+        publish: Publish,
+        *,
+        alerts: AlertEngine | None = None,
+        clock: Callable[[], float] = time.time,
+        max_lots: int = 16,
+        idle_lot_s: float = 3600.0,
+        max_wafers_per_lot: int = 200,
+        max_tests_per_lot: int = 20_000,
+        max_sensors: int = 5_000,
+        sensor_history: int = 120,
+        metrics: Metrics | None = None,
+        on_evict: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        if max_lots < 1:
+            raise ValueError("max_lots must be at least 1")
+        self._publish = publish
+        self._on_evict = on_evict
+        self.alerts = alerts
+        self._clock = clock
+        self.max_lots = max_lots
+        self.idle_lot_s = idle_lot_s
+        self.max_wafers_per_lot = max_wafers_per_lot
+        self.max_tests_per_lot = max_tests_per_lot
+        self.max_sensors = max_sensors
+        self.sensor_history = sensor_history
+        self.lots: dict[str, LotState] = {}
+        self.evicted: deque[str] = deque(maxlen=1024)
+        self._evicted_set: set[str] = set()
+        self.sensors: dict[str, SensorState] = {}
+        self.gateways: dict[str, GatewayState] = {}
+        self._now = 0.0
+        metrics = metrics or Metrics()
+        self._m_records = metrics.counter(
+            "hub_state_records_total", "records given to the live state"
+        )
+        self._m_ignored = metrics.counter(
+            "hub_state_records_ignored_total",
+            "records the live state did not use, by reason (evicted lot, bad value, ...)",
+        )
+        self._m_evicted = metrics.counter("hub_state_lots_evicted_total", "lots evicted")
+        self._m_over_cap = metrics.counter(
+            "hub_state_lots_over_cap_total",
+            "new lots kept beyond max_lots because every other lot was still active",
+        )
+        self._m_bad = metrics.counter(
+            "hub_state_bad_records_total", "records with fields the live state cannot use, by kind"
+        )
+        #: the latest bad record, for health pages and logs
+        self.last_error: str | None = None
+
+    # ------------------------------------------------------------------ consumer API
+
+    def on_records(
+        self, gateway_id: str, first_rid: int, records: list[Any], now: float | None = None
+    ) -> None:
+        """Apply one applied frame's records; record i has rid ``first_rid + i``."""
+        now = self._clock() if now is None else now
+        self._now = now
+        gw = self._gateway(gateway_id)
+        gw.records += len(records)
+        gw.frames += 1
+        self._m_records.inc(len(records))
+        if gw.online:
+            # Only frames from a connected gateway make its live rate and "last seen": the
+            # replay after a restart (gateway not connected yet) would otherwise show as a
+            # burst, seen now.
+            gw.last_seen = now
+            gw.count(len(records), now)
+        last_rid = first_rid + len(records) - 1
+        if records and (gw.last_rid is None or last_rid > gw.last_rid):
+            gw.last_rid = last_rid
+        batch = _Batch()
+        batch.gateways[gw] = None
+        for i, rec in enumerate(records):
+            handler = self._handlers.get(type(rec))
+            if handler is None:
+                self._m_ignored.inc(reason="kind", kind=type(rec).__name__)
+                continue
+            try:
+                handler(self, gateway_id, first_rid + i, rec, batch)
+                if rec.ts > batch.ts:
+                    batch.ts = rec.ts
+            except (BadRecord, TypeError, ValueError, AttributeError) as exc:
+                # A record the hub accepted but this state cannot use: count it, say which
+                # one, keep going -- one bad field must not stop a gateway's stream.
+                self._m_bad.inc(kind=type(rec).__name__)
+                self.last_error = (f"gateway {gateway_id} rid {first_rid + i} "
+                                   f"{type(rec).__name__}: {exc}")
+        if not gw.online and batch.ts and (gw.last_seen is None or batch.ts > gw.last_seen):
+            gw.last_seen = batch.ts  # replayed: the records' own time
+        self._flush(batch, now)
+
+    def on_gateway(self, gateway_id: str, connected: bool, now: float) -> None:
+        """A gateway connected (True) or went away (False)."""
+        gw = self._gateway(gateway_id)
+        gw.online = connected
+        gw.last_seen = now
+        if connected:
+            gw.connected_at = now
+        else:
+            gw.disconnected_at = now
+        self._publish(gw.topic, {
+            "online": connected, "last_seen": now, "connected_at": gw.connected_at,
+            "disconnected_at": gw.disconnected_at, "records_per_s": gw.records_per_s(now),
+        })
+        if self.alerts is not None:
+            self.alerts.on_gateway(gateway_id, connected, now)
+
+    def tick(self, now: float) -> None:
+        """Call about once a second: gateway rates decay, alerts escalate or fire on time."""
+        for gw in self.gateways.values():
+            if not gw.online and gw.disconnected_at is None:
+                # Known from replayed records but not connected since the hub started:
+                # offline from now on, so a gateway that never comes back is noticed.
+                gw.disconnected_at = now
+                if self.alerts is not None:
+                    self.alerts.on_gateway(gw.gateway_id, False, now)
+            if gw.per_second and gw.rate_now < now - 1:
+                rate = gw.records_per_s(now)
+                self._publish(gw.topic, {"records_per_s": rate})
+                if rate == 0:
+                    gw.per_second.clear()
+                gw.rate_now = now
+        if self.alerts is not None:
+            self.alerts.tick(now)
+
+    def snapshot(self, topic: str) -> dict[str, Any] | None:
+        """The full state of ``topic`` for a new subscriber, or None if there is none."""
+        parts = topics.split(topic)
+        head, n = parts[0], len(parts)
+        if head == "lot":
+            lot = self.lots.get(parts[1]) if n in (2, 4) else None
+            if lot is None:
+                return None
+            if n == 2:
+                return lot.snapshot()
+            if parts[2] != "wafer":
+                return None
+            wafer = lot.wafers.get(parts[3])
+            return wafer.snapshot() if wafer else None
+        if head == "test" and n == 3:
+            lot = self.lots.get(parts[1])
+            try:
+                stats = lot.tests.get(int(parts[2])) if lot else None
+            except ValueError:
+                return None
+            return stats.snapshot() if stats else None
+        if head == "sensor" and n == 2:
+            sensor = self.sensors.get(parts[1])
+            return sensor.snapshot() if sensor else None
+        if head == "gateway" and n == 2:
+            gw = self.gateways.get(parts[1])
+            return gw.snapshot() if gw else None
+        if head == "alert" and n == 3 and self.alerts is not None:
+            return self.alerts.snapshot(parts[1], parts[2])
+        return None
+
+    def topics(self) -> list[str]:
+        """Every topic that currently has a snapshot."""
+        out: list[str] = []
+        for lot in self.lots.values():
+            out.append(lot.topic)
+            out.extend(w.topic for w in lot.wafers.values() if w.wafer_id)
+            out.extend(t.topic for t in lot.tests.values())
+        out.extend(s.topic for s in self.sensors.values())
+        out.extend(g.topic for g in self.gateways.values())
+        if self.alerts is not None:
+            out.extend(self.alerts.topics())
+        return out
+
+    # ------------------------------------------------------------------ internals
+
+    def _gateway(self, gateway_id: str) -> GatewayState:
+        gw = self.gateways.get(gateway_id)
+        if gw is None:
+            gw = self.gateways[gateway_id] = GatewayState(gateway_id)
+        return gw
+
+    def _lot(self, lot_id: str, ts: float) -> LotState | None:
+        lot = self.lots.get(lot_id)
+        if lot is not None:
+            return lot
+        if lot_id in self._evicted_set:
+            self._m_ignored.inc(reason="evicted_lot")
+            return None
+        lot = self.lots[lot_id] = LotState(lot_id)
+        lot.updated = ts
+        while len(self.lots) > self.max_lots:
+            victim = self._eviction_victim(keep=lot_id)
+            if victim is None:
+                # Every other lot is still being tested: a floor with more testers than
+                # max_lots must not lose live lots, so the cap bends (up to 4x) and says so.
+                self._m_over_cap.inc()
+                break
+            self._evict(victim)
+        return lot
+
+    def _eviction_victim(self, keep: str) -> LotState | None:
+        others = [lot for lid, lot in self.lots.items() if lid != keep]
+        if not others:
+            return None
+        closed = [lot for lot in others if lot.status == "closed"]
+        if closed:
+            return min(closed, key=lambda lot: lot.updated)
+        newest = max(lot.updated for lot in self.lots.values())
+        idle = [lot for lot in others if newest - lot.updated >= self.idle_lot_s]
+        if idle:
+            return min(idle, key=lambda lot: lot.updated)
+        if len(self.lots) > 4 * self.max_lots:
+            return min(others, key=lambda lot: lot.updated)
+        return None
+
+    def _evict(self, victim: LotState) -> None:
+        del self.lots[victim.lot_id]
+        if len(self.evicted) == self.evicted.maxlen:
+            self._evicted_set.discard(self.evicted[0])
+        self.evicted.append(victim.lot_id)
+        self._evicted_set.add(victim.lot_id)
+        self._m_evicted.inc()
+        if self._on_evict is not None:
+            self._on_evict(victim.lot_id, lot_archive(victim))
+        self._publish(victim.topic, {"status": "evicted"})
+
+    def _wafer(self, lot: LotState, wafer_id: str) -> WaferState:
+        wafer = lot.wafers.get(wafer_id)
+        if wafer is None:
+            if len(lot.wafers) >= self.max_wafers_per_lot:
+                raise BadRecord(f"lot {lot.lot_id!r} already has {len(lot.wafers)} wafers "
+                                f"(max_wafers_per_lot); wafer {wafer_id!r} not kept live")
+            wafer = lot.wafers[wafer_id] = WaferState(lot.lot_id, wafer_id)
+        return wafer
+
+    def _on_part(self, gateway_id: str, rid: int, rec: PartResult, batch: _Batch) -> None:
+        # Checked before anything is counted, so a bad part never leaves half its counts.
+        if not (_is_int(rec.hard_bin) and _is_int(rec.site) and _opt_int(rec.x)
+                and _opt_int(rec.y) and _opt_int(rec.soft_bin) and _is_num(rec.ts)
+                and rec.passed in (True, False, None)
+                and isinstance(rec.lot_id, str) and isinstance(rec.wafer_id, str)):
+            raise BadRecord(f"part {rec.part_id!r} has a field of the wrong type: {rec!r:.200}")
+        lot = self._lot(rec.lot_id, rec.ts)
+        if lot is None:
+            return
+        wafer = self._wafer(lot, rec.wafer_id)
+        die = Die(gateway_id, rid, rec)
+        if rec.x is not None and rec.y is not None:
+            key: Any = (rec.x, rec.y)
+        elif rec.part_id:
+            key = ("part", rec.part_id)
+        else:
+            key = ("rid", gateway_id, rid)
+        old = wafer.dies.get(key)
+        replaced = old is not None
+        final = old is None or die.newer_than(old)
+        wafer.tally.count_tested(die, replaced)
+        lot.tally.count_tested(die, replaced)
+        if final:
+            if old is not None:
+                wafer.tally.count_final(old, -1)
+                lot.tally.count_final(old, -1)
+            wafer.dies[key] = die
+            wafer.tally.count_final(die, +1)
+            lot.tally.count_final(die, +1)
+            if die.x is not None and die.y is not None:
+                batch.dies.setdefault(wafer, []).append(die)
+        lot.part_times.append(rec.ts)
+        if rec.test_time_ms is not None:
+            lot.test_time_sum += rec.test_time_ms
+            lot.test_time_n += 1
+        lot.gateways.add(gateway_id)
+        lot.updated = wafer.updated = max(lot.updated, rec.ts)
+        batch.wafers[wafer] = None
+        batch.lots[lot] = None
+        if self.alerts is not None:
+            self.alerts.on_part(lot, wafer, rec, gateway_id, self._now)
+
+    def _test(self, rec: Any, kind: str) -> TestStats | None:
+        if not (_is_int(rec.test_num) and isinstance(rec.lot_id, str) and _is_num(rec.ts)):
+            raise BadRecord(f"test result with a bad test number or lot id: {rec!r:.200}")
+        if kind != "functional" and not (
+            _opt_num(rec.lo_limit) and _opt_num(rec.hi_limit)
+            and (_opt_num(rec.value) if kind == "parametric"
+                 else isinstance(rec.values, list) and all(_opt_num(v) for v in rec.values))
+        ):
+            raise BadRecord(f"test {rec.test_num} result with a non-numeric value or limit")
+        lot = self._lot(rec.lot_id, rec.ts)
+        if lot is None:
+            return None
+        stats = lot.tests.get(rec.test_num)
+        if stats is None:
+            if len(lot.tests) >= self.max_tests_per_lot:
+                self._m_ignored.inc(reason="too_many_tests")
+                return None
+            stats = lot.tests[rec.test_num] = TestStats(rec.lot_id, rec.test_num, kind)
+        if rec.test_txt:
+            stats.test_txt = rec.test_txt
+        stats.executions += 1
+        if rec.passed is False:
+            stats.fails += 1
+        return stats
+
+    def _on_parametric(self, gateway_id: str, rid: int, rec: ParametricResult,
+                       batch: _Batch) -> None:
+        stats = self._test(rec, "parametric")
+        if stats is None:
+            return
+        self._limits(stats, rec)
+        if rec.value is not None and not rec.test_flag & _BAD_VALUE_FLAGS \
+                and math.isfinite(rec.value):
+            stats.add_value(rec.value)
+        else:
+            self._m_ignored.inc(reason="invalid_value")
+        batch.tests[stats] = None
+
+    def _on_multipin(self, gateway_id: str, rid: int, rec: MultiPinResult,
+                     batch: _Batch) -> None:
+        stats = self._test(rec, "multipin")
+        if stats is None:
+            return
+        self._limits(stats, rec)
+        if not rec.test_flag & _BAD_VALUE_FLAGS:
+            for value in rec.values:
+                if value is not None and math.isfinite(value):
+                    stats.add_value(value)
+        batch.tests[stats] = None
+
+    def _on_functional(self, gateway_id: str, rid: int, rec: FunctionalResult,
+                       batch: _Batch) -> None:
+        stats = self._test(rec, "functional")
+        if stats is not None:
+            batch.tests[stats] = None
+
+    @staticmethod
+    def _limits(stats: TestStats, rec: ParametricResult | MultiPinResult) -> None:
+        # The decoder resolves per-test PTR defaults; the latest non-missing limit wins.
+        if rec.lo_limit is not None:
+            stats.lo = rec.lo_limit
+        if rec.hi_limit is not None:
+            stats.hi = rec.hi_limit
+        if rec.units:
+            stats.units = rec.units
+
+    def _on_lot_start(self, gateway_id: str, rid: int, rec: LotStart, batch: _Batch) -> None:
+        lot = self._lot(rec.lot_id, rec.ts)
+        if lot is None:
+            return
+        for name in ("part_type", "node_name", "tester_type", "job_name"):
+            value = getattr(rec, name)
+            if value:
+                lot.info[name] = value
+        lot.started = float(rec.start_t) if rec.start_t else rec.ts
+        lot.gateways.add(gateway_id)
+        lot.updated = max(lot.updated, rec.ts)
+        batch.lots[lot] = None
+
+    def _on_lot_end(self, gateway_id: str, rid: int, rec: LotEnd, batch: _Batch) -> None:
+        lot = self._lot(rec.lot_id, rec.ts)
+        if lot is None:
+            return
+        lot.status = "closed"
+        lot.ended = float(rec.finish_t) if rec.finish_t else rec.ts
+        lot.updated = max(lot.updated, rec.ts)
+        batch.lots[lot] = None
+
+    def _on_wafer_start(self, gateway_id: str, rid: int, rec: WaferStart,
+                        batch: _Batch) -> None:
+        lot = self._lot(rec.lot_id, rec.ts)
+        if lot is None:
+            return
+        wafer = self._wafer(lot, rec.wafer_id)
+        wafer.started = float(rec.start_t) if rec.start_t else rec.ts
+        wafer.updated = max(wafer.updated, rec.ts)
+        batch.wafers[wafer] = None
+        batch.lots[lot] = None
+
+    def _on_wafer_end(self, gateway_id: str, rid: int, rec: WaferEnd, batch: _Batch) -> None:
+        lot = self._lot(rec.lot_id, rec.ts)
+        if lot is None:
+            return
+        wafer = self._wafer(lot, rec.wafer_id)
+        wafer.status = "closed"
+        wafer.ended = float(rec.finish_t) if rec.finish_t else rec.ts
+        if rec.part_count is not None:
+            wafer.reported["part_count"] = rec.part_count
+        if rec.good_count is not None:
+            wafer.reported["good_count"] = rec.good_count
+        wafer.updated = max(wafer.updated, rec.ts)
+        batch.wafers[wafer] = None
+        batch.closed_wafers.append(wafer)
+
+    def _on_bin_summary(self, gateway_id: str, rid: int, rec: BinSummary,
+                        batch: _Batch) -> None:
+        # Only the all-sites summary (HEAD_NUM 255) is the lot's own figure; per-site
+        # summaries would double count if added together.
+        if rec.head != 255:
+            return
+        lot = self._lot(rec.lot_id, rec.ts)
+        if lot is None:
+            return
+        target = lot.reported_hard if rec.bin_kind == "H" else lot.reported_soft
+        target[str(rec.bin_num)] = rec.count
+        batch.lots[lot] = None
+
+    def _on_part_count(self, gateway_id: str, rid: int, rec: PartCount, batch: _Batch) -> None:
+        if rec.head != 255:
+            return
+        lot = self._lot(rec.lot_id, rec.ts)
+        if lot is None:
+            return
+        for name in ("part_count", "retest_count", "abort_count", "good_count", "func_count"):
+            value = getattr(rec, name)
+            if value is not None:
+                lot.reported_counts[name] = value
+        batch.lots[lot] = None
+
+    def _on_sensor(self, gateway_id: str, rid: int, rec: SensorWindow | SensorReading,
+                   batch: _Batch) -> None:
+        values = (rec.last, rec.min, rec.max, rec.mean, rec.t0, rec.t1) \
+            if isinstance(rec, SensorWindow) else (rec.value,)
+        if not (isinstance(rec.channel, str) and _is_num(rec.ts)
+                and all(_is_num(v) for v in values)):
+            raise BadRecord(f"sensor record with a non-numeric value: {rec!r:.200}")
+        sensor = self.sensors.get(rec.channel)
+        if sensor is None:
+            if len(self.sensors) >= self.max_sensors:
+                self._m_ignored.inc(reason="too_many_sensors")
+                return
+            sensor = self.sensors[rec.channel] = SensorState(rec.channel, self.sensor_history)
+        point = sensor.add(rec)
+        batch.sensors.setdefault(sensor, []).append(point)
+        if self.alerts is not None:
+            self.alerts.on_sensor(rec, self._now)
+
+    def _on_gateway_event(self, gateway_id: str, rid: int, rec: GatewayEvent,
+                          batch: _Batch) -> None:
+        gw = self._gateway(gateway_id)
+        event = {"ts": rec.ts, "level": rec.level, "code": rec.code, "message": rec.message}
+        gw.events.append(event)
+        batch.gateway_events.append((gw, event))
+
+    _handlers: dict[type, Callable[..., None]] = {
+        PartResult: _on_part,
+        ParametricResult: _on_parametric,
+        MultiPinResult: _on_multipin,
+        FunctionalResult: _on_functional,
+        LotStart: _on_lot_start,
+        LotEnd: _on_lot_end,
+        WaferStart: _on_wafer_start,
+        WaferEnd: _on_wafer_end,
+        BinSummary: _on_bin_summary,
+        PartCount: _on_part_count,
+        SensorWindow: _on_sensor,
+        SensorReading: _on_sensor,
+        GatewayEvent: _on_gateway_event,
+    }
+
+    def _flush(self, batch: _Batch, now: float) -> None:
+        publish = self._publish
+        for wafer in batch.wafers:
+            if wafer.lot_id not in self.lots:
+                continue  # evicted within this batch
+            delta: dict[str, Any] = {
+                "dies": [d.row() for d in batch.dies.get(wafer, ())],
+                **wafer.tally.as_dict(),
+                "status": wafer.status,
+                "updated": wafer.updated,
+            }
+            if wafer.reported:
+                delta["reported"] = dict(wafer.reported)
+            if wafer.started is not None:
+                delta["started"] = wafer.started
+            if wafer.ended is not None:
+                delta["ended"] = wafer.ended
+            if wafer.wafer_id:
+                publish(wafer.topic, delta)
+        for lot in batch.lots:
+            if lot.lot_id not in self.lots:
+                continue
+            snap = lot.snapshot()
+            snap.pop("lot_id")
+            publish(lot.topic, snap)
+        for stats in batch.tests:
+            if stats.lot_id in self.lots:
+                publish(stats.topic, stats.snapshot())
+        for sensor, points in batch.sensors.items():
+            publish(sensor.topic, {"latest": sensor.latest, "unit": sensor.unit,
+                                   "append": points})
+        for gw in batch.gateways:
+            publish(gw.topic, {
+                "online": gw.online, "last_seen": gw.last_seen, "records": gw.records,
+                "frames": gw.frames, "last_rid": gw.last_rid,
+                "records_per_s": gw.records_per_s(now),
+            })
+        for gw, event in batch.gateway_events:
+            publish(gw.topic, {"event": event})
+        if self.alerts is not None:
+            ts = batch.ts
+            for wafer in batch.closed_wafers:
+                lot = self.lots.get(wafer.lot_id)
+                if lot is not None:
+                    self.alerts.wafer_closed(lot, wafer)
+            for wafer in batch.wafers:
+                lot = self.lots.get(wafer.lot_id)
+                if lot is not None:
+                    self.alerts.evaluate_wafer(lot, wafer, ts, now)
+            for lot in batch.lots:
+                if lot.lot_id in self.lots:
+                    self.alerts.evaluate_lot(lot, ts, now)
+            for stats in batch.tests:
+                if stats.lot_id in self.lots:
+                    self.alerts.evaluate_test(stats, ts, now)
+
+
+def lot_archive(lot: LotState) -> dict[str, Any]:
+    """Everything the history API serves about a lot, as plain JSON-able data: its summary,
+    every wafer's map and counts, every test's statistics."""
+    return {
+        "lot": lot.snapshot(),
+        "wafers": {w.wafer_id: w.snapshot() for w in lot.wafers.values()},
+        "tests": {str(t.test_num): t.snapshot() for t in lot.tests.values()},
+    }
+
+
+class _Batch:
+    """What one on_records call changed, so each topic gets one delta."""
+
+    __slots__ = ("closed_wafers", "dies", "gateway_events", "gateways", "lots", "sensors",
+                 "tests", "ts", "wafers")
+
+    def __init__(self) -> None:
+        self.ts = 0.0
+        # dicts used as ordered sets: deltas go out in a reproducible order
+        self.wafers: dict[WaferState, None] = {}
+        self.dies: dict[WaferState, list[Die]] = {}
+        self.lots: dict[LotState, None] = {}
+        self.tests: dict[TestStats, None] = {}
+        self.sensors: dict[SensorState, list[list[Any]]] = {}
+        self.gateways: dict[GatewayState, None] = {}
+        self.gateway_events: list[tuple[GatewayState, dict[str, Any]]] = []
+        self.closed_wafers: list[WaferState] = []
+
+
+def replay(state: LiveState, frames: Iterable[tuple[str, int, list[Any]]],
+           now: float | None = None) -> int:
+    """Feed stored frames ``(gateway_id, first_rid, records)`` through ``on_records``;
+    returns the number of records.  The hub calls this after a restart."""
+    n = 0
+    for gateway_id, first_rid, records in frames:
+        state.on_records(gateway_id, first_rid, records, now=now)
+        n += len(records)
+    return n

@@ -1,0 +1,438 @@
+// edgegw live dashboard: one WebSocket to /ws/live (JSON subprotocol), no build step, no
+// internet.  Protocol: docs/live-protocol.md; topic shapes: docs/live-topics.md.
+"use strict";
+
+const SUBPROTOCOL = "edgegw.live.v1.json";
+const TOPICS = ["lot/+", "lot/+/wafer/+", "test/+/+", "sensor/+", "gateway/+", "alert/#"];
+const SENSOR_POINTS = 600;
+
+// topic -> state, and the (epoch, offset) we hold it at: what we resume from.
+const views = new Map();
+const offsets = new Map();
+let epoch = null;
+let ws = null;
+let backoff = 500;
+let nextId = 1;
+let dirty = true;
+let alertsDirty = true;  // the alert list is rebuilt only when alerts change (keeps buttons)
+const stats = { frames: 0, items: 0, snapshots: 0, resyncs: 0, reconnects: 0 };
+
+const $ = (id) => document.getElementById(id);
+const conn = $("conn");
+
+// ------------------------------------------------------------------ connection
+
+function setConn(state, text) {
+  conn.dataset.state = state;
+  conn.textContent = text;
+}
+
+function connect() {
+  const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws/live";
+  setConn(stats.reconnects ? "reconnecting" : "connecting",
+          stats.reconnects ? "reconnecting…" : "connecting…");
+  let sock;
+  try {
+    sock = new WebSocket(url, [SUBPROTOCOL]);
+  } catch (err) {
+    scheduleReconnect();
+    return;
+  }
+  ws = sock;
+  sock.onopen = () => {
+    backoff = 500;
+    // Resume every topic we hold; the hub sends exactly what we missed, or a snapshot
+    // marked "resync" when it cannot (another hub run, history too short).
+    const resume = {};
+    for (const [topic, off] of offsets) resume[topic] = [epoch, off];
+    send({ type: "subscribe", id: nextId++, topics: TOPICS, resume });
+  };
+  sock.onmessage = (ev) => onMessage(JSON.parse(ev.data));
+  sock.onclose = (ev) => {
+    if (ws !== sock) return;
+    ws = null;
+    setConn("reconnecting", `disconnected (${ev.code}${ev.reason ? " " + ev.reason : ""})`);
+    scheduleReconnect();
+  };
+  sock.onerror = () => {};  // onclose follows
+}
+
+function scheduleReconnect() {
+  stats.reconnects++;
+  dirty = true;
+  const delay = backoff * (0.75 + Math.random() * 0.5);  // jitter: not every tab at once
+  backoff = Math.min(backoff * 2, 10000);
+  setTimeout(connect, delay);
+}
+
+function send(msg) {
+  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(msg));
+}
+
+function onMessage(msg) {
+  switch (msg.type) {
+    case "hello":
+      if (epoch !== null && msg.epoch !== epoch) {
+        // Another hub run: what we hold may name topics it no longer has.  Its snapshots
+        // (marked resync: epoch_changed) follow right after our subscribe.
+        document.body.dataset.hubRestarted = "true";
+        views.clear();
+        offsets.clear();
+        dirty = alertsDirty = true;
+      }
+      epoch = msg.epoch;
+      setConn("live", "live");
+      break;
+    case "batch":
+      stats.frames++;
+      for (const item of msg.items) applyItem(item);
+      dirty = true;
+      break;
+    case "error":
+      console.warn("hub error", msg.code, msg.message);
+      if (msg.code === "ack_failed") setConn("live", "ack failed: " + msg.message);
+      break;
+    default:
+      break;  // subscribed, unsubscribed, acked, pong
+  }
+}
+
+function applyItem(item) {
+  stats.items++;
+  const topic = item.topic;
+  if (topic.startsWith("alert/")) alertsDirty = true;
+  if (item.type === "snapshot") {
+    stats.snapshots++;
+    if (item.resync) stats.resyncs++;
+    views.set(topic, prepare(topic, item.data || {}));
+  } else if (item.type === "delta") {
+    if (offsets.get(topic) !== item.from || !views.has(topic)) {
+      // Never apply over a gap: start over from fresh snapshots.
+      offsets.delete(topic);
+      views.delete(topic);
+      if (ws) ws.close(4000, "gap");
+      return;
+    }
+    let view = views.get(topic);
+    for (const delta of item.data) view = applyDelta(topic, view, delta);
+    views.set(topic, view);
+  }
+  offsets.set(topic, item.offset);
+}
+
+// Local shape of each topic: dies keyed by "x,y" so a retest replaces its die.
+function prepare(topic, data) {
+  if (isWafer(topic)) {
+    const dies = new Map();
+    for (const row of data.dies || []) dies.set(row[0] + "," + row[1], row);
+    return { ...data, dies };
+  }
+  if (topic.startsWith("alert/")) {
+    const alerts = new Map();
+    for (const a of (data.alerts || []).slice().reverse()) alerts.set(a.id, a);
+    return { ...data, alerts };
+  }
+  return data;
+}
+
+function applyDelta(topic, view, delta) {
+  const out = { ...view };
+  for (const [key, value] of Object.entries(delta)) {
+    if (key === "dies" && view.dies instanceof Map) {
+      for (const row of value) view.dies.set(row[0] + "," + row[1], row);
+      out.dies = view.dies;
+    } else if (key === "append") {
+      const hist = (view.history || []).concat(value);
+      out.history = hist.length > SENSOR_POINTS ? hist.slice(-SENSOR_POINTS) : hist;
+    } else if (key === "event" && topic.startsWith("gateway/")) {
+      out.events = [value].concat(view.events || []).slice(0, 20);
+    } else if (key === "alert" && view.alerts instanceof Map) {
+      view.alerts.set(value.id, value);
+      out.alerts = view.alerts;
+    } else {
+      out[key] = value;
+    }
+  }
+  return out;
+}
+
+const isWafer = (topic) => /^lot\/[^/]+\/wafer\/[^/]+$/.test(topic);
+const kindOf = (topic) => topic.split("/")[0];
+
+// ------------------------------------------------------------------ rendering
+
+const PALETTE = ["#3fb950", "#f85149", "#d29922", "#a371f7", "#58a6ff", "#ff7b72", "#79c0ff",
+  "#e3b341", "#db61a2", "#56d4dd", "#8b949e", "#ffa657"];
+function binColor(hardBin) {
+  if (hardBin === 1) return PALETTE[0];
+  return PALETTE[1 + (((hardBin - 2) % (PALETTE.length - 1)) + PALETTE.length - 1) % (PALETTE.length - 1)];
+}
+
+const canvas = $("wafer-map");
+const ctx = canvas.getContext("2d");
+let mapGeom = null;
+
+function selectedWafer() {
+  const chosen = $("wafer-select").value;
+  if (chosen && views.has(chosen)) return chosen;
+  let best = null;
+  let bestT = -Infinity;
+  for (const [topic, v] of views) {
+    if (!isWafer(topic)) continue;
+    const t = v.updated || 0;
+    if (t >= bestT) { best = topic; bestT = t; }
+  }
+  return best;
+}
+
+function renderWaferSelect() {
+  const sel = $("wafer-select");
+  const wafers = [...views.keys()].filter(isWafer).sort();
+  const have = [...sel.options].slice(1).map((o) => o.value);
+  if (have.join("|") === wafers.join("|")) return;
+  const chosen = sel.value;
+  sel.length = 1;
+  for (const w of wafers) {
+    const v = views.get(w);
+    sel.add(new Option(`${v.lot_id ?? w.split("/")[1]} / ${v.wafer_id ?? w.split("/")[3]}`, w));
+  }
+  sel.value = wafers.includes(chosen) ? chosen : "";
+}
+
+function renderWafer(topic) {
+  const view = topic ? views.get(topic) : null;
+  const w = canvas.width;
+  const h = canvas.height;
+  ctx.clearRect(0, 0, w, h);
+  canvas.dataset.topic = topic || "";
+  if (!view) {
+    canvas.dataset.dieCount = "0";
+    mapGeom = null;
+    return;
+  }
+  const dies = [...view.dies.values()];
+  let minX = Infinity, maxX = -Infinity, minY = Infinity, maxY = -Infinity;
+  for (const d of dies) {
+    if (d[0] < minX) minX = d[0];
+    if (d[0] > maxX) maxX = d[0];
+    if (d[1] < minY) minY = d[1];
+    if (d[1] > maxY) maxY = d[1];
+  }
+  const cols = dies.length ? maxX - minX + 1 : 1;
+  const rows = dies.length ? maxY - minY + 1 : 1;
+  const cell = Math.max(1, Math.floor(Math.min((w - 8) / cols, (h - 8) / rows)));
+  const ox = Math.floor((w - cell * cols) / 2);
+  const oy = Math.floor((h - cell * rows) / 2);
+  // Wafer outline.
+  ctx.strokeStyle = "#2c323c";
+  ctx.beginPath();
+  ctx.arc(w / 2, h / 2, Math.min(w, h) / 2 - 2, 0, 2 * Math.PI);
+  ctx.stroke();
+  const gap = cell > 4 ? 1 : 0;
+  let drawn = 0;
+  const binsSeen = new Map();
+  for (const d of dies) {
+    ctx.fillStyle = binColor(d[2]);
+    ctx.fillRect(ox + (d[0] - minX) * cell, oy + (d[1] - minY) * cell, cell - gap, cell - gap);
+    binsSeen.set(d[2], (binsSeen.get(d[2]) || 0) + 1);
+    drawn++;
+  }
+  mapGeom = { minX, minY, cell, ox, oy, topic };
+  // What the page has drawn, for people and for the browser test.
+  canvas.dataset.dieCount = String(drawn);
+  $("wafer-title").textContent = `lot ${view.lot_id} · wafer ${view.wafer_id} · ${view.status || ""}`;
+  const y = view.yield == null ? "–" : (100 * view.yield).toFixed(1) + " %";
+  $("wafer-figures").innerHTML =
+    `<span>dies <b>${drawn}</b></span><span>good <b>${view.good ?? 0}</b></span>` +
+    `<span>yield <b>${y}</b></span><span>retests <b>${view.retests ?? 0}</b></span>`;
+  $("legend").innerHTML = [...binsSeen.keys()].sort((a, b) => a - b)
+    .map((b) => `<span style="--c:${binColor(b)}">bin ${b}</span>`).join("");
+}
+
+function dieAt(ev) {
+  if (!mapGeom) return null;
+  const rect = canvas.getBoundingClientRect();
+  const px = (ev.clientX - rect.left) * (canvas.width / rect.width);
+  const py = (ev.clientY - rect.top) * (canvas.height / rect.height);
+  const x = Math.floor((px - mapGeom.ox) / mapGeom.cell) + mapGeom.minX;
+  const y = Math.floor((py - mapGeom.oy) / mapGeom.cell) + mapGeom.minY;
+  const view = views.get(mapGeom.topic);
+  return view ? view.dies.get(x + "," + y) || null : null;
+}
+
+canvas.addEventListener("mousemove", (ev) => {
+  const tip = $("die-tip");
+  const d = dieAt(ev);
+  if (!d) { tip.hidden = true; return; }
+  const [x, y, hb, sb, passed, site] = d;
+  tip.textContent = `x ${x}  y ${y}\nhard bin ${hb}  soft bin ${sb ?? "–"}\n` +
+    `site ${site}  ${passed === true ? "pass" : passed === false ? "FAIL" : "?"}`;
+  const rect = canvas.getBoundingClientRect();
+  tip.style.left = (ev.clientX - rect.left + 12) + "px";
+  tip.style.top = (ev.clientY - rect.top + 12) + "px";
+  tip.hidden = false;
+});
+canvas.addEventListener("mouseleave", () => { $("die-tip").hidden = true; });
+$("wafer-select").addEventListener("change", () => { dirty = true; });
+
+function bars(el, rows, fmt) {
+  const max = Math.max(1, ...rows.map((r) => r[1]));
+  el.innerHTML = rows.map(([label, value, color]) =>
+    `<div class="row"><span>${label}</span><div class="bar" style="width:${(100 * value / max).toFixed(1)}%;` +
+    `${color ? "background:" + color : ""}"></div><span class="num">${fmt(value)}</span></div>`).join("")
+    || '<span class="muted">none</span>';
+}
+
+function renderPareto(view, scope) {
+  $("pareto-scope").textContent = scope;
+  if (!view) { bars($("pareto"), [], String); return; }
+  const hard = Object.entries(view.hard_bins || {}).map(([b, n]) => [Number(b), n]);
+  const total = hard.reduce((s, [, n]) => s + n, 0) || 1;
+  hard.sort((a, b) => b[1] - a[1]);
+  bars($("pareto"), hard.map(([b, n]) => [`bin ${b}`, n, binColor(b)]),
+       (n) => `${n} (${(100 * n / total).toFixed(1)}%)`);
+}
+
+function renderSites(view) {
+  const sites = Object.entries((view && view.sites) || {})
+    .map(([s, v]) => [`site ${s}`, v.yield == null ? 0 : 100 * v.yield]);
+  bars($("sites"), sites, (y) => y.toFixed(1) + " %");
+}
+
+function renderAlerts() {
+  const all = [];
+  for (const [topic, v] of views) if (topic.startsWith("alert/") && v.alerts) all.push(...v.alerts.values());
+  all.sort((a, b) => (b.raised_at || 0) - (a.raised_at || 0));
+  const ul = $("alerts");
+  if (!all.length) { ul.innerHTML = '<li class="muted">none</li>'; return; }
+  ul.innerHTML = "";
+  for (const a of all.slice(0, 100)) {
+    const li = document.createElement("li");
+    li.dataset.priority = a.priority;
+    li.dataset.acknowledged = String(!!a.acknowledged);
+    li.dataset.alertId = a.id;
+    const when = new Date((a.raised_at || 0) * 1000).toLocaleTimeString();
+    li.innerHTML = `<b>${a.priority}</b> ${escapeHtml(a.message || a.rule)}` +
+      `<div class="meta">${escapeHtml(a.rule)} · ${when}` +
+      (a.occurrences > 1 ? ` · ×${a.occurrences}` : "") + (a.escalated ? " · escalated" : "") +
+      (a.acknowledged ? ` · acknowledged by ${escapeHtml(a.acked_by || "?")}` : "") + "</div>";
+    if (!a.acknowledged) {
+      const btn = document.createElement("button");
+      btn.textContent = "Acknowledge";
+      btn.addEventListener("click", () => {
+        btn.disabled = true;
+        send({ type: "ack", id: nextId++, alert: a.id, by: $("user").value || "dashboard" });
+      });
+      li.appendChild(btn);
+    }
+    ul.appendChild(li);
+  }
+}
+
+function renderGateways() {
+  const rows = [];
+  for (const [topic, v] of views) {
+    if (kindOf(topic) !== "gateway") continue;
+    const seen = v.last_seen ? new Date(v.last_seen * 1000).toLocaleTimeString() : "–";
+    rows.push(`<tr data-gateway="${escapeHtml(v.gateway_id || topic)}"><td>${escapeHtml(v.gateway_id || topic)}</td>` +
+      `<td class="${v.online ? "online" : "offline"}">${v.online ? "online" : "offline"}</td>` +
+      `<td>${seen}</td><td>${(v.records_per_s || 0).toFixed(0)}</td><td>${v.records ?? 0}</td></tr>`);
+  }
+  $("gateways").tBodies[0].innerHTML = rows.join("");
+}
+
+function renderSensors() {
+  const box = $("sensors");
+  const topics = [...views.keys()].filter((t) => kindOf(t) === "sensor").sort();
+  if (!topics.length) return;
+  for (const topic of topics) {
+    const v = views.get(topic);
+    let div = box.querySelector(`[data-topic="${CSS.escape(topic)}"]`);
+    if (!div) {
+      if (box.querySelector(".muted")) box.innerHTML = "";
+      div = document.createElement("div");
+      div.className = "sensor";
+      div.dataset.topic = topic;
+      div.innerHTML = '<div class="label"></div><canvas width="300" height="48"></canvas>';
+      box.appendChild(div);
+    }
+    const last = v.latest ? v.latest.last : null;
+    div.querySelector(".label").textContent =
+      `${v.channel || topic.slice(7)}: ${last == null ? "–" : Number(last).toPrecision(4)} ${v.unit || ""}`;
+    sparkline(div.querySelector("canvas"), v.history || []);
+  }
+}
+
+function sparkline(cv, hist) {
+  const c = cv.getContext("2d");
+  c.clearRect(0, 0, cv.width, cv.height);
+  if (hist.length < 2) return;
+  const vals = hist.map((p) => p[1]);
+  const lo = Math.min(...hist.map((p) => p[2] ?? p[1]));
+  const hi = Math.max(...hist.map((p) => p[3] ?? p[1]));
+  const span = hi - lo || 1;
+  const sx = cv.width / (hist.length - 1);
+  const yOf = (v) => cv.height - 3 - ((v - lo) / span) * (cv.height - 6);
+  c.fillStyle = "#58a6ff22";  // min..max band
+  c.beginPath();
+  hist.forEach((p, i) => c.lineTo(i * sx, yOf(p[3] ?? p[1])));
+  for (let i = hist.length - 1; i >= 0; i--) c.lineTo(i * sx, yOf(hist[i][2] ?? hist[i][1]));
+  c.fill();
+  c.strokeStyle = "#58a6ff";
+  c.beginPath();
+  vals.forEach((v, i) => (i ? c.lineTo(i * sx, yOf(v)) : c.moveTo(0, yOf(v))));
+  c.stroke();
+}
+
+function renderTests(lotId) {
+  $("tests-scope").textContent = lotId ? `lot ${lotId}` : "";
+  const rows = [];
+  for (const [topic, v] of views) {
+    if (kindOf(topic) !== "test" || (lotId && v.lot_id !== lotId)) continue;
+    rows.push(v);
+  }
+  rows.sort((a, b) => a.test_num - b.test_num);
+  const f = (x, d = 3) => (x == null ? "–" : Number(x).toPrecision(d));
+  $("tests").tBodies[0].innerHTML = rows.slice(0, 60).map((v) =>
+    `<tr><td>${v.test_num} ${escapeHtml(v.test_txt || "")}</td><td>${v.count}</td><td>${f(v.mean, 4)}</td>` +
+    `<td>${f(v.sigma)}</td><td class="${v.cpk != null && v.cpk < 1.33 ? "low-cpk" : ""}">${f(v.cpk)}</td></tr>`).join("");
+}
+
+function escapeHtml(s) {
+  return String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+}
+
+function draw() {
+  if (dirty) {
+    dirty = false;
+    renderWaferSelect();
+    const wafer = selectedWafer();
+    renderWafer(wafer);
+    const wv = wafer ? views.get(wafer) : null;
+    renderPareto(wv, wv ? `wafer ${wv.wafer_id}` : "");
+    renderSites(wv);
+    if (alertsDirty) {
+      alertsDirty = false;
+      renderAlerts();
+    }
+    renderGateways();
+    renderSensors();
+    renderTests(wv ? wv.lot_id : null);
+    document.body.dataset.frames = String(stats.frames);
+    document.body.dataset.resyncs = String(stats.resyncs);
+    document.body.dataset.snapshots = String(stats.snapshots);
+    document.body.dataset.reconnects = String(stats.reconnects);
+  }
+}
+
+function frame() {
+  draw();
+  requestAnimationFrame(frame);
+}
+
+// Hidden tabs (and headless browsers) may not run animation frames: draw on a timer too.
+setInterval(draw, 250);
+$("user").value = localStorage.getItem("edgegw.user") || "";
+$("user").addEventListener("change", () => localStorage.setItem("edgegw.user", $("user").value));
+connect();
+requestAnimationFrame(frame);

@@ -1,0 +1,172 @@
+"""Alert delivery to webhooks: HTTP POST of JSON, retried with exponential backoff.
+
+One task per configured webhook delivers that webhook's events in order; a webhook that
+is down delays only its own queue.  A delivery is retried on a connection failure, a
+timeout, 408, 429 or any 5xx, with exponential backoff and full jitter
+(``edgegw.backoff``), up to ``max_attempts``; any other 4xx is final (the receiver
+refused this event; retrying it would not help).  An event given up on is counted and
+logged with its alert id -- never retried forever.  Each queue is bounded: when a webhook
+has been down long enough to fill it, the oldest undelivered event is dropped and
+counted (alerts stay in the alert store and the history API regardless).
+
+The HTTP client is h11 over ``trio.open_tcp_stream``: one request per connection
+(``Connection: close``), plain http only (put TLS in a local proxy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.parse
+from collections import deque
+from typing import Any
+
+import h11
+import trio
+
+from edgegw.backoff import Backoff
+from edgegw.hub.alerts import WebhookConfig
+from edgegw.metrics import Metrics
+
+log = logging.getLogger("edgegw.hub.webhooks")
+
+#: statuses worth retrying: the receiver may accept the same request later
+RETRY_STATUSES = frozenset({408, 425, 429})
+
+
+class WebhookError(Exception):
+    """A delivery attempt failed in a way worth retrying."""
+
+
+async def post_json(url: str, payload: Any, *, headers: dict[str, str] | None = None,
+                    timeout_s: float = 5.0) -> int:
+    """POST ``payload`` as JSON to ``url``; returns the response status.  Raises
+    WebhookError on a connection failure, a timeout or a malformed response."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"webhook URL must be http://host[:port]/path, got {url!r}")
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    body = json.dumps(payload, separators=(",", ":"), default=str).encode()
+    request = h11.Request(method="POST", target=target, headers=[
+        ("Host", parts.netloc),
+        ("User-Agent", "edgegw-hub"),
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+        *(headers or {}).items(),
+    ])
+    conn = h11.Connection(h11.CLIENT)
+    try:
+        with trio.fail_after(timeout_s):
+            stream = await trio.open_tcp_stream(parts.hostname, parts.port or 80)
+            async with stream:
+                await stream.send_all(conn.send(request) + conn.send(h11.Data(data=body))
+                                      + conn.send(h11.EndOfMessage()))
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        conn.receive_data(await stream.receive_some(65536))
+                        continue
+                    if isinstance(event, h11.Response):
+                        return event.status_code
+                    if isinstance(event, h11.ConnectionClosed):
+                        raise WebhookError("connection closed before a response")
+    except trio.TooSlowError:
+        raise WebhookError(f"no response within {timeout_s} s") from None
+    except (OSError, trio.BrokenResourceError) as exc:
+        raise WebhookError(f"cannot reach {parts.netloc}: {exc}") from None
+    except h11.RemoteProtocolError as exc:
+        raise WebhookError(f"malformed HTTP response: {exc}") from None
+
+
+class _Queue:
+    def __init__(self, config: WebhookConfig, max_queued: int) -> None:
+        self.config = config
+        self.items: deque[dict[str, Any]] = deque()
+        self.max_queued = max_queued
+        self.wakeup = trio.Event()
+
+    def wants(self, event: dict[str, Any]) -> bool:
+        return (event.get("event") in self.config.events
+                and event.get("alert", {}).get("priority") in self.config.priorities)
+
+
+class WebhookSender:
+    """``submit(event)`` from the Trio thread (never blocks); ``run()`` delivers."""
+
+    def __init__(self, configs: list[WebhookConfig], *, metrics: Metrics | None = None,
+                 max_queued: int = 1000, backoff_rng: Any = None) -> None:
+        self._queues = [_Queue(c, max_queued) for c in configs]
+        self._rng = backoff_rng
+        metrics = metrics or Metrics()
+        self.m_delivered = metrics.counter("hub_webhook_delivered_total",
+                                           "alert events delivered to a webhook")
+        self.m_attempts = metrics.counter("hub_webhook_attempts_total",
+                                          "webhook POST attempts, by outcome")
+        self.m_failed = metrics.counter("hub_webhook_failed_total",
+                                        "alert events a webhook never accepted, by reason")
+        self.m_dropped = metrics.counter("hub_webhook_dropped_total",
+                                         "alert events dropped from a full webhook queue")
+
+    def submit(self, event: dict[str, Any]) -> None:
+        for q in self._queues:
+            if not q.wants(event):
+                continue
+            if len(q.items) >= q.max_queued:
+                q.items.popleft()
+                self.m_dropped.inc(url=q.config.url)
+            q.items.append(event)
+            q.wakeup.set()
+
+    def pending(self) -> int:
+        return sum(len(q.items) for q in self._queues)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for q in self._queues:
+                nursery.start_soon(self._deliver_loop, q)
+            task_status.started()
+
+    async def _deliver_loop(self, q: _Queue) -> None:
+        while True:
+            while not q.items:
+                await q.wakeup.wait()
+                q.wakeup = trio.Event()
+            event = q.items[0]
+            await self._deliver(q.config, event)
+            if q.items and q.items[0] is event:  # unless dropped meanwhile by a full queue
+                q.items.popleft()
+
+    async def _deliver(self, config: WebhookConfig, event: dict[str, Any]) -> bool:
+        backoff = Backoff(config.backoff_initial_s, config.backoff_max_s, rng=self._rng)
+        alert_id = event.get("alert", {}).get("id")
+        for attempt in range(1, config.max_attempts + 1):
+            try:
+                status = await post_json(config.url, event, headers=config.headers,
+                                         timeout_s=config.timeout_s)
+            except WebhookError as exc:
+                outcome, retry, reason = "error", True, str(exc)
+            else:
+                if 200 <= status < 300:
+                    self.m_attempts.inc(outcome="ok")
+                    self.m_delivered.inc(url=config.url)
+                    return True
+                retry = status >= 500 or status in RETRY_STATUSES
+                outcome, reason = f"http_{status}", f"HTTP {status}"
+            self.m_attempts.inc(outcome=outcome)
+            if not retry:
+                log.warning("webhook %s refused alert %s event %s: %s (not retried)",
+                            config.url, alert_id, event.get("event"), reason)
+                self.m_failed.inc(url=config.url, reason="refused")
+                return False
+            if attempt < config.max_attempts:
+                delay = backoff.next_delay()
+                log.info("webhook %s: attempt %d for alert %s failed (%s); retry in %.2f s",
+                         config.url, attempt, alert_id, reason, delay)
+                await trio.sleep(delay)
+        log.warning("webhook %s: giving up on alert %s event %s after %d attempts",
+                    config.url, alert_id, event.get("event"), config.max_attempts)
+        self.m_failed.inc(url=config.url, reason="attempts")
+        return False

@@ -1,0 +1,23 @@
+"""MQTT sensor feeds.
+
+- ``client``: ``TrioMqttClient``, a Trio driver for paho-mqtt's external-loop API (no paho
+  thread), with reconnects, resubscription and backpressure; also used to publish.
+- ``topics``: topic-filter checks and channel-name templates.
+- ``payloads``: payload decoders and the ``edgegw.payloads`` plugin seam.
+- ``source``: ``MqttSource``, the gateway source (entry point ``mqtt``).
+"""
+
+from .client import ConnectError, ConnectOptions, ConnectRefused, TrioMqttClient, ssl_context
+from .payloads import PayloadError
+from .source import MqttSource, MqttSourceConfig
+
+__all__ = [
+    "ConnectError",
+    "ConnectOptions",
+    "ConnectRefused",
+    "MqttSource",
+    "MqttSourceConfig",
+    "PayloadError",
+    "TrioMqttClient",
+    "ssl_context",
+]

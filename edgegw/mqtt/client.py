@@ -1,0 +1,504 @@
+"""A Trio driver for paho-mqtt 2.x through its external-loop API (no paho thread).
+
+paho does the MQTT protocol; this module does its I/O from Trio:
+
+- ``connect()`` blocks (DNS, TCP, TLS handshake), so it runs in ``trio.to_thread``; paho
+  calls ``on_socket_open`` (and queues CONNECT) from that thread, so those callbacks only
+  store state and the Trio side picks it up when the thread returns.
+- a *reader* task waits with ``trio.lowlevel.wait_readable(sock)`` and then calls
+  ``loop_read`` while the socket (or the TLS object's own buffer, ``sock.pending()``) has
+  data, up to a burst budget.  Between bursts it awaits the ``after_read`` hook, which is
+  where the gateway hands records to its sink: while the sink is full the reader simply
+  does not read, the kernel buffer fills, TCP's window closes and the broker holds the
+  messages.  Nothing is buffered here beyond one burst.
+- a *writer* task sleeps until paho wants to write (``on_socket_register_write`` wakes it,
+  ``want_write()`` is the truth), waits for ``wait_writable`` and calls ``loop_write``.
+- a *misc* task calls ``loop_misc`` once a second (keepalive pings, dead-broker detection),
+  except while the reader is paused by backpressure: the PINGRESP could not be read, and
+  paho would declare the broker dead and reconnect over and over during a long stall.
+- ``on_socket_close`` calls ``trio.lowlevel.notify_closing(sock)`` so a task parked on the
+  socket wakes instead of waiting on a closed descriptor, and ends the connection.
+
+paho has no reconnect outside its own loops, so ``run()`` is the reconnect loop:
+exponential backoff with full jitter (``edgegw.backoff``), resubscribing after every
+connect (a clean session has lost its subscriptions; re-subscribing a persistent one is
+harmless).  The SUBACK is not awaited but handled when it is read (refusals are logged):
+a reader paused by backpressure must not look like a broken connection.  A broker that
+refuses the connection (bad credentials, say) raises ``ConnectRefused`` with the broker's
+reason, which is logged, and the connection is retried at the backoff cap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import select
+import ssl
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import paho.mqtt.client as paho
+import trio
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from ..backoff import Backoff
+
+log = logging.getLogger(__name__)
+
+#: a connection must stay up this long before the backoff starts from scratch again, so
+#: a broker that accepts and at once drops us (two gateways sharing one client id, say)
+#: is not hammered in a tight loop
+STABLE_AFTER = 10.0
+
+_AUTH_HINT = {4, 5, 0x86, 0x87, 0x8C}  # bad user name or password / not authorized / bad auth
+
+
+class ConnectError(Exception):
+    """No connection to the broker (network, TLS, timeout)."""
+
+
+class ConnectRefused(ConnectError):
+    """The broker answered CONNECT with a failure reason code."""
+
+    def __init__(self, message: str, reason_code: int) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectOptions:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = "edgegw"
+    protocol: str = "3.1.1"  # "3.1.1" or "5"
+    clean_session: bool = True
+    #: MQTT 5 only: how long the broker keeps a persistent session after a disconnect
+    session_expiry: int = 7 * 24 * 3600
+    keepalive: int = 30
+    connect_timeout: float = 10.0
+    username: str = ""
+    password: str = ""
+    ssl_context: ssl.SSLContext | None = None
+    #: subscriptions (topic filter, qos) made after every connect
+    subscriptions: tuple[tuple[str, int], ...] = ()
+
+
+def ssl_context(ca_file: str = "", cert_file: str = "", key_file: str = "",
+                insecure: bool = False) -> ssl.SSLContext:
+    """A client TLS context: the system CAs or ``ca_file``, an optional client certificate,
+    and with ``insecure`` neither certificate nor host name checked (test brokers only)."""
+    ctx = ssl.create_default_context(cafile=ca_file or None)
+    if cert_file:
+        ctx.load_cert_chain(cert_file, key_file or None)
+    if insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """paho drops the socket without closing it when the TLS handshake fails (inside
+    connect(), before ``on_socket_open``); closing it here keeps the descriptor from
+    leaking until the garbage collector finds it."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
+class _Connection:
+    """The state of one connection attempt, shared by its tasks and paho's callbacks."""
+
+    def __init__(self) -> None:
+        self.sock: Any = None
+        self.settled = trio.Event()  # CONNACK arrived or the socket closed
+        self.closed = trio.Event()
+        self.connack: paho.ReasonCode | None = None
+        self.session_present = False
+        self.disconnect_reason = ""
+        self.write_wanted = trio.Event()
+        self.subscribing: dict[int, list[tuple[str, int]]] = {}  # SUBSCRIBE mid -> filters
+        self.abandoned = False  # set when Trio stopped waiting for connect()'s thread
+
+
+class TrioMqttClient:
+    """One paho client driven from Trio.  ``run()`` connects, reconnects and resubscribes;
+    ``publish()`` sends.  Received messages go to ``on_message`` (called in the Trio
+    thread, from inside ``loop_read``); ``after_read`` is awaited between read bursts and
+    may block to push back; ``burst_full`` ends a burst early."""
+
+    def __init__(
+        self,
+        options: ConnectOptions,
+        *,
+        on_message: Callable[[paho.MQTTMessage], None] | None = None,
+        before_read: Callable[[], None] | None = None,
+        after_read: Callable[[], Awaitable[None]] | None = None,
+        burst_full: Callable[[], bool] | None = None,
+        backoff: Backoff | None = None,
+        read_budget: int = 256,
+        max_unacked: int = 1000,
+        name: str = "mqtt",
+    ) -> None:
+        if not options.client_id:
+            raise ValueError("an MQTT client id must not be empty")
+        self.options = options
+        self.name = name
+        self.backoff = backoff or Backoff(0.5, 30.0)
+        self.read_budget = read_budget
+        self.max_unacked = max_unacked
+        self._on_message = on_message
+        self._before_read = before_read
+        self._after_read = after_read
+        self._burst_full = burst_full
+        v5 = options.protocol == "5"
+        self.paho = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=options.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if v5 else options.clean_session,
+        )
+        # paho would swallow (and only log) exceptions from our callbacks; a bug in them
+        # must surface instead.
+        self.paho.suppress_exceptions = False
+        self.paho.connect_timeout = options.connect_timeout
+        if options.username:
+            self.paho.username_pw_set(options.username, options.password or None)
+        if options.ssl_context is not None:
+            if options.ssl_context.sslsocket_class is ssl.SSLSocket:
+                options.ssl_context.sslsocket_class = _ClosingSSLSocket
+            self.paho.tls_set_context(options.ssl_context)
+        self.paho.on_socket_open = self._cb_socket_open
+        self.paho.on_socket_close = self._cb_socket_close
+        self.paho.on_socket_register_write = self._cb_register_write
+        self.paho.on_socket_unregister_write = self._cb_unregister_write
+        self.paho.on_connect = self._cb_connect
+        self.paho.on_disconnect = self._cb_disconnect
+        self.paho.on_subscribe = self._cb_subscribe
+        self.paho.on_publish = self._cb_publish
+        if on_message is not None:
+            self.paho.on_message = lambda _c, _u, msg: on_message(msg)
+        self._conn: _Connection | None = None
+        self._trio_thread: int | None = None
+        self._unacked: set[int] = set()
+        self._acked = trio.Event()
+        # what tests, metrics and logs read
+        self.connected = False
+        self.connections = 0  # successful connects (CONNACK accepted), ever
+        self.connect_failures = 0  # failed attempts, ever
+        self.last_error = ""
+        self.session_present = False
+        self.subscribed = trio.Event()  # set once the first subscriptions are acknowledged
+        self.paused = False  # the reader waits for the gateway to take data (backpressure)
+
+    # ---------------------------------------------------------------- paho callbacks
+
+    def _in_trio(self) -> bool:
+        return threading.get_ident() == self._trio_thread
+
+    def _cb_socket_open(self, _c: Any, _u: Any, sock: Any) -> None:
+        if self._conn is not None:  # from connect()'s thread: only record it
+            self._conn.sock = sock
+
+    def _cb_socket_close(self, _c: Any, _u: Any, sock: Any) -> None:
+        conn = self._conn
+        if not self._in_trio() or conn is None:
+            return  # connect() failed in its thread: the socket never reached Trio
+        try:
+            trio.lowlevel.notify_closing(sock)
+        except (OSError, ValueError):  # already closed
+            pass
+        conn.closed.set()
+        conn.settled.set()
+
+    def _cb_register_write(self, _c: Any, _u: Any, _sock: Any) -> None:
+        conn = self._conn
+        if conn is not None and self._in_trio():
+            conn.write_wanted.set()
+        # from connect()'s thread: the writer checks want_write() when it starts
+
+    def _cb_unregister_write(self, _c: Any, _u: Any, _sock: Any) -> None:
+        pass  # the writer goes back to sleep when want_write() is false
+
+    def _cb_connect(self, _c: Any, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        conn.connack = reason
+        conn.session_present = bool(getattr(flags, "session_present", False))
+        conn.settled.set()
+
+    def _cb_disconnect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
+        if self._conn is not None:
+            self._conn.disconnect_reason = str(reason)
+
+    def _cb_subscribe(self, _c: Any, _u: Any, mid: int, reasons: list[Any], _p: Any) -> None:
+        conn = self._conn
+        if conn is None or mid not in conn.subscribing:
+            return
+        subs = conn.subscribing.pop(mid)
+        refused = [(topic, r) for (topic, _), r in zip(subs, reasons, strict=False)
+                   if getattr(r, "is_failure", False)]
+        for topic, reason in refused:
+            log.error("%s: broker refused the subscription to %r: %s", self.name, topic, reason)
+        if refused:
+            self.last_error = f"broker refused the subscription to {refused[0][0]!r}: " \
+                              f"{refused[0][1]}"
+        self.subscribed.set()
+
+    def _cb_publish(self, _c: Any, _u: Any, mid: int, _reason: Any, _p: Any) -> None:
+        if mid in self._unacked:
+            self._unacked.discard(mid)
+            if self._in_trio():
+                # wake every waiter; later waiters wait on the fresh event
+                self._acked.set()
+                self._acked = trio.Event()
+
+    # ---------------------------------------------------------------- the I/O tasks
+
+    async def _reader(self, conn: _Connection) -> None:
+        sock = conn.sock
+        tls_pending = getattr(sock, "pending", None)
+        # A zero-timeout poll says whether the kernel has more bytes, so a burst reads
+        # everything available without parking in Trio once per message (paho reads
+        # one packet per loop_read call).
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        loop_read = self.paho.loop_read
+        while True:
+            # The socket may have been closed (by the writer or misc task) meanwhile; its
+            # descriptor number may already belong to another connection.  No await
+            # between this check and the wait, so it cannot go stale.
+            if conn.closed.is_set():
+                return
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except (trio.ClosedResourceError, OSError):
+                return
+            if self._before_read is not None:
+                self._before_read()
+            for _ in range(self.read_budget):
+                rc = loop_read()
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or conn.closed.is_set():
+                    return  # paho has closed the socket; on_socket_close ended the connection
+                if self._burst_full is not None and self._burst_full():
+                    break
+                if tls_pending is not None and tls_pending():
+                    continue
+                if not poller.poll(0):
+                    break
+            if self._after_read is not None:
+                # May block while the gateway is full: that is the backpressure.  Only
+                # after a burst, so a new connection always reads its CONNACK first.
+                self.paused = True
+                try:
+                    await self._after_read()
+                finally:
+                    self.paused = False
+
+    async def _writer(self, conn: _Connection) -> None:
+        sock = conn.sock
+        while True:
+            if not self.paho.want_write():
+                conn.write_wanted = trio.Event()
+                await conn.write_wanted.wait()
+                continue
+            if conn.closed.is_set():  # see _reader
+                return
+            try:
+                await trio.lowlevel.wait_writable(sock)
+            except (trio.ClosedResourceError, OSError):
+                return
+            if self.paho.loop_write() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return
+
+    async def _misc(self, conn: _Connection) -> None:
+        while True:
+            await trio.sleep(1.0)
+            # While the reader is paused by backpressure the PINGRESP cannot be read, and
+            # paho would call the broker dead and reconnect over and over.  Instead stay
+            # quiet: the broker may drop us after 1.5 x keepalive, which the reader sees
+            # once the gateway takes data again (then we reconnect; a persistent session
+            # gets everything unacknowledged again).
+            if self.paused:
+                continue
+            if self.paho.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return
+
+    # ---------------------------------------------------------------- one connection
+
+    def _blocking_connect(self, conn: _Connection) -> None:
+        o = self.options
+        kwargs: dict[str, Any] = {}
+        if o.protocol == "5":
+            kwargs["clean_start"] = o.clean_session
+            if not o.clean_session:
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = o.session_expiry
+                kwargs["properties"] = props
+        self.paho.connect(o.host, o.port, keepalive=o.keepalive, **kwargs)
+        if conn.abandoned:  # Trio gave up waiting (shutdown): do not leak the socket
+            sock = self.paho.socket()
+            if sock is not None:
+                sock.close()
+
+    async def _connect(self, nursery: trio.Nursery) -> _Connection:
+        """Open the socket, start the I/O tasks in ``nursery``, wait for CONNACK."""
+        o = self.options
+        conn = self._conn = _Connection()
+        where = f"{o.host}:{o.port}"
+        try:
+            # Abandoned on cancel, so that stopping the gateway never waits for a
+            # connect to a black-holed broker (up to connect_timeout).
+            await trio.to_thread.run_sync(self._blocking_connect, conn, abandon_on_cancel=True)
+        except trio.Cancelled:
+            conn.abandoned = True
+            raise
+        except ssl.SSLError as exc:
+            raise ConnectError(f"TLS handshake with {where} failed: {exc}") from None
+        except (OSError, ValueError) as exc:
+            raise ConnectError(f"cannot connect to {where}: {exc}") from None
+        conn.sock = self.paho.socket()
+        if conn.sock is None:
+            raise ConnectError(f"cannot connect to {where}: paho opened no socket")
+        for task in (self._reader, self._writer, self._misc):
+            nursery.start_soon(task, conn)
+        with trio.move_on_after(o.connect_timeout) as timeout:
+            await conn.settled.wait()
+        if timeout.cancelled_caught:
+            raise ConnectError(f"no CONNACK from {where} within {o.connect_timeout:g} s")
+        rc = conn.connack
+        if rc is None:
+            reason = conn.disconnect_reason
+            detail = f" ({reason})" if reason and reason != "Unspecified error" else ""
+            if o.ssl_context is not None:
+                # TLS 1.3 reports a refused client certificate only after the handshake
+                detail += " — with TLS: does the broker want a client certificate?"
+            raise ConnectError(f"{where} closed the connection before CONNACK{detail}")
+        if rc.is_failure:
+            hint = " — check the username and password" if rc.value in _AUTH_HINT else ""
+            raise ConnectRefused(f"broker {where} refused the connection: {rc}{hint}", rc.value)
+        return conn
+
+    def _subscribe(self, conn: _Connection) -> None:
+        """Send SUBSCRIBE; the SUBACK is handled by ``_cb_subscribe`` whenever the reader
+        gets to it.  Not awaited: under backpressure the reader may not read for a while,
+        and that must not look like a broken connection."""
+        subs = list(self.options.subscriptions)
+        if not subs:
+            self.subscribed.set()
+            return
+        rc, mid = self.paho.subscribe(subs)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise ConnectError(f"cannot subscribe: {paho.error_string(rc)}")
+        conn.subscribing[mid] = subs
+
+    def _close_quietly(self, conn: _Connection) -> None:
+        """Best-effort DISCONNECT (non-blocking) and close, on shutdown."""
+        if conn.closed.is_set() or self.paho.socket() is None:
+            return
+        try:
+            self.paho.disconnect()
+            self.paho.loop_write()  # sends DISCONNECT and makes paho close the socket
+        except Exception:  # shutting down anyway
+            log.debug("%s: error while disconnecting", self.name, exc_info=True)
+        sock = self.paho.socket()
+        if sock is not None:  # the DISCONNECT could not be written at once: just close
+            self._cb_socket_close(self.paho, None, sock)
+            sock.close()
+
+    def _set_connected(self, value: bool) -> None:
+        self.connected = value
+
+    async def _serve_one(self) -> float:
+        """One connection, from connect to loss; returns how long it was up (seconds)."""
+        error: Exception | None = None
+        up_for = 0.0
+        async with trio.open_nursery() as nursery:
+            conn: _Connection | None = None
+            try:
+                conn = await self._connect(nursery)
+                up_since = time.monotonic()
+                self.session_present = conn.session_present
+                self.connections += 1
+                self._subscribe(conn)
+                self._set_connected(True)
+                log.info("%s: connected to %s:%d (session present: %s)", self.name,
+                         self.options.host, self.options.port, conn.session_present)
+                await conn.closed.wait()
+                up_for = time.monotonic() - up_since
+                reason = conn.disconnect_reason
+                self.last_error = "connection lost" + (
+                    f": {reason}" if reason and reason != "Unspecified error" else
+                    " (closed by the broker or the network)")
+            except ConnectError as exc:
+                # caught here, not outside, so that it is not wrapped in an ExceptionGroup
+                error = exc
+            finally:
+                if self.connected:
+                    self._set_connected(False)
+                if conn is None:
+                    conn = self._conn
+                if conn is not None and not conn.abandoned:
+                    self._close_quietly(conn)
+                nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return up_for
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, serve, and reconnect forever (until cancelled).  Started at once: wait
+        for ``subscribed`` (or watch ``connected``) to know the broker is reached."""
+        self._trio_thread = threading.get_ident()
+        task_status.started()
+        while True:
+            try:
+                up_for = await self._serve_one()
+                if up_for >= STABLE_AFTER:
+                    self.backoff.reset()
+                level = logging.WARNING
+            except ConnectError as exc:
+                self.connect_failures += 1
+                self.last_error = str(exc)
+                level = logging.ERROR if isinstance(exc, ConnectRefused) else logging.WARNING
+            delay = self.backoff.next_delay()
+            log.log(level, "%s: %s; reconnecting in %.1f s", self.name, self.last_error, delay)
+            await trio.sleep(delay)
+
+    # ---------------------------------------------------------------- publishing
+
+    async def publish(self, topic: str, payload: bytes | str, qos: int = 0,
+                      retain: bool = False) -> None:
+        """Queue a message; waits while ``max_unacked`` QoS>0 messages are unacknowledged
+        (also while disconnected: paho resends them after the reconnect)."""
+        while len(self._unacked) >= self.max_unacked:
+            await self._acked.wait()
+        info = self.paho.publish(topic, payload, qos=qos, retain=retain)
+        if qos > 0:
+            self._unacked.add(info.mid)
+        elif len(getattr(self.paho, "_out_packet", ())) > self.max_unacked:
+            # QoS 0 has no ack to wait for: let the writer drain paho's output queue
+            await trio.sleep(0.001)
+
+    @property
+    def unacked(self) -> int:
+        return len(self._unacked)
+
+    async def wait_all_acked(self) -> None:
+        while self._unacked:
+            await self._acked.wait()
+
+
+def subscriptions_of(filters: Sequence[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
+    """The distinct (filter, qos) pairs, highest qos kept for a repeated filter."""
+    best: dict[str, int] = {}
+    for topic, qos in filters:
+        best[topic] = max(qos, best.get(topic, 0))
+    return tuple(best.items())

@@ -1,0 +1,459 @@
+"""The live tail source: tester files (STDF, or any installed format) as the tester writes them.
+
+Registered as source type ``stdf`` (entry point in ``pyproject.toml``).  It watches
+directories and globs, follows each file while the tester appends to it, and maps every
+record through ``edgegw.stdf.mapping``.  The file format is a plugin (``edgegw.formats``),
+looked up by name from the config, so an ATDF directory is tailed by the same code.
+
+Reading never blocks the Trio loop: directory scans and ``stat`` run in a worker thread,
+file reads go through ``trio.open_file``.  A record cut at the end of what the tester has
+written so far is simply waited for.
+
+A file is complete when its MRR arrives, or when it has not grown for ``idle_timeout``
+seconds (a tester that crashed never writes its MRR).  A ``.gz`` file is decompressed as a
+stream, so one still being written is followed too; it is complete at the end of its last
+gzip member (or MRR), and a gzip stream cut in the middle that stays idle is an error.
+
+Checkpoint (passed with every batch; the gateway keeps the last durable one and hands it
+back as ``context.checkpoint``)::
+
+    {"version": 1, "files": {PATH: {"offset": N, "done": bool, "reason": str,
+                                    "inode": int, "size": int, "state": {...}}}}
+
+``offset`` is always a record boundary, and every record before it has been mapped
+(emitted, or held by the mapper for a part whose PRR comes later).  On restart a file is
+re-read from its start up to ``offset`` through a fresh parser and mapper *without emitting
+anything*, which rebuilds everything earlier records define (byte order, per-test PTR
+defaults, the open parts, lot and wafer ids); reading then continues at ``offset``.  Since
+the mapping is a pure function of the records fed, the records emitted after a restart are
+exactly those an uninterrupted run would have emitted after that batch: nothing is sent
+twice, nothing is skipped.  ``inode`` and ``size`` tell a file that was replaced at the
+same path from the one the checkpoint describes.
+
+Corrupt input (``FormatError``) is logged with path and byte offset, counted in
+``source_errors{kind="corrupt"}``, reported to the hub as a GatewayEvent, and the file is
+abandoned (marked done in the checkpoint); the source keeps following every other file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import os
+import time
+import zlib
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import trio
+
+from ..formats import FormatError, FormatParser, TesterFormat, UnknownFormat, get_format
+from ..records import GatewayEvent, Record
+from ..stdf.mapping import RecordMapper
+from . import RecordSink, SourceContext
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TailConfig:
+    #: directories (every file with one of the format's suffixes, plain or .gz) or globs
+    paths: list[str]
+    #: an installed tester format (``edgegw plugins`` lists them)
+    format: str = "stdf"
+    #: "beginning": read every file found; "new_only": ignore the files that exist when the
+    #: source first starts (no checkpoint yet), read only files that appear later
+    start: Literal["beginning", "new_only"] = "beginning"
+    poll_interval: float = 0.5
+    #: a file that has not grown for this long without its MRR is complete
+    idle_timeout: float = 600.0
+    #: also forward every decoded record as a RawRecord
+    forward_raw: bool = False
+    #: bytes read per step; one batch of records per step
+    read_size: int = 64 * 1024
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if not self.paths:
+            problems.append(("paths", "must name at least one directory or glob"))
+        if self.poll_interval <= 0:
+            problems.append(("poll_interval", "must be > 0"))
+        if self.idle_timeout <= 0:
+            problems.append(("idle_timeout", "must be > 0"))
+        if self.read_size < 512:
+            problems.append(("read_size", "must be at least 512"))
+        try:
+            get_format(self.format)
+        except UnknownFormat as exc:
+            problems.append(("format", str(exc)))
+        return problems
+
+
+@dataclasses.dataclass
+class _FileInfo:
+    path: str
+    inode: int
+    size: int
+    mtime: float
+    gz: bool
+
+
+@dataclasses.dataclass
+class _File:
+    """One tailed file: its checkpointed position and, while open, its reader state."""
+
+    path: str
+    inode: int
+    gz: bool
+    offset: int = 0
+    done: bool = False
+    reason: str = ""
+    size: int = 0
+    state: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # runtime only
+    reader: Any = None
+    parser: FormatParser | None = None
+    mapper: RecordMapper | None = None
+    last_growth: float = 0.0
+    fed: int = 0  # bytes given to the parser
+    skip_below: int = 0  # after a restart: records before this offset were already emitted
+    warned: bool = False
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"offset": self.offset, "done": self.done, "reason": self.reason,
+                "inode": self.inode, "size": self.size, "state": dict(self.state)}
+
+
+class _GzipReader:
+    """Async reads of the decompressed bytes of a gzip file (all members), streaming: a
+    gzip file still being written is followed like a plain one."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.d = zlib.decompressobj(31)
+        self.out = 0  # decompressed bytes returned so far
+        self.started = False
+
+    @property
+    def complete(self) -> bool:
+        """The data read so far ends exactly at the end of a gzip member."""
+        return self.started and self.d.eof and not self.d.unused_data
+
+    async def read(self, n: int) -> bytes:
+        while True:
+            if self.d.unconsumed_tail:
+                data = self._decompress(self.d.unconsumed_tail, n)
+            elif self.d.eof and self.d.unused_data:  # the next member of the file
+                rest = self.d.unused_data
+                self.d = zlib.decompressobj(31)
+                data = self._decompress(rest, n)
+            else:
+                raw = await self.handle.read(n)
+                if not raw:
+                    return b""
+                if self.d.eof:
+                    self.d = zlib.decompressobj(31)
+                self.started = True
+                data = self._decompress(raw, n)
+            if data:
+                self.out += len(data)
+                return data
+
+    def _decompress(self, raw: bytes, n: int) -> bytes:
+        try:
+            return self.d.decompress(raw, n)
+        except zlib.error as exc:
+            raise FormatError(f"not a valid gzip stream: {exc}", self.out) from None
+
+    async def aclose(self) -> None:
+        await self.handle.aclose()
+
+
+class TailSource:
+    """Tester files (STDF, or any installed format) followed as the tester writes them."""
+
+    Config: ClassVar[type] = TailConfig
+
+    def __init__(self, name: str, config: TailConfig, context: SourceContext) -> None:
+        self.name = name
+        self.config = config
+        self.context = context
+        self.format: TesterFormat = get_format(config.format)
+        self.files: dict[str, _File] = {}
+        self.errors = context.metrics.counter(
+            "source_errors", "bad input a source survived (corrupt files, read errors)")
+        self.read_records = context.metrics.counter(
+            "tail_records", "tester records parsed from tailed files (re-reads included)")
+        suffixes = tuple(s.lower() for s in self.format.suffixes)
+        self._suffixes = suffixes + tuple(s + ".gz" for s in suffixes)
+
+    # -- checkpoint ------------------------------------------------------------------------
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The resume position of every known file (JSON-able, a fresh copy)."""
+        return {"version": CHECKPOINT_VERSION,
+                "files": {p: f.checkpoint() for p, f in self.files.items()}}
+
+    def _restore(self, checkpoint: Any) -> bool:
+        if checkpoint is None:
+            return False
+        try:
+            if checkpoint.get("version") != CHECKPOINT_VERSION:
+                raise ValueError(f"version {checkpoint.get('version')!r}")
+            for path, e in checkpoint["files"].items():
+                self.files[path] = _File(
+                    path=path, inode=int(e["inode"]), gz=path.lower().endswith(".gz"),
+                    offset=int(e["offset"]), done=bool(e["done"]), reason=str(e["reason"]),
+                    size=int(e["size"]), state=dict(e.get("state") or {}))
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            log.error("source %s: ignoring unreadable checkpoint (%s)", self.name, exc)
+            self.files.clear()
+            return False
+        return True
+
+    # -- the service -----------------------------------------------------------------------
+
+    async def run(self, sink: RecordSink, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        resumed = self._restore(self.context.checkpoint)
+        if not resumed and self.config.start == "new_only":
+            for info in await trio.to_thread.run_sync(self._scan):
+                self.files[info.path] = _File(info.path, info.inode, info.gz, offset=info.size,
+                                              done=True, reason="existed at start",
+                                              size=info.size)
+        task_status.started()
+        try:
+            while True:
+                await self.poll_once(sink)
+                await trio.sleep(self.config.poll_interval)
+        finally:
+            with trio.CancelScope(shield=True):
+                for f in self.files.values():
+                    await self._release(f)
+
+    async def poll_once(self, sink: RecordSink) -> None:
+        """One pass: find files, read what each has grown by, finish idle ones."""
+        found = await trio.to_thread.run_sync(self._scan)
+        seen = {info.path for info in found}
+        gone = {f.inode: f for p, f in self.files.items() if p not in seen}
+        for info in found:
+            f = self.files.get(info.path)
+            if f is None and info.inode in gone:
+                f = self._renamed(gone.pop(info.inode), info)
+            if f is not None and f.inode != info.inode:
+                log.warning("source %s: %s was replaced (new inode); reading it from the start",
+                            self.name, info.path)
+                await self._release(f)
+                f = None
+            if (f is not None and not f.done and not f.gz and f.parser is None
+                    and info.size < f.offset):
+                log.warning("source %s: %s is shorter than its checkpoint; reading it from the "
+                            "start", self.name, info.path)
+                f = None
+            if f is None:
+                f = self.files[info.path] = _File(info.path, info.inode, info.gz)
+            if f.done:
+                if info.size > f.size and not f.warned:
+                    f.warned = True
+                    log.warning("source %s: %s grew after it was complete (%s); not read again",
+                                self.name, info.path, f.reason)
+                continue
+            try:
+                await self._follow(f, info, sink)
+            except OSError as exc:
+                await self._release(f)
+                if not f.warned:
+                    f.warned = True
+                    await self._report(sink, f, "io", f"cannot read: {exc}", f.offset,
+                                       level="warning", abandon=False)
+        for path in [p for p in self.files if p not in seen]:
+            # gone from disk (or no longer matched): forget it, keeping what it still held
+            f = self.files.pop(path)
+            batch: list[Record] = []
+            if not f.done:
+                log.warning("source %s: %s disappeared before it was complete", self.name, path)
+                if f.mapper is not None and not f.skip_below:
+                    batch = f.mapper.close(time.time())
+            await self._release(f)
+            if batch:
+                await sink.put(batch, checkpoint=self.checkpoint())
+
+    def _renamed(self, old: _File, info: _FileInfo) -> _File | None:
+        """A file that vanished from one path while one with its inode appeared at another
+        was renamed: keep following it (a finished one only if its size is unchanged, as
+        an inode can be reused for a new file)."""
+        if old.gz != info.gz or (old.done and old.size != info.size):
+            return None
+        log.info("source %s: %s was renamed to %s", self.name, old.path, info.path)
+        del self.files[old.path]
+        old.path = info.path
+        self.files[info.path] = old
+        return old
+
+    # -- one file --------------------------------------------------------------------------
+
+    async def _follow(self, f: _File, info: _FileInfo, sink: RecordSink) -> None:
+        if f.parser is None:
+            await self._open(f)
+            f.last_growth = trio.current_time()
+        assert f.parser is not None
+        grew = False
+        while True:
+            try:
+                data = await f.reader.read(self.config.read_size)
+            except FormatError as exc:  # a broken gzip stream
+                f.size = info.size
+                await self._corrupt(f, sink, exc, [])
+                return
+            if not data:
+                break
+            grew = True
+            f.fed += len(data)
+            f.size = info.size if f.gz else f.fed
+            f.parser.feed(data)
+            try:
+                batch, mrr = self._map(f, f.parser.records(), time.time())
+            except FormatError as exc:
+                await self._corrupt(f, sink, exc, getattr(exc, "batch", []))
+                return
+            if mrr:
+                await self._finish(f, sink, "MRR", batch=batch, close_parser=False)
+                return
+            if batch:
+                await sink.put(batch, checkpoint=self.checkpoint())
+        if f.gz and f.reader.complete:
+            await self._finish(f, sink, "end of gzip file")
+        elif grew:
+            f.last_growth = trio.current_time()
+        elif trio.current_time() - f.last_growth >= self.config.idle_timeout:
+            if f.gz:  # idle in the middle of a gzip member: it will never be complete
+                await self._corrupt(f, sink, FormatError("gzip stream is truncated",
+                                                         f.reader.out), [])
+                return
+            log.info("source %s: %s idle for %.0f s without MRR: complete", self.name, f.path,
+                     self.config.idle_timeout)
+            await self._finish(f, sink, "idle")
+
+    def _map(self, f: _File, records: Any, now: float) -> tuple[list[Record], bool]:
+        """Map parsed records; returns the batch to emit and whether MRR ended the file.
+
+        After a restart the file is read again from its start: records before the
+        checkpoint offset (``skip_below``) go through the mapper, to rebuild its state,
+        but are not emitted again.  The first record at or after it must start exactly at
+        the offset, else the checkpoint does not belong to this file."""
+        assert f.parser is not None and f.mapper is not None
+        batch: list[Record] = []
+        mapper = f.mapper
+        parsed = 0
+        try:
+            for rec in records:
+                parsed += 1
+                mapped = mapper.map(rec, now)
+                if f.skip_below:
+                    if rec.offset < f.skip_below:
+                        continue
+                    if rec.offset != f.skip_below:
+                        raise FormatError(
+                            f"checkpoint offset {f.skip_below} is not a record boundary of "
+                            f"this file (a record starts at {rec.offset})", f.skip_below)
+                    f.skip_below = 0
+                batch.extend(mapped)
+                if rec.name == "MRR":
+                    return batch, True
+        except FormatError as exc:
+            exc.batch = batch  # type: ignore[attr-defined]
+            raise
+        finally:
+            if not f.skip_below:
+                f.offset = max(f.offset, f.parser.position)
+            f.state = f.parser.state()
+            self.read_records.inc(parsed, source=self.name)
+        return batch, False
+
+    async def _open(self, f: _File) -> None:
+        handle = await trio.open_file(f.path, "rb")
+        f.reader = _GzipReader(handle) if f.gz else handle
+        f.parser = self.format.new_parser()
+        f.mapper = RecordMapper(self.name, format=self.format.name,
+                                forward_raw=self.config.forward_raw)
+        f.fed = 0
+        f.skip_below = f.offset
+
+    async def _finish(self, f: _File, sink: RecordSink, reason: str, *,
+                      batch: list[Record] | None = None, close_parser: bool = True) -> None:
+        """The file is complete: emit what the parser and mapper still hold, mark it done."""
+        batch = list(batch or [])
+        now = time.time()
+        if f.parser is not None and f.mapper is not None:
+            if close_parser:
+                try:
+                    more, _ = self._map(f, f.parser.close(), now)
+                except FormatError as exc:
+                    await self._corrupt(f, sink, exc, batch + getattr(exc, "batch", []))
+                    return
+                batch.extend(more)
+            batch.extend(f.mapper.close(now))
+        f.done = True
+        f.reason = reason
+        await self._release(f)
+        log.info("source %s: %s complete (%s) at byte %d", self.name, f.path, reason, f.offset)
+        if batch:  # (no empty batches: "done" then rides along with the next one)
+            await sink.put(batch, checkpoint=self.checkpoint())
+
+    async def _corrupt(self, f: _File, sink: RecordSink, exc: FormatError,
+                       batch: list[Record]) -> None:
+        if f.mapper is not None and not f.skip_below:
+            batch = batch + f.mapper.close(time.time())
+        await self._report(sink, f, "corrupt", exc.message, exc.offset, batch=batch)
+
+    async def _report(self, sink: RecordSink, f: _File, kind: str, message: str, offset: int,
+                      *, level: str = "error", abandon: bool = True,
+                      batch: list[Record] | None = None) -> None:
+        """Log, count and forward a problem with one file; abandon the file unless told."""
+        text = f"{f.path}: {message} at byte {offset}" + ("; file abandoned" if abandon else "")
+        getattr(log, level)("source %s: %s", self.name, text)
+        self.errors.inc(source=self.name, kind=kind)
+        if abandon:
+            f.done = True
+            f.reason = f"{kind}: {message} at byte {offset}"
+            await self._release(f)
+        event = GatewayEvent(self.name, time.time(), level, f"source_{kind}", text,
+                             {"path": f.path, "offset": offset, "format": self.format.name})
+        await sink.put([*(batch or []), event], checkpoint=self.checkpoint())
+
+    async def _release(self, f: _File) -> None:
+        reader, f.reader, f.parser, f.mapper = f.reader, None, None, None
+        if reader is not None:
+            await reader.aclose()
+
+    # -- finding files (runs in a worker thread) --------------------------------------------
+
+    def _wanted(self, name: str) -> bool:
+        return name.lower().endswith(self._suffixes)
+
+    def _scan(self) -> list[_FileInfo]:
+        paths: set[str] = set()
+        for spec in self.config.paths:
+            expanded = os.path.expanduser(spec)
+            if glob.has_magic(expanded):
+                paths.update(os.path.abspath(p) for p in glob.glob(expanded))
+            elif os.path.isdir(expanded):
+                with os.scandir(expanded) as it:
+                    paths.update(os.path.abspath(e.path) for e in it if self._wanted(e.name))
+            elif os.path.exists(expanded):
+                paths.add(os.path.abspath(expanded))
+        found = []
+        for p in paths:
+            try:
+                st = os.stat(p)
+            except OSError:  # vanished between listing and stat
+                continue
+            if not Path(p).is_file():
+                continue
+            found.append(_FileInfo(p, st.st_ino, st.st_size, st.st_mtime,
+                                   p.lower().endswith(".gz")))
+        found.sort(key=lambda i: (i.mtime, i.path))
+        return found

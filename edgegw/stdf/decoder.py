@@ -1,0 +1,678 @@
+"""Sans-IO incremental STDF V4 decoder: bytes in (any chunking), decoded records out.
+
+Speed comes from generating Python source, once per record type and byte order, from the
+spec table (:mod:`edgegw.stdf.spec`): runs of fixed-size fields are read by one
+precompiled ``struct.Struct.unpack_from`` (which also reads the length byte of a C*n
+that follows), C*n fields are slices of a latin-1 view of the buffer, and the result dict
+is one dict literal, so there is no per-field dispatch on the common path.  The record
+loop is generated too, with the bulk types (PTR, PIR, PRR, MPR, FTR) decoded inline.
+Records whose fields stop early (optional trailing fields omitted) return the fields
+present so far.  Each type has three decoders: an optimistic one (one bound check per
+run of C*n fields, the PTR tail memo), a careful one (a check per field) it falls back
+to, and the generic field-by-field one, which is the reference the others are tested
+against and handles a field cut in its middle.
+
+Framing rules:
+
+* the first record must be a FAR; its CPU_TYPE gives the byte order (1 big, 2 little;
+  any other value: the order in which REC_LEN reads as 2);
+* REC_LEN may be longer than the fields: the rest of the record is ignored;
+* a record cut at the end of the available bytes is kept for the next :meth:`feed`;
+* unknown record types are skipped by REC_LEN and counted (``unknown_count``), or
+  returned as ``UNKNOWN`` records with the raw body when ``keep_unknown`` is set;
+* :class:`StdfError` (with the byte offset) for input that cannot be STDF: a first record
+  that is not a FAR, a REC_LEN larger than the record type can possibly hold, a run of
+  records of unknown type (garbage or a zero-filled region), an unknown GDR type code.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+from .spec import BY_NAME, BY_TYPE, GDR_TYPES, STRUCT_CODES, Bits, Field, RecordSpec
+
+#: consecutive records of unknown type after which the input is declared garbage
+MAX_UNKNOWN_RUN = 8
+#: bytes a REC_LEN may exceed the largest encoding of its record's fields (padding)
+LENGTH_SLACK = 8
+
+
+class StdfError(ValueError):
+    """Input that is not (or no longer) valid STDF; ``offset`` is the stream byte offset."""
+
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(f"{message} (at byte offset {offset})")
+        self.message = message
+        self.offset = offset
+
+
+class StdfRecord(NamedTuple):
+    name: str
+    #: byte offset of the record header in the whole stream
+    offset: int
+    #: field values under the spec's names; absent trailing fields are not in the dict
+    fields: dict[str, Any]
+
+
+class _Short(Exception):
+    """A field does not fit in what is left of the record (internal)."""
+
+
+_new_record = tuple.__new__
+_SIZES = {"U1": 1, "U2": 2, "U4": 4, "U8": 8, "I1": 1, "I2": 2, "I4": 4, "I8": 8,
+          "R4": 4, "R8": 8, "B1": 1, "C1": 1}
+_UF_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+# --------------------------------------------------------------------------- field readers
+# Each reader returns (value, next_position) or raises _Short.  They serve the generic
+# decoder and the variable-size fields of the compiled decoders.
+
+def _read_cn(buf: bytes, p: int, end: int) -> tuple[str, int]:
+    if p >= end:
+        raise _Short
+    q = p + 1 + buf[p]
+    if q > end:
+        raise _Short
+    return buf[p + 1:q].decode("latin-1"), q
+
+
+def _read_bn(buf: bytes, p: int, end: int) -> tuple[bytes, int]:
+    if p >= end:
+        raise _Short
+    q = p + 1 + buf[p]
+    if q > end:
+        raise _Short
+    return buf[p + 1:q], q
+
+
+class _Readers:
+    """Readers that depend on the byte order."""
+
+    def __init__(self, order: str) -> None:
+        self.order = order
+        self.u2 = struct.Struct(order + "H").unpack_from
+        self.scalar = {t: struct.Struct(order + c).unpack_from for t, c in STRUCT_CODES.items()}
+
+    def sn(self, buf: bytes, p: int, end: int) -> tuple[str, int]:
+        if p + 2 > end:
+            raise _Short
+        q = p + 2 + self.u2(buf, p)[0]
+        if q > end:
+            raise _Short
+        return buf[p + 2:q].decode("latin-1"), q
+
+    def dn(self, buf: bytes, p: int, end: int) -> tuple[Bits, int]:
+        if p + 2 > end:
+            raise _Short
+        nbits = self.u2(buf, p)[0]
+        q = p + 2 + (nbits + 7) // 8
+        if q > end:
+            raise _Short
+        return Bits(nbits, buf[p + 2:q]), q
+
+    def one(self, typ: str, buf: bytes, p: int, end: int, size: int = 0) -> tuple[Any, int]:
+        """Read one value of STDF type ``typ`` (``size`` for Uf/Cf)."""
+        if typ == "Cn":
+            return _read_cn(buf, p, end)
+        if typ == "Bn":
+            return _read_bn(buf, p, end)
+        if typ == "Sn":
+            return self.sn(buf, p, end)
+        if typ == "Dn":
+            return self.dn(buf, p, end)
+        if typ == "Vn":
+            return self.vn(buf, p, end)
+        if typ == "Cf":
+            if p + size > end:
+                raise _Short
+            return buf[p:p + size].decode("latin-1"), p + size
+        if typ == "Uf":
+            code = _UF_CODES.get(size)
+            if code is None:
+                raise _Short
+            if p + size > end:
+                raise _Short
+            return struct.unpack_from(self.order + code, buf, p)[0], p + size
+        if typ == "N1":
+            if p >= end:
+                raise _Short
+            return buf[p] & 0x0F, p + 1
+        n = _SIZES[typ]
+        if p + n > end:
+            raise _Short
+        value = self.scalar[typ](buf, p)[0]
+        if typ == "C1":
+            value = value.decode("latin-1")
+        return value, p + n
+
+    def array(self, typ: str, count: int, buf: bytes, p: int, end: int,
+              size: int = 0) -> tuple[list[Any], int]:
+        """Read a ``kxTYPE`` array of ``count`` elements."""
+        if typ == "N1":
+            q = p + (count + 1) // 2
+            if q > end:
+                raise _Short
+            out = []
+            for b in buf[p:q]:
+                out.append(b & 0x0F)
+                out.append(b >> 4)
+            del out[count:]
+            return out, q
+        code = STRUCT_CODES.get(typ)
+        if code is not None and typ != "C1":
+            q = p + count * _SIZES[typ]
+            if q > end:
+                raise _Short
+            return list(struct.unpack_from(f"{self.order}{count}{code}", buf, p)), q
+        values = []
+        for _ in range(count):
+            value, p = self.one(typ, buf, p, end, size)
+            values.append(value)
+        return values, p
+
+    def vn(self, buf: bytes, p: int, end: int) -> tuple[list[tuple[int, Any]], int]:
+        """GDR GEN_DATA: a list of ``(type_code, value)``; a pad byte is ``(0, None)``."""
+        if p + 2 > end:
+            raise _Short
+        count = self.u2(buf, p)[0]
+        p += 2
+        out: list[tuple[int, Any]] = []
+        for _ in range(count):
+            if p >= end:
+                raise _Short
+            code = buf[p]
+            p += 1
+            typ = GDR_TYPES.get(code)
+            if typ is None:
+                raise _BadGdr(code, p - 1)
+            if code == 0:
+                out.append((0, None))
+                continue
+            if code == 13:  # N*1 in a GDR occupies a whole byte: keep it for exact round trip
+                if p >= end:
+                    raise _Short
+                out.append((13, buf[p]))
+                p += 1
+                continue
+            value, p = self.one(typ, buf, p, end)
+            out.append((code, value))
+        return out, p
+
+
+class _BadGdr(Exception):
+    def __init__(self, code: int, pos: int) -> None:
+        self.code = code
+        self.pos = pos
+
+
+def decode_generic(spec: RecordSpec, readers: _Readers, buf: bytes, p: int,
+                   end: int) -> dict[str, Any]:
+    """Field-by-field decoding: the reference semantics.  A field that does not fit in
+    the record ends the record: it and every later field are absent."""
+    out: dict[str, Any] = {}
+    for f in spec.fields:
+        size = out.get(f.size, 0) if f.size else 0
+        try:
+            if f.count is not None:
+                value, p = readers.array(f.type, out[f.count], buf, p, end, size)
+            else:
+                value, p = readers.one(f.type, buf, p, end, size)
+        except _Short:
+            break
+        out[f.name] = value
+    return out
+
+
+# --------------------------------------------------------------------- compiled decoders
+
+def _segments(fields: tuple[Field, ...]) -> list[list[int]]:
+    """Group field indexes: runs of fixed-size scalars together, every other field alone."""
+    segs: list[list[int]] = []
+    run: list[int] = []
+    for i, f in enumerate(fields):
+        if f.count is None and f.type in _SIZES:
+            run.append(i)
+            continue
+        if run:
+            segs.append(run)
+            run = []
+        segs.append([i])
+    if run:
+        segs.append(run)
+    return segs
+
+
+#: PTR: the fields from OPT_FLAG on are the test's semi-static information (limits,
+#: scales, units, formats).  Testers that do not truncate PTRs repeat the same bytes
+#: there for every result of a test, so the decoded values of the last MEMO_SIZE
+#: distinct tails are kept, keyed by their bytes: a repeat costs one slice and one dict
+#: lookup instead of decoding ten fields.  The values are immutable (int, float, str).
+MEMO_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("OPT_FLAG")}
+MEMO_SIZE = 4096
+
+
+def _memo() -> tuple[Callable[[bytes], tuple | None], Callable[[bytes, tuple], None]]:
+    memo: dict[bytes, tuple] = {}
+
+    def put(tail: bytes, values: tuple) -> None:
+        if len(memo) >= MEMO_SIZE:
+            memo.clear()  # bounded: memory stays flat on files whose tails never repeat
+        memo[tail] = values
+
+    return memo.get, put
+
+
+def set_tail_memo(size: int) -> None:
+    """Set how many distinct PTR tails are remembered (0 turns the memo off); the
+    compiled decoders are rebuilt on next use.  For benchmarks and tests."""
+    global MEMO_SIZE
+    MEMO_SIZE = size
+    _TABLES.clear()
+
+
+def _literal(fields: tuple[Field, ...], n: int) -> str:
+    """Source of the dict literal of the first ``n`` fields (values in locals f0, f1...)."""
+    return "{" + ", ".join(f"{fields[i].name!r}: f{i}" for i in range(n)) + "}"
+
+
+def _cn_run(fields: tuple[Field, ...], start: int) -> list[int]:
+    """Indexes of the consecutive plain C*n fields from ``start`` on."""
+    run = []
+    for i in range(start, len(fields)):
+        if fields[i].type != "Cn" or fields[i].count is not None:
+            break
+        run.append(i)
+    return run
+
+
+def _compile(spec: RecordSpec, readers: _Readers) -> Callable[[bytes, str, int, int], dict]:
+    """Generate and exec a decoding function specialised for one record type and order:
+    an optimistic one, falling back to a careful one, falling back to the generic."""
+    ns: dict[str, Any] = {"_spec": spec, "_generic": decode_generic}
+    lines = ["def careful(buf, txt, p0, end):", "  p = p0", "  try:",
+             *_body(spec, readers, ns, "    ", "return {}", "c"),
+             "  except (_Short, IndexError):",
+             # IndexError: a record at the very end of the buffer indexed buf[end]
+             "    return _generic(_spec, _r, buf, p0, end)",
+             "def decode(buf, txt, p0, end):", "  p = p0", "  try:",
+             *_body(spec, readers, ns, "    ", "return {}", "o", optimistic=True),
+             "  except (_Short, IndexError):",
+             "    return careful(buf, txt, p0, end)"]
+    src = "\n".join(lines) + "\n"
+    exec(compile(src, f"<stdf {spec.name} {readers.order}>", "exec"), ns)
+    return ns["decode"]
+
+
+def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret: str,
+          prefix: str, optimistic: bool = False) -> list[str]:
+    """Source lines decoding ``spec``'s fields from ``p`` into locals and ending with
+    ``ret`` formatted with the field dict literal (also for a record that ends early).
+    Raises ``_Short`` (or IndexError at the end of the buffer) for the generic decoder.
+
+    The code takes the buffer twice: as bytes (for numbers and lengths) and as the
+    same bytes decoded latin-1 (``txt``), so a ``C*n`` field is one str slice.  The
+    bound check each field needs anyway doubles as the "record ends here" check: only
+    when a field does not fit does the code look at whether the record ended exactly
+    before it (trailing fields absent) or inside it (the generic decoder decides).
+
+    ``optimistic``: a run of consecutive C*n fields is read with one bound check at its
+    end (positions only grow, so the last one fitting means all fit); a record that ends
+    inside the run raises ``_Short`` and the careful code takes over.
+    """
+    fields = spec.fields
+    ns.update({"_Short": _Short, "_chr": chr, "Bits": Bits, "_bn": _read_bn, "_r": readers})
+    lines: list[str] = []
+
+    memo_from = MEMO_FROM.get(spec.name, -1) if optimistic and MEMO_SIZE else -1
+
+    def literal(n: int) -> str:
+        out = ret.format(_literal(fields, n))
+        if 0 <= memo_from < n:
+            tail = ", ".join(f"f{i}" for i in range(memo_from, n))
+            out = f"_memo_put(tail, ({tail},)); {out}"
+        return out
+
+    skip: set[int] = set()  # C*n fields read together with the run before them
+    for k, seg in enumerate(_segments(fields)):
+        first = seg[0]
+        f = fields[first]
+        if first == memo_from:
+            ns["_memo_get"], ns["_memo_put"] = _memo()
+            lines.append(f"{ind}if p >= end: {literal(first)}")
+            lines.append(f"{ind}tail = buf[p:end]")
+            lines.append(f"{ind}hit = _memo_get(tail)")
+            lines.append(f"{ind}if hit is not None:")
+            lines.append(f"{ind}  k = len(hit)")
+            for n in range(len(fields), memo_from, -1):
+                names = ", ".join(f"f{i}" for i in range(memo_from, n))
+                lines.append(f"{ind}  if k == {n - memo_from}:")
+                lines.append(f"{ind}    {names}, = hit")
+                lines.append(f"{ind}    {ret.format(_literal(fields, n))}")
+        if f.count is None and f.type in _SIZES:
+            size = sum(_SIZES[fields[i].type] for i in seg)
+            names = ", ".join(f"f{i}" for i in seg)
+            codes = "".join("B" if fields[i].type == "C1" else STRUCT_CODES[fields[i].type]
+                            for i in seg)
+            after = seg[-1] + 1
+            cn_next = (after < len(fields) and fields[after].type == "Cn"
+                       and fields[after].count is None)
+            if cn_next:
+                # one unpack also reads the length byte of the C*n that follows the run
+                ns[f"_s{prefix}{k}"] = struct.Struct(readers.order + codes).unpack_from
+                ns[f"_l{prefix}{k}"] = struct.Struct(readers.order + codes + "B").unpack_from
+                lines.append(f"{ind}if p + {size + 1} > end:")
+                lines.append(f"{ind}  if p >= end: {literal(first)}")
+                lines.append(f"{ind}  if p + {size} > end: raise _Short")
+                lines.append(f"{ind}  {names}, = _s{prefix}{k}(buf, p)")
+                for i in seg:
+                    if fields[i].type == "C1":
+                        lines.append(f"{ind}  f{i} = _chr(f{i})")
+                lines.append(f"{ind}  {literal(after)}")
+                lines.append(f"{ind}{names}, ln = _l{prefix}{k}(buf, p)")
+                lines.append(f"{ind}p += {size + 1}")
+                if optimistic:
+                    run = _cn_run(fields, after)
+                    lines.append(f"{ind}e{after} = p + ln")
+                    starts = {after: "p"}
+                    prev = f"e{after}"
+                    for i in run[1:]:
+                        lines.append(f"{ind}e{i} = {prev} + 1 + buf[{prev}]")
+                        starts[i] = f"{prev} + 1"
+                        prev = f"e{i}"
+                    lines.append(f"{ind}if {prev} > end: raise _Short")
+                    for i in run:
+                        lines.append(f"{ind}f{i} = txt[{starts[i]}:e{i}]")
+                    lines.append(f"{ind}p = {prev}")
+                    skip.update(run)
+                else:
+                    lines.append(f"{ind}q = p + ln")
+                    lines.append(f"{ind}if q > end: raise _Short")
+                    lines.append(f"{ind}f{after} = txt[p:q]")
+                    lines.append(f"{ind}p = q")
+                    skip.add(after)
+            elif size == 1:
+                lines.append(f"{ind}if p >= end: {literal(first)}")
+                lines.append(f"{ind}f{first} = buf[p]")
+                if f.type == "I1":
+                    lines.append(f"{ind}if f{first} > 127: f{first} -= 256")
+                lines.append(f"{ind}p += 1")
+            else:
+                ns[f"_s{prefix}{k}"] = struct.Struct(readers.order + codes).unpack_from
+                lines.append(f"{ind}if p + {size} > end:")
+                lines.append(f"{ind}  if p >= end: {literal(first)}")
+                lines.append(f"{ind}  raise _Short")
+                lines.append(f"{ind}{names}, = _s{prefix}{k}(buf, p)")
+                lines.append(f"{ind}p += {size}")
+            for i in seg:
+                if fields[i].type == "C1":
+                    lines.append(f"{ind}f{i} = _chr(f{i})")
+            continue
+        if first in skip:
+            continue
+        i = first
+        if f.count is not None:
+            # an empty array costs no bytes, so an array is present whenever its count is
+            cnt = f"f{[x.name for x in fields].index(f.count)}"
+            size = f"f{[x.name for x in fields].index(f.size)}" if f.size else "0"
+            lines.append(f"{ind}f{i}, p = _r.array({f.type!r}, {cnt}, buf, p, end, {size})")
+        elif f.type == "Cn" and optimistic:
+            run = _cn_run(fields, i)
+            lines.append(f"{ind}if p >= end: {literal(first)}")
+            prev = "p"
+            starts = {}
+            for j in run:
+                lines.append(f"{ind}e{j} = {prev} + 1 + buf[{prev}]")
+                starts[j] = f"{prev} + 1"
+                prev = f"e{j}"
+            lines.append(f"{ind}if {prev} > end: raise _Short")
+            for j in run:
+                lines.append(f"{ind}f{j} = txt[{starts[j]}:e{j}]")
+            lines.append(f"{ind}p = {prev}")
+            skip.update(run)
+        elif f.type == "Cn":
+            # at p == end, buf[p] is the next record's first byte: q > end all the same
+            lines.append(f"{ind}q = p + 1 + buf[p]")
+            lines.append(f"{ind}if q > end:")
+            lines.append(f"{ind}  if p >= end: {literal(first)}")
+            lines.append(f"{ind}  raise _Short")
+            lines.append(f"{ind}f{i} = txt[p + 1:q]")
+            lines.append(f"{ind}p = q")
+        else:
+            reader = {"Bn": "_bn", "Dn": "_r.dn", "Sn": "_r.sn", "Vn": "_r.vn"}[f.type]
+            lines.append(f"{ind}if p >= end: {literal(first)}")
+            lines.append(f"{ind}f{i}, p = {reader}(buf, p, end)")
+    lines.append(f"{ind}{literal(len(fields))}")
+    return lines
+
+
+def _max_size(spec: RecordSpec) -> int | None:
+    """Largest possible encoding of the record's fields, or None when unbounded."""
+    total = 0
+    for f in spec.fields:
+        if f.count is not None or f.type in ("Dn", "Vn", "Sn"):
+            return None
+        total += _SIZES.get(f.type, 256)  # Cn and Bn: length byte + up to 255 bytes
+    return total
+
+
+#: record types decoded inline in the scanning loop (the bulk of any file: no call)
+INLINE = ("PTR", "PIR", "PRR", "MPR", "FTR")
+
+
+def _type_key(order: str, typ: int, sub: int) -> int:
+    return typ * 256 + sub if order == ">" else sub * 256 + typ
+
+
+def _too_long(name: str, rec_len: int, limit: int, offset: int) -> StdfError:
+    return StdfError(f"impossible REC_LEN {rec_len} for a {name} "
+                     f"(its fields take at most {limit - LENGTH_SLACK} bytes)", offset)
+
+
+def _compile_scan(order: str, entries: list[Any], readers: _Readers) -> Callable[..., Any]:
+    """Generate the record loop of one byte order, with the INLINE types' decoding
+    written into it and every other type dispatched through ``entries``."""
+    ns: dict[str, Any] = {
+        "_header": struct.Struct(order + "HH").unpack_from, "_entries": entries,
+        "_new": _new_record, "_Record": StdfRecord, "_too_long": _too_long,
+        "_generic": decode_generic, "_BadGdr": _BadGdr, "_gdr_error": _gdr_error,
+    }
+    lines = [
+        "def scan(self, buf, txt, pos, base, generation):",
+        "  n = len(buf)",
+        "  while pos + 4 <= n:",
+        "    rec_len, key = _header(buf, pos)",
+        "    body = pos + 4",
+        "    end = body + rec_len",
+    ]
+    for k, name in enumerate(INLINE):
+        spec = BY_NAME[name]
+        limit = entries[_type_key(order, spec.typ, spec.sub)][2]
+        ns[f"_decode_{name}"] = entries[_type_key(order, spec.typ, spec.sub)][1]
+        lines += [
+            f"    {'if' if k == 0 else 'elif'} key == {_type_key(order, spec.typ, spec.sub)}:",
+            f"      if rec_len > {limit}: raise _too_long({name!r}, rec_len, {limit}, base + pos)",
+            "      if end > n: return",
+            "      p = body",
+            "      while True:",
+            "        try:",
+            *_body(spec, readers, ns, "          ", "fields = {}; break", name,
+                   optimistic=True),
+            "        except (_Short, IndexError):",
+            f"          fields = _decode_{name}(buf, txt, body, end)",
+            "        break",
+            f"      record = _new(_Record, ({name!r}, base + pos, fields))",
+        ]
+    lines += [
+        "    else:",
+        "      entry = _entries[key]",
+        "      if entry is None:",
+        "        if end > n: return",
+        "        record = self._unknown(buf, pos, end)",
+        "        pos = end",
+        "        self._pos = pos",
+        "        if record is None: continue",
+        "        yield record",
+        "        if self._generation != generation: return",
+        "        continue",
+        "      name, decode, limit = entry",
+        "      if rec_len > limit: raise _too_long(name, rec_len, limit, base + pos)",
+        "      if end > n: return",
+        "      try:",
+        "        record = _new(_Record, (name, base + pos, decode(buf, txt, body, end)))",
+        "      except _BadGdr as exc:",
+        "        self._pos = end",
+        "        raise _gdr_error(exc, base) from None",
+        "    pos = end",
+        "    self._pos = pos",
+        "    yield record",
+        "    if self._generation != generation: return",
+    ]
+    src = "\n".join(lines) + "\n"
+    exec(compile(src, f"<stdf scan {order}>", "exec"), ns)
+    return ns["scan"]
+
+
+def _gdr_error(exc: _BadGdr, base: int) -> StdfError:
+    return StdfError(f"GDR field of unknown type code {exc.code}", base + exc.pos)
+
+
+class _Table(NamedTuple):
+    #: header -> (REC_LEN, type key); the type key is REC_TYP and REC_SUB read as one U2
+    #: in the file's byte order (one lookup, no arithmetic)
+    header: Callable[[bytes, int], tuple[int, int]]
+    #: index type key -> (name, decode function, largest REC_LEN) or None
+    entries: list[tuple[str, Callable[[bytes, str, int, int], dict], int] | None]
+    readers: _Readers
+    #: the record loop: scan(decoder, buf, txt, pos, base, generation) -> records
+    scan: Callable[..., Iterator[StdfRecord]]
+
+
+_TABLES: dict[str, _Table] = {}
+
+
+def decoder_table(order: str) -> _Table:
+    table = _TABLES.get(order)
+    if table is None:
+        readers = _Readers(order)
+        entries: list[Any] = [None] * 65536
+        for (typ, sub), spec in BY_TYPE.items():
+            limit = _max_size(spec)
+            entries[_type_key(order, typ, sub)] = (
+                spec.name, _compile(spec, readers),
+                65535 if limit is None else limit + LENGTH_SLACK)
+        table = _TABLES[order] = _Table(struct.Struct(order + "HH").unpack_from, entries,
+                                        readers, _compile_scan(order, entries, readers))
+    return table
+
+
+# ------------------------------------------------------------------------------ decoder
+
+class StdfDecoder:
+    """Incremental decoder.  ``feed`` bytes as they arrive, then iterate ``records()``.
+
+    ``start_offset`` and ``byte_order`` resume mid-file at a record boundary (the
+    offsets of the records returned continue from ``start_offset``).  A new ``feed``
+    ends any unfinished ``records()`` iterator; iterate to the end after each feed.
+    """
+
+    def __init__(self, *, start_offset: int = 0, byte_order: str | None = None,
+                 keep_unknown: bool = False) -> None:
+        if byte_order not in (None, "<", ">"):
+            raise ValueError(f"byte_order must be '<' or '>', not {byte_order!r}")
+        if start_offset and byte_order is None:
+            raise ValueError("resuming at start_offset > 0 needs the file's byte_order")
+        self._buf = b""
+        self._txt: str | None = ""  # _buf decoded latin-1 (None: not yet)
+        self._pos = 0  # index into _buf of the next record
+        self._base = start_offset  # stream offset of _buf[0]
+        self._generation = 0
+        self.byte_order = byte_order
+        self.keep_unknown = keep_unknown
+        #: records of unknown type skipped, in all and by (REC_TYP, REC_SUB)
+        self.unknown_count = 0
+        self.unknown_types: dict[tuple[int, int], int] = {}
+        self._unknown_run = 0
+        self._unknown_end = -1  # stream offset where the last unknown record ended
+
+    @property
+    def position(self) -> int:
+        """Stream offset just after the last complete record returned."""
+        return self._base + self._pos
+
+    @property
+    def buffered(self) -> int:
+        """Bytes fed but not yet returned as records (a cut record waiting for the rest)."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._generation += 1
+        self._txt = None
+        if self._pos:
+            self._base += self._pos
+            self._buf = self._buf[self._pos:] + bytes(data)
+            self._pos = 0
+        elif self._buf:
+            self._buf += bytes(data)
+        else:
+            self._buf = bytes(data)
+
+    def _detect_order(self) -> str | None:
+        buf, pos = self._buf, self._pos
+        offset = self._base + pos
+        if len(buf) - pos >= 4:
+            head = buf[pos:pos + 4]
+            if head[2:] != b"\x00\x0a" or head[:2] not in (b"\x00\x02", b"\x02\x00"):
+                raise StdfError("not STDF: the first record is not a FAR "
+                                f"(header bytes {head.hex()})", offset)
+        if len(buf) - pos < 6:
+            return None
+        cpu = buf[pos + 4]
+        if cpu == 1:
+            return ">"
+        if cpu == 2:
+            return "<"
+        return "<" if buf[pos] == 2 else ">"
+
+    def records(self) -> Iterator[StdfRecord]:
+        """Complete records from the bytes fed so far, in stream order."""
+        order = self.byte_order
+        if order is None:
+            order = self._detect_order()
+            if order is None:
+                return iter(())
+            self.byte_order = order
+        buf = self._buf
+        txt = self._txt
+        if txt is None:
+            txt = self._txt = buf.decode("latin-1")
+        return decoder_table(order).scan(self, buf, txt, self._pos, self._base,
+                                         self._generation)
+
+    def _unknown(self, buf: bytes, pos: int, end: int) -> StdfRecord | None:
+        typ, sub = buf[pos + 2], buf[pos + 3]
+        self.unknown_count += 1
+        self.unknown_types[(typ, sub)] = self.unknown_types.get((typ, sub), 0) + 1
+        offset = self._base + pos
+        self._unknown_run = self._unknown_run + 1 if offset == self._unknown_end else 1
+        self._unknown_end = self._base + end
+        if self._unknown_run >= MAX_UNKNOWN_RUN:
+            raise StdfError(f"garbage: {self._unknown_run} consecutive records of unknown "
+                            f"type (last REC_TYP {typ} REC_SUB {sub})", offset)
+        if not self.keep_unknown:
+            return None
+        return StdfRecord("UNKNOWN", self._base + pos,
+                          {"REC_TYP": typ, "REC_SUB": sub, "DATA": buf[pos + 4:end]})
+
+
+def decode_all(data: bytes) -> list[StdfRecord]:
+    """Decode a whole STDF byte string (convenience for tests and tools)."""
+    dec = StdfDecoder()
+    dec.feed(data)
+    records = list(dec.records())
+    if dec.buffered:
+        raise StdfError(f"file ends inside a record ({dec.buffered} bytes left over)",
+                        dec.position)
+    return records

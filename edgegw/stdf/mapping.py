@@ -1,0 +1,237 @@
+"""Decoded tester records (STDF names and fields, from any format plugin) -> edgegw records.
+
+Sans-IO: ``RecordMapper.map(record, now)`` takes one parsed record (``name``, ``fields``) and
+returns the edgegw records it completes; nothing here reads a file or a clock.  One mapper
+per file: the state it keeps is the file's (lot and wafer ids, per-test defaults, open parts).
+
+Results wait for their part.  A PTR/FTR/MPR belongs to the open PIR of its HEAD/SITE, but the
+part's id only arrives with its PRR, so the results of an open part are held and emitted, with
+the PRR's PART_ID, just before the PartResult.  On a multi-site tester the sites interleave
+and each site's part completes on its own.  A result with no open part is emitted at once
+with an empty part id.  The emitted sequence is a pure function of the records fed, which is
+what lets the tail resume a file by re-mapping its start without emitting it.
+
+Missing values follow the spec: X/Y -32768, SOFT_BIN 65535, U4 counts 4294967295, TEST_T 0
+become None.  Limits and units come from the test's default state (``TestState``): None
+when OPT_FLAG says "no limit" or no record of the test ever gave one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ..records import (
+    BinSummary,
+    FunctionalResult,
+    LotEnd,
+    LotStart,
+    MultiPinResult,
+    ParametricResult,
+    PartCount,
+    PartResult,
+    RawRecord,
+    Record,
+    WaferEnd,
+    WaferStart,
+)
+from . import TestState
+from .state import part_passed, part_supersedes, result_passed
+
+MISSING_COORD = -32768
+MISSING_SOFT_BIN = 65535
+MISSING_U4 = 4294967295
+
+#: MIR fields carried as LotStart columns; every other present, non-empty one goes to extra
+_MIR_COLUMNS = {"LOT_ID", "PART_TYP", "NODE_NAM", "TSTR_TYP", "JOB_NAM", "START_T"}
+_MRR_COLUMNS = {"FINISH_T"}
+
+
+def _u4(value: Any) -> int | None:
+    return None if value is None or value == MISSING_U4 else int(value)
+
+
+def _coord(value: Any) -> int | None:
+    return None if value is None or value == MISSING_COORD else int(value)
+
+
+def _extra(fields: dict[str, Any], columns: set[str]) -> dict[str, Any] | None:
+    out = {k: v for k, v in fields.items()
+           if k not in columns and v not in (None, "", " ", b"") and not isinstance(v, bytes)}
+    return out or None
+
+
+class RecordMapper:
+    """Maps the records of one file, in order.  ``forward_raw`` also emits every record
+    as a RawRecord (in file order, as it arrives) so nothing in the file is lost."""
+
+    def __init__(self, source: str, *, format: str = "stdf", forward_raw: bool = False) -> None:
+        self.source = source
+        self.format = format
+        self.forward_raw = forward_raw
+        self.tests = TestState()
+        self.lot_id = ""
+        self.wafer_of_head: dict[int, str] = {}
+        # (head, site) -> results of the open part, waiting for its PRR
+        self.open_parts: dict[tuple[int, int], list[Any]] = {}
+        self.test_txt: dict[int, str] = {}
+        self.parts_seen = 0
+
+    def map_all(self, records: Iterable[Any], now: float) -> list[Record]:
+        out: list[Record] = []
+        for rec in records:
+            out.extend(self.map(rec, now))
+        return out
+
+    def map(self, rec: Any, now: float) -> list[Record]:
+        name = rec.name
+        fields = rec.fields
+        out: list[Record] = []
+        if self.forward_raw:
+            out.append(RawRecord(self.source, now, self.format, name, fields))
+        handler = self._handlers.get(name)
+        if handler is not None:
+            handler(self, fields, now, out)
+        return out
+
+    def close(self, now: float) -> list[Record]:
+        """The file is complete: results of parts that never got their PRR are emitted
+        with an empty part id rather than lost."""
+        out: list[Record] = []
+        for key in list(self.open_parts):
+            out.extend(r._replace(ts=now) for r in self.open_parts.pop(key))
+        return out
+
+    # -- lot and wafer ---------------------------------------------------------------------
+
+    def _mir(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
+        self.lot_id = f.get("LOT_ID", "") or ""
+        out.append(LotStart(self.source, now, self.lot_id, f.get("PART_TYP", "") or "",
+                            f.get("NODE_NAM", "") or "", f.get("TSTR_TYP", "") or "",
+                            f.get("JOB_NAM", "") or "", f.get("START_T", 0) or 0,
+                            _extra(f, _MIR_COLUMNS)))
+
+    def _mrr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
+        out.extend(self.close(now))
+        out.append(LotEnd(self.source, now, self.lot_id, f.get("FINISH_T", 0) or 0,
+                          _extra(f, _MRR_COLUMNS)))
+
+    def _wir(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
+        head = f.get("HEAD_NUM", 1)
+        wafer = f.get("WAFER_ID", "") or ""
+        self.wafer_of_head[head] = wafer
+        out.append(WaferStart(self.source, now, self.lot_id, wafer, head, f.get("START_T", 0)))
+
+    def _wrr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
+        head = f.get("HEAD_NUM", 1)
+        wafer = f.get("WAFER_ID") or self.wafer_of_head.get(head, "")
+        out.append(WaferEnd(self.source, now, self.lot_id, wafer, head, f.get("FINISH_T", 0),
+                            _u4(f.get("PART_CNT")), _u4(f.get("GOOD_CNT"))))
+
+    # -- parts and their results -----------------------------------------------------------
+
+    def _pir(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
+        key = (f.get("HEAD_NUM", 1), f.get("SITE_NUM", 1))
+        stale = self.open_parts.get(key)
+        if stale:  # a PIR without a PRR before it: keep its results rather than lose them
+            out.extend(stale)
+        self.open_parts[key] = []
+
+    def _prr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
+        head = f.get("HEAD_NUM", 1)
+        site = f.get("SITE_NUM", 1)
+        self.parts_seen += 1
+        part_id = f.get("PART_ID") or str(self.parts_seen)
+        results = self.open_parts.pop((head, site), None)
+        if results:
+            out.extend(r._replace(part_id=part_id) for r in results)
+        flg = f.get("PART_FLG", 0)
+        soft = f.get("SOFT_BIN")
+        test_t = f.get("TEST_T")
+        num_test = f.get("NUM_TEST")
+        out.append(PartResult(
+            self.source, now, self.lot_id, self.wafer_of_head.get(head, ""), head, site,
+            part_id, _coord(f.get("X_COORD")), _coord(f.get("Y_COORD")),
+            f.get("HARD_BIN", 0), None if soft is None or soft == MISSING_SOFT_BIN else soft,
+            part_passed(flg), part_supersedes(flg), flg, test_t or None,
+            None if num_test is None or num_test == 65535 else num_test))
+
+    def _result(self, head: int, site: int, record: Any, out: list[Record]) -> None:
+        pending = self.open_parts.get((head, site))
+        if pending is None:
+            out.append(record)
+        else:
+            pending.append(record)
+
+    def _text_of(self, test_num: int, f: dict[str, Any]) -> str:
+        text = f.get("TEST_TXT")
+        if text:
+            self.test_txt[test_num] = text
+            return text
+        return self.test_txt.get(test_num, "")
+
+    def _ptr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
+        f = self.tests.resolve_ptr(f)
+        head = f.get("HEAD_NUM", 1)
+        site = f.get("SITE_NUM", 1)
+        num = f["TEST_NUM"]
+        flg = f.get("TEST_FLG", 0)
+        # TEST_FLG bit 1: the result is not valid
+        value = None if flg & 0x02 else f.get("RESULT")
+        self._result(head, site, ParametricResult(
+            self.source, now, self.lot_id, head, site, "", num, self._text_of(num, f), value,
+            f["LO_LIMIT"], f["HI_LIMIT"], f.get("UNITS", "") or "", result_passed(flg), flg,
+            f.get("PARM_FLG", 0)), out)
+
+    def _mpr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
+        f = self.tests.resolve_mpr(f)
+        head = f.get("HEAD_NUM", 1)
+        site = f.get("SITE_NUM", 1)
+        num = f["TEST_NUM"]
+        flg = f.get("TEST_FLG", 0)
+        self._result(head, site, MultiPinResult(
+            self.source, now, self.lot_id, head, site, "", num, self._text_of(num, f),
+            list(f.get("RTN_RSLT") or []), f["LO_LIMIT"], f["HI_LIMIT"],
+            f.get("UNITS", "") or "", result_passed(flg), flg, f.get("PARM_FLG", 0)), out)
+
+    def _ftr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
+        head = f.get("HEAD_NUM", 1)
+        site = f.get("SITE_NUM", 1)
+        num = f["TEST_NUM"]
+        flg = f.get("TEST_FLG", 0)
+        opt = f.get("OPT_FLAG")
+        # OPT_FLAG bit 3 set: NUM_FAIL is not valid
+        fails = None if opt is None or opt & 0x08 else f.get("NUM_FAIL")
+        self._result(head, site, FunctionalResult(
+            self.source, now, self.lot_id, head, site, "", num, self._text_of(num, f),
+            result_passed(flg), flg, fails), out)
+
+    # -- the tester's own summaries --------------------------------------------------------
+
+    def _hbr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
+        out.append(BinSummary(self.source, now, self.lot_id, "H", f.get("HEAD_NUM", 255),
+                              f.get("SITE_NUM", 0), f["HBIN_NUM"], f["HBIN_CNT"],
+                              f.get("HBIN_PF", " ") or " ", f.get("HBIN_NAM", "") or ""))
+
+    def _sbr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
+        out.append(BinSummary(self.source, now, self.lot_id, "S", f.get("HEAD_NUM", 255),
+                              f.get("SITE_NUM", 0), f["SBIN_NUM"], f["SBIN_CNT"],
+                              f.get("SBIN_PF", " ") or " ", f.get("SBIN_NAM", "") or ""))
+
+    def _pcr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
+        out.append(PartCount(self.source, now, self.lot_id, f.get("HEAD_NUM", 255),
+                             f.get("SITE_NUM", 0), f["PART_CNT"], _u4(f.get("RTST_CNT")),
+                             _u4(f.get("ABRT_CNT")), _u4(f.get("GOOD_CNT")),
+                             _u4(f.get("FUNC_CNT"))))
+
+    def _tsr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
+        # TSR is not mapped (RawRecord carries it), but it names tests for later FTRs
+        name = f.get("TEST_NAM")
+        if name and f.get("TEST_NUM") is not None:
+            self.test_txt.setdefault(f["TEST_NUM"], name)
+
+    _handlers: dict[str, Any] = {
+        "MIR": _mir, "MRR": _mrr, "WIR": _wir, "WRR": _wrr, "PIR": _pir, "PRR": _prr,
+        "PTR": _ptr, "MPR": _mpr, "FTR": _ftr, "HBR": _hbr, "SBR": _sbr, "PCR": _pcr,
+        "TSR": _tsr,
+    }

@@ -1,0 +1,225 @@
+"""Per-file STDF state a live reader needs: PTR/MPR defaults and the open part per site.
+
+**Default state.**  The first PTR (or MPR) of a test number carries the semi-static
+information about the test: scales, limits, units, formats, spec limits.  Later records
+of that test may omit those fields (REC_LEN stops early) or flag them invalid in
+OPT_FLAG, and then the default applies.  Some testers write that first full record once
+per site, with per-site limits; so defaults are kept per (test number, head, site) and
+per test number, and the per-site one wins.
+
+OPT_FLAG bits (PTR/MPR): 0 RES_SCAL invalid; 2/3 no low/high spec limit; 4/5 LO/HI
+limit (and its scale) invalid, use the default; 6/7 there is no LO/HI limit at all.
+
+**Open parts.**  PTR/MPR/FTR results belong to the open PIR of the same HEAD/SITE; sites
+interleave (PIR s0, PIR s1, PTR s0, PTR s1, ..., PRR s0, PRR s1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+#: fields after OPT_FLAG that the first record of a test number establishes
+_SCALAR_DEFAULTS = ("UNITS", "C_RESFMT", "C_LLMFMT", "C_HLMFMT")
+_MPR_DEFAULTS = ("START_IN", "INCR_IN", "RTN_INDX", "UNITS_IN")
+
+# OPT_FLAG bits
+RES_SCAL_INVALID = 0x01
+NO_LO_SPEC = 0x04
+NO_HI_SPEC = 0x08
+LO_LIMIT_INVALID = 0x10
+HI_LIMIT_INVALID = 0x20
+NO_LO_LIMIT = 0x40
+NO_HI_LIMIT = 0x80
+
+# TEST_FLG bits
+TEST_ALARM = 0x01
+TEST_RESULT_INVALID = 0x02
+TEST_UNRELIABLE = 0x04
+TEST_TIMEOUT = 0x08
+TEST_NOT_EXECUTED = 0x10
+TEST_ABORTED = 0x20
+TEST_NO_PASS_FAIL = 0x40
+TEST_FAILED = 0x80
+
+# PART_FLG bits
+PART_SUPERSEDES_ID = 0x01
+PART_SUPERSEDES_XY = 0x02
+PART_ABNORMAL_END = 0x04
+PART_FAILED = 0x08
+PART_NO_PASS_FAIL = 0x10
+
+
+def result_passed(test_flg: int) -> bool | None:
+    """Pass/fail of a PTR/MPR/FTR from TEST_FLG; None when the record says there is none."""
+    if test_flg & TEST_NO_PASS_FAIL:
+        return None
+    return not test_flg & TEST_FAILED
+
+
+result_passed.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
+#: the same function under the name TEST_FLG's meaning suggests
+test_passed = result_passed
+
+
+def part_passed(part_flg: int) -> bool | None:
+    """Pass/fail of a PRR from PART_FLG; None when pass/fail is flagged invalid."""
+    if part_flg & PART_NO_PASS_FAIL:
+        return None
+    return not part_flg & PART_FAILED
+
+
+def part_supersedes(part_flg: int) -> bool:
+    """The PRR is a retest replacing an earlier result (same PART_ID or same X/Y)."""
+    return bool(part_flg & (PART_SUPERSEDES_ID | PART_SUPERSEDES_XY))
+
+
+@dataclass
+class OpenPart:
+    """A part between its PIR and its PRR."""
+
+    head: int
+    site: int
+    #: stream offset of the PIR (None when results arrived without one)
+    pir_offset: int | None
+    #: ordinal of the part in the file (0, 1, ...)
+    index: int
+    results: int = 0
+    failed: int = 0
+
+
+class TestState:
+    """Resolves PTR/MPR defaults and tracks open PIRs per (head, site) for one file."""
+
+    __test__ = False  # not a pytest test class despite the name
+
+    def __init__(self) -> None:
+        self._by_test: dict[int, dict[str, Any]] = {}
+        self._by_site: dict[tuple[int, int, int], dict[str, Any]] = {}
+        self._open: dict[tuple[int, int], OpenPart] = {}
+        self.parts_started = 0
+        #: results (PTR/MPR/FTR) with no open PIR on their head/site
+        self.orphan_results = 0
+        #: PIRs that opened a head/site whose previous part had no PRR
+        self.unclosed_parts = 0
+
+    # ---------------------------------------------------------------- default state
+    def _learn(self, fields: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+        """Take what this record says validly about its test; return its own valid values."""
+        own: dict[str, Any] = {}
+        opt = fields.get("OPT_FLAG")
+        if opt is not None:
+            if "RES_SCAL" in fields and not opt & RES_SCAL_INVALID:
+                own["RES_SCAL"] = fields["RES_SCAL"]
+            if opt & NO_LO_LIMIT:
+                own["LO_LIMIT"] = None
+                own["LLM_SCAL"] = None
+            elif "LO_LIMIT" in fields and not opt & LO_LIMIT_INVALID:
+                own["LO_LIMIT"] = fields["LO_LIMIT"]
+                own["LLM_SCAL"] = fields.get("LLM_SCAL")
+            if opt & NO_HI_LIMIT:
+                own["HI_LIMIT"] = None
+                own["HLM_SCAL"] = None
+            elif "HI_LIMIT" in fields and not opt & HI_LIMIT_INVALID:
+                own["HI_LIMIT"] = fields["HI_LIMIT"]
+                own["HLM_SCAL"] = fields.get("HLM_SCAL")
+            if opt & NO_LO_SPEC:
+                own["LO_SPEC"] = None
+            elif "LO_SPEC" in fields:
+                own["LO_SPEC"] = fields["LO_SPEC"]
+            if opt & NO_HI_SPEC:
+                own["HI_SPEC"] = None
+            elif "HI_SPEC" in fields:
+                own["HI_SPEC"] = fields["HI_SPEC"]
+        for name in names:
+            value = fields.get(name)
+            if value is not None and value != "" and value != []:
+                own[name] = value
+        if not own:
+            return own
+        test = fields.get("TEST_NUM")
+        key = (test, fields.get("HEAD_NUM"), fields.get("SITE_NUM"))
+        site_defaults = self._by_site.setdefault(key, {})
+        test_defaults = self._by_test.setdefault(test, {})
+        for name, value in own.items():
+            site_defaults.setdefault(name, value)
+            test_defaults.setdefault(name, value)
+        return own
+
+    def _resolve(self, fields: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+        own = self._learn(fields, names)
+        test = fields.get("TEST_NUM")
+        site = self._by_site.get((test, fields.get("HEAD_NUM"), fields.get("SITE_NUM")), {})
+        common = self._by_test.get(test, {})
+        out = dict(fields)
+        for name in ("RES_SCAL", "LLM_SCAL", "HLM_SCAL", "LO_LIMIT", "HI_LIMIT",
+                     "LO_SPEC", "HI_SPEC", *names):
+            if name in own:
+                out[name] = own[name]
+            elif name in site:
+                out[name] = site[name]
+            elif name in common:
+                out[name] = common[name]
+            else:
+                out[name] = None
+        return out
+
+    def resolve_ptr(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """A copy of a PTR's fields with RES_SCAL, LLM_SCAL, HLM_SCAL, LO_LIMIT, HI_LIMIT,
+        LO_SPEC, HI_SPEC, UNITS and the C_*FMT formats resolved from the record itself
+        or the test's defaults, honouring OPT_FLAG.  A limit is None when the test has
+        none (OPT_FLAG bit 6/7) or nothing ever said what it is."""
+        return self._resolve(fields, _SCALAR_DEFAULTS)
+
+    def resolve_mpr(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """As :meth:`resolve_ptr`, plus START_IN, INCR_IN, RTN_INDX, UNITS_IN."""
+        return self._resolve(fields, _SCALAR_DEFAULTS + _MPR_DEFAULTS)
+
+    # ------------------------------------------------------------------ open parts
+    def open_part(self, fields: dict[str, Any], offset: int | None = None) -> OpenPart:
+        """A PIR: start a part on its head/site."""
+        key = (fields.get("HEAD_NUM", 1), fields.get("SITE_NUM", 1))
+        if key in self._open:
+            self.unclosed_parts += 1
+        part = OpenPart(key[0], key[1], offset, self.parts_started)
+        self.parts_started += 1
+        self._open[key] = part
+        return part
+
+    def part_for(self, fields: dict[str, Any]) -> OpenPart | None:
+        """The open part a PTR/MPR/FTR belongs to (same HEAD/SITE), counting the result;
+        None (and counted as an orphan) when that head/site has no open PIR."""
+        part = self._open.get((fields.get("HEAD_NUM", 1), fields.get("SITE_NUM", 1)))
+        if part is None:
+            self.orphan_results += 1
+            return None
+        part.results += 1
+        if result_passed(fields.get("TEST_FLG", 0)) is False:
+            part.failed += 1
+        return part
+
+    def close_part(self, fields: dict[str, Any]) -> OpenPart | None:
+        """A PRR: end and return the open part of its head/site (None if none was open)."""
+        return self._open.pop((fields.get("HEAD_NUM", 1), fields.get("SITE_NUM", 1)), None)
+
+    @property
+    def open_parts(self) -> dict[tuple[int, int], OpenPart]:
+        return dict(self._open)
+
+    def observe(self, name: str, fields: dict[str, Any],
+                offset: int | None = None) -> dict[str, Any]:
+        """Feed any decoded record; returns its fields, resolved for PTR/MPR.  Keeps both
+        the default state and the open parts up to date."""
+        if name == "PTR":
+            self.part_for(fields)
+            return self.resolve_ptr(fields)
+        if name == "MPR":
+            self.part_for(fields)
+            return self.resolve_mpr(fields)
+        if name == "FTR":
+            self.part_for(fields)
+        elif name == "PIR":
+            self.open_part(fields, offset)
+        elif name == "PRR":
+            self.close_part(fields)
+        return fields

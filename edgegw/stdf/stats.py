@@ -1,0 +1,144 @@
+"""Part and bin statistics of an STDF stream, derived from its PRRs (retests counted once).
+
+A PRR whose PART_FLG has bit 0 set supersedes the earlier part with the same PART_ID;
+bit 1 set, the earlier part at the same X/Y (on the same wafer).  Only the final result
+of a part counts towards parts, good parts and bins, as the tester's own final summary
+does.  The file's own summaries (HBR/SBR/PCR; HEAD_NUM 255 means all sites) are
+collected alongside, so the two can be compared.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .state import part_passed
+
+ALL_SITES = 255
+
+
+def _summary_key(fields: dict[str, Any]) -> tuple[int, int]:
+    """(head, site) of a summary record; HEAD_NUM 255 (all sites) ignores SITE_NUM."""
+    head = fields.get("HEAD_NUM", ALL_SITES)
+    return (ALL_SITES, ALL_SITES) if head == ALL_SITES else (head, fields.get("SITE_NUM", 0))
+
+
+@dataclass
+class _Part:
+    head: int
+    site: int
+    hard_bin: int
+    soft_bin: int | None
+    good: bool
+
+
+@dataclass
+class StdfStats:
+    """Feed records with :meth:`add`; read the figures with :meth:`as_dict`."""
+
+    records: Counter[str] = field(default_factory=Counter)
+    tested: int = 0  # PRRs seen, retests included
+    retests: int = 0  # PRRs that superseded an earlier result found in this stream
+    _parts: list[_Part] = field(default_factory=list)
+    _by_id: dict[tuple[str, str], int] = field(default_factory=dict)
+    _by_xy: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    _wafer: str = ""
+    #: the file's own summaries: (head, site) -> bin -> count; (255, 255) is all sites
+    file_hbr: dict[tuple[int, int], dict[int, int]] = field(default_factory=dict)
+    file_sbr: dict[tuple[int, int], dict[int, int]] = field(default_factory=dict)
+    file_pcr: dict[tuple[int, int], dict[str, int]] = field(default_factory=dict)
+
+    def add(self, name: str, fields: dict[str, Any]) -> None:
+        self.records[name] += 1
+        if name == "PRR":
+            self._prr(fields)
+        elif name == "WIR":
+            self._wafer = fields.get("WAFER_ID", "")
+        elif name == "HBR":
+            key = _summary_key(fields)
+            bins = self.file_hbr.setdefault(key, {})
+            bins[fields["HBIN_NUM"]] = bins.get(fields["HBIN_NUM"], 0) + fields["HBIN_CNT"]
+        elif name == "SBR":
+            key = _summary_key(fields)
+            bins = self.file_sbr.setdefault(key, {})
+            bins[fields["SBIN_NUM"]] = bins.get(fields["SBIN_NUM"], 0) + fields["SBIN_CNT"]
+        elif name == "PCR":
+            key = _summary_key(fields)
+            self.file_pcr[key] = {k: v for k, v in fields.items()
+                                  if k not in ("HEAD_NUM", "SITE_NUM")}
+
+    def _prr(self, f: dict[str, Any]) -> None:
+        self.tested += 1
+        flags = f.get("PART_FLG", 0)
+        soft = f.get("SOFT_BIN", 65535)
+        part = _Part(f.get("HEAD_NUM", 1), f.get("SITE_NUM", 1), f.get("HARD_BIN", 0),
+                     None if soft == 65535 else soft, part_passed(flags) is True)
+        part_id = f.get("PART_ID", "")
+        x, y = f.get("X_COORD", -32768), f.get("Y_COORD", -32768)
+        id_key = (self._wafer, part_id)
+        xy_key = (self._wafer, x, y)
+        index = None
+        if flags & 0x01 and part_id:
+            index = self._by_id.get(id_key)
+        elif flags & 0x02 and x != -32768 and y != -32768:
+            index = self._by_xy.get(xy_key)
+        if index is None:
+            index = len(self._parts)
+            self._parts.append(part)
+        else:
+            self.retests += 1
+            self._parts[index] = part
+        if part_id:
+            self._by_id[id_key] = index
+        if x != -32768 and y != -32768:
+            self._by_xy[xy_key] = index
+
+    def derived(self) -> dict[str, Any]:
+        """Figures from the PRRs: parts, good, hard/soft bin counts, in all and per site."""
+        def summary(parts: list[_Part]) -> dict[str, Any]:
+            hard = Counter(p.hard_bin for p in parts)
+            soft = Counter(p.soft_bin for p in parts if p.soft_bin is not None)
+            return {
+                "parts": len(parts),
+                "good": sum(p.good for p in parts),
+                "hard_bins": dict(sorted(hard.items())),
+                "soft_bins": dict(sorted(soft.items())),
+            }
+
+        out = summary(self._parts)
+        sites: dict[tuple[int, int], list[_Part]] = {}
+        for p in self._parts:
+            sites.setdefault((p.head, p.site), []).append(p)
+        out["sites"] = {key: summary(parts) for key, parts in sorted(sites.items())}
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: keys are strings; a site is "HEAD/SITE"."""
+        derived = self.derived()
+
+        def jbins(bins: dict[int, int]) -> dict[str, int]:
+            return {str(k): v for k, v in bins.items()}
+
+        def jsite(s: dict[str, Any]) -> dict[str, Any]:
+            return {**s, "hard_bins": jbins(s["hard_bins"]), "soft_bins": jbins(s["soft_bins"])}
+
+        def jsummary(d: dict[tuple[int, int], dict[Any, int]]) -> dict[str, Any]:
+            return {("all" if h == ALL_SITES else f"{h}/{s}"): {str(k): v for k, v in b.items()}
+                    for (h, s), b in sorted(d.items())}
+
+        return {
+            "records": dict(sorted(self.records.items())),
+            "tested": self.tested,
+            "retests": self.retests,
+            "parts": derived["parts"],
+            "good": derived["good"],
+            "hard_bins": jbins(derived["hard_bins"]),
+            "soft_bins": jbins(derived["soft_bins"]),
+            "sites": {f"{h}/{s}": jsite(v) for (h, s), v in derived["sites"].items()},
+            "file_summary": {
+                "hbr": jsummary(self.file_hbr),
+                "sbr": jsummary(self.file_sbr),
+                "pcr": jsummary(self.file_pcr),
+            },
+        }

@@ -1,0 +1,205 @@
+"""The ATDF example plugin (plugins/edgegw-atdf): a tester format installed as a package."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from edgegw.formats import FormatError, get_format
+from edgegw.metrics import Metrics
+from edgegw.records import LotEnd, ParametricResult, PartResult
+from edgegw.sources import SourceContext
+from edgegw.sources.tail import TailConfig, TailSource
+from edgegw.stdf import StdfDecoder, StdfWriter
+from edgegw.stdf.mapping import RecordMapper
+
+if importlib.util.find_spec("edgegw_atdf") is None:
+    pytest.fail("the ATDF example plugin is not installed: pip install -e plugins/edgegw-atdf",
+                pytrace=False)
+
+# Two sites interleaved; the first PTR of test 100 carries its limits and units, the next
+# does not; the part on site 2 has no X/Y and no soft bin; a retest by coordinates; a
+# record continued on the next line.
+ATDF_TEXT = """\
+FAR:A|4|2|U
+MIR:LOT42|DEV-7|sort.prg|node1|J750|10:08:20 23-SEP-2024|10:08:25 23-SEP-2024|joe|P|1
+WIR:1|10:09:00 23-SEP-2024|255|LOT42-W01
+PIR:1|1
+PIR:1|2
+PTR:100|1|1|1.25|P||VDD_IDD|||mA|1.0|2.0
+PTR:100|1|2|2.5|F||
+ VDD_IDD
+FTR:200|1|1|P||pat1
+PRR:1|1|P1|2|P|1|1|3|4|||120
+PRR:1|2|P2|1|F|5||||C
+WRR:1|10:10:00 23-SEP-2024|2|LOT42-W01|255||0|1
+HBR:255|0|1|1|P|GOOD
+SBR:255|0|1|1|P|GOOD
+PCR:255|0|2|1|0|1
+MRR:10:11:00 23-SEP-2024
+"""
+
+
+def stdf_equivalent() -> bytes:
+    """The same content as ATDF_TEXT, written as STDF (fields in STDF order)."""
+    w = StdfWriter()
+    start = 1727086105
+    recs: list[tuple[str, dict[str, Any]]] = [
+        ("FAR", {"CPU_TYPE": 2, "STDF_VER": 4}),
+        ("MIR", {"SETUP_T": start - 5, "START_T": start, "STAT_NUM": 1, "MODE_COD": "P",
+                 "RTST_COD": " ", "PROT_COD": " ", "BURN_TIM": 65535, "CMOD_COD": " ",
+                 "LOT_ID": "LOT42", "PART_TYP": "DEV-7", "NODE_NAM": "node1",
+                 "TSTR_TYP": "J750", "JOB_NAM": "sort.prg", "JOB_REV": "", "SBLOT_ID": "",
+                 "OPER_NAM": "joe"}),
+        ("WIR", {"HEAD_NUM": 1, "SITE_GRP": 255, "START_T": start + 35,
+                 "WAFER_ID": "LOT42-W01"}),
+        ("PIR", {"HEAD_NUM": 1, "SITE_NUM": 1}),
+        ("PIR", {"HEAD_NUM": 1, "SITE_NUM": 2}),
+        ("PTR", {"TEST_NUM": 100, "HEAD_NUM": 1, "SITE_NUM": 1, "TEST_FLG": 0,
+                 "PARM_FLG": 0, "RESULT": 1.25, "TEST_TXT": "VDD_IDD", "ALARM_ID": "",
+                 "OPT_FLAG": 0x02 | 0x01 | 0x04 | 0x08, "RES_SCAL": 0, "LLM_SCAL": 0,
+                 "HLM_SCAL": 0, "LO_LIMIT": 1.0, "HI_LIMIT": 2.0, "UNITS": "mA"}),
+        ("PTR", {"TEST_NUM": 100, "HEAD_NUM": 1, "SITE_NUM": 2, "TEST_FLG": 0x80,
+                 "PARM_FLG": 0, "RESULT": 2.5, "TEST_TXT": "VDD_IDD"}),
+        ("FTR", {"TEST_NUM": 200, "HEAD_NUM": 1, "SITE_NUM": 1, "TEST_FLG": 0,
+                 "OPT_FLAG": 0x3F}),
+        ("PRR", {"HEAD_NUM": 1, "SITE_NUM": 1, "PART_FLG": 0, "NUM_TEST": 2, "HARD_BIN": 1,
+                 "SOFT_BIN": 1, "X_COORD": 3, "Y_COORD": 4, "TEST_T": 120, "PART_ID": "P1"}),
+        ("PRR", {"HEAD_NUM": 1, "SITE_NUM": 2, "PART_FLG": 0x0A, "NUM_TEST": 1,
+                 "HARD_BIN": 5, "SOFT_BIN": 65535, "X_COORD": -32768, "Y_COORD": -32768,
+                 "TEST_T": 0, "PART_ID": "P2"}),
+        ("WRR", {"HEAD_NUM": 1, "SITE_GRP": 255, "FINISH_T": start + 95, "PART_CNT": 2,
+                 "RTST_CNT": 4294967295, "ABRT_CNT": 0, "GOOD_CNT": 1,
+                 "FUNC_CNT": 4294967295, "WAFER_ID": "LOT42-W01"}),
+        ("HBR", {"HEAD_NUM": 255, "SITE_NUM": 0, "HBIN_NUM": 1, "HBIN_CNT": 1, "HBIN_PF": "P",
+                 "HBIN_NAM": "GOOD"}),
+        ("SBR", {"HEAD_NUM": 255, "SITE_NUM": 0, "SBIN_NUM": 1, "SBIN_CNT": 1, "SBIN_PF": "P",
+                 "SBIN_NAM": "GOOD"}),
+        ("PCR", {"HEAD_NUM": 255, "SITE_NUM": 0, "PART_CNT": 2, "RTST_CNT": 1, "ABRT_CNT": 0,
+                 "GOOD_CNT": 1}),
+        ("MRR", {"FINISH_T": start + 155}),
+    ]
+    return b"".join(w.encode(name, fields) for name, fields in recs)
+
+
+def map_all(records: Any) -> list[Any]:
+    mapper = RecordMapper("t")
+    out = []
+    for rec in records:
+        out.extend(mapper.map(rec, 0.0))
+    return out + mapper.close(0.0)
+
+
+def parse_atdf(data: bytes, chunk: int | None = None) -> list[Any]:
+    parser = get_format("atdf").new_parser()
+    out: list[Any] = []
+    step = chunk or len(data)
+    for i in range(0, len(data), step):
+        parser.feed(data[i:i + step])
+        out.extend(parser.records())
+    out.extend(parser.close())
+    assert parser.position == len(data)
+    return out
+
+
+def test_atdf_maps_to_the_same_edgegw_records_as_the_equivalent_stdf() -> None:
+    dec = StdfDecoder()
+    dec.feed(stdf_equivalent())
+    from_stdf = map_all(dec.records())
+    from_atdf = map_all(parse_atdf(ATDF_TEXT.encode()))
+    assert from_atdf == from_stdf
+    ptr1, ptr2 = [r for r in from_atdf if isinstance(r, ParametricResult)]
+    assert (ptr1.part_id, ptr1.value, ptr1.passed) == ("P1", 1.25, True)
+    assert (ptr2.part_id, ptr2.lo_limit, ptr2.hi_limit, ptr2.units, ptr2.passed) == (
+        "P2", 1.0, 2.0, "mA", False)  # defaults from the first PTR of test 100
+    p1, p2 = [r for r in from_atdf if isinstance(r, PartResult)]
+    assert (p1.x, p1.y, p1.test_time_ms, p1.passed, p1.supersedes) == (3, 4, 120, True, False)
+    assert (p2.x, p2.y, p2.soft_bin, p2.passed, p2.supersedes) == (None, None, None, False, True)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_any_chunking_gives_the_same_records_with_their_offsets(chunk: int) -> None:
+    data = ATDF_TEXT.encode()
+    whole = parse_atdf(data)
+    assert parse_atdf(data, chunk) == whole
+    lines = data.split(b"\n")
+    starts = [sum(len(x) + 1 for x in lines[:i]) for i in range(len(lines))
+              if lines[i] and not lines[i].startswith(b" ")]
+    assert [r.offset for r in whole] == starts
+    assert [r.name for r in whole][:6] == ["FAR", "MIR", "WIR", "PIR", "PIR", "PTR"]
+
+
+def test_a_record_is_held_until_it_cannot_be_continued() -> None:
+    parser = get_format("atdf").new_parser()
+    parser.feed(b"FAR:A|4|2|U\nPTR:100|1|1|1.5|P||VDD\n")
+    assert [r.name for r in parser.records()] == ["FAR"]  # the PTR may still continue
+    assert parser.position == len(b"FAR:A|4|2|U\n")
+    parser.feed(b" _A\nPIR:1|1\n")
+    (ptr,) = parser.records()
+    assert ptr.fields["TEST_TXT"] == "VDD_A" and ptr.fields["TEST_FLG"] == 0
+
+
+def test_flag_letters_and_times_become_the_stdf_values() -> None:
+    parser = get_format("atdf").new_parser()
+    parser.feed(b"FAR:A|4|2|U\n"
+                b"WIR:1|9:5:7 3-feb-2025|255|W2\n"
+                b"PTR:7|1|2|3.5|A|AUTNX SDOHL|VDD||LH|V|1|4\n"
+                b"PTR:7|1|2||||\n"
+                b"FTR:9|1|2|F|T|pat|ts1|100|2|1|5\n"
+                b"PRR:1|2|P7|3||5|5|1|2|I|Y|40\n")
+    _far, wir, ptr, empty, ftr, prr = parser.close()
+    assert wir.fields["START_T"] == 1738573507 and wir.fields["WAFER_ID"] == "W2"
+    assert ptr.fields["TEST_FLG"] == 0x01 | 0x04 | 0x08 | 0x10 | 0x20
+    assert ptr.fields["PARM_FLG"] == 0x1F | 0x20 | 0x40 | 0x80  # alarms, alternate, L/H
+    assert ptr.fields["OPT_FLAG"] == 0x02 | 0x01 | 0x04 | 0x08  # no scale, no spec limits
+    assert (ptr.fields["LO_LIMIT"], ptr.fields["HI_LIMIT"], ptr.fields["UNITS"]) == (1, 4, "V")
+    assert empty.fields["TEST_FLG"] == 0x40 | 0x02  # no pass/fail indication, no result
+    assert (ftr.fields["TEST_FLG"], ftr.fields["NUM_FAIL"], ftr.fields["VECT_NAM"]) == (
+        0x80 | 0x08, 5, "pat")
+    assert ftr.fields["OPT_FLAG"] == 0x10 | 0x20  # no X/Y fail address, no vector offset
+    assert prr.fields["PART_FLG"] == 0x10 | 0x01 | 0x04  # no P/F, supersedes by id, abort
+    assert (prr.fields["TEST_T"], prr.fields["SOFT_BIN"]) == (40, 5)
+
+
+def test_corrupt_atdf_is_a_format_error_with_the_offset() -> None:
+    parser = get_format("atdf").new_parser()
+    parser.feed(b"FAR:A|4|2|U\nPIR:1|1\nPTR:1|1|1|abc|P\nPIR:1|1\n")
+    with pytest.raises(FormatError) as err:
+        list(parser.records())
+    assert err.value.offset == len(b"FAR:A|4|2|U\nPIR:1|1\n")
+    assert "PTR" in err.value.message and "abc" in err.value.message
+    binary = get_format("atdf").new_parser()
+    binary.feed(stdf_equivalent())
+    with pytest.raises(FormatError, match="not ATDF"):
+        list(binary.close())
+
+
+async def test_the_tail_source_follows_an_atdf_file(tmp_path: Path) -> None:
+    """The tail knows no format by name: the config picks the installed plugin."""
+    data = ATDF_TEXT.encode()
+    path = tmp_path / "lot42.atd"
+    path.write_bytes(data[:200])
+    got: list[Any] = []
+    done = trio.Event()
+
+    class Sink:
+        async def put(self, records: Any, checkpoint: Any = None) -> None:
+            got.extend(records)
+            if any(isinstance(r, LotEnd) for r in records):
+                done.set()
+
+    source = TailSource("t", TailConfig(paths=[str(tmp_path)], format="atdf",
+                                        poll_interval=0.01), SourceContext("gw", Metrics()))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run, Sink())
+        await trio.sleep(0.05)
+        with path.open("ab") as f:
+            f.write(data[200:])
+        with trio.fail_after(10):
+            await done.wait()
+        nursery.cancel_scope.cancel()
+    assert [r._replace(ts=0.0) for r in got] == map_all(parse_atdf(data))

@@ -1,0 +1,379 @@
+"""The web dashboard in a real headless Chromium, driven over the DevTools protocol.
+
+A simulated tester streams through a gateway into a real hub; the page, loaded from the
+hub, must draw the dies the hub has applied -- and draw them again after the hub restarts.
+A screenshot is saved to test-artifacts/ for people to look at.
+
+Needs Debian's ``chromium`` package (``apt-get install -y chromium chromium-driver``);
+without it the test is skipped, except under CI=true where it must run.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import open_websocket_url
+
+from edgegw.config import build
+from edgegw.gateway.config import GatewayConfig
+from edgegw.gateway.service import Gateway
+from edgegw.hub.alerts import AlertEngine, AlertsConfig
+from edgegw.hub.config import HubConfig
+from edgegw.hub.dashboard import STATIC_DIR, Dashboard
+from edgegw.hub.fanout import LiveFanout
+from edgegw.hub.history import HistoryApi
+from edgegw.hub.live_protocol import LiveConfig
+from edgegw.hub.service import Hub
+from edgegw.hub.state import LiveState
+from edgegw.hub.topics import split
+from edgegw.records import SensorReading
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+TOKEN = "s3cret"
+
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None and os.environ.get("CI") != "true",
+    reason="chromium not installed (apt-get install -y chromium chromium-driver)",
+)
+
+
+def test_the_dashboard_loads_nothing_from_the_internet() -> None:
+    for path in STATIC_DIR.iterdir():
+        text = path.read_text()
+        assert not re.search(r"https?://|(src|href)=\"//|@import|url\(", text), path.name
+
+
+# --------------------------------------------------------------------------- a hub
+
+
+class LiveHub:
+    """Hub + live state + alerts + fan-out + dashboard + history API, startable and
+    stoppable on a fixed port."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = 0
+        self.state: LiveState | None = None
+        self.fanout: LiveFanout | None = None
+        self.alerts: AlertEngine | None = None
+        self._scope: trio.CancelScope | None = None
+        self.stopped = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        hub = Hub(build(HubConfig, {"hub": {"port": self.port, "data_dir": str(self.data_dir)},
+                                    "gateways": {"ate-01": {"token": TOKEN}}}))
+        fanout = LiveFanout(LiveConfig(), metrics=hub.metrics)
+        # A rule that trips on the simulated wafers: 2 fails in a row on one site.
+        alerts = AlertEngine(build(AlertsConfig, {"rules": [
+            {"name": "site_fails", "kind": "consecutive_fails", "priority": "P1", "count": 2},
+        ]}), fanout.publish, metrics=hub.metrics)
+        state = LiveState(fanout.publish, alerts=alerts, metrics=hub.metrics)
+        fanout.attach(state, on_ack=lambda alert_id, user: alerts.ack(alert_id, user,
+                                                                      time.time()))
+        hub.add_consumer(state)
+        fanout.install(hub.http)
+        Dashboard().install(hub.http)
+        HistoryApi(state, alerts).install(hub.http)
+        self.state, self.fanout, self.alerts = state, fanout, alerts
+        self.stopped = trio.Event()
+        with trio.CancelScope() as self._scope:
+            async with trio.open_nursery() as nursery:
+                self.port = await nursery.start(hub.run)
+                await nursery.start(fanout.run)
+                task_status.started(self.port)
+        self.stopped.set()
+
+    async def stop(self) -> None:
+        assert self._scope is not None
+        self._scope.cancel()
+        await self.stopped.wait()
+
+    def wafer_dies(self, topic: str) -> int:
+        assert self.state is not None
+        snap = self.state.snapshot(topic)
+        return len(snap["dies"]) if snap else -1
+
+
+async def start_tester(nursery: trio.Nursery, tmp: Path, port: int, **sim: Any) -> Gateway:
+    cfg = build(GatewayConfig, {
+        "gateway": {"id": "ate-01", "token": TOKEN, "state_dir": str(tmp / "gw"),
+                    "hub_url": f"ws://127.0.0.1:{port}/ws/gateway"},
+        "uplink": {"backoff_initial_s": 0.05, "backoff_max_s": 0.5, "heartbeat_s": 1.0},
+        "batch": {"max_records": 500, "max_delay_ms": 20},
+        "sources": [{"name": "tester", "type": "simulated", **sim}],
+    })
+    gateway = Gateway(cfg)
+    await nursery.start(gateway.run)
+    return gateway
+
+
+# --------------------------------------------------------------------------- a browser
+
+
+class Browser:
+    """Headless Chromium and one page, over the DevTools protocol (CDP) on a WebSocket."""
+
+    def __init__(self, proc: trio.Process, ws: Any) -> None:
+        self.proc = proc
+        self.ws = ws
+        self._id = 0
+        self.console: list[str] = []
+
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self._id += 1
+        await self.ws.send_message(json.dumps({"id": self._id, "method": method,
+                                               "params": params}))
+        with trio.fail_after(30):
+            while True:
+                msg = json.loads(await self.ws.get_message())
+                if msg.get("method") == "Runtime.consoleAPICalled":
+                    self.console.append(" ".join(
+                        str(a.get("value", a.get("description", ""))) for a in
+                        msg["params"]["args"]))
+                if msg.get("id") == self._id:
+                    if "error" in msg:
+                        raise RuntimeError(f"{method}: {msg['error']}")
+                    return msg["result"]
+
+    async def eval(self, expression: str) -> Any:
+        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    async def page(self) -> dict[str, Any]:
+        return await self.eval(
+            "(() => { const c = document.getElementById('wafer-map');"
+            " if (!c || !document.body.dataset) return {topic: '', dies: -1, conn: 'loading'};"
+            " return {topic: c.dataset.topic, dies: Number(c.dataset.dieCount),"
+            " conn: document.getElementById('conn').dataset.state,"
+            " frames: Number(document.body.dataset.frames || 0),"
+            " resyncs: Number(document.body.dataset.resyncs || 0),"
+            " snapshots: Number(document.body.dataset.snapshots || 0),"
+            " reconnects: Number(document.body.dataset.reconnects || 0),"
+            " restarted: document.body.dataset.hubRestarted === 'true',"
+            " alerts: document.querySelectorAll('#alerts li[data-alert-id]').length,"
+            " acked: [...document.querySelectorAll('#alerts li[data-acknowledged=\"true\"]')]"
+            "   .map(li => li.dataset.alertId),"
+            " gateways: [...document.querySelectorAll('#gateways tr[data-gateway]')]"
+            "   .map(r => r.dataset.gateway + ':' + r.cells[1].textContent),"
+            " pareto: document.querySelectorAll('#pareto .row').length,"
+            " sensors: [...document.querySelectorAll('#sensors .sensor')]"
+            "   .map(d => d.dataset.topic.slice(7)),"
+            " sensor_text: document.getElementById('sensors').textContent,"
+            " sites: document.querySelectorAll('#sites .row').length}; })()")
+
+    async def screenshot(self, path: Path) -> None:
+        shot = await self.call("Page.captureScreenshot", format="png")
+        await trio.Path(path.parent).mkdir(parents=True, exist_ok=True)
+        await trio.Path(path).write_bytes(base64.b64decode(shot["data"]))
+
+
+async def http_json(port: int, path: str) -> Any:
+    return (await http_json_status(port, path))[1]
+
+
+async def http_json_status(port: int, path: str) -> tuple[int, Any]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                              "Connection: close\r\n\r\n".encode())
+        data = b""
+        length = None
+        while length is None or len(data.partition(b"\r\n\r\n")[2]) < length:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            data += chunk
+            m = re.search(rb"(?i)content-length:\s*(\d+)", data.partition(b"\r\n\r\n")[0])
+            if m and b"\r\n\r\n" in data:
+                length = int(m.group(1))
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+@contextlib.asynccontextmanager
+async def open_browser(profile: Path) -> AsyncIterator[Browser]:
+    assert CHROMIUM is not None, "chromium is required under CI=true"
+    proc = await trio.lowlevel.open_process(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--disable-dev-shm-usage", "--mute-audio",
+         f"--user-data-dir={profile}", "--remote-debugging-port=0",
+         "--remote-debugging-address=127.0.0.1", "--window-size=1600,1000", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        with trio.fail_after(30):
+            while not (port_file.exists() and port_file.read_text().strip()):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"chromium exited with {proc.returncode}")
+                await trio.sleep(0.1)
+        devtools_port = int(port_file.read_text().split()[0])
+        with trio.fail_after(10):
+            while True:
+                pages = [t for t in await http_json(devtools_port, "/json/list")
+                         if t.get("type") == "page"]
+                if pages:
+                    break
+                await trio.sleep(0.1)
+        async with open_websocket_url(pages[0]["webSocketDebuggerUrl"],
+                                      max_message_size=64 << 20) as ws:
+            browser = Browser(proc, ws)
+            await browser.call("Page.enable")
+            await browser.call("Runtime.enable")
+            yield browser
+    finally:
+        # Chromium is a tree of processes: end its whole group (its own session), always.
+        with trio.CancelScope(shield=True):
+            _signal_group(proc.pid, signal.SIGTERM)
+            with trio.move_on_after(10):
+                await proc.wait()
+            _signal_group(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+# --------------------------------------------------------------------------- the test
+
+
+async def wait_page(browser: Browser, predicate: Any, seconds: float, what: str) -> dict:
+    page: dict[str, Any] = {}
+    try:
+        with trio.fail_after(seconds):
+            while True:
+                page = await browser.page()
+                if predicate(page):
+                    return page
+                await trio.sleep(0.1)
+    except trio.TooSlowError:
+        raise AssertionError(f"timed out waiting for {what}; page: {page}; "
+                             f"console: {browser.console[-5:]}") from None
+
+
+@needs_chromium
+async def test_the_wafer_map_shows_the_dies_the_hub_applied_even_across_a_restart(
+        tmp_path: Path) -> None:
+    hub = LiveHub(tmp_path / "hub")
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(hub.run)
+        async with open_browser(tmp_path / "profile") as browser:
+            await browser.call("Page.navigate", url=f"http://127.0.0.1:{port}/")
+            await wait_page(browser, lambda p: p["conn"] == "live", 15, "the page to connect")
+
+            # The tester starts after the page: everything the page draws came live.
+            gateway = await start_tester(nursery, tmp_path, port, parts_per_second=400,
+                                         wafer_diameter_dies=18, max_parts=420)
+            source = gateway.sources[0][1]
+            page = await wait_page(browser, lambda p: p["dies"] > 0, 15, "the first dies")
+            assert page["topic"].startswith("lot/LOT0001/wafer/")
+            with trio.fail_after(30):
+                await source.finished.wait()
+                await gateway.flush()
+                # every frame acknowledged by the hub: its state is final
+                while gateway.store.first_unacked < gateway.store.next_seq:
+                    await trio.sleep(0.05)
+            page = await wait_page(
+                browser, lambda p: p["topic"] and p["dies"] == hub.wafer_dies(p["topic"]),
+                15, "the page to draw every die the hub applied")
+            assert page["dies"] > 100
+            # Die by die, what the page holds is what the hub's API says of the wafer.
+            _, lot_id, _, wafer_id = split(page["topic"])
+            status, api = await http_json_status(port, f"/api/lots/{lot_id}/wafers/{wafer_id}")
+            assert status == 200
+            drawn_rows = await browser.eval("[...views.get(canvas.dataset.topic).dies.values()]")
+            assert sorted(map(tuple, drawn_rows)) == sorted(map(tuple, api["dies"]))
+            assert len(api["dies"]) == page["dies"]
+            assert page["frames"] > 5, page  # it was updated live, many times
+            assert page["pareto"] >= 2 and page["sites"] == 4
+            assert "ate-01:online" in page["gateways"]
+
+            # Sensor readings as the hub applies them from an MQTT-fed gateway.
+            assert hub.state is not None
+            hub.state.on_records("ate-01", 10_000_000, [
+                SensorReading("mqtt", time.time() - 30 + i, "handler/1/temp",
+                              30 + (i % 7) * 0.3, "degC") for i in range(30)])
+            await wait_page(browser, lambda p: p["sensors"] == ["handler%2F1%2Ftemp"], 10,
+                            "the sensor trend")
+
+            # Hovering a die shows it.
+            die = await browser.eval(
+                "(() => { const v = views.get(mapGeom.topic); const d = [...v.dies.values()][7];"
+                " const r = canvas.getBoundingClientRect(); const k = r.width / canvas.width;"
+                " return {row: d, x: r.left + (mapGeom.ox + (d[0] - mapGeom.minX + 0.5)"
+                "   * mapGeom.cell) * k, y: r.top + (mapGeom.oy + (d[1] - mapGeom.minY + 0.5)"
+                "   * mapGeom.cell) * k}; })()")
+            await browser.call("Input.dispatchMouseEvent", type="mouseMoved", x=die["x"],
+                               y=die["y"])
+            tip = await browser.eval("document.getElementById('die-tip').textContent")
+            x, y, hard_bin, _soft, _passed, site = die["row"]
+            assert f"x {x}  y {y}" in tip and f"hard bin {hard_bin}" in tip
+            assert f"site {site}" in tip
+
+            # Alerts arrive live; acknowledging one in the page reaches the alert engine
+            # and comes back to the page as an "acknowledged" event.
+            assert hub.alerts is not None and hub.alerts.alerts
+            page = await wait_page(browser, lambda p: p["alerts"] > 0, 10, "alerts")
+            await browser.eval("document.getElementById('user').value = 'maria'")
+            alert_id = await browser.eval(
+                "(() => { const li = document.querySelector("
+                "'#alerts li[data-acknowledged=\"false\"]');"
+                " li.querySelector('button').click(); return li.dataset.alertId; })()")
+            await wait_page(browser, lambda p: hub.alerts.alerts[alert_id].acknowledged, 10,
+                            "the acknowledgement")
+            assert hub.alerts.alerts[alert_id].acked_by == "maria"
+            acked = await wait_page(browser, lambda p: alert_id in p["acked"], 10,
+                                    "the page to show it acknowledged")
+            await browser.screenshot(ARTIFACTS / "dashboard.png")
+            del acked
+
+            # The connection drops (the hub keeps running): the page reconnects and resumes
+            # from its offsets -- it is sent what it missed and no snapshot at all.
+            before = await browser.page()
+            await browser.eval("ws.close()")
+            await wait_page(browser, lambda p: p["reconnects"] > before["reconnects"], 10,
+                            "the page to reconnect")
+            hub.state.on_records("ate-01", 10_000_100, [
+                SensorReading("mqtt", time.time(), "handler/1/temp", 99.5, "degC")])
+            await wait_page(browser, lambda p: p["conn"] == "live" and p["frames"] > before[
+                "frames"] and "99.5" in p["sensor_text"], 10, "the update after resuming")
+            page = await browser.page()
+            assert page["snapshots"] == before["snapshots"]  # resumed, not re-snapshotted
+            assert (page["topic"], page["dies"]) == (before["topic"], before["dies"])
+
+            # Hub restart on the same port: the page reconnects by itself, learns the
+            # new epoch, is sent fresh snapshots marked resync (the hub rebuilt its state
+            # from its store) and redraws the same wafer.
+            drawn = await browser.page()
+            await hub.stop()
+            await wait_page(browser, lambda p: p["conn"] != "live", 10, "the page to notice")
+            await nursery.start(hub.run)
+            page = await wait_page(
+                browser, lambda p: p["conn"] == "live" and p["restarted"] and p["resyncs"] > 0
+                and p["dies"] == hub.wafer_dies(p["topic"]), 30, "the page to recover")
+            assert (page["topic"], page["dies"]) == (drawn["topic"], drawn["dies"])
+            await browser.screenshot(ARTIFACTS / "dashboard-after-restart.png")
+        nursery.cancel_scope.cancel()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))

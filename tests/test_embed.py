@@ -1,0 +1,36 @@
+"""A test program embeds the gateway in its own process and its results reach the hub."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import free_port
+from processes import REPO, get_json, spawn, stop, wait_for
+
+from edgegw import EmbeddedGateway
+from edgegw.records import PartResult
+
+
+def test_a_threaded_program_puts_results_and_the_hub_applies_every_one(tmp_path: Path) -> None:
+    port = free_port()
+    hub: subprocess.Popen[bytes] = spawn(
+        "hub", "--config", str(REPO / "conf" / "hub.toml"), "--set", f"hub.port={port}",
+        "--set", f"hub.data_dir={tmp_path / 'hub'}")
+    try:
+        wait_for(lambda: get_json(f"http://127.0.0.1:{port}/healthz"))
+        gw = EmbeddedGateway({
+            "gateway": {"id": "ate-01", "token": "change-me-ate-01",
+                        "hub_url": f"ws://127.0.0.1:{port}/ws/gateway",
+                        "state_dir": str(tmp_path / "gw")},
+            "batch": {"max_records": 50, "max_delay_ms": 20},
+        })
+        for i in range(300):  # like a test program's end-of-part hook
+            gw.put([PartResult("testprog", time.time(), "L1", "W1", 1, i % 4, str(i),
+                               i % 20, i // 20, 1, 1, True)])
+        gw.close()  # flushes and waits for the acks
+        stats = get_json(f"http://127.0.0.1:{port}/api/stats")["gateways"]["ate-01"]
+        assert stats["records_applied"] == 300
+    finally:
+        stop(hub)

@@ -1,0 +1,191 @@
+"""History API: the handlers over live state, and the real thing over HTTP with the history
+store -- alerts and acknowledgements survive a hub restart, evicted lots stay answerable."""
+
+from __future__ import annotations
+
+import functools
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from edgegw.hub import history
+from edgegw.hub.alert_service import AlertService
+from edgegw.hub.alerts import AlertRuleConfig, AlertsConfig
+from edgegw.hub.history import HistoryApi
+from edgegw.hub.http import HttpServer
+from edgegw.hub.state import LiveState
+from edgegw.records import LotEnd, LotStart, ParametricResult, PartResult, WaferEnd
+
+
+def lot_records(lot: str, wafer: str, n: int, good_every: int = 2, ts: float = 100.0,
+                ) -> list[Any]:
+    out: list[Any] = [LotStart("t", ts, lot, "PT-1", "node", "T", "job", 0)]
+    for i in range(n):
+        hb = 1 if i % good_every == 0 else 4
+        out.append(ParametricResult("t", ts + i, lot, 1, i % 2, str(i), 300, "VOUT", 1.0 + i,
+                                    0.0, 100.0, "V", True))
+        out.append(PartResult("t", ts + i, lot, wafer, 1, i % 2, str(i), i, 0, hb, hb, hb == 1))
+    out.append(WaferEnd("t", ts + n, lot, wafer, 1, 0, n, None))
+    out.append(LotEnd("t", ts + n, lot, 0))
+    return out
+
+
+def test_handlers_answer_from_live_state() -> None:
+    state = LiveState(lambda t, d: None)
+    state.on_records("gw", 1, lot_records("LA", "LA-1", 10), now=1.0)
+    state.on_records("gw", 100, lot_records("LB", "LB-1", 4, ts=500.0), now=2.0)
+
+    status, body = history.lots(state, [], {})
+    assert status == 200
+    assert [(r["lot_id"], r["die_count"], r["good"], r["live"]) for r in body["lots"]] == [
+        ("LB", 4, 2, True), ("LA", 10, 5, True)]
+    assert history.lots(state, [], {"limit": "x"})[0] == 400
+
+    status, body = history.wafers(state, "LA", None)
+    assert status == 200 and body["wafers"][0]["wafer_id"] == "LA-1"
+    assert body["wafers"][0]["yield"] == 0.5 and body["wafers"][0]["status"] == "closed"
+    status, body = history.wafer(state, "LA", "LA-1", None)
+    assert status == 200 and len(body["dies"]) == 10 and body["hard_bins"] == {"1": 5, "4": 5}
+    status, body = history.test(state, "LA", "300", None)
+    assert status == 200 and body["count"] == 10 and body["mean"] == 5.5
+
+    assert history.wafers(state, "NOPE", None) == (404, {"error": "unknown lot 'NOPE'"})
+    assert history.wafer(state, "LA", "X", None)[0] == 404
+    assert history.test(state, "LA", "abc", None)[0] == 400
+    assert history.test(state, "LA", "999", None)[0] == 404
+
+
+async def get(port: int, path: str) -> tuple[int, Any]:
+    return await request(port, "GET", path)
+
+
+async def request(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+
+    def run() -> tuple[int, Any]:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    return await trio.to_thread.run_sync(run)
+
+
+class Hub:
+    """The parts of a hub these tests need: live state + alert service + history API on a
+    real HTTP port.  ``stop()`` and a new Hub on the same directory is a restart."""
+
+    RULES = AlertsConfig(rules=[
+        AlertRuleConfig(name="wafer-yield", kind="wafer_yield", priority="P0", threshold=0.8,
+                        min_parts=4),
+    ])
+
+    def __init__(self, data_dir: Path, max_lots: int = 8) -> None:
+        self.published: list[tuple[str, dict[str, Any]]] = []
+        self.alerts = AlertService(self.RULES, self.publish, data_dir / "history.sqlite3")
+        self.state = LiveState(self.publish, alerts=self.alerts.engine,
+                               on_evict=self.alerts.archive_lot, max_lots=max_lots)
+        self.http = HttpServer()
+        HistoryApi(self.state, self.alerts.engine, self.alerts.store).install(self.http)
+        self.port = 0
+        self.cancel = trio.CancelScope()
+
+    def publish(self, topic: str, delta: dict[str, Any]) -> None:
+        self.published.append((topic, delta))
+
+    async def start(self, nursery: trio.Nursery) -> int:
+        restored = await self.alerts.open()
+
+        async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with self.cancel:
+                async with trio.open_nursery() as inner:
+                    await inner.start(self.alerts.run, self.state)
+                    listeners = await inner.start(
+                        functools.partial(self.http.serve, "127.0.0.1", 0))
+                    self.port = listeners[0].socket.getsockname()[1]
+                    task_status.started()
+
+        await nursery.start(serve)
+        return restored
+
+    async def settle(self) -> None:
+        """Wait until the alert service has written what is queued."""
+        with trio.fail_after(5):
+            await self.alerts.wait_persisted()
+        assert self.alerts.backlog == 0
+
+    def stop(self) -> None:
+        self.cancel.cancel()
+
+
+async def test_alerts_and_acks_survive_a_restart_over_http(tmp_path: Path) -> None:
+    frames = [("ate-1", 1, lot_records("L1", "L1-W1", 8, good_every=4))]
+    async with trio.open_nursery() as nursery:
+        hub = Hub(tmp_path)
+        assert await hub.start(nursery) == 0
+        for gw, rid, recs in frames:
+            hub.state.on_records(gw, rid, recs, now=1000.0)
+        await hub.settle()
+
+        status, body = await get(hub.port, "/api/alerts?unacknowledged=1")
+        assert status == 200
+        (alert,) = body["alerts"]
+        assert alert["rule"] == "wafer-yield" and alert["value"] == 0.25
+
+        status, body = await request(hub.port, "POST", f"/api/alerts/{alert['id']}/ack",
+                                     {"user": "dana"})
+        assert status == 200 and body["alert"]["acked_by"] == "dana"
+        await hub.settle()
+        # broadcast to every client through the live topic
+        assert any(t == "alert/P0/wafer-yield" and d["event"] == "acknowledged"
+                   for t, d in hub.published)
+        assert (await request(hub.port, "POST", "/api/alerts/nope/ack", {"user": "x"}))[0] == 404
+        assert (await request(hub.port, "POST", f"/api/alerts/{alert['id']}/ack", {}))[0] == 400
+        assert (await get(hub.port, "/api/alerts?priority=P9"))[0] == 400
+        hub.stop()
+
+    # restart: restore alerts, then replay the same frames (as the hub does)
+    async with trio.open_nursery() as nursery:
+        hub2 = Hub(tmp_path)
+        assert await hub2.start(nursery) == 1
+        for gw, rid, recs in frames:
+            hub2.state.on_records(gw, rid, recs, now=5000.0)
+        assert not [d for t, d in hub2.published if t.startswith("alert/")]
+        status, body = await get(hub2.port, "/api/alerts")
+        assert [(a["id"], a["acknowledged"], a["acked_by"]) for a in body["alerts"]] == [
+            (alert["id"], True, "dana")]
+        assert (await get(hub2.port, "/api/alerts?unacknowledged=1"))[1] == {"alerts": []}
+        status, body = await get(hub2.port, "/api/lots/L1/wafers/L1-W1")
+        assert status == 200 and body["die_count"] == 8 and body["good"] == 2
+        hub2.stop()
+
+
+async def test_evicted_lots_are_served_from_the_archive(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        hub = Hub(tmp_path, max_lots=1)
+        await hub.start(nursery)
+        hub.state.on_records("gw", 1, lot_records("OLD", "OLD-1", 6, ts=100.0), now=1.0)
+        hub.state.on_records("gw", 100, lot_records("NEW", "NEW-1", 4, ts=900.0), now=2.0)
+        await hub.settle()
+        assert list(hub.state.lots) == ["NEW"]
+
+        status, body = await get(hub.port, "/api/lots")
+        assert status == 200
+        assert [(r["lot_id"], r["live"], r["die_count"]) for r in body["lots"]] == [
+            ("NEW", True, 4), ("OLD", False, 6)]
+        status, body = await get(hub.port, "/api/lots/OLD/wafers")
+        assert status == 200 and body["live"] is False
+        assert [w["wafer_id"] for w in body["wafers"]] == ["OLD-1"]
+        status, body = await get(hub.port, "/api/lots/OLD/wafers/OLD-1")
+        assert status == 200 and len(body["dies"]) == 6 and body["hard_bins"] == {"1": 3, "4": 3}
+        status, body = await get(hub.port, "/api/tests/OLD/300")
+        assert status == 200 and body["count"] == 6
+        assert (await get(hub.port, "/api/lots/NONE/wafers"))[0] == 404
+        assert (await get(hub.port, "/api/lots/OLD/bogus/route/x"))[0] == 404
+        hub.stop()

@@ -1,0 +1,385 @@
+"""LiveState: the hub's live figures built from applied records, and the deltas it publishes."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import pytest
+
+from edgegw.hub import topics
+from edgegw.hub.state import LiveState, replay
+from edgegw.records import (
+    BinSummary,
+    GatewayEvent,
+    LotEnd,
+    LotStart,
+    ParametricResult,
+    PartResult,
+    SensorReading,
+    SensorWindow,
+    WaferEnd,
+    WaferStart,
+)
+from edgegw.sim import tester as sim
+
+LOT = "L1"
+WAFER = "L1-W01"
+
+
+class Recorder:
+    """The publish callback: remembers every (topic, delta) in order."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, topic: str, delta: dict[str, Any]) -> None:
+        self.items.append((topic, delta))
+
+    def deltas(self, topic: str) -> list[dict[str, Any]]:
+        return [d for t, d in self.items if t == topic]
+
+
+def part(x: int | None, y: int | None, hb: int, *, site: int = 0, passed: bool | None = None,
+         supersedes: bool = False, part_id: str = "", wafer: str = WAFER, lot: str = LOT,
+         ts: float = 100.0, sb: int | None = None) -> PartResult:
+    if passed is None:
+        passed = hb == 1
+    return PartResult("tester", ts, lot, wafer, 1, site, part_id, x, y, hb,
+                      hb if sb is None else sb, passed, supersedes, 1 if supersedes else 0,
+                      100, 3)
+
+
+def sim_records(profile: sim.TesterProfile) -> list[list[Any]]:
+    """The tester model's lot as record batches (one per event), with record times 1 s apart."""
+    out: list[list[Any]] = []
+    ts = 1_000.0
+    lot = profile.lot_id
+    for ev in sim.TesterModel(profile).events():
+        ts += 1
+        if ev.kind == "lot_start":
+            out.append([LotStart("sim", ts, lot, profile.part_type, "ate-1", "SIM", "job", 0)])
+        elif ev.kind == "wafer_start":
+            out.append([WaferStart("sim", ts, lot, ev.data, 1, 0)])
+        elif ev.kind == "touchdown":
+            batch: list[Any] = []
+            for p in ev.data:
+                batch.extend(
+                    ParametricResult("sim", ts, lot, 1, p.site, p.part_id, t.test_num,
+                                     t.test_txt, t.value, t.lo, t.hi, t.units, t.passed)
+                    for t in p.tests
+                )
+                batch.append(PartResult("sim", ts, lot, p.wafer_id, 1, p.site, p.part_id, p.x,
+                                        p.y, p.hard_bin, p.soft_bin, p.passed, p.retest,
+                                        1 if p.retest else 0, p.test_time_ms, len(p.tests)))
+            out.append(batch)
+        elif ev.kind == "wafer_end":
+            d = ev.data
+            out.append([WaferEnd("sim", ts, lot, d["wafer_id"], 1, 0, d["parts"], d["good"])])
+        elif ev.kind == "lot_end":
+            out.append([LotEnd("sim", ts, lot, 0)])
+    return out
+
+
+def feed(state: LiveState, batches: list[list[Any]], gateway: str = "gw1",
+         first_rid: int = 1) -> int:
+    rid = first_rid
+    for batch in batches:
+        state.on_records(gateway, rid, batch, now=2_000.0)
+        rid += len(batch)
+    return rid
+
+
+def test_wafer_map_yield_bins_and_sites_from_parts() -> None:
+    pub = Recorder()
+    state = LiveState(pub, clock=lambda: 0.0)
+    state.on_records("gw1", 1, [
+        LotStart("tester", 99.0, LOT, "P-TYPE", "node", "T", "job", 0),
+        WaferStart("tester", 99.0, LOT, WAFER, 1, 0),
+        part(0, 0, 1, site=0), part(1, 0, 1, site=1), part(2, 0, 5, site=0, sb=51),
+        part(3, 0, 1, site=1), part(None, None, 7, site=0, part_id="P9"),
+    ], now=200.0)
+
+    wafer = state.snapshot(topics.wafer(LOT, WAFER))
+    assert wafer is not None
+    assert sorted(wafer["dies"]) == [
+        [0, 0, 1, 1, True, 0], [1, 0, 1, 1, True, 1], [2, 0, 5, 51, False, 0],
+        [3, 0, 1, 1, True, 1],
+    ]  # the part without X/Y counts, but has no place on the map
+    assert wafer["die_count"] == 5 and wafer["good"] == 3
+    assert wafer["yield"] == pytest.approx(3 / 5)
+    assert wafer["hard_bins"] == {"1": 3, "5": 1, "7": 1}
+    assert wafer["soft_bins"] == {"1": 3, "51": 1, "7": 1}
+    assert wafer["sites"] == {
+        "0": {"dies": 3, "good": 1, "yield": pytest.approx(1 / 3)},
+        "1": {"dies": 2, "good": 2, "yield": 1.0},
+    }
+    lot = state.snapshot(topics.lot(LOT))
+    assert lot is not None
+    assert lot["part_type"] == "P-TYPE" and lot["wafers"] == [WAFER]
+    assert lot["die_count"] == 5 and lot["good"] == 3 and lot["gateways"] == ["gw1"]
+    # one delta per topic for the whole batch, carrying every changed die
+    wafer_deltas = pub.deltas(topics.wafer(LOT, WAFER))
+    assert len(wafer_deltas) == 1 and len(wafer_deltas[0]["dies"]) == 4
+    assert len(pub.deltas(topics.lot(LOT))) == 1
+
+
+def test_retest_supersedes_earlier_result_and_yield_counts_the_die_once() -> None:
+    pub = Recorder()
+    state = LiveState(pub)
+    state.on_records("gw1", 1, [part(5, 5, 8), part(6, 5, 1)], now=1.0)
+    state.on_records("gw1", 3, [part(5, 5, 1, supersedes=True)], now=2.0)
+
+    wafer = state.snapshot(topics.wafer(LOT, WAFER))
+    assert wafer is not None
+    assert sorted(wafer["dies"]) == [[5, 5, 1, 1, True, 0], [6, 5, 1, 1, True, 0]]
+    assert (wafer["die_count"], wafer["good"], wafer["yield"]) == (2, 2, 1.0)
+    assert wafer["hard_bins"] == {"1": 2}
+    # what a tester's HBR says: every part result counts
+    assert wafer["parts"] == 3 and wafer["retests"] == 1
+    assert wafer["hard_bins_tested"] == {"1": 2, "8": 1}
+    last = pub.deltas(topics.wafer(LOT, WAFER))[-1]
+    assert last["dies"] == [[5, 5, 1, 1, True, 0]] and last["yield"] == 1.0
+
+
+def test_out_of_order_frames_keep_the_newest_result_by_rid() -> None:
+    """After an outage live frames arrive before the backlog: the retest (rid 10) is
+    applied before the first test of the same die (rid 3), and must stay final."""
+    state = LiveState(Recorder())
+    state.on_records("gw1", 10, [part(1, 1, 1, supersedes=True, ts=50.0)], now=1.0)
+    state.on_records("gw1", 3, [part(1, 1, 9, ts=40.0)], now=2.0)
+
+    wafer = state.snapshot(topics.wafer(LOT, WAFER))
+    assert wafer is not None
+    assert wafer["dies"] == [[1, 1, 1, 1, True, 0]]
+    assert (wafer["die_count"], wafer["good"], wafer["parts"]) == (1, 1, 2)
+    assert wafer["hard_bins"] == {"1": 1} and wafer["hard_bins_tested"] == {"1": 1, "9": 1}
+
+
+def test_parts_without_coordinates_are_keyed_by_part_id() -> None:
+    state = LiveState(Recorder())
+    state.on_records("gw1", 1, [
+        part(None, None, 3, part_id="A", wafer=""), part(None, None, 1, part_id="B", wafer=""),
+        part(None, None, 1, part_id="A", wafer="", supersedes=True),
+        part(None, None, 2, part_id="", wafer=""), part(None, None, 2, part_id="", wafer=""),
+    ], now=1.0)
+    lot = state.snapshot(topics.lot(LOT))
+    assert lot is not None
+    # A retested (final: bin 1), B, and two anonymous parts that are two dies
+    assert (lot["die_count"], lot["good"], lot["parts"]) == (4, 2, 5)
+    # a lot without wafers publishes no wafer topic
+    assert topics.wafer(LOT, "") not in state.topics()
+
+
+def test_test_statistics_match_a_direct_computation() -> None:
+    values = [1.0, 1.2, 0.9, 1.1, 1.05, 0.95, 1.3, 0.8]
+    recs = [ParametricResult("t", 1.0, LOT, 1, 0, str(i), 100, "VDD", v, 0.5, 1.5, "V",
+                             0.5 <= v <= 1.5) for i, v in enumerate(values)]
+    # an invalid result (TEST_FLG bit 1) counts as executed but not as a sample
+    recs.append(ParametricResult("t", 1.0, LOT, 1, 0, "x", 100, "VDD", 99.0, None, None, "",
+                                 False, 0x02))
+    pub = Recorder()
+    state = LiveState(pub)
+    state.on_records("gw1", 1, recs[:3], now=1.0)
+    state.on_records("gw1", 4, recs[3:], now=2.0)
+
+    stats = state.snapshot(topics.test(LOT, 100))
+    assert stats is not None
+    mean, sigma = statistics.fmean(values), statistics.stdev(values)
+    assert stats["count"] == len(values) and stats["executions"] == len(values) + 1
+    assert stats["fails"] == 1
+    assert stats["mean"] == pytest.approx(mean) and stats["sigma"] == pytest.approx(sigma)
+    assert (stats["min"], stats["max"]) == (0.8, 1.3)
+    assert stats["cpk"] == pytest.approx(min(1.5 - mean, mean - 0.5) / (3 * sigma))
+    assert stats["cp"] == pytest.approx(1.0 / (6 * sigma))
+    assert (stats["units"], stats["test_txt"], stats["lo_limit"]) == ("V", "VDD", 0.5)
+    assert len(pub.deltas(topics.test(LOT, 100))) == 2
+
+
+def test_sensor_latest_window_and_bounded_history() -> None:
+    pub = Recorder()
+    state = LiveState(pub, sensor_history=5)
+    for i in range(8):
+        state.on_records("gw1", i + 1, [
+            SensorWindow("mqtt", 10.0 + i, "handler/temp", 20.0 + i, 19.0, 21.0 + i, 20.0, 10,
+                         9.0 + i, 10.0 + i, "degC")], now=float(i))
+    state.on_records("gw1", 9, [SensorReading("mqtt", 30.0, "handler/temp", 42.0, "degC")],
+                     now=9.0)
+    snap = state.snapshot(topics.sensor("handler/temp"))
+    assert snap is not None
+    assert snap["latest"]["last"] == 42.0 and snap["unit"] == "degC"
+    assert len(snap["history"]) == 5
+    assert [p[0] for p in snap["history"]] == [14.0, 15.0, 16.0, 17.0, 30.0]
+    assert topics.sensor("handler/temp") == "sensor/handler%2Ftemp"
+    assert pub.deltas("sensor/handler%2Ftemp")[0]["append"] == [[10.0, 20.0, 19.0, 21.0, 20.0]]
+
+
+def test_gateway_online_offline_rates_and_events() -> None:
+    pub = Recorder()
+    state = LiveState(pub)
+    state.on_gateway("ate-07", True, 100.0)
+    for i in range(10):
+        state.on_records("ate-07", 1 + i * 50, [part(i, 0, 1)] * 50, now=100.0 + i)
+    state.on_records("ate-07", 501, [GatewayEvent("gw", 109.5, "warning", "spool_full", "x")],
+                     now=109.5)
+    snap = state.snapshot(topics.gateway("ate-07"))
+    assert snap is not None
+    assert snap["online"] is True and snap["frames"] == 11 and snap["records"] == 501
+    assert snap["last_rid"] == 501 and snap["last_seen"] == 109.5
+    assert snap["records_per_s"] == pytest.approx(50.1)
+    assert snap["events"][0]["code"] == "spool_full"
+    state.on_gateway("ate-07", False, 111.0)
+    assert pub.items[-1] == ("gateway/ate-07", pytest.approx({
+        "online": False, "last_seen": 111.0, "connected_at": 100.0, "disconnected_at": 111.0,
+        "records_per_s": 40.1}))
+    state.tick(130.0)  # the rate decays to zero once nothing arrives
+    assert pub.deltas("gateway/ate-07")[-1] == {"records_per_s": 0.0}
+
+
+def test_closed_then_idle_lots_are_evicted_and_late_records_ignored() -> None:
+    from edgegw.metrics import Metrics
+
+    metrics = Metrics()
+    pub = Recorder()
+    evicted: list[tuple[str, dict[str, Any]]] = []
+    state = LiveState(pub, max_lots=2, idle_lot_s=60.0, metrics=metrics,
+                      on_evict=lambda lot_id, archive: evicted.append((lot_id, archive)))
+    state.on_records("gw1", 1, [part(0, 0, 1, lot="A", ts=1.0)], now=1.0)
+    state.on_records("gw1", 2, [part(0, 0, 1, lot="B", ts=2.0)], now=2.0)
+    state.on_records("gw1", 3, [part(0, 0, 1, lot="C", ts=3.0)], now=3.0)
+    # three lots all being tested: none is evicted, the cap bends and says so
+    assert list(state.lots) == ["A", "B", "C"]
+    assert metrics.counter("hub_state_lots_over_cap_total").total() == 1
+    # a closed lot goes first, however recent
+    state.on_records("gw1", 4, [LotEnd("t", 4.0, "C", 0)], now=4.0)
+    state.on_records("gw1", 5, [part(0, 0, 1, lot="D", ts=5.0)], now=5.0)
+    assert list(state.lots) == ["A", "B", "D"]
+    assert state.snapshot("lot/C") is None and ("lot/C", {"status": "evicted"}) in pub.items
+    assert evicted[0][0] == "C" and evicted[0][1]["lot"]["die_count"] == 1
+    assert set(evicted[0][1]["wafers"]) == {WAFER}
+    # a minute of record time later A and B are idle: evicted down to the cap
+    state.on_records("gw1", 6, [part(1, 0, 1, lot="D", ts=70.0)], now=70.0)
+    state.on_records("gw1", 7, [part(0, 0, 1, lot="E", ts=71.0)], now=71.0)
+    assert list(state.lots) == ["D", "E"]
+    # late records of an evicted lot are ignored (the store and archive have the lot)
+    state.on_records("gw1", 8, [part(1, 0, 1, lot="A", ts=72.0)], now=72.0)
+    assert state.snapshot("lot/A") is None and list(state.lots) == ["D", "E"]
+    assert metrics.counter("hub_state_records_ignored_total").get(reason="evicted_lot") == 1
+
+
+def test_lots_beyond_four_times_the_cap_evict_the_least_recent_even_if_active() -> None:
+    state = LiveState(Recorder(), max_lots=1, idle_lot_s=1e9)
+    for i in range(6):
+        state.on_records("gw1", i + 1, [part(0, 0, 1, lot=f"L{i}", ts=float(i))], now=1.0)
+    assert list(state.lots) == ["L2", "L3", "L4", "L5"]
+
+
+def test_simulated_lot_matches_the_testers_own_counts_and_replays_identically() -> None:
+    profile = sim.TesterProfile(lot_id="SIM1", sites=4, wafers=2, wafer_diameter_dies=16,
+                            tests_per_part=4, retest_fraction=0.3, seed=7)
+    batches = sim_records(profile)
+    pub = Recorder()
+    state = LiveState(pub)
+    feed(state, batches)
+
+    model_dies = len(sim.TesterModel(profile).dies())
+    for wafer_end in (b[0] for b in batches if isinstance(b[0], WaferEnd)):
+        snap = state.snapshot(topics.wafer("SIM1", wafer_end.wafer_id))
+        assert snap is not None
+        assert snap["die_count"] == wafer_end.part_count == model_dies
+        assert snap["good"] == wafer_end.good_count  # retests that passed turned dies good
+        assert len(snap["dies"]) == model_dies
+        assert snap["retests"] > 0 and snap["parts"] == model_dies + snap["retests"]
+        assert snap["status"] == "closed"
+    lot = state.snapshot(topics.lot("SIM1"))
+    assert lot is not None and lot["status"] == "closed"
+    assert lot["good"] == sum(b[0].good_count for b in batches if isinstance(b[0], WaferEnd))
+    assert lot["units_per_hour"] is not None and lot["units_per_hour"] > 0
+
+    # the hub's restart path: the same frames through a fresh LiveState give the same state
+    frames = []
+    rid = 1
+    for b in batches:
+        frames.append(("gw1", rid, b))
+        rid += len(b)
+    rebuilt = LiveState(Recorder())
+    assert replay(rebuilt, frames, now=2_000.0) == rid - 1
+    for topic in state.topics():
+        assert rebuilt.snapshot(topic) == state.snapshot(topic), topic
+    assert sorted(rebuilt.topics()) == sorted(state.topics())
+    # the deltas, applied to the first snapshot the way a client does, give the snapshot
+    wafer_topic = topics.wafer("SIM1", "SIM1-W01")
+    view: dict[str, Any] = {"dies": {}}
+    for delta in pub.deltas(wafer_topic):
+        for row in delta.get("dies", ()):
+            view["dies"][(row[0], row[1])] = row
+        view.update({k: v for k, v in delta.items() if k != "dies"})
+    final = state.snapshot(wafer_topic)
+    assert final is not None
+    assert sorted(view["dies"].values()) == sorted(final["dies"])
+    assert view["hard_bins"] == final["hard_bins"] and view["yield"] == final["yield"]
+
+
+def test_tester_bin_summaries_are_kept_as_reported_figures() -> None:
+    state = LiveState(Recorder())
+    state.on_records("gw1", 1, [
+        BinSummary("t", 1.0, LOT, "H", 255, 0, 1, 1389, "P"),
+        BinSummary("t", 1.0, LOT, "S", 255, 0, 8, 79, "F"),
+        BinSummary("t", 1.0, LOT, "H", 1, 0, 1, 700, "P"),  # per-site: not the lot figure
+    ], now=1.0)
+    lot = state.snapshot(topics.lot(LOT))
+    assert lot is not None
+    assert lot["reported"]["hard_bins"] == {"1": 1389}
+    assert lot["reported"]["soft_bins"] == {"8": 79}
+
+
+def test_snapshot_of_unknown_or_malformed_topics_is_none() -> None:
+    state = LiveState(Recorder())
+    state.on_records("gw1", 1, [part(0, 0, 1)], now=1.0)
+    for topic in ("lot/NOPE", "lot/L1/wafer/NOPE", "test/L1/abc", "lot/L1/x/y", "nothing",
+                  "sensor/none", "gateway/none", "alert/P0/none"):
+        assert state.snapshot(topic) is None, topic
+    assert set(state.topics()) == {"lot/L1", "lot/L1/wafer/L1-W01", "gateway/gw1"}
+
+
+def test_topic_names_encode_separators_and_wildcards() -> None:
+    assert topics.lot("A/B+C#") == "lot/A%2FB%2BC%23"
+    assert topics.split(topics.wafer("a%b/c", "w#1")) == ["lot", "a%b/c", "wafer", "w#1"]
+    assert topics.test("L", 1200) == "test/L/1200"
+    with pytest.raises(ValueError):
+        topics.alert("P9", "x")
+
+
+def test_bad_records_are_counted_named_and_skipped_without_stopping_the_batch() -> None:
+    from edgegw.metrics import Metrics
+
+    metrics = Metrics()
+    state = LiveState(Recorder(), metrics=metrics, max_tests_per_lot=2)
+    state.on_records("gw1", 1, [
+        part(0, 0, 1),
+        PartResult("t", 1.0, LOT, WAFER, 1, 0, "p", "x", 0, 1, 1, True),  # X is a string
+        ParametricResult("t", 1.0, LOT, 1, 0, "p", 100, "T", "1.5", 0.0, 2.0, "V", True),
+        SensorWindow("m", 1.0, "temp", None, 1.0, 2.0, 1.5, 3, 0.0, 1.0),
+        part(1, 0, 4),
+        *[ParametricResult("t", 1.0, LOT, 1, 0, "p", n, "T", 1.0, 0.0, 2.0, "V", True)
+          for n in (200, 201, 202)],  # a third distinct test is over the cap
+    ], now=1.0)
+    wafer = state.snapshot(topics.wafer(LOT, WAFER))
+    assert wafer is not None and wafer["die_count"] == 2 and wafer["parts"] == 2
+    bad = metrics.counter("hub_state_bad_records_total")
+    assert bad.get(kind="PartResult") == 1 and bad.get(kind="ParametricResult") == 1
+    assert bad.get(kind="SensorWindow") == 1 and state.snapshot("sensor/temp") is None
+    assert state.last_error is not None and "rid 4 SensorWindow" in state.last_error
+    assert sorted(state.lots[LOT].tests) == [200, 201]
+    assert metrics.counter("hub_state_records_ignored_total").get(reason="too_many_tests") == 1
+
+
+def test_replayed_frames_do_not_count_as_live_rate() -> None:
+    state = LiveState(Recorder())
+    state.on_records("gw9", 1, [part(i, 0, 1) for i in range(500)], now=900.0)  # replay
+    snap = state.snapshot(topics.gateway("gw9"))
+    assert snap is not None and snap["records"] == 500 and snap["records_per_s"] == 0.0
+    assert snap["last_seen"] == 100.0  # the replayed records' own time, not the replay's
+    state.on_gateway("gw9", True, 101.0)
+    state.on_records("gw9", 501, [part(i, 1, 1) for i in range(50)], now=101.5)
+    assert state.snapshot(topics.gateway("gw9"))["records_per_s"] == 5.0

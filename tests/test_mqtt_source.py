@@ -1,0 +1,563 @@
+"""The MQTT source against a real Mosquitto: throttled windows, broker restarts,
+persistent sessions, junk payloads, a slow downstream and refused credentials."""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import termios
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+import trio
+from mqtt_broker import Broker, BrokerAddress, StartBroker
+
+from edgegw.config import ConfigError, build
+from edgegw.metrics import Metrics
+from edgegw.mqtt.client import ConnectOptions, TrioMqttClient, ssl_context
+from edgegw.mqtt.source import MqttSource, MqttSourceConfig, MqttSourceError
+from edgegw.records import GatewayEvent, Record, SensorReading, SensorWindow
+from edgegw.sources import SourceContext, source_type
+
+pytestmark = pytest.mark.broker
+
+
+class Sink:
+    """The gateway side of a source: collects batches; ``gate`` (when set) makes ``put``
+    wait, as a full gateway does."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.batches = 0
+        self.gate: trio.Event | None = None
+        self.waiting = 0  # records handed to a put that is blocked at the gate
+
+    async def put(self, records: Sequence[Record], checkpoint: Any = None) -> None:
+        assert records, "a source must not put empty batches"
+        if self.gate is not None:
+            self.waiting = len(records)
+            await self.gate.wait()
+            self.waiting = 0
+        self.batches += 1
+        self.records.extend(records)
+
+    def of(self, kind: type) -> list[Any]:
+        return [r for r in self.records if isinstance(r, kind)]
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def make_source(broker: BrokerAddress | Broker, subscriptions: list[dict[str, Any]],
+                metrics: Metrics | None = None, **options: Any) -> MqttSource:
+    raw = {"host": broker.host, "port": broker.port, "client_id": unique("gw"),
+           "subscriptions": subscriptions,
+           "backoff": {"initial": 0.05, "maximum": 0.4}, **options}
+    config = build(MqttSourceConfig, raw, "test.toml")
+    return MqttSource("sensors", config, SourceContext("gw-test", metrics or Metrics()))
+
+
+async def start_publisher(nursery: trio.Nursery, broker: BrokerAddress | Broker,
+                          **options: Any) -> TrioMqttClient:
+    opts = ConnectOptions(host=broker.host, port=broker.port, client_id=unique("pub"),
+                          connect_timeout=5, **options)
+    from edgegw.backoff import Backoff
+
+    client = TrioMqttClient(opts, backoff=Backoff(0.05, 0.4), name="publisher")
+    await nursery.start(client.run)
+    with trio.fail_after(10):
+        await client.subscribed.wait()  # connected (it has no subscriptions)
+    return client
+
+
+async def wait_for(predicate: Callable[[], bool], within: float, what: str) -> None:
+    """Poll a plain condition (counters of the source, the sink's records)."""
+    deadline = trio.current_time() + within
+    while not predicate():
+        if trio.current_time() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        await trio.sleep(0.02)
+
+
+async def started(nursery: trio.Nursery, source: MqttSource, sink: Sink) -> None:
+    await nursery.start(source.run, sink)
+    assert source.client is not None
+    with trio.fail_after(10):
+        await source.client.subscribed.wait()
+
+
+def payload(value: float, ts: float | None = None) -> bytes:
+    return json.dumps({"value": value, "ts": time.time() if ts is None else ts}).encode()
+
+
+def seqs(sink: Sink) -> list[int]:
+    return [int(r.value) for r in sink.of(SensorReading)]
+
+
+# --------------------------------------------------------------------------------------
+
+
+async def test_1khz_readings_on_several_topics_become_10hz_windows_that_count_every_one(
+        mqtt_broker: BrokerAddress) -> None:
+    prefix = unique("ate")
+    topics = [f"{prefix}/handler/temp", f"{prefix}/handler/humidity", f"{prefix}/prober/chuck"]
+    source = make_source(mqtt_broker, [
+        {"topic": f"{prefix}/+/#", "channel": "{1}.{#}", "rate": 10.0, "unit": "degC",
+         "timestamp_field": "ts"}])
+    sink = Sink()
+    seconds, per_tick = 2.0, 10  # 1 kHz per topic, published in 10 ms ticks
+    async with trio.open_nursery() as nursery:
+        await started(nursery, source, sink)
+        pub = await start_publisher(nursery, mqtt_broker)
+        t_start = trio.current_time()
+        for tick in range(int(seconds * 100)):
+            for topic in topics:
+                for i in range(per_tick):
+                    await pub.publish(topic, payload(20 + (tick * per_tick + i) % 7), qos=1)
+            await trio.sleep_until(t_start + (tick + 1) * 0.01)
+        with trio.fail_after(20):
+            await pub.wait_all_acked()
+        sent = int(seconds * 100) * per_tick
+        await wait_for(lambda: source.received >= sent * len(topics), 30, "every message")
+        nursery.cancel_scope.cancel()  # stopping flushes the open windows
+    windows = sink.of(SensorWindow)
+    for topic in topics:
+        channel = topic.split("/", 1)[1].replace("/", ".")
+        mine = [w for w in windows if w.channel == channel]
+        assert sum(w.count for w in mine) == sent, channel
+        # 10 Hz at most: windows lie on the 0.1 s grid and none is shorter than an
+        # interval (on a loaded machine a late poll closes a longer one); the last one
+        # was flushed at the stop.
+        assert len(mine) >= seconds * 10 * 0.5
+        for w in mine[1:-1]:
+            span = (w.t1 - w.t0) / 0.1
+            assert span >= 1 - 1e-4 and abs(span - round(span)) < 1e-4, (w.t0, w.t1)
+        assert all(a.t1 <= b.t0 + 1e-9 for a, b in itertools.pairwise(mine))
+        assert all(20 <= w.min <= w.mean <= w.max <= 26 for w in mine)
+        assert all(w.unit == "degC" and w.source == "sensors" for w in mine)
+    assert not sink.of(SensorReading)
+    assert sink.batches < sent * len(topics) / 10  # records travel in batches
+
+
+async def test_broker_restart_mid_stream_reconnects_resubscribes_and_loses_nothing(
+        start_broker: StartBroker) -> None:
+    broker = start_broker()  # persistence on, no queue limit
+    prefix = unique("ate")
+    # A clean session, so that only the resubscription can bring the messages back.
+    source = make_source(broker, [{"topic": f"{prefix}/+/seq", "raw": True}],
+                         clean_session=True)
+    durable = make_source(broker, [{"topic": f"{prefix}/+/seq", "raw": True}],
+                          clean_session=False)
+    sink, durable_sink = Sink(), Sink()
+    total = 3000
+    async with trio.open_nursery() as nursery:
+        await started(nursery, source, sink)
+        await started(nursery, durable, durable_sink)
+        pub = await start_publisher(nursery, broker, clean_session=False)
+        for i in range(total):
+            await pub.publish(f"{prefix}/handler/seq", payload(i), qos=1)
+            if i % 50 == 49:
+                await trio.sleep(0.01)  # ~5 kHz
+            if i == total // 3:
+                await wait_for(lambda: len(durable_sink.records) > 100, 10, "some traffic")
+                await trio.to_thread.run_sync(broker.restart, 0.3)
+        with trio.fail_after(30):
+            await pub.wait_all_acked()
+        await wait_for(lambda: set(seqs(durable_sink)) >= set(range(total)), 30,
+                       "every message at the persistent session")
+        await wait_for(lambda: source.client is not None and source.client.connected, 10,
+                       "the clean session reconnected")
+        # after the reconnect the clean session is subscribed again and carries on
+        for i in range(total, total + 100):
+            await pub.publish(f"{prefix}/handler/seq", payload(i), qos=1)
+        await wait_for(lambda: set(range(total, total + 100)) <= set(seqs(sink)), 10,
+                       "messages after the restart")
+        nursery.cancel_scope.cancel()
+    assert source.client is not None and durable.client is not None
+    assert source.client.connections >= 2 and durable.client.connections >= 2
+    assert durable.client.session_present  # the broker kept the session across its restart
+    got = [n for n in seqs(durable_sink) if n < total]
+    assert set(got) == set(range(total))  # nothing lost (QoS 1 may repeat: at least once)
+    assert len(got) - total <= 1000
+    assert "Outgoing messages are being dropped" not in broker.log_text()
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+async def test_a_persistent_session_gets_what_was_published_while_the_gateway_was_away(
+        start_broker: StartBroker, protocol: str) -> None:
+    broker = start_broker()
+    prefix = unique("ate")
+    client_id = unique("gw")
+    subs = [{"topic": f"{prefix}/+/seq", "raw": True}]
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        pub = await start_publisher(nursery, broker, protocol=protocol)
+        async with trio.open_nursery() as gateway:
+            first = make_source(broker, subs, client_id=client_id, clean_session=False,
+                                protocol=protocol)
+            await started(gateway, first, sink)
+            for i in range(100):
+                await pub.publish(f"{prefix}/prober/seq", payload(i), qos=1)
+            await wait_for(lambda: len(sink.records) == 100, 10, "the first messages")
+            gateway.cancel_scope.cancel()
+        # the gateway is away; 2,000 messages (past mosquitto's default queue of 1,000)
+        for i in range(100, 2100):
+            await pub.publish(f"{prefix}/prober/seq", payload(i), qos=1)
+        with trio.fail_after(20):
+            await pub.wait_all_acked()
+        second = make_source(broker, subs, client_id=client_id, clean_session=False,
+                             protocol=protocol)
+        await started(nursery, second, sink)
+        await wait_for(lambda: len(set(seqs(sink))) >= 2100, 20, "the queued messages")
+        assert second.client is not None and second.client.session_present
+        nursery.cancel_scope.cancel()
+    assert set(seqs(sink)) == set(range(2100))
+    assert seqs(sink)[100:] == list(range(100, 2100))  # and in order
+
+
+async def test_junk_payloads_are_counted_per_topic_logged_once_and_do_not_disturb_good_ones(
+        mqtt_broker: BrokerAddress, caplog: pytest.LogCaptureFixture) -> None:
+    prefix = unique("ate")
+    metrics = Metrics()
+    source = make_source(mqtt_broker, [
+        {"topic": f"{prefix}/+/temp", "channel": "{1}.temp", "rate": 20.0},
+        {"topic": f"{prefix}/+/count", "channel": "{1}.count", "payload": "number",
+         "raw": True}], metrics=metrics)
+    sink = Sink()
+    junk = [b"not json", b'{"value": "hot"}', b'{"temp": 1}', b"[1, 2", b'{"value": NaN}',
+            b'{"value": null}']
+    caplog.set_level(logging.WARNING, logger="edgegw.mqtt.source")
+    async with trio.open_nursery() as nursery:
+        await started(nursery, source, sink)
+        pub = await start_publisher(nursery, mqtt_broker)
+        for i in range(300):
+            await pub.publish(f"{prefix}/handler/temp", payload(25.0 + i % 3), qos=1)
+            await pub.publish(f"{prefix}/handler/temp", junk[i % len(junk)], qos=1)
+            await pub.publish(f"{prefix}/handler/count", str(i).encode(), qos=1)
+            if i % 10 == 0:
+                await pub.publish(f"{prefix}/handler/count", b"twelve", qos=1)
+                await pub.publish(f"{prefix}/prober/temp", b"\xff\xfe", qos=1)
+        with trio.fail_after(20):
+            await pub.wait_all_acked()
+        await wait_for(lambda: source.received >= 960, 20, "every message")
+        nursery.cancel_scope.cancel()
+    windows = [w for w in sink.of(SensorWindow) if w.channel == "handler.temp"]
+    assert sum(w.count for w in windows) == 300
+    assert all(25.0 <= w.min and w.max <= 27.0 for w in windows)
+    assert [r.value for r in sink.of(SensorReading)] == [float(i) for i in range(300)]
+    bad = metrics.counter("mqtt_bad_payloads_total")
+    assert bad.get(source="sensors", topic=f"{prefix}/handler/temp") == 300
+    assert bad.get(source="sensors", topic=f"{prefix}/handler/count") == 30
+    assert bad.get(source="sensors", topic=f"{prefix}/prober/temp") == 30
+    assert metrics.counter("source_errors").get(source="sensors") == 360
+    # logged at most once per topic per interval (60 s here), with the reason
+    logged = [r.getMessage() for r in caplog.records if "bad payload" in r.getMessage()]
+    assert len(logged) == 3
+    assert any("not JSON" in m and "handler/temp" in m for m in logged)
+    assert any("not a number" in m and "handler/count" in m for m in logged)
+    events = sink.of(GatewayEvent)
+    assert sorted(e.detail["topic"] for e in events) == sorted(
+        f"{prefix}/{t}" for t in ("handler/temp", "handler/count", "prober/temp"))
+
+
+def _unread_bytes(sock: Any) -> int:
+    buf = bytearray(4)
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+    return int.from_bytes(buf, "little")
+
+
+async def test_a_slow_downstream_makes_the_source_stop_reading_instead_of_dropping(
+        start_broker: StartBroker) -> None:
+    broker = start_broker()
+    prefix = unique("ate")
+    source = make_source(broker, [{"topic": f"{prefix}/+/seq", "raw": True}], max_batch=50)
+    sink = Sink()
+    sink.gate = trio.Event()  # the gateway is full
+    total = 5000
+    async with trio.open_nursery() as nursery:
+        await started(nursery, source, sink)
+        pub = await start_publisher(nursery, broker)
+        for i in range(total):
+            await pub.publish(f"{prefix}/handler/seq", payload(i) + b" " * 150, qos=1)
+        with trio.fail_after(30):
+            await pub.wait_all_acked()  # the broker has every message
+        await trio.sleep(0.5)
+        # The source holds one batch (in the blocked put) and at most one more being
+        # built; it has stopped reading, so the rest waits in the socket and the broker.
+        assert sink.records == []
+        assert sink.waiting <= 50 and source.buffered <= 50
+        assert source.received <= 2 * 50 + 256
+        assert source.client is not None and source.client.paho.socket() is not None
+        assert _unread_bytes(source.client.paho.socket()) > 0  # TCP backed up
+        sink.gate.set()
+        await wait_for(lambda: len(sink.records) >= total, 30, "everything after the unblock")
+        nursery.cancel_scope.cancel()
+    assert seqs(sink) == list(range(total))  # nothing dropped, nothing repeated, in order
+    assert "dropped" not in broker.log_text()
+
+
+async def test_wrong_credentials_give_a_clear_error_and_retry_at_the_backoff_cap(
+        start_broker: StartBroker, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    broker = start_broker(users={"gateway": "s3cret"})
+    subs = [{"topic": "ate/+/temp"}]
+    bad = make_source(broker, subs, username="gateway", password="wrong")
+    (tmp_path / "pw").write_text("s3cret\n")
+    good = make_source(broker, subs, username="gateway", password_file=str(tmp_path / "pw"))
+    caplog.set_level(logging.ERROR, logger="edgegw.mqtt.client")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bad.run, Sink())
+        await started(nursery, good, Sink())
+        assert bad.client is not None
+        await wait_for(lambda: bad.client.connect_failures >= 8, 10, "retries")
+        assert bad.client.backoff.at_cap and bad.client.backoff.ceiling == 0.4
+        assert not bad.client.connected
+        nursery.cancel_scope.cancel()
+    assert "refused the connection" in bad.client.last_error
+    assert "username and password" in bad.client.last_error
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors and all("not authorized" in m.lower() or "password" in m for m in errors)
+
+
+async def test_an_unreachable_broker_is_retried_without_blocking_the_gateway() -> None:
+    from mqtt_broker import free_port
+
+    closed = BrokerAddress("127.0.0.1", free_port())
+    source = make_source(closed, [{"topic": "x/#"}])
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(2):
+            await nursery.start(source.run, Sink())  # starts at once, broker or not
+        assert source.client is not None
+        await wait_for(lambda: source.client.connect_failures >= 3, 10, "retries")
+        assert "cannot connect" in source.client.last_error
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"subscriptions": [{"topic": "ate/#/temp"}]},
+     "gw.toml: subscriptions[0].topic: '#' must be a whole level and the last one"),
+    ({"subscriptions": [{"topic": "ate/+/temp", "channel": "{7}.temp"}]},
+     "gw.toml: subscriptions[0].channel: {7}: topics matching 'ate/+/temp' have 3 levels"),
+    ({"subscriptions": [{"topic": "ate/+/temp", "channel": "{1}.{#}"}]},
+     "gw.toml: subscriptions[0].channel: {#} needs a filter ending in '#'"),
+    ({"subscriptions": [{"topic": "a/b", "payload": "protobuf-ish"}]},
+     "gw.toml: subscriptions[0].payload: unknown payload decoder 'protobuf-ish'"),
+    ({"subscriptions": [{"topic": "a/b"}], "qos": 2}, "gw.toml: qos: must be 0 or 1"),
+    ({"subscriptions": [{"topic": "a/b", "rate": 0}]},
+     "gw.toml: subscriptions[0].rate: must be > 0 (or set raw = true)"),
+    ({}, "gw.toml: subscriptions: at least one subscription is needed"),
+])
+def test_bad_config_is_named_by_file_and_key(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        build(MqttSourceConfig, raw, "gw.toml")
+    assert message in str(err.value)
+
+
+def test_the_source_is_registered_under_its_entry_point() -> None:
+    assert source_type("mqtt") is MqttSource
+
+
+async def test_the_sensor_simulator_feeds_the_source_realistic_readings(
+        mqtt_broker: BrokerAddress) -> None:
+    tester = unique("sim")
+    source = make_source(mqtt_broker, [
+        {"topic": f"ate/{tester}/+/+", "channel": "{2}.{3}", "timestamp_field": "ts"}])
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        await started(nursery, source, sink)
+        done = await trio.run_process(
+            [sys.executable, "-m", "edgegw", "simulate", "--sensors", "--broker",
+             f"{mqtt_broker.host}:{mqtt_broker.port}", "--rate", "200", "--count", "300",
+             "--tester", tester, "--qos", "1", "--seed", "7"], capture_stdout=True)
+        assert b"published 1500 messages" in done.stdout
+        await wait_for(lambda: source.received >= 1500, 20, "every reading")
+        nursery.cancel_scope.cancel()
+    by_channel: dict[str, list[SensorWindow]] = {}
+    for w in sink.of(SensorWindow):
+        by_channel.setdefault(w.channel, []).append(w)
+    assert sorted(by_channel) == ["handler.air_pressure", "handler.humidity", "handler.temp",
+                                  "prober.chuck_temp", "prober.vacuum"]
+    assert all(sum(w.count for w in ws) == 300 for ws in by_channel.values())
+    temps = by_channel["handler.temp"]
+    assert all(80 < w.min <= w.max < 90 for w in temps)
+    assert 0 < max(w.max - w.min for w in temps) < 2  # noise, not chaos
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "broker.crt", directory / "broker.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+         "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl to make a certificate")
+async def test_tls_with_the_brokers_ca_and_a_clear_error_without_it(
+        start_broker: StartBroker, tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    broker = start_broker(extra=f"certfile {cert}\nkeyfile {key}\n")
+    prefix = unique("ate")
+    subs = [{"topic": f"{prefix}/+/seq", "raw": True}]
+    trusted = make_source(broker, subs, tls={"ca_file": str(cert)})
+    insecure = make_source(broker, subs, tls={"insecure": True})
+    untrusted = make_source(broker, subs, tls={})  # the system CAs do not know this broker
+    sinks = [Sink(), Sink(), Sink()]
+    async with trio.open_nursery() as nursery:
+        await started(nursery, trusted, sinks[0])
+        await started(nursery, insecure, sinks[1])
+        await nursery.start(untrusted.run, sinks[2])
+        pub = await start_publisher(nursery, broker, ssl_context=ssl_context(str(cert)))
+        for i in range(500):
+            await pub.publish(f"{prefix}/handler/seq", payload(i), qos=1)
+        await wait_for(lambda: len(sinks[0].records) >= 500 and len(sinks[1].records) >= 500,
+                       20, "the messages over TLS")
+        assert untrusted.client is not None
+        await wait_for(lambda: untrusted.client.connect_failures >= 2, 10, "TLS failures")
+        nursery.cancel_scope.cancel()
+    assert seqs(sinks[0]) == seqs(sinks[1]) == list(range(500))
+    assert "TLS handshake" in untrusted.client.last_error
+    assert "certificate verify failed" in untrusted.client.last_error
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+async def test_qos0_readings_arrive_with_either_protocol_version(
+        start_broker: StartBroker, protocol: str) -> None:
+    broker = start_broker()
+    prefix = unique("ate")
+    source = make_source(broker, [{"topic": f"{prefix}/+/seq", "raw": True, "qos": 0}],
+                         protocol=protocol, clean_session=True)
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        await started(nursery, source, sink)
+        pub = await start_publisher(nursery, broker, protocol=protocol)
+        for i in range(1000):
+            await pub.publish(f"{prefix}/handler/seq", payload(i), qos=0)
+            if i % 100 == 99:
+                await trio.sleep(0.01)
+        await wait_for(lambda: len(sink.records) >= 1000, 20, "the QoS 0 readings")
+        nursery.cancel_scope.cancel()
+    assert seqs(sink) == list(range(1000))
+
+
+async def test_an_unreadable_password_file_is_one_clear_error(tmp_path: Path) -> None:
+    source = make_source(BrokerAddress("127.0.0.1", 1), [{"topic": "a/b"}],
+                         username="gw", password_file=str(tmp_path / "missing"))
+    with pytest.raises(MqttSourceError, match=r"cannot read password_file .*missing"):
+        await source.run(Sink())
+
+
+async def test_a_downstream_stall_longer_than_the_keepalive_loses_nothing(
+        start_broker: StartBroker) -> None:
+    # Stalled for longer than the keepalive, the source neither reads nor pings (it could
+    # not read the PINGRESP).  It must not call the broker dead and reconnect over and over
+    # during the stall; if the broker dropped it meanwhile it reconnects once the gateway
+    # takes data again and the persistent session delivers the rest.
+    broker = start_broker()
+    prefix = unique("ate")
+    source = make_source(broker, [{"topic": f"{prefix}/+/seq", "raw": True}], max_batch=50,
+                         keepalive=1)
+    sink = Sink()
+    sink.gate = trio.Event()
+    total = 2000
+    async with trio.open_nursery() as nursery:
+        await started(nursery, source, sink)
+        pub = await start_publisher(nursery, broker)
+        for i in range(total):
+            await pub.publish(f"{prefix}/handler/seq", payload(i), qos=1)
+        with trio.fail_after(30):
+            await pub.wait_all_acked()
+        await trio.sleep(3.0)
+        assert source.client is not None
+        assert source.client.paused
+        assert source.client.connections == 1 and source.client.connect_failures == 0
+        sink.gate.set()
+        await wait_for(lambda: set(seqs(sink)) >= set(range(total)), 30, "every message")
+        nursery.cancel_scope.cancel()
+    assert source.client.connections <= 2  # Mosquitto 2.0 keeps the stalled client
+    got = seqs(sink)
+    assert set(got) == set(range(total))
+    assert len(got) - total <= 100  # a few may come twice (at least once), never lost
+
+
+def test_bad_payload_reports_repeat_after_the_interval_with_the_count_suppressed(
+        caplog: pytest.LogCaptureFixture) -> None:
+    source = make_source(BrokerAddress("127.0.0.1", 1), [{"topic": "ate/+/temp"}],
+                         bad_payload_log_interval=0.2)
+    caplog.set_level(logging.WARNING, logger="edgegw.mqtt.source")
+
+    def message(payload: bytes) -> paho.MQTTMessage:
+        msg = paho.MQTTMessage(topic=b"ate/t1/temp")
+        msg.payload = payload
+        return msg
+
+    for _ in range(5):
+        source._on_message(message(b"junk"))
+    time.sleep(0.25)
+    source._on_message(message(b"junk"))
+    source._on_message(message(b'{"value": 1.5}'))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert "not JSON" in lines[0] and "more since" not in lines[0]
+    assert "(4 more since the last report)" in lines[1]
+    assert source.bad == 6 and source.buffered == 1 + 2  # one reading, two events
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def _ca_signed(directory: Path) -> dict[str, Path]:
+    """A CA, a broker certificate for 127.0.0.1 and a client certificate, both signed by it."""
+    p = {name: directory / name for name in (
+        "ca.key", "ca.crt", "broker.key", "broker.csr", "broker.crt", "client.key",
+        "client.csr", "client.crt", "san.ext")}
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=edgegw test CA", "-keyout", str(p["ca.key"]), "-out", str(p["ca.crt"]))
+    p["san.ext"].write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for who, cn in (("broker", "localhost"), ("client", "gateway-ate-01")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
+                 "-keyout", str(p[f"{who}.key"]), "-out", str(p[f"{who}.csr"]))
+        _openssl("x509", "-req", "-in", str(p[f"{who}.csr"]), "-CA", str(p["ca.crt"]),
+                 "-CAkey", str(p["ca.key"]), "-CAcreateserial", "-days", "1",
+                 "-extfile", str(p["san.ext"]), "-out", str(p[f"{who}.crt"]))
+    return p
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl to make certificates")
+async def test_a_broker_requiring_client_certificates(
+        start_broker: StartBroker, tmp_path: Path) -> None:
+    p = _ca_signed(tmp_path)
+    broker = start_broker(extra=f"cafile {p['ca.crt']}\ncertfile {p['broker.crt']}\n"
+                                f"keyfile {p['broker.key']}\nrequire_certificate true\n")
+    prefix = unique("ate")
+    subs = [{"topic": f"{prefix}/+/seq", "raw": True}]
+    with_cert = make_source(broker, subs, tls={
+        "ca_file": str(p["ca.crt"]), "cert_file": str(p["client.crt"]),
+        "key_file": str(p["client.key"])})
+    without = make_source(broker, subs, tls={"ca_file": str(p["ca.crt"])})
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        await started(nursery, with_cert, sink)
+        await nursery.start(without.run, Sink())
+        pub = await start_publisher(nursery, broker, ssl_context=ssl_context(
+            str(p["ca.crt"]), str(p["client.crt"]), str(p["client.key"])))
+        for i in range(200):
+            await pub.publish(f"{prefix}/handler/seq", payload(i), qos=1)
+        await wait_for(lambda: len(sink.records) >= 200, 20, "messages over mutual TLS")
+        assert without.client is not None
+        await wait_for(lambda: without.client.connect_failures >= 2, 10, "refusals")
+        nursery.cancel_scope.cancel()
+    assert seqs(sink) == list(range(200))
+    assert not without.client.connected and without.client.connections == 0
+    assert "client certificate" in without.client.last_error

@@ -1,0 +1,164 @@
+"""`edgegw stdf dump` and `edgegw stdf stats`: JSON out, .gz in, clear errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgegw.cli import main
+from edgegw.stdf import Bits, StdfWriter
+
+
+def write_lot(path: Path, order: str = "<") -> Path:
+    """Two sites; the part at (1, 1) fails, is retested (PART_FLG bit 1: same X/Y) and
+    passes; part "3" fails on site 1."""
+    w = StdfWriter(order)
+    recs: list[tuple[str, dict[str, Any]]] = [
+        ("FAR", {}),
+        ("MIR", {"LOT_ID": "L1"}),
+        ("WIR", {"HEAD_NUM": 1, "SITE_GRP": 255, "START_T": 0, "WAFER_ID": "W1"}),
+        ("PIR", {"HEAD_NUM": 1, "SITE_NUM": 0}),
+        ("PIR", {"HEAD_NUM": 1, "SITE_NUM": 1}),
+        ("PTR", {"TEST_NUM": 1, "HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0x80,
+                 "PARM_FLG": 0, "RESULT": math.nan, "TEST_TXT": "t", "ALARM_ID": "",
+                 "OPT_FLAG": 0, "RES_SCAL": 0, "LLM_SCAL": 0, "HLM_SCAL": 0,
+                 "LO_LIMIT": -math.inf, "HI_LIMIT": 1.0}),
+        ("FTR", {"TEST_NUM": 2, "HEAD_NUM": 1, "SITE_NUM": 1, "TEST_FLG": 0,
+                 "OPT_FLAG": 0xFF, "CYCL_CNT": 0, "REL_VADR": 0, "REPT_CNT": 0,
+                 "NUM_FAIL": 0, "XFAIL_AD": 0, "YFAIL_AD": 0, "VECT_OFF": 0, "RTN_ICNT": 0,
+                 "PGM_ICNT": 0, "FAIL_PIN": Bits(4, b"\x05")}),
+        ("PRR", {"HEAD_NUM": 1, "SITE_NUM": 0, "PART_FLG": 0x08, "NUM_TEST": 1,
+                 "HARD_BIN": 5, "SOFT_BIN": 51, "X_COORD": 1, "Y_COORD": 1, "TEST_T": 0,
+                 "PART_ID": "1", "PART_TXT": "", "PART_FIX": b"\xab"}),
+        ("PRR", {"HEAD_NUM": 1, "SITE_NUM": 1, "PART_FLG": 0x08, "NUM_TEST": 1,
+                 "HARD_BIN": 5, "SOFT_BIN": 52, "X_COORD": 2, "Y_COORD": 1, "TEST_T": 0,
+                 "PART_ID": "3"}),
+        ("PIR", {"HEAD_NUM": 1, "SITE_NUM": 0}),
+        ("PRR", {"HEAD_NUM": 1, "SITE_NUM": 0, "PART_FLG": 0x02, "NUM_TEST": 1,
+                 "HARD_BIN": 1, "SOFT_BIN": 1, "X_COORD": 1, "Y_COORD": 1, "TEST_T": 0,
+                 "PART_ID": "2"}),
+        ("GDR", {"GEN_DATA": [(10, "x"), (0, None), (11, b"\x01\x02")]}),
+        ("WRR", {"HEAD_NUM": 1, "SITE_GRP": 255, "FINISH_T": 0, "PART_CNT": 3}),
+        ("HBR", {"HEAD_NUM": 255, "SITE_NUM": 0, "HBIN_NUM": 1, "HBIN_CNT": 1,
+                 "HBIN_PF": "P"}),
+        ("MRR", {"FINISH_T": 0}),
+    ]
+    path.write_bytes(b"".join(w.encode(n, f) for n, f in recs))
+    return path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_dump_prints_one_valid_json_object_per_record(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_lot(tmp_path / "lot.stdf")
+    status, out, _ = run(capsys, "stdf", "dump", str(path))
+    assert status == 0
+    objs = [json.loads(line) for line in out.splitlines()]
+    assert [o["rec"] for o in objs] == ["FAR", "MIR", "WIR", "PIR", "PIR", "PTR", "FTR",
+                                        "PRR", "PRR", "PIR", "PRR", "GDR", "WRR", "HBR", "MRR"]
+    ptr = objs[5]
+    assert ptr["TEST_NUM"] == 1 and ptr["RESULT"] == "nan" and ptr["LO_LIMIT"] == "-inf"
+    assert ptr["HI_LIMIT"] == 1.0
+    assert objs[6]["FAIL_PIN"] == {"bits": 4, "hex": "05"}
+    assert objs[7]["PART_FIX"] == "ab" and objs[7]["PART_ID"] == "1"
+    assert objs[11]["GEN_DATA"] == [[10, "x"], [0, None], [11, "0102"]]
+    # absent trailing fields are absent from the JSON too
+    assert "PART_TXT" not in objs[8] and objs[8]["PART_ID"] == "3"
+
+
+def test_dump_filters_by_record_type_and_reads_gzip(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    raw = write_lot(tmp_path / "lot.stdf", ">").read_bytes()
+    gz = tmp_path / "lot.stdf.gz"
+    gz.write_bytes(gzip.compress(raw))
+    status, out, _ = run(capsys, "stdf", "dump", "--rec", "prr", "--offset", str(gz))
+    assert status == 0
+    objs = [json.loads(line) for line in out.splitlines()]
+    assert [o["rec"] for o in objs] == ["PRR"] * 3
+    assert all(raw[o["_offset"] + 2:o["_offset"] + 4] == b"\x05\x14" for o in objs)
+
+
+def test_stats_counts_parts_bins_and_sites_with_retests_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_lot(tmp_path / "lot.stdf")
+    status, out, _ = run(capsys, "stdf", "stats", str(path))
+    assert status == 0
+    stats = json.loads(out)
+    assert stats["records"]["PRR"] == 3 and stats["records"]["PIR"] == 3
+    assert stats["tested"] == 3 and stats["retests"] == 1
+    assert stats["parts"] == 2 and stats["good"] == 1
+    assert stats["hard_bins"] == {"1": 1, "5": 1}
+    assert stats["soft_bins"] == {"1": 1, "52": 1}
+    assert stats["sites"] == {
+        "1/0": {"parts": 1, "good": 1, "hard_bins": {"1": 1}, "soft_bins": {"1": 1}},
+        "1/1": {"parts": 1, "good": 0, "hard_bins": {"5": 1}, "soft_bins": {"52": 1}},
+    }
+    assert stats["file_summary"]["hbr"] == {"all": {"1": 1}}
+
+
+@pytest.mark.parametrize("content", [b"this is not an STDF file\n", b"", b"\x02\x00\x00"])
+def test_a_non_stdf_file_is_a_one_line_error_and_exit_1(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    for action in ("dump", "stats"):
+        status, out, err = run(capsys, "stdf", action, str(path))
+        assert status == 1 and out == ""
+        assert "not STDF" in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_file_and_bad_gzip_are_errors_not_tracebacks(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = run(capsys, "stdf", "stats", str(tmp_path / "nope.stdf"))
+    assert status == 1 and "nope.stdf" in err
+    bad = tmp_path / "bad.stdf.gz"
+    bad.write_bytes(b"\x1f\x8b" + b"garbage" * 10)
+    status, _, err = run(capsys, "stdf", "dump", str(bad))
+    assert status == 1 and "bad.stdf.gz" in err
+
+
+def test_a_file_cut_mid_record_is_dumped_with_a_warning(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = write_lot(tmp_path / "lot.stdf").read_bytes()
+    cut = tmp_path / "live.stdf"
+    cut.write_bytes(raw[:-3])
+    status, out, err = run(capsys, "stdf", "dump", str(cut))
+    assert status == 0 and len(out.splitlines()) == 14
+    assert "ends inside a record" in err
+
+
+def test_the_installed_command_exits_1_without_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"\x00" * 100)
+    proc = subprocess.run([sys.executable, "-m", "edgegw", "stdf", "dump", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "not STDF" in proc.stderr
+
+
+def test_r4_values_print_as_the_shortest_decimal_of_the_same_float32(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    w = StdfWriter("<")
+    path = tmp_path / "f.stdf"
+    path.write_bytes(w.encode("FAR", {}) + w.encode("PTR", {
+        "TEST_NUM": 1, "HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0, "PARM_FLG": 0,
+        "RESULT": 0.1, "TEST_TXT": "", "ALARM_ID": "", "OPT_FLAG": 0, "RES_SCAL": 0,
+        "LLM_SCAL": 0, "HLM_SCAL": 0, "LO_LIMIT": -0.9, "HI_LIMIT": 3.4e38}))
+    status, out, _ = run(capsys, "stdf", "dump", "--rec", "PTR", str(path))
+    ptr = json.loads(out)
+    assert status == 0
+    assert (ptr["RESULT"], ptr["LO_LIMIT"], ptr["HI_LIMIT"]) == (0.1, -0.9, 3.4e38)
+    assert struct.pack("<f", ptr["RESULT"]) == struct.pack("<f", 0.1)

@@ -1,0 +1,200 @@
+"""Webhook delivery against a real HTTP server on a free port that fails the first requests."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import h11
+import trio
+
+from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig, WebhookConfig
+from edgegw.hub.state import LiveState
+from edgegw.hub.webhooks import WebhookSender, post_json
+from edgegw.metrics import Metrics
+from edgegw.records import PartResult
+
+
+class HookServer:
+    """A tiny real HTTP server: answers ``fail_first`` requests with ``fail_status``, then 204.
+    Remembers every request (time, path, headers, decoded JSON body)."""
+
+    def __init__(self, fail_first: int = 0, fail_status: int = 503) -> None:
+        self.fail_first = fail_first
+        self.fail_status = fail_status
+        self.requests: list[dict[str, Any]] = []
+        self.accepted: list[dict[str, Any]] = []
+        self.port = 0
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        request: h11.Request | None = None
+        body = b""
+        async with stream:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:
+                    return
+            assert request is not None
+            entry = {"t": trio.current_time(), "path": request.target.decode(),
+                     "headers": {k.decode(): v.decode() for k, v in request.headers},
+                     "json": json.loads(body)}
+            self.requests.append(entry)
+            status = self.fail_status if len(self.requests) <= self.fail_first else 204
+            if status == 204:
+                self.accepted.append(entry)
+            await stream.send_all(conn.send(h11.Response(status_code=status, headers=[
+                ("Content-Length", "0"), ("Connection", "close")])) + conn.send(h11.EndOfMessage()))
+
+    async def serve(self, nursery: trio.Nursery) -> str:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, self.handle, 0, host="127.0.0.1"))
+        self.port = listeners[0].socket.getsockname()[1]
+        return f"http://127.0.0.1:{self.port}/hooks/alerts?src=hub"
+
+
+class TopOfRange:
+    """A random source whose draws are always the top of the range: full jitter's upper
+    bound, so the backoff's growth is visible in the timings."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_for(cond: Callable[[], bool], limit_s: float = 10.0) -> None:
+    # Polling is the honest way to wait on another component's counters from outside.
+    with trio.fail_after(limit_s):
+        while not cond():
+            await trio.sleep(0.01)
+
+
+def event(alert_id: str, priority: str = "P0", kind: str = "raised") -> dict[str, Any]:
+    return {"event": kind, "ts": 1.0, "alert": {"id": alert_id, "priority": priority}}
+
+
+async def test_post_json_returns_the_status_and_sends_json() -> None:
+    server = HookServer()
+    async with trio.open_nursery() as nursery:
+        url = await server.serve(nursery)
+        status = await post_json(url, {"a": 1}, headers={"X-Token": "s3cret"})
+        assert status == 204
+        (req,) = server.requests
+        assert req["path"] == "/hooks/alerts?src=hub" and req["json"] == {"a": 1}
+        assert req["headers"]["content-type"] == "application/json"
+        assert req["headers"]["x-token"] == "s3cret"
+        nursery.cancel_scope.cancel()
+
+
+async def test_failed_deliveries_are_retried_with_growing_backoff_until_accepted() -> None:
+    server = HookServer(fail_first=4, fail_status=503)
+    metrics = Metrics()
+    async with trio.open_nursery() as nursery:
+        url = await server.serve(nursery)
+        sender = WebhookSender([WebhookConfig(url=url, max_attempts=8, backoff_initial_s=0.02,
+                                              backoff_max_s=1.0)], metrics=metrics,
+                               backoff_rng=TopOfRange())
+        await nursery.start(sender.run)
+        sender.submit(event("a1"))
+        sender.submit(event("a2"))
+        await wait_for(lambda: len(server.accepted) == 2)
+        # a1 failed four times, then was accepted; a2 only after a1 (in order)
+        assert [r["json"]["alert"]["id"] for r in server.requests] == ["a1"] * 5 + ["a2"]
+        assert sender.m_attempts.get(outcome="http_503") == 4
+        assert sender.m_delivered.total() == 2 and sender.pending() == 0
+        # exponential backoff: with the jitter pinned to the top of its range the waits
+        # are 0.02, 0.04, 0.08, 0.16 s
+        gaps = [b["t"] - a["t"] for a, b in itertools.pairwise(server.requests[:5])]
+        for n, gap in enumerate(gaps):
+            assert 0.02 * 2**n <= gap < 0.02 * 2**n + 1.0
+        nursery.cancel_scope.cancel()
+
+
+async def test_client_errors_are_not_retried_and_attempts_are_bounded() -> None:
+    refusing = HookServer(fail_first=100, fail_status=400)
+    flaky = HookServer(fail_first=100, fail_status=502)
+    async with trio.open_nursery() as nursery:
+        url_refusing = await refusing.serve(nursery)
+        url_flaky = await flaky.serve(nursery)
+        sender = WebhookSender([
+            WebhookConfig(url=url_refusing, backoff_initial_s=0.01, backoff_max_s=0.02),
+            WebhookConfig(url=url_flaky, max_attempts=3, backoff_initial_s=0.01,
+                          backoff_max_s=0.02),
+        ])
+        await nursery.start(sender.run)
+        sender.submit(event("b1"))
+        await wait_for(lambda: sender.m_failed.total() == 2)
+        assert len(refusing.requests) == 1  # 400: the receiver refused it; final
+        assert len(flaky.requests) == 3  # 502 three times: given up, not forever
+        assert sender.m_failed.get(url=url_refusing, reason="refused") == 1
+        assert sender.m_failed.get(url=url_flaky, reason="attempts") == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_dead_webhook_does_not_hold_up_another_and_filters_apply() -> None:
+    good = HookServer()
+    async with trio.open_nursery() as nursery:
+        url = await good.serve(nursery)
+        dead = f"http://127.0.0.1:{free_port()}/nobody-listens"
+        sender = WebhookSender([
+            WebhookConfig(url=dead, max_attempts=50, backoff_initial_s=0.5, backoff_max_s=5),
+            WebhookConfig(url=url, priorities=["P0", "P1"], events=["raised", "escalated"]),
+        ])
+        await nursery.start(sender.run)
+        sender.submit(event("c1", "P0"))
+        sender.submit(event("c2", "P3"))  # not for the second webhook
+        sender.submit(event("c1", "P0", "acknowledged"))  # not for the second webhook
+        sender.submit(event("c3", "P1", "escalated"))
+        await wait_for(lambda: len(good.accepted) == 2, limit_s=5)
+        assert [(r["json"]["alert"]["id"], r["json"]["event"]) for r in good.accepted] == [
+            ("c1", "raised"), ("c3", "escalated")]
+        assert sender.m_attempts.get(outcome="error") >= 1  # the dead one keeps trying
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_full_queue_drops_the_oldest_and_counts_it() -> None:
+    dead = f"http://127.0.0.1:{free_port()}/"
+    sender = WebhookSender([WebhookConfig(url=dead)], max_queued=3)
+    for i in range(5):
+        sender.submit(event(f"d{i}"))
+    assert sender.pending() == 3 and sender.m_dropped.total() == 2
+
+
+async def test_alerts_from_live_state_reach_the_webhook() -> None:
+    server = HookServer(fail_first=1)
+    async with trio.open_nursery() as nursery:
+        url = await server.serve(nursery)
+        config = AlertsConfig(
+            rules=[AlertRuleConfig(name="run", kind="consecutive_fails", priority="P0", count=3)],
+            webhooks=[WebhookConfig(url=url, backoff_initial_s=0.01, backoff_max_s=0.05)],
+        )
+        sender = WebhookSender(config.webhooks)
+        await nursery.start(sender.run)
+        engine = AlertEngine(config, lambda t, d: None, sink=sender.submit)
+        state = LiveState(lambda t, d: None, alerts=engine)
+        state.on_records("ate-3", 1, [
+            PartResult("t", 10.0 + i, "L", "W", 1, 4, str(i), i, 0, 6, 6, False)
+            for i in range(3)], now=20.0)
+        await wait_for(lambda: len(server.accepted) == 1)
+        payload = server.accepted[0]["json"]
+        assert payload["event"] == "raised"
+        assert payload["alert"]["rule"] == "run" and payload["alert"]["context"]["site"] == 4
+        assert len(server.requests) == 2  # the first attempt got a 503
+        nursery.cancel_scope.cancel()
