@@ -31,7 +31,16 @@ TIME_FIELDS = ("start_t", "finish_t")  # wall-clock fields: differ when regenera
 def normalise(record: Any) -> tuple[Any, ...]:
     """A record without its wall-clock fields (regenerated after a restart, they differ)."""
     fields = {f: 0 for f in TIME_FIELDS if f in record._fields}
-    return (type(record).__name__, *record._replace(ts=0, **fields))
+    return (type(record).__name__, *map(_frozen, record._replace(ts=0, **fields)))
+
+
+def _frozen(value: Any) -> Any:
+    """Hashable form (records may hold dicts and lists: ``extra``, multi-pin values)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
 
 
 def expected_records(**source: Any) -> list[tuple[Any, ...]]:

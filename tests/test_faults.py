@@ -353,3 +353,82 @@ def test_a_frame_the_hub_rejects_goes_to_the_dead_letter_file_and_blocks_nothing
     finally:
         gw.stop()
         hub.stop()
+
+
+def test_gateway_killed_while_the_stdf_tester_writes_loses_and_duplicates_nothing(
+        tmp_path: Path) -> None:
+    """The real chain: ``edgegw simulate`` writes an STDF file as a tester does, the gateway
+    tails it (source type ``stdf``), and is killed with SIGKILL four times meanwhile.  The
+    hub must end with exactly the records an uninterrupted read of the file gives."""
+    from faultkit import hub_records, normalise
+    from processes import spawn
+
+    from edgegw.records import GatewayEvent
+    from edgegw.stdf import StdfDecoder
+    from edgegw.stdf.mapping import RecordMapper
+
+    rng = random.Random(5)
+    out = tmp_path / "tester"
+    out.mkdir()
+    hub = Hub(tmp_path).start()
+    conf = tmp_path / "gateway.toml"
+    conf.write_text(f"""
+[gateway]
+id = "ate-01"
+token = "change-me-ate-01"
+hub_url = "ws://127.0.0.1:{hub.port}/ws/gateway"
+state_dir = "{tmp_path / 'gw'}"
+[batch]
+max_records = 2000
+max_delay_ms = 100
+[spool]
+dir = "{tmp_path / 'gw' / 'spool'}"
+[[sources]]
+name = "tester"
+type = "stdf"
+paths = ["{out}"]
+poll_interval = 0.05
+""")
+    tester = spawn("simulate", "--out", str(out), "--parts-per-second", "1000",
+                   "--wafers", "8", "--wafer-diameter", "30", "--seed", "7",
+                   "--start-time", "1700000000", log=tmp_path / "tester.log")
+    gw = Gateway(tmp_path, hub.port)
+    gw.start = lambda: _start_with(gw, conf)  # type: ignore[method-assign]
+    gw.start()
+    try:
+        kills = 0
+        while tester.poll() is None and kills < 4:
+            time.sleep(rng.uniform(0.5, 1.2))
+            gw.kill()
+            kills += 1
+            gw.start()
+        assert tester.wait(60) == 0
+        assert kills >= 3, "the tester finished before the gateway was killed enough"
+        (stdf,) = sorted(out.glob("*.stdf"))
+        dec = StdfDecoder()
+        dec.feed(stdf.read_bytes())
+        mapper = RecordMapper("tester")
+        want = []
+        for rec in dec.records():
+            want.extend(mapper.map(rec, 0.0))
+        want.extend(mapper.close(0.0))
+        want = [normalise(r) for r in want if not isinstance(r, GatewayEvent)]
+        wait_all_applied(hub, gw, len(want))
+        assert_exactly_once(hub.dir, want)
+        _, events, _ = hub_records(hub.dir)
+        assert not [e for e in events if e[2] == "error"]
+    finally:
+        tester.kill()
+        gw.stop()
+        hub.stop()
+
+
+def _start_with(gw: Gateway, conf: Path) -> Gateway:
+    from processes import spawn
+    gw.starts += 1
+    gw.proc = spawn("gateway", "--config", str(conf),
+                    "--set", f"gateway.status_port={gw.status}",
+                    "--set", "uplink.backoff_initial_s=0.1", "--set", "uplink.backoff_max_s=1.0",
+                    log=gw.tmp / "gw.log")
+    wait_for(lambda: gw.stats())
+    return gw
