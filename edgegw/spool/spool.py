@@ -505,11 +505,17 @@ class DiskSpool:
         index = self._segments[-1].index + 1 if self._segments else 1
         path = _segment_path(self.directory, index)
         data = encode_state(state)
-        with open(path, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(self.directory)
+        try:
+            with open(path, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(self.directory)
+        except OSError:
+            # (disk full) leave no half-made segment behind: the rollover is retried later
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
         self._segments.append(Segment(index, path, size=len(data)))
 
     # --- FrameStore interface ------------------------------------------------------------
@@ -883,7 +889,6 @@ class DiskSpool:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
                 # stay in the old segment; rollover is retried after the next commit
-                self._segments = [s for s in self._segments if s.path.exists()]
                 await self._on_disk_full(exc)
         self._durable_changed.set()
         self._durable_changed = trio.Event()
@@ -939,7 +944,17 @@ class DiskSpool:
         if len(self._segments) < 2:
             if self._segments and self._segments[-1].n_frames:
                 # everything is in the active segment: seal it so it can be dropped
-                await trio.to_thread.run_sync(self._open_active_sync, self._state_snapshot())
+                try:
+                    await trio.to_thread.run_sync(self._open_active_sync,
+                                                  self._state_snapshot())
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    # not even room for a new segment: nothing can be dropped safely now;
+                    # appends wait (as under "block") and the drop is retried
+                    log.error("spool %s: disk full and a single segment: cannot drop yet",
+                              self.directory)
+                    return
             else:
                 return
         victim = self._segments[0]
