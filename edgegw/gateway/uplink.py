@@ -234,7 +234,9 @@ class Uplink:
         lost = getattr(self.store, "lost_ranges", None)
         if not lost:
             return frames
-        hi = frames[-1].seq if len(frames) >= limit else below_hi
+        # never past the last frame read (a short read may stop at a byte budget): the
+        # backlog cursor moves to the highest seq sent
+        hi = frames[-1].seq if frames else below_hi
         stand_ins = [StoredFrame(s, encode_body(1, []), 0)
                      for a, b in lost for s in range(max(a, lo), min(b, hi) + 1)]
         if not stand_ins:
