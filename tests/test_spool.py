@@ -82,6 +82,17 @@ async def test_concurrent_appends_are_group_committed(tmp_path: Path) -> None:
         assert spool.stats()["commits"] < 50  # many frames per fsync
 
 
+async def test_commit_delay_gathers_frames_into_one_fsync(tmp_path: Path) -> None:
+    async with DiskSpool.open(cfg(tmp_path, commit_max_delay_ms=200)) as spool:
+        t0 = trio.current_time()
+        async with trio.open_nursery() as n:
+            for _ in range(5):
+                n.start_soon(spool.append, b"x", 1, {})
+                await trio.sleep(0.01)
+        assert spool.stats()["commits"] == 1
+        assert trio.current_time() - t0 >= 0.15  # the first frame waited for company
+
+
 async def test_restart_returns_unacked_frames_and_checkpoints_but_not_acked_ones(
         tmp_path: Path) -> None:
     async with DiskSpool.open(cfg(tmp_path)) as spool:
