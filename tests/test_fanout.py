@@ -252,8 +252,10 @@ async def test_a_client_that_falls_behind_on_alerts_is_told_4008(tmp_path: Path)
         fanout.publish("alert/P0/yield_low", {"event": "raised", "alert": {"id": "a0"}})
         slow = await RawClient.connect(port, ["alert/#"])
         await wait_for(lambda: any(c.positions for c in fanout.core.clients.values()))
-        # It reads nothing while 2 s of events pile up, then reads everything.
+        # It reads nothing while 2 s of events pile up, then pings (the hub's pong must not
+        # land inside the frame it is in the middle of) and reads everything.
         await publish_load(fanout, "alert/P0/yield_low", 2.0, event=True)
+        await slow.sock.send(bytes((0x89, 0x82)) + b"\x00\x00\x00\x00" + b"hi")
         # Closed by the hub; its last write may still finish (close_grace), then 4008.
         [client] = fanout.core.clients.values()
         assert client.closed and client.close_code == CLOSE_TOO_SLOW and not client.queue
@@ -262,6 +264,9 @@ async def test_a_client_that_falls_behind_on_alerts_is_told_4008(tmp_path: Path)
         assert opcode == 0x8  # a clean close frame after the last whole message
         assert int.from_bytes(payload[:2], "big") == CLOSE_TOO_SLOW
         assert payload[2:] == b"too slow"
-        assert all(cbor2.loads(p)["type"] for op, p in frames[:-1])  # every frame whole
+        # every frame whole: data frames decode, a pong (if it got out) carries the ping's
+        assert all(cbor2.loads(p)["type"] for op, p in frames[:-1] if op == 0x2)
+        assert {op for op, _ in frames[:-1]} <= {0x2, 0xA}
+        assert all(p == b"hi" for op, p in frames if op == 0xA)
         slow.sock.close()
         nursery.cancel_scope.cancel()
