@@ -104,6 +104,17 @@ async def follow(port: int, topics: list[str], view: LiveView, json_text: bool =
             view.apply(json.loads(data) if json_text else cbor2.loads(data))
 
 
+async def http_json(port: int, path: str) -> Any:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                              .encode())
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    return json.loads(data.partition(b"\r\n\r\n")[2])
+
+
 async def wait_for(predicate: Any, seconds: float = 10.0) -> None:
     with trio.fail_after(seconds):
         while not predicate():
@@ -227,7 +238,15 @@ async def test_a_stalled_client_is_closed_and_never_slows_the_others(tmp_path: P
         stalled_id = max(fanout.core.clients)
 
         ticks0, t0 = fanout.ticks, time.monotonic()
-        n = await publish_load(fanout, "sensor/probe", 4.0)
+        async with trio.open_nursery() as load:
+            load.start_soon(publish_load, fanout, "sensor/probe", 4.0)
+            await trio.sleep(0.6)
+            # Mid-way, the stats page shows who is behind: per-client queue depth.
+            stats = await http_json(port, "/api/live/stats")
+            depth = {c["id"]: (c["queue_depth"], c["lagging"]) for c in stats["clients"]}
+            assert depth[stalled_id][0] > 0 or depth[stalled_id][1]
+            assert all(d <= 1 for cid, (d, _) in depth.items() if cid != stalled_id), depth
+        n = fanout.core.channels["sensor/probe"].offset
         ticks, t1 = fanout.ticks - ticks0, time.monotonic()
         await trio.sleep(0.2)
 
