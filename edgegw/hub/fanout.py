@@ -72,34 +72,6 @@ def new_epoch() -> str:
     return f"{int(time.time()):x}-{secrets.token_hex(4)}"
 
 
-class _SendGate:
-    """Stands in for the WebSocket's send lock on ``/ws/live`` connections.
-
-    The same mutual exclusion for every write (``WebSocket._write`` does ``async with`` it),
-    but without an owner task: the ticker takes it when it writes a frame straight to the
-    socket, and if the socket takes only part of the frame, the client's sender task
-    writes the rest and releases it.  So nothing -- a pong from the reader -- can be
-    written in the middle of a frame."""
-
-    def __init__(self) -> None:
-        self._sem = trio.Semaphore(1)
-
-    def locked(self) -> bool:
-        return self._sem.value == 0
-
-    def acquire_nowait(self) -> None:
-        self._sem.acquire_nowait()
-
-    def release(self) -> None:
-        self._sem.release()
-
-    async def __aenter__(self) -> None:
-        await self._sem.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._sem.release()
-
-
 class _Session:
     __slots__ = ("aborted", "client", "fd", "gate", "held", "idle", "remainder", "scope",
                  "send_scope", "wake", "ws")
@@ -117,9 +89,7 @@ class _Session:
         self.remainder: bytes | None = None
         self.held = False  # the gate is taken on behalf of the remainder
         self.fd = _socket_fd(ws)
-        self.gate = _SendGate()
-        if self.fd is not None:
-            ws._send_lock = self.gate  # type: ignore[assignment]  # see _SendGate
+        self.gate = ws.send_gate
 
 
 def _socket_fd(ws: WebSocket) -> int | None:
