@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -79,41 +80,36 @@ async def _until_signal(nursery: trio.Nursery) -> None:
             return
 
 
+def _serve(service: Any, banner: Callable[[Any], str]) -> int:
+    """Run a service until SIGINT/SIGTERM, telling systemd once it is up."""
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            started = await nursery.start(service.run)
+            text = banner(started)
+            print(text, flush=True)
+            nursery.start_soon(_until_signal, nursery)
+            await nursery.start(sdnotify.watchdog)
+            await sdnotify.ready(text)
+
+    trio.run(main)
+    return 0
+
+
 def cmd_hub(args: argparse.Namespace) -> int:
     from .hub.app import HubApp
 
     cfg = load(HubConfig, args.config, args.overrides)
-
-    async def main() -> None:
-        hub = HubApp(cfg)
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(hub.run)
-            print(f"edgegw hub listening on http://{cfg.hub.listen}:{port}/", flush=True)
-            nursery.start_soon(_until_signal, nursery)
-            await nursery.start(sdnotify.watchdog)
-            await sdnotify.ready(f"listening on {cfg.hub.listen}:{port}")
-
-    trio.run(main)
-    return 0
+    return _serve(HubApp(cfg),
+                  lambda port: f"edgegw hub listening on http://{cfg.hub.listen}:{port}/")
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from .gateway.service import Gateway
 
     cfg = load_gateway_config(args.config, args.overrides)
-
-    async def main() -> None:
-        gw = Gateway(cfg)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(gw.run)
-            print(f"edgegw gateway {cfg.gateway.id} running, hub {cfg.gateway.hub_url}",
-                  flush=True)
-            nursery.start_soon(_until_signal, nursery)
-            await nursery.start(sdnotify.watchdog)
-            await sdnotify.ready(f"gateway {cfg.gateway.id} running")
-
-    trio.run(main)
-    return 0
+    return _serve(Gateway(cfg), lambda _: f"edgegw gateway {cfg.gateway.id} running, "
+                                          f"hub {cfg.gateway.hub_url}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

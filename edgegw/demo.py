@@ -115,7 +115,7 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     try:
         return await _run(args, tmp)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        await trio.to_thread.run_sync(lambda: shutil.rmtree(tmp, ignore_errors=True))
 
 
 async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:

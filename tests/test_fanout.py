@@ -104,6 +104,17 @@ async def follow(port: int, topics: list[str], view: LiveView, json_text: bool =
             view.apply(json.loads(data) if json_text else cbor2.loads(data))
 
 
+async def http_json(port: int, path: str) -> Any:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                              .encode())
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    return json.loads(data.partition(b"\r\n\r\n")[2])
+
+
 async def wait_for(predicate: Any, seconds: float = 10.0) -> None:
     with trio.fail_after(seconds):
         while not predicate():
@@ -227,7 +238,15 @@ async def test_a_stalled_client_is_closed_and_never_slows_the_others(tmp_path: P
         stalled_id = max(fanout.core.clients)
 
         ticks0, t0 = fanout.ticks, time.monotonic()
-        n = await publish_load(fanout, "sensor/probe", 4.0)
+        async with trio.open_nursery() as load:
+            load.start_soon(publish_load, fanout, "sensor/probe", 4.0)
+            await trio.sleep(0.6)
+            # Mid-way, the stats page shows who is behind: per-client queue depth.
+            stats = await http_json(port, "/api/live/stats")
+            depth = {c["id"]: (c["queue_depth"], c["lagging"]) for c in stats["clients"]}
+            assert depth[stalled_id][0] > 0 or depth[stalled_id][1]
+            assert all(d <= 1 for cid, (d, _) in depth.items() if cid != stalled_id), depth
+        n = fanout.core.channels["sensor/probe"].offset
         ticks, t1 = fanout.ticks - ticks0, time.monotonic()
         await trio.sleep(0.2)
 
@@ -252,8 +271,10 @@ async def test_a_client_that_falls_behind_on_alerts_is_told_4008(tmp_path: Path)
         fanout.publish("alert/P0/yield_low", {"event": "raised", "alert": {"id": "a0"}})
         slow = await RawClient.connect(port, ["alert/#"])
         await wait_for(lambda: any(c.positions for c in fanout.core.clients.values()))
-        # It reads nothing while 2 s of events pile up, then reads everything.
+        # It reads nothing while 2 s of events pile up, then pings (the hub's pong must not
+        # land inside the frame it is in the middle of) and reads everything.
         await publish_load(fanout, "alert/P0/yield_low", 2.0, event=True)
+        await slow.sock.send(bytes((0x89, 0x82)) + b"\x00\x00\x00\x00" + b"hi")
         # Closed by the hub; its last write may still finish (close_grace), then 4008.
         [client] = fanout.core.clients.values()
         assert client.closed and client.close_code == CLOSE_TOO_SLOW and not client.queue
@@ -262,6 +283,9 @@ async def test_a_client_that_falls_behind_on_alerts_is_told_4008(tmp_path: Path)
         assert opcode == 0x8  # a clean close frame after the last whole message
         assert int.from_bytes(payload[:2], "big") == CLOSE_TOO_SLOW
         assert payload[2:] == b"too slow"
-        assert all(cbor2.loads(p)["type"] for op, p in frames[:-1])  # every frame whole
+        # every frame whole: data frames decode, a pong (if it got out) carries the ping's
+        assert all(cbor2.loads(p)["type"] for op, p in frames[:-1] if op == 0x2)
+        assert {op for op, _ in frames[:-1]} <= {0x2, 0xA}
+        assert all(p == b"hi" for op, p in frames if op == 0xA)
         slow.sock.close()
         nursery.cancel_scope.cancel()

@@ -73,8 +73,8 @@ def new_epoch() -> str:
 
 
 class _Session:
-    __slots__ = ("aborted", "client", "fd", "idle", "remainder", "scope", "send_scope", "wake",
-                 "ws")
+    __slots__ = ("aborted", "client", "fd", "gate", "held", "idle", "remainder", "scope",
+                 "send_scope", "wake", "ws")
 
     def __init__(self, client: Client, ws: WebSocket) -> None:
         self.client = client
@@ -84,8 +84,12 @@ class _Session:
         self.send_scope: trio.CancelScope | None = None  # the write in progress, if any
         self.aborted = False  # a write was cut mid-frame: no clean close is possible
         self.idle = False  # its sender is parked, waiting for frames
-        self.remainder: bytes | None = None  # the unwritten end of a frame written directly
+        # The unwritten end of a frame the ticker began; the gate is held for it until the
+        # sender has written it.
+        self.remainder: bytes | None = None
+        self.held = False  # the gate is taken on behalf of the remainder
         self.fd = _socket_fd(ws)
+        self.gate = ws.send_gate
 
 
 def _socket_fd(ws: WebSocket) -> int | None:
@@ -185,8 +189,10 @@ class LiveFanout:
         the rest.  True when nothing is left for the sender."""
         ws = session.ws
         fd = session.fd
-        if fd is None or ws.closed is not None or ws._send_lock.locked():
+        gate = session.gate
+        if fd is None or ws.closed is not None or gate.locked():
             return False  # someone is writing to it (a pong): let the sender queue behind
+        gate.acquire_nowait()
         core = self.core
         client = session.client
         while (frame := core.take_frame(client)) is not None:
@@ -195,13 +201,20 @@ class LiveFanout:
             except BlockingIOError:
                 n = 0
             except OSError:
-                session.remainder = frame  # the sender's write will see the error
+                n = -1
+            if n <= 0:
+                # Nothing written: the sender writes the whole frame the ordinary way (and
+                # meets the error, if there was one).
+                gate.release()
+                session.remainder = frame
                 return False
             ws.bytes_sent += n
             if n < len(frame):
                 session.remainder = frame[n:]
+                session.held = True  # the gate stays taken until the sender wrote the rest
                 return False
             core.frame_written(client, now)
+        gate.release()
         return True
 
     # ------------------------------------------------------------------ clients
@@ -227,15 +240,19 @@ class LiveFanout:
         finally:
             self._sessions.pop(client.id, None)
             core.disconnect(client)
-            if client.close_code is not None:
-                with trio.CancelScope(shield=True):
-                    if session.aborted:
-                        # Half a frame went out: a close frame now would be garbage.
-                        ws.closed = ConnectionClosed(client.close_code, client.close_reason)
-                        with trio.move_on_after(1):
-                            await ws.stream.aclose()
-                    else:
-                        await ws.aclose(client.close_code, client.close_reason)
+            if session.held:  # the rest of a frame will never be written
+                session.held = False
+                session.gate.release()
+                session.aborted = True
+            with trio.CancelScope(shield=True):
+                if session.aborted:
+                    # Half a frame went out: any close frame now would be garbage.
+                    ws.closed = ws.closed or ConnectionClosed(
+                        client.close_code or 1006, client.close_reason or "aborted")
+                    with trio.move_on_after(1):
+                        await ws.stream.aclose()
+                elif client.close_code is not None:
+                    await ws.aclose(client.close_code, client.close_reason)
 
     async def _sender(self, session: _Session) -> None:
         core = self.core
@@ -246,8 +263,12 @@ class LiveFanout:
             # can see the close frame after whole messages.
             while not client.closed or session.remainder is not None:
                 frame = session.remainder
+                continued = False
                 if frame is not None:
-                    session.remainder = None  # the rest of a frame the ticker began
+                    session.remainder = None
+                    # The rest of a frame the ticker began (then it holds the gate for us),
+                    # or a whole one it could not start.
+                    continued, session.held = session.held, False
                 else:
                     frame = core.take_frame(client)
                     if frame is None:
@@ -262,7 +283,10 @@ class LiveFanout:
                     session.send_scope = scope
                     if client.closed:
                         scope.deadline = trio.current_time() + self.config.close_grace
-                    await ws.send_prepared(frame)
+                    if continued:
+                        await self._write_rest(session, frame)
+                    else:
+                        await ws.send_prepared(frame)
                 session.send_scope = None
                 if scope.cancelled_caught:
                     session.aborted = True
@@ -272,6 +296,19 @@ class LiveFanout:
             pass
         if session.scope is not None:
             session.scope.cancel()  # the handler closes the connection
+
+    @staticmethod
+    async def _write_rest(session: _Session, rest: bytes) -> None:
+        """Write the end of a frame the ticker began, under the gate it left taken."""
+        ws = session.ws
+        try:
+            await ws.stream.send_all(rest)
+            ws.bytes_sent += len(rest)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            ws.closed = ws.closed or ConnectionClosed(1006, "connection lost")
+            raise ws.closed from exc
+        finally:
+            session.gate.release()
 
     # ------------------------------------------------------------------ stats
 

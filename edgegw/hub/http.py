@@ -77,6 +77,34 @@ def prepare_message(data: bytes | str) -> bytes:
     return bytes(_PREPARER.send_data(data, fin=True))
 
 
+class SendGate:
+    """Mutual exclusion for writes to one WebSocket, without an owner task.
+
+    Every write takes it (``async with``), so nothing -- a pong from the reader -- lands in
+    the middle of a frame.  Unlike ``trio.Lock`` it may be released by another task: the
+    fan-out's ticker takes it when it writes a shared frame straight to the socket, and if
+    the socket accepts only part, the client's own sender task writes the rest and
+    releases it."""
+
+    def __init__(self) -> None:
+        self._sem = trio.Semaphore(1)
+
+    def locked(self) -> bool:
+        return self._sem.value == 0
+
+    def acquire_nowait(self) -> None:
+        self._sem.acquire_nowait()
+
+    def release(self) -> None:
+        self._sem.release()
+
+    async def __aenter__(self) -> None:
+        await self._sem.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._sem.release()
+
+
 class WebSocket:
     """A server-side WebSocket over a Trio stream.
 
@@ -91,13 +119,13 @@ class WebSocket:
         self.subprotocol = subprotocol
         self.max_message_size = max_message_size
         self.closed: ConnectionClosed | None = None
-        self._send_lock = trio.Lock()
+        self.send_gate = SendGate()
         self._parts: list[bytes | str] = []
         self._size = 0
         self.bytes_sent = 0
 
     async def _write(self, data: bytes) -> None:
-        async with self._send_lock:
+        async with self.send_gate:
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
