@@ -242,11 +242,24 @@ class Gateway:
     async def run(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         if isinstance(self.store, DiskSpool) and not self.store.recovered:
-            # the spool's group-commit task outlives everything that appends to it
+            spool = self.store
+            # The spool's group-commit task outlives everything that appends to it: it is
+            # shielded from the shutdown cancellation so the final flush (in _run) and the
+            # last acks still reach the disk, and stopped explicitly afterwards.
+            spool_scope = trio.CancelScope(shield=True)
+
+            async def run_spool(*, task_status: trio.TaskStatus[None]) -> None:
+                with spool_scope:
+                    await spool.run(task_status=task_status)
+
             async with trio.open_nursery() as spool_nursery:
-                await spool_nursery.start(self.store.run)
-                await self._run(task_status=task_status)
-                spool_nursery.cancel_scope.cancel()
+                await spool_nursery.start(run_spool)
+                try:
+                    await self._run(task_status=task_status)
+                finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(5):
+                        await spool.flush()
+                    spool_scope.cancel()
         else:
             await self._run(task_status=task_status)
 
