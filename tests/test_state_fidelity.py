@@ -11,8 +11,6 @@ per die (1,456 distinct X/Y).  Both figures are checked.
 
 from __future__ import annotations
 
-import gzip
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 
 import pytest
 import trio
+from shared_data import GALAXY, stdf_bytes, stdf_path
 
 from edgegw.config import build
 from edgegw.gateway.config import GatewayConfig
@@ -34,22 +33,11 @@ from edgegw.stdf.mapping import RecordMapper
 FRAME_RECORDS = 500
 
 
-def shared_stdf() -> Path:
-    root = os.environ.get("EDGEGW_SHARED_DATA")
-    base = Path(root) if root else Path(__file__).resolve().parents[2] / "shared" / "data"
-    return base / "stdf"
-
-
 @pytest.fixture(scope="module")
 def galaxy() -> tuple[list[Any], list[Any]]:
     """(raw STDF records, mapped edgegw records) of the galaxy file."""
-    path = shared_stdf() / "galaxy-a530-lot2.stdf.gz"
-    if not path.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{path} is missing")
-        pytest.skip(f"{path} is not here")
     decoder = StdfDecoder()
-    decoder.feed(gzip.decompress(path.read_bytes()))
+    decoder.feed(stdf_bytes(GALAXY))
     raw = list(decoder.records())
     mapper = RecordMapper("galaxy")
     mapped = mapper.map_all(raw, 1_000.0) + mapper.close(1_000.0)
@@ -167,7 +155,7 @@ async def test_galaxy_streamed_through_gateway_and_hub_then_rebuilt_after_restar
     fig = file_figures(raw)
     inbox = tmp_path / "tester"
     inbox.mkdir()
-    shutil.copy(shared_stdf() / "galaxy-a530-lot2.stdf.gz", inbox)
+    shutil.copy(stdf_path(GALAXY), inbox)
     hub_cfg = build(HubConfig, {"hub": {"port": 0, "data_dir": str(tmp_path / "hub")},
                                 "gateways": {"ate-galaxy": {"token": "secret"}}})
     lot_topic = topics.lot(fig["lot_id"])

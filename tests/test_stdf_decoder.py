@@ -275,9 +275,9 @@ def test_a_new_feed_ends_an_unfinished_iteration_without_losing_records() -> Non
 
 
 def test_real_file_byte_by_byte_equals_one_shot_when_available() -> None:
-    from test_stdf_fidelity import load  # skips (or fails under CI) without the data
+    from shared_data import METIS, stdf_bytes  # skips (or fails under CI) without the data
 
-    data = load("metis-d10-2site.std")
+    data = stdf_bytes(METIS)
     whole = decode(data)
     dec = StdfDecoder()
     got = []

@@ -4,38 +4,18 @@ from the PRRs agree with the tester's own HBR/SBR/PCR summaries."""
 
 from __future__ import annotations
 
-import gzip
-import os
 import struct
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
+from shared_data import stdf_bytes
 
 from edgegw.stdf import Bits, StdfDecoder
 from edgegw.stdf.spec import BY_NAME
 from edgegw.stdf.stats import ALL_SITES, StdfStats
 
 FILES = ("metis-d10-2site.std", "galaxy-a530-lot2.stdf.gz")
-
-
-def shared_data() -> Path:
-    env = os.environ.get("EDGEGW_SHARED_DATA")
-    if env:
-        return Path(env)
-    # the repository (or a CI clone) sits beside shared/: <dir>/<repo>/tests/this_file
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "stdf"
-
-
-def load(name: str) -> bytes:
-    path = shared_data() / name
-    if not path.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{path} is missing (under CI the shared STDF data must be present)")
-        pytest.skip(f"shared STDF data not found at {path}")
-    data = path.read_bytes()
-    return gzip.decompress(data) if name.endswith(".gz") else data
 
 
 def decode_edgegw(data: bytes) -> list[tuple[str, dict[str, Any]]]:
@@ -93,7 +73,7 @@ def same(a: Any, b: Any) -> bool:
 
 @pytest.fixture(scope="module", params=FILES)
 def decoded(request: pytest.FixtureRequest) -> tuple[str, list, list]:
-    data = load(request.param)
+    data = stdf_bytes(request.param)
     return request.param, decode_edgegw(data), decode_pystdf(data)
 
 
@@ -123,18 +103,18 @@ def test_every_field_value_equals_pystdf(decoded: tuple[str, list, list]) -> Non
 
 def test_readme_record_counts() -> None:
     """The counts the data README states (as an independent reader counts them)."""
-    metis = Counter(n for n, _ in decode_edgegw(load("metis-d10-2site.std")))
+    metis = Counter(n for n, _ in decode_edgegw(stdf_bytes("metis-d10-2site.std")))
     assert metis == {"FAR": 1, "ATR": 1, "MIR": 1, "SDR": 1, "PMR": 120, "PIR": 22,
                      "DTR": 33, "PTR": 572, "PRR": 22, "TSR": 81, "HBR": 12, "SBR": 48,
                      "PCR": 3, "MRR": 1}
-    galaxy = Counter(n for n, _ in decode_edgegw(load("galaxy-a530-lot2.stdf.gz")))
+    galaxy = Counter(n for n, _ in decode_edgegw(stdf_bytes("galaxy-a530-lot2.stdf.gz")))
     assert sum(galaxy.values()) == 58020
     assert galaxy["PTR"] == 52403 and galaxy["GDR"] == 785 and galaxy["PRR"] == 1569
 
 
 @pytest.mark.parametrize("name", FILES)
 def test_bins_derived_from_prrs_agree_with_the_files_own_summaries(name: str) -> None:
-    records = decode_edgegw(load(name))
+    records = decode_edgegw(stdf_bytes(name))
     stats = StdfStats()
     for rec, fields in records:
         stats.add(rec, fields)
@@ -179,7 +159,7 @@ def test_bins_derived_from_prrs_agree_with_the_files_own_summaries(name: str) ->
 def test_metis_two_sites_interleave_and_results_attach_to_their_own_site() -> None:
     from edgegw.stdf import TestState
 
-    records = decode_edgegw(load("metis-d10-2site.std"))
+    records = decode_edgegw(stdf_bytes("metis-d10-2site.std"))
     state = TestState()
     per_part: dict[int, int] = {}
     closed = []

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import gzip
-import os
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
-import pytest
+from shared_data import stdf_bytes
 
 from edgegw.records import (
     BinSummary,
@@ -183,22 +180,6 @@ def test_forward_raw_emits_every_record_as_decoded() -> None:
     assert len(out) - len(raw) == len(mapped(recs))
 
 
-def shared_stdf() -> Path:
-    root = os.environ.get("EDGEGW_SHARED_DATA")
-    base = Path(root) if root else Path(__file__).resolve().parents[2] / "shared" / "data"
-    return base / "stdf"
-
-
-def real_file(name: str) -> bytes:
-    path = shared_stdf() / name
-    if not path.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{path} is missing")
-        pytest.skip(f"{path} is not here")
-    data = path.read_bytes()
-    return gzip.decompress(data) if name.endswith(".gz") else data
-
-
 def map_file(data: bytes) -> list[Any]:
     dec = StdfDecoder()
     dec.feed(data)
@@ -210,7 +191,7 @@ def map_file(data: bytes) -> list[Any]:
 
 
 def test_the_real_wafer_sort_file_agrees_with_its_own_summaries() -> None:
-    out = map_file(real_file("galaxy-a530-lot2.stdf.gz"))
+    out = map_file(stdf_bytes("galaxy-a530-lot2.stdf.gz"))
     parts = of(out, PartResult)
     assert len(parts) == 1569 and not any(p.supersedes for p in parts)
     (pcr,) = of(out, PartCount)
@@ -230,7 +211,7 @@ def test_the_real_wafer_sort_file_agrees_with_its_own_summaries() -> None:
 
 
 def test_the_real_two_site_file_agrees_with_its_per_site_summaries() -> None:
-    out = map_file(real_file("metis-d10-2site.std"))
+    out = map_file(stdf_bytes("metis-d10-2site.std"))
     parts = of(out, PartResult)
     assert Counter(p.site for p in parts) == {0: 11, 1: 11}
     for kind, attr in (("H", "hard_bin"), ("S", "soft_bin")):

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+from shared_data import GALAXY, stdf_path
 
 from edgegw.config import ConfigError, build
 from edgegw.metrics import Metrics
@@ -388,18 +389,8 @@ async def test_a_gzip_stream_cut_short_is_an_error_once_idle(tmp_path: Path) -> 
     assert sink.of(PartResult)  # what could be read was delivered
 
 
-def shared_stdf() -> Path:
-    root = os.environ.get("EDGEGW_SHARED_DATA")
-    base = Path(root) if root else Path(__file__).resolve().parents[2] / "shared" / "data"
-    return base / "stdf"
-
-
 async def test_the_real_gzip_file_is_tailed_in_full(tmp_path: Path) -> None:
-    real = shared_stdf() / "galaxy-a530-lot2.stdf.gz"
-    if not real.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{real} is missing")
-        pytest.skip(f"{real} is not here")
+    real = stdf_path(GALAXY)
     shutil.copy(real, tmp_path / real.name)
     sink = CollectingSink()
     async with trio.open_nursery() as nursery:
