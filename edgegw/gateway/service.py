@@ -10,6 +10,7 @@ kept with the store's checkpoints so it survives a restart together with the fra
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -63,7 +64,10 @@ class Gateway:
         self.state_dir = Path(config.gateway.state_dir)
         if store is None and config.spool is not None:
             # the disk spool recovers (in Gateway.run) before anything reads the store
-            store = DiskSpool(config.spool, metrics=self.metrics)
+            spool_cfg = config.spool
+            if not spool_cfg.dir:
+                spool_cfg = dataclasses.replace(spool_cfg, dir=str(self.state_dir / "spool"))
+            store = DiskSpool(spool_cfg, metrics=self.metrics)
         self.store: FrameStore = store or MemoryFrameStore(config.queue.max_frames,
                                                            config.queue.policy)
         self.batcher = Batcher(config.batch.max_records, config.batch.max_delay_ms / 1000)

@@ -8,8 +8,9 @@ from typing import Literal
 
 @dataclasses.dataclass(frozen=True)
 class SpoolConfig:
-    #: directory holding the segment files and the epoch file; created if missing
-    dir: str
+    #: directory holding the segment files and the epoch file; created if missing.
+    #: Empty: ``<gateway.state_dir>/spool``.
+    dir: str = ""
     #: byte cap over all segment files; reaching it applies ``policy``
     max_bytes: int = 1 << 30
     #: a segment is sealed (and a new one started) once it holds this many bytes; whole
@@ -30,8 +31,6 @@ class SpoolConfig:
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
-        if not self.dir:
-            problems.append(("dir", "must name a directory"))
         if self.segment_bytes < 4096:
             problems.append(("segment_bytes", "must be >= 4096"))
         if self.max_bytes < 4 * self.segment_bytes:
