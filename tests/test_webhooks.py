@@ -114,7 +114,8 @@ async def test_failed_deliveries_are_retried_with_growing_backoff_until_accepted
         await nursery.start(sender.run)
         sender.submit(event("a1"))
         sender.submit(event("a2"))
-        await wait_for(lambda: len(server.accepted) == 2)
+        # the receiver has both, and the sender has read both answers
+        await wait_for(lambda: len(server.accepted) == 2 and sender.m_delivered.total() == 2)
         # a1 failed four times, then was accepted; a2 only after a1 (in order)
         assert [r["json"]["alert"]["id"] for r in server.requests] == ["a1"] * 5 + ["a2"]
         assert sender.m_attempts.get(outcome="http_503") == 4
