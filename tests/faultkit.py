@@ -101,7 +101,27 @@ def assert_exactly_once(hub_dir: Path, expected: list[tuple[Any, ...]],
     return {"records": len(got)}
 
 
-class Hub:
+class _Process:
+    """An edgegw process the test can kill (SIGKILL, no goodbye) or stop (SIGTERM)."""
+
+    proc: subprocess.Popen[bytes] | None = None
+    stop_timeout = 10.0
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class Hub(_Process):
     def __init__(self, tmp: Path, port: int | None = None) -> None:
         self.tmp = tmp
         self.dir = tmp / "hub"
@@ -122,21 +142,10 @@ class Hub:
     def stats(self) -> dict[str, Any]:
         return get_json(f"{self.url}/api/stats")["gateways"].get(GATEWAY, {})
 
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+class Gateway(_Process):
+    stop_timeout = 15.0  # the final flush and the spool's last commit
 
-
-class Gateway:
     def __init__(self, tmp: Path, hub_port: int, *settings: str) -> None:
         self.tmp = tmp
         self.state = tmp / "gw"
@@ -164,18 +173,6 @@ class Gateway:
     def stats(self) -> dict[str, Any]:
         return get_json(f"http://127.0.0.1:{self.status}/api/stats")
 
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 def source_settings(**source: Any) -> list[str]:

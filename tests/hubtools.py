@@ -10,6 +10,7 @@ import trio
 
 from edgegw.config import build
 from edgegw.gateway.config import GatewayConfig
+from edgegw.gateway.service import Gateway
 from edgegw.hub.config import HubConfig
 from edgegw.hub.service import Hub
 
@@ -34,6 +35,16 @@ def gateway_config(tmp: Path, port: int, gw_id: str = "ate-01", token: str = "s3
     for key, value in sections.items():
         data.setdefault(key, {}).update(value)
     return build(GatewayConfig, data)
+
+
+async def start_tester(nursery: trio.Nursery, tmp: Path, port: int, token: str = "s3cret",
+                       **sim: Any) -> Gateway:
+    """A gateway with a simulated tester source (``sim``: its config keys), running."""
+    cfg = gateway_config(tmp / "gw", port, token=token, batch={"max_records": 500},
+                         sources=[{"name": "tester", "type": "simulated", **sim}])
+    gateway = Gateway(cfg)
+    await nursery.start(gateway.run)
+    return gateway
 
 
 async def start_hub(nursery: trio.Nursery, cfg: HubConfig) -> tuple[Hub, int]:

@@ -26,11 +26,10 @@ from typing import Any
 
 import pytest
 import trio
+from hubtools import start_tester
 from trio_websocket import open_websocket_url
 
 from edgegw.config import build
-from edgegw.gateway.config import GatewayConfig
-from edgegw.gateway.service import Gateway
 from edgegw.hub.alerts import AlertEngine, AlertsConfig
 from edgegw.hub.config import HubConfig
 from edgegw.hub.dashboard import STATIC_DIR, Dashboard
@@ -107,19 +106,6 @@ class LiveHub:
         assert self.state is not None
         snap = self.state.snapshot(topic)
         return len(snap["dies"]) if snap else -1
-
-
-async def start_tester(nursery: trio.Nursery, tmp: Path, port: int, **sim: Any) -> Gateway:
-    cfg = build(GatewayConfig, {
-        "gateway": {"id": "ate-01", "token": TOKEN, "state_dir": str(tmp / "gw"),
-                    "hub_url": f"ws://127.0.0.1:{port}/ws/gateway"},
-        "uplink": {"backoff_initial_s": 0.05, "backoff_max_s": 0.5, "heartbeat_s": 1.0},
-        "batch": {"max_records": 500, "max_delay_ms": 20},
-        "sources": [{"name": "tester", "type": "simulated", **sim}],
-    })
-    gateway = Gateway(cfg)
-    await nursery.start(gateway.run)
-    return gateway
 
 
 # --------------------------------------------------------------------------- a browser
@@ -281,7 +267,7 @@ async def test_the_wafer_map_shows_the_dies_the_hub_applied_even_across_a_restar
             await wait_page(browser, lambda p: p["conn"] == "live", 15, "the page to connect")
 
             # The tester starts after the page: everything the page draws came live.
-            gateway = await start_tester(nursery, tmp_path, port, parts_per_second=400,
+            gateway = await start_tester(nursery, tmp_path, port, TOKEN, parts_per_second=400,
                                          wafer_diameter_dies=18, max_parts=420)
             source = gateway.sources[0][1]
             page = await wait_page(browser, lambda p: p["dies"] > 0, 15, "the first dies")

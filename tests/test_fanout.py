@@ -11,11 +11,10 @@ from typing import Any
 
 import cbor2
 import trio
+from hubtools import http_get, start_tester
 from trio_websocket import open_websocket_url
 
 from edgegw.config import build
-from edgegw.gateway.config import GatewayConfig
-from edgegw.gateway.service import Gateway
 from edgegw.hub.config import HubConfig
 from edgegw.hub.fanout import LiveFanout
 from edgegw.hub.live_protocol import (
@@ -43,19 +42,6 @@ async def start_live_hub(nursery: trio.Nursery, tmp: Path, **live: Any) -> tuple
     port = await nursery.start(hub.run)
     await nursery.start(fanout.run)
     return hub, port, fanout, state
-
-
-async def start_tester(nursery: trio.Nursery, tmp: Path, port: int, **sim: Any) -> Gateway:
-    cfg = build(GatewayConfig, {
-        "gateway": {"id": "ate-01", "token": TOKEN, "state_dir": str(tmp / "gw"),
-                    "hub_url": f"ws://127.0.0.1:{port}/ws/gateway"},
-        "uplink": {"backoff_initial_s": 0.05, "backoff_max_s": 0.5, "heartbeat_s": 1.0},
-        "batch": {"max_records": 500, "max_delay_ms": 20},
-        "sources": [{"name": "tester", "type": "simulated", **sim}],
-    })
-    gateway = Gateway(cfg)
-    await nursery.start(gateway.run)
-    return gateway
 
 
 class LiveView:
@@ -104,17 +90,6 @@ async def follow(port: int, topics: list[str], view: LiveView, json_text: bool =
             view.apply(json.loads(data) if json_text else cbor2.loads(data))
 
 
-async def http_json(port: int, path: str) -> Any:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-                              .encode())
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    return json.loads(data.partition(b"\r\n\r\n")[2])
-
-
 async def wait_for(predicate: Any, seconds: float = 10.0) -> None:
     with trio.fail_after(seconds):
         while not predicate():
@@ -127,7 +102,7 @@ async def test_subscribers_get_a_snapshot_then_deltas_equal_to_the_hub_state(
         _hub, port, fanout, state = await start_live_hub(nursery, tmp_path)
         early, late_json = LiveView(), LiveView()
         await nursery.start(follow, port, ["lot/+/wafer/+", "gateway/#"], early)
-        gateway = await start_tester(nursery, tmp_path, port, parts_per_second=600,
+        gateway = await start_tester(nursery, tmp_path, port, TOKEN, parts_per_second=600,
                                      wafer_diameter_dies=16, max_parts=300)
         await wait_for(lambda: any(t.startswith("lot/") for t in early.views))
         # A client that joins mid-wafer starts from a snapshot, in JSON.
@@ -242,7 +217,7 @@ async def test_a_stalled_client_is_closed_and_never_slows_the_others(tmp_path: P
             load.start_soon(publish_load, fanout, "sensor/probe", 4.0)
             await trio.sleep(0.6)
             # Mid-way, the stats page shows who is behind: per-client queue depth.
-            stats = await http_json(port, "/api/live/stats")
+            _, stats = await http_get(port, "/api/live/stats")
             depth = {c["id"]: (c["queue_depth"], c["lagging"]) for c in stats["clients"]}
             assert depth[stalled_id][0] > 0 or depth[stalled_id][1]
             assert all(d <= 1 for cid, (d, _) in depth.items() if cid != stalled_id), depth
