@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # Sets up a fresh virtualenv and runs the whole test suite (lint included).
-# Installs the system packages the tests need (Mosquitto, Redis, Chromium) when missing
+# Installs the system packages the tests need (Mosquitto, Chromium) when missing
 # and we are root; tests that need them start their own instances on free ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_pkgs+=(mosquitto)
-command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
 command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium chromium-driver)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
