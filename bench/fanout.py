@@ -607,7 +607,7 @@ def report(args: argparse.Namespace, subs: Subscribers, phases: list[Any], log: 
                 if any(w0 <= t < w1 for _, w0, w1, *_r in parts)]
         by_task: collections.Counter[str] = collections.Counter()
         for took, name in long:
-            by_task[name.rsplit(".", 1)[-1]] += took
+            by_task[".".join(name.rsplit(".", 2)[-2:])] += took  # Class.method
         top = ", ".join(f"{name} {1000 * s:.0f} ms" for name, s in by_task.most_common(3))
         gcs = [took for t, took in full_gcs if any(w0 <= t < w1 for _, w0, w1, *_r in parts)]
         print(f"    hub Trio task steps > {args.long_step_ms:g} ms: {len(long)}, "
