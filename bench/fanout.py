@@ -31,6 +31,7 @@ import argparse
 import base64
 import bisect
 import collections
+import gc
 import hashlib
 import json
 import os
@@ -65,6 +66,7 @@ def run_hub(args: argparse.Namespace) -> None:
     from edgegw.config import build
     from edgegw.hub.config import HubConfig
     from edgegw.hub.fanout import LiveFanout
+    from edgegw.hub.gcpacing import GcPacer
     from edgegw.hub.live_protocol import LiveConfig
     from edgegw.hub.service import Hub
     from edgegw.hub.state import LiveState
@@ -90,6 +92,8 @@ def run_hub(args: argparse.Namespace) -> None:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(hub.run)
             await nursery.start(fanout.run)
+            if args.gc_freeze > 0:  # as HubApp does (config hub.gc_freeze_s)
+                await nursery.start(GcPacer(args.gc_freeze, metrics=hub.metrics).run)
             print(f"PORT {port}", flush=True)
 
             async def ticker() -> None:  # what the hub service does about once a second
@@ -107,6 +111,7 @@ def run_hub(args: argparse.Namespace) -> None:
 
     lags: list[float] = []
     created: list[tuple[str, int, int, float]] = []
+    long_steps = LongSteps(args.long_step_ms / 1000)
 
     async def feed_directly(args: argparse.Namespace, state: LiveState) -> None:
         """The simulated tester's records straight into the live state, every 10 ms, as
@@ -141,10 +146,44 @@ def run_hub(args: argparse.Namespace) -> None:
         await trio.Path(args.log).write_text(json.dumps({"created": created, "produced": sent}))
 
     _raise_nofile()
-    trio.run(main)
+    gc.callbacks.append(long_steps.on_gc)
+    trio.run(main, instruments=[long_steps])
     lags.sort()
     print("LAGS " + json.dumps({"n": len(lags), "p50": pct(lags, 50), "p99": pct(lags, 99)}),
           flush=True)
+    print("STEPS " + json.dumps(long_steps.steps), flush=True)
+    print("GC " + json.dumps(long_steps.collections), flush=True)
+
+
+class LongSteps:
+    """A Trio instrument that notes every task step longer than ``threshold`` seconds:
+    while one task runs, no other does -- no frame is applied, no tick runs.  This is
+    what shows whether a stalled client costs the others time in the hub."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.steps: list[tuple[float, float, str]] = []  # (wall end, seconds, task name)
+        self._t0 = 0.0
+        # The cyclic garbage collector's full collections: (wall end, seconds); what it
+        # takes of a long step.
+        self.collections: list[tuple[float, float]] = []
+        self._gc0 = 0.0
+
+    def on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._gc0 = time.perf_counter()
+        else:
+            self.collections.append((time.time(), time.perf_counter() - self._gc0))
+
+    def before_task_step(self, task: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def after_task_step(self, task: Any) -> None:
+        took = time.perf_counter() - self._t0
+        if took > self.threshold:
+            self.steps.append((time.time(), took, task.name))
 
 
 # --------------------------------------------------------------------------- tester process
@@ -355,6 +394,11 @@ def main() -> int:
                     help="gateway: tester -> gateway -> uplink -> hub store -> live state "
                          "(end to end); direct: records straight into the hub's live state "
                          "(the fan-out on its own)")
+    ap.add_argument("--long-step-ms", type=float, default=20.0,
+                    help="hub Trio task steps longer than this are counted per phase")
+    ap.add_argument("--gc-freeze", type=float, default=1.0,
+                    help="the hub freezes surviving objects this often, seconds (0: off, "
+                         "CPython's full collections pause the hub as they come)")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--data", default="")
     ap.add_argument("--log", default="")
@@ -376,7 +420,9 @@ def run_main(args: argparse.Namespace) -> int:
                             "--ui-rate", str(args.ui_rate), "--feed", args.feed,
                             "--rate", str(args.rate), "--log", str(tmp / "created.json"),
                             "--seconds", str(args.seconds + 4),
-                            "--stall-timeout", str(args.stall_timeout)],
+                            "--stall-timeout", str(args.stall_timeout),
+                            "--long-step-ms", str(args.long_step_ms),
+                            "--gc-freeze", str(args.gc_freeze)],
                            stdout=subprocess.PIPE, text=True)
     tester = None
     try:
@@ -437,7 +483,12 @@ def run_main(args: argparse.Namespace) -> int:
         out = hub.communicate(timeout=30)[0] or ""
         lags = next((json.loads(line[5:]) for line in out.splitlines()
                      if line.startswith("LAGS ")), None)
-        report(args, subs, phases, log, stats, hub_stats, bool(stalled), lags)
+        steps = next((json.loads(line[6:]) for line in out.splitlines()
+                      if line.startswith("STEPS ")), [])
+        collections_ = next((json.loads(line[3:]) for line in out.splitlines()
+                             if line.startswith("GC ")), [])
+        report(args, subs, phases, log, stats, hub_stats, bool(stalled), lags, steps,
+               collections_)
         for sock in stalled:
             sock.close()
         return 0
@@ -462,7 +513,7 @@ def _http_get(port: int, path: str) -> bytes:
 
 def report(args: argparse.Namespace, subs: Subscribers, phases: list[Any], log: dict[str, Any],
            stats: dict[str, Any], hub_stats: dict[str, Any], had_stalled: bool,
-           lags: dict[str, Any] | None) -> None:
+           lags: dict[str, Any] | None, steps: list[Any], full_gcs: list[Any]) -> None:
     import cbor2
 
     # creation time of each die result, by (wafer, x, y), in order
@@ -552,6 +603,18 @@ def report(args: argparse.Namespace, subs: Subscribers, phases: list[Any], log: 
               f"p50 {1000 * pct(tick_lat, 50):.1f} ms, p99 {1000 * pct(tick_lat, 99):.1f} ms")
         print(f"    update rate per client (frames/s): min {rates[0]:.1f}, "
               f"median {statistics.median(rates):.1f}, max {rates[-1]:.1f}")
+        long = [(took, name) for t, took, name in steps
+                if any(w0 <= t < w1 for _, w0, w1, *_r in parts)]
+        by_task: collections.Counter[str] = collections.Counter()
+        for took, name in long:
+            by_task[".".join(name.rsplit(".", 2)[-2:])] += took  # Class.method
+        top = ", ".join(f"{name} {1000 * s:.0f} ms" for name, s in by_task.most_common(3))
+        gcs = [took for t, took in full_gcs if any(w0 <= t < w1 for _, w0, w1, *_r in parts)]
+        print(f"    hub Trio task steps > {args.long_step_ms:g} ms: {len(long)}, "
+              f"{1000 * sum(t for t, _ in long):.0f} ms in all, longest "
+              f"{1000 * max((t for t, _ in long), default=0):.0f} ms ({top or 'none'}); "
+              f"full garbage collections: {len(gcs)}, longest "
+              f"{1000 * max(gcs, default=0):.0f} ms")
         print(f"    hub CPU {100 * cpu / secs:.0f} % of one core; RSS {rss:.0f} MB "
               f"(peak {hwm:.0f} MB); the subscribers' process {100 * own / secs:.0f} %; "
               f"load average {loads} on {os.cpu_count()} cores")

@@ -3,9 +3,11 @@ fan-out -> WebSocket clients.  Slow and stalled clients are real sockets that st
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from trio_websocket import open_websocket_url
 from edgegw.config import build
 from edgegw.hub.config import HubConfig
 from edgegw.hub.fanout import LiveFanout
+from edgegw.hub.gcpacing import GcPacer
 from edgegw.hub.live_protocol import (
     CLOSE_TOO_SLOW,
     SUBPROTOCOL_CBOR,
@@ -264,3 +267,38 @@ async def test_a_client_that_falls_behind_on_alerts_is_told_4008(tmp_path: Path)
         assert all(p == b"hi" for op, p in frames if op == 0xA)
         slow.sock.close()
         nursery.cancel_scope.cancel()
+
+
+class _Cyclic:
+    def __init__(self) -> None:
+        self.me = self  # a reference cycle: only the cyclic collector frees it
+
+
+async def test_the_gc_pacer_keeps_the_live_state_out_of_full_collections() -> None:
+    # Issue 6: CPython's full collections walked the hub's whole live state every ~15 s and
+    # held the event loop for 80-240 ms.  Frozen objects are never walked.
+    live_state = [[i] for i in range(50_000)]  # long-lived containers, like the dies
+    pacer = GcPacer(freeze_every=0.05, full_every=0.6)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pacer.run)
+        assert gc.get_freeze_count() >= len(live_state)
+        walked = {id(o) for o in gc.get_objects()}  # what any collection would look at
+        assert not any(id(row) in walked for row in live_state)
+        # Only one pacer per process: the collector's generations are process-wide.
+        second = GcPacer(freeze_every=0.01)
+        await nursery.start(second.run)
+        # Cyclic garbage that was frozen is not found by the ordinary collections ...
+        cycle = _Cyclic()
+        gone = weakref.ref(cycle)
+        await trio.sleep(0.2)  # a few freezes: it is frozen now
+        del cycle
+        gc.collect()
+        assert gone() is not None
+        # ... but by the pacer's periodic full sweep.
+        with trio.fail_after(5):
+            while gone() is not None:
+                await trio.sleep(0.05)
+        assert pacer.full_sweeps >= 1 and pacer.freezes >= 3 and second.freezes == 0
+        nursery.cancel_scope.cancel()
+    assert gc.get_freeze_count() == 0  # everything handed back to the collector
+    assert live_state[-1] == [49_999]

@@ -519,3 +519,39 @@ def test_big_snapshots_are_spread_over_ticks_and_deltas_keep_flowing() -> None:
     assert per_tick == [3, 4, 4, 2, 1, 1, 1]
     # ... and the first wafer's deltas went on meanwhile: nothing is missing or stale.
     assert viewer.views == state.state
+
+
+def test_a_stuck_client_costs_no_snapshot_work_until_its_write_completes() -> None:
+    # Issue 6: a client that subscribes to every wafer map and never reads must not make
+    # the hub build (and encode) its snapshots again and again while it is stuck.
+    state, hub = make_hub(queue_frames=4)
+    built: list[str] = []
+    real_snapshot = state.snapshot
+
+    def counting_snapshot(topic: str) -> dict[str, Any] | None:
+        built.append(topic)
+        return real_snapshot(topic)
+
+    state.snapshot = counting_snapshot  # type: ignore[method-assign]
+    for w in range(5):
+        state.change(f"lot/L1/wafer/{w}", {"dies": [[x, 0, 1, 1, True, 0] for x in range(100)]})
+    stuck = Viewer(hub)
+    stuck.send({"type": "subscribe", "id": 1, "topics": ["lot/+/wafer/+"]})
+    hub.tick(0.05, 0.05)
+    assert len(built) == 5  # its first snapshots, once
+    hub.take_frame(stuck.client)  # its sender starts writing 'hello' and never finishes
+    built.clear()
+    for t in range(2, 200):
+        state.change(f"lot/L1/wafer/{t % 5}", {"good": t})
+        hub.tick(t / 20, t / 20)
+        assert stuck.client.queue_depth <= 4 + 1  # bounded: at most queue_frames updates
+    assert stuck.client.lagging and stuck.client.updates_dropped > 0
+    assert built == []  # conflated once, then nothing is built for it while it is stuck
+    # Its write completes: it drains, then gets the latest state of each map, once.
+    hub.frame_written(stuck.client, 10.0)
+    stuck.drain(10.0)
+    hub.tick(10.05, 10.05)
+    stuck.drain(10.05)
+    assert sorted(built) == [f"lot/L1/wafer/{w}" for w in range(5)]
+    assert {i["topic"] for i in stuck.items() if i.get("resync") == "lagging"} == set(state.state)
+    assert stuck.views == state.state

@@ -18,6 +18,7 @@ from .alert_service import AlertService
 from .config import HubConfig
 from .dashboard import Dashboard
 from .fanout import LiveFanout
+from .gcpacing import GcPacer
 from .history import HistoryApi
 from .service import Hub
 from .state import LiveState
@@ -51,4 +52,9 @@ class HubApp:
             await nursery.start(self.alerts.run, self.state)
             port = await nursery.start(self.hub.run)
             await nursery.start(self.fanout.run)
+            h = self.config.hub
+            if h.gc_freeze_s > 0:
+                # After the replay: the rebuilt state is frozen at once.
+                await nursery.start(GcPacer(h.gc_freeze_s, h.gc_full_sweep_s,
+                                            metrics=self.metrics).run)
             task_status.started(port)

@@ -23,6 +23,11 @@ class HubSection:
     # frames in flight per gateway between receipt and durable commit
     apply_queue_frames: int = 64
     keep_frame_bodies: bool = True
+    # Survivors of young garbage collections are frozen this often (seconds; 0: off), so the
+    # collector's full collections never walk the live state (see edgegw/hub/gcpacing.py);
+    # a full sweep for cyclic garbage runs every gc_full_sweep_s (0: never).
+    gc_freeze_s: float = 1.0
+    gc_full_sweep_s: float = 600.0
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -34,6 +39,10 @@ class HubSection:
             problems.append(("max_frame_bytes", "must be at least 1024"))
         if self.max_holes < 0:
             problems.append(("max_holes", "must be >= 0"))
+        if self.gc_freeze_s < 0:
+            problems.append(("gc_freeze_s", "must be >= 0 (0: off)"))
+        if self.gc_full_sweep_s < 0:
+            problems.append(("gc_full_sweep_s", "must be >= 0 (0: never)"))
         return problems
 
 
