@@ -234,3 +234,30 @@ async def test_overflow_under_drop_oldest_is_counted_and_reported_to_the_hub(
         events = [r for (b,) in rows for r in cbor2.loads(b)[2] if r[0] == 13]
         assert any(e[4] == "store_overflow" for e in events)
         nursery.cancel_scope.cancel()
+
+
+async def test_old_frames_are_pruned_but_their_resend_is_still_a_duplicate(
+        tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path, retain_frames_hours=1.0,
+                                                        prune_interval_s=0.05))
+        ws_cm, ws, conn, _ = await handshake(port)
+        for seq in (1, 2, 3):
+            await ws.send_message(conn.data(seq, body(seq * 10, 4), trio.current_time()))
+        while decode(await ws.get_message()) != Ack(3, []):
+            pass
+        await ws_cm.__aexit__(None, None, None)
+        # frames 1 and 2 were applied two hours ago
+        await hub.store.query("UPDATE frames SET applied_at = applied_at - 7200 WHERE seq < 3")
+        with trio.fail_after(5):
+            while await hub.store.query("SELECT seq FROM frames") != [(3,)]:
+                await trio.sleep(0.02)
+        assert hub.metrics.counter("hub_frames_pruned_total").total() == 2
+        # the gateway never saw the acks and resends frame 1: it is still known as applied
+        ws_cm, ws, conn, welcome = await handshake(port, next_seq=1)
+        assert welcome.applied == [(1, 3)]
+        await ws.send_message(conn.data(1, body(10, 4), trio.current_time()))
+        assert decode(await ws.get_message()) == Ack(3, [])
+        await ws_cm.__aexit__(None, None, None)
+        assert hub.stats()["gateways"]["ate-01"]["duplicates_dropped"] == 1
+        nursery.cancel_scope.cancel()

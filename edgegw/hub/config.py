@@ -23,6 +23,10 @@ class HubSection:
     # frames in flight per gateway between receipt and durable commit
     apply_queue_frames: int = 64
     keep_frame_bodies: bool = True
+    # applied frames older than this are deleted (they only serve the live-state rebuild
+    # at start-up); the applied sequence sets that de-duplicate are kept.  0: keep forever
+    retain_frames_hours: float = 168.0
+    prune_interval_s: float = 600.0
     # Survivors of young garbage collections are frozen this often (seconds; 0: off), so the
     # collector's full collections never walk the live state (see edgegw/hub/gcpacing.py);
     # a full sweep for cyclic garbage runs every gc_full_sweep_s (0: never).
@@ -39,6 +43,10 @@ class HubSection:
             problems.append(("max_frame_bytes", "must be at least 1024"))
         if self.max_holes < 0:
             problems.append(("max_holes", "must be >= 0"))
+        if self.retain_frames_hours < 0:
+            problems.append(("retain_frames_hours", "must be >= 0 (0 keeps frames forever)"))
+        if self.prune_interval_s <= 0:
+            problems.append(("prune_interval_s", "must be > 0"))
         if self.gc_freeze_s < 0:
             problems.append(("gc_freeze_s", "must be >= 0 (0: off)"))
         if self.gc_full_sweep_s < 0:

@@ -82,6 +82,8 @@ class Hub:
         self.m_proto = m.counter("hub_protocol_errors_total", "connections closed for a fault")
         self.m_rejected = m.counter("hub_frames_rejected_total", "invalid frames dead-lettered")
         self.m_bad_http = m.counter("hub_bad_http_requests_total", "malformed HTTP requests")
+        self.m_pruned = m.counter("hub_frames_pruned_total",
+                                  "applied frames deleted after the retention period")
         self.m_connected = m.gauge("hub_gateways_connected", "gateways connected now")
         m.add_collector(lambda: self.m_connected.set(len(self.connected)))
         self.http.on_bad_request = lambda reason: self.m_bad_http.inc()
@@ -106,6 +108,8 @@ class Hub:
                                                 self.config.hub.port)
                 self.port = listeners[0].socket.getsockname()[1]
                 log.info("hub listening on %s:%s", self.config.hub.listen, self.port)
+                if self.config.hub.retain_frames_hours > 0:
+                    nursery.start_soon(self._pruner)
                 task_status.started(self.port)
         finally:
             with trio.CancelScope(shield=True):
@@ -135,6 +139,16 @@ class Hub:
             for gw, first_rid, records in batch:
                 for c in self.consumers:
                     c.on_records(gw, first_rid, records)
+
+    async def _pruner(self) -> None:
+        """Keep the frame table to ``retain_frames_hours``: a hub runs for months."""
+        h = self.config.hub
+        while True:
+            n = await self.store.prune(time.time() - h.retain_frames_hours * 3600)
+            if n:
+                self.m_pruned.inc(n)
+                log.info("pruned %d frame(s) older than %g h", n, h.retain_frames_hours)
+            await trio.sleep(h.prune_interval_s)
 
     # -- HTTP --
     async def _healthz(self, request: Request) -> Response:

@@ -239,6 +239,23 @@ class HubStore:
                 yield row[1], row[2], row[3], row[4], row[5]
             last = rows[-1][0]
 
+    async def prune(self, older_than: float, batch: int = 5000) -> int:
+        """Delete applied frames applied before ``older_than`` (Unix time), in batches of
+        short transactions so ingest is never held up for long; returns how many.  The
+        applied sets stay: a resend of a pruned frame is still dropped as a duplicate."""
+        def run() -> int:
+            assert self._db is not None
+            return self._db.execute(
+                "DELETE FROM frames WHERE id IN (SELECT id FROM frames WHERE applied_at < ?"
+                " ORDER BY id LIMIT ?)", (older_than, batch)).rowcount
+
+        total = 0
+        while True:
+            n = await trio.to_thread.run_sync(run, limiter=self._limiter)
+            total += n
+            if n < batch:
+                return total
+
     async def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """A read-only query, for the history API."""
         def run() -> list[tuple[Any, ...]]:
