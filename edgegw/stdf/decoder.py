@@ -31,6 +31,7 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
+from ..formats import FormatError
 from .spec import BY_NAME, BY_TYPE, GDR_TYPES, STRUCT_CODES, Bits, Field, RecordSpec
 
 #: consecutive records of unknown type after which the input is declared garbage
@@ -39,13 +40,8 @@ MAX_UNKNOWN_RUN = 8
 LENGTH_SLACK = 8
 
 
-class StdfError(ValueError):
+class StdfError(FormatError):
     """Input that is not (or no longer) valid STDF; ``offset`` is the stream byte offset."""
-
-    def __init__(self, message: str, offset: int) -> None:
-        super().__init__(f"{message} (at byte offset {offset})")
-        self.message = message
-        self.offset = offset
 
 
 class StdfRecord(NamedTuple):
