@@ -3,7 +3,8 @@
 Each subcommand lives in the module that owns its idea and registers itself through an
 ``add_commands(subparsers)`` function; this module only dispatches.  A command handler
 returns the exit status.  Configuration errors exit with status 2 and one line per
-problem, never a traceback.
+problem; a service that cannot start exits with status 3 and one line; never a traceback
+(docs/configuration.md, "Exit status").
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from .config import ConfigError
+from .startup import EXIT_CANNOT_START, EXIT_CONFIG, StartupError
 
 #: modules that contribute subcommands (each has ``add_commands(subparsers)``)
 COMMAND_MODULES = (
@@ -50,7 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         for line in exc.errors:
             print(f"edgegw: config error: {line}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except StartupError as exc:
+        print(f"edgegw: cannot start: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
     except KeyboardInterrupt:
         return 130
 

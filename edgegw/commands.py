@@ -1,4 +1,9 @@
-"""Core subcommands: hub, gateway, demo, check-config."""
+"""Core subcommands: hub, gateway, demo, check-config.
+
+Exit status (docs/configuration.md): 0 ok, 2 the config is invalid (one line per problem),
+3 the service cannot start (one line: port in use, address unknown, directory not
+writable, ...), 130 interrupted.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -16,6 +22,7 @@ from . import sdnotify
 from .config import ConfigError, apply_overrides, build, load, read_toml
 from .gateway.config import GatewayConfig, load_gateway_config
 from .hub.config import HubConfig
+from .startup import EXIT_CONFIG, StartupError, describe, prepare_dir, resolve
 
 log = logging.getLogger("edgegw")
 
@@ -54,21 +61,26 @@ def _add_set(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set hub.port=9000 (repeatable)")
 
 
+def check_config(data: dict[str, Any], origin: str) -> HubConfig | GatewayConfig:
+    """What ``check-config`` checks: the hub or gateway config in ``data``, built, its
+    sources included.  Raises ConfigError listing every problem."""
+    if "hub" in data or "gateways" in data:
+        return build(HubConfig, data, origin)
+    if "gateway" in data:
+        cfg = build(GatewayConfig, data, origin)
+        cfg.source_entries(origin)
+        return cfg
+    raise ConfigError([f"{origin}: <top>: neither a gateway config (needs a [gateway] "
+                       "table) nor a hub config (needs a [hub] table)"])
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        data = apply_overrides(read_toml(args.file), args.overrides)
-        if "hub" in data or "gateways" in data:
-            build(HubConfig, data, args.file)
-        elif "gateway" in data:
-            cfg = build(GatewayConfig, data, args.file)
-            cfg.source_entries(args.file)
-        else:
-            raise ConfigError([f"{args.file}: <top>: neither a gateway config (needs a "
-                               "[gateway] table) nor a hub config (needs a [hub] table)"])
+        check_config(apply_overrides(read_toml(args.file), args.overrides), args.file)
     except ConfigError as exc:
         for line in exc.errors:
             print(line)
-        return 2
+        return EXIT_CONFIG
     print("ok")
     return 0
 
@@ -80,36 +92,119 @@ async def _until_signal(nursery: trio.Nursery) -> None:
             return
 
 
-def _serve(service: Any, banner: Callable[[Any], str]) -> int:
-    """Run a service until SIGINT/SIGTERM, telling systemd once it is up."""
+def _serve(service: Any, banner: Callable[[Any], str],
+           listen: tuple[str, str, int] | None = None) -> int:
+    """Run a service until SIGINT/SIGTERM, telling systemd once it is up.  Anything that
+    stops it before it is ready is a StartupError (one line; ``listen`` names the
+    listening socket's keys, host and port for bind errors)."""
+    ready = False
+    held = _HeldLogs()
 
     async def main() -> None:
+        nonlocal ready
         async with trio.open_nursery() as nursery:
             started = await nursery.start(service.run)
+            ready = True
+            held.pass_on()
             text = banner(started)
             print(text, flush=True)
             nursery.start_soon(_until_signal, nursery)
             await nursery.start(sdnotify.watchdog)
             await sdnotify.ready(text)
 
-    trio.run(main)
+    try:
+        with held:
+            trio.run(main)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        if ready:
+            raise
+        log.debug("start-up failed", exc_info=exc)  # the whole story with -vv
+        raise StartupError(describe(exc, listen)) from None
     return 0
+
+
+class _HeldLogs(logging.Handler):
+    """Log lines written while a service starts are held back: if it fails to start, its
+    one-line reason is all the operator sees (the lines follow with -v); once it is ready
+    -- or when the start-up has logged a lot -- they are written out in order."""
+
+    LIMIT = 1000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = logging.getLogger()
+        self.targets: list[logging.Handler] = []
+        self.held: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.held.append(record)
+        if len(self.held) >= self.LIMIT:
+            self.pass_on()
+
+    def __enter__(self) -> _HeldLogs:
+        self.targets = list(self.root.handlers)
+        for h in self.targets:
+            self.root.removeHandler(h)
+        self.root.addHandler(self)
+        return self
+
+    def pass_on(self) -> None:
+        if self not in self.root.handlers:
+            return
+        self.root.removeHandler(self)
+        for h in self.targets:
+            self.root.addHandler(h)
+        for record in self.held:
+            for h in self.targets:
+                if record.levelno >= h.level:
+                    h.handle(record)
+        self.held.clear()
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
+        if exc is not None and self.root.getEffectiveLevel() >= logging.WARNING:
+            self.held.clear()  # a failed start, not verbose: its one line says it
+        self.pass_on()
 
 
 def cmd_hub(args: argparse.Namespace) -> int:
     from .hub.app import HubApp
 
     cfg = load(HubConfig, args.config, args.overrides)
-    return _serve(HubApp(cfg),
-                  lambda port: f"edgegw hub listening on http://{cfg.hub.listen}:{port}/")
+    h = cfg.hub
+    resolve("hub.listen", h.listen, h.port)
+    prepare_dir("hub.data_dir", h.data_dir)
+    return _serve(HubApp(cfg), lambda port: f"edgegw hub listening on http://{h.listen}:{port}/",
+                  listen=("hub.listen/hub.port", h.listen, h.port))
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from .gateway.service import Gateway
 
     cfg = load_gateway_config(args.config, args.overrides)
-    return _serve(Gateway(cfg), lambda _: f"edgegw gateway {cfg.gateway.id} running, "
-                                          f"hub {cfg.gateway.hub_url}")
+    g = cfg.gateway
+    prepare_dir("gateway.state_dir", g.state_dir)
+    if cfg.spool is not None:
+        if cfg.spool.dir:
+            prepare_dir("spool.dir", cfg.spool.dir)
+        else:
+            prepare_dir("gateway.state_dir (its spool/)", Path(g.state_dir) / "spool")
+    if g.status_port:
+        resolve("gateway.status_listen", g.status_listen, g.status_port)
+    if cfg.uplink.ca_file and g.hub_url.startswith("wss://"):
+        _readable("uplink.ca_file", cfg.uplink.ca_file)
+    listen = ("gateway.status_listen/status_port", g.status_listen, g.status_port)
+    return _serve(Gateway(cfg), lambda _: f"edgegw gateway {g.id} running, hub {g.hub_url}",
+                  listen=listen if g.status_port else None)
+
+
+def _readable(key: str, path: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise StartupError(f"{key}: cannot read {path!r}: {exc.strerror or exc}") from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -4,16 +4,30 @@ Every error names the file, the dotted key and what was expected, so that a brok
 config gives one clear line instead of a traceback.  Sections are plain dataclasses;
 the loader walks their type hints, so a new section (a source type in a plugin, say)
 needs no change here.
+
+A numeric key declares its allowed values on its type, where the reader (and the schema
+walk in ``iter_keys``, which the docs test and the config property test use) can see them::
+
+    port: Annotated[int, Range(1, 65535)] = 8765
+
+Every number is also checked for what TOML allows and the services need: floats finite
+(no ``nan``/``inf``), integers within 64 bits.  Checks that relate several keys stay in
+the section's ``validate()``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
+import re
 import tomllib  # Python >= 3.11; the tomli fallback is only declared for older builds
 import types
 import typing
+import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 T = TypeVar("T")
 
@@ -26,7 +40,69 @@ class ConfigError(Exception):
         self.errors = errors
 
 
-def _describe(tp: Any) -> str:
+INT64 = (-(1 << 63), (1 << 63) - 1)  # TOML integers are 64-bit
+
+
+def _num(v: float) -> str:
+    if isinstance(v, int) or (v.is_integer() and abs(v) < 1e15):
+        return str(int(v))
+    return repr(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric key may take: ``lo`` to ``hi``, both inclusive unless
+    ``lo_open`` (then "> lo"); ``also`` is one more value outside that span with a meaning
+    of its own (0 = "off", "any free port", "keep forever"; the key's docs say which)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    also: float | None = None
+
+    def __contains__(self, v: float) -> bool:
+        if self.also is not None and v == self.also:
+            return True
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or v <= self.hi
+
+    def describe(self) -> str:
+        """The range as the docs and the error messages write it: ``1 to 65535``,
+        ``>= 1``, ``> 0 and <= 3600``, ``0 or 0.1 to 3600``."""
+        if self.lo is not None and self.hi is not None:
+            span = (f"> {_num(self.lo)} and <= {_num(self.hi)}" if self.lo_open
+                    else f"{_num(self.lo)} to {_num(self.hi)}")
+        elif self.lo is not None:
+            span = f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
+        elif self.hi is not None:
+            span = f"<= {_num(self.hi)}"
+        else:
+            span = "any"
+        return span if self.also is None else f"{_num(self.also)} or {span}"
+
+
+def _unannotate(tp: Any) -> tuple[Any, Range | None]:
+    """``Annotated[int, Range(...)]`` -> (int, the Range); anything else -> (tp, None)."""
+    if get_origin(tp) is Annotated:
+        base, *meta = get_args(tp)
+        return base, next((m for m in meta if isinstance(m, Range)), None)
+    return tp, None
+
+
+def _describe(tp: Any, raw: Any = None) -> str:
+    """What ``tp`` accepts, in words; ``raw`` (the value found) only sharpens the wording."""
+    base, rng = _unannotate(tp)
+    if rng is not None:
+        span = rng.describe()
+        if span == "any":
+            return _describe(base, raw)
+        finite = base is float and isinstance(raw, float) and not math.isfinite(raw)
+        return f"{'a finite number' if finite else _describe(base)} {span}"
+    if tp is float and isinstance(raw, float) and not math.isfinite(raw):
+        return "a finite number"
+    if tp is int and isinstance(raw, int) and not INT64[0] <= raw <= INT64[1]:
+        return "an integer within 64 bits"
     origin = get_origin(tp)
     if tp is type(None):
         return "nothing"
@@ -34,10 +110,11 @@ def _describe(tp: Any) -> str:
         return " or ".join(repr(a) for a in get_args(tp))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in get_args(tp) if a is not type(None))
-    if origin is list:
+    if origin is list or (origin is tuple and get_args(tp)[-1:] == (...,)):
         return f"a list of {_describe(get_args(tp)[0])}"
     if origin is dict:
-        return f"a table of {_describe(get_args(tp)[1])}"
+        value_tp = get_args(tp)[1]
+        return "a table" if value_tp is Any else f"a table of {_describe(value_tp)}"
     if dataclasses.is_dataclass(tp):
         return "a table"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
@@ -54,6 +131,14 @@ class _Builder:
         self.errors.append(f"{self.origin}: {key or '<top>'}: {message}")
 
     def value(self, tp: Any, raw: Any, key: str) -> Any:
+        base, rng = _unannotate(tp)
+        if rng is not None:  # a number with a Range: one message saying both
+            sub = _Builder(self.origin)
+            out = sub.value(base, raw, key)
+            if sub.errors or out not in rng:
+                self.error(key, f"expected {_describe(tp, raw)}, got {_show(raw)}")
+                return None
+            return out
         origin = get_origin(tp)
         if tp is Any:
             return raw
@@ -61,6 +146,9 @@ class _Builder:
             args = get_args(tp)
             if raw is None and type(None) in args:
                 return None
+            others = [a for a in args if a is not type(None)]
+            if len(others) == 1:  # Optional[X]: X's own errors, naming the real key
+                return self.value(others[0], raw, key)
             for arg in args:
                 if arg is type(None):
                     continue
@@ -81,6 +169,15 @@ class _Builder:
                 return []
             (item_tp,) = get_args(tp)
             return [self.value(item_tp, v, f"{key}[{i}]") for i, v in enumerate(raw)]
+        if origin is tuple:  # TOML has arrays only: tuple[X, ...] is read from one
+            args = get_args(tp)
+            if not isinstance(raw, (list, tuple)) or (
+                    args[-1:] != (...,) and len(raw) != len(args)):
+                self.error(key, f"expected {_describe(tp)}, got {_show(raw)}")
+                return ()
+            item_tps = [args[0]] * len(raw) if args[-1:] == (...,) else list(args)
+            return tuple(self.value(t, v, f"{key}[{i}]")
+                         for i, (t, v) in enumerate(zip(item_tps, raw, strict=True)))
         if origin is dict:
             if not isinstance(raw, dict):
                 self.error(key, f"expected {_describe(tp)}, got {_show(raw)}")
@@ -90,14 +187,16 @@ class _Builder:
         if dataclasses.is_dataclass(tp):
             return self.section(tp, raw, key)
         if tp is float:
-            if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            if (isinstance(raw, (int, float)) and not isinstance(raw, bool)
+                    and math.isfinite(raw)):
                 return float(raw)
         elif tp is int:
             if isinstance(raw, int) and not isinstance(raw, bool):
-                return raw
+                if INT64[0] <= raw <= INT64[1]:
+                    return raw
         elif isinstance(tp, type) and isinstance(raw, tp):
             return raw
-        self.error(key, f"expected {_describe(tp)}, got {_show(raw)}")
+        self.error(key, f"expected {_describe(tp, raw)}, got {_show(raw)}")
         return None
 
     def section(self, cls: type[T], raw: Any, key: str) -> T:
@@ -105,7 +204,7 @@ class _Builder:
             self.error(key, f"expected a table, got {_show(raw)}")
             raw = {}
         before = len(self.errors)
-        hints = get_type_hints(cls)
+        hints = get_type_hints(cls, include_extras=True)
         fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         kwargs: dict[str, Any] = {}
         for name in raw:
@@ -130,6 +229,39 @@ class _Builder:
             for problem in check():
                 self.error(_join(key, problem[0]), problem[1])
         return obj
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is neither an IP address nor a host name, or None when it is one."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if name and len(name) <= 253 and all(_LABEL.fullmatch(p) for p in name.split(".")):
+        return None
+    return f"expected an IP address or a host name, got {_show(host)}"
+
+
+def ws_url_problem(url: str) -> str | None:
+    """Why ``url`` is not a usable ``ws://`` or ``wss://`` URL, or None."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"not a valid URL ({exc}): {url!r}"
+    if parts.scheme not in ("ws", "wss"):
+        return f"must start with ws:// or wss://, got {url!r}"
+    if not parts.hostname:
+        return f"names no host: {url!r}"
+    if port == 0:
+        return f"port must be 1 to 65535: {url!r}"
+    why = host_problem(parts.hostname)
+    return f"host: {why}" if why else None
 
 
 def _join(prefix: str, name: str) -> str:
@@ -162,18 +294,34 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` items to ``data``.  A list item is addressed by its index and must
+    exist (``sources.0.sites``); a missing table on the way is created.  A path that cannot
+    be followed is one ConfigError line naming it."""
     for item in overrides:
         path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            if part.isdigit() and isinstance(node, list):
-                node = node[int(part)]
-                continue
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, (dict, list)):
-                raise ConfigError([f"--set {item}: {part} is not a table"])
-            node = nxt
-        node[path[-1]] = value
+        node: Any = data
+        for depth, part in enumerate(path):
+            here = ".".join(path[: depth + 1])
+            last = depth == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit():
+                    raise ConfigError([f"--set {item}: {'.'.join(path[:depth])} is a list: "
+                                       f"{part!r} is not an index"])
+                if int(part) >= len(node):
+                    raise ConfigError([f"--set {item}: {here}: no such item "
+                                       f"({'.'.join(path[:depth])} has {len(node)})"])
+                index: Any = int(part)
+            elif isinstance(node, dict):
+                index = part
+                if not last:
+                    node.setdefault(part, {})
+            else:
+                raise ConfigError([f"--set {item}: {'.'.join(path[:depth])} is "
+                                   f"{_show(node)}, not a table"])
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
     return data
 
 
@@ -204,3 +352,56 @@ def load(cls: type[T], path: str | Path | None, overrides: list[str] | None = No
     data = read_toml(path) if path is not None else {}
     apply_overrides(data, overrides or [])
     return build(cls, data, str(path) if path is not None else "<defaults>")
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One leaf key of a config schema (see ``iter_keys``)."""
+
+    path: str  # dotted; ``[]`` marks a list of tables, ``<name>`` a table of tables
+    type: Any  # the declared type, annotations (a Range) included
+    default: Any  # dataclasses.MISSING when the key is required
+
+    @property
+    def base(self) -> Any:
+        """The type without Optional and annotations: int, float, str, list[int], ..."""
+        tp = self.type
+        if get_origin(tp) in (typing.Union, types.UnionType):
+            others = [a for a in get_args(tp) if a is not type(None)]
+            tp = others[0] if len(others) == 1 else tp
+        return _unannotate(tp)[0]
+
+    @property
+    def range(self) -> Range | None:
+        tp = self.type
+        if get_origin(tp) in (typing.Union, types.UnionType):
+            others = [a for a in get_args(tp) if a is not type(None)]
+            tp = others[0] if len(others) == 1 else tp
+        return _unannotate(tp)[1]
+
+    @property
+    def optional(self) -> bool:
+        return get_origin(self.type) in (typing.Union, types.UnionType) and type(None) in \
+            get_args(self.type)
+
+
+def iter_keys(cls: type, prefix: str = "") -> Iterator[Key]:
+    """Every leaf key of the config dataclass ``cls``, walking into sections, optional
+    sections (``[spool]``), lists of tables (``alerts.rules[].name``) and tables of
+    tables (``gateways.<name>.token``)."""
+    hints = get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        path = _join(prefix, f.name)
+        default: Any = f.default
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        inner = Key(path, tp, default).base
+        if dataclasses.is_dataclass(inner):
+            yield from iter_keys(inner, path)  # type: ignore[arg-type]
+        elif get_origin(inner) is list and dataclasses.is_dataclass(get_args(inner)[0]):
+            yield from iter_keys(get_args(inner)[0], f"{path}[]")
+        elif get_origin(inner) is dict and dataclasses.is_dataclass(get_args(inner)[1]):
+            yield from iter_keys(get_args(inner)[1], f"{path}.<name>")
+        else:
+            yield Key(path, tp, default)

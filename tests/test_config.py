@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edgegw.config import ConfigError, load
-from edgegw.gateway.config import load_gateway_config
+from edgegw.config import ConfigError, Key, iter_keys, load
+from edgegw.gateway.config import GatewayConfig, load_gateway_config
 from edgegw.hub.config import HubConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def test_an_unknown_key_is_named_with_what_is_allowed(tmp_path: Path) -> None:
 
 def test_a_wrong_type_says_what_was_expected_and_what_was_found(tmp_path: Path) -> None:
     errs = errors_of(write(tmp_path, GOOD_GATEWAY + '[uplink]\nheartbeat_s = "fast"\n'))
-    assert errs == [f"{tmp_path / 'cfg.toml'}: uplink.heartbeat_s: expected a number, "
+    assert errs == [f"{tmp_path / 'cfg.toml'}: uplink.heartbeat_s: expected a number 1 to 3600, "
                     "got string 'fast'"]
 
 
@@ -63,7 +63,8 @@ def test_a_missing_required_value_is_named(tmp_path: Path) -> None:
 
 def test_errors_inside_a_source_table_carry_its_index(tmp_path: Path) -> None:
     errs = errors_of(write(tmp_path, GOOD_GATEWAY + "sites = 0\n"))
-    assert errs == [f"{tmp_path / 'cfg.toml'}: sources[0].sites: must be between 1 and 255"]
+    assert errs == [f"{tmp_path / 'cfg.toml'}: sources[0].sites: expected an integer 1 to 255, "
+                    "got integer 0"]
     errs = errors_of(write(tmp_path, GOOD_GATEWAY.replace('"simulated"', '"nosuch"')))
     assert "sources[0].type: unknown source type 'nosuch' (installed:" in errs[0]
 
@@ -84,7 +85,8 @@ def test_overrides_apply_with_toml_typing(tmp_path: Path) -> None:
     cfg = load_gateway_config(str(path), ["batch.max_records=7", "gateway.hub_url=ws://h:1/x"])
     assert cfg.batch.max_records == 7 and cfg.gateway.hub_url == "ws://h:1/x"
     errs = errors_of(path, ["batch.max_records=many"])
-    assert errs[0].endswith("batch.max_records: expected an integer, got string 'many'")
+    assert errs[0].endswith("batch.max_records: expected an integer 1 to 10000000, "
+                            "got string 'many'")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -111,3 +113,182 @@ def test_a_broken_config_stops_a_command_with_one_line_and_status_2(tmp_path: Pa
         "(allowed here: max_delay_ms, max_records)"]
     missing = run_cli("hub", "--config", str(tmp_path / "absent.toml"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+# -- values check-config used to accept that crash or stall a service (issue 10, finding 4) --
+
+HUB_TOML = REPO / "conf" / "hub.toml"
+GATEWAY_TOML = REPO / "conf" / "gateway.toml"
+
+
+@pytest.mark.parametrize(("config", "override", "error"), [
+    # the hub died when a gateway connected
+    (HUB_TOML, "hub.apply_queue_frames=-1",
+     "hub.apply_queue_frames: expected an integer 1 to 65536, got integer -1"),
+    (HUB_TOML, "hub.hello_timeout_s=-1",
+     "hub.hello_timeout_s: expected a number 1 to 600, got integer -1"),
+    (HUB_TOML, "hub.heartbeat_s=nan",
+     "hub.heartbeat_s: expected a finite number 1 to 3600, got number nan"),
+    (HUB_TOML, "hub.heartbeat_s=inf",
+     "hub.heartbeat_s: expected a finite number 1 to 3600, got number inf"),
+    # every gateway refused forever
+    (HUB_TOML, "hub.max_records_per_frame=0",
+     "hub.max_records_per_frame: expected an integer 1 to 10000000, got integer 0"),
+    (HUB_TOML, 'hub.listen="not an ip"',
+     "hub.listen: expected an IP address or a host name, got string 'not an ip'"),
+    (HUB_TOML, "hub.port=65536", "hub.port: expected an integer 0 or 1 to 65535, "
+                                 "got integer 65536"),
+    # listened on 4464 (70000 mod 65536); -1 was an 81-line traceback
+    (GATEWAY_TOML, "gateway.status_port=70000",
+     "gateway.status_port: expected an integer 0 or 1 to 65535, got integer 70000"),
+    (GATEWAY_TOML, "gateway.status_port=-1",
+     "gateway.status_port: expected an integer 0 or 1 to 65535, got integer -1"),
+    # connected, then a silent stall
+    (GATEWAY_TOML, "queue.max_frames=0",
+     "queue.max_frames: expected an integer 1 to 10000000, got integer 0"),
+    # reconnected forever
+    (GATEWAY_TOML, "uplink.connect_timeout_s=0",
+     "uplink.connect_timeout_s: expected a number 1 to 600, got integer 0"),
+    (GATEWAY_TOML, 'gateway.hub_url="ws://hub:70000/ws/gateway"',
+     "gateway.hub_url: not a valid URL (Port out of range 0-65535): "
+     "'ws://hub:70000/ws/gateway'"),
+    (GATEWAY_TOML, 'gateway.token=""',
+     "gateway.token: must not be empty (the hub refuses an empty token)"),
+    # an invalid spool.* value named the [spool] table instead of the key
+    (GATEWAY_TOML, "spool.max_bytes=-1",
+     "spool.max_bytes: expected an integer >= 16384, got integer -1"),
+    (GATEWAY_TOML, 'spool.policy="drop_newest"',
+     "spool.policy: expected 'block' or 'drop_oldest', got string 'drop_newest'"),
+    (GATEWAY_TOML, "spool.segment_bytes=1073741824",
+     "spool.max_bytes: must hold at least 4 segments: >= 4 x segment_bytes = 4294967296"),
+    (GATEWAY_TOML, "spool.max_bytz=1", "spool.max_bytz: unknown key (allowed here: "
+                                       "commit_max_delay_ms, commit_max_frames, dir, "
+                                       "max_bytes, policy, segment_bytes, stall_timeout_s)"),
+    (GATEWAY_TOML, "sources.0.parts_per_second=0",
+     "sources[0].parts_per_second: expected a number 0.001 to 1000000, got integer 0"),
+])
+def test_check_config_rejects_a_value_a_service_cannot_run_with_one_line_naming_the_key(
+        config: Path, override: str, error: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgegw.cli import main
+
+    assert main(["check-config", str(config), "--set", override]) == 2
+    assert capsys.readouterr().out.splitlines() == [f"{config}: {error}"]
+
+
+@pytest.mark.parametrize(("override", "error"), [
+    ("sources.5.sites=8", "--set sources.5.sites=8: sources.5: no such item (sources has 1)"),
+    ("sources.x.sites=8", "--set sources.x.sites=8: sources is a list: 'x' is not an index"),
+    ("batch.max_records.x=1",
+     "--set batch.max_records.x=1: batch.max_records is integer 2000, not a table"),
+])
+def test_a_set_path_that_cannot_be_followed_is_one_error_line(override: str, error: str) -> None:
+    for command in (["check-config", str(GATEWAY_TOML)], ["gateway", "--config",
+                                                          str(GATEWAY_TOML)]):
+        out = run_cli(*command, "--set", override)
+        assert out.returncode == 2
+        lines = (out.stdout + out.stderr).strip().splitlines()
+        assert lines in ([error], [f"edgegw: config error: {error}"]), lines
+
+
+def test_set_replaces_a_whole_list_item_and_its_type_is_checked() -> None:
+    out = run_cli("check-config", str(GATEWAY_TOML), "--set", "sources.0=5")
+    assert (out.returncode, out.stdout.strip().splitlines(), out.stderr) == (
+        2, [f"{GATEWAY_TOML}: sources[0]: expected a table, got integer 5"], "")
+    out = run_cli("check-config", str(GATEWAY_TOML), "--set",
+                  'sources.0={name = "t2", type = "simulated", sites = 2}')
+    assert (out.returncode, out.stdout.strip()) == (0, "ok")
+
+
+def test_live_event_prefixes_is_read_from_a_toml_list(tmp_path: Path) -> None:
+    cfg = load(HubConfig, write(tmp_path, '[hub]\n[live]\nevent_prefixes = ["alert/", "gw/"]\n'))
+    assert cfg.live.event_prefixes == ("alert/", "gw/")
+    with pytest.raises(ConfigError) as exc:
+        load(HubConfig, write(tmp_path, '[hub]\n[live]\nevent_prefixes = ["alert/", 3]\n'))
+    assert exc.value.errors == [f"{tmp_path / 'cfg.toml'}: live.event_prefixes[1]: "
+                                "expected a string, got integer 3"]
+
+
+def test_errors_in_an_optional_section_name_every_bad_key(tmp_path: Path) -> None:
+    errs = errors_of(write(tmp_path, GOOD_GATEWAY + "[spool]\ncommit_max_frames = 0\n"
+                                                    "stall_timeout_s = nan\n"))
+    assert [e.split(": ")[1] for e in errs] == ["spool.commit_max_frames",
+                                               "spool.stall_timeout_s"]
+
+
+def test_integers_beyond_64_bits_are_refused(tmp_path: Path) -> None:
+    errs = errors_of(write(tmp_path, GOOD_GATEWAY + "seed = 99999999999999999999\n"))
+    assert errs == [f"{tmp_path / 'cfg.toml'}: sources[0].seed: expected an integer within "
+                    "64 bits, got integer 99999999999999999999"]
+
+
+# -- the schema declares every number's range, and the docs show it ------------------------
+
+def _schemas() -> dict[str, type]:
+    from edgegw.sources import source_types
+
+    out: dict[str, type] = {"hub": HubConfig, "gateway": GatewayConfig}
+    for name in ("simulated", "stdf", "mqtt"):
+        out[name] = source_types()[name].Config
+    return out
+
+
+# Numbers whose allowed values depend on another key or are listed, checked by validate()
+# (each with its own message); every other number declares a Range on its type.
+RANGE_IN_VALIDATE = {
+    ("hub", "alerts.rules[].threshold"),  # 0 to 1 for yield kinds, any for test_cpk
+    ("hub", "alerts.rules[].low"), ("hub", "alerts.rules[].high"),  # low <= high
+    ("mqtt", "qos"), ("mqtt", "subscriptions[].qos"),  # 0 or 1: "must be 0 or 1"
+}
+
+
+def test_every_numeric_key_declares_its_range() -> None:
+    from typing import get_args, get_origin
+
+    missing = []
+    for schema, cls in _schemas().items():
+        for key in iter_keys(cls):
+            base = key.base
+            if get_origin(base) is list:  # a list of numbers: the items' range
+                item = Key(key.path + "[]", get_args(base)[0], None)
+                base, rng = item.base, item.range
+            else:
+                rng = key.range
+            if base in (int, float) and rng is None and (schema, key.path) not in \
+                    RANGE_IN_VALIDATE:
+                missing.append(f"{schema}: {key.path}")
+    assert missing == [], "declare a Range on these keys' types (edgegw.config.Range)"
+
+
+def _documented() -> dict[str, list[str]]:
+    """docs/configuration.md's table rows: the first cell's key -> the other cells."""
+    rows: dict[str, list[str]] = {}
+    for line in (REPO / "docs" / "configuration.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) >= 3:
+            rows[cells[0].replace(" (stdf)", "").replace(" (mqtt)", "").strip("`")] = cells[1:]
+    return rows
+
+
+def test_every_key_is_documented_with_its_range() -> None:
+    from typing import get_args, get_origin
+
+    rows = _documented()
+    problems = []
+    for schema, cls in _schemas().items():
+        for key in iter_keys(cls):
+            if key.path == "sources":
+                continue  # documented per source type
+            row = rows.get(key.path)
+            if row is None:
+                problems.append(f"{schema}: {key.path}: not in docs/configuration.md")
+                continue
+            range_cell = row[1]
+            rng = key.range
+            if rng is None and get_origin(key.base) is list:
+                rng = Key("", get_args(key.base)[0], None).range
+            if not range_cell:
+                problems.append(f"{key.path}: no range documented")
+            elif rng is not None and rng.describe() not in range_cell:
+                problems.append(f"{key.path}: documented {range_cell!r}, declared "
+                                f"{rng.describe()!r}")
+    assert problems == []

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from ..config import ConfigError, build
+from ..config import ConfigError, Range, build, host_problem, ws_url_problem
 from ..sources import UnknownSourceType, source_type
 from ..spool.config import SpoolConfig
 
@@ -17,49 +17,47 @@ class GatewaySection:
     hub_url: str = "ws://127.0.0.1:8765/ws/gateway"
     state_dir: str = "./edgegw-gateway-data"
     # 0 disables the local status port (/healthz, /api/stats, /metrics)
-    status_port: int = 0
+    status_port: Annotated[int, Range(1, 65535, also=0)] = 0
     status_listen: str = "127.0.0.1"
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
         if not self.id or len(self.id) > 128:
             problems.append(("id", "must be 1 to 128 characters"))
-        if not self.hub_url.startswith(("ws://", "wss://")):
-            problems.append(("hub_url", f"must start with ws:// or wss://, got {self.hub_url!r}"))
+        if not self.token:
+            problems.append(("token", "must not be empty (the hub refuses an empty token)"))
+        why = ws_url_problem(self.hub_url)
+        if why:
+            problems.append(("hub_url", why))
+        if not self.state_dir:
+            problems.append(("state_dir", "must not be empty"))
+        why = host_problem(self.status_listen)
+        if why:
+            problems.append(("status_listen", why))
         return problems
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchSection:
-    max_records: int = 2000
-    max_delay_ms: float = 100.0
-
-    def validate(self) -> list[tuple[str, str]]:
-        problems = []
-        if self.max_records < 1:
-            problems.append(("max_records", "must be >= 1"))
-        if self.max_delay_ms < 0:
-            problems.append(("max_delay_ms", "must be >= 0"))
-        return problems
+    max_records: Annotated[int, Range(1, 10_000_000)] = 2000
+    max_delay_ms: Annotated[float, Range(0, 60_000)] = 100.0
 
 
 @dataclasses.dataclass(frozen=True)
 class UplinkSection:
-    heartbeat_s: float = 5.0
-    connect_timeout_s: float = 10.0
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 30.0
-    max_frame_bytes: int = 8 << 20
+    heartbeat_s: Annotated[float, Range(1, 3600)] = 5.0
+    connect_timeout_s: Annotated[float, Range(1, 600)] = 10.0
+    backoff_initial_s: Annotated[float, Range(0, 3600, lo_open=True)] = 0.5
+    backoff_max_s: Annotated[float, Range(0, 3600, lo_open=True)] = 30.0
+    max_frame_bytes: Annotated[int, Range(1024, 1 << 30)] = 8 << 20
     # frames sent but not yet acknowledged
-    window_frames: int = 64
+    window_frames: Annotated[int, Range(1, 65536)] = 64
     ca_file: str = ""
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
-        if self.backoff_initial_s <= 0 or self.backoff_max_s < self.backoff_initial_s:
-            problems.append(("backoff_max_s", "need 0 < backoff_initial_s <= backoff_max_s"))
-        if self.window_frames < 1:
-            problems.append(("window_frames", "must be >= 1"))
+        if self.backoff_max_s < self.backoff_initial_s:
+            problems.append(("backoff_max_s", "must be >= backoff_initial_s"))
         return problems
 
 
@@ -67,7 +65,7 @@ class UplinkSection:
 class QueueSection:
     """The in-memory frame queue used when no disk spool is configured."""
 
-    max_frames: int = 1000
+    max_frames: Annotated[int, Range(1, 10_000_000)] = 1000
     policy: Literal["block", "drop_oldest"] = "block"
 
 

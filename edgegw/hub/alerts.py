@@ -30,8 +30,9 @@ import hashlib
 import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+from edgegw.config import Range
 from edgegw.hub import topics
 from edgegw.metrics import Metrics
 from edgegw.records import PartResult, SensorReading, SensorWindow
@@ -65,30 +66,31 @@ class AlertRuleConfig:
     #: bin_share: a fixed share limit (0..1) instead of the statistical one.
     threshold: float | None = None
     #: yield, gap and bin-share rules wait for this many dies (per site for the gap rule).
-    min_parts: int = 50
+    min_parts: Annotated[int, Range(1)] = 50
     #: consecutive_fails: this many fails in a row on one site.
-    count: int = 5
+    count: Annotated[int, Range(1)] = 5
     #: bin_share: hard bins watched (empty: every hard bin not in ``good_bins``).
-    bins: list[int] = dataclasses.field(default_factory=list)
-    good_bins: list[int] = dataclasses.field(default_factory=lambda: [1])
+    bins: list[Annotated[int, Range(0, 65535)]] = dataclasses.field(default_factory=list)
+    good_bins: list[Annotated[int, Range(0, 65535)]] = dataclasses.field(
+        default_factory=lambda: [1])
     #: bin_share statistical limit: mean + k * sigma of the bin's share over recent wafers.
-    k: float = 3.0
-    min_wafers: int = 3
-    recent_wafers: int = 10
+    k: Annotated[float, Range(0, 100)] = 3.0
+    min_wafers: Annotated[int, Range(2)] = 3
+    recent_wafers: Annotated[int, Range(2)] = 10
     #: test_cpk: one test number, or every test when absent.
-    test_num: int | None = None
-    min_samples: int = 30
+    test_num: Annotated[int, Range(0, 4_294_967_295)] | None = None
+    min_samples: Annotated[int, Range(2)] = 30
     #: sensor_range: channel name pattern (shell-style) and the allowed range.
     channel: str = "*"
     low: float | None = None
     high: float | None = None
     #: gateway_offline: gateway id pattern and the seconds offline before alerting.
     gateway: str = "*"
-    offline_s: float = 60.0
+    offline_s: Annotated[float, Range(0, 2_592_000)] = 60.0
     #: every record-driven rule: lot id pattern.
     lot: str = "*"
     #: overrides the section's de-duplication window for this rule.
-    dedup_window_s: float | None = None
+    dedup_window_s: Annotated[float, Range(0, 2_592_000)] | None = None
     enabled: bool = True
 
     def validate(self) -> list[tuple[str, str]]:
@@ -132,10 +134,10 @@ class WebhookConfig:
     events: list[str] = dataclasses.field(
         default_factory=lambda: ["raised", "acknowledged", "escalated"]
     )
-    timeout_s: float = 5.0
-    max_attempts: int = 8
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 60.0
+    timeout_s: Annotated[float, Range(0.1, 600)] = 5.0
+    max_attempts: Annotated[int, Range(1, 1000)] = 8
+    backoff_initial_s: Annotated[float, Range(0, 86_400, lo_open=True)] = 0.5
+    backoff_max_s: Annotated[float, Range(0, 86_400, lo_open=True)] = 60.0
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> list[tuple[str, str]]:
@@ -158,10 +160,10 @@ class AlertsConfig:
 
     rules: list[AlertRuleConfig] = dataclasses.field(default_factory=list)
     webhooks: list[WebhookConfig] = dataclasses.field(default_factory=list)
-    dedup_window_s: float = 300.0
-    escalate_after_s: float = 120.0
+    dedup_window_s: Annotated[float, Range(0, 2_592_000)] = 300.0
+    escalate_after_s: Annotated[float, Range(0, 2_592_000)] = 120.0
     #: alerts kept in memory (the newest); older ones stay in the alert store.
-    keep: int = 1000
+    keep: Annotated[int, Range(1, 1_000_000)] = 1000
 
     def validate(self) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []

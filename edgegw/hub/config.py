@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Annotated
 
+from ..config import Range, host_problem
 from .alerts import AlertsConfig
 from .live_protocol import LiveConfig
 
@@ -11,46 +13,36 @@ from .live_protocol import LiveConfig
 @dataclasses.dataclass(frozen=True)
 class HubSection:
     listen: str = "127.0.0.1"
-    port: int = 8765
+    port: Annotated[int, Range(1, 65535, also=0)] = 8765  # 0: any free port
     data_dir: str = "./edgegw-hub-data"
-    heartbeat_s: float = 5.0
-    hello_timeout_s: float = 10.0
-    max_frame_bytes: int = 8 << 20
-    max_records_per_frame: int = 50_000
+    heartbeat_s: Annotated[float, Range(1, 3600)] = 5.0
+    hello_timeout_s: Annotated[float, Range(1, 600)] = 10.0
+    max_frame_bytes: Annotated[int, Range(1024, 1 << 30)] = 8 << 20
+    max_records_per_frame: Annotated[int, Range(1, 10_000_000)] = 50_000
     # how many holes the applied sequence set may have: >0 lets a gateway send live
     # frames ahead of its backlog after an outage (see docs/protocol.md)
-    max_holes: int = 8
+    max_holes: Annotated[int, Range(0, 1000)] = 8
     # frames in flight per gateway between receipt and durable commit
-    apply_queue_frames: int = 64
+    apply_queue_frames: Annotated[int, Range(1, 65536)] = 64
     keep_frame_bodies: bool = True
     # applied frames older than this are deleted (they only serve the live-state rebuild
     # at start-up); the applied sequence sets that de-duplicate are kept.  0: keep forever
-    retain_frames_hours: float = 168.0
-    prune_interval_s: float = 600.0
+    retain_frames_hours: Annotated[float, Range(0, 876_000)] = 168.0
+    prune_interval_s: Annotated[float, Range(0.01, 86_400)] = 600.0
     # Survivors of young garbage collections are frozen this often (seconds; 0: off), so the
     # collector's full collections never walk the live state (see edgegw/hub/gcpacing.py);
     # a full sweep for cyclic garbage runs every gc_full_sweep_s (0: never).
-    gc_freeze_s: float = 1.0
-    gc_full_sweep_s: float = 600.0
+    gc_freeze_s: Annotated[float, Range(0.1, 3600, also=0)] = 1.0
+    gc_full_sweep_s: Annotated[float, Range(1, 604_800, also=0)] = 600.0
 
     def validate(self) -> list[tuple[str, str]]:
+        # numeric ranges are declared on the fields (Range) and checked by the loader
         problems = []
-        if not 0 <= self.port <= 65535:
-            problems.append(("port", "must be between 0 and 65535"))
-        if self.heartbeat_s <= 0:
-            problems.append(("heartbeat_s", "must be > 0"))
-        if self.max_frame_bytes < 1024:
-            problems.append(("max_frame_bytes", "must be at least 1024"))
-        if self.max_holes < 0:
-            problems.append(("max_holes", "must be >= 0"))
-        if self.retain_frames_hours < 0:
-            problems.append(("retain_frames_hours", "must be >= 0 (0 keeps frames forever)"))
-        if self.prune_interval_s <= 0:
-            problems.append(("prune_interval_s", "must be > 0"))
-        if self.gc_freeze_s < 0:
-            problems.append(("gc_freeze_s", "must be >= 0 (0: off)"))
-        if self.gc_full_sweep_s < 0:
-            problems.append(("gc_full_sweep_s", "must be >= 0 (0: never)"))
+        why = host_problem(self.listen)
+        if why:
+            problems.append(("listen", why))
+        if not self.data_dir:
+            problems.append(("data_dir", "must not be empty"))
         return problems
 
 

@@ -33,10 +33,11 @@ import json
 import math
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import cbor2
 
+from ..config import Range
 from ..metrics import Metrics
 
 SUBPROTOCOL_CBOR = "edgegw.live.v1.cbor"
@@ -63,16 +64,21 @@ class StateSource(Protocol):
 class LiveConfig:
     """How the hub serves ``/ws/live`` (the hub config's ``[live]`` section)."""
 
-    ui_rate: float = 20.0  # frames of updates per second per client, at most
-    queue_frames: int = 64  # unsent frames a client may have queued before it is "too slow"
-    history: int = 1024  # deltas kept per channel for resume ...
-    history_rows: int = 50_000  # ... and at most this many list rows (dies, points) in them
+    # frames of updates per second per client, at most
+    ui_rate: Annotated[float, Range(0.1, 1000)] = 20.0
+    # unsent frames a client may have queued before it is "too slow"
+    queue_frames: Annotated[int, Range(2, 1_000_000)] = 64
+    # deltas kept per channel for resume ... and at most this many list rows (dies, points)
+    history: Annotated[int, Range(0, 1_000_000)] = 1024
+    history_rows: Annotated[int, Range(0, 100_000_000)] = 50_000
     # Snapshots built per tick, in list rows (a wafer map: one per die); more wait for the
     # next tick.  At least one is always built.
-    snapshot_rows_per_tick: int = 5_000
-    max_patterns: int = 256  # subscriptions per client
-    stall_timeout: float = 30.0  # a client whose writes make no progress this long is closed
-    close_grace: float = 5.0  # a closed slow client's write in progress may finish this long
+    snapshot_rows_per_tick: Annotated[int, Range(1, 100_000_000)] = 5_000
+    max_patterns: Annotated[int, Range(1, 100_000)] = 256  # subscriptions per client
+    # a client whose writes make no progress this long is closed; a closed slow client's
+    # write in progress may finish this long
+    stall_timeout: Annotated[float, Range(0.1, 3600)] = 30.0
+    close_grace: Annotated[float, Range(0, 3600)] = 5.0
     event_prefixes: tuple[str, ...] = ("alert/",)  # channels where every event matters
 
     def validate(self) -> list[tuple[str, str]]:

@@ -23,12 +23,13 @@ import logging
 import math
 import ssl
 import time
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import paho.mqtt.client as paho
 import trio
 
 from ..backoff import Backoff
+from ..config import Range
 from ..records import GatewayEvent, Record, SensorReading
 from ..sources import RecordSink, SourceContext
 from ..throttle import Throttle, as_sensor_window
@@ -53,9 +54,9 @@ class TlsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BackoffConfig:
-    initial: float = 0.5
-    maximum: float = 30.0
-    multiplier: float = 2.0
+    initial: Annotated[float, Range(0, 3600, lo_open=True)] = 0.5
+    maximum: Annotated[float, Range(0, 3600, lo_open=True)] = 30.0
+    multiplier: Annotated[float, Range(1, 100)] = 2.0
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -77,7 +78,7 @@ class SubscriptionConfig:
     timestamp_field: str = ""  # json: dotted path of the time; "" = arrival time
     payload_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # plugins
     unit: str = ""
-    rate: float = 10.0  # windows per second per channel
+    rate: Annotated[float, Range(0, 1000)] = 10.0  # windows per second per channel
     raw: bool = False  # forward every reading instead of windows
     qos: int | None = None  # default: the source's qos
 
@@ -108,7 +109,7 @@ class SubscriptionConfig:
 @dataclasses.dataclass(frozen=True)
 class MqttSourceConfig:
     host: str = "127.0.0.1"
-    port: int = 1883
+    port: Annotated[int, Range(1, 65535)] = 1883
     client_id: str = ""  # "" = "edgegw-<gateway id>-<source name>" (stable, so sessions persist)
     username: str = ""
     password: str = ""
@@ -116,14 +117,14 @@ class MqttSourceConfig:
     tls: TlsConfig | None = None  # a [sources.tls] table turns TLS on
     protocol: Literal["3.1.1", "5"] = "3.1.1"
     clean_session: bool = False  # false = persistent session: the broker queues while away
-    session_expiry: int = 7 * 24 * 3600  # MQTT 5: seconds the broker keeps the session
+    session_expiry: Annotated[int, Range(0, 4_294_967_295)] = 7 * 24 * 3600  # MQTT 5: seconds
     qos: int = 1
-    keepalive: int = 30
-    connect_timeout: float = 10.0
+    keepalive: Annotated[int, Range(1, 65535)] = 30
+    connect_timeout: Annotated[float, Range(0.1, 600)] = 10.0
     backoff: BackoffConfig = BackoffConfig()
     subscriptions: list[SubscriptionConfig] = dataclasses.field(default_factory=list)
-    max_batch: int = 1000  # records held before they go to the sink
-    bad_payload_log_interval: float = 60.0  # at most one log line per topic per interval
+    max_batch: Annotated[int, Range(1, 1_000_000)] = 1000  # records held before the sink
+    bad_payload_log_interval: Annotated[float, Range(0, 86_400)] = 60.0  # one line/topic/interval
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import trio
 
+from ..config import Range
 from ..records import (
     LotEnd,
     LotStart,
@@ -26,23 +27,19 @@ from . import RecordSink, SourceContext
 
 @dataclasses.dataclass(frozen=True)
 class SimulatedConfig:
-    parts_per_second: float = 200.0
-    sites: int = 4
-    wafers: int = 1000
-    wafer_diameter_dies: int = 20
-    tests_per_part: int = 8
-    base_yield: float = 0.92
-    seed: int = 1
+    parts_per_second: Annotated[float, Range(0.001, 1_000_000)] = 200.0
+    sites: Annotated[int, Range(1, 255)] = 4
+    wafers: Annotated[int, Range(1, 1_000_000)] = 1000
+    wafer_diameter_dies: Annotated[int, Range(1, 1000)] = 20
+    tests_per_part: Annotated[int, Range(0, 1000)] = 8
+    base_yield: Annotated[float, Range(0, 1)] = 0.92
+    seed: Annotated[int, Range()] = 1  # any integer
     lot_id: str = "LOT0001"
-    max_parts: int = 0  # 0 = no limit
+    max_parts: Annotated[int, Range(0)] = 0  # 0 = no limit
 
     def validate(self) -> list[tuple[str, str]]:
-        problems = []
-        if self.parts_per_second <= 0:
-            problems.append(("parts_per_second", "must be > 0"))
-        if not 1 <= self.sites <= 255:
-            problems.append(("sites", "must be between 1 and 255"))
-        return problems
+        # numeric ranges are declared on the fields (Range) and checked by the loader
+        return [("lot_id", "must not be empty")] if not self.lot_id else []
 
 
 class SimulatedTesterSource:

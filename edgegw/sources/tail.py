@@ -44,10 +44,11 @@ import os
 import time
 import zlib
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import trio
 
+from ..config import Range
 from ..formats import FormatError, FormatParser, TesterFormat, UnknownFormat, get_format
 from ..records import GatewayEvent, Record
 from ..stdf.mapping import RecordMapper
@@ -67,24 +68,18 @@ class TailConfig:
     #: "beginning": read every file found; "new_only": ignore the files that exist when the
     #: source first starts (no checkpoint yet), read only files that appear later
     start: Literal["beginning", "new_only"] = "beginning"
-    poll_interval: float = 0.5
+    poll_interval: Annotated[float, Range(0.001, 3600)] = 0.5
     #: a file that has not grown for this long without its MRR is complete
-    idle_timeout: float = 600.0
+    idle_timeout: Annotated[float, Range(0.01, 604_800)] = 600.0
     #: also forward every decoded record as a RawRecord
     forward_raw: bool = False
     #: bytes read per step; one batch of records per step
-    read_size: int = 64 * 1024
+    read_size: Annotated[int, Range(512, 64 << 20)] = 64 * 1024
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
         if not self.paths:
             problems.append(("paths", "must name at least one directory or glob"))
-        if self.poll_interval <= 0:
-            problems.append(("poll_interval", "must be > 0"))
-        if self.idle_timeout <= 0:
-            problems.append(("idle_timeout", "must be > 0"))
-        if self.read_size < 512:
-            problems.append(("read_size", "must be at least 512"))
         try:
             get_format(self.format)
         except UnknownFormat as exc:

@@ -1,0 +1,89 @@
+"""Start-up failures as one line and exit status 3 (docs/configuration.md, "Exit status").
+
+A service that cannot start -- its port taken, its listen address unknown, a data directory
+that is a file or cannot be written -- fails before it is ready.  Trio reports that as an
+exception group with a traceback per task; an operator needs one line naming the config
+key.  So the CLI first checks what it can check cheaply (``prepare_dir``, ``resolve``), and
+turns whatever still fails before the service is ready into one line (``describe``).
+A failure after the service was ready is not a start-up error and is not handled here.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+EXIT_CONFIG = 2  # the config is invalid: one line per problem
+EXIT_CANNOT_START = 3  # the config is valid, but this machine cannot run it now
+
+#: errno values a failed bind() gives: the address or port is the problem
+_BIND_ERRORS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES, errno.EPERM}
+
+
+class StartupError(Exception):
+    """A service cannot start; ``str()`` is one line, naming the config key."""
+
+
+def prepare_dir(key: str, path: str | Path) -> None:
+    """Create the directory ``path`` (the value of config ``key``) if missing and prove it
+    is a directory this process can write into; StartupError otherwise."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise StartupError(f"{key}: {str(p)!r} exists and is not a directory") from None
+    except OSError as exc:
+        raise StartupError(f"{key}: cannot create directory {str(p)!r}: "
+                           f"{_reason(exc)}") from None
+    # a real write, not os.access: it also sees read-only mounts, quotas and ACLs
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".edgegw-probe-", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise StartupError(f"{key}: cannot write in {str(p)!r}: {_reason(exc)}") from None
+
+
+def resolve(key: str, host: str, port: int) -> None:
+    """StartupError unless ``host`` (config ``key``) resolves to an address to listen on."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise StartupError(f"{key}: cannot resolve {host!r}: {_reason(exc)}") from None
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, in order."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in leaves(sub)]
+    return [exc]
+
+
+def describe(exc: BaseException, listen: tuple[str, str, int] | None = None) -> str:
+    """One line for an exception that stopped a service before it was ready.  ``listen``
+    is (config keys, host, port) of the service's listening socket: a bind error names
+    them."""
+    import trio  # only needed here; keeps this module importable without an event loop
+
+    found = [e for e in leaves(exc) if not isinstance(e, trio.Cancelled)] or [exc]
+    first = found[0]
+    if isinstance(first, StartupError):
+        return str(first)
+    if (listen is not None and isinstance(first, OSError)
+            and first.errno in _BIND_ERRORS and first.filename is None):
+        keys, host, port = listen
+        return f"{keys}: cannot listen on {host}:{port}: {_reason(first)}"
+    if isinstance(first, OSError):
+        where = f"{first.filename}: " if first.filename is not None else ""
+        return f"{where}{_reason(first)}"
+    text = str(first).splitlines()[0] if str(first) else ""
+    return f"{type(first).__name__}: {text}" if text else type(first).__name__
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[0].lower() + exc.strerror[1:]
+    return str(exc)
