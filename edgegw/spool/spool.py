@@ -649,10 +649,12 @@ class DiskSpool:
         return await trio.to_thread.run_sync(self._read_sync, start, limit)
 
     def first_seq_since(self, age_s: float) -> int:
-        """The first seq committed at most ``age_s`` ago (``next_seq`` if none): the uplink
-        sends these as live data when a connection comes up."""
+        """The first seq committed at most ``age_s`` ago, or appended and not yet durable:
+        the uplink sends these as live data when a connection comes up.  (Never above the
+        first frame still being committed: below ``live_from`` the uplink only reads what
+        is durable, so such a frame would be skipped until the next connection.)"""
         since = time.monotonic() - age_s
-        seq = self._next_seq
+        seq = self._durable_seq + 1
         for t, first in reversed(self._recent):
             if t < since:
                 break
