@@ -20,7 +20,7 @@ import trio
 
 from . import sdnotify
 from .config import ConfigError, apply_overrides, build, load, read_toml
-from .gateway.config import GatewayConfig, load_gateway_config
+from .gateway.config import GatewayConfig, build_gateway_config, load_gateway_config
 from .hub.config import HubConfig
 from .startup import EXIT_CONFIG, StartupError, describe, prepare_dir, resolve
 
@@ -67,9 +67,7 @@ def check_config(data: dict[str, Any], origin: str) -> HubConfig | GatewayConfig
     if "hub" in data or "gateways" in data:
         return build(HubConfig, data, origin)
     if "gateway" in data:
-        cfg = build(GatewayConfig, data, origin)
-        cfg.source_entries(origin)
-        return cfg
+        return build_gateway_config(data, origin)
     raise ConfigError([f"{origin}: <top>: neither a gateway config (needs a [gateway] "
                        "table) nor a hub config (needs a [hub] table)"])
 

@@ -362,27 +362,22 @@ class Key:
     type: Any  # the declared type, annotations (a Range) included
     default: Any  # dataclasses.MISSING when the key is required
 
+    def _required_type(self) -> Any:
+        tp = self.type
+        if get_origin(tp) in (typing.Union, types.UnionType):
+            others = [a for a in get_args(tp) if a is not type(None)]
+            tp = others[0] if len(others) == 1 else tp
+        return tp
+
     @property
     def base(self) -> Any:
         """The type without Optional and annotations: int, float, str, list[int], ..."""
-        tp = self.type
-        if get_origin(tp) in (typing.Union, types.UnionType):
-            others = [a for a in get_args(tp) if a is not type(None)]
-            tp = others[0] if len(others) == 1 else tp
-        return _unannotate(tp)[0]
+        return _unannotate(self._required_type())[0]
 
     @property
     def range(self) -> Range | None:
-        tp = self.type
-        if get_origin(tp) in (typing.Union, types.UnionType):
-            others = [a for a in get_args(tp) if a is not type(None)]
-            tp = others[0] if len(others) == 1 else tp
-        return _unannotate(tp)[1]
-
-    @property
-    def optional(self) -> bool:
-        return get_origin(self.type) in (typing.Union, types.UnionType) and type(None) in \
-            get_args(self.type)
+        """The declared Range of a number (None for other types and undeclared ones)."""
+        return _unannotate(self._required_type())[1]
 
 
 def iter_keys(cls: type, prefix: str = "") -> Iterator[Key]:

@@ -39,7 +39,7 @@ class GatewaySection:
 
 @dataclasses.dataclass(frozen=True)
 class BatchSection:
-    max_records: Annotated[int, Range(1, 10_000_000)] = 2000
+    max_records: Annotated[int, Range(1, 100_000)] = 2000
     max_delay_ms: Annotated[float, Range(0, 60_000)] = 100.0
 
 
@@ -49,9 +49,9 @@ class UplinkSection:
     connect_timeout_s: Annotated[float, Range(1, 600)] = 10.0
     backoff_initial_s: Annotated[float, Range(0, 3600, lo_open=True)] = 0.5
     backoff_max_s: Annotated[float, Range(0, 3600, lo_open=True)] = 30.0
-    max_frame_bytes: Annotated[int, Range(1024, 1 << 30)] = 8 << 20
+    max_frame_bytes: Annotated[int, Range(1024, 64 << 20)] = 8 << 20
     # frames sent but not yet acknowledged
-    window_frames: Annotated[int, Range(1, 65536)] = 64
+    window_frames: Annotated[int, Range(2, 65536)] = 64  # one slot is kept for live frames
     ca_file: str = ""
 
     def validate(self) -> list[tuple[str, str]]:
@@ -67,6 +67,11 @@ class QueueSection:
 
     max_frames: Annotated[int, Range(1, 10_000_000)] = 1000
     policy: Literal["block", "drop_oldest"] = "block"
+
+
+#: bytes a record may take in a spooled frame, for the spool.max_bytes check (records
+#: encode to 60-130 bytes: a PTR with its test text, a part result, a sensor window)
+SPOOL_BYTES_PER_RECORD = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +92,16 @@ class GatewayConfig:
     sources: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def validate(self) -> list[tuple[str, str]]:
-        return [(f"sources[{i}].{k}", m) for i, (k, m) in self._source_problems()]
+        problems = [(f"sources[{i}].{k}", m) for i, (k, m) in self._source_problems()]
+        if self.spool is not None:
+            # the spool refuses a frame larger than a quarter of its cap (and the gateway
+            # stops), so the cap must hold four full batches at a generous record size
+            need = 4 * self.batch.max_records * SPOOL_BYTES_PER_RECORD
+            if self.spool.max_bytes < need:
+                problems.append(("spool.max_bytes", (
+                    f"must hold 4 frames of batch.max_records records: >= 4 x "
+                    f"{self.batch.max_records} x {SPOOL_BYTES_PER_RECORD} = {need}")))
+        return problems
 
     def _source_problems(self) -> list[tuple[int, tuple[str, str]]]:
         out: list[tuple[int, tuple[str, str]]] = []
@@ -125,9 +139,34 @@ class GatewayConfig:
         return entries
 
 
-def load_gateway_config(path: str | None, overrides: list[str] | None = None) -> GatewayConfig:
-    from ..config import load
-
-    cfg = load(GatewayConfig, path, overrides)
-    cfg.source_entries(str(path) if path else "<defaults>")  # validate every source table
+def build_gateway_config(data: dict[str, Any], origin: str = "<config>") -> GatewayConfig:
+    """Build a gateway config and check every ``[[sources]]`` table with its type's own
+    Config; one ConfigError lists every problem (a bad section does not hide a bad source
+    table, nor the other way round)."""
+    errors: list[str] = []
+    try:
+        cfg = build(GatewayConfig, data, origin)
+    except ConfigError as exc:
+        errors.extend(exc.errors)
+        raw = data.get("sources", [])
+        if not (isinstance(raw, list) and all(isinstance(r, dict) for r in raw)):
+            raise
+        cfg = GatewayConfig(gateway=None, sources=raw)  # type: ignore[arg-type]  # a probe
+        structure = [f"{origin}: {k}: {m}" for k, m in cfg.validate()]
+        if structure:
+            raise ConfigError(list(dict.fromkeys(errors + structure))) from None
+    try:
+        cfg.source_entries(origin)
+    except ConfigError as exc:
+        errors.extend(exc.errors)
+    if errors:
+        raise ConfigError(errors)
     return cfg
+
+
+def load_gateway_config(path: str | None, overrides: list[str] | None = None) -> GatewayConfig:
+    from ..config import apply_overrides, read_toml
+
+    data = read_toml(path) if path is not None else {}
+    apply_overrides(data, overrides or [])
+    return build_gateway_config(data, str(path) if path is not None else "<defaults>")

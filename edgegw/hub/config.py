@@ -17,8 +17,8 @@ class HubSection:
     data_dir: str = "./edgegw-hub-data"
     heartbeat_s: Annotated[float, Range(1, 3600)] = 5.0
     hello_timeout_s: Annotated[float, Range(1, 600)] = 10.0
-    max_frame_bytes: Annotated[int, Range(1024, 1 << 30)] = 8 << 20
-    max_records_per_frame: Annotated[int, Range(1, 10_000_000)] = 50_000
+    max_frame_bytes: Annotated[int, Range(1024, 64 << 20)] = 8 << 20
+    max_records_per_frame: Annotated[int, Range(1, 1_000_000)] = 50_000
     # how many holes the applied sequence set may have: >0 lets a gateway send live
     # frames ahead of its backlog after an outage (see docs/protocol.md)
     max_holes: Annotated[int, Range(0, 1000)] = 8

@@ -24,6 +24,9 @@ from ..records import (
 from ..sim.tester import TesterModel, TesterProfile
 from . import RecordSink, SourceContext
 
+#: records one touchdown may make (see SimulatedConfig.validate)
+MAX_TOUCHDOWN_RECORDS = 20_000
+
 
 @dataclasses.dataclass(frozen=True)
 class SimulatedConfig:
@@ -31,7 +34,7 @@ class SimulatedConfig:
     sites: Annotated[int, Range(1, 255)] = 4
     wafers: Annotated[int, Range(1, 1_000_000)] = 1000
     wafer_diameter_dies: Annotated[int, Range(1, 1000)] = 20
-    tests_per_part: Annotated[int, Range(0, 1000)] = 8
+    tests_per_part: Annotated[int, Range(1, 1000)] = 8
     base_yield: Annotated[float, Range(0, 1)] = 0.92
     seed: Annotated[int, Range()] = 1  # any integer
     lot_id: str = "LOT0001"
@@ -39,7 +42,15 @@ class SimulatedConfig:
 
     def validate(self) -> list[tuple[str, str]]:
         # numeric ranges are declared on the fields (Range) and checked by the loader
-        return [("lot_id", "must not be empty")] if not self.lot_id else []
+        problems = [("lot_id", "must not be empty")] if not self.lot_id else []
+        per_touchdown = self.sites * (self.tests_per_part + 1)
+        if per_touchdown > MAX_TOUCHDOWN_RECORDS:
+            # one touchdown is one batch, made without a pause: bounded, so the gateway's
+            # handshakes and heartbeats are never held up for long
+            problems.append(("tests_per_part", (
+                f"sites x (tests_per_part + 1) = {per_touchdown} records per touchdown; "
+                f"at most {MAX_TOUCHDOWN_RECORDS}")))
+        return problems
 
 
 class SimulatedTesterSource:

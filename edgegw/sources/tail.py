@@ -74,7 +74,7 @@ class TailConfig:
     #: also forward every decoded record as a RawRecord
     forward_raw: bool = False
     #: bytes read per step; one batch of records per step
-    read_size: Annotated[int, Range(512, 64 << 20)] = 64 * 1024
+    read_size: Annotated[int, Range(512, 1 << 20)] = 64 * 1024
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []

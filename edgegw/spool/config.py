@@ -26,7 +26,7 @@ class SpoolConfig:
     commit_max_frames: Annotated[int, Range(1, 65536)] = 256
     #: extra time a commit may wait to gather more frames; 0 commits as soon as the
     #: previous fsync is done (frames arriving meanwhile form the next group)
-    commit_max_delay_ms: Annotated[float, Range(0, 60_000)] = 0.0
+    commit_max_delay_ms: Annotated[float, Range(0, 1000)] = 0.0
     #: health turns unhealthy when unacknowledged frames exist and nothing was
     #: acknowledged for this long
     stall_timeout_s: Annotated[float, Range(0.1, 86_400)] = 60.0
