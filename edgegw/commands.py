@@ -22,7 +22,15 @@ from . import sdnotify
 from .config import ConfigError, apply_overrides, build, load, read_toml
 from .gateway.config import GatewayConfig, build_gateway_config, load_gateway_config
 from .hub.config import HubConfig
-from .startup import EXIT_CONFIG, StartupError, describe, prepare_dir, resolve
+from .startup import (
+    EXIT_CONFIG,
+    HeldLogs,
+    StartupError,
+    describe,
+    prepare_dir,
+    readable,
+    resolve,
+)
 
 log = logging.getLogger("edgegw")
 
@@ -96,7 +104,7 @@ def _serve(service: Any, banner: Callable[[Any], str],
     stops it before it is ready is a StartupError (one line; ``listen`` names the
     listening socket's keys, host and port for bind errors)."""
     ready = False
-    held = _HeldLogs()
+    held = HeldLogs()
 
     async def main() -> None:
         nonlocal ready
@@ -121,49 +129,6 @@ def _serve(service: Any, banner: Callable[[Any], str],
         log.debug("start-up failed", exc_info=exc)  # the whole story with -vv
         raise StartupError(describe(exc, listen)) from None
     return 0
-
-
-class _HeldLogs(logging.Handler):
-    """Log lines written while a service starts are held back: if it fails to start, its
-    one-line reason is all the operator sees (the lines follow with -v); once it is ready
-    -- or when the start-up has logged a lot -- they are written out in order."""
-
-    LIMIT = 1000
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.root = logging.getLogger()
-        self.targets: list[logging.Handler] = []
-        self.held: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.held.append(record)
-        if len(self.held) >= self.LIMIT:
-            self.pass_on()
-
-    def __enter__(self) -> _HeldLogs:
-        self.targets = list(self.root.handlers)
-        for h in self.targets:
-            self.root.removeHandler(h)
-        self.root.addHandler(self)
-        return self
-
-    def pass_on(self) -> None:
-        if self not in self.root.handlers:
-            return
-        self.root.removeHandler(self)
-        for h in self.targets:
-            self.root.addHandler(h)
-        for record in self.held:
-            for h in self.targets:
-                if record.levelno >= h.level:
-                    h.handle(record)
-        self.held.clear()
-
-    def __exit__(self, kind: object, exc: object, tb: object) -> None:
-        if exc is not None and self.root.getEffectiveLevel() >= logging.WARNING:
-            self.held.clear()  # a failed start, not verbose: its one line says it
-        self.pass_on()
 
 
 def cmd_hub(args: argparse.Namespace) -> int:
@@ -191,18 +156,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     if g.status_port:
         resolve("gateway.status_listen", g.status_listen, g.status_port)
     if cfg.uplink.ca_file and g.hub_url.startswith("wss://"):
-        _readable("uplink.ca_file", cfg.uplink.ca_file)
+        readable("uplink.ca_file", cfg.uplink.ca_file)
     listen = ("gateway.status_listen/status_port", g.status_listen, g.status_port)
     return _serve(Gateway(cfg), lambda _: f"edgegw gateway {g.id} running, hub {g.hub_url}",
                   listen=listen if g.status_port else None)
-
-
-def _readable(key: str, path: str) -> None:
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise StartupError(f"{key}: cannot read {path!r}: {exc.strerror or exc}") from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ A failure after the service was ready is not a start-up error and is not handled
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import tempfile
@@ -53,6 +54,59 @@ def resolve(key: str, host: str, port: int) -> None:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
         raise StartupError(f"{key}: cannot resolve {host!r}: {_reason(exc)}") from None
+
+
+def readable(key: str, path: str) -> None:
+    """StartupError unless the file ``path`` (config ``key``) can be read."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise StartupError(f"{key}: cannot read {path!r}: {exc.strerror or exc}") from None
+
+
+class HeldLogs(logging.Handler):
+    """Log lines written while a service starts are held back (``with HeldLogs() as
+    held:``): if it fails to start, its one-line reason is all the operator sees (the lines
+    follow with -v); once it is ready (``held.pass_on()``) -- or when the start-up has
+    logged a lot -- they are written out, in order."""
+
+    LIMIT = 1000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = logging.getLogger()
+        self.targets: list[logging.Handler] = []
+        self.held: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.held.append(record)
+        if len(self.held) >= self.LIMIT:
+            self.pass_on()
+
+    def __enter__(self) -> HeldLogs:
+        self.targets = list(self.root.handlers)
+        for h in self.targets:
+            self.root.removeHandler(h)
+        self.root.addHandler(self)
+        return self
+
+    def pass_on(self) -> None:
+        if self not in self.root.handlers:
+            return
+        self.root.removeHandler(self)
+        for h in self.targets:
+            self.root.addHandler(h)
+        for record in self.held:
+            for h in self.targets:
+                if record.levelno >= h.level:
+                    h.handle(record)
+        self.held.clear()
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
+        if exc is not None and self.root.getEffectiveLevel() >= logging.WARNING:
+            self.held.clear()  # a failed start, not verbose: its one line says it
+        self.pass_on()
 
 
 def leaves(exc: BaseException) -> list[BaseException]:
