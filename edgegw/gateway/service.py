@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from .. import failpoints
 from ..batcher import Batch, Batcher
 from ..hub.http import HttpServer, Request, Response, json_response
 from ..metrics import Metrics
@@ -33,6 +34,9 @@ from .uplink import Uplink
 log = logging.getLogger("edgegw.gateway")
 
 RID_KEY = "__rid__"  # the next record id, kept among the checkpoints
+#: per replaying source, its records after its checkpoint that are already in frames
+#: (``Batch.after``), kept among the checkpoints so a restart skips exactly those
+AFTER_KEY = "__after__"
 
 
 class GatewaySink:
@@ -47,11 +51,26 @@ class GatewaySink:
 
 
 class _SourceSink:
-    def __init__(self, gateway: Gateway, name: str) -> None:
+    """One source's sink.  After a restart, a source that replays from its checkpoint
+    (``Source.replays``) first emits records that frames already hold -- the first part
+    of a put that was split across frames before the crash.  ``skip`` of them are dropped
+    here, so each record is stored once (docs/spool.md, "Source positions and split puts")."""
+
+    def __init__(self, gateway: Gateway, name: str, skip: int = 0) -> None:
         self.gateway = gateway
         self.name = name
+        self.skip = skip
 
     async def put(self, records: Sequence[Record], checkpoint: Any = None) -> None:
+        if self.skip:
+            dropped = min(self.skip, len(records))
+            self.skip -= dropped
+            self.gateway.m_replay_skipped.inc(dropped, source=self.name)
+            records = records[dropped:]
+            if not records:
+                if checkpoint is not None:  # caught up to here, but not yet past the frames
+                    await self.gateway._put_checkpoint(self.name, checkpoint, self.skip)
+                return
         await self.gateway._put(records, checkpoint, self.name)
 
 
@@ -83,12 +102,17 @@ class Gateway:
         self.m_frames = m.counter("gateway_frames_stored_total", "frames appended to the store")
         self.m_records_stored = m.counter("gateway_records_stored_total", "records in frames")
         self.m_source_errors = m.counter("source_errors", "bad input seen by sources")
+        self.m_replay_skipped = m.counter(
+            "gateway_replayed_records_skipped_total",
+            "records a source replayed after a restart that frames already held")
         self._last_progress = time.time()
         self._dropped_reported = (0, 0)
         self.m_dropped = m.counter("gateway_records_dropped_total",
                                    "records dropped by the drop_oldest overflow policy")
 
-    def _build_sources(self) -> None:
+    def _build_sources(self) -> list[tuple[str, Source, int]]:
+        """The sources (configured and given), each with how many of its replayed records
+        to skip: those after its checkpoint that frames already hold."""
         checkpoints = self.store.checkpoints
         for entry in self.config.source_entries():
             cls = source_type(entry.type)
@@ -97,6 +121,18 @@ class Gateway:
                 checkpoint=checkpoints.get(entry.name),
                 state_dir=str(self.state_dir / "sources" / entry.name))
             self.sources.append((entry.name, cls(entry.name, entry.config, context)))
+        after = checkpoints.get(AFTER_KEY) or {}
+        built = []
+        for name, source in self.sources:
+            skip = 0
+            if getattr(source, "replays", False):
+                skip = int(after.get(name, 0))
+                self.batcher.track(name, skip)
+                if skip:
+                    log.info("source %s: skipping the %d replayed record(s) that frames "
+                             "already hold", name, skip)
+            built.append((name, source, skip))
+        return built
 
     async def _put(self, records: Sequence[Record], checkpoint: Any, source: str | None) -> None:
         if records:
@@ -107,16 +143,25 @@ class Gateway:
                 await self._store(batch)
         self._wake_flusher.set()
 
+    async def _put_checkpoint(self, source: str, checkpoint: Any, stored_after: int) -> None:
+        async with self._lock:
+            for batch in self.batcher.add([], trio.current_time(), source, checkpoint,
+                                          stored_after=stored_after):
+                await self._store(batch)
+        self._wake_flusher.set()
+
     async def _store(self, batch: Batch) -> None:
         first_rid = self.next_rid
         self.next_rid += len(batch.records)
         checkpoints = dict(batch.checkpoints)
         checkpoints[RID_KEY] = self.next_rid
+        checkpoints[AFTER_KEY] = batch.after  # every frame: the latest one is the truth
         if batch.records:
             body = encode_body(first_rid, batch.records)
         else:  # a checkpoint alone still travels in an (empty) frame to stay in order
             body = encode_body(first_rid, [])
         await self.store.append(body, len(batch.records), checkpoints)
+        failpoints.hit("gateway.frame_stored")
         self.m_frames.inc()
         self.m_records_stored.inc(len(batch.records))
         self._last_progress = time.time()
@@ -271,7 +316,7 @@ class Gateway:
         await trio.Path(self.state_dir).mkdir(parents=True, exist_ok=True)
         spool_damage = self._spool_damage()
         self.next_rid = int(self.store.checkpoints.get(RID_KEY, 1))
-        self._build_sources()
+        sources = self._build_sources()
         self.uplink = Uplink(self.config.gateway, self.config.uplink, self.store, self.metrics,
                              trio.Path(self.state_dir / "dead-letter.cborseq"))
         try:
@@ -280,8 +325,8 @@ class Gateway:
                 nursery.start_soon(self._flusher)
                 if self.config.gateway.status_port:
                     self.status_port = await nursery.start(self._serve_status)
-                for name, source in self.sources:
-                    await nursery.start(source.run, _SourceSink(self, name))
+                for name, source, skip in sources:
+                    await nursery.start(source.run, _SourceSink(self, name, skip))
                 log.info("gateway %s running with %d source(s)", self.config.gateway.id,
                          len(self.sources))
                 if spool_damage is not None:
