@@ -227,6 +227,7 @@ async def herd(tmp: Path, n: int) -> None:
                     await trio.sleep(0.005)
             listening = time.time()
             cpu_start = cpu_seconds(hub.pid)
+            self_start = cpu_seconds(os.getpid())
             welcomed: dict[int, float] = {}
             while len(welcomed) < n and time.time() - listening < 120:
                 now = time.time()
@@ -236,6 +237,7 @@ async def herd(tmp: Path, n: int) -> None:
                 await trio.sleep(0.005)
             all_in = time.time()
             cpu_used = cpu_seconds(hub.pid) - cpu_start
+            self_used = cpu_seconds(os.getpid()) - self_start
             stats = await trio.to_thread.run_sync(
                 get_json, f"http://127.0.0.1:{port}/api/stats")
             nursery.cancel_scope.cancel()
@@ -263,8 +265,12 @@ async def herd(tmp: Path, n: int) -> None:
           f"{statistics.median(shakes) * 1000:.1f} ms, p99 {pct(shakes, 99) * 1000:.1f} ms, "
           f"max {max(shakes) * 1000:.1f} ms")
     print(f"(b) hub CPU: {cpu_used:.2f} CPU-s from listening to all welcomed "
-          f"({cpu_used / (all_in - listening) * 100:.0f} % of one core over "
-          f"{all_in - listening:.2f} s); idle with {n} connected: {idle_cpu * 100:.1f} %")
+          f"({cpu_used / max(len(welcomed), 1) * 1000:.1f} ms per probe + handshake, "
+          f"{cpu_used / (all_in - listening) * 100:.0f} % of one core over "
+          f"{all_in - listening:.2f} s); idle with {n} connected: {idle_cpu * 100:.1f} %; "
+          f"the {n} uplinks' process meanwhile: "
+          f"{self_used / (all_in - listening) * 100:.0f} % (load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     print(f"(b) refused for load: {busy} probes answered 503 (hub_busy_total {hub_busy}); "
           f"failed attempts {failures}")
 

@@ -67,7 +67,9 @@ class Reconnect:
       plus up to as much again of jitter so a floor of clients does not return in step.
 
     A session only counts as a success once it has stayed up for ``stable_after``
-    seconds: a server that accepts and at once drops a client is not hammered in a loop.
+    seconds: a server that accepts and at once closes the session (two clients sharing one
+    id, say) is not hammered in a loop.  A session that ends because the *link* was lost
+    (no close from the server) is followed by probing at once, however short it was.
     Pure: the caller keeps the clock and does the sleeping.
     """
 
@@ -104,11 +106,14 @@ class Reconnect:
     def connected(self, now: float) -> None:
         self.connected_at = now
 
-    def disconnected(self, now: float) -> float:
-        """A session that was up has ended.  0 (probe at once) after a stable session;
-        otherwise it counts as a failure at the server."""
+    def disconnected(self, now: float, link_lost: bool = False) -> float:
+        """A session has ended (or never got going).  0 (probe at once) after a stable
+        session, or when the link was lost (no close from the server: probing costs the
+        server nothing); a failure at the server when it ended the session early."""
         since, self.connected_at = self.connected_at, None
-        if since is not None and now - since >= self.stable_after:
+        if since is None:
+            return self.failed()
+        if now - since >= self.stable_after:
             self.backoff.reset()
             return 0.0
-        return self.failed()
+        return 0.0 if link_lost else self.failed()

@@ -105,6 +105,16 @@ def test_only_a_session_that_stayed_up_resets_the_backoff() -> None:
     assert policy.disconnected(260.0) == 0.0 and policy.backoff.attempt == 0  # stable
 
 
+def test_a_short_session_lost_with_the_link_is_followed_by_probing_at_once() -> None:
+    """Losing the link is not the hub's doing: a flapping link is probed, not backed off
+    from, so the gateway is back within the probe interval after every return."""
+    policy = Reconnect(Backoff(0.5, 30.0, rng=random.Random(6)), probe_interval=1.0)
+    for _ in range(20):
+        policy.connected(0.0)
+        assert policy.disconnected(2.0, link_lost=True) == 0.0
+    assert policy.backoff.attempt == 0
+
+
 def test_a_configuration_problem_retries_at_the_cap() -> None:
     policy = Reconnect(Backoff(0.5, 30.0, rng=random.Random(5)))
     policy.config_problem()

@@ -151,10 +151,11 @@ class Uplink:
                           self.gateway.id)
             else:
                 log.warning("hub link down: %s", self.last_error)
+            self.m_failures.inc()
+            return policy.disconnected(trio.current_time(), link_lost=_link_lost(exc))
         finally:
             self.connected = False
-        self.m_failures.inc()
-        return policy.disconnected(trio.current_time())
+        return policy.disconnected(trio.current_time())  # not reached: sessions end by raising
 
     async def _session(self) -> None:
         cfg = self.config
@@ -327,6 +328,15 @@ class Uplink:
         await ws.send_message(data)
         self.m_frames.inc()
         self.m_bytes.inc(len(data))
+
+
+def _link_lost(exc: BaseException) -> bool:
+    """The connection died under us (no close from the hub): the link, not the hub."""
+    if isinstance(exc, ConnectionClosed):
+        return exc.reason is None or exc.reason.code == 1006  # no close frame
+    if isinstance(exc, ProtocolError):
+        return exc.code == CloseCode.HEARTBEAT_TIMEOUT
+    return isinstance(exc, (OSError, trio.BrokenResourceError))
 
 
 def _stand_in(body: bytes, seq: int, reason: str) -> bytes:
