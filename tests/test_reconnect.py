@@ -334,8 +334,8 @@ async def test_two_gateways_configured_with_one_id_do_not_fight_in_a_tight_loop(
         await nursery.start(b.run)
         await trio.sleep(6.0)  # the window observed
         replaced = hub.metrics.counter("hub_connections_replaced_total").total()
-        # reset at every WELCOME, the delays would stay under 0.5 s: 20+ takeovers
-        assert 1 <= replaced <= 12
+        # reset at every WELCOME, the delays would stay under 0.5 s: 40 or so takeovers
+        assert 1 <= replaced <= 16
         assert a.uplink is not None and b.uplink is not None
         assert max(a.uplink.backoff.attempt, b.uplink.backoff.attempt) >= 2
         nursery.cancel_scope.cancel()
