@@ -498,3 +498,69 @@ def _start_with(gw: Gateway, conf: Path, failpoints: str = "") -> Gateway:
                     "--set", "uplink.backoff_initial_s=0.1", "--set", "uplink.backoff_max_s=1.0",
                     log=gw.tmp / "gw.log", env={"EDGEGW_FAILPOINTS": failpoints})
     return gw
+
+
+@pytest.mark.slow
+def test_a_60_s_link_cut_with_the_shipped_config_is_live_again_within_2_s(
+        tmp_path: Path) -> None:
+    """conf/hub.toml and conf/gateway.toml as shipped (heartbeat 5 s, backoff cap 30 s,
+    probe interval 1 s), the simulated tester at its 100 parts/s (bounded and seeded here,
+    to compare record by record); a proxy cuts the link for 60 s.  bench/reconnect.py (a)
+    prints the same figures."""
+    from conftest import free_port
+    from processes import REPO, get_json, spawn
+
+    hub_port, status = free_port(), free_port()
+    source = {"max_parts": 8000, "seed": 11}
+    hub = spawn("hub", "--config", str(REPO / "conf" / "hub.toml"),
+                "--set", f"hub.port={hub_port}", "--set", f"hub.data_dir={tmp_path / 'hub'}",
+                log=tmp_path / "hub.log")
+    proxy = Proxy(hub_port)
+    gw = spawn("gateway", "--config", str(REPO / "conf" / "gateway.toml"),
+               "--set", f"gateway.hub_url=ws://127.0.0.1:{proxy.port}/ws/gateway",
+               "--set", f"gateway.state_dir={tmp_path / 'gw'}",
+               "--set", f"gateway.status_port={status}",
+               *source_settings(**source), log=tmp_path / "gw.log")
+
+    def gw_stats() -> dict:
+        return get_json(f"http://127.0.0.1:{status}/api/stats")
+
+    try:
+        wait_for(lambda: gw_stats()["connected"])
+        time.sleep(2.0)
+        proxy.drop()
+        cut = time.time()
+        time.sleep(60.0)
+        proxy.restore()
+        restored = time.time()
+        wait_for(lambda: gw_stats()["connected"], interval=0.05)
+        reconnect_s = time.time() - restored
+        wait_for(lambda: gw_stats()["store"]["frames"] == 0, timeout=120)
+        frames = _frame_times(tmp_path / "hub")
+        backlog = [f for f in frames if f[2] < restored and f[0] >= restored]
+        drain_s = max(f[0] for f in backlog) - restored
+        backlog_rps = sum(f[3] for f in backlog) / drain_s
+        live_rps = sum(f[3] for f in frames if f[1] >= cut and f[2] < restored) / (restored - cut)
+        first_new = min(f[0] for f in frames if f[2] >= restored) - restored
+        print(f"\nreconnected {reconnect_s:.2f} s after the link returned; first new record at "
+              f"the hub {first_new:.2f} s after; backlog {sum(f[3] for f in backlog):,} records "
+              f"drained in {drain_s:.2f} s = {backlog_rps:,.0f} records/s = "
+              f"{backlog_rps / live_rps:.0f}x the live {live_rps:,.0f} records/s")
+        assert first_new <= 2.0
+        assert backlog_rps >= 5 * live_rps
+        # the tester of conf/gateway.toml, bounded: everything it made arrives exactly once
+        expected = expected_records(parts_per_second=100, sites=4, **source)
+
+        def all_applied() -> bool:
+            st = gw_stats()["store"]
+            applied = get_json(f"http://127.0.0.1:{hub_port}/api/stats")["gateways"][
+                "ate-01"]["records_applied"]
+            return applied >= len(expected) and st["frames"] == 0 and st["pending_frames"] == 0
+
+        wait_for(all_applied, timeout=120, interval=0.25)
+        assert_exactly_once(tmp_path / "hub", expected)
+    finally:
+        for proc in (gw, hub):
+            proc.terminate()
+            proc.wait(15)
+        proxy.close()

@@ -56,6 +56,9 @@ class Response:
 
 Handler = Callable[[Request], Awaitable[Response]]
 WsHandler = Callable[["WebSocket", Request], Awaitable[None]]
+# before an upgrade is accepted: None to go ahead, or the response to send instead
+# (e.g. 503 with Retry-After from a server shedding load)
+WsAdmit = Callable[[Request], "Response | None"]
 
 
 class ConnectionClosed(Exception):
@@ -206,6 +209,7 @@ class HttpServer:
         self.ws_routes: dict[str, tuple[WsHandler, list[str]]] = {}
         self.max_ws_message_size = max_ws_message_size
         self.ws_max_sizes: dict[str, int] = {}
+        self.ws_admit: dict[str, WsAdmit] = {}
         self.on_bad_request: Callable[[str], None] = lambda reason: None
 
     def add_route(self, method: str, path: str, handler: Handler) -> None:
@@ -216,8 +220,10 @@ class HttpServer:
             self.routes[(method, path)] = handler
 
     def add_ws_route(self, path: str, handler: WsHandler, subprotocols: list[str] | None = None,
-                     max_message_size: int | None = None) -> None:
+                     max_message_size: int | None = None, admit: WsAdmit | None = None) -> None:
         self.ws_routes[path] = (handler, subprotocols or [])
+        if admit is not None:
+            self.ws_admit[path] = admit
         if max_message_size is not None:
             self.ws_max_sizes[path] = max_message_size
 
@@ -325,6 +331,12 @@ class HttpServer:
             await self._send_simple(conn, stream, 404, b"no WebSocket endpoint here")
             return
         handler, offered = route
+        admit = self.ws_admit.get(request.path)
+        refusal = admit(request) if admit is not None else None
+        if refusal is not None:
+            await self._send_response(conn, stream, dataclasses.replace(
+                refusal, headers=[*refusal.headers, ("connection", "close")]))
+            return
         asked = [p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")
                  if p.strip()]
         chosen = next((p for p in asked if p in offered), None)

@@ -42,6 +42,7 @@ from .http import (
     WebSocket,
     json_response,
 )
+from .registry import GatewayRegistry, GatewaySession
 from .store import FrameToApply, HubStore
 
 log = logging.getLogger("edgegw.hub")
@@ -71,7 +72,8 @@ class Hub:
                               keep_bodies=config.hub.keep_frame_bodies)
         self.http = HttpServer()
         self.consumers: list[Consumer] = []
-        self.connected: dict[str, dict[str, Any]] = {}
+        self.connected = GatewayRegistry()
+        self.handshaking: set[WebSocket] = set()  # upgraded, no WELCOME sent yet
         self.refused: dict[str, int] = {}
         self.port: int | None = None
         self.started_at = time.time()
@@ -80,6 +82,9 @@ class Hub:
         self.m_records = m.counter("hub_records_applied_total", "records applied")
         self.m_dups = m.counter("hub_duplicate_frames_total", "duplicate frames dropped")
         self.m_refused = m.counter("hub_refused_total", "gateway connections refused")
+        self.m_replaced = m.counter("hub_connections_replaced_total",
+                                    "gateway connections closed for a newer one (4008)")
+        self.m_busy = m.counter("hub_busy_total", "probes and upgrades answered 503 (busy)")
         self.m_proto = m.counter("hub_protocol_errors_total", "connections closed for a fault")
         self.m_rejected = m.counter("hub_frames_rejected_total", "invalid frames dead-lettered")
         self.m_bad_http = m.counter("hub_bad_http_requests_total", "malformed HTTP requests")
@@ -89,8 +94,10 @@ class Hub:
         m.add_collector(lambda: self.m_connected.set(len(self.connected)))
         self.http.on_bad_request = lambda reason: self.m_bad_http.inc()
         h = config.hub
-        self.http.add_ws_route(GATEWAY_PATH, self.handle_gateway,
-                               max_message_size=h.max_frame_bytes + 1024)
+        self.http.add_ws_route(GATEWAY_PATH, self._gateway_endpoint,
+                               max_message_size=h.max_frame_bytes + 1024,
+                               admit=self._busy_response)
+        self.http.add_route("GET", GATEWAY_PATH, self._gateway_probe)
         self.http.add_route("GET", "/healthz", self._healthz)
         self.http.add_route("GET", "/api/stats", self._stats)
         self.http.add_route("GET", "/metrics", self._metrics)
@@ -172,7 +179,7 @@ class Hub:
                 "frames_lost": st.frames_lost if st else 0,
                 "refused": self.refused.get(gw, 0),
                 "last_seen": st.last_seen if st else None,
-                "rtt_ms": self.connected.get(gw, {}).get("rtt_ms"),
+                "rtt_ms": session.rtt_ms if (session := self.connected.get(gw)) else None,
             }
         return {"gateways": gateways, "metrics": self.metrics.as_dict()}
 
@@ -184,6 +191,19 @@ class Hub:
                         "text/plain; version=0.0.4")
 
     # -- gateways --
+    def _busy_response(self, request: Request) -> Response | None:
+        """Load shedding: 503 + Retry-After while too many handshakes are under way."""
+        h = self.config.hub
+        if len(self.handshaking) < h.max_pending_handshakes:
+            return None
+        self.m_busy.inc()
+        return Response(503, b'{"status":"busy"}',
+                        headers=[("retry-after", f"{h.busy_retry_after_s:g}")])
+
+    async def _gateway_probe(self, request: Request) -> Response:
+        """A gateway's readiness probe: a plain GET of the gateway path (protocol.md 7)."""
+        return self._busy_response(request) or json_response({"status": "ready"})
+
     def _check_hello(self, hello: Hello) -> tuple[int, str] | None:
         if not set(hello.versions) & set(SUPPORTED_VERSIONS):
             return (CloseCode.UNSUPPORTED_VERSION,
@@ -194,9 +214,6 @@ class Hub:
             return CloseCode.UNAUTHORIZED, f"unknown gateway id {hello.gateway_id!r}"
         if not hmac.compare_digest(auth.token.encode(), hello.token.encode()):
             return CloseCode.UNAUTHORIZED, f"wrong token for gateway {hello.gateway_id!r}"
-        if hello.gateway_id in self.connected:
-            return (CloseCode.ALREADY_CONNECTED,
-                    f"gateway {hello.gateway_id!r} is already connected")
         return None
 
     async def handle_gateway(self, ws: WebSocket, request: Request) -> None:
@@ -220,8 +237,12 @@ class Hub:
                 await ws.send_message(conn.refuse(code, reason, trio.current_time()))
                 await ws.aclose(code, reason)
                 return
-            self.connected[gw] = {"since": time.time(), "remote": request.remote,
-                                  "epoch": hello.epoch}
+            session = GatewaySession(gw, request.remote, hello.epoch)
+            old = self.connected.claim(session)  # newest wins: the old one is cancelled
+            if old is not None:
+                self.m_replaced.inc()
+                log.warning("gateway %s: connection from %s replaced by a newer one from %s",
+                            gw, old.remote, request.remote)
         except trio.TooSlowError:
             self.m_proto.inc(reason="hello_timeout")
             await ws.aclose(CloseCode.HELLO_TIMEOUT, "no HELLO within the handshake timeout")
@@ -234,19 +255,14 @@ class Hub:
         except (ConnectionClosed, MessageTooBig):
             return
         try:
-            applied = self.store.applied_set(gw, hello.epoch)
-            welcome = conn.accept(applied, trio.current_time())
-            if conn.declared_lost:
-                log.warning("gateway %s: %d frame(s) below seq %d were dropped by the gateway "
-                            "before reaching the hub", gw, conn.declared_lost, hello.next_seq)
-                await self.store.declare_lost(gw, hello.epoch, hello.next_seq - 1,
-                                              conn.declared_lost)
-            await ws.send_message(welcome)
-            log.info("gateway %s connected from %s (epoch %s, next seq %d)", gw, request.remote,
-                     hello.epoch, hello.next_seq)
-            for c in self.consumers:
-                c.on_gateway(gw, True, time.time())
-            await self._serve_gateway(ws, conn, gw, hello.epoch)
+            with session.cancel_scope:
+                # wait until a replaced session's applier has stopped: WELCOME then holds
+                # everything it committed (edgegw/hub/registry.py)
+                async with self.connected.owner(gw):
+                    await self._welcome(ws, conn, session, hello)
+                    await self._serve_gateway(ws, conn, gw, hello.epoch)
+            if session.replaced:
+                await ws.aclose(CloseCode.REPLACED, "replaced by a newer connection")
         except ProtocolError as exc:
             self.m_proto.inc(reason=_reason_key(exc.code))
             log.warning("gateway %s: closing: %s", gw, exc.reason)
@@ -254,9 +270,33 @@ class Hub:
         except (ConnectionClosed, MessageTooBig) as exc:
             log.info("gateway %s disconnected: %s", gw, exc)
         finally:
-            self.connected.pop(gw, None)
-            for c in self.consumers:
-                c.on_gateway(gw, False, time.time())
+            if self.connected.release(session):  # not if a newer session took over
+                for c in self.consumers:
+                    c.on_gateway(gw, False, time.time())
+
+    async def _welcome(self, ws: WebSocket, conn: HubConnection, session: GatewaySession,
+                       hello: Hello) -> None:
+        gw = hello.gateway_id
+        applied = self.store.applied_set(gw, hello.epoch)
+        welcome = conn.accept(applied, trio.current_time())
+        if conn.declared_lost:
+            log.warning("gateway %s: %d frame(s) below seq %d were dropped by the gateway "
+                        "before reaching the hub", gw, conn.declared_lost, hello.next_seq)
+            await self.store.declare_lost(gw, hello.epoch, hello.next_seq - 1,
+                                          conn.declared_lost)
+        await ws.send_message(welcome)
+        self.handshaking.discard(ws)
+        log.info("gateway %s connected from %s (epoch %s, next seq %d)", gw, session.remote,
+                 hello.epoch, hello.next_seq)
+        for c in self.consumers:
+            c.on_gateway(gw, True, time.time())
+
+    async def _gateway_endpoint(self, ws: WebSocket, request: Request) -> None:
+        self.handshaking.add(ws)  # counted for load shedding until WELCOME is sent
+        try:
+            await self.handle_gateway(ws, request)
+        finally:
+            self.handshaking.discard(ws)
 
     async def _serve_gateway(self, ws: WebSocket, conn: HubConnection, gw: str,
                              epoch: str) -> None:
@@ -282,9 +322,9 @@ class Hub:
                 ping = conn.on_timer(trio.current_time())
                 if ping is not None:
                     await ws.send_message(ping)
-                c = self.connected.get(gw)
-                if c is not None and conn.rtt is not None:
-                    c["rtt_ms"] = round(conn.rtt * 1000, 2)
+                session = self.connected.get(gw)
+                if session is not None and conn.rtt is not None:
+                    session.rtt_ms = round(conn.rtt * 1000, 2)
 
         try:
             async with trio.open_nursery() as nursery:
@@ -315,16 +355,25 @@ class Hub:
                     continue
                 good.append((FrameToApply(gw, epoch, d.seq, first_rid, len(records), d.body),
                              first_rid, records))
-            await self.store.commit([g[0] for g in good], rejected=bad)
+            # frames already applied (by an earlier connection of this gateway) are skipped
+            # by the commit itself: counted as duplicates and acked, not handed on again
+            skipped = await self.store.commit([g[0] for g in good], rejected=bad)
             failpoints.hit("hub.after_commit")
             now = trio.current_time()
+            for _ in skipped:
+                self.store.count_duplicate(gw)
+                self.m_dups.inc()
             for f, first_rid, records in good:
-                self.m_frames.inc()
-                self.m_records.inc(len(records))
-                for c in self.consumers:
-                    c.on_records(gw, first_rid, records)
+                if (f.gateway, f.epoch, f.seq) not in skipped:
+                    self.m_frames.inc()
+                    self.m_records.inc(len(records))
+                    for c in self.consumers:
+                        c.on_records(gw, first_rid, records)
                 ack = conn.applied(f.seq, now)
             for f, reason in bad:
+                if (f.gateway, f.epoch, f.seq) in skipped:
+                    ack = conn.applied(f.seq, now)
+                    continue
                 self.m_rejected.inc()
                 log.warning("gateway %s: frame %d rejected: %s", gw, f.seq, reason)
                 await ws.send_message(conn.rejected(f.seq, reason, now))
@@ -336,7 +385,6 @@ def _reason_key(code: int) -> str:
     return {
         CloseCode.UNAUTHORIZED: "unauthorized",
         CloseCode.UNSUPPORTED_VERSION: "unsupported_version",
-        CloseCode.ALREADY_CONNECTED: "already_connected",
         CloseCode.PROTOCOL_ERROR: "protocol_error",
         CloseCode.HEARTBEAT_TIMEOUT: "heartbeat_timeout",
         CloseCode.TOO_BIG: "too_big",

@@ -39,11 +39,12 @@ class CloseCode:
     TOO_BIG = 1009  # a message larger than the configured frame limit
     UNAUTHORIZED = 4001  # unknown gateway id or wrong token
     UNSUPPORTED_VERSION = 4002  # no protocol version in common
-    ALREADY_CONNECTED = 4003  # the same gateway id is connected already
+    # 4003 (the gateway id is connected already) is no longer sent: the newest wins (4008)
     PROTOCOL_ERROR = 4004  # malformed message, message out of order, sequence gap
     HEARTBEAT_TIMEOUT = 4005  # nothing received for 2 x heartbeat interval
     TOO_MANY_RECORDS = 4006  # a data frame with more records than the limit
     HELLO_TIMEOUT = 4007  # no hello within the handshake timeout
+    REPLACED = 4008  # a newer connection with the same gateway id took over
 
 
 class ProtocolError(Exception):
