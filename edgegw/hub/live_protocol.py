@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -37,11 +38,13 @@ from typing import Any, Protocol
 
 import cbor2
 
-from ..metrics import Metrics
+from ..metrics import Metrics, report_internal_error
 
 SUBPROTOCOL_CBOR = "edgegw.live.v1.cbor"
 SUBPROTOCOL_JSON = "edgegw.live.v1.json"
 SUBPROTOCOLS = (SUBPROTOCOL_CBOR, SUBPROTOCOL_JSON)
+
+log = logging.getLogger("edgegw.hub.live")
 
 CLOSE_TOO_SLOW = 4008
 CLOSE_TOO_SLOW_REASON = "too slow"
@@ -555,6 +558,13 @@ class LiveHub:
             self._m_bad.inc(reason=exc.code)
             self._control(client, now, {"type": "error", "id": request_id, "code": exc.code,
                                    "message": exc.message})
+        except Exception:
+            # A failure boundary: a bug met while handling one request skips that request
+            # (counted, logged, answered), never the connection or the hub.
+            report_internal_error(self.metrics, "live_message", log,
+                                  "handling a /ws/live request from client %d", client.id)
+            self._control(client, now, {"type": "error", "id": None, "code": "internal_error",
+                                        "message": "the hub failed to handle this request"})
 
     @staticmethod
     def _patterns_of(message: dict[str, Any]) -> list[str]:
