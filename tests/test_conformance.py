@@ -135,6 +135,32 @@ async def test_1009_a_message_over_max_frame_bytes(tmp_path: Path) -> None:
         await still_healthy(app, port)
 
 
+#: WebSocket-level faults (RFC 6455), the same on both endpoints: (frame, code, reason)
+FRAMING_ERRORS = {
+    "unmasked_frame": (0x2, b"\x00", False, 1002, "server received unexpected unmasked frame"),
+    "text_not_utf8": (0x1, b"\xff", True, 1007,
+                      "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"),
+}
+
+
+@pytest.mark.parametrize("path", ["/ws/gateway", "/ws/live"])
+@pytest.mark.parametrize("fault", list(FRAMING_ERRORS))
+async def test_1002_1007_a_websocket_frame_the_hub_cannot_read(tmp_path: Path, path: str,
+                                                                fault: str) -> None:
+    opcode, payload, masked, code, reason = FRAMING_ERRORS[fault]
+    async with running_hub(tmp_path) as (app, port):
+        async def check(i: int) -> None:
+            if path == "/ws/gateway":
+                client = await welcomed(port, GATEWAYS[i])
+            else:
+                client = await live_client(port, ["sensor/+"])
+            await client.send_frame(opcode, payload, masked=masked)
+            assert await client.close_reason() == (code, reason)
+
+        await repeat(check)
+        await still_healthy(app, port)
+
+
 async def test_4001_an_unknown_gateway_or_a_wrong_token_is_refused(tmp_path: Path) -> None:
     async with running_hub(tmp_path) as (app, port):
         async def check(i: int) -> None:

@@ -86,6 +86,35 @@ class WsClient:
         """Bytes as they are: not framed (garbage to the hub's frame parser)."""
         await self.stream.send_all(data)
 
+    async def send_frame(self, opcode: int, payload: bytes, *, masked: bool = True) -> None:
+        """One hand-made frame (FIN set), e.g. text that is not UTF-8, or an unmasked one."""
+        n = len(payload)
+        head = bytes((0x80 | opcode,))
+        bit = 0x80 if masked else 0
+        if n < 126:
+            head += bytes((bit | n,))
+        elif n < 1 << 16:
+            head += bytes((bit | 126,)) + n.to_bytes(2, "big")
+        else:
+            head += bytes((bit | 127,)) + n.to_bytes(8, "big")
+        if masked:
+            key = b"\x0f\x1e\x2d\x3c"
+            payload = key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+        await self.stream.send_all(head + payload)
+
+    async def finish(self) -> tuple[int, str]:
+        """End without a closing handshake (after garbage the hub may not parse ours):
+        send EOF and read until the hub closes; (code, reason) of its close frame, or
+        (1006, "") if it closed the TCP connection without one."""
+        try:
+            await self.stream.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        try:
+            return await self.close_reason()
+        except trio.BrokenResourceError:
+            return NO_CLOSE_FRAME, ""
+
     async def recv(self) -> bytes | str:
         """The next whole message; raises Closed when the hub closes."""
         if self.closed is not None:

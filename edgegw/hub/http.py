@@ -197,6 +197,12 @@ class WebSocket:
                 elif isinstance(event, Ping):
                     await self._write(self.conn.send(event.response()))
                 elif isinstance(event, CloseConnection):
+                    if self.conn.state is ConnectionState.OPEN:
+                        # Not the peer's close frame: wsproto could not parse its frames
+                        # (1002) or a text message was not UTF-8 (1007).  Tell the peer;
+                        # nothing after the bad frame can be read, so no lingering.
+                        await self.aclose(event.code, event.reason or "", linger=False)
+                        raise self.closed  # type: ignore[misc]
                     self.closed = ConnectionClosed(event.code, event.reason or "")
                     try:
                         if self.conn.state is ConnectionState.REMOTE_CLOSING:
@@ -235,15 +241,16 @@ class WebSocket:
                 await self.stream.aclose()
 
     async def _await_close_reply(self) -> None:
-        """Read and drop what the peer still sends, until its close frame or EOF."""
-        while self.conn.state is not ConnectionState.CLOSED:
+        """Drop what the peer still sends, until its close frame or EOF.  What was read
+        already (its close may have arrived with the message that made us close) first."""
+        while True:
+            for event in self.conn.events():
+                if isinstance(event, CloseConnection):
+                    return  # the peer's reply (or a frame wsproto could not parse)
             data = await self._receive_some()
             if not data:
                 return
             self.conn.receive_data(data)
-            for event in self.conn.events():
-                if isinstance(event, CloseConnection):
-                    return  # the peer's reply (or a frame wsproto could not parse)
 
 
 class HttpServer:

@@ -228,11 +228,23 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _json_keys(value: Any) -> Any:
+    """Map keys JSON cannot have (a CBOR request may carry any, e.g. in its ``id``) as text."""
+    if isinstance(value, dict):
+        return {k if k is None or isinstance(k, (str, int, float, bool)) else str(k):
+                _json_keys(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_keys(v) for v in value]
+    return value
+
+
 def encode_json(message: Any) -> str:
     try:
         return json.dumps(message, separators=(",", ":"), default=_json_default, allow_nan=False)
     except ValueError:
         return json.dumps(_finite(message), separators=(",", ":"), default=_json_default)
+    except TypeError:
+        return encode_json(_json_keys(message))
 
 
 class Encoding:
@@ -520,7 +532,13 @@ class LiveHub:
             # the answers would grow its queue without bound: it is too slow as well.
             self.close_slow(client, "too many unread replies")
             return
-        self._enqueue(client, now, self.prepare(client.encoding.encode(message)), update=False)
+        try:
+            encoded = client.encoding.encode(message)
+        except (TypeError, ValueError, RecursionError):
+            # The request's ``id`` cannot be repeated in this encoding (nested too deep
+            # for JSON, say): the reply goes without it.
+            encoded = client.encoding.encode({**message, "id": None})
+        self._enqueue(client, now, self.prepare(encoded), update=False)
 
     def _enqueue(self, client: Client, now: float, frame: Any, *, update: bool) -> None:
         if client.busy_since is None:
