@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from processes import spawn, stop, wait_for
 from wsclient import NO_CLOSE_FRAME, WsClient
 
 from edgegw.protocol import Ack, Data, Hello, Ping, Pong, Refuse, Welcome, decode, encode
+from edgegw.records import RECORD_TYPES
 
 EXAMPLES = int(os.environ.get("EDGEGW_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(
@@ -155,7 +157,38 @@ def wire_record() -> st.SearchStrategy[list[Any]]:
                  max_size=18))
 
 
+def _values_of(tp: Any) -> st.SearchStrategy[Any]:
+    """Values of a record field's declared type, edges included (huge ints, NaN, ...)."""
+    args = typing.get_args(tp)
+    if type(None) in args:
+        return st.none() | _values_of(next(a for a in args if a is not type(None)))
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return st.booleans()
+    if tp is int:
+        return st.integers(-3, 300) | st.integers()
+    if tp is float:
+        return st.floats() | st.integers(-10, 10)
+    if tp is str:
+        return st.sampled_from(["L1", "W1", "1", "H", "S", "P", "F", "c", ""]) | st.text(max_size=8)
+    if origin is list:
+        return st.lists(_values_of(args[0]), max_size=6)
+    return st.dictionaries(st.text(max_size=6), leaves, max_size=3)
+
+
+def typed_record(cls: Any) -> st.SearchStrategy[list[Any]]:
+    """A record of ``cls`` with fields of the declared types: valid on the wire, and as
+    hostile as its types allow (the live state and the alert engine see these)."""
+    hints = typing.get_type_hints(cls)
+    fields = [_values_of(hints[name]) for name in cls._fields[1:]]  # ts onwards
+    return st.tuples(*fields).map(lambda values: [cls.KIND, 0, *values])
+
+
+typed_records = st.sampled_from(RECORD_TYPES).flatmap(typed_record)
+
 bodies = st.one_of(
+    st.builds(lambda rid, records: cbor2.dumps([rid, ["src"], records]),
+              st.integers(1, 10**6), st.lists(typed_records, min_size=1, max_size=8)),
     st.builds(lambda rid, sources, records: cbor2.dumps([rid, sources, records]),
               st.integers(1, 10**6) | st.integers(), st.lists(st.text(max_size=6), max_size=3),
               st.lists(wire_record(), max_size=8)),
