@@ -51,9 +51,11 @@ class FlakyConfig:
 
 
 class FlakySource:
-    """Puts one reading per step, checkpointed; its first run fails part-way."""
+    """Puts readings three at a time, each put checkpointed with the index after it (a
+    replay position); its first run fails part-way."""
 
     Config = FlakyConfig
+    replays = True
 
     def __init__(self, name, config, context):
         self.name, self.config, self.context = name, config, context
@@ -62,11 +64,12 @@ class FlakySource:
         start = self.context.checkpoint or 0
         RUNS.append(start)
         task_status.started()
-        for i in range(start, self.config.readings):
-            if len(RUNS) == 1 and i == self.config.fail_at:
+        for i in range(start, self.config.readings, 3):
+            if len(RUNS) == 1 and i >= self.config.fail_at:
                 raise RuntimeError("sensor bus fell over")
-            await sink.put([SensorReading(self.name, float(i), "flaky", float(i))],
-                           checkpoint=i + 1)
+            end = min(i + 3, self.config.readings)
+            await sink.put([SensorReading(self.name, float(j), "flaky", float(j))
+                            for j in range(i, end)], checkpoint=end)
             await trio.sleep(0)
 
 
@@ -148,7 +151,8 @@ async def test_a_failing_source_is_restarted_at_its_checkpoint_and_reported(
     async with trio.open_nursery() as nursery:
         hub, port = await start_hub(nursery, hub_config(tmp_path / "hub"))
         cfg = gateway_config(tmp_path / "gw", port, sources=[
-            {"name": "bus", "type": "flaky", "readings": 30, "fail_at": 10}])
+            {"name": "bus", "type": "flaky", "readings": 30, "fail_at": 10}],
+            batch={"max_records": 5, "max_delay_ms": 50})  # puts split across frames
         gateway = Gateway(cfg)
         gateway.source_backoff_s = (0.01, 0.05)
         await nursery.start(gateway.run)
@@ -158,7 +162,7 @@ async def test_a_failing_source_is_restarted_at_its_checkpoint_and_reported(
         records = await stored_records(hub)
         # every reading exactly once: the restarted source resumed at its checkpoint
         assert [r[4] for r in records if r[0] == 11] == [float(i) for i in range(30)]
-        assert plugins.RUNS == [0, 10]
+        assert plugins.RUNS == [0, 12]
         [failed] = [r for r in records if r[0] == 13 and r[4] == "source_failed"]
         assert failed[3] == "error" and "sensor bus fell over" in failed[5]
         assert failed[6]["source"] == "bus" and failed[6]["restarts"] == 1

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import trio
 
+from .. import failpoints
 from ..metrics import Metrics, internal_errors, report_internal_error
 from ..protocol import (
     SUPPORTED_VERSIONS,
@@ -391,6 +392,7 @@ class Hub:
                 good.append((FrameToApply(gw, epoch, d.seq, first_rid, len(records), d.body),
                              first_rid, records))
             await self.store.commit([g[0] for g in good], rejected=bad)
+            failpoints.hit("hub.after_commit")
             now = trio.current_time()
             for f, first_rid, records in good:
                 self.m_frames.inc()

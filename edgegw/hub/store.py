@@ -24,6 +24,7 @@ from typing import Any
 
 import trio
 
+from .. import failpoints
 from ..protocol.intervals import IntervalSet
 
 SCHEMA = """
@@ -150,6 +151,7 @@ class HubStore:
                     (st.gateway, st.epoch, st.frames_applied, st.records_applied,
                      st.duplicates_dropped, st.frames_rejected, st.frames_lost, st.last_seq,
                      st.last_seen))
+            failpoints.hit("hub.mid_commit")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

@@ -180,6 +180,7 @@ class TailSource:
     """Tester files (STDF, or any installed format) followed as the tester writes them."""
 
     Config: ClassVar[type] = TailConfig
+    replays: ClassVar[bool] = True  # resuming from a checkpoint re-emits what followed it
 
     def __init__(self, name: str, config: TailConfig, context: SourceContext) -> None:
         self.name = name
