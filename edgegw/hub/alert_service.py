@@ -32,7 +32,7 @@ import trio
 from edgegw.hub.alerts import AlertEngine, AlertsConfig
 from edgegw.hub.history_store import HistoryStore
 from edgegw.hub.webhooks import WebhookSender
-from edgegw.metrics import Metrics
+from edgegw.metrics import Metrics, report_internal_error
 
 if TYPE_CHECKING:
     from edgegw.hub.state import LiveState
@@ -113,10 +113,14 @@ class AlertService:
         while True:
             await trio.sleep(tick_s)
             now = self._clock()
-            if state is not None:
-                state.tick(now)
-            else:
-                self.engine.tick(now)
+            try:
+                if state is not None:
+                    state.tick(now)
+                else:
+                    self.engine.tick(now)
+            except Exception:  # a failure boundary: one tick fails, not the hub
+                report_internal_error(self.metrics, "alerts_tick", log,
+                                      "live state / alert engine tick")
 
     async def _persist_loop(self) -> None:
         async for first in self._receive:
@@ -139,7 +143,11 @@ class AlertService:
             else:
                 self._m_saved.inc(len(events))
             for event in events:
-                self.webhooks.submit(event)
+                try:
+                    self.webhooks.submit(event)
+                except Exception:  # e.g. an event that is not the shape a webhook expects
+                    report_internal_error(self.metrics, "webhook", log,
+                                          "queueing an alert event for the webhooks")
             self._done += len(items)
             self._progress.set()
             self._progress = trio.Event()
