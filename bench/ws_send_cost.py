@@ -224,8 +224,10 @@ def serve_hypercorn(args: argparse.Namespace, loop: bool) -> None:
 # --------------------------------------------------------------------------- clients
 
 
-def connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port))
+def connect(port: int, number: int) -> socket.socket:
+    # From 16 loopback addresses, as from many hosts: the hub caps connections per address.
+    sock = socket.create_connection(("127.0.0.1", port),
+                                    source_address=(f"127.0.0.{1 + number % 16}", 0))
     key = base64.b64encode(os.urandom(16))
     sock.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                  b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\n"
@@ -255,8 +257,8 @@ def measure(args: argparse.Namespace, variant: str) -> dict[str, Any] | None:
         port = int(line.split()[1])
         ep = select.epoll()
         socks = {}
-        for _ in range(args.clients):
-            s = connect(port)
+        for i in range(args.clients):
+            s = connect(port, i)
             socks[s.fileno()] = s
             ep.register(s.fileno(), select.EPOLLIN)
         frame_len = args.size + (2 if args.size < 126 else 4 if args.size < 65536 else 10)

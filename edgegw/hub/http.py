@@ -7,6 +7,13 @@ sans-IO cores trio-websocket itself is built on; here h11 parses every request, 
 upgrade request is answered with 101 and handed to a wsproto ``Connection``.  Because a
 server-to-client frame is not masked, ``prepare_message`` encodes a message once and
 ``WebSocket.send_prepared`` writes the same bytes to any number of clients.
+
+Why not hypercorn's Trio worker (which brings timeouts and TLS): its ASGI path frames every
+message per client and costs 10-15x more per client send than writing one prepared frame,
+more than two cores at 1,000 dashboards x 20 frames/s (``bench/ws_send_cost.py``,
+docs/http.md).  So this layer carries the bounds itself (``HttpLimits``): a restartable
+deadline per connection phase, connection caps that shed idle connections first, a paused
+accept loop when descriptors run out, strict upgrade validation, no ambiguous framing.
 """
 
 from __future__ import annotations
@@ -459,7 +466,8 @@ class HttpServer:
         return True
 
     def _release(self, conn: _Conn) -> None:
-        if self._open.pop(conn, False) is None:
+        if conn in self._open:  # not shed already
+            del self._open[conn]
             mine = self._by_address[conn.address]
             del mine[conn]
             if not mine:
