@@ -413,6 +413,26 @@ async def test_content_length_with_chunked_is_refused_and_nothing_after_it_is_se
         nursery.cancel_scope.cancel()
 
 
+async def test_head_is_answered_like_get_without_a_body(tmp_path: Path) -> None:
+    """Found by the fuzz: a HEAD request made h11 refuse the response body, and the exception
+    ended the hub process (one request from anyone)."""
+    hub = Hub(config(tmp_path))
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(hub.run)
+        stream = await connect(port)
+        await stream.send_all(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                              b"HEAD /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+                              b"HEAD /ws/gateway HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                              b"Connection: Upgrade\r\n\r\n")
+        with trio.fail_after(30):
+            answer = await read_all(stream)
+        assert statuses(answer) == [200, 404, 400]
+        assert answer.endswith(b"\r\n\r\n")  # headers only
+        assert b"content-length: 0" not in answer.split(b"\r\n\r\n")[0]
+        assert statuses(await get(await connect(port), "/healthz")) == [200]
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize(("key", "value"), [
     ("header_timeout_s", 0), ("body_timeout_s", -1), ("idle_timeout_s", math.nan),
     ("write_timeout_s", math.inf), ("max_connections", 0),

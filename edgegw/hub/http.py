@@ -537,12 +537,13 @@ class HttpServer:
             if admitted is not None:
                 admitted.waiting = False
             request = _request(event, remote)
+            head = event.method == b"HEAD"  # answered like GET, without the body
             problem = _framing_problem(event)
             if problem:
                 # Content-Length with Transfer-Encoding is how requests are smuggled past a
                 # proxy: never guess which one frames the body -- refuse, and close.
                 self.on_bad_request(problem)
-                await self._send_simple(conn, stream, 400, problem.encode())
+                await self._send_simple(conn, stream, 400, problem.encode(), head=head)
                 return
             if _is_upgrade(event):
                 phase.enter("websocket")  # the WebSocket handler's own timeouts apply
@@ -555,7 +556,8 @@ class HttpServer:
                 if isinstance(ev, h11.Data):
                     body += ev.data
                     if len(body) > MAX_REQUEST_BODY:
-                        await self._send_simple(conn, stream, 413, b"request body too large")
+                        await self._send_simple(conn, stream, 413, b"request body too large",
+                                                head=head)
                         return
                 elif isinstance(ev, h11.EndOfMessage):
                     break
@@ -563,7 +565,7 @@ class HttpServer:
                     return
             request.body = bytes(body)
             phase.enter("handler")
-            handler = self._find(request.method, request.path)
+            handler = self._find("GET" if head else request.method, request.path)
             if handler is None:
                 known = any(p == request.path for _, p in self.routes)
                 status = 405 if known else 404
@@ -576,7 +578,7 @@ class HttpServer:
                     log.exception("handler for %s %s failed", request.method, request.path)
                     response = Response(500, b'{"error": "internal error"}')
             phase.enter("write")
-            await self._send_response(conn, stream, response)
+            await self._send_response(conn, stream, response, head=head)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             try:
@@ -615,32 +617,35 @@ class HttpServer:
             return event
 
     async def _send_response(self, conn: h11.Connection, stream: trio.abc.Stream,
-                             r: Response) -> None:
+                             r: Response, head: bool = False) -> None:
         headers = [("content-type", r.content_type), ("content-length", str(len(r.body))),
                    ("cache-control", "no-store"), *r.headers]
         data = conn.send(h11.Response(status_code=r.status, headers=headers,
                                       reason=_reason(r.status)))
-        data += conn.send(h11.Data(data=r.body)) if r.body else b""
+        data += conn.send(h11.Data(data=r.body)) if r.body and not head else b""
         data += conn.send(h11.EndOfMessage())
         await stream.send_all(data)
 
     async def _send_simple(self, conn: h11.Connection, stream: trio.abc.Stream, status: int,
-                           text: bytes, headers: list[tuple[str, str]] | None = None) -> None:
+                           text: bytes, headers: list[tuple[str, str]] | None = None,
+                           head: bool = False) -> None:
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             await self._send_response(conn, stream, Response(
-                status, text, "text/plain", [("connection", "close"), *(headers or [])]))
+                status, text, "text/plain", [("connection", "close"), *(headers or [])]),
+                head=head)
 
     async def _upgrade(self, conn: h11.Connection, stream: trio.abc.Stream,
                        request: Request, event: h11.Request) -> None:
+        head = event.method == b"HEAD"
         route = self.ws_routes.get(request.path)
         if route is None:
-            await self._send_simple(conn, stream, 404, b"no WebSocket endpoint here")
+            await self._send_simple(conn, stream, 404, b"no WebSocket endpoint here", head=head)
             return
         problem = _upgrade_problem(event, request)
         if problem:
             self.on_bad_request(problem)
             await self._send_simple(conn, stream, 400, problem.encode(),
-                                    [("sec-websocket-version", "13")])
+                                    [("sec-websocket-version", "13")], head=head)
             return
         handler, offered = route
         asked = [p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")
