@@ -506,7 +506,7 @@ def _healthz(port: int) -> int:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=_garbage, split=st.integers(min_value=0, max_value=3000))
 def test_raw_http_garbage_never_stops_the_hub(fuzz_hub: Any, data: bytes, split: int) -> None:
-    """Set EDGEGW_FUZZ_EXAMPLES=20000 for the long run (docs/http.md)."""
+    """EDGEGW_FUZZ_EXAMPLES=10000 for the longer run (docs/http.md)."""
     proc, port = fuzz_hub
     with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
         with contextlib.suppress(OSError):  # the hub may answer and close early
