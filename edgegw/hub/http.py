@@ -403,7 +403,8 @@ class HttpServer:
         if soft == infinite:
             return wanted
         allowed = max(1, min(wanted, soft - min(FD_RESERVE, soft // 4)))
-        if allowed < wanted:
+        if allowed < wanted and self.raise_fd_limit:  # the hub's port (a gateway's status
+            # port never needs many connections: its cap is lowered silently)
             log.warning("HTTP: at most %d connections (http.max_connections is %d): the "
                         "open-file limit is %d; raise it (systemd: LimitNOFILE=) for more",
                         allowed, wanted, soft)
