@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from .alerts import AlertsConfig
+from .http import HttpLimits
 from .live_protocol import LiveConfig
 
 
@@ -76,4 +77,6 @@ class HubConfig:
     # gateway id -> its token; a gateway not listed here is refused
     gateways: dict[str, GatewayAuth] = dataclasses.field(default_factory=dict)
     live: LiveConfig = dataclasses.field(default_factory=LiveConfig)
+    # timeouts and connection caps of the one HTTP port (edgegw/hub/http.py)
+    http: HttpLimits = dataclasses.field(default_factory=HttpLimits)
     alerts: AlertsConfig = dataclasses.field(default_factory=AlertsConfig)

@@ -70,7 +70,7 @@ class Hub:
         self.metrics = metrics or Metrics()
         self.store = HubStore(Path(config.hub.data_dir) / "hub.sqlite3",
                               keep_bodies=config.hub.keep_frame_bodies)
-        self.http = HttpServer()
+        self.http = HttpServer(config.http, metrics=self.metrics, raise_fd_limit=True)
         self.consumers: list[Consumer] = []
         self.connected = GatewayRegistry()
         self.handshaking: set[WebSocket] = set()  # upgraded, no WELCOME sent yet
