@@ -11,7 +11,8 @@ and nothing else, and memory bounded.
 * ``edgegw stdf dump|stats`` on fuzzed files: exit 0, or exit 1 with one line.
 
 Hypothesis runs with a fixed seed and no example database, so every run checks the same
-cases and none depends on an earlier one; ``scripts/fuzz_stdf.py`` is the long run.
+cases and none depends on an earlier one.  ``EDGEGW_FUZZ_EXAMPLES=20000`` runs more of them;
+``scripts/fuzz_stdf.py`` is the long crash-only run of the decoder (docs/stdf.md).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import io
 import itertools
 import json
 import math
+import os
 import struct
 import sys
 import tempfile
@@ -43,7 +45,9 @@ from edgegw.mqtt.payloads import MAX_TIMESTAMP, PayloadError, decode_number, jso
 from edgegw.stdf import RECORDS, StdfDecoder, StdfWriter
 from edgegw.stdf.mapping import RecordMapper
 
-FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
+#: examples per property; EDGEGW_FUZZ_EXAMPLES=20000 for a longer run (same seed)
+EXAMPLES = int(os.environ.get("EDGEGW_FUZZ_EXAMPLES", "300"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.large_base_example])
 
@@ -298,7 +302,7 @@ def test_mutated_tester_files_are_records_or_a_format_error_in_any_chunking(
     same_outcome_in_any_chunking("stdf", data, chunks)
 
 
-@settings(FUZZ, max_examples=100)
+@settings(FUZZ, max_examples=max(100, EXAMPLES // 3))
 @given(written_stdf(truncated=False), chunkings)
 def test_whatever_the_writer_writes_is_read_and_mapped_without_error(
         data: bytes, chunks: list[int]) -> None:
@@ -306,7 +310,7 @@ def test_whatever_the_writer_writes_is_read_and_mapped_without_error(
     assert error is None and records
 
 
-@settings(FUZZ, max_examples=100)
+@settings(FUZZ, max_examples=max(100, EXAMPLES // 3))
 @given(written_stdf(truncated=True), chunkings)
 def test_records_written_short_are_read_and_mapped_unless_cut_before_a_field_they_need(
         data: bytes, chunks: list[int]) -> None:
@@ -438,7 +442,7 @@ def test_a_record_cut_before_a_field_it_must_have_is_a_format_error(name: str) -
 
 # ---- the STDF command line on fuzzed files --------------------------------------------------
 
-@settings(FUZZ, max_examples=60)
+@settings(FUZZ, max_examples=max(60, EXAMPLES // 5))
 @given(mutated_stdf(), st.booleans(), st.sampled_from(["dump", "stats"]))
 def test_the_stdf_command_exits_0_or_1_with_one_line_on_any_file(
         data: bytes, gz: bool, action: str) -> None:

@@ -787,6 +787,8 @@ class LiveState:
     def _wafer(self, lot: LotState, wafer_id: str) -> WaferState:
         wafer = lot.wafers.get(wafer_id)
         if wafer is None:
+            if not isinstance(wafer_id, str):
+                raise BadRecord(f"wafer id {wafer_id!r} is not text")
             if wafer_id in lot.archived_wafers:
                 raise NotApplied("archived_wafer", f"wafer {wafer_id!r} of lot {lot.lot_id!r} "
                                  "already left memory (max_wafers_per_lot); the history API "
