@@ -12,7 +12,8 @@ its frames, or replay would raise them again)::
 
     alerts = AlertService(config.alerts, publish, data_dir / "history.sqlite3")
     await alerts.open()
-    state = LiveState(publish, alerts=alerts.engine, on_evict=alerts.archive_lot)
+    state = LiveState(publish, alerts=alerts.engine, on_evict=alerts.archive_lot,
+                      on_wafer_archive=alerts.archive_wafer)
     hub.add_consumer(state)
     await nursery.start(alerts.run, state)   # ticks state.tick(now) once a second
     await nursery.start(hub.run)             # replays, then serves
@@ -84,6 +85,11 @@ class AlertService:
         self._queued += 1
         self._send.send_nowait(("lot", (lot_id, archive)))
 
+    def archive_wafer(self, lot_id: str, wafer_id: str, snapshot: dict[str, Any]) -> None:
+        """``LiveState(on_wafer_archive=...)``: keep a wafer that left memory answerable."""
+        self._queued += 1
+        self._send.send_nowait(("wafer", (lot_id, wafer_id, snapshot)))
+
     @property
     def backlog(self) -> int:
         """Events and archives handed over but not yet written."""
@@ -134,12 +140,13 @@ class AlertService:
             # Several events of one alert in a batch: the last carries its latest state.
             latest = {e["alert"]["id"]: e["alert"] for e in events}
             lots = [payload for kind, payload in items if kind == "lot"]
+            wafers = [payload for kind, payload in items if kind == "wafer"]
             try:
-                await self.store.save(list(latest.values()), lots)
+                await self.store.save(list(latest.values()), lots, wafers)
             except Exception as exc:  # a full disk must not stop alerting
                 self._m_store_errors.inc()
-                log.error("history store write failed (%d alert events, %d lots): %s",
-                          len(events), len(lots), exc)
+                log.error("history store write failed (%d alert events, %d lots, %d wafers): "
+                          "%s", len(events), len(lots), len(wafers), exc)
             else:
                 self._m_saved.inc(len(events))
             for event in events:

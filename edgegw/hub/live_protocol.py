@@ -785,11 +785,18 @@ class LiveHub:
 
     def sweep(self) -> int:
         """Drop the channels (and their history) of topics the live state no longer has
-        (an evicted lot's wafers and tests) that nobody follows; returns how many."""
+        (an evicted lot's wafers and tests, an archived wafer) once no client needs them:
+        nobody follows, or every follower already has the last delta (a dashboard on
+        ``lot/+/wafer/+`` would otherwise keep every wafer ever seen); returns how many."""
         alive = set(self.source.topics())
         gone = [c for t, c in self.channels.items()
-                if t not in alive and not c.subscribers and not c.pending]
+                if t not in alive and not c.pending
+                and all(s.positions.get(t) == c.offset and t not in s.todo
+                        for s in c.subscribers)]
         for channel in gone:
+            for client in channel.subscribers:
+                del client.positions[channel.topic]
+                client.resync.pop(channel.topic, None)
             self._tombstones[channel.topic] = channel.offset
             del self.channels[channel.topic]
         return len(gone)
