@@ -153,13 +153,15 @@ class Hub(_Process):
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, failpoints: str = "") -> Hub:
-        """Start (``failpoints``: armed for this run, ``edgegw/failpoints.py``)."""
+    def start(self, failpoints: str = "", wait: bool = True) -> Hub:
+        """Start (``failpoints``: armed for this run, ``edgegw/failpoints.py``; ``wait``:
+        until /healthz answers -- not for a run that may crash at its failpoint first)."""
         self.proc = spawn("hub", "--config", str(REPO / "conf" / "hub.toml"),
                           "--set", f"hub.port={self.port}", "--set", f"hub.data_dir={self.dir}",
                           "--set", "hub.heartbeat_s=1.0", log=self.tmp / "hub.log",
                           env={"EDGEGW_FAILPOINTS": failpoints})
-        wait_for(lambda: get_json(f"{self.url}/healthz")["status"] == "ok")
+        if wait:
+            wait_for(lambda: get_json(f"{self.url}/healthz")["status"] == "ok")
         return self
 
     @property
@@ -215,11 +217,19 @@ def source_settings(**source: Any) -> list[str]:
 
 def wait_all_applied(hub: Hub, gw: Gateway, n_expected: int, timeout: float = 60) -> None:
     """Until the source has finished and the spool holds nothing unacknowledged."""
+    seen: dict[str, Any] = {}
+
     def done() -> bool:
-        st = gw.stats()["store"]
-        return (hub.stats().get("records_applied", 0) >= n_expected
+        gw_stats = gw.stats()
+        st = gw_stats["store"]
+        seen.update(hub=hub.stats(), store=st, connected=gw_stats.get("connected"),
+                    last_error=gw_stats.get("last_error"))
+        return (seen["hub"].get("records_applied", 0) >= n_expected
                 and st["frames"] == 0 and st["pending_frames"] == 0)
-    wait_for(done, timeout=timeout, interval=0.25)
+    try:
+        wait_for(done, timeout=timeout, interval=0.25)
+    except AssertionError as exc:  # say where it stood: a stall, or merely slow
+        raise AssertionError(f"{exc}; expected {n_expected} records; last seen {seen}") from None
 
 
 class Proxy:
