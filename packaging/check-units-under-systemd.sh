@@ -62,11 +62,13 @@ mkdir -p "$R/check" && mount --bind "$W/io" "$R/check"
 ip link set lo up
 cd "$R" && mkdir -p .oldroot && pivot_root . .oldroot && umount -l /.oldroot && cd /
 # refuse to go on unless every write really is discarded
-[ "$(findmnt -no FSTYPE /)" = overlay ] && [ "$(findmnt -no FSTYPE /tmp)" = tmpfs ] \
-  || { echo "FAIL: root is not isolated"; exit 1; }
+if [ "$(findmnt -no FSTYPE /)" != overlay ] || [ "$(findmnt -no FSTYPE /tmp)" != tmpfs ]; then
+  echo "FAIL: root is not isolated"; exit 1
+fi
 
 tar -C /check -xzf /check/bundle.tar.gz
-PYTHON=/usr/bin/python3 UNITDIR=/check/units /check/edgegw-offline-*/install.sh > /check/install.log 2>&1
+installer=$(echo /check/edgegw-offline-*/install.sh)
+PYTHON=/usr/bin/python3 UNITDIR=/check/units "$installer" > /check/install.log 2>&1
 # a tester directory that only root and group edgegw may read
 install -d -m 0750 -g edgegw /opt/tester/stdf
 install -m 0640 -g edgegw /check/lot.stdf /opt/tester/stdf/lot.stdf
@@ -93,8 +95,10 @@ mkfifo "$work/io/kmsg"
 ( exec 3<>"$work/io/kmsg"; exec cat <&3 >> "$work/io/systemd.log" ) &
 log_pid=$!
 mkdir "$cg"
+# --pdeathsig and --kill-child: if this script dies, unshare and then the namespace's PID 1
+# (and with it everything inside) are killed too
 ( echo "$BASHPID" > "$cg/cgroup.procs"
-  exec unshare --mount --pid --fork --net --uts --ipc --cgroup --propagation private \
+  exec setpriv --pdeathsig KILL unshare --kill-child=SIGKILL --mount --pid --fork --net --uts --ipc --cgroup --propagation private \
     bash "$work/inner.sh" "$work" "$systemd_bin" "${LOG_LEVEL:-info}" ) > "$work/io/setup.log" 2>&1 &
 unshare_pid=$!
 init=""
@@ -108,6 +112,7 @@ stop() {
   if [ "${KEEP:-0}" = 1 ]; then echo "logs kept in $work/io"; else rm -rf "$work"; fi
 }
 trap stop EXIT
+trap 'exit 1' INT TERM HUP
 
 fail() { echo "FAIL: $*"; [ -n "${HOLD:-}" ] && sleep "$HOLD"; tail -n 30 "$work/io/setup.log" "$work/io/systemd.log" "$work/io/install.log" \
   "$work/io/"edgegw-*.log 2>/dev/null; exit 1; }
