@@ -128,8 +128,11 @@ inside() { nsenter -t "$init" -m -p -n -u -i -r -w "$@"; }
 # wait for observable conditions, never a fixed time: poll up to $1 seconds
 until_true() { local t=$1; shift; for _ in $(seq $((t * 5))); do "$@" && return 0; sleep 0.2; done; return 1; }
 
+# started or given up (a unit that exits with status 2 is not restarted)
+settled() { inside systemctl is-active -q "$1" || inside systemctl is-failed -q "$1"; }
 for u in hub gateway; do
-  until_true 120 inside systemctl is-active -q "edgegw-$u" \
+  until_true 120 settled "edgegw-$u" || true
+  inside systemctl is-active -q "edgegw-$u" \
     || fail "edgegw-$u is not active: $(inside systemctl status --no-pager "edgegw-$u" 2>&1 | head -20)"
   echo "ok: edgegw-$u active (Type=notify: it sent READY=1)"
   pid=$(inside systemctl show -P MainPID "edgegw-$u")
