@@ -319,8 +319,9 @@ class HubThread:
 
 
 #: link failures that come from the machine's timing, not from the config: a HELLO or
-#: heartbeat that came too late (4007, 4005), a connect that timed out
-TIMING_FAILURES = ("code=4007", "code=4005", "TooSlowError", "ConnectionTimeout")
+#: heartbeat that came too late (4007, 4005), a connect or a readiness probe that timed out
+TIMING_FAILURES = ("code=4007", "code=4005", "TooSlowError", "ConnectionTimeout",
+                   "no connection within")
 ATTEMPTS = 3
 
 

@@ -49,6 +49,9 @@ class UplinkSection:
     connect_timeout_s: Annotated[float, Range(1, 600)] = 10.0
     backoff_initial_s: Annotated[float, Range(0, 3600, lo_open=True)] = 0.5
     backoff_max_s: Annotated[float, Range(0, 3600, lo_open=True)] = 30.0
+    # while the hub cannot be reached at all, probe it every uniform(0, this) seconds
+    probe_interval_s: Annotated[float, Range(0.1, 3600)] = 1.0
+    probe_timeout_s: Annotated[float, Range(1, 600)] = 2.0
     max_frame_bytes: Annotated[int, Range(1024, 64 << 20)] = 8 << 20
     # frames sent but not yet acknowledged
     window_frames: Annotated[int, Range(2, 65536)] = 64  # one slot is kept for live frames

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from ..config import Range, host_problem
 from .alerts import AlertsConfig
+from .http import HttpLimits
 from .live_protocol import LiveConfig
 
 
@@ -24,6 +25,10 @@ class HubSection:
     max_holes: Annotated[int, Range(0, 1000)] = 8
     # frames in flight per gateway between receipt and durable commit
     apply_queue_frames: Annotated[int, Range(1, 65536)] = 64
+    # load shedding: with this many gateway handshakes under way, a readiness probe or an
+    # upgrade on /ws/gateway is answered 503 with Retry-After: busy_retry_after_s
+    max_pending_handshakes: Annotated[int, Range(1, 1_000_000)] = 1000
+    busy_retry_after_s: Annotated[float, Range(0.1, 3600)] = 5.0
     keep_frame_bodies: bool = True
     # applied frames older than this are deleted (they only serve the live-state rebuild
     # at start-up); the applied sequence sets that de-duplicate are kept.  0: keep forever
@@ -60,4 +65,6 @@ class HubConfig:
     # gateway id -> its token; a gateway not listed here is refused
     gateways: dict[str, GatewayAuth] = dataclasses.field(default_factory=dict)
     live: LiveConfig = dataclasses.field(default_factory=LiveConfig)
+    # timeouts and connection caps of the one HTTP port (edgegw/hub/http.py)
+    http: HttpLimits = dataclasses.field(default_factory=HttpLimits)
     alerts: AlertsConfig = dataclasses.field(default_factory=AlertsConfig)
