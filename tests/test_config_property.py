@@ -394,7 +394,6 @@ GATEWAY_KEYS = {k.path for prefix, cls in GATEWAY_SCHEMA for k in iter_keys(cls,
 GATEWAY_KEYS |= {"sources[].name", "sources[].type", "sources[]"}
 
 
-@pytest.mark.slow
 @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None, phases=PHASES,
           suppress_health_check=list(HealthCheck))
 @given(data=st.data())

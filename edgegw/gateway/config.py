@@ -40,7 +40,7 @@ class GatewaySection:
 @dataclasses.dataclass(frozen=True)
 class BatchSection:
     max_records: Annotated[int, Range(1, 100_000)] = 2000
-    max_delay_ms: Annotated[float, Range(0, 60_000)] = 100.0
+    max_delay_ms: Annotated[float, Range(0, 3_600_000)] = 100.0
 
 
 @dataclasses.dataclass(frozen=True)
