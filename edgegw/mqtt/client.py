@@ -26,12 +26,25 @@ harmless).  The SUBACK is not awaited but handled when it is read (refusals are 
 a reader paused by backpressure must not look like a broken connection.  A broker that
 refuses the connection (bad credentials, say) raises ``ConnectRefused`` with the broker's
 reason, which is logged, and the connection is retried at the backoff cap.
+
+Failure boundaries: an exception from the ``on_message`` handler is caught, logged (at
+most once per ``ERROR_LOG_INTERVAL``) and counted in ``message_errors``; the next message
+is read as usual.  An exception from paho itself while reading ends only that connection
+(counted in ``internal_errors``), which is then re-established with backoff.  Nothing
+raised in a paho callback reaches the Trio loop.
+
+Acknowledgements: with ``manual_ack`` paho sends no PUBACK by itself; the owner calls
+``ack(mid)`` (in the order the messages arrived) and can send a *fence* (``fence()``, an
+UNSUBSCRIBE of a filter nobody uses) whose answer, reported to ``on_fence``, proves the
+broker has read every packet sent before it.  ``on_session(session_present)`` is called
+when a connection is accepted, before any message of it is handed over.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import select
 import ssl
 import threading
@@ -55,6 +68,13 @@ log = logging.getLogger(__name__)
 STABLE_AFTER = 10.0
 
 _AUTH_HINT = {4, 5, 0x86, 0x87, 0x8C}  # bad user name or password / not authorized / bad auth
+
+#: the filter a fence unsubscribes from: nobody subscribes to it ('$' topics are not
+#: matched by '#' either), so the UNSUBSCRIBE changes nothing on the broker
+FENCE_FILTER = "$edgegw/ack-fence"
+
+#: seconds between two log lines about exceptions in a callback
+ERROR_LOG_INTERVAL = 60.0
 
 
 class ConnectError(Exception):
@@ -146,6 +166,9 @@ class TrioMqttClient:
         read_budget: int = 256,
         max_unacked: int = 1000,
         name: str = "mqtt",
+        manual_ack: bool = False,
+        on_session: Callable[[bool], None] | None = None,
+        on_fence: Callable[[int], None] | None = None,
     ) -> None:
         if not options.client_id:
             raise ValueError("an MQTT client id must not be empty")
@@ -158,15 +181,19 @@ class TrioMqttClient:
         self._before_read = before_read
         self._after_read = after_read
         self._burst_full = burst_full
+        self._on_session = on_session
+        self._on_fence = on_fence
         v5 = options.protocol == "5"
         self.paho = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=options.client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             clean_session=None if v5 else options.clean_session,
+            manual_ack=manual_ack,
         )
-        # paho would swallow (and only log) exceptions from our callbacks; a bug in them
-        # must surface instead.
+        # paho would swallow exceptions from our callbacks into a logger nobody reads; our
+        # callbacks catch their own (``_guarded``), so anything that still escapes is a
+        # paho fault, handled in the reader.
         self.paho.suppress_exceptions = False
         self.paho.connect_timeout = options.connect_timeout
         if options.username:
@@ -175,16 +202,18 @@ class TrioMqttClient:
             if options.ssl_context.sslsocket_class is ssl.SSLSocket:
                 options.ssl_context.sslsocket_class = _ClosingSSLSocket
             self.paho.tls_set_context(options.ssl_context)
-        self.paho.on_socket_open = self._cb_socket_open
-        self.paho.on_socket_close = self._cb_socket_close
-        self.paho.on_socket_register_write = self._cb_register_write
-        self.paho.on_socket_unregister_write = self._cb_unregister_write
-        self.paho.on_connect = self._cb_connect
-        self.paho.on_disconnect = self._cb_disconnect
-        self.paho.on_subscribe = self._cb_subscribe
-        self.paho.on_publish = self._cb_publish
+        g = self._guarded
+        self.paho.on_socket_open = g(self._cb_socket_open)
+        self.paho.on_socket_close = g(self._cb_socket_close)
+        self.paho.on_socket_register_write = g(self._cb_register_write)
+        self.paho.on_socket_unregister_write = g(self._cb_unregister_write)
+        self.paho.on_connect = g(self._cb_connect)
+        self.paho.on_disconnect = g(self._cb_disconnect)
+        self.paho.on_subscribe = g(self._cb_subscribe)
+        self.paho.on_unsubscribe = g(self._cb_unsubscribe)
+        self.paho.on_publish = g(self._cb_publish)
         if on_message is not None:
-            self.paho.on_message = lambda _c, _u, msg: on_message(msg)
+            self.paho.on_message = self._message_boundary(on_message)
         self._conn: _Connection | None = None
         self._trio_thread: int | None = None
         self._unacked: set[int] = set()
@@ -197,6 +226,40 @@ class TrioMqttClient:
         self.session_present = False
         self.subscribed = trio.Event()  # set once the first subscriptions are acknowledged
         self.paused = False  # the reader waits for the gateway to take data (backpressure)
+        self.message_errors = 0  # exceptions raised by on_message, caught here
+        self.internal_errors = 0  # exceptions in our other callbacks or inside paho
+        self._fences: set[int] = set()
+        self._error_logged = -math.inf
+
+    # ---------------------------------------------------------------- failure boundaries
+
+    def _log_error(self, what: str, exc: BaseException) -> None:
+        """At most one line (with the traceback) per ERROR_LOG_INTERVAL."""
+        now = time.monotonic()
+        if now - self._error_logged < ERROR_LOG_INTERVAL:
+            return
+        self._error_logged = now
+        log.error("%s: %s: %s: %s (further errors are counted, logged at most once a "
+                  "minute)", self.name, what, type(exc).__name__, exc, exc_info=exc)
+
+    def _message_boundary(self, handler: Callable[[paho.MQTTMessage], None]
+                          ) -> Callable[[Any, Any, paho.MQTTMessage], None]:
+        def on_message(_c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+            try:
+                handler(msg)
+            except Exception as exc:  # one message, not the connection or the process
+                self.message_errors += 1
+                self._log_error(f"handling a message (mid {msg.mid}) failed", exc)
+        return on_message
+
+    def _guarded(self, callback: Callable[..., None]) -> Callable[..., None]:
+        def guarded(*args: Any) -> None:
+            try:
+                callback(*args)
+            except Exception as exc:
+                self.internal_errors += 1
+                self._log_error(f"{callback.__name__} failed", exc)
+        return guarded
 
     # ---------------------------------------------------------------- paho callbacks
 
@@ -234,6 +297,10 @@ class TrioMqttClient:
         conn.connack = reason
         conn.session_present = bool(getattr(flags, "session_present", False))
         conn.settled.set()
+        self._fences.clear()  # an answer to a fence of the old connection never comes
+        if not reason.is_failure and self._on_session is not None:
+            # before loop_read hands over the first message of this connection
+            self._on_session(conn.session_present)
 
     def _cb_disconnect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
         if self._conn is not None:
@@ -252,6 +319,12 @@ class TrioMqttClient:
             self.last_error = f"broker refused the subscription to {refused[0][0]!r}: " \
                               f"{refused[0][1]}"
         self.subscribed.set()
+
+    def _cb_unsubscribe(self, _c: Any, _u: Any, mid: int, _reasons: Any, _p: Any) -> None:
+        if mid in self._fences:
+            self._fences.discard(mid)
+            if self._on_fence is not None:
+                self._on_fence(mid)
 
     def _cb_publish(self, _c: Any, _u: Any, mid: int, _reason: Any, _p: Any) -> None:
         if mid in self._unacked:
@@ -285,7 +358,17 @@ class TrioMqttClient:
             if self._before_read is not None:
                 self._before_read()
             for _ in range(self.read_budget):
-                rc = loop_read()
+                try:
+                    rc = loop_read()
+                except Exception as exc:
+                    # paho itself failed on what it read (our callbacks catch their own):
+                    # end this connection, not the process; run() reconnects with backoff
+                    self.internal_errors += 1
+                    self._log_error("reading from the broker failed", exc)
+                    conn.disconnect_reason = f"internal error: {type(exc).__name__}: {exc}"
+                    conn.closed.set()
+                    conn.settled.set()
+                    return
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or conn.closed.is_set():
                     return  # paho has closed the socket; on_socket_close ended the connection
                 if self._burst_full is not None and self._burst_full():
@@ -471,6 +554,33 @@ class TrioMqttClient:
             delay = self.backoff.next_delay()
             log.log(level, "%s: %s; reconnecting in %.1f s", self.name, self.last_error, delay)
             await trio.sleep(delay)
+
+    # ---------------------------------------------------------------- acknowledging
+
+    @property
+    def can_send(self) -> bool:
+        """The broker accepted this connection (CONNACK read) and it is still open."""
+        conn = self._conn
+        return (conn is not None and conn.connack is not None and not conn.connack.is_failure
+                and not conn.closed.is_set())
+
+    def ack(self, mid: int) -> bool:
+        """Send the PUBACK of QoS 1 message ``mid`` (``manual_ack``); False when there is
+        no connection to send it on."""
+        if not self.can_send:
+            return False
+        return self.paho.ack(mid, 1) == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def fence(self) -> int | None:
+        """Send a fence; its id is reported to ``on_fence`` once the broker has read every
+        packet sent before it.  None when there is no connection."""
+        if not self.can_send:
+            return None
+        rc, mid = self.paho.unsubscribe(FENCE_FILTER)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return None
+        self._fences.add(mid)
+        return mid
 
     # ---------------------------------------------------------------- publishing
 
