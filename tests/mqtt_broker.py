@@ -209,7 +209,8 @@ class AckSwallowingProxy:
     """A TCP proxy between a client and the broker.  ``swallow()``: from then on the bytes
     the client sends vanish (so the broker never reads its PUBACKs) while everything the
     broker sends still reaches the client — acknowledgements lost on the way, on purpose.
-    ``restore()``: bytes pass both ways again.  A side that closes closes both."""
+    ``restore()``: bytes pass both ways again.  ``cut()`` closes every connection.  A side
+    that closes closes both."""
 
     def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
         self.target = (host, target_port)
@@ -255,6 +256,17 @@ class AckSwallowingProxy:
 
     def swallow(self) -> None:
         self.swallowing = True
+
+    def cut(self) -> None:
+        """Close every connection now (new ones are accepted): a network failure."""
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for pair in pairs:
+            for s in pair:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    s.close()
 
     def restore(self) -> None:
         self.swallowing = False

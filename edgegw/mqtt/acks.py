@@ -102,6 +102,7 @@ class AckLedger:
         self._puts = 0
         self._durable = 0
         self.duplicates = 0  # redeliveries recognised and dropped
+        self.acked = 0  # PUBACKs released, ever
         if restored is not None and len(restored):
             group = Group(put=0)  # durable in an earlier life
             group.keys = restored
@@ -188,6 +189,7 @@ class AckLedger:
             out.append(mid)
             if group is not DONE:
                 self._acked.append((key, group))
+        self.acked += len(out)
         return out
 
     @property

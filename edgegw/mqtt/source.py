@@ -390,6 +390,11 @@ class MqttSource:
         return self._ledger.unacked
 
     @property
+    def acked(self) -> int:
+        """QoS 1 messages acknowledged (PUBACK sent), ever."""
+        return self._ledger.acked
+
+    @property
     def duplicates(self) -> int:
         """Redelivered QoS 1 messages recognised and dropped."""
         return self._ledger.duplicates
