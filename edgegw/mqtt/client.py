@@ -34,7 +34,7 @@ is read as usual.  An exception from paho itself while reading ends only that co
 raised in a paho callback reaches the Trio loop.
 
 Acknowledgements: with ``manual_ack`` paho sends no PUBACK by itself; the owner calls
-``ack(mid)`` (in the order the messages arrived) and can send a *fence* (``fence()``, an
+``ack(mids)`` (in the order the messages arrived) and can send a *fence* (``fence()``, an
 UNSUBSCRIBE of a filter nobody uses) whose answer, reported to ``on_fence``, proves the
 broker has read every packet sent before it.  ``on_session(session_present)`` is called
 when a connection is accepted, before any message of it is handed over.
@@ -564,12 +564,15 @@ class TrioMqttClient:
         return (conn is not None and conn.connack is not None and not conn.connack.is_failure
                 and not conn.closed.is_set())
 
-    def ack(self, mid: int) -> bool:
-        """Send the PUBACK of QoS 1 message ``mid`` (``manual_ack``); False when there is
-        no connection to send it on."""
+    def ack(self, mids: Sequence[int]) -> bool:
+        """Send the PUBACKs of QoS 1 messages ``mids``, in that order (``manual_ack``);
+        False when there is no connection to send them on."""
         if not self.can_send:
             return False
-        return self.paho.ack(mid, 1) == MQTTErrorCode.MQTT_ERR_SUCCESS
+        ack = self.paho.ack
+        for mid in mids:
+            ack(mid, 1)
+        return True
 
     def fence(self) -> int | None:
         """Send a fence; its id is reported to ``on_fence`` once the broker has read every

@@ -412,9 +412,7 @@ class MqttSource:
         if client is None or not client.can_send:
             return  # kept: a new connection turns them into orphans (acks.py, I5)
         if ledger.ack_ready:
-            ack = client.ack
-            for mid in ledger.acks():
-                ack(mid)
+            client.ack(ledger.acks())
         if ledger.fence_wanted:
             mid = client.fence()
             if mid is not None:
