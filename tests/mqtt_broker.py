@@ -1,9 +1,10 @@
-"""A real Mosquitto for the tests: the running one on 127.0.0.1:1883, or one we start.
+"""A real Mosquitto for the tests, started by the tests with the "nothing lost" settings.
 
-- ``mqtt_broker``: any broker.  The one on 127.0.0.1:1883 when it runs (tests using it must
-  not restart it and must use their own topics and client ids), else one started for the
-  test session on a free port.  ``EDGEGW_TEST_BROKER=own`` forces the latter,
-  ``EDGEGW_TEST_BROKER=HOST:PORT`` names another broker.
+- ``mqtt_broker``: a broker shared by the test session (tests using it must not restart it
+  and must use their own topics and client ids): one started for the session on a free
+  port with the settings of docs/mqtt.md (no queue limit, no in-flight limit: the source
+  acknowledges only what is durable).  ``EDGEGW_TEST_BROKER=HOST:PORT`` names another
+  broker instead (``127.0.0.1:1883``: the machine's own; its settings are then its own).
 - ``start_broker``: a factory for a broker of the test's own, on a free port, with a
   generated config in ``tmp_path``.  Tests that restart the broker, need the "nothing
   lost" settings (persistence, no queue limit) or a password file always use it.
@@ -189,17 +190,17 @@ class BrokerAddress:
 
 @pytest.fixture(scope="session")
 def mqtt_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerAddress]:
-    """``EDGEGW_TEST_BROKER=own`` always starts one; ``=HOST:PORT`` names one to use."""
+    """One broker of the session's own; ``EDGEGW_TEST_BROKER=HOST:PORT`` names another."""
     choice = os.environ.get("EDGEGW_TEST_BROKER", "")
     if choice and choice != "own":
         host, _, port = choice.rpartition(":")
         yield BrokerAddress(host or "127.0.0.1", int(port))
         return
-    if choice != "own" and port_open("127.0.0.1", 1883):
-        yield BrokerAddress("127.0.0.1", 1883)
-        return
     if MOSQUITTO is None:
-        no_broker("no MQTT broker on 127.0.0.1:1883 and no mosquitto binary")
+        if port_open("127.0.0.1", 1883):  # no binary to start one: the machine's own
+            yield BrokerAddress("127.0.0.1", 1883)
+            return
+        no_broker("no mosquitto binary to start a broker and none on 127.0.0.1:1883")
     with broker_factory(tmp_path_factory.mktemp("mqtt")) as start:
         broker = start()
         yield BrokerAddress(broker.host, broker.port)

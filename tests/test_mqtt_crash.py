@@ -43,7 +43,7 @@ class MqttGateway(_Process):
     stop_timeout = 15.0
 
     def __init__(self, tmp: Path, hub_port: int, mqtt_port: int, *, raw: bool,
-                 max_delay_ms: float = 100) -> None:
+                 max_delay_ms: float = 100, extra_subscriptions: str = "") -> None:
         self.tmp = tmp
         self.status = free_port()
         self.config = tmp / "gateway.toml"
@@ -84,7 +84,7 @@ channel = "{{1}}.{{2}}"
 timestamp_field = "ts"
 raw = {"true" if raw else "false"}
 rate = 10.0
-""")
+{extra_subscriptions}""")
         self.proc = None
 
     def start(self) -> MqttGateway:

@@ -608,3 +608,54 @@ async def test_a_broker_requiring_client_certificates(
     assert seqs(sink) == list(range(200))
     assert not without.client.connected and without.client.connections == 0
     assert "client certificate" in without.client.last_error
+
+
+async def test_an_exception_in_a_message_handler_or_inside_paho_ends_neither_the_process_nor_the_reading(  # noqa: E501
+        mqtt_broker: BrokerAddress, caplog: pytest.LogCaptureFixture) -> None:
+    # The client is a failure boundary on its own, whoever its owner is: a handler that
+    # raises costs that message; paho raising while reading costs that connection.
+    topic = f"{unique('ate')}/x/seq"
+    got: list[bytes] = []
+
+    def handler(msg: paho.MQTTMessage) -> None:
+        if msg.payload == b"raise":
+            raise ValueError("handler bug")
+        got.append(msg.payload)
+
+    opts = ConnectOptions(host=mqtt_broker.host, port=mqtt_broker.port,
+                          client_id=unique("gw"), subscriptions=((topic, 1),),
+                          clean_session=False)
+    from edgegw.backoff import Backoff
+
+    client = TrioMqttClient(opts, on_message=handler, backoff=Backoff(0.05, 0.2))
+    # a fault injected into paho: loop_read raises once, when armed
+    real_loop_read = client.paho.loop_read
+    armed = False
+
+    def loop_read(*args: Any) -> Any:
+        nonlocal armed
+        if armed:
+            armed = False
+            raise RuntimeError("paho fault")
+        return real_loop_read(*args)
+
+    client.paho.loop_read = loop_read  # type: ignore[method-assign]
+    caplog.set_level(logging.ERROR, logger="edgegw.mqtt.client")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        with trio.fail_after(10):
+            await client.subscribed.wait()
+        pub = await start_publisher(nursery, mqtt_broker)
+        for payload_ in (b"1", b"raise", b"2"):
+            await pub.publish(topic, payload_, qos=1)
+        await wait_for(lambda: got == [b"1", b"2"], 10, "the messages around the bad one")
+        assert client.message_errors == 1 and client.connections == 1
+        armed = True  # paho itself fails while reading: the connection is re-established
+        await pub.publish(topic, b"3", qos=1)
+        # the unread message comes again on the new connection (a persistent session)
+        await wait_for(lambda: client.connections == 2 and b"3" in got, 10, "a reconnect")
+        assert client.internal_errors == 1
+        nursery.cancel_scope.cancel()
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("ValueError: handler bug" in m for m in logged)
+    assert not any("paho fault" in m for m in logged)  # within a minute of the first
