@@ -244,11 +244,15 @@ def run_tester(args: argparse.Namespace) -> None:
 
 
 def ws_connect(port: int, rcvbuf: int | None = None,
-               topics: list[str] | None = None) -> tuple[socket.socket, bytes]:
-    """A subscribed client socket (non-blocking) and any bytes read past the handshake."""
+               topics: list[str] | None = None, number: int = 0) -> tuple[socket.socket, bytes]:
+    """A subscribed client socket (non-blocking) and any bytes read past the handshake.
+
+    Clients come from 16 loopback addresses, as dashboards come from many hosts: the hub's
+    default cap per remote address (http.max_connections_per_address) is 256."""
     sock = socket.socket()
     if rcvbuf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.bind((f"127.0.0.{1 + number % 16}", 0))
     sock.connect(("127.0.0.1", port))
     key = base64.b64encode(os.urandom(16))
     sock.sendall(b"GET /ws/live HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
@@ -434,7 +438,7 @@ def run_main(args: argparse.Namespace) -> int:
         subs = Subscribers(max(1, args.clients // max(1, args.clients // 10)))
         t0 = time.monotonic()
         for i in range(args.clients):
-            subs.add(ws_connect(port), i)
+            subs.add(ws_connect(port, number=i), i)
             if i % 100 == 99:
                 subs.poll(time.monotonic() + 0.01)
         print(f"{args.clients} subscribers connected in {time.monotonic() - t0:.1f} s",

@@ -7,6 +7,9 @@ being thrown away.
 
 from __future__ import annotations
 
+import logging
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -90,6 +93,42 @@ class Metrics:
                 labels = ",".join(f'{k}="{_escape(v)}"' for k, v in key)
                 lines.append(f"{full}{{{labels}}} {val:g}" if labels else f"{full} {val:g}")
         return "\n".join(lines) + "\n"
+
+
+#: ``edgegw_internal_errors_total{where=...}``: unexpected exceptions caught at a failure
+#: boundary (docs/reliability.md).  Invalid input is never counted here -- only bugs and
+#: environment failures that a boundary kept from spreading.
+INTERNAL_ERRORS = "internal_errors_total"
+_INTERNAL_ERRORS_HELP = "unexpected exceptions caught at a failure boundary, by where"
+
+# Per ``where``: when its traceback was last logged, and how many were not logged since.
+_LOG_EVERY_S = 10.0
+_last_logged: dict[str, tuple[float, int]] = {}
+
+
+def internal_errors(metrics: Metrics) -> Metric:
+    """The shared internal-error counter of ``metrics``."""
+    return metrics.counter(INTERNAL_ERRORS, _INTERNAL_ERRORS_HELP)
+
+
+def report_internal_error(metrics: Metrics, where: str, logger: logging.Logger, context: str,
+                          *args: Any) -> None:
+    """Count and log the exception being handled at the failure boundary ``where``.
+
+    Call it from the ``except`` block that ends the unit (a connection, a message, a
+    delivery, a source run).  Every occurrence is counted; the traceback is logged with
+    ``context`` at most once per 10 s per ``where`` (a bug hit by every message must not
+    flood the log), the next log line saying how many were not logged in between."""
+    internal_errors(metrics).inc(where=where)
+    now = time.monotonic()
+    last, suppressed = _last_logged.get(where, (-_LOG_EVERY_S, 0))
+    if now - last < _LOG_EVERY_S:
+        _last_logged[where] = (last, suppressed + 1)
+        return
+    _last_logged[where] = (now, 0)
+    more = f" ({suppressed} more at {where} not logged since)" if suppressed else ""
+    logger.error("internal error at %s: " + context + "%s", where, *args, more,
+                 exc_info=sys.exc_info()[0] is not None)
 
 
 def _escape(v: str) -> str:

@@ -10,7 +10,8 @@ On the wire a record is a positional CBOR array ``[kind, source_index, ts, field
 Positional arrays decode about twice as fast as per-record maps with cbor2 and are less
 than half the size (``bench/record_layout.py`` measures it); the hub decodes every record,
 so this is its ceiling.  ``kind`` is the small integer ``KIND`` of the record class.
-Field order is part of the wire protocol: append new fields at the end only.
+Field order is part of the wire protocol: append new fields at the end only; a receiver
+ignores trailing fields it does not know.
 """
 
 from __future__ import annotations
@@ -291,8 +292,9 @@ def from_wire(item: Any, sources: list[str]) -> Record:
         raise RecordError(f"source index {idx!r} out of range")
     n_fields = len(cls._fields)
     n_required = n_fields - len(cls._field_defaults)
-    if not n_required <= len(item) - 1 <= n_fields:
+    if len(item) - 1 < n_required:
         raise RecordError(
-            f"{cls.__name__} needs {n_required}..{n_fields} fields, got {len(item) - 1}"
+            f"{cls.__name__} needs at least {n_required} fields, got {len(item) - 1}"
         )
-    return cls(sources[idx], *item[2:])
+    # Fields appended by a newer v1 sender are ignored (docs/protocol.md sections 5 and 9).
+    return cls(sources[idx], *item[2:n_fields + 1])

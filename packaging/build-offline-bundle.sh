@@ -1,27 +1,70 @@
 #!/usr/bin/env bash
-# Build an offline bundle: every wheel edgegw needs plus an install script, in one tarball,
-# for test floors without internet.  Run on a connected machine of the same OS/Python:
+# Build an offline bundle: every wheel edgegw needs, the example configs, the systemd units,
+# the Windows (WinSW) service configs and an install script, in one tarball, for test floors
+# without internet.  Wheels are per platform: build on a connected machine of the same OS and
+# Python as the target (on Windows under Git Bash, with PYTHON=python).
 #   bash packaging/build-offline-bundle.sh  ->  dist/edgegw-offline-<version>.tar.gz
+# Environment: PYTHON (default python3, must have pip), DIST (default dist).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-version=$(python3 -c 'import tomllib;print(tomllib.load(open("pyproject.toml","rb"))["project"]["version"])')
-out=dist/edgegw-offline-$version
-rm -rf "$out" && mkdir -p "$out/wheels"
-python3 -m pip wheel -q -w "$out/wheels" . plugins/*/
-cp -r conf packaging/systemd "$out/"
+python=${PYTHON:-python3}
+dist=${DIST:-dist}
+version=$("$python" -c 'import tomllib;print(tomllib.load(open("pyproject.toml","rb"))["project"]["version"])')
+name=edgegw-offline-$version
+out=$dist/$name
+rm -rf "$out" && mkdir -p "$out/wheels" "$out/docs"
+"$python" -m pip wheel -q -w "$out/wheels" . plugins/*/
+cp -r conf "$out/"
+cp -r packaging/systemd packaging/windows "$out/"
+cp docs/operations.md "$out/docs/"
 cat > "$out/install.sh" <<'INSTALL'
 #!/usr/bin/env bash
-# Installs edgegw from the wheels beside this script, without any network access.
+# Installs edgegw from the wheels beside this script, without any network access.  As root:
+#   ./install.sh      then  systemctl enable --now edgegw-gateway   (or edgegw-hub)
+# Environment: PREFIX (/opt/edgegw), CONFDIR (/etc/edgegw), UNITDIR (/etc/systemd/system),
+# PYTHON (python3).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 prefix=${PREFIX:-/opt/edgegw}
-python3 -m venv "$prefix/venv"
+confdir=${CONFDIR:-/etc/edgegw}
+unitdir=${UNITDIR:-/etc/systemd/system}
+python=${PYTHON:-python3}
+
+"$python" -m venv "$prefix/venv"
+# the units hide /home and /root (ProtectHome=yes): an interpreter there (pyenv, a user's
+# build) would fail every start with status 203/EXEC
+case $(realpath "$prefix/venv/bin/python3") in
+  /home/*|/root/*|/run/user/*)
+    echo "install.sh: $(realpath "$prefix/venv/bin/python3") is in a home directory, which" \
+      "the services cannot see; use a system Python, e.g. PYTHON=/usr/bin/python3" >&2
+    exit 2;;
+esac
 "$prefix/venv/bin/pip" install -q --no-index --find-links "$here/wheels" edgegw edgegw-atdf
-mkdir -p /etc/edgegw
-for f in gateway.toml hub.toml; do [ -f /etc/edgegw/$f ] || cp "$here/conf/$f" /etc/edgegw/; done
-echo "installed in $prefix; service units are in $here/systemd"
-"$prefix/venv/bin/edgegw" --help >/dev/null && echo ok
+
+# The services run as transient users (DynamicUser=yes) in the static group edgegw, the only
+# one besides root that may read the configs: they hold tokens and key paths.
+getent group edgegw >/dev/null || groupadd --system edgegw
+install -d -m 0750 -o root -g edgegw "$confdir"
+for f in gateway.toml hub.toml; do
+  if [ -f "$confdir/$f" ]; then
+    chgrp edgegw "$confdir/$f" && chmod g+r,o-rwx "$confdir/$f"   # kept, made private
+  else
+    install -m 0640 -o root -g edgegw "$here/conf/$f" "$confdir/$f"
+  fi
+done
+
+# The units, pointed at this prefix and config directory.
+mkdir -p "$unitdir"
+for unit in "$here"/systemd/*.service; do
+  sed -e "s#/opt/edgegw/venv/#$prefix/venv/#g" -e "s#/etc/edgegw/#$confdir/#g" \
+    "$unit" > "$unitdir/$(basename "$unit")"
+done
+if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+
+"$prefix/venv/bin/edgegw" --help >/dev/null
+echo "installed in $prefix, configs in $confdir, units in $unitdir"
+echo "next: edit $confdir/<gateway|hub>.toml, then systemctl enable --now edgegw-<gateway|hub>"
 INSTALL
 chmod +x "$out/install.sh"
-tar -C dist -czf "$out.tar.gz" "$(basename "$out")"
+tar -C "$dist" -czf "$out.tar.gz" "$name"
 echo "$out.tar.gz"

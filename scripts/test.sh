@@ -23,4 +23,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" \
   $(for p in plugins/*/; do [ -f "$p/pyproject.toml" ] && printf -- '-e %s ' "$p"; done)
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -q "$@"
+# Long measurements (-m slow: 60 s outages timed against a 2 s goal) and soaks are
+# documented commands outside the suite (README, "Longer runs"): on a busy CI machine a
+# timing figure is a measurement, not a pass/fail.
+exec .venv/bin/python -m pytest -q -m "not slow" "$@"

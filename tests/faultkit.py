@@ -5,6 +5,8 @@ hub applied."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import socket
 import sqlite3
 import subprocess
@@ -73,15 +75,29 @@ def hub_records(hub_dir: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, .
     return [r for _, r in tester], events, rids
 
 
+def report(**fields: Any) -> None:
+    """Append one JSON line to ``$EDGEGW_FAULT_REPORT`` (scripts/fault-soak.sh sums them)."""
+    path = os.environ.get("EDGEGW_FAULT_REPORT")
+    if path:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": test, **fields}) + "\n")
+
+
 def assert_exactly_once(hub_dir: Path, expected: list[tuple[Any, ...]],
                         missing_ok: list[tuple[Any, ...]] | None = None) -> dict[str, int]:
     """Zero lost and zero duplicated: the hub's tester records, in record-id order, are the
     tester's records exactly (minus ``missing_ok``: records the gateway reported lost)."""
     got, _, rids = hub_records(hub_dir)
     dup_rids = [rid for rid, n in Counter(rids).items() if n > 1]
-    assert not dup_rids, f"{len(dup_rids)} record ids applied twice, e.g. {dup_rids[:5]}"
     counts = Counter(got)
     dups = [r for r, n in counts.items() if n > 1]
+    lost_n = sum((Counter(expected) - counts).values()) - len(missing_ok or ())
+    report(records=len(got), expected=len(expected), lost=lost_n,
+           reported_lost=len(missing_ok or ()),
+           duplicated=sum(n - 1 for n in counts.values() if n > 1),
+           duplicate_rids=len(dup_rids))
+    assert not dup_rids, f"{len(dup_rids)} record ids applied twice, e.g. {dup_rids[:5]}"
     assert not dups, f"{len(dups)} records applied twice, e.g. {dups[:2]}"
     want = expected
     if missing_ok:
@@ -112,6 +128,15 @@ class _Process:
             self.proc.kill()
             self.proc.wait()
 
+    def wait_crashed(self, timeout: float = 60) -> None:
+        """Until the process killed itself at its armed failpoint (SIGKILL, status -9)."""
+        assert self.proc is not None
+        try:
+            status = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the armed failpoint did not fire within {timeout} s") from None
+        assert status == -9, f"exited with {status}, not by its failpoint's SIGKILL"
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
@@ -128,11 +153,15 @@ class Hub(_Process):
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Hub:
+    def start(self, failpoints: str = "", wait: bool = True) -> Hub:
+        """Start (``failpoints``: armed for this run, ``edgegw/failpoints.py``; ``wait``:
+        until /healthz answers -- not for a run that may crash at its failpoint first)."""
         self.proc = spawn("hub", "--config", str(REPO / "conf" / "hub.toml"),
                           "--set", f"hub.port={self.port}", "--set", f"hub.data_dir={self.dir}",
-                          "--set", "hub.heartbeat_s=1.0", log=self.tmp / "hub.log")
-        wait_for(lambda: get_json(f"{self.url}/healthz")["status"] == "ok")
+                          "--set", "hub.heartbeat_s=1.0", log=self.tmp / "hub.log",
+                          env={"EDGEGW_FAILPOINTS": failpoints})
+        if wait:
+            wait_for(lambda: get_json(f"{self.url}/healthz")["status"] == "ok")
         return self
 
     @property
@@ -156,7 +185,9 @@ class Gateway(_Process):
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
-    def start(self) -> Gateway:
+    def start(self, failpoints: str = "", wait: bool = True) -> Gateway:
+        """Start (``failpoints``: armed for this run; ``wait``: until its status answers --
+        not for a run that may crash at its failpoint before that)."""
         self.starts += 1
         self.proc = spawn(
             "gateway", "--config", str(REPO / "conf" / "gateway.toml"),
@@ -166,8 +197,9 @@ class Gateway(_Process):
             "--set", f"spool.dir={self.spool}",
             "--set", "uplink.backoff_initial_s=0.1", "--set", "uplink.backoff_max_s=1.0",
             "--set", "uplink.heartbeat_s=1.0", "--set", "uplink.connect_timeout_s=3.0",
-            *self.settings, log=self.tmp / "gw.log")
-        wait_for(lambda: self.stats())
+            *self.settings, log=self.tmp / "gw.log", env={"EDGEGW_FAILPOINTS": failpoints})
+        if wait:
+            wait_for(lambda: self.stats())
         return self
 
     def stats(self) -> dict[str, Any]:
@@ -185,11 +217,19 @@ def source_settings(**source: Any) -> list[str]:
 
 def wait_all_applied(hub: Hub, gw: Gateway, n_expected: int, timeout: float = 60) -> None:
     """Until the source has finished and the spool holds nothing unacknowledged."""
+    seen: dict[str, Any] = {}
+
     def done() -> bool:
-        st = gw.stats()["store"]
-        return (hub.stats().get("records_applied", 0) >= n_expected
+        gw_stats = gw.stats()
+        st = gw_stats["store"]
+        seen.update(hub=hub.stats(), store=st, connected=gw_stats.get("connected"),
+                    last_error=gw_stats.get("last_error"))
+        return (seen["hub"].get("records_applied", 0) >= n_expected
                 and st["frames"] == 0 and st["pending_frames"] == 0)
-    wait_for(done, timeout=timeout, interval=0.25)
+    try:
+        wait_for(done, timeout=timeout, interval=0.25)
+    except AssertionError as exc:  # say where it stood: a stall, or merely slow
+        raise AssertionError(f"{exc}; expected {n_expected} records; last seen {seen}") from None
 
 
 class Proxy:

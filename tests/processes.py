@@ -14,8 +14,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
-def spawn(*args: str, log: Path | None = None) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def spawn(*args: str, log: Path | None = None,
+          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     out = open(log, "ab") if log else subprocess.DEVNULL
     return subprocess.Popen([sys.executable, "-m", "edgegw", *args], cwd=REPO, env=env,
                             stdout=out, stderr=subprocess.STDOUT)

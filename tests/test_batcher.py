@@ -56,3 +56,46 @@ def test_a_checkpoint_without_records_still_reaches_a_batch() -> None:
     b = Batcher(max_records=4, max_delay=1.0)
     out = b.add([], now=0, source="tail", checkpoint={"offset": 9})
     assert len(out) == 1 and out[0].records == [] and out[0].checkpoints == {"tail": {"offset": 9}}
+
+
+def test_a_split_put_counts_the_records_stored_before_its_checkpoint() -> None:
+    # The bug behind duplicate records after a crash: the first part of a split put is
+    # durable before the checkpoint that covers it.  Each batch says how many of a tracked
+    # source's records lie after its last checkpoint, so a restart can skip them.
+    b = Batcher(max_records=4, max_delay=1.0)
+    b.track("tail")
+    b.add(recs(2), now=0, source="tail", checkpoint={"offset": 200})
+    out = b.add(recs(7, 2), now=0, source="tail", checkpoint={"offset": 900})
+    assert [len(x.records) for x in out] == [4, 4]
+    # 2 records of the first put (covered by offset 200) + 2 of the second (not covered)
+    assert out[0].checkpoints == {"tail": {"offset": 200}} and out[0].after == {"tail": 2}
+    assert out[1].checkpoints == {} and out[1].after == {"tail": 6}
+    last = b.flush()
+    assert last is not None and last.checkpoints == {"tail": {"offset": 900}}
+    assert last.after == {}  # the second put's checkpoint now covers everything stored
+
+
+def test_counts_run_on_across_several_full_batches_of_one_put() -> None:
+    b = Batcher(max_records=3, max_delay=1.0)
+    b.track("sim")
+    out = b.add(recs(10), now=0, source="sim", checkpoint=1)
+    assert [x.after for x in out] == [{"sim": 3}, {"sim": 6}, {"sim": 9}]
+    assert [x.checkpoints for x in out] == [{}, {}, {}]
+    last = b.flush()
+    assert last is not None and last.checkpoints == {"sim": 1} and last.after == {}
+
+
+def test_untracked_sources_are_not_counted() -> None:
+    b = Batcher(max_records=2, max_delay=1.0)
+    out = b.add(recs(3), now=0, source="mqtt", checkpoint={"digests": []})
+    assert out[0].after == {}
+
+
+def test_a_restored_count_rides_along_until_the_source_catches_up() -> None:
+    b = Batcher(max_records=2, max_delay=1.0)
+    b.track("tail", after=5)  # 5 records after the restored checkpoint are in frames
+    (event_batch,) = b.add(recs(2), now=0, source="gateway")
+    assert event_batch.after == {"tail": 5}
+    # the replaying source has caught up with 3 of the 5 at a new checkpoint
+    (cp_batch,) = b.add([], now=0, source="tail", checkpoint={"offset": 50}, stored_after=2)
+    assert cp_batch.checkpoints == {"tail": {"offset": 50}} and cp_batch.after == {"tail": 2}

@@ -18,6 +18,7 @@ from edgegw.protocol import (
     CloseCode,
     GatewayConnection,
     Refuse,
+    Welcome,
     decode,
     encode_body,
 )
@@ -69,12 +70,24 @@ async def test_unknown_gateway_and_unsupported_version_are_refused(tmp_path: Pat
         nursery.cancel_scope.cancel()
 
 
-async def test_the_same_gateway_twice_is_refused(tmp_path: Path) -> None:
+async def test_a_second_connection_of_a_gateway_replaces_the_first_which_is_closed_4008(
+        tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
-        _, port = await start_hub(nursery, hub_config(tmp_path))
+        hub, port = await start_hub(nursery, hub_config(tmp_path))
         first = await handshake(port)
         second = await handshake(port)
-        assert second[3].code == CloseCode.ALREADY_CONNECTED
+        assert isinstance(second[3], Welcome), "the newest connection is let in at once"
+        try:
+            await first[1].get_message()
+            raise AssertionError("the replaced connection should have been closed")
+        except ConnectionClosed as exc:
+            assert exc.reason.code == CloseCode.REPLACED
+        st = hub.stats()["gateways"]["ate-01"]
+        assert st["connected"] and st["refused"] == 0
+        assert hub.metrics.counter("hub_connections_replaced_total").total() == 1
+        # the new connection works
+        await second[1].send_message(second[2].data(1, body(1, 3), trio.current_time()))
+        assert decode(await second[1].get_message()) == Ack(1, [])
         await second[0].__aexit__(None, None, None)
         await first[0].__aexit__(None, None, None)
         nursery.cancel_scope.cancel()

@@ -339,7 +339,7 @@ def test_snapshot_of_unknown_or_malformed_topics_is_none() -> None:
     for topic in ("lot/NOPE", "lot/L1/wafer/NOPE", "test/L1/abc", "lot/L1/x/y", "nothing",
                   "sensor/none", "gateway/none", "alert/P0/none"):
         assert state.snapshot(topic) is None, topic
-    assert set(state.topics()) == {"lot/L1", "lot/L1/wafer/L1-W01", "gateway/gw1"}
+    assert set(state.topics()) == {"lot/L1", "lot/L1/wafer/L1-W01", "gateway/gw1", "hub/state"}
 
 
 def test_topic_names_encode_separators_and_wildcards() -> None:

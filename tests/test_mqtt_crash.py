@@ -7,7 +7,9 @@ settings, a persistent session, the disk spool.  Kills happen at chosen points i
 (after the hub has applied so many more readings), never after a sleep racing the
 publisher.  One kill happens while a proxy swallows every byte the gateway sends to the
 broker: the readings stored meanwhile are certainly unacknowledged at the broker, so the
-broker sends them all again after the restart and the gateway must recognise them.
+broker sends them all again after the restart and the gateway must recognise them.  One is
+the gateway killing itself at a failpoint, the instant a frame is durable and before the
+source sends its PUBACKs.
 """
 
 from __future__ import annotations
@@ -87,9 +89,13 @@ rate = 10.0
 {extra_subscriptions}""")
         self.proc = None
 
-    def start(self) -> MqttGateway:
-        self.proc = spawn("gateway", "--config", str(self.config), log=self.tmp / "gw.log")
-        wait_for(lambda: self.metric("mqtt_connected") == 1, timeout=30)
+    def start(self, failpoints: str = "", wait: bool = True) -> MqttGateway:
+        """Start (``failpoints``: armed for this run, edgegw/failpoints.py; ``wait``: until
+        connected to the broker -- not for a run that kills itself at a failpoint)."""
+        self.proc = spawn("gateway", "--config", str(self.config), log=self.tmp / "gw.log",
+                          env={"EDGEGW_FAILPOINTS": failpoints})
+        if wait:
+            wait_for(lambda: self.metric("mqtt_connected") == 1, timeout=30)
         return self
 
     def stats(self) -> dict[str, Any]:
@@ -226,10 +232,14 @@ def test_gateway_killed_while_readings_flow_counts_every_reading_exactly_once(
         n = wait_readings(hub, n + 600)
         # the broker did send them again (first, on reconnect), and they were recognised
         assert gw.metric("mqtt_redelivered_dropped") >= stored_unacknowledged
-        # 3. once more, plainly
+        # 3. killed by itself right after a frame became durable, before its PUBACKs left
+        #    (the failpoint gateway.frame_stored fires before the source hears of it)
         gw.kill()
+        gw.start(failpoints="gateway.frame_stored=5:kill", wait=False)
+        assert gw.proc is not None and gw.proc.wait(60) == -9
         gw.start()
         n = wait_readings(hub, n + 600)
+        assert gw.metric("mqtt_redelivered_dropped") >= 1
         sent = publisher.finish()
         with contextlib.suppress(AssertionError):  # if not, the comparison says what is lost
             wait_readings(hub, sent)

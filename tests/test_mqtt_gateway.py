@@ -14,6 +14,7 @@ import trio
 from hubtools import gateway_config, hub_config, start_hub
 from mqtt_broker import Broker, BrokerAddress, StartBroker
 
+from edgegw import metrics as metrics_module
 from edgegw.backoff import Backoff
 from edgegw.gateway.service import Gateway
 from edgegw.mqtt import source as source_module
@@ -95,6 +96,8 @@ async def test_a_message_whose_handling_raises_is_skipped_counted_acknowledged_f
         return explode
 
     monkeypatch.setattr(source_module, "make_decoder", make_decoder)
+    # internal errors are logged at most once per 10 s per `where`, process-wide: start afresh
+    monkeypatch.setattr(metrics_module, "_last_logged", {})
     caplog.set_level(logging.ERROR, logger="edgegw.mqtt.source")
     broker = start_broker()
     prefix = f"p-{uuid.uuid4().hex[:8]}"
@@ -143,9 +146,12 @@ async def test_a_message_whose_handling_raises_is_skipped_counted_acknowledged_f
     readings, events = _hub_records(tmp_path / "hub")
     assert sorted(readings) == [0.0, 1.0, 2.0, 3.0]  # each good reading once
     assert [e[3] for e in events] == ["mqtt.message_failed"]  # reported once (rate limit)
-    logged = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
-    assert len(logged) == 1
-    assert f"{prefix}/h/bad" in logged[0] and "RuntimeError: a bug in a decoder" in logged[0]
+    logged = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(logged) == 1  # the second one within 10 s is counted, not logged
+    assert "internal error at mqtt_message" in logged[0].getMessage()
+    assert f"{prefix}/h/bad" in logged[0].getMessage()
+    assert "RuntimeError: a bug in a decoder" in logged[0].getMessage()
+    assert logged[0].exc_info is not None  # with the traceback
 
 
 def _hub_records(hub_dir: Path) -> tuple[list[float], list[tuple[Any, ...]]]:

@@ -22,6 +22,7 @@ import pytest
 import trio
 from mqtt_broker import AckSwallowingProxy, Broker, BrokerAddress, StartBroker
 
+from edgegw import metrics as metrics_module
 from edgegw.config import ConfigError, build
 from edgegw.metrics import Metrics
 from edgegw.mqtt.client import ConnectOptions, TrioMqttClient, ssl_context
@@ -611,7 +612,8 @@ async def test_a_broker_requiring_client_certificates(
 
 
 async def test_an_exception_in_a_message_handler_or_inside_paho_ends_neither_the_process_nor_the_reading(  # noqa: E501
-        mqtt_broker: BrokerAddress, caplog: pytest.LogCaptureFixture) -> None:
+        mqtt_broker: BrokerAddress, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # The client is a failure boundary on its own, whoever its owner is: a handler that
     # raises costs that message; paho raising while reading costs that connection.
     topic = f"{unique('ate')}/x/seq"
@@ -627,7 +629,10 @@ async def test_an_exception_in_a_message_handler_or_inside_paho_ends_neither_the
                           clean_session=False)
     from edgegw.backoff import Backoff
 
-    client = TrioMqttClient(opts, on_message=handler, backoff=Backoff(0.05, 0.2))
+    metrics = Metrics()
+    monkeypatch.setattr(metrics_module, "_last_logged", {})  # log limits: start afresh
+    client = TrioMqttClient(opts, on_message=handler, backoff=Backoff(0.05, 0.2),
+                            metrics=metrics)
     # a fault injected into paho: loop_read raises once, when armed
     real_loop_read = client.paho.loop_read
     armed = False
@@ -656,6 +661,8 @@ async def test_an_exception_in_a_message_handler_or_inside_paho_ends_neither_the
         await wait_for(lambda: client.connections == 2 and b"3" in got, 10, "a reconnect")
         assert client.internal_errors == 1
         nursery.cancel_scope.cancel()
+    errors = metrics.counter("internal_errors_total")
+    assert errors.get(where="mqtt_message") == 1 and errors.get(where="mqtt_connection") == 1
     logged = [r.getMessage() for r in caplog.records]
-    assert any("ValueError: handler bug" in m for m in logged)
-    assert not any("paho fault" in m for m in logged)  # within a minute of the first
+    assert any("mqtt_message" in m and "ValueError: handler bug" in m for m in logged)
+    assert any("mqtt_connection" in m and "RuntimeError: paho fault" in m for m in logged)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
 import math
+import random
 import struct
 import subprocess
 import sys
@@ -14,7 +17,7 @@ from typing import Any
 import pytest
 
 from edgegw.cli import main
-from edgegw.stdf import Bits, StdfWriter
+from edgegw.stdf import Bits, StdfDecoder, StdfWriter
 
 
 def write_lot(path: Path, order: str = "<") -> Path:
@@ -130,14 +133,14 @@ def test_missing_file_and_bad_gzip_are_errors_not_tracebacks(
     assert status == 1 and "bad.stdf.gz" in err
 
 
-def test_a_file_cut_mid_record_is_dumped_with_a_warning(
+def test_a_file_still_being_written_is_dumped_with_a_warning_under_partial(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     raw = write_lot(tmp_path / "lot.stdf").read_bytes()
     cut = tmp_path / "live.stdf"
     cut.write_bytes(raw[:-3])
-    status, out, err = run(capsys, "stdf", "dump", str(cut))
+    status, out, err = run(capsys, "stdf", "dump", "--partial", str(cut))
     assert status == 0 and len(out.splitlines()) == 14
-    assert "ends inside a record" in err
+    assert "ends inside the record at byte" in err and "warning" in err
 
 
 def test_the_installed_command_exits_1_without_a_traceback(tmp_path: Path) -> None:
@@ -162,3 +165,105 @@ def test_r4_values_print_as_the_shortest_decimal_of_the_same_float32(
     assert status == 0
     assert (ptr["RESULT"], ptr["LO_LIMIT"], ptr["HI_LIMIT"]) == (0.1, -0.9, 3.4e38)
     assert struct.pack("<f", ptr["RESULT"]) == struct.pack("<f", 0.1)
+
+
+# ---- a complete file is read as complete: every defect is exit 1 with its offset ---------
+
+def edgegw_stdf(*argv: str | Path) -> subprocess.CompletedProcess[str]:
+    """The installed command, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "edgegw", "stdf", *map(str, argv)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def metis_records() -> tuple[bytes, list[Any]]:
+    from shared_data import METIS, stdf_bytes
+
+    raw = stdf_bytes(METIS)
+    dec = StdfDecoder()
+    dec.feed(raw)
+    return raw, list(dec.records())
+
+
+def test_corrupt_gzip_data_is_one_error_line_never_a_zlib_traceback(tmp_path: Path) -> None:
+    raw, _ = metis_records()
+    good = gzip.compress(raw, mtime=0)
+    rnd = random.Random(5)
+    messages = []
+    for i in range(40):  # 8 random bytes somewhere after the gzip header
+        bad = bytearray(good)
+        at = rnd.randrange(30, len(bad) - 8)
+        bad[at:at + 8] = rnd.randbytes(8)
+        path = tmp_path / f"bad{i}.stdf.gz"
+        path.write_bytes(bytes(bad))
+        for action in ("dump", "stats"):
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                status = main(["stdf", action, str(path)])
+            assert status == 1 and len(err.getvalue().strip().splitlines()) == 1
+            messages.append(err.getvalue())
+    # the three ways it shows: zlib's own error, gzip's CRC check, or decoded garbage
+    assert any("corrupt gzip data after" in m for m in messages)
+    zlib_case = next(tmp_path / f"bad{i // 2}.stdf.gz" for i, m in enumerate(messages)
+                     if "corrupt gzip data" in m)
+    line = one_error_line(edgegw_stdf("dump", zlib_case))
+    assert line.startswith(f"edgegw stdf: {zlib_case}: corrupt gzip data after ")
+
+
+def test_a_record_header_zeroed_mid_file_is_exit_1_naming_where_the_damage_starts(
+        tmp_path: Path) -> None:
+    raw, records = metis_records()
+    broken = records[416]  # the DTR at byte 23306: 416 of 918 records readable before it
+    data = bytearray(raw)
+    data[broken.offset:broken.offset + 4] = bytes(4)
+    path = tmp_path / "zeroed.std"
+    path.write_bytes(bytes(data))
+    for action in ("dump", "stats"):
+        line = one_error_line(edgegw_stdf(action, path))
+        assert f"record of unknown type at byte {broken.offset}" in line
+        assert "corrupt" in line
+
+
+def test_a_complete_file_that_ends_short_is_exit_1_naming_the_cut_record(
+        tmp_path: Path) -> None:
+    raw, records = metis_records()
+    cut = records[500]
+    path = tmp_path / "short.std"
+    path.write_bytes(raw[:cut.offset + 7])
+    proc = edgegw_stdf("dump", path)
+    line = one_error_line(proc)
+    assert f"truncated: the file ends inside the record at byte {cut.offset}" in line
+    assert len(proc.stdout.splitlines()) == 500  # what is readable is still printed
+    assert edgegw_stdf("stats", "--partial", path).returncode == 0
+
+
+def test_a_record_cut_before_a_field_it_must_have_is_exit_1_with_its_offset(
+        tmp_path: Path) -> None:
+    w = StdfWriter("<")
+    hbr = w.encode("HBR", {"HEAD_NUM": 255, "SITE_NUM": 0, "HBIN_NUM": 1, "HBIN_CNT": 1})
+    short = struct.pack("<H", 2) + hbr[2:4] + hbr[4:6]  # HEAD_NUM and SITE_NUM only
+    far = w.encode("FAR", {})
+    path = tmp_path / "hbr.stdf"
+    path.write_bytes(far + short + w.encode("MRR", {"FINISH_T": 0}))
+    line = one_error_line(edgegw_stdf("stats", path))
+    assert f"a HBR record without its HBIN_NUM field at byte {len(far)}" in line
+
+
+def test_an_unknown_stdf_version_is_a_clear_error_unless_asked_for_best_effort(
+        tmp_path: Path) -> None:
+    raw, _ = metis_records()
+    data = bytearray(raw)
+    data[5] = 108  # FAR: REC_LEN, REC_TYP, REC_SUB, CPU_TYPE, STDF_VER
+    path = tmp_path / "v108.std"
+    path.write_bytes(bytes(data))
+    line = one_error_line(edgegw_stdf("stats", path))
+    assert "STDF_VER 108" in line and "V4" in line
+    best_effort = edgegw_stdf("stats", "--any-version", path)
+    assert best_effort.returncode == 0 and json.loads(best_effort.stdout)["parts"] == 22

@@ -49,6 +49,9 @@ class UplinkSection:
     connect_timeout_s: float = 10.0
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+    # while the hub cannot be reached at all, probe it every uniform(0, this) seconds
+    probe_interval_s: float = 1.0
+    probe_timeout_s: float = 2.0
     max_frame_bytes: int = 8 << 20
     # frames sent but not yet acknowledged
     window_frames: int = 64
@@ -60,6 +63,10 @@ class UplinkSection:
             problems.append(("backoff_max_s", "need 0 < backoff_initial_s <= backoff_max_s"))
         if self.window_frames < 1:
             problems.append(("window_frames", "must be >= 1"))
+        if self.probe_interval_s <= 0:
+            problems.append(("probe_interval_s", "must be > 0"))
+        if self.probe_timeout_s <= 0:
+            problems.append(("probe_timeout_s", "must be > 0"))
         return problems
 
 

@@ -19,20 +19,25 @@ from typing import Any
 
 import trio
 
+from .. import failpoints
+from ..backoff import Backoff
 from ..batcher import Batch, Batcher
 from ..hub.http import HttpServer, Request, Response, json_response
-from ..metrics import Metrics
+from ..metrics import Metrics, internal_errors, report_internal_error
 from ..protocol import encode_body
 from ..records import GatewayEvent, Record
 from ..sources import Source, SourceContext, source_type
 from ..spool import DiskSpool
-from .config import GatewayConfig
+from .config import GatewayConfig, SourceEntry
 from .store import FrameStore, MemoryFrameStore
 from .uplink import Uplink
 
 log = logging.getLogger("edgegw.gateway")
 
 RID_KEY = "__rid__"  # the next record id, kept among the checkpoints
+#: per replaying source, its records after its checkpoint that are already in frames
+#: (``Batch.after``), kept among the checkpoints so a restart skips exactly those
+AFTER_KEY = "__after__"
 
 
 class GatewaySink:
@@ -47,11 +52,26 @@ class GatewaySink:
 
 
 class _SourceSink:
-    def __init__(self, gateway: Gateway, name: str) -> None:
+    """One source's sink.  After a restart, a source that replays from its checkpoint
+    (``Source.replays``) first emits records that frames already hold -- the first part
+    of a put that was split across frames before the crash.  ``skip`` of them are dropped
+    here, so each record is stored once (docs/spool.md, "Source positions and split puts")."""
+
+    def __init__(self, gateway: Gateway, name: str, skip: int = 0) -> None:
         self.gateway = gateway
         self.name = name
+        self.skip = skip
 
     async def put(self, records: Sequence[Record], checkpoint: Any = None) -> None:
+        if self.skip:
+            dropped = min(self.skip, len(records))
+            self.skip -= dropped
+            self.gateway.m_replay_skipped.inc(dropped, source=self.name)
+            records = records[dropped:]
+            if not records:
+                if checkpoint is not None:  # caught up to here, but not yet past the frames
+                    await self.gateway._put_checkpoint(self.name, checkpoint, self.skip)
+                return
         await self.gateway._put(records, checkpoint, self.name)
 
     # For sources that acknowledge their input only once it is durable (MQTT QoS 1):
@@ -71,7 +91,17 @@ class _SourceSink:
         await self.gateway._put_whole(records, checkpoint, self.name)
 
 
+def _innermost(exc: BaseException) -> BaseException:
+    """The exception itself, out of the single-member groups nurseries wrap it in."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 class Gateway:
+    #: restart delays of a failed source: exponential backoff with full jitter (seconds)
+    source_backoff_s: tuple[float, float] = (1.0, 60.0)
+
     def __init__(self, config: GatewayConfig, *, metrics: Metrics | None = None,
                  store: FrameStore | None = None,
                  extra_sources: Sequence[tuple[str, Source]] = ()) -> None:
@@ -93,6 +123,7 @@ class Gateway:
         self._durable_listeners: dict[str, Callable[[Any], None]] = {}
         self.next_rid = 1
         self.sources: list[tuple[str, Source]] = list(extra_sources)
+        self._entries: dict[str, SourceEntry] = {}  # config-built sources, to rebuild them
         self.uplink: Uplink | None = None
         self.status_port: int | None = None
         m = self.metrics
@@ -100,20 +131,102 @@ class Gateway:
         self.m_frames = m.counter("gateway_frames_stored_total", "frames appended to the store")
         self.m_records_stored = m.counter("gateway_records_stored_total", "records in frames")
         self.m_source_errors = m.counter("source_errors", "bad input seen by sources")
+        self.m_replay_skipped = m.counter(
+            "gateway_replayed_records_skipped_total",
+            "records a source replayed after a restart that frames already held")
         self._last_progress = time.time()
         self._dropped_reported = (0, 0)
         self.m_dropped = m.counter("gateway_records_dropped_total",
                                    "records dropped by the drop_oldest overflow policy")
+        self.m_source_restarts = m.counter("gateway_source_restarts_total",
+                                           "sources restarted after failing, by source")
+        internal_errors(m)  # exported (as 0) before anything goes wrong
 
-    def _build_sources(self) -> None:
-        checkpoints = self.store.checkpoints
+    def _build_sources(self) -> list[tuple[str, Source, int]]:
+        """The sources (configured and given), each with how many of its replayed records
+        to skip: those after its checkpoint that frames already hold."""
         for entry in self.config.source_entries():
-            cls = source_type(entry.type)
-            context = SourceContext(
-                gateway_id=self.config.gateway.id, metrics=self.metrics,
-                checkpoint=checkpoints.get(entry.name),
-                state_dir=str(self.state_dir / "sources" / entry.name))
-            self.sources.append((entry.name, cls(entry.name, entry.config, context)))
+            self._entries[entry.name] = entry
+            self.sources.append((entry.name, self._make_source(entry)))
+        return [(name, source, self._replay_skip(name, source))
+                for name, source in self.sources]
+
+    def _make_source(self, entry: SourceEntry) -> Source:
+        """A source from its config, resuming at its latest stored checkpoint."""
+        cls = source_type(entry.type)
+        context = SourceContext(
+            gateway_id=self.config.gateway.id, metrics=self.metrics,
+            checkpoint=self.store.checkpoints.get(entry.name),
+            state_dir=str(self.state_dir / "sources" / entry.name))
+        return cls(entry.name, entry.config, context)
+
+    def _replay_skip(self, name: str, source: Source) -> int:
+        """For a source that replays from its checkpoint: how many of the records it will
+        replay frames already hold (the batcher counts on from there); else 0."""
+        if not getattr(source, "replays", False):
+            return 0
+        skip = int((self.store.checkpoints.get(AFTER_KEY) or {}).get(name, 0))
+        self.batcher.track(name, skip)
+        if skip:
+            log.info("source %s: skipping the %d replayed record(s) that frames already hold",
+                     name, skip)
+        return skip
+
+    async def _run_source(self, index: int, skip: int, *,
+                          task_status: trio.TaskStatus[None]) -> None:
+        """Run one source, restarting it when it fails.
+
+        A failure boundary: an exception out of a source (a bug, an environment failure
+        it does not handle) is logged, counted (``internal_errors_total{where="source"}``,
+        ``gateway_source_restarts_total``), reported to the hub as a GatewayEvent
+        ``source_failed``, and the source is started again after an exponential backoff
+        with full jitter.  The batcher is flushed first; the source is then rebuilt from
+        its config at its latest stored checkpoint, replayed records that frames already
+        hold skipped -- exactly what a restart of the gateway does, so nothing is re-sent
+        and nothing skipped.  A source given as an instance (``extra_sources``) is run
+        again as it is, its context's checkpoint set to the stored one when it has a
+        ``SourceContext``.  Never the gateway: the other sources, the uplink and the spool
+        carry on."""
+        name, source = self.sources[index]
+        backoff = Backoff(*self.source_backoff_s)
+        started = False
+        while True:
+            began = trio.current_time()
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(source.run, _SourceSink(self, name, skip))
+                    if not started:
+                        started = True
+                        task_status.started()
+                return  # a finite source finished
+            except Exception as exc:
+                error = _innermost(exc)
+                report_internal_error(self.metrics, "source", log, "source %s", name)
+            if not started:  # failed while starting: the gateway starts without it
+                started = True
+                task_status.started()
+            if trio.current_time() - began > backoff.maximum:
+                backoff.reset()  # it ran well for a while: this is a fresh failure
+            delay = backoff.next_delay()
+            self.m_source_restarts.inc(source=name)
+            try:
+                await self.emit_event(
+                    "error", "source_failed",
+                    f"source {name} failed ({error!r:.200}); restarting in {delay:.1f} s",
+                    {"source": name, "error": repr(error)[:1000], "restart_in_s": round(delay, 3),
+                     "restarts": int(self.m_source_restarts.get(source=name))})
+            except Exception:  # the store itself failing: logged, the source still restarts
+                report_internal_error(self.metrics, "source", log,
+                                      "reporting the failure of source %s", name)
+            await trio.sleep(delay)
+            await self.flush()  # its batched records stored, with their checkpoint
+            entry = self._entries.get(name)
+            if entry is not None:
+                source = self._make_source(entry)
+                self.sources[index] = (name, source)
+            elif isinstance(getattr(source, "context", None), SourceContext):
+                source.context.checkpoint = self.store.checkpoints.get(name)  # type: ignore[attr-defined]
+            skip = self._replay_skip(name, source)
 
     async def _put(self, records: Sequence[Record], checkpoint: Any, source: str | None) -> None:
         if records:
@@ -124,16 +237,25 @@ class Gateway:
                 await self._store(batch)
         self._wake_flusher.set()
 
+    async def _put_checkpoint(self, source: str, checkpoint: Any, stored_after: int) -> None:
+        async with self._lock:
+            for batch in self.batcher.add([], trio.current_time(), source, checkpoint,
+                                          stored_after=stored_after):
+                await self._store(batch)
+        self._wake_flusher.set()
+
     async def _store(self, batch: Batch) -> None:
         first_rid = self.next_rid
         self.next_rid += len(batch.records)
         checkpoints = dict(batch.checkpoints)
         checkpoints[RID_KEY] = self.next_rid
+        checkpoints[AFTER_KEY] = batch.after  # every frame: the latest one is the truth
         if batch.records:
             body = encode_body(first_rid, batch.records)
         else:  # a checkpoint alone still travels in an (empty) frame to stay in order
             body = encode_body(first_rid, [])
         await self.store.append(body, len(batch.records), checkpoints)
+        failpoints.hit("gateway.frame_stored")
         self._notify_durable(batch.checkpoints)
         self.m_frames.inc()
         self.m_records_stored.inc(len(batch.records))
@@ -162,7 +284,8 @@ class Gateway:
                 try:
                     listener(checkpoint)
                 except Exception:  # a source's fault must not break the store path
-                    log.exception("durable listener of source %r failed", source)
+                    report_internal_error(self.metrics, "durable_listener", log,
+                                          "durable listener of source %s", source)
 
     def _spool_damage(self) -> tuple[str, dict[str, Any]] | None:
         """What the disk spool found damaged at recovery, for a GatewayEvent to the hub."""
@@ -313,7 +436,7 @@ class Gateway:
         await trio.Path(self.state_dir).mkdir(parents=True, exist_ok=True)
         spool_damage = self._spool_damage()
         self.next_rid = int(self.store.checkpoints.get(RID_KEY, 1))
-        self._build_sources()
+        sources = self._build_sources()
         self.uplink = Uplink(self.config.gateway, self.config.uplink, self.store, self.metrics,
                              trio.Path(self.state_dir / "dead-letter.cborseq"))
         try:
@@ -322,8 +445,8 @@ class Gateway:
                 nursery.start_soon(self._flusher)
                 if self.config.gateway.status_port:
                     self.status_port = await nursery.start(self._serve_status)
-                for name, source in self.sources:
-                    await nursery.start(source.run, _SourceSink(self, name))
+                for index, (_name, _source, skip) in enumerate(sources):
+                    await nursery.start(self._run_source, index, skip)
                 log.info("gateway %s running with %d source(s)", self.config.gateway.id,
                          len(self.sources))
                 if spool_damage is not None:

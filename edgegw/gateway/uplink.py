@@ -3,9 +3,12 @@
 Connect, say HELLO (epoch, first unacknowledged sequence), learn from WELCOME what the
 hub already has, then send every stored frame the hub lacks, oldest first, with at most
 ``window_frames`` unacknowledged.  Acks release frames in the store.  Any failure closes
-the connection and the loop reconnects after an exponential, fully jittered delay; the
-store keeps every frame meanwhile, so nothing is lost and the hub's dedup makes a resend
-harmless.
+the connection and the loop reconnects: it probes the hub (``probe.py``) every
+``uniform(0, probe_interval_s)`` while the hub cannot be reached, so a returned link is
+noticed within about a second, and backs off exponentially with full jitter only when the
+hub was reached and the attempt failed there, or waits out the hub's own ``Retry-After``
+(``edgegw.backoff.Reconnect``; docs/protocol.md section 7).  The store keeps every frame
+meanwhile, so nothing is lost and the hub's dedup makes a resend harmless.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from ..backoff import Backoff
+from ..backoff import Backoff, Reconnect
 from ..metrics import Metrics
 from ..protocol import (
     Ack,
@@ -39,6 +42,7 @@ from ..protocol import (
 from ..records import GatewayEvent
 from ..taskgroups import reraise_meaningful
 from .config import GatewaySection, UplinkSection
+from .probe import ProbeResult, ProbeTarget, probe_until_reached, retry_after_seconds
 from .scheduler import SendScheduler
 from .store import FrameStore, StoredFrame
 
@@ -69,8 +73,15 @@ class Uplink:
         self.scheduler: SendScheduler | None = None
         self._ack_changed = trio.Event()
         self.backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
+        self.reconnect = Reconnect(self.backoff, config.probe_interval_s)
+        self._probe_target = ProbeTarget.from_url(gateway.hub_url, self._ssl_context())
+        self.handshake_s: float | None = None  # TCP + WebSocket + HELLO/WELCOME, last time
         self.m_connects = metrics.counter("uplink_connects_total", "successful hub handshakes")
         self.m_failures = metrics.counter("uplink_failures_total", "connection failures")
+        self.m_probes = metrics.counter("uplink_probes_total",
+                                        "hub readiness probes, by outcome")
+        self.m_handshake = metrics.gauge("uplink_handshake_seconds",
+                                         "the last handshake: TCP, WebSocket, HELLO/WELCOME")
         self.m_frames = metrics.counter("uplink_frames_sent_total", "data frames sent")
         self.m_bytes = metrics.counter("uplink_bytes_sent_total", "data frame bytes sent")
         self.m_rejected = metrics.counter("uplink_frames_rejected_total",
@@ -88,28 +99,67 @@ class Uplink:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        delay = 0.0
         while True:
-            try:
-                await self._session()
-            except Refused as exc:
-                self.last_error = str(exc)
-                log.error("%s", exc)
-                if exc.code in (CloseCode.UNAUTHORIZED, CloseCode.UNSUPPORTED_VERSION):
-                    # configuration problem: keep trying, but at the slowest pace
-                    self.backoff.attempt = 64
-            except (OSError, HandshakeError, ConnectionClosed, ConnectionRejected,
-                    ProtocolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("hub link down: %s", self.last_error)
-            finally:
-                self.connected = False
+            if delay > 0:
+                log.info("reconnecting in %.2f s", delay)
+                await trio.sleep(delay)
+            delay = await self._attempt()
+
+    def _on_probe(self, result: ProbeResult) -> None:
+        self.m_probes.inc(outcome=result.outcome)
+        if not result.reached:
+            self.last_error = f"hub unreachable: {result.detail}"
+
+    async def _attempt(self) -> float:
+        """Probe until the hub is reached, then (unless it is busy or silent) one session.
+        Returns the delay before the next attempt (docs/protocol.md section 7)."""
+        policy = self.reconnect
+        probe = await probe_until_reached(self._probe_target, self.config.probe_timeout_s,
+                                          policy.probe_delay, self._on_probe)
+        if probe.outcome in ("busy", "silent"):
             self.m_failures.inc()
-            delay = self.backoff.next_delay()
-            log.info("reconnecting in %.2f s", delay)
-            await trio.sleep(delay)
+            self.last_error = f"hub {probe.outcome}: {probe.detail}"
+            log.warning("%s", self.last_error)
+            if probe.retry_after is not None:
+                return policy.busy(probe.retry_after)
+            return policy.failed()
+        try:
+            await self._session()
+        except Refused as exc:
+            self.last_error = str(exc)
+            log.error("%s", exc)
+            self.m_failures.inc()
+            if exc.code in (CloseCode.UNAUTHORIZED, CloseCode.UNSUPPORTED_VERSION):
+                return policy.config_problem()  # keep trying, at the slowest pace
+            return policy.failed()
+        except ConnectionRejected as exc:
+            self.last_error = f"hub rejected the WebSocket upgrade with HTTP {exc.status_code}"
+            log.warning("%s", self.last_error)
+            self.m_failures.inc()
+            hint = retry_after_seconds(dict(exc.headers).get(b"retry-after"))
+            if exc.status_code == 503 and hint is not None:
+                return policy.busy(hint)
+            return policy.failed()
+        except (OSError, HandshakeError, ConnectionClosed, ProtocolError, trio.TooSlowError,
+                trio.BrokenResourceError) as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            if (isinstance(exc, ConnectionClosed) and exc.reason is not None
+                    and exc.reason.code == CloseCode.REPLACED):
+                log.error("the hub closed this connection: a newer connection with gateway id "
+                          "%r replaced it (is the id configured on two gateways?)",
+                          self.gateway.id)
+            else:
+                log.warning("hub link down: %s", self.last_error)
+            self.m_failures.inc()
+            return policy.disconnected(trio.current_time(), link_lost=_link_lost(exc))
+        finally:
+            self.connected = False
+        return policy.disconnected(trio.current_time())  # not reached: sessions end by raising
 
     async def _session(self) -> None:
         cfg = self.config
+        started = trio.current_time()
         async with open_websocket_url(
             self.gateway.hub_url, self._ssl_context(), message_queue_size=16,
             max_message_size=1 << 20, connect_timeout=cfg.connect_timeout_s,
@@ -131,7 +181,9 @@ class Uplink:
             self._apply_ack(welcome.applied)
             self.connected = True
             self.m_connects.inc()
-            self.backoff.reset()
+            self.reconnect.connected(trio.current_time())
+            self.handshake_s = trio.current_time() - started
+            self.m_handshake.set(self.handshake_s)
             self.last_error = None
             log.info("connected to %s (hub has %s)", self.gateway.hub_url,
                      welcome.applied[:3] or "nothing")
@@ -276,6 +328,15 @@ class Uplink:
         await ws.send_message(data)
         self.m_frames.inc()
         self.m_bytes.inc(len(data))
+
+
+def _link_lost(exc: BaseException) -> bool:
+    """The connection died under us (no close from the hub): the link, not the hub."""
+    if isinstance(exc, ConnectionClosed):
+        return exc.reason is None or exc.reason.code == 1006  # no close frame
+    if isinstance(exc, ProtocolError):
+        return exc.code == CloseCode.HEARTBEAT_TIMEOUT
+    return isinstance(exc, (OSError, trio.BrokenResourceError))
 
 
 def _stand_in(body: bytes, seq: int, reason: str) -> bytes:

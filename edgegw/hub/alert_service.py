@@ -12,7 +12,8 @@ its frames, or replay would raise them again)::
 
     alerts = AlertService(config.alerts, publish, data_dir / "history.sqlite3")
     await alerts.open()
-    state = LiveState(publish, alerts=alerts.engine, on_evict=alerts.archive_lot)
+    state = LiveState(publish, alerts=alerts.engine, on_evict=alerts.archive_lot,
+                      on_wafer_archive=alerts.archive_wafer)
     hub.add_consumer(state)
     await nursery.start(alerts.run, state)   # ticks state.tick(now) once a second
     await nursery.start(hub.run)             # replays, then serves
@@ -32,7 +33,7 @@ import trio
 from edgegw.hub.alerts import AlertEngine, AlertsConfig
 from edgegw.hub.history_store import HistoryStore
 from edgegw.hub.webhooks import WebhookSender
-from edgegw.metrics import Metrics
+from edgegw.metrics import Metrics, report_internal_error
 
 if TYPE_CHECKING:
     from edgegw.hub.state import LiveState
@@ -84,6 +85,11 @@ class AlertService:
         self._queued += 1
         self._send.send_nowait(("lot", (lot_id, archive)))
 
+    def archive_wafer(self, lot_id: str, wafer_id: str, snapshot: dict[str, Any]) -> None:
+        """``LiveState(on_wafer_archive=...)``: keep a wafer that left memory answerable."""
+        self._queued += 1
+        self._send.send_nowait(("wafer", (lot_id, wafer_id, snapshot)))
+
     @property
     def backlog(self) -> int:
         """Events and archives handed over but not yet written."""
@@ -113,10 +119,14 @@ class AlertService:
         while True:
             await trio.sleep(tick_s)
             now = self._clock()
-            if state is not None:
-                state.tick(now)
-            else:
-                self.engine.tick(now)
+            try:
+                if state is not None:
+                    state.tick(now)
+                else:
+                    self.engine.tick(now)
+            except Exception:  # a failure boundary: one tick fails, not the hub
+                report_internal_error(self.metrics, "alerts_tick", log,
+                                      "live state / alert engine tick")
 
     async def _persist_loop(self) -> None:
         async for first in self._receive:
@@ -130,16 +140,21 @@ class AlertService:
             # Several events of one alert in a batch: the last carries its latest state.
             latest = {e["alert"]["id"]: e["alert"] for e in events}
             lots = [payload for kind, payload in items if kind == "lot"]
+            wafers = [payload for kind, payload in items if kind == "wafer"]
             try:
-                await self.store.save(list(latest.values()), lots)
+                await self.store.save(list(latest.values()), lots, wafers)
             except Exception as exc:  # a full disk must not stop alerting
                 self._m_store_errors.inc()
-                log.error("history store write failed (%d alert events, %d lots): %s",
-                          len(events), len(lots), exc)
+                log.error("history store write failed (%d alert events, %d lots, %d wafers): "
+                          "%s", len(events), len(lots), len(wafers), exc)
             else:
                 self._m_saved.inc(len(events))
             for event in events:
-                self.webhooks.submit(event)
+                try:
+                    self.webhooks.submit(event)
+                except Exception:  # e.g. an event that is not the shape a webhook expects
+                    report_internal_error(self.metrics, "webhook", log,
+                                          "queueing an alert event for the webhooks")
             self._done += len(items)
             self._progress.set()
             self._progress = trio.Event()

@@ -20,6 +20,7 @@ from .dashboard import Dashboard
 from .fanout import LiveFanout
 from .gcpacing import GcPacer
 from .history import HistoryApi
+from .http import Request, Response, json_response
 from .service import Hub
 from .state import LiveState
 
@@ -34,17 +35,24 @@ class HubApp:
                                    Path(config.hub.data_dir) / "history.sqlite3",
                                    metrics=metrics)
         self.state = LiveState(self.fanout.publish, alerts=self.alerts.engine,
-                               on_evict=self.alerts.archive_lot, metrics=metrics)
+                               on_evict=self.alerts.archive_lot,
+                               on_wafer_archive=self.alerts.archive_wafer, metrics=metrics)
         self.fanout.attach(self.state, on_ack=lambda alert_id, user:
                            self.alerts.engine.ack(alert_id, user, time.time()))
         self.hub.add_consumer(self.state)
         self.fanout.install(self.hub.http)
         Dashboard().install(self.hub.http)
         HistoryApi(self.state, self.alerts.engine, self.alerts.store).install(self.hub.http)
+        # /api/stats with the live state's health (records not applied, by reason): the
+        # route replaces the ingest-only one Hub registered.
+        self.hub.http.add_route("GET", "/api/stats", self._stats)
 
     @property
     def metrics(self) -> Metrics:
         return self.hub.metrics
+
+    async def _stats(self, request: Request) -> Response:
+        return json_response({**self.hub.stats(), "live_state": self.state.health()})
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         await self.alerts.open()

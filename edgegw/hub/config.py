@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from .alerts import AlertsConfig
+from .http import HttpLimits
 from .live_protocol import LiveConfig
 
 
@@ -22,6 +23,10 @@ class HubSection:
     max_holes: int = 8
     # frames in flight per gateway between receipt and durable commit
     apply_queue_frames: int = 64
+    # load shedding: with this many gateway handshakes under way, a readiness probe or an
+    # upgrade on /ws/gateway is answered 503 with Retry-After: busy_retry_after_s
+    max_pending_handshakes: int = 1000
+    busy_retry_after_s: float = 5.0
     keep_frame_bodies: bool = True
     # applied frames older than this are deleted (they only serve the live-state rebuild
     # at start-up); the applied sequence sets that de-duplicate are kept.  0: keep forever
@@ -43,6 +48,10 @@ class HubSection:
             problems.append(("max_frame_bytes", "must be at least 1024"))
         if self.max_holes < 0:
             problems.append(("max_holes", "must be >= 0"))
+        if self.max_pending_handshakes < 1:
+            problems.append(("max_pending_handshakes", "must be >= 1"))
+        if self.busy_retry_after_s <= 0:
+            problems.append(("busy_retry_after_s", "must be > 0"))
         if self.retain_frames_hours < 0:
             problems.append(("retain_frames_hours", "must be >= 0 (0 keeps frames forever)"))
         if self.prune_interval_s <= 0:
@@ -68,4 +77,6 @@ class HubConfig:
     # gateway id -> its token; a gateway not listed here is refused
     gateways: dict[str, GatewayAuth] = dataclasses.field(default_factory=dict)
     live: LiveConfig = dataclasses.field(default_factory=LiveConfig)
+    # timeouts and connection caps of the one HTTP port (edgegw/hub/http.py)
+    http: HttpLimits = dataclasses.field(default_factory=HttpLimits)
     alerts: AlertsConfig = dataclasses.field(default_factory=AlertsConfig)

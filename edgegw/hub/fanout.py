@@ -23,6 +23,7 @@ no task switch), else by the client's sender task.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import time
@@ -31,7 +32,7 @@ from typing import Any
 
 import trio
 
-from ..metrics import Metrics
+from ..metrics import Metrics, report_internal_error
 from .http import (
     ConnectionClosed,
     HttpServer,
@@ -51,6 +52,8 @@ from .live_protocol import (
     StateSource,
     encoding_for_subprotocol,
 )
+
+log = logging.getLogger("edgegw.hub.live")
 
 LIVE_PATH = "/ws/live"
 STATS_PATH = "/api/live/stats"
@@ -152,7 +155,10 @@ class LiveFanout:
             if next_at < now:
                 next_at = now  # fell behind (a long tick): do not burst to catch up
             await trio.sleep_until(next_at)
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # a failure boundary: one bad tick, not the hub
+                report_internal_error(self.core.metrics, "live_tick", log, "live fan-out tick")
 
     def tick(self) -> None:
         started = time.perf_counter()
@@ -220,6 +226,18 @@ class LiveFanout:
     # ------------------------------------------------------------------ clients
 
     async def handle(self, ws: WebSocket, request: Request) -> None:
+        """One /ws/live connection, and a failure boundary: an unexpected exception in it
+        is logged, counted (``internal_errors_total{where="live_connection"}``) and closes
+        this connection with 1011, nothing else."""
+        try:
+            await self._handle(ws, request)
+        except Exception:
+            report_internal_error(self.core.metrics, "live_connection", log,
+                                  "/ws/live connection from %s", request.remote)
+            if ws.closed is None:
+                await ws.aclose(1011, "internal error")
+
+    async def _handle(self, ws: WebSocket, request: Request) -> None:
         core = self.core
         client = core.connect(encoding_for_subprotocol(ws.subprotocol), now=trio.current_time(),
                               peer=request.remote)
@@ -233,6 +251,12 @@ class LiveFanout:
                     while True:  # a closed client's sender ends the connection
                         data = await ws.get_message()
                         core.receive(client, data, trio.current_time())
+                        if client.closed and session.send_scope is not None:
+                            # Closed by its own request (too many unread replies): the
+                            # write in progress gets the same grace as in a tick.
+                            session.send_scope.deadline = min(
+                                session.send_scope.deadline,
+                                trio.current_time() + self.config.close_grace)
                         session.wake.set()
                 except (ConnectionClosed, MessageTooBig):
                     pass

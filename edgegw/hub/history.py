@@ -12,7 +12,10 @@ to the hub's HTTP server and fetches archives off the Trio thread.  Routes::
     POST /api/alerts/<id>/ack                    body {"user": "..."}
 
 The JSON shapes are the live topics' snapshots (``docs/live-topics.md``), so a dashboard
-renders history and live updates with the same code.  Errors are ``{"error": "..."}``
+renders history and live updates with the same code.  A lot's wafers come from memory
+while they are live and from the history store once they left it (a lot with more wafers
+than the live state keeps, or an evicted lot), so every wafer of a lot of any size is
+answerable.  Errors are ``{"error": "..."}``
 with 400 (bad parameter) or 404 (unknown lot, wafer, test or alert).
 """
 
@@ -58,41 +61,52 @@ def lots(state: LiveState, archived: list[dict[str, Any]], params: dict[str, str
     for lot in state.lots.values():
         snap = lot.snapshot()
         rows.append({k: snap.get(k) for k in _LOT_FIELDS} | {
-            "wafers": len(lot.wafers), "live": True})
+            "wafers": snap["wafer_count"], "live": True})
     for summary in archived:
         if summary.get("lot_id") in state.lots:
             continue
         rows.append({k: summary.get(k) for k in _LOT_FIELDS} | {
-            "wafers": len(summary.get("wafers", ())), "live": False})
+            "wafers": summary.get("wafer_count", len(summary.get("wafers", ()))),
+            "live": False})
     rows.sort(key=lambda r: r.get("updated") or 0.0, reverse=True)
     return 200, {"lots": rows[:limit]}
 
 
-def wafers(state: LiveState, lot_id: str, archived: dict[str, Any] | None) -> Result:
-    """A lot's wafers with their counts (no die maps: ask per wafer)."""
+def wafers(state: LiveState, lot_id: str, archived: dict[str, Any] | None,
+           archived_wafers: list[dict[str, Any]] | None = None) -> Result:
+    """A lot's wafers with their counts (no die maps: ask per wafer): the archived ones
+    (``archived_wafers``: summaries from the store, in the order they left memory), then
+    the live ones, or the evicted lot's (``archived``)."""
     lot = state.lots.get(lot_id)
     if lot is not None:
-        rows = [_wafer_row({"wafer_id": w.wafer_id, "status": w.status, "started": w.started,
+        live = [_wafer_row({"wafer_id": w.wafer_id, "status": w.status, "started": w.started,
                             "ended": w.ended, "updated": w.updated, **w.tally.as_dict()})
                 for w in lot.wafers.values() if w.wafer_id]
     elif archived is not None:
-        rows = [_wafer_row(w) for wid, w in archived["wafers"].items() if wid]
+        live = [_wafer_row(w) for wid, w in archived["wafers"].items() if wid]
+    elif archived_wafers:
+        live = []
     else:
         return _error(404, f"unknown lot {lot_id!r}")
-    return 200, {"lot_id": lot_id, "live": lot is not None, "wafers": rows}
+    have = {r["wafer_id"] for r in live}
+    rows = [_wafer_row(w) for w in archived_wafers or () if w.get("wafer_id") not in have]
+    return 200, {"lot_id": lot_id, "live": lot is not None, "wafers": rows + live}
 
 
-def wafer(state: LiveState, lot_id: str, wafer_id: str,
-          archived: dict[str, Any] | None) -> Result:
-    """A wafer's map and counts: the live topic's snapshot."""
+def wafer(state: LiveState, lot_id: str, wafer_id: str, archived: dict[str, Any] | None,
+          archived_wafer: dict[str, Any] | None = None) -> Result:
+    """A wafer's map and counts: the live topic's snapshot (from memory, from the wafer's
+    own archive, or from its evicted lot's)."""
     lot = state.lots.get(lot_id)
+    snap = None
     if lot is not None:
         live = lot.wafers.get(wafer_id)
         snap = live.snapshot() if live is not None else None
     elif archived is not None:
         snap = archived["wafers"].get(wafer_id)
-    else:
+    elif archived_wafer is None:
         return _error(404, f"unknown lot {lot_id!r}")
+    snap = snap or archived_wafer
     if snap is None:
         return _error(404, f"lot {lot_id!r} has no wafer {wafer_id!r}")
     return 200, snap
@@ -197,6 +211,12 @@ class HistoryApi:
             return None
         return await self.store.lot(lot_id)
 
+    async def _archived_wafer(self, lot_id: str, wafer_id: str) -> dict[str, Any] | None:
+        lot = self.state.lots.get(lot_id)
+        if (lot is not None and wafer_id in lot.wafers) or self.store is None:
+            return None
+        return await self.store.wafer(lot_id, wafer_id)
+
     async def dispatch(self, method: str, path: str, params: dict[str, str],
                        body: bytes = b"") -> Result:
         parts = [p for p in path.split("/") if p]
@@ -207,9 +227,13 @@ class HistoryApi:
             archived = await self.store.lot_summaries() if self.store is not None else []
             return lots(self.state, archived, params)
         if method == "GET" and len(parts) == 3 and parts[0] == "lots" and parts[2] == "wafers":
-            return wafers(self.state, parts[1], await self._archived(parts[1]))
+            lot_id = parts[1]
+            gone = await self.store.wafer_summaries(lot_id) if self.store is not None else []
+            return wafers(self.state, lot_id, await self._archived(lot_id), gone)
         if method == "GET" and len(parts) == 4 and parts[0] == "lots" and parts[2] == "wafers":
-            return wafer(self.state, parts[1], parts[3], await self._archived(parts[1]))
+            lot_id, wafer_id = parts[1], parts[3]
+            return wafer(self.state, lot_id, wafer_id, await self._archived(lot_id),
+                         await self._archived_wafer(lot_id, wafer_id))
         if method == "GET" and len(parts) == 3 and parts[0] == "tests":
             return test(self.state, parts[1], parts[2], await self._archived(parts[1]))
         if method == "GET" and parts == ["alerts"]:

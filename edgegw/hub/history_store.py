@@ -9,6 +9,10 @@
   archive is derived data -- the frame store stays the truth -- so it is written with
   ``synchronous=NORMAL`` and rewritten whenever the lot is evicted again (after a restart,
   replay evicts the same lots and refreshes their rows).
+* **Archived wafers**: a wafer's map and counts when it left memory while its lot stayed
+  live (a lot has more wafers than ``max_wafers_per_lot``), one row per wafer, so a lot of
+  any size is answerable wafer by wafer.  Derived data too, rewritten the same way.  A lot
+  archive holds the wafers that were still live when the lot left.
 
 Separate from the frame store (``hub.sqlite3``) so the frame store's transactions, which
 gate acknowledgements to gateways, never wait on it.  Blocking calls run in a worker
@@ -40,7 +44,19 @@ CREATE TABLE IF NOT EXISTS lots (
     summary TEXT NOT NULL,
     archive TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS wafers (
+    lot_id TEXT NOT NULL,
+    wafer_id TEXT NOT NULL,
+    updated REAL NOT NULL,
+    summary TEXT NOT NULL,
+    snapshot TEXT NOT NULL,
+    PRIMARY KEY (lot_id, wafer_id)
+);
 """
+
+#: the keys of a wafer snapshot its summary row keeps (the history API's wafer list)
+WAFER_SUMMARY = ("wafer_id", "status", "started", "ended", "die_count", "good", "yield",
+                 "parts", "retests", "hard_bins", "soft_bins", "updated")
 
 
 def _dumps(obj: Any) -> str:
@@ -65,8 +81,8 @@ class HistoryStore:
         db.executescript(SCHEMA)
         self._db = db
 
-    def _save_sync(self, alerts: list[dict[str, Any]],
-                   lots: list[tuple[str, dict[str, Any]]]) -> None:
+    def _save_sync(self, alerts: list[dict[str, Any]], lots: list[tuple[str, dict[str, Any]]],
+                   wafers: list[tuple[str, str, dict[str, Any]]]) -> None:
         db = self._db
         assert db is not None
         db.execute("BEGIN IMMEDIATE")
@@ -81,6 +97,12 @@ class HistoryStore:
                 " VALUES (?, ?, ?, ?)",
                 [(lot_id, archive["lot"].get("updated") or 0.0, _dumps(archive["lot"]),
                   _dumps(archive)) for lot_id, archive in lots])
+            db.executemany(
+                "INSERT OR REPLACE INTO wafers (lot_id, wafer_id, updated, summary, snapshot)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(lot_id, wafer_id, snap.get("updated") or 0.0,
+                  _dumps({k: snap.get(k) for k in WAFER_SUMMARY}), _dumps(snap))
+                 for lot_id, wafer_id, snap in wafers])
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -100,9 +122,11 @@ class HistoryStore:
             await self._run(db.close)
 
     async def save(self, alerts: list[dict[str, Any]],
-                   lots: list[tuple[str, dict[str, Any]]] | None = None) -> None:
-        """Upsert alerts (their latest state) and archived lots in one transaction."""
-        await self._run(self._save_sync, alerts, lots or [])
+                   lots: list[tuple[str, dict[str, Any]]] | None = None,
+                   wafers: list[tuple[str, str, dict[str, Any]]] | None = None) -> None:
+        """Upsert alerts (their latest state), archived lots and archived wafers
+        ``(lot_id, wafer_id, snapshot)`` in one transaction."""
+        await self._run(self._save_sync, alerts, lots or [], wafers or [])
 
     async def load_alerts(self, limit: int) -> list[dict[str, Any]]:
         """The newest ``limit`` alerts, oldest first (the order ``restore`` wants)."""
@@ -140,4 +164,18 @@ class HistoryStore:
         rows = await self._run(self._select,
                                "SELECT summary FROM lots ORDER BY updated DESC LIMIT ?",
                                (limit,))
+        return [json.loads(r[0]) for r in rows]
+
+    async def wafer(self, lot_id: str, wafer_id: str) -> dict[str, Any] | None:
+        """An archived wafer's snapshot (the ``lot/<lot>/wafer/<wafer>`` shape), or None."""
+        rows = await self._run(self._select,
+                               "SELECT snapshot FROM wafers WHERE lot_id = ? AND wafer_id = ?",
+                               (lot_id, wafer_id))
+        return json.loads(rows[0][0]) if rows else None
+
+    async def wafer_summaries(self, lot_id: str) -> list[dict[str, Any]]:
+        """The archived wafers of a lot (``WAFER_SUMMARY`` keys), in the order they left."""
+        rows = await self._run(self._select,
+                               "SELECT summary FROM wafers WHERE lot_id = ? ORDER BY rowid",
+                               (lot_id,))
         return [json.loads(r[0]) for r in rows]

@@ -7,14 +7,27 @@ sans-IO cores trio-websocket itself is built on; here h11 parses every request, 
 upgrade request is answered with 101 and handed to a wsproto ``Connection``.  Because a
 server-to-client frame is not masked, ``prepare_message`` encodes a message once and
 ``WebSocket.send_prepared`` writes the same bytes to any number of clients.
+
+Why not hypercorn's Trio worker (which brings timeouts and TLS): its ASGI path frames every
+message per client and costs 10-15x more per client send than writing one prepared frame,
+more than two cores at 1,000 dashboards x 20 frames/s (``bench/ws_send_cost.py``,
+docs/http.md).  So this layer carries the bounds itself (``HttpLimits``): a restartable
+deadline per connection phase, connection caps that shed idle connections first, a paused
+accept loop when descriptors run out, strict upgrade validation, no ambiguous framing.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import errno
 import logging
+import math
+import os
 import urllib.parse
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -30,10 +43,21 @@ from wsproto.events import (
 from wsproto.frame_protocol import CloseReason, FrameProtocol
 from wsproto.utilities import generate_accept_token
 
+from ..metrics import Metrics
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BODY = 1 << 20
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers
 READ_SIZE = 65536
+# Out of descriptors (or kernel memory) on accept: free one, pause, retry.  Logged at
+# most once per LOG_INTERVAL_S, with the count.
+CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_PAUSE_S = 0.1
+LOG_INTERVAL_S = 10.0
+# Descriptors kept out of max_connections for the rest of the process (at most a quarter
+# of the open-file limit).
+FD_RESERVE = 128
 
 
 @dataclasses.dataclass
@@ -56,6 +80,9 @@ class Response:
 
 Handler = Callable[[Request], Awaitable[Response]]
 WsHandler = Callable[["WebSocket", Request], Awaitable[None]]
+# before an upgrade is accepted: None to go ahead, or the response to send instead
+# (e.g. 503 with Retry-After from a server shedding load)
+WsAdmit = Callable[[Request], "Response | None"]
 
 
 class ConnectionClosed(Exception):
@@ -110,7 +137,19 @@ class WebSocket:
 
     Someone must keep calling ``get_message`` (pings and the closing handshake are handled
     there).  Sends are serialised by a lock, so tasks may share one WebSocket.
+
+    Closing (``aclose``) follows RFC 6455 section 7: the close frame is written whole, then
+    the peer's data is read and discarded until its close frame (or EOF, or
+    ``close_timeout``), and only then is the TCP connection closed.  Closing a socket
+    whose receive buffer still holds unread data makes the kernel send RST, and a peer
+    that is still sending (a gateway with frames in flight) then fails in ``send`` and
+    reports "connection lost" instead of the close code it was sent.  A write cut off
+    mid-frame (cancelled) leaves the stream unusable for a close frame: the connection is
+    then closed without one.
     """
+
+    #: seconds to wait for the peer's close frame after ours (and to write ours)
+    close_timeout = 2.0
 
     def __init__(self, stream: trio.abc.Stream, conn: Connection, subprotocol: str | None,
                  max_message_size: int) -> None:
@@ -123,14 +162,26 @@ class WebSocket:
         self._parts: list[bytes | str] = []
         self._size = 0
         self.bytes_sent = 0
+        self._torn = False  # a write was cut off mid-frame: no more frames can follow
+        self._receiving = False  # a task is waiting in stream.receive_some
 
     async def _write(self, data: bytes) -> None:
         async with self.send_gate:
+            if self._torn:
+                raise self.closed or ConnectionClosed(1006, "connection lost")
+            # Cancelled before the first byte leaves: the frame is simply not sent.  Once
+            # send_all has begun, a cancellation may leave part of the frame written.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            done = False
             try:
                 await self.stream.send_all(data)
+                done = True
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self.closed = self.closed or ConnectionClosed(1006, "connection lost")
                 raise self.closed from exc
+            finally:
+                if not done:
+                    self._torn = True
             self.bytes_sent += len(data)
 
     async def send_message(self, data: bytes | str) -> None:
@@ -146,6 +197,15 @@ class WebSocket:
             raise self.closed
         await self._write(frame)
 
+    async def _receive_some(self) -> bytes:
+        self._receiving = True
+        try:
+            return await self.stream.receive_some(READ_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+        finally:
+            self._receiving = False
+
     async def get_message(self) -> bytes | str:
         while True:
             for event in self.conn.events():
@@ -153,8 +213,9 @@ class WebSocket:
                     self._parts.append(event.data)
                     self._size += len(event.data)
                     if self._size > self.max_message_size:
-                        await self.aclose(1009, f"message exceeds {self.max_message_size} bytes")
-                        raise MessageTooBig(f"message exceeds {self.max_message_size} bytes")
+                        reason = f"message exceeds the limit of {self.max_message_size} bytes"
+                        await self.aclose(1009, reason)
+                        raise MessageTooBig(reason)
                     if event.message_finished:
                         parts, self._parts, self._size = self._parts, [], 0
                         if isinstance(event, TextMessage):
@@ -163,6 +224,12 @@ class WebSocket:
                 elif isinstance(event, Ping):
                     await self._write(self.conn.send(event.response()))
                 elif isinstance(event, CloseConnection):
+                    if self.conn.state is ConnectionState.OPEN:
+                        # Not the peer's close frame: wsproto could not parse its frames
+                        # (1002) or a text message was not UTF-8 (1007).  Tell the peer;
+                        # nothing after the bad frame can be read, so no lingering.
+                        await self.aclose(event.code, event.reason or "", linger=False)
+                        raise self.closed  # type: ignore[misc]
                     self.closed = ConnectionClosed(event.code, event.reason or "")
                     try:
                         if self.conn.state is ConnectionState.REMOTE_CLOSING:
@@ -172,23 +239,27 @@ class WebSocket:
                     raise self.closed
             if self.closed:
                 raise self.closed
-            try:
-                data = await self.stream.receive_some(READ_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
+            data = await self._receive_some()
             if not data:
                 self.closed = ConnectionClosed(1006, "connection lost")
                 raise self.closed
             self.conn.receive_data(data)
 
-    async def aclose(self, code: int = 1000, reason: str = "") -> None:
-        """Send a close frame (if still open) and close the stream."""
+    async def aclose(self, code: int = 1000, reason: str = "", *, linger: bool = True) -> None:
+        """Close with ``code``: the close frame, then (``linger``) the peer's reply awaited
+        as the class docstring says, then the stream.  Never raises for a peer that is
+        gone already."""
         if self.closed is None:
             self.closed = ConnectionClosed(code, reason)
+        sent = False
         try:
-            if self.conn.state is ConnectionState.OPEN:
-                with trio.move_on_after(2):
+            if self.conn.state is ConnectionState.OPEN and not self._torn:
+                with trio.move_on_after(self.close_timeout):
                     await self._write(self.conn.send(CloseConnection(code=code, reason=reason)))
+                    sent = True
+            if sent and linger and not self._receiving:
+                with trio.move_on_after(self.close_timeout):
+                    await self._await_close_reply()
         except ConnectionClosed:
             pass
         finally:
@@ -196,17 +267,148 @@ class WebSocket:
                 cs.shield = True
                 await self.stream.aclose()
 
+    async def _await_close_reply(self) -> None:
+        """Drop what the peer still sends, until its close frame or EOF.  What was read
+        already (its close may have arrived with the message that made us close) first."""
+        while True:
+            for event in self.conn.events():
+                if isinstance(event, CloseConnection):
+                    return  # the peer's reply (or a frame wsproto could not parse)
+            data = await self._receive_some()
+            if not data:
+                return
+            self.conn.receive_data(data)
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpLimits:
+    """Bounds on the HTTP side of the server (the hub config's ``[http]`` section).
+
+    The timeouts cover only plain HTTP: once a connection is upgraded, the WebSocket
+    handler's own timeouts apply (HELLO timeout and heartbeats on ``/ws/gateway``, the
+    stall timeout on ``/ws/live``)."""
+
+    # a new connection, or a request once its first byte arrived, must complete its head
+    # (request line and headers) within this (slowloris)
+    header_timeout_s: float = 10.0
+    # the whole body must arrive within this after the head (408 otherwise)
+    body_timeout_s: float = 30.0
+    # a keep-alive connection with no request in progress is closed after this
+    idle_timeout_s: float = 60.0
+    # a response the client does not read within this ends the connection
+    write_timeout_s: float = 30.0
+    # open connections (WebSockets included); never more than the open-file limit allows
+    max_connections: int = 10_000
+    # open connections from one remote address (0: no such cap -- behind a reverse proxy)
+    max_connections_per_address: int = 256
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = []
+        for name in ("header_timeout_s", "body_timeout_s", "idle_timeout_s",
+                     "write_timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                problems.append((name, "must be a finite number of seconds > 0"))
+        if self.max_connections < 1:
+            problems.append(("max_connections", "must be >= 1"))
+        if self.max_connections_per_address < 0:
+            problems.append(("max_connections_per_address", "must be >= 0 (0: no cap)"))
+        return problems
+
+
+class _Conn:
+    """One admitted connection, as the accept loop sees it."""
+
+    __slots__ = ("address", "scope", "shed", "waiting")
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.scope = trio.CancelScope()  # cancelled to shed the connection
+        self.waiting = True  # no request in progress: it may be shed to make room
+        self.shed = False
+
+
+class _Phase:
+    """The connection's one restartable timeout (as hypercorn's idle task): every phase of
+    a request moves the deadline of the same cancel scope."""
+
+    __slots__ = ("limits", "name", "scope", "started")
+
+    def __init__(self, limits: HttpLimits) -> None:
+        self.limits = limits
+        self.scope = trio.CancelScope()
+        self.name = ""
+        self.started = False  # bytes of the current request have arrived
+        self.enter("header")  # a new connection's first request: the header timeout
+
+    def enter(self, name: str) -> None:
+        self.name = name
+        timeout = {"header": self.limits.header_timeout_s, "body": self.limits.body_timeout_s,
+                   "idle": self.limits.idle_timeout_s,
+                   "write": self.limits.write_timeout_s}.get(name, math.inf)
+        self.scope.deadline = trio.current_time() + timeout
+
+
+class _Every:
+    """A repeated condition logged at most once per interval, with how often it happened."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.next_at = -math.inf
+        self.count = 0
+
+    def due(self) -> int:
+        """Count one occurrence; the number to report now, or 0 to stay quiet."""
+        self.count += 1
+        now = trio.current_time()
+        if now < self.next_at:
+            return 0
+        n, self.count, self.next_at = self.count, 0, now + self.interval
+        return n
+
 
 class HttpServer:
-    """Routes plain HTTP requests to handlers and upgrade requests to WebSocket handlers."""
+    """Routes plain HTTP requests to handlers and upgrade requests to WebSocket handlers.
 
-    def __init__(self, max_ws_message_size: int = 1 << 20) -> None:
+    Bounded (``HttpLimits``): a connection is admitted only within the total and
+    per-address caps -- when a cap is full, the oldest connection that has no request in
+    progress (idle keep-alive, or still sending its head) is closed to make room, and only
+    when there is none is the newcomer answered 503 and closed.  So a flood of idle
+    connections cannot lock out ``/healthz``, and the caps keep the process below its
+    open-file limit."""
+
+    def __init__(self, limits: HttpLimits | None = None, *, metrics: Metrics | None = None,
+                 max_ws_message_size: int = 1 << 20, raise_fd_limit: bool = False) -> None:
         self.routes: dict[tuple[str, str], Handler] = {}
         self.prefix_routes: list[tuple[str, str, Handler]] = []
         self.ws_routes: dict[str, tuple[WsHandler, list[str]]] = {}
         self.max_ws_message_size = max_ws_message_size
         self.ws_max_sizes: dict[str, int] = {}
+        self.ws_admit: dict[str, WsAdmit] = {}
         self.on_bad_request: Callable[[str], None] = lambda reason: None
+        self.limits = limits or HttpLimits()
+        # The hub raises its soft open-file limit to fit max_connections (as Go's runtime
+        # does): systemd's default soft limit of 1,024 is too low for a floor.
+        self.raise_fd_limit = raise_fd_limit
+        self.max_connections = self.limits.max_connections  # lowered by the fd limit
+        self.accept_pause_s = ACCEPT_PAUSE_S
+        self._open: dict[_Conn, None] = {}  # in accept order: the oldest first
+        self._by_address: dict[str, dict[_Conn, None]] = {}
+        self._accept_errors = _Every(LOG_INTERVAL_S)
+        self._refusals = _Every(LOG_INTERVAL_S)
+        m = metrics or Metrics()
+        self.m_open = m.gauge("http_connections_open", "HTTP and WebSocket connections open")
+        m.add_collector(lambda: self.m_open.set(len(self._open)))
+        self.m_refused = m.counter("http_connections_refused_total",
+                                   "connections answered 503 and closed: a cap was full")
+        self.m_shed = m.counter("http_connections_shed_total",
+                                "idle connections closed to make room for a new one")
+        self.m_timeouts = m.counter("http_timeouts_total",
+                                    "connections closed by an HTTP timeout, by phase")
+        self.m_accept_errors = m.counter("http_accept_errors_total",
+                                         "accept() failures (out of file descriptors)")
+        self.m_internal = m.counter("internal_errors_total",
+                                    "unexpected exceptions caught at a failure boundary")
 
     def add_route(self, method: str, path: str, handler: Handler) -> None:
         """``path`` ending in ``/*`` matches every path under that prefix."""
@@ -216,8 +418,10 @@ class HttpServer:
             self.routes[(method, path)] = handler
 
     def add_ws_route(self, path: str, handler: WsHandler, subprotocols: list[str] | None = None,
-                     max_message_size: int | None = None) -> None:
+                     max_message_size: int | None = None, admit: WsAdmit | None = None) -> None:
         self.ws_routes[path] = (handler, subprotocols or [])
+        if admit is not None:
+            self.ws_admit[path] = admit
         if max_message_size is not None:
             self.ws_max_sizes[path] = max_message_size
 
@@ -229,106 +433,294 @@ class HttpServer:
                     return h
         return handler
 
+    # ------------------------------------------------------------------ accepting
+
     async def serve(self, host: str, port: int, *,
                     task_status: trio.TaskStatus[list[Any]] = trio.TASK_STATUS_IGNORED) -> None:
-        await trio.serve_tcp(self.handle_stream, port, host=host, task_status=task_status)
+        self.max_connections = self._fit_fd_limit()
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener, nursery)
+            task_status.started(listeners)
 
-    async def handle_stream(self, stream: trio.abc.Stream) -> None:
+    def _fit_fd_limit(self) -> int:
+        """max_connections, lowered to what the open-file limit leaves after a reserve for
+        the rest of the process (stores, logs, the event loop)."""
+        wanted = self.limits.max_connections
+        try:
+            import resource
+        except ImportError:  # Windows: no such limit to fit
+            return wanted
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        infinite = resource.RLIM_INFINITY
+        need = wanted + FD_RESERVE
+        if self.raise_fd_limit and soft != infinite and soft < need:
+            raised = need if hard == infinite else min(need, hard)
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+                soft = raised
+            except (ValueError, OSError):
+                pass
+        if soft == infinite:
+            return wanted
+        allowed = max(1, min(wanted, soft - min(FD_RESERVE, soft // 4)))
+        if allowed < wanted and self.raise_fd_limit:  # the hub's port (a gateway's status
+            # port never needs many connections: its cap is lowered silently)
+            log.warning("HTTP: at most %d connections (http.max_connections is %d): the "
+                        "open-file limit is %d; raise it (systemd: LimitNOFILE=) for more",
+                        allowed, wanted, soft)
+        return allowed
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in CAPACITY_ERRNOS:
+                    raise
+                # Out of descriptors: free one (an idle connection) and pause, rather than
+                # spin on accept -- the pending connections wait in the listen backlog.
+                name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                self.m_accept_errors.inc(errno=name)
+                self._shed_one(self._open, "fd_limit")
+                n = self._accept_errors.due()
+                if n:
+                    log.warning("HTTP accept failed %d time(s) in %g s: %s (%s); pausing "
+                                "accepts %g s each time", n, LOG_INTERVAL_S, name,
+                                os.strerror(exc.errno or 0), self.accept_pause_s)
+                await trio.sleep(self.accept_pause_s)
+                continue
+            try:
+                address = stream.socket.getpeername()[0]
+            except OSError:  # gone already
+                nursery.start_soon(_close, stream)
+                continue
+            admitted = self._admit(address)
+            if isinstance(admitted, str):
+                nursery.start_soon(self._refuse, stream, admitted)
+            else:
+                nursery.start_soon(self._connection, stream, admitted)
+
+    def _admit(self, address: str) -> _Conn | str:
+        """Register a new connection within the caps, or the name of the full cap."""
+        per_address = self.limits.max_connections_per_address
+        mine = self._by_address.get(address)
+        if per_address and mine is not None and len(mine) >= per_address:
+            if not self._shed_one(mine, "address_limit"):
+                return "address_limit"
+        if len(self._open) >= self.max_connections:
+            if not self._shed_one(self._open, "total_limit"):
+                return "total_limit"
+        conn = _Conn(address)
+        self._open[conn] = None
+        self._by_address.setdefault(address, {})[conn] = None
+        return conn
+
+    def _shed_one(self, among: dict[_Conn, None], reason: str) -> bool:
+        """Close the oldest of ``among`` with no request in progress; False if none."""
+        victim = next((c for c in among if c.waiting), None)
+        if victim is None:
+            return False
+        victim.shed = True
+        victim.scope.cancel()
+        self._release(victim)  # its descriptor is closed as soon as its task runs
+        self.m_shed.inc(reason=reason)
+        return True
+
+    def _release(self, conn: _Conn) -> None:
+        if conn in self._open:  # not shed already
+            del self._open[conn]
+            mine = self._by_address[conn.address]
+            del mine[conn]
+            if not mine:
+                del self._by_address[conn.address]
+
+    async def _refuse(self, stream: trio.SocketStream, reason: str) -> None:
+        self.m_refused.inc(reason=reason)
+        n = self._refusals.due()
+        if n:
+            log.warning("HTTP: refused %d connection(s) in %g s (%s full: %d open, at most "
+                        "%d; %d per address)", n, LOG_INTERVAL_S, reason, len(self._open),
+                        self.max_connections, self.limits.max_connections_per_address)
+        with trio.move_on_after(1):
+            try:
+                await stream.send_all(_raw_response(503, b"too many connections",
+                                                    [(b"retry-after", b"1")]))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await _close(stream)
+
+    async def _connection(self, stream: trio.SocketStream, conn: _Conn) -> None:
+        """One connection's task: a failure boundary, whatever happens inside."""
+        try:
+            with conn.scope:
+                await self.handle_stream(stream, conn)
+        except Exception:
+            self.m_internal.inc(where="http_connection")
+            log.exception("HTTP connection from %s failed; closed", conn.address)
+        finally:
+            self._release(conn)
+            await _close(stream)
+
+    # ------------------------------------------------------------------ one connection
+
+    async def handle_stream(self, stream: trio.abc.Stream, admitted: _Conn | None = None) -> None:
         try:
             host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
             remote = f"{host}:{port}"
         except (OSError, AttributeError):  # AttributeError: not a socket (in-memory tests)
             remote = "?"
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        phase = _Phase(self.limits)
         try:
-            while True:
-                event = await self._next_event(conn, stream)
-                if not isinstance(event, h11.Request):
-                    return
-                request = _request(event, remote)
-                if _is_upgrade(event):
-                    await self._upgrade(conn, stream, request)
-                    return
-                body = bytearray()
-                while True:
-                    ev = await self._next_event(conn, stream)
-                    if isinstance(ev, h11.Data):
-                        body += ev.data
-                        if len(body) > MAX_REQUEST_BODY:
-                            await self._send_simple(conn, stream, 413, b"request body too large")
-                            return
-                    elif isinstance(ev, h11.EndOfMessage):
-                        break
-                    else:
-                        return
-                request.body = bytes(body)
-                handler = self._find(request.method, request.path)
-                if handler is None:
-                    known = any(p == request.path for _, p in self.routes)
-                    status = 405 if known else 404
-                    response = Response(status, b'{"error": "%s"}' % (
-                        b"method not allowed" if known else b"not found"))
-                else:
-                    try:
-                        response = await handler(request)
-                    except Exception:
-                        log.exception("handler for %s %s failed", request.method, request.path)
-                        response = Response(500, b'{"error": "internal error"}')
-                await self._send_response(conn, stream, response)
-                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-                    return
-                try:
-                    conn.start_next_cycle()
-                except h11.LocalProtocolError:
-                    return
+            with phase.scope:
+                await self._requests(stream, conn, phase, remote, admitted)
+            if phase.scope.cancelled_caught:
+                await self._timed_out(stream, conn, phase)
         except h11.RemoteProtocolError as exc:
             self.on_bad_request(str(exc))
-            try:
-                await self._send_simple(conn, stream, exc.error_status_hint, b"bad request")
-            except Exception:  # the peer may be gone already
-                pass
+            with trio.move_on_after(1):
+                try:
+                    await self._send_simple(conn, stream, exc.error_status_hint, b"bad request")
+                except Exception:  # the peer may be gone already
+                    pass
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            with trio.move_on_after(1) as cs:
-                cs.shield = True
-                await stream.aclose()
+            await _close(stream)
 
-    async def _next_event(self, conn: h11.Connection, stream: trio.abc.Stream) -> Any:
+    async def _requests(self, stream: trio.abc.Stream, conn: h11.Connection, phase: _Phase,
+                        remote: str, admitted: _Conn | None) -> None:
+        """Serve requests until the connection closes or is upgraded."""
+        while True:
+            event = await self._next_event(conn, stream, phase)
+            if not isinstance(event, h11.Request):
+                return
+            if admitted is not None:
+                admitted.waiting = False
+            request = _request(event, remote)
+            head = event.method == b"HEAD"  # answered like GET, without the body
+            problem = _framing_problem(event)
+            if problem:
+                # Content-Length with Transfer-Encoding is how requests are smuggled past a
+                # proxy: never guess which one frames the body -- refuse, and close.
+                self.on_bad_request(problem)
+                await self._send_simple(conn, stream, 400, problem.encode(), head=head)
+                return
+            if _is_upgrade(event):
+                phase.enter("websocket")  # the WebSocket handler's own timeouts apply
+                await self._upgrade(conn, stream, request, event)
+                return
+            phase.enter("body")
+            body = bytearray()
+            while True:
+                ev = await self._next_event(conn, stream, phase)
+                if isinstance(ev, h11.Data):
+                    body += ev.data
+                    if len(body) > MAX_REQUEST_BODY:
+                        await self._send_simple(conn, stream, 413, b"request body too large",
+                                                head=head)
+                        return
+                elif isinstance(ev, h11.EndOfMessage):
+                    break
+                else:
+                    return
+            request.body = bytes(body)
+            phase.enter("handler")
+            handler = self._find("GET" if head else request.method, request.path)
+            if handler is None:
+                known = any(p == request.path for _, p in self.routes)
+                status = 405 if known else 404
+                response = Response(status, b'{"error": "%s"}' % (
+                    b"method not allowed" if known else b"not found"))
+            else:
+                try:
+                    response = await handler(request)
+                except Exception:
+                    log.exception("handler for %s %s failed", request.method, request.path)
+                    response = Response(500, b'{"error": "internal error"}')
+            phase.enter("write")
+            await self._send_response(conn, stream, response, head=head)
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+            phase.enter("idle")
+            phase.started = False
+            if admitted is not None:
+                admitted.waiting = True
+
+    async def _timed_out(self, stream: trio.abc.Stream, conn: h11.Connection,
+                         phase: _Phase) -> None:
+        """A phase's deadline passed: 408 when a request was under way, else just close."""
+        self.m_timeouts.inc(phase=phase.name)
+        if phase.name == "body" or (phase.name == "header" and phase.started):
+            with trio.move_on_after(1):
+                try:
+                    await self._send_simple(conn, stream, 408, b"request timeout")
+                except (trio.BrokenResourceError, trio.ClosedResourceError,
+                        h11.LocalProtocolError):
+                    pass
+
+    async def _next_event(self, conn: h11.Connection, stream: trio.abc.Stream,
+                          phase: _Phase) -> Any:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 data = await stream.receive_some(READ_SIZE)
+                if data and not phase.started:
+                    phase.started = True
+                    if phase.name == "idle":  # a new request began: it has header_timeout
+                        phase.enter("header")
                 conn.receive_data(data)
                 continue
             return event
 
     async def _send_response(self, conn: h11.Connection, stream: trio.abc.Stream,
-                             r: Response) -> None:
+                             r: Response, head: bool = False) -> None:
         headers = [("content-type", r.content_type), ("content-length", str(len(r.body))),
                    ("cache-control", "no-store"), *r.headers]
-        data = conn.send(h11.Response(status_code=r.status, headers=headers))
-        data += conn.send(h11.Data(data=r.body)) if r.body else b""
+        data = conn.send(h11.Response(status_code=r.status, headers=headers,
+                                      reason=_reason(r.status)))
+        data += conn.send(h11.Data(data=r.body)) if r.body and not head else b""
         data += conn.send(h11.EndOfMessage())
         await stream.send_all(data)
 
     async def _send_simple(self, conn: h11.Connection, stream: trio.abc.Stream, status: int,
-                           text: bytes) -> None:
+                           text: bytes, headers: list[tuple[str, str]] | None = None,
+                           head: bool = False) -> None:
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            await self._send_response(
-                conn, stream, Response(status, text, "text/plain", [("connection", "close")]))
+            await self._send_response(conn, stream, Response(
+                status, text, "text/plain", [("connection", "close"), *(headers or [])]),
+                head=head)
 
     async def _upgrade(self, conn: h11.Connection, stream: trio.abc.Stream,
-                       request: Request) -> None:
+                       request: Request, event: h11.Request) -> None:
+        head = event.method == b"HEAD"
         route = self.ws_routes.get(request.path)
         if route is None:
-            await self._send_simple(conn, stream, 404, b"no WebSocket endpoint here")
+            await self._send_simple(conn, stream, 404, b"no WebSocket endpoint here", head=head)
+            return
+        problem = _upgrade_problem(event, request)
+        if problem:
+            self.on_bad_request(problem)
+            await self._send_simple(conn, stream, 400, problem.encode(),
+                                    [("sec-websocket-version", "13")], head=head)
             return
         handler, offered = route
+        admit = self.ws_admit.get(request.path)
+        refusal = admit(request) if admit is not None else None
+        if refusal is not None:
+            await self._send_response(conn, stream, dataclasses.replace(
+                refusal, headers=[*refusal.headers, ("connection", "close")]))
+            return
         asked = [p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")
                  if p.strip()]
         chosen = next((p for p in asked if p in offered), None)
-        key = request.headers.get("sec-websocket-key", "").encode()
+        key = request.headers["sec-websocket-key"].strip().encode()
         headers = [(b"upgrade", b"websocket"), (b"connection", b"Upgrade"),
                    (b"sec-websocket-accept", generate_accept_token(key))]
         if chosen:
@@ -342,9 +734,78 @@ class HttpServer:
             await handler(ws, request)
         except (ConnectionClosed, MessageTooBig):
             pass
+        except Exception:
+            # Handlers are failure boundaries themselves (and count what they catch); this
+            # is the last resort that keeps one connection's bug inside that connection.
+            log.exception("WebSocket handler for %s from %s failed", request.path,
+                          request.remote)
+            if ws.closed is None:
+                await ws.aclose(1011, "internal error")
+        except BaseException:
+            # Cancelled: the server is shutting down.  Tell the peer (1001) rather than
+            # dropping the connection; no lingering for its reply at shutdown.
+            if ws.closed is None:
+                with trio.CancelScope(shield=True):
+                    await ws.aclose(1001, "hub shutting down", linger=False)
+            raise
         finally:
             if ws.closed is None:
                 await ws.aclose(1000, "")
+
+
+async def _close(stream: trio.abc.Stream) -> None:
+    with trio.move_on_after(1) as cs:
+        cs.shield = True
+        await stream.aclose()
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def _raw_response(status: int, text: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A complete error response written without a parser state (a refused connection)."""
+    head = [b"HTTP/1.1 %d %s" % (status, _reason(status)), b"content-type: text/plain",
+            b"content-length: %d" % len(text), b"connection: close",
+            *(name + b": " + value for name, value in headers)]
+    return b"\r\n".join(head) + b"\r\n\r\n" + text
+
+
+def _header_tokens(event: h11.Request, name: bytes) -> list[bytes]:
+    return [t.strip().lower() for n, v in event.headers if n == name for t in v.split(b",")]
+
+
+def _framing_problem(event: h11.Request) -> str:
+    names = {n for n, _ in event.headers}
+    if b"transfer-encoding" in names and b"content-length" in names:
+        return "Content-Length together with Transfer-Encoding"
+    return ""
+
+
+def _upgrade_problem(event: h11.Request, request: Request) -> str:
+    """Why an upgrade request is not a valid WebSocket opening handshake (RFC 6455 4.2.1)."""
+    if event.method != b"GET":
+        return "a WebSocket upgrade must be a GET request"
+    if event.http_version != b"1.1":
+        return "a WebSocket upgrade needs HTTP/1.1"
+    if b"upgrade" not in _header_tokens(event, b"connection"):
+        return "a WebSocket upgrade needs Connection: Upgrade"
+    if _header_tokens(event, b"content-length") not in ([], [b"0"]) or _header_tokens(
+            event, b"transfer-encoding"):
+        return "a WebSocket upgrade must not carry a body"
+    if _header_tokens(event, b"sec-websocket-version") != [b"13"]:
+        return "unsupported Sec-WebSocket-Version (this server speaks 13)"
+    key = request.headers.get("sec-websocket-key", "").strip()
+    try:
+        valid = len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        valid = False
+    if not valid:
+        return "missing or malformed Sec-WebSocket-Key"
+    return ""
 
 
 def _request(event: h11.Request, remote: str) -> Request:
@@ -374,6 +835,6 @@ def json_response(obj: Any, status: int = 200) -> Response:
 
 
 __all__ = [
-    "CloseReason", "ConnectionClosed", "HttpServer", "MessageTooBig", "Request", "Response",
-    "WebSocket", "json_response", "prepare_message",
+    "CloseReason", "ConnectionClosed", "HttpLimits", "HttpServer", "MessageTooBig", "Request",
+    "Response", "WebSocket", "json_response", "prepare_message",
 ]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -37,11 +38,13 @@ from typing import Any, Protocol
 
 import cbor2
 
-from ..metrics import Metrics
+from ..metrics import Metrics, report_internal_error
 
 SUBPROTOCOL_CBOR = "edgegw.live.v1.cbor"
 SUBPROTOCOL_JSON = "edgegw.live.v1.json"
 SUBPROTOCOLS = (SUBPROTOCOL_CBOR, SUBPROTOCOL_JSON)
+
+log = logging.getLogger("edgegw.hub.live")
 
 CLOSE_TOO_SLOW = 4008
 CLOSE_TOO_SLOW_REASON = "too slow"
@@ -225,11 +228,23 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _json_keys(value: Any) -> Any:
+    """Map keys JSON cannot have (a CBOR request may carry any, e.g. in its ``id``) as text."""
+    if isinstance(value, dict):
+        return {k if k is None or isinstance(k, (str, int, float, bool)) else str(k):
+                _json_keys(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_keys(v) for v in value]
+    return value
+
+
 def encode_json(message: Any) -> str:
     try:
         return json.dumps(message, separators=(",", ":"), default=_json_default, allow_nan=False)
     except ValueError:
         return json.dumps(_finite(message), separators=(",", ":"), default=_json_default)
+    except TypeError:
+        return encode_json(_json_keys(message))
 
 
 class Encoding:
@@ -517,7 +532,13 @@ class LiveHub:
             # the answers would grow its queue without bound: it is too slow as well.
             self.close_slow(client, "too many unread replies")
             return
-        self._enqueue(client, now, self.prepare(client.encoding.encode(message)), update=False)
+        try:
+            encoded = client.encoding.encode(message)
+        except (TypeError, ValueError, RecursionError):
+            # The request's ``id`` cannot be repeated in this encoding (nested too deep
+            # for JSON, say): the reply goes without it.
+            encoded = client.encoding.encode({**message, "id": None})
+        self._enqueue(client, now, self.prepare(encoded), update=False)
 
     def _enqueue(self, client: Client, now: float, frame: Any, *, update: bool) -> None:
         if client.busy_since is None:
@@ -555,6 +576,13 @@ class LiveHub:
             self._m_bad.inc(reason=exc.code)
             self._control(client, now, {"type": "error", "id": request_id, "code": exc.code,
                                    "message": exc.message})
+        except Exception:
+            # A failure boundary: a bug met while handling one request skips that request
+            # (counted, logged, answered), never the connection or the hub.
+            report_internal_error(self.metrics, "live_message", log,
+                                  "handling a /ws/live request from client %d", client.id)
+            self._control(client, now, {"type": "error", "id": None, "code": "internal_error",
+                                        "message": "the hub failed to handle this request"})
 
     @staticmethod
     def _patterns_of(message: dict[str, Any]) -> list[str]:
@@ -757,11 +785,18 @@ class LiveHub:
 
     def sweep(self) -> int:
         """Drop the channels (and their history) of topics the live state no longer has
-        (an evicted lot's wafers and tests) that nobody follows; returns how many."""
+        (an evicted lot's wafers and tests, an archived wafer) once no client needs them:
+        nobody follows, or every follower already has the last delta (a dashboard on
+        ``lot/+/wafer/+`` would otherwise keep every wafer ever seen); returns how many."""
         alive = set(self.source.topics())
         gone = [c for t, c in self.channels.items()
-                if t not in alive and not c.subscribers and not c.pending]
+                if t not in alive and not c.pending
+                and all(s.positions.get(t) == c.offset and t not in s.todo
+                        for s in c.subscribers)]
         for channel in gone:
+            for client in channel.subscribers:
+                del client.positions[channel.topic]
+                client.resync.pop(channel.topic, None)
             self._tombstones[channel.topic] = channel.offset
             del self.channels[channel.topic]
         return len(gone)

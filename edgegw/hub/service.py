@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 import trio
 
-from ..metrics import Metrics
+from .. import failpoints
+from ..metrics import Metrics, internal_errors, report_internal_error
 from ..protocol import (
     SUPPORTED_VERSIONS,
     CloseCode,
@@ -41,6 +42,7 @@ from .http import (
     WebSocket,
     json_response,
 )
+from .registry import GatewayRegistry, GatewaySession
 from .store import FrameToApply, HubStore
 
 log = logging.getLogger("edgegw.hub")
@@ -68,9 +70,10 @@ class Hub:
         self.metrics = metrics or Metrics()
         self.store = HubStore(Path(config.hub.data_dir) / "hub.sqlite3",
                               keep_bodies=config.hub.keep_frame_bodies)
-        self.http = HttpServer()
+        self.http = HttpServer(config.http, metrics=self.metrics, raise_fd_limit=True)
         self.consumers: list[Consumer] = []
-        self.connected: dict[str, dict[str, Any]] = {}
+        self.connected = GatewayRegistry()
+        self.handshaking: set[WebSocket] = set()  # upgraded, no WELCOME sent yet
         self.refused: dict[str, int] = {}
         self.port: int | None = None
         self.started_at = time.time()
@@ -79,17 +82,23 @@ class Hub:
         self.m_records = m.counter("hub_records_applied_total", "records applied")
         self.m_dups = m.counter("hub_duplicate_frames_total", "duplicate frames dropped")
         self.m_refused = m.counter("hub_refused_total", "gateway connections refused")
+        self.m_replaced = m.counter("hub_connections_replaced_total",
+                                    "gateway connections closed for a newer one (4008)")
+        self.m_busy = m.counter("hub_busy_total", "probes and upgrades answered 503 (busy)")
         self.m_proto = m.counter("hub_protocol_errors_total", "connections closed for a fault")
         self.m_rejected = m.counter("hub_frames_rejected_total", "invalid frames dead-lettered")
         self.m_bad_http = m.counter("hub_bad_http_requests_total", "malformed HTTP requests")
         self.m_pruned = m.counter("hub_frames_pruned_total",
                                   "applied frames deleted after the retention period")
         self.m_connected = m.gauge("hub_gateways_connected", "gateways connected now")
+        internal_errors(m)  # exported (as 0) before anything goes wrong
         m.add_collector(lambda: self.m_connected.set(len(self.connected)))
         self.http.on_bad_request = lambda reason: self.m_bad_http.inc()
         h = config.hub
-        self.http.add_ws_route(GATEWAY_PATH, self.handle_gateway,
-                               max_message_size=h.max_frame_bytes + 1024)
+        self.http.add_ws_route(GATEWAY_PATH, self._gateway_endpoint,
+                               max_message_size=h.max_frame_bytes,
+                               admit=self._busy_response)
+        self.http.add_route("GET", GATEWAY_PATH, self._gateway_probe)
         self.http.add_route("GET", "/healthz", self._healthz)
         self.http.add_route("GET", "/api/stats", self._stats)
         self.http.add_route("GET", "/metrics", self._metrics)
@@ -126,6 +135,10 @@ class Hub:
                     first_rid, records = decode_records(body, max_records)
                 except (FrameError, ProtocolError):
                     continue
+                except Exception:  # one undecodable stored frame must not stop the start
+                    report_internal_error(self.metrics, "hub_replay", log,
+                                          "decoding a stored frame of gateway %s", gw)
+                    continue
                 batch.append((gw, first_rid, records))
                 if len(batch) >= 200:
                     return True
@@ -137,17 +150,20 @@ class Hub:
         while more:
             more = await trio.to_thread.run_sync(load, batch, limiter=self.store._limiter)
             for gw, first_rid, records in batch:
-                for c in self.consumers:
-                    c.on_records(gw, first_rid, records)
+                self._feed(gw, first_rid, records)
 
     async def _pruner(self) -> None:
         """Keep the frame table to ``retain_frames_hours``: a hub runs for months."""
         h = self.config.hub
         while True:
-            n = await self.store.prune(time.time() - h.retain_frames_hours * 3600)
-            if n:
-                self.m_pruned.inc(n)
-                log.info("pruned %d frame(s) older than %g h", n, h.retain_frames_hours)
+            try:
+                n = await self.store.prune(time.time() - h.retain_frames_hours * 3600)
+            except Exception:  # (a locked or failing database) a boundary: try next time
+                report_internal_error(self.metrics, "hub_prune", log, "pruning old frames")
+            else:
+                if n:
+                    self.m_pruned.inc(n)
+                    log.info("pruned %d frame(s) older than %g h", n, h.retain_frames_hours)
             await trio.sleep(h.prune_interval_s)
 
     # -- HTTP --
@@ -171,7 +187,7 @@ class Hub:
                 "frames_lost": st.frames_lost if st else 0,
                 "refused": self.refused.get(gw, 0),
                 "last_seen": st.last_seen if st else None,
-                "rtt_ms": self.connected.get(gw, {}).get("rtt_ms"),
+                "rtt_ms": session.rtt_ms if (session := self.connected.get(gw)) else None,
             }
         return {"gateways": gateways, "metrics": self.metrics.as_dict()}
 
@@ -183,6 +199,19 @@ class Hub:
                         "text/plain; version=0.0.4")
 
     # -- gateways --
+    def _busy_response(self, request: Request) -> Response | None:
+        """Load shedding: 503 + Retry-After while too many handshakes are under way."""
+        h = self.config.hub
+        if len(self.handshaking) < h.max_pending_handshakes:
+            return None
+        self.m_busy.inc()
+        return Response(503, b'{"status":"busy"}',
+                        headers=[("retry-after", f"{h.busy_retry_after_s:g}")])
+
+    async def _gateway_probe(self, request: Request) -> Response:
+        """A gateway's readiness probe: a plain GET of the gateway path (protocol.md 7)."""
+        return self._busy_response(request) or json_response({"status": "ready"})
+
     def _check_hello(self, hello: Hello) -> tuple[int, str] | None:
         if not set(hello.versions) & set(SUPPORTED_VERSIONS):
             return (CloseCode.UNSUPPORTED_VERSION,
@@ -193,12 +222,28 @@ class Hub:
             return CloseCode.UNAUTHORIZED, f"unknown gateway id {hello.gateway_id!r}"
         if not hmac.compare_digest(auth.token.encode(), hello.token.encode()):
             return CloseCode.UNAUTHORIZED, f"wrong token for gateway {hello.gateway_id!r}"
-        if hello.gateway_id in self.connected:
-            return (CloseCode.ALREADY_CONNECTED,
-                    f"gateway {hello.gateway_id!r} is already connected")
         return None
 
     async def handle_gateway(self, ws: WebSocket, request: Request) -> None:
+        """One gateway connection, and a failure boundary: whatever happens in it ends it
+        with a documented close code and never reaches the rest of the hub.  A fault of
+        the peer closes with its protocol code; anything unexpected (a bug, a store
+        failure) is logged once, counted in ``internal_errors_total{where="gateway_connection"}``
+        and closes with 1011, and the gateway retries later."""
+        try:
+            await self._gateway_connection(ws, request)
+        except Exception:
+            report_internal_error(self.metrics, "gateway_connection", log,
+                                  "gateway connection from %s", request.remote)
+            await ws.aclose(CloseCode.INTERNAL_ERROR, "internal error")
+            return
+        if ws.closed is None:  # every path above closes: reaching here is a bug
+            report_internal_error(self.metrics, "gateway_connection", log,
+                                  "gateway connection from %s ended without a close",
+                                  request.remote)
+            await ws.aclose(CloseCode.INTERNAL_ERROR, "internal error")
+
+    async def _gateway_connection(self, ws: WebSocket, request: Request) -> None:
         h = self.config.hub
         conn = HubConnection(heartbeat=h.heartbeat_s, max_message_bytes=h.max_frame_bytes,
                              max_records=h.max_records_per_frame, max_holes=h.max_holes,
@@ -207,8 +252,9 @@ class Hub:
         try:
             with trio.fail_after(h.hello_timeout_s):
                 data = await ws.get_message()
-            events, _ = conn.receive(data, trio.current_time())
-            hello = events[0]
+            conn.receive(data, trio.current_time())  # anything but a HELLO raises (4004)
+            hello = conn.hello_msg
+            assert hello is not None
             gw = hello.gateway_id
             problem = self._check_hello(hello)
             if problem is not None:
@@ -219,50 +265,104 @@ class Hub:
                 await ws.send_message(conn.refuse(code, reason, trio.current_time()))
                 await ws.aclose(code, reason)
                 return
-            self.connected[gw] = {"since": time.time(), "remote": request.remote,
-                                  "epoch": hello.epoch}
+            session = GatewaySession(gw, request.remote, hello.epoch)
+            old = self.connected.claim(session)  # newest wins: the old one is cancelled
+            if old is not None:
+                self.m_replaced.inc()
+                log.warning("gateway %s: connection from %s replaced by a newer one from %s",
+                            gw, old.remote, request.remote)
         except trio.TooSlowError:
             self.m_proto.inc(reason="hello_timeout")
+            log.warning("gateway connection from %s: no HELLO within %g s", request.remote,
+                        h.hello_timeout_s)
             await ws.aclose(CloseCode.HELLO_TIMEOUT, "no HELLO within the handshake timeout")
             return
         except ProtocolError as exc:
             self.m_proto.inc(reason=_reason_key(exc.code))
-            log.warning("gateway connection from %s: %s", request.remote, exc.reason)
+            log.warning("gateway connection from %s: closing (%d): %s", request.remote,
+                        exc.code, exc.reason)
             await ws.aclose(exc.code, exc.reason)
             return
-        except (ConnectionClosed, MessageTooBig):
+        except MessageTooBig as exc:  # the WebSocket layer has closed it with 1009
+            self.m_proto.inc(reason="too_big")
+            log.warning("gateway connection from %s: closed (1009): %s", request.remote, exc)
+            return
+        except ConnectionClosed:
             return
         try:
-            applied = self.store.applied_set(gw, hello.epoch)
-            welcome = conn.accept(applied, trio.current_time())
-            if conn.declared_lost:
-                log.warning("gateway %s: %d frame(s) below seq %d were dropped by the gateway "
-                            "before reaching the hub", gw, conn.declared_lost, hello.next_seq)
-                await self.store.declare_lost(gw, hello.epoch, hello.next_seq - 1,
-                                              conn.declared_lost)
-            await ws.send_message(welcome)
-            log.info("gateway %s connected from %s (epoch %s, next seq %d)", gw, request.remote,
-                     hello.epoch, hello.next_seq)
-            for c in self.consumers:
-                c.on_gateway(gw, True, time.time())
-            await self._serve_gateway(ws, conn, gw, hello.epoch)
+            with session.cancel_scope:
+                # wait until a replaced session's applier has stopped: WELCOME then holds
+                # everything it committed (edgegw/hub/registry.py)
+                async with self.connected.owner(gw):
+                    await self._welcome(ws, conn, session, hello)
+                    await self._serve_gateway(ws, conn, gw, hello.epoch)
+            if session.replaced:
+                await ws.aclose(CloseCode.REPLACED, "replaced by a newer connection")
         except ProtocolError as exc:
             self.m_proto.inc(reason=_reason_key(exc.code))
-            log.warning("gateway %s: closing: %s", gw, exc.reason)
+            log.warning("gateway %s: closing (%d): %s", gw, exc.code, exc.reason)
             await ws.aclose(exc.code, exc.reason)
-        except (ConnectionClosed, MessageTooBig) as exc:
+        except MessageTooBig as exc:  # the WebSocket layer has closed it with 1009
+            self.m_proto.inc(reason="too_big")
+            log.warning("gateway %s: closed (1009): %s", gw, exc)
+        except ConnectionClosed as exc:
             log.info("gateway %s disconnected: %s", gw, exc)
         finally:
-            self.connected.pop(gw, None)
-            for c in self.consumers:
-                c.on_gateway(gw, False, time.time())
+            if self.connected.release(session):  # not if a newer session took over
+                self._gateway_event(gw, False)
+
+    async def _welcome(self, ws: WebSocket, conn: HubConnection, session: GatewaySession,
+                       hello: Hello) -> None:
+        gw = hello.gateway_id
+        applied = self.store.applied_set(gw, hello.epoch)
+        welcome = conn.accept(applied, trio.current_time())
+        if conn.declared_lost:
+            log.warning("gateway %s: %d frame(s) below seq %d were dropped by the gateway "
+                        "before reaching the hub", gw, conn.declared_lost, hello.next_seq)
+            await self.store.declare_lost(gw, hello.epoch, hello.next_seq - 1,
+                                          conn.declared_lost)
+        await ws.send_message(welcome)
+        self.handshaking.discard(ws)
+        log.info("gateway %s connected from %s (epoch %s, next seq %d)", gw, session.remote,
+                 hello.epoch, hello.next_seq)
+        self._gateway_event(gw, True)
+
+    async def _gateway_endpoint(self, ws: WebSocket, request: Request) -> None:
+        self.handshaking.add(ws)  # counted for load shedding until WELCOME is sent
+        try:
+            await self.handle_gateway(ws, request)
+        finally:
+            self.handshaking.discard(ws)
+
+    def _gateway_event(self, gw: str, connected: bool) -> None:
+        for c in self.consumers:
+            try:
+                c.on_gateway(gw, connected, time.time())
+            except Exception:  # a consumer's bug must not end the connection
+                report_internal_error(self.metrics, "hub_consumer", log,
+                                      "%s.on_gateway(%r, %s)", type(c).__name__, gw, connected)
+
+    def _feed(self, gw: str, first_rid: int, records: list[Record]) -> None:
+        """Hand one applied frame's records to every consumer.  The frame is durably
+        applied already; a consumer that fails on it misses it (counted), nothing else."""
+        for c in self.consumers:
+            try:
+                c.on_records(gw, first_rid, records)
+            except Exception:
+                report_internal_error(self.metrics, "hub_consumer", log,
+                                      "%s.on_records(gateway %s, rids %d..%d)",
+                                      type(c).__name__, gw, first_rid,
+                                      first_rid + len(records) - 1)
 
     async def _serve_gateway(self, ws: WebSocket, conn: HubConnection, gw: str,
                              epoch: str) -> None:
+        """Receive, apply and acknowledge until the connection ends, which it only does by
+        an exception: the peer's fault (ProtocolError, MessageTooBig), the peer going away
+        (ConnectionClosed), or a bug."""
         send, receive = trio.open_memory_channel[Data](self.config.hub.apply_queue_frames)
 
         async def receiver() -> None:
-            async with send:
+            try:
                 while True:
                     data = await ws.get_message()
                     events, reply = conn.receive(data, trio.current_time())
@@ -274,6 +374,13 @@ class Hub:
                             self.m_dups.inc()
                     if reply is not None:
                         await ws.send_message(reply)
+            finally:
+                # Closed synchronously, not with ``async with send``: its exit is a
+                # checkpoint, and the applier -- woken by the close, its loop ended --
+                # cancelled this task there, so a Cancelled replaced the fault being raised
+                # and the connection ended as if normally: closed with 1000, no reason, no
+                # log line, in about half the tries (issue 10).  See docs/reliability.md.
+                send.close()
 
         async def heartbeat() -> None:
             while True:
@@ -281,10 +388,11 @@ class Hub:
                 ping = conn.on_timer(trio.current_time())
                 if ping is not None:
                     await ws.send_message(ping)
-                c = self.connected.get(gw)
-                if c is not None and conn.rtt is not None:
-                    c["rtt_ms"] = round(conn.rtt * 1000, 2)
+                session = self.connected.get(gw)
+                if session is not None and conn.rtt is not None:
+                    session.rtt_ms = round(conn.rtt * 1000, 2)
 
+        expected = (ProtocolError, MessageTooBig, ConnectionClosed)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(receiver)
@@ -292,7 +400,12 @@ class Hub:
                 await self._applier(ws, conn, gw, epoch, receive)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            reraise_meaningful(group, ProtocolError, MessageTooBig, ConnectionClosed)
+            # A bug anywhere in the connection outranks the peer's fault: it must be seen.
+            bugs = group.subgroup(lambda e: isinstance(e, Exception) and not isinstance(
+                e, (BaseExceptionGroup, *expected)))
+            if bugs is not None:
+                raise bugs from None
+            reraise_meaningful(group, *expected)
 
     async def _applier(self, ws: WebSocket, conn: HubConnection, gw: str, epoch: str,
                        receive: trio.MemoryReceiveChannel[Data]) -> None:
@@ -312,17 +425,34 @@ class Hub:
                 except FrameError as exc:
                     bad.append((FrameToApply(gw, epoch, d.seq, 0, 0, d.body), str(exc)))
                     continue
+                except ProtocolError:
+                    raise
+                except Exception:  # a decoding bug: this frame is skipped, not the link
+                    report_internal_error(self.metrics, "gateway_frame", log,
+                                          "decoding frame %d of gateway %s", d.seq, gw)
+                    bad.append((FrameToApply(gw, epoch, d.seq, 0, 0, d.body),
+                                "internal error while decoding the frame"))
+                    continue
                 good.append((FrameToApply(gw, epoch, d.seq, first_rid, len(records), d.body),
                              first_rid, records))
-            await self.store.commit([g[0] for g in good], rejected=bad)
+            # frames already applied (by an earlier connection of this gateway) are skipped
+            # by the commit itself: counted as duplicates and acked, not handed on again
+            skipped = await self.store.commit([g[0] for g in good], rejected=bad)
+            failpoints.hit("hub.after_commit")
             now = trio.current_time()
+            for _ in skipped:
+                self.store.count_duplicate(gw)
+                self.m_dups.inc()
             for f, first_rid, records in good:
-                self.m_frames.inc()
-                self.m_records.inc(len(records))
-                for c in self.consumers:
-                    c.on_records(gw, first_rid, records)
+                if (f.gateway, f.epoch, f.seq) not in skipped:
+                    self.m_frames.inc()
+                    self.m_records.inc(len(records))
+                    self._feed(gw, first_rid, records)
                 ack = conn.applied(f.seq, now)
             for f, reason in bad:
+                if (f.gateway, f.epoch, f.seq) in skipped:
+                    ack = conn.applied(f.seq, now)
+                    continue
                 self.m_rejected.inc()
                 log.warning("gateway %s: frame %d rejected: %s", gw, f.seq, reason)
                 await ws.send_message(conn.rejected(f.seq, reason, now))
@@ -334,7 +464,6 @@ def _reason_key(code: int) -> str:
     return {
         CloseCode.UNAUTHORIZED: "unauthorized",
         CloseCode.UNSUPPORTED_VERSION: "unsupported_version",
-        CloseCode.ALREADY_CONNECTED: "already_connected",
         CloseCode.PROTOCOL_ERROR: "protocol_error",
         CloseCode.HEARTBEAT_TIMEOUT: "heartbeat_timeout",
         CloseCode.TOO_BIG: "too_big",

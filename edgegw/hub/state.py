@@ -24,20 +24,30 @@ Invariants worth knowing before reading the code:
 * **Incremental.**  Every applied part changes counters by +1/-1 (a replaced result is
   subtracted, its replacement added); nothing is recomputed over a wafer, so replay
   after a restart costs the same per record as live data.
-* **Bounded.**  About ``max_lots`` lots are live.  Over the cap, a closed lot (MRR seen) is
-  evicted from memory first (it stays in the hub's store), then a lot idle for
-  ``idle_lot_s`` of record time; a lot still being tested is not evicted unless lots
-  exceed 4 x ``max_lots`` (counted).  Records arriving later for an evicted lot are counted
-  and ignored.  ``on_evict`` receives the evicted
-  lot's full figures (``lot_archive``) so the history API can still serve them.  Sensor
-  history and per-gateway event lists are bounded deques; per test only running sums are
-  kept (Welford).
+* **Bounded, whatever the size of a lot.**  About ``max_lots`` lots are live.  Over the
+  cap, a closed lot (MRR seen) is evicted from memory first (it stays in the hub's store),
+  then a lot idle for ``idle_lot_s`` of record time; a lot still being tested is not
+  evicted unless lots exceed 4 x ``max_lots`` (counted).  ``on_evict`` receives the evicted
+  lot's full figures (``lot_archive``) so the history API can still serve them.  Within a
+  lot at most ``max_wafers_per_lot`` wafers are live: a new wafer over the cap sends the
+  least recently updated closed wafer (an open one only when none is closed) to
+  ``on_wafer_archive`` and out of memory; the lot's own counts keep every wafer.  So a lot
+  of 1,000 wafers stays live, its newest wafers on the dashboard, its older ones in the
+  history API.  Sensor history and per-gateway event lists are bounded deques; per test
+  only running sums are kept (Welford).
+* **Nothing is dropped silently.**  A record the state cannot apply -- its lot evicted,
+  its wafer archived, a field of the wrong type, a test or sensor over its cap -- changes
+  no count; it is counted in ``hub_state_records_ignored_total{reason}``, logged (the
+  first of each reason at once, then one line per reason per ``log_interval_s`` with the
+  count since), and kept in ``not_applied`` by reason, which the ``hub/state`` topic (the
+  dashboard's warning) and ``/api/stats`` show.
 * One delta per changed topic per ``on_records`` call: a batch of 2,000 parts on one
   wafer publishes one wafer delta with the changed dies, not 2,000.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import Counter, deque
@@ -56,6 +66,7 @@ from edgegw.records import (
     ParametricResult,
     PartCount,
     PartResult,
+    RawRecord,
     SensorReading,
     SensorWindow,
     WaferEnd,
@@ -66,6 +77,8 @@ if TYPE_CHECKING:
     from edgegw.hub.alerts import AlertEngine
 
 Publish = Callable[[str, dict[str, Any]], None]
+
+log = logging.getLogger("edgegw.hub.state")
 
 #: TEST_FLG bits that make a measured value unusable for statistics: result invalid,
 #: unreliable, timeout, not executed, aborted.
@@ -81,6 +94,14 @@ _GATEWAY_EVENTS = 20
 
 class BadRecord(ValueError):
     """A record whose fields the live state cannot use (wrong types, over a limit)."""
+
+
+class NotApplied(Exception):
+    """A valid record the live state cannot apply; ``reason`` is its metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _is_int(v: Any) -> bool:
@@ -224,6 +245,7 @@ class WaferState:
         self.ended: float | None = None
         self.reported: dict[str, Any] = {}
         self.updated = 0.0
+        self.archived = False  # left memory for the history store
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -326,7 +348,10 @@ class LotState:
         self.started: float | None = None
         self.ended: float | None = None
         self.gateways: set[str] = set()
-        self.wafers: dict[str, WaferState] = {}
+        self.wafers: dict[str, WaferState] = {}  # the live ones
+        #: wafers that left memory for the store: a late record for one is not applied
+        #: (it would start the wafer afresh and overwrite its archive)
+        self.archived_wafers: set[str] = set()
         self.tests: dict[int, TestStats] = {}
         self.tally = Tally()
         self.part_times: deque[float] = deque(maxlen=_UPH_WINDOW)
@@ -353,6 +378,8 @@ class LotState:
             "ended": self.ended,
             "gateways": sorted(self.gateways),
             "wafers": list(self.wafers),
+            "wafer_count": len(self.wafers) + len(self.archived_wafers),
+            "archived_wafers": len(self.archived_wafers),
             **self.tally.as_dict(),
             "units_per_hour": self.units_per_hour,
             "test_time_ms": self.test_time_sum / self.test_time_n if self.test_time_n else None,
@@ -463,17 +490,23 @@ class LiveState:
         clock: Callable[[], float] = time.time,
         max_lots: int = 16,
         idle_lot_s: float = 3600.0,
-        max_wafers_per_lot: int = 200,
+        max_wafers_per_lot: int = 25,
         max_tests_per_lot: int = 20_000,
         max_sensors: int = 5_000,
         sensor_history: int = 120,
         metrics: Metrics | None = None,
         on_evict: Callable[[str, dict[str, Any]], None] | None = None,
+        on_wafer_archive: Callable[[str, str, dict[str, Any]], None] | None = None,
+        log_interval_s: float = 60.0,
     ) -> None:
         if max_lots < 1:
             raise ValueError("max_lots must be at least 1")
+        if max_wafers_per_lot < 1:
+            raise ValueError("max_wafers_per_lot must be at least 1")
         self._publish = publish
         self._on_evict = on_evict
+        self._on_wafer_archive = on_wafer_archive
+        self.log_interval_s = log_interval_s
         self.alerts = alerts
         self._clock = clock
         self.max_lots = max_lots
@@ -494,8 +527,16 @@ class LiveState:
         )
         self._m_ignored = metrics.counter(
             "hub_state_records_ignored_total",
-            "records the live state did not use, by reason (evicted lot, bad value, ...)",
+            "records the live state could not apply, by reason (evicted_lot, archived_wafer, "
+            "bad_record, too_many_tests, too_many_sensors, unknown_kind)",
         )
+        self._m_values_skipped = metrics.counter(
+            "hub_state_test_values_skipped_total",
+            "test values left out of the statistics: flagged invalid by the tester, or not "
+            "finite (the result itself is counted)",
+        )
+        self._m_wafers_archived = metrics.counter(
+            "hub_state_wafers_archived_total", "wafers that left memory for the history store")
         self._m_evicted = metrics.counter("hub_state_lots_evicted_total", "lots evicted")
         self._m_over_cap = metrics.counter(
             "hub_state_lots_over_cap_total",
@@ -506,6 +547,11 @@ class LiveState:
         )
         #: the latest bad record, for health pages and logs
         self.last_error: str | None = None
+        #: records not applied since the start, by reason: {"count", "last", "last_at"}
+        self.not_applied: dict[str, dict[str, Any]] = {}
+        self.not_applied_total = 0
+        # per reason: (when the last line was logged, how many since then unlogged)
+        self._logged: dict[str, tuple[float, int]] = {}
 
     # ------------------------------------------------------------------ consumer API
 
@@ -533,18 +579,23 @@ class LiveState:
         for i, rec in enumerate(records):
             handler = self._handlers.get(type(rec))
             if handler is None:
-                self._m_ignored.inc(reason="kind", kind=type(rec).__name__)
+                if type(rec) is not RawRecord:  # raw tester records are for the archive
+                    self._drop(batch, "unknown_kind", gateway_id, first_rid + i, rec,
+                               "no live figures for this kind of record")
                 continue
             try:
                 handler(self, gateway_id, first_rid + i, rec, batch)
                 if rec.ts > batch.ts:
                     batch.ts = rec.ts
+            except NotApplied as exc:
+                self._drop(batch, exc.reason, gateway_id, first_rid + i, rec, str(exc))
             except (BadRecord, TypeError, ValueError, AttributeError) as exc:
                 # A record the hub accepted but this state cannot use: count it, say which
                 # one, keep going -- one bad field must not stop a gateway's stream.
                 self._m_bad.inc(kind=type(rec).__name__)
                 self.last_error = (f"gateway {gateway_id} rid {first_rid + i} "
                                    f"{type(rec).__name__}: {exc}")
+                self._drop(batch, "bad_record", gateway_id, first_rid + i, rec, str(exc))
         if not gw.online and batch.ts and (gw.last_seen is None or batch.ts > gw.last_seen):
             gw.last_seen = batch.ts  # replayed: the records' own time
         self._flush(batch, now)
@@ -566,7 +617,11 @@ class LiveState:
             self.alerts.on_gateway(gateway_id, connected, now)
 
     def tick(self, now: float) -> None:
-        """Call about once a second: gateway rates decay, alerts escalate or fire on time."""
+        """Call about once a second: gateway rates decay, alerts escalate or fire on time,
+        records not applied since the last log line of their reason are logged."""
+        for reason, (logged_at, unlogged) in list(self._logged.items()):
+            if unlogged and now - logged_at >= self.log_interval_s:
+                self._log_drop(reason, now)
         for gw in self.gateways.values():
             if not gw.online and gw.disconnected_at is None:
                 # Known from replayed records but not connected since the hub started:
@@ -612,7 +667,24 @@ class LiveState:
             return gw.snapshot() if gw else None
         if head == "alert" and n == 3 and self.alerts is not None:
             return self.alerts.snapshot(parts[1], parts[2])
+        if topic == topics.HUB_STATE:
+            return self.warnings()
         return None
+
+    def warnings(self) -> dict[str, Any]:
+        """The ``hub/state`` topic: records not applied, in all and by reason."""
+        return {"not_applied": self.not_applied_total,
+                "reasons": {r: dict(v) for r, v in sorted(self.not_applied.items())}}
+
+    def health(self) -> dict[str, Any]:
+        """For ``/api/stats``: what is live, what left memory, what was not applied."""
+        return {
+            "lots_live": len(self.lots),
+            "wafers_live": sum(len(lot.wafers) for lot in self.lots.values()),
+            "wafers_archived": self._m_wafers_archived.total(),
+            "lots_evicted": self._m_evicted.total(),
+            **self.warnings(),
+        }
 
     def topics(self) -> list[str]:
         """Every topic that currently has a snapshot."""
@@ -623,11 +695,37 @@ class LiveState:
             out.extend(t.topic for t in lot.tests.values())
         out.extend(s.topic for s in self.sensors.values())
         out.extend(g.topic for g in self.gateways.values())
+        out.append(topics.HUB_STATE)
         if self.alerts is not None:
             out.extend(self.alerts.topics())
         return out
 
     # ------------------------------------------------------------------ internals
+
+    def _drop(self, batch: _Batch, reason: str, gateway_id: str, rid: int, rec: Any,
+              why: str) -> None:
+        """A record not applied: counted, remembered by reason, logged (rate-limited)."""
+        self._m_ignored.inc(reason=reason)
+        message = f"gateway {gateway_id} rid {rid} {type(rec).__name__}: {why}"[:300]
+        entry = self.not_applied.get(reason)
+        if entry is None:
+            entry = self.not_applied[reason] = {"count": 0, "last": "", "last_at": None}
+        entry["count"] += 1
+        entry["last"] = message
+        entry["last_at"] = self._now
+        self.not_applied_total += 1
+        batch.not_applied = True
+        logged_at, unlogged = self._logged.get(reason, (-math.inf, 0))
+        self._logged[reason] = (logged_at, unlogged + 1)
+        if self._now - logged_at >= self.log_interval_s:
+            self._log_drop(reason, self._now)
+
+    def _log_drop(self, reason: str, now: float) -> None:
+        _, unlogged = self._logged[reason]
+        entry = self.not_applied[reason]
+        log.warning("live state: %d record(s) not applied (%s), %d since the start; last: %s",
+                    unlogged, reason, entry["count"], entry["last"])
+        self._logged[reason] = (now, 0)
 
     def _gateway(self, gateway_id: str) -> GatewayState:
         gw = self.gateways.get(gateway_id)
@@ -635,13 +733,15 @@ class LiveState:
             gw = self.gateways[gateway_id] = GatewayState(gateway_id)
         return gw
 
-    def _lot(self, lot_id: str, ts: float) -> LotState | None:
+    def _lot(self, lot_id: str, ts: float) -> LotState:
         lot = self.lots.get(lot_id)
         if lot is not None:
             return lot
+        if not isinstance(lot_id, str):
+            raise BadRecord(f"lot id {lot_id!r} is not text")
         if lot_id in self._evicted_set:
-            self._m_ignored.inc(reason="evicted_lot")
-            return None
+            raise NotApplied("evicted_lot", f"lot {lot_id!r} already left memory (max_lots); "
+                             "the history API serves it")
         lot = self.lots[lot_id] = LotState(lot_id)
         lot.updated = ts
         while len(self.lots) > self.max_lots:
@@ -679,15 +779,42 @@ class LiveState:
         if self._on_evict is not None:
             self._on_evict(victim.lot_id, lot_archive(victim))
         self._publish(victim.topic, {"status": "evicted"})
+        for wafer in victim.wafers.values():
+            wafer.archived = True
+            if wafer.wafer_id:
+                self._publish(wafer.topic, {"status": "archived"})
 
     def _wafer(self, lot: LotState, wafer_id: str) -> WaferState:
         wafer = lot.wafers.get(wafer_id)
         if wafer is None:
-            if len(lot.wafers) >= self.max_wafers_per_lot:
-                raise BadRecord(f"lot {lot.lot_id!r} already has {len(lot.wafers)} wafers "
-                                f"(max_wafers_per_lot); wafer {wafer_id!r} not kept live")
+            if not isinstance(wafer_id, str):
+                raise BadRecord(f"wafer id {wafer_id!r} is not text")
+            if wafer_id in lot.archived_wafers:
+                raise NotApplied("archived_wafer", f"wafer {wafer_id!r} of lot {lot.lot_id!r} "
+                                 "already left memory (max_wafers_per_lot); the history API "
+                                 "serves it")
+            while len(lot.wafers) >= self.max_wafers_per_lot:
+                self._archive_wafer(lot, self._wafer_victim(lot))
             wafer = lot.wafers[wafer_id] = WaferState(lot.lot_id, wafer_id)
         return wafer
+
+    @staticmethod
+    def _wafer_victim(lot: LotState) -> WaferState:
+        """The wafer that leaves memory: the least recently updated closed one; an open one
+        only when none is closed (its WRR never came); the "no wafer id" one last."""
+        wafers = [w for w in lot.wafers.values() if w.wafer_id] or list(lot.wafers.values())
+        closed = [w for w in wafers if w.status == "closed"]
+        return min(closed or wafers, key=lambda w: w.updated)
+
+    def _archive_wafer(self, lot: LotState, wafer: WaferState) -> None:
+        del lot.wafers[wafer.wafer_id]
+        lot.archived_wafers.add(wafer.wafer_id)
+        wafer.archived = True
+        self._m_wafers_archived.inc()
+        if self._on_wafer_archive is not None:
+            self._on_wafer_archive(lot.lot_id, wafer.wafer_id, wafer.snapshot())
+        if wafer.wafer_id:
+            self._publish(wafer.topic, {"status": "archived"})
 
     def _on_part(self, gateway_id: str, rid: int, rec: PartResult, batch: _Batch) -> None:
         # Checked before anything is counted, so a bad part never leaves half its counts.
@@ -697,8 +824,6 @@ class LiveState:
                 and isinstance(rec.lot_id, str) and isinstance(rec.wafer_id, str)):
             raise BadRecord(f"part {rec.part_id!r} has a field of the wrong type: {rec!r:.200}")
         lot = self._lot(rec.lot_id, rec.ts)
-        if lot is None:
-            return
         wafer = self._wafer(lot, rec.wafer_id)
         die = Die(gateway_id, rid, rec)
         if rec.x is not None and rec.y is not None:
@@ -732,7 +857,7 @@ class LiveState:
         if self.alerts is not None:
             self.alerts.on_part(lot, wafer, rec, gateway_id, self._now)
 
-    def _test(self, rec: Any, kind: str) -> TestStats | None:
+    def _test(self, rec: Any, kind: str) -> TestStats:
         if not (_is_int(rec.test_num) and isinstance(rec.lot_id, str) and _is_num(rec.ts)):
             raise BadRecord(f"test result with a bad test number or lot id: {rec!r:.200}")
         if kind != "functional" and not (
@@ -742,13 +867,12 @@ class LiveState:
         ):
             raise BadRecord(f"test {rec.test_num} result with a non-numeric value or limit")
         lot = self._lot(rec.lot_id, rec.ts)
-        if lot is None:
-            return None
         stats = lot.tests.get(rec.test_num)
         if stats is None:
             if len(lot.tests) >= self.max_tests_per_lot:
-                self._m_ignored.inc(reason="too_many_tests")
-                return None
+                raise NotApplied("too_many_tests", f"lot {lot.lot_id!r} already has "
+                                 f"{len(lot.tests)} tests (max_tests_per_lot); test "
+                                 f"{rec.test_num} not kept")
             stats = lot.tests[rec.test_num] = TestStats(rec.lot_id, rec.test_num, kind)
         if rec.test_txt:
             stats.test_txt = rec.test_txt
@@ -760,21 +884,17 @@ class LiveState:
     def _on_parametric(self, gateway_id: str, rid: int, rec: ParametricResult,
                        batch: _Batch) -> None:
         stats = self._test(rec, "parametric")
-        if stats is None:
-            return
         self._limits(stats, rec)
         if rec.value is not None and not rec.test_flag & _BAD_VALUE_FLAGS \
                 and math.isfinite(rec.value):
             stats.add_value(rec.value)
         else:
-            self._m_ignored.inc(reason="invalid_value")
+            self._m_values_skipped.inc()
         batch.tests[stats] = None
 
     def _on_multipin(self, gateway_id: str, rid: int, rec: MultiPinResult,
                      batch: _Batch) -> None:
         stats = self._test(rec, "multipin")
-        if stats is None:
-            return
         self._limits(stats, rec)
         if not rec.test_flag & _BAD_VALUE_FLAGS:
             for value in rec.values:
@@ -784,9 +904,7 @@ class LiveState:
 
     def _on_functional(self, gateway_id: str, rid: int, rec: FunctionalResult,
                        batch: _Batch) -> None:
-        stats = self._test(rec, "functional")
-        if stats is not None:
-            batch.tests[stats] = None
+        batch.tests[self._test(rec, "functional")] = None
 
     @staticmethod
     def _limits(stats: TestStats, rec: ParametricResult | MultiPinResult) -> None:
@@ -800,8 +918,6 @@ class LiveState:
 
     def _on_lot_start(self, gateway_id: str, rid: int, rec: LotStart, batch: _Batch) -> None:
         lot = self._lot(rec.lot_id, rec.ts)
-        if lot is None:
-            return
         for name in ("part_type", "node_name", "tester_type", "job_name"):
             value = getattr(rec, name)
             if value:
@@ -813,8 +929,6 @@ class LiveState:
 
     def _on_lot_end(self, gateway_id: str, rid: int, rec: LotEnd, batch: _Batch) -> None:
         lot = self._lot(rec.lot_id, rec.ts)
-        if lot is None:
-            return
         lot.status = "closed"
         lot.ended = float(rec.finish_t) if rec.finish_t else rec.ts
         lot.updated = max(lot.updated, rec.ts)
@@ -823,8 +937,6 @@ class LiveState:
     def _on_wafer_start(self, gateway_id: str, rid: int, rec: WaferStart,
                         batch: _Batch) -> None:
         lot = self._lot(rec.lot_id, rec.ts)
-        if lot is None:
-            return
         wafer = self._wafer(lot, rec.wafer_id)
         wafer.started = float(rec.start_t) if rec.start_t else rec.ts
         wafer.updated = max(wafer.updated, rec.ts)
@@ -833,8 +945,6 @@ class LiveState:
 
     def _on_wafer_end(self, gateway_id: str, rid: int, rec: WaferEnd, batch: _Batch) -> None:
         lot = self._lot(rec.lot_id, rec.ts)
-        if lot is None:
-            return
         wafer = self._wafer(lot, rec.wafer_id)
         wafer.status = "closed"
         wafer.ended = float(rec.finish_t) if rec.finish_t else rec.ts
@@ -853,8 +963,6 @@ class LiveState:
         if rec.head != 255:
             return
         lot = self._lot(rec.lot_id, rec.ts)
-        if lot is None:
-            return
         target = lot.reported_hard if rec.bin_kind == "H" else lot.reported_soft
         target[str(rec.bin_num)] = rec.count
         batch.lots[lot] = None
@@ -863,8 +971,6 @@ class LiveState:
         if rec.head != 255:
             return
         lot = self._lot(rec.lot_id, rec.ts)
-        if lot is None:
-            return
         for name in ("part_count", "retest_count", "abort_count", "good_count", "func_count"):
             value = getattr(rec, name)
             if value is not None:
@@ -881,8 +987,8 @@ class LiveState:
         sensor = self.sensors.get(rec.channel)
         if sensor is None:
             if len(self.sensors) >= self.max_sensors:
-                self._m_ignored.inc(reason="too_many_sensors")
-                return
+                raise NotApplied("too_many_sensors", f"{len(self.sensors)} sensor channels "
+                                 f"already (max_sensors); {rec.channel!r} not kept")
             sensor = self.sensors[rec.channel] = SensorState(rec.channel, self.sensor_history)
         point = sensor.add(rec)
         batch.sensors.setdefault(sensor, []).append(point)
@@ -915,8 +1021,8 @@ class LiveState:
     def _flush(self, batch: _Batch, now: float) -> None:
         publish = self._publish
         for wafer in batch.wafers:
-            if wafer.lot_id not in self.lots:
-                continue  # evicted within this batch
+            if wafer.archived:
+                continue  # left memory within this batch (its archive has the changes)
             delta: dict[str, Any] = {
                 "dies": [d.row() for d in batch.dies.get(wafer, ())],
                 **wafer.tally.as_dict(),
@@ -951,6 +1057,8 @@ class LiveState:
             })
         for gw, event in batch.gateway_events:
             publish(gw.topic, {"event": event})
+        if batch.not_applied:
+            publish(topics.HUB_STATE, self.warnings())
         if self.alerts is not None:
             ts = batch.ts
             for wafer in batch.closed_wafers:
@@ -959,7 +1067,7 @@ class LiveState:
                     self.alerts.wafer_closed(lot, wafer)
             for wafer in batch.wafers:
                 lot = self.lots.get(wafer.lot_id)
-                if lot is not None:
+                if lot is not None and not wafer.archived:
                     self.alerts.evaluate_wafer(lot, wafer, ts, now)
             for lot in batch.lots:
                 if lot.lot_id in self.lots:
@@ -982,8 +1090,8 @@ def lot_archive(lot: LotState) -> dict[str, Any]:
 class _Batch:
     """What one on_records call changed, so each topic gets one delta."""
 
-    __slots__ = ("closed_wafers", "dies", "gateway_events", "gateways", "lots", "sensors",
-                 "tests", "ts", "wafers")
+    __slots__ = ("closed_wafers", "dies", "gateway_events", "gateways", "lots", "not_applied",
+                 "sensors", "tests", "ts", "wafers")
 
     def __init__(self) -> None:
         self.ts = 0.0
@@ -996,6 +1104,7 @@ class _Batch:
         self.gateways: dict[GatewayState, None] = {}
         self.gateway_events: list[tuple[GatewayState, dict[str, Any]]] = []
         self.closed_wafers: list[WaferState] = []
+        self.not_applied = False  # the hub/state topic changed
 
 
 def replay(state: LiveState, frames: Iterable[tuple[str, int, list[Any]]],

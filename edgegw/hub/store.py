@@ -4,7 +4,9 @@ What the exactly-once promise rests on: a frame's body, the (gateway, epoch) app
 and the counters are written in ONE transaction, committed with ``synchronous=FULL``,
 before the frame is acknowledged.  A hub killed after an acknowledgement has the frame;
 a hub killed before it has nothing, and the gateway resends; a resend of an applied
-frame is found in the applied set and dropped.
+frame is found in the applied set and dropped.  ``commit`` itself checks every frame
+against the applied set, under a lock that makes check and write one step, so no caller
+(two connections of one gateway racing, a takeover) can apply a frame twice.
 
 SQLite calls block, so they run in a worker thread (``trio.to_thread``) behind a
 one-slot limiter: one connection, used by one thread at a time.  Frames arriving while a
@@ -24,6 +26,7 @@ from typing import Any
 
 import trio
 
+from .. import failpoints
 from ..protocol.intervals import IntervalSet
 
 SCHEMA = """
@@ -100,6 +103,7 @@ class HubStore:
         self.keep_bodies = keep_bodies
         self._db: sqlite3.Connection | None = None
         self._limiter = trio.CapacityLimiter(1)
+        self._commit_lock = trio.Lock()  # check-and-apply of applied sets is one step
         self.stats: dict[str, GatewayStats] = {}
         self.applied: dict[tuple[str, str], IntervalSet] = {}
 
@@ -150,6 +154,7 @@ class HubStore:
                     (st.gateway, st.epoch, st.frames_applied, st.records_applied,
                      st.duplicates_dropped, st.frames_rejected, st.frames_lost, st.last_seq,
                      st.last_seen))
+            failpoints.hit("hub.mid_commit")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -175,15 +180,42 @@ class HubStore:
 
     async def commit(self, frames: list[FrameToApply],
                      lost: dict[tuple[str, str], tuple[int, int]] | None = None,
-                     rejected: list[tuple[FrameToApply, str]] | None = None) -> None:
-        """Make ``frames`` applied, durably, in one transaction.
+                     rejected: list[tuple[FrameToApply, str]] | None = None,
+                     ) -> set[tuple[str, str, int]]:
+        """Make ``frames`` applied, durably, in one transaction.  Returns the
+        (gateway, epoch, seq) of the frames (and rejected frames) that were skipped because
+        they are applied already: the caller counts them as duplicates, acks them, and does
+        not hand their records on again.
 
-        The in-memory applied sets and counters are updated first (they are what gets
-        written); if the commit fails they are restored, so memory never claims more than
-        the disk has.
+        Commits run one at a time (``_commit_lock``), and the in-memory applied sets only
+        change inside one, so "is it applied?" is checked against exactly what is on disk:
+        two connections of one gateway sending the same frame (a takeover, a race) apply
+        it once, whatever the timing.  The in-memory sets and counters are updated before
+        the write (they are what gets written); if it fails they are restored, so memory
+        never claims more than the disk has.
         """
         lost = lost or {}
-        rejected = rejected or []
+        async with self._commit_lock:
+            skipped: set[tuple[str, str, int]] = set()
+            taken: set[tuple[str, str, int]] = set()
+
+            def fresh(f: FrameToApply) -> bool:
+                key = (f.gateway, f.epoch, f.seq)
+                if key in taken or f.seq in self.applied_set(f.gateway, f.epoch):
+                    skipped.add(key)
+                    return False
+                taken.add(key)
+                return True
+
+            await self._commit_fresh([f for f in frames if fresh(f)], lost,
+                                     [(f, why) for f, why in rejected or [] if fresh(f)])
+            return skipped
+
+    async def _commit_fresh(self, frames: list[FrameToApply],
+                            lost: dict[tuple[str, str], tuple[int, int]],
+                            rejected: list[tuple[FrameToApply, str]]) -> None:
+        if not frames and not lost and not rejected:
+            return
         saved_sets = {}
         saved_stats = {}
         keys = {(f.gateway, f.epoch) for f in frames} | set(lost) | {

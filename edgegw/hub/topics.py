@@ -18,6 +18,8 @@ The topics, level by level (``/`` separates levels):
 * ``gateway/<gateway_id>`` -- online, last seen, records per second, frames applied.
 * ``alert/<priority>/<rule>`` -- alert events (raised, acknowledged, escalated); priority is
   ``P0`` .. ``P3``.
+* ``hub/state`` -- the live state's own health: records it could not apply, by reason (the
+  dashboard's warning).
 
 Identifiers are used verbatim except that a ``/`` inside one (which would add a level) and
 the wildcard characters ``+`` and ``#`` are percent-encoded, so that every topic has a
@@ -27,6 +29,9 @@ fixed number of levels; ``%`` itself is encoded too so that the mapping is rever
 from __future__ import annotations
 
 PRIORITIES = ("P0", "P1", "P2", "P3")
+
+#: records the live state could not apply, by reason
+HUB_STATE = "hub/state"
 
 
 def _part(value: object) -> str:

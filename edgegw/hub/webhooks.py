@@ -26,7 +26,7 @@ import trio
 
 from edgegw.backoff import Backoff
 from edgegw.hub.alerts import WebhookConfig
-from edgegw.metrics import Metrics
+from edgegw.metrics import Metrics, report_internal_error
 
 log = logging.getLogger("edgegw.hub.webhooks")
 
@@ -100,7 +100,7 @@ class WebhookSender:
                  max_queued: int = 1000, backoff_rng: Any = None) -> None:
         self._queues = [_Queue(c, max_queued) for c in configs]
         self._rng = backoff_rng
-        metrics = metrics or Metrics()
+        metrics = self._metrics = metrics or Metrics()
         self.m_delivered = metrics.counter("hub_webhook_delivered_total",
                                            "alert events delivered to a webhook")
         self.m_attempts = metrics.counter("hub_webhook_attempts_total",
@@ -135,7 +135,16 @@ class WebhookSender:
                 await q.wakeup.wait()
                 q.wakeup = trio.Event()
             event = q.items[0]
-            await self._deliver(q.config, event)
+            try:
+                await self._deliver(q.config, event)
+            except Exception:
+                # A failure boundary: a bug or an unexpected error while delivering one
+                # event fails that delivery (counted), never the hub or the next events.
+                report_internal_error(self._metrics, "webhook", log,
+                                      "delivering alert %s event %s to %s",
+                                      event.get("alert", {}).get("id"), event.get("event"),
+                                      q.config.url)
+                self.m_failed.inc(url=q.config.url, reason="internal_error")
             if q.items and q.items[0] is event:  # unless dropped meanwhile by a full queue
                 q.items.popleft()
 

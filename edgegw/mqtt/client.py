@@ -27,11 +27,13 @@ a reader paused by backpressure must not look like a broken connection.  A broke
 refuses the connection (bad credentials, say) raises ``ConnectRefused`` with the broker's
 reason, which is logged, and the connection is retried at the backoff cap.
 
-Failure boundaries: an exception from the ``on_message`` handler is caught, logged (at
-most once per ``ERROR_LOG_INTERVAL``) and counted in ``message_errors``; the next message
-is read as usual.  An exception from paho itself while reading ends only that connection
-(counted in ``internal_errors``), which is then re-established with backoff.  Nothing
-raised in a paho callback reaches the Trio loop.
+Failure boundaries (docs/reliability.md): an exception from the ``on_message`` handler is
+caught and costs that message (``where="mqtt_message"``); an exception from our other
+callbacks, or from paho itself while reading, ends only that connection
+(``where="mqtt_connection"``), which is then re-established with backoff.  Each is counted
+(``message_errors`` / ``internal_errors``, and in ``internal_errors_total`` of ``metrics``
+when given) and logged with its traceback, rate-limited.  Nothing raised in a paho
+callback reaches the Trio loop.
 
 Acknowledgements: with ``manual_ack`` paho sends no PUBACK by itself; the owner calls
 ``ack(mids)`` (in the order the messages arrived) and can send a *fence* (``fence()``, an
@@ -44,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import select
 import ssl
 import threading
@@ -59,6 +60,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ..backoff import Backoff
+from ..metrics import Metrics, report_internal_error
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +75,6 @@ _AUTH_HINT = {4, 5, 0x86, 0x87, 0x8C}  # bad user name or password / not authori
 #: matched by '#' either), so the UNSUBSCRIBE changes nothing on the broker
 FENCE_FILTER = "$edgegw/ack-fence"
 
-#: seconds between two log lines about exceptions in a callback
-ERROR_LOG_INTERVAL = 60.0
 
 
 class ConnectError(Exception):
@@ -169,6 +169,7 @@ class TrioMqttClient:
         manual_ack: bool = False,
         on_session: Callable[[bool], None] | None = None,
         on_fence: Callable[[int], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if not options.client_id:
             raise ValueError("an MQTT client id must not be empty")
@@ -183,6 +184,7 @@ class TrioMqttClient:
         self._burst_full = burst_full
         self._on_session = on_session
         self._on_fence = on_fence
+        self._metrics = metrics or Metrics()
         v5 = options.protocol == "5"
         self.paho = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -229,18 +231,13 @@ class TrioMqttClient:
         self.message_errors = 0  # exceptions raised by on_message, caught here
         self.internal_errors = 0  # exceptions in our other callbacks or inside paho
         self._fences: set[int] = set()
-        self._error_logged = -math.inf
 
     # ---------------------------------------------------------------- failure boundaries
 
-    def _log_error(self, what: str, exc: BaseException) -> None:
-        """At most one line (with the traceback) per ERROR_LOG_INTERVAL."""
-        now = time.monotonic()
-        if now - self._error_logged < ERROR_LOG_INTERVAL:
-            return
-        self._error_logged = now
-        log.error("%s: %s: %s: %s (further errors are counted, logged at most once a "
-                  "minute)", self.name, what, type(exc).__name__, exc, exc_info=exc)
+    def _internal_error(self, where: str, what: str, exc: BaseException) -> None:
+        """Count and log (rate-limited, with the traceback); call it in the except block."""
+        report_internal_error(self._metrics, where, log, "%s: %s: %s: %.200s", self.name,
+                              what, type(exc).__name__, exc)
 
     def _message_boundary(self, handler: Callable[[paho.MQTTMessage], None]
                           ) -> Callable[[Any, Any, paho.MQTTMessage], None]:
@@ -249,7 +246,7 @@ class TrioMqttClient:
                 handler(msg)
             except Exception as exc:  # one message, not the connection or the process
                 self.message_errors += 1
-                self._log_error(f"handling a message (mid {msg.mid}) failed", exc)
+                self._internal_error("mqtt_message", f"handling message {msg.mid} failed", exc)
         return on_message
 
     def _guarded(self, callback: Callable[..., None]) -> Callable[..., None]:
@@ -258,7 +255,7 @@ class TrioMqttClient:
                 callback(*args)
             except Exception as exc:
                 self.internal_errors += 1
-                self._log_error(f"{callback.__name__} failed", exc)
+                self._internal_error("mqtt_connection", f"{callback.__name__} failed", exc)
         return guarded
 
     # ---------------------------------------------------------------- paho callbacks
@@ -364,7 +361,8 @@ class TrioMqttClient:
                     # paho itself failed on what it read (our callbacks catch their own):
                     # end this connection, not the process; run() reconnects with backoff
                     self.internal_errors += 1
-                    self._log_error("reading from the broker failed", exc)
+                    self._internal_error("mqtt_connection", "reading from the broker failed",
+                                         exc)
                     conn.disconnect_reason = f"internal error: {type(exc).__name__}: {exc}"
                     conn.closed.set()
                     conn.settled.set()

@@ -41,6 +41,7 @@ import paho.mqtt.client as paho
 import trio
 
 from ..backoff import Backoff
+from ..metrics import report_internal_error
 from ..records import GatewayEvent, Record, SensorReading
 from ..sources import RecordSink, SourceContext
 from ..throttle import Throttle, as_sensor_window
@@ -215,8 +216,6 @@ class MqttSource:
                                 "MQTT messages that did not decode, by topic")
         # the gateway-wide count of bad input, beside the per-topic one
         self._m_source_errors = m.counter("source_errors", "bad input seen by sources")
-        self._m_internal = m.counter(
-            "internal_errors_total", "unexpected exceptions caught at a failure boundary")
         self._m_unrouted = m.counter("mqtt_unrouted_total",
                                      "MQTT messages matching no subscription")
         self._m_connected = m.gauge("mqtt_connected", "1 while connected to the broker")
@@ -332,17 +331,17 @@ class MqttSource:
             {"topic": topic, "reason": reason, "suppressed": suppressed}))
 
     def _message_failed(self, msg: paho.MQTTMessage, exc: Exception) -> None:
-        """Handling one message raised something unexpected: skip it, count it, say so."""
+        """Handling one message raised something unexpected: skip it, count it, say so
+        (call it in the except block: the traceback is logged)."""
         topic = self._topic_of(msg)
         self.failed += 1
-        self._m_internal.inc(where="mqtt_message")
+        reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+        report_internal_error(self.context.metrics, "mqtt_message", log,
+                              "source %s: message on %r (%d bytes, qos %d) skipped: %s",
+                              self.name, topic, len(msg.payload), msg.qos, reason)
         suppressed = self._report("failed", topic)
         if suppressed is None:
             return
-        reason = f"{type(exc).__name__}: {str(exc)[:200]}"
-        more = f" ({suppressed} more since the last report)" if suppressed else ""
-        log.error("%s: message on %r (%d bytes, qos %d) skipped: handling it raised %s%s",
-                  self.name, topic, len(msg.payload), msg.qos, reason, more, exc_info=exc)
         self._pending.append(GatewayEvent(
             self.name, time.time(), "error", "mqtt.message_failed",
             f"message on {topic!r} skipped: {reason}",
@@ -518,7 +517,7 @@ class MqttSource:
         self.client = TrioMqttClient(
             options, name=f"mqtt source {self.name!r}", on_message=self._on_message,
             before_read=self._poll_throttles, after_read=self._after_read,
-            burst_full=self._burst_full, manual_ack=True,
+            burst_full=self._burst_full, manual_ack=True, metrics=self.context.metrics,
             on_session=self._ledger.connected, on_fence=self._fence_done,
             backoff=Backoff(c.backoff.initial, c.backoff.maximum, c.backoff.multiplier))
         pump_scope = trio.CancelScope(shield=True)

@@ -51,8 +51,9 @@ class _Heartbeat:
 
     def check(self, now: float) -> bytes | None:
         if now - self.last_received >= 2 * self.interval:
+            # The limit, not the measured silence, so that the reason is always the same.
             raise ProtocolError(CloseCode.HEARTBEAT_TIMEOUT,
-                                f"nothing received for {now - self.last_received:.1f} s "
+                                f"nothing received for {2 * self.interval:g} s "
                                 f"(heartbeat {self.interval:g} s)")
         if now - self.last_sent >= self.interval:
             self.last_sent = now
@@ -170,22 +171,27 @@ class HubConnection(_Base):
         self.hello_msg: Hello | None = None
         self.applied_set = IntervalSet()
         self._seen = IntervalSet()  # applied, or received and being applied
+        self._received = IntervalSet()  # every seq received on this connection
         self.declared_lost = 0
 
     def receive(self, data: bytes | str, now: float) -> tuple[list[Any], bytes | None]:
         msg, reply = self._decode(data, now)
-        if isinstance(msg, (Ping, Pong)):
-            return [], reply
         if self.state is State.HANDSHAKE:
+            # HELLO must come first: anything else, a PING included, is out of state (4004).
             if not isinstance(msg, Hello) or self.hello_msg is not None:
                 raise self.fail(f"expected HELLO, got {type(msg).__name__.upper()}")
             self.hello_msg = msg
             return [msg], None
+        if isinstance(msg, (Ping, Pong)):
+            return [], reply
         if isinstance(msg, Data):
+            # Checked before the applied set: a frame applied *on this connection* and sent
+            # again is a gateway fault, not a duplicate left over from an earlier connection.
+            if msg.seq in self._received:
+                raise self.fail(f"frame {msg.seq} sent twice on one connection")
+            self._received.add(msg.seq)
             if msg.seq in self.applied_set:
                 return [Duplicate(msg.seq)], self.ack(now)
-            if msg.seq in self._seen:
-                raise self.fail(f"frame {msg.seq} sent twice on one connection")
             trial = IntervalSet(self._seen.ranges())
             trial.add(msg.seq)
             if trial.holes > self.max_holes:

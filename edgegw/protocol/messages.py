@@ -37,13 +37,15 @@ class CloseCode:
     NORMAL = 1000
     GOING_AWAY = 1001  # the peer is shutting down; reconnect later
     TOO_BIG = 1009  # a message larger than the configured frame limit
+    INTERNAL_ERROR = 1011  # the receiver failed unexpectedly (a bug): retry later
     UNAUTHORIZED = 4001  # unknown gateway id or wrong token
     UNSUPPORTED_VERSION = 4002  # no protocol version in common
-    ALREADY_CONNECTED = 4003  # the same gateway id is connected already
-    PROTOCOL_ERROR = 4004  # malformed message, message out of order, sequence gap
+    # 4003 (the gateway id is connected already) is no longer sent: the newest wins (4008)
+    PROTOCOL_ERROR = 4004  # malformed message, out of state, sequence gap, seq sent twice
     HEARTBEAT_TIMEOUT = 4005  # nothing received for 2 x heartbeat interval
     TOO_MANY_RECORDS = 4006  # a data frame with more records than the limit
     HELLO_TIMEOUT = 4007  # no hello within the handshake timeout
+    REPLACED = 4008  # a newer connection with the same gateway id took over
 
 
 class ProtocolError(Exception):

@@ -10,6 +10,13 @@ full (backpressure: a tailed file simply waits, an MQTT socket stops being read)
 never drops.  A ``checkpoint`` passed with a batch is the source's resume position after
 that batch; the gateway hands the last *durable* checkpoint back as
 ``context.checkpoint`` on the next start, so a restart neither re-reads nor skips.
+
+A source whose checkpoint is a *replay position* sets ``replays = True``: resuming from a
+checkpoint, it emits exactly the records it emitted after it, in the same order (the STDF
+tail and the simulated tester do).  The gateway relies on that to stay exact when one put
+was split across frames and the gateway stopped between them: it drops the replayed
+records that frames already hold (docs/spool.md, "Source positions and split puts").  A
+source whose checkpoint is state rather than a position (or that has none) leaves it False.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ class SourceContext:
 
 class Source(Protocol):
     Config: ClassVar[type]
+    # Optional: ``replays: ClassVar[bool] = True`` when resuming from a checkpoint re-emits
+    # exactly the records that followed it (see above); False when absent.
 
     def __init__(self, name: str, config: Any, context: SourceContext) -> None: ...
 

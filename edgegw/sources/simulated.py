@@ -47,6 +47,7 @@ class SimulatedConfig:
 
 class SimulatedTesterSource:
     Config: ClassVar[type] = SimulatedConfig
+    replays: ClassVar[bool] = True  # resuming from a checkpoint re-emits what followed it
 
     def __init__(self, name: str, config: SimulatedConfig, context: SourceContext) -> None:
         self.name = name

@@ -33,6 +33,8 @@ same path from the one the checkpoint describes.
 Corrupt input (``FormatError``) is logged with path and byte offset, counted in
 ``source_errors{kind="corrupt"}``, reported to the hub as a GatewayEvent, and the file is
 abandoned (marked done in the checkpoint); the source keeps following every other file.
+Every call into the format plugin is a failure boundary: any other exception from it is a
+bug, counted in ``internal_errors_total{where="format_parser"}`` and handled the same way.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import dataclasses
 import glob
 import logging
 import os
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -49,6 +52,7 @@ from typing import Any, ClassVar, Literal
 import trio
 
 from ..formats import FormatError, FormatParser, TesterFormat, UnknownFormat, get_format
+from ..metrics import report_internal_error
 from ..records import GatewayEvent, Record
 from ..stdf.mapping import RecordMapper
 from . import RecordSink, SourceContext
@@ -176,6 +180,7 @@ class TailSource:
     """Tester files (STDF, or any installed format) followed as the tester writes them."""
 
     Config: ClassVar[type] = TailConfig
+    replays: ClassVar[bool] = True  # resuming from a checkpoint re-emits what followed it
 
     def __init__(self, name: str, config: TailConfig, context: SourceContext) -> None:
         self.name = name
@@ -297,8 +302,11 @@ class TailSource:
 
     async def _follow(self, f: _File, info: _FileInfo, sink: RecordSink) -> None:
         if f.parser is None:
-            await self._open(f)
+            failed = await self._open(f)
             f.last_growth = trio.current_time()
+            if failed is not None:
+                await self._corrupt(f, sink, failed, [])
+                return
         assert f.parser is not None
         grew = False
         while True:
@@ -313,9 +321,14 @@ class TailSource:
             grew = True
             f.fed += len(data)
             f.size = info.size if f.gz else f.fed
-            f.parser.feed(data)
             try:
-                batch, mrr = self._map(f, f.parser.records(), time.time())
+                try:
+                    f.parser.feed(data)
+                except FormatError:
+                    raise
+                except Exception:  # a bug in the format plugin: see _plugin_failed
+                    raise self._plugin_failed(f) from None
+                batch, mrr = self._map(f, f.parser.records, time.time())
             except FormatError as exc:
                 await self._corrupt(f, sink, exc, getattr(exc, "batch", []))
                 return
@@ -337,8 +350,19 @@ class TailSource:
                      self.config.idle_timeout)
             await self._finish(f, sink, "idle")
 
+    def _plugin_failed(self, f: _File) -> FormatError:
+        """The format plugin (or the mapping of what it yielded) raised something other
+        than FormatError: a bug, met at a failure boundary.  Counted in
+        ``internal_errors_total{where="format_parser"}`` and logged; the file is then
+        treated as corrupt (abandoned, reported to the hub), never the source."""
+        report_internal_error(self.context.metrics, "format_parser", log,
+                              "source %s: %s parser on %s", self.name, self.format.name, f.path)
+        exc = sys.exc_info()[1]
+        return FormatError(f"{self.format.name} parser failed: {exc!r:.200}", f.offset)
+
     def _map(self, f: _File, records: Any, now: float) -> tuple[list[Record], bool]:
         """Map parsed records; returns the batch to emit and whether MRR ended the file.
+        ``records`` is the parser's ``records`` or ``close`` method.
 
         After a restart the file is read again from its start: records before the
         checkpoint offset (``skip_below``) go through the mapper, to rebuild its state,
@@ -349,7 +373,7 @@ class TailSource:
         mapper = f.mapper
         parsed = 0
         try:
-            for rec in records:
+            for rec in records():
                 parsed += 1
                 mapped = mapper.map(rec, now)
                 if f.skip_below:
@@ -366,21 +390,33 @@ class TailSource:
         except FormatError as exc:
             exc.batch = batch  # type: ignore[attr-defined]
             raise
+        except Exception:
+            failed = self._plugin_failed(f)
+            failed.batch = batch  # type: ignore[attr-defined]
+            raise failed from None
         finally:
-            if not f.skip_below:
-                f.offset = max(f.offset, f.parser.position)
-            f.state = f.parser.state()
             self.read_records.inc(parsed, source=self.name)
+            try:
+                if not f.skip_below:
+                    f.offset = max(f.offset, f.parser.position)
+                f.state = f.parser.state()
+            except Exception:  # already counted if it is the same bug; the file ends
+                f.state = {}
         return batch, False
 
-    async def _open(self, f: _File) -> None:
+    async def _open(self, f: _File) -> FormatError | None:
+        """Open the file and a parser for it; the error if the format plugin failed."""
         handle = await trio.open_file(f.path, "rb")
         f.reader = _GzipReader(handle) if f.gz else handle
-        f.parser = self.format.new_parser()
+        try:
+            f.parser = self.format.new_parser()
+        except Exception:
+            return self._plugin_failed(f)
         f.mapper = RecordMapper(self.name, format=self.format.name,
                                 forward_raw=self.config.forward_raw)
         f.fed = 0
         f.skip_below = f.offset
+        return None
 
     async def _finish(self, f: _File, sink: RecordSink, reason: str, *,
                       batch: list[Record] | None = None, close_parser: bool = True) -> None:
@@ -390,7 +426,7 @@ class TailSource:
         if f.parser is not None and f.mapper is not None:
             if close_parser:
                 try:
-                    more, _ = self._map(f, f.parser.close(), now)
+                    more, _ = self._map(f, f.parser.close, now)
                 except FormatError as exc:
                     await self._corrupt(f, sink, exc, batch + getattr(exc, "batch", []))
                     return

@@ -6,8 +6,15 @@ float32, bytes as hex, D*n as ``{"bits": n, "hex": ...}``, GDR data
 as ``[type_code, value]`` pairs, NaN and infinities as the strings "nan", "inf", "-inf").
 ``stats`` prints one JSON object: record counts by type, parts, good parts, counts per
 hard and soft bin, per site (retests counted once), and the file's own HBR/SBR/PCR.
-Both read gzip-compressed files too.  A file that is not STDF exits with status 1 and a
-one-line message.
+Both read gzip-compressed files too.
+
+A file is read as complete: anything wrong with it is one line on stderr naming the file
+and the byte offset, and exit status 1 (what was printed before it stays printed) -- a file
+that is not STDF, corrupt gzip data, a record that cannot be STDF, a file that ends inside
+a record (truncated, or corrupt from an earlier record of unknown type on), a record cut
+before a field it must have, and an STDF_VER other than 4.  ``--partial`` reads a file still
+being written (a record cut at the end is a warning); ``--any-version`` reads another
+STDF_VER as if it were V4, best effort.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import json
 import math
 import struct
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -26,7 +34,8 @@ from .decoder import StdfDecoder, StdfError, StdfRecord
 from .spec import BY_NAME, Bits
 from .stats import StdfStats
 
-CHUNK = 1 << 20
+#: read size; small enough that a dump prints the records before a gzip error
+CHUNK = 1 << 16
 
 
 def add_commands(sub: Any) -> None:
@@ -43,6 +52,12 @@ def add_commands(sub: Any) -> None:
     stats = stdf_sub.add_parser("stats", help="part, bin and record counts as one JSON object")
     stats.add_argument("file", type=Path, help="STDF file (.gz too)")
     stats.set_defaults(func=run_stats)
+    for action in (dump, stats):
+        action.add_argument("--partial", action="store_true",
+                            help="the file may still be being written: a record cut at its "
+                                 "end is a warning, not an error")
+        action.add_argument("--any-version", action="store_true",
+                            help="read a FAR STDF_VER other than 4 as V4 (best effort)")
 
 
 def open_stdf(path: Path) -> BinaryIO:
@@ -101,23 +116,67 @@ def _fail(path: Path, message: str) -> int:
     return 1
 
 
-def _run(args: argparse.Namespace, each: Any) -> int:
-    decoder = StdfDecoder()
+class _Bad(Exception):
+    """The file is not usable STDF; ``str()`` is the one-line reason."""
+
+
+def _records(args: argparse.Namespace, decoder: StdfDecoder) -> Iterator[StdfRecord]:
+    """The file's records, known types only; ``_Bad`` for anything wrong with the file."""
+    first_unknown: int | None = None
     try:
         for rec in read_records(args.file, decoder):
-            each(rec)
+            if rec.name == "UNKNOWN":
+                if first_unknown is None:
+                    first_unknown = rec.offset
+                continue
+            if rec.name == "FAR" and not args.any_version:
+                version = rec.fields.get("STDF_VER")
+                if version != 4:
+                    raise _Bad(f"STDF_VER {version} in the FAR at byte {rec.offset}: this "
+                               "reads STDF V4 (--any-version reads it as V4, best effort)")
+            yield rec
     except StdfError as exc:
-        return _fail(args.file, str(exc))
-    except BrokenPipeError:
-        raise
-    except (OSError, EOFError) as exc:  # missing file, bad gzip data, truncated gzip
-        return _fail(args.file, str(exc) or type(exc).__name__)
+        raise _Bad(str(exc)) from None
+    except zlib.error as exc:  # gzip data corrupt inside a member
+        raise _Bad(f"corrupt gzip data after {_fed(decoder)} bytes of STDF: {exc}") from None
+    except EOFError as exc:  # gzip member cut short
+        raise _Bad(f"gzip file cut short after {_fed(decoder)} bytes of STDF "
+                   f"({exc})") from None
+    except OSError as exc:  # missing file, not gzip after all, ...
+        if isinstance(exc, BrokenPipeError):
+            raise
+        raise _Bad(str(exc) or type(exc).__name__) from None
     if decoder.byte_order is None and decoder.position == 0:
-        return _fail(args.file, "not STDF: too short to hold a FAR")
+        raise _Bad("not STDF: too short to hold a FAR")
     if decoder.buffered:
-        print(f"edgegw stdf: {args.file}: warning: file ends inside a record "
-              f"({decoder.buffered} bytes after offset {decoder.position}; still being "
-              "written?)", file=sys.stderr)
+        where = (f"the file ends inside the record at byte {decoder.position} "
+                 f"({decoder.buffered} bytes of it present)")
+        if args.partial:
+            print(f"edgegw stdf: {args.file}: warning: {where}; still being written?",
+                  file=sys.stderr)
+        elif first_unknown is not None:
+            raise _Bad(f"corrupt: {where}, after a record of unknown type at byte "
+                       f"{first_unknown}, where the damage probably starts")
+        else:
+            raise _Bad(f"truncated: {where} (--partial for a file still being written)")
+
+
+def _fed(decoder: StdfDecoder) -> int:
+    return decoder.position + decoder.buffered
+
+
+def _run(args: argparse.Namespace, each: Any) -> int:
+    decoder = StdfDecoder(keep_unknown=True)
+    try:
+        for rec in _records(args, decoder):
+            try:
+                each(rec)
+            except (KeyError, TypeError, ValueError) as exc:
+                reason = (f"without its {exc.args[0]} field" if isinstance(exc, KeyError)
+                          else f"that cannot be read ({exc})")
+                raise _Bad(f"a {rec.name} record {reason} at byte {rec.offset}") from None
+    except _Bad as exc:
+        return _fail(args.file, str(exc))
     return 0
 
 

@@ -11,6 +11,9 @@ and each site's part completes on its own.  A result with no open part is emitte
 with an empty part id.  The emitted sequence is a pure function of the records fed, which is
 what lets the tail resume a file by re-mapping its start without emitting it.
 
+A record that lacks a field it must have (a PTR cut before TEST_NUM) or has a field of the
+wrong kind raises ``FormatError`` with the record's offset, as the parsers do.
+
 Missing values follow the spec: X/Y -32768, SOFT_BIN 65535, U4 counts 4294967295, TEST_T 0
 become None.  Limits and units come from the test's default state (``TestState``): None
 when OPT_FLAG says "no limit" or no record of the test ever gave one.
@@ -21,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from ..formats import FormatError
 from ..records import (
     BinSummary,
     FunctionalResult,
@@ -45,6 +49,12 @@ MISSING_U4 = 4294967295
 #: MIR fields carried as LotStart columns; every other present, non-empty one goes to extra
 _MIR_COLUMNS = {"LOT_ID", "PART_TYP", "NODE_NAM", "TSTR_TYP", "JOB_NAM", "START_T"}
 _MRR_COLUMNS = {"FINISH_T"}
+
+
+def _unmappable(name: str, exc: Exception) -> str:
+    if isinstance(exc, KeyError):
+        return f"{name} record without its {exc.args[0]} field (the record ends before it)"
+    return f"{name} record with a field of the wrong kind ({type(exc).__name__}: {exc})"[:200]
 
 
 def _u4(value: Any) -> int | None:
@@ -91,7 +101,13 @@ class RecordMapper:
             out.append(RawRecord(self.source, now, self.format, name, fields))
         handler = self._handlers.get(name)
         if handler is not None:
-            handler(self, fields, now, out)
+            try:
+                handler(self, fields, now, out)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError,
+                    OverflowError) as exc:
+                # A record cut before a field it must have (REC_LEN too short), or a
+                # plugin's field of the wrong type: corrupt input, like any other.
+                raise FormatError(_unmappable(name, exc), rec.offset) from None
         return out
 
     def close(self, now: float) -> list[Record]:

@@ -21,6 +21,10 @@ field orders and flag letters as in the ATDF specification (and Semi-ATE STDF's 
 output).
 Other valid record names (PMR, PGR, PLR, RDR, MPR, GDR, ...) are skipped and counted in
 ``skipped``.  Values are taken as written (the FAR scaling flag is not applied).
+
+Hostile input gets ``FormatError`` and nothing else: an integer outside its STDF type's
+range (a HEAD_NUM of 300, a time before 1970), and a record longer than
+``MAX_RECORD_BYTES`` without an end (memory stays bounded whatever the input).
 """
 
 from __future__ import annotations
@@ -109,6 +113,17 @@ _TEST_FLAG_LETTERS = {"A": 0x01, "U": 0x04, "T": 0x08, "N": 0x10, "X": 0x20}
 #: alarm-flag letters -> PARM_FLG bits (PTR): scale error, drift, oscillation, higher than
 #: the high limit, lower than the low limit
 _PARM_FLAG_LETTERS = {"S": 0x01, "D": 0x02, "O": 0x04, "H": 0x08, "L": 0x10}
+#: Longest ATDF record accepted: the biggest STDF record (65,535 bytes) written as text
+#: takes about a quarter of this.  A longer one is not ATDF (and would hold memory).
+MAX_RECORD_BYTES = 1 << 20
+#: STDF integer types -> the range their values must lie in
+_INT_RANGES = {"U1": (0, 2**8 - 1), "U2": (0, 2**16 - 1), "U4": (0, 2**32 - 1),
+               "U8": (0, 2**64 - 1), "I1": (-(2**7), 2**7 - 1), "I2": (-(2**15), 2**15 - 1),
+               "I4": (-(2**31), 2**31 - 1), "I8": (-(2**63), 2**63 - 1), "B1": (0, 255),
+               "N1": (0, 15)}
+#: record name -> STDF field name -> (low, high) for its integer fields
+_RANGES = {name: {f.name: _INT_RANGES[f.type] for f in spec.fields if f.type in _INT_RANGES}
+           for name, spec in BY_NAME.items()}
 _MONTHS = {m.upper(): i for i, m in enumerate(calendar.month_abbr) if m}
 _TIME = re.compile(r"\s*(\d{1,2}):(\d{1,2}):(\d{1,2})\s+(\d{1,2})-([A-Za-z]{3})-(\d{4})\s*$")
 _NAME = re.compile(rb"[A-Z]{3}:")
@@ -232,6 +247,17 @@ _POST = {"PTR": _post_ptr, "FTR": _post_ftr, "PRR": _post_prr, "TSR": _post_tsr,
          "SDR": _post_sdr, "FAR": _post_far}
 
 
+def _check_ranges(name: str, present: dict[str, Any]) -> None:
+    """Every integer must fit its STDF type, as it would in an STDF file."""
+    for field, (low, high) in _RANGES[name].items():
+        value = present.get(field)
+        if value is None:
+            continue
+        for v in value if isinstance(value, list) else (value,):
+            if not low <= v <= high:
+                raise ValueError(f"{field} {v} is out of range ({low} to {high})")
+
+
 def _as_stdf(name: str, present: dict[str, Any]) -> dict[str, Any]:
     """The fields an STDF reader would see for a record written with ``present``: in
     spec order up to the last present field, absent ones before it as the spec's missing
@@ -282,6 +308,9 @@ class AtdfParser:
                 self._pos = pos + 1
                 continue
             end = self._record_end(buf, pos, final)
+            if (end if end >= 0 else n) - pos > MAX_RECORD_BYTES:
+                raise FormatError(f"a record longer than {MAX_RECORD_BYTES} bytes: not ATDF",
+                                  self._base + pos)
             if end < 0:
                 return
             rec = self._parse(buf[pos:end], self._base + pos)
@@ -336,8 +365,9 @@ class AtdfParser:
             post = _POST.get(name)
             if post is not None:
                 post(present)
+            _check_ranges(name, present)
         except ValueError as exc:
-            raise FormatError(f"{name}: {exc}", offset) from None
+            raise FormatError(f"{name}: {str(exc)[:200]}", offset) from None
         return AtdfRecord(name, offset, _as_stdf(name, present))
 
 

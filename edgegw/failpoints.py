@@ -1,0 +1,57 @@
+"""Failpoints: named places where a test makes a real process fail on purpose.
+
+Whole-system fault tests need to stop a gateway or hub at an exact point of its work (a
+frame durable but not yet acknowledged, a transaction written but not committed), not
+after a sleep that races the process.  Code marks such points with ``hit("name")``; the
+environment variable ``EDGEGW_FAILPOINTS`` arms them for one process::
+
+    EDGEGW_FAILPOINTS="gateway.frame_stored=3:kill;hub.after_commit=5:kill"
+
+``name=N:action`` fires on the N-th hit (``name=action`` on the first).  Actions:
+``kill`` (SIGKILL to itself: no cleanup, no flush, as a crash or an OOM kill) and
+``exit`` (``os._exit(70)``).  Unarmed, ``hit`` is a dictionary lookup on an empty dict.
+
+Points in the code:
+
+=========================  ===========================================================
+``gateway.frame_stored``   a frame is durable in the frame store (``append`` returned)
+``hub.mid_commit``         the hub's frame transaction is written, not yet committed
+``hub.after_commit``       a commit is durable; its ACK has not been sent
+=========================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "EDGEGW_FAILPOINTS"
+
+
+def _parse(spec: str) -> dict[str, list[object]]:
+    armed: dict[str, list[object]] = {}
+    for item in filter(None, (s.strip() for s in spec.split(";"))):
+        name, _, action = item.partition("=")
+        count, _, what = action.rpartition(":")
+        if what not in ("kill", "exit"):
+            raise ValueError(f"{ENV}: unknown action {what!r} in {item!r} (kill or exit)")
+        armed[name.strip()] = [int(count) if count else 1, what]
+    return armed
+
+
+_armed = _parse(os.environ.get(ENV, ""))
+
+
+def hit(name: str) -> None:
+    """Mark a failpoint; fires when the environment armed it and its count is reached."""
+    if not _armed:
+        return
+    entry = _armed.get(name)
+    if entry is None:
+        return
+    entry[0] = int(entry[0]) - 1  # type: ignore[call-overload]
+    if entry[0] > 0:
+        return
+    if entry[1] == "kill" and hasattr(signal, "SIGKILL"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(70)

@@ -1,0 +1,323 @@
+"""The shipped service configurations: systemd units, WinSW configs, the offline bundle.
+
+What docs/operations.md ("Running as a service") promises: each systemd unit is rated
+<= 2.5 by ``systemd-analyze security`` and still gives its service what it needs (notify,
+watchdog, network, its state directory, its config); each Windows config runs a real
+subcommand under a virtual service account; the offline bundle carries all of them; and,
+where this machine can boot a throwaway systemd, both units run as shipped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from shared_data import METIS, stdf_path
+
+from edgegw.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGING = REPO / "packaging"
+UNITS = sorted((PACKAGING / "systemd").glob("*.service"))
+WINSW = sorted((PACKAGING / "windows").glob("*.xml"))
+MAX_EXPOSURE = 2.5
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+VENV_EDGEGW = Path(sys.executable).parent / "edgegw"
+
+# ---- helpers ----------------------------------------------------------------------------
+
+
+def service_options(unit: Path) -> dict[str, list[str]]:
+    """The [Service] section's settings, every value of repeatable keys in order."""
+    options: dict[str, list[str]] = {}
+    section = ""
+    for raw in unit.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        assert not line.endswith("\\"), f"{unit.name}: line continuations are not used"
+        if line.startswith("["):
+            section = line
+            continue
+        key, _, value = line.partition("=")
+        if section == "[Service]":
+            options.setdefault(key, []).append(value)
+    return options
+
+
+def option(unit: Path, key: str) -> str:
+    values = service_options(unit).get(key)
+    assert values, f"{unit.name}: no {key}="
+    return values[-1]
+
+
+def in_venv(unit: Path, tmp_path: Path) -> Path:
+    """A copy of ``unit`` whose ExecStart runs this test's venv, which really exists."""
+    assert VENV_EDGEGW.exists(), f"{VENV_EDGEGW} missing: is edgegw installed in this venv?"
+    text = unit.read_text()
+    binary = option(unit, "ExecStart").split()[0]
+    copy = tmp_path / unit.name
+    copy.write_text(text.replace(f"ExecStart={binary} ", f"ExecStart={VENV_EDGEGW} "))
+    assert f"ExecStart={VENV_EDGEGW} " in copy.read_text()
+    return copy
+
+
+def systemd_analyze(*args: str) -> subprocess.CompletedProcess[str]:
+    if SYSTEMD_ANALYZE is None:
+        pytest.skip("systemd-analyze is not installed")
+    return subprocess.run([SYSTEMD_ANALYZE, *args], capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def check_command_line(argv: list[str], kind: str) -> None:
+    """``argv`` (after the executable) names the real ``kind`` subcommand with --config, and
+    its --set overrides are valid keys of that kind of config (checked on conf/<kind>.toml
+    by ``edgegw check-config``)."""
+    args = build_parser().parse_args(argv)
+    assert args.command == kind
+    assert args.config and args.config.endswith(f"{kind}.toml")
+    overrides = [item for o in args.overrides for item in ("--set", o)]
+    run = subprocess.run([sys.executable, "-m", "edgegw", "check-config",
+                          str(REPO / "conf" / f"{kind}.toml"), *overrides],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert (run.returncode, run.stdout.strip()) == (0, "ok"), run.stdout + run.stderr
+
+
+# ---- what is shipped --------------------------------------------------------------------
+
+
+def test_a_hub_and_a_gateway_each_have_a_systemd_unit_and_a_windows_config() -> None:
+    names = {"edgegw-hub", "edgegw-gateway"}
+    assert {u.stem for u in UNITS} == names
+    assert {x.stem for x in WINSW} == names
+
+
+# ---- systemd units ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+def test_systemd_analyze_rates_each_unit_at_most_2_5(unit: Path, tmp_path: Path) -> None:
+    run = systemd_analyze("security", "--offline=yes", "--no-pager", str(in_venv(unit, tmp_path)))
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", run.stdout)
+    assert found, run.stdout + run.stderr
+    exposure = float(found.group(1))
+    print(f"{unit.name}: {found.group(0)}")
+    assert exposure <= MAX_EXPOSURE, run.stdout
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+def test_systemd_analyze_verify_finds_nothing_wrong(unit: Path, tmp_path: Path) -> None:
+    # verify exits 0 on unknown keys and bad values, but names the file when it warns
+    copy = in_venv(unit, tmp_path)
+    run = systemd_analyze("verify", "--no-pager", str(copy))
+    complaints = [line for line in (run.stdout + run.stderr).splitlines() if copy.name in line]
+    assert run.returncode == 0 and not complaints, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+def test_each_unit_keeps_what_its_service_needs(unit: Path) -> None:
+    kind = unit.stem.removeprefix("edgegw-")
+    opts = service_options(unit)
+    # notify and watchdog: only the service's own process may talk on $NOTIFY_SOCKET
+    assert option(unit, "Type") == "notify"
+    assert option(unit, "NotifyAccess") == "main"
+    assert int(option(unit, "WatchdogSec")) > 0
+    # a dedicated user, in the group that may read /etc/edgegw
+    assert option(unit, "DynamicUser") == "yes"
+    assert "edgegw" in " ".join(opts["SupplementaryGroups"]).split()
+    # the state directory systemd creates is the one the service is told to use
+    state = option(unit, "StateDirectory")
+    assert option(unit, "ExecStart").split()[-1].endswith(f"=/var/lib/{state}")
+    # the network: IPv4/IPv6 for the hub link, MQTT and listening; AF_UNIX for notify
+    assert set(option(unit, "RestrictAddressFamilies").split()) == {
+        "AF_UNIX", "AF_INET", "AF_INET6"}
+    assert opts.get("PrivateNetwork", ["no"])[-1] == "no"
+    # descriptors: hundreds of gateways and dashboards on the hub
+    assert int(option(unit, "LimitNOFILE")) >= (16384 if kind == "hub" else 4096)
+    # "never stops", but a config error (status 2) is not retried in a loop
+    assert option(unit, "Restart") == "always"
+    assert option(unit, "RestartPreventExitStatus") == "2"
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+def test_each_unit_runs_a_real_subcommand_with_its_config(unit: Path) -> None:
+    kind = unit.stem.removeprefix("edgegw-")
+    argv = option(unit, "ExecStart").split()
+    assert argv[0] == "/opt/edgegw/venv/bin/edgegw"  # where install.sh puts it
+    assert f"/etc/edgegw/{kind}.toml" in argv
+    check_command_line(argv[1:], kind)
+
+
+# ---- Windows (WinSW) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("xml", WINSW, ids=lambda x: x.name)
+def test_each_winsw_config_has_what_winsw_needs(xml: Path) -> None:
+    root = ET.parse(xml).getroot()
+    assert root.tag == "service"
+    for element in ("id", "name", "description", "executable", "arguments", "serviceaccount",
+                    "onfailure", "log", "logpath", "stoptimeout"):
+        assert root.find(element) is not None, f"{xml.name}: no <{element}>"
+    service_id = root.findtext("id")
+    assert service_id == xml.stem  # the wrapper is named after it: <id>.exe beside <id>.xml
+    assert root.findtext("executable", "").endswith(r"\venv\Scripts\edgegw.exe")
+    assert root.find("onfailure").get("action") == "restart"  # type: ignore[union-attr]
+    assert root.find("log").get("mode")  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("xml", WINSW, ids=lambda x: x.name)
+def test_each_winsw_config_runs_under_its_virtual_service_account(xml: Path) -> None:
+    root = ET.parse(xml).getroot()
+    service_id = root.findtext("id")
+    account = root.find("serviceaccount")
+    assert account is not None
+    # WinSW 3.x reads <username>; 2.x reads <domain> and <user>: both name the same account
+    assert account.findtext("username") == rf"NT SERVICE\{service_id}"
+    assert (account.findtext("domain"), account.findtext("user")) == ("NT SERVICE", service_id)
+    # a virtual account has no password and needs no logon right granted
+    assert account.find("password") is None
+    assert account.findtext("allowservicelogon", "false") == "false"
+
+
+@pytest.mark.parametrize("xml", WINSW, ids=lambda x: x.name)
+def test_each_winsw_config_runs_a_real_subcommand_with_its_config(xml: Path) -> None:
+    root = ET.parse(xml).getroot()
+    kind = xml.stem.removeprefix("edgegw-")
+    check_command_line(root.findtext("arguments", "").split(), kind)
+
+
+# ---- the offline bundle -----------------------------------------------------------------
+
+
+def source_tree(dest: Path) -> Path:
+    """A copy of the project's files (tracked and new, not ignored), so that building the
+    bundle leaves nothing in the working tree."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The offline bundle, built by packaging/build-offline-bundle.sh as documented (pip
+    builds the project's wheels and takes its dependencies from the configured index)."""
+    base = tmp_path_factory.mktemp("bundle")
+    src = source_tree(base / "src")
+    run = subprocess.run(["bash", "packaging/build-offline-bundle.sh"], cwd=src,
+                         env={**os.environ, "PYTHON": sys.executable, "DIST": str(base / "dist")},
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    yield Path(run.stdout.strip().splitlines()[-1])
+
+
+def requirement_names(dist: str) -> set[str]:
+    """The wheel names of what ``dist`` needs on this Python (no extras)."""
+    needed = (Requirement(r) for r in metadata.requires(dist) or [])
+    return {canonicalize_name(r.name).replace("-", "_") for r in needed
+            if r.marker is None or r.marker.evaluate({"extra": ""})}
+
+
+@pytest.mark.slow
+def test_the_offline_bundle_carries_units_windows_configs_wheels_and_installer(
+        bundle: Path) -> None:
+    with tarfile.open(bundle) as tar:
+        members = {m.name.split("/", 1)[1]: m for m in tar.getmembers() if "/" in m.name}
+
+        def content(name: str) -> bytes:
+            f = tar.extractfile(members[name])
+            assert f is not None
+            return f.read()
+
+        for unit in UNITS:
+            assert content(f"systemd/{unit.name}") == unit.read_bytes()
+        for xml in WINSW:
+            assert content(f"windows/{xml.name}") == xml.read_bytes()
+        for conf in ("gateway.toml", "hub.toml"):
+            assert content(f"conf/{conf}") == (REPO / "conf" / conf).read_bytes()
+        assert content("docs/operations.md") == (REPO / "docs" / "operations.md").read_bytes()
+        assert members["install.sh"].mode & 0o111
+        installer = content("install.sh").decode()
+    wheels = {n.removeprefix("wheels/").split("-")[0].lower() for n in members
+              if n.startswith("wheels/") and n.endswith(".whl")}
+    # the project, its plugin, and every dependency: pip installs with --no-index
+    assert {"edgegw", "edgegw_atdf"} | requirement_names("edgegw") <= wheels, wheels
+    assert "--no-index" in installer and "groupadd --system edgegw" in installer
+    syntax = subprocess.run(["bash", "-n"], input=installer, capture_output=True, text=True,
+                            check=False)
+    assert syntax.returncode == 0, syntax.stderr
+
+
+@pytest.mark.parametrize("script", ["build-offline-bundle.sh", "check-units-under-systemd.sh"])
+def test_the_packaging_scripts_are_shellcheck_clean(script: str, tmp_path: Path) -> None:
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed")
+    # the script, and the scripts it writes out from quoted here-documents (install.sh)
+    text = (PACKAGING / script).read_text()
+    embedded = re.findall(r"<<'(\w+)'\n(.*?)\n\1\n", text, flags=re.S)
+    assert script != "build-offline-bundle.sh" or [n for n, _ in embedded] == ["INSTALL"]
+    paths = [PACKAGING / script]
+    for name, body in embedded:
+        paths.append(tmp_path / f"{name}.sh")
+        paths[-1].write_text("#!/usr/bin/env bash\n" + body + "\n")
+    for path in paths:
+        run = subprocess.run([shellcheck, "-s", "bash", str(path)],
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert run.returncode == 0, f"{path.name}:\n{run.stdout}"
+
+
+# ---- the units under a real systemd -----------------------------------------------------
+
+
+def throwaway_systemd_missing() -> str | None:
+    """Why packaging/check-units-under-systemd.sh cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (private namespaces and mounts)"
+    for tool in ("unshare", "nsenter", "setpriv", "pgrep", "findmnt", "ip"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    if not Path("/lib/systemd/systemd").exists():
+        return "systemd is not installed"
+    if not Path("/usr/bin/python3").exists():
+        return "no system Python at /usr/bin/python3 for the installed venv"
+    cgroup2 = [p for p in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
+               if (p / "cgroup.procs").exists()]
+    if not cgroup2 or not os.access(cgroup2[-1], os.W_OK):
+        return "no writable cgroup2 hierarchy"
+    return None
+
+
+@pytest.mark.slow
+def test_both_units_run_as_shipped_under_a_real_systemd(bundle: Path) -> None:
+    reason = throwaway_systemd_missing()
+    if reason:
+        pytest.skip(f"cannot boot a throwaway systemd here: {reason}")
+    run = subprocess.run(["bash", str(PACKAGING / "check-units-under-systemd.sh"), str(bundle),
+                          str(stdf_path(METIS))],
+                         env={**os.environ, "LOT_ID": "F6N910.1"},
+                         capture_output=True, text=True, timeout=900, check=False)
+    print(run.stdout)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    passed = [line for line in run.stdout.splitlines() if line.startswith("ok: ")]
+    for check in ("edgegw-hub active", "edgegw-gateway active",
+                  "edgegw-hub runs as dynamic user", "edgegw-gateway runs as dynamic user",
+                  "edgegw-hub pings the watchdog", "edgegw-gateway pings the watchdog",
+                  "records were applied", "lot F6N910.1", "files private",
+                  "restarted after a crash", "stops cleanly"):
+        assert any(check in line for line in passed), check
