@@ -40,7 +40,7 @@ from test_mqtt_crash import MqttGateway
 
 from edgegw.mqtt.payloads import PayloadError, json_decoder
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
+pytestmark = pytest.mark.broker
 
 EXAMPLES = int(os.environ.get("EDGEGW_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None,
