@@ -87,7 +87,8 @@ class _SourceSink:
     async def put_whole(self, records: Sequence[Record], checkpoint: Any = None) -> None:
         """``put``, keeping the records in the frame that carries the checkpoint (a
         pending batch they do not fit beside is stored first), so a crash never leaves
-        part of them stored without it.  Holds for up to ``batch.max_records`` records."""
+        part of them stored without it.  Holds for up to ``batch.max_records`` records.
+        Not for sources that replay from their checkpoint (``skip`` does not apply)."""
         await self.gateway._put_whole(records, checkpoint, self.name)
 
 
