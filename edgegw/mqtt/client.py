@@ -6,8 +6,9 @@ paho does the MQTT protocol; this module does its I/O from Trio:
   calls ``on_socket_open`` (and queues CONNECT) from that thread, so those callbacks only
   store state and the Trio side picks it up when the thread returns.
 - a *reader* task waits with ``trio.lowlevel.wait_readable(sock)`` and then calls
-  ``loop_read`` while the socket (or the TLS object's own buffer, ``sock.pending()``) has
-  data, up to a burst budget.  Between bursts it awaits the ``after_read`` hook, which is
+  ``loop_read`` while the socket (or the TLS object's own buffer, ``sock.pending()``, or
+  our read buffer: paho would otherwise make three or four ``recv`` calls per message)
+  has data, up to a burst budget.  Between bursts it awaits the ``after_read`` hook, which is
   where the gateway hands records to its sink: while the sink is full the reader simply
   does not read, the kernel buffer fills, TCP's window closes and the broker holds the
   messages.  Nothing is buffered here beyond one burst.
@@ -133,6 +134,39 @@ class _ClosingSSLSocket(ssl.SSLSocket):
             raise
 
 
+class _BufferedPaho(paho.Client):
+    """paho reads a packet a few bytes at a time: one ``recv`` for the command byte, one
+    per remaining-length byte, one for the rest -- three or four system calls per sensor
+    message.  This client reads the socket up to 64 KiB at a time and serves paho's reads
+    from that buffer (``buffered`` bytes are waiting in it: the reader must not wait for
+    the socket while there are).  The buffer belongs to one socket: closing it empties it."""
+
+    READ_SIZE = 65536
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rbuf = b""
+        self._rpos = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._rbuf) - self._rpos
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rpos >= len(self._rbuf):
+            data = super()._sock_recv(self.READ_SIZE)  # BlockingIOError: nothing there
+            if not data:
+                return data  # the peer closed
+            self._rbuf, self._rpos = data, 0
+        start = self._rpos
+        self._rpos = min(start + bufsize, len(self._rbuf))
+        return self._rbuf[start:self._rpos]
+
+    def _sock_close(self) -> None:
+        self._rbuf, self._rpos = b"", 0
+        super()._sock_close()
+
+
 class _Connection:
     """The state of one connection attempt, shared by its tasks and paho's callbacks."""
 
@@ -186,7 +220,7 @@ class TrioMqttClient:
         self._on_fence = on_fence
         self._metrics = metrics or Metrics()
         v5 = options.protocol == "5"
-        self.paho = paho.Client(
+        self.paho = _BufferedPaho(
             CallbackAPIVersion.VERSION2,
             client_id=options.client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
@@ -341,17 +375,23 @@ class TrioMqttClient:
         # one packet per loop_read call).
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
-        loop_read = self.paho.loop_read
+        client = self.paho
+        loop_read = client.loop_read
         while True:
             # The socket may have been closed (by the writer or misc task) meanwhile; its
             # descriptor number may already belong to another connection.  No await
             # between this check and the wait, so it cannot go stale.
             if conn.closed.is_set():
                 return
-            try:
-                await trio.lowlevel.wait_readable(sock)
-            except (trio.ClosedResourceError, OSError):
-                return
+            if client.buffered:  # read from the socket already: no waiting for it
+                await trio.lowlevel.checkpoint()
+                if conn.closed.is_set():
+                    return
+            else:
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except (trio.ClosedResourceError, OSError):
+                    return
             if self._before_read is not None:
                 self._before_read()
             for _ in range(self.read_budget):
@@ -371,7 +411,7 @@ class TrioMqttClient:
                     return  # paho has closed the socket; on_socket_close ended the connection
                 if self._burst_full is not None and self._burst_full():
                     break
-                if tls_pending is not None and tls_pending():
+                if client.buffered or (tls_pending is not None and tls_pending()):
                     continue
                 if not poller.poll(0):
                     break
