@@ -1,9 +1,10 @@
-"""A real Mosquitto for the tests: the running one on 127.0.0.1:1883, or one we start.
+"""A real Mosquitto for the tests, started by the tests with the "nothing lost" settings.
 
-- ``mqtt_broker``: any broker.  The one on 127.0.0.1:1883 when it runs (tests using it must
-  not restart it and must use their own topics and client ids), else one started for the
-  test session on a free port.  ``EDGEGW_TEST_BROKER=own`` forces the latter,
-  ``EDGEGW_TEST_BROKER=HOST:PORT`` names another broker.
+- ``mqtt_broker``: a broker shared by the test session (tests using it must not restart it
+  and must use their own topics and client ids): one started for the session on a free
+  port with the settings of docs/mqtt.md (no queue limit, no in-flight limit: the source
+  acknowledges only what is durable).  ``EDGEGW_TEST_BROKER=HOST:PORT`` names another
+  broker instead (``127.0.0.1:1883``: the machine's own; its settings are then its own).
 - ``start_broker``: a factory for a broker of the test's own, on a free port, with a
   generated config in ``tmp_path``.  Tests that restart the broker, need the "nothing
   lost" settings (persistence, no queue limit) or a password file always use it.
@@ -22,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -107,11 +109,13 @@ class Broker:
 
 
 def write_config(directory: Path, port: int, *, persistence: bool = True,
-                 max_queued_messages: int = 0, password_file: Path | None = None,
-                 extra: str = "") -> Path:
+                 max_queued_messages: int = 0, max_inflight_messages: int = 0,
+                 password_file: Path | None = None, extra: str = "") -> Path:
     """A broker config.  The defaults are the "nothing lost" ones (docs/mqtt.md):
     persistence on, no limit on the per-client queue (mosquitto's default of 1000 drops
-    QoS 1 messages for a slow or absent subscriber)."""
+    QoS 1 messages for a slow or absent subscriber), no limit on unacknowledged messages
+    in flight to a client (the default of 20 would let the source, which acknowledges only
+    what is durable, take 20 readings per window interval)."""
     lines = [
         # as root, mosquitto would switch to the "mosquitto" user, who cannot read tmp_path
         f"user {getpass.getuser()}",
@@ -120,6 +124,7 @@ def write_config(directory: Path, port: int, *, persistence: bool = True,
         f"persistence {'true' if persistence else 'false'}",
         f"persistence_location {directory}/",
         f"max_queued_messages {max_queued_messages}",
+        f"max_inflight_messages {max_inflight_messages}",
         f"log_dest file {directory}/mosquitto.log",
         "log_type error",
         "log_type warning",
@@ -185,17 +190,93 @@ class BrokerAddress:
 
 @pytest.fixture(scope="session")
 def mqtt_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerAddress]:
-    """``EDGEGW_TEST_BROKER=own`` always starts one; ``=HOST:PORT`` names one to use."""
+    """One broker of the session's own; ``EDGEGW_TEST_BROKER=HOST:PORT`` names another."""
     choice = os.environ.get("EDGEGW_TEST_BROKER", "")
     if choice and choice != "own":
         host, _, port = choice.rpartition(":")
         yield BrokerAddress(host or "127.0.0.1", int(port))
         return
-    if choice != "own" and port_open("127.0.0.1", 1883):
-        yield BrokerAddress("127.0.0.1", 1883)
-        return
     if MOSQUITTO is None:
-        no_broker("no MQTT broker on 127.0.0.1:1883 and no mosquitto binary")
+        if port_open("127.0.0.1", 1883):  # no binary to start one: the machine's own
+            yield BrokerAddress("127.0.0.1", 1883)
+            return
+        no_broker("no mosquitto binary to start a broker and none on 127.0.0.1:1883")
     with broker_factory(tmp_path_factory.mktemp("mqtt")) as start:
         broker = start()
         yield BrokerAddress(broker.host, broker.port)
+
+
+class AckSwallowingProxy:
+    """A TCP proxy between a client and the broker.  ``swallow()``: from then on the bytes
+    the client sends vanish (so the broker never reads its PUBACKs) while everything the
+    broker sends still reaches the client — acknowledgements lost on the way, on purpose.
+    ``restore()``: bytes pass both ways again.  ``cut()`` closes every connection.  A side
+    that closes closes both."""
+
+    def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
+        self.target = (host, target_port)
+        self.listener = socket.create_server((host, 0))
+        self.host = host
+        self.port = self.listener.getsockname()[1]
+        self.swallowing = False
+        self._lock = threading.Lock()
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._pairs.append((client, upstream))
+            threading.Thread(target=self._pump, args=(client, upstream, True),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False),
+                             daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if from_client and self.swallowing:
+                    continue
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def swallow(self) -> None:
+        self.swallowing = True
+
+    def cut(self) -> None:
+        """Close every connection now (new ones are accepted): a network failure."""
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for pair in pairs:
+            for s in pair:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def restore(self) -> None:
+        self.swallowing = False
+
+    def close(self) -> None:
+        self.listener.close()
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for pair in pairs:
+            for s in pair:
+                with contextlib.suppress(OSError):
+                    s.close()

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import sqlite3
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 from hubtools import gateway_config, hub_config, start_hub
-from mqtt_broker import BrokerAddress
+from mqtt_broker import Broker, BrokerAddress, StartBroker
 
+from edgegw import metrics as metrics_module
+from edgegw.backoff import Backoff
 from edgegw.gateway.service import Gateway
+from edgegw.mqtt import source as source_module
+from edgegw.mqtt.client import ConnectOptions, TrioMqttClient
 from edgegw.mqtt.source import MqttSource
+from edgegw.protocol import decode_body
+from edgegw.records import GatewayEvent, SensorReading, from_wire
 from edgegw.sim.sensors import publish_sensors
 
 pytestmark = pytest.mark.broker
@@ -54,3 +64,111 @@ async def test_sensor_windows_flow_from_the_broker_through_the_gateway_to_the_hu
             assert gateway.metrics.counter("mqtt_connected").get(source="sensors") == 1
             gw_nursery.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
+
+
+async def _publish(broker: Broker, messages: list[tuple[str, bytes]]) -> None:
+    """Publish with QoS 1 and wait until the broker has every message."""
+    client = TrioMqttClient(ConnectOptions(host=broker.host, port=broker.port,
+                                           client_id=f"pub-{uuid.uuid4().hex[:8]}"),
+                            backoff=Backoff(0.05, 0.4), name="publisher")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        with trio.fail_after(10):
+            await client.subscribed.wait()
+            for topic, payload in messages:
+                await client.publish(topic, payload, qos=1)
+            await client.wait_all_acked()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_message_whose_handling_raises_is_skipped_counted_acknowledged_for_good(
+        tmp_path: Path, start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A decoder with a bug: it raises something that is not a PayloadError, for one topic.
+    real_make_decoder = source_module.make_decoder
+
+    def make_decoder(name: str, **options: Any) -> Any:
+        if options.get("value_path") != "boom":
+            return real_make_decoder(name, **options)
+
+        def explode(payload: bytes) -> tuple[float, float | None]:
+            raise RuntimeError("a bug in a decoder")
+        return explode
+
+    monkeypatch.setattr(source_module, "make_decoder", make_decoder)
+    # internal errors are logged at most once per 10 s per `where`, process-wide: start afresh
+    monkeypatch.setattr(metrics_module, "_last_logged", {})
+    caplog.set_level(logging.ERROR, logger="edgegw.mqtt.source")
+    broker = start_broker()
+    prefix = f"p-{uuid.uuid4().hex[:8]}"
+    sources = [{
+        "name": "sensors", "type": "mqtt", "host": broker.host, "port": broker.port,
+        "client_id": f"edgegw-{prefix}", "clean_session": False,
+        "subscriptions": [{"topic": f"{prefix}/+/good", "raw": True},
+                          {"topic": f"{prefix}/+/bad", "raw": True, "value_path": "boom"}],
+    }]
+
+    def good(i: int) -> tuple[str, bytes]:
+        return f"{prefix}/h/good", json.dumps({"value": i}).encode()
+
+    poison = (f"{prefix}/h/bad", b'{"boom": 1}')
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path / "hub"))
+        cfg = gateway_config(tmp_path / "gw", port, sources=sources, spool={})
+        for run, messages in enumerate([[good(0), poison, good(1), poison, good(2)],
+                                        [good(3)]]):
+            gateway = Gateway(cfg)
+            async with trio.open_nursery() as gw_nursery:
+                await gw_nursery.start(gateway.run)
+                ((_, source),) = gateway.sources
+                assert isinstance(source, MqttSource) and source.client is not None
+                with trio.fail_after(10):
+                    await source.client.subscribed.wait()
+                await _publish(broker, messages)
+                with trio.fail_after(20):
+                    # every message handled and acknowledged, the poison ones included
+                    while source.received < len(messages) or source.unacked:
+                        await trio.sleep(0.02)
+                    while hub.stats()["gateways"].get("ate-01", {}).get(
+                            "records_applied", 0) < gateway.next_rid - 1:
+                        await trio.sleep(0.02)
+                internal = gateway.metrics.counter("internal_errors_total")
+                if run == 0:
+                    # the gateway is still running: the poison cost two messages, no more
+                    assert not gw_nursery.cancel_scope.cancel_called
+                    assert internal.get(where="mqtt_message") == 2 and source.failed == 2
+                else:
+                    # after the restart nothing came again: not the poison, not the good ones
+                    assert source.received == 1
+                    assert internal.get(where="mqtt_message") == 0
+                gw_nursery.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
+    readings, events = _hub_records(tmp_path / "hub")
+    assert sorted(readings) == [0.0, 1.0, 2.0, 3.0]  # each good reading once
+    assert [e[3] for e in events] == ["mqtt.message_failed"]  # reported once (rate limit)
+    logged = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(logged) == 1  # the second one within 10 s is counted, not logged
+    assert "internal error at mqtt_message" in logged[0].getMessage()
+    assert f"{prefix}/h/bad" in logged[0].getMessage()
+    assert "RuntimeError: a bug in a decoder" in logged[0].getMessage()
+    assert logged[0].exc_info is not None  # with the traceback
+
+
+def _hub_records(hub_dir: Path) -> tuple[list[float], list[tuple[Any, ...]]]:
+    """(values of the SensorReadings, GatewayEvents) the hub has applied."""
+    db = sqlite3.connect(hub_dir / "hub.sqlite3")
+    try:
+        rows = db.execute("SELECT body FROM frames ORDER BY first_rid").fetchall()
+    finally:
+        db.close()
+    readings: list[float] = []
+    events: list[tuple[Any, ...]] = []
+    for (body,) in rows:
+        _, names, wire = decode_body(body, 1 << 30)
+        for item in wire:
+            rec = from_wire(item, names)
+            if isinstance(rec, SensorReading):
+                readings.append(rec.value)
+            elif isinstance(rec, GatewayEvent):
+                events.append(tuple(rec))
+    return readings, events

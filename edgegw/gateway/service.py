@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,23 @@ class _SourceSink:
                 return
         await self.gateway._put(records, checkpoint, self.name)
 
+    # For sources that acknowledge their input only once it is durable (MQTT QoS 1):
+
+    def on_durable(self, listener: Callable[[Any], None]) -> None:
+        """Call ``listener(checkpoint)`` (synchronously, in the Trio thread) whenever a
+        frame carrying a checkpoint of this source is in the frame store: written and
+        fsynced with the disk spool; queued with the memory queue, which does not survive
+        a crash.  Checkpoints superseded within one frame are not reported: each report
+        covers every earlier put of the source."""
+        self.gateway._durable_listeners[self.name] = listener
+
+    async def put_whole(self, records: Sequence[Record], checkpoint: Any = None) -> None:
+        """``put``, keeping the records in the frame that carries the checkpoint (a
+        pending batch they do not fit beside is stored first), so a crash never leaves
+        part of them stored without it.  Holds for up to ``batch.max_records`` records.
+        Not for sources that replay from their checkpoint (``skip`` does not apply)."""
+        await self.gateway._put_whole(records, checkpoint, self.name)
+
 
 def _innermost(exc: BaseException) -> BaseException:
     """The exception itself, out of the single-member groups nurseries wrap it in."""
@@ -104,6 +121,7 @@ class Gateway:
         self.sink = GatewaySink(self)
         self._lock = trio.Lock()
         self._wake_flusher = trio.Event()
+        self._durable_listeners: dict[str, Callable[[Any], None]] = {}
         self.next_rid = 1
         self.sources: list[tuple[str, Source]] = list(extra_sources)
         self._entries: dict[str, SourceEntry] = {}  # config-built sources, to rebuild them
@@ -239,10 +257,36 @@ class Gateway:
             body = encode_body(first_rid, [])
         await self.store.append(body, len(batch.records), checkpoints)
         failpoints.hit("gateway.frame_stored")
+        self._notify_durable(batch.checkpoints)
         self.m_frames.inc()
         self.m_records_stored.inc(len(batch.records))
         self._last_progress = time.time()
         self._report_drops()
+
+    async def _put_whole(self, records: Sequence[Record], checkpoint: Any,
+                         source: str) -> None:
+        """See ``_SourceSink.put_whole``."""
+        if records:
+            self.m_records_in.inc(len(records), source=source)
+        async with self._lock:
+            b = self.batcher
+            if b.pending and b.pending + len(records) > b.max_records:
+                batch = b.flush()
+                if batch is not None:
+                    await self._store(batch)
+            for batch in b.add(records, trio.current_time(), source, checkpoint):
+                await self._store(batch)
+        self._wake_flusher.set()
+
+    def _notify_durable(self, checkpoints: dict[str, Any]) -> None:
+        for source, checkpoint in checkpoints.items():
+            listener = self._durable_listeners.get(source)
+            if listener is not None:
+                try:
+                    listener(checkpoint)
+                except Exception:  # a source's fault must not break the store path
+                    report_internal_error(self.metrics, "durable_listener", log,
+                                          "durable listener of source %s", source)
 
     def _spool_damage(self) -> tuple[str, dict[str, Any]] | None:
         """What the disk spool found damaged at recovery, for a GatewayEvent to the hub."""

@@ -4,6 +4,8 @@
   thread), with reconnects, resubscription and backpressure; also used to publish.
 - ``topics``: topic-filter checks and channel-name templates.
 - ``payloads``: payload decoders and the ``edgegw.payloads`` plugin seam.
+- ``acks``: ``AckLedger``, which QoS 1 messages may be acknowledged (once durable, in
+  order) and which redelivered ones to drop (sans-IO).
 - ``source``: ``MqttSource``, the gateway source (entry point ``mqtt``).
 """
 

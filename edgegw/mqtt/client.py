@@ -6,8 +6,9 @@ paho does the MQTT protocol; this module does its I/O from Trio:
   calls ``on_socket_open`` (and queues CONNECT) from that thread, so those callbacks only
   store state and the Trio side picks it up when the thread returns.
 - a *reader* task waits with ``trio.lowlevel.wait_readable(sock)`` and then calls
-  ``loop_read`` while the socket (or the TLS object's own buffer, ``sock.pending()``) has
-  data, up to a burst budget.  Between bursts it awaits the ``after_read`` hook, which is
+  ``loop_read`` while the socket (or the TLS object's own buffer, ``sock.pending()``, or
+  our read buffer: paho would otherwise make three or four ``recv`` calls per message)
+  has data, up to a burst budget.  Between bursts it awaits the ``after_read`` hook, which is
   where the gateway hands records to its sink: while the sink is full the reader simply
   does not read, the kernel buffer fills, TCP's window closes and the broker holds the
   messages.  Nothing is buffered here beyond one burst.
@@ -26,6 +27,20 @@ harmless).  The SUBACK is not awaited but handled when it is read (refusals are 
 a reader paused by backpressure must not look like a broken connection.  A broker that
 refuses the connection (bad credentials, say) raises ``ConnectRefused`` with the broker's
 reason, which is logged, and the connection is retried at the backoff cap.
+
+Failure boundaries (docs/reliability.md): an exception from the ``on_message`` handler is
+caught and costs that message (``where="mqtt_message"``); an exception from our other
+callbacks, or from paho itself while reading, ends only that connection
+(``where="mqtt_connection"``), which is then re-established with backoff.  Each is counted
+(``message_errors`` / ``internal_errors``, and in ``internal_errors_total`` of ``metrics``
+when given) and logged with its traceback, rate-limited.  Nothing raised in a paho
+callback reaches the Trio loop.
+
+Acknowledgements: with ``manual_ack`` paho sends no PUBACK by itself; the owner calls
+``ack(mids)`` (in the order the messages arrived) and can send a *fence* (``fence()``, an
+UNSUBSCRIBE of a filter nobody uses) whose answer, reported to ``on_fence``, proves the
+broker has read every packet sent before it.  ``on_session(session_present)`` is called
+when a connection is accepted, before any message of it is handed over.
 """
 
 from __future__ import annotations
@@ -46,6 +61,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ..backoff import Backoff
+from ..metrics import Metrics, report_internal_error
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +71,11 @@ log = logging.getLogger(__name__)
 STABLE_AFTER = 10.0
 
 _AUTH_HINT = {4, 5, 0x86, 0x87, 0x8C}  # bad user name or password / not authorized / bad auth
+
+#: the filter a fence unsubscribes from: nobody subscribes to it ('$' topics are not
+#: matched by '#' either), so the UNSUBSCRIBE changes nothing on the broker
+FENCE_FILTER = "$edgegw/ack-fence"
+
 
 
 class ConnectError(Exception):
@@ -113,6 +134,39 @@ class _ClosingSSLSocket(ssl.SSLSocket):
             raise
 
 
+class _BufferedPaho(paho.Client):
+    """paho reads a packet a few bytes at a time: one ``recv`` for the command byte, one
+    per remaining-length byte, one for the rest -- three or four system calls per sensor
+    message.  This client reads the socket up to 64 KiB at a time and serves paho's reads
+    from that buffer (``buffered`` bytes are waiting in it: the reader must not wait for
+    the socket while there are).  The buffer belongs to one socket: closing it empties it."""
+
+    READ_SIZE = 65536
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rbuf = b""
+        self._rpos = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._rbuf) - self._rpos
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rpos >= len(self._rbuf):
+            data = super()._sock_recv(self.READ_SIZE)  # BlockingIOError: nothing there
+            if not data:
+                return data  # the peer closed
+            self._rbuf, self._rpos = data, 0
+        start = self._rpos
+        self._rpos = min(start + bufsize, len(self._rbuf))
+        return self._rbuf[start:self._rpos]
+
+    def _sock_close(self) -> None:
+        self._rbuf, self._rpos = b"", 0
+        super()._sock_close()
+
+
 class _Connection:
     """The state of one connection attempt, shared by its tasks and paho's callbacks."""
 
@@ -146,6 +200,10 @@ class TrioMqttClient:
         read_budget: int = 256,
         max_unacked: int = 1000,
         name: str = "mqtt",
+        manual_ack: bool = False,
+        on_session: Callable[[bool], None] | None = None,
+        on_fence: Callable[[int], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if not options.client_id:
             raise ValueError("an MQTT client id must not be empty")
@@ -158,15 +216,20 @@ class TrioMqttClient:
         self._before_read = before_read
         self._after_read = after_read
         self._burst_full = burst_full
+        self._on_session = on_session
+        self._on_fence = on_fence
+        self._metrics = metrics or Metrics()
         v5 = options.protocol == "5"
-        self.paho = paho.Client(
+        self.paho = _BufferedPaho(
             CallbackAPIVersion.VERSION2,
             client_id=options.client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             clean_session=None if v5 else options.clean_session,
+            manual_ack=manual_ack,
         )
-        # paho would swallow (and only log) exceptions from our callbacks; a bug in them
-        # must surface instead.
+        # paho would swallow exceptions from our callbacks into a logger nobody reads; our
+        # callbacks catch their own (``_guarded``), so anything that still escapes is a
+        # paho fault, handled in the reader.
         self.paho.suppress_exceptions = False
         self.paho.connect_timeout = options.connect_timeout
         if options.username:
@@ -175,16 +238,18 @@ class TrioMqttClient:
             if options.ssl_context.sslsocket_class is ssl.SSLSocket:
                 options.ssl_context.sslsocket_class = _ClosingSSLSocket
             self.paho.tls_set_context(options.ssl_context)
-        self.paho.on_socket_open = self._cb_socket_open
-        self.paho.on_socket_close = self._cb_socket_close
-        self.paho.on_socket_register_write = self._cb_register_write
-        self.paho.on_socket_unregister_write = self._cb_unregister_write
-        self.paho.on_connect = self._cb_connect
-        self.paho.on_disconnect = self._cb_disconnect
-        self.paho.on_subscribe = self._cb_subscribe
-        self.paho.on_publish = self._cb_publish
+        g = self._guarded
+        self.paho.on_socket_open = g(self._cb_socket_open)
+        self.paho.on_socket_close = g(self._cb_socket_close)
+        self.paho.on_socket_register_write = g(self._cb_register_write)
+        self.paho.on_socket_unregister_write = g(self._cb_unregister_write)
+        self.paho.on_connect = g(self._cb_connect)
+        self.paho.on_disconnect = g(self._cb_disconnect)
+        self.paho.on_subscribe = g(self._cb_subscribe)
+        self.paho.on_unsubscribe = g(self._cb_unsubscribe)
+        self.paho.on_publish = g(self._cb_publish)
         if on_message is not None:
-            self.paho.on_message = lambda _c, _u, msg: on_message(msg)
+            self.paho.on_message = self._message_boundary(on_message)
         self._conn: _Connection | None = None
         self._trio_thread: int | None = None
         self._unacked: set[int] = set()
@@ -197,6 +262,35 @@ class TrioMqttClient:
         self.session_present = False
         self.subscribed = trio.Event()  # set once the first subscriptions are acknowledged
         self.paused = False  # the reader waits for the gateway to take data (backpressure)
+        self.message_errors = 0  # exceptions raised by on_message, caught here
+        self.internal_errors = 0  # exceptions in our other callbacks or inside paho
+        self._fences: set[int] = set()
+
+    # ---------------------------------------------------------------- failure boundaries
+
+    def _internal_error(self, where: str, what: str, exc: BaseException) -> None:
+        """Count and log (rate-limited, with the traceback); call it in the except block."""
+        report_internal_error(self._metrics, where, log, "%s: %s: %s: %.200s", self.name,
+                              what, type(exc).__name__, exc)
+
+    def _message_boundary(self, handler: Callable[[paho.MQTTMessage], None]
+                          ) -> Callable[[Any, Any, paho.MQTTMessage], None]:
+        def on_message(_c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+            try:
+                handler(msg)
+            except Exception as exc:  # one message, not the connection or the process
+                self.message_errors += 1
+                self._internal_error("mqtt_message", f"handling message {msg.mid} failed", exc)
+        return on_message
+
+    def _guarded(self, callback: Callable[..., None]) -> Callable[..., None]:
+        def guarded(*args: Any) -> None:
+            try:
+                callback(*args)
+            except Exception as exc:
+                self.internal_errors += 1
+                self._internal_error("mqtt_connection", f"{callback.__name__} failed", exc)
+        return guarded
 
     # ---------------------------------------------------------------- paho callbacks
 
@@ -234,6 +328,10 @@ class TrioMqttClient:
         conn.connack = reason
         conn.session_present = bool(getattr(flags, "session_present", False))
         conn.settled.set()
+        self._fences.clear()  # an answer to a fence of the old connection never comes
+        if not reason.is_failure and self._on_session is not None:
+            # before loop_read hands over the first message of this connection
+            self._on_session(conn.session_present)
 
     def _cb_disconnect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
         if self._conn is not None:
@@ -253,6 +351,12 @@ class TrioMqttClient:
                               f"{refused[0][1]}"
         self.subscribed.set()
 
+    def _cb_unsubscribe(self, _c: Any, _u: Any, mid: int, _reasons: Any, _p: Any) -> None:
+        if mid in self._fences:
+            self._fences.discard(mid)
+            if self._on_fence is not None:
+                self._on_fence(mid)
+
     def _cb_publish(self, _c: Any, _u: Any, mid: int, _reason: Any, _p: Any) -> None:
         if mid in self._unacked:
             self._unacked.discard(mid)
@@ -271,26 +375,43 @@ class TrioMqttClient:
         # one packet per loop_read call).
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
-        loop_read = self.paho.loop_read
+        client = self.paho
+        loop_read = client.loop_read
         while True:
             # The socket may have been closed (by the writer or misc task) meanwhile; its
             # descriptor number may already belong to another connection.  No await
             # between this check and the wait, so it cannot go stale.
             if conn.closed.is_set():
                 return
-            try:
-                await trio.lowlevel.wait_readable(sock)
-            except (trio.ClosedResourceError, OSError):
-                return
+            if client.buffered:  # read from the socket already: no waiting for it
+                await trio.lowlevel.checkpoint()
+                if conn.closed.is_set():
+                    return
+            else:
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except (trio.ClosedResourceError, OSError):
+                    return
             if self._before_read is not None:
                 self._before_read()
             for _ in range(self.read_budget):
-                rc = loop_read()
+                try:
+                    rc = loop_read()
+                except Exception as exc:
+                    # paho itself failed on what it read (our callbacks catch their own):
+                    # end this connection, not the process; run() reconnects with backoff
+                    self.internal_errors += 1
+                    self._internal_error("mqtt_connection", "reading from the broker failed",
+                                         exc)
+                    conn.disconnect_reason = f"internal error: {type(exc).__name__}: {exc}"
+                    conn.closed.set()
+                    conn.settled.set()
+                    return
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or conn.closed.is_set():
                     return  # paho has closed the socket; on_socket_close ended the connection
                 if self._burst_full is not None and self._burst_full():
                     break
-                if tls_pending is not None and tls_pending():
+                if client.buffered or (tls_pending is not None and tls_pending()):
                     continue
                 if not poller.poll(0):
                     break
@@ -471,6 +592,36 @@ class TrioMqttClient:
             delay = self.backoff.next_delay()
             log.log(level, "%s: %s; reconnecting in %.1f s", self.name, self.last_error, delay)
             await trio.sleep(delay)
+
+    # ---------------------------------------------------------------- acknowledging
+
+    @property
+    def can_send(self) -> bool:
+        """The broker accepted this connection (CONNACK read) and it is still open."""
+        conn = self._conn
+        return (conn is not None and conn.connack is not None and not conn.connack.is_failure
+                and not conn.closed.is_set())
+
+    def ack(self, mids: Sequence[int]) -> bool:
+        """Send the PUBACKs of QoS 1 messages ``mids``, in that order (``manual_ack``);
+        False when there is no connection to send them on."""
+        if not self.can_send:
+            return False
+        ack = self.paho.ack
+        for mid in mids:
+            ack(mid, 1)
+        return True
+
+    def fence(self) -> int | None:
+        """Send a fence; its id is reported to ``on_fence`` once the broker has read every
+        packet sent before it.  None when there is no connection."""
+        if not self.can_send:
+            return None
+        rc, mid = self.paho.unsubscribe(FENCE_FILTER)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return None
+        self._fences.add(mid)
+        return mid
 
     # ---------------------------------------------------------------- publishing
 

@@ -5,15 +5,25 @@ Each configured subscription maps a topic filter to a channel-name template
 throttled to its UI rate (``edgegw.throttle``: one window per interval with last, min,
 max, mean and count) or, with ``raw = true``, forwarded reading by reading.
 
-Backpressure: the reader reads a burst of messages, then hands the records it made to
-``sink.put`` before it reads again.  While the sink is full, ``put`` awaits, the socket is
-not read, and TCP pushes back to the broker, which queues the messages (configure it to
-keep them: see docs/mqtt.md).  At most ``max_batch`` records are held here.
+Tasks: the client's reader decodes a burst of messages into the throttles and the pending
+batch, then asks the *pump* to put them and reads on; it waits only while a full batch is
+still not taken (backpressure: the socket is not read, TCP pushes back to the broker, which
+queues; configure it to keep them, see docs/mqtt.md).  The pump puts pending records and
+closes windows at their deadline.  It is not part of any connection, so a lost connection
+never cancels a put half-way; at a stop it finishes the put in hand and flushes the open
+windows (bounded in time).
 
-Delivery: paho acknowledges a QoS 1 message once it is decoded into the throttle or the
-batch, before the sink has it; a gateway *crash* can therefore lose what is in the open
-windows (one interval) and the current batch.  A broker or network failure loses nothing
-with QoS 1 and a persistent session (the broker redelivers what was not acknowledged).
+Delivery (docs/mqtt.md, "Acknowledgements"): QoS 1 messages are acknowledged manually,
+in the order they arrived, once the frame holding what they became is durable in the
+frame store (``edgegw.mqtt.acks`` keeps the books; the gateway reports durability through
+``sink.on_durable``).  Each put's checkpoint lists the messages stored and not yet known
+to be acknowledged, so a message the broker sends again after a crash or reconnect is
+recognised and dropped: every QoS 1 reading is counted exactly once.
+
+Failure boundary: whatever goes wrong while handling one message (a payload that does not
+decode, a decoder that raises anything else, a bug) is caught here, counted, logged with
+the topic at most once per interval, and the message is acknowledged in its turn: a poison
+message is never redelivered forever and never stops the gateway.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ import logging
 import math
 import ssl
 import time
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 import paho.mqtt.client as paho
@@ -30,9 +42,11 @@ import trio
 
 from ..backoff import Backoff
 from ..config import Range
+from ..metrics import report_internal_error
 from ..records import GatewayEvent, Record, SensorReading
 from ..sources import RecordSink, SourceContext
 from ..throttle import Throttle, as_sensor_window
+from .acks import AckLedger, CheckpointError, Group, keys_from_checkpoint
 from .client import ConnectOptions, TrioMqttClient, ssl_context, subscriptions_of
 from .payloads import Decoder, PayloadError, UnknownPayloadDecoder, make_decoder
 from .topics import TemplateError, check_filter, compile_template
@@ -143,12 +157,27 @@ class MqttSourceConfig:
         return problems
 
 
+@dataclasses.dataclass(eq=False)
+class _Throttled:
+    """One throttle (one rate) and the ledger group of the readings in its open windows."""
+
+    throttle: Throttle
+    group: Group
+
+
 @dataclasses.dataclass
 class _Route:
     sub: SubscriptionConfig
     channel: Any  # topic -> channel name
     decode: Decoder
-    throttle: Throttle | None
+    throttled: _Throttled | None
+
+
+#: per topic: its route (None: unrouted), channel name and the CRC of the topic (for keys)
+_Hit = tuple[_Route | None, str, int]
+
+#: seconds a stop waits for the put in hand and the final flush of the open windows
+STOP_FLUSH_S = 5.0
 
 
 class MqttSource:
@@ -159,23 +188,29 @@ class MqttSource:
         self.config = config
         self.context = context
         c = config
-        self._throttles: dict[float, Throttle] = {}
+        self._ledger = AckLedger(self._restore(context.checkpoint))
+        self._throttles: dict[float, _Throttled] = {}
         self._routes: list[tuple[str, _Route]] = []
         for sub in c.subscriptions:
-            throttle = None
+            throttled = None
             if not sub.raw:
-                throttle = self._throttles.setdefault(sub.rate, Throttle(1.0 / sub.rate))
+                throttled = self._throttles.get(sub.rate)
+                if throttled is None:
+                    throttled = self._throttles[sub.rate] = _Throttled(
+                        Throttle(1.0 / sub.rate), Group())
             route = _Route(sub, compile_template(sub.channel, sub.topic),
                            make_decoder(sub.payload, value_path=sub.value_path,
                                         timestamp_field=sub.timestamp_field,
-                                        options=sub.payload_options), throttle)
+                                        options=sub.payload_options), throttled)
             self._routes.append((sub.topic, route))
-        self._route_cache: dict[str, tuple[_Route, str] | None] = {}
+        self._route_cache: dict[str, _Hit] = {}
         self._units: dict[str, str] = {}  # channel -> unit, for windows
         self._pending: list[Record] = []
-        self._flush_lock = trio.Lock()
-        self._tick = trio.Event()
-        self._ticker_deadline = math.inf  # when the ticker wakes by itself
+        self._wake_pump = trio.Event()
+        self._pump_deadline = math.inf  # when the pump wakes by itself (wall clock)
+        self._flush_wanted = False
+        self._stopping = False
+        self._taken = trio.Event()  # set whenever the pump takes the pending records
         m = context.metrics
         self._m_messages = m.counter("mqtt_messages_total", "MQTT messages received")
         self._m_bad = m.counter("mqtt_bad_payloads_total",
@@ -186,26 +221,40 @@ class MqttSource:
                                      "MQTT messages matching no subscription")
         self._m_connected = m.gauge("mqtt_connected", "1 while connected to the broker")
         self._m_failures = m.gauge("mqtt_connect_failures", "failed connection attempts")
+        self._m_unacked = m.gauge("mqtt_unacked",
+                                  "QoS 1 messages received, not yet acknowledged")
+        self._m_duplicates = m.gauge(
+            "mqtt_redelivered_dropped", "QoS 1 messages the broker sent again that were "
+            "already stored or in hand, dropped (acknowledged, not counted twice)")
         m.add_collector(self._collect)
-        self._bad_logged: dict[str, tuple[float, int]] = {}  # topic -> (last log, suppressed)
+        # (kind, topic) -> (last log, suppressed)
+        self._reported: dict[tuple[str, str], tuple[float, int]] = {}
         self.received = 0
         self.bad = 0
+        self.failed = 0  # messages whose handling raised something unexpected
         self.client: TrioMqttClient | None = None
+
+    def _restore(self, checkpoint: Any) -> Any:
+        """The keys of messages stored before a restart (None: a fresh start)."""
+        if checkpoint is None:
+            return None
+        try:
+            return keys_from_checkpoint(checkpoint)
+        except CheckpointError as exc:
+            log.warning("%s: ignoring the checkpoint: %s (redelivered messages may be "
+                        "counted twice)", self.name, exc)
+            return None
 
     # ------------------------------------------------------------ message path (sync)
 
-    def _route(self, topic: str) -> tuple[_Route, str] | None:
+    def _route(self, topic: str) -> _Hit:
         """The subscription a topic belongs to and its channel name, cached per topic
         (the template and the filter match cost more than the rest of the message)."""
-        try:
-            return self._route_cache[topic]
-        except KeyError:
-            pass
-        found = None
+        found: _Hit = (None, "", zlib.crc32(topic.encode()))
         for topic_filter, route in self._routes:
             if paho.topic_matches_sub(topic_filter, topic):
                 channel = route.channel(topic)  # TemplateError: not cached, counted
-                found = (route, channel)
+                found = (route, channel, found[2])
                 if route.sub.unit:
                     self._units[channel] = route.sub.unit
                 break
@@ -215,34 +264,66 @@ class MqttSource:
         return found
 
     def _on_message(self, msg: paho.MQTTMessage) -> None:
+        """One message, a failure boundary: nothing raised here leaves it."""
         self.received += 1
-        topic = msg.topic
+        qos = msg.qos
+        key = 0
+        group: Group | None = None
         try:
-            hit = self._route(topic)
-            if hit is None:  # a retained or overlapping message we did not ask for
+            topic = msg.topic
+            route, channel, topic_crc = self._route_cache.get(topic) or self._route(topic)
+            if qos:
+                key = (msg.mid << 32) | zlib.crc32(msg.payload, topic_crc)
+                if msg.dup and self._ledger.redelivered(msg.mid, key):
+                    return  # already stored or in hand: acknowledged with the original
+            if route is None:  # a retained or overlapping message we did not ask for
                 self._m_unrouted.inc(source=self.name)
-                return
-            route, channel = hit
-            value, ts = route.decode(msg.payload)
+            else:
+                value, ts = route.decode(msg.payload)
+                if ts is None:
+                    ts = time.time()
+                throttled = route.throttled
+                if throttled is None:
+                    self._pending.append(
+                        SensorReading(self.name, ts, channel, value, route.sub.unit))
+                    group = self._ledger.pending
+                else:
+                    throttled.throttle.add(channel, value, ts)
+                    group = throttled.group
         except (PayloadError, TemplateError) as exc:
-            self._bad_payload(topic, str(exc))
-            return
-        if route.throttle is None:
-            self._pending.append(SensorReading(self.name, time.time() if ts is None else ts,
-                                               channel, value, route.sub.unit))
-        else:
-            route.throttle.add(channel, value, time.time() if ts is None else ts)
+            self._bad_payload(msg, str(exc))
+        except Exception as exc:
+            self._message_failed(msg, exc)
+        if qos:
+            self._ledger.add(msg.mid, key, group, not msg.dup)
 
-    def _bad_payload(self, topic: str, reason: str) -> None:
+    @staticmethod
+    def _topic_of(msg: paho.MQTTMessage) -> str:
+        try:
+            return msg.topic
+        except UnicodeDecodeError:
+            return repr(msg._topic)  # paho keeps the raw bytes only there
+
+    def _report(self, kind: str, topic: str) -> int | None:
+        """Rate limit per kind and topic: None = stay quiet, else how many were quiet."""
+        now = time.monotonic()
+        last, suppressed = self._reported.get((kind, topic), (-math.inf, 0))
+        if now - last < self.config.bad_payload_log_interval:
+            self._reported[(kind, topic)] = (last, suppressed + 1)
+            return None
+        if len(self._reported) > 10_000:  # many distinct bad topics: do not grow forever
+            self._reported.clear()
+        self._reported[(kind, topic)] = (now, 0)
+        return suppressed
+
+    def _bad_payload(self, msg: paho.MQTTMessage, reason: str) -> None:
+        topic = self._topic_of(msg)
         self.bad += 1
         self._m_bad.inc(source=self.name, topic=topic)
         self._m_source_errors.inc(source=self.name)
-        now = time.monotonic()
-        last, suppressed = self._bad_logged.get(topic, (-math.inf, 0))
-        if now - last < self.config.bad_payload_log_interval:
-            self._bad_logged[topic] = (last, suppressed + 1)
+        suppressed = self._report("bad", topic)
+        if suppressed is None:
             return
-        self._bad_logged[topic] = (now, 0)
         more = f" ({suppressed} more since the last report)" if suppressed else ""
         log.warning("%s: bad payload on %r skipped: %s%s", self.name, topic, reason, more)
         self._pending.append(GatewayEvent(
@@ -250,21 +331,41 @@ class MqttSource:
             f"bad payload on {topic!r}: {reason}",
             {"topic": topic, "reason": reason, "suppressed": suppressed}))
 
+    def _message_failed(self, msg: paho.MQTTMessage, exc: Exception) -> None:
+        """Handling one message raised something unexpected: skip it, count it, say so
+        (call it in the except block: the traceback is logged)."""
+        topic = self._topic_of(msg)
+        self.failed += 1
+        reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+        report_internal_error(self.context.metrics, "mqtt_message", log,
+                              "source %s: message on %r (%d bytes, qos %d) skipped: %s",
+                              self.name, topic, len(msg.payload), msg.qos, reason)
+        suppressed = self._report("failed", topic)
+        if suppressed is None:
+            return
+        self._pending.append(GatewayEvent(
+            self.name, time.time(), "error", "mqtt.message_failed",
+            f"message on {topic!r} skipped: {reason}",
+            {"topic": topic, "reason": reason, "suppressed": suppressed}))
+
     def _poll_throttles(self) -> None:
         now = time.time()
-        for throttle in self._throttles.values():
-            for w in throttle.poll(now):
-                self._pending.append(as_sensor_window(w, self.name, self._units.get(w.channel, "")))
+        for t in self._throttles.values():
+            windows = t.throttle.poll(now)
+            if windows:
+                self._emit(t, windows)
+
+    def _emit(self, t: _Throttled, windows: Sequence[Any]) -> None:
+        """Closed windows join the pending records; their readings' group goes with them."""
+        for w in windows:
+            self._pending.append(as_sensor_window(w, self.name, self._units.get(w.channel, "")))
+        self._ledger.ready(t.group)
+        t.group = Group()
 
     def _next_deadline(self) -> float:
-        deadlines = [d for t in self._throttles.values() if (d := t.deadline) is not None]
+        deadlines = [d for t in self._throttles.values()
+                     if (d := t.throttle.deadline) is not None]
         return min(deadlines, default=math.inf)
-
-    def _wake_ticker(self) -> None:
-        """After a burst: wake the ticker only if a window now ends before it would wake
-        (a channel that was idle got a reading), not once per burst."""
-        if self._next_deadline() < self._ticker_deadline:
-            self._tick.set()
 
     def _burst_full(self) -> bool:
         return len(self._pending) >= self.config.max_batch
@@ -272,6 +373,8 @@ class MqttSource:
     def _collect(self) -> None:
         client = self.client
         self._m_messages.set(self.received, source=self.name)
+        self._m_unacked.set(self._ledger.unacked, source=self.name)
+        self._m_duplicates.set(self._ledger.duplicates, source=self.name)
         if client is not None:
             self._m_connected.set(1 if client.connected else 0, source=self.name)
             self._m_failures.set(client.connect_failures, source=self.name)
@@ -279,36 +382,105 @@ class MqttSource:
     @property
     def buffered(self) -> int:
         """Records and readings held by the source that the sink does not have yet."""
-        return len(self._pending) + sum(t.pending for t in self._throttles.values())
+        return len(self._pending) + sum(t.throttle.pending for t in self._throttles.values())
+
+    @property
+    def unacked(self) -> int:
+        """QoS 1 messages of this connection not acknowledged yet."""
+        return self._ledger.unacked
+
+    @property
+    def acked(self) -> int:
+        """QoS 1 messages acknowledged (PUBACK sent), ever."""
+        return self._ledger.acked
+
+    @property
+    def duplicates(self) -> int:
+        """Redelivered QoS 1 messages recognised and dropped."""
+        return self._ledger.duplicates
+
+    # ------------------------------------------------------------ acknowledging
+
+    def _durable(self, checkpoint: Any) -> None:
+        """The gateway says the frame with this checkpoint is in the frame store."""
+        self._ledger.durable(checkpoint["put"])
+        self._send_acks()
+
+    def _send_acks(self) -> None:
+        client = self.client
+        ledger = self._ledger
+        if client is None or not client.can_send:
+            return  # kept: a new connection turns them into orphans (acks.py, I5)
+        if ledger.ack_ready:
+            client.ack(ledger.acks())
+        if ledger.fence_wanted:
+            mid = client.fence()
+            if mid is not None:
+                ledger.fence_sent(mid)
+
+    def _fence_done(self, mid: int) -> None:
+        self._ledger.fence_done(mid)
+        self._send_acks()  # a fence that closed orphans may want the next one
 
     # ------------------------------------------------------------ async side
 
-    async def _flush(self, sink: RecordSink) -> None:
-        async with self._flush_lock:
-            if self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    await sink.put(batch)
-                except BaseException:
-                    # Cancelled while the sink was full (the connection died meanwhile,
-                    # or shutdown): the batch is not lost, it goes out first next time.
-                    # (A put cancelled half-way may repeat records: at least once.)
-                    self._pending[:0] = batch
-                    raise
+    def _want_flush(self) -> None:
+        self._flush_wanted = True
+        self._wake_pump.set()
 
-    async def _ticker(self, sink: RecordSink) -> None:
-        """Emit windows at their deadline when no message arrives to do it."""
-        while True:
-            self._ticker_deadline = deadline = self._next_deadline()
-            self._tick = trio.Event()
-            if deadline < math.inf:
-                with trio.move_on_after(max(0.0, deadline - time.time())):
-                    await self._tick.wait()
-            else:
-                await self._tick.wait()
-            self._ticker_deadline = -math.inf  # busy: no need to wake it
-            self._poll_throttles()
-            await self._flush(sink)
+    async def _after_read(self) -> None:
+        """After a burst: acknowledge what is due, hand the records to the pump, and wait
+        while a full batch is still not taken (the gateway is full)."""
+        self._send_acks()
+        if self._pending:
+            self._want_flush()
+        elif self._next_deadline() < self._pump_deadline:
+            self._wake_pump.set()  # an idle channel got a reading: its window ends earlier
+        while self._burst_full():
+            self._taken = trio.Event()
+            await self._taken.wait()
+
+    async def _put(self, put: Callable[..., Awaitable[None]], reports: bool) -> None:
+        batch, self._pending = self._pending, []
+        self._taken.set()
+        n = self._ledger.seal()
+        checkpoint = self._ledger.checkpoint(n)
+        await put(batch, checkpoint)
+        if not reports:  # a sink that does not report durability: put returning is it
+            self._durable(checkpoint)
+
+    async def _pump(self, sink: RecordSink, scope: trio.CancelScope) -> None:
+        """Put pending records when the reader asks, close windows at their deadline; at
+        a stop, flush the open windows.  Shielded (``scope``): a stop lets the put in hand
+        finish rather than cancel it half-way, within STOP_FLUSH_S."""
+        on_durable = getattr(sink, "on_durable", None)
+        if on_durable is not None:
+            on_durable(self._durable)
+        put = getattr(sink, "put_whole", None) or sink.put
+        reports = on_durable is not None
+        with scope:
+            while not self._stopping:
+                if not self._flush_wanted:
+                    self._pump_deadline = deadline = self._next_deadline()
+                    self._wake_pump = trio.Event()
+                    with trio.move_on_after(max(0.0, deadline - time.time())
+                                            if deadline < math.inf else math.inf):
+                        await self._wake_pump.wait()
+                self._pump_deadline = -math.inf  # busy: no need to wake it
+                self._flush_wanted = False
+                if self._stopping:
+                    break
+                self._poll_throttles()
+                if self._pending:
+                    await self._put(put, reports)
+            # The stop: whatever the throttles still hold goes out too.
+            now = time.time()
+            for t in self._throttles.values():
+                windows = t.throttle.flush(now)
+                if windows:
+                    self._emit(t, windows)
+            if self._pending:
+                await self._put(put, reports)
 
     async def _options(self) -> ConnectOptions:
         c = self.config
@@ -343,27 +515,21 @@ class MqttSource:
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         c = self.config
         options = await self._options()
-
-        async def after_read() -> None:
-            self._wake_ticker()
-            await self._flush(sink)
-
         self.client = TrioMqttClient(
             options, name=f"mqtt source {self.name!r}", on_message=self._on_message,
-            before_read=self._poll_throttles, after_read=after_read,
-            burst_full=self._burst_full,
+            before_read=self._poll_throttles, after_read=self._after_read,
+            burst_full=self._burst_full, manual_ack=True, metrics=self.context.metrics,
+            on_session=self._ledger.connected, on_fence=self._fence_done,
             backoff=Backoff(c.backoff.initial, c.backoff.maximum, c.backoff.multiplier))
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self.client.run)
-                nursery.start_soon(self._ticker, sink)
-                task_status.started()
-        finally:
-            # Whatever the throttles still hold goes out on a clean stop.
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                now = time.time()
-                for throttle in self._throttles.values():
-                    for w in throttle.flush(now):
-                        self._pending.append(
-                            as_sensor_window(w, self.name, self._units.get(w.channel, "")))
-                await self._flush(sink)
+        pump_scope = trio.CancelScope(shield=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump, sink, pump_scope)
+            try:
+                await self.client.run(task_status=task_status)
+            finally:
+                # Reading has stopped.  The pump finishes the put in hand and flushes the
+                # open windows; their messages are not acknowledged (the connection is
+                # gone), so the broker sends them again and the checkpoint drops them.
+                self._stopping = True
+                self._wake_pump.set()
+                pump_scope.deadline = trio.current_time() + STOP_FLUSH_S
