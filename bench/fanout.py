@@ -117,8 +117,8 @@ def run_hub(args: argparse.Namespace) -> None:
         """The simulated tester's records straight into the live state, every 10 ms, as
         the hub applies them (no gateway, no uplink, no store): the fan-out on its own."""
         from edgegw.records import PartResult
+        from edgegw.sim.source import SimulatedConfig, SimulatedTesterSource
         from edgegw.sources import SourceContext
-        from edgegw.sources.simulated import SimulatedConfig, SimulatedTesterSource
 
         go = Path(args.log).with_suffix(".go")
         while not go.exists():
@@ -196,8 +196,8 @@ def run_tester(args: argparse.Namespace) -> None:
     from edgegw.gateway.config import GatewayConfig
     from edgegw.gateway.service import Gateway
     from edgegw.records import PartResult
+    from edgegw.sim.source import SimulatedConfig, SimulatedTesterSource
     from edgegw.sources import SourceContext
-    from edgegw.sources.simulated import SimulatedConfig, SimulatedTesterSource
 
     created: list[tuple[str, int, int, float]] = []
 

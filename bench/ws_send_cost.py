@@ -95,7 +95,7 @@ class Broadcast:
 def serve_edgegw(args: argparse.Namespace, direct: bool) -> None:
     import trio
 
-    from edgegw.hub.http import HttpServer, Request, WebSocket, prepare_message
+    from edgegw.web import HttpServer, Request, WebSocket, prepare_message
 
     bc = Broadcast(args)
 

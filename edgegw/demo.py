@@ -28,9 +28,9 @@ from .hub.app import HubApp
 from .hub.config import HubConfig
 from .protocol import IntervalSet
 from .records import PartResult, Record
+from .sim.source import SimulatedTesterSource
 from .sim.stdf_tester import stdf_chunks, write_files
 from .sim.tester import TesterProfile
-from .sources.simulated import SimulatedTesterSource
 from .stdf import StdfDecoder
 from .stdf.mapping import RecordMapper
 

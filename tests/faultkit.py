@@ -22,8 +22,8 @@ from processes import REPO, get_json, spawn, wait_for
 from edgegw.metrics import Metrics
 from edgegw.protocol import decode_body
 from edgegw.records import from_wire
+from edgegw.sim.source import SimulatedConfig, SimulatedTesterSource
 from edgegw.sources import SourceContext
-from edgegw.sources.simulated import SimulatedConfig, SimulatedTesterSource
 
 GATEWAY = "ate-01"
 TOKEN = "change-me-ate-01"

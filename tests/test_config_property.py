@@ -46,7 +46,7 @@ from edgegw.gateway.service import Gateway
 from edgegw.hub.app import HubApp
 from edgegw.hub.config import HubConfig
 from edgegw.records import GatewayEvent
-from edgegw.sources.simulated import SimulatedConfig
+from edgegw.sim.source import SimulatedConfig
 
 EXAMPLES = int(os.environ.get("EDGEGW_CONFIG_EXAMPLES", "200"))
 # shrinking a failure restarts services hundreds of times: on request only

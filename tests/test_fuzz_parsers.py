@@ -40,8 +40,9 @@ from test_atdf_plugin import ATDF_TEXT
 from test_stdf_writer import full_record
 
 from edgegw.cli import main
-from edgegw.formats import FormatError, installed_formats
+from edgegw.formats import FormatError
 from edgegw.mqtt.payloads import MAX_TIMESTAMP, PayloadError, decode_number, json_decoder
+from edgegw.sources.formats import installed_formats
 from edgegw.stdf import RECORDS, StdfDecoder, StdfWriter
 from edgegw.stdf.mapping import RecordMapper
 

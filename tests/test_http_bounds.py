@@ -288,7 +288,7 @@ def test_healthz_answers_while_1100_idle_connections_are_held_at_a_1024_fd_limit
 
 EMFILE_SERVER = """
 import logging, os, signal, sys, trio
-from edgegw.hub.http import HttpServer, json_response
+from edgegw.web import HttpServer, json_response
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
 async def main():

@@ -10,7 +10,7 @@ import pytest
 
 from edgegw.cli import main
 from edgegw.config import ConfigError, build
-from edgegw.formats import UnknownFormat, get_format, installed_formats
+from edgegw.sources.formats import UnknownFormat, get_format, installed_formats
 from edgegw.sources.tail import TailConfig
 
 

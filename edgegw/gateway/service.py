@@ -22,14 +22,14 @@ import trio
 from .. import failpoints
 from ..backoff import Backoff
 from ..batcher import Batch, Batcher
-from ..hub.http import HttpServer, Request, Response, json_response
 from ..metrics import Metrics, internal_errors, report_internal_error
 from ..protocol import encode_body
 from ..records import GatewayEvent, Record
 from ..sources import Source, SourceContext, source_type
 from ..spool import DiskSpool
+from ..store import FrameStore, MemoryFrameStore
+from ..web import HttpServer, Request, Response, json_response
 from .config import GatewayConfig, SourceEntry
-from .store import FrameStore, MemoryFrameStore
 from .uplink import Uplink
 
 log = logging.getLogger("edgegw.gateway")

@@ -40,11 +40,11 @@ from ..protocol import (
     encode_body,
 )
 from ..records import GatewayEvent
+from ..store import FrameStore, StoredFrame
 from ..taskgroups import reraise_meaningful
 from .config import GatewaySection, UplinkSection
 from .probe import ProbeResult, ProbeTarget, probe_until_reached, retry_after_seconds
 from .scheduler import SendScheduler
-from .store import FrameStore, StoredFrame
 
 log = logging.getLogger("edgegw.uplink")
 

@@ -14,13 +14,13 @@ from pathlib import Path
 import trio
 
 from ..metrics import Metrics
+from ..web import Request, Response, json_response
 from .alert_service import AlertService
 from .config import HubConfig
 from .dashboard import Dashboard
 from .fanout import LiveFanout
 from .gcpacing import GcPacer
 from .history import HistoryApi
-from .http import Request, Response, json_response
 from .service import Hub
 from .state import LiveState
 

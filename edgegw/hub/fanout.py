@@ -33,7 +33,7 @@ from typing import Any
 import trio
 
 from ..metrics import Metrics, report_internal_error
-from .http import (
+from ..web import (
     ConnectionClosed,
     HttpServer,
     MessageTooBig,

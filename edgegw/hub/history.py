@@ -31,8 +31,8 @@ from edgegw.hub.topics import PRIORITIES
 
 if TYPE_CHECKING:
     from edgegw.hub.history_store import HistoryStore
-    from edgegw.hub.http import HttpServer, Request, Response
     from edgegw.hub.state import LiveState
+    from edgegw.web import HttpServer, Request, Response
 
 Result = tuple[int, dict[str, Any]]
 
@@ -249,7 +249,7 @@ class HistoryApi:
         return _error(404, f"no such API route: {method} {path}")
 
     async def handle(self, request: Request) -> Response:
-        from edgegw.hub.http import json_response
+        from edgegw.web import json_response
 
         status, payload = await self.dispatch(request.method, request.path, request.query,
                                               request.body)

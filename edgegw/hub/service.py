@@ -32,8 +32,7 @@ from ..protocol import (
 )
 from ..records import Record, RecordError, from_wire
 from ..taskgroups import reraise_meaningful
-from .config import HubConfig
-from .http import (
+from ..web import (
     ConnectionClosed,
     HttpServer,
     MessageTooBig,
@@ -42,6 +41,7 @@ from .http import (
     WebSocket,
     json_response,
 )
+from .config import HubConfig
 from .registry import GatewayRegistry, GatewaySession
 from .store import FrameToApply, HubStore
 

@@ -52,7 +52,7 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from edgegw.hub import topics
 from edgegw.metrics import Metrics
@@ -73,10 +73,27 @@ from edgegw.records import (
     WaferStart,
 )
 
-if TYPE_CHECKING:
-    from edgegw.hub.alerts import AlertEngine
-
 Publish = Callable[[str, dict[str, Any]], None]
+
+
+class StateObserver(Protocol):
+    """What watches the live state as it changes (the alert engine): called synchronously
+    from ``LiveState``, with the state's own objects.  Also a source of topics (``topics``,
+    ``snapshot``) served beside the state's.  The state knows only this protocol, so the
+    observer may import the state's types without a cycle."""
+
+    def on_part(self, lot: LotState, wafer: WaferState, rec: PartResult, gateway_id: str,
+                now: float) -> None: ...
+    def evaluate_wafer(self, lot: LotState, wafer: WaferState, ts: float,
+                       now: float) -> None: ...
+    def wafer_closed(self, lot: LotState, wafer: WaferState) -> None: ...
+    def evaluate_lot(self, lot: LotState, ts: float, now: float) -> None: ...
+    def evaluate_test(self, stats: TestStats, ts: float, now: float) -> None: ...
+    def on_sensor(self, rec: SensorWindow | SensorReading, now: float) -> None: ...
+    def on_gateway(self, gateway_id: str, connected: bool, now: float) -> None: ...
+    def tick(self, now: float) -> None: ...
+    def snapshot(self, priority: str, rule: str) -> dict[str, Any] | None: ...
+    def topics(self) -> list[str]: ...
 
 log = logging.getLogger("edgegw.hub.state")
 
@@ -479,14 +496,14 @@ class LiveState:
 
     ``publish(topic, delta)`` is called synchronously from ``on_records``/``on_gateway``/
     ``tick``; it must not block (hub-fanout queues the delta).  ``alerts`` (optional) is
-    the alert engine fed from the same state.
+    the ``StateObserver`` (the alert engine) fed from the same state.
     """
 
     def __init__(
         self,
         publish: Publish,
         *,
-        alerts: AlertEngine | None = None,
+        alerts: StateObserver | None = None,
         clock: Callable[[], float] = time.time,
         max_lots: int = 16,
         idle_lot_s: float = 3600.0,

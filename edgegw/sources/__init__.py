@@ -1,7 +1,7 @@
 """Sources: where records come from.
 
 A source type is a class registered under the ``edgegw.sources`` entry-point group
-(``edgegw.sources.simulated`` is the built-in example; STDF tail and MQTT are others).
+(``edgegw.sim.source`` is the built-in example; STDF tail and MQTT are others).
 It declares a ``Config`` dataclass for its own keys in a ``[[sources]]`` table, and an
 ``async def run(self, sink, *, task_status)`` that puts records into the sink in batches.
 
@@ -72,10 +72,6 @@ def source_types() -> dict[str, type[Source]]:
             found[ep.name] = ep.load()
         except Exception:  # a broken plugin must not take the gateway down
             continue
-    if "simulated" not in found:  # running from a source tree without the entry points
-        from .simulated import SimulatedTesterSource
-
-        found["simulated"] = SimulatedTesterSource
     return found
 
 

@@ -52,11 +52,12 @@ from typing import Annotated, Any, ClassVar, Literal
 import trio
 
 from ..config import Range
-from ..formats import FormatError, FormatParser, TesterFormat, UnknownFormat, get_format
+from ..formats import FormatError, FormatParser, TesterFormat
 from ..metrics import report_internal_error
 from ..records import GatewayEvent, Record
 from ..stdf.mapping import RecordMapper
 from . import RecordSink, SourceContext
+from .formats import UnknownFormat, get_format
 
 log = logging.getLogger(__name__)
 

@@ -70,8 +70,8 @@ from typing import Any
 import cbor2
 import trio
 
-from ..gateway.store import StoredFrame
 from ..metrics import Metrics
+from ..store import StoredFrame
 from .config import SpoolConfig
 from .format import (
     Damage,
