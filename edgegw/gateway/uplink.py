@@ -251,18 +251,15 @@ class Uplink:
         # decides what to fetch; see edgegw/gateway/scheduler.py and docs/spool.md.
         sched = self.scheduler = SendScheduler(self.config.window_frames)
         # frames made in the last LIVE_S seconds before the link came up count as live too
-        recent = getattr(self.store, "first_seq_since", None)
-        live_from = recent(LIVE_S) if recent else self.store.next_seq
-        sched.start(self.store.first_unacked, live_from, welcome.applied)
-        read_async = getattr(self.store, "read_frames", None)  # DiskSpool: reads in a thread
+        sched.start(self.store.first_unacked, self.store.first_seq_since(LIVE_S),
+                    welcome.applied)
         while True:
             progressed = False
             for want in sched.wants():
                 if want.lane == "live":
                     frames = self.store.frames_from(want.start, want.limit)
                 else:
-                    frames = (await read_async(want.start, want.limit) if read_async
-                              else self.store.frames_from(want.start, want.limit))
+                    frames = await self.store.read_frames(want.start, want.limit)
                     frames = [f for f in frames if f.seq < (want.below or f.seq + 1)]
                     frames = self._with_stand_ins(frames, want.start,
                                                   (want.below or want.start) - 1, want.limit)
@@ -283,7 +280,7 @@ class Uplink:
         """Frames the spool found damaged at recovery (``lost_ranges``) go out, in order, as
         empty stand-ins, so the hub's sequence stays gap-free (the gateway has already
         reported the damage as a GatewayEvent and in its metrics)."""
-        lost = getattr(self.store, "lost_ranges", None)
+        lost = self.store.lost_ranges
         if not lost:
             return frames
         # never past the last frame read (a short read may stop at a byte budget): the

@@ -128,27 +128,19 @@ class Hub:
         """Feed every stored frame to the consumers, oldest first (state rebuild)."""
         max_records = self.config.hub.max_records_per_frame
 
-        def load(batch: list[tuple[str, int, list[Record]]]) -> bool:
-            batch.clear()
-            for gw, _epoch, _seq, _rid, body in it:
-                try:
-                    first_rid, records = decode_records(body, max_records)
-                except (FrameError, ProtocolError):
-                    continue
-                except Exception:  # one undecodable stored frame must not stop the start
-                    report_internal_error(self.metrics, "hub_replay", log,
-                                          "decoding a stored frame of gateway %s", gw)
-                    continue
-                batch.append((gw, first_rid, records))
-                if len(batch) >= 200:
-                    return True
-            return False
+        def decode(gw: str, _epoch: str, _seq: int, _rid: int, body: bytes
+                   ) -> tuple[str, int, list[Record]] | None:
+            try:
+                first_rid, records = decode_records(body, max_records)
+            except (FrameError, ProtocolError):
+                return None
+            except Exception:  # one undecodable stored frame must not stop the start
+                report_internal_error(self.metrics, "hub_replay", log,
+                                      "decoding a stored frame of gateway %s", gw)
+                return None
+            return gw, first_rid, records
 
-        it = self.store.iter_frames_sync()
-        batch: list[tuple[str, int, list[Record]]] = []
-        more = True
-        while more:
-            more = await trio.to_thread.run_sync(load, batch, limiter=self.store._limiter)
+        async for batch in self.store.stored_frames(decode):
             for gw, first_rid, records in batch:
                 self._feed(gw, first_rid, records)
 

@@ -461,7 +461,11 @@ class DiskSpool:
                 nursery.cancel_scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Recover, then run the group-commit loop until cancelled."""
+        """Recover, then run the group-commit loop until cancelled.  A spool that runs
+        already (``open``) returns at once: its owner runs it."""
+        if self.recovered is not None:
+            task_status.started()
+            return
         rec = await trio.to_thread.run_sync(recover, self.directory)
         self._adopt(rec)
         await trio.to_thread.run_sync(self._open_active_sync, self._state_snapshot())
@@ -695,6 +699,26 @@ class DiskSpool:
 
     def healthy(self, now: float | None = None) -> bool:
         return self.stalled_for(now) < self.config.stall_timeout_s and not self._disk_full
+
+    def problem(self) -> str | None:
+        """What is wrong, for the gateway's health endpoint; None when healthy."""
+        if self.healthy():
+            return None
+        if self._disk_full:
+            return "spool: disk full"
+        return (f"spool: {self.unacked_frames()} frame(s) waiting, nothing acknowledged "
+                f"for {self.stalled_for():.0f} s")
+
+    def damage(self) -> tuple[str, dict[str, Any]] | None:
+        """What recovery found damaged (a message and details), or None."""
+        c = self.counts
+        if not (c["lost_frames"] or c["damaged_regions"] or c["unrecoverable_files"]):
+            return None
+        detail: dict[str, Any] = {k: c[k] for k in ("lost_frames", "damaged_regions",
+                                                    "damaged_bytes", "unrecoverable_files")}
+        detail["lost_ranges"] = [list(r) for r in self._lost[:16]]
+        return (f"disk spool damaged: {c['lost_frames']} frame(s) lost, "
+                f"{c['damaged_regions']} damaged region(s)", detail)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import trio
 
-from .base import StoredFrame
+from .base import Ranges, StoredFrame
 
 
 class MemoryFrameStore:
@@ -73,6 +73,10 @@ class MemoryFrameStore:
                 del self._frames[s]
         self._room.set()
 
+    @property
+    def lost_ranges(self) -> Ranges:
+        return []  # nothing survives a restart, so nothing is found damaged
+
     def frames_from(self, seq: int, limit: int) -> list[StoredFrame]:
         out = []
         for s, f in self._frames.items():
@@ -81,6 +85,12 @@ class MemoryFrameStore:
                 if len(out) >= limit:
                     break
         return out
+
+    async def read_frames(self, seq: int, limit: int) -> list[StoredFrame]:
+        return self.frames_from(seq, limit)
+
+    def first_seq_since(self, age_s: float) -> int:
+        return self._next_seq  # frame times are not kept: every stored frame is backlog
 
     async def wait_for_frame_after(self, seq: int) -> None:
         while self._next_seq - 1 <= seq:
@@ -95,3 +105,16 @@ class MemoryFrameStore:
             "dropped_frames": self.dropped_frames,
             "dropped_records": self.dropped_records,
         }
+
+    def problem(self) -> str | None:
+        return None
+
+    def damage(self) -> tuple[str, dict[str, Any]] | None:
+        return None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        task_status.started()  # no background work
+
+    async def flush(self) -> None:
+        pass  # appended is stored (in memory)
