@@ -65,11 +65,10 @@ def run_hub(args: argparse.Namespace) -> None:
 
     from edgegw.config import build
     from edgegw.hub.config import HubConfig
-    from edgegw.hub.fanout import LiveFanout
+    from edgegw.hub.fanout import LiveConfig, LiveFanout
     from edgegw.hub.gcpacing import GcPacer
-    from edgegw.hub.live_protocol import LiveConfig
+    from edgegw.hub.live import LiveState
     from edgegw.hub.service import Hub
-    from edgegw.hub.state import LiveState
 
     async def main() -> None:
         hub = Hub(build(HubConfig, {"hub": {"port": 0, "data_dir": args.data},

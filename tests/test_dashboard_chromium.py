@@ -33,11 +33,10 @@ from edgegw.config import build
 from edgegw.hub.alerts import AlertEngine, AlertsConfig
 from edgegw.hub.config import HubConfig
 from edgegw.hub.dashboard import STATIC_DIR, Dashboard
-from edgegw.hub.fanout import LiveFanout
+from edgegw.hub.fanout import LiveConfig, LiveFanout
 from edgegw.hub.history import HistoryApi
-from edgegw.hub.live_protocol import LiveConfig
+from edgegw.hub.live import LiveState
 from edgegw.hub.service import Hub
-from edgegw.hub.state import LiveState
 from edgegw.hub.topics import split
 from edgegw.records import SensorReading
 

@@ -18,16 +18,16 @@ from trio_websocket import open_websocket_url
 
 from edgegw.config import build
 from edgegw.hub.config import HubConfig
-from edgegw.hub.fanout import LiveFanout
-from edgegw.hub.gcpacing import GcPacer
-from edgegw.hub.live_protocol import (
+from edgegw.hub.fanout import (
     CLOSE_TOO_SLOW,
     SUBPROTOCOL_CBOR,
     SUBPROTOCOL_JSON,
     LiveConfig,
+    LiveFanout,
 )
+from edgegw.hub.gcpacing import GcPacer
+from edgegw.hub.live import LiveState
 from edgegw.hub.service import Hub
-from edgegw.hub.state import LiveState
 
 TOKEN = "s3cret"
 

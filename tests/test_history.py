@@ -16,7 +16,7 @@ from edgegw.hub import history
 from edgegw.hub.alert_service import AlertService
 from edgegw.hub.alerts import AlertRuleConfig, AlertsConfig
 from edgegw.hub.history import HistoryApi
-from edgegw.hub.state import LiveState
+from edgegw.hub.live import LiveState
 from edgegw.records import LotEnd, LotStart, ParametricResult, PartResult, WaferEnd
 from edgegw.web import HttpServer
 

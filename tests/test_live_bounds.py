@@ -26,8 +26,8 @@ from edgegw.config import build
 from edgegw.hub import topics
 from edgegw.hub.app import HubApp
 from edgegw.hub.config import HubConfig
-from edgegw.hub.live_protocol import LiveConfig, LiveHub
-from edgegw.hub.state import LiveState
+from edgegw.hub.fanout import LiveConfig, LiveHub
+from edgegw.hub.live import LiveState
 from edgegw.metrics import Metrics
 from edgegw.records import LotEnd, LotStart, PartResult, WaferEnd, WaferStart
 from edgegw.sim import tester as sim

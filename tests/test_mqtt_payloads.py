@@ -15,7 +15,8 @@ from edgegw.mqtt.payloads import (
     json_decoder,
     make_decoder,
 )
-from edgegw.mqtt.topics import TemplateError, check_filter, compile_template
+from edgegw.mqtt.topics import TemplateError, compile_template
+from edgegw.topicfilter import filter_problem as check_filter
 
 
 def test_json_reads_the_value_and_the_timestamp_at_their_paths() -> None:

@@ -25,8 +25,8 @@ from edgegw.gateway.config import GatewayConfig
 from edgegw.gateway.service import Gateway
 from edgegw.hub import topics
 from edgegw.hub.config import HubConfig
+from edgegw.hub.live import LiveState
 from edgegw.hub.service import Hub
-from edgegw.hub.state import LiveState
 from edgegw.stdf import StdfDecoder
 from edgegw.stdf.mapping import RecordMapper
 

@@ -36,7 +36,7 @@ from edgegw.hub.webhooks import WebhookSender
 from edgegw.metrics import Metrics, report_internal_error
 
 if TYPE_CHECKING:
-    from edgegw.hub.state import LiveState
+    from edgegw.hub.live import LiveState
 
 log = logging.getLogger("edgegw.hub.alerts")
 

@@ -1,6 +1,6 @@
 """Alert rules and the alert engine: live figures and time in, alert events out (sans-IO).
 
-The engine is fed by ``LiveState`` (``edgegw.hub.state``) as records are applied: each
+The engine is fed by ``LiveState`` (``edgegw.hub.live``) as records are applied: each
 part (for runs of fails on a site), each changed wafer, lot and test (for yield, site
 gap, bin share and Cpk rules), each sensor value, and each gateway connection change; the
 hub calls ``tick(now)`` about once a second for what depends on time alone (a gateway
@@ -38,7 +38,7 @@ from edgegw.metrics import Metrics
 from edgegw.records import PartResult, SensorReading, SensorWindow
 
 if TYPE_CHECKING:
-    from edgegw.hub.state import LotState, TestStats, WaferState
+    from edgegw.hub.live.models import LotState, TestStats, WaferState
 
 Priority = Literal["P0", "P1", "P2", "P3"]
 RuleKind = Literal[

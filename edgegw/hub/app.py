@@ -21,8 +21,8 @@ from .dashboard import Dashboard
 from .fanout import LiveFanout
 from .gcpacing import GcPacer
 from .history import HistoryApi
+from .live import LiveState
 from .service import Hub
-from .state import LiveState
 
 
 class HubApp:

@@ -8,7 +8,7 @@ from typing import Annotated
 from ..config import Range, host_problem
 from ..web import HttpLimits
 from .alerts import AlertsConfig
-from .live_protocol import LiveConfig
+from .fanout.config import LiveConfig
 
 
 @dataclasses.dataclass(frozen=True)

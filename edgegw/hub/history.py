@@ -31,7 +31,7 @@ from edgegw.hub.topics import PRIORITIES
 
 if TYPE_CHECKING:
     from edgegw.hub.history_store import HistoryStore
-    from edgegw.hub.state import LiveState
+    from edgegw.hub.live import LiveState
     from edgegw.web import HttpServer, Request, Response
 
 Result = tuple[int, dict[str, Any]]

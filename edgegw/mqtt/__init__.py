@@ -2,7 +2,7 @@
 
 - ``client``: ``TrioMqttClient``, a Trio driver for paho-mqtt's external-loop API (no paho
   thread), with reconnects, resubscription and backpressure; also used to publish.
-- ``topics``: topic-filter checks and channel-name templates.
+- ``topics``: channel-name templates (topic filters: ``edgegw.topicfilter``).
 - ``payloads``: payload decoders and the ``edgegw.payloads`` plugin seam.
 - ``acks``: ``AckLedger``, which QoS 1 messages may be acknowledged (once durable, in
   order) and which redelivered ones to drop (sans-IO).

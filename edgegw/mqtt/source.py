@@ -46,10 +46,11 @@ from ..metrics import report_internal_error
 from ..records import GatewayEvent, Record, SensorReading
 from ..sources import RecordSink, SourceContext
 from ..throttle import Throttle, as_sensor_window
+from ..topicfilter import filter_problem, matches
 from .acks import AckLedger, CheckpointError, Group, keys_from_checkpoint
 from .client import ConnectOptions, TrioMqttClient, ssl_context, subscriptions_of
 from .payloads import Decoder, PayloadError, UnknownPayloadDecoder, make_decoder
-from .topics import TemplateError, check_filter, compile_template
+from .topics import TemplateError, compile_template
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class SubscriptionConfig:
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
-        why = check_filter(self.topic)
+        why = filter_problem(self.topic)
         if why:
             problems.append(("topic", why))
         else:
@@ -252,7 +253,7 @@ class MqttSource:
         (the template and the filter match cost more than the rest of the message)."""
         found: _Hit = (None, "", zlib.crc32(topic.encode()))
         for topic_filter, route in self._routes:
-            if paho.topic_matches_sub(topic_filter, topic):
+            if matches(topic_filter, topic):
                 channel = route.channel(topic)  # TemplateError: not cached, counted
                 found = (route, channel, found[2])
                 if route.sub.unit:

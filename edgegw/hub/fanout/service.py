@@ -1,6 +1,6 @@
 """The Trio layer of the live fan-out: ``/ws/live`` connections, one sender task per client,
 and the UI-rate ticker.  What each client gets is decided by the sans-IO core
-(``edgegw.hub.live_protocol.LiveHub``); this module only moves bytes and keeps time.
+(``edgegw.hub.fanout.core.LiveHub``); this module only moves bytes and keeps time.
 
 Wiring (the hub service does this)::
 
@@ -31,8 +31,8 @@ from typing import Any
 
 import trio
 
-from ..metrics import Metrics, report_internal_error
-from ..web import (
+from ...metrics import Metrics, report_internal_error
+from ...web import (
     ConnectionClosed,
     HttpServer,
     MessageTooBig,
@@ -42,15 +42,10 @@ from ..web import (
     json_response,
     prepare_message,
 )
-from .live_protocol import (
-    SUBPROTOCOLS,
-    AckHandler,
-    Client,
-    LiveConfig,
-    LiveHub,
-    StateSource,
-    encoding_for_subprotocol,
-)
+from .channels import Client
+from .config import SUBPROTOCOLS, LiveConfig
+from .core import AckHandler, LiveHub, StateSource
+from .encoding import encoding_for_subprotocol
 
 log = logging.getLogger("edgegw.hub.live")
 
