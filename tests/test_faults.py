@@ -30,7 +30,7 @@ from faultkit import (
 from processes import wait_for
 
 from edgegw.spool.format import Kind, Record, scan
-from edgegw.spool.spool import _list_segments
+from edgegw.spool.segments import list_segments as _list_segments
 
 # ~ 9 records per part (8 tests + the part result) plus lot/wafer records
 SOURCE = {"parts_per_second": 1500, "max_parts": 12_000, "seed": 7, "wafers": 200}

@@ -15,7 +15,8 @@ import trio
 from edgegw.metrics import Metrics
 from edgegw.spool import DiskSpool, DropEvent, SpoolConfig, recover
 from edgegw.spool.format import Kind, Record, scan
-from edgegw.spool.spool import ACK_PERSIST_S, _list_segments
+from edgegw.spool.segments import list_segments as _list_segments
+from edgegw.spool.spool import ACK_PERSIST_S
 from edgegw.store import FrameStore
 
 

@@ -81,6 +81,7 @@ async def test_records_arrive_while_the_simulator_writes(tmp_path: Path) -> None
     source = tail([tmp_path])
     written: list[Path] = []
     parts_seen_while_writing = 0
+    tester_done = trio.Event()
 
     async def tester() -> None:
         nonlocal parts_seen_while_writing
@@ -88,11 +89,13 @@ async def test_records_arrive_while_the_simulator_writes(tmp_path: Path) -> None
             tmp_path, stdf_chunks(SMALL, start_time=1_700_000_000, parts_per_second=400),
             parts_per_second=400))
         parts_seen_while_writing = len(sink.of(PartResult))
+        tester_done.set()
 
     async with trio.open_nursery() as nursery:
         await nursery.start(source.run, sink)
         nursery.start_soon(tester)
         await sink.wait_until(lambda: bool(sink.of(LotEnd)))
+        await tester_done.wait()  # the tail may see the last record before write_files returns
         nursery.cancel_scope.cancel()
 
     data = stdf_file_bytes(SMALL, start_time=1_700_000_000, parts_per_second=400)

@@ -1,6 +1,8 @@
 """The crash-safe disk spool (see ``spool.py`` for its design note, ``docs/spool.md``)."""
 
+from .commit import DropEvent
 from .config import SpoolConfig
-from .spool import DiskSpool, DropEvent, recover
+from .recovery import recover
+from .spool import DiskSpool
 
 __all__ = ["DiskSpool", "DropEvent", "SpoolConfig", "recover"]
