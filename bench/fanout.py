@@ -3,7 +3,7 @@
 
     python bench/fanout.py [--clients 1000] [--rate 10000] [--seconds 30] [--ui-rate 20]
 
-Three processes, as in production: the hub (Hub + LiveState + LiveFanout), the tester
+Three processes, as in production: the hub (Ingest + LiveState + LiveFanout), the tester
 (simulated tester -> Gateway -> uplink), and this one, which runs the subscribers: bare
 WebSocket clients on non-blocking sockets under one epoll loop (a Trio task per client
 would cost this process more than the hub).  Every client subscribes like the dashboard
@@ -67,11 +67,11 @@ def run_hub(args: argparse.Namespace) -> None:
     from edgegw.hub.config import HubConfig
     from edgegw.hub.fanout import LiveConfig, LiveFanout
     from edgegw.hub.gcpacing import GcPacer
+    from edgegw.hub.ingest import Ingest
     from edgegw.hub.live import LiveState
-    from edgegw.hub.service import Hub
 
     async def main() -> None:
-        hub = Hub(build(HubConfig, {"hub": {"port": 0, "data_dir": args.data},
+        hub = Ingest(build(HubConfig, {"hub": {"port": 0, "data_dir": args.data},
                                     "gateways": {"bench-gw": {"token": TOKEN}}}))
         fanout = LiveFanout(LiveConfig(ui_rate=args.ui_rate, stall_timeout=args.stall_timeout),
                             metrics=hub.metrics)
@@ -91,7 +91,7 @@ def run_hub(args: argparse.Namespace) -> None:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(hub.run)
             await nursery.start(fanout.run)
-            if args.gc_freeze > 0:  # as HubApp does (config hub.gc_freeze_s)
+            if args.gc_freeze > 0:  # as Hub does (config hub.gc_freeze_s)
                 await nursery.start(GcPacer(args.gc_freeze, metrics=hub.metrics).run)
             print(f"PORT {port}", flush=True)
 

@@ -132,13 +132,13 @@ def _serve(service: Any, banner: Callable[[Any], str],
 
 
 def cmd_hub(args: argparse.Namespace) -> int:
-    from .hub.app import HubApp
+    from .hub.app import Hub
 
     cfg = load(HubConfig, args.config, args.overrides)
     h = cfg.hub
     resolve("hub.listen", h.listen, h.port)
     prepare_dir("hub.data_dir", h.data_dir)
-    return _serve(HubApp(cfg), lambda port: f"edgegw hub listening on http://{h.listen}:{port}/",
+    return _serve(Hub(cfg), lambda port: f"edgegw hub listening on http://{h.listen}:{port}/",
                   listen=("hub.listen/hub.port", h.listen, h.port))
 
 

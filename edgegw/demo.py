@@ -24,7 +24,7 @@ import trio
 from .config import apply_overrides, build
 from .gateway.config import GatewayConfig
 from .gateway.service import Gateway
-from .hub.app import HubApp
+from .hub.app import Hub
 from .hub.config import HubConfig
 from .protocol import IntervalSet
 from .records import PartResult, Record
@@ -125,8 +125,8 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "hub": {"port": args.port, "data_dir": str(tmp / "hub")},
         "gateways": {GATEWAY_ID: {"token": token}},
     }, hub_over), "<demo>")
-    app = HubApp(hub_cfg)
-    hub = app.hub
+    app = Hub(hub_cfg)
+    hub = app.ingest
     counter = ReceiptCounter()
     hub.add_consumer(counter)
     started = time.monotonic()

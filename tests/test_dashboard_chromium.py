@@ -35,8 +35,8 @@ from edgegw.hub.config import HubConfig
 from edgegw.hub.dashboard import STATIC_DIR, Dashboard
 from edgegw.hub.fanout import LiveConfig, LiveFanout
 from edgegw.hub.history import HistoryApi
+from edgegw.hub.ingest import Ingest
 from edgegw.hub.live import LiveState
-from edgegw.hub.service import Hub
 from edgegw.hub.topics import split
 from edgegw.records import SensorReading
 
@@ -73,7 +73,7 @@ class LiveHub:
         self.stopped = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        hub = Hub(build(HubConfig, {"hub": {"port": self.port, "data_dir": str(self.data_dir)},
+        hub = Ingest(build(HubConfig, {"hub": {"port": self.port, "data_dir": str(self.data_dir)},
                                     "gateways": {"ate-01": {"token": TOKEN}}}))
         fanout = LiveFanout(LiveConfig(), metrics=hub.metrics)
         # A rule that trips on the simulated wafers: 2 fails in a row on one site.

@@ -26,16 +26,16 @@ from edgegw.hub.fanout import (
     LiveFanout,
 )
 from edgegw.hub.gcpacing import GcPacer
+from edgegw.hub.ingest import Ingest
 from edgegw.hub.live import LiveState
-from edgegw.hub.service import Hub
 
 TOKEN = "s3cret"
 
 
-async def start_live_hub(nursery: trio.Nursery, tmp: Path, **live: Any) -> tuple[Hub, int,
+async def start_live_hub(nursery: trio.Nursery, tmp: Path, **live: Any) -> tuple[Ingest, int,
                                                                                  LiveFanout,
                                                                                  LiveState]:
-    hub = Hub(build(HubConfig, {"hub": {"port": 0, "data_dir": str(tmp / "hub")},
+    hub = Ingest(build(HubConfig, {"hub": {"port": 0, "data_dir": str(tmp / "hub")},
                                 "gateways": {"ate-01": {"token": TOKEN}}}))
     fanout = LiveFanout(LiveConfig(**live), metrics=hub.metrics)
     state = LiveState(fanout.publish, metrics=hub.metrics)

@@ -175,9 +175,9 @@ async def test_a_silent_gateway_is_dropped_after_two_heartbeats(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     """The hub's heartbeat, in virtual time, over an in-memory stream."""
     cfg = hub_config(tmp_path, heartbeat_s=3.0)
-    from edgegw.hub.service import Hub
+    from edgegw.hub.ingest import Ingest
 
-    hub = Hub(cfg)
+    hub = Ingest(cfg)
     await hub.store.open()
     client_stream, server_stream = trio.testing.memory_stream_pair()
     client = WSConnection(ConnectionType.CLIENT)

@@ -23,7 +23,7 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from edgegw.backoff import Backoff, Reconnect
 from edgegw.gateway.probe import ProbeTarget, probe_once, retry_after_seconds
 from edgegw.gateway.service import Gateway
-from edgegw.hub.service import Hub
+from edgegw.hub.ingest import Ingest
 from edgegw.hub.store import FrameToApply, HubStore
 from edgegw.protocol import (
     Ack,
@@ -249,7 +249,7 @@ async def test_two_connections_of_one_gateway_racing_with_the_same_frames_apply_
     sending every frame its WELCOME does not list, without waiting for acks."""
     n_frames, per_frame = 300, 4
     ids = RecordIds()
-    hub = Hub(hub_config(tmp_path, apply_queue_frames=8))
+    hub = Ingest(hub_config(tmp_path, apply_queue_frames=8))
     hub.add_consumer(ids)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(hub.run)

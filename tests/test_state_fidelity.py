@@ -25,8 +25,8 @@ from edgegw.gateway.config import GatewayConfig
 from edgegw.gateway.service import Gateway
 from edgegw.hub import topics
 from edgegw.hub.config import HubConfig
+from edgegw.hub.ingest import Ingest
 from edgegw.hub.live import LiveState
-from edgegw.hub.service import Hub
 from edgegw.stdf import StdfDecoder
 from edgegw.stdf.mapping import RecordMapper
 
@@ -165,7 +165,7 @@ async def test_galaxy_streamed_through_gateway_and_hub_then_rebuilt_after_restar
         return bool(lot) and lot["status"] == "closed" and lot["parts"] == fig["prr_count"]
 
     state = LiveState(lambda topic, delta: None)
-    hub = Hub(hub_cfg)
+    hub = Ingest(hub_cfg)
     hub.add_consumer(state)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(hub.run)
@@ -185,7 +185,7 @@ async def test_galaxy_streamed_through_gateway_and_hub_then_rebuilt_after_restar
     assert state.snapshot(topics.gateway("ate-galaxy"))["records"] == len(galaxy[1])
 
     rebuilt = LiveState(lambda topic, delta: None)
-    hub2 = Hub(hub_cfg)
+    hub2 = Ingest(hub_cfg)
     hub2.add_consumer(rebuilt)
     async with trio.open_nursery() as nursery:
         await nursery.start(hub2.run)  # replays the stored frames before it listens

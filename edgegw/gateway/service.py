@@ -28,7 +28,7 @@ from ..records import GatewayEvent, Record
 from ..sources import Source, SourceContext, source_type
 from ..spool import DiskSpool
 from ..store import FrameStore, MemoryFrameStore
-from ..web import HttpServer, Request, Response, json_response
+from ..web import HttpServer, install_status
 from .config import GatewayConfig, SourceEntry
 from .uplink import Uplink
 
@@ -131,7 +131,6 @@ class Gateway:
         self.m_records_in = m.counter("gateway_records_in_total", "records put by sources")
         self.m_frames = m.counter("gateway_frames_stored_total", "frames appended to the store")
         self.m_records_stored = m.counter("gateway_records_stored_total", "records in frames")
-        self.m_source_errors = m.counter("source_errors", "bad input seen by sources")
         self.m_replay_skipped = m.counter(
             "gateway_replayed_records_skipped_total",
             "records a source replayed after a restart that frames already held")
@@ -393,21 +392,11 @@ class Gateway:
     async def _serve_status(self, *, task_status: trio.TaskStatus[int]) -> None:
         server = HttpServer()
 
-        async def healthz(request: Request) -> Response:
+        def health() -> tuple[bool, dict[str, Any]]:
             ok, why = self.healthy()
-            return json_response({"status": "ok" if ok else "unhealthy", "detail": why},
-                                 200 if ok else 503)
+            return ok, {"status": "ok" if ok else "unhealthy", "detail": why}
 
-        async def stats(request: Request) -> Response:
-            return json_response(self.stats())
-
-        async def metrics(request: Request) -> Response:
-            return Response(200, self.metrics.render_prometheus().encode(),
-                            "text/plain; version=0.0.4")
-
-        server.add_route("GET", "/healthz", healthz)
-        server.add_route("GET", "/api/stats", stats)
-        server.add_route("GET", "/metrics", metrics)
+        install_status(server, health=health, stats=self.stats, metrics=self.metrics)
         g = self.config.gateway
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(server.serve, g.status_listen, g.status_port)

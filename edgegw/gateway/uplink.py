@@ -28,6 +28,7 @@ from trio_websocket import (
 )
 
 from ..backoff import Backoff, Reconnect
+from ..heartbeat import heartbeat
 from ..metrics import Metrics
 from ..protocol import (
     Ack,
@@ -190,7 +191,7 @@ class Uplink:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._receiver, ws, conn)
-                    nursery.start_soon(self._heartbeat, ws, conn)
+                    nursery.start_soon(heartbeat, conn, ws.send_message)
                     nursery.start_soon(self._sender, ws, conn, welcome)
             except BaseExceptionGroup as group:
                 reraise_meaningful(group, ProtocolError, ConnectionClosed, trio.TooSlowError,
@@ -238,13 +239,6 @@ class Uplink:
             self.store.ack_set([(seq, seq)])
             if self.scheduler is not None:
                 self.scheduler.acked(0, [(seq, seq)])
-
-    async def _heartbeat(self, ws: Any, conn: GatewayConnection) -> None:
-        while True:
-            await trio.sleep_until(conn.next_deadline())
-            ping = conn.on_timer(trio.current_time())
-            if ping is not None:
-                await ws.send_message(ping)
 
     async def _sender(self, ws: Any, conn: GatewayConnection, welcome: Welcome) -> None:
         # Live first, backlog in large windows (spool helper): the sans-IO SendScheduler

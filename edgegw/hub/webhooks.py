@@ -15,7 +15,6 @@ The HTTP client is h11 over ``trio.open_tcp_stream``: one request per connection
 
 from __future__ import annotations
 
-import json
 import logging
 import urllib.parse
 from collections import deque
@@ -26,6 +25,7 @@ import trio
 
 from edgegw.backoff import Backoff
 from edgegw.hub.alerts import WebhookConfig
+from edgegw.jsonutil import dumps
 from edgegw.metrics import Metrics, report_internal_error
 
 log = logging.getLogger("edgegw.hub.webhooks")
@@ -48,7 +48,7 @@ async def post_json(url: str, payload: Any, *, headers: dict[str, str] | None = 
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
-    body = json.dumps(payload, separators=(",", ":"), default=str).encode()
+    body = dumps(payload).encode()
     request = h11.Request(method="POST", target=target, headers=[
         ("Host", parts.netloc),
         ("User-Agent", "edgegw-hub"),

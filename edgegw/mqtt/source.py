@@ -44,7 +44,7 @@ from ..backoff import Backoff
 from ..config import Range
 from ..metrics import report_internal_error
 from ..records import GatewayEvent, Record, SensorReading
-from ..sources import RecordSink, SourceContext
+from ..sources import RecordSink, SourceContext, source_errors
 from ..throttle import Throttle, as_sensor_window
 from ..topicfilter import filter_problem, matches
 from .acks import AckLedger, CheckpointError, Group, keys_from_checkpoint
@@ -217,7 +217,7 @@ class MqttSource:
         self._m_bad = m.counter("mqtt_bad_payloads_total",
                                 "MQTT messages that did not decode, by topic")
         # the gateway-wide count of bad input, beside the per-topic one
-        self._m_source_errors = m.counter("source_errors", "bad input seen by sources")
+        self._m_source_errors = source_errors(m)
         self._m_unrouted = m.counter("mqtt_unrouted_total",
                                      "MQTT messages matching no subscription")
         self._m_connected = m.gauge("mqtt_connected", "1 while connected to the broker")

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Protocol
 
 import trio
 
-from ..metrics import Metrics
+from ..metrics import Metric, Metrics
 from ..records import Record
 
 ENTRY_POINT_GROUP = "edgegw.sources"
@@ -58,6 +58,14 @@ class Source(Protocol):
     async def run(
         self, sink: RecordSink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None: ...
+
+
+def source_errors(metrics: Metrics) -> Metric:
+    """The gateway-wide count of bad input a source survived (corrupt files, undecodable
+    payloads, read errors), by ``source`` and ``kind``: one metric for every source."""
+    return metrics.counter("source_errors",
+                           "bad input a source survived (corrupt files, undecodable payloads, "
+                           "read errors), by source and kind")
 
 
 class UnknownSourceType(LookupError):

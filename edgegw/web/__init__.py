@@ -3,10 +3,11 @@ gateway (its status port) and the hub.  Knows nothing of either: handlers are pl
 
 from .http import Request, Response, json_response
 from .server import Handler, HttpLimits, HttpServer, WsAdmit, WsHandler
+from .status import install_status
 from .websocket import ConnectionClosed, MessageTooBig, SendGate, WebSocket, prepare_message
 
 __all__ = [
     "ConnectionClosed", "Handler", "HttpLimits", "HttpServer", "MessageTooBig", "Request",
-    "Response", "SendGate", "WebSocket", "WsAdmit", "WsHandler", "json_response",
-    "prepare_message",
+    "Response", "SendGate", "WebSocket", "WsAdmit", "WsHandler", "install_status",
+    "json_response", "prepare_message",
 ]

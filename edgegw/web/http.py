@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
+
+from ..jsonutil import dumps
 
 
 @dataclasses.dataclass
@@ -26,4 +27,4 @@ class Response:
 
 
 def json_response(obj: Any, status: int = 200) -> Response:
-    return Response(status, json.dumps(obj, separators=(",", ":"), default=str).encode())
+    return Response(status, dumps(obj).encode())
