@@ -27,8 +27,8 @@ from wsclient import WsClient
 
 from edgegw.gateway.service import Gateway
 from edgegw.hub.alerts import WebhookConfig
+from edgegw.hub.alerts.webhooks import WebhookSender
 from edgegw.hub.app import Hub
-from edgegw.hub.webhooks import WebhookSender
 from edgegw.metrics import Metrics, internal_errors
 from edgegw.protocol import Hello, encode, encode_body
 from edgegw.records import SensorReading

@@ -13,8 +13,8 @@ import h11
 import trio
 
 from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig, WebhookConfig
+from edgegw.hub.alerts.webhooks import WebhookSender, post_json
 from edgegw.hub.live import LiveState
-from edgegw.hub.webhooks import WebhookSender, post_json
 from edgegw.metrics import Metrics
 from edgegw.records import PartResult
 

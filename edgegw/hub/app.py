@@ -15,7 +15,7 @@ from pathlib import Path
 import trio
 
 from ..metrics import Metrics
-from .alert_service import AlertService
+from .alerts.service import AlertService
 from .config import HubConfig
 from .dashboard import Dashboard
 from .fanout import LiveFanout

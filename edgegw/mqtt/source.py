@@ -24,6 +24,10 @@ Failure boundary: whatever goes wrong while handling one message (a payload that
 decode, a decoder that raises anything else, a bug) is caught here, counted, logged with
 the topic at most once per interval, and the message is acknowledged in its turn: a poison
 message is never redelivered forever and never stops the gateway.
+
+Why one module of this size: the message path (route, decode, throttle, put, acknowledge
+after durability) is one synchronous pipeline over shared per-source state; the pieces
+that stand alone are beside it (``acks``, ``payloads``, ``topics``, ``edgegw.throttle``).
 """
 
 from __future__ import annotations

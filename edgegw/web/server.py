@@ -14,20 +14,20 @@ more than two cores at 1,000 dashboards x 20 frames/s (``bench/ws_send_cost.py``
 docs/http.md).  So this layer carries the bounds itself (``HttpLimits``): a restartable
 deadline per connection phase, connection caps that shed idle connections first, a paused
 accept loop when descriptors run out, strict upgrade validation, no ambiguous framing.
+
+Why one module of this size: admission (caps, shedding, the accept loop) and the request
+loop share the per-connection phase and caps; request parsing and the handshake checks are
+in ``handshake.py``, the WebSocket in ``websocket.py``.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import errno
 import logging
 import math
 import os
-import urllib.parse
 from collections.abc import Awaitable, Callable
-from http import HTTPStatus
 from typing import Annotated, Any
 
 import h11
@@ -37,6 +37,14 @@ from wsproto.utilities import generate_accept_token
 
 from ..config import Range
 from ..metrics import Metrics
+from .handshake import (
+    framing_problem,
+    is_upgrade,
+    raw_response,
+    status_phrase,
+    to_request,
+    upgrade_problem,
+)
 from .http import Request, Response
 from .websocket import READ_SIZE, ConnectionClosed, MessageTooBig, WebSocket
 
@@ -313,7 +321,7 @@ class HttpServer:
                         self.max_connections, self.limits.max_connections_per_address)
         with trio.move_on_after(1):
             try:
-                await stream.send_all(_raw_response(503, b"too many connections",
+                await stream.send_all(raw_response(503, b"too many connections",
                                                     [(b"retry-after", b"1")]))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
@@ -367,16 +375,16 @@ class HttpServer:
                 return
             if admitted is not None:
                 admitted.waiting = False
-            request = _request(event, remote)
+            request = to_request(event, remote)
             head = event.method == b"HEAD"  # answered like GET, without the body
-            problem = _framing_problem(event)
+            problem = framing_problem(event)
             if problem:
                 # Content-Length with Transfer-Encoding is how requests are smuggled past a
                 # proxy: never guess which one frames the body -- refuse, and close.
                 self.on_bad_request(problem)
                 await self._send_simple(conn, stream, 400, problem.encode(), head=head)
                 return
-            if _is_upgrade(event):
+            if is_upgrade(event):
                 phase.enter("websocket")  # the WebSocket handler's own timeouts apply
                 await self._upgrade(conn, stream, request, event)
                 return
@@ -452,7 +460,7 @@ class HttpServer:
         headers = [("content-type", r.content_type), ("content-length", str(len(r.body))),
                    ("cache-control", "no-store"), *r.headers]
         data = conn.send(h11.Response(status_code=r.status, headers=headers,
-                                      reason=_reason(r.status)))
+                                      reason=status_phrase(r.status)))
         data += conn.send(h11.Data(data=r.body)) if r.body and not head else b""
         data += conn.send(h11.EndOfMessage())
         await stream.send_all(data)
@@ -472,7 +480,7 @@ class HttpServer:
         if route is None:
             await self._send_simple(conn, stream, 404, b"no WebSocket endpoint here", head=head)
             return
-        problem = _upgrade_problem(event, request)
+        problem = upgrade_problem(event, request)
         if problem:
             self.on_bad_request(problem)
             await self._send_simple(conn, stream, 400, problem.encode(),
@@ -525,72 +533,3 @@ async def _close(stream: trio.abc.Stream) -> None:
     with trio.move_on_after(1) as cs:
         cs.shield = True
         await stream.aclose()
-
-
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
-
-
-def _raw_response(status: int, text: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-    """A complete error response written without a parser state (a refused connection)."""
-    head = [b"HTTP/1.1 %d %s" % (status, _reason(status)), b"content-type: text/plain",
-            b"content-length: %d" % len(text), b"connection: close",
-            *(name + b": " + value for name, value in headers)]
-    return b"\r\n".join(head) + b"\r\n\r\n" + text
-
-
-def _header_tokens(event: h11.Request, name: bytes) -> list[bytes]:
-    return [t.strip().lower() for n, v in event.headers if n == name for t in v.split(b",")]
-
-
-def _framing_problem(event: h11.Request) -> str:
-    names = {n for n, _ in event.headers}
-    if b"transfer-encoding" in names and b"content-length" in names:
-        return "Content-Length together with Transfer-Encoding"
-    return ""
-
-
-def _upgrade_problem(event: h11.Request, request: Request) -> str:
-    """Why an upgrade request is not a valid WebSocket opening handshake (RFC 6455 4.2.1)."""
-    if event.method != b"GET":
-        return "a WebSocket upgrade must be a GET request"
-    if event.http_version != b"1.1":
-        return "a WebSocket upgrade needs HTTP/1.1"
-    if b"upgrade" not in _header_tokens(event, b"connection"):
-        return "a WebSocket upgrade needs Connection: Upgrade"
-    if _header_tokens(event, b"content-length") not in ([], [b"0"]) or _header_tokens(
-            event, b"transfer-encoding"):
-        return "a WebSocket upgrade must not carry a body"
-    if _header_tokens(event, b"sec-websocket-version") != [b"13"]:
-        return "unsupported Sec-WebSocket-Version (this server speaks 13)"
-    key = request.headers.get("sec-websocket-key", "").strip()
-    try:
-        valid = len(base64.b64decode(key, validate=True)) == 16
-    except (binascii.Error, ValueError):
-        valid = False
-    if not valid:
-        return "missing or malformed Sec-WebSocket-Key"
-    return ""
-
-
-def _request(event: h11.Request, remote: str) -> Request:
-    target = event.target.decode("latin-1")
-    path, _, qs = target.partition("?")
-    query = {k: v[-1] for k, v in urllib.parse.parse_qs(qs).items()}
-    headers: dict[str, str] = {}
-    for name, value in event.headers:
-        key = name.decode("latin-1").lower()
-        val = value.decode("latin-1")
-        headers[key] = f"{headers[key]}, {val}" if key in headers else val
-    return Request(event.method.decode(), urllib.parse.unquote(path), query, headers,
-                   remote=remote)
-
-
-def _is_upgrade(event: h11.Request) -> bool:
-    for name, value in event.headers:
-        if name.lower() == b"upgrade" and value.lower() == b"websocket":
-            return True
-    return False

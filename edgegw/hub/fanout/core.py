@@ -23,6 +23,10 @@ The ideas, taken from the real-time hubs that work (Centrifugo, Phoenix, Mercure
   when it only follows state channels, its queued updates are dropped and it gets the latest
   state (snapshots marked ``resync: "lagging"``) once it has drained.  Nothing a slow client
   does delays the tick or any other client.
+
+Why one module of this size: ``LiveHub`` is one state machine (subscriptions, ticks,
+resume, slow clients) over the channels and clients it owns; what stands alone is beside
+it (``channels``, ``deltas``, ``encoding``, ``config``).
 """
 
 from __future__ import annotations

@@ -43,6 +43,10 @@ Invariants worth knowing before reading the code:
   dashboard's warning) and ``/api/stats`` show.
 * One delta per changed topic per ``on_records`` call: a batch of 2,000 parts on one
   wafer publishes one wafer delta with the changed dies, not 2,000.
+
+Why one module of this size: ``LiveState`` is one class whose record handlers share the
+open batch, the caps, the eviction policy and the observer; the entities are in
+``models.py``, the field checks in ``checks.py``, the observer protocol in ``observer.py``.
 """
 
 from __future__ import annotations

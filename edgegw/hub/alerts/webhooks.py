@@ -24,9 +24,10 @@ import h11
 import trio
 
 from edgegw.backoff import Backoff
-from edgegw.hub.alerts import WebhookConfig
 from edgegw.jsonutil import dumps
 from edgegw.metrics import Metrics, report_internal_error
+
+from .config import WebhookConfig
 
 log = logging.getLogger("edgegw.hub.webhooks")
 
