@@ -169,3 +169,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(json.dumps(summary, sort_keys=True))
     sys.stdout.flush()
     return 0 if summary["lost"] == 0 and summary["duplicates"] == 0 else 1
+
+
+__all__ = ["check_config"]

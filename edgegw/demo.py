@@ -205,3 +205,6 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     print(f"  parts tested: {counter.parts}, yield {summary['yield']}; lost {summary['lost']}, "
           f"duplicates {summary['duplicates']}")
     return summary
+
+
+__all__ = ["expected_records", "run_demo"]

@@ -101,3 +101,6 @@ class EmbeddedGateway:
         self._thread.join()
         if self._error is not None:
             raise self._error
+
+
+__all__ = ["EmbeddedGateway", "open_gateway"]

@@ -74,3 +74,6 @@ class TesterFormat(Protocol):
     suffixes: tuple[str, ...]
 
     def new_parser(self) -> FormatParser: ...
+
+
+__all__ = ["ENTRY_POINT_GROUP", "FormatError", "FormatParser", "ParsedRecord", "TesterFormat"]

@@ -29,3 +29,6 @@ async def heartbeat(conn: Timed, send: Callable[[bytes], Awaitable[object]],
             await send(ping)
         if after_beat is not None:
             after_beat()
+
+
+__all__ = ["Timed", "heartbeat"]

@@ -47,3 +47,6 @@ def dumps(message: Any) -> str:
         return json.dumps(_finite(message), separators=(",", ":"), default=_json_default)
     except TypeError:
         return dumps(_json_keys(message))
+
+
+__all__ = ["dumps"]

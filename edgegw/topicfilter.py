@@ -38,3 +38,6 @@ def matches(topic_filter: str, topic: str) -> bool:
         if f != "+" and f != t_levels[i]:
             return False
     return len(f_levels) == len(t_levels)
+
+
+__all__ = ["filter_problem", "matches"]

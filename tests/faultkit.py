@@ -22,7 +22,7 @@ from processes import REPO, get_json, spawn, wait_for
 from edgegw.metrics import Metrics
 from edgegw.protocol import decode_body
 from edgegw.records import from_wire
-from edgegw.sim.source import SimulatedConfig, SimulatedTesterSource
+from edgegw.sim import SimulatedConfig, SimulatedTesterSource
 from edgegw.sources import SourceContext
 
 GATEWAY = "ate-01"

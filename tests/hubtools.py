@@ -9,10 +9,8 @@ from typing import Any
 import trio
 
 from edgegw.config import build
-from edgegw.gateway.config import GatewayConfig
-from edgegw.gateway.service import Gateway
-from edgegw.hub.config import HubConfig
-from edgegw.hub.ingest import Ingest
+from edgegw.gateway import Gateway, GatewayConfig
+from edgegw.hub import HubConfig, Ingest
 
 
 def hub_config(tmp: Path, port: int = 0, tokens: dict[str, str] | None = None,

@@ -41,12 +41,10 @@ from hypothesis import strategies as st
 
 from edgegw.commands import check_config
 from edgegw.config import INT64, ConfigError, Key, Range, iter_keys
-from edgegw.gateway.config import GatewayConfig
-from edgegw.gateway.service import Gateway
-from edgegw.hub.app import Hub
-from edgegw.hub.config import HubConfig
+from edgegw.gateway import Gateway, GatewayConfig
+from edgegw.hub import Hub, HubConfig
 from edgegw.records import GatewayEvent
-from edgegw.sim.source import SimulatedConfig
+from edgegw.sim import SimulatedConfig
 
 EXAMPLES = int(os.environ.get("EDGEGW_CONFIG_EXAMPLES", "200"))
 # shrinking a failure restarts services hundreds of times: on request only

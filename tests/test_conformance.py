@@ -27,8 +27,7 @@ from hubtools import http_get
 from wsclient import WsClient
 
 from edgegw.config import build
-from edgegw.hub.app import Hub
-from edgegw.hub.config import HubConfig
+from edgegw.hub import Hub, HubConfig
 from edgegw.metrics import internal_errors
 from edgegw.protocol import (
     Ack,

@@ -30,12 +30,10 @@ from hubtools import start_tester
 from trio_websocket import open_websocket_url
 
 from edgegw.config import build
+from edgegw.hub import STATIC_DIR, Dashboard, HubConfig, Ingest
 from edgegw.hub.alerts import AlertEngine, AlertsConfig
-from edgegw.hub.config import HubConfig
-from edgegw.hub.dashboard import STATIC_DIR, Dashboard
 from edgegw.hub.fanout import LiveConfig, LiveFanout
 from edgegw.hub.history import HistoryApi
-from edgegw.hub.ingest import Ingest
 from edgegw.hub.live import LiveState
 from edgegw.hub.topics import split
 from edgegw.records import SensorReading

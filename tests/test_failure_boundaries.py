@@ -25,10 +25,9 @@ from shared_data import METIS, stdf_bytes
 from test_webhooks import HookServer, event, wait_for
 from wsclient import WsClient
 
-from edgegw.gateway.service import Gateway
-from edgegw.hub.alerts import WebhookConfig
-from edgegw.hub.alerts.webhooks import WebhookSender
-from edgegw.hub.app import Hub
+from edgegw.gateway import Gateway
+from edgegw.hub import Hub
+from edgegw.hub.alerts import WebhookConfig, WebhookSender
 from edgegw.metrics import Metrics, internal_errors
 from edgegw.protocol import Hello, encode, encode_body
 from edgegw.records import SensorReading

@@ -17,7 +17,7 @@ from hubtools import http_get, start_tester
 from trio_websocket import open_websocket_url
 
 from edgegw.config import build
-from edgegw.hub.config import HubConfig
+from edgegw.hub import GcPacer, HubConfig, Ingest
 from edgegw.hub.fanout import (
     CLOSE_TOO_SLOW,
     SUBPROTOCOL_CBOR,
@@ -25,8 +25,6 @@ from edgegw.hub.fanout import (
     LiveConfig,
     LiveFanout,
 )
-from edgegw.hub.gcpacing import GcPacer
-from edgegw.hub.ingest import Ingest
 from edgegw.hub.live import LiveState
 
 TOKEN = "s3cret"

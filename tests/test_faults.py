@@ -29,8 +29,8 @@ from faultkit import (
 )
 from processes import wait_for
 
+from edgegw.spool import list_segments as _list_segments
 from edgegw.spool.format import Kind, Record, scan
-from edgegw.spool.segments import list_segments as _list_segments
 
 # ~ 9 records per part (8 tests + the part result) plus lot/wafer records
 SOURCE = {"parts_per_second": 1500, "max_parts": 12_000, "seed": 7, "wafers": 200}
@@ -436,8 +436,7 @@ def test_gateway_killed_while_the_stdf_tester_writes_loses_and_duplicates_nothin
     from processes import spawn
 
     from edgegw.records import GatewayEvent
-    from edgegw.stdf import StdfDecoder
-    from edgegw.stdf.mapping import RecordMapper
+    from edgegw.stdf import RecordMapper, StdfDecoder
 
     out = tmp_path / "tester"
     out.mkdir()

@@ -13,8 +13,7 @@ from typing import Any
 import trio
 
 from edgegw.hub import history
-from edgegw.hub.alerts import AlertRuleConfig, AlertsConfig
-from edgegw.hub.alerts.service import AlertService
+from edgegw.hub.alerts import AlertRuleConfig, AlertsConfig, AlertService
 from edgegw.hub.history import HistoryApi
 from edgegw.hub.live import LiveState
 from edgegw.records import LotEnd, LotStart, ParametricResult, PartResult, WaferEnd

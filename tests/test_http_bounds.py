@@ -31,8 +31,7 @@ from hypothesis import strategies as st
 from processes import REPO, get_json, stop, wait_for
 
 from edgegw.config import ConfigError, build
-from edgegw.hub.config import HubConfig
-from edgegw.hub.ingest import Ingest
+from edgegw.hub import HubConfig, Ingest
 
 KEY = base64.b64encode(b"0123456789abcdef").decode()
 

@@ -12,7 +12,7 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request
 
-from edgegw.gateway.service import Gateway
+from edgegw.gateway import Gateway
 from edgegw.protocol import (
     Ack,
     CloseCode,
@@ -175,7 +175,7 @@ async def test_a_silent_gateway_is_dropped_after_two_heartbeats(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     """The hub's heartbeat, in virtual time, over an in-memory stream."""
     cfg = hub_config(tmp_path, heartbeat_s=3.0)
-    from edgegw.hub.ingest import Ingest
+    from edgegw.hub import Ingest
 
     hub = Ingest(cfg)
     await hub.store.open()

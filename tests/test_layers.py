@@ -1,4 +1,7 @@
-"""The layer map holds at import time: every module imports on its own.
+"""The layer map holds at import time: every module imports on its own; and the tests and
+the ATDF plugin use only the public face (docs/plugins.md, "The public face").
+
+The first part:
 
 The import-linter contracts in pyproject.toml (run by scripts/test.sh) check the static
 import graph; this checks what the graph cannot see: a module that imports only because
@@ -8,6 +11,9 @@ importing the gateway, as ``edgegw.spool`` once did).
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +76,59 @@ def test_every_module_imports_in_a_fresh_interpreter_without_edgegw_preimporting
     proc = subprocess.run([sys.executable, "-c", CHILD, *module_names()],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- the public face ---------------------------------------------------------------------
+
+
+def is_public(module: str) -> bool:
+    """``edgegw`` and its top-level modules and packages are public; below them, a module
+    is public when its package names it in ``__all__``."""
+    parts = module.split(".")
+    if len(parts) <= 2:
+        return not parts[-1].startswith("_")
+    parent = ".".join(parts[:-1])
+    return is_public(parent) and parts[-1] in getattr(importlib.import_module(parent),
+                                                      "__all__", ())
+
+
+def through_the_face(module: str, name: str) -> bool:
+    if not is_public(module):
+        return False
+    if name in getattr(importlib.import_module(module), "__all__", ()):
+        return True
+    return importlib.util.find_spec(f"{module}.{name}") is not None and is_public(
+        f"{module}.{name}")
+
+
+def face_violations(paths: list[Path]) -> list[str]:
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and (
+                    node.module == "edgegw" or node.module.startswith("edgegw.")):
+                found += [f"{path.name}:{node.lineno}: from {node.module} import {a.name}"
+                          for a in node.names if not through_the_face(node.module, a.name)]
+            elif isinstance(node, ast.Import):
+                found += [f"{path.name}:{node.lineno}: import {a.name}" for a in node.names
+                          if a.name.startswith("edgegw.") and not is_public(a.name)]
+    return found
+
+
+def test_the_tests_and_the_atdf_plugin_import_only_the_public_face() -> None:
+    repo = PACKAGE.parent
+    paths = sorted([*(repo / "tests").glob("*.py"),
+                    *(repo / "plugins" / "edgegw-atdf").rglob("*.py")])
+    assert face_violations(paths) == []
+
+
+def test_a_deep_import_is_not_the_public_face(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.py"
+    deep.write_text("from edgegw.spool.segments import list_segments\n"
+                    "from edgegw.gateway.service import Gateway\n"
+                    "from edgegw.spool import list_segments, format\n"
+                    "from edgegw.hub.topics import wafer\n")
+    assert face_violations([deep]) == [
+        "deep.py:1: from edgegw.spool.segments import list_segments",
+        "deep.py:2: from edgegw.gateway.service import Gateway",
+    ]

@@ -23,9 +23,7 @@ from test_hub_state import Recorder, part, sim_records
 from test_live_protocol import Viewer
 
 from edgegw.config import build
-from edgegw.hub import topics
-from edgegw.hub.app import Hub
-from edgegw.hub.config import HubConfig
+from edgegw.hub import Hub, HubConfig, topics
 from edgegw.hub.fanout import LiveConfig, LiveHub
 from edgegw.hub.live import LiveState
 from edgegw.metrics import Metrics

@@ -12,6 +12,8 @@ from edgegw.hub import topics
 from edgegw.hub.fanout import (
     CBOR,
     CLOSE_TOO_SLOW,
+    CONCAT_KEYS,
+    EVENT_KEYS,
     JSON,
     Client,
     LiveConfig,
@@ -20,7 +22,6 @@ from edgegw.hub.fanout import (
     compose_deltas,
     pattern_error,
 )
-from edgegw.hub.fanout.deltas import CONCAT_KEYS, EVENT_KEYS
 from edgegw.metrics import Metrics
 from edgegw.topicfilter import matches as topic_matches
 

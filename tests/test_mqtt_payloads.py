@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from edgegw.mqtt.payloads import (
+from edgegw.mqtt import (
     PayloadError,
+    TemplateError,
     UnknownPayloadDecoder,
+    compile_template,
     decode_number,
     json_decoder,
     make_decoder,
 )
-from edgegw.mqtt.topics import TemplateError, compile_template
 from edgegw.topicfilter import filter_problem as check_filter
 
 

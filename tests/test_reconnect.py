@@ -21,10 +21,8 @@ from hubtools import gateway_config, hub_config, start_hub
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from edgegw.backoff import Backoff, Reconnect
-from edgegw.gateway.probe import ProbeTarget, probe_once, retry_after_seconds
-from edgegw.gateway.service import Gateway
-from edgegw.hub.ingest import Ingest
-from edgegw.hub.store import FrameToApply, HubStore
+from edgegw.gateway import Gateway, ProbeTarget, probe_once, retry_after_seconds
+from edgegw.hub import FrameToApply, HubStore, Ingest
 from edgegw.protocol import (
     Ack,
     CloseCode,

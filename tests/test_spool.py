@@ -13,10 +13,9 @@ import pytest
 import trio
 
 from edgegw.metrics import Metrics
-from edgegw.spool import DiskSpool, DropEvent, SpoolConfig, recover
+from edgegw.spool import ACK_PERSIST_S, DiskSpool, DropEvent, SpoolConfig, recover
+from edgegw.spool import list_segments as _list_segments
 from edgegw.spool.format import Kind, Record, scan
-from edgegw.spool.segments import list_segments as _list_segments
-from edgegw.spool.spool import ACK_PERSIST_S
 from edgegw.store import FrameStore
 
 

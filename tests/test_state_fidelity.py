@@ -21,14 +21,10 @@ import trio
 from shared_data import GALAXY, stdf_bytes, stdf_path
 
 from edgegw.config import build
-from edgegw.gateway.config import GatewayConfig
-from edgegw.gateway.service import Gateway
-from edgegw.hub import topics
-from edgegw.hub.config import HubConfig
-from edgegw.hub.ingest import Ingest
+from edgegw.gateway import Gateway, GatewayConfig
+from edgegw.hub import HubConfig, Ingest, topics
 from edgegw.hub.live import LiveState
-from edgegw.stdf import StdfDecoder
-from edgegw.stdf.mapping import RecordMapper
+from edgegw.stdf import RecordMapper, StdfDecoder
 
 FRAME_RECORDS = 500
 

@@ -293,8 +293,8 @@ def test_compiled_decoders_agree_with_the_generic_one_wherever_rec_len_cuts(
         data: st.DataObject) -> None:
     """Cut any record of the sample stream at any byte (REC_LEN rewritten shorter):
     the compiled fast paths give exactly what the field-by-field reference gives."""
+    from edgegw.stdf import BY_NAME
     from edgegw.stdf.decoder import decode_generic, decoder_table
-    from edgegw.stdf.spec import BY_NAME
 
     order = data.draw(st.sampled_from("<>"))
     _, records = stream(order)

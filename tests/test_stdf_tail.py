@@ -18,12 +18,10 @@ from shared_data import GALAXY, stdf_path
 from edgegw.config import ConfigError, build
 from edgegw.metrics import Metrics
 from edgegw.records import GatewayEvent, LotEnd, LotStart, ParametricResult, PartResult
-from edgegw.sim.stdf_tester import stdf_chunks, stdf_file_bytes, write_files
+from edgegw.sim import stdf_chunks, stdf_file_bytes, write_files
 from edgegw.sim.tester import TesterProfile
-from edgegw.sources import SourceContext, source_type
-from edgegw.sources.tail import TailConfig, TailSource
-from edgegw.stdf import StdfDecoder, StdfWriter
-from edgegw.stdf.mapping import RecordMapper
+from edgegw.sources import SourceContext, TailConfig, TailSource, source_type
+from edgegw.stdf import RecordMapper, StdfDecoder, StdfWriter
 
 SMALL = TesterProfile(sites=4, wafer_diameter_dies=8, tests_per_part=4, seed=7)
 

@@ -12,8 +12,14 @@ from typing import Any
 import h11
 import trio
 
-from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig, WebhookConfig
-from edgegw.hub.alerts.webhooks import WebhookSender, post_json
+from edgegw.hub.alerts import (
+    AlertEngine,
+    AlertRuleConfig,
+    AlertsConfig,
+    WebhookConfig,
+    WebhookSender,
+    post_json,
+)
 from edgegw.hub.live import LiveState
 from edgegw.metrics import Metrics
 from edgegw.records import PartResult

@@ -254,3 +254,8 @@ class HistoryApi:
         status, payload = await self.dispatch(request.method, request.path, request.query,
                                               request.body)
         return json_response(payload, status)
+
+
+__all__ = [
+    "HistoryApi", "Result", "ack", "alert_query", "alerts", "lots", "test", "wafer", "wafers",
+]

@@ -106,3 +106,9 @@ def alert(priority: str, rule: str) -> str:
 def split(topic: str) -> list[str]:
     """The decoded levels of a topic name (``lot/A%2FB`` -> ``["lot", "A/B"]``)."""
     return [unquote(p) for p in topic.split("/")]
+
+
+__all__ = [
+    "GATEWAY_EVENTS", "HUB_STATE", "MERGE_RULES", "PRIORITIES", "SENSOR_HISTORY", "alert",
+    "gateway", "lot", "sensor", "split", "test", "unquote", "wafer",
+]

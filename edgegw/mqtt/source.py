@@ -538,3 +538,14 @@ class MqttSource:
                 self._stopping = True
                 self._wake_pump.set()
                 pump_scope.deadline = trio.current_time() + STOP_FLUSH_S
+
+
+__all__ = [
+    "STOP_FLUSH_S",
+    "BackoffConfig",
+    "MqttSource",
+    "MqttSourceConfig",
+    "MqttSourceError",
+    "SubscriptionConfig",
+    "TlsConfig",
+]

@@ -91,3 +91,14 @@ def source_type(name: str) -> type[Source]:
         raise UnknownSourceType(
             f"unknown source type {name!r} (installed: {', '.join(sorted(types_))})"
         ) from None
+
+
+# after the interface above, which they import
+from .formats import UnknownFormat, get_format, installed_formats  # noqa: E402
+from .tail import TailConfig, TailSource  # noqa: E402
+
+__all__ = [
+    "ENTRY_POINT_GROUP", "RecordSink", "Source", "SourceContext", "TailConfig", "TailSource",
+    "UnknownFormat", "UnknownSourceType", "get_format", "installed_formats", "source_errors",
+    "source_type", "source_types",
+]

@@ -676,3 +676,9 @@ def decode_all(data: bytes) -> list[StdfRecord]:
         raise StdfError(f"file ends inside a record ({dec.buffered} bytes left over)",
                         dec.position)
     return records
+
+
+__all__ = [
+    "MEMO_SIZE", "StdfDecoder", "StdfError", "StdfRecord", "decode_all", "decode_generic",
+    "decoder_table", "set_tail_memo",
+]

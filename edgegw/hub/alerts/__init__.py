@@ -10,8 +10,10 @@ acknowledged, escalated, persisted and delivered to webhooks.
 
 from .config import RULE_KINDS, AlertRuleConfig, AlertsConfig, Priority, RuleKind, WebhookConfig
 from .engine import Alert, AlertEngine
+from .service import AlertService
+from .webhooks import WebhookSender, post_json
 
 __all__ = [
-    "RULE_KINDS", "Alert", "AlertEngine", "AlertRuleConfig", "AlertsConfig", "Priority",
-    "RuleKind", "WebhookConfig",
+    "RULE_KINDS", "Alert", "AlertEngine", "AlertRuleConfig", "AlertService", "AlertsConfig",
+    "Priority", "RuleKind", "WebhookConfig", "WebhookSender", "post_json",
 ]

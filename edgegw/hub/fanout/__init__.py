@@ -15,12 +15,12 @@ from .config import (
     pattern_error,
 )
 from .core import AckHandler, LiveHub, RequestError, StateSource
-from .deltas import coalesce, compose_deltas
+from .deltas import CONCAT_KEYS, EVENT_KEYS, coalesce, compose_deltas
 from .encoding import CBOR, JSON, Encoding, encoding_for_subprotocol
 from .service import LIVE_PATH, STATS_PATH, LiveFanout
 
 __all__ = [
-    "CBOR", "CLOSE_TOO_SLOW", "JSON", "LIVE_PATH", "STATS_PATH",
+    "CBOR", "CLOSE_TOO_SLOW", "CONCAT_KEYS", "EVENT_KEYS", "JSON", "LIVE_PATH", "STATS_PATH",
     "SUBPROTOCOLS", "SUBPROTOCOL_CBOR", "SUBPROTOCOL_JSON", "AckHandler", "Client",
     "Encoding", "LiveConfig", "LiveFanout", "LiveHub", "RequestError", "StateSource",
     "coalesce", "compose_deltas", "encoding_for_subprotocol", "pattern_error",
