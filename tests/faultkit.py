@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from conftest import free_port
+from ports import free_port
 from processes import REPO, get_json, spawn, wait_for
 
 from edgegw.metrics import Metrics

@@ -35,9 +35,9 @@ from typing import Any, Literal, get_args, get_origin
 
 import pytest
 import trio
-from conftest import free_port
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
+from ports import free_port
 
 from edgegw.commands import check_config
 from edgegw.config import INT64, ConfigError, Key, Range, iter_keys

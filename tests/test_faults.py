@@ -507,7 +507,7 @@ def test_a_60_s_link_cut_with_the_shipped_config_is_live_again_within_2_s(
     probe interval 1 s), the simulated tester at its 100 parts/s (bounded and seeded here,
     to compare record by record); a proxy cuts the link for 60 s.  bench/reconnect.py (a)
     prints the same figures."""
-    from conftest import free_port
+    from ports import free_port
     from processes import REPO, get_json, spawn
 
     hub_port, status = free_port(), free_port()

@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from conftest import free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ports import free_port
 from processes import REPO, get_json, stop, wait_for
 
 from edgegw.config import ConfigError, build

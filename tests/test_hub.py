@@ -8,6 +8,7 @@ import cbor2
 import trio
 import trio.testing
 from hubtools import gateway_config, http_get, hub_config, start_hub
+from ports import free_port
 from trio_websocket import ConnectionClosed, open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request
@@ -224,7 +225,7 @@ async def test_a_gateway_delivers_everything_a_source_puts(tmp_path: Path) -> No
 
 async def test_overflow_under_drop_oldest_is_counted_and_reported_to_the_hub(
         tmp_path: Path) -> None:
-    port = __import__("conftest").free_port()  # the hub is not there yet
+    port = free_port()  # the hub is not there yet
     cfg = gateway_config(tmp_path / "gw", port, queue={"max_frames": 5, "policy": "drop_oldest"},
                          batch={"max_records": 10, "max_delay_ms": 1000})
     async with trio.open_nursery() as nursery:
@@ -255,7 +256,7 @@ async def test_an_overflow_event_that_fills_a_frame_by_itself_still_reaches_the_
     """With ``batch.max_records = 1`` the store_overflow event is a full batch on its own:
     it is stored like any other (it was once dropped on the floor), and what its own frame
     pushes out of the full store is counted at once and told by the next event."""
-    port = __import__("conftest").free_port()  # the hub is not there yet
+    port = free_port()  # the hub is not there yet
     cfg = gateway_config(tmp_path / "gw", port, batch={"max_records": 1, "max_delay_ms": 1000})
     async with trio.open_nursery() as nursery:
         gw = Gateway(cfg, store=MemoryFrameStore(2, "drop_oldest"))

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import free_port
 from faultkit import Proxy
 from hubtools import gateway_config, hub_config, start_hub
+from ports import free_port
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from edgegw.backoff import Backoff, Reconnect
