@@ -91,7 +91,9 @@ def check_command_line(argv: list[str], kind: str) -> None:
     run = subprocess.run([sys.executable, "-m", "edgegw", "check-config",
                           str(REPO / "conf" / f"{kind}.toml"), *overrides],
                          capture_output=True, text=True, timeout=60, check=False)
-    assert (run.returncode, run.stdout.strip()) == (0, "ok"), run.stdout + run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert (run.returncode, lines[-1:]) == (0, ["ok"]), run.stdout + run.stderr
+    assert f"checked as a {kind} config" in lines[0]
 
 
 # ---- what is shipped --------------------------------------------------------------------
