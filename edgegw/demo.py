@@ -11,6 +11,7 @@ files map to, decoded afresh) with what the hub applied, record id by record id.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import secrets
 import shutil
 import signal
@@ -21,13 +22,13 @@ from typing import Any
 
 import trio
 
-from .config import apply_overrides, build
-from .gateway.config import GatewayConfig
+from .config import ConfigError, apply_overrides, build
+from .gateway.config import GatewayConfig, build_gateway_config
 from .gateway.service import Gateway
 from .hub.app import Hub
 from .hub.config import HubConfig
 from .protocol import IntervalSet
-from .records import PartResult, Record
+from .records import PartResult, Record, SensorWindow
 from .sim.source import SimulatedTesterSource
 from .sim.stdf_tester import stdf_chunks, write_files
 from .sim.tester import TesterProfile
@@ -38,13 +39,15 @@ GATEWAY_ID = "demo-gw"
 
 
 class ReceiptCounter:
-    """A hub consumer that counts distinct record ids and the duplicates among them."""
+    """A hub consumer that counts distinct record ids and the duplicates among them; the
+    sensor feed's windows are counted apart from the tester's records."""
 
     def __init__(self) -> None:
         self.rids: dict[str, IntervalSet] = {}
         self.duplicates = 0
         self.parts = 0
         self.good = 0
+        self.sensor_windows = 0
 
     def on_records(self, gateway_id: str, first_rid: int, records: list[Record]) -> None:
         seen = self.rids.setdefault(gateway_id, IntervalSet())
@@ -54,7 +57,9 @@ class ReceiptCounter:
                 self.duplicates += 1
                 continue
             seen.add(rid)
-            if type(r) is PartResult:
+            if type(r) is SensorWindow:
+                self.sensor_windows += 1
+            elif type(r) is PartResult:
                 self.parts += 1
                 self.good += bool(r.passed)
 
@@ -62,8 +67,9 @@ class ReceiptCounter:
         pass
 
     def received(self, gateway_id: str) -> int:
+        """The tester's records applied (sensor windows not counted)."""
         s = self.rids.get(gateway_id)
-        return s.count() if s else 0
+        return (s.count() if s else 0) - self.sensor_windows
 
 
 class _StdfTester:
@@ -76,8 +82,9 @@ class _StdfTester:
         self.done = trio.Event()
 
     async def run(self) -> None:
-        profile = TesterProfile(sites=self.args.sites, wafers=1000, seed=1)
-        chunks = stdf_chunks(profile, lots=1, per_wafer=True,
+        # lot after lot, 25 wafers each, as a tester on a floor
+        profile = TesterProfile(sites=self.args.sites, wafers=25, seed=1)
+        chunks = stdf_chunks(profile, lots=0, per_wafer=True,
                              parts_per_second=self.args.parts_per_second)
         with self.scope:
             await write_files(self.out, chunks, parts_per_second=self.args.parts_per_second)
@@ -105,8 +112,12 @@ def expected_records(directory: Path) -> int:
     return total
 
 
+#: the top-level tables of a hub config: a --set under one of them goes to the hub
+_HUB_TABLES = tuple(f"{f.name}." for f in dataclasses.fields(HubConfig))
+
+
 def _split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
-    hub = [o for o in overrides if o.startswith(("hub.", "gateways."))]
+    hub = [o for o in overrides if o.startswith(_HUB_TABLES)]
     return hub, [o for o in overrides if o not in hub]
 
 
@@ -118,13 +129,47 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         await trio.to_thread.run_sync(lambda: shutil.rmtree(tmp, ignore_errors=True))
 
 
+def demo_configs(args: argparse.Namespace, tmp: Path, token: str,
+                 port: int) -> tuple[HubConfig, GatewayConfig]:
+    """The demo's hub and gateway configs, ``--set`` overrides applied (a key under a hub
+    config's tables to the hub, the rest to the gateway); one ConfigError lists every
+    problem of both."""
+    hub_over, gw_over = _split_overrides(list(args.overrides))
+    errors: list[str] = []
+    hub_cfg = gw_cfg = None
+    try:
+        hub_cfg = build(HubConfig, apply_overrides({
+            "hub": {"port": args.port, "data_dir": str(tmp / "hub")},
+            "gateways": {GATEWAY_ID: {"token": token}},
+        }, hub_over), "<demo>")
+    except ConfigError as exc:
+        errors.extend(exc.errors)
+    stdf_dir = tmp / "stdf"
+    if args.source == "stdf":
+        source_cfg = {"name": "tester", "type": "stdf", "paths": [str(stdf_dir)],
+                      "poll_interval": 0.1}
+    else:
+        source_cfg = {"name": "tester", "type": "simulated",
+                      "parts_per_second": args.parts_per_second, "sites": args.sites}
+    try:
+        gw_cfg = build_gateway_config(apply_overrides({
+            "gateway": {"id": GATEWAY_ID, "token": token, "state_dir": str(tmp / "gateway"),
+                        "hub_url": f"ws://127.0.0.1:{port}/ws/gateway"},
+            "sources": [source_cfg, {"name": "sensors", "type": "simulated-sensors",
+                                     "tester": "demo-ate"}],
+        }, gw_over), "<demo>")
+    except ConfigError as exc:
+        errors.extend(exc.errors)
+    if errors:
+        raise ConfigError(errors)
+    assert hub_cfg is not None and gw_cfg is not None
+    return hub_cfg, gw_cfg
+
+
 async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     token = secrets.token_hex(16)
-    hub_over, gw_over = _split_overrides(list(args.overrides))
-    hub_cfg = build(HubConfig, apply_overrides({
-        "hub": {"port": args.port, "data_dir": str(tmp / "hub")},
-        "gateways": {GATEWAY_ID: {"token": token}},
-    }, hub_over), "<demo>")
+    # every config problem stops the demo before anything starts
+    hub_cfg, _ = demo_configs(args, tmp, token, args.port or 8765)
     app = Hub(hub_cfg)
     hub = app.ingest
     counter = ReceiptCounter()
@@ -135,17 +180,7 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         print(f"edgegw demo: dashboard at http://127.0.0.1:{port}/  (stats: /api/stats)",
               flush=True)
         stdf_dir = tmp / "stdf"
-        if args.source == "stdf":
-            source_cfg = {"name": "tester", "type": "stdf", "paths": [str(stdf_dir)],
-                          "poll_interval": 0.1}
-        else:
-            source_cfg = {"name": "tester", "type": "simulated",
-                          "parts_per_second": args.parts_per_second, "sites": args.sites}
-        gw_cfg = build(GatewayConfig, apply_overrides({
-            "gateway": {"id": GATEWAY_ID, "token": token, "state_dir": str(tmp / "gateway"),
-                        "hub_url": f"ws://127.0.0.1:{port}/ws/gateway"},
-            "sources": [source_cfg],
-        }, gw_over), "<demo>")
+        _, gw_cfg = demo_configs(args, tmp, token, port)
         gateway = Gateway(gw_cfg)
         await nursery.start(gateway.run)
         tester = _StdfTester(stdf_dir, args) if args.source == "stdf" else None
@@ -197,14 +232,15 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "duplicate_frames_dropped": stats.get("duplicates_dropped", 0),
         "frames": stats.get("frames_applied", 0),
         "parts": counter.parts,
+        "sensor_windows": counter.sensor_windows,
         "yield": round(counter.good / counter.parts, 4) if counter.parts else None,
         "seconds": round(elapsed, 2),
     }
     print(f"\nedgegw demo summary: the simulated tester produced {produced} records; the hub "
           f"applied {received} in {summary['frames']} frames over {elapsed:.1f} s.")
     print(f"  parts tested: {counter.parts}, yield {summary['yield']}; lost {summary['lost']}, "
-          f"duplicates {summary['duplicates']}")
+          f"duplicates {summary['duplicates']}; sensor windows {counter.sensor_windows}")
     return summary
 
 
-__all__ = ["expected_records", "run_demo"]
+__all__ = ["demo_configs", "expected_records", "run_demo"]

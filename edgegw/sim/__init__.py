@@ -6,13 +6,15 @@ modules themselves are internal.
 """
 
 from . import tester
+from .sensor_source import SimulatedSensorsConfig, SimulatedSensorSource
 from .sensors import SENSORS, SensorField, parse_broker, publish_sensors
-from .source import SimulatedConfig, SimulatedTesterSource
+from .source import SimulatedConfig, SimulatedTesterSource, simulated_batches
 from .stdf_tester import stdf_chunks, stdf_file_bytes, write_files
 from .tester import TesterModel, TesterProfile
 
 __all__ = [
-    "SENSORS", "SensorField", "SimulatedConfig", "SimulatedTesterSource", "TesterModel",
-    "TesterProfile", "parse_broker", "publish_sensors", "stdf_chunks", "stdf_file_bytes",
+    "SENSORS", "SensorField", "SimulatedConfig", "SimulatedSensorSource",
+    "SimulatedSensorsConfig", "SimulatedTesterSource", "TesterModel", "TesterProfile",
+    "parse_broker", "publish_sensors", "simulated_batches", "stdf_chunks", "stdf_file_bytes",
     "tester", "write_files",
 ]
