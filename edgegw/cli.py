@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "edgegw.sim.cli",
     "edgegw.stdf.cli",
     "edgegw.plugins_cli",
+    "edgegw.auth.cli",
 )
 
 
