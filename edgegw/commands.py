@@ -155,8 +155,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             prepare_dir("gateway.state_dir (its spool/)", Path(g.state_dir) / "spool")
     if g.status_port:
         resolve("gateway.status_listen", g.status_listen, g.status_port)
-    if cfg.uplink.ca_file and g.hub_url.startswith("wss://"):
-        readable("uplink.ca_file", cfg.uplink.ca_file)
+    if g.hub_url.startswith("wss://"):
+        for key in ("ca_file", "cert_file", "key_file"):
+            if getattr(cfg.uplink, key):
+                readable(f"uplink.{key}", getattr(cfg.uplink, key))
     listen = ("gateway.status_listen/status_port", g.status_listen, g.status_port)
     return _serve(Gateway(cfg), lambda _: f"edgegw gateway {g.id} running, hub {g.hub_url}",
                   listen=listen if g.status_port else None)

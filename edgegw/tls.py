@@ -58,13 +58,31 @@ class ServerTls:
         return True
 
 
-def client_context(ca_file: str = "", cert_file: str = "", key_file: str = "") -> ssl.SSLContext:
+def client_context(ca_file: str = "", cert_file: str = "", key_file: str = "",
+                   pin_sha256: str = "") -> ssl.SSLContext:
     """A client context verifying the server (system CAs, or ``ca_file``), presenting a
-    client certificate when ``cert_file`` is given."""
+    client certificate when ``cert_file`` is given, and -- with ``pin_sha256`` -- failing
+    the handshake unless the server's certificate has that SHA-256 fingerprint (on top of
+    the CA check)."""
     ctx = ssl.create_default_context(cafile=ca_file or None)
     if cert_file:
         ctx.load_cert_chain(cert_file, key_file or None)
+    if pin_sha256:
+        # The check runs inside the handshake of every connection made with this context
+        # (the probe's and the WebSocket's alike), so nothing is sent to an impostor.
+        ctx.sslobject_class = _pinned(normalize_fingerprint(pin_sha256))
     return ctx
+
+
+def _pinned(pin: str) -> type[ssl.SSLObject]:
+    class PinnedSSLObject(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            super().do_handshake()
+            if not fingerprint_matches(self.getpeercert(binary_form=True), pin):
+                raise ssl.SSLCertVerificationError(
+                    "the server's certificate does not have the pinned SHA-256 fingerprint")
+
+    return PinnedSSLObject
 
 
 def cert_identities(cert: dict[str, Any] | None) -> set[str]:
