@@ -23,7 +23,7 @@ class AuthConfig:
     mode: Literal["jwt", "none"] = "jwt"
     # Verification keys: an HS256 shared secret (inline or from a file), a PEM public key
     # (RS256/ES256) or a JWKS file.  At least one in "jwt" mode.
-    hs256_secret: str = ""
+    hs256_secret: str = dataclasses.field(default="", repr=False)
     hs256_secret_file: str = ""
     public_key_file: str = ""
     jwks_file: str = ""
@@ -44,7 +44,7 @@ class AuthConfig:
     allowed_origins: list[str] = dataclasses.field(default_factory=list)
     # /metrics: a bearer token of its own for Prometheus (in clear or as its SHA-256);
     # without one, /metrics needs an admin token
-    metrics_token: str = ""
+    metrics_token: str = dataclasses.field(default="", repr=False)
     metrics_token_sha256: str = ""
     # the sign-in cookie lives at most this long (and never past the token's expiry)
     session_max_age_s: Annotated[float, Range(60, 30 * 86_400)] = 12 * 3600.0

@@ -14,7 +14,7 @@ from ..spool.config import SpoolConfig
 @dataclasses.dataclass(frozen=True)
 class GatewaySection:
     id: str
-    token: str
+    token: str = dataclasses.field(repr=False)  # never in a log line
     hub_url: str = "ws://127.0.0.1:8765/ws/gateway"
     state_dir: str = "./edgegw-gateway-data"
     # 0 disables the local status port (/healthz, /api/stats, /metrics)

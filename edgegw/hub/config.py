@@ -61,7 +61,7 @@ class HubSection:
 class GatewayAuth:
     """A gateway's token, in clear or as its SHA-256 (hex): one of the two."""
 
-    token: str = ""
+    token: str = dataclasses.field(default="", repr=False)  # never in a log line
     token_sha256: str = ""
 
     def validate(self) -> list[tuple[str, str]]:
