@@ -74,6 +74,7 @@ class SignIn:
         http.add_route("GET", "/login.js", self.script)
         http.add_route("POST", "/login", self.login)
         http.add_route("POST", "/logout", self.logout)
+        http.add_route("GET", "/api/session", self.session)
 
     async def page(self, request: Request) -> Response:
         return Response(200, PAGE, "text/html; charset=utf-8", list(_PAGE_HEADERS))
@@ -102,6 +103,17 @@ class SignIn:
                    "lots": list(principal.lots) if principal.lots is not None else None,
                    "expires_at": principal.expires_at}
         return Response(200, json.dumps(payload).encode(), headers=[("set-cookie", cookie)])
+
+    async def session(self, request: Request) -> Response:
+        """Who the request is signed in as (the dashboard shows it; null without sign-in)."""
+        p = request.principal
+        signed_in = p is not None and p.via != "none"
+        payload = {"user": p.user if signed_in else None,
+                   "role": p.role if p is not None else None,
+                   "lots": list(p.lots) if signed_in and p.lots is not None else None,
+                   "expires_at": p.expires_at if signed_in else None,
+                   "auth": "none" if self.access.open else "jwt"}
+        return Response(200, json.dumps(payload).encode())
 
     async def logout(self, request: Request) -> Response:
         return Response(204, b"", headers=[("set-cookie", _cookie("", 0, request.secure))])
