@@ -15,6 +15,7 @@ import logging
 import math
 import signal
 import ssl
+import threading
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -131,14 +132,20 @@ class HubSecurity:
 
     async def watch_reload(self, *,
                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Reload the certificate on SIGHUP (where there is one) for as long as the hub runs."""
-        if self.tls is None or not hasattr(signal, "SIGHUP"):
+        """Reload the certificate on SIGHUP for as long as the hub runs.  Taken without TLS
+        too: SIGHUP's default action would end the process (``systemctl reload``).  Only
+        in the main thread, where signals are delivered (an embedded hub runs elsewhere)."""
+        if (not hasattr(signal, "SIGHUP")
+                or threading.current_thread() is not threading.main_thread()):
             task_status.started()
             return
         with trio.open_signal_receiver(signal.SIGHUP) as signals:
             task_status.started()
             async for _ in signals:
-                await self.reload_tls()
+                if self.tls is None:
+                    log.warning("SIGHUP: nothing to reload (no [tls])")
+                else:
+                    await self.reload_tls()
 
     async def reload_tls(self) -> bool:
         assert self.tls is not None

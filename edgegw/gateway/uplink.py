@@ -144,7 +144,7 @@ class Uplink:
             log.warning("%s", self.last_error)
             self.m_failures.inc()
             hint = retry_after_seconds(dict(exc.headers).get(b"retry-after"))
-            if exc.status_code == 503 and hint is not None:
+            if exc.status_code in (429, 503) and hint is not None:
                 return policy.busy(hint)
             return policy.failed()
         except (OSError, HandshakeError, ConnectionClosed, ProtocolError, trio.TooSlowError,
