@@ -447,6 +447,17 @@ async def test_the_dashboard_signs_in_and_without_a_token_shows_only_the_sign_in
             await wait_state(browser, lambda s: s["signin"], 15, "the sign-in page again")
             status = await browser.eval("fetch('/api/lots').then(r => r.status)", True)
             assert status == 401
+
+            # The sign-in page goes back only to a path of this hub: "/\\host" would be
+            # another site to the browser.
+            await browser.call("Page.navigate",
+                               url=f"http://127.0.0.1:{port}/login?next=/%5Cevil.example/x")
+            await wait_state(browser, lambda s: s["signin"], 15, "the sign-in page")
+            await browser.eval(f"document.getElementById('token').value = '{token}';"
+                               "document.getElementById('submit').click()")
+            await wait_state(browser, lambda s: s["map"], 15, "the dashboard")
+            where = await browser.eval("location.host + location.pathname")
+            assert where == f"127.0.0.1:{port}/"
         nursery.cancel_scope.cancel()
 
 

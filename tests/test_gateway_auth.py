@@ -65,7 +65,9 @@ async def test_failed_handshakes_are_limited_per_address(tmp_path: Path, caplog:
         probe = await http(port, "GET", "/ws/gateway")  # the readiness probe stays open
         assert probe.status == 200
     lines = [r.getMessage() for r in caplog.records if "failed handshakes" in r.getMessage()]
-    assert len(lines) == 1  # logged once per interval, not per attempt
+    # logged once per 10 s interval, not per attempt (4 refusals: 2 lines at most even if
+    # this machine is so slow that they straddle an interval)
+    assert 1 <= len(lines) <= 2
 
 
 async def test_the_hub_config_may_hold_the_tokens_sha256(tmp_path: Path) -> None:

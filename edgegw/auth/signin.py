@@ -40,7 +40,7 @@ provider)</label>
 </form><script src="/login.js"></script></body></html>
 """
 
-SCRIPT = b"""'use strict';
+SCRIPT = rb"""'use strict';
 document.getElementById('signin').addEventListener('submit', async (ev) => {
   ev.preventDefault();
   const error = document.getElementById('error');
@@ -49,8 +49,10 @@ document.getElementById('signin').addEventListener('submit', async (ev) => {
   const r = await fetch('/login', {method: 'POST', credentials: 'same-origin',
     headers: {'content-type': 'application/json'}, body: JSON.stringify({token})});
   if (r.ok) {
+    // back to the page asked for: a plain path on this hub, never another site
+    // (a host after "//" or a backslash, a scheme: all refused by the pattern)
     const next = new URLSearchParams(location.search).get('next') || '/';
-    location.assign(next.startsWith('/') && !next.startsWith('//') ? next : '/');
+    location.assign(/^\/[A-Za-z0-9._~\-\/]*$/.test(next) && !next.startsWith('//') ? next : '/');
   } else {
     const body = await r.json().catch(() => ({}));
     error.textContent = body.error || ('sign-in failed: HTTP ' + r.status);
