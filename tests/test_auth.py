@@ -355,6 +355,7 @@ async def test_live_needs_a_token_and_closes_when_it_expires(tmp_path: Path) -> 
                     await ws.get_message()
         assert closed.value.reason.code == 4401
         assert closed.value.reason.reason == "token expired"
+        assert app.metrics.as_dict()["live_token_expired_total"] == 1
 
 
 async def test_live_ack_needs_an_operator_and_is_in_the_tokens_name(tmp_path: Path) -> None:

@@ -464,6 +464,8 @@ class LiveHub:
                                            "client messages rejected, by reason")
         self._m_slow = self.metrics.counter("live_slow_clients_total",
                                             "clients closed or conflated for being too slow")
+        self._m_expired = self.metrics.counter("live_token_expired_total",
+                                               "clients closed (4401) when their token expired")
         self._m_resync = self.metrics.counter("live_resyncs_total",
                                               "snapshots sent because deltas were not recoverable")
         self.metrics.add_collector(self._collect)
@@ -730,6 +732,7 @@ class LiveHub:
         client.close_code = CLOSE_TOKEN_EXPIRED
         client.close_reason = "token expired"
         client.queue.clear()
+        self._m_expired.inc()
 
     def close_slow(self, client: Client, reason: str = CLOSE_TOO_SLOW_REASON) -> None:
         client.closed = True
