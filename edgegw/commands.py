@@ -72,7 +72,7 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 def check_config(data: dict[str, Any], origin: str) -> HubConfig | GatewayConfig:
     """What ``check-config`` checks: the hub or gateway config in ``data``, built, its
     sources included.  Raises ConfigError listing every problem."""
-    if "hub" in data or "gateways" in data:
+    if {"hub", "gateways", "auth", "tls"} & data.keys():
         return build(HubConfig, data, origin)
     if "gateway" in data:
         return build_gateway_config(data, origin)
@@ -82,12 +82,18 @@ def check_config(data: dict[str, Any], origin: str) -> HubConfig | GatewayConfig
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        check_config(apply_overrides(read_toml(args.file), args.overrides), args.file)
+        cfg = check_config(apply_overrides(read_toml(args.file), args.overrides), args.file)
     except ConfigError as exc:
         for line in exc.errors:
             print(line)
         return EXIT_CONFIG
     print("ok")
+    if isinstance(cfg, HubConfig):
+        from .auth.hub import secure_by_default_problem
+
+        problem = secure_by_default_problem(cfg)
+        if problem:  # valid, but `edgegw hub` will refuse it: say so now
+            print(f"warning: edgegw hub will not start: {problem}", file=sys.stderr)
     return 0
 
 
@@ -138,7 +144,8 @@ def cmd_hub(args: argparse.Namespace) -> int:
     h = cfg.hub
     resolve("hub.listen", h.listen, h.port)
     prepare_dir("hub.data_dir", h.data_dir)
-    return _serve(HubApp(cfg), lambda port: f"edgegw hub listening on http://{h.listen}:{port}/",
+    scheme = "https" if cfg.tls.enabled else "http"
+    return _serve(HubApp(cfg), lambda port: f"edgegw hub listening on {scheme}://{h.listen}:{port}/",
                   listen=("hub.listen/hub.port", h.listen, h.port))
 
 

@@ -144,6 +144,16 @@ def test_a_reachable_hub_without_auth_does_not_start(tmp_path: Path) -> None:
         "auth.mode = \"none\" to run it open on purpose"]
 
 
+def test_check_config_says_a_reachable_hub_without_auth_will_not_start(tmp_path: Path) -> None:
+    cfg = tmp_path / "hub.toml"
+    cfg.write_text('[hub]\nlisten = "0.0.0.0"\n')
+    out = run_cli("check-config", str(cfg))
+    assert out.returncode == 0 and out.stdout.strip() == "ok"
+    assert out.stderr.startswith("warning: edgegw hub will not start: hub.listen: '0.0.0.0' ")
+    cfg.write_text('[hub]\nlisten = "0.0.0.0"\n[auth]\nmode = "none"\n')
+    assert run_cli("check-config", str(cfg)).stderr == ""
+
+
 async def test_auth_none_on_purpose_warns_at_start_and_on_healthz(tmp_path: Path,
                                                                     caplog: Any) -> None:
     cfg = hub_config(tmp_path, auth={"mode": "none"}, listen="0.0.0.0")
