@@ -413,12 +413,20 @@ async def test_a_lot_scoped_viewer_never_sees_other_lots(tmp_path: Path) -> None
         async with await live(port, ctx, scoped) as ws:
             await ws.send_message(json.dumps({"type": "subscribe", "id": 1, "topics": ["#"]}))
             seen: set[str] = set()
-            with trio.move_on_after(3):  # a few ticks' worth of snapshots and deltas
+            fed = False
+            with trio.move_on_after(5):  # a few ticks' worth of snapshots and deltas
                 while True:
                     msg = json.loads(await ws.get_message())
                     for item in msg.get("items", []):
                         seen.add(item.get("topic", ""))
-                    if len(seen) >= 3 and msg.get("type") == "batch":
-                        feed_lot(app, "LOT-B1", rid=200 + len(seen))  # new deltas for B
+                    if len(seen) >= 3 and msg.get("type") == "batch" and not fed:
+                        # after the subscription: new deltas for B, and two new lots whose
+                        # topics the subscription matches as they appear
+                        feed_lot(app, "LOT-B1", rid=300)
+                        feed_lot(app, "LOT-C1", rid=400)
+                        feed_lot(app, "LOT-A2", rid=500)
+                        fed = True
             assert any(t.startswith("lot/LOT-A1") for t in seen), seen
-            assert not [t for t in seen if "LOT-B1" in t or t.startswith("alert/")], seen
+            assert any(t.startswith("lot/LOT-A2") for t in seen), seen  # a new lot in scope
+            assert not [t for t in seen if "LOT-B1" in t or "LOT-C1" in t
+                        or t.startswith("alert/")], seen
