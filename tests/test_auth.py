@@ -430,3 +430,20 @@ async def test_a_lot_scoped_viewer_never_sees_other_lots(tmp_path: Path) -> None
             assert any(t.startswith("lot/LOT-A2") for t in seen), seen  # a new lot in scope
             assert not [t for t in seen if "LOT-B1" in t or "LOT-C1" in t
                         or t.startswith("alert/")], seen
+
+
+async def test_a_bug_in_the_access_check_refuses_the_request(tmp_path: Path) -> None:
+    from edgegw.metrics import internal_errors
+
+    async with running(hub_config(tmp_path, auth=jwt_auth())) as app:
+        verifier = app.hub.security.access.verifier
+        assert verifier is not None
+
+        def broken(token: str) -> Any:
+            raise RuntimeError("a bug in the verifier")
+
+        verifier.verify = broken  # type: ignore[method-assign]
+        reply = await http(app.hub.port, "GET", "/api/lots", bearer=token("admin"))
+        assert reply.status == 500  # fails closed: nothing served unchecked
+        assert internal_errors(app.metrics).get(where="http_guard") == 1
+        assert (await http(app.hub.port, "GET", "/healthz")).status == 200

@@ -664,7 +664,7 @@ class HttpServer:
             request.body = bytes(body)
             phase.enter("handler")
             handler = self._find("GET" if head else request.method, request.path)
-            refusal = self.guard(request, False) if self.guard is not None else None
+            refusal = self._guarded(request, upgrade=False)
             if refusal is not None:
                 response = refusal
             elif handler is None:
@@ -690,6 +690,18 @@ class HttpServer:
             phase.started = False
             if admitted is not None:
                 admitted.waiting = True
+
+    def _guarded(self, request: Request, upgrade: bool) -> Response | None:
+        """The guard's answer; a bug in it refuses the request (fails closed), counted."""
+        if self.guard is None:
+            return None
+        try:
+            return self.guard(request, upgrade)
+        except Exception:
+            self.m_internal.inc(where="http_guard")
+            log.exception("access guard failed on %s %s from %s", request.method,
+                          request.path, request.remote)
+            return Response(500, b'{"error": "internal error"}')
 
     async def _timed_out(self, stream: trio.abc.Stream, conn: h11.Connection,
                          phase: _Phase) -> None:
@@ -749,7 +761,7 @@ class HttpServer:
                                     [("sec-websocket-version", "13")], head=head)
             return
         handler, offered = route
-        refusal = self.guard(request, True) if self.guard is not None else None
+        refusal = self._guarded(request, upgrade=True)
         admit = self.ws_admit.get(request.path)
         if refusal is None and admit is not None:
             refusal = admit(request)
