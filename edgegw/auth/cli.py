@@ -15,11 +15,14 @@ from ..config import ConfigError, load
 from .config import ROLES
 from .tokens import TokenVerifier, mint, parse_ttl
 
+DEFAULT_CONFIG = "/etc/edgegw/hub.toml"
+
 
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("token", help="mint an HS256 sign-in token from the hub config")
-    p.add_argument("--config", metavar="FILE", required=True,
-                   help="hub TOML whose [auth] holds hs256_secret or hs256_secret_file")
+    p.add_argument("--config", metavar="FILE", default=DEFAULT_CONFIG,
+                   help="hub TOML whose [auth] holds hs256_secret or hs256_secret_file "
+                        f"(default: {DEFAULT_CONFIG}, where install.sh puts it)")
     p.add_argument("--user", required=True, help="the user's name (the token's sub)")
     p.add_argument("--role", required=True, choices=ROLES)
     p.add_argument("--ttl", default="8h", help="lifetime: 90s, 30m, 8h, 7d (default 8h)")
