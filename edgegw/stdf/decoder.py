@@ -224,6 +224,105 @@ def decode_generic(spec: RecordSpec, readers: _Readers, buf: bytes, p: int,
 
 # --------------------------------------------------------------------- compiled decoders
 
+class _ArrayUnpackers(dict):
+    """element count -> ``unpack_from`` of that many elements of one struct code."""
+
+    def __init__(self, order: str, code: str) -> None:
+        super().__init__()
+        self.fmt = order + "%d" + code
+
+    def __missing__(self, count: int) -> Callable[[bytes, int], tuple]:
+        unpack = struct.Struct(self.fmt % count).unpack_from
+        if count <= 1024:  # bounded: a hostile file cannot grow it past 1,024 entries
+            self[count] = unpack
+        return unpack
+
+
+_ARRAYS: dict[tuple[str, str], _ArrayUnpackers] = {}
+
+
+def _arrays(order: str, code: str) -> _ArrayUnpackers:
+    table = _ARRAYS.get((order, code))
+    if table is None:
+        table = _ARRAYS[order, code] = _ArrayUnpackers(order, code)
+    return table
+
+
+#: byte -> its two nibbles, low first (kxN*1 arrays pack the first element low)
+_NIBBLE_PAIRS = tuple((b & 0x0F, b >> 4) for b in range(256))
+
+
+def _nibbles(packed: bytes, count: int) -> list[int]:
+    out = [n for pair in map(_NIBBLE_PAIRS.__getitem__, packed) for n in pair]
+    if count & 1:
+        del out[count:]
+    return out
+
+
+def _gdr_reader(order: str) -> Callable[[bytes, str, int, int], tuple[list, int]]:
+    """The compiled decoders' GDR ``V*n`` reader: ``_Readers.vn`` with a table lookup per
+    value instead of the generic per-type dispatch (C*n a slice of the latin-1 view)."""
+    u2 = struct.Struct(order + "H").unpack_from
+    fixed = {code: (struct.calcsize(STRUCT_CODES[typ]),
+                    struct.Struct(order + STRUCT_CODES[typ]).unpack_from)
+             for code, typ in GDR_TYPES.items() if typ in STRUCT_CODES}
+    fixed_get = fixed.get
+    new = _new_record
+
+    def vn(buf: bytes, txt: str, p: int, end: int) -> tuple[list, int]:
+        if p + 2 > end:
+            raise _Short
+        count = u2(buf, p)[0]
+        p += 2
+        out: list[tuple[int, Any]] = []
+        append = out.append
+        for _ in range(count):
+            if p >= end:
+                raise _Short
+            code = buf[p]
+            p += 1
+            if code == 10:
+                if p >= end:
+                    raise _Short
+                q = p + 1 + buf[p]
+                if q > end:
+                    raise _Short
+                append((10, txt[p + 1:q]))
+                p = q
+                continue
+            entry = fixed_get(code)
+            if entry is not None:
+                q = p + entry[0]
+                if q > end:
+                    raise _Short
+                append((code, entry[1](buf, p)[0]))
+                p = q
+            elif code == 0:
+                append((0, None))
+            elif code == 13:  # N*1 in a GDR occupies a whole byte: kept for round trip
+                if p >= end:
+                    raise _Short
+                append((13, buf[p]))
+                p += 1
+            elif code == 11:
+                value, p = _read_bn(buf, p, end)
+                append((11, value))
+            elif code == 12:
+                if p + 2 > end:
+                    raise _Short
+                nbits = u2(buf, p)[0]
+                q = p + 2 + ((nbits + 7) >> 3)
+                if q > end:
+                    raise _Short
+                append((12, new(Bits, (nbits, buf[p + 2:q]))))
+                p = q
+            else:
+                raise _BadGdr(code, p - 1)
+        return out, p
+
+    return vn
+
+
 def _segments(fields: tuple[Field, ...]) -> list[list[int]]:
     """Group field indexes: runs of fixed-size scalars together, every other field alone."""
     segs: list[list[int]] = []
@@ -250,13 +349,16 @@ MEMO_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("OPT_FLAG")}
 MEMO_SIZE = 4096
 
 
-def _memo() -> tuple[Callable[[bytes], tuple | None], Callable[[bytes, tuple], None]]:
-    memo: dict[bytes, tuple] = {}
+def _memo() -> tuple[Callable[[bytes], dict | None], Callable[[bytes, dict], None]]:
+    """A bounded map from tail bytes to a template of the record's field dict: a repeat
+    copies the template (one C-level copy of the whole dict) and sets the fields before
+    the tail, cheaper than building the dict anew."""
+    memo: dict[bytes, dict] = {}
 
-    def put(tail: bytes, values: tuple) -> None:
+    def put(tail: bytes, fields: dict) -> None:
         if len(memo) >= MEMO_SIZE:
             memo.clear()  # bounded: memory stays flat on files whose tails never repeat
-        memo[tail] = values
+        memo[tail] = fields.copy()  # a copy: the consumer owns the dict it was given
 
     return memo.get, put
 
@@ -319,17 +421,16 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
     inside the run raises ``_Short`` and the careful code takes over.
     """
     fields = spec.fields
-    ns.update({"_Short": _Short, "_chr": chr, "Bits": Bits, "_bn": _read_bn, "_r": readers})
+    ns.update({"_Short": _Short, "_chr": chr, "Bits": Bits, "_bn": _read_bn, "_r": readers,
+               "_new": _new_record})
     lines: list[str] = []
 
     memo_from = MEMO_FROM.get(spec.name, -1) if optimistic and MEMO_SIZE else -1
 
     def literal(n: int) -> str:
-        out = ret.format(_literal(fields, n))
         if 0 <= memo_from < n:
-            tail = ", ".join(f"f{i}" for i in range(memo_from, n))
-            out = f"_memo_put(tail, ({tail},)); {out}"
-        return out
+            return f"_d = {_literal(fields, n)}; _memo_put(tail, _d); {ret.format('_d')}"
+        return ret.format(_literal(fields, n))
 
     skip: set[int] = set()  # C*n fields read together with the run before them
     for k, seg in enumerate(_segments(fields)):
@@ -341,12 +442,10 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
             lines.append(f"{ind}tail = buf[p:end]")
             lines.append(f"{ind}hit = _memo_get(tail)")
             lines.append(f"{ind}if hit is not None:")
-            lines.append(f"{ind}  k = len(hit)")
-            for n in range(len(fields), memo_from, -1):
-                names = ", ".join(f"f{i}" for i in range(memo_from, n))
-                lines.append(f"{ind}  if k == {n - memo_from}:")
-                lines.append(f"{ind}    {names}, = hit")
-                lines.append(f"{ind}    {ret.format(_literal(fields, n))}")
+            lines.append(f"{ind}  _d = hit.copy()")
+            for i in range(memo_from):
+                lines.append(f"{ind}  _d[{fields[i].name!r}] = f{i}")
+            lines.append(f"{ind}  {ret.format('_d')}")
         if f.count is None and f.type in _SIZES:
             size = sum(_SIZES[fields[i].type] for i in seg)
             names = ", ".join(f"f{i}" for i in seg)
@@ -413,7 +512,29 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
             # an empty array costs no bytes, so an array is present whenever its count is
             cnt = f"f{[x.name for x in fields].index(f.count)}"
             size = f"f{[x.name for x in fields].index(f.size)}" if f.size else "0"
-            lines.append(f"{ind}f{i}, p = _r.array({f.type!r}, {cnt}, buf, p, end, {size})")
+            if f.type in _SIZES and f.type != "C1":
+                # one unpack of the whole array, by a Struct cached per element count
+                code = STRUCT_CODES[f.type]
+                ns[f"_a{code}"] = _arrays(readers.order, code)
+                lines += [f"{ind}if {cnt}:",
+                          f"{ind}  q = p + {cnt} * {_SIZES[f.type]}",
+                          f"{ind}  if q > end: raise _Short",
+                          f"{ind}  f{i} = list(_a{code}[{cnt}](buf, p))",
+                          f"{ind}  p = q",
+                          f"{ind}else:",
+                          f"{ind}  f{i} = []"]
+            elif f.type == "N1":
+                ns["_nibbles"] = _nibbles
+                lines += [f"{ind}if {cnt}:",
+                          f"{ind}  q = p + (({cnt} + 1) >> 1)",
+                          f"{ind}  if q > end: raise _Short",
+                          f"{ind}  f{i} = _nibbles(buf[p:q], {cnt})",
+                          f"{ind}  p = q",
+                          f"{ind}else:",
+                          f"{ind}  f{i} = []"]
+            else:
+                lines.append(f"{ind}f{i}, p = _r.array({f.type!r}, {cnt}, buf, p, end, "
+                             f"{size})")
         elif f.type == "Cn" and optimistic:
             run = _cn_run(fields, i)
             lines.append(f"{ind}if p >= end: {literal(first)}")
@@ -436,8 +557,22 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
             lines.append(f"{ind}  raise _Short")
             lines.append(f"{ind}f{i} = txt[p + 1:q]")
             lines.append(f"{ind}p = q")
+        elif f.type == "Dn":
+            ns["_u2"] = readers.u2
+            lines += [f"{ind}if p + 2 > end:",
+                      f"{ind}  if p >= end: {literal(first)}",
+                      f"{ind}  raise _Short",
+                      f"{ind}nb = _u2(buf, p)[0]",
+                      f"{ind}q = p + 2 + ((nb + 7) >> 3)",
+                      f"{ind}if q > end: raise _Short",
+                      f"{ind}f{i} = _new(Bits, (nb, buf[p + 2:q]))",
+                      f"{ind}p = q"]
+        elif f.type == "Vn":
+            ns["_vn"] = _gdr_reader(readers.order)
+            lines.append(f"{ind}if p >= end: {literal(first)}")
+            lines.append(f"{ind}f{i}, p = _vn(buf, txt, p, end)")
         else:
-            reader = {"Bn": "_bn", "Dn": "_r.dn", "Sn": "_r.sn", "Vn": "_r.vn"}[f.type]
+            reader = {"Bn": "_bn", "Sn": "_r.sn"}[f.type]
             lines.append(f"{ind}if p >= end: {literal(first)}")
             lines.append(f"{ind}f{i}, p = {reader}(buf, p, end)")
     lines.append(f"{ind}{literal(len(fields))}")
