@@ -28,7 +28,7 @@ Framing rules:
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from ..formats import FormatError
@@ -602,9 +602,14 @@ def _too_long(name: str, rec_len: int, limit: int, offset: int) -> StdfError:
                      f"(its fields take at most {limit - LENGTH_SLACK} bytes)", offset)
 
 
-def _compile_scan(order: str, entries: list[Any], readers: _Readers) -> Callable[..., Any]:
+def _compile_scan(order: str, entries: list[Any], readers: _Readers,
+                  skip: frozenset[str] = frozenset()) -> Callable[..., Any]:
     """Generate the record loop of one byte order, with the INLINE types' decoding
-    written into it and every other type dispatched through ``entries``."""
+    written into it and every other type dispatched through ``entries``.  Records of
+    the types in ``skip`` are checked (REC_LEN), counted and stepped over."""
+    if skip:
+        entries = [None if e is None else (e[0], None, e[2]) if e[0] in skip else e
+                   for e in entries]
     ns: dict[str, Any] = {
         "_header": struct.Struct(order + "HH").unpack_from, "_entries": entries,
         "_new": _new_record, "_Record": StdfRecord, "_too_long": _too_long,
@@ -613,6 +618,7 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers) -> Callable
     lines = [
         "def scan(self, buf, txt, pos, base, generation):",
         "  n = len(buf)",
+        "  skipped = self.skipped",
         "  while pos + 4 <= n:",
         "    rec_len, key = _header(buf, pos)",
         "    body = pos + 4",
@@ -621,11 +627,19 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers) -> Callable
     for k, name in enumerate(INLINE):
         spec = BY_NAME[name]
         limit = entries[_type_key(order, spec.typ, spec.sub)][2]
-        ns[f"_decode_{name}"] = entries[_type_key(order, spec.typ, spec.sub)][1]
         lines += [
             f"    {'if' if k == 0 else 'elif'} key == {_type_key(order, spec.typ, spec.sub)}:",
             f"      if rec_len > {limit}: raise _too_long({name!r}, rec_len, {limit}, base + pos)",
             "      if end > n: return",
+        ]
+        if name in skip:
+            lines += [f"      skipped[{name!r}] += 1",
+                      "      pos = end",
+                      "      self._pos = pos",
+                      "      continue"]
+            continue
+        ns[f"_decode_{name}"] = entries[_type_key(order, spec.typ, spec.sub)][1]
+        lines += [
             "      p = body",
             "      while True:",
             "        try:",
@@ -651,6 +665,11 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers) -> Callable
         "      name, decode, limit = entry",
         "      if rec_len > limit: raise _too_long(name, rec_len, limit, base + pos)",
         "      if end > n: return",
+        "      if decode is None:",
+        "        skipped[name] += 1",
+        "        pos = end",
+        "        self._pos = pos",
+        "        continue",
         "      try:",
         "        record = _new(_Record, (name, base + pos, decode(buf, txt, body, end)))",
         "      except _BadGdr as exc:",
@@ -679,6 +698,17 @@ class _Table(NamedTuple):
     readers: _Readers
     #: the record loop: scan(decoder, buf, txt, pos, base, generation) -> records
     scan: Callable[..., Iterator[StdfRecord]]
+    #: the record loops that skip some record types, by the set of their names
+    skip_scans: dict[frozenset[str], Callable[..., Iterator[StdfRecord]]]
+
+    def scan_for(self, skip: frozenset[str]) -> Callable[..., Iterator[StdfRecord]]:
+        if not skip:
+            return self.scan
+        scan = self.skip_scans.get(skip)
+        if scan is None:
+            scan = self.skip_scans[skip] = _compile_scan(self.readers.order, self.entries,
+                                                         self.readers, skip)
+        return scan
 
 
 _TABLES: dict[str, _Table] = {}
@@ -695,7 +725,8 @@ def decoder_table(order: str) -> _Table:
                 spec.name, _compile(spec, readers),
                 65535 if limit is None else limit + LENGTH_SLACK)
         table = _TABLES[order] = _Table(struct.Struct(order + "HH").unpack_from, entries,
-                                        readers, _compile_scan(order, entries, readers))
+                                        readers, _compile_scan(order, entries, readers),
+                                        {})
     return table
 
 
@@ -707,14 +738,28 @@ class StdfDecoder:
     ``start_offset`` and ``byte_order`` resume mid-file at a record boundary (the
     offsets of the records returned continue from ``start_offset``).  A new ``feed``
     ends any unfinished ``records()`` iterator; iterate to the end after each feed.
+
+    ``skip``: names of record types the consumer does not want.  Their records are not
+    decoded nor returned, only counted by name in ``skipped``; their REC_LEN is checked
+    as for any record (an impossible one is still an error) and a cut one still waits
+    for the rest, but nothing inside them is looked at (a skipped GDR's type codes are
+    not checked).  The FAR is never skipped: it gives the byte order.
     """
 
     def __init__(self, *, start_offset: int = 0, byte_order: str | None = None,
-                 keep_unknown: bool = False) -> None:
+                 keep_unknown: bool = False, skip: Iterable[str] = ()) -> None:
         if byte_order not in (None, "<", ">"):
             raise ValueError(f"byte_order must be '<' or '>', not {byte_order!r}")
         if start_offset and byte_order is None:
             raise ValueError("resuming at start_offset > 0 needs the file's byte_order")
+        self._skip = frozenset(skip)
+        unknown = self._skip - BY_NAME.keys()
+        if unknown:
+            raise ValueError(f"skip: no STDF record type {', '.join(sorted(unknown))}")
+        if "FAR" in self._skip:
+            raise ValueError("skip: the FAR cannot be skipped (it gives the byte order)")
+        #: records of the ``skip`` types stepped over, by type name
+        self.skipped: dict[str, int] = dict.fromkeys(sorted(self._skip), 0)
         self._buf = b""
         self._txt: str | None = ""  # _buf decoded latin-1 (None: not yet)
         self._pos = 0  # index into _buf of the next record
@@ -779,8 +824,8 @@ class StdfDecoder:
         txt = self._txt
         if txt is None:
             txt = self._txt = buf.decode("latin-1")
-        return decoder_table(order).scan(self, buf, txt, self._pos, self._base,
-                                         self._generation)
+        return decoder_table(order).scan_for(self._skip)(self, buf, txt, self._pos,
+                                                         self._base, self._generation)
 
     def _unknown(self, buf: bytes, pos: int, end: int) -> StdfRecord | None:
         typ, sub = buf[pos + 2], buf[pos + 3]
