@@ -432,6 +432,19 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
             return f"_d = {_literal(fields, n)}; _memo_put(tail, _d); {ret.format('_d')}"
         return ret.format(_literal(fields, n))
 
+    def run_end(run: list[int], starts: dict[int, str], last: str) -> None:
+        """The bound check of a run of C*n fields: a record that ends right after one
+        of them (fields omitted, as testers write PRRs ending at PART_ID) ends here,
+        without the cost of an exception; one that ends inside a field raises."""
+        lines.append(f"{ind}if {last} > end:")
+        for k, j in enumerate(run[:-1]):
+            # the ends only grow: the first one at or past ``end`` decides
+            lines.append(f"{ind}  if e{j} == end:")
+            for m in run[:k + 1]:
+                lines.append(f"{ind}    f{m} = txt[{starts[m]}:e{m}]")
+            lines.append(f"{ind}    {literal(j + 1)}")
+        lines.append(f"{ind}  raise _Short")
+
     skip: set[int] = set()  # C*n fields read together with the run before them
     for k, seg in enumerate(_segments(fields)):
         first = seg[0]
@@ -467,6 +480,8 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                         lines.append(f"{ind}  f{i} = _chr(f{i})")
                 lines.append(f"{ind}  {literal(after)}")
                 lines.append(f"{ind}{names}, ln = _l{prefix}{k}(buf, p)")
+                # C*1 to str before the C*n run, which may end the record
+                lines += [f"{ind}f{i} = _chr(f{i})" for i in seg if fields[i].type == "C1"]
                 lines.append(f"{ind}p += {size + 1}")
                 if optimistic:
                     run = _cn_run(fields, after)
@@ -477,7 +492,7 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                         lines.append(f"{ind}e{i} = {prev} + 1 + buf[{prev}]")
                         starts[i] = f"{prev} + 1"
                         prev = f"e{i}"
-                    lines.append(f"{ind}if {prev} > end: raise _Short")
+                    run_end(run, starts, prev)
                     for i in run:
                         lines.append(f"{ind}f{i} = txt[{starts[i]}:e{i}]")
                     lines.append(f"{ind}p = {prev}")
@@ -501,9 +516,8 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                 lines.append(f"{ind}  raise _Short")
                 lines.append(f"{ind}{names}, = _s{prefix}{k}(buf, p)")
                 lines.append(f"{ind}p += {size}")
-            for i in seg:
-                if fields[i].type == "C1":
-                    lines.append(f"{ind}f{i} = _chr(f{i})")
+            if not cn_next:
+                lines += [f"{ind}f{i} = _chr(f{i})" for i in seg if fields[i].type == "C1"]
             continue
         if first in skip:
             continue
@@ -544,7 +558,7 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                 lines.append(f"{ind}e{j} = {prev} + 1 + buf[{prev}]")
                 starts[j] = f"{prev} + 1"
                 prev = f"e{j}"
-            lines.append(f"{ind}if {prev} > end: raise _Short")
+            run_end(run, starts, prev)
             for j in run:
                 lines.append(f"{ind}f{j} = txt[{starts[j]}:e{j}]")
             lines.append(f"{ind}p = {prev}")
