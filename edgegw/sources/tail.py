@@ -52,11 +52,12 @@ from typing import Annotated, Any, ClassVar, Literal
 import trio
 
 from ..config import Range
-from ..formats import FormatError, FormatParser, TesterFormat, UnknownFormat, get_format
+from ..formats import FormatError, FormatParser, TesterFormat
 from ..metrics import report_internal_error
 from ..records import GatewayEvent, Record
 from ..stdf.mapping import RecordMapper
-from . import RecordSink, SourceContext
+from . import RecordSink, SourceContext, source_errors
+from .formats import UnknownFormat, get_format
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +184,7 @@ class TailSource:
         self.context = context
         self.format: TesterFormat = get_format(config.format)
         self.files: dict[str, _File] = {}
-        self.errors = context.metrics.counter(
-            "source_errors", "bad input a source survived (corrupt files, read errors)")
+        self.errors = source_errors(context.metrics)
         self.read_records = context.metrics.counter(
             "tail_records", "tester records parsed from tailed files (re-reads included)")
         suffixes = tuple(s.lower() for s in self.format.suffixes)
