@@ -97,8 +97,11 @@ def through_the_face(module: str, name: str) -> bool:
         return False
     if name in getattr(importlib.import_module(module), "__all__", ()):
         return True
-    return importlib.util.find_spec(f"{module}.{name}") is not None and is_public(
-        f"{module}.{name}")
+    try:  # a submodule named in its package's __all__
+        found = importlib.util.find_spec(f"{module}.{name}") is not None
+    except ModuleNotFoundError:  # ``module`` is a module, not a package: no submodules
+        return False
+    return found and is_public(f"{module}.{name}")
 
 
 def face_violations(paths: list[Path]) -> list[str]:

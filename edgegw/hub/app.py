@@ -40,11 +40,18 @@ class Hub:
         self.fanout.attach(self.state, on_ack=lambda alert_id, user:
                            self.alerts.engine.ack(alert_id, user, time.time()))
         self.ingest.add_consumer(self.state)
+        self.fanout.alert_lot = self._alert_lot
         self.fanout.install(self.ingest.http)
         Dashboard().install(self.ingest.http)
         HistoryApi(self.state, self.alerts.engine, self.alerts.store).install(self.ingest.http)
         # /api/stats with the live state's health (records not applied, by reason)
         self.ingest.stats_sections["live_state"] = self.state.health
+
+    def _alert_lot(self, alert_id: str) -> str | None:
+        """The lot an alert is about (None: not a lot's), for lot-scoped operators."""
+        alert = self.alerts.engine.alerts.get(alert_id)
+        lot = alert.context.get("lot_id") if alert is not None else None
+        return str(lot) if lot is not None else None
 
     @property
     def metrics(self) -> Metrics:

@@ -16,6 +16,11 @@ class Request:
     headers: dict[str, str]
     body: bytes = b""
     remote: str = ""
+    # set by the server's guard (edgegw/auth): who the request acts for
+    principal: Any = None
+    secure: bool = False  # arrived over TLS
+    # the verified client certificate (ssl's getpeercert() dict), when one was presented
+    peer_cert: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass

@@ -11,9 +11,9 @@ acknowledged, escalated, persisted and delivered to webhooks.
 from .config import RULE_KINDS, AlertRuleConfig, AlertsConfig, Priority, RuleKind, WebhookConfig
 from .engine import Alert, AlertEngine
 from .service import AlertService
-from .webhooks import WebhookSender, post_json
+from .webhooks import SIGNATURE_HEADER, WebhookSender, post_json, sign
 
 __all__ = [
-    "RULE_KINDS", "Alert", "AlertEngine", "AlertRuleConfig", "AlertService", "AlertsConfig",
-    "Priority", "RuleKind", "WebhookConfig", "WebhookSender", "post_json",
+    "RULE_KINDS", "SIGNATURE_HEADER", "Alert", "AlertEngine", "AlertRuleConfig", "AlertService",
+    "AlertsConfig", "Priority", "RuleKind", "WebhookConfig", "WebhookSender", "post_json", "sign",
 ]

@@ -7,9 +7,22 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
 from .encoding import Encoding
+
+
+class ClientScope(Protocol):
+    """What one client may see and do (``edgegw.hub.fanout.scope.LiveScope``): topics outside
+    it are never attached to the client; acknowledgements need ``may_ack`` and are recorded
+    in ``user``'s name (None: no signed-in user, the message's ``by`` is taken)."""
+
+    user: str | None
+    may_ack: bool
+
+    def allows_topic(self, topic: str) -> bool: ...
+
+    def may_ack_alert(self, alert_id: str) -> bool: ...
 
 
 def delta_rows(delta: dict[str, Any]) -> int:
@@ -79,6 +92,7 @@ class Client:
     id: int
     encoding: Encoding
     peer: str = ""
+    scope: ClientScope | None = None  # None: everything (a hub without sign-in)
     patterns: set[str] = dataclasses.field(default_factory=set)
     # topic -> offset this client has been sent up to; None: it needs a snapshot next tick
     positions: dict[str, int | None] = dataclasses.field(default_factory=dict)

@@ -15,6 +15,8 @@ SUBPROTOCOLS = (SUBPROTOCOL_CBOR, SUBPROTOCOL_JSON)
 
 CLOSE_TOO_SLOW = 4008
 CLOSE_TOO_SLOW_REASON = "too slow"
+# the client's token expired: sign in again (a fresh token) and reconnect
+CLOSE_TOKEN_EXPIRED = 4401
 
 # A client's subscribe arguments are bounded so one request cannot make the hub match an
 # unbounded number of patterns against every topic.

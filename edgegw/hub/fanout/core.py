@@ -40,8 +40,14 @@ from typing import Any, Protocol
 from ...metrics import Metrics, report_internal_error
 from ...topicfilter import matches as topic_matches
 from .. import topics
-from .channels import Channel, Client, Item, delta_rows
-from .config import CLOSE_TOO_SLOW, CLOSE_TOO_SLOW_REASON, LiveConfig, pattern_error
+from .channels import Channel, Client, ClientScope, Item, delta_rows
+from .config import (
+    CLOSE_TOKEN_EXPIRED,
+    CLOSE_TOO_SLOW,
+    CLOSE_TOO_SLOW_REASON,
+    LiveConfig,
+    pattern_error,
+)
 from .deltas import coalesce
 from .encoding import Encoding, decode_client_message
 
@@ -116,6 +122,8 @@ class LiveHub:
                                            "client messages rejected, by reason")
         self._m_slow = self.metrics.counter("live_slow_clients_total",
                                             "clients closed or conflated for being too slow")
+        self._m_expired = self.metrics.counter("live_token_expired_total",
+                                               "clients closed (4401) when their token expired")
         self._m_resync = self.metrics.counter("live_resyncs_total",
                                               "snapshots sent because deltas were not recoverable")
         self.metrics.add_collector(self._collect)
@@ -164,8 +172,9 @@ class LiveHub:
 
     # ----------------------------------------------------------------- clients
 
-    def connect(self, encoding: Encoding, *, now: float, peer: str = "") -> Client:
-        client = Client(next(self._ids), encoding, peer)
+    def connect(self, encoding: Encoding, *, now: float, peer: str = "",
+                scope: ClientScope | None = None) -> Client:
+        client = Client(next(self._ids), encoding, peer, scope)
         self.clients[client.id] = client
         self._control(client, now, {
             "type": "hello", "epoch": self.epoch, "encoding": encoding.name,
@@ -193,6 +202,8 @@ class LiveHub:
     def _attach(self, client: Client, channel: Channel, position: int | None) -> None:
         if channel.topic in client.positions:
             return
+        if client.scope is not None and not client.scope.allows_topic(channel.topic):
+            return  # outside its scope: as if the topic did not exist
         channel.subscribers.add(client)
         client.positions[channel.topic] = position
         client.todo.add(channel.topic)
@@ -334,11 +345,18 @@ class LiveHub:
 
     def _ack(self, client: Client, message: dict[str, Any], now: float) -> None:
         alert = message.get("alert")
-        user = message.get("by") or client.peer or f"client-{client.id}"
+        scope = client.scope
+        # a signed-in client acknowledges in its own name: 'by' is ignored then
+        user = (scope.user if scope is not None and scope.user else None) or (
+            message.get("by") or client.peer or f"client-{client.id}")
         if not isinstance(alert, (str, int)) or isinstance(alert, bool):
             raise RequestError("bad_ack", "'alert' must name the alert to acknowledge")
         if not isinstance(user, str):
             raise RequestError("bad_ack", "'by' must be a string")
+        if scope is not None and not scope.may_ack:
+            raise RequestError("forbidden", "acknowledging alerts needs the operator role")
+        if scope is not None and not scope.may_ack_alert(str(alert)):
+            raise RequestError("ack_failed", f"unknown alert {str(alert)!r}")
         if self.on_ack is None:
             raise RequestError("ack_unavailable", "this hub does not take acknowledgements")
         try:
@@ -365,6 +383,14 @@ class LiveHub:
             # Drained: from the next tick on it gets the latest state of each channel.
             client.lagging = False
             self._attention.add(client)
+
+    def close_expired(self, client: Client) -> None:
+        """Its token expired: nothing more is queued; the Trio layer closes with 4401."""
+        client.closed = True
+        client.close_code = CLOSE_TOKEN_EXPIRED
+        client.close_reason = "token expired"
+        client.queue.clear()
+        self._m_expired.inc()
 
     def close_slow(self, client: Client, reason: str = CLOSE_TOO_SLOW_REASON) -> None:
         client.closed = True
