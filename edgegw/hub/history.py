@@ -243,6 +243,10 @@ class HistoryApi:
         if parts[:1] != ["api"]:
             return _error(404, "not an API path")
         parts = parts[1:]
+        # a lot outside a lot-scoped principal's scope does not exist for it, on every route
+        if principal is not None and principal.lots is not None and len(parts) >= 2 and (
+                parts[0] in ("lots", "tests") and not principal.sees_lot(parts[1])):
+            return _error(404, f"unknown lot {parts[1]!r}")
         if method == "GET" and parts == ["lots"]:
             archived = await self.store.lot_summaries() if self.store is not None else []
             return lots(self.state, archived, params)
@@ -264,9 +268,6 @@ class HistoryApi:
             if self.store is not None:
                 stored = await self.store.alerts(**query)
             return alerts(self.engine, params, stored)
-        if principal is not None and principal.lots is not None and len(parts) >= 2 and (
-                parts[0] in ("lots", "tests") and not principal.sees_lot(parts[1])):
-            return _error(404, f"unknown lot {parts[1]!r}")
         if method == "POST" and len(parts) == 3 and parts[0] == "alerts" and parts[2] == "ack":
             known = self.engine.alerts.get(parts[1])
             if principal is not None and known is not None and not _sees_alert(
