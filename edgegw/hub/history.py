@@ -136,6 +136,37 @@ def test(state: LiveState, lot_id: str, test_num: str,
     return 200, snap
 
 
+def die_values(state: LiveState, lot_id: str, wafer_id: str, test_num: str) -> Result:
+    """One test's value on every die of a live wafer (the final result of each die), for a
+    wafer map coloured by that test.  Kept only while the wafer is in memory."""
+    try:
+        num = int(test_num)
+    except ValueError:
+        return _error(400, f"test number must be an integer, got {test_num!r}")
+    lot = state.lots.get(lot_id)
+    live = lot.wafers.get(wafer_id) if lot is not None else None
+    if lot is None or live is None:
+        return _error(404, f"no live wafer {wafer_id!r} in lot {lot_id!r}: die values are "
+                      "kept only while a wafer is in memory")
+    stats = lot.tests.get(num)
+    if stats is None:
+        return _error(404, f"lot {lot_id!r} has no test {num}")
+    values = live.values.get(num, {})
+    return 200, {
+        "lot_id": lot_id, "wafer_id": wafer_id, "test_num": num, "test_txt": stats.test_txt,
+        "units": stats.units, "lo_limit": stats.lo, "hi_limit": stats.hi,
+        "dies": [[x, y, v] for (x, y), v in values.items()],
+    }
+
+
+def alert_rules(engine: AlertEngine) -> Result:
+    """The configured rules (name, kind, priority, threshold): the dashboard draws the
+    thresholds on its charts."""
+    return 200, {"rules": [
+        {"name": r.name, "kind": r.kind, "priority": r.priority, "threshold": r.threshold}
+        for r in engine.config.rules]}
+
+
 test.__test__ = False  # type: ignore[attr-defined]  # a handler, not a pytest test
 
 
@@ -217,6 +248,7 @@ class HistoryApi:
         http.add_route("GET", "/api/lots/*", self.handle)
         http.add_route("GET", "/api/tests/*", self.handle)
         http.add_route("GET", "/api/alerts", self.handle)
+        http.add_route("GET", "/api/alerts/rules", self.handle)
         http.add_route("POST", "/api/alerts/*", self.handle)
 
     async def _archived(self, lot_id: str) -> dict[str, Any] | None:
@@ -258,6 +290,14 @@ class HistoryApi:
             lot_id, wafer_id = parts[1], parts[3]
             return wafer(self.state, lot_id, wafer_id, await self._archived(lot_id),
                          await self._archived_wafer(lot_id, wafer_id))
+        if method == "GET" and len(parts) == 6 and parts[0] == "lots" and parts[2] == "wafers" \
+                and parts[4] == "tests":
+            if principal is not None and principal.lots is not None \
+                    and not principal.sees_lot(parts[1]):
+                return _error(404, f"unknown lot {parts[1]!r}")
+            return die_values(self.state, parts[1], parts[3], parts[5])
+        if method == "GET" and parts == ["alerts", "rules"]:
+            return alert_rules(self.engine)
         if method == "GET" and len(parts) == 3 and parts[0] == "tests":
             return test(self.state, parts[1], parts[2], await self._archived(parts[1]))
         if method == "GET" and parts == ["alerts"]:
@@ -299,5 +339,6 @@ def _scope(payload: dict[str, Any], principal: Any) -> None:
 
 
 __all__ = [
-    "HistoryApi", "Result", "ack", "alert_query", "alerts", "lots", "test", "wafer", "wafers",
+    "HistoryApi", "Result", "ack", "alert_query", "alert_rules", "alerts", "die_values", "lots",
+    "test", "wafer", "wafers",
 ]
