@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
 import trio
 from hubtools import gateway_config, hub_config, start_hub
 from trio_websocket import ConnectionClosed, open_websocket_url
+from wsclient import Closed, WsClient
+from wsproto.extensions import PerMessageDeflate
 
 from edgegw.gateway import Gateway
+from edgegw.hub.fanout import SUBPROTOCOL_CBOR, LiveConfig, LiveFanout
+from edgegw.metrics import Metrics
 from edgegw.protocol import (
     Ack,
     CloseCode,
@@ -25,6 +30,8 @@ from edgegw.protocol import (
 )
 from edgegw.protocol.compression import decompress_body
 from edgegw.records import SensorReading
+from edgegw.web import HttpServer
+from edgegw.web.deflate import accept_offer
 
 
 def body(first_rid: int, n: int) -> bytes:
@@ -160,3 +167,137 @@ def test_a_hub_choosing_an_encoding_not_offered_is_a_protocol_error() -> None:
     conn.hello(0.0)
     with pytest.raises(ProtocolError, match="not offered"):
         conn.receive(encode(Welcome(1, [], 5.0, 1 << 20, 1000, "zlib")), 0.0)
+
+
+# --- /ws/live: permessage-deflate (docs/live-protocol.md, "Compression") ---------------
+
+
+async def serve_live(nursery: trio.Nursery, **config: Any) -> tuple[LiveFanout, int]:
+    fanout = LiveFanout(LiveConfig(**config), metrics=Metrics())
+    http = HttpServer()
+    fanout.install(http)
+    listeners = await nursery.start(http.serve, "127.0.0.1", 0)
+    await nursery.start(fanout.run)
+    return fanout, listeners[0].socket.getsockname()[1]
+
+
+def wafer_delta(i: int) -> dict[str, Any]:
+    return {"dies": [[x, i, 1 + (x * i) % 4, 1 + (x * i) % 9, (x * i) % 4 == 0, x % 2]
+                     for x in range(60)], "parts": 60 * (i + 1), "yield": 0.75}
+
+
+async def live_client(port: int, deflate: bool) -> WsClient:
+    client = await WsClient.connect(port, "/ws/live", subprotocols=[SUBPROTOCOL_CBOR],
+                                    extensions=[PerMessageDeflate()] if deflate else None)
+    await client.send(cbor2.dumps({"type": "subscribe", "id": 1, "topics": ["lot/#"]}))
+    return client
+
+
+async def read_until_offset(client: WsClient, offset: int) -> list[dict[str, Any]]:
+    """Decoded messages up to the batch carrying ``offset`` of the wafer topic."""
+    got: list[dict[str, Any]] = []
+    with trio.fail_after(20):
+        while True:
+            msg = cbor2.loads(await client.recv())
+            got.append(msg)
+            items = msg.get("items", []) if msg["type"] == "batch" else []
+            if any(item.get("offset", 0) >= offset for item in items):
+                return got
+
+
+async def test_live_frames_are_deflated_for_clients_that_offer_it_and_plain_for_others(
+        ) -> None:
+    async with trio.open_nursery() as nursery:
+        fanout, port = await serve_live(nursery, compression="permessage-deflate",
+                                        compression_min_bytes=256)
+        fanout.publish("lot/L1/wafer/W1", wafer_delta(0))
+        plain = await live_client(port, deflate=False)
+        packed = [await live_client(port, deflate=True) for _ in range(3)]
+        assert plain.extensions == []
+        assert [str(c.extensions[0]).count("no_context_takeover") for c in packed] == [2] * 3
+        await read_until_offset(plain, 1)
+        for c in packed:
+            await read_until_offset(c, 1)
+        plain_before = plain.bytes_received
+        packed_before = [c.bytes_received for c in packed]
+        encodes = fanout.core.metrics.counter("live_encodes_total")
+        frames_before = encodes.get(kind="frame")
+        for i in range(1, 21):
+            fanout.publish("lot/L1/wafer/W1", wafer_delta(i))
+            await trio.sleep(0.06)  # about one delta per tick: one frame each
+        seen = [await read_until_offset(c, 21) for c in (plain, *packed)]
+        # every client decodes the same updates, compressed or not
+        dies = [[d for m in msgs for item in m["items"] for x in item["data"]
+                 for d in x["dies"]] for msgs in seen]
+        assert dies[0] == dies[1] == dies[2] == dies[3] and len(dies[0]) == 20 * 60
+        plain_bytes = plain.bytes_received - plain_before
+        for c, before in zip(packed, packed_before, strict=True):
+            assert c.bytes_received - before < 0.8 * plain_bytes, (c.bytes_received, plain_bytes)
+        # one compressed frame per tick shared by all three (plus one plain): never per client
+        ticks_with_frames = len([m for m in seen[0] if m["type"] == "batch"])
+        assert encodes.get(kind="frame") - frames_before <= 2 * ticks_with_frames + 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_live_compression_is_off_by_default_and_an_offer_is_then_declined() -> None:
+    async with trio.open_nursery() as nursery:
+        fanout, port = await serve_live(nursery)
+        fanout.publish("lot/L1/wafer/W1", wafer_delta(0))
+        client = await live_client(port, deflate=True)
+        assert client.extensions == []
+        msgs = await read_until_offset(client, 1)
+        assert msgs[0]["type"] == "hello"
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("offer", [
+    "permessage-deflate; server_max_window_bits=10",  # our shared frames need 15 bits
+    "permessage-deflate; x-unknown-param",
+    "x-webkit-deflate-frame",
+])
+async def test_offers_the_hub_cannot_honour_are_declined_and_the_client_gets_plain_frames(
+        offer: str) -> None:
+    async with trio.open_nursery() as nursery:
+        fanout, port = await serve_live(nursery, compression="permessage-deflate",
+                                        compression_min_bytes=0)
+        fanout.publish("lot/L1/wafer/W1", wafer_delta(0))
+        client = await WsClient.connect(port, "/ws/live", subprotocols=[SUBPROTOCOL_CBOR],
+                                        extra_headers=[(b"sec-websocket-extensions",
+                                                        offer.encode())])
+        await client.send(cbor2.dumps({"type": "subscribe", "id": 1, "topics": ["lot/#"]}))
+        # wsproto without the extension fails on any RSV1 frame: plain frames arrive whole
+        assert (await read_until_offset(client, 1))[0]["type"] == "hello"
+        nursery.cancel_scope.cancel()
+
+
+def test_offer_parsing_follows_rfc_7692() -> None:
+    assert accept_offer("permessage-deflate")
+    assert accept_offer("permessage-deflate; client_max_window_bits")  # what browsers send
+    assert accept_offer("x-webkit-deflate-frame, permessage-deflate; server_max_window_bits=15")
+    assert accept_offer("permessage-deflate; server_max_window_bits=9, permessage-deflate")
+    assert not accept_offer("permessage-deflate; server_max_window_bits=9")
+    assert not accept_offer("permessage-deflate; client_max_window_bits=99")
+    assert not accept_offer("")
+
+
+async def test_a_compressed_client_message_that_inflates_past_the_limit_is_closed(
+        ) -> None:
+    async with trio.open_nursery() as nursery:
+        fanout, port = await serve_live(nursery, compression="permessage-deflate")
+        client = await live_client(port, deflate=True)
+        # 4 MiB of zeros deflates to ~4 KiB (read whole, so the close frame is not lost
+        # to a reset): it would inflate to 16 times the 256 KiB client message limit
+        await client.send(b"\0" * (4 << 20))
+        with trio.fail_after(10):
+            with pytest.raises(Closed) as closed:
+                while True:
+                    await client.recv()
+        # The hub sends 1009 and closes without lingering (edgegw/web/websocket.py: after a
+        # frame wsproto cannot process nothing more can be read); the client may then see
+        # the reset before the close frame: 1006.  Either way it is closed, not inflated.
+        assert closed.value.code in (1009, 1006)
+        # the hub serves the next client
+        fanout.publish("lot/L1/wafer/W1", wafer_delta(0))
+        other = await live_client(port, deflate=True)
+        assert (await read_until_offset(other, 1))[0]["type"] == "hello"
+        nursery.cancel_scope.cancel()
