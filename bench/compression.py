@@ -102,9 +102,7 @@ def live_frames(records: list, per_frame: int) -> list[bytes]:
 
 def measure_live(frames: list[bytes], level: int | None, runs: int,
                  min_bytes: int) -> tuple[int, float]:
-    from edgegw.web.deflate import Deflater
-
-    from edgegw.web.websocket import prepare_message
+    from edgegw.web import Deflater, prepare_message
     times, wire = [], 0
     for _ in range(runs):
         prepare = prepare_message if level is None else Deflater(level, min_bytes).prepare

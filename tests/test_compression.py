@@ -26,12 +26,11 @@ from edgegw.protocol import (
     ProtocolError,
     Welcome,
     decode,
+    decompress_body,
     encode_body,
 )
-from edgegw.protocol.compression import decompress_body
 from edgegw.records import SensorReading
-from edgegw.web import HttpServer
-from edgegw.web.deflate import accept_offer
+from edgegw.web import HttpServer, accept_offer
 
 
 def body(first_rid: int, n: int) -> bytes:
