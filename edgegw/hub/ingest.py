@@ -253,7 +253,8 @@ class Ingest:
         h = self.config.hub
         conn = HubConnection(heartbeat=h.heartbeat_s, max_message_bytes=h.max_frame_bytes,
                              max_records=h.max_records_per_frame, max_holes=h.max_holes,
-                             now=trio.current_time())
+                             now=trio.current_time(),
+                             compression=() if h.compression == "off" else (h.compression,))
         gw = "?"
         try:
             with trio.fail_after(h.hello_timeout_s):
