@@ -99,8 +99,9 @@ class Ingest:
                                   "applied frames deleted after the retention period")
         self.m_connected = m.gauge("hub_gateways_connected", "gateways connected now")
         self.h_apply = m.histogram(
-            "hub_frame_apply_seconds", "seconds from a data frame's arrival to its ACK "
-            "(queue, decode, durable commit, live state, ACK sent): one per data frame")
+            "hub_frame_apply_seconds", "seconds from a data frame's arrival until it is applied "
+            "and its ACK is due (queue, decode, durable commit, live state): one per data "
+            "frame")
         self.h_age = m.histogram(
             "hub_record_age_seconds", "seconds from a record's creation (its ts) to its "
             "durable apply at the hub: one observation per record applied", AGE_BUCKETS)
@@ -462,6 +463,10 @@ class Ingest:
                     self._feed(gw, first_rid, records)
                     self.h_age.observe_many([wall - r.ts for r in records])
                 ack = conn.applied(f.seq, now)
+            # observed before any await: a scrape sees it together with the counts above
+            done = trio.current_time()
+            for _, received in frames:
+                self.h_apply.observe(done - received)
             for f, reason in bad:
                 if (f.gateway, f.epoch, f.seq) in skipped:
                     ack = conn.applied(f.seq, now)
@@ -471,9 +476,6 @@ class Ingest:
                 await ws.send_message(conn.rejected(f.seq, reason, now))
                 ack = conn.ack(now)
             await ws.send_message(ack)
-            acked = trio.current_time()
-            for _, received in frames:
-                self.h_apply.observe(acked - received)
 
 
 def _reason_key(code: int) -> str:
