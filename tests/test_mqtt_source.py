@@ -261,7 +261,7 @@ async def test_junk_payloads_are_counted_per_topic_logged_once_and_do_not_distur
     assert bad.get(source="sensors", topic=f"{prefix}/handler/temp") == 300
     assert bad.get(source="sensors", topic=f"{prefix}/handler/count") == 30
     assert bad.get(source="sensors", topic=f"{prefix}/prober/temp") == 30
-    assert metrics.counter("source_errors").get(source="sensors") == 360
+    assert metrics.counter("source_errors_total").get(source="sensors") == 360
     # logged at most once per topic per interval (60 s here), with the reason
     logged = [r.getMessage() for r in caplog.records if "bad payload" in r.getMessage()]
     assert len(logged) == 3

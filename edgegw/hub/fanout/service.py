@@ -108,6 +108,9 @@ class LiveFanout:
                             prepare=prepare_message, on_ack=on_ack, metrics=metrics,
                             prepare_deflated=self.deflater.prepare if self.deflater else None)
         self._clock = clock
+        self._h_send = self.core.metrics.histogram(
+            "live_send_seconds", "seconds to write one frame to a /ws/live client, its "
+            "socket's backpressure included (frames the ticker began are not counted)")
         self._sessions: dict[int, _Session] = {}
         # The lot an alert belongs to (None: no lot), so that a lot-scoped operator can
         # acknowledge its own lots' alerts; without it such an operator acknowledges none.
@@ -301,10 +304,11 @@ class LiveFanout:
                         finally:
                             session.idle = False
                         continue
+                started = trio.current_time()
                 with trio.CancelScope() as scope:
                     session.send_scope = scope
                     if client.closed:
-                        scope.deadline = trio.current_time() + self.config.close_grace
+                        scope.deadline = started + self.config.close_grace
                     if continued:
                         await ws.send_rest(frame)
                     else:
@@ -313,7 +317,9 @@ class LiveFanout:
                 if scope.cancelled_caught:
                     session.aborted = True
                     break
-                core.frame_written(client, trio.current_time())
+                written = trio.current_time()
+                self._h_send.observe(written - started)
+                core.frame_written(client, written)
         except ConnectionClosed:
             pass
         if session.scope is not None:
