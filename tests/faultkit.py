@@ -19,6 +19,7 @@ from typing import Any
 from conftest import free_port
 from processes import REPO, get_json, spawn, wait_for
 
+from edgegw.hub.store import unpack_body
 from edgegw.metrics import Metrics
 from edgegw.protocol import decode_body
 from edgegw.records import from_wire
@@ -55,15 +56,15 @@ def hub_records(hub_dir: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, .
     """(tester records in record-id order, gateway event records, all record ids)."""
     db = sqlite3.connect(hub_dir / "hub.sqlite3")
     try:
-        rows = db.execute("SELECT body FROM frames WHERE gateway = ? ORDER BY first_rid",
+        rows = db.execute("SELECT codec, body FROM frames WHERE gateway = ? ORDER BY first_rid",
                           (GATEWAY,)).fetchall()
     finally:
         db.close()
     tester: list[tuple[int, tuple[Any, ...]]] = []
     events: list[tuple[Any, ...]] = []
     rids: list[int] = []
-    for (body,) in rows:
-        first_rid, sources, wire = decode_body(body, 1 << 30)
+    for codec, body in rows:
+        first_rid, sources, wire = decode_body(unpack_body(codec, body), 1 << 30)
         for i, item in enumerate(wire):
             rec = from_wire(item, sources)
             rids.append(first_rid + i)

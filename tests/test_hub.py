@@ -13,6 +13,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request
 
 from edgegw.gateway.service import Gateway
+from edgegw.hub.store import unpack_body
 from edgegw.protocol import (
     Ack,
     CloseCode,
@@ -243,8 +244,8 @@ async def test_overflow_under_drop_oldest_is_counted_and_reported_to_the_hub(
         stats = hub.stats()["gateways"]["ate-01"]
         # the hub learns which frames will never come, and an event says why
         assert stats["frames_lost"] == gw.store.stats()["dropped_frames"]
-        rows = await hub.store.query("SELECT body FROM frames")
-        events = [r for (b,) in rows for r in cbor2.loads(b)[2] if r[0] == 13]
+        rows = await hub.store.query("SELECT codec, body FROM frames")
+        events = [r for c, b in rows for r in cbor2.loads(unpack_body(c, b))[2] if r[0] == 13]
         assert any(e[4] == "store_overflow" for e in events)
         nursery.cancel_scope.cancel()
 

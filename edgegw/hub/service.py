@@ -8,12 +8,14 @@ replayed to them first.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -43,11 +45,13 @@ from .http import (
     json_response,
 )
 from .registry import GatewayRegistry, GatewaySession
-from .store import FrameToApply, HubStore
+from .store import FrameToApply, HubStore, StoreFull
 
 log = logging.getLogger("edgegw.hub")
 
 GATEWAY_PATH = "/ws/gateway"
+
+T = TypeVar("T")
 
 
 class Consumer(Protocol):
@@ -77,6 +81,7 @@ class Hub:
         self.refused: dict[str, int] = {}
         self.port: int | None = None
         self.started_at = time.time()
+        self._prune_now = trio.Event()  # set when a commit takes the store over its bytes
         m = self.metrics
         self.m_frames = m.counter("hub_frames_applied_total", "data frames applied")
         self.m_records = m.counter("hub_records_applied_total", "records applied")
@@ -91,8 +96,12 @@ class Hub:
         self.m_pruned = m.counter("hub_frames_pruned_total",
                                   "applied frames deleted after the retention period")
         self.m_connected = m.gauge("hub_gateways_connected", "gateways connected now")
+        self.m_full = m.counter("hub_store_full_total",
+                                "commits that failed for a full disk (acknowledgements paused)")
+        self.m_full_now = m.gauge("hub_store_full", "1 while the store cannot write (disk full)")
+        self.m_frame_bytes = m.gauge("hub_frame_bytes", "bytes of stored (compressed) frame bodies")
         internal_errors(m)  # exported (as 0) before anything goes wrong
-        m.add_collector(lambda: self.m_connected.set(len(self.connected)))
+        m.add_collector(self._collect)
         self.http.on_bad_request = lambda reason: self.m_bad_http.inc()
         h = config.hub
         self.http.add_ws_route(GATEWAY_PATH, self._gateway_endpoint,
@@ -102,6 +111,11 @@ class Hub:
         self.http.add_route("GET", "/healthz", self._healthz)
         self.http.add_route("GET", "/api/stats", self._stats)
         self.http.add_route("GET", "/metrics", self._metrics)
+
+    def _collect(self) -> None:
+        self.m_connected.set(len(self.connected))
+        self.m_full_now.set(int(self.store.full))
+        self.m_frame_bytes.set(self.store.frame_bytes)
 
     def add_consumer(self, consumer: Consumer) -> None:
         self.consumers.append(consumer)
@@ -117,7 +131,8 @@ class Hub:
                                                 self.config.hub.port)
                 self.port = listeners[0].socket.getsockname()[1]
                 log.info("hub listening on %s:%s", self.config.hub.listen, self.port)
-                if self.config.hub.retain_frames_hours > 0:
+                h = self.config.hub
+                if h.retain_frames_hours > 0 or h.retain_frames_mb > 0:
                     nursery.start_soon(self._pruner)
                 task_status.started(self.port)
         finally:
@@ -130,7 +145,7 @@ class Hub:
 
         def load(batch: list[tuple[str, int, list[Record]]]) -> bool:
             batch.clear()
-            for gw, _epoch, _seq, _rid, body in it:
+            for _id, gw, _epoch, _seq, _rid, body in it:
                 try:
                     first_rid, records = decode_records(body, max_records)
                 except (FrameError, ProtocolError):
@@ -152,24 +167,42 @@ class Hub:
             for gw, first_rid, records in batch:
                 self._feed(gw, first_rid, records)
 
+    def _over_bytes(self) -> bool:
+        limit = self.config.hub.retain_frames_mb
+        return limit > 0 and self.store.frame_bytes > limit * 1e6
+
     async def _pruner(self) -> None:
-        """Keep the frame table to ``retain_frames_hours``: a hub runs for months."""
+        """Keep the frame table to ``retain_frames_hours`` and ``retain_frames_mb``: a hub
+        runs for months.  Runs every ``prune_interval_s``, and at once when a commit takes
+        the stored bodies over the byte limit."""
         h = self.config.hub
         while True:
+            older = time.time() - h.retain_frames_hours * 3600 if h.retain_frames_hours else 0.0
+            max_bytes = int(h.retain_frames_mb * 1e6) if h.retain_frames_mb else None
             try:
-                n = await self.store.prune(time.time() - h.retain_frames_hours * 3600)
+                n = await self.store.prune(older, max_bytes)
             except Exception:  # (a locked or failing database) a boundary: try next time
                 report_internal_error(self.metrics, "hub_prune", log, "pruning old frames")
             else:
                 if n:
                     self.m_pruned.inc(n)
-                    log.info("pruned %d frame(s) older than %g h", n, h.retain_frames_hours)
-            await trio.sleep(h.prune_interval_s)
+                    log.info("pruned %d frame(s) (older than %g h or over %g MB)", n,
+                             h.retain_frames_hours, h.retain_frames_mb)
+            self._prune_now = trio.Event()
+            with trio.move_on_after(h.prune_interval_s):
+                await self._prune_now.wait()
 
     # -- HTTP --
     async def _healthz(self, request: Request) -> Response:
-        return json_response({"status": "ok", "uptime_s": round(time.time() - self.started_at, 1),
-                              "gateways_connected": len(self.connected)})
+        body: dict[str, Any] = {"status": "ok",
+                                "uptime_s": round(time.time() - self.started_at, 1),
+                                "gateways_connected": len(self.connected)}
+        if self.store.full:
+            # Still 200: the hub is alive and the gateways keep their data; a monitor
+            # alerts on the status (a restart would not free the disk).
+            body.update(status="degraded",
+                        detail="disk full: acknowledgements paused, gateways spool")
+        return json_response(body)
 
     def stats(self) -> dict[str, Any]:
         gateways: dict[str, Any] = {}
@@ -319,8 +352,8 @@ class Hub:
         if conn.declared_lost:
             log.warning("gateway %s: %d frame(s) below seq %d were dropped by the gateway "
                         "before reaching the hub", gw, conn.declared_lost, hello.next_seq)
-            await self.store.declare_lost(gw, hello.epoch, hello.next_seq - 1,
-                                          conn.declared_lost)
+            await self._until_written(gw, lambda: self.store.declare_lost(
+                gw, hello.epoch, hello.next_seq - 1, conn.declared_lost))
         await ws.send_message(welcome)
         self.handshaking.discard(ws)
         log.info("gateway %s connected from %s (epoch %s, next seq %d)", gw, session.remote,
@@ -437,7 +470,9 @@ class Hub:
                              first_rid, records))
             # frames already applied (by an earlier connection of this gateway) are skipped
             # by the commit itself: counted as duplicates and acked, not handed on again
-            skipped = await self.store.commit([g[0] for g in good], rejected=bad)
+            to_apply = [g[0] for g in good]
+            skipped = await self._until_written(
+                gw, functools.partial(self.store.commit, to_apply, rejected=bad))
             failpoints.hit("hub.after_commit")
             now = trio.current_time()
             for _ in skipped:
@@ -458,6 +493,31 @@ class Hub:
                 await ws.send_message(conn.rejected(f.seq, reason, now))
                 ack = conn.ack(now)
             await ws.send_message(ack)
+
+
+    async def _until_written(self, gw: str, commit: Callable[[], Awaitable[T]]) -> T:
+        """``commit()``; while the disk is full, wait and try the same again.  Nothing is
+        acknowledged meanwhile, so the gateway's window fills and it keeps its frames in
+        its spool; the connection stays up (the receiver still answers pings).  Space
+        coming back is found by the next try: no operator action."""
+        delay = 0.2
+        while True:
+            try:
+                result = await commit()
+            except StoreFull as exc:
+                self.m_full.inc()
+                if delay == 0.2:
+                    log.error("gateway %s: cannot store its frames, the disk is full (%s); "
+                              "acknowledgements paused until space returns", gw, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if delay > 0.2:
+                log.warning("gateway %s: the store can write again; acknowledgements resume",
+                            gw)
+            if self._over_bytes():
+                self._prune_now.set()
+            return result
 
 
 def _reason_key(code: int) -> str:

@@ -1,0 +1,141 @@
+"""The hub's frame store on disk: compact bodies, retention by bytes, old stores migrated.
+
+Frames carry the simulated tester's records (the same STDF -> records path a gateway
+tailing a file takes), so sizes are the real ones, not a toy body's."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from edgegw.hub.store import CODEC_RAW, CODEC_ZLIB, FrameToApply, HubStore, unpack_body
+from edgegw.protocol import encode_body
+from edgegw.sim.stdf_tester import stdf_chunks
+from edgegw.sim.tester import TesterProfile
+from edgegw.stdf import StdfDecoder
+from edgegw.stdf.mapping import RecordMapper
+
+GW = "ate-01"
+
+
+def simulated_frames(parts_wafers: int = 1, per_frame: int = 500) -> tuple[list[bytes], int, int]:
+    """(frame bodies, STDF bytes, records) of one simulated lot, mapped like a gateway."""
+    chunks = [c.data for c in stdf_chunks(TesterProfile(wafers=parts_wafers), lots=1)]
+    dec, mapper, records, now = StdfDecoder(), RecordMapper("tester"), [], 1.7e9
+    for chunk in chunks:
+        dec.feed(chunk)
+        now += 0.05
+        for rec in dec.records():
+            records.extend(mapper.map(rec, now))
+    bodies = [encode_body(i + 1, records[i:i + per_frame])
+              for i in range(0, len(records), per_frame)]
+    return bodies, sum(map(len, chunks)), len(records)
+
+
+def frames_of(bodies: list[bytes], first_seq: int = 1) -> list[FrameToApply]:
+    return [FrameToApply(GW, "e1", first_seq + i, 1, 500, b) for i, b in enumerate(bodies)]
+
+
+async def test_bodies_are_stored_smaller_than_the_testers_stdf_and_read_back_exactly(
+        tmp_path: Path) -> None:
+    bodies, stdf_bytes, n_records = simulated_frames()
+    store = HubStore(tmp_path / "hub.sqlite3")
+    await store.open()
+    try:
+        await store.commit(frames_of(bodies))
+        assert store.frame_bytes < stdf_bytes, (
+            f"{store.frame_bytes / n_records:.1f} B/record stored, the STDF has "
+            f"{stdf_bytes / n_records:.1f}")
+        assert await store.query("SELECT DISTINCT codec FROM frames") == [(CODEC_ZLIB,)]
+        stored = list(store.iter_frames_sync())
+        assert [row[5] for row in stored] == bodies
+        assert [row[3] for row in stored] == list(range(1, len(bodies) + 1))
+    finally:
+        await store.close()
+
+
+async def test_the_stored_byte_count_is_kept_across_a_restart(tmp_path: Path) -> None:
+    bodies, _, _ = simulated_frames()
+    store = HubStore(tmp_path / "hub.sqlite3")
+    await store.open()
+    await store.commit(frames_of(bodies))
+    total = store.frame_bytes
+    (on_disk,) = await store.query("SELECT SUM(length(body)) FROM frames")
+    await store.close()
+    assert on_disk == (total,)
+    again = HubStore(tmp_path / "hub.sqlite3")
+    await again.open()
+    try:
+        assert again.frame_bytes == total
+    finally:
+        await again.close()
+
+
+async def test_retention_by_bytes_deletes_the_oldest_frames_until_under_the_limit(
+        tmp_path: Path) -> None:
+    bodies, _, _ = simulated_frames(parts_wafers=2)
+    store = HubStore(tmp_path / "hub.sqlite3")
+    await store.open()
+    try:
+        await store.commit(frames_of(bodies))
+        limit = store.frame_bytes // 3
+        pruned = await store.prune(older_than=0.0, max_bytes=limit)
+        assert pruned > 0 and store.frame_bytes <= limit
+        seqs = [s for (s,) in await store.query("SELECT seq FROM frames ORDER BY id")]
+        # the newest stay, the oldest went, and nothing in between
+        assert seqs == list(range(len(bodies) - len(seqs) + 1, len(bodies) + 1))
+        (on_disk,) = await store.query("SELECT SUM(length(body)) FROM frames")
+        assert on_disk == (store.frame_bytes,)
+        # a pruned frame sent again is still a duplicate: the applied set rules
+        assert await store.commit(frames_of(bodies[:1])) == {(GW, "e1", 1)}
+    finally:
+        await store.close()
+
+
+async def test_pruning_never_passes_the_position_a_checkpoint_covers(tmp_path: Path) -> None:
+    bodies, _, _ = simulated_frames()
+    store = HubStore(tmp_path / "hub.sqlite3")
+    await store.open()
+    try:
+        frames = frames_of(bodies)
+        await store.commit(frames)
+        covered = frames[3].id
+        await store.prune(older_than=float("inf"), max_bytes=0, up_to_id=covered)
+        ids = [i for (i,) in await store.query("SELECT id FROM frames ORDER BY id")]
+        assert ids == [f.id for f in frames[4:]]
+    finally:
+        await store.close()
+
+
+async def test_a_store_written_before_compact_bodies_opens_and_its_raw_bodies_replay(
+        tmp_path: Path) -> None:
+    path = tmp_path / "hub.sqlite3"
+    bodies, _, _ = simulated_frames()
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE frames (id INTEGER PRIMARY KEY, gateway TEXT NOT NULL,
+            epoch TEXT NOT NULL, seq INTEGER NOT NULL, first_rid INTEGER NOT NULL,
+            n_records INTEGER NOT NULL, applied_at REAL NOT NULL, body BLOB NOT NULL,
+            UNIQUE (gateway, epoch, seq));""")
+    db.execute("INSERT INTO frames (gateway, epoch, seq, first_rid, n_records, applied_at,"
+               " body) VALUES (?, 'e1', 1, 1, 500, 0, ?)", (GW, bodies[0]))
+    db.commit()
+    db.close()
+    store = HubStore(path)
+    await store.open()
+    try:
+        assert store.frame_bytes == len(bodies[0])
+        await store.commit(frames_of(bodies[1:3], first_seq=2))
+        got = [(row[3], row[5]) for row in store.iter_frames_sync()]
+        assert got == [(1, bodies[0]), (2, bodies[1]), (3, bodies[2])]
+        codecs = await store.query("SELECT codec FROM frames ORDER BY id")
+        assert codecs == [(CODEC_RAW,), (CODEC_ZLIB,), (CODEC_ZLIB,)]
+    finally:
+        await store.close()
+
+
+def test_an_unknown_codec_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown frame body codec 7"):
+        unpack_body(7, b"x")
