@@ -15,6 +15,7 @@ import trio
 
 from ..metrics import Metrics
 from .alert_service import AlertService
+from .checkpoint import Checkpointer
 from .config import HubConfig
 from .dashboard import Dashboard
 from .fanout import LiveFanout
@@ -40,6 +41,11 @@ class HubApp:
         self.fanout.attach(self.state, on_ack=lambda alert_id, user:
                            self.alerts.engine.ack(alert_id, user, time.time()))
         self.hub.add_consumer(self.state)
+        h = config.hub
+        self.checkpointer = Checkpointer(
+            self.hub, self.state, Path(h.data_dir), interval_s=h.checkpoint_interval_s,
+            max_records=h.checkpoint_records, alerts=self.alerts,
+            metrics=self.hub.metrics) if h.checkpoint_interval_s > 0 else None
         self.fanout.install(self.hub.http)
         Dashboard().install(self.hub.http)
         HistoryApi(self.state, self.alerts.engine, self.alerts.store).install(self.hub.http)
@@ -52,13 +58,19 @@ class HubApp:
         return self.hub.metrics
 
     async def _stats(self, request: Request) -> Response:
-        return json_response({**self.hub.stats(), "live_state": self.state.health()})
+        stats = {**self.hub.stats(), "live_state": self.state.health()}
+        if self.checkpointer is not None:
+            stats["checkpoint"] = {"loaded_from": self.checkpointer.loaded_from,
+                                   "frame_id": self.checkpointer.position}
+        return json_response(stats)
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         await self.alerts.open()
         async with trio.open_nursery() as nursery:
             await nursery.start(self.alerts.run, self.state)
             port = await nursery.start(self.hub.run)
+            if self.checkpointer is not None:  # after the replay: it checkpoints the result
+                await nursery.start(self.checkpointer.run)
             await nursery.start(self.fanout.run)
             h = self.config.hub
             if h.gc_freeze_s > 0:

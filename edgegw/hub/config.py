@@ -37,6 +37,11 @@ class HubSection:
     # many MB; 0: no byte limit (docs/storage.md)
     retain_frames_mb: Annotated[float, Range(0, 100_000_000)] = 0.0
     prune_interval_s: Annotated[float, Range(0.01, 86_400)] = 600.0
+    # the live state is checkpointed this often (seconds; 0: never, a restart replays every
+    # retained frame), and sooner once this many records came in since the last one: a
+    # restart replays at most about that many records (docs/storage.md)
+    checkpoint_interval_s: Annotated[float, Range(1, 86_400, also=0)] = 60.0
+    checkpoint_records: Annotated[int, Range(1000, 100_000_000)] = 300_000
     # Survivors of young garbage collections are frozen this often (seconds; 0: off), so the
     # collector's full collections never walk the live state (see edgegw/hub/gcpacing.py);
     # a full sweep for cyclic garbage runs every gc_full_sweep_s (0: never).

@@ -81,7 +81,19 @@ class Hub:
         self.refused: dict[str, int] = {}
         self.port: int | None = None
         self.started_at = time.time()
+        #: what the start-up replay did (``/api/stats`` "replay")
+        self.replayed: dict[str, Any] = {}
         self._prune_now = trio.Event()  # set when a commit takes the store over its bytes
+        #: frames.id of the last frame handed to the consumers, and records handed so far
+        self.fed_id = 0
+        self.records_fed = 0
+        #: set by a checkpointer: restores the consumers' state before the replay and
+        #: returns the frame id it covers (only later frames are replayed)
+        self.before_replay: Callable[[], Awaitable[int]] | None = None
+        #: called with ``records_fed`` after each applied frame was handed on
+        self.on_fed: Callable[[int], None] | None = None
+        #: the newest frame id the pruner may delete (what checkpoints cover); None: any
+        self.prune_limit: int | None = None
         m = self.metrics
         self.m_frames = m.counter("hub_frames_applied_total", "data frames applied")
         self.m_records = m.counter("hub_records_applied_total", "records applied")
@@ -125,7 +137,8 @@ class Hub:
         await self.store.open()
         try:
             if self.consumers:
-                await self._replay()
+                after = await self.before_replay() if self.before_replay is not None else 0
+                await self._replay(after)
             async with trio.open_nursery() as nursery:
                 listeners = await nursery.start(self.http.serve, self.config.hub.listen,
                                                 self.config.hub.port)
@@ -139,13 +152,15 @@ class Hub:
             with trio.CancelScope(shield=True):
                 await self.store.close()
 
-    async def _replay(self) -> None:
-        """Feed every stored frame to the consumers, oldest first (state rebuild)."""
+    async def _replay(self, after: int = 0) -> None:
+        """Feed the stored frames after frame id ``after`` to the consumers, oldest first
+        (state rebuild)."""
         max_records = self.config.hub.max_records_per_frame
+        self.fed_id = max(self.fed_id, after)
 
-        def load(batch: list[tuple[str, int, list[Record]]]) -> bool:
+        def load(batch: list[tuple[int, str, int, list[Record]]]) -> bool:
             batch.clear()
-            for _id, gw, _epoch, _seq, _rid, body in it:
+            for frame_id, gw, _epoch, _seq, _rid, body in it:
                 try:
                     first_rid, records = decode_records(body, max_records)
                 except (FrameError, ProtocolError):
@@ -154,18 +169,26 @@ class Hub:
                     report_internal_error(self.metrics, "hub_replay", log,
                                           "decoding a stored frame of gateway %s", gw)
                     continue
-                batch.append((gw, first_rid, records))
+                batch.append((frame_id, gw, first_rid, records))
                 if len(batch) >= 200:
                     return True
             return False
 
-        it = self.store.iter_frames_sync()
-        batch: list[tuple[str, int, list[Record]]] = []
+        it = self.store.iter_frames_sync(after)
+        batch: list[tuple[int, str, int, list[Record]]] = []
         more = True
+        t0 = time.perf_counter()
+        n_frames = n_records = 0
         while more:
             more = await trio.to_thread.run_sync(load, batch, limiter=self.store._limiter)
-            for gw, first_rid, records in batch:
-                self._feed(gw, first_rid, records)
+            for frame_id, gw, first_rid, records in batch:
+                self._feed(gw, first_rid, records, frame_id)
+                n_records += len(records)
+            n_frames += len(batch)
+        self.replayed = {"after_frame": after, "frames": n_frames, "records": n_records,
+                         "seconds": round(time.perf_counter() - t0, 3)}
+        log.info("replayed %d frame(s), %d record(s) after frame %d in %.2f s", n_frames,
+                 n_records, after, time.perf_counter() - t0)
 
     def _over_bytes(self) -> bool:
         limit = self.config.hub.retain_frames_mb
@@ -180,7 +203,7 @@ class Hub:
             older = time.time() - h.retain_frames_hours * 3600 if h.retain_frames_hours else 0.0
             max_bytes = int(h.retain_frames_mb * 1e6) if h.retain_frames_mb else None
             try:
-                n = await self.store.prune(older, max_bytes)
+                n = await self.store.prune(older, max_bytes, self.prune_limit)
             except Exception:  # (a locked or failing database) a boundary: try next time
                 report_internal_error(self.metrics, "hub_prune", log, "pruning old frames")
             else:
@@ -222,7 +245,9 @@ class Hub:
                 "last_seen": st.last_seen if st else None,
                 "rtt_ms": session.rtt_ms if (session := self.connected.get(gw)) else None,
             }
-        return {"gateways": gateways, "metrics": self.metrics.as_dict()}
+        return {"gateways": gateways, "replay": self.replayed,
+                "store": {"frame_bytes": self.store.frame_bytes, "full": self.store.full},
+                "metrics": self.metrics.as_dict()}
 
     async def _stats(self, request: Request) -> Response:
         return json_response(self.stats())
@@ -375,9 +400,13 @@ class Hub:
                 report_internal_error(self.metrics, "hub_consumer", log,
                                       "%s.on_gateway(%r, %s)", type(c).__name__, gw, connected)
 
-    def _feed(self, gw: str, first_rid: int, records: list[Record]) -> None:
+    def _feed(self, gw: str, first_rid: int, records: list[Record], frame_id: int) -> None:
         """Hand one applied frame's records to every consumer.  The frame is durably
-        applied already; a consumer that fails on it misses it (counted), nothing else."""
+        applied already; a consumer that fails on it misses it (counted), nothing else.
+        Frames are fed in frame id order (each commit's right after it, commits one at a
+        time), which is what makes ``fed_id`` a consistent checkpoint position."""
+        self.fed_id = frame_id
+        self.records_fed += len(records)
         for c in self.consumers:
             try:
                 c.on_records(gw, first_rid, records)
@@ -386,6 +415,8 @@ class Hub:
                                       "%s.on_records(gateway %s, rids %d..%d)",
                                       type(c).__name__, gw, first_rid,
                                       first_rid + len(records) - 1)
+        if self.on_fed is not None:
+            self.on_fed(self.records_fed)
 
     async def _serve_gateway(self, ws: WebSocket, conn: HubConnection, gw: str,
                              epoch: str) -> None:
@@ -482,7 +513,7 @@ class Hub:
                 if (f.gateway, f.epoch, f.seq) not in skipped:
                     self.m_frames.inc()
                     self.m_records.inc(len(records))
-                    self._feed(gw, first_rid, records)
+                    self._feed(gw, first_rid, records, f.id)
                 ack = conn.applied(f.seq, now)
             for f, reason in bad:
                 if (f.gateway, f.epoch, f.seq) in skipped:
