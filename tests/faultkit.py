@@ -154,12 +154,15 @@ class Hub(_Process):
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, failpoints: str = "", wait: bool = True) -> Hub:
+    def start(self, failpoints: str = "", wait: bool = True, *settings: str) -> Hub:
         """Start (``failpoints``: armed for this run, ``edgegw/failpoints.py``; ``wait``:
-        until /healthz answers -- not for a run that may crash at its failpoint first)."""
+        until /healthz answers -- not for a run that may crash at its failpoint first;
+        ``settings``: more ``--set key=value`` arguments)."""
         self.proc = spawn("hub", "--config", str(REPO / "conf" / "hub.toml"),
                           "--set", f"hub.port={self.port}", "--set", f"hub.data_dir={self.dir}",
-                          "--set", "hub.heartbeat_s=1.0", log=self.tmp / "hub.log",
+                          "--set", "hub.heartbeat_s=1.0",
+                          *[a for kv in settings for a in ("--set", kv)],
+                          log=self.tmp / "hub.log",
                           env={"EDGEGW_FAILPOINTS": failpoints})
         if wait:
             wait_for(lambda: get_json(f"{self.url}/healthz")["status"] == "ok")
