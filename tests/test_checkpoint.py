@@ -80,10 +80,13 @@ def test_a_restored_checkpoint_then_the_later_frames_equal_replaying_everything(
     restored = make_state()
     # alerts come back from the history store, before the checkpoint (as in the hub)
     restored.alerts.restore([a.to_dict() for a in first.alerts.alerts.values()])
-    restore(restored, data)
+    cache = WaferCache()
+    restore(restored, data, cache)
     assert everything(restored) == everything(first)
+    assert capture(restored, cache) == capture(restored)  # primed, not stale
     feed(restored, frames[cut:], rids)
     assert everything(restored) == everything(full)
+    assert capture(restored, cache) == capture(restored)
     assert len(full.evicted) >= 2 and any(lot.archived_wafers for lot in full.lots.values())
 
 

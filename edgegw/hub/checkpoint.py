@@ -135,7 +135,8 @@ def _dies(dies: dict[Any, Die]) -> dict[str, Any]:
             **dict(zip(_DIE_FIELDS, cols, strict=True))}
 
 
-def _dies_from(data: dict[str, Any]) -> dict[Any, Die]:
+def _dies_from(encoded: bytes) -> dict[Any, Die]:
+    data = cbor2.loads(encoded)
     out: dict[Any, Die] = {}
     gateways = data["gateways"]
     for i, gw_index in enumerate(data["gateway"]):
@@ -155,21 +156,26 @@ def _dies_from(data: dict[str, Any]) -> dict[Any, Die]:
 
 
 class WaferCache:
-    """The copies of wafers' dies made by earlier cuts, reused while the wafer is
-    unchanged (most of a lot's wafers are closed and never change again)."""
+    """Each wafer's dies, encoded (CBOR, columnar) by an earlier cut and reused while the
+    wafer is unchanged: most of a lot's wafers are closed and never change again, so a
+    cut copies and encodes only the wafers being tested."""
 
     def __init__(self) -> None:
-        self._by_wafer: dict[tuple[str, str], tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        self._by_wafer: dict[tuple[str, str], tuple[int, bytes]] = {}
 
-    def dies(self, wafer: WaferState) -> dict[str, Any]:
+    def dies(self, wafer: WaferState) -> bytes:
         key = (wafer.lot_id, wafer.wafer_id)
-        mark = (wafer.tally.parts, len(wafer.dies), wafer.updated)
+        mark = wafer.tally.parts  # every part applied to the wafer counts here
         hit = self._by_wafer.get(key)
         if hit is not None and hit[0] == mark:
             return hit[1]
-        data = _dies(wafer.dies)
+        data = cbor2.dumps(_dies(wafer.dies))
         self._by_wafer[key] = (mark, data)
         return data
+
+    def prime(self, wafer: WaferState, encoded: bytes) -> None:
+        """A wafer just restored from ``encoded``: the next cut reuses it."""
+        self._by_wafer[(wafer.lot_id, wafer.wafer_id)] = (wafer.tally.parts, encoded)
 
     def keep_only(self, live: set[tuple[str, str]]) -> None:
         for key in [k for k in self._by_wafer if k not in live]:
@@ -222,9 +228,10 @@ def capture(state: LiveState, cache: WaferCache | None = None) -> dict[str, Any]
     return out
 
 
-def restore(state: LiveState, data: dict[str, Any]) -> None:
+def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = None) -> None:
     """Load a captured state into a fresh ``LiveState`` (nothing is published: clients
-    subscribing start from snapshots, as after any restart)."""
+    subscribing start from snapshots, as after any restart); ``cache`` is primed with
+    the wafers restored, so the next cut does not encode them again."""
     for d in data["lots"]:
         lot = LotState(d["lot_id"])
         lot.info = dict(d["info"])
@@ -237,6 +244,8 @@ def restore(state: LiveState, data: dict[str, Any]) -> None:
             w.status, w.started, w.ended = wd["status"], wd["started"], wd["ended"]
             w.reported, w.updated = dict(wd["reported"]), wd["updated"]
             lot.wafers[w.wafer_id] = w
+            if cache is not None:
+                cache.prime(w, wd["dies"])
         lot.archived_wafers = set(d["archived_wafers"])
         for row in d["tests"]:
             t = TestStats(lot.lot_id, row[0], row[1])
@@ -365,7 +374,7 @@ class Checkpointer:
                 self._m_failed.inc()
                 log.error("checkpoint %s not usable: %s", name, position["error"])
                 continue
-            restore(self.state, data)
+            restore(self.state, data, self.cache)
             self.position = position["frame_id"]
             self.loaded_from = name
             # frames after the older checkpoint stay (see the module docstring)
