@@ -411,6 +411,10 @@ class Checkpointer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                   ) -> None:
         task_status.started()
+        # Something was replayed at the start: checkpoint it now, not a minute later, so a
+        # crash soon after a long replay does not replay it all again.
+        if self.hub.fed_id != self.position:
+            self._wake.set()
         try:
             while True:
                 with trio.move_on_after(self.interval_s):
@@ -418,7 +422,10 @@ class Checkpointer:
                 self._wake = trio.Event()
                 try:
                     await self.checkpoint()
-                except Exception:  # a full disk, say: the frames stay, the next one tries
+                except OSError as exc:  # a full disk, say: the frames stay, the next tries
+                    self._m_failed.inc()
+                    log.error("live-state checkpoint not written: %s", exc)
+                except Exception:
                     self._m_failed.inc()
                     report_internal_error(self.metrics, "hub_checkpoint", log,
                                           "writing a live-state checkpoint")
