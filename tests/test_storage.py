@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
+from faultkit import expected_records
+from hubtools import http_get, hub_config, start_tester
 
+from edgegw.hub.app import HubApp
 from edgegw.hub.store import CODEC_RAW, CODEC_ZLIB, FrameToApply, HubStore, unpack_body
 from edgegw.protocol import encode_body
 from edgegw.sim.stdf_tester import stdf_chunks
@@ -139,3 +144,50 @@ async def test_a_store_written_before_compact_bodies_opens_and_its_raw_bodies_re
 def test_an_unknown_codec_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown frame body codec 7"):
         unpack_body(7, b"x")
+
+
+async def test_history_api_answers_the_same_after_frames_are_pruned_and_the_hub_restarts(
+        tmp_path: Path) -> None:
+    """Frames pruned down to a few KB, then a restart: the lot, its wafers (archived ones
+    from the history store, live ones from the checkpoint) and its tests are still served,
+    exactly as before."""
+    cfg = hub_config(tmp_path / "hub", retain_frames_mb=0.03, prune_interval_s=0.2,
+                     checkpoint_interval_s=1, checkpoint_records=1000)
+    lot = "LOTP"
+
+    async def shown(port: int) -> dict[str, Any]:
+        out = {}
+        for path in ("/api/lots", f"/api/lots/{lot}/wafers", f"/api/tests/{lot}/100"):
+            status, out[path] = await http_get(port, path)
+            assert status == 200, (path, out[path])
+        wafers = [w["wafer_id"] for w in out[f"/api/lots/{lot}/wafers"]["wafers"]]
+        for wafer in (wafers[0], wafers[-1]):  # an archived one, a live one
+            status, out[wafer] = await http_get(port, f"/api/lots/{lot}/wafers/{wafer}")
+            assert status == 200
+        return out
+
+    async with trio.open_nursery() as nursery:
+        app = HubApp(cfg)
+        port = await nursery.start(app.run)
+        source = {"lot_id": lot, "parts_per_second": 3000, "max_parts": 1500, "wafers": 100,
+                  "wafer_diameter_dies": 4, "seed": 3}
+        n = len(expected_records(**source))
+        await start_tester(nursery, tmp_path, port, **source)
+        with trio.fail_after(60):
+            while (app.hub.store.gateway_stats("ate-01").records_applied < n
+                   or app.checkpointer.position < app.hub.fed_id):
+                await trio.sleep(0.05)
+            while app.hub.store.frame_bytes > 30_000:
+                await trio.sleep(0.05)
+        before = await shown(port)
+        assert app.state.lots[lot].archived_wafers  # some wafers live in the history store
+        (kept,) = await app.hub.store.query("SELECT COUNT(*) FROM frames")
+        assert 0 < kept[0] < app.hub.store.stats["ate-01"].frames_applied / 4
+        nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        app = HubApp(cfg)
+        port = await nursery.start(app.run)
+        assert app.checkpointer.loaded_from == "checkpoint"
+        assert await shown(port) == before
+        nursery.cancel_scope.cancel()
