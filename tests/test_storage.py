@@ -141,6 +141,23 @@ async def test_a_store_written_before_compact_bodies_opens_and_its_raw_bodies_re
         await store.close()
 
 
+async def test_the_newest_frame_is_never_pruned_so_frame_ids_never_go_back(
+        tmp_path: Path) -> None:
+    bodies, _, _ = simulated_frames()
+    store = HubStore(tmp_path / "hub.sqlite3")
+    await store.open()
+    try:
+        frames = frames_of(bodies[:3])
+        await store.commit(frames)
+        await store.prune(older_than=float("inf"), max_bytes=0)
+        assert await store.query("SELECT id FROM frames") == [(frames[-1].id,)]
+        later = frames_of(bodies[3:4], first_seq=4)
+        await store.commit(later)
+        assert later[0].id > frames[-1].id  # a checkpoint at frames[-1] still sees it
+    finally:
+        await store.close()
+
+
 def test_an_unknown_codec_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown frame body codec 7"):
         unpack_body(7, b"x")

@@ -204,6 +204,8 @@ class Hub:
             max_bytes = int(h.retain_frames_mb * 1e6) if h.retain_frames_mb else None
             try:
                 n = await self.store.prune(older, max_bytes, self.prune_limit)
+            except StoreFull as exc:  # deleting needs WAL space too: next time
+                log.warning("pruning old frames: %s", exc)
             except Exception:  # (a locked or failing database) a boundary: try next time
                 report_internal_error(self.metrics, "hub_prune", log, "pruning old frames")
             else:
@@ -524,7 +526,6 @@ class Hub:
                 await ws.send_message(conn.rejected(f.seq, reason, now))
                 ack = conn.ack(now)
             await ws.send_message(ack)
-
 
     async def _until_written(self, gw: str, commit: Callable[[], Awaitable[T]]) -> T:
         """``commit()``; while the disk is full, wait and try the same again.  Nothing is

@@ -369,11 +369,14 @@ class HubStore:
                     up_to_id: int | None = None, batch: int = 2000) -> int:
         """Delete the oldest applied frames while they were applied before ``older_than``
         (Unix time) or the stored bodies exceed ``max_bytes``; never a frame above
-        ``up_to_id`` (the newest one a checkpoint covers: newer ones rebuild the live state).
-        In batches of short transactions so ingest is never held up for long; returns how
-        many.  The applied sets stay: a resend of a pruned frame is still dropped as a
-        duplicate."""
-        limit_id = (1 << 62) if up_to_id is None else up_to_id
+        ``up_to_id`` (the newest one a checkpoint covers: newer ones rebuild the live
+        state), never the newest frame.  In batches of short transactions so ingest is
+        never held up for long; returns how many.  The applied sets stay: a resend of a
+        pruned frame is still dropped as a duplicate."""
+        # The newest frame always stays: ids are rowids, and SQLite gives a new row the
+        # largest id + 1, so an emptied table would hand out ids a checkpoint covers.
+        limit_id = self.last_frame_id - 1 if up_to_id is None else min(
+            up_to_id, self.last_frame_id - 1)
 
         def over() -> bool:
             return max_bytes is not None and self.frame_bytes > max_bytes
@@ -406,9 +409,11 @@ class HubStore:
                     db.execute("UPDATE meta SET value = value - ? WHERE key = 'frame_bytes'",
                                (freed,))
                 db.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
+                if _is_full(exc):
+                    raise StoreFull(errno.ENOSPC, f"hub store {self.path}: {exc}") from exc
                 raise
             self.frame_bytes -= freed
             return len(gone)
