@@ -208,3 +208,36 @@ async def test_history_api_answers_the_same_after_frames_are_pruned_and_the_hub_
         assert app.checkpointer.loaded_from == "checkpoint"
         assert await shown(port) == before
         nursery.cancel_scope.cancel()
+
+
+async def test_a_checkpoint_of_another_store_is_refused_and_the_hub_replays_its_own_frames(
+        tmp_path: Path) -> None:
+    """Frame ids mean something only in the store that gave them: a checkpoint next to a
+    replaced (or deleted) hub.sqlite3 must not decide which frames to skip."""
+    source = {"lot_id": "LOTX", "parts_per_second": 3000, "max_parts": 300, "seed": 2}
+    n = len(expected_records(**source))
+    cfg = hub_config(tmp_path / "a", checkpoint_interval_s=1)
+    async with trio.open_nursery() as nursery:
+        app = HubApp(cfg)
+        port = await nursery.start(app.run)
+        await start_tester(nursery, tmp_path, port, **source)
+        with trio.fail_after(60):
+            while app.hub.store.gateway_stats("ate-01").records_applied < n:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "checkpoint").write_bytes((tmp_path / "a" / "checkpoint").read_bytes())
+    async with trio.open_nursery() as nursery:
+        app = HubApp(hub_config(tmp_path / "b", checkpoint_interval_s=1))
+        await nursery.start(app.run)
+        assert app.checkpointer.loaded_from is None
+        assert app.metrics.counter("hub_checkpoint_failures_total").total() == 1
+        assert app.state.lots == {}  # nothing from the other store's checkpoint
+        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:  # and its own store's checkpoint still loads
+        app = HubApp(cfg)
+        await nursery.start(app.run)
+        assert app.checkpointer.loaded_from == "checkpoint"
+        assert app.hub.replayed["records"] == 0
+        assert app.state.lots["LOTX"].tally.parts == 300
+        nursery.cancel_scope.cancel()

@@ -368,7 +368,14 @@ class Checkpointer:
         """Restore the newest usable checkpoint into the state; returns its frame id (the
         hub replays the frames after it), 0 when there is none."""
         found = await trio.to_thread.run_sync(load_file_sync, self.directory)
-        positions = [p.get("frame_id", 0) for _, p, d in found if d is not None]
+        store_id = self.hub.store.store_id
+        for i, (name, position, data) in enumerate(found):
+            if data is not None and (position.get("store_id") != store_id
+                                     or position.get("frame_id", 0) > self.hub.store.last_frame_id):
+                # frame ids of another store (its file replaced or deleted): replaying
+                # "after" them would skip or repeat this store's frames
+                found[i] = (name, {"error": "it covers the frames of another store"}, None)
+        positions = [p["frame_id"] for _, p, d in found if d is not None]
         for name, position, data in found:
             if data is None:
                 self._m_failed.inc()
@@ -399,7 +406,8 @@ class Checkpointer:
             if final and self.alerts.backlog:
                 return False  # its writer may be gone already: do not wait for it
             await self.alerts.wait_persisted()
-        blob = await trio.to_thread.run_sync(encode, {"frame_id": position}, data)
+        blob = await trio.to_thread.run_sync(
+            encode, {"frame_id": position, "store_id": self.hub.store.store_id}, data)
         await trio.to_thread.run_sync(write_file_sync, self.directory, blob)
         previous, self.position = self.position, position
         self.hub.prune_limit = previous  # the older of the two on disk

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import secrets
 import sqlite3
 import time
 import zlib
@@ -164,6 +165,8 @@ class HubStore:
         self.last_frame_id = 0
         #: the last commit failed for want of space and nothing has succeeded since
         self.full = False
+        #: a random id made when the store was created (frame ids mean nothing elsewhere)
+        self.store_id = 0
 
     # -- blocking internals (worker thread) --
     def _open_sync(self) -> None:
@@ -181,6 +184,11 @@ class HubStore:
             db.execute("INSERT INTO meta (key, value) VALUES ('frame_bytes', ?)", total)
             row = total
         self.frame_bytes = row[0]
+        row = db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+        if row is None:  # who this store is: a checkpoint names the store it covers
+            row = (secrets.randbits(62),)
+            db.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", row)
+        self.store_id = row[0]
         self.last_frame_id = db.execute("SELECT COALESCE(MAX(id), 0) FROM frames").fetchone()[0]
         self._db = db
         for gw, epoch, ranges in db.execute("SELECT gateway, epoch, ranges FROM applied"):
