@@ -233,11 +233,39 @@ async def test_a_checkpoint_of_another_store_is_refused_and_the_hub_replays_its_
         assert app.checkpointer.loaded_from is None
         assert app.metrics.counter("hub_checkpoint_failures_total").total() == 1
         assert app.state.lots == {}  # nothing from the other store's checkpoint
+        assert (tmp_path / "b" / "checkpoint.bad").exists()  # set aside, not overwritten
         nursery.cancel_scope.cancel()
     async with trio.open_nursery() as nursery:  # and its own store's checkpoint still loads
         app = HubApp(cfg)
         await nursery.start(app.run)
         assert app.checkpointer.loaded_from == "checkpoint"
         assert app.hub.replayed["records"] == 0
-        assert app.state.lots["LOTX"].tally.parts == 300
+        parts = sum(1 for r in expected_records(**source) if r[0] == "PartResult")
+        assert app.state.lots["LOTX"].tally.parts == parts
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_torn_checkpoint_falls_back_to_the_previous_one_and_its_later_frames(
+        tmp_path: Path) -> None:
+    source = {"lot_id": "LOTY", "parts_per_second": 3000, "max_parts": 600, "seed": 4}
+    n = len(expected_records(**source))
+    cfg = hub_config(tmp_path / "hub", checkpoint_interval_s=1, checkpoint_records=1000)
+    async with trio.open_nursery() as nursery:
+        app = HubApp(cfg)
+        port = await nursery.start(app.run)
+        await start_tester(nursery, tmp_path, port, **source)
+        with trio.fail_after(60):
+            while app.hub.store.gateway_stats("ate-01").records_applied < n:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    current = tmp_path / "hub" / "checkpoint"
+    assert (tmp_path / "hub" / "checkpoint.prev").exists()
+    current.write_bytes(current.read_bytes()[:-100])  # torn
+    async with trio.open_nursery() as nursery:
+        app = HubApp(cfg)
+        await nursery.start(app.run)
+        assert app.checkpointer.loaded_from == "checkpoint.prev"
+        assert app.hub.replayed["records"] > 0  # the frames after the older checkpoint
+        parts = sum(1 for r in expected_records(**source) if r[0] == "PartResult")
+        assert app.state.lots["LOTY"].tally.parts == parts  # each once: none lost, none twice
         nursery.cancel_scope.cancel()

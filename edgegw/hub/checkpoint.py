@@ -370,8 +370,9 @@ class Checkpointer:
         found = await trio.to_thread.run_sync(load_file_sync, self.directory)
         store_id = self.hub.store.store_id
         for i, (name, position, data) in enumerate(found):
+            last = self.hub.store.last_frame_id
             if data is not None and (position.get("store_id") != store_id
-                                     or position.get("frame_id", 0) > self.hub.store.last_frame_id):
+                                     or position.get("frame_id", 0) > last):
                 # frame ids of another store (its file replaced or deleted): replaying
                 # "after" them would skip or repeat this store's frames
                 found[i] = (name, {"error": "it covers the frames of another store"}, None)
@@ -380,6 +381,9 @@ class Checkpointer:
             if data is None:
                 self._m_failed.inc()
                 log.error("checkpoint %s not usable: %s", name, position["error"])
+                if name == FILE:  # kept aside, so the next write keeps the good older one
+                    await trio.to_thread.run_sync(os.replace, self.directory / FILE,
+                                                  self.directory / (FILE + ".bad"))
                 continue
             restore(self.state, data, self.cache)
             self.position = position["frame_id"]
