@@ -186,8 +186,8 @@ async def test_history_api_answers_the_same_after_frames_are_pruned_and_the_hub_
     async with trio.open_nursery() as nursery:
         app = HubApp(cfg)
         port = await nursery.start(app.run)
-        source = {"lot_id": lot, "parts_per_second": 3000, "max_parts": 1500, "wafers": 100,
-                  "wafer_diameter_dies": 4, "seed": 3}
+        source = {"lot_id": lot, "lots": 1, "parts_per_second": 3000, "max_parts": 1500,
+                  "wafers": 100, "wafer_diameter_dies": 4, "seed": 3}
         n = len(expected_records(**source))
         await start_tester(nursery, tmp_path, port, **source)
         with trio.fail_after(60):
@@ -214,7 +214,7 @@ async def test_a_checkpoint_of_another_store_is_refused_and_the_hub_replays_its_
         tmp_path: Path) -> None:
     """Frame ids mean something only in the store that gave them: a checkpoint next to a
     replaced (or deleted) hub.sqlite3 must not decide which frames to skip."""
-    source = {"lot_id": "LOTX", "parts_per_second": 3000, "max_parts": 300, "seed": 2}
+    source = {"lot_id": "LOTX", "lots": 1, "parts_per_second": 3000, "max_parts": 300, "seed": 2}
     n = len(expected_records(**source))
     cfg = hub_config(tmp_path / "a", checkpoint_interval_s=1)
     async with trio.open_nursery() as nursery:
@@ -247,7 +247,7 @@ async def test_a_checkpoint_of_another_store_is_refused_and_the_hub_replays_its_
 
 async def test_a_torn_checkpoint_falls_back_to_the_previous_one_and_its_later_frames(
         tmp_path: Path) -> None:
-    source = {"lot_id": "LOTY", "parts_per_second": 3000, "max_parts": 600, "seed": 4}
+    source = {"lot_id": "LOTY", "lots": 1, "parts_per_second": 3000, "max_parts": 600, "seed": 4}
     n = len(expected_records(**source))
     cfg = hub_config(tmp_path / "hub", checkpoint_interval_s=1, checkpoint_records=1000)
     async with trio.open_nursery() as nursery:
