@@ -297,7 +297,7 @@ def decode_client_message(data: bytes | str) -> Any:
 
 
 #: offsets of swept channels remembered by topic; beyond, one floor for every new channel
-MAX_TOMBSTONES = 10_000
+MAX_TOMBSTONES = 1024
 
 
 def _rows(delta: dict[str, Any]) -> int:
