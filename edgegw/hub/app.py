@@ -46,12 +46,19 @@ class HubApp:
             self.hub, self.state, Path(h.data_dir), interval_s=h.checkpoint_interval_s,
             max_records=h.checkpoint_records, alerts=self.alerts,
             metrics=self.hub.metrics) if h.checkpoint_interval_s > 0 else None
+        self.fanout.alert_lot = self._alert_lot
         self.fanout.install(self.hub.http)
         Dashboard().install(self.hub.http)
         HistoryApi(self.state, self.alerts.engine, self.alerts.store).install(self.hub.http)
         # /api/stats with the live state's health (records not applied, by reason): the
         # route replaces the ingest-only one Hub registered.
         self.hub.http.add_route("GET", "/api/stats", self._stats)
+
+    def _alert_lot(self, alert_id: str) -> str | None:
+        """The lot an alert is about (None: not a lot's), for lot-scoped operators."""
+        alert = self.alerts.engine.alerts.get(alert_id)
+        lot = alert.context.get("lot_id") if alert is not None else None
+        return str(lot) if lot is not None else None
 
     @property
     def metrics(self) -> Metrics:

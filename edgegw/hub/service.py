@@ -9,7 +9,6 @@ replayed to them first.
 from __future__ import annotations
 
 import functools
-import hmac
 import json
 import logging
 import time
@@ -20,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 import trio
 
 from .. import failpoints
+from ..auth.hub import HubSecurity, token_matches
 from ..metrics import Metrics, internal_errors, report_internal_error
 from ..protocol import (
     SUPPORTED_VERSIONS,
@@ -75,6 +75,8 @@ class Hub:
         self.store = HubStore(Path(config.hub.data_dir) / "hub.sqlite3",
                               keep_bodies=config.hub.keep_frame_bodies)
         self.http = HttpServer(config.http, metrics=self.metrics, raise_fd_limit=True)
+        # the access guard, the sign-in page, TLS (edgegw/auth, docs/security.md)
+        self.security = HubSecurity(config, self.http, self.metrics)
         self.consumers: list[Consumer] = []
         self.connected = GatewayRegistry()
         self.handshaking: set[WebSocket] = set()  # upgraded, no WELCOME sent yet
@@ -118,7 +120,7 @@ class Hub:
         h = config.hub
         self.http.add_ws_route(GATEWAY_PATH, self._gateway_endpoint,
                                max_message_size=h.max_frame_bytes,
-                               admit=self._busy_response)
+                               admit=self._admit_gateway)
         self.http.add_route("GET", GATEWAY_PATH, self._gateway_probe)
         self.http.add_route("GET", "/healthz", self._healthz)
         self.http.add_route("GET", "/api/stats", self._stats)
@@ -140,10 +142,13 @@ class Hub:
                 after = await self.before_replay() if self.before_replay is not None else 0
                 await self._replay(after)
             async with trio.open_nursery() as nursery:
+                self.security.log_warnings()
+                await nursery.start(self.security.watch_reload)
                 listeners = await nursery.start(self.http.serve, self.config.hub.listen,
                                                 self.config.hub.port)
                 self.port = listeners[0].socket.getsockname()[1]
-                log.info("hub listening on %s:%s", self.config.hub.listen, self.port)
+                log.info("hub listening on %s:%s (%s)", self.config.hub.listen, self.port,
+                         "https" if self.security.tls else "http")
                 h = self.config.hub
                 if h.retain_frames_hours > 0 or h.retain_frames_mb > 0:
                     nursery.start_soon(self._pruner)
@@ -221,7 +226,8 @@ class Hub:
     async def _healthz(self, request: Request) -> Response:
         body: dict[str, Any] = {"status": "ok",
                                 "uptime_s": round(time.time() - self.started_at, 1),
-                                "gateways_connected": len(self.connected)}
+                                "gateways_connected": len(self.connected),
+                                **self.security.health()}
         if self.store.full:
             # Still 200: the hub is alive and the gateways keep their data; a monitor
             # alerts on the status (a restart would not free the disk).
@@ -259,6 +265,11 @@ class Hub:
                         "text/plain; version=0.0.4")
 
     # -- gateways --
+    def _admit_gateway(self, request: Request) -> Response | None:
+        """An upgrade on the gateway path: refused (429) from an address with too many
+        failed handshakes, or (503) while the hub sheds load."""
+        return self.security.gateway_limited(request) or self._busy_response(request)
+
     def _busy_response(self, request: Request) -> Response | None:
         """Load shedding: 503 + Retry-After while too many handshakes are under way."""
         h = self.config.hub
@@ -272,7 +283,7 @@ class Hub:
         """A gateway's readiness probe: a plain GET of the gateway path (protocol.md 7)."""
         return self._busy_response(request) or json_response({"status": "ready"})
 
-    def _check_hello(self, hello: Hello) -> tuple[int, str] | None:
+    def _check_hello(self, hello: Hello, request: Request) -> tuple[int, str] | None:
         if not set(hello.versions) & set(SUPPORTED_VERSIONS):
             return (CloseCode.UNSUPPORTED_VERSION,
                     f"unsupported protocol version(s) {list(hello.versions)}; "
@@ -280,8 +291,11 @@ class Hub:
         auth = self.config.gateways.get(hello.gateway_id)
         if auth is None:
             return CloseCode.UNAUTHORIZED, f"unknown gateway id {hello.gateway_id!r}"
-        if not hmac.compare_digest(auth.token.encode(), hello.token.encode()):
+        if not token_matches(auth, hello.token):
             return CloseCode.UNAUTHORIZED, f"wrong token for gateway {hello.gateway_id!r}"
+        problem = self.security.gateway_cert_problem(request, hello.gateway_id)
+        if problem is not None:
+            return CloseCode.UNAUTHORIZED, problem
         return None
 
     async def handle_gateway(self, ws: WebSocket, request: Request) -> None:
@@ -316,9 +330,11 @@ class Hub:
             hello = conn.hello_msg
             assert hello is not None
             gw = hello.gateway_id
-            problem = self._check_hello(hello)
+            problem = self._check_hello(hello, request)
             if problem is not None:
                 code, reason = problem
+                if code == CloseCode.UNAUTHORIZED:
+                    self.security.gateway_failed(request)
                 log.warning("refused gateway %r from %s: %s", gw, request.remote, reason)
                 self.refused[gw] = self.refused.get(gw, 0) + 1
                 self.m_refused.inc(reason=_reason_key(code))
