@@ -1,7 +1,7 @@
 """Hub restart time for two history sizes, side by side: with checkpoints, and without
 (a full replay of every retained frame).
 
-For each size, a filler process runs the hub in-process (``HubApp``: store, live state,
+For each size, a filler process runs the hub in-process (``Hub``: store, live state,
 checkpointer, default settings) and applies the simulated tester's lots frame by frame
 the way the hub applies a gateway's frames (commit, then feed), then is killed with
 SIGKILL -- no final checkpoint, the worst case.  Then a real ``edgegw hub`` process is
@@ -42,7 +42,7 @@ def get(port: int, path: str) -> dict:
 
 async def fill(data_dir: str, n_records: int) -> None:
     from edgegw.config import build
-    from edgegw.hub.app import HubApp
+    from edgegw.hub import Hub
     from edgegw.hub.config import HubConfig
     from edgegw.hub.store import FrameToApply
     from edgegw.protocol import encode_body
@@ -53,10 +53,10 @@ async def fill(data_dir: str, n_records: int) -> None:
 
     cfg = build(HubConfig, {"hub": {"port": 0, "data_dir": data_dir},
                             "gateways": {"ate-01": {"token": "t"}}})
-    app = HubApp(cfg)
+    app = Hub(cfg)
     async with trio.open_nursery() as nursery:
         await nursery.start(app.run)
-        hub = app.hub
+        hub = app.ingest
         profile = TesterProfile(wafers=5, wafer_diameter_dies=30)
         dec, mapper, pending, rid, seq = StdfDecoder(), RecordMapper("tester"), [], 1, 1
         for chunk in stdf_chunks(profile, lots=10_000, parts_per_second=1e6):

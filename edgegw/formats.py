@@ -3,7 +3,9 @@
 A tester format (STDF, ATDF, a vendor's own log format) is an object registered under the
 ``edgegw.formats`` entry-point group.  The built-in STDF format is registered exactly the
 way a third party registers theirs (see ``pyproject.toml`` and ``docs/plugins.md``), so the
-tail source knows no format by name: it looks the configured one up here.
+tail source knows no format by name: it looks the configured one up in the registry
+(``edgegw.sources.formats``: ``installed_formats``, ``get_format``).  This module is the
+interface alone, below every format (STDF included) so formats import it, not the reverse.
 
 The interface is deliberately small and sans-IO (bytes in, records out, no files, no
 clock), so a format is tested with plain bytes and any chunking:
@@ -33,7 +35,6 @@ correct for every format without each plugin having to serialise its state.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from importlib.metadata import entry_points
 from typing import Any, Protocol
 
 ENTRY_POINT_GROUP = "edgegw.formats"
@@ -75,32 +76,4 @@ class TesterFormat(Protocol):
     def new_parser(self) -> FormatParser: ...
 
 
-class UnknownFormat(LookupError):
-    pass
-
-
-def installed_formats() -> dict[str, TesterFormat]:
-    """Every installed tester format, by name (entry-point name)."""
-    found: dict[str, TesterFormat] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()
-        except Exception:  # a broken plugin must not take the gateway down
-            continue
-        found[ep.name] = obj() if isinstance(obj, type) else obj
-    if "stdf" not in found:  # running from a source tree without the entry points
-        from .stdf.format import STDF
-
-        found["stdf"] = STDF
-    return found
-
-
-def get_format(name: str) -> TesterFormat:
-    """The installed format ``name``; the error names every installed one."""
-    formats = installed_formats()
-    try:
-        return formats[name]
-    except KeyError:
-        raise UnknownFormat(
-            f"unknown tester format {name!r} (installed formats: {', '.join(sorted(formats))})"
-        ) from None
+__all__ = ["ENTRY_POINT_GROUP", "FormatError", "FormatParser", "ParsedRecord", "TesterFormat"]

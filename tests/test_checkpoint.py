@@ -19,7 +19,7 @@ from edgegw import sim
 from edgegw.hub import checkpoint
 from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig
 from edgegw.hub.checkpoint import CheckpointError, WaferCache, capture, decode, encode, restore
-from edgegw.hub.state import LiveState
+from edgegw.hub.live import LiveState
 from edgegw.records import GatewayEvent, SensorReading
 
 RULES = AlertsConfig(rules=[

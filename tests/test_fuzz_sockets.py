@@ -28,10 +28,10 @@ from typing import Any
 import cbor2
 import pytest
 import trio
-from conftest import free_port
 from hubtools import http_get
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ports import free_port
 from processes import spawn, stop, wait_for
 from wsclient import NO_CLOSE_FRAME, WsClient
 
@@ -113,7 +113,11 @@ async def assert_unharmed(hub: HubProcess, case: Any) -> None:
     _, stats = await http_get(hub.port, "/api/stats")
     internal = stats["metrics"].get("internal_errors_total") or {}
     log = hub.new_log()
-    assert not internal, f"internal errors {internal} after {case!r:.300}\n{log[-3000:]}"
+    if internal:  # hypothesis replays the case while shrinking: show the first traceback
+        whole = hub.log.read_text(errors="replace")
+        first = whole.find("Traceback")
+        log = whole[max(0, first - 500):first + 4000] if first >= 0 else log
+    assert not internal, f"internal errors {internal} after {case!r:.300}\n{log[-4500:]}"
     assert "Traceback" not in log, f"a traceback after {case!r:.300}\n{log[-3000:]}"
 
 

@@ -16,14 +16,14 @@ from mqtt_broker import Broker, BrokerAddress, StartBroker
 
 from edgegw import metrics as metrics_module
 from edgegw.backoff import Backoff
-from edgegw.gateway.service import Gateway
+from edgegw.gateway import Gateway
 from edgegw.hub.store import unpack_body
+from edgegw.mqtt import ConnectOptions, TrioMqttClient
 from edgegw.mqtt import source as source_module
-from edgegw.mqtt.client import ConnectOptions, TrioMqttClient
 from edgegw.mqtt.source import MqttSource
 from edgegw.protocol import decode_body
 from edgegw.records import GatewayEvent, SensorReading, from_wire
-from edgegw.sim.sensors import publish_sensors
+from edgegw.sim import publish_sensors
 
 pytestmark = pytest.mark.broker
 
@@ -62,7 +62,7 @@ async def test_sensor_windows_flow_from_the_broker_through_the_gateway_to_the_hu
             assert 5 <= applied < sent / 5  # windows, not readings
             gateway.metrics.collect()
             assert gateway.metrics.counter("mqtt_messages_total").get(source="sensors") == sent
-            assert gateway.metrics.counter("mqtt_connected").get(source="sensors") == 1
+            assert gateway.metrics.gauge("mqtt_connected").get(source="sensors") == 1
             gw_nursery.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
 

@@ -18,12 +18,10 @@ from shared_data import GALAXY, stdf_path
 from edgegw.config import ConfigError, build
 from edgegw.metrics import Metrics
 from edgegw.records import GatewayEvent, LotEnd, LotStart, ParametricResult, PartResult
-from edgegw.sim.stdf_tester import stdf_chunks, stdf_file_bytes, write_files
+from edgegw.sim import stdf_chunks, stdf_file_bytes, write_files
 from edgegw.sim.tester import TesterProfile
-from edgegw.sources import SourceContext, source_type
-from edgegw.sources.tail import TailConfig, TailSource
-from edgegw.stdf import StdfDecoder, StdfWriter
-from edgegw.stdf.mapping import RecordMapper
+from edgegw.sources import SourceContext, TailConfig, TailSource, source_type
+from edgegw.stdf import RecordMapper, StdfDecoder, StdfWriter
 
 SMALL = TesterProfile(sites=4, wafer_diameter_dies=8, tests_per_part=4, seed=7)
 
@@ -81,6 +79,7 @@ async def test_records_arrive_while_the_simulator_writes(tmp_path: Path) -> None
     source = tail([tmp_path])
     written: list[Path] = []
     parts_seen_while_writing = 0
+    tester_done = trio.Event()
 
     async def tester() -> None:
         nonlocal parts_seen_while_writing
@@ -88,11 +87,13 @@ async def test_records_arrive_while_the_simulator_writes(tmp_path: Path) -> None
             tmp_path, stdf_chunks(SMALL, start_time=1_700_000_000, parts_per_second=400),
             parts_per_second=400))
         parts_seen_while_writing = len(sink.of(PartResult))
+        tester_done.set()
 
     async with trio.open_nursery() as nursery:
         await nursery.start(source.run, sink)
         nursery.start_soon(tester)
         await sink.wait_until(lambda: bool(sink.of(LotEnd)))
+        await tester_done.wait()  # the tail may see the last record before write_files returns
         nursery.cancel_scope.cancel()
 
     data = stdf_file_bytes(SMALL, start_time=1_700_000_000, parts_per_second=400)
@@ -129,7 +130,7 @@ async def test_a_record_cut_at_the_end_is_waited_for(tmp_path: Path) -> None:
         await sink.wait_until(lambda: bool(sink.of(LotEnd)))
         nursery.cancel_scope.cancel()
     assert no_ts(sink.records) == expected(data)
-    assert metrics.counter("source_errors").total() == 0
+    assert metrics.counter("source_errors_total").total() == 0
 
 
 @pytest.mark.parametrize("cut_fraction", [0.05, 0.37, 0.81])
@@ -330,7 +331,7 @@ async def test_a_corrupt_file_is_reported_and_the_source_keeps_going(tmp_path: P
                              "format": "stdf"}
     assert "impossible REC_LEN 60000" in ev_bad.message and "abandoned" in ev_bad.message
     assert ev_text.detail["offset"] == 0 and "not STDF" in ev_text.message
-    assert metrics.counter("source_errors").get(source="tester1", kind="corrupt") == 2
+    assert metrics.counter("source_errors_total").get(source="tester1", kind="corrupt") == 2
     # the records before the corruption were delivered; then the good file in full
     before = expected(good[:third_pir])
     parts_before = [r for r in before if isinstance(r, PartResult)]
@@ -385,7 +386,7 @@ async def test_a_gzip_stream_cut_short_is_an_error_once_idle(tmp_path: Path) -> 
         nursery.cancel_scope.cancel()
     (event,) = sink.of(GatewayEvent)
     assert "gzip stream is truncated" in event.message
-    assert metrics.counter("source_errors").get(source="tester1", kind="corrupt") == 1
+    assert metrics.counter("source_errors_total").get(source="tester1", kind="corrupt") == 1
     assert sink.of(PartResult)  # what could be read was delivered
 
 

@@ -14,13 +14,12 @@ import trio
 from faultkit import expected_records
 from hubtools import http_get, hub_config, start_tester
 
-from edgegw.hub.app import HubApp
+from edgegw.hub import Hub
 from edgegw.hub.store import CODEC_RAW, CODEC_ZLIB, FrameToApply, HubStore, unpack_body
 from edgegw.protocol import encode_body
-from edgegw.sim.stdf_tester import stdf_chunks
+from edgegw.sim import stdf_chunks
 from edgegw.sim.tester import TesterProfile
-from edgegw.stdf import StdfDecoder
-from edgegw.stdf.mapping import RecordMapper
+from edgegw.stdf import RecordMapper, StdfDecoder
 
 GW = "ate-01"
 
@@ -184,26 +183,26 @@ async def test_history_api_answers_the_same_after_frames_are_pruned_and_the_hub_
         return out
 
     async with trio.open_nursery() as nursery:
-        app = HubApp(cfg)
+        app = Hub(cfg)
         port = await nursery.start(app.run)
         source = {"lot_id": lot, "lots": 1, "parts_per_second": 3000, "max_parts": 1500,
                   "wafers": 100, "wafer_diameter_dies": 4, "seed": 3}
         n = len(expected_records(**source))
         await start_tester(nursery, tmp_path, port, **source)
         with trio.fail_after(60):
-            while (app.hub.store.gateway_stats("ate-01").records_applied < n
-                   or app.checkpointer.position < app.hub.fed_id):
+            while (app.ingest.store.gateway_stats("ate-01").records_applied < n
+                   or app.checkpointer.position < app.ingest.fed_id):
                 await trio.sleep(0.05)
-            while app.hub.store.frame_bytes > 30_000:
+            while app.ingest.store.frame_bytes > 30_000:
                 await trio.sleep(0.05)
         before = await shown(port)
         assert app.state.lots[lot].archived_wafers  # some wafers live in the history store
-        (kept,) = await app.hub.store.query("SELECT COUNT(*) FROM frames")
-        assert 0 < kept[0] < app.hub.store.stats["ate-01"].frames_applied / 4
+        (kept,) = await app.ingest.store.query("SELECT COUNT(*) FROM frames")
+        assert 0 < kept[0] < app.ingest.store.stats["ate-01"].frames_applied / 4
         nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:
-        app = HubApp(cfg)
+        app = Hub(cfg)
         port = await nursery.start(app.run)
         assert app.checkpointer.loaded_from == "checkpoint"
         assert await shown(port) == before
@@ -218,17 +217,17 @@ async def test_a_checkpoint_of_another_store_is_refused_and_the_hub_replays_its_
     n = len(expected_records(**source))
     cfg = hub_config(tmp_path / "a", checkpoint_interval_s=1)
     async with trio.open_nursery() as nursery:
-        app = HubApp(cfg)
+        app = Hub(cfg)
         port = await nursery.start(app.run)
         await start_tester(nursery, tmp_path, port, **source)
         with trio.fail_after(60):
-            while app.hub.store.gateway_stats("ate-01").records_applied < n:
+            while app.ingest.store.gateway_stats("ate-01").records_applied < n:
                 await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "checkpoint").write_bytes((tmp_path / "a" / "checkpoint").read_bytes())
     async with trio.open_nursery() as nursery:
-        app = HubApp(hub_config(tmp_path / "b", checkpoint_interval_s=1))
+        app = Hub(hub_config(tmp_path / "b", checkpoint_interval_s=1))
         await nursery.start(app.run)
         assert app.checkpointer.loaded_from is None
         assert app.metrics.counter("hub_checkpoint_failures_total").total() == 1
@@ -236,10 +235,10 @@ async def test_a_checkpoint_of_another_store_is_refused_and_the_hub_replays_its_
         assert (tmp_path / "b" / "checkpoint.bad").exists()  # set aside, not overwritten
         nursery.cancel_scope.cancel()
     async with trio.open_nursery() as nursery:  # and its own store's checkpoint still loads
-        app = HubApp(cfg)
+        app = Hub(cfg)
         await nursery.start(app.run)
         assert app.checkpointer.loaded_from == "checkpoint"
-        assert app.hub.replayed["records"] == 0
+        assert app.ingest.replayed["records"] == 0
         parts = sum(1 for r in expected_records(**source) if r[0] == "PartResult")
         assert app.state.lots["LOTX"].tally.parts == parts
         nursery.cancel_scope.cancel()
@@ -251,21 +250,21 @@ async def test_a_torn_checkpoint_falls_back_to_the_previous_one_and_its_later_fr
     n = len(expected_records(**source))
     cfg = hub_config(tmp_path / "hub", checkpoint_interval_s=1, checkpoint_records=1000)
     async with trio.open_nursery() as nursery:
-        app = HubApp(cfg)
+        app = Hub(cfg)
         port = await nursery.start(app.run)
         await start_tester(nursery, tmp_path, port, **source)
         with trio.fail_after(60):
-            while app.hub.store.gateway_stats("ate-01").records_applied < n:
+            while app.ingest.store.gateway_stats("ate-01").records_applied < n:
                 await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
     current = tmp_path / "hub" / "checkpoint"
     assert (tmp_path / "hub" / "checkpoint.prev").exists()
     current.write_bytes(current.read_bytes()[:-100])  # torn
     async with trio.open_nursery() as nursery:
-        app = HubApp(cfg)
+        app = Hub(cfg)
         await nursery.start(app.run)
         assert app.checkpointer.loaded_from == "checkpoint.prev"
-        assert app.hub.replayed["records"] > 0  # the frames after the older checkpoint
+        assert app.ingest.replayed["records"] > 0  # the frames after the older checkpoint
         parts = sum(1 for r in expected_records(**source) if r[0] == "PartResult")
         assert app.state.lots["LOTY"].tally.parts == parts  # each once: none lost, none twice
         nursery.cancel_scope.cancel()

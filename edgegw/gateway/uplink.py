@@ -28,6 +28,7 @@ from trio_websocket import (
 )
 
 from ..backoff import Backoff, Reconnect
+from ..heartbeat import heartbeat
 from ..metrics import Metrics
 from ..protocol import (
     Ack,
@@ -40,12 +41,12 @@ from ..protocol import (
     encode_body,
 )
 from ..records import GatewayEvent
+from ..store import FrameStore, StoredFrame
 from ..taskgroups import reraise_meaningful
 from ..tls import client_context
 from .config import GatewaySection, UplinkSection
 from .probe import ProbeResult, ProbeTarget, probe_until_reached, retry_after_seconds
 from .scheduler import SendScheduler
-from .store import FrameStore, StoredFrame
 
 log = logging.getLogger("edgegw.uplink")
 
@@ -85,6 +86,8 @@ class Uplink:
                                          "the last handshake: TCP, WebSocket, HELLO/WELCOME")
         self.m_frames = metrics.counter("uplink_frames_sent_total", "data frames sent")
         self.m_bytes = metrics.counter("uplink_bytes_sent_total", "data frame bytes sent")
+        self.m_body_bytes = metrics.counter(
+            "uplink_body_bytes_total", "data frame bodies' bytes before compression")
         self.m_rejected = metrics.counter("uplink_frames_rejected_total",
                                           "frames the hub refused as invalid (dead-lettered)")
         self.m_connected = metrics.gauge("uplink_connected", "1 while connected to the hub")
@@ -174,7 +177,11 @@ class Uplink:
             now = trio.current_time()
             conn = GatewayConnection(self.gateway.id, self.gateway.token, self.store.epoch,
                                      self.store.first_unacked, heartbeat=cfg.heartbeat_s,
-                                     max_message_bytes=1 << 20, now=now)
+                                     max_message_bytes=1 << 20, now=now,
+                                     compression=() if cfg.compression == "off"
+                                     else (cfg.compression,),
+                                     compression_level=cfg.compression_level,
+                                     compression_min_bytes=cfg.compression_min_bytes)
             await ws.send_message(conn.hello(now))
             with trio.fail_after(cfg.connect_timeout_s):
                 while conn.welcome is None:
@@ -196,7 +203,7 @@ class Uplink:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._receiver, ws, conn)
-                    nursery.start_soon(self._heartbeat, ws, conn)
+                    nursery.start_soon(heartbeat, conn, ws.send_message)
                     nursery.start_soon(self._sender, ws, conn, welcome)
             except BaseExceptionGroup as group:
                 reraise_meaningful(group, ProtocolError, ConnectionClosed, trio.TooSlowError,
@@ -245,30 +252,20 @@ class Uplink:
             if self.scheduler is not None:
                 self.scheduler.acked(0, [(seq, seq)])
 
-    async def _heartbeat(self, ws: Any, conn: GatewayConnection) -> None:
-        while True:
-            await trio.sleep_until(conn.next_deadline())
-            ping = conn.on_timer(trio.current_time())
-            if ping is not None:
-                await ws.send_message(ping)
-
     async def _sender(self, ws: Any, conn: GatewayConnection, welcome: Welcome) -> None:
         # Live first, backlog in large windows (spool helper): the sans-IO SendScheduler
         # decides what to fetch; see edgegw/gateway/scheduler.py and docs/spool.md.
         sched = self.scheduler = SendScheduler(self.config.window_frames)
         # frames made in the last LIVE_S seconds before the link came up count as live too
-        recent = getattr(self.store, "first_seq_since", None)
-        live_from = recent(LIVE_S) if recent else self.store.next_seq
-        sched.start(self.store.first_unacked, live_from, welcome.applied)
-        read_async = getattr(self.store, "read_frames", None)  # DiskSpool: reads in a thread
+        sched.start(self.store.first_unacked, self.store.first_seq_since(LIVE_S),
+                    welcome.applied)
         while True:
             progressed = False
             for want in sched.wants():
                 if want.lane == "live":
                     frames = self.store.frames_from(want.start, want.limit)
                 else:
-                    frames = (await read_async(want.start, want.limit) if read_async
-                              else self.store.frames_from(want.start, want.limit))
+                    frames = await self.store.read_frames(want.start, want.limit)
                     frames = [f for f in frames if f.seq < (want.below or f.seq + 1)]
                     frames = self._with_stand_ins(frames, want.start,
                                                   (want.below or want.start) - 1, want.limit)
@@ -289,7 +286,7 @@ class Uplink:
         """Frames the spool found damaged at recovery (``lost_ranges``) go out, in order, as
         empty stand-ins, so the hub's sequence stays gap-free (the gateway has already
         reported the damage as a GatewayEvent and in its metrics)."""
-        lost = getattr(self.store, "lost_ranges", None)
+        lost = self.store.lost_ranges
         if not lost:
             return frames
         # never past the last frame read (a short read may stop at a byte budget): the
@@ -322,9 +319,10 @@ class Uplink:
         if f.n_records > welcome.max_records:
             problem = (f"{f.n_records} records exceed the hub's limit of "
                        f"{welcome.max_records} per frame")
-        elif len(data) > welcome.max_frame_bytes:
-            problem = (f"frame of {len(data)} bytes exceeds the hub's limit of "
-                       f"{welcome.max_frame_bytes}")
+        elif max(len(data), len(f.body)) > welcome.max_frame_bytes:
+            # a compressed body counts at its full size: the hub's limit bounds both
+            problem = (f"frame of {max(len(data), len(f.body))} bytes exceeds the hub's "
+                       f"limit of {welcome.max_frame_bytes}")
         if problem is not None:
             # the hub would close the link for this frame, again and again: keep it
             # in the dead-letter file and send a stand-in that says so, so the
@@ -334,6 +332,7 @@ class Uplink:
         await ws.send_message(data)
         self.m_frames.inc()
         self.m_bytes.inc(len(data))
+        self.m_body_bytes.inc(len(f.body))
 
 
 def _link_lost(exc: BaseException) -> bool:

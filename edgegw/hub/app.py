@@ -1,6 +1,7 @@
-"""The whole hub, assembled: ingest, live state, alerts, fan-out, dashboard, history API.
+"""The whole hub (``Hub``), assembled: ingest, live state, alerts, fan-out, dashboard,
+history API.
 
-``Hub`` (service.py) accepts gateways and applies frames; everything a person looks at
+``Ingest`` (ingest.py) accepts gateways and applies frames; everything a person looks at
 hangs off it as a consumer or a route.  The order in ``run`` matters: the alert service
 restores its persisted alerts before the hub replays its stored frames into the live
 state, or the replay would raise every old alert again.
@@ -10,27 +11,27 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from ..metrics import Metrics
-from .alert_service import AlertService
+from .alerts.service import AlertService
 from .checkpoint import Checkpointer
 from .config import HubConfig
 from .dashboard import Dashboard
 from .fanout import LiveFanout
 from .gcpacing import GcPacer
 from .history import HistoryApi
-from .http import Request, Response, json_response
-from .service import Hub
-from .state import LiveState
+from .ingest import Ingest
+from .live import LiveState
 
 
-class HubApp:
+class Hub:
     def __init__(self, config: HubConfig, metrics: Metrics | None = None) -> None:
         self.config = config
-        self.hub = Hub(config, metrics)
-        metrics = self.hub.metrics
+        self.ingest = Ingest(config, metrics)
+        metrics = self.ingest.metrics
         self.fanout = LiveFanout(config.live, metrics=metrics)
         self.alerts = AlertService(config.alerts, self.fanout.publish,
                                    Path(config.hub.data_dir) / "history.sqlite3",
@@ -40,19 +41,19 @@ class HubApp:
                                on_wafer_archive=self.alerts.archive_wafer, metrics=metrics)
         self.fanout.attach(self.state, on_ack=lambda alert_id, user:
                            self.alerts.engine.ack(alert_id, user, time.time()))
-        self.hub.add_consumer(self.state)
+        self.ingest.add_consumer(self.state)
         h = config.hub
         self.checkpointer = Checkpointer(
-            self.hub, self.state, Path(h.data_dir), interval_s=h.checkpoint_interval_s,
+            self.ingest, self.state, Path(h.data_dir), interval_s=h.checkpoint_interval_s,
             max_records=h.checkpoint_records, alerts=self.alerts,
-            metrics=self.hub.metrics) if h.checkpoint_interval_s > 0 else None
+            metrics=self.ingest.metrics) if h.checkpoint_interval_s > 0 else None
         self.fanout.alert_lot = self._alert_lot
-        self.fanout.install(self.hub.http)
-        Dashboard().install(self.hub.http)
-        HistoryApi(self.state, self.alerts.engine, self.alerts.store).install(self.hub.http)
-        # /api/stats with the live state's health (records not applied, by reason): the
-        # route replaces the ingest-only one Hub registered.
-        self.hub.http.add_route("GET", "/api/stats", self._stats)
+        self.fanout.install(self.ingest.http)
+        Dashboard().install(self.ingest.http)
+        HistoryApi(self.state, self.alerts.engine, self.alerts.store).install(self.ingest.http)
+        # /api/stats with the live state's health (records not applied, by reason)
+        self.ingest.stats_sections["live_state"] = self.state.health
+        self.ingest.stats_sections["checkpoint"] = self._checkpoint_stats
 
     def _alert_lot(self, alert_id: str) -> str | None:
         """The lot an alert is about (None: not a lot's), for lot-scoped operators."""
@@ -62,20 +63,19 @@ class HubApp:
 
     @property
     def metrics(self) -> Metrics:
-        return self.hub.metrics
+        return self.ingest.metrics
 
-    async def _stats(self, request: Request) -> Response:
-        stats = {**self.hub.stats(), "live_state": self.state.health()}
-        if self.checkpointer is not None:
-            stats["checkpoint"] = {"loaded_from": self.checkpointer.loaded_from,
-                                   "frame_id": self.checkpointer.position}
-        return json_response(stats)
+    def _checkpoint_stats(self) -> dict[str, Any] | None:
+        if self.checkpointer is None:
+            return None
+        return {"loaded_from": self.checkpointer.loaded_from,
+                "frame_id": self.checkpointer.position}
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         await self.alerts.open()
         async with trio.open_nursery() as nursery:
             await nursery.start(self.alerts.run, self.state)
-            port = await nursery.start(self.hub.run)
+            port = await nursery.start(self.ingest.run)
             if self.checkpointer is not None:  # after the replay: it checkpoints the result
                 await nursery.start(self.checkpointer.run)
             await nursery.start(self.fanout.run)

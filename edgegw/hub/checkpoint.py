@@ -39,26 +39,27 @@ from typing import TYPE_CHECKING, Any
 import cbor2
 import trio
 
-from edgegw.hub.state import (
+from edgegw.hub.live.models import (
     Die,
     GatewayState,
-    LiveState,
     LotState,
+    Running,
     SensorState,
     Tally,
     TestStats,
     WaferState,
 )
+from edgegw.hub.live.state import LiveState
 from edgegw.metrics import Metrics, report_internal_error
 
 if TYPE_CHECKING:
-    from edgegw.hub.alert_service import AlertService
-    from edgegw.hub.service import Hub
+    from edgegw.hub.alerts.service import AlertService
+    from edgegw.hub.ingest import Ingest as Hub
 
 log = logging.getLogger("edgegw.hub.checkpoint")
 
 MAGIC = b"EGWCKPT\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a test's distribution, per-site and per-wafer figures, die values
 _HEADER = struct.Struct(">8sHI")  # magic, format version, CRC-32 of the payload
 FILE = "checkpoint"
 PREVIOUS = "checkpoint.prev"
@@ -185,12 +186,42 @@ class WaferCache:
 def _wafer(w: WaferState, cache: WaferCache) -> dict[str, Any]:
     return {"wafer_id": w.wafer_id, "dies": cache.dies(w), "tally": _tally(w.tally),
             "status": w.status, "started": w.started, "ended": w.ended,
-            "reported": w.reported, "updated": w.updated}
+            "reported": w.reported, "updated": w.updated,
+            "values": [[num, [[x, y, v] for (x, y), v in by_die.items()]]
+                       for num, by_die in w.values.items()],
+            "value_count": w.value_count}
+
+
+def _running(key: Any, r: Running) -> list[Any]:
+    return [key, r.n, r.mean, r.m2]
+
+
+def _running_from(row: list[Any]) -> Running:
+    r = Running()
+    r.n, r.mean, r.m2 = row[1:]
+    return r
 
 
 def _test(t: TestStats) -> list[Any]:
+    h = t.histogram
     return [t.test_num, t.kind, t.test_txt, t.units, t.lo, t.hi, t.executions, t.fails,
-            t.count, t.mean, t.m2, t.min, t.max]
+            t.count, t.mean, t.m2, t.min, t.max,
+            [h.lo, h.width, list(h.counts), h.below, h.above],
+            [_running(site, r) for site, r in t.by_site.items()],
+            [_running(wafer, r) for wafer, r in t.by_wafer.items()]]
+
+
+def _test_from(lot_id: str, row: list[Any]) -> TestStats:
+    t = TestStats(lot_id, row[0], row[1])
+    (t.test_txt, t.units, t.lo, t.hi, t.executions, t.fails, t.count, t.mean, t.m2,
+     t.min, t.max) = row[2:13]
+    h = t.histogram
+    h.lo, h.width, counts, h.below, h.above = row[13]
+    h.counts = list(counts)
+    t.by_site = {r[0]: _running_from(r) for r in row[14]}
+    for r in row[15]:
+        t.by_wafer[r[0]] = _running_from(r)
+    return t
 
 
 def _lot(lot: LotState, cache: WaferCache) -> dict[str, Any]:
@@ -203,6 +234,9 @@ def _lot(lot: LotState, cache: WaferCache) -> dict[str, Any]:
         "part_times": list(lot.part_times), "test_time": [lot.test_time_sum, lot.test_time_n],
         "reported_hard": lot.reported_hard, "reported_soft": lot.reported_soft,
         "reported_counts": lot.reported_counts, "updated": lot.updated,
+        # a part's values waiting for its PartResult (a cut may fall between them)
+        "pending": [[*key, [[stats.test_num, v] for stats, v in values]]
+                    for key, values in lot.pending.items()],
     }
 
 
@@ -243,15 +277,17 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
             w.tally = _tally_from(wd["tally"])
             w.status, w.started, w.ended = wd["status"], wd["started"], wd["ended"]
             w.reported, w.updated = dict(wd["reported"]), wd["updated"]
+            w.values = {num: {(x, y): v for x, y, v in rows} for num, rows in wd["values"]}
+            w.value_count = wd["value_count"]
             lot.wafers[w.wafer_id] = w
             if cache is not None:
                 cache.prime(w, wd["dies"])
         lot.archived_wafers = set(d["archived_wafers"])
         for row in d["tests"]:
-            t = TestStats(lot.lot_id, row[0], row[1])
-            (t.test_txt, t.units, t.lo, t.hi, t.executions, t.fails, t.count, t.mean, t.m2,
-             t.min, t.max) = row[2:]
+            t = _test_from(lot.lot_id, row)
             lot.tests[t.test_num] = t
+        for gw, head, site, values in d["pending"]:
+            lot.pending[(gw, head, site)] = [(lot.tests[num], v) for num, v in values]
         lot.tally = _tally_from(d["tally"])
         lot.part_times.extend(d["part_times"])
         lot.test_time_sum, lot.test_time_n = d["test_time"]
@@ -446,3 +482,9 @@ class Checkpointer:
             with trio.CancelScope(shield=True), trio.move_on_after(30):
                 with contextlib.suppress(Exception):
                     await self.checkpoint(final=True)
+
+
+__all__ = [
+    "FORMAT_VERSION", "CheckpointError", "Checkpointer", "WaferCache", "capture", "decode",
+    "encode", "restore",
+]

@@ -31,6 +31,8 @@ from typing import Any
 
 import trio
 
+from ..jsonutil import dumps
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS alerts (
     id TEXT PRIMARY KEY,
@@ -65,10 +67,6 @@ CACHE_ENTRIES = 64
 #: the keys of a wafer snapshot its summary row keeps (the history API's wafer list)
 WAFER_SUMMARY = ("wafer_id", "status", "started", "ended", "die_count", "good", "yield",
                  "parts", "retests", "hard_bins", "soft_bins", "updated")
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), default=str)
 
 
 class HistoryStore:
@@ -106,7 +104,7 @@ class HistoryStore:
                 "INSERT OR REPLACE INTO alerts (id, priority, rule, raised_at, acknowledged, data)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 [(a["id"], a["priority"], a["rule"], a["raised_at"], int(a["acknowledged"]),
-                  _dumps(a)) for a in alerts])
+                  dumps(a)) for a in alerts])
             written = 0
             for lot_id, archive in lots:
                 written += db.execute(
@@ -115,8 +113,8 @@ class HistoryStore:
                     " updated = excluded.updated, summary = excluded.summary,"
                     " archive = excluded.archive, parts = excluded.parts"
                     " WHERE excluded.parts >= lots.parts",
-                    (lot_id, archive["lot"].get("updated") or 0.0, _dumps(archive["lot"]),
-                     _dumps(archive), archive["lot"].get("parts") or 0)).rowcount
+                    (lot_id, archive["lot"].get("updated") or 0.0, dumps(archive["lot"]),
+                     dumps(archive), archive["lot"].get("parts") or 0)).rowcount
             for lot_id, wafer_id, snap in wafers:
                 written += db.execute(
                     "INSERT INTO wafers (lot_id, wafer_id, updated, summary, snapshot, parts)"
@@ -125,7 +123,7 @@ class HistoryStore:
                     " snapshot = excluded.snapshot, parts = excluded.parts"
                     " WHERE excluded.parts >= wafers.parts",
                     (lot_id, wafer_id, snap.get("updated") or 0.0,
-                     _dumps({k: snap.get(k) for k in WAFER_SUMMARY}), _dumps(snap),
+                     dumps({k: snap.get(k) for k in WAFER_SUMMARY}), dumps(snap),
                      snap.get("parts") or 0)).rowcount
             db.execute("COMMIT")
         except BaseException:
@@ -226,3 +224,6 @@ class HistoryStore:
                                "SELECT summary FROM wafers WHERE lot_id = ? ORDER BY rowid",
                                (lot_id,))
         return [json.loads(r[0]) for r in rows]
+
+
+__all__ = ["CACHE_ENTRIES", "HistoryStore"]

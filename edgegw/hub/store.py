@@ -33,9 +33,9 @@ import secrets
 import sqlite3
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -123,6 +123,8 @@ def _is_full(exc: BaseException) -> bool:
 
 STAT_FIELDS = ("frames_applied", "records_applied", "duplicates_dropped", "frames_rejected",
                "frames_lost", "last_seq")
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -352,6 +354,33 @@ class HubStore:
         # counted in memory; persisted with the next commit (a lost count is harmless)
         self.gateway_stats(gateway).duplicates_dropped += 1
 
+    @property
+    def busy(self) -> bool:
+        """A database call is running in the store's worker thread."""
+        return self._limiter.borrowed_tokens > 0
+
+    async def stored_frames(
+            self, decode: Callable[[int, str, str, int, int, bytes], T | None],
+            after: int = 0, batch: int = 200) -> AsyncIterator[list[T]]:
+        """Every stored frame with an id above ``after`` in the order it was applied (for
+        rebuilding live state), as ``decode(id, gateway, epoch, seq, first_rid, body)`` --
+        run in the store's worker thread, so decoding never blocks the Trio thread -- in
+        lists of up to ``batch`` results (frames it returns None for are left out)."""
+        frames = self.iter_frames_sync(after)
+
+        def load() -> list[T]:
+            out: list[T] = []
+            for row in frames:
+                value = decode(*row)
+                if value is not None:
+                    out.append(value)
+                    if len(out) >= batch:
+                        break
+            return out
+
+        while loaded := await trio.to_thread.run_sync(load, limiter=self._limiter):
+            yield loaded
+
     def iter_frames_sync(self, after: int = 0, batch: int = 500,
                          ) -> Iterator[tuple[int, str, str, int, int, bytes]]:
         """``(id, gateway, epoch, seq, first_rid, body)`` of every stored frame with an id
@@ -440,3 +469,9 @@ class HubStore:
             return self._db.execute(sql, params).fetchall()
 
         return await trio.to_thread.run_sync(run, limiter=self._limiter)
+
+
+__all__ = [
+    "CODEC_RAW", "CODEC_ZLIB", "FrameToApply", "GatewayStats", "HubStore", "StoreFull",
+    "pack_body", "unpack_body",
+]

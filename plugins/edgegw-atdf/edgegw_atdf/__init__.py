@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from edgegw.formats import FormatError
-from edgegw.stdf.spec import BY_NAME, missing_value
+from edgegw.stdf import BY_NAME, missing_value
 
 __all__ = ["ATDF", "AtdfFormat", "AtdfParser", "AtdfRecord"]
 

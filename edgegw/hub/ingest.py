@@ -1,6 +1,9 @@
-"""The hub service: accepts gateways, applies their frames durably, serves HTTP.
+"""The hub's gateway ingest (``Ingest``): accepts gateways, applies their frames durably,
+and owns the hub's one HTTP port.
 
-One port: ``/ws/gateway`` (wire protocol v1), ``/healthz``, ``/api/stats``, ``/metrics``.
+On that port: ``/ws/gateway`` (wire protocol v1) and the status endpoints (``/healthz``,
+``/api/stats``, ``/metrics``: ``edgegw.web.status``).  The whole hub (``edgegw.hub.Hub``,
+``app.py``) adds the live fan-out, the dashboard and the history API to it.
 Consumers (live state, fan-out) register with ``add_consumer`` and see every applied
 frame's records, in the order frames were applied; after a restart the stored frames are
 replayed to them first.
@@ -9,7 +12,6 @@ replayed to them first.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,7 +22,8 @@ import trio
 
 from .. import failpoints
 from ..auth.hub import HubSecurity, token_matches
-from ..metrics import Metrics, internal_errors, report_internal_error
+from ..heartbeat import heartbeat
+from ..metrics import AGE_BUCKETS, Metrics, internal_errors, report_internal_error
 from ..protocol import (
     SUPPORTED_VERSIONS,
     CloseCode,
@@ -34,16 +37,17 @@ from ..protocol import (
 )
 from ..records import Record, RecordError, from_wire
 from ..taskgroups import reraise_meaningful
-from .config import HubConfig
-from .http import (
+from ..web import (
     ConnectionClosed,
     HttpServer,
     MessageTooBig,
     Request,
     Response,
     WebSocket,
+    install_status,
     json_response,
 )
+from .config import HubConfig
 from .registry import GatewayRegistry, GatewaySession
 from .store import FrameToApply, HubStore, StoreFull
 
@@ -68,7 +72,7 @@ def decode_records(body: bytes, max_records: int) -> tuple[int, list[Record]]:
         raise FrameError(f"bad record: {exc}") from None
 
 
-class Hub:
+class Ingest:
     def __init__(self, config: HubConfig, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
@@ -114,6 +118,13 @@ class Hub:
                                 "commits that failed for a full disk (acknowledgements paused)")
         self.m_full_now = m.gauge("hub_store_full", "1 while the store cannot write (disk full)")
         self.m_frame_bytes = m.gauge("hub_frame_bytes", "bytes of stored (compressed) frame bodies")
+        self.h_apply = m.histogram(
+            "hub_frame_apply_seconds", "seconds from a data frame's arrival until it is applied "
+            "and its ACK is due (queue, decode, durable commit, live state): one per data "
+            "frame")
+        self.h_age = m.histogram(
+            "hub_record_age_seconds", "seconds from a record's creation (its ts) to its "
+            "durable apply at the hub: one observation per record applied", AGE_BUCKETS)
         internal_errors(m)  # exported (as 0) before anything goes wrong
         m.add_collector(self._collect)
         self.http.on_bad_request = lambda reason: self.m_bad_http.inc()
@@ -122,9 +133,9 @@ class Hub:
                                max_message_size=h.max_frame_bytes,
                                admit=self._admit_gateway)
         self.http.add_route("GET", GATEWAY_PATH, self._gateway_probe)
-        self.http.add_route("GET", "/healthz", self._healthz)
-        self.http.add_route("GET", "/api/stats", self._stats)
-        self.http.add_route("GET", "/metrics", self._metrics)
+        #: more sections of ``/api/stats``, by name (the whole hub adds its live state's)
+        self.stats_sections: dict[str, Callable[[], Any]] = {}
+        install_status(self.http, health=self.health, stats=self.stats, metrics=self.metrics)
 
     def _collect(self) -> None:
         self.m_connected.set(len(self.connected))
@@ -163,29 +174,21 @@ class Hub:
         max_records = self.config.hub.max_records_per_frame
         self.fed_id = max(self.fed_id, after)
 
-        def load(batch: list[tuple[int, str, int, list[Record]]]) -> bool:
-            batch.clear()
-            for frame_id, gw, _epoch, _seq, _rid, body in it:
-                try:
-                    first_rid, records = decode_records(body, max_records)
-                except (FrameError, ProtocolError):
-                    continue
-                except Exception:  # one undecodable stored frame must not stop the start
-                    report_internal_error(self.metrics, "hub_replay", log,
-                                          "decoding a stored frame of gateway %s", gw)
-                    continue
-                batch.append((frame_id, gw, first_rid, records))
-                if len(batch) >= 200:
-                    return True
-            return False
+        def decode(frame_id: int, gw: str, _epoch: str, _seq: int, _rid: int, body: bytes
+                   ) -> tuple[int, str, int, list[Record]] | None:
+            try:
+                first_rid, records = decode_records(body, max_records)
+            except (FrameError, ProtocolError):
+                return None
+            except Exception:  # one undecodable stored frame must not stop the start
+                report_internal_error(self.metrics, "hub_replay", log,
+                                      "decoding a stored frame of gateway %s", gw)
+                return None
+            return frame_id, gw, first_rid, records
 
-        it = self.store.iter_frames_sync(after)
-        batch: list[tuple[int, str, int, list[Record]]] = []
-        more = True
         t0 = time.perf_counter()
         n_frames = n_records = 0
-        while more:
-            more = await trio.to_thread.run_sync(load, batch, limiter=self.store._limiter)
+        async for batch in self.store.stored_frames(decode, after):
             for frame_id, gw, first_rid, records in batch:
                 self._feed(gw, first_rid, records, frame_id)
                 n_records += len(records)
@@ -223,7 +226,7 @@ class Hub:
                 await self._prune_now.wait()
 
     # -- HTTP --
-    async def _healthz(self, request: Request) -> Response:
+    def health(self) -> tuple[bool, dict[str, Any]]:
         body: dict[str, Any] = {"status": "ok",
                                 "uptime_s": round(time.time() - self.started_at, 1),
                                 "gateways_connected": len(self.connected),
@@ -233,7 +236,7 @@ class Hub:
             # alerts on the status (a restart would not free the disk).
             body.update(status="degraded",
                         detail="disk full: acknowledgements paused, gateways spool")
-        return json_response(body)
+        return True, body
 
     def stats(self) -> dict[str, Any]:
         gateways: dict[str, Any] = {}
@@ -253,16 +256,13 @@ class Hub:
                 "last_seen": st.last_seen if st else None,
                 "rtt_ms": session.rtt_ms if (session := self.connected.get(gw)) else None,
             }
-        return {"gateways": gateways, "replay": self.replayed,
-                "store": {"frame_bytes": self.store.frame_bytes, "full": self.store.full},
-                "metrics": self.metrics.as_dict()}
-
-    async def _stats(self, request: Request) -> Response:
-        return json_response(self.stats())
-
-    async def _metrics(self, request: Request) -> Response:
-        return Response(200, self.metrics.render_prometheus().encode(),
-                        "text/plain; version=0.0.4")
+        out: dict[str, Any] = {
+            "gateways": gateways, "replay": self.replayed,
+            "store": {"frame_bytes": self.store.frame_bytes, "full": self.store.full},
+            "metrics": self.metrics.as_dict()}
+        for name, section in self.stats_sections.items():
+            out[name] = section()
+        return out
 
     # -- gateways --
     def _admit_gateway(self, request: Request) -> Response | None:
@@ -321,7 +321,8 @@ class Hub:
         h = self.config.hub
         conn = HubConnection(heartbeat=h.heartbeat_s, max_message_bytes=h.max_frame_bytes,
                              max_records=h.max_records_per_frame, max_holes=h.max_holes,
-                             now=trio.current_time())
+                             now=trio.current_time(),
+                             compression=() if h.compression == "off" else (h.compression,))
         gw = "?"
         try:
             with trio.fail_after(h.hello_timeout_s):
@@ -441,7 +442,9 @@ class Hub:
         """Receive, apply and acknowledge until the connection ends, which it only does by
         an exception: the peer's fault (ProtocolError, MessageTooBig), the peer going away
         (ConnectionClosed), or a bug."""
-        send, receive = trio.open_memory_channel[Data](self.config.hub.apply_queue_frames)
+        # each frame with its arrival time (hub_frame_apply_seconds)
+        send, receive = trio.open_memory_channel[tuple[Data, float]](
+            self.config.hub.apply_queue_frames)
 
         async def receiver() -> None:
             try:
@@ -450,7 +453,7 @@ class Hub:
                     events, reply = conn.receive(data, trio.current_time())
                     for ev in events:
                         if isinstance(ev, Data):
-                            await send.send(ev)
+                            await send.send((ev, trio.current_time()))
                         elif isinstance(ev, Duplicate):
                             self.store.count_duplicate(gw)
                             self.m_dups.inc()
@@ -464,21 +467,16 @@ class Hub:
                 # log line, in about half the tries (issue 10).  See docs/reliability.md.
                 send.close()
 
-        async def heartbeat() -> None:
-            while True:
-                await trio.sleep_until(conn.next_deadline())
-                ping = conn.on_timer(trio.current_time())
-                if ping is not None:
-                    await ws.send_message(ping)
-                session = self.connected.get(gw)
-                if session is not None and conn.rtt is not None:
-                    session.rtt_ms = round(conn.rtt * 1000, 2)
+        def note_rtt() -> None:
+            session = self.connected.get(gw)
+            if session is not None and conn.rtt is not None:
+                session.rtt_ms = round(conn.rtt * 1000, 2)
 
         expected = (ProtocolError, MessageTooBig, ConnectionClosed)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(receiver)
-                nursery.start_soon(heartbeat)
+                nursery.start_soon(heartbeat, conn, ws.send_message, note_rtt)
                 await self._applier(ws, conn, gw, epoch, receive)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -490,7 +488,7 @@ class Hub:
             reraise_meaningful(group, *expected)
 
     async def _applier(self, ws: WebSocket, conn: HubConnection, gw: str, epoch: str,
-                       receive: trio.MemoryReceiveChannel[Data]) -> None:
+                       receive: trio.MemoryReceiveChannel[tuple[Data, float]]) -> None:
         max_records = self.config.hub.max_records_per_frame
         async for first in receive:
             frames = [first]
@@ -501,7 +499,7 @@ class Hub:
                     break
             good: list[tuple[FrameToApply, int, list[Record]]] = []
             bad: list[tuple[FrameToApply, str]] = []
-            for d in frames:
+            for d, _ in frames:
                 try:
                     first_rid, records = decode_records(d.body, max_records)
                 except FrameError as exc:
@@ -524,6 +522,7 @@ class Hub:
                 gw, functools.partial(self.store.commit, to_apply, rejected=bad))
             failpoints.hit("hub.after_commit")
             now = trio.current_time()
+            wall = time.time()
             for _ in skipped:
                 self.store.count_duplicate(gw)
                 self.m_dups.inc()
@@ -532,7 +531,12 @@ class Hub:
                     self.m_frames.inc()
                     self.m_records.inc(len(records))
                     self._feed(gw, first_rid, records, f.id)
+                    self.h_age.observe_many([wall - r.ts for r in records])
                 ack = conn.applied(f.seq, now)
+            # observed before any await: a scrape sees it together with the counts above
+            done = trio.current_time()
+            for _, received in frames:
+                self.h_apply.observe(done - received)
             for f, reason in bad:
                 if (f.gateway, f.epoch, f.seq) in skipped:
                     ack = conn.applied(f.seq, now)
@@ -577,7 +581,3 @@ def _reason_key(code: int) -> str:
         CloseCode.TOO_BIG: "too_big",
         CloseCode.TOO_MANY_RECORDS: "too_many_records",
     }.get(code, str(code))
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))

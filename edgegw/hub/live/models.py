@@ -1,0 +1,507 @@
+"""The live state's entities: lots, wafers and their dies, tests, sensors, gateways.
+
+Each keeps running figures (counts, Welford sums, bounded histories) and answers its own
+``snapshot``; none touches a socket, a file or a clock.  ``LiveState`` (``state.py``)
+routes records to them and decides what to publish.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, OrderedDict, deque
+from typing import Any
+
+from edgegw.hub import topics
+from edgegw.records import PartResult, SensorReading, SensorWindow
+
+#: Parts remembered per lot for the units-per-hour figure.
+_UPH_WINDOW = 500
+#: Seconds of arrival history behind a gateway's records-per-second figure.
+_RATE_WINDOW_S = 10
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+class Tally:
+    """Counts over final dies (the map) and over every part result (what testers report)."""
+
+    __slots__ = (
+        "dies",
+        "good",
+        "hard",
+        "hard_tested",
+        "parts",
+        "retests",
+        "site_dies",
+        "site_good",
+        "soft",
+        "soft_tested",
+    )
+
+    def __init__(self) -> None:
+        self.dies = 0
+        self.good = 0
+        self.parts = 0
+        self.retests = 0
+        self.hard: Counter[int] = Counter()
+        self.soft: Counter[int] = Counter()
+        self.hard_tested: Counter[int] = Counter()
+        self.soft_tested: Counter[int] = Counter()
+        self.site_dies: Counter[int] = Counter()
+        self.site_good: Counter[int] = Counter()
+
+    def count_final(self, die: Die, sign: int) -> None:
+        self.dies += sign
+        self.hard[die.hard_bin] += sign
+        if die.soft_bin is not None:
+            self.soft[die.soft_bin] += sign
+        self.site_dies[die.site] += sign
+        if die.passed:
+            self.good += sign
+            self.site_good[die.site] += sign
+
+    def count_tested(self, die: Die, replaced: bool) -> None:
+        self.parts += 1
+        self.retests += replaced
+        self.hard_tested[die.hard_bin] += 1
+        if die.soft_bin is not None:
+            self.soft_tested[die.soft_bin] += 1
+
+    @property
+    def yield_(self) -> float | None:
+        return _ratio(self.good, self.dies)
+
+    def site_yields(self) -> dict[int, float | None]:
+        return {s: _ratio(self.site_good[s], n) for s, n in self.site_dies.items() if n}
+
+    def share(self, hard_bin: int) -> float | None:
+        return _ratio(self.hard[hard_bin], self.dies)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "die_count": self.dies,
+            "good": self.good,
+            "yield": self.yield_,
+            "parts": self.parts,
+            "retests": self.retests,
+            "hard_bins": _keyed(self.hard),
+            "soft_bins": _keyed(self.soft),
+            "hard_bins_tested": _keyed(self.hard_tested),
+            "soft_bins_tested": _keyed(self.soft_tested),
+            "sites": {
+                str(s): {
+                    "dies": n, "good": self.site_good[s], "yield": _ratio(self.site_good[s], n)
+                }
+                for s, n in sorted(self.site_dies.items())
+                if n
+            },
+        }
+
+
+def _keyed(counter: Counter[int]) -> dict[str, int]:
+    # String keys: the same snapshot goes out as CBOR and as JSON, and a JSON client
+    # would otherwise see "1" where a CBOR client sees 1.
+    return {str(k): v for k, v in sorted(counter.items()) if v}
+
+
+class Die:
+    """One part result; the final one of its location is what the map shows."""
+
+    __slots__ = ("gateway", "hard_bin", "part_id", "passed", "rid", "site", "soft_bin", "ts",
+                 "x", "y")
+
+    def __init__(self, gateway: str, rid: int, rec: PartResult) -> None:
+        self.gateway = gateway
+        self.rid = rid
+        self.ts = rec.ts
+        self.x = rec.x
+        self.y = rec.y
+        self.hard_bin = rec.hard_bin
+        self.soft_bin = rec.soft_bin
+        self.passed = rec.passed
+        self.site = rec.site
+        self.part_id = rec.part_id
+
+    def newer_than(self, other: Die) -> bool:
+        if self.gateway == other.gateway:
+            return self.rid > other.rid
+        return (self.ts, self.gateway) > (other.ts, other.gateway)
+
+    def row(self) -> list[Any]:
+        return [self.x, self.y, self.hard_bin, self.soft_bin, self.passed, self.site]
+
+
+class WaferState:
+    def __init__(self, lot_id: str, wafer_id: str) -> None:
+        self.lot_id = lot_id
+        self.wafer_id = wafer_id
+        self.topic = topics.wafer(lot_id, wafer_id)
+        self.dies: dict[Any, Die] = {}
+        self.tally = Tally()
+        self.status = "open"
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.reported: dict[str, Any] = {}
+        self.updated = 0.0
+        self.archived = False  # left memory for the history store
+        #: test number -> {(x, y): value}: the final die's value, for a map by test value
+        self.values: dict[int, dict[tuple[int, int], float]] = {}
+        self.value_count = 0
+
+    def add_die_value(self, test_num: int, xy: tuple[int, int], value: float) -> None:
+        by_die = self.values.get(test_num)
+        if by_die is None:
+            by_die = self.values[test_num] = {}
+        if xy not in by_die:
+            if self.value_count >= DIE_VALUES_PER_WAFER:
+                return
+            self.value_count += 1
+        by_die[xy] = value
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "lot_id": self.lot_id,
+            "wafer_id": self.wafer_id,
+            "status": self.status,
+            "started": self.started,
+            "ended": self.ended,
+            "dies": [d.row() for d in self.dies.values() if d.x is not None and d.y is not None],
+            **self.tally.as_dict(),
+            "reported": dict(self.reported),
+            "updated": self.updated,
+        }
+
+
+#: Bins of a test's histogram; wafers whose per-wafer statistics a test keeps (newest).
+HIST_BINS = 40
+TEST_WAFERS = 50
+#: Die values a wafer keeps per test for "wafer map by test value" (bounds its memory).
+DIE_VALUES_PER_WAFER = 20_000
+#: Values of one site's part waiting for its PartResult (which names wafer and die).
+PENDING_PER_SITE = 4_096
+
+
+class Running:
+    """Count, mean and sample sigma of a stream of values (Welford: no sample list)."""
+
+    __slots__ = ("m2", "mean", "n")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+
+    def add(self, value: float) -> None:
+        self.n += 1
+        delta = value - self.mean
+        self.mean += delta / self.n
+        self.m2 += delta * (value - self.mean)
+
+    def row(self) -> list[Any]:
+        sigma = math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else None
+        return [self.n, self.mean, sigma]
+
+
+class Histogram:
+    """Exact counts in ``HIST_BINS`` equal bins over a range that widens to take any value
+    (pairs of bins merge), so its size is fixed whatever the count.  The first range is set
+    around the limits (a quarter of their span either side) so bins line up with them;
+    with limits, values beyond twice their span outside are counted as ``below``/``above``
+    rather than widening the range (an open contact's 9.9e37 would flatten the picture)."""
+
+    __slots__ = ("above", "below", "counts", "lo", "width")
+
+    def __init__(self) -> None:
+        self.lo: float | None = None
+        self.width = 0.0
+        self.counts = [0] * HIST_BINS
+        self.below = 0
+        self.above = 0
+
+    def add(self, value: float, lo_limit: float | None, hi_limit: float | None) -> None:
+        limited = lo_limit is not None and hi_limit is not None and hi_limit > lo_limit
+        if limited:
+            assert lo_limit is not None and hi_limit is not None
+            span = hi_limit - lo_limit
+            if value < lo_limit - 2 * span:
+                self.below += 1
+                return
+            if value > hi_limit + 2 * span:
+                self.above += 1
+                return
+        if self.lo is None:
+            if limited:
+                assert lo_limit is not None and hi_limit is not None
+                span = hi_limit - lo_limit
+                self.lo, self.width = lo_limit - span / 4, span * 1.5 / HIST_BINS
+            else:
+                self.width = (abs(value) * 0.1 or 1.0) / HIST_BINS * 2
+                self.lo = value - self.width * HIST_BINS / 2
+        while value < self.lo:
+            half = HIST_BINS // 2
+            merged = [self.counts[2 * j] + self.counts[2 * j + 1] for j in range(half)]
+            self.counts = [0] * half + merged
+            self.lo -= self.width * HIST_BINS
+            self.width *= 2
+        while value >= self.lo + self.width * HIST_BINS:
+            half = HIST_BINS // 2
+            merged = [self.counts[2 * j] + self.counts[2 * j + 1] for j in range(half)]
+            self.counts = merged + [0] * half
+            self.width *= 2
+        self.counts[min(int((value - self.lo) / self.width), HIST_BINS - 1)] += 1
+
+    def as_dict(self) -> dict[str, Any] | None:
+        if self.lo is None and not (self.below or self.above):
+            return None
+        return {"lo": self.lo, "width": self.width, "counts": list(self.counts),
+                "below": self.below, "above": self.above}
+
+
+class TestStats:
+    """Running statistics of one test in one lot (Welford's algorithm: no sample list)."""
+
+    __test__ = False  # not a pytest class, whatever the name says
+
+    def __init__(self, lot_id: str, test_num: int, kind: str) -> None:
+        self.lot_id = lot_id
+        self.test_num = test_num
+        self.kind = kind
+        self.topic = topics.test(lot_id, test_num)
+        self.test_txt = ""
+        self.units = ""
+        self.lo: float | None = None
+        self.hi: float | None = None
+        self.executions = 0
+        self.fails = 0
+        self.count = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+        self.min: float | None = None
+        self.max: float | None = None
+        self.histogram = Histogram()
+        self.by_site: dict[int, Running] = {}
+        #: wafer id -> its values' running figures, the newest TEST_WAFERS wafers
+        self.by_wafer: OrderedDict[str, Running] = OrderedDict()
+
+    def add_site_value(self, site: int, value: float) -> None:
+        running = self.by_site.get(site)
+        if running is None:
+            running = self.by_site[site] = Running()
+        running.add(value)
+
+    def add_wafer_value(self, wafer_id: str, value: float) -> None:
+        running = self.by_wafer.get(wafer_id)
+        if running is None:
+            running = self.by_wafer[wafer_id] = Running()
+            while len(self.by_wafer) > TEST_WAFERS:
+                self.by_wafer.popitem(last=False)
+        running.add(value)
+
+    def add_value(self, value: float) -> None:
+        self.histogram.add(value, self.lo, self.hi)
+        self.count += 1
+        delta = value - self.mean
+        self.mean += delta / self.count
+        self.m2 += delta * (value - self.mean)
+        if self.min is None or value < self.min:
+            self.min = value
+        if self.max is None or value > self.max:
+            self.max = value
+
+    @property
+    def sigma(self) -> float | None:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else None
+
+    @property
+    def cpk(self) -> float | None:
+        sigma = self.sigma
+        if not sigma or (self.lo is None and self.hi is None):
+            return None
+        sides = []
+        if self.hi is not None:
+            sides.append((self.hi - self.mean) / (3 * sigma))
+        if self.lo is not None:
+            sides.append((self.mean - self.lo) / (3 * sigma))
+        return min(sides)
+
+    @property
+    def cp(self) -> float | None:
+        sigma = self.sigma
+        if not sigma or self.lo is None or self.hi is None:
+            return None
+        return (self.hi - self.lo) / (6 * sigma)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "lot_id": self.lot_id,
+            "test_num": self.test_num,
+            "kind": self.kind,
+            "test_txt": self.test_txt,
+            "units": self.units,
+            "lo_limit": self.lo,
+            "hi_limit": self.hi,
+            "executions": self.executions,
+            "fails": self.fails,
+            "count": self.count,
+            "mean": self.mean if self.count else None,
+            "sigma": self.sigma,
+            "min": self.min,
+            "max": self.max,
+            "cp": self.cp,
+            "cpk": self.cpk,
+            "histogram": self.histogram.as_dict(),
+            "sites": {str(s): r.row() for s, r in sorted(self.by_site.items())},
+            "wafers": [[w, *r.row()] for w, r in self.by_wafer.items()],
+        }
+
+
+class LotState:
+    def __init__(self, lot_id: str) -> None:
+        self.lot_id = lot_id
+        self.topic = topics.lot(lot_id)
+        self.info: dict[str, Any] = {
+            "part_type": "", "node_name": "", "tester_type": "", "job_name": ""
+        }
+        self.status = "open"
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.gateways: set[str] = set()
+        self.wafers: dict[str, WaferState] = {}  # the live ones
+        #: wafers that left memory for the store: a late record for one is not applied
+        #: (it would start the wafer afresh and overwrite its archive)
+        self.archived_wafers: set[str] = set()
+        self.tests: dict[int, TestStats] = {}
+        #: (gateway, head, site) -> (test, value) of the part under test: its PartResult
+        #: (after its tests, as in STDF) names the wafer and die they belong to
+        self.pending: dict[tuple[str, int, int], list[tuple[TestStats, float]]] = {}
+        self.tally = Tally()
+        self.part_times: deque[float] = deque(maxlen=_UPH_WINDOW)
+        self.test_time_sum = 0
+        self.test_time_n = 0
+        self.reported_hard: dict[str, int] = {}
+        self.reported_soft: dict[str, int] = {}
+        self.reported_counts: dict[str, Any] = {}
+        self.updated = 0.0
+
+    @property
+    def units_per_hour(self) -> float | None:
+        if len(self.part_times) < 2:
+            return None
+        span = max(self.part_times) - min(self.part_times)
+        return (len(self.part_times) - 1) * 3600.0 / span if span > 0 else None
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "lot_id": self.lot_id,
+            **self.info,
+            "status": self.status,
+            "started": self.started,
+            "ended": self.ended,
+            "gateways": sorted(self.gateways),
+            "wafers": list(self.wafers),
+            "wafer_count": len(self.wafers) + len(self.archived_wafers),
+            "archived_wafers": len(self.archived_wafers),
+            **self.tally.as_dict(),
+            "units_per_hour": self.units_per_hour,
+            "test_time_ms": self.test_time_sum / self.test_time_n if self.test_time_n else None,
+            "tests": sorted(self.tests),
+            "reported": {
+                "hard_bins": dict(self.reported_hard),
+                "soft_bins": dict(self.reported_soft),
+                **self.reported_counts,
+            },
+            "updated": self.updated,
+        }
+
+
+class SensorState:
+    def __init__(self, channel: str, history: int) -> None:
+        self.channel = channel
+        self.topic = topics.sensor(channel)
+        self.unit = ""
+        self.latest: dict[str, Any] | None = None
+        self.history: deque[list[Any]] = deque(maxlen=history)
+        self.source = ""
+
+    def add(self, rec: SensorWindow | SensorReading) -> list[Any]:
+        if isinstance(rec, SensorWindow):
+            self.latest = {
+                "ts": rec.ts, "t0": rec.t0, "t1": rec.t1, "last": rec.last, "min": rec.min,
+                "max": rec.max, "mean": rec.mean, "count": rec.count,
+            }
+            point = [rec.t1, rec.last, rec.min, rec.max, rec.mean]
+        else:
+            self.latest = {
+                "ts": rec.ts, "t0": rec.ts, "t1": rec.ts, "last": rec.value, "min": rec.value,
+                "max": rec.value, "mean": rec.value, "count": 1,
+            }
+            point = [rec.ts, rec.value, rec.value, rec.value, rec.value]
+        self.unit = rec.unit or self.unit
+        self.source = rec.source
+        self.history.append(point)
+        return point
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "channel": self.channel,
+            "unit": self.unit,
+            "source": self.source,
+            "latest": self.latest,
+            "history": list(self.history),
+        }
+
+
+class GatewayState:
+    def __init__(self, gateway_id: str) -> None:
+        self.gateway_id = gateway_id
+        self.topic = topics.gateway(gateway_id)
+        self.online = False
+        self.last_seen: float | None = None
+        self.connected_at: float | None = None
+        self.disconnected_at: float | None = None
+        self.records = 0
+        self.frames = 0
+        self.last_rid: int | None = None
+        self.per_second: dict[int, int] = {}
+        self.rate_now = 0.0
+        self.events: deque[dict[str, Any]] = deque(maxlen=topics.GATEWAY_EVENTS)
+
+    def count(self, n: int, now: float) -> None:
+        sec = int(now)
+        self.per_second[sec] = self.per_second.get(sec, 0) + n
+        if len(self.per_second) > _RATE_WINDOW_S + 2:
+            for old in [s for s in self.per_second if s <= sec - _RATE_WINDOW_S]:
+                del self.per_second[old]
+        self.rate_now = now
+
+    def records_per_s(self, now: float | None = None) -> float:
+        now = self.rate_now if now is None else now
+        low = now - _RATE_WINDOW_S
+        total = sum(n for s, n in self.per_second.items() if s > low)
+        return total / _RATE_WINDOW_S
+
+    def snapshot(self, now: float | None = None) -> dict[str, Any]:
+        return {
+            "gateway_id": self.gateway_id,
+            "online": self.online,
+            "last_seen": self.last_seen,
+            "connected_at": self.connected_at,
+            "disconnected_at": self.disconnected_at,
+            "records": self.records,
+            "frames": self.frames,
+            "last_rid": self.last_rid,
+            "records_per_s": self.records_per_s(now),
+            "events": list(self.events),
+        }
+
+
+def lot_archive(lot: LotState) -> dict[str, Any]:
+    """Everything the history API serves about a lot, as plain JSON-able data: its summary,
+    every wafer's map and counts, every test's statistics."""
+    return {
+        "lot": lot.snapshot(),
+        "wafers": {w.wafer_id: w.snapshot() for w in lot.wafers.values()},
+        "tests": {str(t.test_num): t.snapshot() for t in lot.tests.values()},
+    }
