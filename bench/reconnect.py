@@ -43,6 +43,7 @@ from faultkit import Proxy  # noqa: E402  (the fault tests' TCP proxy)
 from edgegw.config import build  # noqa: E402
 from edgegw.gateway.config import GatewayConfig  # noqa: E402
 from edgegw.gateway.uplink import Uplink  # noqa: E402
+from edgegw.hub.store import unpack_body  # noqa: E402
 from edgegw.metrics import Metrics  # noqa: E402
 from edgegw.protocol import decode_body  # noqa: E402
 from edgegw.store import MemoryFrameStore  # noqa: E402
@@ -96,12 +97,13 @@ def frame_times(db_path: Path) -> list[tuple[float, float, float, int]]:
     """(applied_at, oldest record ts, newest record ts, records) of every tester frame."""
     db = sqlite3.connect(db_path)
     try:
-        rows = db.execute("SELECT applied_at, body FROM frames WHERE n_records > 0").fetchall()
+        rows = db.execute("SELECT applied_at, codec, body FROM frames WHERE n_records > 0"
+                          ).fetchall()
     finally:
         db.close()
     out = []
-    for applied_at, body in rows:
-        _, sources, wire = decode_body(body, 1 << 30)
+    for applied_at, codec, body in rows:
+        _, sources, wire = decode_body(unpack_body(codec, body), 1 << 30)
         ts = [w[2] for w in wire if sources[w[1]] == "tester"]
         if ts:
             out.append((applied_at, min(ts), max(ts), len(ts)))

@@ -19,6 +19,7 @@ from typing import Any
 from ports import free_port
 from processes import REPO, get_json, spawn, wait_for
 
+from edgegw.hub.store import unpack_body
 from edgegw.metrics import Metrics
 from edgegw.protocol import decode_body
 from edgegw.records import from_wire
@@ -55,15 +56,15 @@ def hub_records(hub_dir: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, .
     """(tester records in record-id order, gateway event records, all record ids)."""
     db = sqlite3.connect(hub_dir / "hub.sqlite3")
     try:
-        rows = db.execute("SELECT body FROM frames WHERE gateway = ? ORDER BY first_rid",
+        rows = db.execute("SELECT codec, body FROM frames WHERE gateway = ? ORDER BY first_rid",
                           (GATEWAY,)).fetchall()
     finally:
         db.close()
     tester: list[tuple[int, tuple[Any, ...]]] = []
     events: list[tuple[Any, ...]] = []
     rids: list[int] = []
-    for (body,) in rows:
-        first_rid, sources, wire = decode_body(body, 1 << 30)
+    for codec, body in rows:
+        first_rid, sources, wire = decode_body(unpack_body(codec, body), 1 << 30)
         for i, item in enumerate(wire):
             rec = from_wire(item, sources)
             rids.append(first_rid + i)
@@ -153,12 +154,15 @@ class Hub(_Process):
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, failpoints: str = "", wait: bool = True) -> Hub:
+    def start(self, failpoints: str = "", wait: bool = True, *settings: str) -> Hub:
         """Start (``failpoints``: armed for this run, ``edgegw/failpoints.py``; ``wait``:
-        until /healthz answers -- not for a run that may crash at its failpoint first)."""
+        until /healthz answers -- not for a run that may crash at its failpoint first;
+        ``settings``: more ``--set key=value`` arguments)."""
         self.proc = spawn("hub", "--config", str(REPO / "conf" / "hub.toml"),
                           "--set", f"hub.port={self.port}", "--set", f"hub.data_dir={self.dir}",
-                          "--set", "hub.heartbeat_s=1.0", log=self.tmp / "hub.log",
+                          "--set", "hub.heartbeat_s=1.0",
+                          *[a for kv in settings for a in ("--set", kv)],
+                          log=self.tmp / "hub.log",
                           env={"EDGEGW_FAILPOINTS": failpoints})
         if wait:
             wait_for(lambda: get_json(f"{self.url}/healthz")["status"] == "ok")
@@ -224,8 +228,14 @@ def wait_all_applied(hub: Hub, gw: Gateway, n_expected: int, timeout: float = 60
         st = gw_stats["store"]
         seen.update(hub=hub.stats(), store=st, connected=gw_stats.get("connected"),
                     last_error=gw_stats.get("last_error"))
-        return (seen["hub"].get("records_applied", 0) >= n_expected
-                and st["frames"] == 0 and st["pending_frames"] == 0)
+        if not (seen["hub"].get("records_applied", 0) >= n_expected
+                and st["frames"] == 0 and st["pending_frames"] == 0
+                and gw_stats["pending_in_batcher"] == 0):
+            return False
+        # records_applied also counts the source's sensor readings and the gateway's
+        # events: it can reach n_expected while the last tester batch is still on its
+        # way, so the tester records themselves are counted (only at the very end)
+        return len(hub_records(hub.dir)[0]) >= n_expected
     try:
         wait_for(done, timeout=timeout, interval=0.25)
     except AssertionError as exc:  # say where it stood: a stall, or merely slow

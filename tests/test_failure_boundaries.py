@@ -28,6 +28,7 @@ from wsclient import WsClient
 from edgegw.gateway import Gateway
 from edgegw.hub import Hub
 from edgegw.hub.alerts import WebhookConfig, WebhookSender
+from edgegw.hub.store import unpack_body
 from edgegw.metrics import Metrics, internal_errors
 from edgegw.protocol import Hello, encode, encode_body
 from edgegw.records import SensorReading
@@ -141,8 +142,8 @@ def plugins(tmp_path: Path) -> Iterator[Any]:
 
 
 async def stored_records(hub: Any) -> list[list[Any]]:
-    rows = await hub.store.query("SELECT body FROM frames ORDER BY id")
-    return [r for (body,) in rows for r in cbor2.loads(body)[2]]
+    rows = await hub.store.query("SELECT codec, body FROM frames ORDER BY id")
+    return [r for codec, body in rows for r in cbor2.loads(unpack_body(codec, body))[2]]
 
 
 async def test_a_failing_source_is_restarted_at_its_checkpoint_and_reported(

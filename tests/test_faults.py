@@ -371,15 +371,17 @@ def _frame_times(hub_dir: Path) -> list[tuple[float, float, float, int]]:
     """(applied_at, oldest record ts, newest record ts, records) of every tester frame."""
     import sqlite3
 
+    from edgegw.hub.store import unpack_body
     from edgegw.protocol import decode_body
     db = sqlite3.connect(hub_dir / "hub.sqlite3")
     try:
-        rows = db.execute("SELECT applied_at, body FROM frames WHERE n_records > 0").fetchall()
+        rows = db.execute("SELECT applied_at, codec, body FROM frames WHERE n_records > 0"
+                          ).fetchall()
     finally:
         db.close()
     out = []
-    for applied_at, body in rows:
-        _, _, wire = decode_body(body, 1 << 30)
+    for applied_at, codec, body in rows:
+        _, _, wire = decode_body(unpack_body(codec, body), 1 << 30)
         ts = [w[2] for w in wire]
         out.append((applied_at, min(ts), max(ts), len(wire)))
     return out

@@ -15,6 +15,7 @@ import trio
 from edgegw.hub import history
 from edgegw.hub.alerts import AlertRuleConfig, AlertsConfig, AlertService
 from edgegw.hub.history import HistoryApi
+from edgegw.hub.history_store import CACHE_ENTRIES, HistoryStore
 from edgegw.hub.live import LiveState
 from edgegw.records import LotEnd, LotStart, ParametricResult, PartResult, WaferEnd
 from edgegw.web import HttpServer
@@ -188,3 +189,54 @@ async def test_evicted_lots_are_served_from_the_archive(tmp_path: Path) -> None:
         assert (await get(hub.port, "/api/lots/NONE/wafers"))[0] == 404
         assert (await get(hub.port, "/api/lots/OLD/bogus/route/x"))[0] == 404
         hub.stop()
+
+
+async def test_a_partial_rebuild_after_a_restart_never_overwrites_a_fuller_archive(
+        tmp_path: Path) -> None:
+    """After a restart the frames of an old lot may be partly pruned: replaying what is
+    left rebuilds the lot with fewer parts and evicts it again.  The archive keeps the
+    fuller figures (and says so in a counter)."""
+    async with trio.open_nursery() as nursery:
+        hub = Hub(tmp_path, max_lots=1)
+        await hub.start(nursery)
+        hub.state.on_records("gw", 1, lot_records("OLD", "OLD-1", 6, ts=100.0), now=1.0)
+        hub.state.on_records("gw", 100, lot_records("NEW", "NEW-1", 4, ts=900.0), now=2.0)
+        await hub.settle()
+        hub.stop()
+    async with trio.open_nursery() as nursery:
+        hub2 = Hub(tmp_path, max_lots=1)
+        await hub2.start(nursery)
+        # only the newest frames were left: one part of OLD, then NEW
+        hub2.state.on_records("gw", 50, lot_records("OLD", "OLD-1", 1, ts=150.0), now=3.0)
+        hub2.state.on_records("gw", 100, lot_records("NEW", "NEW-1", 4, ts=900.0), now=4.0)
+        await hub2.settle()
+        assert hub2.alerts.metrics.counter("hub_archives_kept_total").total() == 1
+        status, body = await get(hub2.port, "/api/lots/OLD/wafers/OLD-1")
+        assert status == 200 and len(body["dies"]) == 6
+        status, body = await get(hub2.port, "/api/lots")
+        assert [(r["lot_id"], r["die_count"]) for r in body["lots"]] == [("NEW", 4), ("OLD", 6)]
+        status, body = await get(hub2.port, "/api/tests/OLD/300")
+        assert status == 200 and body["count"] == 6
+        hub2.stop()
+
+
+async def test_archives_read_back_are_cached_boundedly_and_a_newer_archive_is_seen(
+        tmp_path: Path) -> None:
+    store = HistoryStore(tmp_path / "history.sqlite3")
+    await store.open()
+    try:
+        def archive(lot_id: str, parts: int) -> dict[str, Any]:
+            return {"lot": {"lot_id": lot_id, "parts": parts, "updated": 1.0},
+                    "wafers": {}, "tests": {}}
+
+        await store.save([], [(f"L{i}", archive(f"L{i}", 1)) for i in range(200)])
+        for i in range(200):
+            assert (await store.lot(f"L{i}"))["lot"]["lot_id"] == f"L{i}"
+        assert len(store._cache) == CACHE_ENTRIES
+        assert (await store.lot("L199"))["lot"]["parts"] == 1
+        assert await store.save([], [("L199", archive("L199", 5))]) == 0
+        assert (await store.lot("L199"))["lot"]["parts"] == 5
+        assert await store.save([], [("L199", archive("L199", 2))]) == 1  # kept: fuller
+        assert (await store.lot("L199"))["lot"]["parts"] == 5
+    finally:
+        await store.close()

@@ -14,6 +14,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request
 
 from edgegw.gateway import Gateway
+from edgegw.hub.store import unpack_body
 from edgegw.protocol import (
     Ack,
     CloseCode,
@@ -245,8 +246,8 @@ async def test_overflow_under_drop_oldest_is_counted_and_reported_to_the_hub(
         stats = hub.stats()["gateways"]["ate-01"]
         # the hub learns which frames will never come, and an event says why
         assert stats["frames_lost"] == gw.store.stats()["dropped_frames"]
-        rows = await hub.store.query("SELECT body FROM frames")
-        events = [r for (b,) in rows for r in cbor2.loads(b)[2] if r[0] == 13]
+        rows = await hub.store.query("SELECT codec, body FROM frames")
+        events = [r for c, b in rows for r in cbor2.loads(unpack_body(c, b))[2] if r[0] == 13]
         assert any(e[4] == "store_overflow" for e in events)
         nursery.cancel_scope.cancel()
 
@@ -269,8 +270,9 @@ async def test_an_overflow_event_that_fills_a_frame_by_itself_still_reaches_the_
         await gw.sink.put([SensorReading("s", 3.0, "c", 1.0)], source="s")  # drops 2 more
         hub, _ = await start_hub(nursery, hub_config(tmp_path / "hub", port=port))
         assert await gw.drain(10), "the hub did not acknowledge everything"
-        rows = await hub.store.query("SELECT body FROM frames")
-        events = [r for (b,) in rows for r in cbor2.loads(b)[2] if r[0] == 13]
+        rows = await hub.store.query("SELECT codec, body FROM frames")
+        events = [r for (c, b) in rows for r in cbor2.loads(unpack_body(c, b))[2]
+                  if r[0] == 13]
         overflow = [e for e in events if e[4] == "store_overflow"]
         # the store holds the last data frame and the newest event: it counts every drop
         # up to the frame before its own (1 by the data, 1 by the first event, 1 by data)

@@ -513,6 +513,27 @@ def test_channels_of_topics_the_state_dropped_are_swept_and_offsets_never_reused
     assert late.views["lot/OLD/wafer/1"] == {"good": 100}
 
 
+def test_swept_topics_are_remembered_boundedly_and_a_forgotten_one_never_reuses_offsets(
+        monkeypatch: Any) -> None:
+    """Months of lots come and go: the offsets of swept channels are not kept forever,
+    and a topic whose tombstone was forgotten still starts past every offset it had."""
+    monkeypatch.setattr("edgegw.hub.fanout.core.MAX_TOMBSTONES", 3)
+    state, hub = make_hub()
+    reached = {}
+    for n in range(6):
+        for i in range(n + 5):
+            state.change(f"lot/L{n}", {"parts": i})
+        reached[n] = hub.channels[f"lot/L{n}"].offset
+        del state.state[f"lot/L{n}"]
+        hub.tick(float(n), float(n))
+        assert hub.sweep() == 1
+    assert len(hub._tombstones) == 3
+    state.change("lot/L0", {"parts": 100})  # forgotten
+    state.change("lot/L5", {"parts": 100})  # remembered: one offset skipped, as before
+    assert hub.channels["lot/L0"].offset > reached[0] + 1
+    assert hub.channels["lot/L5"].offset == reached[5] + 2
+
+
 def test_a_client_that_never_reads_its_replies_is_closed_too_slow() -> None:
     _state, hub = make_hub(queue_frames=4)
     viewer = Viewer(hub)

@@ -31,6 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from ports import free_port
 from processes import get_json, spawn, wait_for
 
+from edgegw.hub.store import unpack_body
 from edgegw.protocol import decode_body
 from edgegw.records import SensorReading, SensorWindow, from_wire
 
@@ -150,13 +151,13 @@ class Publisher(threading.Thread):
 def hub_sensor_records(hub: Hub) -> list[Any]:
     db = sqlite3.connect(hub.dir / "hub.sqlite3")
     try:
-        rows = db.execute("SELECT body FROM frames WHERE gateway = 'ate-01' "
+        rows = db.execute("SELECT codec, body FROM frames WHERE gateway = 'ate-01' "
                           "ORDER BY first_rid").fetchall()
     finally:
         db.close()
     out = []
-    for (body,) in rows:
-        _, names, wire = decode_body(body, 1 << 30)
+    for codec, body in rows:
+        _, names, wire = decode_body(unpack_body(codec, body), 1 << 30)
         out += [r for r in (from_wire(item, names) for item in wire)
                 if isinstance(r, (SensorReading, SensorWindow))]
     return out
@@ -182,12 +183,13 @@ def wait_readings(hub: Hub, at_least: int, timeout: float = 60) -> int:
 def hub_record_ids(hub: Hub) -> list[int]:
     db = sqlite3.connect(hub.dir / "hub.sqlite3")
     try:
-        rows = db.execute("SELECT body FROM frames WHERE gateway = 'ate-01'").fetchall()
+        rows = db.execute("SELECT codec, body FROM frames WHERE gateway = 'ate-01'"
+                          ).fetchall()
     finally:
         db.close()
     rids = []
-    for (body,) in rows:
-        first_rid, _, wire = decode_body(body, 1 << 30)
+    for codec, body in rows:
+        first_rid, _, wire = decode_body(unpack_body(codec, body), 1 << 30)
         rids += range(first_rid, first_rid + len(wire))
     return rids
 

@@ -17,6 +17,7 @@ from mqtt_broker import Broker, BrokerAddress, StartBroker
 from edgegw import metrics as metrics_module
 from edgegw.backoff import Backoff
 from edgegw.gateway import Gateway
+from edgegw.hub.store import unpack_body
 from edgegw.mqtt import ConnectOptions, TrioMqttClient
 from edgegw.mqtt import source as source_module
 from edgegw.mqtt.source import MqttSource
@@ -158,13 +159,13 @@ def _hub_records(hub_dir: Path) -> tuple[list[float], list[tuple[Any, ...]]]:
     """(values of the SensorReadings, GatewayEvents) the hub has applied."""
     db = sqlite3.connect(hub_dir / "hub.sqlite3")
     try:
-        rows = db.execute("SELECT body FROM frames ORDER BY first_rid").fetchall()
+        rows = db.execute("SELECT codec, body FROM frames ORDER BY first_rid").fetchall()
     finally:
         db.close()
     readings: list[float] = []
     events: list[tuple[Any, ...]] = []
-    for (body,) in rows:
-        _, names, wire = decode_body(body, 1 << 30)
+    for codec, body in rows:
+        _, names, wire = decode_body(unpack_body(codec, body), 1 << 30)
         for item in wire:
             rec = from_wire(item, names)
             if isinstance(rec, SensorReading):

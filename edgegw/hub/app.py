@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from ..metrics import Metrics
 from .alerts.service import AlertService
+from .checkpoint import Checkpointer
 from .config import HubConfig
 from .dashboard import Dashboard
 from .fanout import LiveFanout
@@ -40,12 +42,18 @@ class Hub:
         self.fanout.attach(self.state, on_ack=lambda alert_id, user:
                            self.alerts.engine.ack(alert_id, user, time.time()))
         self.ingest.add_consumer(self.state)
+        h = config.hub
+        self.checkpointer = Checkpointer(
+            self.ingest, self.state, Path(h.data_dir), interval_s=h.checkpoint_interval_s,
+            max_records=h.checkpoint_records, alerts=self.alerts,
+            metrics=self.ingest.metrics) if h.checkpoint_interval_s > 0 else None
         self.fanout.alert_lot = self._alert_lot
         self.fanout.install(self.ingest.http)
         Dashboard().install(self.ingest.http)
         HistoryApi(self.state, self.alerts.engine, self.alerts.store).install(self.ingest.http)
         # /api/stats with the live state's health (records not applied, by reason)
         self.ingest.stats_sections["live_state"] = self.state.health
+        self.ingest.stats_sections["checkpoint"] = self._checkpoint_stats
 
     def _alert_lot(self, alert_id: str) -> str | None:
         """The lot an alert is about (None: not a lot's), for lot-scoped operators."""
@@ -57,11 +65,19 @@ class Hub:
     def metrics(self) -> Metrics:
         return self.ingest.metrics
 
+    def _checkpoint_stats(self) -> dict[str, Any] | None:
+        if self.checkpointer is None:
+            return None
+        return {"loaded_from": self.checkpointer.loaded_from,
+                "frame_id": self.checkpointer.position}
+
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         await self.alerts.open()
         async with trio.open_nursery() as nursery:
             await nursery.start(self.alerts.run, self.state)
             port = await nursery.start(self.ingest.run)
+            if self.checkpointer is not None:  # after the replay: it checkpoints the result
+                await nursery.start(self.checkpointer.run)
             await nursery.start(self.fanout.run)
             h = self.config.hub
             if h.gc_freeze_s > 0:

@@ -41,7 +41,15 @@ class HubSection:
     # applied frames older than this are deleted (they only serve the live-state rebuild
     # at start-up); the applied sequence sets that de-duplicate are kept.  0: keep forever
     retain_frames_hours: Annotated[float, Range(0, 876_000)] = 168.0
+    # ... and the oldest go first while the stored frame bodies (compressed) exceed this
+    # many MB; 0: no byte limit (docs/storage.md)
+    retain_frames_mb: Annotated[float, Range(0, 100_000_000)] = 0.0
     prune_interval_s: Annotated[float, Range(0.01, 86_400)] = 600.0
+    # the live state is checkpointed this often (seconds; 0: never, a restart replays every
+    # retained frame), and sooner once this many records came in since the last one: a
+    # restart replays at most about that many records (docs/storage.md)
+    checkpoint_interval_s: Annotated[float, Range(1, 86_400, also=0)] = 60.0
+    checkpoint_records: Annotated[int, Range(1000, 100_000_000)] = 300_000
     # Survivors of young garbage collections are frozen this often (seconds; 0: off), so the
     # collector's full collections never walk the live state (see edgegw/hub/gcpacing.py);
     # a full sweep for cyclic garbage runs every gc_full_sweep_s (0: never).

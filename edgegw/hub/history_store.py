@@ -6,12 +6,14 @@
   (``AlertEngine.restore``).  One row per alert, upserted on every event.
 * **Archived lots**: the full figures (summary, wafer maps, test statistics) of a lot
   evicted from the live state's memory, so the history API still answers for it.  The
-  archive is derived data -- the frame store stays the truth -- so it is written with
-  ``synchronous=NORMAL`` and rewritten whenever the lot is evicted again (after a restart,
-  replay evicts the same lots and refreshes their rows).
+  archive is derived data, written with ``synchronous=NORMAL``.  **It never regresses**:
+  a lot evicted again (replay after a restart; a late record for a lot long gone) replaces
+  its row only with figures at least as full (as many part results or more).  Once its
+  frames are pruned, the archive is the only place a lot's figures live, and a replay of
+  the frames that remain (a partial rebuild) must not overwrite it.
 * **Archived wafers**: a wafer's map and counts when it left memory while its lot stayed
   live (a lot has more wafers than ``max_wafers_per_lot``), one row per wafer, so a lot of
-  any size is answerable wafer by wafer.  Derived data too, rewritten the same way.  A lot
+  any size is answerable wafer by wafer.  Derived data too, never regressing the same way.  A lot
   archive holds the wafers that were still live when the lot left.
 
 Separate from the frame store (``hub.sqlite3``) so the frame store's transactions, which
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,8 @@ CREATE TABLE IF NOT EXISTS lots (
     lot_id TEXT PRIMARY KEY,
     updated REAL NOT NULL,
     summary TEXT NOT NULL,
-    archive TEXT NOT NULL
+    archive TEXT NOT NULL,
+    parts INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS wafers (
     lot_id TEXT NOT NULL,
@@ -52,9 +56,13 @@ CREATE TABLE IF NOT EXISTS wafers (
     updated REAL NOT NULL,
     summary TEXT NOT NULL,
     snapshot TEXT NOT NULL,
+    parts INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (lot_id, wafer_id)
 );
 """
+
+#: archived lots and wafers read back, kept in memory (most recently used)
+CACHE_ENTRIES = 64
 
 #: the keys of a wafer snapshot its summary row keeps (the history API's wafer list)
 WAFER_SUMMARY = ("wafer_id", "status", "started", "ended", "die_count", "good", "yield",
@@ -66,6 +74,7 @@ class HistoryStore:
         self.path = Path(path)
         self._db: sqlite3.Connection | None = None
         self._limiter = trio.CapacityLimiter(1)
+        self._cache: OrderedDict[tuple[str, ...], dict[str, Any]] = OrderedDict()
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -77,10 +86,16 @@ class HistoryStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SCHEMA)
+        for table in ("lots", "wafers"):  # a store from before the "never regress" rule
+            if "parts" not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN parts INTEGER NOT NULL DEFAULT 0")
+                db.execute(f"UPDATE {table} SET parts ="
+                           " COALESCE(json_extract(summary, '$.parts'), 0)")
         self._db = db
 
     def _save_sync(self, alerts: list[dict[str, Any]], lots: list[tuple[str, dict[str, Any]]],
-                   wafers: list[tuple[str, str, dict[str, Any]]]) -> None:
+                   wafers: list[tuple[str, str, dict[str, Any]]]) -> int:
+        """Returns how many lot and wafer archives were not written: a fuller one is kept."""
         db = self._db
         assert db is not None
         db.execute("BEGIN IMMEDIATE")
@@ -90,21 +105,32 @@ class HistoryStore:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 [(a["id"], a["priority"], a["rule"], a["raised_at"], int(a["acknowledged"]),
                   dumps(a)) for a in alerts])
-            db.executemany(
-                "INSERT OR REPLACE INTO lots (lot_id, updated, summary, archive)"
-                " VALUES (?, ?, ?, ?)",
-                [(lot_id, archive["lot"].get("updated") or 0.0, dumps(archive["lot"]),
-                  dumps(archive)) for lot_id, archive in lots])
-            db.executemany(
-                "INSERT OR REPLACE INTO wafers (lot_id, wafer_id, updated, summary, snapshot)"
-                " VALUES (?, ?, ?, ?, ?)",
-                [(lot_id, wafer_id, snap.get("updated") or 0.0,
-                  dumps({k: snap.get(k) for k in WAFER_SUMMARY}), dumps(snap))
-                 for lot_id, wafer_id, snap in wafers])
+            written = 0
+            for lot_id, archive in lots:
+                written += db.execute(
+                    "INSERT INTO lots (lot_id, updated, summary, archive, parts)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (lot_id) DO UPDATE SET"
+                    " updated = excluded.updated, summary = excluded.summary,"
+                    " archive = excluded.archive, parts = excluded.parts"
+                    " WHERE excluded.parts >= lots.parts",
+                    (lot_id, archive["lot"].get("updated") or 0.0, dumps(archive["lot"]),
+                     dumps(archive), archive["lot"].get("parts") or 0)).rowcount
+            for lot_id, wafer_id, snap in wafers:
+                written += db.execute(
+                    "INSERT INTO wafers (lot_id, wafer_id, updated, summary, snapshot, parts)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (lot_id, wafer_id) DO UPDATE SET"
+                    " updated = excluded.updated, summary = excluded.summary,"
+                    " snapshot = excluded.snapshot, parts = excluded.parts"
+                    " WHERE excluded.parts >= wafers.parts",
+                    (lot_id, wafer_id, snap.get("updated") or 0.0,
+                     dumps({k: snap.get(k) for k in WAFER_SUMMARY}), dumps(snap),
+                     snap.get("parts") or 0)).rowcount
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
+        return len(lots) + len(wafers) - written
 
     def _select(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         assert self._db is not None
@@ -121,10 +147,17 @@ class HistoryStore:
 
     async def save(self, alerts: list[dict[str, Any]],
                    lots: list[tuple[str, dict[str, Any]]] | None = None,
-                   wafers: list[tuple[str, str, dict[str, Any]]] | None = None) -> None:
+                   wafers: list[tuple[str, str, dict[str, Any]]] | None = None) -> int:
         """Upsert alerts (their latest state), archived lots and archived wafers
-        ``(lot_id, wafer_id, snapshot)`` in one transaction."""
-        await self._run(self._save_sync, alerts, lots or [], wafers or [])
+        ``(lot_id, wafer_id, snapshot)`` in one transaction.  Returns how many archives
+        were kept as they were because the stored one is fuller (never regress)."""
+        try:
+            return await self._run(self._save_sync, alerts, lots or [], wafers or [])
+        finally:  # after the write: a read finishing before it cached the old row
+            for lot_id, _ in lots or ():
+                self._cache.pop(("lot", lot_id), None)
+            for lot_id, wafer_id, _ in wafers or ():
+                self._cache.pop(("wafer", lot_id, wafer_id), None)
 
     async def load_alerts(self, limit: int) -> list[dict[str, Any]]:
         """The newest ``limit`` alerts, oldest first (the order ``restore`` wants)."""
@@ -151,11 +184,26 @@ class HistoryStore:
             "ORDER BY raised_at DESC LIMIT ?", (*params, limit))
         return [json.loads(r[0]) for r in rows]
 
+    async def _cached(self, key: tuple[str, ...], sql: str,
+                      params: tuple[Any, ...]) -> dict[str, Any] | None:
+        """One archive, through a small LRU cache: a dashboard opening an old lot asks for
+        it, its wafers and its tests in a burst; memory stays ``CACHE_ENTRIES`` archives."""
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        rows = await self._run(self._select, sql, params)
+        value = json.loads(rows[0][0]) if rows else None
+        if value is not None:
+            self._cache[key] = value
+            while len(self._cache) > CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+        return value
+
     async def lot(self, lot_id: str) -> dict[str, Any] | None:
-        """An archived lot (``state.lot_archive`` shape), or None."""
-        rows = await self._run(self._select, "SELECT archive FROM lots WHERE lot_id = ?",
-                               (lot_id,))
-        return json.loads(rows[0][0]) if rows else None
+        """An archived lot (``state.lot_archive`` shape), or None.  Shared with the cache:
+        callers must not change it."""
+        return await self._cached(("lot", lot_id), "SELECT archive FROM lots WHERE lot_id = ?",
+                                  (lot_id,))
 
     async def lot_summaries(self, limit: int = 500) -> list[dict[str, Any]]:
         """Archived lots' summaries, most recently updated first."""
@@ -166,10 +214,9 @@ class HistoryStore:
 
     async def wafer(self, lot_id: str, wafer_id: str) -> dict[str, Any] | None:
         """An archived wafer's snapshot (the ``lot/<lot>/wafer/<wafer>`` shape), or None."""
-        rows = await self._run(self._select,
-                               "SELECT snapshot FROM wafers WHERE lot_id = ? AND wafer_id = ?",
-                               (lot_id, wafer_id))
-        return json.loads(rows[0][0]) if rows else None
+        return await self._cached(
+            ("wafer", lot_id, wafer_id),
+            "SELECT snapshot FROM wafers WHERE lot_id = ? AND wafer_id = ?", (lot_id, wafer_id))
 
     async def wafer_summaries(self, lot_id: str) -> list[dict[str, Any]]:
         """The archived wafers of a lot (``WAFER_SUMMARY`` keys), in the order they left."""
@@ -177,3 +224,6 @@ class HistoryStore:
                                "SELECT summary FROM wafers WHERE lot_id = ? ORDER BY rowid",
                                (lot_id,))
         return [json.loads(r[0]) for r in rows]
+
+
+__all__ = ["CACHE_ENTRIES", "HistoryStore"]

@@ -11,11 +11,12 @@ replayed to them first.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -48,11 +49,13 @@ from ..web import (
 )
 from .config import HubConfig
 from .registry import GatewayRegistry, GatewaySession
-from .store import FrameToApply, HubStore
+from .store import FrameToApply, HubStore, StoreFull
 
 log = logging.getLogger("edgegw.hub")
 
 GATEWAY_PATH = "/ws/gateway"
+
+T = TypeVar("T")
 
 
 class Consumer(Protocol):
@@ -84,6 +87,19 @@ class Ingest:
         self.refused: dict[str, int] = {}
         self.port: int | None = None
         self.started_at = time.time()
+        #: what the start-up replay did (``/api/stats`` "replay")
+        self.replayed: dict[str, Any] = {}
+        self._prune_now = trio.Event()  # set when a commit takes the store over its bytes
+        #: frames.id of the last frame handed to the consumers, and records handed so far
+        self.fed_id = 0
+        self.records_fed = 0
+        #: set by a checkpointer: restores the consumers' state before the replay and
+        #: returns the frame id it covers (only later frames are replayed)
+        self.before_replay: Callable[[], Awaitable[int]] | None = None
+        #: called with ``records_fed`` after each applied frame was handed on
+        self.on_fed: Callable[[int], None] | None = None
+        #: the newest frame id the pruner may delete (what checkpoints cover); None: any
+        self.prune_limit: int | None = None
         m = self.metrics
         self.m_frames = m.counter("hub_frames_applied_total", "data frames applied")
         self.m_records = m.counter("hub_records_applied_total", "records applied")
@@ -98,6 +114,10 @@ class Ingest:
         self.m_pruned = m.counter("hub_frames_pruned_total",
                                   "applied frames deleted after the retention period")
         self.m_connected = m.gauge("hub_gateways_connected", "gateways connected now")
+        self.m_full = m.counter("hub_store_full_total",
+                                "commits that failed for a full disk (acknowledgements paused)")
+        self.m_full_now = m.gauge("hub_store_full", "1 while the store cannot write (disk full)")
+        self.m_frame_bytes = m.gauge("hub_frame_bytes", "bytes of stored (compressed) frame bodies")
         self.h_apply = m.histogram(
             "hub_frame_apply_seconds", "seconds from a data frame's arrival until it is applied "
             "and its ACK is due (queue, decode, durable commit, live state): one per data "
@@ -106,7 +126,7 @@ class Ingest:
             "hub_record_age_seconds", "seconds from a record's creation (its ts) to its "
             "durable apply at the hub: one observation per record applied", AGE_BUCKETS)
         internal_errors(m)  # exported (as 0) before anything goes wrong
-        m.add_collector(lambda: self.m_connected.set(len(self.connected)))
+        m.add_collector(self._collect)
         self.http.on_bad_request = lambda reason: self.m_bad_http.inc()
         h = config.hub
         self.http.add_ws_route(GATEWAY_PATH, self._gateway_endpoint,
@@ -117,6 +137,11 @@ class Ingest:
         self.stats_sections: dict[str, Callable[[], Any]] = {}
         install_status(self.http, health=self.health, stats=self.stats, metrics=self.metrics)
 
+    def _collect(self) -> None:
+        self.m_connected.set(len(self.connected))
+        self.m_full_now.set(int(self.store.full))
+        self.m_frame_bytes.set(self.store.frame_bytes)
+
     def add_consumer(self, consumer: Consumer) -> None:
         self.consumers.append(consumer)
 
@@ -125,7 +150,8 @@ class Ingest:
         await self.store.open()
         try:
             if self.consumers:
-                await self._replay()
+                after = await self.before_replay() if self.before_replay is not None else 0
+                await self._replay(after)
             async with trio.open_nursery() as nursery:
                 self.security.log_warnings()
                 await nursery.start(self.security.watch_reload)
@@ -134,19 +160,22 @@ class Ingest:
                 self.port = listeners[0].socket.getsockname()[1]
                 log.info("hub listening on %s:%s (%s)", self.config.hub.listen, self.port,
                          "https" if self.security.tls else "http")
-                if self.config.hub.retain_frames_hours > 0:
+                h = self.config.hub
+                if h.retain_frames_hours > 0 or h.retain_frames_mb > 0:
                     nursery.start_soon(self._pruner)
                 task_status.started(self.port)
         finally:
             with trio.CancelScope(shield=True):
                 await self.store.close()
 
-    async def _replay(self) -> None:
-        """Feed every stored frame to the consumers, oldest first (state rebuild)."""
+    async def _replay(self, after: int = 0) -> None:
+        """Feed the stored frames after frame id ``after`` to the consumers, oldest first
+        (state rebuild)."""
         max_records = self.config.hub.max_records_per_frame
+        self.fed_id = max(self.fed_id, after)
 
-        def decode(gw: str, _epoch: str, _seq: int, _rid: int, body: bytes
-                   ) -> tuple[str, int, list[Record]] | None:
+        def decode(frame_id: int, gw: str, _epoch: str, _seq: int, _rid: int, body: bytes
+                   ) -> tuple[int, str, int, list[Record]] | None:
             try:
                 first_rid, records = decode_records(body, max_records)
             except (FrameError, ProtocolError):
@@ -155,30 +184,59 @@ class Ingest:
                 report_internal_error(self.metrics, "hub_replay", log,
                                       "decoding a stored frame of gateway %s", gw)
                 return None
-            return gw, first_rid, records
+            return frame_id, gw, first_rid, records
 
-        async for batch in self.store.stored_frames(decode):
-            for gw, first_rid, records in batch:
-                self._feed(gw, first_rid, records)
+        t0 = time.perf_counter()
+        n_frames = n_records = 0
+        async for batch in self.store.stored_frames(decode, after):
+            for frame_id, gw, first_rid, records in batch:
+                self._feed(gw, first_rid, records, frame_id)
+                n_records += len(records)
+            n_frames += len(batch)
+        self.replayed = {"after_frame": after, "frames": n_frames, "records": n_records,
+                         "seconds": round(time.perf_counter() - t0, 3)}
+        log.info("replayed %d frame(s), %d record(s) after frame %d in %.2f s", n_frames,
+                 n_records, after, time.perf_counter() - t0)
+
+    def _over_bytes(self) -> bool:
+        limit = self.config.hub.retain_frames_mb
+        return limit > 0 and self.store.frame_bytes > limit * 1e6
 
     async def _pruner(self) -> None:
-        """Keep the frame table to ``retain_frames_hours``: a hub runs for months."""
+        """Keep the frame table to ``retain_frames_hours`` and ``retain_frames_mb``: a hub
+        runs for months.  Runs every ``prune_interval_s``, and at once when a commit takes
+        the stored bodies over the byte limit."""
         h = self.config.hub
         while True:
+            older = time.time() - h.retain_frames_hours * 3600 if h.retain_frames_hours else 0.0
+            max_bytes = int(h.retain_frames_mb * 1e6) if h.retain_frames_mb else None
             try:
-                n = await self.store.prune(time.time() - h.retain_frames_hours * 3600)
+                n = await self.store.prune(older, max_bytes, self.prune_limit)
+            except StoreFull as exc:  # deleting needs WAL space too: next time
+                log.warning("pruning old frames: %s", exc)
             except Exception:  # (a locked or failing database) a boundary: try next time
                 report_internal_error(self.metrics, "hub_prune", log, "pruning old frames")
             else:
                 if n:
                     self.m_pruned.inc(n)
-                    log.info("pruned %d frame(s) older than %g h", n, h.retain_frames_hours)
-            await trio.sleep(h.prune_interval_s)
+                    log.info("pruned %d frame(s) (older than %g h or over %g MB)", n,
+                             h.retain_frames_hours, h.retain_frames_mb)
+            self._prune_now = trio.Event()
+            with trio.move_on_after(h.prune_interval_s):
+                await self._prune_now.wait()
 
     # -- HTTP --
     def health(self) -> tuple[bool, dict[str, Any]]:
-        return True, {"status": "ok", "uptime_s": round(time.time() - self.started_at, 1),
-                      "gateways_connected": len(self.connected), **self.security.health()}
+        body: dict[str, Any] = {"status": "ok",
+                                "uptime_s": round(time.time() - self.started_at, 1),
+                                "gateways_connected": len(self.connected),
+                                **self.security.health()}
+        if self.store.full:
+            # Still 200: the hub is alive and the gateways keep their data; a monitor
+            # alerts on the status (a restart would not free the disk).
+            body.update(status="degraded",
+                        detail="disk full: acknowledgements paused, gateways spool")
+        return True, body
 
     def stats(self) -> dict[str, Any]:
         gateways: dict[str, Any] = {}
@@ -198,7 +256,10 @@ class Ingest:
                 "last_seen": st.last_seen if st else None,
                 "rtt_ms": session.rtt_ms if (session := self.connected.get(gw)) else None,
             }
-        out: dict[str, Any] = {"gateways": gateways, "metrics": self.metrics.as_dict()}
+        out: dict[str, Any] = {
+            "gateways": gateways, "replay": self.replayed,
+            "store": {"frame_bytes": self.store.frame_bytes, "full": self.store.full},
+            "metrics": self.metrics.as_dict()}
         for name, section in self.stats_sections.items():
             out[name] = section()
         return out
@@ -335,8 +396,8 @@ class Ingest:
         if conn.declared_lost:
             log.warning("gateway %s: %d frame(s) below seq %d were dropped by the gateway "
                         "before reaching the hub", gw, conn.declared_lost, hello.next_seq)
-            await self.store.declare_lost(gw, hello.epoch, hello.next_seq - 1,
-                                          conn.declared_lost)
+            await self._until_written(gw, lambda: self.store.declare_lost(
+                gw, hello.epoch, hello.next_seq - 1, conn.declared_lost))
         await ws.send_message(welcome)
         self.handshaking.discard(ws)
         log.info("gateway %s connected from %s (epoch %s, next seq %d)", gw, session.remote,
@@ -358,9 +419,13 @@ class Ingest:
                 report_internal_error(self.metrics, "hub_consumer", log,
                                       "%s.on_gateway(%r, %s)", type(c).__name__, gw, connected)
 
-    def _feed(self, gw: str, first_rid: int, records: list[Record]) -> None:
+    def _feed(self, gw: str, first_rid: int, records: list[Record], frame_id: int) -> None:
         """Hand one applied frame's records to every consumer.  The frame is durably
-        applied already; a consumer that fails on it misses it (counted), nothing else."""
+        applied already; a consumer that fails on it misses it (counted), nothing else.
+        Frames are fed in frame id order (each commit's right after it, commits one at a
+        time), which is what makes ``fed_id`` a consistent checkpoint position."""
+        self.fed_id = frame_id
+        self.records_fed += len(records)
         for c in self.consumers:
             try:
                 c.on_records(gw, first_rid, records)
@@ -369,6 +434,8 @@ class Ingest:
                                       "%s.on_records(gateway %s, rids %d..%d)",
                                       type(c).__name__, gw, first_rid,
                                       first_rid + len(records) - 1)
+        if self.on_fed is not None:
+            self.on_fed(self.records_fed)
 
     async def _serve_gateway(self, ws: WebSocket, conn: HubConnection, gw: str,
                              epoch: str) -> None:
@@ -450,7 +517,9 @@ class Ingest:
                              first_rid, records))
             # frames already applied (by an earlier connection of this gateway) are skipped
             # by the commit itself: counted as duplicates and acked, not handed on again
-            skipped = await self.store.commit([g[0] for g in good], rejected=bad)
+            to_apply = [g[0] for g in good]
+            skipped = await self._until_written(
+                gw, functools.partial(self.store.commit, to_apply, rejected=bad))
             failpoints.hit("hub.after_commit")
             now = trio.current_time()
             wall = time.time()
@@ -461,7 +530,7 @@ class Ingest:
                 if (f.gateway, f.epoch, f.seq) not in skipped:
                     self.m_frames.inc()
                     self.m_records.inc(len(records))
-                    self._feed(gw, first_rid, records)
+                    self._feed(gw, first_rid, records, f.id)
                     self.h_age.observe_many([wall - r.ts for r in records])
                 ack = conn.applied(f.seq, now)
             # observed before any await: a scrape sees it together with the counts above
@@ -477,6 +546,30 @@ class Ingest:
                 await ws.send_message(conn.rejected(f.seq, reason, now))
                 ack = conn.ack(now)
             await ws.send_message(ack)
+
+    async def _until_written(self, gw: str, commit: Callable[[], Awaitable[T]]) -> T:
+        """``commit()``; while the disk is full, wait and try the same again.  Nothing is
+        acknowledged meanwhile, so the gateway's window fills and it keeps its frames in
+        its spool; the connection stays up (the receiver still answers pings).  Space
+        coming back is found by the next try: no operator action."""
+        delay = 0.2
+        while True:
+            try:
+                result = await commit()
+            except StoreFull as exc:
+                self.m_full.inc()
+                if delay == 0.2:
+                    log.error("gateway %s: cannot store its frames, the disk is full (%s); "
+                              "acknowledgements paused until space returns", gw, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if delay > 0.2:
+                log.warning("gateway %s: the store can write again; acknowledgements resume",
+                            gw)
+            if self._over_bytes():
+                self._prune_now.set()
+            return result
 
 
 def _reason_key(code: int) -> str:

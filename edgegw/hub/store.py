@@ -12,14 +12,27 @@ SQLite calls block, so they run in a worker thread (``trio.to_thread``) behind a
 one-slot limiter: one connection, used by one thread at a time.  Frames arriving while a
 commit is in flight are committed together (group commit), which is what keeps the
 fsync cost per frame low.
+
+Frame bodies are stored compressed (``codec`` 1: zlib of the CBOR body, about 10 bytes per
+record against the tester's 17-80 bytes of STDF; ``bench/hub_bytes.py``).  The compression
+runs in the commit's worker thread (zlib releases the GIL).  ``frame_bytes`` -- the stored
+bodies' total, kept in ``meta`` in the same transactions that add and delete frames -- is
+what ``hub.retain_frames_mb`` bounds (docs/storage.md).
+
+A full disk (``SQLITE_FULL``, ``ENOSPC``) raises ``StoreFull`` from ``commit``: the
+transaction was rolled back and the in-memory sets restored, so the caller may simply try
+the same frames again later (the hub pauses acknowledgements and retries).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import secrets
 import sqlite3
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,7 +70,12 @@ CREATE TABLE IF NOT EXISTS frames (
     n_records INTEGER NOT NULL,
     applied_at REAL NOT NULL,
     body BLOB NOT NULL,
+    codec INTEGER NOT NULL DEFAULT 0,
     UNIQUE (gateway, epoch, seq)
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS rejected (
     id INTEGER PRIMARY KEY,
@@ -69,6 +87,39 @@ CREATE TABLE IF NOT EXISTS rejected (
     body BLOB
 );
 """
+
+#: how a stored body is encoded: 0 the CBOR body as received, 1 zlib of it
+CODEC_RAW = 0
+CODEC_ZLIB = 1
+_ZLIB_LEVEL = 6  # 10 B/record at ~600k records/s; level 9 saves 2% at a fifth of the speed
+
+
+def pack_body(body: bytes) -> tuple[int, bytes]:
+    """A frame body as stored: (codec, bytes)."""
+    return (CODEC_ZLIB, zlib.compress(body, _ZLIB_LEVEL)) if body else (CODEC_RAW, body)
+
+
+def unpack_body(codec: int, stored: bytes) -> bytes:
+    """The CBOR frame body of a stored row (``SELECT codec, body FROM frames``)."""
+    if codec == CODEC_ZLIB:
+        return zlib.decompress(stored)
+    if codec == CODEC_RAW:
+        return bytes(stored)
+    raise ValueError(f"unknown frame body codec {codec}")
+
+
+class StoreFull(OSError):
+    """The disk (or the file system's quota) is full: nothing was written."""
+
+
+def _is_full(exc: BaseException) -> bool:
+    """SQLITE_FULL, or an I/O error (how SQLite reports some ENOSPC, e.g. growing the WAL
+    index), or the OS's own ENOSPC/EDQUOT: a condition that passes when space returns."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        return code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
 
 STAT_FIELDS = ("frames_applied", "records_applied", "duplicates_dropped", "frames_rejected",
                "frames_lost", "last_seq")
@@ -84,6 +135,8 @@ class FrameToApply:
     first_rid: int
     n_records: int
     body: bytes
+    #: frames.id once committed: the frame's position in the store's applied order
+    id: int = 0
 
 
 @dataclasses.dataclass
@@ -108,6 +161,14 @@ class HubStore:
         self._commit_lock = trio.Lock()  # check-and-apply of applied sets is one step
         self.stats: dict[str, GatewayStats] = {}
         self.applied: dict[tuple[str, str], IntervalSet] = {}
+        #: bytes of stored frame bodies (what ``retain_frames_mb`` bounds)
+        self.frame_bytes = 0
+        #: frames.id of the newest frame committed (ids grow in commit order)
+        self.last_frame_id = 0
+        #: the last commit failed for want of space and nothing has succeeded since
+        self.full = False
+        #: a random id made when the store was created (frame ids mean nothing elsewhere)
+        self.store_id = 0
 
     # -- blocking internals (worker thread) --
     def _open_sync(self) -> None:
@@ -116,6 +177,21 @@ class HubStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(SCHEMA)
+        cols = {row[1] for row in db.execute("PRAGMA table_info(frames)")}
+        if "codec" not in cols:  # a store from before compact bodies: its rows are raw
+            db.execute("ALTER TABLE frames ADD COLUMN codec INTEGER NOT NULL DEFAULT 0")
+        row = db.execute("SELECT value FROM meta WHERE key = 'frame_bytes'").fetchone()
+        if row is None:  # once per store: afterwards every commit and prune keeps it
+            total = db.execute("SELECT COALESCE(SUM(length(body)), 0) FROM frames").fetchone()
+            db.execute("INSERT INTO meta (key, value) VALUES ('frame_bytes', ?)", total)
+            row = total
+        self.frame_bytes = row[0]
+        row = db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+        if row is None:  # who this store is: a checkpoint names the store it covers
+            row = (secrets.randbits(62),)
+            db.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", row)
+        self.store_id = row[0]
+        self.last_frame_id = db.execute("SELECT COALESCE(MAX(id), 0) FROM frames").fetchone()[0]
         self._db = db
         for gw, epoch, ranges in db.execute("SELECT gateway, epoch, ranges FROM applied"):
             self.applied[(gw, epoch)] = IntervalSet(json.loads(ranges))
@@ -124,20 +200,27 @@ class HubStore:
             self.stats[row[0]] = GatewayStats(*row)
 
     def _apply_sync(self, frames: list[FrameToApply], lost: dict[tuple[str, str], tuple[int, int]],
-                    rejected: list[tuple[FrameToApply, str]]) -> None:
+                    rejected: list[tuple[FrameToApply, str]]) -> list[int]:
+        """Returns the frames' ids (frames.id), in order."""
         db = self._db
         assert db is not None
         now = time.time()
         touched: set[tuple[str, str]] = set()
+        packed = [pack_body(f.body if self.keep_bodies else b"") for f in frames]
+        added = sum(len(body) for _, body in packed)
+        ids: list[int] = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            for f in frames:
-                db.execute(
-                    "INSERT OR IGNORE INTO frames (gateway, epoch, seq, first_rid, n_records,"
-                    " applied_at, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (f.gateway, f.epoch, f.seq, f.first_rid, f.n_records, now,
-                     f.body if self.keep_bodies else b""))
+            for f, (codec, body) in zip(frames, packed, strict=True):
+                cur = db.execute(
+                    "INSERT INTO frames (gateway, epoch, seq, first_rid, n_records,"
+                    " applied_at, body, codec) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (f.gateway, f.epoch, f.seq, f.first_rid, f.n_records, now, body, codec))
+                ids.append(cur.lastrowid or 0)
                 touched.add((f.gateway, f.epoch))
+            if added:
+                db.execute("UPDATE meta SET value = value + ? WHERE key = 'frame_bytes'",
+                           (added,))
             for f, reason in rejected:
                 db.execute("INSERT INTO rejected (gateway, epoch, seq, reason, at, body)"
                            " VALUES (?, ?, ?, ?, ?, ?)",
@@ -158,9 +241,16 @@ class HubStore:
                      st.last_seen))
             failpoints.hit("hub.mid_commit")
             db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
+        except BaseException as exc:
+            if db.in_transaction:  # (SQLite may have rolled back by itself: SQLITE_FULL)
+                db.execute("ROLLBACK")
+            if _is_full(exc):
+                raise StoreFull(errno.ENOSPC, f"hub store {self.path}: {exc}") from exc
             raise
+        self.frame_bytes += added
+        if ids:
+            self.last_frame_id = ids[-1]
+        return ids
 
     # -- async API --
     async def open(self) -> None:
@@ -244,12 +334,17 @@ class HubStore:
             self.gateway_stats(gw).epoch = epoch
             self.gateway_stats(gw).frames_lost += n
         try:
-            await trio.to_thread.run_sync(self._apply_sync, frames, lost, rejected,
-                                          limiter=self._limiter)
-        except BaseException:
+            ids = await trio.to_thread.run_sync(self._apply_sync, frames, lost, rejected,
+                                                limiter=self._limiter)
+        except BaseException as exc:
             self.applied.update(saved_sets)
             self.stats.update(saved_stats)
+            if isinstance(exc, StoreFull):
+                self.full = True
             raise
+        self.full = False
+        for f, frame_id in zip(frames, ids, strict=True):
+            f.id = frame_id
 
     async def declare_lost(self, gateway: str, epoch: str, up_to: int, count: int) -> None:
         """Record that the gateway no longer holds frames below ``up_to`` that we lack."""
@@ -264,13 +359,14 @@ class HubStore:
         """A database call is running in the store's worker thread."""
         return self._limiter.borrowed_tokens > 0
 
-    async def stored_frames(self, decode: Callable[[str, str, int, int, bytes], T | None],
-                            batch: int = 200) -> AsyncIterator[list[T]]:
-        """Every stored frame in the order it was applied (for rebuilding live state), as
-        ``decode(gateway, epoch, seq, first_rid, body)`` -- run in the store's worker
-        thread, so decoding never blocks the Trio thread -- in lists of up to ``batch``
-        results (frames it returns None for are left out)."""
-        frames = self._iter_frames_sync()
+    async def stored_frames(
+            self, decode: Callable[[int, str, str, int, int, bytes], T | None],
+            after: int = 0, batch: int = 200) -> AsyncIterator[list[T]]:
+        """Every stored frame with an id above ``after`` in the order it was applied (for
+        rebuilding live state), as ``decode(id, gateway, epoch, seq, first_rid, body)`` --
+        run in the store's worker thread, so decoding never blocks the Trio thread -- in
+        lists of up to ``batch`` results (frames it returns None for are left out)."""
+        frames = self.iter_frames_sync(after)
 
         def load() -> list[T]:
             out: list[T] = []
@@ -285,35 +381,85 @@ class HubStore:
         while loaded := await trio.to_thread.run_sync(load, limiter=self._limiter):
             yield loaded
 
-    def _iter_frames_sync(self, batch: int = 500) -> Iterator[tuple[str, str, int, int, bytes]]:
-        """Every stored frame in the order it was applied (for rebuilding live state)."""
+    def iter_frames_sync(self, after: int = 0, batch: int = 500,
+                         ) -> Iterator[tuple[int, str, str, int, int, bytes]]:
+        """``(id, gateway, epoch, seq, first_rid, body)`` of every stored frame with an id
+        above ``after``, in the order they were applied (for rebuilding live state).  A
+        body that does not unpack is yielded as ``b""`` (the caller counts it)."""
         assert self._db is not None
-        last = 0
+        last = after
         while True:
             rows = self._db.execute(
-                "SELECT id, gateway, epoch, seq, first_rid, body FROM frames WHERE id > ?"
-                " ORDER BY id LIMIT ?", (last, batch)).fetchall()
+                "SELECT id, gateway, epoch, seq, first_rid, codec, body FROM frames"
+                " WHERE id > ? ORDER BY id LIMIT ?", (last, batch)).fetchall()
             if not rows:
                 return
             for row in rows:
-                yield row[1], row[2], row[3], row[4], row[5]
+                try:
+                    body = unpack_body(row[5], row[6])
+                except (ValueError, zlib.error):
+                    body = b""
+                yield row[0], row[1], row[2], row[3], row[4], body
             last = rows[-1][0]
 
-    async def prune(self, older_than: float, batch: int = 5000) -> int:
-        """Delete applied frames applied before ``older_than`` (Unix time), in batches of
-        short transactions so ingest is never held up for long; returns how many.  The
-        applied sets stay: a resend of a pruned frame is still dropped as a duplicate."""
+    async def prune(self, older_than: float, max_bytes: int | None = None,
+                    up_to_id: int | None = None, batch: int = 2000) -> int:
+        """Delete the oldest applied frames while they were applied before ``older_than``
+        (Unix time) or the stored bodies exceed ``max_bytes``; never a frame above
+        ``up_to_id`` (the newest one a checkpoint covers: newer ones rebuild the live
+        state), never the newest frame.  In batches of short transactions so ingest is
+        never held up for long; returns how many.  The applied sets stay: a resend of a
+        pruned frame is still dropped as a duplicate."""
+        # The newest frame always stays: ids are rowids, and SQLite gives a new row the
+        # largest id + 1, so an emptied table would hand out ids a checkpoint covers.
+        limit_id = self.last_frame_id - 1 if up_to_id is None else min(
+            up_to_id, self.last_frame_id - 1)
+
+        def over() -> bool:
+            return max_bytes is not None and self.frame_bytes > max_bytes
+
         def run() -> int:
-            assert self._db is not None
-            return self._db.execute(
-                "DELETE FROM frames WHERE id IN (SELECT id FROM frames WHERE applied_at < ?"
-                " ORDER BY id LIMIT ?)", (older_than, batch)).rowcount
+            db = self._db
+            assert db is not None
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                # oldest first: by age, then (still over the byte limit) by size
+                gone = db.execute(
+                    "DELETE FROM frames WHERE id IN (SELECT id FROM frames WHERE id <= ?"
+                    " AND applied_at < ? ORDER BY id LIMIT ?) RETURNING length(body)",
+                    (limit_id, older_than, batch)).fetchall()
+                freed = sum(size for (size,) in gone)
+                if not gone and over():
+                    need = self.frame_bytes - (max_bytes or 0)
+                    top = 0
+                    for frame_id, size in db.execute(
+                            "SELECT id, length(body) FROM frames WHERE id <= ? ORDER BY id"
+                            " LIMIT ?", (limit_id, batch)):
+                        top = frame_id
+                        need -= size
+                        if need <= 0:
+                            break
+                    gone = db.execute("DELETE FROM frames WHERE id <= ? RETURNING length(body)",
+                                      (top,)).fetchall()
+                    freed = sum(size for (size,) in gone)
+                if freed:
+                    db.execute("UPDATE meta SET value = value - ? WHERE key = 'frame_bytes'",
+                               (freed,))
+                db.execute("COMMIT")
+            except BaseException as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                if _is_full(exc):
+                    raise StoreFull(errno.ENOSPC, f"hub store {self.path}: {exc}") from exc
+                raise
+            self.frame_bytes -= freed
+            return len(gone)
 
         total = 0
         while True:
             n = await trio.to_thread.run_sync(run, limiter=self._limiter)
             total += n
-            if n < batch:
+            if n == 0:
                 return total
 
     async def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -323,3 +469,9 @@ class HubStore:
             return self._db.execute(sql, params).fetchall()
 
         return await trio.to_thread.run_sync(run, limiter=self._limiter)
+
+
+__all__ = [
+    "CODEC_RAW", "CODEC_ZLIB", "FrameToApply", "GatewayStats", "HubStore", "StoreFull",
+    "pack_body", "unpack_body",
+]

@@ -61,6 +61,9 @@ class AlertService:
                                              "alert events written to the history store")
         self._m_store_errors = self.metrics.counter(
             "hub_history_store_errors_total", "history store writes that failed")
+        self._m_kept = self.metrics.counter(
+            "hub_archives_kept_total",
+            "lot and wafer archives not overwritten because the stored one was fuller")
         self._queued = 0
         self._done = 0
         self._progress = trio.Event()
@@ -144,13 +147,17 @@ class AlertService:
             lots = [payload for kind, payload in items if kind == "lot"]
             wafers = [payload for kind, payload in items if kind == "wafer"]
             try:
-                await self.store.save(list(latest.values()), lots, wafers)
+                kept = await self.store.save(list(latest.values()), lots, wafers)
             except Exception as exc:  # a full disk must not stop alerting
                 self._m_store_errors.inc()
                 log.error("history store write failed (%d alert events, %d lots, %d wafers): "
                           "%s", len(events), len(lots), len(wafers), exc)
             else:
                 self._m_saved.inc(len(events))
+                if kept:
+                    self._m_kept.inc(kept)
+                    log.info("%d lot/wafer archive(s) not replaced: the stored one is fuller "
+                             "(a partial rebuild)", kept)
             for event in events:
                 try:
                     self.webhooks.submit(event)

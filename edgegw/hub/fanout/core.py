@@ -54,6 +54,10 @@ from .encoding import Encoding, decode_client_message
 log = logging.getLogger("edgegw.hub.live")
 
 
+#: offsets of swept channels remembered by topic; beyond, one floor for every new channel
+MAX_TOMBSTONES = 1024
+
+
 class StateSource(Protocol):
     """What the fan-out needs from the live state (``edgegw.hub.live.LiveState``)."""
 
@@ -111,7 +115,10 @@ class LiveHub:
         self._ids = itertools.count(1)
         # Offsets of channels dropped by ``sweep``: a topic that comes back continues past
         # them, so an old offset can never name a different delta in the same epoch.
+        # Bounded (a hub sees lots, wafers and tests come and go for months): a forgotten
+        # tombstone raises ``_offset_floor`` instead, where every new channel starts.
         self._tombstones: dict[str, int] = {}
+        self._offset_floor = 0
         self._ticks = 0
         self._snapshot_budget = self.config.snapshot_rows_per_tick
         self._m_published = self.metrics.counter("live_deltas_published_total",
@@ -160,7 +167,9 @@ class LiveHub:
         if topic in self._tombstones:
             # One offset is skipped: no history can lead from the old channel's offsets
             # into the new one (its state started afresh), so a resume there resyncs.
-            channel.offset = self._tombstones.pop(topic) + 1
+            channel.offset = max(self._tombstones.pop(topic) + 1, self._offset_floor)
+        else:
+            channel.offset = self._offset_floor
         self.channels[topic] = channel
         for pattern, clients in self._patterns.items():
             if topic_matches(pattern, topic):
@@ -503,6 +512,9 @@ class LiveHub:
                 client.resync.pop(channel.topic, None)
             self._tombstones[channel.topic] = channel.offset
             del self.channels[channel.topic]
+        while len(self._tombstones) > MAX_TOMBSTONES:  # the oldest first (insertion order)
+            oldest = next(iter(self._tombstones))
+            self._offset_floor = max(self._offset_floor, self._tombstones.pop(oldest) + 1)
         return len(gone)
 
     def _conflate(self, client: Client) -> None:

@@ -1,0 +1,490 @@
+"""Live-state checkpoints: a restart (or, later, an ownership move) loads the live state
+from a checkpoint and replays only the frames applied after it.
+
+Design, invariants first (format: docs/storage.md, "Checkpoints"):
+
+* **A consistent cut.**  ``capture`` copies the live state into plain data synchronously
+  on the Trio thread, where every change to the state happens, so nothing changes during
+  the copy.  Its position is the id (``frames.id``) of the last frame the state was fed:
+  frames are fed in id order (the hub feeds each commit right after it, and commits are
+  serialised), so the state holds exactly the frames up to that id.  Encoding,
+  compression and the write happen in a worker thread: ingest is held up only for the
+  copy, and the copy of a wafer that has not changed since the last checkpoint is reused.
+* **Durable before it counts.**  The file is written to a temporary name, fsynced,
+  renamed over ``checkpoint`` (the previous one becomes ``checkpoint.prev``) and the
+  directory fsynced.  Archives of lots evicted before the cut are written to the history
+  store first (``AlertService.wait_persisted``): a checkpoint never stands for an evicted
+  lot whose archive a crash could lose.
+* **Frames stay until two checkpoints cover them.**  The pruner never deletes a frame
+  above the *older* checkpoint's position, so falling back to ``checkpoint.prev`` (the
+  newer one unreadable) still finds every frame after it.
+* **Versioned and store-agnostic.**  ``encode``/``decode`` turn (position, state) into
+  bytes and back; the position is an opaque small dict (here ``{"frame_id": n}``).  A
+  file of another version, or one that fails its CRC, is refused with a clear error and
+  the hub falls back (older checkpoint, then a full replay of the frames it has).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import struct
+import time
+import zlib
+from collections import Counter, deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cbor2
+import trio
+
+from edgegw.hub.live.models import (
+    Die,
+    GatewayState,
+    LotState,
+    Running,
+    SensorState,
+    Tally,
+    TestStats,
+    WaferState,
+)
+from edgegw.hub.live.state import LiveState
+from edgegw.metrics import Metrics, report_internal_error
+
+if TYPE_CHECKING:
+    from edgegw.hub.alerts.service import AlertService
+    from edgegw.hub.ingest import Ingest as Hub
+
+log = logging.getLogger("edgegw.hub.checkpoint")
+
+MAGIC = b"EGWCKPT\n"
+FORMAT_VERSION = 2  # 2: a test's distribution, per-site and per-wafer figures, die values
+_HEADER = struct.Struct(">8sHI")  # magic, format version, CRC-32 of the payload
+FILE = "checkpoint"
+PREVIOUS = "checkpoint.prev"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (wrong format, version or checksum)."""
+
+
+# --------------------------------------------------------------------------- bytes
+
+
+def encode(position: dict[str, Any], data: dict[str, Any]) -> bytes:
+    """A checkpoint as bytes: header + zlib(CBOR {"position", "taken_at", "state"})."""
+    payload = zlib.compress(cbor2.dumps({"position": position, "taken_at": time.time(),
+                                         "state": data}), 1)
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, zlib.crc32(payload)) + payload
+
+
+def decode(blob: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(position, state data) of a checkpoint; CheckpointError if it cannot be used."""
+    if len(blob) < _HEADER.size:
+        raise CheckpointError(f"checkpoint of {len(blob)} bytes is too short")
+    magic, version, crc = _HEADER.unpack_from(blob)
+    if magic != MAGIC:
+        raise CheckpointError("not an edgegw checkpoint (bad magic)")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint format {version}, this hub reads {FORMAT_VERSION}")
+    payload = blob[_HEADER.size:]
+    if zlib.crc32(payload) != crc:
+        raise CheckpointError("checkpoint checksum mismatch (torn or corrupt file)")
+    try:
+        doc = cbor2.loads(zlib.decompress(payload))
+        return doc["position"], doc["state"]
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint payload unreadable: {exc}") from None
+
+
+# --------------------------------------------------------------------------- the cut
+
+
+def _counter(c: Counter[int]) -> dict[int, int]:
+    return {k: v for k, v in c.items() if v}
+
+
+def _tally(t: Tally) -> list[Any]:
+    return [t.dies, t.good, t.parts, t.retests, _counter(t.hard), _counter(t.soft),
+            _counter(t.hard_tested), _counter(t.soft_tested), _counter(t.site_dies),
+            _counter(t.site_good)]
+
+
+def _tally_from(row: list[Any]) -> Tally:
+    t = Tally()
+    t.dies, t.good, t.parts, t.retests = row[:4]
+    for name, value in zip(("hard", "soft", "hard_tested", "soft_tested", "site_dies",
+                            "site_good"), row[4:], strict=True):
+        setattr(t, name, Counter({int(k): v for k, v in value.items()}))
+    return t
+
+
+_DIE_FIELDS = ("rid", "ts", "x", "y", "hard_bin", "soft_bin", "passed", "site", "part_id")
+
+
+def _dies(dies: dict[Any, Die]) -> dict[str, Any]:
+    """A wafer's dies, columnar (one list per field: compact, and cheap to build)."""
+    gateways: dict[str, int] = {}
+    gw_col = []
+    cols: list[list[Any]] = [[] for _ in _DIE_FIELDS]
+    for die in dies.values():
+        gw_col.append(gateways.setdefault(die.gateway, len(gateways)))
+        for col, name in zip(cols, _DIE_FIELDS, strict=True):
+            col.append(getattr(die, name))
+    return {"gateways": list(gateways), "gateway": gw_col,
+            **dict(zip(_DIE_FIELDS, cols, strict=True))}
+
+
+def _dies_from(encoded: bytes) -> dict[Any, Die]:
+    data = cbor2.loads(encoded)
+    out: dict[Any, Die] = {}
+    gateways = data["gateways"]
+    for i, gw_index in enumerate(data["gateway"]):
+        die = Die.__new__(Die)
+        die.gateway = gateways[gw_index]
+        for name in _DIE_FIELDS:
+            setattr(die, name, data[name][i])
+        # the key is the die's own location, as LiveState._on_part makes it
+        if die.x is not None and die.y is not None:
+            key: Any = (die.x, die.y)
+        elif die.part_id:
+            key = ("part", die.part_id)
+        else:
+            key = ("rid", die.gateway, die.rid)
+        out[key] = die
+    return out
+
+
+class WaferCache:
+    """Each wafer's dies, encoded (CBOR, columnar) by an earlier cut and reused while the
+    wafer is unchanged: most of a lot's wafers are closed and never change again, so a
+    cut copies and encodes only the wafers being tested."""
+
+    def __init__(self) -> None:
+        self._by_wafer: dict[tuple[str, str], tuple[int, bytes]] = {}
+
+    def dies(self, wafer: WaferState) -> bytes:
+        key = (wafer.lot_id, wafer.wafer_id)
+        mark = wafer.tally.parts  # every part applied to the wafer counts here
+        hit = self._by_wafer.get(key)
+        if hit is not None and hit[0] == mark:
+            return hit[1]
+        data = cbor2.dumps(_dies(wafer.dies))
+        self._by_wafer[key] = (mark, data)
+        return data
+
+    def prime(self, wafer: WaferState, encoded: bytes) -> None:
+        """A wafer just restored from ``encoded``: the next cut reuses it."""
+        self._by_wafer[(wafer.lot_id, wafer.wafer_id)] = (wafer.tally.parts, encoded)
+
+    def keep_only(self, live: set[tuple[str, str]]) -> None:
+        for key in [k for k in self._by_wafer if k not in live]:
+            del self._by_wafer[key]
+
+
+def _wafer(w: WaferState, cache: WaferCache) -> dict[str, Any]:
+    return {"wafer_id": w.wafer_id, "dies": cache.dies(w), "tally": _tally(w.tally),
+            "status": w.status, "started": w.started, "ended": w.ended,
+            "reported": w.reported, "updated": w.updated,
+            "values": [[num, [[x, y, v] for (x, y), v in by_die.items()]]
+                       for num, by_die in w.values.items()],
+            "value_count": w.value_count}
+
+
+def _running(key: Any, r: Running) -> list[Any]:
+    return [key, r.n, r.mean, r.m2]
+
+
+def _running_from(row: list[Any]) -> Running:
+    r = Running()
+    r.n, r.mean, r.m2 = row[1:]
+    return r
+
+
+def _test(t: TestStats) -> list[Any]:
+    h = t.histogram
+    return [t.test_num, t.kind, t.test_txt, t.units, t.lo, t.hi, t.executions, t.fails,
+            t.count, t.mean, t.m2, t.min, t.max,
+            [h.lo, h.width, list(h.counts), h.below, h.above],
+            [_running(site, r) for site, r in t.by_site.items()],
+            [_running(wafer, r) for wafer, r in t.by_wafer.items()]]
+
+
+def _test_from(lot_id: str, row: list[Any]) -> TestStats:
+    t = TestStats(lot_id, row[0], row[1])
+    (t.test_txt, t.units, t.lo, t.hi, t.executions, t.fails, t.count, t.mean, t.m2,
+     t.min, t.max) = row[2:13]
+    h = t.histogram
+    h.lo, h.width, counts, h.below, h.above = row[13]
+    h.counts = list(counts)
+    t.by_site = {r[0]: _running_from(r) for r in row[14]}
+    for r in row[15]:
+        t.by_wafer[r[0]] = _running_from(r)
+    return t
+
+
+def _lot(lot: LotState, cache: WaferCache) -> dict[str, Any]:
+    return {
+        "lot_id": lot.lot_id, "info": lot.info, "status": lot.status,
+        "started": lot.started, "ended": lot.ended, "gateways": sorted(lot.gateways),
+        "wafers": [_wafer(w, cache) for w in lot.wafers.values()],
+        "archived_wafers": sorted(lot.archived_wafers),
+        "tests": [_test(t) for t in lot.tests.values()], "tally": _tally(lot.tally),
+        "part_times": list(lot.part_times), "test_time": [lot.test_time_sum, lot.test_time_n],
+        "reported_hard": lot.reported_hard, "reported_soft": lot.reported_soft,
+        "reported_counts": lot.reported_counts, "updated": lot.updated,
+        # a part's values waiting for its PartResult (a cut may fall between them)
+        "pending": [[*key, [[stats.test_num, v] for stats, v in values]]
+                    for key, values in lot.pending.items()],
+    }
+
+
+def capture(state: LiveState, cache: WaferCache | None = None) -> dict[str, Any]:
+    """The live state as plain data (a consistent cut: call on the Trio thread)."""
+    cache = cache or WaferCache()
+    out: dict[str, Any] = {
+        "lots": [_lot(lot, cache) for lot in state.lots.values()],
+        "evicted": list(state.evicted),
+        "sensors": [[s.channel, s.unit, s.latest, list(s.history), s.source]
+                    for s in state.sensors.values()],
+        "gateways": [[g.gateway_id, g.last_seen, g.records, g.frames, g.last_rid,
+                      list(g.events)] for g in state.gateways.values()],
+        "not_applied": state.not_applied, "not_applied_total": state.not_applied_total,
+        "last_error": state.last_error, "now": state._now,
+    }
+    cache.keep_only({(lot.lot_id, w.wafer_id) for lot in state.lots.values()
+                     for w in lot.wafers.values()})
+    engine = state.alerts
+    if engine is not None:
+        out["alert_runs"] = [[*k, v] for k, v in engine._runs.items()]
+        out["alert_shares"] = [[*k, list(h)] for k, h in engine._shares.items()]
+    return out
+
+
+def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = None) -> None:
+    """Load a captured state into a fresh ``LiveState`` (nothing is published: clients
+    subscribing start from snapshots, as after any restart); ``cache`` is primed with
+    the wafers restored, so the next cut does not encode them again."""
+    for d in data["lots"]:
+        lot = LotState(d["lot_id"])
+        lot.info = dict(d["info"])
+        lot.status, lot.started, lot.ended = d["status"], d["started"], d["ended"]
+        lot.gateways = set(d["gateways"])
+        for wd in d["wafers"]:
+            w = WaferState(lot.lot_id, wd["wafer_id"])
+            w.dies = _dies_from(wd["dies"])
+            w.tally = _tally_from(wd["tally"])
+            w.status, w.started, w.ended = wd["status"], wd["started"], wd["ended"]
+            w.reported, w.updated = dict(wd["reported"]), wd["updated"]
+            w.values = {num: {(x, y): v for x, y, v in rows} for num, rows in wd["values"]}
+            w.value_count = wd["value_count"]
+            lot.wafers[w.wafer_id] = w
+            if cache is not None:
+                cache.prime(w, wd["dies"])
+        lot.archived_wafers = set(d["archived_wafers"])
+        for row in d["tests"]:
+            t = _test_from(lot.lot_id, row)
+            lot.tests[t.test_num] = t
+        for gw, head, site, values in d["pending"]:
+            lot.pending[(gw, head, site)] = [(lot.tests[num], v) for num, v in values]
+        lot.tally = _tally_from(d["tally"])
+        lot.part_times.extend(d["part_times"])
+        lot.test_time_sum, lot.test_time_n = d["test_time"]
+        lot.reported_hard = dict(d["reported_hard"])
+        lot.reported_soft = dict(d["reported_soft"])
+        lot.reported_counts = dict(d["reported_counts"])
+        lot.updated = d["updated"]
+        state.lots[lot.lot_id] = lot
+    for lot_id in data["evicted"]:
+        state.evicted.append(lot_id)
+    state._evicted_set = set(state.evicted)
+    for channel, unit, latest, history, source in data["sensors"]:
+        s = SensorState(channel, state.sensor_history)
+        s.unit, s.latest, s.source = unit, latest, source
+        s.history.extend(history)
+        state.sensors[channel] = s
+    for gw_id, last_seen, records, frames, last_rid, events in data["gateways"]:
+        g = GatewayState(gw_id)  # offline until it connects, as after any restart
+        g.last_seen, g.records, g.frames, g.last_rid = last_seen, records, frames, last_rid
+        g.events.extend(events)
+        state.gateways[gw_id] = g
+    state.not_applied = {k: dict(v) for k, v in data["not_applied"].items()}
+    state.not_applied_total = data["not_applied_total"]
+    state.last_error = data["last_error"]
+    state._now = data["now"]
+    engine = state.alerts
+    if engine is not None:
+        for *key, run in data.get("alert_runs", ()):
+            engine._runs[tuple(key)] = run  # type: ignore[index]
+        maxlen = {r.name: r.recent_wafers for r in engine.config.rules}
+        for name, part_type, history in data.get("alert_shares", ()):
+            engine._shares[(name, part_type)] = deque(
+                ({int(k): v for k, v in h.items()} for h in history),
+                maxlen=maxlen.get(name, len(history) or 1))
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_file_sync(directory: Path, blob: bytes) -> None:
+    """Atomically replace ``checkpoint`` (the old one kept as ``checkpoint.prev``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (FILE + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    current = directory / FILE
+    if current.exists():
+        os.replace(current, directory / PREVIOUS)
+    os.replace(tmp, current)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_file_sync(directory: Path) -> list[tuple[str, dict[str, Any], dict[str, Any] | None]]:
+    """The checkpoints on disk, newest first: (file name, position, data) -- data None and
+    position ``{"error": ...}`` for one that cannot be used."""
+    out: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
+    for name in (FILE, PREVIOUS):
+        path = directory / name
+        if not path.exists():
+            continue
+        try:
+            position, data = decode(path.read_bytes())
+        except (OSError, CheckpointError) as exc:
+            out.append((name, {"error": str(exc)}, None))
+        else:
+            out.append((name, position, data))
+    return out
+
+
+# --------------------------------------------------------------------------- Trio layer
+
+
+class Checkpointer:
+    """Writes checkpoints of ``state`` every ``interval_s`` (sooner after ``max_records``
+    records) and once more at a clean shutdown; at start-up, loads the newest usable one
+    before the hub replays (``Hub.before_replay``)."""
+
+    def __init__(self, hub: Hub, state: LiveState, directory: Path, *, interval_s: float,
+                 max_records: int, alerts: AlertService | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.hub = hub
+        self.state = state
+        self.directory = directory
+        self.interval_s = interval_s
+        self.max_records = max_records
+        self.alerts = alerts
+        self.metrics = metrics or Metrics()
+        self.cache = WaferCache()
+        self.position = 0  # the frame id the newest durable checkpoint covers
+        self.loaded_from: str | None = None
+        self._written_at_records = 0
+        self._wake = trio.Event()
+        m = self.metrics
+        self._m_written = m.counter("hub_checkpoints_written_total", "checkpoints written")
+        self._m_failed = m.counter("hub_checkpoint_failures_total",
+                                   "checkpoints that could not be written or read")
+        self._m_bytes = m.gauge("hub_checkpoint_bytes", "size of the newest checkpoint")
+        self._m_cut = m.gauge("hub_checkpoint_cut_seconds",
+                              "time the newest checkpoint's cut held the Trio thread")
+        hub.before_replay = self.load
+        hub.on_fed = self._on_fed
+
+    def _on_fed(self, records_fed: int) -> None:
+        if records_fed - self._written_at_records >= self.max_records:
+            self._wake.set()
+
+    async def load(self) -> int:
+        """Restore the newest usable checkpoint into the state; returns its frame id (the
+        hub replays the frames after it), 0 when there is none."""
+        found = await trio.to_thread.run_sync(load_file_sync, self.directory)
+        store_id = self.hub.store.store_id
+        for i, (name, position, data) in enumerate(found):
+            last = self.hub.store.last_frame_id
+            if data is not None and (position.get("store_id") != store_id
+                                     or position.get("frame_id", 0) > last):
+                # frame ids of another store (its file replaced or deleted): replaying
+                # "after" them would skip or repeat this store's frames
+                found[i] = (name, {"error": "it covers the frames of another store"}, None)
+        positions = [p["frame_id"] for _, p, d in found if d is not None]
+        for name, position, data in found:
+            if data is None:
+                self._m_failed.inc()
+                log.error("checkpoint %s not usable: %s", name, position["error"])
+                if name == FILE:  # kept aside, so the next write keeps the good older one
+                    await trio.to_thread.run_sync(os.replace, self.directory / FILE,
+                                                  self.directory / (FILE + ".bad"))
+                continue
+            restore(self.state, data, self.cache)
+            self.position = position["frame_id"]
+            self.loaded_from = name
+            # frames after the older checkpoint stay (see the module docstring)
+            self.hub.prune_limit = min(positions)
+            log.info("live state restored from %s (frame %d); replaying the frames after it",
+                     name, self.position)
+            return self.position
+        self.hub.prune_limit = 0  # until two checkpoints cover them, frames stay
+        return 0
+
+    async def checkpoint(self, final: bool = False) -> bool:
+        """Cut, then encode and write off the Trio thread; False if there was nothing new
+        (or, at shutdown, archives still unwritten: the older checkpoint stands)."""
+        position = self.hub.fed_id
+        if position == self.position:
+            return False
+        t0 = time.perf_counter()
+        data = capture(self.state, self.cache)
+        self._m_cut.set(round(time.perf_counter() - t0, 4))
+        records = self.hub.records_fed
+        if self.alerts is not None:  # the archives of lots evicted before the cut first
+            if final and self.alerts.backlog:
+                return False  # its writer may be gone already: do not wait for it
+            await self.alerts.wait_persisted()
+        blob = await trio.to_thread.run_sync(
+            encode, {"frame_id": position, "store_id": self.hub.store.store_id}, data)
+        await trio.to_thread.run_sync(write_file_sync, self.directory, blob)
+        previous, self.position = self.position, position
+        self.hub.prune_limit = previous  # the older of the two on disk
+        self._written_at_records = records
+        self._m_written.inc()
+        self._m_bytes.set(len(blob))
+        return True
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                  ) -> None:
+        task_status.started()
+        # Something was replayed at the start: checkpoint it now, not a minute later, so a
+        # crash soon after a long replay does not replay it all again.
+        if self.hub.fed_id != self.position:
+            self._wake.set()
+        try:
+            while True:
+                with trio.move_on_after(self.interval_s):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                try:
+                    await self.checkpoint()
+                except OSError as exc:  # a full disk, say: the frames stay, the next tries
+                    self._m_failed.inc()
+                    log.error("live-state checkpoint not written: %s", exc)
+                except Exception:
+                    self._m_failed.inc()
+                    report_internal_error(self.metrics, "hub_checkpoint", log,
+                                          "writing a live-state checkpoint")
+        finally:
+            # a clean stop: one last checkpoint makes the next start replay nothing
+            with trio.CancelScope(shield=True), trio.move_on_after(30):
+                with contextlib.suppress(Exception):
+                    await self.checkpoint(final=True)
+
+
+__all__ = [
+    "FORMAT_VERSION", "CheckpointError", "Checkpointer", "WaferCache", "capture", "decode",
+    "encode", "restore",
+]
