@@ -23,6 +23,12 @@ clock), so a format is tested with plain bytes and any chunking:
   yields STDF names and fields, one mapping (``edgegw.stdf.mapping``) turns any of them into
   edgegw records.
 - Corrupt input raises ``FormatError(message, offset)`` with the byte offset of the problem.
+- Optional additions (backwards compatible): a parser's ``complete`` says the file is whole
+  before any idle timeout; a format's ``Options`` dataclass takes per-source settings from
+  the gateway config (``new_parser``, ``build_options``).
+- Helpers for plugins: ``stdf_fields`` (STDF field dicts with the spec's missing values)
+  and ``test_number`` (a stable TEST_NUM for a named test).  ``edgegw.testing`` is the
+  plugin test kit.
 
 Why no "start at offset N" in the interface: records depend on earlier ones (the STDF byte
 order from FAR, per-test PTR defaults, the open PIR of a site), so the tail resumes a file by
@@ -35,6 +41,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from typing import Any, Protocol
+
+from .config import ConfigError, build
 
 ENTRY_POINT_GROUP = "edgegw.formats"
 
@@ -49,12 +57,22 @@ class FormatError(ValueError):
 
 
 class ParsedRecord(Protocol):
+    """One record a parser yields: its STDF ``name``, the stream ``offset`` of its first
+    byte, and its ``fields`` under the STDF V4 names (``stdf_fields`` builds them)."""
+
     name: str
     offset: int
     fields: dict[str, Any]
 
 
 class FormatParser(Protocol):
+    """A sans-IO parser of one file (docs/plugins.md, "The rules a parser must keep").
+
+    Optional: a ``complete`` attribute or property, True once the records yielded so far
+    are the whole file (the format's end marker, a declared record count): the tail then
+    calls ``close()`` at once instead of waiting ``idle_timeout`` -- what an MRR does for
+    STDF.  Parsers without it are complete at their MRR or when idle (``is_complete``)."""
+
     @property
     def position(self) -> int: ...
 
@@ -68,6 +86,14 @@ class FormatParser(Protocol):
 
 
 class TesterFormat(Protocol):
+    """A tester format, registered under the ``edgegw.formats`` entry-point group.
+
+    Optional: ``Options``, a dataclass of the format's own settings (a limits file, a
+    timezone, a numbering scheme).  A tail source's ``options`` table is built into it
+    (checked like any config section: unknown keys, types, ``validate()``) and each parser
+    is made by ``new_parser(options)``.  A format without ``Options`` takes no options and
+    is called as ``new_parser()`` (``new_parser`` below does the right one)."""
+
     name: str
     description: str
     suffixes: tuple[str, ...]
@@ -75,8 +101,48 @@ class TesterFormat(Protocol):
     def new_parser(self) -> FormatParser: ...
 
 
+def build_options(fmt: TesterFormat, raw: dict[str, Any] | None,
+                  origin: str = "<config>", prefix: str = "options") -> Any:
+    """``raw`` (a source's ``options`` table) built into ``fmt.Options``; None for a format
+    without ``Options`` given no options.  Raises ``edgegw.config.ConfigError`` naming each
+    bad key (``prefix`` is the table's dotted key, for the messages)."""
+    cls = getattr(fmt, "Options", None)
+    if cls is None:
+        if raw:
+            raise ConfigError([f"{origin}: {prefix}: the {fmt.name} format takes no options "
+                               f"(got {', '.join(sorted(raw))})"])
+        return None
+    return build(cls, dict(raw or {}), origin, prefix)
+
+
+def new_parser(fmt: TesterFormat, options: Any = None) -> FormatParser:
+    """A parser of ``fmt`` for one file.  ``options``: the format's ``Options`` instance, or
+    a dict to build one from (``build_options``); ignored for a format without
+    ``Options``."""
+    if getattr(fmt, "Options", None) is None:
+        return fmt.new_parser()
+    if options is None or isinstance(options, dict):
+        options = build_options(fmt, options)
+    return fmt.new_parser(options)  # type: ignore[call-arg]
+
+
+def is_complete(parser: FormatParser) -> bool:
+    """The parser says its file is whole (its optional ``complete``)."""
+    return bool(getattr(parser, "complete", False))
+
+
 class UnknownFormat(LookupError):
     pass
+
+
+def __getattr__(name: str) -> Any:
+    # The field helpers live with the STDF spec, which imports this module (FormatError):
+    # imported on first use, so either module can be imported first.
+    if name in ("stdf_fields", "test_number"):
+        from .stdf import fields
+
+        return getattr(fields, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def installed_formats() -> dict[str, TesterFormat]:

@@ -12,8 +12,10 @@ trailing fields are absent).  So ``edgegw.stdf.mapping`` maps ATDF exactly as it
 
 Sans-IO and incremental, like every format: ``feed`` bytes, iterate ``records()``.  A record
 is complete when the next line starts with a record name (it might still get continuation
-lines before that), or at ``close()``; MRR, the last record of a file, is complete at the
-end of its line.
+lines before that), or at ``close()`` once its line has ended; MRR, the last record of a
+file, is complete at the end of its line.  A last line without its newline is a record the
+tester was still writing: ``close()`` raises ``FormatError`` for it rather than yield a
+value cut short.
 
 Covered record types (the ones a live monitor needs): FAR, ATR, MIR, MRR, PCR, HBR, SBR,
 SDR, WIR, WRR, WCR, PIR, PRR, TSR, PTR, FTR (without its pin/index arrays), BPS, EPS, DTR;
@@ -307,7 +309,7 @@ class AtdfParser:
             if buf[pos] in b"\r\n":  # blank line between records
                 self._pos = pos + 1
                 continue
-            end = self._record_end(buf, pos, final)
+            end = self._record_end(buf, pos, final, self._base + pos)
             if (end if end >= 0 else n) - pos > MAX_RECORD_BYTES:
                 raise FormatError(f"a record longer than {MAX_RECORD_BYTES} bytes: not ATDF",
                                   self._base + pos)
@@ -319,13 +321,19 @@ class AtdfParser:
                 yield rec
 
     @staticmethod
-    def _record_end(buf: bytes, pos: int, final: bool) -> int:
-        """End (exclusive) of the record starting at ``pos``, or -1 if not known yet."""
+    def _record_end(buf: bytes, pos: int, final: bool, offset: int) -> int:
+        """End (exclusive) of the record starting at ``pos`` (stream ``offset``), or -1 if
+        not known yet.  At ``final`` a record whose last line has no newline is cut: the
+        tester was still writing it (``idds,645.65e-12`` cut to ``idds,645.6`` must not
+        become a value), so it is a ``FormatError``, never a record."""
         i = pos
         while True:
             nl = buf.find(b"\n", i)
             if nl < 0:
-                return len(buf) if final else -1
+                if final:  # the input ends inside a line: a cut record, not a short one
+                    raise FormatError("the file ends inside a record (its last line has no "
+                                      "newline)", offset)
+                return -1
             if nl + 1 < len(buf):
                 if buf[nl + 1] != 0x20:  # the next line starts a new record
                     return nl + 1
