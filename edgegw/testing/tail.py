@@ -95,11 +95,13 @@ async def run_tail(workdir: Path, format: str, data: bytes, *, file_name: str | 
         await nursery.start(gateway.run)
         source = gateway.sources[0][1]
         await _write_in_pieces(path, data, max(1, pieces), source)
-        # polled: the tail source signals nothing when a file is finished
-        while not _finished(source, str(path)):  # noqa: ASYNC110
+        # Finished means: the tail marked the file done, the batch carrying that mark is
+        # in a frame (the stored checkpoint says done), and the hub acknowledged every
+        # frame.  Polled: the tail source signals nothing when a file is finished.
+        while not (_finished(source, str(path))  # noqa: ASYNC110
+                   and _stored_done(gateway, str(path))
+                   and await gateway.drain(1.0)):
             await trio.sleep(0.02)
-        while not await gateway.drain(1.0):
-            pass
         holds = _holds(app, source, str(path))
         nursery.cancel_scope.cancel()
     return holds
@@ -126,6 +128,11 @@ def _fed(source: Any, path: str) -> int:
 def _finished(source: Any, path: str) -> bool:
     f = source.files.get(path)
     return f is not None and f.done
+
+
+def _stored_done(gateway: Gateway, path: str) -> bool:
+    checkpoint = gateway.store.checkpoints.get(_SOURCE) or {}
+    return bool(checkpoint.get("files", {}).get(path, {}).get("done"))
 
 
 def _holds(app: HubApp, source: Any, path: str) -> HubHolds:
