@@ -22,11 +22,31 @@ def _key(rec: Any) -> tuple[str, int, dict[str, Any]]:
     return (rec.name, rec.offset, dict(rec.fields))
 
 
+def _not_format_error(exc: Exception, where_: str) -> AssertionError:
+    if isinstance(exc, FormatError):
+        return AssertionError(f"{where_}: FormatError({exc.message!r}, {exc.offset}) though "
+                              "the data parses without one when fed at once")
+    return AssertionError(f"{where_}: the parser raised {type(exc).__name__}: {exc!s:.200} "
+                          "-- only FormatError is allowed, whatever the bytes (rule 4)")
+
+
 def parse(fmt: TesterFormat, data: bytes, chunks: Iterable[int] | None = None, *,
           options: dict[str, Any] | None = None) -> list[Any]:
     """Every record of ``data``: fed in pieces of the sizes in ``chunks`` (the rest in one
     piece; default: all at once), ``records()`` after each piece, then ``close()``.
-    Checks on the way that ``position`` never moves back and ends at ``len(data)``."""
+    Checks on the way that ``position`` never moves back and ends at ``len(data)``.
+    ``FormatError`` from the parser is raised as it is; any other exception becomes an
+    ``AssertionError`` saying so."""
+    try:
+        return _parse(fmt, data, chunks, options)
+    except (FormatError, AssertionError):
+        raise
+    except Exception as exc:
+        raise _not_format_error(exc, "parse") from exc
+
+
+def _parse(fmt: TesterFormat, data: bytes, chunks: Iterable[int] | None,
+           options: dict[str, Any] | None) -> list[Any]:
     parser = new_parser(fmt, options)
     out: list[Any] = []
     pos = 0
@@ -81,30 +101,37 @@ def check_chunkings(fmt: TesterFormat, data: bytes, *, options: dict[str, Any] |
     offsets = [r.offset for r in whole]
     assert offsets == sorted(offsets), f"record offsets must not decrease: {offsets[:20]}"
     for pieces in chunkings(len(data), seed=seed):
-        parser = new_parser(fmt, options)
-        got: list[Any] = []
-        at = 0
-        pos = 0
-        for size in [*pieces, len(data)]:
-            if at >= len(data):
-                break
-            parser.feed(data[at:at + size])
-            at = min(len(data), at + size)
-            got.extend(parser.records())
-            pos = _moved(parser, pos, at)
-            upcoming = offsets[len(got)] if len(got) < len(offsets) else None
-            assert upcoming is None or pos == upcoming or pos == at, (
-                f"chunking {_show(pieces)}: position {pos} after {len(got)} record(s) is not "
-                f"the offset of the next record ({upcoming})")
-            if upcoming is not None and pos == at and pos != upcoming:
-                assert pos <= upcoming, (
-                    f"chunking {_show(pieces)}: position {pos} is past the next record "
-                    f"({upcoming})")
-        got.extend(parser.close())
-        assert [_key(r) for r in got] == keys, (
-            f"chunking {_show(pieces)} gives other records than feeding all at once: "
-            f"{_first_difference([_key(r) for r in got], keys)}")
+        try:
+            _check_chunking(fmt, data, pieces, options, keys, offsets)
+        except AssertionError:
+            raise
+        except Exception as exc:  # FormatError too: the whole data parsed without one
+            raise _not_format_error(exc, f"chunking {_show(pieces)}") from exc
     return whole
+
+
+def _check_chunking(fmt: TesterFormat, data: bytes, pieces: list[int],
+                    options: dict[str, Any] | None, keys: list[Any],
+                    offsets: list[int]) -> None:
+    parser = new_parser(fmt, options)
+    got: list[Any] = []
+    at = 0
+    pos = 0
+    for size in [*pieces, len(data)]:
+        if at >= len(data):
+            break
+        parser.feed(data[at:at + size])
+        at = min(len(data), at + size)
+        got.extend(parser.records())
+        pos = _moved(parser, pos, at)
+        upcoming = offsets[len(got)] if len(got) < len(offsets) else None
+        assert upcoming is None or pos == upcoming, (
+            f"chunking {_show(pieces)}: position {pos} after {len(got)} record(s) is not "
+            f"the offset of the next record ({upcoming}): the tail would resume there")
+    got.extend(parser.close())
+    assert [_key(r) for r in got] == keys, (
+        f"chunking {_show(pieces)} gives other records than feeding all at once: "
+        f"{_first_difference([_key(r) for r in got], keys)}")
 
 
 def cut_points(data: bytes, offsets: Sequence[int]) -> list[int]:
@@ -149,6 +176,8 @@ def check_truncations(fmt: TesterFormat, data: bytes, *,
             got.extend(parser.close())
         except FormatError as exc:
             error = exc
+        except Exception as exc:
+            raise _not_format_error(exc, where_=f"cut at byte {cut}") from exc
         got_keys = [_key(r) for r in got]
         where = f"cut at byte {cut} of {len(data)}"
         if inside is None or cut in starts:
