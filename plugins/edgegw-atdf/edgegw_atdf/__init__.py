@@ -36,8 +36,7 @@ import re
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
-from edgegw.formats import FormatError
-from edgegw.stdf.spec import BY_NAME, missing_value
+from edgegw.formats import FormatError, stdf_fields
 
 __all__ = ["ATDF", "AtdfFormat", "AtdfParser", "AtdfRecord"]
 
@@ -118,14 +117,6 @@ _PARM_FLAG_LETTERS = {"S": 0x01, "D": 0x02, "O": 0x04, "H": 0x08, "L": 0x10}
 #: Longest ATDF record accepted: the biggest STDF record (65,535 bytes) written as text
 #: takes about a quarter of this.  A longer one is not ATDF (and would hold memory).
 MAX_RECORD_BYTES = 1 << 20
-#: STDF integer types -> the range their values must lie in
-_INT_RANGES = {"U1": (0, 2**8 - 1), "U2": (0, 2**16 - 1), "U4": (0, 2**32 - 1),
-               "U8": (0, 2**64 - 1), "I1": (-(2**7), 2**7 - 1), "I2": (-(2**15), 2**15 - 1),
-               "I4": (-(2**31), 2**31 - 1), "I8": (-(2**63), 2**63 - 1), "B1": (0, 255),
-               "N1": (0, 15)}
-#: record name -> STDF field name -> (low, high) for its integer fields
-_RANGES = {name: {f.name: _INT_RANGES[f.type] for f in spec.fields if f.type in _INT_RANGES}
-           for name, spec in BY_NAME.items()}
 _MONTHS = {m.upper(): i for i, m in enumerate(calendar.month_abbr) if m}
 _TIME = re.compile(r"\s*(\d{1,2}):(\d{1,2}):(\d{1,2})\s+(\d{1,2})-([A-Za-z]{3})-(\d{4})\s*$")
 _NAME = re.compile(rb"[A-Z]{3}:")
@@ -249,27 +240,12 @@ _POST = {"PTR": _post_ptr, "FTR": _post_ftr, "PRR": _post_prr, "TSR": _post_tsr,
          "SDR": _post_sdr, "FAR": _post_far}
 
 
-def _check_ranges(name: str, present: dict[str, Any]) -> None:
-    """Every integer must fit its STDF type, as it would in an STDF file."""
-    for field, (low, high) in _RANGES[name].items():
-        value = present.get(field)
-        if value is None:
-            continue
-        for v in value if isinstance(value, list) else (value,):
-            if not low <= v <= high:
-                raise ValueError(f"{field} {v} is out of range ({low} to {high})")
-
-
-def _as_stdf(name: str, present: dict[str, Any]) -> dict[str, Any]:
-    """The fields an STDF reader would see for a record written with ``present``: in
-    spec order up to the last present field, absent ones before it as the spec's missing
-    value, absent ones after it absent."""
-    spec = BY_NAME[name]
-    last = max((i for i, fld in enumerate(spec.fields) if fld.name in present), default=-1)
-    out: dict[str, Any] = {}
-    for fld in spec.fields[: last + 1]:
-        out[fld.name] = present[fld.name] if fld.name in present else missing_value(fld)
-    return out
+def _is_stdf_name(name: str) -> bool:
+    try:
+        stdf_fields(name, {})
+    except ValueError:
+        return False
+    return True
 
 
 class AtdfParser:
@@ -357,7 +333,7 @@ class AtdfParser:
         name = text[:3]
         layout = _LAYOUT.get(name)
         if layout is None:
-            if name not in BY_NAME:
+            if not _is_stdf_name(name):
                 raise FormatError(f"unknown ATDF record type {name!r}", offset)
             self.skipped[name] = self.skipped.get(name, 0) + 1
             return None
@@ -373,10 +349,11 @@ class AtdfParser:
             post = _POST.get(name)
             if post is not None:
                 post(present)
-            _check_ranges(name, present)
+            # the STDF fields (missing values in the middle) and their STDF ranges
+            fields = stdf_fields(name, present)
         except ValueError as exc:
             raise FormatError(f"{name}: {str(exc)[:200]}", offset) from None
-        return AtdfRecord(name, offset, _as_stdf(name, present))
+        return AtdfRecord(name, offset, fields)
 
 
 class AtdfFormat:
