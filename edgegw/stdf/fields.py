@@ -67,8 +67,8 @@ def test_number(name: str) -> int:
     (0 to 4294967295, STDF's U4).  The same name gives the same number in every file, on
     every gateway and every version of edgegw, so the hub's per-test topic
     ``test/<lot>/<number>`` collects one test across files; put the name itself in
-    TEST_TXT and the dashboard shows it.  Two names with one CRC are possible (about one
-    pair in 2,000 among 4,000 names): a format with that many names should number them
+    TEST_TXT and the dashboard shows it.  Two names with one CRC are possible (among 4,000
+    names, about a 1 in 500 chance): a format with that many names should number them
     itself."""
     return zlib.crc32(name.encode("utf-8"))
 
