@@ -7,18 +7,23 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+import trio
 
 from edgegw.cli import main
 from edgegw.formats import FormatError, stdf_fields, test_number
 from edgegw.gateway.config import load_gateway_config
 from edgegw.hub import topics
 from edgegw.hub.state import LiveState
-from edgegw.records import LotStart, PartResult, WaferStart
+from edgegw.metrics import Metrics
+from edgegw.records import LotStart, ParametricResult, PartResult, WaferStart
+from edgegw.sources import SourceContext
+from edgegw.sources.tail import TailConfig, TailSource
 from edgegw.stdf import StdfDecoder, StdfWriter
 from edgegw.stdf.mapping import RecordMapper
 from edgegw.testing import check_chunkings, check_truncations
@@ -237,3 +242,56 @@ def test_tail_is_the_source_type_and_stdf_its_alias(capsys: pytest.CaptureFixtur
     assert sources["tail"]["entry_point"] == sources["stdf"]["entry_point"] == (
         "edgegw.sources.tail:TailSource")
     assert sources["stdf"]["alias_of"] == "tail" and "alias_of" not in sources["tail"]
+
+
+# -- "complete" from a parser that has a bug ------------------------------------------------
+
+async def test_a_parser_whose_complete_fails_costs_only_the_early_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``complete`` is a call into the plugin like any other: a failure there is counted
+    as an internal error and the file simply ends at its idle timeout, records intact."""
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    (plugin / "crashy_fmt.py").write_text(textwrap.dedent('''
+        from test_format_api import LineParser
+
+        class Parser(LineParser):
+            @property
+            def complete(self):
+                raise RuntimeError("bug in complete")
+
+        class CrashyFormat:
+            name = "crashy"
+            description = "complete raises"
+            suffixes = (".crashy",)
+            def new_parser(self):
+                return Parser("")
+        '''))
+    info = plugin / "crashy_fmt-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: crashy_fmt\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[edgegw.formats]\ncrashy = crashy_fmt:CrashyFormat\n")
+    monkeypatch.syspath_prepend(str(plugin))
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "a.crashy").write_bytes(LINES)
+    got: list[Any] = []
+    metrics = Metrics()
+    source = TailSource("t", TailConfig(paths=[str(files)], format="crashy",
+                                        poll_interval=0.01, idle_timeout=0.3),
+                        SourceContext("gw", metrics))
+
+    class Sink:
+        async def put(self, records: Any, checkpoint: Any = None) -> None:
+            got.extend(records)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(source.run, Sink())
+            while not (f := source.files.get(str(files / "a.crashy"))) or not f.done:
+                await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+    assert f.reason == "idle"
+    assert [r.value for r in got if isinstance(r, ParametricResult)] == [645.65e-12, 612.5e-12]
+    errors = metrics.counter("internal_errors_total", "").values
+    assert sum(v for k, v in errors.items() if "format_parser" in str(k)) >= 1
