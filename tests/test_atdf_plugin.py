@@ -236,3 +236,43 @@ async def test_an_atdf_file_reaches_the_hub_through_a_real_gateway(tmp_path: Pat
     idd = holds.test("LOT42", "VDD_IDD")
     assert (idd["count"], idd["min"], idd["max"], idd["lo_limit"], idd["units"]) == (
         2, 1.25, 2.5, 1.0, "mA")
+
+
+async def test_a_restart_at_a_skipped_record_resumes_exactly(tmp_path: Path) -> None:
+    """A checkpoint can fall where ATDF holds a record type it skips (PMR): the parser's
+    position is that record's start, the next record it yields starts later.  The tail
+    accepts that boundary on a restart and emits exactly what an uninterrupted run would."""
+    data = ATDF_TEXT.replace("PIR:1|1\n", "PMR:1|2|pin1\nPIR:1|1\n", 1).encode()
+    pmr = data.index(b"PMR:")
+    assert len(check_chunkings(get_format("atdf"), data)) == len(parse_atdf(ATDF_TEXT.encode()))
+    path = tmp_path / "lot42.atd"
+    path.write_bytes(data[:pmr + len(b"PMR:1|2|pin1\n")])  # the PMR may still continue
+    got: list[Any] = []
+    done = trio.Event()
+
+    class Sink:
+        async def put(self, records: Any, checkpoint: Any = None) -> None:
+            got.extend(records)
+            if any(isinstance(r, LotEnd) for r in records):
+                done.set()
+
+    config = TailConfig(paths=[str(tmp_path)], format="atdf", poll_interval=0.01)
+    first = TailSource("t", config, SourceContext("gw", Metrics()))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(first.run, Sink())
+        with trio.fail_after(10):
+            while (f := first.files.get(str(path))) is None or f.fed < path.stat().st_size:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    checkpoint = first.checkpoint()
+    assert checkpoint["files"][str(path)]["offset"] == pmr
+    with path.open("ab") as out:
+        out.write(data[pmr + len(b"PMR:1|2|pin1\n"):])
+    second = TailSource("t", config, SourceContext("gw", Metrics(), checkpoint=checkpoint))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(second.run, Sink())
+        with trio.fail_after(10):
+            await done.wait()
+        nursery.cancel_scope.cancel()
+    assert second.files[str(path)].reason == "MRR"
+    assert [r._replace(ts=0.0) for r in got] == map_all(parse_atdf(data))

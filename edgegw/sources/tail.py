@@ -141,6 +141,8 @@ class _File:
     last_growth: float = 0.0
     fed: int = 0  # bytes given to the parser
     skip_below: int = 0  # after a restart: records before this offset were already emitted
+    #: the re-read passed ``skip_below`` as a parser position (see ``TailSource._map``)
+    boundary_seen: bool = False
     warned: bool = False
 
     def checkpoint(self) -> dict[str, Any]:
@@ -400,8 +402,11 @@ class TailSource:
 
         After a restart the file is read again from its start: records before the
         checkpoint offset (``skip_below``) go through the mapper, to rebuild its state,
-        but are not emitted again.  The first record at or after it must start exactly at
-        the offset, else the checkpoint does not belong to this file."""
+        but are not emitted again.  The offset must be a boundary of this file, else the
+        checkpoint does not belong to it: the first record at or after it starts there, or
+        the parser's position was exactly there just after a record before it (input the
+        parser skips, such as ATDF record types it does not convert, can follow a
+        checkpoint: the next record then starts later)."""
         assert f.parser is not None and f.mapper is not None
         batch: list[Record] = []
         mapper = f.mapper
@@ -412,8 +417,9 @@ class TailSource:
                 mapped = mapper.map(rec, now)
                 if f.skip_below:
                     if rec.offset < f.skip_below:
+                        f.boundary_seen |= f.parser.position == f.skip_below
                         continue
-                    if rec.offset != f.skip_below:
+                    if rec.offset != f.skip_below and not f.boundary_seen:
                         raise FormatError(
                             f"checkpoint offset {f.skip_below} is not a record boundary of "
                             f"this file (a record starts at {rec.offset})", f.skip_below)
@@ -450,6 +456,7 @@ class TailSource:
                                 forward_raw=self.config.forward_raw)
         f.fed = 0
         f.skip_below = f.offset
+        f.boundary_seen = False
         return None
 
     async def _finish(self, f: _File, sink: RecordSink, reason: str, *,
