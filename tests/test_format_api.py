@@ -5,6 +5,7 @@ name and its example config."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -247,7 +248,8 @@ def test_tail_is_the_source_type_and_stdf_its_alias(capsys: pytest.CaptureFixtur
 # -- "complete" from a parser that has a bug ------------------------------------------------
 
 async def test_a_parser_whose_complete_fails_costs_only_the_early_end(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """``complete`` is a call into the plugin like any other: a failure there is counted
     as an internal error and the file simply ends at its idle timeout, records intact."""
     plugin = tmp_path / "plugin"
@@ -272,6 +274,7 @@ async def test_a_parser_whose_complete_fails_costs_only_the_early_end(
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: crashy_fmt\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text("[edgegw.formats]\ncrashy = crashy_fmt:CrashyFormat\n")
     monkeypatch.syspath_prepend(str(plugin))
+    caplog.set_level(logging.INFO, logger="edgegw.sources.tail")
     files = tmp_path / "files"
     files.mkdir()
     (files / "a.crashy").write_bytes(LINES)
@@ -292,6 +295,10 @@ async def test_a_parser_whose_complete_fails_costs_only_the_early_end(
                 await trio.sleep(0.02)
             nursery.cancel_scope.cancel()
     assert f.reason == "idle"
+    # the log speaks of the format's end, not of STDF's MRR alone
+    assert any(r.getMessage().endswith("idle for 0.3 s without its end (MRR, or the crashy "
+                                       "parser saying complete): complete")
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
     assert [r.value for r in got if isinstance(r, ParametricResult)] == [645.65e-12, 612.5e-12]
     errors = metrics.counter("internal_errors_total", "").values
     assert sum(v for k, v in errors.items() if "format_parser" in str(k)) >= 1
