@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from ..config import build
+from ..formats import get_format
 from ..gateway.config import GatewayConfig
 from ..gateway.service import Gateway
 from ..hub.app import HubApp
@@ -69,8 +70,6 @@ async def run_tail(workdir: Path, format: str, data: bytes, *, file_name: str | 
     table.  The file must end by itself -- its MRR, or the parser saying ``complete`` --
     unless a short ``idle_timeout`` is given.  It waits as long as that takes: wrap the
     call in ``trio.fail_after`` for a deadline."""
-    from ..formats import get_format
-
     fmt = get_format(format)
     workdir = Path(workdir)
     watched = workdir / "tester-files"
