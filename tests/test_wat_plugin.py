@@ -131,6 +131,7 @@ async def test_a_wat_file_reaches_the_hub_exactly_with_yield_and_bins_not_applic
     assert sorted(wafer["dies"]) == [[-3, 0, None, None, None, 1], [0, 3, None, None, None, 1],
                                      [3, 0, None, None, None, 1]]
     assert wafer["not_applicable"] == ["yield", "bins"]
+    assert (wafer["started"], wafer["status"]) == (1727086100 - 7200, "closed")
     for name in ("vth_n", "idds", "rs_poly"):
         values = column(name)
         test = holds.test("LOT42", name)

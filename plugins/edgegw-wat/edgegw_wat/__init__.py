@@ -98,6 +98,7 @@ class WatParser:
         self._buf = b""
         self._base = 0  # stream offset of _buf[0]
         self._lot = False
+        self._start_t = 0  # the lot's start: the file has no wafer times
         self._wafers_declared = 0
         self._wafers_done = 0
         self._wafer: str | None = None
@@ -173,6 +174,7 @@ class WatParser:
         when = dt.datetime.strptime(start, "%Y-%m-%d %H:%M:%S")
         start_t = int(when.replace(tzinfo=self.options.tzinfo).timestamp())
         self._wafers_declared = _count(wafers, "wafers")
+        self._start_t = start_t
         self._lot = True
         return [WatRecord("FAR", offset, stdf_fields("FAR", {"CPU_TYPE": 2, "STDF_VER": 4})),
                 WatRecord("MIR", offset, stdf_fields("MIR", {
@@ -190,7 +192,8 @@ class WatParser:
         self._sites_declared = _count(cells[2], "sites")
         self._sites = 0
         return [WatRecord("WIR", offset, stdf_fields("WIR", {
-            "HEAD_NUM": 1, "SITE_GRP": 255, "START_T": 0, "WAFER_ID": self._wafer}))]
+            "HEAD_NUM": 1, "SITE_GRP": 255, "START_T": self._start_t,
+            "WAFER_ID": self._wafer}))]
 
     def _header(self, cells: list[str], offset: int) -> list[WatRecord]:
         if cells[:3] != ["SITE", "X", "Y"] or len(cells) < 4:
