@@ -13,7 +13,14 @@ import trio
 from edgegw.config import ConfigError, build
 from edgegw.formats import FormatError, get_format, new_parser, test_number
 from edgegw.sources.tail import TailConfig
-from edgegw.testing import check_chunkings, check_truncations, parse, run_tail
+from edgegw.testing import (
+    EXHAUSTIVE_BYTES,
+    check_chunkings,
+    check_truncations,
+    cut_points,
+    parse,
+    run_tail,
+)
 
 if importlib.util.find_spec("edgegw_wat") is None:
     pytest.fail("the WAT example plugin is not installed: pip install -e plugins/edgegw-wat",
@@ -142,3 +149,22 @@ async def test_a_wat_file_reaches_the_hub_exactly_with_yield_and_bins_not_applic
         assert test["sigma"] == pytest.approx(statistics.stdev(values), rel=1e-9)
         assert (test["lo_limit"], test["hi_limit"], test["fails"]) == (None, None, 0)
     assert holds.test("LOT42", "idds")["units"] == "A"
+
+
+def test_a_file_beyond_the_exhaustive_size_is_cut_around_every_line() -> None:
+    """Past EXHAUSTIVE_BYTES the kit cuts each record's first bytes, middle and last byte:
+    for a line format, every line is cut at its start and inside it."""
+    lines = ["WATCSV,1,BIG,DEV,ET-3,wat.prg,2024-09-23 10:08:20,3"]
+    for w in (1, 2, 3):
+        lines += [f"WAFER,BIG-W{w},60", "SITE,X,Y,vth_n[V],idds[A],rs_poly[ohm/sq]"]
+        lines += [f"{s},{s % 8},{s // 8},0.45{s % 10},6{s:02d}.5e-12,12.{s % 7}"
+                  for s in range(1, 61)]
+    data = ("\n".join(lines) + "\n").encode()
+    assert len(data) > EXHAUSTIVE_BYTES
+    records = check_chunkings(WAT, data)
+    starts = sorted({r.offset for r in records} - {len(data)})
+    cuts = cut_points(data, [r.offset for r in records])
+    assert len(starts) == len(lines) and set(starts) <= set(cuts)
+    assert all(any(s < c < e for c in cuts)
+               for s, e in zip(starts, [*starts[1:], len(data)], strict=True))
+    assert check_truncations(WAT, data) == len(cuts)
