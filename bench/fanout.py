@@ -127,7 +127,7 @@ def run_hub(args: argparse.Namespace) -> None:
             parts_per_second=args.rate / 9, sites=4, wafer_diameter_dies=30, tests_per_part=8,
             wafers=1000), SourceContext(gateway_id="bench-gw", metrics=None,  # type: ignore[arg-type]
                                         checkpoint=None, state_dir=args.data))
-        records = sim._records()
+        records = sim.batches()
         rid = 1
         start = time.monotonic()
         sent = 0
@@ -204,8 +204,8 @@ def run_tester(args: argparse.Namespace) -> None:
     class LoggedTester(SimulatedTesterSource):
         """The built-in simulated tester, logging when each part record was created."""
 
-        def _records(self) -> Any:
-            for batch, n_parts in super()._records():
+        def batches(self) -> Any:
+            for batch, n_parts in super().batches():
                 for rec in batch:
                     if type(rec) is PartResult:
                         created.append((rec.wafer_id, rec.x, rec.y, rec.ts))

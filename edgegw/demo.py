@@ -27,7 +27,7 @@ from .gateway.service import Gateway
 from .hub.app import HubApp
 from .hub.config import HubConfig
 from .protocol import IntervalSet
-from .records import PartResult, Record
+from .records import PartResult, Record, SensorWindow
 from .sim.stdf_tester import stdf_chunks, write_files
 from .sim.tester import TesterProfile
 from .sources.simulated import SimulatedTesterSource
@@ -38,13 +38,15 @@ GATEWAY_ID = "demo-gw"
 
 
 class ReceiptCounter:
-    """A hub consumer that counts distinct record ids and the duplicates among them."""
+    """A hub consumer that counts distinct record ids and the duplicates among them; the
+    sensor feed's windows are counted apart from the tester's records."""
 
     def __init__(self) -> None:
         self.rids: dict[str, IntervalSet] = {}
         self.duplicates = 0
         self.parts = 0
         self.good = 0
+        self.sensor_windows = 0
 
     def on_records(self, gateway_id: str, first_rid: int, records: list[Record]) -> None:
         seen = self.rids.setdefault(gateway_id, IntervalSet())
@@ -54,7 +56,9 @@ class ReceiptCounter:
                 self.duplicates += 1
                 continue
             seen.add(rid)
-            if type(r) is PartResult:
+            if type(r) is SensorWindow:
+                self.sensor_windows += 1
+            elif type(r) is PartResult:
                 self.parts += 1
                 self.good += bool(r.passed)
 
@@ -62,8 +66,9 @@ class ReceiptCounter:
         pass
 
     def received(self, gateway_id: str) -> int:
+        """The tester's records applied (sensor windows not counted)."""
         s = self.rids.get(gateway_id)
-        return s.count() if s else 0
+        return (s.count() if s else 0) - self.sensor_windows
 
 
 class _StdfTester:
@@ -76,8 +81,9 @@ class _StdfTester:
         self.done = trio.Event()
 
     async def run(self) -> None:
-        profile = TesterProfile(sites=self.args.sites, wafers=1000, seed=1)
-        chunks = stdf_chunks(profile, lots=1, per_wafer=True,
+        # lot after lot, 25 wafers each, as a tester on a floor
+        profile = TesterProfile(sites=self.args.sites, wafers=25, seed=1)
+        chunks = stdf_chunks(profile, lots=0, per_wafer=True,
                              parts_per_second=self.args.parts_per_second)
         with self.scope:
             await write_files(self.out, chunks, parts_per_second=self.args.parts_per_second)
@@ -144,7 +150,8 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         gw_cfg = build(GatewayConfig, apply_overrides({
             "gateway": {"id": GATEWAY_ID, "token": token, "state_dir": str(tmp / "gateway"),
                         "hub_url": f"ws://127.0.0.1:{port}/ws/gateway"},
-            "sources": [source_cfg],
+            "sources": [source_cfg, {"name": "sensors", "type": "simulated-sensors",
+                                     "tester": "demo-ate"}],
         }, gw_over), "<demo>")
         gateway = Gateway(gw_cfg)
         await nursery.start(gateway.run)
@@ -197,11 +204,12 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "duplicate_frames_dropped": stats.get("duplicates_dropped", 0),
         "frames": stats.get("frames_applied", 0),
         "parts": counter.parts,
+        "sensor_windows": counter.sensor_windows,
         "yield": round(counter.good / counter.parts, 4) if counter.parts else None,
         "seconds": round(elapsed, 2),
     }
     print(f"\nedgegw demo summary: the simulated tester produced {produced} records; the hub "
           f"applied {received} in {summary['frames']} frames over {elapsed:.1f} s.")
     print(f"  parts tested: {counter.parts}, yield {summary['yield']}; lost {summary['lost']}, "
-          f"duplicates {summary['duplicates']}")
+          f"duplicates {summary['duplicates']}; sensor windows {counter.sensor_windows}")
     return summary

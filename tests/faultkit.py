@@ -48,7 +48,7 @@ def _frozen(value: Any) -> Any:
 def expected_records(**source: Any) -> list[tuple[Any, ...]]:
     cfg = SimulatedConfig(**source)
     src = SimulatedTesterSource("tester", cfg, SourceContext(GATEWAY, Metrics()))
-    return [normalise(r) for batch, _ in src._records() for r in batch]
+    return [normalise(r) for batch, _ in src.batches() for r in batch]
 
 
 def hub_records(hub_dir: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[int]]:

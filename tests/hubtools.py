@@ -39,7 +39,9 @@ def gateway_config(tmp: Path, port: int, gw_id: str = "ate-01", token: str = "s3
 
 async def start_tester(nursery: trio.Nursery, tmp: Path, port: int, token: str = "s3cret",
                        **sim: Any) -> Gateway:
-    """A gateway with a simulated tester source (``sim``: its config keys), running."""
+    """A gateway with a simulated tester source (``sim``: its config keys; one lot unless
+    ``lots`` says otherwise), running."""
+    sim.setdefault("lots", 1)
     cfg = gateway_config(tmp / "gw", port, token=token, batch={"max_records": 500},
                          sources=[{"name": "tester", "type": "simulated", **sim}])
     gateway = Gateway(cfg)

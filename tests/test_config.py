@@ -184,7 +184,7 @@ def test_check_config_rejects_a_value_a_service_cannot_run_with_one_line_naming_
 
 
 @pytest.mark.parametrize(("override", "error"), [
-    ("sources.5.sites=8", "--set sources.5.sites=8: sources.5: no such item (sources has 1)"),
+    ("sources.5.sites=8", "--set sources.5.sites=8: sources.5: no such item (sources has 2)"),
     ("sources.x.sites=8", "--set sources.x.sites=8: sources is a list: 'x' is not an index"),
     ("batch.max_records.x=1",
      "--set batch.max_records.x=1: batch.max_records is integer 2000, not a table"),

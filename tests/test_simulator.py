@@ -65,24 +65,25 @@ def test_sites_interleave_and_only_the_first_ptr_of_a_test_carries_its_defaults(
                           "RESULT"} for p in ptrs if "UNITS" not in p)
 
 
-def test_yield_edge_ring_weak_site_and_drift_are_in_the_data() -> None:
+def test_yield_edge_ring_weak_site_and_wander_are_in_the_data() -> None:
     profile = TesterProfile(sites=4, wafer_diameter_dies=40, tests_per_part=8, wafers=3,
                             seed=5)
     model = TesterModel(profile)
     recs = decode(stdf_file_bytes(profile))
     prrs = [r.fields for r in recs if r.name == "PRR" and not r.fields["PART_FLG"] & 0x02]
     good = [not p["PART_FLG"] & 0x08 for p in prrs]
-    assert 0.75 < sum(good) / len(good) < 0.92
+    assert 0.86 < sum(good) / len(good) < 0.95
     edge = [g for p, g in zip(prrs, good, strict=True)
             if model._is_edge(p["X_COORD"], p["Y_COORD"])]
     inner = [g for p, g in zip(prrs, good, strict=True)
              if not model._is_edge(p["X_COORD"], p["Y_COORD"])]
-    assert sum(edge) / len(edge) < sum(inner) / len(inner) - 0.15
+    assert sum(edge) / len(edge) < sum(inner) / len(inner) - 0.04
     by_site = {s: [g for p, g in zip(prrs, good, strict=True) if p["SITE_NUM"] == s]
                for s in range(4)}
     weak = sum(by_site[1]) / len(by_site[1])
-    assert all(weak < sum(v) / len(v) - 0.04 for s, v in by_site.items() if s != 1)
-    # IDD_STATIC (test 100) drifts up wafer by wafer
+    assert all(weak < sum(v) / len(v) - 0.02 for s, v in by_site.items() if s != 1)
+    # IDD_STATIC (test 100) wanders from wafer to wafer, near its nominal 25 uA (a
+    # mean-reverting walk, never a ramp out of its limits)
     means = []
     for wafer in range(3):
         wir = [i for i, r in enumerate(recs) if r.name == "WIR"][wafer]
@@ -90,7 +91,8 @@ def test_yield_edge_ring_weak_site_and_drift_are_in_the_data() -> None:
         vals = [r.fields["RESULT"] for r in recs[wir:wrr]
                 if r.name == "PTR" and r.fields["TEST_NUM"] == 100 and not r.fields["TEST_FLG"]]
         means.append(sum(vals) / len(vals))
-    assert means[0] < means[1] < means[2]
+    assert len({round(m, 2) for m in means}) == 3
+    assert all(20 < m < 30 for m in means)
 
 
 def test_the_testers_summaries_agree_with_its_prrs() -> None:

@@ -28,7 +28,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--gzip", action="store_true",
                    help="gzip each STDF file once it is complete (appears as NAME.stdf.gz)")
     p.add_argument("--yield", dest="yield_", type=float, default=None, metavar="FRACTION",
-                   help="base yield of the tester model (default 0.92)")
+                   help="base yield of the tester model (default 0.94)")
     p.add_argument("--start-time", type=int, default=None, metavar="EPOCH",
                    help="timestamp of the first lot (default: now); fixes the bytes with --seed")
     # sensor mode

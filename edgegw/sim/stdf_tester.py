@@ -24,8 +24,6 @@ equal what a reader derives from the PRRs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import re
 import sys
 import time
 import zlib
@@ -44,6 +42,7 @@ from .tester import (
     Part,
     TesterModel,
     TesterProfile,
+    lot_profiles,
     program_tests,
 )
 
@@ -56,17 +55,6 @@ class FileChunk(NamedTuple):
     data: bytes
     parts: int  # parts completed in this chunk (for real-time pacing)
     end_of_file: bool  # the file is complete after this chunk
-
-
-def next_lot_id(lot_id: str, n: int) -> str:
-    """The id of the n-th lot after ``lot_id``: LOT0001 -> LOT0002; no digits -> LOT-2."""
-    if n == 0:
-        return lot_id
-    m = re.search(r"(\d+)$", lot_id)
-    if m is None:
-        return f"{lot_id}-{n + 1}"
-    digits = m.group(1)
-    return lot_id[: m.start()] + str(int(digits) + n).zfill(len(digits))
 
 
 class _Summary:
@@ -227,17 +215,15 @@ class _FileWriter:
 def stdf_chunks(profile: TesterProfile, *, lots: int = 1, per_wafer: bool = False,
                 byte_order: str = "<", start_time: int = 1_700_000_000,
                 parts_per_second: float = 50.0) -> Iterator[FileChunk]:
-    """Every file of ``lots`` lots, touchdown by touchdown.  Lot n uses lot id
-    ``next_lot_id(profile.lot_id, n)`` and seed ``profile.seed + n``."""
+    """Every file of ``lots`` lots (0: without end), touchdown by touchdown; the lots are
+    ``lot_profiles(profile, lots)``."""
     writer = StdfWriter(byte_order=byte_order)
     parts_done = 0
 
     def now() -> int:
         return start_time + int(parts_done / parts_per_second)
 
-    for n in range(lots):
-        lot = dataclasses.replace(profile, lot_id=next_lot_id(profile.lot_id, n),
-                                  seed=profile.seed + n)
+    for lot in lot_profiles(profile, lots):
         model = TesterModel(lot)
         fw: _FileWriter | None = None
         name = ""

@@ -6,8 +6,13 @@ wafer and lot end.  It produces *events* in tester terms; the built-in simulated
 turns them into edgegw records directly, and the STDF simulator writes them as STDF.
 
 Realism that matters to a live monitor: a controlled base yield, an edge ring that fails
-more, one weak site, parametric drift over the lot, and retests of a few failed dies
-(marked as superseding the first result).
+more, one weak site, retests of a few failed dies (marked as superseding the first result),
+and the way a production line actually moves.  Wafer yield wanders within a narrow band
+from wafer to wafer (a mean-reverting walk, never a ramp), a parametric mean wanders the
+same way (what a control chart shows), and now and then one wafer is an *excursion*: a
+probe-card contact problem that fails a share of its dies at continuity (soft bin 30).  So
+a yield alert set below the band fires on excursions, not on every wafer, and a tester can
+run lot after lot for months without drifting to 0 %.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,11 +38,18 @@ class TesterProfile:
     wafers: int = 1
     wafer_diameter_dies: int = 20
     tests_per_part: int = 8
-    base_yield: float = 0.92
-    edge_ring_yield: float = 0.6
+    base_yield: float = 0.94
+    edge_ring_yield: float = 0.85
     weak_site: int | None = 1
-    weak_site_penalty: float = 0.1
+    weak_site_penalty: float = 0.04
+    #: IDD_STATIC's mean wanders by this share of its nominal per wafer, pulled back
+    #: towards nominal (mean-reverting: it stays within a band however long the run)
     drift_per_wafer: float = 0.02
+    #: wafer-to-wafer yield wander (standard deviation of the wafer's yield shift)
+    yield_wander: float = 0.01
+    #: share of wafers that are excursions, and the share of dies an excursion fails
+    excursion_rate: float = 0.04
+    excursion_loss: float = 0.3
     retest_fraction: float = 0.03
     seed: int = 1
 
@@ -104,6 +117,33 @@ def program_tests(n: int) -> list[tuple[int, str, str, float, float, float, floa
     return out
 
 
+def next_lot_id(lot_id: str, n: int) -> str:
+    """The id of the n-th lot after ``lot_id``: LOT0001 -> LOT0002; no digits -> LOT-2."""
+    if n == 0:
+        return lot_id
+    m = re.search(r"(\d+)$", lot_id)
+    if not m:
+        return f"{lot_id}-{n + 1}"
+    digits = m.group(1)
+    return lot_id[: m.start()] + str(int(digits) + n).zfill(len(digits))
+
+
+def lot_profiles(profile: TesterProfile, lots: int = 1) -> Iterator[TesterProfile]:
+    """The profiles of ``lots`` lots tested one after the other (0: without end).  Lot n
+    uses lot id ``next_lot_id(profile.lot_id, n)`` and seed ``profile.seed + n``."""
+    n = 0
+    while not lots or n < lots:
+        yield dataclasses.replace(profile, lot_id=next_lot_id(profile.lot_id, n),
+                                  seed=profile.seed + n)
+        n += 1
+
+
+#: how strongly a wafer's yield shift and parametric wander are pulled back per wafer
+REVERSION = 0.3
+#: continuity tests an excursion fails (VOH, VOL: soft bin 30)
+CONTACT_TESTS = (140, 150)
+
+
 class TesterModel:
     __test__ = False  # not a pytest test class despite the name
 
@@ -111,6 +151,17 @@ class TesterModel:
         self.profile = profile or TesterProfile()
         self.rng = random.Random(self.profile.seed)
         self.tests = program_tests(self.profile.tests_per_part)
+        self.yield_shift = 0.0  # this wafer's yield offset from the profile's
+        self.idd_shift = 0.0  # IDD_STATIC's mean offset, as a share of nominal
+        self.excursion = 0.0  # this wafer's extra contact-fail probability
+
+    def _next_wafer(self) -> None:
+        p = self.profile
+        keep = 1 - REVERSION
+        self.yield_shift = keep * self.yield_shift + self.rng.gauss(0, p.yield_wander)
+        self.idd_shift = keep * self.idd_shift + self.rng.gauss(0, p.drift_per_wafer)
+        excursion = self.rng.random() < p.excursion_rate
+        self.excursion = p.excursion_loss * self.rng.uniform(0.6, 1.4) if excursion else 0.0
 
     def dies(self) -> list[tuple[int, int]]:
         """Die coordinates of a round wafer, in prober stepping order (serpentine rows)."""
@@ -133,11 +184,15 @@ class TesterModel:
             good = min(good, p.edge_ring_yield)
         if p.weak_site is not None and site == p.weak_site:
             good -= p.weak_site_penalty
+        good += self.yield_shift
         fail = self.rng.random() > good
         fail_test = self.rng.randrange(len(self.tests)) if fail else -1
+        if not fail and self.excursion and self.rng.random() < self.excursion:
+            contact = [i for i, t in enumerate(self.tests) if t[0] in CONTACT_TESTS]
+            fail_test = self.rng.choice(contact) if contact else self.rng.randrange(len(self.tests))
         results = []
         for i, (num, txt, units, lo, hi, mean, sigma) in enumerate(self.tests):
-            drift = mean * p.drift_per_wafer * wafer_no if num == 100 else 0.0
+            drift = mean * self.idd_shift if num == 100 else 0.0
             value = self.rng.gauss(mean + drift, sigma)
             if i == fail_test:
                 value = hi + abs(hi - lo) * (0.05 + self.rng.random() * 0.2)
@@ -159,6 +214,7 @@ class TesterModel:
         part_no = 0
         for w in range(p.wafers):
             wafer_id = f"{p.lot_id}-W{w + 1:02d}"
+            self._next_wafer()
             yield Event("wafer_start", wafer_id)
             dies = self.dies()
             retests: list[tuple[int, int]] = []

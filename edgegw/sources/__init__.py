@@ -74,8 +74,10 @@ def source_types() -> dict[str, type[Source]]:
             continue
     if "simulated" not in found:  # running from a source tree without the entry points
         from .simulated import SimulatedTesterSource
+        from .simulated_sensors import SimulatedSensorSource
 
         found["simulated"] = SimulatedTesterSource
+        found["simulated-sensors"] = SimulatedSensorSource
     return found
 
 
