@@ -14,6 +14,8 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from .config import ConfigError
 from .startup import EXIT_CANNOT_START, EXIT_CONFIG, StartupError
@@ -27,14 +29,66 @@ COMMAND_MODULES = (
 )
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps the paragraphs of a description or epilog to the terminal, and keeps indented
+    lines (the examples) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out: list[str] = []
+        for para in text.split("\n\n"):
+            lines = para.splitlines()
+            if lines and all(line.startswith(" ") for line in lines[1:]):
+                head = super()._fill_text(lines[0], width, indent) if lines[0] else ""
+                out.append("\n".join([head, *(indent + line for line in lines[1:])]).lstrip("\n"))
+            else:
+                out.append(super()._fill_text(para, width, indent))
+        return "\n\n".join(out)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every parser of the command tree: wraps help pages but keeps their examples, and
+    takes the global options (``-v``) after any subcommand as well as before it.
+
+    argparse fills each subcommand's options into a fresh namespace and copies it over the
+    parent's, so one shared counter would lose the ``-v`` given before the subcommand:
+    each parser counts into its own attribute and ``verbosity`` adds them up."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                          dest=f"{_VERBOSE}{len(self.prog.split())}",
+                          help="more logging: -v info, -vv debug (before or after the "
+                               "subcommand)")
+
+
+_VERBOSE = "verbose_"
+
+
+def verbosity(args: argparse.Namespace) -> int:
+    """How many ``-v`` were given, wherever they were on the command line."""
+    return sum(v for k, v in vars(args).items() if k.startswith(_VERBOSE))
+
+
+def _version() -> str:
+    try:
+        return version("edgegw")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="edgegw",
-        description="Edge gateway and hub for ATE test results and sensor feeds.",
+        description="Edge gateway and hub for ATE test results and sensor feeds: a gateway "
+                    "beside each tester streams its STDF results and sensor readings to a "
+                    "hub, which applies each record exactly once and serves a live "
+                    "dashboard.",
+        epilog="Start with `edgegw demo`; `edgegw COMMAND --help` describes each command.\n"
+               "Docs: README.md and docs/ (configuration.md has every config key).",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more logging (-vv for debug)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"edgegw {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     sub.required = True
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(sub)
@@ -44,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * args.verbose
+    level = logging.WARNING - 10 * verbosity(args)
     logging.basicConfig(level=max(level, logging.DEBUG),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -35,54 +35,194 @@ from .startup import (
 log = logging.getLogger("edgegw")
 
 
+EXIT_STATUS = ("exit status: 0 ok, 2 the config is invalid (one line per problem), "
+               "3 the service cannot start (one line naming the key), 130 interrupted")
+
+
 def add_commands(sub: Any) -> None:
-    p = sub.add_parser("hub", help="run the hub")
-    p.add_argument("--config", metavar="FILE", help="hub TOML (default: built-in defaults)")
-    _add_set(p)
+    p = sub.add_parser(
+        "hub", help="run the hub",
+        description="Run the hub: gateways connect to /ws/gateway; every record is applied "
+                    "exactly once to the hub's SQLite store, then to the live state served "
+                    "on the same port (dashboard at /, /ws/live, /api/..., /healthz, "
+                    "/metrics).  Ctrl-C or SIGTERM stops it cleanly.",
+        epilog="examples:\n"
+               "  edgegw hub --config conf/hub.toml\n"
+               "  edgegw hub --config conf/hub.toml --set hub.port=9000 "
+               "--set hub.listen=0.0.0.0\n"
+               "  edgegw hub        # built-in defaults: no gateway may connect\n\n"
+               + EXIT_STATUS)
+    p.add_argument("--config", metavar="FILE",
+                   help="hub config TOML (docs/configuration.md; default: built-in defaults)")
+    _add_set(p, "hub.port=9000")
     p.set_defaults(func=cmd_hub)
 
-    p = sub.add_parser("gateway", help="run a gateway")
-    p.add_argument("--config", metavar="FILE", required=True, help="gateway TOML")
-    _add_set(p)
+    p = sub.add_parser(
+        "gateway", help="run a gateway (one per tester host)",
+        description="Run a gateway: read its sources (STDF files a tester writes, MQTT "
+                    "sensor feeds, a simulated tester), batch the records into "
+                    "sequence-numbered frames, keep them in memory or a crash-safe disk "
+                    "spool, and send them to the hub until it acknowledges them.  Ctrl-C or "
+                    "SIGTERM stops it cleanly.",
+        epilog="examples:\n"
+               "  edgegw gateway --config conf/gateway.toml\n"
+               "  edgegw gateway --config conf/gateway.toml --set batch.max_records=500 "
+               "--set sources.0.sites=8\n\n" + EXIT_STATUS)
+    p.add_argument("--config", metavar="FILE", required=True,
+                   help="gateway config TOML (docs/configuration.md)")
+    _add_set(p, "batch.max_records=500")
     p.set_defaults(func=cmd_gateway)
 
-    p = sub.add_parser("check-config", help="validate a gateway or hub TOML file")
-    p.add_argument("file")
-    _add_set(p)
+    p = sub.add_parser(
+        "check-config", help="check a hub or gateway config file without running it",
+        description="Check a config file without running anything: print which kind of "
+                    "config the file was checked as, then \"ok\" or every problem, one line "
+                    "each naming the file, the key and what was expected (exit status 2).\n\n"
+                    "The kind comes from the file's tables: [hub] or [gateways.<id>] make a "
+                    "hub config, [gateway] a gateway config, and a file of [[sources]] tables "
+                    "only is a sources fragment to copy into a gateway config (like "
+                    "conf/gateway-mqtt.example.toml).  --kind chooses the kind instead.",
+        epilog="examples:\n"
+               "  edgegw check-config conf/gateway.toml\n"
+               "  edgegw check-config conf/gateway.toml --set batch.max_records=500\n"
+               "  edgegw check-config conf/hub.toml --set hub.port=9000\n"
+               "  edgegw check-config conf/gateway-mqtt.example.toml\n"
+               "  edgegw check-config site.toml --kind gateway")
+    p.add_argument("file", metavar="FILE", help="the TOML file to check")
+    p.add_argument("--kind", choices=KINDS, default=None,
+                   help="check the file as this kind of config instead of the kind its "
+                        "tables suggest")
+    _add_set(p, "batch.max_records=500 (gateway) or --set hub.port=9000 (hub)")
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("demo", help="hub + gateway + simulated tester in one process")
-    p.add_argument("--duration", type=float, default=0.0,
+    p = sub.add_parser(
+        "demo", help="hub + gateway + simulated tester in one process",
+        description="Run a hub, a gateway and a simulated multi-site tester in one process, "
+                    "on built-in defaults: no config file, no broker, data in a temporary "
+                    "directory removed on exit.  The tester writes STDF files in real time "
+                    "and the gateway tails them, as on a tester host; open the dashboard URL "
+                    "it prints.  On exit (Ctrl-C, or --duration) it waits for the hub to "
+                    "acknowledge everything and prints a JSON summary (produced, received, "
+                    "lost, duplicates, ...); exit status 1 if anything was lost or counted "
+                    "twice.",
+        epilog="examples:\n"
+               "  edgegw demo\n"
+               "  edgegw demo --duration 10 --port 0\n"
+               "  edgegw demo --sites 8 --parts-per-second 500 --set live.ui_rate=5")
+    p.add_argument("--duration", type=float, default=0.0, metavar="SECONDS",
                    help="stop by itself after this many seconds (default: until Ctrl-C)")
-    p.add_argument("--port", type=int, default=8765, help="hub port (0 = any free port)")
-    p.add_argument("--parts-per-second", type=float, default=200.0)
-    p.add_argument("--sites", type=int, default=4)
+    p.add_argument("--port", type=int, default=8765,
+                   help="the hub's port (default: %(default)s; 0 = any free port)")
+    p.add_argument("--parts-per-second", type=float, default=200.0, metavar="N",
+                   help="parts the simulated tester tests per second, all sites together "
+                        "(default: %(default)s)")
+    p.add_argument("--sites", type=int, default=4, metavar="N",
+                   help="test sites of the simulated tester (default: %(default)s)")
     p.add_argument("--source", choices=["stdf", "records"], default="stdf",
                    help="stdf: the tester writes STDF files the gateway tails (default); "
                         "records: the simulated source produces records directly")
-    _add_set(p)
+    _add_set(p, "live.ui_rate=5 (keys of a hub config go to the hub, the rest to the "
+                "gateway)")
     p.set_defaults(func=cmd_demo)
 
 
-def _add_set(p: argparse.ArgumentParser) -> None:
+def _add_set(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override a config value, e.g. --set hub.port=9000 (repeatable)")
+                   help="override a config value, the value in TOML syntax (repeatable), "
+                        f"e.g. --set {example}")
 
 
-def check_config(data: dict[str, Any], origin: str) -> HubConfig | GatewayConfig:
-    """What ``check-config`` checks: the hub or gateway config in ``data``, built, its
-    sources included.  Raises ConfigError listing every problem."""
-    if "hub" in data or "gateways" in data:
-        return build(HubConfig, data, origin)
+#: the kinds of file check-config knows
+KINDS = ("gateway", "hub", "sources")
+
+
+def config_kind(data: dict[str, Any]) -> tuple[str | None, str]:
+    """The kind of config the tables of ``data`` suggest, and why (None: no kind fits)."""
+    if "hub" in data:
+        return "hub", "it has a [hub] table"
+    if "gateways" in data:
+        return "hub", "it has [gateways.<id>] tables"
     if "gateway" in data:
+        return "gateway", "it has a [gateway] table"
+    if "sources" in data and set(data) == {"sources"}:
+        return "sources", "it holds [[sources]] tables only, to copy into a gateway config"
+    return None, ("it has no [gateway] table (a gateway config), no [hub] or [gateways.<id>] "
+                  "table (a hub config), and is not [[sources]] tables only (a sources "
+                  "fragment)")
+
+
+def check_config(data: dict[str, Any], origin: str,
+                 kind: str | None = None) -> HubConfig | GatewayConfig:
+    """What ``check-config`` checks: the ``kind`` of config in ``data`` (default: the kind
+    its tables suggest), built, its sources included.  Raises ConfigError listing every
+    problem."""
+    if kind is None:
+        kind, why = config_kind(data)
+        if kind is None:
+            raise ConfigError([f"{origin}: <top>: not a config edgegw knows: {why}; "
+                               "--kind gateway|hub|sources checks it as one"])
+    if kind == "hub":
+        return build(HubConfig, data, origin)
+    if kind == "gateway":
         return build_gateway_config(data, origin)
-    raise ConfigError([f"{origin}: <top>: neither a gateway config (needs a [gateway] "
-                       "table) nor a hub config (needs a [hub] table)"])
+    if kind == "sources":
+        return _check_sources(data, origin)
+    raise ValueError(f"unknown config kind {kind!r}")
+
+
+#: the [gateway] table a sources fragment is checked with (a fragment has none)
+_FRAGMENT_GATEWAY = {"id": "sources-fragment", "token": "sources-fragment"}
+
+
+def _check_sources(data: dict[str, Any], origin: str) -> GatewayConfig:
+    """A sources fragment: [[sources]] tables to copy into a gateway config, checked as the
+    gateway would check them."""
+    errors = [f"{origin}: {key}: unknown key (a sources fragment holds [[sources]] tables "
+              "only)" for key in data if key != "sources"]
+    if "sources" not in data:
+        errors.append(f"{origin}: sources: required key is missing (expected a list of "
+                      "[[sources]] tables)")
+    try:
+        cfg = build_gateway_config({"gateway": _FRAGMENT_GATEWAY,
+                                    "sources": data.get("sources", [])}, origin)
+    except ConfigError as exc:
+        errors.extend(exc.errors)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def _kind_line(path: str, data: dict[str, Any], forced: str | None) -> tuple[str | None, str]:
+    """The kind ``check-config`` checks ``data`` as, and the line saying so."""
+    if forced is not None:
+        return forced, f"{path}: checked as a {_NAMES[forced]} (--kind {forced})"
+    kind, why = config_kind(data)
+    if kind is None:
+        return None, f"{path}: not checked: {why}; --kind gateway|hub|sources chooses one"
+    others = " or ".join(f"--kind {k}" for k in KINDS if k != kind)
+    return kind, (f"{path}: checked as a {_NAMES[kind]} ({why}; {others} checks it as "
+                  "another kind)")
+
+
+_NAMES = {"hub": "hub config", "gateway": "gateway config",
+          "sources": "sources fragment"}
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        check_config(apply_overrides(read_toml(args.file), args.overrides), args.file)
+        data = read_toml(args.file)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line)
+        return EXIT_CONFIG
+    # the kind comes from the file as written: an override (--set hub.port=...) does not
+    # turn a gateway config into a hub config
+    kind, line = _kind_line(args.file, data, args.kind)
+    print(line)
+    if kind is None:
+        return EXIT_CONFIG
+    try:
+        check_config(apply_overrides(data, args.overrides), args.file, kind)
     except ConfigError as exc:
         for line in exc.errors:
             print(line)

@@ -11,6 +11,7 @@ files map to, decoded afresh) with what the hub applied, record id by record id.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import secrets
 import shutil
 import signal
@@ -21,8 +22,8 @@ from typing import Any
 
 import trio
 
-from .config import apply_overrides, build
-from .gateway.config import GatewayConfig
+from .config import ConfigError, apply_overrides, build
+from .gateway.config import GatewayConfig, build_gateway_config
 from .gateway.service import Gateway
 from .hub.app import HubApp
 from .hub.config import HubConfig
@@ -111,8 +112,12 @@ def expected_records(directory: Path) -> int:
     return total
 
 
+#: the top-level tables of a hub config: a --set under one of them goes to the hub
+_HUB_TABLES = tuple(f"{f.name}." for f in dataclasses.fields(HubConfig))
+
+
 def _split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
-    hub = [o for o in overrides if o.startswith(("hub.", "gateways."))]
+    hub = [o for o in overrides if o.startswith(_HUB_TABLES)]
     return hub, [o for o in overrides if o not in hub]
 
 
@@ -124,13 +129,47 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         await trio.to_thread.run_sync(lambda: shutil.rmtree(tmp, ignore_errors=True))
 
 
+def demo_configs(args: argparse.Namespace, tmp: Path, token: str,
+                 port: int) -> tuple[HubConfig, GatewayConfig]:
+    """The demo's hub and gateway configs, ``--set`` overrides applied (a key under a hub
+    config's tables to the hub, the rest to the gateway); one ConfigError lists every
+    problem of both."""
+    hub_over, gw_over = _split_overrides(list(args.overrides))
+    errors: list[str] = []
+    hub_cfg = gw_cfg = None
+    try:
+        hub_cfg = build(HubConfig, apply_overrides({
+            "hub": {"port": args.port, "data_dir": str(tmp / "hub")},
+            "gateways": {GATEWAY_ID: {"token": token}},
+        }, hub_over), "<demo>")
+    except ConfigError as exc:
+        errors.extend(exc.errors)
+    stdf_dir = tmp / "stdf"
+    if args.source == "stdf":
+        source_cfg = {"name": "tester", "type": "stdf", "paths": [str(stdf_dir)],
+                      "poll_interval": 0.1}
+    else:
+        source_cfg = {"name": "tester", "type": "simulated",
+                      "parts_per_second": args.parts_per_second, "sites": args.sites}
+    try:
+        gw_cfg = build_gateway_config(apply_overrides({
+            "gateway": {"id": GATEWAY_ID, "token": token, "state_dir": str(tmp / "gateway"),
+                        "hub_url": f"ws://127.0.0.1:{port}/ws/gateway"},
+            "sources": [source_cfg, {"name": "sensors", "type": "simulated-sensors",
+                                     "tester": "demo-ate"}],
+        }, gw_over), "<demo>")
+    except ConfigError as exc:
+        errors.extend(exc.errors)
+    if errors:
+        raise ConfigError(errors)
+    assert hub_cfg is not None and gw_cfg is not None
+    return hub_cfg, gw_cfg
+
+
 async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     token = secrets.token_hex(16)
-    hub_over, gw_over = _split_overrides(list(args.overrides))
-    hub_cfg = build(HubConfig, apply_overrides({
-        "hub": {"port": args.port, "data_dir": str(tmp / "hub")},
-        "gateways": {GATEWAY_ID: {"token": token}},
-    }, hub_over), "<demo>")
+    # every config problem stops the demo before anything starts
+    hub_cfg, _ = demo_configs(args, tmp, token, args.port or 8765)
     app = HubApp(hub_cfg)
     hub = app.hub
     counter = ReceiptCounter()
@@ -141,18 +180,7 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         print(f"edgegw demo: dashboard at http://127.0.0.1:{port}/  (stats: /api/stats)",
               flush=True)
         stdf_dir = tmp / "stdf"
-        if args.source == "stdf":
-            source_cfg = {"name": "tester", "type": "stdf", "paths": [str(stdf_dir)],
-                          "poll_interval": 0.1}
-        else:
-            source_cfg = {"name": "tester", "type": "simulated",
-                          "parts_per_second": args.parts_per_second, "sites": args.sites}
-        gw_cfg = build(GatewayConfig, apply_overrides({
-            "gateway": {"id": GATEWAY_ID, "token": token, "state_dir": str(tmp / "gateway"),
-                        "hub_url": f"ws://127.0.0.1:{port}/ws/gateway"},
-            "sources": [source_cfg, {"name": "sensors", "type": "simulated-sensors",
-                                     "tester": "demo-ate"}],
-        }, gw_over), "<demo>")
+        _, gw_cfg = demo_configs(args, tmp, token, port)
         gateway = Gateway(gw_cfg)
         await nursery.start(gateway.run)
         tester = _StdfTester(stdf_dir, args) if args.source == "stdf" else None

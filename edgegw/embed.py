@@ -9,7 +9,10 @@ From ordinary (threaded) code, e.g. a test program's hooks::
 
     gw = edgegw.EmbeddedGateway(config)   # starts a Trio loop in a daemon thread
     gw.put(records)                      # thread-safe; waits only if the store is full
-    gw.close()                           # flushes and waits (bounded) for the hub's acks
+    gw.close()                           # flushes and waits (bounded) for the hub's acks;
+                                         # True when the hub acknowledged everything
+
+docs/embedding.md is the guide, with a worked example (examples/embedded_test_program.py).
 """
 
 from __future__ import annotations
@@ -36,23 +39,32 @@ def _config(config: GatewayConfig | dict[str, Any] | str) -> GatewayConfig:
 
 
 @asynccontextmanager
-async def open_gateway(config: GatewayConfig | dict[str, Any] | str,
-                       drain_timeout: float = 10.0) -> AsyncIterator[Gateway]:
-    """A running gateway for the duration of the block; on exit it flushes and waits up to
-    ``drain_timeout`` seconds for the hub to acknowledge what it holds."""
+async def _serving(config: GatewayConfig | dict[str, Any] | str) -> AsyncIterator[Gateway]:
     async with trio.open_nursery() as nursery:
         gw = Gateway(_config(config))
         await nursery.start(gw.run)
         try:
             yield gw
         finally:
-            with trio.CancelScope(shield=True):
-                await gw.drain(drain_timeout)
             nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def open_gateway(config: GatewayConfig | dict[str, Any] | str,
+                       drain_timeout: float = 10.0) -> AsyncIterator[Gateway]:
+    """A running gateway for the duration of the block; on exit it flushes and waits up to
+    ``drain_timeout`` seconds for the hub to acknowledge what it holds."""
+    async with _serving(config) as gw:
+        try:
+            yield gw
+        finally:
+            with trio.CancelScope(shield=True):
+                await gw.drain(drain_timeout)
+
+
 class EmbeddedGateway:
-    """A gateway on its own Trio loop in a daemon thread, fed from any thread."""
+    """A gateway on its own Trio loop in a daemon thread, fed from any thread.  Also a
+    context manager: ``with EmbeddedGateway(config) as gw:`` closes it on the way out."""
 
     def __init__(self, config: GatewayConfig | dict[str, Any] | str,
                  drain_timeout: float = 10.0) -> None:
@@ -63,6 +75,8 @@ class EmbeddedGateway:
         self._stop: trio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        #: after close(): True when the hub acknowledged every record put
+        self.delivered: bool | None = None
         self._thread = threading.Thread(target=self._main, name="edgegw-gateway", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -73,10 +87,11 @@ class EmbeddedGateway:
         async def main() -> None:
             self._token = trio.lowlevel.current_trio_token()
             self._stop = trio.Event()
-            async with open_gateway(self.config, self.drain_timeout) as gw:
+            async with _serving(self.config) as gw:
                 self.gateway = gw
                 self._ready.set()
                 await self._stop.wait()
+                self.delivered = await gw.drain(self.drain_timeout)
 
         try:
             trio.run(main)
@@ -86,7 +101,11 @@ class EmbeddedGateway:
             self._ready.set()
 
     def put(self, records: Sequence[Record], source: str = "embedded") -> None:
-        """Hand records to the gateway; returns once they are queued for sending."""
+        """Hand records to the gateway; returns once they are queued for sending (in the
+        spool, when the config has one, once a frame is cut).  ``source`` labels them in
+        the metrics; each record's own ``source`` field is what the hub sees."""
+        if self._stop is None or self._stop.is_set() or self._error is not None:
+            raise RuntimeError("the embedded gateway is closed")
         assert self.gateway is not None and self._token is not None
         trio.from_thread.run(self.gateway.sink.put, records, None, source,
                              trio_token=self._token)
@@ -95,9 +114,19 @@ class EmbeddedGateway:
         assert self.gateway is not None and self._token is not None
         return trio.from_thread.run_sync(self.gateway.stats, trio_token=self._token)
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Flush, wait up to ``drain_timeout`` seconds for the hub's acknowledgements, and
+        stop.  True when the hub acknowledged every record; False when some are still
+        waiting -- in the spool (if configured), which sends them on the next start."""
         if self._token is not None and self._stop is not None and self._thread.is_alive():
             trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
         self._thread.join()
         if self._error is not None:
             raise self._error
+        return bool(self.delivered)
+
+    def __enter__(self) -> EmbeddedGateway:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

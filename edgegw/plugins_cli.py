@@ -17,7 +17,13 @@ from .sources import ENTRY_POINT_GROUP as SOURCES_GROUP
 
 
 def add_commands(sub: Any) -> None:
-    p = sub.add_parser("plugins", help="list the installed tester formats and source types")
+    p = sub.add_parser(
+        "plugins", help="list the installed tester formats and source types",
+        description="List the tester formats (entry-point group edgegw.formats) and source "
+                    "types (edgegw.sources) installed in this Python, with the package each "
+                    "comes from; a plugin that fails to import is listed with its error "
+                    "(docs/plugins.md).",
+        epilog="examples:\n  edgegw plugins\n  edgegw plugins --json")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.set_defaults(func=_run)
 

@@ -293,8 +293,11 @@ def from_wire(item: Any, sources: list[str]) -> Record:
     n_fields = len(cls._fields)
     n_required = n_fields - len(cls._field_defaults)
     if len(item) - 1 < n_required:
+        # counted as docs/protocol.md's table counts them: the fields after ts
+        required = cls._fields[2:n_required]
         raise RecordError(
-            f"{cls.__name__} needs at least {n_required} fields, got {len(item) - 1}"
+            f"{cls.__name__} (kind {item[0]}) needs at least {len(required)} fields after "
+            f"ts ({', '.join(required)}), got {len(item) - 3}"
         )
     # Fields appended by a newer v1 sender are ignored (docs/protocol.md sections 5 and 9).
     return cls(sources[idx], *item[2:n_fields + 1])

@@ -1,24 +1,45 @@
 #!/usr/bin/env bash
-# Sets up a fresh virtualenv and runs the whole test suite (lint included).
-# Installs the system packages the tests need (Mosquitto, Chromium) when missing
-# and we are root; tests that need them start their own instances on free ports.
+# Sets up a fresh virtualenv (.venv) and runs the whole test suite (lint included).
+#
+# System packages: the MQTT tests need Mosquitto (they start their own broker on a free
+# port; a system broker is never touched) and the dashboard test needs Chromium (it drives
+# a real browser over its DevTools protocol).  When they are missing, this script says so and,
+# run as root on a Debian/Ubuntu machine, installs them with apt-get after saying what and
+# why; EDGEGW_NO_APT=1 skips that, and the tests that need them then skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
-command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_pkgs+=(mosquitto)
-command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium chromium-driver)
+why=()
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  need_pkgs+=(mosquitto)
+  why+=("  mosquitto: the MQTT tests start their own broker on a free port")
+fi
+if ! command -v chromium >/dev/null 2>&1; then
+  need_pkgs+=(chromium)
+  why+=("  chromium: the dashboard test drives a real browser (headless)")
+fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing system packages: ${need_pkgs[*]}"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-      --no-install-recommends "${need_pkgs[@]}") >/dev/null || echo "could not install ${need_pkgs[*]}"
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+      && [ "${EDGEGW_NO_APT:-0}" != 1 ]; then
+    echo "scripts/test.sh: installing system packages with apt-get (EDGEGW_NO_APT=1 skips" \
+      "this; the tests needing them then skip):"
+    printf '%s\n' "${why[@]}"
+    if (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends "${need_pkgs[@]}") >/dev/null; then
+      echo "scripts/test.sh: installed ${need_pkgs[*]}"
+    else
+      echo "scripts/test.sh: could not install ${need_pkgs[*]}; the tests needing them skip"
+    fi
   else
-    echo "missing system packages (tests needing them will skip outside CI): ${need_pkgs[*]}"
+    echo "scripts/test.sh: missing system packages; the tests needing them skip (as root on" \
+      "Debian/Ubuntu this script installs them):"
+    printf '%s\n' "${why[@]}"
   fi
 fi
 
 PY=${PYTHON:-python3}
+echo "scripts/test.sh: installing edgegw, its plugins and test tools into .venv"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" \
   $(for p in plugins/*/; do [ -f "$p/pyproject.toml" ] && printf -- '-e %s ' "$p"; done)

@@ -164,3 +164,15 @@ def test_frame_bodies_round_trip_records_with_a_source_table() -> None:
     from edgegw.records import from_wire
 
     assert [from_wire(w, sources) for w in wire] == recs
+
+
+def test_a_record_short_of_fields_is_named_in_the_terms_of_the_protocol_table() -> None:
+    """docs/protocol.md lists a record's fields after ts: the error counts the same way."""
+    from edgegw.records import RecordError, from_wire
+
+    with pytest.raises(RecordError) as exc:
+        from_wire([5, 0, 1.5, "L1", "W1", 1, 0, "p1"], ["tester"])
+    assert str(exc.value) == (
+        "PartResult (kind 5) needs at least 10 fields after ts (lot_id, wafer_id, head, site, "
+        "part_id, x, y, hard_bin, soft_bin, passed), got 5")
+    assert from_wire([11, 0, 1.5, "ch", 2.0], ["tester"]).value == 2.0  # unit defaults

@@ -39,18 +39,40 @@ CHUNK = 1 << 16
 
 
 def add_commands(sub: Any) -> None:
-    p = sub.add_parser("stdf", help="inspect STDF files (dump, stats)")
-    stdf_sub = p.add_subparsers(dest="stdf_command", metavar="ACTION")
+    p = sub.add_parser(
+        "stdf", help="inspect STDF files (dump, stats)",
+        description="Inspect an STDF V4 file (plain or gzip-compressed) with edgegw's own "
+                    "decoder: dump its records as JSON lines, or count its parts, bins and "
+                    "records.  A file that is not usable STDF is one line on stderr naming "
+                    "the byte offset, and exit status 1.",
+        epilog="examples:\n"
+               "  edgegw stdf dump lot.stdf --rec PRR | head\n"
+               "  edgegw stdf stats lot.stdf.gz\n"
+               "  edgegw stdf dump --partial /data/stdf/growing.stdf")
+    stdf_sub = p.add_subparsers(dest="stdf_command", metavar="ACTION", title="actions")
     stdf_sub.required = True
-    dump = stdf_sub.add_parser("dump", help="one JSON object per record")
-    dump.add_argument("file", type=Path, help="STDF file (.gz too)")
+    dump = stdf_sub.add_parser(
+        "dump", help="one JSON object per record",
+        description="Print one JSON object per record, {\"rec\": \"PTR\", \"TEST_NUM\": ..., "
+                    "...}, with the spec's field names: R*4 values as the shortest decimal "
+                    "that is the same float32, bytes as hex, D*n as {\"bits\": n, \"hex\": "
+                    "...}, NaN and infinities as the strings \"nan\", \"inf\", \"-inf\".",
+        epilog="examples:\n"
+               "  edgegw stdf dump lot.stdf --rec PIR --rec PRR\n"
+               "  edgegw stdf dump lot.stdf --offset | head -20")
+    dump.add_argument("file", type=Path, metavar="FILE", help="STDF file (.gz too)")
     dump.add_argument("--rec", action="append", default=[], metavar="TYPE",
                       help="only records of this type (repeatable), e.g. --rec PRR")
     dump.add_argument("--offset", action="store_true",
                       help='add each record\'s byte offset as "_offset"')
     dump.set_defaults(func=run_dump)
-    stats = stdf_sub.add_parser("stats", help="part, bin and record counts as one JSON object")
-    stats.add_argument("file", type=Path, help="STDF file (.gz too)")
+    stats = stdf_sub.add_parser(
+        "stats", help="part, bin and record counts as one JSON object",
+        description="Print one JSON object: record counts by type, parts, good parts, "
+                    "counts per hard and soft bin and per site (retests counted once), and "
+                    "the file's own HBR/SBR/PCR summaries.",
+        epilog="example:\n  edgegw stdf stats lot.stdf")
+    stats.add_argument("file", type=Path, metavar="FILE", help="STDF file (.gz too)")
     stats.set_defaults(func=run_stats)
     for action in (dump, stats):
         action.add_argument("--partial", action="store_true",
