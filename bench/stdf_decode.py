@@ -1,34 +1,53 @@
-"""Benchmark: decode an STDF file with edgegw and with pystdf, in one run.
+"""Benchmark: decode STDF files with edgegw and with pystdf, side by side in one run.
 
-Both decoders do the same work: every field of every record is decoded (pystdf into
-a value list per record, edgegw into a field dict per record), and the consumer looks at
-each record once and drops it, as a streaming gateway does.  Prints records/s and MB/s
-for each (median of --runs runs) and the ratio, then checks memory stays flat: decoding
-the file fed ten times over in 64 KiB chunks (a stream 10x the size) must not need more
-memory than decoding it once.
+For every file -- the real tester files in ``shared/data/stdf`` and the synthetic shapes of
+``bench/stdf_corpus.py`` (FTR-heavy, MPR-heavy, varied PTRs on 2 heads x 8 sites
+big-endian, GDR-heavy), or the files named on the command line -- it prints:
 
-    python bench/stdf_decode.py [FILE] [--runs N]
+* full decode: both decoders decode every field of every record (pystdf into a value
+  list per record, edgegw into a field dict per record) and the consumer sees each record
+  once, as a streaming gateway does.  edgegw in one feed, in 64 KiB chunks, and in one
+  feed with the PTR tail memo off (the figure must not rest on the memo);
+* ``edgegw stdf stats FILE`` end to end, the command a user times, start-up subtracted:
+  the command's ``main`` run in this process (open, gunzip, decode, figures, JSON out;
+  one real process and its start-up -- the command on a file of only a FAR and an MRR --
+  are printed beside it), against pystdf reading the same file (gunzip included) and
+  parsing it with a sink that only counts -- less than pystdf would need to do to
+  compute the same figures;
+* a memory check on the first file: a stream ten times the file's size, fed in 64 KiB
+  chunks, must peak no higher than the file once.
 
-FILE defaults to galaxy-a530-lot2.stdf.gz from the shared data (decompressed in memory
-first: the gzip cost is not the decoder's).
+Times are medians of --runs runs of CPU time (the machine is shared: wall time would
+charge other jobs' load to whichever decoder ran while it peaked; --wall for wall time).
+The last lines are a markdown table of the medians (docs/stdf.md carries one).
+
+    python bench/stdf_decode.py [FILE ...] [--runs N] [--no-shapes] [--no-cli]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import io
 import os
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from edgegw.stdf import StdfDecoder
+from edgegw.stdf import StdfDecoder, StdfWriter
 from edgegw.stdf.decoder import MEMO_SIZE, set_tail_memo
 
-DEFAULT = "galaxy-a530-lot2.stdf.gz"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stdf_corpus import SHAPES
+
 WALL = False
 CHUNK = 64 * 1024
 
@@ -42,7 +61,7 @@ def shared_data() -> Path:
 
 def load(path: Path) -> bytes:
     data = path.read_bytes()
-    return gzip.decompress(data) if path.suffix == ".gz" else data
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
 
 
 def edgegw_decode(data: bytes, chunk: int | None = None) -> int:
@@ -70,7 +89,7 @@ class _CountingSink:
     def after_send(self, source: object, data: object) -> None:
         self.count += 1
 
-    def __getattr__(self, name: str):  # before_begin, after_complete, ... : nothing to do
+    def __getattr__(self, name: str) -> Callable[..., None]:  # before_begin, ...: no-ops
         return lambda *args: None
 
 
@@ -84,21 +103,52 @@ def pystdf_decode(data: bytes) -> int:
     return sink.count
 
 
-def timed(fn, data: bytes, runs: int) -> tuple[float, int]:
-    """Median seconds of ``runs`` runs.  CPU time of this process: the machine is shared
-    with other jobs, and wall time would charge their load to whichever decoder ran
-    while it peaked (on an idle machine the two agree; --wall uses wall time)."""
+def timed(fn: Callable[[], Any], runs: int) -> tuple[float, Any]:
+    """Median seconds of ``runs`` runs (CPU time of this process unless --wall)."""
     clock = time.perf_counter if WALL else time.process_time
     times = []
-    count = 0
+    result = None
     for _ in range(runs):
         start = clock()
-        count = fn(data)
+        result = fn()
         times.append(clock() - start)
-    return statistics.median(times), count
+    return statistics.median(times), result
 
 
-def peak_memory(fn) -> int:
+def stats_seconds(path: Path, runs: int) -> float:
+    """Median seconds of ``edgegw stdf stats path`` run in this process: the command end to
+    end (open, gunzip, decode, figures, JSON out) without the interpreter's start-up and
+    imports, which a separate process measures too noisily on a loaded machine."""
+    from edgegw.cli import main as edgegw_main
+
+    def once() -> None:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            status = edgegw_main(["stdf", "stats", str(path)])
+        assert status == 0 and out.getvalue().startswith("{"), status
+
+    once()
+    return timed(once, runs)[0]
+
+
+def cli_seconds(path: Path, runs: int) -> float:
+    """Median seconds of ``edgegw stdf stats path`` (CPU time of the child process)."""
+    exe = Path(sys.executable).parent / "edgegw"
+    cmd = [str(exe), "stdf", "stats", str(path)] if exe.exists() else \
+        [sys.executable, "-m", "edgegw", "stdf", "stats", str(path)]
+    times = []
+    for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        times.append(wall if WALL else cpu)
+    return statistics.median(times)
+
+
+def peak_memory(fn: Callable[[], None]) -> int:
     tracemalloc.start()
     try:
         fn()
@@ -107,40 +157,8 @@ def peak_memory(fn) -> int:
         tracemalloc.stop()
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("file", nargs="?", type=Path, default=shared_data() / DEFAULT)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--wall", action="store_true", help="time with the wall clock")
-    args = parser.parse_args()
-    global WALL
-    WALL = args.wall
-    if not args.file.exists():
-        print(f"no such file: {args.file}", file=sys.stderr)
-        return 1
-    data = load(args.file)
-    mb = len(data) / 1e6
-    print(f"file: {args.file.name} ({len(data):,} bytes decompressed)")
-
-    ours, n_ours = timed(edgegw_decode, data, args.runs)
-    theirs, n_theirs = timed(pystdf_decode, data, args.runs)
-    if n_ours != n_theirs:
-        print(f"record counts differ: edgegw {n_ours}, pystdf {n_theirs}", file=sys.stderr)
-        return 1
-    chunked, _ = timed(lambda d: edgegw_decode(d, CHUNK), data, args.runs)
-    set_tail_memo(0)  # the same without the PTR tail memo (see edgegw/stdf/decoder.py)
-    plain, _ = timed(edgegw_decode, data, args.runs)
-    set_tail_memo(MEMO_SIZE)
-    print(f"records: {n_ours:,}; median of {args.runs} runs "
-          f"({'wall' if WALL else 'CPU'} time)")
-    for label, secs in (("edgegw (one feed)", ours), ("edgegw (64 KiB chunks)", chunked),
-                        ("edgegw (no tail memo)", plain), ("pystdf", theirs)):
-        print(f"  {label:24} {n_ours / secs:>12,.0f} records/s {mb / secs:>8.1f} MB/s"
-              f"  ({secs * 1e3:.1f} ms)")
-    print(f"  ratio edgegw/pystdf: {theirs / ours:.1f}x (one feed), "
-          f"{theirs / chunked:.1f}x (64 KiB chunks), {theirs / plain:.1f}x (no tail memo)")
-
-    # memory: a stream 10x the file, fed in chunks, peaks no higher than the file once
+def memory_check(data: bytes, records: int) -> None:
+    """A stream 10x the file, fed in chunks, peaks no higher than the file once."""
     def stream(times: int) -> None:
         dec = StdfDecoder()
         count = 0
@@ -151,14 +169,102 @@ def main() -> int:
                 for _rec in dec.records():
                     count += 1
             # the file again: the next copy's FAR starts right where the MRR ended
-        assert count == n_ours * times, (count, n_ours * times)
+        assert count == records * times, (count, records * times)
 
     stream(1)  # compile the decoders first: their code is not per-stream memory
     once = peak_memory(lambda: stream(1))
     tenfold = peak_memory(lambda: stream(10))
-    print(f"memory (tracemalloc peak, 64 KiB chunks): 1x {once / 1e6:.2f} MB, "
-          f"10x ({10 * mb:.0f} MB stream) {tenfold / 1e6:.2f} MB "
+    print(f"  memory (tracemalloc peak, 64 KiB chunks): 1x {once / 1e6:.2f} MB, "
+          f"10x ({10 * len(data) / 1e6:.0f} MB stream) {tenfold / 1e6:.2f} MB "
           f"-> ratio {tenfold / once:.2f}")
+
+
+def bench_file(label: str, path: Path, runs: int, cli: bool, startup: float,
+               memory: bool) -> dict[str, Any]:
+    data = load(path)
+    mb = len(data) / 1e6
+    print(f"{label} ({len(data):,} bytes)")
+    # one run of each first: compiles the decoders, warms the caches for both sides
+    edgegw_decode(data)
+    ours, n_ours = timed(lambda: edgegw_decode(data), runs)
+    theirs, n_theirs = timed(lambda: pystdf_decode(data), runs)
+    if n_ours != n_theirs:
+        raise SystemExit(f"{label}: record counts differ: edgegw {n_ours}, pystdf {n_theirs}")
+    chunked, _ = timed(lambda: edgegw_decode(data, CHUNK), runs)
+    set_tail_memo(0)  # the same without the PTR tail memo (see edgegw/stdf/decoder.py)
+    try:
+        plain, _ = timed(lambda: edgegw_decode(data), runs)
+    finally:
+        set_tail_memo(MEMO_SIZE)
+    print(f"  records: {n_ours:,}; median of {runs} runs ({'wall' if WALL else 'CPU'} time)")
+    for name, secs in (("edgegw (one feed)", ours), ("edgegw (64 KiB chunks)", chunked),
+                       ("edgegw (no tail memo)", plain), ("pystdf", theirs)):
+        print(f"    {name:24} {n_ours / secs:>12,.0f} records/s {mb / secs:>8.1f} MB/s"
+              f"  ({secs * 1e3:.1f} ms)")
+    row = {"file": label, "records": n_ours, "edgegw": ours, "chunks": chunked,
+           "nomemo": plain, "pystdf": theirs}
+    print(f"  decode ratio edgegw/pystdf: {theirs / ours:.1f}x (one feed), "
+          f"{theirs / chunked:.1f}x (64 KiB chunks), {theirs / plain:.1f}x (no tail memo)")
+    if cli:
+        read, _ = timed(lambda: load(path), runs)
+        stats = stats_seconds(path, runs)
+        pystdf_stats = read + theirs
+        row.update(stats=stats, pystdf_stats=pystdf_stats)
+        print(f"  edgegw stdf stats: {stats * 1e3:.1f} ms without start-up (a process: "
+              f"{cli_seconds(path, 1) * 1e3:.0f} ms, start-up {startup * 1e3:.0f} ms); "
+              f"pystdf read + parse {pystdf_stats * 1e3:.1f} ms -> {pystdf_stats / stats:.1f}x")
+    if memory:
+        memory_check(data, n_ours)
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="*", type=Path)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--wall", action="store_true", help="time with the wall clock")
+    parser.add_argument("--no-shapes", action="store_true",
+                        help="without the synthetic shapes of bench/stdf_corpus.py")
+    parser.add_argument("--no-cli", action="store_true", help="without `edgegw stdf stats`")
+    args = parser.parse_args()
+    global WALL
+    WALL = args.wall
+    files = args.files or sorted(p for p in shared_data().glob("*")
+                                 if p.is_file() and not p.name.endswith(".md"))
+    for f in files:
+        if not f.exists():
+            print(f"no such file: {f}", file=sys.stderr)
+            return 1
+    with tempfile.TemporaryDirectory(prefix="stdf-bench-") as tmp:
+        work = [(f.name, f) for f in files]
+        if not args.no_shapes and not args.files:
+            for name, build in SHAPES.items():
+                path = Path(tmp) / f"{name}.stdf"
+                path.write_bytes(build())
+                work.append((f"{name} (synthetic)", path))
+        startup = 0.0
+        if not args.no_cli:
+            w = StdfWriter("<")
+            tiny = Path(tmp) / "tiny.stdf"
+            tiny.write_bytes(w.encode("FAR", {}) + w.encode("MRR", {"FINISH_T": 0}))
+            startup = cli_seconds(tiny, args.runs)
+            print(f"edgegw stdf stats start-up (a FAR and an MRR): {startup * 1e3:.0f} ms")
+        rows = [bench_file(label, path, args.runs, not args.no_cli, startup, i == 0)
+                for i, (label, path) in enumerate(work)]
+    print()
+    print("| file | records | edgegw one feed | 64 KiB chunks | no tail memo | pystdf | "
+          "ratio (feed / chunks / no memo) |" + (" `stats` CLI vs pystdf |"
+                                                 if not args.no_cli else ""))
+    print("|---|---:|---:|---:|---:|---:|---|" + ("---|" if not args.no_cli else ""))
+    for r in rows:
+        line = (f"| {r['file']} | {r['records']:,} | {r['edgegw'] * 1e3:.0f} ms | "
+                f"{r['chunks'] * 1e3:.0f} ms | {r['nomemo'] * 1e3:.0f} ms | "
+                f"{r['pystdf'] * 1e3:.0f} ms | {r['pystdf'] / r['edgegw']:.1f}x / "
+                f"{r['pystdf'] / r['chunks']:.1f}x / {r['pystdf'] / r['nomemo']:.1f}x |")
+        if "stats" in r:
+            line += (f" {r['stats'] * 1e3:.0f} ms vs {r['pystdf_stats'] * 1e3:.0f} ms: "
+                     f"{r['pystdf_stats'] / r['stats']:.1f}x |")
+        print(line)
     return 0
 
 

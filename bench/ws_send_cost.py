@@ -18,6 +18,10 @@ Variants:
   ticker, no task switch per client.
 * ``edgegw-task``: the hub's fallback path: framed once, each client's own task woken to
   ``send_prepared`` it (what happens when a socket is full).
+* ``edgegw-tls``: the hub's path under TLS (``[tls]``, docs/security.md): framed once, but
+  every client's copy is encrypted on its own (TLS cannot share ciphertext) and written by
+  its own task -- the direct ``os.write`` is impossible through ``trio.SSLStream``.  Needs
+  trustme (the test extra) for the certificate.
 * ``hypercorn-task``: hypercorn's Trio worker, the idiomatic ASGI way: a task per connection
   (the ASGI app call) woken each tick to ``await send({"type": "websocket.send", ...})``;
   hypercorn frames it per client through wsproto and writes it under its send lock.
@@ -38,6 +42,7 @@ import os
 import resource
 import select
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -92,7 +97,9 @@ class Broadcast:
                                       "ticks": ticks}), flush=True)
 
 
-def serve_edgegw(args: argparse.Namespace, direct: bool) -> None:
+def serve_edgegw(args: argparse.Namespace, direct: bool, tls: bool = False) -> None:
+    import tempfile
+
     import trio
 
     from edgegw.hub.http import HttpServer, Request, WebSocket, prepare_message
@@ -102,7 +109,8 @@ def serve_edgegw(args: argparse.Namespace, direct: bool) -> None:
     class Client:
         def __init__(self, ws: WebSocket) -> None:
             self.ws = ws
-            self.fd = ws.stream.socket.fileno()  # type: ignore[attr-defined]
+            sock = getattr(ws.stream, "transport_stream", ws.stream).socket
+            self.fd = sock.fileno()
             self.wake = trio.Event()
             self.frame = b""
 
@@ -145,9 +153,19 @@ def serve_edgegw(args: argparse.Namespace, direct: bool) -> None:
     async def main() -> None:
         server = HttpServer()
         server.add_ws_route("/ws", handler)
+        ca_path = ""
+        if tls:
+            import trustme
+
+            ca = trustme.CA()
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ca.issue_cert("127.0.0.1").configure_cert(context)
+            server.tls = lambda: context
+            ca_path = os.path.join(tempfile.mkdtemp(prefix="ws-send-cost-"), "ca.pem")
+            ca.cert_pem.write_to_path(ca_path)
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(server.serve, "127.0.0.1", 0)
-            print(f"PORT {listeners[0].socket.getsockname()[1]}", flush=True)
+            print(f"PORT {listeners[0].socket.getsockname()[1]} {ca_path}".strip(), flush=True)
             await bc.run(tick)
             nursery.cancel_scope.cancel()
 
@@ -224,10 +242,13 @@ def serve_hypercorn(args: argparse.Namespace, loop: bool) -> None:
 # --------------------------------------------------------------------------- clients
 
 
-def connect(port: int, number: int) -> socket.socket:
+def connect(port: int, number: int, ca_path: str = "") -> socket.socket:
     # From 16 loopback addresses, as from many hosts: the hub caps connections per address.
     sock = socket.create_connection(("127.0.0.1", port),
                                     source_address=(f"127.0.0.{1 + number % 16}", 0))
+    if ca_path:
+        sock = ssl.create_default_context(cafile=ca_path).wrap_socket(
+            sock, server_hostname="127.0.0.1")
     key = base64.b64encode(os.urandom(16))
     sock.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                  b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\n"
@@ -255,10 +276,11 @@ def measure(args: argparse.Namespace, variant: str) -> dict[str, Any] | None:
         if not line.startswith("PORT "):
             return None
         port = int(line.split()[1])
+        ca_path = line.split()[2] if len(line.split()) > 2 else ""
         ep = select.epoll()
         socks = {}
         for i in range(args.clients):
-            s = connect(port, i)
+            s = connect(port, i, ca_path)
             socks[s.fileno()] = s
             ep.register(s.fileno(), select.EPOLLIN)
         frame_len = args.size + (2 if args.size < 126 else 4 if args.size < 65536 else 10)
@@ -268,9 +290,12 @@ def measure(args: argparse.Namespace, variant: str) -> dict[str, Any] | None:
         out = ""
         while "RESULT " not in out:
             for fd, _ in ep.poll(0.05):
+                sock = socks[fd]
                 try:
-                    received[fd] += len(socks[fd].recv(1 << 18))
-                except BlockingIOError:
+                    received[fd] += len(sock.recv(1 << 18))
+                    while getattr(sock, "pending", lambda: 0)():  # TLS: decrypted, buffered
+                        received[fd] += len(sock.recv(1 << 18))
+                except (BlockingIOError, ssl.SSLWantReadError):
                     pass
             try:
                 out += proc.stdout.read() or ""
@@ -300,7 +325,8 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=2048, help="message bytes")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--servers", nargs="+",
-                    default=["edgegw-direct", "edgegw-task", "hypercorn-task", "hypercorn-loop"])
+                    default=["edgegw-direct", "edgegw-task", "edgegw-tls", "hypercorn-task",
+                             "hypercorn-loop"])
     args = ap.parse_args()
     _raise_nofile()
     if args.role == "edgegw-direct":
@@ -308,6 +334,9 @@ def main() -> int:
         return 0
     if args.role == "edgegw-task":
         serve_edgegw(args, direct=False)
+        return 0
+    if args.role == "edgegw-tls":
+        serve_edgegw(args, direct=False, tls=True)
         return 0
     if args.role in ("hypercorn-task", "hypercorn-loop"):
         try:

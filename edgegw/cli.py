@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "edgegw.sim.cli",
     "edgegw.stdf.cli",
     "edgegw.plugins_cli",
+    "edgegw.auth.cli",
 )
 
 

@@ -142,6 +142,8 @@ def config_kind(data: dict[str, Any]) -> tuple[str | None, str]:
         return "hub", "it has a [hub] table"
     if "gateways" in data:
         return "hub", "it has [gateways.<id>] tables"
+    if {"auth", "tls"} & data.keys():
+        return "hub", "it has an [auth] or [tls] table"
     if "gateway" in data:
         return "gateway", "it has a [gateway] table"
     if "sources" in data and set(data) == {"sources"}:
@@ -222,12 +224,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if kind is None:
         return EXIT_CONFIG
     try:
-        check_config(apply_overrides(data, args.overrides), args.file, kind)
+        cfg = check_config(apply_overrides(data, args.overrides), args.file, kind)
     except ConfigError as exc:
         for line in exc.errors:
             print(line)
         return EXIT_CONFIG
     print("ok")
+    if isinstance(cfg, HubConfig):
+        from .auth.hub import secure_by_default_problem
+
+        problem = secure_by_default_problem(cfg)
+        if problem:  # valid, but `edgegw hub` will refuse it: say so now
+            print(f"warning: edgegw hub will not start: {problem}", file=sys.stderr)
     return 0
 
 
@@ -278,7 +286,8 @@ def cmd_hub(args: argparse.Namespace) -> int:
     h = cfg.hub
     resolve("hub.listen", h.listen, h.port)
     prepare_dir("hub.data_dir", h.data_dir)
-    return _serve(HubApp(cfg), lambda port: f"edgegw hub listening on http://{h.listen}:{port}/",
+    scheme = "https" if cfg.tls.enabled else "http"
+    return _serve(HubApp(cfg), lambda port: f"edgegw hub listening on {scheme}://{h.listen}:{port}/",
                   listen=("hub.listen/hub.port", h.listen, h.port))
 
 
@@ -295,8 +304,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             prepare_dir("gateway.state_dir (its spool/)", Path(g.state_dir) / "spool")
     if g.status_port:
         resolve("gateway.status_listen", g.status_listen, g.status_port)
-    if cfg.uplink.ca_file and g.hub_url.startswith("wss://"):
-        readable("uplink.ca_file", cfg.uplink.ca_file)
+    if g.hub_url.startswith("wss://"):
+        for key in ("ca_file", "cert_file", "key_file"):
+            if getattr(cfg.uplink, key):
+                readable(f"uplink.{key}", getattr(cfg.uplink, key))
     listen = ("gateway.status_listen/status_port", g.status_listen, g.status_port)
     return _serve(Gateway(cfg), lambda _: f"edgegw gateway {g.id} running, hub {g.hub_url}",
                   listen=listen if g.status_port else None)

@@ -3,7 +3,8 @@
 #
 # System packages: the MQTT tests need Mosquitto (they start their own broker on a free
 # port; a system broker is never touched) and the dashboard test needs Chromium (it drives
-# a real browser over its DevTools protocol).  When they are missing, this script says so and,
+# a real browser over its DevTools protocol); the packaging tests lint the shell scripts with
+# shellcheck.  When they are missing, this script says so and,
 # run as root on a Debian/Ubuntu machine, installs them with apt-get after saying what and
 # why; EDGEGW_NO_APT=1 skips that, and the tests that need them then skip.
 set -euo pipefail
@@ -18,6 +19,10 @@ fi
 if ! command -v chromium >/dev/null 2>&1; then
   need_pkgs+=(chromium)
   why+=("  chromium: the dashboard test drives a real browser (headless)")
+fi
+if ! command -v shellcheck >/dev/null 2>&1; then
+  need_pkgs+=(shellcheck)
+  why+=("  shellcheck: the packaging tests lint the install and service scripts")
 fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \

@@ -217,7 +217,8 @@ def test_kind_forces_the_reading(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["check-config", str(path), "--kind", "hub"]) == 2
     assert capsys.readouterr().out.splitlines() == [
         f"{path}: checked as a hub config (--kind hub)",
-        f"{path}: gateway: unknown key (allowed here: alerts, gateways, http, hub, live)"]
+        f"{path}: gateway: unknown key (allowed here: alerts, auth, gateways, http, hub, live, "
+        "tls)"]
     fragment = REPO / "conf" / "gateway-mqtt.example.toml"
     assert main(["check-config", str(fragment), "--kind", "gateway"]) == 2
     assert capsys.readouterr().out.splitlines()[1:] == [

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -27,6 +29,7 @@ from typing import Any
 import pytest
 import trio
 from hubtools import gateway_config, start_tester
+from sectools import Pki
 from trio_websocket import open_websocket_url
 
 from edgegw.config import build
@@ -65,8 +68,11 @@ class LiveHub:
     """Hub + live state + alerts + fan-out + dashboard + history API, startable and
     stoppable on a fixed port."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, auth: dict[str, Any] | None = None,
+                 tls: dict[str, Any] | None = None) -> None:
         self.data_dir = data_dir
+        self.auth = auth  # the hub config's [auth] and [tls] sections, if any
+        self.tls = tls
         self.port = 0
         self.state: LiveState | None = None
         self.fanout: LiveFanout | None = None
@@ -76,7 +82,9 @@ class LiveHub:
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         hub = Hub(build(HubConfig, {"hub": {"port": self.port, "data_dir": str(self.data_dir)},
-                                    "gateways": {"ate-01": {"token": TOKEN}}}))
+                                    "gateways": {"ate-01": {"token": TOKEN}},
+                                    **({"auth": self.auth} if self.auth else {}),
+                                    **({"tls": self.tls} if self.tls else {})}))
         fanout = LiveFanout(LiveConfig(), metrics=hub.metrics)
         # A rule that trips on the simulated wafers: 2 fails in a row on one site.
         alerts = AlertEngine(build(AlertsConfig, {"rules": [
@@ -137,8 +145,9 @@ class Browser:
                         raise RuntimeError(f"{method}: {msg['error']}")
                     return msg["result"]
 
-    async def eval(self, expression: str) -> Any:
-        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+    async def eval(self, expression: str, await_promise: bool = False) -> Any:
+        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True,
+                                 awaitPromise=await_promise)
         if "exceptionDetails" in result:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -195,14 +204,15 @@ async def http_json_status(port: int, path: str) -> tuple[int, Any]:
 
 
 @contextlib.asynccontextmanager
-async def open_browser(profile: Path) -> AsyncIterator[Browser]:
+async def open_browser(profile: Path, *flags: str) -> AsyncIterator[Browser]:
     assert CHROMIUM is not None, "chromium is required under CI=true"
     proc = await trio.lowlevel.open_process(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
          "--no-first-run", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--disable-dev-shm-usage", "--mute-audio",
          f"--user-data-dir={profile}", "--remote-debugging-port=0",
-         "--remote-debugging-address=127.0.0.1", "--window-size=1600,1000", "about:blank"],
+         "--remote-debugging-address=127.0.0.1", "--window-size=1600,1000", *flags,
+         "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         port_file = profile / "DevToolsActivePort"
@@ -359,6 +369,140 @@ async def test_the_wafer_map_shows_the_dies_the_hub_applied_even_across_a_restar
                 and p["dies"] == hub.wafer_dies(p["topic"]), 30, "the page to recover")
             assert (page["topic"], page["dies"]) == (drawn["topic"], drawn["dies"])
             await browser.screenshot(ARTIFACTS / "dashboard-after-restart.png")
+        nursery.cancel_scope.cancel()
+
+
+async def wait_state(browser: Browser, predicate: Any, seconds: float, what: str) -> dict:
+    state: dict[str, Any] = {}
+    try:
+        with trio.fail_after(seconds):
+            while True:
+                try:
+                    state = await browser.eval(
+                        "document.readyState === 'complete' ? "
+                        "({path: location.pathname, title: document.title,"
+                        " signin: !!document.getElementById('signin'),"
+                        " map: !!document.getElementById('wafer-map'), cookie: document.cookie,"
+                        " user: document.body.dataset.user || '',"
+                        " error: (document.getElementById('error') || {}).textContent || ''})"
+                        " : null") or {}
+                except RuntimeError:  # the page is navigating
+                    state = {}
+                if state and predicate(state):
+                    return state
+                await trio.sleep(0.1)
+    except trio.TooSlowError:
+        raise AssertionError(f"timed out waiting for {what}; state: {state}; "
+                             f"console: {browser.console[-5:]}") from None
+
+
+def spki_sha256(cert_file: str) -> str:
+    """What Chromium's --ignore-certificate-errors-spki-list takes: base64 of the SHA-256 of
+    the certificate's SubjectPublicKeyInfo."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+async def start_tls_tester(nursery: trio.Nursery, tmp: Path, port: int, ca_file: str) -> Any:
+    """The simulated tester's gateway, over wss:// to a hub with TLS."""
+    from hubtools import gateway_config
+
+    from edgegw.gateway.service import Gateway
+
+    cfg = gateway_config(tmp / "gw", port, token=TOKEN, batch={"max_records": 500},
+                         uplink={"ca_file": ca_file},
+                         sources=[{"name": "tester", "type": "simulated",
+                                   "parts_per_second": 400, "wafer_diameter_dies": 18,
+                                   "max_parts": 200, "base_yield": 0.7}])  # alerts trip
+    cfg = dataclasses.replace(cfg, gateway=dataclasses.replace(
+        cfg.gateway, hub_url=f"wss://127.0.0.1:{port}/ws/gateway"))
+    gateway = Gateway(cfg)
+    await nursery.start(gateway.run)
+    return gateway
+
+
+@needs_chromium
+async def test_the_dashboard_signs_in_and_without_a_token_shows_only_the_sign_in_page(
+        tmp_path: Path) -> None:
+    from edgegw.auth.tokens import mint
+
+    secret = "a-dashboard-test-secret-of-32-chars!"
+    # Over TLS: the hub's certificate from a test CA; Chromium trusts exactly its key.
+    pki = Pki(tmp_path / "pki")
+    hub = LiveHub(tmp_path / "hub", auth={"mode": "jwt", "hs256_secret": secret},
+                  tls={"cert_file": pki.cert_file, "key_file": pki.key_file})
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(hub.run)
+        trust = f"--ignore-certificate-errors-spki-list={spki_sha256(pki.cert_file)}"
+        async with open_browser(tmp_path / "profile", trust) as browser:
+            # No token: the dashboard is the sign-in page, and the page can read no data.
+            await browser.call("Page.navigate", url=f"https://127.0.0.1:{port}/")
+            state = await wait_state(browser, lambda s: s["signin"], 15, "the sign-in page")
+            assert state["path"] == "/login" and not state["map"]
+            assert state["title"] == "edgegw - sign in"
+            status = await browser.eval("fetch('/api/lots').then(r => r.status)", True)
+            assert status == 401
+            await browser.screenshot(ARTIFACTS / "dashboard-sign-in.png")
+
+            # A wrong token is refused on the page; the right one signs in.
+            await browser.eval("document.getElementById('token').value = 'not-a-token';"
+                               "document.getElementById('submit').click()")
+            state = await wait_state(browser, lambda s: s["error"], 10, "the refusal")
+            assert "malformed token" in state["error"] and state["path"] == "/login"
+            token = mint(secret, "olga", "operator", 600)
+            await browser.eval(f"document.getElementById('token').value = '{token}';"
+                               "document.getElementById('submit').click()")
+            state = await wait_state(browser, lambda s: s["map"] and s["user"], 15,
+                                     "the dashboard, signed in")
+            assert state["path"] == "/" and state["user"] == "olga"
+            assert token not in state["cookie"]  # HttpOnly: the page's script cannot read it
+            cookies = (await browser.call("Network.getAllCookies"))["cookies"]
+            (session,) = [c for c in cookies if c["name"] == "edgegw_session"]
+            assert (session["httpOnly"], session["secure"], session["sameSite"]) == (
+                True, True, "Strict")
+
+            # Live data reaches the signed-in page over /ws/live (the cookie authenticates).
+            await wait_page(browser, lambda p: p["conn"] == "live", 15, "the page to connect")
+            await start_tls_tester(nursery, tmp_path, port, pki.ca_file)
+            page = await wait_page(browser, lambda p: p["dies"] > 50 and p["frames"] > 2, 30,
+                                   "live dies on the signed-in page")
+            assert page["topic"].startswith("lot/LOT0001/wafer/")
+
+            # The acknowledgement is in the signed-in user's name, whatever the field says.
+            page = await wait_page(browser, lambda p: p["alerts"] > 0, 30, "alerts")
+            readonly = await browser.eval("document.getElementById('user').readOnly")
+            assert readonly is True
+            alert_id = await browser.eval(
+                "(() => { const li = document.querySelector("
+                "'#alerts li[data-acknowledged=\"false\"]');"
+                " li.querySelector('button').click(); return li.dataset.alertId; })()")
+            assert hub.alerts is not None
+            await wait_page(browser, lambda p: hub.alerts.alerts[alert_id].acknowledged, 10,
+                            "the acknowledgement")
+            assert hub.alerts.alerts[alert_id].acked_by == "olga"
+            await browser.screenshot(ARTIFACTS / "dashboard-signed-in.png")
+
+            # Signing out: back to the sign-in page, and the dashboard is closed again.
+            await browser.eval("document.getElementById('signout').click()")
+            await wait_state(browser, lambda s: s["signin"], 15, "the sign-in page again")
+            status = await browser.eval("fetch('/api/lots').then(r => r.status)", True)
+            assert status == 401
+
+            # The sign-in page goes back only to a path of this hub: "/\\host" would be
+            # another site to the browser.
+            await browser.call("Page.navigate",
+                               url=f"https://127.0.0.1:{port}/login?next=/%5Cevil.example/x")
+            await wait_state(browser, lambda s: s["signin"], 15, "the sign-in page")
+            await browser.eval(f"document.getElementById('token').value = '{token}';"
+                               "document.getElementById('submit').click()")
+            await wait_state(browser, lambda s: s["map"], 15, "the dashboard")
+            where = await browser.eval("location.host + location.pathname")
+            assert where == f"127.0.0.1:{port}/"
         nursery.cancel_scope.cancel()
 
 

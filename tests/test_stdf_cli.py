@@ -267,3 +267,44 @@ def test_an_unknown_stdf_version_is_a_clear_error_unless_asked_for_best_effort(
     assert "STDF_VER 108" in line and "V4" in line
     best_effort = edgegw_stdf("stats", "--any-version", path)
     assert best_effort.returncode == 0 and json.loads(best_effort.stdout)["parts"] == 22
+
+
+def _stats_of_full_decode(data: bytes) -> dict[str, Any]:
+    from edgegw.stdf.stats import StdfStats
+
+    stats = StdfStats()
+    dec = StdfDecoder()
+    dec.feed(data)
+    for rec in dec.records():
+        stats.add(rec.name, rec.fields)
+    return json.loads(json.dumps(stats.as_dict()))
+
+
+@pytest.mark.parametrize("name", ["metis-d10-2site.std", "galaxy-a530-lot2.stdf.gz",
+                                  "ftr-heavy", "gdr-heavy"])
+def test_stats_which_decodes_only_what_it_reads_equals_stats_of_every_record(
+        name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if name.startswith(("metis", "galaxy")):
+        from shared_data import stdf_bytes, stdf_path
+
+        path, data = stdf_path(name), stdf_bytes(name)
+    else:
+        from test_stdf_shapes import shape
+
+        data = shape(name)
+        path = tmp_path / "shape.stdf"
+        path.write_bytes(data)
+    status, out, _ = run(capsys, "stdf", "stats", str(path))
+    assert status == 0
+    assert json.loads(out) == _stats_of_full_decode(data)
+
+
+def test_dump_of_some_types_equals_those_records_of_a_full_dump(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_lot(tmp_path / "lot.stdf")
+    _, full, _ = run(capsys, "stdf", "dump", "--offset", str(path))
+    status, some, _ = run(capsys, "stdf", "dump", "--offset", "--rec", "PRR", "--rec", "ftr",
+                          str(path))
+    assert status == 0
+    assert some.splitlines() == [line for line in full.splitlines()
+                                 if json.loads(line)["rec"] in ("PRR", "FTR")]

@@ -6,15 +6,17 @@ import functools
 import itertools
 import json
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any
 
 import h11
 import trio
+import trustme
 
 from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig, WebhookConfig
 from edgegw.hub.state import LiveState
-from edgegw.hub.webhooks import WebhookSender, post_json
+from edgegw.hub.webhooks import SIGNATURE_HEADER, WebhookSender, post_json, sign
 from edgegw.metrics import Metrics
 from edgegw.records import PartResult
 
@@ -23,14 +25,24 @@ class HookServer:
     """A tiny real HTTP server: answers ``fail_first`` requests with ``fail_status``, then 204.
     Remembers every request (time, path, headers, decoded JSON body)."""
 
-    def __init__(self, fail_first: int = 0, fail_status: int = 503) -> None:
+    def __init__(self, fail_first: int = 0, fail_status: int = 503,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls  # set: an https receiver
         self.fail_first = fail_first
         self.fail_status = fail_status
         self.requests: list[dict[str, Any]] = []
         self.accepted: list[dict[str, Any]] = []
         self.port = 0
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, tcp: trio.SocketStream) -> None:
+        stream: trio.abc.Stream = tcp
+        if self.tls is not None:
+            stream = trio.SSLStream(tcp, self.tls, server_side=True, https_compatible=True)
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError:  # a client that did not trust us
+                await tcp.aclose()
+                return
         conn = h11.Connection(h11.SERVER)
         request: h11.Request | None = None
         body = b""
@@ -50,7 +62,7 @@ class HookServer:
             assert request is not None
             entry = {"t": trio.current_time(), "path": request.target.decode(),
                      "headers": {k.decode(): v.decode() for k, v in request.headers},
-                     "json": json.loads(body)}
+                     "json": json.loads(body), "raw": body}
             self.requests.append(entry)
             status = self.fail_status if len(self.requests) <= self.fail_first else 204
             if status == 204:
@@ -62,7 +74,8 @@ class HookServer:
         listeners = await nursery.start(
             functools.partial(trio.serve_tcp, self.handle, 0, host="127.0.0.1"))
         self.port = listeners[0].socket.getsockname()[1]
-        return f"http://127.0.0.1:{self.port}/hooks/alerts?src=hub"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/hooks/alerts?src=hub"
 
 
 class TopOfRange:
@@ -198,4 +211,49 @@ async def test_alerts_from_live_state_reach_the_webhook() -> None:
         assert payload["event"] == "raised"
         assert payload["alert"]["rule"] == "run" and payload["alert"]["context"]["site"] == 4
         assert len(server.requests) == 2  # the first attempt got a 503
+        nursery.cancel_scope.cancel()
+
+
+def https_receiver(tmp_path: Any) -> tuple[HookServer, str]:
+    """An https receiver with a certificate from a fresh CA; (server, the CA's PEM file)."""
+    ca = trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    ca_file = str(tmp_path / "webhook-ca.pem")
+    ca.cert_pem.write_to_path(ca_file)
+    return HookServer(tls=ctx), ca_file
+
+
+async def test_https_webhooks_are_verified_and_signed(tmp_path: Any) -> None:
+    server, ca_file = https_receiver(tmp_path)
+    secret = "webhook-secret-0123456789"
+    async with trio.open_nursery() as nursery:
+        url = await server.serve(nursery)
+        sender = WebhookSender([WebhookConfig(url=url, ca_file=ca_file, secret=secret)])
+        await nursery.start(sender.run)
+        sender.submit(event("a-1"))
+        await wait_for(lambda: len(server.accepted) == 1)
+        (req,) = server.accepted
+        assert req["json"]["alert"]["id"] == "a-1"
+        # the receiver's check: HMAC-SHA256 of the exact body bytes with the shared secret
+        signature = req["headers"][SIGNATURE_HEADER.lower()]
+        assert signature == sign(secret, req["raw"])
+        assert signature.startswith("sha256=") and len(signature) == 7 + 64
+        assert signature != sign("another-secret-0123456", req["raw"])
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_https_receiver_with_an_untrusted_certificate_gets_nothing(
+        tmp_path: Any) -> None:
+    server, _ = https_receiver(tmp_path)
+    metrics = Metrics()
+    async with trio.open_nursery() as nursery:
+        url = await server.serve(nursery)
+        # no ca_file: the system's CAs, which never signed the receiver's certificate
+        sender = WebhookSender([WebhookConfig(url=url, max_attempts=1)], metrics=metrics)
+        await nursery.start(sender.run)
+        sender.submit(event("a-1"))
+        await wait_for(lambda: metrics.as_dict().get("hub_webhook_failed_total"))
+        assert server.requests == []
+        assert metrics.as_dict()["hub_webhook_attempts_total"] == {"outcome=error": 1}
         nursery.cancel_scope.cancel()

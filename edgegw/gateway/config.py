@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Annotated, Any, Literal
 
 from ..config import ConfigError, Range, build, host_problem, ws_url_problem
@@ -13,7 +14,7 @@ from ..spool.config import SpoolConfig
 @dataclasses.dataclass(frozen=True)
 class GatewaySection:
     id: str
-    token: str
+    token: str = dataclasses.field(repr=False)  # never in a log line
     hub_url: str = "ws://127.0.0.1:8765/ws/gateway"
     state_dir: str = "./edgegw-gateway-data"
     # 0 disables the local status port (/healthz, /api/stats, /metrics)
@@ -55,10 +56,22 @@ class UplinkSection:
     max_frame_bytes: Annotated[int, Range(1024, 64 << 20)] = 8 << 20
     # frames sent but not yet acknowledged
     window_frames: Annotated[int, Range(2, 65536)] = 64  # one slot is kept for live frames
+    # wss:// only: the CA that signed the hub's certificate (default: the system's), the
+    # certificate's SHA-256 fingerprint to insist on (optional, on top of the CA check), and
+    # a client certificate for hubs that ask for one (its CN or a DNS name: the gateway id)
     ca_file: str = ""
+    pin_sha256: str = ""
+    cert_file: str = ""
+    key_file: str = ""
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
+        pin = self.pin_sha256.replace(":", "").replace(" ", "")
+        if pin and not re.fullmatch(r"[0-9a-fA-F]{64}", pin):
+            problems.append(("pin_sha256", "must be a SHA-256 fingerprint: 64 hex digits "
+                             "(colons allowed)"))
+        if bool(self.cert_file) != bool(self.key_file):
+            problems.append(("key_file", "cert_file and key_file go together"))
         if self.backoff_max_s < self.backoff_initial_s:
             problems.append(("backoff_max_s", "must be >= backoff_initial_s"))
         return problems

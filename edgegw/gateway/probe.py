@@ -63,7 +63,8 @@ class ProbeTarget:
 
 @dataclasses.dataclass(frozen=True)
 class ProbeResult:
-    outcome: str  # "ready" | "busy" | "answered" | "silent" | "unreachable"
+    # "ready" | "busy" | "answered" | "tls_refused" | "silent" | "unreachable"
+    outcome: str
     detail: str
     retry_after: float | None = None
 
@@ -102,7 +103,8 @@ async def probe_once(target: ProbeTarget, within_s: float) -> ProbeResult:
                 return await _get(stream, target)
             except (trio.BrokenResourceError, OSError) as exc:
                 if isinstance(exc.__cause__, ssl.SSLError):
-                    return ProbeResult("answered", f"TLS: {exc.__cause__}")
+                    # a certificate (the hub's, a pin, or ours) is refused: configuration
+                    return ProbeResult("tls_refused", f"TLS: {exc.__cause__}")
                 return ProbeResult("unreachable", f"connection lost: {exc}")
             except h11.RemoteProtocolError as exc:
                 return ProbeResult("answered", f"not an HTTP answer: {exc}")

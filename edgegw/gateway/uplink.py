@@ -42,6 +42,7 @@ from ..protocol import (
 )
 from ..records import GatewayEvent
 from ..taskgroups import reraise_meaningful
+from ..tls import client_context
 from .config import GatewaySection, UplinkSection
 from .probe import ProbeResult, ProbeTarget, probe_until_reached, retry_after_seconds
 from .scheduler import SendScheduler
@@ -94,10 +95,8 @@ class Uplink:
     def _ssl_context(self) -> ssl.SSLContext | None:
         if not self.gateway.hub_url.startswith("wss://"):
             return None
-        ctx = ssl.create_default_context()
-        if self.config.ca_file:
-            ctx.load_verify_locations(self.config.ca_file)
-        return ctx
+        c = self.config
+        return client_context(c.ca_file, c.cert_file, c.key_file, c.pin_sha256)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -119,6 +118,13 @@ class Uplink:
         policy = self.reconnect
         probe = await probe_until_reached(self._probe_target, self.config.probe_timeout_s,
                                           policy.probe_delay, self._on_probe)
+        if probe.outcome == "tls_refused":
+            # No WebSocket session with a hub whose certificate is not trusted (or pinned),
+            # or that refuses ours: a configuration problem, retried at the slowest pace.
+            self.m_failures.inc()
+            self.last_error = f"hub TLS handshake refused: {probe.detail}"
+            log.error("%s", self.last_error)
+            return policy.config_problem()
         if probe.outcome in ("busy", "silent"):
             self.m_failures.inc()
             self.last_error = f"hub {probe.outcome}: {probe.detail}"
@@ -140,7 +146,7 @@ class Uplink:
             log.warning("%s", self.last_error)
             self.m_failures.inc()
             hint = retry_after_seconds(dict(exc.headers).get(b"retry-after"))
-            if exc.status_code == 503 and hint is not None:
+            if exc.status_code in (429, 503) and hint is not None:
                 return policy.busy(hint)
             return policy.failed()
         except (OSError, HandshakeError, ConnectionClosed, ProtocolError, trio.TooSlowError,

@@ -139,11 +139,19 @@ class WebhookConfig:
     backoff_initial_s: Annotated[float, Range(0, 86_400, lo_open=True)] = 0.5
     backoff_max_s: Annotated[float, Range(0, 86_400, lo_open=True)] = 60.0
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    # https://: the CA that signed the receiver's certificate (default: the system's)
+    ca_file: str = ""
+    # set: every POST carries X-Edgegw-Signature: sha256=<hex HMAC-SHA256 of the body>
+    secret: str = dataclasses.field(default="", repr=False)
 
     def validate(self) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []
-        if not self.url.startswith("http://"):
-            problems.append(("url", "only http:// URLs are supported (put TLS in a proxy)"))
+        if not self.url.startswith(("http://", "https://")):
+            problems.append(("url", "must be an http:// or https:// URL"))
+        if self.ca_file and not self.url.startswith("https://"):
+            problems.append(("ca_file", "only for an https:// URL"))
+        if self.secret and len(self.secret) < 16:
+            problems.append(("secret", "must be at least 16 characters"))
         if self.max_attempts < 1:
             problems.append(("max_attempts", "must be at least 1"))
         if self.backoff_initial_s <= 0 or self.backoff_max_s < self.backoff_initial_s:

@@ -40,12 +40,19 @@ class HubApp:
         self.fanout.attach(self.state, on_ack=lambda alert_id, user:
                            self.alerts.engine.ack(alert_id, user, time.time()))
         self.hub.add_consumer(self.state)
+        self.fanout.alert_lot = self._alert_lot
         self.fanout.install(self.hub.http)
         Dashboard().install(self.hub.http)
         HistoryApi(self.state, self.alerts.engine, self.alerts.store).install(self.hub.http)
         # /api/stats with the live state's health (records not applied, by reason): the
         # route replaces the ingest-only one Hub registered.
         self.hub.http.add_route("GET", "/api/stats", self._stats)
+
+    def _alert_lot(self, alert_id: str) -> str | None:
+        """The lot an alert is about (None: not a lot's), for lot-scoped operators."""
+        alert = self.alerts.engine.alerts.get(alert_id)
+        lot = alert.context.get("lot_id") if alert is not None else None
+        return str(lot) if lot is not None else None
 
     @property
     def metrics(self) -> Metrics:

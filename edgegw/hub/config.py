@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Annotated
 
+from ..auth.config import AuthConfig, TlsConfig
 from ..config import Range, host_problem
 from .alerts import AlertsConfig
 from .http import HttpLimits
@@ -29,6 +31,10 @@ class HubSection:
     # upgrade on /ws/gateway is answered 503 with Retry-After: busy_retry_after_s
     max_pending_handshakes: Annotated[int, Range(1, 1_000_000)] = 1000
     busy_retry_after_s: Annotated[float, Range(0.1, 3600)] = 5.0
+    # failed gateway handshakes allowed per remote address: a burst, then this many per
+    # minute (further upgrades from it are answered 429 before any handshake)
+    gateway_failures_burst: Annotated[int, Range(1, 1_000_000)] = 10
+    gateway_failures_per_minute: Annotated[float, Range(0.01, 1_000_000)] = 6.0
     keep_frame_bodies: bool = True
     # applied frames older than this are deleted (they only serve the live-state rebuild
     # at start-up); the applied sequence sets that de-duplicate are kept.  0: keep forever
@@ -53,10 +59,17 @@ class HubSection:
 
 @dataclasses.dataclass(frozen=True)
 class GatewayAuth:
-    token: str
+    """A gateway's token, in clear or as its SHA-256 (hex): one of the two."""
+
+    token: str = dataclasses.field(default="", repr=False)  # never in a log line
+    token_sha256: str = ""
 
     def validate(self) -> list[tuple[str, str]]:
-        return [("token", "must not be empty")] if not self.token else []
+        if bool(self.token) == bool(self.token_sha256):
+            return [("token", "give exactly one of token and token_sha256")]
+        if self.token_sha256 and not re.fullmatch(r"[0-9a-fA-F]{64}", self.token_sha256):
+            return [("token_sha256", "must be 64 hex digits (sha256sum of the token)")]
+        return []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,3 +81,6 @@ class HubConfig:
     # timeouts and connection caps of the one HTTP port (edgegw/hub/http.py)
     http: HttpLimits = dataclasses.field(default_factory=HttpLimits)
     alerts: AlertsConfig = dataclasses.field(default_factory=AlertsConfig)
+    # sign-in for the dashboard, the API and /ws/live; none: open, loopback only
+    auth: AuthConfig | None = None
+    tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)

@@ -47,6 +47,7 @@ from .live_protocol import (
     SUBPROTOCOLS,
     AckHandler,
     Client,
+    ClientScope,
     LiveConfig,
     LiveHub,
     StateSource,
@@ -119,6 +120,9 @@ class LiveFanout:
                             prepare=prepare_message, on_ack=on_ack, metrics=metrics)
         self._clock = clock
         self._sessions: dict[int, _Session] = {}
+        # The lot an alert belongs to (None: no lot), so that a lot-scoped operator can
+        # acknowledge its own lots' alerts; without it such an operator acknowledges none.
+        self.alert_lot: Callable[[str], str | None] | None = None
         self.ticks = 0
         self.tick_seconds = 0.0  # time spent in ticks, for the stats page and the bench
         self.core_seconds = 0.0  # of which deciding and encoding (the rest: writing)
@@ -239,14 +243,18 @@ class LiveFanout:
 
     async def _handle(self, ws: WebSocket, request: Request) -> None:
         core = self.core
+        principal = request.principal  # set by the access guard (edgegw/auth)
         client = core.connect(encoding_for_subprotocol(ws.subprotocol), now=trio.current_time(),
-                              peer=request.remote)
+                              peer=request.remote, scope=self._scope(principal))
         session = _Session(client, ws)
         self._sessions[client.id] = session
         try:
             async with trio.open_nursery() as nursery:
                 session.scope = nursery.cancel_scope
                 nursery.start_soon(self._sender, session)
+                expires_at = getattr(principal, "expires_at", None)
+                if expires_at is not None:
+                    nursery.start_soon(self._expire, session, expires_at)
                 try:
                     while True:  # a closed client's sender ends the connection
                         data = await ws.get_message()
@@ -277,6 +285,22 @@ class LiveFanout:
                         await ws.stream.aclose()
                 elif client.close_code is not None:
                     await ws.aclose(client.close_code, client.close_reason)
+
+    def _scope(self, principal: Any) -> ClientScope | None:
+        if principal is None:  # no access guard on this server: nothing to restrict
+            return None
+        from ..auth.access import LiveScope
+
+        return LiveScope(principal, anonymous=principal.via == "none",
+                         alert_lot=self.alert_lot)
+
+    async def _expire(self, session: _Session, expires_at: float) -> None:
+        """Close the connection (4401) when its token expires: a connection never outlives
+        the credential it was opened with."""
+        await trio.sleep(max(0.0, expires_at - self._clock()))
+        self.core.close_expired(session.client)
+        if session.scope is not None:
+            session.scope.cancel()
 
     async def _sender(self, session: _Session) -> None:
         core = self.core

@@ -9,7 +9,12 @@ to the hub's HTTP server and fetches archives off the Trio thread.  Routes::
     GET  /api/lots/<lot>/wafers/<wafer>          a wafer's map and bins (the live snapshot)
     GET  /api/tests/<lot>/<test_num>             a test's statistics
     GET  /api/alerts[?unacknowledged=1&priority=P0&limit=100&before=<raised_at>]
-    POST /api/alerts/<id>/ack                    body {"user": "..."}
+    POST /api/alerts/<id>/ack                    body {} (signed in) or {"user": "..."}
+
+Behind the access guard (``edgegw.auth``) the request's principal decides two things here:
+a lot-scoped token sees only its lots (listings filtered; other lots are 404, as unknown),
+and an acknowledgement is recorded in the signed-in user's name -- a ``user`` in the body
+is ignored.  Only a hub without sign-in (``auth.mode = "none"``) takes the body's name.
 
 The JSON shapes are the live topics' snapshots (``docs/live-topics.md``), so a dashboard
 renders history and live updates with the same code.  A lot's wafers come from memory
@@ -170,8 +175,16 @@ def alerts(engine: AlertEngine, params: dict[str, str],
     return 200, {"alerts": rows[: query["limit"]]}
 
 
-def ack(engine: AlertEngine, alert_id: str, body: bytes | dict[str, Any], now: float) -> Result:
-    """Acknowledge; the engine broadcasts it to every client and the service persists it."""
+def ack(engine: AlertEngine, alert_id: str, body: bytes | dict[str, Any], now: float,
+        user: str | None = None) -> Result:
+    """Acknowledge (as ``user`` when signed in, else as the body's ``user``); the engine
+    broadcasts it to every client and the service persists it."""
+    if user:
+        try:
+            alert = engine.ack(alert_id, user, now)
+        except KeyError:
+            return _error(404, f"unknown alert {alert_id!r}")
+        return 200, {"alert": alert.to_dict()}
     if isinstance(body, bytes | bytearray):
         try:
             body = json.loads(body or b"{}")
@@ -218,7 +231,14 @@ class HistoryApi:
         return await self.store.wafer(lot_id, wafer_id)
 
     async def dispatch(self, method: str, path: str, params: dict[str, str],
-                       body: bytes = b"") -> Result:
+                       body: bytes = b"", principal: Any = None) -> Result:
+        status, payload = await self._dispatch(method, path, params, body, principal)
+        if principal is not None and principal.lots is not None and status == 200:
+            _scope(payload, principal)
+        return status, payload
+
+    async def _dispatch(self, method: str, path: str, params: dict[str, str],
+                        body: bytes, principal: Any) -> Result:
         parts = [p for p in path.split("/") if p]
         if parts[:1] != ["api"]:
             return _error(404, "not an API path")
@@ -244,13 +264,34 @@ class HistoryApi:
             if self.store is not None:
                 stored = await self.store.alerts(**query)
             return alerts(self.engine, params, stored)
+        if principal is not None and principal.lots is not None and len(parts) >= 2 and (
+                parts[0] in ("lots", "tests") and not principal.sees_lot(parts[1])):
+            return _error(404, f"unknown lot {parts[1]!r}")
         if method == "POST" and len(parts) == 3 and parts[0] == "alerts" and parts[2] == "ack":
-            return ack(self.engine, parts[1], body, self.clock())
+            known = self.engine.alerts.get(parts[1])
+            if principal is not None and known is not None and not _sees_alert(
+                    principal, known.to_dict()):
+                return _error(404, f"unknown alert {parts[1]!r}")
+            user = principal.user if principal is not None and principal.via != "none" else None
+            return ack(self.engine, parts[1], body, self.clock(), user)
         return _error(404, f"no such API route: {method} {path}")
 
     async def handle(self, request: Request) -> Response:
         from edgegw.hub.http import json_response
 
         status, payload = await self.dispatch(request.method, request.path, request.query,
-                                              request.body)
+                                              request.body, request.principal)
         return json_response(payload, status)
+
+
+def _sees_alert(principal: Any, alert: dict[str, Any]) -> bool:
+    lot = (alert.get("context") or {}).get("lot_id")
+    return lot is None or principal.sees_lot(str(lot))
+
+
+def _scope(payload: dict[str, Any], principal: Any) -> None:
+    """Drop the rows of lots outside a lot-scoped principal's scope, in place."""
+    if isinstance(payload.get("lots"), list):
+        payload["lots"] = [r for r in payload["lots"] if principal.sees_lot(str(r.get("lot_id")))]
+    if isinstance(payload.get("alerts"), list):
+        payload["alerts"] = [a for a in payload["alerts"] if _sees_alert(principal, a)]

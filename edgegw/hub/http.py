@@ -25,6 +25,7 @@ import errno
 import logging
 import math
 import os
+import ssl
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -69,6 +70,11 @@ class Request:
     headers: dict[str, str]
     body: bytes = b""
     remote: str = ""
+    # set by the server's guard (edgegw/auth): who the request acts for
+    principal: Any = None
+    secure: bool = False  # arrived over TLS
+    # the verified client certificate (ssl's getpeercert() dict), when one was presented
+    peer_cert: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -84,6 +90,12 @@ WsHandler = Callable[["WebSocket", Request], Awaitable[None]]
 # before an upgrade is accepted: None to go ahead, or the response to send instead
 # (e.g. 503 with Retry-After from a server shedding load)
 WsAdmit = Callable[[Request], "Response | None"]
+# before any handler (plain or upgrade, the flag says): None to go ahead, or the response
+# to send instead (401, 403: edgegw/auth/access.py); it may set ``request.principal``
+Guard = Callable[[Request, bool], "Response | None"]
+# the TLS context for a new connection (None: plain TCP); asked per connection, so a
+# reloaded certificate applies to new handshakes while live connections keep theirs
+TlsContext = Callable[[], "ssl.SSLContext | None"]
 
 
 class ConnectionClosed(Exception):
@@ -374,6 +386,8 @@ class HttpServer:
         self.ws_max_sizes: dict[str, int] = {}
         self.ws_admit: dict[str, WsAdmit] = {}
         self.on_bad_request: Callable[[str], None] = lambda reason: None
+        self.guard: Guard | None = None
+        self.tls: TlsContext = lambda: None
         self.limits = limits or HttpLimits()
         # The hub raises its soft open-file limit to fit max_connections (as Go's runtime
         # does): systemd's default soft limit of 1,024 is too low for a floor.
@@ -397,6 +411,9 @@ class HttpServer:
                                          "accept() failures (out of file descriptors)")
         self.m_internal = m.counter("internal_errors_total",
                                     "unexpected exceptions caught at a failure boundary")
+        self.m_tls_failures = m.counter("http_tls_handshake_failures_total",
+                                        "TLS handshakes that failed or timed out, by reason")
+        self._tls_errors = _Every(LOG_INTERVAL_S)
 
     def add_route(self, method: str, path: str, handler: Handler) -> None:
         """``path`` ending in ``/*`` matches every path under that prefix."""
@@ -543,7 +560,13 @@ class HttpServer:
         """One connection's task: a failure boundary, whatever happens inside."""
         try:
             with conn.scope:
-                await self.handle_stream(stream, conn)
+                context = self.tls()
+                if context is None:
+                    await self.handle_stream(stream, conn)
+                else:
+                    secured = await self._tls_handshake(stream, context, conn.address)
+                    if secured is not None:
+                        await self.handle_stream(secured, conn)
         except Exception:
             self.m_internal.inc(where="http_connection")
             log.exception("HTTP connection from %s failed; closed", conn.address)
@@ -551,11 +574,32 @@ class HttpServer:
             self._release(conn)
             await _close(stream)
 
+    async def _tls_handshake(self, stream: trio.SocketStream, context: ssl.SSLContext,
+                             address: str) -> trio.SSLStream[trio.SocketStream] | None:
+        """The server side of a TLS handshake, within the header timeout (a client that
+        opens a socket and says nothing is a slowloris too); None if it failed."""
+        secured = trio.SSLStream(stream, context, server_side=True, https_compatible=True)
+        reason = ""
+        with trio.move_on_after(self.limits.header_timeout_s):
+            try:
+                await secured.do_handshake()
+                return secured
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                cause = exc.__cause__
+                reason = getattr(cause, "reason", None) or type(cause or exc).__name__
+        self.m_tls_failures.inc(reason=str(reason or "timeout").lower())
+        n = self._tls_errors.due()
+        if n:
+            log.warning("TLS: %d handshake(s) failed in %g s, the last from %s: %s", n,
+                        LOG_INTERVAL_S, address, reason or "timeout")
+        return None
+
     # ------------------------------------------------------------------ one connection
 
     async def handle_stream(self, stream: trio.abc.Stream, admitted: _Conn | None = None) -> None:
         try:
-            host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
+            sock = getattr(stream, "transport_stream", stream).socket  # under TLS too
+            host, port = sock.getpeername()[:2]
             remote = f"{host}:{port}"
         except (OSError, AttributeError):  # AttributeError: not a socket (in-memory tests)
             remote = "?"
@@ -588,6 +632,9 @@ class HttpServer:
             if admitted is not None:
                 admitted.waiting = False
             request = _request(event, remote)
+            if isinstance(stream, trio.SSLStream):
+                request.secure = True
+                request.peer_cert = stream.getpeercert() or None
             head = event.method == b"HEAD"  # answered like GET, without the body
             problem = _framing_problem(event)
             if problem:
@@ -617,7 +664,10 @@ class HttpServer:
             request.body = bytes(body)
             phase.enter("handler")
             handler = self._find("GET" if head else request.method, request.path)
-            if handler is None:
+            refusal = self._guarded(request, upgrade=False)
+            if refusal is not None:
+                response = refusal
+            elif handler is None:
                 known = any(p == request.path for _, p in self.routes)
                 status = 405 if known else 404
                 response = Response(status, b'{"error": "%s"}' % (
@@ -640,6 +690,18 @@ class HttpServer:
             phase.started = False
             if admitted is not None:
                 admitted.waiting = True
+
+    def _guarded(self, request: Request, upgrade: bool) -> Response | None:
+        """The guard's answer; a bug in it refuses the request (fails closed), counted."""
+        if self.guard is None:
+            return None
+        try:
+            return self.guard(request, upgrade)
+        except Exception:
+            self.m_internal.inc(where="http_guard")
+            log.exception("access guard failed on %s %s from %s", request.method,
+                          request.path, request.remote)
+            return Response(500, b'{"error": "internal error"}')
 
     async def _timed_out(self, stream: trio.abc.Stream, conn: h11.Connection,
                          phase: _Phase) -> None:
@@ -699,8 +761,10 @@ class HttpServer:
                                     [("sec-websocket-version", "13")], head=head)
             return
         handler, offered = route
+        refusal = self._guarded(request, upgrade=True)
         admit = self.ws_admit.get(request.path)
-        refusal = admit(request) if admit is not None else None
+        if refusal is None and admit is not None:
+            refusal = admit(request)
         if refusal is not None:
             await self._send_response(conn, stream, dataclasses.replace(
                 refusal, headers=[*refusal.headers, ("connection", "close")]))

@@ -49,10 +49,25 @@ log = logging.getLogger("edgegw.hub.live")
 
 CLOSE_TOO_SLOW = 4008
 CLOSE_TOO_SLOW_REASON = "too slow"
+# the client's token expired: sign in again (a fresh token) and reconnect
+CLOSE_TOKEN_EXPIRED = 4401
 
 # A client's subscribe arguments are bounded so one request cannot make the hub match an
 # unbounded number of patterns against every topic.
 MAX_PATTERN_LENGTH = 256
+
+
+class ClientScope(Protocol):
+    """What one client may see and do (``edgegw.auth.access.LiveScope``): topics outside
+    it are never attached to the client; acknowledgements need ``may_ack`` and are recorded
+    in ``user``'s name (None: no signed-in user, the message's ``by`` is taken)."""
+
+    user: str | None
+    may_ack: bool
+
+    def allows_topic(self, topic: str) -> bool: ...
+
+    def may_ack_alert(self, alert_id: str) -> bool: ...
 
 
 class StateSource(Protocol):
@@ -363,6 +378,7 @@ class Client:
     id: int
     encoding: Encoding
     peer: str = ""
+    scope: ClientScope | None = None  # None: everything (a hub without sign-in)
     patterns: set[str] = dataclasses.field(default_factory=set)
     # topic -> offset this client has been sent up to; None: it needs a snapshot next tick
     positions: dict[str, int | None] = dataclasses.field(default_factory=dict)
@@ -448,6 +464,8 @@ class LiveHub:
                                            "client messages rejected, by reason")
         self._m_slow = self.metrics.counter("live_slow_clients_total",
                                             "clients closed or conflated for being too slow")
+        self._m_expired = self.metrics.counter("live_token_expired_total",
+                                               "clients closed (4401) when their token expired")
         self._m_resync = self.metrics.counter("live_resyncs_total",
                                               "snapshots sent because deltas were not recoverable")
         self.metrics.add_collector(self._collect)
@@ -496,8 +514,9 @@ class LiveHub:
 
     # ----------------------------------------------------------------- clients
 
-    def connect(self, encoding: Encoding, *, now: float, peer: str = "") -> Client:
-        client = Client(next(self._ids), encoding, peer)
+    def connect(self, encoding: Encoding, *, now: float, peer: str = "",
+                scope: ClientScope | None = None) -> Client:
+        client = Client(next(self._ids), encoding, peer, scope)
         self.clients[client.id] = client
         self._control(client, now, {
             "type": "hello", "epoch": self.epoch, "encoding": encoding.name,
@@ -525,6 +544,8 @@ class LiveHub:
     def _attach(self, client: Client, channel: Channel, position: int | None) -> None:
         if channel.topic in client.positions:
             return
+        if client.scope is not None and not client.scope.allows_topic(channel.topic):
+            return  # outside its scope: as if the topic did not exist
         channel.subscribers.add(client)
         client.positions[channel.topic] = position
         client.todo.add(channel.topic)
@@ -666,11 +687,18 @@ class LiveHub:
 
     def _ack(self, client: Client, message: dict[str, Any], now: float) -> None:
         alert = message.get("alert")
-        user = message.get("by") or client.peer or f"client-{client.id}"
+        scope = client.scope
+        # a signed-in client acknowledges in its own name: 'by' is ignored then
+        user = (scope.user if scope is not None and scope.user else None) or (
+            message.get("by") or client.peer or f"client-{client.id}")
         if not isinstance(alert, (str, int)) or isinstance(alert, bool):
             raise ProtocolError("bad_ack", "'alert' must name the alert to acknowledge")
         if not isinstance(user, str):
             raise ProtocolError("bad_ack", "'by' must be a string")
+        if scope is not None and not scope.may_ack:
+            raise ProtocolError("forbidden", "acknowledging alerts needs the operator role")
+        if scope is not None and not scope.may_ack_alert(str(alert)):
+            raise ProtocolError("ack_failed", f"unknown alert {str(alert)!r}")
         if self.on_ack is None:
             raise ProtocolError("ack_unavailable", "this hub does not take acknowledgements")
         try:
@@ -697,6 +725,14 @@ class LiveHub:
             # Drained: from the next tick on it gets the latest state of each channel.
             client.lagging = False
             self._attention.add(client)
+
+    def close_expired(self, client: Client) -> None:
+        """Its token expired: nothing more is queued; the Trio layer closes with 4401."""
+        client.closed = True
+        client.close_code = CLOSE_TOKEN_EXPIRED
+        client.close_reason = "token expired"
+        client.queue.clear()
+        self._m_expired.inc()
 
     def close_slow(self, client: Client, reason: str = CLOSE_TOO_SLOW_REASON) -> None:
         client.closed = True

@@ -8,7 +8,6 @@ replayed to them first.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 import trio
 
 from .. import failpoints
+from ..auth.hub import HubSecurity, token_matches
 from ..metrics import Metrics, internal_errors, report_internal_error
 from ..protocol import (
     SUPPORTED_VERSIONS,
@@ -71,6 +71,8 @@ class Hub:
         self.store = HubStore(Path(config.hub.data_dir) / "hub.sqlite3",
                               keep_bodies=config.hub.keep_frame_bodies)
         self.http = HttpServer(config.http, metrics=self.metrics, raise_fd_limit=True)
+        # the access guard, the sign-in page, TLS (edgegw/auth, docs/security.md)
+        self.security = HubSecurity(config, self.http, self.metrics)
         self.consumers: list[Consumer] = []
         self.connected = GatewayRegistry()
         self.handshaking: set[WebSocket] = set()  # upgraded, no WELCOME sent yet
@@ -97,7 +99,7 @@ class Hub:
         h = config.hub
         self.http.add_ws_route(GATEWAY_PATH, self._gateway_endpoint,
                                max_message_size=h.max_frame_bytes,
-                               admit=self._busy_response)
+                               admit=self._admit_gateway)
         self.http.add_route("GET", GATEWAY_PATH, self._gateway_probe)
         self.http.add_route("GET", "/healthz", self._healthz)
         self.http.add_route("GET", "/api/stats", self._stats)
@@ -113,10 +115,13 @@ class Hub:
             if self.consumers:
                 await self._replay()
             async with trio.open_nursery() as nursery:
+                self.security.log_warnings()
+                await nursery.start(self.security.watch_reload)
                 listeners = await nursery.start(self.http.serve, self.config.hub.listen,
                                                 self.config.hub.port)
                 self.port = listeners[0].socket.getsockname()[1]
-                log.info("hub listening on %s:%s", self.config.hub.listen, self.port)
+                log.info("hub listening on %s:%s (%s)", self.config.hub.listen, self.port,
+                         "https" if self.security.tls else "http")
                 if self.config.hub.retain_frames_hours > 0:
                     nursery.start_soon(self._pruner)
                 task_status.started(self.port)
@@ -169,7 +174,8 @@ class Hub:
     # -- HTTP --
     async def _healthz(self, request: Request) -> Response:
         return json_response({"status": "ok", "uptime_s": round(time.time() - self.started_at, 1),
-                              "gateways_connected": len(self.connected)})
+                              "gateways_connected": len(self.connected),
+                              **self.security.health()})
 
     def stats(self) -> dict[str, Any]:
         gateways: dict[str, Any] = {}
@@ -199,6 +205,11 @@ class Hub:
                         "text/plain; version=0.0.4")
 
     # -- gateways --
+    def _admit_gateway(self, request: Request) -> Response | None:
+        """An upgrade on the gateway path: refused (429) from an address with too many
+        failed handshakes, or (503) while the hub sheds load."""
+        return self.security.gateway_limited(request) or self._busy_response(request)
+
     def _busy_response(self, request: Request) -> Response | None:
         """Load shedding: 503 + Retry-After while too many handshakes are under way."""
         h = self.config.hub
@@ -212,7 +223,7 @@ class Hub:
         """A gateway's readiness probe: a plain GET of the gateway path (protocol.md 7)."""
         return self._busy_response(request) or json_response({"status": "ready"})
 
-    def _check_hello(self, hello: Hello) -> tuple[int, str] | None:
+    def _check_hello(self, hello: Hello, request: Request) -> tuple[int, str] | None:
         if not set(hello.versions) & set(SUPPORTED_VERSIONS):
             return (CloseCode.UNSUPPORTED_VERSION,
                     f"unsupported protocol version(s) {list(hello.versions)}; "
@@ -220,8 +231,11 @@ class Hub:
         auth = self.config.gateways.get(hello.gateway_id)
         if auth is None:
             return CloseCode.UNAUTHORIZED, f"unknown gateway id {hello.gateway_id!r}"
-        if not hmac.compare_digest(auth.token.encode(), hello.token.encode()):
+        if not token_matches(auth, hello.token):
             return CloseCode.UNAUTHORIZED, f"wrong token for gateway {hello.gateway_id!r}"
+        problem = self.security.gateway_cert_problem(request, hello.gateway_id)
+        if problem is not None:
+            return CloseCode.UNAUTHORIZED, problem
         return None
 
     async def handle_gateway(self, ws: WebSocket, request: Request) -> None:
@@ -256,9 +270,11 @@ class Hub:
             hello = conn.hello_msg
             assert hello is not None
             gw = hello.gateway_id
-            problem = self._check_hello(hello)
+            problem = self._check_hello(hello, request)
             if problem is not None:
                 code, reason = problem
+                if code == CloseCode.UNAUTHORIZED:
+                    self.security.gateway_failed(request)
                 log.warning("refused gateway %r from %s: %s", gw, request.remote, reason)
                 self.refused[gw] = self.refused.get(gw, 0) + 1
                 self.m_refused.inc(reason=_reason_key(code))

@@ -10,13 +10,19 @@ has been down long enough to fill it, the oldest undelivered event is dropped an
 counted (alerts stay in the alert store and the history API regardless).
 
 The HTTP client is h11 over ``trio.open_tcp_stream``: one request per connection
-(``Connection: close``), plain http only (put TLS in a local proxy).
+(``Connection: close``); ``https://`` URLs are verified against the system's CAs or the
+webhook's ``ca_file``.  With a ``secret`` every POST is signed: ``X-Edgegw-Signature:
+sha256=<hex HMAC-SHA256 of the exact body bytes>``, so a receiver can tell the hub's
+events from anybody else's (docs/alerts.md shows how to check it).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import ssl
 import urllib.parse
 from collections import deque
 from typing import Any
@@ -27,6 +33,9 @@ import trio
 from edgegw.backoff import Backoff
 from edgegw.hub.alerts import WebhookConfig
 from edgegw.metrics import Metrics, report_internal_error
+from edgegw.tls import client_context
+
+SIGNATURE_HEADER = "X-Edgegw-Signature"
 
 log = logging.getLogger("edgegw.hub.webhooks")
 
@@ -38,29 +47,44 @@ class WebhookError(Exception):
     """A delivery attempt failed in a way worth retrying."""
 
 
+def sign(secret: str, body: bytes) -> str:
+    """The signature header's value for ``body``."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
 async def post_json(url: str, payload: Any, *, headers: dict[str, str] | None = None,
-                    timeout_s: float = 5.0) -> int:
+                    timeout_s: float = 5.0, ssl_context: ssl.SSLContext | None = None,
+                    secret: str = "") -> int:
     """POST ``payload`` as JSON to ``url``; returns the response status.  Raises
-    WebhookError on a connection failure, a timeout or a malformed response."""
+    WebhookError on a connection failure (a certificate not trusted included), a timeout
+    or a malformed response."""
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"webhook URL must be http://host[:port]/path, got {url!r}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"webhook URL must be http(s)://host[:port]/path, got {url!r}")
+    secure = parts.scheme == "https"
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
     body = json.dumps(payload, separators=(",", ":"), default=str).encode()
+    extra = dict(headers or {})
+    if secret:
+        extra[SIGNATURE_HEADER] = sign(secret, body)
     request = h11.Request(method="POST", target=target, headers=[
         ("Host", parts.netloc),
         ("User-Agent", "edgegw-hub"),
         ("Content-Type", "application/json"),
         ("Content-Length", str(len(body))),
         ("Connection", "close"),
-        *(headers or {}).items(),
+        *extra.items(),
     ])
     conn = h11.Connection(h11.CLIENT)
     try:
         with trio.fail_after(timeout_s):
-            stream = await trio.open_tcp_stream(parts.hostname, parts.port or 80)
+            stream: trio.abc.Stream = await trio.open_tcp_stream(
+                parts.hostname, parts.port or (443 if secure else 80))
+            if secure:
+                stream = trio.SSLStream(stream, ssl_context or client_context(),
+                                        server_hostname=parts.hostname, https_compatible=True)
             async with stream:
                 await stream.send_all(conn.send(request) + conn.send(h11.Data(data=body))
                                       + conn.send(h11.EndOfMessage()))
@@ -76,7 +100,8 @@ async def post_json(url: str, payload: Any, *, headers: dict[str, str] | None = 
     except trio.TooSlowError:
         raise WebhookError(f"no response within {timeout_s} s") from None
     except (OSError, trio.BrokenResourceError) as exc:
-        raise WebhookError(f"cannot reach {parts.netloc}: {exc}") from None
+        cause = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
+        raise WebhookError(f"cannot reach {parts.netloc}: {cause}") from None
     except h11.RemoteProtocolError as exc:
         raise WebhookError(f"malformed HTTP response: {exc}") from None
 
@@ -99,6 +124,9 @@ class WebhookSender:
     def __init__(self, configs: list[WebhookConfig], *, metrics: Metrics | None = None,
                  max_queued: int = 1000, backoff_rng: Any = None) -> None:
         self._queues = [_Queue(c, max_queued) for c in configs]
+        # one verifying context per https webhook, its CA file read once at start
+        self._contexts = {c.url: client_context(c.ca_file) for c in configs
+                          if c.url.startswith("https://")}
         self._rng = backoff_rng
         metrics = self._metrics = metrics or Metrics()
         self.m_delivered = metrics.counter("hub_webhook_delivered_total",
@@ -154,7 +182,9 @@ class WebhookSender:
         for attempt in range(1, config.max_attempts + 1):
             try:
                 status = await post_json(config.url, event, headers=config.headers,
-                                         timeout_s=config.timeout_s)
+                                         timeout_s=config.timeout_s,
+                                         ssl_context=self._contexts.get(config.url),
+                                         secret=config.secret)
             except WebhookError as exc:
                 outcome, retry, reason = "error", True, str(exc)
             else:

@@ -63,7 +63,7 @@ class ProtocolError(Exception):
 @dataclasses.dataclass(frozen=True)
 class Hello:
     gateway_id: str
-    token: str
+    token: str = dataclasses.field(repr=False)  # never in a log line (docs/security.md)
     epoch: str
     next_seq: int
     versions: tuple[int, ...] = SUPPORTED_VERSIONS

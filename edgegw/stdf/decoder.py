@@ -28,7 +28,7 @@ Framing rules:
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from ..formats import FormatError
@@ -224,6 +224,105 @@ def decode_generic(spec: RecordSpec, readers: _Readers, buf: bytes, p: int,
 
 # --------------------------------------------------------------------- compiled decoders
 
+class _ArrayUnpackers(dict):
+    """element count -> ``unpack_from`` of that many elements of one struct code."""
+
+    def __init__(self, order: str, code: str) -> None:
+        super().__init__()
+        self.fmt = order + "%d" + code
+
+    def __missing__(self, count: int) -> Callable[[bytes, int], tuple]:
+        unpack = struct.Struct(self.fmt % count).unpack_from
+        if count <= 1024:  # bounded: a hostile file cannot grow it past 1,024 entries
+            self[count] = unpack
+        return unpack
+
+
+_ARRAYS: dict[tuple[str, str], _ArrayUnpackers] = {}
+
+
+def _arrays(order: str, code: str) -> _ArrayUnpackers:
+    table = _ARRAYS.get((order, code))
+    if table is None:
+        table = _ARRAYS[order, code] = _ArrayUnpackers(order, code)
+    return table
+
+
+#: byte -> its two nibbles, low first (kxN*1 arrays pack the first element low)
+_NIBBLE_PAIRS = tuple((b & 0x0F, b >> 4) for b in range(256))
+
+
+def _nibbles(packed: bytes, count: int) -> list[int]:
+    out = [n for pair in map(_NIBBLE_PAIRS.__getitem__, packed) for n in pair]
+    if count & 1:
+        del out[count:]
+    return out
+
+
+def _gdr_reader(order: str) -> Callable[[bytes, str, int, int], tuple[list, int]]:
+    """The compiled decoders' GDR ``V*n`` reader: ``_Readers.vn`` with a table lookup per
+    value instead of the generic per-type dispatch (C*n a slice of the latin-1 view)."""
+    u2 = struct.Struct(order + "H").unpack_from
+    fixed = {code: (struct.calcsize(STRUCT_CODES[typ]),
+                    struct.Struct(order + STRUCT_CODES[typ]).unpack_from)
+             for code, typ in GDR_TYPES.items() if typ in STRUCT_CODES}
+    fixed_get = fixed.get
+    new = _new_record
+
+    def vn(buf: bytes, txt: str, p: int, end: int) -> tuple[list, int]:
+        if p + 2 > end:
+            raise _Short
+        count = u2(buf, p)[0]
+        p += 2
+        out: list[tuple[int, Any]] = []
+        append = out.append
+        for _ in range(count):
+            if p >= end:
+                raise _Short
+            code = buf[p]
+            p += 1
+            if code == 10:
+                if p >= end:
+                    raise _Short
+                q = p + 1 + buf[p]
+                if q > end:
+                    raise _Short
+                append((10, txt[p + 1:q]))
+                p = q
+                continue
+            entry = fixed_get(code)
+            if entry is not None:
+                q = p + entry[0]
+                if q > end:
+                    raise _Short
+                append((code, entry[1](buf, p)[0]))
+                p = q
+            elif code == 0:
+                append((0, None))
+            elif code == 13:  # N*1 in a GDR occupies a whole byte: kept for round trip
+                if p >= end:
+                    raise _Short
+                append((13, buf[p]))
+                p += 1
+            elif code == 11:
+                value, p = _read_bn(buf, p, end)
+                append((11, value))
+            elif code == 12:
+                if p + 2 > end:
+                    raise _Short
+                nbits = u2(buf, p)[0]
+                q = p + 2 + ((nbits + 7) >> 3)
+                if q > end:
+                    raise _Short
+                append((12, new(Bits, (nbits, buf[p + 2:q]))))
+                p = q
+            else:
+                raise _BadGdr(code, p - 1)
+        return out, p
+
+    return vn
+
+
 def _segments(fields: tuple[Field, ...]) -> list[list[int]]:
     """Group field indexes: runs of fixed-size scalars together, every other field alone."""
     segs: list[list[int]] = []
@@ -250,13 +349,16 @@ MEMO_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("OPT_FLAG")}
 MEMO_SIZE = 4096
 
 
-def _memo() -> tuple[Callable[[bytes], tuple | None], Callable[[bytes, tuple], None]]:
-    memo: dict[bytes, tuple] = {}
+def _memo() -> tuple[Callable[[bytes], dict | None], Callable[[bytes, dict], None]]:
+    """A bounded map from tail bytes to a template of the record's field dict: a repeat
+    copies the template (one C-level copy of the whole dict) and sets the fields before
+    the tail, cheaper than building the dict anew."""
+    memo: dict[bytes, dict] = {}
 
-    def put(tail: bytes, values: tuple) -> None:
+    def put(tail: bytes, fields: dict) -> None:
         if len(memo) >= MEMO_SIZE:
             memo.clear()  # bounded: memory stays flat on files whose tails never repeat
-        memo[tail] = values
+        memo[tail] = fields.copy()  # a copy: the consumer owns the dict it was given
 
     return memo.get, put
 
@@ -319,17 +421,29 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
     inside the run raises ``_Short`` and the careful code takes over.
     """
     fields = spec.fields
-    ns.update({"_Short": _Short, "_chr": chr, "Bits": Bits, "_bn": _read_bn, "_r": readers})
+    ns.update({"_Short": _Short, "_chr": chr, "Bits": Bits, "_bn": _read_bn, "_r": readers,
+               "_new": _new_record})
     lines: list[str] = []
 
     memo_from = MEMO_FROM.get(spec.name, -1) if optimistic and MEMO_SIZE else -1
 
     def literal(n: int) -> str:
-        out = ret.format(_literal(fields, n))
         if 0 <= memo_from < n:
-            tail = ", ".join(f"f{i}" for i in range(memo_from, n))
-            out = f"_memo_put(tail, ({tail},)); {out}"
-        return out
+            return f"_d = {_literal(fields, n)}; _memo_put(tail, _d); {ret.format('_d')}"
+        return ret.format(_literal(fields, n))
+
+    def run_end(run: list[int], starts: dict[int, str], last: str) -> None:
+        """The bound check of a run of C*n fields: a record that ends right after one
+        of them (fields omitted, as testers write PRRs ending at PART_ID) ends here,
+        without the cost of an exception; one that ends inside a field raises."""
+        lines.append(f"{ind}if {last} > end:")
+        for k, j in enumerate(run[:-1]):
+            # the ends only grow: the first one at or past ``end`` decides
+            lines.append(f"{ind}  if e{j} == end:")
+            for m in run[:k + 1]:
+                lines.append(f"{ind}    f{m} = txt[{starts[m]}:e{m}]")
+            lines.append(f"{ind}    {literal(j + 1)}")
+        lines.append(f"{ind}  raise _Short")
 
     skip: set[int] = set()  # C*n fields read together with the run before them
     for k, seg in enumerate(_segments(fields)):
@@ -341,12 +455,10 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
             lines.append(f"{ind}tail = buf[p:end]")
             lines.append(f"{ind}hit = _memo_get(tail)")
             lines.append(f"{ind}if hit is not None:")
-            lines.append(f"{ind}  k = len(hit)")
-            for n in range(len(fields), memo_from, -1):
-                names = ", ".join(f"f{i}" for i in range(memo_from, n))
-                lines.append(f"{ind}  if k == {n - memo_from}:")
-                lines.append(f"{ind}    {names}, = hit")
-                lines.append(f"{ind}    {ret.format(_literal(fields, n))}")
+            lines.append(f"{ind}  _d = hit.copy()")
+            for i in range(memo_from):
+                lines.append(f"{ind}  _d[{fields[i].name!r}] = f{i}")
+            lines.append(f"{ind}  {ret.format('_d')}")
         if f.count is None and f.type in _SIZES:
             size = sum(_SIZES[fields[i].type] for i in seg)
             names = ", ".join(f"f{i}" for i in seg)
@@ -368,6 +480,8 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                         lines.append(f"{ind}  f{i} = _chr(f{i})")
                 lines.append(f"{ind}  {literal(after)}")
                 lines.append(f"{ind}{names}, ln = _l{prefix}{k}(buf, p)")
+                # C*1 to str before the C*n run, which may end the record
+                lines += [f"{ind}f{i} = _chr(f{i})" for i in seg if fields[i].type == "C1"]
                 lines.append(f"{ind}p += {size + 1}")
                 if optimistic:
                     run = _cn_run(fields, after)
@@ -378,7 +492,7 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                         lines.append(f"{ind}e{i} = {prev} + 1 + buf[{prev}]")
                         starts[i] = f"{prev} + 1"
                         prev = f"e{i}"
-                    lines.append(f"{ind}if {prev} > end: raise _Short")
+                    run_end(run, starts, prev)
                     for i in run:
                         lines.append(f"{ind}f{i} = txt[{starts[i]}:e{i}]")
                     lines.append(f"{ind}p = {prev}")
@@ -402,9 +516,8 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                 lines.append(f"{ind}  raise _Short")
                 lines.append(f"{ind}{names}, = _s{prefix}{k}(buf, p)")
                 lines.append(f"{ind}p += {size}")
-            for i in seg:
-                if fields[i].type == "C1":
-                    lines.append(f"{ind}f{i} = _chr(f{i})")
+            if not cn_next:
+                lines += [f"{ind}f{i} = _chr(f{i})" for i in seg if fields[i].type == "C1"]
             continue
         if first in skip:
             continue
@@ -413,7 +526,29 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
             # an empty array costs no bytes, so an array is present whenever its count is
             cnt = f"f{[x.name for x in fields].index(f.count)}"
             size = f"f{[x.name for x in fields].index(f.size)}" if f.size else "0"
-            lines.append(f"{ind}f{i}, p = _r.array({f.type!r}, {cnt}, buf, p, end, {size})")
+            if f.type in _SIZES and f.type != "C1":
+                # one unpack of the whole array, by a Struct cached per element count
+                code = STRUCT_CODES[f.type]
+                ns[f"_a{code}"] = _arrays(readers.order, code)
+                lines += [f"{ind}if {cnt}:",
+                          f"{ind}  q = p + {cnt} * {_SIZES[f.type]}",
+                          f"{ind}  if q > end: raise _Short",
+                          f"{ind}  f{i} = list(_a{code}[{cnt}](buf, p))",
+                          f"{ind}  p = q",
+                          f"{ind}else:",
+                          f"{ind}  f{i} = []"]
+            elif f.type == "N1":
+                ns["_nibbles"] = _nibbles
+                lines += [f"{ind}if {cnt}:",
+                          f"{ind}  q = p + (({cnt} + 1) >> 1)",
+                          f"{ind}  if q > end: raise _Short",
+                          f"{ind}  f{i} = _nibbles(buf[p:q], {cnt})",
+                          f"{ind}  p = q",
+                          f"{ind}else:",
+                          f"{ind}  f{i} = []"]
+            else:
+                lines.append(f"{ind}f{i}, p = _r.array({f.type!r}, {cnt}, buf, p, end, "
+                             f"{size})")
         elif f.type == "Cn" and optimistic:
             run = _cn_run(fields, i)
             lines.append(f"{ind}if p >= end: {literal(first)}")
@@ -423,7 +558,7 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                 lines.append(f"{ind}e{j} = {prev} + 1 + buf[{prev}]")
                 starts[j] = f"{prev} + 1"
                 prev = f"e{j}"
-            lines.append(f"{ind}if {prev} > end: raise _Short")
+            run_end(run, starts, prev)
             for j in run:
                 lines.append(f"{ind}f{j} = txt[{starts[j]}:e{j}]")
             lines.append(f"{ind}p = {prev}")
@@ -436,8 +571,22 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
             lines.append(f"{ind}  raise _Short")
             lines.append(f"{ind}f{i} = txt[p + 1:q]")
             lines.append(f"{ind}p = q")
+        elif f.type == "Dn":
+            ns["_u2"] = readers.u2
+            lines += [f"{ind}if p + 2 > end:",
+                      f"{ind}  if p >= end: {literal(first)}",
+                      f"{ind}  raise _Short",
+                      f"{ind}nb = _u2(buf, p)[0]",
+                      f"{ind}q = p + 2 + ((nb + 7) >> 3)",
+                      f"{ind}if q > end: raise _Short",
+                      f"{ind}f{i} = _new(Bits, (nb, buf[p + 2:q]))",
+                      f"{ind}p = q"]
+        elif f.type == "Vn":
+            ns["_vn"] = _gdr_reader(readers.order)
+            lines.append(f"{ind}if p >= end: {literal(first)}")
+            lines.append(f"{ind}f{i}, p = _vn(buf, txt, p, end)")
         else:
-            reader = {"Bn": "_bn", "Dn": "_r.dn", "Sn": "_r.sn", "Vn": "_r.vn"}[f.type]
+            reader = {"Bn": "_bn", "Sn": "_r.sn"}[f.type]
             lines.append(f"{ind}if p >= end: {literal(first)}")
             lines.append(f"{ind}f{i}, p = {reader}(buf, p, end)")
     lines.append(f"{ind}{literal(len(fields))}")
@@ -467,9 +616,14 @@ def _too_long(name: str, rec_len: int, limit: int, offset: int) -> StdfError:
                      f"(its fields take at most {limit - LENGTH_SLACK} bytes)", offset)
 
 
-def _compile_scan(order: str, entries: list[Any], readers: _Readers) -> Callable[..., Any]:
+def _compile_scan(order: str, entries: list[Any], readers: _Readers,
+                  skip: frozenset[str] = frozenset()) -> Callable[..., Any]:
     """Generate the record loop of one byte order, with the INLINE types' decoding
-    written into it and every other type dispatched through ``entries``."""
+    written into it and every other type dispatched through ``entries``.  Records of
+    the types in ``skip`` are checked (REC_LEN), counted and stepped over."""
+    if skip:
+        entries = [None if e is None else (e[0], None, e[2]) if e[0] in skip else e
+                   for e in entries]
     ns: dict[str, Any] = {
         "_header": struct.Struct(order + "HH").unpack_from, "_entries": entries,
         "_new": _new_record, "_Record": StdfRecord, "_too_long": _too_long,
@@ -478,6 +632,7 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers) -> Callable
     lines = [
         "def scan(self, buf, txt, pos, base, generation):",
         "  n = len(buf)",
+        "  skipped = self.skipped",
         "  while pos + 4 <= n:",
         "    rec_len, key = _header(buf, pos)",
         "    body = pos + 4",
@@ -486,11 +641,19 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers) -> Callable
     for k, name in enumerate(INLINE):
         spec = BY_NAME[name]
         limit = entries[_type_key(order, spec.typ, spec.sub)][2]
-        ns[f"_decode_{name}"] = entries[_type_key(order, spec.typ, spec.sub)][1]
         lines += [
             f"    {'if' if k == 0 else 'elif'} key == {_type_key(order, spec.typ, spec.sub)}:",
             f"      if rec_len > {limit}: raise _too_long({name!r}, rec_len, {limit}, base + pos)",
             "      if end > n: return",
+        ]
+        if name in skip:
+            lines += [f"      skipped[{name!r}] += 1",
+                      "      pos = end",
+                      "      self._pos = pos",
+                      "      continue"]
+            continue
+        ns[f"_decode_{name}"] = entries[_type_key(order, spec.typ, spec.sub)][1]
+        lines += [
             "      p = body",
             "      while True:",
             "        try:",
@@ -516,6 +679,11 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers) -> Callable
         "      name, decode, limit = entry",
         "      if rec_len > limit: raise _too_long(name, rec_len, limit, base + pos)",
         "      if end > n: return",
+        "      if decode is None:",
+        "        skipped[name] += 1",
+        "        pos = end",
+        "        self._pos = pos",
+        "        continue",
         "      try:",
         "        record = _new(_Record, (name, base + pos, decode(buf, txt, body, end)))",
         "      except _BadGdr as exc:",
@@ -544,6 +712,17 @@ class _Table(NamedTuple):
     readers: _Readers
     #: the record loop: scan(decoder, buf, txt, pos, base, generation) -> records
     scan: Callable[..., Iterator[StdfRecord]]
+    #: the record loops that skip some record types, by the set of their names
+    skip_scans: dict[frozenset[str], Callable[..., Iterator[StdfRecord]]]
+
+    def scan_for(self, skip: frozenset[str]) -> Callable[..., Iterator[StdfRecord]]:
+        if not skip:
+            return self.scan
+        scan = self.skip_scans.get(skip)
+        if scan is None:
+            scan = self.skip_scans[skip] = _compile_scan(self.readers.order, self.entries,
+                                                         self.readers, skip)
+        return scan
 
 
 _TABLES: dict[str, _Table] = {}
@@ -560,7 +739,8 @@ def decoder_table(order: str) -> _Table:
                 spec.name, _compile(spec, readers),
                 65535 if limit is None else limit + LENGTH_SLACK)
         table = _TABLES[order] = _Table(struct.Struct(order + "HH").unpack_from, entries,
-                                        readers, _compile_scan(order, entries, readers))
+                                        readers, _compile_scan(order, entries, readers),
+                                        {})
     return table
 
 
@@ -572,14 +752,28 @@ class StdfDecoder:
     ``start_offset`` and ``byte_order`` resume mid-file at a record boundary (the
     offsets of the records returned continue from ``start_offset``).  A new ``feed``
     ends any unfinished ``records()`` iterator; iterate to the end after each feed.
+
+    ``skip``: names of record types the consumer does not want.  Their records are not
+    decoded nor returned, only counted by name in ``skipped``; their REC_LEN is checked
+    as for any record (an impossible one is still an error) and a cut one still waits
+    for the rest, but nothing inside them is looked at (a skipped GDR's type codes are
+    not checked).  The FAR is never skipped: it gives the byte order.
     """
 
     def __init__(self, *, start_offset: int = 0, byte_order: str | None = None,
-                 keep_unknown: bool = False) -> None:
+                 keep_unknown: bool = False, skip: Iterable[str] = ()) -> None:
         if byte_order not in (None, "<", ">"):
             raise ValueError(f"byte_order must be '<' or '>', not {byte_order!r}")
         if start_offset and byte_order is None:
             raise ValueError("resuming at start_offset > 0 needs the file's byte_order")
+        self._skip = frozenset(skip)
+        unknown = self._skip - BY_NAME.keys()
+        if unknown:
+            raise ValueError(f"skip: no STDF record type {', '.join(sorted(unknown))}")
+        if "FAR" in self._skip:
+            raise ValueError("skip: the FAR cannot be skipped (it gives the byte order)")
+        #: records of the ``skip`` types stepped over, by type name
+        self.skipped: dict[str, int] = dict.fromkeys(sorted(self._skip), 0)
         self._buf = b""
         self._txt: str | None = ""  # _buf decoded latin-1 (None: not yet)
         self._pos = 0  # index into _buf of the next record
@@ -644,8 +838,8 @@ class StdfDecoder:
         txt = self._txt
         if txt is None:
             txt = self._txt = buf.decode("latin-1")
-        return decoder_table(order).scan(self, buf, txt, self._pos, self._base,
-                                         self._generation)
+        return decoder_table(order).scan_for(self._skip)(self, buf, txt, self._pos,
+                                                         self._base, self._generation)
 
     def _unknown(self, buf: bytes, pos: int, end: int) -> StdfRecord | None:
         typ, sub = buf[pos + 2], buf[pos + 3]

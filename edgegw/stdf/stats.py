@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .state import part_passed
 
@@ -35,7 +35,12 @@ class _Part:
 
 @dataclass
 class StdfStats:
-    """Feed records with :meth:`add`; read the figures with :meth:`as_dict`."""
+    """Feed records with :meth:`add`; read the figures with :meth:`as_dict`.  Records of
+    types other than :attr:`READS` are only counted: a reader may count them without
+    decoding them (``records[name] += n``)."""
+
+    #: the record types whose fields the figures come from
+    READS: ClassVar[frozenset[str]] = frozenset({"PRR", "WIR", "HBR", "SBR", "PCR"})
 
     records: Counter[str] = field(default_factory=Counter)
     tested: int = 0  # PRRs seen, retests included

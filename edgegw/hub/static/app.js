@@ -40,7 +40,9 @@ function connect() {
     return;
   }
   ws = sock;
+  let opened = false;
   sock.onopen = () => {
+    opened = true;
     backoff = 500;
     // Resume every topic we hold; the hub sends exactly what we missed, or a snapshot
     // marked "resync" when it cannot (another hub run, history too short).
@@ -49,13 +51,48 @@ function connect() {
     send({ type: "subscribe", id: nextId++, topics: TOPICS, resume });
   };
   sock.onmessage = (ev) => onMessage(JSON.parse(ev.data));
-  sock.onclose = (ev) => {
+  sock.onclose = async (ev) => {
     if (ws !== sock) return;
     ws = null;
+    if (ev.code === 4401) {  // the sign-in expired (docs/live-protocol.md): sign in again
+      signIn();
+      return;
+    }
     setConn("reconnecting", `disconnected (${ev.code}${ev.reason ? " " + ev.reason : ""})`);
+    // A refused upgrade (401) looks like any failed connection here: ask the hub.
+    if (!opened && !(await checkSession())) return;
     scheduleReconnect();
   };
   sock.onerror = () => {};  // onclose follows
+}
+
+function signIn() {
+  location.assign("/login?next=" + encodeURIComponent(location.pathname));
+}
+
+// Who we are signed in as (the hub records acknowledgements in that name); false when the
+// hub wants a sign-in first.
+async function checkSession() {
+  let r;
+  try {
+    r = await fetch("/api/session", { credentials: "same-origin" });
+  } catch (err) {
+    return true;  // the hub is unreachable: keep reconnecting
+  }
+  if (r.status === 401) {
+    signIn();
+    return false;
+  }
+  if (!r.ok) return true;
+  const s = await r.json();
+  if (s.user) {
+    $("user").value = s.user;
+    $("user").readOnly = true;
+    $("user").title = `signed in as ${s.user} (${s.role})`;
+    $("signout").hidden = false;
+    document.body.dataset.user = s.user;
+  }
+  return true;
 }
 
 function scheduleReconnect() {
@@ -485,5 +522,10 @@ function frame() {
 setInterval(draw, 250);
 $("user").value = localStorage.getItem("edgegw.user") || "";
 $("user").addEventListener("change", () => localStorage.setItem("edgegw.user", $("user").value));
-connect();
+$("signout").addEventListener("click", async () => {
+  await fetch("/logout", { method: "POST", credentials: "same-origin",
+    headers: { "content-type": "application/json" }, body: "{}" });
+  signIn();
+});
+checkSession().then((ok) => { if (ok) connect(); });
 requestAnimationFrame(frame);

@@ -1,0 +1,11 @@
+"""Who may use the hub, and how its traffic is protected (docs/security.md).
+
+* ``config``: the hub's ``[auth]`` and ``[tls]`` sections.
+* ``tokens``: JWT verification (HS256, RS256/ES256, JWKS) and minting; roles and lot scopes.
+* ``access``: the HTTP server's guard -- credentials, roles, Origin and content type.
+* ``signin``: the dashboard's sign-in page and session cookie.
+* ``ratelimit``: failed gateway handshakes per remote address.
+* ``hub``: all of it assembled for the hub service.
+
+Kept free of hub imports at package level, so the hub's config can import ``config``.
+"""
