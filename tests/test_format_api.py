@@ -291,7 +291,9 @@ async def test_a_parser_whose_complete_fails_costs_only_the_early_end(
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(source.run, Sink())
-            while not (f := source.files.get(str(files / "a.crashy"))) or not f.done:
+            # done is set just before the last batch is put: wait for both
+            while (not (f := source.files.get(str(files / "a.crashy"))) or not f.done
+                   or not any(isinstance(r, ParametricResult) for r in got)):
                 await trio.sleep(0.02)
             nursery.cancel_scope.cancel()
     assert f.reason == "idle"
