@@ -3,7 +3,7 @@
 
     python bench/fanout.py [--clients 1000] [--rate 10000] [--seconds 30] [--ui-rate 20]
 
-Three processes, as in production: the hub (Hub + LiveState + LiveFanout), the tester
+Three processes, as in production: the hub (Ingest + LiveState + LiveFanout), the tester
 (simulated tester -> Gateway -> uplink), and this one, which runs the subscribers: bare
 WebSocket clients on non-blocking sockets under one epoll loop (a Trio task per client
 would cost this process more than the hub).  Every client subscribes like the dashboard
@@ -65,14 +65,13 @@ def run_hub(args: argparse.Namespace) -> None:
 
     from edgegw.config import build
     from edgegw.hub.config import HubConfig
-    from edgegw.hub.fanout import LiveFanout
+    from edgegw.hub.fanout import LiveConfig, LiveFanout
     from edgegw.hub.gcpacing import GcPacer
-    from edgegw.hub.live_protocol import LiveConfig
-    from edgegw.hub.service import Hub
-    from edgegw.hub.state import LiveState
+    from edgegw.hub.ingest import Ingest
+    from edgegw.hub.live import LiveState
 
     async def main() -> None:
-        hub = Hub(build(HubConfig, {"hub": {"port": 0, "data_dir": args.data},
+        hub = Ingest(build(HubConfig, {"hub": {"port": 0, "data_dir": args.data},
                                     "gateways": {"bench-gw": {"token": TOKEN}}}))
         fanout = LiveFanout(LiveConfig(ui_rate=args.ui_rate, stall_timeout=args.stall_timeout),
                             metrics=hub.metrics)
@@ -92,7 +91,7 @@ def run_hub(args: argparse.Namespace) -> None:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(hub.run)
             await nursery.start(fanout.run)
-            if args.gc_freeze > 0:  # as HubApp does (config hub.gc_freeze_s)
+            if args.gc_freeze > 0:  # as Hub does (config hub.gc_freeze_s)
                 await nursery.start(GcPacer(args.gc_freeze, metrics=hub.metrics).run)
             print(f"PORT {port}", flush=True)
 
@@ -117,8 +116,8 @@ def run_hub(args: argparse.Namespace) -> None:
         """The simulated tester's records straight into the live state, every 10 ms, as
         the hub applies them (no gateway, no uplink, no store): the fan-out on its own."""
         from edgegw.records import PartResult
+        from edgegw.sim.source import SimulatedConfig, SimulatedTesterSource
         from edgegw.sources import SourceContext
-        from edgegw.sources.simulated import SimulatedConfig, SimulatedTesterSource
 
         go = Path(args.log).with_suffix(".go")
         while not go.exists():
@@ -196,8 +195,8 @@ def run_tester(args: argparse.Namespace) -> None:
     from edgegw.gateway.config import GatewayConfig
     from edgegw.gateway.service import Gateway
     from edgegw.records import PartResult
+    from edgegw.sim.source import SimulatedConfig, SimulatedTesterSource
     from edgegw.sources import SourceContext
-    from edgegw.sources.simulated import SimulatedConfig, SimulatedTesterSource
 
     created: list[tuple[str, int, int, float]] = []
 

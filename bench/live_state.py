@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig
-from edgegw.hub.state import LiveState
+from edgegw.hub.live import LiveState
 from edgegw.records import LotEnd, LotStart, ParametricResult, PartResult, WaferEnd, WaferStart
 from edgegw.sim.tester import TesterModel, TesterProfile
 

@@ -42,10 +42,10 @@ from faultkit import Proxy  # noqa: E402  (the fault tests' TCP proxy)
 
 from edgegw.config import build  # noqa: E402
 from edgegw.gateway.config import GatewayConfig  # noqa: E402
-from edgegw.gateway.store import MemoryFrameStore  # noqa: E402
 from edgegw.gateway.uplink import Uplink  # noqa: E402
 from edgegw.metrics import Metrics  # noqa: E402
 from edgegw.protocol import decode_body  # noqa: E402
+from edgegw.store import MemoryFrameStore  # noqa: E402
 
 
 def free_port() -> int:

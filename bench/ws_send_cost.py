@@ -102,15 +102,13 @@ def serve_edgegw(args: argparse.Namespace, direct: bool, tls: bool = False) -> N
 
     import trio
 
-    from edgegw.hub.http import HttpServer, Request, WebSocket, prepare_message
+    from edgegw.web import HttpServer, Request, WebSocket, prepare_message
 
     bc = Broadcast(args)
 
     class Client:
         def __init__(self, ws: WebSocket) -> None:
             self.ws = ws
-            sock = getattr(ws.stream, "transport_stream", ws.stream).socket
-            self.fd = sock.fileno()
             self.wake = trio.Event()
             self.frame = b""
 
@@ -136,14 +134,8 @@ def serve_edgegw(args: argparse.Namespace, direct: bool, tls: bool = False) -> N
     async def tick() -> None:
         frame = prepare_message(bc.payload)  # encode once ...
         for client in clients:  # ... write many
-            gate = client.ws.send_gate
-            if direct and not gate.locked():
-                gate.acquire_nowait()
-                try:
-                    n = os.write(client.fd, frame)
-                finally:
-                    gate.release()
-                if n != len(frame):
+            if direct and client.ws.can_send_nowait():
+                if client.ws.send_prepared_nowait(frame) != len(frame):
                     raise RuntimeError("socket full: this bench wants clients that keep up")
                 bc.sends += 1
                 continue

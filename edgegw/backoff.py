@@ -117,3 +117,6 @@ class Reconnect:
             self.backoff.reset()
             return 0.0
         return 0.0 if link_lost else self.failed()
+
+
+__all__ = ["Backoff", "Reconnect"]

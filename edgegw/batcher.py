@@ -128,3 +128,6 @@ class Batcher:
         self._checkpoints = {}
         self._first_at = None
         return batch
+
+
+__all__ = ["Batch", "Batcher"]

@@ -26,7 +26,7 @@ COMMAND_MODULES = (
     "edgegw.sim.cli",
     "edgegw.stdf.cli",
     "edgegw.plugins_cli",
-    "edgegw.auth.cli",
+    "edgegw.token_cli",
 )
 
 
@@ -117,3 +117,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+__all__ = ["build_parser", "main", "verbosity"]

@@ -280,14 +280,14 @@ def _serve(service: Any, banner: Callable[[Any], str],
 
 
 def cmd_hub(args: argparse.Namespace) -> int:
-    from .hub.app import HubApp
+    from .hub.app import Hub
 
     cfg = load(HubConfig, args.config, args.overrides)
     h = cfg.hub
     resolve("hub.listen", h.listen, h.port)
     prepare_dir("hub.data_dir", h.data_dir)
     scheme = "https" if cfg.tls.enabled else "http"
-    return _serve(HubApp(cfg), lambda port: f"edgegw hub listening on {scheme}://{h.listen}:{port}/",
+    return _serve(Hub(cfg), lambda port: f"edgegw hub listening on {scheme}://{h.listen}:{port}/",
                   listen=("hub.listen/hub.port", h.listen, h.port))
 
 
@@ -320,3 +320,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(json.dumps(summary, sort_keys=True))
     sys.stdout.flush()
     return 0 if summary["lost"] == 0 and summary["duplicates"] == 0 else 1
+
+
+__all__ = ["KINDS", "check_config"]

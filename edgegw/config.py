@@ -400,3 +400,9 @@ def iter_keys(cls: type, prefix: str = "") -> Iterator[Key]:
             yield from iter_keys(get_args(inner)[1], f"{path}.<name>")
         else:
             yield Key(path, tp, default)
+
+
+__all__ = [
+    "INT64", "ConfigError", "Key", "Range", "apply_overrides", "build", "host_problem",
+    "iter_keys", "load", "parse_override", "read_toml", "ws_url_problem"
+]

@@ -25,13 +25,13 @@ import trio
 from .config import ConfigError, apply_overrides, build
 from .gateway.config import GatewayConfig, build_gateway_config
 from .gateway.service import Gateway
-from .hub.app import HubApp
+from .hub.app import Hub
 from .hub.config import HubConfig
 from .protocol import IntervalSet
 from .records import PartResult, Record, SensorWindow
+from .sim.source import SimulatedTesterSource
 from .sim.stdf_tester import stdf_chunks, write_files
 from .sim.tester import TesterProfile
-from .sources.simulated import SimulatedTesterSource
 from .stdf import StdfDecoder
 from .stdf.mapping import RecordMapper
 
@@ -170,8 +170,8 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     token = secrets.token_hex(16)
     # every config problem stops the demo before anything starts
     hub_cfg, _ = demo_configs(args, tmp, token, args.port or 8765)
-    app = HubApp(hub_cfg)
-    hub = app.hub
+    app = Hub(hub_cfg)
+    hub = app.ingest
     counter = ReceiptCounter()
     hub.add_consumer(counter)
     started = time.monotonic()
@@ -241,3 +241,6 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     print(f"  parts tested: {counter.parts}, yield {summary['yield']}; lost {summary['lost']}, "
           f"duplicates {summary['duplicates']}; sensor windows {counter.sensor_windows}")
     return summary
+
+
+__all__ = ["demo_configs", "expected_records", "run_demo"]

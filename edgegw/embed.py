@@ -130,3 +130,6 @@ class EmbeddedGateway:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+__all__ = ["EmbeddedGateway", "open_gateway"]

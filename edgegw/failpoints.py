@@ -55,3 +55,6 @@ def hit(name: str) -> None:
     if entry[1] == "kill" and hasattr(signal, "SIGKILL"):
         os.kill(os.getpid(), signal.SIGKILL)
     os._exit(70)
+
+
+__all__ = ["ENV", "hit"]

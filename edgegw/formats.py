@@ -3,7 +3,9 @@
 A tester format (STDF, ATDF, a vendor's own log format) is an object registered under the
 ``edgegw.formats`` entry-point group.  The built-in STDF format is registered exactly the
 way a third party registers theirs (see ``pyproject.toml`` and ``docs/plugins.md``), so the
-tail source knows no format by name: it looks the configured one up here.
+tail source knows no format by name: it looks the configured one up in the registry
+(``edgegw.sources.formats``: ``installed_formats``, ``get_format``).  This module is the
+interface alone, below every format (STDF included) so formats import it, not the reverse.
 
 The interface is deliberately small and sans-IO (bytes in, records out, no files, no
 clock), so a format is tested with plain bytes and any chunking:
@@ -25,10 +27,10 @@ clock), so a format is tested with plain bytes and any chunking:
 - Corrupt input raises ``FormatError(message, offset)`` with the byte offset of the problem.
 - Optional additions (backwards compatible): a parser's ``complete`` says the file is whole
   before any idle timeout; a format's ``Options`` dataclass takes per-source settings from
-  the gateway config (``new_parser``, ``build_options``).
-- Helpers for plugins: ``stdf_fields`` (STDF field dicts with the spec's missing values)
-  and ``test_number`` (a stable TEST_NUM for a named test).  ``edgegw.testing`` is the
-  plugin test kit.
+  the gateway config (``edgegw.sources``: ``new_parser``, ``build_options``).
+- Helpers for plugins (``edgegw.stdf``): ``stdf_fields`` (STDF field dicts with the spec's
+  missing values) and ``test_number`` (a stable TEST_NUM for a named test).
+  ``edgegw.testing`` is the plugin test kit.
 
 Why no "start at offset N" in the interface: records depend on earlier ones (the STDF byte
 order from FAR, per-test PTR defaults, the open PIR of a site), so the tail resumes a file by
@@ -39,10 +41,7 @@ correct for every format without each plugin having to serialise its state.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from importlib.metadata import entry_points
 from typing import Any, Protocol
-
-from .config import ConfigError, build
 
 ENTRY_POINT_GROUP = "edgegw.formats"
 
@@ -58,7 +57,8 @@ class FormatError(ValueError):
 
 class ParsedRecord(Protocol):
     """One record a parser yields: its STDF ``name``, the stream ``offset`` of its first
-    byte, and its ``fields`` under the STDF V4 names (``stdf_fields`` builds them)."""
+    byte, and its ``fields`` under the STDF V4 names (``edgegw.stdf.stdf_fields`` builds
+    them)."""
 
     name: str
     offset: int
@@ -71,7 +71,8 @@ class FormatParser(Protocol):
     Optional: a ``complete`` attribute or property, True once the records yielded so far
     are the whole file (the format's end marker, a declared record count): the tail then
     calls ``close()`` at once instead of waiting ``idle_timeout`` -- what an MRR does for
-    STDF.  Parsers without it are complete at their MRR or when idle (``is_complete``)."""
+    STDF.  Parsers without it are complete at their MRR or when idle
+    (``edgegw.sources.is_complete``)."""
 
     @property
     def position(self) -> int: ...
@@ -92,7 +93,7 @@ class TesterFormat(Protocol):
     timezone, a numbering scheme).  A tail source's ``options`` table is built into it
     (checked like any config section: unknown keys, types, ``validate()``) and each parser
     is made by ``new_parser(options)``.  A format without ``Options`` takes no options and
-    is called as ``new_parser()`` (``new_parser`` below does the right one)."""
+    is called as ``new_parser()`` (``edgegw.sources.new_parser`` calls the right one)."""
 
     name: str
     description: str
@@ -101,72 +102,4 @@ class TesterFormat(Protocol):
     def new_parser(self) -> FormatParser: ...
 
 
-def build_options(fmt: TesterFormat, raw: dict[str, Any] | None,
-                  origin: str = "<config>", prefix: str = "options") -> Any:
-    """``raw`` (a source's ``options`` table) built into ``fmt.Options``; None for a format
-    without ``Options`` given no options.  Raises ``edgegw.config.ConfigError`` naming each
-    bad key (``prefix`` is the table's dotted key, for the messages)."""
-    cls = getattr(fmt, "Options", None)
-    if cls is None:
-        if raw:
-            raise ConfigError([f"{origin}: {prefix}: the {fmt.name} format takes no options "
-                               f"(got {', '.join(sorted(raw))})"])
-        return None
-    return build(cls, dict(raw or {}), origin, prefix)
-
-
-def new_parser(fmt: TesterFormat, options: Any = None) -> FormatParser:
-    """A parser of ``fmt`` for one file.  ``options``: the format's ``Options`` instance, or
-    a dict to build one from (``build_options``); ignored for a format without
-    ``Options``."""
-    if getattr(fmt, "Options", None) is None:
-        return fmt.new_parser()
-    if options is None or isinstance(options, dict):
-        options = build_options(fmt, options)
-    return fmt.new_parser(options)  # type: ignore[call-arg]
-
-
-def is_complete(parser: FormatParser) -> bool:
-    """The parser says its file is whole (its optional ``complete``)."""
-    return bool(getattr(parser, "complete", False))
-
-
-class UnknownFormat(LookupError):
-    pass
-
-
-def __getattr__(name: str) -> Any:
-    # The field helpers live with the STDF spec, which imports this module (FormatError):
-    # imported on first use, so either module can be imported first.
-    if name in ("stdf_fields", "test_number"):
-        from .stdf import fields
-
-        return getattr(fields, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def installed_formats() -> dict[str, TesterFormat]:
-    """Every installed tester format, by name (entry-point name)."""
-    found: dict[str, TesterFormat] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()
-        except Exception:  # a broken plugin must not take the gateway down
-            continue
-        found[ep.name] = obj() if isinstance(obj, type) else obj
-    if "stdf" not in found:  # running from a source tree without the entry points
-        from .stdf.format import STDF
-
-        found["stdf"] = STDF
-    return found
-
-
-def get_format(name: str) -> TesterFormat:
-    """The installed format ``name``; the error names every installed one."""
-    formats = installed_formats()
-    try:
-        return formats[name]
-    except KeyError:
-        raise UnknownFormat(
-            f"unknown tester format {name!r} (installed formats: {', '.join(sorted(formats))})"
-        ) from None
+__all__ = ["ENTRY_POINT_GROUP", "FormatError", "FormatParser", "ParsedRecord", "TesterFormat"]

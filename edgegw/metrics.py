@@ -133,3 +133,8 @@ def report_internal_error(metrics: Metrics, where: str, logger: logging.Logger, 
 
 def _escape(v: str) -> str:
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+__all__ = [
+    "INTERNAL_ERRORS", "LabelKey", "Metric", "Metrics", "internal_errors", "report_internal_error"
+]

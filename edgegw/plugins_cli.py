@@ -85,3 +85,6 @@ def _run(args: argparse.Namespace) -> int:
                 line += f"  [{suffixes}]"
             print(f"{line}  ({item['package']})")
     return 0
+
+
+__all__ = ["plugin_listing"]

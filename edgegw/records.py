@@ -301,3 +301,11 @@ def from_wire(item: Any, sources: list[str]) -> Record:
         )
     # Fields appended by a newer v1 sender are ignored (docs/protocol.md sections 5 and 9).
     return cls(sources[idx], *item[2:n_fields + 1])
+
+
+__all__ = [
+    "BY_KIND", "KIND_OF", "RECORD_TYPES", "BinSummary", "FunctionalResult", "GatewayEvent",
+    "LotEnd", "LotStart", "MultiPinResult", "ParametricResult", "PartCount", "PartResult",
+    "RawRecord", "Record", "RecordError", "SensorReading", "SensorWindow", "WaferEnd",
+    "WaferStart", "from_wire", "to_wire"
+]

@@ -54,3 +54,6 @@ async def watchdog(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNO
 
 async def ready(status: str = "") -> None:
     await notify("READY=1" + (f"\nSTATUS={status}" if status else ""))
+
+
+__all__ = ["notify", "ready", "watchdog", "watchdog_interval"]

@@ -141,3 +141,9 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror[0].lower() + exc.strerror[1:]
     return str(exc)
+
+
+__all__ = [
+    "EXIT_CANNOT_START", "EXIT_CONFIG", "HeldLogs", "StartupError", "describe", "leaves",
+    "prepare_dir", "readable", "resolve"
+]

@@ -25,3 +25,6 @@ def reraise_meaningful(group: BaseExceptionGroup, *types: type[BaseException]) -
     if exc is not None:
         raise exc from None
     raise group
+
+
+__all__ = ["first_of", "reraise_meaningful"]

@@ -140,3 +140,6 @@ def as_sensor_window(window: Window, source: str, unit: str = "") -> SensorWindo
     """The gateway record for a window; its ``ts`` is the window's end."""
     return SensorWindow(source, window.t1, window.channel, window.last, window.min,
                         window.max, window.mean, window.count, window.t0, window.t1, unit)
+
+
+__all__ = ["Throttle", "Window", "as_sensor_window"]

@@ -109,3 +109,9 @@ def normalize_fingerprint(text: str) -> str:
 def fingerprint_matches(der: bytes | None, pinned: str) -> bool:
     return der is not None and hmac.compare_digest(fingerprint(der),
                                                    normalize_fingerprint(pinned))
+
+
+__all__ = [
+    "ServerTls", "cert_identities", "client_context", "fingerprint", "fingerprint_matches",
+    "normalize_fingerprint", "server_context",
+]

@@ -49,6 +49,8 @@ echo "scripts/test.sh: installing edgegw, its plugins and test tools into .venv"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" \
   $(for p in plugins/*/; do [ -f "$p/pyproject.toml" ] && printf -- '-e %s ' "$p"; done)
 .venv/bin/ruff check .
+# The layer map (README, "Architecture"): the import-linter contracts in pyproject.toml.
+.venv/bin/lint-imports --no-cache
 # Long measurements (-m slow: 60 s outages timed against a 2 s goal) and soaks are
 # documented commands outside the suite (README, "Longer runs"): on a busy CI machine a
 # timing figure is a measurement, not a pass/fail.

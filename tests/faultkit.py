@@ -16,14 +16,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from conftest import free_port
+from ports import free_port
 from processes import REPO, get_json, spawn, wait_for
 
 from edgegw.metrics import Metrics
 from edgegw.protocol import decode_body
 from edgegw.records import from_wire
+from edgegw.sim import SimulatedConfig, SimulatedTesterSource
 from edgegw.sources import SourceContext
-from edgegw.sources.simulated import SimulatedConfig, SimulatedTesterSource
 
 GATEWAY = "ate-01"
 TOKEN = "change-me-ate-01"

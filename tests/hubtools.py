@@ -9,10 +9,8 @@ from typing import Any
 import trio
 
 from edgegw.config import build
-from edgegw.gateway.config import GatewayConfig
-from edgegw.gateway.service import Gateway
-from edgegw.hub.config import HubConfig
-from edgegw.hub.service import Hub
+from edgegw.gateway import Gateway, GatewayConfig
+from edgegw.hub import HubConfig, Ingest
 
 
 def hub_config(tmp: Path, port: int = 0, tokens: dict[str, str] | None = None,
@@ -49,8 +47,8 @@ async def start_tester(nursery: trio.Nursery, tmp: Path, port: int, token: str =
     return gateway
 
 
-async def start_hub(nursery: trio.Nursery, cfg: HubConfig) -> tuple[Hub, int]:
-    hub = Hub(cfg)
+async def start_hub(nursery: trio.Nursery, cfg: HubConfig) -> tuple[Ingest, int]:
+    hub = Ingest(cfg)
     port = await nursery.start(hub.run)
     return hub, port
 

@@ -13,10 +13,9 @@ import h11
 import trio
 import trustme
 
-from edgegw.auth.tokens import mint
+from edgegw.auth import mint
 from edgegw.config import build
-from edgegw.hub.app import HubApp
-from edgegw.hub.config import HubConfig
+from edgegw.hub import Hub, HubConfig
 
 SECRET = "a-test-secret-of-at-least-32-characters!"
 GATEWAY_TOKEN = "s3cret-gateway-token"
@@ -72,8 +71,8 @@ def jwt_auth(**extra: Any) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def running(config: HubConfig) -> AsyncIterator[HubApp]:
-    app = HubApp(config)
+async def running(config: HubConfig) -> AsyncIterator[Hub]:
+    app = Hub(config)
     async with trio.open_nursery() as nursery:
         await nursery.start(app.run)
         try:
@@ -155,7 +154,7 @@ def lot_records(lot: str, wafer: str, n: int, good_every: int = 4, ts: float = 1
     return out
 
 
-def feed_lot(app: HubApp, lot: str, rid: int = 1) -> str:
+def feed_lot(app: Hub, lot: str, rid: int = 1) -> str:
     """Apply a low-yield lot to the live state; the id of the alert it raised."""
     app.state.on_records("ate-01", rid, lot_records(lot, f"{lot}-W1", 8), now=1000.0)
     ids = [a.id for a in app.alerts.engine.alerts.values()

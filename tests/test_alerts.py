@@ -11,7 +11,7 @@ import pytest
 from edgegw.config import ConfigError, build, read_toml
 from edgegw.hub import topics
 from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig
-from edgegw.hub.state import LiveState
+from edgegw.hub.live import LiveState
 from edgegw.records import (
     ParametricResult,
     PartResult,

@@ -27,16 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
+from ports import free_port
 from processes import wait_for
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, TextMessage
 from wsproto.events import Request as WsRequest
 
 from edgegw.config import build
-from edgegw.hub.app import HubApp
-from edgegw.hub.config import HubConfig
-from edgegw.hub.dashboard import STATIC_DIR
+from edgegw.hub import STATIC_DIR, Hub, HubConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "api.md"
@@ -231,7 +229,7 @@ def test_the_doc_lists_routes_with_examples() -> None:
 
 
 def test_every_route_the_hub_serves_is_in_the_doc(tmp_path: Path) -> None:
-    http = HubApp(build(HubConfig, {"hub": {"data_dir": str(tmp_path)}})).hub.http
+    http = Hub(build(HubConfig, {"hub": {"data_dir": str(tmp_path)}})).ingest.http
     documented = {(r.method, r.path) for r in ROUTES if r.service == "hub"}
     for method, path in http.routes:
         assert (method, path) in documented, f"{method} {path} is not in docs/api.md"

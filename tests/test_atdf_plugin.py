@@ -9,13 +9,11 @@ from typing import Any
 import pytest
 import trio
 
-from edgegw.formats import FormatError, get_format
+from edgegw.formats import FormatError
 from edgegw.metrics import Metrics
 from edgegw.records import LotEnd, ParametricResult, PartResult
-from edgegw.sources import SourceContext
-from edgegw.sources.tail import TailConfig, TailSource
-from edgegw.stdf import StdfDecoder, StdfWriter
-from edgegw.stdf.mapping import RecordMapper
+from edgegw.sources import SourceContext, TailConfig, TailSource, get_format
+from edgegw.stdf import RecordMapper, StdfDecoder, StdfWriter
 from edgegw.testing import check_chunkings, check_truncations, run_tail
 
 if importlib.util.find_spec("edgegw_atdf") is None:

@@ -1,6 +1,6 @@
 """Sign-in and roles on the hub (docs/security.md), over real TLS sockets.
 
-Tokens are real JWTs (PyJWT), certificates real (trustme), the hub the whole HubApp."""
+Tokens are real JWTs (PyJWT), certificates real (trustme), the hub the whole Hub."""
 
 from __future__ import annotations
 
@@ -28,11 +28,17 @@ from sectools import (
 )
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from edgegw.auth.config import AuthConfig
-from edgegw.auth.ratelimit import FailureLimiter
-from edgegw.auth.tokens import AuthError, TokenVerifier, jwk_json, mint, parse_ttl
+from edgegw.auth import (
+    AuthConfig,
+    AuthError,
+    FailureLimiter,
+    TokenVerifier,
+    jwk_json,
+    mint,
+    parse_ttl,
+)
 from edgegw.config import ConfigError, build
-from edgegw.hub.config import HubConfig
+from edgegw.hub import HubConfig
 
 # --------------------------------------------------------------------------- tokens
 
@@ -158,11 +164,11 @@ async def test_auth_none_on_purpose_warns_at_start_and_on_healthz(tmp_path: Path
                                                                     caplog: Any) -> None:
     cfg = hub_config(tmp_path, auth={"mode": "none"}, listen="0.0.0.0")
     async with running(cfg) as app:
-        reply = await http(app.hub.port, "GET", "/healthz")
+        reply = await http(app.ingest.port, "GET", "/healthz")
         assert reply.status == 200
         assert reply.json()["auth"] == "none"
         assert any("open to anyone" in w for w in reply.json()["warnings"])
-        assert (await http(app.hub.port, "GET", "/api/lots")).status == 200
+        assert (await http(app.ingest.port, "GET", "/api/lots")).status == 200
     assert any("auth.mode is \"none\"" in r.getMessage() for r in caplog.records)
 
 
@@ -184,7 +190,7 @@ async def test_without_a_token_only_health_and_the_sign_in_page(tmp_path: Path) 
     pki = Pki(tmp_path / "pki")
     ctx = pki.client_context()
     async with running(hub_config(tmp_path, pki, jwt_auth())) as app:
-        port = app.hub.port
+        port = app.ingest.port
         assert (await http(port, "GET", "/healthz", ctx=ctx)).status == 200
         login = await http(port, "GET", "/login", ctx=ctx)
         assert login.status == 200 and b"Sign in" in login.body
@@ -202,7 +208,7 @@ async def test_a_viewer_can_read_but_not_acknowledge(tmp_path: Path) -> None:
     pki = Pki(tmp_path / "pki")
     ctx = pki.client_context()
     async with running(hub_config(tmp_path, pki, jwt_auth())) as app:
-        port = app.hub.port
+        port = app.ingest.port
         alert_id = feed_lot(app, "LOT-A1")
         viewer = token("viewer", "vic")
         lots = await http(port, "GET", "/api/lots", ctx=ctx, bearer=viewer)
@@ -233,7 +239,7 @@ async def test_metrics_take_their_own_bearer_token(tmp_path: Path) -> None:
     digest = hashlib.sha256(b"prom-token").hexdigest()
     cfg = hub_config(tmp_path, auth=jwt_auth(metrics_token_sha256=digest))
     async with running(cfg) as app:
-        port = app.hub.port
+        port = app.ingest.port
         assert (await http(port, "GET", "/metrics", bearer="prom-token")).status == 200
         assert (await http(port, "GET", "/metrics", bearer="wrong")).status == 401
         # the metrics token opens /metrics only
@@ -245,7 +251,7 @@ async def test_cross_origin_ack_is_refused(tmp_path: Path) -> None:
     ctx = pki.client_context()
     cfg = hub_config(tmp_path, pki, jwt_auth(allowed_origins=["https://ops.example:8443"]))
     async with running(cfg) as app:
-        port = app.hub.port
+        port = app.ingest.port
         alert_id = feed_lot(app, "LOT-A1")
         operator = token("operator", "olga")
         path = f"/api/alerts/{alert_id}/ack"
@@ -270,7 +276,7 @@ async def test_cross_origin_ack_is_refused_even_without_sign_in(tmp_path: Path) 
     """The issue's attack on a loopback hub without [auth]: a page on another site posting
     text/plain.  Both the Origin and the content type stop it."""
     async with running(hub_config(tmp_path)) as app:
-        port = app.hub.port
+        port = app.ingest.port
         alert_id = feed_lot(app, "LOT-A1")
         path = f"/api/alerts/{alert_id}/ack"
         body = json.dumps({"user": "anonymous-attacker"}).encode()
@@ -291,7 +297,7 @@ async def test_sign_in_sets_an_http_only_strict_cookie(tmp_path: Path) -> None:
     pki = Pki(tmp_path / "pki")
     ctx = pki.client_context()
     async with running(hub_config(tmp_path, pki, jwt_auth())) as app:
-        port = app.hub.port
+        port = app.ingest.port
         viewer = token("viewer", "vic", ttl=600)
         bad = await http(port, "POST", "/login", ctx=ctx, body={"token": "nope"})
         assert bad.status == 401
@@ -312,12 +318,12 @@ async def test_sign_in_sets_an_http_only_strict_cookie(tmp_path: Path) -> None:
 async def test_sso_proxy_header_is_trusted_only_from_the_proxy(tmp_path: Path) -> None:
     auth = jwt_auth(proxy_header="X-Forwarded-Access-Token", trusted_proxies=["127.0.0.0/8"])
     async with running(hub_config(tmp_path, auth=auth)) as app:
-        reply = await http(app.hub.port, "GET", "/api/lots",
+        reply = await http(app.ingest.port, "GET", "/api/lots",
                            headers={"x-forwarded-access-token": token("viewer")})
         assert reply.status == 200
     auth["trusted_proxies"] = ["10.9.9.9"]
     async with running(hub_config(tmp_path, auth=auth)) as app:
-        reply = await http(app.hub.port, "GET", "/api/lots",
+        reply = await http(app.ingest.port, "GET", "/api/lots",
                            headers={"x-forwarded-access-token": token("viewer")})
         assert reply.status == 401
 
@@ -348,7 +354,7 @@ async def test_live_needs_a_token_and_closes_when_it_expires(tmp_path: Path) -> 
     pki = Pki(tmp_path / "pki")
     ctx = pki.client_context()
     async with running(hub_config(tmp_path, pki, jwt_auth(leeway_s=0))) as app:
-        port = app.hub.port
+        port = app.ingest.port
         with pytest.raises(ConnectionRejected) as rejected:
             async with await live(port, ctx, None):
                 pass
@@ -372,7 +378,7 @@ async def test_live_ack_needs_an_operator_and_is_in_the_tokens_name(tmp_path: Pa
     pki = Pki(tmp_path / "pki")
     ctx = pki.client_context()
     async with running(hub_config(tmp_path, pki, jwt_auth())) as app:
-        port = app.hub.port
+        port = app.ingest.port
         alert_id = feed_lot(app, "LOT-A1")
         async with await live(port, ctx, token("viewer", "vic")) as ws:
             await ws.send_message(json.dumps({"type": "ack", "id": 1, "alert": alert_id,
@@ -392,7 +398,7 @@ async def test_a_lot_scoped_viewer_never_sees_other_lots(tmp_path: Path) -> None
     pki = Pki(tmp_path / "pki")
     ctx = pki.client_context()
     async with running(hub_config(tmp_path, pki, jwt_auth())) as app:
-        port = app.hub.port
+        port = app.ingest.port
         feed_lot(app, "LOT-A1", rid=1)
         b_alert = feed_lot(app, "LOT-B1", rid=100)
         scoped = token("operator", "sam", lots=["LOT-A*"])
@@ -436,14 +442,14 @@ async def test_a_bug_in_the_access_check_refuses_the_request(tmp_path: Path) -> 
     from edgegw.metrics import internal_errors
 
     async with running(hub_config(tmp_path, auth=jwt_auth())) as app:
-        verifier = app.hub.security.access.verifier
+        verifier = app.ingest.security.access.verifier
         assert verifier is not None
 
         def broken(token: str) -> Any:
             raise RuntimeError("a bug in the verifier")
 
         verifier.verify = broken  # type: ignore[method-assign]
-        reply = await http(app.hub.port, "GET", "/api/lots", bearer=token("admin"))
+        reply = await http(app.ingest.port, "GET", "/api/lots", bearer=token("admin"))
         assert reply.status == 500  # fails closed: nothing served unchecked
         assert internal_errors(app.metrics).get(where="http_guard") == 1
-        assert (await http(app.hub.port, "GET", "/healthz")).status == 200
+        assert (await http(app.ingest.port, "GET", "/healthz")).status == 200

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from edgegw.config import ConfigError, Key, iter_keys, load
-from edgegw.gateway.config import GatewayConfig, load_gateway_config
-from edgegw.hub.config import HubConfig
+from edgegw.gateway import GatewayConfig, load_gateway_config
+from edgegw.hub import HubConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -35,18 +35,16 @@ from typing import Any, Literal, get_args, get_origin
 
 import pytest
 import trio
-from conftest import free_port
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
+from ports import free_port
 
 from edgegw.commands import check_config
 from edgegw.config import INT64, ConfigError, Key, Range, iter_keys
-from edgegw.gateway.config import GatewayConfig
-from edgegw.gateway.service import Gateway
-from edgegw.hub.app import HubApp
-from edgegw.hub.config import HubConfig
+from edgegw.gateway import Gateway, GatewayConfig
+from edgegw.hub import Hub, HubConfig
 from edgegw.records import GatewayEvent
-from edgegw.sources.simulated import SimulatedConfig
+from edgegw.sim import SimulatedConfig
 
 EXAMPLES = int(os.environ.get("EDGEGW_CONFIG_EXAMPLES", "200"))
 # shrinking a failure restarts services hundreds of times: on request only
@@ -275,7 +273,7 @@ class HubThread:
 
     def __init__(self, config: HubConfig) -> None:
         self.config = config
-        self.app: HubApp | None = None
+        self.app: Hub | None = None
         self.port: int | None = None
         self.error: BaseException | None = None
         self._ready = threading.Event()
@@ -287,7 +285,7 @@ class HubThread:
         async def main() -> None:
             self._token = trio.lowlevel.current_trio_token()
             self._stop = trio.Event()
-            self.app = HubApp(self.config)
+            self.app = Hub(self.config)
             async with trio.open_nursery() as nursery:
                 self.port = await nursery.start(self.app.run)
                 self._ready.set()
@@ -346,7 +344,7 @@ def run_pair(hub_cfg: HubConfig, gw_data: dict[str, Any]) -> int:
             # waiting spool.commit_max_delay_ms) a large touchdown takes minutes
             assert hub.app is not None
             with trio.move_on_after(RUN_TIMEOUT_S / (2 * ATTEMPTS)):
-                while not (hub.app.hub.m_frames.total() >= 1  # polled: the hub is in a thread
+                while not (hub.app.ingest.m_frames.total() >= 1  # polled: the hub is in a thread
                            and gw.store.first_unacked > 1):
                     await trio.sleep(0.02)
                 return True
@@ -381,7 +379,7 @@ def run_pair(hub_cfg: HubConfig, gw_data: dict[str, Any]) -> int:
             raise AssertionError(f"the link failed {ATTEMPTS} times in a row: {error}")
 
         restarts = trio.run(gateway_main)
-        assert hub.app is not None and hub.app.hub.m_frames.total() >= 1
+        assert hub.app is not None and hub.app.ingest.m_frames.total() >= 1
         return restarts
     finally:
         hub.stop()

@@ -2,7 +2,7 @@
 
 One test per row of the close-code table in docs/protocol.md (section 8) and of the close
 codes in docs/live-protocol.md, over real loopback sockets against a real in-process hub
-(``HubApp``: ingest, live state, alerts, fan-out).  The client is a bare wsproto client
+(``Hub``: ingest, live state, alerts, fan-out).  The client is a bare wsproto client
 (tests/wsclient.py), so each assertion is on the close frame exactly as the hub sent it:
 its code and its reason.  Issue 10 found about half of these closing with 1000 and no
 reason (a fault swallowed by a cancellation in the hub, see docs/reliability.md): a row
@@ -27,8 +27,7 @@ from hubtools import http_get
 from wsclient import WsClient
 
 from edgegw.config import build
-from edgegw.hub.app import HubApp
-from edgegw.hub.config import HubConfig
+from edgegw.hub import Hub, HubConfig
 from edgegw.metrics import internal_errors
 from edgegw.protocol import (
     Ack,
@@ -64,15 +63,15 @@ def hub_settings(tmp: Path, live: dict[str, Any] | None = None, **hub: Any) -> H
 
 @asynccontextmanager
 async def running_hub(tmp: Path, live: dict[str, Any] | None = None,
-                      **hub: Any) -> AsyncIterator[tuple[HubApp, int]]:
-    app = HubApp(hub_settings(tmp, live, **hub))
+                      **hub: Any) -> AsyncIterator[tuple[Hub, int]]:
+    app = Hub(hub_settings(tmp, live, **hub))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(app.run)
         yield app, port
         nursery.cancel_scope.cancel()
 
 
-async def still_healthy(app: HubApp, port: int, internal: float = 0) -> None:
+async def still_healthy(app: Hub, port: int, internal: float = 0) -> None:
     status, health = await http_get(port, "/healthz")
     assert status == 200 and health["status"] == "ok"
     assert internal_errors(app.metrics).total() == internal
@@ -117,7 +116,7 @@ async def test_1000_a_gateway_closing_normally_gets_its_close_echoed(tmp_path: P
 @pytest.mark.parametrize("path", ["/ws/gateway", "/ws/live"])
 async def test_1001_the_hub_shutting_down_says_going_away(tmp_path: Path, path: str) -> None:
     for i in range(REPEAT):
-        app = HubApp(hub_settings(tmp_path / str(i)))
+        app = Hub(hub_settings(tmp_path / str(i)))
         async with trio.open_nursery() as nursery:
             port = await nursery.start(app.run)
             if path == "/ws/gateway":
@@ -312,7 +311,7 @@ async def test_1011_a_failure_inside_the_hub_ends_only_that_connection(tmp_path:
     closed with 1011, logged and counted; the hub keeps serving; the frame is not
     acknowledged, so the gateway sends it again later."""
     async with running_hub(tmp_path) as (app, port):
-        await app.hub.store.query("DROP TABLE frames")
+        await app.ingest.store.query("DROP TABLE frames")
 
         async def check(i: int) -> None:
             client = await welcomed(port, GATEWAYS[i])
@@ -353,7 +352,7 @@ async def live_client(port: int, topics: list[str], **kw: Any) -> WsClient:
     return client
 
 
-async def publish_until(app: HubApp, topic: str, done: Callable[[], bool], *,
+async def publish_until(app: Hub, topic: str, done: Callable[[], bool], *,
                         event: bool = False) -> None:
     """Publish ~8 KB deltas, as the live state would, until ``done()``."""
     pad = "x" * 8000
@@ -370,7 +369,7 @@ async def publish_until(app: HubApp, topic: str, done: Callable[[], bool], *,
             await trio.sleep(0.005)  # let the ticker run; the condition is what we wait for
 
 
-def slow_closed(app: HubApp) -> float:
+def slow_closed(app: Hub) -> float:
     return app.metrics.counter("live_slow_clients_total").get(action="closed")
 
 

@@ -33,15 +33,12 @@ from sectools import Pki
 from trio_websocket import open_websocket_url
 
 from edgegw.config import build
-from edgegw.gateway.service import Gateway
+from edgegw.gateway import Gateway
+from edgegw.hub import STATIC_DIR, Dashboard, HubConfig, Ingest
 from edgegw.hub.alerts import AlertEngine, AlertsConfig
-from edgegw.hub.config import HubConfig
-from edgegw.hub.dashboard import STATIC_DIR, Dashboard
-from edgegw.hub.fanout import LiveFanout
+from edgegw.hub.fanout import LiveConfig, LiveFanout
 from edgegw.hub.history import HistoryApi
-from edgegw.hub.live_protocol import LiveConfig
-from edgegw.hub.service import Hub
-from edgegw.hub.state import LiveState
+from edgegw.hub.live import LiveState
 from edgegw.hub.topics import split
 from edgegw.records import SensorReading
 
@@ -81,7 +78,7 @@ class LiveHub:
         self.stopped = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        hub = Hub(build(HubConfig, {"hub": {"port": self.port, "data_dir": str(self.data_dir)},
+        hub = Ingest(build(HubConfig, {"hub": {"port": self.port, "data_dir": str(self.data_dir)},
                                     "gateways": {"ate-01": {"token": TOKEN}},
                                     **({"auth": self.auth} if self.auth else {}),
                                     **({"tls": self.tls} if self.tls else {})}))
@@ -412,7 +409,7 @@ async def start_tls_tester(nursery: trio.Nursery, tmp: Path, port: int, ca_file:
     """The simulated tester's gateway, over wss:// to a hub with TLS."""
     from hubtools import gateway_config
 
-    from edgegw.gateway.service import Gateway
+    from edgegw.gateway import Gateway
 
     cfg = gateway_config(tmp / "gw", port, token=TOKEN, batch={"max_records": 500},
                          uplink={"ca_file": ca_file},
@@ -429,7 +426,7 @@ async def start_tls_tester(nursery: trio.Nursery, tmp: Path, port: int, ca_file:
 @needs_chromium
 async def test_the_dashboard_signs_in_and_without_a_token_shows_only_the_sign_in_page(
         tmp_path: Path) -> None:
-    from edgegw.auth.tokens import mint
+    from edgegw.auth import mint
 
     secret = "a-dashboard-test-secret-of-32-chars!"
     # Over TLS: the hub's certificate from a test CA; Chromium trusts exactly its key.

@@ -6,7 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import free_port
+from ports import free_port
 from processes import REPO, get_json, spawn, stop, wait_for
 
 from edgegw import EmbeddedGateway

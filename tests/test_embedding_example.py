@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
+from ports import free_port
 from processes import REPO, get_json, spawn, stop, wait_for
 
 EXAMPLE = REPO / "examples" / "embedded_test_program.py"

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import trio
 from hubtools import gateway_config
 
-from edgegw.gateway.service import AFTER_KEY, Gateway
+from edgegw.gateway import AFTER_KEY, Gateway
 from edgegw.protocol import decode_body
 from edgegw.records import SensorReading, from_wire
 from edgegw.spool import DiskSpool, SpoolConfig

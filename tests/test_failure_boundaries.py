@@ -25,10 +25,9 @@ from shared_data import METIS, stdf_bytes
 from test_webhooks import HookServer, event, wait_for
 from wsclient import WsClient
 
-from edgegw.gateway.service import Gateway
-from edgegw.hub.alerts import WebhookConfig
-from edgegw.hub.app import HubApp
-from edgegw.hub.webhooks import WebhookSender
+from edgegw.gateway import Gateway
+from edgegw.hub import Hub
+from edgegw.hub.alerts import WebhookConfig, WebhookSender
 from edgegw.metrics import Metrics, internal_errors
 from edgegw.protocol import Hello, encode, encode_body
 from edgegw.records import SensorReading
@@ -258,7 +257,7 @@ async def test_an_undeliverable_webhook_fails_that_delivery_not_the_hub() -> Non
 async def test_a_live_request_whose_id_json_cannot_hold_is_answered(tmp_path: Path) -> None:
     """A CBOR request on a JSON connection whose ``id`` has an array as a map key: the
     reply could not be encoded, and the TypeError reached serve_tcp and ended the hub."""
-    app = HubApp(hub_config(tmp_path))
+    app = Hub(hub_config(tmp_path))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(app.run)
         client = await WsClient.connect(port, "/ws/live", subprotocols=["edgegw.live.v1.json"])

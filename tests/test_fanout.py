@@ -17,25 +17,23 @@ from hubtools import http_get, start_tester
 from trio_websocket import open_websocket_url
 
 from edgegw.config import build
-from edgegw.hub.config import HubConfig
-from edgegw.hub.fanout import LiveFanout
-from edgegw.hub.gcpacing import GcPacer
-from edgegw.hub.live_protocol import (
+from edgegw.hub import GcPacer, HubConfig, Ingest
+from edgegw.hub.fanout import (
     CLOSE_TOO_SLOW,
     SUBPROTOCOL_CBOR,
     SUBPROTOCOL_JSON,
     LiveConfig,
+    LiveFanout,
 )
-from edgegw.hub.service import Hub
-from edgegw.hub.state import LiveState
+from edgegw.hub.live import LiveState
 
 TOKEN = "s3cret"
 
 
-async def start_live_hub(nursery: trio.Nursery, tmp: Path, **live: Any) -> tuple[Hub, int,
+async def start_live_hub(nursery: trio.Nursery, tmp: Path, **live: Any) -> tuple[Ingest, int,
                                                                                  LiveFanout,
                                                                                  LiveState]:
-    hub = Hub(build(HubConfig, {"hub": {"port": 0, "data_dir": str(tmp / "hub")},
+    hub = Ingest(build(HubConfig, {"hub": {"port": 0, "data_dir": str(tmp / "hub")},
                                 "gateways": {"ate-01": {"token": TOKEN}}}))
     fanout = LiveFanout(LiveConfig(**live), metrics=hub.metrics)
     state = LiveState(fanout.publish, metrics=hub.metrics)

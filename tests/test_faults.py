@@ -29,8 +29,8 @@ from faultkit import (
 )
 from processes import wait_for
 
+from edgegw.spool import list_segments as _list_segments
 from edgegw.spool.format import Kind, Record, scan
-from edgegw.spool.spool import _list_segments
 
 # ~ 9 records per part (8 tests + the part result) plus lot/wafer records
 SOURCE = {"parts_per_second": 1500, "max_parts": 12_000, "seed": 7, "wafers": 200}
@@ -436,8 +436,7 @@ def test_gateway_killed_while_the_stdf_tester_writes_loses_and_duplicates_nothin
     from processes import spawn
 
     from edgegw.records import GatewayEvent
-    from edgegw.stdf import StdfDecoder
-    from edgegw.stdf.mapping import RecordMapper
+    from edgegw.stdf import RecordMapper, StdfDecoder
 
     out = tmp_path / "tester"
     out.mkdir()
@@ -508,7 +507,7 @@ def test_a_60_s_link_cut_with_the_shipped_config_is_live_again_within_2_s(
     probe interval 1 s), the simulated tester at its 100 parts/s (bounded and seeded here,
     to compare record by record); a proxy cuts the link for 60 s.  bench/reconnect.py (a)
     prints the same figures."""
-    from conftest import free_port
+    from ports import free_port
     from processes import REPO, get_json, spawn
 
     hub_port, status = free_port(), free_port()

@@ -12,15 +12,19 @@ import trio
 import trio.testing
 
 from edgegw.config import load
+from edgegw.hub import HubConfig
 from edgegw.hub.alerts import AlertEngine
-from edgegw.hub.config import HubConfig
-from edgegw.hub.state import LiveState
+from edgegw.hub.live import LiveState
 from edgegw.metrics import Metrics
 from edgegw.records import LotStart, Record, SensorWindow, WaferEnd
+from edgegw.sim import (
+    SimulatedConfig,
+    SimulatedSensorsConfig,
+    SimulatedSensorSource,
+    simulated_batches,
+)
 from edgegw.sim.tester import TesterModel, TesterProfile, lot_profiles
 from edgegw.sources import SourceContext, source_type
-from edgegw.sources.simulated import SimulatedConfig, simulated_batches
-from edgegw.sources.simulated_sensors import SimulatedSensorsConfig, SimulatedSensorSource
 
 REPO = Path(__file__).resolve().parent.parent
 

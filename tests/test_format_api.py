@@ -17,16 +17,14 @@ import pytest
 import trio
 
 from edgegw.cli import main
-from edgegw.formats import FormatError, stdf_fields, test_number
-from edgegw.gateway.config import load_gateway_config
+from edgegw.formats import FormatError
+from edgegw.gateway import load_gateway_config
 from edgegw.hub import topics
-from edgegw.hub.state import LiveState
+from edgegw.hub.live import LiveState
 from edgegw.metrics import Metrics
 from edgegw.records import LotStart, ParametricResult, PartResult, WaferStart
-from edgegw.sources import SourceContext
-from edgegw.sources.tail import TailConfig, TailSource
-from edgegw.stdf import StdfDecoder, StdfWriter
-from edgegw.stdf.mapping import RecordMapper
+from edgegw.sources import SourceContext, TailConfig, TailSource
+from edgegw.stdf import RecordMapper, StdfDecoder, StdfWriter, stdf_fields, test_number
 from edgegw.testing import check_chunkings, check_truncations
 
 REPO = Path(__file__).resolve().parents[1]

@@ -40,10 +40,10 @@ from test_atdf_plugin import ATDF_TEXT
 from test_stdf_writer import full_record
 
 from edgegw.cli import main
-from edgegw.formats import FormatError, installed_formats
-from edgegw.mqtt.payloads import MAX_TIMESTAMP, PayloadError, decode_number, json_decoder
-from edgegw.stdf import RECORDS, StdfDecoder, StdfWriter
-from edgegw.stdf.mapping import RecordMapper
+from edgegw.formats import FormatError
+from edgegw.mqtt import MAX_TIMESTAMP, PayloadError, decode_number, json_decoder
+from edgegw.sources import installed_formats
+from edgegw.stdf import RECORDS, RecordMapper, StdfDecoder, StdfWriter
 
 #: examples per property; EDGEGW_FUZZ_EXAMPLES=20000 for a longer run (same seed)
 EXAMPLES = int(os.environ.get("EDGEGW_FUZZ_EXAMPLES", "300"))
@@ -333,7 +333,7 @@ def test_random_bytes_to_every_installed_format_are_records_or_a_format_error(
 # ATDF: the example text of the plugin's tests, and a real file's records written as ATDF.
 
 def _atdf_text(records: Iterable[Any]) -> bytes:
-    from edgegw_atdf import _LAYOUT  # the plugin's own field order per record
+    from edgegw_atdf import _LAYOUT
 
     lines = []
     for rec in records:

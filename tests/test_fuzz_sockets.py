@@ -28,10 +28,10 @@ from typing import Any
 import cbor2
 import pytest
 import trio
-from conftest import free_port
 from hubtools import http_get
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ports import free_port
 from processes import spawn, stop, wait_for
 from wsclient import NO_CLOSE_FRAME, WsClient
 

@@ -16,7 +16,7 @@ from sectools import http, running
 from wsclient import WsClient
 
 from edgegw.config import build
-from edgegw.hub.config import HubConfig
+from edgegw.hub import HubConfig
 from edgegw.protocol import Hello, Refuse, Welcome, decode, encode
 
 
@@ -53,7 +53,7 @@ async def test_failed_handshakes_are_limited_per_address(tmp_path: Path, caplog:
     cfg = config(tmp_path, {"ate-01": {"token": "right-token"}}, gateway_failures_burst=3,
                  gateway_failures_per_minute=0.01)
     async with running(cfg) as app:
-        port = app.hub.port
+        port = app.ingest.port
         for _ in range(3):
             assert isinstance(await hello(port, "ate-01", "guess"), Refuse)
         for _ in range(3):  # used up: refused before any handshake, even the right token
@@ -73,8 +73,8 @@ async def test_failed_handshakes_are_limited_per_address(tmp_path: Path, caplog:
 async def test_the_hub_config_may_hold_the_tokens_sha256(tmp_path: Path) -> None:
     digest = hashlib.sha256(b"right-token").hexdigest()
     async with running(config(tmp_path, {"ate-01": {"token_sha256": digest}})) as app:
-        assert isinstance(await hello(app.hub.port, "ate-01", "right-token"), Welcome)
-        refused = await hello(app.hub.port, "ate-01", digest)  # the hash is not the token
+        assert isinstance(await hello(app.ingest.port, "ate-01", "right-token"), Welcome)
+        refused = await hello(app.ingest.port, "ate-01", digest)  # the hash is not the token
         assert refused == Refuse(4001, "wrong token for gateway 'ate-01'")
 
 
@@ -84,10 +84,10 @@ async def test_no_token_in_any_log_line_or_api_answer(tmp_path: Path, caplog: An
     guess = f"guess-{secrets.token_hex(8)}"
     cfg = config(tmp_path, {"ate-01": {"token": token}})
     async with running(cfg) as app, trio.open_nursery() as nursery:
-        port = app.hub.port
+        port = app.ingest.port
         gw = await start_tester(nursery, tmp_path, port, token=token)
         with trio.fail_after(60):
-            while "ate-01" not in app.hub.connected:
+            while "ate-01" not in app.ingest.connected:
                 await trio.sleep(0.05)
         assert isinstance(await hello(port, "ate-01", guess), Refuse)
         assert isinstance(await hello(port, "nobody", guess), Refuse)
@@ -104,7 +104,7 @@ async def test_no_token_in_any_log_line_or_api_answer(tmp_path: Path, caplog: An
 
 async def test_an_example_token_is_warned_about(tmp_path: Path, caplog: Any) -> None:
     async with running(config(tmp_path, {"ate-01": {"token": "change-me-ate-01"}})) as app:
-        health = (await http(app.hub.port, "GET", "/healthz")).json()
+        health = (await http(app.ingest.port, "GET", "/healthz")).json()
     warning = "gateways.ate-01.token is still an example token (change-me-...): replace it"
     assert warning in health["warnings"]
     assert warning in [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -113,5 +113,5 @@ async def test_an_example_token_is_warned_about(tmp_path: Path, caplog: Any) -> 
 
 async def test_a_hub_without_gateways_says_so(tmp_path: Path, caplog: Any) -> None:
     async with running(config(tmp_path, {})) as app:
-        health = (await http(app.hub.port, "GET", "/healthz")).json()
+        health = (await http(app.ingest.port, "GET", "/healthz")).json()
     assert "no [gateways] configured: every gateway will be refused" in health["warnings"]

@@ -13,12 +13,11 @@ from typing import Any
 import trio
 
 from edgegw.hub import history
-from edgegw.hub.alert_service import AlertService
-from edgegw.hub.alerts import AlertRuleConfig, AlertsConfig
+from edgegw.hub.alerts import AlertRuleConfig, AlertsConfig, AlertService
 from edgegw.hub.history import HistoryApi
-from edgegw.hub.http import HttpServer
-from edgegw.hub.state import LiveState
+from edgegw.hub.live import LiveState
 from edgegw.records import LotEnd, LotStart, ParametricResult, PartResult, WaferEnd
+from edgegw.web import HttpServer
 
 
 def lot_records(lot: str, wafer: str, n: int, good_every: int = 2, ts: float = 100.0,

@@ -25,14 +25,13 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from conftest import free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ports import free_port
 from processes import REPO, get_json, stop, wait_for
 
 from edgegw.config import ConfigError, build
-from edgegw.hub.config import HubConfig
-from edgegw.hub.service import Hub
+from edgegw.hub import HubConfig, Ingest
 
 KEY = base64.b64encode(b"0123456789abcdef").decode()
 
@@ -67,7 +66,7 @@ def statuses(data: bytes) -> list[int]:
 # --------------------------------------------------------------------------- timeouts
 
 
-async def served_in_memory(hub: Hub, nursery: trio.Nursery) -> trio.abc.Stream:
+async def served_in_memory(hub: Ingest, nursery: trio.Nursery) -> trio.abc.Stream:
     client, server = trio.testing.memory_stream_pair()
     nursery.start_soon(hub.http.handle_stream, server)
     return client
@@ -75,7 +74,7 @@ async def served_in_memory(hub: Hub, nursery: trio.Nursery) -> trio.abc.Stream:
 
 async def test_a_connection_that_sends_nothing_is_closed_at_the_header_timeout(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
-    hub = Hub(config(tmp_path))  # the default header timeout: 10 s
+    hub = Ingest(config(tmp_path))  # the default header timeout: 10 s
     with trio.fail_after(600):
         async with trio.open_nursery() as nursery:
             client = await served_in_memory(hub, nursery)
@@ -87,7 +86,7 @@ async def test_a_connection_that_sends_nothing_is_closed_at_the_header_timeout(
 
 async def test_a_slowloris_dribbling_its_headers_gets_408_at_the_header_timeout(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
-    hub = Hub(config(tmp_path))  # the default header timeout: 10 s
+    hub = Ingest(config(tmp_path))  # the default header timeout: 10 s
     with trio.fail_after(600):
         async with trio.open_nursery() as nursery:
             client = await served_in_memory(hub, nursery)
@@ -108,7 +107,7 @@ async def test_a_slowloris_dribbling_its_headers_gets_408_at_the_header_timeout(
 
 async def test_a_promised_body_that_never_comes_gets_408_at_the_body_timeout(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
-    hub = Hub(config(tmp_path))  # the default body timeout: 30 s
+    hub = Ingest(config(tmp_path))  # the default body timeout: 30 s
     with trio.fail_after(600):
         async with trio.open_nursery() as nursery:
             client = await served_in_memory(hub, nursery)
@@ -123,7 +122,7 @@ async def test_a_promised_body_that_never_comes_gets_408_at_the_body_timeout(
 
 async def test_an_idle_keep_alive_connection_is_closed_at_the_idle_timeout(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
-    hub = Hub(config(tmp_path))  # the default idle timeout: 60 s
+    hub = Ingest(config(tmp_path))  # the default idle timeout: 60 s
     with trio.fail_after(600):
         async with trio.open_nursery() as nursery:
             client = await served_in_memory(hub, nursery)
@@ -140,7 +139,7 @@ async def test_an_idle_keep_alive_connection_is_closed_at_the_idle_timeout(
 
 async def test_a_response_the_client_never_reads_ends_at_the_write_timeout(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
-    hub = Hub(config(tmp_path))  # the default write timeout: 30 s
+    hub = Ingest(config(tmp_path))  # the default write timeout: 30 s
     client, server = trio.testing.lockstep_stream_pair()  # a write waits for the reader
     with trio.fail_after(600):
         async with trio.open_nursery() as nursery:
@@ -152,7 +151,7 @@ async def test_a_response_the_client_never_reads_ends_at_the_write_timeout(
 
 
 async def test_slowloris_connections_over_real_sockets_are_all_closed(tmp_path: Path) -> None:
-    hub = Hub(config(tmp_path, header_timeout_s=1))
+    hub = Ingest(config(tmp_path, header_timeout_s=1))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(hub.run)
         streams = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(100)]
@@ -184,7 +183,7 @@ async def get(stream: trio.SocketStream, path: str) -> bytes:
         return await read_all(stream)
 
 
-async def wait_gauge(hub: Hub, name: str, value: float) -> None:
+async def wait_gauge(hub: Ingest, name: str, value: float) -> None:
     with trio.fail_after(30):
         while (hub.metrics.collect(), hub.metrics.gauge(name).get())[1] != value:
             await trio.sleep(0.01)
@@ -205,7 +204,7 @@ async def open_upgrade(port: int, source: str = "127.0.0.1") -> trio.SocketStrea
 
 async def test_over_the_per_address_cap_the_oldest_idle_connection_makes_room(
         tmp_path: Path) -> None:
-    hub = Hub(config(tmp_path, max_connections_per_address=3))
+    hub = Ingest(config(tmp_path, max_connections_per_address=3))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(hub.run)
         idle = [await connect(port) for _ in range(3)]
@@ -225,7 +224,7 @@ async def test_over_the_per_address_cap_the_oldest_idle_connection_makes_room(
 
 async def test_a_full_cap_with_no_idle_connection_answers_503_and_closes(
         tmp_path: Path) -> None:
-    hub = Hub(config(tmp_path, max_connections=2, max_connections_per_address=0))
+    hub = Ingest(config(tmp_path, max_connections=2, max_connections_per_address=0))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(hub.run)
         busy = [await open_upgrade(port), await open_upgrade(port, "127.0.0.2")]
@@ -288,7 +287,7 @@ def test_healthz_answers_while_1100_idle_connections_are_held_at_a_1024_fd_limit
 
 EMFILE_SERVER = """
 import logging, os, signal, sys, trio
-from edgegw.hub.http import HttpServer, json_response
+from edgegw.web import HttpServer, json_response
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
 async def main():
@@ -373,7 +372,7 @@ UPGRADE = ("GET /ws/gateway HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnect
         "no Connection: Upgrade", "HTTP/1.0", "with a body"])
 async def test_an_invalid_websocket_upgrade_is_refused_with_400(
         tmp_path: Path, request_head: str) -> None:
-    hub = Hub(config(tmp_path))
+    hub = Ingest(config(tmp_path))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(hub.run)
         stream = await connect(port)
@@ -387,7 +386,7 @@ async def test_an_invalid_websocket_upgrade_is_refused_with_400(
 
 
 async def test_a_valid_websocket_upgrade_is_still_accepted(tmp_path: Path) -> None:
-    hub = Hub(config(tmp_path))
+    hub = Ingest(config(tmp_path))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(hub.run)
         stream = await open_upgrade(port)
@@ -398,7 +397,7 @@ async def test_a_valid_websocket_upgrade_is_still_accepted(tmp_path: Path) -> No
 
 async def test_content_length_with_chunked_is_refused_and_nothing_after_it_is_served(
         tmp_path: Path) -> None:
-    hub = Hub(config(tmp_path))
+    hub = Ingest(config(tmp_path))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(hub.run)
         stream = await connect(port)
@@ -416,7 +415,7 @@ async def test_content_length_with_chunked_is_refused_and_nothing_after_it_is_se
 async def test_head_is_answered_like_get_without_a_body(tmp_path: Path) -> None:
     """Found by the fuzz: a HEAD request made h11 refuse the response body, and the exception
     ended the hub process (one request from anyone)."""
-    hub = Hub(config(tmp_path))
+    hub = Ingest(config(tmp_path))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(hub.run)
         stream = await connect(port)

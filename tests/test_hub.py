@@ -8,11 +8,12 @@ import cbor2
 import trio
 import trio.testing
 from hubtools import gateway_config, http_get, hub_config, start_hub
+from ports import free_port
 from trio_websocket import ConnectionClosed, open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request
 
-from edgegw.gateway.service import Gateway
+from edgegw.gateway import Gateway
 from edgegw.protocol import (
     Ack,
     CloseCode,
@@ -23,6 +24,7 @@ from edgegw.protocol import (
     encode_body,
 )
 from edgegw.records import SensorReading
+from edgegw.store import MemoryFrameStore
 
 
 async def handshake(port: int, gw_id: str = "ate-01", token: str = "s3cret",
@@ -174,9 +176,9 @@ async def test_a_silent_gateway_is_dropped_after_two_heartbeats(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     """The hub's heartbeat, in virtual time, over an in-memory stream."""
     cfg = hub_config(tmp_path, heartbeat_s=3.0)
-    from edgegw.hub.service import Hub
+    from edgegw.hub import Ingest
 
-    hub = Hub(cfg)
+    hub = Ingest(cfg)
     await hub.store.open()
     client_stream, server_stream = trio.testing.memory_stream_pair()
     client = WSConnection(ConnectionType.CLIENT)
@@ -223,7 +225,7 @@ async def test_a_gateway_delivers_everything_a_source_puts(tmp_path: Path) -> No
 
 async def test_overflow_under_drop_oldest_is_counted_and_reported_to_the_hub(
         tmp_path: Path) -> None:
-    port = __import__("conftest").free_port()  # the hub is not there yet
+    port = free_port()  # the hub is not there yet
     cfg = gateway_config(tmp_path / "gw", port, queue={"max_frames": 5, "policy": "drop_oldest"},
                          batch={"max_records": 10, "max_delay_ms": 1000})
     async with trio.open_nursery() as nursery:
@@ -246,6 +248,34 @@ async def test_overflow_under_drop_oldest_is_counted_and_reported_to_the_hub(
         rows = await hub.store.query("SELECT body FROM frames")
         events = [r for (b,) in rows for r in cbor2.loads(b)[2] if r[0] == 13]
         assert any(e[4] == "store_overflow" for e in events)
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_overflow_event_that_fills_a_frame_by_itself_still_reaches_the_hub(
+        tmp_path: Path) -> None:
+    """With ``batch.max_records = 1`` the store_overflow event is a full batch on its own:
+    it is stored like any other (it was once dropped on the floor), and what its own frame
+    pushes out of the full store is counted at once and told by the next event."""
+    port = free_port()  # the hub is not there yet
+    cfg = gateway_config(tmp_path / "gw", port, batch={"max_records": 1, "max_delay_ms": 1000})
+    async with trio.open_nursery() as nursery:
+        gw = Gateway(cfg, store=MemoryFrameStore(2, "drop_oldest"))
+        await nursery.start(gw.run)
+        for i in range(3):  # the third frame drops the first, its event's frame the second
+            await gw.sink.put([SensorReading("s", float(i), "c", 1.0)], source="s")
+        st = gw.store.stats()
+        assert (st["dropped_frames"], st["dropped_records"]) == (2, 2)
+        assert gw.metrics.counter("gateway_records_dropped_total").total() == 2
+        await gw.sink.put([SensorReading("s", 3.0, "c", 1.0)], source="s")  # drops 2 more
+        hub, _ = await start_hub(nursery, hub_config(tmp_path / "hub", port=port))
+        assert await gw.drain(10), "the hub did not acknowledge everything"
+        rows = await hub.store.query("SELECT body FROM frames")
+        events = [r for (b,) in rows for r in cbor2.loads(b)[2] if r[0] == 13]
+        overflow = [e for e in events if e[4] == "store_overflow"]
+        # the store holds the last data frame and the newest event: it counts every drop
+        # up to the frame before its own (1 by the data, 1 by the first event, 1 by data)
+        assert [e[6] for e in overflow] == [{"dropped_frames": 3, "dropped_records": 3}]
+        assert hub.stats()["gateways"]["ate-01"]["frames_lost"] == 4
         nursery.cancel_scope.cancel()
 
 

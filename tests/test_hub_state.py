@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from edgegw.hub import topics
-from edgegw.hub.state import LiveState, replay
+from edgegw.hub.live import LiveState, replay
 from edgegw.records import (
     BinSummary,
     GatewayEvent,

@@ -29,3 +29,21 @@ def test_holes_and_watermark() -> None:
     s.add_range(11, 19)
     assert s.ranges() == [(1, 30)] and s.holes == 0
     assert IntervalSet([(5, 6)]).holes == 1  # the gap below it counts
+
+
+def test_containing_names_the_range_that_holds_a_number() -> None:
+    s = IntervalSet([(3, 5), (9, 9)])
+    assert s.containing(4) == (3, 5) and s.containing(9) == (9, 9)
+    assert s.containing(2) is None and s.containing(6) is None and s.containing(10) is None
+
+
+def test_discard_through_removes_everything_up_to_a_number() -> None:
+    s = IntervalSet([(3, 5), (7, 10), (12, 12)])
+    s.discard_through(8)
+    assert s.ranges() == [(9, 10), (12, 12)]
+    s.discard_through(10)
+    assert s.ranges() == [(12, 12)]
+    s.discard_through(1)
+    assert s.ranges() == [(12, 12)]
+    s.discard_through(20)
+    assert not s

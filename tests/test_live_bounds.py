@@ -23,11 +23,9 @@ from test_hub_state import Recorder, part, sim_records
 from test_live_protocol import Viewer
 
 from edgegw.config import build
-from edgegw.hub import topics
-from edgegw.hub.app import HubApp
-from edgegw.hub.config import HubConfig
-from edgegw.hub.live_protocol import LiveConfig, LiveHub
-from edgegw.hub.state import LiveState
+from edgegw.hub import Hub, HubConfig, topics
+from edgegw.hub.fanout import LiveConfig, LiveHub
+from edgegw.hub.live import LiveState
 from edgegw.metrics import Metrics
 from edgegw.records import LotEnd, LotStart, PartResult, WaferEnd, WaferStart
 from edgegw.sim import tester as sim
@@ -175,7 +173,7 @@ def test_a_dashboard_following_every_wafer_holds_only_the_live_ones() -> None:
 async def test_wafers_that_left_memory_are_served_by_the_history_api(tmp_path: Path) -> None:
     """The issue's set-up, scaled down: a simulated lot with more wafers than the hub keeps
     live, through a real gateway into a real hub."""
-    app = HubApp(build(HubConfig, {"hub": {"port": 0, "data_dir": str(tmp_path / "hub")},
+    app = Hub(build(HubConfig, {"hub": {"port": 0, "data_dir": str(tmp_path / "hub")},
                                    "gateways": {"ate-01": {"token": TOKEN}}}))
     cap = app.state.max_wafers_per_lot
     async with trio.open_nursery() as nursery:
@@ -210,7 +208,7 @@ async def test_wafers_that_left_memory_are_served_by_the_history_api(tmp_path: P
 
 @needs_chromium
 async def test_the_dashboard_warns_of_records_not_applied(tmp_path: Path) -> None:
-    app = HubApp(build(HubConfig, {"hub": {"port": 0, "data_dir": str(tmp_path / "hub")},
+    app = Hub(build(HubConfig, {"hub": {"port": 0, "data_dir": str(tmp_path / "hub")},
                                    "gateways": {"ate-01": {"token": TOKEN}}}))
     cap = app.state.max_wafers_per_lot
     async with trio.open_nursery() as nursery:

@@ -8,9 +8,12 @@ from typing import Any
 import cbor2
 import pytest
 
-from edgegw.hub.live_protocol import (
+from edgegw.hub import topics
+from edgegw.hub.fanout import (
     CBOR,
     CLOSE_TOO_SLOW,
+    CONCAT_KEYS,
+    EVENT_KEYS,
     JSON,
     Client,
     LiveConfig,
@@ -18,9 +21,9 @@ from edgegw.hub.live_protocol import (
     coalesce,
     compose_deltas,
     pattern_error,
-    topic_matches,
 )
 from edgegw.metrics import Metrics
+from edgegw.topicfilter import matches as topic_matches
 
 
 def apply_delta(state: dict[str, Any] | None, delta: dict[str, Any]) -> dict[str, Any]:
@@ -101,6 +104,25 @@ class Viewer:
 
     def items(self) -> list[dict[str, Any]]:
         return [i for m in self.messages if m["type"] == "batch" for i in m["items"]]
+
+
+# --------------------------------------------------------------------------- merge rules
+
+
+def test_hello_gives_the_merge_rules_which_agree_with_how_the_hub_composes_deltas() -> None:
+    _, hub = make_hub()
+    hello = Viewer(hub).drain()[0]
+    assert hello["type"] == "hello"
+    assert hello["merge"] == [dict(rule) for rule in topics.MERGE_RULES]
+    by_op: dict[str, set[str]] = {}
+    for rule in hello["merge"]:
+        by_op.setdefault(rule["op"], set()).add(rule["key"])
+    # list rows the client adds to are concatenated when the hub composes deltas; a
+    # prepended event is an event of its own, never composed
+    assert by_op["append"] | {"dies"} == CONCAT_KEYS
+    assert by_op["prepend"] == EVENT_KEYS
+    assert {r["keep"] for r in hello["merge"] if r["key"] == "event"} == {
+        topics.GATEWAY_EVENTS}
 
 
 # --------------------------------------------------------------------------- topics

@@ -8,7 +8,7 @@ from array import array
 
 import pytest
 
-from edgegw.mqtt.acks import AckLedger, CheckpointError, Group, keys_from_checkpoint
+from edgegw.mqtt import AckLedger, CheckpointError, Group, keys_from_checkpoint
 
 
 def key(mid: int, payload: int = 0) -> int:

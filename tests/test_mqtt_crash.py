@@ -25,10 +25,10 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from conftest import free_port
 from faultkit import Hub, _Process, report
 from mqtt_broker import AckSwallowingProxy, Broker, StartBroker
 from paho.mqtt.enums import CallbackAPIVersion
+from ports import free_port
 from processes import get_json, spawn, wait_for
 
 from edgegw.protocol import decode_body

@@ -38,7 +38,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from processes import wait_for
 from test_mqtt_crash import MqttGateway
 
-from edgegw.mqtt.payloads import PayloadError, json_decoder
+from edgegw.mqtt import PayloadError, json_decoder
 
 pytestmark = pytest.mark.broker
 

@@ -16,13 +16,13 @@ from mqtt_broker import Broker, BrokerAddress, StartBroker
 
 from edgegw import metrics as metrics_module
 from edgegw.backoff import Backoff
-from edgegw.gateway.service import Gateway
+from edgegw.gateway import Gateway
+from edgegw.mqtt import ConnectOptions, TrioMqttClient
 from edgegw.mqtt import source as source_module
-from edgegw.mqtt.client import ConnectOptions, TrioMqttClient
 from edgegw.mqtt.source import MqttSource
 from edgegw.protocol import decode_body
 from edgegw.records import GatewayEvent, SensorReading, from_wire
-from edgegw.sim.sensors import publish_sensors
+from edgegw.sim import publish_sensors
 
 pytestmark = pytest.mark.broker
 

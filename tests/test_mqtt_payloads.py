@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from edgegw.mqtt.payloads import (
+from edgegw.mqtt import (
     PayloadError,
+    TemplateError,
     UnknownPayloadDecoder,
+    compile_template,
     decode_number,
     json_decoder,
     make_decoder,
 )
-from edgegw.mqtt.topics import TemplateError, check_filter, compile_template
+from edgegw.topicfilter import filter_problem as check_filter
 
 
 def test_json_reads_the_value_and_the_timestamp_at_their_paths() -> None:

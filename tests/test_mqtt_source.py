@@ -25,7 +25,7 @@ from mqtt_broker import AckSwallowingProxy, Broker, BrokerAddress, StartBroker
 from edgegw import metrics as metrics_module
 from edgegw.config import ConfigError, build
 from edgegw.metrics import Metrics
-from edgegw.mqtt.client import ConnectOptions, TrioMqttClient, ssl_context
+from edgegw.mqtt import ConnectOptions, TrioMqttClient, ssl_context
 from edgegw.mqtt.source import MqttSource, MqttSourceConfig, MqttSourceError
 from edgegw.records import GatewayEvent, Record, SensorReading, SensorWindow
 from edgegw.sources import SourceContext, source_type

@@ -10,8 +10,7 @@ import pytest
 
 from edgegw.cli import main
 from edgegw.config import ConfigError, build
-from edgegw.formats import UnknownFormat, get_format, installed_formats
-from edgegw.sources.tail import TailConfig
+from edgegw.sources import TailConfig, UnknownFormat, get_format, installed_formats
 
 
 def test_edgegw_plugins_lists_the_stdf_and_atdf_formats_and_the_source_types(

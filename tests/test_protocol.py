@@ -9,6 +9,7 @@ from edgegw.protocol import (
     Data,
     Duplicate,
     GatewayConnection,
+    Hello,
     HubConnection,
     IntervalSet,
     ProtocolError,
@@ -21,7 +22,6 @@ from edgegw.protocol import (
     encode,
     encode_body,
 )
-from edgegw.protocol.messages import Hello
 from edgegw.records import PartResult, SensorReading
 
 

@@ -15,16 +15,14 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import free_port
 from faultkit import Proxy
 from hubtools import gateway_config, hub_config, start_hub
+from ports import free_port
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from edgegw.backoff import Backoff, Reconnect
-from edgegw.gateway.probe import ProbeTarget, probe_once, retry_after_seconds
-from edgegw.gateway.service import Gateway
-from edgegw.hub.service import Hub
-from edgegw.hub.store import FrameToApply, HubStore
+from edgegw.gateway import Gateway, ProbeTarget, probe_once, retry_after_seconds
+from edgegw.hub import FrameToApply, HubStore, Ingest
 from edgegw.protocol import (
     Ack,
     CloseCode,
@@ -222,7 +220,7 @@ async def test_a_takeover_waits_for_the_old_connections_commit_so_welcome_includ
         try:
             await ws.send_message(conn.data(1, body(1, 5), trio.current_time()))
             with trio.fail_after(10):  # the old applier's commit is in its worker thread
-                while hub.store._limiter.borrowed_tokens == 0:
+                while not hub.store.busy:
                     await trio.sleep(0.01)
             nursery.start_soon(take_over)
             with trio.fail_after(10):  # the new session waits for the old one's commit
@@ -251,7 +249,7 @@ async def test_two_connections_of_one_gateway_racing_with_the_same_frames_apply_
     sending every frame its WELCOME does not list, without waiting for acks."""
     n_frames, per_frame = 300, 4
     ids = RecordIds()
-    hub = Hub(hub_config(tmp_path, apply_queue_frames=8))
+    hub = Ingest(hub_config(tmp_path, apply_queue_frames=8))
     hub.add_consumer(ids)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(hub.run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgegw.gateway.scheduler import SendScheduler, Want
+from edgegw.gateway import SendScheduler, Want
 
 
 def test_after_an_outage_live_frames_are_offered_before_the_backlog() -> None:

@@ -12,8 +12,8 @@ import trio
 from hubtools import gateway_config, hub_config
 from processes import spawn
 
-from edgegw.gateway.service import Gateway
-from edgegw.hub.app import HubApp
+from edgegw.gateway import Gateway
+from edgegw.hub import Hub
 
 GATEWAY_TOML = """\
 [gateway]
@@ -44,7 +44,7 @@ async def test_a_gateway_stopped_by_sigterm_says_going_away_to_the_hub(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="edgegw.hub")
     async with trio.open_nursery() as nursery:
-        app = HubApp(hub_config(tmp_path / "hub"))
+        app = Hub(hub_config(tmp_path / "hub"))
         port = await nursery.start(app.run)
         config = tmp_path / "gateway.toml"
         config.write_text(GATEWAY_TOML.format(port=port, state=tmp_path / "gw"))
@@ -72,7 +72,7 @@ async def test_a_gateway_stopped_in_process_and_a_hub_stopping_both_say_going_aw
 
         async def run_hub(*, task_status: trio.TaskStatus[int]) -> None:
             with hub_scope:
-                await HubApp(hub_config(tmp_path / "hub")).run(task_status=task_status)
+                await Hub(hub_config(tmp_path / "hub")).run(task_status=task_status)
 
         port = await outer.start(run_hub)
         cfg = gateway_config(tmp_path / "gw", port,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import statistics
 
-from edgegw.sim.sensors import SENSORS, SensorField, parse_broker
+from edgegw.sim import SENSORS, SensorField, parse_broker
 
 
 def test_the_same_seed_gives_the_same_readings() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import trio
 
 from edgegw.cli import main
-from edgegw.sim.stdf_tester import stdf_chunks, stdf_file_bytes, write_files
+from edgegw.sim import stdf_chunks, stdf_file_bytes, write_files
 from edgegw.sim.tester import TesterModel, TesterProfile
 from edgegw.stdf import StdfDecoder
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from edgegw.gateway.store import FrameStore
 from edgegw.metrics import Metrics
-from edgegw.spool import DiskSpool, DropEvent, SpoolConfig, recover
+from edgegw.spool import ACK_PERSIST_S, DiskSpool, DropEvent, SpoolConfig, recover
+from edgegw.spool import list_segments as _list_segments
 from edgegw.spool.format import Kind, Record, scan
-from edgegw.spool.spool import ACK_PERSIST_S, _list_segments
+from edgegw.store import FrameStore
 
 
 def body(seq: int, size: int = 200) -> bytes:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,14 +21,10 @@ import trio
 from shared_data import GALAXY, stdf_bytes, stdf_path
 
 from edgegw.config import build
-from edgegw.gateway.config import GatewayConfig
-from edgegw.gateway.service import Gateway
-from edgegw.hub import topics
-from edgegw.hub.config import HubConfig
-from edgegw.hub.service import Hub
-from edgegw.hub.state import LiveState
-from edgegw.stdf import StdfDecoder
-from edgegw.stdf.mapping import RecordMapper
+from edgegw.gateway import Gateway, GatewayConfig
+from edgegw.hub import HubConfig, Ingest, topics
+from edgegw.hub.live import LiveState
+from edgegw.stdf import RecordMapper, StdfDecoder
 
 FRAME_RECORDS = 500
 
@@ -165,7 +161,7 @@ async def test_galaxy_streamed_through_gateway_and_hub_then_rebuilt_after_restar
         return bool(lot) and lot["status"] == "closed" and lot["parts"] == fig["prr_count"]
 
     state = LiveState(lambda topic, delta: None)
-    hub = Hub(hub_cfg)
+    hub = Ingest(hub_cfg)
     hub.add_consumer(state)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(hub.run)
@@ -185,7 +181,7 @@ async def test_galaxy_streamed_through_gateway_and_hub_then_rebuilt_after_restar
     assert state.snapshot(topics.gateway("ate-galaxy"))["records"] == len(galaxy[1])
 
     rebuilt = LiveState(lambda topic, delta: None)
-    hub2 = Hub(hub_cfg)
+    hub2 = Ingest(hub_cfg)
     hub2.add_consumer(rebuilt)
     async with trio.open_nursery() as nursery:
         await nursery.start(hub2.run)  # replays the stored frames before it listens

@@ -270,7 +270,7 @@ def test_an_unknown_stdf_version_is_a_clear_error_unless_asked_for_best_effort(
 
 
 def _stats_of_full_decode(data: bytes) -> dict[str, Any]:
-    from edgegw.stdf.stats import StdfStats
+    from edgegw.stdf import StdfStats
 
     stats = StdfStats()
     dec = StdfDecoder()

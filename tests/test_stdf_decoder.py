@@ -293,8 +293,8 @@ def test_compiled_decoders_agree_with_the_generic_one_wherever_rec_len_cuts(
         data: st.DataObject) -> None:
     """Cut any record of the sample stream at any byte (REC_LEN rewritten shorter):
     the compiled fast paths give exactly what the field-by-field reference gives."""
+    from edgegw.stdf import BY_NAME
     from edgegw.stdf.decoder import decode_generic, decoder_table
-    from edgegw.stdf.spec import BY_NAME
 
     order = data.draw(st.sampled_from("<>"))
     _, records = stream(order)
@@ -389,8 +389,8 @@ def test_compiled_decoders_agree_with_the_generic_one_at_every_cut_of_every_reco
         order: str) -> None:
     """Exhaustively, for the sample stream and a record of every type with every field
     written: REC_LEN cut at every byte, inside a field or right after one."""
+    from edgegw.stdf import BY_NAME, RECORDS
     from edgegw.stdf.decoder import decode_generic, decoder_table
-    from edgegw.stdf.spec import BY_NAME, RECORDS
 
     value = {"Cn": "ab", "Sn": "abc", "C1": "c", "R4": 1.5, "R8": -2.5, "Bn": b"\x01\x02",
              "Dn": Bits(11, b"\x05\x03"), "N1": 3, "Cf": "xy", "Uf": 7,

@@ -11,9 +11,7 @@ from typing import Any
 import pytest
 from shared_data import stdf_bytes
 
-from edgegw.stdf import Bits, StdfDecoder
-from edgegw.stdf.spec import BY_NAME
-from edgegw.stdf.stats import ALL_SITES, StdfStats
+from edgegw.stdf import ALL_SITES, BY_NAME, Bits, StdfDecoder, StdfStats
 
 FILES = ("metis-d10-2site.std", "galaxy-a530-lot2.stdf.gz")
 

@@ -20,8 +20,7 @@ from edgegw.records import (
     WaferEnd,
     WaferStart,
 )
-from edgegw.stdf import StdfDecoder, StdfWriter
-from edgegw.stdf.mapping import RecordMapper
+from edgegw.stdf import RecordMapper, StdfDecoder, StdfWriter
 
 W = StdfWriter()
 

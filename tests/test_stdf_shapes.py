@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 from test_stdf_fidelity import as_pystdf, decode_edgegw, decode_pystdf, same
 
-from edgegw.stdf import StdfDecoder
+from edgegw.stdf import BY_NAME, StdfDecoder
 from edgegw.stdf.decoder import MEMO_SIZE, decode_generic, decoder_table, set_tail_memo
-from edgegw.stdf.spec import BY_NAME
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from stdf_corpus import ftr_heavy, gdr_heavy, mpr_heavy, ptr_varied

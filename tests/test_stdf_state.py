@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgegw.stdf import TestState
-from edgegw.stdf.state import part_passed, part_supersedes, result_passed
+from edgegw.stdf import TestState, part_passed, part_supersedes, result_passed
 
 
 def ptr(test: int, site: int = 0, result: float = 1.0, **tail: Any) -> dict[str, Any]:

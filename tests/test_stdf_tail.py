@@ -18,12 +18,10 @@ from shared_data import GALAXY, stdf_path
 from edgegw.config import ConfigError, build
 from edgegw.metrics import Metrics
 from edgegw.records import GatewayEvent, LotEnd, LotStart, ParametricResult, PartResult
-from edgegw.sim.stdf_tester import stdf_chunks, stdf_file_bytes, write_files
+from edgegw.sim import stdf_chunks, stdf_file_bytes, write_files
 from edgegw.sim.tester import TesterProfile
-from edgegw.sources import SourceContext, source_type
-from edgegw.sources.tail import TailConfig, TailSource
-from edgegw.stdf import StdfDecoder, StdfWriter
-from edgegw.stdf.mapping import RecordMapper
+from edgegw.sources import SourceContext, TailConfig, TailSource, source_type
+from edgegw.stdf import RecordMapper, StdfDecoder, StdfWriter
 
 SMALL = TesterProfile(sites=4, wafer_diameter_dies=8, tests_per_part=4, seed=7)
 
@@ -81,6 +79,7 @@ async def test_records_arrive_while_the_simulator_writes(tmp_path: Path) -> None
     source = tail([tmp_path])
     written: list[Path] = []
     parts_seen_while_writing = 0
+    tester_done = trio.Event()
 
     async def tester() -> None:
         nonlocal parts_seen_while_writing
@@ -88,11 +87,13 @@ async def test_records_arrive_while_the_simulator_writes(tmp_path: Path) -> None
             tmp_path, stdf_chunks(SMALL, start_time=1_700_000_000, parts_per_second=400),
             parts_per_second=400))
         parts_seen_while_writing = len(sink.of(PartResult))
+        tester_done.set()
 
     async with trio.open_nursery() as nursery:
         await nursery.start(source.run, sink)
         nursery.start_soon(tester)
         await sink.wait_until(lambda: bool(sink.of(LotEnd)))
+        await tester_done.wait()  # the tail may see the last record before write_files returns
         nursery.cancel_scope.cancel()
 
     data = stdf_file_bytes(SMALL, start_time=1_700_000_000, parts_per_second=400)

@@ -11,8 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgegw.stdf import RECORDS, Bits, StdfDecoder, StdfWriter
-from edgegw.stdf.spec import Field, RecordSpec
+from edgegw.stdf import RECORDS, Bits, Field, RecordSpec, StdfDecoder, StdfWriter
 
 INT_RANGES = {"U1": (0, 2**8 - 1), "U2": (0, 2**16 - 1), "U4": (0, 2**32 - 1),
               "U8": (0, 2**64 - 1), "I1": (-(2**7), 2**7 - 1), "I2": (-(2**15), 2**15 - 1),

@@ -17,8 +17,8 @@ from hubtools import gateway_config
 from sectools import GATEWAY_TOKEN, Pki, http, hub_config, running
 from trio_websocket import open_websocket_url
 
-from edgegw.gateway.service import Gateway
-from edgegw.hub.app import HubApp
+from edgegw.gateway import Gateway
+from edgegw.hub import Hub
 from edgegw.tls import fingerprint
 
 
@@ -52,7 +52,7 @@ def uplink_error(gw: Gateway) -> str:
 async def test_the_hub_speaks_tls_only(tmp_path: Path) -> None:
     pki = Pki(tmp_path / "pki")
     async with running(hub_config(tmp_path, pki)) as app:
-        port = app.hub.port
+        port = app.ingest.port
         reply = await http(port, "GET", "/healthz", ctx=pki.client_context())
         assert reply.status == 200 and reply.json()["tls"] is True
         # plain HTTP on the TLS port: no answer, the handshake failure is counted
@@ -74,14 +74,14 @@ async def test_gateway_over_mtls_with_a_wrong_certificate_is_refused(tmp_path: P
     stranger = Pki(tmp_path / "other-pki")  # another CA: not trusted by the hub
     cfg = hub_config(tmp_path, pki, tls={"client_ca_file": pki.ca_file})
     async with running(cfg) as app, trio.open_nursery() as nursery:
-        port = app.hub.port
+        port = app.ingest.port
         good_cert = pki.issue("ate-01", "ate-01")
         gw = gateway(tmp_path, port, "good", ca_file=pki.ca_file, cert_file=good_cert[0],
                      key_file=good_cert[1])
         await nursery.start(gw.run)
-        await wait_for(lambda: "ate-01" in app.hub.connected, "ate-01 connected over mTLS")
-        await wait_for(lambda: app.hub.store.stats.get("ate-01") is not None
-                       and app.hub.store.stats["ate-01"].records_applied > 0, "records")
+        await wait_for(lambda: "ate-01" in app.ingest.connected, "ate-01 connected over mTLS")
+        await wait_for(lambda: app.ingest.store.stats.get("ate-01") is not None
+                       and app.ingest.store.stats["ate-01"].records_applied > 0, "records")
         gw_cancel = nursery.cancel_scope
         # the right CA, but the certificate of another gateway
         other_cert = pki.issue("ate-02", "ate-02")
@@ -105,7 +105,7 @@ async def test_gateway_over_mtls_with_a_wrong_certificate_is_refused(tmp_path: P
             attackers.cancel_scope.cancel()
         assert "(code 4001)" in uplink_error(thief)
         # the real one was never displaced
-        assert "ate-01" in app.hub.connected
+        assert "ate-01" in app.ingest.connected
         assert not app.metrics.as_dict().get("hub_connections_replaced_total")
         gw_cancel.cancel()
 
@@ -114,19 +114,19 @@ async def test_a_pinned_fingerprint_is_insisted_on(tmp_path: Path) -> None:
     pki = Pki(tmp_path / "pki")
     hub_der = der_of(pki.cert_file)
     async with running(hub_config(tmp_path, pki)) as app, trio.open_nursery() as nursery:
-        port = app.hub.port
+        port = app.ingest.port
         wrong = gateway(tmp_path, port, "wrong-pin", ca_file=pki.ca_file, pin_sha256="00" * 32)
         await nursery.start(wrong.run)
         await wait_for(lambda: "pinned" in uplink_error(wrong) or "TLS" in uplink_error(wrong),
                        "the pin refused")
-        assert "ate-01" not in app.hub.connected
+        assert "ate-01" not in app.ingest.connected
         nursery.cancel_scope.cancel()
     async with running(hub_config(tmp_path, pki)) as app, trio.open_nursery() as nursery:
         pin = ":".join(f"{b:02X}" for b in bytes.fromhex(fingerprint(hub_der)))
-        right = gateway(tmp_path, app.hub.port, "right-pin", ca_file=pki.ca_file,
+        right = gateway(tmp_path, app.ingest.port, "right-pin", ca_file=pki.ca_file,
                         pin_sha256=pin)
         await nursery.start(right.run)
-        await wait_for(lambda: "ate-01" in app.hub.connected, "connected with the pin")
+        await wait_for(lambda: "ate-01" in app.ingest.connected, "connected with the pin")
         nursery.cancel_scope.cancel()
 
 
@@ -135,7 +135,7 @@ async def test_sighup_reloads_the_certificate_without_dropping_connections(
     pki = Pki(tmp_path / "pki")
     old_ctx = pki.client_context()
     async with running(hub_config(tmp_path, pki)) as app:
-        port = app.hub.port
+        port = app.ingest.port
         async with open_websocket_url(f"wss://127.0.0.1:{port}/ws/live", old_ctx,
                                       subprotocols=["edgegw.live.v1.json"]) as ws:
             assert json.loads(await ws.get_message())["type"] == "hello"
@@ -145,7 +145,7 @@ async def test_sighup_reloads_the_certificate_without_dropping_connections(
                              (renewed.key_file, pki.key_file)):
                 copy_file(src, dst)
             os.kill(os.getpid(), signal.SIGHUP)
-            security = app.hub.security
+            security = app.ingest.security
             assert security.tls is not None
             await wait_for(lambda: security.tls.reloads == 1, "reloaded")
             # new handshakes get the new certificate ...
@@ -166,12 +166,12 @@ async def test_sighup_reloads_the_certificate_without_dropping_connections(
 async def test_a_broken_certificate_file_keeps_the_old_one(tmp_path: Path,
                                                             caplog: Any) -> None:
     pki = Pki(tmp_path / "pki")
-    app = HubApp(hub_config(tmp_path, pki))
+    app = Hub(hub_config(tmp_path, pki))
     async with trio.open_nursery() as nursery:
         await nursery.start(app.run)
         await trio.Path(pki.cert_file).write_text("-----BEGIN CERTIFICATE-----\nhalf\n")
-        assert await app.hub.security.reload_tls() is False
-        reply = await http(app.hub.port, "GET", "/healthz", ctx=pki.client_context())
+        assert await app.ingest.security.reload_tls() is False
+        reply = await http(app.ingest.port, "GET", "/healthz", ctx=pki.client_context())
         assert reply.status == 200
         assert any("keeping the current certificate" in r.getMessage() for r in caplog.records)
         nursery.cancel_scope.cancel()

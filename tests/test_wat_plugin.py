@@ -11,8 +11,9 @@ import pytest
 import trio
 
 from edgegw.config import ConfigError, build
-from edgegw.formats import FormatError, get_format, new_parser, test_number
-from edgegw.sources.tail import TailConfig
+from edgegw.formats import FormatError
+from edgegw.sources import TailConfig, get_format, new_parser
+from edgegw.stdf import test_number
 from edgegw.testing import (
     EXHAUSTIVE_BYTES,
     check_chunkings,

@@ -14,9 +14,17 @@ import h11
 import trio
 import trustme
 
-from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig, WebhookConfig
-from edgegw.hub.state import LiveState
-from edgegw.hub.webhooks import SIGNATURE_HEADER, WebhookSender, post_json, sign
+from edgegw.hub.alerts import (
+    SIGNATURE_HEADER,
+    AlertEngine,
+    AlertRuleConfig,
+    AlertsConfig,
+    WebhookConfig,
+    WebhookSender,
+    post_json,
+    sign,
+)
+from edgegw.hub.live import LiveState
 from edgegw.metrics import Metrics
 from edgegw.records import PartResult
 

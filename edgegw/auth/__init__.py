@@ -8,4 +8,14 @@
 * ``hub``: all of it assembled for the hub service.
 
 Kept free of hub imports at package level, so the hub's config can import ``config``.
+Public face: the names in ``__all__`` (configs, tokens, the handshake limiter).
 """
+
+from .config import ROLES, AuthConfig, TlsConfig
+from .ratelimit import FailureLimiter
+from .tokens import AuthError, Principal, TokenVerifier, jwk_json, mint, parse_ttl
+
+__all__ = [
+    "ROLES", "AuthConfig", "AuthError", "FailureLimiter", "Principal", "TlsConfig",
+    "TokenVerifier", "jwk_json", "mint", "parse_ttl",
+]

@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..hub.http import HttpServer, Request, Response
 from ..metrics import Metrics
 from ..startup import StartupError
 from ..tls import ServerTls, cert_identities
-from .access import Access, LiveScope
+from ..web import HttpServer, Request, Response
+from .access import Access
 from .config import AuthConfig
 from .ratelimit import FailureLimiter
 from .signin import SignIn
-from .tokens import ANONYMOUS_ADMIN, TokenVerifier
+from .tokens import TokenVerifier
 
 if TYPE_CHECKING:
     from ..hub.config import GatewayAuth, HubConfig
@@ -191,9 +191,6 @@ class HubSecurity:
 
     # ------------------------------------------------------------------ /ws/live
 
-    def live_scope(self, request: Request) -> LiveScope:
-        principal = request.principal or ANONYMOUS_ADMIN
-        return LiveScope(principal, anonymous=self.access.open)
 
 
 def _address(remote: str) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 
-from ..hub.http import HttpServer, Request, Response
+from ..web import HttpServer, Request, Response
 from .access import COOKIE, Access
 from .tokens import AuthError
 

@@ -1,10 +1,19 @@
-"""The gateway: sources -> batcher -> frame store -> uplink."""
+"""The gateway: sources -> batcher -> frame store -> uplink.
 
-from .config import GatewayConfig, load_gateway_config
-from .service import Gateway, GatewaySink
-from .store import FrameStore, MemoryFrameStore, StoredFrame
+Public face (for embedders, plugins and tests): the names below.  The modules inside
+(``service``, ``uplink``, ``probe``, ``scheduler``, ``config``) are internal: import from
+``edgegw.gateway``.
+"""
+
+from ..store import FrameStore, MemoryFrameStore, StoredFrame
+from .config import GatewayConfig, build_gateway_config, load_gateway_config
+from .probe import ProbeResult, ProbeTarget, probe_once, retry_after_seconds
+from .scheduler import SendScheduler, Want
+from .service import AFTER_KEY, RID_KEY, Gateway, GatewaySink
+from .uplink import Uplink
 
 __all__ = [
-    "FrameStore", "Gateway", "GatewayConfig", "GatewaySink", "MemoryFrameStore", "StoredFrame",
-    "load_gateway_config",
+    "AFTER_KEY", "RID_KEY", "FrameStore", "Gateway", "GatewayConfig", "GatewaySink",
+    "MemoryFrameStore", "ProbeResult", "ProbeTarget", "SendScheduler", "StoredFrame", "Uplink",
+    "Want", "build_gateway_config", "load_gateway_config", "probe_once", "retry_after_seconds",
 ]

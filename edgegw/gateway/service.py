@@ -22,14 +22,14 @@ import trio
 from .. import failpoints
 from ..backoff import Backoff
 from ..batcher import Batch, Batcher
-from ..hub.http import HttpServer, Request, Response, json_response
 from ..metrics import Metrics, internal_errors, report_internal_error
 from ..protocol import encode_body
 from ..records import GatewayEvent, Record
 from ..sources import Source, SourceContext, source_type
 from ..spool import DiskSpool
+from ..store import FrameStore, MemoryFrameStore
+from ..web import HttpServer, install_status
 from .config import GatewayConfig, SourceEntry
-from .store import FrameStore, MemoryFrameStore
 from .uplink import Uplink
 
 log = logging.getLogger("edgegw.gateway")
@@ -131,12 +131,12 @@ class Gateway:
         self.m_records_in = m.counter("gateway_records_in_total", "records put by sources")
         self.m_frames = m.counter("gateway_frames_stored_total", "frames appended to the store")
         self.m_records_stored = m.counter("gateway_records_stored_total", "records in frames")
-        self.m_source_errors = m.counter("source_errors", "bad input seen by sources")
         self.m_replay_skipped = m.counter(
             "gateway_replayed_records_skipped_total",
             "records a source replayed after a restart that frames already held")
         self._last_progress = time.time()
-        self._dropped_reported = (0, 0)
+        self._dropped_counted = (0, 0)  # store drops in the metric and the log
+        self._dropped_reported = (0, 0)  # store drops told to the hub
         self.m_dropped = m.counter("gateway_records_dropped_total",
                                    "records dropped by the drop_oldest overflow policy")
         self.m_source_restarts = m.counter("gateway_source_restarts_total",
@@ -245,7 +245,7 @@ class Gateway:
                 await self._store(batch)
         self._wake_flusher.set()
 
-    async def _store(self, batch: Batch) -> None:
+    async def _store(self, batch: Batch, *, report_drops: bool = True) -> None:
         first_rid = self.next_rid
         self.next_rid += len(batch.records)
         checkpoints = dict(batch.checkpoints)
@@ -261,7 +261,16 @@ class Gateway:
         self.m_frames.inc()
         self.m_records_stored.inc(len(batch.records))
         self._last_progress = time.time()
-        self._report_drops()
+        if not report_drops:
+            self._count_drops()
+            return
+        event = self._drops_event()
+        if event is not None:
+            # The event travels like any record: it may fill a batch at once (then that
+            # batch is stored now; what it pushes out is counted at once and told to the
+            # hub by the next event, so this never loops) or wait in the batcher.
+            for full in self.batcher.add([event], trio.current_time(), "gateway"):
+                await self._store(full, report_drops=False)
 
     async def _put_whole(self, records: Sequence[Record], checkpoint: Any,
                          source: str) -> None:
@@ -288,36 +297,33 @@ class Gateway:
                     report_internal_error(self.metrics, "durable_listener", log,
                                           "durable listener of source %s", source)
 
-    def _spool_damage(self) -> tuple[str, dict[str, Any]] | None:
-        """What the disk spool found damaged at recovery, for a GatewayEvent to the hub."""
-        if not isinstance(self.store, DiskSpool):
-            return None
-        st = self.store.stats()
-        if not (st["lost_frames"] or st["damaged_regions"] or st["unrecoverable_files"]):
-            return None
-        detail = {k: st[k] for k in ("lost_frames", "damaged_regions", "damaged_bytes",
-                                     "unrecoverable_files")}
-        detail["lost_ranges"] = [list(r) for r in st["lost_ranges"]]
-        return (f"disk spool damaged: {st['lost_frames']} frame(s) lost, "
-                f"{st['damaged_regions']} damaged region(s)", detail)
-
-    def _report_drops(self) -> None:
-        """Overflow under ``drop_oldest`` is counted by the store; say so to the hub too."""
+    def _count_drops(self) -> tuple[int, int]:
+        """Overflow under ``drop_oldest`` is counted by the store: count (and log) what it
+        dropped since last asked; the totals so far (frames, records)."""
         st = self.store.stats()
         frames, records = st.get("dropped_frames", 0), st.get("dropped_records", 0)
-        if frames > self._dropped_reported[0]:
-            new_f = frames - self._dropped_reported[0]
-            new_r = records - self._dropped_reported[1]
-            self._dropped_reported = (frames, records)
+        if frames > self._dropped_counted[0]:
+            new_f = frames - self._dropped_counted[0]
+            new_r = records - self._dropped_counted[1]
+            self._dropped_counted = (frames, records)
             self.m_dropped.inc(new_r)
             log.error("frame store full: dropped the %d oldest frame(s), %d record(s)",
                       new_f, new_r)
-            self.batcher.add([GatewayEvent(
-                "gateway", time.time(), "error", "store_overflow",
-                f"frame store full ({self.store.stats().get('kind')}, drop_oldest): dropped "
-                f"{new_f} frame(s) with {new_r} record(s)",
-                {"dropped_frames": frames, "dropped_records": records})],
-                trio.current_time(), "gateway")
+        return frames, records
+
+    def _drops_event(self) -> GatewayEvent | None:
+        """The event that tells the hub about drops not told yet (None when none)."""
+        frames, records = self._count_drops()
+        if frames <= self._dropped_reported[0]:
+            return None
+        new_f = frames - self._dropped_reported[0]
+        new_r = records - self._dropped_reported[1]
+        self._dropped_reported = (frames, records)
+        return GatewayEvent(
+            "gateway", time.time(), "error", "store_overflow",
+            f"frame store full ({self.store.stats().get('kind')}, drop_oldest): dropped "
+            f"{new_f} frame(s) with {new_r} record(s)",
+            {"dropped_frames": frames, "dropped_records": records})
 
     async def emit_event(self, level: str, code: str, message: str,
                          detail: dict[str, Any] | None = None) -> None:
@@ -371,12 +377,9 @@ class Gateway:
         }
 
     def healthy(self) -> tuple[bool, str]:
-        if isinstance(self.store, DiskSpool) and not self.store.healthy():
-            st = self.store.stats()
-            if st["disk_full"]:
-                return False, "spool: disk full"
-            return False, (f"spool: {st['frames']} frame(s) waiting, nothing acknowledged "
-                           f"for {st['stalled_for_s']:.0f} s")
+        problem = self.store.problem()
+        if problem is not None:
+            return False, problem
         st = self.store.stats()
         frames = st.get("frames", 0)
         up = self.uplink
@@ -389,21 +392,11 @@ class Gateway:
     async def _serve_status(self, *, task_status: trio.TaskStatus[int]) -> None:
         server = HttpServer()
 
-        async def healthz(request: Request) -> Response:
+        def health() -> tuple[bool, dict[str, Any]]:
             ok, why = self.healthy()
-            return json_response({"status": "ok" if ok else "unhealthy", "detail": why},
-                                 200 if ok else 503)
+            return ok, {"status": "ok" if ok else "unhealthy", "detail": why}
 
-        async def stats(request: Request) -> Response:
-            return json_response(self.stats())
-
-        async def metrics(request: Request) -> Response:
-            return Response(200, self.metrics.render_prometheus().encode(),
-                            "text/plain; version=0.0.4")
-
-        server.add_route("GET", "/healthz", healthz)
-        server.add_route("GET", "/api/stats", stats)
-        server.add_route("GET", "/metrics", metrics)
+        install_status(server, health=health, stats=self.stats, metrics=self.metrics)
         g = self.config.gateway
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(server.serve, g.status_listen, g.status_port)
@@ -411,31 +404,29 @@ class Gateway:
 
     async def run(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        if isinstance(self.store, DiskSpool) and not self.store.recovered:
-            spool = self.store
-            # The spool's group-commit task outlives everything that appends to it: it is
-            # shielded from the shutdown cancellation so the final flush (in _run) and the
-            # last acks still reach the disk, and stopped explicitly afterwards.
-            spool_scope = trio.CancelScope(shield=True)
+        store = self.store
+        # The store's own work (the disk spool: recovery, then its group commit) outlives
+        # everything that appends to it: it is shielded from the shutdown cancellation so
+        # the final flush (in _run) and the last acks still reach the disk, and stopped
+        # explicitly afterwards.
+        store_scope = trio.CancelScope(shield=True)
 
-            async def run_spool(*, task_status: trio.TaskStatus[None]) -> None:
-                with spool_scope:
-                    await spool.run(task_status=task_status)
+        async def run_store(*, task_status: trio.TaskStatus[None]) -> None:
+            with store_scope:
+                await store.run(task_status=task_status)
 
-            async with trio.open_nursery() as spool_nursery:
-                await spool_nursery.start(run_spool)
-                try:
-                    await self._run(task_status=task_status)
-                finally:
-                    with trio.CancelScope(shield=True), trio.move_on_after(5):
-                        await spool.flush()
-                    spool_scope.cancel()
-        else:
-            await self._run(task_status=task_status)
+        async with trio.open_nursery() as store_nursery:
+            await store_nursery.start(run_store)
+            try:
+                await self._run(task_status=task_status)
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await store.flush()
+                store_scope.cancel()
 
     async def _run(self, *, task_status: trio.TaskStatus[Gateway]) -> None:
         await trio.Path(self.state_dir).mkdir(parents=True, exist_ok=True)
-        spool_damage = self._spool_damage()
+        damage = self.store.damage()
         self.next_rid = int(self.store.checkpoints.get(RID_KEY, 1))
         sources = self._build_sources()
         self.uplink = Uplink(self.config.gateway, self.config.uplink, self.store, self.metrics,
@@ -450,8 +441,8 @@ class Gateway:
                     await nursery.start(self._run_source, index, skip)
                 log.info("gateway %s running with %d source(s)", self.config.gateway.id,
                          len(self.sources))
-                if spool_damage is not None:
-                    await self.emit_event("error", "spool_damage", *spool_damage)
+                if damage is not None:
+                    await self.emit_event("error", "spool_damage", *damage)
                 task_status.started(self)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):

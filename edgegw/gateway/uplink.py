@@ -29,6 +29,7 @@ from trio_websocket import (
 )
 
 from ..backoff import Backoff, Reconnect
+from ..heartbeat import heartbeat
 from ..metrics import Metrics
 from ..protocol import (
     Ack,
@@ -41,12 +42,12 @@ from ..protocol import (
     encode_body,
 )
 from ..records import GatewayEvent
+from ..store import FrameStore, StoredFrame
 from ..taskgroups import reraise_meaningful
 from ..tls import client_context
 from .config import GatewaySection, UplinkSection
 from .probe import ProbeResult, ProbeTarget, probe_until_reached, retry_after_seconds
 from .scheduler import SendScheduler
-from .store import FrameStore, StoredFrame
 
 log = logging.getLogger("edgegw.uplink")
 
@@ -198,7 +199,7 @@ class Uplink:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._receiver, ws, conn)
-                    nursery.start_soon(self._heartbeat, ws, conn)
+                    nursery.start_soon(heartbeat, conn, ws.send_message)
                     nursery.start_soon(self._sender, ws, conn, welcome)
             except BaseExceptionGroup as group:
                 reraise_meaningful(group, ProtocolError, ConnectionClosed, trio.TooSlowError,
@@ -249,30 +250,20 @@ class Uplink:
             if self.scheduler is not None:
                 self.scheduler.acked(0, [(seq, seq)])
 
-    async def _heartbeat(self, ws: Any, conn: GatewayConnection) -> None:
-        while True:
-            await trio.sleep_until(conn.next_deadline())
-            ping = conn.on_timer(trio.current_time())
-            if ping is not None:
-                await ws.send_message(ping)
-
     async def _sender(self, ws: Any, conn: GatewayConnection, welcome: Welcome) -> None:
         # Live first, backlog in large windows (spool helper): the sans-IO SendScheduler
         # decides what to fetch; see edgegw/gateway/scheduler.py and docs/spool.md.
         sched = self.scheduler = SendScheduler(self.config.window_frames)
         # frames made in the last LIVE_S seconds before the link came up count as live too
-        recent = getattr(self.store, "first_seq_since", None)
-        live_from = recent(LIVE_S) if recent else self.store.next_seq
-        sched.start(self.store.first_unacked, live_from, welcome.applied)
-        read_async = getattr(self.store, "read_frames", None)  # DiskSpool: reads in a thread
+        sched.start(self.store.first_unacked, self.store.first_seq_since(LIVE_S),
+                    welcome.applied)
         while True:
             progressed = False
             for want in sched.wants():
                 if want.lane == "live":
                     frames = self.store.frames_from(want.start, want.limit)
                 else:
-                    frames = (await read_async(want.start, want.limit) if read_async
-                              else self.store.frames_from(want.start, want.limit))
+                    frames = await self.store.read_frames(want.start, want.limit)
                     frames = [f for f in frames if f.seq < (want.below or f.seq + 1)]
                     frames = self._with_stand_ins(frames, want.start,
                                                   (want.below or want.start) - 1, want.limit)
@@ -293,7 +284,7 @@ class Uplink:
         """Frames the spool found damaged at recovery (``lost_ranges``) go out, in order, as
         empty stand-ins, so the hub's sequence stays gap-free (the gateway has already
         reported the damage as a GatewayEvent and in its metrics)."""
-        lost = getattr(self.store, "lost_ranges", None)
+        lost = self.store.lost_ranges
         if not lost:
             return frames
         # never past the last frame read (a short read may stop at a byte budget): the

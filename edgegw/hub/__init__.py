@@ -1,0 +1,55 @@
+"""The hub: gateways in (``Ingest``), the live state, alerts, the live fan-out, the
+dashboard and the history API, assembled as ``Hub``.
+
+Public face (for embedders, plugins and tests): the names in ``__all__``, and the
+subpackages and modules named there (``live``, ``fanout``, ``alerts``: each with its own
+face; ``topics``: the topic names; ``history``: the history API's queries).  Everything
+else inside is internal.  Names load on first use (PEP 562), so importing one hub module
+does not import the whole hub.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "Hub": "edgegw.hub.app",
+    "Ingest": "edgegw.hub.ingest",
+    "HubConfig": "edgegw.hub.config",
+    "HubStore": "edgegw.hub.store",
+    "FrameToApply": "edgegw.hub.store",
+    "Dashboard": "edgegw.hub.dashboard",
+    "STATIC_DIR": "edgegw.hub.dashboard",
+    "GcPacer": "edgegw.hub.gcpacing",
+    "HistoryApi": "edgegw.hub.history",
+}
+_SUBMODULES = ("alerts", "fanout", "history", "live", "topics")
+
+__all__ = [*sorted(_EXPORTS), *_SUBMODULES]
+
+if TYPE_CHECKING:
+    from .app import Hub as Hub
+    from .config import HubConfig as HubConfig
+    from .dashboard import STATIC_DIR as STATIC_DIR
+    from .dashboard import Dashboard as Dashboard
+    from .gcpacing import GcPacer as GcPacer
+    from .history import HistoryApi as HistoryApi
+    from .ingest import Ingest as Ingest
+    from .store import FrameToApply as FrameToApply
+    from .store import HubStore as HubStore
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"edgegw.hub.{name}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edgegw.hub' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

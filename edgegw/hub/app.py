@@ -1,6 +1,7 @@
-"""The whole hub, assembled: ingest, live state, alerts, fan-out, dashboard, history API.
+"""The whole hub (``Hub``), assembled: ingest, live state, alerts, fan-out, dashboard,
+history API.
 
-``Hub`` (service.py) accepts gateways and applies frames; everything a person looks at
+``Ingest`` (ingest.py) accepts gateways and applies frames; everything a person looks at
 hangs off it as a consumer or a route.  The order in ``run`` matters: the alert service
 restores its persisted alerts before the hub replays its stored frames into the live
 state, or the replay would raise every old alert again.
@@ -14,22 +15,21 @@ from pathlib import Path
 import trio
 
 from ..metrics import Metrics
-from .alert_service import AlertService
+from .alerts.service import AlertService
 from .config import HubConfig
 from .dashboard import Dashboard
 from .fanout import LiveFanout
 from .gcpacing import GcPacer
 from .history import HistoryApi
-from .http import Request, Response, json_response
-from .service import Hub
-from .state import LiveState
+from .ingest import Ingest
+from .live import LiveState
 
 
-class HubApp:
+class Hub:
     def __init__(self, config: HubConfig, metrics: Metrics | None = None) -> None:
         self.config = config
-        self.hub = Hub(config, metrics)
-        metrics = self.hub.metrics
+        self.ingest = Ingest(config, metrics)
+        metrics = self.ingest.metrics
         self.fanout = LiveFanout(config.live, metrics=metrics)
         self.alerts = AlertService(config.alerts, self.fanout.publish,
                                    Path(config.hub.data_dir) / "history.sqlite3",
@@ -39,14 +39,13 @@ class HubApp:
                                on_wafer_archive=self.alerts.archive_wafer, metrics=metrics)
         self.fanout.attach(self.state, on_ack=lambda alert_id, user:
                            self.alerts.engine.ack(alert_id, user, time.time()))
-        self.hub.add_consumer(self.state)
+        self.ingest.add_consumer(self.state)
         self.fanout.alert_lot = self._alert_lot
-        self.fanout.install(self.hub.http)
-        Dashboard().install(self.hub.http)
-        HistoryApi(self.state, self.alerts.engine, self.alerts.store).install(self.hub.http)
-        # /api/stats with the live state's health (records not applied, by reason): the
-        # route replaces the ingest-only one Hub registered.
-        self.hub.http.add_route("GET", "/api/stats", self._stats)
+        self.fanout.install(self.ingest.http)
+        Dashboard().install(self.ingest.http)
+        HistoryApi(self.state, self.alerts.engine, self.alerts.store).install(self.ingest.http)
+        # /api/stats with the live state's health (records not applied, by reason)
+        self.ingest.stats_sections["live_state"] = self.state.health
 
     def _alert_lot(self, alert_id: str) -> str | None:
         """The lot an alert is about (None: not a lot's), for lot-scoped operators."""
@@ -56,16 +55,13 @@ class HubApp:
 
     @property
     def metrics(self) -> Metrics:
-        return self.hub.metrics
-
-    async def _stats(self, request: Request) -> Response:
-        return json_response({**self.hub.stats(), "live_state": self.state.health()})
+        return self.ingest.metrics
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         await self.alerts.open()
         async with trio.open_nursery() as nursery:
             await nursery.start(self.alerts.run, self.state)
-            port = await nursery.start(self.hub.run)
+            port = await nursery.start(self.ingest.run)
             await nursery.start(self.fanout.run)
             h = self.config.hub
             if h.gc_freeze_s > 0:

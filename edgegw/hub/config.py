@@ -8,9 +8,9 @@ from typing import Annotated
 
 from ..auth.config import AuthConfig, TlsConfig
 from ..config import Range, host_problem
+from ..web import HttpLimits
 from .alerts import AlertsConfig
-from .http import HttpLimits
-from .live_protocol import LiveConfig
+from .fanout.config import LiveConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +78,7 @@ class HubConfig:
     # gateway id -> its token; a gateway not listed here is refused
     gateways: dict[str, GatewayAuth] = dataclasses.field(default_factory=dict)
     live: LiveConfig = dataclasses.field(default_factory=LiveConfig)
-    # timeouts and connection caps of the one HTTP port (edgegw/hub/http.py)
+    # timeouts and connection caps of the one HTTP port (edgegw/web/server.py)
     http: HttpLimits = dataclasses.field(default_factory=HttpLimits)
     alerts: AlertsConfig = dataclasses.field(default_factory=AlertsConfig)
     # sign-in for the dashboard, the API and /ws/live; none: open, loopback only

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio
 
-from .http import HttpServer, Request, Response
+from ..web import HttpServer, Request, Response
 
 STATIC_DIR = Path(__file__).with_name("static")
 

@@ -36,8 +36,8 @@ from edgegw.hub.topics import PRIORITIES
 
 if TYPE_CHECKING:
     from edgegw.hub.history_store import HistoryStore
-    from edgegw.hub.http import HttpServer, Request, Response
-    from edgegw.hub.state import LiveState
+    from edgegw.hub.live import LiveState
+    from edgegw.web import HttpServer, Request, Response
 
 Result = tuple[int, dict[str, Any]]
 
@@ -277,7 +277,7 @@ class HistoryApi:
         return _error(404, f"no such API route: {method} {path}")
 
     async def handle(self, request: Request) -> Response:
-        from edgegw.hub.http import json_response
+        from edgegw.web import json_response
 
         status, payload = await self.dispatch(request.method, request.path, request.query,
                                               request.body, request.principal)
@@ -295,3 +295,8 @@ def _scope(payload: dict[str, Any], principal: Any) -> None:
         payload["lots"] = [r for r in payload["lots"] if principal.sees_lot(str(r.get("lot_id")))]
     if isinstance(payload.get("alerts"), list):
         payload["alerts"] = [a for a in payload["alerts"] if _sees_alert(principal, a)]
+
+
+__all__ = [
+    "HistoryApi", "Result", "ack", "alert_query", "alerts", "lots", "test", "wafer", "wafers",
+]

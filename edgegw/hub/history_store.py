@@ -28,6 +28,8 @@ from typing import Any
 
 import trio
 
+from ..jsonutil import dumps
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS alerts (
     id TEXT PRIMARY KEY,
@@ -59,10 +61,6 @@ WAFER_SUMMARY = ("wafer_id", "status", "started", "ended", "die_count", "good", 
                  "parts", "retests", "hard_bins", "soft_bins", "updated")
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), default=str)
-
-
 class HistoryStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -91,17 +89,17 @@ class HistoryStore:
                 "INSERT OR REPLACE INTO alerts (id, priority, rule, raised_at, acknowledged, data)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 [(a["id"], a["priority"], a["rule"], a["raised_at"], int(a["acknowledged"]),
-                  _dumps(a)) for a in alerts])
+                  dumps(a)) for a in alerts])
             db.executemany(
                 "INSERT OR REPLACE INTO lots (lot_id, updated, summary, archive)"
                 " VALUES (?, ?, ?, ?)",
-                [(lot_id, archive["lot"].get("updated") or 0.0, _dumps(archive["lot"]),
-                  _dumps(archive)) for lot_id, archive in lots])
+                [(lot_id, archive["lot"].get("updated") or 0.0, dumps(archive["lot"]),
+                  dumps(archive)) for lot_id, archive in lots])
             db.executemany(
                 "INSERT OR REPLACE INTO wafers (lot_id, wafer_id, updated, summary, snapshot)"
                 " VALUES (?, ?, ?, ?, ?)",
                 [(lot_id, wafer_id, snap.get("updated") or 0.0,
-                  _dumps({k: snap.get(k) for k in WAFER_SUMMARY}), _dumps(snap))
+                  dumps({k: snap.get(k) for k in WAFER_SUMMARY}), dumps(snap))
                  for lot_id, wafer_id, snap in wafers])
             db.execute("COMMIT")
         except BaseException:

@@ -20,9 +20,9 @@ import dataclasses
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -72,6 +72,8 @@ CREATE TABLE IF NOT EXISTS rejected (
 
 STAT_FIELDS = ("frames_applied", "records_applied", "duplicates_dropped", "frames_rejected",
                "frames_lost", "last_seq")
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -257,7 +259,33 @@ class HubStore:
         # counted in memory; persisted with the next commit (a lost count is harmless)
         self.gateway_stats(gateway).duplicates_dropped += 1
 
-    def iter_frames_sync(self, batch: int = 500) -> Iterator[tuple[str, str, int, int, bytes]]:
+    @property
+    def busy(self) -> bool:
+        """A database call is running in the store's worker thread."""
+        return self._limiter.borrowed_tokens > 0
+
+    async def stored_frames(self, decode: Callable[[str, str, int, int, bytes], T | None],
+                            batch: int = 200) -> AsyncIterator[list[T]]:
+        """Every stored frame in the order it was applied (for rebuilding live state), as
+        ``decode(gateway, epoch, seq, first_rid, body)`` -- run in the store's worker
+        thread, so decoding never blocks the Trio thread -- in lists of up to ``batch``
+        results (frames it returns None for are left out)."""
+        frames = self._iter_frames_sync()
+
+        def load() -> list[T]:
+            out: list[T] = []
+            for row in frames:
+                value = decode(*row)
+                if value is not None:
+                    out.append(value)
+                    if len(out) >= batch:
+                        break
+            return out
+
+        while loaded := await trio.to_thread.run_sync(load, limiter=self._limiter):
+            yield loaded
+
+    def _iter_frames_sync(self, batch: int = 500) -> Iterator[tuple[str, str, int, int, bytes]]:
         """Every stored frame in the order it was applied (for rebuilding live state)."""
         assert self._db is not None
         last = 0

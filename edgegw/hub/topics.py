@@ -1,6 +1,6 @@
 """Live topic names: the one place that spells them.
 
-The hub's live state (``edgegw.hub.state.LiveState``) publishes each change as
+The hub's live state (``edgegw.hub.live.LiveState``) publishes each change as
 ``publish(topic, delta)`` and answers ``snapshot(topic)``; the subscriber protocol on
 ``/ws/live`` (``docs/protocol.md``) lets clients subscribe to these names with MQTT-style
 wildcards (``+`` one level, ``#`` the rest).  Snapshot and delta shapes per topic are
@@ -32,6 +32,27 @@ PRIORITIES = ("P0", "P1", "P2", "P3")
 
 #: records the live state could not apply, by reason
 HUB_STATE = "hub/state"
+
+#: Bounds of the lists a topic's view keeps: its snapshot and the merge rules agree.
+SENSOR_HISTORY = 120  # ``sensor/<channel>``: history points, oldest first
+GATEWAY_EVENTS = 20  # ``gateway/<id>``: events, newest first
+
+#: How a client applies a delta to the view it holds (docs/live-topics.md): a delta's keys
+#: replace the view's, except these.  ``topics`` is a topic filter; ``upsert`` replaces or
+#: adds the rows of ``into`` by identity (``by``: list positions or a field; ``order`` of
+#: the snapshot's list), ``append``/``prepend`` add to the list ``into`` and keep the
+#: newest ``keep``.  Sent to every ``/ws/live`` client in ``hello``, so no client restates
+#: them (the dashboard applies them as given).
+MERGE_RULES: tuple[dict[str, object], ...] = (
+    {"topics": "lot/+/wafer/+", "key": "dies", "op": "upsert", "into": "dies", "by": [0, 1],
+     "order": "oldest_first"},
+    {"topics": "sensor/#", "key": "append", "op": "append", "into": "history",
+     "keep": SENSOR_HISTORY},
+    {"topics": "gateway/#", "key": "event", "op": "prepend", "into": "events",
+     "keep": GATEWAY_EVENTS},
+    {"topics": "alert/#", "key": "alert", "op": "upsert", "into": "alerts", "by": "id",
+     "order": "newest_first"},
+)
 
 
 def _part(value: object) -> str:
@@ -85,3 +106,9 @@ def alert(priority: str, rule: str) -> str:
 def split(topic: str) -> list[str]:
     """The decoded levels of a topic name (``lot/A%2FB`` -> ``["lot", "A/B"]``)."""
     return [unquote(p) for p in topic.split("/")]
+
+
+__all__ = [
+    "GATEWAY_EVENTS", "HUB_STATE", "MERGE_RULES", "PRIORITIES", "SENSOR_HISTORY", "alert",
+    "gateway", "lot", "sensor", "split", "test", "unquote", "wafer",
+]

@@ -2,24 +2,34 @@
 
 - ``client``: ``TrioMqttClient``, a Trio driver for paho-mqtt's external-loop API (no paho
   thread), with reconnects, resubscription and backpressure; also used to publish.
-- ``topics``: topic-filter checks and channel-name templates.
+- ``topics``: channel-name templates (topic filters: ``edgegw.topicfilter``).
 - ``payloads``: payload decoders and the ``edgegw.payloads`` plugin seam.
 - ``acks``: ``AckLedger``, which QoS 1 messages may be acknowledged (once durable, in
   order) and which redelivered ones to drop (sans-IO).
 - ``source``: ``MqttSource``, the gateway source (entry point ``mqtt``).
+
+Public face: the names in ``__all__`` (``source`` too, as a module); the modules
+themselves are internal.
 """
 
+from . import source
+from .acks import AckLedger, CheckpointError, Group, keys_from_checkpoint
 from .client import ConnectError, ConnectOptions, ConnectRefused, TrioMqttClient, ssl_context
-from .payloads import PayloadError
-from .source import MqttSource, MqttSourceConfig
+from .payloads import (
+    MAX_TIMESTAMP,
+    PayloadError,
+    UnknownPayloadDecoder,
+    decode_number,
+    json_decoder,
+    make_decoder,
+)
+from .source import MqttSource, MqttSourceConfig, MqttSourceError
+from .topics import TemplateError, compile_template
 
 __all__ = [
-    "ConnectError",
-    "ConnectOptions",
-    "ConnectRefused",
-    "MqttSource",
-    "MqttSourceConfig",
-    "PayloadError",
-    "TrioMqttClient",
-    "ssl_context",
+    "MAX_TIMESTAMP", "AckLedger", "CheckpointError", "ConnectError", "ConnectOptions",
+    "ConnectRefused", "Group", "MqttSource", "MqttSourceConfig", "MqttSourceError",
+    "PayloadError", "TemplateError", "TrioMqttClient", "UnknownPayloadDecoder",
+    "compile_template", "decode_number", "json_decoder", "keys_from_checkpoint",
+    "make_decoder", "source", "ssl_context",
 ]

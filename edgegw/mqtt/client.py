@@ -41,6 +41,10 @@ Acknowledgements: with ``manual_ack`` paho sends no PUBACK by itself; the owner 
 UNSUBSCRIBE of a filter nobody uses) whose answer, reported to ``on_fence``, proves the
 broker has read every packet sent before it.  ``on_session(session_present)`` is called
 when a connection is accepted, before any message of it is handed over.
+
+Why one module of this size: one class drives paho's external-loop API, and its socket
+callbacks, read buffer, reconnect loop and acknowledgement order share one paho client's
+state; split apart they would be one class spread over files.
 """
 
 from __future__ import annotations

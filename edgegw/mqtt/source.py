@@ -24,6 +24,10 @@ Failure boundary: whatever goes wrong while handling one message (a payload that
 decode, a decoder that raises anything else, a bug) is caught here, counted, logged with
 the topic at most once per interval, and the message is acknowledged in its turn: a poison
 message is never redelivered forever and never stops the gateway.
+
+Why one module of this size: the message path (route, decode, throttle, put, acknowledge
+after durability) is one synchronous pipeline over shared per-source state; the pieces
+that stand alone are beside it (``acks``, ``payloads``, ``topics``, ``edgegw.throttle``).
 """
 
 from __future__ import annotations
@@ -44,12 +48,13 @@ from ..backoff import Backoff
 from ..config import Range
 from ..metrics import report_internal_error
 from ..records import GatewayEvent, Record, SensorReading
-from ..sources import RecordSink, SourceContext
+from ..sources import RecordSink, SourceContext, source_errors
 from ..throttle import Throttle, as_sensor_window
+from ..topicfilter import filter_problem, matches
 from .acks import AckLedger, CheckpointError, Group, keys_from_checkpoint
 from .client import ConnectOptions, TrioMqttClient, ssl_context, subscriptions_of
 from .payloads import Decoder, PayloadError, UnknownPayloadDecoder, make_decoder
-from .topics import TemplateError, check_filter, compile_template
+from .topics import TemplateError, compile_template
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +103,7 @@ class SubscriptionConfig:
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
-        why = check_filter(self.topic)
+        why = filter_problem(self.topic)
         if why:
             problems.append(("topic", why))
         else:
@@ -216,7 +221,7 @@ class MqttSource:
         self._m_bad = m.counter("mqtt_bad_payloads_total",
                                 "MQTT messages that did not decode, by topic")
         # the gateway-wide count of bad input, beside the per-topic one
-        self._m_source_errors = m.counter("source_errors", "bad input seen by sources")
+        self._m_source_errors = source_errors(m)
         self._m_unrouted = m.counter("mqtt_unrouted_total",
                                      "MQTT messages matching no subscription")
         self._m_connected = m.gauge("mqtt_connected", "1 while connected to the broker")
@@ -252,7 +257,7 @@ class MqttSource:
         (the template and the filter match cost more than the rest of the message)."""
         found: _Hit = (None, "", zlib.crc32(topic.encode()))
         for topic_filter, route in self._routes:
-            if paho.topic_matches_sub(topic_filter, topic):
+            if matches(topic_filter, topic):
                 channel = route.channel(topic)  # TemplateError: not cached, counted
                 found = (route, channel, found[2])
                 if route.sub.unit:
@@ -533,3 +538,14 @@ class MqttSource:
                 self._stopping = True
                 self._wake_pump.set()
                 pump_scope.deadline = trio.current_time() + STOP_FLUSH_S
+
+
+__all__ = [
+    "STOP_FLUSH_S",
+    "BackoffConfig",
+    "MqttSource",
+    "MqttSourceConfig",
+    "MqttSourceError",
+    "SubscriptionConfig",
+    "TlsConfig",
+]

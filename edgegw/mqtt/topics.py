@@ -1,4 +1,5 @@
-"""Topic filters and the channel-name templates that map a topic to a sensor channel.
+"""The channel-name templates that map an MQTT topic to a sensor channel (the filters
+themselves: ``edgegw.topicfilter``).
 
 A template is text with placeholders taken from the *received* topic's levels:
 
@@ -23,19 +24,6 @@ _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 
 class TemplateError(ValueError):
     pass
-
-
-def check_filter(topic_filter: str) -> str | None:
-    """Why ``topic_filter`` is not a valid MQTT subscription filter, or None."""
-    if not topic_filter:
-        return "must not be empty"
-    levels = topic_filter.split("/")
-    for i, level in enumerate(levels):
-        if "#" in level and (level != "#" or i != len(levels) - 1):
-            return "'#' must be a whole level and the last one"
-        if "+" in level and level != "+":
-            return "'+' must be a whole level"
-    return None
 
 
 def compile_template(template: str, topic_filter: str) -> Callable[[str], str]:

@@ -2,7 +2,8 @@
 
 The hub's record of what it has applied for one (gateway, epoch): usually one range
 ``[1, N]``; after an outage with live-first delivery, two or three.  Memory is bounded by
-the number of holes, which the protocol limits.
+the number of holes, which the protocol limits.  The disk spool keeps its selective acks
+and lost frames in the same structure.
 """
 
 from __future__ import annotations
@@ -47,6 +48,20 @@ class IntervalSet:
             hi = max(hi, self._hi[j - 1])
         self._lo[i:j] = [lo]
         self._hi[i:j] = [hi]
+
+    def containing(self, n: int) -> tuple[int, int] | None:
+        """The range that holds ``n``, or None."""
+        i = bisect.bisect_right(self._lo, n) - 1
+        if i >= 0 and n <= self._hi[i]:
+            return self._lo[i], self._hi[i]
+        return None
+
+    def discard_through(self, n: int) -> None:
+        """Remove every number up to and including ``n``."""
+        i = bisect.bisect_right(self._hi, n)  # ranges wholly at or below n
+        del self._lo[:i], self._hi[:i]
+        if self._lo and self._lo[0] <= n:
+            self._lo[0] = n + 1
 
     def ranges(self) -> list[tuple[int, int]]:
         return list(zip(self._lo, self._hi, strict=True))

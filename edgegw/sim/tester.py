@@ -250,3 +250,18 @@ class TesterModel:
             elif passed:
                 counts["good"] += 1  # a retest that passes turns a failed die good
         return parts
+
+
+__all__ = [
+    "HARD_OF_SOFT",
+    "MAX_TESTS",
+    "SOFT_BINS",
+    "TESTS",
+    "Event",
+    "Part",
+    "TestResult",
+    "TesterModel",
+    "TesterProfile",
+    "lot_profiles",
+    "program_tests",
+]

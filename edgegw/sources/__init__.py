@@ -1,7 +1,7 @@
 """Sources: where records come from.
 
 A source type is a class registered under the ``edgegw.sources`` entry-point group
-(``edgegw.sources.simulated`` is the built-in example; STDF tail and MQTT are others).
+(``edgegw.sim.source`` is the built-in example; STDF tail and MQTT are others).
 It declares a ``Config`` dataclass for its own keys in a ``[[sources]]`` table, and an
 ``async def run(self, sink, *, task_status)`` that puts records into the sink in batches.
 
@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Protocol
 
 import trio
 
-from ..metrics import Metrics
+from ..metrics import Metric, Metrics
 from ..records import Record
 
 ENTRY_POINT_GROUP = "edgegw.sources"
@@ -60,6 +60,14 @@ class Source(Protocol):
     ) -> None: ...
 
 
+def source_errors(metrics: Metrics) -> Metric:
+    """The gateway-wide count of bad input a source survived (corrupt files, undecodable
+    payloads, read errors), by ``source`` and ``kind``: one metric for every source."""
+    return metrics.counter("source_errors",
+                           "bad input a source survived (corrupt files, undecodable payloads, "
+                           "read errors), by source and kind")
+
+
 class UnknownSourceType(LookupError):
     pass
 
@@ -72,12 +80,6 @@ def source_types() -> dict[str, type[Source]]:
             found[ep.name] = ep.load()
         except Exception:  # a broken plugin must not take the gateway down
             continue
-    if "simulated" not in found:  # running from a source tree without the entry points
-        from .simulated import SimulatedTesterSource
-        from .simulated_sensors import SimulatedSensorSource
-
-        found["simulated"] = SimulatedTesterSource
-        found["simulated-sensors"] = SimulatedSensorSource
     return found
 
 
@@ -89,3 +91,21 @@ def source_type(name: str) -> type[Source]:
         raise UnknownSourceType(
             f"unknown source type {name!r} (installed: {', '.join(sorted(types_))})"
         ) from None
+
+
+# after the interface above, which they import
+from .formats import (  # noqa: E402
+    UnknownFormat,
+    build_options,
+    get_format,
+    installed_formats,
+    is_complete,
+    new_parser,
+)
+from .tail import TailConfig, TailSource  # noqa: E402
+
+__all__ = [
+    "ENTRY_POINT_GROUP", "RecordSink", "Source", "SourceContext", "TailConfig", "TailSource",
+    "UnknownFormat", "UnknownSourceType", "build_options", "get_format", "installed_formats",
+    "is_complete", "new_parser", "source_errors", "source_type", "source_types",
+]

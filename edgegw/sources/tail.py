@@ -56,20 +56,12 @@ from typing import Annotated, Any, ClassVar, Literal
 import trio
 
 from ..config import ConfigError, Range
-from ..formats import (
-    FormatError,
-    FormatParser,
-    TesterFormat,
-    UnknownFormat,
-    build_options,
-    get_format,
-    is_complete,
-    new_parser,
-)
+from ..formats import FormatError, FormatParser, TesterFormat
 from ..metrics import report_internal_error
 from ..records import GatewayEvent, Record
 from ..stdf.mapping import RecordMapper
-from . import RecordSink, SourceContext
+from . import RecordSink, SourceContext, source_errors
+from .formats import UnknownFormat, build_options, get_format, is_complete, new_parser
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +202,7 @@ class TailSource:
         self.format: TesterFormat = get_format(config.format)
         self.options = build_options(self.format, config.options)
         self.files: dict[str, _File] = {}
-        self.errors = context.metrics.counter(
-            "source_errors", "bad input a source survived (corrupt files, read errors)")
+        self.errors = source_errors(context.metrics)
         self.read_records = context.metrics.counter(
             "tail_records", "tester records parsed from tailed files (re-reads included)")
         suffixes = tuple(s.lower() for s in self.format.suffixes)

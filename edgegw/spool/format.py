@@ -250,3 +250,25 @@ def scan(data: bytes, offset: int = 0, keep_bodies: bool = True) -> list[Record 
     s.feed(data)
     s.end()
     return list(s.events())
+
+
+__all__ = [
+    "HEADER",
+    "HEADER_SIZE",
+    "MAGIC",
+    "MAX_RECORD",
+    "Damage",
+    "Header",
+    "Kind",
+    "Record",
+    "Scanner",
+    "decode",
+    "decode_header",
+    "encode",
+    "encode_ack",
+    "encode_commit",
+    "encode_frame",
+    "encode_state",
+    "frame_size",
+    "scan",
+]

@@ -17,24 +17,22 @@ Public API::
     state = TestState()               # PTR/MPR/FTR default state + open PIRs per head/site
     state.resolve_ptr(fields) -> dict
 
-See ``docs/stdf.md``.
+See ``docs/stdf.md``.  Public face: the names in ``__all__`` (``spec``: the record tables;
+``decoder``: its tuning knobs, for benches and tests); the other modules are internal.
 """
 
+from . import decoder, spec
 from .decoder import StdfDecoder, StdfError, StdfRecord
-from .spec import BY_NAME, BY_TYPE, RECORDS, Bits, Field, RecordSpec
-from .state import TestState
+from .fields import stdf_fields, test_number
+from .mapping import RecordMapper
+from .spec import BY_NAME, BY_TYPE, RECORDS, Bits, Field, RecordSpec, missing_value
+from .state import TestState, part_passed, part_supersedes, result_passed
+from .stats import ALL_SITES, StdfStats
 from .writer import StdfWriter
 
 __all__ = [
-    "BY_NAME",
-    "BY_TYPE",
-    "RECORDS",
-    "Bits",
-    "Field",
-    "RecordSpec",
-    "StdfDecoder",
-    "StdfError",
-    "StdfRecord",
-    "StdfWriter",
-    "TestState",
+    "ALL_SITES", "BY_NAME", "BY_TYPE", "RECORDS", "Bits", "Field", "RecordMapper", "RecordSpec",
+    "StdfDecoder", "StdfError", "StdfRecord", "StdfStats", "StdfWriter", "TestState", "decoder",
+    "missing_value", "part_passed", "part_supersedes", "result_passed", "spec", "stdf_fields",
+    "test_number",
 ]

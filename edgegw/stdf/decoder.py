@@ -23,6 +23,10 @@ Framing rules:
 * :class:`StdfError` (with the byte offset) for input that cannot be STDF: a first record
   that is not a FAR, a REC_LEN larger than the record type can possibly hold, a run of
   records of unknown type (garbage or a zero-filled region), an unknown GDR type code.
+
+Why one module of this size: the decoder is the gateway's hottest loop (``bench/stdf_decode.py``);
+its field readers are built once per record type and closed over local names, and they
+live beside the loop that calls them on purpose.  The spec tables are in ``spec.py``.
 """
 
 from __future__ import annotations
@@ -866,3 +870,9 @@ def decode_all(data: bytes) -> list[StdfRecord]:
         raise StdfError(f"file ends inside a record ({dec.buffered} bytes left over)",
                         dec.position)
     return records
+
+
+__all__ = [
+    "MEMO_SIZE", "StdfDecoder", "StdfError", "StdfRecord", "decode_all", "decode_generic",
+    "decoder_table", "set_tail_memo",
+]

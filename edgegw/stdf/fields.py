@@ -8,7 +8,7 @@ the mapping reads as absent.  ``stdf_fields`` does that filling, and checks what
 STDF file could not hold (an unknown field name, an integer outside its type).
 
 ``test_number`` gives a format whose tests have names but no numbers a stable TEST_NUM.
-Both are exported from ``edgegw.formats``, the plugins' public face.
+Both are exported from ``edgegw.stdf`` (its public face, for plugins).
 """
 
 from __future__ import annotations

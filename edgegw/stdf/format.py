@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..formats import FormatError
-from . import StdfDecoder, StdfError, StdfRecord
+from .decoder import StdfDecoder, StdfError, StdfRecord
 
 
 class StdfParser:

@@ -40,8 +40,7 @@ from ..records import (
     WaferEnd,
     WaferStart,
 )
-from . import TestState
-from .state import part_passed, part_supersedes, result_passed
+from .state import TestState, part_passed, part_supersedes, result_passed
 
 MISSING_COORD = -32768
 MISSING_BIN = MISSING_SOFT_BIN = 65535

@@ -12,7 +12,8 @@ import random
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ..formats import FormatError, FormatParser, TesterFormat, new_parser
+from ..formats import FormatError, FormatParser, TesterFormat
+from ..sources import new_parser
 
 #: Data longer than this is not cut at every byte: see ``cut_points``.
 EXHAUSTIVE_BYTES = 4096

@@ -1,6 +1,6 @@
 """One tester file through the real pipeline: tail source -> gateway -> hub, in-process.
 
-``run_tail`` starts a hub (``HubApp``: ingest, live state, the dashboard's topics) on a
+``run_tail`` starts a hub (``Hub``: ingest, live state, the dashboard's topics) on a
 free loopback port with its store in a scratch directory, and a gateway with a disk spool
 and one tail source on the format under test; writes the file in pieces as a tester
 would; waits until the tail has finished the file and the hub has acknowledged every
@@ -18,11 +18,11 @@ from typing import Any
 import trio
 
 from ..config import build
-from ..formats import get_format
 from ..gateway.config import GatewayConfig
 from ..gateway.service import Gateway
-from ..hub.app import HubApp
+from ..hub.app import Hub
 from ..hub.config import HubConfig
+from ..sources import get_format
 
 _GATEWAY = "kit-gw"
 _TOKEN = "kit-token"
@@ -78,7 +78,7 @@ async def run_tail(workdir: Path, format: str, data: bytes, *, file_name: str | 
     hub_cfg = build(HubConfig, {
         "hub": {"port": 0, "listen": "127.0.0.1", "data_dir": str(workdir / "hub")},
         "gateways": {_GATEWAY: {"token": _TOKEN}}})
-    app = HubApp(hub_cfg)
+    app = Hub(hub_cfg)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(app.run)
         gw_cfg = build(GatewayConfig, {
@@ -134,7 +134,7 @@ def _stored_done(gateway: Gateway, path: str) -> bool:
     return bool(checkpoint.get("files", {}).get(path, {}).get("done"))
 
 
-def _holds(app: HubApp, source: Any, path: str) -> HubHolds:
+def _holds(app: Hub, source: Any, path: str) -> HubHolds:
     state = app.state
     lots: dict[str, dict[str, Any]] = {}
     wafers: dict[tuple[str, str], dict[str, Any]] = {}

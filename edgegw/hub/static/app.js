@@ -5,7 +5,8 @@
 const SUBPROTOCOL = "edgegw.live.v1.json";
 const TOPICS = ["lot/+", "lot/+/wafer/+", "test/+/+", "sensor/+", "gateway/+", "alert/#",
   "hub/state"];
-const SENSOR_POINTS = 600;
+// How a delta applies to a view, as the hub's hello gives it (docs/live-topics.md).
+let mergeRules = [];
 
 // topic -> state, and the (epoch, offset) we hold it at: what we resume from.
 const views = new Map();
@@ -119,6 +120,7 @@ function onMessage(msg) {
         dirty = alertsDirty = true;
       }
       epoch = msg.epoch;
+      mergeRules = msg.merge || [];
       setConn("live", "live");
       break;
     case "batch":
@@ -171,41 +173,55 @@ function applyItem(item) {
   offsets.set(topic, item.offset);
 }
 
-// Local shape of each topic: dies keyed by "x,y" so a retest replaces its die.
+// Local shape of each topic: the lists the hub's merge rules upsert into become Maps keyed
+// by identity (a wafer's dies by X,Y, so a retest replaces its die; alerts by id).
 function prepare(topic, data) {
-  if (isWafer(topic)) {
-    const dies = new Map();
-    for (const row of data.dies || []) dies.set(row[0] + "," + row[1], row);
-    return { ...data, dies };
+  const view = { ...data };
+  for (const rule of rulesFor(topic)) {
+    if (rule.op !== "upsert") continue;
+    const rows = data[rule.into] || [];
+    const byIdentity = new Map();
+    for (const row of rule.order === "newest_first" ? rows.slice().reverse() : rows) {
+      byIdentity.set(identity(row, rule.by), row);
+    }
+    view[rule.into] = byIdentity;
   }
-  if (topic.startsWith("alert/")) {
-    const alerts = new Map();
-    for (const a of (data.alerts || []).slice().reverse()) alerts.set(a.id, a);
-    return { ...data, alerts };
-  }
-  return data;
+  return view;
 }
 
 function applyDelta(topic, view, delta) {
   const out = { ...view };
+  const rules = rulesFor(topic);
   for (const [key, value] of Object.entries(delta)) {
-    if (key === "dies" && view.dies instanceof Map) {
-      for (const row of value) view.dies.set(row[0] + "," + row[1], row);
-      out.dies = view.dies;
-    } else if (key === "append") {
-      const hist = (view.history || []).concat(value);
-      out.history = hist.length > SENSOR_POINTS ? hist.slice(-SENSOR_POINTS) : hist;
-    } else if (key === "event" && topic.startsWith("gateway/")) {
-      out.events = [value].concat(view.events || []).slice(0, 20);
-    } else if (key === "alert" && view.alerts instanceof Map) {
-      view.alerts.set(value.id, value);
-      out.alerts = view.alerts;
+    const rule = rules.find((r) => r.key === key);
+    const list = rule ? view[rule.into] : undefined;
+    if (rule && rule.op === "upsert" && list instanceof Map) {
+      for (const row of Array.isArray(value) ? value : [value]) list.set(identity(row, rule.by), row);
+      out[rule.into] = list;
+    } else if (rule && rule.op === "append") {
+      const longer = (list || []).concat(value);
+      out[rule.into] = longer.length > rule.keep ? longer.slice(-rule.keep) : longer;
+    } else if (rule && rule.op === "prepend") {
+      out[rule.into] = [value].concat(list || []).slice(0, rule.keep);
     } else {
       out[key] = value;
     }
   }
   return out;
 }
+
+// MQTT-style topic filters: "+" one level, "#" the rest (also the parent level itself).
+function topicMatches(filter, topic) {
+  const f = filter.split("/");
+  const t = topic.split("/");
+  for (let i = 0; i < f.length; i++) {
+    if (f[i] === "#") return true;
+    if (i >= t.length || (f[i] !== "+" && f[i] !== t[i])) return false;
+  }
+  return f.length === t.length;
+}
+const rulesFor = (topic) => mergeRules.filter((rule) => topicMatches(rule.topics, topic));
+const identity = (row, by) => (Array.isArray(by) ? by.map((i) => row[i]).join(",") : row[by]);
 
 const isWafer = (topic) => /^lot\/[^/]+\/wafer\/[^/]+$/.test(topic);
 const kindOf = (topic) => topic.split("/")[0];

@@ -36,7 +36,8 @@ import re
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
-from edgegw.formats import FormatError, stdf_fields
+from edgegw.formats import FormatError
+from edgegw.stdf import stdf_fields
 
 __all__ = ["ATDF", "AtdfFormat", "AtdfParser", "AtdfRecord"]
 

@@ -34,7 +34,8 @@ import re
 from collections.abc import Iterator
 from typing import Any, Literal, NamedTuple
 
-from edgegw.formats import FormatError, stdf_fields, test_number
+from edgegw.formats import FormatError
+from edgegw.stdf import stdf_fields, test_number
 
 __all__ = ["WAT", "WatFormat", "WatOptions", "WatParser", "WatRecord"]
 
@@ -63,7 +64,7 @@ class WatOptions:
 
     #: the zone the file's start time is written in: "UTC" or "+hh:mm" / "-hh:mm"
     timezone: str = "UTC"
-    #: TEST_NUM of a parameter: "name" -- the CRC-32 of its name (edgegw.formats.
+    #: TEST_NUM of a parameter: "name" -- the CRC-32 of its name (edgegw.stdf.
     #: test_number), the same in every file; "column" -- its column (1 = the first
     #: parameter), only for files that always have the same columns
     test_numbers: Literal["name", "column"] = "name"

@@ -21,9 +21,9 @@ import trio
 
 from ..config import Range
 from ..records import Record
-from ..sim.sensors import SENSORS, SensorField
+from ..sources import RecordSink, SourceContext
 from ..throttle import Throttle, Window, as_sensor_window
-from . import RecordSink, SourceContext
+from .sensors import SENSORS, SensorField
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,6 +43,10 @@ Invariants worth knowing before reading the code:
   dashboard's warning) and ``/api/stats`` show.
 * One delta per changed topic per ``on_records`` call: a batch of 2,000 parts on one
   wafer publishes one wafer delta with the changed dies, not 2,000.
+
+Why one module of this size: ``LiveState`` is one class whose record handlers share the
+open batch, the caps, the eviction policy and the observer; the entities are in
+``models.py``, the field checks in ``checks.py``, the observer protocol in ``observer.py``.
 """
 
 from __future__ import annotations
@@ -50,9 +54,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edgegw.hub import topics
 from edgegw.metrics import Metrics
@@ -72,431 +76,22 @@ from edgegw.records import (
     WaferEnd,
     WaferStart,
 )
-from edgegw.stdf.fields import test_number
 
-if TYPE_CHECKING:
-    from edgegw.hub.alerts import AlertEngine
+from .checks import BAD_VALUE_FLAGS, BadRecord, NotApplied, is_int, is_num, opt_int, opt_num
+from .models import (
+    Die,
+    GatewayState,
+    LotState,
+    SensorState,
+    TestStats,
+    WaferState,
+    lot_archive,
+)
+from .observer import StateObserver
 
 Publish = Callable[[str, dict[str, Any]], None]
 
 log = logging.getLogger("edgegw.hub.state")
-
-#: TEST_FLG bits that make a measured value unusable for statistics: result invalid,
-#: unreliable, timeout, not executed, aborted.
-_BAD_VALUE_FLAGS = 0b0011_1110
-
-#: Parts remembered per lot for the units-per-hour figure.
-_UPH_WINDOW = 500
-#: Seconds of arrival history behind a gateway's records-per-second figure.
-_RATE_WINDOW_S = 10
-#: Gateway events (GatewayEvent records) kept per gateway.
-_GATEWAY_EVENTS = 20
-
-
-class BadRecord(ValueError):
-    """A record whose fields the live state cannot use (wrong types, over a limit)."""
-
-
-class NotApplied(Exception):
-    """A valid record the live state cannot apply; ``reason`` is its metric label."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _opt_int(v: Any) -> bool:
-    return v is None or _is_int(v)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _opt_num(v: Any) -> bool:
-    return v is None or _is_num(v)
-
-
-def _ratio(num: int, den: int) -> float | None:
-    return num / den if den else None
-
-
-class Tally:
-    """Counts over final dies (the map) and over every part result (what testers report)."""
-
-    __slots__ = (
-        "binned",
-        "dies",
-        "good",
-        "hard",
-        "hard_tested",
-        "judged",
-        "parts",
-        "retests",
-        "site_dies",
-        "site_good",
-        "soft",
-        "soft_tested",
-    )
-
-    def __init__(self) -> None:
-        self.dies = 0
-        self.good = 0
-        #: final dies with a pass/fail (PRR PART_FLG bit 4 clear) and with a hard bin
-        #: (not 65535): a parametric-only format has neither, and yield and bins are then
-        #: "not applicable" rather than 0 % and bin 0
-        self.judged = 0
-        self.binned = 0
-        self.parts = 0
-        self.retests = 0
-        self.hard: Counter[int] = Counter()
-        self.soft: Counter[int] = Counter()
-        self.hard_tested: Counter[int] = Counter()
-        self.soft_tested: Counter[int] = Counter()
-        self.site_dies: Counter[int] = Counter()
-        self.site_good: Counter[int] = Counter()
-
-    def count_final(self, die: Die, sign: int) -> None:
-        self.dies += sign
-        if die.passed is not None:
-            self.judged += sign
-        if die.hard_bin is not None:
-            self.binned += sign
-            self.hard[die.hard_bin] += sign
-        if die.soft_bin is not None:
-            self.soft[die.soft_bin] += sign
-        self.site_dies[die.site] += sign
-        if die.passed:
-            self.good += sign
-            self.site_good[die.site] += sign
-
-    def count_tested(self, die: Die, replaced: bool) -> None:
-        self.parts += 1
-        self.retests += replaced
-        if die.hard_bin is not None:
-            self.hard_tested[die.hard_bin] += 1
-        if die.soft_bin is not None:
-            self.soft_tested[die.soft_bin] += 1
-
-    @property
-    def yield_(self) -> float | None:
-        """Good dies over all dies (a die without pass/fail counts as not good); None
-        with no dies, or when no die has a pass/fail (not applicable)."""
-        return _ratio(self.good, self.dies) if self.judged else None
-
-    def not_applicable(self) -> list[str]:
-        """What the dies cannot say: "yield" (no die has a pass/fail), "bins" (no die
-        has a hard bin) -- a parametric-only format (docs/plugins.md)."""
-        if not self.dies:
-            return []
-        return [name for name, n in (("yield", self.judged), ("bins", self.binned)) if not n]
-
-    def site_yields(self) -> dict[int, float | None]:
-        return {s: _ratio(self.site_good[s], n) for s, n in self.site_dies.items() if n}
-
-    def share(self, hard_bin: int) -> float | None:
-        return _ratio(self.hard[hard_bin], self.dies)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "die_count": self.dies,
-            "good": self.good if self.judged or not self.dies else None,
-            "yield": self.yield_,
-            "not_applicable": self.not_applicable(),
-            "parts": self.parts,
-            "retests": self.retests,
-            "hard_bins": _keyed(self.hard),
-            "soft_bins": _keyed(self.soft),
-            "hard_bins_tested": _keyed(self.hard_tested),
-            "soft_bins_tested": _keyed(self.soft_tested),
-            "sites": {
-                str(s): {
-                    "dies": n, "good": self.site_good[s], "yield": _ratio(self.site_good[s], n)
-                }
-                for s, n in sorted(self.site_dies.items())
-                if n
-            },
-        }
-
-
-def _keyed(counter: Counter[int]) -> dict[str, int]:
-    # String keys: the same snapshot goes out as CBOR and as JSON, and a JSON client
-    # would otherwise see "1" where a CBOR client sees 1.
-    return {str(k): v for k, v in sorted(counter.items()) if v}
-
-
-class Die:
-    """One part result; the final one of its location is what the map shows."""
-
-    __slots__ = ("gateway", "hard_bin", "part_id", "passed", "rid", "site", "soft_bin", "ts",
-                 "x", "y")
-
-    def __init__(self, gateway: str, rid: int, rec: PartResult) -> None:
-        self.gateway = gateway
-        self.rid = rid
-        self.ts = rec.ts
-        self.x = rec.x
-        self.y = rec.y
-        self.hard_bin = rec.hard_bin
-        self.soft_bin = rec.soft_bin
-        self.passed = rec.passed
-        self.site = rec.site
-        self.part_id = rec.part_id
-
-    def newer_than(self, other: Die) -> bool:
-        if self.gateway == other.gateway:
-            return self.rid > other.rid
-        return (self.ts, self.gateway) > (other.ts, other.gateway)
-
-    def row(self) -> list[Any]:
-        return [self.x, self.y, self.hard_bin, self.soft_bin, self.passed, self.site]
-
-
-class WaferState:
-    def __init__(self, lot_id: str, wafer_id: str) -> None:
-        self.lot_id = lot_id
-        self.wafer_id = wafer_id
-        self.topic = topics.wafer(lot_id, wafer_id)
-        self.dies: dict[Any, Die] = {}
-        self.tally = Tally()
-        self.status = "open"
-        self.started: float | None = None
-        self.ended: float | None = None
-        self.reported: dict[str, Any] = {}
-        self.updated = 0.0
-        self.archived = False  # left memory for the history store
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "lot_id": self.lot_id,
-            "wafer_id": self.wafer_id,
-            "status": self.status,
-            "started": self.started,
-            "ended": self.ended,
-            "dies": [d.row() for d in self.dies.values() if d.x is not None and d.y is not None],
-            **self.tally.as_dict(),
-            "reported": dict(self.reported),
-            "updated": self.updated,
-        }
-
-
-class TestStats:
-    """Running statistics of one test in one lot (Welford's algorithm: no sample list)."""
-
-    __test__ = False  # not a pytest class, whatever the name says
-
-    def __init__(self, lot_id: str, test_num: int, kind: str) -> None:
-        self.lot_id = lot_id
-        self.test_num = test_num
-        self.kind = kind
-        self.topic = topics.test(lot_id, test_num)
-        self.test_txt = ""
-        self.units = ""
-        self.lo: float | None = None
-        self.hi: float | None = None
-        self.executions = 0
-        self.fails = 0
-        self.count = 0
-        self.mean = 0.0
-        self.m2 = 0.0
-        self.min: float | None = None
-        self.max: float | None = None
-
-    def add_value(self, value: float) -> None:
-        self.count += 1
-        delta = value - self.mean
-        self.mean += delta / self.count
-        self.m2 += delta * (value - self.mean)
-        if self.min is None or value < self.min:
-            self.min = value
-        if self.max is None or value > self.max:
-            self.max = value
-
-    @property
-    def sigma(self) -> float | None:
-        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else None
-
-    @property
-    def cpk(self) -> float | None:
-        sigma = self.sigma
-        if not sigma or (self.lo is None and self.hi is None):
-            return None
-        sides = []
-        if self.hi is not None:
-            sides.append((self.hi - self.mean) / (3 * sigma))
-        if self.lo is not None:
-            sides.append((self.mean - self.lo) / (3 * sigma))
-        return min(sides)
-
-    @property
-    def cp(self) -> float | None:
-        sigma = self.sigma
-        if not sigma or self.lo is None or self.hi is None:
-            return None
-        return (self.hi - self.lo) / (6 * sigma)
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "lot_id": self.lot_id,
-            "test_num": self.test_num,
-            "kind": self.kind,
-            "test_txt": self.test_txt,
-            # a test known by name: its number is test_number(name) (docs/plugins.md)
-            "named": bool(self.test_txt) and test_number(self.test_txt) == self.test_num,
-            "units": self.units,
-            "lo_limit": self.lo,
-            "hi_limit": self.hi,
-            "executions": self.executions,
-            "fails": self.fails,
-            "count": self.count,
-            "mean": self.mean if self.count else None,
-            "sigma": self.sigma,
-            "min": self.min,
-            "max": self.max,
-            "cp": self.cp,
-            "cpk": self.cpk,
-        }
-
-
-class LotState:
-    def __init__(self, lot_id: str) -> None:
-        self.lot_id = lot_id
-        self.topic = topics.lot(lot_id)
-        self.info: dict[str, Any] = {
-            "part_type": "", "node_name": "", "tester_type": "", "job_name": ""
-        }
-        self.status = "open"
-        self.started: float | None = None
-        self.ended: float | None = None
-        self.gateways: set[str] = set()
-        self.wafers: dict[str, WaferState] = {}  # the live ones
-        #: wafers that left memory for the store: a late record for one is not applied
-        #: (it would start the wafer afresh and overwrite its archive)
-        self.archived_wafers: set[str] = set()
-        self.tests: dict[int, TestStats] = {}
-        self.tally = Tally()
-        self.part_times: deque[float] = deque(maxlen=_UPH_WINDOW)
-        self.test_time_sum = 0
-        self.test_time_n = 0
-        self.reported_hard: dict[str, int] = {}
-        self.reported_soft: dict[str, int] = {}
-        self.reported_counts: dict[str, Any] = {}
-        self.updated = 0.0
-
-    @property
-    def units_per_hour(self) -> float | None:
-        if len(self.part_times) < 2:
-            return None
-        span = max(self.part_times) - min(self.part_times)
-        return (len(self.part_times) - 1) * 3600.0 / span if span > 0 else None
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "lot_id": self.lot_id,
-            **self.info,
-            "status": self.status,
-            "started": self.started,
-            "ended": self.ended,
-            "gateways": sorted(self.gateways),
-            "wafers": list(self.wafers),
-            "wafer_count": len(self.wafers) + len(self.archived_wafers),
-            "archived_wafers": len(self.archived_wafers),
-            **self.tally.as_dict(),
-            "units_per_hour": self.units_per_hour,
-            "test_time_ms": self.test_time_sum / self.test_time_n if self.test_time_n else None,
-            "tests": sorted(self.tests),
-            "reported": {
-                "hard_bins": dict(self.reported_hard),
-                "soft_bins": dict(self.reported_soft),
-                **self.reported_counts,
-            },
-            "updated": self.updated,
-        }
-
-
-class SensorState:
-    def __init__(self, channel: str, history: int) -> None:
-        self.channel = channel
-        self.topic = topics.sensor(channel)
-        self.unit = ""
-        self.latest: dict[str, Any] | None = None
-        self.history: deque[list[Any]] = deque(maxlen=history)
-        self.source = ""
-
-    def add(self, rec: SensorWindow | SensorReading) -> list[Any]:
-        if isinstance(rec, SensorWindow):
-            self.latest = {
-                "ts": rec.ts, "t0": rec.t0, "t1": rec.t1, "last": rec.last, "min": rec.min,
-                "max": rec.max, "mean": rec.mean, "count": rec.count,
-            }
-            point = [rec.t1, rec.last, rec.min, rec.max, rec.mean]
-        else:
-            self.latest = {
-                "ts": rec.ts, "t0": rec.ts, "t1": rec.ts, "last": rec.value, "min": rec.value,
-                "max": rec.value, "mean": rec.value, "count": 1,
-            }
-            point = [rec.ts, rec.value, rec.value, rec.value, rec.value]
-        self.unit = rec.unit or self.unit
-        self.source = rec.source
-        self.history.append(point)
-        return point
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "channel": self.channel,
-            "unit": self.unit,
-            "source": self.source,
-            "latest": self.latest,
-            "history": list(self.history),
-        }
-
-
-class GatewayState:
-    def __init__(self, gateway_id: str) -> None:
-        self.gateway_id = gateway_id
-        self.topic = topics.gateway(gateway_id)
-        self.online = False
-        self.last_seen: float | None = None
-        self.connected_at: float | None = None
-        self.disconnected_at: float | None = None
-        self.records = 0
-        self.frames = 0
-        self.last_rid: int | None = None
-        self.per_second: dict[int, int] = {}
-        self.rate_now = 0.0
-        self.events: deque[dict[str, Any]] = deque(maxlen=_GATEWAY_EVENTS)
-
-    def count(self, n: int, now: float) -> None:
-        sec = int(now)
-        self.per_second[sec] = self.per_second.get(sec, 0) + n
-        if len(self.per_second) > _RATE_WINDOW_S + 2:
-            for old in [s for s in self.per_second if s <= sec - _RATE_WINDOW_S]:
-                del self.per_second[old]
-        self.rate_now = now
-
-    def records_per_s(self, now: float | None = None) -> float:
-        now = self.rate_now if now is None else now
-        low = now - _RATE_WINDOW_S
-        total = sum(n for s, n in self.per_second.items() if s > low)
-        return total / _RATE_WINDOW_S
-
-    def snapshot(self, now: float | None = None) -> dict[str, Any]:
-        return {
-            "gateway_id": self.gateway_id,
-            "online": self.online,
-            "last_seen": self.last_seen,
-            "connected_at": self.connected_at,
-            "disconnected_at": self.disconnected_at,
-            "records": self.records,
-            "frames": self.frames,
-            "last_rid": self.last_rid,
-            "records_per_s": self.records_per_s(now),
-            "events": list(self.events),
-        }
 
 
 class LiveState:
@@ -504,21 +99,21 @@ class LiveState:
 
     ``publish(topic, delta)`` is called synchronously from ``on_records``/``on_gateway``/
     ``tick``; it must not block (hub-fanout queues the delta).  ``alerts`` (optional) is
-    the alert engine fed from the same state.
+    the ``StateObserver`` (the alert engine) fed from the same state.
     """
 
     def __init__(
         self,
         publish: Publish,
         *,
-        alerts: AlertEngine | None = None,
+        alerts: StateObserver | None = None,
         clock: Callable[[], float] = time.time,
         max_lots: int = 16,
         idle_lot_s: float = 3600.0,
         max_wafers_per_lot: int = 25,
         max_tests_per_lot: int = 20_000,
         max_sensors: int = 5_000,
-        sensor_history: int = 120,
+        sensor_history: int = topics.SENSOR_HISTORY,
         metrics: Metrics | None = None,
         on_evict: Callable[[str, dict[str, Any]], None] | None = None,
         on_wafer_archive: Callable[[str, str, dict[str, Any]], None] | None = None,
@@ -843,8 +438,8 @@ class LiveState:
 
     def _on_part(self, gateway_id: str, rid: int, rec: PartResult, batch: _Batch) -> None:
         # Checked before anything is counted, so a bad part never leaves half its counts.
-        if not (_opt_int(rec.hard_bin) and _is_int(rec.site) and _opt_int(rec.x)
-                and _opt_int(rec.y) and _opt_int(rec.soft_bin) and _is_num(rec.ts)
+        if not (opt_int(rec.hard_bin) and is_int(rec.site) and opt_int(rec.x)
+                and opt_int(rec.y) and opt_int(rec.soft_bin) and is_num(rec.ts)
                 and rec.passed in (True, False, None)
                 and isinstance(rec.lot_id, str) and isinstance(rec.wafer_id, str)):
             raise BadRecord(f"part {rec.part_id!r} has a field of the wrong type: {rec!r:.200}")
@@ -883,12 +478,12 @@ class LiveState:
             self.alerts.on_part(lot, wafer, rec, gateway_id, self._now)
 
     def _test(self, rec: Any, kind: str) -> TestStats:
-        if not (_is_int(rec.test_num) and isinstance(rec.lot_id, str) and _is_num(rec.ts)):
+        if not (is_int(rec.test_num) and isinstance(rec.lot_id, str) and is_num(rec.ts)):
             raise BadRecord(f"test result with a bad test number or lot id: {rec!r:.200}")
         if kind != "functional" and not (
-            _opt_num(rec.lo_limit) and _opt_num(rec.hi_limit)
-            and (_opt_num(rec.value) if kind == "parametric"
-                 else isinstance(rec.values, list) and all(_opt_num(v) for v in rec.values))
+            opt_num(rec.lo_limit) and opt_num(rec.hi_limit)
+            and (opt_num(rec.value) if kind == "parametric"
+                 else isinstance(rec.values, list) and all(opt_num(v) for v in rec.values))
         ):
             raise BadRecord(f"test {rec.test_num} result with a non-numeric value or limit")
         lot = self._lot(rec.lot_id, rec.ts)
@@ -910,7 +505,7 @@ class LiveState:
                        batch: _Batch) -> None:
         stats = self._test(rec, "parametric")
         self._limits(stats, rec)
-        if rec.value is not None and not rec.test_flag & _BAD_VALUE_FLAGS \
+        if rec.value is not None and not rec.test_flag & BAD_VALUE_FLAGS \
                 and math.isfinite(rec.value):
             stats.add_value(rec.value)
         else:
@@ -921,7 +516,7 @@ class LiveState:
                      batch: _Batch) -> None:
         stats = self._test(rec, "multipin")
         self._limits(stats, rec)
-        if not rec.test_flag & _BAD_VALUE_FLAGS:
+        if not rec.test_flag & BAD_VALUE_FLAGS:
             for value in rec.values:
                 if value is not None and math.isfinite(value):
                     stats.add_value(value)
@@ -1006,8 +601,8 @@ class LiveState:
                    batch: _Batch) -> None:
         values = (rec.last, rec.min, rec.max, rec.mean, rec.t0, rec.t1) \
             if isinstance(rec, SensorWindow) else (rec.value,)
-        if not (isinstance(rec.channel, str) and _is_num(rec.ts)
-                and all(_is_num(v) for v in values)):
+        if not (isinstance(rec.channel, str) and is_num(rec.ts)
+                and all(is_num(v) for v in values)):
             raise BadRecord(f"sensor record with a non-numeric value: {rec!r:.200}")
         sensor = self.sensors.get(rec.channel)
         if sensor is None:
@@ -1100,16 +695,6 @@ class LiveState:
             for stats in batch.tests:
                 if stats.lot_id in self.lots:
                     self.alerts.evaluate_test(stats, ts, now)
-
-
-def lot_archive(lot: LotState) -> dict[str, Any]:
-    """Everything the history API serves about a lot, as plain JSON-able data: its summary,
-    every wafer's map and counts, every test's statistics."""
-    return {
-        "lot": lot.snapshot(),
-        "wafers": {w.wafer_id: w.snapshot() for w in lot.wafers.values()},
-        "tests": {str(t.test_num): t.snapshot() for t in lot.tests.values()},
-    }
 
 
 class _Batch:

@@ -1,6 +1,6 @@
 """The Trio layer of the live fan-out: ``/ws/live`` connections, one sender task per client,
 and the UI-rate ticker.  What each client gets is decided by the sans-IO core
-(``edgegw.hub.live_protocol.LiveHub``); this module only moves bytes and keeps time.
+(``edgegw.hub.fanout.core.LiveHub``); this module only moves bytes and keeps time.
 
 Wiring (the hub service does this)::
 
@@ -24,7 +24,6 @@ no task switch), else by the client's sender task.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable
@@ -32,8 +31,8 @@ from typing import Any
 
 import trio
 
-from ..metrics import Metrics, report_internal_error
-from .http import (
+from ...metrics import Metrics, report_internal_error
+from ...web import (
     ConnectionClosed,
     HttpServer,
     MessageTooBig,
@@ -43,16 +42,11 @@ from .http import (
     json_response,
     prepare_message,
 )
-from .live_protocol import (
-    SUBPROTOCOLS,
-    AckHandler,
-    Client,
-    ClientScope,
-    LiveConfig,
-    LiveHub,
-    StateSource,
-    encoding_for_subprotocol,
-)
+from .channels import Client, ClientScope
+from .config import SUBPROTOCOLS, LiveConfig
+from .core import AckHandler, LiveHub, StateSource
+from .encoding import encoding_for_subprotocol
+from .scope import LiveScope
 
 log = logging.getLogger("edgegw.hub.live")
 
@@ -77,8 +71,8 @@ def new_epoch() -> str:
 
 
 class _Session:
-    __slots__ = ("aborted", "client", "fd", "gate", "held", "idle", "remainder", "scope",
-                 "send_scope", "wake", "ws")
+    __slots__ = ("aborted", "client", "held", "idle", "remainder", "scope", "send_scope",
+                 "wake", "ws")
 
     def __init__(self, client: Client, ws: WebSocket) -> None:
         self.client = client
@@ -88,21 +82,11 @@ class _Session:
         self.send_scope: trio.CancelScope | None = None  # the write in progress, if any
         self.aborted = False  # a write was cut mid-frame: no clean close is possible
         self.idle = False  # its sender is parked, waiting for frames
-        # The unwritten end of a frame the ticker began; the gate is held for it until the
-        # sender has written it.
+        # A frame the ticker could not write (the sender writes it whole), or the unwritten
+        # end of one it began (``held``: the WebSocket is reserved for it until the sender
+        # has written it with ``send_rest``).
         self.remainder: bytes | None = None
-        self.held = False  # the gate is taken on behalf of the remainder
-        self.fd = _socket_fd(ws)
-        self.gate = ws.send_gate
-
-
-def _socket_fd(ws: WebSocket) -> int | None:
-    """The socket's file descriptor, when the WebSocket runs over a plain TCP socket."""
-    sock = getattr(ws.stream, "socket", None)
-    try:
-        return sock.fileno() if sock is not None else None
-    except OSError:
-        return None
+        self.held = False
 
 
 class LiveFanout:
@@ -198,33 +182,22 @@ class LiveFanout:
         when the socket takes less than a whole frame does the sender task take over with
         the rest.  True when nothing is left for the sender."""
         ws = session.ws
-        fd = session.fd
-        gate = session.gate
-        if fd is None or ws.closed is not None or gate.locked():
+        if not ws.can_send_nowait():
             return False  # someone is writing to it (a pong): let the sender queue behind
-        gate.acquire_nowait()
         core = self.core
         client = session.client
         while (frame := core.take_frame(client)) is not None:
-            try:
-                n = os.write(fd, frame)
-            except BlockingIOError:
-                n = 0
-            except OSError:
-                n = -1
-            if n <= 0:
+            n = ws.send_prepared_nowait(frame)
+            if n == 0:
                 # Nothing written: the sender writes the whole frame the ordinary way (and
                 # meets the error, if there was one).
-                gate.release()
                 session.remainder = frame
                 return False
-            ws.bytes_sent += n
             if n < len(frame):
                 session.remainder = frame[n:]
-                session.held = True  # the gate stays taken until the sender wrote the rest
+                session.held = True  # reserved until the sender wrote the rest
                 return False
             core.frame_written(client, now)
-        gate.release()
         return True
 
     # ------------------------------------------------------------------ clients
@@ -274,23 +247,18 @@ class LiveFanout:
             core.disconnect(client)
             if session.held:  # the rest of a frame will never be written
                 session.held = False
-                session.gate.release()
+                ws.abandon_rest()
                 session.aborted = True
             with trio.CancelScope(shield=True):
                 if session.aborted:
                     # Half a frame went out: any close frame now would be garbage.
-                    ws.closed = ws.closed or ConnectionClosed(
-                        client.close_code or 1006, client.close_reason or "aborted")
-                    with trio.move_on_after(1):
-                        await ws.stream.aclose()
+                    await ws.abort(client.close_code or 1006, client.close_reason or "aborted")
                 elif client.close_code is not None:
                     await ws.aclose(client.close_code, client.close_reason)
 
     def _scope(self, principal: Any) -> ClientScope | None:
         if principal is None:  # no access guard on this server: nothing to restrict
             return None
-        from ..auth.access import LiveScope
-
         return LiveScope(principal, anonymous=principal.via == "none",
                          alert_lot=self.alert_lot)
 
@@ -314,7 +282,7 @@ class LiveFanout:
                 continued = False
                 if frame is not None:
                     session.remainder = None
-                    # The rest of a frame the ticker began (then it holds the gate for us),
+                    # The rest of a frame the ticker began (the WebSocket is reserved for it),
                     # or a whole one it could not start.
                     continued, session.held = session.held, False
                 else:
@@ -332,7 +300,7 @@ class LiveFanout:
                     if client.closed:
                         scope.deadline = trio.current_time() + self.config.close_grace
                     if continued:
-                        await self._write_rest(session, frame)
+                        await ws.send_rest(frame)
                     else:
                         await ws.send_prepared(frame)
                 session.send_scope = None
@@ -344,19 +312,6 @@ class LiveFanout:
             pass
         if session.scope is not None:
             session.scope.cancel()  # the handler closes the connection
-
-    @staticmethod
-    async def _write_rest(session: _Session, rest: bytes) -> None:
-        """Write the end of a frame the ticker began, under the gate it left taken."""
-        ws = session.ws
-        try:
-            await ws.stream.send_all(rest)
-            ws.bytes_sent += len(rest)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            ws.closed = ws.closed or ConnectionClosed(1006, "connection lost")
-            raise ws.closed from exc
-        finally:
-            session.gate.release()
 
     # ------------------------------------------------------------------ stats
 

@@ -1,53 +1,15 @@
-"""The seam between batcher and uplink: where sequence-numbered frames wait for their ack.
-
-``FrameStore`` is what the uplink needs.  ``MemoryFrameStore`` is a bounded in-memory
-implementation (frames are lost if the process dies); the crash-safe disk spool
-(``edgegw.spool``) implements the same interface.
-
-Contract:
-- ``append`` assigns the next gap-free sequence number (starting at 1 in a fresh epoch),
-  stores the frame body and returns the sequence.  When full it applies the overflow
-  policy: ``block`` awaits room; ``drop_oldest`` discards the oldest unacked frame and
-  counts it (``dropped_frames``/``dropped_records``), never silently.
-- ``ack(seq)`` is cumulative: every frame <= seq is acknowledged and may be deleted.
-  ``ack_set`` also accepts frames the hub applied out of order (selective acks).
-- ``frames_from(seq)`` returns the stored, unacknowledged frames with sequence >= seq, in
-  order; ``wait_for_frame_after(seq)`` wakes when a frame newer than ``seq`` exists.
-- ``checkpoints`` holds the source checkpoints that are durable with the frames so far.
-"""
+"""``MemoryFrameStore``: a bounded in-memory ``FrameStore`` (frames are lost if the process
+dies); the gateway's default until the disk spool (``edgegw.spool``) is enabled."""
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import secrets
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import trio
 
-
-@dataclasses.dataclass(frozen=True)
-class StoredFrame:
-    seq: int
-    body: bytes
-    n_records: int
-
-
-class FrameStore(Protocol):
-    epoch: str
-
-    @property
-    def next_seq(self) -> int: ...
-    @property
-    def first_unacked(self) -> int: ...
-    @property
-    def checkpoints(self) -> dict[str, Any]: ...
-    async def append(self, body: bytes, n_records: int, checkpoints: dict[str, Any]) -> int: ...
-    def ack(self, seq: int) -> None: ...
-    def ack_set(self, seqs: list[tuple[int, int]]) -> None: ...
-    def frames_from(self, seq: int, limit: int) -> list[StoredFrame]: ...
-    async def wait_for_frame_after(self, seq: int) -> None: ...
-    def stats(self) -> dict[str, Any]: ...
+from .base import Ranges, StoredFrame
 
 
 class MemoryFrameStore:
@@ -111,6 +73,10 @@ class MemoryFrameStore:
                 del self._frames[s]
         self._room.set()
 
+    @property
+    def lost_ranges(self) -> Ranges:
+        return []  # nothing survives a restart, so nothing is found damaged
+
     def frames_from(self, seq: int, limit: int) -> list[StoredFrame]:
         out = []
         for s, f in self._frames.items():
@@ -119,6 +85,12 @@ class MemoryFrameStore:
                 if len(out) >= limit:
                     break
         return out
+
+    async def read_frames(self, seq: int, limit: int) -> list[StoredFrame]:
+        return self.frames_from(seq, limit)
+
+    def first_seq_since(self, age_s: float) -> int:
+        return self._next_seq  # frame times are not kept: every stored frame is backlog
 
     async def wait_for_frame_after(self, seq: int) -> None:
         while self._next_seq - 1 <= seq:
@@ -133,3 +105,16 @@ class MemoryFrameStore:
             "dropped_frames": self.dropped_frames,
             "dropped_records": self.dropped_records,
         }
+
+    def problem(self) -> str | None:
+        return None
+
+    def damage(self) -> tuple[str, dict[str, Any]] | None:
+        return None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        task_status.started()  # no background work
+
+    async def flush(self) -> None:
+        pass  # appended is stored (in memory)

@@ -14,44 +14,45 @@ more than two cores at 1,000 dashboards x 20 frames/s (``bench/ws_send_cost.py``
 docs/http.md).  So this layer carries the bounds itself (``HttpLimits``): a restartable
 deadline per connection phase, connection caps that shed idle connections first, a paused
 accept loop when descriptors run out, strict upgrade validation, no ambiguous framing.
+
+Why one module of this size: admission (caps, shedding, the accept loop) and the request
+loop share the per-connection phase and caps; request parsing and the handshake checks are
+in ``handshake.py``, the WebSocket in ``websocket.py``.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import errno
 import logging
 import math
 import os
 import ssl
-import urllib.parse
 from collections.abc import Awaitable, Callable
-from http import HTTPStatus
 from typing import Annotated, Any
 
 import h11
 import trio
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import (
-    BytesMessage,
-    CloseConnection,
-    Message,
-    Ping,
-    TextMessage,
-)
-from wsproto.frame_protocol import CloseReason, FrameProtocol
+from wsproto.connection import Connection, ConnectionType
 from wsproto.utilities import generate_accept_token
 
 from ..config import Range
 from ..metrics import Metrics
+from .handshake import (
+    framing_problem,
+    is_upgrade,
+    raw_response,
+    status_phrase,
+    to_request,
+    upgrade_problem,
+)
+from .http import Request, Response
+from .websocket import READ_SIZE, ConnectionClosed, MessageTooBig, WebSocket
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BODY = 1 << 20
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers
-READ_SIZE = 65536
 # Out of descriptors (or kernel memory) on accept: free one, pause, retry.  Logged at
 # most once per LOG_INTERVAL_S, with the count.
 CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -60,29 +61,6 @@ LOG_INTERVAL_S = 10.0
 # Descriptors kept out of max_connections for the rest of the process (at most a quarter
 # of the open-file limit).
 FD_RESERVE = 128
-
-
-@dataclasses.dataclass
-class Request:
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]
-    body: bytes = b""
-    remote: str = ""
-    # set by the server's guard (edgegw/auth): who the request acts for
-    principal: Any = None
-    secure: bool = False  # arrived over TLS
-    # the verified client certificate (ssl's getpeercert() dict), when one was presented
-    peer_cert: dict[str, Any] | None = None
-
-
-@dataclasses.dataclass
-class Response:
-    status: int = 200
-    body: bytes = b""
-    content_type: str = "application/json"
-    headers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -96,201 +74,6 @@ Guard = Callable[[Request, bool], "Response | None"]
 # the TLS context for a new connection (None: plain TCP); asked per connection, so a
 # reloaded certificate applies to new handshakes while live connections keep theirs
 TlsContext = Callable[[], "ssl.SSLContext | None"]
-
-
-class ConnectionClosed(Exception):
-    def __init__(self, code: int, reason: str = "") -> None:
-        super().__init__(f"WebSocket closed: {code} {reason}")
-        self.code = code
-        self.reason = reason
-
-
-class MessageTooBig(Exception):
-    pass
-
-
-_PREPARER = FrameProtocol(client=False, extensions=[])
-
-
-def prepare_message(data: bytes | str) -> bytes:
-    """Encode one complete server->client WebSocket message frame, reusable for any client."""
-    return bytes(_PREPARER.send_data(data, fin=True))
-
-
-class SendGate:
-    """Mutual exclusion for writes to one WebSocket, without an owner task.
-
-    Every write takes it (``async with``), so nothing -- a pong from the reader -- lands in
-    the middle of a frame.  Unlike ``trio.Lock`` it may be released by another task: the
-    fan-out's ticker takes it when it writes a shared frame straight to the socket, and if
-    the socket accepts only part, the client's own sender task writes the rest and
-    releases it."""
-
-    def __init__(self) -> None:
-        self._sem = trio.Semaphore(1)
-
-    def locked(self) -> bool:
-        return self._sem.value == 0
-
-    def acquire_nowait(self) -> None:
-        self._sem.acquire_nowait()
-
-    def release(self) -> None:
-        self._sem.release()
-
-    async def __aenter__(self) -> None:
-        await self._sem.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._sem.release()
-
-
-class WebSocket:
-    """A server-side WebSocket over a Trio stream.
-
-    Someone must keep calling ``get_message`` (pings and the closing handshake are handled
-    there).  Sends are serialised by a lock, so tasks may share one WebSocket.
-
-    Closing (``aclose``) follows RFC 6455 section 7: the close frame is written whole, then
-    the peer's data is read and discarded until its close frame (or EOF, or
-    ``close_timeout``), and only then is the TCP connection closed.  Closing a socket
-    whose receive buffer still holds unread data makes the kernel send RST, and a peer
-    that is still sending (a gateway with frames in flight) then fails in ``send`` and
-    reports "connection lost" instead of the close code it was sent.  A write cut off
-    mid-frame (cancelled) leaves the stream unusable for a close frame: the connection is
-    then closed without one.
-    """
-
-    #: seconds to wait for the peer's close frame after ours (and to write ours)
-    close_timeout = 2.0
-
-    def __init__(self, stream: trio.abc.Stream, conn: Connection, subprotocol: str | None,
-                 max_message_size: int) -> None:
-        self.stream = stream
-        self.conn = conn
-        self.subprotocol = subprotocol
-        self.max_message_size = max_message_size
-        self.closed: ConnectionClosed | None = None
-        self.send_gate = SendGate()
-        self._parts: list[bytes | str] = []
-        self._size = 0
-        self.bytes_sent = 0
-        self._torn = False  # a write was cut off mid-frame: no more frames can follow
-        self._receiving = False  # a task is waiting in stream.receive_some
-
-    async def _write(self, data: bytes) -> None:
-        async with self.send_gate:
-            if self._torn:
-                raise self.closed or ConnectionClosed(1006, "connection lost")
-            # Cancelled before the first byte leaves: the frame is simply not sent.  Once
-            # send_all has begun, a cancellation may leave part of the frame written.
-            await trio.lowlevel.checkpoint_if_cancelled()
-            done = False
-            try:
-                await self.stream.send_all(data)
-                done = True
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self.closed = self.closed or ConnectionClosed(1006, "connection lost")
-                raise self.closed from exc
-            finally:
-                if not done:
-                    self._torn = True
-            self.bytes_sent += len(data)
-
-    async def send_message(self, data: bytes | str) -> None:
-        if self.closed:
-            raise self.closed
-        if self.conn.state is not ConnectionState.OPEN:
-            raise ConnectionClosed(1006, "not open")
-        await self._write(self.conn.send(Message(data=data)))  # type: ignore[abstract]
-
-    async def send_prepared(self, frame: bytes) -> None:
-        """Write a frame from ``prepare_message`` unchanged (encode once, write many)."""
-        if self.closed:
-            raise self.closed
-        await self._write(frame)
-
-    async def _receive_some(self) -> bytes:
-        self._receiving = True
-        try:
-            return await self.stream.receive_some(READ_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return b""
-        finally:
-            self._receiving = False
-
-    async def get_message(self) -> bytes | str:
-        while True:
-            for event in self.conn.events():
-                if isinstance(event, (BytesMessage, TextMessage)):
-                    self._parts.append(event.data)
-                    self._size += len(event.data)
-                    if self._size > self.max_message_size:
-                        reason = f"message exceeds the limit of {self.max_message_size} bytes"
-                        await self.aclose(1009, reason)
-                        raise MessageTooBig(reason)
-                    if event.message_finished:
-                        parts, self._parts, self._size = self._parts, [], 0
-                        if isinstance(event, TextMessage):
-                            return "".join(parts)  # type: ignore[arg-type]
-                        return b"".join(parts)  # type: ignore[arg-type]
-                elif isinstance(event, Ping):
-                    await self._write(self.conn.send(event.response()))
-                elif isinstance(event, CloseConnection):
-                    if self.conn.state is ConnectionState.OPEN:
-                        # Not the peer's close frame: wsproto could not parse its frames
-                        # (1002) or a text message was not UTF-8 (1007).  Tell the peer;
-                        # nothing after the bad frame can be read, so no lingering.
-                        await self.aclose(event.code, event.reason or "", linger=False)
-                        raise self.closed  # type: ignore[misc]
-                    self.closed = ConnectionClosed(event.code, event.reason or "")
-                    try:
-                        if self.conn.state is ConnectionState.REMOTE_CLOSING:
-                            await self._write(self.conn.send(event.response()))
-                    except ConnectionClosed:
-                        pass
-                    raise self.closed
-            if self.closed:
-                raise self.closed
-            data = await self._receive_some()
-            if not data:
-                self.closed = ConnectionClosed(1006, "connection lost")
-                raise self.closed
-            self.conn.receive_data(data)
-
-    async def aclose(self, code: int = 1000, reason: str = "", *, linger: bool = True) -> None:
-        """Close with ``code``: the close frame, then (``linger``) the peer's reply awaited
-        as the class docstring says, then the stream.  Never raises for a peer that is
-        gone already."""
-        if self.closed is None:
-            self.closed = ConnectionClosed(code, reason)
-        sent = False
-        try:
-            if self.conn.state is ConnectionState.OPEN and not self._torn:
-                with trio.move_on_after(self.close_timeout):
-                    await self._write(self.conn.send(CloseConnection(code=code, reason=reason)))
-                    sent = True
-            if sent and linger and not self._receiving:
-                with trio.move_on_after(self.close_timeout):
-                    await self._await_close_reply()
-        except ConnectionClosed:
-            pass
-        finally:
-            with trio.move_on_after(1) as cs:
-                cs.shield = True
-                await self.stream.aclose()
-
-    async def _await_close_reply(self) -> None:
-        """Drop what the peer still sends, until its close frame or EOF.  What was read
-        already (its close may have arrived with the message that made us close) first."""
-        while True:
-            for event in self.conn.events():
-                if isinstance(event, CloseConnection):
-                    return  # the peer's reply (or a frame wsproto could not parse)
-            data = await self._receive_some()
-            if not data:
-                return
-            self.conn.receive_data(data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -550,7 +333,7 @@ class HttpServer:
                         self.max_connections, self.limits.max_connections_per_address)
         with trio.move_on_after(1):
             try:
-                await stream.send_all(_raw_response(503, b"too many connections",
+                await stream.send_all(raw_response(503, b"too many connections",
                                                     [(b"retry-after", b"1")]))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
@@ -631,19 +414,19 @@ class HttpServer:
                 return
             if admitted is not None:
                 admitted.waiting = False
-            request = _request(event, remote)
+            request = to_request(event, remote)
             if isinstance(stream, trio.SSLStream):
                 request.secure = True
                 request.peer_cert = stream.getpeercert() or None
             head = event.method == b"HEAD"  # answered like GET, without the body
-            problem = _framing_problem(event)
+            problem = framing_problem(event)
             if problem:
                 # Content-Length with Transfer-Encoding is how requests are smuggled past a
                 # proxy: never guess which one frames the body -- refuse, and close.
                 self.on_bad_request(problem)
                 await self._send_simple(conn, stream, 400, problem.encode(), head=head)
                 return
-            if _is_upgrade(event):
+            if is_upgrade(event):
                 phase.enter("websocket")  # the WebSocket handler's own timeouts apply
                 await self._upgrade(conn, stream, request, event)
                 return
@@ -734,7 +517,7 @@ class HttpServer:
         headers = [("content-type", r.content_type), ("content-length", str(len(r.body))),
                    ("cache-control", "no-store"), *r.headers]
         data = conn.send(h11.Response(status_code=r.status, headers=headers,
-                                      reason=_reason(r.status)))
+                                      reason=status_phrase(r.status)))
         data += conn.send(h11.Data(data=r.body)) if r.body and not head else b""
         data += conn.send(h11.EndOfMessage())
         await stream.send_all(data)
@@ -754,7 +537,7 @@ class HttpServer:
         if route is None:
             await self._send_simple(conn, stream, 404, b"no WebSocket endpoint here", head=head)
             return
-        problem = _upgrade_problem(event, request)
+        problem = upgrade_problem(event, request)
         if problem:
             self.on_bad_request(problem)
             await self._send_simple(conn, stream, 400, problem.encode(),
@@ -809,84 +592,3 @@ async def _close(stream: trio.abc.Stream) -> None:
     with trio.move_on_after(1) as cs:
         cs.shield = True
         await stream.aclose()
-
-
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
-
-
-def _raw_response(status: int, text: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-    """A complete error response written without a parser state (a refused connection)."""
-    head = [b"HTTP/1.1 %d %s" % (status, _reason(status)), b"content-type: text/plain",
-            b"content-length: %d" % len(text), b"connection: close",
-            *(name + b": " + value for name, value in headers)]
-    return b"\r\n".join(head) + b"\r\n\r\n" + text
-
-
-def _header_tokens(event: h11.Request, name: bytes) -> list[bytes]:
-    return [t.strip().lower() for n, v in event.headers if n == name for t in v.split(b",")]
-
-
-def _framing_problem(event: h11.Request) -> str:
-    names = {n for n, _ in event.headers}
-    if b"transfer-encoding" in names and b"content-length" in names:
-        return "Content-Length together with Transfer-Encoding"
-    return ""
-
-
-def _upgrade_problem(event: h11.Request, request: Request) -> str:
-    """Why an upgrade request is not a valid WebSocket opening handshake (RFC 6455 4.2.1)."""
-    if event.method != b"GET":
-        return "a WebSocket upgrade must be a GET request"
-    if event.http_version != b"1.1":
-        return "a WebSocket upgrade needs HTTP/1.1"
-    if b"upgrade" not in _header_tokens(event, b"connection"):
-        return "a WebSocket upgrade needs Connection: Upgrade"
-    if _header_tokens(event, b"content-length") not in ([], [b"0"]) or _header_tokens(
-            event, b"transfer-encoding"):
-        return "a WebSocket upgrade must not carry a body"
-    if _header_tokens(event, b"sec-websocket-version") != [b"13"]:
-        return "unsupported Sec-WebSocket-Version (this server speaks 13)"
-    key = request.headers.get("sec-websocket-key", "").strip()
-    try:
-        valid = len(base64.b64decode(key, validate=True)) == 16
-    except (binascii.Error, ValueError):
-        valid = False
-    if not valid:
-        return "missing or malformed Sec-WebSocket-Key"
-    return ""
-
-
-def _request(event: h11.Request, remote: str) -> Request:
-    target = event.target.decode("latin-1")
-    path, _, qs = target.partition("?")
-    query = {k: v[-1] for k, v in urllib.parse.parse_qs(qs).items()}
-    headers: dict[str, str] = {}
-    for name, value in event.headers:
-        key = name.decode("latin-1").lower()
-        val = value.decode("latin-1")
-        headers[key] = f"{headers[key]}, {val}" if key in headers else val
-    return Request(event.method.decode(), urllib.parse.unquote(path), query, headers,
-                   remote=remote)
-
-
-def _is_upgrade(event: h11.Request) -> bool:
-    for name, value in event.headers:
-        if name.lower() == b"upgrade" and value.lower() == b"websocket":
-            return True
-    return False
-
-
-def json_response(obj: Any, status: int = 200) -> Response:
-    import json
-
-    return Response(status, json.dumps(obj, separators=(",", ":"), default=str).encode())
-
-
-__all__ = [
-    "CloseReason", "ConnectionClosed", "HttpLimits", "HttpServer", "MessageTooBig", "Request",
-    "Response", "WebSocket", "json_response", "prepare_message",
-]

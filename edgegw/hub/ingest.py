@@ -1,6 +1,9 @@
-"""The hub service: accepts gateways, applies their frames durably, serves HTTP.
+"""The hub's gateway ingest (``Ingest``): accepts gateways, applies their frames durably,
+and owns the hub's one HTTP port.
 
-One port: ``/ws/gateway`` (wire protocol v1), ``/healthz``, ``/api/stats``, ``/metrics``.
+On that port: ``/ws/gateway`` (wire protocol v1) and the status endpoints (``/healthz``,
+``/api/stats``, ``/metrics``: ``edgegw.web.status``).  The whole hub (``edgegw.hub.Hub``,
+``app.py``) adds the live fan-out, the dashboard and the history API to it.
 Consumers (live state, fan-out) register with ``add_consumer`` and see every applied
 frame's records, in the order frames were applied; after a restart the stored frames are
 replayed to them first.
@@ -8,9 +11,9 @@ replayed to them first.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,6 +21,7 @@ import trio
 
 from .. import failpoints
 from ..auth.hub import HubSecurity, token_matches
+from ..heartbeat import heartbeat
 from ..metrics import Metrics, internal_errors, report_internal_error
 from ..protocol import (
     SUPPORTED_VERSIONS,
@@ -32,16 +36,17 @@ from ..protocol import (
 )
 from ..records import Record, RecordError, from_wire
 from ..taskgroups import reraise_meaningful
-from .config import HubConfig
-from .http import (
+from ..web import (
     ConnectionClosed,
     HttpServer,
     MessageTooBig,
     Request,
     Response,
     WebSocket,
+    install_status,
     json_response,
 )
+from .config import HubConfig
 from .registry import GatewayRegistry, GatewaySession
 from .store import FrameToApply, HubStore
 
@@ -64,7 +69,7 @@ def decode_records(body: bytes, max_records: int) -> tuple[int, list[Record]]:
         raise FrameError(f"bad record: {exc}") from None
 
 
-class Hub:
+class Ingest:
     def __init__(self, config: HubConfig, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
@@ -101,9 +106,9 @@ class Hub:
                                max_message_size=h.max_frame_bytes,
                                admit=self._admit_gateway)
         self.http.add_route("GET", GATEWAY_PATH, self._gateway_probe)
-        self.http.add_route("GET", "/healthz", self._healthz)
-        self.http.add_route("GET", "/api/stats", self._stats)
-        self.http.add_route("GET", "/metrics", self._metrics)
+        #: more sections of ``/api/stats``, by name (the whole hub adds its live state's)
+        self.stats_sections: dict[str, Callable[[], Any]] = {}
+        install_status(self.http, health=self.health, stats=self.stats, metrics=self.metrics)
 
     def add_consumer(self, consumer: Consumer) -> None:
         self.consumers.append(consumer)
@@ -133,27 +138,19 @@ class Hub:
         """Feed every stored frame to the consumers, oldest first (state rebuild)."""
         max_records = self.config.hub.max_records_per_frame
 
-        def load(batch: list[tuple[str, int, list[Record]]]) -> bool:
-            batch.clear()
-            for gw, _epoch, _seq, _rid, body in it:
-                try:
-                    first_rid, records = decode_records(body, max_records)
-                except (FrameError, ProtocolError):
-                    continue
-                except Exception:  # one undecodable stored frame must not stop the start
-                    report_internal_error(self.metrics, "hub_replay", log,
-                                          "decoding a stored frame of gateway %s", gw)
-                    continue
-                batch.append((gw, first_rid, records))
-                if len(batch) >= 200:
-                    return True
-            return False
+        def decode(gw: str, _epoch: str, _seq: int, _rid: int, body: bytes
+                   ) -> tuple[str, int, list[Record]] | None:
+            try:
+                first_rid, records = decode_records(body, max_records)
+            except (FrameError, ProtocolError):
+                return None
+            except Exception:  # one undecodable stored frame must not stop the start
+                report_internal_error(self.metrics, "hub_replay", log,
+                                      "decoding a stored frame of gateway %s", gw)
+                return None
+            return gw, first_rid, records
 
-        it = self.store.iter_frames_sync()
-        batch: list[tuple[str, int, list[Record]]] = []
-        more = True
-        while more:
-            more = await trio.to_thread.run_sync(load, batch, limiter=self.store._limiter)
+        async for batch in self.store.stored_frames(decode):
             for gw, first_rid, records in batch:
                 self._feed(gw, first_rid, records)
 
@@ -172,10 +169,9 @@ class Hub:
             await trio.sleep(h.prune_interval_s)
 
     # -- HTTP --
-    async def _healthz(self, request: Request) -> Response:
-        return json_response({"status": "ok", "uptime_s": round(time.time() - self.started_at, 1),
-                              "gateways_connected": len(self.connected),
-                              **self.security.health()})
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        return True, {"status": "ok", "uptime_s": round(time.time() - self.started_at, 1),
+                      "gateways_connected": len(self.connected), **self.security.health()}
 
     def stats(self) -> dict[str, Any]:
         gateways: dict[str, Any] = {}
@@ -195,14 +191,10 @@ class Hub:
                 "last_seen": st.last_seen if st else None,
                 "rtt_ms": session.rtt_ms if (session := self.connected.get(gw)) else None,
             }
-        return {"gateways": gateways, "metrics": self.metrics.as_dict()}
-
-    async def _stats(self, request: Request) -> Response:
-        return json_response(self.stats())
-
-    async def _metrics(self, request: Request) -> Response:
-        return Response(200, self.metrics.render_prometheus().encode(),
-                        "text/plain; version=0.0.4")
+        out: dict[str, Any] = {"gateways": gateways, "metrics": self.metrics.as_dict()}
+        for name, section in self.stats_sections.items():
+            out[name] = section()
+        return out
 
     # -- gateways --
     def _admit_gateway(self, request: Request) -> Response | None:
@@ -398,21 +390,16 @@ class Hub:
                 # log line, in about half the tries (issue 10).  See docs/reliability.md.
                 send.close()
 
-        async def heartbeat() -> None:
-            while True:
-                await trio.sleep_until(conn.next_deadline())
-                ping = conn.on_timer(trio.current_time())
-                if ping is not None:
-                    await ws.send_message(ping)
-                session = self.connected.get(gw)
-                if session is not None and conn.rtt is not None:
-                    session.rtt_ms = round(conn.rtt * 1000, 2)
+        def note_rtt() -> None:
+            session = self.connected.get(gw)
+            if session is not None and conn.rtt is not None:
+                session.rtt_ms = round(conn.rtt * 1000, 2)
 
         expected = (ProtocolError, MessageTooBig, ConnectionClosed)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(receiver)
-                nursery.start_soon(heartbeat)
+                nursery.start_soon(heartbeat, conn, ws.send_message, note_rtt)
                 await self._applier(ws, conn, gw, epoch, receive)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -485,7 +472,3 @@ def _reason_key(code: int) -> str:
         CloseCode.TOO_BIG: "too_big",
         CloseCode.TOO_MANY_RECORDS: "too_many_records",
     }.get(code, str(code))
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))

@@ -23,390 +23,46 @@ The ideas, taken from the real-time hubs that work (Centrifugo, Phoenix, Mercure
   when it only follows state channels, its queued updates are dropped and it gets the latest
   state (snapshots marked ``resync: "lagging"``) once it has drained.  Nothing a slow client
   does delays the tick or any other client.
+
+Why one module of this size: ``LiveHub`` is one state machine (subscriptions, ticks,
+resume, slow clients) over the channels and clients it owns; what stands alone is beside
+it (``channels``, ``deltas``, ``encoding``, ``config``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import logging
-import math
 from collections import deque
-from collections.abc import Callable, Iterable
-from typing import Annotated, Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
-import cbor2
-
-from ..config import Range
-from ..metrics import Metrics, report_internal_error
-
-SUBPROTOCOL_CBOR = "edgegw.live.v1.cbor"
-SUBPROTOCOL_JSON = "edgegw.live.v1.json"
-SUBPROTOCOLS = (SUBPROTOCOL_CBOR, SUBPROTOCOL_JSON)
+from ...metrics import Metrics, report_internal_error
+from ...topicfilter import matches as topic_matches
+from .. import topics
+from .channels import Channel, Client, ClientScope, Item, delta_rows
+from .config import (
+    CLOSE_TOKEN_EXPIRED,
+    CLOSE_TOO_SLOW,
+    CLOSE_TOO_SLOW_REASON,
+    LiveConfig,
+    pattern_error,
+)
+from .deltas import coalesce
+from .encoding import Encoding, decode_client_message
 
 log = logging.getLogger("edgegw.hub.live")
 
-CLOSE_TOO_SLOW = 4008
-CLOSE_TOO_SLOW_REASON = "too slow"
-# the client's token expired: sign in again (a fresh token) and reconnect
-CLOSE_TOKEN_EXPIRED = 4401
-
-# A client's subscribe arguments are bounded so one request cannot make the hub match an
-# unbounded number of patterns against every topic.
-MAX_PATTERN_LENGTH = 256
-
-
-class ClientScope(Protocol):
-    """What one client may see and do (``edgegw.auth.access.LiveScope``): topics outside
-    it are never attached to the client; acknowledgements need ``may_ack`` and are recorded
-    in ``user``'s name (None: no signed-in user, the message's ``by`` is taken)."""
-
-    user: str | None
-    may_ack: bool
-
-    def allows_topic(self, topic: str) -> bool: ...
-
-    def may_ack_alert(self, alert_id: str) -> bool: ...
-
 
 class StateSource(Protocol):
-    """What the fan-out needs from the live state (``edgegw.hub.state.LiveState``)."""
+    """What the fan-out needs from the live state (``edgegw.hub.live.LiveState``)."""
 
     def snapshot(self, topic: str) -> dict[str, Any] | None: ...
 
     def topics(self) -> list[str]: ...
 
 
-@dataclasses.dataclass(frozen=True)
-class LiveConfig:
-    """How the hub serves ``/ws/live`` (the hub config's ``[live]`` section)."""
-
-    # frames of updates per second per client, at most
-    ui_rate: Annotated[float, Range(0.1, 1000)] = 20.0
-    # unsent frames a client may have queued before it is "too slow"
-    queue_frames: Annotated[int, Range(2, 1_000_000)] = 64
-    # deltas kept per channel for resume ... and at most this many list rows (dies, points)
-    history: Annotated[int, Range(0, 1_000_000)] = 1024
-    history_rows: Annotated[int, Range(0, 100_000_000)] = 50_000
-    # Snapshots built per tick, in list rows (a wafer map: one per die); more wait for the
-    # next tick.  At least one is always built.
-    snapshot_rows_per_tick: Annotated[int, Range(1, 100_000_000)] = 5_000
-    max_patterns: Annotated[int, Range(1, 100_000)] = 256  # subscriptions per client
-    # a client whose writes make no progress this long is closed; a closed slow client's
-    # write in progress may finish this long
-    stall_timeout: Annotated[float, Range(0.1, 3600)] = 30.0
-    close_grace: Annotated[float, Range(0, 3600)] = 5.0
-    event_prefixes: tuple[str, ...] = ("alert/",)  # channels where every event matters
-
-    def validate(self) -> list[tuple[str, str]]:
-        errors: list[tuple[str, str]] = []
-        if not (0 < self.ui_rate <= 1000):
-            errors.append(("ui_rate", "must be > 0 and <= 1000 frames per second"))
-        if self.queue_frames < 2:
-            errors.append(("queue_frames", "must be >= 2"))
-        if self.history < 0:
-            errors.append(("history", "must be >= 0"))
-        if self.history_rows < 0:
-            errors.append(("history_rows", "must be >= 0"))
-        if self.snapshot_rows_per_tick < 1:
-            errors.append(("snapshot_rows_per_tick", "must be >= 1"))
-        if self.max_patterns < 1:
-            errors.append(("max_patterns", "must be >= 1"))
-        if self.stall_timeout <= 0:
-            errors.append(("stall_timeout", "must be > 0"))
-        if self.close_grace < 0:
-            errors.append(("close_grace", "must be >= 0"))
-        return errors
-
-
-# --------------------------------------------------------------------------- topics
-
-
-def pattern_error(pattern: object) -> str | None:
-    """Why ``pattern`` is not a valid subscription pattern, or None when it is.
-
-    MQTT rules: ``+`` stands for exactly one level and must be a whole level; ``#`` stands
-    for the rest (zero or more levels) and must be the whole last level."""
-    if not isinstance(pattern, str):
-        return "a topic pattern must be a string"
-    if not pattern:
-        return "a topic pattern must not be empty"
-    if len(pattern) > MAX_PATTERN_LENGTH:
-        return f"a topic pattern must be at most {MAX_PATTERN_LENGTH} characters"
-    levels = pattern.split("/")
-    for i, level in enumerate(levels):
-        if "#" in level and (level != "#" or i != len(levels) - 1):
-            return f"'#' must be the whole last level: {pattern!r}"
-        if "+" in level and level != "+":
-            return f"'+' must be a whole level: {pattern!r}"
-    return None
-
-
-def topic_matches(pattern: str, topic: str) -> bool:
-    """Whether ``topic`` (no wildcards) matches the subscription ``pattern``."""
-    if "+" not in pattern and "#" not in pattern:
-        return pattern == topic
-    p_levels = pattern.split("/")
-    t_levels = topic.split("/")
-    for i, p in enumerate(p_levels):
-        if p == "#":
-            return True  # '#' also matches the parent level itself: 'a/#' matches 'a'
-        if i >= len(t_levels):
-            return False
-        if p != "+" and p != t_levels[i]:
-            return False
-    return len(p_levels) == len(t_levels)
-
-
-# --------------------------------------------------------------------------- deltas
-
-
-# How the live state's deltas combine (``docs/live-topics.md``): a delta's keys replace the
-# same keys of the topic's state, except list keys that *add* to it -- wafer ``dies`` (rows
-# upserted by X/Y, in order) and sensor ``append`` (history points) -- and ``event`` keys,
-# of which each one is an event of its own (a gateway's connect/disconnect).
-CONCAT_KEYS = frozenset({"dies", "append"})
-EVENT_KEYS = frozenset({"event"})
-
-
-def compose_deltas(
-    first: dict[str, Any],
-    second: dict[str, Any],
-    concat_keys: frozenset[str] = CONCAT_KEYS,
-    event_keys: frozenset[str] = EVENT_KEYS,
-) -> dict[str, Any] | None:
-    """One delta equal to applying ``first`` then ``second``, or None when there is none
-    (both carry an event).  Neither argument is modified."""
-    merged = coalesce([first, second], concat_keys, event_keys)
-    return merged[0] if len(merged) == 1 else None
-
-
-def coalesce(
-    deltas: Iterable[dict[str, Any]],
-    concat_keys: frozenset[str] = CONCAT_KEYS,
-    event_keys: frozenset[str] = EVENT_KEYS,
-) -> list[dict[str, Any]]:
-    """Consecutive deltas of one channel composed into as few as say exactly the same.
-
-    Linear in the rows: a list is copied once, when a second delta first adds to it, and
-    extended in place after that (a tick may compose hundreds of wafer deltas during a
-    replay).  The input deltas are never modified."""
-    out: list[dict[str, Any]] = []
-    current: dict[str, Any] | None = None
-    owned: set[str] = set()  # concat keys whose list in ``current`` is our own copy
-    for delta in deltas:
-        if current is not None and not (event_keys & delta.keys() & current.keys()):
-            for key, value in delta.items():
-                before = current.get(key)
-                if key in concat_keys and isinstance(value, list) and isinstance(before, list):
-                    if key not in owned:
-                        current[key] = before = list(before)
-                        owned.add(key)
-                    before.extend(value)
-                else:
-                    current[key] = value
-                    owned.discard(key)
-            continue
-        if current is not None:
-            out.append(current)
-        current = dict(delta)
-        owned = set()
-    if current is not None:
-        out.append(current)
-    return out
-
-
-# --------------------------------------------------------------------------- encoding
-
-
-def _cbor_array_head(n: int) -> bytes:
-    if n < 24:
-        return bytes((0x80 + n,))
-    if n < 0x100:
-        return bytes((0x98, n))
-    if n < 0x10000:
-        return b"\x99" + n.to_bytes(2, "big")
-    return b"\x9a" + n.to_bytes(4, "big")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray)):
-        return value.hex()
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    return str(value)
-
-
-def _finite(value: Any) -> Any:
-    """NaN and infinities replaced by null: they are not JSON and a browser rejects them."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _json_keys(value: Any) -> Any:
-    """Map keys JSON cannot have (a CBOR request may carry any, e.g. in its ``id``) as text."""
-    if isinstance(value, dict):
-        return {k if k is None or isinstance(k, (str, int, float, bool)) else str(k):
-                _json_keys(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_keys(v) for v in value]
-    return value
-
-
-def encode_json(message: Any) -> str:
-    try:
-        return json.dumps(message, separators=(",", ":"), default=_json_default, allow_nan=False)
-    except ValueError:
-        return json.dumps(_finite(message), separators=(",", ":"), default=_json_default)
-    except TypeError:
-        return encode_json(_json_keys(message))
-
-
-class Encoding:
-    """CBOR (binary frames) or JSON (text frames) -- one per client, chosen by subprotocol."""
-
-    def __init__(self, name: str) -> None:
-        if name not in ("cbor", "json"):
-            raise ValueError(f"unknown encoding {name!r}")
-        self.name = name
-
-    def encode(self, message: Any) -> bytes | str:
-        return cbor2.dumps(message) if self.name == "cbor" else encode_json(message)
-
-    def batch(self, ts: float, items: list[bytes | str]) -> bytes | str:
-        """A ``batch`` message assembled from already-encoded items (no re-encoding)."""
-        if self.name == "cbor":
-            head = (
-                b"\xa3" + cbor2.dumps("type") + cbor2.dumps("batch") + cbor2.dumps("ts")
-                + cbor2.dumps(ts) + cbor2.dumps("items") + _cbor_array_head(len(items))
-            )
-            return head + b"".join(items)  # type: ignore[arg-type]
-        return '{"type":"batch","ts":' + json.dumps(ts) + ',"items":[' + ",".join(items) + "]}"  # type: ignore[arg-type]
-
-    def __repr__(self) -> str:
-        return f"Encoding({self.name!r})"
-
-
-CBOR = Encoding("cbor")
-JSON = Encoding("json")
-
-
-def encoding_for_subprotocol(subprotocol: str | None) -> Encoding:
-    return JSON if subprotocol == SUBPROTOCOL_JSON else CBOR
-
-
-def decode_client_message(data: bytes | str) -> Any:
-    """Text frames are JSON, binary frames CBOR, whatever the subprotocol."""
-    if isinstance(data, str):
-        return json.loads(data)
-    return cbor2.loads(data)
-
-
-# --------------------------------------------------------------------------- channels
-
-
-def _rows(delta: dict[str, Any]) -> int:
-    """A delta's weight in the history: 1 plus its list rows (dies, sensor points)."""
-    return 1 + sum(len(v) for v in delta.values() if isinstance(v, list))
-
-
-class Channel:
-    """One topic: its offset, a bounded history of deltas, and the deltas of this tick."""
-
-    __slots__ = ("event_like", "history", "history_rows", "max_history", "max_rows", "offset",
-                 "pending", "pending_from", "rows", "subscribers", "topic", "ts_max", "ts_min")
-
-    def __init__(self, topic: str, history: int, history_rows: int, event_like: bool) -> None:
-        self.topic = topic
-        self.offset = 0
-        self.history: deque[tuple[dict[str, Any], int]] = deque()  # (delta, rows) up to offset
-        self.rows = 0
-        self.max_history = history
-        self.max_rows = history_rows
-        self.pending: list[dict[str, Any]] = []
-        self.pending_from = 0
-        self.ts_min: float | None = None
-        self.ts_max: float | None = None
-        self.subscribers: set[Client] = set()
-        self.event_like = event_like
-
-    def remember(self, delta: dict[str, Any]) -> None:
-        rows = _rows(delta)
-        self.history.append((delta, rows))
-        self.rows += rows
-        while self.history and (len(self.history) > self.max_history
-                                or self.rows > self.max_rows):
-            self.rows -= self.history.popleft()[1]
-
-    def deltas_after(self, offset: int) -> list[dict[str, Any]] | None:
-        """The deltas after ``offset`` up to now, or None when history no longer has them."""
-        missing = self.offset - offset
-        if missing < 0 or missing > len(self.history):
-            return None
-        if missing == 0:
-            return []
-        return [d for d, _ in itertools.islice(self.history, len(self.history) - missing, None)]
-
-
-class Item:
-    """One batch item, encoded lazily once per encoding and shared by every client."""
-
-    __slots__ = ("_encoded", "key", "message")
-
-    def __init__(self, key: tuple[Any, ...], message: dict[str, Any]) -> None:
-        self.key = key
-        self.message = message
-        self._encoded: dict[str, bytes | str] = {}
-
-    def encoded(self, encoding: Encoding) -> bytes | str:
-        data = self._encoded.get(encoding.name)
-        if data is None:
-            data = self._encoded[encoding.name] = encoding.encode(self.message)
-        return data
-
-
-@dataclasses.dataclass(eq=False)
-class Client:
-    """One ``/ws/live`` connection as the protocol sees it."""
-
-    id: int
-    encoding: Encoding
-    peer: str = ""
-    scope: ClientScope | None = None  # None: everything (a hub without sign-in)
-    patterns: set[str] = dataclasses.field(default_factory=set)
-    # topic -> offset this client has been sent up to; None: it needs a snapshot next tick
-    positions: dict[str, int | None] = dataclasses.field(default_factory=dict)
-    resync: dict[str, str] = dataclasses.field(default_factory=dict)  # topic -> reason
-    todo: set[str] = dataclasses.field(default_factory=set)  # topics to look at next tick
-    # Unsent frames: (prepared frame, is_update).  Control replies are never dropped.
-    queue: deque[tuple[Any, bool]] = dataclasses.field(default_factory=deque)
-    lagging: bool = False  # its updates were dropped; it waits to drain, then gets snapshots
-    in_flight: bool = False  # its sender is writing a frame
-    busy_since: float | None = None  # since when it has had something unwritten
-    closed: bool = False
-    close_code: int | None = None
-    close_reason: str = ""
-    frames_sent: int = 0
-    frames_queued: int = 0
-    updates_dropped: int = 0  # update frames dropped while lagging
-    items_sent: int = 0
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self.queue)
-
-    def follows_events(self, channels: dict[str, Channel]) -> bool:
-        """Whether it is subscribed to a channel where every event matters (alerts)."""
-        return any(channels[t].event_like for t in self.positions if t in channels)
-
-
-class ProtocolError(Exception):
+class RequestError(Exception):
     """A client message the hub cannot act on; answered with an ``error`` message."""
 
     def __init__(self, code: str, message: str) -> None:
@@ -436,8 +92,10 @@ class LiveHub:
         prepare: Callable[[bytes | str], Any] = lambda data: data,
         on_ack: AckHandler | None = None,
         metrics: Metrics | None = None,
+        merge_rules: Sequence[dict[str, Any]] = topics.MERGE_RULES,
     ) -> None:
         self.source = source
+        self.merge_rules = [dict(rule) for rule in merge_rules]  # sent in every hello
         self.config = config or LiveConfig()
         self.epoch = epoch
         self.prepare = prepare
@@ -521,7 +179,7 @@ class LiveHub:
         self._control(client, now, {
             "type": "hello", "epoch": self.epoch, "encoding": encoding.name,
             "ui_rate": self.config.ui_rate, "queue_frames": self.config.queue_frames,
-            "history": self.config.history,
+            "history": self.config.history, "merge": self.merge_rules,
         })
         return client
 
@@ -584,9 +242,9 @@ class LiveHub:
             try:
                 message = decode_client_message(data)
             except Exception as exc:
-                raise ProtocolError("bad_message", f"not valid JSON/CBOR: {exc}") from None
+                raise RequestError("bad_message", f"not valid JSON/CBOR: {exc}") from None
             if not isinstance(message, dict):
-                raise ProtocolError("bad_message", "a message must be a map/object")
+                raise RequestError("bad_message", "a message must be a map/object")
             request_id = message.get("id")
             kind = message.get("type")
             if kind == "subscribe":
@@ -598,8 +256,8 @@ class LiveHub:
             elif kind == "ping":
                 self._control(client, now, {"type": "pong", "id": request_id})
             else:
-                raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
-        except ProtocolError as exc:
+                raise RequestError("unknown_type", f"unknown message type {kind!r}")
+        except RequestError as exc:
             self._m_bad.inc(reason=exc.code)
             self._control(client, now, {"type": "error", "id": request_id, "code": exc.code,
                                    "message": exc.message})
@@ -615,29 +273,29 @@ class LiveHub:
     def _patterns_of(message: dict[str, Any]) -> list[str]:
         topics = message.get("topics")
         if not isinstance(topics, list) or not topics:
-            raise ProtocolError("bad_topics", "'topics' must be a non-empty list of patterns")
+            raise RequestError("bad_topics", "'topics' must be a non-empty list of patterns")
         for pattern in topics:
             error = pattern_error(pattern)
             if error is not None:
-                raise ProtocolError("bad_topics", error)
+                raise RequestError("bad_topics", error)
         return topics
 
     def _subscribe(self, client: Client, message: dict[str, Any], now: float) -> None:
         patterns = self._patterns_of(message)
         resume = message.get("resume") or {}
         if not isinstance(resume, dict):
-            raise ProtocolError("bad_resume", "'resume' must map topic -> [epoch, offset]")
+            raise RequestError("bad_resume", "'resume' must map topic -> [epoch, offset]")
         positions: dict[str, tuple[Any, int]] = {}
         for topic, where in resume.items():
             if (not isinstance(topic, str) or not isinstance(where, list) or len(where) != 2
                     or not isinstance(where[1], int) or isinstance(where[1], bool)
                     or where[1] < 0):
-                raise ProtocolError("bad_resume",
+                raise RequestError("bad_resume",
                                     f"resume entry for {topic!r} must be [epoch, offset >= 0]")
             positions[topic] = (where[0], where[1])
         new = [p for p in dict.fromkeys(patterns) if p not in client.patterns]
         if len(client.patterns) + len(new) > self.config.max_patterns:
-            raise ProtocolError("too_many_topics",
+            raise RequestError("too_many_topics",
                                 f"at most {self.config.max_patterns} subscriptions per client")
         for pattern in new:
             client.patterns.add(pattern)
@@ -692,19 +350,19 @@ class LiveHub:
         user = (scope.user if scope is not None and scope.user else None) or (
             message.get("by") or client.peer or f"client-{client.id}")
         if not isinstance(alert, (str, int)) or isinstance(alert, bool):
-            raise ProtocolError("bad_ack", "'alert' must name the alert to acknowledge")
+            raise RequestError("bad_ack", "'alert' must name the alert to acknowledge")
         if not isinstance(user, str):
-            raise ProtocolError("bad_ack", "'by' must be a string")
+            raise RequestError("bad_ack", "'by' must be a string")
         if scope is not None and not scope.may_ack:
-            raise ProtocolError("forbidden", "acknowledging alerts needs the operator role")
+            raise RequestError("forbidden", "acknowledging alerts needs the operator role")
         if scope is not None and not scope.may_ack_alert(str(alert)):
-            raise ProtocolError("ack_failed", f"unknown alert {str(alert)!r}")
+            raise RequestError("ack_failed", f"unknown alert {str(alert)!r}")
         if self.on_ack is None:
-            raise ProtocolError("ack_unavailable", "this hub does not take acknowledgements")
+            raise RequestError("ack_unavailable", "this hub does not take acknowledgements")
         try:
             self.on_ack(str(alert), user)
         except (KeyError, ValueError) as exc:
-            raise ProtocolError("ack_failed", str(exc.args[0] if exc.args else exc)) from None
+            raise RequestError("ack_failed", str(exc.args[0] if exc.args else exc)) from None
         self._control(client, now, {"type": "acked", "id": message.get("id"), "alert": alert,
                                "by": user})
 
@@ -909,7 +567,7 @@ class LiveHub:
                     deferred.add(topic)
                     continue
                 data = self.source.snapshot(topic)
-                self._snapshot_budget -= _rows(data) if data else 1
+                self._snapshot_budget -= delta_rows(data) if data else 1
                 message: dict[str, Any] = {
                     "type": "snapshot", "topic": topic, "epoch": self.epoch,
                     "offset": channel.offset, "data": data if data is not None else {},

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import ssl
 import urllib.parse
@@ -31,9 +30,11 @@ import h11
 import trio
 
 from edgegw.backoff import Backoff
-from edgegw.hub.alerts import WebhookConfig
+from edgegw.jsonutil import dumps
 from edgegw.metrics import Metrics, report_internal_error
 from edgegw.tls import client_context
+
+from .config import WebhookConfig
 
 SIGNATURE_HEADER = "X-Edgegw-Signature"
 
@@ -65,7 +66,7 @@ async def post_json(url: str, payload: Any, *, headers: dict[str, str] | None = 
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
-    body = json.dumps(payload, separators=(",", ":"), default=str).encode()
+    body = dumps(payload).encode()
     extra = dict(headers or {})
     if secret:
         extra[SIGNATURE_HEADER] = sign(secret, body)

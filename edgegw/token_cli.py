@@ -11,9 +11,9 @@ import argparse
 import sys
 from typing import Any
 
-from ..config import ConfigError, load
-from .config import ROLES
-from .tokens import TokenVerifier, mint, parse_ttl
+from .auth.config import ROLES
+from .auth.tokens import TokenVerifier, mint, parse_ttl
+from .config import ConfigError, load
 
 DEFAULT_CONFIG = "/etc/edgegw/hub.toml"
 
@@ -43,7 +43,7 @@ def add_commands(sub: Any) -> None:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from ..hub.config import HubConfig
+    from .hub.config import HubConfig
 
     cfg = load(HubConfig, args.config)
     auth = cfg.auth

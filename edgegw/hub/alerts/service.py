@@ -30,13 +30,15 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from edgegw.hub.alerts import AlertEngine, AlertsConfig
 from edgegw.hub.history_store import HistoryStore
-from edgegw.hub.webhooks import WebhookSender
 from edgegw.metrics import Metrics, report_internal_error
 
+from .config import AlertsConfig
+from .engine import AlertEngine
+from .webhooks import WebhookSender
+
 if TYPE_CHECKING:
-    from edgegw.hub.state import LiveState
+    from edgegw.hub.live import LiveState
 
 log = logging.getLogger("edgegw.hub.alerts")
 

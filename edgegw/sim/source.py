@@ -24,8 +24,8 @@ from ..records import (
     WaferEnd,
     WaferStart,
 )
-from ..sim.tester import TesterModel, TesterProfile, lot_profiles
-from . import RecordSink, SourceContext
+from ..sources import RecordSink, SourceContext
+from .tester import TesterModel, TesterProfile, lot_profiles
 
 #: records one touchdown may make (see SimulatedConfig.validate)
 MAX_TOUCHDOWN_RECORDS = 20_000

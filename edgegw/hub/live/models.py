@@ -1,0 +1,409 @@
+"""The live state's entities: lots, wafers and their dies, tests, sensors, gateways.
+
+Each keeps running figures (counts, Welford sums, bounded histories) and answers its own
+``snapshot``; none touches a socket, a file or a clock.  ``LiveState`` (``state.py``)
+routes records to them and decides what to publish.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from typing import Any
+
+from edgegw.hub import topics
+from edgegw.records import PartResult, SensorReading, SensorWindow
+from edgegw.stdf import test_number
+
+#: Parts remembered per lot for the units-per-hour figure.
+_UPH_WINDOW = 500
+#: Seconds of arrival history behind a gateway's records-per-second figure.
+_RATE_WINDOW_S = 10
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+class Tally:
+    """Counts over final dies (the map) and over every part result (what testers report)."""
+
+    __slots__ = (
+        "binned",
+        "dies",
+        "good",
+        "hard",
+        "hard_tested",
+        "judged",
+        "parts",
+        "retests",
+        "site_dies",
+        "site_good",
+        "soft",
+        "soft_tested",
+    )
+
+    def __init__(self) -> None:
+        self.dies = 0
+        self.good = 0
+        #: final dies with a pass/fail (PRR PART_FLG bit 4 clear) and with a hard bin
+        #: (not 65535): a parametric-only format has neither, and yield and bins are then
+        #: "not applicable" rather than 0 % and bin 0
+        self.judged = 0
+        self.binned = 0
+        self.parts = 0
+        self.retests = 0
+        self.hard: Counter[int] = Counter()
+        self.soft: Counter[int] = Counter()
+        self.hard_tested: Counter[int] = Counter()
+        self.soft_tested: Counter[int] = Counter()
+        self.site_dies: Counter[int] = Counter()
+        self.site_good: Counter[int] = Counter()
+
+    def count_final(self, die: Die, sign: int) -> None:
+        self.dies += sign
+        if die.passed is not None:
+            self.judged += sign
+        if die.hard_bin is not None:
+            self.binned += sign
+            self.hard[die.hard_bin] += sign
+        if die.soft_bin is not None:
+            self.soft[die.soft_bin] += sign
+        self.site_dies[die.site] += sign
+        if die.passed:
+            self.good += sign
+            self.site_good[die.site] += sign
+
+    def count_tested(self, die: Die, replaced: bool) -> None:
+        self.parts += 1
+        self.retests += replaced
+        if die.hard_bin is not None:
+            self.hard_tested[die.hard_bin] += 1
+        if die.soft_bin is not None:
+            self.soft_tested[die.soft_bin] += 1
+
+    @property
+    def yield_(self) -> float | None:
+        """Good dies over all dies (a die without pass/fail counts as not good); None
+        with no dies, or when no die has a pass/fail (not applicable)."""
+        return _ratio(self.good, self.dies) if self.judged else None
+
+    def not_applicable(self) -> list[str]:
+        """What the dies cannot say: "yield" (no die has a pass/fail), "bins" (no die
+        has a hard bin) -- a parametric-only format (docs/plugins.md)."""
+        if not self.dies:
+            return []
+        return [name for name, n in (("yield", self.judged), ("bins", self.binned)) if not n]
+
+    def site_yields(self) -> dict[int, float | None]:
+        return {s: _ratio(self.site_good[s], n) for s, n in self.site_dies.items() if n}
+
+    def share(self, hard_bin: int) -> float | None:
+        return _ratio(self.hard[hard_bin], self.dies)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "die_count": self.dies,
+            "good": self.good if self.judged or not self.dies else None,
+            "yield": self.yield_,
+            "not_applicable": self.not_applicable(),
+            "parts": self.parts,
+            "retests": self.retests,
+            "hard_bins": _keyed(self.hard),
+            "soft_bins": _keyed(self.soft),
+            "hard_bins_tested": _keyed(self.hard_tested),
+            "soft_bins_tested": _keyed(self.soft_tested),
+            "sites": {
+                str(s): {
+                    "dies": n, "good": self.site_good[s], "yield": _ratio(self.site_good[s], n)
+                }
+                for s, n in sorted(self.site_dies.items())
+                if n
+            },
+        }
+
+
+def _keyed(counter: Counter[int]) -> dict[str, int]:
+    # String keys: the same snapshot goes out as CBOR and as JSON, and a JSON client
+    # would otherwise see "1" where a CBOR client sees 1.
+    return {str(k): v for k, v in sorted(counter.items()) if v}
+
+
+class Die:
+    """One part result; the final one of its location is what the map shows."""
+
+    __slots__ = ("gateway", "hard_bin", "part_id", "passed", "rid", "site", "soft_bin", "ts",
+                 "x", "y")
+
+    def __init__(self, gateway: str, rid: int, rec: PartResult) -> None:
+        self.gateway = gateway
+        self.rid = rid
+        self.ts = rec.ts
+        self.x = rec.x
+        self.y = rec.y
+        self.hard_bin = rec.hard_bin
+        self.soft_bin = rec.soft_bin
+        self.passed = rec.passed
+        self.site = rec.site
+        self.part_id = rec.part_id
+
+    def newer_than(self, other: Die) -> bool:
+        if self.gateway == other.gateway:
+            return self.rid > other.rid
+        return (self.ts, self.gateway) > (other.ts, other.gateway)
+
+    def row(self) -> list[Any]:
+        return [self.x, self.y, self.hard_bin, self.soft_bin, self.passed, self.site]
+
+
+class WaferState:
+    def __init__(self, lot_id: str, wafer_id: str) -> None:
+        self.lot_id = lot_id
+        self.wafer_id = wafer_id
+        self.topic = topics.wafer(lot_id, wafer_id)
+        self.dies: dict[Any, Die] = {}
+        self.tally = Tally()
+        self.status = "open"
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.reported: dict[str, Any] = {}
+        self.updated = 0.0
+        self.archived = False  # left memory for the history store
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "lot_id": self.lot_id,
+            "wafer_id": self.wafer_id,
+            "status": self.status,
+            "started": self.started,
+            "ended": self.ended,
+            "dies": [d.row() for d in self.dies.values() if d.x is not None and d.y is not None],
+            **self.tally.as_dict(),
+            "reported": dict(self.reported),
+            "updated": self.updated,
+        }
+
+
+class TestStats:
+    """Running statistics of one test in one lot (Welford's algorithm: no sample list)."""
+
+    __test__ = False  # not a pytest class, whatever the name says
+
+    def __init__(self, lot_id: str, test_num: int, kind: str) -> None:
+        self.lot_id = lot_id
+        self.test_num = test_num
+        self.kind = kind
+        self.topic = topics.test(lot_id, test_num)
+        self.test_txt = ""
+        self.units = ""
+        self.lo: float | None = None
+        self.hi: float | None = None
+        self.executions = 0
+        self.fails = 0
+        self.count = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+        self.min: float | None = None
+        self.max: float | None = None
+
+    def add_value(self, value: float) -> None:
+        self.count += 1
+        delta = value - self.mean
+        self.mean += delta / self.count
+        self.m2 += delta * (value - self.mean)
+        if self.min is None or value < self.min:
+            self.min = value
+        if self.max is None or value > self.max:
+            self.max = value
+
+    @property
+    def sigma(self) -> float | None:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else None
+
+    @property
+    def cpk(self) -> float | None:
+        sigma = self.sigma
+        if not sigma or (self.lo is None and self.hi is None):
+            return None
+        sides = []
+        if self.hi is not None:
+            sides.append((self.hi - self.mean) / (3 * sigma))
+        if self.lo is not None:
+            sides.append((self.mean - self.lo) / (3 * sigma))
+        return min(sides)
+
+    @property
+    def cp(self) -> float | None:
+        sigma = self.sigma
+        if not sigma or self.lo is None or self.hi is None:
+            return None
+        return (self.hi - self.lo) / (6 * sigma)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "lot_id": self.lot_id,
+            "test_num": self.test_num,
+            "kind": self.kind,
+            "test_txt": self.test_txt,
+            # a test known by name: its number is test_number(name) (docs/plugins.md)
+            "named": bool(self.test_txt) and test_number(self.test_txt) == self.test_num,
+            "units": self.units,
+            "lo_limit": self.lo,
+            "hi_limit": self.hi,
+            "executions": self.executions,
+            "fails": self.fails,
+            "count": self.count,
+            "mean": self.mean if self.count else None,
+            "sigma": self.sigma,
+            "min": self.min,
+            "max": self.max,
+            "cp": self.cp,
+            "cpk": self.cpk,
+        }
+
+
+class LotState:
+    def __init__(self, lot_id: str) -> None:
+        self.lot_id = lot_id
+        self.topic = topics.lot(lot_id)
+        self.info: dict[str, Any] = {
+            "part_type": "", "node_name": "", "tester_type": "", "job_name": ""
+        }
+        self.status = "open"
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.gateways: set[str] = set()
+        self.wafers: dict[str, WaferState] = {}  # the live ones
+        #: wafers that left memory for the store: a late record for one is not applied
+        #: (it would start the wafer afresh and overwrite its archive)
+        self.archived_wafers: set[str] = set()
+        self.tests: dict[int, TestStats] = {}
+        self.tally = Tally()
+        self.part_times: deque[float] = deque(maxlen=_UPH_WINDOW)
+        self.test_time_sum = 0
+        self.test_time_n = 0
+        self.reported_hard: dict[str, int] = {}
+        self.reported_soft: dict[str, int] = {}
+        self.reported_counts: dict[str, Any] = {}
+        self.updated = 0.0
+
+    @property
+    def units_per_hour(self) -> float | None:
+        if len(self.part_times) < 2:
+            return None
+        span = max(self.part_times) - min(self.part_times)
+        return (len(self.part_times) - 1) * 3600.0 / span if span > 0 else None
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "lot_id": self.lot_id,
+            **self.info,
+            "status": self.status,
+            "started": self.started,
+            "ended": self.ended,
+            "gateways": sorted(self.gateways),
+            "wafers": list(self.wafers),
+            "wafer_count": len(self.wafers) + len(self.archived_wafers),
+            "archived_wafers": len(self.archived_wafers),
+            **self.tally.as_dict(),
+            "units_per_hour": self.units_per_hour,
+            "test_time_ms": self.test_time_sum / self.test_time_n if self.test_time_n else None,
+            "tests": sorted(self.tests),
+            "reported": {
+                "hard_bins": dict(self.reported_hard),
+                "soft_bins": dict(self.reported_soft),
+                **self.reported_counts,
+            },
+            "updated": self.updated,
+        }
+
+
+class SensorState:
+    def __init__(self, channel: str, history: int) -> None:
+        self.channel = channel
+        self.topic = topics.sensor(channel)
+        self.unit = ""
+        self.latest: dict[str, Any] | None = None
+        self.history: deque[list[Any]] = deque(maxlen=history)
+        self.source = ""
+
+    def add(self, rec: SensorWindow | SensorReading) -> list[Any]:
+        if isinstance(rec, SensorWindow):
+            self.latest = {
+                "ts": rec.ts, "t0": rec.t0, "t1": rec.t1, "last": rec.last, "min": rec.min,
+                "max": rec.max, "mean": rec.mean, "count": rec.count,
+            }
+            point = [rec.t1, rec.last, rec.min, rec.max, rec.mean]
+        else:
+            self.latest = {
+                "ts": rec.ts, "t0": rec.ts, "t1": rec.ts, "last": rec.value, "min": rec.value,
+                "max": rec.value, "mean": rec.value, "count": 1,
+            }
+            point = [rec.ts, rec.value, rec.value, rec.value, rec.value]
+        self.unit = rec.unit or self.unit
+        self.source = rec.source
+        self.history.append(point)
+        return point
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "channel": self.channel,
+            "unit": self.unit,
+            "source": self.source,
+            "latest": self.latest,
+            "history": list(self.history),
+        }
+
+
+class GatewayState:
+    def __init__(self, gateway_id: str) -> None:
+        self.gateway_id = gateway_id
+        self.topic = topics.gateway(gateway_id)
+        self.online = False
+        self.last_seen: float | None = None
+        self.connected_at: float | None = None
+        self.disconnected_at: float | None = None
+        self.records = 0
+        self.frames = 0
+        self.last_rid: int | None = None
+        self.per_second: dict[int, int] = {}
+        self.rate_now = 0.0
+        self.events: deque[dict[str, Any]] = deque(maxlen=topics.GATEWAY_EVENTS)
+
+    def count(self, n: int, now: float) -> None:
+        sec = int(now)
+        self.per_second[sec] = self.per_second.get(sec, 0) + n
+        if len(self.per_second) > _RATE_WINDOW_S + 2:
+            for old in [s for s in self.per_second if s <= sec - _RATE_WINDOW_S]:
+                del self.per_second[old]
+        self.rate_now = now
+
+    def records_per_s(self, now: float | None = None) -> float:
+        now = self.rate_now if now is None else now
+        low = now - _RATE_WINDOW_S
+        total = sum(n for s, n in self.per_second.items() if s > low)
+        return total / _RATE_WINDOW_S
+
+    def snapshot(self, now: float | None = None) -> dict[str, Any]:
+        return {
+            "gateway_id": self.gateway_id,
+            "online": self.online,
+            "last_seen": self.last_seen,
+            "connected_at": self.connected_at,
+            "disconnected_at": self.disconnected_at,
+            "records": self.records,
+            "frames": self.frames,
+            "last_rid": self.last_rid,
+            "records_per_s": self.records_per_s(now),
+            "events": list(self.events),
+        }
+
+
+def lot_archive(lot: LotState) -> dict[str, Any]:
+    """Everything the history API serves about a lot, as plain JSON-able data: its summary,
+    every wafer's map and counts, every test's statistics."""
+    return {
+        "lot": lot.snapshot(),
+        "wafers": {w.wafer_id: w.snapshot() for w in lot.wafers.values()},
+        "tests": {str(t.test_num): t.snapshot() for t in lot.tests.values()},
+    }

@@ -1,0 +1,33 @@
+"""``StateObserver``: what watches the live state as it changes (the alert engine).
+
+The state calls it; it may use the state's objects (``models``).  The state imports only
+this protocol, never the alert engine, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from edgegw.records import PartResult, SensorReading, SensorWindow
+
+from .models import LotState, TestStats, WaferState
+
+
+class StateObserver(Protocol):
+    """What watches the live state as it changes (the alert engine): called synchronously
+    from ``LiveState``, with the state's own objects.  Also a source of topics (``topics``,
+    ``snapshot``) served beside the state's.  The state knows only this protocol, so the
+    observer may import the state's types without a cycle."""
+
+    def on_part(self, lot: LotState, wafer: WaferState, rec: PartResult, gateway_id: str,
+                now: float) -> None: ...
+    def evaluate_wafer(self, lot: LotState, wafer: WaferState, ts: float,
+                       now: float) -> None: ...
+    def wafer_closed(self, lot: LotState, wafer: WaferState) -> None: ...
+    def evaluate_lot(self, lot: LotState, ts: float, now: float) -> None: ...
+    def evaluate_test(self, stats: TestStats, ts: float, now: float) -> None: ...
+    def on_sensor(self, rec: SensorWindow | SensorReading, now: float) -> None: ...
+    def on_gateway(self, gateway_id: str, connected: bool, now: float) -> None: ...
+    def tick(self, now: float) -> None: ...
+    def snapshot(self, priority: str, rule: str) -> dict[str, Any] | None: ...
+    def topics(self) -> list[str]: ...

@@ -1,0 +1,299 @@
+"""The disk spool's group commit: many frames, one write, one fsync (I2); acks persisted
+before any segment is deleted (I4); whole sealed segments deleted oldest first (I5); the
+cap and a full disk handled by policy (``block`` waits, ``drop_oldest`` drops and counts).
+
+``GroupCommit`` is the half of ``DiskSpool`` that runs in its ``run`` task; the other half
+(``spool.py``) is the ``FrameStore`` interface the gateway and the uplink call.  Both work
+on the same state, declared here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import trio
+
+from ..metrics import Metrics
+from ..protocol.intervals import IntervalSet
+from ..store import StoredFrame
+from .config import SpoolConfig
+from .format import Kind, Record, Scanner, encode_ack, encode_commit
+from .reader import TailCache
+from .segments import READ_CHUNK, Segment, unlink_sync, write_sync
+
+log = logging.getLogger("edgegw.spool.spool")
+
+ACK_PERSIST_S = 0.2
+
+
+@dataclasses.dataclass
+class DropEvent:
+    """Frames discarded by the ``drop_oldest`` policy (the gateway raises an event)."""
+
+    frames: int
+    records: int
+    first_seq: int
+    last_seq: int
+    reason: str
+
+
+
+
+@dataclasses.dataclass
+class _Pending:
+    seq: int
+    record: bytes
+    body: bytes
+    n_records: int
+    checkpoints: dict[str, Any]
+
+
+class GroupCommit:
+    # the state shared with DiskSpool (spool.py), which sets it up
+    config: SpoolConfig
+    directory: Path
+    metrics: Metrics
+    on_drop: Callable[[DropEvent], None] | None
+    counts: dict[str, int]
+    m_fsyncs: Any
+    m_disk_full: Any
+    m_dropped_frames: Any
+    m_dropped_records: Any
+    _segments: list[Segment]
+    _pending: list[_Pending]
+    _pending_bytes: int
+    _pending_since: float
+    _durable_seq: int
+    _acked: int
+    _ranges: IntervalSet
+    _dropped_through: int
+    _persisted_floor: int
+    _checkpoints: dict[str, Any]
+    _ack_dirty: bool
+    _ack_gen: int
+    _last_ack_persist: float
+    _drop_requested: bool
+    _flush_acks: bool
+    _disk_full: bool
+    _work: trio.Event
+    _durable_changed: trio.Event
+    _room: trio.Event
+    _tail: TailCache
+    _recent: Any
+
+    @property
+    def floor(self) -> int:
+        """Every seq at or below this is acknowledged or dropped."""
+        return max(self._acked, self._dropped_through)
+
+    def _state_snapshot(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _open_active_sync(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _normalise_acks(self) -> None:
+        raise NotImplementedError
+
+    async def _committer(self) -> None:
+        while True:
+            if not (self._pending or self._ack_dirty or self._drop_requested):
+                await self._work.wait()
+            self._work = trio.Event()
+            delay = self.config.commit_max_delay_ms / 1000
+            if (self._pending and delay > 0
+                    and len(self._pending) < self.config.commit_max_frames):
+                await trio.sleep_until(trio.current_time()
+                                       + max(0.0, self._pending_since + delay - time.monotonic()))
+            if self._drop_requested:
+                await self._drop_oldest("cap")
+            if self._pending:
+                await self._commit()
+            elif self._ack_dirty:
+                wait = self._last_ack_persist + ACK_PERSIST_S - time.monotonic()
+                if wait > 0 and not self._deletable() and not self._flush_acks:
+                    with trio.move_on_after(wait):
+                        await self._work.wait()
+                    continue
+                await self._commit()
+
+    def _deletable(self) -> list[Segment]:
+        floor = self.floor
+        return [s for s in self._segments[:-1] if s.last_seq <= floor]
+
+    async def _commit(self) -> None:
+        # on a full disk, first persist the acks alone (a few bytes) so segments can go
+        ack_first = self._disk_full and self._ack_dirty and bool(self._deletable())
+        batch = [] if ack_first else self._pending[: self.config.commit_max_frames]
+        parts = [p.record for p in batch]
+        if batch:
+            parts.append(encode_commit(batch[-1].seq))
+        floor = self.floor
+        write_ack = self._ack_dirty
+        ack_gen = self._ack_gen
+        if write_ack:
+            parts.append(encode_ack(self._acked, self._ranges.ranges(), self._dropped_through))
+        data = b"".join(parts)
+        active = self._segments[-1]
+        offsets = []
+        off = active.size
+        for p in batch:
+            offsets.append(off)
+            off += len(p.record)
+        deletable = [s for s in self._segments[:-1] if s.last_seq <= floor] if write_ack else []
+        try:
+            await trio.to_thread.run_sync(write_sync, self.directory, active, data, deletable)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            if ack_first:
+                # not even the ACK record fits: unlink the acked segments first.  Should we
+                # crash before the ACK is written, recovery counts their seqs as lost (they
+                # were acked, so nothing is missing at the hub) and never resends them.
+                await trio.to_thread.run_sync(unlink_sync, self.directory, deletable)
+                self._segments = [s for s in self._segments if s not in deletable]
+                self.counts["segments_deleted"] += len(deletable)
+                self._signal_room()
+            await self._on_disk_full(exc)
+            return
+        if self._disk_full:
+            self._disk_full = False
+            log.warning("spool %s: writes succeed again", self.directory)
+            self._signal_room()  # appenders held back by the full disk may go on
+        self.counts["commits"] += 1
+        self.m_fsyncs.inc()
+        active.size += len(data)
+        del self._pending[: len(batch)]
+        for p, o in zip(batch, offsets, strict=True):
+            active.add_frame(p.seq, o)
+            self._pending_bytes -= len(p.record)
+            self._checkpoints.update(p.checkpoints)
+            self._tail.add(StoredFrame(p.seq, p.body, p.n_records))
+        if self._pending:
+            self._pending_since = time.monotonic()
+        if batch:
+            self._durable_seq = batch[-1].seq
+            self._recent.append((time.monotonic(), batch[0].seq))
+        if write_ack:
+            self._persisted_floor = floor
+            self._ack_dirty = self._ack_gen != ack_gen  # acks that arrived meanwhile
+            self._last_ack_persist = time.monotonic()
+            self.counts["segments_deleted"] += len(deletable)
+            self._segments = [s for s in self._segments if s not in deletable]
+        if active.size >= self.config.segment_bytes:
+            try:
+                await trio.to_thread.run_sync(self._open_active_sync, self._state_snapshot())
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # stay in the old segment; rollover is retried after the next commit
+                await self._on_disk_full(exc)
+        self._durable_changed.set()
+        self._durable_changed = trio.Event()
+        if deletable or write_ack:
+            self._signal_room()
+        if self._pending:
+            self._work.set()
+
+    async def _on_disk_full(self, exc: OSError) -> None:
+        """Disk full is handled like the cap, never a crash loop."""
+        self.counts["disk_full_events"] += 1
+        self.m_disk_full.inc()
+        if not self._disk_full:
+            log.error("spool %s: disk full (%s); policy %s", self.directory, exc,
+                      self.config.policy)
+        self._disk_full = True
+        if self.config.policy == "drop_oldest" and len(self._segments) > 1:
+            await self._drop_oldest("disk full")
+        else:
+            # block: wait for acks to free whole segments (or an operator to free space)
+            with trio.move_on_after(1.0):
+                await self._work.wait()
+        self._work.set()
+
+    async def _drop_oldest(self, reason: str) -> None:
+        """Drop the oldest segment holding unacknowledged frames (policy drop_oldest)."""
+        self._drop_requested = False
+        if len(self._segments) < 2:
+            if self._segments and self._segments[-1].n_frames:
+                # everything is in the active segment: seal it so it can be dropped
+                try:
+                    await trio.to_thread.run_sync(self._open_active_sync,
+                                                  self._state_snapshot())
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    # not even room for a new segment: nothing can be dropped safely now;
+                    # appends wait (as under "block") and the drop is retried
+                    log.error("spool %s: disk full and a single segment: cannot drop yet",
+                              self.directory)
+                    return
+            else:
+                return
+        victim = self._segments[0]
+        floor = self.floor
+        frames, records = await trio.to_thread.run_sync(self._count_unacked, victim, floor)
+        self._dropped_through = max(self._dropped_through, victim.last_seq)
+        new_floor = self.floor
+        data = encode_ack(self._acked, self._ranges.ranges(), self._dropped_through)
+        active = self._segments[-1]
+        try:
+            await trio.to_thread.run_sync(write_sync, self.directory, active, data, [victim])
+            active.size += len(data)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # no room even for the ACK record: free the victim first, then record the drop.
+            # Should the record still fail, recovery counts these seqs as lost: never resent.
+            await trio.to_thread.run_sync(victim.path.unlink)
+            with contextlib.suppress(OSError):
+                await trio.to_thread.run_sync(write_sync, self.directory, active, data, [])
+                active.size += len(data)
+        self._segments.remove(victim)
+        self._persisted_floor = new_floor
+        self.counts["segments_deleted"] += 1
+        self._normalise_acks()
+        if frames:
+            self.counts["dropped_frames"] += frames
+            self.counts["dropped_records"] += records
+            self.m_dropped_frames.inc(frames)
+            self.m_dropped_records.inc(records)
+            event = DropEvent(frames, records, max(victim.first_seq, floor + 1),
+                              victim.last_seq, reason)
+            log.warning("spool %s: dropped %d unacknowledged frame(s) (%d records), seq %d..%d"
+                        " (%s, policy drop_oldest)", self.directory, frames, records,
+                        event.first_seq, event.last_seq, reason)
+            if self.on_drop is not None:
+                self.on_drop(event)
+        self._signal_room()
+
+    def _signal_room(self) -> None:
+        self._room.set()
+        self._room = trio.Event()
+
+    def _count_unacked(self, seg: Segment, floor: int) -> tuple[int, int]:
+        frames = records = 0
+        scanner = Scanner(0, keep_bodies=False)
+        with open(seg.path, "rb") as f:
+            while True:
+                chunk = f.read(READ_CHUNK)
+                if chunk:
+                    scanner.feed(chunk)
+                else:
+                    scanner.end()
+                for ev in scanner.events():
+                    if (isinstance(ev, Record) and ev.kind is Kind.FRAME and ev.seq > floor
+                            and ev.seq not in self._ranges):
+                        frames += 1
+                        records += int((cbor2.loads(ev.meta) or {}).get("n", 0))
+                if not chunk:
+                    break
+        return frames, records

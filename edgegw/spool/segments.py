@@ -1,0 +1,126 @@
+"""Segment files of the disk spool: their names, the sparse seq -> offset index kept per
+segment (I1), and the blocking file operations on them (run in worker threads)."""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from .format import Scanner, encode_state
+
+SPARSE_STRIDE = 64
+READ_CHUNK = 1 << 20
+SEGMENT_PREFIX = "seg-"
+SEGMENT_SUFFIX = ".spool"
+
+
+def segment_path(directory: Path, index: int) -> Path:
+    return directory / f"{SEGMENT_PREFIX}{index:010d}{SEGMENT_SUFFIX}"
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclasses.dataclass
+class Segment:
+    index: int
+    path: Path
+    size: int = 0
+    first_seq: int = 0  # 0: no frames
+    last_seq: int = 0
+    n_frames: int = 0
+    sparse_seqs: list[int] = dataclasses.field(default_factory=list)
+    sparse_offsets: list[int] = dataclasses.field(default_factory=list)
+
+    def add_frame(self, seq: int, offset: int) -> None:
+        if self.n_frames % SPARSE_STRIDE == 0:
+            self.sparse_seqs.append(seq)
+            self.sparse_offsets.append(offset)
+        if not self.first_seq:
+            self.first_seq = seq
+        self.last_seq = seq
+        self.n_frames += 1
+
+    def offset_before(self, seq: int) -> int:
+        """An offset at or before the frame ``seq`` (a record boundary)."""
+        i = bisect.bisect_right(self.sparse_seqs, seq) - 1
+        return self.sparse_offsets[i] if i >= 0 else 0
+
+
+def list_segments(directory: Path) -> list[tuple[int, Path]]:
+    out = []
+    for p in directory.glob(f"{SEGMENT_PREFIX}*{SEGMENT_SUFFIX}"):
+        try:
+            out.append((int(p.name[len(SEGMENT_PREFIX):-len(SEGMENT_SUFFIX)]), p))
+        except ValueError:
+            continue
+    return sorted(out)
+
+
+def write_epoch(directory: Path, epoch: str) -> None:
+    tmp = directory / "epoch.tmp"
+    with open(tmp, "wb") as f:
+        f.write(epoch.encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / "epoch")
+    fsync_dir(directory)
+
+
+def open_segment_sync(directory: Path, index: int, state: dict[str, Any]) -> Segment:
+    """Create segment ``index`` whose first record is a STATE snapshot (I3, I8), durably."""
+    path = segment_path(directory, index)
+    data = encode_state(state)
+    try:
+        with open(path, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(directory)
+    except OSError:
+        # (disk full) leave no half-made segment behind: the rollover is retried later
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    return Segment(index, path, size=len(data))
+
+
+def write_sync(directory: Path, active: Segment, data: bytes, deletable: list[Segment]) -> None:
+    """One group commit: append, fsync, then (I4) delete what the ACK just made safe."""
+    with open(active.path, "r+b") as f:
+        f.seek(active.size)
+        try:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError:
+            # ENOSPC mid-write: cut the partial write so the file stays clean
+            with contextlib.suppress(OSError):
+                f.truncate(active.size)
+            raise
+    for seg in deletable:
+        with contextlib.suppress(FileNotFoundError):
+            seg.path.unlink()
+    if deletable:
+        fsync_dir(directory)
+
+
+def unlink_sync(directory: Path, segments: list[Segment]) -> None:
+    for seg in segments:
+        with contextlib.suppress(FileNotFoundError):
+            seg.path.unlink()
+    fsync_dir(directory)
+
+
+def ev_past_segment(scanner: Scanner, seg: Segment) -> bool:
+    """True once the scanner has consumed the committed part of the segment."""
+    return scanner.offset >= seg.size

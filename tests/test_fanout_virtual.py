@@ -1,0 +1,135 @@
+"""The live fan-out's slow-client handling in virtual time, over in-memory streams.
+
+Clients are wsproto clients on ``trio.testing`` stream pairs served by the real HTTP layer
+and ``LiveFanout``: a lockstep stream blocks the hub's write until the client reads, so a
+client that stops reading stalls at once, as a full socket buffer would.  (The direct
+write from the ticker needs a real socket: ``tests/test_fanout.py`` covers it.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cbor2
+import trio
+import trio.testing
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import BytesMessage, CloseConnection, Request
+
+from edgegw.hub.fanout import CLOSE_TOO_SLOW, SUBPROTOCOL_CBOR, LiveConfig, LiveFanout
+from edgegw.metrics import Metrics
+from edgegw.web import HttpServer
+
+
+class MemoryClient:
+    """A ``/ws/live`` client over an in-memory stream; ``reading`` may be switched off."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.messages: list[dict[str, Any]] = []
+        self.closed: CloseConnection | None = None
+        self.reading = trio.Event()
+        self.reading.set()
+
+    @classmethod
+    async def connect(cls, nursery: trio.Nursery, http: HttpServer,
+                      topics: list[str]) -> MemoryClient:
+        client_end, server_end = trio.testing.lockstep_stream_pair()
+        nursery.start_soon(http.handle_stream, server_end)
+        self = cls(client_end)
+        await client_end.send_all(self.ws.send(Request(
+            host="hub", target="/ws/live", subprotocols=[SUBPROTOCOL_CBOR])))
+        nursery.start_soon(self._pump)
+        while not self.messages:  # the hello
+            await trio.sleep(0.01)
+        sub = cbor2.dumps({"type": "subscribe", "id": 1, "topics": topics})
+        await client_end.send_all(self.ws.send(BytesMessage(data=sub)))
+        return self
+
+    async def _pump(self) -> None:
+        while True:
+            await self.reading.wait()
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return
+            self.ws.receive_data(data)
+            for event in self.ws.events():
+                if isinstance(event, BytesMessage):
+                    self.messages.append(cbor2.loads(event.data))
+                elif isinstance(event, CloseConnection):
+                    self.closed = event
+
+    def batches(self) -> int:
+        return sum(1 for m in self.messages if m["type"] == "batch")
+
+
+async def publish_for(fanout: LiveFanout, seconds: float) -> int:
+    n = 0
+    end = trio.current_time() + seconds
+    while trio.current_time() < end:
+        n += 1
+        fanout.publish("sensor/probe", {"latest": {"n": n}})
+        await trio.sleep(0.01)
+    return n
+
+
+async def test_a_client_that_stops_reading_is_closed_at_the_stall_timeout_and_slows_no_one(
+        autojump_clock: trio.testing.MockClock) -> None:
+    config = LiveConfig(ui_rate=20.0, queue_frames=8, stall_timeout=3.0, close_grace=0.5)
+    fanout = LiveFanout(config, metrics=Metrics())
+    http = HttpServer()
+    fanout.install(http)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fanout.run)
+        keeps_up = await MemoryClient.connect(nursery, http, ["sensor/+"])
+        stalls = await MemoryClient.connect(nursery, http, ["sensor/+"])
+        await publish_for(fanout, 1.0)
+        assert stalls.batches() > 0
+        stalls.reading = trio.Event()  # it stops reading: the hub's next write blocks
+        stopped = trio.current_time()
+        ticks_before, batches_before = fanout.ticks, keeps_up.batches()
+        with trio.move_on_after(10):
+            async with trio.open_nursery() as load:
+                load.start_soon(publish_for, fanout, 10.0)
+                while len(fanout.core.clients) > 1:
+                    await trio.sleep(0.05)
+                closed_after = trio.current_time() - stopped
+                load.cancel_scope.cancel()
+        # closed once its write made no progress for stall_timeout (counted from the next
+        # frame after its last read), then cut off after the grace for the write in progress
+        assert config.stall_timeout < closed_after <= (
+            config.stall_timeout + config.close_grace + 4 / config.ui_rate)
+        slow = fanout.core.metrics.counter("live_slow_clients_total")
+        assert slow.get(action="closed") == 1
+        # the other one got a frame on every tick meanwhile
+        ticks = fanout.ticks - ticks_before
+        assert keeps_up.batches() - batches_before >= ticks - 1
+        assert keeps_up.messages[-1]["items"][-1]["data"][-1]["latest"]["n"] > 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_alert_follower_that_falls_behind_is_closed_4008_after_its_last_whole_frame(
+        autojump_clock: trio.testing.MockClock) -> None:
+    config = LiveConfig(queue_frames=4, stall_timeout=30.0, close_grace=10.0)
+    fanout = LiveFanout(config, metrics=Metrics())
+    http = HttpServer()
+    fanout.install(http)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fanout.run)
+        fanout.publish("alert/P0/yield_low", {"event": "raised", "alert": {"id": "a0"}})
+        slow = await MemoryClient.connect(nursery, http, ["alert/#"])
+        while not any(m["type"] == "batch" for m in slow.messages):
+            await trio.sleep(0.05)
+        slow.reading = trio.Event()
+        for i in range(1, 40):  # events pile up, one frame per tick
+            fanout.publish("alert/P0/yield_low", {"event": "raised", "alert": {"id": f"a{i}"}})
+            await trio.sleep(0.06)
+        # marked too slow; the write in progress may finish within close_grace
+        [client] = fanout.core.clients.values()
+        assert client.closed and client.close_code == CLOSE_TOO_SLOW and not client.queue
+        slow.reading.set()  # it reads again: the frame begun, then the close frame
+        while slow.closed is None:
+            await trio.sleep(0.05)
+        assert slow.closed.code == CLOSE_TOO_SLOW and slow.closed.reason == "too slow"
+        assert all(m["type"] in ("hello", "subscribed", "batch") for m in slow.messages)
+        nursery.cancel_scope.cancel()

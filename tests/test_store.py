@@ -1,0 +1,53 @@
+"""The FrameStore seam: both stores carry everything the gateway and the uplink use."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import trio
+
+from edgegw.spool import DiskSpool, SpoolConfig
+from edgegw.store import FrameStore, MemoryFrameStore
+
+
+def protocol_members() -> set[str]:
+    own = set(vars(FrameStore)) | set(FrameStore.__annotations__)
+    return {name for name in own if not name.startswith("_")}
+
+
+def test_the_protocol_names_what_the_uplink_and_the_gateway_use() -> None:
+    assert {"read_frames", "first_seq_since", "lost_ranges", "problem", "damage", "run",
+            "flush", "append", "ack", "ack_set", "frames_from"} <= protocol_members()
+
+
+def test_both_stores_implement_every_member_of_the_protocol() -> None:
+    for cls in (MemoryFrameStore, DiskSpool):
+        for name in protocol_members() - {"epoch"}:  # epoch: an attribute set in __init__
+            member = getattr(cls, name, None)
+            assert member is not None, f"{cls.__name__} lacks {name}"
+            wanted = inspect.iscoroutinefunction(getattr(FrameStore, name, None))
+            assert inspect.iscoroutinefunction(member) == wanted, f"{cls.__name__}.{name}"
+
+
+async def test_the_memory_store_counts_every_frame_as_backlog_and_runs_nothing() -> None:
+    store = MemoryFrameStore(4)
+    for i in range(3):
+        await store.append(b"x%d" % i, 1, {})
+    assert store.first_seq_since(3600) == store.next_seq == 4
+    assert [f.seq for f in await store.read_frames(2, 10)] == [2, 3]
+    assert store.lost_ranges == [] and store.problem() is None and store.damage() is None
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)  # returns: no background work
+        await store.flush()
+
+
+async def test_a_spool_its_owner_runs_already_is_not_run_twice(tmp_path: Path) -> None:
+    async with DiskSpool.open(SpoolConfig(dir=str(tmp_path))) as spool:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(spool.run)  # returns at once
+        seq = await spool.append(b"body", 1, {})
+        assert [f.seq for f in await spool.read_frames(seq, 1)] == [seq]
+        assert spool.problem() is None and spool.damage() is None
