@@ -1,65 +1,208 @@
-"""Counters and gauges, rendered as Prometheus text and as JSON.
+"""Counters, gauges and histograms, exported in the Prometheus text format by
+``prometheus_client`` and as JSON.
 
-Deliberately tiny: one process, one registry, labels as keyword arguments.  Every bad
-input the service survives is counted here, so health never stays green while data is
-being thrown away.
+The hot path adds to plain dictionaries (``bench/metrics_cost.py``: cheaper than a
+``prometheus_client`` child with its lock and ``labels()`` lookup); the exposition is
+``prometheus_client``'s own, through a custom collector, so values are exact and names,
+types and escaping follow the format's reference.  Each ``Metrics`` has its own
+``prometheus_client`` registry with the process collector (memory, fds, CPU), the Python
+platform and GC collectors and ``edgegw_build_info``.  Every bad input the service
+survives is counted here, so health never stays green while data is being thrown away.
 """
 
 from __future__ import annotations
 
 import logging
+import platform
 import sys
 import time
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
+from importlib import metadata
 from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics_core import Metric as Family
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.utils import floatToGoString
 
 LabelKey = tuple[tuple[str, str], ...]
 
+#: for latencies: 1 ms .. 10 s (and +Inf)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: for ages of data (record creation -> applied, window end -> sent): 10 ms .. 1 h
+AGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+
+def _key(labels: dict[str, Any]) -> LabelKey:
+    return tuple(sorted((k, str(v)) for k, v in labels.items())) if labels else ()
+
 
 class Metric:
+    """A counter or a gauge: one value per label set."""
+
     def __init__(self, name: str, help: str, kind: str) -> None:
         self.name = name
         self.help = help
         self.kind = kind
         self.values: dict[LabelKey, float] = {}
 
-    @staticmethod
-    def _key(labels: dict[str, Any]) -> LabelKey:
-        return tuple(sorted((k, str(v)) for k, v in labels.items()))
+    _key = staticmethod(_key)
 
     def inc(self, amount: float = 1, **labels: Any) -> None:
-        key = self._key(labels)
+        key = _key(labels) if labels else ()
         self.values[key] = self.values.get(key, 0) + amount
 
     def set(self, value: float, **labels: Any) -> None:
-        self.values[self._key(labels)] = value
+        self.values[_key(labels)] = value
 
     def get(self, **labels: Any) -> float:
-        return self.values.get(self._key(labels), 0)
+        return self.values.get(_key(labels), 0)
 
     def total(self) -> float:
         return sum(self.values.values())
 
+    def family(self, full: str) -> Family:
+        # a counter's family is named without ``_total``; its samples carry it
+        fam = Family(full[:-6] if self.kind == "counter" else full, self.help, self.kind)
+        sample = f"{fam.name}_total" if self.kind == "counter" else fam.name
+        # a metric nothing has touched yet still exports (as 0), so queries resolve
+        for key, val in self.values.items() or [((), 0.0)]:
+            fam.add_sample(sample, dict(key), val)
+        return fam
+
+
+class Histogram:
+    """Observations counted into fixed buckets (``le`` upper bounds, +Inf implied)."""
+
+    kind = "histogram"
+
+    def __init__(self, name: str, help: str, buckets: Iterable[float]) -> None:
+        self.name = name
+        self.help = help
+        self.buckets = tuple(sorted(float(b) for b in buckets))
+        #: label set -> [per-bucket counts (not cumulative, last is +Inf), sum]
+        self.series: dict[LabelKey, tuple[list[int], list[float]]] = {}
+
+    def _series(self, labels: dict[str, Any]) -> tuple[list[int], list[float]]:
+        key = _key(labels) if labels else ()
+        s = self.series.get(key)
+        if s is None:
+            s = self.series[key] = ([0] * (len(self.buckets) + 1), [0.0])
+        return s
+
+    def observe(self, value: float, **labels: Any) -> None:
+        counts, total = self._series(labels)
+        counts[bisect_left(self.buckets, value)] += 1
+        total[0] += value
+
+    def observe_many(self, values: Iterable[float], **labels: Any) -> None:
+        """Many observations with one label lookup (per record, on the hot path)."""
+        counts, total = self._series(labels)
+        buckets = self.buckets
+        s = 0.0
+        for v in values:
+            counts[bisect_left(buckets, v)] += 1
+            s += v
+        total[0] += s
+
+    def count(self, **labels: Any) -> int:
+        s = self.series.get(_key(labels))
+        return sum(s[0]) if s else 0
+
+    def sum(self, **labels: Any) -> float:
+        s = self.series.get(_key(labels))
+        return s[1][0] if s else 0.0
+
+    get = count
+
+    def total(self) -> float:
+        return sum(sum(counts) for counts, _ in self.series.values())
+
+    def family(self, full: str) -> Family:
+        fam = Family(full, self.help, "histogram")
+        series = self.series or {(): ([0] * (len(self.buckets) + 1), [0.0])}
+        for key, (counts, total) in series.items():
+            labels = dict(key)
+            cumulative = 0
+            for bound, n in zip((*self.buckets, float("inf")), counts, strict=True):
+                cumulative += n
+                fam.add_sample(f"{full}_bucket", {**labels, "le": floatToGoString(bound)},
+                               cumulative)
+            fam.add_sample(f"{full}_count", labels, cumulative)
+            fam.add_sample(f"{full}_sum", labels, total[0])
+        return fam
+
+
+class _Exporter:
+    """The ``prometheus_client`` collector that reads a ``Metrics``."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Family]:
+        m = self.metrics
+        m.collect()
+        info = Family(f"{m.prefix}_build_info", "edgegw version and Python, always 1", "gauge")
+        info.add_sample(f"{m.prefix}_build_info", BUILD_INFO, 1)
+        yield info
+        for metric in list(m._metrics.values()):
+            yield metric.family(f"{m.prefix}_{metric.name}")
+
+
+def _build_info() -> dict[str, str]:
+    try:
+        version = metadata.version("edgegw")
+    except metadata.PackageNotFoundError:  # run from a source tree, not installed
+        version = "unknown"
+    return {"version": version, "python": platform.python_version()}
+
+
+BUILD_INFO = _build_info()
+
 
 class Metrics:
-    """A registry.  ``counter``/``gauge`` return the existing metric when called again."""
+    """A registry.  ``counter``/``gauge``/``histogram`` return the existing metric when
+    called again with the same name; counters must end in ``_total``."""
 
     def __init__(self, prefix: str = "edgegw") -> None:
         self.prefix = prefix
-        self._metrics: dict[str, Metric] = {}
+        self._metrics: dict[str, Metric | Histogram] = {}
         self._collectors: list[Callable[[], None]] = []
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Exporter(self))  # type: ignore[arg-type]
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
 
     def _get(self, name: str, help: str, kind: str) -> Metric:
         metric = self._metrics.get(name)
         if metric is None:
             metric = self._metrics[name] = Metric(name, help, kind)
+        if not isinstance(metric, Metric) or metric.kind != kind:
+            raise ValueError(f"metric {name!r} is a {metric.kind}, not a {kind}")
         return metric
 
     def counter(self, name: str, help: str = "") -> Metric:
+        if not name.endswith("_total"):
+            raise ValueError(f"counter {name!r}: a counter's name ends in _total")
         return self._get(name, help, "counter")
 
     def gauge(self, name: str, help: str = "") -> Metric:
+        if name.endswith("_total"):
+            raise ValueError(f"gauge {name!r}: _total is for counters")
         return self._get(name, help, "gauge")
+
+    def histogram(self, name: str, help: str = "",
+                  buckets: Iterable[float] = LATENCY_BUCKETS) -> Histogram:
+        metric = self._metrics.get(name)
+        if metric is None:
+            metric = self._metrics[name] = Histogram(name, help, buckets)
+        if not isinstance(metric, Histogram):
+            raise ValueError(f"metric {name!r} is a {metric.kind}, not a histogram")
+        return metric
 
     def add_collector(self, fn: Callable[[], None]) -> None:
         """``fn`` refreshes gauges just before they are read."""
@@ -73,26 +216,22 @@ class Metrics:
         self.collect()
         out: dict[str, Any] = {}
         for m in self._metrics.values():
-            if len(m.values) == 1 and () in m.values:
-                out[m.name] = m.values[()]
+            values: dict[LabelKey, Any]
+            if isinstance(m, Histogram):
+                values = {k: {"count": sum(c), "sum": s[0]} for k, (c, s) in m.series.items()}
+            else:
+                values = m.values
+            if len(values) == 1 and () in values:
+                out[m.name] = values[()]
             else:
                 out[m.name] = {
                     ",".join(f"{k}={v}" for k, v in key) or "": val
-                    for key, val in m.values.items()
+                    for key, val in values.items()
                 }
         return out
 
     def render_prometheus(self) -> str:
-        self.collect()
-        lines: list[str] = []
-        for m in self._metrics.values():
-            full = f"{self.prefix}_{m.name}"
-            lines.append(f"# HELP {full} {m.help}")
-            lines.append(f"# TYPE {full} {m.kind}")
-            for key, val in m.values.items():
-                labels = ",".join(f'{k}="{_escape(v)}"' for k, v in key)
-                lines.append(f"{full}{{{labels}}} {val:g}" if labels else f"{full} {val:g}")
-        return "\n".join(lines) + "\n"
+        return generate_latest(self.registry).decode()
 
 
 #: ``edgegw_internal_errors_total{where=...}``: unexpected exceptions caught at a failure
@@ -131,10 +270,7 @@ def report_internal_error(metrics: Metrics, where: str, logger: logging.Logger, 
                  exc_info=sys.exc_info()[0] is not None)
 
 
-def _escape(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 __all__ = [
-    "INTERNAL_ERRORS", "LabelKey", "Metric", "Metrics", "internal_errors", "report_internal_error"
+    "AGE_BUCKETS", "BUILD_INFO", "INTERNAL_ERRORS", "LATENCY_BUCKETS", "Histogram", "LabelKey",
+    "Metric", "Metrics", "internal_errors", "report_internal_error",
 ]

@@ -66,8 +66,12 @@ class LiveHub:
     stoppable on a fixed port."""
 
     def __init__(self, data_dir: Path, auth: dict[str, Any] | None = None,
-                 tls: dict[str, Any] | None = None) -> None:
+                 tls: dict[str, Any] | None = None,
+                 rules: list[dict[str, Any]] | None = None) -> None:
         self.data_dir = data_dir
+        # A rule that trips on the simulated wafers: 2 fails in a row on one site.
+        self.rules = rules or [
+            {"name": "site_fails", "kind": "consecutive_fails", "priority": "P1", "count": 2}]
         self.auth = auth  # the hub config's [auth] and [tls] sections, if any
         self.tls = tls
         self.port = 0
@@ -83,10 +87,8 @@ class LiveHub:
                                     **({"auth": self.auth} if self.auth else {}),
                                     **({"tls": self.tls} if self.tls else {})}))
         fanout = LiveFanout(LiveConfig(), metrics=hub.metrics)
-        # A rule that trips on the simulated wafers: 2 fails in a row on one site.
-        alerts = AlertEngine(build(AlertsConfig, {"rules": [
-            {"name": "site_fails", "kind": "consecutive_fails", "priority": "P1", "count": 2},
-        ]}), fanout.publish, metrics=hub.metrics)
+        alerts = AlertEngine(build(AlertsConfig, {"rules": self.rules}), fanout.publish,
+                             metrics=hub.metrics)
         state = LiveState(fanout.publish, alerts=alerts, metrics=hub.metrics)
         fanout.attach(state, on_ack=lambda alert_id, user: alerts.ack(alert_id, user,
                                                                       time.time()))
@@ -171,8 +173,13 @@ class Browser:
             " sensor_text: document.getElementById('sensors').textContent,"
             " sites: document.querySelectorAll('#sites .row').length}; })()")
 
-    async def screenshot(self, path: Path) -> None:
-        shot = await self.call("Page.captureScreenshot", format="png")
+    async def screenshot(self, path: Path, full_page: bool = False) -> None:
+        extra: dict[str, Any] = {}
+        if full_page:  # the whole page, below the fold too
+            size = (await self.call("Page.getLayoutMetrics"))["cssContentSize"]
+            extra = {"captureBeyondViewport": True, "clip": {
+                "x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}}
+        shot = await self.call("Page.captureScreenshot", format="png", **extra)
         await trio.Path(path.parent).mkdir(parents=True, exist_ok=True)
         await trio.Path(path).write_bytes(base64.b64decode(shot["data"]))
 
@@ -366,6 +373,130 @@ async def test_the_wafer_map_shows_the_dies_the_hub_applied_even_across_a_restar
                 and p["dies"] == hub.wafer_dies(p["topic"]), 30, "the page to recover")
             assert (page["topic"], page["dies"]) == (drawn["topic"], drawn["dies"])
             await browser.screenshot(ARTIFACTS / "dashboard-after-restart.png")
+        nursery.cancel_scope.cancel()
+
+
+#: Per panel, what shows it holds data: its chart's marks or its rows (read in the page).
+PANELS_JS = """(() => {
+  const n = (sel) => document.querySelectorAll(sel).length;
+  const marks = (id) => Number((document.querySelector('#' + id + ' svg') || {dataset: {}})
+    .dataset.marks || 0);
+  const map = document.getElementById('wafer-map');
+  return {
+    wafer: Number(map.dataset.dieCount),
+    yield_trend: marks('yield-trend'),
+    threshold_line: n('#yield-trend svg line.rule'),
+    pareto: n('#pareto .row'), sites: n('#sites .row'),
+    histogram: marks('histogram'), limit_lines: n('#histogram svg line.limit'),
+    control: marks('control'),
+    tests: n('#tests tbody tr[data-test]'),
+    sensors: [...document.querySelectorAll('#sensors .sensor')].filter(d =>
+      (views.get(d.dataset.topic).history || []).length >= 2).length,
+    alerts: n('#alerts li[data-alert-id]'),
+    gateways: n('#gateways tr[data-gateway]'),
+    mode: map.dataset.mode, valued: Number(map.dataset.valued || 0),
+    hist_test: (document.querySelector('#histogram svg') || {dataset: {}}).dataset.test,
+    overflow: document.documentElement.scrollWidth - window.innerWidth,
+    wide: [...document.querySelectorAll('main > *, main *')].filter(e =>
+      e.getBoundingClientRect().right > window.innerWidth + 0.5).map(e =>
+      e.tagName + '#' + e.id + '.' + e.className).slice(0, 5),
+    wrapped: [...document.querySelectorAll('#pareto .num')].filter(e =>
+      e.getClientRects().length > 1 || e.offsetHeight > 20).length,
+  };
+})()"""
+
+
+async def panels(browser: Browser) -> dict[str, Any]:
+    return await browser.eval(PANELS_JS)
+
+
+async def wait_panels(browser: Browser, predicate: Any, seconds: float, what: str) -> dict:
+    state: dict[str, Any] = {}
+    try:
+        with trio.fail_after(seconds):
+            while True:
+                state = await panels(browser)
+                if predicate(state):
+                    return state
+                await trio.sleep(0.2)
+    except trio.TooSlowError:
+        raise AssertionError(f"timed out waiting for {what}; panels: {state}; "
+                             f"console: {browser.console[-5:]}") from None
+
+
+def every_panel_filled(p: dict[str, Any]) -> bool:
+    return all(p[k] > 0 for k in ("wafer", "yield_trend", "threshold_line", "pareto", "sites",
+                                  "histogram", "control", "tests", "alerts", "gateways")) \
+        and p["yield_trend"] >= 2 and p["sensors"] >= 3
+
+
+@needs_chromium
+async def test_every_panel_fills_with_demo_data_at_700_px_and_on_a_wall_screen(
+        tmp_path: Path) -> None:
+    """A demo-like floor (the simulated tester, lot after lot, and the simulated sensors
+    through one gateway) for ~30 s; then each panel must hold its chart or rows, at 700 px
+    wide and at 1920x1080, and nothing may stick out sideways at 700 px."""
+    from hubtools import gateway_config
+
+    from edgegw.gateway import Gateway
+
+    hub = LiveHub(tmp_path / "hub", rules=[
+        {"name": "wafer-yield", "kind": "wafer_yield", "priority": "P1", "threshold": 0.9,
+         "min_parts": 50},
+        {"name": "site_fails", "kind": "consecutive_fails", "priority": "P2", "count": 3}])
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(hub.run)
+        cfg = gateway_config(tmp_path / "gw", port, token=TOKEN, batch={"max_records": 500},
+                             sources=[{"name": "tester", "type": "simulated",
+                                       "parts_per_second": 150, "wafer_diameter_dies": 16,
+                                       "lots": 3},
+                                      {"name": "sensors", "type": "simulated-sensors",
+                                       "tester": "ate-01", "rate": 20, "window_s": 0.5}])
+        started = time.monotonic()
+        await nursery.start(Gateway(cfg).run)
+        async with open_browser(tmp_path / "profile", "--window-size=700,900") as browser:
+            await browser.call("Emulation.setDeviceMetricsOverride", width=700, height=900,
+                               deviceScaleFactor=1, mobile=False)
+            await browser.call("Page.navigate", url=f"http://127.0.0.1:{port}/")
+            await wait_page(browser, lambda p: p["conn"] == "live", 15, "the page to connect")
+            state = await wait_panels(browser, every_panel_filled, 60, "every panel to fill")
+            # ~30 s of the floor, as a person would first see it
+            await trio.sleep(max(0.0, 30 - (time.monotonic() - started)))
+
+            # A row of the Tests table chooses the histogram's and control chart's test.
+            test_num = await browser.eval(
+                "(() => { const rows = document.querySelectorAll('#tests tbody tr[data-test]');"
+                " const tr = rows[Math.min(2, rows.length - 1)]; tr.click();"
+                " return tr.dataset.test; })()")
+            state = await wait_panels(browser, lambda p: p["hist_test"] == test_num
+                                      and every_panel_filled(p), 10, "the clicked test's charts")
+            assert state["limit_lines"] == 2  # the simulated tests have both limits
+            # The wafer map coloured by that test's value, from the history API.
+            await browser.eval(f"(() => {{ const s = document.getElementById('color-by');"
+                               f" s.value = '{test_num}';"
+                               " s.dispatchEvent(new Event('change')); })()")
+            state = await wait_panels(browser, lambda p: p["mode"] == f"test:{test_num}"
+                                      and p["valued"] > 50 and p["wafer"] > 0, 15,
+                                      "the wafer map by test value")
+
+            await browser.eval("window.scrollTo(0, 0)")
+            await browser.screenshot(ARTIFACTS / "dashboard-700.png")
+            await browser.screenshot(ARTIFACTS / "dashboard-700-full.png", full_page=True)
+            state = await panels(browser)
+            assert every_panel_filled(state), state
+            assert state["overflow"] <= 0 and not state["wide"], state
+            assert state["wrapped"] == 0, state  # a bin's count stays on one line
+
+            # The same page on a 1080p wall screen.
+            await browser.call("Emulation.setDeviceMetricsOverride", width=1920, height=1080,
+                               deviceScaleFactor=1, mobile=False)
+            state = await wait_panels(browser, every_panel_filled, 10, "the wide layout")
+            assert state["overflow"] <= 0, state
+            columns = await browser.eval(
+                "getComputedStyle(document.querySelector('main')).gridTemplateColumns"
+                ".split(' ').length")
+            assert columns == 4
+            await browser.screenshot(ARTIFACTS / "dashboard-1080p.png")
         nursery.cancel_scope.cancel()
 
 

@@ -113,7 +113,11 @@ async def assert_unharmed(hub: HubProcess, case: Any) -> None:
     _, stats = await http_get(hub.port, "/api/stats")
     internal = stats["metrics"].get("internal_errors_total") or {}
     log = hub.new_log()
-    assert not internal, f"internal errors {internal} after {case!r:.300}\n{log[-3000:]}"
+    if internal:  # hypothesis replays the case while shrinking: show the first traceback
+        whole = hub.log.read_text(errors="replace")
+        first = whole.find("Traceback")
+        log = whole[max(0, first - 500):first + 4000] if first >= 0 else log
+    assert not internal, f"internal errors {internal} after {case!r:.300}\n{log[-4500:]}"
     assert "Traceback" not in log, f"a traceback after {case!r:.300}\n{log[-3000:]}"
 
 

@@ -196,6 +196,51 @@ def test_test_statistics_match_a_direct_computation() -> None:
     assert len(pub.deltas(topics.test(LOT, 100))) == 2
 
 
+def ptr(value: float, *, site: int = 0, test_num: int = 100, lo: float | None = 0.5,
+        hi: float | None = 1.5) -> ParametricResult:
+    return ParametricResult("t", 1.0, LOT, 1, site, "", test_num, "VDD", value, lo, hi, "V",
+                            True)
+
+
+def test_a_tests_distribution_counts_every_value_in_bins_aligned_to_its_limits() -> None:
+    values = [0.5 + i * 0.01 for i in range(101)]  # lo limit .. hi limit
+    state = LiveState(Recorder())
+    state.on_records("gw1", 1, [ptr(v) for v in values], now=1.0)
+    hist = state.snapshot(topics.test(LOT, 100))["histogram"]
+    # a quarter of the limits' span either side, 40 bins
+    assert hist["lo"] == pytest.approx(0.25) and hist["width"] == pytest.approx(1.5 / 40)
+    assert sum(hist["counts"]) == 101 and len(hist["counts"]) == 40
+    assert hist["counts"][:6] == [0] * 6 and hist["counts"][-6:] == [0] * 6
+    # a value past the range widens it (counts kept); a wild one is counted apart
+    state.on_records("gw1", 200, [ptr(2.9), ptr(9.9e37), ptr(-1e9)], now=2.0)
+    hist = state.snapshot(topics.test(LOT, 100))["histogram"]
+    assert sum(hist["counts"]) == 102 and (hist["below"], hist["above"]) == (1, 1)
+    assert hist["lo"] + hist["width"] * 40 > 2.9 and hist["lo"] <= 0.5
+
+
+def test_a_tests_mean_per_site_and_per_wafer_and_its_value_per_die() -> None:
+    state = LiveState(Recorder())
+    # STDF order: a part's tests, then its PartResult naming wafer and die
+    recs: list[Any] = []
+    expected: dict[str, list[float]] = {"L1-W01": [], "L1-W02": []}
+    for i in range(12):
+        wafer = "L1-W01" if i < 6 else "L1-W02"
+        site = i % 2
+        value = 1.0 + (0.1 if wafer == "L1-W02" else 0.0) + 0.01 * i
+        expected[wafer].append(value)
+        recs += [ptr(value, site=site), part(i, 0, 1, site=site, wafer=wafer)]
+    state.on_records("gw1", 1, recs[:7], now=1.0)  # a part's values and its PRR may split
+    state.on_records("gw1", 8, recs[7:], now=2.0)
+    snap = state.snapshot(topics.test(LOT, 100))
+    assert [w[0] for w in snap["wafers"]] == ["L1-W01", "L1-W02"]
+    for (wafer, n, mean, sigma) in snap["wafers"]:
+        assert n == 6 and mean == pytest.approx(statistics.fmean(expected[wafer]))
+        assert sigma == pytest.approx(statistics.stdev(expected[wafer]))
+    assert sorted(snap["sites"]) == ["0", "1"] and snap["sites"]["0"][0] == 6
+    wafer = state.lots[LOT].wafers["L1-W02"]
+    assert wafer.values[100] == {(i, 0): pytest.approx(1.1 + 0.01 * i) for i in range(6, 12)}
+
+
 def test_sensor_latest_window_and_bounded_history() -> None:
     pub = Recorder()
     state = LiveState(pub, sensor_history=5)

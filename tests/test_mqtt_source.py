@@ -211,6 +211,7 @@ async def test_a_persistent_session_gets_what_was_published_while_the_gateway_wa
             for i in range(100):
                 await pub.publish(f"{prefix}/prober/seq", payload(i), qos=1)
             await wait_for(lambda: len(sink.records) == 100, 10, "the first messages")
+            await wait_for(lambda: first.acked == 100, 10, "their acknowledgements")
             gateway.cancel_scope.cancel()
         # the gateway is away; 2,000 messages (past mosquitto's default queue of 1,000)
         for i in range(100, 2100):
@@ -224,7 +225,12 @@ async def test_a_persistent_session_gets_what_was_published_while_the_gateway_wa
         assert second.client is not None and second.client.session_present
         nursery.cancel_scope.cancel()
     assert set(seqs(sink)) == set(range(2100))
-    assert seqs(sink)[100:] == list(range(100, 2100))  # and in order
+    # and in order.  A PUBACK the cancel cut off before it left the socket makes the broker
+    # deliver that message again (at least once, as QoS 1 says; the gateway drops such a
+    # redelivery by its checkpoint, tests/test_mqtt_crash.py): only the first 100 may repeat
+    later = seqs(sink)[100:]
+    assert [s for s in later if s >= 100] == list(range(100, 2100))
+    assert len(later) - 2000 <= 100  # the rest: repeats of the first 100, each at most once
 
 
 async def test_junk_payloads_are_counted_per_topic_logged_once_and_do_not_disturb_good_ones(
@@ -261,7 +267,7 @@ async def test_junk_payloads_are_counted_per_topic_logged_once_and_do_not_distur
     assert bad.get(source="sensors", topic=f"{prefix}/handler/temp") == 300
     assert bad.get(source="sensors", topic=f"{prefix}/handler/count") == 30
     assert bad.get(source="sensors", topic=f"{prefix}/prober/temp") == 30
-    assert metrics.counter("source_errors").get(source="sensors") == 360
+    assert metrics.counter("source_errors_total").get(source="sensors") == 360
     # logged at most once per topic per interval (60 s here), with the reason
     logged = [r.getMessage() for r in caplog.records if "bad payload" in r.getMessage()]
     assert len(logged) == 3

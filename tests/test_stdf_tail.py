@@ -130,7 +130,7 @@ async def test_a_record_cut_at_the_end_is_waited_for(tmp_path: Path) -> None:
         await sink.wait_until(lambda: bool(sink.of(LotEnd)))
         nursery.cancel_scope.cancel()
     assert no_ts(sink.records) == expected(data)
-    assert metrics.counter("source_errors").total() == 0
+    assert metrics.counter("source_errors_total").total() == 0
 
 
 @pytest.mark.parametrize("cut_fraction", [0.05, 0.37, 0.81])
@@ -331,7 +331,7 @@ async def test_a_corrupt_file_is_reported_and_the_source_keeps_going(tmp_path: P
                              "format": "stdf"}
     assert "impossible REC_LEN 60000" in ev_bad.message and "abandoned" in ev_bad.message
     assert ev_text.detail["offset"] == 0 and "not STDF" in ev_text.message
-    assert metrics.counter("source_errors").get(source="tester1", kind="corrupt") == 2
+    assert metrics.counter("source_errors_total").get(source="tester1", kind="corrupt") == 2
     # the records before the corruption were delivered; then the good file in full
     before = expected(good[:third_pir])
     parts_before = [r for r in before if isinstance(r, PartResult)]
@@ -386,7 +386,7 @@ async def test_a_gzip_stream_cut_short_is_an_error_once_idle(tmp_path: Path) -> 
         nursery.cancel_scope.cancel()
     (event,) = sink.of(GatewayEvent)
     assert "gzip stream is truncated" in event.message
-    assert metrics.counter("source_errors").get(source="tester1", kind="corrupt") == 1
+    assert metrics.counter("source_errors_total").get(source="tester1", kind="corrupt") == 1
     assert sink.of(PartResult)  # what could be read was delivered
 
 

@@ -46,10 +46,13 @@ class WsClient:
         self._text: list[str] = []
         self._bytes: list[bytes] = []
         self.closed: Closed | None = None
+        self.bytes_received = 0  # on the wire, WebSocket framing included
+        self.extensions: list[Any] = []  # the extensions the hub agreed to
 
     @classmethod
     async def connect(cls, port: int, path: str, *, subprotocols: list[str] | None = None,
-                      rcvbuf: int | None = None) -> WsClient:
+                      rcvbuf: int | None = None, extensions: list[Any] | None = None,
+                      extra_headers: list[tuple[bytes, bytes]] | None = None) -> WsClient:
         """Connect and upgrade.  ``rcvbuf``: a small receive buffer, so that a client that
         stops reading makes the hub's writes to it block within a few frames."""
         sock = trio.socket.socket()
@@ -57,12 +60,14 @@ class WsClient:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         await sock.connect(("127.0.0.1", port))
         self = cls(trio.SocketStream(sock), WSConnection(ConnectionType.CLIENT))
-        await self.stream.send_all(self.ws.send(Request(host="127.0.0.1", target=path,
-                                                        subprotocols=subprotocols or [])))
+        await self.stream.send_all(self.ws.send(Request(
+            host="127.0.0.1", target=path, subprotocols=subprotocols or [],
+            extensions=extensions or [], extra_headers=extra_headers or [])))
         while True:
             event = await self._next_event()
             if isinstance(event, AcceptConnection):
                 self.subprotocol = event.subprotocol
+                self.extensions = list(event.extensions)
                 return self
             if isinstance(event, RejectConnection):
                 raise ConnectionError(f"upgrade refused: {event.status_code}")
@@ -76,6 +81,7 @@ class WsClient:
                 data = await self.stream.receive_some(1 << 20)
             except trio.BrokenResourceError:
                 data = b""
+            self.bytes_received += len(data)
             self.ws.receive_data(data or None)  # None: the TCP connection ended
         return self._pending.pop(0)
 

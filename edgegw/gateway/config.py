@@ -56,6 +56,12 @@ class UplinkSection:
     max_frame_bytes: Annotated[int, Range(1024, 64 << 20)] = 8 << 20
     # frames sent but not yet acknowledged
     window_frames: Annotated[int, Range(2, 65536)] = 64  # one slot is kept for live frames
+    # Frame-body compression for thin links (docs/protocol.md section 5.1): offered in
+    # HELLO, used only when the hub accepts it; bodies below compression_min_bytes go plain.
+    # Level 1 gets most of the gain for the least gateway CPU (bench/compression.py).
+    compression: Literal["off", "zlib"] = "off"
+    compression_level: Annotated[int, Range(1, 9)] = 1
+    compression_min_bytes: Annotated[int, Range(0, 64 << 20)] = 1024
     # wss:// only: the CA that signed the hub's certificate (default: the system's), the
     # certificate's SHA-256 fingerprint to insist on (optional, on top of the CA check), and
     # a client certificate for hubs that ask for one (its CN or a DNS name: the gateway id)

@@ -88,6 +88,8 @@ class Uplink:
                                          "the last handshake: TCP, WebSocket, HELLO/WELCOME")
         self.m_frames = metrics.counter("uplink_frames_sent_total", "data frames sent")
         self.m_bytes = metrics.counter("uplink_bytes_sent_total", "data frame bytes sent")
+        self.m_body_bytes = metrics.counter(
+            "uplink_body_bytes_total", "data frame bodies' bytes before compression")
         self.m_rejected = metrics.counter("uplink_frames_rejected_total",
                                           "frames the hub refused as invalid (dead-lettered)")
         self.m_connected = metrics.gauge("uplink_connected", "1 while connected to the hub")
@@ -177,7 +179,11 @@ class Uplink:
             now = trio.current_time()
             conn = GatewayConnection(self.gateway.id, self.gateway.token, self.store.epoch,
                                      self.store.first_unacked, heartbeat=cfg.heartbeat_s,
-                                     max_message_bytes=1 << 20, now=now)
+                                     max_message_bytes=1 << 20, now=now,
+                                     compression=() if cfg.compression == "off"
+                                     else (cfg.compression,),
+                                     compression_level=cfg.compression_level,
+                                     compression_min_bytes=cfg.compression_min_bytes)
             await ws.send_message(conn.hello(now))
             with trio.fail_after(cfg.connect_timeout_s):
                 while conn.welcome is None:
@@ -317,9 +323,10 @@ class Uplink:
         if f.n_records > welcome.max_records:
             problem = (f"{f.n_records} records exceed the hub's limit of "
                        f"{welcome.max_records} per frame")
-        elif len(data) > welcome.max_frame_bytes:
-            problem = (f"frame of {len(data)} bytes exceeds the hub's limit of "
-                       f"{welcome.max_frame_bytes}")
+        elif max(len(data), len(f.body)) > welcome.max_frame_bytes:
+            # a compressed body counts at its full size: the hub's limit bounds both
+            problem = (f"frame of {max(len(data), len(f.body))} bytes exceeds the hub's "
+                       f"limit of {welcome.max_frame_bytes}")
         if problem is not None:
             # the hub would close the link for this frame, again and again: keep it
             # in the dead-letter file and send a stand-in that says so, so the
@@ -329,6 +336,7 @@ class Uplink:
         await ws.send_message(data)
         self.m_frames.inc()
         self.m_bytes.inc(len(data))
+        self.m_body_bytes.inc(len(f.body))
 
 
 async def _going_away(ws: Any) -> None:

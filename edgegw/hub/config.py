@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from ..auth.config import AuthConfig, TlsConfig
 from ..config import Range, host_problem
@@ -27,6 +27,8 @@ class HubSection:
     max_holes: Annotated[int, Range(0, 1000)] = 8
     # frames in flight per gateway between receipt and durable commit
     apply_queue_frames: Annotated[int, Range(1, 65536)] = 64
+    # frame-body encodings accepted from a gateway that offers one (docs/protocol.md section 5.1)
+    compression: Literal["off", "zlib"] = "off"
     # load shedding: with this many gateway handshakes under way, a readiness probe or an
     # upgrade on /ws/gateway is answered 503 with Retry-After: busy_retry_after_s
     max_pending_handshakes: Annotated[int, Range(1, 1_000_000)] = 1000

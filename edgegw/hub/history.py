@@ -136,6 +136,37 @@ def test(state: LiveState, lot_id: str, test_num: str,
     return 200, snap
 
 
+def die_values(state: LiveState, lot_id: str, wafer_id: str, test_num: str) -> Result:
+    """One test's value on every die of a live wafer (the final result of each die), for a
+    wafer map coloured by that test.  Kept only while the wafer is in memory."""
+    try:
+        num = int(test_num)
+    except ValueError:
+        return _error(400, f"test number must be an integer, got {test_num!r}")
+    lot = state.lots.get(lot_id)
+    live = lot.wafers.get(wafer_id) if lot is not None else None
+    if lot is None or live is None:
+        return _error(404, f"no live wafer {wafer_id!r} in lot {lot_id!r}: die values are "
+                      "kept only while a wafer is in memory")
+    stats = lot.tests.get(num)
+    if stats is None:
+        return _error(404, f"lot {lot_id!r} has no test {num}")
+    values = live.values.get(num, {})
+    return 200, {
+        "lot_id": lot_id, "wafer_id": wafer_id, "test_num": num, "test_txt": stats.test_txt,
+        "units": stats.units, "lo_limit": stats.lo, "hi_limit": stats.hi,
+        "dies": [[x, y, v] for (x, y), v in values.items()],
+    }
+
+
+def alert_rules(engine: AlertEngine) -> Result:
+    """The configured rules (name, kind, priority, threshold): the dashboard draws the
+    thresholds on its charts."""
+    return 200, {"rules": [
+        {"name": r.name, "kind": r.kind, "priority": r.priority, "threshold": r.threshold}
+        for r in engine.config.rules]}
+
+
 test.__test__ = False  # type: ignore[attr-defined]  # a handler, not a pytest test
 
 
@@ -217,6 +248,7 @@ class HistoryApi:
         http.add_route("GET", "/api/lots/*", self.handle)
         http.add_route("GET", "/api/tests/*", self.handle)
         http.add_route("GET", "/api/alerts", self.handle)
+        http.add_route("GET", "/api/alerts/rules", self.handle)
         http.add_route("POST", "/api/alerts/*", self.handle)
 
     async def _archived(self, lot_id: str) -> dict[str, Any] | None:
@@ -243,6 +275,10 @@ class HistoryApi:
         if parts[:1] != ["api"]:
             return _error(404, "not an API path")
         parts = parts[1:]
+        # a lot outside a lot-scoped principal's scope does not exist for it, on every route
+        if principal is not None and principal.lots is not None and len(parts) >= 2 and (
+                parts[0] in ("lots", "tests") and not principal.sees_lot(parts[1])):
+            return _error(404, f"unknown lot {parts[1]!r}")
         if method == "GET" and parts == ["lots"]:
             archived = await self.store.lot_summaries() if self.store is not None else []
             return lots(self.state, archived, params)
@@ -254,6 +290,14 @@ class HistoryApi:
             lot_id, wafer_id = parts[1], parts[3]
             return wafer(self.state, lot_id, wafer_id, await self._archived(lot_id),
                          await self._archived_wafer(lot_id, wafer_id))
+        if method == "GET" and len(parts) == 6 and parts[0] == "lots" and parts[2] == "wafers" \
+                and parts[4] == "tests":
+            if principal is not None and principal.lots is not None \
+                    and not principal.sees_lot(parts[1]):
+                return _error(404, f"unknown lot {parts[1]!r}")
+            return die_values(self.state, parts[1], parts[3], parts[5])
+        if method == "GET" and parts == ["alerts", "rules"]:
+            return alert_rules(self.engine)
         if method == "GET" and len(parts) == 3 and parts[0] == "tests":
             return test(self.state, parts[1], parts[2], await self._archived(parts[1]))
         if method == "GET" and parts == ["alerts"]:
@@ -264,9 +308,6 @@ class HistoryApi:
             if self.store is not None:
                 stored = await self.store.alerts(**query)
             return alerts(self.engine, params, stored)
-        if principal is not None and principal.lots is not None and len(parts) >= 2 and (
-                parts[0] in ("lots", "tests") and not principal.sees_lot(parts[1])):
-            return _error(404, f"unknown lot {parts[1]!r}")
         if method == "POST" and len(parts) == 3 and parts[0] == "alerts" and parts[2] == "ack":
             known = self.engine.alerts.get(parts[1])
             if principal is not None and known is not None and not _sees_alert(
@@ -298,5 +339,6 @@ def _scope(payload: dict[str, Any], principal: Any) -> None:
 
 
 __all__ = [
-    "HistoryApi", "Result", "ack", "alert_query", "alerts", "lots", "test", "wafer", "wafers",
+    "HistoryApi", "Result", "ack", "alert_query", "alert_rules", "alerts", "die_values", "lots",
+    "test", "wafer", "wafers",
 ]

@@ -22,7 +22,7 @@ import trio
 from .. import failpoints
 from ..auth.hub import HubSecurity, token_matches
 from ..heartbeat import heartbeat
-from ..metrics import Metrics, internal_errors, report_internal_error
+from ..metrics import AGE_BUCKETS, Metrics, internal_errors, report_internal_error
 from ..protocol import (
     SUPPORTED_VERSIONS,
     CloseCode,
@@ -98,6 +98,13 @@ class Ingest:
         self.m_pruned = m.counter("hub_frames_pruned_total",
                                   "applied frames deleted after the retention period")
         self.m_connected = m.gauge("hub_gateways_connected", "gateways connected now")
+        self.h_apply = m.histogram(
+            "hub_frame_apply_seconds", "seconds from a data frame's arrival until it is applied "
+            "and its ACK is due (queue, decode, durable commit, live state): one per data "
+            "frame")
+        self.h_age = m.histogram(
+            "hub_record_age_seconds", "seconds from a record's creation (its ts) to its "
+            "durable apply at the hub: one observation per record applied", AGE_BUCKETS)
         internal_errors(m)  # exported (as 0) before anything goes wrong
         m.add_collector(lambda: self.m_connected.set(len(self.connected)))
         self.http.on_bad_request = lambda reason: self.m_bad_http.inc()
@@ -253,7 +260,8 @@ class Ingest:
         h = self.config.hub
         conn = HubConnection(heartbeat=h.heartbeat_s, max_message_bytes=h.max_frame_bytes,
                              max_records=h.max_records_per_frame, max_holes=h.max_holes,
-                             now=trio.current_time())
+                             now=trio.current_time(),
+                             compression=() if h.compression == "off" else (h.compression,))
         gw = "?"
         try:
             with trio.fail_after(h.hello_timeout_s):
@@ -367,7 +375,9 @@ class Ingest:
         """Receive, apply and acknowledge until the connection ends, which it only does by
         an exception: the peer's fault (ProtocolError, MessageTooBig), the peer going away
         (ConnectionClosed), or a bug."""
-        send, receive = trio.open_memory_channel[Data](self.config.hub.apply_queue_frames)
+        # each frame with its arrival time (hub_frame_apply_seconds)
+        send, receive = trio.open_memory_channel[tuple[Data, float]](
+            self.config.hub.apply_queue_frames)
 
         async def receiver() -> None:
             try:
@@ -376,7 +386,7 @@ class Ingest:
                     events, reply = conn.receive(data, trio.current_time())
                     for ev in events:
                         if isinstance(ev, Data):
-                            await send.send(ev)
+                            await send.send((ev, trio.current_time()))
                         elif isinstance(ev, Duplicate):
                             self.store.count_duplicate(gw)
                             self.m_dups.inc()
@@ -411,7 +421,7 @@ class Ingest:
             reraise_meaningful(group, *expected)
 
     async def _applier(self, ws: WebSocket, conn: HubConnection, gw: str, epoch: str,
-                       receive: trio.MemoryReceiveChannel[Data]) -> None:
+                       receive: trio.MemoryReceiveChannel[tuple[Data, float]]) -> None:
         max_records = self.config.hub.max_records_per_frame
         async for first in receive:
             frames = [first]
@@ -422,7 +432,7 @@ class Ingest:
                     break
             good: list[tuple[FrameToApply, int, list[Record]]] = []
             bad: list[tuple[FrameToApply, str]] = []
-            for d in frames:
+            for d, _ in frames:
                 try:
                     first_rid, records = decode_records(d.body, max_records)
                 except FrameError as exc:
@@ -443,6 +453,7 @@ class Ingest:
             skipped = await self.store.commit([g[0] for g in good], rejected=bad)
             failpoints.hit("hub.after_commit")
             now = trio.current_time()
+            wall = time.time()
             for _ in skipped:
                 self.store.count_duplicate(gw)
                 self.m_dups.inc()
@@ -451,7 +462,12 @@ class Ingest:
                     self.m_frames.inc()
                     self.m_records.inc(len(records))
                     self._feed(gw, first_rid, records)
+                    self.h_age.observe_many([wall - r.ts for r in records])
                 ack = conn.applied(f.seq, now)
+            # observed before any await: a scrape sees it together with the counts above
+            done = trio.current_time()
+            for _, received in frames:
+                self.h_apply.observe(done - received)
             for f, reason in bad:
                 if (f.gateway, f.epoch, f.seq) in skipped:
                     ack = conn.applied(f.seq, now)

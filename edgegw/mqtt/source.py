@@ -46,7 +46,7 @@ import trio
 
 from ..backoff import Backoff
 from ..config import Range
-from ..metrics import report_internal_error
+from ..metrics import AGE_BUCKETS, report_internal_error
 from ..records import GatewayEvent, Record, SensorReading
 from ..sources import RecordSink, SourceContext, source_errors
 from ..throttle import Throttle, as_sensor_window
@@ -231,6 +231,9 @@ class MqttSource:
         self._m_duplicates = m.gauge(
             "mqtt_redelivered_dropped", "QoS 1 messages the broker sent again that were "
             "already stored or in hand, dropped (acknowledged, not counted twice)")
+        self._h_window_lag = m.histogram(
+            "mqtt_window_lag_seconds", "seconds from a throttle window's end to its hand-over "
+            "to the gateway, per window (how late sensor data leaves the source)", AGE_BUCKETS)
         m.add_collector(self._collect)
         # (kind, topic) -> (last log, suppressed)
         self._reported: dict[tuple[str, str], tuple[float, int]] = {}
@@ -362,6 +365,8 @@ class MqttSource:
 
     def _emit(self, t: _Throttled, windows: Sequence[Any]) -> None:
         """Closed windows join the pending records; their readings' group goes with them."""
+        now = time.time()
+        self._h_window_lag.observe_many([max(0.0, now - w.t1) for w in windows], source=self.name)
         for w in windows:
             self._pending.append(as_sensor_window(w, self.name, self._units.get(w.channel, "")))
         self._ledger.ready(t.group)

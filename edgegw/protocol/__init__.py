@@ -1,5 +1,6 @@
 """Wire protocol v1 between gateway and hub (sans-IO).  See docs/protocol.md."""
 
+from .compression import ENCODINGS, compress_body, decompress_body
 from .connection import Duplicate, GatewayConnection, HubConnection, State
 from .intervals import IntervalSet
 from .messages import (
@@ -23,8 +24,8 @@ from .messages import (
 )
 
 __all__ = [
-    "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "Ack", "CloseCode", "Data", "Duplicate",
+    "ENCODINGS", "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "Ack", "CloseCode", "Data", "Duplicate",
     "FrameError", "GatewayConnection", "Hello", "HubConnection", "IntervalSet", "Ping",
-    "Pong", "ProtocolError", "Refuse", "Reject", "State", "Welcome", "decode",
-    "decode_body", "encode", "encode_body",
+    "Pong", "ProtocolError", "Refuse", "Reject", "State", "Welcome", "compress_body",
+    "decode", "decode_body", "decompress_body", "encode", "encode_body",
 ]

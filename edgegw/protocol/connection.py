@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+from .compression import ENCODINGS, ZLIB, compress_body, decompress_body
 from .intervals import IntervalSet
 from .messages import (
     SUPPORTED_VERSIONS,
@@ -113,14 +114,26 @@ class _Base:
 
 class GatewayConnection(_Base):
     """The gateway's end.  ``hello()`` first; ``receive`` yields Welcome, Ack, Reject,
-    Refuse; ``data(seq, body)`` frames a data frame."""
+    Refuse; ``data(seq, body)`` frames a data frame.
+
+    ``compression`` lists the body encodings to offer (docs/protocol.md section 5.1); when
+    the hub accepts one, bodies of at least ``compression_min_bytes`` are sent compressed
+    at ``compression_level`` -- each only if that makes it smaller."""
 
     def __init__(self, gateway_id: str, token: str, epoch: str, next_seq: int, *,
                  heartbeat: float = 5.0, max_message_bytes: int = 16 << 20,
-                 now: float = 0.0) -> None:
+                 now: float = 0.0, compression: tuple[str, ...] = (),
+                 compression_level: int = 1, compression_min_bytes: int = 1024) -> None:
         super().__init__(heartbeat, max_message_bytes, now)
-        self._hello = Hello(gateway_id, token, epoch, next_seq, SUPPORTED_VERSIONS, heartbeat)
+        unknown = [c for c in compression if c not in ENCODINGS]
+        if unknown:
+            raise ValueError(f"unknown body encoding(s) {unknown}; known: {list(ENCODINGS)}")
+        self._hello = Hello(gateway_id, token, epoch, next_seq, SUPPORTED_VERSIONS, heartbeat,
+                            compression)
         self.welcome: Welcome | None = None
+        self.compression_level = compression_level
+        self.compression_min_bytes = compression_min_bytes
+        self.body_encoding: str | None = None  # agreed in WELCOME
 
     def hello(self, now: float) -> bytes:
         return self._sent(encode(self._hello), now)
@@ -128,6 +141,10 @@ class GatewayConnection(_Base):
     def data(self, seq: int, body: bytes, now: float) -> bytes:
         if self.state is not State.OPEN:
             raise RuntimeError(f"cannot send data in state {self.state.value}")
+        if self.body_encoding == ZLIB and len(body) >= self.compression_min_bytes:
+            packed = compress_body(body, self.compression_level)
+            if len(packed) < len(body):
+                return self._sent(encode(Data(seq, now, packed, ZLIB)), now)
         return self._sent(encode(Data(seq, now, body)), now)
 
     def receive(self, data: bytes | str, now: float) -> tuple[list[Any], bytes | None]:
@@ -140,8 +157,12 @@ class GatewayConnection(_Base):
                 if msg.version not in SUPPORTED_VERSIONS:
                     raise self.fail(f"hub chose unsupported version {msg.version}",
                                     CloseCode.UNSUPPORTED_VERSION)
+                if msg.compression is not None and msg.compression not in self._hello.compression:
+                    raise self.fail(f"hub chose body encoding {msg.compression!r}, which was "
+                                    f"not offered")
                 self.state = State.OPEN
                 self.welcome = msg
+                self.body_encoding = msg.compression
                 # the hub's heartbeat wins so both ends agree on the timeout
                 self.heartbeat.interval = msg.heartbeat
                 return [msg], None
@@ -164,8 +185,11 @@ class HubConnection(_Base):
     """
 
     def __init__(self, *, heartbeat: float = 5.0, max_message_bytes: int = 16 << 20,
-                 max_records: int = 100_000, max_holes: int = 8, now: float = 0.0) -> None:
+                 max_records: int = 100_000, max_holes: int = 8, now: float = 0.0,
+                 compression: tuple[str, ...] = ()) -> None:
         super().__init__(heartbeat, max_message_bytes, now)
+        self.compression = compression  # body encodings accepted, if a gateway offers them
+        self.body_encoding: str | None = None  # agreed in WELCOME
         self.max_records = max_records
         self.max_holes = max_holes
         self.hello_msg: Hello | None = None
@@ -185,6 +209,8 @@ class HubConnection(_Base):
         if isinstance(msg, (Ping, Pong)):
             return [], reply
         if isinstance(msg, Data):
+            if msg.encoding is not None and msg.encoding != self.body_encoding:
+                raise self.fail(f"DATA body encoding {msg.encoding!r} was not agreed in WELCOME")
             # Checked before the applied set: a frame applied *on this connection* and sent
             # again is a gateway fault, not a duplicate left over from an earlier connection.
             if msg.seq in self._received:
@@ -199,6 +225,14 @@ class HubConnection(_Base):
                     f"sequence gap: frame {msg.seq} leaves {trial.holes} holes in "
                     f"{trial.ranges()[:4]}, limit is {self.max_holes}")
             self._seen = trial
+            if msg.encoding is not None:
+                try:
+                    # bounded like an uncompressed message: a frame fits in max_message_bytes
+                    body = decompress_body(msg.body, self.max_message_bytes)
+                except ProtocolError:
+                    self.state = State.CLOSED
+                    raise
+                msg = Data(msg.seq, msg.sent_at, body)
             return [msg], None
         raise self.fail(f"unexpected {type(msg).__name__.upper()} from gateway")
 
@@ -213,8 +247,11 @@ class HubConnection(_Base):
         self.applied_set = missing
         self._seen = IntervalSet(missing.ranges())
         self.state = State.OPEN
+        # the gateway's order of preference, among what this hub accepts
+        self.body_encoding = next(
+            (c for c in self.hello_msg.compression if c in self.compression), None)
         welcome = Welcome(1, self.applied_set.ranges(), self.heartbeat.interval,
-                          self.max_message_bytes, self.max_records)
+                          self.max_message_bytes, self.max_records, self.body_encoding)
         return self._sent(encode(welcome), now)
 
     def refuse(self, code: int, reason: str, now: float) -> bytes:

@@ -68,6 +68,8 @@ class Hello:
     next_seq: int
     versions: tuple[int, ...] = SUPPORTED_VERSIONS
     heartbeat: float = 5.0
+    # body encodings the gateway can send (section 5.1); empty: none, the key is left out
+    compression: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +79,7 @@ class Welcome:
     heartbeat: float
     max_frame_bytes: int
     max_records: int
+    compression: str | None = None  # the body encoding the hub accepts, of those offered
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +93,7 @@ class Data:
     seq: int
     sent_at: float
     body: bytes
+    encoding: str | None = None  # the body is compressed so (section 5.1); None: plain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +126,8 @@ Message = Hello | Welcome | Refuse | Data | Ack | Reject | Ping | Pong
 
 def encode(msg: Message) -> bytes:
     if isinstance(msg, Data):
+        if msg.encoding is not None:
+            return cbor2.dumps([DATA, msg.seq, msg.sent_at, msg.body, msg.encoding])
         return cbor2.dumps([DATA, msg.seq, msg.sent_at, msg.body])
     if isinstance(msg, Ack):
         return cbor2.dumps([ACK, msg.watermark, [list(r) for r in msg.ranges]])
@@ -130,14 +136,20 @@ def encode(msg: Message) -> bytes:
     if isinstance(msg, Pong):
         return cbor2.dumps([PONG, msg.t])
     if isinstance(msg, Hello):
-        return cbor2.dumps([HELLO, {
+        hello: dict[str, Any] = {
             "versions": list(msg.versions), "gateway": msg.gateway_id, "token": msg.token,
-            "epoch": msg.epoch, "next_seq": msg.next_seq, "heartbeat": msg.heartbeat}])
+            "epoch": msg.epoch, "next_seq": msg.next_seq, "heartbeat": msg.heartbeat}
+        if msg.compression:  # left out when empty: exactly what a v1 peer always saw
+            hello["compression"] = list(msg.compression)
+        return cbor2.dumps([HELLO, hello])
     if isinstance(msg, Welcome):
-        return cbor2.dumps([WELCOME, {
+        welcome: dict[str, Any] = {
             "version": msg.version, "applied": [list(r) for r in msg.applied],
             "heartbeat": msg.heartbeat, "max_frame_bytes": msg.max_frame_bytes,
-            "max_records": msg.max_records}])
+            "max_records": msg.max_records}
+        if msg.compression is not None:
+            welcome["compression"] = msg.compression
+        return cbor2.dumps([WELCOME, welcome])
     if isinstance(msg, Refuse):
         return cbor2.dumps([REFUSE, msg.code, msg.reason])
     if isinstance(msg, Reject):
@@ -170,6 +182,12 @@ def _str(v: Any, what: str, max_len: int = 256) -> str:
     return v
 
 
+def _names(v: Any, what: str, max_names: int = 16) -> tuple[str, ...]:
+    if not isinstance(v, list) or len(v) > max_names:
+        raise _bad(f"{what} must be a list of at most {max_names} names")
+    return tuple(_str(name, what, 32) for name in v)
+
+
 def _ranges(v: Any, what: str, max_ranges: int = 1024) -> list[tuple[int, int]]:
     if not isinstance(v, list) or len(v) > max_ranges:
         raise _bad(f"{what} must be a list of at most {max_ranges} [lo, hi] pairs")
@@ -196,10 +214,12 @@ def decode(data: bytes | str) -> Message:
         raise _bad("message must be a non-empty CBOR array")
     kind = item[0]
     n = len(item)
-    if kind == DATA and n == 4:
+    if kind == DATA and n in (4, 5):
         if not isinstance(item[3], bytes):
             raise _bad("DATA body must be a byte string")
-        return Data(_int(item[1], "DATA seq", 1), _num(item[2], "DATA sent_at"), item[3])
+        encoding = _str(item[4], "DATA encoding", 32) if n == 5 else None
+        return Data(_int(item[1], "DATA seq", 1), _num(item[2], "DATA sent_at"), item[3],
+                    encoding)
     if kind == ACK and n == 3:
         return Ack(_int(item[1], "ACK watermark"), _ranges(item[2], "ACK ranges"))
     if kind == PING and n == 2:
@@ -218,6 +238,7 @@ def decode(data: bytes | str) -> Message:
             next_seq=_int(m.get("next_seq"), "HELLO next_seq", 1),
             versions=tuple(versions),
             heartbeat=_num(m.get("heartbeat", 5.0), "HELLO heartbeat"),
+            compression=_names(m.get("compression", []), "HELLO compression"),
         )
     if kind == WELCOME and n == 2 and isinstance(item[1], dict):
         m = item[1]
@@ -227,6 +248,8 @@ def decode(data: bytes | str) -> Message:
             heartbeat=_num(m.get("heartbeat"), "WELCOME heartbeat"),
             max_frame_bytes=_int(m.get("max_frame_bytes"), "WELCOME max_frame_bytes", 1),
             max_records=_int(m.get("max_records"), "WELCOME max_records", 1),
+            compression=(None if m.get("compression") is None
+                         else _str(m["compression"], "WELCOME compression", 32)),
         )
     if kind == REFUSE and n == 3:
         return Refuse(_int(item[1], "REFUSE code"), _str(item[2], "REFUSE reason", 1024))

@@ -63,7 +63,7 @@ class Source(Protocol):
 def source_errors(metrics: Metrics) -> Metric:
     """The gateway-wide count of bad input a source survived (corrupt files, undecodable
     payloads, read errors), by ``source`` and ``kind``: one metric for every source."""
-    return metrics.counter("source_errors",
+    return metrics.counter("source_errors_total",
                            "bad input a source survived (corrupt files, undecodable payloads, "
                            "read errors), by source and kind")
 

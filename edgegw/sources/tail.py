@@ -35,7 +35,7 @@ twice, nothing is skipped.  ``inode`` and ``size`` tell a file that was replaced
 same path from the one the checkpoint describes.
 
 Corrupt input (``FormatError``) is logged with path and byte offset, counted in
-``source_errors{kind="corrupt"}``, reported to the hub as a GatewayEvent, and the file is
+``source_errors_total{kind="corrupt"}``, reported to the hub as a GatewayEvent, and the file is
 abandoned (marked done in the checkpoint); the source keeps following every other file.
 Every call into the format plugin is a failure boundary: any other exception from it is a
 bug, counted in ``internal_errors_total{where="format_parser"}`` and handled the same way.
@@ -204,7 +204,7 @@ class TailSource:
         self.files: dict[str, _File] = {}
         self.errors = source_errors(context.metrics)
         self.read_records = context.metrics.counter(
-            "tail_records", "tester records parsed from tailed files (re-reads included)")
+            "tail_records_total", "tester records parsed from tailed files (re-reads included)")
         suffixes = tuple(s.lower() for s in self.format.suffixes)
         self._suffixes = suffixes + tuple(s + ".gz" for s in suffixes)
 

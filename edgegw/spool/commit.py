@@ -64,6 +64,7 @@ class GroupCommit:
     on_drop: Callable[[DropEvent], None] | None
     counts: dict[str, int]
     m_fsyncs: Any
+    h_fsync: Any
     m_disk_full: Any
     m_dropped_frames: Any
     m_dropped_records: Any
@@ -150,7 +151,8 @@ class GroupCommit:
             off += len(p.record)
         deletable = [s for s in self._segments[:-1] if s.last_seq <= floor] if write_ack else []
         try:
-            await trio.to_thread.run_sync(write_sync, self.directory, active, data, deletable)
+            fsync_s = await trio.to_thread.run_sync(write_sync, self.directory, active, data,
+                                                    deletable)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -170,6 +172,7 @@ class GroupCommit:
             self._signal_room()  # appenders held back by the full disk may go on
         self.counts["commits"] += 1
         self.m_fsyncs.inc()
+        self.h_fsync.observe(fsync_s)
         active.size += len(data)
         del self._pending[: len(batch)]
         for p, o in zip(batch, offsets, strict=True):

@@ -7,6 +7,7 @@ import bisect
 import contextlib
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,14 +95,18 @@ def open_segment_sync(directory: Path, index: int, state: dict[str, Any]) -> Seg
     return Segment(index, path, size=len(data))
 
 
-def write_sync(directory: Path, active: Segment, data: bytes, deletable: list[Segment]) -> None:
-    """One group commit: append, fsync, then (I4) delete what the ACK just made safe."""
+def write_sync(directory: Path, active: Segment, data: bytes, deletable: list[Segment]
+               ) -> float:
+    """One group commit: append, fsync, then (I4) delete what the ACK just made safe.
+    Returns the seconds the fsync took (``spool_fsync_seconds``)."""
     with open(active.path, "r+b") as f:
         f.seek(active.size)
         try:
             f.write(data)
             f.flush()
+            t0 = time.perf_counter()
             os.fsync(f.fileno())
+            fsync_s = time.perf_counter() - t0
         except OSError:
             # ENOSPC mid-write: cut the partial write so the file stays clean
             with contextlib.suppress(OSError):
@@ -112,6 +117,7 @@ def write_sync(directory: Path, active: Segment, data: bytes, deletable: list[Se
             seg.path.unlink()
     if deletable:
         fsync_dir(directory)
+    return fsync_s
 
 
 def unlink_sync(directory: Path, segments: list[Segment]) -> None:

@@ -110,6 +110,8 @@ class DiskSpool(GroupCommit):
                                    "unreadable bytes found at recovery")
         self.m_disk_full = m.counter("spool_disk_full_total", "writes that failed with ENOSPC")
         self.m_fsyncs = m.counter("spool_fsyncs_total", "group commits (one fsync each)")
+        self.h_fsync = m.histogram("spool_fsync_seconds",
+                                   "seconds each group commit's fsync took")
         self.m_bytes = m.gauge("spool_bytes", "bytes in segment files")
         self.m_unacked = m.gauge("spool_unacked_frames", "frames not yet acknowledged")
         m.add_collector(self._collect)

@@ -38,6 +38,8 @@ from wsproto.utilities import generate_accept_token
 
 from ..config import Range
 from ..metrics import Metrics
+from .deflate import RESPONSE as DEFLATE_RESPONSE
+from .deflate import Deflater, InboundDeflate, accept_offer
 from .handshake import (
     framing_problem,
     is_upgrade,
@@ -168,6 +170,7 @@ class HttpServer:
         self.max_ws_message_size = max_ws_message_size
         self.ws_max_sizes: dict[str, int] = {}
         self.ws_admit: dict[str, WsAdmit] = {}
+        self.ws_deflate: dict[str, Deflater] = {}
         self.on_bad_request: Callable[[str], None] = lambda reason: None
         self.guard: Guard | None = None
         self.tls: TlsContext = lambda: None
@@ -206,8 +209,13 @@ class HttpServer:
             self.routes[(method, path)] = handler
 
     def add_ws_route(self, path: str, handler: WsHandler, subprotocols: list[str] | None = None,
-                     max_message_size: int | None = None, admit: WsAdmit | None = None) -> None:
+                     max_message_size: int | None = None, admit: WsAdmit | None = None,
+                     deflate: Deflater | None = None) -> None:
+        """``deflate``: accept permessage-deflate offers on this route (deflate.py); the
+        handler then finds ``ws.deflater`` set, and prepares shared frames with it."""
         self.ws_routes[path] = (handler, subprotocols or [])
+        if deflate is not None:
+            self.ws_deflate[path] = deflate
         if admit is not None:
             self.ws_admit[path] = admit
         if max_message_size is not None:
@@ -560,11 +568,21 @@ class HttpServer:
                    (b"sec-websocket-accept", generate_accept_token(key))]
         if chosen:
             headers.append((b"sec-websocket-protocol", chosen.encode()))
+        max_size = self.ws_max_sizes.get(request.path, self.max_ws_message_size)
+        deflater = self.ws_deflate.get(request.path)
+        extensions: list[Any] = []
+        if deflater is not None and accept_offer(
+                request.headers.get("sec-websocket-extensions", "")):
+            headers.append((b"sec-websocket-extensions", DEFLATE_RESPONSE.encode()))
+            extensions.append(InboundDeflate(max_size))
+        else:
+            deflater = None
         data = conn.send(h11.InformationalResponse(status_code=101, headers=headers))
         await stream.send_all(data)
         trailing, _ = conn.trailing_data
-        ws = WebSocket(stream, Connection(ConnectionType.SERVER, trailing_data=bytes(trailing)),
-                       chosen, self.ws_max_sizes.get(request.path, self.max_ws_message_size))
+        ws = WebSocket(stream, Connection(ConnectionType.SERVER, extensions,
+                                          trailing_data=bytes(trailing)), chosen, max_size)
+        ws.deflater = deflater
         try:
             await handler(ws, request)
         except (ConnectionClosed, MessageTooBig):

@@ -5,6 +5,7 @@ clients (a server-to-client frame is not masked: ``prepare_message`` encodes it 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import trio
 from wsproto.connection import Connection, ConnectionState
@@ -101,6 +102,8 @@ class WebSocket:
         self._receiving = False  # a task is waiting in stream.receive_some
         self._fd = _socket_fd(stream)  # for writes without waiting (send_prepared_nowait)
         self._rest_owed = False  # send_gate is held for the rest of a partly written frame
+        # set when permessage-deflate was agreed (edgegw/web/deflate.py): frames it prepares
+        self.deflater: Any = None
 
     async def _write(self, data: bytes) -> None:
         async with self.send_gate:
@@ -126,6 +129,9 @@ class WebSocket:
             raise self.closed
         if self.conn.state is not ConnectionState.OPEN:
             raise ConnectionClosed(1006, "not open")
+        if self.deflater is not None:  # wsproto would compress every message, small ones too
+            await self._write(self.deflater.prepare(data))
+            return
         await self._write(self.conn.send(Message(data=data)))  # type: ignore[abstract]
 
     async def send_prepared(self, frame: bytes) -> None:

@@ -93,6 +93,7 @@ class Client:
     encoding: Encoding
     peer: str = ""
     scope: ClientScope | None = None  # None: everything (a hub without sign-in)
+    deflate: bool = False  # it agreed permessage-deflate: its frames come from prepare_deflated
     patterns: set[str] = dataclasses.field(default_factory=set)
     # topic -> offset this client has been sent up to; None: it needs a snapshot next tick
     positions: dict[str, int | None] = dataclasses.field(default_factory=dict)

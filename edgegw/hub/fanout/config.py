@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated
+from typing import Annotated, Literal
 
 from ...config import Range
 from ...topicfilter import filter_problem
@@ -56,6 +56,12 @@ class LiveConfig:
     stall_timeout: Annotated[float, Range(0.1, 3600)] = 30.0
     close_grace: Annotated[float, Range(0, 3600)] = 5.0
     event_prefixes: tuple[str, ...] = ("alert/",)  # channels where every event matters
+    # permessage-deflate for wall screens on thin site links (docs/live-protocol.md,
+    # "Compression"): accepted from clients that offer it; smaller frames go plain.  One
+    # compressed frame is shared by every such client, as a plain one is.
+    compression: Literal["off", "permessage-deflate"] = "off"
+    compression_level: Annotated[int, Range(1, 9)] = 1
+    compression_min_bytes: Annotated[int, Range(0, 64 << 20)] = 1024
 
     def validate(self) -> list[tuple[str, str]]:
         errors: list[tuple[str, str]] = []

@@ -90,6 +90,7 @@ class LiveHub:
         *,
         epoch: str,
         prepare: Callable[[bytes | str], Any] = lambda data: data,
+        prepare_deflated: Callable[[bytes | str], Any] | None = None,
         on_ack: AckHandler | None = None,
         metrics: Metrics | None = None,
         merge_rules: Sequence[dict[str, Any]] = topics.MERGE_RULES,
@@ -99,6 +100,7 @@ class LiveHub:
         self.config = config or LiveConfig()
         self.epoch = epoch
         self.prepare = prepare
+        self.prepare_deflated = prepare_deflated or prepare
         self.on_ack = on_ack
         self.metrics = metrics or Metrics()
         self.channels: dict[str, Channel] = {}
@@ -173,8 +175,8 @@ class LiveHub:
     # ----------------------------------------------------------------- clients
 
     def connect(self, encoding: Encoding, *, now: float, peer: str = "",
-                scope: ClientScope | None = None) -> Client:
-        client = Client(next(self._ids), encoding, peer, scope)
+                scope: ClientScope | None = None, deflate: bool = False) -> Client:
+        client = Client(next(self._ids), encoding, peer, scope, deflate=deflate)
         self.clients[client.id] = client
         self._control(client, now, {
             "type": "hello", "epoch": self.epoch, "encoding": encoding.name,
@@ -223,7 +225,8 @@ class LiveHub:
             # The request's ``id`` cannot be repeated in this encoding (nested too deep
             # for JSON, say): the reply goes without it.
             encoded = client.encoding.encode({**message, "id": None})
-        self._enqueue(client, now, self.prepare(encoded), update=False)
+        prepare = self.prepare_deflated if client.deflate else self.prepare
+        self._enqueue(client, now, prepare(encoded), update=False)
 
     def _enqueue(self, client: Client, now: float, frame: Any, *, update: bool) -> None:
         if client.busy_since is None:
@@ -467,11 +470,12 @@ class LiveHub:
                 keep.add(client)
             if not items:
                 continue
-            key = (client.encoding.name, *(item.key for item in items))
+            key = (client.encoding.name, client.deflate, *(item.key for item in items))
             frame = frames_cache.get(key)
             if frame is None:
                 encoded = [item.encoded(client.encoding) for item in items]
-                frame = frames_cache[key] = self.prepare(client.encoding.batch(wall, encoded))
+                prepare = self.prepare_deflated if client.deflate else self.prepare
+                frame = frames_cache[key] = prepare(client.encoding.batch(wall, encoded))
                 self._m_encodes.inc(kind="frame")
             self._enqueue(client, now, frame, update=True)
             client.items_sent += len(items)

@@ -42,6 +42,7 @@ from ...web import (
     json_response,
     prepare_message,
 )
+from ...web.deflate import Deflater
 from .channels import Client, ClientScope
 from .config import SUBPROTOCOLS, LiveConfig
 from .core import AckHandler, LiveHub, StateSource
@@ -100,9 +101,16 @@ class LiveFanout:
         epoch: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.core = LiveHub(source or _NoState(), config, epoch=epoch or new_epoch(),
-                            prepare=prepare_message, on_ack=on_ack, metrics=metrics)
+        cfg = config or LiveConfig()
+        self.deflater = (Deflater(cfg.compression_level, cfg.compression_min_bytes)
+                         if cfg.compression == "permessage-deflate" else None)
+        self.core = LiveHub(source or _NoState(), cfg, epoch=epoch or new_epoch(),
+                            prepare=prepare_message, on_ack=on_ack, metrics=metrics,
+                            prepare_deflated=self.deflater.prepare if self.deflater else None)
         self._clock = clock
+        self._h_send = self.core.metrics.histogram(
+            "live_send_seconds", "seconds to write one frame to a /ws/live client, its "
+            "socket's backpressure included (frames the ticker began are not counted)")
         self._sessions: dict[int, _Session] = {}
         # The lot an alert belongs to (None: no lot), so that a lot-scoped operator can
         # acknowledge its own lots' alerts; without it such an operator acknowledges none.
@@ -127,7 +135,7 @@ class LiveFanout:
 
     def install(self, http: HttpServer, path: str = LIVE_PATH) -> None:
         http.add_ws_route(path, self.handle, subprotocols=list(SUBPROTOCOLS),
-                          max_message_size=MAX_CLIENT_MESSAGE)
+                          max_message_size=MAX_CLIENT_MESSAGE, deflate=self.deflater)
         http.add_route("GET", STATS_PATH, self._stats)
 
     # ------------------------------------------------------------------ ticker
@@ -218,7 +226,8 @@ class LiveFanout:
         core = self.core
         principal = request.principal  # set by the access guard (edgegw/auth)
         client = core.connect(encoding_for_subprotocol(ws.subprotocol), now=trio.current_time(),
-                              peer=request.remote, scope=self._scope(principal))
+                              peer=request.remote, scope=self._scope(principal),
+                              deflate=ws.deflater is not None)
         session = _Session(client, ws)
         self._sessions[client.id] = session
         try:
@@ -295,10 +304,11 @@ class LiveFanout:
                         finally:
                             session.idle = False
                         continue
+                started = trio.current_time()
                 with trio.CancelScope() as scope:
                     session.send_scope = scope
                     if client.closed:
-                        scope.deadline = trio.current_time() + self.config.close_grace
+                        scope.deadline = started + self.config.close_grace
                     if continued:
                         await ws.send_rest(frame)
                     else:
@@ -307,7 +317,9 @@ class LiveFanout:
                 if scope.cancelled_caught:
                     session.aborted = True
                     break
-                core.frame_written(client, trio.current_time())
+                written = trio.current_time()
+                self._h_send.observe(written - started)
+                core.frame_written(client, written)
         except ConnectionClosed:
             pass
         if session.scope is not None:

@@ -8,7 +8,7 @@ routes records to them and decides what to publish.
 from __future__ import annotations
 
 import math
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from typing import Any
 
 from edgegw.hub import topics
@@ -169,6 +169,19 @@ class WaferState:
         self.reported: dict[str, Any] = {}
         self.updated = 0.0
         self.archived = False  # left memory for the history store
+        #: test number -> {(x, y): value}: the final die's value, for a map by test value
+        self.values: dict[int, dict[tuple[int, int], float]] = {}
+        self.value_count = 0
+
+    def add_die_value(self, test_num: int, xy: tuple[int, int], value: float) -> None:
+        by_die = self.values.get(test_num)
+        if by_die is None:
+            by_die = self.values[test_num] = {}
+        if xy not in by_die:
+            if self.value_count >= DIE_VALUES_PER_WAFER:
+                return
+            self.value_count += 1
+        by_die[xy] = value
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -182,6 +195,91 @@ class WaferState:
             "reported": dict(self.reported),
             "updated": self.updated,
         }
+
+
+#: Bins of a test's histogram; wafers whose per-wafer statistics a test keeps (newest).
+HIST_BINS = 40
+TEST_WAFERS = 50
+#: Die values a wafer keeps per test for "wafer map by test value" (bounds its memory).
+DIE_VALUES_PER_WAFER = 20_000
+#: Values of one site's part waiting for its PartResult (which names wafer and die).
+PENDING_PER_SITE = 4_096
+
+
+class Running:
+    """Count, mean and sample sigma of a stream of values (Welford: no sample list)."""
+
+    __slots__ = ("m2", "mean", "n")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+
+    def add(self, value: float) -> None:
+        self.n += 1
+        delta = value - self.mean
+        self.mean += delta / self.n
+        self.m2 += delta * (value - self.mean)
+
+    def row(self) -> list[Any]:
+        sigma = math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else None
+        return [self.n, self.mean, sigma]
+
+
+class Histogram:
+    """Exact counts in ``HIST_BINS`` equal bins over a range that widens to take any value
+    (pairs of bins merge), so its size is fixed whatever the count.  The first range is set
+    around the limits (a quarter of their span either side) so bins line up with them;
+    with limits, values beyond twice their span outside are counted as ``below``/``above``
+    rather than widening the range (an open contact's 9.9e37 would flatten the picture)."""
+
+    __slots__ = ("above", "below", "counts", "lo", "width")
+
+    def __init__(self) -> None:
+        self.lo: float | None = None
+        self.width = 0.0
+        self.counts = [0] * HIST_BINS
+        self.below = 0
+        self.above = 0
+
+    def add(self, value: float, lo_limit: float | None, hi_limit: float | None) -> None:
+        limited = lo_limit is not None and hi_limit is not None and hi_limit > lo_limit
+        if limited:
+            assert lo_limit is not None and hi_limit is not None
+            span = hi_limit - lo_limit
+            if value < lo_limit - 2 * span:
+                self.below += 1
+                return
+            if value > hi_limit + 2 * span:
+                self.above += 1
+                return
+        if self.lo is None:
+            if limited:
+                assert lo_limit is not None and hi_limit is not None
+                span = hi_limit - lo_limit
+                self.lo, self.width = lo_limit - span / 4, span * 1.5 / HIST_BINS
+            else:
+                self.width = (abs(value) * 0.1 or 1.0) / HIST_BINS * 2
+                self.lo = value - self.width * HIST_BINS / 2
+        while value < self.lo:
+            half = HIST_BINS // 2
+            merged = [self.counts[2 * j] + self.counts[2 * j + 1] for j in range(half)]
+            self.counts = [0] * half + merged
+            self.lo -= self.width * HIST_BINS
+            self.width *= 2
+        while value >= self.lo + self.width * HIST_BINS:
+            half = HIST_BINS // 2
+            merged = [self.counts[2 * j] + self.counts[2 * j + 1] for j in range(half)]
+            self.counts = merged + [0] * half
+            self.width *= 2
+        self.counts[min(int((value - self.lo) / self.width), HIST_BINS - 1)] += 1
+
+    def as_dict(self) -> dict[str, Any] | None:
+        if self.lo is None and not (self.below or self.above):
+            return None
+        return {"lo": self.lo, "width": self.width, "counts": list(self.counts),
+                "below": self.below, "above": self.above}
 
 
 class TestStats:
@@ -205,8 +303,27 @@ class TestStats:
         self.m2 = 0.0
         self.min: float | None = None
         self.max: float | None = None
+        self.histogram = Histogram()
+        self.by_site: dict[int, Running] = {}
+        #: wafer id -> its values' running figures, the newest TEST_WAFERS wafers
+        self.by_wafer: OrderedDict[str, Running] = OrderedDict()
+
+    def add_site_value(self, site: int, value: float) -> None:
+        running = self.by_site.get(site)
+        if running is None:
+            running = self.by_site[site] = Running()
+        running.add(value)
+
+    def add_wafer_value(self, wafer_id: str, value: float) -> None:
+        running = self.by_wafer.get(wafer_id)
+        if running is None:
+            running = self.by_wafer[wafer_id] = Running()
+            while len(self.by_wafer) > TEST_WAFERS:
+                self.by_wafer.popitem(last=False)
+        running.add(value)
 
     def add_value(self, value: float) -> None:
+        self.histogram.add(value, self.lo, self.hi)
         self.count += 1
         delta = value - self.mean
         self.mean += delta / self.count
@@ -259,6 +376,9 @@ class TestStats:
             "max": self.max,
             "cp": self.cp,
             "cpk": self.cpk,
+            "histogram": self.histogram.as_dict(),
+            "sites": {str(s): r.row() for s, r in sorted(self.by_site.items())},
+            "wafers": [[w, *r.row()] for w, r in self.by_wafer.items()],
         }
 
 
@@ -278,6 +398,9 @@ class LotState:
         #: (it would start the wafer afresh and overwrite its archive)
         self.archived_wafers: set[str] = set()
         self.tests: dict[int, TestStats] = {}
+        #: (gateway, head, site) -> (test, value) of the part under test: its PartResult
+        #: (after its tests, as in STDF) names the wafer and die they belong to
+        self.pending: dict[tuple[str, int, int], list[tuple[TestStats, float]]] = {}
         self.tally = Tally()
         self.part_times: deque[float] = deque(maxlen=_UPH_WINDOW)
         self.test_time_sum = 0

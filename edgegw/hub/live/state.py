@@ -79,6 +79,7 @@ from edgegw.records import (
 
 from .checks import BAD_VALUE_FLAGS, BadRecord, NotApplied, is_int, is_num, opt_int, opt_num
 from .models import (
+    PENDING_PER_SITE,
     Die,
     GatewayState,
     LotState,
@@ -474,8 +475,24 @@ class LiveState:
         lot.updated = wafer.updated = max(lot.updated, rec.ts)
         batch.wafers[wafer] = None
         batch.lots[lot] = None
+        self._assign_values(lot, wafer, gateway_id, rec, final, batch)
         if self.alerts is not None:
             self.alerts.on_part(lot, wafer, rec, gateway_id, self._now)
+
+    @staticmethod
+    def _assign_values(lot: LotState, wafer: WaferState, gateway_id: str, rec: PartResult,
+                       final: bool, batch: _Batch) -> None:
+        """The part's test values (sent before it) join their wafer's figures and, for the
+        final result of a die with X/Y, the die's value for the map by test value."""
+        pending = lot.pending.pop((gateway_id, rec.head, rec.site), None)
+        if not pending or not rec.wafer_id:
+            return
+        xy = (rec.x, rec.y) if final and rec.x is not None and rec.y is not None else None
+        for stats, value in pending:
+            stats.add_wafer_value(rec.wafer_id, value)
+            if xy is not None:
+                wafer.add_die_value(stats.test_num, xy, value)
+            batch.tests[stats] = None
 
     def _test(self, rec: Any, kind: str) -> TestStats:
         if not (is_int(rec.test_num) and isinstance(rec.lot_id, str) and is_num(rec.ts)):
@@ -508,6 +525,12 @@ class LiveState:
         if rec.value is not None and not rec.test_flag & BAD_VALUE_FLAGS \
                 and math.isfinite(rec.value):
             stats.add_value(rec.value)
+            if is_int(rec.site) and is_int(rec.head):
+                stats.add_site_value(rec.site, rec.value)
+                lot = self.lots[rec.lot_id]
+                pending = lot.pending.setdefault((gateway_id, rec.head, rec.site), [])
+                if len(pending) < PENDING_PER_SITE:
+                    pending.append((stats, rec.value))
         else:
             self._m_values_skipped.inc()
         batch.tests[stats] = None
@@ -520,6 +543,8 @@ class LiveState:
             for value in rec.values:
                 if value is not None and math.isfinite(value):
                     stats.add_value(value)
+                    if is_int(rec.site):
+                        stats.add_site_value(rec.site, value)
         batch.tests[stats] = None
 
     def _on_functional(self, gateway_id: str, rid: int, rec: FunctionalResult,

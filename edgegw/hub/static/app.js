@@ -300,8 +300,18 @@ function renderWafer(topic) {
   const gap = cell > 4 ? 1 : 0;
   let drawn = 0;
   const binsSeen = new Map();
+  const byTest = colorByTest();
+  const values = byTest ? dieValuesFor(topic, byTest) : null;
+  const scale = values ? valueScale(values) : null;
+  canvas.dataset.mode = byTest ? `test:${byTest}` : "bin";
+  canvas.dataset.valued = values ? String(values.dies.size) : "0";
   for (const d of dies) {
-    ctx.fillStyle = binColor(d[2]);
+    if (scale) {
+      const v = values.dies.get(d[0] + "," + d[1]);
+      ctx.fillStyle = v === undefined ? "#2c323c" : scale.color(v);
+    } else {
+      ctx.fillStyle = binColor(d[2]);
+    }
     ctx.fillRect(ox + (d[0] - minX) * cell, oy + (d[1] - minY) * cell, cell - gap, cell - gap);
     binsSeen.set(d[2], (binsSeen.get(d[2]) || 0) + 1);
     drawn++;
@@ -316,8 +326,262 @@ function renderWafer(topic) {
   $("wafer-figures").innerHTML =
     `<span>dies <b>${drawn}</b></span><span>good <b class="good">${good}</b></span>` +
     `<span>yield <b class="yield">${y}</b></span><span>retests <b>${view.retests ?? 0}</b></span>`;
-  $("legend").innerHTML = [...binsSeen.keys()].sort((a, b) => (a ?? 1e9) - (b ?? 1e9))
-    .map((b) => `<span style="--c:${binColor(b)}">${b == null ? "no bin" : "bin " + b}</span>`).join("");
+  if (scale) {
+    const t = views.get(testTopic(view.lot_id, byTest));
+    $("legend").innerHTML = `<span class="muted">${escapeHtml(t ? t.test_num + " " + (t.test_txt || "") : byTest)}` +
+      `</span> ${fmtNum(scale.lo)} <i class="gradient"></i> ${fmtNum(scale.hi)} ${escapeHtml(values.units || "")}` +
+      ` <span class="muted">(${values.dies.size} dies${scale.limits ? ", limits" : ", min–max"})</span>`;
+  } else {
+    $("legend").innerHTML = [...binsSeen.keys()].sort((a, b) => (a ?? 1e9) - (b ?? 1e9))
+      .map((b) => `<span style="--c:${binColor(b)}">${b == null ? "no bin" : "bin " + b}</span>`)
+      .join("");
+  }
+}
+
+// ------------------------------------------------------------------ history API reads
+// What the live topics do not carry is read from the history API (docs/api.md): every
+// wafer of the lot (those that left memory too), a test's value per die, the alert rules.
+
+const DEFAULT_YIELD_THRESHOLD = 0.85;  // docs/dashboard.md: when the hub has no wafer_yield rule
+let yieldThreshold = null;  // {value, rule} from /api/alerts/rules
+const lotWafers = new Map();  // lot -> {at, wafers: [{wafer_id, yield, die_count, ...}]}
+const dieValues = new Map();  // "wafer topic|test" -> {at, dies: Map("x,y" -> value), ...}
+const inflight = new Set();
+
+async function getJson(path) {
+  const r = await fetch(path, { credentials: "same-origin" });
+  if (!r.ok) throw new Error(`${path}: ${r.status}`);
+  return r.json();
+}
+
+// Fetch at most every `every` ms per key, one request at a time; redraw when it lands.
+function refresh(key, every, cache, path, shape) {
+  const have = cache.get(key);
+  if ((have && Date.now() - have.at < every) || inflight.has(key)) return;
+  inflight.add(key);
+  getJson(path).then((data) => { cache.set(key, { at: Date.now(), ...shape(data) }); dirty = true; })
+    .catch(() => { cache.set(key, { at: Date.now(), ...(have || shape(null)) }); })
+    .finally(() => inflight.delete(key));
+}
+
+function loadRules() {
+  getJson("/api/alerts/rules").then((data) => {
+    const rule = (data.rules || []).find((r) => r.kind === "wafer_yield" && r.threshold != null);
+    yieldThreshold = rule ? { value: rule.threshold, rule: rule.name } : null;
+    dirty = true;
+  }).catch(() => {});
+}
+
+function dieValuesFor(topic, testNum) {
+  const [, lot, , wafer] = topic.split("/");
+  const key = topic + "|" + testNum;
+  refresh(key, 2000, dieValues, `/api/lots/${lot}/wafers/${wafer}/tests/${testNum}`, (d) => ({
+    dies: new Map((d ? d.dies : []).map(([x, y, v]) => [x + "," + y, v])),
+    lo: d ? d.lo_limit : null, hi: d ? d.hi_limit : null, units: d ? d.units : "",
+  }));
+  const got = dieValues.get(key);
+  return got && got.dies.size ? got : null;
+}
+
+// Diverging colours from the low limit (blue) to the high limit (red), grey in the middle;
+// without both limits, the wafer's own min..max.
+const RAMP = [[59, 76, 192], [141, 176, 254], [221, 221, 221], [244, 154, 123], [180, 4, 38]];
+function valueScale(values) {
+  let lo = values.lo;
+  let hi = values.hi;
+  const limits = lo != null && hi != null && hi > lo;
+  if (!limits) {
+    const all = [...values.dies.values()];
+    lo = Math.min(...all);
+    hi = Math.max(...all);
+    if (!(hi > lo)) hi = lo + 1;
+  }
+  const color = (v) => {
+    const t = Math.max(0, Math.min(1, (v - lo) / (hi - lo))) * (RAMP.length - 1);
+    const i = Math.min(RAMP.length - 2, Math.floor(t));
+    const f = t - i;
+    const c = RAMP[i].map((a, k) => Math.round(a + (RAMP[i + 1][k] - a) * f));
+    return (limits && (v < lo || v > hi)) ? "#ff00ff" : `rgb(${c[0]},${c[1]},${c[2]})`;
+  };
+  return { lo, hi, limits, color };
+}
+
+// ------------------------------------------------------------------ charts (SVG)
+
+const SVG_W = 400;
+const fmtNum = (x) => (x == null || !isFinite(x) ? "–" : Math.abs(x) >= 1e4 || (Math.abs(x) < 1e-2 && x !== 0)
+  ? Number(x).toExponential(2) : Number(x).toPrecision(4).replace(/(\.\d*?)0+$/, "$1").replace(/\.$/, ""));
+
+function svg(h, body, marks) {
+  return `<svg viewBox="0 0 ${SVG_W} ${h}" preserveAspectRatio="xMidYMid meet" data-marks="${marks}">${body}</svg>`;
+}
+
+// A line chart of points [label, y] with optional horizontal rules [{y, color, label, dash}].
+function lineChart({ points, rules = [], yMin, yMax, h = 150, fmtY = fmtNum, bad = () => false }) {
+  const padL = 44, padR = 8, padT = 8, padB = 18;
+  const ys = points.map((p) => p[1]).concat(rules.map((r) => r.y)).filter((v) => v != null && isFinite(v));
+  let lo = yMin ?? Math.min(...ys);
+  let hi = yMax ?? Math.max(...ys);
+  if (!(hi > lo)) { lo -= 1; hi += 1; }
+  const pad = yMin == null ? (hi - lo) * 0.08 : 0;
+  lo -= pad; hi += pad;
+  const X = (i) => padL + (points.length < 2 ? (SVG_W - padL - padR) / 2 : i * (SVG_W - padL - padR) / (points.length - 1));
+  const Y = (v) => padT + (1 - (v - lo) / (hi - lo)) * (h - padT - padB);
+  let body = "";
+  for (const t of [lo, (lo + hi) / 2, hi]) {
+    body += `<line x1="${padL}" x2="${SVG_W - padR}" y1="${Y(t)}" y2="${Y(t)}" stroke="#2c323c"/>` +
+      `<text x="${padL - 4}" y="${Y(t) + 3}" text-anchor="end">${fmtY(t)}</text>`;
+  }
+  for (const r of rules) {
+    if (r.y == null || !isFinite(r.y)) continue;
+    body += `<line class="rule" x1="${padL}" x2="${SVG_W - padR}" y1="${Y(r.y)}" y2="${Y(r.y)}" stroke="${r.color}"` +
+      ` stroke-dasharray="${r.dash || "4 3"}"/><text x="${SVG_W - padR - 2}" y="${Y(r.y) - 3}" text-anchor="end"` +
+      ` style="fill:${r.color}">${escapeHtml(r.label)}</text>`;
+  }
+  const path = points.map((p, i) => `${i ? "L" : "M"}${X(i).toFixed(1)},${Y(p[1]).toFixed(1)}`).join("");
+  body += `<path d="${path}" fill="none" stroke="#58a6ff" stroke-width="1.5"/>`;
+  points.forEach((p, i) => {
+    body += `<circle cx="${X(i).toFixed(1)}" cy="${Y(p[1]).toFixed(1)}" r="2.6" fill="${bad(p[1]) ? "#f85149" : "#58a6ff"}">` +
+      `<title>${escapeHtml(p[0])}: ${fmtY(p[1])}</title></circle>`;
+  });
+  const first = points.length ? escapeHtml(points[0][0]) : "";
+  const last = points.length > 1 ? escapeHtml(points[points.length - 1][0]) : "";
+  body += `<text x="${padL}" y="${h - 4}">${first}</text><text x="${SVG_W - padR}" y="${h - 4}" text-anchor="end">${last}</text>`;
+  return svg(h, body, points.length);
+}
+
+function renderTrend(lotId) {
+  const el = $("yield-trend");
+  $("trend-scope").textContent = lotId ? `lot ${lotId}` : "";
+  if (!lotId) { el.innerHTML = '<div class="empty">no lot yet</div>'; return; }
+  refresh(lotId, 5000, lotWafers, `/api/lots/${encodeURIComponent(lotId)}/wafers`,
+          (d) => ({ wafers: d ? d.wafers : [] }));
+  // The history API's list (every wafer, archived ones too), the live views fresher.
+  const byId = new Map();
+  for (const w of (lotWafers.get(lotId) || { wafers: [] }).wafers) byId.set(w.wafer_id, w);
+  for (const [topic, v] of views) if (isWafer(topic) && v.lot_id === lotId) byId.set(v.wafer_id, v);
+  const rows = [...byId.values()].filter((w) => w.yield != null && w.die_count > 0)
+    .sort((a, b) => (a.started ?? 0) - (b.started ?? 0) || String(a.wafer_id).localeCompare(String(b.wafer_id)));
+  if (!rows.length) { el.innerHTML = '<div class="empty">no wafer yet</div>'; return; }
+  const threshold = yieldThreshold ? yieldThreshold.value : DEFAULT_YIELD_THRESHOLD;
+  const label = `alert ${(100 * threshold).toFixed(0)} %` + (yieldThreshold ? ` (${yieldThreshold.rule})` : " (default)");
+  el.innerHTML = lineChart({
+    points: rows.map((w) => [String(w.wafer_id), 100 * w.yield]),
+    rules: [{ y: 100 * threshold, color: "#d29922", label }],
+    yMax: 100, yMin: Math.max(0, Math.min(100 * threshold, ...rows.map((w) => 100 * w.yield)) - 5),
+    fmtY: (v) => v.toFixed(0) + "%", bad: (v) => v < 100 * threshold,
+  });
+  el.firstChild.dataset.threshold = String(threshold);
+}
+
+const testTopic = (lotId, num) => `test/${lotId}/${num}`;
+let selectedTest = null;  // test number clicked in the Tests table
+
+function chosenTest(lotId) {
+  if (!lotId) return null;
+  const tests = lotTests(lotId).filter((t) => t.kind !== "functional");
+  const keep = tests.find((t) => t.test_num === selectedTest);
+  return keep || tests[0] || null;
+}
+
+// A test known by name (its number is the CRC-32 of the name, docs/plugins.md "Named
+// tests") is shown by its name alone, and such tests sort by name after the numbered ones.
+function testLabel(v) { return v.named ? v.test_txt : `${v.test_num} ${v.test_txt || ""}`; }
+
+function lotTests(lotId) {
+  const rows = [];
+  for (const [topic, v] of views) if (kindOf(topic) === "test" && v.lot_id === lotId) rows.push(v);
+  return rows.sort((a, b) => (a.named && b.named ? testLabel(a).localeCompare(testLabel(b))
+    : a.named !== b.named ? (a.named ? 1 : -1) : a.test_num - b.test_num));
+}
+
+function renderTestCharts(lotId) {
+  const t = chosenTest(lotId);
+  const hEl = $("histogram");
+  const cEl = $("control");
+  if (!t || !t.histogram) {
+    $("dist-scope").textContent = "click a test";
+    hEl.innerHTML = cEl.innerHTML = '<div class="empty">no parametric test yet</div>';
+    return;
+  }
+  const name = `${t.test_num} ${t.test_txt || ""}`;
+  $("dist-scope").textContent = `${name} · n ${t.count}${t.units ? " · " + t.units : ""}`;
+  hEl.innerHTML = histogram(t);
+  hEl.firstChild.dataset.test = String(t.test_num);
+  // Mean per wafer; per site while the lot has a single wafer.
+  const perWafer = (t.wafers || []).filter((w) => w[1] > 0);
+  const perSite = Object.entries(t.sites || {}).map(([s, r]) => [`site ${s}`, ...r]);
+  const series = perWafer.length >= 2 ? perWafer : perSite;
+  $("control-scope").textContent = `${name} · mean per ${series === perWafer ? "wafer" : "site"}`;
+  if (!series.length) { cEl.innerHTML = '<div class="empty">no values yet</div>'; return; }
+  // Centre line: the lot's mean; control limits: ±3 standard errors of a group's mean.
+  const n = series.reduce((s, r) => s + r[1], 0) / series.length;
+  const se = t.sigma ? t.sigma / Math.sqrt(Math.max(1, n)) : 0;
+  const ucl = t.mean + 3 * se;
+  const lcl = t.mean - 3 * se;
+  cEl.innerHTML = lineChart({
+    points: series.map((r) => [String(r[0]), r[2]]),
+    rules: [{ y: t.mean, color: "#8a93a3", label: "mean", dash: "1 0" },
+            { y: ucl, color: "#f85149", label: "UCL" }, { y: lcl, color: "#f85149", label: "LCL" }],
+    bad: (v) => v > ucl || v < lcl,
+  });
+  cEl.firstChild.dataset.test = String(t.test_num);
+}
+
+function histogram(t) {
+  const hg = t.histogram;
+  const h = 150, padL = 8, padR = 8, padT = 8, padB = 18;
+  const counts = hg.counts;
+  // Show the bins that hold values and the limits, not the empty ends of the range.
+  const used = counts.map((c, i) => (c ? i : -1)).filter((i) => i >= 0);
+  const edge = (i) => hg.lo + i * hg.width;
+  let from = used.length ? used[0] : 0;
+  let to = used.length ? used[used.length - 1] + 1 : counts.length;
+  for (const lim of [t.lo_limit, t.hi_limit]) {
+    if (lim == null) continue;
+    const i = Math.floor((lim - hg.lo) / hg.width);
+    if (i >= 0 && i <= counts.length) { from = Math.min(from, Math.max(0, i - 1)); to = Math.max(to, Math.min(counts.length, i + 2)); }
+  }
+  const x0 = edge(from), x1 = edge(to);
+  const X = (v) => padL + (v - x0) / (x1 - x0) * (SVG_W - padL - padR);
+  const max = Math.max(1, ...counts);
+  let body = "";
+  let bars = 0;
+  for (let i = from; i < to; i++) {
+    if (!counts[i]) continue;
+    const bh = counts[i] / max * (h - padT - padB);
+    const out = (t.lo_limit != null && edge(i + 1) <= t.lo_limit) || (t.hi_limit != null && edge(i) >= t.hi_limit);
+    body += `<rect x="${X(edge(i)).toFixed(1)}" y="${(h - padB - bh).toFixed(1)}" width="${Math.max(1, X(edge(i + 1)) - X(edge(i)) - 1).toFixed(1)}"` +
+      ` height="${bh.toFixed(1)}" fill="${out ? "#f85149" : "#58a6ff"}"><title>${fmtNum(edge(i))} – ${fmtNum(edge(i + 1))}: ${counts[i]}</title></rect>`;
+    bars++;
+  }
+  for (const [lim, label] of [[t.lo_limit, "LO"], [t.hi_limit, "HI"]]) {
+    if (lim == null || lim < x0 || lim > x1) continue;
+    body += `<line class="limit" x1="${X(lim)}" x2="${X(lim)}" y1="${padT}" y2="${h - padB}" stroke="#d29922" stroke-dasharray="4 3"/>` +
+      `<text x="${X(lim) + (label === "LO" ? 3 : -3)}" y="${padT + 9}" text-anchor="${label === "LO" ? "start" : "end"}" style="fill:#d29922">${label} ${fmtNum(lim)}</text>`;
+  }
+  if (t.mean != null) body += `<line x1="${X(t.mean)}" x2="${X(t.mean)}" y1="${padT}" y2="${h - padB}" stroke="#8a93a3"/>`;
+  body += `<text x="${padL}" y="${h - 4}">${fmtNum(x0)}</text><text x="${SVG_W - padR}" y="${h - 4}" text-anchor="end">${fmtNum(x1)}</text>`;
+  const outside = (hg.below || 0) + (hg.above || 0);
+  if (outside) body += `<text x="${SVG_W / 2}" y="${h - 4}" text-anchor="middle">${outside} far outside</text>`;
+  return svg(h, body, bars);
+}
+
+function colorByTest() {
+  const v = $("color-by").value;
+  return v ? Number(v) : null;
+}
+
+function renderColorBy(lotId) {
+  const sel = $("color-by");
+  const tests = lotId ? lotTests(lotId).filter((t) => t.kind === "parametric") : [];
+  const want = tests.map((t) => String(t.test_num));
+  const have = [...sel.options].slice(1).map((o) => o.value);
+  if (have.join("|") === want.join("|")) return;
+  const chosen = sel.value;
+  sel.length = 1;
+  for (const t of tests) sel.add(new Option(`${t.test_num} ${t.test_txt || ""}`, String(t.test_num)));
+  sel.value = want.includes(chosen) ? chosen : "";
 }
 
 function dieAt(ev) {
@@ -345,6 +609,13 @@ canvas.addEventListener("mousemove", (ev) => {
 });
 canvas.addEventListener("mouseleave", () => { $("die-tip").hidden = true; });
 $("wafer-select").addEventListener("change", () => { dirty = true; });
+$("color-by").addEventListener("change", () => { dirty = true; });
+$("tests").tBodies[0].addEventListener("click", (ev) => {
+  const tr = ev.target.closest("tr[data-test]");
+  if (!tr) return;
+  selectedTest = Number(tr.dataset.test);
+  dirty = true;
+});
 
 function bars(el, rows, fmt) {
   const max = Math.max(1, ...rows.map((r) => r[1]));
@@ -441,8 +712,12 @@ function renderSensors() {
       box.appendChild(div);
     }
     const last = v.latest ? v.latest.last : null;
-    div.querySelector(".label").textContent =
-      `${v.channel || topic.slice(7)}: ${last == null ? "–" : Number(last).toPrecision(4)} ${v.unit || ""}`;
+    // The value keeps its room; a long channel name is cut (its full name on hover).
+    const name = v.channel || topic.slice(7);
+    const label = div.querySelector(".label");
+    label.title = name;
+    label.innerHTML = `<span class="name">${escapeHtml(name)}</span>` +
+      `<b>${last == null ? "–" : Number(last).toPrecision(4)} ${escapeHtml(v.unit || "")}</b>`;
     sparkline(div.querySelector("canvas"), v.history || []);
   }
 }
@@ -470,18 +745,12 @@ function sparkline(cv, hist) {
 
 function renderTests(lotId) {
   $("tests-scope").textContent = lotId ? `lot ${lotId}` : "";
-  const rows = [];
-  for (const [topic, v] of views) {
-    if (kindOf(topic) !== "test" || (lotId && v.lot_id !== lotId)) continue;
-    rows.push(v);
-  }
-  // named tests (number = CRC-32 of the name, docs/plugins.md) are shown and sorted by name
-  const label = (v) => (v.named ? v.test_txt : `${v.test_num} ${v.test_txt || ""}`);
-  rows.sort((a, b) => (a.named && b.named ? label(a).localeCompare(label(b))
-    : a.named !== b.named ? (a.named ? 1 : -1) : a.test_num - b.test_num));
+  const rows = lotId ? lotTests(lotId) : [];
   const f = (x, d = 3) => (x == null ? "–" : Number(x).toPrecision(d));
-  $("tests").tBodies[0].innerHTML = rows.slice(0, 60).map((v) =>
-    `<tr><td>${escapeHtml(label(v))}</td><td>${v.count}</td><td>${f(v.mean, 4)}</td>` +
+  const chosen = chosenTest(lotId);
+  $("tests").tBodies[0].innerHTML = rows.slice(0, 200).map((v) =>
+    `<tr data-test="${v.test_num}" aria-selected="${chosen && chosen.test_num === v.test_num}">` +
+    `<td>${escapeHtml(testLabel(v))}</td><td>${v.count}</td><td>${f(v.mean, 4)}</td>` +
     `<td>${f(v.sigma)}</td><td class="${v.cpk != null && v.cpk < 1.33 ? "low-cpk" : ""}">${f(v.cpk)}</td></tr>`).join("");
 }
 
@@ -510,6 +779,7 @@ function draw() {
     dirty = false;
     renderWaferSelect();
     const wafer = selectedWafer();
+    renderColorBy(wafer ? views.get(wafer).lot_id : null);
     renderWafer(wafer);
     const wv = wafer ? views.get(wafer) : null;
     renderPareto(wv, wv ? `wafer ${wv.wafer_id}` : "");
@@ -521,7 +791,10 @@ function draw() {
     renderGateways();
     renderWarning();
     renderSensors();
-    renderTests(wv ? wv.lot_id : null);
+    const lotId = wv ? wv.lot_id : null;
+    renderTests(lotId);
+    renderTestCharts(lotId);
+    renderTrend(lotId);
     document.body.dataset.frames = String(stats.frames);
     document.body.dataset.resyncs = String(stats.resyncs);
     document.body.dataset.snapshots = String(stats.snapshots);
@@ -543,5 +816,5 @@ $("signout").addEventListener("click", async () => {
     headers: { "content-type": "application/json" }, body: "{}" });
   signIn();
 });
-checkSession().then((ok) => { if (ok) connect(); });
+checkSession().then((ok) => { if (ok) { connect(); loadRules(); } });
 requestAnimationFrame(frame);

@@ -1,0 +1,124 @@
+"""edgegw.metrics: what a Prometheus server reads off ``/metrics`` is exact, conventionally
+named and parses with prometheus_client's own parser; the in-process API the services
+use (counter/gauge/histogram, get/total, as_dict) reads back what was counted."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from edgegw.metrics import Metrics, internal_errors, report_internal_error
+
+
+def parse(metrics: Metrics) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """sample name -> (sorted labels -> value), as a Prometheus server reads the page."""
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(metrics.render_prometheus()):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_counters_past_a_million_print_exactly() -> None:
+    m = Metrics()
+    m.counter("uplink_bytes_sent_total", "bytes").inc(43_466_917)
+    m.counter("hub_records_applied_total").inc(2**40 + 3)
+    page = parse(m)
+    assert page["edgegw_uplink_bytes_sent_total"][()] == 43_466_917
+    assert page["edgegw_hub_records_applied_total"][()] == 2**40 + 3
+
+
+def test_labels_are_escaped_and_read_back() -> None:
+    m = Metrics()
+    bad = m.counter("source_errors_total", "bad input")
+    bad.inc(source='te"st\\er\n1', kind="corrupt")
+    bad.inc(2, kind="corrupt", source='te"st\\er\n1')  # label order does not matter
+    assert bad.get(source='te"st\\er\n1', kind="corrupt") == 3
+    assert parse(m)["edgegw_source_errors_total"] == {
+        (("kind", "corrupt"), ("source", 'te"st\\er\n1')): 3}
+
+
+def test_names_follow_the_conventions() -> None:
+    m = Metrics()
+    with pytest.raises(ValueError, match="ends in _total"):
+        m.counter("source_errors")
+    with pytest.raises(ValueError, match="_total is for counters"):
+        m.gauge("spool_bytes_total")
+    assert m.gauge("spool_bytes") is m.gauge("spool_bytes")  # the same metric again
+    with pytest.raises(ValueError, match="is a gauge, not a histogram"):
+        m.histogram("spool_bytes")
+    m.histogram("spool_fsync_seconds")
+    with pytest.raises(ValueError, match="is a histogram, not a gauge"):
+        m.gauge("spool_fsync_seconds")
+
+
+def test_a_metric_nothing_touched_yet_exports_zero() -> None:
+    m = Metrics()
+    m.counter("hub_duplicate_frames_total", "duplicates")
+    m.histogram("hub_frame_apply_seconds", "apply")
+    page = parse(m)
+    assert page["edgegw_hub_duplicate_frames_total"] == {(): 0}
+    assert page["edgegw_hub_frame_apply_seconds_count"] == {(): 0}
+    assert page["edgegw_hub_frame_apply_seconds_bucket"][(("le", "+Inf"),)] == 0
+    assert m.as_dict()["hub_duplicate_frames_total"] == {}
+
+
+def test_histogram_buckets_are_cumulative_with_inclusive_bounds() -> None:
+    m = Metrics()
+    h = m.histogram("spool_fsync_seconds", "fsync", buckets=(0.01, 0.1, 1.0))
+    for v in (0.005, 0.01, 0.05, 0.1, 0.5, 3.0):
+        h.observe(v)
+    h.observe_many([0.001, 20.0], disk="ssd")
+    page = parse(m)
+    buckets = {dict(k)["le"]: v for k, v in page["edgegw_spool_fsync_seconds_bucket"].items()
+               if "disk" not in dict(k)}
+    assert buckets == {"0.01": 2, "0.1": 4, "1.0": 5, "+Inf": 6}
+    assert page["edgegw_spool_fsync_seconds_count"][()] == 6
+    assert math.isclose(page["edgegw_spool_fsync_seconds_sum"][()], 3.665)
+    assert page["edgegw_spool_fsync_seconds_count"][(("disk", "ssd"),)] == 2
+    assert (h.count(), h.count(disk="ssd"), h.total()) == (6, 2, 8)
+    assert m.as_dict()["spool_fsync_seconds"] == {
+        "": {"count": 6, "sum": pytest.approx(3.665)},
+        "disk=ssd": {"count": 2, "sum": 20.001}}
+
+
+def test_process_platform_and_build_info_are_exported() -> None:
+    page = parse(Metrics())
+    (labels, value), = page["edgegw_build_info"].items()
+    assert dict(labels)["version"] and dict(labels)["python"] and value == 1
+    assert page["process_resident_memory_bytes"][()] > 1e6
+    assert page["process_open_fds"][()] >= 3
+    assert page["process_max_fds"][()] >= page["process_open_fds"][()]
+    assert "process_cpu_seconds_total" in page
+    assert "python_info" in page and "python_gc_collections_total" in page
+
+
+def test_collectors_refresh_gauges_before_each_read() -> None:
+    m = Metrics()
+    connected = m.gauge("uplink_connected", "1 while connected")
+    state = {"up": 0}
+    m.add_collector(lambda: connected.set(state["up"]))
+    assert parse(m)["edgegw_uplink_connected"][()] == 0
+    state["up"] = 1
+    assert parse(m)["edgegw_uplink_connected"][()] == 1
+    assert m.as_dict()["uplink_connected"] == 1
+
+
+def test_two_registries_in_one_process_are_independent() -> None:
+    hub, gateway = Metrics(), Metrics()
+    hub.counter("hub_frames_applied_total").inc(5)
+    assert "edgegw_hub_frames_applied_total" not in parse(gateway)
+    assert parse(hub)["edgegw_hub_frames_applied_total"][()] == 5
+
+
+def test_internal_errors_are_counted_by_where() -> None:
+    m = Metrics()
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError:
+        report_internal_error(m, "test_boundary", logging.getLogger("t"), "doing %s", "x")
+    assert internal_errors(m).get(where="test_boundary") == 1
+    assert parse(m)["edgegw_internal_errors_total"] == {(("where", "test_boundary"),): 1}
