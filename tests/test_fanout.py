@@ -234,7 +234,9 @@ async def test_a_stalled_client_is_closed_and_never_slows_the_others(tmp_path: P
         assert ticks <= (t1 - t0) * fanout.config.ui_rate + 1
         for v in viewers:
             assert v.views["sensor/probe"]["latest"]["n"] == n
-            frames = sum(1 for t in v.batches if t0 <= t < t1)
+            # every frame of those ticks, received by now (on a loaded machine the last
+            # ones arrive after t1; nothing is published after it, so none is extra)
+            frames = sum(1 for t in v.batches if t >= t0)
             assert frames >= ticks - 2, (frames, ticks)
         stalled.sock.close()
         nursery.cancel_scope.cancel()
