@@ -25,6 +25,12 @@ clock), so a format is tested with plain bytes and any chunking:
   yields STDF names and fields, one mapping (``edgegw.stdf.mapping``) turns any of them into
   edgegw records.
 - Corrupt input raises ``FormatError(message, offset)`` with the byte offset of the problem.
+- Optional additions (backwards compatible): a parser's ``complete`` says the file is whole
+  before any idle timeout; a format's ``Options`` dataclass takes per-source settings from
+  the gateway config (``edgegw.sources``: ``new_parser``, ``build_options``).
+- Helpers for plugins (``edgegw.stdf``): ``stdf_fields`` (STDF field dicts with the spec's
+  missing values) and ``test_number`` (a stable TEST_NUM for a named test).
+  ``edgegw.testing`` is the plugin test kit.
 
 Why no "start at offset N" in the interface: records depend on earlier ones (the STDF byte
 order from FAR, per-test PTR defaults, the open PIR of a site), so the tail resumes a file by
@@ -50,12 +56,24 @@ class FormatError(ValueError):
 
 
 class ParsedRecord(Protocol):
+    """One record a parser yields: its STDF ``name``, the stream ``offset`` of its first
+    byte, and its ``fields`` under the STDF V4 names (``edgegw.stdf.stdf_fields`` builds
+    them)."""
+
     name: str
     offset: int
     fields: dict[str, Any]
 
 
 class FormatParser(Protocol):
+    """A sans-IO parser of one file (docs/plugins.md, "The rules a parser must keep").
+
+    Optional: a ``complete`` attribute or property, True once the records yielded so far
+    are the whole file (the format's end marker, a declared record count): the tail then
+    calls ``close()`` at once instead of waiting ``idle_timeout`` -- what an MRR does for
+    STDF.  Parsers without it are complete at their MRR or when idle
+    (``edgegw.sources.is_complete``)."""
+
     @property
     def position(self) -> int: ...
 
@@ -69,6 +87,14 @@ class FormatParser(Protocol):
 
 
 class TesterFormat(Protocol):
+    """A tester format, registered under the ``edgegw.formats`` entry-point group.
+
+    Optional: ``Options``, a dataclass of the format's own settings (a limits file, a
+    timezone, a numbering scheme).  A tail source's ``options`` table is built into it
+    (checked like any config section: unknown keys, types, ``validate()``) and each parser
+    is made by ``new_parser(options)``.  A format without ``Options`` takes no options and
+    is called as ``new_parser()`` (``edgegw.sources.new_parser`` calls the right one)."""
+
     name: str
     description: str
     suffixes: tuple[str, ...]

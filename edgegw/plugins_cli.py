@@ -48,6 +48,10 @@ def _describe(ep: EntryPoint, kind: str) -> dict[str, Any]:
         module = sys.modules.get(getattr(obj, "__module__", ""))
         doc = (obj.__doc__ or getattr(module, "__doc__", None) or "").strip().splitlines()
         item["description"] = doc[0] if doc else ""
+        alias_of = getattr(obj, "aliases", {}).get(ep.name)
+        if alias_of:
+            item["alias_of"] = alias_of
+            item["description"] = f"alias of {alias_of!r}: {item['description']}"
     return item
 
 

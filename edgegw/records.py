@@ -78,7 +78,7 @@ class PartResult(NamedTuple):
     part_id: str
     x: int | None
     y: int | None
-    hard_bin: int
+    hard_bin: int | None  # None: no bin (PRR HARD_BIN 65535, a parametric-only format)
     soft_bin: int | None
     passed: bool | None
     supersedes: bool = False

@@ -39,7 +39,8 @@ case $(realpath "$prefix/venv/bin/python3") in
       "the services cannot see; use a system Python, e.g. PYTHON=/usr/bin/python3" >&2
     exit 2;;
 esac
-"$prefix/venv/bin/pip" install -q --no-index --find-links "$here/wheels" edgegw edgegw-atdf
+"$prefix/venv/bin/pip" install -q --no-index --find-links "$here/wheels" edgegw edgegw-atdf \
+  edgegw-wat
 
 # The services run as transient users (DynamicUser=yes) in the static group edgegw, the only
 # one besides root that may read the configs: they hold tokens and key paths.

@@ -14,6 +14,7 @@ from edgegw.metrics import Metrics
 from edgegw.records import LotEnd, ParametricResult, PartResult
 from edgegw.sources import SourceContext, TailConfig, TailSource, get_format
 from edgegw.stdf import RecordMapper, StdfDecoder, StdfWriter
+from edgegw.testing import check_chunkings, check_truncations, run_tail
 
 if importlib.util.find_spec("edgegw_atdf") is None:
     pytest.fail("the ATDF example plugin is not installed: pip install -e plugins/edgegw-atdf",
@@ -119,16 +120,36 @@ def test_atdf_maps_to_the_same_edgegw_records_as_the_equivalent_stdf() -> None:
     assert (p2.x, p2.y, p2.soft_bin, p2.passed, p2.supersedes) == (None, None, None, False, True)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_any_chunking_gives_the_same_records_with_their_offsets(chunk: int) -> None:
+def after_a_newline(data: bytes, cut: int) -> bool:
+    """ATDF: a cut just after a newline leaves whole lines (the record may or may not
+    have had continuation lines after them)."""
+    return data[cut - 1:cut] == b"\n"
+
+
+def test_any_chunking_gives_the_same_records_with_their_offsets() -> None:
     data = ATDF_TEXT.encode()
-    whole = parse_atdf(data)
-    assert parse_atdf(data, chunk) == whole
+    whole = check_chunkings(get_format("atdf"), data)
     lines = data.split(b"\n")
     starts = [sum(len(x) + 1 for x in lines[:i]) for i in range(len(lines))
               if lines[i] and not lines[i].startswith(b" ")]
     assert [r.offset for r in whole] == starts
     assert [r.name for r in whole][:6] == ["FAR", "MIR", "WIR", "PIR", "PIR", "PTR"]
+
+
+def test_a_file_cut_anywhere_inside_a_line_is_a_format_error_never_a_cut_value() -> None:
+    data = ATDF_TEXT.encode()
+    assert check_truncations(get_format("atdf"), data, may_end=after_a_newline) == len(data)
+    # the case that put a wrong value on the hub: a last line cut inside its number
+    text = b"FAR:A|4|2|U\nPIR:1|1\nPTR:7|1|1|645.65e-12|P||idds\n"
+    cut = text[:text.index(b"645.6") + len(b"645.6")]
+    parser = get_format("atdf").new_parser()
+    parser.feed(cut)
+    got = list(parser.records())
+    with pytest.raises(FormatError, match="ends inside a record") as err:
+        got.extend(parser.close())
+    assert [r.name for r in got] == ["FAR", "PIR"]
+    assert err.value.offset == text.index(b"PTR:")
+    assert parser.position == err.value.offset  # the tail's checkpoint stays before it
 
 
 def test_a_record_is_held_until_it_cannot_be_continued() -> None:
@@ -200,4 +221,56 @@ async def test_the_tail_source_follows_an_atdf_file(tmp_path: Path) -> None:
         with trio.fail_after(10):
             await done.wait()
         nursery.cancel_scope.cancel()
+    assert [r._replace(ts=0.0) for r in got] == map_all(parse_atdf(data))
+
+
+async def test_an_atdf_file_reaches_the_hub_through_a_real_gateway(tmp_path: Path) -> None:
+    holds = await run_tail(tmp_path, "atdf", ATDF_TEXT.encode())
+    assert holds.file_end == "MRR" and holds.events == []
+    lot = holds.lots["LOT42"]
+    assert (lot["part_type"], lot["status"], lot["die_count"], lot["good"]) == (
+        "DEV-7", "closed", 2, 1)
+    assert holds.wafers[("LOT42", "LOT42-W01")]["dies"] == [[3, 4, 1, 1, True, 1]]
+    idd = holds.test("LOT42", "VDD_IDD")
+    assert (idd["count"], idd["min"], idd["max"], idd["lo_limit"], idd["units"]) == (
+        2, 1.25, 2.5, 1.0, "mA")
+
+
+async def test_a_restart_at_a_skipped_record_resumes_exactly(tmp_path: Path) -> None:
+    """A checkpoint can fall where ATDF holds a record type it skips (PMR): the parser's
+    position is that record's start, the next record it yields starts later.  The tail
+    accepts that boundary on a restart and emits exactly what an uninterrupted run would."""
+    data = ATDF_TEXT.replace("PIR:1|1\n", "PMR:1|2|pin1\nPIR:1|1\n", 1).encode()
+    pmr = data.index(b"PMR:")
+    assert len(check_chunkings(get_format("atdf"), data)) == len(parse_atdf(ATDF_TEXT.encode()))
+    path = tmp_path / "lot42.atd"
+    path.write_bytes(data[:pmr + len(b"PMR:1|2|pin1\n")])  # the PMR may still continue
+    got: list[Any] = []
+    done = trio.Event()
+
+    class Sink:
+        async def put(self, records: Any, checkpoint: Any = None) -> None:
+            got.extend(records)
+            if any(isinstance(r, LotEnd) for r in records):
+                done.set()
+
+    config = TailConfig(paths=[str(tmp_path)], format="atdf", poll_interval=0.01)
+    first = TailSource("t", config, SourceContext("gw", Metrics()))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(first.run, Sink())
+        with trio.fail_after(10):
+            while (f := first.files.get(str(path))) is None or f.fed < path.stat().st_size:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    checkpoint = first.checkpoint()
+    assert checkpoint["files"][str(path)]["offset"] == pmr
+    with path.open("ab") as out:
+        out.write(data[pmr + len(b"PMR:1|2|pin1\n"):])
+    second = TailSource("t", config, SourceContext("gw", Metrics(), checkpoint=checkpoint))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(second.run, Sink())
+        with trio.fail_after(10):
+            await done.wait()
+        nursery.cancel_scope.cancel()
+    assert second.files[str(path)].reason == "MRR"
     assert [r._replace(ts=0.0) for r in got] == map_all(parse_atdf(data))

@@ -245,7 +245,7 @@ def _schemas() -> dict[str, type]:
     from edgegw.sources import source_types
 
     out: dict[str, type] = {"hub": HubConfig, "gateway": GatewayConfig}
-    for name in ("simulated", "stdf", "mqtt"):
+    for name in ("simulated", "tail", "mqtt"):
         out[name] = source_types()[name].Config
     return out
 
@@ -283,7 +283,7 @@ def _documented() -> dict[str, list[str]]:
     for line in (REPO / "docs" / "configuration.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("| `") and len(cells) >= 3:
-            rows[cells[0].replace(" (stdf)", "").replace(" (mqtt)", "").strip("`")] = cells[1:]
+            rows[cells[0].replace(" (tail)", "").replace(" (mqtt)", "").strip("`")] = cells[1:]
     return rows
 
 

@@ -28,11 +28,12 @@ from typing import Any
 
 import pytest
 import trio
-from hubtools import start_tester
+from hubtools import gateway_config, start_tester
 from sectools import Pki
 from trio_websocket import open_websocket_url
 
 from edgegw.config import build
+from edgegw.gateway import Gateway
 from edgegw.hub import STATIC_DIR, Dashboard, HubConfig, Ingest
 from edgegw.hub.alerts import AlertEngine, AlertsConfig
 from edgegw.hub.fanout import LiveConfig, LiveFanout
@@ -635,3 +636,47 @@ async def test_the_dashboard_signs_in_and_without_a_token_shows_only_the_sign_in
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@needs_chromium
+async def test_parametric_only_data_shows_yield_and_bins_not_applicable_and_tests_by_name(
+        tmp_path: Path) -> None:
+    """A WAT CSV file (plugins/edgegw-wat: no pass/fail, no bins, tests known by name)
+    tailed by a real gateway: the page says "n/a", never 0 %, and names the tests."""
+    wat = ("WATCSV,1,WATLOT,DEV,ET-3,wat.prg,2024-09-23 10:08:20,1\n"
+           "WAFER,WATLOT-W01,3\n"
+           "SITE,X,Y,vth_n[V],idds[A]\n"
+           "1,0,3,0.452,645.65e-12\n2,3,0,0.448,612.5e-12\n3,-3,0,0.455,601.0e-12\n")
+    watched = tmp_path / "wat"
+    watched.mkdir()
+    (watched / "lot.wat.csv").write_text(wat)
+    hub = LiveHub(tmp_path / "hub")
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(hub.run)
+        async with open_browser(tmp_path / "profile") as browser:
+            await browser.call("Page.navigate", url=f"http://127.0.0.1:{port}/")
+            await wait_page(browser, lambda p: p["conn"] == "live", 15, "the page to connect")
+            cfg = gateway_config(tmp_path / "gw", port, token=TOKEN, sources=[
+                {"name": "wat", "type": "tail", "format": "wat", "paths": [str(watched)],
+                 "poll_interval": 0.05}])
+            await nursery.start(Gateway(cfg).run)
+            page = await wait_page(browser, lambda p: p["dies"] == 3, 30, "the 3 WAT sites")
+            assert page["topic"] == "lot/WATLOT/wafer/WATLOT-W01"
+
+            async def shown() -> Any:
+                return await browser.eval(
+                    "({figures: document.getElementById('wafer-figures').textContent,"
+                    " pareto: document.getElementById('pareto').textContent,"
+                    " sites: document.getElementById('sites').textContent,"
+                    " tests: [...document.querySelectorAll('#tests tbody tr')]"
+                    "   .map(r => r.cells[0].textContent + '|' + r.cells[1].textContent)})")
+
+            with trio.fail_after(15):
+                while (view := await shown())["tests"] != ["idds|3", "vth_n|3"]:
+                    await trio.sleep(0.1)
+            assert "yield n/a" in view["figures"] and "good n/a" in view["figures"]
+            assert "0.0 %" not in view["figures"]
+            assert view["pareto"] == "bins not applicable (parametric data)"
+            assert view["sites"] == "yield not applicable (no pass/fail)"
+            await browser.screenshot(ARTIFACTS / "dashboard-parametric.png")
+        nursery.cancel_scope.cancel()

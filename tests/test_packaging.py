@@ -346,8 +346,9 @@ def test_the_offline_bundle_carries_units_windows_configs_wheels_and_installer(
         installer = content("install.sh").decode()
     wheels = {n.removeprefix("wheels/").split("-")[0].lower() for n in members
               if n.startswith("wheels/") and n.endswith(".whl")}
-    # the project, its plugin, and every dependency: pip installs with --no-index
-    assert {"edgegw", "edgegw_atdf"} | requirement_names("edgegw") <= wheels, wheels
+    # the project, its example plugins, and every dependency: pip installs with --no-index
+    assert {"edgegw", "edgegw_atdf", "edgegw_wat"} | requirement_names("edgegw") <= wheels, wheels
+    assert "edgegw edgegw-atdf" in installer and "edgegw-wat" in installer
     assert "--no-index" in installer and "groupadd --system edgegw" in installer
     syntax = subprocess.run(["bash", "-n"], input=installer, capture_output=True, text=True,
                             check=False)

@@ -37,8 +37,8 @@ def test_a_config_naming_a_missing_format_says_which_formats_exist() -> None:
         build(TailConfig, {"paths": ["/data/ate1"], "format": "vendor-xyz"}, "gateway.toml")
     assert err.value.errors == [
         "gateway.toml: format: unknown tester format 'vendor-xyz' "
-        "(installed formats: atdf, stdf)"]
-    with pytest.raises(UnknownFormat, match=r"installed formats: atdf, stdf"):
+        "(installed formats: atdf, stdf, wat)"]
+    with pytest.raises(UnknownFormat, match=r"installed formats: atdf, stdf, wat"):
         get_format("vendor-xyz")
 
 

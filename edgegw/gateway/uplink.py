@@ -14,6 +14,7 @@ meanwhile, so nothing is lost and the hub's dedup makes a resend harmless.
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 import time
 from typing import Any
@@ -51,6 +52,7 @@ from .scheduler import SendScheduler
 log = logging.getLogger("edgegw.uplink")
 
 LIVE_S = 2.0  # after an outage, frames younger than this are sent before the backlog
+CLOSE_TIMEOUT_S = 2.0  # at shutdown: how long the GOING_AWAY close may wait for the hub
 
 
 class Refused(Exception):
@@ -208,6 +210,8 @@ class Uplink:
             except BaseExceptionGroup as group:
                 reraise_meaningful(group, ProtocolError, ConnectionClosed, trio.TooSlowError,
                                    OSError, trio.BrokenResourceError)
+            finally:
+                await _going_away(ws)
 
     def _apply_ack(self, ranges: list[tuple[int, int]]) -> None:
         watermark = 0
@@ -333,6 +337,17 @@ class Uplink:
         self.m_frames.inc()
         self.m_bytes.inc(len(data))
         self.m_body_bytes.inc(len(f.body))
+
+
+async def _going_away(ws: Any) -> None:
+    """On shutdown (the session cancelled from outside: SIGTERM, ``Gateway`` stopped) say
+    so with 1001 going away: the hub then logs a clean close, not 1006 "connection lost".
+    trio-websocket would close with 1000 only if not cancelled; bounded, as the hub may
+    not answer."""
+    if trio.current_effective_deadline() != -math.inf:  # not a cancellation: closing as is
+        return
+    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+        await ws.aclose(CloseCode.GOING_AWAY, "gateway shutting down")
 
 
 def _link_lost(exc: BaseException) -> bool:

@@ -94,11 +94,18 @@ def source_type(name: str) -> type[Source]:
 
 
 # after the interface above, which they import
-from .formats import UnknownFormat, get_format, installed_formats  # noqa: E402
+from .formats import (  # noqa: E402
+    UnknownFormat,
+    build_options,
+    get_format,
+    installed_formats,
+    is_complete,
+    new_parser,
+)
 from .tail import TailConfig, TailSource  # noqa: E402
 
 __all__ = [
     "ENTRY_POINT_GROUP", "RecordSink", "Source", "SourceContext", "TailConfig", "TailSource",
-    "UnknownFormat", "UnknownSourceType", "get_format", "installed_formats", "source_errors",
-    "source_type", "source_types",
+    "UnknownFormat", "UnknownSourceType", "build_options", "get_format", "installed_formats",
+    "is_complete", "new_parser", "source_errors", "source_type", "source_types",
 ]

@@ -7,8 +7,10 @@ missing), so the interface in ``edgegw.formats`` stays below them.
 from __future__ import annotations
 
 from importlib.metadata import entry_points
+from typing import Any
 
-from ..formats import ENTRY_POINT_GROUP, TesterFormat
+from ..config import ConfigError, build
+from ..formats import ENTRY_POINT_GROUP, FormatParser, TesterFormat
 
 
 class UnknownFormat(LookupError):
@@ -40,3 +42,33 @@ def get_format(name: str) -> TesterFormat:
         raise UnknownFormat(
             f"unknown tester format {name!r} (installed formats: {', '.join(sorted(formats))})"
         ) from None
+
+
+def build_options(fmt: TesterFormat, raw: dict[str, Any] | None,
+                  origin: str = "<config>", prefix: str = "options") -> Any:
+    """``raw`` (a source's ``options`` table) built into ``fmt.Options``; None for a format
+    without ``Options`` given no options.  Raises ``edgegw.config.ConfigError`` naming each
+    bad key (``prefix`` is the table's dotted key, for the messages)."""
+    cls = getattr(fmt, "Options", None)
+    if cls is None:
+        if raw:
+            raise ConfigError([f"{origin}: {prefix}: the {fmt.name} format takes no options "
+                               f"(got {', '.join(sorted(raw))})"])
+        return None
+    return build(cls, dict(raw or {}), origin, prefix)
+
+
+def new_parser(fmt: TesterFormat, options: Any = None) -> FormatParser:
+    """A parser of ``fmt`` for one file.  ``options``: the format's ``Options`` instance, or
+    a dict to build one from (``build_options``); ignored for a format without
+    ``Options``."""
+    if getattr(fmt, "Options", None) is None:
+        return fmt.new_parser()
+    if options is None or isinstance(options, dict):
+        options = build_options(fmt, options)
+    return fmt.new_parser(options)  # type: ignore[call-arg]
+
+
+def is_complete(parser: FormatParser) -> bool:
+    """The parser says its file is whole (its optional ``complete``)."""
+    return bool(getattr(parser, "complete", False))

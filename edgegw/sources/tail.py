@@ -1,6 +1,7 @@
 """The live tail source: tester files (STDF, or any installed format) as the tester writes them.
 
-Registered as source type ``stdf`` (entry point in ``pyproject.toml``).  It watches
+Registered as source type ``tail`` (and ``stdf``, its first name, kept as an alias; entry
+points in ``pyproject.toml``).  It watches
 directories and globs, follows each file while the tester appends to it, and maps every
 record through ``edgegw.stdf.mapping``.  The file format is a plugin (``edgegw.formats``),
 looked up by name from the config, so an ATDF directory is tailed by the same code.
@@ -9,8 +10,11 @@ Reading never blocks the Trio loop: directory scans and ``stat`` run in a worker
 file reads go through ``trio.open_file``.  A record cut at the end of what the tester has
 written so far is simply waited for.
 
-A file is complete when its MRR arrives, or when it has not grown for ``idle_timeout``
-seconds (a tester that crashed never writes its MRR).  A ``.gz`` file is decompressed as a
+A file is complete when its MRR arrives, when the format's parser says so (its optional
+``complete``: a format without an end-of-file record), or when it has not grown for
+``idle_timeout`` seconds (a tester that crashed never writes its MRR).  A format's
+``options`` table in the source config is built into the format's ``Options`` and given
+to every parser.  A ``.gz`` file is decompressed as a
 stream, so one still being written is followed too; it is complete at the end of its last
 gzip member (or MRR), and a gzip stream cut in the middle that stays idle is an error.
 
@@ -51,13 +55,13 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import trio
 
-from ..config import Range
+from ..config import ConfigError, Range
 from ..formats import FormatError, FormatParser, TesterFormat
 from ..metrics import report_internal_error
 from ..records import GatewayEvent, Record
 from ..stdf.mapping import RecordMapper
 from . import RecordSink, SourceContext, source_errors
-from .formats import UnknownFormat, get_format
+from .formats import UnknownFormat, build_options, get_format, is_complete, new_parser
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +84,24 @@ class TailConfig:
     forward_raw: bool = False
     #: bytes read per step; one batch of records per step
     read_size: Annotated[int, Range(512, 1 << 20)] = 64 * 1024
+    #: the format's own settings (its ``Options``; docs/plugins.md, "Format options")
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
         if not self.paths:
             problems.append(("paths", "must name at least one directory or glob"))
         try:
-            get_format(self.format)
+            fmt = get_format(self.format)
         except UnknownFormat as exc:
             problems.append(("format", str(exc)))
+            return problems
+        try:
+            build_options(fmt, self.options, "", "options")
+        except ConfigError as exc:
+            for line in exc.errors:  # ": options.key: message" -> (options.key, message)
+                key, _, message = line.removeprefix(": ").partition(": ")
+                problems.append((key, message))
         return problems
 
 
@@ -120,6 +133,8 @@ class _File:
     last_growth: float = 0.0
     fed: int = 0  # bytes given to the parser
     skip_below: int = 0  # after a restart: records before this offset were already emitted
+    #: the re-read passed ``skip_below`` as a parser position (see ``TailSource._map``)
+    boundary_seen: bool = False
     warned: bool = False
 
     def checkpoint(self) -> dict[str, Any]:
@@ -177,12 +192,15 @@ class TailSource:
 
     Config: ClassVar[type] = TailConfig
     replays: ClassVar[bool] = True  # resuming from a checkpoint re-emits what followed it
+    #: other source type names this class is registered under -> its own name
+    aliases: ClassVar[dict[str, str]] = {"stdf": "tail"}
 
     def __init__(self, name: str, config: TailConfig, context: SourceContext) -> None:
         self.name = name
         self.config = config
         self.context = context
         self.format: TesterFormat = get_format(config.format)
+        self.options = build_options(self.format, config.options)
         self.files: dict[str, _File] = {}
         self.errors = source_errors(context.metrics)
         self.read_records = context.metrics.counter(
@@ -330,6 +348,9 @@ class TailSource:
             if mrr:
                 await self._finish(f, sink, "MRR", batch=batch, close_parser=False)
                 return
+            if self._says_complete(f):
+                await self._finish(f, sink, "complete", batch=batch)
+                return
             if batch:
                 await sink.put(batch, checkpoint=self.checkpoint())
         if f.gz and f.reader.complete:
@@ -341,9 +362,20 @@ class TailSource:
                 await self._corrupt(f, sink, FormatError("gzip stream is truncated",
                                                          f.reader.out), [])
                 return
-            log.info("source %s: %s idle for %.0f s without MRR: complete", self.name, f.path,
-                     self.config.idle_timeout)
+            log.info("source %s: %s idle for %g s without its end (MRR, or the %s "
+                     "parser saying complete): complete", self.name, f.path,
+                     self.config.idle_timeout, self.format.name)
             await self._finish(f, sink, "idle")
+
+    def _says_complete(self, f: _File) -> bool:
+        """The parser's optional ``complete``: the file is whole, no need to wait idle."""
+        try:
+            return f.parser is not None and not f.skip_below and is_complete(f.parser)
+        except Exception:  # a bug in the plugin: the file ends at its idle timeout instead
+            report_internal_error(self.context.metrics, "format_parser", log,
+                                  "source %s: %s parser on %s (complete)", self.name,
+                                  self.format.name, f.path)
+            return False
 
     def _plugin_failed(self, f: _File) -> FormatError:
         """The format plugin (or the mapping of what it yielded) raised something other
@@ -361,8 +393,11 @@ class TailSource:
 
         After a restart the file is read again from its start: records before the
         checkpoint offset (``skip_below``) go through the mapper, to rebuild its state,
-        but are not emitted again.  The first record at or after it must start exactly at
-        the offset, else the checkpoint does not belong to this file."""
+        but are not emitted again.  The offset must be a boundary of this file, else the
+        checkpoint does not belong to it: the first record at or after it starts there, or
+        the parser's position was exactly there just after a record before it (input the
+        parser skips, such as ATDF record types it does not convert, can follow a
+        checkpoint: the next record then starts later)."""
         assert f.parser is not None and f.mapper is not None
         batch: list[Record] = []
         mapper = f.mapper
@@ -373,8 +408,9 @@ class TailSource:
                 mapped = mapper.map(rec, now)
                 if f.skip_below:
                     if rec.offset < f.skip_below:
+                        f.boundary_seen |= f.parser.position == f.skip_below
                         continue
-                    if rec.offset != f.skip_below:
+                    if rec.offset != f.skip_below and not f.boundary_seen:
                         raise FormatError(
                             f"checkpoint offset {f.skip_below} is not a record boundary of "
                             f"this file (a record starts at {rec.offset})", f.skip_below)
@@ -404,13 +440,14 @@ class TailSource:
         handle = await trio.open_file(f.path, "rb")
         f.reader = _GzipReader(handle) if f.gz else handle
         try:
-            f.parser = self.format.new_parser()
+            f.parser = new_parser(self.format, self.options)
         except Exception:
             return self._plugin_failed(f)
         f.mapper = RecordMapper(self.name, format=self.format.name,
                                 forward_raw=self.config.forward_raw)
         f.fed = 0
         f.skip_below = f.offset
+        f.boundary_seen = False
         return None
 
     async def _finish(self, f: _File, sink: RecordSink, reason: str, *,

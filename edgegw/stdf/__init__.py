@@ -23,6 +23,7 @@ See ``docs/stdf.md``.  Public face: the names in ``__all__`` (``spec``: the reco
 
 from . import decoder, spec
 from .decoder import StdfDecoder, StdfError, StdfRecord
+from .fields import stdf_fields, test_number
 from .mapping import RecordMapper
 from .spec import BY_NAME, BY_TYPE, RECORDS, Bits, Field, RecordSpec, missing_value
 from .state import TestState, part_passed, part_supersedes, result_passed
@@ -32,5 +33,6 @@ from .writer import StdfWriter
 __all__ = [
     "ALL_SITES", "BY_NAME", "BY_TYPE", "RECORDS", "Bits", "Field", "RecordMapper", "RecordSpec",
     "StdfDecoder", "StdfError", "StdfRecord", "StdfStats", "StdfWriter", "TestState", "decoder",
-    "missing_value", "part_passed", "part_supersedes", "result_passed", "spec",
+    "missing_value", "part_passed", "part_supersedes", "result_passed", "spec", "stdf_fields",
+    "test_number",
 ]

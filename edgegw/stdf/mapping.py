@@ -15,8 +15,9 @@ A record that lacks a field it must have (a PTR cut before TEST_NUM) or has a fi
 wrong kind raises ``FormatError`` with the record's offset, as the parsers do.
 
 Missing values follow the spec: X/Y -32768, SOFT_BIN 65535, U4 counts 4294967295, TEST_T 0
-become None.  Limits and units come from the test's default state (``TestState``): None
-when OPT_FLAG says "no limit" or no record of the test ever gave one.
+become None; so does HARD_BIN 65535 ("no bin": parametric-only formats, docs/plugins.md).
+Limits and units come from the test's default state (``TestState``): None when OPT_FLAG
+says "no limit" or no record of the test ever gave one.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from ..records import (
 from .state import TestState, part_passed, part_supersedes, result_passed
 
 MISSING_COORD = -32768
-MISSING_SOFT_BIN = 65535
+MISSING_BIN = MISSING_SOFT_BIN = 65535
 MISSING_U4 = 4294967295
 
 #: MIR fields carried as LotStart columns; every other present, non-empty one goes to extra
@@ -58,6 +59,12 @@ def _unmappable(name: str, exc: Exception) -> str:
 
 def _u4(value: Any) -> int | None:
     return None if value is None or value == MISSING_U4 else int(value)
+
+
+def _bin(value: Any) -> int | None:
+    # 65535 is SOFT_BIN's missing value; for HARD_BIN (which STDF requires) edgegw reads
+    # it the same way: "no bin", what a parametric-only format writes (docs/plugins.md)
+    return None if value is None or value == MISSING_BIN else int(value)
 
 
 def _coord(value: Any) -> int | None:
@@ -167,7 +174,7 @@ class RecordMapper:
         out.append(PartResult(
             self.source, now, self.lot_id, self.wafer_of_head.get(head, ""), head, site,
             part_id, _coord(f.get("X_COORD")), _coord(f.get("Y_COORD")),
-            f.get("HARD_BIN", 0), None if soft is None or soft == MISSING_SOFT_BIN else soft,
+            _bin(f.get("HARD_BIN", 0)), _bin(soft),
             part_passed(flg), part_supersedes(flg), flg, test_t or None,
             None if num_test is None or num_test == 65535 else num_test))
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from edgegw.hub import topics
 from edgegw.records import PartResult, SensorReading, SensorWindow
+from edgegw.stdf import test_number
 
 #: Parts remembered per lot for the units-per-hour figure.
 _UPH_WINDOW = 500
@@ -28,10 +29,12 @@ class Tally:
     """Counts over final dies (the map) and over every part result (what testers report)."""
 
     __slots__ = (
+        "binned",
         "dies",
         "good",
         "hard",
         "hard_tested",
+        "judged",
         "parts",
         "retests",
         "site_dies",
@@ -43,6 +46,11 @@ class Tally:
     def __init__(self) -> None:
         self.dies = 0
         self.good = 0
+        #: final dies with a pass/fail (PRR PART_FLG bit 4 clear) and with a hard bin
+        #: (not 65535): a parametric-only format has neither, and yield and bins are then
+        #: "not applicable" rather than 0 % and bin 0
+        self.judged = 0
+        self.binned = 0
         self.parts = 0
         self.retests = 0
         self.hard: Counter[int] = Counter()
@@ -54,7 +62,11 @@ class Tally:
 
     def count_final(self, die: Die, sign: int) -> None:
         self.dies += sign
-        self.hard[die.hard_bin] += sign
+        if die.passed is not None:
+            self.judged += sign
+        if die.hard_bin is not None:
+            self.binned += sign
+            self.hard[die.hard_bin] += sign
         if die.soft_bin is not None:
             self.soft[die.soft_bin] += sign
         self.site_dies[die.site] += sign
@@ -65,13 +77,23 @@ class Tally:
     def count_tested(self, die: Die, replaced: bool) -> None:
         self.parts += 1
         self.retests += replaced
-        self.hard_tested[die.hard_bin] += 1
+        if die.hard_bin is not None:
+            self.hard_tested[die.hard_bin] += 1
         if die.soft_bin is not None:
             self.soft_tested[die.soft_bin] += 1
 
     @property
     def yield_(self) -> float | None:
-        return _ratio(self.good, self.dies)
+        """Good dies over all dies (a die without pass/fail counts as not good); None
+        with no dies, or when no die has a pass/fail (not applicable)."""
+        return _ratio(self.good, self.dies) if self.judged else None
+
+    def not_applicable(self) -> list[str]:
+        """What the dies cannot say: "yield" (no die has a pass/fail), "bins" (no die
+        has a hard bin) -- a parametric-only format (docs/plugins.md)."""
+        if not self.dies:
+            return []
+        return [name for name, n in (("yield", self.judged), ("bins", self.binned)) if not n]
 
     def site_yields(self) -> dict[int, float | None]:
         return {s: _ratio(self.site_good[s], n) for s, n in self.site_dies.items() if n}
@@ -82,8 +104,9 @@ class Tally:
     def as_dict(self) -> dict[str, Any]:
         return {
             "die_count": self.dies,
-            "good": self.good,
+            "good": self.good if self.judged or not self.dies else None,
             "yield": self.yield_,
+            "not_applicable": self.not_applicable(),
             "parts": self.parts,
             "retests": self.retests,
             "hard_bins": _keyed(self.hard),
@@ -339,6 +362,8 @@ class TestStats:
             "test_num": self.test_num,
             "kind": self.kind,
             "test_txt": self.test_txt,
+            # a test known by name: its number is test_number(name) (docs/plugins.md)
+            "named": bool(self.test_txt) and test_number(self.test_txt) == self.test_num,
             "units": self.units,
             "lo_limit": self.lo,
             "hi_limit": self.hi,

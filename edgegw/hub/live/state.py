@@ -439,7 +439,7 @@ class LiveState:
 
     def _on_part(self, gateway_id: str, rid: int, rec: PartResult, batch: _Batch) -> None:
         # Checked before anything is counted, so a bad part never leaves half its counts.
-        if not (is_int(rec.hard_bin) and is_int(rec.site) and opt_int(rec.x)
+        if not (opt_int(rec.hard_bin) and is_int(rec.site) and opt_int(rec.x)
                 and opt_int(rec.y) and opt_int(rec.soft_bin) and is_num(rec.ts)
                 and rec.passed in (True, False, None)
                 and isinstance(rec.lot_id, str) and isinstance(rec.wafer_id, str)):

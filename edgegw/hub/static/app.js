@@ -230,7 +230,9 @@ const kindOf = (topic) => topic.split("/")[0];
 
 const PALETTE = ["#3fb950", "#f85149", "#d29922", "#a371f7", "#58a6ff", "#ff7b72", "#79c0ff",
   "#e3b341", "#db61a2", "#56d4dd", "#8b949e", "#ffa657"];
+const NO_BIN_COLOR = "#58a6ff";  // a die without a bin (parametric-only data)
 function binColor(hardBin) {
+  if (hardBin == null) return NO_BIN_COLOR;
   if (hardBin === 1) return PALETTE[0];
   return PALETTE[1 + (((hardBin - 2) % (PALETTE.length - 1)) + PALETTE.length - 1) % (PALETTE.length - 1)];
 }
@@ -318,18 +320,21 @@ function renderWafer(topic) {
   // What the page has drawn, for people and for the browser test.
   canvas.dataset.dieCount = String(drawn);
   $("wafer-title").textContent = `lot ${view.lot_id} · wafer ${view.wafer_id} · ${view.status || ""}`;
-  const y = view.yield == null ? "–" : (100 * view.yield).toFixed(1) + " %";
+  const na = notApplicable(view);
+  const y = na.has("yield") ? NA : view.yield == null ? "–" : (100 * view.yield).toFixed(1) + " %";
+  const good = na.has("yield") ? NA : view.good ?? 0;
   $("wafer-figures").innerHTML =
-    `<span>dies <b>${drawn}</b></span><span>good <b>${view.good ?? 0}</b></span>` +
-    `<span>yield <b>${y}</b></span><span>retests <b>${view.retests ?? 0}</b></span>`;
+    `<span>dies <b>${drawn}</b></span><span>good <b class="good">${good}</b></span>` +
+    `<span>yield <b class="yield">${y}</b></span><span>retests <b>${view.retests ?? 0}</b></span>`;
   if (scale) {
     const t = views.get(testTopic(view.lot_id, byTest));
     $("legend").innerHTML = `<span class="muted">${escapeHtml(t ? t.test_num + " " + (t.test_txt || "") : byTest)}` +
       `</span> ${fmtNum(scale.lo)} <i class="gradient"></i> ${fmtNum(scale.hi)} ${escapeHtml(values.units || "")}` +
       ` <span class="muted">(${values.dies.size} dies${scale.limits ? ", limits" : ", min–max"})</span>`;
   } else {
-    $("legend").innerHTML = [...binsSeen.keys()].sort((a, b) => a - b)
-      .map((b) => `<span style="--c:${binColor(b)}">bin ${b}</span>`).join("");
+    $("legend").innerHTML = [...binsSeen.keys()].sort((a, b) => (a ?? 1e9) - (b ?? 1e9))
+      .map((b) => `<span style="--c:${binColor(b)}">${b == null ? "no bin" : "bin " + b}</span>`)
+      .join("");
   }
 }
 
@@ -479,10 +484,15 @@ function chosenTest(lotId) {
   return keep || tests[0] || null;
 }
 
+// A test known by name (its number is the CRC-32 of the name, docs/plugins.md "Named
+// tests") is shown by its name alone, and such tests sort by name after the numbered ones.
+function testLabel(v) { return v.named ? v.test_txt : `${v.test_num} ${v.test_txt || ""}`; }
+
 function lotTests(lotId) {
   const rows = [];
   for (const [topic, v] of views) if (kindOf(topic) === "test" && v.lot_id === lotId) rows.push(v);
-  return rows.sort((a, b) => a.test_num - b.test_num);
+  return rows.sort((a, b) => (a.named && b.named ? testLabel(a).localeCompare(testLabel(b))
+    : a.named !== b.named ? (a.named ? 1 : -1) : a.test_num - b.test_num));
 }
 
 function renderTestCharts(lotId) {
@@ -615,9 +625,18 @@ function bars(el, rows, fmt) {
     || '<span class="muted">none</span>';
 }
 
+// Parametric-only data (no pass/fail, no bins): the hub says which figures do not apply
+// (docs/live-topics.md, not_applicable) and the page shows "n/a", never 0 %.
+const NA = "n/a";
+function notApplicable(view) { return new Set((view && view.not_applicable) || []); }
+
 function renderPareto(view, scope) {
   $("pareto-scope").textContent = scope;
   if (!view) { bars($("pareto"), [], String); return; }
+  if (notApplicable(view).has("bins")) {
+    $("pareto").innerHTML = '<span class="muted na">bins not applicable (parametric data)</span>';
+    return;
+  }
   const hard = Object.entries(view.hard_bins || {}).map(([b, n]) => [Number(b), n]);
   const total = hard.reduce((s, [, n]) => s + n, 0) || 1;
   hard.sort((a, b) => b[1] - a[1]);
@@ -626,6 +645,10 @@ function renderPareto(view, scope) {
 }
 
 function renderSites(view) {
+  if (notApplicable(view).has("yield")) {
+    $("sites").innerHTML = '<span class="muted na">yield not applicable (no pass/fail)</span>';
+    return;
+  }
   const sites = Object.entries((view && view.sites) || {})
     .map(([s, v]) => [`site ${s}`, v.yield == null ? 0 : 100 * v.yield]);
   bars($("sites"), sites, (y) => y.toFixed(1) + " %");
@@ -727,7 +750,7 @@ function renderTests(lotId) {
   const chosen = chosenTest(lotId);
   $("tests").tBodies[0].innerHTML = rows.slice(0, 200).map((v) =>
     `<tr data-test="${v.test_num}" aria-selected="${chosen && chosen.test_num === v.test_num}">` +
-    `<td>${v.test_num} ${escapeHtml(v.test_txt || "")}</td><td>${v.count}</td><td>${f(v.mean, 4)}</td>` +
+    `<td>${escapeHtml(testLabel(v))}</td><td>${v.count}</td><td>${f(v.mean, 4)}</td>` +
     `<td>${f(v.sigma)}</td><td class="${v.cpk != null && v.cpk < 1.33 ? "low-cpk" : ""}">${f(v.cpk)}</td></tr>`).join("");
 }
 

@@ -12,8 +12,10 @@ trailing fields are absent).  So ``edgegw.stdf.mapping`` maps ATDF exactly as it
 
 Sans-IO and incremental, like every format: ``feed`` bytes, iterate ``records()``.  A record
 is complete when the next line starts with a record name (it might still get continuation
-lines before that), or at ``close()``; MRR, the last record of a file, is complete at the
-end of its line.
+lines before that), or at ``close()`` once its line has ended; MRR, the last record of a
+file, is complete at the end of its line.  A last line without its newline is a record the
+tester was still writing: ``close()`` raises ``FormatError`` for it rather than yield a
+value cut short.
 
 Covered record types (the ones a live monitor needs): FAR, ATR, MIR, MRR, PCR, HBR, SBR,
 SDR, WIR, WRR, WCR, PIR, PRR, TSR, PTR, FTR (without its pin/index arrays), BPS, EPS, DTR;
@@ -35,7 +37,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from edgegw.formats import FormatError
-from edgegw.stdf import BY_NAME, missing_value
+from edgegw.stdf import stdf_fields
 
 __all__ = ["ATDF", "AtdfFormat", "AtdfParser", "AtdfRecord"]
 
@@ -116,14 +118,6 @@ _PARM_FLAG_LETTERS = {"S": 0x01, "D": 0x02, "O": 0x04, "H": 0x08, "L": 0x10}
 #: Longest ATDF record accepted: the biggest STDF record (65,535 bytes) written as text
 #: takes about a quarter of this.  A longer one is not ATDF (and would hold memory).
 MAX_RECORD_BYTES = 1 << 20
-#: STDF integer types -> the range their values must lie in
-_INT_RANGES = {"U1": (0, 2**8 - 1), "U2": (0, 2**16 - 1), "U4": (0, 2**32 - 1),
-               "U8": (0, 2**64 - 1), "I1": (-(2**7), 2**7 - 1), "I2": (-(2**15), 2**15 - 1),
-               "I4": (-(2**31), 2**31 - 1), "I8": (-(2**63), 2**63 - 1), "B1": (0, 255),
-               "N1": (0, 15)}
-#: record name -> STDF field name -> (low, high) for its integer fields
-_RANGES = {name: {f.name: _INT_RANGES[f.type] for f in spec.fields if f.type in _INT_RANGES}
-           for name, spec in BY_NAME.items()}
 _MONTHS = {m.upper(): i for i, m in enumerate(calendar.month_abbr) if m}
 _TIME = re.compile(r"\s*(\d{1,2}):(\d{1,2}):(\d{1,2})\s+(\d{1,2})-([A-Za-z]{3})-(\d{4})\s*$")
 _NAME = re.compile(rb"[A-Z]{3}:")
@@ -247,27 +241,12 @@ _POST = {"PTR": _post_ptr, "FTR": _post_ftr, "PRR": _post_prr, "TSR": _post_tsr,
          "SDR": _post_sdr, "FAR": _post_far}
 
 
-def _check_ranges(name: str, present: dict[str, Any]) -> None:
-    """Every integer must fit its STDF type, as it would in an STDF file."""
-    for field, (low, high) in _RANGES[name].items():
-        value = present.get(field)
-        if value is None:
-            continue
-        for v in value if isinstance(value, list) else (value,):
-            if not low <= v <= high:
-                raise ValueError(f"{field} {v} is out of range ({low} to {high})")
-
-
-def _as_stdf(name: str, present: dict[str, Any]) -> dict[str, Any]:
-    """The fields an STDF reader would see for a record written with ``present``: in
-    spec order up to the last present field, absent ones before it as the spec's missing
-    value, absent ones after it absent."""
-    spec = BY_NAME[name]
-    last = max((i for i, fld in enumerate(spec.fields) if fld.name in present), default=-1)
-    out: dict[str, Any] = {}
-    for fld in spec.fields[: last + 1]:
-        out[fld.name] = present[fld.name] if fld.name in present else missing_value(fld)
-    return out
+def _is_stdf_name(name: str) -> bool:
+    try:
+        stdf_fields(name, {})
+    except ValueError:
+        return False
+    return True
 
 
 class AtdfParser:
@@ -307,7 +286,7 @@ class AtdfParser:
             if buf[pos] in b"\r\n":  # blank line between records
                 self._pos = pos + 1
                 continue
-            end = self._record_end(buf, pos, final)
+            end = self._record_end(buf, pos, final, self._base + pos)
             if (end if end >= 0 else n) - pos > MAX_RECORD_BYTES:
                 raise FormatError(f"a record longer than {MAX_RECORD_BYTES} bytes: not ATDF",
                                   self._base + pos)
@@ -319,13 +298,19 @@ class AtdfParser:
                 yield rec
 
     @staticmethod
-    def _record_end(buf: bytes, pos: int, final: bool) -> int:
-        """End (exclusive) of the record starting at ``pos``, or -1 if not known yet."""
+    def _record_end(buf: bytes, pos: int, final: bool, offset: int) -> int:
+        """End (exclusive) of the record starting at ``pos`` (stream ``offset``), or -1 if
+        not known yet.  At ``final`` a record whose last line has no newline is cut: the
+        tester was still writing it (``idds,645.65e-12`` cut to ``idds,645.6`` must not
+        become a value), so it is a ``FormatError``, never a record."""
         i = pos
         while True:
             nl = buf.find(b"\n", i)
             if nl < 0:
-                return len(buf) if final else -1
+                if final:  # the input ends inside a line: a cut record, not a short one
+                    raise FormatError("the file ends inside a record (its last line has no "
+                                      "newline)", offset)
+                return -1
             if nl + 1 < len(buf):
                 if buf[nl + 1] != 0x20:  # the next line starts a new record
                     return nl + 1
@@ -349,7 +334,7 @@ class AtdfParser:
         name = text[:3]
         layout = _LAYOUT.get(name)
         if layout is None:
-            if name not in BY_NAME:
+            if not _is_stdf_name(name):
                 raise FormatError(f"unknown ATDF record type {name!r}", offset)
             self.skipped[name] = self.skipped.get(name, 0) + 1
             return None
@@ -365,10 +350,11 @@ class AtdfParser:
             post = _POST.get(name)
             if post is not None:
                 post(present)
-            _check_ranges(name, present)
+            # the STDF fields (missing values in the middle) and their STDF ranges
+            fields = stdf_fields(name, present)
         except ValueError as exc:
             raise FormatError(f"{name}: {str(exc)[:200]}", offset) from None
-        return AtdfRecord(name, offset, _as_stdf(name, present))
+        return AtdfRecord(name, offset, fields)
 
 
 class AtdfFormat:

@@ -1,0 +1,42 @@
+"""The plugin test kit (public API): test a tester-format plugin the way edgegw uses it.
+
+Sans-IO checks, plain bytes in, ``AssertionError`` naming the chunking or cut out::
+
+    from edgegw.formats import get_format
+    from edgegw.testing import check_chunkings, check_truncations, parse
+
+    fmt = get_format("myfmt")
+    records = check_chunkings(fmt, SAMPLE)   # same records and offsets in every chunking;
+                                             # ``position`` a record boundary throughout
+    check_truncations(fmt, SAMPLE)           # close() at every cut: the records before it,
+                                             # or FormatError inside a record
+    parse(fmt, SAMPLE, chunks=[10, 3])       # the records, fed in those pieces
+
+End to end, real sockets and a real spool, inside a Trio test::
+
+    holds = await run_tail(tmp_path, "myfmt", SAMPLE)
+    holds.lots["LOT42"]["die_count"], holds.test("LOT42", "idds")["max"]
+
+docs/plugins.md ("Testing a format") describes each check and the rule behind it.
+"""
+
+from .parsing import (
+    EXHAUSTIVE_BYTES,
+    check_chunkings,
+    check_truncations,
+    chunkings,
+    cut_points,
+    parse,
+)
+from .tail import HubHolds, run_tail
+
+__all__ = [
+    "EXHAUSTIVE_BYTES",
+    "HubHolds",
+    "check_chunkings",
+    "check_truncations",
+    "chunkings",
+    "cut_points",
+    "parse",
+    "run_tail",
+]
