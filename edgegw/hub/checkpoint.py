@@ -59,7 +59,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgegw.hub.checkpoint")
 
 MAGIC = b"EGWCKPT\n"
-FORMAT_VERSION = 2  # 2: a test's distribution, per-site and per-wafer figures, die values
+FORMAT_VERSION = 3  # 2: a test's distribution, per-site/per-wafer figures, die values;
+#                     3: dies with a pass/fail and with a bin (parametric-only formats)
 _HEADER = struct.Struct(">8sHI")  # magic, format version, CRC-32 of the payload
 FILE = "checkpoint"
 PREVIOUS = "checkpoint.prev"
@@ -108,14 +109,15 @@ def _counter(c: Counter[int]) -> dict[int, int]:
 def _tally(t: Tally) -> list[Any]:
     return [t.dies, t.good, t.parts, t.retests, _counter(t.hard), _counter(t.soft),
             _counter(t.hard_tested), _counter(t.soft_tested), _counter(t.site_dies),
-            _counter(t.site_good)]
+            _counter(t.site_good), t.judged, t.binned]
 
 
 def _tally_from(row: list[Any]) -> Tally:
     t = Tally()
     t.dies, t.good, t.parts, t.retests = row[:4]
+    t.judged, t.binned = row[10:12]
     for name, value in zip(("hard", "soft", "hard_tested", "soft_tested", "site_dies",
-                            "site_good"), row[4:], strict=True):
+                            "site_good"), row[4:10], strict=True):
         setattr(t, name, Counter({int(k): v for k, v in value.items()}))
     return t
 
