@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import sectools
 import trio
 
 from edgegw.hub import history
@@ -17,21 +18,13 @@ from edgegw.hub.alerts import AlertRuleConfig, AlertsConfig, AlertService
 from edgegw.hub.history import HistoryApi
 from edgegw.hub.history_store import CACHE_ENTRIES, HistoryStore
 from edgegw.hub.live import LiveState
-from edgegw.records import LotEnd, LotStart, ParametricResult, PartResult, WaferEnd
 from edgegw.web import HttpServer
 
 
 def lot_records(lot: str, wafer: str, n: int, good_every: int = 2, ts: float = 100.0,
                 ) -> list[Any]:
-    out: list[Any] = [LotStart("t", ts, lot, "PT-1", "node", "T", "job", 0)]
-    for i in range(n):
-        hb = 1 if i % good_every == 0 else 4
-        out.append(ParametricResult("t", ts + i, lot, 1, i % 2, str(i), 300, "VOUT", 1.0 + i,
-                                    0.0, 100.0, "V", True))
-        out.append(PartResult("t", ts + i, lot, wafer, 1, i % 2, str(i), i, 0, hb, hb, hb == 1))
-    out.append(WaferEnd("t", ts + n, lot, wafer, 1, 0, n, None))
-    out.append(LotEnd("t", ts + n, lot, 0))
-    return out
+    """sectools' lot, one part in two good."""
+    return sectools.lot_records(lot, wafer, n, good_every, ts)
 
 
 def test_handlers_answer_from_live_state() -> None:
