@@ -2,12 +2,18 @@
 10,000 records/s through a gateway.
 
     python bench/fanout.py [--clients 1000] [--rate 10000] [--seconds 30] [--ui-rate 20]
+                           [--runs 3] [--compare] [--client-procs N]
 
-Three processes, as in production: the hub (Ingest + LiveState + LiveFanout), the tester
-(simulated tester -> Gateway -> uplink), and this one, which runs the subscribers: bare
-WebSocket clients on non-blocking sockets under one epoll loop (a Trio task per client
-would cost this process more than the hub).  Every client subscribes like the dashboard
-(lot/+, lot/+/wafer/+, test/+/+, gateway/+) with CBOR.  ``--feed direct`` leaves the
+Separate processes, as in production: the hub (Ingest + LiveState + LiveFanout), the tester
+(simulated tester -> Gateway -> uplink), and ``--client-procs`` subscriber processes (one
+per 250 clients by default, at least 2): bare WebSocket clients on non-blocking sockets
+under one epoll loop each (a Trio task per client would cost more than the hub), so the
+clients' own reading is not what is measured.  This process only conducts and reports.
+``--runs`` repeats the whole measurement with a fresh hub and prints the medians;
+``--compare`` alternates runs of the hub as it was before issue 17 (the live state applied
+in the ingest step, every client's tick items worked out one by one, long ticks back to
+back) with the hub as it is, and prints both side by side.  Every client subscribes like
+the dashboard (lot/+, lot/+/wafer/+, test/+/+, gateway/+) with CBOR.  ``--feed direct`` leaves the
 gateway, uplink and store out: the hub process feeds the tester's records straight into its
 live state, which measures the fan-out on its own.
 
@@ -35,6 +41,7 @@ import gc
 import hashlib
 import json
 import os
+import pickle
 import resource
 import select
 import signal
@@ -71,10 +78,17 @@ def run_hub(args: argparse.Namespace) -> None:
     from edgegw.hub.live import LiveState
 
     async def main() -> None:
-        hub = Ingest(build(HubConfig, {"hub": {"port": 0, "data_dir": args.data},
-                                    "gateways": {"bench-gw": {"token": TOKEN}}}))
+        hub_section: dict[str, Any] = {"port": 0, "data_dir": args.data}
+        if args.baseline:  # the live state applied inside the ingest step, as before
+            hub_section["live_queue_records"] = 0
+        hub = Ingest(build(HubConfig, {"hub": hub_section,
+                                       "http": {"max_connections_per_address": 0},
+                                       "gateways": {"bench-gw": {"token": TOKEN}}}))
         fanout = LiveFanout(LiveConfig(ui_rate=args.ui_rate, stall_timeout=args.stall_timeout),
                             metrics=hub.metrics)
+        if args.baseline:  # every client's items worked out one by one, as before
+            fanout.core.group_in_step = False
+            fanout.space_long_ticks = False  # long ticks back to back, as before
 
         def publish(topic: str, delta: dict[str, Any]) -> None:
             # For the latency breakdown: how old the newest record of a wafer delta is
@@ -246,12 +260,12 @@ def ws_connect(port: int, rcvbuf: int | None = None,
                topics: list[str] | None = None, number: int = 0) -> tuple[socket.socket, bytes]:
     """A subscribed client socket (non-blocking) and any bytes read past the handshake.
 
-    Clients come from 16 loopback addresses, as dashboards come from many hosts: the hub's
-    default cap per remote address (http.max_connections_per_address) is 256."""
+    Clients come from 64 loopback addresses, as dashboards come from many hosts (the
+    bench's hub has no cap per remote address: 5,000 clients)."""
     sock = socket.socket()
     if rcvbuf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.bind((f"127.0.0.{1 + number % 16}", 0))
+    sock.bind((f"127.0.0.{1 + number % 64}", 0))
     sock.connect(("127.0.0.1", port))
     key = base64.b64encode(os.urandom(16))
     sock.sendall(b"GET /ws/live HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
@@ -282,8 +296,9 @@ def ws_connect(port: int, rcvbuf: int | None = None,
 class Subscribers:
     """Many bare WebSocket clients under one epoll: record (client, time, message)."""
 
-    def __init__(self, sample_step: int) -> None:
+    def __init__(self, sample_step: int, procs: int = 1) -> None:
         self.sample_step = sample_step  # every n-th client's messages are kept for latency
+        self.procs = procs  # client numbers here are p, p + procs, p + 2 procs, ...
         self.ep = select.epoll()
         self.socks: dict[int, socket.socket] = {}
         self.index: dict[int, int] = {}  # fd -> client number
@@ -300,14 +315,21 @@ class Subscribers:
         self.bufs[fd] = bytearray(rest)
         self.ep.register(fd, select.EPOLLIN)
 
-    def poll(self, until: float) -> None:
+    def poll(self, until: float, stop_fd: int | None = None) -> None:
+        """Read until ``until`` (monotonic), or until ``stop_fd`` is readable."""
         payloads = self.payloads
         received = self.received
+        if stop_fd is not None:
+            self.ep.register(stop_fd, select.EPOLLIN)
         while True:
             timeout = until - time.monotonic()
             if timeout <= 0:
                 return
+            ready: set[int] = set()
             for fd, _ in self.ep.poll(min(timeout, 0.05)):
+                if fd == stop_fd:
+                    ready.add(fd)
+                    continue
                 sock = self.socks[fd]
                 try:
                     data = sock.recv(1 << 18)
@@ -337,7 +359,7 @@ class Subscribers:
                     if len(buf) < at + n:
                         break
                     if buf[0] & 0x0F == 0x2:
-                        if client % self.sample_step:
+                        if client // self.procs % self.sample_step:
                             idx = -1  # counted only: keeps this process light
                         else:
                             payload = bytes(buf[at:at + n])
@@ -346,6 +368,44 @@ class Subscribers:
                                 idx = payloads[payload] = len(payloads)
                         received.append((client, now, idx))
                     del buf[:at + n]
+            if stop_fd is not None and stop_fd in ready:
+                self.ep.unregister(stop_fd)
+                return
+
+
+def run_subs(args: argparse.Namespace) -> None:
+    """One subscriber process: clients ``index``, ``index + procs``, ...; prints READY when
+    they are subscribed, reads until a line on stdin, then writes what it received."""
+    _raise_nofile()
+    subs = Subscribers(args.sample_step, args.procs)
+    mine = range(args.index, args.clients, args.procs)
+    for k, i in enumerate(mine):
+        subs.add(ws_connect(args.port, number=i), i)
+        if k % 100 == 99:
+            subs.poll(time.monotonic() + 0.01)
+    print("READY", flush=True)
+    subs.poll(time.monotonic() + 1e9, stop_fd=sys.stdin.fileno())
+    subs.poll(time.monotonic() + 0.2)  # what is on its way
+    ordered = sorted(subs.payloads, key=subs.payloads.__getitem__)
+    with open(args.log, "wb") as f:
+        pickle.dump({"payloads": ordered, "received": subs.received, "closed": subs.closed}, f)
+    print("DONE", flush=True)
+
+
+class Merged:
+    """What every subscriber process received, as one ``Subscribers`` would have."""
+
+    def __init__(self, logs: list[dict[str, Any]], sample_step: int) -> None:
+        self.sample_step = sample_step
+        self.payloads: dict[bytes, int] = {}
+        self.received: list[tuple[int, float, int]] = []
+        self.closed: dict[int, float] = {}
+        for log in logs:
+            remap = [self.payloads.setdefault(p, len(self.payloads)) for p in log["payloads"]]
+            self.received.extend((c, t, remap[i] if i >= 0 else -1)
+                                 for c, t, i in log["received"])
+            self.closed.update(log["closed"])
+        self.sampled = len({c for c, _, i in self.received if i >= 0})
 
 
 # --------------------------------------------------------------------------- the run
@@ -380,7 +440,7 @@ def pct(sorted_values: list[float], p: float) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--role", choices=["main", "hub", "tester"], default="main")
+    ap.add_argument("--role", choices=["main", "hub", "tester", "subs"], default="main")
     ap.add_argument("--clients", type=int, default=1000)
     ap.add_argument("--rate", type=float, default=10_000, help="records per second")
     ap.add_argument("--seconds", type=float, default=30.0, help="measured seconds (two halves)")
@@ -402,6 +462,15 @@ def main() -> int:
     ap.add_argument("--gc-freeze", type=float, default=1.0,
                     help="the hub freezes surviving objects this often, seconds (0: off, "
                          "CPython's full collections pause the hub as they come)")
+    ap.add_argument("--runs", type=int, default=3, help="whole measurements; medians printed")
+    ap.add_argument("--compare", action="store_true",
+                    help="alternate runs of the hub as before issue 17 and as it is")
+    ap.add_argument("--client-procs", type=int, default=0,
+                    help="subscriber processes (0: one per 250 clients, at least 2)")
+    ap.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--procs", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--sample-step", type=int, default=10, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--data", default="")
     ap.add_argument("--log", default="")
@@ -412,11 +481,57 @@ def main() -> int:
     if args.role == "tester":
         run_tester(args)
         return 0
+    if args.role == "subs":
+        run_subs(args)
+        return 0
     _raise_nofile()
     return run_main(args)
 
 
+#: the figures this bench printed before issue 17's work (the issue's quote: 1,000 clients,
+#: 10k records/s, ui_rate 20, --seconds 20, one subscriber process, load average 0.4-0.7)
+ISSUE17 = {"p50": 67.0, "p99": 166.0, "fanout_p99": 103.0, "tick_ms": 22.5, "hub_cpu": 59.0}
+
+
 def run_main(args: argparse.Namespace) -> int:
+    variants = ["before", "after"] if args.compare else ["after"]
+    results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for run in range(args.runs):
+        for variant in variants:  # alternating: drifts of the machine's load hit both
+            print(f"\n=== run {run + 1}/{args.runs}, hub {variant} "
+                  f"({'as before issue 17' if variant == 'before' else 'as it is'})",
+                  flush=True)
+            summary = one_run(args, baseline=variant == "before")
+            if summary is None:
+                return 1
+            results[variant].append(summary)
+    print(f"\nmedians of {args.runs} run(s): {args.clients} clients, "
+          f"{args.rate:.0f} records/s, ui_rate {args.ui_rate:g} (one frame "
+          f"{1000 / args.ui_rate:.0f} ms), goal p99 <= "
+          f"{(50 if args.clients <= 1000 else 100) + 1000 / args.ui_rate:.0f} ms; "
+          f"{os.cpu_count()} cores")
+    keys = [("p50", "creation -> receipt p50 ms"), ("p99", "creation -> receipt p99 ms"),
+            ("p99_stalled", "  same, with a stalled client, p99 ms"),
+            ("fanout_p99", "publish -> receipt p99 ms"), ("lag_p99", "creation -> publish p99 ms"),
+            ("tick_ms", "hub tick mean ms"), ("rate", "frames/s per client (median)"),
+            ("hub_cpu", "hub CPU % of a core"), ("rss", "hub RSS MB"),
+            ("subs_cpu", "subscriber processes CPU %"), ("load", "load average")]
+    header = f"  {'':40}" + "".join(f"{v:>12}" for v in variants)
+    if args.clients == 1000 and args.ui_rate == 20:
+        header += f"{'issue 17':>12}"
+    print(header)
+    for key, label in keys:
+        row = f"  {label:40}"
+        for v in variants:
+            values = [r[key] for r in results[v] if r.get(key) is not None]
+            row += f"{statistics.median(values):12.1f}" if values else f"{'n/a':>12}"
+        if args.clients == 1000 and args.ui_rate == 20:
+            row += f"{ISSUE17[key]:12.1f}" if key in ISSUE17 else f"{'':12}"
+        print(row)
+    return 0
+
+
+def one_run(args: argparse.Namespace, baseline: bool) -> dict[str, Any] | None:
     tmp = Path(tempfile.mkdtemp(prefix="edgegw-bench-fanout-"))
     me = [sys.executable, os.path.abspath(__file__)]
     hub = subprocess.Popen([*me, "--role", "hub", "--data", str(tmp / "hub"),
@@ -425,24 +540,33 @@ def run_main(args: argparse.Namespace) -> int:
                             "--seconds", str(args.seconds + 4),
                             "--stall-timeout", str(args.stall_timeout),
                             "--long-step-ms", str(args.long_step_ms),
-                            "--gc-freeze", str(args.gc_freeze)],
+                            "--gc-freeze", str(args.gc_freeze),
+                            *(["--baseline"] if baseline else [])],
                            stdout=subprocess.PIPE, text=True)
     tester = None
+    procs = args.client_procs or max(2, -(-args.clients // 250))
+    sample_step = 10 if args.clients >= 10 else 1
+    subs: list[subprocess.Popen[str]] = []
     try:
         line = hub.stdout.readline() if hub.stdout else ""
         if not line.startswith("PORT "):
             print("hub did not start", file=sys.stderr)
-            return 1
+            return None
         port = int(line.split()[1])
-        subs = Subscribers(max(1, args.clients // max(1, args.clients // 10)))
         t0 = time.monotonic()
-        for i in range(args.clients):
-            subs.add(ws_connect(port, number=i), i)
-            if i % 100 == 99:
-                subs.poll(time.monotonic() + 0.01)
-        print(f"{args.clients} subscribers connected in {time.monotonic() - t0:.1f} s",
-              flush=True)
-        subs.poll(time.monotonic() + 1.0)
+        subs = [subprocess.Popen([*me, "--role", "subs", "--port", str(port),
+                                  "--clients", str(args.clients), "--procs", str(procs),
+                                  "--index", str(p), "--sample-step", str(sample_step),
+                                  "--log", str(tmp / f"subs{p}.pickle")],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                for p in range(procs)]
+        for sub in subs:
+            if not (sub.stdout and sub.stdout.readline().startswith("READY")):
+                print("a subscriber process failed", file=sys.stderr)
+                return None
+        print(f"{args.clients} subscribers connected in {time.monotonic() - t0:.1f} s "
+              f"from {procs} processes", flush=True)
+        time.sleep(1.0)
 
         warmup = 3.0
         if args.feed == "gateway":
@@ -454,7 +578,7 @@ def run_main(args: argparse.Namespace) -> int:
                                        "--log", str(tmp / "created.json")])
         else:
             (tmp / "created.go").touch()
-        subs.poll(time.monotonic() + warmup)
+        time.sleep(warmup)
         # Phases alternate: without, with a stalled client, without, with ...  A stalled
         # client is a new connection each time that subscribes and never reads; the hub
         # closes it after stall_timeout.  Alternating keeps drifts of the machine's load
@@ -462,16 +586,20 @@ def run_main(args: argparse.Namespace) -> int:
         span = args.seconds / args.phases
         phases = []
         stalled: list[socket.socket] = []
+
+        def subs_cpu() -> float:
+            return sum(proc_cpu_seconds(sub.pid) for sub in subs)
+
         for i in range(args.phases):
             with_stalled = i % 2 == 1 and not args.no_stalled
             if with_stalled:
                 stalled.append(ws_connect(port, rcvbuf=4096,  # never read from
-                                          topics=args.stalled_topics)[0])
+                                          topics=args.stalled_topics, number=args.clients)[0])
             cpu0, w0, m0 = proc_cpu_seconds(hub.pid), time.time(), time.monotonic()
-            own0 = _own_cpu()
-            subs.poll(m0 + span)
+            own0 = subs_cpu()
+            time.sleep(span)
             phases.append((with_stalled, w0, time.time(), proc_cpu_seconds(hub.pid) - cpu0,
-                           time.monotonic() - m0, proc_mem_mb(hub.pid), _own_cpu() - own0,
+                           time.monotonic() - m0, proc_mem_mb(hub.pid), subs_cpu() - own0,
                            os.getloadavg()[0]))
         stats = json.loads(_http_get(port, "/api/live/stats?clients=0"))
         hub_stats = json.loads(_http_get(port, "/api/stats"))
@@ -479,8 +607,20 @@ def run_main(args: argparse.Namespace) -> int:
             tester.wait(timeout=60)
         else:
             while not (tmp / "created.json").exists():
-                subs.poll(time.monotonic() + 0.2)
-        subs.poll(time.monotonic() + 0.5)
+                time.sleep(0.2)
+        time.sleep(0.5)
+        logs = []
+        for sub in subs:
+            assert sub.stdin is not None
+            sub.stdin.write("STOP\n")
+            sub.stdin.flush()
+        for p, sub in enumerate(subs):
+            assert sub.stdout is not None
+            sub.stdout.readline()
+            sub.wait(timeout=60)
+            with open(tmp / f"subs{p}.pickle", "rb") as f:
+                logs.append(pickle.load(f))
+        merged = Merged(logs, sample_step)
         log = json.loads((tmp / "created.json").read_text())
         hub.send_signal(signal.SIGTERM)
         out = hub.communicate(timeout=30)[0] or ""
@@ -490,13 +630,13 @@ def run_main(args: argparse.Namespace) -> int:
                       if line.startswith("STEPS ")), [])
         collections_ = next((json.loads(line[3:]) for line in out.splitlines()
                              if line.startswith("GC ")), [])
-        report(args, subs, phases, log, stats, hub_stats, bool(stalled), lags, steps,
-               collections_)
+        summary = report(args, merged, phases, log, stats, hub_stats, bool(stalled), lags,
+                         steps, collections_)
         for sock in stalled:
             sock.close()
-        return 0
+        return summary
     finally:
-        for p in (tester, hub):
+        for p in (tester, hub, *subs):
             if p is not None and p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 try:
@@ -514,9 +654,13 @@ def _http_get(port: int, path: str) -> bytes:
     return data.partition(b"\r\n\r\n")[2]
 
 
-def report(args: argparse.Namespace, subs: Subscribers, phases: list[Any], log: dict[str, Any],
+def report(args: argparse.Namespace, subs: Merged, phases: list[Any], log: dict[str, Any],
            stats: dict[str, Any], hub_stats: dict[str, Any], had_stalled: bool,
-           lags: dict[str, Any] | None, steps: list[Any], full_gcs: list[Any]) -> None:
+           lags: dict[str, Any] | None, steps: list[Any], full_gcs: list[Any]
+           ) -> dict[str, Any]:
+    """Print one run's figures; return its summary (for the medians)."""
+    summary: dict[str, Any] = {"tick_ms": stats["tick_ms_mean"],
+                               "lag_p99": 1000 * lags["p99"] if lags and lags["n"] else None}
     import cbor2
 
     # creation time of each die result, by (wafer, x, y), in order
@@ -547,7 +691,6 @@ def report(args: argparse.Namespace, subs: Subscribers, phases: list[Any], log: 
                         dies.append(times[max(0, k - 1)])
         payload_info[idx] = (msg["ts"], dies, published)
 
-    step = subs.sample_step
     print(f"\nfan-out bench ({args.feed} feed): {args.clients} subscribers, tester "
           f"{args.rate:.0f} records/s "
           f"(produced {log['produced']} records), ui_rate {args.ui_rate:g}/s, "
@@ -561,6 +704,16 @@ def report(args: argparse.Namespace, subs: Subscribers, phases: list[Any], log: 
         print(f"  breakdown: newest record of a wafer delta is {1000 * lags['p50']:.1f} ms old "
               f"(p50; p99 {1000 * lags['p99']:.1f} ms) when the hub's live state publishes it "
               f"(gateway batching, uplink, durable commit, apply)")
+    def mean_ms(name: str) -> str:
+        h = hub_stats["metrics"].get(name) or {}
+        return f"{1000 * h['sum'] / h['count']:.1f} ms" if h.get("count") else "n/a"
+
+    print(f"  hub side, means: a record's age at its durable commit "
+          f"{mean_ms('hub_record_age_seconds')} (gateway batching and spool, uplink, hub "
+          f"queue and commit); a frame's arrival -> ACK due {mean_ms('hub_frame_apply_seconds')};"
+          f" commit -> live state {mean_ms('hub_live_apply_lag_seconds')}; ticks spaced "
+          f"(over 80 % of the UI interval in CPU) {stats.get('ticks_spaced', 'n/a')}")
+
     def figures(parts: list[Any]) -> tuple[list[float], list[float], list[float], list[float]]:
         lat: list[float] = []
         tick_lat: list[float] = []
@@ -572,7 +725,7 @@ def report(args: argparse.Namespace, subs: Subscribers, phases: list[Any], log: 
                 if not (w0 <= t < w1) or client >= args.clients:
                     continue
                 frames[client] += 1
-                if client % step or idx < 0:
+                if idx < 0:  # not a sampled client
                     continue
                 ts, dies, published = payload_info[idx]
                 if ts:
@@ -586,7 +739,7 @@ def report(args: argparse.Namespace, subs: Subscribers, phases: list[Any], log: 
         rates.sort()
         return lat, tick_lat, pub_lat, rates
 
-    def show(title: str, parts: list[Any]) -> None:
+    def show(title: str, parts: list[Any], stalled: bool) -> None:
         if not parts:
             return
         lat, tick_lat, pub_lat, rates = figures(parts)
@@ -598,7 +751,7 @@ def report(args: argparse.Namespace, subs: Subscribers, phases: list[Any], log: 
         loads = ", ".join(f"{p[7]:.1f}" for p in parts)
         print(f"\n  {title}: {len(parts)} x {secs / len(parts):.1f} s")
         print(f"    record creation -> client receipt (dies, {len(lat)} samples from "
-              f"{len(range(0, args.clients, step))} clients): p50 {1000 * pct(lat, 50):.1f} ms, "
+              f"{subs.sampled} clients): p50 {1000 * pct(lat, 50):.1f} ms, "
               f"p99 {1000 * pct(lat, 99):.1f} ms, max {1000 * pct(lat, 100):.1f} ms")
         print(f"    of which the fan-out, live-state publish -> client receipt (oldest delta "
               f"of each item): p50 {1000 * pct(pub_lat, 50):.1f} ms, "
@@ -619,17 +772,25 @@ def report(args: argparse.Namespace, subs: Subscribers, phases: list[Any], log: 
               f"full garbage collections: {len(gcs)}, longest "
               f"{1000 * max(gcs, default=0):.0f} ms")
         print(f"    hub CPU {100 * cpu / secs:.0f} % of one core; RSS {rss:.0f} MB "
-              f"(peak {hwm:.0f} MB); the subscribers' process {100 * own / secs:.0f} %; "
+              f"(peak {hwm:.0f} MB); the subscriber processes {100 * own / secs:.0f} %; "
               f"load average {loads} on {os.cpu_count()} cores")
+        if stalled:
+            summary["p99_stalled"] = 1000 * pct(lat, 99)
+            return
+        summary.update(p50=1000 * pct(lat, 50), p99=1000 * pct(lat, 99),
+                       fanout_p99=1000 * pct(pub_lat, 99), rate=statistics.median(rates),
+                       hub_cpu=100 * cpu / secs, rss=rss, subs_cpu=100 * own / secs,
+                       load=statistics.mean(p[7] for p in parts))
 
-    show("without a stalled client", [p for p in phases if not p[0]])
-    show("with a stalled client", [p for p in phases if p[0]])
+    show("without a stalled client", [p for p in phases if not p[0]], False)
+    show("with a stalled client", [p for p in phases if p[0]], True)
     if had_stalled:
         print(f"\n  stalled clients: hub slow-client metric "
               f"{hub_stats['metrics'].get('live_slow_clients_total', {})}; subscribers the "
               f"hub closed: {len(subs.closed)} (must be 0)")
     digest = hashlib.sha256(b"".join(sorted(subs.payloads))).hexdigest()[:8]
     print(f"  distinct frames received: {len(subs.payloads)} (digest {digest})")
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""Why records travel as positional arrays: cbor2 encode/decode rates per layout.
+"""Why records travel as columns (v2) or positional arrays (v1): cbor2 rates per layout.
 
-Encodes the same 20,000 part results as per-record maps, positional arrays (the wire
-format) and columns, and prints bytes/record and records/s (median of 5) for each.
+Encodes the same 20,000 part results as per-record maps, positional arrays (the v1 wire
+format) and columns, and prints bytes/record and records/s (median of 5) for each; then
+the whole hub decode (body to record objects) of both wire layouts, on those part results
+and on the benchmark's tester mix (8 parametric results + 1 part result per part, frames
+of 2,000 records), side by side.
 
     python bench/record_layout.py
 """
@@ -13,8 +16,8 @@ import time
 
 import cbor2
 
-from edgegw.protocol import decode_body, encode_body
-from edgegw.records import PartResult, from_wire
+from edgegw.protocol import decode_frame, encode_body, encode_columns
+from edgegw.records import ParametricResult, PartResult
 
 N = 20_000
 
@@ -42,14 +45,28 @@ def main() -> None:
         enc = rate(lambda obj=obj: cbor2.dumps(obj))
         dec = rate(lambda data=data: cbor2.loads(data))
         print(f"{name:26s} {len(data) / N:9.1f} {enc:13,.0f} {dec:13,.0f}")
-    body = encode_body(1, recs)
-
-    def hub_decode() -> list[object]:
-        _, sources, wire = decode_body(body, N)
-        return [from_wire(item, sources) for item in wire]
-
-    full = rate(hub_decode)
-    print(f"{'hub: decode + rebuild':26s} {len(body) / N:9.1f} {'':13s} {full:13,.0f}")
+    mix: list = []
+    for i in range(N // 9 + 1):
+        mix += [ParametricResult("tester", 1.7e9 + i, "LOT1", 1, i % 8, str(i), 100 + t,
+                                 f"TEST_{t}", 1.0 + t * 0.01 + i * 1e-6, 0.0, 2.0, "V", True)
+                for t in range(8)]
+        mix.append(recs[i])
+    mix = mix[:N]
+    print()
+    print(f"{'hub decode (body->records)':26s} {'bytes/rec':>9s} {'encode rec/s':>13s} "
+          f"{'decode rec/s':>13s} {'v2/v1':>6s}")
+    for name, data in (("PRR", recs), ("mix", mix)):
+        step = 2000 if name == "mix" else N  # the mix: in frames of 2,000
+        chunks = [data[i:i + step] for i in range(0, N, step)]
+        out = {}
+        for layout, enc in (("v1 rows", encode_body), ("v2 columns", encode_columns)):
+            bodies = [enc(1, c) for c in chunks]
+            e = rate(lambda enc=enc, chunks=chunks: [enc(1, c) for c in chunks])
+            d = rate(lambda bodies=bodies: [decode_frame(b, N) for b in bodies])
+            out[layout] = d
+            ratio = f"{d / out['v1 rows']:6.2f}" if layout != "v1 rows" else ""
+            print(f"{name + ': ' + layout:26.26s} {sum(map(len, bodies)) / N:9.1f} {e:13,.0f} "
+                  f"{d:13,.0f} {ratio}")
 
 
 if __name__ == "__main__":

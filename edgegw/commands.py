@@ -280,14 +280,24 @@ def _serve(service: Any, banner: Callable[[Any], str],
 
 
 def cmd_hub(args: argparse.Namespace) -> int:
-    from .hub.app import Hub
-
     cfg = load(HubConfig, args.config, args.overrides)
     h = cfg.hub
     resolve("hub.listen", h.listen, h.port)
     prepare_dir("hub.data_dir", h.data_dir)
     scheme = "https" if cfg.tls.enabled else "http"
-    return _serve(Hub(cfg), lambda port: f"edgegw hub listening on {scheme}://{h.listen}:{port}/",
+    service: Any
+    if h.cluster is not None:
+        # one node of a hub cluster on PostgreSQL and Redis (docs/cluster.md)
+        from .hub.cluster.node import ClusterHub
+
+        service = ClusterHub(cfg)
+        what = f"edgegw hub cluster node {service.node_id}"
+    else:
+        from .hub.app import Hub
+
+        service = Hub(cfg)
+        what = "edgegw hub"
+    return _serve(service, lambda port: f"{what} listening on {scheme}://{h.listen}:{port}/",
                   listen=("hub.listen/hub.port", h.listen, h.port))
 
 

@@ -4,7 +4,8 @@
 # System packages: the MQTT tests need Mosquitto (they start their own broker on a free
 # port; a system broker is never touched) and the dashboard test needs Chromium (it drives
 # a real browser over its DevTools protocol); the packaging tests lint the shell scripts with
-# shellcheck.  When they are missing, this script says so and,
+# shellcheck; the hub cluster tests start a private redis-server and put their nodes behind
+# HAProxy (tests/cluster_haproxy.py).  When they are missing, this script says so and,
 # run as root on a Debian/Ubuntu machine, installs them with apt-get after saying what and
 # why; EDGEGW_NO_APT=1 skips that, and the tests that need them then skip.
 set -euo pipefail
@@ -23,6 +24,14 @@ fi
 if ! command -v shellcheck >/dev/null 2>&1; then
   need_pkgs+=(shellcheck)
   why+=("  shellcheck: the packaging tests lint the install and service scripts")
+fi
+if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
+  need_pkgs+=(haproxy)
+  why+=("  haproxy: the hub cluster tests put their nodes behind a real TCP load balancer")
+fi
+if ! command -v redis-server >/dev/null 2>&1; then
+  need_pkgs+=(redis-server)
+  why+=("  redis-server: the cluster tests start their own private Redis on a free port")
 fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \

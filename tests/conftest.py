@@ -24,3 +24,9 @@ def in_ci() -> bool:
 from mqtt_broker import mqtt_broker, start_broker  # noqa: E402, F401
 
 # ---- end mqtt ---------------------------------------------------------------------------
+
+# ---- cluster: PostgreSQL (fixtures live in tests/cluster_pg.py) ----------------------------
+# isort: split
+from cluster_pg import pg_dsn, pg_server  # noqa: E402, F401
+
+# ---- end cluster: PostgreSQL ---------------------------------------------------------------

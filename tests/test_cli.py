@@ -176,7 +176,8 @@ def test_check_config_takes_every_shipped_example(conf: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     first, last = check_config(capsys, str(conf))
     assert last == "ok"
-    kind = {"hub.toml": "hub config", "gateway.toml": "gateway config",
+    kind = {"hub.toml": "hub config", "hub-cluster.toml": "hub config",
+            "gateway.toml": "gateway config",
             "gateway-tail.example.toml": "gateway config"}.get(
         conf.name, "sources fragment")
     assert first.startswith(f"{conf}: checked as a {kind} (")

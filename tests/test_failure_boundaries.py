@@ -30,7 +30,7 @@ from edgegw.hub import Hub
 from edgegw.hub.alerts import WebhookConfig, WebhookSender
 from edgegw.hub.store import unpack_body
 from edgegw.metrics import Metrics, internal_errors
-from edgegw.protocol import Hello, encode, encode_body
+from edgegw.protocol import Hello, decode_body, encode, encode_body
 from edgegw.records import SensorReading
 
 PLUGINS = '''
@@ -143,7 +143,7 @@ def plugins(tmp_path: Path) -> Iterator[Any]:
 
 async def stored_records(hub: Any) -> list[list[Any]]:
     rows = await hub.store.query("SELECT codec, body FROM frames ORDER BY id")
-    return [r for codec, body in rows for r in cbor2.loads(unpack_body(codec, body))[2]]
+    return [r for codec, body in rows for r in decode_body(unpack_body(codec, body), 1 << 30)[2]]
 
 
 async def test_a_failing_source_is_restarted_at_its_checkpoint_and_reported(

@@ -598,3 +598,61 @@ def test_a_stuck_client_costs_no_snapshot_work_until_its_write_completes() -> No
     assert sorted(built) == [f"lot/L1/wafer/{w}" for w in range(5)]
     assert {i["topic"] for i in stuck.items() if i.get("resync") == "lagging"} == set(state.state)
     assert stuck.views == state.state
+
+
+# --------------------------------------------------------------------------- grouped ticks
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_grouping_clients_in_step_sends_exactly_what_working_each_out_alone_sends(
+        seed: int) -> None:
+    """The tick's shortcut for clients in step (``LiveHub.group_in_step``) changes the
+    cost, never the frames: two hubs fed the same changes and the same client behaviour --
+    subscribing late, resuming, unsubscribing, reading slowly or not at all -- queue the
+    same bytes for every client, tick after tick."""
+    import random
+
+    rng = random.Random(seed)
+    hubs = []
+    for grouped in (True, False):
+        state, hub = make_hub(queue_frames=4, history=8, stall_timeout=1e9)
+        hub.group_in_step = grouped
+        hubs.append((state, hub, []))
+    topics_ = [f"lot/L{n}" for n in range(3)] + [f"lot/L{n}/wafer/W{w}" for n in range(3)
+                                                   for w in range(2)] + ["alert/x"]
+    patterns = [["lot/+"], ["lot/+", "lot/+/wafer/+"], ["lot/L1/#"], ["#"]]
+    now = 0.0
+    for step in range(120):
+        now += 0.05
+        action = rng.random()
+        changes = [(rng.choice(topics_), {"n": step, "dies": [[step, rng.randrange(9)]]})
+                   for _ in range(rng.randrange(5))]
+        new_client = action < 0.1 or step == 0
+        who = rng.randrange(64)
+        pats = rng.choice(patterns)
+        for state, hub, viewers in hubs:
+            for topic, delta in changes:
+                state.change(topic, dict(delta))
+            if new_client:
+                viewers.append(Viewer(hub))
+                viewers[-1].send({"type": "subscribe", "id": 1, "topics": pats}, now)
+            elif action < 0.15 and viewers:
+                viewer = viewers[who % len(viewers)]
+                resume = {t: ["E1", off] for t, off in viewer.offsets.items()}
+                viewer.send({"type": "subscribe", "id": 2, "topics": pats,
+                             "resume": resume}, now)
+            elif action < 0.18 and viewers:
+                viewers[who % len(viewers)].send({"type": "unsubscribe", "id": 3,
+                                                  "topics": pats}, now)
+            hub.tick(now, 1000.0 + now)
+        grouped_hub, alone_hub = hubs[0][2], hubs[1][2]
+        assert len(grouped_hub) == len(alone_hub)
+        for i, (a, b) in enumerate(zip(grouped_hub, alone_hub, strict=True)):
+            assert [f for f, _ in a.client.queue] == [f for f, _ in b.client.queue], (step, i)
+            assert a.client.positions == b.client.positions
+            assert (a.client.closed, a.client.lagging) == (b.client.closed, b.client.lagging)
+            if i % 3 != 2 or step % 7 == 0:  # every third client reads only now and then
+                a.drain(now)
+                b.drain(now)
+    # the slow readers were conflated or closed along the way, the same in both
+    assert hubs[0][1]._m_slow.values == hubs[1][1]._m_slow.values

@@ -8,6 +8,8 @@ import logging
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgegw.metrics import Metrics, internal_errors, report_internal_error
@@ -64,6 +66,27 @@ def test_a_metric_nothing_touched_yet_exports_zero() -> None:
     assert page["edgegw_hub_frame_apply_seconds_count"] == {(): 0}
     assert page["edgegw_hub_frame_apply_seconds_bucket"][(("le", "+Inf"),)] == 0
     assert m.as_dict()["hub_duplicate_frames_total"] == {}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.floats(-1e6, 1e6), st.sampled_from(
+    [0.01, 0.1, 1.0, -0.0, math.nan, math.inf, -math.inf])), max_size=60))
+def test_observe_many_counts_exactly_what_observe_counts_one_by_one(values: list[float]) -> None:
+    """observe_many sorts and cuts at the bounds (the hub's per-record hot path): the same
+    buckets as one observe per value, NaN and infinities included."""
+    m = Metrics()
+    many = m.histogram("a_seconds", "a", buckets=(0.01, 0.1, 1.0))
+    one = m.histogram("b_seconds", "b", buckets=(0.01, 0.1, 1.0))
+    many.observe_many(values)
+    for v in values:
+        one.observe(v)
+    assert many.count() == one.count() == len(values)
+    if values:
+        (counts, (total,)), (counts1, (total1,)) = many.series[()], one.series[()]
+        assert counts == counts1
+        # the sum in another order: equal up to rounding (both NaN when one is)
+        assert (math.isnan(total) and math.isnan(total1)) or total == total1 or math.isclose(
+            total, total1, rel_tol=1e-9, abs_tol=1e-6)
 
 
 def test_histogram_buckets_are_cumulative_with_inclusive_bounds() -> None:

@@ -58,13 +58,26 @@ def test_a_refusal_reaches_the_gateway_with_its_code_and_reason() -> None:
     assert gw.state is State.CLOSED and hub.state is State.CLOSED
 
 
-def test_a_gateway_rejects_a_hub_that_picked_a_version_it_does_not_speak() -> None:
-    gw = GatewayConnection("ate-01", "t", "e", 1, now=0.0)
+@pytest.mark.parametrize(("offered", "chosen"), [((1, 2), 3), ((1,), 2)])
+def test_a_gateway_rejects_a_hub_that_picked_a_version_it_did_not_offer(
+        offered: tuple[int, ...], chosen: int) -> None:
+    gw = GatewayConnection("ate-01", "t", "e", 1, now=0.0, versions=offered)
     gw.hello(0.0)
-    bad = encode(Welcome(2, [], 5.0, 1 << 20, 1000))
+    bad = encode(Welcome(chosen, [], 5.0, 1 << 20, 1000))
     with pytest.raises(ProtocolError) as exc:
         gw.receive(bad, 0.0)
     assert exc.value.code == CloseCode.UNSUPPORTED_VERSION
+
+
+@pytest.mark.parametrize(("gateway", "hub", "chosen"), [
+    ((1, 2), (1, 2), 2), ((1,), (1, 2), 1), ((1, 2), (1,), 1), ((1,), (1,), 1)])
+def test_welcome_names_the_highest_version_both_speak(
+        gateway: tuple[int, ...], hub: tuple[int, ...], chosen: int) -> None:
+    gw = GatewayConnection("ate-01", "t", "e", 1, now=0.0, versions=gateway)
+    h = HubConnection(now=0.0, versions=hub)
+    h.receive(gw.hello(0.0), 0.0)
+    gw.receive(h.accept(IntervalSet(), 0.0), 0.0)
+    assert h.version == gw.version == chosen
 
 
 def test_data_is_applied_then_acknowledged_cumulatively() -> None:

@@ -23,7 +23,7 @@ from .. import failpoints
 from ..backoff import Backoff
 from ..batcher import Batch, Batcher
 from ..metrics import Metrics, internal_errors, report_internal_error
-from ..protocol import encode_body
+from ..protocol import encode_body, encode_columns
 from ..records import GatewayEvent, Record
 from ..sources import Source, SourceContext, source_type
 from ..spool import DiskSpool
@@ -118,6 +118,7 @@ class Gateway:
         self.store: FrameStore = store or MemoryFrameStore(config.queue.max_frames,
                                                            config.queue.policy)
         self.batcher = Batcher(config.batch.max_records, config.batch.max_delay_ms / 1000)
+        self._columnar = config.uplink.max_protocol_version >= 2
         self.sink = GatewaySink(self)
         self._lock = trio.Lock()
         self._wake_flusher = trio.Event()
@@ -252,7 +253,11 @@ class Gateway:
         checkpoints[RID_KEY] = self.next_rid
         checkpoints[AFTER_KEY] = batch.after  # every frame: the latest one is the truth
         if batch.records:
-            body = encode_body(first_rid, batch.records)
+            # columns (v2) when the gateway may speak v2: sent as they are to a v2 hub,
+            # converted to rows for a v1 one (uplink); most hubs are v2, so the common
+            # case pays nothing and the spool holds the smaller body
+            body = (encode_columns(first_rid, batch.records) if self._columnar
+                    else encode_body(first_rid, batch.records))
         else:  # a checkpoint alone still travels in an (empty) frame to stay in order
             body = encode_body(first_rid, [])
         await self.store.append(body, len(batch.records), checkpoints)

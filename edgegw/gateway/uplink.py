@@ -40,6 +40,8 @@ from ..protocol import (
     Reject,
     Welcome,
     encode_body,
+    is_columnar,
+    to_rows,
 )
 from ..records import GatewayEvent
 from ..store import FrameStore, StoredFrame
@@ -183,7 +185,8 @@ class Uplink:
                                      compression=() if cfg.compression == "off"
                                      else (cfg.compression,),
                                      compression_level=cfg.compression_level,
-                                     compression_min_bytes=cfg.compression_min_bytes)
+                                     compression_min_bytes=cfg.compression_min_bytes,
+                                     versions=tuple(range(1, cfg.max_protocol_version + 1)))
             await ws.send_message(conn.hello(now))
             with trio.fail_after(cfg.connect_timeout_s):
                 while conn.welcome is None:
@@ -318,6 +321,16 @@ class Uplink:
 
     async def _send_frame(self, ws: Any, conn: GatewayConnection, welcome: Welcome,
                           f: StoredFrame) -> None:
+        if welcome.version < 2 and is_columnar(f.body):
+            # a v1 hub: the spooled columns go as v1 rows (docs/protocol.md section 9).  A
+            # body that does not convert goes as it is: the hub rejects it (dead letter),
+            # as it would any invalid frame, and the rest flow on
+            try:
+                rows = cbor2.dumps(to_rows(cbor2.loads(f.body)))
+            except Exception:
+                log.exception("frame %d: its columnar body does not convert to v1", f.seq)
+            else:
+                f = StoredFrame(f.seq, rows, f.n_records)
         data = conn.data(f.seq, f.body, trio.current_time())
         problem = None
         if f.n_records > welcome.max_records:

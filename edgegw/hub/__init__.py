@@ -4,7 +4,8 @@ dashboard and the history API, assembled as ``Hub``.
 Public face (for embedders, plugins and tests): the names in ``__all__``, and the
 subpackages and modules named there (``live``, ``fanout``, ``alerts``: each with its own
 face; ``topics``: the topic names; ``history``: the history API's queries; ``store``,
-``checkpoint``, ``history_store``: what the hub keeps on disk, docs/storage.md).  Everything
+``checkpoint``, ``history_store``: what the hub keeps on disk, docs/storage.md; ``cluster``:
+the hub as a cluster of nodes, docs/cluster.md).  Everything
 else inside is internal.  Names load on first use (PEP 562), so importing one hub module
 does not import the whole hub.
 """
@@ -25,8 +26,8 @@ _EXPORTS = {
     "GcPacer": "edgegw.hub.gcpacing",
     "HistoryApi": "edgegw.hub.history",
 }
-_SUBMODULES = ("alerts", "checkpoint", "fanout", "history", "history_store", "live", "store",
-               "topics")
+_SUBMODULES = ("alerts", "checkpoint", "cluster", "fanout", "history", "history_store", "live",
+               "store", "topics")
 
 __all__ = [*sorted(_EXPORTS), *_SUBMODULES]
 

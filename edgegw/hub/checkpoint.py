@@ -437,6 +437,8 @@ class Checkpointer:
     async def checkpoint(self, final: bool = False) -> bool:
         """Cut, then encode and write off the Trio thread; False if there was nothing new
         (or, at shutdown, archives still unwritten: the older checkpoint stands)."""
+        if final:  # what was acknowledged and is still queued goes into the last one
+            self.hub.drain_feed()
         position = self.hub.fed_id
         if position == self.position:
             return False

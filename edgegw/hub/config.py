@@ -14,6 +14,53 @@ from .fanout.config import LiveConfig
 
 
 @dataclasses.dataclass(frozen=True)
+class ClusterSection:
+    """``[hub.cluster]``: this hub is one node of a cluster on PostgreSQL and Redis
+    (docs/cluster.md).  Absent: the single hub on its SQLite store.
+
+    Defined here rather than in ``edgegw.hub.cluster`` (which re-exports it) so that the
+    hub's config does not import the cluster package: the cluster's node assembly imports
+    the hub's ingest and config, and the import-linter forbids cycles between siblings."""
+
+    # unique per node (two nodes with one id would renew each other's leases); the
+    # default is the host name and the process id, unique but new at every start
+    node_id: str = ""
+    # libpq connection string or URI of the cluster's PostgreSQL database (the durable
+    # truth); a password is better kept in ~/.pgpass or PGPASSWORD than here
+    postgres_dsn: str = ""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # prefix of every Redis key: several clusters may share one Redis
+    key_prefix: str = "edgegw"
+    # fixed for the life of the cluster: stored in PostgreSQL by the first node; a node
+    # configured with another number refuses to start (lots would change partitions)
+    partitions: Annotated[int, Range(1, 4096)] = 64
+    # a dead node's partitions move to live nodes within about this
+    lease_ttl_s: Annotated[float, Range(0.5, 600)] = 5.0
+    # how often an owner stores a changed topic's snapshot in Redis
+    snapshot_interval_s: Annotated[float, Range(0.05, 600)] = 0.5
+    # no successful Redis round trip for this long: the node stops serving live data
+    stale_after_s: Annotated[float, Range(0.5, 600)] = 3.0
+    # an owner checkpoints a partition's state after this many records or seconds
+    checkpoint_records: Annotated[int, Range(100, 100_000_000)] = 100_000
+    checkpoint_interval_s: Annotated[float, Range(1, 86_400)] = 30.0
+    # PostgreSQL connections this node commits on (commits of different gateways run in
+    # parallel, each in its own worker thread)
+    pg_connections: Annotated[int, Range(1, 64)] = 4
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if not self.postgres_dsn:
+            problems.append(("postgres_dsn", "required in cluster mode"))
+        if not re.fullmatch(r"[A-Za-z0-9._:-]{0,64}", self.node_id):
+            problems.append(("node_id", "at most 64 of A-Z a-z 0-9 . _ : -"))
+        if not re.fullmatch(r"redis(s)?://\S+", self.redis_url):
+            problems.append(("redis_url", "expected redis://host:port/db or rediss://..."))
+        if not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", self.key_prefix):
+            problems.append(("key_prefix", "1-64 of A-Z a-z 0-9 . _ : -"))
+        return problems
+
+
+@dataclasses.dataclass(frozen=True)
 class HubSection:
     listen: str = "127.0.0.1"
     port: Annotated[int, Range(1, 65535, also=0)] = 8765  # 0: any free port
@@ -27,8 +74,15 @@ class HubSection:
     max_holes: Annotated[int, Range(0, 1000)] = 8
     # frames in flight per gateway between receipt and durable commit
     apply_queue_frames: Annotated[int, Range(1, 65536)] = 64
+    # records durably applied (and acknowledged) but not yet applied to the live state, at
+    # most: past it the gateways' appliers wait before their next commit (backpressure).
+    # 0: the live state is applied inside each commit's step, as before (docs/storage.md)
+    live_queue_records: Annotated[int, Range(1000, 10_000_000, also=0)] = 200_000
     # frame-body encodings accepted from a gateway that offers one (docs/protocol.md section 5.1)
     compression: Literal["off", "zlib"] = "off"
+    # the newest wire protocol version to speak (docs/protocol.md section 9): 2 (columnar
+    # bodies) with gateways that offer it, 1 with the rest; 1 pins every gateway to v1
+    max_protocol_version: Annotated[int, Range(1, 2)] = 2
     # load shedding: with this many gateway handshakes under way, a readiness probe or an
     # upgrade on /ws/gateway is answered 503 with Retry-After: busy_retry_after_s
     max_pending_handshakes: Annotated[int, Range(1, 1_000_000)] = 1000
@@ -55,6 +109,8 @@ class HubSection:
     # a full sweep for cyclic garbage runs every gc_full_sweep_s (0: never).
     gc_freeze_s: Annotated[float, Range(0.1, 3600, also=0)] = 1.0
     gc_full_sweep_s: Annotated[float, Range(1, 604_800, also=0)] = 600.0
+    # [hub.cluster]: run as one node of a cluster (docs/cluster.md); None: a single hub
+    cluster: ClusterSection | None = None
 
     def validate(self) -> list[tuple[str, str]]:
         # numeric ranges are declared on the fields (Range) and checked by the loader

@@ -69,6 +69,20 @@ WAFER_SUMMARY = ("wafer_id", "status", "started", "ended", "die_count", "good", 
                  "parts", "retests", "hard_bins", "soft_bins", "updated")
 
 
+def lot_row(lot_id: str, archive: dict[str, Any]) -> tuple[Any, ...]:
+    """A lot archive's row: (lot_id, updated, summary, archive, parts).  Shared with the
+    cluster's PostgreSQL store, whose upsert has the same columns and rule."""
+    lot = archive["lot"]
+    return (lot_id, lot.get("updated") or 0.0, dumps(lot), dumps(archive), lot.get("parts") or 0)
+
+
+def wafer_row(lot_id: str, wafer_id: str, snap: dict[str, Any]) -> tuple[Any, ...]:
+    """A wafer archive's row: (lot_id, wafer_id, updated, summary, snapshot, parts)."""
+    return (lot_id, wafer_id, snap.get("updated") or 0.0,
+            dumps({k: snap.get(k) for k in WAFER_SUMMARY}), dumps(snap),
+            snap.get("parts") or 0)
+
+
 class HistoryStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -112,9 +126,7 @@ class HistoryStore:
                     " VALUES (?, ?, ?, ?, ?) ON CONFLICT (lot_id) DO UPDATE SET"
                     " updated = excluded.updated, summary = excluded.summary,"
                     " archive = excluded.archive, parts = excluded.parts"
-                    " WHERE excluded.parts >= lots.parts",
-                    (lot_id, archive["lot"].get("updated") or 0.0, dumps(archive["lot"]),
-                     dumps(archive), archive["lot"].get("parts") or 0)).rowcount
+                    " WHERE excluded.parts >= lots.parts", lot_row(lot_id, archive)).rowcount
             for lot_id, wafer_id, snap in wafers:
                 written += db.execute(
                     "INSERT INTO wafers (lot_id, wafer_id, updated, summary, snapshot, parts)"
@@ -122,9 +134,7 @@ class HistoryStore:
                     " updated = excluded.updated, summary = excluded.summary,"
                     " snapshot = excluded.snapshot, parts = excluded.parts"
                     " WHERE excluded.parts >= wafers.parts",
-                    (lot_id, wafer_id, snap.get("updated") or 0.0,
-                     dumps({k: snap.get(k) for k in WAFER_SUMMARY}), dumps(snap),
-                     snap.get("parts") or 0)).rowcount
+                    wafer_row(lot_id, wafer_id, snap)).rowcount
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:

@@ -1,12 +1,37 @@
 """The hub's gateway ingest (``Ingest``): accepts gateways, applies their frames durably,
 and owns the hub's one HTTP port.
 
-On that port: ``/ws/gateway`` (wire protocol v1) and the status endpoints (``/healthz``,
+On that port: ``/ws/gateway`` (wire protocol v1 and v2) and the status endpoints (``/healthz``,
 ``/api/stats``, ``/metrics``: ``edgegw.web.status``).  The whole hub (``edgegw.hub.Hub``,
 ``app.py``) adds the live fan-out, the dashboard and the history API to it.
 Consumers (live state, fan-out) register with ``add_consumer`` and see every applied
 frame's records, in the order frames were applied; after a restart the stored frames are
 replayed to them first.
+
+The consumers are off the ingest path's critical section: a gateway's applier decodes,
+commits durably and acknowledges; the committed frames go, in commit order, to a bounded
+queue that one feeder task hands to the consumers (``_feeder``).  Why, and what it keeps:
+
+* **Order, exactly once.**  Frames are appended to the queue synchronously right after
+  their commit returns (commits run one at a time, ``HubStore.commit``), so the queue is
+  in frame-id order; the one feeder takes them in that order, each once.  Gateway
+  connect/disconnect events go through the same queue, so a consumer sees them in place
+  between the records.  ``fed_id`` is the id of the last frame the consumers were fed:
+  a checkpoint cut (``Checkpointer``) at ``fed_id`` is still exactly the frames up to it.
+  A frame acknowledged but not yet fed when the hub stops is replayed at the next start,
+  like any frame after the newest checkpoint.
+* **Bounded.**  ``hub.live_queue_records`` caps the records waiting: an applier waits
+  before its next commit while the queue is over it (``hub_live_queue_waits_total``), so
+  the gateways' windows fill and they keep their frames; ``hub_live_queue_records`` and
+  ``hub_live_apply_lag_seconds`` show how far the live state is behind the store.
+* **Steps.**  A feeder step hands on what was queued when it began (at most about
+  ``FEED_STEP_RECORDS`` records), so the fan-out's ticks and the receivers run between
+  steps and the feeder keeps up however seldom it is scheduled.
+* The commit of the next frames (a worker thread) overlaps the live-state apply of the
+  previous ones (the Trio thread), which is where ingest gains.
+
+``hub.live_queue_records = 0`` feeds inside the applier's step, right after each commit,
+as the hub did before (kept for comparison: ``bench/gateway_hub.py --compare``).
 """
 
 from __future__ import annotations
@@ -14,6 +39,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -33,9 +59,9 @@ from ..protocol import (
     Hello,
     HubConnection,
     ProtocolError,
-    decode_body,
+    decode_frame,
 )
-from ..records import Record, RecordError, from_wire
+from ..records import Record
 from ..taskgroups import reraise_meaningful
 from ..web import (
     ConnectionClosed,
@@ -49,7 +75,14 @@ from ..web import (
 )
 from .config import HubConfig
 from .registry import GatewayRegistry, GatewaySession
-from .store import FrameToApply, HubStore, StoreFull
+from .store import (
+    FrameToApply,
+    GatewaySuperseded,
+    HubStore,
+    IngestStore,
+    StoreFull,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("edgegw.hub")
 
@@ -57,27 +90,35 @@ GATEWAY_PATH = "/ws/gateway"
 
 T = TypeVar("T")
 
+#: records the feeder hands to the consumers in one Trio step, at most about (a frame is
+#: not split): a step takes what was queued when it began, so the feeder keeps up however
+#: seldom it runs (a fixed 500 per step fell behind whenever long fan-out ticks made the
+#: scheduler's rounds slow), and a huge backlog is still cut into steps.
+FEED_STEP_RECORDS = 20_000
+
 
 class Consumer(Protocol):
     def on_records(self, gateway_id: str, first_rid: int, records: list[Record]) -> None: ...
     def on_gateway(self, gateway_id: str, connected: bool, now: float) -> None: ...
 
 
-def decode_records(body: bytes, max_records: int) -> tuple[int, list[Record]]:
-    """A frame body to (first_rid, records); FrameError if any record is malformed."""
-    first_rid, sources, wire = decode_body(body, max_records)
-    try:
-        return first_rid, [from_wire(item, sources) for item in wire]
-    except (RecordError, TypeError) as exc:
-        raise FrameError(f"bad record: {exc}") from None
+def decode_records(body: bytes, max_records: int, *, columnar: bool = True
+                   ) -> tuple[int, list[Record]]:
+    """A frame body (v1 rows, or v2 columns when ``columnar``) to (first_rid, records);
+    FrameError if it or any record is malformed.  A stored frame may hold either layout
+    (it is stored as received), so the replay allows both."""
+    return decode_frame(body, max_records, columnar=columnar)
 
 
 class Ingest:
-    def __init__(self, config: HubConfig, metrics: Metrics | None = None) -> None:
+    def __init__(self, config: HubConfig, metrics: Metrics | None = None,
+                 store: IngestStore | None = None) -> None:
+        """``store``: where frames are applied; default the single hub's SQLite store in
+        ``hub.data_dir`` (a cluster node passes its ``ClusterStore``, docs/cluster.md)."""
         self.config = config
         self.metrics = metrics or Metrics()
-        self.store = HubStore(Path(config.hub.data_dir) / "hub.sqlite3",
-                              keep_bodies=config.hub.keep_frame_bodies)
+        self.store: IngestStore = store if store is not None else HubStore(
+            Path(config.hub.data_dir) / "hub.sqlite3", keep_bodies=config.hub.keep_frame_bodies)
         self.http = HttpServer(config.http, metrics=self.metrics, raise_fd_limit=True)
         # the access guard, the sign-in page, TLS (edgegw/auth, docs/security.md)
         self.security = HubSecurity(config, self.http, self.metrics)
@@ -100,6 +141,12 @@ class Ingest:
         self.on_fed: Callable[[int], None] | None = None
         #: the newest frame id the pruner may delete (what checkpoints cover); None: any
         self.prune_limit: int | None = None
+        # Committed frames (and gateway events) for the consumers, in commit order:
+        # (gateway, first_rid, records, frame id, committed at) or (gateway, connected, now)
+        self._to_feed: deque[tuple[Any, ...]] = deque()
+        self._to_feed_records = 0
+        self._feed_wake = trio.Event()
+        self._feed_room = trio.Event()  # set when the queue went below its limit
         m = self.metrics
         self.m_frames = m.counter("hub_frames_applied_total", "data frames applied")
         self.m_records = m.counter("hub_records_applied_total", "records applied")
@@ -117,11 +164,21 @@ class Ingest:
         self.m_full = m.counter("hub_store_full_total",
                                 "commits that failed for a full disk (acknowledgements paused)")
         self.m_full_now = m.gauge("hub_store_full", "1 while the store cannot write (disk full)")
+        self.m_unavailable = m.counter(
+            "hub_store_unavailable_total", "commits that failed for want of the store's server "
+            "(a cluster's PostgreSQL; acknowledgements paused)")
         self.m_frame_bytes = m.gauge("hub_frame_bytes", "bytes of stored (compressed) frame bodies")
         self.h_apply = m.histogram(
             "hub_frame_apply_seconds", "seconds from a data frame's arrival until it is applied "
-            "and its ACK is due (queue, decode, durable commit, live state): one per data "
-            "frame")
+            "and its ACK is due (queue, decode, durable commit): one per data frame")
+        self.h_feed_lag = m.histogram(
+            "hub_live_apply_lag_seconds", "seconds from a frame's durable commit until the "
+            "live state has it (the live-state queue): one per data frame")
+        self.m_feed_waits = m.counter(
+            "hub_live_queue_waits_total", "commits that waited for room in the live-state "
+            "queue (hub.live_queue_records): the live state was the bottleneck")
+        self.m_feed_queue = m.gauge(
+            "hub_live_queue_records", "records durably applied, not yet in the live state")
         self.h_age = m.histogram(
             "hub_record_age_seconds", "seconds from a record's creation (its ts) to its "
             "durable apply at the hub: one observation per record applied", AGE_BUCKETS)
@@ -141,6 +198,7 @@ class Ingest:
         self.m_connected.set(len(self.connected))
         self.m_full_now.set(int(self.store.full))
         self.m_frame_bytes.set(self.store.frame_bytes)
+        self.m_feed_queue.set(self._to_feed_records)
 
     def add_consumer(self, consumer: Consumer) -> None:
         self.consumers.append(consumer)
@@ -163,6 +221,7 @@ class Ingest:
                 h = self.config.hub
                 if h.retain_frames_hours > 0 or h.retain_frames_mb > 0:
                     nursery.start_soon(self._pruner)
+                nursery.start_soon(self._feeder)
                 task_status.started(self.port)
         finally:
             with trio.CancelScope(shield=True):
@@ -231,11 +290,11 @@ class Ingest:
                                 "uptime_s": round(time.time() - self.started_at, 1),
                                 "gateways_connected": len(self.connected),
                                 **self.security.health()}
-        if self.store.full:
+        problem = self.store.health_problem()
+        if problem is not None:
             # Still 200: the hub is alive and the gateways keep their data; a monitor
-            # alerts on the status (a restart would not free the disk).
-            body.update(status="degraded",
-                        detail="disk full: acknowledgements paused, gateways spool")
+            # alerts on the status (a restart would not free the disk, nor start PostgreSQL).
+            body.update(status="degraded", detail=problem)
         return True, body
 
     def stats(self) -> dict[str, Any]:
@@ -259,6 +318,9 @@ class Ingest:
         out: dict[str, Any] = {
             "gateways": gateways, "replay": self.replayed,
             "store": {"frame_bytes": self.store.frame_bytes, "full": self.store.full},
+            "live_queue": {"records": self._to_feed_records,
+                           "frames": sum(1 for e in self._to_feed if len(e) != 3),
+                           "fed_frame_id": self.fed_id, "records_fed": self.records_fed},
             "metrics": self.metrics.as_dict()}
         for name, section in self.stats_sections.items():
             out[name] = section()
@@ -283,11 +345,17 @@ class Ingest:
         """A gateway's readiness probe: a plain GET of the gateway path (protocol.md 7)."""
         return self._busy_response(request) or json_response({"status": "ready"})
 
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """The protocol versions this hub speaks (``hub.max_protocol_version``)."""
+        top = self.config.hub.max_protocol_version
+        return tuple(v for v in SUPPORTED_VERSIONS if v <= top)
+
     def _check_hello(self, hello: Hello, request: Request) -> tuple[int, str] | None:
-        if not set(hello.versions) & set(SUPPORTED_VERSIONS):
+        if not set(hello.versions) & set(self.versions):
             return (CloseCode.UNSUPPORTED_VERSION,
                     f"unsupported protocol version(s) {list(hello.versions)}; "
-                    f"this hub speaks {list(SUPPORTED_VERSIONS)}")
+                    f"this hub speaks {list(self.versions)}")
         auth = self.config.gateways.get(hello.gateway_id)
         if auth is None:
             return CloseCode.UNAUTHORIZED, f"unknown gateway id {hello.gateway_id!r}"
@@ -322,7 +390,8 @@ class Ingest:
         conn = HubConnection(heartbeat=h.heartbeat_s, max_message_bytes=h.max_frame_bytes,
                              max_records=h.max_records_per_frame, max_holes=h.max_holes,
                              now=trio.current_time(),
-                             compression=() if h.compression == "off" else (h.compression,))
+                             compression=() if h.compression == "off" else (h.compression,),
+                             versions=self.versions)
         gw = "?"
         try:
             with trio.fail_after(h.hello_timeout_s):
@@ -371,10 +440,17 @@ class Ingest:
                 # wait until a replaced session's applier has stopped: WELCOME then holds
                 # everything it committed (edgegw/hub/registry.py)
                 async with self.connected.owner(gw):
-                    await self._welcome(ws, conn, session, hello)
-                    await self._serve_gateway(ws, conn, gw, hello.epoch)
+                    generation = await self._welcome(ws, conn, session, hello)
+                    await self._serve_gateway(ws, conn, gw, hello.epoch, generation)
             if session.replaced:
                 await ws.aclose(CloseCode.REPLACED, "replaced by a newer connection")
+        except GatewaySuperseded:
+            # a newer connection of the gateway was claimed on another node of a cluster
+            # (the store's generation fence refused this one's commit): as a takeover here
+            self.m_replaced.inc()
+            log.warning("gateway %s: connection from %s superseded by a newer one on another "
+                        "node", gw, request.remote)
+            await ws.aclose(CloseCode.REPLACED, "replaced by a newer connection")
         except ProtocolError as exc:
             self.m_proto.inc(reason=_reason_key(exc.code))
             log.warning("gateway %s: closing (%d): %s", gw, exc.code, exc.reason)
@@ -389,20 +465,42 @@ class Ingest:
                 self._gateway_event(gw, False)
 
     async def _welcome(self, ws: WebSocket, conn: HubConnection, session: GatewaySession,
-                       hello: Hello) -> None:
+                       hello: Hello) -> int:
+        """Claim the gateway in the store and send WELCOME; the connection's generation
+        (what its commits are fenced with in a cluster; 0 in a single hub)."""
         gw = hello.gateway_id
-        applied = self.store.applied_set(gw, hello.epoch)
+        generation, applied = await self._until_written(
+            gw, lambda: self.store.claim(gw, hello.epoch))
+        session.generation = generation
         welcome = conn.accept(applied, trio.current_time())
         if conn.declared_lost:
             log.warning("gateway %s: %d frame(s) below seq %d were dropped by the gateway "
                         "before reaching the hub", gw, conn.declared_lost, hello.next_seq)
             await self._until_written(gw, lambda: self.store.declare_lost(
-                gw, hello.epoch, hello.next_seq - 1, conn.declared_lost))
+                gw, hello.epoch, hello.next_seq - 1, conn.declared_lost, generation))
         await ws.send_message(welcome)
         self.handshaking.discard(ws)
-        log.info("gateway %s connected from %s (epoch %s, next seq %d)", gw, session.remote,
-                 hello.epoch, hello.next_seq)
+        log.info("gateway %s connected from %s (protocol v%s, epoch %s, next seq %d)", gw,
+                 session.remote, conn.version, hello.epoch, hello.next_seq)
         self._gateway_event(gw, True)
+        return generation
+
+    def supersede(self, gateway: str, generation: int) -> bool:
+        """A cluster node heard that ``gateway`` was claimed elsewhere with ``generation``:
+        close this node's connection of it (4008) if it is older.  Only promptness rests
+        on this (an idle connection would otherwise wait for its heartbeat to expire):
+        the store's fence refuses the old connection's next commit anyway.  True if a
+        connection was closed."""
+        session = self.connected.get(gateway)
+        if session is None or session.generation == 0 or session.generation >= generation:
+            return False
+        self.m_replaced.inc()
+        log.warning("gateway %s: connection from %s superseded by a newer one on another node "
+                    "(generation %d < %d)", gateway, session.remote, session.generation,
+                    generation)
+        session.replaced = True
+        session.cancel_scope.cancel()
+        return True
 
     async def _gateway_endpoint(self, ws: WebSocket, request: Request) -> None:
         self.handshaking.add(ws)  # counted for load shedding until WELCOME is sent
@@ -412,9 +510,16 @@ class Ingest:
             self.handshaking.discard(ws)
 
     def _gateway_event(self, gw: str, connected: bool) -> None:
+        if self.config.hub.live_queue_records:  # in its place among the queued frames
+            self._to_feed.append((gw, connected, time.time()))
+            self._feed_wake.set()
+        else:
+            self._on_gateway(gw, connected, time.time())
+
+    def _on_gateway(self, gw: str, connected: bool, now: float) -> None:
         for c in self.consumers:
             try:
-                c.on_gateway(gw, connected, time.time())
+                c.on_gateway(gw, connected, now)
             except Exception:  # a consumer's bug must not end the connection
                 report_internal_error(self.metrics, "hub_consumer", log,
                                       "%s.on_gateway(%r, %s)", type(c).__name__, gw, connected)
@@ -422,8 +527,9 @@ class Ingest:
     def _feed(self, gw: str, first_rid: int, records: list[Record], frame_id: int) -> None:
         """Hand one applied frame's records to every consumer.  The frame is durably
         applied already; a consumer that fails on it misses it (counted), nothing else.
-        Frames are fed in frame id order (each commit's right after it, commits one at a
-        time), which is what makes ``fed_id`` a consistent checkpoint position."""
+        Frames are fed in frame id order (queued right after their commit, commits one at
+        a time, one feeder), which is what makes ``fed_id`` a consistent checkpoint
+        position."""
         self.fed_id = frame_id
         self.records_fed += len(records)
         for c in self.consumers:
@@ -437,8 +543,71 @@ class Ingest:
         if self.on_fed is not None:
             self.on_fed(self.records_fed)
 
+    def _queue_feed(self, gw: str, first_rid: int, records: list[Record],
+                    frame_id: int) -> None:
+        """A frame just committed, for the feeder (synchronously after its commit: the
+        queue stays in commit order)."""
+        if not self.config.hub.live_queue_records:
+            self._feed(gw, first_rid, records, frame_id)
+            return
+        self._to_feed.append((gw, first_rid, records, frame_id, trio.current_time()))
+        self._to_feed_records += len(records)
+        self._feed_wake.set()
+
+    async def _room_to_feed(self) -> None:
+        """Wait while the live-state queue is over its limit (before a commit)."""
+        limit = self.config.hub.live_queue_records
+        if self._to_feed_records <= limit:
+            return
+        self.m_feed_waits.inc()
+        while self._to_feed_records > limit:
+            if self._feed_room.is_set():
+                self._feed_room = trio.Event()
+            await self._feed_room.wait()
+
+    def drain_feed(self) -> None:
+        """Hand everything queued to the consumers now (a clean stop's final checkpoint
+        must hold every acknowledged frame: with ``keep_frame_bodies = false`` nothing
+        could replay them)."""
+        queue = self._to_feed
+        while queue:
+            entry = queue.popleft()
+            if len(entry) == 3:
+                self._on_gateway(*entry)
+                continue
+            gw, first_rid, records, frame_id, _ = entry
+            self._feed(gw, first_rid, records, frame_id)
+            self._to_feed_records -= len(records)
+        self._feed_room.set()
+
+    async def _feeder(self) -> None:
+        """Hand the committed frames to the consumers, in commit order, a step at a time."""
+        queue = self._to_feed
+        limit = self.config.hub.live_queue_records
+        while True:
+            if not queue:
+                self._feed_wake = trio.Event()
+                await self._feed_wake.wait()
+            budget = FEED_STEP_RECORDS
+            now = trio.current_time()
+            for _ in range(len(queue)):  # what was queued when this step began
+                if budget <= 0:
+                    break
+                entry = queue.popleft()
+                if len(entry) == 3:
+                    self._on_gateway(*entry)
+                    continue
+                gw, first_rid, records, frame_id, committed = entry
+                self._feed(gw, first_rid, records, frame_id)
+                self._to_feed_records -= len(records)
+                budget -= len(records) or 1
+                self.h_feed_lag.observe(now - committed)
+            if self._to_feed_records <= limit:
+                self._feed_room.set()
+            await trio.lowlevel.checkpoint()  # the ticks and the receivers run between steps
+
     async def _serve_gateway(self, ws: WebSocket, conn: HubConnection, gw: str,
-                             epoch: str) -> None:
+                             epoch: str, generation: int = 0) -> None:
         """Receive, apply and acknowledge until the connection ends, which it only does by
         an exception: the peer's fault (ProtocolError, MessageTooBig), the peer going away
         (ConnectionClosed), or a bug."""
@@ -472,12 +641,12 @@ class Ingest:
             if session is not None and conn.rtt is not None:
                 session.rtt_ms = round(conn.rtt * 1000, 2)
 
-        expected = (ProtocolError, MessageTooBig, ConnectionClosed)
+        expected = (ProtocolError, MessageTooBig, ConnectionClosed, GatewaySuperseded)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(receiver)
                 nursery.start_soon(heartbeat, conn, ws.send_message, note_rtt)
-                await self._applier(ws, conn, gw, epoch, receive)
+                await self._applier(ws, conn, gw, epoch, receive, generation)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # A bug anywhere in the connection outranks the peer's fault: it must be seen.
@@ -488,8 +657,10 @@ class Ingest:
             reraise_meaningful(group, *expected)
 
     async def _applier(self, ws: WebSocket, conn: HubConnection, gw: str, epoch: str,
-                       receive: trio.MemoryReceiveChannel[tuple[Data, float]]) -> None:
+                       receive: trio.MemoryReceiveChannel[tuple[Data, float]],
+                       generation: int = 0) -> None:
         max_records = self.config.hub.max_records_per_frame
+        columnar = (conn.version or 1) >= 2  # v1 connections send rows only
         async for first in receive:
             frames = [first]
             while len(frames) < 256:  # group commit: whatever else is already waiting
@@ -501,7 +672,8 @@ class Ingest:
             bad: list[tuple[FrameToApply, str]] = []
             for d, _ in frames:
                 try:
-                    first_rid, records = decode_records(d.body, max_records)
+                    first_rid, records = decode_records(d.body, max_records,
+                                                        columnar=columnar)
                 except FrameError as exc:
                     bad.append((FrameToApply(gw, epoch, d.seq, 0, 0, d.body), str(exc)))
                     continue
@@ -513,13 +685,15 @@ class Ingest:
                     bad.append((FrameToApply(gw, epoch, d.seq, 0, 0, d.body),
                                 "internal error while decoding the frame"))
                     continue
-                good.append((FrameToApply(gw, epoch, d.seq, first_rid, len(records), d.body),
-                             first_rid, records))
+                good.append((FrameToApply(gw, epoch, d.seq, first_rid, len(records), d.body,
+                                          records=records), first_rid, records))
             # frames already applied (by an earlier connection of this gateway) are skipped
             # by the commit itself: counted as duplicates and acked, not handed on again
             to_apply = [g[0] for g in good]
+            await self._room_to_feed()
             skipped = await self._until_written(
-                gw, functools.partial(self.store.commit, to_apply, rejected=bad))
+                gw, functools.partial(self.store.commit, to_apply, {gw: generation},
+                                      rejected=bad))
             failpoints.hit("hub.after_commit")
             now = trio.current_time()
             wall = time.time()
@@ -530,7 +704,7 @@ class Ingest:
                 if (f.gateway, f.epoch, f.seq) not in skipped:
                     self.m_frames.inc()
                     self.m_records.inc(len(records))
-                    self._feed(gw, first_rid, records, f.id)
+                    self._queue_feed(gw, first_rid, records, f.id)
                     self.h_age.observe_many([wall - r.ts for r in records])
                 ack = conn.applied(f.seq, now)
             # observed before any await: a scrape sees it together with the counts above
@@ -548,19 +722,22 @@ class Ingest:
             await ws.send_message(ack)
 
     async def _until_written(self, gw: str, commit: Callable[[], Awaitable[T]]) -> T:
-        """``commit()``; while the disk is full, wait and try the same again.  Nothing is
-        acknowledged meanwhile, so the gateway's window fills and it keeps its frames in
-        its spool; the connection stays up (the receiver still answers pings).  Space
-        coming back is found by the next try: no operator action."""
+        """``commit()``; while the disk is full (or a cluster's PostgreSQL does not
+        answer), wait and try the same again.  Nothing is acknowledged meanwhile, so the
+        gateway's window fills and it keeps its frames in its spool; the connection stays
+        up (the receiver still answers pings).  Space (the server) coming back is found by
+        the next try: no operator action."""
         delay = 0.2
         while True:
             try:
                 result = await commit()
-            except StoreFull as exc:
-                self.m_full.inc()
+            except (StoreFull, StoreUnavailable) as exc:
+                full = isinstance(exc, StoreFull)
+                (self.m_full if full else self.m_unavailable).inc()
                 if delay == 0.2:
-                    log.error("gateway %s: cannot store its frames, the disk is full (%s); "
-                              "acknowledgements paused until space returns", gw, exc)
+                    log.error("gateway %s: cannot store its frames, %s (%s); acknowledgements "
+                              "paused until it can", gw,
+                              "the disk is full" if full else "the store is unavailable", exc)
                 await trio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue

@@ -33,6 +33,8 @@ class GatewaySession:
         self.rtt_ms: float | None = None
         self.cancel_scope = trio.CancelScope()
         self.replaced = False
+        #: the store's generation of this connection (a cluster's fence; 0 in one process)
+        self.generation = 0
 
 
 class GatewayRegistry:

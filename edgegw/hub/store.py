@@ -33,14 +33,17 @@ import secrets
 import sqlite3
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import trio
 
 from .. import failpoints
 from ..protocol.intervals import IntervalSet
+
+if TYPE_CHECKING:
+    from ..records import Record
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS applied (
@@ -112,6 +115,25 @@ class StoreFull(OSError):
     """The disk (or the file system's quota) is full: nothing was written."""
 
 
+class StoreUnavailable(OSError):
+    """The store's server (a cluster's PostgreSQL) cannot be reached: nothing was written,
+    or -- a commit whose answer was lost -- it was, and trying the same again finds its
+    frames applied.  Like ``StoreFull``, a condition that passes: the hub pauses
+    acknowledgements and tries again."""
+
+
+class GatewaySuperseded(Exception):
+    """A newer connection of the gateway claimed it (on this node or another): this
+    connection's commit was refused (nothing written) and it must close (4008)."""
+
+    def __init__(self, gateway: str, generation: int, current: int | None) -> None:
+        super().__init__(f"gateway {gateway}: connection generation {generation} superseded "
+                         f"by {current}")
+        self.gateway = gateway
+        self.generation = generation
+        self.current = current
+
+
 def _is_full(exc: BaseException) -> bool:
     """SQLITE_FULL, or an I/O error (how SQLite reports some ENOSPC, e.g. growing the WAL
     index), or the OS's own ENOSPC/EDQUOT: a condition that passes when space returns."""
@@ -137,6 +159,8 @@ class FrameToApply:
     body: bytes
     #: frames.id once committed: the frame's position in the store's applied order
     id: int = 0
+    #: the body's records, decoded (the cluster store splits them by partition)
+    records: list[Record] | None = None
 
 
 @dataclasses.dataclass
@@ -150,6 +174,41 @@ class GatewayStats:
     frames_lost: int = 0
     last_seq: int = 0
     last_seen: float | None = None
+
+
+class GatewayClaim(NamedTuple):
+    """What a store answers a gateway's HELLO with: the connection's generation (what its
+    commits are fenced with; 0 in a single hub, where the registry does it) and the
+    (gateway, epoch) applied set for WELCOME."""
+
+    generation: int
+    applied: IntervalSet
+
+
+class IngestStore(Protocol):
+    """What ``Ingest`` needs of a store: the single hub's ``HubStore`` (SQLite) and a
+    cluster node's ``ClusterStore`` (PostgreSQL, edgegw/hub/cluster/pgstore.py)."""
+
+    stats: dict[str, GatewayStats]
+    frame_bytes: int
+    full: bool
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def claim(self, gateway_id: str, epoch: str) -> GatewayClaim: ...
+    async def commit(self, frames: list[FrameToApply],
+                     generations: Mapping[str, int] | None = None,
+                     lost: dict[tuple[str, str], tuple[int, int]] | None = None,
+                     rejected: list[tuple[FrameToApply, str]] | None = None,
+                     ) -> set[tuple[str, str, int]]: ...
+    async def declare_lost(self, gateway: str, epoch: str, up_to: int, count: int,
+                           generation: int = 0) -> None: ...
+    def count_duplicate(self, gateway: str) -> None: ...
+    def health_problem(self) -> str | None: ...
+    async def prune(self, older_than: float, max_bytes: int | None = None,
+                    up_to_id: int | None = None, batch: int = 2000) -> int: ...
+    def stored_frames(self, decode: Callable[[int, str, str, int, int, bytes], T | None],
+                      after: int = 0, batch: int = 200) -> AsyncIterator[list[T]]: ...
 
 
 class HubStore:
@@ -270,11 +329,22 @@ class HubStore:
             st = self.stats[gateway] = GatewayStats(gateway)
         return st
 
+    async def claim(self, gateway_id: str, epoch: str) -> GatewayClaim:
+        """A gateway's HELLO: one process, so no generation fence (the registry replaces
+        an older connection) and the applied set is the one in memory."""
+        return GatewayClaim(0, self.applied_set(gateway_id, epoch))
+
+    def health_problem(self) -> str | None:
+        """Why the store cannot write now (None: it can)."""
+        return "disk full: acknowledgements paused, gateways spool" if self.full else None
+
     async def commit(self, frames: list[FrameToApply],
+                     generations: Mapping[str, int] | None = None,
                      lost: dict[tuple[str, str], tuple[int, int]] | None = None,
                      rejected: list[tuple[FrameToApply, str]] | None = None,
                      ) -> set[tuple[str, str, int]]:
-        """Make ``frames`` applied, durably, in one transaction.  Returns the
+        """Make ``frames`` applied, durably, in one transaction (``generations``: the
+        cluster store's fence, unused in one process).  Returns the
         (gateway, epoch, seq) of the frames (and rejected frames) that were skipped because
         they are applied already: the caller counts them as duplicates, acks them, and does
         not hand their records on again.
@@ -346,7 +416,8 @@ class HubStore:
         for f, frame_id in zip(frames, ids, strict=True):
             f.id = frame_id
 
-    async def declare_lost(self, gateway: str, epoch: str, up_to: int, count: int) -> None:
+    async def declare_lost(self, gateway: str, epoch: str, up_to: int, count: int,
+                           generation: int = 0) -> None:
         """Record that the gateway no longer holds frames below ``up_to`` that we lack."""
         await self.commit([], lost={(gateway, epoch): (up_to, count)})
 
@@ -472,6 +543,7 @@ class HubStore:
 
 
 __all__ = [
-    "CODEC_RAW", "CODEC_ZLIB", "FrameToApply", "GatewayStats", "HubStore", "StoreFull",
+    "CODEC_RAW", "CODEC_ZLIB", "FrameToApply", "GatewayClaim", "GatewayStats",
+    "GatewaySuperseded", "HubStore", "IngestStore", "StoreFull", "StoreUnavailable",
     "pack_body", "unpack_body",
 ]

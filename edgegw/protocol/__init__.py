@@ -1,5 +1,6 @@
-"""Wire protocol v1 between gateway and hub (sans-IO).  See docs/protocol.md."""
+"""Wire protocol v1 and v2 between gateway and hub (sans-IO).  See docs/protocol.md."""
 
+from .columnar import ColumnarError, decode_columns, encode_columns, is_columnar, to_rows
 from .compression import ENCODINGS, compress_body, decompress_body
 from .connection import Duplicate, GatewayConnection, HubConnection, State
 from .intervals import IntervalSet
@@ -19,13 +20,41 @@ from .messages import (
     Welcome,
     decode,
     decode_body,
+    decode_frame,
     encode,
     encode_body,
 )
 
 __all__ = [
-    "ENCODINGS", "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "Ack", "CloseCode", "Data", "Duplicate",
-    "FrameError", "GatewayConnection", "Hello", "HubConnection", "IntervalSet", "Ping",
-    "Pong", "ProtocolError", "Refuse", "Reject", "State", "Welcome", "compress_body",
-    "decode", "decode_body", "decompress_body", "encode", "encode_body",
+    "ENCODINGS",
+    "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS",
+    "Ack",
+    "CloseCode",
+    "ColumnarError",
+    "Data",
+    "Duplicate",
+    "FrameError",
+    "GatewayConnection",
+    "Hello",
+    "HubConnection",
+    "IntervalSet",
+    "Ping",
+    "Pong",
+    "ProtocolError",
+    "Refuse",
+    "Reject",
+    "State",
+    "Welcome",
+    "compress_body",
+    "decode",
+    "decode_body",
+    "decode_columns",
+    "decode_frame",
+    "decompress_body",
+    "encode",
+    "encode_body",
+    "encode_columns",
+    "is_columnar",
+    "to_rows",
 ]

@@ -123,17 +123,26 @@ class GatewayConnection(_Base):
     def __init__(self, gateway_id: str, token: str, epoch: str, next_seq: int, *,
                  heartbeat: float = 5.0, max_message_bytes: int = 16 << 20,
                  now: float = 0.0, compression: tuple[str, ...] = (),
-                 compression_level: int = 1, compression_min_bytes: int = 1024) -> None:
+                 compression_level: int = 1, compression_min_bytes: int = 1024,
+                 versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> None:
         super().__init__(heartbeat, max_message_bytes, now)
         unknown = [c for c in compression if c not in ENCODINGS]
         if unknown:
             raise ValueError(f"unknown body encoding(s) {unknown}; known: {list(ENCODINGS)}")
-        self._hello = Hello(gateway_id, token, epoch, next_seq, SUPPORTED_VERSIONS, heartbeat,
+        if not versions or not set(versions) <= set(SUPPORTED_VERSIONS):
+            raise ValueError(f"versions {list(versions)}: this implementation speaks "
+                             f"{list(SUPPORTED_VERSIONS)}")
+        self._hello = Hello(gateway_id, token, epoch, next_seq, tuple(versions), heartbeat,
                             compression)
         self.welcome: Welcome | None = None
         self.compression_level = compression_level
         self.compression_min_bytes = compression_min_bytes
         self.body_encoding: str | None = None  # agreed in WELCOME
+
+    @property
+    def version(self) -> int | None:
+        """The protocol version the hub chose (WELCOME), None before it."""
+        return self.welcome.version if self.welcome is not None else None
 
     def hello(self, now: float) -> bytes:
         return self._sent(encode(self._hello), now)
@@ -154,8 +163,8 @@ class GatewayConnection(_Base):
             return [], reply
         if self.state is State.HANDSHAKE:
             if isinstance(msg, Welcome):
-                if msg.version not in SUPPORTED_VERSIONS:
-                    raise self.fail(f"hub chose unsupported version {msg.version}",
+                if msg.version not in self._hello.versions:
+                    raise self.fail(f"hub chose version {msg.version}, which was not offered",
                                     CloseCode.UNSUPPORTED_VERSION)
                 if msg.compression is not None and msg.compression not in self._hello.compression:
                     raise self.fail(f"hub chose body encoding {msg.compression!r}, which was "
@@ -186,8 +195,11 @@ class HubConnection(_Base):
 
     def __init__(self, *, heartbeat: float = 5.0, max_message_bytes: int = 16 << 20,
                  max_records: int = 100_000, max_holes: int = 8, now: float = 0.0,
-                 compression: tuple[str, ...] = ()) -> None:
+                 compression: tuple[str, ...] = (),
+                 versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> None:
         super().__init__(heartbeat, max_message_bytes, now)
+        self.versions = versions  # what this hub speaks; WELCOME picks the highest in common
+        self.version: int | None = None  # chosen in accept()
         self.compression = compression  # body encodings accepted, if a gateway offers them
         self.body_encoding: str | None = None  # agreed in WELCOME
         self.max_records = max_records
@@ -250,7 +262,10 @@ class HubConnection(_Base):
         # the gateway's order of preference, among what this hub accepts
         self.body_encoding = next(
             (c for c in self.hello_msg.compression if c in self.compression), None)
-        welcome = Welcome(1, self.applied_set.ranges(), self.heartbeat.interval,
+        common = set(self.hello_msg.versions) & set(self.versions)
+        assert common, "the hub refuses (4002) a HELLO without a version in common"
+        self.version = max(common)
+        welcome = Welcome(self.version, self.applied_set.ranges(), self.heartbeat.interval,
                           self.max_message_bytes, self.max_records, self.body_encoding)
         return self._sent(encode(welcome), now)
 

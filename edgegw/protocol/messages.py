@@ -15,10 +15,14 @@ from typing import Any
 
 import cbor2
 
-from ..records import Record, to_wire
+from ..records import Record, RecordError, from_wire, to_wire
+from .columnar import ColumnarError, decode_columns, to_rows
 
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+#: the newest version this implementation speaks
+PROTOCOL_VERSION = 2
+#: every version it speaks: v2 (columnar bodies, section 5.2) and v1, still spoken to
+#: peers that know nothing newer
+SUPPORTED_VERSIONS = (1, 2)
 
 # message types
 HELLO = 1
@@ -279,21 +283,68 @@ def encode_body(first_rid: int, records: Sequence[Record]) -> bytes:
     return cbor2.dumps([first_rid, list(index), wire])
 
 
-def decode_body(body: bytes, max_records: int) -> tuple[int, list[str], list[Any]]:
-    """(first_rid, sources, wire records); raises FrameError or ProtocolError."""
+def _body_item(body: bytes) -> list[Any]:
     try:
         item = cbor2.loads(body)
     except Exception as exc:
         raise FrameError(f"body is not valid CBOR: {exc}") from None
-    if not (isinstance(item, list) and len(item) == 3 and isinstance(item[1], list)
-            and isinstance(item[2], list)):
-        raise FrameError("body must be [first_rid, sources, records]")
+    if not isinstance(item, list) or len(item) not in (3, 4):
+        raise FrameError("body must be [first_rid, sources, records] (v1) or "
+                         "[first_rid, sources, runs, tables] (v2 columnar)")
+    return item
+
+
+def _too_many(n: int, max_records: int) -> ProtocolError:
+    return ProtocolError(CloseCode.TOO_MANY_RECORDS,
+                         f"frame has {n} records, limit is {max_records}")
+
+
+def _rows(item: list[Any], max_records: int) -> tuple[int, list[str], list[Any]]:
     first_rid, sources, records = item
+    if not (isinstance(sources, list) and isinstance(records, list)):
+        raise FrameError("body must be [first_rid, sources, records]")
     if not isinstance(first_rid, int) or first_rid < 1:
         raise FrameError(f"first_rid must be an integer >= 1, got {first_rid!r:.40}")
     if not all(isinstance(s, str) for s in sources):
         raise FrameError("sources must be strings")
     if len(records) > max_records:
-        raise ProtocolError(CloseCode.TOO_MANY_RECORDS,
-                            f"frame has {len(records)} records, limit is {max_records}")
+        raise _too_many(len(records), max_records)
     return first_rid, sources, records
+
+
+def decode_body(body: bytes, max_records: int) -> tuple[int, list[str], list[Any]]:
+    """(first_rid, sources, positional wire records) of a body of either layout (a
+    columnar one is converted: for tools and tests; the hub uses ``decode_frame``).
+    Raises FrameError, or ProtocolError (4006) over ``max_records``."""
+    item = _body_item(body)
+    if len(item) == 4:
+        try:
+            item = to_rows(item)
+        except ColumnarError as exc:
+            raise FrameError(f"bad columnar body: {exc}") from None
+    return _rows(item, max_records)
+
+
+def decode_frame(body: bytes, max_records: int, *, columnar: bool = True
+                 ) -> tuple[int, list[Record]]:
+    """A frame body to (first_rid, records): the hub's decode.  ``columnar``: whether the
+    v2 layout is allowed (a v1 connection sends rows only).  Raises FrameError for an
+    invalid body (the frame is rejected, the connection stays up) and ProtocolError
+    (4006) for more than ``max_records`` records."""
+    item = _body_item(body)
+    if len(item) == 4:
+        if not columnar:
+            raise FrameError("a columnar body (4 items) needs protocol v2; this "
+                             "connection speaks v1")
+        try:
+            first_rid, records, _ = decode_columns(item, max_records)
+        except OverflowError as exc:
+            raise _too_many(exc.args[0], max_records) from None
+        except (ColumnarError, TypeError, ValueError) as exc:
+            raise FrameError(f"bad columnar body: {exc}") from None
+        return first_rid, records
+    first_rid, sources, wire = _rows(item, max_records)
+    try:
+        return first_rid, [from_wire(w, sources) for w in wire]
+    except (RecordError, TypeError) as exc:
+        raise FrameError(f"bad record: {exc}") from None

@@ -121,6 +121,11 @@ class LiveHub:
         self._offset_floor = 0
         self._ticks = 0
         self._snapshot_budget = self.config.snapshot_rows_per_tick
+        #: clients in step are grouped in a tick (False: each worked out alone, as before;
+        #: for bench/fanout.py --compare -- both give every client the same frames)
+        self.group_in_step = True
+        self.unavailable: str | None = None  # cluster mode: why no live data (set_unavailable)
+        self.unavailable_message = ""
         self._m_published = self.metrics.counter("live_deltas_published_total",
                                                  "deltas published by the live state")
         self._m_frames = self.metrics.counter("live_frames_total",
@@ -181,6 +186,11 @@ class LiveHub:
         channel = self.channels.get(topic)
         return channel if channel is not None else self._create_channel(topic)
 
+    def subscribed_patterns(self) -> list[str]:
+        """The topic patterns some client follows now (a cluster node mirrors only the
+        topics they match)."""
+        return list(self._patterns)
+
     # ----------------------------------------------------------------- clients
 
     def connect(self, encoding: Encoding, *, now: float, peer: str = "",
@@ -192,6 +202,9 @@ class LiveHub:
             "ui_rate": self.config.ui_rate, "queue_frames": self.config.queue_frames,
             "history": self.config.history, "merge": self.merge_rules,
         })
+        if self.unavailable is not None:
+            self._control(client, now, {"type": "status", "code": self.unavailable,
+                                        "message": self.unavailable_message})
         return client
 
     def disconnect(self, client: Client) -> None:
@@ -293,6 +306,8 @@ class LiveHub:
         return topics
 
     def _subscribe(self, client: Client, message: dict[str, Any], now: float) -> None:
+        if self.unavailable is not None:
+            raise RequestError(self.unavailable, self.unavailable_message)
         patterns = self._patterns_of(message)
         resume = message.get("resume") or {}
         if not isinstance(resume, dict):
@@ -418,6 +433,8 @@ class LiveHub:
 
         Returns (clients with new frames to write, clients to close as too slow).
         ``now`` is monotonic (stall detection); ``wall`` is the Unix time put in frames."""
+        if self.unavailable is not None:
+            return [], []  # cluster mode, cut off: what the mirror holds may be stale
         self._ticks += 1
         self._snapshot_budget = self.config.snapshot_rows_per_tick
         if self._ticks % max(1, round(self.config.ui_rate * 10)) == 0:
@@ -453,19 +470,30 @@ class LiveHub:
         woken: list[Client] = []
         to_close: list[Client] = []
         keep: set[Client] = set()
+        queue_frames = self.config.queue_frames
+        stall_timeout = self.config.stall_timeout
+        # The common case, a client in step: every topic it has to look at is a channel
+        # with this tick's deltas, and it holds exactly the offset they start from.  Such
+        # clients with the same topics get the same items and the same frame, so that is
+        # worked out once per set of topics (``in_step``), and each client costs a few
+        # C-level set and dict operations -- with 1,000s of dashboards per hub, the
+        # per-client Python loop over topics was most of the tick.
+        shared_topics = shared.keys()
+        in_step: dict[frozenset[str],
+                      tuple[dict[str, int], dict[str, int], list[Item], tuple[Any, ...]]] = {}
         for client in self._attention:
             if client.closed:
                 continue
             if (client.busy_since is not None
-                    and now - client.busy_since > self.config.stall_timeout):
+                    and now - client.busy_since > stall_timeout):
                 self.close_slow(client, "stalled")
                 to_close.append(client)
                 continue
             if client.lagging:
                 keep.add(client)  # waits, todo accumulating, until its queue has drained
                 continue
-            updates = sum(1 for _, update in client.queue if update)
-            if updates >= self.config.queue_frames:
+            if len(client.queue) >= queue_frames and sum(
+                    1 for _, update in client.queue if update) >= queue_frames:
                 if client.follows_events(self.channels):
                     self.close_slow(client)
                     to_close.append(client)
@@ -473,28 +501,54 @@ class LiveHub:
                 self._conflate(client)
                 keep.add(client)
                 continue
+            todo = client.todo
+            if self.group_in_step and todo <= shared_topics:
+                group_key = frozenset(todo)
+                group = in_step.get(group_key)
+                if group is None:
+                    topics_ = sorted(group_key)
+                    items = [shared[t][1] for t in topics_]
+                    group = in_step[group_key] = (
+                        {t: shared[t][0] for t in topics_},
+                        {t: self.channels[t].offset for t in topics_},
+                        items, tuple(item.key for item in items))
+                if group[0].items() <= client.positions.items():
+                    client.positions.update(group[1])
+                    client.todo = set()
+                    if group[2]:
+                        self._send_items(client, group[2], now, wall, frames_cache, woken,
+                                         group[3])
+                    continue
             items, deferred = self._items_for(client, shared, items_cache)
             client.todo = deferred
             if deferred:
                 keep.add(client)
-            if not items:
-                continue
-            key = (client.encoding.name, client.deflate, *(item.key for item in items))
-            frame = frames_cache.get(key)
-            if frame is None:
-                encoded = [item.encoded(client.encoding) for item in items]
-                prepare = self.prepare_deflated if client.deflate else self.prepare
-                frame = frames_cache[key] = prepare(client.encoding.batch(wall, encoded))
-                self._m_encodes.inc(kind="frame")
-            self._enqueue(client, now, frame, update=True)
-            client.items_sent += len(items)
-            woken.append(client)
+            if items:
+                self._send_items(client, items, now, wall, frames_cache, woken)
         self._attention = keep
         self._m_frames.inc(len(woken))
         encoded = sum(len(i._encoded) for i in items_cache.values())
         encoded += sum(len(i._encoded) for _, i in shared.values())
         self._m_encodes.inc(encoded, kind="item")
         return woken, to_close
+
+    def _send_items(self, client: Client, items: list[Item], now: float, wall: float,
+                    frames_cache: dict[tuple[Any, ...], Any], woken: list[Client],
+                    item_keys: tuple[Any, ...] | None = None) -> None:
+        """Queue one batch frame of ``items`` for ``client``; a frame with the same items
+        and encoding is built (encoded, WebSocket-framed) once per tick."""
+        if item_keys is None:
+            item_keys = tuple(item.key for item in items)
+        key = (client.encoding.name, client.deflate, *item_keys)
+        frame = frames_cache.get(key)
+        if frame is None:
+            encoded = [item.encoded(client.encoding) for item in items]
+            prepare = self.prepare_deflated if client.deflate else self.prepare
+            frame = frames_cache[key] = prepare(client.encoding.batch(wall, encoded))
+            self._m_encodes.inc(kind="frame")
+        self._enqueue(client, now, frame, update=True)
+        client.items_sent += len(items)
+        woken.append(client)
 
     def sweep(self) -> int:
         """Drop the channels (and their history) of topics the live state no longer has
@@ -596,6 +650,64 @@ class LiveHub:
             items.append(item)
             client.positions[topic] = channel.offset
         return items, deferred
+
+    # ----------------------------------------------------------------- cluster mode
+
+    # On a hub node of a cluster (edgegw.hub.cluster) the epoch and each channel's offsets
+    # are the cluster's, not this process's: the node's mirror of the Redis topic streams
+    # publishes deltas here (``publish``, one offset each, so offsets match the stream's)
+    # and uses these three calls where the cluster, not a delta, moves a channel.
+
+    def set_epoch(self, epoch: str) -> None:
+        """The cluster's live epoch changed (Redis lost its data): every channel is dropped
+        and every subscriber gets each topic again, when it reappears, as a snapshot marked
+        ``resync: epoch_changed``."""
+        self.epoch = epoch
+        for client in self.clients.values():
+            for topic in client.positions:
+                client.resync[topic] = "epoch_changed"
+            client.positions.clear()
+            client.todo.clear()
+        self.channels.clear()
+        self._dirty.clear()
+        self._tombstones.clear()
+        self._offset_floor = 0
+
+    def reset_channel(self, topic: str, offset: int, history: Sequence[dict[str, Any]] = (),
+                      reason: str = "history_truncated") -> None:
+        """Put ``topic``'s channel at ``offset`` with ``history`` (the deltas just before
+        it, oldest first).  A subscriber whose position that history cannot bring to
+        ``offset`` gets a snapshot marked ``resync: reason`` at the next tick."""
+        channel = self._channel(topic)
+        channel.offset = offset
+        channel.history.clear()
+        channel.rows = 0
+        for delta in history:
+            channel.remember(delta)
+        channel.pending = []
+        channel.ts_min = channel.ts_max = None
+        self._dirty.discard(channel)
+        for client in channel.subscribers:
+            position = client.positions.get(topic)
+            if position is not None and (position > offset
+                                         or channel.deltas_after(position) is None):
+                client.positions[topic] = None
+                client.resync[topic] = reason
+            client.todo.add(topic)
+            self._attention.add(client)
+
+    def set_unavailable(self, code: str | None, message: str = "", *, now: float) -> None:
+        """``code`` (e.g. ``cluster_unavailable``): this node cannot serve live data now --
+        every client is told so in a ``status`` message, subscriptions are refused and no
+        batch is sent until it is called with None (``status`` ``ok``).  Clients keep their
+        positions: once the node has caught up they get exactly what they missed."""
+        if code == self.unavailable:
+            return
+        self.unavailable = code
+        self.unavailable_message = message
+        status = {"type": "status", "code": code or "ok", "message": message}
+        for client in list(self.clients.values()):
+            self._control(client, now, status)
 
     # ----------------------------------------------------------------- stats
 

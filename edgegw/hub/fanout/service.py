@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -46,7 +46,7 @@ from ...web.deflate import Deflater
 from .channels import Client, ClientScope
 from .config import SUBPROTOCOLS, LiveConfig
 from .core import AckHandler, LiveHub, StateSource
-from .encoding import encoding_for_subprotocol
+from .encoding import decode_client_message, encoding_for_subprotocol
 from .scope import LiveScope
 
 log = logging.getLogger("edgegw.hub.live")
@@ -64,6 +64,20 @@ class _NoState:
 
     def topics(self) -> list[str]:
         return []
+
+
+def _subscribe_patterns(data: bytes | str) -> list[str]:
+    """The patterns of a ``subscribe`` message, else [] (the core validates it again)."""
+    try:
+        message = decode_client_message(data)
+    except Exception:  # the core answers a malformed message
+        return []
+    if not isinstance(message, dict) or message.get("type") != "subscribe":
+        return []
+    topics = message.get("topics")
+    if not isinstance(topics, list):
+        return []
+    return [t for t in topics if isinstance(t, str)]
 
 
 def new_epoch() -> str:
@@ -115,7 +129,12 @@ class LiveFanout:
         # The lot an alert belongs to (None: no lot), so that a lot-scoped operator can
         # acknowledge its own lots' alerts; without it such an operator acknowledges none.
         self.alert_lot: Callable[[str], str | None] | None = None
+        # Cluster mode: awaited with a ``subscribe``'s patterns before the core sees it, so
+        # the node's mirror can start following those topics first (edgegw.hub.cluster).
+        self.prepare_subscribe: Callable[[list[str]], Awaitable[None]] | None = None
         self.ticks = 0
+        self.ticks_spaced = 0  # ticks after which the next one waited (a long tick)
+        self.space_long_ticks = True  # False: back to back (bench/fanout.py --compare)
         self.tick_seconds = 0.0  # time spent in ticks, for the stats page and the bench
         self.core_seconds = 0.0  # of which deciding and encoding (the rest: writing)
 
@@ -132,6 +151,13 @@ class LiveFanout:
     def publish(self, topic: str, delta: dict[str, Any], ts: float | None = None) -> None:
         """The live state's publish callback: synchronous and cheap (work is per tick)."""
         self.core.publish(topic, delta, ts)
+
+    def set_unavailable(self, code: str | None, message: str = "") -> None:
+        """Cluster mode: tell every client this node has no live data now (``code``) or
+        has again (None); ``LiveHub.set_unavailable``."""
+        self.core.set_unavailable(code, message, now=trio.current_time())
+        for session in self._sessions.values():
+            session.wake.set()  # the status message is queued: its sender writes it
 
     def install(self, http: HttpServer, path: str = LIVE_PATH) -> None:
         http.add_ws_route(path, self.handle, subprotocols=list(SUBPROTOCOLS),
@@ -151,10 +177,22 @@ class LiveFanout:
             if next_at < now:
                 next_at = now  # fell behind (a long tick): do not burst to catch up
             await trio.sleep_until(next_at)
+            cpu0 = time.thread_time()
             try:
                 self.tick()
             except Exception:  # a failure boundary: one bad tick, not the hub
                 report_internal_error(self.core.metrics, "live_tick", log, "live fan-out tick")
+            # A tick holds the Trio thread (deciding, then a write per client): with
+            # thousands of clients it can need most of the UI interval or more.  The next
+            # one then waits as long as this one took, so ingest (and everything else)
+            # keeps about half the thread and the frames get rarer instead: without
+            # this, a hub with 5,000 dashboards fell seconds behind its gateways
+            # (bench/fanout.py).  CPU time, not wall time: a tick that took long because
+            # the process was descheduled on a busy machine left the thread to nobody.
+            took = time.thread_time() - cpu0
+            if took > 0.8 * interval and self.space_long_ticks:
+                next_at = max(next_at, trio.current_time() + took - interval)
+                self.ticks_spaced += 1
 
     def tick(self) -> None:
         started = time.perf_counter()
@@ -240,6 +278,10 @@ class LiveFanout:
                 try:
                     while True:  # a closed client's sender ends the connection
                         data = await ws.get_message()
+                        if self.prepare_subscribe is not None:
+                            patterns = _subscribe_patterns(data)
+                            if patterns:
+                                await self.prepare_subscribe(patterns)
                         core.receive(client, data, trio.current_time())
                         if client.closed and session.send_scope is not None:
                             # Closed by its own request (too many unread replies): the
@@ -330,6 +372,7 @@ class LiveFanout:
     def stats(self) -> dict[str, Any]:
         out = self.core.stats()
         out["ticks"] = self.ticks
+        out["ticks_spaced"] = self.ticks_spaced
         out["tick_ms_mean"] = (1000 * self.tick_seconds / self.ticks) if self.ticks else None
         out["tick_core_ms_mean"] = (1000 * self.core_seconds / self.ticks) if self.ticks else None
         for entry in out["clients"]:

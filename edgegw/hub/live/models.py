@@ -518,7 +518,9 @@ class GatewayState:
             "frames": self.frames,
             "last_rid": self.last_rid,
             "records_per_s": self.records_per_s(now),
-            "events": list(self.events),
+            # newest first, as topics.GATEWAY_EVENTS and the "prepend" merge rule say: a
+            # client (or a cluster node's mirror) prepends each new event to this list
+            "events": list(reversed(self.events)),
         }
 
 

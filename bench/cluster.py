@@ -1,0 +1,467 @@
+"""Hub cluster on this machine: 1 node, then 3 nodes (issue 14, docs/cluster.md "Sizing").
+
+Everything runs here: a private PostgreSQL (initdb in a temp dir, so its CPU is ours to
+count), a private Redis, N ``edgegw hub`` node processes, and in this process G gateways
+(each its own lot, spread over the nodes round robin, no load balancer: the balancer's own
+cost is not the hub's) that put synthetic tester records (8 parametric + 1 part result per
+part, like the simulated tester) as fast as the nodes take them, plus one /ws/live client
+per node following every lot.
+
+Printed per run and as medians over runs:
+
+* records/s in all and per node (ingested by that node's gateways);
+* CPU per record: each node process's CPU (user+sys from /proc, its idle rate measured
+  just before subtracted) over the records it ingested, and over all records (what the
+  cluster spends per record, summed over nodes -- the figure that must not grow with the
+  node count), PostgreSQL's (the postmaster and its backends) and Redis's;
+* PostgreSQL bytes per record (database size growth) and Redis commands per record;
+* fan-out latency: from a record's creation (its ``ts``) to the delta reaching a /ws/live
+  client (the lot's ``updated``), p50 and p99, for clients on a node that does NOT own the
+  lot (with 1 node there is none: the owner's own client is reported instead) -- measured
+  in a second phase at a paced ``--paced-rate``, not during the flood (which would measure
+  its backlog).
+
+    python bench/cluster.py [--records 240000] [--runs 3] [--gateways 6] [--nodes 1,3]
+
+The machine has 2 cores shared by everything above: absolute rates are this machine's;
+the per-record costs are what docs/cluster.md's sizing table is computed from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import trio
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+
+from cluster_pg import PrivatePg  # noqa: E402  (the test helpers: a private server)
+from ports import free_port  # noqa: E402
+
+from edgegw.config import build  # noqa: E402
+from edgegw.gateway.config import GatewayConfig  # noqa: E402
+from edgegw.gateway.service import Gateway  # noqa: E402
+from edgegw.hub.cluster.partition import partition_of  # noqa: E402
+from edgegw.records import ParametricResult, PartResult  # noqa: E402
+from tests.cluster_haproxy import NodeSet  # noqa: E402
+from tests.wsclient import WsClient  # noqa: E402
+
+PARTITIONS = 16
+TICK = os.sysconf("SC_CLK_TCK")
+
+NODE_TOML = """\
+[hub]
+listen = "127.0.0.1"
+port = {port}
+data_dir = "@DATA@/{node}"
+max_records_per_frame = 50000
+
+[hub.cluster]
+node_id = "{node}"
+postgres_dsn = "@DSN@"
+redis_url = "@REDIS@"
+key_prefix = "bench"
+partitions = @P@
+lease_ttl_s = 3.0
+checkpoint_records = 200000
+checkpoint_interval_s = 10
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                out.append(int(entry))
+    return out
+
+
+class PgCpu:
+    """CPU of a PostgreSQL server: the postmaster and every backend (backends come and
+    go: each one's CPU is remembered at its last sighting)."""
+
+    def __init__(self, postmaster: int) -> None:
+        self.postmaster = postmaster
+        self.seen: dict[int, float] = {}
+
+    def sample(self) -> float:
+        for pid in [self.postmaster, *children(self.postmaster)]:
+            self.seen[pid] = max(self.seen.get(pid, 0.0), cpu_seconds(pid))
+        return sum(self.seen.values())
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def make_parts(lot: str) -> list[list[Any]]:
+    parts = []
+    for i in range(64):
+        recs: list[Any] = [ParametricResult("tester", 0.0, lot, 1, i % 8, str(i), 100 + t,
+                                            f"TEST_{t}", 1.0 + t * 0.01, 0.0, 2.0, "V", True)
+                           for t in range(8)]
+        recs.append(PartResult("tester", 0.0, lot, "W1", 1, i % 8, str(i), i % 50, i // 50,
+                               1, 1, True, False, 0, 120, 8))
+        parts.append(recs)
+    return parts
+
+
+def lots_spread(n: int) -> list[str]:
+    """``n`` lot ids in ``n`` different partitions (so owners differ)."""
+    out: list[str] = []
+    used: set[int] = set()
+    i = 0
+    while len(out) < n:
+        lot = f"BLOT{i:04d}"
+        p = partition_of(lot, PARTITIONS)
+        if p not in used:
+            used.add(p)
+            out.append(lot)
+        i += 1
+    return out
+
+
+async def push(gw: Gateway, lot: str, n_records: int) -> int:
+    parts = make_parts(lot)
+    sent = 0
+    i = 0
+    while sent < n_records:
+        now = time.time()
+        group = [r._replace(ts=now) for p in parts[i % 8 * 8: i % 8 * 8 + 8] for r in p]
+        await gw.sink.put(group, source="tester")
+        sent += len(group)
+        i += 1
+    await gw.flush()
+    return sent
+
+
+async def push_paced(gw: Gateway, lot: str, rate: float, seconds: float) -> int:
+    """``rate`` records/s for ``seconds``, in touchdowns of 72 records (8 parts)."""
+    parts = make_parts(lot)
+    sent = 0
+    i = 0
+    start = trio.current_time()
+    while trio.current_time() - start < seconds:
+        now = time.time()
+        group = [r._replace(ts=now) for p in parts[i % 8 * 8: i % 8 * 8 + 8] for r in p]
+        await gw.sink.put(group, source="tester")
+        sent += len(group)
+        i += 1
+        await trio.sleep_until(start + sent / rate)
+    await gw.flush()
+    return sent
+
+
+class LatencyClient:
+    """A /ws/live client on one node: for each delta of a lot topic, now - the newest
+    record time it carries (the lot's ``updated``)."""
+
+    def __init__(self, port: int, node: str) -> None:
+        self.port = port
+        self.node = node
+        self.samples: dict[str, list[float]] = {}  # lot -> latencies
+        self.measuring = False  # only the paced phase is measured
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        ws = await WsClient.connect(self.port, "/ws/live", subprotocols=["edgegw.live.v1.json"])
+        await ws.send(json.dumps({"type": "subscribe", "id": 1, "topics": ["lot/+"]}))
+        task_status.started()
+        while True:
+            message = json.loads(await ws.recv())
+            if message.get("type") != "batch" or not self.measuring:
+                continue
+            now = time.time()
+            for item in message["items"]:
+                if item.get("type") != "delta":
+                    continue
+                lot = item["topic"].split("/", 1)[1]
+                for patch in item["data"]:
+                    # a lot's "updated" is the newest record time it holds
+                    if isinstance(patch.get("updated"), (int, float)):
+                        self.samples.setdefault(lot, []).append(now - patch["updated"])
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def one_run(nodes: NodeSet, pg: PrivatePg, pg_cpu: PgCpu, redis_pid: int,
+                  redis_port: int, n_records: int, n_gateways: int, tmp: Path,
+                  paced_rate: float, paced_seconds: float, flood_follow: bool = False,
+                  ) -> dict[str, Any]:
+    import psycopg
+
+    n_nodes = len(nodes.ports)
+    lots = lots_spread(n_gateways)
+    dsn = pg.dsn.replace("dbname=postgres", "dbname=edgegw")
+    per_gw = n_records // n_gateways
+
+    def db_bytes() -> int:
+        with psycopg.connect(dsn) as conn:
+            return int(conn.execute("SELECT pg_database_size('edgegw')").fetchone()[0])
+
+    def applied() -> int:
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute("SELECT COALESCE(SUM(records_applied), 0) FROM edgegw_gateways"
+                               ).fetchone()
+        return int(row[0])
+
+    def redis_commands() -> int:
+        out = subprocess.run(["redis-cli", "-p", str(redis_port), "info", "stats"],
+                             capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("total_commands_processed:"):
+                return int(line.split(":")[1])
+        return 0
+
+    def counters(name: str) -> float:
+        total = 0.0
+        for port in nodes.ports:
+            value = get_json(f"http://127.0.0.1:{port}/api/stats")["metrics"].get(name, 0)
+            total += sum(value.values()) if isinstance(value, dict) else value
+        return total
+
+    owners: dict[str, str] = {}
+    for i in range(n_nodes):
+        st = get_json(f"http://127.0.0.1:{nodes.ports[i]}/api/stats")
+        for p in st["cluster"]["ownership"]["owned"]:
+            owners[str(p)] = nodes.names[i]
+    base_applied = await trio.to_thread.run_sync(applied)
+    base_bytes = await trio.to_thread.run_sync(db_bytes)
+    base_cmds = await trio.to_thread.run_sync(redis_commands)
+    # what the nodes spend doing nothing (leases, health checks, ticks): subtracted, so a
+    # short run does not charge it to its records.  Measured once the previous run's
+    # backlog is gone (a node still catching up is not idle).
+    idle_rate: list[float] = []
+    for _ in range(10):
+        idle0 = [cpu_seconds(p.pid) for p in nodes.procs if p is not None]
+        await trio.sleep(2.0)
+        idle_rate = [(cpu_seconds(p.pid) - a) / 2.0
+                     for a, p in zip(idle0, nodes.procs, strict=True) if p is not None]
+        if max(idle_rate) < 0.08:
+            break
+    published0 = await trio.to_thread.run_sync(counters, "cluster_published_entries_total")
+    mirrored0 = await trio.to_thread.run_sync(counters, "cluster_mirror_entries_total")
+    cpu0 = [cpu_seconds(p.pid) for p in nodes.procs if p is not None]
+    pg0 = pg_cpu.sample()
+    redis0 = cpu_seconds(redis_pid)
+    clients = [LatencyClient(port, nodes.names[i]) for i, port in enumerate(nodes.ports)]
+    async with trio.open_nursery() as nursery:
+        if flood_follow:
+            # a dashboard on every node following every lot during the flood too: each
+            # node then mirrors the lot topics (a node mirrors only what its clients follow)
+            for c in clients:
+                await nursery.start(c.run)
+        gws = []
+        for g in range(n_gateways):
+            node = g % n_nodes
+            cfg = build(GatewayConfig, {
+                "gateway": {"id": f"bench-{g}", "token": "bench",
+                            "state_dir": str(tmp / f"gw{g}"),
+                            "hub_url": f"ws://127.0.0.1:{nodes.ports[node]}/ws/gateway"},
+                "batch": {"max_records": 2000, "max_delay_ms": 50},
+                "queue": {"max_frames": 256},
+            })
+            gw = Gateway(cfg)
+            await nursery.start(gw.run)
+            gws.append((gw, node))
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as pushers:
+            for g, (gw, _) in enumerate(gws):
+                pushers.start_soon(push, gw, lots[g], per_gw)
+        while await trio.to_thread.run_sync(applied) - base_applied < per_gw * n_gateways:
+            await trio.sleep(0.05)
+        elapsed = time.perf_counter() - t0
+        cpu1 = [cpu_seconds(p.pid) for p in nodes.procs if p is not None]
+        pg1 = pg_cpu.sample()
+        redis1 = cpu_seconds(redis_pid)
+        bytes1 = await trio.to_thread.run_sync(db_bytes)
+        cmds1 = await trio.to_thread.run_sync(redis_commands)
+        published1 = await trio.to_thread.run_sync(counters, "cluster_published_entries_total")
+        mirrored1 = await trio.to_thread.run_sync(counters, "cluster_mirror_entries_total")
+        await trio.sleep(2.0)  # the backlog of deltas is published
+        # fan-out latency at a sustainable rate (not during the flood above, where it
+        # measures the backlog, and where this process -- gateways and clients -- would be
+        # a slow reader the nodes drop): paced_rate records/s over all gateways
+        if not flood_follow:
+            for c in clients:
+                await nursery.start(c.run)
+        await trio.sleep(1.0)  # their snapshots
+        for c in clients:
+            c.measuring = True
+        async with trio.open_nursery() as pushers:
+            for g, (gw, _) in enumerate(gws):
+                pushers.start_soon(push_paced, gw, lots[g], paced_rate / n_gateways,
+                                   paced_seconds)
+        await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+    total = per_gw * n_gateways
+    by_node = [0] * n_nodes
+    for g in range(n_gateways):
+        by_node[g % n_nodes] += per_gw
+    node_cpu = [max(0.0, b - a - idle * elapsed)
+                for a, b, idle in zip(cpu0, cpu1, idle_rate, strict=True)]
+    lat_non_owner: list[float] = []
+    lat_owner: list[float] = []
+    for c in clients:
+        for lot, samples in c.samples.items():
+            owner = owners.get(str(partition_of(lot, PARTITIONS)))
+            (lat_owner if owner == c.node else lat_non_owner).extend(samples)
+    return {
+        "nodes": n_nodes, "records": total, "seconds": elapsed, "rate": total / elapsed,
+        "rate_per_node": [r / elapsed for r in by_node],
+        "node_cpu_us_per_ingested": [1e6 * c / max(1, r) for c, r in zip(node_cpu, by_node,
+                                                                         strict=True)],
+        "cluster_node_cpu_us_per_record": 1e6 * sum(node_cpu) / total,
+        "idle_cpu_per_node": statistics.mean(idle_rate),
+        "pg_cpu_us_per_record": 1e6 * (pg1 - pg0) / total,
+        "redis_cpu_us_per_record": 1e6 * (redis1 - redis0) / total,
+        "pg_bytes_per_record": (bytes1 - base_bytes) / total,
+        "redis_cmds_per_record": (cmds1 - base_cmds) / total,
+        # topic stream entries published by owners, and applied by all mirrors together
+        "entries_per_record": (published1 - published0) / total,
+        "mirrored_per_record": (mirrored1 - mirrored0) / total,
+        "latency_non_owner": (pct(lat_non_owner, 0.5), pct(lat_non_owner, 0.99),
+                              len(lat_non_owner)),
+        "latency_owner": (pct(lat_owner, 0.5), pct(lat_owner, 0.99), len(lat_owner)),
+    }
+
+
+def run_cluster(n_nodes: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    results = []
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp_s:
+        tmp = Path(tmp_s)
+        pg = PrivatePg()
+        pg.start()
+        redis_port = free_port()
+        redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--save", "",
+                                  "--appendonly", "no", "--bind", "127.0.0.1"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            import psycopg
+
+            with psycopg.connect(pg.dsn, autocommit=True) as conn:
+                conn.execute("CREATE DATABASE edgegw")
+            postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
+            dsn = pg.dsn.replace("dbname=postgres", "dbname=edgegw")
+            text = (NODE_TOML.replace("@DATA@", str(tmp / "data")).replace("@DSN@", dsn)
+                    .replace("@REDIS@", f"redis://127.0.0.1:{redis_port}/0")
+                    .replace("@P@", str(PARTITIONS)))
+            text += "".join(f'\n[gateways.bench-{g}]\ntoken = "bench"\n'
+                            for g in range(args.gateways))
+            with NodeSet(tmp / "nodes", n_nodes, lambda i: text) as nodes:
+                nodes.start_all(timeout=120)
+                time.sleep(4.0)  # leases spread over the nodes (lease_ttl_s + a round)
+                for run in range(args.runs):
+                    r = trio.run(one_run, nodes, pg, PgCpu(postmaster), redis.pid,
+                                 redis_port, args.records, args.gateways, tmp / f"run{run}",
+                                 args.paced_rate, args.paced_seconds, args.flood_follow)
+                    results.append(r)
+                    print(f"  {n_nodes} node(s) run {run + 1}: {r['records']} records in "
+                          f"{r['seconds']:.2f} s = {r['rate']:,.0f} records/s; idle CPU/node "
+                          f"{r['idle_cpu_per_node'] * 100:.1f}%; per node "
+                          f"{', '.join(f'{x:,.0f}' for x in r['rate_per_node'])}; node CPU "
+                          f"{r['cluster_node_cpu_us_per_record']:.1f} us/record (all nodes), "
+                          f"PG {r['pg_cpu_us_per_record']:.1f}, Redis "
+                          f"{r['redis_cpu_us_per_record']:.2f}; PG "
+                          f"{r['pg_bytes_per_record']:.1f} B/record; Redis "
+                          f"{r['redis_cmds_per_record']:.4f} cmds/record; stream entries "
+                          f"{r['entries_per_record']:.4f}/record published, "
+                          f"{r['mirrored_per_record']:.4f}/record mirrored; fan-out latency "
+                          f"non-owner p50/p99 {_ms(r['latency_non_owner'])}, owner "
+                          f"{_ms(r['latency_owner'])}", flush=True)
+        finally:
+            redis.terminate()
+            redis.wait()
+            pg.cleanup()
+    return results
+
+
+def _ms(lat: tuple[float, float, int]) -> str:
+    p50, p99, n = lat
+    if n == 0:
+        return "n/a"
+    return f"{p50 * 1000:.0f}/{p99 * 1000:.0f} ms (n={n})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--records", type=int, default=240_000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--gateways", type=int, default=6)
+    ap.add_argument("--nodes", default="1,3")
+    ap.add_argument("--paced-rate", type=float, default=6000.0,
+                    help="records/s (all gateways) while fan-out latency is measured")
+    ap.add_argument("--paced-seconds", type=float, default=6.0)
+    ap.add_argument("--flood-follow", action="store_true",
+                    help="connect the /ws/live clients (one per node, lot/+) before the "
+                         "flood, so CPU per record includes mirroring what they follow")
+    args = ap.parse_args()
+    summary = {}
+    for n in (int(x) for x in args.nodes.split(",")):
+        print(f"{n} node(s):", flush=True)
+        rs = run_cluster(n, args)
+        med = {k: statistics.median(r[k] for r in rs) for k in (
+            "rate", "cluster_node_cpu_us_per_record", "pg_cpu_us_per_record",
+            "redis_cpu_us_per_record", "pg_bytes_per_record", "redis_cmds_per_record",
+            "entries_per_record", "mirrored_per_record")}
+        med["rate_per_node"] = statistics.median(statistics.mean(r["rate_per_node"])
+                                                 for r in rs)
+        med["node_cpu_us_per_ingested"] = statistics.median(
+            statistics.mean(r["node_cpu_us_per_ingested"]) for r in rs)
+        med["p99_non_owner_ms"] = statistics.median(
+            r["latency_non_owner"][1] * 1000 for r in rs if r["latency_non_owner"][2])  \
+            if any(r["latency_non_owner"][2] for r in rs) else float("nan")
+        med["p99_owner_ms"] = statistics.median(r["latency_owner"][1] * 1000 for r in rs
+                                                if r["latency_owner"][2]) \
+            if any(r["latency_owner"][2] for r in rs) else float("nan")
+        summary[n] = med
+    print("\nmedians over runs:")
+    print("nodes | records/s | per node | node CPU us/rec (all nodes) | node CPU us/ingested "
+          "rec | PG CPU us/rec | Redis CPU us/rec | PG B/rec | Redis cmds/rec | "
+          "entries/rec published | entries/rec mirrored | p99 fan-out non-owner ms | "
+          "p99 owner ms")
+    for n, m in summary.items():
+        print(f"{n} | {m['rate']:,.0f} | {m['rate_per_node']:,.0f} | "
+              f"{m['cluster_node_cpu_us_per_record']:.1f} | {m['node_cpu_us_per_ingested']:.1f}"
+              f" | {m['pg_cpu_us_per_record']:.1f} | {m['redis_cpu_us_per_record']:.2f} | "
+              f"{m['pg_bytes_per_record']:.1f} | {m['redis_cmds_per_record']:.4f} | "
+              f"{m['entries_per_record']:.4f} | {m['mirrored_per_record']:.4f} | "
+              f"{m['p99_non_owner_ms']:.0f} | {m['p99_owner_ms']:.0f}")
+    if 1 in summary and 3 in summary:
+        ratio = (summary[3]["cluster_node_cpu_us_per_record"]
+                 / summary[1]["cluster_node_cpu_us_per_record"])
+        print(f"node CPU per record, 3 nodes / 1 node: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Alerts in a cluster, what is not per partition (docs/cluster.md, "Alerts"):
+
+* ``AlertFeed`` -- the **one publisher of every ``alert/<priority>/<rule>`` topic** and the
+  one sender of webhooks, cluster-wide: whichever node holds the ``alerts`` lease.  Alerts
+  are raised (and escalated) by partition owners and acknowledged on any node, but all of
+  that lands in one PostgreSQL table (``edgegw_alerts``, one row per alert); every change
+  marks its row ``pending``.  The feed reads the pending rows, announces each event the row
+  has and its ``fed`` column has not (``r`` raised, ``e`` escalated, ``a`` acknowledged) on
+  the alert topic and to the webhooks, then records them in ``fed``.  So a topic fed by
+  many partitions still has a single publisher (its offsets come from one place), an
+  acknowledgement on any node is seen live on every node, and each event is announced
+  once: across a feed failover at most the events of one poll are announced again (the new
+  holder finds them not yet ``fed``); none is lost.
+* ``AlertView`` -- the feed's sans-IO memory of recent alerts per topic: the snapshots
+  (newest first, 50 per topic, as ``AlertEngine.snapshot``) and the events.
+* ``GatewayPresence`` -- every node keeps ``{prefix}:presence:<gateway>`` alive (TTL) for
+  the gateways connected to it, which the owner of a gateway's ``gw:<id>`` partition reads
+  for the ``gateway_offline`` rule (owner.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import trio
+
+from edgegw.hub import topics as topic_names
+from edgegw.hub.alerts import AlertsConfig
+from edgegw.hub.alerts.webhooks import WebhookSender
+from edgegw.hub.store import StoreUnavailable
+from edgegw.metrics import Metrics, report_internal_error
+
+log = logging.getLogger("edgegw.hub.cluster.alerts")
+
+#: alerts kept per alert topic for its snapshot (as the single hub's engine)
+PER_TOPIC = 50
+#: the lease of the feed
+LEASE = "alerts"
+
+
+def wanted_events(alert: dict[str, Any]) -> str:
+    """The events an alert in this state has had: ``r`` always, ``e`` once escalated,
+    ``a`` once acknowledged (in the order the single hub emits them)."""
+    return ("r" + ("e" if alert.get("escalated") else "")
+            + ("a" if alert.get("acknowledged") else ""))
+
+
+_EVENT = {"r": "raised", "e": "escalated", "a": "acknowledged"}
+
+
+class AlertView:
+    """Recent alerts by topic (sans-IO): ``snapshot``/``topics`` make it the feed's
+    ``StateSource``; ``update`` takes a row's current state and returns the events it has
+    not announced yet."""
+
+    def __init__(self, per_topic: int = PER_TOPIC) -> None:
+        self.per_topic = per_topic
+        self._by_topic: dict[str, deque[str]] = {}
+        self._alerts: dict[str, dict[str, Any]] = {}
+
+    def remember(self, alert: dict[str, Any]) -> str:
+        """Keep ``alert`` (its latest state); returns its topic."""
+        topic = topic_names.alert(alert["priority"], alert["rule"])
+        ids = self._by_topic.get(topic)
+        if ids is None:
+            ids = self._by_topic[topic] = deque()
+        if alert["id"] not in self._alerts:
+            ids.append(alert["id"])
+            while len(ids) > self.per_topic:
+                self._alerts.pop(ids.popleft(), None)
+        self._alerts[alert["id"]] = alert
+        return topic
+
+    def update(self, alert: dict[str, Any], fed: str, now: float
+               ) -> tuple[str, list[dict[str, Any]], str]:
+        """``(topic, events, fed)``: the events of ``alert`` not in ``fed`` (each the
+        single hub's ``{"event", "ts", "alert"}``) and the new ``fed``."""
+        topic = self.remember(alert)
+        want = wanted_events(alert)
+        events = [{"event": _EVENT[e], "ts": now, "alert": alert}
+                  for e in want if e not in fed]
+        return topic, events, "".join(sorted(set(fed) | set(want), key="rea".index))
+
+    def snapshot(self, topic: str) -> dict[str, Any] | None:
+        ids = self._by_topic.get(topic)
+        parts = topic_names.split(topic)
+        if not ids or len(parts) != 3:
+            return None
+        return {"priority": parts[1], "rule": parts[2],
+                "alerts": [self._alerts[i] for i in reversed(ids)]}
+
+    def topics(self) -> list[str]:
+        return [t for t, ids in self._by_topic.items() if ids]
+
+
+class AlertFeed:
+    """Holds the ``alerts`` lease when it can; while it does, publishes the alert topics
+    and sends the webhooks from the pending rows (module docstring)."""
+
+    def __init__(self, bus: Any, store: Any, config: AlertsConfig,
+                 make_publisher: Callable[[AlertView], Any], *, lease_ttl_s: float = 5.0,
+                 poll_s: float = 0.25, metrics: Metrics | None = None) -> None:
+        self.bus = bus
+        self.store = store
+        self.config = config
+        self.make_publisher = make_publisher
+        self.lease_ttl_s = lease_ttl_s
+        self.poll_s = poll_s
+        self.metrics = metrics or Metrics()
+        self.holding = False
+        self.announced = 0
+        self.m_events = self.metrics.counter(
+            "cluster_alert_events_announced_total",
+            "alert events this node announced as the cluster's alert feed, by event")
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        task_status.started()
+        while True:
+            token = None
+            try:
+                token = await self.bus.acquire(LEASE, self.lease_ttl_s)
+            except Exception:  # Redis away: try again later
+                log.debug("alert feed: lease not taken", exc_info=True)
+            if token is not None:
+                try:
+                    await self._hold(token)
+                except Exception:  # a failure boundary: give the feed up, try again
+                    report_internal_error(self.metrics, "cluster_alert_feed", log,
+                                          "the cluster's alert feed")
+                finally:
+                    self.holding = False
+                    with trio.CancelScope(shield=True), trio.move_on_after(2):
+                        try:
+                            await self.bus.release(LEASE, token)
+                        except Exception:
+                            pass  # it expires by itself
+            await trio.sleep(self.lease_ttl_s / 3)
+
+    async def _hold(self, token: int) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep, token, nursery.cancel_scope)
+            view = AlertView()
+            # the recent alerts, for the topics' snapshots (oldest first)
+            while True:
+                try:
+                    recent = await self.store.load_alerts(self.config.keep)
+                    break
+                except StoreUnavailable:  # PostgreSQL away: wait for it, lease kept
+                    await trio.sleep(self.poll_s * 4)
+            for alert in reversed(recent):
+                view.remember(alert)
+            publisher = self.make_publisher(view)
+            webhooks = WebhookSender(self.config.webhooks, metrics=self.metrics)
+            await nursery.start(webhooks.run)
+            await nursery.start(publisher.run)
+            publisher.resync_all()  # this holder's topics start from its snapshots
+            self.holding = True
+            log.info("alert feed: this node announces the cluster's alerts (token %d)", token)
+            # events announced whose ``fed`` is not written yet (PostgreSQL failed the
+            # write): never announced twice by this holder
+            unmarked: dict[str, str] = {}
+            while True:
+                try:
+                    await self._poll(view, publisher, webhooks, unmarked)
+                except StoreUnavailable:  # PostgreSQL away: the rows stay pending
+                    log.debug("alert feed: PostgreSQL unavailable", exc_info=True)
+                await trio.sleep(self.poll_s)
+
+    async def _keep(self, token: int, scope: trio.CancelScope) -> None:
+        """Renew the lease; stop at once when it cannot be proved (never announce
+        without it: another node may hold it)."""
+        last = trio.current_time()
+        while True:
+            if self.bus.holds(LEASE) != token:
+                log.warning("alert feed: lease lost")
+                scope.cancel()
+                return
+            if trio.current_time() - last >= self.lease_ttl_s / 3:
+                last = trio.current_time()
+                try:
+                    ok = await self.bus.renew(LEASE, token, self.lease_ttl_s)
+                except Exception:
+                    ok = self.bus.holds(LEASE) == token  # checked again next turn
+                if not ok:
+                    log.warning("alert feed: lease renew refused")
+                    scope.cancel()
+                    return
+            await trio.sleep(0.05)
+
+    async def _poll(self, view: AlertView, publisher: Any, webhooks: WebhookSender,
+                    unmarked: dict[str, str]) -> None:
+        rows = await self.store.pending_alerts()
+        if not rows:
+            return
+        now = time.time()
+        done: list[tuple[str, str, float]] = []
+        for alert, fed, updated in rows:
+            fed += unmarked.get(alert["id"], "")
+            topic, events, new_fed = view.update(alert, fed, now)
+            unmarked[alert["id"]] = new_fed
+            for event in events:
+                publisher.publish(topic, event)
+                webhooks.submit(event)
+                self.m_events.inc(event=event["event"])
+                self.announced += 1
+            done.append((alert["id"], new_fed, updated))
+        # kept in ``unmarked`` until written (a row changed meanwhile is read again, its
+        # stored ``fed`` still without what this poll announced)
+        for alert_id in await self.store.mark_fed(done):
+            unmarked.pop(alert_id, None)
+
+
+class GatewayPresence:
+    """Keeps ``{prefix}:presence:<gateway>`` alive for the gateways connected to this node
+    (every ``ttl_s / 3``; a gateway that left, or a node that died, lapses within
+    ``ttl_s``)."""
+
+    def __init__(self, bus: Any, connected: Callable[[], Iterable[str]], *,
+                 ttl_s: float = 5.0) -> None:
+        self.bus = bus
+        self.connected = connected
+        self.ttl_s = ttl_s
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        task_status.started()
+        while True:
+            try:
+                for gateway in list(self.connected()):
+                    await self.bus.set_presence(gateway, self.ttl_s)
+            except Exception:  # Redis away: presence lapses; owners see it (stale bus)
+                log.debug("gateway presence not refreshed", exc_info=True)
+            await trio.sleep(self.ttl_s / 3)
+
+
+__all__ = ["AlertFeed", "AlertView", "GatewayPresence", "wanted_events"]

@@ -1,0 +1,223 @@
+"""One node of a hub cluster (``ClusterHub``), assembled: what ``edgegw hub`` runs when the
+config has a ``[hub.cluster]`` section (docs/cluster.md, "A node").
+
+A node is the single hub's pieces, re-plugged:
+
+* **Ingest**: the same gateway endpoint and protocol (``Ingest``), its store the cluster's
+  PostgreSQL (``ClusterStore``): HELLO claims the gateway's generation (newest connection
+  wins across nodes), every commit is fenced by it, and while PostgreSQL is unreachable
+  acknowledgements pause and the commit is retried (the gateways keep spooling).  The
+  ingest has no live state of its own; after each commit the node tells the owners of the
+  partitions it advanced (``Notifier``: a Redis wake-up; owners also poll, so a lost
+  wake-up costs latency, never data), and after each HELLO the node that may still hold
+  an older connection of that gateway (it closes it at once).
+* **Ownership** (``PartitionOwner``, owner.py): this node's share of the partitions, their
+  live state rebuilt from PostgreSQL and published to Redis (``TopicPublisher``).
+* **Fan-out**: the single hub's ``LiveFanout``, fed by the bus's mirror (``Mirror``) of
+  the topics this node's clients follow, instead of a local live state: every node can
+  serve every topic with the cluster's epoch and offsets, so a client may resume on any node.
+* **HTTP**: the dashboard, ``/ws/live``, ``/api`` (lots, wafers and tests answered from the
+  mirror: the same on every node, api.py) and ``/healthz``, which answers 503 while the node cannot
+  serve live data (cut off from Redis), so the load balancer sends its clients elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from edgegw.hub.alerts import AlertEngine
+from edgegw.hub.config import HubConfig
+from edgegw.hub.dashboard import Dashboard
+from edgegw.hub.fanout import LiveFanout
+from edgegw.hub.ingest import Ingest
+from edgegw.hub.live import LiveState
+from edgegw.metrics import Metrics
+from edgegw.web import Request, Response, json_response
+
+from .alertfeed import AlertFeed, GatewayPresence
+from .api import ClusterHistoryApi, MirrorLots
+from .config import node_id_of
+from .owner import OwnedTopics, PartitionOwner
+
+log = logging.getLogger("edgegw.hub.cluster.node")
+
+
+class Notifier:
+    """Cross-node wake-ups, sent from one task (sync in, coalesced): "partition p advanced
+    to pseq" after each commit (``ClusterStore.on_advance``), so owners on other nodes read
+    at once, and "gateway g claimed with generation n" after each HELLO, so the node still
+    holding an older connection of g closes it promptly (``Ingest.supersede``; the store's
+    fence refuses that connection's next commit anyway).  Best effort: owners also poll,
+    and a superseded idle connection also ends at its heartbeat."""
+
+    def __init__(self, bus: Any, local_wake: Callable[[int], None]) -> None:
+        self.bus = bus
+        self.local_wake = local_wake
+        self._heads: dict[int, int] = {}
+        self._claims: dict[str, int] = {}
+        self._wake = trio.Event()
+        self.sent = 0
+
+    def advanced(self, heads: dict[int, int]) -> None:
+        for p, pseq in heads.items():
+            self.local_wake(p)  # an owner on this node: no round trip
+            if pseq > self._heads.get(p, -1):
+                self._heads[p] = pseq
+        self._wake.set()
+
+    def claimed(self, gateway: str, generation: int) -> None:
+        self._claims[gateway] = max(generation, self._claims.get(gateway, 0))
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            heads, self._heads = self._heads, {}
+            claims, self._claims = self._claims, {}
+            try:
+                for p, pseq in sorted(heads.items()):
+                    await self.bus.notify_partition(p, pseq)
+                    self.sent += 1
+                for gw, generation in claims.items():
+                    await self.bus.notify("notice", f"claim {generation} {gw}".encode())
+                    self.sent += 1
+            except Exception:  # Redis away: owners poll, heartbeats expire
+                log.debug("cluster notices not sent", exc_info=True)
+
+
+class NodeIngest(Ingest):
+    """The single hub's ingest on the cluster's store, with no live state behind it (an
+    applied frame's records are in their partitions' logs already, written in the same
+    transaction) and no start-up replay (owners rebuild per partition)."""
+
+    notifier: Notifier | None = None
+
+    def _gateway_event(self, gw: str, connected: bool) -> None:
+        super()._gateway_event(gw, connected)
+        session = self.connected.get(gw)
+        if connected and session is not None and self.notifier is not None:
+            self.notifier.claimed(gw, session.generation)
+
+
+class ClusterHub:
+    """One cluster node: ingest, ownership, fan-out, HTTP (see the module docstring)."""
+
+    def __init__(self, config: HubConfig, metrics: Metrics | None = None) -> None:
+        from .bus import ClusterBus
+        from .mirror import Mirror
+        from .pgstore import ClusterStore
+        from .publisher import TopicPublisher
+
+        cc = config.hub.cluster
+        assert cc is not None, "ClusterHub needs a [hub.cluster] section"
+        self.config = config
+        self.cluster = cc
+        self.node_id = node_id_of(cc)
+        metrics = metrics or Metrics()
+        self.store = ClusterStore(cc.postgres_dsn, self.node_id, cc.partitions,
+                                  connections=cc.pg_connections)
+        self.ingest = NodeIngest(config, metrics, store=self.store)
+        self.bus = ClusterBus(cc.redis_url, cc.key_prefix, self.node_id,
+                              stale_after_s=cc.stale_after_s, metrics=metrics)
+        self.fanout = LiveFanout(config.live, metrics=metrics)
+        # only the topics this node's clients follow (docs/cluster.md, "Mirroring")
+        self.mirror = Mirror(self.bus, self.fanout, metrics=metrics,
+                             interest=self.fanout.core.subscribed_patterns)
+
+        def make_publisher(source: OwnedTopics) -> TopicPublisher:
+            return TopicPublisher(self.bus, source, snapshot_interval_s=cc.snapshot_interval_s)
+
+        self.owner = PartitionOwner(
+            self.node_id, cc.partitions, self.bus, self.store, make_publisher,
+            lease_ttl_s=cc.lease_ttl_s, checkpoint_records=cc.checkpoint_records,
+            checkpoint_interval_s=cc.checkpoint_interval_s, make_state=self._make_state,
+            alerts=config.alerts, metrics=metrics)
+        # alert topics and webhooks: one publisher cluster-wide (alertfeed.py)
+        self.alert_feed = AlertFeed(self.bus, self.store, config.alerts,
+                                    make_publisher,  # type: ignore[arg-type]
+                                    lease_ttl_s=cc.lease_ttl_s, metrics=metrics)
+        self.presence = GatewayPresence(self.bus, lambda: list(self.ingest.connected),
+                                        ttl_s=cc.lease_ttl_s)
+        self.notifier = Notifier(self.bus, self.owner.wake)
+        self.store.on_advance = self.notifier.advanced
+        self.ingest.notifier = self.notifier
+        self.bus.on_partition(lambda p, pseq: self.owner.wake(p))
+        self.bus.on("notice", self._notice)
+        self.fanout.install(self.ingest.http)
+        Dashboard().install(self.ingest.http)
+        # /api from the mirror and PostgreSQL: the same answers on every node (api.py)
+        self.alerts = AlertEngine(config.alerts, lambda topic, delta: None, metrics=metrics)
+        ClusterHistoryApi(MirrorLots(self.mirror.state), self.alerts,  # type: ignore[arg-type]
+                          store=self.store, read_views=self.mirror.read_views,
+                          ).install(self.ingest.http)
+        self._ingest_health = self.ingest.health
+
+        async def healthz(request: Request) -> Response:
+            ok, body = self.health()
+            return json_response(body, 200 if ok else 503)
+        self.ingest.http.add_route("GET", "/healthz", healthz)  # with the cluster's status
+        self.ingest.stats_sections["cluster"] = self.status
+        self.started_at = time.time()
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.ingest.metrics
+
+    def _notice(self, data: bytes) -> None:
+        kind, _, rest = data.decode(errors="replace").partition(" ")
+        if kind == "claim":
+            generation, _, gateway = rest.partition(" ")
+            try:
+                self.ingest.supersede(gateway, int(generation))
+            except ValueError:
+                log.warning("cluster notice not understood: %r", data[:100])
+
+    def _make_state(self, partition: int, publish: Callable[[str, dict[str, Any]], None],
+                    engine: AlertEngine | None) -> LiveState:
+        return LiveState(publish, alerts=engine, metrics=self.metrics)
+
+    def status(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "redis": self.bus.health(),
+                "postgresql": self.store.health_problem() or "ok",
+                "ownership": self.owner.status(),
+                "alert_feed": {"holding": self.alert_feed.holding,
+                               "announced": self.alert_feed.announced}}
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        ok, body = self._ingest_health()
+        redis = self.bus.health()
+        body["cluster"] = {"node_id": self.node_id, "redis": redis["redis"],
+                           "epoch": redis["epoch"],
+                           "partitions_owned": len(self.owner.owned)}
+        if not redis["ok"]:
+            # 503: a load balancer moves this node's clients to one that serves live data
+            body.update(status="unavailable",
+                        detail=f"cut off from Redis ({redis['reason']}): live data not "
+                               "served here (cluster_unavailable)")
+            return False, body
+        return ok, body
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.bus.run)
+            await nursery.start(self.fanout.run)
+            await nursery.start(self.mirror.run)
+            await nursery.start(self.notifier.run)
+            # the ingest opens the store (schema, partition count) before it listens
+            port = await nursery.start(self.ingest.run)
+            await nursery.start(self.owner.run)
+            await nursery.start(self.alert_feed.run)
+            await nursery.start(self.presence.run)
+            log.info("cluster node %s up on port %d", self.node_id, port)
+            task_status.started(port)
+
+
+__all__ = ["ClusterHub", "NodeIngest", "Notifier"]

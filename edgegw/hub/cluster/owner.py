@@ -1,0 +1,583 @@
+"""Partition ownership (issue 14, docs/cluster.md "Ownership"): each partition of the live
+state has one owner node at a time, which rebuilds it from PostgreSQL and publishes it.
+
+Two layers:
+
+* ``LeasePlanner`` -- sans-IO: given the live nodes, who holds which lease and what this
+  node holds, which partitions to acquire, renew and release.  Time is passed in.  The
+  rule (docs/cluster.md, "Ownership and rebuild"): each node aims at
+  ``ceil(P / live nodes)`` leases; a free
+  partition goes first to its *home* node (rendezvous hashing over the live nodes, so the
+  assignment is stable and a restarted node gets back the same partitions), and to any
+  node under its target once it stayed free for ``grace_s`` (its home is busy, dead or not
+  yet seen); a node above its target releases the partitions it is not home for first
+  (graceful rebalance when a node joins).  Correctness never rests on the plan: a lease
+  is a Redis ``SET NX`` with a fencing token, and every checkpoint write is fenced in
+  PostgreSQL by that token; the plan only spreads the load.
+* ``PartitionOwner`` -- the Trio service: keeps this node's presence alive, runs the plan
+  every ``ttl/3``, and for each partition it holds runs ``_own``: a fresh ``LiveState``
+  restored from the partition's latest checkpoint, the partition log tailed in pseq order
+  from there, a checkpoint written with the lease's fencing token every N records or T
+  seconds.  Losing a lease (not renewed in time, renew refused, Redis stale, a fenced
+  checkpoint write) cancels that partition's task at once and drops its state: a node that
+  cannot prove it owns a partition publishes nothing for it.
+
+What a partition's state publishes: only the topics the partition owns
+(``topic_partition``): ``lot/<lot>...`` and ``test/<lot>/...`` of its lots, and
+``sensor/...`` and ``gateway/<id>`` of the records keyed to a gateway (no lot id).  While a
+new owner catches up from its checkpoint to the head of the log it publishes nothing (the
+previous owner published those deltas already); once at the head its publisher
+(``TopicPublisher``) resets every topic it owns to the rebuilt snapshot -- clients see an
+announced resync of those topics, never a silent join of two owners' delta sequences --
+and deltas follow as records arrive.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import trio
+
+from edgegw.hub import checkpoint as ckpt
+from edgegw.hub import topics as topic_names
+from edgegw.hub.alerts import AlertEngine, AlertsConfig
+from edgegw.hub.live import LiveState
+from edgegw.hub.store import StoreUnavailable
+from edgegw.metrics import Metrics, report_internal_error
+
+from .partition import partition_of
+
+log = logging.getLogger("edgegw.hub.cluster.owner")
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- sans-IO
+
+
+def home_node(partition: int, nodes: Iterable[str]) -> str | None:
+    """The partition's home among ``nodes``: rendezvous (highest random weight) hashing,
+    so removing a node moves only that node's partitions, and adding one takes about
+    ``1/n`` of each other node's."""
+    best: tuple[int, str] | None = None
+    for node in nodes:
+        weight = int.from_bytes(hashlib.blake2b(f"{node}\x00{partition}".encode(),
+                                                digest_size=8).digest(), "big")
+        if best is None or (weight, node) > best:
+            best = (weight, node)
+    return best[1] if best else None
+
+
+def target_count(n_partitions: int, n_live: int) -> int:
+    """How many partitions a node aims at: ``ceil(P / live nodes)``."""
+    return math.ceil(n_partitions / max(1, n_live))
+
+
+@dataclass(frozen=True)
+class LeasePlan:
+    acquire: list[int] = field(default_factory=list)  # free partitions to try, best first
+    renew: list[int] = field(default_factory=list)  # held: extend
+    release: list[int] = field(default_factory=list)  # held above target: give back
+
+
+class LeasePlanner:
+    """Which leases to acquire, renew, release (sans-IO; see the module docstring)."""
+
+    def __init__(self, node_id: str, n_partitions: int, grace_s: float) -> None:
+        self.node_id = node_id
+        self.n_partitions = n_partitions
+        self.grace_s = grace_s
+        self._free_since: dict[int, float] = {}
+
+    def plan(self, now: float, live_nodes: Iterable[str], holders: dict[int, str | None],
+             mine: Iterable[int]) -> LeasePlan:
+        """``holders``: partition -> node holding its lease (None or absent: free), as
+        read from Redis; ``mine``: partitions this node holds (its own bookkeeping, which
+        wins over ``holders`` for its own leases)."""
+        nodes = set(live_nodes) | {self.node_id}
+        mine = set(mine)
+        target = target_count(self.n_partitions, len(nodes))
+        homes = {p: home_node(p, nodes) for p in range(self.n_partitions)}
+        free = [p for p in range(self.n_partitions)
+                if p not in mine and holders.get(p) is None]
+        for p in list(self._free_since):
+            if p not in free:
+                del self._free_since[p]
+        for p in free:
+            self._free_since.setdefault(p, now)
+        release: list[int] = []
+        if len(mine) > target:
+            # not-home partitions first, then the highest numbers: deterministic
+            extras = sorted(mine, key=lambda p: (homes[p] == self.node_id, -p))
+            release = extras[:len(mine) - target]
+        keep = mine - set(release)
+        room = target - len(keep)
+        acquire: list[int] = []
+        if room > 0:
+            home_free = [p for p in free if homes[p] == self.node_id]
+            stale_free = [p for p in free if homes[p] != self.node_id
+                          and now - self._free_since[p] >= self.grace_s]
+            acquire = (home_free + stale_free)[:room]
+        return LeasePlan(acquire=acquire, renew=sorted(keep), release=sorted(release))
+
+
+def topic_partition(topic: str, n_partitions: int) -> int | None:
+    """The partition whose owner publishes ``topic`` (None: no partition's: the node
+    publishes it itself, e.g. ``alert/...`` and ``hub/state``).  A lot's topics belong to
+    the lot's partition; a gateway's topic to the partition of its lot-less records
+    (``gw:<id>``, the partition key of docs/cluster.md)."""
+    parts = topic_names.split(topic)
+    head = parts[0]
+    if head in ("lot", "test") and len(parts) >= 2:
+        return partition_of(parts[1], n_partitions)
+    if head == "gateway" and len(parts) == 2:
+        return partition_of("gw:" + parts[1], n_partitions)
+    if head == "sensor":
+        return -1  # whichever partition holds the channel's (lot-less) records
+    return None
+
+
+def owns_topic(partition: int, topic: str, n_partitions: int) -> bool:
+    p = topic_partition(topic, n_partitions)
+    return p == partition or p == -1
+
+
+# --------------------------------------------------------------------------- Trio
+
+
+class LeaseLost(Exception):
+    """This node can no longer prove it owns a partition."""
+
+
+class LeaseBus(Protocol):
+    """What ownership needs from Redis (``edgegw.hub.cluster.bus.ClusterBus``)."""
+
+    async def acquire(self, name: str, ttl_s: float) -> int | None: ...
+    async def renew(self, name: str, token: int, ttl_s: float) -> bool: ...
+    async def release(self, name: str, token: int) -> bool: ...
+    def holds(self, name: str) -> int | None: ...
+    async def lease_holder(self, name: str) -> tuple[str, int] | None: ...
+    async def heartbeat_node(self, ttl_s: float) -> None: ...
+    async def live_nodes(self) -> list[str]: ...
+    async def seed_fence(self, name: str, at_least: int) -> None: ...
+    async def presence(self, gateway_id: str) -> dict[str, str] | None: ...
+    @property
+    def epoch(self) -> str | None: ...
+
+
+class Publisher(Protocol):
+    """Where an owned partition's topics go (``edgegw.hub.cluster.publisher.TopicPublisher``:
+    batches to the topic streams; its first publication of a topic is a reset)."""
+
+    def publish(self, topic: str, delta: dict[str, Any], ts: float | None = None) -> None: ...
+    def resync_all(self) -> None: ...
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
+
+
+class PartitionLog(Protocol):
+    """What ownership needs from PostgreSQL (``edgegw.hub.cluster.pgstore.ClusterStore``)."""
+
+    async def read_partition(self, partition: int, after_pseq: int,
+                             limit: int = ...) -> list[Any]: ...
+    async def partition_head(self, partition: int) -> int: ...
+    async def save_checkpoint(self, partition: int, pseq: int, token: int,
+                              blob: bytes) -> bool: ...
+    async def load_checkpoint(self, partition: int) -> tuple[int, bytes] | None: ...
+    async def max_tokens(self) -> dict[int, int]: ...
+    async def load_alerts(self, limit: int = ...,
+                          partition: int | None = ...) -> list[dict[str, Any]]: ...
+    async def save_alerts(self, partition: int, token: int,
+                          alerts: list[dict[str, Any]]) -> dict[str, bool]: ...
+    async def known_gateways(self) -> list[str]: ...
+
+
+def lease_name(partition: int) -> str:
+    return f"partition:{partition}"
+
+
+class OwnedTopics:
+    """A partition's live state as a ``StateSource`` of only the topics it owns (what its
+    publisher resyncs and snapshots)."""
+
+    def __init__(self, state: LiveState, partition: int, n_partitions: int) -> None:
+        self.state = state
+        self.partition = partition
+        self.n_partitions = n_partitions
+
+    def snapshot(self, topic: str) -> dict[str, Any] | None:
+        if not owns_topic(self.partition, topic, self.n_partitions):
+            return None
+        return self.state.snapshot(topic)
+
+    def topics(self) -> list[str]:
+        return [t for t in self.state.topics()
+                if owns_topic(self.partition, t, self.n_partitions)]
+
+
+@dataclass
+class Owned:
+    """One partition this node holds, and its running task's cancel scope."""
+
+    partition: int
+    token: int
+    scope: trio.CancelScope
+    state: LiveState | None = None
+    pseq: int = 0
+    caught_up: bool = False
+    wake: trio.Event = field(default_factory=trio.Event)
+    acquired_at: float = field(default_factory=time.monotonic)
+    engine: AlertEngine | None = None
+    alert_events: list[dict[str, Any]] = field(default_factory=list)
+
+
+MakeState = Callable[[int, Callable[[str, dict[str, Any]], None], AlertEngine | None],
+                     LiveState]
+MakePublisher = Callable[[OwnedTopics], Publisher]
+
+
+class PartitionOwner:
+    """Holds leases for a fair share of the partitions and runs their live state."""
+
+    def __init__(self, node_id: str, n_partitions: int, bus: LeaseBus, log_store: PartitionLog,
+                 make_publisher: MakePublisher, *, lease_ttl_s: float = 5.0,
+                 checkpoint_records: int = 50_000, checkpoint_interval_s: float = 10.0,
+                 poll_s: float = 1.0, read_limit: int = 200,
+                 make_state: MakeState | None = None,
+                 alerts: AlertsConfig | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.node_id = node_id
+        self.n_partitions = n_partitions
+        self.bus = bus
+        self.store = log_store
+        self.make_publisher = make_publisher
+        self.lease_ttl_s = lease_ttl_s
+        self.checkpoint_records = checkpoint_records
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.poll_s = poll_s
+        self.read_limit = read_limit
+        self.make_state = make_state or (lambda p, publish, engine: LiveState(
+            publish, alerts=engine))
+        self.alerts_config = alerts
+        self.planner = LeasePlanner(node_id, n_partitions, grace_s=lease_ttl_s)
+        self.owned: dict[int, Owned] = {}
+        self.checkpoints = 0
+        self._seeded: str | None = None  # the bus epoch the fences were seeded in
+        self.metrics = metrics or Metrics()
+        m = self.metrics
+        self.m_acquired = m.counter("cluster_partitions_acquired_total",
+                                    "partition leases this node acquired")
+        self.m_lost = m.counter("cluster_partitions_lost_total",
+                                "partition leases this node lost (not released), by reason")
+        self.m_owned = m.gauge("cluster_partitions_owned", "partitions this node owns now")
+        self.m_records = m.counter("cluster_owner_records_total",
+                                   "records applied to owned partitions' live state")
+        self.m_rebuild = m.histogram("cluster_partition_rebuild_seconds",
+                                     "seconds from acquiring a partition to its state at "
+                                     "the head of its log")
+        m.add_collector(lambda: self.m_owned.set(len(self.owned)))
+        self._nursery: trio.Nursery | None = None
+        self._gateways: tuple[float, list[str]] = (-1e9, [])  # (read at, known gateways)
+
+    # -- what others read --
+    def status(self) -> dict[str, Any]:
+        return {"partitions": self.n_partitions, "owned": sorted(self.owned),
+                "caught_up": sum(o.caught_up for o in self.owned.values()),
+                "checkpoints": self.checkpoints}
+
+    def wake(self, partition: int) -> None:
+        """The log of ``partition`` advanced (a notification): read it now rather than at
+        the next poll."""
+        owned = self.owned.get(partition)
+        if owned is not None:
+            owned.wake.set()
+
+    def states(self) -> list[tuple[int, LiveState]]:
+        """The live states of the partitions this node owns and has rebuilt."""
+        return [(p, o.state) for p, o in sorted(self.owned.items())
+                if o.state is not None and o.caught_up]
+
+    # -- the service --
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                while True:
+                    try:
+                        await self._round()
+                    except Exception:  # Redis or PostgreSQL gone mid-round: next round
+                        log.warning("ownership round failed", exc_info=True)
+                    await trio.sleep(self.lease_ttl_s / 3)
+        finally:
+            owned = list(self.owned.values())
+            self.owned.clear()
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                for o in owned:  # a graceful stop hands the partitions on at once
+                    try:
+                        await self.bus.release(lease_name(o.partition), o.token)
+                    except Exception:
+                        break  # Redis gone: the leases expire by themselves
+
+    def _lose(self, owned: Owned, reason: str) -> None:
+        if self.owned.get(owned.partition) is owned:
+            del self.owned[owned.partition]
+            self.m_lost.inc(reason=reason)
+            log.warning("partition %d: ownership lost (%s); its state is dropped",
+                        owned.partition, reason)
+        owned.scope.cancel()
+        owned.state = None
+
+    async def _seed_fences(self) -> None:
+        """Fencing tokens above every token PostgreSQL has seen: Redis may have lost its
+        counters (a restart), and a token that went back would be refused by every
+        checkpoint write."""
+        epoch = self.bus.epoch
+        for p, token in (await self.store.max_tokens()).items():
+            await self.bus.seed_fence(lease_name(p), token)
+        self._seeded = epoch
+
+    async def _round(self) -> None:
+        for owned in list(self.owned.values()):
+            if self.bus.holds(lease_name(owned.partition)) is None:
+                self._lose(owned, "expired")  # (Redis stale: every lease counts as lost)
+        await self.bus.heartbeat_node(self.lease_ttl_s)
+        if self._seeded is None or self._seeded != self.bus.epoch:
+            await self._seed_fences()  # first round, or Redis lost its data (a new epoch)
+        for owned in list(self.owned.values()):
+            if not await self.bus.renew(lease_name(owned.partition), owned.token,
+                                        self.lease_ttl_s):
+                self._lose(owned, "renew_refused")
+        nodes = await self.bus.live_nodes()
+        holders: dict[int, str | None] = {}
+        for p in range(self.n_partitions):
+            if p not in self.owned:
+                held = await self.bus.lease_holder(lease_name(p))
+                holders[p] = held[0] if held else None
+        plan = self.planner.plan(trio.current_time(), nodes, holders, self.owned)
+        for p in plan.release:
+            owned = self.owned.pop(p, None)
+            if owned is not None:
+                owned.scope.cancel()
+                await self.bus.release(lease_name(p), owned.token)
+                log.info("partition %d released (rebalance)", p)
+        for p in plan.acquire:
+            token = await self.bus.acquire(lease_name(p), self.lease_ttl_s)
+            if token is None:
+                continue  # another node was quicker: fine
+            self.m_acquired.inc()
+            owned = Owned(p, token, trio.CancelScope())
+            self.owned[p] = owned
+            assert self._nursery is not None
+            self._nursery.start_soon(self._own_guarded, owned)
+            log.info("partition %d acquired (token %d)", p, token)
+
+    async def _own_guarded(self, owned: Owned) -> None:
+        with owned.scope:
+            try:
+                await self._own(owned)
+            except* LeaseLost as group:
+                self._lose(owned, str(group.exceptions[0]))
+            except* Exception:
+                # a failure boundary: this partition is given up (a later round takes it
+                # again, here or elsewhere); the node and its other partitions go on
+                report_internal_error(self.metrics, "cluster_partition", log,
+                                      "owning partition %d", owned.partition)
+                self._lose(owned, "error")
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    try:
+                        await self.bus.release(lease_name(owned.partition), owned.token)
+                    except Exception:
+                        pass  # it expires by itself
+
+    async def _watch(self, owned: Owned) -> None:
+        """Stop at once when the lease may have expired (not renewed in time, Redis
+        stale): a holder must never act on a lease it cannot prove."""
+        name = lease_name(owned.partition)
+        while True:
+            if self.bus.holds(name) != owned.token:
+                raise LeaseLost("expired")
+            await trio.sleep(0.05)
+
+    async def _until_answered(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()`` again until PostgreSQL answers: while it is down the partition keeps
+        its lease and its state, and simply waits (the ingest has stopped acknowledging,
+        so there is nothing new to read anyway)."""
+        delay = 0.2
+        while True:
+            try:
+                return await call()
+            except StoreUnavailable:
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _alert_engine(self, p: int, publish: Callable[[str, dict[str, Any]], None]
+                            ) -> tuple[AlertEngine | None, list[dict[str, Any]]]:
+        """The partition's alert engine, holding the alerts already raised for it (by any
+        earlier owner, from PostgreSQL): replayed records re-trip the same keys at the same
+        record times, which those alerts cover, so nothing is raised twice (the single
+        hub's restart rule, across owners)."""
+        events: list[dict[str, Any]] = []
+        if self.alerts_config is None:
+            return None, events
+        engine = AlertEngine(self.alerts_config, publish, sink=events.append,
+                             metrics=self.metrics)
+        saved = await self._until_answered(functools.partial(
+            self.store.load_alerts, self.alerts_config.keep, p))
+        engine.restore(reversed(saved))  # (newest first from the store)
+        for alert in reversed(saved):
+            # A gateway_offline alert raised by an earlier owner: the same outage keeps
+            # its start (the alert's key), so this owner does not raise it again.  The
+            # first presence check forgets it if the gateway is back.
+            ctx = alert.get("context") or {}
+            if alert.get("kind") == "gateway_offline" and "gateway_id" in ctx:
+                engine._offline_since[ctx["gateway_id"]] = ctx["offline_since"]
+        return engine, events
+
+    async def _partition_gateways(self, p: int) -> list[str]:
+        """The known gateways whose lot-less records (and ``gateway_offline`` rule) are
+        partition ``p``'s (key ``gw:<id>``); the list is read at most every 5 s."""
+        at, known = self._gateways
+        if time.monotonic() - at >= 5.0:
+            known = await self.store.known_gateways()
+            self._gateways = (time.monotonic(), known)
+        return [g for g in known if partition_of("gw:" + g, self.n_partitions) == p]
+
+    async def _gateway_presence(self, owned: Owned, engine: AlertEngine) -> None:
+        """``gateway_offline``, once cluster-wide: the owner of a gateway's ``gw:<id>``
+        partition tells its engine whether the gateway is connected to any node (its
+        Redis presence, kept alive by that node: alertfeed.GatewayPresence)."""
+        if not engine._by_kind["gateway_offline"]:
+            return
+        now = time.time()
+        for gw in await self._partition_gateways(owned.partition):
+            engine.on_gateway(gw, await self.bus.presence(gw) is not None, now)
+
+    async def _save_alerts(self, owned: Owned) -> None:
+        """Write the alert events since the last call (one row per alert, fenced by this
+        owner's token: a stale owner's write is refused)."""
+        if not owned.alert_events:
+            return
+        latest = {e["alert"]["id"]: e["alert"] for e in owned.alert_events}
+        owned.alert_events.clear()
+        await self._until_answered(functools.partial(
+            self.store.save_alerts, owned.partition, owned.token, list(latest.values())))
+
+    async def _alert_ticks(self, owned: Owned, engine: AlertEngine) -> None:
+        """Once a second: acknowledgements made on any node (PostgreSQL) reach this
+        engine, then time-driven rules run -- P0 escalation, by this owner only, so an
+        alert is escalated once cluster-wide."""
+        while True:
+            await trio.sleep(1.0)
+            if not owned.caught_up:
+                continue
+            if engine._unescalated_p0:
+                rows = await self._until_answered(functools.partial(
+                    self.store.load_alerts, self.alerts_config.keep if self.alerts_config
+                    else 1000, owned.partition))
+                for row in rows:
+                    alert = engine.alerts.get(row["id"])
+                    if row.get("acknowledged") and alert is not None and not alert.acknowledged:
+                        alert.acknowledged = True
+                        alert.acked_by = row.get("acked_by")
+                        alert.acked_at = row.get("acked_at")
+                        engine._unescalated_p0.pop(alert.id, None)
+            try:
+                await self._gateway_presence(owned, engine)
+            except Exception:  # PostgreSQL or Redis away: checked again next second
+                log.debug("partition %d: gateway presence not read", owned.partition,
+                          exc_info=True)
+                continue
+            engine.tick(time.time())
+            await self._save_alerts(owned)
+
+    async def _own(self, owned: Owned) -> None:
+        p = owned.partition
+        t0 = time.monotonic()
+        publisher: Publisher | None = None
+
+        def publish(topic: str, delta: dict[str, Any]) -> None:
+            # silent while catching up: the previous owner published those deltas; once at
+            # the head, the publisher resets every topic and deltas follow
+            if owned.caught_up and publisher is not None and owns_topic(p, topic,
+                                                                        self.n_partitions):
+                publisher.publish(topic, delta)
+
+        engine, events = await self._alert_engine(p, publish)
+        state = self.make_state(p, publish, engine)
+        loaded = await self._until_answered(lambda: self.store.load_checkpoint(p))
+        if loaded is not None:
+            pseq, blob = loaded
+            try:
+                _, data = await trio.to_thread.run_sync(ckpt.decode, blob)
+                ckpt.restore(state, data)
+                owned.pseq = pseq
+            except ckpt.CheckpointError as exc:
+                # another format: rebuild from the whole retained log instead
+                log.warning("partition %d: checkpoint unusable (%s); full rebuild", p, exc)
+                engine, events = await self._alert_engine(p, publish)
+                state = self.make_state(p, publish, engine)
+        owned.state = state
+        owned.engine, owned.alert_events = engine, events
+        publisher = self.make_publisher(OwnedTopics(state, p, self.n_partitions))
+        head = await self._until_answered(lambda: self.store.partition_head(p))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch, owned)
+            await nursery.start(publisher.run)
+            if engine is not None:
+                nursery.start_soon(self._alert_ticks, owned, engine)
+            await self._tail(owned, state, publisher, head, t0)
+
+    async def _tail(self, owned: Owned, state: LiveState, publisher: Publisher, head: int,
+                    t0: float) -> None:
+        p = owned.partition
+        since_ckpt = 0
+        last_ckpt = trio.current_time()
+        cache = ckpt.WaferCache()
+        while True:
+            # a fresh event before the read: a wake-up during the read is not lost
+            owned.wake = trio.Event()
+            chunks = await self._until_answered(functools.partial(
+                self.store.read_partition, p, owned.pseq, self.read_limit))
+            for chunk in chunks:
+                state.on_records(chunk.gateway_id, chunk.first_rid, chunk.records)
+                owned.pseq = chunk.pseq
+                since_ckpt += len(chunk.records)
+                self.m_records.inc(len(chunk.records))
+            await self._save_alerts(owned)
+            if not owned.caught_up and owned.pseq >= head and len(chunks) < self.read_limit:
+                owned.caught_up = True
+                publisher.resync_all()
+                self.m_rebuild.observe(time.monotonic() - t0)
+                log.info("partition %d: rebuilt to pseq %d in %.2f s", p, owned.pseq,
+                         time.monotonic() - t0)
+            now = trio.current_time()
+            if since_ckpt and (since_ckpt >= self.checkpoint_records
+                               or now - last_ckpt >= self.checkpoint_interval_s):
+                data = ckpt.capture(state, cache)
+                blob = await trio.to_thread.run_sync(ckpt.encode, {"pseq": owned.pseq}, data)
+                if not await self._until_answered(functools.partial(
+                        self.store.save_checkpoint, p, owned.pseq, owned.token, blob)):
+                    self._seeded = None  # a newer token exists: Redis lost its counters?
+                    raise LeaseLost("checkpoint_fenced")
+                self.checkpoints += 1
+                since_ckpt = 0
+                last_ckpt = now
+            if len(chunks) < self.read_limit:
+                with trio.move_on_after(self.poll_s):
+                    await owned.wake.wait()
+            else:
+                # a long catch-up must not starve the other tasks
+                await trio.lowlevel.checkpoint()
+
+
+__all__ = ["LeaseBus", "LeaseLost", "LeasePlan", "LeasePlanner", "OwnedTopics",
+           "PartitionLog", "PartitionOwner", "Publisher", "home_node", "lease_name",
+           "owns_topic", "target_count", "topic_partition"]

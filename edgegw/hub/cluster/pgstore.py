@@ -1,0 +1,968 @@
+"""The cluster's durable store on PostgreSQL (``ClusterStore``): docs/cluster.md,
+"PostgreSQL: the durable truth".
+
+What the exactly-once promise rests on, as with the single hub's SQLite store: a frame's
+records, the (gateway, epoch) applied set and the counters are written in ONE transaction,
+committed durably, before the frame is acknowledged.  Across nodes two more things hold,
+both enforced by the database, never by timing:
+
+- **the generation fence**: HELLO on any node bumps the gateway's ``generation``; every
+  apply transaction locks the gateway's row (``FOR UPDATE``) and aborts with
+  ``GatewaySuperseded`` unless the generation is still its connection's.  A node whose
+  gateway reconnected elsewhere cannot commit one more frame of it.
+- **the applied check under that lock, and the primary key**: a frame already in the
+  applied set (read in the transaction, under the gateway's row lock) or in
+  ``edgegw_frames`` (``ON CONFLICT DO NOTHING``) is skipped, so two transactions racing on
+  one frame apply it once.
+
+Applied records go to **per-partition logs** in the same transaction: the frame's records
+split into runs of one partition (``partition.split_runs``), each run a row of
+``edgegw_partition_log`` numbered by ``edgegw_partition_heads`` (``UPDATE ... SET last_pseq
+= last_pseq + n RETURNING``).  The head row stays locked until the transaction ends, so
+per partition pseq order is commit order: a reader tailing ``pseq > x`` never misses a row
+committed later with a smaller number (a sequence or bigserial would allow that).  Heads
+are locked in partition order, after the gateway rows (in gateway order): no deadlocks.
+
+psycopg calls block: each runs in a worker thread (``trio.to_thread``) behind a
+``CapacityLimiter`` of ``pg_connections``, on a connection of this store's own small pool;
+the Trio thread never waits on PostgreSQL.  A connection that fails is thrown away and the
+call raises ``StoreUnavailable`` (nothing was committed, or -- a commit whose answer was
+lost -- it was and the retry finds its frames applied); the next call connects again.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import psycopg
+import trio
+
+from ...jsonutil import dumps
+from ...protocol import FrameError, ProtocolError, decode_body, encode_body
+from ...protocol.intervals import IntervalSet
+from ...records import Record, RecordError, from_wire
+from ...startup import StartupError
+from ..history_store import lot_row, wafer_row
+from ..store import (
+    FrameToApply,
+    GatewayClaim,
+    GatewayStats,
+    GatewaySuperseded,
+    StoreUnavailable,
+)
+from .partition import split_runs
+
+log = logging.getLogger("edgegw.hub.cluster")
+
+T = TypeVar("T")
+
+#: every table starts with this (one database may hold other applications' tables)
+PREFIX = "edgegw_"
+#: bumped when the schema changes incompatibly (stored in edgegw_meta)
+SCHEMA_VERSION = 1
+#: the advisory lock key under which the first node creates the schema ("edgegw" in hex)
+_SCHEMA_LOCK = 0x6564676577
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS edgegw_meta (
+    key text PRIMARY KEY,
+    value text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS edgegw_gateways (
+    gateway_id text PRIMARY KEY,
+    generation bigint NOT NULL DEFAULT 0,
+    node_id text,
+    claimed_at double precision,
+    epoch text,
+    frames_applied bigint NOT NULL DEFAULT 0,
+    records_applied bigint NOT NULL DEFAULT 0,
+    duplicates_dropped bigint NOT NULL DEFAULT 0,
+    frames_rejected bigint NOT NULL DEFAULT 0,
+    frames_lost bigint NOT NULL DEFAULT 0,
+    last_seq bigint NOT NULL DEFAULT 0,
+    last_seen double precision
+);
+CREATE TABLE IF NOT EXISTS edgegw_applied (
+    gateway_id text NOT NULL,
+    epoch text NOT NULL,
+    ranges text NOT NULL,
+    updated double precision NOT NULL,
+    PRIMARY KEY (gateway_id, epoch)
+);
+CREATE TABLE IF NOT EXISTS edgegw_frames (
+    gateway_id text NOT NULL,
+    epoch text NOT NULL,
+    seq bigint NOT NULL,
+    first_rid bigint NOT NULL,
+    n_records integer NOT NULL,
+    node_id text NOT NULL,
+    applied_at double precision NOT NULL,
+    PRIMARY KEY (gateway_id, epoch, seq)
+);
+CREATE INDEX IF NOT EXISTS edgegw_frames_applied_at ON edgegw_frames (applied_at);
+CREATE TABLE IF NOT EXISTS edgegw_rejected (
+    id bigserial PRIMARY KEY,
+    gateway_id text NOT NULL,
+    epoch text NOT NULL,
+    seq bigint NOT NULL,
+    reason text NOT NULL,
+    node_id text NOT NULL,
+    at double precision NOT NULL,
+    body bytea
+);
+CREATE TABLE IF NOT EXISTS edgegw_partition_heads (
+    partition integer PRIMARY KEY,
+    last_pseq bigint NOT NULL DEFAULT 0,
+    log_bytes bigint NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS edgegw_partition_log (
+    partition integer NOT NULL,
+    pseq bigint NOT NULL,
+    gateway_id text NOT NULL,
+    epoch text NOT NULL,
+    seq bigint NOT NULL,
+    first_rid bigint NOT NULL,
+    n_records integer NOT NULL,
+    applied_at double precision NOT NULL,
+    body bytea NOT NULL,
+    PRIMARY KEY (partition, pseq)
+);
+CREATE TABLE IF NOT EXISTS edgegw_partition_checkpoints (
+    partition integer PRIMARY KEY,
+    pseq bigint NOT NULL,
+    token bigint NOT NULL,
+    blob bytea NOT NULL,
+    at double precision NOT NULL
+);
+CREATE TABLE IF NOT EXISTS edgegw_alerts (
+    id text PRIMARY KEY,
+    partition integer NOT NULL,
+    token bigint NOT NULL,
+    priority text NOT NULL,
+    rule text NOT NULL,
+    raised_at double precision NOT NULL,
+    acknowledged boolean NOT NULL DEFAULT false,
+    acked_by text,
+    acked_at double precision,
+    data text NOT NULL,
+    updated double precision NOT NULL
+);
+CREATE INDEX IF NOT EXISTS edgegw_alerts_raised ON edgegw_alerts (raised_at);
+ALTER TABLE edgegw_alerts ADD COLUMN IF NOT EXISTS pending boolean NOT NULL DEFAULT true;
+ALTER TABLE edgegw_alerts ADD COLUMN IF NOT EXISTS fed text NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS edgegw_alerts_pending ON edgegw_alerts (id) WHERE pending;
+CREATE TABLE IF NOT EXISTS edgegw_lots (
+    lot_id text PRIMARY KEY,
+    updated double precision NOT NULL,
+    summary text NOT NULL,
+    archive text NOT NULL,
+    parts bigint NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS edgegw_wafers (
+    lot_id text NOT NULL,
+    wafer_id text NOT NULL,
+    updated double precision NOT NULL,
+    summary text NOT NULL,
+    snapshot text NOT NULL,
+    parts bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (lot_id, wafer_id)
+);
+"""
+
+#: the tables, for sizing (``table_bytes``) and for tests that drop a cluster's database
+TABLES = ("meta", "gateways", "applied", "frames", "rejected", "partition_heads",
+          "partition_log", "partition_checkpoints", "alerts", "lots", "wafers")
+
+_ZLIB_LEVEL = 6  # as the SQLite store: ~10 B/record at ~600k records/s
+
+_STAT_COLS = ("epoch", "frames_applied", "records_applied", "duplicates_dropped",
+              "frames_rejected", "frames_lost", "last_seq", "last_seen")
+
+
+class PartitionMismatch(StartupError):
+    """The node's ``hub.cluster.partitions`` differs from the cluster's (stored in
+    PostgreSQL by its first node): lots would change partitions.  The node must not start
+    (a StartupError: ``edgegw hub`` exits 3 with this one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LogChunk:
+    """One row of a partition's log: a run of one frame's records, all of this partition,
+    with consecutive record ids from ``first_rid``."""
+
+    pseq: int
+    gateway_id: str
+    first_rid: int
+    records: list[Record]
+    epoch: str = ""
+    seq: int = 0
+
+
+@dataclasses.dataclass
+class _Chunk:
+    partition: int
+    gateway: str
+    epoch: str
+    seq: int
+    first_rid: int
+    n_records: int
+    body: bytes  # zlib of the CBOR body [first_rid, sources, records] (the frame format)
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """A failure of the server or the link, which passes (the call may be tried again),
+    as against a bug in a statement."""
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return True
+    # "the database system is shutting down / starting up", admin shutdown
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    return sqlstate.startswith(("08", "57P"))
+
+
+def _chunks_of(frame: FrameToApply, n_partitions: int) -> list[_Chunk]:
+    """A frame's records as partition-log chunks.  A frame whose records are all of one
+    partition (the usual case: one lot) is stored as it came, body unchanged; a mixed one
+    is cut at the run boundaries (each run's records encoded again)."""
+    records = frame.records
+    if records is None:
+        raise ValueError(f"frame {frame.gateway}/{frame.seq}: the cluster store needs its "
+                         "decoded records (FrameToApply.records)")
+    runs = split_runs(frame.gateway, records, n_partitions)
+    if not runs:
+        return []
+    if len(runs) == 1:
+        p = runs[0][0]
+        return [_Chunk(p, frame.gateway, frame.epoch, frame.seq, frame.first_rid,
+                       len(records), zlib.compress(frame.body, _ZLIB_LEVEL))]
+    out = []
+    for p, start, stop in runs:
+        # from the records (CBOR encoding is about twice as fast as decoding the body)
+        body = encode_body(frame.first_rid + start, records[start:stop])
+        out.append(_Chunk(p, frame.gateway, frame.epoch, frame.seq, frame.first_rid + start,
+                          stop - start, zlib.compress(body, _ZLIB_LEVEL)))
+    return out
+
+
+def decode_chunk(body: bytes, max_records: int = 1 << 30) -> tuple[int, list[Record]]:
+    """A partition-log body to (first_rid, records)."""
+    first_rid, sources, wire = decode_body(zlib.decompress(body), max_records)
+    try:
+        return first_rid, [from_wire(item, sources) for item in wire]
+    except (RecordError, TypeError) as exc:
+        raise FrameError(f"bad record in a partition log chunk: {exc}") from None
+
+
+class ClusterStore:
+    """The cluster's durable store: one per node.  All methods are async; PostgreSQL
+    work runs in worker threads on this store's own connections.
+
+    A bench or a test drives it alone: ``ClusterStore(dsn, node_id="bench")``, ``open``,
+    ``claim_gateway``, ``commit`` frames with their records (``FrameToApply.records``)."""
+
+    def __init__(self, dsn: str, node_id: str, partitions: int = 64,
+                 connections: int = 4, connect_timeout_s: float = 3.0) -> None:
+        self.dsn = dsn
+        self.node_id = node_id
+        self.partitions = partitions
+        self.connect_timeout_s = connect_timeout_s
+        self._limiter = trio.CapacityLimiter(connections)
+        self._idle: collections.deque[psycopg.Connection[Any]] = collections.deque()
+        self._all: set[psycopg.Connection[Any]] = set()
+        self._pool_lock = threading.Lock()
+        self._closed = False
+        #: per gateway, counters as last committed (for /api/stats); PostgreSQL has the truth
+        self.stats: dict[str, GatewayStats] = {}
+        #: duplicates dropped since the gateway's last commit (added by the next one)
+        self._dups: collections.Counter[str] = collections.Counter()
+        #: bytes of the partition logs' bodies as last measured (``measure``)
+        self.frame_bytes = 0
+        #: the SQLite store's disk-full flag: PostgreSQL reports a full disk as unavailable
+        self.full = False
+        #: why the last call failed to reach PostgreSQL (None: the last call worked)
+        self.unavailable: str | None = None
+        #: the random id of this cluster (edgegw_meta), made by its first node
+        self.store_id = 0
+        #: called after each commit that appended to partition logs, with the new last
+        #: pseq of each such partition: the node publishes it (the bus's
+        #: ``notify_partition``) so owners wake at once.  Best effort: owners also poll.
+        self.on_advance: Callable[[dict[int, int]], None] | None = None
+
+    # -- connections (worker threads) --
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(self.dsn, autocommit=True,
+                               connect_timeout=max(1, round(self.connect_timeout_s)),
+                               application_name=f"edgegw {self.node_id}"[:63])
+        with self._pool_lock:
+            self._all.add(conn)
+        return conn
+
+    def _run_sync(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        with self._pool_lock:
+            if self._closed:
+                raise StoreUnavailable("the cluster store is closed")
+            conn = self._idle.pop() if self._idle else None
+        try:
+            if conn is None or conn.closed:
+                conn = self._connect()
+            result = fn(conn)
+        except BaseException as exc:
+            if conn is not None and (_is_connection_error(exc) or conn.closed
+                                     or conn.info.transaction_status
+                                     != psycopg.pq.TransactionStatus.IDLE):
+                self._discard(conn)
+            elif conn is not None:
+                self._put_back(conn)
+            if _is_connection_error(exc):
+                # the server went away: the idle connections are most likely dead too, and
+                # each would cost one more failed try before the store writes again
+                self._drop_idle()
+                raise StoreUnavailable(f"PostgreSQL: {str(exc).strip() or type(exc).__name__}"
+                                       ) from exc
+            raise
+        self._put_back(conn)
+        return result
+
+    def _put_back(self, conn: psycopg.Connection[Any]) -> None:
+        with self._pool_lock:
+            if self._closed:
+                self._all.discard(conn)
+                conn.close()
+            else:
+                self._idle.append(conn)
+
+    def _drop_idle(self) -> None:
+        with self._pool_lock:
+            idle = list(self._idle)
+            self._idle.clear()
+        for conn in idle:
+            self._discard(conn)
+
+    def _discard(self, conn: psycopg.Connection[Any]) -> None:
+        with self._pool_lock:
+            self._all.discard(conn)
+        try:
+            conn.close()
+        except Exception:  # closing a broken connection: nothing to save
+            pass
+
+    async def _call(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        try:
+            result = await trio.to_thread.run_sync(self._run_sync, fn, limiter=self._limiter)
+        except StoreUnavailable as exc:
+            if self.unavailable is None:
+                log.error("cluster store: %s; acknowledgements pause until it answers", exc)
+            self.unavailable = str(exc)
+            raise
+        if self.unavailable is not None:
+            log.warning("cluster store: PostgreSQL answers again")
+            self.unavailable = None
+        return result
+
+    # -- lifecycle --
+    async def open(self) -> None:
+        """Connect, create the schema if this is the cluster's first node, check the
+        partition count.  Raises PartitionMismatch, StoreUnavailable."""
+        self._closed = False
+        await self._call(self._open_sync)
+
+    def _open_sync(self, conn: psycopg.Connection[Any]) -> None:
+        import secrets
+
+        with conn.transaction():
+            # two first nodes starting together: one creates, the other waits and sees it
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            conn.execute(SCHEMA)
+            conn.execute("INSERT INTO edgegw_meta (key, value) VALUES ('partitions', %s),"
+                         " ('schema_version', %s), ('store_id', %s) ON CONFLICT DO NOTHING",
+                         (str(self.partitions), str(SCHEMA_VERSION),
+                          str(secrets.randbits(62))))
+            meta = dict(conn.execute("SELECT key, value FROM edgegw_meta").fetchall())
+            if int(meta["partitions"]) != self.partitions:
+                raise PartitionMismatch(
+                    f"hub.cluster.partitions is {self.partitions} but the cluster in "
+                    f"PostgreSQL was created with {meta['partitions']}: it cannot change "
+                    "for the life of a cluster (docs/cluster.md, Partitions)")
+            if int(meta["schema_version"]) != SCHEMA_VERSION:
+                raise PartitionMismatch(
+                    f"the cluster's PostgreSQL schema is version {meta['schema_version']}, "
+                    f"this node knows {SCHEMA_VERSION}")
+            self.store_id = int(meta["store_id"])
+            conn.execute("INSERT INTO edgegw_partition_heads (partition)"
+                         " SELECT generate_series(0, %s - 1) ON CONFLICT DO NOTHING",
+                         (self.partitions,))
+
+    async def close(self) -> None:
+        with self._pool_lock:
+            self._closed = True
+            idle = list(self._idle)
+            self._idle.clear()
+            for conn in idle:
+                self._all.discard(conn)
+
+        def close_all() -> None:
+            for conn in idle:
+                try:
+                    conn.close()
+                except Exception:  # a broken connection: nothing to save
+                    pass
+
+        await trio.to_thread.run_sync(close_all)
+
+    @property
+    def busy(self) -> bool:
+        return self._limiter.borrowed_tokens > 0
+
+    def health_problem(self) -> str | None:
+        if self.unavailable is not None:
+            return ("PostgreSQL unavailable: acknowledgements paused, gateways spool "
+                    f"({self.unavailable})")
+        return None
+
+    # -- gateways --
+    async def claim_gateway(self, gateway_id: str, node_id: str | None = None) -> int:
+        """A new connection of ``gateway_id`` (HELLO): its new generation.  Every earlier
+        connection's commits are refused from now on (newest connection wins)."""
+        claim = await self.claim(gateway_id, "", node_id)
+        return claim.generation
+
+    async def claim(self, gateway_id: str, epoch: str, node_id: str | None = None
+                    ) -> GatewayClaim:
+        """``claim_gateway`` and the (gateway, epoch) applied set, read in the same
+        transaction after the claim: it holds every frame an earlier connection
+        committed, on any node (a later commit of theirs is refused by the fence)."""
+        node = node_id or self.node_id
+
+        def run(conn: psycopg.Connection[Any]) -> GatewayClaim:
+            with conn.transaction():
+                gen = conn.execute(
+                    "INSERT INTO edgegw_gateways (gateway_id, generation, node_id, claimed_at)"
+                    " VALUES (%s, 1, %s, %s) ON CONFLICT (gateway_id) DO UPDATE SET"
+                    " generation = edgegw_gateways.generation + 1, node_id = EXCLUDED.node_id,"
+                    " claimed_at = EXCLUDED.claimed_at RETURNING generation",
+                    (gateway_id, node, time.time())).fetchone()[0]  # type: ignore[index]
+                row = conn.execute("SELECT ranges FROM edgegw_applied WHERE gateway_id = %s"
+                                   " AND epoch = %s", (gateway_id, epoch)).fetchone()
+                stats = conn.execute(
+                    f"SELECT {', '.join(_STAT_COLS)} FROM edgegw_gateways WHERE gateway_id = %s",
+                    (gateway_id,)).fetchone()
+            applied = IntervalSet(json.loads(row[0])) if row else IntervalSet()
+            self.stats[gateway_id] = GatewayStats(gateway_id, *stats)  # type: ignore[misc]
+            return GatewayClaim(gen, applied)
+
+        return await self._call(run)
+
+    def count_duplicate(self, gateway: str) -> None:
+        # counted in memory; added by the gateway's next commit (a lost count is harmless)
+        self._dups[gateway] += 1
+        self.gateway_stats(gateway).duplicates_dropped += 1
+
+    def gateway_stats(self, gateway: str) -> GatewayStats:
+        st = self.stats.get(gateway)
+        if st is None:
+            st = self.stats[gateway] = GatewayStats(gateway)
+        return st
+
+    async def all_gateway_stats(self) -> dict[str, GatewayStats]:
+        """Every gateway's counters as PostgreSQL has them (the same on every node)."""
+        def run(conn: psycopg.Connection[Any]) -> dict[str, GatewayStats]:
+            rows = conn.execute(f"SELECT gateway_id, {', '.join(_STAT_COLS)}"
+                                " FROM edgegw_gateways ORDER BY gateway_id").fetchall()
+            return {r[0]: GatewayStats(*r) for r in rows}
+
+        return await self._call(run)
+
+    # -- commit --
+    async def commit(self, frames: list[FrameToApply],
+                     generations: Mapping[str, int] | None = None,
+                     lost: dict[tuple[str, str], tuple[int, int]] | None = None,
+                     rejected: list[tuple[FrameToApply, str]] | None = None,
+                     ) -> set[tuple[str, str, int]]:
+        """Make ``frames`` applied, durably, in one transaction, if every gateway they
+        (and ``lost``, ``rejected``) name still has the generation ``generations`` gives
+        it; else nothing is written and ``GatewaySuperseded`` is raised.  Returns the
+        (gateway, epoch, seq) skipped as applied already (the caller acks them as
+        duplicates and does not hand their records on).  ``StoreUnavailable``: PostgreSQL
+        did not answer; try the same again later (a commit whose answer was lost is found
+        applied by the retry, its frames then skipped)."""
+        lost = lost or {}
+        rejected = rejected or []
+        generations = generations or {}
+        gateways = sorted({f.gateway for f in frames} | {gw for gw, _ in lost}
+                          | {f.gateway for f, _ in rejected})
+        if not gateways:
+            return set()
+        missing = [gw for gw in gateways if gw not in generations]
+        if missing:
+            raise ValueError(f"commit without a generation for gateway(s) {missing}")
+        dups = {gw: self._dups.pop(gw, 0) for gw in gateways}
+
+        def run(conn: psycopg.Connection[Any]) -> tuple[
+                set[tuple[str, str, int]], dict[str, GatewayStats], dict[int, int]]:
+            # split and compress in the worker thread (zlib releases the GIL), before the
+            # transaction: no row is locked meanwhile
+            chunks_by_frame = {(f.gateway, f.epoch, f.seq): _chunks_of(f, self.partitions)
+                               for f in frames}
+            return self._commit_sync(conn, frames, generations, lost, rejected,
+                                     chunks_by_frame, dups, gateways)
+
+        try:
+            skipped, stats, heads = await self._call(run)
+        except BaseException:
+            for gw, n in dups.items():  # not written: the next commit adds them
+                self._dups[gw] += n
+            raise
+        self.stats.update(stats)
+        if heads and self.on_advance is not None:
+            try:
+                self.on_advance(heads)
+            except Exception:  # a notification is best effort: the commit stands
+                log.exception("cluster store: on_advance(%s)", heads)
+        for gw in gateways:  # counted meanwhile: not in what PostgreSQL returned
+            self.stats[gw].duplicates_dropped += self._dups.get(gw, 0)
+        return skipped
+
+    def _commit_sync(self, conn: psycopg.Connection[Any], frames: list[FrameToApply],
+                     generations: Mapping[str, int],
+                     lost: dict[tuple[str, str], tuple[int, int]],
+                     rejected: list[tuple[FrameToApply, str]],
+                     chunks_by_frame: dict[tuple[str, str, int], list[_Chunk]],
+                     dups: dict[str, int], gateways: list[str],
+                     ) -> tuple[set[tuple[str, str, int]], dict[str, GatewayStats],
+                                dict[int, int]]:
+        now = time.time()
+        heads: dict[int, int] = {}
+        skipped: set[tuple[str, str, int]] = set()
+        with conn.transaction():
+            # the fence: the gateways' rows locked (in order) until the transaction ends
+            rows = dict(conn.execute(
+                "SELECT gateway_id, generation FROM edgegw_gateways WHERE gateway_id = ANY(%s)"
+                " ORDER BY gateway_id FOR UPDATE", (gateways,)).fetchall())
+            for gw in gateways:
+                if rows.get(gw) != generations[gw]:
+                    raise GatewaySuperseded(gw, generations[gw], rows.get(gw))
+            keys = sorted({(f.gateway, f.epoch) for f in frames} | set(lost)
+                          | {(f.gateway, f.epoch) for f, _ in rejected})
+            applied: dict[tuple[str, str], IntervalSet] = {k: IntervalSet() for k in keys}
+            for gw, epoch, ranges in conn.execute(
+                    "SELECT gateway_id, epoch, ranges FROM edgegw_applied WHERE"
+                    " (gateway_id, epoch) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                    ([k[0] for k in keys], [k[1] for k in keys])).fetchall():
+                applied[(gw, epoch)] = IntervalSet(json.loads(ranges))
+            # what is new: not applied (the set covers pruned frames), not twice in the call
+            fresh: list[FrameToApply] = []
+            for f in frames:
+                key = (f.gateway, f.epoch, f.seq)
+                if f.seq in applied[(f.gateway, f.epoch)] or key in skipped:
+                    skipped.add(key)
+                    continue
+                applied[(f.gateway, f.epoch)].add(f.seq)
+                fresh.append(f)
+            # the constraint: a frame some other transaction applied is not inserted
+            inserted: set[tuple[str, str, int]] = set()
+            by_key: dict[tuple[str, str], list[FrameToApply]] = collections.defaultdict(list)
+            for f in fresh:
+                by_key[(f.gateway, f.epoch)].append(f)
+            for (gw, epoch), group in by_key.items():
+                for (seq,) in conn.execute(
+                        "INSERT INTO edgegw_frames (gateway_id, epoch, seq, first_rid,"
+                        " n_records, node_id, applied_at) SELECT %s, %s, s, r, n, %s, %s"
+                        " FROM unnest(%s::bigint[], %s::bigint[], %s::integer[]) AS t(s, r, n)"
+                        " ON CONFLICT DO NOTHING RETURNING seq",
+                        (gw, epoch, self.node_id, now, [f.seq for f in group],
+                         [f.first_rid for f in group], [f.n_records for f in group])
+                        ).fetchall():
+                    inserted.add((gw, epoch, seq))
+            applied_frames = [f for f in fresh if (f.gateway, f.epoch, f.seq) in inserted]
+            skipped.update((f.gateway, f.epoch, f.seq) for f in fresh
+                           if (f.gateway, f.epoch, f.seq) not in inserted)
+            # the partition logs: heads locked in partition order, numbers in commit order
+            chunks = [c for f in applied_frames
+                      for c in chunks_by_frame[(f.gateway, f.epoch, f.seq)]]
+            per_partition: dict[int, list[_Chunk]] = collections.defaultdict(list)
+            for c in chunks:
+                per_partition[c.partition].append(c)
+            log_rows = []
+            for p in sorted(per_partition):
+                group_c = per_partition[p]
+                # (the row is locked anyway: its byte count costs no contention)
+                last = conn.execute(
+                    "UPDATE edgegw_partition_heads SET last_pseq = last_pseq + %s,"
+                    " log_bytes = log_bytes + %s WHERE partition = %s RETURNING last_pseq",
+                    (len(group_c), sum(len(c.body) for c in group_c), p)
+                ).fetchone()[0]  # type: ignore[index]
+                heads[p] = last
+                for i, c in enumerate(group_c):
+                    log_rows.append((p, last - len(group_c) + 1 + i, c.gateway, c.epoch, c.seq,
+                                     c.first_rid, c.n_records, now, c.body))
+            if log_rows:
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO edgegw_partition_log (partition, pseq, gateway_id, epoch,"
+                        " seq, first_rid, n_records, applied_at, body)"
+                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)", log_rows)
+            # rejected frames (dead letters) count as applied: never sent again
+            fresh_rejected = []
+            for f, reason in rejected:
+                key = (f.gateway, f.epoch, f.seq)
+                if f.seq in applied[(f.gateway, f.epoch)] or key in skipped:
+                    skipped.add(key)
+                    continue
+                applied[(f.gateway, f.epoch)].add(f.seq)
+                fresh_rejected.append((f, reason))
+            if fresh_rejected:
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO edgegw_rejected (gateway_id, epoch, seq, reason, node_id,"
+                        " at, body) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                        [(f.gateway, f.epoch, f.seq, reason, self.node_id, now, f.body)
+                         for f, reason in fresh_rejected])
+            for (gw, epoch), (up_to, _) in lost.items():
+                applied[(gw, epoch)].add_range(1, up_to)
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO edgegw_applied (gateway_id, epoch, ranges, updated)"
+                    " VALUES (%s, %s, %s, %s) ON CONFLICT (gateway_id, epoch) DO UPDATE"
+                    " SET ranges = EXCLUDED.ranges, updated = EXCLUDED.updated",
+                    [(gw, epoch, json.dumps(applied[(gw, epoch)].ranges()), now)
+                     for gw, epoch in keys])
+            # counters: increments (the row is locked: no lost update)
+            stats: dict[str, GatewayStats] = {}
+            for gw in gateways:
+                mine = [f for f in applied_frames if f.gateway == gw]
+                rej = [f for f, _ in fresh_rejected if f.gateway == gw]
+                lost_n = sum(n for (g, _), (_, n) in lost.items() if g == gw)
+                epochs = [f.epoch for f in mine] or [e for g, e in lost if g == gw] or [
+                    f.epoch for f in rej]
+                seqs = [f.seq for f in mine] + [f.seq for f in rej]
+                row = conn.execute(
+                    "UPDATE edgegw_gateways SET frames_applied = frames_applied + %s,"
+                    " records_applied = records_applied + %s,"
+                    " duplicates_dropped = duplicates_dropped + %s,"
+                    " frames_rejected = frames_rejected + %s, frames_lost = frames_lost + %s,"
+                    " last_seq = GREATEST(last_seq, %s), epoch = COALESCE(%s, epoch),"
+                    " last_seen = CASE WHEN %s THEN %s ELSE last_seen END"
+                    f" WHERE gateway_id = %s RETURNING {', '.join(_STAT_COLS)}",
+                    (len(mine), sum(f.n_records for f in mine), dups.get(gw, 0), len(rej),
+                     lost_n, max(seqs, default=0), epochs[-1] if epochs else None,
+                     bool(mine), now, gw)).fetchone()
+                stats[gw] = GatewayStats(gw, *row)  # type: ignore[misc]
+        return skipped, stats, heads
+
+    async def declare_lost(self, gateway: str, epoch: str, up_to: int, count: int,
+                           generation: int = 0) -> None:
+        """Record that the gateway no longer holds frames below ``up_to`` that we lack."""
+        await self.commit([], {gateway: generation}, lost={(gateway, epoch): (up_to, count)})
+
+    # -- partitions --
+    async def partition_head(self, partition: int) -> int:
+        """The partition's last pseq (0: nothing yet)."""
+        def run(conn: psycopg.Connection[Any]) -> int:
+            row = conn.execute("SELECT last_pseq FROM edgegw_partition_heads WHERE"
+                               " partition = %s", (partition,)).fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._call(run)
+
+    async def read_partition(self, partition: int, after_pseq: int, limit: int = 500,
+                             ) -> list[LogChunk]:
+        """The partition's log rows after ``after_pseq``, in pseq order, decoded (in the
+        worker thread).  Rows numbered below the oldest kept one were pruned; a reader
+        starts from a checkpoint (``load_checkpoint``), which pruning never passes."""
+        def run(conn: psycopg.Connection[Any]) -> list[LogChunk]:
+            rows = conn.execute(
+                "SELECT pseq, gateway_id, epoch, seq, body FROM edgegw_partition_log"
+                " WHERE partition = %s AND pseq > %s ORDER BY pseq LIMIT %s",
+                (partition, after_pseq, limit)).fetchall()
+            out = []
+            for pseq, gw, epoch, seq, body in rows:
+                try:
+                    first_rid, records = decode_chunk(body)
+                except (FrameError, ProtocolError, zlib.error) as exc:
+                    # stored by this code from a frame that decoded: corruption, not input
+                    log.error("partition %d pseq %d: undecodable chunk skipped: %s",
+                              partition, pseq, exc)
+                    first_rid, records = 0, []
+                out.append(LogChunk(pseq, gw, first_rid, records, epoch, seq))
+            return out
+
+        return await self._call(run)
+
+    async def save_checkpoint(self, partition: int, pseq: int, token: int, blob: bytes
+                              ) -> bool:
+        """Store the partition's state checkpoint at ``pseq``, written under lease
+        ``token``: False (nothing written) if a checkpoint with a newer token is there --
+        a stale owner whose lease expired cannot overwrite its successor's."""
+        def run(conn: psycopg.Connection[Any]) -> bool:
+            cur = conn.execute(
+                "INSERT INTO edgegw_partition_checkpoints (partition, pseq, token, blob, at)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (partition) DO UPDATE SET"
+                " pseq = EXCLUDED.pseq, token = EXCLUDED.token, blob = EXCLUDED.blob,"
+                " at = EXCLUDED.at WHERE edgegw_partition_checkpoints.token <= EXCLUDED.token",
+                (partition, pseq, token, blob, time.time()))
+            return cur.rowcount == 1
+
+        return await self._call(run)
+
+    async def load_checkpoint(self, partition: int) -> tuple[int, bytes] | None:
+        """(pseq, blob) of the partition's checkpoint, or None."""
+        def run(conn: psycopg.Connection[Any]) -> tuple[int, bytes] | None:
+            row = conn.execute("SELECT pseq, blob FROM edgegw_partition_checkpoints"
+                               " WHERE partition = %s", (partition,)).fetchone()
+            return (int(row[0]), bytes(row[1])) if row else None
+
+        return await self._call(run)
+
+    async def max_tokens(self) -> dict[int, int]:
+        """Per partition, the newest lease token a checkpoint was written with: after
+        Redis lost its data the lease counters must restart above these (``seed_fence``)."""
+        def run(conn: psycopg.Connection[Any]) -> dict[int, int]:
+            return dict(conn.execute(
+                "SELECT partition, token FROM edgegw_partition_checkpoints").fetchall())
+
+        return await self._call(run)
+
+    # -- alerts and archives (what records alone cannot rebuild cheaply) --
+    async def save_alerts(self, partition: int, token: int, alerts: list[dict[str, Any]],
+                          ) -> dict[str, bool]:
+        """Upsert alerts raised by the owner of ``partition`` under lease ``token`` (each
+        a dict with ``id``, ``priority``, ``rule``, ``raised_at``, ``acknowledged``: the
+        single hub's alert form).  An alert is one row cluster-wide (its id): a new owner
+        raising it again after a rebuild finds it there.  A row written under a newer
+        token is not overwritten (a stale owner is fenced off), and an acknowledgement
+        made on any node is never undone by the owner's copy.  Returns, per id written,
+        whether it was new (False: updated; ids fenced off are left out)."""
+        def run(conn: psycopg.Connection[Any]) -> dict[str, bool]:
+            out: dict[str, bool] = {}
+            now = time.time()
+            with conn.transaction():
+                for a in alerts:
+                    row = conn.execute(
+                        "INSERT INTO edgegw_alerts (id, partition, token, priority, rule,"
+                        " raised_at, acknowledged, data, updated) VALUES"
+                        " (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET"
+                        " token = EXCLUDED.token, priority = EXCLUDED.priority,"
+                        " data = EXCLUDED.data, updated = EXCLUDED.updated,"
+                        " acknowledged = edgegw_alerts.acknowledged OR EXCLUDED.acknowledged,"
+                        " pending = true"  # the alert feed (alertfeed.py) looks again
+                        " WHERE edgegw_alerts.token <= EXCLUDED.token"
+                        " RETURNING (xmax = 0)",
+                        (a["id"], partition, token, a["priority"], a["rule"], a["raised_at"],
+                         bool(a.get("acknowledged")), dumps(a), now)).fetchone()
+                    if row is not None:
+                        out[a["id"]] = bool(row[0])
+            return out
+
+        return await self._call(run)
+
+    async def ack_alert(self, alert_id: str, user: str | None, at: float) -> bool:
+        """Acknowledge an alert, from any node: True if this call acknowledged it (False:
+        unknown, or acknowledged already -- by whoever was first)."""
+        def run(conn: psycopg.Connection[Any]) -> bool:
+            cur = conn.execute(
+                "UPDATE edgegw_alerts SET acknowledged = true, acked_by = %s, acked_at = %s,"
+                " updated = %s, pending = true WHERE id = %s AND NOT acknowledged",
+                (user, at, at, alert_id))
+            return cur.rowcount == 1
+
+        return await self._call(run)
+
+    async def load_alerts(self, limit: int = 1000, partition: int | None = None
+                          ) -> list[dict[str, Any]]:
+        """The newest alerts (of one partition, or all), newest first, as saved, with the
+        acknowledgement as the table has it (``acked_by``, ``acked_at`` added)."""
+        def run(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT data, acknowledged, acked_by, acked_at FROM edgegw_alerts"
+                " WHERE %s::integer IS NULL OR partition = %s"
+                " ORDER BY raised_at DESC LIMIT %s", (partition, partition, limit)).fetchall()
+            out = []
+            for data, acked, by, at in rows:
+                alert = json.loads(data)
+                alert.update(acknowledged=acked, acked_by=by, acked_at=at)
+                out.append(alert)
+            return out
+
+        return await self._call(run)
+
+    async def pending_alerts(self, limit: int = 500) -> list[tuple[dict[str, Any], str, float]]:
+        """Alerts changed since the alert feed last looked (``pending``: set by every
+        ``save_alerts`` and ``ack_alert``): ``(alert, fed, updated)``, oldest raised first;
+        ``fed`` holds the events the feed already announced (``r`` raised, ``e``
+        escalated, ``a`` acknowledged)."""
+        def run(conn: psycopg.Connection[Any]) -> list[tuple[dict[str, Any], str, float]]:
+            rows = conn.execute(
+                "SELECT data, acknowledged, acked_by, acked_at, fed, updated FROM edgegw_alerts"
+                " WHERE pending ORDER BY raised_at LIMIT %s", (limit,)).fetchall()
+            out = []
+            for data, acked, by, at, fed, updated in rows:
+                alert = json.loads(data)
+                alert.update(acknowledged=acked, acked_by=by, acked_at=at)
+                out.append((alert, fed, updated))
+            return out
+
+        return await self._call(run)
+
+    async def mark_fed(self, items: list[tuple[str, str, float]]) -> set[str]:
+        """``(id, fed, updated)``: the feed announced these events of these alerts.  A row
+        changed since it was read (``updated`` differs) stays pending, its ``fed`` as it
+        was: looked at again.  Returns the ids written."""
+        def run(conn: psycopg.Connection[Any]) -> set[str]:
+            done = set()
+            with conn.transaction():
+                for alert_id, fed, updated in items:
+                    cur = conn.execute("UPDATE edgegw_alerts SET pending = false, fed = %s"
+                                       " WHERE id = %s AND updated = %s",
+                                       (fed, alert_id, updated))
+                    if cur.rowcount == 1:
+                        done.add(alert_id)
+            return done
+
+        return await self._call(run)
+
+    async def known_gateways(self) -> list[str]:
+        """Every gateway that ever claimed a connection (for ``gateway_offline``)."""
+        def run(conn: psycopg.Connection[Any]) -> list[str]:
+            return [r[0] for r in conn.execute(
+                "SELECT gateway_id FROM edgegw_gateways WHERE generation > 0").fetchall()]
+
+        return await self._call(run)
+
+    async def save_archives(self, lots: list[tuple[str, dict[str, Any]]],
+                            wafers: list[tuple[str, str, dict[str, Any]]]) -> int:
+        """Archived lots (``(lot_id, {"lot": summary, ...})``) and wafers (``(lot_id,
+        wafer_id, snapshot)``), as the single hub's history store keeps them: an archive
+        never regresses (replaced only by one with as many parts or more).  Returns how
+        many were not written (a fuller one is kept)."""
+        def run(conn: psycopg.Connection[Any]) -> int:
+            written = 0
+            with conn.transaction():
+                for lot_id, archive in lots:
+                    written += conn.execute(
+                        "INSERT INTO edgegw_lots (lot_id, updated, summary, archive, parts)"
+                        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (lot_id) DO UPDATE SET"
+                        " updated = EXCLUDED.updated, summary = EXCLUDED.summary,"
+                        " archive = EXCLUDED.archive, parts = EXCLUDED.parts"
+                        " WHERE EXCLUDED.parts >= edgegw_lots.parts",
+                        lot_row(lot_id, archive)).rowcount
+                for lot_id, wafer_id, snap in wafers:
+                    written += conn.execute(
+                        "INSERT INTO edgegw_wafers (lot_id, wafer_id, updated, summary,"
+                        " snapshot, parts) VALUES (%s, %s, %s, %s, %s, %s)"
+                        " ON CONFLICT (lot_id, wafer_id) DO UPDATE SET"
+                        " updated = EXCLUDED.updated, summary = EXCLUDED.summary,"
+                        " snapshot = EXCLUDED.snapshot, parts = EXCLUDED.parts"
+                        " WHERE EXCLUDED.parts >= edgegw_wafers.parts",
+                        wafer_row(lot_id, wafer_id, snap)).rowcount
+            return len(lots) + len(wafers) - written
+
+        return await self._call(run)
+
+    async def lot_archive(self, lot_id: str) -> dict[str, Any] | None:
+        rows = await self.query("SELECT archive FROM edgegw_lots WHERE lot_id = %s", (lot_id,))
+        return json.loads(rows[0][0]) if rows else None
+
+    async def wafer_archive(self, lot_id: str, wafer_id: str) -> dict[str, Any] | None:
+        rows = await self.query("SELECT snapshot FROM edgegw_wafers WHERE lot_id = %s"
+                                " AND wafer_id = %s", (lot_id, wafer_id))
+        return json.loads(rows[0][0]) if rows else None
+
+    # -- retention --
+    async def prune(self, older_than: float, max_bytes: int | None = None,
+                    up_to_id: int | None = None, batch: int = 5000) -> int:
+        """Delete partition-log rows applied before ``older_than`` (Unix time) -- and, while
+        the logs exceed ``max_bytes``, the oldest -- but never a row above its partition's
+        checkpoint (a new owner rebuilds from the checkpoint and the rows after it), and
+        frame rows (the duplicate check's second line) by age.  ``up_to_id`` is the single
+        hub's frame-id limit and means nothing here.  Short transactions, in batches;
+        returns how many log rows went.  The applied sets stay: a resend of a pruned frame
+        is still dropped as a duplicate."""
+        del up_to_id
+
+        def delete_log(conn: psycopg.Connection[Any], where: str, params: tuple[Any, ...]
+                       ) -> int:
+            """Delete the chosen log rows and take their bytes off their heads' counts,
+            in one transaction."""
+            with conn.transaction():
+                gone = conn.execute(
+                    "DELETE FROM edgegw_partition_log l USING ("
+                    " SELECT l2.partition, l2.pseq FROM edgegw_partition_log l2"
+                    " JOIN edgegw_partition_checkpoints c ON c.partition = l2.partition"
+                    f" WHERE l2.pseq <= c.pseq {where}) d"
+                    " WHERE l.partition = d.partition AND l.pseq = d.pseq"
+                    " RETURNING l.partition, length(l.body)", params).fetchall()
+                freed: collections.Counter[int] = collections.Counter()
+                for p, size in gone:
+                    freed[p] += size
+                for p in sorted(freed):  # heads in partition order, as commits lock them
+                    conn.execute("UPDATE edgegw_partition_heads SET log_bytes = log_bytes - %s"
+                                 " WHERE partition = %s", (freed[p], p))
+            return len(gone)
+
+        def run_age(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+            n = delete_log(conn, "AND l2.applied_at < %s LIMIT %s", (older_than, batch))
+            frames = conn.execute(
+                "DELETE FROM edgegw_frames WHERE ctid IN (SELECT ctid FROM edgegw_frames"
+                " WHERE applied_at < %s LIMIT %s)", (older_than, batch)).rowcount
+            return n, frames
+
+        def run_bytes(conn: psycopg.Connection[Any]) -> int:
+            return delete_log(conn, "ORDER BY l2.applied_at LIMIT %s", (batch,))
+
+        total = 0
+        while True:
+            n, frames = await self._call(run_age)
+            total += n
+            if n == 0 and frames == 0:
+                break
+        if max_bytes is not None:
+            while await self.measure() > max_bytes and (n := await self._call(run_bytes)):
+                total += n
+        await self.measure()
+        return total
+
+    async def measure(self) -> int:
+        """Bytes of the partition logs' (compressed) bodies now, as the commits and
+        prunes keep them in the heads (what ``retain_frames_mb`` bounds; a sum over the
+        log itself would read terabytes on a floor); sets ``frame_bytes``."""
+        def run(conn: psycopg.Connection[Any]) -> int:
+            row = conn.execute("SELECT COALESCE(SUM(log_bytes), 0) FROM"
+                               " edgegw_partition_heads").fetchone()
+            return int(row[0]) if row else 0
+
+        self.frame_bytes = await self._call(run)
+        return self.frame_bytes
+
+    async def table_bytes(self) -> dict[str, int]:
+        """``pg_total_relation_size`` of each table (indexes and TOAST included)."""
+        def run(conn: psycopg.Connection[Any]) -> dict[str, int]:
+            return {t: int(conn.execute("SELECT pg_total_relation_size(%s)",
+                                        (PREFIX + t,)).fetchone()[0])  # type: ignore[index]
+                    for t in TABLES}
+
+        return await self._call(run)
+
+    async def stored_frames(self, decode: Any, after: int = 0, batch: int = 200) -> Any:
+        """The single hub's start-up replay: not in a cluster, where each partition's owner
+        rebuilds its state from its checkpoint and ``read_partition``."""
+        raise NotImplementedError("a cluster node rebuilds live state per partition "
+                                  "(read_partition), not by replaying every frame")
+        yield  # pragma: no cover  (an async generator, as HubStore's)
+
+    async def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """A read-only query (psycopg placeholders: ``%s``)."""
+        def run(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+            return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+
+        return await self._call(run)
+
+
+__all__ = ["ClusterStore", "GatewaySuperseded", "LogChunk", "PartitionMismatch",
+           "StoreUnavailable", "decode_chunk"]

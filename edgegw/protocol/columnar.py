@@ -1,0 +1,202 @@
+"""Columnar frame bodies (protocol v2, docs/protocol.md section 5.2), sans-IO.
+
+Why columns: the hub decodes every record, so its decode is the ceiling of gateway -> hub
+throughput.  With per-record arrays (the v1 body) cbor2 builds one list per record and
+the hub then one record per list; with columns cbor2 builds one list per *field* per
+frame, a field whose value is the same in every record (lot id, head, units, flags) is
+sent once, and the hub builds every record of a kind in one ``zip`` (C, no Python code
+per field).  ``bench/record_layout.py`` and ``bench/gateway_hub.py`` measure it.
+
+Layout (a CBOR array of four items; the v1 body has three, which is how the two are told
+apart -- stored and spooled bodies of both kinds live side by side)::
+
+    [first_rid, [source...], [kind, count, kind, count, ...], [[kind, [column...]], ...]]
+
+The runs list gives the record order: ``count`` records of ``kind``, taken in order from
+that kind's table.  A table's columns are the positional v1 record form without its kind
+(``source_index, ts, field...``); each column is an array of one value per record of the
+table, or of exactly one value that every record of the table has.  Trailing columns with
+defaults may be left out, and columns beyond the ones a receiver knows are ignored (as
+trailing fields are in v1).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import cbor2
+
+from ..records import BY_KIND, KIND_OF, Record
+
+_repeat = itertools.repeat
+_islice = itertools.islice
+_new = tuple.__new__
+
+
+class ColumnarError(ValueError):
+    """A columnar body that does not match the layout (the frame is rejected)."""
+
+
+def is_columnar(body: bytes) -> bool:
+    """Whether a body encoded by this module (a definite CBOR array of 4) is columnar.
+    For bodies this implementation wrote (its spool); a received body is told apart by
+    its decoded shape."""
+    return body[:1] == b"\x84"
+
+
+def _column(col: tuple[Any, ...]) -> Any:
+    """A column as sent: one value when every record has the same one.
+
+    Only strings, None and ints/bools of one type are folded: ``==`` alone would
+    merge 1, True and 1.0, or 0.0 and -0.0, and the receiver must get back exactly the
+    values it was given.  Floats (measurements, times) rarely repeat; they go whole."""
+    first = col[0]
+    t = type(first)
+    if t is str or first is None:
+        if col.count(first) == len(col):
+            return (first,)
+    elif (t is int or t is bool) and col.count(first) == len(col):
+        if len(set(map(type, col))) == 1:
+            return (first,)
+    return col
+
+
+def encode_columns(first_rid: int, records: Sequence[Record]) -> bytes:
+    """The v2 columnar body of ``records`` (numbered from ``first_rid``)."""
+    runs: list[int] = []
+    by_kind: dict[type[Any], list[Record]] = {}
+    # groupby runs in C: the Python loop turns once per run, not once per record
+    for cls, group in itertools.groupby(records, type):
+        rows = list(group)
+        runs += (KIND_OF[cls], len(rows))
+        by_kind.setdefault(cls, []).extend(rows)
+    index: dict[str, int] = {}
+    tables = []
+    for cls, rows in by_kind.items():
+        columns = list(zip(*rows, strict=True))
+        names = columns[0]
+        if names.count(names[0]) == len(names):
+            i = index.get(names[0])
+            if i is None:
+                i = index[names[0]] = len(index)
+            source_col: Any = (i,)
+        else:
+            source_col = [index[n] if n in index else index.setdefault(n, len(index))
+                          for n in names]
+        tables.append((KIND_OF[cls], [source_col, *map(_column, columns[1:])]))
+    return cbor2.dumps((first_rid, list(index), runs, tables))
+
+
+def _bad(reason: str) -> ColumnarError:
+    return ColumnarError(reason)
+
+
+def decode_columns(item: list[Any], max_records: int | None = None
+                   ) -> tuple[int, list[Record], int]:
+    """A decoded columnar body (the CBOR item, already checked to be a list of four) to
+    (first_rid, records, n).  Raises ColumnarError for anything malformed, and
+    ``OverflowError`` (carrying the count) when it holds more than ``max_records``."""
+    first_rid, sources, runs, tables = item
+    if type(first_rid) is not int or first_rid < 1:
+        raise _bad(f"first_rid must be an integer >= 1, got {first_rid!r:.40}")
+    if type(sources) is not list or not all(type(s) is str for s in sources):
+        raise _bad("sources must be an array of strings")
+    if type(runs) is not list or len(runs) % 2:
+        raise _bad("runs must be an array of kind, count pairs")
+    if type(tables) is not list:
+        raise _bad("tables must be an array of [kind, columns]")
+    kinds = runs[0::2]
+    counts = runs[1::2]
+    if not all(type(c) is int and c >= 1 for c in counts):
+        raise _bad("each run's count must be an integer >= 1")
+    if not all(type(k) is int for k in kinds):
+        raise _bad("each run's kind must be an integer")
+    n = sum(counts)
+    if max_records is not None and n > max_records:
+        raise OverflowError(n)
+    per_kind: dict[Any, int] = {}
+    for k, c in zip(kinds, counts, strict=True):
+        per_kind[k] = per_kind.get(k, 0) + c
+    rows_of: dict[Any, list[Record]] = {}
+    for table in tables:
+        if type(table) is not list or len(table) != 2 or type(table[1]) is not list:
+            raise _bad("each table must be [kind, [column...]]")
+        kind, columns = table
+        cls = BY_KIND.get(kind) if type(kind) is int else None
+        if cls is None:
+            raise _bad(f"unknown record kind {kind!r:.40}")
+        if kind in rows_of:
+            raise _bad(f"two tables of kind {kind}")
+        rows = per_kind.get(kind)
+        if rows is None:
+            raise _bad(f"a table of kind {kind} that no run uses")
+        rows_of[kind] = _table(cls, kind, columns, rows, sources)
+    if len(rows_of) != len(per_kind):
+        missing = [k for k in per_kind if k not in rows_of]
+        raise _bad(f"runs name kind(s) {missing!r:.60} without a table")
+    if len(kinds) == 1:
+        return first_rid, rows_of[kinds[0]], n
+    its = {k: iter(v) for k, v in rows_of.items()}
+    out: list[Record] = []
+    extend = out.extend
+    for k, c in zip(kinds, counts, strict=True):
+        extend(_islice(its[k], c))
+    return first_rid, out, n
+
+
+def _table(cls: type[Any], kind: int, columns: list[Any], n: int, sources: list[str]
+           ) -> list[Record]:
+    n_fields = len(cls._fields)  # source, ts, fields: as many columns
+    n_required = n_fields - len(cls._field_defaults)
+    if len(columns) < n_required:
+        required = cls._fields[2:n_required]
+        raise _bad(f"{cls.__name__} (kind {kind}) needs {n_required} columns (source, ts, "
+                   f"{', '.join(required)}), got {len(columns)}")
+    cols: list[Any] = []
+    for j, col in enumerate(columns[:n_fields]):
+        if type(col) is not list:
+            raise _bad(f"{cls.__name__} column {j} must be an array")
+        if len(col) == n:
+            cols.append(col)
+        elif len(col) == 1:
+            cols.append(_repeat(col[0], n))
+        else:
+            raise _bad(f"{cls.__name__} column {j} has {len(col)} values for {n} records "
+                       f"(must be {n} or 1)")
+    src = columns[0]
+    try:
+        if len(src) == 1:
+            i = src[0]
+            if type(i) is not int or i < 0:
+                raise IndexError
+            cols[0] = _repeat(sources[i], n)
+        else:
+            if not all(type(i) is int for i in src) or min(src) < 0:
+                raise IndexError
+            cols[0] = list(map(sources.__getitem__, src))
+    except IndexError:
+        raise _bad(f"{cls.__name__}: a source index out of range of the "
+                   f"{len(sources)} source(s)") from None
+    for name in cls._fields[len(cols):]:  # left out: every record has the default
+        cols.append(_repeat(cls._field_defaults[name], n))
+    return list(map(partial(_new, cls), zip(*cols, strict=True)))
+
+
+def to_rows(item: list[Any]) -> list[Any]:
+    """A decoded columnar body as the v1 body ``[first_rid, sources, [record...]]``
+    (positional records): for a v1 peer, and for tools that read stored bodies."""
+    first_rid, records, _ = decode_columns(item)
+    index: dict[str, int] = {}
+    wire = []
+    for r in records:
+        i = index.get(r[0])
+        if i is None:
+            i = index[r[0]] = len(index)
+        wire.append([KIND_OF[type(r)], i, *r[1:]])
+    return [first_rid, list(index), wire]
+
+
+__all__ = ["ColumnarError", "decode_columns", "encode_columns", "is_columnar", "to_rows"]

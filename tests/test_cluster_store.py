@@ -1,0 +1,366 @@
+"""The cluster's PostgreSQL store (edgegw/hub/cluster/pgstore.py) against a real server:
+each frame applied once however nodes race (constraints, not timing), the generation
+fence, per-partition pseq order = commit order, fenced checkpoints, counters, pruning."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import psycopg
+import pytest
+import trio
+
+from edgegw.hub.cluster.partition import partition_key, partition_of
+from edgegw.hub.cluster.pgstore import ClusterStore, PartitionMismatch
+from edgegw.hub.store import FrameToApply, GatewaySuperseded, StoreUnavailable
+from edgegw.protocol import encode_body
+from edgegw.records import GatewayEvent, PartResult, Record
+
+
+def part(lot: str, n: int) -> PartResult:
+    return PartResult("tester", 1.0 + n, lot, "W1", 1, n % 4, f"p{n}", n % 30, n // 30, 1, 1,
+                      True)
+
+
+def frame(gw: str, seq: int, lots: list[str], epoch: str = "e1", per_lot: int = 3,
+          ) -> FrameToApply:
+    """Frame ``seq`` of ``gw``: ``per_lot`` parts of each lot (rids numbered by seq)."""
+    records: list[Record] = [part(lot, seq * 100 + i) for lot in lots for i in range(per_lot)]
+    first_rid = seq * 1000
+    return FrameToApply(gw, epoch, seq, first_rid, len(records),
+                        encode_body(first_rid, records), records=records)
+
+
+@pytest.fixture
+async def stores(pg_dsn: str):  # type: ignore[no-untyped-def]
+    """Two stores on one database: two nodes."""
+    a = ClusterStore(pg_dsn, "node-a", partitions=8)
+    b = ClusterStore(pg_dsn, "node-b", partitions=8)
+    await a.open()
+    await b.open()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+def rows(dsn: str, sql: str, params: tuple[object, ...] = ()) -> list[tuple]:  # type: ignore[type-arg]
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+
+
+async def all_chunks(store: ClusterStore, partitions: int = 8) -> list:  # type: ignore[type-arg]
+    out = []
+    for p in range(partitions):
+        after = 0
+        while chunk := await store.read_partition(p, after, 100):
+            out.extend((p, c) for c in chunk)
+            after = chunk[-1].pseq
+    return out
+
+
+async def test_two_nodes_racing_on_one_gateways_frames_apply_each_once(
+        stores: tuple[ClusterStore, ClusterStore], pg_dsn: str) -> None:
+    # Both "nodes" hold the same generation (as two connections would if the fence were
+    # not there): only the applied check and the primary key stand between them.
+    a, b = stores
+    gen = await a.claim_gateway("gw1")
+    n = 120
+    frames = {s: frame("gw1", s, [f"L{s % 5}", f"L{(s + 1) % 5}"]) for s in range(1, n + 1)}
+    applied_by: dict[str, set[int]] = {"a": set(), "b": set()}
+
+    async def node(name: str, store: ClusterStore, seed: int) -> None:
+        rnd = random.Random(seed)
+        order = list(frames)
+        rnd.shuffle(order)
+        for i in range(0, n, 7):
+            batch = sorted(order[i:i + 7])
+            mine = [frames[s] for s in batch]
+            # a fresh copy each time: the store fills in nothing the other must not see
+            skipped = await store.commit(mine, {"gw1": gen})
+            applied_by[name] |= {s for s in batch if ("gw1", "e1", s) not in skipped}
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node, "a", a, 1)
+        nursery.start_soon(node, "b", b, 2)
+    assert applied_by["a"] | applied_by["b"] == set(frames)
+    assert applied_by["a"] & applied_by["b"] == set()
+    assert applied_by["a"] and applied_by["b"]  # both did apply some: a real race
+    # each frame's records are in the partition logs exactly once
+    seen = [(c.seq, c.first_rid + i, r) for _, c in await all_chunks(a)
+            for i, r in enumerate(c.records)]
+    expected = [(s, f.first_rid + i, r) for s, f in frames.items()
+                for i, r in enumerate(f.records or [])]
+    assert sorted(seen, key=lambda t: t[1]) == sorted(expected, key=lambda t: t[1])
+    assert rows(pg_dsn, "SELECT count(*) FROM edgegw_frames") == [(n,)]
+    # a chunk's records all belong to its partition
+    for p, c in await all_chunks(a):
+        assert {partition_of(partition_key("gw1", r), 8) for r in c.records} == {p}
+    # counters: once per frame, whoever applied it
+    st = (await a.all_gateway_stats())["gw1"]
+    assert (st.frames_applied, st.records_applied, st.last_seq) == (n, n * 6, n)
+
+
+async def test_generation_fence_refuses_an_older_connections_commit(
+        stores: tuple[ClusterStore, ClusterStore], pg_dsn: str) -> None:
+    a, b = stores
+    gen_a = await a.claim_gateway("gw1")
+    committed: list[int] = []
+    claimed = trio.Event()
+    seen_by_b: list[int] = []
+    refused_after_claim = 0
+
+    async def old_connection() -> None:
+        nonlocal refused_after_claim
+        seq = 0
+        while True:
+            seq += 1
+            try:
+                await a.commit([frame("gw1", seq, ["LA"])], {"gw1": gen_a})
+            except GatewaySuperseded:
+                refused_after_claim += 1
+                if refused_after_claim >= 5:
+                    return
+                continue
+            committed.append(seq)
+            await trio.sleep(0.002)
+
+    async def new_connection() -> None:
+        await trio.sleep(0.3)
+        claim = await b.claim("gw1", "e1")
+        seen_by_b.extend(s for s in range(1, 10_000) if s in claim.applied)
+        claimed.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(old_connection)
+        nursery.start_soon(new_connection)
+    # exactly what the old connection committed before the claim is what WELCOME saw:
+    # nothing it sent after the claim was written, whatever the timing
+    assert committed, "the old connection committed nothing before the claim"
+    assert committed == seen_by_b
+    assert rows(pg_dsn, "SELECT seq FROM edgegw_frames ORDER BY seq") == [
+        (s,) for s in committed]
+    # the newer connection's commit goes in; a refused commit wrote nothing at all
+    assert claimed.is_set()
+    gen_b = int(rows(pg_dsn, "SELECT generation FROM edgegw_gateways")[0][0])
+    assert gen_b == gen_a + 1
+    nxt = len(committed) + 1
+    assert await b.commit([frame("gw1", nxt, ["LA"])], {"gw1": gen_b}) == set()
+    with pytest.raises(GatewaySuperseded):
+        await a.declare_lost("gw1", "e1", 1, 1, gen_a)
+    st = (await b.all_gateway_stats())["gw1"]
+    assert (st.frames_applied, st.frames_lost) == (len(committed) + 1, 0)
+
+
+async def test_partition_sequence_is_commit_order_for_a_tailer(pg_dsn: str) -> None:
+    # One partition, four nodes committing at once, a reader tailing pseq > last: it must
+    # see every row exactly once and in order (a sequence number handed out before commit
+    # would let a later commit's smaller number slip behind the reader).
+    stores = [ClusterStore(pg_dsn, f"n{i}", partitions=1) for i in range(4)]
+    advanced: list[int] = []  # what the nodes would publish ("partition 0 advanced to")
+    for s in stores:
+        await s.open()
+        s.on_advance = lambda heads: advanced.append(heads[0])
+    per_gateway = 40
+    tailed: list[tuple[int, str, int]] = []
+    done = trio.Event()
+
+    async def committer(i: int, store: ClusterStore) -> None:
+        gw = f"gw{i}"
+        gen = await store.claim_gateway(gw)
+        for seq in range(1, per_gateway + 1):
+            await store.commit([frame(gw, seq, [f"L{i}"], per_lot=2)], {gw: gen})
+
+    async def tailer(store: ClusterStore) -> None:
+        after = 0
+        while True:
+            finished = done.is_set()
+            chunk = await store.read_partition(0, after, 50)
+            for c in chunk:
+                tailed.append((c.pseq, c.gateway_id, c.seq))
+                after = c.pseq
+            if finished and not chunk:
+                return
+            if not chunk:
+                await trio.sleep(0.001)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tailer, stores[0])
+            async with trio.open_nursery() as inner:
+                for i, s in enumerate(stores):
+                    inner.start_soon(committer, i, s)
+            done.set()
+        total = 4 * per_gateway
+        assert [p for p, _, _ in tailed] == list(range(1, total + 1))
+        assert await stores[0].partition_head(0) == total
+        assert len(advanced) == total and max(advanced) == total
+        for i in range(4):  # each gateway's frames in its own order
+            assert [s for _, gw, s in tailed if gw == f"gw{i}"] == list(
+                range(1, per_gateway + 1))
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_checkpoints_are_fenced_by_the_lease_token(
+        stores: tuple[ClusterStore, ClusterStore]) -> None:
+    a, b = stores
+    assert await a.load_checkpoint(3) is None
+    assert await a.save_checkpoint(3, 10, token=5, blob=b"state@10")
+    assert await a.load_checkpoint(3) == (10, b"state@10")
+    assert await b.save_checkpoint(3, 20, token=6, blob=b"state@20")  # the new owner
+    # the old owner, lease expired, still running: refused, the newer one stays
+    assert not await a.save_checkpoint(3, 15, token=5, blob=b"stale")
+    assert await b.load_checkpoint(3) == (20, b"state@20")
+    assert await b.save_checkpoint(3, 25, token=6, blob=b"state@25")  # same owner again
+    assert await a.max_tokens() == {3: 6}
+
+
+async def test_counters_lost_ranges_rejected_and_duplicates(
+        stores: tuple[ClusterStore, ClusterStore], pg_dsn: str) -> None:
+    a, b = stores
+    gen = await a.claim_gateway("gw1")
+    records: list[Record] = [GatewayEvent("gw", 1.0, "info", "x", "hello"), part("L1", 1)]
+    f1 = FrameToApply("gw1", "e1", 5, 1, 2, encode_body(1, records), records=records)
+    bad = FrameToApply("gw1", "e1", 6, 0, 0, b"\xff")
+    await a.declare_lost("gw1", "e1", 4, 4, gen)
+    assert await a.commit([f1], {"gw1": gen}, rejected=[(bad, "not CBOR")]) == set()
+    # resends (after the row was pruned too) are skipped, on any node
+    a.count_duplicate("gw1")
+    assert await a.commit([f1], {"gw1": gen}, rejected=[(bad, "not CBOR")]) == {
+        ("gw1", "e1", 5), ("gw1", "e1", 6)}
+    gen2 = await b.claim_gateway("gw1")
+    claim = await b.claim("gw1", "e1")
+    assert claim.generation == gen2 + 1
+    assert claim.applied.ranges() == [(1, 6)]
+    st = (await b.all_gateway_stats())["gw1"]
+    assert (st.epoch, st.frames_applied, st.records_applied, st.frames_rejected,
+            st.frames_lost, st.last_seq, st.duplicates_dropped) == ("e1", 1, 2, 1, 4, 6, 1)
+    assert st.last_seen is not None and abs(st.last_seen - time.time()) < 60
+    assert rows(pg_dsn, "SELECT seq, reason, body FROM edgegw_rejected") == [
+        (6, "not CBOR", b"\xff")]
+    # the mixed frame went to two partitions, one chunk each, rids kept
+    chunks = {c.first_rid: (p, c.records) for p, c in await all_chunks(b)}
+    assert chunks == {1: (partition_of("gw:gw1", 8), records[:1]),
+                      2: (partition_of("L1", 8), records[1:])}
+
+
+async def test_prune_never_passes_a_partitions_checkpoint(
+        stores: tuple[ClusterStore, ClusterStore], pg_dsn: str) -> None:
+    a, _ = stores
+    gen = await a.claim_gateway("gw1")
+    lot = "LOT-P"
+    p = partition_of(lot, 8)
+    other = next(f"LOT-{i}" for i in range(100) if partition_of(f"LOT-{i}", 8) != p)
+    q = partition_of(other, 8)
+    for seq in range(1, 11):
+        await a.commit([frame("gw1", seq, [lot if seq % 2 else other])], {"gw1": gen})
+    assert await a.partition_head(p) == 5 and await a.partition_head(q) == 5
+    assert await a.save_checkpoint(p, 3, 1, b"cp")
+    # everything is old enough: only p's rows up to its checkpoint may go; q has none
+    assert await a.prune(time.time() + 10) == 3
+    assert [c.pseq for c in await a.read_partition(p, 0, 100)] == [4, 5]
+    assert [c.pseq for c in await a.read_partition(q, 0, 100)] == [1, 2, 3, 4, 5]
+    # and by bytes: still never above the checkpoint
+    assert await a.prune(0.0, max_bytes=0) == 0
+    # the applied set still drops a resend of a pruned frame
+    assert await a.commit([frame("gw1", 1, [lot])], {"gw1": gen}) == {("gw1", "e1", 1)}
+    # the byte count kept with the heads is the bodies' sum, after commits and prunes
+    assert a.frame_bytes == rows(pg_dsn, "SELECT sum(length(body)) FROM edgegw_partition_log"
+                                 )[0][0] > 0
+    # a byte limit deletes the oldest rows below their checkpoints, only as many as needed
+    assert await a.save_checkpoint(q, 5, 1, b"cp")
+    before = a.frame_bytes
+    assert await a.prune(0.0, max_bytes=before - 1, batch=1) == 1
+    assert [c.pseq for c in await a.read_partition(q, 0, 100)] == [2, 3, 4, 5]
+    assert a.frame_bytes < before
+    assert a.frame_bytes == rows(pg_dsn, "SELECT sum(length(body)) FROM edgegw_partition_log"
+                                 )[0][0]
+    sizes = await a.table_bytes()
+    assert sizes["partition_log"] > 0 and set(sizes) >= {"frames", "applied"}
+
+
+async def test_a_node_with_another_partition_count_refuses_to_start(pg_dsn: str) -> None:
+    first = ClusterStore(pg_dsn, "a", partitions=16)
+    await first.open()
+    await first.close()
+    other = ClusterStore(pg_dsn, "b", partitions=32)
+    with pytest.raises(PartitionMismatch, match=r"partitions is 32 .* created with 16"):
+        await other.open()
+    await other.close()
+
+
+async def test_unreachable_postgres_is_unavailable_not_a_crash() -> None:
+    from ports import free_port
+
+    store = ClusterStore(f"host=127.0.0.1 port={free_port()} user=postgres dbname=x",
+                         "n", connect_timeout_s=1)
+    with pytest.raises(StoreUnavailable):
+        await store.open()
+    assert store.health_problem() is not None
+    assert "PostgreSQL unavailable" in (store.health_problem() or "")
+    await store.close()
+
+
+async def test_alerts_raised_once_acked_on_any_node_and_fenced(
+        stores: tuple[ClusterStore, ClusterStore]) -> None:
+    a, b = stores
+    alert = {"id": "wafer_yield:L1:W1", "priority": "high", "rule": "wafer_yield",
+             "raised_at": 100.0, "acknowledged": False, "context": {"lot_id": "L1"}}
+    assert await a.save_alerts(2, 7, [alert]) == {alert["id"]: True}
+    # a new owner (token 8) rebuilt the state and raises it again: one row, not new
+    assert await b.save_alerts(2, 8, [alert]) == {alert["id"]: False}
+    # acknowledged on node a; only the first acknowledgement counts
+    assert await a.ack_alert(alert["id"], "ann", 120.0)
+    assert not await b.ack_alert(alert["id"], "bob", 121.0)
+    assert not await b.ack_alert("no-such-alert", "bob", 121.0)
+    # the owner's next upsert of its (unacknowledged) copy does not undo it
+    assert await b.save_alerts(2, 8, [{**alert, "priority": "critical"}]) == {
+        alert["id"]: False}
+    # the stale owner (token 7) is fenced off
+    assert await a.save_alerts(2, 7, [{**alert, "priority": "low"}]) == {}
+    (got,) = await a.load_alerts()
+    assert (got["priority"], got["acknowledged"], got["acked_by"], got["acked_at"]) == (
+        "critical", True, "ann", 120.0)
+    assert await a.load_alerts(partition=3) == []
+
+
+async def test_alert_changes_are_pending_for_the_feed_until_marked(
+        stores: tuple[ClusterStore, ClusterStore]) -> None:
+    """What the cluster's alert feed reads (alertfeed.py): every change of a row, on any
+    node, makes it pending; marking it fed clears that unless the row changed since."""
+    a, b = stores
+    alert = {"id": "x1", "priority": "P0", "rule": "y", "raised_at": 100.0,
+             "acknowledged": False}
+    await a.save_alerts(1, 5, [alert])
+    ((got, fed, updated),) = await b.pending_alerts()
+    assert (got["id"], got["acknowledged"], fed) == ("x1", False, "")
+    assert await b.mark_fed([("x1", "r", updated)]) == {"x1"}
+    assert await a.pending_alerts() == []
+    # acknowledged on another node: pending again, with what was announced so far
+    assert await b.ack_alert("x1", "ann", 130.0)
+    ((got, fed, updated),) = await a.pending_alerts()
+    assert (got["acknowledged"], got["acked_by"], fed) == (True, "ann", "r")
+    # the owner updates the row (an occurrence) between the feed's read and its mark:
+    # the mark is refused and the row stays pending, its fed as it was
+    await a.save_alerts(1, 5, [{**alert, "occurrences": 2}])
+    assert await a.mark_fed([("x1", "ra", updated)]) == set()
+    ((got, fed, updated),) = await a.pending_alerts()
+    assert (got["occurrences"], got["acknowledged"], fed) == (2, True, "r")
+    assert await a.mark_fed([("x1", "ra", updated)]) == {"x1"}
+    assert await a.pending_alerts() == []
+
+
+async def test_archives_never_regress(stores: tuple[ClusterStore, ClusterStore]) -> None:
+    a, b = stores
+    full = {"lot": {"lot_id": "L1", "parts": 100, "updated": 5.0}, "wafers": {}}
+    partial = {"lot": {"lot_id": "L1", "parts": 40, "updated": 6.0}, "wafers": {}}
+    wafer = {"wafer_id": "W1", "parts": 50, "updated": 5.0, "map": [[1, 2, 1]]}
+    assert await a.save_archives([("L1", full)], [("L1", "W1", wafer)]) == 0
+    assert await b.save_archives([("L1", partial)], [("L1", "W1", {**wafer, "parts": 10})]) == 2
+    assert await b.lot_archive("L1") == full
+    assert await b.wafer_archive("L1", "W1") == wafer
+    assert await b.lot_archive("L2") is None
