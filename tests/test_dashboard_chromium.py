@@ -154,7 +154,9 @@ class Browser:
     async def page(self) -> dict[str, Any]:
         return await self.eval(
             "(() => { const c = document.getElementById('wafer-map');"
-            " if (!c || !document.body.dataset) return {topic: '', dies: -1, conn: 'loading'};"
+            # still parsing (a busy machine): the later panels are not in the DOM yet
+            " if (!c || !document.body.dataset || document.readyState === 'loading')"
+            "   return {topic: '', dies: -1, conn: 'loading'};"
             " return {topic: c.dataset.topic, dies: Number(c.dataset.dieCount),"
             " conn: document.getElementById('conn').dataset.state,"
             " frames: Number(document.body.dataset.frames || 0),"
