@@ -23,10 +23,11 @@ A node is the single hub's pieces, re-plugged:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -42,7 +43,11 @@ from edgegw.web import Request, Response, json_response
 from .alertfeed import AlertFeed, GatewayPresence
 from .api import ClusterHistoryApi, MirrorLots
 from .config import node_id_of
+from .dievalues import DieValues
 from .owner import OwnedTopics, PartitionOwner
+
+if TYPE_CHECKING:
+    from .pgstore import GatewayTotals
 
 log = logging.getLogger("edgegw.hub.cluster.node")
 
@@ -52,14 +57,17 @@ class Notifier:
     to pseq" after each commit (``ClusterStore.on_advance``), so owners on other nodes read
     at once, and "gateway g claimed with generation n" after each HELLO, so the node still
     holding an older connection of g closes it promptly (``Ingest.supersede``; the store's
-    fence refuses that connection's next commit anyway).  Best effort: owners also poll,
-    and a superseded idle connection also ends at its heartbeat."""
+    fence refuses that connection's next commit anyway), and "gateways' totals after this
+    node's commits" (``ClusterStore.on_totals``), so the owners of their ``gateway/<id>``
+    topics count every record at once.  Best effort: owners also poll, and a superseded
+    idle connection also ends at its heartbeat."""
 
     def __init__(self, bus: Any, local_wake: Callable[[int], None]) -> None:
         self.bus = bus
         self.local_wake = local_wake
         self._heads: dict[int, int] = {}
         self._claims: dict[str, int] = {}
+        self._totals: dict[str, GatewayTotals] = {}
         self._wake = trio.Event()
         self.sent = 0
 
@@ -68,6 +76,13 @@ class Notifier:
             self.local_wake(p)  # an owner on this node: no round trip
             if pseq > self._heads.get(p, -1):
                 self._heads[p] = pseq
+        self._wake.set()
+
+    def totals(self, totals: dict[str, GatewayTotals]) -> None:
+        for gw, t in totals.items():
+            held = self._totals.get(gw)
+            if held is None or t.records >= held.records:
+                self._totals[gw] = t
         self._wake.set()
 
     def claimed(self, gateway: str, generation: int) -> None:
@@ -82,12 +97,17 @@ class Notifier:
             self._wake = trio.Event()
             heads, self._heads = self._heads, {}
             claims, self._claims = self._claims, {}
+            totals, self._totals = self._totals, {}
             try:
                 for p, pseq in sorted(heads.items()):
                     await self.bus.notify_partition(p, pseq)
                     self.sent += 1
                 for gw, generation in claims.items():
                     await self.bus.notify("notice", f"claim {generation} {gw}".encode())
+                    self.sent += 1
+                if totals:  # every gateway of this round in one notice
+                    await self.bus.notify("notice", b"gw " + json.dumps(
+                        {gw: list(t) for gw, t in totals.items()}).encode())
                     self.sent += 1
             except Exception:  # Redis away: owners poll, heartbeats expire
                 log.debug("cluster notices not sent", exc_info=True)
@@ -99,12 +119,26 @@ class NodeIngest(Ingest):
     transaction) and no start-up replay (owners rebuild per partition)."""
 
     notifier: Notifier | None = None
+    presence: GatewayPresence | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: gateway -> (generation, connected at) of its connection on this node
+        self.sessions: dict[str, tuple[int, float]] = {}
 
     def _gateway_event(self, gw: str, connected: bool) -> None:
         super()._gateway_event(gw, connected)
         session = self.connected.get(gw)
-        if connected and session is not None and self.notifier is not None:
-            self.notifier.claimed(gw, session.generation)
+        if connected and session is not None:
+            self.sessions[gw] = (session.generation, time.time())
+            if self.notifier is not None:
+                self.notifier.claimed(gw, session.generation)
+            if self.presence is not None:
+                self.presence.up(gw, *self.sessions[gw])
+        elif not connected:
+            ended = self.sessions.pop(gw, None)
+            if ended is not None and self.presence is not None:
+                self.presence.down(gw, ended[0])
 
 
 class ClusterHub:
@@ -144,11 +178,16 @@ class ClusterHub:
         self.alert_feed = AlertFeed(self.bus, self.store, config.alerts,
                                     make_publisher,  # type: ignore[arg-type]
                                     lease_ttl_s=cc.lease_ttl_s, metrics=metrics)
-        self.presence = GatewayPresence(self.bus, lambda: list(self.ingest.connected),
+        self.presence = GatewayPresence(self.bus, lambda: dict(self.ingest.sessions),
                                         ttl_s=cc.lease_ttl_s)
         self.notifier = Notifier(self.bus, self.owner.wake)
         self.store.on_advance = self.notifier.advanced
+        self.store.on_totals = self.notifier.totals
         self.ingest.notifier = self.notifier
+        self.ingest.presence = self.presence
+        # per-die values: answered by the owner of the lot's partition (dievalues.py)
+        self.die_values = DieValues(self.bus, self.owner.state_for, cc.partitions,
+                                    timeout_s=max(2.0, cc.stale_after_s))
         self.bus.on_partition(lambda p, pseq: self.owner.wake(p))
         self.bus.on("notice", self._notice)
         self.fanout.install(self.ingest.http)
@@ -157,7 +196,7 @@ class ClusterHub:
         self.alerts = AlertEngine(config.alerts, lambda topic, delta: None, metrics=metrics)
         ClusterHistoryApi(MirrorLots(self.mirror.state), self.alerts,  # type: ignore[arg-type]
                           store=self.store, read_views=self.mirror.read_views,
-                          ).install(self.ingest.http)
+                          die_values=self.die_values.ask).install(self.ingest.http)
         self._ingest_health = self.ingest.health
 
         async def healthz(request: Request) -> Response:
@@ -173,12 +212,19 @@ class ClusterHub:
 
     def _notice(self, data: bytes) -> None:
         kind, _, rest = data.decode(errors="replace").partition(" ")
-        if kind == "claim":
-            generation, _, gateway = rest.partition(" ")
-            try:
+        try:
+            if kind == "claim":
+                generation, _, gateway = rest.partition(" ")
                 self.ingest.supersede(gateway, int(generation))
-            except ValueError:
-                log.warning("cluster notice not understood: %r", data[:100])
+            elif kind == "gw":
+                # (records, frames, last_rid, last_seen): GatewayTotals
+                self.owner.gateway_totals({gw: tuple(t) for gw, t in json.loads(rest).items()})
+            elif kind == "presence":
+                self.owner.gateway_changed(rest)
+            elif kind in ("dv?", "dv="):
+                self.die_values.on_notice(kind, rest)
+        except (ValueError, TypeError):
+            log.warning("cluster notice not understood: %r", data[:100])
 
     def _make_state(self, partition: int, publish: Callable[[str, dict[str, Any]], None],
                     engine: AlertEngine | None) -> LiveState:
@@ -216,6 +262,7 @@ class ClusterHub:
             await nursery.start(self.owner.run)
             await nursery.start(self.alert_feed.run)
             await nursery.start(self.presence.run)
+            await nursery.start(self.die_values.run)
             log.info("cluster node %s up on port %d", self.node_id, port)
             task_status.started(port)
 

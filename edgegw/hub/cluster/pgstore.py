@@ -40,7 +40,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import psycopg
 import trio
@@ -159,6 +159,13 @@ CREATE INDEX IF NOT EXISTS edgegw_alerts_raised ON edgegw_alerts (raised_at);
 ALTER TABLE edgegw_alerts ADD COLUMN IF NOT EXISTS pending boolean NOT NULL DEFAULT true;
 ALTER TABLE edgegw_alerts ADD COLUMN IF NOT EXISTS fed text NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS edgegw_alerts_pending ON edgegw_alerts (id) WHERE pending;
+ALTER TABLE edgegw_gateways ADD COLUMN IF NOT EXISTS last_rid bigint;
+CREATE TABLE IF NOT EXISTS edgegw_partition_state (
+    partition integer PRIMARY KEY,
+    token bigint NOT NULL,
+    data text NOT NULL,
+    updated double precision NOT NULL
+);
 CREATE TABLE IF NOT EXISTS edgegw_lots (
     lot_id text PRIMARY KEY,
     updated double precision NOT NULL,
@@ -179,12 +186,24 @@ CREATE TABLE IF NOT EXISTS edgegw_wafers (
 
 #: the tables, for sizing (``table_bytes``) and for tests that drop a cluster's database
 TABLES = ("meta", "gateways", "applied", "frames", "rejected", "partition_heads",
-          "partition_log", "partition_checkpoints", "alerts", "lots", "wafers")
+          "partition_log", "partition_checkpoints", "partition_state", "alerts", "lots",
+          "wafers")
 
 _ZLIB_LEVEL = 6  # as the SQLite store: ~10 B/record at ~600k records/s
 
 _STAT_COLS = ("epoch", "frames_applied", "records_applied", "duplicates_dropped",
               "frames_rejected", "frames_lost", "last_seq", "last_seen")
+
+
+class GatewayTotals(NamedTuple):
+    """A gateway's records and frames applied cluster-wide, its highest record id
+    applied and the time of its last commit (PostgreSQL's counters: the same on every
+    node) -- what a single hub's ``gateway/<id>`` topic counts."""
+
+    records: int
+    frames: int
+    last_rid: int | None
+    last_seen: float | None
 
 
 class PartitionMismatch(StartupError):
@@ -294,6 +313,9 @@ class ClusterStore:
         #: pseq of each such partition: the node publishes it (the bus's
         #: ``notify_partition``) so owners wake at once.  Best effort: owners also poll.
         self.on_advance: Callable[[dict[int, int]], None] | None = None
+        #: called after each commit that applied frames: gateway -> its cluster-wide
+        #: totals after it (``GatewayTotals``), for the ``gateway/<id>`` topics
+        self.on_totals: Callable[[dict[str, GatewayTotals]], None] | None = None
 
     # -- connections (worker threads) --
     def _connect(self) -> psycopg.Connection[Any]:
@@ -505,7 +527,8 @@ class ClusterStore:
         dups = {gw: self._dups.pop(gw, 0) for gw in gateways}
 
         def run(conn: psycopg.Connection[Any]) -> tuple[
-                set[tuple[str, str, int]], dict[str, GatewayStats], dict[int, int]]:
+                set[tuple[str, str, int]], dict[str, GatewayStats], dict[int, int],
+                dict[str, GatewayTotals]]:
             # split and compress in the worker thread (zlib releases the GIL), before the
             # transaction: no row is locked meanwhile
             chunks_by_frame = {(f.gateway, f.epoch, f.seq): _chunks_of(f, self.partitions)
@@ -514,7 +537,7 @@ class ClusterStore:
                                      chunks_by_frame, dups, gateways)
 
         try:
-            skipped, stats, heads = await self._call(run)
+            skipped, stats, heads, totals = await self._call(run)
         except BaseException:
             for gw, n in dups.items():  # not written: the next commit adds them
                 self._dups[gw] += n
@@ -525,6 +548,11 @@ class ClusterStore:
                 self.on_advance(heads)
             except Exception:  # a notification is best effort: the commit stands
                 log.exception("cluster store: on_advance(%s)", heads)
+        if totals and self.on_totals is not None:
+            try:
+                self.on_totals(totals)
+            except Exception:  # best effort too: owners also poll the totals
+                log.exception("cluster store: on_totals")
         for gw in gateways:  # counted meanwhile: not in what PostgreSQL returned
             self.stats[gw].duplicates_dropped += self._dups.get(gw, 0)
         return skipped
@@ -536,7 +564,7 @@ class ClusterStore:
                      chunks_by_frame: dict[tuple[str, str, int], list[_Chunk]],
                      dups: dict[str, int], gateways: list[str],
                      ) -> tuple[set[tuple[str, str, int]], dict[str, GatewayStats],
-                                dict[int, int]]:
+                                dict[int, int], dict[str, GatewayTotals]]:
         now = time.time()
         heads: dict[int, int] = {}
         skipped: set[tuple[str, str, int]] = set()
@@ -635,6 +663,7 @@ class ClusterStore:
                      for gw, epoch in keys])
             # counters: increments (the row is locked: no lost update)
             stats: dict[str, GatewayStats] = {}
+            totals: dict[str, GatewayTotals] = {}
             for gw in gateways:
                 mine = [f for f in applied_frames if f.gateway == gw]
                 rej = [f for f, _ in fresh_rejected if f.gateway == gw]
@@ -648,13 +677,19 @@ class ClusterStore:
                     " duplicates_dropped = duplicates_dropped + %s,"
                     " frames_rejected = frames_rejected + %s, frames_lost = frames_lost + %s,"
                     " last_seq = GREATEST(last_seq, %s), epoch = COALESCE(%s, epoch),"
-                    " last_seen = CASE WHEN %s THEN %s ELSE last_seen END"
-                    f" WHERE gateway_id = %s RETURNING {', '.join(_STAT_COLS)}",
+                    " last_seen = CASE WHEN %s THEN %s ELSE last_seen END,"
+                    " last_rid = GREATEST(last_rid, %s)"
+                    f" WHERE gateway_id = %s RETURNING {', '.join(_STAT_COLS)}, last_rid",
                     (len(mine), sum(f.n_records for f in mine), dups.get(gw, 0), len(rej),
                      lost_n, max(seqs, default=0), epochs[-1] if epochs else None,
-                     bool(mine), now, gw)).fetchone()
-                stats[gw] = GatewayStats(gw, *row)  # type: ignore[misc]
-        return skipped, stats, heads
+                     bool(mine), now,
+                     max((f.first_rid + f.n_records - 1 for f in mine if f.n_records),
+                         default=None), gw)).fetchone()
+                assert row is not None
+                stats[gw] = GatewayStats(gw, *row[:-1])
+                if mine:
+                    totals[gw] = GatewayTotals(row[2], row[1], row[-1], row[-2])
+        return skipped, stats, heads, totals
 
     async def declare_lost(self, gateway: str, epoch: str, up_to: int, count: int,
                            generation: int = 0) -> None:
@@ -726,6 +761,38 @@ class ClusterStore:
         def run(conn: psycopg.Connection[Any]) -> dict[int, int]:
             return dict(conn.execute(
                 "SELECT partition, token FROM edgegw_partition_checkpoints").fetchall())
+
+        return await self._call(run)
+
+    async def gateway_totals(self, gateways: list[str]) -> dict[str, GatewayTotals]:
+        """The cluster-wide totals of ``gateways`` (those with a row)."""
+        def run(conn: psycopg.Connection[Any]) -> dict[str, GatewayTotals]:
+            return {r[0]: GatewayTotals(*r[1:]) for r in conn.execute(
+                "SELECT gateway_id, records_applied, frames_applied, last_rid, last_seen"
+                " FROM edgegw_gateways WHERE gateway_id = ANY(%s)", (gateways,)).fetchall()}
+
+        return await self._call(run)
+
+    async def save_partition_state(self, partition: int, token: int,
+                                   data: dict[str, Any]) -> bool:
+        """The owner's ``hub/state`` figures of its partition (``LiveState.warnings``),
+        fenced by its lease token as checkpoints are: False when a newer owner wrote."""
+        def run(conn: psycopg.Connection[Any]) -> bool:
+            cur = conn.execute(
+                "INSERT INTO edgegw_partition_state (partition, token, data, updated)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT (partition) DO UPDATE SET"
+                " token = EXCLUDED.token, data = EXCLUDED.data, updated = EXCLUDED.updated"
+                " WHERE edgegw_partition_state.token <= EXCLUDED.token",
+                (partition, token, json.dumps(data), time.time()))
+            return cur.rowcount == 1
+
+        return await self._call(run)
+
+    async def partition_states(self) -> dict[int, dict[str, Any]]:
+        """Every partition's last saved ``hub/state`` figures."""
+        def run(conn: psycopg.Connection[Any]) -> dict[int, dict[str, Any]]:
+            return {int(p): json.loads(d) for p, d in conn.execute(
+                "SELECT partition, data FROM edgegw_partition_state").fetchall()}
 
         return await self._call(run)
 
@@ -964,5 +1031,5 @@ class ClusterStore:
         return await self._call(run)
 
 
-__all__ = ["ClusterStore", "GatewaySuperseded", "LogChunk", "PartitionMismatch",
+__all__ = ["ClusterStore", "GatewaySuperseded", "GatewayTotals", "LogChunk", "PartitionMismatch",
            "StoreUnavailable", "decode_chunk"]
