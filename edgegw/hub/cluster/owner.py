@@ -547,6 +547,7 @@ class PartitionOwner:
         total = state.not_applied_total
         if not await self.store.save_partition_state(owned.partition, owned.token,
                                                      state.warnings()):
+            self._seeded = None  # a newer token exists: Redis lost its counters?
             raise LeaseLost("state_fenced")
         owned.saved_not_applied = total
 

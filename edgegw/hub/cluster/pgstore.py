@@ -88,8 +88,19 @@ CREATE TABLE IF NOT EXISTS edgegw_gateways (
     frames_rejected bigint NOT NULL DEFAULT 0,
     frames_lost bigint NOT NULL DEFAULT 0,
     last_seq bigint NOT NULL DEFAULT 0,
-    last_seen double precision
+    last_seen double precision,
+    last_rid bigint
 );
+DO $$ BEGIN
+  -- a cluster made before last_rid: only then ALTER (an exclusive lock on this hot table
+  -- at every start would deadlock with the running nodes' commits), and before anything
+  -- below locks another table a commit writes (it waits for the commits, no deadlock)
+  IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema =
+                 current_schema() AND table_name = 'edgegw_gateways'
+                 AND column_name = 'last_rid') THEN
+    ALTER TABLE edgegw_gateways ADD COLUMN last_rid bigint;
+  END IF;
+END $$;
 CREATE TABLE IF NOT EXISTS edgegw_applied (
     gateway_id text NOT NULL,
     epoch text NOT NULL,
@@ -159,7 +170,6 @@ CREATE INDEX IF NOT EXISTS edgegw_alerts_raised ON edgegw_alerts (raised_at);
 ALTER TABLE edgegw_alerts ADD COLUMN IF NOT EXISTS pending boolean NOT NULL DEFAULT true;
 ALTER TABLE edgegw_alerts ADD COLUMN IF NOT EXISTS fed text NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS edgegw_alerts_pending ON edgegw_alerts (id) WHERE pending;
-ALTER TABLE edgegw_gateways ADD COLUMN IF NOT EXISTS last_rid bigint;
 CREATE TABLE IF NOT EXISTS edgegw_partition_state (
     partition integer PRIMARY KEY,
     token bigint NOT NULL,
@@ -759,8 +769,11 @@ class ClusterStore:
         """Per partition, the newest lease token a checkpoint was written with: after
         Redis lost its data the lease counters must restart above these (``seed_fence``)."""
         def run(conn: psycopg.Connection[Any]) -> dict[int, int]:
+            # (every write fenced by a token: checkpoints and hub/state figures)
             return dict(conn.execute(
-                "SELECT partition, token FROM edgegw_partition_checkpoints").fetchall())
+                "SELECT partition, max(token) FROM (SELECT partition, token FROM"
+                " edgegw_partition_checkpoints UNION ALL SELECT partition, token FROM"
+                " edgegw_partition_state) AS t GROUP BY partition").fetchall())
 
         return await self._call(run)
 
