@@ -131,6 +131,37 @@ def test_alert_engine_api_for_a_cluster_owner() -> None:
     assert [e["event"] for e in out] == ["raised"]
 
 
+# ---------------------------------------------------------------- Redis
+
+
+async def test_an_older_connection_never_overwrites_or_removes_a_newer_ones_presence(
+        redis_server: RedisServer) -> None:  # noqa: F811
+    from edgegw.hub.cluster import ClusterBus
+
+    prefix = fresh_prefix()
+    async with trio.open_nursery() as nursery:
+        a, b = ClusterBus(redis_server.url, prefix, "na"), ClusterBus(redis_server.url,
+                                                                       prefix, "nb")
+        for bus in (a, b):
+            await nursery.start(bus.run)
+        assert await a.claim_presence(GW, 3, 5.0, connected_at="10.0")
+        # the gateway reconnected through node b (generation 4): b's presence wins
+        assert await b.claim_presence(GW, 4, 5.0, connected_at="20.0")
+        # node a's lingering connection refreshes, then ends: neither touches b's
+        assert not await a.claim_presence(GW, 3, 5.0, connected_at="10.0")
+        assert not await a.drop_presence(GW, 3)
+        assert await a.presence(GW) == {"node": "nb", "generation": "4",
+                                        "connected_at": "20.0"}
+        # b's connection ends: gone at once, not after its TTL
+        assert await b.drop_presence(GW, 4)
+        assert await a.presence(GW) is None
+        # a reply left for whoever asked, taken once
+        await b.put_reply("r1", b"answer", 5.0)
+        assert await a.take_reply("r1") == b"answer"
+        assert await a.take_reply("r1") is None
+        nursery.cancel_scope.cancel()
+
+
 # ---------------------------------------------------------------- two nodes
 
 
