@@ -7,10 +7,9 @@ the gateway's ``gw:<id>`` partition publishes the topic from ``GatewayTopics`` (
 fed with what is cluster-wide:
 
 * **counts** (``records``, ``frames``, ``last_rid``): PostgreSQL's per-gateway counters,
-  incremented in the transaction that applies each frame (``GatewayTotals``) -- pushed by the
-  committing node after each commit (a Redis notice) and read back by the owner every few
-  seconds and at takeover (so a lost notice costs latency only).  Totals only grow: an
-  older one arriving late is ignored.
+  incremented in the transaction that applies each frame (``GatewayTotals``), read by the
+  owner once a second for all its gateways (one query) and when it takes the partition
+  over.  Totals only grow: an older read arriving late is ignored.
 * **connection** (``online``, ``connected_at``, ``disconnected_at``): the gateway's Redis
   presence, written by the node its connection is on at HELLO and removed when that
   connection ends (``ClusterBus.claim_presence``/``drop_presence``: a newer connection on

@@ -23,11 +23,10 @@ A node is the single hub's pieces, re-plugged:
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
@@ -46,9 +45,6 @@ from .config import node_id_of
 from .dievalues import DieValues
 from .owner import OwnedTopics, PartitionOwner
 
-if TYPE_CHECKING:
-    from .pgstore import GatewayTotals
-
 log = logging.getLogger("edgegw.hub.cluster.node")
 
 
@@ -57,17 +53,14 @@ class Notifier:
     to pseq" after each commit (``ClusterStore.on_advance``), so owners on other nodes read
     at once, and "gateway g claimed with generation n" after each HELLO, so the node still
     holding an older connection of g closes it promptly (``Ingest.supersede``; the store's
-    fence refuses that connection's next commit anyway), and "gateways' totals after this
-    node's commits" (``ClusterStore.on_totals``), so the owners of their ``gateway/<id>``
-    topics count every record at once.  Best effort: owners also poll, and a superseded
-    idle connection also ends at its heartbeat."""
+    fence refuses that connection's next commit anyway).  Best effort: owners also poll,
+    and a superseded idle connection also ends at its heartbeat."""
 
     def __init__(self, bus: Any, local_wake: Callable[[int], None]) -> None:
         self.bus = bus
         self.local_wake = local_wake
         self._heads: dict[int, int] = {}
         self._claims: dict[str, int] = {}
-        self._totals: dict[str, GatewayTotals] = {}
         self._wake = trio.Event()
         self.sent = 0
 
@@ -76,13 +69,6 @@ class Notifier:
             self.local_wake(p)  # an owner on this node: no round trip
             if pseq > self._heads.get(p, -1):
                 self._heads[p] = pseq
-        self._wake.set()
-
-    def totals(self, totals: dict[str, GatewayTotals]) -> None:
-        for gw, t in totals.items():
-            held = self._totals.get(gw)
-            if held is None or t.records >= held.records:
-                self._totals[gw] = t
         self._wake.set()
 
     def claimed(self, gateway: str, generation: int) -> None:
@@ -97,17 +83,12 @@ class Notifier:
             self._wake = trio.Event()
             heads, self._heads = self._heads, {}
             claims, self._claims = self._claims, {}
-            totals, self._totals = self._totals, {}
             try:
                 for p, pseq in sorted(heads.items()):
                     await self.bus.notify_partition(p, pseq)
                     self.sent += 1
                 for gw, generation in claims.items():
                     await self.bus.notify("notice", f"claim {generation} {gw}".encode())
-                    self.sent += 1
-                if totals:  # every gateway of this round in one notice
-                    await self.bus.notify("notice", b"gw " + json.dumps(
-                        {gw: list(t) for gw, t in totals.items()}).encode())
                     self.sent += 1
             except Exception:  # Redis away: owners poll, heartbeats expire
                 log.debug("cluster notices not sent", exc_info=True)
@@ -182,7 +163,6 @@ class ClusterHub:
                                         ttl_s=cc.lease_ttl_s)
         self.notifier = Notifier(self.bus, self.owner.wake)
         self.store.on_advance = self.notifier.advanced
-        self.store.on_totals = self.notifier.totals
         self.ingest.notifier = self.notifier
         self.ingest.presence = self.presence
         # per-die values: answered by the owner of the lot's partition (dievalues.py)
@@ -216,9 +196,6 @@ class ClusterHub:
             if kind == "claim":
                 generation, _, gateway = rest.partition(" ")
                 self.ingest.supersede(gateway, int(generation))
-            elif kind == "gw":
-                # (records, frames, last_rid, last_seen): GatewayTotals
-                self.owner.gateway_totals({gw: tuple(t) for gw, t in json.loads(rest).items()})
             elif kind == "presence":
                 self.owner.gateway_changed(rest)
             elif kind in ("dv?", "dv="):

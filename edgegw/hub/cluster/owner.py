@@ -319,15 +319,6 @@ class PartitionOwner:
         owned = self.owned.get(partition)
         return owned.state if owned is not None and owned.caught_up else None
 
-    def gateway_totals(self, totals: dict[str, Any]) -> None:
-        """Cluster-wide totals of gateways after a commit (a notice from the committing
-        node): the ``gateway/<id>`` topics of the partitions this node owns take theirs."""
-        now = time.time()
-        for gw, t in totals.items():
-            owned = self.owned.get(partition_of("gw:" + gw, self.n_partitions))
-            if owned is not None and owned.gateways is not None:
-                owned.gateways.totals(gw, *t, now)
-
     def gateway_changed(self, gateway: str) -> None:
         """The gateway connected or disconnected somewhere: read its presence now."""
         owned = self.owned.get(partition_of("gw:" + gateway, self.n_partitions))
@@ -487,15 +478,14 @@ class PartitionOwner:
         return [g for g in known if partition_of("gw:" + g, self.n_partitions) == p]
 
     async def _refresh_gateways(self, owned: Owned, gateways: GatewayTopics,
-                                engine: AlertEngine | None, totals: bool) -> None:
-        """The partition's gateways: their presence (for ``online`` and for
-        ``gateway_offline``, once cluster-wide: alertfeed.GatewayPresence keeps it), and
-        with ``totals`` their cluster-wide counts from PostgreSQL (the backstop of the
-        commit notices, and the start after a takeover)."""
+                                engine: AlertEngine | None) -> None:
+        """The partition's gateways: their cluster-wide counts (PostgreSQL's totals: one
+        query for all of them) and their presence (for ``online`` and for
+        ``gateway_offline``, once cluster-wide: alertfeed.GatewayPresence keeps it)."""
         for gw in await self._partition_gateways(owned.partition):
             gateways.know(gw)
         names = gateways.names()
-        if totals and names:
+        if names:
             now = time.time()
             for gw, t in (await self.store.gateway_totals(names)).items():
                 gateways.totals(gw, *t, now)
@@ -514,16 +504,14 @@ class PartitionOwner:
                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                             ) -> None:
         """Once a second (at once after a connection change anywhere): the partition's
-        gateway topics and its ``hub/state`` figures; totals read every few seconds."""
-        last_totals = -1e9
+        gateway topics and its ``hub/state`` figures.  (Polled rather than pushed by the
+        committing nodes: a notice per commit would reach every node, the node count
+        times the commits; this is one query per owned partition per second.)"""
         started = False
         while True:
             owned.gateway_wake = trio.Event()
-            poll_totals = time.monotonic() - last_totals >= 3.0
             try:
-                await self._refresh_gateways(owned, gateways, engine, poll_totals)
-                if poll_totals:
-                    last_totals = time.monotonic()
+                await self._refresh_gateways(owned, gateways, engine)
                 await self._save_state_figures(owned)
             except LeaseLost:
                 raise

@@ -323,9 +323,6 @@ class ClusterStore:
         #: pseq of each such partition: the node publishes it (the bus's
         #: ``notify_partition``) so owners wake at once.  Best effort: owners also poll.
         self.on_advance: Callable[[dict[int, int]], None] | None = None
-        #: called after each commit that applied frames: gateway -> its cluster-wide
-        #: totals after it (``GatewayTotals``), for the ``gateway/<id>`` topics
-        self.on_totals: Callable[[dict[str, GatewayTotals]], None] | None = None
 
     # -- connections (worker threads) --
     def _connect(self) -> psycopg.Connection[Any]:
@@ -537,8 +534,7 @@ class ClusterStore:
         dups = {gw: self._dups.pop(gw, 0) for gw in gateways}
 
         def run(conn: psycopg.Connection[Any]) -> tuple[
-                set[tuple[str, str, int]], dict[str, GatewayStats], dict[int, int],
-                dict[str, GatewayTotals]]:
+                set[tuple[str, str, int]], dict[str, GatewayStats], dict[int, int]]:
             # split and compress in the worker thread (zlib releases the GIL), before the
             # transaction: no row is locked meanwhile
             chunks_by_frame = {(f.gateway, f.epoch, f.seq): _chunks_of(f, self.partitions)
@@ -547,7 +543,7 @@ class ClusterStore:
                                      chunks_by_frame, dups, gateways)
 
         try:
-            skipped, stats, heads, totals = await self._call(run)
+            skipped, stats, heads = await self._call(run)
         except BaseException:
             for gw, n in dups.items():  # not written: the next commit adds them
                 self._dups[gw] += n
@@ -558,11 +554,6 @@ class ClusterStore:
                 self.on_advance(heads)
             except Exception:  # a notification is best effort: the commit stands
                 log.exception("cluster store: on_advance(%s)", heads)
-        if totals and self.on_totals is not None:
-            try:
-                self.on_totals(totals)
-            except Exception:  # best effort too: owners also poll the totals
-                log.exception("cluster store: on_totals")
         for gw in gateways:  # counted meanwhile: not in what PostgreSQL returned
             self.stats[gw].duplicates_dropped += self._dups.get(gw, 0)
         return skipped
@@ -574,7 +565,7 @@ class ClusterStore:
                      chunks_by_frame: dict[tuple[str, str, int], list[_Chunk]],
                      dups: dict[str, int], gateways: list[str],
                      ) -> tuple[set[tuple[str, str, int]], dict[str, GatewayStats],
-                                dict[int, int], dict[str, GatewayTotals]]:
+                                dict[int, int]]:
         now = time.time()
         heads: dict[int, int] = {}
         skipped: set[tuple[str, str, int]] = set()
@@ -673,7 +664,6 @@ class ClusterStore:
                      for gw, epoch in keys])
             # counters: increments (the row is locked: no lost update)
             stats: dict[str, GatewayStats] = {}
-            totals: dict[str, GatewayTotals] = {}
             for gw in gateways:
                 mine = [f for f in applied_frames if f.gateway == gw]
                 rej = [f for f, _ in fresh_rejected if f.gateway == gw]
@@ -689,17 +679,14 @@ class ClusterStore:
                     " last_seq = GREATEST(last_seq, %s), epoch = COALESCE(%s, epoch),"
                     " last_seen = CASE WHEN %s THEN %s ELSE last_seen END,"
                     " last_rid = GREATEST(last_rid, %s)"
-                    f" WHERE gateway_id = %s RETURNING {', '.join(_STAT_COLS)}, last_rid",
+                    f" WHERE gateway_id = %s RETURNING {', '.join(_STAT_COLS)}",
                     (len(mine), sum(f.n_records for f in mine), dups.get(gw, 0), len(rej),
                      lost_n, max(seqs, default=0), epochs[-1] if epochs else None,
                      bool(mine), now,
                      max((f.first_rid + f.n_records - 1 for f in mine if f.n_records),
                          default=None), gw)).fetchone()
-                assert row is not None
-                stats[gw] = GatewayStats(gw, *row[:-1])
-                if mine:
-                    totals[gw] = GatewayTotals(row[2], row[1], row[-1], row[-2])
-        return skipped, stats, heads, totals
+                stats[gw] = GatewayStats(gw, *row)  # type: ignore[misc]
+        return skipped, stats, heads
 
     async def declare_lost(self, gateway: str, epoch: str, up_to: int, count: int,
                            generation: int = 0) -> None:
