@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 import trio
+from wsproto.utilities import RemoteProtocolError
 
 from edgegw.hub.fanout import SUBPROTOCOL_JSON
 from edgegw.topicfilter import matches as topic_matches
@@ -86,8 +87,8 @@ class LiveFollower:
             try:
                 await self._session()
             except (Closed, OSError, ConnectionError, trio.BrokenResourceError,
-                    trio.ClosedResourceError):
-                pass
+                    trio.ClosedResourceError, RemoteProtocolError):
+                pass  # (RemoteProtocolError: the connection cut during the handshake)
             await trio.sleep(0.2)
 
     async def _session(self) -> None:

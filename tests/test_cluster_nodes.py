@@ -265,6 +265,23 @@ def _diff(got: Any, want: Any) -> dict[str, Any]:
             if got.get(k) != want.get(k)}
 
 
+def gateway_totals(dsn: str) -> dict[str, tuple[int, int, int | None]]:
+    """Per gateway, its records, frames and last record id as PostgreSQL counted them."""
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT gateway_id, records_applied, frames_applied, last_rid"
+                            " FROM edgegw_gateways").fetchall()
+    return {gw: (records, frames, last_rid) for gw, records, frames, last_rid in rows}
+
+
+def gateway_views(f: LiveFollower) -> dict[str, tuple[Any, ...]]:
+    """Per gateway, what its live topic says: records, frames, last record id, online."""
+    return {topic.split("/", 1)[1]: (v.get("records"), v.get("frames"), v.get("last_rid"),
+                                      v.get("online"))
+            for topic, v in f.views.items() if topic.startswith("gateway/")}
+
+
 def assert_exactly_once(coverage: list[tuple[int, int]], last_rid: int) -> None:
     """The ranges cover 1..last_rid with no overlap (no record lost, none applied twice).
     (A gateway's own events share its record ids: they are records too.)"""
@@ -290,6 +307,9 @@ class Run:
         self.acked: list[bool] = []  # an alert acked on node 1: acked as seen on each node
         self.alert_followers: list[LiveFollower] = []  # alert/# through the load balancer
         self.acked_id = ""
+        # gateway/# through the load balancer, and what PostgreSQL counted per gateway
+        self.gateway_follower: LiveFollower | None = None
+        self.totals: dict[str, tuple[int, int, int | None]] = {}
 
 
 async def cluster_run(tmp: Path, dsn: str, redis_url: str, disrupt: Disrupt) -> Run:
@@ -311,9 +331,10 @@ async def cluster_run(tmp: Path, dsn: str, redis_url: str, disrupt: Disrupt) -> 
                              for i in range(3)]
             run.alert_followers = [LiveFollower(lb.port, ["alert/#"], f"a{i}")
                                    for i in range(3)]
+            run.gateway_follower = LiveFollower(lb.port, ["gateway/#"], "g")
             try:
                 async with trio.open_nursery() as nursery:
-                    for f in run.followers + run.alert_followers:
+                    for f in [*run.followers, *run.alert_followers, run.gateway_follower]:
                         nursery.start_soon(f.run)
                     for gw in run.gateways:
                         gw.start()
@@ -350,6 +371,14 @@ async def cluster_run(tmp: Path, dsn: str, redis_url: str, disrupt: Disrupt) -> 
                                 and ids[run.acked_id]["acknowledged"]
                                 for f in run.alert_followers):
                             await trio.sleep(0.25)
+                    # each gateway's topic: every record the cluster applied, online
+                    with trio.move_on_after(20):
+                        while True:
+                            run.totals = await trio.to_thread.run_sync(gateway_totals, dsn)
+                            if gateway_views(run.gateway_follower) == {
+                                    gw: (*t, True) for gw, t in run.totals.items()}:
+                                break
+                            await trio.sleep(0.5)
                     nursery.cancel_scope.cancel()
             finally:
                 for gw in run.gateways:
@@ -404,8 +433,14 @@ async def check_run(run: Run, dsn: str) -> None:
         live = live_alerts(f)
         assert sorted(a["key"] for a in live.values()) == want_keys, f.name
         assert live[run.acked_id]["acknowledged"] is True, f.name
+    # each gateway's live topic: what the cluster applied for it (all its partitions),
+    # online (connected to some node) -- as a single hub's would say
+    assert run.gateway_follower is not None
+    assert set(run.totals) == set(SOURCES)
+    assert gateway_views(run.gateway_follower) == {
+        gw: (*t, True) for gw, t in run.totals.items()}
     # no client ever saw a silent gap
-    for f in run.followers + run.alert_followers:
+    for f in [*run.followers, *run.alert_followers, run.gateway_follower]:
         assert f.silent_gaps == [], (f.name, f.silent_gaps[:5])
 
 

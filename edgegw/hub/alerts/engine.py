@@ -299,6 +299,35 @@ class AlertEngine:
             self._emit("acknowledged", alert, now)
         return alert
 
+    def note_ack(self, alert_id: str, user: str | None, at: float | None) -> bool:
+        """An acknowledgement recorded elsewhere (a hub cluster: on another node, read back
+        from the store): stop escalating the alert, emit nothing (whoever recorded it
+        announces it).  False for an unknown or already acknowledged alert."""
+        alert = self.alerts.get(alert_id)
+        if alert is None or alert.acknowledged:
+            return False
+        alert.acknowledged = True
+        alert.acked_by = user
+        alert.acked_at = at
+        self._unescalated_p0.pop(alert_id, None)
+        return True
+
+    def resume_outage(self, gateway_id: str, since: float) -> None:
+        """A gateway's outage that started at ``since`` and is already alerted (a hub
+        cluster: an earlier owner raised it): kept as the same outage, so its
+        ``gateway_offline`` alert (keyed by its start) is not raised again.  The next
+        ``on_gateway(..., True)`` ends it."""
+        self._offline_since[gateway_id] = since
+
+    def watches(self, kind: str) -> bool:
+        """Whether an enabled rule of ``kind`` is configured."""
+        return bool(self._by_kind.get(kind))
+
+    @property
+    def escalation_pending(self) -> int:
+        """Unacknowledged P0 alerts not escalated yet."""
+        return len(self._unescalated_p0)
+
     def restore(self, alerts: Iterable[dict[str, Any]]) -> int:
         """Load persisted alerts (oldest first) before the hub replays its records."""
         n = 0

@@ -13,9 +13,16 @@
   holder finds them not yet ``fed``); none is lost.
 * ``AlertView`` -- the feed's sans-IO memory of recent alerts per topic: the snapshots
   (newest first, 50 per topic, as ``AlertEngine.snapshot``) and the events.
+* ``ClusterWarnings`` -- the cluster-wide ``hub/state`` topic, published by the same feed:
+  every partition's owner saves its state's figures of records not applied
+  (``LiveState.warnings``) in PostgreSQL when they change (fenced by its lease token); the
+  feed merges them (counts added, each reason's last record the latest) into the single
+  hub's shape.
 * ``GatewayPresence`` -- every node keeps ``{prefix}:presence:<gateway>`` alive (TTL) for
-  the gateways connected to it, which the owner of a gateway's ``gw:<id>`` partition reads
-  for the ``gateway_offline`` rule (owner.py).
+  the gateways connected to it (written at HELLO, removed when the connection ends, each
+  guarded by the connection's generation), which the owner of a gateway's ``gw:<id>``
+  partition reads for the ``gateway_offline`` rule and the ``gateway/<id>`` topic
+  (owner.py, gateways.py).
 """
 
 from __future__ import annotations
@@ -97,19 +104,75 @@ class AlertView:
         return [t for t, ids in self._by_topic.items() if ids]
 
 
+def merge_warnings(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Partitions' ``hub/state`` figures as one (the single hub's shape): totals and
+    counts added, each reason's ``last``/``last_at`` from the partition that saw it last."""
+    total = 0
+    reasons: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        total += int(part.get("not_applied", 0))
+        for reason, entry in (part.get("reasons") or {}).items():
+            held = reasons.get(reason)
+            if held is None:
+                reasons[reason] = dict(entry)
+                continue
+            newer = (entry.get("last_at") or 0.0) > (held.get("last_at") or 0.0)
+            held["count"] = held.get("count", 0) + entry.get("count", 0)
+            if newer:
+                held["last"], held["last_at"] = entry.get("last"), entry.get("last_at")
+    return {"not_applied": total, "reasons": dict(sorted(reasons.items()))}
+
+
+class ClusterWarnings:
+    """The cluster-wide ``hub/state`` (sans-IO): ``update`` takes every partition's saved
+    figures and says whether the merged topic changed."""
+
+    def __init__(self) -> None:
+        self._snap: dict[str, Any] = merge_warnings(())
+
+    def update(self, per_partition: dict[int, dict[str, Any]]) -> bool:
+        merged = merge_warnings(per_partition[p] for p in sorted(per_partition))
+        changed = merged != self._snap
+        self._snap = merged
+        return changed
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"not_applied": self._snap["not_applied"],
+                "reasons": {r: dict(v) for r, v in self._snap["reasons"].items()}}
+
+
+class FeedTopics:
+    """What the feed publishes, as its publisher's ``StateSource``: the alert topics and
+    ``hub/state``."""
+
+    def __init__(self, alerts: AlertView, warnings: ClusterWarnings) -> None:
+        self.alerts = alerts
+        self.warnings = warnings
+
+    def snapshot(self, topic: str) -> dict[str, Any] | None:
+        if topic == topic_names.HUB_STATE:
+            return self.warnings.snapshot()
+        return self.alerts.snapshot(topic)
+
+    def topics(self) -> list[str]:
+        return [*self.alerts.topics(), topic_names.HUB_STATE]
+
+
 class AlertFeed:
     """Holds the ``alerts`` lease when it can; while it does, publishes the alert topics
     and sends the webhooks from the pending rows (module docstring)."""
 
     def __init__(self, bus: Any, store: Any, config: AlertsConfig,
-                 make_publisher: Callable[[AlertView], Any], *, lease_ttl_s: float = 5.0,
-                 poll_s: float = 0.25, metrics: Metrics | None = None) -> None:
+                 make_publisher: Callable[[FeedTopics], Any], *, lease_ttl_s: float = 5.0,
+                 poll_s: float = 0.25, state_poll_s: float = 1.0,
+                 metrics: Metrics | None = None) -> None:
         self.bus = bus
         self.store = store
         self.config = config
         self.make_publisher = make_publisher
         self.lease_ttl_s = lease_ttl_s
         self.poll_s = poll_s
+        self.state_poll_s = state_poll_s
         self.metrics = metrics or Metrics()
         self.holding = False
         self.announced = 0
@@ -154,7 +217,12 @@ class AlertFeed:
                     await trio.sleep(self.poll_s * 4)
             for alert in reversed(recent):
                 view.remember(alert)
-            publisher = self.make_publisher(view)
+            warnings = ClusterWarnings()
+            try:
+                warnings.update(await self.store.partition_states())
+            except StoreUnavailable:
+                pass  # read again at the next poll
+            publisher = self.make_publisher(FeedTopics(view, warnings))
             webhooks = WebhookSender(self.config.webhooks, metrics=self.metrics)
             await nursery.start(webhooks.run)
             await nursery.start(publisher.run)
@@ -164,9 +232,15 @@ class AlertFeed:
             # events announced whose ``fed`` is not written yet (PostgreSQL failed the
             # write): never announced twice by this holder
             unmarked: dict[str, str] = {}
+            states_read = trio.current_time()
             while True:
                 try:
                     await self._poll(view, publisher, webhooks, unmarked)
+                    if trio.current_time() - states_read >= self.state_poll_s:
+                        states_read = trio.current_time()
+                        if warnings.update(await self.store.partition_states()):
+                            # the whole figure, as a single hub's hub/state delta
+                            publisher.publish(topic_names.HUB_STATE, warnings.snapshot())
                 except StoreUnavailable:  # PostgreSQL away: the rows stay pending
                     log.debug("alert feed: PostgreSQL unavailable", exc_info=True)
                 await trio.sleep(self.poll_s)
@@ -216,26 +290,57 @@ class AlertFeed:
 
 
 class GatewayPresence:
-    """Keeps ``{prefix}:presence:<gateway>`` alive for the gateways connected to this node
-    (every ``ttl_s / 3``; a gateway that left, or a node that died, lapses within
-    ``ttl_s``)."""
+    """Keeps ``{prefix}:presence:<gateway>`` for the gateways connected to this node:
+    written at once when a connection is welcomed (``up``) and removed at once when it ends
+    (``down``), each followed by a ``presence <gateway>`` notice (the owner of the
+    gateway's partition reads it then); refreshed every ``ttl_s / 3`` (a node that died
+    lets it lapse within ``ttl_s``).  Writes and removals carry the connection's
+    generation: an older connection never overwrites or removes a newer one's presence
+    (``ClusterBus.claim_presence``/``drop_presence``).  ``connected()``: gateway ->
+    (generation, connected at) of this node's connections."""
 
-    def __init__(self, bus: Any, connected: Callable[[], Iterable[str]], *,
+    def __init__(self, bus: Any, connected: Callable[[], dict[str, tuple[int, float]]], *,
                  ttl_s: float = 5.0) -> None:
         self.bus = bus
         self.connected = connected
         self.ttl_s = ttl_s
+        self._changes: list[tuple[str, int, float | None]] = []
+        self._wake = trio.Event()
+
+    def up(self, gateway: str, generation: int, connected_at: float) -> None:
+        self._changes.append((gateway, generation, connected_at))
+        self._wake.set()
+
+    def down(self, gateway: str, generation: int) -> None:
+        self._changes.append((gateway, generation, None))
+        self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         task_status.started()
+        refresh_at = trio.current_time()
         while True:
+            with trio.move_on_at(refresh_at):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            changes, self._changes = self._changes, []
             try:
-                for gateway in list(self.connected()):
-                    await self.bus.set_presence(gateway, self.ttl_s)
+                for gateway, generation, at in changes:
+                    if at is None:
+                        await self.bus.drop_presence(gateway, generation)
+                    else:
+                        await self.bus.claim_presence(gateway, generation, self.ttl_s,
+                                                      connected_at=repr(at))
+                    await self.bus.notify("notice", f"presence {gateway}".encode())
+                if trio.current_time() >= refresh_at:
+                    refresh_at = trio.current_time() + self.ttl_s / 3
+                    for gateway, (generation, at) in list(self.connected().items()):
+                        await self.bus.claim_presence(gateway, generation, self.ttl_s,
+                                                      connected_at=repr(at))
             except Exception:  # Redis away: presence lapses; owners see it (stale bus)
                 log.debug("gateway presence not refreshed", exc_info=True)
-            await trio.sleep(self.ttl_s / 3)
+                refresh_at = max(refresh_at, trio.current_time() + self.ttl_s / 3)
 
 
-__all__ = ["AlertFeed", "AlertView", "GatewayPresence", "wanted_events"]
+__all__ = ["AlertFeed", "AlertView", "ClusterWarnings", "FeedTopics", "GatewayPresence",
+           "merge_warnings", "wanted_events"]

@@ -15,8 +15,9 @@ gives the same answer (a node that is behind by a few milliseconds answers what 
 the single hub's API does between two frames).
 
 Not from the mirror: per-die test values (``/api/lots/<lot>/wafers/<w>/tests/<n>``) are
-kept only in the owner's memory and are not a topic; every node answers them 404 with a
-note (the same answer everywhere; serving them would need a request to the owner).
+kept only in the owner's memory and are not a topic: the owner of the lot's partition
+answers them, asked over Redis (``die_values``, dievalues.py) -- the single hub's answer on
+every node, or 503 (``"retry": true``) while the partition has no owner able to answer.
 """
 
 from __future__ import annotations
@@ -125,9 +126,12 @@ class ClusterHistoryApi(HistoryApi):
 
     def __init__(self, state: Any, engine: AlertEngine, store: Any,
                  read_views: Callable[[Callable[[str], bool]], Awaitable[StateSource]]
-                 | None = None) -> None:
+                 | None = None,
+                 die_values: Callable[[str, str, str], Awaitable[Result]] | None = None,
+                 ) -> None:
         super().__init__(state, engine)
         self.cluster_store = store
+        self.die_values = die_values
         # A node mirrors only the topics its clients follow: lots, wafers and tests are
         # read for each answer (``Mirror.read_views``: its own views, the rest from Redis).
         self.read_views = read_views
@@ -141,10 +145,13 @@ class ClusterHistoryApi(HistoryApi):
             return await self._ack(parts[2], body, principal)
         if method == "GET" and len(parts) == 7 and parts[1:2] == ["lots"] \
                 and parts[3] == "wafers" and parts[5] == "tests":
-            # per-die values live only in the owner's memory: no node answers them (rather
-            # than some nodes answering and others not)
-            return 404, {"error": "per-die test values are not served by a cluster node "
-                                  "(docs/cluster.md): only wafer maps, lots and tests are"}
+            # per-die values live only in the owner's memory: it answers (dievalues.py)
+            if principal is not None and principal.lots is not None \
+                    and not principal.sees_lot(parts[2]):
+                return 404, {"error": f"unknown lot {parts[2]!r}"}
+            if self.die_values is None:
+                return 404, {"error": "per-die test values are not served here"}
+            return await self.die_values(parts[2], parts[4], parts[6])
         if method == "GET" and self.read_views is not None and len(parts) >= 2 \
                 and parts[1] in ("lots", "tests"):
             lot = {parts[2], unquote(parts[2])} if len(parts) > 2 else None

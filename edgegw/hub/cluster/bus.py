@@ -791,6 +791,65 @@ class ClusterBus:
         node, _, token = (raw.decode() if isinstance(raw, bytes) else raw).rpartition(":")
         return node, int(token)
 
+    # ---------------------------------------------------- presence by connection, replies
+    # (added for the gateway topics and per-die values, docs/cluster.md "A node")
+
+    _CLAIM_PRESENCE = """
+local g = redis.call('HGET', KEYS[1], 'generation')
+if g and tonumber(g) > tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+    _DROP_PRESENCE = """
+if redis.call('HGET', KEYS[1], 'generation') == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+    def _script(self, name: str, body: str) -> Any:
+        script = self._scripts.get(name)
+        if script is None:
+            assert self._client is not None
+            script = self._scripts[name] = self._client.register_script(body)
+        return script
+
+    async def claim_presence(self, gateway_id: str, generation: int, ttl_s: float,
+                             **fields: str) -> bool:
+        """``set_presence`` for the gateway's connection of ``generation``, unless a newer
+        connection of it (anywhere) holds the presence: an old connection that lingers on
+        one node never overwrites its successor's."""
+        values = {"node": self.node_id, "generation": str(generation), **fields}
+        flat = [x for kv in values.items() for x in kv]
+        ok = await self._call("presence", lambda: self._script(
+            "claim_presence", self._CLAIM_PRESENCE)(
+            keys=[self.key("presence", gateway_id)],
+            args=[generation, int(ttl_s * 1000), *flat]))
+        return bool(ok)
+
+    async def drop_presence(self, gateway_id: str, generation: int) -> bool:
+        """The connection of ``generation`` ended: its presence goes at once (not after
+        its TTL), unless a newer connection holds it (compare-and-delete)."""
+        ok = await self._call("presence", lambda: self._script(
+            "drop_presence", self._DROP_PRESENCE)(
+            keys=[self.key("presence", gateway_id)], args=[str(generation)]))
+        return bool(ok)
+
+    async def put_reply(self, name: str, data: bytes, ttl_s: float) -> None:
+        """Leave ``data`` for whoever asked (``take_reply``); it expires after ``ttl_s``."""
+        assert self._client is not None
+        client = self._client
+        await self._call("reply", lambda: client.set(self.key("reply", name), data,
+                                                      px=int(ttl_s * 1000)))
+
+    async def take_reply(self, name: str) -> bytes | None:
+        """The reply left under ``name`` (removed), or None."""
+        assert self._client is not None
+        client = self._client
+        raw = await self._call("reply", lambda: client.getdel(self.key("reply", name)))
+        return bytes(raw) if raw is not None else None
+
 
 def _entry(item: Any) -> StreamEntry:
     entry_id, fields = item.identifier, item.field_values  # coredis's StreamEntry

@@ -42,6 +42,7 @@ from edgegw.web import Request, Response, json_response
 from .alertfeed import AlertFeed, GatewayPresence
 from .api import ClusterHistoryApi, MirrorLots
 from .config import node_id_of
+from .dievalues import DieValues
 from .owner import OwnedTopics, PartitionOwner
 
 log = logging.getLogger("edgegw.hub.cluster.node")
@@ -99,12 +100,26 @@ class NodeIngest(Ingest):
     transaction) and no start-up replay (owners rebuild per partition)."""
 
     notifier: Notifier | None = None
+    presence: GatewayPresence | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: gateway -> (generation, connected at) of its connection on this node
+        self.sessions: dict[str, tuple[int, float]] = {}
 
     def _gateway_event(self, gw: str, connected: bool) -> None:
         super()._gateway_event(gw, connected)
         session = self.connected.get(gw)
-        if connected and session is not None and self.notifier is not None:
-            self.notifier.claimed(gw, session.generation)
+        if connected and session is not None:
+            self.sessions[gw] = (session.generation, time.time())
+            if self.notifier is not None:
+                self.notifier.claimed(gw, session.generation)
+            if self.presence is not None:
+                self.presence.up(gw, *self.sessions[gw])
+        elif not connected:
+            ended = self.sessions.pop(gw, None)
+            if ended is not None and self.presence is not None:
+                self.presence.down(gw, ended[0])
 
 
 class ClusterHub:
@@ -144,11 +159,15 @@ class ClusterHub:
         self.alert_feed = AlertFeed(self.bus, self.store, config.alerts,
                                     make_publisher,  # type: ignore[arg-type]
                                     lease_ttl_s=cc.lease_ttl_s, metrics=metrics)
-        self.presence = GatewayPresence(self.bus, lambda: list(self.ingest.connected),
+        self.presence = GatewayPresence(self.bus, lambda: dict(self.ingest.sessions),
                                         ttl_s=cc.lease_ttl_s)
         self.notifier = Notifier(self.bus, self.owner.wake)
         self.store.on_advance = self.notifier.advanced
         self.ingest.notifier = self.notifier
+        self.ingest.presence = self.presence
+        # per-die values: answered by the owner of the lot's partition (dievalues.py)
+        self.die_values = DieValues(self.bus, self.owner.state_for, cc.partitions,
+                                    timeout_s=max(2.0, cc.stale_after_s))
         self.bus.on_partition(lambda p, pseq: self.owner.wake(p))
         self.bus.on("notice", self._notice)
         self.fanout.install(self.ingest.http)
@@ -157,7 +176,7 @@ class ClusterHub:
         self.alerts = AlertEngine(config.alerts, lambda topic, delta: None, metrics=metrics)
         ClusterHistoryApi(MirrorLots(self.mirror.state), self.alerts,  # type: ignore[arg-type]
                           store=self.store, read_views=self.mirror.read_views,
-                          ).install(self.ingest.http)
+                          die_values=self.die_values.ask).install(self.ingest.http)
         self._ingest_health = self.ingest.health
 
         async def healthz(request: Request) -> Response:
@@ -173,12 +192,16 @@ class ClusterHub:
 
     def _notice(self, data: bytes) -> None:
         kind, _, rest = data.decode(errors="replace").partition(" ")
-        if kind == "claim":
-            generation, _, gateway = rest.partition(" ")
-            try:
+        try:
+            if kind == "claim":
+                generation, _, gateway = rest.partition(" ")
                 self.ingest.supersede(gateway, int(generation))
-            except ValueError:
-                log.warning("cluster notice not understood: %r", data[:100])
+            elif kind == "presence":
+                self.owner.gateway_changed(rest)
+            elif kind in ("dv?", "dv="):
+                self.die_values.on_notice(kind, rest)
+        except (ValueError, TypeError):
+            log.warning("cluster notice not understood: %r", data[:100])
 
     def _make_state(self, partition: int, publish: Callable[[str, dict[str, Any]], None],
                     engine: AlertEngine | None) -> LiveState:
@@ -216,6 +239,7 @@ class ClusterHub:
             await nursery.start(self.owner.run)
             await nursery.start(self.alert_feed.run)
             await nursery.start(self.presence.run)
+            await nursery.start(self.die_values.run)
             log.info("cluster node %s up on port %d", self.node_id, port)
             task_status.started(port)
 

@@ -52,6 +52,7 @@ from edgegw.hub.live import LiveState
 from edgegw.hub.store import StoreUnavailable
 from edgegw.metrics import Metrics, report_internal_error
 
+from .gateways import GatewayTopics, event_only
 from .partition import partition_of
 
 log = logging.getLogger("edgegw.hub.cluster.owner")
@@ -196,6 +197,9 @@ class PartitionLog(Protocol):
     async def save_alerts(self, partition: int, token: int,
                           alerts: list[dict[str, Any]]) -> dict[str, bool]: ...
     async def known_gateways(self) -> list[str]: ...
+    async def gateway_totals(self, gateways: list[str]) -> dict[str, Any]: ...
+    async def save_partition_state(self, partition: int, token: int,
+                                   data: dict[str, Any]) -> bool: ...
 
 
 def lease_name(partition: int) -> str:
@@ -204,21 +208,30 @@ def lease_name(partition: int) -> str:
 
 class OwnedTopics:
     """A partition's live state as a ``StateSource`` of only the topics it owns (what its
-    publisher resyncs and snapshots)."""
+    publisher resyncs and snapshots); its ``gateway/<id>`` topics from ``gateways``
+    (cluster-wide counts and connection, gateways.py) when given."""
 
-    def __init__(self, state: LiveState, partition: int, n_partitions: int) -> None:
+    def __init__(self, state: LiveState, partition: int, n_partitions: int,
+                 gateways: GatewayTopics | None = None) -> None:
         self.state = state
         self.partition = partition
         self.n_partitions = n_partitions
+        self.gateways = gateways
 
     def snapshot(self, topic: str) -> dict[str, Any] | None:
         if not owns_topic(self.partition, topic, self.n_partitions):
             return None
+        if self.gateways is not None and topic.startswith("gateway/"):
+            return self.gateways.snapshot(topic)
         return self.state.snapshot(topic)
 
     def topics(self) -> list[str]:
-        return [t for t in self.state.topics()
-                if owns_topic(self.partition, t, self.n_partitions)]
+        out = [t for t in self.state.topics()
+               if owns_topic(self.partition, t, self.n_partitions)
+               and (self.gateways is None or not t.startswith("gateway/"))]
+        if self.gateways is not None:
+            out.extend(self.gateways.topics())
+        return out
 
 
 @dataclass
@@ -235,6 +248,9 @@ class Owned:
     acquired_at: float = field(default_factory=time.monotonic)
     engine: AlertEngine | None = None
     alert_events: list[dict[str, Any]] = field(default_factory=list)
+    gateways: GatewayTopics | None = None
+    gateway_wake: trio.Event = field(default_factory=trio.Event)
+    saved_not_applied: int = 0  # the hub/state figures saved (their total)
 
 
 MakeState = Callable[[int, Callable[[str, dict[str, Any]], None], AlertEngine | None],
@@ -297,6 +313,17 @@ class PartitionOwner:
         owned = self.owned.get(partition)
         if owned is not None:
             owned.wake.set()
+
+    def state_for(self, partition: int) -> LiveState | None:
+        """The live state of ``partition`` if this node owns it and has rebuilt it."""
+        owned = self.owned.get(partition)
+        return owned.state if owned is not None and owned.caught_up else None
+
+    def gateway_changed(self, gateway: str) -> None:
+        """The gateway connected or disconnected somewhere: read its presence now."""
+        owned = self.owned.get(partition_of("gw:" + gateway, self.n_partitions))
+        if owned is not None:
+            owned.gateway_wake.set()
 
     def states(self) -> list[tuple[int, LiveState]]:
         """The live states of the partitions this node owns and has rebuilt."""
@@ -438,7 +465,7 @@ class PartitionOwner:
             # first presence check forgets it if the gateway is back.
             ctx = alert.get("context") or {}
             if alert.get("kind") == "gateway_offline" and "gateway_id" in ctx:
-                engine._offline_since[ctx["gateway_id"]] = ctx["offline_since"]
+                engine.resume_outage(ctx["gateway_id"], ctx["offline_since"])
         return engine, events
 
     async def _partition_gateways(self, p: int) -> list[str]:
@@ -450,15 +477,67 @@ class PartitionOwner:
             self._gateways = (time.monotonic(), known)
         return [g for g in known if partition_of("gw:" + g, self.n_partitions) == p]
 
-    async def _gateway_presence(self, owned: Owned, engine: AlertEngine) -> None:
-        """``gateway_offline``, once cluster-wide: the owner of a gateway's ``gw:<id>``
-        partition tells its engine whether the gateway is connected to any node (its
-        Redis presence, kept alive by that node: alertfeed.GatewayPresence)."""
-        if not engine._by_kind["gateway_offline"]:
-            return
-        now = time.time()
+    async def _refresh_gateways(self, owned: Owned, gateways: GatewayTopics,
+                                engine: AlertEngine | None) -> None:
+        """The partition's gateways: their cluster-wide counts (PostgreSQL's totals: one
+        query for all of them) and their presence (for ``online`` and for
+        ``gateway_offline``, once cluster-wide: alertfeed.GatewayPresence keeps it)."""
         for gw in await self._partition_gateways(owned.partition):
-            engine.on_gateway(gw, await self.bus.presence(gw) is not None, now)
+            gateways.know(gw)
+        names = gateways.names()
+        if names:
+            now = time.time()
+            for gw, t in (await self.store.gateway_totals(names)).items():
+                gateways.totals(gw, *t, now)
+        offline_rule = engine is not None and engine.watches("gateway_offline")
+        for gw in names:
+            present = await self.bus.presence(gw)
+            now = time.time()
+            at = present.get("connected_at") if present else None
+            gateways.presence(gw, present is not None, float(at) if at else None, now)
+            if offline_rule:
+                assert engine is not None
+                engine.on_gateway(gw, present is not None, now)
+
+    async def _gateway_loop(self, owned: Owned, gateways: GatewayTopics,
+                            engine: AlertEngine | None, *,
+                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                            ) -> None:
+        """Once a second (at once after a connection change anywhere): the partition's
+        gateway topics and its ``hub/state`` figures.  (Polled rather than pushed by the
+        committing nodes: a notice per commit would reach every node, the node count
+        times the commits; this is one query per owned partition per second.)"""
+        started = False
+        while True:
+            owned.gateway_wake = trio.Event()
+            try:
+                await self._refresh_gateways(owned, gateways, engine)
+                await self._save_state_figures(owned)
+            except LeaseLost:
+                raise
+            except Exception:  # PostgreSQL or Redis away: read again next second
+                log.debug("partition %d: gateways not refreshed", owned.partition,
+                          exc_info=True)
+            gateways.tick(time.time())
+            if not started:
+                started = True
+                task_status.started()
+            with trio.move_on_after(1.0):
+                await owned.gateway_wake.wait()
+
+    async def _save_state_figures(self, owned: Owned) -> None:
+        """The partition's ``hub/state`` figures (records its state could not apply) to
+        PostgreSQL when they changed, for the cluster-wide topic (alertfeed.py)."""
+        state = owned.state
+        if state is None or not owned.caught_up \
+                or state.not_applied_total == owned.saved_not_applied:
+            return
+        total = state.not_applied_total
+        if not await self.store.save_partition_state(owned.partition, owned.token,
+                                                     state.warnings()):
+            self._seeded = None  # a newer token exists: Redis lost its counters?
+            raise LeaseLost("state_fenced")
+        owned.saved_not_applied = total
 
     async def _save_alerts(self, owned: Owned) -> None:
         """Write the alert events since the last call (one row per alert, fenced by this
@@ -478,23 +557,13 @@ class PartitionOwner:
             await trio.sleep(1.0)
             if not owned.caught_up:
                 continue
-            if engine._unescalated_p0:
+            if engine.escalation_pending:
                 rows = await self._until_answered(functools.partial(
                     self.store.load_alerts, self.alerts_config.keep if self.alerts_config
                     else 1000, owned.partition))
                 for row in rows:
-                    alert = engine.alerts.get(row["id"])
-                    if row.get("acknowledged") and alert is not None and not alert.acknowledged:
-                        alert.acknowledged = True
-                        alert.acked_by = row.get("acked_by")
-                        alert.acked_at = row.get("acked_at")
-                        engine._unescalated_p0.pop(alert.id, None)
-            try:
-                await self._gateway_presence(owned, engine)
-            except Exception:  # PostgreSQL or Redis away: checked again next second
-                log.debug("partition %d: gateway presence not read", owned.partition,
-                          exc_info=True)
-                continue
+                    if row.get("acknowledged"):
+                        engine.note_ack(row["id"], row.get("acked_by"), row.get("acked_at"))
             engine.tick(time.time())
             await self._save_alerts(owned)
 
@@ -506,9 +575,28 @@ class PartitionOwner:
         def publish(topic: str, delta: dict[str, Any]) -> None:
             # silent while catching up: the previous owner published those deltas; once at
             # the head, the publisher resets every topic and deltas follow
-            if owned.caught_up and publisher is not None and owns_topic(p, topic,
-                                                                        self.n_partitions):
+            if not owns_topic(p, topic, self.n_partitions):
+                return
+            if topic.startswith("gateway/"):
+                # only the events: counts and connection are cluster-wide (gateways.py)
+                kept = event_only(delta)
+                if kept is None:
+                    return
+                gateways.know(topic_names.split(topic)[1])
+                delta = kept
+            if owned.caught_up and publisher is not None:
                 publisher.publish(topic, delta)
+
+        def publish_gateway(topic: str, delta: dict[str, Any]) -> None:
+            if owned.caught_up and publisher is not None:
+                publisher.publish(topic, delta)
+
+        def events_of(gateway: str) -> Iterable[dict[str, Any]]:
+            gw = owned.state.gateways.get(gateway) if owned.state is not None else None
+            return gw.events if gw is not None else ()
+
+        gateways = GatewayTopics(publish_gateway, events_of)
+        owned.gateways = gateways
 
         engine, events = await self._alert_engine(p, publish)
         state = self.make_state(p, publish, engine)
@@ -526,11 +614,12 @@ class PartitionOwner:
                 state = self.make_state(p, publish, engine)
         owned.state = state
         owned.engine, owned.alert_events = engine, events
-        publisher = self.make_publisher(OwnedTopics(state, p, self.n_partitions))
+        publisher = self.make_publisher(OwnedTopics(state, p, self.n_partitions, gateways))
         head = await self._until_answered(lambda: self.store.partition_head(p))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch, owned)
             await nursery.start(publisher.run)
+            await nursery.start(self._gateway_loop, owned, gateways, engine)
             if engine is not None:
                 nursery.start_soon(self._alert_ticks, owned, engine)
             await self._tail(owned, state, publisher, head, t0)

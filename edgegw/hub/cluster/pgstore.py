@@ -40,7 +40,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import psycopg
 import trio
@@ -88,8 +88,19 @@ CREATE TABLE IF NOT EXISTS edgegw_gateways (
     frames_rejected bigint NOT NULL DEFAULT 0,
     frames_lost bigint NOT NULL DEFAULT 0,
     last_seq bigint NOT NULL DEFAULT 0,
-    last_seen double precision
+    last_seen double precision,
+    last_rid bigint
 );
+DO $$ BEGIN
+  -- a cluster made before last_rid: only then ALTER (an exclusive lock on this hot table
+  -- at every start would deadlock with the running nodes' commits), and before anything
+  -- below locks another table a commit writes (it waits for the commits, no deadlock)
+  IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema =
+                 current_schema() AND table_name = 'edgegw_gateways'
+                 AND column_name = 'last_rid') THEN
+    ALTER TABLE edgegw_gateways ADD COLUMN last_rid bigint;
+  END IF;
+END $$;
 CREATE TABLE IF NOT EXISTS edgegw_applied (
     gateway_id text NOT NULL,
     epoch text NOT NULL,
@@ -159,6 +170,12 @@ CREATE INDEX IF NOT EXISTS edgegw_alerts_raised ON edgegw_alerts (raised_at);
 ALTER TABLE edgegw_alerts ADD COLUMN IF NOT EXISTS pending boolean NOT NULL DEFAULT true;
 ALTER TABLE edgegw_alerts ADD COLUMN IF NOT EXISTS fed text NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS edgegw_alerts_pending ON edgegw_alerts (id) WHERE pending;
+CREATE TABLE IF NOT EXISTS edgegw_partition_state (
+    partition integer PRIMARY KEY,
+    token bigint NOT NULL,
+    data text NOT NULL,
+    updated double precision NOT NULL
+);
 CREATE TABLE IF NOT EXISTS edgegw_lots (
     lot_id text PRIMARY KEY,
     updated double precision NOT NULL,
@@ -179,12 +196,24 @@ CREATE TABLE IF NOT EXISTS edgegw_wafers (
 
 #: the tables, for sizing (``table_bytes``) and for tests that drop a cluster's database
 TABLES = ("meta", "gateways", "applied", "frames", "rejected", "partition_heads",
-          "partition_log", "partition_checkpoints", "alerts", "lots", "wafers")
+          "partition_log", "partition_checkpoints", "partition_state", "alerts", "lots",
+          "wafers")
 
 _ZLIB_LEVEL = 6  # as the SQLite store: ~10 B/record at ~600k records/s
 
 _STAT_COLS = ("epoch", "frames_applied", "records_applied", "duplicates_dropped",
               "frames_rejected", "frames_lost", "last_seq", "last_seen")
+
+
+class GatewayTotals(NamedTuple):
+    """A gateway's records and frames applied cluster-wide, its highest record id
+    applied and the time of its last commit (PostgreSQL's counters: the same on every
+    node) -- what a single hub's ``gateway/<id>`` topic counts."""
+
+    records: int
+    frames: int
+    last_rid: int | None
+    last_seen: float | None
 
 
 class PartitionMismatch(StartupError):
@@ -648,11 +677,14 @@ class ClusterStore:
                     " duplicates_dropped = duplicates_dropped + %s,"
                     " frames_rejected = frames_rejected + %s, frames_lost = frames_lost + %s,"
                     " last_seq = GREATEST(last_seq, %s), epoch = COALESCE(%s, epoch),"
-                    " last_seen = CASE WHEN %s THEN %s ELSE last_seen END"
+                    " last_seen = CASE WHEN %s THEN %s ELSE last_seen END,"
+                    " last_rid = GREATEST(last_rid, %s)"
                     f" WHERE gateway_id = %s RETURNING {', '.join(_STAT_COLS)}",
                     (len(mine), sum(f.n_records for f in mine), dups.get(gw, 0), len(rej),
                      lost_n, max(seqs, default=0), epochs[-1] if epochs else None,
-                     bool(mine), now, gw)).fetchone()
+                     bool(mine), now,
+                     max((f.first_rid + f.n_records - 1 for f in mine if f.n_records),
+                         default=None), gw)).fetchone()
                 stats[gw] = GatewayStats(gw, *row)  # type: ignore[misc]
         return skipped, stats, heads
 
@@ -724,8 +756,43 @@ class ClusterStore:
         """Per partition, the newest lease token a checkpoint was written with: after
         Redis lost its data the lease counters must restart above these (``seed_fence``)."""
         def run(conn: psycopg.Connection[Any]) -> dict[int, int]:
+            # (every write fenced by a token: checkpoints and hub/state figures)
             return dict(conn.execute(
-                "SELECT partition, token FROM edgegw_partition_checkpoints").fetchall())
+                "SELECT partition, max(token) FROM (SELECT partition, token FROM"
+                " edgegw_partition_checkpoints UNION ALL SELECT partition, token FROM"
+                " edgegw_partition_state) AS t GROUP BY partition").fetchall())
+
+        return await self._call(run)
+
+    async def gateway_totals(self, gateways: list[str]) -> dict[str, GatewayTotals]:
+        """The cluster-wide totals of ``gateways`` (those with a row)."""
+        def run(conn: psycopg.Connection[Any]) -> dict[str, GatewayTotals]:
+            return {r[0]: GatewayTotals(*r[1:]) for r in conn.execute(
+                "SELECT gateway_id, records_applied, frames_applied, last_rid, last_seen"
+                " FROM edgegw_gateways WHERE gateway_id = ANY(%s)", (gateways,)).fetchall()}
+
+        return await self._call(run)
+
+    async def save_partition_state(self, partition: int, token: int,
+                                   data: dict[str, Any]) -> bool:
+        """The owner's ``hub/state`` figures of its partition (``LiveState.warnings``),
+        fenced by its lease token as checkpoints are: False when a newer owner wrote."""
+        def run(conn: psycopg.Connection[Any]) -> bool:
+            cur = conn.execute(
+                "INSERT INTO edgegw_partition_state (partition, token, data, updated)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT (partition) DO UPDATE SET"
+                " token = EXCLUDED.token, data = EXCLUDED.data, updated = EXCLUDED.updated"
+                " WHERE edgegw_partition_state.token <= EXCLUDED.token",
+                (partition, token, json.dumps(data), time.time()))
+            return cur.rowcount == 1
+
+        return await self._call(run)
+
+    async def partition_states(self) -> dict[int, dict[str, Any]]:
+        """Every partition's last saved ``hub/state`` figures."""
+        def run(conn: psycopg.Connection[Any]) -> dict[int, dict[str, Any]]:
+            return {int(p): json.loads(d) for p, d in conn.execute(
+                "SELECT partition, data FROM edgegw_partition_state").fetchall()}
 
         return await self._call(run)
 
@@ -964,5 +1031,5 @@ class ClusterStore:
         return await self._call(run)
 
 
-__all__ = ["ClusterStore", "GatewaySuperseded", "LogChunk", "PartitionMismatch",
+__all__ = ["ClusterStore", "GatewaySuperseded", "GatewayTotals", "LogChunk", "PartitionMismatch",
            "StoreUnavailable", "decode_chunk"]
