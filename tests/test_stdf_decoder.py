@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgegw.stdf import Bits, StdfDecoder, StdfError, StdfRecord, StdfWriter
+from edgegw.stdf import Bits, StdfDecoder, StdfError, StdfRecord, StdfRow, StdfWriter
+from edgegw.stdf.decoder import FIELD_NAMES
 
 
 def stream(order: str = "<") -> tuple[bytes, list[tuple[str, dict[str, Any]]]]:
@@ -59,9 +60,30 @@ def stream(order: str = "<") -> tuple[bytes, list[tuple[str, dict[str, Any]]]]:
 
 
 def decode(data: bytes, **kw: Any) -> list[StdfRecord]:
+    """The records, after checking that the rows of the same bytes hold the same."""
     dec = StdfDecoder(**kw)
     dec.feed(data)
-    return list(dec.records())
+    records = list(dec.records())
+    assert_rows_equal(data, records, **kw)
+    return records
+
+
+def assert_rows_equal(data: bytes, records: list[StdfRecord], chunk: int = 0,
+                      **kw: Any) -> None:
+    """``StdfDecoder.rows()`` gives the same records as ``records()``: name, offset and
+    each field (a row's values in spec order), fed whole or in ``chunk``-byte pieces."""
+    dec = StdfDecoder(**kw)
+    rows: list[StdfRow] = []
+    for start in range(0, len(data), chunk or len(data) or 1):
+        dec.feed(data[start:start + chunk] if chunk else data)
+        rows.extend(dec.rows())
+    assert all(type(r) is StdfRow for r in rows)
+    assert [(r.name, r.offset) for r in rows] == [(r.name, r.offset) for r in records]
+    for row, rec in zip(rows, records, strict=True):
+        assert tuple(rec.fields.values()) == row.values or repr(row.values) == repr(
+            tuple(rec.fields.values())), (rec.name, rec.offset)  # repr: NaN-safe
+        assert list(rec.fields) == list(FIELD_NAMES[row.name][:len(row.values)])
+        assert repr(row.fields) == repr(rec.fields)
 
 
 def as_pairs(records: list[StdfRecord]) -> list[tuple[str, dict[str, Any]]]:
@@ -115,6 +137,7 @@ def test_any_chunking_gives_the_same_records(cuts: list[int], order: str) -> Non
     got.extend(dec.records())
     assert as_pairs(got) == records
     assert dec.position == len(data) and dec.buffered == 0
+    assert_rows_equal(data, got, chunk=cuts[0] if cuts else 0)
 
 
 def test_a_record_cut_at_the_end_waits_for_the_rest() -> None:

@@ -56,6 +56,29 @@ class StdfRecord(NamedTuple):
     fields: dict[str, Any]
 
 
+#: record name -> its field names in spec order (a row's values are in this order)
+FIELD_NAMES: dict[str, tuple[str, ...]] = {
+    **{spec.name: tuple(f.name for f in spec.fields) for spec in BY_NAME.values()},
+    "UNKNOWN": ("REC_TYP", "REC_SUB", "DATA"),
+}
+
+
+class StdfRow(NamedTuple):
+    """A record as a row: the values of its fields in spec order, without a dict.  The
+    values of the fields present: a record whose trailing fields are absent has a
+    shorter ``values``.  ``fields`` is the same dict :class:`StdfRecord` carries."""
+
+    name: str
+    #: byte offset of the record header in the whole stream
+    offset: int
+    #: values of the fields present, in the order of ``FIELD_NAMES[name]``
+    values: tuple[Any, ...]
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return dict(zip(FIELD_NAMES[self.name], self.values, strict=False))
+
+
 class _Short(Exception):
     """A field does not fit in what is left of the record (internal)."""
 
@@ -353,16 +376,17 @@ MEMO_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("OPT_FLAG")}
 MEMO_SIZE = 4096
 
 
-def _memo() -> tuple[Callable[[bytes], dict | None], Callable[[bytes, dict], None]]:
+def _memo(rows: bool = False) -> tuple[Callable[[bytes], Any], Callable[[bytes, Any], None]]:
     """A bounded map from tail bytes to a template of the record's field dict: a repeat
     copies the template (one C-level copy of the whole dict) and sets the fields before
-    the tail, cheaper than building the dict anew."""
-    memo: dict[bytes, dict] = {}
+    the tail, cheaper than building the dict anew.  For rows, the tail's values as a
+    tuple (immutable: no copy), which the row's head is prepended to."""
+    memo: dict[bytes, Any] = {}
 
-    def put(tail: bytes, fields: dict) -> None:
+    def put(tail: bytes, fields: Any) -> None:
         if len(memo) >= MEMO_SIZE:
             memo.clear()  # bounded: memory stays flat on files whose tails never repeat
-        memo[tail] = fields.copy()  # a copy: the consumer owns the dict it was given
+        memo[tail] = fields if rows else fields.copy()  # the consumer owns its dict
 
     return memo.get, put
 
@@ -375,9 +399,17 @@ def set_tail_memo(size: int) -> None:
     _TABLES.clear()
 
 
-def _literal(fields: tuple[Field, ...], n: int) -> str:
-    """Source of the dict literal of the first ``n`` fields (values in locals f0, f1...)."""
+def _literal(fields: tuple[Field, ...], n: int, rows: bool = False) -> str:
+    """Source of the dict literal of the first ``n`` fields (values in locals f0, f1...),
+    or of the tuple of their values (``rows``)."""
+    if rows:
+        return _tuple(0, n)
     return "{" + ", ".join(f"{fields[i].name!r}: f{i}" for i in range(n)) + "}"
+
+
+def _tuple(start: int, n: int) -> str:
+    """Source of the tuple of the values of fields ``start`` to ``n - 1``."""
+    return "(" + "".join(f"f{i}, " for i in range(start, n)) + ")"
 
 
 def _cn_run(fields: tuple[Field, ...], start: int) -> list[int]:
@@ -390,17 +422,19 @@ def _cn_run(fields: tuple[Field, ...], start: int) -> list[int]:
     return run
 
 
-def _compile(spec: RecordSpec, readers: _Readers) -> Callable[[bytes, str, int, int], dict]:
+def _compile(spec: RecordSpec, readers: _Readers,
+             rows: bool = False) -> Callable[[bytes, str, int, int], Any]:
     """Generate and exec a decoding function specialised for one record type and order:
-    an optimistic one, falling back to a careful one, falling back to the generic."""
-    ns: dict[str, Any] = {"_spec": spec, "_generic": decode_generic}
+    an optimistic one, falling back to a careful one, falling back to the generic.
+    ``rows``: the functions return the tuple of the values present, not a dict."""
+    ns: dict[str, Any] = {"_spec": spec, "_generic": _generic_row if rows else decode_generic}
     lines = ["def careful(buf, txt, p0, end):", "  p = p0", "  try:",
-             *_body(spec, readers, ns, "    ", "return {}", "c"),
+             *_body(spec, readers, ns, "    ", "return {}", "c", rows=rows),
              "  except (_Short, IndexError):",
              # IndexError: a record at the very end of the buffer indexed buf[end]
              "    return _generic(_spec, _r, buf, p0, end)",
              "def decode(buf, txt, p0, end):", "  p = p0", "  try:",
-             *_body(spec, readers, ns, "    ", "return {}", "o", optimistic=True),
+             *_body(spec, readers, ns, "    ", "return {}", "o", optimistic=True, rows=rows),
              "  except (_Short, IndexError):",
              "    return careful(buf, txt, p0, end)"]
     src = "\n".join(lines) + "\n"
@@ -409,7 +443,7 @@ def _compile(spec: RecordSpec, readers: _Readers) -> Callable[[bytes, str, int, 
 
 
 def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret: str,
-          prefix: str, optimistic: bool = False) -> list[str]:
+          prefix: str, optimistic: bool = False, rows: bool = False) -> list[str]:
     """Source lines decoding ``spec``'s fields from ``p`` into locals and ending with
     ``ret`` formatted with the field dict literal (also for a record that ends early).
     Raises ``_Short`` (or IndexError at the end of the buffer) for the generic decoder.
@@ -432,9 +466,12 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
     memo_from = MEMO_FROM.get(spec.name, -1) if optimistic and MEMO_SIZE else -1
 
     def literal(n: int) -> str:
+        if 0 <= memo_from < n and rows:
+            return (f"_t = {_tuple(memo_from, n)}; _memo_put(tail, _t); "
+                    f"{ret.format(_tuple(0, memo_from) + ' + _t')}")
         if 0 <= memo_from < n:
             return f"_d = {_literal(fields, n)}; _memo_put(tail, _d); {ret.format('_d')}"
-        return ret.format(_literal(fields, n))
+        return ret.format(_literal(fields, n, rows))
 
     def run_end(run: list[int], starts: dict[int, str], last: str) -> None:
         """The bound check of a run of C*n fields: a record that ends right after one
@@ -454,15 +491,18 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
         first = seg[0]
         f = fields[first]
         if first == memo_from:
-            ns["_memo_get"], ns["_memo_put"] = _memo()
+            ns["_memo_get"], ns["_memo_put"] = _memo(rows)
             lines.append(f"{ind}if p >= end: {literal(first)}")
             lines.append(f"{ind}tail = buf[p:end]")
             lines.append(f"{ind}hit = _memo_get(tail)")
             lines.append(f"{ind}if hit is not None:")
-            lines.append(f"{ind}  _d = hit.copy()")
-            for i in range(memo_from):
-                lines.append(f"{ind}  _d[{fields[i].name!r}] = f{i}")
-            lines.append(f"{ind}  {ret.format('_d')}")
+            if rows:
+                lines.append(f"{ind}  {ret.format(_tuple(0, memo_from) + ' + hit')}")
+            else:
+                lines.append(f"{ind}  _d = hit.copy()")
+                for i in range(memo_from):
+                    lines.append(f"{ind}  _d[{fields[i].name!r}] = f{i}")
+                lines.append(f"{ind}  {ret.format('_d')}")
         if f.count is None and f.type in _SIZES:
             size = sum(_SIZES[fields[i].type] for i in seg)
             names = ", ".join(f"f{i}" for i in seg)
@@ -597,6 +637,12 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
     return lines
 
 
+def _generic_row(spec: RecordSpec, readers: _Readers, buf: bytes, p: int,
+                 end: int) -> tuple[Any, ...]:
+    """The reference decoder's fields as a row: their values in spec order."""
+    return tuple(decode_generic(spec, readers, buf, p, end).values())
+
+
 def _max_size(spec: RecordSpec) -> int | None:
     """Largest possible encoding of the record's fields, or None when unbounded."""
     total = 0
@@ -621,16 +667,18 @@ def _too_long(name: str, rec_len: int, limit: int, offset: int) -> StdfError:
 
 
 def _compile_scan(order: str, entries: list[Any], readers: _Readers,
-                  skip: frozenset[str] = frozenset()) -> Callable[..., Any]:
+                  skip: frozenset[str] = frozenset(), rows: bool = False) -> Callable[..., Any]:
     """Generate the record loop of one byte order, with the INLINE types' decoding
     written into it and every other type dispatched through ``entries``.  Records of
-    the types in ``skip`` are checked (REC_LEN), counted and stepped over."""
+    the types in ``skip`` are checked (REC_LEN), counted and stepped over.  ``rows``:
+    the loop makes :class:`StdfRow` records (``entries`` then decode to tuples)."""
     if skip:
         entries = [None if e is None else (e[0], None, e[2]) if e[0] in skip else e
                    for e in entries]
     ns: dict[str, Any] = {
         "_header": struct.Struct(order + "HH").unpack_from, "_entries": entries,
-        "_new": _new_record, "_Record": StdfRecord, "_too_long": _too_long,
+        "_new": _new_record, "_Record": StdfRow if rows else StdfRecord,
+        "_too_long": _too_long,
         "_generic": decode_generic, "_BadGdr": _BadGdr, "_gdr_error": _gdr_error,
     }
     lines = [
@@ -662,7 +710,7 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
             "      while True:",
             "        try:",
             *_body(spec, readers, ns, "          ", "fields = {}; break", name,
-                   optimistic=True),
+                   optimistic=True, rows=rows),
             "        except (_Short, IndexError):",
             f"          fields = _decode_{name}(buf, txt, body, end)",
             "        break",
@@ -673,7 +721,7 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
         "      entry = _entries[key]",
         "      if entry is None:",
         "        if end > n: return",
-        "        record = self._unknown(buf, pos, end)",
+        f"        record = self._unknown(buf, pos, end, {rows})",
         "        pos = end",
         "        self._pos = pos",
         "        if record is None: continue",
@@ -719,32 +767,36 @@ class _Table(NamedTuple):
     #: the record loops that skip some record types, by the set of their names
     skip_scans: dict[frozenset[str], Callable[..., Iterator[StdfRecord]]]
 
+    rows: bool
+
     def scan_for(self, skip: frozenset[str]) -> Callable[..., Iterator[StdfRecord]]:
         if not skip:
             return self.scan
         scan = self.skip_scans.get(skip)
         if scan is None:
             scan = self.skip_scans[skip] = _compile_scan(self.readers.order, self.entries,
-                                                         self.readers, skip)
+                                                         self.readers, skip, self.rows)
         return scan
 
 
-_TABLES: dict[str, _Table] = {}
+_TABLES: dict[tuple[str, bool], _Table] = {}
 
 
-def decoder_table(order: str) -> _Table:
-    table = _TABLES.get(order)
+def decoder_table(order: str, rows: bool = False) -> _Table:
+    """The compiled decoders of one byte order, for records (dicts) or rows (tuples);
+    built on first use."""
+    table = _TABLES.get((order, rows))
     if table is None:
         readers = _Readers(order)
         entries: list[Any] = [None] * 65536
         for (typ, sub), spec in BY_TYPE.items():
             limit = _max_size(spec)
             entries[_type_key(order, typ, sub)] = (
-                spec.name, _compile(spec, readers),
+                spec.name, _compile(spec, readers, rows),
                 65535 if limit is None else limit + LENGTH_SLACK)
-        table = _TABLES[order] = _Table(struct.Struct(order + "HH").unpack_from, entries,
-                                        readers, _compile_scan(order, entries, readers),
-                                        {})
+        table = _TABLES[order, rows] = _Table(
+            struct.Struct(order + "HH").unpack_from, entries, readers,
+            _compile_scan(order, entries, readers, rows=rows), {}, rows)
     return table
 
 
@@ -845,7 +897,24 @@ class StdfDecoder:
         return decoder_table(order).scan_for(self._skip)(self, buf, txt, self._pos,
                                                          self._base, self._generation)
 
-    def _unknown(self, buf: bytes, pos: int, end: int) -> StdfRecord | None:
+    def rows(self) -> Iterator[StdfRow]:
+        """The same records as :meth:`records`, as :class:`StdfRow` (a tuple of values
+        per record instead of a dict: the fastest way to read every field)."""
+        order = self.byte_order
+        if order is None:
+            order = self._detect_order()
+            if order is None:
+                return iter(())
+            self.byte_order = order
+        buf = self._buf
+        txt = self._txt
+        if txt is None:
+            txt = self._txt = buf.decode("latin-1")
+        return decoder_table(order, True).scan_for(self._skip)(
+            self, buf, txt, self._pos, self._base, self._generation)
+
+    def _unknown(self, buf: bytes, pos: int, end: int,
+                 rows: bool = False) -> StdfRecord | StdfRow | None:
         typ, sub = buf[pos + 2], buf[pos + 3]
         self.unknown_count += 1
         self.unknown_types[(typ, sub)] = self.unknown_types.get((typ, sub), 0) + 1
@@ -857,6 +926,8 @@ class StdfDecoder:
                             f"type (last REC_TYP {typ} REC_SUB {sub})", offset)
         if not self.keep_unknown:
             return None
+        if rows:
+            return StdfRow("UNKNOWN", self._base + pos, (typ, sub, buf[pos + 4:end]))
         return StdfRecord("UNKNOWN", self._base + pos,
                           {"REC_TYP": typ, "REC_SUB": sub, "DATA": buf[pos + 4:end]})
 
@@ -873,6 +944,7 @@ def decode_all(data: bytes) -> list[StdfRecord]:
 
 
 __all__ = [
-    "MEMO_SIZE", "StdfDecoder", "StdfError", "StdfRecord", "decode_all", "decode_generic",
+    "FIELD_NAMES", "MEMO_SIZE", "StdfDecoder", "StdfError", "StdfRecord", "StdfRow", "decode_all",
+    "decode_generic",
     "decoder_table", "set_tail_memo",
 ]
