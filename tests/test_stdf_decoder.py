@@ -443,3 +443,61 @@ def test_compiled_decoders_agree_with_the_generic_one_at_every_cut_of_every_reco
             got = decode(data)[1]
             assert got.fields == decode_generic(spec, readers, data, 10, 10 + keep), (
                 name, keep)
+
+
+def _gdr(order: str, body: bytes) -> bytes:
+    return struct.pack(order + "HBB", len(body), 50, 10) + body
+
+
+@pytest.mark.parametrize("order", "<>")
+def test_a_skipped_gdr_is_checked_for_its_type_codes_as_decoding_it_would(
+        order: str) -> None:
+    """Skipping a GDR changes what is returned, never the error: an unknown type code is
+    the same error at the same offset, and a GDR cut before its bad code is none."""
+    w = StdfWriter(order)
+    far = w.encode("FAR", {})
+    good = w.encode("GDR", {"GEN_DATA": [(10, "abc"), (0, None), (12, Bits(9, b"\x01\x01")),
+                                         (11, b"\x05"), (13, 7), (8, 1.5), (2, 3)]})
+    u2 = struct.Struct(order + "H").pack
+    bad = [
+        _gdr(order, u2(3) + b"\x01\x07\x09\x00"),  # code 9 after a U1
+        _gdr(order, u2(2) + b"\x0a\x02ab\x0e"),  # code 14 after a C*n
+        _gdr(order, u2(2) + b"\x0c" + u2(9) + b"\x01\x01\xff"),  # 255 after a D*n
+    ]
+    cut = [
+        _gdr(order, u2(3) + b"\x03\x01\x02"),  # a U4 cut by REC_LEN, a bad code after it
+        _gdr(order, u2(2) + b"\x0a\x05ab"),  # a C*n cut
+        _gdr(order, u2(5)),  # the count says 5, no value present
+        _gdr(order, b"\x01"),  # the count cut
+    ]
+    pir = w.encode("PIR", {"HEAD_NUM": 1, "SITE_NUM": 2})
+    for gdr in [good, *bad, *cut]:
+        data = far + good + gdr + pir
+        outcomes = []
+        for skip in ((), ("GDR",)):
+            dec = StdfDecoder(skip=skip)
+            dec.feed(data)
+            names: list[str] = []
+            try:
+                names.extend(r.name for r in dec.records())
+                error = None
+            except StdfError as exc:
+                error = (str(exc), exc.offset)
+            names.extend(r.name for r in dec.records())  # the decoder goes on after it
+            outcomes.append(([n for n in names if n != "GDR"], error, dec.position))
+        assert outcomes[0] == outcomes[1], gdr.hex()
+        assert (outcomes[0][1] is not None) == (gdr in bad)
+
+
+def test_types_is_the_complement_of_skip() -> None:
+    data, _ = stream("<")
+    wanted = {"PRR", "HBR", "PCR", "WIR"}
+    dec = StdfDecoder(types=wanted)
+    dec.feed(data)
+    got = list(dec.records())
+    assert {r.name for r in got} == wanted | {"FAR"}
+    assert got == [r for r in decode(data) if r.name in wanted | {"FAR"}]
+    with pytest.raises(ValueError, match="skip or types"):
+        StdfDecoder(skip={"PTR"}, types={"PRR"})
+    with pytest.raises(ValueError, match="no STDF record type XYZ"):
+        StdfDecoder(types={"XYZ"})

@@ -350,6 +350,44 @@ def _gdr_reader(order: str) -> Callable[[bytes, str, int, int], tuple[list, int]
     return vn
 
 
+def _gdr_checker(order: str) -> Callable[[bytes, int, int], None]:
+    """A skipped GDR's check: walk its type codes without making values; raise
+    ``_BadGdr`` where decoding it would (an unknown code before the record ends), stop
+    quietly where decoding would find the record cut short."""
+    u2 = struct.Struct(order + "H").unpack_from
+    sizes = [0] * 256  # bytes of a fixed-size value after its type byte
+    for code, typ in GDR_TYPES.items():
+        if typ in STRUCT_CODES:
+            sizes[code] = struct.calcsize(STRUCT_CODES[typ])
+    sizes[13] = 1  # N*1 in a GDR occupies a whole byte
+
+    def check(buf: bytes, p: int, end: int) -> None:
+        if p + 2 > end:
+            return
+        count = u2(buf, p)[0]
+        p += 2
+        for _ in range(count):
+            if p >= end:
+                return
+            code = buf[p]
+            p += 1
+            size = sizes[code]
+            if size:
+                p += size  # past end: the next round stops, as the decoder does
+            elif code == 10 or code == 11:
+                if p >= end:
+                    return
+                p += 1 + buf[p]
+            elif code == 12:
+                if p + 2 > end:
+                    return
+                p += 2 + ((u2(buf, p)[0] + 7) >> 3)
+            elif code:
+                raise _BadGdr(code, p - 1)
+
+    return check
+
+
 def _segments(fields: tuple[Field, ...]) -> list[list[int]]:
     """Group field indexes: runs of fixed-size scalars together, every other field alone."""
     segs: list[list[int]] = []
@@ -672,14 +710,19 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
     written into it and every other type dispatched through ``entries``.  Records of
     the types in ``skip`` are checked (REC_LEN), counted and stepped over.  ``rows``:
     the loop makes :class:`StdfRow` records (``entries`` then decode to tuples)."""
+    check_gdr = _gdr_checker(order)
     if skip:
-        entries = [None if e is None else (e[0], None, e[2]) if e[0] in skip else e
+        # a skipped GDR is still walked for its type codes: the one error inside a
+        # record the decoder reports, so skipping changes what is returned, not errors
+        entries = [None if e is None else
+                   (e[0], check_gdr if e[0] == "GDR" else None, e[2]) if e[0] in skip else e
                    for e in entries]
     ns: dict[str, Any] = {
         "_header": struct.Struct(order + "HH").unpack_from, "_entries": entries,
         "_new": _new_record, "_Record": StdfRow if rows else StdfRecord,
         "_too_long": _too_long,
         "_generic": decode_generic, "_BadGdr": _BadGdr, "_gdr_error": _gdr_error,
+        "_check_gdr": check_gdr,
     }
     lines = [
         "def scan(self, buf, txt, pos, base, generation):",
@@ -731,7 +774,14 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
         "      name, decode, limit = entry",
         "      if rec_len > limit: raise _too_long(name, rec_len, limit, base + pos)",
         "      if end > n: return",
-        "      if decode is None:",
+        *(["      if decode is None or decode is _check_gdr:",
+            "        if decode is not None:",
+            "          try:",
+            "            _check_gdr(buf, body, end)",
+            "          except _BadGdr as exc:",
+            "            self._pos = end",
+            "            raise _gdr_error(exc, base) from None"] if "GDR" in skip else
+          ["      if decode is None:"]),
         "        skipped[name] += 1",
         "        pos = end",
         "        self._pos = pos",
@@ -812,16 +862,27 @@ class StdfDecoder:
     ``skip``: names of record types the consumer does not want.  Their records are not
     decoded nor returned, only counted by name in ``skipped``; their REC_LEN is checked
     as for any record (an impossible one is still an error) and a cut one still waits
-    for the rest, but nothing inside them is looked at (a skipped GDR's type codes are
-    not checked).  The FAR is never skipped: it gives the byte order.
+    for the rest, and a skipped GDR's type codes are checked (the one error inside a
+    record), so skipping never changes the errors.  The FAR is never skipped: it gives
+    the byte order.  ``types``: the record types wanted (every other one is skipped),
+    instead of ``skip``.
     """
 
     def __init__(self, *, start_offset: int = 0, byte_order: str | None = None,
-                 keep_unknown: bool = False, skip: Iterable[str] = ()) -> None:
+                 keep_unknown: bool = False, skip: Iterable[str] = (),
+                 types: Iterable[str] | None = None) -> None:
         if byte_order not in (None, "<", ">"):
             raise ValueError(f"byte_order must be '<' or '>', not {byte_order!r}")
         if start_offset and byte_order is None:
             raise ValueError("resuming at start_offset > 0 needs the file's byte_order")
+        if types is not None:
+            if skip:
+                raise ValueError("skip or types, not both")
+            wanted = frozenset(types)
+            unknown = wanted - BY_NAME.keys()
+            if unknown:
+                raise ValueError(f"types: no STDF record type {', '.join(sorted(unknown))}")
+            skip = BY_NAME.keys() - wanted - {"FAR"}
         self._skip = frozenset(skip)
         unknown = self._skip - BY_NAME.keys()
         if unknown:
