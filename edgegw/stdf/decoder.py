@@ -431,10 +431,10 @@ def _memo(rows: bool = False) -> tuple[Callable[[bytes], Any], Callable[[bytes, 
 
 def set_tail_memo(size: int) -> None:
     """Set how many distinct PTR tails are remembered (0 turns the memo off); the
-    compiled decoders are rebuilt on next use.  For benchmarks and tests."""
+    compiled decoders with and without the memo are each built once.  For benchmarks
+    and tests."""
     global MEMO_SIZE
     MEMO_SIZE = size
-    _TABLES.clear()
 
 
 def _literal(fields: tuple[Field, ...], n: int, rows: bool = False) -> str:
@@ -829,13 +829,13 @@ class _Table(NamedTuple):
         return scan
 
 
-_TABLES: dict[tuple[str, bool], _Table] = {}
+_TABLES: dict[tuple[str, bool, bool], _Table] = {}
 
 
 def decoder_table(order: str, rows: bool = False) -> _Table:
-    """The compiled decoders of one byte order, for records (dicts) or rows (tuples);
-    built on first use."""
-    table = _TABLES.get((order, rows))
+    """The compiled decoders of one byte order, for records (dicts) or rows (tuples),
+    with the tail memo or without (``MEMO_SIZE`` 0); built on first use."""
+    table = _TABLES.get((order, rows, MEMO_SIZE > 0))
     if table is None:
         readers = _Readers(order)
         entries: list[Any] = [None] * 65536
@@ -844,7 +844,7 @@ def decoder_table(order: str, rows: bool = False) -> _Table:
             entries[_type_key(order, typ, sub)] = (
                 spec.name, _compile(spec, readers, rows),
                 65535 if limit is None else limit + LENGTH_SLACK)
-        table = _TABLES[order, rows] = _Table(
+        table = _TABLES[order, rows, MEMO_SIZE > 0] = _Table(
             struct.Struct(order + "HH").unpack_from, entries, readers,
             _compile_scan(order, entries, readers, rows=rows), {}, rows)
     return table
