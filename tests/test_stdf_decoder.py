@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgegw.stdf import Bits, StdfDecoder, StdfError, StdfRecord, StdfRow, StdfWriter
+from edgegw.stdf import Bits, StdfDecoder, StdfError, StdfRecord, StdfRow, StdfWriter, row_fields
 from edgegw.stdf.decoder import FIELD_NAMES
 
 
@@ -77,13 +77,13 @@ def assert_rows_equal(data: bytes, records: list[StdfRecord], chunk: int = 0,
     for start in range(0, len(data), chunk or len(data) or 1):
         dec.feed(data[start:start + chunk] if chunk else data)
         rows.extend(dec.rows())
-    assert all(type(r) is StdfRow for r in rows)
-    assert [(r.name, r.offset) for r in rows] == [(r.name, r.offset) for r in records]
-    for row, rec in zip(rows, records, strict=True):
-        assert tuple(rec.fields.values()) == row.values or repr(row.values) == repr(
+    assert all(type(r) is tuple and type(r[2]) is tuple for r in rows)
+    assert [r[:2] for r in rows] == [(r.name, r.offset) for r in records]
+    for (name, _, values), rec in zip(rows, records, strict=True):
+        assert tuple(rec.fields.values()) == values or repr(values) == repr(
             tuple(rec.fields.values())), (rec.name, rec.offset)  # repr: NaN-safe
-        assert list(rec.fields) == list(FIELD_NAMES[row.name][:len(row.values)])
-        assert repr(row.fields) == repr(rec.fields)
+        assert list(rec.fields) == list(FIELD_NAMES[name][:len(values)])
+        assert repr(row_fields((name, 0, values))) == repr(rec.fields)
 
 
 def as_pairs(records: list[StdfRecord]) -> list[tuple[str, dict[str, Any]]]:
@@ -501,3 +501,28 @@ def test_types_is_the_complement_of_skip() -> None:
         StdfDecoder(skip={"PTR"}, types={"PRR"})
     with pytest.raises(ValueError, match="no STDF record type XYZ"):
         StdfDecoder(types={"XYZ"})
+
+
+def test_the_tail_memo_turns_itself_off_for_tails_that_do_not_repeat() -> None:
+    """Tails that never repeat: the memo stops being consulted (its misses cost speed)
+    until the next decoder, and the records are the same all along."""
+    from edgegw.stdf.decoder import _MEMO_STATES, MEMO_SIZE, set_tail_memo
+
+    w = StdfWriter("<")
+    data = w.encode("FAR", {}) + b"".join(
+        w.encode("PTR", {"TEST_NUM": 1, "HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0,
+                         "PARM_FLG": 0, "RESULT": 0.5, "TEST_TXT": "t", "ALARM_ID": "",
+                         "OPT_FLAG": 0, "RES_SCAL": 0, "LLM_SCAL": 0, "HLM_SCAL": 0,
+                         "LO_LIMIT": float(i), "HI_LIMIT": 2.0, "UNITS": "V"})
+        for i in range(100))
+    try:
+        set_tail_memo(0)
+        plain = decode(data)
+        set_tail_memo(8)
+        first = decode(data)
+        assert not all(state[0] for state in _MEMO_STATES)  # off after the misses
+        StdfDecoder()
+        assert all(state[0] for state in _MEMO_STATES)  # a new decoder: on again
+        assert decode(data) == first == plain
+    finally:
+        set_tail_memo(MEMO_SIZE)

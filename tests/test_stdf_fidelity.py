@@ -31,8 +31,8 @@ def decode_rows(data: bytes, chunk: int = 0) -> list[tuple[str, dict[str, Any]]]
     out = []
     for start in range(0, len(data), chunk or len(data)):
         dec.feed(data[start:start + chunk] if chunk else data)
-        out.extend((r.name, dict(zip(FIELD_NAMES[r.name], r.values, strict=False)))
-                   for r in dec.rows())
+        out.extend((name, dict(zip(FIELD_NAMES[name], values, strict=False)))
+                   for name, _, values in dec.rows())
     assert dec.buffered == 0 and dec.unknown_count == 0
     return out
 

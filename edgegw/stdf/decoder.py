@@ -32,7 +32,7 @@ live beside the loop that calls them on purpose.  The spec tables are in ``spec.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from ..formats import FormatError
@@ -63,20 +63,16 @@ FIELD_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 
-class StdfRow(NamedTuple):
-    """A record as a row: the values of its fields in spec order, without a dict.  The
-    values of the fields present: a record whose trailing fields are absent has a
-    shorter ``values``.  ``fields`` is the same dict :class:`StdfRecord` carries."""
+#: A record as a row, ``(name, offset, values)``: its type name, the byte offset of its
+#: header in the whole stream, and the values of the fields present in the order of
+#: ``FIELD_NAMES[name]`` (a record whose trailing fields are absent has fewer).  A plain
+#: tuple, the cheapest thing to make per record (a named tuple costs a call more).
+StdfRow = tuple[str, int, tuple[Any, ...]]
 
-    name: str
-    #: byte offset of the record header in the whole stream
-    offset: int
-    #: values of the fields present, in the order of ``FIELD_NAMES[name]``
-    values: tuple[Any, ...]
 
-    @property
-    def fields(self) -> dict[str, Any]:
-        return dict(zip(FIELD_NAMES[self.name], self.values, strict=False))
+def row_fields(row: StdfRow) -> dict[str, Any]:
+    """A row's fields as the dict :class:`StdfRecord` carries."""
+    return dict(zip(FIELD_NAMES[row[0]], row[2], strict=False))
 
 
 class _Short(Exception):
@@ -288,12 +284,20 @@ def _nibbles(packed: bytes, count: int) -> list[int]:
 
 def _gdr_reader(order: str) -> Callable[[bytes, str, int, int], tuple[list, int]]:
     """The compiled decoders' GDR ``V*n`` reader: ``_Readers.vn`` with a table lookup per
-    value instead of the generic per-type dispatch (C*n a slice of the latin-1 view)."""
+    value instead of the generic per-type dispatch: a fixed-size value is one
+    ``unpack_from`` at its type byte, which gives the ``(type_code, value)`` pair itself;
+    a C*n is a slice of the latin-1 view."""
     u2 = struct.Struct(order + "H").unpack_from
-    fixed = {code: (struct.calcsize(STRUCT_CODES[typ]),
-                    struct.Struct(order + STRUCT_CODES[typ]).unpack_from)
-             for code, typ in GDR_TYPES.items() if typ in STRUCT_CODES}
-    fixed_get = fixed.get
+    #: type code -> bytes a fixed-size value takes after its type byte (0: not fixed)
+    sizes = [0] * 256
+    #: type code -> unpack of the type byte and the value: the (code, value) pair
+    pairs: list[Any] = [None] * 256
+    for code, typ in GDR_TYPES.items():
+        if typ in STRUCT_CODES:
+            sizes[code] = struct.calcsize(STRUCT_CODES[typ])
+            pairs[code] = struct.Struct(order + "B" + STRUCT_CODES[typ]).unpack_from
+    # N*1 in a GDR occupies a whole byte: kept as it is, for an exact round trip
+    sizes[13], pairs[13] = 1, struct.Struct("BB").unpack_from
     new = _new_record
 
     def vn(buf: bytes, txt: str, p: int, end: int) -> tuple[list, int]:
@@ -307,44 +311,36 @@ def _gdr_reader(order: str) -> Callable[[bytes, str, int, int], tuple[list, int]
             if p >= end:
                 raise _Short
             code = buf[p]
-            p += 1
-            if code == 10:
-                if p >= end:
-                    raise _Short
-                q = p + 1 + buf[p]
+            size = sizes[code]
+            if size:
+                q = p + 1 + size
                 if q > end:
                     raise _Short
-                append((10, txt[p + 1:q]))
+                append(pairs[code](buf, p))
                 p = q
-                continue
-            entry = fixed_get(code)
-            if entry is not None:
-                q = p + entry[0]
+            elif code == 10:
+                q = p + 2 + buf[p + 1]  # p + 1 == end: q > end (or IndexError)
                 if q > end:
                     raise _Short
-                append((code, entry[1](buf, p)[0]))
+                append((10, txt[p + 2:q]))
                 p = q
             elif code == 0:
                 append((0, None))
-            elif code == 13:  # N*1 in a GDR occupies a whole byte: kept for round trip
-                if p >= end:
-                    raise _Short
-                append((13, buf[p]))
                 p += 1
             elif code == 11:
-                value, p = _read_bn(buf, p, end)
+                value, p = _read_bn(buf, p + 1, end)
                 append((11, value))
             elif code == 12:
-                if p + 2 > end:
+                if p + 3 > end:
                     raise _Short
-                nbits = u2(buf, p)[0]
-                q = p + 2 + ((nbits + 7) >> 3)
+                nbits = u2(buf, p + 1)[0]
+                q = p + 3 + ((nbits + 7) >> 3)
                 if q > end:
                     raise _Short
-                append((12, new(Bits, (nbits, buf[p + 2:q]))))
+                append((12, new(Bits, (nbits, buf[p + 3:q]))))
                 p = q
             else:
-                raise _BadGdr(code, p - 1)
+                raise _BadGdr(code, p)
         return out, p
 
     return vn
@@ -414,19 +410,43 @@ MEMO_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("OPT_FLAG")}
 MEMO_SIZE = 4096
 
 
-def _memo(rows: bool = False) -> tuple[Callable[[bytes], Any], Callable[[bytes, Any], None]]:
+def _memo(rows: bool = False) -> tuple[Callable[[bytes], Any], Callable[[bytes, Any], None],
+                                       list[Any]]:
     """A bounded map from tail bytes to a template of the record's field dict: a repeat
     copies the template (one C-level copy of the whole dict) and sets the fields before
     the tail, cheaper than building the dict anew.  For rows, the tail's values as a
     tuple (immutable: no copy), which the row's head is prepended to."""
     memo: dict[bytes, Any] = {}
+    state = _memo_state()
 
     def put(tail: bytes, fields: Any) -> None:
         if len(memo) >= MEMO_SIZE:
+            # full: MEMO_SIZE misses since the last clear.  A hit saves about twice what
+            # a miss costs, so with fewer hits than half the misses the file's tails do
+            # not repeat (limits per part, per site on many sites): off until the next
+            # StdfDecoder is made
+            if state[1] * 2 < len(memo):
+                state[0] = False
+            state[1] = 0
             memo.clear()  # bounded: memory stays flat on files whose tails never repeat
         memo[tail] = fields if rows else fields.copy()  # the consumer owns its dict
 
-    return memo.get, put
+    return memo.get, put, state
+
+
+#: [on, hits since the last clear] of every memo; a new StdfDecoder turns them all on
+_MEMO_STATES: list[list[Any]] = []
+
+
+def _memo_state() -> list[Any]:
+    state: list[Any] = [True, 0]
+    _MEMO_STATES.append(state)
+    return state
+
+
+def _memo_reset() -> None:
+    for state in _MEMO_STATES:
+        state[0] = True
 
 
 def set_tail_memo(size: int) -> None:
@@ -505,10 +525,11 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
 
     def literal(n: int) -> str:
         if 0 <= memo_from < n and rows:
-            return (f"_t = {_tuple(memo_from, n)}; _memo_put(tail, _t); "
+            return (f"_t = {_tuple(memo_from, n)}; tail is None or _memo_put(tail, _t); "
                     f"{ret.format(_tuple(0, memo_from) + ' + _t')}")
         if 0 <= memo_from < n:
-            return f"_d = {_literal(fields, n)}; _memo_put(tail, _d); {ret.format('_d')}"
+            return (f"_d = {_literal(fields, n)}; tail is None or _memo_put(tail, _d); "
+                    f"{ret.format('_d')}")
         return ret.format(_literal(fields, n, rows))
 
     def run_end(run: list[int], starts: dict[int, str], last: str) -> None:
@@ -529,18 +550,22 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
         first = seg[0]
         f = fields[first]
         if first == memo_from:
-            ns["_memo_get"], ns["_memo_put"] = _memo(rows)
+            ns["_memo_get"], ns["_memo_put"], ns["_memo_on"] = _memo(rows)
             lines.append(f"{ind}if p >= end: {literal(first)}")
-            lines.append(f"{ind}tail = buf[p:end]")
-            lines.append(f"{ind}hit = _memo_get(tail)")
-            lines.append(f"{ind}if hit is not None:")
+            lines.append(f"{ind}if _memo_on[0]:")
+            lines.append(f"{ind}  tail = buf[p:end]")
+            lines.append(f"{ind}  hit = _memo_get(tail)")
+            lines.append(f"{ind}  if hit is not None:")
+            lines.append(f"{ind}    _memo_on[1] += 1")
             if rows:
-                lines.append(f"{ind}  {ret.format(_tuple(0, memo_from) + ' + hit')}")
+                lines.append(f"{ind}    {ret.format(_tuple(0, memo_from) + ' + hit')}")
             else:
-                lines.append(f"{ind}  _d = hit.copy()")
+                lines.append(f"{ind}    _d = hit.copy()")
                 for i in range(memo_from):
-                    lines.append(f"{ind}  _d[{fields[i].name!r}] = f{i}")
-                lines.append(f"{ind}  {ret.format('_d')}")
+                    lines.append(f"{ind}    _d[{fields[i].name!r}] = f{i}")
+                lines.append(f"{ind}    {ret.format('_d')}")
+            lines.append(f"{ind}else:")
+            lines.append(f"{ind}  tail = None")
         if f.count is None and f.type in _SIZES:
             size = sum(_SIZES[fields[i].type] for i in seg)
             names = ", ".join(f"f{i}" for i in seg)
@@ -719,13 +744,14 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
                    for e in entries]
     ns: dict[str, Any] = {
         "_header": struct.Struct(order + "HH").unpack_from, "_entries": entries,
-        "_new": _new_record, "_Record": StdfRow if rows else StdfRecord,
-        "_too_long": _too_long,
+        "_new": _new_record, "_Record": StdfRecord, "_too_long": _too_long,
         "_generic": decode_generic, "_BadGdr": _BadGdr, "_gdr_error": _gdr_error,
         "_check_gdr": check_gdr,
     }
+    # a row is a plain tuple; a record a named tuple made without a call to its __new__
+    make = "({}, base + pos, {})" if rows else "_new(_Record, ({}, base + pos, {}))"
     lines = [
-        "def scan(self, buf, txt, pos, base, generation):",
+        "def scan(self, buf, txt, pos, base):",
         "  n = len(buf)",
         "  skipped = self.skipped",
         "  while pos + 4 <= n:",
@@ -757,7 +783,7 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
             "        except (_Short, IndexError):",
             f"          fields = _decode_{name}(buf, txt, body, end)",
             "        break",
-            f"      record = _new(_Record, ({name!r}, base + pos, fields))",
+            f"      record = {make.format(repr(name), 'fields')}",
         ]
     lines += [
         "    else:",
@@ -769,7 +795,6 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
         "        self._pos = pos",
         "        if record is None: continue",
         "        yield record",
-        "        if self._generation != generation: return",
         "        continue",
         "      name, decode, limit = entry",
         "      if rec_len > limit: raise _too_long(name, rec_len, limit, base + pos)",
@@ -787,14 +812,13 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
         "        self._pos = pos",
         "        continue",
         "      try:",
-        "        record = _new(_Record, (name, base + pos, decode(buf, txt, body, end)))",
+        f"        record = {make.format('name', 'decode(buf, txt, body, end)')}",
         "      except _BadGdr as exc:",
         "        self._pos = end",
         "        raise _gdr_error(exc, base) from None",
         "    pos = end",
         "    self._pos = pos",
         "    yield record",
-        "    if self._generation != generation: return",
     ]
     src = "\n".join(lines) + "\n"
     exec(compile(src, f"<stdf scan {order}>", "exec"), ns)
@@ -812,7 +836,7 @@ class _Table(NamedTuple):
     #: index type key -> (name, decode function, largest REC_LEN) or None
     entries: list[tuple[str, Callable[[bytes, str, int, int], dict], int] | None]
     readers: _Readers
-    #: the record loop: scan(decoder, buf, txt, pos, base, generation) -> records
+    #: the record loop: scan(decoder, buf, txt, pos, base) -> records
     scan: Callable[..., Iterator[StdfRecord]]
     #: the record loops that skip some record types, by the set of their names
     skip_scans: dict[frozenset[str], Callable[..., Iterator[StdfRecord]]]
@@ -895,7 +919,9 @@ class StdfDecoder:
         self._txt: str | None = ""  # _buf decoded latin-1 (None: not yet)
         self._pos = 0  # index into _buf of the next record
         self._base = start_offset  # stream offset of _buf[0]
-        self._generation = 0
+        _memo_reset()  # a new file: its PTR tails may repeat (see _memo)
+        #: iterators handed out since the last feed: a feed ends them
+        self._open: list[Generator[Any, None, None]] = []
         self.byte_order = byte_order
         self.keep_unknown = keep_unknown
         #: records of unknown type skipped, in all and by (REC_TYP, REC_SUB)
@@ -915,7 +941,11 @@ class StdfDecoder:
         return len(self._buf) - self._pos
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._generation += 1
+        # an unfinished iterator would go on reading the old buffer: end it (closing it
+        # here costs nothing per record, unlike a check at every record)
+        for it in self._open:
+            it.close()
+        self._open.clear()
         self._txt = None
         if self._pos:
             self._base += self._pos
@@ -955,12 +985,14 @@ class StdfDecoder:
         txt = self._txt
         if txt is None:
             txt = self._txt = buf.decode("latin-1")
-        return decoder_table(order).scan_for(self._skip)(self, buf, txt, self._pos,
-                                                         self._base, self._generation)
+        it = decoder_table(order).scan_for(self._skip)(self, buf, txt, self._pos, self._base)
+        self._keep(it)
+        return it
 
     def rows(self) -> Iterator[StdfRow]:
-        """The same records as :meth:`records`, as :class:`StdfRow` (a tuple of values
-        per record instead of a dict: the fastest way to read every field)."""
+        """The same records as :meth:`records`, each as a row ``(name, offset, values)``
+        (:data:`StdfRow`: the values in a tuple instead of a dict, the fastest way to
+        read every field; :func:`row_fields` makes the dict)."""
         order = self.byte_order
         if order is None:
             order = self._detect_order()
@@ -971,8 +1003,16 @@ class StdfDecoder:
         txt = self._txt
         if txt is None:
             txt = self._txt = buf.decode("latin-1")
-        return decoder_table(order, True).scan_for(self._skip)(
-            self, buf, txt, self._pos, self._base, self._generation)
+        it = decoder_table(order, True).scan_for(self._skip)(self, buf, txt, self._pos,
+                                                             self._base)
+        self._keep(it)
+        return it
+
+    def _keep(self, it: Generator[Any, None, None]) -> None:
+        # the unfinished ones only: a consumer that drops iterators without feeding
+        # must not grow the list
+        self._open = [g for g in self._open if g.gi_frame is not None]
+        self._open.append(it)
 
     def _unknown(self, buf: bytes, pos: int, end: int,
                  rows: bool = False) -> StdfRecord | StdfRow | None:
@@ -988,7 +1028,7 @@ class StdfDecoder:
         if not self.keep_unknown:
             return None
         if rows:
-            return StdfRow("UNKNOWN", self._base + pos, (typ, sub, buf[pos + 4:end]))
+            return ("UNKNOWN", self._base + pos, (typ, sub, buf[pos + 4:end]))
         return StdfRecord("UNKNOWN", self._base + pos,
                           {"REC_TYP": typ, "REC_SUB": sub, "DATA": buf[pos + 4:end]})
 
@@ -1005,7 +1045,15 @@ def decode_all(data: bytes) -> list[StdfRecord]:
 
 
 __all__ = [
-    "FIELD_NAMES", "MEMO_SIZE", "StdfDecoder", "StdfError", "StdfRecord", "StdfRow", "decode_all",
+    "FIELD_NAMES",
+    "MEMO_SIZE",
+    "StdfDecoder",
+    "StdfError",
+    "StdfRecord",
+    "StdfRow",
+    "decode_all",
     "decode_generic",
-    "decoder_table", "set_tail_memo",
+    "decoder_table",
+    "row_fields",
+    "set_tail_memo",
 ]
