@@ -679,15 +679,21 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
             lines.append(f"{ind}f{i} = txt[p + 1:q]")
             lines.append(f"{ind}p = q")
         elif f.type == "Dn":
-            ns["_u2"] = readers.u2
+            # an empty D*n (no fail pins, no SPIN_MAP: most FTRs) is one shared
+            # Bits(0, b""): immutable, and equal to a new one
+            ns["_u2"], ns["_no_bits"] = readers.u2, Bits(0, b"")
             lines += [f"{ind}if p + 2 > end:",
                       f"{ind}  if p >= end: {literal(first)}",
                       f"{ind}  raise _Short",
                       f"{ind}nb = _u2(buf, p)[0]",
-                      f"{ind}q = p + 2 + ((nb + 7) >> 3)",
-                      f"{ind}if q > end: raise _Short",
-                      f"{ind}f{i} = _new(Bits, (nb, buf[p + 2:q]))",
-                      f"{ind}p = q"]
+                      f"{ind}if nb:",
+                      f"{ind}  q = p + 2 + ((nb + 7) >> 3)",
+                      f"{ind}  if q > end: raise _Short",
+                      f"{ind}  f{i} = _new(Bits, (nb, buf[p + 2:q]))",
+                      f"{ind}  p = q",
+                      f"{ind}else:",
+                      f"{ind}  f{i} = _no_bits",
+                      f"{ind}  p += 2"]
         elif f.type == "Vn":
             ns["_vn"] = _gdr_reader(readers.order)
             lines.append(f"{ind}if p >= end: {literal(first)}")
