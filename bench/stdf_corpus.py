@@ -11,8 +11,9 @@ third of the speed of the A530 file).  Each function here builds one shape with
                 full PTRs with varied texts and per-site limits, GDRs and DTRs per part
 ``mpr-heavy``   2 sites: multi-pin parametric records, 8-64 pins each, with limits
 ``ptr-varied``  big-endian (CPU_TYPE 1), 2 heads x 8 sites: 1,200 distinct tests with
-                their own texts, units and per-site limits, every PTR written in full
-                (more distinct PTR tails than the decoder's tail memo holds)
+                their own texts, units and limits that differ per head, site and part
+                (adaptive limits), every PTR written in full: no two PTR tails alike,
+                so the decoder's tail memo never hits
 ``gdr-heavy``   GDRs of 4-40 mixed-type values (U1..R8, C*n, B*n, D*n, N*1) between PTRs
 
 Values stay inside what pystdf reads (ASCII text, no GDR pad bytes), so the bench and the
@@ -119,12 +120,14 @@ class _Ptrs:
                 "scale": rnd.choice((0, 0, -3, -6, 3)),
             })
 
-    def record(self, t: dict[str, Any], head: int, site: int, part: int) -> Record:
+    def record(self, t: dict[str, Any], head: int, site: int, part: int,
+               drift: bool = False) -> Record:
         rnd = self.rnd
         result = _f32(rnd, t["lo"] - 0.2, t["hi"] + 0.2)
         failed = not t["lo"] <= result <= t["hi"]
-        # per-site trims (a real program trims per site): the tail differs site to site
-        trim = site * 0.001
+        # per-site trims (a real program trims per site): the tail differs site to site;
+        # ``drift``: limits that move part to part too (adaptive limits), on every head
+        trim = site * 0.001 + (head * 0.01 + part * 1e-5 if drift else 0.0)
         return ("PTR", {
             "TEST_NUM": t["TEST_NUM"], "HEAD_NUM": head, "SITE_NUM": site,
             "TEST_FLG": 0x80 if failed else 0, "PARM_FLG": 0xC0, "RESULT": result,
@@ -238,7 +241,7 @@ def ptr_varied(order: str = ">", parts: int = 32, seed: int = 19) -> bytes:
 
     def body(rnd: random.Random, head: int, site: int, part: int) -> Iterator[Record]:
         for t in ptrs.tests:
-            yield ptrs.record(t, head, site, part)
+            yield ptrs.record(t, head, site, part, drift=True)
 
     sites = [(h, s) for h in (1, 2) for s in range(8)]
     return _lot(order, sites, parts, seed, "ptr_job", "J750", body,

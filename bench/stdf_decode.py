@@ -4,16 +4,18 @@ For every file -- the real tester files in ``shared/data/stdf`` and the syntheti
 ``bench/stdf_corpus.py`` (FTR-heavy, MPR-heavy, varied PTRs on 2 heads x 8 sites
 big-endian, GDR-heavy), or the files named on the command line -- it prints:
 
-* full decode: both decoders decode every field of every record (pystdf into a value
-  list per record, edgegw into a field dict per record) and the consumer sees each record
-  once, as a streaming gateway does.  edgegw in one feed, in 64 KiB chunks, and in one
-  feed with the PTR tail memo off (the figure must not rest on the memo);
+* full decode: both decoders decode every field of every record and the consumer sees
+  each record once, as a streaming gateway does: pystdf into a value list per record,
+  edgegw into a row per record (``StdfDecoder.rows()``: the values in a tuple, the
+  equivalent of pystdf's list) in one feed, in 64 KiB chunks, and in one feed with the
+  PTR tail memo off (the figure must not rest on the memo), and into a field dict per
+  record (``records()``), memo on and off;
 * ``edgegw stdf stats FILE`` end to end, the command a user times, start-up subtracted:
-  the command's ``main`` run in this process (open, gunzip, decode, figures, JSON out;
-  one real process and its start-up -- the command on a file of only a FAR and an MRR --
-  are printed beside it), against pystdf reading the same file (gunzip included) and
-  parsing it with a sink that only counts -- less than pystdf would need to do to
-  compute the same figures;
+  the command run in this process after its argument parsing (open, gunzip, decode,
+  figures, JSON out; with the argument parsing too, and one real process and its
+  start-up -- the command on a file of a FAR and an MRR -- printed beside it), against
+  pystdf reading the same file (gunzip included) and parsing it with a sink that only
+  counts -- less than pystdf would need to do to compute the same figures;
 * a memory check on the first file: a stream ten times the file's size, fed in 64 KiB
   chunks, must peak no higher than the file once.
 
@@ -64,18 +66,19 @@ def load(path: Path) -> bytes:
     return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
 
 
-def edgegw_decode(data: bytes, chunk: int | None = None) -> int:
+def edgegw_decode(data: bytes, chunk: int | None = None, rows: bool = True) -> int:
     dec = StdfDecoder()
+    read = dec.rows if rows else dec.records
     count = 0
     if chunk is None:
         dec.feed(data)
-        for _ in dec.records():
+        for _ in read():
             count += 1
         return count
     view = memoryview(data)
     for start in range(0, len(data), chunk):
         dec.feed(view[start:start + chunk])
-        for _ in dec.records():
+        for _ in read():
             count += 1
     return count
 
@@ -115,16 +118,25 @@ def timed(fn: Callable[[], Any], runs: int) -> tuple[float, Any]:
     return statistics.median(times), result
 
 
-def stats_seconds(path: Path, runs: int) -> float:
+def stats_seconds(path: Path, runs: int, parse: bool = False) -> float:
     """Median seconds of ``edgegw stdf stats path`` run in this process: the command end to
-    end (open, gunzip, decode, figures, JSON out) without the interpreter's start-up and
-    imports, which a separate process measures too noisily on a loaded machine."""
+    end (open, gunzip, decode, figures, JSON out) without the interpreter's start-up,
+    imports and argument parsing (building the ``edgegw`` parser of every command takes
+    some ms), which a separate process measures too noisily on a loaded machine.
+    ``parse``: with the argument parsing (the whole ``main``)."""
+    import argparse
+
     from edgegw.cli import main as edgegw_main
+    from edgegw.stdf.cli import run_stats
 
     def once() -> None:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            status = edgegw_main(["stdf", "stats", str(path)])
+            if parse:
+                status = edgegw_main(["stdf", "stats", str(path)])
+            else:
+                status = run_stats(argparse.Namespace(file=path, partial=False,
+                                                      any_version=False))
         assert status == 0 and out.getvalue().startswith("{"), status
 
     once()
@@ -179,40 +191,71 @@ def memory_check(data: bytes, records: int) -> None:
           f"-> ratio {tenfold / once:.2f}")
 
 
+def interleaved(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, float]:
+    """Median seconds of each of ``fns``, their runs interleaved (A B C A B C ...): the
+    machine's load varies, and this way each one sees the same mix of it."""
+    clock = time.perf_counter if WALL else time.process_time
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(runs):
+        for key, fn in fns.items():
+            set_tail_memo(0 if "nomemo" in key else MEMO_SIZE)  # the figure without the memo
+            try:
+                start = clock()
+                fn()
+                times[key].append(clock() - start)
+            finally:
+                set_tail_memo(MEMO_SIZE)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def bench_file(label: str, path: Path, runs: int, cli: bool, startup: float,
-               memory: bool) -> dict[str, Any]:
+               fixed: float, memory: bool) -> dict[str, Any]:
     data = load(path)
     mb = len(data) / 1e6
     print(f"{label} ({len(data):,} bytes)")
     # one run of each first: compiles the decoders, warms the caches for both sides
+    n_ours = edgegw_decode(data)
+    n_dict = edgegw_decode(data, rows=False)
+    set_tail_memo(0)
     edgegw_decode(data)
-    ours, n_ours = timed(lambda: edgegw_decode(data), runs)
-    theirs, n_theirs = timed(lambda: pystdf_decode(data), runs)
-    if n_ours != n_theirs:
+    edgegw_decode(data, rows=False)
+    set_tail_memo(MEMO_SIZE)
+    n_theirs = pystdf_decode(data)
+    if not n_ours == n_dict == n_theirs:
         raise SystemExit(f"{label}: record counts differ: edgegw {n_ours}, pystdf {n_theirs}")
-    chunked, _ = timed(lambda: edgegw_decode(data, CHUNK), runs)
-    set_tail_memo(0)  # the same without the PTR tail memo (see edgegw/stdf/decoder.py)
-    try:
-        plain, _ = timed(lambda: edgegw_decode(data), runs)
-    finally:
-        set_tail_memo(MEMO_SIZE)
-    print(f"  records: {n_ours:,}; median of {runs} runs ({'wall' if WALL else 'CPU'} time)")
-    for name, secs in (("edgegw (one feed)", ours), ("edgegw (64 KiB chunks)", chunked),
-                       ("edgegw (no tail memo)", plain), ("pystdf", theirs)):
-        print(f"    {name:24} {n_ours / secs:>12,.0f} records/s {mb / secs:>8.1f} MB/s"
-              f"  ({secs * 1e3:.1f} ms)")
-    row = {"file": label, "records": n_ours, "edgegw": ours, "chunks": chunked,
-           "nomemo": plain, "pystdf": theirs}
-    print(f"  decode ratio edgegw/pystdf: {theirs / ours:.1f}x (one feed), "
-          f"{theirs / chunked:.1f}x (64 KiB chunks), {theirs / plain:.1f}x (no tail memo)")
+    t = interleaved({
+        "rows": lambda: edgegw_decode(data),
+        "chunks": lambda: edgegw_decode(data, CHUNK),
+        "nomemo": lambda: edgegw_decode(data),
+        "dict": lambda: edgegw_decode(data, rows=False),
+        "dict_nomemo": lambda: edgegw_decode(data, rows=False),
+        "pystdf": lambda: pystdf_decode(data),
+    }, runs)
+    theirs = t["pystdf"]
+    print(f"  records: {n_ours:,}; median of {runs} interleaved runs "
+          f"({'wall' if WALL else 'CPU'} time)")
+    for name, key in (("edgegw rows (one feed)", "rows"),
+                      ("edgegw rows (64 KiB chunks)", "chunks"),
+                      ("edgegw rows (no tail memo)", "nomemo"),
+                      ("edgegw dicts (one feed)", "dict"),
+                      ("edgegw dicts (no tail memo)", "dict_nomemo"), ("pystdf", "pystdf")):
+        secs = t[key]
+        ratio = "" if key == "pystdf" else f"  {theirs / secs:5.1f}x pystdf"
+        print(f"    {name:28} {n_ours / secs:>12,.0f} records/s {mb / secs:>8.1f} MB/s"
+              f"  ({secs * 1e3:7.1f} ms){ratio}")
+    row = {"file": label, "records": n_ours, **t}
     if cli:
         read, _ = timed(lambda: load(path), runs)
         stats = stats_seconds(path, runs)
+        whole = stats_seconds(path, runs, parse=True)
         pystdf_stats = read + theirs
         row.update(stats=stats, pystdf_stats=pystdf_stats)
-        print(f"  edgegw stdf stats: {stats * 1e3:.1f} ms without start-up (a process: "
-              f"{cli_seconds(path, 1) * 1e3:.0f} ms, start-up {startup * 1e3:.0f} ms); "
-              f"pystdf read + parse {pystdf_stats * 1e3:.1f} ms -> {pystdf_stats / stats:.1f}x")
+        print(f"  edgegw stdf stats: {stats * 1e3:.1f} ms without start-up ({whole * 1e3:.1f} "
+              f"ms with the argument parsing, the fixed part of which a FAR and an MRR "
+              f"take {fixed * 1e3:.1f} ms; a process: {cli_seconds(path, 1) * 1e3:.0f} ms, "
+              f"start-up {startup * 1e3:.0f} ms); pystdf read + parse "
+              f"{pystdf_stats * 1e3:.1f} ms -> {pystdf_stats / stats:.1f}x "
+              f"({pystdf_stats / whole:.1f}x with the argument parsing)")
     if memory:
         memory_check(data, n_ours)
     return row
@@ -242,28 +285,35 @@ def main() -> int:
                 path = Path(tmp) / f"{name}.stdf"
                 path.write_bytes(build())
                 work.append((f"{name} (synthetic)", path))
-        startup = 0.0
+        startup = fixed = 0.0
         if not args.no_cli:
             w = StdfWriter("<")
             tiny = Path(tmp) / "tiny.stdf"
             tiny.write_bytes(w.encode("FAR", {}) + w.encode("MRR", {"FINISH_T": 0}))
             startup = cli_seconds(tiny, args.runs)
-            print(f"edgegw stdf stats start-up (a FAR and an MRR): {startup * 1e3:.0f} ms")
-        rows = [bench_file(label, path, args.runs, not args.no_cli, startup, i == 0)
+            fixed = stats_seconds(tiny, args.runs, parse=True)
+            print(f"edgegw stdf stats start-up (a FAR and an MRR): a process {startup * 1e3:.0f}"
+                  f" ms, in this process {fixed * 1e3:.1f} ms")
+        rows = [bench_file(label, path, args.runs, not args.no_cli, startup, fixed, i == 0)
                 for i, (label, path) in enumerate(work)]
     print()
-    print("| file | records | edgegw one feed | 64 KiB chunks | no tail memo | pystdf | "
-          "ratio (feed / chunks / no memo) |" + (" `stats` CLI vs pystdf |"
-                                                 if not args.no_cli else ""))
-    print("|---|---:|---:|---:|---:|---:|---|" + ("---|" if not args.no_cli else ""))
+    print("| file | records | rows: one feed | 64 KiB chunks | no tail memo | dicts | "
+          "dicts, no memo | pystdf | rows vs pystdf (feed / chunks / no memo) | "
+          "dicts vs pystdf (memo / no memo) |" + (" `stats` CLI vs pystdf |"
+                                                   if not args.no_cli else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|" +
+          ("---|" if not args.no_cli else ""))
     for r in rows:
-        line = (f"| {r['file']} | {r['records']:,} | {r['edgegw'] * 1e3:.0f} ms | "
+        p = r["pystdf"]
+        line = (f"| {r['file']} | {r['records']:,} | {r['rows'] * 1e3:.0f} ms | "
                 f"{r['chunks'] * 1e3:.0f} ms | {r['nomemo'] * 1e3:.0f} ms | "
-                f"{r['pystdf'] * 1e3:.0f} ms | {r['pystdf'] / r['edgegw']:.1f}x / "
-                f"{r['pystdf'] / r['chunks']:.1f}x / {r['pystdf'] / r['nomemo']:.1f}x |")
+                f"{r['dict'] * 1e3:.0f} ms | {r['dict_nomemo'] * 1e3:.0f} ms | {p * 1e3:.0f} ms"
+                f" | **{p / r['rows']:.1f}x** / {p / r['chunks']:.1f}x / "
+                f"**{p / r['nomemo']:.1f}x** | {p / r['dict']:.1f}x / "
+                f"{p / r['dict_nomemo']:.1f}x |")
         if "stats" in r:
-            line += (f" {r['stats'] * 1e3:.0f} ms vs {r['pystdf_stats'] * 1e3:.0f} ms: "
-                     f"{r['pystdf_stats'] / r['stats']:.1f}x |")
+            line += (f" {r['stats'] * 1e3:.1f} ms vs {r['pystdf_stats'] * 1e3:.0f} ms: "
+                     f"**{r['pystdf_stats'] / r['stats']:.1f}x** |")
         print(line)
     return 0
 

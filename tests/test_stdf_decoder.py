@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgegw.stdf import Bits, StdfDecoder, StdfError, StdfRecord, StdfWriter
+from edgegw.stdf import Bits, StdfDecoder, StdfError, StdfRecord, StdfRow, StdfWriter, row_fields
+from edgegw.stdf.decoder import FIELD_NAMES
 
 
 def stream(order: str = "<") -> tuple[bytes, list[tuple[str, dict[str, Any]]]]:
@@ -59,9 +60,30 @@ def stream(order: str = "<") -> tuple[bytes, list[tuple[str, dict[str, Any]]]]:
 
 
 def decode(data: bytes, **kw: Any) -> list[StdfRecord]:
+    """The records, after checking that the rows of the same bytes hold the same."""
     dec = StdfDecoder(**kw)
     dec.feed(data)
-    return list(dec.records())
+    records = list(dec.records())
+    assert_rows_equal(data, records, **kw)
+    return records
+
+
+def assert_rows_equal(data: bytes, records: list[StdfRecord], chunk: int = 0,
+                      **kw: Any) -> None:
+    """``StdfDecoder.rows()`` gives the same records as ``records()``: name, offset and
+    each field (a row's values in spec order), fed whole or in ``chunk``-byte pieces."""
+    dec = StdfDecoder(**kw)
+    rows: list[StdfRow] = []
+    for start in range(0, len(data), chunk or len(data) or 1):
+        dec.feed(data[start:start + chunk] if chunk else data)
+        rows.extend(dec.rows())
+    assert all(type(r) is tuple and type(r[2]) is tuple for r in rows)
+    assert [r[:2] for r in rows] == [(r.name, r.offset) for r in records]
+    for (name, _, values), rec in zip(rows, records, strict=True):
+        assert tuple(rec.fields.values()) == values or repr(values) == repr(
+            tuple(rec.fields.values())), (rec.name, rec.offset)  # repr: NaN-safe
+        assert list(rec.fields) == list(FIELD_NAMES[name][:len(values)])
+        assert repr(row_fields((name, 0, values))) == repr(rec.fields)
 
 
 def as_pairs(records: list[StdfRecord]) -> list[tuple[str, dict[str, Any]]]:
@@ -115,6 +137,7 @@ def test_any_chunking_gives_the_same_records(cuts: list[int], order: str) -> Non
     got.extend(dec.records())
     assert as_pairs(got) == records
     assert dec.position == len(data) and dec.buffered == 0
+    assert_rows_equal(data, got, chunk=cuts[0] if cuts else 0)
 
 
 def test_a_record_cut_at_the_end_waits_for_the_rest() -> None:
@@ -420,3 +443,86 @@ def test_compiled_decoders_agree_with_the_generic_one_at_every_cut_of_every_reco
             got = decode(data)[1]
             assert got.fields == decode_generic(spec, readers, data, 10, 10 + keep), (
                 name, keep)
+
+
+def _gdr(order: str, body: bytes) -> bytes:
+    return struct.pack(order + "HBB", len(body), 50, 10) + body
+
+
+@pytest.mark.parametrize("order", "<>")
+def test_a_skipped_gdr_is_checked_for_its_type_codes_as_decoding_it_would(
+        order: str) -> None:
+    """Skipping a GDR changes what is returned, never the error: an unknown type code is
+    the same error at the same offset, and a GDR cut before its bad code is none."""
+    w = StdfWriter(order)
+    far = w.encode("FAR", {})
+    good = w.encode("GDR", {"GEN_DATA": [(10, "abc"), (0, None), (12, Bits(9, b"\x01\x01")),
+                                         (11, b"\x05"), (13, 7), (8, 1.5), (2, 3)]})
+    u2 = struct.Struct(order + "H").pack
+    bad = [
+        _gdr(order, u2(3) + b"\x01\x07\x09\x00"),  # code 9 after a U1
+        _gdr(order, u2(2) + b"\x0a\x02ab\x0e"),  # code 14 after a C*n
+        _gdr(order, u2(2) + b"\x0c" + u2(9) + b"\x01\x01\xff"),  # 255 after a D*n
+    ]
+    cut = [
+        _gdr(order, u2(3) + b"\x03\x01\x02"),  # a U4 cut by REC_LEN, a bad code after it
+        _gdr(order, u2(2) + b"\x0a\x05ab"),  # a C*n cut
+        _gdr(order, u2(5)),  # the count says 5, no value present
+        _gdr(order, b"\x01"),  # the count cut
+    ]
+    pir = w.encode("PIR", {"HEAD_NUM": 1, "SITE_NUM": 2})
+    for gdr in [good, *bad, *cut]:
+        data = far + good + gdr + pir
+        outcomes = []
+        for skip in ((), ("GDR",)):
+            dec = StdfDecoder(skip=skip)
+            dec.feed(data)
+            names: list[str] = []
+            try:
+                names.extend(r.name for r in dec.records())
+                error = None
+            except StdfError as exc:
+                error = (str(exc), exc.offset)
+            names.extend(r.name for r in dec.records())  # the decoder goes on after it
+            outcomes.append(([n for n in names if n != "GDR"], error, dec.position))
+        assert outcomes[0] == outcomes[1], gdr.hex()
+        assert (outcomes[0][1] is not None) == (gdr in bad)
+
+
+def test_types_is_the_complement_of_skip() -> None:
+    data, _ = stream("<")
+    wanted = {"PRR", "HBR", "PCR", "WIR"}
+    dec = StdfDecoder(types=wanted)
+    dec.feed(data)
+    got = list(dec.records())
+    assert {r.name for r in got} == wanted | {"FAR"}
+    assert got == [r for r in decode(data) if r.name in wanted | {"FAR"}]
+    with pytest.raises(ValueError, match="skip or types"):
+        StdfDecoder(skip={"PTR"}, types={"PRR"})
+    with pytest.raises(ValueError, match="no STDF record type XYZ"):
+        StdfDecoder(types={"XYZ"})
+
+
+def test_the_tail_memo_turns_itself_off_for_tails_that_do_not_repeat() -> None:
+    """Tails that never repeat: the memo stops being consulted (its misses cost speed)
+    until the next decoder, and the records are the same all along."""
+    from edgegw.stdf.decoder import _MEMO_STATES, MEMO_SIZE, set_tail_memo
+
+    w = StdfWriter("<")
+    data = w.encode("FAR", {}) + b"".join(
+        w.encode("PTR", {"TEST_NUM": 1, "HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0,
+                         "PARM_FLG": 0, "RESULT": 0.5, "TEST_TXT": "t", "ALARM_ID": "",
+                         "OPT_FLAG": 0, "RES_SCAL": 0, "LLM_SCAL": 0, "HLM_SCAL": 0,
+                         "LO_LIMIT": float(i), "HI_LIMIT": 2.0, "UNITS": "V"})
+        for i in range(100))
+    try:
+        set_tail_memo(0)
+        plain = decode(data)
+        set_tail_memo(8)
+        first = decode(data)
+        assert not all(state[0] for state in _MEMO_STATES)  # off after the misses
+        StdfDecoder()
+        assert all(state[0] for state in _MEMO_STATES)  # a new decoder: on again
+        assert decode(data) == first == plain
+    finally:
+        set_tail_memo(MEMO_SIZE)

@@ -12,6 +12,7 @@ import pytest
 from shared_data import stdf_bytes
 
 from edgegw.stdf import ALL_SITES, BY_NAME, Bits, StdfDecoder, StdfStats
+from edgegw.stdf.decoder import FIELD_NAMES, MEMO_SIZE, set_tail_memo
 
 FILES = ("metis-d10-2site.std", "galaxy-a530-lot2.stdf.gz")
 
@@ -22,6 +23,18 @@ def decode_edgegw(data: bytes) -> list[tuple[str, dict[str, Any]]]:
     records = [(r.name, r.fields) for r in dec.records()]
     assert dec.buffered == 0 and dec.unknown_count == 0
     return records
+
+
+def decode_rows(data: bytes, chunk: int = 0) -> list[tuple[str, dict[str, Any]]]:
+    """``StdfDecoder.rows()``, each row's values put under their field names."""
+    dec = StdfDecoder()
+    out = []
+    for start in range(0, len(data), chunk or len(data)):
+        dec.feed(data[start:start + chunk] if chunk else data)
+        out.extend((name, dict(zip(FIELD_NAMES[name], values, strict=False)))
+                   for name, _, values in dec.rows())
+    assert dec.buffered == 0 and dec.unknown_count == 0
+    return out
 
 
 def decode_pystdf(data: bytes) -> list[tuple[str, list[Any]]]:
@@ -97,6 +110,20 @@ def test_every_field_value_equals_pystdf(decoded: tuple[str, list, list]) -> Non
                 f"pystdf {theirs_value!r}")
             compared += 1
     assert compared > 1000
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_rows_hold_the_same_records_with_the_memo_on_and_off_in_any_chunking(
+        name: str) -> None:
+    data = stdf_bytes(name)
+    records = repr(decode_edgegw(data))  # repr: NaN-safe
+    try:
+        for memo in (MEMO_SIZE, 0, 7):
+            set_tail_memo(memo)
+            assert repr(decode_rows(data)) == records, memo
+            assert repr(decode_rows(data, 4093)) == records, memo
+    finally:
+        set_tail_memo(MEMO_SIZE)
 
 
 def test_readme_record_counts() -> None:

@@ -11,7 +11,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from test_stdf_fidelity import as_pystdf, decode_edgegw, decode_pystdf, same
+from test_stdf_fidelity import as_pystdf, decode_edgegw, decode_pystdf, decode_rows, same
 
 from edgegw.stdf import BY_NAME, StdfDecoder
 from edgegw.stdf.decoder import MEMO_SIZE, decode_generic, decoder_table, set_tail_memo
@@ -86,3 +86,16 @@ def test_memo_and_chunking_change_nothing(name: str) -> None:
         dec.feed(data[start:start + 997])
         got.extend((r.name, r.fields) for r in dec.records())
     assert got == whole and dec.buffered == 0
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_rows_hold_the_same_records_with_the_memo_on_and_off(name: str) -> None:
+    data = shape(name)
+    whole = decode_edgegw(data)
+    try:
+        for memo in (MEMO_SIZE, 0, 7):
+            set_tail_memo(memo)
+            assert decode_rows(data) == whole, memo
+            assert decode_rows(data, 997) == whole, memo
+    finally:
+        set_tail_memo(MEMO_SIZE)

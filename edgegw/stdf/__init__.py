@@ -8,6 +8,8 @@ Public API::
     dec.feed(data)
     for rec in dec.records():         # complete records only; a cut tail waits for more
         rec.name, rec.offset, rec.fields
+    for name, offset, values in dec.rows():  # the same records without a dict: fastest
+        row_fields((name, offset, values))   # values of the fields present, in spec order
     dec.position                      # resume point: just after the last record returned
     StdfDecoder(start_offset=N, byte_order="<")   # resume mid-file at a record boundary
 
@@ -22,7 +24,7 @@ See ``docs/stdf.md``.  Public face: the names in ``__all__`` (``spec``: the reco
 """
 
 from . import decoder, spec
-from .decoder import StdfDecoder, StdfError, StdfRecord
+from .decoder import StdfDecoder, StdfError, StdfRecord, StdfRow, row_fields
 from .fields import stdf_fields, test_number
 from .mapping import RecordMapper
 from .spec import BY_NAME, BY_TYPE, RECORDS, Bits, Field, RecordSpec, missing_value
@@ -32,7 +34,9 @@ from .writer import StdfWriter
 
 __all__ = [
     "ALL_SITES", "BY_NAME", "BY_TYPE", "RECORDS", "Bits", "Field", "RecordMapper", "RecordSpec",
-    "StdfDecoder", "StdfError", "StdfRecord", "StdfStats", "StdfWriter", "TestState", "decoder",
-    "missing_value", "part_passed", "part_supersedes", "result_passed", "spec", "stdf_fields",
+    "StdfDecoder", "StdfError", "StdfRecord", "StdfRow", "StdfStats", "StdfWriter", "TestState",
+    "decoder",
+    "missing_value", "part_passed", "part_supersedes", "result_passed", "row_fields", "spec",
+    "stdf_fields",
     "test_number",
 ]

@@ -226,19 +226,19 @@ def run_dump(args: argparse.Namespace) -> int:
             obj[key] = jsonable(value)
         write(json.dumps(obj, allow_nan=False) + "\n")
 
-    # types not asked for are not decoded (GDRs are, for the same errors: see STATS_SKIP)
-    skip = frozenset(BY_NAME) - wanted - {"FAR", "GDR"} if wanted else frozenset()
+    # types not asked for are not decoded (skipped GDRs are checked: the same errors)
     try:
-        return _run(args, each, StdfDecoder(keep_unknown=True, skip=skip))
+        return _run(args, each, StdfDecoder(keep_unknown=True, types=(
+            wanted & BY_NAME.keys() if wanted else None)))
     except BrokenPipeError:  # `edgegw stdf dump f | head`
         sys.stderr.close()
         return 0
 
 
 #: record types ``stats`` does not read: counted by the decoder, never decoded (most of a
-#: file's bytes).  GDRs are decoded all the same, so that a file's errors are the same
-#: whichever command reads it (an unknown GDR type code is only found by decoding it).
-STATS_SKIP = frozenset(BY_NAME) - StdfStats.READS - {"FAR", "GDR"}
+#: file's bytes).  The decoder still checks a skipped GDR's type codes, so that a file's
+#: errors are the same whichever command reads it.
+STATS_SKIP = frozenset(BY_NAME) - StdfStats.READS - {"FAR"}
 
 
 def run_stats(args: argparse.Namespace) -> int:

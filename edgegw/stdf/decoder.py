@@ -32,7 +32,7 @@ live beside the loop that calls them on purpose.  The spec tables are in ``spec.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from ..formats import FormatError
@@ -54,6 +54,25 @@ class StdfRecord(NamedTuple):
     offset: int
     #: field values under the spec's names; absent trailing fields are not in the dict
     fields: dict[str, Any]
+
+
+#: record name -> its field names in spec order (a row's values are in this order)
+FIELD_NAMES: dict[str, tuple[str, ...]] = {
+    **{spec.name: tuple(f.name for f in spec.fields) for spec in BY_NAME.values()},
+    "UNKNOWN": ("REC_TYP", "REC_SUB", "DATA"),
+}
+
+
+#: A record as a row, ``(name, offset, values)``: its type name, the byte offset of its
+#: header in the whole stream, and the values of the fields present in the order of
+#: ``FIELD_NAMES[name]`` (a record whose trailing fields are absent has fewer).  A plain
+#: tuple, the cheapest thing to make per record (a named tuple costs a call more).
+StdfRow = tuple[str, int, tuple[Any, ...]]
+
+
+def row_fields(row: StdfRow) -> dict[str, Any]:
+    """A row's fields as the dict :class:`StdfRecord` carries."""
+    return dict(zip(FIELD_NAMES[row[0]], row[2], strict=False))
 
 
 class _Short(Exception):
@@ -265,12 +284,20 @@ def _nibbles(packed: bytes, count: int) -> list[int]:
 
 def _gdr_reader(order: str) -> Callable[[bytes, str, int, int], tuple[list, int]]:
     """The compiled decoders' GDR ``V*n`` reader: ``_Readers.vn`` with a table lookup per
-    value instead of the generic per-type dispatch (C*n a slice of the latin-1 view)."""
+    value instead of the generic per-type dispatch: a fixed-size value is one
+    ``unpack_from`` at its type byte, which gives the ``(type_code, value)`` pair itself;
+    a C*n is a slice of the latin-1 view."""
     u2 = struct.Struct(order + "H").unpack_from
-    fixed = {code: (struct.calcsize(STRUCT_CODES[typ]),
-                    struct.Struct(order + STRUCT_CODES[typ]).unpack_from)
-             for code, typ in GDR_TYPES.items() if typ in STRUCT_CODES}
-    fixed_get = fixed.get
+    #: type code -> bytes a fixed-size value takes after its type byte (0: not fixed)
+    sizes = [0] * 256
+    #: type code -> unpack of the type byte and the value: the (code, value) pair
+    pairs: list[Any] = [None] * 256
+    for code, typ in GDR_TYPES.items():
+        if typ in STRUCT_CODES:
+            sizes[code] = struct.calcsize(STRUCT_CODES[typ])
+            pairs[code] = struct.Struct(order + "B" + STRUCT_CODES[typ]).unpack_from
+    # N*1 in a GDR occupies a whole byte: kept as it is, for an exact round trip
+    sizes[13], pairs[13] = 1, struct.Struct("BB").unpack_from
     new = _new_record
 
     def vn(buf: bytes, txt: str, p: int, end: int) -> tuple[list, int]:
@@ -284,47 +311,77 @@ def _gdr_reader(order: str) -> Callable[[bytes, str, int, int], tuple[list, int]
             if p >= end:
                 raise _Short
             code = buf[p]
-            p += 1
-            if code == 10:
-                if p >= end:
-                    raise _Short
-                q = p + 1 + buf[p]
+            size = sizes[code]
+            if size:
+                q = p + 1 + size
                 if q > end:
                     raise _Short
-                append((10, txt[p + 1:q]))
+                append(pairs[code](buf, p))
                 p = q
-                continue
-            entry = fixed_get(code)
-            if entry is not None:
-                q = p + entry[0]
+            elif code == 10:
+                q = p + 2 + buf[p + 1]  # p + 1 == end: q > end (or IndexError)
                 if q > end:
                     raise _Short
-                append((code, entry[1](buf, p)[0]))
+                append((10, txt[p + 2:q]))
                 p = q
             elif code == 0:
                 append((0, None))
-            elif code == 13:  # N*1 in a GDR occupies a whole byte: kept for round trip
-                if p >= end:
-                    raise _Short
-                append((13, buf[p]))
                 p += 1
             elif code == 11:
-                value, p = _read_bn(buf, p, end)
+                value, p = _read_bn(buf, p + 1, end)
                 append((11, value))
             elif code == 12:
-                if p + 2 > end:
+                if p + 3 > end:
                     raise _Short
-                nbits = u2(buf, p)[0]
-                q = p + 2 + ((nbits + 7) >> 3)
+                nbits = u2(buf, p + 1)[0]
+                q = p + 3 + ((nbits + 7) >> 3)
                 if q > end:
                     raise _Short
-                append((12, new(Bits, (nbits, buf[p + 2:q]))))
+                append((12, new(Bits, (nbits, buf[p + 3:q]))))
                 p = q
             else:
-                raise _BadGdr(code, p - 1)
+                raise _BadGdr(code, p)
         return out, p
 
     return vn
+
+
+def _gdr_checker(order: str) -> Callable[[bytes, int, int], None]:
+    """A skipped GDR's check: walk its type codes without making values; raise
+    ``_BadGdr`` where decoding it would (an unknown code before the record ends), stop
+    quietly where decoding would find the record cut short."""
+    u2 = struct.Struct(order + "H").unpack_from
+    sizes = [0] * 256  # bytes of a fixed-size value after its type byte
+    for code, typ in GDR_TYPES.items():
+        if typ in STRUCT_CODES:
+            sizes[code] = struct.calcsize(STRUCT_CODES[typ])
+    sizes[13] = 1  # N*1 in a GDR occupies a whole byte
+
+    def check(buf: bytes, p: int, end: int) -> None:
+        if p + 2 > end:
+            return
+        count = u2(buf, p)[0]
+        p += 2
+        for _ in range(count):
+            if p >= end:
+                return
+            code = buf[p]
+            p += 1
+            size = sizes[code]
+            if size:
+                p += size  # past end: the next round stops, as the decoder does
+            elif code == 10 or code == 11:
+                if p >= end:
+                    return
+                p += 1 + buf[p]
+            elif code == 12:
+                if p + 2 > end:
+                    return
+                p += 2 + ((u2(buf, p)[0] + 7) >> 3)
+            elif code:
+                raise _BadGdr(code, p - 1)
+
+    return check
 
 
 def _segments(fields: tuple[Field, ...]) -> list[list[int]]:
@@ -353,31 +410,64 @@ MEMO_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("OPT_FLAG")}
 MEMO_SIZE = 4096
 
 
-def _memo() -> tuple[Callable[[bytes], dict | None], Callable[[bytes, dict], None]]:
+def _memo(rows: bool = False) -> tuple[Callable[[bytes], Any], Callable[[bytes, Any], None],
+                                       list[Any]]:
     """A bounded map from tail bytes to a template of the record's field dict: a repeat
     copies the template (one C-level copy of the whole dict) and sets the fields before
-    the tail, cheaper than building the dict anew."""
-    memo: dict[bytes, dict] = {}
+    the tail, cheaper than building the dict anew.  For rows, the tail's values as a
+    tuple (immutable: no copy), which the row's head is prepended to."""
+    memo: dict[bytes, Any] = {}
+    state = _memo_state()
 
-    def put(tail: bytes, fields: dict) -> None:
+    def put(tail: bytes, fields: Any) -> None:
         if len(memo) >= MEMO_SIZE:
+            # full: MEMO_SIZE misses since the last clear.  A hit saves about twice what
+            # a miss costs, so with fewer hits than half the misses the file's tails do
+            # not repeat (limits per part, per site on many sites): off until the next
+            # StdfDecoder is made
+            if state[1] * 2 < len(memo):
+                state[0] = False
+            state[1] = 0
             memo.clear()  # bounded: memory stays flat on files whose tails never repeat
-        memo[tail] = fields.copy()  # a copy: the consumer owns the dict it was given
+        memo[tail] = fields if rows else fields.copy()  # the consumer owns its dict
 
-    return memo.get, put
+    return memo.get, put, state
+
+
+#: [on, hits since the last clear] of every memo; a new StdfDecoder turns them all on
+_MEMO_STATES: list[list[Any]] = []
+
+
+def _memo_state() -> list[Any]:
+    state: list[Any] = [True, 0]
+    _MEMO_STATES.append(state)
+    return state
+
+
+def _memo_reset() -> None:
+    for state in _MEMO_STATES:
+        state[0] = True
 
 
 def set_tail_memo(size: int) -> None:
     """Set how many distinct PTR tails are remembered (0 turns the memo off); the
-    compiled decoders are rebuilt on next use.  For benchmarks and tests."""
+    compiled decoders with and without the memo are each built once.  For benchmarks
+    and tests."""
     global MEMO_SIZE
     MEMO_SIZE = size
-    _TABLES.clear()
 
 
-def _literal(fields: tuple[Field, ...], n: int) -> str:
-    """Source of the dict literal of the first ``n`` fields (values in locals f0, f1...)."""
+def _literal(fields: tuple[Field, ...], n: int, rows: bool = False) -> str:
+    """Source of the dict literal of the first ``n`` fields (values in locals f0, f1...),
+    or of the tuple of their values (``rows``)."""
+    if rows:
+        return _tuple(0, n)
     return "{" + ", ".join(f"{fields[i].name!r}: f{i}" for i in range(n)) + "}"
+
+
+def _tuple(start: int, n: int) -> str:
+    """Source of the tuple of the values of fields ``start`` to ``n - 1``."""
+    return "(" + "".join(f"f{i}, " for i in range(start, n)) + ")"
 
 
 def _cn_run(fields: tuple[Field, ...], start: int) -> list[int]:
@@ -390,17 +480,19 @@ def _cn_run(fields: tuple[Field, ...], start: int) -> list[int]:
     return run
 
 
-def _compile(spec: RecordSpec, readers: _Readers) -> Callable[[bytes, str, int, int], dict]:
+def _compile(spec: RecordSpec, readers: _Readers,
+             rows: bool = False) -> Callable[[bytes, str, int, int], Any]:
     """Generate and exec a decoding function specialised for one record type and order:
-    an optimistic one, falling back to a careful one, falling back to the generic."""
-    ns: dict[str, Any] = {"_spec": spec, "_generic": decode_generic}
+    an optimistic one, falling back to a careful one, falling back to the generic.
+    ``rows``: the functions return the tuple of the values present, not a dict."""
+    ns: dict[str, Any] = {"_spec": spec, "_generic": _generic_row if rows else decode_generic}
     lines = ["def careful(buf, txt, p0, end):", "  p = p0", "  try:",
-             *_body(spec, readers, ns, "    ", "return {}", "c"),
+             *_body(spec, readers, ns, "    ", "return {}", "c", rows=rows),
              "  except (_Short, IndexError):",
              # IndexError: a record at the very end of the buffer indexed buf[end]
              "    return _generic(_spec, _r, buf, p0, end)",
              "def decode(buf, txt, p0, end):", "  p = p0", "  try:",
-             *_body(spec, readers, ns, "    ", "return {}", "o", optimistic=True),
+             *_body(spec, readers, ns, "    ", "return {}", "o", optimistic=True, rows=rows),
              "  except (_Short, IndexError):",
              "    return careful(buf, txt, p0, end)"]
     src = "\n".join(lines) + "\n"
@@ -409,7 +501,7 @@ def _compile(spec: RecordSpec, readers: _Readers) -> Callable[[bytes, str, int, 
 
 
 def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret: str,
-          prefix: str, optimistic: bool = False) -> list[str]:
+          prefix: str, optimistic: bool = False, rows: bool = False) -> list[str]:
     """Source lines decoding ``spec``'s fields from ``p`` into locals and ending with
     ``ret`` formatted with the field dict literal (also for a record that ends early).
     Raises ``_Short`` (or IndexError at the end of the buffer) for the generic decoder.
@@ -432,9 +524,13 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
     memo_from = MEMO_FROM.get(spec.name, -1) if optimistic and MEMO_SIZE else -1
 
     def literal(n: int) -> str:
+        if 0 <= memo_from < n and rows:
+            return (f"_t = {_tuple(memo_from, n)}; tail is None or _memo_put(tail, _t); "
+                    f"{ret.format(_tuple(0, memo_from) + ' + _t')}")
         if 0 <= memo_from < n:
-            return f"_d = {_literal(fields, n)}; _memo_put(tail, _d); {ret.format('_d')}"
-        return ret.format(_literal(fields, n))
+            return (f"_d = {_literal(fields, n)}; tail is None or _memo_put(tail, _d); "
+                    f"{ret.format('_d')}")
+        return ret.format(_literal(fields, n, rows))
 
     def run_end(run: list[int], starts: dict[int, str], last: str) -> None:
         """The bound check of a run of C*n fields: a record that ends right after one
@@ -454,15 +550,22 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
         first = seg[0]
         f = fields[first]
         if first == memo_from:
-            ns["_memo_get"], ns["_memo_put"] = _memo()
+            ns["_memo_get"], ns["_memo_put"], ns["_memo_on"] = _memo(rows)
             lines.append(f"{ind}if p >= end: {literal(first)}")
-            lines.append(f"{ind}tail = buf[p:end]")
-            lines.append(f"{ind}hit = _memo_get(tail)")
-            lines.append(f"{ind}if hit is not None:")
-            lines.append(f"{ind}  _d = hit.copy()")
-            for i in range(memo_from):
-                lines.append(f"{ind}  _d[{fields[i].name!r}] = f{i}")
-            lines.append(f"{ind}  {ret.format('_d')}")
+            lines.append(f"{ind}if _memo_on[0]:")
+            lines.append(f"{ind}  tail = buf[p:end]")
+            lines.append(f"{ind}  hit = _memo_get(tail)")
+            lines.append(f"{ind}  if hit is not None:")
+            lines.append(f"{ind}    _memo_on[1] += 1")
+            if rows:
+                lines.append(f"{ind}    {ret.format(_tuple(0, memo_from) + ' + hit')}")
+            else:
+                lines.append(f"{ind}    _d = hit.copy()")
+                for i in range(memo_from):
+                    lines.append(f"{ind}    _d[{fields[i].name!r}] = f{i}")
+                lines.append(f"{ind}    {ret.format('_d')}")
+            lines.append(f"{ind}else:")
+            lines.append(f"{ind}  tail = None")
         if f.count is None and f.type in _SIZES:
             size = sum(_SIZES[fields[i].type] for i in seg)
             names = ", ".join(f"f{i}" for i in seg)
@@ -576,15 +679,21 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
             lines.append(f"{ind}f{i} = txt[p + 1:q]")
             lines.append(f"{ind}p = q")
         elif f.type == "Dn":
-            ns["_u2"] = readers.u2
+            # an empty D*n (no fail pins, no SPIN_MAP: most FTRs) is one shared
+            # Bits(0, b""): immutable, and equal to a new one
+            ns["_u2"], ns["_no_bits"] = readers.u2, Bits(0, b"")
             lines += [f"{ind}if p + 2 > end:",
                       f"{ind}  if p >= end: {literal(first)}",
                       f"{ind}  raise _Short",
                       f"{ind}nb = _u2(buf, p)[0]",
-                      f"{ind}q = p + 2 + ((nb + 7) >> 3)",
-                      f"{ind}if q > end: raise _Short",
-                      f"{ind}f{i} = _new(Bits, (nb, buf[p + 2:q]))",
-                      f"{ind}p = q"]
+                      f"{ind}if nb:",
+                      f"{ind}  q = p + 2 + ((nb + 7) >> 3)",
+                      f"{ind}  if q > end: raise _Short",
+                      f"{ind}  f{i} = _new(Bits, (nb, buf[p + 2:q]))",
+                      f"{ind}  p = q",
+                      f"{ind}else:",
+                      f"{ind}  f{i} = _no_bits",
+                      f"{ind}  p += 2"]
         elif f.type == "Vn":
             ns["_vn"] = _gdr_reader(readers.order)
             lines.append(f"{ind}if p >= end: {literal(first)}")
@@ -595,6 +704,12 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
             lines.append(f"{ind}f{i}, p = {reader}(buf, p, end)")
     lines.append(f"{ind}{literal(len(fields))}")
     return lines
+
+
+def _generic_row(spec: RecordSpec, readers: _Readers, buf: bytes, p: int,
+                 end: int) -> tuple[Any, ...]:
+    """The reference decoder's fields as a row: their values in spec order."""
+    return tuple(decode_generic(spec, readers, buf, p, end).values())
 
 
 def _max_size(spec: RecordSpec) -> int | None:
@@ -621,20 +736,28 @@ def _too_long(name: str, rec_len: int, limit: int, offset: int) -> StdfError:
 
 
 def _compile_scan(order: str, entries: list[Any], readers: _Readers,
-                  skip: frozenset[str] = frozenset()) -> Callable[..., Any]:
+                  skip: frozenset[str] = frozenset(), rows: bool = False) -> Callable[..., Any]:
     """Generate the record loop of one byte order, with the INLINE types' decoding
     written into it and every other type dispatched through ``entries``.  Records of
-    the types in ``skip`` are checked (REC_LEN), counted and stepped over."""
+    the types in ``skip`` are checked (REC_LEN), counted and stepped over.  ``rows``:
+    the loop makes :class:`StdfRow` records (``entries`` then decode to tuples)."""
+    check_gdr = _gdr_checker(order)
     if skip:
-        entries = [None if e is None else (e[0], None, e[2]) if e[0] in skip else e
+        # a skipped GDR is still walked for its type codes: the one error inside a
+        # record the decoder reports, so skipping changes what is returned, not errors
+        entries = [None if e is None else
+                   (e[0], check_gdr if e[0] == "GDR" else None, e[2]) if e[0] in skip else e
                    for e in entries]
     ns: dict[str, Any] = {
         "_header": struct.Struct(order + "HH").unpack_from, "_entries": entries,
         "_new": _new_record, "_Record": StdfRecord, "_too_long": _too_long,
         "_generic": decode_generic, "_BadGdr": _BadGdr, "_gdr_error": _gdr_error,
+        "_check_gdr": check_gdr,
     }
+    # a row is a plain tuple; a record a named tuple made without a call to its __new__
+    make = "({}, base + pos, {})" if rows else "_new(_Record, ({}, base + pos, {}))"
     lines = [
-        "def scan(self, buf, txt, pos, base, generation):",
+        "def scan(self, buf, txt, pos, base):",
         "  n = len(buf)",
         "  skipped = self.skipped",
         "  while pos + 4 <= n:",
@@ -662,41 +785,46 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
             "      while True:",
             "        try:",
             *_body(spec, readers, ns, "          ", "fields = {}; break", name,
-                   optimistic=True),
+                   optimistic=True, rows=rows),
             "        except (_Short, IndexError):",
             f"          fields = _decode_{name}(buf, txt, body, end)",
             "        break",
-            f"      record = _new(_Record, ({name!r}, base + pos, fields))",
+            f"      record = {make.format(repr(name), 'fields')}",
         ]
     lines += [
         "    else:",
         "      entry = _entries[key]",
         "      if entry is None:",
         "        if end > n: return",
-        "        record = self._unknown(buf, pos, end)",
+        f"        record = self._unknown(buf, pos, end, {rows})",
         "        pos = end",
         "        self._pos = pos",
         "        if record is None: continue",
         "        yield record",
-        "        if self._generation != generation: return",
         "        continue",
         "      name, decode, limit = entry",
         "      if rec_len > limit: raise _too_long(name, rec_len, limit, base + pos)",
         "      if end > n: return",
-        "      if decode is None:",
+        *(["      if decode is None or decode is _check_gdr:",
+            "        if decode is not None:",
+            "          try:",
+            "            _check_gdr(buf, body, end)",
+            "          except _BadGdr as exc:",
+            "            self._pos = end",
+            "            raise _gdr_error(exc, base) from None"] if "GDR" in skip else
+          ["      if decode is None:"]),
         "        skipped[name] += 1",
         "        pos = end",
         "        self._pos = pos",
         "        continue",
         "      try:",
-        "        record = _new(_Record, (name, base + pos, decode(buf, txt, body, end)))",
+        f"        record = {make.format('name', 'decode(buf, txt, body, end)')}",
         "      except _BadGdr as exc:",
         "        self._pos = end",
         "        raise _gdr_error(exc, base) from None",
         "    pos = end",
         "    self._pos = pos",
         "    yield record",
-        "    if self._generation != generation: return",
     ]
     src = "\n".join(lines) + "\n"
     exec(compile(src, f"<stdf scan {order}>", "exec"), ns)
@@ -714,10 +842,12 @@ class _Table(NamedTuple):
     #: index type key -> (name, decode function, largest REC_LEN) or None
     entries: list[tuple[str, Callable[[bytes, str, int, int], dict], int] | None]
     readers: _Readers
-    #: the record loop: scan(decoder, buf, txt, pos, base, generation) -> records
+    #: the record loop: scan(decoder, buf, txt, pos, base) -> records
     scan: Callable[..., Iterator[StdfRecord]]
     #: the record loops that skip some record types, by the set of their names
     skip_scans: dict[frozenset[str], Callable[..., Iterator[StdfRecord]]]
+
+    rows: bool
 
     def scan_for(self, skip: frozenset[str]) -> Callable[..., Iterator[StdfRecord]]:
         if not skip:
@@ -725,26 +855,28 @@ class _Table(NamedTuple):
         scan = self.skip_scans.get(skip)
         if scan is None:
             scan = self.skip_scans[skip] = _compile_scan(self.readers.order, self.entries,
-                                                         self.readers, skip)
+                                                         self.readers, skip, self.rows)
         return scan
 
 
-_TABLES: dict[str, _Table] = {}
+_TABLES: dict[tuple[str, bool, bool], _Table] = {}
 
 
-def decoder_table(order: str) -> _Table:
-    table = _TABLES.get(order)
+def decoder_table(order: str, rows: bool = False) -> _Table:
+    """The compiled decoders of one byte order, for records (dicts) or rows (tuples),
+    with the tail memo or without (``MEMO_SIZE`` 0); built on first use."""
+    table = _TABLES.get((order, rows, MEMO_SIZE > 0))
     if table is None:
         readers = _Readers(order)
         entries: list[Any] = [None] * 65536
         for (typ, sub), spec in BY_TYPE.items():
             limit = _max_size(spec)
             entries[_type_key(order, typ, sub)] = (
-                spec.name, _compile(spec, readers),
+                spec.name, _compile(spec, readers, rows),
                 65535 if limit is None else limit + LENGTH_SLACK)
-        table = _TABLES[order] = _Table(struct.Struct(order + "HH").unpack_from, entries,
-                                        readers, _compile_scan(order, entries, readers),
-                                        {})
+        table = _TABLES[order, rows, MEMO_SIZE > 0] = _Table(
+            struct.Struct(order + "HH").unpack_from, entries, readers,
+            _compile_scan(order, entries, readers, rows=rows), {}, rows)
     return table
 
 
@@ -760,16 +892,27 @@ class StdfDecoder:
     ``skip``: names of record types the consumer does not want.  Their records are not
     decoded nor returned, only counted by name in ``skipped``; their REC_LEN is checked
     as for any record (an impossible one is still an error) and a cut one still waits
-    for the rest, but nothing inside them is looked at (a skipped GDR's type codes are
-    not checked).  The FAR is never skipped: it gives the byte order.
+    for the rest, and a skipped GDR's type codes are checked (the one error inside a
+    record), so skipping never changes the errors.  The FAR is never skipped: it gives
+    the byte order.  ``types``: the record types wanted (every other one is skipped),
+    instead of ``skip``.
     """
 
     def __init__(self, *, start_offset: int = 0, byte_order: str | None = None,
-                 keep_unknown: bool = False, skip: Iterable[str] = ()) -> None:
+                 keep_unknown: bool = False, skip: Iterable[str] = (),
+                 types: Iterable[str] | None = None) -> None:
         if byte_order not in (None, "<", ">"):
             raise ValueError(f"byte_order must be '<' or '>', not {byte_order!r}")
         if start_offset and byte_order is None:
             raise ValueError("resuming at start_offset > 0 needs the file's byte_order")
+        if types is not None:
+            if skip:
+                raise ValueError("skip or types, not both")
+            wanted = frozenset(types)
+            unknown = wanted - BY_NAME.keys()
+            if unknown:
+                raise ValueError(f"types: no STDF record type {', '.join(sorted(unknown))}")
+            skip = BY_NAME.keys() - wanted - {"FAR"}
         self._skip = frozenset(skip)
         unknown = self._skip - BY_NAME.keys()
         if unknown:
@@ -782,7 +925,9 @@ class StdfDecoder:
         self._txt: str | None = ""  # _buf decoded latin-1 (None: not yet)
         self._pos = 0  # index into _buf of the next record
         self._base = start_offset  # stream offset of _buf[0]
-        self._generation = 0
+        _memo_reset()  # a new file: its PTR tails may repeat (see _memo)
+        #: iterators handed out since the last feed: a feed ends them
+        self._open: list[Generator[Any, None, None]] = []
         self.byte_order = byte_order
         self.keep_unknown = keep_unknown
         #: records of unknown type skipped, in all and by (REC_TYP, REC_SUB)
@@ -802,7 +947,11 @@ class StdfDecoder:
         return len(self._buf) - self._pos
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._generation += 1
+        # an unfinished iterator would go on reading the old buffer: end it (closing it
+        # here costs nothing per record, unlike a check at every record)
+        for it in self._open:
+            it.close()
+        self._open.clear()
         self._txt = None
         if self._pos:
             self._base += self._pos
@@ -842,10 +991,37 @@ class StdfDecoder:
         txt = self._txt
         if txt is None:
             txt = self._txt = buf.decode("latin-1")
-        return decoder_table(order).scan_for(self._skip)(self, buf, txt, self._pos,
-                                                         self._base, self._generation)
+        it = decoder_table(order).scan_for(self._skip)(self, buf, txt, self._pos, self._base)
+        self._keep(it)
+        return it
 
-    def _unknown(self, buf: bytes, pos: int, end: int) -> StdfRecord | None:
+    def rows(self) -> Iterator[StdfRow]:
+        """The same records as :meth:`records`, each as a row ``(name, offset, values)``
+        (:data:`StdfRow`: the values in a tuple instead of a dict, the fastest way to
+        read every field; :func:`row_fields` makes the dict)."""
+        order = self.byte_order
+        if order is None:
+            order = self._detect_order()
+            if order is None:
+                return iter(())
+            self.byte_order = order
+        buf = self._buf
+        txt = self._txt
+        if txt is None:
+            txt = self._txt = buf.decode("latin-1")
+        it = decoder_table(order, True).scan_for(self._skip)(self, buf, txt, self._pos,
+                                                             self._base)
+        self._keep(it)
+        return it
+
+    def _keep(self, it: Generator[Any, None, None]) -> None:
+        # the unfinished ones only: a consumer that drops iterators without feeding
+        # must not grow the list
+        self._open = [g for g in self._open if g.gi_frame is not None]
+        self._open.append(it)
+
+    def _unknown(self, buf: bytes, pos: int, end: int,
+                 rows: bool = False) -> StdfRecord | StdfRow | None:
         typ, sub = buf[pos + 2], buf[pos + 3]
         self.unknown_count += 1
         self.unknown_types[(typ, sub)] = self.unknown_types.get((typ, sub), 0) + 1
@@ -857,6 +1033,8 @@ class StdfDecoder:
                             f"type (last REC_TYP {typ} REC_SUB {sub})", offset)
         if not self.keep_unknown:
             return None
+        if rows:
+            return ("UNKNOWN", self._base + pos, (typ, sub, buf[pos + 4:end]))
         return StdfRecord("UNKNOWN", self._base + pos,
                           {"REC_TYP": typ, "REC_SUB": sub, "DATA": buf[pos + 4:end]})
 
@@ -873,6 +1051,15 @@ def decode_all(data: bytes) -> list[StdfRecord]:
 
 
 __all__ = [
-    "MEMO_SIZE", "StdfDecoder", "StdfError", "StdfRecord", "decode_all", "decode_generic",
-    "decoder_table", "set_tail_memo",
+    "FIELD_NAMES",
+    "MEMO_SIZE",
+    "StdfDecoder",
+    "StdfError",
+    "StdfRecord",
+    "StdfRow",
+    "decode_all",
+    "decode_generic",
+    "decoder_table",
+    "row_fields",
+    "set_tail_memo",
 ]
