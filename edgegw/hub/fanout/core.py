@@ -124,6 +124,9 @@ class LiveHub:
         #: clients in step are grouped in a tick (False: each worked out alone, as before;
         #: for bench/fanout.py --compare -- both give every client the same frames)
         self.group_in_step = True
+        #: called when a channel gets its first delta since the last tick (the Trio layer
+        #: ticks as soon as a tick is due after that, not at a fixed phase)
+        self.on_work: Callable[[], None] | None = None
         self.unavailable: str | None = None  # cluster mode: why no live data (set_unavailable)
         self.unavailable_message = ""
         self._m_published = self.metrics.counter("live_deltas_published_total",
@@ -156,6 +159,8 @@ class LiveHub:
         if not channel.pending:
             channel.pending_from = channel.offset
             self._dirty.add(channel)
+            if self.on_work is not None:
+                self.on_work()
         channel.offset += 1
         channel.pending.append(delta)
         channel.remember(delta)
@@ -427,6 +432,11 @@ class LiveHub:
         self._m_slow.inc(action="closed")
 
     # ----------------------------------------------------------------- the tick
+
+    def has_work(self) -> bool:
+        """Whether a tick now would do anything: deltas to send, or clients to look at
+        (new subscriptions, resumes, deferred snapshots, lagging clients)."""
+        return bool(self._dirty or self._attention)
 
     def tick(self, now: float, wall: float) -> tuple[list[Client], list[Client]]:
         """Flush this tick's deltas to every client that needs them.
