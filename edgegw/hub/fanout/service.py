@@ -145,6 +145,7 @@ class LiveFanout:
         self.write_slice = WRITE_SLICE_S
         self.yields = 0  # checkpoints between write slices, over all ticks
         self._tick_cpu = 0.0
+        self._tick_sent = False
         self._work = trio.Event()  # set when the core has work for a tick (on_work)
         self.core.on_work = self._work_arrived
 
@@ -188,19 +189,24 @@ class LiveFanout:
         interval = 1.0 / self.config.ui_rate
         task_status.started()
         due = trio.current_time()
+        quiet = False  # the last tick sent nothing: wait for something new
         while True:
             await trio.sleep_until(due)
-            if not self.core.has_work():
-                self._work = trio.Event()
-                with trio.move_on_at(due + interval):
+            if quiet or not self.core.has_work():
+                with trio.move_on_after(interval):
                     await self._work.wait()
             began = trio.current_time()
+            self._work = trio.Event()  # set by what is published from now on
             try:
-                took = await self.tick_async()
+                took, sent = await self.tick_async()
             except Exception:  # a failure boundary: one bad tick, not the hub
                 report_internal_error(self.core.metrics, "live_tick", log, "live fan-out tick")
-                took = 0.0
-            due = began + interval
+                took, sent = 0.0, True
+            # The UI-rate cap: after a tick that sent batches the next is an interval
+            # later; after one that sent none, as soon as something new comes (a tick
+            # with only lagging clients to look at sends nothing: it must not spin).
+            quiet = not sent
+            due = began + interval if sent else trio.current_time()
             # A tick holds the Trio thread (deciding, then a write per client): with
             # thousands of clients it can need most of the UI interval or more.  The next
             # one then waits as long as this one took, so ingest (and everything else)
@@ -215,20 +221,22 @@ class LiveFanout:
     def _work_arrived(self) -> None:
         self._work.set()
 
-    def tick(self) -> float:
-        """One whole tick without yielding (tests); returns its CPU seconds."""
+    def tick(self) -> tuple[float, bool]:
+        """One whole tick without yielding; returns its CPU seconds and whether it sent
+        any batch."""
         writes = self._decide()
         cpu0 = time.thread_time()
         for _ in writes:
             pass
-        return self._tick_cpu + time.thread_time() - cpu0
+        return self._tick_cpu + time.thread_time() - cpu0, self._tick_sent
 
-    async def tick_async(self) -> float:
+    async def tick_async(self) -> tuple[float, bool]:
         """One tick: decide (the core), then write the frames straight to the sockets of
         idle clients, in slices of at most ``write_slice`` seconds with a checkpoint
         between them, so that 5,000 writes (50-100 ms) do not hold the Trio thread --
         the gateways' frames, their commits and the live state go on in between.
-        Returns the tick's own CPU seconds (the slices, not what ran between them)."""
+        Returns the tick's own CPU seconds (the slices, not what ran between them) and
+        whether it sent any batch."""
         writes = self._decide()
         cpu = self._tick_cpu
         t0 = time.thread_time()
@@ -237,7 +245,7 @@ class LiveFanout:
             await trio.lowlevel.checkpoint()
             self.yields += 1
             t0 = time.thread_time()
-        return cpu + time.thread_time() - t0
+        return cpu + time.thread_time() - t0, self._tick_sent
 
     def _decide(self) -> Iterator[None]:
         """The core's tick, then a generator that writes its frames and pauses (yields)
@@ -259,6 +267,7 @@ class LiveFanout:
                 session.send_scope.deadline = min(session.send_scope.deadline, grace)
             session.wake.set()
         self._tick_cpu = time.thread_time() - cpu0
+        self._tick_sent = bool(woken)
         return self._write(woken, now, started)
 
     def _write(self, woken: list[Client], now: float, started: float) -> Iterator[None]:
