@@ -470,9 +470,9 @@ class LiveHub:
                                      Item(("d", channel.topic, channel.pending_from), message))
             channel.pending = []
             channel.ts_min = channel.ts_max = None
-            for client in channel.subscribers:
-                client.todo.add(channel.topic)
-                self._attention.add(client)
+            # Its subscribers look at it below (the topics they follow among ``shared``):
+            # one C-level union here, not a Python loop over every (channel, subscriber).
+            self._attention |= channel.subscribers
         self._dirty.clear()
 
         items_cache: dict[tuple[Any, ...], Item] = {}
@@ -512,6 +512,8 @@ class LiveHub:
                 keep.add(client)
                 continue
             todo = client.todo
+            if shared:  # the dirty channels it follows are topics to look at too
+                todo |= client.positions.keys() & shared_topics
             if self.group_in_step and todo <= shared_topics:
                 group_key = frozenset(todo)
                 group = in_step.get(group_key)
