@@ -489,8 +489,11 @@ class LiveHub:
         # C-level set and dict operations -- with 1,000s of dashboards per hub, the
         # per-client Python loop over topics was most of the tick.
         shared_topics = shared.keys()
+        # per set of topics: (offsets from, offsets to, items, item keys, its frame per
+        # (encoding, deflate))
         in_step: dict[frozenset[str],
-                      tuple[dict[str, int], dict[str, int], list[Item], tuple[Any, ...]]] = {}
+                      tuple[dict[str, int], dict[str, int], list[Item], tuple[Any, ...],
+                            dict[tuple[str, bool], Any]]] = {}
         for client in self._attention:
             if client.closed:
                 continue
@@ -523,13 +526,23 @@ class LiveHub:
                     group = in_step[group_key] = (
                         {t: shared[t][0] for t in topics_},
                         {t: self.channels[t].offset for t in topics_},
-                        items, tuple(item.key for item in items))
+                        items, tuple(item.key for item in items), {})
                 if group[0].items() <= client.positions.items():
                     client.positions.update(group[1])
                     client.todo = set()
-                    if group[2]:
-                        self._send_items(client, group[2], now, wall, frames_cache, woken,
-                                         group[3])
+                    items = group[2]
+                    if items:  # _send_items, its lookups done once per group
+                        style = (client.encoding.name, client.deflate)
+                        frame = group[4].get(style)
+                        if frame is None:
+                            frame = group[4][style] = self._frame(
+                                client, items, wall, frames_cache, group[3])
+                        if client.busy_since is None:
+                            client.busy_since = now
+                        client.queue.append((frame, True))
+                        client.frames_queued += 1
+                        client.items_sent += len(items)
+                        woken.append(client)
                     continue
             items, deferred = self._items_for(client, shared, items_cache)
             client.todo = deferred
@@ -549,6 +562,16 @@ class LiveHub:
                     item_keys: tuple[Any, ...] | None = None) -> None:
         """Queue one batch frame of ``items`` for ``client``; a frame with the same items
         and encoding is built (encoded, WebSocket-framed) once per tick."""
+        frame = self._frame(client, items, wall, frames_cache, item_keys)
+        self._enqueue(client, now, frame, update=True)
+        client.items_sent += len(items)
+        woken.append(client)
+
+    def _frame(self, client: Client, items: list[Item], wall: float,
+               frames_cache: dict[tuple[Any, ...], Any],
+               item_keys: tuple[Any, ...] | None = None) -> Any:
+        """The batch frame of ``items`` in the client's encoding, built (encoded,
+        WebSocket-framed) once per tick."""
         if item_keys is None:
             item_keys = tuple(item.key for item in items)
         key = (client.encoding.name, client.deflate, *item_keys)
@@ -558,9 +581,7 @@ class LiveHub:
             prepare = self.prepare_deflated if client.deflate else self.prepare
             frame = frames_cache[key] = prepare(client.encoding.batch(wall, encoded))
             self._m_encodes.inc(kind="frame")
-        self._enqueue(client, now, frame, update=True)
-        client.items_sent += len(items)
-        woken.append(client)
+        return frame
 
     def sweep(self) -> int:
         """Drop the channels (and their history) of topics the live state no longer has
