@@ -86,6 +86,8 @@ def run_hub(args: argparse.Namespace) -> None:
         fanout = LiveFanout(LiveConfig(ui_rate=args.ui_rate, stall_timeout=args.stall_timeout),
                             metrics=hub.metrics)
         clock.install(hub)
+        if args.write_slice is not None and hasattr(fanout, "write_slice"):
+            fanout.write_slice = args.write_slice / 1000  # this tree's hub only
 
         def publish(topic: str, delta: dict[str, Any]) -> None:
             # For the latency breakdown: how old the newest record of a wafer delta is
@@ -529,6 +531,9 @@ def main() -> int:
     ap.add_argument("--gc-freeze", type=float, default=1.0,
                     help="the hub freezes surviving objects this often, seconds (0: off, "
                          "CPython's full collections pause the hub as they come)")
+    ap.add_argument("--write-slice", type=float, default=None,
+                    help="ms a tick writes before other tasks get a turn (this tree's hub; "
+                         "default: LiveFanout's own, 5 ms)")
     ap.add_argument("--runs", type=int, default=3, help="whole measurements; medians printed")
     ap.add_argument("--compare", action="store_true",
                     help="alternate runs of the hub from --before (its source, exported "
@@ -632,6 +637,8 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | N
                             "--stall-timeout", str(args.stall_timeout),
                             "--long-step-ms", str(args.long_step_ms),
                             "--gc-freeze", str(args.gc_freeze),
+                            *(["--write-slice", str(args.write_slice)]
+                              if args.write_slice is not None else []),
                             ],
                            stdout=subprocess.PIPE, text=True, env=hub_env)
     tester = None

@@ -56,7 +56,8 @@ STATS_PATH = "/api/live/stats"
 # Client messages are small control requests; a subscribe with max_patterns topics and as
 # many resume entries fits easily.
 MAX_CLIENT_MESSAGE = 256 * 1024
-#: how long a tick writes to sockets before other tasks get a turn (LiveFanout.write_slice)
+#: how long a tick writes to sockets before other tasks get a turn (LiveFanout.write_slice;
+#: longer after a long pause: ``LiveFanout.tick_async``)
 WRITE_SLICE_S = 0.005
 
 
@@ -232,9 +233,11 @@ class LiveFanout:
 
     async def tick_async(self) -> tuple[float, bool]:
         """One tick: decide (the core), then write the frames straight to the sockets of
-        idle clients, in slices of at most ``write_slice`` seconds with a checkpoint
-        between them, so that 5,000 writes (50-100 ms) do not hold the Trio thread --
-        the gateways' frames, their commits and the live state go on in between.
+        idle clients, in slices of ``write_slice`` seconds with a checkpoint between
+        them, so that 5,000 writes (50-150 ms) do not hold the Trio thread -- the
+        gateways' frames, their commits and the live state go on in between.  A slice is
+        at least as long as what ran in the pause before it, so the tick keeps at least
+        half the thread until its writes are done.
         Returns the tick's own CPU seconds (the slices, not what ran between them) and
         whether it sent any batch."""
         writes = self._decide()
@@ -287,7 +290,11 @@ class LiveFanout:
                 yield
                 now = trio.current_time()
                 slice_start = clock()
-                slice_end = slice_start + self.write_slice
+                # The next slice is at least as long as the others just ran: the tick
+                # keeps at least half the thread while it writes.  (With a backlog the
+                # feeder's steps are long: slices of 5 ms each followed by one of those
+                # stretched a 5,000-client tick to seconds.)
+                slice_end = slice_start + max(self.write_slice, slice_start - t)
         spent += clock() - slice_start
         self.ticks += 1
         self.tick_seconds += spent
