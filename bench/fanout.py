@@ -10,9 +10,10 @@ per 250 clients by default, at least 2): bare WebSocket clients on non-blocking 
 under one epoll loop each (a Trio task per client would cost more than the hub), so the
 clients' own reading is not what is measured.  This process only conducts and reports.
 ``--runs`` repeats the whole measurement with a fresh hub and prints the medians;
-``--compare`` alternates runs of the hub as it was before issue 17 (the live state applied
-in the ingest step, every client's tick items worked out one by one, long ticks back to
-back) with the hub as it is, and prints both side by side.  Every client subscribes like
+``--compare`` alternates runs of the hub as it is at ``--before`` (a git revision, main by
+default: its ``edgegw`` exported with git archive and put first on the hub process's path)
+with the hub of this tree, and prints both side by side; the tester and the subscribers
+are this tree's in both.  Every client subscribes like
 the dashboard (lot/+, lot/+/wafer/+, test/+/+, gateway/+) with CBOR.  ``--feed direct`` leaves the
 gateway, uplink and store out: the hub process feeds the tester's records straight into its
 live state, which measures the fan-out on its own.
@@ -79,16 +80,14 @@ def run_hub(args: argparse.Namespace) -> None:
 
     async def main() -> None:
         hub_section: dict[str, Any] = {"port": 0, "data_dir": args.data}
-        if args.baseline:  # the live state applied inside the ingest step, as before
-            hub_section["live_queue_records"] = 0
         hub = Ingest(build(HubConfig, {"hub": hub_section,
                                        "http": {"max_connections_per_address": 0},
                                        "gateways": {"bench-gw": {"token": TOKEN}}}))
         fanout = LiveFanout(LiveConfig(ui_rate=args.ui_rate, stall_timeout=args.stall_timeout),
                             metrics=hub.metrics)
-        if args.baseline:  # every client's items worked out one by one, as before
-            fanout.core.group_in_step = False
-            fanout.space_long_ticks = False  # long ticks back to back, as before
+        clock.install(hub)
+        if args.write_slice is not None and hasattr(fanout, "write_slice"):
+            fanout.write_slice = args.write_slice / 1000  # this tree's hub only
 
         def publish(topic: str, delta: dict[str, Any]) -> None:
             # For the latency breakdown: how old the newest record of a wafer delta is
@@ -100,6 +99,7 @@ def run_hub(args: argparse.Namespace) -> None:
 
         state = LiveState(publish, metrics=hub.metrics)
         fanout.attach(state)
+        hub.add_consumer(clock)  # first: notes when each frame reaches the live state
         hub.add_consumer(state)
         fanout.install(hub.http)
         async with trio.open_nursery() as nursery:
@@ -125,6 +125,7 @@ def run_hub(args: argparse.Namespace) -> None:
     lags: list[float] = []
     created: list[tuple[str, int, int, float]] = []
     long_steps = LongSteps(args.long_step_ms / 1000)
+    clock = StageClock()
 
     async def feed_directly(args: argparse.Namespace, state: LiveState) -> None:
         """The simulated tester's records straight into the live state, every 10 ms, as
@@ -165,6 +166,9 @@ def run_hub(args: argparse.Namespace) -> None:
     print("LAGS " + json.dumps({"n": len(lags), "p50": pct(lags, 50), "p99": pct(lags, 99)}),
           flush=True)
     print("STEPS " + json.dumps(long_steps.steps), flush=True)
+    Path(args.log).with_name("stages.json").write_text(json.dumps(clock.summary()))
+    import edgegw
+    print("SOURCE " + json.dumps(os.path.dirname(os.path.dirname(edgegw.__file__))), flush=True)
     print("GC " + json.dumps(long_steps.collections), flush=True)
 
 
@@ -197,6 +201,71 @@ class LongSteps:
         took = time.perf_counter() - self._t0
         if took > self.threshold:
             self.steps.append((time.time(), took, task.name))
+
+
+class StageClock:
+    """Where a record's time goes inside the hub, per frame and per part result: its
+    arrival (the WebSocket message read), its durable commit, and its hand-over to the
+    live state (which publishes its deltas synchronously).  Hooks only the hub's public
+    consumer interface and two calls of the wire protocol's ``HubConnection`` (the same in
+    every hub version this bench compares), nothing of the fan-out."""
+
+    def __init__(self) -> None:
+        self.arrived: dict[int, float] = {}  # seq -> wall time its DATA message was read
+        self.frames: list[tuple[float, float, float]] = []  # (oldest record, arrival, commit)
+        # (wall time, age) of part results at their durable commit, and when the live
+        # state got them (and published their deltas)
+        self.at_commit: list[tuple[float, float]] = []
+        self.at_feed: list[tuple[float, float]] = []
+        self._last: tuple[float, list[float]] | None = None
+
+    def install(self, hub: Any) -> None:
+        from edgegw.protocol import Data, HubConnection
+
+        receive, applied = HubConnection.receive, HubConnection.applied
+        queue_feed = hub._queue_feed  # called for each frame right after its commit
+        clock = self
+
+        def receive_(conn: Any, data: Any, now: float) -> Any:
+            events, reply = receive(conn, data, now)
+            wall = time.time()
+            for ev in events:
+                if isinstance(ev, Data):
+                    clock.arrived[ev.seq] = wall
+            return events, reply
+
+        def queue_feed_(gw: str, first_rid: int, records: list[Any], frame_id: int) -> None:
+            wall = time.time()
+            ts = [r.ts for r in records if type(r).__name__ == "PartResult"]
+            clock.at_commit.extend((wall, wall - t) for t in ts)
+            clock._last = (wall, ts)
+            queue_feed(gw, first_rid, records, frame_id)
+
+        def applied_(conn: Any, seq: int, now: float) -> Any:
+            arrival = clock.arrived.pop(seq, None)
+            if arrival is not None and clock._last is not None and clock._last[1]:
+                commit, ts = clock._last
+                clock.frames.append((min(ts), arrival, commit))
+            clock._last = None
+            return applied(conn, seq, now)
+
+        HubConnection.receive = receive_  # type: ignore[method-assign]
+        HubConnection.applied = applied_  # type: ignore[method-assign]
+        hub._queue_feed = queue_feed_
+
+    def on_records(self, gateway_id: str, first_rid: int, records: list[Any]) -> None:
+        wall = time.time()
+        self.at_feed.extend((wall, wall - r.ts) for r in records
+                            if type(r).__name__ == "PartResult")
+
+    def on_gateway(self, gateway_id: str, connected: bool, now: float) -> None:
+        pass
+
+    def summary(self) -> dict[str, Any]:
+        """Everything, for the conductor to cut into phases: (wall, age) pairs."""
+        return {"at_commit": self.at_commit, "at_feed": self.at_feed,
+                "to_arrival": [(a, a - o) for o, a, _ in self.frames],
+                "arrival_to_commit": [(c, c - a) for _, a, c in self.frames]}
 
 
 # --------------------------------------------------------------------------- tester process
@@ -462,12 +531,18 @@ def main() -> int:
     ap.add_argument("--gc-freeze", type=float, default=1.0,
                     help="the hub freezes surviving objects this often, seconds (0: off, "
                          "CPython's full collections pause the hub as they come)")
+    ap.add_argument("--write-slice", type=float, default=None,
+                    help="ms a tick writes before other tasks get a turn (this tree's hub; "
+                         "default: LiveFanout's own, 5 ms)")
     ap.add_argument("--runs", type=int, default=3, help="whole measurements; medians printed")
     ap.add_argument("--compare", action="store_true",
-                    help="alternate runs of the hub as before issue 17 and as it is")
+                    help="alternate runs of the hub from --before (its source, exported "
+                         "with git archive) and the hub of this tree; the tester and the "
+                         "subscribers are this tree's in both")
+    ap.add_argument("--before", default="main",
+                    help="the git revision --compare measures as 'before' (default: main)")
     ap.add_argument("--client-procs", type=int, default=0,
                     help="subscriber processes (0: one per 250 clients, at least 2)")
-    ap.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--procs", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--sample-step", type=int, default=10, help=argparse.SUPPRESS)
@@ -495,13 +570,13 @@ ISSUE17 = {"p50": 67.0, "p99": 166.0, "fanout_p99": 103.0, "tick_ms": 22.5, "hub
 
 def run_main(args: argparse.Namespace) -> int:
     variants = ["before", "after"] if args.compare else ["after"]
+    before_tree = export_tree(args.before) if args.compare else None
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for run in range(args.runs):
         for variant in variants:  # alternating: drifts of the machine's load hit both
             print(f"\n=== run {run + 1}/{args.runs}, hub {variant} "
-                  f"({'as before issue 17' if variant == 'before' else 'as it is'})",
-                  flush=True)
-            summary = one_run(args, baseline=variant == "before")
+                  f"({args.before if variant == 'before' else 'this tree'})", flush=True)
+            summary = one_run(args, before_tree if variant == "before" else None)
             if summary is None:
                 return 1
             results[variant].append(summary)
@@ -513,7 +588,14 @@ def run_main(args: argparse.Namespace) -> int:
     keys = [("p50", "creation -> receipt p50 ms"), ("p99", "creation -> receipt p99 ms"),
             ("p99_stalled", "  same, with a stalled client, p99 ms"),
             ("fanout_p99", "publish -> receipt p99 ms"), ("lag_p99", "creation -> publish p99 ms"),
-            ("tick_ms", "hub tick mean ms"), ("rate", "frames/s per client (median)"),
+            ("at_commit_p50", "age at durable commit p50 ms"),
+            ("at_commit_p99", "age at durable commit p99 ms"),
+            ("at_feed_p50", "age at live-state publish p50 ms"),
+            ("at_feed_p99", "age at live-state publish p99 ms"),
+            ("at_batch_p50", "age at batch made p50 ms"),
+            ("at_batch_p99", "age at batch made p99 ms"),
+            ("tick_ms", "hub tick mean ms"), ("tick_max_ms", "hub tick longest ms"),
+            ("rate", "frames/s per client (median)"),
             ("hub_cpu", "hub CPU % of a core"), ("rss", "hub RSS MB"),
             ("subs_cpu", "subscriber processes CPU %"), ("load", "load average")]
     header = f"  {'':40}" + "".join(f"{v:>12}" for v in variants)
@@ -531,9 +613,23 @@ def run_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def one_run(args: argparse.Namespace, baseline: bool) -> dict[str, Any] | None:
+def export_tree(rev: str) -> Path:
+    """The hub's source at ``rev`` (git archive), for the 'before' runs of --compare."""
+    repo = Path(__file__).resolve().parent.parent
+    out = Path(tempfile.mkdtemp(prefix="edgegw-bench-fanout-before-"))
+    archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "edgegw"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    return out
+
+
+def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | None:
     tmp = Path(tempfile.mkdtemp(prefix="edgegw-bench-fanout-"))
     me = [sys.executable, os.path.abspath(__file__)]
+    hub_env = dict(os.environ)
+    if before is not None:  # that tree's edgegw comes first on the hub's path
+        hub_env["PYTHONPATH"] = os.pathsep.join(
+            [str(before), *filter(None, [os.environ.get("PYTHONPATH")])])
     hub = subprocess.Popen([*me, "--role", "hub", "--data", str(tmp / "hub"),
                             "--ui-rate", str(args.ui_rate), "--feed", args.feed,
                             "--rate", str(args.rate), "--log", str(tmp / "created.json"),
@@ -541,8 +637,10 @@ def one_run(args: argparse.Namespace, baseline: bool) -> dict[str, Any] | None:
                             "--stall-timeout", str(args.stall_timeout),
                             "--long-step-ms", str(args.long_step_ms),
                             "--gc-freeze", str(args.gc_freeze),
-                            *(["--baseline"] if baseline else [])],
-                           stdout=subprocess.PIPE, text=True)
+                            *(["--write-slice", str(args.write_slice)]
+                              if args.write_slice is not None else []),
+                            ],
+                           stdout=subprocess.PIPE, text=True, env=hub_env)
     tester = None
     procs = args.client_procs or max(2, -(-args.clients // 250))
     sample_step = 10 if args.clients >= 10 else 1
@@ -630,8 +728,13 @@ def one_run(args: argparse.Namespace, baseline: bool) -> dict[str, Any] | None:
                       if line.startswith("STEPS ")), [])
         collections_ = next((json.loads(line[3:]) for line in out.splitlines()
                              if line.startswith("GC ")), [])
+        stages_file = tmp / "stages.json"
+        stages = json.loads(stages_file.read_text()) if stages_file.exists() else {}
+        source = next((json.loads(line[7:]) for line in out.splitlines()
+                       if line.startswith("SOURCE ")), "?")
+        print(f"hub source: {source}")
         summary = report(args, merged, phases, log, stats, hub_stats, bool(stalled), lags,
-                         steps, collections_)
+                         steps, collections_, stages)
         for sock in stalled:
             sock.close()
         return summary
@@ -656,10 +759,11 @@ def _http_get(port: int, path: str) -> bytes:
 
 def report(args: argparse.Namespace, subs: Merged, phases: list[Any], log: dict[str, Any],
            stats: dict[str, Any], hub_stats: dict[str, Any], had_stalled: bool,
-           lags: dict[str, Any] | None, steps: list[Any], full_gcs: list[Any]
-           ) -> dict[str, Any]:
+           lags: dict[str, Any] | None, steps: list[Any], full_gcs: list[Any],
+           stages: dict[str, Any]) -> dict[str, Any]:
     """Print one run's figures; return its summary (for the medians)."""
     summary: dict[str, Any] = {"tick_ms": stats["tick_ms_mean"],
+                               "tick_max_ms": stats.get("tick_ms_max"),
                                "lag_p99": 1000 * lags["p99"] if lags and lags["n"] else None}
     import cbor2
 
@@ -714,8 +818,10 @@ def report(args: argparse.Namespace, subs: Merged, phases: list[Any], log: dict[
           f" commit -> live state {mean_ms('hub_live_apply_lag_seconds')}; ticks spaced "
           f"(over 80 % of the UI interval in CPU) {stats.get('ticks_spaced', 'n/a')}")
 
-    def figures(parts: list[Any]) -> tuple[list[float], list[float], list[float], list[float]]:
+    def figures(parts: list[Any]) -> tuple[list[float], list[float], list[float], list[float],
+                                           list[float]]:
         lat: list[float] = []
+        at_batch: list[float] = []  # a die's age when the batch carrying it was made
         tick_lat: list[float] = []
         pub_lat: list[float] = []
         rates: list[float] = []
@@ -731,18 +837,20 @@ def report(args: argparse.Namespace, subs: Merged, phases: list[Any], log: dict[
                 if ts:
                     tick_lat.append(t - ts)
                 lat.extend(t - d for d in dies)
+                at_batch.extend(ts - d for d in dies)
                 pub_lat.extend(t - p for p in published)
             rates.extend(frames.get(c, 0) / (w1 - w0) for c in range(args.clients))
         lat.sort()
+        at_batch.sort()
         tick_lat.sort()
         pub_lat.sort()
         rates.sort()
-        return lat, tick_lat, pub_lat, rates
+        return lat, tick_lat, pub_lat, rates, at_batch
 
     def show(title: str, parts: list[Any], stalled: bool) -> None:
         if not parts:
             return
-        lat, tick_lat, pub_lat, rates = figures(parts)
+        lat, tick_lat, pub_lat, rates, at_batch = figures(parts)
         secs = sum(p[4] for p in parts)
         cpu = sum(p[3] for p in parts)
         own = sum(p[6] for p in parts)
@@ -757,6 +865,33 @@ def report(args: argparse.Namespace, subs: Merged, phases: list[Any], log: dict[
               f"of each item): p50 {1000 * pct(pub_lat, 50):.1f} ms, "
               f"p99 {1000 * pct(pub_lat, 99):.1f} ms; hub batch made -> client receipt: "
               f"p50 {1000 * pct(tick_lat, 50):.1f} ms, p99 {1000 * pct(tick_lat, 99):.1f} ms")
+        def age(values: list[float] | None) -> str:
+            return (f"{1000 * values[0]:6.1f} {1000 * values[1]:6.1f}" if values
+                    else f"{'n/a':>6} {'n/a':>6}")
+
+        hub_ages: dict[str, list[float]] = {}
+        for key, pairs in stages.items():
+            ages = sorted(a for t, a in pairs if any(w0 <= t < w1 for _, w0, w1, *_r in parts))
+            hub_ages[key] = [pct(ages, 50), pct(ages, 99)] if ages else []
+
+        # Where a part result's time goes, as its age (p50, p99) at each step.
+        print("    stage breakdown, a part result's age at each step (ms, p50 p99):")
+        print(f"      hub reads the frame     {age(hub_ages.get('to_arrival'))}   (the "
+              f"frame's oldest record; gateway batching <= {args.batch_ms:g} ms, uplink)")
+        print(f"      durable commit          {age(hub_ages.get('at_commit'))}   (a frame's "
+              f"arrival -> commit: {age(hub_ages.get('arrival_to_commit'))}; decode, queue, "
+              f"SQLite)")
+        print(f"      live state, publish     {age(hub_ages.get('at_feed'))}   (live-state "
+              f"queue and apply)")
+        print(f"      batch made (tick)       {age([pct(at_batch, 50), pct(at_batch, 99)])}"
+              f"   (waiting for the tick, deciding)")
+        print(f"      client receipt          {age([pct(lat, 50), pct(lat, 99)])}   (writes "
+              f"to {args.clients} sockets, the subscribers' reading)")
+        tick_max = stats.get("tick_ms_max")
+        print(f"      hub ticks: mean {stats['tick_ms_mean']:.1f} ms wall (deciding and "
+              f"encoding {stats['tick_core_ms_mean']:.1f} ms), longest "
+              f"{f'{tick_max:.1f} ms' if tick_max is not None else 'n/a'}; a delta's wait for "
+              f"its tick is at most one UI frame ({1000 / args.ui_rate:.0f} ms)")
         print(f"    update rate per client (frames/s): min {rates[0]:.1f}, "
               f"median {statistics.median(rates):.1f}, max {rates[-1]:.1f}")
         long = [(took, name) for t, took, name in steps
@@ -777,7 +912,12 @@ def report(args: argparse.Namespace, subs: Merged, phases: list[Any], log: dict[
         if stalled:
             summary["p99_stalled"] = 1000 * pct(lat, 99)
             return
+        for key in ("at_commit", "at_feed"):
+            if hub_ages.get(key):
+                summary[f"{key}_p50"], summary[f"{key}_p99"] = (1000 * v for v in hub_ages[key])
         summary.update(p50=1000 * pct(lat, 50), p99=1000 * pct(lat, 99),
+                       at_batch_p50=1000 * pct(at_batch, 50),
+                       at_batch_p99=1000 * pct(at_batch, 99),
                        fanout_p99=1000 * pct(pub_lat, 99), rate=statistics.median(rates),
                        hub_cpu=100 * cpu / secs, rss=rss, subs_cpu=100 * own / secs,
                        load=statistics.mean(p[7] for p in parts))

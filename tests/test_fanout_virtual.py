@@ -7,6 +7,7 @@ write from the ticker needs a real socket: ``tests/test_fanout.py`` covers it.)"
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import cbor2
@@ -27,6 +28,7 @@ class MemoryClient:
         self.stream = stream
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.messages: list[dict[str, Any]] = []
+        self.times: list[float] = []  # when each message arrived (virtual time)
         self.closed: CloseConnection | None = None
         self.reading = trio.Event()
         self.reading.set()
@@ -56,11 +58,16 @@ class MemoryClient:
             for event in self.ws.events():
                 if isinstance(event, BytesMessage):
                     self.messages.append(cbor2.loads(event.data))
+                    self.times.append(trio.current_time())
                 elif isinstance(event, CloseConnection):
                     self.closed = event
 
     def batches(self) -> int:
         return sum(1 for m in self.messages if m["type"] == "batch")
+
+    def batch_times(self) -> list[float]:
+        return [t for m, t in zip(self.messages, self.times, strict=True)
+                if m["type"] == "batch"]
 
 
 async def publish_for(fanout: LiveFanout, seconds: float) -> int:
@@ -132,4 +139,69 @@ async def test_an_alert_follower_that_falls_behind_is_closed_4008_after_its_last
             await trio.sleep(0.05)
         assert slow.closed.code == CLOSE_TOO_SLOW and slow.closed.reason == "too slow"
         assert all(m["type"] in ("hello", "subscribed", "batch") for m in slow.messages)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_delta_after_a_quiet_spell_goes_out_at_once_not_at_the_next_tick_phase(
+        autojump_clock: trio.testing.MockClock) -> None:
+    fanout = LiveFanout(LiveConfig(ui_rate=20.0), metrics=Metrics())
+    http = HttpServer()
+    fanout.install(http)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fanout.run)
+        fanout.publish("sensor/probe", {"latest": {"n": 0}})
+        client = await MemoryClient.connect(nursery, http, ["sensor/+"])
+        await trio.sleep(1.013)  # quiet, and off any 50 ms phase of the ticker's start
+        for n in range(1, 4):
+            published = trio.current_time()
+            fanout.publish("sensor/probe", {"latest": {"n": n}})
+            while client.messages[-1].get("items", [{}])[-1].get("data") != [
+                    {"latest": {"n": n}}]:
+                await trio.sleep(0.0005)
+            # sent by the next scheduling round, not up to a UI interval (50 ms) later
+            assert client.times[-1] - published < 0.002
+            await trio.sleep(0.0731)  # more than one interval: the next is due at once
+        nursery.cancel_scope.cancel()
+
+
+async def test_ticks_that_follow_publishes_still_keep_each_client_within_the_ui_rate(
+        autojump_clock: trio.testing.MockClock) -> None:
+    fanout = LiveFanout(LiveConfig(ui_rate=20.0), metrics=Metrics())
+    http = HttpServer()
+    fanout.install(http)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fanout.run)
+        clients = [await MemoryClient.connect(nursery, http, ["sensor/+"]) for _ in range(3)]
+        n = 0
+        end = trio.current_time() + 2.0
+        while trio.current_time() < end:  # a delta every 7 ms: always something to send
+            n += 1
+            fanout.publish("sensor/probe", {"latest": {"n": n}})
+            await trio.sleep(0.007)
+        await trio.sleep(0.2)
+        for client in clients:
+            times = client.batch_times()
+            assert len(times) >= 30
+            gaps = [b - a for a, b in itertools.pairwise(times)]
+            assert min(gaps) >= 0.05 - 1e-9  # never two batches within 1 / ui_rate
+            assert client.messages[-1]["items"][-1]["data"][-1] == {"latest": {"n": n}}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_tick_writes_in_slices_and_every_client_still_gets_the_same_frames(
+        autojump_clock: trio.testing.MockClock) -> None:
+    fanout = LiveFanout(LiveConfig(ui_rate=20.0), metrics=Metrics())
+    fanout.write_slice = 0.0  # a checkpoint after every client's write
+    http = HttpServer()
+    fanout.install(http)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fanout.run)
+        clients = [await MemoryClient.connect(nursery, http, ["sensor/+"]) for _ in range(4)]
+        await publish_for(fanout, 0.5)
+        await trio.sleep(0.2)
+        assert fanout.yields >= 4
+        batches = [[m for m in c.messages if m["type"] == "batch"] for c in clients]
+        assert len(batches[0]) >= 5
+        assert all([m["items"] for m in b] == [m["items"] for m in batches[0]]
+                   for b in batches[1:])
         nursery.cancel_scope.cancel()

@@ -124,6 +124,9 @@ class LiveHub:
         #: clients in step are grouped in a tick (False: each worked out alone, as before;
         #: for bench/fanout.py --compare -- both give every client the same frames)
         self.group_in_step = True
+        #: called when a channel gets its first delta since the last tick (the Trio layer
+        #: ticks as soon as a tick is due after that, not at a fixed phase)
+        self.on_work: Callable[[], None] | None = None
         self.unavailable: str | None = None  # cluster mode: why no live data (set_unavailable)
         self.unavailable_message = ""
         self._m_published = self.metrics.counter("live_deltas_published_total",
@@ -156,6 +159,8 @@ class LiveHub:
         if not channel.pending:
             channel.pending_from = channel.offset
             self._dirty.add(channel)
+            if self.on_work is not None:
+                self.on_work()
         channel.offset += 1
         channel.pending.append(delta)
         channel.remember(delta)
@@ -428,6 +433,11 @@ class LiveHub:
 
     # ----------------------------------------------------------------- the tick
 
+    def has_work(self) -> bool:
+        """Whether a tick now would do anything: deltas to send, or clients to look at
+        (new subscriptions, resumes, deferred snapshots, lagging clients)."""
+        return bool(self._dirty or self._attention)
+
     def tick(self, now: float, wall: float) -> tuple[list[Client], list[Client]]:
         """Flush this tick's deltas to every client that needs them.
 
@@ -460,9 +470,9 @@ class LiveHub:
                                      Item(("d", channel.topic, channel.pending_from), message))
             channel.pending = []
             channel.ts_min = channel.ts_max = None
-            for client in channel.subscribers:
-                client.todo.add(channel.topic)
-                self._attention.add(client)
+            # Its subscribers look at it below (the topics they follow among ``shared``):
+            # one C-level union here, not a Python loop over every (channel, subscriber).
+            self._attention |= channel.subscribers
         self._dirty.clear()
 
         items_cache: dict[tuple[Any, ...], Item] = {}
@@ -479,8 +489,11 @@ class LiveHub:
         # C-level set and dict operations -- with 1,000s of dashboards per hub, the
         # per-client Python loop over topics was most of the tick.
         shared_topics = shared.keys()
+        # per set of topics: (offsets from, offsets to, items, item keys, its frame per
+        # (encoding, deflate))
         in_step: dict[frozenset[str],
-                      tuple[dict[str, int], dict[str, int], list[Item], tuple[Any, ...]]] = {}
+                      tuple[dict[str, int], dict[str, int], list[Item], tuple[Any, ...],
+                            dict[tuple[str, bool], Any]]] = {}
         for client in self._attention:
             if client.closed:
                 continue
@@ -502,6 +515,8 @@ class LiveHub:
                 keep.add(client)
                 continue
             todo = client.todo
+            if shared:  # the dirty channels it follows are topics to look at too
+                todo |= client.positions.keys() & shared_topics
             if self.group_in_step and todo <= shared_topics:
                 group_key = frozenset(todo)
                 group = in_step.get(group_key)
@@ -511,13 +526,23 @@ class LiveHub:
                     group = in_step[group_key] = (
                         {t: shared[t][0] for t in topics_},
                         {t: self.channels[t].offset for t in topics_},
-                        items, tuple(item.key for item in items))
+                        items, tuple(item.key for item in items), {})
                 if group[0].items() <= client.positions.items():
                     client.positions.update(group[1])
                     client.todo = set()
-                    if group[2]:
-                        self._send_items(client, group[2], now, wall, frames_cache, woken,
-                                         group[3])
+                    items = group[2]
+                    if items:  # _send_items, its lookups done once per group
+                        style = (client.encoding.name, client.deflate)
+                        frame = group[4].get(style)
+                        if frame is None:
+                            frame = group[4][style] = self._frame(
+                                client, items, wall, frames_cache, group[3])
+                        if client.busy_since is None:
+                            client.busy_since = now
+                        client.queue.append((frame, True))
+                        client.frames_queued += 1
+                        client.items_sent += len(items)
+                        woken.append(client)
                     continue
             items, deferred = self._items_for(client, shared, items_cache)
             client.todo = deferred
@@ -537,6 +562,16 @@ class LiveHub:
                     item_keys: tuple[Any, ...] | None = None) -> None:
         """Queue one batch frame of ``items`` for ``client``; a frame with the same items
         and encoding is built (encoded, WebSocket-framed) once per tick."""
+        frame = self._frame(client, items, wall, frames_cache, item_keys)
+        self._enqueue(client, now, frame, update=True)
+        client.items_sent += len(items)
+        woken.append(client)
+
+    def _frame(self, client: Client, items: list[Item], wall: float,
+               frames_cache: dict[tuple[Any, ...], Any],
+               item_keys: tuple[Any, ...] | None = None) -> Any:
+        """The batch frame of ``items`` in the client's encoding, built (encoded,
+        WebSocket-framed) once per tick."""
         if item_keys is None:
             item_keys = tuple(item.key for item in items)
         key = (client.encoding.name, client.deflate, *item_keys)
@@ -546,9 +581,7 @@ class LiveHub:
             prepare = self.prepare_deflated if client.deflate else self.prepare
             frame = frames_cache[key] = prepare(client.encoding.batch(wall, encoded))
             self._m_encodes.inc(kind="frame")
-        self._enqueue(client, now, frame, update=True)
-        client.items_sent += len(items)
-        woken.append(client)
+        return frame
 
     def sweep(self) -> int:
         """Drop the channels (and their history) of topics the live state no longer has

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import trio
@@ -56,6 +56,9 @@ STATS_PATH = "/api/live/stats"
 # Client messages are small control requests; a subscribe with max_patterns topics and as
 # many resume entries fits easily.
 MAX_CLIENT_MESSAGE = 256 * 1024
+#: how long a tick writes to sockets before other tasks get a turn (LiveFanout.write_slice;
+#: longer after a long pause: ``LiveFanout.tick_async``)
+WRITE_SLICE_S = 0.005
 
 
 class _NoState:
@@ -136,7 +139,16 @@ class LiveFanout:
         self.ticks_spaced = 0  # ticks after which the next one waited (a long tick)
         self.space_long_ticks = True  # False: back to back (bench/fanout.py --compare)
         self.tick_seconds = 0.0  # time spent in ticks, for the stats page and the bench
+        self.tick_seconds_max = 0.0  # the longest tick (its own time, not the pauses)
         self.core_seconds = 0.0  # of which deciding and encoding (the rest: writing)
+        #: a tick writes for at most this long before it lets other tasks run (a
+        #: checkpoint): at 5,000 clients the writes alone take 50-100 ms
+        self.write_slice = WRITE_SLICE_S
+        self.yields = 0  # checkpoints between write slices, over all ticks
+        self._tick_cpu = 0.0
+        self._tick_sent = False
+        self._work = trio.Event()  # set when the core has work for a tick (on_work)
+        self.core.on_work = self._work_arrived
 
     @property
     def config(self) -> LiveConfig:
@@ -167,21 +179,35 @@ class LiveFanout:
     # ------------------------------------------------------------------ ticker
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Tick at the UI rate for as long as the hub runs."""
+        """Tick at most at the UI rate for as long as the hub runs.
+
+        A tick is due one interval after the previous one began; it runs then if there is
+        anything to send, else as soon as something is published (or a client asks for
+        something) -- not at the next multiple of the interval, which made a delta wait
+        up to a whole interval more after a quiet spell.  Ticks stay at least an interval
+        apart, so no client gets more than ``ui_rate`` batches a second.  With nothing
+        to do for an interval a tick runs anyway (stall checks, sweeps)."""
         interval = 1.0 / self.config.ui_rate
         task_status.started()
-        next_at = trio.current_time()
+        due = trio.current_time()
+        quiet = False  # the last tick sent nothing: wait for something new
         while True:
-            next_at += interval
-            now = trio.current_time()
-            if next_at < now:
-                next_at = now  # fell behind (a long tick): do not burst to catch up
-            await trio.sleep_until(next_at)
-            cpu0 = time.thread_time()
+            await trio.sleep_until(due)
+            if quiet or not self.core.has_work():
+                with trio.move_on_after(interval):
+                    await self._work.wait()
+            began = trio.current_time()
+            self._work = trio.Event()  # set by what is published from now on
             try:
-                self.tick()
+                took, sent = await self.tick_async()
             except Exception:  # a failure boundary: one bad tick, not the hub
                 report_internal_error(self.core.metrics, "live_tick", log, "live fan-out tick")
+                took, sent = 0.0, True
+            # The UI-rate cap: after a tick that sent batches the next is an interval
+            # later; after one that sent none, as soon as something new comes (a tick
+            # with only lagging clients to look at sends nothing: it must not spin).
+            quiet = not sent
+            due = began + interval if sent else trio.current_time()
             # A tick holds the Trio thread (deciding, then a write per client): with
             # thousands of clients it can need most of the UI interval or more.  The next
             # one then waits as long as this one took, so ingest (and everything else)
@@ -189,25 +215,51 @@ class LiveFanout:
             # this, a hub with 5,000 dashboards fell seconds behind its gateways
             # (bench/fanout.py).  CPU time, not wall time: a tick that took long because
             # the process was descheduled on a busy machine left the thread to nobody.
-            took = time.thread_time() - cpu0
             if took > 0.8 * interval and self.space_long_ticks:
-                next_at = max(next_at, trio.current_time() + took - interval)
+                due = max(due, trio.current_time() + took - interval)
                 self.ticks_spaced += 1
 
-    def tick(self) -> None:
+    def _work_arrived(self) -> None:
+        self._work.set()
+
+    def tick(self) -> tuple[float, bool]:
+        """One whole tick without yielding; returns its CPU seconds and whether it sent
+        any batch."""
+        writes = self._decide()
+        cpu0 = time.thread_time()
+        for _ in writes:
+            pass
+        return self._tick_cpu + time.thread_time() - cpu0, self._tick_sent
+
+    async def tick_async(self) -> tuple[float, bool]:
+        """One tick: decide (the core), then write the frames straight to the sockets of
+        idle clients, in slices of ``write_slice`` seconds with a checkpoint between
+        them, so that 5,000 writes (50-150 ms) do not hold the Trio thread -- the
+        gateways' frames, their commits and the live state go on in between.  A slice is
+        at least as long as what ran in the pause before it, so the tick keeps at least
+        half the thread until its writes are done.
+        Returns the tick's own CPU seconds (the slices, not what ran between them) and
+        whether it sent any batch."""
+        writes = self._decide()
+        cpu = self._tick_cpu
+        t0 = time.thread_time()
+        for _ in writes:
+            cpu += time.thread_time() - t0
+            await trio.lowlevel.checkpoint()
+            self.yields += 1
+            t0 = time.thread_time()
+        return cpu + time.thread_time() - t0, self._tick_sent
+
+    def _decide(self) -> Iterator[None]:
+        """The core's tick, then a generator that writes its frames and pauses (yields)
+        whenever a slice of writes took ``write_slice`` seconds."""
         started = time.perf_counter()
+        cpu0 = time.thread_time()
         now = trio.current_time()
         woken, slow = self.core.tick(now, self._clock())
         self.core_seconds += time.perf_counter() - started
-        sessions = self._sessions
-        for client in woken:
-            session = sessions.get(client.id)
-            if session is None:
-                continue
-            if session.idle and self._write_now(session, now):
-                continue
-            session.wake.set()
         grace = now + self.config.close_grace
+        sessions = self._sessions
         for client in slow:
             session = sessions.get(client.id)
             if session is None:
@@ -217,8 +269,36 @@ class LiveFanout:
             if session.send_scope is not None:
                 session.send_scope.deadline = min(session.send_scope.deadline, grace)
             session.wake.set()
+        self._tick_cpu = time.thread_time() - cpu0
+        self._tick_sent = bool(woken)
+        return self._write(woken, now, started)
+
+    def _write(self, woken: list[Client], now: float, started: float) -> Iterator[None]:
+        sessions = self._sessions
+        clock = time.perf_counter
+        spent = 0.0  # this tick's own time: deciding, then its slices of writes
+        slice_start = started
+        slice_end = clock() + self.write_slice
+        for client in woken:
+            session = sessions.get(client.id)
+            if session is None:
+                continue  # gone meanwhile
+            if not (session.idle and self._write_now(session, now)):
+                session.wake.set()
+            if (t := clock()) > slice_end:
+                spent += t - slice_start
+                yield
+                now = trio.current_time()
+                slice_start = clock()
+                # The next slice is at least as long as the others just ran: the tick
+                # keeps at least half the thread while it writes.  (With a backlog the
+                # feeder's steps are long: slices of 5 ms each followed by one of those
+                # stretched a 5,000-client tick to seconds.)
+                slice_end = slice_start + max(self.write_slice, slice_start - t)
+        spent += clock() - slice_start
         self.ticks += 1
-        self.tick_seconds += time.perf_counter() - started
+        self.tick_seconds += spent
+        self.tick_seconds_max = max(self.tick_seconds_max, spent)
 
     def _write_now(self, session: _Session, now: float) -> bool:
         """Write a parked client's frames straight to its socket, without waking its task.
@@ -283,6 +363,8 @@ class LiveFanout:
                             if patterns:
                                 await self.prepare_subscribe(patterns)
                         core.receive(client, data, trio.current_time())
+                        if core.has_work():  # a subscription: its snapshots at the next tick
+                            self._work.set()
                         if client.closed and session.send_scope is not None:
                             # Closed by its own request (too many unread replies): the
                             # write in progress gets the same grace as in a tick.
@@ -375,6 +457,8 @@ class LiveFanout:
         out["ticks_spaced"] = self.ticks_spaced
         out["tick_ms_mean"] = (1000 * self.tick_seconds / self.ticks) if self.ticks else None
         out["tick_core_ms_mean"] = (1000 * self.core_seconds / self.ticks) if self.ticks else None
+        out["tick_ms_max"] = 1000 * self.tick_seconds_max
+        out["tick_write_yields"] = self.yields
         for entry in out["clients"]:
             session = self._sessions.get(entry["id"])
             if session is not None:
