@@ -378,25 +378,27 @@ class LiveState:
                     if lot is not None:
                         stats = lot.tests.get(test_num)
                 if stats is not None:
-                    assert lot is not None
                     if test_txt:
                         stats.test_txt = test_txt
                     stats.executions += 1
                     if passed is False:
                         stats.fails += 1
-                    if ((lo is not None
-                         and (lo != stats.lo or type(lo) is not type(stats.lo)))
-                            or (hi is not None
-                                and (hi != stats.hi or type(hi) is not type(stats.hi)))):
-                        # new limits: the values so far go in under the old ones (an
-                        # equal limit, even 0.0 for -0.0, changes no histogram figure)
-                        kept = values.pop(stats, None)
-                        if kept:
-                            stats.add_values(kept)
-                    if lo is not None:
-                        stats.lo = lo
-                    if hi is not None:
-                        stats.hi = hi
+                    if (lo is not None and lo is not stats.lo) or \
+                            (hi is not None and hi is not stats.hi):
+                        # (the same objects: a column sent once, the usual case)
+                        if ((lo is not None
+                             and (lo != stats.lo or type(lo) is not type(stats.lo)))
+                                or (hi is not None
+                                    and (hi != stats.hi or type(hi) is not type(stats.hi)))):
+                            # new limits: the values so far go in under the old ones (an
+                            # equal limit, even 0.0 for -0.0, changes no histogram figure)
+                            kept = values.pop(stats, None)
+                            if kept:
+                                stats.add_values(kept)
+                        if lo is not None:
+                            stats.lo = lo
+                        if hi is not None:
+                            stats.hi = hi
                     if units:
                         stats.units = units
                     if value is not None and not test_flag & bad_flags and isfinite(value):
