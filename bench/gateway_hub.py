@@ -17,8 +17,12 @@ arrays), alternately, so medians printed side by side saw the same machine load.
 
     python bench/gateway_hub.py [--records 300000] [--runs 3] [--batch 2000] [--no-spool]
                                 [--protocol 2 1] [--hub full inline ingest] [--compare]
+                                [--baseline DIR]
 
 ``--compare`` is ``--hub inline full``: the live state inline beside the queue.
+``--baseline DIR`` also runs each hub kind but ``ingest`` (which has no live state) from
+another checkout's ``edgegw`` (``PYTHONPATH=DIR``, e.g. a worktree of ``main``), as
+``<kind>@base``, alternately with this checkout's: before and after in one run.
 """
 
 from __future__ import annotations
@@ -126,10 +130,14 @@ def serve_ingest(config: str) -> None:
     trio.run(Ingest(load(HubConfig, config, [])).run)
 
 
-def start_hub(kind: str, cfg: Path, port: int) -> subprocess.Popen[bytes]:
+def start_hub(kind: str, cfg: Path, port: int, code: str | None = None
+              ) -> subprocess.Popen[bytes]:
+    """A hub of ``kind`` in its own process; ``code``: the directory its ``edgegw`` is
+    imported from (None: this checkout's)."""
     cmd = ([sys.executable, "-m", "edgegw", "hub", "--config", str(cfg)] if kind != "ingest"
            else [sys.executable, __file__, "--serve-ingest", str(cfg)])
-    hub = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = None if code is None else {**os.environ, "PYTHONPATH": code}
+    hub = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     for _ in range(100):
         try:
             applied(port)
@@ -153,22 +161,32 @@ def main() -> None:
                     "the commit step (before the queue); ingest: the hub's ingest alone "
                     "(default: full)")
     ap.add_argument("--compare", action="store_true", help="same as --hub inline full")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run the hubs (but ingest) from the edgegw in DIR, e.g. a "
+                    "worktree of main: before and after side by side")
     ap.add_argument("--serve-ingest", metavar="CONFIG", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_ingest:
         serve_ingest(args.serve_ingest)
         return
-    kinds = ["inline", "full"] if args.compare else args.hub
+    base_kinds = ["inline", "full"] if args.compare else args.hub
+    # label -> (kind, where its edgegw comes from): the baseline's first, "before"
+    specs: dict[str, tuple[str, str | None]] = {}
+    for kind in base_kinds:
+        if args.baseline and kind != "ingest":
+            specs[f"{kind}@base"] = (kind, str(Path(args.baseline).resolve()))
+        specs[kind] = (kind, None)
+    kinds = list(specs)
     rates: dict[tuple[str, int], list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         hubs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
         try:
-            for kind in kinds:
+            for label, (kind, code) in specs.items():
                 port = free_port()
-                cfg = Path(tmp) / f"hub-{kind}.toml"
-                cfg.write_text(f'[hub]\nport = {port}\ndata_dir = "{Path(tmp) / kind}"\n'
+                cfg = Path(tmp) / f"hub-{label}.toml"
+                cfg.write_text(f'[hub]\nport = {port}\ndata_dir = "{Path(tmp) / label}"\n'
                                f'{HUBS[kind]}[gateways.bench]\ntoken = "bench"\n')
-                hubs[kind] = (start_hub(kind, cfg, port), port)
+                hubs[label] = (start_hub(kind, cfg, port, code), port)
             for run in range(args.runs):
                 for kind, (_, port) in hubs.items():  # alternating: load drifts hit all
                     for v in args.protocol:
@@ -196,7 +214,16 @@ def main() -> None:
         line = "  ".join(f"v{v} {d:>9,.0f} / {lv:>9,.0f} records/s"
                          for v, (d, lv) in med.items())
         ratio = (f"  v2/v1 {med[2][1] / med[1][1]:.2f}x" if 1 in med and 2 in med else "")
-        print(f"  hub {kind:6s}: {line}{ratio}")
+        print(f"  hub {kind:11s}: {line}{ratio}")
+    for kind in base_kinds:
+        if f"{kind}@base" in kinds:
+            for v in args.protocol:
+                before = [statistics.median(r[i] for r in rates[(f"{kind}@base", v)])
+                          for i in (0, 1)]
+                after = [statistics.median(r[i] for r in rates[(kind, v)]) for i in (0, 1)]
+                print(f"  hub {kind} v{v}, this checkout / baseline: durable "
+                      f"{after[0] / before[0]:.2f}x, live state complete "
+                      f"{after[1] / before[1]:.2f}x")
     if "inline" in kinds and "full" in kinds:
         for v in args.protocol:
             before = statistics.median(r[1] for r in rates[("inline", v)])

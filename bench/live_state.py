@@ -1,31 +1,47 @@
-"""Benchmark: how fast LiveState applies records (live, and the replay after a restart).
+"""Benchmark: what LiveState costs per record, one record at a time (before) and batched.
 
-Feeds a simulated multi-site lot (parts with their parametric results, in frames of
---frame records, the way the hub applies them) through ``LiveState.on_records`` with a
-publish callback that only counts, three ways:
+Feeds record streams through ``LiveState.on_records`` in frames of --frame records, the
+way the hub applies them, with a publish callback that only counts, both ways side by
+side in one run (interleaved, so load drifts hit both):
 
-* plain live state,
-* with an alert engine holding one rule of every kind,
-* the real galaxy-a530-lot2 file (decoded and mapped beforehand), if present.
+* ``one at a time``: ``LiveState(batch_apply=False)``, every record through its handler
+  (what the hub did before; the reference the batched apply is tested against);
+* ``batched``: the default, a frame's parametric results kept per test and applied a test
+  at a time (``LiveState._apply_batched``).
 
-Prints records/s (median of --runs runs), deltas published per frame, and the peak
-memory of the state for the simulated lot.
+Streams: a simulated multi-site lot (parts with their parametric results), the same with
+an alert engine holding one rule of every kind, and the real tester files in
+``shared/data/stdf`` (decoded and mapped beforehand) when present.  For each: CPU µs per
+record (``time.process_time``, median of --runs, a fresh state per run), the ratio, and
+whether the two states are equal (``checkpoint.capture``).  ``--kinds`` adds each record
+kind's marginal cost: the stream's CPU time minus the same stream's without that kind,
+per record of the kind (a part result's includes assigning its part's values to wafer
+and die).  ``--stages`` prints the hub's per-record stages for the tester mix (decode,
+durable store commit, live apply, publish to the fan-out) in CPU time.
 
-    python bench/live_state.py [--runs 5] [--frame 2000] [--wafers 4]
+    python bench/live_state.py [--runs 5] [--frame 2000] [--wafers 4] [--kinds] [--stages]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
 import gzip
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import tracemalloc
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig
+from edgegw.hub.checkpoint import capture
 from edgegw.hub.live import LiveState
 from edgegw.records import LotEnd, LotStart, ParametricResult, PartResult, WaferEnd, WaferStart
 from edgegw.sim.tester import TesterModel, TesterProfile
@@ -40,6 +56,8 @@ RULES = AlertsConfig(rules=[
     AlertRuleConfig(name="temp", kind="sensor_range", high=100.0),
     AlertRuleConfig(name="gw", kind="gateway_offline", offline_s=60),
 ])
+
+MODES = {"one at a time": False, "batched": True}
 
 
 def sim_records(wafers: int) -> list[Any]:
@@ -70,22 +88,29 @@ def sim_records(wafers: int) -> list[Any]:
     return out
 
 
-def galaxy_records() -> list[Any] | None:
+def file_records() -> list[tuple[str, list[Any]]]:
+    """The real tester files of shared/data/stdf, decoded and mapped (name, records)."""
     root = os.environ.get("EDGEGW_SHARED_DATA")
     base = Path(root) if root else Path(__file__).resolve().parents[2] / "shared" / "data"
-    path = base / "stdf" / "galaxy-a530-lot2.stdf.gz"
-    if not path.exists():
-        return None
     from edgegw.stdf import StdfDecoder
     from edgegw.stdf.mapping import RecordMapper
 
-    decoder = StdfDecoder()
-    decoder.feed(gzip.decompress(path.read_bytes()))
-    mapper = RecordMapper("galaxy")
-    return mapper.map_all(decoder.records(), 1.0) + mapper.close(1.0)
+    out = []
+    for path in sorted((base / "stdf").glob("*.std*")):
+        data = path.read_bytes()
+        if path.suffix == ".gz":
+            data = gzip.decompress(data)
+        decoder = StdfDecoder()
+        decoder.feed(data)
+        mapper = RecordMapper("file")
+        out.append((f"{path.name} (real file)",
+                    mapper.map_all(decoder.records(), 1.0) + mapper.close(1.0)))
+    return out
 
 
-def run(records: list[Any], frame: int, alerts: bool) -> tuple[float, int, int]:
+def run(records: list[Any], frame: int, alerts: bool, batch_apply: bool
+        ) -> tuple[float, int, int, LiveState]:
+    """CPU seconds to apply ``records`` to a fresh state, deltas published, frames."""
     published = 0
 
     def publish(topic: str, delta: dict[str, Any]) -> None:
@@ -93,14 +118,138 @@ def run(records: list[Any], frame: int, alerts: bool) -> tuple[float, int, int]:
         published += 1
 
     engine = AlertEngine(RULES, publish) if alerts else None
-    state = LiveState(publish, alerts=engine, clock=lambda: 5_000.0)
+    state = LiveState(publish, alerts=engine, clock=lambda: 5_000.0, batch_apply=batch_apply)
     frames = [records[i : i + frame] for i in range(0, len(records), frame)]
-    t0 = time.perf_counter()
+    gc.collect()
+    t0 = time.process_time()
     rid = 1
     for batch in frames:
         state.on_records("gw", rid, batch)
         rid += len(batch)
-    return time.perf_counter() - t0, published, len(frames)
+    return time.process_time() - t0, published, len(frames), state
+
+
+def medians(records: list[Any], frame: int, alerts: bool, runs: int) -> dict[str, float]:
+    """Median CPU seconds per mode, the modes' runs interleaved."""
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    for _ in range(runs):
+        for mode, batched in MODES.items():
+            times[mode].append(run(records, frame, alerts, batched)[0])
+    return {m: statistics.median(t) for m, t in times.items()}
+
+
+def per_kind(records: list[Any], frame: int, alerts: bool, runs: int,
+             whole: dict[str, float]) -> None:
+    counts = Counter(type(r) for r in records)
+    for kind, n in counts.most_common():
+        if n < 20:  # too few for a figure above the noise
+            continue
+        without = medians([r for r in records if type(r) is not kind], frame, alerts, runs)
+        cost = {m: (whole[m] - without[m]) / n * 1e6 for m in MODES}
+        ratio = (f"{cost['one at a time'] / cost['batched']:>6.2f}x"
+                 if cost["batched"] > 0 else "")
+        print(f"    {kind.__name__:22s} {n:>8d}  "
+              + "  ".join(f"{cost[m]:>8.2f}" for m in MODES) + f"  {ratio}")
+
+
+def stages(runs: int, frame: int) -> None:
+    """The hub's stages per record, CPU time, the tester mix (bench/hub_floor.py)."""
+    import trio
+    from hub_floor import tester_mix  # type: ignore[import-not-found]
+
+    from edgegw.config import build
+    from edgegw.hub.app import Hub
+    from edgegw.hub.config import HubConfig
+    from edgegw.hub.store import FrameToApply, HubStore
+    from edgegw.protocol import decode_frame, encode_columns
+
+    records = tester_mix(20_000)
+    n = len(records)
+    frames = [records[i:i + frame] for i in range(0, n, frame)]
+    bodies = [encode_columns(1 + i * frame, f) for i, f in enumerate(frames)]
+
+    def cpu(fn: Callable[[], Any]) -> float:
+        times = []
+        for _ in range(runs):
+            gc.collect()
+            t = time.process_time()
+            fn()
+            times.append(time.process_time() - t)
+        return statistics.median(times) / n * 1e6
+
+    cost: dict[str, float] = {}
+    cost["decode v2 body to records"] = cpu(lambda: [decode_frame(b, frame) for b in bodies])
+    with tempfile.TemporaryDirectory() as tmp:
+        seq = 0
+
+        async def commit_all() -> None:
+            nonlocal seq
+            store = HubStore(Path(tmp) / f"hub{seq}.sqlite3")
+            await store.open()
+            try:
+                for i in range(0, len(bodies), 8):  # group commit of 8 frames, as a busy hub
+                    group = []
+                    for j, b in enumerate(bodies[i:i + 8]):
+                        seq += 1
+                        group.append(FrameToApply("bench", "e", seq, 1 + (i + j) * frame,
+                                                  frame, b, records=frames[i + j]))
+                    await store.commit(group)
+            finally:
+                await store.close()
+
+        cost["durable store commit (SQLite, pack_body)"] = cpu(lambda: trio.run(commit_all))
+        def feed(state: LiveState) -> None:
+            gw = state.gateways.get("bench")
+            rid = gw.last_rid + 1 if gw is not None and gw.last_rid else 1
+            for f in frames:  # rids go on: a warm state's dies are tested again, as retests
+                state.on_records("bench", rid, f)
+                rid += len(f)
+
+        for batched in (False, True):
+            label = "batched" if batched else "one at a time"
+            quiet = functools.partial(LiveState, lambda t, d: None, clock=lambda: 5_000.0,
+                                      batch_apply=batched)
+            cost[f"live apply, {label}"] = cpu(lambda q=quiet: feed(q()))  # type: ignore[misc]
+            hub = Hub(build(HubConfig, {"hub": {"port": 0, "data_dir": tmp}}))
+            hub.state.batch_apply = batched
+            feed(hub.state)  # warm: the lot, wafer and tests exist, as in a running hub
+            cost[f"live apply + publish + alerts (hub), {label}"] = cpu(
+                functools.partial(feed, hub.state))
+    cost["hand-off of the bodies to another process (pipe)"] = cpu(
+        functools.partial(pipe_out, bodies))
+    print(f"hub stages, tester mix ({n:,} records, frames of {frame}), CPU µs/record, "
+          f"median of {runs}:")
+    for name, c in cost.items():
+        print(f"  {name:52s} {c:8.2f}  ({1e6 / c:>10,.0f} records/s alone)")
+    decode = cost["decode v2 body to records"]
+    for batched in ("one at a time", "batched"):
+        live = cost[f"live apply + publish + alerts (hub), {batched}"]
+        print(f"  Trio thread (decode + live state), {batched}: {decode + live:.2f} µs/record = "
+              f"{1e6 / (decode + live):,.0f} records/s")
+    live = cost["live apply + publish + alerts (hub), batched"]
+    hand_off = cost["hand-off of the bodies to another process (pipe)"]
+    print(f"  live state in its own process (batched): hub Trio thread (decode + hand-off) "
+          f"{decode + hand_off:.2f} µs/record; live process (decode again + apply) "
+          f"{decode + live:.2f} µs/record = {1e6 / (decode + live):,.0f} records/s; both "
+          f"{2 * decode + hand_off + live:.2f} µs/record of CPU against {decode + live:.2f} "
+          "in one process")
+
+
+def pipe_out(bodies: list[bytes]) -> None:
+    """Each body, length-prefixed, into a pipe that another process drains (discards)."""
+    r, w = os.pipe()
+    child = subprocess.Popen([sys.executable, "-c", "import os, sys\n"
+                              "while os.read(int(sys.argv[1]), 1 << 20): pass", str(r)],
+                             pass_fds=(r,))
+    os.close(r)
+    try:
+        for body in bodies:
+            view = memoryview(len(body).to_bytes(4, "big") + body)
+            while view:
+                view = view[os.write(w, view):]
+    finally:
+        os.close(w)
+        child.wait()
 
 
 def main() -> None:
@@ -108,30 +257,40 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--frame", type=int, default=2000)
     ap.add_argument("--wafers", type=int, default=4)
+    ap.add_argument("--kinds", action="store_true", help="each record kind's marginal cost")
+    ap.add_argument("--stages", action="store_true", help="the hub's stages per record")
     args = ap.parse_args()
 
     simulated = sim_records(args.wafers)
     cases = [("simulated lot", simulated, False),
              ("simulated lot + 8 alert rules", simulated, True)]
-    galaxy = galaxy_records()
-    if galaxy is not None:
-        cases.append(("galaxy-a530-lot2 (real file)", galaxy, False))
-    print(f"frame = {args.frame} records, median of {args.runs} runs")
+    cases += [(name, records, False) for name, records in file_records()]
+    print(f"frame = {args.frame} records, CPU µs/record, median of {args.runs} runs each, "
+          f"interleaved; load average {os.getloadavg()[0]:.1f}")
+    print(f"{'stream':34s} {'records':>8s}  {'one at a time':>13s} {'batched':>8s} "
+          f"{'ratio':>6s}  equal  deltas/frame")
     for name, records, alerts in cases:
-        times = []
-        for _ in range(args.runs):
-            elapsed, published, n_frames = run(records, args.frame, alerts)
-            times.append(elapsed)
-        med = statistics.median(times)
-        print(f"{name:32s} {len(records):>8d} records  {len(records) / med:>10,.0f} records/s"
-              f"  {published / n_frames:5.1f} deltas/frame")
+        whole = medians(records, args.frame, alerts, args.runs)
+        _, published, n_frames, before = run(records, args.frame, alerts, False)
+        _, _, _, after = run(records, args.frame, alerts, True)
+        equal = capture(before) == capture(after)
+        us = {m: whole[m] / len(records) * 1e6 for m in MODES}
+        print(f"{name:34s} {len(records):>8d}  {us['one at a time']:>13.2f} "
+              f"{us['batched']:>8.2f} {whole['one at a time'] / whole['batched']:>5.2f}x  "
+              f"{'yes' if equal else 'NO':5s}  {published / n_frames:5.1f}", flush=True)
+        if args.kinds:
+            print(f"    {'kind (marginal)':22s} {'records':>8s}  {'before':>8s}  "
+                  f"{'batched':>8s}  {'ratio':>6s}")
+            per_kind(records, args.frame, alerts, args.runs, whole)
 
     tracemalloc.start()
-    run(simulated, args.frame, False)
+    run(simulated, args.frame, False, True)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     print(f"peak traced memory applying the simulated lot: {peak / 2**20:.1f} MiB "
           f"({len(simulated)} records)")
+    if args.stages:
+        stages(args.runs, args.frame)
 
 
 if __name__ == "__main__":

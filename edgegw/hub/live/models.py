@@ -333,6 +333,75 @@ class TestStats:
         if self.max is None or value > self.max:
             self.max = value
 
+    def add_values(self, flat: list[Any]) -> None:
+        """``add_value`` then ``add_site_value`` for each ``value, site`` pair of ``flat``
+        (``[value, site, value, site, ...]``, every value finite, every site an int), under
+        the current limits: the same float operations in the same order, so the figures
+        are exactly those of the one-at-a-time calls, without a method call per value
+        (``LiveState`` applies a frame's parametric results a test at a time)."""
+        hist = self.histogram
+        lo_limit, hi_limit = self.lo, self.hi
+        limited = lo_limit is not None and hi_limit is not None and hi_limit > lo_limit
+        lo_cut = hi_cut = 0.0
+        if limited:
+            assert lo_limit is not None and hi_limit is not None
+            span = hi_limit - lo_limit
+            lo_cut, hi_cut = lo_limit - 2 * span, hi_limit + 2 * span
+        h_lo, width, counts = hist.lo, hist.width, hist.counts
+        top = h_lo + width * HIST_BINS if h_lo is not None else 0.0
+        last = HIST_BINS - 1
+        n, mean, m2, low, high = self.count, self.mean, self.m2, self.min, self.max
+        by_site = self.by_site
+        it = iter(flat)
+        for value, site in zip(it, it, strict=True):
+            # Histogram.add: its common case (inside the range) here, the rest in it
+            if limited and value < lo_cut:
+                hist.below += 1
+            elif limited and value > hi_cut:
+                hist.above += 1
+            elif h_lo is not None and h_lo <= value < top:
+                counts[min(int((value - h_lo) / width), last)] += 1
+            else:
+                hist.add(value, lo_limit, hi_limit)
+                h_lo, width, counts = hist.lo, hist.width, hist.counts
+                top = h_lo + width * HIST_BINS  # type: ignore[operator]
+            n += 1
+            delta = value - mean
+            mean += delta / n
+            m2 += delta * (value - mean)
+            if low is None or value < low:
+                low = value
+            if high is None or value > high:
+                high = value
+            running = by_site.get(site)
+            if running is None:
+                running = by_site[site] = Running()
+            running.n += 1
+            delta = value - running.mean
+            running.mean += delta / running.n
+            running.m2 += delta * (value - running.mean)
+        self.count, self.mean, self.m2, self.min, self.max = n, mean, m2, low, high
+
+    def add_wafer_values(self, flat: list[Any]) -> None:
+        """``add_wafer_value`` for each ``wafer_id, value`` pair of ``flat``, in order."""
+        by_wafer = self.by_wafer
+        current: Any = None
+        running = Running()
+        it = iter(flat)
+        for wafer_id, value in zip(it, it, strict=True):
+            if wafer_id != current:
+                current = wafer_id
+                got = by_wafer.get(wafer_id)
+                if got is None:
+                    got = by_wafer[wafer_id] = Running()
+                    while len(by_wafer) > TEST_WAFERS:
+                        by_wafer.popitem(last=False)
+                running = got
+            running.n += 1
+            delta = value - running.mean
+            running.mean += delta / running.n
+            running.m2 += delta * (value - running.mean)
+
     @property
     def sigma(self) -> float | None:
         return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else None

@@ -79,6 +79,7 @@ from edgegw.records import (
 
 from .checks import BAD_VALUE_FLAGS, BadRecord, NotApplied, is_int, is_num, opt_int, opt_num
 from .models import (
+    DIE_VALUES_PER_WAFER,
     PENDING_PER_SITE,
     Die,
     GatewayState,
@@ -119,12 +120,16 @@ class LiveState:
         on_evict: Callable[[str, dict[str, Any]], None] | None = None,
         on_wafer_archive: Callable[[str, str, dict[str, Any]], None] | None = None,
         log_interval_s: float = 60.0,
+        batch_apply: bool = True,
     ) -> None:
         if max_lots < 1:
             raise ValueError("max_lots must be at least 1")
         if max_wafers_per_lot < 1:
             raise ValueError("max_wafers_per_lot must be at least 1")
         self._publish = publish
+        #: False: every record through its handler, one at a time (the reference the
+        #: batched apply is tested against, and ``bench/live_state.py``'s "before")
+        self.batch_apply = batch_apply
         self._on_evict = on_evict
         self._on_wafer_archive = on_wafer_archive
         self.log_interval_s = log_interval_s
@@ -197,26 +202,15 @@ class LiveState:
             gw.last_rid = last_rid
         batch = _Batch()
         batch.gateways[gw] = None
-        for i, rec in enumerate(records):
-            handler = self._handlers.get(type(rec))
-            if handler is None:
-                if type(rec) is not RawRecord:  # raw tester records are for the archive
-                    self._drop(batch, "unknown_kind", gateway_id, first_rid + i, rec,
-                               "no live figures for this kind of record")
-                continue
+        if self.batch_apply:
+            batch.values, batch.wafer_values = {}, {}
             try:
-                handler(self, gateway_id, first_rid + i, rec, batch)
-                if rec.ts > batch.ts:
-                    batch.ts = rec.ts
-            except NotApplied as exc:
-                self._drop(batch, exc.reason, gateway_id, first_rid + i, rec, str(exc))
-            except (BadRecord, TypeError, ValueError, AttributeError) as exc:
-                # A record the hub accepted but this state cannot use: count it, say which
-                # one, keep going -- one bad field must not stop a gateway's stream.
-                self._m_bad.inc(kind=type(rec).__name__)
-                self.last_error = (f"gateway {gateway_id} rid {first_rid + i} "
-                                   f"{type(rec).__name__}: {exc}")
-                self._drop(batch, "bad_record", gateway_id, first_rid + i, rec, str(exc))
+                self._apply_batched(gateway_id, first_rid, records, batch)
+            finally:
+                self._apply_deferred(batch)
+        else:
+            for i, rec in enumerate(records):
+                self._apply_one(gateway_id, first_rid + i, rec, batch)
         if not gw.online and batch.ts and (gw.last_seen is None or batch.ts > gw.last_seen):
             gw.last_seen = batch.ts  # replayed: the records' own time
         self._flush(batch, now)
@@ -322,6 +316,143 @@ class LiveState:
         return out
 
     # ------------------------------------------------------------------ internals
+
+    def _apply_one(self, gateway_id: str, rid: int, rec: Any, batch: _Batch) -> None:
+        """One record through its handler: what every record's apply means."""
+        handler = self._handlers.get(type(rec))
+        if handler is None:
+            if type(rec) is not RawRecord:  # raw tester records are for the archive
+                self._drop(batch, "unknown_kind", gateway_id, rid, rec,
+                           "no live figures for this kind of record")
+            return
+        try:
+            handler(self, gateway_id, rid, rec, batch)
+            if rec.ts > batch.ts:
+                batch.ts = rec.ts
+        except NotApplied as exc:
+            self._drop(batch, exc.reason, gateway_id, rid, rec, str(exc))
+        except (BadRecord, TypeError, ValueError, AttributeError) as exc:
+            # A record the hub accepted but this state cannot use: count it, say which
+            # one, keep going -- one bad field must not stop a gateway's stream.
+            self._m_bad.inc(kind=type(rec).__name__)
+            self.last_error = (f"gateway {gateway_id} rid {rid} "
+                               f"{type(rec).__name__}: {exc}")
+            self._drop(batch, "bad_record", gateway_id, rid, rec, str(exc))
+
+    def _apply_batched(self, gateway_id: str, first_rid: int, records: list[Any],
+                       batch: _Batch) -> None:
+        """A frame's records, with the same resulting state as ``_apply_one`` on each in
+        turn, at a fraction of the cost per record.
+
+        A parametric result of an existing test in an existing lot, with fields of the
+        plain types, is counted here inline, and its value is kept for its test
+        (``batch.values``); the part result that follows keeps the part's values for
+        the tests' per-wafer figures (``batch.wafer_values``).  Each test then takes its
+        values in one call (``TestStats.add_values``), in their order, under the limits
+        they came with: the same float operations in the same order, so the same
+        figures.  Whatever could read a test's figures runs only after its values are in
+        (``_apply_deferred``): a limit change first applies the values under the old
+        limits, and any record not taken inline (other kinds, a new lot, wafer or test,
+        an odd field) first applies every kept value and then goes through its handler.
+        """
+        lots = self.lots
+        values = batch.values
+        tests = batch.tests
+        parametric, part = ParametricResult, PartResult
+        num, bad_flags, isfinite = (float, int), BAD_VALUE_FLAGS, math.isfinite
+        ts_max = batch.ts
+        skipped = 0
+        for i, rec in enumerate(records):
+            kind = type(rec)
+            if kind is parametric:
+                (_, ts, lot_id, head, site, _, test_num, test_txt, value, lo, hi, units,
+                 passed, test_flag, _) = rec
+                lot = stats = None
+                if (type(lot_id) is str and type(test_num) is int and type(ts) in num
+                        and type(head) is int and type(site) is int
+                        and type(test_flag) is int
+                        and (value is None or type(value) is float)
+                        and (lo is None or type(lo) in num)
+                        and (hi is None or type(hi) in num)):
+                    lot = lots.get(lot_id)
+                    if lot is not None:
+                        stats = lot.tests.get(test_num)
+                if stats is not None:
+                    if test_txt:
+                        stats.test_txt = test_txt
+                    stats.executions += 1
+                    if passed is False:
+                        stats.fails += 1
+                    if (lo is not None and lo is not stats.lo) or \
+                            (hi is not None and hi is not stats.hi):
+                        # (the same objects: a column sent once, the usual case)
+                        if ((lo is not None
+                             and (lo != stats.lo or type(lo) is not type(stats.lo)))
+                                or (hi is not None
+                                    and (hi != stats.hi or type(hi) is not type(stats.hi)))):
+                            # new limits: the values so far go in under the old ones (an
+                            # equal limit, even 0.0 for -0.0, changes no histogram figure)
+                            kept = values.pop(stats, None)
+                            if kept:
+                                stats.add_values(kept)
+                        if lo is not None:
+                            stats.lo = lo
+                        if hi is not None:
+                            stats.hi = hi
+                    if units:
+                        stats.units = units
+                    if value is not None and not test_flag & bad_flags and isfinite(value):
+                        kept = values.get(stats)
+                        if kept is None:
+                            values[stats] = [value, site]
+                        else:
+                            kept.append(value)
+                            kept.append(site)
+                        pending = lot.pending.get((gateway_id, head, site))
+                        if pending is None:
+                            lot.pending[(gateway_id, head, site)] = [(stats, value)]
+                        elif len(pending) < PENDING_PER_SITE:
+                            pending.append((stats, value))
+                    else:
+                        skipped += 1
+                    tests[stats] = None
+                    if ts > ts_max:
+                        ts_max = ts
+                    continue
+            elif kind is part:
+                lot = lots.get(rec.lot_id) if type(rec.lot_id) is str else None
+                if lot is not None and type(rec.wafer_id) is str \
+                        and rec.wafer_id in lot.wafers:
+                    # no lot or wafer made (and so none evicted or archived): the kept
+                    # values need not be in yet
+                    batch.ts = ts_max
+                    self._apply_one(gateway_id, first_rid + i, rec, batch)
+                    ts_max = batch.ts
+                    continue
+            elif kind in _NO_TEST_READS:
+                batch.ts = ts_max
+                self._apply_one(gateway_id, first_rid + i, rec, batch)
+                ts_max = batch.ts
+                continue
+            self._apply_deferred(batch)
+            batch.ts = ts_max
+            self._apply_one(gateway_id, first_rid + i, rec, batch)
+            ts_max = batch.ts
+        batch.ts = ts_max
+        if skipped:
+            self._m_values_skipped.inc(skipped)
+
+    @staticmethod
+    def _apply_deferred(batch: _Batch) -> None:
+        """The values kept by ``_apply_batched`` into their tests' figures."""
+        if batch.values:
+            for stats, kept in batch.values.items():
+                stats.add_values(kept)
+            batch.values.clear()
+        if batch.wafer_values:
+            for stats, kept in batch.wafer_values.items():
+                stats.add_wafer_values(kept)
+            batch.wafer_values.clear()
 
     def _drop(self, batch: _Batch, reason: str, gateway_id: str, rid: int, rec: Any,
               why: str) -> None:
@@ -438,11 +569,18 @@ class LiveState:
             self._publish(wafer.topic, {"status": "archived"})
 
     def _on_part(self, gateway_id: str, rid: int, rec: PartResult, batch: _Batch) -> None:
-        # Checked before anything is counted, so a bad part never leaves half its counts.
-        if not (opt_int(rec.hard_bin) and is_int(rec.site) and opt_int(rec.x)
-                and opt_int(rec.y) and opt_int(rec.soft_bin) and is_num(rec.ts)
-                and rec.passed in (True, False, None)
-                and isinstance(rec.lot_id, str) and isinstance(rec.wafer_id, str)):
+        # Checked before anything is counted, so a bad part never leaves half its counts
+        # (the plain types first: the general checks only when one is not).
+        _, ts, lot_id, wafer_id, _, site, _, x, y, hard_bin, soft_bin, passed, *_ = rec
+        if not ((hard_bin is None or type(hard_bin) is int) and type(site) is int
+                and (x is None or type(x) is int) and (y is None or type(y) is int)
+                and (soft_bin is None or type(soft_bin) is int) and type(ts) in _NUM
+                and (passed is None or type(passed) is bool)
+                and type(lot_id) is str and type(wafer_id) is str) \
+            and not (opt_int(hard_bin) and is_int(site) and opt_int(x)
+                     and opt_int(y) and opt_int(soft_bin) and is_num(ts)
+                     and passed in (True, False, None)
+                     and isinstance(lot_id, str) and isinstance(wafer_id, str)):
             raise BadRecord(f"part {rec.part_id!r} has a field of the wrong type: {rec!r:.200}")
         lot = self._lot(rec.lot_id, rec.ts)
         wafer = self._wafer(lot, rec.wafer_id)
@@ -488,11 +626,34 @@ class LiveState:
         if not pending or not rec.wafer_id:
             return
         xy = (rec.x, rec.y) if final and rec.x is not None and rec.y is not None else None
+        deferred = batch.wafer_values
+        if deferred is None:  # one record at a time
+            for stats, value in pending:
+                stats.add_wafer_value(rec.wafer_id, value)
+                if xy is not None:
+                    wafer.add_die_value(stats.test_num, xy, value)
+                batch.tests[stats] = None
+            return
+        wafer_id = rec.wafer_id
+        tests = batch.tests
+        by_test = wafer.values
         for stats, value in pending:
-            stats.add_wafer_value(rec.wafer_id, value)
-            if xy is not None:
-                wafer.add_die_value(stats.test_num, xy, value)
-            batch.tests[stats] = None
+            kept = deferred.get(stats)
+            if kept is None:
+                deferred[stats] = [wafer_id, value]
+            else:
+                kept.append(wafer_id)
+                kept.append(value)
+            if xy is not None:  # wafer.add_die_value, inline
+                by_die = by_test.get(stats.test_num)
+                if by_die is None:
+                    by_die = by_test[stats.test_num] = {}
+                if xy in by_die:
+                    by_die[xy] = value
+                elif wafer.value_count < DIE_VALUES_PER_WAFER:
+                    wafer.value_count += 1
+                    by_die[xy] = value
+            tests[stats] = None
 
     def _test(self, rec: Any, kind: str) -> TestStats:
         if not (is_int(rec.test_num) and isinstance(rec.lot_id, str) and is_num(rec.ts)):
@@ -722,11 +883,18 @@ class LiveState:
                     self.alerts.evaluate_test(stats, ts, now)
 
 
+_NUM = (float, int)
+
+#: kinds whose apply neither reads a test's figures nor makes a lot or wafer (which could
+#: evict or archive one, reading its tests): the values kept need not be in before them
+_NO_TEST_READS = frozenset({SensorReading, SensorWindow, GatewayEvent, RawRecord})
+
+
 class _Batch:
     """What one on_records call changed, so each topic gets one delta."""
 
     __slots__ = ("closed_wafers", "dies", "gateway_events", "gateways", "lots", "not_applied",
-                 "sensors", "tests", "ts", "wafers")
+                 "sensors", "tests", "ts", "values", "wafer_values", "wafers")
 
     def __init__(self) -> None:
         self.ts = 0.0
@@ -740,6 +908,10 @@ class _Batch:
         self.gateway_events: list[tuple[GatewayState, dict[str, Any]]] = []
         self.closed_wafers: list[WaferState] = []
         self.not_applied = False  # the hub/state topic changed
+        # batched apply only (None: one record at a time): values not yet in their
+        # tests' figures, test -> [value, site, ...] and test -> [wafer_id, value, ...]
+        self.values: dict[TestStats, list[Any]] | None = None
+        self.wafer_values: dict[TestStats, list[Any]] | None = None
 
 
 def replay(state: LiveState, frames: Iterable[tuple[str, int, list[Any]]],
