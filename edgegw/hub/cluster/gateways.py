@@ -64,7 +64,7 @@ class GatewayTopics:
     def totals(self, gateway_id: str, records: int, frames: int, last_rid: int | None,
                last_seen: float | None, now: float) -> bool:
         """The gateway's cluster-wide totals after some commit; False (nothing published)
-        when they are not newer than what is known (a late or repeated notice)."""
+        when they are not newer than what is known (an older read)."""
         gw = self._gateway(gateway_id)
         if records <= gw.records and frames <= gw.frames and (
                 last_rid is None or (gw.last_rid is not None and last_rid <= gw.last_rid)):
