@@ -231,8 +231,9 @@ class GatewayPresence:
         task_status.started()
         while True:
             try:
-                for gateway in list(self.connected()):
-                    await self.bus.set_presence(gateway, self.ttl_s)
+                gateways = list(self.connected())
+                if gateways:  # one pipeline (per Redis shard) for all of them
+                    await self.bus.set_presences(gateways, self.ttl_s)
             except Exception:  # Redis away: presence lapses; owners see it (stale bus)
                 log.debug("gateway presence not refreshed", exc_info=True)
             await trio.sleep(self.ttl_s / 3)
