@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 import trio
+from wsproto.utilities import RemoteProtocolError
 
 from edgegw.hub.fanout import SUBPROTOCOL_JSON
 from edgegw.topicfilter import matches as topic_matches
@@ -86,7 +87,9 @@ class LiveFollower:
             try:
                 await self._session()
             except (Closed, OSError, ConnectionError, trio.BrokenResourceError,
-                    trio.ClosedResourceError):
+                    trio.ClosedResourceError, RemoteProtocolError):
+                # (RemoteProtocolError: the load balancer closed the connection before the
+                # upgrade's answer -- no node healthy at that moment, or its node went down)
                 pass
             await trio.sleep(0.2)
 

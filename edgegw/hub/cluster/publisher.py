@@ -79,6 +79,7 @@ class TopicPublisher:
         self._snap_dirty: set[str] = set()
         self._epochs: tuple[str | None, ...] | None = None  # the bus's, by shard
         self._last_snapshot = 0.0
+        self._wake = trio.Event()  # set by a publication while ``run`` sleeps idle
         self.published = 0  # entries
         self.heads: dict[str, int] = {}
 
@@ -90,6 +91,7 @@ class TopicPublisher:
         pending = self._pending.get(topic)
         if pending is None:
             pending = self._pending[topic] = []
+            self._wake.set()
         pending.append(delta)
         if ts is not None:
             low, high = self._ts.get(topic, (ts, ts))
@@ -99,6 +101,7 @@ class TopicPublisher:
         """Publish every topic of the state as a reset at the next flush."""
         if self.source is not None:
             self._reset.update(self.source.topics())
+            self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                   ) -> None:
@@ -106,6 +109,22 @@ class TopicPublisher:
         while True:
             await trio.sleep(self.flush_interval_s)
             await self.flush()
+            if not (self._pending or self._reset or self._snap_dirty):
+                # Nothing held back and no snapshot owed: sleep until the state publishes
+                # or the bus changes (an epoch: every topic is reset), rather than wake 20
+                # times a second per owned partition for nothing.
+                await self._until_work()
+
+    async def _until_work(self) -> None:
+        self._wake = trio.Event()
+        if self._pending or self._reset:
+            return
+        async with trio.open_nursery() as nursery:
+            async def first(wait: Callable[[], Any]) -> None:
+                await wait()
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(first, self._wake.wait)
+            nursery.start_soon(first, self.bus.wait_changed)
 
     async def flush(self) -> int:
         """Publish what is pending; returns the number of entries published."""
