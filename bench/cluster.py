@@ -1,25 +1,29 @@
-"""Hub cluster on this machine: 1 node, then 3 nodes (issue 14, docs/cluster.md "Sizing").
+"""Hub cluster on this machine: 1 node and 3 nodes (issue 14, docs/cluster.md "Sizing").
 
 Everything runs here: a private PostgreSQL (initdb in a temp dir, so its CPU is ours to
 count), a private Redis, N ``edgegw hub`` node processes, and in this process G gateways
 (each its own lot, spread over the nodes round robin, no load balancer: the balancer's own
 cost is not the hub's) that put synthetic tester records (8 parametric + 1 part result per
-part, like the simulated tester) as fast as the nodes take them, plus one /ws/live client
-per node following every lot.
+part, like the simulated tester), plus one /ws/live client per node following every lot.
 
-Printed per run and as medians over runs:
+Every cluster is up at once and their runs interleave (1, 3, 1, 3, ...), so 1 and 3
+nodes see the same machine load.  Printed per run, then as medians side by side:
 
-* records/s in all and per node (ingested by that node's gateways);
-* CPU per record: each node process's CPU (user+sys from /proc, its idle rate measured
-  just before subtracted) over the records it ingested, and over all records (what the
-  cluster spends per record, summed over nodes -- the figure that must not grow with the
-  node count), PostgreSQL's (the postmaster and its backends) and Redis's;
-* PostgreSQL bytes per record (database size growth) and Redis commands per record;
+* each process's **fixed cost per second**: its CPU rate with the cluster up, the gateways
+  connected and no records flowing (leases, heartbeats, health checks, polls, ticks),
+  measured in the same run -- nodes one by one, PostgreSQL, Redis, this process;
+* **CPU per record at a fixed rate** (``--paced-rate`` over ``--paced-seconds``, the same
+  for every node count, no /ws/live client): each node's CPU minus its fixed cost, summed
+  over nodes, over the records -- the figure that must not grow with the node count;
+  PostgreSQL's and Redis's likewise;
+* the same during a **flood** (records as fast as the nodes take them; the window ends
+  when the owners' live state has taken every record, not at the last commit), gross and
+  net of the fixed cost: records/s, how long the live state lagged the last commit;
+* PostgreSQL bytes per record, Redis commands per record, stream entries per record;
 * fan-out latency: from a record's creation (its ``ts``) to the delta reaching a /ws/live
   client (the lot's ``updated``), p50 and p99, for clients on a node that does NOT own the
   lot (with 1 node there is none: the owner's own client is reported instead) -- measured
-  in a second phase at a paced ``--paced-rate``, not during the flood (which would measure
-  its backlog).
+  in a last paced phase with one client per node following ``lot/+``.
 
     python bench/cluster.py [--records 240000] [--runs 3] [--gateways 6] [--nodes 1,3]
 
@@ -123,7 +127,7 @@ def self_cpu() -> float:
 
 
 def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as r:
+    with urllib.request.urlopen(url, timeout=60) as r:  # a node catching up answers late
         return json.loads(r.read())
 
 
@@ -340,6 +344,40 @@ async def one_run(nodes: NodeSet, pg: PrivatePg, pg_cpu: PgCpu, redis_pid: int,
         published1 = await trio.to_thread.run_sync(counters, "cluster_published_entries_total")
         mirrored1 = await trio.to_thread.run_sync(counters, "cluster_mirror_entries_total")
         await trio.sleep(2.0)  # the backlog of deltas is published
+        # CPU per record at one fixed rate, the same for every node count: a flood runs
+        # each configuration at its own speed, and the work paid per second of activity
+        # (publisher flushes and snapshots of the active topics, checkpoints) then
+        # divides by different rates.  No /ws/live client yet (unless --flood-follow).
+        sent: list[int] = []
+
+        async def paced(gw: Gateway, lot: str) -> None:
+            sent.append(await push_paced(gw, lot, paced_rate / n_gateways, paced_seconds))
+
+        owned_p0 = await trio.to_thread.run_sync(counters, "cluster_owner_records_total")
+        p_cpu0 = [cpu_seconds(p.pid) for p in procs]
+        p_pg0, p_redis0 = pg_cpu.sample(), cpu_seconds(redis_pid)
+        t_p = time.perf_counter()
+        async with trio.open_nursery() as pushers:
+            for g, (gw, _) in enumerate(gws):
+                pushers.start_soon(paced, gw, lots[g])
+        with trio.move_on_after(60):
+            while (await trio.to_thread.run_sync(counters, "cluster_owner_records_total")
+                   - owned_p0 < sum(sent)):
+                await trio.sleep(0.05)
+        await trio.sleep(0.2)
+        p_elapsed = time.perf_counter() - t_p
+        p_net = [max(0.0, cpu_seconds(p.pid) - a - idle * p_elapsed)
+                 for a, p, idle in zip(p_cpu0, procs, idle_rate, strict=True)]
+        paced_stats = {
+            "paced_records": sum(sent), "paced_rate_real": sum(sent) / p_elapsed,
+            "paced_node_us_per_record": 1e6 * sum(p_net) / max(1, sum(sent)),
+            "paced_node_us_by_node": [1e6 * c / max(1, sum(sent)) for c in p_net],
+            "paced_pg_us_per_record": 1e6 * max(0.0, pg_cpu.sample() - p_pg0
+                                                - idle_pg * p_elapsed) / max(1, sum(sent)),
+            "paced_redis_us_per_record": 1e6 * max(0.0, cpu_seconds(redis_pid) - p_redis0
+                                                   - idle_redis * p_elapsed)
+            / max(1, sum(sent)),
+        }
         # fan-out latency at a sustainable rate (not during the flood above, where it
         # measures the backlog, and where this process -- gateways and clients -- would be
         # a slow reader the nodes drop): paced_rate records/s over all gateways
@@ -391,6 +429,7 @@ async def one_run(nodes: NodeSet, pg: PrivatePg, pg_cpu: PgCpu, redis_pid: int,
         "latency_non_owner": (pct(lat_non_owner, 0.5), pct(lat_non_owner, 0.99),
                               len(lat_non_owner)),
         "latency_owner": (pct(lat_owner, 0.5), pct(lat_owner, 0.99), len(lat_owner)),
+        **paced_stats,
     }
 
 
@@ -447,6 +486,12 @@ def report_run(r: dict[str, Any], run: int) -> None:
           f"{r['entries_per_record']:.4f}/record published, {r['mirrored_per_record']:.4f}"
           f"/record mirrored; fan-out non-owner p50/p99 {_ms(r['latency_non_owner'])}, "
           f"owner {_ms(r['latency_owner'])}", flush=True)
+    print(f"    at a fixed {r['paced_rate_real']:,.0f} records/s ({r['paced_records']} records, "
+          f"fixed rate subtracted): nodes "
+          f"{', '.join(f'{x:.2f}' for x in r['paced_node_us_by_node'])} us = "
+          f"{r['paced_node_us_per_record']:.2f} us all nodes; PG "
+          f"{r['paced_pg_us_per_record']:.2f}, Redis {r['paced_redis_us_per_record']:.2f} us",
+          flush=True)
 
 
 def _ms(lat: tuple[float, float, int]) -> str:
@@ -494,7 +539,8 @@ def main() -> None:
             "pg_cpu_us_per_record", "redis_cpu_us_per_record", "bench_cpu_us_per_record",
             "pg_bytes_per_record", "redis_cmds_per_record", "entries_per_record",
             "mirrored_per_record", "idle_cpu_per_node", "idle_pg", "idle_redis",
-            "idle_redis_cmds_per_s", "live_lag_s")}
+            "idle_redis_cmds_per_s", "live_lag_s", "paced_node_us_per_record",
+            "paced_pg_us_per_record", "paced_redis_us_per_record", "paced_rate_real")}
         med["rate_per_node"] = statistics.median(statistics.mean(r["rate_per_node"])
                                                  for r in rs)
         med["p99_non_owner_ms"] = statistics.median(
@@ -512,14 +558,20 @@ def main() -> None:
         ("PostgreSQL fixed cost, idle (% of a core)", "idle_pg", "pct"),
         ("Redis fixed cost, idle (% of a core)", "idle_redis", "pct"),
         ("Redis commands/s, idle", "idle_redis_cmds_per_s", "{:.1f}"),
-        ("node CPU per record, all nodes, fixed cost subtracted (us)",
+        ("fixed rate: records/s", "paced_rate_real", "{:,.0f}"),
+        ("fixed rate: node CPU per record, all nodes, fixed cost subtracted (us)",
+         "paced_node_us_per_record", "{:.2f}"),
+        ("fixed rate: PostgreSQL CPU per record (us)", "paced_pg_us_per_record", "{:.2f}"),
+        ("fixed rate: Redis CPU per record (us)", "paced_redis_us_per_record", "{:.3f}"),
+        ("flood: node CPU per record, all nodes, fixed cost subtracted (us)",
          "cluster_node_cpu_us_per_record", "{:.2f}"),
-        ("node CPU per record, all nodes, gross (us)", "cluster_node_gross_us_per_record",
+        ("flood: node CPU per record, all nodes, gross (us)",
+         "cluster_node_gross_us_per_record",
          "{:.2f}"),
         ("live state done after the last commit (s)", "live_lag_s", "{:.2f}"),
-        ("PostgreSQL CPU per record (us)", "pg_cpu_us_per_record", "{:.2f}"),
-        ("Redis CPU per record (us)", "redis_cpu_us_per_record", "{:.3f}"),
-        ("bench process (gateways, clients) per record (us)", "bench_cpu_us_per_record",
+        ("flood: PostgreSQL CPU per record (us)", "pg_cpu_us_per_record", "{:.2f}"),
+        ("flood: Redis CPU per record (us)", "redis_cpu_us_per_record", "{:.3f}"),
+        ("flood: bench process (gateways, clients) per record (us)", "bench_cpu_us_per_record",
          "{:.2f}"),
         ("PostgreSQL bytes per record", "pg_bytes_per_record", "{:.1f}"),
         ("Redis commands per record", "redis_cmds_per_record", "{:.4f}"),
@@ -535,14 +587,13 @@ def main() -> None:
                  for m in summary.values()]
         print(f"| {label} | " + " | ".join(cells) + " |")
     if 1 in summary and 3 in summary:
-        for label, key in (("fixed cost subtracted", "cluster_node_cpu_us_per_record"),
-                           ("gross", "cluster_node_gross_us_per_record")):
+        for label, key in (("at a fixed rate", "paced_node_us_per_record"),
+                           ("flood, fixed cost subtracted", "cluster_node_cpu_us_per_record"),
+                           ("flood, gross", "cluster_node_gross_us_per_record")):
             ratio = summary[3][key] / summary[1][key]
-            print(f"node CPU per record ({label}), 3 nodes / 1 node: x{ratio:.2f}")
-        per_run = [b["cluster_node_cpu_us_per_record"] / a["cluster_node_cpu_us_per_record"]
-                   for a, b in zip(results[1], results[3], strict=True)]
-        print("  per interleaved pair of runs: "
-              + ", ".join(f"x{x:.2f}" for x in per_run))
+            per_run = [b[key] / a[key] for a, b in zip(results[1], results[3], strict=True)]
+            print(f"node CPU per record ({label}), 3 nodes / 1 node: x{ratio:.2f} "
+                  f"(interleaved pairs of runs: {', '.join(f'x{x:.2f}' for x in per_run)})")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,41 @@ def test_keys_map_to_shards_by_partition() -> None:
         "redis://127.0.0.1:1/0"]
 
 
+async def test_wake_ups_leases_and_presence_live_on_their_partitions_shard(
+        redis_shards: list[RedisServer]) -> None:  # noqa: F811
+    urls = [s.url for s in redis_shards]
+    prefix = fresh_prefix()
+    async with trio.open_nursery() as nursery:
+        a, b, c = (ClusterBus(urls, prefix, n, partitions=PARTITIONS) for n in "abc")
+        for bus in (a, b, c):
+            await nursery.start(bus.run)
+        got: dict[str, list[tuple[int, int]]] = {"a": [], "b": []}
+        a.on_partition(lambda p, pseq: got["a"].append((p, pseq)))
+        b.on_partition(lambda p, pseq: got["b"].append((p, pseq)))
+        # a owns partitions 1 (shard 1) and 2 (shard 0), b owns 3: a commit's wake-up
+        # reaches its partition's owner only, through the partition's shard
+        await a.follow_partitions([1, 2])
+        await b.follow_partitions([3])
+        await c.notify_partitions({1: 10, 2: 20, 3: 30, 4: 40})
+        await wait_for(lambda: len(got["a"]) == 2 and len(got["b"]) == 1)
+        await trio.sleep(0.2)
+        assert sorted(got["a"]) == [(1, 10), (2, 20)] and got["b"] == [(3, 30)]
+        # leases with their fence, and a gateway's presence, on the partition's shard
+        token = await a.acquire("partition:1", 5.0)
+        assert token is not None and await b.lease_holders(["partition:1", "partition:2"]) \
+            == {"partition:1": ("a", token), "partition:2": None}
+        await a.set_presences(["ate-01", "ate-02"], 5.0)
+        assert await a.heartbeat_and_list(5.0) == ["a"]
+        for name, shard in ((a.key("lease", "partition:1"), 1),
+                            (a.key("presence", "ate-01"), a.shard_of_gateway("ate-01")),
+                            (a.key("presence", "ate-02"), a.shard_of_gateway("ate-02")),
+                            (a.key("nodes"), 0)):
+            assert await a.shards[shard].client.exists([name]) == 1, name  # type: ignore
+            assert await a.shards[1 - shard].client.exists([name]) == 0, name  # type: ignore
+        assert await c.presence("ate-02") == {"node": "a"}
+        nursery.cancel_scope.cancel()
+
+
 async def test_topics_spread_and_one_shards_restart_resyncs_only_its_topics(
         redis_shards: list[RedisServer]) -> None:  # noqa: F811
     urls = [s.url for s in redis_shards]

@@ -22,14 +22,21 @@ piece survives the loss of Redis (a restart with an empty keyspace):
 * **Pub/Sub** ``{prefix}:live``: the same entries pushed to every node at once, so the
   mirrors (``edgegw.hub.cluster.mirror``) follow without polling; a node that misses some
   (a reconnect) fills the gap from the stream by offset -- correctness never rests on
-  Pub/Sub delivery.  ``{prefix}:part`` carries "partition p advanced" wake-ups and
-  ``{prefix}:notice`` small cross-node notices (a gateway taken over elsewhere).
+  Pub/Sub delivery.  ``{prefix}:part:<p>`` carries "partition p advanced" wake-ups (only
+  p's owner subscribes) and ``{prefix}:notice`` small cross-node notices (a gateway taken
+  over elsewhere).
 * **Presence**: ``{prefix}:presence:{gateway}`` hashes with a TTL, and the sorted set
   ``{prefix}:nodes`` (score = expiry in ms) of live nodes.
 * **Leases** ``{prefix}:lease:{name}`` = ``<node>:<token>`` with a TTL, the token from
   ``INCR {prefix}:fence:{name}``: strictly increasing per name, so a write fenced by a
   token (PostgreSQL keeps the highest one seen) refuses a stale holder.  Redis may lose the
   counters; ``seed_fence`` puts them back above what PostgreSQL saw.
+
+**Shards.**  The bus may span several Redis instances (``redis_urls``): a partition's
+keys (its lease and fence, wake-ups, the topics it owns, its gateways' presence) live on
+shard ``partition % shards``, the cluster-wide ones (node registry, the ``alerts`` lease,
+notices, topics no partition owns) on shard 0.  Each shard has its own epoch, health
+checks and Pub/Sub connection, so one shard losing its data resyncs only its topics.
 
 **Health.**  The bus knows when it has not had a successful round trip for
 ``stale_after_s``: it is then *stale* -- this node must stop serving live data (the mirror
@@ -295,6 +302,7 @@ class ClusterBus:
         self._topic_channels: set[str] = set()
         self._follow_all = False
         self._partitions_followed: set[int] = set()  # wake-up channels (owned partitions)
+        self._topic_shards: dict[str, int] = {}  # shard_of_topic's answers
         self._m_stale = self.metrics.gauge(
             "cluster_redis_stale", "1 while this node has no working Redis (no live data)")
         self._m_epoch_changes = self.metrics.counter(
@@ -355,10 +363,16 @@ class ClusterBus:
         (``alert/...``, ``sensor/...``, ``hub/state``) on shard 0."""
         if len(self.shards) == 1:
             return 0
-        from .owner import topic_partition  # the one rule of who publishes a topic
+        shard = self._topic_shards.get(topic)
+        if shard is None:
+            from .owner import topic_partition  # the one rule of who publishes a topic
 
-        p = topic_partition(topic, self.partitions)
-        return CLUSTER_SHARD if p is None or p < 0 else self.shard_of_partition(p)
+            p = topic_partition(topic, self.partitions)
+            shard = CLUSTER_SHARD if p is None or p < 0 else self.shard_of_partition(p)
+            if len(self._topic_shards) > 100_000:  # topics come and go for months
+                self._topic_shards.clear()
+            self._topic_shards[topic] = shard
+        return shard
 
     def shard_of_gateway(self, gateway_id: str) -> int:
         """A gateway's presence lives with its lot-less records' partition (``gw:<id>``)."""
