@@ -269,8 +269,10 @@ async def one_run(nodes: NodeSet, pg: PrivatePg, pg_cpu: PgCpu, redis_pid: int,
     base_applied = await trio.to_thread.run_sync(applied)
     base_bytes = await trio.to_thread.run_sync(db_bytes)
     procs = [p for p in nodes.procs if p is not None]
-    # Let the previous run's backlog drain (a node still catching up is not idle).
-    for _ in range(10):
+    # Let the previous run's backlog drain (a node still catching up is not idle; a run
+    # whose idle window still was not is printed as it is: its net figures then mean
+    # nothing -- look at the fixed cost it prints).
+    for _ in range(30):
         idle0 = [cpu_seconds(p.pid) for p in procs]
         await trio.sleep(1.0)
         if max(cpu_seconds(p.pid) - a for a, p in zip(idle0, procs, strict=True)) < 0.08:
@@ -590,8 +592,9 @@ def main() -> None:
         for label, key in (("at a fixed rate", "paced_node_us_per_record"),
                            ("flood, fixed cost subtracted", "cluster_node_cpu_us_per_record"),
                            ("flood, gross", "cluster_node_gross_us_per_record")):
-            ratio = summary[3][key] / summary[1][key]
-            per_run = [b[key] / a[key] for a, b in zip(results[1], results[3], strict=True)]
+            ratio = summary[3][key] / (summary[1][key] or float("nan"))
+            per_run = [b[key] / (a[key] or float("nan"))  # (0: an idle window not idle)
+                       for a, b in zip(results[1], results[3], strict=True)]
             print(f"node CPU per record ({label}), 3 nodes / 1 node: x{ratio:.2f} "
                   f"(interleaved pairs of runs: {', '.join(f'x{x:.2f}' for x in per_run)})")
 
