@@ -608,6 +608,11 @@ class ClusterBus:
                         if patterns:
                             shard.patterned = pubsub
                         shard.subscriber_ok = True
+                        # The epoch read *after* the subscription is up: a listener that
+                        # resyncs on this reconnect never reads a Redis that lost its data
+                        # as if it were the old epoch's (it would take the emptied heads
+                        # for topics gone, not for an epoch change).
+                        await self._check_shard(shard)
                         if shard.last_ok is not None and (
                                 trio.current_time() - shard.last_ok < self.stale_after_s):
                             self._set_stale(shard, False, "")

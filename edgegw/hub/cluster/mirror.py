@@ -314,6 +314,10 @@ class Mirror:
         epoch change, an overflow, and every ``reconcile_interval_s``).  Topics that no
         longer exist, or that no client here follows any more, are dropped."""
         bus = self.bus
+        # the epochs as they are now, before the heads are read: heads read from a Redis
+        # that lost its data, taken for the old epoch's, would drop every topic as gone
+        # (and clients would see "state_reset" instead of "epoch_changed")
+        await bus.check()
         if len(bus.shards) == 1:
             if bus.epoch != self.epoch or bus.epoch != self.core.epoch:
                 if self.epoch is not None:
