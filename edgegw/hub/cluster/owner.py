@@ -386,22 +386,28 @@ class PartitionOwner:
                 await self.bus.release(lease_name(p), owned.token)
                 log.info("partition %d released (rebalance)", p)
         acquired: list[Owned] = []
-        for p in plan.acquire:
-            token = await self.bus.acquire(lease_name(p), self.lease_ttl_s)
-            if token is None:
-                continue  # another node was quicker: fine
-            self.m_acquired.inc()
-            owned = Owned(p, token, trio.CancelScope())
-            self.owned[p] = owned
-            acquired.append(owned)
-            log.info("partition %d acquired (token %d)", p, token)
-        # Wake-ups go to the owner only (each partition has its channel): subscribed
-        # before the new partitions' first read, so no commit after it goes unheard.
-        await self.bus.follow_partitions(sorted(self.owned))
-        assert self._nursery is not None
-        for owned in acquired:
-            if self.owned.get(owned.partition) is owned:
-                self._nursery.start_soon(self._own_guarded, owned)
+        try:
+            for p in plan.acquire:
+                token = await self.bus.acquire(lease_name(p), self.lease_ttl_s)
+                if token is None:
+                    continue  # another node was quicker: fine
+                self.m_acquired.inc()
+                owned = Owned(p, token, trio.CancelScope())
+                self.owned[p] = owned
+                acquired.append(owned)
+                log.info("partition %d acquired (token %d)", p, token)
+            # Wake-ups go to the owner only (each partition has its channel): subscribed
+            # before the new partitions' first read, so no commit after it goes unheard.
+            try:
+                await self.bus.follow_partitions(sorted(self.owned))
+            except Exception:  # the next round subscribes again; owners also poll
+                log.debug("wake-up subscription not updated", exc_info=True)
+        finally:
+            # (even when the round failed half-way: a lease held is a partition run)
+            assert self._nursery is not None
+            for owned in acquired:
+                if self.owned.get(owned.partition) is owned:
+                    self._nursery.start_soon(self._own_guarded, owned)
 
     async def _own_guarded(self, owned: Owned) -> None:
         with owned.scope:
