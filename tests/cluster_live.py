@@ -88,7 +88,9 @@ class LiveFollower:
                 await self._session()
             except (Closed, OSError, ConnectionError, trio.BrokenResourceError,
                     trio.ClosedResourceError, RemoteProtocolError):
-                pass  # (RemoteProtocolError: the connection cut during the handshake)
+                # (RemoteProtocolError: the load balancer closed the connection before the
+                # upgrade's answer -- no node healthy at that moment, or its node went down)
+                pass
             await trio.sleep(0.2)
 
     async def _session(self) -> None:

@@ -2,7 +2,8 @@
 
 ``redis_server`` (module-scoped fixture): ``redis-server --port <free> --save "" --appendonly
 no`` in a temp dir, private to the test module so that a test may stop and restart it (an
-empty restart is what "Redis lost its data" looks like).  Tests share it with a fresh key
+empty restart is what "Redis lost its data" looks like).  ``redis_shards``: two of them, the
+shards of a sharded bus.  Tests share it with a fresh key
 prefix each (``fresh_prefix``).  Skipped (one line) only when the binary is missing and
 ``CI`` is not ``true``.
 
@@ -13,6 +14,7 @@ the connections that were cut and forwards again (the node reconnects).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -68,8 +70,8 @@ class RedisServer:
         self.start()
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
+@contextlib.contextmanager
+def private_redis() -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
         if os.environ.get("CI") == "true":
             raise RuntimeError("redis-server is required under CI (apt-get install redis)")
@@ -83,6 +85,20 @@ def redis_server() -> Iterator[RedisServer]:
     finally:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with private_redis() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def redis_shards() -> Iterator[list[RedisServer]]:
+    """Two private Redis servers: the shards of a sharded cluster bus
+    (``[hub.cluster] redis_urls``), each restartable on its own."""
+    with private_redis() as first, private_redis() as second:
+        yield [first, second]
 
 
 def fresh_prefix() -> str:

@@ -128,6 +128,45 @@ def test_channels_take_their_offsets_and_epoch_from_outside() -> None:
     assert (snap["epoch"], snap["offset"], snap["resync"]) == ("e2", 1, "epoch_changed")
 
 
+def test_topics_on_another_shard_keep_their_epoch_when_one_shard_changes() -> None:
+    """A node on two Redis shards: each topic carries its shard's epoch (``epoch_of``);
+    a new epoch of one shard resyncs only that shard's topics."""
+    source = Dicts()
+    hub = LiveHub(source, epoch="a1")
+    epochs = {"lot": "a1", "sensor": "b1"}  # shard of each topic's first level
+    hub.epoch_of = lambda topic: epochs[topic.split("/", 1)[0]]
+    for topic in ("lot/x", "sensor/y"):
+        source.views[topic] = {"v": 1}
+        hub.reset_channel(topic, 10)
+    client = hub.connect(JSON, now=0.0)
+    hub.receive(client, json.dumps({"type": "subscribe", "topics": ["lot/+", "sensor/+"]}),
+                0.0)
+    hub.tick(0.0, 0.0)
+    assert {i["topic"]: i["epoch"] for i in items(sent(hub, client))} == {
+        "lot/x": "a1", "sensor/y": "b1"}
+    # shard b loses its data
+    epochs["sensor"] = "b2"
+    hub.set_epoch("b2", lambda topic: topic.startswith("sensor/"))
+    assert hub.epoch == "a1"  # hello's: shard a's
+    hub.publish("lot/x", {"v": 2})
+    hub.reset_channel("sensor/y", 1)
+    hub.tick(0.1, 0.1)
+    got = {i["topic"]: i for i in items(sent(hub, client))}
+    assert (got["lot/x"]["type"], got["lot/x"]["epoch"], got["lot/x"]["from"]) == (
+        "delta", "a1", 10)
+    assert (got["sensor/y"]["type"], got["sensor/y"]["epoch"],
+            got["sensor/y"]["resync"]) == ("snapshot", "b2", "epoch_changed")
+    # resuming checks each topic against its own shard's epoch
+    again = hub.connect(JSON, now=0.2)
+    hub.receive(again, json.dumps({"type": "subscribe", "topics": ["lot/+", "sensor/+"],
+                                   "resume": {"lot/x": ["a1", 10], "sensor/y": ["b1", 1]}}),
+                0.2)
+    hub.tick(0.3, 0.3)
+    got = {i["topic"]: i for i in items(sent(hub, again))}
+    assert got["lot/x"]["type"] == "delta" and "resync" not in got["lot/x"]
+    assert got["sensor/y"]["resync"] == "epoch_changed"
+
+
 def test_an_unavailable_node_says_so_refuses_subscriptions_and_sends_nothing() -> None:
     source = Dicts()
     hub = LiveHub(source, epoch="e1")

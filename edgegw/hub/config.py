@@ -29,6 +29,10 @@ class ClusterSection:
     # truth); a password is better kept in ~/.pgpass or PGPASSWORD than here
     postgres_dsn: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # several Redis instances (shards), used instead of redis_url when set: a partition's
+    # keys live on shard ``partition % len(redis_urls)``, the cluster-wide ones on the
+    # first; every node must list the same URLs in the same order (docs/cluster.md)
+    redis_urls: list[str] = dataclasses.field(default_factory=list)
     # prefix of every Redis key: several clusters may share one Redis
     key_prefix: str = "edgegw"
     # fixed for the life of the cluster: stored in PostgreSQL by the first node; a node
@@ -55,6 +59,15 @@ class ClusterSection:
             problems.append(("node_id", "at most 64 of A-Z a-z 0-9 . _ : -"))
         if not re.fullmatch(r"redis(s)?://\S+", self.redis_url):
             problems.append(("redis_url", "expected redis://host:port/db or rediss://..."))
+        for i, url in enumerate(self.redis_urls):
+            if not isinstance(url, str) or not re.fullmatch(r"redis(s)?://\S+", url):
+                problems.append((f"redis_urls.{i}",
+                                 "expected redis://host:port/db or rediss://..."))
+        if len(set(self.redis_urls)) != len(self.redis_urls):
+            problems.append(("redis_urls", "a URL is listed twice (each shard once)"))
+        if len(self.redis_urls) > self.partitions:
+            problems.append(("redis_urls", f"more shards ({len(self.redis_urls)}) than "
+                             f"partitions ({self.partitions}): some would hold nothing"))
         if not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", self.key_prefix):
             problems.append(("key_prefix", "1-64 of A-Z a-z 0-9 . _ : -"))
         return problems

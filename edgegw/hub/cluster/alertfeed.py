@@ -334,9 +334,10 @@ class GatewayPresence:
                     await self.bus.notify("notice", f"presence {gateway}".encode())
                 if trio.current_time() >= refresh_at:
                     refresh_at = trio.current_time() + self.ttl_s / 3
-                    for gateway, (generation, at) in list(self.connected().items()):
-                        await self.bus.claim_presence(gateway, generation, self.ttl_s,
-                                                      connected_at=repr(at))
+                    await self.bus.claim_presences(
+                        {gateway: (generation, {"connected_at": repr(at)})
+                         for gateway, (generation, at) in self.connected().items()},
+                        self.ttl_s)
             except Exception:  # Redis away: presence lapses; owners see it (stale bus)
                 log.debug("gateway presence not refreshed", exc_info=True)
                 refresh_at = max(refresh_at, trio.current_time() + self.ttl_s / 3)

@@ -22,14 +22,21 @@ piece survives the loss of Redis (a restart with an empty keyspace):
 * **Pub/Sub** ``{prefix}:live``: the same entries pushed to every node at once, so the
   mirrors (``edgegw.hub.cluster.mirror``) follow without polling; a node that misses some
   (a reconnect) fills the gap from the stream by offset -- correctness never rests on
-  Pub/Sub delivery.  ``{prefix}:part`` carries "partition p advanced" wake-ups and
-  ``{prefix}:notice`` small cross-node notices (a gateway taken over elsewhere).
+  Pub/Sub delivery.  ``{prefix}:part:<p>`` carries "partition p advanced" wake-ups (only
+  p's owner subscribes) and ``{prefix}:notice`` small cross-node notices (a gateway taken
+  over elsewhere).
 * **Presence**: ``{prefix}:presence:{gateway}`` hashes with a TTL, and the sorted set
   ``{prefix}:nodes`` (score = expiry in ms) of live nodes.
 * **Leases** ``{prefix}:lease:{name}`` = ``<node>:<token>`` with a TTL, the token from
   ``INCR {prefix}:fence:{name}``: strictly increasing per name, so a write fenced by a
   token (PostgreSQL keeps the highest one seen) refuses a stale holder.  Redis may lose the
   counters; ``seed_fence`` puts them back above what PostgreSQL saw.
+
+**Shards.**  The bus may span several Redis instances (``redis_urls``): a partition's
+keys (its lease and fence, wake-ups, the topics it owns, its gateways' presence) live on
+shard ``partition % shards``, the cluster-wide ones (node registry, the ``alerts`` lease,
+notices, topics no partition owns) on shard 0.  Each shard has its own epoch, health
+checks and Pub/Sub connection, so one shard losing its data resyncs only its topics.
 
 **Health.**  The bus knows when it has not had a successful round trip for
 ``stale_after_s``: it is then *stale* -- this node must stop serving live data (the mirror
@@ -49,8 +56,8 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import trio
@@ -62,6 +69,8 @@ if TYPE_CHECKING:  # coredis is an optional dependency (the ``cluster`` extra)
     import coredis
 
 log = logging.getLogger("edgegw.hub.cluster.bus")
+
+T = TypeVar("T")
 
 
 class EpochChanged(Exception):
@@ -219,24 +228,60 @@ def _new_epoch() -> str:
 
 Handler = Callable[[bytes], None]
 
+#: the shard of the cluster-wide keys (node registry, the ``alerts`` lease, notices) and
+#: of the topics no partition owns (``alert/...``, ``sensor/...``)
+CLUSTER_SHARD = 0
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _Shard:
+    """One Redis instance of the bus: its client, scripts, epoch, health and Pub/Sub."""
+
+    def __init__(self, index: int, url: str) -> None:
+        self.index = index
+        self.url = url
+        self.client: coredis.Redis[bytes] | None = None
+        self.scripts: dict[str, Any] = {}
+        self.epoch: str | None = None
+        self.stale = True  # until the first round trip
+        self.stale_reason = "not connected yet"
+        self.last_ok: float | None = None  # trio clock of the last successful round trip
+        self.subscriber_ok = False
+        self.pubsub: Any = None  # the live subscription, while it is up
+        self.patterned: Any = None  # the subscription that has the all-topics pattern
+        self.live_subs: set[str] = set()  # topic channels the current subscription has
+        self.part_subs: set[int] = set()  # partition wake-up channels it has
+
 
 class ClusterBus:
-    """One node's connection to the cluster's Redis.  Start with ``nursery.start(bus.run)``:
-    it returns once Redis answered and the epoch is known (``epoch``)."""
+    """One node's connection to the cluster's Redis -- one instance, or several shards
+    (``redis_url`` a list): a partition's keys all live on shard ``partition % shards``,
+    the cluster-wide keys on shard 0 (docs/cluster.md, "Shards").  Start with
+    ``nursery.start(bus.run)``: it returns once every shard answered and its epoch is
+    known (``epochs``; ``epoch`` is shard 0's)."""
 
     def __init__(
         self,
-        redis_url: str,
+        redis_url: str | Sequence[str],
         prefix: str,
         node_id: str,
         *,
+        partitions: int = 1,
         stale_after_s: float = 3.0,
         check_interval_s: float | None = None,
         history: int = 1024,
         gone_ttl_s: float = 3600.0,
         metrics: Metrics | None = None,
     ) -> None:
-        self.redis_url = redis_url
+        urls = [redis_url] if isinstance(redis_url, str) else list(redis_url)
+        assert urls, "at least one Redis URL"
+        self.redis_urls = urls
+        self.redis_url = urls[0]
+        self.shards = [_Shard(i, u) for i, u in enumerate(urls)]
+        self.partitions = partitions
         self.prefix = prefix
         self.node_id = node_id
         self.stale_after_s = stale_after_s
@@ -245,26 +290,19 @@ class ClusterBus:
         self.history = history
         self.gone_ttl_ms = int(gone_ttl_s * 1000)
         self.metrics = metrics or Metrics()
-        self.epoch: str | None = None
-        self.stale = True  # until the first round trip
-        self.stale_reason = "not connected yet"
-        self.last_ok: float | None = None  # trio clock of the last successful round trip
         self.since: float = 0.0  # trio clock of the last change of ``stale``
-        # Bumped whenever the bus (re)gains Redis or the epoch changes: listeners resync.
+        # Bumped whenever a shard (re)gains Redis or changes epoch: listeners resync.
         self.generation = 0
         self.changed = trio.Event()  # set (and replaced) on every change of state
-        self._client: coredis.Redis[bytes] | None = None
-        self._scripts: dict[str, Any] = {}
         self._handlers: dict[str, list[Handler]] = {}
         self._held: dict[str, _Held] = {}
-        self._subscriber_ok = False
         self._ever_ok = False
+        self._was_stale = True
         # Topic channels followed (``follow_topics``), or all of them by pattern.
         self._topic_channels: set[str] = set()
         self._follow_all = False
-        self._pubsub: Any = None  # the live subscription, while it is up
-        self._patterned: Any = None  # the subscription that has the all-topics pattern
-        self._live_subs: set[str] = set()  # topics the current subscription has
+        self._partitions_followed: set[int] = set()  # wake-up channels (owned partitions)
+        self._topic_shards: dict[str, int] = {}  # shard_of_topic's answers
         self._m_stale = self.metrics.gauge(
             "cluster_redis_stale", "1 while this node has no working Redis (no live data)")
         self._m_epoch_changes = self.metrics.counter(
@@ -275,7 +313,7 @@ class ClusterBus:
                                                  "topic stream entries this node published")
         self._m_stale.set(1)
 
-    # ------------------------------------------------------------------ keys
+    # ------------------------------------------------------------------ keys and shards
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -284,49 +322,133 @@ class ClusterBus:
     def live_channel(self) -> str:
         return self.key("live")
 
+    @property
+    def epoch(self) -> str | None:
+        """Shard 0's epoch (the one a single-shard cluster has; ``hello`` carries it)."""
+        return self.shards[CLUSTER_SHARD].epoch
+
+    @property
+    def epochs(self) -> tuple[str | None, ...]:
+        """Every shard's epoch, by shard."""
+        return tuple(s.epoch for s in self.shards)
+
+    @property
+    def stale(self) -> bool:
+        """True while any shard is stale: the node then serves no live data at all (a
+        dashboard's topics span shards; half a view shown as live would be worse)."""
+        return any(s.stale for s in self.shards)
+
+    @property
+    def stale_reason(self) -> str:
+        for s in self.shards:
+            if s.stale:
+                return s.stale_reason if len(self.shards) == 1 else \
+                    f"shard {s.index}: {s.stale_reason}"
+        return ""
+
+    @property
+    def last_ok(self) -> float | None:
+        oks = [s.last_ok for s in self.shards]
+        return None if None in oks else min(o for o in oks if o is not None)
+
+    @property
+    def _client(self) -> coredis.Redis[bytes] | None:
+        return self.shards[CLUSTER_SHARD].client
+
+    def shard_of_partition(self, partition: int) -> int:
+        return partition % len(self.shards)
+
+    def shard_of_topic(self, topic: str) -> int:
+        """A partition's topics live on the partition's shard; topics no partition owns
+        (``alert/...``, ``sensor/...``, ``hub/state``) on shard 0."""
+        if len(self.shards) == 1:
+            return 0
+        shard = self._topic_shards.get(topic)
+        if shard is None:
+            from .owner import topic_partition  # the one rule of who publishes a topic
+
+            p = topic_partition(topic, self.partitions)
+            shard = CLUSTER_SHARD if p is None or p < 0 else self.shard_of_partition(p)
+            if len(self._topic_shards) > 100_000:  # topics come and go for months
+                self._topic_shards.clear()
+            self._topic_shards[topic] = shard
+        return shard
+
+    def shard_of_gateway(self, gateway_id: str) -> int:
+        """A gateway's presence lives with its lot-less records' partition (``gw:<id>``)."""
+        if len(self.shards) == 1:
+            return 0
+        from .partition import partition_of
+
+        return self.shard_of_partition(partition_of("gw:" + gateway_id, self.partitions))
+
+    def shard_of_lease(self, name: str) -> int:
+        kind, _, number = name.partition(":")
+        if kind == "partition" and number.isdigit():
+            return self.shard_of_partition(int(number))
+        return CLUSTER_SHARD
+
+    def epoch_of_topic(self, topic: str) -> str | None:
+        return self.shards[self.shard_of_topic(topic)].epoch
+
+    def _by_shard(self, items: Sequence[T], shard_of: Callable[[T], int]
+                  ) -> dict[int, list[tuple[int, T]]]:
+        out: dict[int, list[tuple[int, T]]] = {}
+        for i, item in enumerate(items):
+            out.setdefault(shard_of(item), []).append((i, item))
+        return out
+
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                   ) -> None:
         import coredis  # lazily: the base install runs without the cluster extra
 
-        url = urlsplit(self.redis_url)
-        db = int(url.path.lstrip("/") or 0)
         # A command that gets no answer in half the stale period has failed: the health
         # check retries well within the period.
         timeout = max(0.2, self.stale_after_s / 2)
-        client: coredis.Redis[bytes] = coredis.Redis(
-            host=url.hostname or "127.0.0.1", port=url.port or 6379, db=db,
-            username=url.username, password=url.password,
-            stream_timeout=timeout, connect_timeout=timeout,
-            # The bus retries at its own pace (health loop, publisher): a command fails fast.
-            retry_policy=coredis.retry.NoRetryPolicy(),
-        )
         with _cancel_wins():
-            await self._serve(client, task_status)
+            async with contextlib.AsyncExitStack() as stack:
+                for shard in self.shards:
+                    url = urlsplit(shard.url)
+                    client: coredis.Redis[bytes] = coredis.Redis(
+                        host=url.hostname or "127.0.0.1", port=url.port or 6379,
+                        db=int(url.path.lstrip("/") or 0),
+                        username=url.username, password=url.password,
+                        stream_timeout=timeout, connect_timeout=timeout,
+                        # The bus retries at its own pace (health loop, publisher): a
+                        # command fails fast.
+                        retry_policy=coredis.retry.NoRetryPolicy(),
+                    )
+                    await stack.enter_async_context(client)
+                    shard.client = client
+                    for name, body in (("publish", _PUBLISH), ("acquire", _ACQUIRE),
+                                       ("renew", _RENEW), ("release", _RELEASE),
+                                       ("seed", _SEED),
+                                       ("claim_presence", self._CLAIM_PRESENCE),
+                                       ("drop_presence", self._DROP_PRESENCE)):
+                        shard.scripts[name] = client.register_script(body)
+                await self._serve(task_status)
 
-    async def _serve(self, client: coredis.Redis[bytes], task_status: trio.TaskStatus[None],
-                     ) -> None:
-        async with client:
-            self._client = client
-            for name, body in (("publish", _PUBLISH), ("acquire", _ACQUIRE),
-                               ("renew", _RENEW), ("release", _RELEASE), ("seed", _SEED)):
-                self._scripts[name] = client.register_script(body)
+    async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
+        for shard in self.shards:
             backoff = Backoff(0.1, 2.0)
             while True:  # the first round trip: wait for Redis
-                if await self.check():
+                if await self._check_shard(shard):
                     break
                 await trio.sleep(backoff.next_delay())
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._health_loop)
-                nursery.start_soon(self._watchdog)
-                nursery.start_soon(self._subscriber)
-                while self.stale:  # ready once the Pub/Sub subscription is up too
-                    await self.wait_changed()
-                task_status.started()
+        async with trio.open_nursery() as nursery:
+            for shard in self.shards:
+                nursery.start_soon(self._health_loop, shard)
+                nursery.start_soon(self._watchdog, shard)
+                nursery.start_soon(self._subscriber, shard)
+            while self.stale:  # ready once every Pub/Sub subscription is up too
+                await self.wait_changed()
+            task_status.started()
 
-    async def _call(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
-        """One Redis round trip with a deadline; a success proves Redis is reachable."""
+    async def _call(self, what: str, fn: Callable[[], Awaitable[Any]],
+                    shard: int = CLUSTER_SHARD) -> Any:
+        """One Redis round trip with a deadline; a success proves the shard reachable."""
         deadline = max(0.2, self.stale_after_s / 2)
         try:
             with trio.fail_after(deadline):
@@ -338,137 +460,177 @@ class ClusterBus:
             import coredis.exceptions as cx
 
             if isinstance(exc, cx.ResponseError) and "EPOCH" in str(exc):
-                self._ok()
+                self._ok(self.shards[shard])
                 raise EpochChanged(str(exc)) from None
             if isinstance(exc, (cx.ConnectionError, TimeoutError, OSError)):
                 self._m_errors.inc(op=what)
                 raise BusUnavailable(f"{what}: {exc}") from exc
             raise
-        self._ok()
+        self._ok(self.shards[shard])
         return result
 
-    def _ok(self) -> None:
-        self.last_ok = trio.current_time()
-        if self.stale and self._subscriber_ok:
-            self._set_stale(False, "")
+    def _client_of(self, shard: int) -> coredis.Redis[bytes]:
+        client = self.shards[shard].client
+        assert client is not None
+        return client
 
-    def _set_stale(self, stale: bool, reason: str) -> None:
-        if stale == self.stale:
+    def _ok(self, shard: _Shard) -> None:
+        shard.last_ok = trio.current_time()
+        if shard.stale and shard.subscriber_ok:
+            self._set_stale(shard, False, "")
+
+    def _set_stale(self, shard: _Shard, stale: bool, reason: str) -> None:
+        if stale == shard.stale:
             return
-        self.stale = stale
-        self.stale_reason = reason
-        self.since = trio.current_time()
-        self._m_stale.set(1 if stale else 0)
+        shard.stale = stale
+        shard.stale_reason = reason
         if stale:
-            log.error("cluster: lost Redis (%s): this node stops serving live data and "
-                      "holds no lease until it is back", reason)
-            self._held.clear()
-        else:
-            if self._ever_ok:
-                log.warning("cluster: Redis reachable again (epoch %s): resyncing", self.epoch)
-            else:
-                log.info("cluster: connected to Redis (epoch %s)", self.epoch)
-            self._ever_ok = True
+            log.error("cluster: lost Redis%s (%s): this node stops serving live data and "
+                      "holds no lease there until it is back",
+                      f" shard {shard.index}" if len(self.shards) > 1 else "", reason)
+            self._drop_leases(shard.index)
+        now_stale = self.stale
+        if now_stale != self._was_stale:
+            self._was_stale = now_stale
+            self.since = trio.current_time()
+            self._m_stale.set(1 if now_stale else 0)
+            if not now_stale:
+                if self._ever_ok:
+                    log.warning("cluster: Redis reachable again (epochs %s): resyncing",
+                                self.epochs)
+                else:
+                    log.info("cluster: connected to Redis (epochs %s)", self.epochs)
+                self._ever_ok = True
+        if not stale:
             self.generation += 1
         self._signal()
+
+    def _drop_leases(self, shard: int) -> None:
+        for name in [n for n in self._held if self.shard_of_lease(n) == shard]:
+            del self._held[name]
 
     def _signal(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
 
-    async def check(self) -> bool:
-        """One health round trip: read (create if missing) the epoch.  True when it worked."""
+    async def check(self, shard: int | None = None) -> bool:
+        """One health round trip per shard (or to ``shard``): read (create if missing) the
+        epoch.  True when every one worked."""
+        ok = True
+        for s in self.shards if shard is None else [self.shards[shard]]:
+            ok = await self._check_shard(s) and ok
+        return ok
+
+    async def _check_shard(self, shard: _Shard) -> bool:
         import coredis
 
-        assert self._client is not None
-        client = self._client
+        client = shard.client
+        assert client is not None
         key = self.key("epoch")
         try:
-            value = await self._call("epoch", lambda: client.get(key))
+            value = await self._call("epoch", lambda: client.get(key), shard.index)
             if value is None:
                 # Redis lost its data (or this is the cluster's first start): a new epoch.
                 # SET NX: one value wins when several nodes race.
                 candidate = _new_epoch()
                 await self._call("epoch", lambda: client.set(key, candidate, condition=
-                                                             coredis.PureToken.NX))
-                value = await self._call("epoch", lambda: client.get(key))
+                                                             coredis.PureToken.NX),
+                                 shard.index)
+                value = await self._call("epoch", lambda: client.get(key), shard.index)
         except BusUnavailable as exc:
-            if self.last_ok is None or trio.current_time() - self.last_ok >= self.stale_after_s:
-                self._set_stale(True, str(exc))
+            if shard.last_ok is None or \
+                    trio.current_time() - shard.last_ok >= self.stale_after_s:
+                self._set_stale(shard, True, str(exc))
             return False
-        epoch = value.decode() if isinstance(value, bytes) else str(value)
-        if epoch != self.epoch:
-            if self.epoch is not None:
-                log.warning("cluster: live epoch changed %s -> %s (Redis lost its data): "
-                            "live clients resync", self.epoch, epoch)
+        epoch = _text(value)
+        if epoch != shard.epoch:
+            if shard.epoch is not None:
+                log.warning("cluster: live epoch%s changed %s -> %s (Redis lost its data): "
+                            "live clients of its topics resync",
+                            f" of shard {shard.index}" if len(self.shards) > 1 else "",
+                            shard.epoch, epoch)
                 self._m_epoch_changes.inc()
-                # Leases went with the data: none is held any more.
-                self._held.clear()
-            self.epoch = epoch
+                # Leases went with the data: none on this shard is held any more.
+                self._drop_leases(shard.index)
+            shard.epoch = epoch
             self.generation += 1
             self._signal()
         return True
 
-    async def _health_loop(self) -> None:
+    async def _health_loop(self, shard: _Shard) -> None:
         while True:
             await trio.sleep(self.check_interval_s)
-            await self.check()
+            await self._check_shard(shard)
 
-    async def _watchdog(self) -> None:
+    async def _watchdog(self, shard: _Shard) -> None:
         """Stale exactly ``stale_after_s`` after the last successful round trip, whatever
         the commands in flight are doing (a cut link makes them hang, not fail)."""
         while True:
-            if not self.stale and self.last_ok is not None:
-                deadline = self.last_ok + self.stale_after_s
+            if not shard.stale and shard.last_ok is not None:
+                deadline = shard.last_ok + self.stale_after_s
                 if trio.current_time() < deadline:
                     await trio.sleep_until(deadline)
                     continue
-                self._set_stale(True, f"no answer from Redis for {self.stale_after_s} s")
+                self._set_stale(shard, True, f"no answer from Redis for {self.stale_after_s} s")
             await trio.sleep(self.check_interval_s / 2)
 
-    async def _subscriber(self) -> None:
-        """The node's one Pub/Sub connection; dispatches by channel.  It is reopened (and
-        listeners resync through ``generation``) whenever it fails or the bus goes stale --
-        messages sent meanwhile are lost, which is why every listener can catch up."""
+    def _part_channel(self, partition: int) -> str:
+        return self.key("part", str(partition))
+
+    async def _subscriber(self, shard: _Shard) -> None:
+        """The shard's one Pub/Sub connection; dispatches by channel.  It is reopened (and
+        listeners resync through ``generation``) whenever it fails or the shard goes stale
+        -- messages sent meanwhile are lost, which is why every listener can catch up."""
         import coredis.exceptions as cx
 
-        assert self._client is not None
+        client = shard.client
+        assert client is not None
         backoff = Backoff(0.1, 2.0)
-        fixed = [self.key(name) for name in ("live", "part", "notice")]
+        fixed = [self.key(name) for name in ("live", "notice")]
         topic_prefix = self.live_channel + ":"
+        part_prefix = self.key("part") + ":"
         while True:
             try:
-                topics = set(self._topic_channels)
-                channels = [*fixed, *(topic_prefix + t for t in topics)]
+                topics = {t for t in self._topic_channels
+                          if self.shard_of_topic(t) == shard.index}
+                parts = {p for p in self._partitions_followed
+                         if self.shard_of_partition(p) == shard.index}
+                channels = [*fixed, *(topic_prefix + t for t in topics),
+                            *(self._part_channel(p) for p in parts)]
                 patterns = [topic_prefix + "*"] if self._follow_all else None
                 with _cancel_wins(), trio.CancelScope() as scope:
-                    async with self._client.pubsub(channels=channels, patterns=patterns,
-                                                   retry_policy=None,
-                                                   ignore_subscribe_messages=True,
-                                                   max_idle_seconds=self.check_interval_s,
-                                                   ) as pubsub:
-                        self._pubsub = pubsub
-                        self._live_subs = topics
+                    async with client.pubsub(channels=channels, patterns=patterns,
+                                             retry_policy=None,
+                                             ignore_subscribe_messages=True,
+                                             max_idle_seconds=self.check_interval_s,
+                                             ) as pubsub:
+                        shard.pubsub = pubsub
+                        shard.live_subs = topics
+                        shard.part_subs = parts
                         if patterns:
-                            self._patterned = pubsub
-                        self._subscriber_ok = True
-                        if self.last_ok is not None and (
-                                trio.current_time() - self.last_ok < self.stale_after_s):
-                            self._set_stale(False, "")
+                            shard.patterned = pubsub
+                        shard.subscriber_ok = True
+                        # The epoch read *after* the subscription is up: a listener that
+                        # resyncs on this reconnect never reads a Redis that lost its data
+                        # as if it were the old epoch's (it would take the emptied heads
+                        # for topics gone, not for an epoch change).
+                        await self._check_shard(shard)
+                        if shard.last_ok is not None and (
+                                trio.current_time() - shard.last_ok < self.stale_after_s):
+                            self._set_stale(shard, False, "")
                         # Listeners resync after every reconnect of the subscription.
                         self.generation += 1
                         self._signal()
                         backoff.reset()
                         async with trio.open_nursery() as nursery:
-                            nursery.start_soon(self._cancel_when_stale, scope)
+                            nursery.start_soon(self._cancel_when_stale, shard, scope)
                             async for message in pubsub:
                                 if message["type"] not in ("message", "pmessage"):
                                     continue
-                                channel = message["channel"]
-                                channel = (channel.decode() if isinstance(channel, bytes)
-                                           else channel)
+                                channel = _text(message["channel"])
                                 # a topic's entries -> "live"; the catalogue -> "catalogue"
                                 name = ("live" if channel.startswith(topic_prefix)
+                                        else "part" if channel.startswith(part_prefix)
                                         else "catalogue" if channel == self.live_channel
                                         else channel.rsplit(":", 1)[-1])
                                 data = message["data"]
@@ -480,57 +642,80 @@ class ClusterBus:
                 log.debug("cluster: Pub/Sub connection lost: %s", exc)
             except Exception:  # anyio may wrap errors in groups: log and reconnect
                 log.debug("cluster: Pub/Sub connection failed", exc_info=True)
-            self._pubsub = None
-            self._subscriber_ok = False
+            shard.pubsub = None
+            shard.subscriber_ok = False
             await trio.sleep(backoff.next_delay())
             # Cut off: reconnect once the health checks get through again.
             while True:
-                if self.last_ok is not None and (
-                        trio.current_time() - self.last_ok < self.stale_after_s):
+                if shard.last_ok is not None and (
+                        trio.current_time() - shard.last_ok < self.stale_after_s):
                     break
                 await trio.sleep(self.check_interval_s / 2)
 
     async def follow_all(self) -> None:
-        """Receive every topic's entries (one pattern subscription): a node that mirrors
-        everything.  Otherwise only ``follow_topics``'s.  Returns once Redis confirmed it
-        (or the subscription is down: it is made when it reopens)."""
+        """Receive every topic's entries (one pattern subscription per shard): a node that
+        mirrors everything.  Otherwise only ``follow_topics``'s.  Returns once Redis
+        confirmed it (or a subscription is down: it is made when it reopens)."""
         self._follow_all = True
-        pubsub = self._pubsub
-        if pubsub is None or self._patterned is pubsub:
-            return
-        try:
-            with trio.fail_after(max(0.5, self.stale_after_s)):
-                await pubsub.psubscribe(self.live_channel + ":*")
-        except (trio.TooSlowError, OSError, TimeoutError) as exc:
-            raise BusUnavailable(f"psubscribe: {exc!r}") from None
-        self._patterned = pubsub
+        for shard in self.shards:
+            pubsub = shard.pubsub
+            if pubsub is None or shard.patterned is pubsub:
+                continue
+            try:
+                with trio.fail_after(max(0.5, self.stale_after_s)):
+                    await pubsub.psubscribe(self.live_channel + ":*")
+            except (trio.TooSlowError, OSError, TimeoutError) as exc:
+                raise BusUnavailable(f"psubscribe: {exc!r}") from None
+            shard.patterned = pubsub
 
     def followed_topics(self) -> list[str]:
         """The topics whose channels this node wants (``follow_topics``)."""
         return list(self._topic_channels)
 
     async def follow_topics(self, add: Sequence[str] = (), remove: Sequence[str] = ()) -> None:
-        """Subscribe to (unsubscribe from) these topics' channels.  Returns once Redis
-        confirmed the subscription, so an entry published after this returns is delivered
-        (the caller reads the stream after it: nothing falls in between).  Kept across
-        reconnections of the subscription."""
-        prefix = self.live_channel + ":"
+        """Subscribe to (unsubscribe from) these topics' channels, each on its shard.
+        Returns once Redis confirmed the subscription, so an entry published after this
+        returns is delivered (the caller reads the stream after it: nothing falls in
+        between).  Kept across reconnections of the subscription."""
         self._topic_channels.update(add)
         self._topic_channels.difference_update(remove)
-        pubsub = self._pubsub
-        if pubsub is None or self._follow_all:
-            return  # subscribed with the rest when the subscription (re)opens
-        # against what *this* subscription has (a reopened one has what was wanted then)
-        live = self._live_subs
-        new = [t for t in dict.fromkeys(add) if t not in live]
-        gone = [t for t in dict.fromkeys(remove) if t in live]
+        if self._follow_all:
+            return  # the pattern has them all
+        prefix = self.live_channel + ":"
+        for shard in self.shards:
+            pubsub = shard.pubsub
+            if pubsub is None:
+                continue  # subscribed with the rest when the subscription (re)opens
+            mine = [t for t in dict.fromkeys(add) if self.shard_of_topic(t) == shard.index]
+            gone = [t for t in dict.fromkeys(remove) if t in shard.live_subs]
+            # against what *this* subscription has (a reopened one has what was wanted)
+            await self._resubscribe(pubsub, shard.live_subs,
+                                    [t for t in mine if t not in shard.live_subs], gone,
+                                    lambda t: prefix + t)
+
+    async def follow_partitions(self, partitions: Collection[int]) -> None:
+        """Receive the wake-ups of exactly these partitions (the ones this node owns):
+        ``{prefix}:part:<p>`` on the partition's shard, so a commit wakes the partition's
+        owner and no other node."""
+        wanted = set(partitions)
+        self._partitions_followed = wanted
+        for shard in self.shards:
+            pubsub = shard.pubsub
+            if pubsub is None:
+                continue
+            mine = {p for p in wanted if self.shard_of_partition(p) == shard.index}
+            await self._resubscribe(pubsub, shard.part_subs, sorted(mine - shard.part_subs),
+                                    sorted(shard.part_subs - mine), self._part_channel)
+
+    async def _resubscribe(self, pubsub: Any, live: set[Any], new: Sequence[Any],
+                           gone: Sequence[Any], channel: Callable[[Any], str]) -> None:
         try:
             with trio.fail_after(max(0.5, self.stale_after_s)):
                 for i in range(0, len(new), 500):
-                    await pubsub.subscribe(*(prefix + t for t in new[i:i + 500]))
+                    await pubsub.subscribe(*(channel(t) for t in new[i:i + 500]))
                     live.update(new[i:i + 500])
                 for i in range(0, len(gone), 500):
-                    await pubsub.unsubscribe(*(prefix + t for t in gone[i:i + 500]))
+                    await pubsub.unsubscribe(*(channel(t) for t in gone[i:i + 500]))
                     live.difference_update(gone[i:i + 500])
         except (trio.TooSlowError, OSError, TimeoutError) as exc:
             raise BusUnavailable(f"subscribe: {exc!r}") from None
@@ -541,8 +726,8 @@ class ClusterBus:
                 raise BusUnavailable(f"subscribe: {exc}") from exc
             raise
 
-    async def _cancel_when_stale(self, scope: trio.CancelScope) -> None:
-        while not self.stale:
+    async def _cancel_when_stale(self, shard: _Shard, scope: trio.CancelScope) -> None:
+        while not shard.stale:
             await self.wait_changed()
         scope.cancel()
 
@@ -552,16 +737,21 @@ class ClusterBus:
     # ------------------------------------------------------------------ health
 
     def health(self) -> dict[str, Any]:
-        """For /healthz and /api/stats: ``ok`` False while stale."""
+        """For /healthz and /api/stats: ``ok`` False while any shard is stale."""
         now = trio.current_time()
-        return {
+        last_ok = self.last_ok
+        out: dict[str, Any] = {
             "ok": not self.stale,
             "redis": "stale" if self.stale else "ok",
             "reason": self.stale_reason or None,
             "epoch": self.epoch,
-            "last_ok_s_ago": None if self.last_ok is None else round(now - self.last_ok, 2),
+            "last_ok_s_ago": None if last_ok is None else round(now - last_ok, 2),
             "leases_held": len(self._held),
         }
+        if len(self.shards) > 1:
+            out["shards"] = [{"shard": s.index, "redis": "stale" if s.stale else "ok",
+                              "epoch": s.epoch} for s in self.shards]
+        return out
 
     # ------------------------------------------------------------------ Pub/Sub handlers
 
@@ -582,14 +772,31 @@ class ClusterBus:
         self.on("part", parse)
         return parse
 
+    async def notify_partitions(self, heads: dict[int, int]) -> None:
+        """Best effort: wake the owners of these partitions (each on its own channel: only
+        the owner subscribes to it), one pipeline per shard.  Owners also poll."""
+        for shard, items in self._by_shard(sorted(heads.items()),
+                                           lambda item: self.shard_of_partition(item[0])
+                                           ).items():
+            client = self._client_of(shard)
+
+            async def run(items: list[tuple[int, tuple[int, int]]] = items,
+                          client: Any = client) -> None:
+                async with client.pipeline(transaction=False) as pipe:
+                    for _, (p, pseq) in items:
+                        pipe.publish(self._part_channel(p), f"{p} {pseq}".encode())
+
+            try:
+                await self._call("notify", run, shard)
+            except BusUnavailable as exc:
+                log.debug("cluster: wake-ups not sent: %s", exc)
+
     async def notify_partition(self, partition: int, pseq: int) -> None:
-        """Best effort: wake the partition's owner (it also polls)."""
-        await self.notify("part", f"{partition} {pseq}".encode())
+        await self.notify_partitions({partition: pseq})
 
     async def notify(self, name: str, data: bytes) -> None:
-        """Best effort: a lost notice costs latency, never correctness."""
-        assert self._client is not None
-        client = self._client
+        """Best effort (on shard 0): a lost notice costs latency, never correctness."""
+        client = self._client_of(CLUSTER_SHARD)
         try:
             await self._call("notify", lambda: client.publish(self.key(name), data))
         except BusUnavailable as exc:
@@ -599,14 +806,14 @@ class ClusterBus:
 
     async def publish_entries(
         self, epoch: str, entries: Sequence[tuple[str, int, str, bytes, bytes | None]],
+        shard: int = CLUSTER_SHARD,
     ) -> list[int]:
-        """Publish ``(topic, n, kind, payload, snapshot)`` entries in one pipeline; returns
-        each one's head offset.  Raises ``EpochChanged`` when Redis's epoch is not
-        ``epoch`` (nothing of the batch after the failing entry is applied) and
-        ``BusUnavailable``."""
-        assert self._client is not None
-        script = self._scripts["publish"]
-        client = self._client
+        """Publish ``(topic, n, kind, payload, snapshot)`` entries, all of topics on
+        ``shard``, in one pipeline; returns each one's head offset.  Raises
+        ``EpochChanged`` when the shard's epoch is not ``epoch`` (nothing of the batch
+        after the failing entry is applied) and ``BusUnavailable``."""
+        script = self.shards[shard].scripts["publish"]
+        client = self._client_of(shard)
         common_keys = [self.key("epoch"), self.key("heads"), self.key("topics")]
         common_args = [epoch, self.history, self.live_channel, self.gone_ttl_ms]
 
@@ -627,81 +834,96 @@ class ClusterBus:
                            for i in range(0, len(entries), PUBLISH_BATCH)]
             return [int(h) for f in futures for h in await f]
 
-        heads = await self._call("publish", run)
+        heads = await self._call("publish", run, shard)
         self._m_published.inc(len(entries))
         return heads
 
     async def read_topic(self, topic: str, after: int = 0) -> list[StreamEntry]:
         """The topic's stream entries whose last offset is above ``after``."""
-        assert self._client is not None
-        client = self._client
+        shard = self.shard_of_topic(topic)
+        client = self._client_of(shard)
         key = self.key("s", topic)
         start = f"(0-{after}" if after > 0 else "-"
-        raw = await self._call("xrange", lambda: client.xrange(key, start, "+"))
+        raw = await self._call("xrange", lambda: client.xrange(key, start, "+"), shard)
         return [_entry(item) for item in raw]
 
     async def load_topics(
         self, topics: Sequence[str],
     ) -> list[tuple[int | None, bytes | None, list[StreamEntry], int]]:
         """For each topic: (snapshot offset, snapshot data, its whole stream, head)."""
-        assert self._client is not None
-        client = self._client
+        out: list[Any] = [None] * len(topics)
+        for shard, items in self._by_shard(topics, self.shard_of_topic).items():
+            client = self._client_of(shard)
 
-        async def run() -> list[Any]:
-            async with client.pipeline(transaction=False) as pipe:
-                futures = [(pipe.hgetall(self.key("snap", t)), pipe.xrange(self.key("s", t)),
-                            pipe.hget(self.key("heads"), t)) for t in topics]
-            return [(await a, await b, await c) for a, b, c in futures]
+            async def run(items: list[tuple[int, str]] = items, client: Any = client
+                          ) -> list[Any]:
+                async with client.pipeline(transaction=False) as pipe:
+                    futures = [(pipe.hgetall(self.key("snap", t)),
+                                pipe.xrange(self.key("s", t)),
+                                pipe.hget(self.key("heads"), t)) for _, t in items]
+                return [(await a, await b, await c) for a, b, c in futures]
 
-        out: list[tuple[int | None, bytes | None, list[StreamEntry], int]] = []
-        for snap, stream, head in await self._call("load", run):
-            snap = {(k.decode() if isinstance(k, bytes) else k): v for k, v in snap.items()}
-            offset = int(snap["offset"]) if "offset" in snap else None
-            out.append((offset, snap.get("data"), [_entry(item) for item in stream],
-                        int(head or 0)))
+            for (i, _), (snap, stream, head) in zip(items, await self._call("load", run, shard),
+                                                     strict=True):
+                snap = {_text(k): v for k, v in snap.items()}
+                offset = int(snap["offset"]) if "offset" in snap else None
+                out[i] = (offset, snap.get("data"), [_entry(item) for item in stream],
+                          int(head or 0))
         return out
 
     async def live_topics(self) -> dict[str, int]:
-        """Every topic that exists now, with its head offset."""
-        assert self._client is not None
-        client = self._client
-        members = await self._call("topics", lambda: client.smembers(self.key("topics")))
-        topics = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
-        if not topics:
-            return {}
-        heads = await self._call("heads", lambda: client.hmget(self.key("heads"), topics))
-        return {t: int(h or 0) for t, h in zip(topics, heads, strict=True)}
+        """Every topic that exists now (on any shard), with its head offset."""
+        out: dict[str, int] = {}
+        for shard in self.shards:
+            client = self._client_of(shard.index)
+            members = await self._call(
+                "topics", lambda client=client: client.smembers(self.key("topics")),
+                shard.index)
+            topics = sorted(_text(m) for m in members)
+            if not topics:
+                continue
+            heads = await self._call(
+                "heads", lambda client=client, topics=topics: client.hmget(
+                    self.key("heads"), topics), shard.index)
+            for t, h in zip(topics, heads, strict=True):
+                if self.shard_of_topic(t) == shard.index:  # (a mapping left behind: ignored)
+                    out[t] = int(h or 0)
+        return out
 
     # ------------------------------------------------------------------ presence
 
     async def set_presence(self, gateway_id: str, ttl_s: float, **fields: str) -> None:
-        assert self._client is not None
-        client = self._client
-        key = self.key("presence", gateway_id)
+        await self.set_presences([gateway_id], ttl_s, **fields)
+
+    async def set_presences(self, gateway_ids: Sequence[str], ttl_s: float,
+                            **fields: str) -> None:
+        """Keep these gateways' presence alive (one pipeline per shard)."""
         values = {"node": self.node_id, **fields}
+        for shard, items in self._by_shard(gateway_ids, self.shard_of_gateway).items():
+            client = self._client_of(shard)
 
-        async def run() -> None:
-            async with client.pipeline(transaction=True) as pipe:
-                pipe.hset(key, values)
-                pipe.pexpire(key, int(ttl_s * 1000))
+            async def run(items: list[tuple[int, str]] = items, client: Any = client) -> None:
+                async with client.pipeline(transaction=True) as pipe:
+                    for _, gateway in items:
+                        key = self.key("presence", gateway)
+                        pipe.hset(key, values)
+                        pipe.pexpire(key, int(ttl_s * 1000))
 
-        await self._call("presence", run)
+            await self._call("presence", run, shard)
 
     async def presence(self, gateway_id: str) -> dict[str, str] | None:
-        assert self._client is not None
-        client = self._client
+        shard = self.shard_of_gateway(gateway_id)
+        client = self._client_of(shard)
         raw = await self._call("presence",
-                               lambda: client.hgetall(self.key("presence", gateway_id)))
+                               lambda: client.hgetall(self.key("presence", gateway_id)), shard)
         if not raw:
             return None
-        return {(k.decode() if isinstance(k, bytes) else k):
-                (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()}
+        return {_text(k): _text(v) for k, v in raw.items()}
 
     async def heartbeat_node(self, ttl_s: float) -> None:
-        """This node is alive for ``ttl_s`` more seconds (``{prefix}:nodes``, a sorted set
-        scored by expiry: listing live nodes needs no SCAN)."""
-        assert self._client is not None
-        client = self._client
+        """This node is alive for ``ttl_s`` more seconds (``{prefix}:nodes`` on shard 0, a
+        sorted set scored by expiry: listing live nodes needs no SCAN)."""
+        client = self._client_of(CLUSTER_SHARD)
         key = self.key("nodes")
         expiry = int((time.time() + ttl_s) * 1000)
 
@@ -712,20 +934,35 @@ class ClusterBus:
 
         await self._call("nodes", run)
 
+    async def heartbeat_and_list(self, ttl_s: float) -> list[str]:
+        """``heartbeat_node`` and ``live_nodes`` in one round trip (the ownership round)."""
+        import coredis
+
+        client = self._client_of(CLUSTER_SHARD)
+        key = self.key("nodes")
+        now = int(time.time() * 1000)
+
+        async def run() -> Any:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.zadd(key, {self.node_id: now + int(ttl_s * 1000)})
+                pipe.zremrangebyscore(key, "-inf", now)
+                listed = pipe.zrange(key, now, "+inf", sortby=coredis.PureToken.BYSCORE)
+            return await listed
+
+        return sorted(_text(m) for m in await self._call("nodes", run))
+
     async def live_nodes(self) -> list[str]:
-        assert self._client is not None
-        client = self._client
+        client = self._client_of(CLUSTER_SHARD)
         now = int(time.time() * 1000)
         import coredis
 
         raw = await self._call("nodes", lambda: client.zrange(
             self.key("nodes"), now, "+inf", sortby=coredis.PureToken.BYSCORE))
-        return sorted(m.decode() if isinstance(m, bytes) else m for m in raw)
+        return sorted(_text(m) for m in raw)
 
     async def leave(self) -> None:
         """Graceful stop: drop this node from the live set at once."""
-        assert self._client is not None
-        client = self._client
+        client = self._client_of(CLUSTER_SHARD)
         await self._call("nodes", lambda: client.zrem(self.key("nodes"), [self.node_id]))
 
     # ------------------------------------------------------------------ leases
@@ -733,12 +970,13 @@ class ClusterBus:
     async def acquire(self, name: str, ttl_s: float) -> int | None:
         """Take the lease ``name`` for ``ttl_s`` if nobody holds it: its fencing token (one
         more than any token of this name before), or None."""
-        if self.stale:
+        shard = self.shard_of_lease(name)
+        if self.shards[shard].stale:
             return None
         started = trio.current_time()
-        token = await self._call("acquire", lambda: self._scripts["acquire"](
+        token = await self._call("acquire", lambda: self.shards[shard].scripts["acquire"](
             keys=[self.key("lease", name), self.key("fence", name)],
-            args=[self.node_id, int(ttl_s * 1000)]))
+            args=[self.node_id, int(ttl_s * 1000)]), shard)
         if token is None:
             return None
         token = int(token)
@@ -747,49 +985,107 @@ class ClusterBus:
 
     async def renew(self, name: str, token: int, ttl_s: float) -> bool:
         """Extend our lease (compare-and-pexpire); False: it is no longer ours."""
-        if self.stale:
-            self._held.pop(name, None)
-            return False
+        return (await self.renew_many({name: token}, ttl_s))[name]
+
+    async def renew_many(self, tokens: dict[str, int], ttl_s: float) -> dict[str, bool]:
+        """``renew`` for many leases: one pipeline per shard (an owner renews all its
+        partitions every round: one round trip, not one per partition)."""
+        out: dict[str, bool] = {}
         started = trio.current_time()
-        ok = await self._call("renew", lambda: self._scripts["renew"](
-            keys=[self.key("lease", name)],
-            args=[f"{self.node_id}:{token}", int(ttl_s * 1000)]))
-        if ok:
-            self._held[name] = _Held(token, started + ttl_s)
-            return True
-        self._held.pop(name, None)
-        return False
+        for shard, items in self._by_shard(sorted(tokens), self.shard_of_lease).items():
+            if self.shards[shard].stale:
+                for _, name in items:
+                    self._held.pop(name, None)
+                    out[name] = False
+                continue
+            client = self._client_of(shard)
+            script = self.shards[shard].scripts["renew"]
+
+            async def run(items: list[tuple[int, str]] = items, client: Any = client,
+                          script: Any = script) -> list[Any]:
+                if len(items) == 1:
+                    _, name = items[0]
+                    return [await script(keys=[self.key("lease", name)], args=[
+                        f"{self.node_id}:{tokens[name]}", int(ttl_s * 1000)])]
+                async with client.pipeline(transaction=False) as pipe:
+                    futures = [script(keys=[self.key("lease", name)],
+                                      args=[f"{self.node_id}:{tokens[name]}",
+                                            int(ttl_s * 1000)], client=pipe)
+                               for _, name in items]
+                return [await f for f in futures]
+
+            for (_, name), ok in zip(items, await self._call("renew", run, shard),
+                                     strict=True):
+                if ok:
+                    self._held[name] = _Held(tokens[name], started + ttl_s)
+                else:
+                    self._held.pop(name, None)
+                out[name] = bool(ok)
+        return out
 
     async def release(self, name: str, token: int) -> bool:
         """Give the lease back (compare-and-delete: never someone else's)."""
         self._held.pop(name, None)
-        ok = await self._call("release", lambda: self._scripts["release"](
-            keys=[self.key("lease", name)], args=[f"{self.node_id}:{token}"]))
+        shard = self.shard_of_lease(name)
+        ok = await self._call("release", lambda: self.shards[shard].scripts["release"](
+            keys=[self.key("lease", name)], args=[f"{self.node_id}:{token}"]), shard)
         return bool(ok)
 
     def holds(self, name: str) -> int | None:
         """The token of a lease this node may act on *now*, else None: only within the TTL
-        counted from before the last acquire/renew was sent, and never while stale (the
-        lease may have expired on Redis without us hearing)."""
+        counted from before the last acquire/renew was sent, and never while its shard is
+        stale (the lease may have expired on Redis without us hearing)."""
         held = self._held.get(name)
-        if held is None or self.stale or trio.current_time() >= held.valid_until:
+        if held is None or self.shards[self.shard_of_lease(name)].stale \
+                or trio.current_time() >= held.valid_until:
             return None
         return held.token
+
+    def valid_until(self, name: str) -> float | None:
+        """Until when (trio clock) ``holds(name)`` stays true unless the bus changes."""
+        held = self._held.get(name)
+        return None if held is None else held.valid_until
 
     async def seed_fence(self, name: str, at_least: int) -> None:
         """Make the next token of ``name`` greater than ``at_least`` (after Redis lost its
         counters, from the highest token PostgreSQL has seen)."""
-        await self._call("seed", lambda: self._scripts["seed"](
-            keys=[self.key("fence", name)], args=[int(at_least)]))
+        await self.seed_fences({name: at_least})
+
+    async def seed_fences(self, floors: dict[str, int]) -> None:
+        """``seed_fence`` for many names: one pipeline per shard."""
+        for shard, items in self._by_shard(sorted(floors), self.shard_of_lease).items():
+            client = self._client_of(shard)
+            script = self.shards[shard].scripts["seed"]
+
+            async def run(items: list[tuple[int, str]] = items, client: Any = client,
+                          script: Any = script) -> None:
+                async with client.pipeline(transaction=False) as pipe:
+                    futures = [script(keys=[self.key("fence", name)],
+                                      args=[int(floors[name])], client=pipe)
+                               for _, name in items]
+                for f in futures:
+                    await f
+
+            await self._call("seed", run, shard)
 
     async def lease_holder(self, name: str) -> tuple[str, int] | None:
-        assert self._client is not None
-        client = self._client
-        raw = await self._call("lease", lambda: client.get(self.key("lease", name)))
-        if raw is None:
-            return None
-        node, _, token = (raw.decode() if isinstance(raw, bytes) else raw).rpartition(":")
-        return node, int(token)
+        return (await self.lease_holders([name]))[name]
+
+    async def lease_holders(self, names: Sequence[str]) -> dict[str, tuple[str, int] | None]:
+        """Who holds each lease (one ``MGET`` per shard)."""
+        out: dict[str, tuple[str, int] | None] = {}
+        for shard, items in self._by_shard(names, self.shard_of_lease).items():
+            client = self._client_of(shard)
+            keys = [self.key("lease", name) for _, name in items]
+            raw = await self._call("lease", lambda client=client, keys=keys: client.mget(keys),
+                                   shard)
+            for (_, name), value in zip(items, raw, strict=True):
+                if value is None:
+                    out[name] = None
+                else:
+                    node, _, token = _text(value).rpartition(":")
+                    out[name] = (node, int(token))
+        return out
 
     # ---------------------------------------------------- presence by connection, replies
     # (added for the gateway topics and per-die values, docs/cluster.md "A node")
@@ -808,56 +1104,79 @@ end
 return 0
 """
 
-    def _script(self, name: str, body: str) -> Any:
-        script = self._scripts.get(name)
-        if script is None:
-            assert self._client is not None
-            script = self._scripts[name] = self._client.register_script(body)
-        return script
-
     async def claim_presence(self, gateway_id: str, generation: int, ttl_s: float,
                              **fields: str) -> bool:
         """``set_presence`` for the gateway's connection of ``generation``, unless a newer
         connection of it (anywhere) holds the presence: an old connection that lingers on
         one node never overwrites its successor's."""
-        values = {"node": self.node_id, "generation": str(generation), **fields}
-        flat = [x for kv in values.items() for x in kv]
-        ok = await self._call("presence", lambda: self._script(
-            "claim_presence", self._CLAIM_PRESENCE)(
-            keys=[self.key("presence", gateway_id)],
-            args=[generation, int(ttl_s * 1000), *flat]))
-        return bool(ok)
+        return (await self.claim_presences({gateway_id: (generation, fields)}, ttl_s))[
+            gateway_id]
+
+    async def claim_presences(self, claims: dict[str, tuple[int, dict[str, str]]],
+                              ttl_s: float) -> dict[str, bool]:
+        """``claim_presence`` for many gateways (gateway -> (generation, fields)): one
+        pipeline per shard, so the periodic refresh of every connection a node holds is
+        one round trip per shard, not one per gateway."""
+        out: dict[str, bool] = {}
+        if not claims:
+            return out
+
+        def args(gateway: str) -> list[Any]:
+            generation, fields = claims[gateway]
+            values = {"node": self.node_id, "generation": str(generation), **fields}
+            return [generation, int(ttl_s * 1000), *[x for kv in values.items() for x in kv]]
+
+        for shard, items in self._by_shard(sorted(claims), self.shard_of_gateway).items():
+            client = self._client_of(shard)
+            script = self.shards[shard].scripts["claim_presence"]
+
+            async def run(items: list[tuple[int, str]] = items, client: Any = client,
+                          script: Any = script) -> list[Any]:
+                if len(items) == 1:
+                    _, gateway = items[0]
+                    return [await script(keys=[self.key("presence", gateway)],
+                                         args=args(gateway))]
+                async with client.pipeline(transaction=False) as pipe:
+                    futures = [script(keys=[self.key("presence", gateway)],
+                                      args=args(gateway), client=pipe)
+                               for _, gateway in items]
+                return [await f for f in futures]
+
+            for (_, gateway), ok in zip(items, await self._call("presence", run, shard),
+                                        strict=True):
+                out[gateway] = bool(ok)
+        return out
 
     async def drop_presence(self, gateway_id: str, generation: int) -> bool:
         """The connection of ``generation`` ended: its presence goes at once (not after
         its TTL), unless a newer connection holds it (compare-and-delete)."""
-        ok = await self._call("presence", lambda: self._script(
-            "drop_presence", self._DROP_PRESENCE)(
-            keys=[self.key("presence", gateway_id)], args=[str(generation)]))
+        shard = self.shard_of_gateway(gateway_id)
+        script = self.shards[shard].scripts["drop_presence"]
+        ok = await self._call("presence", lambda: script(
+            keys=[self.key("presence", gateway_id)], args=[str(generation)]), shard)
         return bool(ok)
 
     async def put_reply(self, name: str, data: bytes, ttl_s: float) -> None:
-        """Leave ``data`` for whoever asked (``take_reply``); it expires after ``ttl_s``."""
-        assert self._client is not None
-        client = self._client
+        """Leave ``data`` for whoever asked (``take_reply``); it expires after ``ttl_s``.
+        (Replies answer notices: both on the cluster-wide shard.)"""
+        client = self._client_of(CLUSTER_SHARD)
         await self._call("reply", lambda: client.set(self.key("reply", name), data,
                                                       px=int(ttl_s * 1000)))
 
     async def take_reply(self, name: str) -> bytes | None:
         """The reply left under ``name`` (removed), or None."""
-        assert self._client is not None
-        client = self._client
+        client = self._client_of(CLUSTER_SHARD)
         raw = await self._call("reply", lambda: client.getdel(self.key("reply", name)))
         return bytes(raw) if raw is not None else None
 
 
 def _entry(item: Any) -> StreamEntry:
     entry_id, fields = item.identifier, item.field_values  # coredis's StreamEntry
-    ident = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-    values = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
-    kind = values["k"]
-    return StreamEntry(int(ident.split("-", 1)[1]), int(values["n"]),
-                       kind.decode() if isinstance(kind, bytes) else kind, bytes(values["p"]))
+    ident = _text(entry_id)
+    values = {_text(k): v for k, v in fields.items()}
+    return StreamEntry(int(ident.split("-", 1)[1]), int(values["n"]), _text(values["k"]),
+                       bytes(values["p"]))
 
 
-__all__ = ["BusUnavailable", "ClusterBus", "EpochChanged", "StreamEntry", "parse_live_message"]
+__all__ = ["CLUSTER_SHARD", "BusUnavailable", "ClusterBus", "EpochChanged", "StreamEntry",
+           "parse_live_message"]

@@ -176,7 +176,11 @@ class Mirror:
         self.core = fanout.core
         self.state = MirrorState(self.core.merge_rules)
         fanout.attach(self.state)
-        self.epoch: str | None = None
+        self.epochs: dict[int, str] = {}  # Redis shard -> the epoch its topics are at here
+        if len(bus.shards) > 1:
+            # each topic carries its shard's epoch: a restart of one shard resyncs only
+            # that shard's topics (docs/cluster.md, "Shards")
+            self.core.epoch_of = self._epoch_of
         self.offsets: dict[str, int] = {}  # topic -> offset mirrored (gone topics too)
         self._send, self._receive = trio.open_memory_channel[Any](queue_size)
         self._overflow = False
@@ -279,8 +283,9 @@ class Mirror:
                 continue
             try:
                 epoch, topic, entry = parse_live_message(data)
-                if epoch != self.epoch:
-                    if epoch != self.bus.epoch:
+                shard = self.bus.shard_of_topic(topic)
+                if epoch != self.epochs.get(shard):
+                    if epoch != self.bus.shards[shard].epoch:
                         continue  # from an epoch we left (or one we do not know yet)
                     await self.reconcile()  # the bus knows it: catch up by the heads
                     continue
@@ -294,6 +299,14 @@ class Mirror:
                                       "cluster mirror: applying a stream entry")
                 next_check = trio.current_time()
 
+    @property
+    def epoch(self) -> str | None:
+        """Shard 0's epoch as mirrored here (the only one with a single Redis)."""
+        return self.epochs.get(0)
+
+    def _epoch_of(self, topic: str) -> str:
+        return self.epochs.get(self.bus.shard_of_topic(topic)) or self.core.epoch
+
     # ------------------------------------------------------------------ reconcile
 
     async def reconcile(self) -> None:
@@ -301,15 +314,39 @@ class Mirror:
         epoch change, an overflow, and every ``reconcile_interval_s``).  Topics that no
         longer exist, or that no client here follows any more, are dropped."""
         bus = self.bus
-        if bus.epoch != self.epoch or bus.epoch != self.core.epoch:
-            if self.epoch is not None:
-                log.warning("cluster mirror: epoch %s -> %s: every live topic resyncs",
-                            self.epoch, bus.epoch)
-            self.epoch = bus.epoch
-            self.state.clear()
-            self.offsets.clear()
-            assert bus.epoch is not None
-            self.core.set_epoch(bus.epoch)
+        # the epochs as they are now, before the heads are read: heads read from a Redis
+        # that lost its data, taken for the old epoch's, would drop every topic as gone
+        # (and clients would see "state_reset" instead of "epoch_changed")
+        await bus.check()
+        if len(bus.shards) == 1:
+            if bus.epoch != self.epoch or bus.epoch != self.core.epoch:
+                if self.epoch is not None:
+                    log.warning("cluster mirror: epoch %s -> %s: every live topic resyncs",
+                                self.epoch, bus.epoch)
+                assert bus.epoch is not None
+                self.epochs[0] = bus.epoch
+                self.state.clear()
+                self.offsets.clear()
+                self.core.set_epoch(bus.epoch)
+        else:
+            for shard, epoch in enumerate(bus.epochs):
+                if epoch is None or self.epochs.get(shard) == epoch:
+                    continue
+                if shard in self.epochs:
+                    log.warning("cluster mirror: epoch of shard %d %s -> %s: its topics "
+                                "resync", shard, self.epochs[shard], epoch)
+                self.epochs[shard] = epoch
+
+                def on_shard(topic: str, shard: int = shard) -> bool:
+                    return bus.shard_of_topic(topic) == shard
+
+                for topic in [t for t in self.state.views if on_shard(t)]:
+                    self.state.drop(topic)
+                for topic in [t for t in self.offsets if on_shard(t)]:
+                    del self.offsets[topic]
+                self.core.set_epoch(epoch, on_shard)
+                if shard == 0:
+                    self.core.epoch = epoch  # what ``hello`` says
         heads = await bus.live_topics()
         self.catalogue = dict(heads)
         if self.interest is None:
@@ -444,7 +481,7 @@ class Mirror:
         """A topic started ('s') or ended ('x') somewhere in the cluster: the catalogue
         follows, and a new topic that a client here follows is mirrored from now on."""
         epoch, topic, entry = parse_live_message(data)
-        if epoch != self.epoch:
+        if epoch != self.epochs.get(self.bus.shard_of_topic(topic)):
             return  # the reconcile of the new epoch reads the catalogue afresh
         if entry.kind == "x":
             self.catalogue.pop(topic, None)
@@ -460,7 +497,7 @@ class Mirror:
         ``patterns`` match (subscribe, load snapshot and history), so the subscription sees
         them at their cluster offsets and a resume gets exact deltas.  Bounded: a client
         never waits long for a slow Redis (it gets the topics as they load)."""
-        if self.bus.stale or self.epoch is None:
+        if self.bus.stale or not self.epochs:
             return
         if not any(topic_matches(p, t) and t not in self.state.views
                    for t in self.catalogue for p in patterns):

@@ -48,6 +48,10 @@ from .owner import OwnedTopics, PartitionOwner
 log = logging.getLogger("edgegw.hub.cluster.node")
 
 
+#: seconds between an owner's reads of a partition when no wake-up came (a lost one)
+OWNER_POLL_S = 5.0
+
+
 class Notifier:
     """Cross-node wake-ups, sent from one task (sync in, coalesced): "partition p advanced
     to pseq" after each commit (``ClusterStore.on_advance``), so owners on other nodes read
@@ -84,9 +88,9 @@ class Notifier:
             heads, self._heads = self._heads, {}
             claims, self._claims = self._claims, {}
             try:
-                for p, pseq in sorted(heads.items()):
-                    await self.bus.notify_partition(p, pseq)
-                    self.sent += 1
+                if heads:  # one pipeline per Redis shard, each to its partition's owner
+                    await self.bus.notify_partitions(heads)
+                    self.sent += len(heads)
                 for gw, generation in claims.items():
                     await self.bus.notify("notice", f"claim {generation} {gw}".encode())
                     self.sent += 1
@@ -140,7 +144,8 @@ class ClusterHub:
         self.store = ClusterStore(cc.postgres_dsn, self.node_id, cc.partitions,
                                   connections=cc.pg_connections)
         self.ingest = NodeIngest(config, metrics, store=self.store)
-        self.bus = ClusterBus(cc.redis_url, cc.key_prefix, self.node_id,
+        self.bus = ClusterBus(list(cc.redis_urls) or cc.redis_url, cc.key_prefix,
+                              self.node_id, partitions=cc.partitions,
                               stale_after_s=cc.stale_after_s, metrics=metrics)
         self.fanout = LiveFanout(config.live, metrics=metrics)
         # only the topics this node's clients follow (docs/cluster.md, "Mirroring")
@@ -154,7 +159,10 @@ class ClusterHub:
             self.node_id, cc.partitions, self.bus, self.store, make_publisher,
             lease_ttl_s=cc.lease_ttl_s, checkpoint_records=cc.checkpoint_records,
             checkpoint_interval_s=cc.checkpoint_interval_s, make_state=self._make_state,
-            alerts=config.alerts, metrics=metrics)
+            alerts=config.alerts, metrics=metrics,
+            # a backstop only: commits wake their partition's owner through Redis, and
+            # every owned partition is woken when a subscription reopens (_wake_owners)
+            poll_s=OWNER_POLL_S)
         # alert topics and webhooks: one publisher cluster-wide (alertfeed.py)
         self.alert_feed = AlertFeed(self.bus, self.store, config.alerts,
                                     make_publisher,  # type: ignore[arg-type]
@@ -207,6 +215,17 @@ class ClusterHub:
                     engine: AlertEngine | None) -> LiveState:
         return LiveState(publish, alerts=engine, metrics=self.metrics)
 
+    async def _wake_owners(self) -> None:
+        """Wake-ups sent while a Pub/Sub subscription was down are lost: when one
+        reopens (the bus's generation moves) every owned partition reads at once."""
+        generation = self.bus.generation
+        while True:
+            await self.bus.wait_changed()
+            if self.bus.generation != generation:
+                generation = self.bus.generation
+                for p in list(self.owner.owned):
+                    self.owner.wake(p)
+
     def status(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "redis": self.bus.health(),
                 "postgresql": self.store.health_problem() or "ok",
@@ -240,6 +259,7 @@ class ClusterHub:
             await nursery.start(self.alert_feed.run)
             await nursery.start(self.presence.run)
             await nursery.start(self.die_values.run)
+            nursery.start_soon(self._wake_owners)
             log.info("cluster node %s up on port %d", self.node_id, port)
             task_status.started(port)
 

@@ -168,6 +168,15 @@ class LeaseBus(Protocol):
     async def heartbeat_node(self, ttl_s: float) -> None: ...
     async def live_nodes(self) -> list[str]: ...
     async def seed_fence(self, name: str, at_least: int) -> None: ...
+    # batched forms (one round trip per Redis shard) and the wake-up subscription
+    async def heartbeat_and_list(self, ttl_s: float) -> list[str]: ...
+    async def renew_many(self, tokens: dict[str, int], ttl_s: float) -> dict[str, bool]: ...
+    async def lease_holders(self, names: list[str]
+                            ) -> dict[str, tuple[str, int] | None]: ...
+    async def seed_fences(self, floors: dict[str, int]) -> None: ...
+    async def follow_partitions(self, partitions: list[int]) -> None: ...
+    def valid_until(self, name: str) -> float | None: ...
+    async def wait_changed(self) -> None: ...
     async def presence(self, gateway_id: str) -> dict[str, str] | None: ...
     @property
     def epoch(self) -> str | None: ...
@@ -204,6 +213,11 @@ class PartitionLog(Protocol):
 
 def lease_name(partition: int) -> str:
     return f"partition:{partition}"
+
+
+def _epochs(bus: LeaseBus) -> Any:
+    """Every Redis shard's epoch (a sharded bus), else the one epoch."""
+    return getattr(bus, "epochs", None) or bus.epoch
 
 
 class OwnedTopics:
@@ -284,7 +298,7 @@ class PartitionOwner:
         self.planner = LeasePlanner(node_id, n_partitions, grace_s=lease_ttl_s)
         self.owned: dict[int, Owned] = {}
         self.checkpoints = 0
-        self._seeded: str | None = None  # the bus epoch the fences were seeded in
+        self._seeded: Any = None  # the bus epochs the fences were seeded in
         self.metrics = metrics or Metrics()
         m = self.metrics
         self.m_acquired = m.counter("cluster_partitions_acquired_total",
@@ -366,28 +380,31 @@ class PartitionOwner:
         """Fencing tokens above every token PostgreSQL has seen: Redis may have lost its
         counters (a restart), and a token that went back would be refused by every
         checkpoint write."""
-        epoch = self.bus.epoch
-        for p, token in (await self.store.max_tokens()).items():
-            await self.bus.seed_fence(lease_name(p), token)
-        self._seeded = epoch
+        epochs = _epochs(self.bus)
+        await self.bus.seed_fences({lease_name(p): token
+                                    for p, token in (await self.store.max_tokens()).items()})
+        self._seeded = epochs
 
     async def _round(self) -> None:
         for owned in list(self.owned.values()):
             if self.bus.holds(lease_name(owned.partition)) is None:
                 self._lose(owned, "expired")  # (Redis stale: every lease counts as lost)
-        await self.bus.heartbeat_node(self.lease_ttl_s)
-        if self._seeded is None or self._seeded != self.bus.epoch:
+        # One round trip each for the heartbeat and node list, the renewals, the holders
+        # (per Redis shard): a round's cost does not grow with the partitions or nodes.
+        nodes = await self.bus.heartbeat_and_list(self.lease_ttl_s)
+        if self._seeded is None or self._seeded != _epochs(self.bus):
             await self._seed_fences()  # first round, or Redis lost its data (a new epoch)
+        renewed = await self.bus.renew_many(
+            {lease_name(o.partition): o.token for o in self.owned.values()}, self.lease_ttl_s)
         for owned in list(self.owned.values()):
-            if not await self.bus.renew(lease_name(owned.partition), owned.token,
-                                        self.lease_ttl_s):
+            if not renewed.get(lease_name(owned.partition), False):
                 self._lose(owned, "renew_refused")
-        nodes = await self.bus.live_nodes()
+        others = [p for p in range(self.n_partitions) if p not in self.owned]
+        held = await self.bus.lease_holders([lease_name(p) for p in others])
         holders: dict[int, str | None] = {}
-        for p in range(self.n_partitions):
-            if p not in self.owned:
-                held = await self.bus.lease_holder(lease_name(p))
-                holders[p] = held[0] if held else None
+        for p in others:
+            holder = held.get(lease_name(p))
+            holders[p] = holder[0] if holder else None
         plan = self.planner.plan(trio.current_time(), nodes, holders, self.owned)
         for p in plan.release:
             owned = self.owned.pop(p, None)
@@ -395,16 +412,29 @@ class PartitionOwner:
                 owned.scope.cancel()
                 await self.bus.release(lease_name(p), owned.token)
                 log.info("partition %d released (rebalance)", p)
-        for p in plan.acquire:
-            token = await self.bus.acquire(lease_name(p), self.lease_ttl_s)
-            if token is None:
-                continue  # another node was quicker: fine
-            self.m_acquired.inc()
-            owned = Owned(p, token, trio.CancelScope())
-            self.owned[p] = owned
+        acquired: list[Owned] = []
+        try:
+            for p in plan.acquire:
+                token = await self.bus.acquire(lease_name(p), self.lease_ttl_s)
+                if token is None:
+                    continue  # another node was quicker: fine
+                self.m_acquired.inc()
+                owned = Owned(p, token, trio.CancelScope())
+                self.owned[p] = owned
+                acquired.append(owned)
+                log.info("partition %d acquired (token %d)", p, token)
+            # Wake-ups go to the owner only (each partition has its channel): subscribed
+            # before the new partitions' first read, so no commit after it goes unheard.
+            try:
+                await self.bus.follow_partitions(sorted(self.owned))
+            except Exception:  # the next round subscribes again; owners also poll
+                log.debug("wake-up subscription not updated", exc_info=True)
+        finally:
+            # (even when the round failed half-way: a lease held is a partition run)
             assert self._nursery is not None
-            self._nursery.start_soon(self._own_guarded, owned)
-            log.info("partition %d acquired (token %d)", p, token)
+            for owned in acquired:
+                if self.owned.get(owned.partition) is owned:
+                    self._nursery.start_soon(self._own_guarded, owned)
 
     async def _own_guarded(self, owned: Owned) -> None:
         with owned.scope:
@@ -426,12 +456,15 @@ class PartitionOwner:
 
     async def _watch(self, owned: Owned) -> None:
         """Stop at once when the lease may have expired (not renewed in time, Redis
-        stale): a holder must never act on a lease it cannot prove."""
+        stale): a holder must never act on a lease it cannot prove.  It sleeps until the
+        lease's local deadline or any change of the bus (stale, epoch), not in a poll."""
         name = lease_name(owned.partition)
         while True:
             if self.bus.holds(name) != owned.token:
                 raise LeaseLost("expired")
-            await trio.sleep(0.05)
+            until = self.bus.valid_until(name)
+            with trio.move_on_at(until if until is not None else trio.current_time()):
+                await self.bus.wait_changed()
 
     async def _until_answered(self, call: Callable[[], Awaitable[T]]) -> T:
         """``call()`` again until PostgreSQL answers: while it is down the partition keeps

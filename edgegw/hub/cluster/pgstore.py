@@ -71,6 +71,23 @@ SCHEMA_VERSION = 1
 #: the advisory lock key under which the first node creates the schema ("edgegw" in hex)
 _SCHEMA_LOCK = 0x6564676577
 
+def _schema_complete(conn: psycopg.Connection[Any]) -> bool:
+    """Every table, index and added column ``SCHEMA`` names exists already."""
+    import re
+
+    relations = re.findall(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", SCHEMA)
+    columns = re.findall(r"ALTER TABLE (\w+) ADD COLUMN IF NOT EXISTS (\w+)", SCHEMA)
+    for name in relations:
+        if conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0] is None:
+            return False
+    for table, column in columns:
+        if conn.execute("SELECT 1 FROM information_schema.columns WHERE table_schema = "
+                        "current_schema() AND table_name = %s AND column_name = %s",
+                        (table, column)).fetchone() is None:
+            return False
+    return True
+
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS edgegw_meta (
     key text PRIMARY KEY,
@@ -408,7 +425,11 @@ class ClusterStore:
         with conn.transaction():
             # two first nodes starting together: one creates, the other waits and sees it
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-            conn.execute(SCHEMA)
+            if not _schema_complete(conn):
+                # Only when something is missing: the DDL takes strong locks even when it
+                # changes nothing (ALTER TABLE: ACCESS EXCLUSIVE), and a node restarting
+                # while the others commit deadlocked with them (seen in the node-kill test).
+                conn.execute(SCHEMA)
             conn.execute("INSERT INTO edgegw_meta (key, value) VALUES ('partitions', %s),"
                          " ('schema_version', %s), ('store_id', %s) ON CONFLICT DO NOTHING",
                          (str(self.partitions), str(SCHEMA_VERSION),

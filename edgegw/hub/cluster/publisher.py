@@ -78,8 +78,9 @@ class TopicPublisher:
         self._known: set[str] = set()  # topics published (reset) by us in this epoch
         self._reset: set[str] = set()  # topics to publish as a reset next flush
         self._snap_dirty: set[str] = set()
-        self._epoch: str | None = None
+        self._epochs: tuple[str | None, ...] | None = None  # the bus's, by shard
         self._last_snapshot = 0.0
+        self._wake = trio.Event()  # set by a publication while ``run`` sleeps idle
         self.published = 0  # entries
         self.heads: dict[str, int] = {}
 
@@ -91,6 +92,7 @@ class TopicPublisher:
         pending = self._pending.get(topic)
         if pending is None:
             pending = self._pending[topic] = []
+            self._wake.set()
         pending.append(delta)
         if ts is not None:
             low, high = self._ts.get(topic, (ts, ts))
@@ -100,6 +102,7 @@ class TopicPublisher:
         """Publish every topic of the state as a reset at the next flush."""
         if self.source is not None:
             self._reset.update(self.source.topics())
+            self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                   ) -> None:
@@ -107,22 +110,49 @@ class TopicPublisher:
         while True:
             await trio.sleep(self.flush_interval_s)
             await self.flush()
+            if not (self._pending or self._reset or self._snap_dirty):
+                # Nothing held back and no snapshot owed: sleep until the state publishes
+                # or the bus changes (an epoch: every topic is reset), rather than wake 20
+                # times a second per owned partition for nothing.
+                await self._until_work()
+
+    async def _until_work(self) -> None:
+        self._wake = trio.Event()
+        if self._pending or self._reset:
+            return
+        async with trio.open_nursery() as nursery:
+            async def first(wait: Callable[[], Any]) -> None:
+                await wait()
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(first, self._wake.wait)
+            nursery.start_soon(first, self.bus.wait_changed)
 
     async def flush(self) -> int:
         """Publish what is pending; returns the number of entries published."""
-        if self.bus.epoch != self._epoch:
+        epochs = self.bus.epochs
+        if epochs != self._epochs:
             # A new epoch (Redis lost its data, or our first flush): nothing of ours is
-            # there: every topic starts again with a reset.
-            self._epoch = self.bus.epoch
-            self._known.clear()
-            self.resync_all()
+            # there: every topic starts again with a reset -- only the topics of the
+            # shard that changed, when the bus has several (docs/cluster.md, "Shards").
+            changed = {i for i, e in enumerate(epochs)
+                       if self._epochs is None or self._epochs[i] != e}
+            self._epochs = epochs
+            if len(epochs) == 1:
+                self._known.clear()
+                self.resync_all()
+            else:
+                shard_of = self.bus.shard_of_topic
+                self._known = {t for t in self._known if shard_of(t) not in changed}
+                if self.source is not None:
+                    self._reset.update(t for t in self.source.topics()
+                                       if shard_of(t) in changed)
         now = self._clock()
         snapshots_due = now - self._last_snapshot >= self.snapshot_interval_s
         if not self._pending and not self._reset and not snapshots_due:
             return 0
         if self._due and len(self._due) > 4 * len(self._known) + 1024:
             self._due = {t: d for t, d in self._due.items() if t in self._known}
-        if self.bus.stale or self._epoch is None:
+        if self.bus.stale or None in epochs:
             return 0  # kept (composed at the next try); the owner drops us if it lasts
         entries: list[tuple[str, int, str, bytes, bytes | None]] = []
         pending, ts = self._pending, self._ts
@@ -183,11 +213,27 @@ class TopicPublisher:
             self._snap_dirty = set(held)
         if not entries:
             return 0
+        if len(epochs) == 1:
+            groups = {0: entries}
+        else:  # one pipeline per shard, each in its own epoch
+            groups = {}
+            for entry in entries:
+                groups.setdefault(self.bus.shard_of_topic(entry[0]), []).append(entry)
+        published = 0
+        for shard, group in groups.items():
+            if await self._publish(shard, epochs[shard], group):
+                published += len(group)
+        self.published += published
+        return published
+
+    async def _publish(self, shard: int, epoch: str | None,
+                       entries: list[tuple[str, int, str, bytes, bytes | None]]) -> bool:
+        assert epoch is not None
         try:
-            heads = await self.bus.publish_entries(self._epoch, entries)
+            heads = await self.bus.publish_entries(epoch, entries, shard)
         except EpochChanged:
-            await self.bus.check()  # the next flush starts the new epoch
-            return 0
+            await self.bus.check(shard)  # the next flush starts the new epoch
+            return False
         except BusUnavailable as exc:
             # Unknown outcome: whatever was in the batch is published again as resets.
             log.warning("cluster: publishing %d entries failed (%s): those topics will be "
@@ -198,8 +244,7 @@ class TopicPublisher:
                     self._snap_dirty.add(topic)
                 else:
                     self._reset.add(topic)
-            return 0
+            return False
         for (topic, _n, _kind, _p, _s), head in zip(entries, heads, strict=True):
             self.heads[topic] = head
-        self.published += len(entries)
-        return len(entries)
+        return True

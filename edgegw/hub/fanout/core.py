@@ -103,6 +103,9 @@ class LiveHub:
         self.merge_rules = [dict(rule) for rule in merge_rules]  # sent in every hello
         self.config = config or LiveConfig()
         self.epoch = epoch
+        # Cluster mode with several Redis shards: each topic's epoch is its shard's
+        # (``set_epoch(..., topics=...)``); None: every topic has ``epoch``.
+        self.epoch_of: Callable[[str], str] | None = None
         self.prepare = prepare
         self.prepare_deflated = prepare_deflated or prepare
         self.on_ack = on_ack
@@ -344,7 +347,7 @@ class LiveHub:
             resumed = positions.get(topic)
             if resumed is not None:
                 epoch, offset = resumed
-                if epoch != self.epoch:
+                if epoch != (self.epoch if self.epoch_of is None else self.epoch_of(topic)):
                     client.resync[topic] = "epoch_changed"
                 elif offset > channel.offset:
                     client.resync[topic] = "offset_ahead"
@@ -460,7 +463,8 @@ class LiveHub:
             # Alert channels are event streams: their deltas are sent as they are, in order.
             deltas = list(channel.pending) if channel.event_like else coalesce(channel.pending)
             message: dict[str, Any] = {
-                "type": "delta", "topic": channel.topic, "epoch": self.epoch,
+                "type": "delta", "topic": channel.topic,
+                "epoch": self.epoch if self.epoch_of is None else self.epoch_of(channel.topic),
                 "from": channel.pending_from, "offset": channel.offset, "data": deltas,
                 "n": len(channel.pending),
             }
@@ -648,7 +652,8 @@ class LiveHub:
                     deltas = channel.deltas_after(position)
                     if deltas is not None:
                         item = cache[key] = Item(key, {
-                            "type": "delta", "topic": topic, "epoch": self.epoch,
+                            "type": "delta", "topic": topic, "epoch": self.epoch
+                            if self.epoch_of is None else self.epoch_of(topic),
                             "from": position, "offset": channel.offset,
                             "data": deltas if channel.event_like else coalesce(deltas),
                             "n": len(deltas),
@@ -672,7 +677,8 @@ class LiveHub:
                 data = self.source.snapshot(topic)
                 self._snapshot_budget -= delta_rows(data) if data else 1
                 message: dict[str, Any] = {
-                    "type": "snapshot", "topic": topic, "epoch": self.epoch,
+                    "type": "snapshot", "topic": topic, "epoch": self.epoch
+                    if self.epoch_of is None else self.epoch_of(topic),
                     "offset": channel.offset, "data": data if data is not None else {},
                 }
                 if reason is not None:
@@ -691,20 +697,30 @@ class LiveHub:
     # publishes deltas here (``publish``, one offset each, so offsets match the stream's)
     # and uses these three calls where the cluster, not a delta, moves a channel.
 
-    def set_epoch(self, epoch: str) -> None:
+    def set_epoch(self, epoch: str, topics: Callable[[str], bool] | None = None) -> None:
         """The cluster's live epoch changed (Redis lost its data): every channel is dropped
         and every subscriber gets each topic again, when it reappears, as a snapshot marked
-        ``resync: epoch_changed``."""
-        self.epoch = epoch
+        ``resync: epoch_changed``.  ``topics``: only the channels it accepts (the topics
+        of one Redis shard, whose epoch is ``epoch``: ``epoch_of`` says which is whose);
+        ``self.epoch`` (what ``hello`` says) is then left alone."""
+        if topics is None:
+            self.epoch = epoch
         for client in self.clients.values():
-            for topic in client.positions:
+            hit = [t for t in client.positions if topics is None or topics(t)]
+            for topic in hit:
                 client.resync[topic] = "epoch_changed"
-            client.positions.clear()
-            client.todo.clear()
-        self.channels.clear()
-        self._dirty.clear()
-        self._tombstones.clear()
-        self._offset_floor = 0
+                del client.positions[topic]
+                client.todo.discard(topic)
+        if topics is None:
+            self.channels.clear()
+            self._dirty.clear()
+            self._tombstones.clear()
+            self._offset_floor = 0
+            return
+        for topic in [t for t in self.channels if topics(t)]:
+            self._dirty.discard(self.channels.pop(topic))
+        for topic in [t for t in self._tombstones if topics(t)]:
+            del self._tombstones[topic]
 
     def reset_channel(self, topic: str, offset: int, history: Sequence[dict[str, Any]] = (),
                       reason: str = "history_truncated") -> None:

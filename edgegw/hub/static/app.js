@@ -8,9 +8,12 @@ const TOPICS = ["lot/+", "lot/+/wafer/+", "test/+/+", "sensor/+", "gateway/+", "
 // How a delta applies to a view, as the hub's hello gives it (docs/live-topics.md).
 let mergeRules = [];
 
-// topic -> state, and the (epoch, offset) we hold it at: what we resume from.
+// topic -> state, and the (epoch, offset) we hold it at: what we resume from.  Each topic
+// keeps its own epoch: in a cluster sharded over several Redis instances each shard has
+// one (docs/cluster.md), and hello's is the first shard's.
 const views = new Map();
 const offsets = new Map();
+const epochs = new Map();
 let epoch = null;
 let ws = null;
 let backoff = 500;
@@ -48,7 +51,7 @@ function connect() {
     // Resume every topic we hold; the hub sends exactly what we missed, or a snapshot
     // marked "resync" when it cannot (another hub run, history too short).
     const resume = {};
-    for (const [topic, off] of offsets) resume[topic] = [epoch, off];
+    for (const [topic, off] of offsets) resume[topic] = [epochs.get(topic) || epoch, off];
     send({ type: "subscribe", id: nextId++, topics: TOPICS, resume });
   };
   sock.onmessage = (ev) => onMessage(JSON.parse(ev.data));
@@ -112,11 +115,12 @@ function onMessage(msg) {
   switch (msg.type) {
     case "hello":
       if (epoch !== null && msg.epoch !== epoch) {
-        // Another hub run: what we hold may name topics it no longer has.  Its snapshots
-        // (marked resync: epoch_changed) follow right after our subscribe.
+        // Another hub run: what we hold in that epoch may name topics it no longer has.
+        // Their snapshots (marked resync: epoch_changed) follow right after our subscribe.
         document.body.dataset.hubRestarted = "true";
-        views.clear();
-        offsets.clear();
+        for (const [topic, e] of epochs) {
+          if (e === epoch) forget(topic);
+        }
         dirty = alertsDirty = true;
       }
       epoch = msg.epoch;
@@ -146,16 +150,15 @@ function applyItem(item) {
     if (item.resync) stats.resyncs++;
     if (isWafer(topic) && !(item.data && item.data.wafer_id)) {
       // A wafer that left the hub's memory before this page got its snapshot.
-      views.delete(topic);
-      offsets.delete(topic);
+      forget(topic);
       return;
     }
     views.set(topic, prepare(topic, item.data || {}));
   } else if (item.type === "delta") {
-    if (offsets.get(topic) !== item.from || !views.has(topic)) {
+    if (offsets.get(topic) !== item.from || epochs.get(topic) !== item.epoch
+        || !views.has(topic)) {
       // Never apply over a gap: start over from fresh snapshots.
-      offsets.delete(topic);
-      views.delete(topic);
+      forget(topic);
       if (ws) ws.close(4000, "gap");
       return;
     }
@@ -164,13 +167,19 @@ function applyItem(item) {
     if (isWafer(topic) && view.status === "archived") {
       // The wafer left the hub's memory (its lot has more wafers than the hub keeps live,
       // or the lot was evicted): the history API serves it; the page keeps the live ones.
-      views.delete(topic);
-      offsets.delete(topic);
+      forget(topic);
       return;
     }
     views.set(topic, view);
   }
   offsets.set(topic, item.offset);
+  epochs.set(topic, item.epoch);
+}
+
+function forget(topic) {
+  views.delete(topic);
+  offsets.delete(topic);
+  epochs.delete(topic);
 }
 
 // Local shape of each topic: the lists the hub's merge rules upsert into become Maps keyed

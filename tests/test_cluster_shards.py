@@ -1,0 +1,277 @@
+"""The cluster bus sharded over two Redis servers (``[hub.cluster] redis_urls``,
+docs/cluster.md "Shards"), with real private servers (tests/cluster_redis.py): a
+partition's topics, wake-ups, leases and gateway presence live on shard ``partition % 2``,
+the cluster-wide keys on shard 0; each shard has its own epoch, so a restart of one shard
+resyncs only the topics on it, and clients recover with no silent gap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+from cluster_redis import RedisServer, fresh_prefix, redis_shards  # noqa: F401
+from test_cluster_bus import LiveClient, Owner, drive, settled, wait_for
+from test_cluster_nodes import (
+    GATEWAY_TOML,
+    applied_rid_coverage,
+    assert_exactly_once,
+    count_tester_records,
+)
+
+from edgegw.hub.cluster import ClusterBus, Mirror
+from edgegw.hub.cluster.owner import topic_partition
+from edgegw.hub.cluster.partition import partition_of
+from edgegw.hub.fanout import LiveConfig, LiveFanout
+from edgegw.metrics import Metrics
+from edgegw.web import HttpServer
+from tests.cluster_haproxy import NodeSet
+from tests.cluster_live import LiveFollower
+from tests.cluster_reference import comparable, lot_topics, reference_state, volatile_fields
+from tests.ports import free_port
+from tests.processes import get_json, spawn
+
+PARTITIONS = 11  # LOT0001 on shard 1, LOT0002 on shard 0
+
+
+async def start_node(nursery: trio.Nursery, urls: list[str], prefix: str, name: str,
+                     ) -> tuple[ClusterBus, int]:
+    metrics = Metrics()
+    bus = ClusterBus(urls, prefix, name, partitions=PARTITIONS, stale_after_s=1.5,
+                     metrics=metrics)
+    await nursery.start(bus.run)
+    fanout = LiveFanout(LiveConfig(), metrics=metrics, epoch=bus.epoch)
+    mirror = Mirror(bus, fanout, reconcile_interval_s=1.0,
+                    interest=fanout.core.subscribed_patterns)
+    http = HttpServer(metrics=metrics)
+    fanout.install(http)
+    listeners = await nursery.start(http.serve, "127.0.0.1", 0)
+    await nursery.start(fanout.run)
+    await nursery.start(mirror.run)
+    return bus, listeners[0].socket.getsockname()[1]
+
+
+async def stored_topics(bus: ClusterBus, shard: int) -> set[str]:
+    client: Any = bus.shards[shard].client
+    return {m.decode() for m in await client.smembers(bus.key("topics"))}
+
+
+def epochs_seen(client: LiveClient) -> dict[str, set[str]]:
+    seen: dict[str, set[str]] = {}
+    for item in client.items:
+        seen.setdefault(item["topic"], set()).add(item["epoch"])
+    return seen
+
+
+def test_keys_map_to_shards_by_partition() -> None:
+    bus = ClusterBus(["redis://127.0.0.1:1/0", "redis://127.0.0.1:2/0"], "x", "n",
+                     partitions=PARTITIONS)
+    lot = "L42"
+    p = partition_of(lot, PARTITIONS)
+    for topic in (f"lot/{lot}", f"lot/{lot}/wafer/3", f"test/{lot}/100"):
+        assert topic_partition(topic, PARTITIONS) == p
+        assert bus.shard_of_topic(topic) == p % 2
+    assert bus.shard_of_lease(f"partition:{p}") == p % 2
+    assert bus.shard_of_gateway("ate-01") == partition_of("gw:ate-01", PARTITIONS) % 2
+    # the cluster-wide ones: shard 0
+    for topic in ("alert/P0/yield_drop", "sensor/handler%2Ftemp", "hub/state"):
+        assert bus.shard_of_topic(topic) == 0
+    assert bus.shard_of_lease("alerts") == 0
+    single = ClusterBus("redis://127.0.0.1:1/0", "x", "n", partitions=PARTITIONS)
+    assert single.shard_of_topic(f"lot/{lot}") == 0 and single.redis_urls == [
+        "redis://127.0.0.1:1/0"]
+
+
+async def test_wake_ups_leases_and_presence_live_on_their_partitions_shard(
+        redis_shards: list[RedisServer]) -> None:  # noqa: F811
+    urls = [s.url for s in redis_shards]
+    prefix = fresh_prefix()
+    async with trio.open_nursery() as nursery:
+        a, b, c = (ClusterBus(urls, prefix, n, partitions=PARTITIONS) for n in "abc")
+        for bus in (a, b, c):
+            await nursery.start(bus.run)
+        got: dict[str, list[tuple[int, int]]] = {"a": [], "b": []}
+        a.on_partition(lambda p, pseq: got["a"].append((p, pseq)))
+        b.on_partition(lambda p, pseq: got["b"].append((p, pseq)))
+        # a owns partitions 1 (shard 1) and 2 (shard 0), b owns 3: a commit's wake-up
+        # reaches its partition's owner only, through the partition's shard
+        await a.follow_partitions([1, 2])
+        await b.follow_partitions([3])
+        await c.notify_partitions({1: 10, 2: 20, 3: 30, 4: 40})
+        await wait_for(lambda: len(got["a"]) == 2 and len(got["b"]) == 1)
+        await trio.sleep(0.2)
+        assert sorted(got["a"]) == [(1, 10), (2, 20)] and got["b"] == [(3, 30)]
+        # leases with their fence, and a gateway's presence, on the partition's shard
+        token = await a.acquire("partition:1", 5.0)
+        assert token is not None and await b.lease_holders(["partition:1", "partition:2"]) \
+            == {"partition:1": ("a", token), "partition:2": None}
+        await a.set_presences(["ate-01", "ate-02"], 5.0)
+        assert await a.heartbeat_and_list(5.0) == ["a"]
+        for name, shard in ((a.key("lease", "partition:1"), 1),
+                            (a.key("presence", "ate-01"), a.shard_of_gateway("ate-01")),
+                            (a.key("presence", "ate-02"), a.shard_of_gateway("ate-02")),
+                            (a.key("nodes"), 0)):
+            assert await a.shards[shard].client.exists([name]) == 1, name  # type: ignore
+            assert await a.shards[1 - shard].client.exists([name]) == 0, name  # type: ignore
+        assert await c.presence("ate-02") == {"node": "a"}
+        nursery.cancel_scope.cancel()
+
+
+async def test_topics_spread_and_one_shards_restart_resyncs_only_its_topics(
+        redis_shards: list[RedisServer]) -> None:  # noqa: F811
+    urls = [s.url for s in redis_shards]
+    prefix = fresh_prefix()
+    async with trio.open_nursery() as nursery:
+        owner_bus = ClusterBus(urls, prefix, "owner", partitions=PARTITIONS,
+                               stale_after_s=1.5)
+        await nursery.start(owner_bus.run)
+        owner = Owner(owner_bus, lots=3, wafers=2)
+        await nursery.start(owner.publisher.run)
+        bus_b, port_b = await start_node(nursery, urls, prefix, "b")
+        client = LiveClient()
+        await nursery.start(client.follow, port_b, ["lot/+", "lot/+/wafer/+"])
+        await drive(owner, 80)
+        await wait_for(lambda: settled(client, owner))
+
+        # Every topic is on its partition's shard, and both shards hold some.
+        lot_topics = [t for t in owner.state.topics() if t.startswith("lot/")]
+        by_shard = {s: {t for t in lot_topics if owner_bus.shard_of_topic(t) == s}
+                    for s in (0, 1)}
+        assert by_shard[0] and by_shard[1], by_shard
+        for s in (0, 1):
+            assert by_shard[s] <= await stored_topics(owner_bus, s)
+            assert not by_shard[1 - s] & await stored_topics(owner_bus, s)
+        epochs = owner_bus.epochs
+        assert epochs[0] != epochs[1] and bus_b.epochs == epochs
+        assert all(epochs_seen(client)[t] == {epochs[owner_bus.shard_of_topic(t)]}
+                   for t in lot_topics)
+
+        # Shard 1 loses its data: only its topics change epoch and resync.
+        mark = len(client.items)
+        before = {i["topic"] for i in client.items}
+        redis_shards[1].restart_empty()
+        await wait_for(lambda: bus_b.epochs[1] not in (None, epochs[1])
+                       and owner_bus.epochs[1] == bus_b.epochs[1])
+        assert bus_b.epochs[0] == owner_bus.epochs[0] == epochs[0]
+        await drive(owner, 40)
+        await wait_for(lambda: settled(client, owner))
+        after = client.items[mark:]
+        resynced = {i["topic"] for i in after if i.get("resync")}
+        # (topics that had no delta since the restart need not have resynced yet)
+        assert resynced and resynced <= by_shard[1], (resynced, by_shard)
+        assert {i["resync"] for i in after if i.get("resync")} == {"epoch_changed"}
+        for item in after:
+            shard = owner_bus.shard_of_topic(item["topic"])
+            assert item["epoch"] == owner_bus.epochs[shard]
+            if shard == 0:  # untouched: deltas from where the client was (or new topics)
+                assert "resync" not in item, item
+                assert item["type"] == "delta" or item["topic"] not in before, item
+        # the client's views are the owner's state (``LiveClient`` checked every delta
+        # starts where it was: no silent gap), and each shard-1 topic is in the new epoch
+        assert all(epochs_seen(client)[t] >= {owner_bus.epochs[1]} for t in resynced)
+        nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------- a node, end to end
+
+NODE_TOML = """\
+[hub]
+listen = "127.0.0.1"
+port = {port}
+data_dir = "@DATA@/{node}"
+heartbeat_s = 1.0
+
+[hub.cluster]
+node_id = "{node}"
+postgres_dsn = "@DSN@"
+redis_urls = [@URLS@]
+key_prefix = "@PREFIX@"
+partitions = 8
+lease_ttl_s = 2.0
+stale_after_s = 2.0
+checkpoint_records = 2000
+checkpoint_interval_s = 2
+
+[gateways.ate-01]
+token = "tok-ate-01"
+"""
+
+# with 8 partitions L400 is on shard 0, L401 on shard 1
+SOURCE = {"parts_per_second": 150, "max_parts": 1200, "seed": 11, "sites": 4, "wafers": 2,
+          "tests_per_part": 6, "lots": 2, "lot_id": "L400"}
+
+
+async def test_a_node_on_two_shards_loses_nothing_when_one_restarts(
+        tmp_path: Path, pg_dsn: str, redis_shards: list[RedisServer]) -> None:  # noqa: F811
+    """A node process on two Redis shards, a gateway process streaming two lots (one per
+    shard), a dashboard client: shard 1 restarts empty mid-run.  Only shard 1's topics
+    resync (``epoch_changed``), the client ends with the single hub's state and no silent
+    gap, and every record is applied exactly once."""
+    sources = {"ate-01": SOURCE}
+    assert {partition_of(lot, 8) % 2 for lot in ("L400", "L401")} == {0, 1}
+    urls = ", ".join(f'"{s.url}"' for s in redis_shards)
+    text = (NODE_TOML.replace("@DATA@", str(tmp_path / "data")).replace("@DSN@", pg_dsn)
+            .replace("@URLS@", urls).replace("@PREFIX@", fresh_prefix()))
+    n_records = count_tester_records(SOURCE)
+    expected = comparable(lot_topics(reference_state(sources)), volatile_fields(sources))
+    volatile = volatile_fields(sources)
+    with NodeSet(tmp_path / "nodes", 1, lambda i: text) as nodes:
+        await trio.to_thread.run_sync(lambda: nodes.start_all(timeout=90))
+        port = nodes.ports[0]
+        gw_dir = tmp_path / "ate-01"
+        gw_dir.mkdir()
+        status = free_port()
+        source = "\n".join(f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}"
+                           for k, v in SOURCE.items())
+        (gw_dir / "gateway.toml").write_text(
+            GATEWAY_TOML.replace("@ID@", "ate-01").replace("@LB@", str(port))
+            .replace("@STATE@", str(gw_dir / "state")).replace("@STATUS@", str(status))
+            .replace("@SOURCE@", source))
+        follower = LiveFollower(port, ["lot/#", "test/#"])
+        gateway = spawn("gateway", "--config", str(gw_dir / "gateway.toml"),
+                        log=gw_dir / "gateway.log")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(follower.run)
+                with trio.fail_after(60):  # both lots live (one per shard), mid-run
+                    while {_shard(t) for t in follower.offsets} != {0, 1}:
+                        await trio.sleep(0.1)
+                before = dict(follower.offsets)
+                await trio.to_thread.run_sync(redis_shards[1].restart_empty)
+
+                def drained() -> bool:
+                    st = get_json(f"http://127.0.0.1:{status}/api/stats")
+                    return (st["next_rid"] - 1 >= n_records and st["store"]["frames"] == 0
+                            and st["pending_in_batcher"] == 0)
+                with trio.fail_after(90):
+                    while not await trio.to_thread.run_sync(drained):
+                        await trio.sleep(0.5)
+                last_rid = get_json(f"http://127.0.0.1:{status}/api/stats")["next_rid"] - 1
+                with trio.move_on_after(60):
+                    while comparable(follower.views, volatile) != expected:
+                        await trio.sleep(0.25)
+                nursery.cancel_scope.cancel()
+        finally:
+            gateway.terminate()
+            gateway.wait(15)
+    # exactly once, record by record
+    assert_exactly_once(applied_rid_coverage(pg_dsn)["ate-01"], last_rid)
+    # the single hub's state, and no silent gap
+    got = comparable(follower.views, volatile)
+    assert set(got) == set(expected)
+    for topic in expected:
+        assert got[topic] == expected[topic], topic
+    assert follower.silent_gaps == [], follower.silent_gaps[:5]
+    # only shard 1's topics changed epoch; shard 0's went on (no resync of any kind)
+    resynced = {t for t, _ in follower.resyncs}
+    assert {r for _, r in follower.resyncs} <= {"epoch_changed", "state_reset"}
+    assert any(r == "epoch_changed" for _, r in follower.resyncs)
+    assert resynced and all(_shard(t) == 1 for t in resynced), follower.resyncs
+    epochs = {_shard(t): e for t, (e, _) in follower.offsets.items()}
+    assert all(before_epoch != epochs[1] for t, (before_epoch, _) in before.items()
+               if _shard(t) == 1)
+    assert all(follower.offsets[t][0] == e for t, (e, _) in before.items() if _shard(t) == 0)
+
+
+def _shard(topic: str) -> int:
+    return (topic_partition(topic, 8) or 0) % 2
