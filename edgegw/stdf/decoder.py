@@ -275,8 +275,19 @@ def _arrays(order: str, code: str) -> _ArrayUnpackers:
 _NIBBLE_PAIRS = tuple((b & 0x0F, b >> 4) for b in range(256))
 
 
+_LOW_NIBBLE = bytes(b & 0x0F for b in range(256))
+_HIGH_NIBBLE = bytes(b >> 4 for b in range(256))
+
+
 def _nibbles(packed: bytes, count: int) -> list[int]:
-    out = [n for pair in map(_NIBBLE_PAIRS.__getitem__, packed) for n in pair]
+    if count <= 8:
+        out = [n for pair in map(_NIBBLE_PAIRS.__getitem__, packed) for n in pair]
+    else:
+        # MPRs of many pins: two translates and an interleave, all in C
+        both = bytearray(2 * len(packed))
+        both[0::2] = packed.translate(_LOW_NIBBLE)
+        both[1::2] = packed.translate(_HIGH_NIBBLE)
+        out = list(both)
     if count & 1:
         del out[count:]
     return out
