@@ -4,7 +4,8 @@ Speed comes from generating Python source, once per record type and byte order, 
 spec table (:mod:`edgegw.stdf.spec`): runs of fixed-size fields are read by one
 precompiled ``struct.Struct.unpack_from`` (which also reads the length byte of a C*n
 that follows), C*n fields are slices of a latin-1 view of the buffer, and the result dict
-is one dict literal, so there is no per-field dispatch on the common path.  The record
+is one dict literal (for ``rows()``, one tuple: the same decoders generated a second
+time), so there is no per-field dispatch on the common path.  The record
 loop is generated too, with the bulk types (PTR, PIR, PRR, MPR, FTR) decoded inline.
 Records whose fields stop early (optional trailing fields omitted) return the fields
 present so far.  Each type has three decoders: an optimistic one (one bound check per
