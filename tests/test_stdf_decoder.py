@@ -526,3 +526,13 @@ def test_the_tail_memo_turns_itself_off_for_tails_that_do_not_repeat() -> None:
         assert decode(data) == first == plain
     finally:
         set_tail_memo(MEMO_SIZE)
+
+
+@given(st.binary(max_size=80), st.data())
+def test_nibble_arrays_of_any_length_unpack_low_nibble_first(packed: bytes,
+                                                              data: st.DataObject) -> None:
+    from edgegw.stdf.decoder import _nibbles
+
+    count = data.draw(st.integers(max(0, 2 * len(packed) - 1), 2 * len(packed)))
+    expected = [n for b in packed for n in (b & 0x0F, b >> 4)][:count]
+    assert _nibbles(packed, count) == expected

@@ -4,7 +4,8 @@ Speed comes from generating Python source, once per record type and byte order, 
 spec table (:mod:`edgegw.stdf.spec`): runs of fixed-size fields are read by one
 precompiled ``struct.Struct.unpack_from`` (which also reads the length byte of a C*n
 that follows), C*n fields are slices of a latin-1 view of the buffer, and the result dict
-is one dict literal, so there is no per-field dispatch on the common path.  The record
+is one dict literal (for ``rows()``, one tuple: the same decoders generated a second
+time), so there is no per-field dispatch on the common path.  The record
 loop is generated too, with the bulk types (PTR, PIR, PRR, MPR, FTR) decoded inline.
 Records whose fields stop early (optional trailing fields omitted) return the fields
 present so far.  Each type has three decoders: an optimistic one (one bound check per
@@ -275,8 +276,19 @@ def _arrays(order: str, code: str) -> _ArrayUnpackers:
 _NIBBLE_PAIRS = tuple((b & 0x0F, b >> 4) for b in range(256))
 
 
+_LOW_NIBBLE = bytes(b & 0x0F for b in range(256))
+_HIGH_NIBBLE = bytes(b >> 4 for b in range(256))
+
+
 def _nibbles(packed: bytes, count: int) -> list[int]:
-    out = [n for pair in map(_NIBBLE_PAIRS.__getitem__, packed) for n in pair]
+    if count <= 8:
+        out = [n for pair in map(_NIBBLE_PAIRS.__getitem__, packed) for n in pair]
+    else:
+        # MPRs of many pins: two translates and an interleave, all in C
+        both = bytearray(2 * len(packed))
+        both[0::2] = packed.translate(_LOW_NIBBLE)
+        both[1::2] = packed.translate(_HIGH_NIBBLE)
+        out = list(both)
     if count & 1:
         del out[count:]
     return out
