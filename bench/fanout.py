@@ -533,7 +533,7 @@ def main() -> int:
                          "CPython's full collections pause the hub as they come)")
     ap.add_argument("--write-slice", type=float, default=None,
                     help="ms a tick writes before other tasks get a turn (this tree's hub "
-                         "only, not --before's; default: LiveFanout's own, 5 ms)")
+                         "only, not --before's; default: LiveFanout's own, off)")
     ap.add_argument("--runs", type=int, default=3, help="whole measurements; medians printed")
     ap.add_argument("--compare", action="store_true",
                     help="alternate runs of the hub from --before (its source, exported "

@@ -24,6 +24,7 @@ no task switch), else by the client's sender task.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -57,8 +58,11 @@ STATS_PATH = "/api/live/stats"
 # many resume entries fits easily.
 MAX_CLIENT_MESSAGE = 256 * 1024
 #: how long a tick writes to sockets before other tasks get a turn (LiveFanout.write_slice;
-#: longer after a long pause: ``LiveFanout.tick_async``)
-WRITE_SLICE_S = 0.005
+#: longer after a long pause: ``LiveFanout.tick_async``).  Off (infinite) by default:
+#: slices of 5 ms made the end-to-end latency worse at 1,000 clients in every side-by-side
+#: run (bench/fanout.py --write-slice, docs/performance.md), the gateways' frames reaching
+#: the hub's commit later, not sooner.
+WRITE_SLICE_S = math.inf
 
 
 class _NoState:
@@ -141,8 +145,8 @@ class LiveFanout:
         self.tick_seconds = 0.0  # time spent in ticks, for the stats page and the bench
         self.tick_seconds_max = 0.0  # the longest tick (its own time, not the pauses)
         self.core_seconds = 0.0  # of which deciding and encoding (the rest: writing)
-        #: a tick writes for at most this long before it lets other tasks run (a
-        #: checkpoint): at 5,000 clients the writes alone take 50-100 ms
+        #: a tick writes for this long before it lets other tasks run (a checkpoint):
+        #: at 5,000 clients the writes alone take 100-150 ms (off by default: WRITE_SLICE_S)
         self.write_slice = WRITE_SLICE_S
         self.yields = 0  # checkpoints between write slices, over all ticks
         self._tick_cpu = 0.0
