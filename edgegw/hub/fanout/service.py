@@ -185,12 +185,13 @@ class LiveFanout:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Tick at most at the UI rate for as long as the hub runs.
 
-        A tick is due one interval after the previous one began; it runs then if there is
-        anything to send, else as soon as something is published (or a client asks for
-        something) -- not at the next multiple of the interval, which made a delta wait
-        up to a whole interval more after a quiet spell.  Ticks stay at least an interval
-        apart, so no client gets more than ``ui_rate`` batches a second.  With nothing
-        to do for an interval a tick runs anyway (stall checks, sweeps)."""
+        A tick is due one interval after the previous one that sent batches began; it
+        runs then if there is anything to send, else as soon as something is published
+        (or a client asks for something) -- not at the next multiple of the interval,
+        which made a delta wait up to a whole interval more after a quiet spell.  Ticks
+        that send stay at least an interval apart, so no client gets more than
+        ``ui_rate`` batches a second.  With nothing to do for an interval a tick runs
+        anyway (stall checks, sweeps)."""
         interval = 1.0 / self.config.ui_rate
         task_status.started()
         due = trio.current_time()
@@ -237,9 +238,9 @@ class LiveFanout:
 
     async def tick_async(self) -> tuple[float, bool]:
         """One tick: decide (the core), then write the frames straight to the sockets of
-        idle clients, in slices of ``write_slice`` seconds with a checkpoint between
-        them, so that 5,000 writes (50-150 ms) do not hold the Trio thread -- the
-        gateways' frames, their commits and the live state go on in between.  A slice is
+        idle clients -- in slices of ``write_slice`` seconds with a checkpoint between
+        them when slicing is on (off by default: ``WRITE_SLICE_S``), so that 5,000 writes
+        (100-150 ms) need not hold the Trio thread in one piece.  A slice is
         at least as long as what ran in the pause before it, so the tick keeps at least
         half the thread until its writes are done.
         Returns the tick's own CPU seconds (the slices, not what ran between them) and
