@@ -532,8 +532,8 @@ def main() -> int:
                     help="the hub freezes surviving objects this often, seconds (0: off, "
                          "CPython's full collections pause the hub as they come)")
     ap.add_argument("--write-slice", type=float, default=None,
-                    help="ms a tick writes before other tasks get a turn (this tree's hub; "
-                         "default: LiveFanout's own, 5 ms)")
+                    help="ms a tick writes before other tasks get a turn (this tree's hub "
+                         "only, not --before's; default: LiveFanout's own, off)")
     ap.add_argument("--runs", type=int, default=3, help="whole measurements; medians printed")
     ap.add_argument("--compare", action="store_true",
                     help="alternate runs of the hub from --before (its source, exported "
@@ -638,7 +638,7 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | N
                             "--long-step-ms", str(args.long_step_ms),
                             "--gc-freeze", str(args.gc_freeze),
                             *(["--write-slice", str(args.write_slice)]
-                              if args.write_slice is not None else []),
+                              if args.write_slice is not None and before is None else []),
                             ],
                            stdout=subprocess.PIPE, text=True, env=hub_env)
     tester = None

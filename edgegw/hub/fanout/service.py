@@ -24,6 +24,7 @@ no task switch), else by the client's sender task.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -57,8 +58,11 @@ STATS_PATH = "/api/live/stats"
 # many resume entries fits easily.
 MAX_CLIENT_MESSAGE = 256 * 1024
 #: how long a tick writes to sockets before other tasks get a turn (LiveFanout.write_slice;
-#: longer after a long pause: ``LiveFanout.tick_async``)
-WRITE_SLICE_S = 0.005
+#: longer after a long pause: ``LiveFanout.tick_async``).  Off (infinite) by default:
+#: slices of 5 ms made the end-to-end latency worse at 1,000 clients in every side-by-side
+#: run (bench/fanout.py --write-slice, docs/performance.md), the gateways' frames reaching
+#: the hub's commit later, not sooner.
+WRITE_SLICE_S = math.inf
 
 
 class _NoState:
@@ -141,8 +145,8 @@ class LiveFanout:
         self.tick_seconds = 0.0  # time spent in ticks, for the stats page and the bench
         self.tick_seconds_max = 0.0  # the longest tick (its own time, not the pauses)
         self.core_seconds = 0.0  # of which deciding and encoding (the rest: writing)
-        #: a tick writes for at most this long before it lets other tasks run (a
-        #: checkpoint): at 5,000 clients the writes alone take 50-100 ms
+        #: a tick writes for this long before it lets other tasks run (a checkpoint):
+        #: at 5,000 clients the writes alone take 100-150 ms (off by default: WRITE_SLICE_S)
         self.write_slice = WRITE_SLICE_S
         self.yields = 0  # checkpoints between write slices, over all ticks
         self._tick_cpu = 0.0
@@ -181,12 +185,13 @@ class LiveFanout:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Tick at most at the UI rate for as long as the hub runs.
 
-        A tick is due one interval after the previous one began; it runs then if there is
-        anything to send, else as soon as something is published (or a client asks for
-        something) -- not at the next multiple of the interval, which made a delta wait
-        up to a whole interval more after a quiet spell.  Ticks stay at least an interval
-        apart, so no client gets more than ``ui_rate`` batches a second.  With nothing
-        to do for an interval a tick runs anyway (stall checks, sweeps)."""
+        A tick is due one interval after the previous one that sent batches began; it
+        runs then if there is anything to send, else as soon as something is published
+        (or a client asks for something) -- not at the next multiple of the interval,
+        which made a delta wait up to a whole interval more after a quiet spell.  Ticks
+        that send stay at least an interval apart, so no client gets more than
+        ``ui_rate`` batches a second.  With nothing to do for an interval a tick runs
+        anyway (stall checks, sweeps)."""
         interval = 1.0 / self.config.ui_rate
         task_status.started()
         due = trio.current_time()
@@ -233,9 +238,9 @@ class LiveFanout:
 
     async def tick_async(self) -> tuple[float, bool]:
         """One tick: decide (the core), then write the frames straight to the sockets of
-        idle clients, in slices of ``write_slice`` seconds with a checkpoint between
-        them, so that 5,000 writes (50-150 ms) do not hold the Trio thread -- the
-        gateways' frames, their commits and the live state go on in between.  A slice is
+        idle clients -- in slices of ``write_slice`` seconds with a checkpoint between
+        them when slicing is on (off by default: ``WRITE_SLICE_S``), so that 5,000 writes
+        (100-150 ms) need not hold the Trio thread in one piece.  A slice is
         at least as long as what ran in the pause before it, so the tick keeps at least
         half the thread until its writes are done.
         Returns the tick's own CPU seconds (the slices, not what ran between them) and
