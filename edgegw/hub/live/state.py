@@ -43,6 +43,12 @@ Invariants worth knowing before reading the code:
   dashboard's warning) and ``/api/stats`` show.
 * One delta per changed topic per ``on_records`` call: a batch of 2,000 parts on one
   wafer publishes one wafer delta with the changed dies, not 2,000.
+* **A frame at a time, to the same state.**  ``on_records`` keeps a frame's parametric
+  values per test and adds them a test at a time (``_apply_batched``), in their order and
+  under the limits they came with, so every figure -- to the last bit of every float --
+  is what applying the records one at a time gives (``batch_apply=False``, the reference
+  ``tests/test_live_batch.py`` holds it to).  Records still apply in the order given:
+  anything that could read a test's figures comes after its values are in.
 
 Why one module of this size: ``LiveState`` is one class whose record handlers share the
 open batch, the caps, the eviction policy and the observer; the entities are in
