@@ -368,6 +368,11 @@ class LiveState:
         num, bad_flags, isfinite = (float, int), BAD_VALUE_FLAGS, math.isfinite
         ts_max = batch.ts
         skipped = 0
+        # the pending list of the last parametric result's (lot, head, site); forgotten
+        # at any other record (a part result pops it)
+        p_lot: Any = None
+        p_head = p_site = -1
+        pending: list[Any] = []
         for i, rec in enumerate(records):
             kind = type(rec)
             if kind is parametric:
@@ -414,10 +419,13 @@ class LiveState:
                         else:
                             kept.append(value)
                             kept.append(site)
-                        pending = lot.pending.get((gateway_id, head, site))
-                        if pending is None:
-                            lot.pending[(gateway_id, head, site)] = [(stats, value)]
-                        elif len(pending) < PENDING_PER_SITE:
+                        # a part's results come together: its site's list again
+                        if site != p_site or head != p_head or lot is not p_lot:
+                            p_site, p_head, p_lot = site, head, lot
+                            pending = lot.pending.get((gateway_id, head, site))
+                            if pending is None:
+                                pending = lot.pending[(gateway_id, head, site)] = []
+                        if len(pending) < PENDING_PER_SITE:
                             pending.append((stats, value))
                     else:
                         skipped += 1
@@ -425,7 +433,8 @@ class LiveState:
                     if ts > ts_max:
                         ts_max = ts
                     continue
-            elif kind is part:
+            p_lot = None
+            if kind is part:
                 lot = lots.get(rec.lot_id) if type(rec.lot_id) is str else None
                 if lot is not None and type(rec.wafer_id) is str \
                         and rec.wafer_id in lot.wafers:
