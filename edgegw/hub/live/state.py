@@ -43,6 +43,12 @@ Invariants worth knowing before reading the code:
   dashboard's warning) and ``/api/stats`` show.
 * One delta per changed topic per ``on_records`` call: a batch of 2,000 parts on one
   wafer publishes one wafer delta with the changed dies, not 2,000.
+* **A frame at a time, to the same state.**  ``on_records`` keeps a frame's parametric
+  values per test and adds them a test at a time (``_apply_batched``), in their order and
+  under the limits they came with, so every figure -- to the last bit of every float --
+  is what applying the records one at a time gives (``batch_apply=False``, the reference
+  ``tests/test_live_batch.py`` holds it to).  Records still apply in the order given:
+  anything that could read a test's figures comes after its values are in.
 
 Why one module of this size: ``LiveState`` is one class whose record handlers share the
 open batch, the caps, the eviction policy and the observer; the entities are in
@@ -362,6 +368,11 @@ class LiveState:
         num, bad_flags, isfinite = (float, int), BAD_VALUE_FLAGS, math.isfinite
         ts_max = batch.ts
         skipped = 0
+        # the pending list of the last parametric result's (lot, head, site); forgotten
+        # at any other record (a part result pops it)
+        p_lot: Any = None
+        p_head = p_site = -1
+        pending: list[Any] = []
         for i, rec in enumerate(records):
             kind = type(rec)
             if kind is parametric:
@@ -408,10 +419,13 @@ class LiveState:
                         else:
                             kept.append(value)
                             kept.append(site)
-                        pending = lot.pending.get((gateway_id, head, site))
-                        if pending is None:
-                            lot.pending[(gateway_id, head, site)] = [(stats, value)]
-                        elif len(pending) < PENDING_PER_SITE:
+                        # a part's results come together: its site's list again
+                        if site != p_site or head != p_head or lot is not p_lot:
+                            p_site, p_head, p_lot = site, head, lot
+                            pending = lot.pending.get((gateway_id, head, site))
+                            if pending is None:
+                                pending = lot.pending[(gateway_id, head, site)] = []
+                        if len(pending) < PENDING_PER_SITE:
                             pending.append((stats, value))
                     else:
                         skipped += 1
@@ -419,7 +433,8 @@ class LiveState:
                     if ts > ts_max:
                         ts_max = ts
                     continue
-            elif kind is part:
+            p_lot = None
+            if kind is part:
                 lot = lots.get(rec.lot_id) if type(rec.lot_id) is str else None
                 if lot is not None and type(rec.wafer_id) is str \
                         and rec.wafer_id in lot.wafers:
