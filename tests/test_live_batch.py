@@ -13,6 +13,7 @@ refused in the middle of a frame.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any
@@ -180,6 +181,9 @@ def record(draw: st.DrawFn) -> Any:
         ParametricResult("t", ts, lot, 1, 0, "p", [100], "", 1.0, None, None, "", True),
         ParametricResult("t", ts, lot, 1, 0, "p", 100, "", 1.0, None, None, "", True, "0"),
         ParametricResult("t", ts, lot, True, 0, "p", 101, "", 1.5, 0.0, 2.0, "", True),
+        # ints no float holds (CBOR carries them): bad records, never a poisoned test
+        ParametricResult("t", ts, lot, 1, 0, "p", 100, "", 10**400, None, None, "", True),
+        ParametricResult("t", ts, lot, 1, 0, "p", 100, "", 1.5, -10**400, None, "", True),
         PartResult("t", ts, lot, ["W1"], 1, 0, "p", 1, 1, 1, 1, True),
         PartResult("t", ts, [lot], "W1", 1, 0, "p", 1, 1, 1, 1, True),
         PartResult("t", ts, lot, "W1", 1, 0, "p", 1.0, 1, 1, 1, True),
@@ -214,3 +218,23 @@ def test_a_generated_stream_gives_the_same_state_and_deltas_batched_and_one_at_a
     restore(restored.state, capture(first.state))
     restored.feed(frames[cut:])
     assert repr(capture(restored.state)) == repr(capture(full.state))
+
+
+@pytest.mark.parametrize("batch_apply", [True, False])
+def test_a_number_out_of_the_float_range_is_a_bad_record_and_the_test_goes_on(
+        batch_apply: bool) -> None:
+    published: dict[str, Any] = {}
+    state = LiveState(lambda topic, data: published.__setitem__(topic, data),
+                      batch_apply=batch_apply)
+    ptr = functools.partial(ParametricResult, "t", 1.0, "L1", 1, 0, "p", 100, "")
+    state.on_records("gw", 1, [LotStart("t", 1.0, "L1", "part"),
+                               WaferStart("t", 1.0, "L1", "W1"),
+                               ptr(1.0, 0.0, 2.0, "V", True),
+                               ptr(10**400, None, None, "V", True),  # the value
+                               ptr(1.5, 10**400, None, "V", True),  # a limit
+                               ptr(1.5, None, None, "V", True)])
+    state.on_records("gw", 7, [ptr(0.5, None, None, "V", True)])
+    stats = state.lots["L1"].tests[100]
+    assert (stats.executions, stats.lo, stats.hi) == (3, 0.0, 2.0)  # neither was counted
+    assert state.health()["reasons"]["bad_record"]["count"] == 2
+    assert published[stats.topic]["executions"] == 3  # its snapshot still publishes

@@ -102,6 +102,19 @@ Publish = Callable[[str, dict[str, Any]], None]
 log = logging.getLogger("edgegw.hub.state")
 
 
+def _check_range(*numbers: Any) -> None:
+    """Before anything is counted: an int no float can hold (10**400 decodes from CBOR)
+    would poison a test's figures (every later snapshot of it would raise)."""
+    for n in numbers:
+        if type(n) is int and not -1.7e308 < n < 1.7e308:
+            raise BadRecord(f"a number out of the float range ({str(n)[:12]}...)")
+
+
+def _float_range(limit: float | int) -> bool:
+    """A limit the figures can use: a float, or an int a float can hold (10**400 is not)."""
+    return type(limit) is float or -1.7e308 < limit < 1.7e308
+
+
 class LiveState:
     """Per lot, wafer, test, sensor channel and gateway: the live figures, and their deltas.
 
@@ -337,7 +350,7 @@ class LiveState:
                 batch.ts = rec.ts
         except NotApplied as exc:
             self._drop(batch, exc.reason, gateway_id, rid, rec, str(exc))
-        except (BadRecord, TypeError, ValueError, AttributeError) as exc:
+        except (BadRecord, TypeError, ValueError, AttributeError, OverflowError) as exc:
             # A record the hub accepted but this state cannot use: count it, say which
             # one, keep going -- one bad field must not stop a gateway's stream.
             self._m_bad.inc(kind=type(rec).__name__)
@@ -388,6 +401,12 @@ class LiveState:
                     lot = lots.get(lot_id)
                     if lot is not None:
                         stats = lot.tests.get(test_num)
+                        if stats is not None and (
+                                (lo is not None and lo is not stats.lo
+                                 and not _float_range(lo))
+                                or (hi is not None and hi is not stats.hi
+                                    and not _float_range(hi))):
+                            stats = None  # an int limit no float holds: the bad-record path
                 if stats is not None:
                     if test_txt:
                         stats.test_txt = test_txt
@@ -696,6 +715,7 @@ class LiveState:
 
     def _on_parametric(self, gateway_id: str, rid: int, rec: ParametricResult,
                        batch: _Batch) -> None:
+        _check_range(rec.value, rec.lo_limit, rec.hi_limit)
         stats = self._test(rec, "parametric")
         self._limits(stats, rec)
         if rec.value is not None and not rec.test_flag & BAD_VALUE_FLAGS \
@@ -713,6 +733,9 @@ class LiveState:
 
     def _on_multipin(self, gateway_id: str, rid: int, rec: MultiPinResult,
                      batch: _Batch) -> None:
+        _check_range(rec.lo_limit, rec.hi_limit)
+        if type(rec.values) in (list, tuple):
+            _check_range(*rec.values)
         stats = self._test(rec, "multipin")
         self._limits(stats, rec)
         if not rec.test_flag & BAD_VALUE_FLAGS:
