@@ -993,24 +993,15 @@ class StdfDecoder:
 
     def records(self) -> Iterator[StdfRecord]:
         """Complete records from the bytes fed so far, in stream order."""
-        order = self.byte_order
-        if order is None:
-            order = self._detect_order()
-            if order is None:
-                return iter(())
-            self.byte_order = order
-        buf = self._buf
-        txt = self._txt
-        if txt is None:
-            txt = self._txt = buf.decode("latin-1")
-        it = decoder_table(order).scan_for(self._skip)(self, buf, txt, self._pos, self._base)
-        self._keep(it)
-        return it
+        return self._scan(False)
 
     def rows(self) -> Iterator[StdfRow]:
         """The same records as :meth:`records`, each as a row ``(name, offset, values)``
         (:data:`StdfRow`: the values in a tuple instead of a dict, the fastest way to
         read every field; :func:`row_fields` makes the dict)."""
+        return self._scan(True)
+
+    def _scan(self, rows: bool) -> Iterator[Any]:
         order = self.byte_order
         if order is None:
             order = self._detect_order()
@@ -1021,7 +1012,7 @@ class StdfDecoder:
         txt = self._txt
         if txt is None:
             txt = self._txt = buf.decode("latin-1")
-        it = decoder_table(order, True).scan_for(self._skip)(self, buf, txt, self._pos,
+        it = decoder_table(order, rows).scan_for(self._skip)(self, buf, txt, self._pos,
                                                              self._base)
         self._keep(it)
         return it

@@ -398,6 +398,23 @@ class ClusterBus:
             out.setdefault(shard_of(item), []).append((i, item))
         return out
 
+    async def _script_calls(self, what: str, shard: int, script: str,
+                            calls: list[tuple[str, list[Any]]]) -> list[Any]:
+        """``script`` once per (key, args) on ``shard``: one round trip (a pipeline when
+        there are several), with ``_call``'s deadline."""
+        client = self._client_of(shard)
+        fn = self.shards[shard].scripts[script]
+
+        async def run() -> list[Any]:
+            if len(calls) == 1:
+                key, args = calls[0]
+                return [await fn(keys=[key], args=args)]
+            async with client.pipeline(transaction=False) as pipe:
+                futures = [fn(keys=[key], args=args, client=pipe) for key, args in calls]
+            return [await f for f in futures]
+
+        return list(await self._call(what, run, shard))
+
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -998,24 +1015,10 @@ class ClusterBus:
                     self._held.pop(name, None)
                     out[name] = False
                 continue
-            client = self._client_of(shard)
-            script = self.shards[shard].scripts["renew"]
-
-            async def run(items: list[tuple[int, str]] = items, client: Any = client,
-                          script: Any = script) -> list[Any]:
-                if len(items) == 1:
-                    _, name = items[0]
-                    return [await script(keys=[self.key("lease", name)], args=[
-                        f"{self.node_id}:{tokens[name]}", int(ttl_s * 1000)])]
-                async with client.pipeline(transaction=False) as pipe:
-                    futures = [script(keys=[self.key("lease", name)],
-                                      args=[f"{self.node_id}:{tokens[name]}",
-                                            int(ttl_s * 1000)], client=pipe)
-                               for _, name in items]
-                return [await f for f in futures]
-
-            for (_, name), ok in zip(items, await self._call("renew", run, shard),
-                                     strict=True):
+            results = await self._script_calls("renew", shard, "renew", [
+                (self.key("lease", name), [f"{self.node_id}:{tokens[name]}",
+                                           int(ttl_s * 1000)]) for _, name in items])
+            for (_, name), ok in zip(items, results, strict=True):
                 if ok:
                     self._held[name] = _Held(tokens[name], started + ttl_s)
                 else:
@@ -1054,19 +1057,8 @@ class ClusterBus:
     async def seed_fences(self, floors: dict[str, int]) -> None:
         """``seed_fence`` for many names: one pipeline per shard."""
         for shard, items in self._by_shard(sorted(floors), self.shard_of_lease).items():
-            client = self._client_of(shard)
-            script = self.shards[shard].scripts["seed"]
-
-            async def run(items: list[tuple[int, str]] = items, client: Any = client,
-                          script: Any = script) -> None:
-                async with client.pipeline(transaction=False) as pipe:
-                    futures = [script(keys=[self.key("fence", name)],
-                                      args=[int(floors[name])], client=pipe)
-                               for _, name in items]
-                for f in futures:
-                    await f
-
-            await self._call("seed", run, shard)
+            await self._script_calls("seed", shard, "seed", [
+                (self.key("fence", name), [int(floors[name])]) for _, name in items])
 
     async def lease_holder(self, name: str) -> tuple[str, int] | None:
         return (await self.lease_holders([name]))[name]
@@ -1127,23 +1119,9 @@ return 0
             return [generation, int(ttl_s * 1000), *[x for kv in values.items() for x in kv]]
 
         for shard, items in self._by_shard(sorted(claims), self.shard_of_gateway).items():
-            client = self._client_of(shard)
-            script = self.shards[shard].scripts["claim_presence"]
-
-            async def run(items: list[tuple[int, str]] = items, client: Any = client,
-                          script: Any = script) -> list[Any]:
-                if len(items) == 1:
-                    _, gateway = items[0]
-                    return [await script(keys=[self.key("presence", gateway)],
-                                         args=args(gateway))]
-                async with client.pipeline(transaction=False) as pipe:
-                    futures = [script(keys=[self.key("presence", gateway)],
-                                      args=args(gateway), client=pipe)
-                               for _, gateway in items]
-                return [await f for f in futures]
-
-            for (_, gateway), ok in zip(items, await self._call("presence", run, shard),
-                                        strict=True):
+            results = await self._script_calls("presence", shard, "claim_presence", [
+                (self.key("presence", gateway), args(gateway)) for _, gateway in items])
+            for (_, gateway), ok in zip(items, results, strict=True):
                 out[gateway] = bool(ok)
         return out
 
