@@ -571,14 +571,19 @@ class Ingest:
         could replay them)."""
         queue = self._to_feed
         while queue:
-            entry = queue.popleft()
-            if len(entry) == 3:
-                self._on_gateway(*entry)
-                continue
-            gw, first_rid, records, frame_id, _ = entry
-            self._feed(gw, first_rid, records, frame_id)
-            self._to_feed_records -= len(records)
+            self._feed_entry(queue.popleft())
         self._feed_room.set()
+
+    def _feed_entry(self, entry: tuple[Any, ...]) -> int:
+        """One queued entry to the consumers: a gateway event (3 fields) or a committed
+        frame; the number of records it held."""
+        if len(entry) == 3:
+            self._on_gateway(*entry)
+            return 0
+        gw, first_rid, records, frame_id, _ = entry
+        self._feed(gw, first_rid, records, frame_id)
+        self._to_feed_records -= len(records)
+        return len(records)
 
     async def _feeder(self) -> None:
         """Hand the committed frames to the consumers, in commit order, a step at a time."""
@@ -594,14 +599,10 @@ class Ingest:
                 if budget <= 0:
                     break
                 entry = queue.popleft()
-                if len(entry) == 3:
-                    self._on_gateway(*entry)
-                    continue
-                gw, first_rid, records, frame_id, committed = entry
-                self._feed(gw, first_rid, records, frame_id)
-                self._to_feed_records -= len(records)
-                budget -= len(records) or 1
-                self.h_feed_lag.observe(now - committed)
+                n = self._feed_entry(entry)
+                if len(entry) != 3:
+                    budget -= n or 1
+                    self.h_feed_lag.observe(now - entry[4])  # since its commit
             if self._to_feed_records <= limit:
                 self._feed_room.set()
             await trio.lowlevel.checkpoint()  # the ticks and the receivers run between steps
