@@ -50,6 +50,25 @@ def two_lots_in_one_partition() -> tuple[str, str]:
 A, B = two_lots_in_one_partition()
 
 
+def test_live_state_of_a_cluster_adds_up_the_partitions_figures() -> None:
+    """``/api/stats``'s ``live_state`` on a node: the single hub's fields, from every
+    partition's saved figures (a partition of an older node without ``lots_live`` counts
+    0) and the cluster's archive rows."""
+    from edgegw.hub.cluster.stats import cluster_live_state
+
+    single = LiveState(lambda t, d: None)
+    saved = {0: {"not_applied": 2, "reasons": {"bad_record": {
+                 "count": 2, "last": "x", "last_at": 5.0}}, "lots_live": 3, "wafers_live": 7},
+             3: {"not_applied": 1, "reasons": {"bad_record": {
+                 "count": 1, "last": "y", "last_at": 9.0}}, "lots_live": 1, "wafers_live": 2},
+             5: {"not_applied": 0, "reasons": {}}}
+    got = cluster_live_state(saved, lots_archived=4, wafers_archived=11)
+    assert list(got) == list(single.health())  # (the single hub's fields, in its order)
+    assert got == {"lots_live": 4, "wafers_live": 9, "wafers_archived": 11, "lots_evicted": 4,
+                   "not_applied": 3, "reasons": {"bad_record": {
+                       "count": 3, "last": "y", "last_at": 9.0}}}
+
+
 class ArchivingSource:
     """Lot A: four wafers of six parts with a parametric test (the first two leave
     memory), a late part for its first wafer (not applied: ``hub/state``), its end; lot B:
