@@ -13,6 +13,7 @@ import trio
 
 from edgegw.hub.cluster.partition import partition_key, partition_of
 from edgegw.hub.cluster.pgstore import ClusterStore, PartitionMismatch
+from edgegw.hub.history_store import WAFER_SUMMARY
 from edgegw.hub.store import FrameToApply, GatewaySuperseded, StoreUnavailable
 from edgegw.protocol import encode_body
 from edgegw.records import GatewayEvent, PartResult, Record
@@ -354,13 +355,42 @@ async def test_alert_changes_are_pending_for_the_feed_until_marked(
     assert await a.pending_alerts() == []
 
 
-async def test_archives_never_regress(stores: tuple[ClusterStore, ClusterStore]) -> None:
+async def test_archives_are_written_once_fenced_and_never_regress(
+        stores: tuple[ClusterStore, ClusterStore], pg_dsn: str) -> None:
+    """A partition owner's archives (owner.py ``_save_archives``): one made again at the
+    same log position -- a new owner replaying the log after an ownership move -- is not
+    written a second time; a stale owner's (older token) is refused; a partial one (fewer
+    parts: a rebuild from a pruned log) never replaces a fuller one.  Any node reads them
+    back in the single hub's history store's shapes and order."""
     a, b = stores
     full = {"lot": {"lot_id": "L1", "parts": 100, "updated": 5.0}, "wafers": {}}
-    partial = {"lot": {"lot_id": "L1", "parts": 40, "updated": 6.0}, "wafers": {}}
     wafer = {"wafer_id": "W1", "parts": 50, "updated": 5.0, "map": [[1, 2, 1]]}
-    assert await a.save_archives([("L1", full)], [("L1", "W1", wafer)]) == 0
-    assert await b.save_archives([("L1", partial)], [("L1", "W1", {**wafer, "parts": 10})]) == 2
-    assert await b.lot_archive("L1") == full
-    assert await b.wafer_archive("L1", "W1") == wafer
-    assert await b.lot_archive("L2") is None
+    w0 = {"wafer_id": "W0", "parts": 7, "updated": 4.0}
+    # owner with token 3 archives W1, then W0 (at later log positions), then the lot
+    assert await a.save_archives(3, [], [("L1", "W1", wafer, 40)]) == 0
+    assert await a.save_archives(3, [("L1", full, 90)], [("L1", "W0", w0, 41)]) == 0
+    written = rows(pg_dsn, "SELECT lot_id, xmin::text FROM edgegw_lots UNION ALL"
+                          " SELECT wafer_id, xmin::text FROM edgegw_wafers ORDER BY 1")
+    # the next owner (token 4) replays the same log: the same archives at the same positions
+    assert await b.save_archives(4, [("L1", full, 90)],
+                                 [("L1", "W1", wafer, 40), ("L1", "W0", w0, 41)]) == 3
+    assert rows(pg_dsn, "SELECT lot_id, xmin::text FROM edgegw_lots UNION ALL"
+                        " SELECT wafer_id, xmin::text FROM edgegw_wafers ORDER BY 1") == written
+    # later figures of the lot (evicted again further on) by the owner: replaced
+    fuller = {"lot": {"lot_id": "L1", "parts": 120, "updated": 7.0}, "wafers": {}}
+    assert await b.save_archives(4, [("L1", fuller, 200)], []) == 0
+    # the stale owner (token 3), still applying further on: fenced off
+    stale = {"lot": {"lot_id": "L1", "parts": 130, "updated": 8.0}, "wafers": {}}
+    assert await a.save_archives(3, [("L1", stale, 210)], []) == 1
+    # a partial rebuild (fewer parts), even later in the log and newer: kept as it was
+    partial = {"lot": {"lot_id": "L1", "parts": 40, "updated": 9.0}, "wafers": {}}
+    assert await b.save_archives(5, [("L1", partial, 300)],
+                                 [("L1", "W1", {**wafer, "parts": 10}, 301)]) == 2
+    assert await a.lot_archive("L1") == fuller
+    assert await a.wafer_archive("L1", "W1") == wafer
+    assert await b.lot_archive("L2") is None and await b.wafer_archive("L1", "W9") is None
+    # the history API's reads: summaries newest first; a lot's wafers in the order they left
+    assert await b.lot_summaries() == [fuller["lot"]]
+    assert [w["wafer_id"] for w in await b.wafer_summaries("L1")] == ["W1", "W0"]
+    assert (await b.wafer_summaries("L1"))[0] == {k: wafer.get(k) for k in WAFER_SUMMARY}
+    assert await a.archive_counts() == (1, 2)

@@ -14,6 +14,11 @@ views read.  Every node reads the same offsets of the same streams, so every nod
 gives the same answer (a node that is behind by a few milliseconds answers what it has, as
 the single hub's API does between two frames).
 
+Lots and wafers that left their owner's memory (an evicted lot, a wafer over
+``max_wafers_per_lot``) are no topic any more: their owner wrote them to PostgreSQL
+(``save_archives``, owner.py), and every node answers them from there (``ClusterArchives``:
+the single hub's history store's reads, on PostgreSQL), through the same handlers.
+
 Not from the mirror: per-die test values (``/api/lots/<lot>/wafers/<w>/tests/<n>``) are
 kept only in the owner's memory and are not a topic: the owner of the lot's partition
 answers them, asked over Redis (``die_values``, dievalues.py) -- the single hub's answer on
@@ -120,6 +125,31 @@ class MirrorLots:
         return lots
 
 
+class ClusterArchives:
+    """The archived lots and wafers in PostgreSQL, shaped as the part of the single hub's
+    ``HistoryStore`` the history API reads.  Not cached: another node's owner may replace
+    an archive at any time (a cache per node would answer differently from node to node)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    async def lot_summaries(self, limit: int = 500) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = await self.store.lot_summaries(limit)
+        return out
+
+    async def wafer_summaries(self, lot_id: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = await self.store.wafer_summaries(lot_id)
+        return out
+
+    async def lot(self, lot_id: str) -> dict[str, Any] | None:
+        out: dict[str, Any] | None = await self.store.lot_archive(lot_id)
+        return out
+
+    async def wafer(self, lot_id: str, wafer_id: str) -> dict[str, Any] | None:
+        out: dict[str, Any] | None = await self.store.wafer_archive(lot_id, wafer_id)
+        return out
+
+
 class ClusterHistoryApi(HistoryApi):
     """The single hub's ``HistoryApi`` over a node's mirror (``MirrorLots``), alerts from
     PostgreSQL (``ClusterStore``: one row per alert cluster-wide)."""
@@ -135,6 +165,7 @@ class ClusterHistoryApi(HistoryApi):
         # A node mirrors only the topics its clients follow: lots, wafers and tests are
         # read for each answer (``Mirror.read_views``: its own views, the rest from Redis).
         self.read_views = read_views
+        self.archives = ClusterArchives(store)
 
     async def dispatch(self, method: str, path: str, params: dict[str, str],
                        body: bytes = b"", principal: Any = None) -> Result:
@@ -163,7 +194,8 @@ class ClusterHistoryApi(HistoryApi):
                 return names[0] in ("lot", "test") and len(names) > 1 and names[1] in lot
 
             source = await self.read_views(wanted)
-            return await HistoryApi(MirrorLots(source), self.engine).dispatch(  # type: ignore[arg-type]
+            return await HistoryApi(MirrorLots(source), self.engine,  # type: ignore[arg-type]
+                                    self.archives).dispatch(  # type: ignore[arg-type]
                 method, path, params, body, principal)
         return await super().dispatch(method, path, params, body, principal)
 
@@ -211,4 +243,4 @@ class ClusterHistoryApi(HistoryApi):
         return 200, {"alert": alert}
 
 
-__all__ = ["ClusterHistoryApi", "MirrorLots"]
+__all__ = ["ClusterArchives", "ClusterHistoryApi", "MirrorLots"]

@@ -43,7 +43,8 @@ from .alertfeed import AlertFeed, GatewayPresence
 from .api import ClusterHistoryApi, MirrorLots
 from .config import node_id_of
 from .dievalues import DieValues
-from .owner import OwnedTopics, PartitionOwner
+from .owner import Archives, OwnedTopics, PartitionOwner
+from .stats import ClusterStats
 
 log = logging.getLogger("edgegw.hub.cluster.node")
 
@@ -129,6 +130,10 @@ class NodeIngest(Ingest):
 class ClusterHub:
     """One cluster node: ingest, ownership, fan-out, HTTP (see the module docstring)."""
 
+    #: ``LiveState`` caps of every partition's state (``max_lots``, ``max_wafers_per_lot``,
+    #: ...): the single hub's defaults; tests set small ones
+    state_caps: dict[str, Any] = {}
+
     def __init__(self, config: HubConfig, metrics: Metrics | None = None) -> None:
         from .bus import ClusterBus
         from .mirror import Mirror
@@ -185,6 +190,9 @@ class ClusterHub:
         ClusterHistoryApi(MirrorLots(self.mirror.state), self.alerts,  # type: ignore[arg-type]
                           store=self.store, read_views=self.mirror.read_views,
                           die_values=self.die_values.ask).install(self.ingest.http)
+        # /api/stats: the single hub's shape, gateways and live_state cluster-wide (stats.py)
+        self.stats = ClusterStats(self.ingest, self.store, self.bus)
+        self.stats.install(self.ingest.http)
         self._ingest_health = self.ingest.health
 
         async def healthz(request: Request) -> Response:
@@ -212,8 +220,11 @@ class ClusterHub:
             log.warning("cluster notice not understood: %r", data[:100])
 
     def _make_state(self, partition: int, publish: Callable[[str, dict[str, Any]], None],
-                    engine: AlertEngine | None) -> LiveState:
-        return LiveState(publish, alerts=engine, metrics=self.metrics)
+                    engine: AlertEngine | None, archives: Archives) -> LiveState:
+        # lots and wafers leaving memory go to PostgreSQL (the owner's save_archives)
+        return LiveState(publish, alerts=engine, metrics=self.metrics,
+                         on_evict=archives.lot, on_wafer_archive=archives.wafer,
+                         **self.state_caps)
 
     async def _wake_owners(self) -> None:
         """Wake-ups sent while a Pub/Sub subscription was down are lost: when one

@@ -209,6 +209,8 @@ class PartitionLog(Protocol):
     async def gateway_totals(self, gateways: list[str]) -> dict[str, Any]: ...
     async def save_partition_state(self, partition: int, token: int,
                                    data: dict[str, Any]) -> bool: ...
+    async def save_archives(self, token: int, lots: list[tuple[str, dict[str, Any], int]],
+                            wafers: list[tuple[str, str, dict[str, Any], int]]) -> int: ...
 
 
 def lease_name(partition: int) -> str:
@@ -248,6 +250,26 @@ class OwnedTopics:
         return out
 
 
+class Archives:
+    """A partition state's lots and wafers that left memory (``LiveState(on_evict=...,
+    on_wafer_archive=...)``), each with the log position being applied when it left
+    (``at``: set before each chunk), until the owner writes them to PostgreSQL."""
+
+    def __init__(self) -> None:
+        self.at = 0
+        self.lots: list[tuple[str, dict[str, Any], int]] = []
+        self.wafers: list[tuple[str, str, dict[str, Any], int]] = []
+
+    def lot(self, lot_id: str, archive: dict[str, Any]) -> None:
+        self.lots.append((lot_id, archive, self.at))
+
+    def wafer(self, lot_id: str, wafer_id: str, snapshot: dict[str, Any]) -> None:
+        self.wafers.append((lot_id, wafer_id, snapshot, self.at))
+
+    def __len__(self) -> int:
+        return len(self.lots) + len(self.wafers)
+
+
 @dataclass
 class Owned:
     """One partition this node holds, and its running task's cancel scope."""
@@ -264,11 +286,14 @@ class Owned:
     alert_events: list[dict[str, Any]] = field(default_factory=list)
     gateways: GatewayTopics | None = None
     gateway_wake: trio.Event = field(default_factory=trio.Event)
-    saved_not_applied: int = 0  # the hub/state figures saved (their total)
+    saved_state: dict[str, Any] | None = None  # the partition_state figures saved
+    archives: Archives = field(default_factory=Archives)
 
 
-MakeState = Callable[[int, Callable[[str, dict[str, Any]], None], AlertEngine | None],
-                     LiveState]
+#: ``(partition, publish, alert engine, archives)`` -> the partition's fresh state; it hands
+#: its evicted lots and archived wafers to ``archives`` (``Archives.lot``, ``.wafer``)
+MakeState = Callable[[int, Callable[[str, dict[str, Any]], None], AlertEngine | None,
+                      Archives], LiveState]
 MakePublisher = Callable[[OwnedTopics], Publisher]
 
 
@@ -292,8 +317,9 @@ class PartitionOwner:
         self.checkpoint_interval_s = checkpoint_interval_s
         self.poll_s = poll_s
         self.read_limit = read_limit
-        self.make_state = make_state or (lambda p, publish, engine: LiveState(
-            publish, alerts=engine))
+        self.make_state = make_state or (lambda p, publish, engine, archives: LiveState(
+            publish, alerts=engine, on_evict=archives.lot,
+            on_wafer_archive=archives.wafer))
         self.alerts_config = alerts
         self.planner = LeasePlanner(node_id, n_partitions, grace_s=lease_ttl_s)
         self.owned: dict[int, Owned] = {}
@@ -308,6 +334,10 @@ class PartitionOwner:
         self.m_owned = m.gauge("cluster_partitions_owned", "partitions this node owns now")
         self.m_records = m.counter("cluster_owner_records_total",
                                    "records applied to owned partitions' live state")
+        self.m_archives = m.counter(
+            "cluster_archives_total", "lot and wafer archives of owned partitions, by outcome "
+            "(written; kept: the stored one is from this log position or later -- a replay "
+            "after an ownership move --, fuller, or from a newer owner)")
         self.m_rebuild = m.histogram("cluster_partition_rebuild_seconds",
                                      "seconds from acquiring a partition to its state at "
                                      "the head of its log")
@@ -559,18 +589,37 @@ class PartitionOwner:
                 await owned.gateway_wake.wait()
 
     async def _save_state_figures(self, owned: Owned) -> None:
-        """The partition's ``hub/state`` figures (records its state could not apply) to
-        PostgreSQL when they changed, for the cluster-wide topic (alertfeed.py)."""
+        """The partition's ``hub/state`` figures (records its state could not apply) and
+        its lots and wafers in memory to PostgreSQL when they changed, for the
+        cluster-wide topic (alertfeed.py) and ``/api/stats`` (node.py)."""
         state = owned.state
-        if state is None or not owned.caught_up \
-                or state.not_applied_total == owned.saved_not_applied:
+        if state is None or not owned.caught_up:
             return
-        total = state.not_applied_total
-        if not await self.store.save_partition_state(owned.partition, owned.token,
-                                                     state.warnings()):
+        figures = {**state.warnings(), "lots_live": len(state.lots),
+                   "wafers_live": sum(len(lot.wafers) for lot in state.lots.values())}
+        if figures == owned.saved_state:
+            return
+        if not await self.store.save_partition_state(owned.partition, owned.token, figures):
             self._seeded = None  # a newer token exists: Redis lost its counters?
             raise LeaseLost("state_fenced")
-        owned.saved_not_applied = total
+        owned.saved_state = figures
+
+    async def _save_archives(self, owned: Owned) -> None:
+        """Write the lots and wafers that left the partition's memory since the last call
+        (before any checkpoint that stands for them: a checkpoint never follows an archive
+        that was not written).  Written once cluster-wide: ``save_archives`` keeps an
+        archive made at the same log position or later, so a new owner replaying the log
+        after an ownership move writes nothing twice."""
+        pending = owned.archives
+        if not pending:
+            return
+        lots, wafers = list(pending.lots), list(pending.wafers)
+        kept = await self._until_answered(functools.partial(
+            self.store.save_archives, owned.token, lots, wafers))
+        del pending.lots[:len(lots)], pending.wafers[:len(wafers)]
+        self.m_archives.inc(len(lots) + len(wafers) - kept, outcome="written")
+        if kept:
+            self.m_archives.inc(kept, outcome="kept")
 
     async def _save_alerts(self, owned: Owned) -> None:
         """Write the alert events since the last call (one row per alert, fenced by this
@@ -632,7 +681,7 @@ class PartitionOwner:
         owned.gateways = gateways
 
         engine, events = await self._alert_engine(p, publish)
-        state = self.make_state(p, publish, engine)
+        state = self.make_state(p, publish, engine, owned.archives)
         loaded = await self._until_answered(lambda: self.store.load_checkpoint(p))
         if loaded is not None:
             pseq, blob = loaded
@@ -644,7 +693,7 @@ class PartitionOwner:
                 # another format: rebuild from the whole retained log instead
                 log.warning("partition %d: checkpoint unusable (%s); full rebuild", p, exc)
                 engine, events = await self._alert_engine(p, publish)
-                state = self.make_state(p, publish, engine)
+                state = self.make_state(p, publish, engine, owned.archives)
         owned.state = state
         owned.engine, owned.alert_events = engine, events
         publisher = self.make_publisher(OwnedTopics(state, p, self.n_partitions, gateways))
@@ -669,11 +718,13 @@ class PartitionOwner:
             chunks = await self._until_answered(functools.partial(
                 self.store.read_partition, p, owned.pseq, self.read_limit))
             for chunk in chunks:
+                owned.archives.at = chunk.pseq  # (what leaves memory now, leaves here)
                 state.on_records(chunk.gateway_id, chunk.first_rid, chunk.records)
                 owned.pseq = chunk.pseq
                 since_ckpt += len(chunk.records)
                 self.m_records.inc(len(chunk.records))
             await self._save_alerts(owned)
+            await self._save_archives(owned)
             if not owned.caught_up and owned.pseq >= head and len(chunks) < self.read_limit:
                 owned.caught_up = True
                 publisher.resync_all()
@@ -700,6 +751,6 @@ class PartitionOwner:
                 await trio.lowlevel.checkpoint()
 
 
-__all__ = ["LeaseBus", "LeaseLost", "LeasePlan", "LeasePlanner", "OwnedTopics",
+__all__ = ["Archives", "LeaseBus", "LeaseLost", "LeasePlan", "LeasePlanner", "OwnedTopics",
            "PartitionLog", "PartitionOwner", "Publisher", "home_node", "lease_name",
            "owns_topic", "target_count", "topic_partition"]
