@@ -93,9 +93,18 @@ def ptr(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
 
 @st.composite
 def record(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
-    kind = draw(st.sampled_from(["PTR", "PTR", "PTR", "PTR", "PIR", "PRR", "MPR", "DTR"]))
+    kind = draw(st.sampled_from(["PTR", "PTR", "PTR", "PTR", "PIR", "PRR", "MPR", "DTR",
+                                 "FTR"]))
     if kind == "PTR":
         return draw(ptr())
+    if kind == "FTR":  # stopped anywhere, NUM_FAIL valid or not, TEST_TXT or not
+        fields = {"TEST_NUM": draw(st.integers(1, 3)), "HEAD_NUM": draw(st.integers(1, 2)),
+                  "SITE_NUM": draw(st.integers(0, 2)), "TEST_FLG": draw(st.sampled_from(
+                      [0, 0x80])), "OPT_FLAG": draw(st.sampled_from([0, 0x08, 0xFF])),
+                  "CYCL_CNT": 1, "REL_VADR": 0, "REPT_CNT": 1, "NUM_FAIL": 3,
+                  **({"TEST_TXT": draw(st.sampled_from(["", "func"]))}
+                     if draw(st.booleans()) else {})}
+        return "FTR", dict(list(fields.items())[:draw(st.integers(1, len(fields)))])
     head, site = draw(st.integers(1, 2)), draw(st.integers(0, 2))
     if kind == "PIR":
         return "PIR", {"HEAD_NUM": head, "SITE_NUM": site}
