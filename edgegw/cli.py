@@ -179,4 +179,4 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = ["COMMANDS", "build_parser", "command_of", "main", "verbosity"]
+__all__ = ["COMMANDS", "COMMAND_MODULES", "build_parser", "command_of", "main", "verbosity"]

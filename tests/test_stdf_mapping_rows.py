@@ -20,8 +20,7 @@ from shared_data import GALAXY, METIS, stdf_bytes
 from test_stdf_shapes import SHAPES, shape
 
 from edgegw.formats import FormatError
-from edgegw.stdf import RecordMapper, StdfDecoder, StdfWriter
-from edgegw.stdf import state as state_module
+from edgegw.stdf import RecordMapper, StdfDecoder, StdfWriter, TestState
 
 
 def by_dicts(data: bytes, chunk: int = 1 << 16) -> list[Any]:
@@ -135,7 +134,7 @@ def test_the_limit_plans_turn_off_on_a_file_whose_limits_never_repeat(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Limits that drift per part: the plans would only cost, so they stop (bounded
     meanwhile); what is mapped is the same."""
-    monkeypatch.setattr(state_module, "PTR_PLANS", 16)
+    monkeypatch.setattr(TestState, "PTR_PLANS", 16)
     recs = [("PTR", {"TEST_NUM": 1, "HEAD_NUM": 1, "SITE_NUM": 1, "TEST_FLG": 0,
                      "PARM_FLG": 0, "RESULT": 1.0, "TEST_TXT": "", "ALARM_ID": "",
                      "OPT_FLAG": 0x0E, "RES_SCAL": 0, "LLM_SCAL": 0, "HLM_SCAL": 0,

@@ -27,8 +27,6 @@ _PTR_FIELDS = ("TEST_NUM", "HEAD_NUM", "SITE_NUM", "TEST_FLG", "PARM_FLG", "RESU
                "TEST_TXT", "ALARM_ID", "OPT_FLAG", "RES_SCAL", "LLM_SCAL", "HLM_SCAL",
                "LO_LIMIT", "HI_LIMIT", "UNITS", "C_RESFMT", "C_LLMFMT", "C_HLMFMT",
                "LO_SPEC", "HI_SPEC")
-#: ``ptr_limits`` plans kept at most (then forgotten and made again)
-PTR_PLANS = 4096
 
 # OPT_FLAG bits
 RES_SCAL_INVALID = 0x01
@@ -99,6 +97,8 @@ class TestState:
     """Resolves PTR/MPR defaults and tracks open PIRs per (head, site) for one file."""
 
     __test__ = False  # not a pytest test class despite the name
+    #: ``ptr_limits`` plans kept at most (then forgotten and made again)
+    PTR_PLANS = 4096
 
     def __init__(self) -> None:
         self._by_test: dict[int, dict[str, Any]] = {}
@@ -224,7 +224,7 @@ class TestState:
             else:
                 picks += (0, site[name] if name in site else common.get(name))
         if plans is not None:
-            if len(plans) >= PTR_PLANS:
+            if len(plans) >= self.PTR_PLANS:
                 # full: PTR_PLANS misses since the last clear; with fewer hits than half
                 # of them, this file's limits do not repeat: off for the rest of it
                 if self._plan_hits * 2 < len(plans):
