@@ -1,20 +1,23 @@
 """The ``edgegw`` command line.
 
 Each subcommand lives in the module that owns its idea and registers itself through an
-``add_commands(subparsers)`` function; this module only dispatches.  A command handler
-returns the exit status.  Configuration errors exit with status 2 and one line per
-problem; a service that cannot start exits with status 3 and one line; never a traceback
-(docs/configuration.md, "Exit status").
+``add_commands(subparsers)`` function; this module only dispatches.  ``main`` builds (and
+imports) only the parsers of the module of the command it is given (``COMMANDS``): the
+whole tree takes a few ms, more than ``edgegw stdf stats`` needs for a small file.  A
+command handler returns the exit status.  Configuration errors exit with status 2 and one
+line per problem; a service that cannot start exits with status 3 and one line; never a
+traceback (docs/configuration.md, "Exit status").
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from .config import ConfigError
@@ -28,6 +31,19 @@ COMMAND_MODULES = (
     "edgegw.plugins_cli",
     "edgegw.token_cli",
 )
+
+#: command word -> the module of ``COMMAND_MODULES`` that adds it (tests/test_cli.py holds
+#: the two to each other): ``main`` builds that module's parsers only
+COMMANDS = {
+    "hub": "edgegw.commands",
+    "gateway": "edgegw.commands",
+    "check-config": "edgegw.commands",
+    "demo": "edgegw.commands",
+    "simulate": "edgegw.sim.cli",
+    "stdf": "edgegw.stdf.cli",
+    "plugins": "edgegw.plugins_cli",
+    "token": "edgegw.token_cli",
+}
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -72,13 +88,55 @@ def verbosity(args: argparse.Namespace) -> int:
 
 
 def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # only for --version
+
     try:
         return version("edgegw")
     except PackageNotFoundError:  # running from a source tree that was never installed
         return "unknown"
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _VersionAction(argparse._VersionAction):
+    """``--version``: the package metadata is read only when it is asked for."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        self.version = f"edgegw {_version()}"
+        super().__call__(parser, namespace, values, option_string)
+
+
+#: options of the top-level parser that may come before a command word without changing
+#: what the parser does with it (``-h`` or ``--version`` there need every command)
+_LEADING = re.compile(r"-v+|--verbose")
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command word of ``argv`` when only its module's parsers are needed to parse
+    it; None when the whole tree is (no command, an unknown one, ``-h`` or an
+    abbreviated option before it)."""
+    for arg in argv:
+        if arg in COMMANDS:
+            return arg
+        if not _LEADING.fullmatch(arg):
+            return None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``edgegw`` parser: every command, or (``command``, a key of ``COMMANDS``) only
+    those of its module -- the same parsers, the others left out."""
+    # argparse translates its own words ("options", "show this help message and exit")
+    # through gettext, which searches the disk for catalogues at every call: half the
+    # time of building a parser.  The answer cannot change while the tree is built.
+    plain = argparse._  # type: ignore[attr-defined]
+    argparse._ = functools.lru_cache(maxsize=None)(plain)  # type: ignore[attr-defined]
+    try:
+        return _build_parser(command)
+    finally:
+        argparse._ = plain  # type: ignore[attr-defined]
+
+
+def _build_parser(command: str | None) -> argparse.ArgumentParser:
     parser = Parser(
         prog="edgegw",
         description="Edge gateway and hub for ATE test results and sensor feeds: a gateway "
@@ -88,16 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with `edgegw demo`; `edgegw COMMAND --help` describes each command.\n"
                "Docs: README.md and docs/ (configuration.md has every config key).",
     )
-    parser.add_argument("--version", action="version", version=f"edgegw {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     sub.required = True
-    for name in COMMAND_MODULES:
+    for name in COMMAND_MODULES if command is None else (COMMANDS[command],):
         importlib.import_module(name).add_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(command_of(argv))
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * verbosity(args)
     logging.basicConfig(level=max(level, logging.DEBUG),
@@ -119,4 +179,4 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = ["build_parser", "main", "verbosity"]
+__all__ = ["COMMANDS", "COMMAND_MODULES", "build_parser", "command_of", "main", "verbosity"]

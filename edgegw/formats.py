@@ -27,7 +27,10 @@ clock), so a format is tested with plain bytes and any chunking:
 - Corrupt input raises ``FormatError(message, offset)`` with the byte offset of the problem.
 - Optional additions (backwards compatible): a parser's ``complete`` says the file is whole
   before any idle timeout; a format's ``Options`` dataclass takes per-source settings from
-  the gateway config (``edgegw.sources``: ``new_parser``, ``build_options``).
+  the gateway config (``edgegw.sources``: ``new_parser``, ``build_options``).  The built-in
+  STDF parser also has a fast path the tail takes when it forwards no RawRecords:
+  ``rows()``/``close_rows()`` (``edgegw.stdf.StdfRow`` tuples instead of records) and
+  ``select(types)`` (record types the mapper does not read are not decoded).
 - Helpers for plugins (``edgegw.stdf``): ``stdf_fields`` (STDF field dicts with the spec's
   missing values) and ``test_number`` (a stable TEST_NUM for a named test).
   ``edgegw.testing`` is the plugin test kit.

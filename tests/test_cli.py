@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from edgegw.cli import build_parser, main, verbosity
+from edgegw.cli import COMMAND_MODULES, COMMANDS, build_parser, command_of, main, verbosity
 from edgegw.commands import KINDS
 from edgegw.demo import demo_configs
 
@@ -125,6 +125,56 @@ def test_the_set_examples_in_the_help_are_keys_of_the_right_kind_of_config(
         args = build_parser().parse_args(argv)
         with tempfile.TemporaryDirectory() as tmp:
             demo_configs(args, Path(tmp), "token", 8765)  # ConfigError fails the test
+
+
+# ---- a command builds its own parsers only -----------------------------------------------
+
+
+def commands(parser: argparse.ArgumentParser) -> list[str]:
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return list(sub.choices)
+
+
+def test_the_command_table_names_every_command_and_the_module_that_adds_it() -> None:
+    assert list(COMMANDS) == commands(build_parser())
+    assert set(COMMANDS.values()) == set(COMMAND_MODULES)
+    for name, module in COMMANDS.items():
+        assert commands(build_parser(name)) == [
+            n for n, m in COMMANDS.items() if m == module], name
+
+
+@pytest.mark.parametrize("prog", [p for p in PARSERS if p != "edgegw"])
+def test_a_command_built_alone_has_the_help_page_of_the_whole_tree(prog: str) -> None:
+    alone = dict(parsers(build_parser(prog.split()[1])))
+    assert alone[prog].format_help() == PARSERS[prog].format_help()
+    assert alone["edgegw"].format_usage() == PARSERS["edgegw"].format_usage()
+
+
+@pytest.mark.parametrize(("argv", "command"), [
+    (["stdf", "stats", "x.stdf"], "stdf"),
+    (["-v", "-vv", "--verbose", "hub", "--config", "h.toml"], "hub"),
+    (["check-config", "stdf"], "check-config"),
+    ([], None),                      # the usage error lists nothing, but needs the tree
+    (["-h", "stdf"], None),          # the top-level help page lists every command
+    (["--version"], None),
+    (["--verb", "stdf"], None),      # an abbreviation: argparse decides what it is
+    (["nosuch"], None),              # "invalid choice" names every command
+])
+def test_only_a_plain_command_word_builds_one_module(argv: list[str],
+                                                     command: str | None) -> None:
+    assert command_of(argv) == command
+
+
+def test_the_usage_errors_and_version_are_those_of_the_whole_tree(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["nosuch"], ["stdf"], ["stdf", "stats"], ["--version"], ["-v", "-h"]):
+        outputs = []
+        for parse in (lambda a: build_parser().parse_args(a), main):
+            with pytest.raises(SystemExit) as exc:
+                parse(argv)
+            outputs.append((exc.value.code, capsys.readouterr()))
+        assert outputs[0] == outputs[1], argv
+    assert outputs[0][1].out.startswith("usage: edgegw")  # -h: the whole tree's page
 
 
 # ---- global options ---------------------------------------------------------------------

@@ -203,6 +203,49 @@ async def test_restarts_while_the_tester_keeps_writing_lose_and_repeat_nothing(
     assert no_ts(got) == want
 
 
+async def test_unmapped_record_types_around_a_checkpoint_are_skipped_and_counted(
+        tmp_path: Path) -> None:
+    """Without forward_raw the tail does not decode the record types the mapper does not
+    read (DTR, GDR, ...): a checkpoint can then fall among them, and a restart at it
+    still finds it a record boundary and sends exactly the rest.  The skipped records
+    still count as parsed."""
+    w = StdfWriter()
+    ptr = {"HEAD_NUM": 1, "SITE_NUM": 1, "TEST_FLG": 0, "PARM_FLG": 0, "RESULT": 1.5,
+           "TEST_TXT": "VDD", "ALARM_ID": "", "OPT_FLAG": 0x0E, "RES_SCAL": 0,
+           "LLM_SCAL": 0, "HLM_SCAL": 0, "LO_LIMIT": 1.0, "HI_LIMIT": 2.0, "UNITS": "V"}
+    dtr = ("DTR", {"TEXT_DAT": "tester log"})
+    gdr = ("GDR", {"GEN_DATA": [(10, "x"), (5, 7)]})
+    before = [("FAR", {}), ("MIR", {"LOT_ID": "L1"}), ("PIR", {"HEAD_NUM": 1, "SITE_NUM": 1}),
+              ("PTR", {"TEST_NUM": 1, **ptr}), dtr, gdr]
+    after = [dtr, ("PTR", {"TEST_NUM": 2, **ptr, "RESULT": 9.0}),
+             ("PRR", {"HEAD_NUM": 1, "SITE_NUM": 1, "PART_FLG": 0, "NUM_TEST": 2,
+                      "HARD_BIN": 1, "SOFT_BIN": 1, "PART_ID": "P1"}), gdr, ("MRR", {})]
+    head = b"".join(w.encode(n, f) for n, f in before)
+    data = head + b"".join(w.encode(n, f) for n, f in after)
+    path = tmp_path / "lot.stdf"
+    path.write_bytes(head)
+
+    metrics = Metrics()
+    first = CollectingSink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail([tmp_path], metrics=metrics).run, first)
+        await first.wait_until(lambda: first.checkpoint is not None)
+        nursery.cancel_scope.cancel()
+    saved = json.loads(json.dumps(first.checkpoint))
+    assert saved["files"][str(path)]["offset"] == len(head)  # just after the skipped ones
+    assert metrics.counter("tail_records_total").total() == len(before)
+
+    path.write_bytes(data)
+    second = CollectingSink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail([tmp_path], checkpoint=saved).run, second)
+        await second.wait_until(lambda: bool(second.of(LotEnd)))
+        nursery.cancel_scope.cancel()
+    assert not second.of(GatewayEvent)
+    assert no_ts(first.records) + no_ts(second.records) == expected(data)
+    assert [r.test_num for r in second.of(ParametricResult)] == [1, 2]
+
+
 async def test_a_restart_keeps_the_defaults_and_open_parts_from_before_the_checkpoint(
         tmp_path: Path) -> None:
     """Two sites, PTR defaults only in the first PTR of each test, a checkpoint between

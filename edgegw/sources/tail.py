@@ -135,6 +135,10 @@ class _File:
     skip_below: int = 0  # after a restart: records before this offset were already emitted
     #: the re-read passed ``skip_below`` as a parser position (see ``TailSource._map``)
     boundary_seen: bool = False
+    #: the parser's fast path (STDF): rows to ``RecordMapper.map_row``, and once past
+    #: ``skip_below`` only the types the mapper reads (see ``TailSource._fast``)
+    rows: bool = False
+    selected: bool = False
     warned: bool = False
 
     def checkpoint(self) -> dict[str, Any]:
@@ -334,6 +338,9 @@ class TailSource:
             grew = True
             f.fed += len(data)
             f.size = info.size if f.gz else f.fed
+            if f.rows and not f.selected and not f.skip_below:
+                f.selected = True
+                f.parser.select(RecordMapper.TYPES)  # type: ignore[attr-defined]
             try:
                 try:
                     f.parser.feed(data)
@@ -341,7 +348,8 @@ class TailSource:
                     raise
                 except Exception:  # a bug in the format plugin: see _plugin_failed
                     raise self._plugin_failed(f) from None
-                batch, mrr = self._map(f, f.parser.records, time.time())
+                batch, mrr = self._map(f, f.parser.rows if f.rows  # type: ignore[attr-defined]
+                                       else f.parser.records, time.time())
             except FormatError as exc:
                 await self._corrupt(f, sink, exc, getattr(exc, "batch", []))
                 return
@@ -400,23 +408,26 @@ class TailSource:
         checkpoint: the next record then starts later)."""
         assert f.parser is not None and f.mapper is not None
         batch: list[Record] = []
-        mapper = f.mapper
+        rows = f.rows
+        map_one = f.mapper.map_row if rows else f.mapper.map
         parsed = 0
+        skipped = f.parser.records_skipped if rows else 0  # type: ignore[attr-defined]
         try:
             for rec in records():
                 parsed += 1
-                mapped = mapper.map(rec, now)
+                mapped = map_one(rec, now)
                 if f.skip_below:
-                    if rec.offset < f.skip_below:
+                    offset = rec[1] if rows else rec.offset
+                    if offset < f.skip_below:
                         f.boundary_seen |= f.parser.position == f.skip_below
                         continue
-                    if rec.offset != f.skip_below and not f.boundary_seen:
+                    if offset != f.skip_below and not f.boundary_seen:
                         raise FormatError(
                             f"checkpoint offset {f.skip_below} is not a record boundary of "
-                            f"this file (a record starts at {rec.offset})", f.skip_below)
+                            f"this file (a record starts at {offset})", f.skip_below)
                     f.skip_below = 0
                 batch.extend(mapped)
-                if rec.name == "MRR":
+                if (rec[0] if rows else rec.name) == "MRR":
                     return batch, True
         except FormatError as exc:
             exc.batch = batch  # type: ignore[attr-defined]
@@ -426,6 +437,8 @@ class TailSource:
             failed.batch = batch  # type: ignore[attr-defined]
             raise failed from None
         finally:
+            if rows:  # records the parser stepped over (select) were parsed too
+                parsed += f.parser.records_skipped - skipped  # type: ignore[attr-defined]
             self.read_records.inc(parsed, source=self.name)
             try:
                 if not f.skip_below:
@@ -448,7 +461,21 @@ class TailSource:
         f.fed = 0
         f.skip_below = f.offset
         f.boundary_seen = False
+        f.rows = self._fast(f.parser)
+        f.selected = False
         return None
+
+    def _fast(self, parser: FormatParser) -> bool:
+        """Whether to take the parser's fast path (the built-in STDF parser's: rows
+        mapped by ``RecordMapper.map_row``, and once the file is past its checkpoint only
+        the record types the mapper reads decoded).  Not with ``forward_raw``, which
+        forwards every record as decoded; and the types are selected only past the
+        checkpoint, because the re-read before it must see a record at every boundary
+        to check the checkpoint is one."""
+        return (not self.config.forward_raw
+                and all(callable(getattr(parser, name, None))
+                        for name in ("rows", "close_rows", "select"))
+                and hasattr(parser, "records_skipped"))
 
     async def _finish(self, f: _File, sink: RecordSink, reason: str, *,
                       batch: list[Record] | None = None, close_parser: bool = True) -> None:
@@ -458,7 +485,8 @@ class TailSource:
         if f.parser is not None and f.mapper is not None:
             if close_parser:
                 try:
-                    more, _ = self._map(f, f.parser.close, now)
+                    more, _ = self._map(f, f.parser.close_rows if f.rows  # type: ignore
+                                        else f.parser.close, now)
                 except FormatError as exc:
                     await self._corrupt(f, sink, exc, batch + getattr(exc, "batch", []))
                     return

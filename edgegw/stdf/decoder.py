@@ -917,22 +917,12 @@ class StdfDecoder:
             raise ValueError(f"byte_order must be '<' or '>', not {byte_order!r}")
         if start_offset and byte_order is None:
             raise ValueError("resuming at start_offset > 0 needs the file's byte_order")
-        if types is not None:
-            if skip:
-                raise ValueError("skip or types, not both")
-            wanted = frozenset(types)
-            unknown = wanted - BY_NAME.keys()
-            if unknown:
-                raise ValueError(f"types: no STDF record type {', '.join(sorted(unknown))}")
-            skip = BY_NAME.keys() - wanted - {"FAR"}
-        self._skip = frozenset(skip)
-        unknown = self._skip - BY_NAME.keys()
-        if unknown:
-            raise ValueError(f"skip: no STDF record type {', '.join(sorted(unknown))}")
-        if "FAR" in self._skip:
-            raise ValueError("skip: the FAR cannot be skipped (it gives the byte order)")
+        if types is not None and skip:
+            raise ValueError("skip or types, not both")
         #: records of the ``skip`` types stepped over, by type name
-        self.skipped: dict[str, int] = dict.fromkeys(sorted(self._skip), 0)
+        self.skipped: dict[str, int] = {}
+        self._skip: frozenset[str] = frozenset()
+        self.select(types, skip)
         self._buf = b""
         self._txt: str | None = ""  # _buf decoded latin-1 (None: not yet)
         self._pos = 0  # index into _buf of the next record
@@ -947,6 +937,25 @@ class StdfDecoder:
         self.unknown_types: dict[tuple[int, int], int] = {}
         self._unknown_run = 0
         self._unknown_end = -1  # stream offset where the last unknown record ended
+
+    def select(self, types: Iterable[str] | None = None, skip: Iterable[str] = ()) -> None:
+        """Change ``types`` (None: every type) or ``skip`` from the next :meth:`records`
+        or :meth:`rows` on; ``skipped`` keeps the counts of every type skipped so far."""
+        if types is not None:
+            wanted = frozenset(types)
+            unknown = wanted - BY_NAME.keys()
+            if unknown:
+                raise ValueError(f"types: no STDF record type {', '.join(sorted(unknown))}")
+            skip = BY_NAME.keys() - wanted - {"FAR"}
+        new = frozenset(skip)
+        unknown = new - BY_NAME.keys()
+        if unknown:
+            raise ValueError(f"skip: no STDF record type {', '.join(sorted(unknown))}")
+        if "FAR" in new:
+            raise ValueError("skip: the FAR cannot be skipped (it gives the byte order)")
+        self._skip = new
+        for name in sorted(new - self.skipped.keys()):
+            self.skipped[name] = 0
 
     @property
     def position(self) -> int:

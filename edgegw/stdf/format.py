@@ -3,15 +3,22 @@
 A thin adapter from the sans-IO ``StdfDecoder`` to the format interface of
 ``edgegw.formats``: decoder errors become ``FormatError`` with the same byte offset, and
 ``close()`` turns a record cut at the very end of a finished file into an error.
+
+Beyond the interface, the fast path the tail takes when it needs no RawRecords
+(``edgegw.formats``, "Optional"): ``rows()`` and ``close_rows()`` yield the decoder's rows
+instead of records, and ``select(types)`` stops decoding the record types the consumer
+does not read (``records_skipped`` counts them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from ..formats import FormatError
-from .decoder import StdfDecoder, StdfError, StdfRecord
+from .decoder import StdfDecoder, StdfError, StdfRecord, StdfRow
+
+T = TypeVar("T")
 
 
 class StdfParser:
@@ -28,13 +35,36 @@ class StdfParser:
         self._decoder.feed(data)
 
     def records(self) -> Iterator[StdfRecord]:
+        return self._read(self._decoder.records)
+
+    def rows(self) -> Iterator[StdfRow]:
+        """The same records as :meth:`records`, as ``StdfDecoder.rows()`` gives them."""
+        return self._read(self._decoder.rows)
+
+    def select(self, types: Iterable[str] | None) -> None:
+        """Decode only these record types from now on (None: all); the others are
+        counted in ``records_skipped`` (``StdfDecoder.select``)."""
+        self._decoder.select(types)
+
+    @property
+    def records_skipped(self) -> int:
+        return sum(self._decoder.skipped.values())
+
+    def _read(self, read: Callable[[], Iterator[T]]) -> Iterator[T]:
         try:
-            yield from self._decoder.records()
+            yield from read()
         except StdfError as exc:
             raise FormatError(_message(exc), _offset(exc, self.position)) from exc
 
     def close(self) -> Iterator[StdfRecord]:
         yield from self.records()
+        self._check_end()
+
+    def close_rows(self) -> Iterator[StdfRow]:
+        yield from self.rows()
+        self._check_end()
+
+    def _check_end(self) -> None:
         if self._fed > self.position:
             raise FormatError(
                 f"file ends inside a record ({self._fed - self.position} bytes after the "

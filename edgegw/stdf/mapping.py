@@ -40,6 +40,7 @@ from ..records import (
     WaferEnd,
     WaferStart,
 )
+from .decoder import StdfRecord, StdfRow, row_fields
 from .state import TestState, part_passed, part_supersedes, result_passed
 
 MISSING_COORD = -32768
@@ -98,6 +99,24 @@ class RecordMapper:
         for rec in records:
             out.extend(self.map(rec, now))
         return out
+
+    def map_row(self, row: StdfRow, now: float) -> list[Record]:
+        """As :meth:`map`, for a row of ``StdfDecoder.rows()`` ``(name, offset, values)``:
+        the same records.  PTRs (most of a file; their limits resolved by
+        ``TestState.ptr_limits``) and FTRs (28 fields, 6 of them read) are mapped from
+        their values without making their dict; any other record, and every record with
+        ``forward_raw``, goes through :meth:`map`."""
+        name, offset, values = row
+        if not self.forward_raw:
+            fast = (self._ptr_row if name == "PTR" and len(values) >= 6 else
+                    self._ftr_row if name == "FTR" and len(values) >= 4 else None)
+            if fast is not None:
+                try:
+                    return fast(values, now)
+                except (KeyError, TypeError, ValueError, AttributeError, IndexError,
+                        OverflowError) as exc:
+                    raise FormatError(_unmappable(name, exc), offset) from None
+        return self.map(StdfRecord(name, offset, row_fields(row)), now)
 
     def map(self, rec: Any, now: float) -> list[Record]:
         name = rec.name
@@ -205,6 +224,45 @@ class RecordMapper:
             f["LO_LIMIT"], f["HI_LIMIT"], f.get("UNITS", "") or "", result_passed(flg), flg,
             f.get("PARM_FLG", 0)), out)
 
+    def _ptr_row(self, v: tuple[Any, ...], now: float) -> list[Record]:
+        """``_ptr`` of a PTR row with every field up to RESULT (later PTRs of a test
+        often end there)."""
+        lo, hi, units = self.tests.ptr_limits(v)
+        num, head, site, flg = v[0], v[1], v[2], v[3]
+        text = v[6] if len(v) > 6 else None
+        if text:
+            self.test_txt[num] = text
+        else:
+            text = self.test_txt.get(num, "")
+        record = ParametricResult(
+            self.source, now, self.lot_id, head, site, "", num, text,
+            None if flg & 0x02 else v[5], lo, hi, units or "", result_passed(flg), flg, v[4])
+        pending = self.open_parts.get((head, site))
+        if pending is None:
+            return [record]
+        pending.append(record)
+        return []
+
+    def _ftr_row(self, v: tuple[Any, ...], now: float) -> list[Record]:
+        """``_ftr`` of an FTR row with every field up to TEST_FLG."""
+        n = len(v)
+        num, head, site, flg = v[0], v[1], v[2], v[3]
+        opt = v[4] if n > 4 else None
+        # OPT_FLAG bit 3 set: NUM_FAIL is not valid
+        fails = None if opt is None or opt & 0x08 or n <= 8 else v[8]
+        text = v[22] if n > 22 else None
+        if text:
+            self.test_txt[num] = text
+        else:
+            text = self.test_txt.get(num, "")
+        record = FunctionalResult(self.source, now, self.lot_id, head, site, "", num, text,
+                                  result_passed(flg), flg, fails)
+        pending = self.open_parts.get((head, site))
+        if pending is None:
+            return [record]
+        pending.append(record)
+        return []
+
     def _mpr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
         f = self.tests.resolve_mpr(f)
         head = f.get("HEAD_NUM", 1)
@@ -257,3 +315,6 @@ class RecordMapper:
         "PTR": _ptr, "MPR": _mpr, "FTR": _ftr, "HBR": _hbr, "SBR": _sbr, "PCR": _pcr,
         "TSR": _tsr,
     }
+    #: the record types ``map`` reads: without ``forward_raw``, every other type maps to
+    #: nothing, so a decoder need not decode it (``StdfDecoder(types=...)``)
+    TYPES: frozenset[str] = frozenset(_handlers)

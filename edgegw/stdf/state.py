@@ -22,6 +22,11 @@ from typing import Any
 #: fields after OPT_FLAG that the first record of a test number establishes
 _SCALAR_DEFAULTS = ("UNITS", "C_RESFMT", "C_LLMFMT", "C_HLMFMT")
 _MPR_DEFAULTS = ("START_IN", "INCR_IN", "RTN_INDX", "UNITS_IN")
+#: a PTR's field names in row order (edgegw.stdf.decoder.FIELD_NAMES["PTR"])
+_PTR_FIELDS = ("TEST_NUM", "HEAD_NUM", "SITE_NUM", "TEST_FLG", "PARM_FLG", "RESULT",
+               "TEST_TXT", "ALARM_ID", "OPT_FLAG", "RES_SCAL", "LLM_SCAL", "HLM_SCAL",
+               "LO_LIMIT", "HI_LIMIT", "UNITS", "C_RESFMT", "C_LLMFMT", "C_HLMFMT",
+               "LO_SPEC", "HI_SPEC")
 
 # OPT_FLAG bits
 RES_SCAL_INVALID = 0x01
@@ -92,6 +97,8 @@ class TestState:
     """Resolves PTR/MPR defaults and tracks open PIRs per (head, site) for one file."""
 
     __test__ = False  # not a pytest test class despite the name
+    #: ``ptr_limits`` plans kept at most (then forgotten and made again)
+    PTR_PLANS = 4096
 
     def __init__(self) -> None:
         self._by_test: dict[int, dict[str, Any]] = {}
@@ -102,6 +109,10 @@ class TestState:
         self.orphan_results = 0
         #: PIRs that opened a head/site whose previous part had no PRR
         self.unclosed_parts = 0
+        #: ``ptr_limits`` memo: (TEST_NUM, HEAD_NUM, SITE_NUM, the row from OPT_FLAG on) ->
+        #: where LO_LIMIT, HI_LIMIT, UNITS come from, and the defaults it was made with
+        self._ptr_plans: dict[tuple[Any, ...], tuple[Any, ...]] | None = {}
+        self._plan_hits = 0
 
     # ---------------------------------------------------------------- default state
     def _learn(self, fields: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
@@ -174,6 +185,56 @@ class TestState:
     def resolve_mpr(self, fields: dict[str, Any]) -> dict[str, Any]:
         """As :meth:`resolve_ptr`, plus START_IN, INCR_IN, RTN_INDX, UNITS_IN."""
         return self._resolve(fields, _SCALAR_DEFAULTS + _MPR_DEFAULTS)
+
+    def ptr_limits(self, row: tuple[Any, ...]) -> tuple[Any, Any, Any]:
+        """LO_LIMIT, HI_LIMIT and UNITS of a PTR given as the values of a row
+        (``StdfDecoder.rows()``, at least TEST_NUM, HEAD_NUM and SITE_NUM), exactly as
+        :meth:`resolve_ptr` resolves them, learning what the record says as it does.
+
+        Why: the gateway maps every PTR and a test repeats the same limits part after
+        part.  What a PTR's limits resolve to depends only on its own fields from
+        OPT_FLAG on and on the defaults of its test and site, which only ever gain
+        entries; so the plan made for the first PTR of a test, head, site and tail (each
+        value from the row at an index, or a default) holds for every repeat while those
+        defaults have not grown, and a repeat has nothing new to teach them.  The row's
+        own values are taken from the row itself, so -0.0 and 0.0 (equal keys) come out
+        as written.  Bounded, and off for the rest of the file when plans rarely repeat
+        (limits that drift per part), as the decoder's PTR tail memo is."""
+        plans = self._ptr_plans
+        if plans is not None:
+            key = (row[0], row[1], row[2], row[8:])
+            plan = plans.get(key)
+            if plan is not None:
+                site, common, site_n, common_n, lo_i, lo, hi_i, hi, units_i, units = plan
+                if len(site) == site_n and len(common) == common_n:
+                    self._plan_hits += 1
+                    return (row[lo_i] if lo_i else lo, row[hi_i] if hi_i else hi,
+                            row[units_i] if units_i else units)
+        fields = dict(zip(_PTR_FIELDS, row, strict=False))
+        own = self._learn(fields, _SCALAR_DEFAULTS)
+        test = fields.get("TEST_NUM")
+        # made if missing (an empty one reads as a missing one) so a plan sees them grow
+        site = self._by_site.setdefault((test, fields.get("HEAD_NUM"),
+                                         fields.get("SITE_NUM")), {})
+        common = self._by_test.setdefault(test, {})
+        picks: list[Any] = []
+        for name, index in (("LO_LIMIT", 12), ("HI_LIMIT", 13), ("UNITS", 14)):
+            if name in own:  # the row's own value, or None: OPT_FLAG says "no limit"
+                picks += (0, None) if own[name] is None else (index, None)
+            else:
+                picks += (0, site[name] if name in site else common.get(name))
+        if plans is not None:
+            if len(plans) >= self.PTR_PLANS:
+                # full: PTR_PLANS misses since the last clear; with fewer hits than half
+                # of them, this file's limits do not repeat: off for the rest of it
+                if self._plan_hits * 2 < len(plans):
+                    self._ptr_plans = None
+                self._plan_hits = 0
+                plans.clear()  # bounded
+            plans[key] = (site, common, len(site), len(common), *picks)
+        lo_i, lo, hi_i, hi, units_i, units = picks
+        return (row[lo_i] if lo_i else lo, row[hi_i] if hi_i else hi,
+                row[units_i] if units_i else units)
 
     # ------------------------------------------------------------------ open parts
     def open_part(self, fields: dict[str, Any], offset: int | None = None) -> OpenPart:
