@@ -506,7 +506,7 @@ def test_types_is_the_complement_of_skip() -> None:
 def test_the_tail_memo_turns_itself_off_for_tails_that_do_not_repeat() -> None:
     """Tails that never repeat: the memo stops being consulted (its misses cost speed)
     until the next decoder, and the records are the same all along."""
-    from edgegw.stdf.decoder import _MEMO_STATES, MEMO_SIZE, set_tail_memo
+    from edgegw.stdf.decoder import MEMO_SIZE, set_tail_memo, tail_memo_active
 
     w = StdfWriter("<")
     data = w.encode("FAR", {}) + b"".join(
@@ -520,9 +520,9 @@ def test_the_tail_memo_turns_itself_off_for_tails_that_do_not_repeat() -> None:
         plain = decode(data)
         set_tail_memo(8)
         first = decode(data)
-        assert not all(state[0] for state in _MEMO_STATES)  # off after the misses
+        assert not tail_memo_active()  # off after the misses
         StdfDecoder()
-        assert all(state[0] for state in _MEMO_STATES)  # a new decoder: on again
+        assert tail_memo_active()  # a new decoder: on again
         assert decode(data) == first == plain
     finally:
         set_tail_memo(MEMO_SIZE)
@@ -531,8 +531,8 @@ def test_the_tail_memo_turns_itself_off_for_tails_that_do_not_repeat() -> None:
 @given(st.binary(max_size=80), st.data())
 def test_nibble_arrays_of_any_length_unpack_low_nibble_first(packed: bytes,
                                                               data: st.DataObject) -> None:
-    from edgegw.stdf.decoder import _nibbles
+    from edgegw.stdf.decoder import unpack_nibbles
 
     count = data.draw(st.integers(max(0, 2 * len(packed) - 1), 2 * len(packed)))
     expected = [n for b in packed for n in (b & 0x0F, b >> 4)][:count]
-    assert _nibbles(packed, count) == expected
+    assert unpack_nibbles(packed, count) == expected

@@ -236,4 +236,4 @@ class HistoryStore:
         return [json.loads(r[0]) for r in rows]
 
 
-__all__ = ["CACHE_ENTRIES", "HistoryStore"]
+__all__ = ["CACHE_ENTRIES", "WAFER_SUMMARY", "HistoryStore"]

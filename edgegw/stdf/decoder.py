@@ -280,7 +280,7 @@ _LOW_NIBBLE = bytes(b & 0x0F for b in range(256))
 _HIGH_NIBBLE = bytes(b >> 4 for b in range(256))
 
 
-def _nibbles(packed: bytes, count: int) -> list[int]:
+def unpack_nibbles(packed: bytes, count: int) -> list[int]:
     if count <= 8:
         out = [n for pair in map(_NIBBLE_PAIRS.__getitem__, packed) for n in pair]
     else:
@@ -459,6 +459,12 @@ def _memo_state() -> list[Any]:
 def _memo_reset() -> None:
     for state in _MEMO_STATES:
         state[0] = True
+
+
+def tail_memo_active() -> bool:
+    """Whether every tail memo is still consulted (each turns itself off after too many
+    misses, until the next ``StdfDecoder``).  For benchmarks and tests."""
+    return all(state[0] for state in _MEMO_STATES)
 
 
 def set_tail_memo(size: int) -> None:
@@ -657,7 +663,7 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                           f"{ind}else:",
                           f"{ind}  f{i} = []"]
             elif f.type == "N1":
-                ns["_nibbles"] = _nibbles
+                ns["_nibbles"] = unpack_nibbles
                 lines += [f"{ind}if {cnt}:",
                           f"{ind}  q = p + (({cnt} + 1) >> 1)",
                           f"{ind}  if q > end: raise _Short",
@@ -1074,4 +1080,6 @@ __all__ = [
     "decoder_table",
     "row_fields",
     "set_tail_memo",
+    "tail_memo_active",
+    "unpack_nibbles",
 ]
