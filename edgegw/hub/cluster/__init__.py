@@ -37,7 +37,8 @@ _EXPORTS = {
 #: the modules other parts of the hub (and tests) use: the PostgreSQL store and the
 #: sans-IO partition rule, the config section; the Redis bus, the node's mirror of the live
 #: topics, the partition owner's publisher; ownership, the node assembly, its /api; the
-#: cluster's one alert feed and gateway presence; the gateway topics and per-die values; its /api/stats
+#: cluster's one alert feed and gateway presence; the gateway topics and per-die values;
+#: its /api/stats
 _SUBMODULES = ("alertfeed", "api", "bus", "config", "dievalues", "gateways", "mirror", "node",
                "owner", "partition", "pgstore", "publisher", "stats")
 
