@@ -22,6 +22,7 @@ and at the end of each (``check_run``):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -176,6 +177,37 @@ def count_tester_records(settings: dict[str, Any]) -> int:
     return sum(len(b) for b, _ in simulated_batches(SimulatedConfig(**settings), "tester"))
 
 
+class Reference:
+    """What one uninterrupted single hub shows for ``SOURCES`` (tests/cluster_reference.py):
+    computed once for the session -- the testers are seeded, so it is the same for every
+    test here, and computing it took ~1/3 of each test's time (12 single-hub runs of the
+    testers per test, 5-8 s each on a busy machine)."""
+
+    def __init__(self) -> None:
+        from edgegw.config import build
+        from edgegw.hub.alerts import AlertsConfig
+
+        self.state = reference_state(SOURCES)
+        self.volatile = volatile_fields(SOURCES)
+        self.expected = comparable(lot_topics(self.state), self.volatile)
+        self.n_records = {gw: count_tester_records(s) for gw, s in SOURCES.items()}
+        alerting = reference_state(SOURCES, alerts=build(AlertsConfig, ALERTS))
+        assert alerting.alerts is not None
+        self.alert_keys = sorted(a.key for a in alerting.alerts.alerts.values())
+        self._api: dict[str, Any] | None = None
+
+    async def api(self) -> dict[str, Any]:
+        """The single hub's answers to ``API_PATHS``."""
+        if self._api is None:
+            self._api = await single_hub_api(self.state)
+        return self._api
+
+
+@functools.cache
+def reference() -> Reference:
+    return Reference()
+
+
 def applied_rid_coverage(dsn: str) -> dict[str, list[tuple[int, int]]]:
     """Per gateway, the record-id ranges its applied frames cover, in order."""
     import psycopg
@@ -314,16 +346,18 @@ class Run:
 
 async def cluster_run(tmp: Path, dsn: str, redis_url: str, disrupt: Disrupt) -> Run:
     """Three nodes behind HAProxy, the testers' gateways and three /ws/live clients
-    through it; ``disrupt(nodes, t0)`` runs meanwhile; returns once every gateway drained
+    through it; ``disrupt(nodes, t0)`` runs meanwhile (``t0``: when records first reached
+    every client); returns once every gateway drained
     and the clients converged (or 60 s passed: the caller's asserts then say what
     differs)."""
-    expected = comparable(lot_topics(reference_state(SOURCES)), volatile_fields(SOURCES))
-    volatile = volatile_fields(SOURCES)
-    n_records = {gw: count_tester_records(s) for gw, s in SOURCES.items()}
     text = node_toml(tmp, dsn, redis_url, f"t{os.getpid()}x{time.monotonic_ns()}")
     run = Run()
     with NodeSet(tmp / "nodes", 3, lambda i: text) as nodes:
-        nodes.start_all(timeout=90)
+        # the reference (once per session) is computed while the nodes start
+        async with trio.open_nursery() as setup:
+            setup.start_soon(functools.partial(trio.to_thread.run_sync, nodes.start_all, 90))
+            ref = await trio.to_thread.run_sync(reference)
+        expected, volatile, n_records = ref.expected, ref.volatile, ref.n_records
         with HAProxy(tmp / "lb", nodes.backends) as lb:
             lb.wait_states({"n0": "UP", "n1": "UP", "n2": "UP"})
             run.gateways = [GatewayProc(tmp, gw, lb.port) for gw in SOURCES]
@@ -338,6 +372,14 @@ async def cluster_run(tmp: Path, dsn: str, redis_url: str, disrupt: Disrupt) -> 
                         nursery.start_soon(f.run)
                     for gw in run.gateways:
                         gw.start()
+                    # The disruption's clock starts once records flow end to end (every
+                    # client holds a lot topic): on a busy machine the processes may take
+                    # seconds to start, and a Redis restart that no client sees live data
+                    # across has nothing to resync (seen: only ``state_reset``s, later).
+                    with trio.fail_after(90):
+                        while not all(any(t.startswith("lot/") for t in f.offsets)
+                                      for f in run.followers):
+                            await trio.sleep(0.1)
                     run.events = await disrupt(nodes, trio.current_time())
 
                     def all_drained() -> bool:
@@ -389,9 +431,8 @@ async def cluster_run(tmp: Path, dsn: str, redis_url: str, disrupt: Disrupt) -> 
 async def check_run(run: Run, dsn: str) -> None:
     """Exactly once record by record; every client's state, and every node's /api, equal to
     one uninterrupted hub's; no silent gap on any client."""
-    expected = comparable(lot_topics(reference_state(SOURCES)), volatile_fields(SOURCES))
-    volatile = volatile_fields(SOURCES)
-    n_records = {gw: count_tester_records(s) for gw, s in SOURCES.items()}
+    ref = reference()
+    expected, volatile, n_records = ref.expected, ref.volatile, ref.n_records
     # exactly once, record by record (by record id, per gateway)
     coverage = applied_rid_coverage(dsn)
     for g in run.gateways:
@@ -409,17 +450,12 @@ async def check_run(run: Run, dsn: str) -> None:
         for path, answer in run.answers[0].items():
             assert run.answers[i][path] == answer, (path, i, _diff(run.answers[i][path],
                                                                     answer))
-    want = await single_hub_api(reference_state(SOURCES))
+    want = await ref.api()
     assert {k: figures(v) for k, v in run.answers[0].items()} == {
         k: figures(v) for k, v in want.items()}
     # alerts: raised once cluster-wide (one per condition, as the single hub raises them,
     # however often partitions changed owners), the same list on every node
-    from edgegw.config import build
-    from edgegw.hub.alerts import AlertsConfig
-
-    reference = reference_state(SOURCES, alerts=build(AlertsConfig, ALERTS))
-    assert reference.alerts is not None
-    want_keys = sorted(a.key for a in reference.alerts.alerts.values())
+    want_keys = ref.alert_keys
     assert want_keys, "the rule raises in the reference run"
     got_keys = sorted(a["key"] for a in run.alerts[0]["alerts"])
     assert got_keys == want_keys

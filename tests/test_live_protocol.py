@@ -331,6 +331,36 @@ def test_resume_beyond_history_or_from_another_epoch_is_told_to_resync() -> None
     assert hub.metrics.counter("live_resyncs_total").total() == 2
 
 
+def test_a_resumed_topic_the_hub_has_only_later_is_never_sent_bare() -> None:
+    """A cluster node may not have a topic a client resumes yet (its mirror loads it a
+    moment later; after Redis lost its data the owner republishes it): the resume is kept
+    until the topic appears.  Before, it was forgotten and the topic came as a snapshot
+    with no ``resync`` over the view the client held -- a silent gap (seen in
+    ``test_sigkill_three_nodes_during_a_run`` on a gateway's topic)."""
+    state, hub = make_hub(history=100)
+    viewer = Viewer(hub)
+    viewer.views = {"lot/L1": {"parts": 3}, "lot/L2": {"parts": 2}}
+    viewer.offsets = {"lot/L1": 3, "lot/L2": 2}
+    viewer.send({"type": "subscribe", "id": 1, "topics": ["lot/+"],
+                 "resume": {"lot/L1": ["E0", 3], "lot/L2": ["E1", 2]}})
+    hub.tick(0.05, 1.0)
+    assert [m["type"] for m in viewer.drain()] == ["hello", "subscribed"]
+    for i in range(5):  # the topics appear
+        state.change("lot/L1", {"parts": i})
+        state.change("lot/L2", {"parts": i})
+    hub.tick(0.10, 1.05)
+    viewer.drain()
+    items = {i["topic"]: i for i in viewer.items()}
+    # another epoch: a snapshot, marked
+    assert items["lot/L1"]["type"] == "snapshot"
+    assert items["lot/L1"]["resync"] == "epoch_changed"
+    # this epoch: the deltas after the offset it held, or a snapshot marked resync (here
+    # the channel was new, its offsets below the one resumed: "offset_ahead")
+    l2 = items["lot/L2"]
+    assert (l2["type"] == "delta" and l2["from"] == 2) or l2.get("resync"), l2
+    assert viewer.views == state.state
+
+
 def test_resume_at_the_current_offset_sends_nothing() -> None:
     state, hub = make_hub()
     state.change("sensor/t1", {"v": 1})

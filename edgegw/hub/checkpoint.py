@@ -284,9 +284,11 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
             lot.wafers[w.wafer_id] = w
             if cache is not None:
                 cache.prime(w, wd["dies"])
+        lot.order_wafers()  # (a checkpoint of an older hub kept them in arrival order)
         lot.archived_wafers = set(d["archived_wafers"])
         for row in d["tests"]:
             t = _test_from(lot.lot_id, row)
+            t.wafer_order = lot.wafer_order
             lot.tests[t.test_num] = t
         for gw, head, site, values in d["pending"]:
             lot.pending[(gw, head, site)] = [(lot.tests[num], v) for num, v in values]

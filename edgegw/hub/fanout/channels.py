@@ -98,6 +98,9 @@ class Client:
     # topic -> offset this client has been sent up to; None: it needs a snapshot next tick
     positions: dict[str, int | None] = dataclasses.field(default_factory=dict)
     resync: dict[str, str] = dataclasses.field(default_factory=dict)  # topic -> reason
+    # topic -> (epoch, offset) it resumed that this hub did not have yet: applied when the
+    # topic appears (a cluster node loads it a moment later), so it never comes back bare
+    resume_later: dict[str, tuple[Any, int]] = dataclasses.field(default_factory=dict)
     todo: set[str] = dataclasses.field(default_factory=set)  # topics to look at next tick
     # Unsent frames: (prepared frame, is_update).  Control replies are never dropped.
     queue: deque[tuple[Any, bool]] = dataclasses.field(default_factory=deque)

@@ -231,11 +231,30 @@ class LiveHub:
                 channel.subscribers.discard(client)
         client.queue.clear()
 
+    def _resumed_at(self, client: Client, channel: Channel,
+                    resumed: tuple[Any, int] | None) -> int | None:
+        """The position a client resuming ``channel`` at ``resumed`` (epoch, offset) starts
+        from; None: a snapshot, marked resync with the reason when it resumed."""
+        if resumed is None:
+            return None
+        topic = channel.topic
+        epoch, offset = resumed
+        if epoch != (self.epoch if self.epoch_of is None else self.epoch_of(topic)):
+            client.resync[topic] = "epoch_changed"
+        elif offset > channel.offset:
+            client.resync[topic] = "offset_ahead"
+        else:
+            return offset  # tick decides: exact deltas, or resync if truncated
+        return None
+
     def _attach(self, client: Client, channel: Channel, position: int | None) -> None:
         if channel.topic in client.positions:
             return
         if client.scope is not None and not client.scope.allows_topic(channel.topic):
             return  # outside its scope: as if the topic did not exist
+        if position is None and client.resume_later:
+            position = self._resumed_at(client, channel,
+                                        client.resume_later.pop(channel.topic, None))
         channel.subscribers.add(client)
         client.positions[channel.topic] = position
         client.todo.add(channel.topic)
@@ -343,17 +362,15 @@ class LiveHub:
             if topic in client.positions or not any(topic_matches(p, topic) for p in new):
                 continue
             channel = self._channel(topic)
-            position: int | None = None
-            resumed = positions.get(topic)
-            if resumed is not None:
-                epoch, offset = resumed
-                if epoch != (self.epoch if self.epoch_of is None else self.epoch_of(topic)):
-                    client.resync[topic] = "epoch_changed"
-                elif offset > channel.offset:
-                    client.resync[topic] = "offset_ahead"
-                else:
-                    position = offset  # tick decides: exact deltas, or resync if truncated
-            self._attach(client, channel, position)
+            self._attach(client, channel, self._resumed_at(client, channel,
+                                                           positions.get(topic)))
+        # Resumed topics this hub does not have (yet): a cluster node whose mirror loads
+        # them a moment later, an owner republishing after an epoch change.  Kept, so the
+        # topic comes back as what was missed or marked resync -- never a bare snapshot
+        # over the view the client holds (a silent gap).
+        for topic, where in positions.items():
+            if topic not in known and any(topic_matches(p, topic) for p in new):
+                client.resume_later[topic] = where
         self._control(client, now, {"type": "subscribed", "id": message.get("id"),
                                     "topics": patterns, "epoch": self.epoch})
 
@@ -367,6 +384,9 @@ class LiveHub:
                     subs.discard(client)
                     if not subs:
                         del self._patterns[pattern]
+        for topic in [t for t in client.resume_later
+                      if not any(topic_matches(p, t) for p in client.patterns)]:
+            del client.resume_later[topic]
         for topic in list(client.positions):
             if not any(topic_matches(p, topic) for p in client.patterns):
                 del client.positions[topic]

@@ -197,6 +197,36 @@ class WaferState:
         }
 
 
+def start_order(wafer: WaferState) -> tuple[float, str]:
+    """Where a wafer goes among its lot's: in the order the wafers started (``started``,
+    the WIR's start time; a wafer whose start is not known yet first), then by wafer id.
+    It depends on the wafers' records only, not on the order they arrived in: after an
+    outage a gateway sends its newest frames before the older ones (docs/spool.md), and a
+    hub, a cluster's partition owners and ``/api`` must still list the same wafers in the
+    same order as a hub that got every frame in sequence."""
+    started = wafer.started
+    if isinstance(started, (int, float)) and started == started:  # (not NaN)
+        return (started, wafer.wafer_id)
+    return (0.0, wafer.wafer_id)
+
+
+class WaferOrder:
+    """A lot's live wafers in start order: wafer id -> position, shared with the lot's
+    tests (their per-wafer rows follow it); ``version`` changes whenever it does."""
+
+    __slots__ = ("rank", "version")
+
+    def __init__(self) -> None:
+        self.rank: dict[str, int] = {}
+        self.version = 0
+
+    def set(self, wafer_ids: list[str]) -> None:
+        rank = {w: i for i, w in enumerate(wafer_ids)}
+        if rank != self.rank:
+            self.rank = rank
+            self.version += 1
+
+
 #: Bins of a test's histogram; wafers whose per-wafer statistics a test keeps (newest).
 HIST_BINS = 40
 TEST_WAFERS = 50
@@ -287,7 +317,8 @@ class TestStats:
 
     __test__ = False  # not a pytest class, whatever the name says
 
-    def __init__(self, lot_id: str, test_num: int, kind: str) -> None:
+    def __init__(self, lot_id: str, test_num: int, kind: str,
+                 wafer_order: WaferOrder | None = None) -> None:
         self.lot_id = lot_id
         self.test_num = test_num
         self.kind = kind
@@ -305,8 +336,11 @@ class TestStats:
         self.max: float | None = None
         self.histogram = Histogram()
         self.by_site: dict[int, Running] = {}
-        #: wafer id -> its values' running figures, the newest TEST_WAFERS wafers
+        #: wafer id -> its values' running figures, the newest TEST_WAFERS wafers, in the
+        #: lot's wafer order (``wafer_order``; re-sorted when it or the rows changed)
         self.by_wafer: OrderedDict[str, Running] = OrderedDict()
+        self.wafer_order = wafer_order
+        self._rows_at = -1  # the wafer order's version the rows are sorted for
 
     def add_site_value(self, site: int, value: float) -> None:
         running = self.by_site.get(site)
@@ -318,6 +352,7 @@ class TestStats:
         running = self.by_wafer.get(wafer_id)
         if running is None:
             running = self.by_wafer[wafer_id] = Running()
+            self._rows_at = -1
             while len(self.by_wafer) > TEST_WAFERS:
                 self.by_wafer.popitem(last=False)
         running.add(value)
@@ -394,6 +429,7 @@ class TestStats:
                 got = by_wafer.get(wafer_id)
                 if got is None:
                     got = by_wafer[wafer_id] = Running()
+                    self._rows_at = -1
                     while len(by_wafer) > TEST_WAFERS:
                         by_wafer.popitem(last=False)
                 running = got
@@ -447,8 +483,22 @@ class TestStats:
             "cpk": self.cpk,
             "histogram": self.histogram.as_dict(),
             "sites": {str(s): r.row() for s, r in sorted(self.by_site.items())},
-            "wafers": [[w, *r.row()] for w, r in self.by_wafer.items()],
+            "wafers": self.wafer_rows(),
         }
+
+    def wafer_rows(self) -> list[list[Any]]:
+        """``[wafer, count, mean, sigma]`` per wafer, oldest first: in the lot's wafer order
+        (``start_order``; wafers no longer live first), not in the order values came."""
+        by_wafer = self.by_wafer
+        order = self.wafer_order
+        if order is not None and self._rows_at != order.version:
+            if len(by_wafer) > 1:
+                rank = order.rank
+                ranked = sorted(by_wafer.items(), key=lambda kv: (rank.get(kv[0], -1), kv[0]))
+                by_wafer.clear()
+                by_wafer.update(ranked)
+            self._rows_at = order.version
+        return [[w, *r.row()] for w, r in by_wafer.items()]
 
 
 class LotState:
@@ -462,7 +512,8 @@ class LotState:
         self.started: float | None = None
         self.ended: float | None = None
         self.gateways: set[str] = set()
-        self.wafers: dict[str, WaferState] = {}  # the live ones
+        self.wafers: dict[str, WaferState] = {}  # the live ones, in start order
+        self.wafer_order = WaferOrder()  # the same order, for the lot's tests
         #: wafers that left memory for the store: a late record for one is not applied
         #: (it would start the wafer afresh and overwrite its archive)
         self.archived_wafers: set[str] = set()
@@ -478,6 +529,17 @@ class LotState:
         self.reported_soft: dict[str, int] = {}
         self.reported_counts: dict[str, Any] = {}
         self.updated = 0.0
+
+    def order_wafers(self) -> None:
+        """Put ``wafers`` back in start order (``start_order``) after a wafer was made,
+        left memory or learned its start: a few times per wafer, never per record."""
+        wafers = self.wafers
+        ranked = sorted(wafers.values(), key=start_order)
+        ids = [w.wafer_id for w in ranked]
+        if ids != list(wafers):
+            wafers.clear()
+            wafers.update((w.wafer_id, w) for w in ranked)
+        self.wafer_order.set(ids)
 
     @property
     def units_per_hour(self) -> float | None:

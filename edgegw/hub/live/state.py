@@ -582,6 +582,7 @@ class LiveState:
             while len(lot.wafers) >= self.max_wafers_per_lot:
                 self._archive_wafer(lot, self._wafer_victim(lot))
             wafer = lot.wafers[wafer_id] = WaferState(lot.lot_id, wafer_id)
+            lot.order_wafers()
         return wafer
 
     @staticmethod
@@ -594,6 +595,7 @@ class LiveState:
 
     def _archive_wafer(self, lot: LotState, wafer: WaferState) -> None:
         del lot.wafers[wafer.wafer_id]
+        lot.order_wafers()
         lot.archived_wafers.add(wafer.wafer_id)
         wafer.archived = True
         self._m_wafers_archived.inc()
@@ -644,7 +646,12 @@ class LiveState:
             lot.test_time_sum += rec.test_time_ms
             lot.test_time_n += 1
         lot.gateways.add(gateway_id)
-        lot.updated = wafer.updated = max(lot.updated, rec.ts)
+        # each its own latest record time: a wafer's older parts arriving after a later
+        # wafer's (a gateway's backlog after an outage) must not take the lot's
+        if ts > wafer.updated:
+            wafer.updated = ts
+        if ts > lot.updated:
+            lot.updated = ts
         batch.wafers[wafer] = None
         batch.lots[lot] = None
         self._assign_values(lot, wafer, gateway_id, rec, final, batch)
@@ -705,7 +712,8 @@ class LiveState:
                 raise NotApplied("too_many_tests", f"lot {lot.lot_id!r} already has "
                                  f"{len(lot.tests)} tests (max_tests_per_lot); test "
                                  f"{rec.test_num} not kept")
-            stats = lot.tests[rec.test_num] = TestStats(rec.lot_id, rec.test_num, kind)
+            stats = lot.tests[rec.test_num] = TestStats(rec.lot_id, rec.test_num, kind,
+                                                         lot.wafer_order)
         if rec.test_txt:
             stats.test_txt = rec.test_txt
         stats.executions += 1
@@ -783,6 +791,7 @@ class LiveState:
         lot = self._lot(rec.lot_id, rec.ts)
         wafer = self._wafer(lot, rec.wafer_id)
         wafer.started = float(rec.start_t) if rec.start_t else rec.ts
+        lot.order_wafers()  # its place among the lot's wafers is by start
         wafer.updated = max(wafer.updated, rec.ts)
         batch.wafers[wafer] = None
         batch.lots[lot] = None
