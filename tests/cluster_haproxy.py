@@ -154,6 +154,33 @@ class HAProxy:
         self.stop()
 
 
+def node_toml(data_dir: Path | str, dsn: str, redis: str | list[str], prefix: str, *,
+              partitions: int = 8, cluster: str = "", rest: str = "") -> str:
+    """A cluster node's TOML for ``NodeSet`` (``{port}`` and ``{node}`` left for it):
+    the settings every cluster test shares -- short leases and stale period, so failures
+    play out in seconds -- then the test's own ``[hub.cluster]`` lines and sections.
+    ``redis``: one URL, or the shards' URLs."""
+    shards = (f'redis_url = "{redis}"' if isinstance(redis, str)
+              else "redis_urls = [" + ", ".join(f'"{u}"' for u in redis) + "]")
+    return f"""\
+[hub]
+listen = "127.0.0.1"
+port = {{port}}
+data_dir = "{data_dir}/{{node}}"
+heartbeat_s = 1.0
+
+[hub.cluster]
+node_id = "{{node}}"
+postgres_dsn = "{dsn}"
+{shards}
+key_prefix = "{prefix}"
+partitions = {partitions}
+lease_ttl_s = 2.0
+stale_after_s = 2.0
+{cluster}
+{rest}"""
+
+
 class NodeSet:
     """``n`` hub node processes (``edgegw hub --config``), one config each from
     ``config_text(i)``, with ``{port}`` and ``{node}`` filled in."""

@@ -18,7 +18,7 @@ import trio
 from cluster_redis import redis_server  # noqa: F401  (the fixture)
 
 from edgegw.hub.cluster.alertfeed import AlertView, wanted_events
-from tests.cluster_haproxy import HAProxy, NodeSet, haproxy_binary
+from tests.cluster_haproxy import HAProxy, NodeSet, haproxy_binary, node_toml
 from tests.cluster_live import LiveFollower
 from tests.ports import free_port
 from tests.processes import get_json, spawn, wait_for
@@ -56,23 +56,7 @@ pytestmark_e2e = pytest.mark.skipif(
     haproxy_binary() is None and os.environ.get("CI") != "true",
     reason="haproxy not installed (scripts/test.sh installs it as root)")
 
-NODE_TOML = """\
-[hub]
-listen = "127.0.0.1"
-port = {port}
-data_dir = "@DATA@/{node}"
-heartbeat_s = 1.0
-
-[hub.cluster]
-node_id = "{node}"
-postgres_dsn = "@DSN@"
-redis_url = "@REDIS@"
-key_prefix = "@PREFIX@"
-partitions = 8
-lease_ttl_s = 2.0
-stale_after_s = 2.0
-snapshot_interval_s = 0.5
-
+ALERTS_TOML = """\
 [alerts]
 escalate_after_s = 600
 
@@ -198,9 +182,10 @@ async def _until(predicate: Any, within_s: float, what: str) -> None:
 async def test_alert_topics_webhooks_and_gateway_offline_once_cluster_wide(
         tmp_path: Path, pg_dsn: str, redis_server: Any) -> None:  # noqa: F811
     hook = WebhookReceiver()
-    text = (NODE_TOML.replace("@DATA@", str(tmp_path / "data")).replace("@DSN@", pg_dsn)
-            .replace("@REDIS@", redis_server.url).replace("@HOOK@", str(hook.port))
-            .replace("@PREFIX@", f"alerts{os.getpid()}x{trio.current_time():.0f}"))
+    text = node_toml(tmp_path / "data", pg_dsn, redis_server.url,
+                     f"alerts{os.getpid()}x{trio.current_time():.0f}",
+                     cluster="snapshot_interval_s = 0.5",
+                     rest=ALERTS_TOML.replace("@HOOK@", str(hook.port)))
     async with trio.open_nursery() as nursery:
         await nursery.start(hook.run)
         with NodeSet(tmp_path / "nodes", 2, lambda i: text) as nodes:

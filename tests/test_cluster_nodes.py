@@ -38,6 +38,7 @@ from cluster_pg import create_database, private_pg
 from cluster_redis import redis_server  # noqa: F401  (the fixture)
 
 from tests.cluster_haproxy import HAProxy, NodeSet, haproxy_binary
+from tests.cluster_haproxy import node_toml as cluster_node_toml
 from tests.cluster_live import LiveFollower
 from tests.cluster_reference import comparable, lot_topics, reference_state, volatile_fields
 from tests.ports import free_port
@@ -58,25 +59,7 @@ SOURCES: dict[str, dict[str, Any]] = {
                   "wafers": 3, "tests_per_part": 6, "lots": 2 * SOAK, "lot_id": f"L{i}00"}
     for i in (1, 2, 3)}
 
-NODE_TOML = """\
-[hub]
-listen = "127.0.0.1"
-port = {port}
-data_dir = "@DATA@/{node}"
-heartbeat_s = 1.0
-
-[hub.cluster]
-node_id = "{node}"
-postgres_dsn = "@DSN@"
-redis_url = "@REDIS@"
-key_prefix = "@PREFIX@"
-partitions = @PARTITIONS@
-lease_ttl_s = 2.0
-stale_after_s = 2.0
-snapshot_interval_s = 0.5
-checkpoint_records = 3000
-checkpoint_interval_s = 2
-
+ALERTS_TOML = """\
 [alerts]
 escalate_after_s = 3
 
@@ -123,9 +106,10 @@ type = "simulated"
 
 
 def node_toml(tmp: Path, dsn: str, redis_url: str, prefix: str) -> str:
-    text = (NODE_TOML.replace("@DATA@", str(tmp / "data")).replace("@DSN@", dsn)
-            .replace("@REDIS@", redis_url).replace("@PREFIX@", prefix)
-            .replace("@PARTITIONS@", str(PARTITIONS)))
+    text = cluster_node_toml(tmp / "data", dsn, redis_url, prefix, partitions=PARTITIONS,
+                             cluster="snapshot_interval_s = 0.5\ncheckpoint_records = 3000\n"
+                                     "checkpoint_interval_s = 2",
+                             rest=ALERTS_TOML)
     for gw in SOURCES:
         text += f'\n[gateways.{gw}]\ntoken = "tok-{gw}"\n'
     return text

@@ -25,7 +25,7 @@ from edgegw.hub.cluster.partition import partition_of
 from edgegw.hub.fanout import LiveConfig, LiveFanout
 from edgegw.metrics import Metrics
 from edgegw.web import HttpServer
-from tests.cluster_haproxy import NodeSet
+from tests.cluster_haproxy import NodeSet, node_toml
 from tests.cluster_live import LiveFollower
 from tests.cluster_reference import comparable, lot_topics, reference_state, volatile_fields
 from tests.ports import free_port
@@ -174,27 +174,6 @@ async def test_topics_spread_and_one_shards_restart_resyncs_only_its_topics(
 
 # ---------------------------------------------------------------------- a node, end to end
 
-NODE_TOML = """\
-[hub]
-listen = "127.0.0.1"
-port = {port}
-data_dir = "@DATA@/{node}"
-heartbeat_s = 1.0
-
-[hub.cluster]
-node_id = "{node}"
-postgres_dsn = "@DSN@"
-redis_urls = [@URLS@]
-key_prefix = "@PREFIX@"
-partitions = 8
-lease_ttl_s = 2.0
-stale_after_s = 2.0
-checkpoint_records = 2000
-checkpoint_interval_s = 2
-
-[gateways.ate-01]
-token = "tok-ate-01"
-"""
 
 # with 8 partitions L400 is on shard 0, L401 on shard 1
 SOURCE = {"parts_per_second": 150, "max_parts": 1200, "seed": 11, "sites": 4, "wafers": 2,
@@ -209,9 +188,10 @@ async def test_a_node_on_two_shards_loses_nothing_when_one_restarts(
     gap, and every record is applied exactly once."""
     sources = {"ate-01": SOURCE}
     assert {partition_of(lot, 8) % 2 for lot in ("L400", "L401")} == {0, 1}
-    urls = ", ".join(f'"{s.url}"' for s in redis_shards)
-    text = (NODE_TOML.replace("@DATA@", str(tmp_path / "data")).replace("@DSN@", pg_dsn)
-            .replace("@URLS@", urls).replace("@PREFIX@", fresh_prefix()))
+    text = node_toml(tmp_path / "data", pg_dsn, [s.url for s in redis_shards],
+                     fresh_prefix(),
+                     cluster="checkpoint_records = 2000\ncheckpoint_interval_s = 2",
+                     rest='[gateways.ate-01]\ntoken = "tok-ate-01"\n')
     n_records = count_tester_records(SOURCE)
     expected = comparable(lot_topics(reference_state(sources)), volatile_fields(sources))
     volatile = volatile_fields(sources)
