@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from edgegw.gateway.scheduler import SendScheduler
+from edgegw.gateway import SendScheduler
 from edgegw.hub import checkpoint as ckpt
 from edgegw.hub.history import wafers as api_wafers
 from edgegw.hub.live import LiveState
