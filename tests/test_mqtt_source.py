@@ -661,6 +661,9 @@ async def test_an_exception_in_a_message_handler_or_inside_paho_ends_neither_the
             await pub.publish(topic, payload_, qos=1)
         await wait_for(lambda: got == [b"1", b"2"], 10, "the messages around the bad one")
         assert client.message_errors == 1 and client.connections == 1
+        # QoS 1 is at-least-once: a PUBACK still queued in paho when the connection drops
+        # makes the broker deliver that message again, so the fault waits until they are out
+        await wait_for(lambda: not client.paho.want_write(), 10, "the PUBACKs written")
         armed = True  # paho itself fails while reading: the connection is re-established
         await pub.publish(topic, b"3", qos=1)
         # the unread message comes again on the new connection (a persistent session)
