@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -121,9 +122,256 @@ class PgCpu:
         return sum(self.seen.values())
 
 
+class ThreadCtx:
+    """Context switches of one process, all its threads: ``/proc/<pid>/status`` counts the
+    main thread's only (a node's PostgreSQL calls run in worker threads), so each thread's
+    counts are kept at its last sighting; sampled in the polling loops, so a worker thread
+    that ends loses at most what it did since the last poll."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.seen: dict[int, tuple[int, int]] = {}
+
+    def sample(self) -> tuple[int, int]:
+        try:
+            tids = os.listdir(f"/proc/{self.pid}/task")
+        except OSError:
+            tids = []
+        for tid in tids:
+            try:
+                text = Path(f"/proc/{self.pid}/task/{tid}/status").read_text()
+            except OSError:
+                continue
+            vol = invol = 0
+            for line in text.splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    vol = int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches:"):
+                    invol = int(line.split()[1])
+            old = self.seen.get(int(tid), (0, 0))
+            self.seen[int(tid)] = (max(old[0], vol), max(old[1], invol))
+        return (sum(v for v, _ in self.seen.values()), sum(n for _, n in self.seen.values()))
+
+
+#: the nodes' own work counters (``/metrics``), summed over the nodes
+NODE_COUNTERS = ("hub_frames_applied_total", "hub_records_applied_total",
+                 "cluster_owner_records_total", "cluster_published_entries_total",
+                 "cluster_mirror_entries_total", "live_deltas_published_total",
+                 "live_frames_total", "live_encodes_total")
+
+#: the bench's own commands and queries, left out of the counts
+BENCH_REDIS_CMDS = {"info", "client|list", "hscan", "xinfo|stream"}
+BENCH_SQL_TAG = "/* bench */"
+
+
+def prometheus_counters(text: str) -> dict[str, float]:
+    """``name -> value`` summed over labels, for the ``NODE_COUNTERS``."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        short = name.removeprefix("edgegw_")
+        if short in NODE_COUNTERS:
+            out[short] = out.get(short, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+class Resp:
+    """A minimal blocking RESP2 client on one connection that counts its own bytes, so the
+    bench's reads are taken out of Redis's byte counters exactly."""
+
+    def __init__(self, port: int, prefix: str = "bench") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.file = self.sock.makefile("rb")
+        self.prefix = prefix
+        self.sent = 0
+        self.received = 0
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+    def send(self, *args: str) -> None:
+        parts = [a.encode() for a in args]
+        data = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(x), x)
+                                                  for x in parts)
+        self.sock.sendall(data)
+        self.sent += len(data)
+
+    def read(self) -> Any:
+        line = self.file.readline()
+        self.received += len(line)
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RuntimeError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            data = self.file.read(n + 2)
+            self.received += n + 2
+            return data[:-2]
+        n = int(rest)
+        return [self.read() for _ in range(n)] if n >= 0 else None
+
+    def work(self) -> dict[str, float]:
+        """This Redis (shard): calls by command (``INFO commandstats``: a script's own
+        commands are counted too, under their names), bytes in and out (the bench's own
+        taken out), the bytes written to the Pub/Sub connections (delivery: ``CLIENT LIST``
+        names them, ``ss`` counts what each node's socket acked), and per topic kind the
+        stream entries and offsets (deltas) published so far."""
+        self.send("INFO", "stats", "commandstats")
+        # INFO counts every byte read before it, this command's too, and every byte
+        # written before its own reply
+        own_in, own_out = self.sent, self.received
+        info = self.read().decode()
+        out: dict[str, float] = {}
+        for line in info.splitlines():
+            if line.startswith("cmdstat_"):
+                name, rest = line.split(":", 1)
+                cmd = name.removeprefix("cmdstat_")
+                if cmd not in BENCH_REDIS_CMDS:
+                    out[f"redis cmd {cmd}"] = int(rest.split(",", 1)[0].split("=", 1)[1])
+            elif line.startswith("total_net_input_bytes:"):
+                out["redis input bytes"] = int(line.split(":", 1)[1]) - own_in
+            elif line.startswith("total_net_output_bytes:"):
+                out["redis output bytes"] = int(line.split(":", 1)[1]) - own_out
+        out["redis commands"] = sum(v for k, v in out.items() if k.startswith("redis cmd "))
+        self.send("CLIENT", "LIST")
+        subscribers: set[str] = set()
+        for line in self.read().decode().splitlines():
+            fields = dict(kv.split("=", 1) for kv in line.split(" ") if "=" in kv)
+            if "P" in fields.get("flags", ""):
+                subscribers.add(fields["addr"].rsplit(":", 1)[1])
+        port = self.sock.getpeername()[1]
+        sockets = subprocess.run(["ss", "-tinH", "state", "established", "(", "sport", "=",
+                                  f":{port}", ")"], capture_output=True, text=True).stdout
+        pushed = 0
+        peer = None
+        for line in sockets.splitlines():
+            if not line.startswith((" ", "\t")):
+                peer = line.split()[-1].rsplit(":", 1)[1]
+            elif peer in subscribers:
+                for token in line.split():
+                    if token.startswith("bytes_acked:"):
+                        pushed += int(token.split(":", 1)[1])
+        out["redis bytes to subscribers"] = pushed
+        self.send("HSCAN", f"{self.prefix}:heads", "0", "COUNT", "100000")
+        flat = self.read()[1]
+        heads = {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        for topic in heads:
+            self.send("XINFO", "STREAM", f"{self.prefix}:s:{topic}")
+        for topic, head in heads.items():
+            kind = topic.split("/", 1)[0]
+            out[f"redis topic deltas {kind}"] = out.get(f"redis topic deltas {kind}", 0) + head
+            try:
+                reply = self.read()
+            except RuntimeError:  # a topic gone: its stream expired
+                continue
+            added = dict(zip(reply[::2], reply[1::2], strict=True)).get(b"entries-added", 0)
+            out[f"redis topic entries {kind}"] = (out.get(f"redis topic entries {kind}", 0)
+                                                  + int(added))
+        return out
+
+
+class Probe:
+    """Work counters of one cluster, read at a window's bounds: Redis per command and bytes,
+    PostgreSQL statements, rows, transactions and WAL, and per node process its context
+    switches and own work counters.  Counts, not times: they do not depend on how the
+    processes were scheduled."""
+
+    def __init__(self, nodes: NodeSet, dsn: str, redis_ports: list[int]) -> None:
+        import psycopg
+
+        self.nodes = nodes
+        self.redis = [Resp(port) for port in redis_ports]
+        self.ctx = [ThreadCtx(p.pid) for p in nodes.procs if p is not None]
+        self.conn = psycopg.connect(dsn, autocommit=True)  # one, not one per poll
+
+    def close(self) -> None:
+        self.conn.close()
+        for r in self.redis:
+            r.close()
+
+    def applied(self) -> int:
+        row = self.conn.execute(f"{BENCH_SQL_TAG} SELECT COALESCE(SUM(records_applied), 0) "
+                                "FROM edgegw_gateways").fetchone()
+        return int(row[0]) if row else 0
+
+    def counters(self) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for port in self.nodes.ports:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as r:
+                for k, v in prometheus_counters(r.read().decode()).items():
+                    total[k] = total.get(k, 0.0) + v
+        return total
+
+    def owned(self) -> float:
+        return self.counters().get("cluster_owner_records_total", 0.0)
+
+    def sample_ctx(self) -> None:
+        for c in self.ctx:
+            c.sample()
+
+    def pg_work(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        rows = self.conn.execute(
+            f"{BENCH_SQL_TAG} SELECT query, calls, rows FROM pg_stat_statements s "
+            "JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = current_database()"
+        ).fetchall()
+        for query, calls, n in rows:
+            if query.startswith(BENCH_SQL_TAG):
+                continue
+            kind = query.split(None, 1)[0].upper() if query.strip() else "?"
+            if kind not in ("SELECT", "INSERT", "UPDATE", "DELETE", "BEGIN", "COMMIT",
+                            "ROLLBACK", "WITH"):
+                kind = "other"
+            out[f"pg {kind} calls"] = out.get(f"pg {kind} calls", 0) + calls
+            if kind in ("INSERT", "UPDATE", "DELETE", "WITH"):
+                out[f"pg {kind} rows"] = out.get(f"pg {kind} rows", 0) + n
+        out["pg statements"] = sum(v for k, v in out.items() if k.endswith(" calls")
+                                   and k not in ("pg BEGIN calls", "pg COMMIT calls",
+                                                 "pg ROLLBACK calls"))
+        xid, wal = self.conn.execute(
+            f"{BENCH_SQL_TAG} SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint, "
+            "pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()  # type: ignore[misc]
+        out["pg transactions with writes (xids)"] = int(xid)
+        out["pg WAL bytes"] = float(wal)
+        return out
+
+    def snapshot(self) -> dict[str, float]:
+        """Blocking: call it in a thread."""
+        out: dict[str, float] = {}
+        for shard in self.redis:  # summed over the shards
+            for k, v in shard.work().items():
+                out[k] = out.get(k, 0.0) + v
+        out.update(self.pg_work())
+        for i, c in enumerate(self.ctx):
+            vol, invol = c.sample()
+            out[f"node{i} ctx switches voluntary"] = vol
+            out[f"node{i} ctx switches involuntary"] = invol
+        out["nodes ctx switches voluntary"] = sum(
+            v for k, v in out.items() if k.endswith("ctx switches voluntary"))
+        out["nodes ctx switches involuntary"] = sum(
+            v for k, v in out.items() if k.endswith("ctx switches involuntary")
+            and k.startswith("node") and not k.startswith("nodes"))
+        for k, v in self.counters().items():
+            out[f"nodes {k}"] = v
+        return out
+
+
 def self_cpu() -> float:
     """This process's CPU (the bench's gateways and clients)."""
     return cpu_seconds(os.getpid())
+
+
+def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: b.get(k, 0.0) - a.get(k, 0.0) for k in set(a) | set(b)}
 
 
 def get_json(url: str) -> Any:
@@ -225,8 +473,14 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def per_record(d: dict[str, float], idle: dict[str, float], seconds: float,
+               records: int) -> dict[str, float]:
+    """Work per record of a window: its counts minus the fixed rate times its length."""
+    return {k: (v - idle.get(k, 0.0) * seconds) / max(1, records) for k, v in d.items()}
+
+
 async def one_run(nodes: NodeSet, pg: PrivatePg, pg_cpu: PgCpu, redis_pid: int,
-                  redis_port: int, n_records: int, n_gateways: int, tmp: Path,
+                  probe: Probe, n_records: int, n_gateways: int, tmp: Path,
                   paced_rate: float, paced_seconds: float, flood_follow: bool = False,
                   idle_seconds: float = 6.0) -> dict[str, Any]:
     import psycopg
@@ -234,39 +488,28 @@ async def one_run(nodes: NodeSet, pg: PrivatePg, pg_cpu: PgCpu, redis_pid: int,
     n_nodes = len(nodes.ports)
     lots = lots_spread(n_gateways)
     dsn = pg.dsn.replace("dbname=postgres", "dbname=edgegw")
-    per_gw = n_records // n_gateways
+    per_gw = -(-(n_records // n_gateways) // 72) * 72  # whole touchdowns: push sends it
 
     def db_bytes() -> int:
         with psycopg.connect(dsn) as conn:
             return int(conn.execute("SELECT pg_database_size('edgegw')").fetchone()[0])
 
-    def applied() -> int:
-        with psycopg.connect(dsn) as conn:
-            row = conn.execute("SELECT COALESCE(SUM(records_applied), 0) FROM edgegw_gateways"
-                               ).fetchone()
-        return int(row[0])
+    async def applied() -> int:
+        return await trio.to_thread.run_sync(probe.applied)
 
-    def redis_commands() -> int:
-        out = subprocess.run(["redis-cli", "-p", str(redis_port), "info", "stats"],
-                             capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("total_commands_processed:"):
-                return int(line.split(":")[1])
-        return 0
+    async def owned() -> float:
+        probe.sample_ctx()
+        return await trio.to_thread.run_sync(probe.owned)
 
-    def counters(name: str) -> float:
-        total = 0.0
-        for port in nodes.ports:
-            value = get_json(f"http://127.0.0.1:{port}/api/stats")["metrics"].get(name, 0)
-            total += sum(value.values()) if isinstance(value, dict) else value
-        return total
+    async def snapshot() -> dict[str, float]:
+        return await trio.to_thread.run_sync(probe.snapshot)
 
     owners: dict[str, str] = {}
     for i in range(n_nodes):
         st = get_json(f"http://127.0.0.1:{nodes.ports[i]}/api/stats")
         for p in st["cluster"]["ownership"]["owned"]:
             owners[str(p)] = nodes.names[i]
-    base_applied = await trio.to_thread.run_sync(applied)
+    base_applied = await applied()
     base_bytes = await trio.to_thread.run_sync(db_bytes)
     procs = [p for p in nodes.procs if p is not None]
     # Let the previous run's backlog drain (a node still catching up is not idle; a run
@@ -301,22 +544,25 @@ async def one_run(nodes: NodeSet, pg: PrivatePg, pg_cpu: PgCpu, redis_pid: int,
         # The fixed cost per second of each process, measured in this run with the cluster
         # up, the gateways connected and no records flowing (leases, heartbeats, health
         # checks, polls, ticks): reported on its own and subtracted from the flood's CPU,
-        # so a short flood does not charge it to its records.
+        # so a short flood does not charge it to its records.  The bench polls here as it
+        # does in the windows below (PostgreSQL, every node's /metrics): its polling is
+        # part of the fixed rate then, not of the records.
+        w_idle0 = await snapshot()
         i_cpu0 = [cpu_seconds(p.pid) for p in procs]
         i_pg0, i_redis0, i_self0 = pg_cpu.sample(), cpu_seconds(redis_pid), self_cpu()
-        i_cmds0 = await trio.to_thread.run_sync(redis_commands)
         t_idle = time.perf_counter()
-        await trio.sleep(idle_seconds)
+        while time.perf_counter() - t_idle < idle_seconds:
+            await applied()
+            await owned()
+            await trio.sleep(0.05)
         span = time.perf_counter() - t_idle
         idle_rate = [(cpu_seconds(p.pid) - a) / span for a, p in zip(i_cpu0, procs, strict=True)]
         idle_pg = (pg_cpu.sample() - i_pg0) / span
         idle_redis = (cpu_seconds(redis_pid) - i_redis0) / span
         idle_self = (self_cpu() - i_self0) / span
-        idle_cmds = (await trio.to_thread.run_sync(redis_commands) - i_cmds0) / span
-        base_cmds = await trio.to_thread.run_sync(redis_commands)
-        published0 = await trio.to_thread.run_sync(counters, "cluster_published_entries_total")
-        mirrored0 = await trio.to_thread.run_sync(counters, "cluster_mirror_entries_total")
-        owned0 = await trio.to_thread.run_sync(counters, "cluster_owner_records_total")
+        work_idle = {k: v / span for k, v in delta(w_idle0, await snapshot()).items()}
+        owned0 = await owned()
+        w_flood0 = await snapshot()
         cpu0 = [cpu_seconds(p.pid) for p in procs]
         pg0 = pg_cpu.sample()
         redis0 = cpu_seconds(redis_pid)
@@ -325,15 +571,15 @@ async def one_run(nodes: NodeSet, pg: PrivatePg, pg_cpu: PgCpu, redis_pid: int,
         async with trio.open_nursery() as pushers:
             for g, (gw, _) in enumerate(gws):
                 pushers.start_soon(push, gw, lots[g], per_gw)
-        while await trio.to_thread.run_sync(applied) - base_applied < per_gw * n_gateways:
+        while await applied() - base_applied < per_gw * n_gateways:
+            probe.sample_ctx()
             await trio.sleep(0.05)
         ingest_s = time.perf_counter() - t0
         # The window ends when the owners' live state has taken every record too (and a
         # flush later): a node whose owners lag would otherwise leave their work outside
         # the window and look cheaper per record (one loaded node lags the most).
         with trio.move_on_after(120):
-            while (await trio.to_thread.run_sync(counters, "cluster_owner_records_total")
-                   - owned0 < per_gw * n_gateways):
+            while await owned() - owned0 < per_gw * n_gateways:
                 await trio.sleep(0.05)
         await trio.sleep(0.2)
         elapsed = time.perf_counter() - t0
@@ -341,10 +587,8 @@ async def one_run(nodes: NodeSet, pg: PrivatePg, pg_cpu: PgCpu, redis_pid: int,
         pg1 = pg_cpu.sample()
         redis1 = cpu_seconds(redis_pid)
         self1 = self_cpu()
+        w_flood = delta(w_flood0, await snapshot())
         bytes1 = await trio.to_thread.run_sync(db_bytes)
-        cmds1 = await trio.to_thread.run_sync(redis_commands)
-        published1 = await trio.to_thread.run_sync(counters, "cluster_published_entries_total")
-        mirrored1 = await trio.to_thread.run_sync(counters, "cluster_mirror_entries_total")
         await trio.sleep(2.0)  # the backlog of deltas is published
         # CPU per record at one fixed rate, the same for every node count: a flood runs
         # each configuration at its own speed, and the work paid per second of activity
@@ -355,7 +599,8 @@ async def one_run(nodes: NodeSet, pg: PrivatePg, pg_cpu: PgCpu, redis_pid: int,
         async def paced(gw: Gateway, lot: str) -> None:
             sent.append(await push_paced(gw, lot, paced_rate / n_gateways, paced_seconds))
 
-        owned_p0 = await trio.to_thread.run_sync(counters, "cluster_owner_records_total")
+        owned_p0 = await owned()
+        w_paced0 = await snapshot()
         p_cpu0 = [cpu_seconds(p.pid) for p in procs]
         p_pg0, p_redis0 = pg_cpu.sample(), cpu_seconds(redis_pid)
         t_p = time.perf_counter()
@@ -363,8 +608,7 @@ async def one_run(nodes: NodeSet, pg: PrivatePg, pg_cpu: PgCpu, redis_pid: int,
             for g, (gw, _) in enumerate(gws):
                 pushers.start_soon(paced, gw, lots[g])
         with trio.move_on_after(60):
-            while (await trio.to_thread.run_sync(counters, "cluster_owner_records_total")
-                   - owned_p0 < sum(sent)):
+            while await owned() - owned_p0 < sum(sent):
                 await trio.sleep(0.05)
         await trio.sleep(0.2)
         p_elapsed = time.perf_counter() - t_p
@@ -379,6 +623,8 @@ async def one_run(nodes: NodeSet, pg: PrivatePg, pg_cpu: PgCpu, redis_pid: int,
             "paced_redis_us_per_record": 1e6 * max(0.0, cpu_seconds(redis_pid) - p_redis0
                                                    - idle_redis * p_elapsed)
             / max(1, sum(sent)),
+            "work_paced": per_record(delta(w_paced0, await snapshot()), work_idle,
+                                     p_elapsed, sum(sent)),
         }
         # fan-out latency at a sustainable rate (not during the flood above, where it
         # measures the backlog, and where this process -- gateways and clients -- would be
@@ -409,13 +655,13 @@ async def one_run(nodes: NodeSet, pg: PrivatePg, pg_cpu: PgCpu, redis_pid: int,
             (lat_owner if owner == c.node else lat_non_owner).extend(samples)
     return {
         "nodes": n_nodes, "records": total, "seconds": ingest_s, "rate": total / ingest_s,
-        "live_lag_s": elapsed - ingest_s,
+        "live_lag_s": elapsed - ingest_s, "flood_window_s": elapsed,
         "rate_per_node": [r / ingest_s for r in by_node],
         "cluster_node_cpu_us_per_record": 1e6 * sum(node_cpu) / total,
         "idle_cpu_per_node": statistics.mean(idle_rate),
         "idle_cpu_by_node": idle_rate,
         "idle_pg": idle_pg, "idle_redis": idle_redis, "idle_bench": idle_self,
-        "idle_redis_cmds_per_s": idle_cmds,
+        "idle_redis_cmds_per_s": work_idle.get("redis commands", 0.0),
         # gross: everything the node spent during the flood; net: minus its fixed rate
         "cluster_node_gross_us_per_record": 1e6 * sum(gross) / total,
         "node_net_us_by_node": [1e6 * c / total for c in node_cpu],
@@ -424,10 +670,14 @@ async def one_run(nodes: NodeSet, pg: PrivatePg, pg_cpu: PgCpu, redis_pid: int,
         / total,
         "bench_cpu_us_per_record": 1e6 * (self1 - self0) / total,
         "pg_bytes_per_record": (bytes1 - base_bytes) / total,
-        "redis_cmds_per_record": max(0.0, cmds1 - base_cmds - idle_cmds * elapsed) / total,
+        "redis_cmds_per_record": per_record(w_flood, work_idle, elapsed, total)[
+            "redis commands"],
         # topic stream entries published by owners, and applied by all mirrors together
-        "entries_per_record": (published1 - published0) / total,
-        "mirrored_per_record": (mirrored1 - mirrored0) / total,
+        "entries_per_record": w_flood.get("nodes cluster_published_entries_total", 0) / total,
+        "mirrored_per_record": w_flood.get("nodes cluster_mirror_entries_total", 0) / total,
+        "work_idle": work_idle,
+        "work_flood": per_record(w_flood, work_idle, elapsed, total),
+        "work_flood_gross": per_record(w_flood, {}, elapsed, total),
         "latency_non_owner": (pct(lat_non_owner, 0.5), pct(lat_non_owner, 0.99),
                               len(lat_non_owner)),
         "latency_owner": (pct(lat_owner, 0.5), pct(lat_owner, 0.99), len(lat_owner)),
@@ -441,6 +691,11 @@ def cluster(n_nodes: int, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp_s:
         tmp = Path(tmp_s)
         pg = PrivatePg()
+        # statements and rows per record: pg_stat_statements counts at each statement's
+        # end (pg_stat_database's counters reach the view only when a backend flushes
+        # them -- up to 10 s later for an idle one, PostgreSQL 15 -- too late for a window)
+        with open(pg.data / "postgresql.conf", "a") as conf:
+            conf.write("\nshared_preload_libraries = 'pg_stat_statements'\n")
         pg.start()
         redis_port = free_port()
         redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--save", "",
@@ -451,6 +706,9 @@ def cluster(n_nodes: int, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
 
             with psycopg.connect(pg.dsn, autocommit=True) as conn:
                 conn.execute("CREATE DATABASE edgegw")
+            dsn = pg.dsn.replace("dbname=postgres", "dbname=edgegw")
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION pg_stat_statements")
             postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
             dsn = pg.dsn.replace("dbname=postgres", "dbname=edgegw")
             text = (NODE_TOML.replace("@DATA@", str(tmp / "data")).replace("@DSN@", dsn)
@@ -460,8 +718,13 @@ def cluster(n_nodes: int, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
                             for g in range(args.gateways))
             with NodeSet(tmp / "nodes", n_nodes, lambda i: text) as nodes:
                 nodes.start_all(timeout=120)
-                yield {"nodes": nodes, "pg": pg, "postmaster": postmaster, "redis": redis,
-                       "redis_port": redis_port, "tmp": tmp, "n": n_nodes}
+                probe = Probe(nodes, dsn, [redis_port])
+                try:
+                    yield {"nodes": nodes, "pg": pg, "postmaster": postmaster,
+                           "redis": redis, "redis_port": redis_port, "tmp": tmp,
+                           "n": n_nodes, "probe": probe}
+                finally:
+                    probe.close()
         finally:
             redis.terminate()
             redis.wait()
@@ -494,6 +757,81 @@ def report_run(r: dict[str, Any], run: int) -> None:
           f"{r['paced_node_us_per_record']:.2f} us all nodes; PG "
           f"{r['paced_pg_us_per_record']:.2f}, Redis {r['paced_redis_us_per_record']:.2f} us",
           flush=True)
+    for label, w in (("flood", r["work_flood"]), ("fixed rate", r["work_paced"])):
+        print(f"    work per record, {label} (fixed rate subtracted): Redis "
+              f"{w.get('redis commands', 0):.4f} cmds, {w.get('redis input bytes', 0):.2f} B "
+              f"in, {w.get('redis output bytes', 0):.2f} B out (to subscribers "
+              f"{w.get('redis bytes to subscribers', 0):.2f} B); PG "
+              f"{w.get('pg statements', 0):.4f} statements, "
+              f"{w.get('pg COMMIT calls', 0):.5f} commits, "
+              f"{w.get('pg INSERT rows', 0):.4f} rows inserted, "
+              f"{w.get('pg UPDATE rows', 0):.4f} updated, {w.get('pg WAL bytes', 0):.1f} B WAL; "
+              f"node ctx switches {w.get('nodes ctx switches voluntary', 0):.4f} voluntary ("
+              + ", ".join(f"{w.get(f'node{i} ctx switches voluntary', 0):.4f}"
+                          for i in range(r["nodes"]))
+              + f"), {w.get('nodes ctx switches involuntary', 0):.4f} involuntary ("
+              + ", ".join(f"{w.get(f'node{i} ctx switches involuntary', 0):.4f}"
+                          for i in range(r["nodes"])) + ")", flush=True)
+
+
+#: work counters shown in the summary, in this order (then every other Redis command)
+WORK_ROWS = (
+    "redis commands", "redis input bytes", "redis output bytes", "redis bytes to subscribers",
+    "pg statements", "pg BEGIN calls", "pg COMMIT calls", "pg ROLLBACK calls",
+    "pg transactions with writes (xids)", "pg SELECT calls", "pg INSERT calls",
+    "pg INSERT rows", "pg UPDATE calls", "pg UPDATE rows", "pg DELETE calls", "pg DELETE rows",
+    "pg WITH calls", "pg WITH rows", "pg other calls", "pg WAL bytes",
+    "nodes ctx switches voluntary", "nodes ctx switches involuntary",
+    *(f"nodes {c}" for c in NODE_COUNTERS),
+)
+
+
+def _ratio(a: float, b: float) -> str:
+    if abs(a) < 1e-9:
+        return "--" if abs(b) < 1e-9 else "new"
+    return f"x{b / a:.2f}"
+
+
+def work_table(results: dict[int, list[dict[str, Any]]], one: int, many: int) -> None:
+    """Work units per record (flood, fixed rate) and per second (idle), medians, side by
+    side with the ratio: counts, which scheduling does not change."""
+    def med(n: int, field: str, key: str) -> float:
+        return statistics.median(r[field].get(key, 0.0) for r in results[n])
+
+    keys = set()
+    for rs in results.values():
+        for r in rs:
+            keys |= set(r["work_flood"]) | set(r["work_idle"])
+    def by_size(prefix: str) -> list[str]:
+        return sorted((k for k in keys if k.startswith(prefix)),
+                      key=lambda k: -abs(med(many, "work_paced", k))
+                      - abs(med(many, "work_idle", k)) / 1000)
+
+    print(f"\nwork units, medians over the runs: per 1,000 records (bytes: per record) during "
+          f"the flood and at the fixed rate, the fixed rate per second subtracted; per second "
+          f"while idle; {one} vs {many} node(s):")
+    print(f"| | flood: {one} | {many} | {many}/{one} | fixed rate: {one} | {many} | {many}/{one} "
+          f"| idle, per second: {one} | {many} | {many}/{one} |")
+    print("|---|" + "---|" * 9)
+    for key in (*WORK_ROWS[:4], *by_size("redis cmd "), *by_size("redis topic "),
+                *WORK_ROWS[4:]):
+        cells = []
+        for field in ("work_flood", "work_paced", "work_idle"):
+            scale = 1.0 if field == "work_idle" or "bytes" in key else 1000.0
+            a, b = med(one, field, key) * scale, med(many, field, key) * scale
+            # (below 0.005 is noise of the fixed rate's subtraction: shown as 0)
+            a, b = (0.0 if abs(x) < 0.005 else x for x in (a, b))
+            cells += [f"{a:.2f}", f"{b:.2f}", _ratio(a, b)]
+        if all(c in ("0.00", "-0.00", "--") for c in cells):
+            continue
+        print(f"| {key} | " + " | ".join(cells) + " |")
+    cells = []
+    for field in ("work_flood", "work_paced"):
+        a, b = (1 / (med(n, field, "nodes hub_frames_applied_total") or float("nan"))
+                for n in (one, many))
+        cells += [f"{a:.4g}", f"{b:.4g}", _ratio(a, b)]
+    print("| records per frame (gateways batch what arrives in 50 ms) | " + " | ".join(cells)
+          + " | | | |")
 
 
 def _ms(lat: tuple[float, float, int]) -> str:
@@ -506,7 +844,7 @@ def _ms(lat: tuple[float, float, int]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=240_000)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--gateways", type=int, default=6)
     ap.add_argument("--nodes", default="1,3")
     ap.add_argument("--idle-seconds", type=float, default=6.0,
@@ -529,7 +867,7 @@ def main() -> None:
             for n in counts:
                 c = clusters[n]
                 r = trio.run(one_run, c["nodes"], c["pg"], PgCpu(c["postmaster"]),
-                             c["redis"].pid, c["redis_port"], args.records, args.gateways,
+                             c["redis"].pid, c["probe"], args.records, args.gateways,
                              c["tmp"] / f"run{run}", args.paced_rate, args.paced_seconds,
                              args.flood_follow, args.idle_seconds)
                 results[n].append(r)
@@ -595,8 +933,12 @@ def main() -> None:
             ratio = summary[3][key] / (summary[1][key] or float("nan"))
             per_run = [b[key] / (a[key] or float("nan"))  # (0: an idle window not idle)
                        for a, b in zip(results[1], results[3], strict=True)]
-            print(f"node CPU per record ({label}), 3 nodes / 1 node: x{ratio:.2f} "
-                  f"(interleaved pairs of runs: {', '.join(f'x{x:.2f}' for x in per_run)})")
+            q = statistics.quantiles(per_run, n=4) if len(per_run) > 1 else per_run * 3
+            print(f"node CPU per record ({label}), 3 nodes / 1 node: x{ratio:.2f} (ratio of "
+                  f"the medians); interleaved pairs: median x{statistics.median(per_run):.2f}, "
+                  f"quartiles x{q[0]:.2f}-x{q[2]:.2f}, range x{min(per_run):.2f}-"
+                  f"x{max(per_run):.2f} ({', '.join(f'x{x:.2f}' for x in per_run)})")
+        work_table(results, 1, 3)
 
 
 if __name__ == "__main__":
