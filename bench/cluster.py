@@ -20,12 +20,25 @@ nodes see the same machine load.  Printed per run, then as medians side by side:
   when the owners' live state has taken every record, not at the last commit), gross and
   net of the fixed cost: records/s, how long the live state lagged the last commit;
 * PostgreSQL bytes per record, Redis commands per record, stream entries per record;
+* the **work units** behind those costs, counted, not timed (a count does not depend on how
+  the processes were scheduled on a shared machine), per record in the flood and at the
+  fixed rate (the fixed rate per second subtracted) and per second while idle: Redis calls
+  by command (``INFO commandstats``), bytes in and out and the bytes pushed to the nodes'
+  Pub/Sub connections (delivery), stream entries and deltas by topic kind; PostgreSQL
+  statements by kind, rows inserted and updated, commits, write transactions (xids) and
+  WAL bytes (``pg_stat_statements``, preloaded in the bench's own server); per node
+  process its voluntary and involuntary context switches (all threads) and its own
+  counters (``/metrics``: frames and records applied, entries published and mirrored);
 * fan-out latency: from a record's creation (its ``ts``) to the delta reaching a /ws/live
   client (the lot's ``updated``), p50 and p99, for clients on a node that does NOT own the
   lot (with 1 node there is none: the owner's own client is reported instead) -- measured
   in a last paced phase with one client per node following ``lot/+``.
 
-    python bench/cluster.py [--records 240000] [--runs 3] [--gateways 6] [--nodes 1,3]
+    python bench/cluster.py [--records 240000] [--runs 5] [--gateways 6] [--nodes 1,3]
+
+The ratio 3 nodes / 1 node of node CPU per record is printed as the ratio of the medians
+and as the median, quartiles and range of the interleaved pairs' ratios; the work units as
+medians side by side with their ratio.
 
 The machine has 2 cores shared by everything above: absolute rates are this machine's;
 the per-record costs are what docs/cluster.md's sizing table is computed from.
@@ -420,18 +433,21 @@ async def push(gw: Gateway, lot: str, n_records: int) -> int:
     return sent
 
 
-async def push_paced(gw: Gateway, lot: str, rate: float, seconds: float) -> int:
-    """``rate`` records/s for ``seconds``, in touchdowns of 72 records (8 parts)."""
+async def push_paced(gw: Gateway, lot: str, rate: float, seconds: float,
+                     touchdowns: int = 1) -> int:
+    """``rate`` records/s for ``seconds``, in touchdowns of 72 records (8 parts), sent
+    ``touchdowns`` at a time (the gateway's frame holds what arrives within 50 ms)."""
     parts = make_parts(lot)
     sent = 0
     i = 0
     start = trio.current_time()
     while trio.current_time() - start < seconds:
         now = time.time()
-        group = [r._replace(ts=now) for p in parts[i % 8 * 8: i % 8 * 8 + 8] for r in p]
-        await gw.sink.put(group, source="tester")
-        sent += len(group)
-        i += 1
+        for _ in range(touchdowns):
+            group = [r._replace(ts=now) for p in parts[i % 8 * 8: i % 8 * 8 + 8] for r in p]
+            await gw.sink.put(group, source="tester")
+            sent += len(group)
+            i += 1
         await trio.sleep_until(start + sent / rate)
     await gw.flush()
     return sent
@@ -482,7 +498,7 @@ def per_record(d: dict[str, float], idle: dict[str, float], seconds: float,
 async def one_run(nodes: NodeSet, pg: PrivatePg, pg_cpu: PgCpu, redis_pid: int,
                   probe: Probe, n_records: int, n_gateways: int, tmp: Path,
                   paced_rate: float, paced_seconds: float, flood_follow: bool = False,
-                  idle_seconds: float = 6.0) -> dict[str, Any]:
+                  idle_seconds: float = 6.0, paced_touchdowns: int = 1) -> dict[str, Any]:
     import psycopg
 
     n_nodes = len(nodes.ports)
@@ -551,9 +567,12 @@ async def one_run(nodes: NodeSet, pg: PrivatePg, pg_cpu: PgCpu, redis_pid: int,
         i_cpu0 = [cpu_seconds(p.pid) for p in procs]
         i_pg0, i_redis0, i_self0 = pg_cpu.sample(), cpu_seconds(redis_pid), self_cpu()
         t_idle = time.perf_counter()
+        polls = 0
         while time.perf_counter() - t_idle < idle_seconds:
             await applied()
-            await owned()
+            if polls % 4 == 0:
+                await owned()
+            polls += 1
             await trio.sleep(0.05)
         span = time.perf_counter() - t_idle
         idle_rate = [(cpu_seconds(p.pid) - a) / span for a, p in zip(i_cpu0, procs, strict=True)]
@@ -580,7 +599,7 @@ async def one_run(nodes: NodeSet, pg: PrivatePg, pg_cpu: PgCpu, redis_pid: int,
         # the window and look cheaper per record (one loaded node lags the most).
         with trio.move_on_after(120):
             while await owned() - owned0 < per_gw * n_gateways:
-                await trio.sleep(0.05)
+                await trio.sleep(0.2)  # every node's /metrics: not too often (its CPU)
         await trio.sleep(0.2)
         elapsed = time.perf_counter() - t0
         cpu1 = [cpu_seconds(p.pid) for p in nodes.procs if p is not None]
@@ -597,7 +616,8 @@ async def one_run(nodes: NodeSet, pg: PrivatePg, pg_cpu: PgCpu, redis_pid: int,
         sent: list[int] = []
 
         async def paced(gw: Gateway, lot: str) -> None:
-            sent.append(await push_paced(gw, lot, paced_rate / n_gateways, paced_seconds))
+            sent.append(await push_paced(gw, lot, paced_rate / n_gateways, paced_seconds,
+                                         paced_touchdowns))
 
         owned_p0 = await owned()
         w_paced0 = await snapshot()
@@ -609,7 +629,7 @@ async def one_run(nodes: NodeSet, pg: PrivatePg, pg_cpu: PgCpu, redis_pid: int,
                 pushers.start_soon(paced, gw, lots[g])
         with trio.move_on_after(60):
             while await owned() - owned_p0 < sum(sent):
-                await trio.sleep(0.05)
+                await trio.sleep(0.2)
         await trio.sleep(0.2)
         p_elapsed = time.perf_counter() - t_p
         p_net = [max(0.0, cpu_seconds(p.pid) - a - idle * p_elapsed)
@@ -852,6 +872,9 @@ def main() -> None:
     ap.add_argument("--paced-rate", type=float, default=6000.0,
                     help="records/s (all gateways) while fan-out latency is measured")
     ap.add_argument("--paced-seconds", type=float, default=6.0)
+    ap.add_argument("--paced-touchdowns", type=int, default=1,
+                    help="touchdowns of 72 records sent at once in the fixed-rate phase: "
+                         "its frames' size (the fan-out latency phase sends 1 at a time)")
     ap.add_argument("--flood-follow", action="store_true",
                     help="connect the /ws/live clients (one per node, lot/+) before the "
                          "flood, so CPU per record includes mirroring what they follow")
@@ -869,7 +892,7 @@ def main() -> None:
                 r = trio.run(one_run, c["nodes"], c["pg"], PgCpu(c["postmaster"]),
                              c["redis"].pid, c["probe"], args.records, args.gateways,
                              c["tmp"] / f"run{run}", args.paced_rate, args.paced_seconds,
-                             args.flood_follow, args.idle_seconds)
+                             args.flood_follow, args.idle_seconds, args.paced_touchdowns)
                 results[n].append(r)
                 report_run(r, run)
     summary = {}
