@@ -961,6 +961,15 @@ def main() -> None:
                   f"the medians); interleaved pairs: median x{statistics.median(per_run):.2f}, "
                   f"quartiles x{q[0]:.2f}-x{q[2]:.2f}, range x{min(per_run):.2f}-"
                   f"x{max(per_run):.2f} ({', '.join(f'x{x:.2f}' for x in per_run)})")
+        # the same pairs for the main work counts: their spread is the batching's (a node
+        # that falls behind commits several frames at once), not the scheduler's noise
+        for key in ("redis commands", "redis bytes to subscribers", "pg statements",
+                    "pg COMMIT calls", "pg WAL bytes"):
+            per_run = [b["work_paced"].get(key, 0.0) / (a["work_paced"].get(key) or float("nan"))
+                       for a, b in zip(results[1], results[3], strict=True)]
+            print(f"{key} per record at the fixed rate, 3 nodes / 1 node, interleaved pairs: "
+                  f"median x{statistics.median(per_run):.2f}, range x{min(per_run):.2f}-"
+                  f"x{max(per_run):.2f} ({', '.join(f'x{x:.2f}' for x in per_run)})")
         work_table(results, 1, 3)
 
 
