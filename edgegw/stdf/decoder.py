@@ -37,6 +37,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from ..formats import FormatError
+from .codecache import compiled
 from .spec import BY_NAME, BY_TYPE, GDR_TYPES, STRUCT_CODES, Bits, Field, RecordSpec
 
 #: consecutive records of unknown type after which the input is declared garbage
@@ -498,8 +499,8 @@ def _cn_run(fields: tuple[Field, ...], start: int) -> list[int]:
     return run
 
 
-def _compile(spec: RecordSpec, readers: _Readers,
-             rows: bool = False) -> Callable[[bytes, str, int, int], Any]:
+def _compile(spec: RecordSpec, readers: _Readers, rows: bool = False,
+             memo: bool = True) -> Callable[[bytes, str, int, int], Any]:
     """Generate and exec a decoding function specialised for one record type and order:
     an optimistic one, falling back to a careful one, falling back to the generic.
     ``rows``: the functions return the tuple of the values present, not a dict."""
@@ -510,16 +511,18 @@ def _compile(spec: RecordSpec, readers: _Readers,
              # IndexError: a record at the very end of the buffer indexed buf[end]
              "    return _generic(_spec, _r, buf, p0, end)",
              "def decode(buf, txt, p0, end):", "  p = p0", "  try:",
-             *_body(spec, readers, ns, "    ", "return {}", "o", optimistic=True, rows=rows),
+             *_body(spec, readers, ns, "    ", "return {}", "o", optimistic=True, rows=rows,
+                   memo=memo),
              "  except (_Short, IndexError):",
              "    return careful(buf, txt, p0, end)"]
     src = "\n".join(lines) + "\n"
-    exec(compile(src, f"<stdf {spec.name} {readers.order}>", "exec"), ns)
+    exec(compiled(src, f"<stdf {spec.name} {readers.order}>"), ns)
     return ns["decode"]
 
 
 def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret: str,
-          prefix: str, optimistic: bool = False, rows: bool = False) -> list[str]:
+          prefix: str, optimistic: bool = False, rows: bool = False,
+          memo: bool = True) -> list[str]:
     """Source lines decoding ``spec``'s fields from ``p`` into locals and ending with
     ``ret`` formatted with the field dict literal (also for a record that ends early).
     Raises ``_Short`` (or IndexError at the end of the buffer) for the generic decoder.
@@ -539,7 +542,7 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                "_new": _new_record})
     lines: list[str] = []
 
-    memo_from = MEMO_FROM.get(spec.name, -1) if optimistic and MEMO_SIZE else -1
+    memo_from = MEMO_FROM.get(spec.name, -1) if optimistic and memo else -1
 
     def literal(n: int) -> str:
         if 0 <= memo_from < n and rows:
@@ -754,7 +757,9 @@ def _too_long(name: str, rec_len: int, limit: int, offset: int) -> StdfError:
 
 
 def _compile_scan(order: str, entries: list[Any], readers: _Readers,
-                  skip: frozenset[str] = frozenset(), rows: bool = False) -> Callable[..., Any]:
+                  skip: frozenset[str] = frozenset(), rows: bool = False,
+                  lists: list[list[Any]] | None = None,
+                  memo: bool = True) -> Callable[..., Any]:
     """Generate the record loop of one byte order, with the INLINE types' decoding
     written into it and every other type dispatched through ``entries``.  Records of
     the types in ``skip`` are checked (REC_LEN), counted and stepped over.  ``rows``:
@@ -763,9 +768,14 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
     if skip:
         # a skipped GDR is still walked for its type codes: the one error inside a
         # record the decoder reports, so skipping changes what is returned, not errors
-        entries = [None if e is None else
-                   (e[0], check_gdr if e[0] == "GDR" else None, e[2]) if e[0] in skip else e
-                   for e in entries]
+        entries = list(entries)
+        for name in skip:
+            spec = BY_NAME[name]
+            key = _type_key(order, spec.typ, spec.sub)
+            e = entries[key]
+            entries[key] = (e[0], check_gdr if name == "GDR" else None, e[2])
+        if lists is not None:  # its lazy decoders replace themselves here too
+            lists.append(entries)
     ns: dict[str, Any] = {
         "_header": struct.Struct(order + "HH").unpack_from, "_entries": entries,
         "_new": _new_record, "_Record": StdfRecord, "_too_long": _too_long,
@@ -797,13 +807,14 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
                       "      self._pos = pos",
                       "      continue"]
             continue
-        ns[f"_decode_{name}"] = entries[_type_key(order, spec.typ, spec.sub)][1]
+        decode = entries[_type_key(order, spec.typ, spec.sub)][1]
+        ns[f"_decode_{name}"] = decode.get() if isinstance(decode, _Lazy) else decode
         lines += [
             "      p = body",
             "      while True:",
             "        try:",
             *_body(spec, readers, ns, "          ", "fields = {}; break", name,
-                   optimistic=True, rows=rows),
+                   optimistic=True, rows=rows, memo=memo),
             "        except (_Short, IndexError):",
             f"          fields = _decode_{name}(buf, txt, body, end)",
             "        break",
@@ -845,7 +856,7 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
         "    yield record",
     ]
     src = "\n".join(lines) + "\n"
-    exec(compile(src, f"<stdf scan {order}>", "exec"), ns)
+    exec(compiled(src, f"<stdf scan {order}>"), ns)
     return ns["scan"]
 
 
@@ -853,27 +864,64 @@ def _gdr_error(exc: _BadGdr, base: int) -> StdfError:
     return StdfError(f"GDR field of unknown type code {exc.code}", base + exc.pos)
 
 
-class _Table(NamedTuple):
-    #: header -> (REC_LEN, type key); the type key is REC_TYP and REC_SUB read as one U2
-    #: in the file's byte order (one lookup, no arithmetic)
-    header: Callable[[bytes, int], tuple[int, int]]
-    #: index type key -> (name, decode function, largest REC_LEN) or None
-    entries: list[tuple[str, Callable[[bytes, str, int, int], dict], int] | None]
-    readers: _Readers
-    #: the record loop: scan(decoder, buf, txt, pos, base) -> records
-    scan: Callable[..., Iterator[StdfRecord]]
-    #: the record loops that skip some record types, by the set of their names
-    skip_scans: dict[frozenset[str], Callable[..., Iterator[StdfRecord]]]
+class _Lazy:
+    """A record type's decoder, compiled when its first record arrives: a command that
+    reads a few types (``stats``) compiles only those, and a file holds a dozen of the
+    thirty types.  Once compiled it takes its own place in every entry table that holds
+    it, so later records call the compiled function directly."""
 
-    rows: bool
+    __slots__ = ("func", "key", "lists", "memo", "readers", "rows", "spec")
 
-    def scan_for(self, skip: frozenset[str]) -> Callable[..., Iterator[StdfRecord]]:
-        if not skip:
-            return self.scan
-        scan = self.skip_scans.get(skip)
+    def __init__(self, spec: RecordSpec, readers: _Readers, rows: bool, memo: bool, key: int,
+                 lists: list[list[Any]]) -> None:
+        self.spec, self.readers, self.rows, self.memo = spec, readers, rows, memo
+        self.key, self.lists = key, lists
+        self.func: Callable[[bytes, str, int, int], Any] | None = None
+
+    def get(self) -> Callable[[bytes, str, int, int], Any]:
+        func = self.func
+        if func is None:
+            func = self.func = _compile(self.spec, self.readers, self.rows, self.memo)
+            for entries in self.lists:
+                entry = entries[self.key]
+                if entry is not None and entry[1] is self:
+                    entries[self.key] = (entry[0], func, entry[2])
+        return func
+
+    def __call__(self, buf: bytes, txt: str, p: int, end: int) -> Any:
+        return self.get()(buf, txt, p, end)
+
+
+class _Table:
+    """The compiled decoders of one byte order, for records or rows, each built on first
+    use: the record loop, its variants that skip some types, each type's decoder."""
+
+    def __init__(self, order: str, rows: bool, memo: bool) -> None:
+        self.readers = readers = _Readers(order)
+        self.rows = rows
+        self.memo = memo  # with the PTR tail memo
+        #: header -> (REC_LEN, type key); the type key is REC_TYP and REC_SUB read as one
+        #: U2 in the file's byte order (one lookup, no arithmetic)
+        self.header = struct.Struct(order + "HH").unpack_from
+        #: index type key -> (name, decode function, largest REC_LEN) or None
+        self.entries: list[Any] = [None] * 65536
+        #: every entry table made from ``entries`` (the skipping loops' copies)
+        self.lists: list[list[Any]] = [self.entries]
+        for (typ, sub), spec in BY_TYPE.items():
+            limit = _max_size(spec)
+            key = _type_key(order, typ, sub)
+            self.entries[key] = (spec.name, _Lazy(spec, readers, rows, memo, key, self.lists),
+                                 65535 if limit is None else limit + LENGTH_SLACK)
+        #: the record loops, by the set of the names of the types they skip:
+        #: scan(decoder, buf, txt, pos, base) -> records
+        self.scans: dict[frozenset[str], Callable[..., Iterator[Any]]] = {}
+
+    def scan_for(self, skip: frozenset[str]) -> Callable[..., Iterator[Any]]:
+        scan = self.scans.get(skip)
         if scan is None:
-            scan = self.skip_scans[skip] = _compile_scan(self.readers.order, self.entries,
-                                                         self.readers, skip, self.rows)
+            scan = self.scans[skip] = _compile_scan(self.readers.order, self.entries,
+                                                    self.readers, skip, self.rows, self.lists,
+                                                    self.memo)
         return scan
 
 
@@ -881,20 +929,11 @@ _TABLES: dict[tuple[str, bool, bool], _Table] = {}
 
 
 def decoder_table(order: str, rows: bool = False) -> _Table:
-    """The compiled decoders of one byte order, for records (dicts) or rows (tuples),
-    with the tail memo or without (``MEMO_SIZE`` 0); built on first use."""
+    """The decoders of one byte order, for records (dicts) or rows (tuples), with the
+    tail memo or without (``MEMO_SIZE`` 0); each compiled on first use."""
     table = _TABLES.get((order, rows, MEMO_SIZE > 0))
     if table is None:
-        readers = _Readers(order)
-        entries: list[Any] = [None] * 65536
-        for (typ, sub), spec in BY_TYPE.items():
-            limit = _max_size(spec)
-            entries[_type_key(order, typ, sub)] = (
-                spec.name, _compile(spec, readers, rows),
-                65535 if limit is None else limit + LENGTH_SLACK)
-        table = _TABLES[order, rows, MEMO_SIZE > 0] = _Table(
-            struct.Struct(order + "HH").unpack_from, entries, readers,
-            _compile_scan(order, entries, readers, rows=rows), {}, rows)
+        table = _TABLES[order, rows, MEMO_SIZE > 0] = _Table(order, rows, MEMO_SIZE > 0)
     return table
 
 
