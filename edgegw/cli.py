@@ -14,14 +14,11 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
-import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
 from typing import Any
-
-from .config import ConfigError
-from .startup import EXIT_CANNOT_START, EXIT_CONFIG, StartupError
 
 #: modules that contribute subcommands (each has ``add_commands(subparsers)``)
 COMMAND_MODULES = (
@@ -50,6 +47,14 @@ class HelpFormatter(argparse.HelpFormatter):
     """Wraps the paragraphs of a description or epilog to the terminal, and keeps indented
     lines (the examples) as written."""
 
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        # argparse makes a formatter at every add_argument and imports shutil (with bz2,
+        # lzma, fnmatch) for the terminal's width: the same width, found without it
+        if width is None:
+            width = _terminal_columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         out: list[str] = []
         for para in text.split("\n\n"):
@@ -60,6 +65,20 @@ class HelpFormatter(argparse.HelpFormatter):
             else:
                 out.append(super()._fill_text(para, width, indent))
         return "\n\n".join(out)
+
+
+def _terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``: $COLUMNS, else the terminal's, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
 
 
 class Parser(argparse.ArgumentParser):
@@ -157,22 +176,45 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    parser = build_parser(command_of(argv))
+    command = command_of(argv)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * verbosity(args)
-    logging.basicConfig(level=max(level, logging.DEBUG),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # a command module that never logs says so (``LOGS = False``: ``edgegw stdf``), and
+    # its commands start without importing and setting up logging
+    if command is None or getattr(sys.modules[COMMANDS[command]], "LOGS", True):
+        import logging
+
+        level = logging.WARNING - 10 * verbosity(args)
+        logging.basicConfig(level=max(level, logging.DEBUG),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(f"edgegw: config error: {line}", file=sys.stderr)
-        return EXIT_CONFIG
-    except StartupError as exc:
-        print(f"edgegw: cannot start: {exc}", file=sys.stderr)
-        return EXIT_CANNOT_START
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        status = _exit_status(exc)
+        if status is None:
+            raise
+        return status
+
+
+def _exit_status(exc: Exception) -> int | None:
+    """The exit status of a configuration error or a service that cannot start, after
+    printing it; None for any other exception.  Their modules (and what they import)
+    are looked up, not imported: a command that never loaded them cannot have raised
+    their errors, and ``edgegw stdf stats`` starts faster without them."""
+    config = sys.modules.get("edgegw.config")
+    if config is not None and isinstance(exc, config.ConfigError):
+        for line in exc.errors:
+            print(f"edgegw: config error: {line}", file=sys.stderr)
+        from .startup import EXIT_CONFIG
+
+        return EXIT_CONFIG
+    startup = sys.modules.get("edgegw.startup")
+    if startup is not None and isinstance(exc, startup.StartupError):
+        print(f"edgegw: cannot start: {exc}", file=sys.stderr)
+        return int(startup.EXIT_CANNOT_START)
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

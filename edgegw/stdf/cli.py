@@ -20,7 +20,6 @@ STDF_VER as if it were V4, best effort.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import struct
@@ -36,6 +35,8 @@ from .stats import StdfStats
 
 #: read size; small enough that a dump prints the records before a gzip error
 CHUNK = 1 << 16
+#: these commands never log: ``edgegw.cli.main`` does not set logging up for them
+LOGS = False
 
 
 def add_commands(sub: Any) -> None:
@@ -87,6 +88,8 @@ def open_stdf(path: Path) -> BinaryIO:
     f = path.open("rb")
     if f.read(2) == b"\x1f\x8b":
         f.close()
+        import gzip  # only for a gzip file: start-up of the plain ones
+
         return gzip.open(path, "rb")  # type: ignore[return-value]
     f.seek(0)
     return f
