@@ -12,7 +12,7 @@ traceback (docs/configuration.md, "Exit status").
 from __future__ import annotations
 
 import argparse
-import functools
+import gettext
 import importlib
 import os
 import re
@@ -67,8 +67,14 @@ class HelpFormatter(argparse.HelpFormatter):
         return "\n\n".join(out)
 
 
+#: the terminal's width while ``build_parser`` runs (0: ask)
+_columns = 0
+
+
 def _terminal_columns() -> int:
     """``shutil.get_terminal_size().columns``: $COLUMNS, else the terminal's, else 80."""
+    if _columns:
+        return _columns
     try:
         columns = int(os.environ["COLUMNS"])
     except (KeyError, ValueError):
@@ -145,14 +151,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``edgegw`` parser: every command, or (``command``, a key of ``COMMANDS``) only
     those of its module -- the same parsers, the others left out."""
     # argparse translates its own words ("options", "show this help message and exit")
-    # through gettext, which searches the disk for catalogues at every call: half the
-    # time of building a parser.  The answer cannot change while the tree is built.
+    # through gettext.gettext, which searches the disk for the catalogue at every call:
+    # half the time of building a parser.  The catalogue cannot change while the tree is
+    # built: it is looked up once (as gettext.dgettext does it) and its gettext used.
+    # The terminal's width, which argparse asks for at every argument, likewise.
+    global _columns
     plain = argparse._  # type: ignore[attr-defined]
-    argparse._ = functools.lru_cache(maxsize=None)(plain)  # type: ignore[attr-defined]
+    domain = gettext.textdomain()
+    catalogue = gettext.translation(domain, gettext.bindtextdomain(domain), fallback=True)
+    argparse._ = catalogue.gettext  # type: ignore[attr-defined]
+    _columns = _terminal_columns()
     try:
         return _build_parser(command)
     finally:
         argparse._ = plain  # type: ignore[attr-defined]
+        _columns = 0
 
 
 def _build_parser(command: str | None) -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ user is not used).
 Where: ``$EDGEGW_CACHE_DIR`` if set (empty: no cache), else ``$XDG_CACHE_HOME/edgegw``,
 ``~/.cache/edgegw`` (``%LOCALAPPDATA%\\edgegw\\cache`` on Windows).  Anything that goes
 wrong with the directory (read-only home, a full disk) means compiling, as without it.
+Like ``.pyc`` files, none are written under ``PYTHONDONTWRITEBYTECODE`` (or ``-B``).
 """
 
 from __future__ import annotations
@@ -83,8 +84,38 @@ def compiled(source: str, filename: str) -> CodeType:
     except Exception:  # missing, damaged or foreign: compile it
         pass
     code = compile(source, filename, "exec")
-    _store(path, marshal.dumps((_TAG, source, code)))
+    if not sys.dont_write_bytecode:  # PYTHONDONTWRITEBYTECODE, -B: no .pyc, nor these
+        _store(path, marshal.dumps((_TAG, source, code)))
+        _prune(where)
     return code
+
+
+#: files kept at most: a source per record type, byte order, rows or dicts, memo on or
+#: off (about 240), and a record loop per set of skipped types a caller asked for
+MAX_FILES = 1000
+
+
+def _prune(where: str) -> None:
+    """Past ``MAX_FILES``, remove the older half (by last write): bounded on disk."""
+    try:
+        names = os.listdir(where)
+        if len(names) <= MAX_FILES:
+            return
+        aged = []
+        for name in names:
+            path = os.path.join(where, name)
+            try:
+                aged.append((os.stat(path).st_mtime, path))
+            except OSError:
+                continue
+        aged.sort()
+        for _, path in aged[:len(aged) // 2]:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    except OSError:
+        pass
 
 
 def _store(path: str, data: bytes) -> None:
@@ -106,4 +137,4 @@ def _store(path: str, data: bytes) -> None:
             pass
 
 
-__all__ = ["cache_dir", "compiled", "reset"]
+__all__ = ["MAX_FILES", "cache_dir", "compiled", "reset"]
