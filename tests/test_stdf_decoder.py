@@ -550,7 +550,7 @@ def test_a_gdr_of_any_bytes_decodes_as_the_generic_decoder_reads_it(
     """GEN_DATA of any type codes and bytes (values that do not fit, counts larger or
     smaller than the values, unknown codes, REC_LEN cutting anywhere): the compiled GDR
     reader, its bound checked once per record, gives what the value-by-value reference
-    gives, or the same error at the same offset."""
+    gives, or the same error at the same offset; a skipped GDR's walk the same error."""
     from edgegw.stdf import BY_NAME
     from edgegw.stdf.decoder import decode_generic, decoder_table
 
@@ -577,3 +577,12 @@ def test_a_gdr_of_any_bytes_decodes_as_the_generic_decoder_reads_it(
             continue
         assert not isinstance(want, tuple), want  # the reference found no error
         assert (row_fields(got) if rows else got.fields) == want
+    skipping = StdfDecoder(skip={"GDR"})  # walked for its codes only: the same error
+    skipping.feed(data)
+    try:
+        list(skipping.records())
+    except StdfError as err:
+        assert isinstance(want, tuple) and err.offset == want[2], err
+    else:
+        assert not isinstance(want, tuple), want
+        assert skipping.skipped["GDR"] == 1

@@ -419,37 +419,41 @@ def _gdr_fast(order: str) -> Callable[[bytes, str, int, int], tuple[list, int]]:
 def _gdr_checker(order: str) -> Callable[[bytes, int, int], None]:
     """A skipped GDR's check: walk its type codes without making values; raise
     ``_BadGdr`` where decoding it would (an unknown code before the record ends), stop
-    quietly where decoding would find the record cut short."""
+    quietly where decoding would find the record cut short.
+
+    No bound check per value: positions only grow, so once a value starts or ends past
+    the record's end every later one does, and an unknown code is an error only where
+    it starts before the end (reading past the buffer stops the walk)."""
     u2 = struct.Struct(order + "H").unpack_from
-    sizes = [0] * 256  # bytes of a fixed-size value after its type byte
+    steps = [0] * 256  # bytes of a fixed-size value with its type byte
     for code, typ in GDR_TYPES.items():
         if typ in STRUCT_CODES:
-            sizes[code] = struct.calcsize(STRUCT_CODES[typ])
-    sizes[13] = 1  # N*1 in a GDR occupies a whole byte
+            steps[code] = 1 + struct.calcsize(STRUCT_CODES[typ])
+    steps[13] = 2  # N*1 in a GDR occupies a whole byte
+    steps[0] = 1  # a pad byte
+    error = struct.error
 
     def check(buf: bytes, p: int, end: int) -> None:
         if p + 2 > end:
             return
         count = u2(buf, p)[0]
         p += 2
-        for _ in range(count):
-            if p >= end:
-                return
-            code = buf[p]
-            p += 1
-            size = sizes[code]
-            if size:
-                p += size  # past end: the next round stops, as the decoder does
-            elif code == 10 or code == 11:
-                if p >= end:
+        try:
+            for _ in range(count):
+                code = buf[p]
+                step = steps[code]
+                if step:
+                    p += step
+                elif code == 10 or code == 11:
+                    p += 2 + buf[p + 1]
+                elif code == 12:
+                    p += 3 + ((u2(buf, p + 1)[0] + 7) >> 3)
+                elif p < end:
+                    raise _BadGdr(code, p)
+                else:
                     return
-                p += 1 + buf[p]
-            elif code == 12:
-                if p + 2 > end:
-                    return
-                p += 2 + ((u2(buf, p)[0] + 7) >> 3)
-            elif code:
-                raise _BadGdr(code, p - 1)
+        except (IndexError, error):
+            return
 
     return check
 
