@@ -865,7 +865,6 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
         if name in skip:
             lines += [f"      skipped[{name!r}] += 1",
                       "      pos = end",
-                      "      self._pos = pos",
                       "      continue"]
             continue
         decode = entries[_type_key(order, spec.typ, spec.sub)][1]
@@ -900,22 +899,25 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
             "          try:",
             "            _check_gdr(buf, body, end)",
             "          except _BadGdr as exc:",
-            "            self._pos = end",
+            "            pos = end",
             "            raise _gdr_error(exc, base) from None"] if "GDR" in skip else
           ["      if decode is None:"]),
         "        skipped[name] += 1",
         "        pos = end",
-        "        self._pos = pos",
         "        continue",
         "      try:",
         f"        record = {make.format('name', 'decode(buf, txt, body, end)')}",
         "      except _BadGdr as exc:",
-        "        self._pos = end",
+        "        pos = end",
         "        raise _gdr_error(exc, base) from None",
         "    pos = end",
         "    self._pos = pos",
         "    yield record",
     ]
+    # ``self._pos`` (the decoder's position) is stored before each record returned, and
+    # once when the loop stops for any reason -- not per skipped record
+    lines = [*lines[:3], "  try:", *("  " + line for line in lines[3:]),
+             "  finally:", "    self._pos = pos"]
     src = "\n".join(lines) + "\n"
     exec(compiled(src, f"<stdf scan {order}>"), ns)
     return ns["scan"]
