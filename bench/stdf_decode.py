@@ -17,7 +17,8 @@ big-endian, GDR-heavy), or the files named on the command line -- it prints:
   whole ``main`` (argument parsing included); and as processes, ``edgegw stdf stats
   FILE`` against ``python -c 'pystdf: read and parse FILE'``, their runs interleaved,
   with their start-up (interpreter and imports, each command on a file of a FAR and an
-  MRR) included and subtracted;
+  MRR) included and subtracted, and with only the bare interpreter's (``python -c
+  pass``) subtracted; the start-up line also gives edgegw's without its decoder cache;
 * a memory check on the first file: a stream ten times the file's size, fed in 64 KiB
   chunks, must peak no higher than the file once.
 
