@@ -147,9 +147,12 @@ def command_of(argv: Sequence[str]) -> str | None:
     return None
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None,
+                 action: str | None = None) -> argparse.ArgumentParser:
     """The ``edgegw`` parser: every command, or (``command``, a key of ``COMMANDS``) only
-    those of its module -- the same parsers, the others left out."""
+    those of its module -- the same parsers, the others left out; ``action``: the word
+    after the command, when it is one of its module's ``ACTIONS`` only that action's
+    parser under it (``edgegw stdf stats``)."""
     # argparse translates its own words ("options", "show this help message and exit")
     # through gettext.gettext, which searches the disk for the catalogue at every call:
     # half the time of building a parser.  The catalogue cannot change while the tree is
@@ -162,13 +165,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     argparse._ = catalogue.gettext  # type: ignore[attr-defined]
     _columns = _terminal_columns()
     try:
-        return _build_parser(command)
+        return _build_parser(command, action)
     finally:
         argparse._ = plain  # type: ignore[attr-defined]
         _columns = 0
 
 
-def _build_parser(command: str | None) -> argparse.ArgumentParser:
+def _build_parser(command: str | None, action: str | None) -> argparse.ArgumentParser:
     parser = Parser(
         prog="edgegw",
         description="Edge gateway and hub for ATE test results and sensor feeds: a gateway "
@@ -182,7 +185,11 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     sub.required = True
     for name in COMMAND_MODULES if command is None else (COMMANDS[command],):
-        importlib.import_module(name).add_commands(sub)
+        module = importlib.import_module(name)
+        if action is not None and action in getattr(module, "ACTIONS", ()):
+            module.add_commands(sub, only=action)
+        else:
+            module.add_commands(sub)
     return parser
 
 
@@ -190,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     command = command_of(argv)
-    parser = build_parser(command)
+    after = list(argv).index(command) + 1 if command is not None else len(argv)
+    parser = build_parser(command, argv[after] if after < len(argv) else None)
     args = parser.parse_args(argv)
     # a command module that never logs says so (``LOGS = False``: ``edgegw stdf``), and
     # its commands start without importing and setting up logging
