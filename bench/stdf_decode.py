@@ -17,7 +17,8 @@ big-endian, GDR-heavy), or the files named on the command line -- it prints:
   whole ``main`` (argument parsing included); and as processes, ``edgegw stdf stats
   FILE`` against ``python -c 'pystdf: read and parse FILE'``, their runs interleaved,
   with their start-up (interpreter and imports, each command on a file of a FAR and an
-  MRR) included and subtracted;
+  MRR) included and subtracted, and with only the bare interpreter's (``python -c
+  pass``) subtracted; the start-up line also gives edgegw's without its decoder cache;
 * a memory check on the first file: a stream ten times the file's size, fed in 64 KiB
   chunks, must peak no higher than the file once.
 
@@ -165,35 +166,48 @@ print(sink.count)
 """
 
 
-def _commands(path: Path) -> dict[str, list[str]]:
+def _commands(path: Path, startup: bool = False) -> dict[str, list[str]]:
+    """The commands timed as processes; with ``startup``, also the bare interpreter
+    (``python -c pass``: what both sides pay before their first import) and edgegw
+    without its decoder cache (``EDGEGW_CACHE_DIR`` empty: compiling at every run)."""
     exe = Path(sys.executable).parent / "edgegw"
     edgegw = [str(exe)] if exe.exists() else [sys.executable, "-m", "edgegw"]
-    return {"edgegw": [*edgegw, "stdf", "stats", str(path)],
-            "pystdf": [sys.executable, "-c", PYSTDF_CHILD, str(path)]}
+    out = {"edgegw": [*edgegw, "stdf", "stats", str(path)],
+           "pystdf": [sys.executable, "-c", PYSTDF_CHILD, str(path)]}
+    if startup:
+        out["python"] = [sys.executable, "-c", "pass"]
+        out["edgegw_nocache"] = out["edgegw"]  # run with EDGEGW_CACHE_DIR empty
+    return out
 
 
 def _child_env() -> dict[str, str]:
     """The children compile their modules once, as an installed package does (pip writes
     the .pyc files): PYTHONDONTWRITEBYTECODE would charge every start-up ~100 ms of
-    compiling edgegw's source.  The cache goes to a temporary directory."""
+    compiling edgegw's source, and turn edgegw's decoder cache off.  Both caches go to
+    a temporary directory (the untimed first run fills them, as a user's first run)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = str(Path(tempfile.gettempdir()) / "stdf-bench-pycache")
+    env["EDGEGW_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / "stdf-bench-edgegw-cache")
     return env
 
 
-def process_seconds(path: Path, runs: int) -> dict[str, float]:
+def process_seconds(path: Path, runs: int, startup: bool = False) -> dict[str, float]:
     """Median seconds of an ``edgegw stdf stats path`` process and of a pystdf process
     reading and parsing it (CPU time of the child unless --wall), runs interleaved,
-    after one run of each that is not timed (it fills the bytecode cache)."""
-    times: dict[str, list[float]] = {"edgegw": [], "pystdf": []}
+    after one run of each that is not timed (it fills the bytecode cache); ``startup``:
+    the bare interpreter and edgegw without its decoder cache too."""
+    commands = _commands(path, startup)
+    times: dict[str, list[float]] = {k: [] for k in commands}
     env = _child_env()
-    for cmd in _commands(path).values():
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+    envs = {k: {**env, "EDGEGW_CACHE_DIR": ""} if k == "edgegw_nocache" else env
+            for k in commands}
+    for key, cmd in commands.items():
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=envs[key])
     for _ in range(runs):
-        for key, cmd in _commands(path).items():
+        for key, cmd in commands.items():
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=envs[key])
             wall = time.perf_counter() - start
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -293,7 +307,10 @@ def bench_file(label: str, path: Path, runs: int, cli: bool, startup: dict[str, 
         procs = process_seconds(path, runs)
         # start-up subtracted; floored at 0.1 ms (on a small file it is within the noise)
         net = {k: max(procs[k] - startup[k], 1e-4) for k in procs}
-        row.update(stats=stats, whole=whole, pystdf_stats=pystdf_stats, procs=procs, net=net)
+        # the interpreter subtracted: each side's own imports and start-up included
+        own = {k: max(procs[k] - startup["python"], 1e-4) for k in procs}
+        row.update(stats=stats, whole=whole, pystdf_stats=pystdf_stats, procs=procs, net=net,
+                   own=own)
         print(f"  edgegw stdf stats: {stats * 1e3:.1f} ms without start-up, "
               f"{whole * 1e3:.1f} ms with the argument parsing (the whole `main`; a FAR and "
               f"an MRR take {fixed * 1e3:.1f} ms); pystdf read + parse "
@@ -303,7 +320,10 @@ def bench_file(label: str, path: Path, runs: int, cli: bool, startup: dict[str, 
               f"{procs['pystdf'] * 1e3:.0f} ms -> {procs['pystdf'] / procs['edgegw']:.1f}x; "
               f"start-up subtracted (edgegw {startup['edgegw'] * 1e3:.0f} ms, pystdf "
               f"{startup['pystdf'] * 1e3:.0f} ms): {net['edgegw'] * 1e3:.1f} ms vs "
-              f"{net['pystdf'] * 1e3:.1f} ms -> {net['pystdf'] / net['edgegw']:.1f}x")
+              f"{net['pystdf'] * 1e3:.1f} ms -> {net['pystdf'] / net['edgegw']:.1f}x; the "
+              f"interpreter ({startup['python'] * 1e3:.0f} ms) subtracted: "
+              f"{own['edgegw'] * 1e3:.1f} ms vs {own['pystdf'] * 1e3:.1f} ms -> "
+              f"{own['pystdf'] / own['edgegw']:.1f}x")
     if memory:
         memory_check(data, n_ours)
     return row
@@ -340,20 +360,25 @@ def main() -> int:
             tiny = Path(tmp) / "tiny.stdf"
             tiny.write_bytes(w.encode("FAR", {}) + w.encode("MRR", {"FINISH_T": 0}))
             # more runs: every file's process figure has this subtracted
-            startup = process_seconds(tiny, 2 * args.runs + 1)
+            startup = process_seconds(tiny, 2 * args.runs + 1, startup=True)
             fixed = stats_seconds(tiny, args.runs, parse=True)
             print(f"start-up (a file of a FAR and an MRR): an edgegw stdf stats process "
-                  f"{startup['edgegw'] * 1e3:.0f} ms, a pystdf process "
-                  f"{startup['pystdf'] * 1e3:.0f} ms; the whole `main` in this process "
+                  f"{startup['edgegw'] * 1e3:.0f} ms ({startup['edgegw_nocache'] * 1e3:.0f} "
+                  f"ms without its decoder cache), a pystdf process "
+                  f"{startup['pystdf'] * 1e3:.0f} ms, the bare interpreter (python -c pass) "
+                  f"{startup['python'] * 1e3:.0f} ms; the whole `main` in this process "
                   f"{fixed * 1e3:.1f} ms")
+        print(f"load average at the start {os.getloadavg()[0]:.1f}")
         rows = [bench_file(label, path, args.runs, not args.no_cli, startup, fixed, i == 0)
                 for i, (label, path) in enumerate(work)]
     print()
+    print(f"load average at the end {os.getloadavg()[0]:.1f} (1-minute; the machine is shared)")
     print("| file | records | rows: one feed | 64 KiB chunks | no tail memo | dicts | "
           "dicts, no memo | pystdf | rows vs pystdf (feed / chunks / no memo) | "
           "dicts vs pystdf (memo / no memo) |" +
           (" `stats` vs pystdf: command / whole `main` | `stats` process vs pystdf's: "
-           "start-up subtracted / included |" if not args.no_cli else ""))
+           "start-up subtracted / interpreter subtracted / included |"
+           if not args.no_cli else ""))
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|" +
           ("---|---|" if not args.no_cli else ""))
     for r in rows:
@@ -365,11 +390,13 @@ def main() -> int:
                 f"**{p / r['nomemo']:.1f}x** | {p / r['dict']:.1f}x / "
                 f"{p / r['dict_nomemo']:.1f}x |")
         if "stats" in r:
-            ps, procs, net = r["pystdf_stats"], r["procs"], r["net"]
+            ps, procs, net, own = r["pystdf_stats"], r["procs"], r["net"], r["own"]
             line += (f" {r['stats'] * 1e3:.1f} / {r['whole'] * 1e3:.1f} ms vs "
                      f"{ps * 1e3:.0f} ms: {ps / r['stats']:.1f}x / **{ps / r['whole']:.1f}x** |"
                      f" {net['edgegw'] * 1e3:.0f} vs {net['pystdf'] * 1e3:.0f} ms: "
-                     f"**{net['pystdf'] / net['edgegw']:.1f}x** / {procs['edgegw'] * 1e3:.0f} "
+                     f"**{net['pystdf'] / net['edgegw']:.1f}x** / {own['edgegw'] * 1e3:.0f} vs "
+                     f"{own['pystdf'] * 1e3:.0f} ms: {own['pystdf'] / own['edgegw']:.1f}x / "
+                     f"{procs['edgegw'] * 1e3:.0f} "
                      f"vs {procs['pystdf'] * 1e3:.0f} ms: {procs['pystdf'] / procs['edgegw']:.1f}x"
                      " |")
         print(line)

@@ -12,16 +12,13 @@ traceback (docs/configuration.md, "Exit status").
 from __future__ import annotations
 
 import argparse
-import functools
+import gettext
 import importlib
-import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
 from typing import Any
-
-from .config import ConfigError
-from .startup import EXIT_CANNOT_START, EXIT_CONFIG, StartupError
 
 #: modules that contribute subcommands (each has ``add_commands(subparsers)``)
 COMMAND_MODULES = (
@@ -50,6 +47,14 @@ class HelpFormatter(argparse.HelpFormatter):
     """Wraps the paragraphs of a description or epilog to the terminal, and keeps indented
     lines (the examples) as written."""
 
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        # argparse makes a formatter at every add_argument and imports shutil (with bz2,
+        # lzma, fnmatch) for the terminal's width: the same width, found without it
+        if width is None:
+            width = _terminal_columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         out: list[str] = []
         for para in text.split("\n\n"):
@@ -60,6 +65,26 @@ class HelpFormatter(argparse.HelpFormatter):
             else:
                 out.append(super()._fill_text(para, width, indent))
         return "\n\n".join(out)
+
+
+#: the terminal's width while ``build_parser`` runs (0: ask)
+_columns = 0
+
+
+def _terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``: $COLUMNS, else the terminal's, else 80."""
+    if _columns:
+        return _columns
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
 
 
 class Parser(argparse.ArgumentParser):
@@ -122,21 +147,31 @@ def command_of(argv: Sequence[str]) -> str | None:
     return None
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None,
+                 action: str | None = None) -> argparse.ArgumentParser:
     """The ``edgegw`` parser: every command, or (``command``, a key of ``COMMANDS``) only
-    those of its module -- the same parsers, the others left out."""
+    those of its module -- the same parsers, the others left out; ``action``: the word
+    after the command, when it is one of its module's ``ACTIONS`` only that action's
+    parser under it (``edgegw stdf stats``)."""
     # argparse translates its own words ("options", "show this help message and exit")
-    # through gettext, which searches the disk for catalogues at every call: half the
-    # time of building a parser.  The answer cannot change while the tree is built.
+    # through gettext.gettext, which searches the disk for the catalogue at every call:
+    # half the time of building a parser.  The catalogue cannot change while the tree is
+    # built: it is looked up once (as gettext.dgettext does it) and its gettext used.
+    # The terminal's width, which argparse asks for at every argument, likewise.
+    global _columns
     plain = argparse._  # type: ignore[attr-defined]
-    argparse._ = functools.lru_cache(maxsize=None)(plain)  # type: ignore[attr-defined]
+    domain = gettext.textdomain()
+    catalogue = gettext.translation(domain, gettext.bindtextdomain(domain), fallback=True)
+    argparse._ = catalogue.gettext  # type: ignore[attr-defined]
+    _columns = _terminal_columns()
     try:
-        return _build_parser(command)
+        return _build_parser(command, action)
     finally:
         argparse._ = plain  # type: ignore[attr-defined]
+        _columns = 0
 
 
-def _build_parser(command: str | None) -> argparse.ArgumentParser:
+def _build_parser(command: str | None, action: str | None) -> argparse.ArgumentParser:
     parser = Parser(
         prog="edgegw",
         description="Edge gateway and hub for ATE test results and sensor feeds: a gateway "
@@ -150,29 +185,57 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     sub.required = True
     for name in COMMAND_MODULES if command is None else (COMMANDS[command],):
-        importlib.import_module(name).add_commands(sub)
+        module = importlib.import_module(name)
+        if action is not None and action in getattr(module, "ACTIONS", ()):
+            module.add_commands(sub, only=action)
+        else:
+            module.add_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    parser = build_parser(command_of(argv))
+    command = command_of(argv)
+    after = list(argv).index(command) + 1 if command is not None else len(argv)
+    parser = build_parser(command, argv[after] if after < len(argv) else None)
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * verbosity(args)
-    logging.basicConfig(level=max(level, logging.DEBUG),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # a command module that never logs says so (``LOGS = False``: ``edgegw stdf``), and
+    # its commands start without importing and setting up logging
+    if command is None or getattr(sys.modules[COMMANDS[command]], "LOGS", True):
+        import logging
+
+        level = logging.WARNING - 10 * verbosity(args)
+        logging.basicConfig(level=max(level, logging.DEBUG),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(f"edgegw: config error: {line}", file=sys.stderr)
-        return EXIT_CONFIG
-    except StartupError as exc:
-        print(f"edgegw: cannot start: {exc}", file=sys.stderr)
-        return EXIT_CANNOT_START
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        status = _exit_status(exc)
+        if status is None:
+            raise
+        return status
+
+
+def _exit_status(exc: Exception) -> int | None:
+    """The exit status of a configuration error or a service that cannot start, after
+    printing it; None for any other exception.  Their modules (and what they import)
+    are looked up, not imported: a command that never loaded them cannot have raised
+    their errors, and ``edgegw stdf stats`` starts faster without them."""
+    config = sys.modules.get("edgegw.config")
+    if config is not None and isinstance(exc, config.ConfigError):
+        for line in exc.errors:
+            print(f"edgegw: config error: {line}", file=sys.stderr)
+        from .startup import EXIT_CONFIG
+
+        return EXIT_CONFIG
+    startup = sys.modules.get("edgegw.startup")
+    if startup is not None and isinstance(exc, startup.StartupError):
+        print(f"edgegw: cannot start: {exc}", file=sys.stderr)
+        return int(startup.EXIT_CANNOT_START)
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

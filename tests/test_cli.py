@@ -150,6 +150,21 @@ def test_a_command_built_alone_has_the_help_page_of_the_whole_tree(prog: str) ->
     assert alone["edgegw"].format_usage() == PARSERS["edgegw"].format_usage()
 
 
+@pytest.mark.parametrize("prog", [p for p in PARSERS if len(p.split()) == 3])
+def test_an_action_built_alone_has_the_help_page_and_parse_of_the_whole_tree(
+        prog: str) -> None:
+    """``edgegw stdf stats FILE`` builds the stats parser alone (a module's ``ACTIONS``);
+    a module without them builds all its actions: the same pages either way."""
+    _, command, action = prog.split()
+    alone = dict(parsers(build_parser(command, action)))
+    assert alone[prog].format_help() == PARSERS[prog].format_help()
+    assert alone[f"edgegw {command}"].format_usage() == \
+        PARSERS[f"edgegw {command}"].format_usage()
+    args = [command, action, "f.stdf", "--partial", "-v"]
+    assert vars(build_parser(command, action).parse_args(args)) == \
+        vars(build_parser().parse_args(args))
+
+
 @pytest.mark.parametrize(("argv", "command"), [
     (["stdf", "stats", "x.stdf"], "stdf"),
     (["-v", "-vv", "--verbose", "hub", "--config", "h.toml"], "hub"),

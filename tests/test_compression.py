@@ -300,3 +300,46 @@ async def test_a_compressed_client_message_that_inflates_past_the_limit_is_close
         other = await live_client(port, deflate=True)
         assert (await read_until_offset(other, 1))[0]["type"] == "hello"
         nursery.cancel_scope.cancel()
+
+
+def test_v2_columnar_bodies_go_compressed_above_the_minimum_and_plain_below_it() -> None:
+    """Protocol v2 (columnar bodies) with zlib negotiated, sans-IO: a body above the
+    minimum size travels compressed and the hub decodes exactly the records sent; one
+    below it goes plain.  Every end's default is off, with a 1 KiB minimum."""
+    import dataclasses
+
+    from edgegw.gateway import GatewayConfig
+    from edgegw.hub import HubConfig
+    from edgegw.protocol import HubConnection, IntervalSet, decode_frame, encode_columns
+
+    uplink = next(f for f in dataclasses.fields(GatewayConfig) if f.name == "uplink")
+    defaults = uplink.default_factory()  # type: ignore[misc]
+    assert (defaults.compression, defaults.compression_min_bytes) == ("off", 1024)
+    assert HubConfig().hub.compression == "off"
+    assert (LiveConfig().compression, LiveConfig().compression_min_bytes) == ("off", 1024)
+
+    gw = GatewayConnection("ate-01", "s3cret", "e", 1, compression=("zlib",),
+                           compression_min_bytes=1024)
+    hub = HubConnection(compression=("zlib",))
+    hub.receive(gw.hello(0.0), 0.0)
+    gw.receive(hub.accept(IntervalSet(), 0.0), 0.0)
+    assert gw.version == 2 and hub.version == 2
+    records = [SensorReading("oven", float(i), "temp", 20.0 + i % 7) for i in range(500)]
+    big, small = encode_columns(1, records), encode_columns(501, records[:2])
+    assert len(small) < 1024 <= len(big)
+    packed, plain = gw.data(1, big, 0.0), gw.data(2, small, 0.0)
+    assert cbor2.loads(packed)[4] == "zlib" and len(cbor2.loads(packed)[3]) < len(big) / 3
+    assert len(cbor2.loads(plain)) == 4
+    for message, first, sent in ((packed, 1, records), (plain, 501, records[:2])):
+        (data,), _ = hub.receive(message, 0.0)
+        assert decode_frame(data.body, 10_000) == (first, sent)
+
+
+def test_live_frames_below_the_minimum_go_plain_even_to_compressing_clients() -> None:
+    from edgegw.web import Deflater, prepare_message
+
+    deflater = Deflater(1, 1024)
+    small, big = b"x" * 1023, bytes(range(256)) * 8
+    assert deflater.prepare(small) == prepare_message(small)  # RSV1 clear: not compressed
+    packed = deflater.prepare(big)
+    assert packed[0] & 0x40 and len(packed) < len(prepare_message(big)) / 4

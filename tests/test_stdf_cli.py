@@ -308,3 +308,58 @@ def test_dump_of_some_types_equals_those_records_of_a_full_dump(
     assert status == 0
     assert some.splitlines() == [line for line in full.splitlines()
                                  if json.loads(line)["rec"] in ("PRR", "FTR")]
+
+
+# ---- start-up: the compiled decoders are cached per user, and stats imports little ------
+
+def stats_process(path: Path, cache: Path | str, *code: str) -> subprocess.CompletedProcess[str]:
+    """``edgegw stdf stats path`` in a fresh interpreter with this decoder cache (``code``:
+    Python run after it in the same interpreter), writing caches as an installed
+    package's interpreter does (this suite may run with PYTHONDONTWRITEBYTECODE)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["EDGEGW_CACHE_DIR"] = str(cache)
+    script = ("import sys\nfrom edgegw.cli import main\n"
+              "status = main(['stdf', 'stats', sys.argv[1]])\n" + "\n".join(code) +
+              "\nsys.exit(status)\n")
+    return subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def test_the_decoder_cache_gives_the_same_figures_and_a_damaged_one_is_compiled_again(
+        tmp_path: Path) -> None:
+    lot = write_lot(tmp_path / "lot.stdf", ">")
+    plain = stats_process(lot, "")  # no cache at all
+    assert plain.returncode == 0, plain.stderr
+    cache = tmp_path / "cache"
+    first = stats_process(lot, cache)
+    files = sorted((cache / "stdf-code").iterdir())
+    assert files  # the decoders this command compiled
+    again = stats_process(lot, cache)
+    for f in files:  # damaged in every way a file can be: cut, garbage, another source
+        f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
+    cut = stats_process(lot, cache)
+    for f in files:
+        f.write_bytes(b"\xff" * 64)
+    garbage = stats_process(lot, cache)
+    sources = [f.read_bytes() for f in sorted((cache / "stdf-code").iterdir())]
+    for f in files:  # rewritten whole by the runs after the damage
+        f.write_bytes(sources[-1])
+    swapped = stats_process(lot, cache)
+    for proc in (first, again, cut, garbage, swapped):
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        assert json.loads(proc.stdout) == json.loads(plain.stdout)
+    assert json.loads(plain.stdout)["records"]["PRR"] == 3
+
+
+def test_stats_starts_without_the_gateway_logging_or_config_machinery(tmp_path: Path) -> None:
+    lot = write_lot(tmp_path / "lot.stdf")
+    proc = stats_process(lot, tmp_path / "cache", "import json",
+                         "print(json.dumps(sorted(sys.modules)), file=sys.stderr)")
+    assert proc.returncode == 0, proc.stderr
+    loaded = set(json.loads(proc.stderr))
+    heavy = {"trio", "cbor2", "logging", "edgegw.config", "edgegw.startup", "tomllib",
+             "dataclasses", "edgegw.stdf.mapping", "edgegw.stdf.writer", "shutil", "gzip"}
+    assert loaded & heavy == set()
+    assert json.loads(proc.stdout)["parts"] == 2

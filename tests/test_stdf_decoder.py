@@ -536,3 +536,53 @@ def test_nibble_arrays_of_any_length_unpack_low_nibble_first(packed: bytes,
     count = data.draw(st.integers(max(0, 2 * len(packed) - 1), 2 * len(packed)))
     expected = [n for b in packed for n in (b & 0x0F, b >> 4)][:count]
     assert unpack_nibbles(packed, count) == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(order=st.sampled_from("<>"), count=st.integers(0, 14),
+       values=st.lists(st.tuples(st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13,
+                                                  9, 14, 200]),
+                                 st.binary(max_size=10)), max_size=14),
+       cut=st.integers(0, 8), follow=st.booleans())
+def test_a_gdr_of_any_bytes_decodes_as_the_generic_decoder_reads_it(
+        order: str, count: int, values: list[tuple[int, bytes]], cut: int,
+        follow: bool) -> None:
+    """GEN_DATA of any type codes and bytes (values that do not fit, counts larger or
+    smaller than the values, unknown codes, REC_LEN cutting anywhere): the compiled GDR
+    reader, its bound checked once per record, gives what the value-by-value reference
+    gives, or the same error at the same offset; a skipped GDR's walk the same error."""
+    from edgegw.stdf import BY_NAME
+    from edgegw.stdf.decoder import decode_generic, decoder_table
+
+    body = struct.pack(order + "H", count) + b"".join(bytes([c]) + v for c, v in values)
+    body = body[:max(0, len(body) - cut)]
+    w = StdfWriter(order)
+    data = (w.encode("FAR", {}) + struct.pack(order + "HBB", len(body), 50, 10) + body +
+            (w.encode("PRR", {"HEAD_NUM": 1, "SITE_NUM": 1, "PART_ID": "x" * 40})
+             if follow else b""))
+    try:
+        want: Any = decode_generic(BY_NAME["GDR"], decoder_table(order).readers, data, 10,
+                                   10 + len(body))
+    except Exception as exc:  # the reference's unknown type code: code and position
+        want = ("error", exc.code, exc.pos)  # type: ignore[attr-defined]
+    for rows in (False, True):
+        dec = StdfDecoder()
+        dec.feed(data)
+        try:
+            got: Any = next(r for r in (dec.rows() if rows else dec.records())
+                            if r[0] == "GDR")
+        except StdfError as err:
+            assert want[0] == "error", err
+            assert err.offset == want[2] and f"type code {want[1]}" in str(err)
+            continue
+        assert not isinstance(want, tuple), want  # the reference found no error
+        assert (row_fields(got) if rows else got.fields) == want
+    skipping = StdfDecoder(skip={"GDR"})  # walked for its codes only: the same error
+    skipping.feed(data)
+    try:
+        list(skipping.records())
+    except StdfError as err:
+        assert isinstance(want, tuple) and err.offset == want[2], err
+    else:
+        assert not isinstance(want, tuple), want
+        assert skipping.skipped["GDR"] == 1

@@ -82,11 +82,15 @@ def full_record(draw: st.DrawFn, spec: RecordSpec) -> dict[str, Any]:
 
 def read_back(fields_present: list[Field], full: dict[str, Any], keep: int) -> dict[str, Any]:
     """What a reader sees of a record written with its first ``keep`` fields: those,
-    plus arrays right after them whose count is zero (an empty array takes no bytes)."""
+    plus arrays right after them that take no bytes: a count of zero, or C*f elements
+    of width zero (``n`` empty strings)."""
     expected = {f.name: full[f.name] for f in fields_present[:keep]}
     for f in fields_present[keep:]:
         if f.count is not None and expected.get(f.count) == 0:
             expected[f.name] = []
+            continue
+        if f.type == "Cf" and f.count in expected and expected.get(f.size) == 0:
+            expected[f.name] = [""] * expected[f.count]
             continue
         break
     return expected

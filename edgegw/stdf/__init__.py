@@ -23,20 +23,66 @@ See ``docs/stdf.md``.  Public face: the names in ``__all__`` (``spec``: the reco
 ``decoder``: its tuning knobs, for benches and tests); the other modules are internal.
 """
 
-from . import decoder, spec
-from .decoder import StdfDecoder, StdfError, StdfRecord, StdfRow, row_fields
-from .fields import stdf_fields, test_number
-from .mapping import RecordMapper
-from .spec import BY_NAME, BY_TYPE, RECORDS, Bits, Field, RecordSpec, missing_value
-from .state import TestState, part_passed, part_supersedes, result_passed
-from .stats import ALL_SITES, StdfStats
-from .writer import StdfWriter
+from __future__ import annotations
 
-__all__ = [
-    "ALL_SITES", "BY_NAME", "BY_TYPE", "RECORDS", "Bits", "Field", "RecordMapper", "RecordSpec",
-    "StdfDecoder", "StdfError", "StdfRecord", "StdfRow", "StdfStats", "StdfWriter", "TestState",
-    "decoder",
-    "missing_value", "part_passed", "part_supersedes", "result_passed", "row_fields", "spec",
-    "stdf_fields",
-    "test_number",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Names load on first use (PEP 562): ``edgegw stdf stats`` imports the decoder and the
+# statistics, not the mapper, the live state or the writer (each import is start-up).
+_EXPORTS = {
+    "StdfDecoder": "decoder", "StdfError": "decoder", "StdfRecord": "decoder",
+    "StdfRow": "decoder", "row_fields": "decoder",
+    "stdf_fields": "fields", "test_number": "fields",
+    "RecordMapper": "mapping",
+    "BY_NAME": "spec", "BY_TYPE": "spec", "RECORDS": "spec", "Bits": "spec", "Field": "spec",
+    "RecordSpec": "spec", "missing_value": "spec",
+    "TestState": "state", "part_passed": "state", "part_supersedes": "state",
+    "result_passed": "state",
+    "ALL_SITES": "stats", "StdfStats": "stats",
+    "StdfWriter": "writer",
+}
+_SUBMODULES = ("decoder", "spec")
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+if TYPE_CHECKING:
+    from . import decoder as decoder
+    from . import spec as spec
+    from .decoder import StdfDecoder as StdfDecoder
+    from .decoder import StdfError as StdfError
+    from .decoder import StdfRecord as StdfRecord
+    from .decoder import StdfRow as StdfRow
+    from .decoder import row_fields as row_fields
+    from .fields import stdf_fields as stdf_fields
+    from .fields import test_number as test_number
+    from .mapping import RecordMapper as RecordMapper
+    from .spec import BY_NAME as BY_NAME
+    from .spec import BY_TYPE as BY_TYPE
+    from .spec import RECORDS as RECORDS
+    from .spec import Bits as Bits
+    from .spec import Field as Field
+    from .spec import RecordSpec as RecordSpec
+    from .spec import missing_value as missing_value
+    from .state import TestState as TestState
+    from .state import part_passed as part_passed
+    from .state import part_supersedes as part_supersedes
+    from .state import result_passed as result_passed
+    from .stats import ALL_SITES as ALL_SITES
+    from .stats import StdfStats as StdfStats
+    from .writer import StdfWriter as StdfWriter
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"edgegw.stdf.{name}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edgegw.stdf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"edgegw.stdf.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -20,7 +20,6 @@ STDF_VER as if it were V4, best effort.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import struct
@@ -36,9 +35,17 @@ from .stats import StdfStats
 
 #: read size; small enough that a dump prints the records before a gzip error
 CHUNK = 1 << 16
+#: these commands never log: ``edgegw.cli.main`` does not set logging up for them
+LOGS = False
 
 
-def add_commands(sub: Any) -> None:
+#: the actions of ``edgegw stdf``: ``edgegw.cli.main`` given one of them builds its parser
+#: alone (``add_commands(sub, only=...)``): building ``dump``'s is half of ``stats``' start
+ACTIONS = ("dump", "stats")
+
+
+def add_commands(sub: Any, only: str | None = None) -> None:
+    """The ``stdf`` command and its actions; ``only``: just that action's parser."""
     p = sub.add_parser(
         "stdf", help="inspect STDF files (dump, stats)",
         description="Inspect an STDF V4 file (plain or gzip-compressed) with edgegw's own "
@@ -51,6 +58,16 @@ def add_commands(sub: Any) -> None:
                "  edgegw stdf dump --partial /data/stdf/growing.stdf")
     stdf_sub = p.add_subparsers(dest="stdf_command", metavar="ACTION", title="actions")
     stdf_sub.required = True
+    for name in ACTIONS if only is None else (only,):
+        action = _ADD[name](stdf_sub)
+        action.add_argument("--partial", action="store_true",
+                            help="the file may still be being written: a record cut at its "
+                                 "end is a warning, not an error")
+        action.add_argument("--any-version", action="store_true",
+                            help="read a FAR STDF_VER other than 4 as V4 (best effort)")
+
+
+def _add_dump(stdf_sub: Any) -> Any:
     dump = stdf_sub.add_parser(
         "dump", help="one JSON object per record",
         description="Print one JSON object per record, {\"rec\": \"PTR\", \"TEST_NUM\": ..., "
@@ -66,6 +83,10 @@ def add_commands(sub: Any) -> None:
     dump.add_argument("--offset", action="store_true",
                       help='add each record\'s byte offset as "_offset"')
     dump.set_defaults(func=run_dump)
+    return dump
+
+
+def _add_stats(stdf_sub: Any) -> Any:
     stats = stdf_sub.add_parser(
         "stats", help="part, bin and record counts as one JSON object",
         description="Print one JSON object: record counts by type, parts, good parts, "
@@ -74,12 +95,10 @@ def add_commands(sub: Any) -> None:
         epilog="example:\n  edgegw stdf stats lot.stdf")
     stats.add_argument("file", type=Path, metavar="FILE", help="STDF file (.gz too)")
     stats.set_defaults(func=run_stats)
-    for action in (dump, stats):
-        action.add_argument("--partial", action="store_true",
-                            help="the file may still be being written: a record cut at its "
-                                 "end is a warning, not an error")
-        action.add_argument("--any-version", action="store_true",
-                            help="read a FAR STDF_VER other than 4 as V4 (best effort)")
+    return stats
+
+
+_ADD = {"dump": _add_dump, "stats": _add_stats}
 
 
 def open_stdf(path: Path) -> BinaryIO:
@@ -87,6 +106,8 @@ def open_stdf(path: Path) -> BinaryIO:
     f = path.open("rb")
     if f.read(2) == b"\x1f\x8b":
         f.close()
+        import gzip  # only for a gzip file: start-up of the plain ones
+
         return gzip.open(path, "rb")  # type: ignore[return-value]
     f.seek(0)
     return f

@@ -37,6 +37,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from ..formats import FormatError
+from .codecache import compiled
 from .spec import BY_NAME, BY_TYPE, GDR_TYPES, STRUCT_CODES, Bits, Field, RecordSpec
 
 #: consecutive records of unknown type after which the input is declared garbage
@@ -358,40 +359,101 @@ def _gdr_reader(order: str) -> Callable[[bytes, str, int, int], tuple[list, int]
     return vn
 
 
+def _gdr_fast(order: str) -> Callable[[bytes, str, int, int], tuple[list, int]]:
+    """The GDR reader: one bound check per GDR instead of two per value, the careful
+    reader (``_gdr_reader``) taking over when the values run past the record's end."""
+    careful = _gdr_reader(order)
+    u2 = struct.Struct(order + "H").unpack_from
+    steps = [0] * 256  # type code -> bytes of a fixed-size value with its type byte
+    pairs: list[Any] = [None] * 256  # type code -> unpack of (code, value)
+    for code, typ in GDR_TYPES.items():
+        if typ in STRUCT_CODES:
+            steps[code] = 1 + struct.calcsize(STRUCT_CODES[typ])
+            pairs[code] = struct.Struct(order + "B" + STRUCT_CODES[typ]).unpack_from
+    steps[13], pairs[13] = 2, struct.Struct("BB").unpack_from
+    new = _new_record
+    error = struct.error
+
+    def vn(buf: bytes, txt: str, p0: int, end: int) -> tuple[list, int]:
+        if p0 + 2 > end:
+            raise _Short
+        p = p0 + 2
+        out: list[tuple[int, Any]] = []
+        append = out.append
+        try:
+            for _ in range(u2(buf, p0)[0]):
+                code = buf[p]
+                pair = pairs[code]
+                if pair is not None:
+                    append(pair(buf, p))
+                    p += steps[code]
+                elif code == 10:
+                    q = p + 2 + buf[p + 1]
+                    append((10, txt[p + 2:q]))
+                    p = q
+                elif code == 0:
+                    append((0, None))
+                    p += 1
+                elif code == 11:
+                    q = p + 2 + buf[p + 1]
+                    append((11, buf[p + 2:q]))
+                    p = q
+                elif code == 12:
+                    nbits = u2(buf, p + 1)[0]
+                    q = p + 3 + ((nbits + 7) >> 3)
+                    append((12, new(Bits, (nbits, buf[p + 3:q]))))
+                    p = q
+                elif p < end:
+                    raise _BadGdr(code, p)
+                else:
+                    raise _Short
+        except (IndexError, error):
+            p = end + 1  # past the buffer: the careful reader decides
+        if p > end:
+            return careful(buf, txt, p0, end)
+        return out, p
+
+    return vn
+
+
 def _gdr_checker(order: str) -> Callable[[bytes, int, int], None]:
     """A skipped GDR's check: walk its type codes without making values; raise
     ``_BadGdr`` where decoding it would (an unknown code before the record ends), stop
-    quietly where decoding would find the record cut short."""
+    quietly where decoding would find the record cut short.
+
+    No bound check per value: positions only grow, so once a value starts or ends past
+    the record's end every later one does, and an unknown code is an error only where
+    it starts before the end (reading past the buffer stops the walk)."""
     u2 = struct.Struct(order + "H").unpack_from
-    sizes = [0] * 256  # bytes of a fixed-size value after its type byte
+    steps = [0] * 256  # bytes of a fixed-size value with its type byte
     for code, typ in GDR_TYPES.items():
         if typ in STRUCT_CODES:
-            sizes[code] = struct.calcsize(STRUCT_CODES[typ])
-    sizes[13] = 1  # N*1 in a GDR occupies a whole byte
+            steps[code] = 1 + struct.calcsize(STRUCT_CODES[typ])
+    steps[13] = 2  # N*1 in a GDR occupies a whole byte
+    steps[0] = 1  # a pad byte
+    error = struct.error
 
     def check(buf: bytes, p: int, end: int) -> None:
         if p + 2 > end:
             return
         count = u2(buf, p)[0]
         p += 2
-        for _ in range(count):
-            if p >= end:
-                return
-            code = buf[p]
-            p += 1
-            size = sizes[code]
-            if size:
-                p += size  # past end: the next round stops, as the decoder does
-            elif code == 10 or code == 11:
-                if p >= end:
+        try:
+            for _ in range(count):
+                code = buf[p]
+                step = steps[code]
+                if step:
+                    p += step
+                elif code == 10 or code == 11:
+                    p += 2 + buf[p + 1]
+                elif code == 12:
+                    p += 3 + ((u2(buf, p + 1)[0] + 7) >> 3)
+                elif p < end:
+                    raise _BadGdr(code, p)
+                else:
                     return
-                p += 1 + buf[p]
-            elif code == 12:
-                if p + 2 > end:
-                    return
-                p += 2 + ((u2(buf, p)[0] + 7) >> 3)
-            elif code:
-                raise _BadGdr(code, p - 1)
+        except (IndexError, error):
+            return
 
     return check
 
@@ -498,8 +560,8 @@ def _cn_run(fields: tuple[Field, ...], start: int) -> list[int]:
     return run
 
 
-def _compile(spec: RecordSpec, readers: _Readers,
-             rows: bool = False) -> Callable[[bytes, str, int, int], Any]:
+def _compile(spec: RecordSpec, readers: _Readers, rows: bool = False,
+             memo: bool = True) -> Callable[[bytes, str, int, int], Any]:
     """Generate and exec a decoding function specialised for one record type and order:
     an optimistic one, falling back to a careful one, falling back to the generic.
     ``rows``: the functions return the tuple of the values present, not a dict."""
@@ -510,16 +572,18 @@ def _compile(spec: RecordSpec, readers: _Readers,
              # IndexError: a record at the very end of the buffer indexed buf[end]
              "    return _generic(_spec, _r, buf, p0, end)",
              "def decode(buf, txt, p0, end):", "  p = p0", "  try:",
-             *_body(spec, readers, ns, "    ", "return {}", "o", optimistic=True, rows=rows),
+             *_body(spec, readers, ns, "    ", "return {}", "o", optimistic=True, rows=rows,
+                   memo=memo),
              "  except (_Short, IndexError):",
              "    return careful(buf, txt, p0, end)"]
     src = "\n".join(lines) + "\n"
-    exec(compile(src, f"<stdf {spec.name} {readers.order}>", "exec"), ns)
+    exec(compiled(src, f"<stdf {spec.name} {readers.order}>"), ns)
     return ns["decode"]
 
 
 def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret: str,
-          prefix: str, optimistic: bool = False, rows: bool = False) -> list[str]:
+          prefix: str, optimistic: bool = False, rows: bool = False,
+          memo: bool = True) -> list[str]:
     """Source lines decoding ``spec``'s fields from ``p`` into locals and ending with
     ``ret`` formatted with the field dict literal (also for a record that ends early).
     Raises ``_Short`` (or IndexError at the end of the buffer) for the generic decoder.
@@ -539,7 +603,7 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                "_new": _new_record})
     lines: list[str] = []
 
-    memo_from = MEMO_FROM.get(spec.name, -1) if optimistic and MEMO_SIZE else -1
+    memo_from = MEMO_FROM.get(spec.name, -1) if optimistic and memo else -1
 
     def literal(n: int) -> str:
         if 0 <= memo_from < n and rows:
@@ -713,7 +777,7 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                       f"{ind}  f{i} = _no_bits",
                       f"{ind}  p += 2"]
         elif f.type == "Vn":
-            ns["_vn"] = _gdr_reader(readers.order)
+            ns["_vn"] = _gdr_fast(readers.order)
             lines.append(f"{ind}if p >= end: {literal(first)}")
             lines.append(f"{ind}f{i}, p = _vn(buf, txt, p, end)")
         else:
@@ -754,7 +818,9 @@ def _too_long(name: str, rec_len: int, limit: int, offset: int) -> StdfError:
 
 
 def _compile_scan(order: str, entries: list[Any], readers: _Readers,
-                  skip: frozenset[str] = frozenset(), rows: bool = False) -> Callable[..., Any]:
+                  skip: frozenset[str] = frozenset(), rows: bool = False,
+                  lists: list[list[Any]] | None = None,
+                  memo: bool = True) -> Callable[..., Any]:
     """Generate the record loop of one byte order, with the INLINE types' decoding
     written into it and every other type dispatched through ``entries``.  Records of
     the types in ``skip`` are checked (REC_LEN), counted and stepped over.  ``rows``:
@@ -763,9 +829,14 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
     if skip:
         # a skipped GDR is still walked for its type codes: the one error inside a
         # record the decoder reports, so skipping changes what is returned, not errors
-        entries = [None if e is None else
-                   (e[0], check_gdr if e[0] == "GDR" else None, e[2]) if e[0] in skip else e
-                   for e in entries]
+        entries = list(entries)
+        for name in skip:
+            spec = BY_NAME[name]
+            key = _type_key(order, spec.typ, spec.sub)
+            e = entries[key]
+            entries[key] = (e[0], check_gdr if name == "GDR" else None, e[2])
+        if lists is not None:  # its lazy decoders replace themselves here too
+            lists.append(entries)
     ns: dict[str, Any] = {
         "_header": struct.Struct(order + "HH").unpack_from, "_entries": entries,
         "_new": _new_record, "_Record": StdfRecord, "_too_long": _too_long,
@@ -794,16 +865,16 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
         if name in skip:
             lines += [f"      skipped[{name!r}] += 1",
                       "      pos = end",
-                      "      self._pos = pos",
                       "      continue"]
             continue
-        ns[f"_decode_{name}"] = entries[_type_key(order, spec.typ, spec.sub)][1]
+        decode = entries[_type_key(order, spec.typ, spec.sub)][1]
+        ns[f"_decode_{name}"] = decode.get() if isinstance(decode, _Lazy) else decode
         lines += [
             "      p = body",
             "      while True:",
             "        try:",
             *_body(spec, readers, ns, "          ", "fields = {}; break", name,
-                   optimistic=True, rows=rows),
+                   optimistic=True, rows=rows, memo=memo),
             "        except (_Short, IndexError):",
             f"          fields = _decode_{name}(buf, txt, body, end)",
             "        break",
@@ -828,24 +899,27 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
             "          try:",
             "            _check_gdr(buf, body, end)",
             "          except _BadGdr as exc:",
-            "            self._pos = end",
+            "            pos = end",
             "            raise _gdr_error(exc, base) from None"] if "GDR" in skip else
           ["      if decode is None:"]),
         "        skipped[name] += 1",
         "        pos = end",
-        "        self._pos = pos",
         "        continue",
         "      try:",
         f"        record = {make.format('name', 'decode(buf, txt, body, end)')}",
         "      except _BadGdr as exc:",
-        "        self._pos = end",
+        "        pos = end",
         "        raise _gdr_error(exc, base) from None",
         "    pos = end",
         "    self._pos = pos",
         "    yield record",
     ]
+    # ``self._pos`` (the decoder's position) is stored before each record returned, and
+    # once when the loop stops for any reason -- not per skipped record
+    lines = [*lines[:3], "  try:", *("  " + line for line in lines[3:]),
+             "  finally:", "    self._pos = pos"]
     src = "\n".join(lines) + "\n"
-    exec(compile(src, f"<stdf scan {order}>", "exec"), ns)
+    exec(compiled(src, f"<stdf scan {order}>"), ns)
     return ns["scan"]
 
 
@@ -853,27 +927,64 @@ def _gdr_error(exc: _BadGdr, base: int) -> StdfError:
     return StdfError(f"GDR field of unknown type code {exc.code}", base + exc.pos)
 
 
-class _Table(NamedTuple):
-    #: header -> (REC_LEN, type key); the type key is REC_TYP and REC_SUB read as one U2
-    #: in the file's byte order (one lookup, no arithmetic)
-    header: Callable[[bytes, int], tuple[int, int]]
-    #: index type key -> (name, decode function, largest REC_LEN) or None
-    entries: list[tuple[str, Callable[[bytes, str, int, int], dict], int] | None]
-    readers: _Readers
-    #: the record loop: scan(decoder, buf, txt, pos, base) -> records
-    scan: Callable[..., Iterator[StdfRecord]]
-    #: the record loops that skip some record types, by the set of their names
-    skip_scans: dict[frozenset[str], Callable[..., Iterator[StdfRecord]]]
+class _Lazy:
+    """A record type's decoder, compiled when its first record arrives: a command that
+    reads a few types (``stats``) compiles only those, and a file holds a dozen of the
+    thirty types.  Once compiled it takes its own place in every entry table that holds
+    it, so later records call the compiled function directly."""
 
-    rows: bool
+    __slots__ = ("func", "key", "lists", "memo", "readers", "rows", "spec")
 
-    def scan_for(self, skip: frozenset[str]) -> Callable[..., Iterator[StdfRecord]]:
-        if not skip:
-            return self.scan
-        scan = self.skip_scans.get(skip)
+    def __init__(self, spec: RecordSpec, readers: _Readers, rows: bool, memo: bool, key: int,
+                 lists: list[list[Any]]) -> None:
+        self.spec, self.readers, self.rows, self.memo = spec, readers, rows, memo
+        self.key, self.lists = key, lists
+        self.func: Callable[[bytes, str, int, int], Any] | None = None
+
+    def get(self) -> Callable[[bytes, str, int, int], Any]:
+        func = self.func
+        if func is None:
+            func = self.func = _compile(self.spec, self.readers, self.rows, self.memo)
+            for entries in self.lists:
+                entry = entries[self.key]
+                if entry is not None and entry[1] is self:
+                    entries[self.key] = (entry[0], func, entry[2])
+        return func
+
+    def __call__(self, buf: bytes, txt: str, p: int, end: int) -> Any:
+        return self.get()(buf, txt, p, end)
+
+
+class _Table:
+    """The compiled decoders of one byte order, for records or rows, each built on first
+    use: the record loop, its variants that skip some types, each type's decoder."""
+
+    def __init__(self, order: str, rows: bool, memo: bool) -> None:
+        self.readers = readers = _Readers(order)
+        self.rows = rows
+        self.memo = memo  # with the PTR tail memo
+        #: header -> (REC_LEN, type key); the type key is REC_TYP and REC_SUB read as one
+        #: U2 in the file's byte order (one lookup, no arithmetic)
+        self.header = struct.Struct(order + "HH").unpack_from
+        #: index type key -> (name, decode function, largest REC_LEN) or None
+        self.entries: list[Any] = [None] * 65536
+        #: every entry table made from ``entries`` (the skipping loops' copies)
+        self.lists: list[list[Any]] = [self.entries]
+        for (typ, sub), spec in BY_TYPE.items():
+            limit = _max_size(spec)
+            key = _type_key(order, typ, sub)
+            self.entries[key] = (spec.name, _Lazy(spec, readers, rows, memo, key, self.lists),
+                                 65535 if limit is None else limit + LENGTH_SLACK)
+        #: the record loops, by the set of the names of the types they skip:
+        #: scan(decoder, buf, txt, pos, base) -> records
+        self.scans: dict[frozenset[str], Callable[..., Iterator[Any]]] = {}
+
+    def scan_for(self, skip: frozenset[str]) -> Callable[..., Iterator[Any]]:
+        scan = self.scans.get(skip)
         if scan is None:
-            scan = self.skip_scans[skip] = _compile_scan(self.readers.order, self.entries,
-                                                         self.readers, skip, self.rows)
+            scan = self.scans[skip] = _compile_scan(self.readers.order, self.entries,
+                                                    self.readers, skip, self.rows, self.lists,
+                                                    self.memo)
         return scan
 
 
@@ -881,20 +992,11 @@ _TABLES: dict[tuple[str, bool, bool], _Table] = {}
 
 
 def decoder_table(order: str, rows: bool = False) -> _Table:
-    """The compiled decoders of one byte order, for records (dicts) or rows (tuples),
-    with the tail memo or without (``MEMO_SIZE`` 0); built on first use."""
+    """The decoders of one byte order, for records (dicts) or rows (tuples), with the
+    tail memo or without (``MEMO_SIZE`` 0); each compiled on first use."""
     table = _TABLES.get((order, rows, MEMO_SIZE > 0))
     if table is None:
-        readers = _Readers(order)
-        entries: list[Any] = [None] * 65536
-        for (typ, sub), spec in BY_TYPE.items():
-            limit = _max_size(spec)
-            entries[_type_key(order, typ, sub)] = (
-                spec.name, _compile(spec, readers, rows),
-                65535 if limit is None else limit + LENGTH_SLACK)
-        table = _TABLES[order, rows, MEMO_SIZE > 0] = _Table(
-            struct.Struct(order + "HH").unpack_from, entries, readers,
-            _compile_scan(order, entries, readers, rows=rows), {}, rows)
+        table = _TABLES[order, rows, MEMO_SIZE > 0] = _Table(order, rows, MEMO_SIZE > 0)
     return table
 
 

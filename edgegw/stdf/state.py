@@ -19,6 +19,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+# the flag bits live in .flags (it imports nothing: for readers that keep no state);
+# the functions stay importable from here, where they were defined first
+from .flags import (
+    HI_LIMIT_INVALID,
+    LO_LIMIT_INVALID,
+    NO_HI_LIMIT,
+    NO_HI_SPEC,
+    NO_LO_LIMIT,
+    NO_LO_SPEC,
+    RES_SCAL_INVALID,
+)
+from .flags import part_passed as part_passed
+from .flags import part_supersedes as part_supersedes
+from .flags import result_passed as result_passed
+from .flags import test_passed as test_passed
+
 #: fields after OPT_FLAG that the first record of a test number establishes
 _SCALAR_DEFAULTS = ("UNITS", "C_RESFMT", "C_LLMFMT", "C_HLMFMT")
 _MPR_DEFAULTS = ("START_IN", "INCR_IN", "RTN_INDX", "UNITS_IN")
@@ -27,57 +43,6 @@ _PTR_FIELDS = ("TEST_NUM", "HEAD_NUM", "SITE_NUM", "TEST_FLG", "PARM_FLG", "RESU
                "TEST_TXT", "ALARM_ID", "OPT_FLAG", "RES_SCAL", "LLM_SCAL", "HLM_SCAL",
                "LO_LIMIT", "HI_LIMIT", "UNITS", "C_RESFMT", "C_LLMFMT", "C_HLMFMT",
                "LO_SPEC", "HI_SPEC")
-
-# OPT_FLAG bits
-RES_SCAL_INVALID = 0x01
-NO_LO_SPEC = 0x04
-NO_HI_SPEC = 0x08
-LO_LIMIT_INVALID = 0x10
-HI_LIMIT_INVALID = 0x20
-NO_LO_LIMIT = 0x40
-NO_HI_LIMIT = 0x80
-
-# TEST_FLG bits
-TEST_ALARM = 0x01
-TEST_RESULT_INVALID = 0x02
-TEST_UNRELIABLE = 0x04
-TEST_TIMEOUT = 0x08
-TEST_NOT_EXECUTED = 0x10
-TEST_ABORTED = 0x20
-TEST_NO_PASS_FAIL = 0x40
-TEST_FAILED = 0x80
-
-# PART_FLG bits
-PART_SUPERSEDES_ID = 0x01
-PART_SUPERSEDES_XY = 0x02
-PART_ABNORMAL_END = 0x04
-PART_FAILED = 0x08
-PART_NO_PASS_FAIL = 0x10
-
-
-def result_passed(test_flg: int) -> bool | None:
-    """Pass/fail of a PTR/MPR/FTR from TEST_FLG; None when the record says there is none."""
-    if test_flg & TEST_NO_PASS_FAIL:
-        return None
-    return not test_flg & TEST_FAILED
-
-
-result_passed.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
-#: the same function under the name TEST_FLG's meaning suggests
-test_passed = result_passed
-
-
-def part_passed(part_flg: int) -> bool | None:
-    """Pass/fail of a PRR from PART_FLG; None when pass/fail is flagged invalid."""
-    if part_flg & PART_NO_PASS_FAIL:
-        return None
-    return not part_flg & PART_FAILED
-
-
-def part_supersedes(part_flg: int) -> bool:
-    """The PRR is a retest replacing an earlier result (same PART_ID or same X/Y)."""
-    return bool(part_flg & (PART_SUPERSEDES_ID | PART_SUPERSEDES_XY))
-
 
 @dataclass
 class OpenPart:

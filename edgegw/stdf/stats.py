@@ -10,10 +10,9 @@ collected alongside, so the two can be compared.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .state import part_passed
+from .flags import part_passed
 
 ALL_SITES = 255
 
@@ -24,16 +23,18 @@ def _summary_key(fields: dict[str, Any]) -> tuple[int, int]:
     return (ALL_SITES, ALL_SITES) if head == ALL_SITES else (head, fields.get("SITE_NUM", 0))
 
 
-@dataclass
 class _Part:
-    head: int
-    site: int
-    hard_bin: int
-    soft_bin: int | None
-    good: bool
+    """A part's final result.  A plain class: ``dataclasses`` would add its import (and
+    ``inspect``'s) to every ``edgegw stdf stats``."""
+
+    __slots__ = ("good", "hard_bin", "head", "site", "soft_bin")
+
+    def __init__(self, head: int, site: int, hard_bin: int, soft_bin: int | None,
+                 good: bool) -> None:
+        self.head, self.site, self.hard_bin, self.soft_bin, self.good = (
+            head, site, hard_bin, soft_bin, good)
 
 
-@dataclass
 class StdfStats:
     """Feed records with :meth:`add`; read the figures with :meth:`as_dict`.  Records of
     types other than :attr:`READS` are only counted: a reader may count them without
@@ -42,17 +43,18 @@ class StdfStats:
     #: the record types whose fields the figures come from
     READS: ClassVar[frozenset[str]] = frozenset({"PRR", "WIR", "HBR", "SBR", "PCR"})
 
-    records: Counter[str] = field(default_factory=Counter)
-    tested: int = 0  # PRRs seen, retests included
-    retests: int = 0  # PRRs that superseded an earlier result found in this stream
-    _parts: list[_Part] = field(default_factory=list)
-    _by_id: dict[tuple[str, str], int] = field(default_factory=dict)
-    _by_xy: dict[tuple[str, int, int], int] = field(default_factory=dict)
-    _wafer: str = ""
-    #: the file's own summaries: (head, site) -> bin -> count; (255, 255) is all sites
-    file_hbr: dict[tuple[int, int], dict[int, int]] = field(default_factory=dict)
-    file_sbr: dict[tuple[int, int], dict[int, int]] = field(default_factory=dict)
-    file_pcr: dict[tuple[int, int], dict[str, int]] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self.records: Counter[str] = Counter()
+        self.tested = 0  # PRRs seen, retests included
+        self.retests = 0  # PRRs that superseded an earlier result found in this stream
+        self._parts: list[_Part] = []
+        self._by_id: dict[tuple[str, str], int] = {}
+        self._by_xy: dict[tuple[str, int, int], int] = {}
+        self._wafer = ""
+        #: the file's own summaries: (head, site) -> bin -> count; (255, 255) is all sites
+        self.file_hbr: dict[tuple[int, int], dict[int, int]] = {}
+        self.file_sbr: dict[tuple[int, int], dict[int, int]] = {}
+        self.file_pcr: dict[tuple[int, int], dict[str, int]] = {}
 
     def add(self, name: str, fields: dict[str, Any]) -> None:
         self.records[name] += 1
