@@ -24,9 +24,9 @@ queue that one feeder task hands to the consumers (``_feeder``).  Why, and what 
   before its next commit while the queue is over it (``hub_live_queue_waits_total``), so
   the gateways' windows fill and they keep their frames; ``hub_live_queue_records`` and
   ``hub_live_apply_lag_seconds`` show how far the live state is behind the store.
-* **Steps.**  A feeder step hands on what was queued when it began (at most about
-  ``FEED_STEP_RECORDS`` records), so the fan-out's ticks and the receivers run between
-  steps and the feeder keeps up however seldom it is scheduled.
+* **Steps.**  A feeder step hands on what was queued when it began, whole frames for at
+  most about ``FEED_STEP_SECONDS``, so the fan-out's ticks and the receivers run between
+  steps and a backlog does not hold the thread for long.
 * The commit of the next frames (a worker thread) overlaps the live-state apply of the
   previous ones (the Trio thread), which is where ingest gains.
 
@@ -90,11 +90,15 @@ GATEWAY_PATH = "/ws/gateway"
 
 T = TypeVar("T")
 
-#: records the feeder hands to the consumers in one Trio step, at most about (a frame is
-#: not split): a step takes what was queued when it began, so the feeder keeps up however
-#: seldom it runs (a fixed 500 per step fell behind whenever long fan-out ticks made the
-#: scheduler's rounds slow), and a huge backlog is still cut into steps.
-FEED_STEP_RECORDS = 20_000
+#: how long one feeder step hands frames to the consumers before the other tasks (the
+#: fan-out's ticks, the gateways' receivers and appliers) get a turn: at least one frame,
+#: then whole frames until the step has used this much of the thread's CPU time.  The live
+#: state applies a part result in ~5 us here, so a step is about 1,000 records; the budget
+#: it replaced, 20,000 records a step, held the Trio thread ~100 ms under a backlog, and
+#: every tick due meanwhile waited behind it.  CPU time, not wall time: on a busy machine
+#: a wall-time budget shrank to little CPU while the ticks' steps did not, and the live
+#: state fell seconds behind the store (bench/fanout.py, docs/performance.md).
+FEED_STEP_SECONDS = 0.005
 
 
 class Consumer(Protocol):
@@ -593,16 +597,18 @@ class Ingest:
             if not queue:
                 self._feed_wake = trio.Event()
                 await self._feed_wake.wait()
-            budget = FEED_STEP_RECORDS
             now = trio.current_time()
-            for _ in range(len(queue)):  # what was queued when this step began
-                if budget <= 0:
-                    break
+            clock = time.thread_time
+            until = clock() + FEED_STEP_SECONDS
+            # What was queued when this step began, at most (what comes meanwhile waits for
+            # the next step), and whole frames only until the step's time is up.
+            for _ in range(len(queue)):
                 entry = queue.popleft()
-                n = self._feed_entry(entry)
+                self._feed_entry(entry)
                 if len(entry) != 3:
-                    budget -= n or 1
                     self.h_feed_lag.observe(now - entry[4])  # since its commit
+                    if clock() >= until:
+                        break
             if self._to_feed_records <= limit:
                 self._feed_room.set()
             await trio.lowlevel.checkpoint()  # the ticks and the receivers run between steps
