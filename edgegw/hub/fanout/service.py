@@ -288,7 +288,12 @@ class LiveFanout:
             session = sessions.get(client.id)
             if session is None:
                 continue  # gone meanwhile
-            if not (session.idle and self._write_now(session, now)):
+            # Written here: a client whose sender is parked with nothing left over.  A
+            # sender woken for a frame left over by a tick stays "idle" until it runs; a
+            # tick that wrote past it meanwhile (the next one, when a tick took longer
+            # than the interval) would send a later frame before it, or lose it.
+            if not (session.idle and session.remainder is None
+                    and self._write_now(session, now)):
                 session.wake.set()
             if (t := clock()) > slice_end:
                 spent += t - slice_start
