@@ -93,6 +93,8 @@ def run_hub(args: argparse.Namespace) -> None:
         clock.install(hub)
         if args.write_slice is not None and hasattr(fanout, "write_slice"):
             fanout.write_slice = args.write_slice / 1000  # this tree's hub only
+        if hasattr(fanout, "ingest_lag") and hasattr(hub, "lag") and not args.no_hold:
+            fanout.ingest_lag = hub.lag  # as edgegw.hub.Hub wires it
 
         def publish(topic: str, delta: dict[str, Any]) -> None:
             # For the latency breakdown: how old the newest record of a wafer delta is
@@ -559,6 +561,9 @@ def main() -> int:
     ap.add_argument("--write-slice", type=float, default=None,
                     help="ms a tick writes before other tasks get a turn (this tree's hub "
                          "only, not --before's; default: LiveFanout's own, off)")
+    ap.add_argument("--no-hold", action="store_true",
+                    help="this tree's hub ticks without looking at the ingest's lag "
+                         "(LiveFanout.ingest_lag unset)")
     ap.add_argument("--runs", type=int, default=3, help="whole measurements; medians printed")
     ap.add_argument("--compare", action="store_true",
                     help="alternate runs of the hub from --before (its source, exported "
@@ -666,6 +671,7 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | N
                             "--stall-timeout", str(args.stall_timeout),
                             "--long-step-ms", str(args.long_step_ms),
                             "--gc-freeze", str(args.gc_freeze),
+                            *(["--no-hold"] if args.no_hold else []),
                             *(["--write-slice", str(args.write_slice)]
                               if args.write_slice is not None and before is None else []),
                             ],
@@ -857,7 +863,8 @@ def report(args: argparse.Namespace, subs: Merged, phases: list[Any], log: dict[
           f"{mean_ms('hub_record_age_seconds')} (gateway batching and spool, uplink, hub "
           f"queue and commit); a frame's arrival -> ACK due {mean_ms('hub_frame_apply_seconds')};"
           f" commit -> live state {mean_ms('hub_live_apply_lag_seconds')}; ticks spaced "
-          f"(over 80 % of the UI interval in CPU) {stats.get('ticks_spaced', 'n/a')}")
+          f"(over 80 % of the UI interval in CPU) {stats.get('ticks_spaced', 'n/a')}; "
+          f"held back for the ingest's lag {stats.get('ticks_held', 'n/a')}")
 
     def figures(parts: list[Any]) -> tuple[list[float], list[float], list[float], list[float],
                                            list[float]]:

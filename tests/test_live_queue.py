@@ -162,3 +162,22 @@ async def test_a_backlog_is_fed_in_short_steps_with_the_other_tasks_between(
     assert any(0 < n < 3 for n in seen_between), seen_between
     assert slow.seen == [("gw1", 1, 10), ("gw1", 11, 10), ("gw1", 21, 10)]
     assert ingest.fed_id == 3
+
+
+async def test_the_ingest_lag_is_the_age_of_the_oldest_frame_not_yet_in_the_live_state(
+        autojump_clock: trio.testing.MockClock, tmp_path: Path) -> None:
+    ingest = Ingest(build(HubConfig, {"hub": {"data_dir": str(tmp_path)}}))
+    ingest.add_consumer(Recorder())
+    assert ingest.lag() == 0
+    records = [SensorReading("s", 1.0, "temp", 20.0, "C")] * 10
+    ingest._gateway_event("gw1", True)  # an event is no frame: no lag of its own
+    ingest._queue_feed("gw1", 1, records, frame_id=1)
+    await trio.sleep(0.3)
+    ingest._queue_feed("gw1", 11, records, frame_id=2)
+    await trio.sleep(0.1)
+    assert abs(ingest.lag() - 0.4) < 1e-6  # the older frame's
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ingest._feeder)
+        await trio.testing.wait_all_tasks_blocked()
+        assert ingest.lag() == 0 and ingest.fed_id == 2
+        nursery.cancel_scope.cancel()

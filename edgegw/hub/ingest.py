@@ -151,6 +151,9 @@ class Ingest:
         self._to_feed_records = 0
         self._feed_wake = trio.Event()
         self._feed_room = trio.Event()  # set when the queue went below its limit
+        # Each gateway connection's frames received and not yet committed: their arrival
+        # times, oldest first (``lag``).
+        self._arrivals: dict[int, deque[float]] = {}  # by id(): one per connection
         m = self.metrics
         self.m_frames = m.counter("hub_frames_applied_total", "data frames applied")
         self.m_records = m.counter("hub_records_applied_total", "records applied")
@@ -578,6 +581,18 @@ class Ingest:
             self._feed_entry(queue.popleft())
         self._feed_room.set()
 
+    def lag(self) -> float:
+        """Seconds the oldest frame received from a gateway has waited and is not yet in
+        the live state (its commit, then the live-state queue); 0 when none waits.  The
+        fan-out holds its ticks back while this is long (``LiveFanout.ingest_lag``)."""
+        now = trio.current_time()
+        oldest = min((a[0] for a in self._arrivals.values() if a), default=now)
+        for entry in self._to_feed:  # the oldest frame queued for the live state
+            if len(entry) != 3:
+                oldest = min(oldest, entry[4])  # committed at (it arrived before)
+                break
+        return now - oldest
+
     def _feed_entry(self, entry: tuple[Any, ...]) -> int:
         """One queued entry to the consumers: a gateway event (3 fields) or a committed
         frame; the number of records it held."""
@@ -621,6 +636,7 @@ class Ingest:
         # each frame with its arrival time (hub_frame_apply_seconds)
         send, receive = trio.open_memory_channel[tuple[Data, float]](
             self.config.hub.apply_queue_frames)
+        arrivals: deque[float] = deque()  # of the frames not yet committed (``lag``)
 
         async def receiver() -> None:
             try:
@@ -629,7 +645,9 @@ class Ingest:
                     events, reply = conn.receive(data, trio.current_time())
                     for ev in events:
                         if isinstance(ev, Data):
-                            await send.send((ev, trio.current_time()))
+                            arrival = trio.current_time()
+                            arrivals.append(arrival)
+                            await send.send((ev, arrival))
                         elif isinstance(ev, Duplicate):
                             self.store.count_duplicate(gw)
                             self.m_dups.inc()
@@ -649,11 +667,12 @@ class Ingest:
                 session.rtt_ms = round(conn.rtt * 1000, 2)
 
         expected = (ProtocolError, MessageTooBig, ConnectionClosed, GatewaySuperseded)
+        self._arrivals[id(arrivals)] = arrivals
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(receiver)
                 nursery.start_soon(heartbeat, conn, ws.send_message, note_rtt)
-                await self._applier(ws, conn, gw, epoch, receive, generation)
+                await self._applier(ws, conn, gw, epoch, receive, generation, arrivals)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # A bug anywhere in the connection outranks the peer's fault: it must be seen.
@@ -662,10 +681,12 @@ class Ingest:
             if bugs is not None:
                 raise bugs from None
             reraise_meaningful(group, *expected)
+        finally:
+            del self._arrivals[id(arrivals)]
 
     async def _applier(self, ws: WebSocket, conn: HubConnection, gw: str, epoch: str,
                        receive: trio.MemoryReceiveChannel[tuple[Data, float]],
-                       generation: int = 0) -> None:
+                       generation: int = 0, arrivals: deque[float] | None = None) -> None:
         max_records = self.config.hub.max_records_per_frame
         columnar = (conn.version or 1) >= 2  # v1 connections send rows only
         async for first in receive:
@@ -718,6 +739,8 @@ class Ingest:
             done = trio.current_time()
             for _, received in frames:
                 self.h_apply.observe(done - received)
+                if arrivals:
+                    arrivals.popleft()  # committed (or skipped): in the live queue now
             for f, reason in bad:
                 if (f.gateway, f.epoch, f.seq) in skipped:
                     ack = conn.applied(f.seq, now)

@@ -63,6 +63,9 @@ MAX_CLIENT_MESSAGE = 256 * 1024
 #: run (bench/fanout.py --write-slice, docs/performance.md), the gateways' frames reaching
 #: the hub's commit later, not sooner.
 WRITE_SLICE_S = math.inf
+#: ticks in a row held back while the ingest is behind (``LiveFanout.ingest_lag``): each a
+#: UI interval, so a client still gets a frame at least every 1 + this many intervals.
+MAX_HELD_TICKS = 3
 
 
 class _NoState:
@@ -153,6 +156,13 @@ class LiveFanout:
         self._tick_sent = False
         self._work = trio.Event()  # set when the core has work for a tick (on_work)
         self.core.on_work = self._work_arrived
+        #: seconds the oldest record received by the hub has waited for the live state
+        #: (``Ingest.lag``; the hub sets it).  While it is over a UI interval the ticks are
+        #: held back, up to MAX_HELD_TICKS in a row: on a CPU-starved hub the ticks (a
+        #: write per client) took the thread first and the gateways' frames aged seconds
+        #: in the ingest; a later frame of fresh records beats a punctual one of old ones.
+        self.ingest_lag: Callable[[], float] | None = None
+        self.ticks_held = 0
 
     @property
     def config(self) -> LiveConfig:
@@ -196,11 +206,19 @@ class LiveFanout:
         task_status.started()
         due = trio.current_time()
         quiet = False  # the last tick sent nothing: wait for something new
+        held = 0  # ticks held back in a row for the ingest
         while True:
             await trio.sleep_until(due)
             if quiet or not self.core.has_work():
                 with trio.move_on_after(interval):
                     await self._work.wait()
+            if (held < MAX_HELD_TICKS and self.ingest_lag is not None
+                    and self.ingest_lag() > interval):
+                held += 1
+                self.ticks_held += 1
+                due = trio.current_time() + interval
+                continue
+            held = 0
             began = trio.current_time()
             self._work = trio.Event()  # set by what is published from now on
             try:
@@ -465,6 +483,7 @@ class LiveFanout:
         out = self.core.stats()
         out["ticks"] = self.ticks
         out["ticks_spaced"] = self.ticks_spaced
+        out["ticks_held"] = self.ticks_held
         out["tick_ms_mean"] = (1000 * self.tick_seconds / self.ticks) if self.ticks else None
         out["tick_core_ms_mean"] = (1000 * self.core_seconds / self.ticks) if self.ticks else None
         out["tick_ms_max"] = 1000 * self.tick_seconds_max
