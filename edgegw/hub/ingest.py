@@ -27,6 +27,9 @@ queue that one feeder task hands to the consumers (``_feeder``).  Why, and what 
 * **Steps.**  A feeder step hands on what was queued when it began, whole frames for at
   most about ``FEED_STEP_SECONDS``, so the fan-out's ticks and the receivers run between
   steps and a backlog does not hold the thread for long.
+* **Lag.**  ``lag()`` is how long the oldest frame received from a gateway has waited
+  for the live state (its commit, then this queue); the fan-out holds its ticks back
+  while it is over a UI interval (``LiveFanout.ingest_lag``): records before frames.
 * The commit of the next frames (a worker thread) overlaps the live-state apply of the
   previous ones (the Trio thread), which is where ingest gains.
 
