@@ -26,7 +26,8 @@ queue that one feeder task hands to the consumers (``_feeder``).  Why, and what 
   ``hub_live_apply_lag_seconds`` show how far the live state is behind the store.
 * **Steps.**  A feeder step hands on what was queued when it began, whole frames for at
   most about ``FEED_STEP_SECONDS``, so the fan-out's ticks and the receivers run between
-  steps and a backlog does not hold the thread for long.
+  steps and a backlog does not hold the thread for long (over the bound, up to
+  ``FEED_STEP_RECORDS_BEHIND`` records: the appliers are waiting for it then).
 * **Lag.**  ``lag()`` is how long the oldest frame received from a gateway has waited
   for the live state (its commit, then this queue); the fan-out holds its ticks back
   while it is over a UI interval (``LiveFanout.ingest_lag``): records before frames.
@@ -102,6 +103,10 @@ T = TypeVar("T")
 #: a wall-time budget shrank to little CPU while the ticks' steps did not, and the live
 #: state fell seconds behind the store (bench/fanout.py, docs/performance.md).
 FEED_STEP_SECONDS = 0.005
+#: records a feeder step may take instead while the queue is over ``hub.live_queue_records``
+#: (the gateways' appliers are waiting for room: ingest throughput is what counts then, and
+#: steps of one frame made commits smaller and more frequent)
+FEED_STEP_RECORDS_BEHIND = 20_000
 
 
 class Consumer(Protocol):
@@ -618,14 +623,18 @@ class Ingest:
             now = trio.current_time()
             clock = time.thread_time
             until = clock() + FEED_STEP_SECONDS
+            behind = self._to_feed_records > limit
+            budget = FEED_STEP_RECORDS_BEHIND
             # What was queued when this step began, at most (what comes meanwhile waits for
-            # the next step), and whole frames only until the step's time is up.
+            # the next step), and whole frames only until the step's time (or, behind, its
+            # records) is used up.
             for _ in range(len(queue)):
                 entry = queue.popleft()
-                self._feed_entry(entry)
+                n = self._feed_entry(entry)
                 if len(entry) != 3:
                     self.h_feed_lag.observe(now - entry[4])  # since its commit
-                    if clock() >= until:
+                    budget -= n or 1
+                    if budget <= 0 if behind else clock() >= until:
                         break
             if self._to_feed_records <= limit:
                 self._feed_room.set()
