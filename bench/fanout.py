@@ -630,6 +630,7 @@ def run_main(args: argparse.Namespace) -> int:
             ("at_batch_p99", "age at batch made p99 ms"),
             ("tick_ms", "hub tick mean ms"), ("tick_max_ms", "hub tick longest ms"),
             ("rate", "frames/s per client (median)"),
+            ("ticks_held", "ticks held for the ingest (whole run)"),
             ("hub_cpu", "hub CPU % of a core"), ("rss", "hub RSS MB"),
             ("subs_cpu", "subscriber processes CPU %"), ("load", "load average")]
     header = f"  {'':40}" + "".join(f"{v:>12}" for v in variants)
@@ -807,6 +808,7 @@ def report(args: argparse.Namespace, subs: Merged, phases: list[Any], log: dict[
     """Print one run's figures; return its summary (for the medians)."""
     summary: dict[str, Any] = {"tick_ms": stats["tick_ms_mean"],
                                "tick_max_ms": stats.get("tick_ms_max"),
+                               "ticks_held": stats.get("ticks_held"),
                                "lag_p99": 1000 * lags["p99"] if lags and lags["n"] else None}
     import cbor2
 
