@@ -2,7 +2,7 @@
 10,000 records/s through a gateway.
 
     python bench/fanout.py [--clients 1000] [--rate 10000] [--seconds 30] [--ui-rate 20]
-                           [--runs 3] [--compare] [--client-procs N]
+                           [--runs 3] [--compare] [--client-procs N] [--batch-ms 10] [--spool]
 
 Separate processes, as in production: the hub (Ingest + LiveState + LiveFanout), the tester
 (simulated tester -> Gateway -> uplink), and ``--client-procs`` subscriber processes (one
@@ -17,6 +17,11 @@ are this tree's in both.  Every client subscribes like
 the dashboard (lot/+, lot/+/wafer/+, test/+/+, gateway/+) with CBOR.  ``--feed direct`` leaves the
 gateway, uplink and store out: the hub process feeds the tester's records straight into its
 live state, which measures the fan-out on its own.
+
+The gateway batches with ``batch.max_delay_ms`` = ``--batch-ms`` (10 ms: what a
+deployment that wants records on screen within the goal sets; the shipped default, 100 ms,
+alone would use up twice the 50 ms) and its memory queue, or its disk spool (``--spool``);
+both are printed.
 
 Measured:
 * latency from record creation to client receipt, per die: the tester logs each part's
@@ -88,6 +93,8 @@ def run_hub(args: argparse.Namespace) -> None:
         clock.install(hub)
         if args.write_slice is not None and hasattr(fanout, "write_slice"):
             fanout.write_slice = args.write_slice / 1000  # this tree's hub only
+        if hasattr(fanout, "ingest_lag") and hasattr(hub, "lag") and not args.no_hold:
+            fanout.ingest_lag = hub.lag  # as edgegw.hub.Hub wires it
 
         def publish(topic: str, delta: dict[str, Any]) -> None:
             # For the latency breakdown: how old the newest record of a wafer delta is
@@ -212,7 +219,8 @@ class StageClock:
 
     def __init__(self) -> None:
         self.arrived: dict[int, float] = {}  # seq -> wall time its DATA message was read
-        self.frames: list[tuple[float, float, float]] = []  # (oldest record, arrival, commit)
+        # (seq, oldest part result, arrival, commit) of each frame
+        self.frames: list[tuple[int, float, float, float]] = []
         # (wall time, age) of part results at their durable commit, and when the live
         # state got them (and published their deltas)
         self.at_commit: list[tuple[float, float]] = []
@@ -245,7 +253,7 @@ class StageClock:
             arrival = clock.arrived.pop(seq, None)
             if arrival is not None and clock._last is not None and clock._last[1]:
                 commit, ts = clock._last
-                clock.frames.append((min(ts), arrival, commit))
+                clock.frames.append((seq, min(ts), arrival, commit))
             clock._last = None
             return applied(conn, seq, now)
 
@@ -264,8 +272,9 @@ class StageClock:
     def summary(self) -> dict[str, Any]:
         """Everything, for the conductor to cut into phases: (wall, age) pairs."""
         return {"at_commit": self.at_commit, "at_feed": self.at_feed,
-                "to_arrival": [(a, a - o) for o, a, _ in self.frames],
-                "arrival_to_commit": [(c, c - a) for _, a, c in self.frames]}
+                "to_arrival": [(a, a - o) for _, o, a, _ in self.frames],
+                "arrival_to_commit": [(c, c - a) for _, _, a, c in self.frames],
+                "oldest": [(s, o, a) for s, o, a, _ in self.frames]}
 
 
 # --------------------------------------------------------------------------- tester process
@@ -282,6 +291,17 @@ def run_tester(args: argparse.Namespace) -> None:
     from edgegw.sources import SourceContext
 
     created: list[tuple[str, int, int, float]] = []
+    sent: dict[int, float] = {}  # seq -> wall time its DATA message was made (first send)
+
+    from edgegw.protocol import GatewayConnection
+
+    data = GatewayConnection.data
+
+    def data_(conn: Any, seq: int, body: bytes, now: float) -> bytes:
+        sent.setdefault(seq, time.time())  # the uplink writes it right after
+        return data(conn, seq, body, now)
+
+    GatewayConnection.data = data_  # type: ignore[method-assign]
 
     class LoggedTester(SimulatedTesterSource):
         """The built-in simulated tester, logging when each part record was created."""
@@ -302,11 +322,14 @@ def run_tester(args: argparse.Namespace) -> None:
                       state_dir=args.data))
 
     async def main() -> None:
-        gw = Gateway(build(GatewayConfig, {
+        raw: dict[str, Any] = {
             "gateway": {"id": "bench-gw", "token": TOKEN, "state_dir": args.data,
                         "hub_url": f"ws://127.0.0.1:{args.port}/ws/gateway"},
             "batch": {"max_records": args.batch_records, "max_delay_ms": args.batch_ms},
-        }), extra_sources=[("tester", sim)])
+        }
+        if args.spool:
+            raw["spool"] = {}  # defaults: <state_dir>/spool, a group commit (fsync) per frame
+        gw = Gateway(build(GatewayConfig, raw), extra_sources=[("tester", sim)])
         async with trio.open_nursery() as nursery:
             await nursery.start(gw.run)
             await trio.sleep(args.seconds)
@@ -319,7 +342,8 @@ def run_tester(args: argparse.Namespace) -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
-    Path(args.log).write_text(json.dumps({"created": created, "produced": sim.produced}))
+    Path(args.log).write_text(json.dumps({"created": created, "produced": sim.produced,
+                                          "sent": sorted(sent.items())}))
 
 
 # --------------------------------------------------------------------------- subscribers
@@ -517,6 +541,9 @@ def main() -> int:
     ap.add_argument("--stall-timeout", type=float, default=5.0)
     ap.add_argument("--batch-records", type=int, default=2000)
     ap.add_argument("--batch-ms", type=float, default=10.0)
+    ap.add_argument("--spool", action="store_true",
+                    help="the gateway's crash-safe disk spool (an fsync per frame) instead of "
+                         "its memory queue")
     ap.add_argument("--no-stalled", action="store_true")
     ap.add_argument("--stalled-topics", nargs="+", default=None,
                     help="what the stalled client subscribes to (default: as the others)")
@@ -534,6 +561,9 @@ def main() -> int:
     ap.add_argument("--write-slice", type=float, default=None,
                     help="ms a tick writes before other tasks get a turn (this tree's hub "
                          "only, not --before's; default: LiveFanout's own, off)")
+    ap.add_argument("--no-hold", action="store_true",
+                    help="this tree's hub ticks without looking at the ingest's lag "
+                         "(LiveFanout.ingest_lag unset)")
     ap.add_argument("--runs", type=int, default=3, help="whole measurements; medians printed")
     ap.add_argument("--compare", action="store_true",
                     help="alternate runs of the hub from --before (its source, exported "
@@ -584,10 +614,14 @@ def run_main(args: argparse.Namespace) -> int:
           f"{args.rate:.0f} records/s, ui_rate {args.ui_rate:g} (one frame "
           f"{1000 / args.ui_rate:.0f} ms), goal p99 <= "
           f"{(50 if args.clients <= 1000 else 100) + 1000 / args.ui_rate:.0f} ms; "
-          f"{os.cpu_count()} cores")
+          f"{os.cpu_count()} cores; gateway batch.max_delay_ms {args.batch_ms:g}")
     keys = [("p50", "creation -> receipt p50 ms"), ("p99", "creation -> receipt p99 ms"),
             ("p99_stalled", "  same, with a stalled client, p99 ms"),
             ("fanout_p99", "publish -> receipt p99 ms"), ("lag_p99", "creation -> publish p99 ms"),
+            ("to_sent_p50", "age at gateway send p50 ms (oldest)"),
+            ("to_sent_p99", "age at gateway send p99 ms (oldest)"),
+            ("to_arrival_p50", "age at hub read p50 ms (oldest)"),
+            ("to_arrival_p99", "age at hub read p99 ms (oldest)"),
             ("at_commit_p50", "age at durable commit p50 ms"),
             ("at_commit_p99", "age at durable commit p99 ms"),
             ("at_feed_p50", "age at live-state publish p50 ms"),
@@ -596,6 +630,7 @@ def run_main(args: argparse.Namespace) -> int:
             ("at_batch_p99", "age at batch made p99 ms"),
             ("tick_ms", "hub tick mean ms"), ("tick_max_ms", "hub tick longest ms"),
             ("rate", "frames/s per client (median)"),
+            ("ticks_held", "ticks held for the ingest (whole run)"),
             ("hub_cpu", "hub CPU % of a core"), ("rss", "hub RSS MB"),
             ("subs_cpu", "subscriber processes CPU %"), ("load", "load average")]
     header = f"  {'':40}" + "".join(f"{v:>12}" for v in variants)
@@ -637,6 +672,7 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | N
                             "--stall-timeout", str(args.stall_timeout),
                             "--long-step-ms", str(args.long_step_ms),
                             "--gc-freeze", str(args.gc_freeze),
+                            *(["--no-hold"] if args.no_hold else []),
                             *(["--write-slice", str(args.write_slice)]
                               if args.write_slice is not None and before is None else []),
                             ],
@@ -672,7 +708,9 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | N
                                        "--rate", str(args.rate),
                                        "--seconds", str(args.seconds + warmup + 1),
                                        "--batch-records", str(args.batch_records),
-                                       "--batch-ms", str(args.batch_ms), "--data", str(tmp / "gw"),
+                                       "--batch-ms", str(args.batch_ms),
+                                       "--data", str(tmp / "gw"),
+                                       *(["--spool"] if args.spool else []),
                                        "--log", str(tmp / "created.json")])
         else:
             (tmp / "created.go").touch()
@@ -730,6 +768,12 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | N
                              if line.startswith("GC ")), [])
         stages_file = tmp / "stages.json"
         stages = json.loads(stages_file.read_text()) if stages_file.exists() else {}
+        # the gateway's send of each frame (the tester's log), against the hub's arrival
+        sent = dict(log.get("sent", []))
+        frames = [(sent[seq], oldest, arrival) for seq, oldest, arrival
+                  in stages.pop("oldest", []) if seq in sent]
+        stages["to_sent"] = [(t, t - oldest) for t, oldest, _ in frames]
+        stages["sent_to_arrival"] = [(a, a - t) for t, _, a in frames]
         source = next((json.loads(line[7:]) for line in out.splitlines()
                        if line.startswith("SOURCE ")), "?")
         print(f"hub source: {source}")
@@ -764,6 +808,7 @@ def report(args: argparse.Namespace, subs: Merged, phases: list[Any], log: dict[
     """Print one run's figures; return its summary (for the medians)."""
     summary: dict[str, Any] = {"tick_ms": stats["tick_ms_mean"],
                                "tick_max_ms": stats.get("tick_ms_max"),
+                               "ticks_held": stats.get("ticks_held"),
                                "lag_p99": 1000 * lags["p99"] if lags and lags["n"] else None}
     import cbor2
 
@@ -799,6 +844,10 @@ def report(args: argparse.Namespace, subs: Merged, phases: list[Any], log: dict[
           f"{args.rate:.0f} records/s "
           f"(produced {log['produced']} records), ui_rate {args.ui_rate:g}/s, "
           f"goal p99 < {50 + 1000 / args.ui_rate:.0f} ms")
+    if args.feed == "gateway":
+        print(f"  gateway: batch.max_delay_ms {args.batch_ms:g} (the shipped default is 100: a "
+              f"UI-latency deployment sets it low), batch.max_records {args.batch_records}, "
+              f"{'disk spool' if args.spool else 'memory queue (no spool)'}")
     applied = hub_stats["gateways"].get("bench-gw", {}).get("records_applied", "n/a")
     print(f"  hub: {applied} records applied from the gateway; live: {stats['channels']} "
           f"channels, tick mean "
@@ -816,7 +865,8 @@ def report(args: argparse.Namespace, subs: Merged, phases: list[Any], log: dict[
           f"{mean_ms('hub_record_age_seconds')} (gateway batching and spool, uplink, hub "
           f"queue and commit); a frame's arrival -> ACK due {mean_ms('hub_frame_apply_seconds')};"
           f" commit -> live state {mean_ms('hub_live_apply_lag_seconds')}; ticks spaced "
-          f"(over 80 % of the UI interval in CPU) {stats.get('ticks_spaced', 'n/a')}")
+          f"(over 80 % of the UI interval in CPU) {stats.get('ticks_spaced', 'n/a')}; "
+          f"held back for the ingest's lag {stats.get('ticks_held', 'n/a')}")
 
     def figures(parts: list[Any]) -> tuple[list[float], list[float], list[float], list[float],
                                            list[float]]:
@@ -876,8 +926,12 @@ def report(args: argparse.Namespace, subs: Merged, phases: list[Any], log: dict[
 
         # Where a part result's time goes, as its age (p50, p99) at each step.
         print("    stage breakdown, a part result's age at each step (ms, p50 p99):")
-        print(f"      hub reads the frame     {age(hub_ages.get('to_arrival'))}   (the "
-              f"frame's oldest record; gateway batching <= {args.batch_ms:g} ms, uplink)")
+        print(f"      gateway sends it        {age(hub_ages.get('to_sent'))}   (the "
+              f"frame's oldest record: batching <= {args.batch_ms:g} ms "
+              f"(batch.max_delay_ms){', the spool' if args.spool else ''})")
+        print(f"      hub reads the frame     {age(hub_ages.get('to_arrival'))}   (its send "
+              f"-> the hub's read: {age(hub_ages.get('sent_to_arrival'))}; the uplink, the "
+              f"hub's receiver)")
         print(f"      durable commit          {age(hub_ages.get('at_commit'))}   (a frame's "
               f"arrival -> commit: {age(hub_ages.get('arrival_to_commit'))}; decode, queue, "
               f"SQLite)")
@@ -912,7 +966,7 @@ def report(args: argparse.Namespace, subs: Merged, phases: list[Any], log: dict[
         if stalled:
             summary["p99_stalled"] = 1000 * pct(lat, 99)
             return
-        for key in ("at_commit", "at_feed"):
+        for key in ("to_sent", "to_arrival", "at_commit", "at_feed"):
             if hub_ages.get(key):
                 summary[f"{key}_p50"], summary[f"{key}_p99"] = (1000 * v for v in hub_ages[key])
         summary.update(p50=1000 * pct(lat, 50), p99=1000 * pct(lat, 99),

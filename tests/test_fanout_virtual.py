@@ -205,3 +205,38 @@ async def test_a_tick_writes_in_slices_and_every_client_still_gets_the_same_fram
         assert all([m["items"] for m in b] == [m["items"] for m in batches[0]]
                    for b in batches[1:])
         nursery.cancel_scope.cancel()
+
+
+async def test_ticks_wait_while_the_ingest_is_behind_but_every_few_intervals_one_goes_out(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """While the hub's ingest is behind (``ingest_lag``: records received and not yet in
+    the live state for over a UI interval), ticks that cost a real share of the interval
+    are held back -- at most three in a row, so a client still gets a frame every 4
+    intervals -- and they follow the UI rate again once it has caught up.  Cheap ticks
+    (a few clients) are never held: holding them would save the ingest nothing."""
+    fanout = LiveFanout(LiveConfig(ui_rate=20.0), metrics=Metrics())
+    lag = 0.0
+    fanout.ingest_lag = lambda: lag
+    http = HttpServer()
+    fanout.install(http)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fanout.run)
+        client = await MemoryClient.connect(nursery, http, ["sensor/+"])
+
+        async def batches_in(seconds: float) -> int:
+            before = client.batches()
+            await publish_for(fanout, seconds)
+            return client.batches() - before
+
+        caught_up = await batches_in(1.0)
+        lag = 0.2
+        cheap = await batches_in(1.0)  # one client: a tick costs next to nothing
+        assert fanout.stats()["ticks_held"] == 0
+        fanout.hold_min_tick_share = 0.0  # as if each tick were expensive
+        behind = await batches_in(1.0)
+        lag = 0.0
+        again = await batches_in(1.0)
+        assert min(caught_up, cheap, again) >= 18, (caught_up, cheap, again)  # 20 a second
+        assert 4 <= behind <= 6, behind  # one every 4 intervals (200 ms)
+        assert fanout.stats()["ticks_held"] >= 12
+        nursery.cancel_scope.cancel()

@@ -15,6 +15,7 @@ bound is checked on an ``Ingest`` in this process, where the feeder can be held 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +128,56 @@ async def test_a_full_queue_holds_the_next_commit_until_the_feeder_has_room(
                              ("gw1", 1201, 600), ("gw1", False)]
     assert ingest.fed_id == 3 and ingest.records_fed == 1800
     assert ingest.metrics.as_dict()["hub_live_queue_waits_total"] == 1
+
+
+class SlowLiveState(Recorder):
+    """A consumer that takes more of the thread's CPU over each frame than one feeder step
+    may use (a step is bounded in CPU time), as a big frame's apply does."""
+
+    def on_records(self, gateway_id: str, first_rid: int, records: list[Any]) -> None:
+        until = time.thread_time() + 0.01
+        while time.thread_time() < until:
+            pass
+        super().on_records(gateway_id, first_rid, records)
+
+
+async def test_a_backlog_is_fed_in_short_steps_with_the_other_tasks_between(
+        tmp_path: Path) -> None:
+    """Once a feeder step has used its time, the other tasks (the fan-out's ticks, the
+    gateways' receivers) run before the next frame is applied, however long the backlog:
+    a step is bounded in time, not in records."""
+    ingest = Ingest(build(HubConfig, {"hub": {"data_dir": str(tmp_path)}}))
+    slow = SlowLiveState()
+    ingest.add_consumer(slow)
+    records = [SensorReading("s", 1.0, "temp", 20.0, "C")] * 10
+    for n in range(3):  # 30 records: one step of the old 20,000-record budget
+        ingest._queue_feed("gw1", 1 + 10 * n, records, frame_id=n + 1)
+    seen_between: list[int] = []  # frames applied when another task got a turn
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ingest._feeder)
+        while len(slow.seen) < 3:
+            await trio.lowlevel.checkpoint()
+            seen_between.append(len(slow.seen))
+        nursery.cancel_scope.cancel()
+    assert any(0 < n < 3 for n in seen_between), seen_between
+    assert slow.seen == [("gw1", 1, 10), ("gw1", 11, 10), ("gw1", 21, 10)]
+    assert ingest.fed_id == 3
+
+
+async def test_the_ingest_lag_is_the_age_of_the_oldest_frame_not_yet_in_the_live_state(
+        autojump_clock: trio.testing.MockClock, tmp_path: Path) -> None:
+    ingest = Ingest(build(HubConfig, {"hub": {"data_dir": str(tmp_path)}}))
+    ingest.add_consumer(Recorder())
+    assert ingest.lag() == 0
+    records = [SensorReading("s", 1.0, "temp", 20.0, "C")] * 10
+    ingest._gateway_event("gw1", True)  # an event is no frame: no lag of its own
+    ingest._queue_feed("gw1", 1, records, frame_id=1)
+    await trio.sleep(0.3)
+    ingest._queue_feed("gw1", 11, records, frame_id=2)
+    await trio.sleep(0.1)
+    assert abs(ingest.lag() - 0.4) < 1e-6  # the older frame's
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ingest._feeder)
+        await trio.testing.wait_all_tasks_blocked()
+        assert ingest.lag() == 0 and ingest.fed_id == 2
+        nursery.cancel_scope.cancel()

@@ -48,6 +48,7 @@ class Hub:
             max_records=h.checkpoint_records, alerts=self.alerts,
             metrics=self.ingest.metrics) if h.checkpoint_interval_s > 0 else None
         self.fanout.alert_lot = self._alert_lot
+        self.fanout.ingest_lag = self.ingest.lag  # ticks wait while the gateways' records do
         self.fanout.install(self.ingest.http)
         Dashboard().install(self.ingest.http)
         HistoryApi(self.state, self.alerts.engine, self.alerts.store).install(self.ingest.http)

@@ -24,9 +24,13 @@ queue that one feeder task hands to the consumers (``_feeder``).  Why, and what 
   before its next commit while the queue is over it (``hub_live_queue_waits_total``), so
   the gateways' windows fill and they keep their frames; ``hub_live_queue_records`` and
   ``hub_live_apply_lag_seconds`` show how far the live state is behind the store.
-* **Steps.**  A feeder step hands on what was queued when it began (at most about
-  ``FEED_STEP_RECORDS`` records), so the fan-out's ticks and the receivers run between
-  steps and the feeder keeps up however seldom it is scheduled.
+* **Steps.**  A feeder step hands on what was queued when it began, whole frames for at
+  most about ``FEED_STEP_SECONDS``, so the fan-out's ticks and the receivers run between
+  steps and a backlog does not hold the thread for long (over the bound, up to
+  ``FEED_STEP_RECORDS_BEHIND`` records: the appliers are waiting for it then).
+* **Lag.**  ``lag()`` is how long the oldest frame received from a gateway has waited
+  for the live state (its commit, then this queue); the fan-out holds its ticks back
+  while it is over a UI interval (``LiveFanout.ingest_lag``): records before frames.
 * The commit of the next frames (a worker thread) overlaps the live-state apply of the
   previous ones (the Trio thread), which is where ingest gains.
 
@@ -90,11 +94,19 @@ GATEWAY_PATH = "/ws/gateway"
 
 T = TypeVar("T")
 
-#: records the feeder hands to the consumers in one Trio step, at most about (a frame is
-#: not split): a step takes what was queued when it began, so the feeder keeps up however
-#: seldom it runs (a fixed 500 per step fell behind whenever long fan-out ticks made the
-#: scheduler's rounds slow), and a huge backlog is still cut into steps.
-FEED_STEP_RECORDS = 20_000
+#: how long one feeder step hands frames to the consumers before the other tasks (the
+#: fan-out's ticks, the gateways' receivers and appliers) get a turn: at least one frame,
+#: then whole frames until the step has used this much of the thread's CPU time.  The live
+#: state applies a part result in ~5 us here, so a step is about 1,000 records; the budget
+#: it replaced, 20,000 records a step, held the Trio thread ~100 ms under a backlog, and
+#: every tick due meanwhile waited behind it.  CPU time, not wall time: on a busy machine
+#: a wall-time budget shrank to little CPU while the ticks' steps did not, and the live
+#: state fell seconds behind the store (bench/fanout.py, docs/performance.md).
+FEED_STEP_SECONDS = 0.005
+#: records a feeder step may take instead while the queue is over ``hub.live_queue_records``
+#: (the gateways' appliers are waiting for room: ingest throughput is what counts then, and
+#: steps of one frame made commits smaller and more frequent)
+FEED_STEP_RECORDS_BEHIND = 20_000
 
 
 class Consumer(Protocol):
@@ -147,6 +159,9 @@ class Ingest:
         self._to_feed_records = 0
         self._feed_wake = trio.Event()
         self._feed_room = trio.Event()  # set when the queue went below its limit
+        # Each gateway connection's frames received and not yet committed: their arrival
+        # times, oldest first (``lag``).
+        self._arrivals: dict[int, deque[float]] = {}  # by id(): one per connection
         m = self.metrics
         self.m_frames = m.counter("hub_frames_applied_total", "data frames applied")
         self.m_records = m.counter("hub_records_applied_total", "records applied")
@@ -574,6 +589,18 @@ class Ingest:
             self._feed_entry(queue.popleft())
         self._feed_room.set()
 
+    def lag(self) -> float:
+        """Seconds the oldest frame received from a gateway has waited and is not yet in
+        the live state (its commit, then the live-state queue); 0 when none waits.  The
+        fan-out holds its ticks back while this is long (``LiveFanout.ingest_lag``)."""
+        now = trio.current_time()
+        oldest = min((a[0] for a in self._arrivals.values() if a), default=now)
+        for entry in self._to_feed:  # the oldest frame queued for the live state
+            if len(entry) != 3:
+                oldest = min(oldest, entry[4])  # committed at (it arrived before)
+                break
+        return now - oldest
+
     def _feed_entry(self, entry: tuple[Any, ...]) -> int:
         """One queued entry to the consumers: a gateway event (3 fields) or a committed
         frame; the number of records it held."""
@@ -593,16 +620,22 @@ class Ingest:
             if not queue:
                 self._feed_wake = trio.Event()
                 await self._feed_wake.wait()
-            budget = FEED_STEP_RECORDS
             now = trio.current_time()
-            for _ in range(len(queue)):  # what was queued when this step began
-                if budget <= 0:
-                    break
+            clock = time.thread_time
+            until = clock() + FEED_STEP_SECONDS
+            behind = self._to_feed_records > limit
+            budget = FEED_STEP_RECORDS_BEHIND
+            # What was queued when this step began, at most (what comes meanwhile waits for
+            # the next step), and whole frames only until the step's time (or, behind, its
+            # records) is used up.
+            for _ in range(len(queue)):
                 entry = queue.popleft()
                 n = self._feed_entry(entry)
                 if len(entry) != 3:
-                    budget -= n or 1
                     self.h_feed_lag.observe(now - entry[4])  # since its commit
+                    budget -= n or 1
+                    if budget <= 0 if behind else clock() >= until:
+                        break
             if self._to_feed_records <= limit:
                 self._feed_room.set()
             await trio.lowlevel.checkpoint()  # the ticks and the receivers run between steps
@@ -615,6 +648,7 @@ class Ingest:
         # each frame with its arrival time (hub_frame_apply_seconds)
         send, receive = trio.open_memory_channel[tuple[Data, float]](
             self.config.hub.apply_queue_frames)
+        arrivals: deque[float] = deque()  # of the frames not yet committed (``lag``)
 
         async def receiver() -> None:
             try:
@@ -623,7 +657,9 @@ class Ingest:
                     events, reply = conn.receive(data, trio.current_time())
                     for ev in events:
                         if isinstance(ev, Data):
-                            await send.send((ev, trio.current_time()))
+                            arrival = trio.current_time()
+                            arrivals.append(arrival)
+                            await send.send((ev, arrival))
                         elif isinstance(ev, Duplicate):
                             self.store.count_duplicate(gw)
                             self.m_dups.inc()
@@ -643,11 +679,12 @@ class Ingest:
                 session.rtt_ms = round(conn.rtt * 1000, 2)
 
         expected = (ProtocolError, MessageTooBig, ConnectionClosed, GatewaySuperseded)
+        self._arrivals[id(arrivals)] = arrivals
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(receiver)
                 nursery.start_soon(heartbeat, conn, ws.send_message, note_rtt)
-                await self._applier(ws, conn, gw, epoch, receive, generation)
+                await self._applier(ws, conn, gw, epoch, receive, generation, arrivals)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # A bug anywhere in the connection outranks the peer's fault: it must be seen.
@@ -656,10 +693,12 @@ class Ingest:
             if bugs is not None:
                 raise bugs from None
             reraise_meaningful(group, *expected)
+        finally:
+            del self._arrivals[id(arrivals)]
 
     async def _applier(self, ws: WebSocket, conn: HubConnection, gw: str, epoch: str,
                        receive: trio.MemoryReceiveChannel[tuple[Data, float]],
-                       generation: int = 0) -> None:
+                       generation: int = 0, arrivals: deque[float] | None = None) -> None:
         max_records = self.config.hub.max_records_per_frame
         columnar = (conn.version or 1) >= 2  # v1 connections send rows only
         async for first in receive:
@@ -712,6 +751,8 @@ class Ingest:
             done = trio.current_time()
             for _, received in frames:
                 self.h_apply.observe(done - received)
+                if arrivals:
+                    arrivals.popleft()  # committed (or skipped): in the live queue now
             for f, reason in bad:
                 if (f.gateway, f.epoch, f.seq) in skipped:
                     ack = conn.applied(f.seq, now)

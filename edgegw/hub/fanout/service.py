@@ -63,6 +63,14 @@ MAX_CLIENT_MESSAGE = 256 * 1024
 #: run (bench/fanout.py --write-slice, docs/performance.md), the gateways' frames reaching
 #: the hub's commit later, not sooner.
 WRITE_SLICE_S = math.inf
+#: ticks in a row held back while the ingest is behind (``LiveFanout.ingest_lag``): each a
+#: UI interval, so a client still gets a frame at least every 1 + this many intervals.
+MAX_HELD_TICKS = 3
+#: only ticks that cost at least this share of the UI interval in CPU are held back:
+#: holding saves a tick's CPU for the ingest, and a cheap tick (a few hundred clients)
+#: saves too little to be worth a frame -- the ingest's lag then has other causes
+#: (bench/fanout.py at 200 clients on a loaded machine: ticks held, the lag unchanged).
+HOLD_MIN_TICK_SHARE = 0.25
 
 
 class _NoState:
@@ -153,6 +161,15 @@ class LiveFanout:
         self._tick_sent = False
         self._work = trio.Event()  # set when the core has work for a tick (on_work)
         self.core.on_work = self._work_arrived
+        #: seconds the oldest record received by the hub has waited for the live state
+        #: (``Ingest.lag``; the hub sets it).  While it is over a UI interval the ticks are
+        #: held back, up to MAX_HELD_TICKS in a row, if a tick costs at least
+        #: ``hold_min_tick_share`` of the interval in CPU: on a CPU-starved hub the ticks (a
+        #: write per client) took the thread first and the gateways' frames aged seconds
+        #: in the ingest; a later frame of fresh records beats a punctual one of old ones.
+        self.ingest_lag: Callable[[], float] | None = None
+        self.hold_min_tick_share = HOLD_MIN_TICK_SHARE
+        self.ticks_held = 0
 
     @property
     def config(self) -> LiveConfig:
@@ -196,11 +213,21 @@ class LiveFanout:
         task_status.started()
         due = trio.current_time()
         quiet = False  # the last tick sent nothing: wait for something new
+        held = 0  # ticks held back in a row for the ingest
+        last_cpu = 0.0  # the last tick's CPU seconds
         while True:
             await trio.sleep_until(due)
             if quiet or not self.core.has_work():
                 with trio.move_on_after(interval):
                     await self._work.wait()
+            if (held < MAX_HELD_TICKS and self.ingest_lag is not None
+                    and last_cpu >= self.hold_min_tick_share * interval
+                    and self.ingest_lag() > interval):
+                held += 1
+                self.ticks_held += 1
+                due = trio.current_time() + interval
+                continue
+            held = 0
             began = trio.current_time()
             self._work = trio.Event()  # set by what is published from now on
             try:
@@ -208,6 +235,8 @@ class LiveFanout:
             except Exception:  # a failure boundary: one bad tick, not the hub
                 report_internal_error(self.core.metrics, "live_tick", log, "live fan-out tick")
                 took, sent = 0.0, True
+            if sent:
+                last_cpu = took
             # The UI-rate cap: after a tick that sent batches the next is an interval
             # later; after one that sent none, as soon as something new comes (a tick
             # with only lagging clients to look at sends nothing: it must not spin).
@@ -288,7 +317,12 @@ class LiveFanout:
             session = sessions.get(client.id)
             if session is None:
                 continue  # gone meanwhile
-            if not (session.idle and self._write_now(session, now)):
+            # Written here: a client whose sender is parked with nothing left over.  A
+            # sender woken for a frame left over by a tick stays "idle" until it runs; a
+            # tick that wrote past it meanwhile (the next one, when a tick took longer
+            # than the interval) would send a later frame before it, or lose it.
+            if not (session.idle and session.remainder is None
+                    and self._write_now(session, now)):
                 session.wake.set()
             if (t := clock()) > slice_end:
                 spent += t - slice_start
@@ -460,6 +494,7 @@ class LiveFanout:
         out = self.core.stats()
         out["ticks"] = self.ticks
         out["ticks_spaced"] = self.ticks_spaced
+        out["ticks_held"] = self.ticks_held
         out["tick_ms_mean"] = (1000 * self.tick_seconds / self.ticks) if self.ticks else None
         out["tick_core_ms_mean"] = (1000 * self.core_seconds / self.ticks) if self.ticks else None
         out["tick_ms_max"] = 1000 * self.tick_seconds_max
