@@ -25,7 +25,9 @@ SMALL, BIG, GIANT = 10, 1500, 5000  # unit lengths; the spool below takes frames
 
 
 def reading(put: int, j: int, size: int) -> SensorReading:
-    return SensorReading("tester", 1.0, f"put{put}-{j}", float(j), "u" * size)
+    # a unit of its own: columnar bodies store a value shared by many records once
+    return SensorReading("tester", 1.0, f"put{put}-{j}", float(j),
+                         (f"{put}.{j}." * size)[:size])
 
 
 class ScriptedSource:
@@ -145,3 +147,36 @@ async def test_a_crash_between_the_parts_of_a_split_batch_stores_each_record_onc
     assert checkpoints["tester"] == len(puts)
     assert gateway.metrics.as_dict()["gateway_replayed_records_skipped_total"] == {
         "source=tester": 2}
+
+
+async def test_frames_stay_under_uplink_max_frame_bytes_so_the_hub_takes_them_all(
+        tmp_path: Path) -> None:
+    """``uplink.max_frame_bytes`` set to the hub's limit: a batch over it reaches the hub
+    as several frames, none dead-lettered (before, such a frame was kept in the dead-letter
+    file and its records never reached the hub)."""
+    from hubtools import hub_config, start_hub
+
+    from edgegw.hub.store import unpack_body
+
+    records = [reading(0, j, 500) for j in range(30)] + [reading(1, 0, GIANT)]
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path / "hub", max_frame_bytes=4096))
+        cfg = gateway_config(tmp_path / "gw", port, uplink={"max_frame_bytes": 4096},
+                             batch={"max_records": 100, "max_delay_ms": 20})
+        gateway = Gateway(cfg)
+        await nursery.start(gateway.run)
+        await gateway.sink.put(records, source="tester")
+        with trio.fail_after(15):
+            while True:
+                await gateway.flush()
+                if gateway.store.first_unacked >= gateway.store.next_seq > 4:
+                    break
+                await trio.sleep(0.02)
+        rows = await hub.store.query("SELECT codec, body FROM frames")
+        got = [from_wire(w, src) for c, b in rows
+               for _, src, wire in [decode_body(unpack_body(c, b), 1 << 20)] for w in wire]
+        assert names(got) == [r.channel for r in records[:-1]]
+        assert [e.code for e in got if isinstance(e, GatewayEvent)] == ["records_rejected"]
+        assert gateway.metrics.counter("uplink_frames_rejected_total").total() == 0
+        assert hub.stats()["gateways"]["ate-01"]["frames_rejected"] == 0
+        nursery.cancel_scope.cancel()

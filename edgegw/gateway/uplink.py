@@ -205,6 +205,13 @@ class Uplink:
             self.last_error = None
             log.info("connected to %s (hub has %s)", self.gateway.hub_url,
                      welcome.applied[:3] or "nothing")
+            if welcome.max_frame_bytes < cfg.max_frame_bytes:
+                # frames are cut to uplink.max_frame_bytes when stored: larger than what
+                # this hub takes, they go to the dead-letter file instead of the hub
+                log.warning("the hub takes frames of up to %d bytes, uplink.max_frame_bytes "
+                            "is %d: set it to at most the hub's limit, or frames between "
+                            "the two are dead-lettered", welcome.max_frame_bytes,
+                            cfg.max_frame_bytes)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._receiver, ws, conn)
