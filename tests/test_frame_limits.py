@@ -161,7 +161,8 @@ async def test_frames_stay_under_uplink_max_frame_bytes_so_the_hub_takes_them_al
     records = [reading(0, j, 500) for j in range(30)] + [reading(1, 0, GIANT)]
     async with trio.open_nursery() as nursery:
         hub, port = await start_hub(nursery, hub_config(tmp_path / "hub", max_frame_bytes=4096))
-        cfg = gateway_config(tmp_path / "gw", port, uplink={"max_frame_bytes": 4096},
+        cfg = gateway_config(tmp_path / "gw", port,
+                             uplink={"max_frame_bytes": 4096, "probe_interval_s": 0.1},
                              batch={"max_records": 100, "max_delay_ms": 20})
         gateway = Gateway(cfg)
         await nursery.start(gateway.run)
