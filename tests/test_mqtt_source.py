@@ -706,3 +706,6 @@ async def test_a_retained_reading_sent_again_at_each_resubscription_is_taken_onc
     assert [r.value for r in sink.of(SensorReading)] == [1.0, 2.0]
     assert metrics.counter("mqtt_retained_repeats_total").get(source="sensors") == 1
     assert "# TYPE edgegw_mqtt_connect_failures_total counter" in metrics.render_prometheus()
+    # a source rebuilt after a failure (the gateway's failure boundary) counts on from there
+    make_source(broker, [{"topic": f"{prefix}/+/t", "raw": True}], metrics=metrics)
+    assert metrics.as_dict()["mqtt_messages_total"] == {"source=sensors": 3}

@@ -249,6 +249,7 @@ class MqttSource:
         self._last_taken: dict[str, tuple[int, float | None]] = {}
         self.retained_repeats = 0
         self.received = 0
+        self._received_counted = 0  # of ``received``, what mqtt_messages_total has
         self.bad = 0
         self.failed = 0  # messages whose handling raised something unexpected
         self.client: TrioMqttClient | None = None
@@ -411,7 +412,9 @@ class MqttSource:
 
     def _collect(self) -> None:
         client = self.client
-        self._m_messages.set(self.received, source=self.name)
+        # increases, not the value: a source rebuilt after a failure counts from 0 again
+        self._m_messages.inc(self.received - self._received_counted, source=self.name)
+        self._received_counted = self.received
         self._m_unacked.set(self._ledger.unacked, source=self.name)
         self._m_duplicates.set(self._ledger.duplicates, source=self.name)
         if client is not None:
