@@ -287,6 +287,8 @@ class Gateway:
     async def _store_all(self, batches: list[Batch]) -> None:
         """Store the batches in order, then tell the hub what the store dropped and what
         was refused meanwhile."""
+        if not batches:  # nothing stored: nothing dropped or refused (most puts)
+            return
         for batch in batches:
             await self._store(batch)
         events = [e for e in (self._drops_event(), self._refused_event()) if e is not None]
