@@ -235,9 +235,10 @@ class MqttSource:
             "resubscription) that were already taken: dropped, not counted twice")
         self._m_unacked = m.gauge("mqtt_unacked",
                                   "QoS 1 messages received, not yet acknowledged")
-        self._m_duplicates = m.gauge(
-            "mqtt_redelivered_dropped", "QoS 1 messages the broker sent again that were "
-            "already stored or in hand, dropped (acknowledged, not counted twice)")
+        self._m_duplicates = m.counter(
+            "mqtt_redelivered_dropped_total", "QoS 1 messages the broker sent again that "
+            "were already stored or in hand, dropped (acknowledged, not counted twice)")
+        self._duplicates_counted = 0  # of the ledger's count, what the counter has
         self._h_window_lag = m.histogram(
             "mqtt_window_lag_seconds", "seconds from a throttle window's end to its hand-over "
             "to the gateway, per window (how late sensor data leaves the source)", AGE_BUCKETS)
@@ -416,7 +417,9 @@ class MqttSource:
         self._m_messages.inc(self.received - self._received_counted, source=self.name)
         self._received_counted = self.received
         self._m_unacked.set(self._ledger.unacked, source=self.name)
-        self._m_duplicates.set(self._ledger.duplicates, source=self.name)
+        self._m_duplicates.inc(self._ledger.duplicates - self._duplicates_counted,
+                               source=self.name)
+        self._duplicates_counted = self._ledger.duplicates
         if client is not None:
             self._m_connected.set(1 if client.connected else 0, source=self.name)
             seen_client, seen = self._failures_seen
