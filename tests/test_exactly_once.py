@@ -143,3 +143,74 @@ async def test_a_crash_while_replaying_keeps_the_remaining_skip(tmp_path: Path) 
     got, checkpoints = await stored_records(image2)
     assert len(got) == 8, "nothing new was stored: the replay has not caught up"
     assert checkpoints["tester"] == "half" and checkpoints[AFTER_KEY] == {"tester": 3}
+
+
+class Snapshots(DiskSpool):
+    """The real spool; its directory copied right after each frame in ``at`` is durable
+    (what a SIGKILL at that point leaves behind)."""
+
+    def __init__(self, config: SpoolConfig, at: set[int], images: Path) -> None:
+        super().__init__(config)
+        self.at, self.images = at, images
+
+    async def append(self, body: bytes, n_records: int, checkpoints: dict[str, Any]) -> int:
+        seq = await super().append(body, n_records, checkpoints)
+        if seq in self.at:
+            await trio.to_thread.run_sync(shutil.copytree, self.directory,
+                                          self.images / str(seq))
+        return seq
+
+
+async def tail_until_done(cfg: Any, store: DiskSpool | None = None) -> None:
+    """Run a gateway tailing the test files until every file is done and stored."""
+    gateway = Gateway(cfg, store=store)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            while True:
+                files = (gateway.store.checkpoints.get("tail") or {}).get("files") or {}
+                if len(files) == 2 and all(f["done"] for f in files.values()):
+                    break
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_crash_after_any_frame_of_a_tailed_file_stores_each_record_once(
+        tmp_path: Path) -> None:
+    """The STDF tail's "file done" rides with the file's last records: whatever frame the
+    crash follows, the restart neither skips the file's tail nor repeats a record."""
+    from shared_data import METIS, stdf_bytes
+
+    data = stdf_bytes(METIS)
+    files = tmp_path / "stdf"
+    files.mkdir()
+    (files / "a.std").write_bytes(data)
+    (files / "b.std").write_bytes(data)
+
+    def cfg(state: Path, spool_dir: Path) -> Any:
+        return gateway_config(state, 1, sources=[{"name": "tail", "type": "tail",
+                                                  "paths": [str(files)], "poll_interval": 0.01,
+                                                  "read_size": 4096}],
+                              batch={"max_records": 97, "max_delay_ms": 5},
+                              spool={"dir": str(spool_dir)})
+
+    async def stored(spool_dir: Path) -> list[Any]:
+        async with DiskSpool.open(SpoolConfig(dir=str(spool_dir))) as spool:
+            frames = spool.frames_from(1, 100_000)
+        out = []
+        for f in frames:
+            _, sources, wire = decode_body(f.body, 1 << 24)
+            out.extend(from_wire(w, sources)._replace(ts=0.0) for w in wire)
+        return out
+
+    first = cfg(tmp_path / "gw", tmp_path / "spool")
+    assert first.spool is not None
+    images = tmp_path / "images"
+    await tail_until_done(first, Snapshots(first.spool, set(range(1, 100)), images))
+    whole = await stored(tmp_path / "spool")
+    assert len(whole) > 1000
+    crashes = sorted(images.iterdir(), key=lambda p: int(p.name))
+    assert len(crashes) >= 10
+    for image in crashes:
+        await tail_until_done(cfg(tmp_path / f"gw{image.name}", image))
+        assert await stored(image) == whole, f"a crash after frame {image.name}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import cbor2
+import pytest
 import trio
 import trio.testing
 from hubtools import gateway_config, http_get, hub_config, start_hub
@@ -154,6 +155,54 @@ async def test_an_invalid_frame_is_rejected_and_the_frames_behind_it_still_apply
         assert st["frames_rejected"] == 1 and st["records_applied"] == 3
         rows = await hub.store.query("SELECT seq, reason FROM rejected")
         assert rows[0][0] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_record_whose_time_is_not_a_number_is_applied_without_an_internal_error(
+        tmp_path: Path) -> None:
+    """A record decodes with any value in its fields (the live state judges them): a ts of
+    null or text once broke the applier's record-age histogram after the commit, closing
+    the link with 1011 and counting an internal error (the long socket fuzz found it)."""
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path))
+        ws_cm, ws, conn, _ = await handshake(port)
+        bad = cbor2.dumps([1, ["s"], [[11, 0, None, "ch", 1.0], [11, 0, "soon", "ch", 2.0],
+                                      [11, 0, 2 ** 1100, "ch", 3.0], [11, 0, 5.0, "ch", 4.0]]])
+        await ws.send_message(conn.data(1, bad, trio.current_time()))
+        await ws.send_message(conn.data(2, body(2, 3), trio.current_time()))
+        seen = []
+        with trio.fail_after(10):
+            while not seen or seen[-1] != Ack(2, []):
+                seen.append(decode(await ws.get_message()))
+        await ws_cm.__aexit__(None, None, None)
+        assert hub.metrics.as_dict()["internal_errors_total"] == {}
+        assert hub.stats()["gateways"]["ate-01"]["records_applied"] == 7
+        assert hub.metrics.histogram("hub_record_age_seconds").count() == 4
+        nursery.cancel_scope.cancel()
+
+
+async def test_ids_past_what_a_64_bit_column_holds_are_refused_not_an_internal_error(
+        tmp_path: Path) -> None:
+    """A first_rid past 2^63 - 1 once reached the SQLite insert (OverflowError, 1011, and
+    the frame sent again for ever); it is an invalid frame now.  A seq past it is a
+    malformed message (4004)."""
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path))
+        ws_cm, ws, conn, _ = await handshake(port)
+        await ws.send_message(conn.data(1, cbor2.dumps([2 ** 70, ["s"], [[11, 0, 1.0, "c", 1.0]]]),
+                                        trio.current_time()))
+        await ws.send_message(conn.data(2, body(2, 3), trio.current_time()))
+        seen = []
+        with trio.fail_after(10):
+            while not seen or seen[-1] != Ack(2, []):
+                seen.append(decode(await ws.get_message()))
+        assert seen[0].seq == 1 and "pass 2^63 - 1" in seen[0].reason
+        await ws.send_message(cbor2.dumps([4, 2 ** 63, 1.0, body(9, 1)]))
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.get_message()
+        assert closed.value.reason.code == CloseCode.PROTOCOL_ERROR
+        await ws_cm.__aexit__(None, None, None)
+        assert hub.metrics.as_dict()["internal_errors_total"] == {}
         nursery.cancel_scope.cancel()
 
 

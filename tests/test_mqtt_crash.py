@@ -261,7 +261,7 @@ def test_gateway_killed_while_readings_flow_counts_every_reading_exactly_once(
         gw.start()
         n = wait_readings(hub, n + 600)
         # the broker did send them again (first, on reconnect), and they were recognised
-        assert gw.metric("mqtt_redelivered_dropped") >= stored_unacknowledged
+        assert gw.metric("mqtt_redelivered_dropped_total") >= stored_unacknowledged
         # 3. killed by itself right after a frame became durable, before its PUBACKs left
         #    (the failpoint gateway.frame_stored fires before the source hears of it)
         gw.kill()
@@ -269,7 +269,7 @@ def test_gateway_killed_while_readings_flow_counts_every_reading_exactly_once(
         assert gw.proc is not None and gw.proc.wait(60) == -9
         gw.start()
         n = wait_readings(hub, n + 600)
-        assert gw.metric("mqtt_redelivered_dropped") >= 1
+        assert gw.metric("mqtt_redelivered_dropped_total") >= 1
         sent = publisher.finish()
         with contextlib.suppress(AssertionError):  # if not, the comparison says what is lost
             wait_readings(hub, sent)

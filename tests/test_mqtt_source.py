@@ -675,3 +675,37 @@ async def test_an_exception_in_a_message_handler_or_inside_paho_ends_neither_the
     logged = [r.getMessage() for r in caplog.records]
     assert any("mqtt_message" in m and "ValueError: handler bug" in m for m in logged)
     assert any("mqtt_connection" in m and "RuntimeError: paho fault" in m for m in logged)
+
+
+async def test_a_retained_reading_sent_again_at_each_resubscription_is_taken_once(
+        start_broker: StartBroker) -> None:
+    """The broker sends a topic's retained message at every subscription, so at every
+    reconnect: the same reading again.  It is taken once (counted in
+    ``mqtt_retained_repeats_total``); connection failures are a counter."""
+    broker = start_broker()  # persistence on: the retained message survives its restart
+    prefix = unique("ate")
+    metrics = Metrics()
+    source = make_source(broker, [{"topic": f"{prefix}/+/t", "raw": True}], metrics=metrics)
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        pub = await start_publisher(nursery, broker)
+        await pub.publish(f"{prefix}/a/t", payload(1.0, ts=100.0), qos=1, retain=True)
+        with trio.fail_after(10):
+            await pub.wait_all_acked()
+        await started(nursery, source, sink)
+        await wait_for(lambda: len(sink.records) == 1, 10, "the retained reading")
+        assert source.client is not None
+        await trio.to_thread.run_sync(broker.restart, 0.3)
+        # resubscribed: the broker has sent the retained message again
+        await wait_for(lambda: source.received == 2, 20, "the retained message again")
+        await wait_for(lambda: pub.connected, 20, "the publisher back")
+        await pub.publish(f"{prefix}/a/t", payload(2.0, ts=200.0), qos=1)
+        await wait_for(lambda: 2.0 in [r.value for r in sink.of(SensorReading)], 10,
+                       "the next reading")
+        nursery.cancel_scope.cancel()
+    assert [r.value for r in sink.of(SensorReading)] == [1.0, 2.0]
+    assert metrics.counter("mqtt_retained_repeats_total").get(source="sensors") == 1
+    assert "# TYPE edgegw_mqtt_connect_failures_total counter" in metrics.render_prometheus()
+    # a source rebuilt after a failure (the gateway's failure boundary) counts on from there
+    make_source(broker, [{"topic": f"{prefix}/+/t", "raw": True}], metrics=metrics)
+    assert metrics.as_dict()["mqtt_messages_total"] == {"source=sensors": 3}

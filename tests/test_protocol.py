@@ -99,6 +99,30 @@ def test_a_duplicate_frame_is_reported_and_acked_not_applied_again() -> None:
     assert reply is not None and decode(reply) == Ack(2, [])
 
 
+def test_a_connection_keeps_nothing_per_frame_however_the_duplicates_come() -> None:
+    """The hub's per-connection state is bounded by holes, never by frames: a gateway that
+    sends every other frame the hub already has, for months, leaks nothing (exactly once
+    rests on the applied set, which the hole limit bounds)."""
+    import tracemalloc
+
+    gw, hub = pair(next_seq=1, applied=IntervalSet([(1, 200_000)]), max_holes=4)
+    messages = [gw.data(seq, b"", 1.0) for seq in range(1, 16_001, 2)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for m in messages:
+            events, _ = hub.receive(m, 1.0)
+            assert type(events[0]) is Duplicate
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 50_000, f"{grown} bytes kept for 8,000 duplicate frames"
+    # a frame this connection applied and sent again is still the gateway's fault
+    hub.receive(gw.data(200_001, b"new", 1.0), 1.0)
+    with pytest.raises(ProtocolError, match="frame 200001 sent twice on one connection"):
+        hub.receive(gw.data(200_001, b"new", 1.0), 1.0)
+
+
 def test_frames_may_arrive_out_of_order_within_the_hole_limit() -> None:
     gw, hub = pair(max_holes=1)
     hub.receive(gw.data(10, b"live", 1.0), 1.0)  # live ahead of a backlog 1..9

@@ -93,7 +93,7 @@ def frames(draw: st.DrawFn) -> list[Record]:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(frames(), st.integers(1, 2**63))
+@given(frames(), st.integers(1, 2**63 - 10_000))  # ids up to 2^63 - 1 (protocol.md 2)
 def test_the_columnar_codec_round_trips_every_record_type_exactly(
         recs: list[Record], first_rid: int) -> None:
     body = encode_columns(first_rid, recs)

@@ -18,7 +18,8 @@ def protocol_members() -> set[str]:
 
 def test_the_protocol_names_what_the_uplink_and_the_gateway_use() -> None:
     assert {"read_frames", "first_seq_since", "lost_ranges", "problem", "damage", "run",
-            "flush", "append", "ack", "ack_set", "frames_from"} <= protocol_members()
+            "flush", "append", "ack", "ack_set", "frames_from",
+            "max_body_bytes"} <= protocol_members()
 
 
 def test_both_stores_implement_every_member_of_the_protocol() -> None:

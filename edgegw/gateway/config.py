@@ -120,8 +120,8 @@ class GatewayConfig:
     def validate(self) -> list[tuple[str, str]]:
         problems = [(f"sources[{i}].{k}", m) for i, (k, m) in self._source_problems()]
         if self.spool is not None:
-            # the spool refuses a frame larger than a quarter of its cap (and the gateway
-            # stops), so the cap must hold four full batches at a generous record size
+            # a frame may fill a quarter of the cap at most (a larger batch is split), so
+            # the cap must hold four full batches at a generous record size
             need = 4 * self.batch.max_records * SPOOL_BYTES_PER_RECORD
             if self.spool.max_bytes < need:
                 problems.append(("spool.max_bytes", (

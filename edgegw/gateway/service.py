@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from ..spool import DiskSpool
 from ..store import FrameStore, MemoryFrameStore
 from ..web import HttpServer, install_status
 from .config import GatewayConfig, SourceEntry
-from .uplink import Uplink
+from .uplink import Uplink, write_dead_letter
 
 log = logging.getLogger("edgegw.gateway")
 
@@ -38,6 +39,10 @@ RID_KEY = "__rid__"  # the next record id, kept among the checkpoints
 #: per replaying source, its records after its checkpoint that are already in frames
 #: (``Batch.after``), kept among the checkpoints so a restart skips exactly those
 AFTER_KEY = "__after__"
+#: room a DATA message takes around its body (``[4, seq, sent_at, body, "zlib"]``): a body
+#: this much under ``uplink.max_frame_bytes`` makes a message under it
+DATA_ENVELOPE_BYTES = 64
+_WIDEST_RID = (1 << 64) - 1  # parts are sized with the widest record id CBOR encodes
 
 
 class GatewaySink:
@@ -120,6 +125,12 @@ class Gateway:
         self.batcher = Batcher(config.batch.max_records, config.batch.max_delay_ms / 1000)
         self._columnar = config.uplink.max_protocol_version >= 2
         self.sink = GatewaySink(self)
+        self.dead_letter_path = trio.Path(self.state_dir / "dead-letter.cborseq")
+        # [source, n] per put, in the order the batcher holds their records: which source
+        # each record of a batch came from, should the batch have to be split
+        self._runs: deque[list[Any]] = deque()
+        self._after_base: dict[str, int] = {}  # tracked source -> ``after`` of the last batch
+        self._refused_untold: dict[str, int] = {}  # refused records not yet told to the hub
         self._lock = trio.Lock()
         self._wake_flusher = trio.Event()
         self._durable_listeners: dict[str, Callable[[Any], None]] = {}
@@ -142,6 +153,11 @@ class Gateway:
                                    "records dropped by the drop_oldest overflow policy")
         self.m_source_restarts = m.counter("gateway_source_restarts_total",
                                            "sources restarted after failing, by source")
+        self.m_refused = m.counter(
+            "gateway_records_rejected_total",
+            "records larger than a frame may be: refused, kept in the dead-letter file")
+        self.m_split = m.counter("gateway_batches_split_total",
+                                 "batches stored as several frames (over the frame limit)")
         internal_errors(m)  # exported (as 0) before anything goes wrong
 
     def _build_sources(self) -> list[tuple[str, Source, int]]:
@@ -169,6 +185,7 @@ class Gateway:
             return 0
         skip = int((self.store.checkpoints.get(AFTER_KEY) or {}).get(name, 0))
         self.batcher.track(name, skip)
+        self._after_base[name] = skip
         if skip:
             log.info("source %s: skipping the %d replayed record(s) that frames already hold",
                      name, skip)
@@ -234,48 +251,157 @@ class Gateway:
         if records:
             self.m_records_in.inc(len(records), source=source or "?")
         async with self._lock:
-            batches = self.batcher.add(records, trio.current_time(), source, checkpoint)
-            for batch in batches:
-                await self._store(batch)
+            await self._store_all(self._add(records, source, checkpoint))
         self._wake_flusher.set()
 
     async def _put_checkpoint(self, source: str, checkpoint: Any, stored_after: int) -> None:
         async with self._lock:
-            for batch in self.batcher.add([], trio.current_time(), source, checkpoint,
-                                          stored_after=stored_after):
-                await self._store(batch)
+            await self._store_all(self._add([], source, checkpoint, stored_after=stored_after))
         self._wake_flusher.set()
 
-    async def _store(self, batch: Batch, *, report_drops: bool = True) -> None:
-        first_rid = self.next_rid
-        self.next_rid += len(batch.records)
-        checkpoints = dict(batch.checkpoints)
-        checkpoints[RID_KEY] = self.next_rid
-        checkpoints[AFTER_KEY] = batch.after  # every frame: the latest one is the truth
-        if batch.records:
-            # columns (v2) when the gateway may speak v2: sent as they are to a v2 hub,
-            # converted to rows for a v1 one (uplink); most hubs are v2, so the common
-            # case pays nothing and the spool holds the smaller body
-            body = (encode_columns(first_rid, batch.records) if self._columnar
-                    else encode_body(first_rid, batch.records))
-        else:  # a checkpoint alone still travels in an (empty) frame to stay in order
-            body = encode_body(first_rid, [])
-        await self.store.append(body, len(batch.records), checkpoints)
-        failpoints.hit("gateway.frame_stored")
-        self._notify_durable(batch.checkpoints)
-        self.m_frames.inc()
-        self.m_records_stored.inc(len(batch.records))
-        self._last_progress = time.time()
-        if not report_drops:
-            self._count_drops()
+    def _add(self, records: Sequence[Record], source: str | None, checkpoint: Any = None,
+             **kwargs: Any) -> list[Batch]:
+        """``batcher.add``, remembering which source the records came from."""
+        if records:
+            if self._runs and self._runs[-1][0] == source:
+                self._runs[-1][1] += len(records)
+            else:
+                self._runs.append([source, len(records)])
+        return self.batcher.add(records, trio.current_time(), source, checkpoint, **kwargs)
+
+    def _take_runs(self, n: int) -> list[tuple[str | None, int]]:
+        """The sources of the next ``n`` records cut from the batcher, as runs."""
+        out: list[tuple[str | None, int]] = []
+        while n > 0 and self._runs:
+            run = self._runs[0]
+            k = min(n, run[1])
+            out.append((run[0], k))
+            n -= k
+            run[1] -= k
+            if not run[1]:
+                self._runs.popleft()
+        if n > 0:  # never: every record reaches the batcher through _add
+            out.append((None, n))
+        return out
+
+    async def _store_all(self, batches: list[Batch]) -> None:
+        """Store the batches in order, then tell the hub what the store dropped and what
+        was refused meanwhile."""
+        if not batches:  # nothing stored: nothing dropped or refused (most puts)
             return
-        event = self._drops_event()
-        if event is not None:
-            # The event travels like any record: it may fill a batch at once (then that
+        for batch in batches:
+            await self._store(batch)
+        events = [e for e in (self._drops_event(), self._refused_event()) if e is not None]
+        if events:
+            # The events travel like any record: they may fill a batch at once (then that
             # batch is stored now; what it pushes out is counted at once and told to the
-            # hub by the next event, so this never loops) or wait in the batcher.
-            for full in self.batcher.add([event], trio.current_time(), "gateway"):
-                await self._store(full, report_drops=False)
+            # hub by the next events, so this never loops) or wait in the batcher.
+            for full in self._add(events, "gateway"):
+                await self._store(full)
+
+    def _encode(self, first_rid: int, records: Sequence[Record]) -> bytes:
+        # columns (v2) when the gateway may speak v2: sent as they are to a v2 hub,
+        # converted to rows for a v1 one (uplink); most hubs are v2, so the common
+        # case pays nothing and the spool holds the smaller body
+        if records and self._columnar:
+            return encode_columns(first_rid, records)
+        return encode_body(first_rid, records)  # no records: a checkpoint travels alone
+
+    def _body_limit(self, n_records: int, checkpoints: dict[str, Any]) -> int:
+        """The largest frame body: what the hub takes (``uplink.max_frame_bytes``, at most
+        the hub's own limit) and what the store takes (a quarter of the spool)."""
+        limit = self.config.uplink.max_frame_bytes - DATA_ENVELOPE_BYTES
+        room = self.store.max_body_bytes(n_records, checkpoints)
+        return limit if room is None else min(limit, room)
+
+    async def _store(self, batch: Batch) -> None:
+        runs = self._take_runs(len(batch.records))
+        first_rid = self.next_rid
+        n = len(batch.records)
+        checkpoints = dict(batch.checkpoints)
+        checkpoints[RID_KEY] = first_rid + n
+        checkpoints[AFTER_KEY] = batch.after  # every frame: the latest one is the truth
+        body = self._encode(first_rid, batch.records)
+        limit = self._body_limit(n, checkpoints)
+        if len(body) <= limit:
+            await self._append(body, n, checkpoints)
+        else:
+            await self._store_split(batch, runs, limit, len(body))
+        self._after_base = {s: batch.after.get(s, 0) for s in self._after_base}
+        self._notify_durable(batch.checkpoints)
+        self._last_progress = time.time()
+        self._count_drops()
+
+    async def _append(self, body: bytes, n_records: int, checkpoints: dict[str, Any]) -> None:
+        await self.store.append(body, n_records, checkpoints)
+        self.next_rid = checkpoints[RID_KEY]
+        failpoints.hit("gateway.frame_stored")
+        self.m_frames.inc()
+        self.m_records_stored.inc(n_records)
+
+    async def _store_split(self, batch: Batch, runs: list[tuple[str | None, int]], limit: int,
+                           size: int) -> None:
+        """A batch whose body exceeds the frame limit goes as several frames; a record
+        that alone exceeds it is refused (counted, dead-lettered, told to the hub).  Only
+        the last frame carries the batch's checkpoints; each earlier one carries, for every
+        tracked source, its records after its durable checkpoint that this and earlier
+        frames hold (``AFTER_KEY``), so a crash between the parts replays exactly the rest
+        (docs/spool.md, "Frame size")."""
+        records = batch.records
+        parts, refused = _split(records, limit, self._encode)
+        owners = [source for source, k in runs for _ in range(k)]
+        self.m_split.inc()
+        log.warning("a batch of %d record(s) takes %d bytes, over the frame limit of %d: "
+                    "stored as %d frame(s)%s", len(records), size, limit, len(parts),
+                    f", {len(refused)} record(s) refused" if refused else "")
+        # dead-lettered before any frame whose checkpoint passes them is durable
+        for i in refused:
+            await self._refuse(owners[i] or "?", records[i], limit)
+        if not parts:
+            parts = [(len(records), len(records))]  # the checkpoints still travel
+        done = 0
+        for k, (a, b) in enumerate(parts):
+            part = records[a:b]
+            if k == len(parts) - 1:
+                checkpoints = dict(batch.checkpoints)
+                after = batch.after
+            else:
+                checkpoints = {}
+                for source in owners[done:b]:
+                    if source in self._after_base:
+                        self._after_base[source] += 1
+                done = b
+                after = {s: v for s, v in self._after_base.items() if v}
+            checkpoints[RID_KEY] = self.next_rid + len(part)
+            checkpoints[AFTER_KEY] = after
+            await self._append(self._encode(self.next_rid, part), len(part), checkpoints)
+
+    async def _refuse(self, source: str, record: Record, limit: int) -> None:
+        size = len(self._encode(_WIDEST_RID, [record]))
+        reason = (f"record too large: {size} bytes encoded, a frame body may hold {limit} "
+                  f"(uplink.max_frame_bytes, spool.max_bytes / 4)")
+        log.error("source %s: a %s record refused: %s; kept in %s", source,
+                  type(record).__name__, reason, self.dead_letter_path)
+        self.m_refused.inc(source=source, reason="too_large")
+        self._refused_untold[source] = self._refused_untold.get(source, 0) + 1
+        try:
+            await write_dead_letter(self.dead_letter_path, {
+                "seq": None, "epoch": self.store.epoch, "reason": reason, "at": time.time(),
+                "body": encode_body(1, [record])})
+        except OSError:
+            report_internal_error(self.metrics, "dead_letter", log,
+                                  "writing a refused record to the dead-letter file")
+
+    def _refused_event(self) -> GatewayEvent | None:
+        """The event that tells the hub about refused records not told yet."""
+        if not self._refused_untold:
+            return None
+        by_source, self._refused_untold = self._refused_untold, {}
+        n = sum(by_source.values())
+        return GatewayEvent(
+            "gateway", time.time(), "error", "records_rejected",
+            f"{n} record(s) too large for a frame refused; kept in the gateway's "
+            f"dead-letter file", {"records": n, "by_source": by_source})
 
     async def _put_whole(self, records: Sequence[Record], checkpoint: Any,
                          source: str) -> None:
@@ -287,9 +413,8 @@ class Gateway:
             if b.pending and b.pending + len(records) > b.max_records:
                 batch = b.flush()
                 if batch is not None:
-                    await self._store(batch)
-            for batch in b.add(records, trio.current_time(), source, checkpoint):
-                await self._store(batch)
+                    await self._store_all([batch])
+            await self._store_all(self._add(records, source, checkpoint))
         self._wake_flusher.set()
 
     def _notify_durable(self, checkpoints: dict[str, Any]) -> None:
@@ -350,14 +475,18 @@ class Gateway:
             async with self._lock:
                 batch = self.batcher.poll(trio.current_time())
                 if batch is not None:
-                    await self._store(batch)
+                    await self._store_all([batch])
 
     async def flush(self) -> None:
         """Store whatever the batcher holds now (used at shutdown and by embedders)."""
         async with self._lock:
-            batch = self.batcher.flush()
-            if batch is not None:
-                await self._store(batch)
+            # twice at most: the events that storing the batch raised (drops, refusals)
+            # wait in the batcher, and go too
+            for _ in range(2):
+                batch = self.batcher.flush()
+                if batch is None:
+                    break
+                await self._store_all([batch])
 
     async def drain(self, seconds: float) -> bool:
         """Flush the batcher and wait up to ``seconds`` for the hub to acknowledge every
@@ -435,7 +564,7 @@ class Gateway:
         self.next_rid = int(self.store.checkpoints.get(RID_KEY, 1))
         sources = self._build_sources()
         self.uplink = Uplink(self.config.gateway, self.config.uplink, self.store, self.metrics,
-                             trio.Path(self.state_dir / "dead-letter.cborseq"))
+                             self.dead_letter_path)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.uplink.run)
@@ -452,3 +581,28 @@ class Gateway:
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await self.flush()
+
+
+def _split(records: Sequence[Record], limit: int,
+           encode: Callable[[int, Sequence[Record]], bytes]) -> tuple[list[tuple[int, int]],
+                                                                    list[int]]:
+    """Cut ``records`` into runs ``[a, b)`` whose bodies fit ``limit``, halving until they
+    do; a single record that does not fit is refused.  Returns (runs in order, refused
+    indexes).  Only for a batch over the limit: rare, so re-encoding is fine."""
+    parts: list[tuple[int, int]] = []
+    refused: list[int] = []
+    todo = [(0, len(records))]
+    while todo:
+        a, b = todo.pop()
+        if len(encode(_WIDEST_RID, records[a:b])) <= limit:
+            if parts and parts[-1][1] == a and len(
+                    encode(_WIDEST_RID, records[parts[-1][0]:b])) <= limit:
+                parts[-1] = (parts[-1][0], b)  # halves that fit together go together
+            else:
+                parts.append((a, b))
+        elif b - a == 1:
+            refused.append(a)
+        else:
+            m = (a + b) // 2
+            todo += [(m, b), (a, m)]
+    return parts, refused

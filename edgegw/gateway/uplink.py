@@ -205,6 +205,13 @@ class Uplink:
             self.last_error = None
             log.info("connected to %s (hub has %s)", self.gateway.hub_url,
                      welcome.applied[:3] or "nothing")
+            if welcome.max_frame_bytes < cfg.max_frame_bytes:
+                # frames are cut to uplink.max_frame_bytes when stored: larger than what
+                # this hub takes, they go to the dead-letter file instead of the hub
+                log.warning("the hub takes frames of up to %d bytes, uplink.max_frame_bytes "
+                            "is %d: set it to at most the hub's limit, or frames between "
+                            "the two are dead-lettered", welcome.max_frame_bytes,
+                            cfg.max_frame_bytes)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._receiver, ws, conn)
@@ -250,10 +257,9 @@ class Uplink:
         frames = self.store.frames_from(seq, 1)
         body = frames[0].body if frames and frames[0].seq == seq else None
         if self.dead_letter_path is not None:
-            entry = cbor2.dumps({"seq": seq, "epoch": self.store.epoch, "reason": reason,
-                                 "at": time.time(), "body": body})
-            async with await self.dead_letter_path.open("ab") as f:
-                await f.write(len(entry).to_bytes(4, "big") + entry)
+            await write_dead_letter(self.dead_letter_path, {
+                "seq": seq, "epoch": self.store.epoch, "reason": reason, "at": time.time(),
+                "body": body})
         if ack:
             self.store.ack_set([(seq, seq)])
             if self.scheduler is not None:
@@ -350,6 +356,15 @@ class Uplink:
         self.m_frames.inc()
         self.m_bytes.inc(len(data))
         self.m_body_bytes.inc(len(f.body))
+
+
+async def write_dead_letter(path: trio.Path, entry: dict[str, Any]) -> None:
+    """Append one entry to the dead-letter file: a 4-byte big-endian length, then the
+    entry as CBOR (``seq``: the frame's, or None for a record refused before any frame
+    held it; ``epoch``, ``reason``, ``at``, ``body``)."""
+    data = cbor2.dumps(entry)
+    async with await path.open("ab") as f:
+        await f.write(len(data).to_bytes(4, "big") + data)
 
 
 async def _going_away(ws: Any) -> None:

@@ -745,7 +745,11 @@ class Ingest:
                     self.m_frames.inc()
                     self.m_records.inc(len(records))
                     self._queue_feed(gw, first_rid, records, f.id)
-                    self.h_age.observe_many([wall - r.ts for r in records])
+                    try:
+                        ages = [wall - r.ts for r in records]
+                    except (TypeError, OverflowError):  # a ts that is no (float) number:
+                        ages = _ages(wall, records)  # applied as sent, it has no age
+                    self.h_age.observe_many(ages)
                 ack = conn.applied(f.seq, now)
             # observed before any await: a scrape sees it together with the counts above
             done = trio.current_time()
@@ -789,6 +793,18 @@ class Ingest:
             if self._over_bytes():
                 self._prune_now.set()
             return result
+
+
+def _ages(wall: float, records: list[Record]) -> list[float]:
+    """The ages of the records whose ts is a number a float can hold (records decode with
+    any field values; the live state judges them)."""
+    out = []
+    for r in records:
+        try:
+            out.append(wall - r.ts)
+        except (TypeError, OverflowError):
+            pass
+    return out
 
 
 def _reason_key(code: int) -> str:

@@ -225,19 +225,32 @@ class MqttSource:
         self._m_unrouted = m.counter("mqtt_unrouted_total",
                                      "MQTT messages matching no subscription")
         self._m_connected = m.gauge("mqtt_connected", "1 while connected to the broker")
-        self._m_failures = m.gauge("mqtt_connect_failures", "failed connection attempts")
+        # counters of events, fed by the increase since the last collection (a source
+        # rebuilt after a failure starts a new client, whose own counts start at 0)
+        self._m_failures = m.counter("mqtt_connect_failures_total",
+                                     "failed connection attempts")
+        self._failures_seen: tuple[Any, int] = (None, 0)  # (client, its count collected)
+        self._m_retained = m.counter(
+            "mqtt_retained_repeats_total", "retained messages the broker sent again (at a "
+            "resubscription) that were already taken: dropped, not counted twice")
         self._m_unacked = m.gauge("mqtt_unacked",
                                   "QoS 1 messages received, not yet acknowledged")
-        self._m_duplicates = m.gauge(
-            "mqtt_redelivered_dropped", "QoS 1 messages the broker sent again that were "
-            "already stored or in hand, dropped (acknowledged, not counted twice)")
+        self._m_duplicates = m.counter(
+            "mqtt_redelivered_dropped_total", "QoS 1 messages the broker sent again that "
+            "were already stored or in hand, dropped (acknowledged, not counted twice)")
+        self._duplicates_counted = 0  # of the ledger's count, what the counter has
         self._h_window_lag = m.histogram(
             "mqtt_window_lag_seconds", "seconds from a throttle window's end to its hand-over "
             "to the gateway, per window (how late sensor data leaves the source)", AGE_BUCKETS)
         m.add_collector(self._collect)
         # (kind, topic) -> (last log, suppressed)
         self._reported: dict[tuple[str, str], tuple[float, int]] = {}
+        # topic -> (crc32 of the payload, its payload time) of the last message taken:
+        # what a retained message sent again at a resubscription is recognised by
+        self._last_taken: dict[str, tuple[int, float | None]] = {}
+        self.retained_repeats = 0
         self.received = 0
+        self._received_counted = 0  # of ``received``, what mqtt_messages_total has
         self.bad = 0
         self.failed = 0  # messages whose handling raised something unexpected
         self.client: TrioMqttClient | None = None
@@ -288,22 +301,40 @@ class MqttSource:
                 self._m_unrouted.inc(source=self.name)
             else:
                 value, ts = route.decode(msg.payload)
-                if ts is None:
-                    ts = time.time()
-                throttled = route.throttled
-                if throttled is None:
-                    self._pending.append(
-                        SensorReading(self.name, ts, channel, value, route.sub.unit))
-                    group = self._ledger.pending
+                if self._taken_already(topic, msg, ts):
+                    self.retained_repeats += 1
+                    self._m_retained.inc(source=self.name)
                 else:
-                    throttled.throttle.add(channel, value, ts)
-                    group = throttled.group
+                    if ts is None:
+                        ts = time.time()
+                    throttled = route.throttled
+                    if throttled is None:
+                        self._pending.append(
+                            SensorReading(self.name, ts, channel, value, route.sub.unit))
+                        group = self._ledger.pending
+                    else:
+                        throttled.throttle.add(channel, value, ts)
+                        group = throttled.group
         except (PayloadError, TemplateError) as exc:
             self._bad_payload(msg, str(exc))
         except Exception as exc:
             self._message_failed(msg, exc)
         if qos:
             self._ledger.add(msg.mid, key, group, not msg.dup)
+
+    def _taken_already(self, topic: str, msg: paho.MQTTMessage, ts: float | None) -> bool:
+        """A retained message (the broker sends one at every subscription, so at every
+        reconnect) that repeats what this topic last gave: the same payload, or a payload
+        time not after the last one taken.  Every message taken is remembered per topic."""
+        crc = zlib.crc32(msg.payload)
+        last = self._last_taken.get(topic)
+        if msg.retain and last is not None and (
+                last[0] == crc or (ts is not None and last[1] is not None and ts <= last[1])):
+            return True
+        if len(self._last_taken) > 100_000 and last is None:  # do not grow forever
+            self._last_taken.clear()
+        self._last_taken[topic] = (crc, ts)
+        return False
 
     @staticmethod
     def _topic_of(msg: paho.MQTTMessage) -> str:
@@ -382,12 +413,20 @@ class MqttSource:
 
     def _collect(self) -> None:
         client = self.client
-        self._m_messages.set(self.received, source=self.name)
+        # increases, not the value: a source rebuilt after a failure counts from 0 again
+        self._m_messages.inc(self.received - self._received_counted, source=self.name)
+        self._received_counted = self.received
         self._m_unacked.set(self._ledger.unacked, source=self.name)
-        self._m_duplicates.set(self._ledger.duplicates, source=self.name)
+        self._m_duplicates.inc(self._ledger.duplicates - self._duplicates_counted,
+                               source=self.name)
+        self._duplicates_counted = self._ledger.duplicates
         if client is not None:
             self._m_connected.set(1 if client.connected else 0, source=self.name)
-            self._m_failures.set(client.connect_failures, source=self.name)
+            seen_client, seen = self._failures_seen
+            if seen_client is not client:
+                seen = 0
+            self._m_failures.inc(client.connect_failures - seen, source=self.name)
+            self._failures_seen = (client, client.connect_failures)
 
     @property
     def buffered(self) -> int:

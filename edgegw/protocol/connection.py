@@ -207,7 +207,9 @@ class HubConnection(_Base):
         self.hello_msg: Hello | None = None
         self.applied_set = IntervalSet()
         self._seen = IntervalSet()  # applied, or received and being applied
-        self._received = IntervalSet()  # every seq received on this connection
+        # applied before this connection (WELCOME): the rest of _seen came on this one.
+        # Both are bounded by holes, never by frames: nothing is kept per frame received
+        self._welcomed = IntervalSet()
         self.declared_lost = 0
 
     def receive(self, data: bytes | str, now: float) -> tuple[list[Any], bytes | None]:
@@ -223,11 +225,11 @@ class HubConnection(_Base):
         if isinstance(msg, Data):
             if msg.encoding is not None and msg.encoding != self.body_encoding:
                 raise self.fail(f"DATA body encoding {msg.encoding!r} was not agreed in WELCOME")
-            # Checked before the applied set: a frame applied *on this connection* and sent
-            # again is a gateway fault, not a duplicate left over from an earlier connection.
-            if msg.seq in self._received:
+            # Checked before the applied set: a frame received *on this connection* (applied
+            # or not yet) and sent again is a gateway fault, not a duplicate left over from
+            # an earlier connection.
+            if msg.seq in self._seen and msg.seq not in self._welcomed:
                 raise self.fail(f"frame {msg.seq} sent twice on one connection")
-            self._received.add(msg.seq)
             if msg.seq in self.applied_set:
                 return [Duplicate(msg.seq)], self.ack(now)
             trial = IntervalSet(self._seen.ranges())
@@ -258,6 +260,7 @@ class HubConnection(_Base):
         self.declared_lost = missing.count() - applied.count()
         self.applied_set = missing
         self._seen = IntervalSet(missing.ranges())
+        self._welcomed = IntervalSet(missing.ranges())
         self.state = State.OPEN
         # the gateway's order of preference, among what this hub accepts
         self.body_encoding = next(

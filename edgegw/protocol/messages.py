@@ -23,6 +23,9 @@ PROTOCOL_VERSION = 2
 #: every version it speaks: v2 (columnar bodies, section 5.2) and v1, still spoken to
 #: peers that know nothing newer
 SUPPORTED_VERSIONS = (1, 2)
+#: the largest sequence number, record id or other integer a message may carry: what a
+#: signed 64-bit column (SQLite INTEGER, PostgreSQL BIGINT) holds
+MAX_INT = (1 << 63) - 1
 
 # message types
 HELLO = 1
@@ -169,8 +172,8 @@ def _bad(reason: str) -> ProtocolError:
 
 
 def _int(v: Any, what: str, minimum: int = 0) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-        raise _bad(f"{what} must be an integer >= {minimum}, got {v!r:.40}")
+    if not isinstance(v, int) or isinstance(v, bool) or not minimum <= v <= MAX_INT:
+        raise _bad(f"{what} must be an integer from {minimum} to 2^63 - 1, got {v!r:.40}")
     return v
 
 
@@ -342,9 +345,12 @@ def decode_frame(body: bytes, max_records: int, *, columnar: bool = True
             raise _too_many(exc.args[0], max_records) from None
         except (ColumnarError, TypeError, ValueError) as exc:
             raise FrameError(f"bad columnar body: {exc}") from None
-        return first_rid, records
-    first_rid, sources, wire = _rows(item, max_records)
-    try:
-        return first_rid, [from_wire(w, sources) for w in wire]
-    except (RecordError, TypeError) as exc:
-        raise FrameError(f"bad record: {exc}") from None
+    else:
+        first_rid, sources, wire = _rows(item, max_records)
+        try:
+            records = [from_wire(w, sources) for w in wire]
+        except (RecordError, TypeError) as exc:
+            raise FrameError(f"bad record: {exc}") from None
+    if first_rid + max(len(records), 1) - 1 > MAX_INT:  # ids a 64-bit column holds
+        raise FrameError(f"record ids from first_rid {first_rid!r:.40} pass 2^63 - 1")
+    return first_rid, records

@@ -252,10 +252,11 @@ class DiskSpool(GroupCommit):
         """Store a frame; returns its seq once it is durable (I2)."""
         if not self._started:
             raise RuntimeError("the spool is not running (start DiskSpool.run first)")
-        seq_probe = self._next_seq
-        size = len(encode_frame(seq_probe, b"", n_records, checkpoints)) + len(body)
-        if size > self.config.max_bytes // 4:
-            raise ValueError(f"frame of {size} bytes exceeds a quarter of spool.max_bytes")
+        room = self.max_body_bytes(n_records, checkpoints)
+        if len(body) > room:  # the gateway splits batches before this (docs/spool.md)
+            raise ValueError(f"frame body of {len(body)} bytes exceeds the {room} a frame "
+                             f"may hold (a quarter of spool.max_bytes)")
+        size = self.config.max_bytes // 4 - room + len(body)
         while self._over_cap(size) or (self._disk_full and self.config.policy == "block"):
             if self.config.policy == "drop_oldest":
                 self._drop_requested = True
@@ -274,6 +275,12 @@ class DiskSpool(GroupCommit):
         while self._durable_seq < seq:
             await self._durable_changed.wait()
         return seq
+
+    def max_body_bytes(self, n_records: int, checkpoints: dict[str, Any]) -> int:
+        """The largest body ``append`` takes: a frame record (header, metadata, body) may
+        fill at most a quarter of ``max_bytes``, so that the cap always holds several."""
+        meta = len(encode_frame(self._next_seq, b"", n_records, checkpoints))
+        return self.config.max_bytes // 4 - meta
 
     def _over_cap(self, size: int) -> bool:
         return self.total_bytes + self._pending_bytes + size > self.config.max_bytes

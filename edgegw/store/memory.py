@@ -92,6 +92,9 @@ class MemoryFrameStore:
     def first_seq_since(self, age_s: float) -> int:
         return self._next_seq  # frame times are not kept: every stored frame is backlog
 
+    def max_body_bytes(self, n_records: int, checkpoints: dict[str, Any]) -> int | None:
+        return None  # bounded in frames, not bytes
+
     async def wait_for_frame_after(self, seq: int) -> None:
         while self._next_seq - 1 <= seq:
             await self._changed.wait()

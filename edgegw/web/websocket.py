@@ -4,6 +4,7 @@ clients (a server-to-client frame is not masked: ``prepare_message`` encodes it 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -214,7 +215,7 @@ class WebSocket:
                     self._size += len(event.data)
                     if self._size > self.max_message_size:
                         reason = f"message exceeds the limit of {self.max_message_size} bytes"
-                        await self.aclose(1009, reason)
+                        await self._close_for_fault(1009, reason, parsable=True)
                         raise MessageTooBig(reason)
                     if event.message_finished:
                         parts, self._parts, self._size = self._parts, [], 0
@@ -225,10 +226,12 @@ class WebSocket:
                     await self._write(self.conn.send(event.response()))
                 elif isinstance(event, CloseConnection):
                     if self.conn.state is ConnectionState.OPEN:
-                        # Not the peer's close frame: wsproto could not parse its frames
-                        # (1002) or a text message was not UTF-8 (1007).  Tell the peer;
-                        # nothing after the bad frame can be read, so no lingering.
-                        await self.aclose(event.code, event.reason or "", linger=False)
+                        # Not the peer's close frame: wsproto could not process its frames
+                        # (1002), a text message was not UTF-8 (1007), or a compressed one
+                        # inflates past the limit (1009).  Tell the peer; nothing after the
+                        # bad frame can be parsed.
+                        await self._close_for_fault(event.code, event.reason or "",
+                                                    parsable=False)
                         raise self.closed  # type: ignore[misc]
                     self.closed = ConnectionClosed(event.code, event.reason or "")
                     try:
@@ -249,6 +252,20 @@ class WebSocket:
         """Close with ``code``: the close frame, then (``linger``) the peer's reply awaited
         as the class docstring says, then the stream.  Never raises for a peer that is
         gone already."""
+        await self._close(code, reason, "reply" if linger else None)
+
+    async def _close_for_fault(self, code: int, reason: str, *, parsable: bool) -> None:
+        """``get_message``'s own close for the peer's fault (1009, 1002, 1007).  Shielded
+        (each wait bounded by ``close_timeout``): a task beside the reader that sees
+        ``closed`` set and cancels the connection -- the live fan-out's sender -- would
+        otherwise cut the close frame off, and the peer would see 1006 instead of the code.
+        When the peer's frames cannot be parsed any more, what it still sends is read and
+        dropped until it closes: closing over unread data resets the connection, and a
+        peer still sending loses our close frame to the reset."""
+        with trio.CancelScope(shield=True):
+            await self._close(code, reason, "reply" if parsable else "discard")
+
+    async def _close(self, code: int, reason: str, then: str | None) -> None:
         if self.closed is None:
             self.closed = ConnectionClosed(code, reason)
         sent = False
@@ -257,15 +274,28 @@ class WebSocket:
                 with trio.move_on_after(self.close_timeout):
                     await self._write(self.conn.send(CloseConnection(code=code, reason=reason)))
                     sent = True
-            if sent and linger and not self._receiving:
+            if sent and then is not None and not self._receiving:
                 with trio.move_on_after(self.close_timeout):
-                    await self._await_close_reply()
+                    if then == "reply":
+                        await self._await_close_reply()
+                    else:  # "discard": unparsable, read and dropped until EOF
+                        await self._send_eof()  # the peer's cue to close its end
+                        while await self._receive_some():
+                            pass
         except ConnectionClosed:
             pass
         finally:
             with trio.move_on_after(1) as cs:
                 cs.shield = True
                 await self.stream.aclose()
+
+    async def _send_eof(self) -> None:
+        send_eof = getattr(self.stream, "send_eof", None)  # TCP: yes; TLS: no
+        if send_eof is not None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                     trio.BusyResourceError):
+                async with self.send_gate:
+                    await send_eof()
 
     async def _await_close_reply(self) -> None:
         """Drop what the peer still sends, until its close frame or EOF.  What was read
