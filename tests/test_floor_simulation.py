@@ -3,9 +3,7 @@ excursions (what the example alert rules are set for), and a sensor feed without
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import multiprocessing
 import statistics
 from pathlib import Path
 from typing import Any
@@ -58,66 +56,36 @@ def test_the_simulated_tester_tests_lot_after_lot_without_end() -> None:
     assert len(ended) == 3 * 2  # lots = 3: three lots of two wafers, then it ends
 
 
-def apply_lots(config: SimulatedConfig, first: int, last: int
-               ) -> tuple[dict[str, float], dict[str, set[str]]]:
-    """Lots ``first``..``last`` (1-based) of ``config``'s tester, applied touchdown by
-    touchdown to a hub's live state with conf/hub.toml's alert rules: each wafer's yield,
-    and the wafers each rule raised an alert for.  The lots before ``first`` are generated
-    (the model is one seeded sequence) but not applied; records keep their times and ids."""
+def test_wafer_yield_stays_in_a_band_and_the_example_rule_fires_on_excursions() -> None:
+    """With conf/hub.toml's alert rules, 300 wafers (12 lots of 25) of the default simulated
+    tester: yields stay in a band (no drift to 0 %), and the wafer-yield alert is raised
+    for excursion wafers, not for every wafer."""
     hub = load(HubConfig, REPO / "conf" / "hub.toml")
     raised: list[dict[str, Any]] = []
     engine = AlertEngine(hub.alerts, lambda topic, delta: None,
                          sink=lambda e: raised.append(e) if e["event"] == "raised" else None)
     state = LiveState(lambda topic, delta: None, alerts=engine, clock=lambda: 0.0)
+    config = SimulatedConfig(lots=12)
     clock = iter(range(1_000, 10**9))  # record times: one second per batch
     rid = 1
-    lot = 0
     yields: dict[str, float] = {}
     for batch, _ in simulated_batches(config, "tester", clock=lambda: float(next(clock))):
-        lot += isinstance(batch[0], LotStart)
-        if lot > last:
-            break
-        if lot >= first:
-            state.on_records("ate-01", rid, batch, now=batch[0].ts)
-            for r in batch:
-                if isinstance(r, WaferEnd):
-                    yields[r.wafer_id] = r.good_count / r.part_count
+        state.on_records("ate-01", rid, batch, now=batch[0].ts)
         rid += len(batch)
-    by_rule: dict[str, set[str]] = {}
-    for event in raised:
-        alert = event["alert"]
-        by_rule.setdefault(alert["rule"], set()).add(alert["context"].get("wafer_id", ""))
-    return yields, by_rule
-
-
-def test_wafer_yield_stays_in_a_band_and_the_example_rule_fires_on_excursions() -> None:
-    """With conf/hub.toml's alert rules, 300 wafers (12 lots of 25) of the default simulated
-    tester: yields stay in a band (no drift to 0 %), and the wafer-yield alert is raised
-    for excursion wafers, not for every wafer.
-
-    Lots 1-6 and 7-12 are applied in two processes at once (each hub state sees its lots
-    touchdown by touchdown, as before; 60 s -> 35 s on a busy machine): the rules here are
-    per wafer, per site or per gateway within a lot, so no alert depends on an earlier lot."""
-    config = SimulatedConfig(lots=12)
-    assert {r.kind for r in load(HubConfig, REPO / "conf" / "hub.toml").alerts.rules} <= {
-        "wafer_yield", "consecutive_fails", "site_yield_gap", "gateway_offline"}, (
-        "a rule that may span lots: apply the lots in one process again")
-    with concurrent.futures.ProcessPoolExecutor(
-            2, mp_context=multiprocessing.get_context("fork")) as pool:
-        halves = [pool.submit(apply_lots, config, 1, 6), pool.submit(apply_lots, config, 7, 12)]
-        excursions = excursion_wafers(config, 12)
-        results = [h.result() for h in halves]
-    yields = {**results[0][0], **results[1][0]}
-    by_rule: dict[str, set[str]] = {}
-    for _, rules in results:
-        for rule, wafers in rules.items():
-            by_rule.setdefault(rule, set()).update(wafers)
+        for r in batch:
+            if isinstance(r, WaferEnd):
+                yields[r.wafer_id] = r.good_count / r.part_count
+    excursions = excursion_wafers(config, 12)
     normal = [y for w, y in yields.items() if w not in excursions]
     assert len(yields) == 300
     assert 0.86 < statistics.mean(normal) < 0.93, statistics.mean(normal)
     assert min(normal) > 0.75 and statistics.pstdev(normal) < 0.035  # a band, not a ramp
     assert 3 <= len(excursions) <= 30  # now and then, about one wafer in 25
 
+    by_rule: dict[str, set[str]] = {}
+    for event in raised:
+        alert = event["alert"]
+        by_rule.setdefault(alert["rule"], set()).add(alert["context"].get("wafer_id", ""))
     yield_alerts = by_rule.get("wafer-yield", set())
     # every excursion is caught ...
     assert excursions <= yield_alerts, excursions - yield_alerts
