@@ -5,6 +5,8 @@
   use), else on a private server this module starts; dropped after the test.
 - ``PrivatePg``: a private server (initdb + pg_ctl) on a free port in its own directory, as
   the ``postgres`` user when the tests run as root (PostgreSQL refuses to run as root).
+  initdb runs once per session; each server starts from a copy of that fresh cluster
+  (``cp -a``: 0.1 s, against 2-3 s for initdb on a busy machine).
   Tests that restart PostgreSQL always use one: the machine's server is never restarted.
 
 Without PostgreSQL binaries and without a server the tests skip -- except under CI=true,
@@ -13,6 +15,7 @@ where they fail.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
 import os
@@ -61,6 +64,10 @@ def answers(dsn: str, timeout: int = 3) -> bool:
         return False
 
 
+#: a fresh cluster made by initdb once per session (copied by each PrivatePg)
+_template: Path | None = None
+
+
 def with_db(dsn: str, dbname: str) -> str:
     import psycopg.conninfo
 
@@ -90,9 +97,22 @@ class PrivatePg:
                 _unavailable("running as root and there is no postgres user to run it as")
             self.user = "postgres"
             os.chown(self.dir, entry.pw_uid, entry.pw_gid)
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres",
-                  "--no-sync", "-E", "UTF8")
+        subprocess.run(["cp", "-a", str(self._template()), str(self.data)], check=True,
+                       timeout=120)
         self.dsn = f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+
+    def _template(self) -> Path:
+        global _template
+        if _template is None:
+            base = Path(tempfile.mkdtemp(prefix="edgegw-pg-template-", dir="/var/tmp"))
+            atexit.register(shutil.rmtree, base, ignore_errors=True)
+            if self.user is not None:
+                entry = pwd.getpwnam(self.user)
+                os.chown(base, entry.pw_uid, entry.pw_gid)
+            self._run("initdb", "-D", str(base / "data"), "-A", "trust", "-U", "postgres",
+                      "--no-sync", "-E", "UTF8")
+            _template = base / "data"
+        return _template
 
     def _run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.bindir / tool), *args]

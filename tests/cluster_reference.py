@@ -60,9 +60,11 @@ def _volatile(a: Any, b: Any, path: tuple[Any, ...], out: set[tuple[Any, ...]]) 
         out.add(path)
 
 
-def volatile_fields(sources: dict[str, dict[str, Any]]) -> set[tuple[Any, ...]]:
-    """Paths (topic kind, key, ...) whose values depend on the clock."""
-    a = lot_topics(reference_state(sources, 1.7e9))
+def volatile_fields(sources: dict[str, dict[str, Any]],
+                    state: LiveState | None = None) -> set[tuple[Any, ...]]:
+    """Paths (topic kind, key, ...) whose values depend on the clock.  ``state``: the
+    caller's ``reference_state(sources)`` (default clock), if it has one (not made again)."""
+    a = lot_topics(reference_state(sources, 1.7e9) if state is None else state)
     b = lot_topics(reference_state(sources, 1.8e9, 0.013))
     out: set[tuple[Any, ...]] = set()
     for topic in set(a) | set(b):

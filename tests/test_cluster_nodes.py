@@ -50,12 +50,16 @@ pytestmark = pytest.mark.skipif(
 
 PARTITIONS = 8
 # EDGEGW_CLUSTER_SOAK=N: N times the records and N rounds of node kills (a longer soak,
-# outside the suite: docs/cluster.md, "Tests"); the suite runs 1 (about 40 s a test)
+# outside the suite: docs/cluster.md, "Tests"); the suite runs 1
 SOAK = int(os.environ.get("EDGEGW_CLUSTER_SOAK", "1"))
 
-# three testers, two lots each (lots of one tester land in different partitions)
+# three testers, two lots each (lots of one tester land in different partitions).  Each
+# test paces them (``parts_per_second``: it changes when records come, not which, so the
+# single hub's reference is the same) for a run just long enough for its disruption to
+# land mid-run, which it asserts: 2400 parts at 120 parts/s (20 s) for every test mostly
+# waited for the testers.
 SOURCES: dict[str, dict[str, Any]] = {
-    f"ate-0{i}": {"parts_per_second": 120, "max_parts": 2400 * SOAK, "seed": 10 + i, "sites": 4,
+    f"ate-0{i}": {"max_parts": 1800 * SOAK, "seed": 10 + i, "sites": 4,
                   "wafers": 3, "tests_per_part": 6, "lots": 2 * SOAK, "lot_id": f"L{i}00"}
     for i in (1, 2, 3)}
 
@@ -116,13 +120,15 @@ def node_toml(tmp: Path, dsn: str, redis_url: str, prefix: str) -> str:
 
 
 class GatewayProc:
-    def __init__(self, tmp: Path, gw: str, lb_port: int) -> None:
+    def __init__(self, tmp: Path, gw: str, lb_port: int, parts_per_second: float) -> None:
         self.gw = gw
         self.dir = tmp / gw
         self.dir.mkdir(parents=True)
         self.status = free_port()
+        self.pace = parts_per_second
+        settings = {**SOURCES[gw], "parts_per_second": parts_per_second}
         source = "\n".join(f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}"
-                           for k, v in SOURCES[gw].items()).replace("'", '"')
+                           for k, v in settings.items()).replace("'", '"')
         self.cfg = self.dir / "gateway.toml"
         self.cfg.write_text(
             GATEWAY_TOML.replace("@ID@", gw).replace("@LB@", str(lb_port))
@@ -130,6 +136,8 @@ class GatewayProc:
             .replace("@SOURCE@", source))
         self.proc: subprocess.Popen[bytes] | None = None
         self.last_rid = 0
+        #: the records it had produced when the disruption landed (the tester still running?)
+        self.produced_at_disruption: int | None = None
 
     def start(self) -> None:
         self.proc = spawn("gateway", "--config", str(self.cfg), log=self.dir / "gateway.log")
@@ -171,13 +179,14 @@ class Reference:
         from edgegw.config import build
         from edgegw.hub.alerts import AlertsConfig
 
-        self.state = reference_state(SOURCES)
-        self.volatile = volatile_fields(SOURCES)
+        # one single hub with the nodes' alert rules, as the nodes run (its lot and test
+        # topics are those of one without rules)
+        self.state = reference_state(SOURCES, alerts=build(AlertsConfig, ALERTS))
+        self.volatile = volatile_fields(SOURCES, self.state)
         self.expected = comparable(lot_topics(self.state), self.volatile)
         self.n_records = {gw: count_tester_records(s) for gw, s in SOURCES.items()}
-        alerting = reference_state(SOURCES, alerts=build(AlertsConfig, ALERTS))
-        assert alerting.alerts is not None
-        self.alert_keys = sorted(a.key for a in alerting.alerts.alerts.values())
+        assert self.state.alerts is not None
+        self.alert_keys = sorted(a.key for a in self.state.alerts.alerts.values())
         self._api: dict[str, Any] | None = None
 
     async def api(self) -> dict[str, Any]:
@@ -308,7 +317,8 @@ def assert_exactly_once(coverage: list[tuple[int, int]], last_rid: int) -> None:
     assert expect - 1 == last_rid, (expect - 1, last_rid)
 
 
-Disrupt = Callable[[NodeSet, float], Awaitable[list[str]]]
+#: ``disrupt(nodes, t0, landed)``: ``landed()`` once its last disruption is in place
+Disrupt = Callable[[NodeSet, float, Callable[[], Awaitable[None]]], Awaitable[list[str]]]
 
 
 class Run:
@@ -328,10 +338,14 @@ class Run:
         self.totals: dict[str, tuple[int, int, int | None]] = {}
 
 
-async def cluster_run(tmp: Path, dsn: str, redis_url: str, disrupt: Disrupt) -> Run:
-    """Three nodes behind HAProxy, the testers' gateways and three /ws/live clients
-    through it; ``disrupt(nodes, t0)`` runs meanwhile (``t0``: when records first reached
-    every client); returns once every gateway drained
+async def cluster_run(tmp: Path, dsn: str, redis_url: str, disrupt: Disrupt,
+                      parts_per_second: float | Callable[[float], float]) -> Run:
+    """Three nodes behind HAProxy, the testers' gateways (at ``parts_per_second``, or
+    ``parts_per_second(s)`` for nodes that took ``s`` seconds to start) and
+    three /ws/live clients through it; ``disrupt(nodes, t0, landed)`` runs meanwhile
+    (``t0``: when records first reached every client; ``landed()``: it says when its last
+    disruption is in place, to check that the testers were still running then); returns
+    once every gateway drained
     and the clients converged (or 60 s passed: the caller's asserts then say what
     differs)."""
     text = node_toml(tmp, dsn, redis_url, f"t{os.getpid()}x{time.monotonic_ns()}")
@@ -339,12 +353,21 @@ async def cluster_run(tmp: Path, dsn: str, redis_url: str, disrupt: Disrupt) -> 
     with NodeSet(tmp / "nodes", 3, lambda i: text) as nodes:
         # the reference (once per session) is computed while the nodes start
         async with trio.open_nursery() as setup:
-            setup.start_soon(functools.partial(trio.to_thread.run_sync, nodes.start_all, 90))
+            async def start_nodes() -> None:
+                nonlocal started_s
+                t = trio.current_time()
+                await trio.to_thread.run_sync(nodes.start_all, 90)
+                started_s = trio.current_time() - t
+            started_s = 0.0
+            setup.start_soon(start_nodes)
             ref = await trio.to_thread.run_sync(reference)
+        if callable(parts_per_second):
+            parts_per_second = parts_per_second(started_s)
         expected, volatile, n_records = ref.expected, ref.volatile, ref.n_records
         with HAProxy(tmp / "lb", nodes.backends) as lb:
             lb.wait_states({"n0": "UP", "n1": "UP", "n2": "UP"})
-            run.gateways = [GatewayProc(tmp, gw, lb.port) for gw in SOURCES]
+            run.gateways = [GatewayProc(tmp, gw, lb.port, parts_per_second)
+                            for gw in SOURCES]
             run.followers = [LiveFollower(lb.port, ["lot/#", "test/#"], f"c{i}")
                              for i in range(3)]
             run.alert_followers = [LiveFollower(lb.port, ["alert/#"], f"a{i}")
@@ -364,7 +387,12 @@ async def cluster_run(tmp: Path, dsn: str, redis_url: str, disrupt: Disrupt) -> 
                         while not all(any(t.startswith("lot/") for t in f.offsets)
                                       for f in run.followers):
                             await trio.sleep(0.1)
-                    run.events = await disrupt(nodes, trio.current_time())
+                    async def landed() -> None:
+                        for gw in run.gateways:
+                            gw.produced_at_disruption = (
+                                await trio.to_thread.run_sync(gw.stats))["next_rid"] - 1
+
+                    run.events = await disrupt(nodes, trio.current_time(), landed)
 
                     def all_drained() -> bool:
                         return all(g.drained(n_records[g.gw]) for g in run.gateways)
@@ -415,8 +443,16 @@ async def cluster_run(tmp: Path, dsn: str, redis_url: str, disrupt: Disrupt) -> 
 async def check_run(run: Run, dsn: str) -> None:
     """Exactly once record by record; every client's state, and every node's /api, equal to
     one uninterrupted hub's; no silent gap on any client."""
+    print("disruption:", run.events, "paced at", run.gateways[0].pace,
+          "records produced when it landed:",
+          {g.gw: g.produced_at_disruption for g in run.gateways})
     ref = reference()
     expected, volatile, n_records = ref.expected, ref.volatile, ref.n_records
+    # the disruption landed mid-run: every tester was still producing then
+    for g in run.gateways:
+        assert g.produced_at_disruption is not None, "the disruption never said it landed"
+        assert g.produced_at_disruption < n_records[g.gw], (
+            g.gw, g.produced_at_disruption, n_records[g.gw], run.events)
     # exactly once, record by record (by record id, per gateway)
     coverage = applied_rid_coverage(dsn)
     for g in run.gateways:
@@ -466,19 +502,32 @@ async def check_run(run: Run, dsn: str) -> None:
 
 async def test_sigkill_three_nodes_during_a_run(tmp_path: Path, pg_dsn: str,
                                                 redis_server: Any) -> None:  # noqa: F811
-    async def kill_each(nodes: NodeSet, t0: float) -> list[str]:
+    async def kill_each(nodes: NodeSet, t0: float, landed: Callable[[], Awaitable[None]]
+                        ) -> list[str]:
+        # each kill once the previous victim is back (so one node down at a time), not at
+        # fixed offsets: a restart takes 3-5 s on a busy machine, 8-14 s beside two busy
+        # loops and a load of 11
         events = []
-        schedule = [(victim, 4.0 + 18.0 * round_ + 6.0 * victim)
-                    for round_ in range(SOAK) for victim in range(3)]
-        for victim, at in schedule:
-            await trio.sleep_until(t0 + at)
+        await trio.sleep_until(t0 + 1.0)
+        victims = [v for _ in range(SOAK) for v in range(3)]
+        for n, victim in enumerate(victims):
             await trio.to_thread.run_sync(nodes.kill, victim)
             events.append(f"{nodes.names[victim]} killed at {trio.current_time() - t0:.1f} s")
+            if n == len(victims) - 1:
+                await landed()
             await trio.sleep(1.5)
             await trio.to_thread.run_sync(nodes.restart, victim, 90.0)
+            events.append(f"{nodes.names[victim]} back at {trio.current_time() - t0:.1f} s")
+            await trio.sleep(0.2)
         return events
 
-    run = await cluster_run(tmp_path, pg_dsn, redis_server.url, kill_each)
+    # The run must outlast three kills and two restarts: 9-12 s on a busy machine, 23 s
+    # beside two busy loops (a restart then took 12 s).  A restart takes about as long as
+    # the three nodes took to start together: pace the testers by that (16 s at least).
+    def pace(started_s: float) -> float:
+        run_s = max(16.0, 1.0 + 2 * (started_s + 2.0) + 6.0)
+        return SOURCES["ate-01"]["max_parts"] / run_s
+    run = await cluster_run(tmp_path, pg_dsn, redis_server.url, kill_each, pace)
     await check_run(run, pg_dsn)
     # clients moved (their node killed, HAProxy cutting the session) and resumed
     assert sum(f.connects for f in run.followers) > len(run.followers), run.events
@@ -489,12 +538,14 @@ async def test_redis_restarted_empty_mid_run(tmp_path: Path, pg_dsn: str,
     """Redis loses everything mid-run: the live epoch changes, every client resyncs
     (``epoch_changed``), leases and fences are rebuilt (fences from PostgreSQL's tokens),
     and nothing durable is lost or doubled."""
-    async def restart_redis(nodes: NodeSet, t0: float) -> list[str]:
-        await trio.sleep_until(t0 + 6.0)
+    async def restart_redis(nodes: NodeSet, t0: float, landed: Callable[[], Awaitable[None]]
+                            ) -> list[str]:
+        await trio.sleep_until(t0 + 2.0)
         await trio.to_thread.run_sync(redis_server.restart_empty)
+        await landed()
         return [f"redis restarted empty at {trio.current_time() - t0:.1f} s"]
 
-    run = await cluster_run(tmp_path, pg_dsn, redis_server.url, restart_redis)
+    run = await cluster_run(tmp_path, pg_dsn, redis_server.url, restart_redis, 160)
     await check_run(run, pg_dsn)
     for f in run.followers:
         assert any(reason == "epoch_changed" for _, reason in f.resyncs), (
@@ -509,13 +560,16 @@ async def test_postgresql_restarted_mid_run(tmp_path: Path, redis_server: Any  #
     with private_pg() as pg:
         _, dsn = create_database(pg.dsn)
 
-        async def restart_pg(nodes: NodeSet, t0: float) -> list[str]:
-            await trio.sleep_until(t0 + 6.0)
+        async def restart_pg(nodes: NodeSet, t0: float, landed: Callable[[], Awaitable[None]]
+                             ) -> list[str]:
+            await trio.sleep_until(t0 + 1.5)
             await trio.to_thread.run_sync(pg.stop)
             stopped = trio.current_time() - t0
             await trio.sleep(3.0)
             await trio.to_thread.run_sync(pg.start)
+            await landed()  # back while the testers still run: the spooled backlog and
+            # the live records meet
             return [f"postgresql stopped at {stopped:.1f} s for 3 s"]
 
-        run = await cluster_run(tmp_path, dsn, redis_server.url, restart_pg)
+        run = await cluster_run(tmp_path, dsn, redis_server.url, restart_pg, 160)
         await check_run(run, dsn)
