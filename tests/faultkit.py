@@ -192,6 +192,14 @@ class _Process:
                 self.kill()
 
 
+def stop_all(hub: _Process, *gateways: _Process) -> None:
+    """Teardown: SIGTERM to the hub, then to the gateways.  In this order: a gateway
+    stopped while its hub is up waits 2 s for the hub to answer its going-away close
+    (uplink.CLOSE_TIMEOUT_S; measured: 2.2 s, against 0.3 s once the hub has gone)."""
+    for p in (hub, *gateways):
+        p.stop()
+
+
 class Hub(_Process):
     def __init__(self, tmp: Path, port: int | None = None) -> None:
         self.tmp = tmp

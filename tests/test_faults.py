@@ -26,6 +26,7 @@ from faultkit import (
     expected_records,
     hub_records,
     source_settings,
+    stop_all,
     wait_all_applied,
 )
 from processes import wait_for
@@ -72,8 +73,7 @@ def test_gateway_killed_with_sigkill_several_times_loses_and_duplicates_nothing(
         assert st["frames_lost"] == 0
         assert_exactly_once(hub.dir, expected)
     finally:
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
 
 
 @pytest.mark.parametrize("point", ["hub.after_commit", "hub.mid_commit"])
@@ -97,8 +97,7 @@ def test_hub_killed_with_sigkill_mid_stream_and_restarted(tmp_path: Path, point:
         assert hub.stats()["frames_lost"] == 0
         assert_exactly_once(hub.dir, expected)
     finally:
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
 
 
 @pytest.mark.parametrize(("point", "duplicates"),
@@ -164,12 +163,15 @@ def test_network_cut_and_restored_by_a_proxy(tmp_path: Path, fault: str) -> None
     expected = expected_records(**source)
     try:
         for n in (1, 2):
-            # cut at a chosen point of the data: once the hub has n x 10,000 records
-            wait_for(lambda n=n: hub.stats().get("records_applied", 0) >= n * 10_000,
-                     timeout=60, interval=0.05)
+            # cut at a chosen point of the data: once the hub has n x 10,000 records, on
+            # the n-th connection, with frames still to deliver (the first cut while the
+            # tester produces; the second may come while the backlog drains)
+            wait_for(lambda n=n: hub.stats().get("records_applied", 0) >= n * 10_000
+                     and _connected(gw) == n, timeout=60, interval=0.05)
             failed = _uplink_failures(gw)
             proxy.drop() if fault == "drop" else proxy.blackhole()
-            assert records_in_from_tester(gw) < len(expected), "cut after the tester ended"
+            assert gw.stats()["store"]["frames"] > 0, "cut with nothing left to deliver"
+            assert n > 1 or records_in_from_tester(gw) < len(expected), "after the tester"
             # restored once the gateway has noticed (a black hole only by 2 x heartbeat of
             # silence) and, for a dropped link, a probe of it was refused too
             wait_for(lambda f=failed + (2 if fault == "drop" else 1):
@@ -180,9 +182,14 @@ def test_network_cut_and_restored_by_a_proxy(tmp_path: Path, fault: str) -> None
         assert gw.stats()["metrics"]["uplink_connects_total"] >= 3
         assert_exactly_once(hub.dir, expected)
     finally:
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
         proxy.close()
+
+
+def _connected(gw: Gateway) -> int:
+    """The connection the gateway is on (its n-th handshake), 0 while not connected."""
+    st = gw.stats()
+    return int(st["metrics"]["uplink_connects_total"]) if st["connected"] else 0
 
 
 def _uplink_failures(gw: Gateway) -> int:
@@ -232,8 +239,7 @@ def test_spool_tail_truncated_at_a_random_offset_then_restart(tmp_path: Path,
         wait_all_applied(hub, gw, len(expected))
         assert_exactly_once(hub.dir, expected)
     finally:
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
 
 
 def test_spool_byte_flipped_inside_a_frame_loses_only_that_frame_and_counts_it(
@@ -273,8 +279,7 @@ def test_spool_byte_flipped_inside_a_frame_loses_only_that_frame_and_counts_it(
         (event,) = [e for e in events if e[3] == "spool_damage"]
         assert event[2] == "error" and event[5]["lost_ranges"] == [[frame.seq, frame.seq]]
     finally:
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
 
 
 CAP = ("--set", "batch.max_records=200", "--set", "spool.segment_bytes=65536",
@@ -313,8 +318,7 @@ def test_cap_reached_with_block_policy_stops_intake_and_loses_nothing(tmp_path: 
         assert_exactly_once(hub.dir, expected)
         assert get_status(gw, "/healthz")["status"] == "ok"
     finally:
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
 
 
 def test_cap_reached_with_drop_oldest_drops_counts_and_reports(tmp_path: Path) -> None:
@@ -343,8 +347,7 @@ def test_cap_reached_with_drop_oldest_drops_counts_and_reports(tmp_path: Path) -
         assert hub.stats()["frames_lost"] >= 1
         assert any(e[3] == "store_overflow" for e in events)
     finally:
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
 
 
 @pytest.mark.slow
@@ -393,8 +396,7 @@ def test_long_outage_then_live_data_within_2_s_and_backlog_drained_5x_faster(
         assert backlog_rps >= 5 * live_rps
         assert_exactly_once(hub.dir, expected)
     finally:
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
         proxy.close()
 
 
@@ -471,8 +473,7 @@ def test_a_frame_the_hub_rejects_goes_to_the_dead_letter_file_and_blocks_nothing
         assert entry["seq"] == bad_seq and entry["body"] == b"\xff not cbor"
         assert "CBOR" in entry["reason"]
     finally:
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
 
 
 def test_gateway_killed_while_the_stdf_tester_writes_loses_and_duplicates_nothing(
@@ -537,8 +538,7 @@ poll_interval = 0.05
         assert not [e for e in events if e[2] == "error"]
     finally:
         tester.kill()
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
 
 
 def _start_with(gw: Gateway, conf: Path, failpoints: str = "") -> Gateway:
