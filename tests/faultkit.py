@@ -290,7 +290,7 @@ def wait_all_applied(hub: Hub, gw: Gateway, n_expected: int, timeout: float = 60
         # way, so the tester records themselves are counted (only at the very end)
         return len(hub_records(hub.dir)[0]) >= n_expected
     try:
-        wait_for(done, timeout=timeout, interval=0.25)
+        wait_for(done, timeout=timeout, interval=0.1)
     except AssertionError as exc:  # say where it stood: a stall, or merely slow
         raise AssertionError(f"{exc}; expected {n_expected} records; last seen {seen}") from None
 
