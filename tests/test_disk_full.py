@@ -17,7 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from faultkit import Gateway, Hub, assert_exactly_once, expected_records, source_settings
+from faultkit import (
+    Gateway,
+    Hub,
+    assert_exactly_once,
+    expected_records,
+    source_settings,
+    stop_all,
+)
 from faultkit import wait_all_applied as wait_applied
 from processes import get_json, wait_for
 
@@ -86,5 +93,4 @@ def test_a_full_disk_pauses_acks_the_gateway_spools_and_all_arrives_once_space_r
             assert hub.stats()["frames_lost"] == 0
             assert_exactly_once(hub.dir, expected)
         finally:
-            gw.stop()
-            hub.stop()
+            stop_all(hub, gw)

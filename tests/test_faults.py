@@ -26,6 +26,7 @@ from faultkit import (
     expected_records,
     hub_records,
     source_settings,
+    stop_all,
     wait_all_applied,
 )
 from processes import wait_for
@@ -33,8 +34,11 @@ from processes import wait_for
 from edgegw.spool import list_segments as _list_segments
 from edgegw.spool.format import Kind, Record, scan
 
-# ~ 9 records per part (8 tests + the part result) plus lot/wafer records
+# ~ 9 records per part (8 tests + the part result) plus lot/wafer records: 108k records,
+# 8 s of tester.  SHORT (54k records, 4 s) for the tests whose faults all land in the first
+# half of the run; each of them asserts that its fault hit while the tester was producing.
 SOURCE = {"parts_per_second": 1500, "max_parts": 12_000, "seed": 7, "wafers": 200}
+SHORT = {**SOURCE, "max_parts": 6000}
 
 
 def start_pair(tmp: Path, *extra: str, source: dict | None = None,
@@ -54,20 +58,22 @@ GATEWAY_KILLS = (3, 7, 2, 5)
 def test_gateway_killed_with_sigkill_several_times_loses_and_duplicates_nothing(
         tmp_path: Path) -> None:
     hub = Hub(tmp_path).start()
-    gw = Gateway(tmp_path, hub.port, *source_settings(**SOURCE))
+    gw = Gateway(tmp_path, hub.port, *source_settings(**SHORT))
     try:
+        # each run dies at its K-th frame, so while the tester is producing (a run whose
+        # tester had finished would store no K-th frame, and wait_crashed would fail):
+        # 17 frames of <= 2000 records, well inside SHORT's 54k records
         for k in GATEWAY_KILLS:
             gw.start(failpoints=f"gateway.frame_stored={k}:kill", wait=False)
             gw.wait_crashed()
         gw.start()
-        expected = expected_records(**SOURCE)
+        expected = expected_records(**SHORT)
         wait_all_applied(hub, gw, len(expected))
         st = hub.stats()
         assert st["frames_lost"] == 0
         assert_exactly_once(hub.dir, expected)
     finally:
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
 
 
 @pytest.mark.parametrize("point", ["hub.after_commit", "hub.mid_commit"])
@@ -76,20 +82,22 @@ def test_hub_killed_with_sigkill_mid_stream_and_restarted(tmp_path: Path, point:
     gateway learns from WELCOME's applied set that the frames are in) or inside the
     transaction (``mid_commit``: SQLite rolls it back and the frames come again)."""
     hub = Hub(tmp_path).start(failpoints=f"{point}=4:kill")
-    gw = Gateway(tmp_path, hub.port, *source_settings(**SOURCE)).start()
+    gw = Gateway(tmp_path, hub.port, *source_settings(**SHORT)).start()
+    expected = expected_records(**SHORT)
     try:
         for k in (2, 0):  # (kept small: the points must come before the tester ends)
             hub.wait_crashed()
-            time.sleep(0.5)  # frames wait in the spool meanwhile
+            # mid-stream: the first death while the tester produces; each with frames
+            # unacknowledged, which wait in the spool meanwhile
+            assert k == 0 or records_in_from_tester(gw) < len(expected), "after the tester"
+            assert gw.stats()["store"]["frames"] > 0
             # an armed run may die before /healthz is polled: the gateway reconnects at once
             hub.start(failpoints=f"{point}={k}:kill" if k else "", wait=not k)
-        expected = expected_records(**SOURCE)
         wait_all_applied(hub, gw, len(expected))
         assert hub.stats()["frames_lost"] == 0
         assert_exactly_once(hub.dir, expected)
     finally:
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
 
 
 @pytest.mark.parametrize(("point", "duplicates"),
@@ -148,25 +156,54 @@ def test_a_frame_resent_after_the_hub_died_around_its_commit_is_applied_once(
 
 @pytest.mark.parametrize("fault", ["drop", "blackhole"])
 def test_network_cut_and_restored_by_a_proxy(tmp_path: Path, fault: str) -> None:
+    source = {**SOURCE, "max_parts": 8000}  # 72k records: both cuts land mid-stream
     hub = Hub(tmp_path).start()
     proxy = Proxy(hub.port)
-    hub, gw = start_pair(tmp_path, via=proxy, hub=hub)
+    hub, gw = start_pair(tmp_path, via=proxy, hub=hub, source=source)
+    expected = expected_records(**source)
     try:
         for n in (1, 2):
-            # cut at a chosen point of the data: once the hub has n x 10,000 records
-            wait_for(lambda n=n: hub.stats().get("records_applied", 0) >= n * 10_000,
-                     timeout=60)
+            # cut at a chosen point of the data: once the hub has n x 10,000 records, on
+            # the n-th connection, during traffic: the tester still producing, or (the
+            # second cut, on a busy machine) the backlog still draining
+            wait_for(lambda n=n: hub.stats().get("records_applied", 0) >= n * 10_000
+                     and _connected(gw) == n, timeout=60, interval=0.05)
+            failed = _uplink_failures(gw)
             proxy.drop() if fault == "drop" else proxy.blackhole()
-            time.sleep(3.5)  # > 2 x heartbeat: a black hole is detected by silence
+            assert (records_in_from_tester(gw) < len(expected)
+                    or gw.stats()["store"]["frames"] > 0), "cut with nothing left to send"
+            # restored once the gateway has noticed (a black hole only by 2 x heartbeat of
+            # silence) and, for a dropped link, a probe of it was refused too
+            wait_for(lambda f=failed + (2 if fault == "drop" else 1):
+                     not gw.stats()["connected"] and _uplink_failures(gw) >= f,
+                     timeout=30, interval=0.05)
             proxy.restore()
-        expected = expected_records(**SOURCE)
         wait_all_applied(hub, gw, len(expected))
         assert gw.stats()["metrics"]["uplink_connects_total"] >= 3
         assert_exactly_once(hub.dir, expected)
     finally:
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
         proxy.close()
+
+
+def _connected(gw: Gateway) -> int:
+    """The connection the gateway is on (its n-th handshake), 0 while not connected."""
+    st = gw.stats()
+    return int(st["metrics"]["uplink_connects_total"]) if st["connected"] else 0
+
+
+def _uplink_failures(gw: Gateway) -> int:
+    """Links lost or refused, and probes that did not reach a hub, so far."""
+    metrics = gw.stats()["metrics"]
+
+    def count(name: str, *labels: str) -> int:
+        value = metrics.get(name, 0)
+        if not isinstance(value, dict):
+            return int(value)
+        return int(sum(v for k, v in value.items() if not labels or k in labels))
+
+    return (count("uplink_failures_total")
+            + count("uplink_probes_total", "outcome=unreachable", "outcome=silent"))
 
 
 def _frames_in(path: Path) -> list[Record]:
@@ -182,9 +219,13 @@ def test_spool_tail_truncated_at_a_random_offset_then_restart(tmp_path: Path,
     cut are produced again, so nothing is missing and nothing is doubled."""
     rng = random.Random(seed)
     hub = Hub(tmp_path)  # not started yet
-    gw = Gateway(tmp_path, hub.port, *source_settings(**SOURCE)).start()
+    gw = Gateway(tmp_path, hub.port, *source_settings(**SHORT)).start()
+    expected = expected_records(**SHORT)
     try:
-        time.sleep(rng.uniform(1.5, 3.0))
+        # killed at a random point of the data, while the tester is producing
+        at = rng.randrange(10_000, 30_000)
+        wait_for(lambda: records_in_from_tester(gw) >= at, timeout=30, interval=0.05)
+        assert records_in_from_tester(gw) < len(expected), "killed after the tester ended"
         gw.kill()
         segs = [p for _, p in _list_segments(gw.spool)]
         last = max((p for p in segs if _frames_in(p)), key=lambda p: p.name)
@@ -195,12 +236,10 @@ def test_spool_tail_truncated_at_a_random_offset_then_restart(tmp_path: Path,
         gw.start()
         st = gw.stats()["store"]
         assert st["torn_bytes"] + st["damaged_bytes"] > 0  # reported
-        expected = expected_records(**SOURCE)
         wait_all_applied(hub, gw, len(expected))
         assert_exactly_once(hub.dir, expected)
     finally:
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
 
 
 def test_spool_byte_flipped_inside_a_frame_loses_only_that_frame_and_counts_it(
@@ -211,9 +250,12 @@ def test_spool_byte_flipped_inside_a_frame_loses_only_that_frame_and_counts_it(
     from edgegw.records import from_wire
 
     hub = Hub(tmp_path)
-    gw = Gateway(tmp_path, hub.port, *source_settings(**SOURCE)).start()
+    gw = Gateway(tmp_path, hub.port, *source_settings(**SHORT)).start()
+    expected = expected_records(**SHORT)
     try:
-        time.sleep(2.0)
+        # killed mid-stream, once the spool holds enough frames for a victim
+        wait_for(lambda: gw.stats()["store"]["frames"] >= 8, timeout=30, interval=0.05)
+        assert records_in_from_tester(gw) < len(expected), "killed after the tester ended"
         gw.kill()
         segs = [p for _, p in _list_segments(gw.spool)]
         victim = next(p for p in segs if len(_frames_in(p)) > 3)
@@ -227,7 +269,6 @@ def test_spool_byte_flipped_inside_a_frame_loses_only_that_frame_and_counts_it(
         gw.start()
         st = gw.stats()["store"]
         assert st["lost_frames"] == 1 and st["damaged_regions"] == 1
-        expected = expected_records(**SOURCE)
         # the damaged frame may hold the gateway's own events too: only its tester records
         # are missing from what the hub ends up with
         lost_tester = sum((Counter(damaged) & Counter(expected)).values())
@@ -238,8 +279,7 @@ def test_spool_byte_flipped_inside_a_frame_loses_only_that_frame_and_counts_it(
         (event,) = [e for e in events if e[3] == "spool_damage"]
         assert event[2] == "error" and event[5]["lost_ranges"] == [[frame.seq, frame.seq]]
     finally:
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
 
 
 CAP = ("--set", "batch.max_records=200", "--set", "spool.segment_bytes=65536",
@@ -248,15 +288,24 @@ CAP = ("--set", "batch.max_records=200", "--set", "spool.segment_bytes=65536",
 
 def test_cap_reached_with_block_policy_stops_intake_and_loses_nothing(tmp_path: Path) -> None:
     hub = Hub(tmp_path)  # down: the spool fills up
-    gw = Gateway(tmp_path, hub.port, *source_settings(**SOURCE), *CAP,
+    gw = Gateway(tmp_path, hub.port, *source_settings(**SHORT), *CAP,
                  "--set", "spool.policy='block'").start()
+    expected = expected_records(**SHORT)
     try:
-        wait_for(lambda: gw.stats()["store"]["bytes"] > 200_000)
-        time.sleep(1.5)
-        st = gw.stats()
-        intake = st["metrics"]["gateway_records_in_total"]
-        time.sleep(1.0)
-        st = gw.stats()
+        wait_for(lambda: gw.stats()["store"]["bytes"] > 200_000, interval=0.05)
+        # blocked for spool.stall_timeout_s: the spool reports itself unhealthy
+        wait_for(lambda: "spool" in get_status(gw, "/healthz")["detail"], interval=0.05)
+        # intake stops: unchanged over a whole second (a batch put just before the block
+        # may still be counted in the first one) ...
+        intake = gw.stats()["metrics"]["gateway_records_in_total"]
+        for _ in range(10):
+            time.sleep(1.0)
+            st = gw.stats()
+            if st["metrics"]["gateway_records_in_total"] == intake:
+                break
+            intake = st["metrics"]["gateway_records_in_total"]
+        # ... while the tester has more to give: the block, not the end
+        assert records_in_from_tester(gw) < len(expected)
         assert st["store"]["bytes"] <= 262_144
         assert st["store"]["dropped_frames"] == 0
         # the source waits (the tester's own file would be the buffer): intake has stopped
@@ -264,14 +313,12 @@ def test_cap_reached_with_block_policy_stops_intake_and_loses_nothing(tmp_path: 
         health = get_status(gw, "/healthz")
         assert health["status"] == "unhealthy" and "spool" in health["detail"]
         hub.start()
-        expected = expected_records(**SOURCE)
         wait_all_applied(hub, gw, len(expected), timeout=90)
         assert hub.stats()["frames_lost"] == 0
         assert_exactly_once(hub.dir, expected)
         assert get_status(gw, "/healthz")["status"] == "ok"
     finally:
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
 
 
 def test_cap_reached_with_drop_oldest_drops_counts_and_reports(tmp_path: Path) -> None:
@@ -300,8 +347,7 @@ def test_cap_reached_with_drop_oldest_drops_counts_and_reports(tmp_path: Path) -
         assert hub.stats()["frames_lost"] >= 1
         assert any(e[3] == "store_overflow" for e in events)
     finally:
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
 
 
 @pytest.mark.slow
@@ -350,8 +396,7 @@ def test_long_outage_then_live_data_within_2_s_and_backlog_drained_5x_faster(
         assert backlog_rps >= 5 * live_rps
         assert_exactly_once(hub.dir, expected)
     finally:
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
         proxy.close()
 
 
@@ -401,11 +446,13 @@ def test_a_frame_the_hub_rejects_goes_to_the_dead_letter_file_and_blocks_nothing
 
     from edgegw.spool import DiskSpool, SpoolConfig
 
-    source = {**SOURCE, "max_parts": 6000}
+    source = SHORT
     hub = Hub(tmp_path)
     gw = Gateway(tmp_path, hub.port, *source_settings(**source)).start()
     try:
-        time.sleep(1.0)
+        # good frames before the poison, and the tester still producing those behind it
+        wait_for(lambda: gw.stats()["store"]["frames"] >= 3, timeout=30, interval=0.05)
+        assert records_in_from_tester(gw) < len(expected_records(**source))
         gw.kill()
 
         async def poison() -> int:
@@ -426,8 +473,7 @@ def test_a_frame_the_hub_rejects_goes_to_the_dead_letter_file_and_blocks_nothing
         assert entry["seq"] == bad_seq and entry["body"] == b"\xff not cbor"
         assert "CBOR" in entry["reason"]
     finally:
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
 
 
 def test_gateway_killed_while_the_stdf_tester_writes_loses_and_duplicates_nothing(
@@ -492,8 +538,7 @@ poll_interval = 0.05
         assert not [e for e in events if e[2] == "error"]
     finally:
         tester.kill()
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
 
 
 def _start_with(gw: Gateway, conf: Path, failpoints: str = "") -> Gateway:

@@ -25,7 +25,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from faultkit import Hub, _Process, report
+from faultkit import Hub, _Process, report, stop_all
 from mqtt_broker import AckSwallowingProxy, Broker, StartBroker
 from paho.mqtt.enums import CallbackAPIVersion
 from ports import free_port
@@ -281,8 +281,7 @@ def test_gateway_killed_while_readings_flow_counts_every_reading_exactly_once(
         assert readings_at_hub(hub) == sent
     finally:
         publisher.stopping.set()
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
         proxy.close()
 
 
@@ -322,8 +321,7 @@ def test_poison_payloads_neither_stop_the_gateway_nor_come_back_after_a_restart(
         assert rejected() == 0
         assert sorted(r.value for r in hub_sensor_records(hub)) == [0, 1, 2]
     finally:
-        gw.stop()
-        hub.stop()
+        stop_all(hub, gw)
 
 
 def _publish(broker: Broker, messages: list[tuple[str, bytes]]) -> None:

@@ -39,8 +39,9 @@ def run_history(tmp: Path, parts: int) -> tuple[dict[str, Any], dict[str, Any], 
     try:
         wait_all_applied(hub, gw, n, timeout=120)
     finally:
+        hub.kill()
+        # stopped after the hub's death: it does not wait for an answer to its close
         gw.stop()
-    hub.kill()
     replays = []
     for setting in (f"hub.checkpoint_records={EVERY}", "hub.checkpoint_interval_s=0"):
         hub.start("", True, setting)
