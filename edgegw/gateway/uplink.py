@@ -54,7 +54,10 @@ from .scheduler import SendScheduler
 log = logging.getLogger("edgegw.uplink")
 
 LIVE_S = 2.0  # after an outage, frames younger than this are sent before the backlog
-CLOSE_TIMEOUT_S = 2.0  # at shutdown: how long the GOING_AWAY close may wait for the hub
+#: at shutdown: how long the GOING_AWAY close may take.  The close frame goes out at once;
+#: the hub's answer is never read (trio-websocket's reader is cancelled with the session),
+#: so a longer bound was paid in full at every stop of a gateway whose hub is up
+CLOSE_TIMEOUT_S = 0.5
 
 
 class Refused(Exception):
