@@ -12,8 +12,9 @@ does not import the whole hub.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazyface import lazy_face
 
 _EXPORTS = {
     "Hub": "edgegw.hub.app",
@@ -42,17 +43,4 @@ if TYPE_CHECKING:
     from .store import FrameToApply as FrameToApply
     from .store import HubStore as HubStore
 
-
-def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:
-        return importlib.import_module(f"edgegw.hub.{name}")
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'edgegw.hub' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_face(__name__, globals(), _EXPORTS, _SUBMODULES)

@@ -25,8 +25,9 @@ See ``docs/stdf.md``.  Public face: the names in ``__all__`` (``spec``: the reco
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazyface import lazy_face
 
 # Names load on first use (PEP 562): ``edgegw stdf stats`` imports the decoder and the
 # statistics, not the mapper, the live state or the writer (each import is start-up).
@@ -72,17 +73,4 @@ if TYPE_CHECKING:
     from .stats import StdfStats as StdfStats
     from .writer import StdfWriter as StdfWriter
 
-
-def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:
-        return importlib.import_module(f"edgegw.stdf.{name}")
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'edgegw.stdf' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"edgegw.stdf.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_face(__name__, globals(), _EXPORTS, _SUBMODULES)

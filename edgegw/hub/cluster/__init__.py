@@ -8,8 +8,9 @@ never imports them.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ...lazyface import lazy_face
 
 _EXPORTS = {
     "ClusterConfig": "edgegw.hub.cluster.config",
@@ -66,17 +67,4 @@ if TYPE_CHECKING:
     from .pgstore import StoreUnavailable as StoreUnavailable
     from .publisher import TopicPublisher as TopicPublisher
 
-
-def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:
-        return importlib.import_module(f"edgegw.hub.cluster.{name}")
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'edgegw.hub.cluster' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_face(__name__, globals(), _EXPORTS, _SUBMODULES)
