@@ -31,6 +31,19 @@ from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin, get_t
 
 T = TypeVar("T")
 
+#: each config class's resolved type hints: the modules use ``from __future__ import
+#: annotations``, so resolving evaluates every hint's string, and a config is built often
+#: (every check, every --set, every test example)
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """``get_type_hints(cls, include_extras=True)``, resolved once per class."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = get_type_hints(cls, include_extras=True)
+    return hints
+
 
 class ConfigError(Exception):
     """One or more configuration errors; ``str()`` is one line per error."""
@@ -204,7 +217,7 @@ class _Builder:
             self.error(key, f"expected a table, got {_show(raw)}")
             raw = {}
         before = len(self.errors)
-        hints = get_type_hints(cls, include_extras=True)
+        hints = _hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         kwargs: dict[str, Any] = {}
         for name in raw:
@@ -384,7 +397,7 @@ def iter_keys(cls: type, prefix: str = "") -> Iterator[Key]:
     """Every leaf key of the config dataclass ``cls``, walking into sections, optional
     sections (``[spool]``), lists of tables (``alerts.rules[].name``) and tables of
     tables (``gateways.<name>.token``)."""
-    hints = get_type_hints(cls, include_extras=True)
+    hints = _hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         path = _join(prefix, f.name)
