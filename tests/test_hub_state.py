@@ -428,3 +428,51 @@ def test_replayed_frames_do_not_count_as_live_rate() -> None:
     state.on_gateway("gw9", True, 101.0)
     state.on_records("gw9", 501, [part(i, 1, 1) for i in range(50)], now=101.5)
     assert state.snapshot(topics.gateway("gw9"))["records_per_s"] == 5.0
+
+
+class WaferWatcher:
+    """A ``StateObserver`` that remembers which wafers the state asked it to evaluate."""
+
+    def __init__(self) -> None:
+        self.evaluated: list[str] = []
+
+    def evaluate_wafer(self, lot: Any, wafer: Any, ts: float, now: float) -> None:
+        self.evaluated.append(wafer.wafer_id)
+
+    def on_part(self, *args: Any) -> None: ...
+    def wafer_closed(self, *args: Any) -> None: ...
+    def evaluate_lot(self, *args: Any) -> None: ...
+    def evaluate_test(self, *args: Any) -> None: ...
+    def on_sensor(self, *args: Any) -> None: ...
+    def on_gateway(self, *args: Any) -> None: ...
+    def tick(self, *args: Any) -> None: ...
+    def snapshot(self, *args: Any) -> None: ...
+    def topics(self) -> list[str]:
+        return []
+
+
+@pytest.mark.parametrize("batch_apply", [True, False], ids=["batched", "one-at-a-time"])
+def test_a_batch_on_one_of_many_wafers_publishes_and_evaluates_that_wafer_only(
+        batch_apply: bool) -> None:
+    pub, watcher = Recorder(), WaferWatcher()
+    state = LiveState(pub, alerts=watcher, batch_apply=batch_apply)
+    wafers = [f"{LOT}-W{n:02}" for n in range(1, 21)]
+    state.on_records("gw1", 1, [
+        rec for w in wafers
+        for rec in (WaferStart("t", 99.0, LOT, w, 1, 0),
+                    *(part(x, 0, 1, wafer=w, part_id=f"{w}-{x}") for x in range(3)))
+    ], now=200.0)
+    assert sorted(watcher.evaluated) == wafers  # the first batch touched every wafer
+    pub.items.clear()
+    watcher.evaluated.clear()
+
+    touched = wafers[7]
+    state.on_records("gw1", 1_000, [
+        ParametricResult("t", 101.0, LOT, 1, 0, "p", 100, "VDD", 1.5, 0.0, 2.0, "V", True),
+        part(5, 5, 1, wafer=touched, ts=101.0),
+    ], now=201.0)
+    wafer_topics = [t for t, _ in pub.items if t.startswith(f"{topics.lot(LOT)}/wafer/")]
+    assert wafer_topics == [topics.wafer(LOT, touched)]
+    (delta,) = pub.deltas(topics.wafer(LOT, touched))
+    assert [d[:2] for d in delta["dies"]] == [[5, 5]] and delta["die_count"] == 4
+    assert watcher.evaluated == [touched]
