@@ -174,14 +174,14 @@ class ClusterHub:
                                     lease_ttl_s=cc.lease_ttl_s, metrics=metrics)
         self.presence = GatewayPresence(self.bus, lambda: dict(self.ingest.sessions),
                                         ttl_s=cc.lease_ttl_s)
-        self.notifier = Notifier(self.bus, self.owner.wake)
+        self.notifier = Notifier(self.bus, lambda p: self.owner.wake(p, "local"))
         self.store.on_advance = self.notifier.advanced
         self.ingest.notifier = self.notifier
         self.ingest.presence = self.presence
         # per-die values: answered by the owner of the lot's partition (dievalues.py)
         self.die_values = DieValues(self.bus, self.owner.state_for, cc.partitions,
                                     timeout_s=max(2.0, cc.stale_after_s))
-        self.bus.on_partition(lambda p, pseq: self.owner.wake(p))
+        self.bus.on_partition(lambda p, pseq: self.owner.wake(p, "redis"))
         self.bus.on("notice", self._notice)
         self.fanout.install(self.ingest.http)
         Dashboard().install(self.ingest.http)
@@ -235,7 +235,7 @@ class ClusterHub:
             if self.bus.generation != generation:
                 generation = self.bus.generation
                 for p in list(self.owner.owned):
-                    self.owner.wake(p)
+                    self.owner.wake(p, "resubscribe")
 
     def status(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "redis": self.bus.health(),

@@ -332,6 +332,12 @@ class PartitionOwner:
         self.m_lost = m.counter("cluster_partitions_lost_total",
                                 "partition leases this node lost (not released), by reason")
         self.m_owned = m.gauge("cluster_partitions_owned", "partitions this node owns now")
+        self.m_wakeups = m.counter(
+            "cluster_partition_wakeups_total",
+            "wake-ups of partitions this node owns (read the log now, not at the next poll), "
+            "by source: local (a commit on this node), redis (a commit on any node, this one "
+            "included, through the partition's Pub/Sub channel), resubscribe (the "
+            "subscription reopened: every owned partition)")
         self.m_records = m.counter("cluster_owner_records_total",
                                    "records applied to owned partitions' live state")
         self.m_archives = m.counter(
@@ -351,12 +357,13 @@ class PartitionOwner:
                 "caught_up": sum(o.caught_up for o in self.owned.values()),
                 "checkpoints": self.checkpoints}
 
-    def wake(self, partition: int) -> None:
-        """The log of ``partition`` advanced (a notification): read it now rather than at
-        the next poll."""
+    def wake(self, partition: int, source: str) -> None:
+        """The log of ``partition`` advanced (a notification from ``source``: ``local``,
+        ``redis`` or ``resubscribe``): read it now rather than at the next poll."""
         owned = self.owned.get(partition)
         if owned is not None:
             owned.wake.set()
+            self.m_wakeups.inc(source=source)
 
     def state_for(self, partition: int) -> LiveState | None:
         """The live state of ``partition`` if this node owns it and has rebuilt it."""
