@@ -18,7 +18,10 @@ in the order they arrived, once the frame holding what they became is durable in
 frame store (``edgegw.mqtt.acks`` keeps the books; the gateway reports durability through
 ``sink.on_durable``).  Each put's checkpoint lists the messages stored and not yet known
 to be acknowledged, so a message the broker sends again after a crash or reconnect is
-recognised and dropped: every QoS 1 reading is counted exactly once.
+recognised and dropped: every QoS 1 reading is counted exactly once.  A retained message the
+broker sends again at a subscription is recognised by what its topic last gave
+(``_taken_already``); the checkpoint keeps that for the topics seen retained, as far as
+the put it goes with stores it (``_seal_taken``), so a restart does not take it again.
 
 Failure boundary: whatever goes wrong while handling one message (a payload that does not
 decode, a decoder that raises anything else, a bug) is caught here, counted, logged with
