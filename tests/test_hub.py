@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 
 import cbor2
@@ -72,6 +73,50 @@ async def test_unknown_gateway_and_unsupported_version_are_refused(tmp_path: Pat
                 "next_seq": 1, "heartbeat": 5.0}]))
             reply = decode(await ws.get_message())
             assert reply.code == CloseCode.UNSUPPORTED_VERSION
+        nursery.cancel_scope.cancel()
+
+
+async def refuse(port: int, gw_id: str, token: str = "nope") -> None:
+    ws_cm, _, _, event = await handshake(port, gw_id=gw_id, token=token)
+    assert event.code == CloseCode.UNAUTHORIZED
+    await ws_cm.__aexit__(None, None, None)
+
+
+async def test_a_scan_of_100000_refused_ids_keeps_the_refusal_counts_bounded_and_the_total_exact(
+        tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path))
+        for _ in range(3):
+            await refuse(port, "ate-01")  # a configured gateway with a wrong token
+        for _ in range(2):
+            await refuse(port, "ate-O1")  # a typo in a gateway's id, retrying
+        # A scan: 100,000 distinct ids, counted as each refused HELLO is (so many real
+        # handshakes would take minutes, and the per-address limit answers them 429).
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(100_000):
+                hub.refused.add(f"scan-{i:06d}")
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert grown < 100_000, f"{grown} bytes kept for 100,000 refused ids"
+        await refuse(port, "ate-02")  # refused after the scan: the newest is listed
+
+        _, stats = await http_get(port, "/api/stats")
+        gateways = stats["gateways"]
+        limit = hub.refused.limit
+        assert len(gateways) <= limit + 1  # the ids not configured, and ate-01
+        assert gateways["ate-01"]["refused"] == 3  # configured: always counted exactly
+        assert gateways["ate-O1"]["refused"] == 2  # retried: not pushed out by the scan
+        assert gateways["ate-02"]["refused"] == 1
+        assert sum(1 for gw in gateways if gw.startswith("scan-")) == limit - 2
+        total = 3 + 2 + 100_000 + 1
+        refused = stats["refused"]
+        assert refused == {"total": total, "ids": len(gateways),
+                           "unlisted": total - sum(g["refused"] for g in gateways.values())}
+        assert refused["unlisted"] == 100_000 - (limit - 2)
+        assert hub.metrics.counter("hub_refused_total").total() == 3 + 2 + 1
         nursery.cancel_scope.cancel()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from edgegw.mqtt import ConnectOptions, TrioMqttClient
 from edgegw.mqtt import source as source_module
 from edgegw.mqtt.source import MqttSource
 from edgegw.protocol import decode_body
-from edgegw.records import GatewayEvent, SensorReading, from_wire
+from edgegw.records import GatewayEvent, SensorReading, SensorWindow, from_wire
 from edgegw.sim import publish_sensors
 
 pytestmark = pytest.mark.broker
@@ -67,7 +68,8 @@ async def test_sensor_windows_flow_from_the_broker_through_the_gateway_to_the_hu
         nursery.cancel_scope.cancel()
 
 
-async def _publish(broker: Broker, messages: list[tuple[str, bytes]]) -> None:
+async def _publish(broker: Broker, messages: list[tuple[str, bytes]], *,
+                   retain: bool = False) -> None:
     """Publish with QoS 1 and wait until the broker has every message."""
     client = TrioMqttClient(ConnectOptions(host=broker.host, port=broker.port,
                                            client_id=f"pub-{uuid.uuid4().hex[:8]}"),
@@ -77,7 +79,7 @@ async def _publish(broker: Broker, messages: list[tuple[str, bytes]]) -> None:
         with trio.fail_after(10):
             await client.subscribed.wait()
             for topic, payload in messages:
-                await client.publish(topic, payload, qos=1)
+                await client.publish(topic, payload, qos=1, retain=retain)
             await client.wait_all_acked()
         nursery.cancel_scope.cancel()
 
@@ -155,14 +157,67 @@ async def test_a_message_whose_handling_raises_is_skipped_counted_acknowledged_f
     assert logged[0].exc_info is not None  # with the traceback
 
 
-def _hub_records(hub_dir: Path) -> tuple[list[float], list[tuple[Any, ...]]]:
-    """(values of the SensorReadings, GatewayEvents) the hub has applied."""
+async def test_a_retained_reading_reaches_the_hub_once_across_gateway_restarts(
+        tmp_path: Path, start_broker: StartBroker) -> None:
+    """The broker sends each topic's retained message at every subscription, so at every
+    start of the gateway: the source's checkpoint in the spool keeps what it took on each
+    retained topic, and the restarted gateway drops the repeat (docs/mqtt.md, "Retained
+    messages").  A raw topic and a windowed one; readings published with RETAIN, as a
+    sensor that wants late subscribers to see its last value does."""
+    broker = start_broker()
+    prefix = f"r-{uuid.uuid4().hex[:8]}"
+    raw, win = f"{prefix}/h/raw", f"{prefix}/h/win"
+    sources = [{
+        "name": "sensors", "type": "mqtt", "host": broker.host, "port": broker.port,
+        "client_id": f"edgegw-{prefix}", "clean_session": False,
+        "subscriptions": [{"topic": f"{prefix}/+/raw", "raw": True, "timestamp_field": "ts"},
+                          {"topic": f"{prefix}/+/win", "rate": 10.0, "timestamp_field": "ts"}],
+    }]
+
+    def reading(topic: str, value: float) -> tuple[str, bytes]:
+        return topic, json.dumps({"value": value, "ts": time.time()}).encode()
+
+    await _publish(broker, [reading(raw, 1.0), reading(win, 5.0)], retain=True)
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path / "hub"))
+        cfg = gateway_config(tmp_path / "gw", port, sources=sources, spool={})
+        # each run: (published while it runs, retained repeats it must drop)
+        for run, (messages, repeats) in enumerate([
+                ([], 0),  # the retained readings, new: taken
+                ([reading(raw, 2.0), reading(win, 6.0)], 2),  # they come again; new ones
+                ([], 2)]):  # the new ones are retained now: they come again
+            gateway = Gateway(cfg)
+            async with trio.open_nursery() as gw_nursery:
+                await gw_nursery.start(gateway.run)
+                ((_, source),) = gateway.sources
+                assert isinstance(source, MqttSource) and source.client is not None
+                with trio.fail_after(10):
+                    await source.client.subscribed.wait()
+                await _publish(broker, messages, retain=True)
+                with trio.fail_after(20):
+                    while (source.received < 2 + len(messages) or source.unacked
+                           or source.buffered):
+                        await trio.sleep(0.02)
+                    while hub.stats()["gateways"].get("ate-01", {}).get(
+                            "records_applied", 0) < gateway.next_rid - 1:
+                        await trio.sleep(0.02)
+                assert source.retained_repeats == repeats, f"run {run}"
+                gw_nursery.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
+    readings, windows, _ = _hub_rows(tmp_path / "hub")
+    assert readings == [1.0, 2.0]  # each once
+    assert [(w.last, w.count) for w in windows] == [(5.0, 1), (6.0, 1)]
+
+
+def _hub_rows(hub_dir: Path) -> tuple[list[float], list[SensorWindow], list[tuple[Any, ...]]]:
+    """(values of the SensorReadings, the SensorWindows, GatewayEvents) the hub applied."""
     db = sqlite3.connect(hub_dir / "hub.sqlite3")
     try:
         rows = db.execute("SELECT codec, body FROM frames ORDER BY first_rid").fetchall()
     finally:
         db.close()
     readings: list[float] = []
+    windows: list[SensorWindow] = []
     events: list[tuple[Any, ...]] = []
     for codec, body in rows:
         _, names, wire = decode_body(unpack_body(codec, body), 1 << 30)
@@ -170,6 +225,14 @@ def _hub_records(hub_dir: Path) -> tuple[list[float], list[tuple[Any, ...]]]:
             rec = from_wire(item, names)
             if isinstance(rec, SensorReading):
                 readings.append(rec.value)
+            elif isinstance(rec, SensorWindow):
+                windows.append(rec)
             elif isinstance(rec, GatewayEvent):
                 events.append(tuple(rec))
+    return readings, windows, events
+
+
+def _hub_records(hub_dir: Path) -> tuple[list[float], list[tuple[Any, ...]]]:
+    """(values of the SensorReadings, GatewayEvents) the hub has applied."""
+    readings, _, events = _hub_rows(hub_dir)
     return readings, events

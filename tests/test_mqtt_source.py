@@ -40,6 +40,7 @@ class Sink:
     def __init__(self) -> None:
         self.records: list[Record] = []
         self.batches = 0
+        self.puts: list[tuple[list[Record], Any]] = []  # (records, checkpoint) of each put
         self.gate: trio.Event | None = None
         self.waiting = 0  # records handed to a put that is blocked at the gate
 
@@ -51,6 +52,7 @@ class Sink:
             self.waiting = 0
         self.batches += 1
         self.records.extend(records)
+        self.puts.append((list(records), checkpoint))
 
     def of(self, kind: type) -> list[Any]:
         return [r for r in self.records if isinstance(r, kind)]
@@ -61,12 +63,16 @@ def unique(prefix: str) -> str:
 
 
 def make_source(broker: BrokerAddress | Broker, subscriptions: list[dict[str, Any]],
-                metrics: Metrics | None = None, **options: Any) -> MqttSource:
+                metrics: Metrics | None = None, checkpoint: Any = None,
+                **options: Any) -> MqttSource:
+    """``checkpoint``: the source's last durable one, as the gateway hands it over at a
+    restart."""
     raw = {"host": broker.host, "port": broker.port, "client_id": unique("gw"),
            "subscriptions": subscriptions,
            "backoff": {"initial": 0.05, "maximum": 0.4}, **options}
     config = build(MqttSourceConfig, raw, "test.toml")
-    return MqttSource("sensors", config, SourceContext("gw-test", metrics or Metrics()))
+    return MqttSource("sensors", config,
+                      SourceContext("gw-test", metrics or Metrics(), checkpoint=checkpoint))
 
 
 async def start_publisher(nursery: trio.Nursery, broker: BrokerAddress | Broker,
@@ -709,3 +715,52 @@ async def test_a_retained_reading_sent_again_at_each_resubscription_is_taken_onc
     # a source rebuilt after a failure (the gateway's failure boundary) counts on from there
     make_source(broker, [{"topic": f"{prefix}/+/t", "raw": True}], metrics=metrics)
     assert metrics.as_dict()["mqtt_messages_total"] == {"source=sensors": 3}
+
+
+async def test_a_retained_reading_counts_as_taken_after_a_restart_only_once_it_is_stored(
+        start_broker: StartBroker) -> None:
+    """What a retained topic last gave goes into the checkpoint of the put that stores it,
+    not before: a gateway that restarts from an earlier checkpoint (its window was still
+    open, the stop's flush never became durable) takes the retained reading again rather
+    than lose it; one that restarts from the later checkpoint drops the repeat."""
+    broker = start_broker()
+    prefix = unique("ate")
+    # one window per 1,000 s: open until the stop flushes it (not within 5 s of its end)
+    rate = 0.001
+    if (wait := -time.time() % (1 / rate)) < 5:
+        await trio.sleep(wait + 0.1)
+    subs = [{"topic": f"{prefix}/+/raw", "raw": True},
+            {"topic": f"{prefix}/+/win", "rate": rate, "timestamp_field": "ts"}]
+    win = f"{prefix}/h/win"
+
+    async def run(checkpoint: Any, then_publish: bool) -> tuple[MqttSource, Sink]:
+        source = make_source(broker, subs, checkpoint=checkpoint)
+        sink = Sink()
+        async with trio.open_nursery() as nursery:
+            await started(nursery, source, sink)
+            await wait_for(lambda: source.received == 1, 10, "the retained message")
+            if then_publish:
+                pub = await start_publisher(nursery, broker)
+                await pub.publish(f"{prefix}/h/raw", payload(1.0), qos=1)
+                await wait_for(lambda: sink.of(SensorReading), 10, "the raw reading")
+            nursery.cancel_scope.cancel()  # the stop flushes the open window
+        return source, sink
+
+    async with trio.open_nursery() as nursery:
+        pub = await start_publisher(nursery, broker)
+        await pub.publish(win, payload(5.0), qos=1, retain=True)
+        with trio.fail_after(10):
+            await pub.wait_all_acked()
+        nursery.cancel_scope.cancel()
+    _, sink = await run(None, then_publish=True)
+    assert [len(r) for r, _ in sink.puts] == [1, 1]  # the raw reading, then the window
+    assert isinstance(sink.puts[1][0][0], SensorWindow)
+    before_window, after_window = (checkpoint for _, checkpoint in sink.puts)
+    assert "retained" not in before_window  # the window was open: nothing stored yet
+    assert "retained" in after_window
+    # restarted from the checkpoint before the window: the retained reading is taken
+    again, sink = await run(before_window, then_publish=False)
+    assert again.retained_repeats == 0 and [w.last for w in sink.of(SensorWindow)] == [5.0]
+    # restarted from the one after it: the repeat is dropped
+    later, sink = await run(after_window, then_publish=False)
+    assert later.retained_repeats == 1 and sink.records == []

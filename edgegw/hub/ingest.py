@@ -78,6 +78,7 @@ from ..web import (
     json_response,
 )
 from .config import HubConfig
+from .refusals import RefusedIds
 from .registry import GatewayRegistry, GatewaySession
 from .store import (
     FrameToApply,
@@ -137,7 +138,8 @@ class Ingest:
         self.consumers: list[Consumer] = []
         self.connected = GatewayRegistry()
         self.handshaking: set[WebSocket] = set()  # upgraded, no WELCOME sent yet
-        self.refused: dict[str, int] = {}
+        #: refused HELLOs per gateway id, in bounded memory (refusals.py)
+        self.refused = RefusedIds(configured=lambda gw: gw in self.config.gateways)
         self.port: int | None = None
         self.started_at = time.time()
         #: what the start-up replay did (``/api/stats`` "replay")
@@ -331,7 +333,7 @@ class Ingest:
                 "rtt_ms": session.rtt_ms if (session := self.connected.get(gw)) else None,
             }
         out: dict[str, Any] = {
-            "gateways": gateways, "replay": self.replayed,
+            "gateways": gateways, "refused": self.refused.summary(), "replay": self.replayed,
             "store": {"frame_bytes": self.store.frame_bytes, "full": self.store.full},
             "live_queue": {"records": self._to_feed_records,
                            "frames": sum(1 for e in self._to_feed if len(e) != 3),
@@ -421,7 +423,7 @@ class Ingest:
                 if code == CloseCode.UNAUTHORIZED:
                     self.security.gateway_failed(request)
                 log.warning("refused gateway %r from %s: %s", gw, request.remote, reason)
-                self.refused[gw] = self.refused.get(gw, 0) + 1
+                self.refused.add(gw)
                 self.m_refused.inc(reason=_reason_key(code))
                 await ws.send_message(conn.refuse(code, reason, trio.current_time()))
                 await ws.aclose(code, reason)

@@ -18,7 +18,10 @@ in the order they arrived, once the frame holding what they became is durable in
 frame store (``edgegw.mqtt.acks`` keeps the books; the gateway reports durability through
 ``sink.on_durable``).  Each put's checkpoint lists the messages stored and not yet known
 to be acknowledged, so a message the broker sends again after a crash or reconnect is
-recognised and dropped: every QoS 1 reading is counted exactly once.
+recognised and dropped: every QoS 1 reading is counted exactly once.  A retained message the
+broker sends again at a subscription is recognised by what its topic last gave
+(``_taken_already``); the checkpoint keeps that for the topics seen retained, as far as
+the put it goes with stores it (``_seal_taken``), so a restart does not take it again.
 
 Failure boundary: whatever goes wrong while handling one message (a payload that does not
 decode, a decoder that raises anything else, a bug) is caught here, counted, logged with
@@ -33,9 +36,11 @@ that stand alone are beside it (``acks``, ``payloads``, ``topics``, ``edgegw.thr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import ssl
+import struct
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
@@ -183,6 +188,29 @@ _Hit = tuple[_Route | None, str, int]
 
 #: seconds a stop waits for the put in hand and the final flush of the open windows
 STOP_FLUSH_S = 5.0
+#: retained topics whose last reading taken is kept in the checkpoint (docs/mqtt.md,
+#: "Retained messages"): 20 bytes each, written with every put
+MAX_RETAINED_TOPICS = 1000
+#: a retained topic in the checkpoint: 64-bit hash of the topic, CRC-32 of the payload
+#: taken last, its payload time (NaN: none)
+_RETAINED = struct.Struct("<QId")
+
+#: (CRC-32 of a payload, its payload time) of a message taken on a topic
+_Taken = tuple[int, float | None]
+
+
+def _topic_hash(topic: str) -> int:
+    return int.from_bytes(hashlib.blake2b(topic.encode(), digest_size=8).digest(), "little")
+
+
+def _retained_from_checkpoint(checkpoint: Any) -> dict[int, _Taken]:
+    """The retained topics' last readings taken, by topic hash, of a checkpoint written
+    by ``MqttSource`` (none in one written before they were kept)."""
+    blob = checkpoint.get("retained", b"") if isinstance(checkpoint, dict) else b""
+    if not isinstance(blob, bytes) or len(blob) % _RETAINED.size:
+        raise CheckpointError("MQTT source checkpoint: bad 'retained' entries")
+    return {h: (crc, None if math.isnan(ts) else ts)
+            for h, crc, ts in _RETAINED.iter_unpack(blob)}
 
 
 class MqttSource:
@@ -194,6 +222,8 @@ class MqttSource:
         self.context = context
         c = config
         self._ledger = AckLedger(self._restore(context.checkpoint))
+        # topic hash -> the last reading taken on a retained topic before the restart
+        self._retained_restored = self._restore_retained(context.checkpoint)
         self._throttles: dict[float, _Throttled] = {}
         self._routes: list[tuple[str, _Route]] = []
         for sub in c.subscriptions:
@@ -247,13 +277,32 @@ class MqttSource:
         self._reported: dict[tuple[str, str], tuple[float, int]] = {}
         # topic -> (crc32 of the payload, its payload time) of the last message taken:
         # what a retained message sent again at a resubscription is recognised by
-        self._last_taken: dict[str, tuple[int, float | None]] = {}
+        self._last_taken: dict[str, _Taken] = {}
+        # The same, of the messages whose records are in a put (sealed): what the
+        # checkpoint keeps of the topics seen retained (``_retained``: topic -> its hash).
+        # Taken messages wait per group until their group goes into a put.
+        self._stored_taken: dict[str, _Taken] = {}
+        self._taken_open: dict[Group, dict[str, _Taken]] = {}
+        self._taken_next: dict[str, _Taken] = {}  # of the groups in the next put
+        self._retained: dict[str, int] = {}
+        self._retained_blob = b""
+        self._retained_changed = bool(self._retained_restored)
         self.retained_repeats = 0
         self.received = 0
         self._received_counted = 0  # of ``received``, what mqtt_messages_total has
         self.bad = 0
         self.failed = 0  # messages whose handling raised something unexpected
         self.client: TrioMqttClient | None = None
+
+    def _restore_retained(self, checkpoint: Any) -> dict[int, _Taken]:
+        if checkpoint is None:
+            return {}
+        try:
+            return _retained_from_checkpoint(checkpoint)
+        except CheckpointError as exc:
+            log.warning("%s: ignoring the checkpoint's retained topics: %s (a retained "
+                        "reading may be taken again)", self.name, exc)
+            return {}
 
     def _restore(self, checkpoint: Any) -> Any:
         """The keys of messages stored before a restart (None: a fresh start)."""
@@ -315,6 +364,10 @@ class MqttSource:
                     else:
                         throttled.throttle.add(channel, value, ts)
                         group = throttled.group
+                    taken = self._taken_open.get(group)
+                    if taken is None:
+                        taken = self._taken_open[group] = {}
+                    taken[topic] = self._last_taken[topic]
         except (PayloadError, TemplateError) as exc:
             self._bad_payload(msg, str(exc))
         except Exception as exc:
@@ -328,13 +381,33 @@ class MqttSource:
         time not after the last one taken.  Every message taken is remembered per topic."""
         crc = zlib.crc32(msg.payload)
         last = self._last_taken.get(topic)
-        if msg.retain and last is not None and (
-                last[0] == crc or (ts is not None and last[1] is not None and ts <= last[1])):
-            return True
+        if msg.retain:
+            if topic not in self._retained:
+                self._retain(topic)
+                last = self._last_taken.get(topic)
+            if last is not None and (last[0] == crc or (
+                    ts is not None and last[1] is not None and ts <= last[1])):
+                return True
         if len(self._last_taken) > 100_000 and last is None:  # do not grow forever
             self._last_taken.clear()
+            self._stored_taken = {t: v for t, v in self._stored_taken.items()
+                                  if t in self._retained}
         self._last_taken[topic] = (crc, ts)
         return False
+
+    def _retain(self, topic: str) -> None:
+        """A topic seen retained for the first time: kept in the checkpoint (up to
+        MAX_RETAINED_TOPICS), with what was taken on it before a restart, if anything."""
+        h = _topic_hash(topic)
+        restored = self._retained_restored.pop(h, None)
+        if restored is None and (len(self._retained) + len(self._retained_restored)
+                                 >= MAX_RETAINED_TOPICS):
+            return
+        self._retained[topic] = h
+        if restored is not None:  # (what this run took on it already is newer)
+            self._last_taken.setdefault(topic, restored)
+            self._stored_taken.setdefault(topic, restored)
+        self._retained_changed = True
 
     @staticmethod
     def _topic_of(msg: paho.MQTTMessage) -> str:
@@ -401,6 +474,9 @@ class MqttSource:
         for w in windows:
             self._pending.append(as_sensor_window(w, self.name, self._units.get(w.channel, "")))
         self._ledger.ready(t.group)
+        taken = self._taken_open.pop(t.group, None)
+        if taken:
+            self._taken_next.update(taken)
         t.group = Group()
 
     def _next_deadline(self) -> float:
@@ -489,11 +565,37 @@ class MqttSource:
             self._taken = trio.Event()
             await self._taken.wait()
 
+    def _seal_taken(self) -> bytes:
+        """The messages taken into the put being sealed count as stored: the checkpoint's
+        ``retained`` entries (the last reading taken on each topic seen retained, as far
+        as the frame store will hold it with this put), re-packed only when they changed."""
+        taken = self._taken_open.pop(self._ledger.pending, None)
+        if taken:
+            self._taken_next.update(taken)
+        if self._taken_next:
+            retained = self._retained
+            self._retained_changed |= any(t in retained for t in self._taken_next)
+            self._stored_taken.update(self._taken_next)
+            self._taken_next = {}
+        if self._retained_changed:
+            self._retained_changed = False
+            stored = self._stored_taken
+            entries = [(h, last) for t, h in self._retained.items()
+                       if (last := stored.get(t)) is not None]
+            entries += self._retained_restored.items()  # not seen again yet: kept
+            self._retained_blob = b"".join(
+                _RETAINED.pack(h, crc, math.nan if ts is None else ts)
+                for h, (crc, ts) in entries)
+        return self._retained_blob
+
     async def _put(self, put: Callable[..., Awaitable[None]], reports: bool) -> None:
         batch, self._pending = self._pending, []
         self._taken.set()
+        retained = self._seal_taken()
         n = self._ledger.seal()
         checkpoint = self._ledger.checkpoint(n)
+        if retained:
+            checkpoint["retained"] = retained
         await put(batch, checkpoint)
         if not reports:  # a sink that does not report durability: put returning is it
             self._durable(checkpoint)
@@ -585,6 +687,7 @@ class MqttSource:
 
 
 __all__ = [
+    "MAX_RETAINED_TOPICS",
     "STOP_FLUSH_S",
     "BackoffConfig",
     "MqttSource",
