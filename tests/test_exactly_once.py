@@ -15,6 +15,7 @@ tester and SIGKILL, is in ``test_faults.py``.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any, ClassVar
@@ -214,3 +215,282 @@ async def test_a_crash_after_any_frame_of_a_tailed_file_stores_each_record_once(
     for image in crashes:
         await tail_until_done(cfg(tmp_path / f"gw{image.name}", image))
         assert await stored(image) == whole, f"a crash after frame {image.name}"
+
+
+# -- the files changed between the crash and the restart ------------------------------------
+#
+# The skip counted after a split put belongs to the records that followed the durable
+# checkpoint *in that file, from that position*.  If the file is gone, replaced or truncated
+# when the gateway restarts, or another file is met first, the replay does not start with
+# those records: the skip must not eat another file's records (lost), and must still apply
+# to the file's own replay when it comes (else repeated).
+
+
+def tail_cfg(files: Path, state: Path, spool_dir: Path) -> Any:
+    return gateway_config(state, 1, sources=[{"name": "tail", "type": "tail",
+                                              "paths": [str(files)], "poll_interval": 0.01,
+                                              "read_size": 4096}],
+                          batch={"max_records": 97, "max_delay_ms": 5},
+                          spool={"dir": str(spool_dir)})
+
+
+async def tail_files_until_done(cfg: Any, names: set[str], store: DiskSpool | None = None
+                                ) -> Gateway:
+    """Run a gateway tailing until its stored checkpoint has the files ``names`` done."""
+    gateway = Gateway(cfg, store=store)
+    files: dict[str, Any] = {}
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(gateway.run)
+                while True:
+                    files = (gateway.store.checkpoints.get("tail") or {}).get("files") or {}
+                    if names <= {Path(p).name for p, f in files.items() if f["done"]}:
+                        break
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+    except trio.TooSlowError:
+        raise AssertionError(f"the files never all done: {files}") from None
+    return gateway
+
+
+async def tailed_records(spool_dir: Path) -> list[Any]:
+    async with DiskSpool.open(SpoolConfig(dir=str(spool_dir))) as spool:
+        frames = spool.frames_from(1, 100_000)
+    out = []
+    for f in frames:
+        _, sources, wire = decode_body(f.body, 1 << 24)
+        out.extend(from_wire(w, sources)._replace(ts=0.0) for w in wire)
+    return out
+
+
+async def records_of(tmp: Path, contents: bytes) -> list[Any]:
+    """What a clean run sends for one file holding ``contents``."""
+    files = tmp / "files"
+    files.mkdir(parents=True)
+    (files / "x.std").write_bytes(contents)
+    await tail_files_until_done(tail_cfg(files, tmp / "gw", tmp / "spool"), {"x.std"})
+    return await tailed_records(tmp / "spool")
+
+
+def write_at(path: Path, data: bytes, mtime: float) -> None:
+    path.write_bytes(data)
+    os.utime(path, (mtime, mtime))
+
+
+async def split_put_images(tmp: Path, files: Path, in_progress: Path, names: set[str]
+                           ) -> list[tuple[Path, dict[str, Any]]]:
+    """Tail ``files`` (holding ``names``) to the end, taking the spool image after every
+    frame; the images (with their checkpoints) taken between the parts of a split put of
+    ``in_progress``: frames hold records of it that its durable checkpoint does not cover
+    yet."""
+    cfg = tail_cfg(files, tmp / "gw", tmp / "spool")
+    assert cfg.spool is not None
+    images = tmp / "images"
+    await tail_files_until_done(cfg, names, Snapshots(cfg.spool, set(range(1, 200)), images))
+    out = []
+    for image in sorted(images.iterdir(), key=lambda p: int(p.name)):
+        async with DiskSpool.open(SpoolConfig(dir=str(image))) as spool:
+            checkpoints = dict(spool.checkpoints)
+        entry = ((checkpoints.get("tail") or {}).get("files") or {}).get(str(in_progress))
+        if _after_count(checkpoints.get(AFTER_KEY, {}).get("tail")) and not (
+                entry and entry["done"]):
+            out.append((image, checkpoints))
+    assert len(out) >= 3, "the test needs crashes between the parts of split puts"
+    return out
+
+
+def _after_count(after: Any) -> int:
+    """The number of records a stored ``__after__`` entry says frames hold."""
+    if after is None:
+        return 0
+    if isinstance(after, int):
+        return after
+    return sum(n for *_origin, n in after)
+
+
+def rewrite_in_place(path: Path, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(0)
+        f.write(data)
+
+
+def cut_short(data: bytes, limit: int) -> bytes:
+    """An STDF file (little endian) shorter than ``limit``: ``data``'s records up to a
+    record boundary, then its MRR."""
+    offsets = [0]
+    while offsets[-1] < len(data):
+        offsets.append(offsets[-1] + 4 + int.from_bytes(data[offsets[-1]:offsets[-1] + 2],
+                                                        "little"))
+    mrr = data[offsets[-2]:]
+    assert mrr[2:4] == bytes([1, 20]), "the file ends with its MRR"
+    return data[:max(o for o in offsets if o + len(mrr) < limit)] + mrr
+
+
+async def test_the_file_of_a_split_put_deleted_before_the_restart_costs_no_other_files_records(
+        tmp_path: Path) -> None:
+    """(a) The file being read when the gateway crashed is gone at the restart: its replay
+    never comes, and the next file's first records are not taken for it."""
+    from shared_data import METIS, stdf_bytes
+
+    data = stdf_bytes(METIS)
+    files = tmp_path / "stdf"
+    files.mkdir()
+    write_at(files / "a.std", data, 1_000_000)
+    write_at(files / "b.std", data, 1_000_100)  # read after a.std
+    one_file = await records_of(tmp_path / "clean", data)
+    images = await split_put_images(tmp_path / "first", files, files / "a.std",
+                                    {"a.std", "b.std"})
+    (files / "a.std").unlink()
+    for image, _checkpoints in images:
+        before = await tailed_records(image)
+        gateway = await tail_files_until_done(
+            tail_cfg(files, tmp_path / f"gw{image.name}", image), {"b.std"})
+        assert await tailed_records(image) == before + one_file, (
+            f"after frame {image.name}: b.std whole, once")
+        metrics = gateway.metrics.as_dict()
+        assert metrics.get("gateway_replayed_records_skipped_total", {}) == {}
+
+
+async def test_a_new_file_met_before_the_replayed_one_is_sent_whole_and_the_replay_skipped(
+        tmp_path: Path) -> None:
+    """(b) A file that sorts before the one being read appears before the restart: it is
+    read first and sent whole; the skip waits for the replayed file."""
+    from shared_data import METIS, stdf_bytes
+
+    data = stdf_bytes(METIS)
+    files = tmp_path / "stdf"
+    files.mkdir()
+    write_at(files / "b.std", data, 1_000_100)
+    whole = await records_of(tmp_path / "clean", data)
+    for image, _checkpoints in await split_put_images(tmp_path / "first", files,
+                                                      files / "b.std", {"b.std"}):
+        before = await tailed_records(image)
+        write_at(files / "a.std", data, 1_000_000)  # older: it sorts first
+        gateway = await tail_files_until_done(
+            tail_cfg(files, tmp_path / f"gw{image.name}", image), {"a.std", "b.std"})
+        (files / "a.std").unlink()
+        assert await tailed_records(image) == before + whole + whole[len(before):], (
+            f"after frame {image.name}: a.std whole, then the rest of b.std, once")
+        skipped = gateway.metrics.as_dict()["gateway_replayed_records_skipped_total"]
+        assert sum(skipped.values()) > 0
+
+
+async def test_a_file_replaced_or_truncated_before_the_restart_is_read_whole(
+        tmp_path: Path) -> None:
+    """(c) The file being read is replaced (a new file under its name) or truncated and
+    rewritten before the restart: it is read from its start, and none of its new records
+    is taken for the ones the frames hold."""
+    from shared_data import METIS, stdf_bytes
+
+    data = stdf_bytes(METIS)
+    files = tmp_path / "stdf"
+    files.mkdir()
+    write_at(files / "a.std", data, 1_000_000)
+    images = await split_put_images(tmp_path / "first", files, files / "a.std", {"a.std"})
+    image, checkpoints = images[-1]
+    offset = checkpoints["tail"]["files"][str(files / "a.std")]["offset"]
+    assert offset > 1000
+    shorter = cut_short(data, offset // 2)
+    new_content = await records_of(tmp_path / "clean", shorter)
+    assert new_content
+    before = await tailed_records(image)
+    for how in ("truncated", "replaced"):
+        img = tmp_path / f"image-{how}"
+        shutil.copytree(image, img)
+        if how == "truncated":  # the same inode, rewritten shorter than the checkpoint's offset
+            rewrite_in_place(files / "a.std", shorter)
+        else:  # a new file (a new inode) under the same name
+            (files / "new.tmp").write_bytes(shorter)
+            os.replace(files / "new.tmp", files / "a.std")
+        gateway = await tail_files_until_done(
+            tail_cfg(files, tmp_path / f"gw-{how}", img), {"a.std"})
+        assert await tailed_records(img) == before + new_content, (
+            f"{how}: the new content whole, once")
+        assert gateway.metrics.as_dict().get("gateway_replayed_records_skipped_total",
+                                             {}) == {}
+
+
+async def test_a_file_renamed_before_the_restart_is_followed_and_its_skip_still_applies(
+        tmp_path: Path) -> None:
+    """A rename keeps the file (its inode): the replay under the new name starts where the
+    skip was counted, so what the frames hold is skipped, and nothing is sent twice."""
+    from shared_data import METIS, stdf_bytes
+
+    data = stdf_bytes(METIS)
+    files = tmp_path / "stdf"
+    files.mkdir()
+    write_at(files / "a.std", data, 1_000_000)
+    whole = await records_of(tmp_path / "clean", data)
+    for image, _checkpoints in await split_put_images(tmp_path / "first", files,
+                                                      files / "a.std", {"a.std"}):
+        (files / "a.std").rename(files / "a2.std")
+        gateway = await tail_files_until_done(
+            tail_cfg(files, tmp_path / f"gw{image.name}", image), {"a2.std"})
+        (files / "a2.std").rename(files / "a.std")
+        assert await tailed_records(image) == whole, f"after frame {image.name}"
+        skipped = gateway.metrics.as_dict()["gateway_replayed_records_skipped_total"]
+        assert sum(skipped.values()) > 0
+
+
+async def test_a_second_crash_while_the_skip_waits_for_its_file_keeps_it(
+        tmp_path: Path) -> None:
+    """(b) again, with a second crash while the new file is read, before the replayed one
+    is met: the frames stored meanwhile still carry the skip, with its origin."""
+    from shared_data import METIS, stdf_bytes
+
+    data = stdf_bytes(METIS)
+    files = tmp_path / "stdf"
+    files.mkdir()
+    write_at(files / "b.std", data, 1_000_100)
+    whole = await records_of(tmp_path / "clean", data)
+    image, _checkpoints = (await split_put_images(tmp_path / "first", files,
+                                                  files / "b.std", {"b.std"}))[1]
+    before = await tailed_records(image)
+    write_at(files / "a.std", data, 1_000_000)
+    cfg = tail_cfg(files, tmp_path / "gw-second", image)
+    assert cfg.spool is not None
+    images = tmp_path / "second-crash"
+    await tail_files_until_done(cfg, {"a.std", "b.std"},
+                                Snapshots(cfg.spool, set(range(1, 400)), images))
+    while_a = []  # images taken while a.std was read, b.std not yet met again
+    for second in images.iterdir():
+        async with DiskSpool.open(SpoolConfig(dir=str(second))) as spool:
+            checkpoints = dict(spool.checkpoints)
+        files_cp = (checkpoints.get("tail") or {}).get("files") or {}
+        if str(files / "a.std") in files_cp and not files_cp[str(files / "a.std")]["done"]:
+            while_a.append(second)
+    assert len(while_a) >= 3
+    for second in while_a:
+        await tail_files_until_done(tail_cfg(files, tmp_path / f"gw3-{second.name}", second),
+                                    {"a.std", "b.std"})
+        assert await tailed_records(second) == before + whole + whole[len(before):], (
+            f"second crash after frame {second.name}")
+
+
+async def test_a_spool_written_before_origins_still_recovers_exactly(tmp_path: Path) -> None:
+    """An older gateway stored the skip as a bare count: it still applies to the first
+    records replayed, as it always did (the files unchanged)."""
+    from shared_data import METIS, stdf_bytes
+
+    data = stdf_bytes(METIS)
+    files = tmp_path / "stdf"
+    files.mkdir()
+    write_at(files / "a.std", data, 1_000_000)
+    whole = await records_of(tmp_path / "clean", data)
+    for image, checkpoints in (await split_put_images(tmp_path / "first", files,
+                                                      files / "a.std", {"a.std"}))[:5]:
+        assert isinstance(checkpoints[AFTER_KEY]["tail"], list), "stored with its origin"
+        old = tmp_path / f"old{image.name}"  # the same frames, the count as it was stored
+        async with DiskSpool.open(SpoolConfig(dir=str(image))) as spool:
+            frames = spool.frames_from(1, 100_000)
+        async with DiskSpool.open(SpoolConfig(dir=str(old))) as spool:
+            for frame in frames[:-1]:
+                await spool.append(frame.body, frame.n_records, {})
+            await spool.append(frames[-1].body, frames[-1].n_records, {
+                **checkpoints, AFTER_KEY: {"tail": _after_count(checkpoints[AFTER_KEY]["tail"])}})
+        gateway = await tail_files_until_done(tail_cfg(files, tmp_path / f"gw{image.name}", old),
+                                              {"a.std"})
+        assert await tailed_records(old) == whole, f"after frame {image.name}"
+        skipped = gateway.metrics.as_dict()["gateway_replayed_records_skipped_total"]
+        assert skipped == {"source=tail": _after_count(checkpoints[AFTER_KEY]["tail"])}
