@@ -12,6 +12,12 @@ the batcher counts the records that lie *after* the source's last checkpoint and
 batch already, and every batch carries those counts (``Batch.after``).  After a restart the
 gateway skips exactly that many of the source's replayed records (docs/spool.md, "Source
 positions and split puts").
+
+The counts are kept by where the records follow (``Span``: the ``origin`` the source gave
+with the put, a stream and a position in it), so the gateway applies each only to the replay
+that resumes there.  Spans carried over from before a restart (``owed``: stored, not yet met
+by the replay) ride along in every batch until the gateway says, with a checkpoint of the
+source, which are still owed; those counted since the source's checkpoint are dropped by it.
 """
 
 from __future__ import annotations

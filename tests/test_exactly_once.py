@@ -146,6 +146,97 @@ async def test_a_crash_while_replaying_keeps_the_remaining_skip(tmp_path: Path) 
     assert checkpoints["tester"] == "half" and checkpoints[AFTER_KEY] == {"tester": 3}
 
 
+async def test_a_replay_put_in_smaller_pieces_carries_the_span_along_its_stream(
+        tmp_path: Path) -> None:
+    """With origins: a replayed put smaller than what the frames hold is dropped whole and
+    the rest of the span moves to where it ended -- stored so, should a second crash come."""
+    sizes = [9, 1]
+    live, image1, image2 = tmp_path / "spool", tmp_path / "img1", tmp_path / "img2"
+
+    class WithOrigins(ScriptedSource):  # one stream "s"; put i follows position i
+        async def run(self, sink: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            task_status.started()
+            assert sink.takes_origin
+            for i in range(self.resume, len(self.sizes)):
+                await sink.put(self.records(i, self.sizes[i]), i + 1, origin=("s", i, i + 1))
+                if i in self.after_put:
+                    self.after_put[i].set()
+            self.done.set()
+            await trio.sleep_forever()
+
+    crash1 = trio.Event()
+    await run_until(config(tmp_path / "a", live), WithOrigins(sizes, None, {0: crash1}),
+                    crash1, (live, image1))
+    got, checkpoints = await stored_records(image1)
+    assert len(got) == 8 and checkpoints[AFTER_KEY] == {"tester": [["s", 0, 8]]}
+
+    class Rechunked(WithOrigins):  # put 0 replayed as 5 + 4 records, "half" between
+        def __init__(self, checkpoint: Any) -> None:
+            super().__init__(sizes, checkpoint, {})
+            self.at_half = checkpoint == "half"
+
+        async def run(self, sink: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            task_status.started()
+            first = self.records(0, 9)
+            if not self.at_half:
+                await sink.put(first[:5], "half", origin=("s", 0, "half"))
+                crash2.set()
+            await sink.put(first[5:], 1, origin=("s", "half", 1))
+            await sink.put(self.records(1, 1), 2, origin=("s", 1, 2))
+            self.done.set()
+            await trio.sleep_forever()
+
+    crash2 = trio.Event()
+    await run_until(config(tmp_path / "b", image1), Rechunked(checkpoints.get("tester")),
+                    crash2, (image1, image2))
+    got, checkpoints = await stored_records(image2)
+    assert len(got) == 8, "nothing new was stored: the replay has not caught up"
+    assert checkpoints["tester"] == "half"
+    assert checkpoints[AFTER_KEY] == {"tester": [["s", "half", 3]]}
+
+    source = Rechunked(checkpoints["tester"])  # resumes at "half"
+    gateway = await run_until(config(tmp_path / "c", image2), source, source.done)
+    got, checkpoints = await stored_records(image2)
+    assert got == expected(sizes), "every record stored exactly once, in order"
+    assert checkpoints["tester"] == 2 and checkpoints[AFTER_KEY] == {}
+    assert gateway.metrics.as_dict()["gateway_replayed_records_skipped_total"] == {
+        "source=tester": 3}, "the 3 still owed after half"
+
+
+async def test_a_stream_that_ends_before_its_span_is_met_owes_nothing(tmp_path: Path) -> None:
+    """With origins: the replaying source says the stream of the split put ended (its input
+    is gone); the span is discarded, and another stream's records all pass."""
+    sizes = [9, 1]
+    live, image = tmp_path / "spool", tmp_path / "img"
+
+    class TwoStreams(ScriptedSource):
+        async def run(self, sink: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            task_status.started()
+            if self.resume == 0 and not self.after_put:  # the restart: "s" is gone
+                await sink.put([], None, origin=("s", 0, None))
+                await sink.put(self.records(7, 6), "t", origin=("t", 0, 6))
+            else:
+                await sink.put(self.records(0, 9), 1, origin=("s", 0, 9))
+                self.after_put[0].set()
+            self.done.set()
+            await trio.sleep_forever()
+
+    crash = trio.Event()
+    await run_until(config(tmp_path / "a", live), TwoStreams(sizes, None, {0: crash}), crash,
+                    (live, image))
+    got, checkpoints = await stored_records(image)
+    assert len(got) == 8 and checkpoints[AFTER_KEY] == {"tester": [["s", 0, 8]]}
+
+    source = TwoStreams(sizes, None, {})
+    gateway = await run_until(config(tmp_path / "b", image), source, source.done)
+    got, checkpoints = await stored_records(image)
+    assert got[8:] == [(r.channel, r.value) for r in ScriptedSource.records(7, 6)]
+    assert checkpoints["tester"] == "t" and checkpoints[AFTER_KEY] == {}
+    metrics = gateway.metrics.as_dict()
+    assert metrics["gateway_replay_skips_discarded_total"] == {"source=tester": 8}
+    assert metrics.get("gateway_replayed_records_skipped_total", {}) == {}
+
+
 class Snapshots(DiskSpool):
     """The real spool; its directory copied right after each frame in ``at`` is durable
     (what a SIGKILL at that point leaves behind)."""
