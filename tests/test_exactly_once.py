@@ -253,6 +253,72 @@ class Snapshots(DiskSpool):
         return seq
 
 
+async def test_a_batch_split_for_its_size_keeps_one_span_per_stream(tmp_path: Path) -> None:
+    """A batch over the frame size limit holding one stream's put and the start of another's
+    is stored as several frames (docs/spool.md, "Frame size"): the first part's spans name
+    both streams, so a restart where the first stream is gone still skips the second's
+    exactly."""
+    sizes = [[10], [1500, 1500, 1500, 10], [10]]  # the spool below takes bodies of 4 KiB
+    streams, starts = ["a", "b", "b"], [0, 0, 1]
+
+    class Source:
+        replays: ClassVar[bool] = True
+
+        def __init__(self, checkpoint: Any, gone: bool = False) -> None:
+            self.resume = checkpoint if isinstance(checkpoint, int) else 0
+            self.gone = gone
+            self.done = trio.Event()
+
+        @staticmethod
+        def records(i: int) -> list[SensorReading]:
+            return [SensorReading("tester", 1.0, f"put{i}-{j}", float(j), "u" * size)
+                    for j, size in enumerate(sizes[i])]
+
+        async def run(self, sink: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            task_status.started()
+            if self.gone:
+                await sink.put([], None, origin=("a", 0, None))
+            for i in range(self.resume, len(sizes)):
+                if not (self.gone and streams[i] == "a"):
+                    await sink.put(self.records(i), i + 1,
+                                   origin=(streams[i], starts[i], starts[i] + 1))
+            self.done.set()
+            await trio.sleep_forever()
+
+    def cfg(state: Path, spool_dir: Path) -> Any:
+        return gateway_config(state, 1, batch={"max_records": 4, "max_delay_ms": 3_600_000},
+                              spool={"dir": str(spool_dir), "max_bytes": 16384,
+                                     "segment_bytes": 4096})
+
+    async def run(config: Any, source: Source, store: DiskSpool | None = None) -> Gateway:
+        gateway = Gateway(config, store=store, extra_sources=[("tester", source)])
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(gateway.run)
+                await source.done.wait()
+                nursery.cancel_scope.cancel()
+        return gateway
+
+    first = cfg(tmp_path / "a", tmp_path / "spool")
+    assert first.spool is not None
+    gateway = await run(first, Source(None), Snapshots(first.spool, {1}, tmp_path / "images"))
+    assert gateway.metrics.as_dict()["gateway_batches_split_total"]
+    image = tmp_path / "images" / "1"
+    got, checkpoints = await stored_records(image)
+    assert got == [("put0-0", 0.0), ("put1-0", 0.0)]
+    assert checkpoints.get("tester") is None
+    assert checkpoints[AFTER_KEY] == {"tester": [["a", 0, 1], ["b", 0, 1]]}
+
+    source = Source(None, gone=True)
+    gateway = await run(cfg(tmp_path / "b", image), source)
+    got, checkpoints = await stored_records(image)
+    assert got == [("put0-0", 0.0), ("put1-0", 0.0), ("put1-1", 1.0), ("put1-2", 2.0),
+                   ("put1-3", 3.0), ("put2-0", 0.0)], "b's records once each, a's gone"
+    metrics = gateway.metrics.as_dict()
+    assert metrics["gateway_replayed_records_skipped_total"] == {"source=tester": 1}
+    assert metrics["gateway_replay_skips_discarded_total"] == {"source=tester": 1}
+
+
 async def tail_until_done(cfg: Any, store: DiskSpool | None = None) -> None:
     """Run a gateway tailing the test files until every file is done and stored."""
     gateway = Gateway(cfg, store=store)

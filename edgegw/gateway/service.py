@@ -85,10 +85,10 @@ class _SourceSink:
         key: Key = None
         end: Any = None
         if origin is not None:
-            stream, start, end = (_freeze(v) for v in origin)
-            key = (stream, start)
+            stream, start, end = origin
+            key = (_freeze(stream), _freeze(start))
         if self.owed:
-            records = self._skip(records, key, end)
+            records = self._skip(records, key, _freeze(end))
         await self.gateway._put(records, checkpoint, self.name, key, self.owed)
 
     def _skip(self, records: Sequence[Record], key: Key, end: Any) -> Sequence[Record]:
@@ -175,8 +175,9 @@ class Gateway:
         self._columnar = config.uplink.max_protocol_version >= 2
         self.sink = GatewaySink(self)
         self.dead_letter_path = trio.Path(self.state_dir / "dead-letter.cborseq")
-        # [source, n] per put, in the order the batcher holds their records: which source
-        # each record of a batch came from, should the batch have to be split
+        # [source, stream, origin, n] per run of puts of one source's stream, in the order
+        # the batcher holds their records (origin: the run's first): which source each
+        # record of a batch came from, should the batch have to be split
         self._runs: deque[list[Any]] = deque()
         # tracked source -> (owed, counted) spans of the last batch stored (``Batch``)
         self._after_base: dict[str, tuple[list[Span], list[Span]]] = {}
@@ -315,10 +316,12 @@ class Gateway:
              origin: Key = None, **kwargs: Any) -> list[Batch]:
         """``batcher.add``, remembering which source (and origin) the records came from."""
         if records:
-            if self._runs and self._runs[-1][:2] == [source, origin]:
-                self._runs[-1][2] += len(records)
+            stream = None if origin is None else origin[0]
+            last = self._runs[-1] if self._runs else None
+            if last is not None and last[0] == source and last[1] == stream:
+                last[3] += len(records)  # counted from its first put (``batcher.count``)
             else:
-                self._runs.append([source, origin, len(records)])
+                self._runs.append([source, stream, origin, len(records)])
         return self.batcher.add(records, trio.current_time(), source, checkpoint,
                                 origin=origin, **kwargs)
 
@@ -328,11 +331,11 @@ class Gateway:
         out: list[tuple[str | None, Key, int]] = []
         while n > 0 and self._runs:
             run = self._runs[0]
-            k = min(n, run[2])
-            out.append((run[0], run[1], k))
+            k = min(n, run[3])
+            out.append((run[0], run[2], k))
             n -= k
-            run[2] -= k
-            if not run[2]:
+            run[3] -= k
+            if not run[3]:
                 self._runs.popleft()
         if n > 0:  # never: every record reaches the batcher through _add
             out.append((None, None, n))
@@ -643,7 +646,7 @@ class Gateway:
 def _freeze(value: Any) -> Any:
     """An origin value as it compares after a trip through the spool (CBOR gives lists
     back): lists made tuples, all the way down, so it can be a key."""
-    if isinstance(value, list | tuple):
+    if type(value) is list or type(value) is tuple:
         return tuple(_freeze(v) for v in value)
     return value
 
