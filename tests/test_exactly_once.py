@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import trio
 from hubtools import gateway_config
 
-from edgegw.gateway import AFTER_KEY, Gateway
+from edgegw.gateway import AFTER_KEY, ORIGINS_KEY, Gateway
 from edgegw.protocol import decode_body
 from edgegw.records import SensorReading, from_wire
 from edgegw.spool import DiskSpool, SpoolConfig
@@ -168,7 +168,8 @@ async def test_a_replay_put_in_smaller_pieces_carries_the_span_along_its_stream(
     await run_until(config(tmp_path / "a", live), WithOrigins(sizes, None, {0: crash1}),
                     crash1, (live, image1))
     got, checkpoints = await stored_records(image1)
-    assert len(got) == 8 and checkpoints[AFTER_KEY] == {"tester": [["s", 0, 8]]}
+    assert len(got) == 8
+    assert checkpoints[AFTER_KEY] == {"tester": 8, ORIGINS_KEY: {"tester": [["s", 0, 8]]}}
 
     class Rechunked(WithOrigins):  # put 0 replayed as 5 + 4 records, "half" between
         def __init__(self, checkpoint: Any) -> None:
@@ -192,7 +193,7 @@ async def test_a_replay_put_in_smaller_pieces_carries_the_span_along_its_stream(
     got, checkpoints = await stored_records(image2)
     assert len(got) == 8, "nothing new was stored: the replay has not caught up"
     assert checkpoints["tester"] == "half"
-    assert checkpoints[AFTER_KEY] == {"tester": [["s", "half", 3]]}
+    assert checkpoints[AFTER_KEY] == {"tester": 3, ORIGINS_KEY: {"tester": [["s", "half", 3]]}}
 
     source = Rechunked(checkpoints["tester"])  # resumes at "half"
     gateway = await run_until(config(tmp_path / "c", image2), source, source.done)
@@ -225,7 +226,8 @@ async def test_a_stream_that_ends_before_its_span_is_met_owes_nothing(tmp_path: 
     await run_until(config(tmp_path / "a", live), TwoStreams(sizes, None, {0: crash}), crash,
                     (live, image))
     got, checkpoints = await stored_records(image)
-    assert len(got) == 8 and checkpoints[AFTER_KEY] == {"tester": [["s", 0, 8]]}
+    assert len(got) == 8
+    assert checkpoints[AFTER_KEY] == {"tester": 8, ORIGINS_KEY: {"tester": [["s", 0, 8]]}}
 
     source = TwoStreams(sizes, None, {})
     gateway = await run_until(config(tmp_path / "b", image), source, source.done)
@@ -307,7 +309,8 @@ async def test_a_batch_split_for_its_size_keeps_one_span_per_stream(tmp_path: Pa
     got, checkpoints = await stored_records(image)
     assert got == [("put0-0", 0.0), ("put1-0", 0.0)]
     assert checkpoints.get("tester") is None
-    assert checkpoints[AFTER_KEY] == {"tester": [["a", 0, 1], ["b", 0, 1]]}
+    assert checkpoints[AFTER_KEY] == {"tester": 2,
+                                      ORIGINS_KEY: {"tester": [["a", 0, 1], ["b", 0, 1]]}}
 
     source = Source(None, gone=True)
     gateway = await run(cfg(tmp_path / "b", image), source)
@@ -450,20 +453,11 @@ async def split_put_images(tmp: Path, files: Path, in_progress: Path, names: set
         async with DiskSpool.open(SpoolConfig(dir=str(image))) as spool:
             checkpoints = dict(spool.checkpoints)
         entry = ((checkpoints.get("tail") or {}).get("files") or {}).get(str(in_progress))
-        if _after_count(checkpoints.get(AFTER_KEY, {}).get("tail")) and not (
+        if checkpoints.get(AFTER_KEY, {}).get("tail") and not (
                 entry and entry["done"]):
             out.append((image, checkpoints))
     assert len(out) >= 3, "the test needs crashes between the parts of split puts"
     return out
-
-
-def _after_count(after: Any) -> int:
-    """The number of records a stored ``__after__`` entry says frames hold."""
-    if after is None:
-        return 0
-    if isinstance(after, int):
-        return after
-    return sum(n for *_origin, n in after)
 
 
 def rewrite_in_place(path: Path, data: bytes) -> None:
@@ -637,7 +631,8 @@ async def test_a_spool_written_before_origins_still_recovers_exactly(tmp_path: P
     whole = await records_of(tmp_path / "clean", data)
     for image, checkpoints in (await split_put_images(tmp_path / "first", files,
                                                       files / "a.std", {"a.std"}))[:5]:
-        assert isinstance(checkpoints[AFTER_KEY]["tail"], list), "stored with its origin"
+        assert ORIGINS_KEY in checkpoints[AFTER_KEY], "stored with its origin"
+        assert isinstance(checkpoints[AFTER_KEY]["tail"], int), "beside the count alone"
         old = tmp_path / f"old{image.name}"  # the same frames, the count as it was stored
         async with DiskSpool.open(SpoolConfig(dir=str(image))) as spool:
             frames = spool.frames_from(1, 100_000)
@@ -645,9 +640,9 @@ async def test_a_spool_written_before_origins_still_recovers_exactly(tmp_path: P
             for frame in frames[:-1]:
                 await spool.append(frame.body, frame.n_records, {})
             await spool.append(frames[-1].body, frames[-1].n_records, {
-                **checkpoints, AFTER_KEY: {"tail": _after_count(checkpoints[AFTER_KEY]["tail"])}})
+                **checkpoints, AFTER_KEY: {"tail": checkpoints[AFTER_KEY]["tail"]}})
         gateway = await tail_files_until_done(tail_cfg(files, tmp_path / f"gw{image.name}", old),
                                               {"a.std"})
         assert await tailed_records(old) == whole, f"after frame {image.name}"
         skipped = gateway.metrics.as_dict()["gateway_replayed_records_skipped_total"]
-        assert skipped == {"source=tail": _after_count(checkpoints[AFTER_KEY]["tail"])}
+        assert skipped == {"source=tail": checkpoints[AFTER_KEY]["tail"]}

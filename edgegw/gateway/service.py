@@ -37,9 +37,12 @@ log = logging.getLogger("edgegw.gateway")
 
 RID_KEY = "__rid__"  # the next record id, kept among the checkpoints
 #: per replaying source, its records after its checkpoint that are already in frames
-#: (``Batch.spans``), kept among the checkpoints so a restart skips exactly those: a count
-#: (none of them has an origin), or ``[[stream, start, n], ...]`` (``encode_after``)
+#: (``Batch.spans``), kept among the checkpoints so a restart skips exactly those: their
+#: count, and under ``ORIGINS_KEY`` where they follow (``encode_after``)
 AFTER_KEY = "__after__"
+#: in ``AFTER_KEY``'s value: per source with origins, ``[[stream, start, n], ...]`` (beside
+#: the count, which a gateway that predates origins reads alone)
+ORIGINS_KEY = "__origins__"
 #: room a DATA message takes around its body (``[4, seq, sent_at, body, "zlib"]``): a body
 #: this much under ``uplink.max_frame_bytes`` makes a message under it
 DATA_ENVELOPE_BYTES = 64
@@ -239,7 +242,7 @@ class Gateway:
         replay that frames already hold (the batcher counts on from there); else none."""
         if not getattr(source, "replays", False):
             return []
-        owed = decode_after((self.store.checkpoints.get(AFTER_KEY) or {}).get(name))
+        owed = decode_after(self.store.checkpoints.get(AFTER_KEY), name)
         self.batcher.track(name, owed)
         self._after_base[name] = (owed, [])
         if owed:
@@ -652,31 +655,37 @@ def _freeze(value: Any) -> Any:
 
 
 def encode_after(spans: dict[str, list[Span]]) -> dict[str, Any]:
-    """``AFTER_KEY``'s stored value: per source, the count alone when no span has an
-    origin (what every gateway wrote before origins), else ``[[stream, start, n], ...]``
-    (``[None, None, n]`` for a span of unknown origin)."""
+    """``AFTER_KEY``'s stored value: per source, the count, as every gateway wrote it
+    before origins (and reads it); and, when some span of a source has an origin, under
+    ``ORIGINS_KEY`` its spans, ``[[stream, start, n], ...]`` (``[None, None, n]`` for a span
+    of unknown origin).  A gateway that predates origins reads the count alone (and skips
+    as it always did) instead of failing on a list."""
     out: dict[str, Any] = {}
+    origins: dict[str, Any] = {}
     for source, entries in spans.items():
         entries = [(key, n) for key, n in entries if n]
         if not entries:
             continue
-        if all(key is None for key, _n in entries):
-            out[source] = sum(n for _key, n in entries)
-        else:
-            out[source] = [[None, None, n] if key is None else [key[0], key[1], n]
-                           for key, n in entries]
+        out[source] = sum(n for _key, n in entries)
+        if any(key is not None for key, _n in entries):
+            origins[source] = [[None, None, n] if key is None else [key[0], key[1], n]
+                               for key, n in entries]
+    if origins:
+        out[ORIGINS_KEY] = origins
     return out
 
 
-def decode_after(value: Any) -> list[Span]:
-    """One source's spans from ``AFTER_KEY``'s stored value (``encode_after``); a count
-    (an older spool, or a source without origins) is one span of unknown origin."""
+def decode_after(value: Any, source: str) -> list[Span]:
+    """``source``'s spans from ``AFTER_KEY``'s stored value (``encode_after``); a count
+    alone (an older spool, or a source without origins) is one span of unknown origin."""
     if not value:
         return []
-    if isinstance(value, int):
-        return [(None, value)]
+    spans = (value.get(ORIGINS_KEY) or {}).get(source)
+    if spans is None:
+        n = int(value.get(source, 0))
+        return [(None, n)] if n > 0 else []
     out: list[Span] = []
-    for stream, start, n in value:
+    for stream, start, n in spans:
         key = None if stream is None else (_freeze(stream), _freeze(start))
         if int(n) > 0:
             out.append((key, int(n)))
