@@ -424,6 +424,11 @@ async def tailed_records(spool_dir: Path) -> list[Any]:
     return out
 
 
+async def stored_checkpoints(spool_dir: Path) -> dict[str, Any]:
+    async with DiskSpool.open(SpoolConfig(dir=str(spool_dir))) as spool:
+        return dict(spool.checkpoints)
+
+
 async def records_of(tmp: Path, contents: bytes) -> list[Any]:
     """What a clean run sends for one file holding ``contents``."""
     files = tmp / "files"
@@ -501,6 +506,8 @@ async def test_the_file_of_a_split_put_deleted_before_the_restart_costs_no_other
             f"after frame {image.name}: b.std whole, once")
         metrics = gateway.metrics.as_dict()
         assert metrics.get("gateway_replayed_records_skipped_total", {}) == {}
+        assert sum(metrics["gateway_replay_skips_discarded_total"].values()) > 0
+        assert (await stored_checkpoints(image))[AFTER_KEY] == {}, "nothing left owed"
 
 
 async def test_a_new_file_met_before_the_replayed_one_is_sent_whole_and_the_replay_skipped(
@@ -558,8 +565,10 @@ async def test_a_file_replaced_or_truncated_before_the_restart_is_read_whole(
             tail_cfg(files, tmp_path / f"gw-{how}", img), {"a.std"})
         assert await tailed_records(img) == before + new_content, (
             f"{how}: the new content whole, once")
-        assert gateway.metrics.as_dict().get("gateway_replayed_records_skipped_total",
-                                             {}) == {}
+        metrics = gateway.metrics.as_dict()
+        assert metrics.get("gateway_replayed_records_skipped_total", {}) == {}
+        assert sum(metrics["gateway_replay_skips_discarded_total"].values()) > 0
+        assert (await stored_checkpoints(img))[AFTER_KEY] == {}, "nothing left owed"
 
 
 async def test_a_file_renamed_before_the_restart_is_followed_and_its_skip_still_applies(

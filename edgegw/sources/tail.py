@@ -552,9 +552,10 @@ class TailSource:
 
     async def _ended(self, sink: RecordSink, f: _File) -> None:
         """Tell a sink that takes origins that ``f`` ends where it is (deleted, replaced or
-        truncated): records it held past there never come again."""
+        truncated): records it held past there never come again.  With the checkpoint, so
+        that what the gateway then owes no more is durable at once."""
         if getattr(sink, "takes_origin", False) and not f.done:
-            await sink.put([], None, origin=(f.inode, f.origin, None))  # type: ignore[call-arg]
+            await self._put(sink, f, [], ended=True)
 
     async def _release(self, f: _File) -> None:
         reader, f.reader, f.parser, f.mapper = f.reader, None, None, None
