@@ -143,6 +143,7 @@ class _File:
     rows: bool = False
     selected: bool = False
     warned: bool = False
+    io_failed: bool = False  # a read error was reported, no read has succeeded since
 
     def checkpoint(self) -> dict[str, Any]:
         return {"offset": self.offset, "done": self.done, "reason": self.reason,
@@ -294,9 +295,15 @@ class TailSource:
             except OSError as exc:
                 await self._release(f)
                 if not f.warned:
-                    f.warned = True
+                    f.warned = f.io_failed = True
                     await self._report(sink, f, "io", f"cannot read: {exc}", f.offset,
                                        level="warning", abandon=False)
+            else:
+                if f.io_failed and getattr(sink, "takes_origin", False):
+                    # readable again: a replay will not bring its read error back either
+                    f.io_failed = False
+                    await sink.put([], None,  # type: ignore[call-arg]
+                                   origin=(["io", f.inode], f.origin, None))
         for path in [p for p in self.files if p not in seen]:
             # gone from disk (or no longer matched): forget it, keeping what it still held
             f = self.files.pop(path)
