@@ -133,10 +133,14 @@ class Batcher:
         """``source``'s checkpoint covers every record it put: nothing counted; what is
         still owed is what the caller says (``owed``, or ``stored_after`` of unknown
         origin)."""
-        if owed is None:
-            owed = [(None, stored_after)] if stored_after else []
-        self._owed[source] = [span for span in owed if span[1]]
-        self._counted[source] = []
+        if owed:
+            self._owed[source] = [span for span in owed if span[1]]
+        elif stored_after and owed is None:
+            self._owed[source] = [(None, stored_after)]
+        elif self._owed[source]:
+            self._owed[source] = []
+        if self._counted[source]:
+            self._counted[source] = []
 
     def add(
         self,

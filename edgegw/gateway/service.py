@@ -86,12 +86,15 @@ class _SourceSink:
     async def put(self, records: Sequence[Record], checkpoint: Any = None,
                   origin: tuple[Any, Any, Any] | None = None) -> None:
         key: Key = None
-        end: Any = None
         if origin is not None:
             stream, start, end = origin
-            key = (_freeze(stream), _freeze(start))
-        if self.owed:
-            records = self._skip(records, key, _freeze(end))
+            if isinstance(stream, list | tuple) or isinstance(start, list | tuple):
+                stream, start = _freeze(stream), _freeze(start)  # lists, as from the spool
+            key = (stream, start)
+            if self.owed:
+                records = self._skip(records, key, _freeze(end))
+        elif self.owed:
+            records = self._skip(records, None, None)
         await self.gateway._put(records, checkpoint, self.name, key, self.owed)
 
     def _skip(self, records: Sequence[Record], key: Key, end: Any) -> Sequence[Record]:
