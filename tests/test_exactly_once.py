@@ -534,11 +534,12 @@ async def test_a_new_file_met_before_the_replayed_one_is_sent_whole_and_the_repl
         assert sum(skipped.values()) > 0
 
 
-async def test_a_file_replaced_or_truncated_before_the_restart_is_read_whole(
+async def test_a_file_truncated_replaced_or_rotated_before_the_restart_is_read_whole(
         tmp_path: Path) -> None:
-    """(c) The file being read is replaced (a new file under its name) or truncated and
-    rewritten before the restart: it is read from its start, and none of its new records
-    is taken for the ones the frames hold."""
+    """(c) The file being read is truncated and rewritten, replaced (a new file under its
+    name) or rotated (renamed out of the watched names, a new file under its name) before
+    the restart: it is read from its start, and none of its new records is taken for the
+    ones the frames hold."""
     from shared_data import METIS, stdf_bytes
 
     data = stdf_bytes(METIS)
@@ -553,14 +554,17 @@ async def test_a_file_replaced_or_truncated_before_the_restart_is_read_whole(
     new_content = await records_of(tmp_path / "clean", shorter)
     assert new_content
     before = await tailed_records(image)
-    for how in ("truncated", "replaced"):
+    for how in ("truncated", "replaced", "rotated"):
         img = tmp_path / f"image-{how}"
         shutil.copytree(image, img)
         if how == "truncated":  # the same inode, rewritten shorter than the checkpoint's offset
             rewrite_in_place(files / "a.std", shorter)
-        else:  # a new file (a new inode) under the same name
+        elif how == "replaced":  # a new file (a new inode) under the same name
             (files / "new.tmp").write_bytes(shorter)
             os.replace(files / "new.tmp", files / "a.std")
+        else:  # renamed out of the watched names, a new file under the old one
+            (files / "a.std").rename(files / "a.std.1")
+            (files / "a.std").write_bytes(shorter)
         gateway = await tail_files_until_done(
             tail_cfg(files, tmp_path / f"gw-{how}", img), {"a.std"})
         assert await tailed_records(img) == before + new_content, (
