@@ -76,8 +76,8 @@ class Batch:
     #: this batch, or an earlier batch's) that are in this batch or earlier ones, as
     #: carried over from before its restart and not yet met by its replay (``owed``)...
     owed: dict[str, list[Span]] = dataclasses.field(default_factory=dict)
-    #: ... and as counted since its latest checkpoint (``counted``); sources without
-    #: omitted
+    #: ... and as counted since its latest checkpoint (``counted``); a source without any
+    #: is omitted
     counted: dict[str, list[Span]] = dataclasses.field(default_factory=dict)
 
     @property
