@@ -12,6 +12,12 @@ the batcher counts the records that lie *after* the source's last checkpoint and
 batch already, and every batch carries those counts (``Batch.after``).  After a restart the
 gateway skips exactly that many of the source's replayed records (docs/spool.md, "Source
 positions and split puts").
+
+The counts are kept by where the records follow (``Span``: the ``origin`` the source gave
+with the put, a stream and a position in it), so the gateway applies each only to the replay
+that resumes there.  Spans carried over from before a restart (``owed``: stored, not yet met
+by the replay) ride along in every batch until the gateway says, with a checkpoint of the
+source, which are still owed; those counted since the source's checkpoint are dropped by it.
 """
 
 from __future__ import annotations
@@ -22,14 +28,70 @@ from typing import Any
 
 from .records import Record
 
+#: where a run of a source's records starts, as the source tells the gateway with each put
+#: (``origin``): ``(stream, start)`` -- a stream of the source (a tailed file) and the
+#: position in it the records follow; None when the source does not say
+Key = tuple[Any, Any] | None
+#: ``(key, n)``: ``n`` records following ``key`` are in batches (docs/spool.md, "Source
+#: positions and split puts")
+Span = tuple[Key, int]
+
+
+def count(spans: Sequence[Span], key: Key, n: int) -> list[Span]:
+    """``spans`` with ``n`` more records counted after the source's latest checkpoint, from
+    a put starting at ``key``.  One span per stream: a source emits each stream's records
+    in order, so what is counted of one stream since a checkpoint is one run from where
+    the first counted put began (one span for every record without a key, likewise)."""
+    stream = None if key is None else key[0]
+    out = list(spans)
+    for i, (k, m) in enumerate(out):
+        if (k is None and key is None) or (k is not None and key is not None
+                                           and k[0] == stream):
+            out[i] = (k, m + n)
+            return out
+    out.append((key, n))
+    return out
+
+
+def merge(owed: Sequence[Span], counted: Sequence[Span]) -> list[Span]:
+    """The spans a batch carries: those still owed from before the source's restart, then
+    those counted since its latest checkpoint; a counted run that continues an owed span
+    (it starts where the span does: the replay met it) adds to it."""
+    out = list(owed)
+    for key, n in counted:
+        for i, (k, m) in enumerate(out):
+            if k == key:
+                out[i] = (k, m + n)
+                break
+        else:
+            out.append((key, n))
+    return out
+
 
 @dataclasses.dataclass
 class Batch:
     records: list[Record]
     checkpoints: dict[str, Any]
-    #: per tracked source: how many of its records after its latest checkpoint (the one in
-    #: this batch, or an earlier batch's) are in this batch or earlier ones; zeros omitted
-    after: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: per tracked source: spans of its records after its latest checkpoint (the one in
+    #: this batch, or an earlier batch's) that are in this batch or earlier ones, as
+    #: carried over from before its restart and not yet met by its replay (``owed``)...
+    owed: dict[str, list[Span]] = dataclasses.field(default_factory=dict)
+    #: ... and as counted since its latest checkpoint (``counted``); a source without any
+    #: is omitted
+    counted: dict[str, list[Span]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def spans(self) -> dict[str, list[Span]]:
+        """Per tracked source, the spans of its records the batches hold past its
+        latest checkpoint (``merge`` of owed and counted)."""
+        return {s: merge(self.owed.get(s, ()), self.counted.get(s, ()))
+                for s in {**self.owed, **self.counted}}
+
+    @property
+    def after(self) -> dict[str, int]:
+        """Per tracked source, how many of its records after its latest checkpoint are in
+        this batch or earlier ones (zeros omitted)."""
+        return {s: sum(n for _k, n in spans) for s, spans in self.spans.items()}
 
 
 class Batcher:
@@ -43,7 +105,10 @@ class Batcher:
         self._records: list[Record] = []
         self._checkpoints: dict[str, Any] = {}
         self._first_at: float | None = None
-        self._after: dict[str, int] = {}  # tracked source -> records after its checkpoint
+        # tracked source -> spans of its stored records after its checkpoint: still owed
+        # from before its restart, and counted since its checkpoint
+        self._owed: dict[str, list[Span]] = {}
+        self._counted: dict[str, list[Span]] = {}
 
     @property
     def pending(self) -> int:
@@ -54,10 +119,28 @@ class Batcher:
         """When the oldest pending record must go out, or None when empty."""
         return None if self._first_at is None else self._first_at + self.max_delay
 
-    def track(self, source: str, after: int = 0) -> None:
-        """Count ``source``'s records after its checkpoints, starting at ``after`` (records
-        already stored after its restored checkpoint)."""
-        self._after[source] = after
+    def track(self, source: str, after: int | Sequence[Span] = 0) -> None:
+        """Count ``source``'s records after its checkpoints, starting at ``after``: the
+        records already stored after its restored checkpoint (spans, or a count of
+        unknown origin)."""
+        if isinstance(after, int):
+            self._owed[source] = [(None, after)] if after else []
+        else:
+            self._owed[source] = [span for span in after if span[1]]
+        self._counted[source] = []
+
+    def _settle(self, source: str, owed: Sequence[Span] | None, stored_after: int) -> None:
+        """``source``'s checkpoint covers every record it put: nothing counted; what is
+        still owed is what the caller says (``owed``, or ``stored_after`` of unknown
+        origin)."""
+        if owed:
+            self._owed[source] = [span for span in owed if span[1]]
+        elif stored_after and owed is None:
+            self._owed[source] = [(None, stored_after)]
+        elif self._owed[source]:
+            self._owed[source] = []
+        if self._counted[source]:
+            self._counted[source] = []
 
     def add(
         self,
@@ -66,19 +149,23 @@ class Batcher:
         source: str | None = None,
         checkpoint: Any = None,
         *,
+        origin: Key = None,
+        owed: Sequence[Span] | None = None,
         stored_after: int = 0,
     ) -> list[Batch]:
         """Add records; returns the batches that became full (possibly several).
 
-        ``stored_after`` (only with a checkpoint and no records): that many of the source's
-        records after ``checkpoint`` are already stored -- a source replaying after a
-        restart has not yet caught up with what the frames hold."""
+        ``origin``: where the records start (``Key``), for a tracked source's counts.
+        ``owed`` (with a checkpoint): the spans of the source's records after
+        ``checkpoint`` that are already stored -- a source replaying after a restart has
+        not yet met all that the frames hold; ``stored_after`` (only with a checkpoint
+        and no records): the same as a count of unknown origin."""
         out: list[Batch] = []
-        tracked = source is not None and source in self._after
+        tracked = source is not None and source in self._owed
         if not records:
             if source is not None and checkpoint is not None:
                 if tracked:
-                    self._after[source] = stored_after
+                    self._settle(source, owed, stored_after)
                 if self._records:
                     self._checkpoints[source] = checkpoint
                 else:  # nothing pending: the checkpoint needs a batch of its own
@@ -98,10 +185,10 @@ class Batcher:
             if start >= len(records) and source is not None and checkpoint is not None:
                 self._checkpoints[source] = checkpoint
                 if tracked:
-                    self._after[source] = 0
+                    self._settle(source, owed, 0)
             elif tracked:
                 assert source is not None
-                self._after[source] += len(chunk)
+                self._counted[source] = count(self._counted[source], origin, len(chunk))
             if len(self._records) >= self.max_records:
                 out.append(self._cut())
                 if start < len(records):
@@ -122,12 +209,13 @@ class Batcher:
         return self._cut()
 
     def _cut(self) -> Batch:
-        after = {s: n for s, n in self._after.items() if n}
-        batch = Batch(self._records, self._checkpoints, after)
+        batch = Batch(self._records, self._checkpoints,
+                      {s: list(v) for s, v in self._owed.items() if v},
+                      {s: list(v) for s, v in self._counted.items() if v})
         self._records = []
         self._checkpoints = {}
         self._first_at = None
         return batch
 
 
-__all__ = ["Batch", "Batcher"]
+__all__ = ["Batch", "Batcher", "Key", "Span", "count", "merge"]

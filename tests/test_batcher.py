@@ -99,3 +99,49 @@ def test_a_restored_count_rides_along_until_the_source_catches_up() -> None:
     # the replaying source has caught up with 3 of the 5 at a new checkpoint
     (cp_batch,) = b.add([], now=0, source="tail", checkpoint={"offset": 50}, stored_after=2)
     assert cp_batch.checkpoints == {"tail": {"offset": 50}} and cp_batch.after == {"tail": 2}
+
+
+def test_spans_say_where_the_counted_records_follow() -> None:
+    # the origin of a put: (stream, the position its records follow)
+    b = Batcher(max_records=4, max_delay=1.0)
+    b.track("tail")
+    b.add(recs(2), now=0, source="tail", checkpoint={"a": 100}, origin=("a", 0))
+    out = b.add(recs(7, 2), now=0, source="tail", checkpoint={"a": 900}, origin=("a", 100))
+    assert [x.spans for x in out] == [{"tail": [(("a", 100), 2)]}, {"tail": [(("a", 100), 6)]}]
+    assert out[1].after == {"tail": 6}
+    last = b.flush()
+    assert last is not None and last.spans == {}
+
+
+def test_one_span_per_stream_from_where_its_first_counted_put_began() -> None:
+    b = Batcher(max_records=10, max_delay=1.0)
+    b.track("tail")
+    b.add(recs(3), now=0, source="tail", origin=("a", 0))  # puts without a checkpoint
+    b.add(recs(2), now=0, source="tail", origin=("b", 0))
+    b.add(recs(4), now=0, source="tail", origin=("a", 300))
+    batch = b.flush()
+    assert batch is not None and batch.spans == {"tail": [(("a", 0), 7), (("b", 0), 2)]}
+
+
+def test_a_span_owed_from_before_a_restart_rides_along_until_its_stream_is_met() -> None:
+    b = Batcher(max_records=2, max_delay=1.0)
+    owed = [(("b", 100), 5)]  # 5 records following b@100 are in frames
+    b.track("tail", owed)
+    # another file's records and checkpoint: the span is still owed
+    (batch,) = b.add(recs(2), now=0, source="tail", checkpoint={"c": 10}, origin=("c", 0),
+                     owed=owed)
+    assert batch.spans == {"tail": [(("b", 100), 5)]}
+    # b's replay: the gateway dropped its first 5 records and passes 3 more, owing nothing
+    # once the checkpoint is in; until then the span grows by what is stored past it
+    out = b.add(recs(3), now=0, source="tail", checkpoint={"b": 300}, origin=("b", 100),
+                owed=[])
+    assert out[0].checkpoints == {} and out[0].spans == {"tail": [(("b", 100), 7)]}
+    last = b.flush()
+    assert last is not None and last.checkpoints == {"tail": {"b": 300}} and last.spans == {}
+
+
+def test_a_count_without_origin_is_one_span_of_unknown_origin() -> None:
+    b = Batcher(max_records=2, max_delay=1.0)
+    b.track("sim", after=4)
+    (batch,) = b.add(recs(2), now=0, source="gateway")
+    assert batch.spans == {"sim": [(None, 4)]} and batch.after == {"sim": 4}

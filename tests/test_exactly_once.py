@@ -15,6 +15,7 @@ tester and SIGKILL, is in ``test_faults.py``.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,7 +23,7 @@ from typing import Any, ClassVar
 import trio
 from hubtools import gateway_config
 
-from edgegw.gateway import AFTER_KEY, Gateway
+from edgegw.gateway import AFTER_KEY, ORIGINS_KEY, Gateway
 from edgegw.protocol import decode_body
 from edgegw.records import SensorReading, from_wire
 from edgegw.spool import DiskSpool, SpoolConfig
@@ -145,6 +146,99 @@ async def test_a_crash_while_replaying_keeps_the_remaining_skip(tmp_path: Path) 
     assert checkpoints["tester"] == "half" and checkpoints[AFTER_KEY] == {"tester": 3}
 
 
+async def test_a_replay_put_in_smaller_pieces_carries_the_span_along_its_stream(
+        tmp_path: Path) -> None:
+    """With origins: a replayed put smaller than what the frames hold is dropped whole and
+    the rest of the span moves to where it ended -- stored so, should a second crash come."""
+    sizes = [9, 1]
+    live, image1, image2 = tmp_path / "spool", tmp_path / "img1", tmp_path / "img2"
+
+    class WithOrigins(ScriptedSource):  # one stream "s"; put i follows position i
+        async def run(self, sink: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            task_status.started()
+            assert sink.takes_origin
+            for i in range(self.resume, len(self.sizes)):
+                await sink.put(self.records(i, self.sizes[i]), i + 1, origin=("s", i, i + 1))
+                if i in self.after_put:
+                    self.after_put[i].set()
+            self.done.set()
+            await trio.sleep_forever()
+
+    crash1 = trio.Event()
+    await run_until(config(tmp_path / "a", live), WithOrigins(sizes, None, {0: crash1}),
+                    crash1, (live, image1))
+    got, checkpoints = await stored_records(image1)
+    assert len(got) == 8
+    assert checkpoints[AFTER_KEY] == {"tester": 8, ORIGINS_KEY: {"tester": [["s", 0, 8]]}}
+
+    class Rechunked(WithOrigins):  # put 0 replayed as 5 + 4 records, "half" between
+        def __init__(self, checkpoint: Any) -> None:
+            super().__init__(sizes, checkpoint, {})
+            self.at_half = checkpoint == "half"
+
+        async def run(self, sink: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            task_status.started()
+            first = self.records(0, 9)
+            if not self.at_half:
+                await sink.put(first[:5], "half", origin=("s", 0, "half"))
+                crash2.set()
+            await sink.put(first[5:], 1, origin=("s", "half", 1))
+            await sink.put(self.records(1, 1), 2, origin=("s", 1, 2))
+            self.done.set()
+            await trio.sleep_forever()
+
+    crash2 = trio.Event()
+    await run_until(config(tmp_path / "b", image1), Rechunked(checkpoints.get("tester")),
+                    crash2, (image1, image2))
+    got, checkpoints = await stored_records(image2)
+    assert len(got) == 8, "nothing new was stored: the replay has not caught up"
+    assert checkpoints["tester"] == "half"
+    assert checkpoints[AFTER_KEY] == {"tester": 3, ORIGINS_KEY: {"tester": [["s", "half", 3]]}}
+
+    source = Rechunked(checkpoints["tester"])  # resumes at "half"
+    gateway = await run_until(config(tmp_path / "c", image2), source, source.done)
+    got, checkpoints = await stored_records(image2)
+    assert got == expected(sizes), "every record stored exactly once, in order"
+    assert checkpoints["tester"] == 2 and checkpoints[AFTER_KEY] == {}
+    assert gateway.metrics.as_dict()["gateway_replayed_records_skipped_total"] == {
+        "source=tester": 3}, "the 3 still owed after half"
+
+
+async def test_a_stream_that_ends_before_its_span_is_met_owes_nothing(tmp_path: Path) -> None:
+    """With origins: the replaying source says the stream of the split put ended (its input
+    is gone); the span is discarded, and another stream's records all pass."""
+    sizes = [9, 1]
+    live, image = tmp_path / "spool", tmp_path / "img"
+
+    class TwoStreams(ScriptedSource):
+        async def run(self, sink: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            task_status.started()
+            if self.resume == 0 and not self.after_put:  # the restart: "s" is gone
+                await sink.put([], None, origin=("s", 0, None))
+                await sink.put(self.records(7, 6), "t", origin=("t", 0, 6))
+            else:
+                await sink.put(self.records(0, 9), 1, origin=("s", 0, 9))
+                self.after_put[0].set()
+            self.done.set()
+            await trio.sleep_forever()
+
+    crash = trio.Event()
+    await run_until(config(tmp_path / "a", live), TwoStreams(sizes, None, {0: crash}), crash,
+                    (live, image))
+    got, checkpoints = await stored_records(image)
+    assert len(got) == 8
+    assert checkpoints[AFTER_KEY] == {"tester": 8, ORIGINS_KEY: {"tester": [["s", 0, 8]]}}
+
+    source = TwoStreams(sizes, None, {})
+    gateway = await run_until(config(tmp_path / "b", image), source, source.done)
+    got, checkpoints = await stored_records(image)
+    assert got[8:] == [(r.channel, r.value) for r in ScriptedSource.records(7, 6)]
+    assert checkpoints["tester"] == "t" and checkpoints[AFTER_KEY] == {}
+    metrics = gateway.metrics.as_dict()
+    assert metrics["gateway_replay_skips_discarded_total"] == {"source=tester": 8}
+    assert metrics.get("gateway_replayed_records_skipped_total", {}) == {}
+
+
 class Snapshots(DiskSpool):
     """The real spool; its directory copied right after each frame in ``at`` is durable
     (what a SIGKILL at that point leaves behind)."""
@@ -159,6 +253,73 @@ class Snapshots(DiskSpool):
             await trio.to_thread.run_sync(shutil.copytree, self.directory,
                                           self.images / str(seq))
         return seq
+
+
+async def test_a_batch_split_for_its_size_keeps_one_span_per_stream(tmp_path: Path) -> None:
+    """A batch over the frame size limit holding one stream's put and the start of another's
+    is stored as several frames (docs/spool.md, "Frame size"): the first part's spans name
+    both streams, so a restart where the first stream is gone still skips the second's
+    exactly."""
+    sizes = [[10], [1500, 1500, 1500, 10], [10]]  # the spool below takes bodies of 4 KiB
+    streams, starts = ["a", "b", "b"], [0, 0, 1]
+
+    class Source:
+        replays: ClassVar[bool] = True
+
+        def __init__(self, checkpoint: Any, gone: bool = False) -> None:
+            self.resume = checkpoint if isinstance(checkpoint, int) else 0
+            self.gone = gone
+            self.done = trio.Event()
+
+        @staticmethod
+        def records(i: int) -> list[SensorReading]:
+            return [SensorReading("tester", 1.0, f"put{i}-{j}", float(j), "u" * size)
+                    for j, size in enumerate(sizes[i])]
+
+        async def run(self, sink: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            task_status.started()
+            if self.gone:
+                await sink.put([], None, origin=("a", 0, None))
+            for i in range(self.resume, len(sizes)):
+                if not (self.gone and streams[i] == "a"):
+                    await sink.put(self.records(i), i + 1,
+                                   origin=(streams[i], starts[i], starts[i] + 1))
+            self.done.set()
+            await trio.sleep_forever()
+
+    def cfg(state: Path, spool_dir: Path) -> Any:
+        return gateway_config(state, 1, batch={"max_records": 4, "max_delay_ms": 3_600_000},
+                              spool={"dir": str(spool_dir), "max_bytes": 16384,
+                                     "segment_bytes": 4096})
+
+    async def run(config: Any, source: Source, store: DiskSpool | None = None) -> Gateway:
+        gateway = Gateway(config, store=store, extra_sources=[("tester", source)])
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(gateway.run)
+                await source.done.wait()
+                nursery.cancel_scope.cancel()
+        return gateway
+
+    first = cfg(tmp_path / "a", tmp_path / "spool")
+    assert first.spool is not None
+    gateway = await run(first, Source(None), Snapshots(first.spool, {1}, tmp_path / "images"))
+    assert gateway.metrics.as_dict()["gateway_batches_split_total"]
+    image = tmp_path / "images" / "1"
+    got, checkpoints = await stored_records(image)
+    assert got == [("put0-0", 0.0), ("put1-0", 0.0)]
+    assert checkpoints.get("tester") is None
+    assert checkpoints[AFTER_KEY] == {"tester": 2,
+                                      ORIGINS_KEY: {"tester": [["a", 0, 1], ["b", 0, 1]]}}
+
+    source = Source(None, gone=True)
+    gateway = await run(cfg(tmp_path / "b", image), source)
+    got, checkpoints = await stored_records(image)
+    assert got == [("put0-0", 0.0), ("put1-0", 0.0), ("put1-1", 1.0), ("put1-2", 2.0),
+                   ("put1-3", 3.0), ("put2-0", 0.0)], "b's records once each, a's gone"
+    metrics = gateway.metrics.as_dict()
+    assert metrics["gateway_replayed_records_skipped_total"] == {"source=tester": 1}
+    assert metrics["gateway_replay_skips_discarded_total"] == {"source=tester": 1}
 
 
 async def tail_until_done(cfg: Any, store: DiskSpool | None = None) -> None:
@@ -214,3 +375,287 @@ async def test_a_crash_after_any_frame_of_a_tailed_file_stores_each_record_once(
     for image in crashes:
         await tail_until_done(cfg(tmp_path / f"gw{image.name}", image))
         assert await stored(image) == whole, f"a crash after frame {image.name}"
+
+
+# -- the files changed between the crash and the restart ------------------------------------
+#
+# The skip counted after a split put belongs to the records that followed the durable
+# checkpoint *in that file, from that position*.  If the file is gone, replaced or truncated
+# when the gateway restarts, or another file is met first, the replay does not start with
+# those records: the skip must not eat another file's records (lost), and must still apply
+# to the file's own replay when it comes (else repeated).
+
+
+def tail_cfg(files: Path, state: Path, spool_dir: Path) -> Any:
+    return gateway_config(state, 1, sources=[{"name": "tail", "type": "tail",
+                                              "paths": [str(files)], "poll_interval": 0.01,
+                                              "read_size": 4096}],
+                          batch={"max_records": 97, "max_delay_ms": 5},
+                          spool={"dir": str(spool_dir)})
+
+
+async def tail_files_until_done(cfg: Any, names: set[str], store: DiskSpool | None = None
+                                ) -> Gateway:
+    """Run a gateway tailing until its stored checkpoint has the files ``names`` done."""
+    gateway = Gateway(cfg, store=store)
+    files: dict[str, Any] = {}
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(gateway.run)
+                while True:
+                    files = (gateway.store.checkpoints.get("tail") or {}).get("files") or {}
+                    if names <= {Path(p).name for p, f in files.items() if f["done"]}:
+                        break
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+    except trio.TooSlowError:
+        raise AssertionError(f"the files never all done: {files}") from None
+    return gateway
+
+
+async def tailed_records(spool_dir: Path) -> list[Any]:
+    async with DiskSpool.open(SpoolConfig(dir=str(spool_dir))) as spool:
+        frames = spool.frames_from(1, 100_000)
+    out = []
+    for f in frames:
+        _, sources, wire = decode_body(f.body, 1 << 24)
+        out.extend(from_wire(w, sources)._replace(ts=0.0) for w in wire)
+    return out
+
+
+async def stored_checkpoints(spool_dir: Path) -> dict[str, Any]:
+    async with DiskSpool.open(SpoolConfig(dir=str(spool_dir))) as spool:
+        return dict(spool.checkpoints)
+
+
+async def records_of(tmp: Path, contents: bytes) -> list[Any]:
+    """What a clean run sends for one file holding ``contents``."""
+    files = tmp / "files"
+    files.mkdir(parents=True)
+    (files / "x.std").write_bytes(contents)
+    await tail_files_until_done(tail_cfg(files, tmp / "gw", tmp / "spool"), {"x.std"})
+    return await tailed_records(tmp / "spool")
+
+
+def write_at(path: Path, data: bytes, mtime: float) -> None:
+    path.write_bytes(data)
+    os.utime(path, (mtime, mtime))
+
+
+async def split_put_images(tmp: Path, files: Path, in_progress: Path, names: set[str]
+                           ) -> list[tuple[Path, dict[str, Any]]]:
+    """Tail ``files`` (holding ``names``) to the end, taking the spool image after every
+    frame; the images (with their checkpoints) taken between the parts of a split put of
+    ``in_progress``: frames hold records of it that its durable checkpoint does not cover
+    yet."""
+    cfg = tail_cfg(files, tmp / "gw", tmp / "spool")
+    assert cfg.spool is not None
+    images = tmp / "images"
+    await tail_files_until_done(cfg, names, Snapshots(cfg.spool, set(range(1, 200)), images))
+    out = []
+    for image in sorted(images.iterdir(), key=lambda p: int(p.name)):
+        async with DiskSpool.open(SpoolConfig(dir=str(image))) as spool:
+            checkpoints = dict(spool.checkpoints)
+        entry = ((checkpoints.get("tail") or {}).get("files") or {}).get(str(in_progress))
+        if checkpoints.get(AFTER_KEY, {}).get("tail") and not (
+                entry and entry["done"]):
+            out.append((image, checkpoints))
+    assert len(out) >= 3, "the test needs crashes between the parts of split puts"
+    return out
+
+
+def rewrite_in_place(path: Path, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(0)
+        f.write(data)
+
+
+def cut_short(data: bytes, limit: int) -> bytes:
+    """An STDF file (little endian) shorter than ``limit``: ``data``'s records up to a
+    record boundary, then its MRR."""
+    offsets = [0]
+    while offsets[-1] < len(data):
+        offsets.append(offsets[-1] + 4 + int.from_bytes(data[offsets[-1]:offsets[-1] + 2],
+                                                        "little"))
+    mrr = data[offsets[-2]:]
+    assert mrr[2:4] == bytes([1, 20]), "the file ends with its MRR"
+    return data[:max(o for o in offsets if o + len(mrr) < limit)] + mrr
+
+
+async def test_the_file_of_a_split_put_deleted_before_the_restart_costs_no_other_files_records(
+        tmp_path: Path) -> None:
+    """(a) The file being read when the gateway crashed is gone at the restart: its replay
+    never comes, and the next file's first records are not taken for it."""
+    from shared_data import METIS, stdf_bytes
+
+    data = stdf_bytes(METIS)
+    files = tmp_path / "stdf"
+    files.mkdir()
+    write_at(files / "a.std", data, 1_000_000)
+    write_at(files / "b.std", data, 1_000_100)  # read after a.std
+    one_file = await records_of(tmp_path / "clean", data)
+    images = await split_put_images(tmp_path / "first", files, files / "a.std",
+                                    {"a.std", "b.std"})
+    (files / "a.std").unlink()
+    for image, _checkpoints in images:
+        before = await tailed_records(image)
+        gateway = await tail_files_until_done(
+            tail_cfg(files, tmp_path / f"gw{image.name}", image), {"b.std"})
+        assert await tailed_records(image) == before + one_file, (
+            f"after frame {image.name}: b.std whole, once")
+        metrics = gateway.metrics.as_dict()
+        assert metrics.get("gateway_replayed_records_skipped_total", {}) == {}
+        assert sum(metrics["gateway_replay_skips_discarded_total"].values()) > 0
+        assert (await stored_checkpoints(image))[AFTER_KEY] == {}, "nothing left owed"
+
+
+async def test_a_new_file_met_before_the_replayed_one_is_sent_whole_and_the_replay_skipped(
+        tmp_path: Path) -> None:
+    """(b) A file that sorts before the one being read appears before the restart: it is
+    read first and sent whole; the skip waits for the replayed file."""
+    from shared_data import METIS, stdf_bytes
+
+    data = stdf_bytes(METIS)
+    files = tmp_path / "stdf"
+    files.mkdir()
+    write_at(files / "b.std", data, 1_000_100)
+    whole = await records_of(tmp_path / "clean", data)
+    for image, _checkpoints in await split_put_images(tmp_path / "first", files,
+                                                      files / "b.std", {"b.std"}):
+        before = await tailed_records(image)
+        write_at(files / "a.std", data, 1_000_000)  # older: it sorts first
+        gateway = await tail_files_until_done(
+            tail_cfg(files, tmp_path / f"gw{image.name}", image), {"a.std", "b.std"})
+        (files / "a.std").unlink()
+        assert await tailed_records(image) == before + whole + whole[len(before):], (
+            f"after frame {image.name}: a.std whole, then the rest of b.std, once")
+        skipped = gateway.metrics.as_dict()["gateway_replayed_records_skipped_total"]
+        assert sum(skipped.values()) > 0
+
+
+async def test_a_file_truncated_replaced_or_rotated_before_the_restart_is_read_whole(
+        tmp_path: Path) -> None:
+    """(c) The file being read is truncated and rewritten, replaced (a new file under its
+    name) or rotated (renamed out of the watched names, a new file under its name) before
+    the restart: it is read from its start, and none of its new records is taken for the
+    ones the frames hold."""
+    from shared_data import METIS, stdf_bytes
+
+    data = stdf_bytes(METIS)
+    files = tmp_path / "stdf"
+    files.mkdir()
+    write_at(files / "a.std", data, 1_000_000)
+    images = await split_put_images(tmp_path / "first", files, files / "a.std", {"a.std"})
+    image, checkpoints = images[-1]
+    offset = checkpoints["tail"]["files"][str(files / "a.std")]["offset"]
+    assert offset > 1000
+    shorter = cut_short(data, offset // 2)
+    new_content = await records_of(tmp_path / "clean", shorter)
+    assert new_content
+    before = await tailed_records(image)
+    for how in ("truncated", "replaced", "rotated"):
+        img = tmp_path / f"image-{how}"
+        shutil.copytree(image, img)
+        if how == "truncated":  # the same inode, rewritten shorter than the checkpoint's offset
+            rewrite_in_place(files / "a.std", shorter)
+        elif how == "replaced":  # a new file (a new inode) under the same name
+            (files / "new.tmp").write_bytes(shorter)
+            os.replace(files / "new.tmp", files / "a.std")
+        else:  # renamed out of the watched names, a new file under the old one
+            (files / "a.std").rename(files / "a.std.1")
+            (files / "a.std").write_bytes(shorter)
+        gateway = await tail_files_until_done(
+            tail_cfg(files, tmp_path / f"gw-{how}", img), {"a.std"})
+        assert await tailed_records(img) == before + new_content, (
+            f"{how}: the new content whole, once")
+        metrics = gateway.metrics.as_dict()
+        assert metrics.get("gateway_replayed_records_skipped_total", {}) == {}
+        assert sum(metrics["gateway_replay_skips_discarded_total"].values()) > 0
+        assert (await stored_checkpoints(img))[AFTER_KEY] == {}, "nothing left owed"
+
+
+async def test_a_file_renamed_before_the_restart_is_followed_and_its_skip_still_applies(
+        tmp_path: Path) -> None:
+    """A rename keeps the file (its inode): the replay under the new name starts where the
+    skip was counted, so what the frames hold is skipped, and nothing is sent twice."""
+    from shared_data import METIS, stdf_bytes
+
+    data = stdf_bytes(METIS)
+    files = tmp_path / "stdf"
+    files.mkdir()
+    write_at(files / "a.std", data, 1_000_000)
+    whole = await records_of(tmp_path / "clean", data)
+    for image, _checkpoints in await split_put_images(tmp_path / "first", files,
+                                                      files / "a.std", {"a.std"}):
+        (files / "a.std").rename(files / "a2.std")
+        gateway = await tail_files_until_done(
+            tail_cfg(files, tmp_path / f"gw{image.name}", image), {"a2.std"})
+        (files / "a2.std").rename(files / "a.std")
+        assert await tailed_records(image) == whole, f"after frame {image.name}"
+        skipped = gateway.metrics.as_dict()["gateway_replayed_records_skipped_total"]
+        assert sum(skipped.values()) > 0
+
+
+async def test_a_second_crash_while_the_skip_waits_for_its_file_keeps_it(
+        tmp_path: Path) -> None:
+    """(b) again, with a second crash while the new file is read, before the replayed one
+    is met: the frames stored meanwhile still carry the skip, with its origin."""
+    from shared_data import METIS, stdf_bytes
+
+    data = stdf_bytes(METIS)
+    files = tmp_path / "stdf"
+    files.mkdir()
+    write_at(files / "b.std", data, 1_000_100)
+    whole = await records_of(tmp_path / "clean", data)
+    image, _checkpoints = (await split_put_images(tmp_path / "first", files,
+                                                  files / "b.std", {"b.std"}))[1]
+    before = await tailed_records(image)
+    write_at(files / "a.std", data, 1_000_000)
+    cfg = tail_cfg(files, tmp_path / "gw-second", image)
+    assert cfg.spool is not None
+    images = tmp_path / "second-crash"
+    await tail_files_until_done(cfg, {"a.std", "b.std"},
+                                Snapshots(cfg.spool, set(range(1, 400)), images))
+    while_a = []  # images taken while a.std was read, b.std not yet met again
+    for second in images.iterdir():
+        async with DiskSpool.open(SpoolConfig(dir=str(second))) as spool:
+            checkpoints = dict(spool.checkpoints)
+        files_cp = (checkpoints.get("tail") or {}).get("files") or {}
+        if str(files / "a.std") in files_cp and not files_cp[str(files / "a.std")]["done"]:
+            while_a.append(second)
+    assert len(while_a) >= 3
+    for second in while_a:
+        await tail_files_until_done(tail_cfg(files, tmp_path / f"gw3-{second.name}", second),
+                                    {"a.std", "b.std"})
+        assert await tailed_records(second) == before + whole + whole[len(before):], (
+            f"second crash after frame {second.name}")
+
+
+async def test_a_spool_written_before_origins_still_recovers_exactly(tmp_path: Path) -> None:
+    """An older gateway stored the skip as a bare count: it still applies to the first
+    records replayed, as it always did (the files unchanged)."""
+    from shared_data import METIS, stdf_bytes
+
+    data = stdf_bytes(METIS)
+    files = tmp_path / "stdf"
+    files.mkdir()
+    write_at(files / "a.std", data, 1_000_000)
+    whole = await records_of(tmp_path / "clean", data)
+    for image, checkpoints in (await split_put_images(tmp_path / "first", files,
+                                                      files / "a.std", {"a.std"}))[:5]:
+        assert ORIGINS_KEY in checkpoints[AFTER_KEY], "stored with its origin"
+        assert isinstance(checkpoints[AFTER_KEY]["tail"], int), "beside the count alone"
+        old = tmp_path / f"old{image.name}"  # the same frames, the count as it was stored
+        async with DiskSpool.open(SpoolConfig(dir=str(image))) as spool:
+            frames = spool.frames_from(1, 100_000)
+        async with DiskSpool.open(SpoolConfig(dir=str(old))) as spool:
+            for frame in frames[:-1]:
+                await spool.append(frame.body, frame.n_records, {})
+            await spool.append(frames[-1].body, frames[-1].n_records, {
+                **checkpoints, AFTER_KEY: {"tail": checkpoints[AFTER_KEY]["tail"]}})
+        gateway = await tail_files_until_done(tail_cfg(files, tmp_path / f"gw{image.name}", old),
+                                              {"a.std"})
+        assert await tailed_records(old) == whole, f"after frame {image.name}"
+        skipped = gateway.metrics.as_dict()["gateway_replayed_records_skipped_total"]
+        assert skipped == {"source=tail": checkpoints[AFTER_KEY]["tail"]}

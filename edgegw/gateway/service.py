@@ -16,13 +16,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import trio
 
 from .. import failpoints
 from ..backoff import Backoff
-from ..batcher import Batch, Batcher
+from ..batcher import Batch, Batcher, Key, Span, count, merge
 from ..metrics import Metrics, internal_errors, report_internal_error
 from ..protocol import encode_body, encode_columns
 from ..records import GatewayEvent, Record
@@ -37,8 +37,12 @@ log = logging.getLogger("edgegw.gateway")
 
 RID_KEY = "__rid__"  # the next record id, kept among the checkpoints
 #: per replaying source, its records after its checkpoint that are already in frames
-#: (``Batch.after``), kept among the checkpoints so a restart skips exactly those
+#: (``Batch.spans``), kept among the checkpoints so a restart skips exactly those: their
+#: count, and under ``ORIGINS_KEY`` where they follow (``encode_after``)
 AFTER_KEY = "__after__"
+#: in ``AFTER_KEY``'s value: per source with origins, ``[[stream, start, n], ...]`` (beside
+#: the count, which a gateway that predates origins reads alone)
+ORIGINS_KEY = "__origins__"
 #: room a DATA message takes around its body (``[4, seq, sent_at, body, "zlib"]``): a body
 #: this much under ``uplink.max_frame_bytes`` makes a message under it
 DATA_ENVELOPE_BYTES = 64
@@ -58,26 +62,77 @@ class GatewaySink:
 
 class _SourceSink:
     """One source's sink.  After a restart, a source that replays from its checkpoint
-    (``Source.replays``) first emits records that frames already hold -- the first part
-    of a put that was split across frames before the crash.  ``skip`` of them are dropped
-    here, so each record is stored once (docs/spool.md, "Source positions and split puts")."""
+    (``Source.replays``) emits again records that frames already hold -- the first part
+    of a put that was split across frames before the crash.  They are dropped here, so
+    each record is stored once (docs/spool.md, "Source positions and split puts").
 
-    def __init__(self, gateway: Gateway, name: str, skip: int = 0) -> None:
+    What is owed is a list of spans ``(key, n)``: ``n`` records following ``key``, where
+    ``key`` is ``(stream, start)`` as the source gave it with the put (``origin``).  A
+    span applies only to a replayed put that starts exactly there (the same stream, the
+    same position); a put of its stream that starts anywhere else, or that ends the
+    stream, discards it (the file was deleted, replaced or truncated: nothing of it comes
+    back).  A put of another stream passes untouched.  A span without a key (an older
+    spool, or a source that gives no origin) applies to the first records replayed,
+    whatever they are, as it always did."""
+
+    #: ``put`` takes ``origin`` (sources/__init__.py)
+    takes_origin: ClassVar[bool] = True
+
+    def __init__(self, gateway: Gateway, name: str, owed: Sequence[Span] = ()) -> None:
         self.gateway = gateway
         self.name = name
-        self.skip = skip
+        self.owed: list[Span] = [span for span in owed if span[1]]
 
-    async def put(self, records: Sequence[Record], checkpoint: Any = None) -> None:
-        if self.skip:
-            dropped = min(self.skip, len(records))
-            self.skip -= dropped
+    async def put(self, records: Sequence[Record], checkpoint: Any = None,
+                  origin: tuple[Any, Any, Any] | None = None) -> None:
+        key: Key = None
+        if origin is not None:
+            stream, start, end = origin
+            if isinstance(stream, list | tuple) or isinstance(start, list | tuple):
+                stream, start = _freeze(stream), _freeze(start)  # lists, as from the spool
+            key = (stream, start)
+            if self.owed:
+                records = self._skip(records, key, _freeze(end))
+        elif self.owed:
+            records = self._skip(records, None, None)
+        await self.gateway._put(records, checkpoint, self.name, key, self.owed)
+
+    def _skip(self, records: Sequence[Record], key: Key, end: Any) -> Sequence[Record]:
+        """Drop what the owed spans say of ``records`` (a put from ``key`` to ``end``)."""
+        dropped = discarded = 0
+        owed: list[Span] = []
+        for span_key, n in self.owed:  # spans of unknown origin: the first records, as before
+            if span_key is None:
+                take = min(n, len(records) - dropped)
+                dropped += take
+                n -= take
+            if n:
+                owed.append((span_key, n))
+        spans, owed = owed, []
+        for span_key, n in spans:
+            if span_key is not None and key is not None and span_key[0] == key[0]:
+                if span_key == key:  # the replay of its stream starts where it did
+                    take = min(n, len(records) - dropped)
+                    dropped += take
+                    n -= take
+                    span_key = (key[0], end)  # what is left follows this put
+                    if n and end is None:  # the stream ended short of it
+                        discarded += n
+                        n = 0
+                else:  # its stream resumes elsewhere: what it held never comes back
+                    discarded += n
+                    n = 0
+            if n:
+                owed.append((span_key, n))
+        self.owed = owed
+        if dropped:
             self.gateway.m_replay_skipped.inc(dropped, source=self.name)
-            records = records[dropped:]
-            if not records:
-                if checkpoint is not None:  # caught up to here, but not yet past the frames
-                    await self.gateway._put_checkpoint(self.name, checkpoint, self.skip)
-                return
-        await self.gateway._put(records, checkpoint, self.name)
+        if discarded:
+            self.gateway.m_replay_discarded.inc(discarded, source=self.name)
+            log.warning("source %s: %d record(s) stored before the restart were not replayed "
+                        "from where they followed (the input was deleted, replaced or "
+                        "truncated meanwhile): nothing skipped for them", self.name, discarded)
+        return records[dropped:]
 
     # For sources that acknowledge their input only once it is durable (MQTT QoS 1):
 
@@ -126,10 +181,12 @@ class Gateway:
         self._columnar = config.uplink.max_protocol_version >= 2
         self.sink = GatewaySink(self)
         self.dead_letter_path = trio.Path(self.state_dir / "dead-letter.cborseq")
-        # [source, n] per put, in the order the batcher holds their records: which source
-        # each record of a batch came from, should the batch have to be split
+        # [source, stream, origin, n] per run of puts of one source's stream, in the order
+        # the batcher holds their records (origin: the run's first): which source each
+        # record of a batch came from, should the batch have to be split
         self._runs: deque[list[Any]] = deque()
-        self._after_base: dict[str, int] = {}  # tracked source -> ``after`` of the last batch
+        # tracked source -> (owed, counted) spans of the last batch stored (``Batch``)
+        self._after_base: dict[str, tuple[list[Span], list[Span]]] = {}
         self._refused_untold: dict[str, int] = {}  # refused records not yet told to the hub
         self._lock = trio.Lock()
         self._wake_flusher = trio.Event()
@@ -146,6 +203,11 @@ class Gateway:
         self.m_replay_skipped = m.counter(
             "gateway_replayed_records_skipped_total",
             "records a source replayed after a restart that frames already held")
+        self.m_replay_discarded = m.counter(
+            "gateway_replay_skips_discarded_total",
+            "records frames held past a source's checkpoint that its replay after a restart "
+            "did not reach from the same position (input deleted, replaced or truncated): "
+            "not skipped")
         self._last_progress = time.time()
         self._dropped_counted = (0, 0)  # store drops in the metric and the log
         self._dropped_reported = (0, 0)  # store drops told to the hub
@@ -160,8 +222,8 @@ class Gateway:
                                  "batches stored as several frames (over the frame limit)")
         internal_errors(m)  # exported (as 0) before anything goes wrong
 
-    def _build_sources(self) -> list[tuple[str, Source, int]]:
-        """The sources (configured and given), each with how many of its replayed records
+    def _build_sources(self) -> list[tuple[str, Source, list[Span]]]:
+        """The sources (configured and given), each with the spans of its replayed records
         to skip: those after its checkpoint that frames already hold."""
         for entry in self.config.source_entries():
             self._entries[entry.name] = entry
@@ -178,20 +240,20 @@ class Gateway:
             state_dir=str(self.state_dir / "sources" / entry.name))
         return cls(entry.name, entry.config, context)
 
-    def _replay_skip(self, name: str, source: Source) -> int:
-        """For a source that replays from its checkpoint: how many of the records it will
-        replay frames already hold (the batcher counts on from there); else 0."""
+    def _replay_skip(self, name: str, source: Source) -> list[Span]:
+        """For a source that replays from its checkpoint: the spans of the records it will
+        replay that frames already hold (the batcher counts on from there); else none."""
         if not getattr(source, "replays", False):
-            return 0
-        skip = int((self.store.checkpoints.get(AFTER_KEY) or {}).get(name, 0))
-        self.batcher.track(name, skip)
-        self._after_base[name] = skip
-        if skip:
+            return []
+        owed = decode_after(self.store.checkpoints.get(AFTER_KEY), name)
+        self.batcher.track(name, owed)
+        self._after_base[name] = (owed, [])
+        if owed:
             log.info("source %s: skipping the %d replayed record(s) that frames already hold",
-                     name, skip)
-        return skip
+                     name, sum(n for _key, n in owed))
+        return owed
 
-    async def _run_source(self, index: int, skip: int, *,
+    async def _run_source(self, index: int, skip: list[Span], *,
                           task_status: trio.TaskStatus[None]) -> None:
         """Run one source, restarting it when it fails.
 
@@ -247,41 +309,42 @@ class Gateway:
                 source.context.checkpoint = self.store.checkpoints.get(name)  # type: ignore[attr-defined]
             skip = self._replay_skip(name, source)
 
-    async def _put(self, records: Sequence[Record], checkpoint: Any, source: str | None) -> None:
+    async def _put(self, records: Sequence[Record], checkpoint: Any, source: str | None,
+                   origin: Key = None, owed: Sequence[Span] | None = None) -> None:
         if records:
             self.m_records_in.inc(len(records), source=source or "?")
         async with self._lock:
-            await self._store_all(self._add(records, source, checkpoint))
-        self._wake_flusher.set()
-
-    async def _put_checkpoint(self, source: str, checkpoint: Any, stored_after: int) -> None:
-        async with self._lock:
-            await self._store_all(self._add([], source, checkpoint, stored_after=stored_after))
+            await self._store_all(self._add(records, source, checkpoint, origin=origin,
+                                            owed=owed))
         self._wake_flusher.set()
 
     def _add(self, records: Sequence[Record], source: str | None, checkpoint: Any = None,
-             **kwargs: Any) -> list[Batch]:
-        """``batcher.add``, remembering which source the records came from."""
+             origin: Key = None, **kwargs: Any) -> list[Batch]:
+        """``batcher.add``, remembering which source (and origin) the records came from."""
         if records:
-            if self._runs and self._runs[-1][0] == source:
-                self._runs[-1][1] += len(records)
+            stream = None if origin is None else origin[0]
+            last = self._runs[-1] if self._runs else None
+            if last is not None and last[0] == source and last[1] == stream:
+                last[3] += len(records)  # counted from its first put (``batcher.count``)
             else:
-                self._runs.append([source, len(records)])
-        return self.batcher.add(records, trio.current_time(), source, checkpoint, **kwargs)
+                self._runs.append([source, stream, origin, len(records)])
+        return self.batcher.add(records, trio.current_time(), source, checkpoint,
+                                origin=origin, **kwargs)
 
-    def _take_runs(self, n: int) -> list[tuple[str | None, int]]:
-        """The sources of the next ``n`` records cut from the batcher, as runs."""
-        out: list[tuple[str | None, int]] = []
+    def _take_runs(self, n: int) -> list[tuple[str | None, Key, int]]:
+        """The sources (and origins) of the next ``n`` records cut from the batcher, as
+        runs."""
+        out: list[tuple[str | None, Key, int]] = []
         while n > 0 and self._runs:
             run = self._runs[0]
-            k = min(n, run[1])
-            out.append((run[0], k))
+            k = min(n, run[3])
+            out.append((run[0], run[2], k))
             n -= k
-            run[1] -= k
-            if not run[1]:
+            run[3] -= k
+            if not run[3]:
                 self._runs.popleft()
         if n > 0:  # never: every record reaches the batcher through _add
-            out.append((None, n))
+            out.append((None, None, n))
         return out
 
     async def _store_all(self, batches: list[Batch]) -> None:
@@ -320,14 +383,15 @@ class Gateway:
         n = len(batch.records)
         checkpoints = dict(batch.checkpoints)
         checkpoints[RID_KEY] = first_rid + n
-        checkpoints[AFTER_KEY] = batch.after  # every frame: the latest one is the truth
+        checkpoints[AFTER_KEY] = encode_after(batch.spans)  # every frame: the latest is the truth
         body = self._encode(first_rid, batch.records)
         limit = self._body_limit(n, checkpoints)
         if len(body) <= limit:
             await self._append(body, n, checkpoints)
         else:
             await self._store_split(batch, runs, limit, len(body))
-        self._after_base = {s: batch.after.get(s, 0) for s in self._after_base}
+        self._after_base = {s: (batch.owed.get(s, []), batch.counted.get(s, []))
+                            for s in self._after_base}
         self._notify_durable(batch.checkpoints)
         self._last_progress = time.time()
         self._count_drops()
@@ -339,8 +403,8 @@ class Gateway:
         self.m_frames.inc()
         self.m_records_stored.inc(n_records)
 
-    async def _store_split(self, batch: Batch, runs: list[tuple[str | None, int]], limit: int,
-                           size: int) -> None:
+    async def _store_split(self, batch: Batch, runs: list[tuple[str | None, Key, int]],
+                           limit: int, size: int) -> None:
         """A batch whose body exceeds the frame limit goes as several frames; a record
         that alone exceeds it is refused (counted, dead-lettered, told to the hub).  Only
         the last frame carries the batch's checkpoints; each earlier one carries, for every
@@ -349,14 +413,14 @@ class Gateway:
         (docs/spool.md, "Frame size")."""
         records = batch.records
         parts, refused = _split(records, limit, self._encode)
-        owners = [source for source, k in runs for _ in range(k)]
+        owners = [(source, key) for source, key, k in runs for _ in range(k)]
         self.m_split.inc()
         log.warning("a batch of %d record(s) takes %d bytes, over the frame limit of %d: "
                     "stored as %d frame(s)%s", len(records), size, limit, len(parts),
                     f", {len(refused)} record(s) refused" if refused else "")
         # dead-lettered before any frame whose checkpoint passes them is durable
         for i in refused:
-            await self._refuse(owners[i] or "?", records[i], limit)
+            await self._refuse(owners[i][0] or "?", records[i], limit)
         if not parts:
             parts = [(len(records), len(records))]  # the checkpoints still travel
         done = 0
@@ -364,16 +428,18 @@ class Gateway:
             part = records[a:b]
             if k == len(parts) - 1:
                 checkpoints = dict(batch.checkpoints)
-                after = batch.after
+                after = batch.spans
             else:
                 checkpoints = {}
-                for source in owners[done:b]:
+                for source, key in owners[done:b]:
                     if source in self._after_base:
-                        self._after_base[source] += 1
+                        owed, counted = self._after_base[source]
+                        self._after_base[source] = (owed, count(counted, key, 1))
                 done = b
-                after = {s: v for s, v in self._after_base.items() if v}
+                after = {s: merge(owed, counted)
+                         for s, (owed, counted) in self._after_base.items()}
             checkpoints[RID_KEY] = self.next_rid + len(part)
-            checkpoints[AFTER_KEY] = after
+            checkpoints[AFTER_KEY] = encode_after(after)
             await self._append(self._encode(self.next_rid, part), len(part), checkpoints)
 
     async def _refuse(self, source: str, record: Record, limit: int) -> None:
@@ -581,6 +647,52 @@ class Gateway:
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await self.flush()
+
+
+def _freeze(value: Any) -> Any:
+    """An origin value as it compares after a trip through the spool (CBOR gives lists
+    back): lists made tuples, all the way down, so it can be a key."""
+    if type(value) is list or type(value) is tuple:
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def encode_after(spans: dict[str, list[Span]]) -> dict[str, Any]:
+    """``AFTER_KEY``'s stored value: per source, the count, as every gateway wrote it
+    before origins (and reads it); and, when some span of a source has an origin, under
+    ``ORIGINS_KEY`` its spans, ``[[stream, start, n], ...]`` (``[None, None, n]`` for a span
+    of unknown origin).  A gateway that predates origins reads the count alone (and skips
+    as it always did) instead of failing on a list."""
+    out: dict[str, Any] = {}
+    origins: dict[str, Any] = {}
+    for source, entries in spans.items():
+        entries = [(key, n) for key, n in entries if n]
+        if not entries:
+            continue
+        out[source] = sum(n for _key, n in entries)
+        if any(key is not None for key, _n in entries):
+            origins[source] = [[None, None, n] if key is None else [key[0], key[1], n]
+                               for key, n in entries]
+    if origins:
+        out[ORIGINS_KEY] = origins
+    return out
+
+
+def decode_after(value: Any, source: str) -> list[Span]:
+    """``source``'s spans from ``AFTER_KEY``'s stored value (``encode_after``); a count
+    alone (an older spool, or a source without origins) is one span of unknown origin."""
+    if not value:
+        return []
+    spans = (value.get(ORIGINS_KEY) or {}).get(source)
+    if spans is None:
+        n = int(value.get(source, 0))
+        return [(None, n)] if n > 0 else []
+    out: list[Span] = []
+    for stream, start, n in spans:
+        key = None if stream is None else (_freeze(stream), _freeze(start))
+        if int(n) > 0:
+            out.append((key, int(n)))
+    return out
 
 
 def _split(records: Sequence[Record], limit: int,

@@ -17,6 +17,16 @@ tail and the simulated tester do).  The gateway relies on that to stay exact whe
 was split across frames and the gateway stopped between them: it drops the replayed
 records that frames already hold (docs/spool.md, "Source positions and split puts").  A
 source whose checkpoint is state rather than a position (or that has none) leaves it False.
+
+Such a source should also tell a sink that takes it (``sink.takes_origin`` true; the
+gateway's does) where each put's records come from: ``sink.put(records, checkpoint,
+origin=(stream, start, end))`` -- an input read in order (the tail: a file's inode), the
+position in it the records follow (its position in the checkpoint put last) and the position
+after them (None: the stream ends there).  Values are JSON-able and compared by value; a
+replay puts the same records with the same origins.  The drop then applies only to a replay
+that resumes the same stream at the same position: a file deleted, replaced or truncated
+meanwhile, or another one met first, loses nothing (docs/plugins.md, "Writing a source
+type").  Without origins the drop applies to the first records replayed.
 """
 
 from __future__ import annotations
@@ -35,6 +45,8 @@ ENTRY_POINT_GROUP = "edgegw.sources"
 
 
 class RecordSink(Protocol):
+    # Optional: ``takes_origin = True`` when ``put`` also takes ``origin=(stream, start,
+    # end)`` (see above); a source passes ``origin`` only then.
     async def put(self, records: Sequence[Record], checkpoint: Any = None) -> None: ...
 
 

@@ -135,11 +135,15 @@ class _File:
     skip_below: int = 0  # after a restart: records before this offset were already emitted
     #: the re-read passed ``skip_below`` as a parser position (see ``TailSource._map``)
     boundary_seen: bool = False
+    #: the offset in the last checkpoint handed to the sink: where the file's next
+    #: records follow (their ``origin``, see ``TailSource._put``)
+    origin: int = 0
     #: the parser's fast path (STDF): rows to ``RecordMapper.map_row``, and once past
     #: ``skip_below`` only the types the mapper reads (see ``TailSource._fast``)
     rows: bool = False
     selected: bool = False
     warned: bool = False
+    io_failed: bool = False  # a read error was reported, no read has succeeded since
 
     def checkpoint(self) -> dict[str, Any]:
         return {"offset": self.offset, "done": self.done, "reason": self.reason,
@@ -229,7 +233,8 @@ class TailSource:
                 self.files[path] = _File(
                     path=path, inode=int(e["inode"]), gz=path.lower().endswith(".gz"),
                     offset=int(e["offset"]), done=bool(e["done"]), reason=str(e["reason"]),
-                    size=int(e["size"]), state=dict(e.get("state") or {}))
+                    size=int(e["size"]), state=dict(e.get("state") or {}),
+                    origin=int(e["offset"]))
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             log.error("source %s: ignoring unreadable checkpoint (%s)", self.name, exc)
             self.files.clear()
@@ -245,7 +250,7 @@ class TailSource:
             for info in await trio.to_thread.run_sync(self._scan):
                 self.files[info.path] = _File(info.path, info.inode, info.gz, offset=info.size,
                                               done=True, reason="existed at start",
-                                              size=info.size)
+                                              size=info.size, origin=info.size)
         task_status.started()
         try:
             while True:
@@ -269,11 +274,13 @@ class TailSource:
                 log.warning("source %s: %s was replaced (new inode); reading it from the start",
                             self.name, info.path)
                 await self._release(f)
+                await self._ended(sink, f)
                 f = None
             if (f is not None and not f.done and not f.gz and f.parser is None
                     and info.size < f.offset):
                 log.warning("source %s: %s is shorter than its checkpoint; reading it from the "
                             "start", self.name, info.path)
+                await self._ended(sink, f)
                 f = None
             if f is None:
                 f = self.files[info.path] = _File(info.path, info.inode, info.gz)
@@ -288,9 +295,15 @@ class TailSource:
             except OSError as exc:
                 await self._release(f)
                 if not f.warned:
-                    f.warned = True
+                    f.warned = f.io_failed = True
                     await self._report(sink, f, "io", f"cannot read: {exc}", f.offset,
                                        level="warning", abandon=False)
+            else:
+                if f.io_failed and getattr(sink, "takes_origin", False):
+                    # readable again: a replay will not bring its read error back either
+                    f.io_failed = False
+                    await sink.put([], None,  # type: ignore[call-arg]
+                                   origin=(["io", f.inode], f.origin, None))
         for path in [p for p in self.files if p not in seen]:
             # gone from disk (or no longer matched): forget it, keeping what it still held
             f = self.files.pop(path)
@@ -301,7 +314,9 @@ class TailSource:
                     batch = f.mapper.close(time.time())
             await self._release(f)
             if batch:
-                await sink.put(batch, checkpoint=self.checkpoint())
+                await self._put(sink, f, batch, ended=True)
+            elif not f.done:
+                await self._ended(sink, f)
 
     def _renamed(self, old: _File, info: _FileInfo) -> _File | None:
         """A file that vanished from one path while one with its inode appeared at another
@@ -360,7 +375,7 @@ class TailSource:
                 await self._finish(f, sink, "complete", batch=batch)
                 return
             if batch:
-                await sink.put(batch, checkpoint=self.checkpoint())
+                await self._put(sink, f, batch)
         if f.gz and f.reader.complete:
             await self._finish(f, sink, "end of gzip file")
         elif grew:
@@ -497,7 +512,7 @@ class TailSource:
         await self._release(f)
         log.info("source %s: %s complete (%s) at byte %d", self.name, f.path, reason, f.offset)
         if batch:  # (no empty batches: "done" then rides along with the next one)
-            await sink.put(batch, checkpoint=self.checkpoint())
+            await self._put(sink, f, batch)
 
     async def _corrupt(self, f: _File, sink: RecordSink, exc: FormatError,
                        batch: list[Record]) -> None:
@@ -518,7 +533,36 @@ class TailSource:
             await self._release(f)
         event = GatewayEvent(self.name, time.time(), level, f"source_{kind}", text,
                              {"path": f.path, "offset": offset, "format": self.format.name})
-        await sink.put([*(batch or []), event], checkpoint=self.checkpoint())
+        # a read error is not part of the file's replay: its event is a stream of its own
+        await self._put(sink, f, [*(batch or []), event],
+                        stream=None if abandon else ["io", f.inode])
+
+    # -- to the sink -------------------------------------------------------------------------
+
+    async def _put(self, sink: RecordSink, f: _File, batch: list[Record], *,
+                   ended: bool = False, stream: Any = None) -> None:
+        """Put records of ``f`` with the checkpoint, and, to a sink that takes it, their
+        origin ``(stream, start, end)``: the file's inode, the offset they follow (the
+        file's offset in the last checkpoint put) and its offset now (None when the file
+        ends here).  A replay from a checkpoint puts the same records with the same
+        origins, whatever the order of files, so a gateway skips exactly the replayed
+        records its frames hold (docs/spool.md, "Source positions and split puts")."""
+        checkpoint = self.checkpoint()
+        origin = (f.inode if stream is None else stream, f.origin,
+                  None if ended or stream is not None else f.offset)
+        for g in self.files.values():
+            g.origin = g.offset
+        if getattr(sink, "takes_origin", False):
+            await sink.put(batch, checkpoint, origin=origin)  # type: ignore[call-arg]
+        else:
+            await sink.put(batch, checkpoint=checkpoint)
+
+    async def _ended(self, sink: RecordSink, f: _File) -> None:
+        """Tell a sink that takes origins that ``f`` ends where it is (deleted, replaced or
+        truncated): records it held past there never come again.  With the checkpoint, so
+        that what the gateway then owes no more is durable at once."""
+        if getattr(sink, "takes_origin", False) and not f.done:
+            await self._put(sink, f, [], ended=True)
 
     async def _release(self, f: _File) -> None:
         reader, f.reader, f.parser, f.mapper = f.reader, None, None, None
