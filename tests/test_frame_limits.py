@@ -271,6 +271,36 @@ async def test_a_frame_over_the_hubs_max_records_reaches_it_as_several(tmp_path:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_record_alone_over_a_smaller_hubs_limit_is_dead_lettered_the_rest_flow(
+        tmp_path: Path) -> None:
+    """``uplink.max_frame_bytes`` above the hub's: a frame the gateway stored whole is cut
+    for the hub, and the one record that alone is over the hub's limit is kept in the
+    dead-letter file with a stand-in event in its place; every other record arrives."""
+    from hubtools import hub_config, start_hub
+
+    records = ([reading(0, j, 500) for j in range(6)] + [reading(1, 0, GIANT)]
+               + [reading(2, j, 500) for j in range(6)])
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path / "hub", max_frame_bytes=4096))
+        cfg = gateway_config(tmp_path / "gw", port,
+                             uplink={"max_frame_bytes": 65536, "probe_interval_s": 0.1},
+                             batch={"max_records": 100, "max_delay_ms": 20})
+        gateway = Gateway(cfg)
+        await nursery.start(gateway.run)
+        await gateway.sink.put(records, source="tester")
+        await until_all_acked(gateway, 1)
+        got = [r for _, r in await hub_records(hub)]
+        assert names(got) == [r.channel for r in records if r.channel != "put1-0"]
+        assert [e.code for e in got if isinstance(e, GatewayEvent)] == ["frame_dead_lettered"]
+        assert gateway.metrics.counter("uplink_frames_rejected_total").total() == 1
+        raw = (tmp_path / "gw" / "dead-letter.cborseq").read_bytes()
+        entry = cbor2.loads(raw[4:4 + int.from_bytes(raw[:4], "big")])
+        assert len(raw) == 4 + int.from_bytes(raw[:4], "big"), "one entry"
+        _, src, wire = decode_body(entry["body"], 1 << 20)
+        assert [from_wire(w, src).channel for w in wire] == ["put1-0"]
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_crash_while_a_frame_is_split_for_the_hub_sends_each_record_once(
         tmp_path: Path) -> None:
     """The parts of a split frame are stored (durable) before the first part is sent under

@@ -228,11 +228,12 @@ class Uplink:
                      welcome.applied[:3] or "nothing")
             if welcome.max_frame_bytes < cfg.max_frame_bytes:
                 # frames are cut to uplink.max_frame_bytes when stored: larger than what
-                # this hub takes, they go to the dead-letter file instead of the hub
+                # this hub takes, they are split as they are sent (_fit), which costs
+                # frames and, for a single record over the hub's limit, the record
                 log.warning("the hub takes frames of up to %d bytes, uplink.max_frame_bytes "
-                            "is %d: set it to at most the hub's limit, or frames between "
-                            "the two are dead-lettered", welcome.max_frame_bytes,
-                            cfg.max_frame_bytes)
+                            "is %d: set it to at most the hub's limit (frames between the "
+                            "two are split as they are sent, a record alone over it is "
+                            "dead-lettered)", welcome.max_frame_bytes, cfg.max_frame_bytes)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._receiver, ws, conn)
@@ -438,12 +439,19 @@ class Uplink:
                            rows: list[Any], cut: int, start: int, end: int, sizes: list[int],
                            base: int, limit: int, max_records: int) -> None:
         """Store frame ``seq``'s records ``[start, end)`` as new frames that fit, each
-        durable with the split's progress ``[cut, its end, end]``."""
+        durable with the split's progress ``[cut, its end, end]``.  A record alone over
+        ``limit`` is kept in the dead-letter file and stored as a stand-in that says so
+        (as ``_send_frame`` does with a frame that cannot be cut)."""
         for a, b in _plan(sizes[start:end], base, limit, max_records):
             a, b = a + start, b + start
+            body = cbor2.dumps([first_rid + a, sources, rows[a:b]])
+            if len(body) > limit:  # one record
+                problem = (f"record {first_rid + a} of frame {seq}: {len(body)} bytes alone, "
+                           f"over the {limit} a frame may hold for this hub")
+                await self._dead_letter(seq, problem, ack=False, body=body)
+                body = _stand_in(body, seq, problem)
             progress = {**self._splits(), str(seq): [cut, b, end]}
-            await self.store.append(cbor2.dumps([first_rid + a, sources, rows[a:b]]), b - a,
-                                    {SPLIT_KEY: progress}, over_cap=True)
+            await self.store.append(body, b - a, {SPLIT_KEY: progress}, over_cap=True)
 
 
 async def write_dead_letter(path: trio.Path, entry: dict[str, Any]) -> None:
