@@ -401,7 +401,7 @@ class Uplink:
             if len(body) + DATA_ENVELOPE_BYTES <= welcome.max_frame_bytes:
                 return StoredFrame(f.seq, body, len(rows))
         n = len(rows)
-        cut, stored_to, end = marker if marker is not None else (n, n, n)
+        cut, stored_to, end = _progress(marker, n, f.seq)
         sizes = [len(cbor2.dumps(r)) for r in rows[:end]]
         base = len(cbor2.dumps([_WIDEST_RID, sources, []])) + 8  # the records' array head
         limit = self._part_limit(welcome, f.seq)
@@ -481,6 +481,24 @@ def _link_lost(exc: BaseException) -> bool:
     if isinstance(exc, ProtocolError):
         return exc.code == CloseCode.HEARTBEAT_TIMEOUT
     return isinstance(exc, (OSError, trio.BrokenResourceError))
+
+
+def _progress(marker: Any, n: int, seq: int) -> tuple[int, int, int]:
+    """A split's stored progress ``(cut, stored_to, end)`` for a frame of ``n`` records
+    (``(n, n, n)``: never split).  The gateway writes it itself, into a checksummed spool:
+    one that does not make sense is logged and the frame sent as far as it can tell
+    (whole), rather than stopping the sender on it."""
+    if marker is None:
+        return n, n, n
+    try:
+        cut, stored_to, end = (int(x) for x in marker)
+        if not 0 < cut <= stored_to <= end <= n:
+            raise ValueError(marker)
+    except (TypeError, ValueError):
+        log.error("frame %d: its split progress %r does not fit its %d records; sent whole",
+                  seq, marker, n)
+        return n, n, n
+    return cut, stored_to, end
 
 
 def _plan(sizes: list[int], base: int, limit: int, max_records: int) -> list[tuple[int, int]]:
