@@ -4,6 +4,11 @@ A batch whose body is larger than a frame may be -- a quarter of ``spool.max_byt
 ``uplink.max_frame_bytes`` (the hub's limit) -- is stored as several frames; a record that
 alone exceeds the limit is refused, counted, kept in the dead-letter file and reported to
 the hub, and everything else keeps flowing, exactly once, across a crash between the parts.
+
+A stored frame over the *hub's* limits (a v1 hub's rows, its ``max_records_per_frame``, a
+smaller ``max_frame_bytes``) reaches it as several frames, exactly once across a crash in
+the middle of the split (docs/protocol.md, "Frames over the hub's limits"); a checkpoint
+too large for a frame is refused, its records stored (docs/spool.md, "Frame size").
 """
 
 from __future__ import annotations
