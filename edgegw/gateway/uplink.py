@@ -100,6 +100,7 @@ class Uplink:
         self.reconnect = Reconnect(self.backoff, config.probe_interval_s)
         self._probe_target = ProbeTarget.from_url(gateway.hub_url, self._ssl_context())
         self.handshake_s: float | None = None  # TCP + WebSocket + HELLO/WELCOME, last time
+        self._split_warned = False  # a frame split for the hub logged on this connection
         self.m_connects = metrics.counter("uplink_connects_total", "successful hub handshakes")
         self.m_failures = metrics.counter("uplink_failures_total", "connection failures")
         self.m_probes = metrics.counter("uplink_probes_total",
@@ -217,6 +218,7 @@ class Uplink:
                             raise Refused(ev.code, ev.reason)
             welcome = conn.welcome
             assert isinstance(welcome, Welcome)
+            self._split_warned = False
             self._apply_ack(welcome.applied)
             self.connected = True
             self.m_connects.inc()
@@ -411,11 +413,16 @@ class Uplink:
         parts = _plan(sizes[:cut], base, limit, welcome.max_records)
         if len(parts) > 1:
             new_cut = parts[0][1]
+            # a warning once per connection (a gateway whose batch.max_records is over
+            # the hub's splits every frame): the counter carries the rest
             self.m_split.inc()
-            log.warning("frame %d (%d records, %d bytes as sent) is over the hub's limits "
-                        "(%d records, %d bytes): sent as %d frames, the first under its "
-                        "own seq", f.seq, cut, base + sum(sizes[:cut]), welcome.max_records,
-                        welcome.max_frame_bytes, len(parts))
+            log.log(logging.DEBUG if self._split_warned else logging.WARNING,
+                    "frame %d (%d records, %d bytes as sent) is over the hub's limits "
+                    "(%d records, %d bytes): sent as %d frames, the first under its own "
+                    "seq (uplink_frames_split_total counts them)", f.seq, cut,
+                    base + sum(sizes[:cut]), welcome.max_records, welcome.max_frame_bytes,
+                    len(parts))
+            self._split_warned = True
             await self._store_parts(f.seq, first_rid, sources, rows, new_cut, new_cut, cut,
                                     sizes, base, limit, welcome.max_records)
             cut = new_cut
