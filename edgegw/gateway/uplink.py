@@ -458,7 +458,14 @@ class Uplink:
                 await self._dead_letter(seq, problem, ack=False, body=body)
                 body = _stand_in(body, seq, problem)
             progress = {**self._splits(), str(seq): [cut, b, end]}
-            await self.store.append(body, b - a, {SPLIT_KEY: progress}, over_cap=True)
+            try:
+                await self.store.append(body, b - a, {SPLIT_KEY: progress}, over_cap=True)
+            except ValueError as exc:  # never: parts are sized for the store too
+                # a stand-in, not a session ended on this frame again and again
+                problem = f"records {first_rid + a}..{first_rid + b - 1} of frame {seq}: {exc}"
+                await self._dead_letter(seq, problem, ack=False, body=body)
+                await self.store.append(_stand_in(body, seq, problem), 1,
+                                        {SPLIT_KEY: progress}, over_cap=True)
 
 
 async def write_dead_letter(path: trio.Path, entry: dict[str, Any]) -> None:
