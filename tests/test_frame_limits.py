@@ -4,6 +4,11 @@ A batch whose body is larger than a frame may be -- a quarter of ``spool.max_byt
 ``uplink.max_frame_bytes`` (the hub's limit) -- is stored as several frames; a record that
 alone exceeds the limit is refused, counted, kept in the dead-letter file and reported to
 the hub, and everything else keeps flowing, exactly once, across a crash between the parts.
+
+A stored frame over the *hub's* limits (a v1 hub's rows, its ``max_records_per_frame``, a
+smaller ``max_frame_bytes``) reaches it as several frames, exactly once across a crash in
+the middle of the split (docs/protocol.md, "Frames over the hub's limits"); a checkpoint
+too large for a frame is refused, its records stored (docs/spool.md, "Frame size").
 """
 
 from __future__ import annotations
@@ -60,8 +65,9 @@ class SnapshotSpool(DiskSpool):
         super().__init__(config)
         self.at, self.image = at, image
 
-    async def append(self, body: bytes, n_records: int, checkpoints: dict[str, Any]) -> int:
-        seq = await super().append(body, n_records, checkpoints)
+    async def append(self, body: bytes, n_records: int, checkpoints: dict[str, Any],
+                     **kwargs: Any) -> int:
+        seq = await super().append(body, n_records, checkpoints, **kwargs)
         if seq == self.at:
             await trio.to_thread.run_sync(shutil.copytree, self.directory, self.image)
         return seq
@@ -69,7 +75,8 @@ class SnapshotSpool(DiskSpool):
 
 def config(tmp: Path, spool_dir: Path, **sections: Any) -> Any:
     # no hub: every frame stays in the spool; only full batches are cut while running
-    return gateway_config(tmp, 1, batch={"max_records": 4, "max_delay_ms": 3_600_000},
+    batch = {"max_records": 4, "max_delay_ms": 3_600_000, **sections.pop("batch", {})}
+    return gateway_config(tmp, 1, batch=batch,
                           spool={"dir": str(spool_dir), "max_bytes": 16384,
                                  "segment_bytes": 4096}, **sections)
 
@@ -181,3 +188,239 @@ async def test_frames_stay_under_uplink_max_frame_bytes_so_the_hub_takes_them_al
         assert gateway.metrics.counter("uplink_frames_rejected_total").total() == 0
         assert hub.stats()["gateways"]["ate-01"]["frames_rejected"] == 0
         nursery.cancel_scope.cancel()
+
+
+# -- the hub's own limits: frames stored before the gateway knew them ----------------------
+
+async def hub_records(hub: Any) -> list[tuple[int, Any]]:
+    """Every record the hub applied, with its record id, in record id order."""
+    from edgegw.hub.store import unpack_body
+
+    rows = await hub.store.query("SELECT codec, body FROM frames")
+    got = []
+    for codec, body in rows:
+        first_rid, src, wire = decode_body(unpack_body(codec, body), 1 << 20)
+        got += [(first_rid + i, from_wire(w, src)) for i, w in enumerate(wire)]
+    return sorted(got, key=lambda x: x[0])
+
+
+async def until_all_acked(gateway: Gateway, frames: int) -> None:
+    with trio.fail_after(15):
+        while not (gateway.store.next_seq > frames
+                   and gateway.store.first_unacked >= gateway.store.next_seq):
+            await gateway.flush()
+            await trio.sleep(0.02)
+
+
+def shared_unit_readings(n: int, unit: int = 400) -> list[SensorReading]:
+    """Readings sharing one long unit: a column holds it once, each v1 row once per record,
+    so the rows of a frame take many times its stored columnar body."""
+    return [SensorReading("tester", 1.0, f"r{j}", float(j), "u" * unit) for j in range(n)]
+
+
+async def test_a_columnar_frame_too_large_as_v1_rows_reaches_a_v1_hub_whole(
+        tmp_path: Path) -> None:
+    """A v2 gateway stores columns; a v1 hub gets rows, here 8x larger than the stored
+    body and over the hub's limit.  The frame goes as several frames that each fit (the
+    first under its own seq, the rest stored as new frames), every record once with its
+    record id; nothing dead-lettered (before: the whole frame went to the dead-letter
+    file and its records never reached the hub)."""
+    from hubtools import hub_config, start_hub
+
+    records = shared_unit_readings(40)
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(
+            tmp_path / "hub", max_frame_bytes=4096, max_protocol_version=1))
+        cfg = gateway_config(tmp_path / "gw", port,
+                             uplink={"max_frame_bytes": 4096, "probe_interval_s": 0.1},
+                             batch={"max_records": 100, "max_delay_ms": 20})
+        gateway = Gateway(cfg)
+        await nursery.start(gateway.run)
+        await gateway.sink.put(records, source="tester")
+        await until_all_acked(gateway, 1)
+        got = await hub_records(hub)
+        assert [r.channel for _, r in got] == [r.channel for r in records]
+        assert [rid for rid, _ in got] == list(range(1, len(records) + 1))
+        assert gateway.metrics.counter("uplink_frames_rejected_total").total() == 0
+        assert gateway.metrics.counter("uplink_frames_split_total").total() == 1
+        assert hub.stats()["gateways"]["ate-01"]["frames_rejected"] == 0
+        assert not (tmp_path / "gw" / "dead-letter.cborseq").exists()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_frame_over_the_hubs_max_records_reaches_it_as_several(tmp_path: Path) -> None:
+    """``batch.max_records`` above the hub's ``max_records_per_frame`` (learned at WELCOME):
+    each stored frame over it is sent as frames of at most the hub's limit, none lost.
+    The store is full (a queue of one frame, ``block``): the parts are stored past its cap,
+    as the sender cannot wait for room that only its sending frees."""
+    from hubtools import hub_config, start_hub
+
+    records = [reading(0, j, 5) for j in range(95)]
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path / "hub",
+                                                        max_records_per_frame=10))
+        cfg = gateway_config(tmp_path / "gw", port, uplink={"probe_interval_s": 0.1},
+                             batch={"max_records": 50, "max_delay_ms": 20},
+                             queue={"max_frames": 1})
+        gateway = Gateway(cfg)
+        await nursery.start(gateway.run)
+        await gateway.sink.put(records, source="tester")
+        await until_all_acked(gateway, 1)
+        got = await hub_records(hub)
+        assert [r.channel for _, r in got] == [r.channel for r in records]
+        assert [rid for rid, _ in got] == list(range(1, len(records) + 1))
+        sizes = await hub.store.query("SELECT n_records FROM frames")
+        assert max(n for (n,) in sizes) <= 10
+        assert gateway.metrics.counter("uplink_frames_rejected_total").total() == 0
+        assert hub.stats()["gateways"]["ate-01"]["frames_rejected"] == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_record_alone_over_a_smaller_hubs_limit_is_dead_lettered_the_rest_flow(
+        tmp_path: Path) -> None:
+    """``uplink.max_frame_bytes`` above the hub's: a frame the gateway stored whole is cut
+    for the hub, and the one record that alone is over the hub's limit is kept in the
+    dead-letter file with a stand-in event in its place; every other record arrives."""
+    from hubtools import hub_config, start_hub
+
+    records = ([reading(0, j, 500) for j in range(6)] + [reading(1, 0, GIANT)]
+               + [reading(2, j, 500) for j in range(6)])
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path / "hub", max_frame_bytes=4096))
+        cfg = gateway_config(tmp_path / "gw", port,
+                             uplink={"max_frame_bytes": 65536, "probe_interval_s": 0.1},
+                             batch={"max_records": 100, "max_delay_ms": 20})
+        gateway = Gateway(cfg)
+        await nursery.start(gateway.run)
+        await gateway.sink.put(records, source="tester")
+        await until_all_acked(gateway, 1)
+        got = [r for _, r in await hub_records(hub)]
+        assert names(got) == [r.channel for r in records if r.channel != "put1-0"]
+        assert [e.code for e in got if isinstance(e, GatewayEvent)] == ["frame_dead_lettered"]
+        assert gateway.metrics.counter("uplink_frames_rejected_total").total() == 1
+        raw = (tmp_path / "gw" / "dead-letter.cborseq").read_bytes()
+        entry = cbor2.loads(raw[4:4 + int.from_bytes(raw[:4], "big")])
+        assert len(raw) == 4 + int.from_bytes(raw[:4], "big"), "one entry"
+        _, src, wire = decode_body(entry["body"], 1 << 20)
+        assert [from_wire(w, src).channel for w in wire] == ["put1-0"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_crash_while_a_frame_is_split_for_the_hub_sends_each_record_once(
+        tmp_path: Path) -> None:
+    """The parts of a split frame are stored (durable) before the first part is sent under
+    the frame's seq, each carrying how far the split got.  A crash after the first new
+    part: the restarted gateway sends the frame's first part only, resumes the split
+    where it stopped, and the hub applies each record once."""
+    from hubtools import hub_config, start_hub
+
+    records = shared_unit_readings(40)
+    image = tmp_path / "image"
+
+    def gw_config(tmp: Path, port: int, spool_dir: Path) -> Any:
+        return gateway_config(tmp, port, uplink={"max_frame_bytes": 4096,
+                                                 "probe_interval_s": 0.1},
+                              batch={"max_records": 100, "max_delay_ms": 20},
+                              spool={"dir": str(spool_dir)})
+
+    async with trio.open_nursery() as nursery:
+        _, port = await start_hub(nursery, hub_config(
+            tmp_path / "hub-a", max_frame_bytes=4096, max_protocol_version=1))
+        cfg = gw_config(tmp_path / "a", port, tmp_path / "spool")
+        assert cfg.spool is not None
+        gateway = Gateway(cfg, store=SnapshotSpool(cfg.spool, 2, image))
+        await nursery.start(gateway.run)
+        await gateway.sink.put(records, source="tester")
+        await until_all_acked(gateway, 1)
+        nursery.cancel_scope.cancel()
+    assert image.exists(), "frame 1 was split: its second part is frame 2"
+
+    async with trio.open_nursery() as nursery:  # a fresh hub: it gets all the image holds
+        hub, port = await start_hub(nursery, hub_config(
+            tmp_path / "hub-b", max_frame_bytes=4096, max_protocol_version=1))
+        gateway = Gateway(gw_config(tmp_path / "b", port, image))
+        await nursery.start(gateway.run)
+        await until_all_acked(gateway, 1)
+        got = await hub_records(hub)
+        assert [rid for rid, _ in got] == list(range(1, len(records) + 1)), "each once"
+        assert [r.channel for _, r in got] == [r.channel for r in records]
+        assert gateway.metrics.counter("uplink_frames_rejected_total").total() == 0
+        nursery.cancel_scope.cancel()
+
+
+# -- a checkpoint larger than a frame may hold -------------------------------------------
+
+class HugeCheckpointSource(ScriptedSource):
+    """``ScriptedSource`` whose checkpoint after put ``huge`` carries a blob larger than
+    a spool frame may hold (a plugin keeping state in its checkpoint).  It starts putting
+    when ``go`` is set."""
+
+    def __init__(self, puts: list[list[int]], huge: int, checkpoint: Any = None) -> None:
+        super().__init__(puts, checkpoint)
+        self.huge = huge
+        self.go = trio.Event()
+        self.go.set()
+
+    async def run(self, sink: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await self.go.wait()
+        for i in range(self.resume, len(self.puts)):
+            checkpoint: Any = i + 1
+            if i == self.huge:
+                checkpoint = {"at": i + 1, "state": "x" * 20_000}
+            await sink.put(self.records(i), checkpoint=checkpoint)
+        self.done.set()
+        await trio.sleep_forever()
+
+
+async def test_a_checkpoint_too_large_for_a_frame_is_refused_and_counted_records_flow_on(
+        tmp_path: Path) -> None:
+    """A checkpoint over a quarter of what a frame may hold (here 20 kB, the spool's frames
+    4 KiB) is refused: counted for its source, logged, told to the hub; the records of the
+    put and of every other source (here in the same batch) are stored once, the gateway
+    and the source run on, and the source's last storable checkpoint stays the durable
+    one -- a restart replays from it and skips what frames already hold.  (Before: the
+    batch's records were all refused as too large, the spool refused the frame carrying
+    the checkpoint, and the source restarted and replayed the same put for ever.)"""
+    puts = [[SMALL, SMALL], [SMALL], [SMALL, SMALL, SMALL]]
+    spool_dir = tmp_path / "spool"
+    source = HugeCheckpointSource(puts, huge=0)
+    source.go = trio.Event()
+    gateway = Gateway(config(tmp_path / "gw", spool_dir),
+                      extra_sources=[("tester", source)])
+    other = [reading(9, j, SMALL) for j in range(2)]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            await gateway.sink.put(other, source="other")  # the first batch: 2 + put 0
+            source.go.set()
+            await source.done.wait()
+            nursery.cancel_scope.cancel()
+
+    records, checkpoints, _ = await stored(spool_dir)
+    expected = [r.channel for i in range(len(puts)) for r in source.records(i)]
+    assert names(records) == [r.channel for r in other] + expected
+    assert checkpoints["tester"] == len(puts), "later checkpoints are stored again"
+    metrics = gateway.metrics.as_dict()
+    assert metrics["gateway_checkpoints_rejected_total"] == {"source=tester": 1}
+    assert metrics["gateway_records_rejected_total"] == {}
+    assert metrics["gateway_source_restarts_total"] == {}
+    events = [r for r in records if isinstance(r, GatewayEvent)]
+    assert [e.code for e in events] == ["checkpoint_rejected"]
+    assert events[0].detail["source"] == "tester"
+
+    # a crash right after the frames of put 0: no checkpoint of the source is durable,
+    # the frames say they hold 2 of its records -- the restart skips them
+    image = tmp_path / "image"
+    cfg = config(tmp_path / "c", tmp_path / "spool2", batch={"max_records": 1})
+    assert cfg.spool is not None
+    await run(cfg, HugeCheckpointSource(puts, huge=0), SnapshotSpool(cfg.spool, 2, image))
+    _, checkpoints, _ = await stored(image)
+    assert "tester" not in checkpoints and checkpoints[AFTER_KEY] == {"tester": 2}
+    source = HugeCheckpointSource(puts, huge=0, checkpoint=checkpoints.get("tester"))
+    gateway = await run(config(tmp_path / "d", image, batch={"max_records": 1}), source)
+    records, checkpoints, _ = await stored(image)
+    assert names(records) == expected, "every record stored exactly once, in order"
+    assert checkpoints["tester"] == len(puts)
+    assert gateway.metrics.as_dict()["gateway_replayed_records_skipped_total"] == {
+        "source=tester": 2}

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import cbor2
 import trio
 
 from .. import failpoints
@@ -31,7 +32,7 @@ from ..spool import DiskSpool
 from ..store import FrameStore, MemoryFrameStore
 from ..web import HttpServer, install_status
 from .config import GatewayConfig, SourceEntry
-from .uplink import Uplink, write_dead_letter
+from .uplink import DATA_ENVELOPE_BYTES, Uplink, write_dead_letter
 
 log = logging.getLogger("edgegw.gateway")
 
@@ -43,9 +44,6 @@ AFTER_KEY = "__after__"
 #: in ``AFTER_KEY``'s value: per source with origins, ``[[stream, start, n], ...]`` (beside
 #: the count, which a gateway that predates origins reads alone)
 ORIGINS_KEY = "__origins__"
-#: room a DATA message takes around its body (``[4, seq, sent_at, body, "zlib"]``): a body
-#: this much under ``uplink.max_frame_bytes`` makes a message under it
-DATA_ENVELOPE_BYTES = 64
 _WIDEST_RID = (1 << 64) - 1  # parts are sized with the widest record id CBOR encodes
 
 
@@ -188,6 +186,9 @@ class Gateway:
         # tracked source -> (owed, counted) spans of the last batch stored (``Batch``)
         self._after_base: dict[str, tuple[list[Span], list[Span]]] = {}
         self._refused_untold: dict[str, int] = {}  # refused records not yet told to the hub
+        # checkpoints refused as too large, per source, not yet told to the hub: [n, bytes]
+        self._checkpoints_untold: dict[str, list[int]] = {}
+        self._checkpoint_budget = _checkpoint_budget(self.store)
         self._lock = trio.Lock()
         self._wake_flusher = trio.Event()
         self._durable_listeners: dict[str, Callable[[Any], None]] = {}
@@ -220,6 +221,9 @@ class Gateway:
             "records larger than a frame may be: refused, kept in the dead-letter file")
         self.m_split = m.counter("gateway_batches_split_total",
                                  "batches stored as several frames (over the frame limit)")
+        self.m_checkpoints_refused = m.counter(
+            "gateway_checkpoints_rejected_total",
+            "source checkpoints too large for a frame: not stored (the previous one stands)")
         internal_errors(m)  # exported (as 0) before anything goes wrong
 
     def _build_sources(self) -> list[tuple[str, Source, list[Span]]]:
@@ -320,7 +324,11 @@ class Gateway:
 
     def _add(self, records: Sequence[Record], source: str | None, checkpoint: Any = None,
              origin: Key = None, **kwargs: Any) -> list[Batch]:
-        """``batcher.add``, remembering which source (and origin) the records came from."""
+        """``batcher.add``, remembering which source (and origin) the records came from; a
+        checkpoint too large for a frame is refused here (``_checkpoint_fits``)."""
+        if checkpoint is not None and source is not None and not self._checkpoint_fits(
+                source, checkpoint):
+            checkpoint = None
         if records:
             stream = None if origin is None else origin[0]
             last = self._runs[-1] if self._runs else None
@@ -330,6 +338,44 @@ class Gateway:
                 self._runs.append([source, stream, origin, len(records)])
         return self.batcher.add(records, trio.current_time(), source, checkpoint,
                                 origin=origin, **kwargs)
+
+    def _checkpoint_fits(self, source: str, checkpoint: Any) -> bool:
+        """Whether a source's checkpoint may be stored: at most a quarter of what a frame
+        of the store may hold (``_checkpoint_budget``).  One that is larger would make
+        every frame carrying it too large to store (or leave no room for records), so it
+        is refused: counted per source, logged, told to the hub, and not stored -- the
+        source's previous checkpoint stays the durable one, and the records go on being
+        counted after it (``Batch.after``), so a restart replays from there and skips what
+        frames hold: nothing lost, nothing stored twice, the source not stopped
+        (docs/spool.md, "Frame size")."""
+        budget = self._checkpoint_budget
+        if budget is None or isinstance(checkpoint, (int, float)):
+            return True
+        size = len(cbor2.dumps(checkpoint))
+        if size <= budget:
+            return True
+        untold = self._checkpoints_untold.setdefault(source, [0, 0])
+        untold[0] += 1
+        untold[1] = max(untold[1], size)
+        first = not self.m_checkpoints_refused.get(source=source)
+        self.m_checkpoints_refused.inc(source=source)
+        # the first refusal of a source is an error in the log, later ones are counted
+        log.log(logging.ERROR if first else logging.DEBUG,
+                "source %s: a checkpoint of %d bytes refused, a frame may hold one of at "
+                "most %d (spool.max_bytes / 16); its previous checkpoint stays "
+                "the durable one", source, size, budget)
+        return False
+
+    def _checkpoint_events(self) -> list[GatewayEvent]:
+        """The events that tell the hub about refused checkpoints not told yet."""
+        untold, self._checkpoints_untold = self._checkpoints_untold, {}
+        return [GatewayEvent(
+            "gateway", time.time(), "error", "checkpoint_rejected",
+            f"source {source}: {n} checkpoint(s) of up to {size} bytes refused, over the "
+            f"{self._checkpoint_budget} a frame may carry; its previous checkpoint stands "
+            f"(a restart replays from it, skipping what frames hold)",
+            {"source": source, "checkpoints": n, "bytes": size,
+             "limit": self._checkpoint_budget}) for source, (n, size) in untold.items()]
 
     def _take_runs(self, n: int) -> list[tuple[str | None, Key, int]]:
         """The sources (and origins) of the next ``n`` records cut from the batcher, as
@@ -354,7 +400,8 @@ class Gateway:
             return
         for batch in batches:
             await self._store(batch)
-        events = [e for e in (self._drops_event(), self._refused_event()) if e is not None]
+        events = [e for e in (self._drops_event(), self._refused_event(),
+                              *self._checkpoint_events()) if e is not None]
         if events:
             # The events travel like any record: they may fill a batch at once (then that
             # batch is stored now; what it pushes out is counted at once and told to the
@@ -693,6 +740,13 @@ def decode_after(value: Any, source: str) -> list[Span]:
         if int(n) > 0:
             out.append((key, int(n)))
     return out
+
+
+def _checkpoint_budget(store: FrameStore) -> int | None:
+    """The largest checkpoint a source may store: a quarter of what a frame of ``store``
+    may hold, so a frame carrying it keeps room for records (None: no limit)."""
+    room = store.max_body_bytes(0, {})
+    return None if room is None else max(0, room // 4)
 
 
 def _split(records: Sequence[Record], limit: int,

@@ -9,6 +9,12 @@ noticed within about a second, and backs off exponentially with full jitter only
 hub was reached and the attempt failed there, or waits out the hub's own ``Retry-After``
 (``edgegw.backoff.Reconnect``; docs/protocol.md section 7).  The store keeps every frame
 meanwhile, so nothing is lost and the hub's dedup makes a resend harmless.
+
+A stored frame over the limits the hub states in WELCOME (``max_records``; the bytes of
+its body as sent, v1 rows for a v1 hub) is sent as several frames (``_fit``): its first
+part under its own seq, the rest first stored as new frames, with the split's progress
+kept among the store's checkpoints (``SPLIT_KEY``) so that a restart neither sends a
+record twice nor loses one (docs/protocol.md section 5, "Frames over the hub's limits").
 """
 
 from __future__ import annotations
@@ -58,6 +64,15 @@ LIVE_S = 2.0  # after an outage, frames younger than this are sent before the ba
 #: the hub's answer is never read (trio-websocket's reader is cancelled with the session),
 #: so a longer bound was paid in full at every stop of a gateway whose hub is up
 CLOSE_TIMEOUT_S = 0.5
+#: room a DATA message takes around its body (``[4, seq, sent_at, body, "zlib"]``): a body
+#: this much under the hub's ``max_frame_bytes`` makes a message under it
+DATA_ENVELOPE_BYTES = 64
+#: among the store's checkpoints: for each stored frame split for the hub and not yet
+#: acknowledged, ``str(seq) -> [cut, stored_to, end]``: the frame now holds its records
+#: ``[0, cut)``; its records ``[cut, stored_to)`` are in frames stored after it; the split
+#: is complete when ``stored_to == end``
+SPLIT_KEY = "__split__"
+_WIDEST_RID = (1 << 64) - 1  # parts are sized with the widest record id CBOR encodes
 
 
 class Refused(Exception):
@@ -85,6 +100,7 @@ class Uplink:
         self.reconnect = Reconnect(self.backoff, config.probe_interval_s)
         self._probe_target = ProbeTarget.from_url(gateway.hub_url, self._ssl_context())
         self.handshake_s: float | None = None  # TCP + WebSocket + HELLO/WELCOME, last time
+        self._split_warned = False  # a frame split for the hub logged on this connection
         self.m_connects = metrics.counter("uplink_connects_total", "successful hub handshakes")
         self.m_failures = metrics.counter("uplink_failures_total", "connection failures")
         self.m_probes = metrics.counter("uplink_probes_total",
@@ -97,6 +113,9 @@ class Uplink:
             "uplink_body_bytes_total", "data frame bodies' bytes before compression")
         self.m_rejected = metrics.counter("uplink_frames_rejected_total",
                                           "frames the hub refused as invalid (dead-lettered)")
+        self.m_split = metrics.counter(
+            "uplink_frames_split_total",
+            "stored frames over the hub's limits sent as several frames")
         self.m_connected = metrics.gauge("uplink_connected", "1 while connected to the hub")
         metrics.add_collector(lambda: self.m_connected.set(1 if self.connected else 0))
 
@@ -199,6 +218,7 @@ class Uplink:
                             raise Refused(ev.code, ev.reason)
             welcome = conn.welcome
             assert isinstance(welcome, Welcome)
+            self._split_warned = False
             self._apply_ack(welcome.applied)
             self.connected = True
             self.m_connects.inc()
@@ -210,11 +230,12 @@ class Uplink:
                      welcome.applied[:3] or "nothing")
             if welcome.max_frame_bytes < cfg.max_frame_bytes:
                 # frames are cut to uplink.max_frame_bytes when stored: larger than what
-                # this hub takes, they go to the dead-letter file instead of the hub
+                # this hub takes, they are split as they are sent (_fit), which costs
+                # frames and, for a single record over the hub's limit, the record
                 log.warning("the hub takes frames of up to %d bytes, uplink.max_frame_bytes "
-                            "is %d: set it to at most the hub's limit, or frames between "
-                            "the two are dead-lettered", welcome.max_frame_bytes,
-                            cfg.max_frame_bytes)
+                            "is %d: set it to at most the hub's limit (frames between the "
+                            "two are split as they are sent, a record alone over it is "
+                            "dead-lettered)", welcome.max_frame_bytes, cfg.max_frame_bytes)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._receiver, ws, conn)
@@ -253,12 +274,14 @@ class Uplink:
                 elif isinstance(ev, Reject):
                     await self._dead_letter(ev.seq, ev.reason)
 
-    async def _dead_letter(self, seq: int, reason: str, ack: bool = True) -> None:
+    async def _dead_letter(self, seq: int, reason: str, ack: bool = True,
+                           body: bytes | None = None) -> None:
         self.m_rejected.inc()
         log.error("hub rejected frame %d as invalid: %s (kept in the dead-letter file)",
                   seq, reason)
-        frames = self.store.frames_from(seq, 1)
-        body = frames[0].body if frames and frames[0].seq == seq else None
+        if body is None:
+            frames = self.store.frames_from(seq, 1)
+            body = frames[0].body if frames and frames[0].seq == seq else None
         if self.dead_letter_path is not None:
             await write_dead_letter(self.dead_letter_path, {
                 "seq": seq, "epoch": self.store.epoch, "reason": reason, "at": time.time(),
@@ -330,16 +353,7 @@ class Uplink:
 
     async def _send_frame(self, ws: Any, conn: GatewayConnection, welcome: Welcome,
                           f: StoredFrame) -> None:
-        if welcome.version < 2 and is_columnar(f.body):
-            # a v1 hub: the spooled columns go as v1 rows (docs/protocol.md section 9).  A
-            # body that does not convert goes as it is: the hub rejects it (dead letter),
-            # as it would any invalid frame, and the rest flow on
-            try:
-                rows = cbor2.dumps(to_rows(cbor2.loads(f.body)))
-            except Exception:
-                log.exception("frame %d: its columnar body does not convert to v1", f.seq)
-            else:
-                f = StoredFrame(f.seq, rows, f.n_records)
+        f = await self._fit(welcome, f)
         data = conn.data(f.seq, f.body, trio.current_time())
         problem = None
         if f.n_records > welcome.max_records:
@@ -353,12 +367,105 @@ class Uplink:
             # the hub would close the link for this frame, again and again: keep it
             # in the dead-letter file and send a stand-in that says so, so the
             # hub's sequence stays gap-free and the loss is visible there too
-            await self._dead_letter(f.seq, problem, ack=False)
+            await self._dead_letter(f.seq, problem, ack=False, body=f.body)
             data = conn.data(f.seq, _stand_in(f.body, f.seq, problem), trio.current_time())
         await ws.send_message(data)
         self.m_frames.inc()
         self.m_bytes.inc(len(data))
         self.m_body_bytes.inc(len(f.body))
+
+    async def _fit(self, welcome: Welcome, f: StoredFrame) -> StoredFrame:
+        """The frame as this hub takes it.  For a v1 hub, spooled columns become v1 rows
+        (docs/protocol.md section 9).  A frame over the hub's ``max_records``, or whose
+        body as sent is over its ``max_frame_bytes``, is cut: its first part goes under its
+        own seq, the rest is first stored as new frames (sent like any other), the split's
+        progress durable with them (``SPLIT_KEY``), so a crash anywhere neither loses a
+        record nor sends one twice -- record ids stay those of the stored frame.  A frame
+        split before (this run or an earlier one) is sent cut the same way.  What still
+        does not fit (one record alone over the limit) is left to ``_send_frame``'s
+        dead-letter path; a body that does not decode goes as it is (the hub rejects it,
+        as it would any invalid frame, and the rest flow on)."""
+        marker = (self.store.checkpoints.get(SPLIT_KEY) or {}).get(str(f.seq))
+        v1_columns = welcome.version < 2 and is_columnar(f.body)
+        if (marker is None and not v1_columns and f.n_records <= welcome.max_records
+                and len(f.body) + DATA_ENVELOPE_BYTES <= welcome.max_frame_bytes):
+            return f  # the common case: as stored
+        try:
+            item = cbor2.loads(f.body)
+            first_rid, sources, rows = to_rows(item) if is_columnar(f.body) else item
+            if not (isinstance(first_rid, int) and isinstance(rows, list)):
+                raise TypeError("not a frame body")
+        except Exception:
+            log.exception("frame %d: its body does not decode to v1 rows", f.seq)
+            return f
+        if marker is None and len(rows) <= welcome.max_records:
+            body = cbor2.dumps([first_rid, sources, rows]) if v1_columns else f.body
+            if len(body) + DATA_ENVELOPE_BYTES <= welcome.max_frame_bytes:
+                return StoredFrame(f.seq, body, len(rows))
+        n = len(rows)
+        cut, stored_to, end = _progress(marker, n, f.seq)
+        sizes = [len(cbor2.dumps(r)) for r in rows[:end]]
+        base = len(cbor2.dumps([_WIDEST_RID, sources, []])) + 8  # the records' array head
+        limit = self._part_limit(welcome, f.seq)
+        if stored_to < end:  # a split the gateway stopped in: store the rest first
+            await self._store_parts(f.seq, first_rid, sources, rows, cut, stored_to, end,
+                                    sizes, base, limit, welcome.max_records)
+        parts = _plan(sizes[:cut], base, limit, welcome.max_records)
+        if len(parts) > 1:
+            new_cut = parts[0][1]
+            # a warning once per connection (a gateway whose batch.max_records is over
+            # the hub's splits every frame): the counter carries the rest
+            self.m_split.inc()
+            log.log(logging.DEBUG if self._split_warned else logging.WARNING,
+                    "frame %d (%d records, %d bytes as sent) is over the hub's limits "
+                    "(%d records, %d bytes): sent as %d frames, the first under its own "
+                    "seq (uplink_frames_split_total counts them)", f.seq, cut,
+                    base + sum(sizes[:cut]), welcome.max_records, welcome.max_frame_bytes,
+                    len(parts))
+            self._split_warned = True
+            await self._store_parts(f.seq, first_rid, sources, rows, new_cut, new_cut, cut,
+                                    sizes, base, limit, welcome.max_records)
+            cut = new_cut
+        return StoredFrame(f.seq, cbor2.dumps([first_rid, sources, rows[:cut]]), cut)
+
+    def _part_limit(self, welcome: Welcome, seq: int) -> int:
+        """The largest body of a part: what the hub takes, and what the store takes with
+        the split's progress among the checkpoints."""
+        limit = welcome.max_frame_bytes - DATA_ENVELOPE_BYTES
+        widest = {**self._splits(), str(seq): [_WIDEST_RID] * 3, "": _WIDEST_RID}
+        room = self.store.max_body_bytes(_WIDEST_RID, {SPLIT_KEY: widest})
+        return limit if room is None else min(limit, room)
+
+    def _splits(self) -> dict[str, Any]:
+        """The splits still needed: of frames not yet acknowledged."""
+        first = self.store.first_unacked
+        return {k: v for k, v in (self.store.checkpoints.get(SPLIT_KEY) or {}).items()
+                if int(k) >= first}
+
+    async def _store_parts(self, seq: int, first_rid: int, sources: list[Any],
+                           rows: list[Any], cut: int, start: int, end: int, sizes: list[int],
+                           base: int, limit: int, max_records: int) -> None:
+        """Store frame ``seq``'s records ``[start, end)`` as new frames that fit, each
+        durable with the split's progress ``[cut, its end, end]``.  A record alone over
+        ``limit`` is kept in the dead-letter file and stored as a stand-in that says so
+        (as ``_send_frame`` does with a frame that cannot be cut)."""
+        for a, b in _plan(sizes[start:end], base, limit, max_records):
+            a, b = a + start, b + start
+            body = cbor2.dumps([first_rid + a, sources, rows[a:b]])
+            if len(body) > limit:  # one record
+                problem = (f"record {first_rid + a} of frame {seq}: {len(body)} bytes alone, "
+                           f"over the {limit} a frame may hold for this hub")
+                await self._dead_letter(seq, problem, ack=False, body=body)
+                body = _stand_in(body, seq, problem)
+            progress = {**self._splits(), str(seq): [cut, b, end]}
+            try:
+                await self.store.append(body, b - a, {SPLIT_KEY: progress}, over_cap=True)
+            except ValueError as exc:  # never: parts are sized for the store too
+                # a stand-in, not a session ended on this frame again and again
+                problem = f"records {first_rid + a}..{first_rid + b - 1} of frame {seq}: {exc}"
+                await self._dead_letter(seq, problem, ack=False, body=body)
+                await self.store.append(_stand_in(body, seq, problem), 1,
+                                        {SPLIT_KEY: progress}, over_cap=True)
 
 
 async def write_dead_letter(path: trio.Path, entry: dict[str, Any]) -> None:
@@ -388,6 +495,39 @@ def _link_lost(exc: BaseException) -> bool:
     if isinstance(exc, ProtocolError):
         return exc.code == CloseCode.HEARTBEAT_TIMEOUT
     return isinstance(exc, (OSError, trio.BrokenResourceError))
+
+
+def _progress(marker: Any, n: int, seq: int) -> tuple[int, int, int]:
+    """A split's stored progress ``(cut, stored_to, end)`` for a frame of ``n`` records
+    (``(n, n, n)``: never split).  The gateway writes it itself, into a checksummed spool:
+    one that does not make sense is logged and the frame sent as far as it can tell
+    (whole), rather than stopping the sender on it."""
+    if marker is None:
+        return n, n, n
+    try:
+        cut, stored_to, end = (int(x) for x in marker)
+        if not 0 < cut <= stored_to <= end <= n:
+            raise ValueError(marker)
+    except (TypeError, ValueError):
+        log.error("frame %d: its split progress %r does not fit its %d records; sent whole",
+                  seq, marker, n)
+        return n, n, n
+    return cut, stored_to, end
+
+
+def _plan(sizes: list[int], base: int, limit: int, max_records: int) -> list[tuple[int, int]]:
+    """Cut records of encoded ``sizes`` into runs ``[a, b)`` in order, each of at most
+    ``max_records`` whose body (``base`` plus their sizes) fits ``limit``; a record alone
+    over it gets a run of its own."""
+    parts: list[tuple[int, int]] = []
+    a, size = 0, base
+    for i, s in enumerate(sizes):
+        if i > a and (size + s > limit or i - a >= max_records):
+            parts.append((a, i))
+            a, size = i, base
+        size += s
+    parts.append((a, len(sizes)))
+    return parts
 
 
 def _stand_in(body: bytes, seq: int, reason: str) -> bytes:

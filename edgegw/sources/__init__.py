@@ -10,6 +10,10 @@ full (backpressure: a tailed file simply waits, an MQTT socket stops being read)
 never drops.  A ``checkpoint`` passed with a batch is the source's resume position after
 that batch; the gateway hands the last *durable* checkpoint back as
 ``context.checkpoint`` on the next start, so a restart neither re-reads nor skips.
+A checkpoint travels with the frames: keep it small.  One larger than a quarter of what
+a frame of the disk spool may hold (``spool.max_bytes / 16``) is refused, not stored
+(``edgegw_gateway_checkpoints_rejected_total``; the records are stored, the previous
+checkpoint stands: docs/spool.md, "Frame size").
 
 A source whose checkpoint is a *replay position* sets ``replays = True``: resuming from a
 checkpoint, it emits exactly the records it emitted after it, in the same order (the STDF

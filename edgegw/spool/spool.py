@@ -248,8 +248,10 @@ class DiskSpool(GroupCommit):
     def total_bytes(self) -> int:
         return sum(s.size for s in self._segments)
 
-    async def append(self, body: bytes, n_records: int, checkpoints: dict[str, Any]) -> int:
-        """Store a frame; returns its seq once it is durable (I2)."""
+    async def append(self, body: bytes, n_records: int, checkpoints: dict[str, Any], *,
+                     over_cap: bool = False) -> int:
+        """Store a frame; returns its seq once it is durable (I2).  ``over_cap``: never
+        wait for room under ``max_bytes`` nor drop for it (the store contract)."""
         if not self._started:
             raise RuntimeError("the spool is not running (start DiskSpool.run first)")
         room = self.max_body_bytes(n_records, checkpoints)
@@ -257,7 +259,8 @@ class DiskSpool(GroupCommit):
             raise ValueError(f"frame body of {len(body)} bytes exceeds the {room} a frame "
                              f"may hold (a quarter of spool.max_bytes)")
         size = self.config.max_bytes // 4 - room + len(body)
-        while self._over_cap(size) or (self._disk_full and self.config.policy == "block"):
+        while ((not over_cap and self._over_cap(size))
+               or (self._disk_full and self.config.policy == "block")):
             if self.config.policy == "drop_oldest":
                 self._drop_requested = True
                 self._work.set()

@@ -8,7 +8,10 @@ Contract:
 - ``append`` assigns the next gap-free sequence number (starting at 1 in a fresh epoch),
   stores the frame body and returns the sequence.  When full it applies the overflow
   policy: ``block`` awaits room; ``drop_oldest`` discards the oldest unacked frame and
-  counts it (``dropped_frames``/``dropped_records``), never silently.
+  counts it (``dropped_frames``/``dropped_records``), never silently.  ``over_cap=True``
+  (the uplink storing the parts of a frame too large for the hub) neither waits for room
+  nor drops: the cap may be passed by that one frame's parts, as the sender cannot wait
+  for acks that only its own sending brings.
 - ``ack(seq)`` is cumulative: every frame <= seq is acknowledged and may be deleted.
   ``ack_set`` also accepts frames the hub applied out of order (selective acks).
 - ``frames_from(seq)`` returns the stored, unacknowledged frames with sequence >= seq, in
@@ -59,7 +62,8 @@ class FrameStore(Protocol):
     def first_unacked(self) -> int: ...
     @property
     def checkpoints(self) -> dict[str, Any]: ...
-    async def append(self, body: bytes, n_records: int, checkpoints: dict[str, Any]) -> int: ...
+    async def append(self, body: bytes, n_records: int, checkpoints: dict[str, Any], *,
+                     over_cap: bool = False) -> int: ...
     def ack(self, seq: int) -> None: ...
     def ack_set(self, seqs: list[tuple[int, int]]) -> None: ...
     @property

@@ -41,8 +41,9 @@ class MemoryFrameStore:
     def checkpoints(self) -> dict[str, Any]:
         return self._checkpoints
 
-    async def append(self, body: bytes, n_records: int, checkpoints: dict[str, Any]) -> int:
-        while len(self._frames) >= self.max_frames:
+    async def append(self, body: bytes, n_records: int, checkpoints: dict[str, Any], *,
+                     over_cap: bool = False) -> int:
+        while not over_cap and len(self._frames) >= self.max_frames:
             if self.policy == "drop_oldest":
                 _, old = self._frames.popitem(last=False)
                 self.dropped_frames += 1
