@@ -154,7 +154,7 @@ def run_hub(args: argparse.Namespace) -> None:
     trio.run(main)
 
 
-def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, float] | None:
+def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | None:
     env = dict(os.environ)
     if before is not None:
         env["PYTHONPATH"] = str(before)
@@ -177,9 +177,10 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, float] |
                                   "--log", str(tmp / f"subs{p}.pickle")],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 for p in range(procs)]
+        batch = ""
         for line in hub.stdout:
             if line.startswith("BATCH") and "write_batches=None" not in line:
-                print(f"  writer thread: {line[6:].strip()}", flush=True)
+                batch = line[6:].strip()
             if line.startswith("RESULT"):
                 median, longest, core, sent, alone, proc, wall = (
                     float(v) for v in line.split()[1:])
@@ -187,7 +188,7 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, float] |
                         "core_ms": 1000 * core, "alone_ms": 1000 * alone,
                         "us_per_client": 1e6 * median / args.clients, "frames": sent,
                         "proc_ms": 1000 * proc, "wall_ms": 1000 * wall,
-                        "load": os.getloadavg()[0]}
+                        "load": os.getloadavg()[0], "batch": batch}
         return None
     finally:
         for p in (hub, *subs):
@@ -229,7 +230,7 @@ def main() -> int:
 
 def measure(args: argparse.Namespace, before: Path | None) -> int:
     variants = ["before", "after"] if args.compare else ["after"]
-    results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for run in range(args.runs):
         for v in variants:
             r = one_run(args, before if v == "before" else None)
@@ -241,6 +242,8 @@ def measure(args: argparse.Namespace, before: Path | None) -> int:
                   f"{r['core_ms']:.2f} ms wall), longest {r['max_ms']:.1f} ms; process CPU "
                   f"per tick {r['proc_ms']:.2f} ms; tick wall {r['wall_ms']:.2f} ms; the core "
                   f"alone {r['alone_ms']:.2f} ms CPU; load average {r['load']:.1f}", flush=True)
+            if r["batch"]:
+                print(f"  its writer thread: {r['batch']}", flush=True)
             results[v].append(r)
     print(f"\nmedians of {args.runs} run(s), {args.clients} clients, {args.ticks} ticks each:")
     for key, label in (("median_ms", "tick, Trio thread CPU, ms"),

@@ -58,7 +58,7 @@ class SendGate:
         self.reserved: trio.Event | None = None
 
     def locked(self) -> bool:
-        return self._sem.value == 0 or self.reserved is not None
+        return self.reserved is not None or self._sem.value == 0
 
     def acquire_nowait(self) -> None:
         self._sem.acquire_nowait()
@@ -120,9 +120,6 @@ class WebSocket:
         self._receiving = False  # a task is waiting in stream.receive_some
         self._fd = _socket_fd(stream)  # for writes without waiting (send_prepared_nowait)
         self._rest_owed = False  # send_gate is held for the rest of a partly written frame
-        # set while another thread writes to the socket (``reserve_nowait``): the stream
-        # is not closed under it (its descriptor could be reused by the next connection)
-        self._reserved: trio.Event | None = None
         # set when permessage-deflate was agreed (edgegw/web/deflate.py): frames it prepares
         self.deflater: Any = None
 
@@ -191,15 +188,14 @@ class WebSocket:
         socket (``os.write`` on the descriptor returned; the socket is non-blocking, so the
         write never waits): a fan-out hands a tick's writes to a writer thread and the
         Trio thread does not pay the system calls.  None when ``can_send_nowait`` is
-        false.  Until ``end_reserved`` no other write starts, and until ``until`` is set
-        (after ``end_reserved``: one event for a whole batch) the stream is not closed --
-        ``aclose`` and ``abort`` wait for it, as its descriptor could otherwise be reused
-        by the next connection under the other thread's write."""
+        false.  Until ``end_reserved`` (called once the other thread is done with the
+        socket) no other write starts and the stream is not closed: writers, ``aclose``
+        and ``abort`` wait for ``until``, to be set after ``end_reserved`` -- one event
+        for a whole batch of WebSockets."""
         gate = self.send_gate  # can_send_nowait, spelt out: this is per client per tick
         if self._fd is None or self.closed is not None or gate.locked():
             return None
         gate.reserved = until
-        self._reserved = until
         return self._fd
 
     def end_reserved(self, written: int, size: int) -> None:
@@ -216,11 +212,12 @@ class WebSocket:
             self.send_gate.reserved = None
 
     async def _reserved_over(self) -> None:
-        """Wait (shielded) until no other thread writes to the socket: before closing it."""
-        if self._reserved is not None:
+        """Wait (shielded) until no other thread writes to the socket: before closing it
+        (its descriptor could otherwise be reused by the next connection under the other
+        thread's write)."""
+        while (until := self.send_gate.reserved) is not None:
             with trio.CancelScope(shield=True):
-                await self._reserved.wait()
-            self._reserved = None
+                await until.wait()
 
     async def send_rest(self, rest: bytes) -> None:
         """Write the end of a frame that ``send_prepared_nowait`` began, then release the
