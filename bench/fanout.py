@@ -96,8 +96,8 @@ def run_hub(args: argparse.Namespace) -> None:
             fanout.write_slice = args.write_slice / 1000  # this tree's hub only
         if hasattr(fanout, "ingest_lag") and hasattr(hub, "lag") and not args.no_hold:
             fanout.ingest_lag = hub.lag  # as edgegw.hub.Hub wires it
-        if args.inline_writes and hasattr(fanout, "write_in_thread"):
-            fanout.write_in_thread = False  # this tree's hub only
+        if args.writer_thread and hasattr(fanout, "write_in_thread"):
+            fanout.write_in_thread = True  # this tree's hub only
         tick_async = fanout.tick_async
 
         async def counted_tick() -> tuple[float, bool]:
@@ -577,9 +577,9 @@ def main() -> int:
     ap.add_argument("--write-slice", type=float, default=None,
                     help="ms a tick writes before other tasks get a turn (this tree's hub "
                          "only, not --before's; default: LiveFanout's own, off)")
-    ap.add_argument("--inline-writes", action="store_true",
-                    help="this tree's hub writes from the Trio thread, as before "
-                         "(LiveFanout.write_in_thread off; not --before's)")
+    ap.add_argument("--writer-thread", action="store_true",
+                    help="this tree's hub hands its ticks' writes to a writer thread "
+                         "(LiveFanout.write_in_thread; not --before's)")
     ap.add_argument("--no-hold", action="store_true",
                     help="this tree's hub ticks without looking at the ingest's lag "
                          "(LiveFanout.ingest_lag unset)")
@@ -702,7 +702,7 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | N
                             "--long-step-ms", str(args.long_step_ms),
                             "--gc-freeze", str(args.gc_freeze),
                             *(["--no-hold"] if args.no_hold else []),
-                            *(["--inline-writes"] if args.inline_writes and before is None
+                            *(["--writer-thread"] if args.writer_thread and before is None
                               else []),
                             *(["--write-slice", str(args.write_slice)]
                               if args.write_slice is not None and before is None else []),

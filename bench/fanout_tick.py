@@ -17,8 +17,8 @@ git revision: main) and of this tree, as ``bench/fanout.py --compare`` does.
 The tick runs as the hub runs it (``LiveFanout.tick_async``): where the writes go to a
 worker thread, the Trio thread's CPU per tick leaves them out, and the process's CPU per
 tick (``time.process_time``: every thread) puts them back in; both are printed, with the
-wall time from the tick's start to its last write.  ``--inline-writes``: this tree's
-hub writes from the Trio thread, as before (``LiveFanout.write_in_thread`` off).
+wall time from the tick's start to its last write.  ``--writer-thread``: this tree's
+hub hands its writes to a writer thread (``LiveFanout.write_in_thread``, off by default).
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ def run_hub(args: argparse.Namespace) -> None:
             fanout.core_seconds = 0.0
             fanout.ticks = 0
             interval = 1 / args.ui_rate
-            if args.inline_writes:
-                fanout.write_in_thread = False
+            if args.writer_thread:
+                fanout.write_in_thread = True
             cpu: list[float] = []  # the Trio thread's CPU per tick
             proc: list[float] = []  # the process's (every thread's) CPU per tick
             wall: list[float] = []  # the tick's start to its last write
@@ -161,7 +161,7 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | N
     me = [sys.executable, __file__]
     hub = subprocess.Popen([*me, "--role", "hub", "--clients", str(args.clients),
                             "--ticks", str(args.ticks), "--ui-rate", str(args.ui_rate),
-                            *(["--inline-writes"] if args.inline_writes and before is None
+                            *(["--writer-thread"] if args.writer_thread and before is None
                               else [])],
                            stdout=subprocess.PIPE, text=True, env=env)
     subs: list[subprocess.Popen[str]] = []
@@ -211,8 +211,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--compare", action="store_true")
     ap.add_argument("--before", default="main")
-    ap.add_argument("--inline-writes", action="store_true",
-                    help="this tree's hub writes from the Trio thread (no writer thread)")
+    ap.add_argument("--writer-thread", action="store_true",
+                    help="this tree's hub hands its ticks' writes to a writer thread "
+                         "(LiveFanout.write_in_thread)")
     args = ap.parse_args()
     if args.role == "hub":
         run_hub(args)

@@ -191,7 +191,6 @@ async def test_ticks_that_follow_publishes_still_keep_each_client_within_the_ui_
 async def test_a_tick_writes_in_slices_and_every_client_still_gets_the_same_frames(
         autojump_clock: trio.testing.MockClock) -> None:
     fanout = LiveFanout(LiveConfig(ui_rate=20.0), metrics=Metrics())
-    fanout.write_in_thread = False  # slices are of the Trio thread's own writes
     fanout.write_slice = 0.0  # a checkpoint after every client's write
     http = HttpServer()
     fanout.install(http)

@@ -16,11 +16,10 @@ Wiring (the hub service does this)::
 Why one sender task per client: a write to a client that does not read blocks only that
 client's task; the ticker never awaits a client, it appends ready-made frames to bounded
 queues (``LiveHub.tick``).  A frame shared by many clients is the same ``bytes`` object,
-WebSocket-framed once (``prepare_message``) and written as is -- when the client's sender
-is idle (the common case, no task switch), by the tick: one batch of (socket, frame) for a
-worker thread, which makes the write system calls while the Trio thread runs the other
-tasks (``LiveFanout._write_batch``); what a socket does not take at once, by the client's
-sender task.
+WebSocket-framed once (``prepare_message``) and written as is -- directly from the ticker
+to the socket when the client's sender is idle and the socket has room (the common case,
+no task switch), else by the client's sender task.  The ticker's writes can be made by a
+worker thread instead (``LiveFanout.write_in_thread``, off by default: ``WRITE_IN_THREAD``).
 """
 
 from __future__ import annotations
@@ -66,6 +65,15 @@ MAX_CLIENT_MESSAGE = 256 * 1024
 #: run (bench/fanout.py --write-slice, docs/performance.md), the gateways' frames reaching
 #: the hub's commit later, not sooner.
 WRITE_SLICE_S = math.inf
+#: whether a tick's writes go to a writer thread (``LiveFanout.write_in_thread``).  Off by
+#: default: it halves the Trio thread's CPU per tick (0.51x at 1,000 clients, 0.39x at
+#: 5,000; the process's CPU 0.96x and 0.91x: bench/fanout_tick.py), but on this loaded
+#: 2-core machine a batch took 3--9x its CPU time in wall time (the writer waits for a
+#: core, and for the GIL after every write while the Trio thread runs the ingest), the
+#: next tick waited for it, and end to end (bench/fanout.py --compare --writer-thread)
+#: p99 was worse in 4 of 6 pairs at 1,000 clients and 1 of 2 at 5,000
+#: (docs/performance.md).  Measure again where the hub has its cores.
+WRITE_IN_THREAD = False
 #: ticks in a row held back while the ingest is behind (``LiveFanout.ingest_lag``): each a
 #: UI interval, so a client still gets a frame at least every 1 + this many intervals.
 MAX_HELD_TICKS = 3
@@ -192,9 +200,9 @@ class LiveFanout:
         self.hold_min_tick_share = HOLD_MIN_TICK_SHARE
         self.ticks_held = 0
         #: a tick's writes to the sockets of parked clients go to a worker thread as one
-        #: batch (``_write_batch``); False: the Trio thread writes them itself, as before
-        #: (bench/fanout.py --inline-writes)
-        self.write_in_thread = True
+        #: batch (``_write_batch``) when True; else the Trio thread writes them itself.
+        #: Off by default: WRITE_IN_THREAD
+        self.write_in_thread = WRITE_IN_THREAD
         self._batch_done = trio.Event()  # set when the batch in the writer thread is over
         self._batch_done.set()
         self.tick_cpu_seconds = 0.0  # the Trio thread's CPU in ticks (writes in thread not)
@@ -302,10 +310,11 @@ class LiveFanout:
 
     async def tick_async(self) -> tuple[float, bool]:
         """One tick: decide (the core), then write the frames straight to the sockets of
-        idle clients.  By default (``write_in_thread``) those writes go to a worker thread
-        as one batch, and the Trio thread runs other tasks meanwhile (``_write_batch``).
-        Else the Trio thread writes them, in slices of ``write_slice`` seconds with a
-        checkpoint between them when slicing is on (off by default: ``WRITE_SLICE_S``).
+        idle clients.  With ``write_in_thread`` (off by default: ``WRITE_IN_THREAD``)
+        those writes go to a worker thread as one batch, and the Trio thread runs other
+        tasks meanwhile (``_write_batch``).  Else the Trio thread writes them, in slices
+        of ``write_slice`` seconds with a checkpoint between them when slicing is on (off
+        by default: ``WRITE_SLICE_S``).
         A slice is at least as long as what ran in the pause before it, so the tick keeps
         at least half the thread until its writes are done.
         Returns the tick's own CPU seconds on the Trio thread (not what ran while it
