@@ -48,10 +48,11 @@ class SendGate:
     the middle of a frame.  Unlike ``trio.Lock`` it may be released by another task: the
     fan-out's ticker takes it when it writes a shared frame straight to the socket, and if
     the socket accepts only part, the client's own sender task writes the rest and
-    releases it.  It may also be *reserved* until an event (``reserve``): while another
-    thread writes a frame to the socket, writers wait for that event before they take the
-    gate -- one event for a whole batch of WebSockets, and no semaphore operation per
-    WebSocket in the common case (the frame written whole)."""
+    releases it.  It may also be *reserved* until an event (``reserved``, set by
+    ``WebSocket.reserve_nowait``): while another thread writes a frame to the socket,
+    writers wait for that event before they take the gate -- one event for a whole batch
+    of WebSockets, and no semaphore operation per WebSocket in the common case (the frame
+    written whole)."""
 
     def __init__(self) -> None:
         self._sem = trio.Semaphore(1)
@@ -65,10 +66,6 @@ class SendGate:
 
     def release(self) -> None:
         self._sem.release()
-
-    def reserve(self, until: trio.Event) -> None:
-        """Hold every writer back until ``until`` is set (the gate must be free)."""
-        self.reserved = until
 
     def unreserve(self, *, keep: bool = False) -> None:
         """End the reservation; ``keep``: take the gate instead (``acquire_nowait``), so

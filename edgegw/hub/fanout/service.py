@@ -71,7 +71,7 @@ WRITE_SLICE_S = math.inf
 #: 2-core machine a batch took 3--9x its CPU time in wall time (the writer waits for a
 #: core, and for the GIL after every write while the Trio thread runs the ingest), the
 #: next tick waited for it, and end to end (bench/fanout.py --compare --writer-thread)
-#: p99 was worse in 4 of 6 pairs at 1,000 clients and 1 of 2 at 5,000
+#: p99 was worse in 5 of 9 pairs at 1,000 clients and 1 of 2 at 5,000
 #: (docs/performance.md).  Measure again where the hub has its cores.
 WRITE_IN_THREAD = False
 #: ticks in a row held back while the ingest is behind (``LiveFanout.ingest_lag``): each a
