@@ -179,7 +179,8 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | N
                 for p in range(procs)]
         batch = ""
         for line in hub.stdout:
-            if line.startswith("BATCH") and "write_batches=None" not in line:
+            if line.startswith("BATCH") and "write_batches=None" not in line \
+                    and "write_batches=0 " not in line:
                 batch = line[6:].strip()
             if line.startswith("RESULT"):
                 median, longest, core, sent, alone, proc, wall = (
