@@ -50,6 +50,7 @@ import os
 import pickle
 import resource
 import select
+import shutil
 import signal
 import socket
 import statistics
@@ -95,6 +96,19 @@ def run_hub(args: argparse.Namespace) -> None:
             fanout.write_slice = args.write_slice / 1000  # this tree's hub only
         if hasattr(fanout, "ingest_lag") and hasattr(hub, "lag") and not args.no_hold:
             fanout.ingest_lag = hub.lag  # as edgegw.hub.Hub wires it
+        if args.writer_thread and hasattr(fanout, "write_in_thread"):
+            fanout.write_in_thread = True  # this tree's hub only
+        tick_async = fanout.tick_async
+
+        async def counted_tick() -> tuple[float, bool]:
+            # Every tree's tick_async returns its own CPU seconds on the Trio thread (not
+            # what ran while it waited): the counted cost, which load does not inflate.
+            took, sent = await tick_async()
+            if sent:
+                tick_cpu.append((time.time(), took))
+            return took, sent
+
+        fanout.tick_async = counted_tick  # type: ignore[method-assign]
 
         def publish(topic: str, delta: dict[str, Any]) -> None:
             # For the latency breakdown: how old the newest record of a wafer delta is
@@ -130,6 +144,7 @@ def run_hub(args: argparse.Namespace) -> None:
                     break
 
     lags: list[float] = []
+    tick_cpu: list[tuple[float, float]] = []  # (wall end, Trio thread CPU s) per tick that sent
     created: list[tuple[str, int, int, float]] = []
     long_steps = LongSteps(args.long_step_ms / 1000)
     clock = StageClock()
@@ -173,6 +188,7 @@ def run_hub(args: argparse.Namespace) -> None:
     print("LAGS " + json.dumps({"n": len(lags), "p50": pct(lags, 50), "p99": pct(lags, 99)}),
           flush=True)
     print("STEPS " + json.dumps(long_steps.steps), flush=True)
+    print("TICKCPU " + json.dumps(tick_cpu), flush=True)
     Path(args.log).with_name("stages.json").write_text(json.dumps(clock.summary()))
     import edgegw
     print("SOURCE " + json.dumps(os.path.dirname(os.path.dirname(edgegw.__file__))), flush=True)
@@ -561,6 +577,9 @@ def main() -> int:
     ap.add_argument("--write-slice", type=float, default=None,
                     help="ms a tick writes before other tasks get a turn (this tree's hub "
                          "only, not --before's; default: LiveFanout's own, off)")
+    ap.add_argument("--writer-thread", action="store_true",
+                    help="this tree's hub hands its ticks' writes to a writer thread "
+                         "(LiveFanout.write_in_thread; not --before's)")
     ap.add_argument("--no-hold", action="store_true",
                     help="this tree's hub ticks without looking at the ingest's lag "
                          "(LiveFanout.ingest_lag unset)")
@@ -599,8 +618,16 @@ ISSUE17 = {"p50": 67.0, "p99": 166.0, "fanout_p99": 103.0, "tick_ms": 22.5, "hub
 
 
 def run_main(args: argparse.Namespace) -> int:
-    variants = ["before", "after"] if args.compare else ["after"]
     before_tree = export_tree(args.before) if args.compare else None
+    try:
+        return measure(args, before_tree)
+    finally:
+        if before_tree is not None:
+            shutil.rmtree(before_tree, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, before_tree: Path | None) -> int:
+    variants = ["before", "after"] if args.compare else ["after"]
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for run in range(args.runs):
         for variant in variants:  # alternating: drifts of the machine's load hit both
@@ -629,6 +656,8 @@ def run_main(args: argparse.Namespace) -> int:
             ("at_batch_p50", "age at batch made p50 ms"),
             ("at_batch_p99", "age at batch made p99 ms"),
             ("tick_ms", "hub tick mean ms"), ("tick_max_ms", "hub tick longest ms"),
+            ("tick_cpu_ms", "Trio thread CPU per tick ms (median)"),
+            ("tick_cpu_us_client", "  per client us"),
             ("rate", "frames/s per client (median)"),
             ("ticks_held", "ticks held for the ingest (whole run)"),
             ("hub_cpu", "hub CPU % of a core"), ("rss", "hub RSS MB"),
@@ -673,6 +702,8 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | N
                             "--long-step-ms", str(args.long_step_ms),
                             "--gc-freeze", str(args.gc_freeze),
                             *(["--no-hold"] if args.no_hold else []),
+                            *(["--writer-thread"] if args.writer_thread and before is None
+                              else []),
                             *(["--write-slice", str(args.write_slice)]
                               if args.write_slice is not None and before is None else []),
                             ],
@@ -766,6 +797,8 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | N
                       if line.startswith("STEPS ")), [])
         collections_ = next((json.loads(line[3:]) for line in out.splitlines()
                              if line.startswith("GC ")), [])
+        tick_cpu = next((json.loads(line[8:]) for line in out.splitlines()
+                         if line.startswith("TICKCPU ")), [])
         stages_file = tmp / "stages.json"
         stages = json.loads(stages_file.read_text()) if stages_file.exists() else {}
         # the gateway's send of each frame (the tester's log), against the hub's arrival
@@ -778,7 +811,7 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | N
                        if line.startswith("SOURCE ")), "?")
         print(f"hub source: {source}")
         summary = report(args, merged, phases, log, stats, hub_stats, bool(stalled), lags,
-                         steps, collections_, stages)
+                         steps, collections_, stages, tick_cpu)
         for sock in stalled:
             sock.close()
         return summary
@@ -790,6 +823,7 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | N
                     p.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)  # the hub's store, the logs: ~10 MB a run
 
 
 def _http_get(port: int, path: str) -> bytes:
@@ -804,7 +838,7 @@ def _http_get(port: int, path: str) -> bytes:
 def report(args: argparse.Namespace, subs: Merged, phases: list[Any], log: dict[str, Any],
            stats: dict[str, Any], hub_stats: dict[str, Any], had_stalled: bool,
            lags: dict[str, Any] | None, steps: list[Any], full_gcs: list[Any],
-           stages: dict[str, Any]) -> dict[str, Any]:
+           stages: dict[str, Any], tick_cpu: list[Any]) -> dict[str, Any]:
     """Print one run's figures; return its summary (for the medians)."""
     summary: dict[str, Any] = {"tick_ms": stats["tick_ms_mean"],
                                "tick_max_ms": stats.get("tick_ms_max"),
@@ -960,12 +994,25 @@ def report(args: argparse.Namespace, subs: Merged, phases: list[Any], log: dict[
               f"{1000 * max((t for t, _ in long), default=0):.0f} ms ({top or 'none'}); "
               f"full garbage collections: {len(gcs)}, longest "
               f"{1000 * max(gcs, default=0):.0f} ms")
+        cpus = sorted(took for t, took in tick_cpu
+                      if any(w0 <= t < w1 for _, w0, w1, *_r in parts))
+        tick_cpu_ms = 1000 * statistics.median(cpus) if cpus else float("nan")
+        batch = ""
+        if stats.get("write_batches"):
+            batch = (f"; writer thread per tick: {stats['write_batch_cpu_ms_mean']:.1f} ms CPU, "
+                     f"{stats['write_batch_ms_mean']:.1f} ms wall for "
+                     f"{stats['write_batch_frames_mean']:.0f} frames (whole run)")
+        print(f"    counted: Trio thread CPU per tick (median of {len(cpus)}) "
+              f"{tick_cpu_ms:.1f} ms = {1000 * tick_cpu_ms / args.clients:.1f} us per client"
+              f"{batch}")
         print(f"    hub CPU {100 * cpu / secs:.0f} % of one core; RSS {rss:.0f} MB "
               f"(peak {hwm:.0f} MB); the subscriber processes {100 * own / secs:.0f} %; "
               f"load average {loads} on {os.cpu_count()} cores")
         if stalled:
             summary["p99_stalled"] = 1000 * pct(lat, 99)
             return
+        summary["tick_cpu_ms"] = tick_cpu_ms
+        summary["tick_cpu_us_client"] = 1000 * tick_cpu_ms / args.clients
         for key in ("to_sent", "to_arrival", "at_commit", "at_feed"):
             if hub_ages.get(key):
                 summary[f"{key}_p50"], summary[f"{key}_p99"] = (1000 * v for v in hub_ages[key])

@@ -13,12 +13,19 @@ the core's deciding and encoding, then one write per client) and notes its threa
 time; between ticks it sleeps the rest of the interval, so that the clients read and the
 sockets drain as in service.  ``--compare`` alternates runs of the hub of ``--before`` (a
 git revision: main) and of this tree, as ``bench/fanout.py --compare`` does.
+
+The tick runs as the hub runs it (``LiveFanout.tick_async``): where the writes go to a
+worker thread, the Trio thread's CPU per tick leaves them out, and the process's CPU per
+tick (``time.process_time``: every thread) puts them back in; both are printed, with the
+wall time from the tick's start to its last write.  ``--writer-thread``: this tree's
+hub hands its writes to a writer thread (``LiveFanout.write_in_thread``, off by default).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -115,20 +122,30 @@ def run_hub(args: argparse.Namespace) -> None:
             fanout.core_seconds = 0.0
             fanout.ticks = 0
             interval = 1 / args.ui_rate
-            cpu: list[float] = []
+            if args.writer_thread:
+                fanout.write_in_thread = True
+            cpu: list[float] = []  # the Trio thread's CPU per tick
+            proc: list[float] = []  # the process's (every thread's) CPU per tick
+            wall: list[float] = []  # the tick's start to its last write
             for i in range(args.ticks + 20):
                 publish()
-                t0 = time.thread_time()
-                fanout.tick()
-                took = time.thread_time() - t0
+                w0, p0 = time.perf_counter(), time.process_time()
+                took, _sent = await fanout.tick_async()
+                p1, w1 = time.process_time(), time.perf_counter()
                 if i >= 20:  # warm-up ticks left out
                     cpu.append(took)
-                await trio.sleep(max(0.0, interval - took))
+                    proc.append(p1 - p0)
+                    wall.append(w1 - w0)
+                await trio.sleep(max(0.0, interval - (w1 - w0)))
             core = fanout.core_seconds / max(1, fanout.ticks)
             sent = sum(c.frames_sent for c in fanout.core.clients.values())
             alone = core_alone(args.clients, 100)
-            print(f"RESULT {statistics.median(cpu)} {max(cpu)} {core} {sent} {alone}",
-                  flush=True)
+            stats = fanout.stats()
+            print("BATCH " + " ".join(f"{k}={stats.get(k)}" for k in (
+                "write_batches", "write_batch_frames_mean", "write_batch_ms_mean",
+                "write_batch_cpu_ms_mean", "write_batch_partial")), flush=True)
+            print(f"RESULT {statistics.median(cpu)} {max(cpu)} {core} {sent} {alone} "
+                  f"{statistics.median(proc)} {statistics.median(wall)}", flush=True)
             nursery.cancel_scope.cancel()
 
     import resource
@@ -137,13 +154,15 @@ def run_hub(args: argparse.Namespace) -> None:
     trio.run(main)
 
 
-def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, float] | None:
+def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | None:
     env = dict(os.environ)
     if before is not None:
         env["PYTHONPATH"] = str(before)
     me = [sys.executable, __file__]
     hub = subprocess.Popen([*me, "--role", "hub", "--clients", str(args.clients),
-                            "--ticks", str(args.ticks), "--ui-rate", str(args.ui_rate)],
+                            "--ticks", str(args.ticks), "--ui-rate", str(args.ui_rate),
+                            *(["--writer-thread"] if args.writer_thread and before is None
+                              else [])],
                            stdout=subprocess.PIPE, text=True, env=env)
     subs: list[subprocess.Popen[str]] = []
     tmp = Path(tempfile.mkdtemp(prefix="edgegw-bench-tick-"))
@@ -158,12 +177,19 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, float] |
                                   "--log", str(tmp / f"subs{p}.pickle")],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 for p in range(procs)]
+        batch = ""
         for line in hub.stdout:
+            if line.startswith("BATCH") and "write_batches=None" not in line \
+                    and "write_batches=0 " not in line:
+                batch = line[6:].strip()
             if line.startswith("RESULT"):
-                median, longest, core, sent, alone = (float(v) for v in line.split()[1:])
+                median, longest, core, sent, alone, proc, wall = (
+                    float(v) for v in line.split()[1:])
                 return {"median_ms": 1000 * median, "max_ms": 1000 * longest,
                         "core_ms": 1000 * core, "alone_ms": 1000 * alone,
-                        "us_per_client": 1e6 * median / args.clients, "frames": sent}
+                        "us_per_client": 1e6 * median / args.clients, "frames": sent,
+                        "proc_ms": 1000 * proc, "wall_ms": 1000 * wall,
+                        "load": os.getloadavg()[0], "batch": batch}
         return None
     finally:
         for p in (hub, *subs):
@@ -173,6 +199,7 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, float] |
                     p.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> int:
@@ -185,6 +212,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--compare", action="store_true")
     ap.add_argument("--before", default="main")
+    ap.add_argument("--writer-thread", action="store_true",
+                    help="this tree's hub hands its ticks' writes to a writer thread "
+                         "(LiveFanout.write_in_thread)")
     args = ap.parse_args()
     if args.role == "hub":
         run_hub(args)
@@ -193,34 +223,47 @@ def main() -> int:
     from fanout import export_tree  # type: ignore[import-not-found]
 
     before = export_tree(args.before) if args.compare else None
+    try:
+        return measure(args, before)
+    finally:
+        if before is not None:
+            shutil.rmtree(before, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, before: Path | None) -> int:
     variants = ["before", "after"] if args.compare else ["after"]
-    results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for run in range(args.runs):
         for v in variants:
             r = one_run(args, before if v == "before" else None)
             if r is None:
                 print(f"run {run + 1} ({v}) failed", file=sys.stderr)
                 return 1
-            print(f"run {run + 1}, {v}: tick CPU median {r['median_ms']:.2f} ms "
+            print(f"run {run + 1}, {v}: Trio thread CPU per tick, median {r['median_ms']:.2f} ms "
                   f"({r['us_per_client']:.1f} us per client; deciding and encoding "
-                  f"{r['core_ms']:.2f} ms wall), longest {r['max_ms']:.1f} ms; the core "
-                  f"alone {r['alone_ms']:.2f} ms CPU; load average "
-                  f"{os.getloadavg()[0]:.1f}", flush=True)
+                  f"{r['core_ms']:.2f} ms wall), longest {r['max_ms']:.1f} ms; process CPU "
+                  f"per tick {r['proc_ms']:.2f} ms; tick wall {r['wall_ms']:.2f} ms; the core "
+                  f"alone {r['alone_ms']:.2f} ms CPU; load average {r['load']:.1f}", flush=True)
+            if r["batch"]:
+                print(f"  its writer thread: {r['batch']}", flush=True)
             results[v].append(r)
     print(f"\nmedians of {args.runs} run(s), {args.clients} clients, {args.ticks} ticks each:")
-    for key, label in (("median_ms", "tick CPU, ms"), ("us_per_client", "per client, us"),
+    for key, label in (("median_ms", "tick, Trio thread CPU, ms"),
+                       ("us_per_client", "  per client, us"),
+                       ("proc_ms", "tick, process CPU (all threads), ms"),
+                       ("wall_ms", "tick, start to last write, ms wall"),
                        ("core_ms", "deciding and encoding, ms (wall)"),
-                       ("alone_ms", "the core alone, no sockets, ms CPU")):
+                       ("alone_ms", "the core alone, no sockets, ms CPU"),
+                       ("load", "load average")):
         row = "  ".join(f"{v} {statistics.median(r[key] for r in results[v]):8.2f}"
                         for v in variants)
-        print(f"  {label:34} {row}")
+        print(f"  {label:38} {row}")
     if args.compare:
-        b = statistics.median(r["median_ms"] for r in results["before"])
-        a = statistics.median(r["median_ms"] for r in results["after"])
-        print(f"  after / before (tick CPU): {a / b:.2f}")
-        b = statistics.median(r["alone_ms"] for r in results["before"])
-        a = statistics.median(r["alone_ms"] for r in results["after"])
-        print(f"  after / before (the core alone): {a / b:.2f}")
+        for key, label in (("median_ms", "Trio thread CPU"), ("proc_ms", "process CPU"),
+                           ("wall_ms", "tick wall"), ("alone_ms", "the core alone")):
+            b = statistics.median(r[key] for r in results["before"])
+            a = statistics.median(r[key] for r in results["after"])
+            print(f"  after / before ({label}): {a / b:.2f}")
     return 0
 
 

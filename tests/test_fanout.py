@@ -269,6 +269,79 @@ async def test_a_client_that_falls_behind_on_alerts_is_told_4008(tmp_path: Path)
         nursery.cancel_scope.cancel()
 
 
+async def test_frames_the_writer_thread_begins_reach_slow_readers_whole_and_in_order(
+        tmp_path: Path) -> None:
+    """A tick's writes can go to a worker thread as one batch (``write_in_thread``, off by
+    default: docs/performance.md says why).  Readers that read in small
+    sips make their sockets take a frame in part: the rest is written by the client's own
+    sender before anything else, so every client gets every event exactly once, in order,
+    in whole frames -- its pongs too -- and a client that vanishes mid-batch costs the
+    others nothing."""
+    async with trio.open_nursery() as nursery:
+        _hub, port, fanout, _state = await start_live_hub(
+            nursery, tmp_path, queue_frames=10_000, stall_timeout=30.0)
+        fanout.write_in_thread = True
+        fanout.publish("alert/P0/yield_low", {"event": "raised", "n": 0})
+        clients = [await RawClient.connect(port, ["alert/#"]) for _ in range(6)]
+        gone = await RawClient.connect(port, ["alert/#"])
+        await wait_for(lambda: sum(bool(c.positions)
+                                   for c in fanout.core.clients.values()) == 7)
+        received: list[list[tuple[int, bytes]]] = [[] for _ in clients]
+        pings = [0] * len(clients)
+
+        async def sip(k: int, client: RawClient) -> None:
+            async for frame in client.frames():  # 4 KB buffers, and a pause per frame
+                received[k].append(frame)
+                await trio.sleep(0.002)
+
+        async with trio.open_nursery() as readers:
+            for k, client in enumerate(clients):
+                readers.start_soon(sip, k, client)
+            n = 0
+            end = trio.current_time() + 1.5
+            while trio.current_time() < end:
+                for _ in range(4):
+                    n += 1
+                    fanout.publish("alert/P0/yield_low",
+                                   {"event": "raised", "n": n, "pad": "x" * 6000})
+                if n == 200:
+                    gone.sock.close()  # mid-load, with frames on their way to it
+                k = n // 4 % 6
+                if n % 100 == 0:  # a ping: its pong must not land inside a frame
+                    await clients[k].sock.send(
+                        bytes((0x89, 0x82)) + b"\x00\x00\x00\x00" + b"hi")
+                # a request: its reply is queued while a batch may hold the client's frame
+                pings[k] += 1
+                request = cbor2.dumps({"type": "ping", "id": pings[k]})
+                await clients[k].sock.send(bytes((0x82, 0x80 | len(request)))
+                                           + b"\x00\x00\x00\x00" + request)
+                await trio.sleep(0.01)
+
+            def caught_up(k: int) -> bool:  # the last event and the last reply are in
+                messages = [cbor2.loads(p) for op, p in received[k] if op == 0x2]
+                return (any(d.get("n") == n for m in messages[-8:] if m["type"] == "batch"
+                            for i in m["items"] for d in i["data"])
+                        and sum(m["type"] == "pong" for m in messages) == pings[k])
+
+            await wait_for(lambda: all(caught_up(k) for k in range(len(clients))), 20)
+            readers.cancel_scope.cancel()
+        stats = fanout.stats()
+        assert stats["write_batches"] > 0
+        assert stats["write_batch_partial"] > 0  # the rule under test did come into play
+        assert len(fanout.core.clients) == 6  # the vanished one is gone, nobody else
+        for frames in received:
+            events = [d["n"] for op, p in frames if op == 0x2
+                      for i in cbor2.loads(p).get("items", ()) for d in i["data"]]
+            assert events == list(range(events[0], n + 1))  # none lost, repeated, reordered
+            pongs = [m["id"] for m in (cbor2.loads(p) for op, p in frames if op == 0x2)
+                     if m["type"] == "pong"]
+            assert pongs == list(range(1, len(pongs) + 1))
+            assert {p for op, p in frames if op == 0xA} <= {b"hi"}
+        for client in clients:
+            client.sock.close()
+        nursery.cancel_scope.cancel()
+
+
 class _Cyclic:
     def __init__(self) -> None:
         self.me = self  # a reference cycle: only the cyclic collector frees it

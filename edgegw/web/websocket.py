@@ -48,13 +48,18 @@ class SendGate:
     the middle of a frame.  Unlike ``trio.Lock`` it may be released by another task: the
     fan-out's ticker takes it when it writes a shared frame straight to the socket, and if
     the socket accepts only part, the client's own sender task writes the rest and
-    releases it."""
+    releases it.  It may also be *reserved* until an event (``reserved``, set by
+    ``WebSocket.reserve_nowait``): while another thread writes a frame to the socket,
+    writers wait for that event before they take the gate -- one event for a whole batch
+    of WebSockets, and no semaphore operation per WebSocket in the common case (the frame
+    written whole)."""
 
     def __init__(self) -> None:
         self._sem = trio.Semaphore(1)
+        self.reserved: trio.Event | None = None
 
     def locked(self) -> bool:
-        return self._sem.value == 0
+        return self.reserved is not None or self._sem.value == 0
 
     def acquire_nowait(self) -> None:
         self._sem.acquire_nowait()
@@ -62,7 +67,16 @@ class SendGate:
     def release(self) -> None:
         self._sem.release()
 
+    def unreserve(self, *, keep: bool = False) -> None:
+        """End the reservation; ``keep``: take the gate instead (``acquire_nowait``), so
+        that writers waiting for the event then wait for its release."""
+        if keep:
+            self._sem.acquire_nowait()  # free: nobody takes it while it is reserved
+        self.reserved = None
+
     async def __aenter__(self) -> None:
+        while self.reserved is not None:
+            await self.reserved.wait()
         await self._sem.acquire()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -166,6 +180,42 @@ class WebSocket:
             self._rest_owed = True
         return n
 
+    def reserve_nowait(self, until: trio.Event) -> int | None:
+        """Reserve the WebSocket for one frame that another thread writes straight to its
+        socket (``os.write`` on the descriptor returned; the socket is non-blocking, so the
+        write never waits): a fan-out hands a tick's writes to a writer thread and the
+        Trio thread does not pay the system calls.  None when ``can_send_nowait`` is
+        false.  Until ``end_reserved`` (called once the other thread is done with the
+        socket) no other write starts and the stream is not closed: writers, ``aclose``
+        and ``abort`` wait for ``until``, to be set after ``end_reserved`` -- one event
+        for a whole batch of WebSockets."""
+        gate = self.send_gate  # can_send_nowait, spelt out: this is per client per tick
+        if self._fd is None or self.closed is not None or gate.locked():
+            return None
+        gate.reserved = until
+        return self._fd
+
+    def end_reserved(self, written: int, size: int) -> None:
+        """The reserved write is over: ``written`` bytes of a ``size``-byte frame went out.
+        0: none (the socket was full or failed; send the frame with ``send_prepared``,
+        which meets the error if there is one).  A part: the WebSocket stays reserved for
+        the rest, which only ``send_rest`` may write (or ``abandon_rest`` give up), as
+        after ``send_prepared_nowait``."""
+        self.bytes_sent += written
+        if 0 < written < size:
+            self.send_gate.unreserve(keep=True)
+            self._rest_owed = True
+        else:
+            self.send_gate.reserved = None
+
+    async def _reserved_over(self) -> None:
+        """Wait (shielded) until no other thread writes to the socket: before closing it
+        (its descriptor could otherwise be reused by the next connection under the other
+        thread's write)."""
+        while (until := self.send_gate.reserved) is not None:
+            with trio.CancelScope(shield=True):
+                await until.wait()
+
     async def send_rest(self, rest: bytes) -> None:
         """Write the end of a frame that ``send_prepared_nowait`` began, then release the
         WebSocket for other writes.  Cut off (cancelled), the stream is left unusable."""
@@ -194,6 +244,7 @@ class WebSocket:
         """Close without a close frame: after a frame was cut off mid-way, a close frame
         would be garbage to the peer.  ``closed`` says ``code`` and ``reason``."""
         self.closed = self.closed or ConnectionClosed(code, reason)
+        await self._reserved_over()
         with trio.move_on_after(1) as cs:
             cs.shield = True
             await self.stream.aclose()
@@ -285,6 +336,7 @@ class WebSocket:
         except ConnectionClosed:
             pass
         finally:
+            await self._reserved_over()
             with trio.move_on_after(1) as cs:
                 cs.shield = True
                 await self.stream.aclose()

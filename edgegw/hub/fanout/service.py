@@ -18,13 +18,15 @@ client's task; the ticker never awaits a client, it appends ready-made frames to
 queues (``LiveHub.tick``).  A frame shared by many clients is the same ``bytes`` object,
 WebSocket-framed once (``prepare_message``) and written as is -- directly from the ticker
 to the socket when the client's sender is idle and the socket has room (the common case,
-no task switch), else by the client's sender task.
+no task switch), else by the client's sender task.  The ticker's writes can be made by a
+worker thread instead (``LiveFanout.write_in_thread``, off by default: ``WRITE_IN_THREAD``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -63,6 +65,15 @@ MAX_CLIENT_MESSAGE = 256 * 1024
 #: run (bench/fanout.py --write-slice, docs/performance.md), the gateways' frames reaching
 #: the hub's commit later, not sooner.
 WRITE_SLICE_S = math.inf
+#: whether a tick's writes go to a writer thread (``LiveFanout.write_in_thread``).  Off by
+#: default: it halves the Trio thread's CPU per tick (0.51x at 1,000 clients, 0.39x at
+#: 5,000; the process's CPU 0.96x and 0.91x: bench/fanout_tick.py), but on this loaded
+#: 2-core machine a batch took 3--9x its CPU time in wall time (the writer waits for a
+#: core, and for the GIL after every write while the Trio thread runs the ingest), the
+#: next tick waited for it, and end to end (bench/fanout.py --compare --writer-thread)
+#: p99 was worse in 5 of 9 pairs at 1,000 clients and 1 of 2 at 5,000
+#: (docs/performance.md).  Measure again where the hub has its cores.
+WRITE_IN_THREAD = False
 #: ticks in a row held back while the ingest is behind (``LiveFanout.ingest_lag``): each a
 #: UI interval, so a client still gets a frame at least every 1 + this many intervals.
 MAX_HELD_TICKS = 3
@@ -79,6 +90,21 @@ class _NoState:
 
     def topics(self) -> list[str]:
         return []
+
+
+def _write_frames(writes: list[tuple[int, bytes]]) -> tuple[list[int], float]:
+    """The writer thread's part of a tick: each frame to its (non-blocking) socket, as far
+    as the socket takes it at once; bytes written per frame (0: none, or the socket
+    failed), and the thread's CPU seconds."""
+    cpu0 = time.thread_time()
+    write = os.write
+    written: list[int] = []
+    for fd, frame in writes:
+        try:
+            written.append(write(fd, frame))
+        except OSError:  # BlockingIOError (full) or a failed socket
+            written.append(0)
+    return written, time.thread_time() - cpu0
 
 
 def _subscribe_patterns(data: bytes | str) -> list[str]:
@@ -101,8 +127,8 @@ def new_epoch() -> str:
 
 
 class _Session:
-    __slots__ = ("aborted", "client", "held", "idle", "remainder", "scope", "send_scope",
-                 "wake", "ws")
+    __slots__ = ("aborted", "client", "held", "idle", "in_batch", "remainder", "scope",
+                 "send_scope", "wake", "ws")
 
     def __init__(self, client: Client, ws: WebSocket) -> None:
         self.client = client
@@ -117,6 +143,9 @@ class _Session:
         # has written it with ``send_rest``).
         self.remainder: bytes | None = None
         self.held = False
+        # Its frame is in the writer thread's batch (``LiveFanout.tick_async``): its sender
+        # waits for the batch, then writes what the batch left over, if anything.
+        self.in_batch = False
 
 
 class LiveFanout:
@@ -170,6 +199,18 @@ class LiveFanout:
         self.ingest_lag: Callable[[], float] | None = None
         self.hold_min_tick_share = HOLD_MIN_TICK_SHARE
         self.ticks_held = 0
+        #: a tick's writes to the sockets of parked clients go to a worker thread as one
+        #: batch (``_write_batch``) when True; else the Trio thread writes them itself.
+        #: Off by default: WRITE_IN_THREAD
+        self.write_in_thread = WRITE_IN_THREAD
+        self._batch_done = trio.Event()  # set when the batch in the writer thread is over
+        self._batch_done.set()
+        self.tick_cpu_seconds = 0.0  # the Trio thread's CPU in ticks (writes in thread not)
+        self.batches = 0  # batches handed to the writer thread
+        self.batch_writes = 0  # frames in them
+        self.batch_seconds = 0.0  # their wall time, from hand-over to results
+        self.batch_cpu_seconds = 0.0  # the writer thread's CPU for them
+        self.batch_partial = 0  # frames of them a socket took in part (the sender wrote on)
 
     @property
     def config(self) -> LiveConfig:
@@ -257,36 +298,45 @@ class LiveFanout:
         self._work.set()
 
     def tick(self) -> tuple[float, bool]:
-        """One whole tick without yielding; returns its CPU seconds and whether it sent
-        any batch."""
-        writes = self._decide()
+        """One whole tick without yielding, its writes made by the Trio thread itself;
+        returns its CPU seconds and whether it sent any batch."""
+        woken, now, started = self._decide()
         cpu0 = time.thread_time()
-        for _ in writes:
+        for _ in self._write(woken, now, started):
             pass
-        return self._tick_cpu + time.thread_time() - cpu0, self._tick_sent
+        cpu = self._tick_cpu + time.thread_time() - cpu0
+        self.tick_cpu_seconds += cpu
+        return cpu, self._tick_sent
 
     async def tick_async(self) -> tuple[float, bool]:
         """One tick: decide (the core), then write the frames straight to the sockets of
-        idle clients -- in slices of ``write_slice`` seconds with a checkpoint between
-        them when slicing is on (off by default: ``WRITE_SLICE_S``), so that 5,000 writes
-        (100-150 ms) need not hold the Trio thread in one piece.  A slice is
-        at least as long as what ran in the pause before it, so the tick keeps at least
-        half the thread until its writes are done.
-        Returns the tick's own CPU seconds (the slices, not what ran between them) and
-        whether it sent any batch."""
-        writes = self._decide()
+        idle clients.  With ``write_in_thread`` (off by default: ``WRITE_IN_THREAD``)
+        those writes go to a worker thread as one batch, and the Trio thread runs other
+        tasks meanwhile (``_write_batch``).  Else the Trio thread writes them, in slices
+        of ``write_slice`` seconds with a checkpoint between them when slicing is on (off
+        by default: ``WRITE_SLICE_S``).
+        A slice is at least as long as what ran in the pause before it, so the tick keeps
+        at least half the thread until its writes are done.
+        Returns the tick's own CPU seconds on the Trio thread (not what ran while it
+        waited) and whether it sent any batch."""
+        woken, now, started = self._decide()
         cpu = self._tick_cpu
+        if self.write_in_thread:
+            cpu += await self._write_batch(woken, now, started)
+            self.tick_cpu_seconds += cpu
+            return cpu, self._tick_sent
         t0 = time.thread_time()
-        for _ in writes:
+        for _ in self._write(woken, now, started):
             cpu += time.thread_time() - t0
             await trio.lowlevel.checkpoint()
             self.yields += 1
             t0 = time.thread_time()
-        return cpu + time.thread_time() - t0, self._tick_sent
+        cpu += time.thread_time() - t0
+        self.tick_cpu_seconds += cpu
+        return cpu, self._tick_sent
 
-    def _decide(self) -> Iterator[None]:
-        """The core's tick, then a generator that writes its frames and pauses (yields)
-        whenever a slice of writes took ``write_slice`` seconds."""
+    def _decide(self) -> tuple[list[Client], float, float]:
+        """The core's tick: the clients with frames to write, ``now`` and when it began."""
         started = time.perf_counter()
         cpu0 = time.thread_time()
         now = trio.current_time()
@@ -305,7 +355,93 @@ class LiveFanout:
             session.wake.set()
         self._tick_cpu = time.thread_time() - cpu0
         self._tick_sent = bool(woken)
-        return self._write(woken, now, started)
+        return woken, now, started
+
+    async def _write_batch(self, woken: list[Client], now: float, started: float) -> float:
+        """Write the tick's frames to the sockets of parked clients from a worker thread:
+        one ``os.write`` per client there (the system call releases the GIL, so the
+        kernel's work runs beside the Trio thread's, on another core), one hand-over and
+        one pass over the results here.  Returns the Trio thread's CPU seconds.
+
+        The rules are those of ``_write_now``: only a client whose sender is parked with
+        nothing left over gets its next frame written so; each such WebSocket is reserved
+        (``WebSocket.reserve_nowait``) until the results are back, and its sender waits
+        for the batch (``_Session.in_batch``) before it takes another frame.  A frame the
+        socket took in part leaves the rest to the sender (``remainder``, ``held``), one
+        it took none of is written whole by the sender; one written whole may be followed
+        by the client's next frames, written here as ``_write_now`` does."""
+        cpu0 = time.thread_time()
+        sessions = self._sessions
+        core = self.core
+        batch: list[tuple[_Session, bytes]] = []
+        writes: list[tuple[int, bytes]] = []
+        done = trio.Event()  # set when the results are in (WebSocket.reserve_nowait)
+        for client in woken:
+            session = sessions.get(client.id)
+            if session is None:
+                continue  # gone meanwhile
+            if session.idle and session.remainder is None and client.queue:
+                fd = session.ws.reserve_nowait(done)
+                if fd is not None:
+                    session.in_batch = True
+                    frame = core.take_frame(client)
+                    batch.append((session, frame))
+                    writes.append((fd, frame))
+                    continue
+            session.wake.set()
+        cpu = time.thread_time() - cpu0
+        spent = time.perf_counter() - started  # the tick's own wall time, writes apart
+        if writes:
+            self._batch_done = done
+            written: list[int] | None = None
+            handed = time.perf_counter()
+            try:
+                written, writer_cpu = await trio.to_thread.run_sync(_write_frames, writes)
+                self.batch_cpu_seconds += writer_cpu
+            finally:
+                back = time.perf_counter()
+                cpu0 = time.thread_time()
+                self.batches += 1
+                self.batch_writes += len(writes)
+                self.batch_seconds += back - handed
+                self._batch_results(batch, written)
+                done.set()
+                cpu += time.thread_time() - cpu0
+                spent += time.perf_counter() - back
+        self.ticks += 1
+        self.tick_seconds += spent
+        self.tick_seconds_max = max(self.tick_seconds_max, spent)
+        return cpu
+
+    def _batch_results(self, batch: list[tuple[_Session, bytes]],
+                       written: list[int] | None) -> None:
+        """What the writer thread wrote: frames written, the rest to each client's sender."""
+        core = self.core
+        now = trio.current_time()
+        for k, (session, frame) in enumerate(batch):
+            ws = session.ws
+            session.in_batch = False
+            if written is None:
+                # The batch failed as a whole (it cannot, short of memory): what went out
+                # is unknown, so nothing more can follow on these connections.
+                ws.end_reserved(0, len(frame))
+                session.aborted = True
+                if session.scope is not None:
+                    session.scope.cancel()
+                continue
+            n = written[k]
+            ws.end_reserved(n, len(frame))
+            if n == len(frame):
+                core.frame_written(session.client, now)
+                if not session.client.queue or self._write_now(session, now):
+                    continue
+            elif n:
+                self.batch_partial += 1
+                session.remainder = frame[n:]
+                session.held = True  # reserved until the sender wrote the rest
+            else:
+                session.remainder = frame  # the sender writes it (and meets the error)
+            session.wake.set()
 
     def _write(self, woken: list[Client], now: float, started: float) -> Iterator[None]:
         sessions = self._sessions
@@ -417,6 +553,9 @@ class LiveFanout:
         finally:
             self._sessions.pop(client.id, None)
             core.disconnect(client)
+            if session.in_batch:  # the writer thread may be writing to its socket
+                with trio.CancelScope(shield=True):
+                    await self._batch_done.wait()
             if session.held:  # the rest of a frame will never be written
                 session.held = False
                 ws.abandon_rest()
@@ -458,6 +597,9 @@ class LiveFanout:
                     # or a whole one it could not start.
                     continued, session.held = session.held, False
                 else:
+                    if session.in_batch:  # its frame is in the writer thread's batch
+                        await self._batch_done.wait()
+                        continue
                     frame = core.take_frame(client)
                     if frame is None:
                         session.wake = trio.Event()
@@ -499,6 +641,18 @@ class LiveFanout:
         out["tick_core_ms_mean"] = (1000 * self.core_seconds / self.ticks) if self.ticks else None
         out["tick_ms_max"] = 1000 * self.tick_seconds_max
         out["tick_write_yields"] = self.yields
+        # Counted costs (CPU time, which a loaded machine does not inflate as it does wall
+        # time): the Trio thread's per tick, and the writer thread's per batch.
+        out["tick_cpu_ms_mean"] = (1000 * self.tick_cpu_seconds / self.ticks
+                                   if self.ticks else None)
+        out["write_batches"] = self.batches
+        out["write_batch_frames_mean"] = (self.batch_writes / self.batches
+                                          if self.batches else None)
+        out["write_batch_ms_mean"] = (1000 * self.batch_seconds / self.batches
+                                      if self.batches else None)
+        out["write_batch_cpu_ms_mean"] = (1000 * self.batch_cpu_seconds / self.batches
+                                          if self.batches else None)
+        out["write_batch_partial"] = self.batch_partial
         for entry in out["clients"]:
             session = self._sessions.get(entry["id"])
             if session is not None:
