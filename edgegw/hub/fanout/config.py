@@ -62,6 +62,10 @@ class LiveConfig:
     compression: Literal["off", "permessage-deflate"] = "off"
     compression_level: Annotated[int, Range(1, 9)] = 1
     compression_min_bytes: Annotated[int, Range(0, 64 << 20)] = 1024
+    # a tick's socket writes made by a worker thread, not the event loop's: halves the
+    # loop's CPU per tick, but on a busy 2-core host end-to-end latency got worse
+    # (docs/performance.md, "the writes in a writer thread"); for a hub with cores to spare
+    write_thread: bool = False
 
     def validate(self) -> list[tuple[str, str]]:
         errors: list[tuple[str, str]] = []

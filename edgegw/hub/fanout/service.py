@@ -201,8 +201,8 @@ class LiveFanout:
         self.ticks_held = 0
         #: a tick's writes to the sockets of parked clients go to a worker thread as one
         #: batch (``_write_batch``) when True; else the Trio thread writes them itself.
-        #: Off by default: WRITE_IN_THREAD
-        self.write_in_thread = WRITE_IN_THREAD
+        #: Off by default: WRITE_IN_THREAD; the hub config's ``live.write_thread``
+        self.write_in_thread = cfg.write_thread or WRITE_IN_THREAD
         self._batch_done = trio.Event()  # set when the batch in the writer thread is over
         self._batch_done.set()
         self.tick_cpu_seconds = 0.0  # the Trio thread's CPU in ticks (writes in thread not)
