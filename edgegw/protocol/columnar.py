@@ -55,6 +55,8 @@ def _column(col: tuple[Any, ...]) -> Any:
     values it was given.  Floats (measurements, times) rarely repeat; they go whole."""
     first = col[0]
     t = type(first)
+    if col[-1] != first:  # varies (site, part id, test number...): no need to count
+        return col
     if t is str or first is None:
         if col.count(first) == len(col):
             return (first,)
