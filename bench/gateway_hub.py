@@ -23,7 +23,7 @@ live state, fan-out and alerts (the ceiling of the protocol path).  Each run is 
 protocol v2 (columnar bodies) and v1 (``uplink.max_protocol_version = 1``: per-record
 arrays), alternately, so medians printed side by side saw the same machine load.
 
-    python bench/gateway_hub.py [--records 300000] [--runs 3] [--batch 2000] [--no-spool]
+    python bench/gateway_hub.py [--records 300000] [--runs 3] [--batch N] [--no-spool]
                                 [--protocol 2 1] [--hub full inline ingest] [--compare]
                                 [--baseline DIR] [--profile DIR]
 
@@ -133,15 +133,16 @@ class Run:
         return self.hub_cpu / self.sent * 1e6
 
 
-async def gateway_run(port: int, n_records: int, batch: int, tmp: Path, *, protocol: int = 2,
-                      spool: bool = True) -> None:
+async def gateway_run(port: int, n_records: int, batch: int | None, tmp: Path, *,
+                      protocol: int = 2, spool: bool = True) -> None:
     """The gateway side of one run (in its own process, ``--serve-gateway``): prints
     ``start`` as it begins putting, then ``done <json>`` once the hub has acknowledged
     every record: the monotonic times (system-wide on Linux) and this process's CPU."""
     raw: dict[str, Any] = {
         "gateway": {"id": "bench", "token": "bench", "state_dir": str(tmp),
                     "hub_url": f"ws://127.0.0.1:{port}/ws/gateway"},
-        "batch": {"max_records": batch, "max_delay_ms": 50},
+        "batch": {"max_delay_ms": 50} if batch is None else {"max_records": batch,
+                                                             "max_delay_ms": 50},
         "queue": {"max_frames": 256},
         "uplink": {"max_protocol_version": protocol},
     }
@@ -156,7 +157,6 @@ async def gateway_run(port: int, n_records: int, batch: int, tmp: Path, *, proto
             await trio.sleep(0.01)
         print("start", flush=True)
         t0, cpu0 = time.monotonic(), time.process_time()
-        times0 = os.times()
         sent = 0
         i = 0
         while sent < n_records:
@@ -169,17 +169,12 @@ async def gateway_run(port: int, n_records: int, batch: int, tmp: Path, *, proto
         while store.first_unacked < store.next_seq:
             await trio.sleep(0.002)
         t1, cpu1 = time.monotonic(), time.process_time()
-        if os.environ.get("BENCH_DEBUG"):
-            times1 = os.times()
-            print(json.dumps(store.stats()), gw.metrics.as_dict(), file=sys.stderr)
-            print("gateway user", times1.user - times0.user, "system", times1.system -
-                  times0.system, file=sys.stderr)
         print("done " + json.dumps({"sent": sent, "t0": t0, "t1": t1, "cpu": cpu1 - cpu0}),
               flush=True)
         nursery.cancel_scope.cancel()
 
 
-def one_run(port: int, hub_pid: int, n_records: int, batch: int, tmp: Path, *,
+def one_run(port: int, hub_pid: int, n_records: int, batch: int | None, tmp: Path, *,
             protocol: int = 2, spool: bool = True, code: str | None = None,
             profile: Path | None = None) -> Run:
     """One run: a gateway process (from ``code``, None: this checkout) sends ``n_records``
@@ -227,8 +222,7 @@ def _spy(pid: int, path: Path) -> subprocess.Popen[bytes]:
     """py-spy on ``pid`` until SIGINT, its raw (collapsed) stacks to ``path``."""
     exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     return subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", "250", "--format",
-                             "raw", "--threads", "--output", str(path),
-                             *os.environ.get("BENCH_SPY_ARGS", "").split()],
+                             "raw", "--threads", "--output", str(path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -271,7 +265,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=300_000)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=None,
+                    help="records per frame (batch.max_records; default: the gateway's)")
     ap.add_argument("--no-spool", action="store_true",
                     help="the gateway's memory queue instead of its disk spool")
     ap.add_argument("--protocol", type=int, nargs="+", default=[2, 1], choices=[1, 2],
@@ -346,7 +341,8 @@ def report(args: argparse.Namespace, kinds: list[str], base_kinds: list[str],
         return statistics.median(getattr(r, what) for r in runs[(label, v)])
 
     store = "memory queue" if args.no_spool else "disk spool"
-    print(f"gateway -> hub over loopback (batch {args.batch} records/frame, gateway {store}, "
+    batch = "the default" if args.batch is None else args.batch
+    print(f"gateway -> hub over loopback (batch {batch} records/frame, gateway {store}, "
           f"durable hub commit), medians of {args.runs} runs, load average "
           f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores:")
     print(f"  {'hub':12s} {'v':>2s} {'durable/s':>10s} {'live/s':>10s}   CPU s per million "
