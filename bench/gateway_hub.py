@@ -288,6 +288,12 @@ def main() -> None:
         serve_ingest(args.serve_ingest)
         return
     if args.serve_gateway:
+        try:  # the process set up as `edgegw gateway` sets it up (a checkout that has it)
+            from edgegw.gateway import tune_gc
+        except ImportError:
+            pass
+        else:
+            tune_gc()
         o = json.loads(args.serve_gateway)
         trio.run(functools.partial(gateway_run, o["port"], o["records"], o["batch"],
                                    Path(o["tmp"]), protocol=o["protocol"], spool=o["spool"]))
