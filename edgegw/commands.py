@@ -302,7 +302,7 @@ def cmd_hub(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from .gateway.service import Gateway
+    from .gateway.service import Gateway, tune_gc
 
     cfg = load_gateway_config(args.config, args.overrides)
     g = cfg.gateway
@@ -319,6 +319,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             if getattr(cfg.uplink, key):
                 readable(f"uplink.{key}", getattr(cfg.uplink, key))
     listen = ("gateway.status_listen/status_port", g.status_listen, g.status_port)
+    tune_gc()  # this process is the gateway's own
     return _serve(Gateway(cfg), lambda _: f"edgegw gateway {g.id} running, hub {g.hub_url}",
                   listen=listen if g.status_port else None)
 

@@ -170,8 +170,8 @@ GATEWAY_TOML = REPO / "conf" / "gateway.toml"
      "spool.max_bytes: must hold at least 4 segments: >= 4 x segment_bytes = 4294967296"),
     # the gateway stopped at its first frame larger than a quarter of the spool
     (GATEWAY_TOML, "spool.max_bytes=1048576 spool.segment_bytes=65536",
-     "spool.max_bytes: must hold 4 frames of batch.max_records records: >= 4 x 2000 x 256 "
-     "= 2048000"),
+     "spool.max_bytes: must hold 4 frames of batch.max_records records: >= 4 x 8000 x 256 "
+     "= 8192000"),
     # a touchdown of 255 x 1001 records stopped the gateway's event loop for seconds
     (GATEWAY_TOML, "sources.0.sites=255 sources.0.tests_per_part=1000",
      "sources[0].tests_per_part: sites x (tests_per_part + 1) = 255255 records per "
@@ -195,7 +195,7 @@ def test_check_config_rejects_a_value_a_service_cannot_run_with_one_line_naming_
     ("sources.5.sites=8", "--set sources.5.sites=8: sources.5: no such item (sources has 2)"),
     ("sources.x.sites=8", "--set sources.x.sites=8: sources is a list: 'x' is not an index"),
     ("batch.max_records.x=1",
-     "--set batch.max_records.x=1: batch.max_records is integer 2000, not a table"),
+     "--set batch.max_records.x=1: batch.max_records is integer 8000, not a table"),
 ])
 def test_a_set_path_that_cannot_be_followed_is_one_error_line(override: str, error: str) -> None:
     for command in (["check-config", str(GATEWAY_TOML)], ["gateway", "--config",

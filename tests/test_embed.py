@@ -13,6 +13,30 @@ from edgegw import EmbeddedGateway
 from edgegw.records import PartResult
 
 
+def test_an_embedded_gateway_leaves_the_programs_collector_alone_the_command_sets_its_own(
+        tmp_path: Path) -> None:
+    """The cyclic collector's thresholds are process-wide: `edgegw gateway` raises the young
+    one for its own process (``tune_gc``); an embedded gateway runs with the program's."""
+    import gc
+
+    from edgegw.gateway import GC_YOUNG_THRESHOLD, tune_gc
+
+    before = gc.get_threshold()
+    gw = EmbeddedGateway({"gateway": {"id": "ate-01", "token": "t", "state_dir": str(tmp_path),
+                                      "hub_url": f"ws://127.0.0.1:{free_port()}/ws/gateway"}},
+                         drain_timeout=0.1)  # no hub: nothing will be acknowledged
+    try:
+        gw.put([PartResult("testprog", time.time(), "L1", "W1", 1, 0, "1", 0, 0, 1, 1, True)])
+        assert gc.get_threshold() == before
+    finally:
+        gw.close()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:])
+    finally:
+        gc.set_threshold(*before)
+
+
 def test_a_threaded_program_puts_results_and_the_hub_applies_every_one(tmp_path: Path) -> None:
     port = free_port()
     hub: subprocess.Popen[bytes] = spawn(

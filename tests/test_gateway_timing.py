@@ -43,6 +43,27 @@ async def test_a_part_batch_is_stored_when_its_oldest_record_is_max_delay_old(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_batch_begun_as_a_full_one_was_cut_goes_out_at_its_own_deadline(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """The flusher waits for the pending batch's deadline and is not woken by puts that
+    only make a later one: the batch begun by the rest of a put that filled a frame still
+    goes out max_delay after its own first record."""
+    cfg = gateway_config(tmp_path, free_port(), batch={"max_records": 3, "max_delay_ms": 250})
+    gw = Gateway(cfg, store=MemoryFrameStore(100))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gw.run)
+        await gw.sink.put([reading(0)], source="s")  # due in 0.25 s: the flusher waits
+        await trio.sleep(0.1)
+        await gw.sink.put([reading(i) for i in (1, 2, 3)], source="s")  # 0-2 full, 3 begins
+        begun = trio.current_time()
+        assert [f.n_records for f in gw.store.frames_from(1, 10)] == [3]
+        with trio.fail_after(10):  # virtual seconds: a batch left waiting fails here
+            await gw.store.wait_for_frame_after(1)
+        assert trio.current_time() - begun == pytest.approx(0.25)
+        assert [f.n_records for f in gw.store.frames_from(1, 10)] == [3, 1]
+        nursery.cancel_scope.cancel()
+
+
 class FailingSource:
     """Fails a moment after every start; remembers when it was started."""
 

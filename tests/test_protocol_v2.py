@@ -28,6 +28,7 @@ from edgegw.protocol import (
     GatewayConnection,
     ProtocolError,
     Reject,
+    check_frame,
     decode_body,
     decode_frame,
     encode_body,
@@ -100,6 +101,13 @@ def test_the_columnar_codec_round_trips_every_record_type_exactly(
     got_rid, got = decode_frame(body, 10_000)
     assert got_rid == first_rid
     assert key(got) == key(recs)
+    # the hub's check: the count and the timestamps without building a record, then the
+    # same records, built once
+    rid, checked = check_frame(body, 10_000)
+    assert rid == first_rid and checked.n == len(recs)
+    assert (sorted(map(cbor2.dumps, checked.timestamps()))
+            == sorted(cbor2.dumps(r.ts) for r in recs))
+    assert key(checked.records()) == key(recs) and checked.records() is checked.records()
     # the same records as the v1 layout gives, and the v1 body a v1 peer is sent
     assert key(decode_frame(encode_body(first_rid, recs), 10_000)[1]) == key(recs)
     rid, sources, wire = decode_body(body, 10_000)  # the rows a v1 hub is sent
@@ -157,8 +165,9 @@ MALFORMED: list[tuple[Any, str]] = [
 @pytest.mark.parametrize(("item", "why"), MALFORMED)
 def test_a_malformed_columnar_body_is_a_frame_error_that_says_what_is_wrong(
         item: Any, why: str) -> None:
+    # found by the check alone (the hub commits what passes it, before any record is built)
     with pytest.raises(FrameError) as exc:
-        decode_frame(cbor2.dumps(item), 1000)
+        check_frame(cbor2.dumps(item), 1000)
     assert why in str(exc.value)
 
 

@@ -9,12 +9,20 @@ from ..store import FrameStore, MemoryFrameStore, StoredFrame
 from .config import GatewayConfig, build_gateway_config, load_gateway_config
 from .probe import ProbeResult, ProbeTarget, probe_once, retry_after_seconds
 from .scheduler import SendScheduler, Want
-from .service import AFTER_KEY, ORIGINS_KEY, RID_KEY, Gateway, GatewaySink
+from .service import (
+    AFTER_KEY,
+    GC_YOUNG_THRESHOLD,
+    ORIGINS_KEY,
+    RID_KEY,
+    Gateway,
+    GatewaySink,
+    tune_gc,
+)
 from .uplink import Uplink
 
 __all__ = [
-    "AFTER_KEY", "ORIGINS_KEY", "RID_KEY", "FrameStore", "Gateway", "GatewayConfig",
-    "GatewaySink", "MemoryFrameStore", "ProbeResult", "ProbeTarget", "SendScheduler",
-    "StoredFrame", "Uplink", "Want", "build_gateway_config", "load_gateway_config",
-    "probe_once", "retry_after_seconds",
+    "AFTER_KEY", "GC_YOUNG_THRESHOLD", "ORIGINS_KEY", "RID_KEY", "FrameStore", "Gateway",
+    "GatewayConfig", "GatewaySink", "MemoryFrameStore", "ProbeResult", "ProbeTarget",
+    "SendScheduler", "StoredFrame", "Uplink", "Want", "build_gateway_config",
+    "load_gateway_config", "probe_once", "retry_after_seconds", "tune_gc",
 ]

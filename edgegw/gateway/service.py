@@ -11,6 +11,7 @@ kept with the store's checkpoints so it survives a restart together with the fra
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
 from collections import deque
@@ -45,6 +46,21 @@ AFTER_KEY = "__after__"
 #: the count, which a gateway that predates origins reads alone)
 ORIGINS_KEY = "__origins__"
 _WIDEST_RID = (1 << 64) - 1  # parts are sized with the widest record id CBOR encodes
+#: the young-generation threshold of CPython's cyclic collector in an ``edgegw gateway``
+#: process (CPython's default is 700): under a flood a gateway allocates records, batches,
+#: columns and the event loop's own objects by the million, and a young collection every
+#: 700 of them -- each also ageing what the batcher holds -- took a fifth to a quarter of
+#: its CPU (bench/gateway_hub.py; docs/performance.md).  Garbage is still freed by
+#: reference counting at once; only reference cycles wait for the rarer collections.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Set the collector's young threshold for a process that is a gateway (``edgegw
+    gateway`` calls it).  Not done by ``Gateway`` itself: an embedding program's collector
+    is the program's to set."""
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 class GatewaySink:
@@ -191,6 +207,8 @@ class Gateway:
         self._checkpoint_budget = _checkpoint_budget(self.store)
         self._lock = trio.Lock()
         self._wake_flusher = trio.Event()
+        #: the batcher deadline the flusher is waiting for (None: none, it waits for a wake)
+        self._flusher_deadline: float | None = None
         self._durable_listeners: dict[str, Callable[[Any], None]] = {}
         self.next_rid = 1
         self.sources: list[tuple[str, Source]] = list(extra_sources)
@@ -320,7 +338,7 @@ class Gateway:
         async with self._lock:
             await self._store_all(self._add(records, source, checkpoint, origin=origin,
                                             owed=owed))
-        self._wake_flusher.set()
+        self._deadline_changed()
 
     def _add(self, records: Sequence[Record], source: str | None, checkpoint: Any = None,
              origin: Key = None, **kwargs: Any) -> list[Batch]:
@@ -528,7 +546,7 @@ class Gateway:
                 if batch is not None:
                     await self._store_all([batch])
             await self._store_all(self._add(records, source, checkpoint))
-        self._wake_flusher.set()
+        self._deadline_changed()
 
     def _notify_durable(self, checkpoints: dict[str, Any]) -> None:
         for source, checkpoint in checkpoints.items():
@@ -574,9 +592,21 @@ class Gateway:
         await self._put([GatewayEvent("gateway", time.time(), level, code, message, detail)],
                         None, "gateway")
 
+    def _deadline_changed(self) -> None:
+        """After records went into the batcher: wake the flusher if the batch now pending
+        must go out before what it waits for.  A put that adds to a batch already pending
+        changes nothing it waits for, so it wakes nothing (a wake per put cost a third of
+        the put path's CPU: a task switch and a cancel scope each)."""
+        deadline = self.batcher.deadline
+        waiting = self._flusher_deadline
+        if deadline is not None and (waiting is None or deadline < waiting):
+            self._wake_flusher.set()
+
     async def _flusher(self) -> None:
         while True:
-            deadline = self.batcher.deadline
+            # a later deadline than this one wakes nothing: polled at this one, the batch
+            # is not due, and the loop waits again for the then pending batch's deadline
+            deadline = self._flusher_deadline = self.batcher.deadline
             if deadline is None:
                 await self._wake_flusher.wait()
                 self._wake_flusher = trio.Event()

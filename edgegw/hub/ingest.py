@@ -8,9 +8,12 @@ Consumers (live state, fan-out) register with ``add_consumer`` and see every app
 frame's records, in the order frames were applied; after a restart the stored frames are
 replayed to them first.
 
-The consumers are off the ingest path's critical section: a gateway's applier decodes,
+The consumers are off the ingest path's critical section: a gateway's applier checks
+each frame's body (``check_frame``: every column of a columnar body against the layout),
 commits durably and acknowledges; the committed frames go, in commit order, to a bounded
-queue that one feeder task hands to the consumers (``_feeder``).  Why, and what it keeps:
+queue that one feeder task hands to the consumers (``_feeder``).  A columnar frame's
+records (a tuple each) are built there, after the ACK, and only when there are consumers:
+building them was about a third of the ingest path's CPU.  Why, and what it keeps:
 
 * **Order, exactly once.**  Frames are appended to the queue synchronously right after
   their commit returns (commits run one at a time, ``HubStore.commit``), so the queue is
@@ -57,13 +60,15 @@ from ..metrics import AGE_BUCKETS, Metrics, internal_errors, report_internal_err
 from ..protocol import (
     SUPPORTED_VERSIONS,
     CloseCode,
+    Columns,
     Data,
     Duplicate,
     FrameError,
     Hello,
     HubConnection,
     ProtocolError,
-    decode_frame,
+    Rows,
+    check_frame,
 )
 from ..records import Record
 from ..taskgroups import reraise_meaningful
@@ -115,12 +120,8 @@ class Consumer(Protocol):
     def on_gateway(self, gateway_id: str, connected: bool, now: float) -> None: ...
 
 
-def decode_records(body: bytes, max_records: int, *, columnar: bool = True
-                   ) -> tuple[int, list[Record]]:
-    """A frame body (v1 rows, or v2 columns when ``columnar``) to (first_rid, records);
-    FrameError if it or any record is malformed.  A stored frame may hold either layout
-    (it is stored as received), so the replay allows both."""
-    return decode_frame(body, max_records, columnar=columnar)
+#: a frame's records as the applier hands them on: checked, built when first asked for
+Decoded = Columns | Rows
 
 
 class Ingest:
@@ -251,23 +252,26 @@ class Ingest:
         self.fed_id = max(self.fed_id, after)
 
         def decode(frame_id: int, gw: str, _epoch: str, _seq: int, _rid: int, body: bytes
-                   ) -> tuple[int, str, int, list[Record]] | None:
+                   ) -> tuple[int, str, int, Decoded] | None:
+            # A stored frame may hold either layout (it is stored as received).  Its
+            # records are built here, in the store's worker thread, not in the feed.
             try:
-                first_rid, records = decode_records(body, max_records)
+                first_rid, decoded = check_frame(body, max_records)
+                decoded.records()
             except (FrameError, ProtocolError):
                 return None
             except Exception:  # one undecodable stored frame must not stop the start
                 report_internal_error(self.metrics, "hub_replay", log,
                                       "decoding a stored frame of gateway %s", gw)
                 return None
-            return frame_id, gw, first_rid, records
+            return frame_id, gw, first_rid, decoded
 
         t0 = time.perf_counter()
         n_frames = n_records = 0
         async for batch in self.store.stored_frames(decode, after):
-            for frame_id, gw, first_rid, records in batch:
-                self._feed(gw, first_rid, records, frame_id)
-                n_records += len(records)
+            for frame_id, gw, first_rid, decoded in batch:
+                self._feed(gw, first_rid, decoded, frame_id)
+                n_records += decoded.n
             n_frames += len(batch)
         self.replayed = {"after_frame": after, "frames": n_frames, "records": n_records,
                          "seconds": round(time.perf_counter() - t0, 3)}
@@ -541,15 +545,24 @@ class Ingest:
                 report_internal_error(self.metrics, "hub_consumer", log,
                                       "%s.on_gateway(%r, %s)", type(c).__name__, gw, connected)
 
-    def _feed(self, gw: str, first_rid: int, records: list[Record], frame_id: int) -> None:
+    def _feed(self, gw: str, first_rid: int, decoded: Decoded, frame_id: int) -> None:
         """Hand one applied frame's records to every consumer.  The frame is durably
         applied already; a consumer that fails on it misses it (counted), nothing else.
         Frames are fed in frame id order (queued right after their commit, commits one at
         a time, one feeder), which is what makes ``fed_id`` a consistent checkpoint
-        position."""
+        position.  A columnar frame's records are built here, after its ACK, and only
+        when some consumer will read them."""
         self.fed_id = frame_id
-        self.records_fed += len(records)
-        for c in self.consumers:
+        self.records_fed += decoded.n
+        records: list[Record] = []
+        if self.consumers:
+            try:
+                records = decoded.records()  # checked at its arrival: cannot fail
+            except Exception:  # a bug: the consumers miss this frame, nothing else does
+                report_internal_error(self.metrics, "hub_consumer", log,
+                                      "building the records of gateway %s, rids from %d",
+                                      gw, first_rid)
+        for c in self.consumers if records or not decoded.n else ():
             try:
                 c.on_records(gw, first_rid, records)
             except Exception:
@@ -560,15 +573,17 @@ class Ingest:
         if self.on_fed is not None:
             self.on_fed(self.records_fed)
 
-    def _queue_feed(self, gw: str, first_rid: int, records: list[Record],
+    def _queue_feed(self, gw: str, first_rid: int, records: Decoded | list[Record],
                     frame_id: int) -> None:
         """A frame just committed, for the feeder (synchronously after its commit: the
-        queue stays in commit order)."""
-        if not self.config.hub.live_queue_records:
-            self._feed(gw, first_rid, records, frame_id)
+        queue stays in commit order).  With no consumers (the ingest alone) there is
+        nothing to queue for: it counts as fed at once."""
+        decoded = Rows(records) if isinstance(records, list) else records
+        if not self.config.hub.live_queue_records or not (self.consumers or self.on_fed):
+            self._feed(gw, first_rid, decoded, frame_id)
             return
-        self._to_feed.append((gw, first_rid, records, frame_id, trio.current_time()))
-        self._to_feed_records += len(records)
+        self._to_feed.append((gw, first_rid, decoded, frame_id, trio.current_time()))
+        self._to_feed_records += decoded.n
         self._feed_wake.set()
 
     async def _room_to_feed(self) -> None:
@@ -609,10 +624,10 @@ class Ingest:
         if len(entry) == 3:
             self._on_gateway(*entry)
             return 0
-        gw, first_rid, records, frame_id, _ = entry
-        self._feed(gw, first_rid, records, frame_id)
-        self._to_feed_records -= len(records)
-        return len(records)
+        gw, first_rid, decoded, frame_id, _ = entry
+        self._feed(gw, first_rid, decoded, frame_id)
+        self._to_feed_records -= decoded.n
+        return decoded.n
 
     async def _feeder(self) -> None:
         """Hand the committed frames to the consumers, in commit order, a step at a time."""
@@ -710,12 +725,13 @@ class Ingest:
                     frames.append(receive.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            good: list[tuple[FrameToApply, int, list[Record]]] = []
+            good: list[tuple[FrameToApply, int, Decoded]] = []
             bad: list[tuple[FrameToApply, str]] = []
             for d, _ in frames:
                 try:
-                    first_rid, records = decode_records(d.body, max_records,
-                                                        columnar=columnar)
+                    # checked, not built: a columnar frame's records are built after the
+                    # ACK, by the feeder, and only for consumers (``_feed``)
+                    first_rid, decoded = check_frame(d.body, max_records, columnar=columnar)
                 except FrameError as exc:
                     bad.append((FrameToApply(gw, epoch, d.seq, 0, 0, d.body), str(exc)))
                     continue
@@ -727,8 +743,8 @@ class Ingest:
                     bad.append((FrameToApply(gw, epoch, d.seq, 0, 0, d.body),
                                 "internal error while decoding the frame"))
                     continue
-                good.append((FrameToApply(gw, epoch, d.seq, first_rid, len(records), d.body,
-                                          records=records), first_rid, records))
+                good.append((FrameToApply(gw, epoch, d.seq, first_rid, decoded.n, d.body,
+                                          decoded=decoded), first_rid, decoded))
             # frames already applied (by an earlier connection of this gateway) are skipped
             # by the commit itself: counted as duplicates and acked, not handed on again
             to_apply = [g[0] for g in good]
@@ -742,15 +758,16 @@ class Ingest:
             for _ in skipped:
                 self.store.count_duplicate(gw)
                 self.m_dups.inc()
-            for f, first_rid, records in good:
+            for f, first_rid, decoded in good:
                 if (f.gateway, f.epoch, f.seq) not in skipped:
                     self.m_frames.inc()
-                    self.m_records.inc(len(records))
-                    self._queue_feed(gw, first_rid, records, f.id)
+                    self.m_records.inc(decoded.n)
+                    self._queue_feed(gw, first_rid, decoded, f.id)
+                    ts = decoded.timestamps()  # a column: no record built for it
                     try:
-                        ages = [wall - r.ts for r in records]
+                        ages = [wall - t for t in ts]
                     except (TypeError, OverflowError):  # a ts that is no (float) number:
-                        ages = _ages(wall, records)  # applied as sent, it has no age
+                        ages = _ages(wall, ts)  # applied as sent, it has no age
                     self.h_age.observe_many(ages)
                 ack = conn.applied(f.seq, now)
             # observed before any await: a scrape sees it together with the counts above
@@ -797,13 +814,13 @@ class Ingest:
             return result
 
 
-def _ages(wall: float, records: list[Record]) -> list[float]:
+def _ages(wall: float, timestamps: list[Any]) -> list[float]:
     """The ages of the records whose ts is a number a float can hold (records decode with
     any field values; the live state judges them)."""
     out = []
-    for r in records:
+    for ts in timestamps:
         try:
-            out.append(wall - r.ts)
+            out.append(wall - ts)
         except (TypeError, OverflowError):
             pass
     return out

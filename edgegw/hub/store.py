@@ -43,6 +43,7 @@ from .. import failpoints
 from ..protocol.intervals import IntervalSet
 
 if TYPE_CHECKING:
+    from ..protocol import Columns, Rows
     from ..records import Record
 
 SCHEMA = """
@@ -161,6 +162,14 @@ class FrameToApply:
     id: int = 0
     #: the body's records, decoded (the cluster store splits them by partition)
     records: list[Record] | None = None
+    #: or the body, checked, its records built when first asked for (``record_list``)
+    decoded: Columns | Rows | None = None
+
+    def record_list(self) -> list[Record] | None:
+        """The body's records (``records``, else built from ``decoded``), or None."""
+        if self.records is None and self.decoded is not None:
+            self.records = self.decoded.records()
+        return self.records
 
 
 @dataclasses.dataclass

@@ -1,6 +1,14 @@
 """Wire protocol v1 and v2 between gateway and hub (sans-IO).  See docs/protocol.md."""
 
-from .columnar import ColumnarError, decode_columns, encode_columns, is_columnar, to_rows
+from .columnar import (
+    ColumnarError,
+    Columns,
+    check_columns,
+    decode_columns,
+    encode_columns,
+    is_columnar,
+    to_rows,
+)
 from .compression import ENCODINGS, compress_body, decompress_body
 from .connection import Duplicate, GatewayConnection, HubConnection, State
 from .intervals import IntervalSet
@@ -17,7 +25,9 @@ from .messages import (
     ProtocolError,
     Refuse,
     Reject,
+    Rows,
     Welcome,
+    check_frame,
     decode,
     decode_body,
     decode_frame,
@@ -32,6 +42,7 @@ __all__ = [
     "Ack",
     "CloseCode",
     "ColumnarError",
+    "Columns",
     "Data",
     "Duplicate",
     "FrameError",
@@ -44,8 +55,11 @@ __all__ = [
     "ProtocolError",
     "Refuse",
     "Reject",
+    "Rows",
     "State",
     "Welcome",
+    "check_columns",
+    "check_frame",
     "compress_body",
     "decode",
     "decode_body",

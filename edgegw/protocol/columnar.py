@@ -55,6 +55,8 @@ def _column(col: tuple[Any, ...]) -> Any:
     values it was given.  Floats (measurements, times) rarely repeat; they go whole."""
     first = col[0]
     t = type(first)
+    if col[-1] != first:  # varies (site, part id, test number...): no need to count
+        return col
     if t is str or first is None:
         if col.count(first) == len(col):
             return (first,)
@@ -94,11 +96,71 @@ def _bad(reason: str) -> ColumnarError:
     return ColumnarError(reason)
 
 
-def decode_columns(item: list[Any], max_records: int | None = None
-                   ) -> tuple[int, list[Record], int]:
+class _Same:
+    """A column whose every value is the same (sent once, or left out for its default)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class Columns:
+    """A columnar body, checked against the layout, whose records are built on first use
+    (``records``).  Checking is per column; building is per record (a tuple each), so a
+    receiver that commits and acknowledges a frame before anything reads its records
+    (the hub) builds them off that path, and one that never reads them never pays."""
+
+    __slots__ = ("_built", "_counts", "_kinds", "_tables", "n")
+
+    def __init__(self, kinds: list[int], counts: list[int],
+                 tables: dict[int, tuple[type[Any], list[Any], int]], n: int) -> None:
+        self._kinds = kinds
+        self._counts = counts
+        #: kind -> (record class, its columns: lists of its row count or ``_Same``, rows)
+        self._tables = tables
+        self._built: list[Record] | None = None
+        #: how many records
+        self.n = n
+
+    def records(self) -> list[Record]:
+        """The records, in order (built once; the same list on every call)."""
+        if self._built is None:
+            self._built = self._build()
+        return self._built
+
+    def _build(self) -> list[Record]:
+        rows_of = {
+            kind: list(map(partial(_new, cls), zip(
+                *[_repeat(c.value, rows) if type(c) is _Same else c for c in columns],
+                strict=True)))
+            for kind, (cls, columns, rows) in self._tables.items()}
+        kinds = self._kinds
+        if len(kinds) == 1:
+            return rows_of[kinds[0]]
+        its = {k: iter(v) for k, v in rows_of.items()}
+        out: list[Record] = []
+        extend = out.extend
+        for k, c in zip(kinds, self._counts, strict=True):
+            extend(_islice(its[k], c))
+        return out
+
+    def timestamps(self) -> list[Any]:
+        """Every record's ``ts`` as sent (of any type), grouped by kind, not in record
+        order: what the hub's record-age histogram needs, without building records."""
+        out: list[Any] = []
+        for _, columns, rows in self._tables.values():
+            ts = columns[1]
+            out.extend(_repeat(ts.value, rows) if type(ts) is _Same else ts)
+        return out
+
+
+def check_columns(item: list[Any], max_records: int | None = None) -> tuple[int, Columns]:
     """A decoded columnar body (the CBOR item, already checked to be a list of four) to
-    (first_rid, records, n).  Raises ColumnarError for anything malformed, and
-    ``OverflowError`` (carrying the count) when it holds more than ``max_records``."""
+    (first_rid, its checked ``Columns``).  Raises ColumnarError for anything malformed,
+    and ``OverflowError`` (carrying the count) when it holds more than ``max_records``.
+    What is checked is everything ``Columns.records`` relies on: building them cannot
+    fail."""
     first_rid, sources, runs, tables = item
     if type(first_rid) is not int or first_rid < 1:
         raise _bad(f"first_rid must be an integer >= 1, got {first_rid!r:.40}")
@@ -120,7 +182,7 @@ def decode_columns(item: list[Any], max_records: int | None = None
     per_kind: dict[Any, int] = {}
     for k, c in zip(kinds, counts, strict=True):
         per_kind[k] = per_kind.get(k, 0) + c
-    rows_of: dict[Any, list[Record]] = {}
+    checked: dict[int, tuple[type[Any], list[Any], int]] = {}
     for table in tables:
         if type(table) is not list or len(table) != 2 or type(table[1]) is not list:
             raise _bad("each table must be [kind, [column...]]")
@@ -128,27 +190,31 @@ def decode_columns(item: list[Any], max_records: int | None = None
         cls = BY_KIND.get(kind) if type(kind) is int else None
         if cls is None:
             raise _bad(f"unknown record kind {kind!r:.40}")
-        if kind in rows_of:
+        if kind in checked:
             raise _bad(f"two tables of kind {kind}")
         rows = per_kind.get(kind)
         if rows is None:
             raise _bad(f"a table of kind {kind} that no run uses")
-        rows_of[kind] = _table(cls, kind, columns, rows, sources)
-    if len(rows_of) != len(per_kind):
-        missing = [k for k in per_kind if k not in rows_of]
+        checked[kind] = (cls, _table(cls, kind, columns, rows, sources), rows)
+    if len(checked) != len(per_kind):
+        missing = [k for k in per_kind if k not in checked]
         raise _bad(f"runs name kind(s) {missing!r:.60} without a table")
-    if len(kinds) == 1:
-        return first_rid, rows_of[kinds[0]], n
-    its = {k: iter(v) for k, v in rows_of.items()}
-    out: list[Record] = []
-    extend = out.extend
-    for k, c in zip(kinds, counts, strict=True):
-        extend(_islice(its[k], c))
-    return first_rid, out, n
+    return first_rid, Columns(kinds, counts, checked, n)
+
+
+def decode_columns(item: list[Any], max_records: int | None = None
+                   ) -> tuple[int, list[Record], int]:
+    """A decoded columnar body (the CBOR item, already checked to be a list of four) to
+    (first_rid, records, n).  Raises ColumnarError for anything malformed, and
+    ``OverflowError`` (carrying the count) when it holds more than ``max_records``."""
+    first_rid, columns = check_columns(item, max_records)
+    return first_rid, columns.records(), columns.n
 
 
 def _table(cls: type[Any], kind: int, columns: list[Any], n: int, sources: list[str]
-           ) -> list[Record]:
+           ) -> list[Any]:
+    """A table's columns, checked: each a list of ``n`` values or ``_Same``, as many as
+    ``cls`` has fields (the source indexes resolved to names)."""
     n_fields = len(cls._fields)  # source, ts, fields: as many columns
     n_required = n_fields - len(cls._field_defaults)
     if len(columns) < n_required:
@@ -162,7 +228,7 @@ def _table(cls: type[Any], kind: int, columns: list[Any], n: int, sources: list[
         if len(col) == n:
             cols.append(col)
         elif len(col) == 1:
-            cols.append(_repeat(col[0], n))
+            cols.append(_Same(col[0]))
         else:
             raise _bad(f"{cls.__name__} column {j} has {len(col)} values for {n} records "
                        f"(must be {n} or 1)")
@@ -172,7 +238,7 @@ def _table(cls: type[Any], kind: int, columns: list[Any], n: int, sources: list[
             i = src[0]
             if type(i) is not int or i < 0:
                 raise IndexError
-            cols[0] = _repeat(sources[i], n)
+            cols[0] = _Same(sources[i])
         else:
             if not all(type(i) is int for i in src) or min(src) < 0:
                 raise IndexError
@@ -181,8 +247,8 @@ def _table(cls: type[Any], kind: int, columns: list[Any], n: int, sources: list[
         raise _bad(f"{cls.__name__}: a source index out of range of the "
                    f"{len(sources)} source(s)") from None
     for name in cls._fields[len(cols):]:  # left out: every record has the default
-        cols.append(_repeat(cls._field_defaults[name], n))
-    return list(map(partial(_new, cls), zip(*cols, strict=True)))
+        cols.append(_Same(cls._field_defaults[name]))
+    return cols
 
 
 def to_rows(item: list[Any]) -> list[Any]:
@@ -199,4 +265,5 @@ def to_rows(item: list[Any]) -> list[Any]:
     return [first_rid, list(index), wire]
 
 
-__all__ = ["ColumnarError", "decode_columns", "encode_columns", "is_columnar", "to_rows"]
+__all__ = ["ColumnarError", "Columns", "check_columns", "decode_columns", "encode_columns",
+           "is_columnar", "to_rows"]

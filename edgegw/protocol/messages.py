@@ -16,7 +16,7 @@ from typing import Any
 import cbor2
 
 from ..records import Record, RecordError, from_wire, to_wire
-from .columnar import ColumnarError, decode_columns, to_rows
+from .columnar import ColumnarError, Columns, check_columns, to_rows
 
 #: the newest version this implementation speaks
 PROTOCOL_VERSION = 2
@@ -328,19 +328,40 @@ def decode_body(body: bytes, max_records: int) -> tuple[int, list[str], list[Any
     return _rows(item, max_records)
 
 
-def decode_frame(body: bytes, max_records: int, *, columnar: bool = True
-                 ) -> tuple[int, list[Record]]:
-    """A frame body to (first_rid, records): the hub's decode.  ``columnar``: whether the
-    v2 layout is allowed (a v1 connection sends rows only).  Raises FrameError for an
-    invalid body (the frame is rejected, the connection stays up) and ProtocolError
-    (4006) for more than ``max_records`` records."""
+class Rows:
+    """A v1 body's records: built as they are checked, one by one (``Columns`` is the v2
+    counterpart, built on first use); the same interface."""
+
+    __slots__ = ("_records", "n")
+
+    def __init__(self, records: list[Record]) -> None:
+        self._records = records
+        self.n = len(records)
+
+    def records(self) -> list[Record]:
+        return self._records
+
+    def timestamps(self) -> list[Any]:
+        """Every record's ``ts`` as sent."""
+        return [r[1] for r in self._records]
+
+
+def check_frame(body: bytes, max_records: int, *, columnar: bool = True
+                ) -> tuple[int, Columns | Rows]:
+    """A frame body to (first_rid, its checked records: ``.n``, ``.records()``,
+    ``.timestamps()``): the hub's decode, which builds a columnar body's records only
+    when they are first asked for (``Columns``).  ``columnar``: whether the v2 layout is
+    allowed (a v1 connection sends rows only).  Raises FrameError for an invalid body (the
+    frame is rejected, the connection stays up) and ProtocolError (4006) for more than
+    ``max_records`` records."""
     item = _body_item(body)
+    decoded: Columns | Rows
     if len(item) == 4:
         if not columnar:
             raise FrameError("a columnar body (4 items) needs protocol v2; this "
                              "connection speaks v1")
         try:
-            first_rid, records, _ = decode_columns(item, max_records)
+            first_rid, decoded = check_columns(item, max_records)
         except OverflowError as exc:
             raise _too_many(exc.args[0], max_records) from None
         except (ColumnarError, TypeError, ValueError) as exc:
@@ -348,9 +369,18 @@ def decode_frame(body: bytes, max_records: int, *, columnar: bool = True
     else:
         first_rid, sources, wire = _rows(item, max_records)
         try:
-            records = [from_wire(w, sources) for w in wire]
+            decoded = Rows([from_wire(w, sources) for w in wire])
         except (RecordError, TypeError) as exc:
             raise FrameError(f"bad record: {exc}") from None
-    if first_rid + max(len(records), 1) - 1 > MAX_INT:  # ids a 64-bit column holds
+    if first_rid + max(decoded.n, 1) - 1 > MAX_INT:  # ids a 64-bit column holds
         raise FrameError(f"record ids from first_rid {first_rid!r:.40} pass 2^63 - 1")
-    return first_rid, records
+    return first_rid, decoded
+
+
+def decode_frame(body: bytes, max_records: int, *, columnar: bool = True
+                 ) -> tuple[int, list[Record]]:
+    """A frame body to (first_rid, records): ``check_frame`` with the records built.
+    Raises FrameError for an invalid body and ProtocolError (4006) for more than
+    ``max_records`` records."""
+    first_rid, decoded = check_frame(body, max_records, columnar=columnar)
+    return first_rid, decoded.records()

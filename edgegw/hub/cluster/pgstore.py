@@ -288,7 +288,7 @@ def _chunks_of(frame: FrameToApply, n_partitions: int) -> list[_Chunk]:
     """A frame's records as partition-log chunks.  A frame whose records are all of one
     partition (the usual case: one lot) is stored as it came, body unchanged; a mixed one
     is cut at the run boundaries (each run's records encoded again)."""
-    records = frame.records
+    records = frame.record_list()
     if records is None:
         raise ValueError(f"frame {frame.gateway}/{frame.seq}: the cluster store needs its "
                          "decoded records (FrameToApply.records)")
