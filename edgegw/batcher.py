@@ -18,6 +18,12 @@ with the put, a stream and a position in it), so the gateway applies each only t
 that resumes there.  Spans carried over from before a restart (``owed``: stored, not yet met
 by the replay) ride along in every batch until the gateway says, with a checkpoint of the
 source, which are still owed; those counted since the source's checkpoint are dropped by it.
+
+A batch also says where in it each tracked source's checkpoints fell (``Batch.marks``), so
+that a batch the gateway has to store as several frames (too large for one) can give each
+frame the checkpoints of the puts that end in it, by the same rule: a tracked source's
+spans are only ever counted after the checkpoint of the put before them, whose positions
+they follow.
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ Key = tuple[Any, Any] | None
 #: ``(key, n)``: ``n`` records following ``key`` are in batches (docs/spool.md, "Source
 #: positions and split puts")
 Span = tuple[Key, int]
+#: ``(end, source, checkpoint, owed)``: a tracked source's checkpoint given with the put
+#: whose last record is the batch's record ``end - 1`` (``end`` 0: before any), and the
+#: spans still owed from before its restart once that checkpoint was settled
+Mark = tuple[int, str, Any, list[Span]]
 
 
 def count(spans: Sequence[Span], key: Key, n: int) -> list[Span]:
@@ -79,6 +89,9 @@ class Batch:
     #: ... and as counted since its latest checkpoint (``counted``); a source without any
     #: is omitted
     counted: dict[str, list[Span]] = dataclasses.field(default_factory=dict)
+    #: every checkpoint of a tracked source given in this batch, in order (``Mark``); the
+    #: last of each source is the one in ``checkpoints``
+    marks: list[Mark] = dataclasses.field(default_factory=list)
 
     @property
     def spans(self) -> dict[str, list[Span]]:
@@ -109,6 +122,7 @@ class Batcher:
         # from before its restart, and counted since its checkpoint
         self._owed: dict[str, list[Span]] = {}
         self._counted: dict[str, list[Span]] = {}
+        self._marks: list[Mark] = []
 
     @property
     def pending(self) -> int:
@@ -129,10 +143,11 @@ class Batcher:
             self._owed[source] = [span for span in after if span[1]]
         self._counted[source] = []
 
-    def _settle(self, source: str, owed: Sequence[Span] | None, stored_after: int) -> None:
+    def _settle(self, source: str, checkpoint: Any, owed: Sequence[Span] | None,
+                stored_after: int) -> None:
         """``source``'s checkpoint covers every record it put: nothing counted; what is
         still owed is what the caller says (``owed``, or ``stored_after`` of unknown
-        origin)."""
+        origin).  Marked where it falls in the batch (``Batch.marks``)."""
         if owed:
             self._owed[source] = [span for span in owed if span[1]]
         elif stored_after and owed is None:
@@ -141,6 +156,7 @@ class Batcher:
             self._owed[source] = []
         if self._counted[source]:
             self._counted[source] = []
+        self._marks.append((len(self._records), source, checkpoint, self._owed[source]))
 
     def add(
         self,
@@ -165,7 +181,7 @@ class Batcher:
         if not records:
             if source is not None and checkpoint is not None:
                 if tracked:
-                    self._settle(source, owed, stored_after)
+                    self._settle(source, checkpoint, owed, stored_after)
                 if self._records:
                     self._checkpoints[source] = checkpoint
                 else:  # nothing pending: the checkpoint needs a batch of its own
@@ -185,7 +201,7 @@ class Batcher:
             if start >= len(records) and source is not None and checkpoint is not None:
                 self._checkpoints[source] = checkpoint
                 if tracked:
-                    self._settle(source, owed, 0)
+                    self._settle(source, checkpoint, owed, 0)
             elif tracked:
                 assert source is not None
                 self._counted[source] = count(self._counted[source], origin, len(chunk))
@@ -211,11 +227,12 @@ class Batcher:
     def _cut(self) -> Batch:
         batch = Batch(self._records, self._checkpoints,
                       {s: list(v) for s, v in self._owed.items() if v},
-                      {s: list(v) for s, v in self._counted.items() if v})
+                      {s: list(v) for s, v in self._counted.items() if v}, self._marks)
+        self._marks = []
         self._records = []
         self._checkpoints = {}
         self._first_at = None
         return batch
 
 
-__all__ = ["Batch", "Batcher", "Key", "Span", "count", "merge"]
+__all__ = ["Batch", "Batcher", "Key", "Mark", "Span", "count", "merge"]

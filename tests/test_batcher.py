@@ -145,3 +145,24 @@ def test_a_count_without_origin_is_one_span_of_unknown_origin() -> None:
     b.track("sim", after=4)
     (batch,) = b.add(recs(2), now=0, source="gateway")
     assert batch.spans == {"sim": [(None, 4)]} and batch.after == {"sim": 4}
+
+
+def test_a_batch_marks_where_each_tracked_checkpoint_falls_and_what_it_left_owed() -> None:
+    # a batch the gateway must store as several frames gives each frame the checkpoints of
+    # the puts that end in it: the batcher says where they fell (after how many records)
+    b = Batcher(max_records=10, max_delay=1.0)
+    b.track("tail", [(("b", 100), 5)])
+    b.track("sim")
+    b.add(recs(2), now=0, source="tail", checkpoint={"a": 1}, origin=("a", 0),
+          owed=[(("b", 100), 5)])
+    b.add(recs(3), now=0, source="sim", checkpoint=7)
+    b.add([], now=0, source="tail", checkpoint={"a": 2}, owed=[])  # the span met, say
+    b.add(recs(1), now=0, source="other", checkpoint="x")  # untracked: not marked
+    batch = b.flush()
+    assert batch is not None
+    assert batch.marks == [(2, "tail", {"a": 1}, [(("b", 100), 5)]), (5, "sim", 7, []),
+                           (5, "tail", {"a": 2}, [])]
+    assert batch.checkpoints == {"tail": {"a": 2}, "sim": 7, "other": "x"}
+    b.add(recs(1), now=0, source="sim")
+    later = b.flush()
+    assert later is not None and later.marks == [], "each batch its own"

@@ -258,8 +258,8 @@ class Snapshots(DiskSpool):
 async def test_a_batch_split_for_its_size_keeps_one_span_per_stream(tmp_path: Path) -> None:
     """A batch over the frame size limit holding one stream's put and the start of another's
     is stored as several frames (docs/spool.md, "Frame size"): the first part's spans name
-    both streams, so a restart where the first stream is gone still skips the second's
-    exactly."""
+    both streams (the first put gives no checkpoint, so both are counted after the durable
+    one), so a restart where the first stream is gone still skips the second's exactly."""
     sizes = [[10], [1500, 1500, 1500, 10], [10]]  # the spool below takes bodies of 4 KiB
     streams, starts = ["a", "b", "b"], [0, 0, 1]
 
@@ -282,7 +282,7 @@ async def test_a_batch_split_for_its_size_keeps_one_span_per_stream(tmp_path: Pa
                 await sink.put([], None, origin=("a", 0, None))
             for i in range(self.resume, len(sizes)):
                 if not (self.gone and streams[i] == "a"):
-                    await sink.put(self.records(i), i + 1,
+                    await sink.put(self.records(i), i + 1 if i else None,
                                    origin=(streams[i], starts[i], starts[i] + 1))
             self.done.set()
             await trio.sleep_forever()
@@ -659,3 +659,95 @@ async def test_a_spool_written_before_origins_still_recovers_exactly(tmp_path: P
         assert await tailed_records(old) == whole, f"after frame {image.name}"
         skipped = gateway.metrics.as_dict()["gateway_replayed_records_skipped_total"]
         assert skipped == {"source=tail": checkpoints[AFTER_KEY]["tail"]}
+
+
+# -- a batch split for its size, a file read past the durable checkpoint ------------------
+#
+# The STDF tail moves a file's offset without emitting anything whenever what it read holds
+# no record it forwards yet: the results of a part wait for its PRR, the PMRs of a header map
+# to nothing.  The next put of *another* file then hands over a checkpoint with that file's
+# new offset, and the file's next records follow that offset (their origin).  A batch holding
+# both puts, split for its size, must not leave the second file's records in a part stored
+# with an older checkpoint of the source: the restart resumes the file from there, not from
+# where the frames say its records follow.
+
+
+def stdf_offsets(data: bytes) -> list[int]:
+    """Where each record of an STDF file (little endian) starts, and its end."""
+    offsets = [0]
+    while offsets[-1] < len(data):
+        offsets.append(offsets[-1] + 4 + int.from_bytes(data[offsets[-1]:offsets[-1] + 2],
+                                                        "little"))
+    return offsets
+
+
+def append_at(path: Path, data: bytes, mtime: float) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+    os.utime(path, (mtime, mtime))
+
+
+async def test_a_split_batch_holding_a_file_read_past_the_durable_checkpoint_sends_it_once(
+        tmp_path: Path) -> None:
+    from shared_data import METIS, stdf_bytes
+
+    data = stdf_bytes(METIS)
+    offsets = stdf_offsets(data)
+    rtype = {o: (data[o + 2], data[o + 3]) for o in offsets[:-1]}
+    prr = [o for o in offsets[:-1] if rtype[o] == (5, 20)]
+    a_cut = prr[1] + 4 + data[prr[1]]  # a.std: its first two parts, whole
+    b_cut = prr[0]  # b.std: its header (MIR, then 8 KB of PMRs) and a part without its PRR
+    assert 8000 < b_cut < a_cut < len(data) and b_cut in offsets and a_cut in offsets
+    one_file = await records_of(tmp_path / "clean", data)
+
+    files = tmp_path / "stdf"
+    files.mkdir()
+    append_at(files / "a.std", data[:a_cut], 1_000_000)  # a.std is read first
+    append_at(files / "b.std", data[:b_cut], 1_000_100)
+    cfg = gateway_config(tmp_path / "gw", 1,
+                         sources=[{"name": "tail", "type": "tail", "paths": [str(files)],
+                                   "poll_interval": 0.01, "read_size": 4096}],
+                         batch={"max_records": 100_000, "max_delay_ms": 3_600_000},
+                         uplink={"max_frame_bytes": 4096}, spool={"dir": str(tmp_path / "sp")})
+    assert cfg.spool is not None
+    images = tmp_path / "images"
+    store = Snapshots(cfg.spool, set(range(1, 200)), images)
+    gateway = Gateway(cfg, store=store)
+
+    async def metric(name: str, value: int) -> None:
+        while gateway.metrics.as_dict().get(name, {}).get("source=tail", 0) < value:
+            await trio.sleep(0.01)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            # every record of both files parsed: b.std's last put (its LotStart, from its
+            # first read) is in the batcher, and b.std read on to its first PRR without a put
+            await metric("tail_records_total", offsets.index(a_cut) + offsets.index(b_cut))
+            await gateway.flush()  # durable: b.std at the end of its first read
+            durable = store.checkpoints["tail"]["files"][str(files / "b.std")]["offset"]
+            assert durable < b_cut
+            first_run = store.next_seq - 1  # the frames of the first read
+            append_at(files / "a.std", data[a_cut:], 1_000_000)  # a.std's put comes first
+            append_at(files / "b.std", data[b_cut:], 1_000_100)
+            await metric("gateway_records_in_total", 2 * len(one_file))
+            await gateway.flush()  # both files' puts in one batch, split for its size
+            nursery.cancel_scope.cancel()
+    assert gateway.metrics.as_dict()["gateway_batches_split_total"]
+    whole = await tailed_records(tmp_path / "sp")
+    assert len(whole) == 2 * len(one_file)
+
+    # a crash between the parts, once they hold b.std's records past its LotStart (a.std's
+    # records all come first): the checkpoint each part carries is where the restart resumes
+    crashes = []
+    for image in sorted(images.iterdir(), key=lambda p: int(p.name)):
+        if first_run < int(image.name) < store.next_seq - 1 and len(
+                await tailed_records(image)) > len(one_file) + 1:
+            crashes.append(image)
+    assert len(crashes) >= 3, "the test needs crashes after parts holding b.std's records"
+    for image in crashes:
+        gateway = await tail_files_until_done(
+            tail_cfg(files, tmp_path / f"gw{image.name}", image), {"a.std", "b.std"})
+        assert await tailed_records(image) == whole, f"after frame {image.name}: once each"
+        metrics = gateway.metrics.as_dict()
+        assert metrics.get("gateway_replay_skips_discarded_total", {}) == {}

@@ -195,9 +195,11 @@ class Gateway:
         self._columnar = config.uplink.max_protocol_version >= 2
         self.sink = GatewaySink(self)
         self.dead_letter_path = trio.Path(self.state_dir / "dead-letter.cborseq")
-        # [source, stream, origin, n] per run of puts of one source's stream, in the order
-        # the batcher holds their records (origin: the run's first): which source each
-        # record of a batch came from, should the batch have to be split
+        # [source, origin, n] per run of puts of one source from one origin (puts without
+        # one, or with the same), in the order the batcher holds their records: which
+        # source each record of a batch came from, and where it follows, should the batch
+        # have to be split (each put's own origin: a part stored after a checkpoint of the
+        # source counts the next put's records from where that put says they follow)
         self._runs: deque[list[Any]] = deque()
         # tracked source -> (owed, counted) spans of the last batch stored (``Batch``)
         self._after_base: dict[str, tuple[list[Span], list[Span]]] = {}
@@ -348,12 +350,11 @@ class Gateway:
                 source, checkpoint):
             checkpoint = None
         if records:
-            stream = None if origin is None else origin[0]
             last = self._runs[-1] if self._runs else None
-            if last is not None and last[0] == source and last[1] == stream:
-                last[3] += len(records)  # counted from its first put (``batcher.count``)
+            if last is not None and last[0] == source and last[1] == origin:
+                last[2] += len(records)
             else:
-                self._runs.append([source, stream, origin, len(records)])
+                self._runs.append([source, origin, len(records)])
         return self.batcher.add(records, trio.current_time(), source, checkpoint,
                                 origin=origin, **kwargs)
 
@@ -401,11 +402,11 @@ class Gateway:
         out: list[tuple[str | None, Key, int]] = []
         while n > 0 and self._runs:
             run = self._runs[0]
-            k = min(n, run[3])
-            out.append((run[0], run[2], k))
+            k = min(n, run[2])
+            out.append((run[0], run[1], k))
             n -= k
-            run[3] -= k
-            if not run[3]:
+            run[2] -= k
+            if not run[2]:
                 self._runs.popleft()
         if n > 0:  # never: every record reaches the batcher through _add
             out.append((None, None, n))
@@ -471,12 +472,15 @@ class Gateway:
     async def _store_split(self, batch: Batch, runs: list[tuple[str | None, Key, int]],
                            limit: int, size: int) -> None:
         """A batch whose body exceeds the frame limit goes as several frames; a record
-        that alone exceeds it is refused (counted, dead-lettered, told to the hub).  Only
-        the last frame carries the batch's checkpoints; each earlier one carries, for every
-        tracked source, its records after its durable checkpoint that this and earlier
-        frames hold (``AFTER_KEY``), so a crash between the parts replays exactly the rest
-        (docs/spool.md, "Frame size")."""
+        that alone exceeds it is refused (counted, dead-lettered, told to the hub).  The
+        last frame carries the batch's checkpoints; each earlier one carries the
+        checkpoints of the tracked sources' puts that end in it (``Batch.marks``: the
+        batcher's own rule, a checkpoint with the put's last record) and, for every
+        tracked source, its records after that checkpoint that this and earlier frames
+        hold (``AFTER_KEY``), so a crash between the parts resumes each source where its
+        spans follow and replays exactly the rest (docs/spool.md, "Frame size")."""
         records = batch.records
+        limit = min(limit, self._marked_limit(batch))
         parts, refused = _split(records, limit, self._encode)
         owners = [(source, key) for source, key, k in runs for _ in range(k)]
         self.m_split.inc()
@@ -488,7 +492,8 @@ class Gateway:
             await self._refuse(owners[i][0] or "?", records[i], limit)
         if not parts:
             parts = [(len(records), len(records))]  # the checkpoints still travel
-        done = 0
+        marks = batch.marks
+        done = m = 0
         for k, (a, b) in enumerate(parts):
             part = records[a:b]
             if k == len(parts) - 1:
@@ -496,16 +501,41 @@ class Gateway:
                 after = batch.spans
             else:
                 checkpoints = {}
-                for source, key in owners[done:b]:
-                    if source in self._after_base:
-                        owed, counted = self._after_base[source]
-                        self._after_base[source] = (owed, count(counted, key, 1))
-                done = b
+                while True:
+                    # a checkpoint at ``done`` covers the records before it: it settles
+                    # its source's counts, which then run on after it
+                    while m < len(marks) and marks[m][0] <= done:
+                        _end, source, checkpoint, owed = marks[m]
+                        checkpoints[source] = checkpoint
+                        self._after_base[source] = (owed, [])
+                        m += 1
+                    if done >= b:
+                        break
+                    upto = min(b, marks[m][0]) if m < len(marks) else b
+                    for source, key in owners[done:upto]:
+                        if source in self._after_base:
+                            owed, counted = self._after_base[source]
+                            self._after_base[source] = (owed, count(counted, key, 1))
+                    done = upto
                 after = {s: merge(owed, counted)
                          for s, (owed, counted) in self._after_base.items()}
             checkpoints[RID_KEY] = self.next_rid + len(part)
             checkpoints[AFTER_KEY] = encode_after(after)
             await self._append(self._encode(self.next_rid, part), len(part), checkpoints)
+
+    def _marked_limit(self, batch: Batch) -> int:
+        """The frame body limit with room for the largest checkpoint each tracked source
+        gave in ``batch`` (an earlier part may carry one larger than the batch's last)."""
+        widest = dict(batch.checkpoints)
+        sizes: dict[str, int] = {}
+        for _end, source, checkpoint, _owed in batch.marks:
+            n = len(cbor2.dumps(checkpoint))
+            if n > sizes.get(source, -1):
+                sizes[source] = n
+                widest[source] = checkpoint
+        widest[RID_KEY] = _WIDEST_RID
+        widest[AFTER_KEY] = encode_after(batch.spans)
+        return self._body_limit(len(batch.records), widest)
 
     async def _refuse(self, source: str, record: Record, limit: int) -> None:
         size = len(self._encode(_WIDEST_RID, [record]))
