@@ -350,6 +350,38 @@ async def test_a_crash_while_a_frame_is_split_for_the_hub_sends_each_record_once
         nursery.cancel_scope.cancel()
 
 
+async def test_the_parts_of_a_split_batch_leave_room_for_the_checkpoints_they_carry(
+        tmp_path: Path) -> None:
+    """An earlier part carries the checkpoint of a put that ends in it, which may be larger
+    than the batch's last: the parts are cut with room for it, so no frame is over what the
+    spool takes (before the room was kept, the first part's frame was refused by the spool
+    and the source restarted)."""
+
+    class BigFirstCheckpoint(ScriptedSource):
+        async def run(self, sink: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            task_status.started()
+            for i in range(self.resume, len(self.puts)):
+                # put 0's checkpoint: 900 bytes, under the quarter of a frame a checkpoint
+                # may take (docs/spool.md, "Frame size")
+                checkpoint = {"at": 1, "state": "x" * 900} if i == 0 else i + 1
+                await sink.put(self.records(i), checkpoint=checkpoint)
+            self.done.set()
+            await trio.sleep_forever()
+
+    # batch 1 = [put 0, put 1 x 3], halved: put 0 and put 1's first record fit a frame
+    # beside a small checkpoint, not beside put 0's
+    puts = [[1700], [1700, 1700, 1700], [SMALL]]
+    source = BigFirstCheckpoint(puts)
+    spool_dir = tmp_path / "spool"
+    gateway = await run(config(tmp_path / "gw", spool_dir), source)
+    records, checkpoints, _ = await stored(spool_dir)
+    assert names(records) == [r.channel for i in range(len(puts)) for r in source.records(i)]
+    assert checkpoints["tester"] == len(puts)
+    metrics = gateway.metrics.as_dict()
+    assert metrics["gateway_batches_split_total"]
+    assert not metrics.get("gateway_source_restarts_total")
+
+
 # -- a checkpoint larger than a frame may hold -------------------------------------------
 
 class HugeCheckpointSource(ScriptedSource):
