@@ -57,12 +57,13 @@ open batch, the caps, the eviction policy and the observer; the entities are in
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from edgegw.hub import topics
 from edgegw.metrics import Metrics
@@ -96,6 +97,9 @@ from .models import (
     lot_archive,
 )
 from .observer import StateObserver
+
+if TYPE_CHECKING:
+    from edgegw.protocol import Columns
 
 Publish = Callable[[str, dict[str, Any]], None]
 
@@ -205,22 +209,7 @@ class LiveState:
     ) -> None:
         """Apply one applied frame's records; record i has rid ``first_rid + i``."""
         now = self._clock() if now is None else now
-        self._now = now
-        gw = self._gateway(gateway_id)
-        gw.records += len(records)
-        gw.frames += 1
-        self._m_records.inc(len(records))
-        if gw.online:
-            # Only frames from a connected gateway make its live rate and "last seen": the
-            # replay after a restart (gateway not connected yet) would otherwise show as a
-            # burst, seen now.
-            gw.last_seen = now
-            gw.count(len(records), now)
-        last_rid = first_rid + len(records) - 1
-        if records and (gw.last_rid is None or last_rid > gw.last_rid):
-            gw.last_rid = last_rid
-        batch = _Batch()
-        batch.gateways[gw] = None
+        gw, batch = self._begin(gateway_id, first_rid, len(records), now)
         if self.batch_apply:
             batch.values, batch.wafer_values = {}, {}
             try:
@@ -230,6 +219,59 @@ class LiveState:
         else:
             for i, rec in enumerate(records):
                 self._apply_one(gateway_id, first_rid + i, rec, batch)
+        self._end(gw, batch, now)
+
+    def on_columns(self, gateway_id: str, first_rid: int, frame: Columns,
+                   now: float | None = None) -> None:
+        """``on_records(gateway_id, first_rid, frame.records())`` -- the same state, deltas
+        and order -- for a columnar frame, without building its parametric results: their
+        fields are read from the frame's columns (``Columns.columns``), and their types
+        checked a column at a time.  The hub's live feeder calls this."""
+        ptr = frame.columns(ParametricResult) if self.batch_apply else None
+        if ptr is None:
+            self.on_records(gateway_id, first_rid, frame.records(), now)
+            return
+        now = self._clock() if now is None else now
+        gw, batch = self._begin(gateway_id, first_rid, frame.n, now)
+        # (the lists are as long as the table, checked; a value sent once repeats)
+        its: dict[type, Iterator[Any]] = {ParametricResult: zip(
+            *[_repeat(c[0]) if type(c) is tuple else c for c in ptr], strict=False)}
+        rows = []
+        for cls, count in frame.runs():
+            it = its.get(cls)
+            if it is None:
+                it = its[cls] = iter(frame.rows(cls))
+            rows.append(_islice(it, count))
+        batch.values, batch.wafer_values = {}, {}
+        try:
+            self._apply_batched(gateway_id, first_rid, _chain(rows), batch,
+                                plain=_plain_parametric(ptr))
+        finally:
+            self._apply_deferred(batch)
+        self._end(gw, batch, now)
+
+    def _begin(self, gateway_id: str, first_rid: int, n: int, now: float
+               ) -> tuple[GatewayState, _Batch]:
+        """A frame of ``n`` records begins: the gateway's counts, and the frame's batch."""
+        self._now = now
+        gw = self._gateway(gateway_id)
+        gw.records += n
+        gw.frames += 1
+        self._m_records.inc(n)
+        if gw.online:
+            # Only frames from a connected gateway make its live rate and "last seen": the
+            # replay after a restart (gateway not connected yet) would otherwise show as a
+            # burst, seen now.
+            gw.last_seen = now
+            gw.count(n, now)
+        last_rid = first_rid + n - 1
+        if n and (gw.last_rid is None or last_rid > gw.last_rid):
+            gw.last_rid = last_rid
+        batch = _Batch()
+        batch.gateways[gw] = None
+        return gw, batch
+
+    def _end(self, gw: GatewayState, batch: _Batch, now: float) -> None:
         if not gw.online and batch.ts and (gw.last_seen is None or batch.ts > gw.last_seen):
             gw.last_seen = batch.ts  # replayed: the records' own time
         self._flush(batch, now)
@@ -358,8 +400,8 @@ class LiveState:
                                f"{type(rec).__name__}: {exc}")
             self._drop(batch, "bad_record", gateway_id, rid, rec, str(exc))
 
-    def _apply_batched(self, gateway_id: str, first_rid: int, records: list[Any],
-                       batch: _Batch) -> None:
+    def _apply_batched(self, gateway_id: str, first_rid: int, records: Iterable[Any],
+                       batch: _Batch, plain: bool = False) -> None:
         """A frame's records, with the same resulting state as ``_apply_one`` on each in
         turn, at a fraction of the cost per record.
 
@@ -373,6 +415,10 @@ class LiveState:
         (``_apply_deferred``): a limit change first applies the values under the old
         limits, and any record not taken inline (other kinds, a new lot, wafer or test,
         an odd field) first applies every kept value and then goes through its handler.
+
+        From ``on_columns`` a parametric result comes as a plain tuple of its fields (a
+        row of its table's columns, made into a record only if it is not taken inline),
+        and ``plain`` says its columns were checked to hold only the plain types.
         """
         lots = self.lots
         values = batch.values
@@ -388,16 +434,16 @@ class LiveState:
         pending: list[Any] = []
         for i, rec in enumerate(records):
             kind = type(rec)
-            if kind is parametric:
+            if kind is parametric or kind is tuple:
                 (_, ts, lot_id, head, site, _, test_num, test_txt, value, lo, hi, units,
                  passed, test_flag, _) = rec
                 lot = stats = None
-                if (type(lot_id) is str and type(test_num) is int and type(ts) in num
-                        and type(head) is int and type(site) is int
-                        and type(test_flag) is int
-                        and (value is None or type(value) is float)
-                        and (lo is None or type(lo) in num)
-                        and (hi is None or type(hi) in num)):
+                if plain or (type(lot_id) is str and type(test_num) is int
+                             and type(ts) in num and type(head) is int
+                             and type(site) is int and type(test_flag) is int
+                             and (value is None or type(value) is float)
+                             and (lo is None or type(lo) in num)
+                             and (hi is None or type(hi) in num)):
                     lot = lots.get(lot_id)
                     if lot is not None:
                         stats = lot.tests.get(test_num)
@@ -452,6 +498,8 @@ class LiveState:
                     if ts > ts_max:
                         ts_max = ts
                     continue
+                if kind is tuple:  # a row of the columns: the record, for its handler
+                    rec = _new(parametric, rec)
             p_lot = None
             if kind is part:
                 lot = lots.get(rec.lot_id) if type(rec.lot_id) is str else None
@@ -931,6 +979,28 @@ class LiveState:
 
 
 _NUM = (float, int)
+_new = tuple.__new__
+_repeat = itertools.repeat
+_islice = itertools.islice
+_chain = itertools.chain.from_iterable
+
+#: the types each field of a parametric result's may have for the inline apply: by index
+#: in the record (ts, lot id, head, site, test number, value, limits, test flags)
+_PLAIN_PARAMETRIC = {1: {float, int}, 2: {str}, 3: {int}, 4: {int}, 6: {int},
+                     8: {float, type(None)}, 9: {float, int, type(None)},
+                     10: {float, int, type(None)}, 13: {int}}
+
+
+def _plain_parametric(columns: list[Any]) -> bool:
+    """Whether a frame's parametric results' columns hold only the types the inline apply
+    takes without a check per record (most frames: one ``map`` per column, in C)."""
+    for i, allowed in _PLAIN_PARAMETRIC.items():
+        col = columns[i]
+        if not (type(col[0]) in allowed if type(col) is tuple
+                else set(map(type, col)) <= allowed):
+            return False
+    return True
+
 
 #: kinds whose apply neither reads a test's figures nor makes a lot or wafer (which could
 #: evict or archive one, reading its tests): the values kept need not be in before them
