@@ -108,6 +108,21 @@ def test_the_columnar_codec_round_trips_every_record_type_exactly(
     assert (sorted(map(cbor2.dumps, checked.timestamps()))
             == sorted(cbor2.dumps(r.ts) for r in recs))
     assert key(checked.records()) == key(recs) and checked.records() is checked.records()
+    # read without building them all: the runs give the order of each kind's rows, and a
+    # kind's columns (a 1-tuple: every record has that value) are its rows' fields
+    rows = {cls: iter(checked.rows(cls)) for cls, _ in checked.runs()}
+    assert key([next(rows[cls]) for cls, n in checked.runs() for _ in range(n)]) == key(recs)
+    for cls in rows:
+        columns = checked.columns(cls)
+        assert columns is not None and len(columns) == len(cls._fields)
+        kind_rows = checked.rows(cls)
+        for j, col in enumerate(columns):
+            values = [r[j] for r in kind_rows]
+            assert key([tuple(values)]) == key([tuple(col * len(values) if type(col) is tuple
+                                                      else col)])
+    for cls in RECORD_TYPES:
+        if cls not in rows:  # a kind the frame has none of
+            assert checked.columns(cls) is None and checked.rows(cls) == []
     # the same records as the v1 layout gives, and the v1 body a v1 peer is sent
     assert key(decode_frame(encode_body(first_rid, recs), 10_000)[1]) == key(recs)
     rid, sources, wire = decode_body(body, 10_000)  # the rows a v1 hub is sent
