@@ -114,11 +114,6 @@ def _check_range(*numbers: Any) -> None:
             raise BadRecord(f"a number out of the float range ({str(n)[:12]}...)")
 
 
-def _float_range(limit: float | int) -> bool:
-    """A limit the figures can use: a float, or an int a float can hold (10**400 is not)."""
-    return type(limit) is float or -1.7e308 < limit < 1.7e308
-
-
 class LiveState:
     """Per lot, wafer, test, sensor channel and gateway: the live figures, and their deltas.
 
@@ -447,33 +442,34 @@ class LiveState:
                     lot = lots.get(lot_id)
                     if lot is not None:
                         stats = lot.tests.get(test_num)
-                        if stats is not None and (
-                                (lo is not None and lo is not stats.lo
-                                 and not _float_range(lo))
-                                or (hi is not None and hi is not stats.hi
-                                    and not _float_range(hi))):
-                            stats = None  # an int limit no float holds: the bad-record path
+                if stats is not None:
+                    # a limit given that is not the test's own object (the same object: a
+                    # column sent once, the usual case); new or equal, it is checked
+                    s_lo, s_hi = stats.lo, stats.hi
+                    new_lo = lo is not s_lo and lo is not None
+                    new_hi = hi is not s_hi and hi is not None
+                    if (new_lo or new_hi) and (
+                            (new_lo and type(lo) is not float and not -1.7e308 < lo < 1.7e308)
+                            or (new_hi and type(hi) is not float
+                                and not -1.7e308 < hi < 1.7e308)):
+                        stats = None  # an int limit no float holds: the bad-record path
                 if stats is not None:
                     if test_txt:
                         stats.test_txt = test_txt
                     stats.executions += 1
                     if passed is False:
                         stats.fails += 1
-                    if (lo is not None and lo is not stats.lo) or \
-                            (hi is not None and hi is not stats.hi):
-                        # (the same objects: a column sent once, the usual case)
-                        if ((lo is not None
-                             and (lo != stats.lo or type(lo) is not type(stats.lo)))
-                                or (hi is not None
-                                    and (hi != stats.hi or type(hi) is not type(stats.hi)))):
+                    if new_lo or new_hi:
+                        if ((new_lo and (lo != s_lo or type(lo) is not type(s_lo)))
+                                or (new_hi and (hi != s_hi or type(hi) is not type(s_hi)))):
                             # new limits: the values so far go in under the old ones (an
                             # equal limit, even 0.0 for -0.0, changes no histogram figure)
                             kept = values.pop(stats, None)
                             if kept:
                                 stats.add_values(kept)
-                        if lo is not None:
+                        if new_lo:
                             stats.lo = lo
-                        if hi is not None:
+                        if new_hi:
                             stats.hi = hi
                     if units:
                         stats.units = units
