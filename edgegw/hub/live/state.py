@@ -677,12 +677,16 @@ class LiveState:
         wafer.tally.count_tested(die, replaced)
         lot.tally.count_tested(die, replaced)
         if final:
-            if old is not None:
-                wafer.tally.count_final(old, -1)
-                lot.tally.count_final(old, -1)
             wafer.dies[key] = die
-            wafer.tally.count_final(die, +1)
-            lot.tally.count_final(die, +1)
+            if old is None or not (old.passed is die.passed and old.hard_bin == die.hard_bin
+                                   and old.soft_bin == die.soft_bin and old.site == die.site):
+                if old is not None:
+                    wafer.tally.count_final(old, -1)
+                    lot.tally.count_final(old, -1)
+                wafer.tally.count_final(die, +1)
+                lot.tally.count_final(die, +1)
+            # (a retest with the outcome, bins and site of the result it replaces changes
+            # no final count: -1 then +1 of the same keys)
             if die.x is not None and die.y is not None:
                 batch.dies.setdefault(wafer, []).append(die)
         lot.part_times.append(rec.ts)
