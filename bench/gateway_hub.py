@@ -250,8 +250,11 @@ def start_hub(kind: str, cfg: Path, port: int, code: str | None = None
               ) -> subprocess.Popen[bytes]:
     """A hub of ``kind`` in its own process; ``code``: the directory its ``edgegw`` is
     imported from (None: this checkout's)."""
-    cmd = ([sys.executable, "-m", "edgegw", "hub", "--config", str(cfg)] if kind != "ingest"
-           else [sys.executable, __file__, "--serve-ingest", str(cfg)])
+    # -P: ``-m`` would put the working directory first on sys.path, and run from a
+    # checkout that is this checkout's ``edgegw`` whatever PYTHONPATH says (a baseline
+    # hub that was this code)
+    cmd = ([sys.executable, "-P", "-m", "edgegw", "hub", "--config", str(cfg)]
+           if kind != "ingest" else [sys.executable, __file__, "--serve-ingest", str(cfg)])
     hub = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            env=_env(code))
     for _ in range(100):
