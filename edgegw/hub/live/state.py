@@ -49,6 +49,8 @@ Invariants worth knowing before reading the code:
   is what applying the records one at a time gives (``batch_apply=False``, the reference
   ``tests/test_live_batch.py`` holds it to).  Records still apply in the order given:
   anything that could read a test's figures comes after its values are in.
+  ``on_columns`` does the same for a columnar frame without building its parametric
+  results as records: it reads their fields from the frame's columns.
 
 Why one module of this size: ``LiveState`` is one class whose record handlers share the
 open batch, the caps, the eviction policy and the observer; the entities are in
