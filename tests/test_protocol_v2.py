@@ -265,6 +265,19 @@ class Collect:
         pass
 
 
+class CollectColumns(Collect):
+    """A consumer that reads columns (as the live state does): a columnar frame comes to
+    ``on_columns`` as the hub checked it, a v1 frame's records to ``on_records``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.columnar_frames = 0
+
+    def on_columns(self, gateway_id: str, first_rid: int, columns: Any) -> None:
+        self.columnar_frames += 1
+        self.records.extend(columns.records())
+
+
 async def stored_layouts(hub: Ingest) -> list[int]:
     """The number of items in each stored frame body: 3 for v1 rows, 4 for v2 columns."""
     rows = await hub.store.query("SELECT codec, body FROM frames ORDER BY id")
@@ -280,8 +293,9 @@ async def stored_layouts(hub: Ingest) -> list[int]:
 async def test_v1_and_v2_peers_interoperate_both_ways_through_the_spool(
         tmp_path: Path, gateway_v: int, hub_v: int, layout: int) -> None:
     hub = Ingest(hub_config(tmp_path / "hub", max_protocol_version=hub_v))
-    seen = Collect()
+    seen, columns = Collect(), CollectColumns()
     hub.add_consumer(seen)
+    hub.add_consumer(columns)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(hub.run)
         gw = Gateway(gateway_config(tmp_path / "gw", port, spool={},
@@ -294,7 +308,11 @@ async def test_v1_and_v2_peers_interoperate_both_ways_through_the_spool(
             await gw.sink.put(recs, source="tester")
         assert await gw.drain(20), "the hub did not acknowledge everything"
         await seen.until(len(sent))
+        await columns.until(len(sent))
         assert key(seen.records) == key(sent)
+        # the same records whichever way a consumer reads them; columns for v2 frames only
+        assert key(columns.records) == key(sent)
+        assert (columns.columnar_frames > 0) == (layout == 4)
         assert set(await stored_layouts(hub)) == {layout}
         nursery.cancel_scope.cancel()
 
