@@ -19,7 +19,17 @@ per record of the kind (a part result's includes assigning its part's values to 
 and die).  ``--stages`` prints the hub's per-record stages for the tester mix (decode,
 durable store commit, live apply, publish to the fan-out) in CPU time.
 
+``--path`` measures instead the hub's live path as its feeder runs it (issue 17 item 4):
+each stream in columnar frames of --frame records (8,000: the gateway's default under a
+flood), each frame's body checked as the hub checks it on arrival (not counted), then
+handed to a fresh state the way the feeder does (counted): ``LiveState.on_columns`` where
+the state has it, else the frame's records built and ``on_records``.  ``--baseline DIR``
+runs the same, alternately, with another checkout's ``edgegw`` (``PYTHONPATH=DIR``, e.g.
+``git archive trial | tar -x -C DIR``), each run in a process of its own: before and
+after in one run, medians and the ratio.
+
     python bench/live_state.py [--runs 5] [--frame 2000] [--wafers 4] [--kinds] [--stages]
+    python bench/live_state.py --path [--runs 5] [--frame 8000] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import argparse
 import functools
 import gc
 import gzip
+import json
 import os
 import statistics
 import subprocess
@@ -252,14 +263,96 @@ def pipe_out(bodies: list[bytes]) -> None:
         child.wait()
 
 
+def flood_records(parts: int = 64, repeats: int = 300) -> list[Any]:
+    """``bench/gateway_hub.py``'s stream: 8 parametric results and a part result per part,
+    the same 64 parts (dies) over and over -- every part after the first 64 a retest."""
+    from gateway_hub import make_part  # type: ignore[import-not-found]
+
+    made = [make_part(i) for i in range(parts)]
+    return [r for _ in range(repeats) for p in made for r in p]
+
+
+def path_streams(wafers: int) -> dict[str, list[Any]]:
+    streams = {"gateway_hub.py flood (retests)": flood_records(),
+               "simulated lot (8 sites)": sim_records(wafers)}
+    streams.update(file_records())
+    return streams
+
+
+def path_run(stream: str, frame: int, wafers: int) -> float:
+    """CPU µs per record of the live path for ``stream``, one fresh state (see --path)."""
+    from edgegw.protocol import check_frame, encode_columns
+
+    records = path_streams(wafers)[stream]
+    bodies = [encode_columns(1 + i, records[i:i + frame])
+              for i in range(0, len(records), frame)]
+    state = LiveState(lambda topic, delta: None, clock=lambda: 5_000.0)
+    columns = getattr(state, "on_columns", None)
+    gc.collect()
+    cpu = 0.0
+    rid = 1
+    for body in bodies:
+        decoded = check_frame(body, len(records))[1]  # on arrival: not counted
+        t0 = time.process_time()
+        if columns is not None:
+            columns("bench", rid, decoded)
+        else:
+            state.on_records("bench", rid, decoded.records())
+        cpu += time.process_time() - t0
+        rid += decoded.n
+        del decoded
+    return cpu / len(records) * 1e6
+
+
+def path_ab(runs: int, frame: int, wafers: int, baseline: str | None) -> None:
+    """Each stream's live path, this checkout and (``baseline``) another, alternately."""
+    codes: dict[str, str | None] = {"this": None}
+    if baseline:
+        codes = {"base": str(Path(baseline).resolve()), "this": None}
+    print(f"live path (columnar frames of {frame}, checked; then the feeder's hand-off and "
+          f"the live state), CPU µs/record, median of {runs}, alternating; load average "
+          f"{os.getloadavg()[0]:.1f}")
+    for stream in path_streams(wafers):
+        us: dict[str, list[float]] = {c: [] for c in codes}
+        for _ in range(runs):
+            for label, code in codes.items():
+                env = None if code is None else {**os.environ, "PYTHONPATH": code}
+                out = subprocess.run(
+                    [sys.executable, __file__, "--serve-path",
+                     json.dumps({"stream": stream, "frame": frame, "wafers": wafers})],
+                    env=env, check=True, capture_output=True, text=True).stdout
+                us[label].append(float(out.split()[-1]))
+        med = {c: statistics.median(v) for c, v in us.items()}
+        line = f"  {stream:38s} " + "  ".join(f"{c} {m:6.2f}" for c, m in med.items())
+        if baseline:
+            line += (f"  ratio {med['base'] / med['this']:.2f}x  (runs: base "
+                     + "/".join(f"{v:.2f}" for v in us["base"]) + ", this "
+                     + "/".join(f"{v:.2f}" for v in us["this"]) + ")")
+        print(line, flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--frame", type=int, default=2000)
+    ap.add_argument("--frame", type=int, default=None,
+                    help="records per frame (default 2000; with --path 8000)")
     ap.add_argument("--wafers", type=int, default=4)
     ap.add_argument("--kinds", action="store_true", help="each record kind's marginal cost")
     ap.add_argument("--stages", action="store_true", help="the hub's stages per record")
+    ap.add_argument("--path", action="store_true",
+                    help="the hub's live path (feeder hand-off + live state), see above")
+    ap.add_argument("--baseline", metavar="DIR", help="with --path: also another checkout's")
+    ap.add_argument("--serve-path", metavar="JSON", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve_path:
+        job = json.loads(args.serve_path)
+        print(f"{path_run(job['stream'], job['frame'], job['wafers']):.4f}")
+        return
+    if args.path:
+        path_ab(args.runs, args.frame or 8000, args.wafers, args.baseline)
+        return
+    args.frame = args.frame or 2000
 
     simulated = sim_records(args.wafers)
     cases = [("simulated lot", simulated, False),

@@ -9,6 +9,11 @@ the same alerts, and cut the same checkpoints -- on the real tester files and on
 generated streams with every kind of record, odd fields, limit changes, values the
 statistics skip, and caps small enough that lots are evicted, wafers archived and tests
 refused in the middle of a frame.
+
+The hub's feeder hands the live state a columnar frame itself (``on_columns``: the
+parametric results read from their columns, never built as records); fed the frames a
+gateway would send, it must end the same way as the one-at-a-time apply of the records
+those frames decode to.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from shared_data import GALAXY, METIS, stdf_bytes
 from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig
 from edgegw.hub.checkpoint import capture, restore
 from edgegw.hub.live import LiveState
+from edgegw.protocol import check_frame, encode_columns
 from edgegw.records import (
     FunctionalResult,
     GatewayEvent,
@@ -69,6 +75,10 @@ class Recorder:
         for gw, first_rid, records in frames:
             self.state.on_records(gw, first_rid, records, now=5_000.0)
 
+    def feed_columns(self, frames: list[tuple[str, int, bytes]]) -> None:
+        for gw, first_rid, body in frames:
+            self.state.on_columns(gw, first_rid, check_frame(body, 100_000)[1], now=5_000.0)
+
     def everything(self) -> str:
         state = self.state
         return repr((capture(state),
@@ -90,6 +100,20 @@ def framed(records: list[Any], size: int, gw: str = "gw") -> list[tuple[str, int
     return [(gw, 1 + i, records[i:i + size]) for i in range(0, len(records), size)]
 
 
+def assert_same_from_columns(frames: list[tuple[str, int, list[Any]]], **caps: Any
+                             ) -> Recorder:
+    """Each frame as a gateway sends it (a columnar body): the live state fed the decoded
+    columns ends as the one-at-a-time apply of the records they decode to."""
+    bodies = [(gw, rid, encode_columns(rid, records)) for gw, rid, records in frames if records]
+    decoded = [(gw, rid, check_frame(body, 100_000)[1].records()) for gw, rid, body in bodies]
+    one, columns = Recorder(False, **caps), Recorder(True, **caps)
+    one.feed(decoded)
+    columns.feed_columns(bodies)
+    assert columns.everything() == one.everything()
+    assert repr(columns.deltas) == repr(one.deltas)
+    return columns
+
+
 @pytest.fixture(scope="module", params=[GALAXY, METIS])
 def tester_file(request: pytest.FixtureRequest) -> list[Any]:
     decoder = StdfDecoder()
@@ -103,6 +127,13 @@ def test_a_real_tester_file_gives_the_same_state_batched_as_one_record_at_a_time
         tester_file: list[Any], size: int) -> None:
     batched = assert_same(framed(tester_file, size))
     assert batched.state.lots and all(lot.tests for lot in batched.state.lots.values())
+
+
+@pytest.mark.parametrize("size", [8000, 331])
+def test_a_real_tester_file_gives_the_same_state_from_columns_as_one_record_at_a_time(
+        tester_file: list[Any], size: int) -> None:
+    columns = assert_same_from_columns(framed(tester_file, size))
+    assert columns.state.lots and all(lot.tests for lot in columns.state.lots.values())
 
 
 def test_a_checkpoint_of_the_batched_state_restores_to_the_one_record_at_a_time_replay(
@@ -209,6 +240,7 @@ def test_a_generated_stream_gives_the_same_state_and_deltas_batched_and_one_at_a
         k += 1
     caps = dict(max_lots=1, max_wafers_per_lot=2, max_tests_per_lot=3) if small else {}
     assert_same(frames, **caps)
+    assert_same_from_columns(frames, **caps)
     # a checkpoint cut between any two frames restores to what a full replay built
     cut = len(frames) // 2
     full, first, restored = Recorder(False, **caps), Recorder(True, **caps), Recorder(True, **caps)

@@ -108,6 +108,21 @@ def test_the_columnar_codec_round_trips_every_record_type_exactly(
     assert (sorted(map(cbor2.dumps, checked.timestamps()))
             == sorted(cbor2.dumps(r.ts) for r in recs))
     assert key(checked.records()) == key(recs) and checked.records() is checked.records()
+    # read without building them all: the runs give the order of each kind's rows, and a
+    # kind's columns (a 1-tuple: every record has that value) are its rows' fields
+    rows = {cls: iter(checked.rows(cls)) for cls, _ in checked.runs()}
+    assert key([next(rows[cls]) for cls, n in checked.runs() for _ in range(n)]) == key(recs)
+    for cls in rows:
+        columns = checked.columns(cls)
+        assert columns is not None and len(columns) == len(cls._fields)
+        kind_rows = checked.rows(cls)
+        for j, col in enumerate(columns):
+            values = [r[j] for r in kind_rows]
+            assert key([tuple(values)]) == key([tuple(col * len(values) if type(col) is tuple
+                                                      else col)])
+    for cls in RECORD_TYPES:
+        if cls not in rows:  # a kind the frame has none of
+            assert checked.columns(cls) is None and checked.rows(cls) == []
     # the same records as the v1 layout gives, and the v1 body a v1 peer is sent
     assert key(decode_frame(encode_body(first_rid, recs), 10_000)[1]) == key(recs)
     rid, sources, wire = decode_body(body, 10_000)  # the rows a v1 hub is sent
@@ -250,6 +265,19 @@ class Collect:
         pass
 
 
+class CollectColumns(Collect):
+    """A consumer that reads columns (as the live state does): a columnar frame comes to
+    ``on_columns`` as the hub checked it, a v1 frame's records to ``on_records``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.columnar_frames = 0
+
+    def on_columns(self, gateway_id: str, first_rid: int, columns: Any) -> None:
+        self.columnar_frames += 1
+        self.records.extend(columns.records())
+
+
 async def stored_layouts(hub: Ingest) -> list[int]:
     """The number of items in each stored frame body: 3 for v1 rows, 4 for v2 columns."""
     rows = await hub.store.query("SELECT codec, body FROM frames ORDER BY id")
@@ -265,8 +293,9 @@ async def stored_layouts(hub: Ingest) -> list[int]:
 async def test_v1_and_v2_peers_interoperate_both_ways_through_the_spool(
         tmp_path: Path, gateway_v: int, hub_v: int, layout: int) -> None:
     hub = Ingest(hub_config(tmp_path / "hub", max_protocol_version=hub_v))
-    seen = Collect()
+    seen, columns = Collect(), CollectColumns()
     hub.add_consumer(seen)
+    hub.add_consumer(columns)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(hub.run)
         gw = Gateway(gateway_config(tmp_path / "gw", port, spool={},
@@ -279,7 +308,11 @@ async def test_v1_and_v2_peers_interoperate_both_ways_through_the_spool(
             await gw.sink.put(recs, source="tester")
         assert await gw.drain(20), "the hub did not acknowledge everything"
         await seen.until(len(sent))
+        await columns.until(len(sent))
         assert key(seen.records) == key(sent)
+        # the same records whichever way a consumer reads them; columns for v2 frames only
+        assert key(columns.records) == key(sent)
+        assert (columns.columnar_frames > 0) == (layout == 4)
         assert set(await stored_layouts(hub)) == {layout}
         nursery.cancel_scope.cancel()
 

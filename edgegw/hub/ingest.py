@@ -116,6 +116,10 @@ FEED_STEP_RECORDS_BEHIND = 20_000
 
 
 class Consumer(Protocol):
+    """What the ingest feeds.  A consumer may also have ``on_columns(gateway_id,
+    first_rid, columns)``: a columnar frame then goes to it as its ``Columns`` (the same
+    records, not built), and to ``on_records`` only a v1 frame's records."""
+
     def on_records(self, gateway_id: str, first_rid: int, records: list[Record]) -> None: ...
     def on_gateway(self, gateway_id: str, connected: bool, now: float) -> None: ...
 
@@ -551,25 +555,36 @@ class Ingest:
         Frames are fed in frame id order (queued right after their commit, commits one at
         a time, one feeder), which is what makes ``fed_id`` a consistent checkpoint
         position.  A columnar frame's records are built here, after its ACK, and only
-        when some consumer will read them."""
+        when some consumer will read them: a consumer with ``on_columns(gateway_id,
+        first_rid, columns)`` (the live state) is given the ``Columns`` instead."""
         self.fed_id = frame_id
         self.records_fed += decoded.n
-        records: list[Record] = []
-        if self.consumers:
+        records: list[Record] | None = None
+        columnar = type(decoded) is Columns
+        for c in self.consumers:
+            # A consumer that reads columns (the live state: ``on_columns``) gets the
+            # columnar frame itself, and its records are built only for the others.
+            on_columns = getattr(c, "on_columns", None) if columnar else None
+            if on_columns is None and records is None:
+                try:
+                    records = decoded.records()  # checked at its arrival: cannot fail
+                except Exception:  # a bug: the consumers miss this frame, nothing else does
+                    report_internal_error(self.metrics, "hub_consumer", log,
+                                          "building the records of gateway %s, rids from %d",
+                                          gw, first_rid)
+                    records = []
+            if on_columns is None and decoded.n and not records:
+                continue
             try:
-                records = decoded.records()  # checked at its arrival: cannot fail
-            except Exception:  # a bug: the consumers miss this frame, nothing else does
-                report_internal_error(self.metrics, "hub_consumer", log,
-                                      "building the records of gateway %s, rids from %d",
-                                      gw, first_rid)
-        for c in self.consumers if records or not decoded.n else ():
-            try:
-                c.on_records(gw, first_rid, records)
+                if on_columns is not None:
+                    on_columns(gw, first_rid, decoded)
+                else:
+                    c.on_records(gw, first_rid, records or [])
             except Exception:
                 report_internal_error(self.metrics, "hub_consumer", log,
                                       "%s.on_records(gateway %s, rids %d..%d)",
                                       type(c).__name__, gw, first_rid,
-                                      first_rid + len(records) - 1)
+                                      first_rid + decoded.n - 1)
         if self.on_fed is not None:
             self.on_fed(self.records_fed)
 

@@ -130,11 +130,7 @@ class Columns:
         return self._built
 
     def _build(self) -> list[Record]:
-        rows_of = {
-            kind: list(map(partial(_new, cls), zip(
-                *[_repeat(c.value, rows) if type(c) is _Same else c for c in columns],
-                strict=True)))
-            for kind, (cls, columns, rows) in self._tables.items()}
+        rows_of = {kind: _rows(*table) for kind, table in self._tables.items()}
         kinds = self._kinds
         if len(kinds) == 1:
             return rows_of[kinds[0]]
@@ -145,6 +141,29 @@ class Columns:
             extend(_islice(its[k], c))
         return out
 
+    def runs(self) -> list[tuple[type[Any], int]]:
+        """The record order without the records: (record class, how many in a row), in
+        order, as the body's runs list gives it."""
+        tables = self._tables
+        return [(tables[k][0], c) for k, c in zip(self._kinds, self._counts, strict=True)]
+
+    def columns(self, cls: type[Any]) -> list[Any] | None:
+        """The columns of ``cls``'s table, one per field of the record (source names
+        resolved, left-out columns filled in): each a list of one value per record of the
+        table, or a 1-tuple ``(value,)`` when every record has that value; None when the
+        frame has no record of ``cls``.  The frame's own lists: read, never change them.
+        For a consumer that reads some kind's fields without building its records."""
+        table = self._tables.get(KIND_OF[cls])
+        if table is None:
+            return None
+        return [(c.value,) if type(c) is _Same else c for c in table[1]]
+
+    def rows(self, cls: type[Any]) -> list[Record]:
+        """The records of kind ``cls`` only, in order (built on each call; the frame's
+        other kinds are not built)."""
+        table = self._tables.get(KIND_OF[cls])
+        return [] if table is None else _rows(*table)
+
     def timestamps(self) -> list[Any]:
         """Every record's ``ts`` as sent (of any type), grouped by kind, not in record
         order: what the hub's record-age histogram needs, without building records."""
@@ -153,6 +172,13 @@ class Columns:
             ts = columns[1]
             out.extend(_repeat(ts.value, rows) if type(ts) is _Same else ts)
         return out
+
+
+def _rows(cls: type[Any], columns: list[Any], rows: int) -> list[Record]:
+    """One table's records (a tuple of ``cls`` each): one ``zip``, no Python code per
+    field."""
+    return list(map(partial(_new, cls), zip(
+        *[_repeat(c.value, rows) if type(c) is _Same else c for c in columns], strict=True)))
 
 
 def check_columns(item: list[Any], max_records: int | None = None) -> tuple[int, Columns]:

@@ -49,6 +49,8 @@ Invariants worth knowing before reading the code:
   is what applying the records one at a time gives (``batch_apply=False``, the reference
   ``tests/test_live_batch.py`` holds it to).  Records still apply in the order given:
   anything that could read a test's figures comes after its values are in.
+  ``on_columns`` does the same for a columnar frame without building its parametric
+  results as records: it reads their fields from the frame's columns.
 
 Why one module of this size: ``LiveState`` is one class whose record handlers share the
 open batch, the caps, the eviction policy and the observer; the entities are in
@@ -57,12 +59,13 @@ open batch, the caps, the eviction policy and the observer; the entities are in
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from edgegw.hub import topics
 from edgegw.metrics import Metrics
@@ -97,6 +100,9 @@ from .models import (
 )
 from .observer import StateObserver
 
+if TYPE_CHECKING:
+    from edgegw.protocol import Columns
+
 Publish = Callable[[str, dict[str, Any]], None]
 
 log = logging.getLogger("edgegw.hub.state")
@@ -108,11 +114,6 @@ def _check_range(*numbers: Any) -> None:
     for n in numbers:
         if type(n) is int and not -1.7e308 < n < 1.7e308:
             raise BadRecord(f"a number out of the float range ({str(n)[:12]}...)")
-
-
-def _float_range(limit: float | int) -> bool:
-    """A limit the figures can use: a float, or an int a float can hold (10**400 is not)."""
-    return type(limit) is float or -1.7e308 < limit < 1.7e308
 
 
 class LiveState:
@@ -205,22 +206,7 @@ class LiveState:
     ) -> None:
         """Apply one applied frame's records; record i has rid ``first_rid + i``."""
         now = self._clock() if now is None else now
-        self._now = now
-        gw = self._gateway(gateway_id)
-        gw.records += len(records)
-        gw.frames += 1
-        self._m_records.inc(len(records))
-        if gw.online:
-            # Only frames from a connected gateway make its live rate and "last seen": the
-            # replay after a restart (gateway not connected yet) would otherwise show as a
-            # burst, seen now.
-            gw.last_seen = now
-            gw.count(len(records), now)
-        last_rid = first_rid + len(records) - 1
-        if records and (gw.last_rid is None or last_rid > gw.last_rid):
-            gw.last_rid = last_rid
-        batch = _Batch()
-        batch.gateways[gw] = None
+        gw, batch = self._begin(gateway_id, first_rid, len(records), now)
         if self.batch_apply:
             batch.values, batch.wafer_values = {}, {}
             try:
@@ -230,6 +216,59 @@ class LiveState:
         else:
             for i, rec in enumerate(records):
                 self._apply_one(gateway_id, first_rid + i, rec, batch)
+        self._end(gw, batch, now)
+
+    def on_columns(self, gateway_id: str, first_rid: int, frame: Columns,
+                   now: float | None = None) -> None:
+        """``on_records(gateway_id, first_rid, frame.records())`` -- the same state, deltas
+        and order -- for a columnar frame, without building its parametric results: their
+        fields are read from the frame's columns (``Columns.columns``), and their types
+        checked a column at a time.  The hub's live feeder calls this."""
+        ptr = frame.columns(ParametricResult) if self.batch_apply else None
+        if ptr is None:
+            self.on_records(gateway_id, first_rid, frame.records(), now)
+            return
+        now = self._clock() if now is None else now
+        gw, batch = self._begin(gateway_id, first_rid, frame.n, now)
+        # (the lists are as long as the table, checked; a value sent once repeats)
+        its: dict[type, Iterator[Any]] = {ParametricResult: zip(
+            *[_repeat(c[0]) if type(c) is tuple else c for c in ptr], strict=False)}
+        rows = []
+        for cls, count in frame.runs():
+            it = its.get(cls)
+            if it is None:
+                it = its[cls] = iter(frame.rows(cls))
+            rows.append(_islice(it, count))
+        batch.values, batch.wafer_values = {}, {}
+        try:
+            self._apply_batched(gateway_id, first_rid, _chain(rows), batch,
+                                plain=_plain_parametric(ptr))
+        finally:
+            self._apply_deferred(batch)
+        self._end(gw, batch, now)
+
+    def _begin(self, gateway_id: str, first_rid: int, n: int, now: float
+               ) -> tuple[GatewayState, _Batch]:
+        """A frame of ``n`` records begins: the gateway's counts, and the frame's batch."""
+        self._now = now
+        gw = self._gateway(gateway_id)
+        gw.records += n
+        gw.frames += 1
+        self._m_records.inc(n)
+        if gw.online:
+            # Only frames from a connected gateway make its live rate and "last seen": the
+            # replay after a restart (gateway not connected yet) would otherwise show as a
+            # burst, seen now.
+            gw.last_seen = now
+            gw.count(n, now)
+        last_rid = first_rid + n - 1
+        if n and (gw.last_rid is None or last_rid > gw.last_rid):
+            gw.last_rid = last_rid
+        batch = _Batch()
+        batch.gateways[gw] = None
+        return gw, batch
+
+    def _end(self, gw: GatewayState, batch: _Batch, now: float) -> None:
         if not gw.online and batch.ts and (gw.last_seen is None or batch.ts > gw.last_seen):
             gw.last_seen = batch.ts  # replayed: the records' own time
         self._flush(batch, now)
@@ -358,8 +397,8 @@ class LiveState:
                                f"{type(rec).__name__}: {exc}")
             self._drop(batch, "bad_record", gateway_id, rid, rec, str(exc))
 
-    def _apply_batched(self, gateway_id: str, first_rid: int, records: list[Any],
-                       batch: _Batch) -> None:
+    def _apply_batched(self, gateway_id: str, first_rid: int, records: Iterable[Any],
+                       batch: _Batch, plain: bool = False) -> None:
         """A frame's records, with the same resulting state as ``_apply_one`` on each in
         turn, at a fraction of the cost per record.
 
@@ -373,6 +412,10 @@ class LiveState:
         (``_apply_deferred``): a limit change first applies the values under the old
         limits, and any record not taken inline (other kinds, a new lot, wafer or test,
         an odd field) first applies every kept value and then goes through its handler.
+
+        From ``on_columns`` a parametric result comes as a plain tuple of its fields (a
+        row of its table's columns, made into a record only if it is not taken inline),
+        and ``plain`` says its columns were checked to hold only the plain types.
         """
         lots = self.lots
         values = batch.values
@@ -388,46 +431,47 @@ class LiveState:
         pending: list[Any] = []
         for i, rec in enumerate(records):
             kind = type(rec)
-            if kind is parametric:
+            if kind is parametric or kind is tuple:
                 (_, ts, lot_id, head, site, _, test_num, test_txt, value, lo, hi, units,
                  passed, test_flag, _) = rec
                 lot = stats = None
-                if (type(lot_id) is str and type(test_num) is int and type(ts) in num
-                        and type(head) is int and type(site) is int
-                        and type(test_flag) is int
-                        and (value is None or type(value) is float)
-                        and (lo is None or type(lo) in num)
-                        and (hi is None or type(hi) in num)):
+                if plain or (type(lot_id) is str and type(test_num) is int
+                             and type(ts) in num and type(head) is int
+                             and type(site) is int and type(test_flag) is int
+                             and (value is None or type(value) is float)
+                             and (lo is None or type(lo) in num)
+                             and (hi is None or type(hi) in num)):
                     lot = lots.get(lot_id)
                     if lot is not None:
                         stats = lot.tests.get(test_num)
-                        if stats is not None and (
-                                (lo is not None and lo is not stats.lo
-                                 and not _float_range(lo))
-                                or (hi is not None and hi is not stats.hi
-                                    and not _float_range(hi))):
-                            stats = None  # an int limit no float holds: the bad-record path
+                if stats is not None:
+                    # a limit given that is not the test's own object (the same object: a
+                    # column sent once, the usual case); new or equal, it is checked
+                    s_lo, s_hi = stats.lo, stats.hi
+                    new_lo = lo is not s_lo and lo is not None
+                    new_hi = hi is not s_hi and hi is not None
+                    if (new_lo or new_hi) and (
+                            (new_lo and type(lo) is not float and not -1.7e308 < lo < 1.7e308)
+                            or (new_hi and type(hi) is not float
+                                and not -1.7e308 < hi < 1.7e308)):
+                        stats = None  # an int limit no float holds: the bad-record path
                 if stats is not None:
                     if test_txt:
                         stats.test_txt = test_txt
                     stats.executions += 1
                     if passed is False:
                         stats.fails += 1
-                    if (lo is not None and lo is not stats.lo) or \
-                            (hi is not None and hi is not stats.hi):
-                        # (the same objects: a column sent once, the usual case)
-                        if ((lo is not None
-                             and (lo != stats.lo or type(lo) is not type(stats.lo)))
-                                or (hi is not None
-                                    and (hi != stats.hi or type(hi) is not type(stats.hi)))):
+                    if new_lo or new_hi:
+                        if ((new_lo and (lo != s_lo or type(lo) is not type(s_lo)))
+                                or (new_hi and (hi != s_hi or type(hi) is not type(s_hi)))):
                             # new limits: the values so far go in under the old ones (an
                             # equal limit, even 0.0 for -0.0, changes no histogram figure)
                             kept = values.pop(stats, None)
                             if kept:
                                 stats.add_values(kept)
-                        if lo is not None:
+                        if new_lo:
                             stats.lo = lo
-                        if hi is not None:
+                        if new_hi:
                             stats.hi = hi
                     if units:
                         stats.units = units
@@ -452,6 +496,8 @@ class LiveState:
                     if ts > ts_max:
                         ts_max = ts
                     continue
+                if kind is tuple:  # a row of the columns: the record, for its handler
+                    rec = _new(parametric, rec)
             p_lot = None
             if kind is part:
                 lot = lots.get(rec.lot_id) if type(rec.lot_id) is str else None
@@ -633,12 +679,16 @@ class LiveState:
         wafer.tally.count_tested(die, replaced)
         lot.tally.count_tested(die, replaced)
         if final:
-            if old is not None:
-                wafer.tally.count_final(old, -1)
-                lot.tally.count_final(old, -1)
             wafer.dies[key] = die
-            wafer.tally.count_final(die, +1)
-            lot.tally.count_final(die, +1)
+            if old is None or not (old.passed is die.passed and old.hard_bin == die.hard_bin
+                                   and old.soft_bin == die.soft_bin and old.site == die.site):
+                if old is not None:
+                    wafer.tally.count_final(old, -1)
+                    lot.tally.count_final(old, -1)
+                wafer.tally.count_final(die, +1)
+                lot.tally.count_final(die, +1)
+            # (a retest with the outcome, bins and site of the result it replaces changes
+            # no final count: -1 then +1 of the same keys)
             if die.x is not None and die.y is not None:
                 batch.dies.setdefault(wafer, []).append(die)
         lot.part_times.append(rec.ts)
@@ -931,6 +981,28 @@ class LiveState:
 
 
 _NUM = (float, int)
+_new = tuple.__new__
+_repeat = itertools.repeat
+_islice = itertools.islice
+_chain = itertools.chain.from_iterable
+
+#: the types each field of a parametric result's may have for the inline apply: by index
+#: in the record (ts, lot id, head, site, test number, value, limits, test flags)
+_PLAIN_PARAMETRIC = {1: {float, int}, 2: {str}, 3: {int}, 4: {int}, 6: {int},
+                     8: {float, type(None)}, 9: {float, int, type(None)},
+                     10: {float, int, type(None)}, 13: {int}}
+
+
+def _plain_parametric(columns: list[Any]) -> bool:
+    """Whether a frame's parametric results' columns hold only the types the inline apply
+    takes without a check per record (most frames: one ``map`` per column, in C)."""
+    for i, allowed in _PLAIN_PARAMETRIC.items():
+        col = columns[i]
+        if not (type(col[0]) in allowed if type(col) is tuple
+                else set(map(type, col)) <= allowed):
+            return False
+    return True
+
 
 #: kinds whose apply neither reads a test's figures nor makes a lot or wafer (which could
 #: evict or archive one, reading its tests): the values kept need not be in before them
