@@ -61,7 +61,7 @@ class Notifier:
     fence refuses that connection's next commit anyway).  Best effort: owners also poll,
     and a superseded idle connection also ends at its heartbeat."""
 
-    def __init__(self, bus: Any, local_wake: Callable[[int], None]) -> None:
+    def __init__(self, bus: Any, local_wake: Callable[[int, int], None]) -> None:
         self.bus = bus
         self.local_wake = local_wake
         self._heads: dict[int, int] = {}
@@ -71,7 +71,7 @@ class Notifier:
 
     def advanced(self, heads: dict[int, int]) -> None:
         for p, pseq in heads.items():
-            self.local_wake(p)  # an owner on this node: no round trip
+            self.local_wake(p, pseq)  # an owner on this node: no round trip
             if pseq > self._heads.get(p, -1):
                 self._heads[p] = pseq
         self._wake.set()
@@ -174,14 +174,16 @@ class ClusterHub:
                                     lease_ttl_s=cc.lease_ttl_s, metrics=metrics)
         self.presence = GatewayPresence(self.bus, lambda: dict(self.ingest.sessions),
                                         ttl_s=cc.lease_ttl_s)
-        self.notifier = Notifier(self.bus, lambda p: self.owner.wake(p, "local"))
+        self.notifier = Notifier(self.bus,
+                                 lambda p, pseq: self.owner.wake(p, "local", pseq))
         self.store.on_advance = self.notifier.advanced
         self.ingest.notifier = self.notifier
         self.ingest.presence = self.presence
         # per-die values: answered by the owner of the lot's partition (dievalues.py)
         self.die_values = DieValues(self.bus, self.owner.state_for, cc.partitions,
                                     timeout_s=max(2.0, cc.stale_after_s))
-        self.bus.on_partition(lambda p, pseq: self.owner.wake(p, "redis"))
+        # the owner skips a wake-up it had (its own commit's, woken locally already)
+        self.bus.on_partition(lambda p, pseq: self.owner.wake(p, "redis", pseq))
         self.bus.on("notice", self._notice)
         self.fanout.install(self.ingest.http)
         Dashboard().install(self.ingest.http)

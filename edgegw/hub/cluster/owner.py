@@ -281,6 +281,9 @@ class Owned:
     pseq: int = 0
     caught_up: bool = False
     wake: trio.Event = field(default_factory=trio.Event)
+    #: the highest pseq a wake-up announced (``PartitionOwner.wake``): a wake-up up to it
+    #: (or up to ``pseq``, read already) is one this partition had
+    woken_to: int = 0
     acquired_at: float = field(default_factory=time.monotonic)
     engine: AlertEngine | None = None
     alert_events: list[dict[str, Any]] = field(default_factory=list)
@@ -335,9 +338,10 @@ class PartitionOwner:
         self.m_wakeups = m.counter(
             "cluster_partition_wakeups_total",
             "wake-ups of partitions this node owns (read the log now, not at the next poll), "
-            "by source: local (a commit on this node), redis (a commit on any node, this one "
-            "included, through the partition's Pub/Sub channel), resubscribe (the "
-            "subscription reopened: every owned partition)")
+            "by source: local (a commit on this node), redis (a commit on another node, "
+            "through the partition's Pub/Sub channel; a wake-up for a pseq this node had "
+            "already is not counted), resubscribe (the subscription reopened: every owned "
+            "partition)")
         self.m_records = m.counter("cluster_owner_records_total",
                                    "records applied to owned partitions' live state")
         self.m_archives = m.counter(
@@ -357,13 +361,22 @@ class PartitionOwner:
                 "caught_up": sum(o.caught_up for o in self.owned.values()),
                 "checkpoints": self.checkpoints}
 
-    def wake(self, partition: int, source: str) -> None:
-        """The log of ``partition`` advanced (a notification from ``source``: ``local``,
-        ``redis`` or ``resubscribe``): read it now rather than at the next poll."""
+    def wake(self, partition: int, source: str, pseq: int | None = None) -> None:
+        """The log of ``partition`` advanced (to ``pseq`` when known; a notification from
+        ``source``: ``local``, ``redis`` or ``resubscribe``): read it now rather than at
+        the next poll.  A wake-up up to a pseq this partition was woken for already, or
+        has read, is skipped: a commit on this node wakes its owner directly and again
+        through Redis, and one wake-up reads it (pseq order is commit order, so a read
+        after the first wake-up sees every row up to its pseq)."""
         owned = self.owned.get(partition)
-        if owned is not None:
-            owned.wake.set()
-            self.m_wakeups.inc(source=source)
+        if owned is None:
+            return
+        if pseq is not None:
+            if pseq <= max(owned.woken_to, owned.pseq):
+                return
+            owned.woken_to = pseq
+        owned.wake.set()
+        self.m_wakeups.inc(source=source)
 
     def state_for(self, partition: int) -> LiveState | None:
         """The live state of ``partition`` if this node owns it and has rebuilt it."""
