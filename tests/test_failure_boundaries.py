@@ -233,6 +233,46 @@ async def test_a_failing_consumer_misses_frames_but_ingest_goes_on(tmp_path: Pat
         nursery.cancel_scope.cancel()
 
 
+class BrokenColumnsConsumer:
+    """A consumer that reads columnar frames (as the live state does), with a bug there."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+
+    def on_columns(self, gateway_id: str, first_rid: int, columns: Any) -> None:
+        self.frames += 1
+        raise ZeroDivisionError("columns consumer bug")
+
+    def on_records(self, gateway_id: str, first_rid: int, records: list[Any]) -> None:
+        pass
+
+    def on_gateway(self, gateway_id: str, connected: bool, now: float) -> None:
+        pass
+
+
+async def test_a_consumers_error_is_logged_with_the_method_that_failed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import edgegw.metrics as metrics_module
+    monkeypatch.setattr(metrics_module, "_last_logged", {})  # log limits: start afresh
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path / "hub"))
+        broken = BrokenColumnsConsumer()
+        hub.add_consumer(broken)
+        gateway = Gateway(gateway_config(tmp_path / "gw", port,
+                                         uplink={"max_protocol_version": 2}))
+        await nursery.start(gateway.run)
+        await gateway.sink.put([SensorReading("s", float(i), "c", float(i)) for i in range(5)],
+                               source="s")
+        assert await gateway.drain(10)
+        await wait_for(lambda: broken.frames >= 1)
+        assert internal_errors(hub.metrics).get(where="hub_consumer") >= 1
+        [line] = [r.getMessage() for r in caplog.records
+                  if "internal error at hub_consumer" in r.getMessage()]
+        assert "BrokenColumnsConsumer.on_columns(gateway ate-01, rids " in line
+        nursery.cancel_scope.cancel()
+
+
 async def test_an_undeliverable_webhook_fails_that_delivery_not_the_hub() -> None:
     good = HookServer()
     metrics = Metrics()

@@ -582,9 +582,9 @@ class Ingest:
                     c.on_records(gw, first_rid, records or [])
             except Exception:
                 report_internal_error(self.metrics, "hub_consumer", log,
-                                      "%s.on_records(gateway %s, rids %d..%d)",
-                                      type(c).__name__, gw, first_rid,
-                                      first_rid + decoded.n - 1)
+                                      "%s.%s(gateway %s, rids %d..%d)", type(c).__name__,
+                                      "on_records" if on_columns is None else "on_columns",
+                                      gw, first_rid, first_rid + decoded.n - 1)
         if self.on_fed is not None:
             self.on_fed(self.records_fed)
 
