@@ -120,6 +120,46 @@ async def test_a_scan_of_100000_refused_ids_keeps_the_refusal_counts_bounded_and
         nursery.cancel_scope.cancel()
 
 
+async def test_refused_hellos_are_logged_once_per_address_id_and_reason_then_summed_up(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A gateway retrying forever with a wrong token must not fill the log: the first
+    refusal of each (address, gateway id, reason) is logged, then at most one summary a
+    minute; the metric counts every refusal."""
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path, gateway_failures_burst=1000))
+        for _ in range(40):
+            await refuse(port, "ate-01")  # a wrong token, over and over
+        for _ in range(5):
+            await refuse(port, "stranger")  # an id the hub does not know
+        for _ in range(5):  # a version this hub does not speak
+            async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/gateway") as ws:
+                await ws.send_message(cbor2.dumps([1, {
+                    "versions": [3], "gateway": "ate-01", "token": "s3cret", "epoch": "e",
+                    "next_seq": 1, "heartbeat": 5.0}]))
+                assert decode(await ws.get_message()).code == CloseCode.UNSUPPORTED_VERSION
+        refused = hub.metrics.counter("hub_refused_total")
+        assert refused.get(reason="unauthorized") == 45
+        assert refused.get(reason="unsupported_version") == 5
+        lines = [r.getMessage() for r in caplog.records
+                 if r.getMessage().startswith("refused ")]
+        assert len(lines) == 3, lines
+        assert lines[0].startswith("refused gateway 'ate-01' from 127.0.0.1:")
+        assert "wrong token for gateway 'ate-01'" in lines[0]
+        assert "unknown gateway id 'stranger'" in lines[1]
+        assert "unsupported protocol version(s) [3]" in lines[2]
+        # the minute is up (made so here): the next refusal of the wrong token sums up
+        # the ones not logged since its first line, this one included
+        hub.refusal_log.interval_s = 0.0
+        caplog.clear()
+        await refuse(port, "ate-01")
+        [summary] = [r for r in caplog.records if r.getMessage().startswith("refused ")]
+        assert summary.levelname == "WARNING"
+        assert summary.getMessage().startswith(
+            "refused gateway 'ate-01' from 127.0.0.1 40 times in the last ")
+        assert refused.get(reason="unauthorized") == 46
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_second_connection_of_a_gateway_replaces_the_first_which_is_closed_4008(
         tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:

@@ -83,7 +83,7 @@ from ..web import (
     json_response,
 )
 from .config import HubConfig
-from .refusals import RefusedIds
+from .refusals import RefusalLog, RefusedIds
 from .registry import GatewayRegistry, GatewaySession
 from .store import (
     FrameToApply,
@@ -145,6 +145,9 @@ class Ingest:
         self.handshaking: set[WebSocket] = set()  # upgraded, no WELCOME sent yet
         #: refused HELLOs per gateway id, in bounded memory (refusals.py)
         self.refused = RefusedIds(configured=lambda gw: gw in self.config.gateways)
+        #: which refused HELLOs are logged (the first per address, id and reason, then
+        #: a summary at most once a minute: refusals.py)
+        self.refusal_log = RefusalLog()
         self.port: int | None = None
         self.started_at = time.time()
         #: what the start-up replay did (``/api/stats`` "replay")
@@ -430,7 +433,8 @@ class Ingest:
                 code, reason = problem
                 if code == CloseCode.UNAUTHORIZED:
                     self.security.gateway_failed(request)
-                log.warning("refused gateway %r from %s: %s", gw, request.remote, reason)
+                self.refusal_log.log(log, gw, request.remote, _reason_key(code), reason,
+                                     trio.current_time())
                 self.refused.add(gw)
                 self.m_refused.inc(reason=_reason_key(code))
                 await ws.send_message(conn.refuse(code, reason, trio.current_time()))

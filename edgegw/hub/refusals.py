@@ -15,11 +15,19 @@ What an operator needs stays:
   (``summary``): the listed counts plus ``unlisted`` are the total.
 
 Sans-IO; each ``add`` is O(1) (the least-frequently-used scheme: ids grouped by count).
+
+``RefusalLog`` decides which refused HELLOs are logged, so that a gateway retrying forever
+with a wrong token (or a scan) cannot fill the log: the first of each (remote address,
+gateway id, reason) at WARNING, then at most one summary line a minute for it, saying how
+many were refused since its last line (the metrics count every one).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
 
 #: ids not in the config whose refusals are listed (``/api/stats`` "gateways")
 MAX_REFUSED_IDS = 100
@@ -91,4 +99,102 @@ class RefusedIds:
         return {"total": self.total, "ids": len(self), "unlisted": self.unlisted}
 
 
-__all__ = ["MAX_REFUSED_IDS", "RefusedIds"]
+#: seconds between two log lines of one (address, gateway id, reason)
+REFUSAL_LOG_INTERVAL_S = 60.0
+#: (address, gateway id, reason) remembered for the log limit (the least recently refused
+#: is forgotten first: its next refusal is logged as a first one)
+REFUSAL_LOG_KEYS = 1000
+#: first lines of new (address, gateway id, reason) per interval, all keys together (a scan
+#: of made-up ids from many addresses); the ones over it go into one summary line
+REFUSAL_LOG_NEW_PER_INTERVAL = 20
+
+
+@dataclass
+class LogLine:
+    """What to log for a refusal (``RefusalLog.note``): ``first`` (the first refusal of its
+    key), or a summary: ``count`` refusals of its key since its last line, this one
+    included, over ``seconds``."""
+
+    first: bool
+    count: int = 1
+    seconds: float = 0.0
+
+
+@dataclass
+class _Logged:
+    at: float  # when its last line was logged
+    unlogged: int = 0  # refusals since that line, not logged
+
+
+class RefusalLog:
+    """Which refused HELLOs to log (see the module docstring); sans-IO, ``now`` a monotonic
+    clock in seconds.  Every refusal goes through ``note``; a summary is due only when a
+    refusal of its key comes at least ``interval_s`` after the key's last line (a gateway
+    that stopped retrying leaves its last few refusals to the metrics)."""
+
+    def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S,
+                 max_keys: int = REFUSAL_LOG_KEYS,
+                 new_per_interval: int = REFUSAL_LOG_NEW_PER_INTERVAL) -> None:
+        self.interval_s = interval_s
+        self.max_keys = max_keys
+        self.new_per_interval = new_per_interval
+        self._keys: OrderedDict[Hashable, _Logged] = OrderedDict()
+        self._window = -interval_s  # start of the current interval of first lines
+        self._new = 0  # first lines logged in the current interval
+        self._others = 0  # refusals of new keys over the budget, not logged yet
+        self._others_at = -interval_s  # when the last line about them was logged
+
+    def note(self, key: Hashable, now: float) -> LogLine | None:
+        """One refusal of ``key``: what to log for it, or None (counted for a summary)."""
+        entry = self._keys.get(key)
+        if entry is not None:
+            self._keys.move_to_end(key)
+            entry.unlogged += 1
+            if now - entry.at < self.interval_s:
+                return None
+            line = LogLine(False, entry.unlogged, now - entry.at)
+            entry.at, entry.unlogged = now, 0
+            return line
+        if now - self._window >= self.interval_s:
+            self._window, self._new = now, 0
+        if self._new >= self.new_per_interval:
+            self._others += 1
+            return None
+        self._new += 1
+        self._keys[key] = _Logged(now)
+        if len(self._keys) > self.max_keys:
+            self._keys.popitem(last=False)
+        return LogLine(True)
+
+    def log(self, logger: logging.Logger, gateway_id: str, remote: str, kind: str,
+            reason: str, now: float) -> None:
+        """Log one refused HELLO of ``gateway_id`` from ``remote`` (``kind``: the reason's
+        metric label, ``reason``: what the gateway was told), as ``note`` decides."""
+        line = self.note((address_of(remote), gateway_id, kind), now)
+        if line is not None and line.first:
+            logger.warning("refused gateway %r from %s: %s (further refusals of it from "
+                           "this address: at most one line a minute)", gateway_id, remote,
+                           reason)
+        elif line is not None:
+            logger.warning("refused gateway %r from %s %d times in the last %.0f s: %s",
+                           gateway_id, address_of(remote), line.count, line.seconds, reason)
+        others = self.others_due(now)
+        if others:
+            logger.warning("refused %d more HELLOs (other addresses, gateway ids or reasons; "
+                           "not logged one by one, counted in hub_refused_total)", others)
+
+    def others_due(self, now: float) -> int:
+        """The refusals of new keys not logged (over ``new_per_interval``) since the last
+        line about them, when such a line is due (at most one per interval), else 0."""
+        if not self._others or now - self._others_at < self.interval_s:
+            return 0
+        n, self._others, self._others_at = self._others, 0, now
+        return n
+
+
+def address_of(remote: str) -> str:
+    """The address of a ``host:port`` remote (a gateway reconnects from a new port)."""
+    return remote.rpartition(":")[0] or remote
+
+
+__all__ = ["MAX_REFUSED_IDS", "LogLine", "RefusalLog", "RefusedIds", "address_of"]
