@@ -69,6 +69,18 @@ def test_errors_inside_a_source_table_carry_its_index(tmp_path: Path) -> None:
     assert "sources[0].type: unknown source type 'nosuch' (installed:" in errs[0]
 
 
+@pytest.mark.parametrize("name", ["__rid__", "__after__", "__origins__", "__split__", "__x"])
+def test_a_source_name_in_the_gateways_own_checkpoint_keys_is_refused(
+        tmp_path: Path, name: str) -> None:
+    # a source's checkpoint is kept under its name beside the gateway's own keys: a source
+    # named like one of them would overwrite the gateway's state (or the other way round)
+    errs = errors_of(write(tmp_path, GOOD_GATEWAY.replace('"tester"', repr(name))))
+    assert errs == [f"{tmp_path / 'cfg.toml'}: sources[0].name: {name!r}: a source name must "
+                    "not start with '__' (reserved for the gateway's own checkpoint keys)"]
+    # one underscore, or two further in, is an ordinary name
+    load_gateway_config(str(write(tmp_path, GOOD_GATEWAY.replace('"tester"', '"_t__x"'))))
+
+
 def test_an_invalid_literal_lists_the_choices(tmp_path: Path) -> None:
     errs = errors_of(write(tmp_path, GOOD_GATEWAY + '[queue]\npolicy = "drop_newest"\n'))
     assert errs[0].endswith("queue.policy: expected 'block' or 'drop_oldest', "

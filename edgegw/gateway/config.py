@@ -104,6 +104,12 @@ class QueueSection:
 SPOOL_BYTES_PER_RECORD = 256
 
 
+#: source names starting with it are refused: the gateway keeps its own state among the
+#: sources' checkpoints under such keys (``__rid__``, ``__after__``, ``__origins__``,
+#: ``__split__``)
+RESERVED_NAME_PREFIX = "__"
+
+
 @dataclasses.dataclass(frozen=True)
 class SourceEntry:
     name: str
@@ -143,6 +149,12 @@ class GatewayConfig:
             name = raw.get("name")
             if isinstance(name, str) and name in names:
                 out.append((i, ("name", f"duplicate source name {name!r}")))
+            if isinstance(name, str) and name.startswith(RESERVED_NAME_PREFIX):
+                # a source's checkpoint is kept under its name, beside the gateway's own
+                # keys (__rid__, __after__, __split__): a source of that name would corrupt them
+                out.append((i, ("name", f"{name!r}: a source name must not start with "
+                                        f"{RESERVED_NAME_PREFIX!r} (reserved for the "
+                                        "gateway's own checkpoint keys)")))
             names.add(name)  # type: ignore[arg-type]
             if isinstance(raw.get("type"), str):
                 try:
