@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import shutil
+import struct
 import subprocess
 import sys
 import termios
@@ -26,7 +27,13 @@ from edgegw import metrics as metrics_module
 from edgegw.config import ConfigError, build
 from edgegw.metrics import Metrics
 from edgegw.mqtt import ConnectOptions, TrioMqttClient, ssl_context
-from edgegw.mqtt.source import MqttSource, MqttSourceConfig, MqttSourceError
+from edgegw.mqtt.source import (
+    MAX_RETAINED_TOPICS,
+    MqttSource,
+    MqttSourceConfig,
+    MqttSourceError,
+    _topic_hash,
+)
 from edgegw.records import GatewayEvent, Record, SensorReading, SensorWindow
 from edgegw.sources import SourceContext, source_type
 
@@ -764,3 +771,60 @@ async def test_a_retained_reading_counts_as_taken_after_a_restart_only_once_it_i
     # restarted from the one after it: the repeat is dropped
     later, sink = await run(after_window, then_publish=False)
     assert later.retained_repeats == 1 and sink.records == []
+
+
+async def test_more_retained_topics_than_the_checkpoint_keeps(start_broker: StartBroker) -> None:
+    """docs/mqtt.md, "Retained messages": the checkpoint keeps at most
+    ``MAX_RETAINED_TOPICS`` retained topics per source.  Within one run every topic's
+    retained repeat is dropped, past the cap too; after a restart the capped topics' repeats
+    are dropped and the retained message of each topic past the cap is taken again."""
+    broker = start_broker()
+    prefix = unique("ate")
+    over = 20
+    n = MAX_RETAINED_TOPICS + over
+    subs = [{"topic": f"{prefix}/+/t", "raw": True}]
+    async with trio.open_nursery() as nursery:
+        pub = await start_publisher(nursery, broker)
+        for i in range(n):
+            await pub.publish(f"{prefix}/c{i:04d}/t", payload(float(i), ts=100.0 + i), qos=1,
+                              retain=True)
+        with trio.fail_after(30):
+            await pub.wait_all_acked()
+        nursery.cancel_scope.cancel()
+
+    metrics = Metrics()
+    source = make_source(broker, subs, metrics=metrics)
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        await started(nursery, source, sink)
+        await wait_for(lambda: len(sink.records) == n, 30, "every retained reading")
+        # resubscribed after a broker restart: every topic's retained message comes again
+        await trio.to_thread.run_sync(broker.restart, 0.3)
+        await wait_for(lambda: source.retained_repeats == n, 30,
+                       "every topic's retained message again, dropped")
+        nursery.cancel_scope.cancel()
+    assert sorted(r.value for r in sink.of(SensorReading)) == [float(i) for i in range(n)]
+    checkpoint = sink.puts[-1][1]
+    # 20 bytes a topic, the first MAX_RETAINED_TOPICS seen retained
+    kept = {h for h, _, _ in struct.iter_unpack("<QId", checkpoint["retained"])}
+    assert len(kept) == MAX_RETAINED_TOPICS
+    channels = {r.channel for r in sink.of(SensorReading)}
+    assert len(channels) == n
+
+    # restarted from that checkpoint: the kept topics' repeats dropped, the others taken
+    again = make_source(broker, subs, checkpoint=checkpoint)
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        await started(nursery, again, sink)
+        await wait_for(lambda: again.retained_repeats + len(sink.records) == n, 30,
+                       "every retained message dropped or taken")
+        nursery.cancel_scope.cancel()
+    assert again.retained_repeats == MAX_RETAINED_TOPICS
+    # and its checkpoint keeps the same topics (the ones taken again have no room either)
+    assert {h for h, _, _ in struct.iter_unpack("<QId", sink.puts[-1][1]["retained"])} == kept
+    taken = sink.of(SensorReading)
+    assert len(taken) == over
+    # the ones taken are exactly the topics the checkpoint had no room for
+    topics = [f"{prefix}/c{i:04d}/t" for i in range(n)]  # (its channel: "/" -> ".")
+    assert sorted(r.channel for r in taken) == [t.replace("/", ".") for t in topics
+                                                if _topic_hash(t) not in kept]
