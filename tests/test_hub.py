@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
@@ -16,6 +17,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request
 
 from edgegw.gateway import Gateway
+from edgegw.hub import Ingest
 from edgegw.hub.store import unpack_body
 from edgegw.protocol import (
     Ack,
@@ -158,6 +160,69 @@ async def test_refused_hellos_are_logged_once_per_address_id_and_reason_then_sum
             "refused gateway 'ate-01' from 127.0.0.1 40 times in the last ")
         assert refused.get(reason="unauthorized") == 46
         nursery.cancel_scope.cancel()
+
+
+def refusal_log(tmp: Path, **limits: float) -> Any:
+    """The hub's refused-HELLO log limiter (``Ingest.refusal_log``), sans-IO, with
+    ``limits`` (``interval_s``, ``max_keys``, ``new_per_interval``) set."""
+    log = Ingest(hub_config(tmp)).refusal_log
+    for name, value in limits.items():
+        setattr(log, name, value)
+    return log
+
+
+def line(log: Any, key: tuple[str, str, str], now: float) -> tuple[Any, ...] | None:
+    """What is logged for one refusal of ``key``: ("first",) or ("summary", count,
+    seconds), None for nothing."""
+    out = log.note(key, now)
+    return None if out is None else ("first",) if out.first else (
+        "summary", out.count, out.seconds)
+
+
+KEY = ("10.0.0.7", "ate-01", "unauthorized")
+
+
+def test_a_refusal_is_logged_first_then_summed_up_once_per_interval(tmp_path: Path) -> None:
+    log = refusal_log(tmp_path, interval_s=60.0)
+    assert line(log, KEY, 0.0) == ("first",)
+    assert [line(log, KEY, t) for t in range(1, 60)] == [None] * 59  # within the minute
+    # the minute is up: the refusals since the first line, this one included
+    assert line(log, KEY, 60.0) == ("summary", 60, 60.0)
+    assert line(log, KEY, 61.0) is None
+    assert line(log, KEY, 200.0) == ("summary", 2, 140.0)
+    # another address, gateway id or reason has a first line of its own
+    others = [("10.0.0.8", "ate-01", "unauthorized"), ("10.0.0.7", "ate-02", "unauthorized"),
+              ("10.0.0.7", "ate-01", "unsupported_version")]
+    assert [line(log, k, 201.0) for k in others] == [("first",)] * 3
+
+
+def test_refusals_of_new_keys_over_the_budget_are_summed_up_together(tmp_path: Path) -> None:
+    log = refusal_log(tmp_path, interval_s=60.0, new_per_interval=3)
+    scan = [("10.0.0.9", f"scan-{i}", "unauthorized") for i in range(10)]
+    assert [line(log, k, 1.0) for k in scan] == [("first",)] * 3 + [None] * 7
+    assert log.others_due(1.0) == 7  # one line about them
+    assert line(log, ("10.0.0.9", "more", "unauthorized"), 2.0) is None
+    assert log.others_due(2.0) == 0  # at most one line per interval
+    # the next interval: new keys get first lines again
+    assert line(log, ("10.0.0.9", "later", "unauthorized"), 61.0) == ("first",)
+    assert log.others_due(61.0) == 1
+
+
+def test_the_refusal_log_remembers_a_bounded_number_of_keys(tmp_path: Path) -> None:
+    log = refusal_log(tmp_path, max_keys=50, new_per_interval=10**9)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(100_000):
+            log.note(("10.0.0.9", f"scan-{i:06d}", "unauthorized"), float(i))
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 100_000, f"{grown} bytes kept for 100,000 refused keys"
+    # the recently refused are remembered (within its minute: nothing to log), the least
+    # recently refused are forgotten: such a key is logged as a first one again
+    assert line(log, ("10.0.0.9", "scan-099999", "unauthorized"), 100_000.0) is None
+    assert line(log, ("10.0.0.9", "scan-000000", "unauthorized"), 100_000.0) == ("first",)
 
 
 async def test_a_second_connection_of_a_gateway_replaces_the_first_which_is_closed_4008(
