@@ -71,6 +71,8 @@ async def test_a_commit_on_the_owners_node_wakes_it_once_another_nodes_through_r
         # exported before anything woke a partition (0, as every metric not counted yet)
         assert "edgegw_cluster_partition_wakeups_total" in node.metrics.render_prometheus()
         before = {source: wakeups.get(source=source) for source in ("local", "redis")}
+        acquired = node.metrics.counter("cluster_partitions_acquired_total")
+        acquired_before = acquired.total()
         source = FloorSource()
 
         async def gateway(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -93,8 +95,11 @@ async def test_a_commit_on_the_owners_node_wakes_it_once_another_nodes_through_r
         await other_node_commits(pg_dsn, redis_server.url, prefix, "LOT-OTHER", 7)
         await until(lambda: applied.total() >= records + 7, 10,
                     "the other node's commit read at once")
-        # its one wake-up, and none of this node's own commits' (sent before it)
-        assert wakeups.get(source="redis") == before["redis"] + 1
+        # its one wake-up, and none of this node's own commits'.  (A partition lost and
+        # acquired again -- a lease not renewed in time on a starved machine -- has a new
+        # state, and an own commit's wake-up still on its way may count there once.)
+        regained = acquired.total() - acquired_before
+        assert 1 <= wakeups.get(source="redis") - before["redis"] <= 1 + regained
         assert node.owner.owned[partition_of("LOT-OTHER", 4)].woken_to > 0
         page = node.metrics.render_prometheus()
         assert 'edgegw_cluster_partition_wakeups_total{source="local"}' in page
