@@ -1,0 +1,164 @@
+"""The parts of a frame split for the hub reach its live state in record order.
+
+A gateway cuts a stored frame that is over the hub's limits as it sends it: the frame
+keeps its first part, the other parts are stored as new frames at the end of the sequence
+space (docs/protocol.md, "Frames over the hub's limits").  The hub's live state ties a
+part's parametric results to its part result by arrival (the values wait per site for the
+site's next PRR), so the parts must reach it right after the frame they were cut from,
+before the frames stored after it -- or a PRR cut away from its PTRs, with another frame
+of the same gateway applied between them, takes the wrong die's values.
+
+Here a gateway stores a wafer's records while its hub is away, in frames of 50 records;
+the hub takes 7 records a frame, so every frame is cut, mostly between a part's PTRs and
+its PRR.  The hub's live state must be what the same records give applied in order,
+unsplit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hubtools import gateway_config, hub_config
+
+from edgegw.gateway import Gateway
+from edgegw.hub import Hub
+from edgegw.hub.live import LiveState
+from edgegw.sim import SimulatedConfig, simulated_batches
+from edgegw.spool import DiskSpool, SpoolConfig
+from tests.cluster_reference import comparable, lot_topics
+
+SOURCE = {"seed": 3, "sites": 4, "wafers": 1, "tests_per_part": 4, "lots": 1,
+          "wafer_diameter_dies": 6, "lot_id": "L3"}
+FRAME_RECORDS = 50  # what the gateway stores in a frame
+
+
+def a_wafers_records() -> list[Any]:
+    ticks = itertools.count()
+    return [r for batch, _ in simulated_batches(SimulatedConfig(**SOURCE), "tester",
+                                                clock=lambda: 1.7e9 + next(ticks) * 0.01)
+            for r in batch]
+
+
+def in_order(records: list[Any]) -> LiveState:
+    """The live state of the records applied in order, in the frames they were stored in."""
+    state = LiveState(lambda topic, delta: None)
+    for i in range(0, len(records), FRAME_RECORDS):
+        state.on_records("ate-01", i + 1, records[i:i + FRAME_RECORDS], now=1.7e9)
+    return state
+
+
+async def spool_while_the_hub_is_away(tmp: Path, spool_dir: Path, records: list[Any]) -> int:
+    """Store ``records`` in frames of ``FRAME_RECORDS`` with no hub to send them to; the
+    number of frames stored."""
+    cfg = gateway_config(tmp, 1, spool={"dir": str(spool_dir)},
+                         batch={"max_records": FRAME_RECORDS, "max_delay_ms": 3_600_000})
+    gateway = Gateway(cfg)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            await gateway.sink.put(records, source="tester")
+            await gateway.flush()
+            while gateway.store.next_seq <= -(-len(records) // FRAME_RECORDS):
+                await trio.sleep(0.01)
+            n = gateway.store.next_seq - 1
+            nursery.cancel_scope.cancel()
+    return n
+
+
+class SnapshotSpool(DiskSpool):
+    """The real spool; a copy of its directory right after frame ``at`` is durable is what
+    a SIGKILL at that point leaves behind."""
+
+    def __init__(self, config: SpoolConfig, at: int, image: Path) -> None:
+        super().__init__(config)
+        self.at, self.image = at, image
+
+    async def append(self, body: bytes, n_records: int, checkpoints: dict[str, Any],
+                     **kwargs: Any) -> int:
+        seq = await super().append(body, n_records, checkpoints, **kwargs)
+        if seq == self.at:
+            await trio.to_thread.run_sync(shutil.copytree, self.directory, self.image)
+        return seq
+
+
+async def hub_state_after_sending(tmp: Path, records: list[Any], spool_dir: Path,
+                                  snapshot: tuple[int, Path] | None = None, **hub: Any
+                                  ) -> tuple[LiveState, Gateway]:
+    """A fresh hub's live state once a gateway sent it what ``spool_dir`` holds (and
+    every record of ``records`` was applied).  ``snapshot``: the gateway's spool is copied
+    right after that frame is durable."""
+    async with trio.open_nursery() as nursery:
+        the_hub = Hub(hub_config(tmp / "hub", checkpoint_interval_s=0, **hub))
+        port = await nursery.start(the_hub.run)
+        cfg = gateway_config(tmp / "gw", port, spool={"dir": str(spool_dir)},
+                             uplink={"probe_interval_s": 0.1, "backoff_max_s": 0.1},
+                             batch={"max_records": FRAME_RECORDS})
+        assert cfg.spool is not None
+        store = None if snapshot is None else SnapshotSpool(cfg.spool, *snapshot)
+        gateway = Gateway(cfg, store=store)
+        await nursery.start(gateway.run)
+        with trio.fail_after(20):
+            while not (gateway.store.first_unacked >= gateway.store.next_seq
+                       and the_hub.ingest.records_fed >= len(records)):
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    assert the_hub.ingest.records_fed == len(records), "each record once"
+    return the_hub.state, gateway
+
+
+def assert_same_state(got: LiveState, want: LiveState) -> None:
+    want_topics = comparable(lot_topics(want), set())
+    got_topics = comparable(lot_topics(got), set())
+    assert sorted(got_topics) == sorted(want_topics)
+    for topic, view in want_topics.items():
+        assert got_topics[topic] == view, topic
+
+
+@pytest.mark.parametrize("max_records", [100_000, 7], ids=["whole", "split"])
+async def test_the_hubs_live_state_is_the_in_order_state_whether_or_not_frames_are_split(
+        tmp_path: Path, max_records: int) -> None:
+    records = a_wafers_records()
+    assert len(records) > 3 * FRAME_RECORDS
+    frames = await spool_while_the_hub_is_away(tmp_path / "gw-a", tmp_path / "spool", records)
+    assert frames == -(-len(records) // FRAME_RECORDS)
+    state, gateway = await hub_state_after_sending(tmp_path, records, tmp_path / "spool",
+                                                   max_records_per_frame=max_records)
+    split = gateway.metrics.counter("uplink_frames_split_total").total()
+    assert split == (0 if max_records > FRAME_RECORDS else frames)
+    assert_same_state(state, in_order(records))
+
+
+async def test_after_a_crash_in_the_middle_of_a_split_the_parts_still_follow_their_frame(
+        tmp_path: Path) -> None:
+    """The gateway stopped (a crash image) with frame 1 cut and 4 of its 7 parts stored
+    as frames 5 to 8.  Restarted, towards a hub that has nothing: it sends frame 1's first
+    part, stores the other 3 parts, sends all 7 in record order, and only then frame 2.
+    The split's progress names the parts stored before the crash: without it they would
+    go after frames 2 to 4."""
+    records = a_wafers_records()
+    frames = await spool_while_the_hub_is_away(tmp_path / "gw-a", tmp_path / "spool", records)
+    image = tmp_path / "image"
+    await hub_state_after_sending(tmp_path / "a", records, tmp_path / "spool",
+                                  (frames + 4, image), max_records_per_frame=7)
+    assert image.exists()
+    state, gateway = await hub_state_after_sending(tmp_path / "b", records, image,
+                                                   max_records_per_frame=7)
+    assert_same_state(state, in_order(records))
+    assert gateway.metrics.counter("uplink_frames_rejected_total").total() == 0
+
+
+async def test_a_hub_that_takes_no_sequence_gap_gets_every_record_once(tmp_path: Path) -> None:
+    """Parts sent right after their frame leave a gap (the frames stored between them)
+    for a moment; a hub with ``max_holes = 0`` closes the link for it.  The gateway then
+    sends the parts in sequence order, as any frame, and every record arrives once (their
+    order then is that of the sequence numbers)."""
+    records = a_wafers_records()
+    await spool_while_the_hub_is_away(tmp_path / "gw-a", tmp_path / "spool", records)
+    _, gateway = await hub_state_after_sending(tmp_path, records, tmp_path / "spool",
+                                               max_records_per_frame=7, max_holes=0)
+    assert gateway.uplink.parts_in_seq_order
