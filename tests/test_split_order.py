@@ -21,13 +21,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import pytest
 import trio
 from hubtools import gateway_config, hub_config
+from trio_websocket import open_websocket_url
 
 from edgegw.gateway import Gateway
+from edgegw.gateway.uplink import SPLIT_KEY
 from edgegw.hub import Hub
 from edgegw.hub.live import LiveState
+from edgegw.protocol import Ack, GatewayConnection, to_rows
 from edgegw.sim import SimulatedConfig, simulated_batches
 from edgegw.spool import DiskSpool, SpoolConfig
 from tests.cluster_reference import comparable, lot_topics
@@ -162,3 +166,58 @@ async def test_a_hub_that_takes_no_sequence_gap_gets_every_record_once(tmp_path:
     _, gateway = await hub_state_after_sending(tmp_path, records, tmp_path / "spool",
                                                max_records_per_frame=7, max_holes=0)
     assert gateway.uplink.parts_in_seq_order
+
+
+async def send_frames(port: int, epoch: str, frames: list[tuple[int, bytes]]) -> None:
+    """What a gateway whose link died after them sent: these DATA frames, each applied
+    (acknowledged) before the link goes."""
+    url = f"ws://127.0.0.1:{port}/ws/gateway"
+    async with open_websocket_url(url) as ws:
+        conn = GatewayConnection("ate-01", "s3cret", epoch, 1, heartbeat=5.0, now=0.0)
+        await ws.send_message(conn.hello(trio.current_time()))
+        while conn.welcome is None:
+            conn.receive(await ws.get_message(), trio.current_time())
+        for seq, body in frames:
+            await ws.send_message(conn.data(seq, body, trio.current_time()))
+        acked = 0
+        while acked < max(seq for seq, _ in frames):
+            for ev in conn.receive(await ws.get_message(), trio.current_time())[0]:
+                if isinstance(ev, Ack):
+                    acked = ev.watermark
+
+
+async def test_the_parts_of_a_frame_the_hub_already_has_go_first_on_the_next_connection(
+        tmp_path: Path) -> None:
+    """The link went down after the hub applied frame 1 (cut) and before its parts: on
+    the next connection (here after a restart) the parts go first, before frame 2."""
+    records = a_wafers_records()
+    frames = await spool_while_the_hub_is_away(tmp_path / "gw-a", tmp_path / "spool", records)
+    image = tmp_path / "image"
+    await hub_state_after_sending(tmp_path / "a", records, tmp_path / "spool",
+                                  (frames + 7, image), max_records_per_frame=7)
+    async with DiskSpool.open(SpoolConfig(dir=str(image))) as spool:
+        epoch = spool.epoch
+        stored = spool.frames_from(1, 1)[0]
+        cut = spool.checkpoints[SPLIT_KEY]["1"][0]
+    first_rid, sources, rows = to_rows(cbor2.loads(stored.body))
+    assert cut == 7 and first_rid == 1
+    frame_1_cut = cbor2.dumps([first_rid, sources, rows[:cut]])
+
+    async with trio.open_nursery() as nursery:
+        the_hub = Hub(hub_config(tmp_path / "hub", checkpoint_interval_s=0,
+                                 max_records_per_frame=7))
+        port = await nursery.start(the_hub.run)
+        with trio.fail_after(10):
+            await send_frames(port, epoch, [(1, frame_1_cut)])
+        cfg = gateway_config(tmp_path / "gw", port, spool={"dir": str(image)},
+                             uplink={"probe_interval_s": 0.1},
+                             batch={"max_records": FRAME_RECORDS})
+        gateway = Gateway(cfg)
+        await nursery.start(gateway.run)
+        with trio.fail_after(20):
+            while not (gateway.store.first_unacked >= gateway.store.next_seq
+                       and the_hub.ingest.records_fed >= len(records)):
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    assert the_hub.ingest.records_fed == len(records), "each record once"
+    assert_same_state(the_hub.state, in_order(records))
