@@ -300,7 +300,7 @@ class Uplink:
                   seq, reason)
         if body is None:
             frames = self.store.frames_from(seq, 1)
-            body = frames[0].body if frames and frames[0].seq == seq else None
+            body = self._as_sent(frames[0]) if frames and frames[0].seq == seq else None
         if self.dead_letter_path is not None:
             await write_dead_letter(self.dead_letter_path, {
                 "seq": seq, "epoch": self.store.epoch, "reason": reason, "at": time.time(),
@@ -309,6 +309,22 @@ class Uplink:
             self.store.ack_set([(seq, seq)])
             if self.scheduler is not None:
                 self.scheduler.acked(0, [(seq, seq)])
+
+    def _as_sent(self, f: StoredFrame) -> bytes:
+        """The body of stored frame ``f`` as the hub got it: a frame split for the hub
+        holds its first part only (its other records are in their own frames, which the
+        hub judges on their own), so a REJECT of it dead-letters that part, not the
+        records sent (and applied) in the others."""
+        marker = (self.store.checkpoints.get(SPLIT_KEY) or {}).get(str(f.seq))
+        if marker is None:
+            return f.body
+        try:
+            item = cbor2.loads(f.body)
+            first_rid, sources, rows = to_rows(item) if is_columnar(f.body) else item
+            cut = _progress(marker, len(rows), f.seq)[0]
+            return cbor2.dumps([first_rid, sources, rows[:cut]]) if cut < len(rows) else f.body
+        except Exception:  # it did not decode when it was sent either: sent as it is
+            return f.body
 
     async def _sender(self, ws: Any, conn: GatewayConnection, welcome: Welcome) -> None:
         # Live first, backlog in large windows (spool helper): the sans-IO SendScheduler
