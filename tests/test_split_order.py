@@ -28,7 +28,6 @@ from hubtools import gateway_config, hub_config
 from trio_websocket import open_websocket_url
 
 from edgegw.gateway import Gateway
-from edgegw.gateway.uplink import SPLIT_KEY
 from edgegw.hub import Hub
 from edgegw.hub.live import LiveState
 from edgegw.protocol import Ack, GatewayConnection, to_rows
@@ -198,7 +197,7 @@ async def test_the_parts_of_a_frame_the_hub_already_has_go_first_on_the_next_con
     async with DiskSpool.open(SpoolConfig(dir=str(image))) as spool:
         epoch = spool.epoch
         stored = spool.frames_from(1, 1)[0]
-        cut = spool.checkpoints[SPLIT_KEY]["1"][0]
+        cut = spool.checkpoints["__split__"]["1"][0]  # its progress (docs/protocol.md)
     first_rid, sources, rows = to_rows(cbor2.loads(stored.body))
     assert cut == 7 and first_rid == 1
     frame_1_cut = cbor2.dumps([first_rid, sources, rows[:cut]])
