@@ -29,6 +29,7 @@ from trio_websocket import open_websocket_url
 
 from edgegw.gateway import Gateway
 from edgegw.hub import Hub
+from edgegw.hub.history import die_values
 from edgegw.hub.live import LiveState
 from edgegw.protocol import Ack, GatewayConnection, to_rows
 from edgegw.sim import SimulatedConfig, simulated_batches
@@ -120,6 +121,16 @@ def assert_same_state(got: LiveState, want: LiveState) -> None:
     assert sorted(got_topics) == sorted(want_topics)
     for topic, view in want_topics.items():
         assert got_topics[topic] == view, topic
+    # and each die's test values (the wafer map by test value): the PTRs of its own part
+    n_values = 0
+    for lot_id, lot in want.lots.items():
+        for wafer_id in lot.wafers:
+            for test_num in lot.tests:
+                _, dies = die_values(want, lot_id, wafer_id, str(test_num))
+                _, got_dies = die_values(got, lot_id, wafer_id, str(test_num))
+                assert sorted(got_dies["dies"]) == sorted(dies["dies"]), (wafer_id, test_num)
+                n_values += len(dies["dies"])
+    assert n_values > 0
 
 
 @pytest.mark.parametrize("max_records", [100_000, 7], ids=["whole", "split"])
@@ -153,6 +164,50 @@ async def test_after_a_crash_in_the_middle_of_a_split_the_parts_still_follow_the
                                                    max_records_per_frame=7)
     assert_same_state(state, in_order(records))
     assert gateway.metrics.counter("uplink_frames_rejected_total").total() == 0
+
+
+class RecentFrom(DiskSpool):
+    """The real spool, whose frames from ``recent`` on count as made in the last 2 s (the
+    uplink sends them first, as live, on the next connection)."""
+
+    def __init__(self, config: SpoolConfig, recent: int) -> None:
+        super().__init__(config)
+        self.recent = recent
+
+    def first_seq_since(self, age_s: float) -> int:
+        return min(self.recent, super().first_seq_since(age_s))
+
+
+async def test_parts_made_just_before_a_reconnect_still_wait_for_their_frame(
+        tmp_path: Path) -> None:
+    """Frame 1 was cut and its 8 parts stored just before the link went: on the next
+    connection they are live (made in the last 2 s), frame 1 is backlog.  The live lane
+    goes first and passes them; they go right after frame 1.  (The hub takes 6 records a
+    frame: frame 1's first part ends between the first die's PTRs and its PRR.)"""
+    records = a_wafers_records()
+    frames = await spool_while_the_hub_is_away(tmp_path / "gw-a", tmp_path / "spool", records)
+    image = tmp_path / "image"
+    await hub_state_after_sending(tmp_path / "a", records, tmp_path / "spool",
+                                  (frames + 8, image), max_records_per_frame=6)
+    async with trio.open_nursery() as nursery:
+        the_hub = Hub(hub_config(tmp_path / "hub", checkpoint_interval_s=0,
+                                 max_records_per_frame=6))
+        port = await nursery.start(the_hub.run)
+        cfg = gateway_config(tmp_path / "gw", port, spool={"dir": str(image)},
+                             uplink={"probe_interval_s": 0.1},
+                             batch={"max_records": FRAME_RECORDS})
+        assert cfg.spool is not None
+        gateway = Gateway(cfg, store=RecentFrom(cfg.spool, frames + 1))
+        await nursery.start(gateway.run)
+        with trio.fail_after(20):
+            while not (gateway.store.first_unacked >= gateway.store.next_seq
+                       and the_hub.ingest.records_fed >= len(records)):
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    assert the_hub.ingest.records_fed == len(records), "each record once"
+    assert gateway.uplink is not None and gateway.uplink.scheduler is not None
+    assert gateway.uplink.scheduler.live_from == frames + 1, "the parts were live"
+    assert_same_state(the_hub.state, in_order(records))
 
 
 async def test_a_hub_that_takes_no_sequence_gap_gets_every_record_once(tmp_path: Path) -> None:
