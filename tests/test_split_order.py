@@ -25,6 +25,7 @@ import cbor2
 import pytest
 import trio
 from hubtools import gateway_config, hub_config
+from ports import free_port
 from trio_websocket import open_websocket_url
 
 from edgegw.gateway import Gateway
@@ -268,6 +269,61 @@ async def test_the_parts_of_a_frame_the_hub_already_has_go_first_on_the_next_con
                              batch={"max_records": FRAME_RECORDS})
         gateway = Gateway(cfg)
         await nursery.start(gateway.run)
+        with trio.fail_after(20):
+            while not (gateway.store.first_unacked >= gateway.store.next_seq
+                       and the_hub.ingest.records_fed >= len(records)):
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    assert the_hub.ingest.records_fed == len(records), "each record once"
+    assert_same_state(the_hub.state, in_order(records))
+
+
+class StopAt:
+    """A hub consumer that stops its hub (cancels ``scope``) once it was fed ``n`` records:
+    the hub goes down in the middle of the gateway's sending, its frames in flight."""
+
+    def __init__(self, n: int, scope: trio.CancelScope) -> None:
+        self.n, self.fed, self.scope = n, 0, scope
+
+    def on_records(self, gateway_id: str, first_rid: int, records: list[Any]) -> None:
+        self.fed += len(records)
+        if self.fed >= self.n:
+            self.scope.cancel()
+
+    def on_gateway(self, gateway_id: str, connected: bool, now: float) -> None:
+        pass
+
+
+async def test_a_hub_restarted_in_the_middle_of_the_splits_gets_them_in_order_once(
+        tmp_path: Path) -> None:
+    """Three wafers stored while the hub was away, every frame cut for it; the hub stops
+    when a third of the records are in and starts again (its live state rebuilt from its
+    store, in the order frames arrived).  The gateway reconnects and sends the rest: the
+    frames and parts it had in flight again, the parts of frames the hub has first, held
+    parts after their frame.  The live state is the in-order one, each record once."""
+    source = {**SOURCE, "wafers": 3}
+    ticks = itertools.count()
+    records = [r for batch, _ in simulated_batches(SimulatedConfig(**source), "tester",
+                                                   clock=lambda: 1.7e9 + next(ticks) * 0.01)
+               for r in batch]
+    await spool_while_the_hub_is_away(tmp_path / "gw-a", tmp_path / "spool", records)
+    port = free_port()
+    hub_cfg = hub_config(tmp_path / "hub", port=port, checkpoint_interval_s=0,
+                         max_records_per_frame=7)
+    cfg = gateway_config(tmp_path / "gw", port, spool={"dir": str(tmp_path / "spool")},
+                         uplink={"probe_interval_s": 0.1, "backoff_max_s": 0.1},
+                         batch={"max_records": FRAME_RECORDS})
+    gateway = Gateway(cfg)
+    async with trio.open_nursery() as nursery:
+        first_hub = Hub(hub_cfg)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as first_run:  # until StopAt cancels it
+                first_hub.ingest.add_consumer(StopAt(len(records) // 3, first_run.cancel_scope))
+                await first_run.start(first_hub.run)
+                await nursery.start(gateway.run)
+        assert first_hub.ingest.records_fed < len(records), "stopped midway"
+        the_hub = Hub(hub_cfg)
+        await nursery.start(the_hub.run)
         with trio.fail_after(20):
             while not (gateway.store.first_unacked >= gateway.store.next_seq
                        and the_hub.ingest.records_fed >= len(records)):
