@@ -350,6 +350,45 @@ async def test_a_crash_while_a_frame_is_split_for_the_hub_sends_each_record_once
         nursery.cancel_scope.cancel()
 
 
+async def test_a_reject_of_a_split_frame_dead_letters_only_the_part_the_hub_got(
+        tmp_path: Path) -> None:
+    """A stored frame of 20 records whose first record the hub cannot take (a kind it
+    does not know), cut for a hub of 7 records a frame: the hub rejects the frame's first
+    part -- the 7 records sent under its seq -- and applies the other two parts.  The
+    dead-letter file keeps those 7 records, not the 13 the hub applied (before, it kept
+    the stored frame's whole body)."""
+    from hubtools import hub_config, start_hub
+
+    from edgegw.protocol import encode_body
+
+    records = [reading(0, j, 5) for j in range(20)]
+    first_rid, sources, rows = cbor2.loads(encode_body(1, records))
+    rows[0] = [99, 0, 1.0]  # no such kind: the hub rejects the frame holding it
+    spool_dir = tmp_path / "spool"
+    async with DiskSpool.open(SpoolConfig(dir=str(spool_dir))) as spool:
+        await spool.append(cbor2.dumps([first_rid, sources, rows]), len(rows), {})
+
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path / "hub",
+                                                        max_records_per_frame=7))
+        cfg = gateway_config(tmp_path / "gw", port, uplink={"probe_interval_s": 0.1},
+                             spool={"dir": str(spool_dir)})
+        gateway = Gateway(cfg)
+        await nursery.start(gateway.run)
+        await until_all_acked(gateway, 3)
+        got = await hub_records(hub)
+        assert [rid for rid, _ in got] == list(range(8, 21))
+        assert [r.channel for _, r in got] == [r.channel for r in records[7:]]
+        assert hub.stats()["gateways"]["ate-01"]["frames_rejected"] == 1
+        assert gateway.metrics.counter("uplink_frames_rejected_total").total() == 1
+        nursery.cancel_scope.cancel()
+    raw = (tmp_path / "gw" / "dead-letter.cborseq").read_bytes()
+    assert len(raw) == 4 + int.from_bytes(raw[:4], "big"), "one entry"
+    entry = cbor2.loads(raw[4:])
+    assert entry["seq"] == 1
+    assert cbor2.loads(entry["body"]) == [1, sources, rows[:7]]
+
+
 async def test_the_parts_of_a_split_batch_leave_room_for_the_checkpoints_they_carry(
         tmp_path: Path) -> None:
     """An earlier part carries the checkpoint of a put that ends in it, which may be larger

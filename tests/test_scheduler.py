@@ -82,3 +82,22 @@ def test_a_fragmented_applied_set_at_the_hub_sends_the_backlog_first() -> None:
     assert [w.lane for w in s.wants()] == ["live"]
     s.start(10, 500, applied=[(1, 9), (100, 120)])
     assert [w.lane for w in s.wants()] == ["live", "backlog"]
+
+
+def test_a_frame_sent_ahead_is_in_flight_and_its_lane_passes_it_without_a_second_slot() -> None:
+    """The parts of a frame split for the hub go right after it, ahead of their lane
+    (docs/protocol.md section 5): they take window room until acknowledged, and the lane
+    that reaches them moves on without putting them in flight again; a frame held back
+    (passed) takes no room at all."""
+    s = SendScheduler(window=8, live_reserve=2)
+    s.start(1, 100)
+    s.sent("backlog", [1])
+    s.sent_ahead([100, 101])  # frame 1's parts, stored at the end
+    assert s.room == 5 and s.ahead == {100, 101}
+    s.passed("live", [100, 101])
+    assert s.room == 5
+    assert s.wants()[0] == Want("live", 102, 5)
+    s.passed("backlog", [2])  # held back until the frame it was cut from goes
+    assert s.room == 5 and s.backlog_next == 3
+    s.acked(1, [(100, 101)])
+    assert s.room == 8 and s.ahead == set()

@@ -18,6 +18,12 @@ window already on the wire.  The hub applies out of order (its applied set toler
 few holes), and the two lanes create at most one hole (between the backlog cursor and
 ``live_from``) plus what selective acks leave.  Consumers order by record id.
 
+The uplink may also send a frame **ahead** of its lane (``sent_ahead``): the parts of a
+frame split for the hub go right after that frame (docs/protocol.md, "Frames over the
+hub's limits").  A lane that reaches a frame already sent ahead, or one the uplink holds
+back until the frame it was cut from is sent, passes it (``passed``): its cursor moves on,
+nothing is put in flight.
+
 Time is never read here; the uplink passes events in.
 """
 
@@ -53,6 +59,7 @@ class SendScheduler:
         self.live_next = 1
         self.backlog_next = 1
         self.in_flight: set[int] = set()
+        self.ahead: set[int] = set()  # sent ahead of their lane, not yet acknowledged
         # the hub refuses frames that leave more than its max_holes (default 8) gaps in its
         # applied set; repeated outages during a drain leave one live range each, so when
         # the hub's set is already fragmented the backlog (which only fills gaps) goes first
@@ -69,6 +76,7 @@ class SendScheduler:
         self.live_from = self.live_next = max(live_from, first_unacked)
         self.backlog_next = first_unacked
         self.in_flight.clear()
+        self.ahead.clear()
         above = [r for r in applied if r[1] >= first_unacked]
         self.live_held = len(above) + 1 >= self.max_holes
 
@@ -105,6 +113,22 @@ class SendScheduler:
             self.backlog_next = max(self.backlog_next, max(seqs) + 1)
             self.sent_backlog += len(seqs)
 
+    def sent_ahead(self, seqs: Iterable[int]) -> None:
+        """Frames sent out of their lane's order: in flight now; their lane passes them."""
+        seqs = list(seqs)
+        self.in_flight.update(seqs)
+        self.ahead.update(seqs)
+
+    def passed(self, lane: Lane, seqs: Iterable[int]) -> None:
+        """The lane moves past ``seqs`` without sending them (sent ahead, or held back)."""
+        seqs = list(seqs)
+        if not seqs:
+            return
+        if lane == "live":
+            self.live_next = max(self.live_next, max(seqs) + 1)
+        else:
+            self.backlog_next = max(self.backlog_next, max(seqs) + 1)
+
     def backlog_exhausted(self) -> None:
         """The store holds nothing more below ``live_from`` (acked meanwhile, or lost)."""
         self.backlog_next = self.live_from
@@ -113,5 +137,7 @@ class SendScheduler:
         ranges = list(ranges)
         self.in_flight = {s for s in self.in_flight
                           if s > watermark and not any(lo <= s <= hi for lo, hi in ranges)}
+        if self.ahead:
+            self.ahead &= self.in_flight
         if watermark >= self.backlog_next:
             self.backlog_next = min(watermark + 1, self.live_from)

@@ -15,6 +15,9 @@ its body as sent, v1 rows for a v1 hub) is sent as several frames (``_fit``): it
 part under its own seq, the rest first stored as new frames, with the split's progress
 kept among the store's checkpoints (``SPLIT_KEY``) so that a restart neither sends a
 record twice nor loses one (docs/protocol.md section 5, "Frames over the hub's limits").
+The parts go right after the frame they were cut from, before the frames stored after it,
+on every connection: the hub gets the records in record-id order (its live state ties a
+part's results together by arrival).
 """
 
 from __future__ import annotations
@@ -68,10 +71,14 @@ CLOSE_TIMEOUT_S = 0.5
 #: this much under the hub's ``max_frame_bytes`` makes a message under it
 DATA_ENVELOPE_BYTES = 64
 #: among the store's checkpoints: for each stored frame split for the hub and not yet
-#: acknowledged, ``str(seq) -> [cut, stored_to, end]``: the frame now holds its records
-#: ``[0, cut)``; its records ``[cut, stored_to)`` are in frames stored after it; the split
-#: is complete when ``stored_to == end``
+#: acknowledged (it or its parts), ``str(seq) -> [cut, stored_to, end, parts]``: the frame
+#: now holds its records ``[0, cut)``; its records ``[cut, stored_to)`` are in frames stored
+#: after it, ``parts`` ``[[seq, first_rid], ...]`` (at most ``MAX_PARTS``; a gateway before
+#: this wrote none); the split is complete when ``stored_to == end``
 SPLIT_KEY = "__split__"
+#: parts of one split whose seqs are kept (sent right after the frame); more are sent in
+#: sequence order, as any frame: order is then as good as before, nothing is lost
+MAX_PARTS = 64
 _WIDEST_RID = (1 << 64) - 1  # parts are sized with the widest record id CBOR encodes
 
 
@@ -101,6 +108,12 @@ class Uplink:
         self._probe_target = ProbeTarget.from_url(gateway.hub_url, self._ssl_context())
         self.handshake_s: float | None = None  # TCP + WebSocket + HELLO/WELCOME, last time
         self._split_warned = False  # a frame split for the hub logged on this connection
+        #: this connection: parts held back until the frame they were cut from is sent
+        #: (part seq -> that frame's seq)
+        self._held: dict[int, int] = {}
+        #: parts go in sequence order, as any frame: set once a hub closed the link for a
+        #: sequence gap (a hub with ``max_holes = 0`` takes nothing sent ahead)
+        self.parts_in_seq_order = False
         self.m_connects = metrics.counter("uplink_connects_total", "successful hub handshakes")
         self.m_failures = metrics.counter("uplink_failures_total", "connection failures")
         self.m_probes = metrics.counter("uplink_probes_total",
@@ -179,6 +192,12 @@ class Uplink:
         except (OSError, HandshakeError, ConnectionClosed, ProtocolError, trio.TooSlowError,
                 trio.BrokenResourceError) as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
+            if _sequence_gap(exc) and not self.parts_in_seq_order:
+                # the parts of split frames, sent right after their frame, made a gap
+                # this hub does not take (max_holes = 0): from now on they go in order
+                self.parts_in_seq_order = True
+                log.warning("the hub closed the link for a sequence gap: the parts of "
+                            "frames split for it are sent in sequence order from now on")
             if (isinstance(exc, ConnectionClosed) and exc.reason is not None
                     and exc.reason.code == CloseCode.REPLACED):
                 log.error("the hub closed this connection: a newer connection with gateway id "
@@ -281,7 +300,7 @@ class Uplink:
                   seq, reason)
         if body is None:
             frames = self.store.frames_from(seq, 1)
-            body = frames[0].body if frames and frames[0].seq == seq else None
+            body = self._as_sent(frames[0]) if frames and frames[0].seq == seq else None
         if self.dead_letter_path is not None:
             await write_dead_letter(self.dead_letter_path, {
                 "seq": seq, "epoch": self.store.epoch, "reason": reason, "at": time.time(),
@@ -291,6 +310,22 @@ class Uplink:
             if self.scheduler is not None:
                 self.scheduler.acked(0, [(seq, seq)])
 
+    def _as_sent(self, f: StoredFrame) -> bytes:
+        """The body of stored frame ``f`` as the hub got it: a frame split for the hub
+        holds its first part only (its other records are in their own frames, which the
+        hub judges on their own), so a REJECT of it dead-letters that part, not the
+        records sent (and applied) in the others."""
+        marker = (self.store.checkpoints.get(SPLIT_KEY) or {}).get(str(f.seq))
+        if marker is None:
+            return f.body
+        try:
+            item = cbor2.loads(f.body)
+            first_rid, sources, rows = to_rows(item) if is_columnar(f.body) else item
+            cut = _progress(marker, len(rows), f.seq)[0]
+            return cbor2.dumps([first_rid, sources, rows[:cut]]) if cut < len(rows) else f.body
+        except Exception:  # it did not decode when it was sent either: sent as it is
+            return f.body
+
     async def _sender(self, ws: Any, conn: GatewayConnection, welcome: Welcome) -> None:
         # Live first, backlog in large windows (spool helper): the sans-IO SendScheduler
         # decides what to fetch; see edgegw/gateway/scheduler.py and docs/spool.md.
@@ -298,7 +333,13 @@ class Uplink:
         # frames made in the last LIVE_S seconds before the link came up count as live too
         sched.start(self.store.first_unacked, self.store.first_seq_since(LIVE_S),
                     welcome.applied)
+        # the parts of split frames go right after their frame (or first, when the hub has
+        # that frame already), never before it, whatever lane they are in
+        first, self._held = self._parts_on_connect(welcome.applied)
+        await self._send_ahead(ws, conn, welcome, first)
         while True:
+            if self._held:
+                await self._release_held(ws, conn, welcome, sched)
             progressed = False
             for want in sched.wants():
                 if want.lane == "live":
@@ -312,8 +353,11 @@ class Uplink:
                         sched.backlog_exhausted()
                         continue
                 for f in frames:
+                    if f.seq in sched.ahead or f.seq in self._held:
+                        sched.passed(want.lane, [f.seq])  # sent, or goes, after its frame
+                        continue
                     await self._send_frame(ws, conn, welcome, f)
-                sched.sent(want.lane, [f.seq for f in frames])
+                    sched.sent(want.lane, [f.seq])
                 if frames:
                     progressed = True
                     break  # plan again: live frames that appeared meanwhile go first
@@ -351,8 +395,62 @@ class Uplink:
             nursery.start_soon(frame)
             nursery.start_soon(ack)
 
+    def _parts_on_connect(self, applied: list[tuple[int, int]]
+                          ) -> tuple[list[int], dict[int, int]]:
+        """The parts of split frames still to send on a new connection: those whose frame
+        the hub has (they go first), and the rest (held until their frame is sent)."""
+        if self.parts_in_seq_order:
+            return [], {}
+        first_unacked = self.store.first_unacked
+        lost = self.store.lost_ranges
+
+        def acked(seq: int) -> bool:
+            return seq < first_unacked or any(lo <= seq <= hi for lo, hi in applied)
+
+        first: list[tuple[int, int]] = []
+        held: dict[int, int] = {}
+        for key, marker in sorted((self.store.checkpoints.get(SPLIT_KEY) or {}).items(),
+                                  key=lambda kv: _int(kv[0])):
+            seq = _int(key)
+            for part, rid in _parts(marker):
+                if acked(part) or any(lo <= part <= hi for lo, hi in lost):
+                    continue
+                if acked(seq):
+                    first.append((rid, part))
+                else:
+                    held[part] = seq
+        return [p for _, p in sorted(first)], held
+
+    async def _release_held(self, ws: Any, conn: GatewayConnection, welcome: Welcome,
+                            sched: SendScheduler) -> None:
+        """Parts held for a frame that its lane passed without sending it (it was gone:
+        acknowledged meanwhile) go now, rather than wait for it for ever."""
+        def passed(seq: int) -> bool:
+            if seq < sched.live_from:
+                return seq < sched.backlog_next
+            return seq < sched.live_next
+
+        ready = sorted((seq, p) for p, seq in self._held.items() if passed(seq))
+        for _, p in ready:
+            del self._held[p]
+        await self._send_ahead(ws, conn, welcome, [p for _, p in ready])
+
+    async def _send_ahead(self, ws: Any, conn: GatewayConnection, welcome: Welcome,
+                          seqs: list[int]) -> None:
+        """Send the stored frames ``seqs`` now, out of their lane's order (each once on the
+        connection: one already sent, or acknowledged, is not sent again)."""
+        sched = self.scheduler
+        for seq in seqs:
+            if sched is not None and seq in sched.in_flight:
+                continue
+            frames = await self.store.read_frames(seq, 1)
+            if frames and frames[0].seq == seq:
+                await self._send_frame(ws, conn, welcome, frames[0], ahead=True)
+
     async def _send_frame(self, ws: Any, conn: GatewayConnection, welcome: Welcome,
-                          f: StoredFrame) -> None:
+                          f: StoredFrame, ahead: bool = False) -> None:
+        """Send a stored frame (cut for the hub when it is over its limits), then the parts
+        cut from it, in record order, before anything else."""
         f = await self._fit(welcome, f)
         data = conn.data(f.seq, f.body, trio.current_time())
         problem = None
@@ -373,6 +471,14 @@ class Uplink:
         self.m_frames.inc()
         self.m_bytes.inc(len(data))
         self.m_body_bytes.inc(len(f.body))
+        if ahead and self.scheduler is not None:
+            self.scheduler.sent_ahead([f.seq])
+        marker = (self.store.checkpoints.get(SPLIT_KEY) or {}).get(str(f.seq))
+        if marker is not None and not self.parts_in_seq_order:
+            parts = [p for _, p in sorted((rid, p) for p, rid in _parts(marker))]
+            for p in parts:
+                self._held.pop(p, None)
+            await self._send_ahead(ws, conn, welcome, parts)
 
     async def _fit(self, welcome: Welcome, f: StoredFrame) -> StoredFrame:
         """The frame as this hub takes it.  For a v1 hub, spooled columns become v1 rows
@@ -404,15 +510,17 @@ class Uplink:
                 return StoredFrame(f.seq, body, len(rows))
         n = len(rows)
         cut, stored_to, end = _progress(marker, n, f.seq)
+        parts = _parts(marker)
         sizes = [len(cbor2.dumps(r)) for r in rows[:end]]
         base = len(cbor2.dumps([_WIDEST_RID, sources, []])) + 8  # the records' array head
         limit = self._part_limit(welcome, f.seq)
         if stored_to < end:  # a split the gateway stopped in: store the rest first
-            await self._store_parts(f.seq, first_rid, sources, rows, cut, stored_to, end,
-                                    sizes, base, limit, welcome.max_records)
-        parts = _plan(sizes[:cut], base, limit, welcome.max_records)
-        if len(parts) > 1:
-            new_cut = parts[0][1]
+            parts = await self._store_parts(f.seq, first_rid, sources, rows, cut, stored_to,
+                                            end, sizes, base, limit, welcome.max_records,
+                                            parts)
+        plan = _plan(sizes[:cut], base, limit, welcome.max_records)
+        if len(plan) > 1:
+            new_cut = plan[0][1]
             # a warning once per connection (a gateway whose batch.max_records is over
             # the hub's splits every frame): the counter carries the rest
             self.m_split.inc()
@@ -421,10 +529,10 @@ class Uplink:
                     "(%d records, %d bytes): sent as %d frames, the first under its own "
                     "seq (uplink_frames_split_total counts them)", f.seq, cut,
                     base + sum(sizes[:cut]), welcome.max_records, welcome.max_frame_bytes,
-                    len(parts))
+                    len(plan))
             self._split_warned = True
             await self._store_parts(f.seq, first_rid, sources, rows, new_cut, new_cut, cut,
-                                    sizes, base, limit, welcome.max_records)
+                                    sizes, base, limit, welcome.max_records, parts)
             cut = new_cut
         return StoredFrame(f.seq, cbor2.dumps([first_rid, sources, rows[:cut]]), cut)
 
@@ -432,23 +540,31 @@ class Uplink:
         """The largest body of a part: what the hub takes, and what the store takes with
         the split's progress among the checkpoints."""
         limit = welcome.max_frame_bytes - DATA_ENVELOPE_BYTES
-        widest = {**self._splits(), str(seq): [_WIDEST_RID] * 3, "": _WIDEST_RID}
+        widest = {**self._splits(), "": _WIDEST_RID,
+                  str(seq): [_WIDEST_RID] * 3 + [[[_WIDEST_RID] * 2] * MAX_PARTS]}
         room = self.store.max_body_bytes(_WIDEST_RID, {SPLIT_KEY: widest})
         return limit if room is None else min(limit, room)
 
     def _splits(self) -> dict[str, Any]:
-        """The splits still needed: of frames not yet acknowledged."""
+        """The splits still needed: of frames not yet acknowledged, or whose parts are not
+        (they are sent right after their frame, or first when it is acknowledged)."""
         first = self.store.first_unacked
         return {k: v for k, v in (self.store.checkpoints.get(SPLIT_KEY) or {}).items()
-                if int(k) >= first}
+                if max([_int(k), *(p for p, _ in _parts(v))]) >= first}
 
     async def _store_parts(self, seq: int, first_rid: int, sources: list[Any],
                            rows: list[Any], cut: int, start: int, end: int, sizes: list[int],
-                           base: int, limit: int, max_records: int) -> None:
+                           base: int, limit: int, max_records: int,
+                           parts: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Store frame ``seq``'s records ``[start, end)`` as new frames that fit, each
-        durable with the split's progress ``[cut, its end, end]``.  A record alone over
-        ``limit`` is kept in the dead-letter file and stored as a stand-in that says so
-        (as ``_send_frame`` does with a frame that cannot be cut)."""
+        durable with the split's progress ``[cut, its end, end, parts]`` (``parts``: those
+        stored before, ``(seq, first_rid)``, and this one's, under the seq the store gives
+        it next -- a guess only when the store waits in ``append``, which
+        ``_send_frame`` survives: it sends that frame early, the part in order).  A record
+        alone over ``limit`` is kept in the dead-letter file and stored as a stand-in that
+        says so (as ``_send_frame`` does with a frame that cannot be cut).  Returns the
+        parts with the new ones."""
+        parts = sorted(parts, key=lambda p: p[1])
         for a, b in _plan(sizes[start:end], base, limit, max_records):
             a, b = a + start, b + start
             body = cbor2.dumps([first_rid + a, sources, rows[a:b]])
@@ -457,15 +573,21 @@ class Uplink:
                            f"over the {limit} a frame may hold for this hub")
                 await self._dead_letter(seq, problem, ack=False, body=body)
                 body = _stand_in(body, seq, problem)
-            progress = {**self._splits(), str(seq): [cut, b, end]}
+            rid = first_rid + a
+            known = sorted([*parts, (self.store.next_seq, rid)], key=lambda p: p[1])
+            progress = {**self._splits(),
+                        str(seq): [cut, b, end, [list(p) for p in known[:MAX_PARTS]]]}
             try:
-                await self.store.append(body, b - a, {SPLIT_KEY: progress}, over_cap=True)
+                part = await self.store.append(body, b - a, {SPLIT_KEY: progress},
+                                               over_cap=True)
             except ValueError as exc:  # never: parts are sized for the store too
                 # a stand-in, not a session ended on this frame again and again
-                problem = f"records {first_rid + a}..{first_rid + b - 1} of frame {seq}: {exc}"
+                problem = f"records {rid}..{first_rid + b - 1} of frame {seq}: {exc}"
                 await self._dead_letter(seq, problem, ack=False, body=body)
-                await self.store.append(_stand_in(body, seq, problem), 1,
-                                        {SPLIT_KEY: progress}, over_cap=True)
+                part = await self.store.append(_stand_in(body, seq, problem), 1,
+                                               {SPLIT_KEY: progress}, over_cap=True)
+            parts = sorted([*parts, (part, rid)], key=lambda p: p[1])
+        return parts
 
 
 async def write_dead_letter(path: trio.Path, entry: dict[str, Any]) -> None:
@@ -497,6 +619,13 @@ def _link_lost(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, trio.BrokenResourceError))
 
 
+def _sequence_gap(exc: BaseException) -> bool:
+    """The hub closed the connection for a sequence gap (section 5: ``max_holes``)."""
+    return (isinstance(exc, ConnectionClosed) and exc.reason is not None
+            and exc.reason.code == CloseCode.PROTOCOL_ERROR
+            and "sequence gap" in (exc.reason.reason or ""))
+
+
 def _progress(marker: Any, n: int, seq: int) -> tuple[int, int, int]:
     """A split's stored progress ``(cut, stored_to, end)`` for a frame of ``n`` records
     (``(n, n, n)``: never split).  The gateway writes it itself, into a checksummed spool:
@@ -505,7 +634,7 @@ def _progress(marker: Any, n: int, seq: int) -> tuple[int, int, int]:
     if marker is None:
         return n, n, n
     try:
-        cut, stored_to, end = (int(x) for x in marker)
+        cut, stored_to, end = (int(x) for x in marker[:3])
         if not 0 < cut <= stored_to <= end <= n:
             raise ValueError(marker)
     except (TypeError, ValueError):
@@ -513,6 +642,22 @@ def _progress(marker: Any, n: int, seq: int) -> tuple[int, int, int]:
                   seq, marker, n)
         return n, n, n
     return cut, stored_to, end
+
+
+def _parts(marker: Any) -> list[tuple[int, int]]:
+    """The parts ``(seq, first_rid)`` a split's progress names (none in one a gateway
+    before them wrote, or one that does not make sense: those parts go in seq order)."""
+    try:
+        return [(int(seq), int(rid)) for seq, rid in marker[3]]
+    except (TypeError, ValueError, IndexError, KeyError):
+        return []
+
+
+def _int(key: str) -> int:
+    try:
+        return int(key)
+    except ValueError:
+        return 0
 
 
 def _plan(sizes: list[int], base: int, limit: int, max_records: int) -> list[tuple[int, int]]:
