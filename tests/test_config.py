@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edgegw.config import ConfigError, Key, iter_keys, load
-from edgegw.gateway import GatewayConfig, load_gateway_config
+from edgegw.gateway import Gateway, GatewayConfig, load_gateway_config
 from edgegw.hub import HubConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,6 +79,14 @@ def test_a_source_name_in_the_gateways_own_checkpoint_keys_is_refused(
                     "not start with '__' (reserved for the gateway's own checkpoint keys)"]
     # one underscore, or two further in, is an ordinary name
     load_gateway_config(str(write(tmp_path, GOOD_GATEWAY.replace('"tester"', '"_t__x"'))))
+
+
+def test_a_source_given_in_code_with_a_reserved_name_is_refused_too(tmp_path: Path) -> None:
+    # sources passed as instances (embedding, tests) skip the configuration's check
+    cfg = load_gateway_config(str(write(tmp_path, GOOD_GATEWAY)))
+    with pytest.raises(ValueError, match="'__rid__': a source name must not start with '__'"):
+        Gateway(cfg, extra_sources=[("__rid__", object())])  # type: ignore[list-item]
+    Gateway(cfg, extra_sources=[("_t__x", object())])  # type: ignore[list-item]
 
 
 def test_an_invalid_literal_lists_the_choices(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ from ..sources import Source, SourceContext, source_type
 from ..spool import DiskSpool
 from ..store import FrameStore, MemoryFrameStore
 from ..web import HttpServer, install_status
-from .config import GatewayConfig, SourceEntry
+from .config import RESERVED_NAME_PREFIX, GatewayConfig, SourceEntry
 from .uplink import DATA_ENVELOPE_BYTES, Uplink, write_dead_letter
 
 log = logging.getLogger("edgegw.gateway")
@@ -180,6 +180,12 @@ class Gateway:
     def __init__(self, config: GatewayConfig, *, metrics: Metrics | None = None,
                  store: FrameStore | None = None,
                  extra_sources: Sequence[tuple[str, Source]] = ()) -> None:
+        for name, _ in extra_sources:
+            # the same rule as the configuration's: the gateway's own checkpoint keys
+            if name.startswith(RESERVED_NAME_PREFIX):
+                raise ValueError(f"source name {name!r}: a source name must not start with "
+                                 f"{RESERVED_NAME_PREFIX!r} (reserved for the gateway's own "
+                                 "checkpoint keys)")
         self.config = config
         self.metrics = metrics or Metrics()
         self.state_dir = Path(config.gateway.state_dir)
