@@ -25,7 +25,7 @@ from hubtools import gateway_config
 
 from edgegw.gateway import AFTER_KEY, ORIGINS_KEY, Gateway
 from edgegw.protocol import decode_body
-from edgegw.records import SensorReading, from_wire
+from edgegw.records import GatewayEvent, SensorReading, from_wire
 from edgegw.spool import DiskSpool, SpoolConfig
 
 
@@ -753,3 +753,121 @@ async def test_a_split_batch_holding_a_file_read_past_the_durable_checkpoint_sen
         assert await tailed_records(image) == whole, f"after frame {image.name}: once each"
         metrics = gateway.metrics.as_dict()
         assert metrics.get("gateway_replay_skips_discarded_total", {}) == {}
+
+
+# -- a refused checkpoint ---------------------------------------------------------------
+#
+# A checkpoint over ``spool.max_bytes / 16`` is refused by the gateway: the source's
+# previous checkpoint stays the durable one, and its records are counted after it.  A
+# restart replays from that older checkpoint, so the spans those records are counted in
+# must follow the positions *it* holds -- not those of the refused checkpoint, where the
+# tail may have read a file on without a record (a header's PMRs) before the put.
+
+
+def events_of(records: list[Any]) -> list[GatewayEvent]:
+    return [r for r in records if isinstance(r, GatewayEvent)]
+
+
+def tail_source(gateway: Gateway) -> Any:
+    return next(source for name, source in gateway.sources if name == "tail")
+
+
+async def tail_until_read(cfg: Any, paths: list[Path]) -> Gateway:
+    """Run a gateway tailing until its tail has read the files ``paths`` to their end (its
+    own state: its checkpoints may be refused), then stop it cleanly."""
+    gateway = Gateway(cfg)
+
+    def read() -> bool:
+        files = tail_source(gateway).files
+        return all(str(p) in files and (files[str(p)].done or
+                                        files[str(p)].offset == p.stat().st_size)
+                   for p in paths)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            while not read():
+                await trio.sleep(0.01)
+            await gateway.flush()
+            nursery.cancel_scope.cancel()
+    return gateway
+
+
+async def test_records_counted_after_a_refused_checkpoint_are_skipped_from_the_durable_one(
+        tmp_path: Path) -> None:
+    """a.std is read past its durable checkpoint without a record (its header's PMRs);
+    then other files' puts hand over checkpoints that are refused (they name too many
+    files), and a.std's next records are counted after its durable checkpoint.  A restart
+    resumes a.std there and skips exactly what frames hold of it: nothing twice (before,
+    the span followed a.std's offset in the refused checkpoint, the restart met it
+    elsewhere and discarded it: a.std's records were stored twice)."""
+    from shared_data import METIS, stdf_bytes
+
+    data = stdf_bytes(METIS)
+    offsets = stdf_offsets(data)
+    prr = [o for o in offsets[:-1] if (data[o + 2], data[o + 3]) == (5, 20)]
+    a_cut = prr[0]  # a.std: its header (MIR, then 8 KB of PMRs) and a part without its PRR
+    mir = next(i for i, o in enumerate(offsets) if (data[o + 2], data[o + 3]) == (1, 10))
+    before_mir, header = offsets[mir], offsets[mir + 1]  # FAR, ATR; then the MIR: a lot
+    one_file = await records_of(tmp_path / "clean", data)
+
+    files = tmp_path / "stdf"
+    files.mkdir()
+    a = files / "a.std"
+    append_at(a, data[:a_cut], 1_000_000)
+
+    def cfg(state: Path, spool_dir: Path) -> Any:
+        # a checkpoint over 32 kB (512 KiB / 16) is refused; only full batches are cut
+        return gateway_config(state, 1, sources=[{"name": "tail", "type": "tail",
+                                                  "paths": [str(files)],
+                                                  "poll_interval": 0.01, "read_size": 4096}],
+                              batch={"max_records": 97, "max_delay_ms": 3_600_000},
+                              spool={"dir": str(spool_dir), "max_bytes": 512 << 10,
+                                     "segment_bytes": 16 << 10})
+
+    spool_dir = tmp_path / "spool"
+    gateway = Gateway(cfg(tmp_path / "gw", spool_dir))
+
+    async def metric(name: str, value: int) -> None:
+        while gateway.metrics.as_dict().get(name, {}).get("source=tail", 0) < value:
+            await trio.sleep(0.01)
+
+    # files with long names and no record yet, met before a.std is read on: a checkpoint
+    # naming them all is over the limit; then b.std begins a lot
+    others = [files / (f"{i:03}-" + "x" * 200 + ".std") for i in range(220)]
+    b = files / "b.std"
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            # a.std's LotStart put, then its PMRs and a part read without a put
+            await metric("tail_records_total", offsets.index(a_cut))
+            await gateway.flush()
+            durable = gateway.store.checkpoints["tail"]["files"][str(a)]["offset"]
+            assert durable < a_cut
+            for i, other in enumerate(others):
+                append_at(other, data[:before_mir], 900_000 + i)
+            while len(tail_source(gateway).files) < 1 + len(others):
+                await trio.sleep(0.01)
+            append_at(b, data[:header], 950_000)  # its put comes before a.std's
+            append_at(a, data[a_cut:], 1_000_000)
+            await metric("gateway_records_in_total", 1 + len(one_file))
+            await gateway.flush()
+            nursery.cancel_scope.cancel()
+    metrics = gateway.metrics.as_dict()
+    assert metrics["gateway_checkpoints_rejected_total"]["source=tail"] > 0
+    whole = await tailed_records(spool_dir)
+    assert len(whole) >= 1 + len(one_file)
+    checkpoints = await stored_checkpoints(spool_dir)
+    assert checkpoints["tail"]["files"][str(a)]["offset"] == durable, (
+        "the durable checkpoint is the one from before the refused ones")
+
+    # the spool as it is now is what a crash right after its last frame leaves: the
+    # restart replays every file from the durable checkpoint and skips it all
+    gateway = await tail_until_read(cfg(tmp_path / "gw2", spool_dir), [a, b, *others])
+    records = await tailed_records(spool_dir)
+    new = records[len(whole):]
+    assert new == events_of(new), "nothing of the files stored twice"
+    metrics = gateway.metrics.as_dict()
+    assert metrics.get("gateway_replay_skips_discarded_total", {}) == {}
+    assert metrics["gateway_replayed_records_skipped_total"] == {
+        "source=tail": len(whole) - 1 - len(events_of(whole))}

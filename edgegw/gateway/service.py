@@ -70,8 +70,9 @@ class GatewaySink:
         self.gateway = gateway
 
     async def put(self, records: Sequence[Record], checkpoint: Any = None,
-                  source: str | None = None) -> None:
-        await self.gateway._put(records, checkpoint, source)
+                  source: str | None = None) -> bool:
+        """False when ``checkpoint`` was refused (too large): see ``_SourceSink.put``."""
+        return await self.gateway._put(records, checkpoint, source)
 
 
 class _SourceSink:
@@ -98,7 +99,11 @@ class _SourceSink:
         self.owed: list[Span] = [span for span in owed if span[1]]
 
     async def put(self, records: Sequence[Record], checkpoint: Any = None,
-                  origin: tuple[Any, Any, Any] | None = None) -> None:
+                  origin: tuple[Any, Any, Any] | None = None) -> bool:
+        """Put records; True, or False when ``checkpoint`` was refused as too large for a
+        frame (``Gateway._checkpoint_fits``): the source's previous checkpoint stays the one
+        a restart resumes from, so the next puts' origins must follow *its* positions -- a
+        source with origins then moves on only the put's own stream (sources/__init__.py)."""
         key: Key = None
         if origin is not None:
             stream, start, end = origin
@@ -109,7 +114,7 @@ class _SourceSink:
                 records = self._skip(records, key, _freeze(end))
         elif self.owed:
             records = self._skip(records, None, None)
-        await self.gateway._put(records, checkpoint, self.name, key, self.owed)
+        return await self.gateway._put(records, checkpoint, self.name, key, self.owed)
 
     def _skip(self, records: Sequence[Record], key: Key, end: Any) -> Sequence[Record]:
         """Drop what the owed spans say of ``records`` (a put from ``key`` to ``end``)."""
@@ -334,21 +339,27 @@ class Gateway:
             skip = self._replay_skip(name, source)
 
     async def _put(self, records: Sequence[Record], checkpoint: Any, source: str | None,
-                   origin: Key = None, owed: Sequence[Span] | None = None) -> None:
+                   origin: Key = None, owed: Sequence[Span] | None = None) -> bool:
+        """Put a source's records; False when its checkpoint was refused (too large)."""
         if records:
             self.m_records_in.inc(len(records), source=source or "?")
+        taken = self._admit(source, checkpoint)
         async with self._lock:
-            await self._store_all(self._add(records, source, checkpoint, origin=origin,
-                                            owed=owed))
+            await self._store_all(self._add(records, source, checkpoint if taken else None,
+                                            origin=origin, owed=owed))
         self._deadline_changed()
+        return taken
+
+    def _admit(self, source: str | None, checkpoint: Any) -> bool:
+        """Whether a put's checkpoint is taken: none given, or one that fits a frame
+        (``_checkpoint_fits``; a refusal is counted there)."""
+        return checkpoint is None or source is None or self._checkpoint_fits(source,
+                                                                             checkpoint)
 
     def _add(self, records: Sequence[Record], source: str | None, checkpoint: Any = None,
              origin: Key = None, **kwargs: Any) -> list[Batch]:
-        """``batcher.add``, remembering which source (and origin) the records came from; a
-        checkpoint too large for a frame is refused here (``_checkpoint_fits``)."""
-        if checkpoint is not None and source is not None and not self._checkpoint_fits(
-                source, checkpoint):
-            checkpoint = None
+        """``batcher.add``, remembering which source (and origin) the records came from.
+        ``checkpoint`` was admitted (``_admit``)."""
         if records:
             last = self._runs[-1] if self._runs else None
             if last is not None and last[0] == source and last[1] == origin:
@@ -569,6 +580,8 @@ class Gateway:
         """See ``_SourceSink.put_whole``."""
         if records:
             self.m_records_in.inc(len(records), source=source)
+        if not self._admit(source, checkpoint):
+            checkpoint = None
         async with self._lock:
             b = self.batcher
             if b.pending and b.pending + len(records) > b.max_records:

@@ -550,12 +550,20 @@ class TailSource:
         checkpoint = self.checkpoint()
         origin = (f.inode if stream is None else stream, f.origin,
                   None if ended or stream is not None else f.offset)
+        if not getattr(sink, "takes_origin", False):
+            await sink.put(batch, checkpoint=checkpoint)
+            return
+        taken = await sink.put(batch, checkpoint, origin=origin)  # type: ignore[call-arg]
+        if taken is False:
+            # The checkpoint was refused (too large for a frame): the previous one stays
+            # the one a restart resumes from, so every other file's next records still
+            # follow its offset there; only this file's next ones follow this put's end
+            # (a replay puts a file's records in one run, each put where the last ended)
+            if stream is None:
+                f.origin = f.offset
+            return
         for g in self.files.values():
             g.origin = g.offset
-        if getattr(sink, "takes_origin", False):
-            await sink.put(batch, checkpoint, origin=origin)  # type: ignore[call-arg]
-        else:
-            await sink.put(batch, checkpoint=checkpoint)
 
     async def _ended(self, sink: RecordSink, f: _File) -> None:
         """Tell a sink that takes origins that ``f`` ends where it is (deleted, replaced or
