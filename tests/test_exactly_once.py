@@ -871,3 +871,83 @@ async def test_records_counted_after_a_refused_checkpoint_are_skipped_from_the_d
     assert metrics.get("gateway_replay_skips_discarded_total", {}) == {}
     assert metrics["gateway_replayed_records_skipped_total"] == {
         "source=tail": len(whole) - 1 - len(events_of(whole))}
+
+
+# -- several large checkpoints in one frame ---------------------------------------------
+#
+# Each checkpoint may take up to a quarter of a frame (``spool.max_bytes / 16``); several
+# sources' checkpoints near that limit, all given while one batch fills, would together
+# leave the frame no room (or exceed it).  The gateway stores the pending batch first
+# instead, so every frame's checkpoints stay within half of it.
+
+
+class PaddedSource:
+    """Puts ``puts`` records one at a time, each with a checkpoint of about ``pad`` bytes;
+    resuming from checkpoint ``{"at": i}`` replays puts ``i, i+1, ...``."""
+
+    replays: ClassVar[bool] = True
+
+    def __init__(self, name: str, puts: int, pad: int, checkpoint: Any = None) -> None:
+        self.name, self.puts, self.pad = name, puts, pad
+        self.resume = checkpoint["at"] if checkpoint else 0
+        self.done = trio.Event()
+
+    def record(self, i: int) -> SensorReading:
+        return SensorReading("tester", 1.0, f"{self.name}-{i}", float(i))
+
+    async def run(self, sink: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        for i in range(self.resume, self.puts):
+            await sink.put([self.record(i)], {"at": i + 1, "pad": "x" * self.pad})
+        self.done.set()
+        await trio.sleep_forever()
+
+
+async def test_several_sources_near_the_checkpoint_limit_share_no_frame_they_overflow(
+        tmp_path: Path) -> None:
+    # five checkpoints of 950 bytes (the limit: 16 KiB / 16), one put each: together they
+    # are more than a 4 KiB frame holds.  (One put each: with nothing acknowledged the
+    # spool fills, as each segment's STATE record repeats every source's checkpoint)
+    names, puts, pad = ["s1", "s2", "s3", "s4", "s5"], 1, 950
+
+    def cfg(state: Path, spool_dir: Path) -> Any:
+        return gateway_config(state, 1, batch={"max_records": 16, "max_delay_ms": 3_600_000},
+                              spool={"dir": str(spool_dir), "max_bytes": 16384,
+                                     "segment_bytes": 4096})
+
+    async def run(config: Any, checkpoints: dict[str, Any],
+                  store: DiskSpool | None = None) -> Gateway:
+        sources = [PaddedSource(n, puts, pad, checkpoints.get(n)) for n in names]
+        gateway = Gateway(config, store=store, extra_sources=[(s.name, s) for s in sources])
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(gateway.run)
+                for s in sources:
+                    await s.done.wait()
+                nursery.cancel_scope.cancel()  # the batcher's records stored at the stop
+        return gateway
+
+    def records_of(got: list[tuple[str, float]]) -> list[str]:
+        return sorted(channel for channel, _ in got)
+
+    want = sorted(f"{n}-{i}" for n in names for i in range(puts))
+    first = cfg(tmp_path / "gw", tmp_path / "spool")
+    assert first.spool is not None
+    images = tmp_path / "images"
+    gateway = await run(first, {}, Snapshots(first.spool, set(range(1, 50)), images))
+    got, checkpoints = await stored_records(tmp_path / "spool")
+    assert records_of(got) == want, "every record stored once"
+    assert {n: checkpoints[n]["at"] for n in names} == dict.fromkeys(names, puts)
+    metrics = gateway.metrics.as_dict()
+    assert metrics["gateway_records_rejected_total"] == {}
+    assert metrics["gateway_checkpoints_rejected_total"] == {}
+    assert metrics["gateway_source_restarts_total"] == {}
+
+    # a crash after any frame: each source resumes at its durable checkpoint, once each
+    crashes = sorted(images.iterdir(), key=lambda p: int(p.name))
+    assert len(crashes) >= 2
+    for image in crashes:
+        _, checkpoints = await stored_records(image)
+        await run(cfg(tmp_path / f"gw{image.name}", image), checkpoints)
+        got, _ = await stored_records(image)
+        assert records_of(got) == want, f"after frame {image.name}"
