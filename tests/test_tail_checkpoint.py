@@ -137,3 +137,116 @@ async def test_finished_files_leave_the_checkpoint_small_and_are_not_read_again(
         "only the growing file (again to its offset, then on) and the new one are parsed")
     assert no_ts(second.records) == expected(new) + expected(growing)[len(begun):]
     assert max(second.sizes) < 2_000
+
+
+async def run_tail(source: Any, sink: CollectingSink, until: Any) -> None:
+    """Run ``source`` until ``until()`` holds after one of its polls."""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(source.run, sink)
+            while not until():
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+
+def restarted(source: Any, paths: list[Path], **config: Any) -> Any:
+    """A new tail resuming at ``source``'s checkpoint as a durable store gives it back."""
+    saved = json.loads(json.dumps(source.checkpoint()))
+    return tail(paths, checkpoint=saved, **config)
+
+
+async def test_a_finished_file_changed_after_it_left_the_list_is_listed_again(
+        tmp_path: Path) -> None:
+    """A finished file whose status changes while the gateway runs (chmod, touch, an append)
+    changes after the watermark: it is listed again, so a restart still knows it is
+    finished and does not read it."""
+    lot = tiny_lot(stdf_file_bytes(SMALL))
+    path = tmp_path / "a.stdf"
+    path.write_bytes(lot)
+    source = tail([tmp_path], fold_after=0.5)
+    sink = CollectingSink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run, sink)
+        await sink.wait_until(lambda: bool(sink.of(LotEnd)))
+        with trio.fail_after(10):
+            while source.checkpoint()["files"]:  # folded: the watermark passed it
+                await trio.sleep(0.01)
+            before = source.files[str(path)].changed
+            path.chmod(0o600)
+            while source.files[str(path)].changed == before:  # a poll saw the change
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert no_ts(sink.records) == expected(lot)
+    # (listed again until the watermark passes its new change time, fold_after later)
+    assert str(path) in source.checkpoint()["files"] or (
+        source.watermark >= source.files[str(path)].changed)
+
+    metrics = Metrics()
+    again = CollectingSink()
+    second = restarted(source, [tmp_path], metrics=metrics, fold_after=0.5)
+    await run_tail(second, again, lambda: str(path) in second.files)
+    assert again.records == [] and not metrics.as_dict()["tail_records_total"]
+
+
+@pytest.mark.parametrize("restart", [False, True])
+async def test_an_unfinished_file_that_vanished_and_comes_back_unchanged_is_read_whole(
+        tmp_path: Path, restart: bool) -> None:
+    """Its directory moved away and back (a remount): the file's change time is the same,
+    at or before the watermark by then, but it was not finished: it is read from its start,
+    as a file that vanished always was -- never taken as finished (its rest lost).  After a
+    restart too (the checkpoint's ``gone``)."""
+    data = stdf_file_bytes(SMALL)
+    cut = len(data) // 2
+    watch, away = tmp_path / "watch", tmp_path / "away"
+    watch.mkdir()
+    (watch / "a.stdf").write_bytes(data[:cut])
+    st = (watch / "a.stdf").stat()
+    source = tail([watch], fold_after=0)
+    sink = CollectingSink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run, sink)
+        await sink.wait_until(lambda: bool(sink.of(LotStart)))
+        watch.rename(away)
+        with trio.fail_after(10):
+            while source.files or source.watermark < st.st_ctime_ns:
+                await trio.sleep(0.01)
+        assert source.checkpoint()["gone"] == [[st.st_ino, st.st_ctime_ns]]
+        away.rename(watch)
+        if restart:
+            nursery.cancel_scope.cancel()
+        else:
+            await sink.wait_until(lambda: len(sink.of(LotStart)) == 2)
+            append(watch / "a.stdf", data[cut:])
+            await sink.wait_until(lambda: bool(sink.of(LotEnd)))
+            nursery.cancel_scope.cancel()
+    if restart:
+        source, sink = restarted(source, [watch], fold_after=0), CollectingSink()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(source.run, sink)
+            await sink.wait_until(lambda: bool(sink.of(LotStart)))
+            append(watch / "a.stdf", data[cut:])
+            await sink.wait_until(lambda: bool(sink.of(LotEnd)))
+            nursery.cancel_scope.cancel()
+    again = no_ts(sink.records)
+    again = again[max(i for i, r in enumerate(again) if isinstance(r, LotStart)):]
+    assert again == expected(data), "read again from its start, to its end"
+    assert "gone" not in source.checkpoint()
+
+
+async def test_a_checkpoint_of_version_1_listing_every_file_is_resumed(tmp_path: Path) -> None:
+    """A gateway upgraded from a tail whose checkpoint listed every file: its finished
+    files are not read again, and leave the list at the first poll past ``fold_after``."""
+    lot = tiny_lot(stdf_file_bytes(SMALL))
+    paths = [tmp_path / f"lot{i}.stdf" for i in range(3)]
+    for path in paths:
+        path.write_bytes(lot)
+    v1 = {"version": 1, "files": {
+        str(p): {"offset": len(lot), "done": True, "reason": "MRR",
+                 "inode": p.stat().st_ino, "size": len(lot), "state": {"byte_order": "<"}}
+        for p in paths}}
+    metrics = Metrics()
+    source = tail([tmp_path], checkpoint=v1, metrics=metrics, fold_after=0)
+    sink = CollectingSink()
+    await run_tail(source, sink, lambda: not source.checkpoint()["files"])
+    assert sink.records == [] and not metrics.as_dict()["tail_records_total"]
+    assert source.checkpoint()["version"] == 2
