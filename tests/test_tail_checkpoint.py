@@ -233,6 +233,34 @@ async def test_an_unfinished_file_that_vanished_and_comes_back_unchanged_is_read
     assert "gone" not in source.checkpoint()
 
 
+async def test_an_unfinished_file_missing_at_a_restart_and_back_later_is_read_whole(
+        tmp_path: Path) -> None:
+    """The checkpoint lists a file being written; at the restart its directory is not
+    there (not mounted yet), and it comes back once the watermark has passed it: it is read
+    from its start, never taken as finished."""
+    data = stdf_file_bytes(SMALL)
+    cut = len(data) // 2
+    watch, away = tmp_path / "watch", tmp_path / "away"
+    watch.mkdir()
+    (watch / "a.stdf").write_bytes(data[:cut])
+    changed = (watch / "a.stdf").stat().st_ctime_ns
+    source, sink = tail([watch], fold_after=0), CollectingSink()
+    await run_tail(source, sink, lambda: bool(sink.of(LotStart)))
+    watch.rename(away)
+    source, sink = restarted(source, [watch], fold_after=0), CollectingSink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run, sink)
+        with trio.fail_after(10):
+            while source.files or source.watermark < changed:
+                await trio.sleep(0.01)
+        away.rename(watch)
+        await sink.wait_until(lambda: bool(sink.of(LotStart)))  # unchanged, read again
+        append(watch / "a.stdf", data[cut:])
+        await sink.wait_until(lambda: bool(sink.of(LotEnd)))
+        nursery.cancel_scope.cancel()
+    assert no_ts(sink.records) == expected(data), "read again from its start, to its end"
+
+
 async def test_a_checkpoint_of_version_1_listing_every_file_is_resumed(tmp_path: Path) -> None:
     """A gateway upgraded from a tail whose checkpoint listed every file: its finished
     files are not read again, and leave the list at the first poll past ``fold_after``."""

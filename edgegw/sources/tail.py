@@ -321,10 +321,10 @@ class TailSource:
         before it and is not an unfinished file that vanished and came back)."""
         if info.changed > self.watermark:
             return False
-        key = (info.inode, info.changed)
-        if key in self.gone:
-            self.gone.remove(key)
-            return False
+        for key in ((info.inode, info.changed), (info.inode, 0)):  # 0: vanished unseen
+            if key in self.gone:
+                self.gone.remove(key)
+                return False
         return True
 
     # -- the service -----------------------------------------------------------------------
@@ -415,7 +415,9 @@ class TailSource:
             self._listed.pop(path, None)
             batch: list[Record] = []
             if not f.done:
-                self.gone.append((f.inode, f.changed))  # back unchanged: read it whole
+                # back unchanged: read it whole (0: missing at the first scan after a
+                # restart, its change time unknown; its inode alone then)
+                self.gone.append((f.inode, f.changed))
                 log.warning("source %s: %s disappeared before it was complete", self.name, path)
                 if f.mapper is not None and not f.skip_below:
                     batch = f.mapper.close(time.time())
