@@ -96,7 +96,7 @@ async def test_finished_files_leave_the_checkpoint_small_and_are_not_read_again(
         os.utime(path, (1_000_000 + i, 1_000_000 + i))  # oldest first, in name order
     growing = stdf_file_bytes(SMALL, start_time=1_800_000_000)
     cut = len(growing) // 2
-    time.sleep(0.3)  # every file unchanged for fold_after before the tail starts
+    time.sleep(0.5)  # every file unchanged for fold_after (and 0.1 s) before the start
 
     first = SizingSink()
     with trio.fail_after(60):

@@ -81,6 +81,11 @@ log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 2
 #: at most this many vanished unfinished files are remembered in the checkpoint (``gone``)
 GONE_KEPT = 64
+#: the watermark stays this much further behind a scan's start than ``fold_after`` says:
+#: a file system stamps change times with a coarse clock (a kernel tick behind the one
+#: ``time.time_ns`` reads), so a file created just after the scan began can carry a time
+#: just before it
+CLOCK_SLACK_NS = 100_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,7 +358,7 @@ class TailSource:
         found = await trio.to_thread.run_sync(self._scan)
         seen = {info.path for info in found}
         gone = {f.inode: f for p, f in self.files.items() if p not in seen}
-        horizon = self._scan_started - int(self.config.fold_after * 1e9)
+        horizon = self._scan_started - int(self.config.fold_after * 1e9) - CLOCK_SLACK_NS
         ahead = self._unknown_ahead(found)
         self._fold(min(horizon, ahead[0] - 1))
         for i, info in enumerate(found):
