@@ -64,7 +64,7 @@ def child(files: int) -> dict[str, Any]:
             (directory / f"lot{i:05}.stdf").write_bytes(lot)
         keys = {f.name for f in dataclasses.fields(TailConfig)}
         extra = {"fold_after": 0.0} if "fold_after" in keys else {}
-        time.sleep(0.05)
+        time.sleep(0.3)  # older than the watermark's slack (0.1 s) when the tail starts
         source = TailSource("bench", TailConfig(paths=[d], **extra),
                             SourceContext("gw", Metrics()))
         sink = Sink()

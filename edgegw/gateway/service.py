@@ -392,8 +392,9 @@ class Gateway:
         return out + cut
 
     def _checkpoint_fits(self, source: str, checkpoint: Any) -> int | None:
-        """Whether a source's checkpoint may be stored: at most a quarter of what a frame
-        of the store may hold (``_checkpoint_budget``).  One that is larger would make
+        """The bytes a source's checkpoint takes (0: not measured, a number), or None
+        when it may not be stored: over a quarter of what a frame of the store may hold
+        (``_checkpoint_budget``).  One that is larger would make
         every frame carrying it too large to store (or leave no room for records), so it
         is refused: counted per source, logged, told to the hub, and not stored -- the
         source's previous checkpoint stays the durable one, and the records go on being
