@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -788,6 +789,11 @@ async def tail_until_read(cfg: Any, paths: list[Path]) -> Gateway:
             await nursery.start(gateway.run)
             while not read():
                 await trio.sleep(0.01)
+            # the tail marks a file read before it puts its last records: the next scan
+            # begins once that put returned
+            scan = tail_source(gateway)._scan_started
+            while tail_source(gateway)._scan_started == scan:
+                await trio.sleep(0.01)
             await gateway.flush()
             nursery.cancel_scope.cancel()
     return gateway
@@ -951,3 +957,53 @@ async def test_several_sources_near_the_checkpoint_limit_share_no_frame_they_ove
         await run(cfg(tmp_path / f"gw{image.name}", image), checkpoints)
         got, _ = await stored_records(image)
         assert records_of(got) == want, f"after frame {image.name}"
+
+
+async def test_a_crash_after_any_frame_with_finished_files_folded_stores_each_record_once(
+        tmp_path: Path) -> None:
+    """Finished files leave the tail's checkpoint at once (``fold_after = 0``): its
+    watermark says they are finished.  Whatever frame the crash follows, the restart reads
+    none of the files a durable checkpoint covers again and every other one to its end."""
+    from shared_data import METIS, stdf_bytes
+
+    data = stdf_bytes(METIS)
+    offsets = stdf_offsets(data)
+    mir = next(i for i, o in enumerate(offsets) if (data[o + 2], data[o + 3]) == (1, 10))
+    lot = data[:offsets[mir + 1]] + data[offsets[-2]:]  # FAR, ATR, MIR, MRR: a whole lot
+    files = tmp_path / "stdf"
+    files.mkdir()
+    paths = [files / f"lot{i:02}.std" for i in range(20)] + [files / "whole.std"]
+    for i, path in enumerate(paths):
+        write_at(path, lot if path.name != "whole.std" else data, 1_000_000 + i)
+    time.sleep(0.2)  # older than the watermark's slack
+
+    def cfg(state: Path, spool_dir: Path) -> Any:
+        return gateway_config(state, 1, sources=[{"name": "tail", "type": "tail",
+                                                  "paths": [str(files)], "fold_after": 0,
+                                                  "poll_interval": 0.01, "read_size": 4096}],
+                              batch={"max_records": 97, "max_delay_ms": 5},
+                              spool={"dir": str(spool_dir)})
+
+    first = cfg(tmp_path / "gw", tmp_path / "spool")
+    assert first.spool is not None
+    images = tmp_path / "images"
+    gateway = Gateway(first, store=Snapshots(first.spool, set(range(1, 100)), images))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            while not all(f.done for f in tail_source(gateway).files.values()) or len(
+                    tail_source(gateway).files) < len(paths):
+                await trio.sleep(0.01)
+            scan = tail_source(gateway)._scan_started  # (see tail_until_read)
+            while tail_source(gateway)._scan_started == scan:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    whole = await tailed_records(tmp_path / "spool")
+    assert len(whole) > len(paths)
+    checkpoint = (await stored_checkpoints(tmp_path / "spool"))["tail"]
+    assert len(checkpoint["files"]) < len(paths), "finished files folded"
+    crashes = sorted(images.iterdir(), key=lambda p: int(p.name))
+    assert len(crashes) >= 5
+    for image in crashes:
+        await tail_until_read(cfg(tmp_path / f"gw{image.name}", image), paths)
+        assert await tailed_records(image) == whole, f"a crash after frame {image.name}"
