@@ -238,7 +238,7 @@ class TailSource:
         self.options = build_options(self.format, config.options)
         self.files: dict[str, _File] = {}
         #: the files the checkpoint lists: every file but the finished ones that changed
-        #: at or before the watermark (rebuilt by ``_fold``; a superset in between)
+        #: at or before the watermark (filtered by ``_fold``; a superset in between)
         self._listed: dict[str, _File] = {}
         #: finished files that changed at or before it are not listed (ns)
         self.watermark = 0
@@ -296,7 +296,9 @@ class TailSource:
         if limit > self.watermark:
             self.watermark = limit
         w = self.watermark
-        self._listed = {p: f for p, f in self.files.items() if not f.done or f.changed > w}
+        # (a file is listed when it is known, or when its change passes the watermark:
+        # only the list itself can hold finished files the watermark now covers)
+        self._listed = {p: f for p, f in self._listed.items() if not f.done or f.changed > w}
         if self.gone:
             self.gone = self.gone[-GONE_KEPT:]
 
