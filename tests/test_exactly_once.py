@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,7 +26,7 @@ from hubtools import gateway_config
 
 from edgegw.gateway import AFTER_KEY, ORIGINS_KEY, Gateway
 from edgegw.protocol import decode_body
-from edgegw.records import SensorReading, from_wire
+from edgegw.records import GatewayEvent, SensorReading, from_wire
 from edgegw.spool import DiskSpool, SpoolConfig
 
 
@@ -753,3 +754,256 @@ async def test_a_split_batch_holding_a_file_read_past_the_durable_checkpoint_sen
         assert await tailed_records(image) == whole, f"after frame {image.name}: once each"
         metrics = gateway.metrics.as_dict()
         assert metrics.get("gateway_replay_skips_discarded_total", {}) == {}
+
+
+# -- a refused checkpoint ---------------------------------------------------------------
+#
+# A checkpoint over ``spool.max_bytes / 16`` is refused by the gateway: the source's
+# previous checkpoint stays the durable one, and its records are counted after it.  A
+# restart replays from that older checkpoint, so the spans those records are counted in
+# must follow the positions *it* holds -- not those of the refused checkpoint, where the
+# tail may have read a file on without a record (a header's PMRs) before the put.
+
+
+def events_of(records: list[Any]) -> list[GatewayEvent]:
+    return [r for r in records if isinstance(r, GatewayEvent)]
+
+
+def tail_source(gateway: Gateway) -> Any:
+    return next(source for name, source in gateway.sources if name == "tail")
+
+
+async def tail_until_read(cfg: Any, paths: list[Path]) -> Gateway:
+    """Run a gateway tailing until its tail has read the files ``paths`` to their end (its
+    own state: its checkpoints may be refused), then stop it cleanly."""
+    gateway = Gateway(cfg)
+
+    def read() -> bool:
+        files = tail_source(gateway).files
+        return all(str(p) in files and (files[str(p)].done or
+                                        files[str(p)].offset == p.stat().st_size)
+                   for p in paths)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            while not read():
+                await trio.sleep(0.01)
+            # the tail marks a file read before it puts its last records: the next scan
+            # begins once that put returned
+            scan = tail_source(gateway)._scan_started
+            while tail_source(gateway)._scan_started == scan:
+                await trio.sleep(0.01)
+            await gateway.flush()
+            nursery.cancel_scope.cancel()
+    return gateway
+
+
+async def test_records_counted_after_a_refused_checkpoint_are_skipped_from_the_durable_one(
+        tmp_path: Path) -> None:
+    """a.std is read past its durable checkpoint without a record (its header's PMRs);
+    then other files' puts hand over checkpoints that are refused (they name too many
+    files), and a.std's next records are counted after its durable checkpoint.  A restart
+    resumes a.std there and skips exactly what frames hold of it: nothing twice (before,
+    the span followed a.std's offset in the refused checkpoint, the restart met it
+    elsewhere and discarded it: a.std's records were stored twice)."""
+    from shared_data import METIS, stdf_bytes
+
+    data = stdf_bytes(METIS)
+    offsets = stdf_offsets(data)
+    prr = [o for o in offsets[:-1] if (data[o + 2], data[o + 3]) == (5, 20)]
+    a_cut = prr[0]  # a.std: its header (MIR, then 8 KB of PMRs) and a part without its PRR
+    mir = next(i for i, o in enumerate(offsets) if (data[o + 2], data[o + 3]) == (1, 10))
+    before_mir, header = offsets[mir], offsets[mir + 1]  # FAR, ATR; then the MIR: a lot
+    one_file = await records_of(tmp_path / "clean", data)
+
+    files = tmp_path / "stdf"
+    files.mkdir()
+    a = files / "a.std"
+    append_at(a, data[:a_cut], 1_000_000)
+
+    def cfg(state: Path, spool_dir: Path) -> Any:
+        # a checkpoint over 32 kB (512 KiB / 16) is refused; only full batches are cut
+        return gateway_config(state, 1, sources=[{"name": "tail", "type": "tail",
+                                                  "paths": [str(files)],
+                                                  "poll_interval": 0.01, "read_size": 4096}],
+                              batch={"max_records": 97, "max_delay_ms": 3_600_000},
+                              spool={"dir": str(spool_dir), "max_bytes": 512 << 10,
+                                     "segment_bytes": 16 << 10})
+
+    spool_dir = tmp_path / "spool"
+    gateway = Gateway(cfg(tmp_path / "gw", spool_dir))
+
+    async def metric(name: str, value: int) -> None:
+        while gateway.metrics.as_dict().get(name, {}).get("source=tail", 0) < value:
+            await trio.sleep(0.01)
+
+    # files with long names and no record yet, met before a.std is read on: a checkpoint
+    # naming them all is over the limit; then b.std begins a lot
+    others = [files / (f"{i:03}-" + "x" * 200 + ".std") for i in range(220)]
+    b = files / "b.std"
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            # a.std's LotStart put, then its PMRs and a part read without a put
+            await metric("tail_records_total", offsets.index(a_cut))
+            await gateway.flush()
+            durable = gateway.store.checkpoints["tail"]["files"][str(a)]["offset"]
+            assert durable < a_cut
+            for i, other in enumerate(others):
+                append_at(other, data[:before_mir], 900_000 + i)
+            while len(tail_source(gateway).files) < 1 + len(others):
+                await trio.sleep(0.01)
+            append_at(b, data[:header], 950_000)  # its put comes before a.std's
+            append_at(a, data[a_cut:], 1_000_000)
+            await metric("gateway_records_in_total", 1 + len(one_file))
+            await gateway.flush()
+            nursery.cancel_scope.cancel()
+    metrics = gateway.metrics.as_dict()
+    assert metrics["gateway_checkpoints_rejected_total"]["source=tail"] > 0
+    whole = await tailed_records(spool_dir)
+    assert len(whole) >= 1 + len(one_file)
+    checkpoints = await stored_checkpoints(spool_dir)
+    assert checkpoints["tail"]["files"][str(a)]["offset"] == durable, (
+        "the durable checkpoint is the one from before the refused ones")
+
+    # the spool as it is now is what a crash right after its last frame leaves: the
+    # restart replays every file from the durable checkpoint and skips it all
+    gateway = await tail_until_read(cfg(tmp_path / "gw2", spool_dir), [a, b, *others])
+    records = await tailed_records(spool_dir)
+    new = records[len(whole):]
+    assert new == events_of(new), "nothing of the files stored twice"
+    metrics = gateway.metrics.as_dict()
+    assert metrics.get("gateway_replay_skips_discarded_total", {}) == {}
+    assert metrics["gateway_replayed_records_skipped_total"] == {
+        "source=tail": len(whole) - 1 - len(events_of(whole))}
+
+
+# -- several large checkpoints in one frame ---------------------------------------------
+#
+# Each checkpoint may take up to a quarter of a frame (``spool.max_bytes / 16``); several
+# sources' checkpoints near that limit, all given while one batch fills, would together
+# leave the frame no room (or exceed it).  The gateway stores the pending batch first
+# instead, so every frame's checkpoints stay within half of it.
+
+
+class PaddedSource:
+    """Puts ``puts`` records one at a time, each with a checkpoint of about ``pad`` bytes;
+    resuming from checkpoint ``{"at": i}`` replays puts ``i, i+1, ...``."""
+
+    replays: ClassVar[bool] = True
+
+    def __init__(self, name: str, puts: int, pad: int, checkpoint: Any = None) -> None:
+        self.name, self.puts, self.pad = name, puts, pad
+        self.resume = checkpoint["at"] if checkpoint else 0
+        self.done = trio.Event()
+
+    def record(self, i: int) -> SensorReading:
+        return SensorReading("tester", 1.0, f"{self.name}-{i}", float(i))
+
+    async def run(self, sink: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        for i in range(self.resume, self.puts):
+            await sink.put([self.record(i)], {"at": i + 1, "pad": "x" * self.pad})
+        self.done.set()
+        await trio.sleep_forever()
+
+
+async def test_several_sources_near_the_checkpoint_limit_share_no_frame_they_overflow(
+        tmp_path: Path) -> None:
+    # five checkpoints of 950 bytes (the limit: 16 KiB / 16), one put each: together they
+    # are more than a 4 KiB frame holds.  (One put each: with nothing acknowledged the
+    # spool fills, as each segment's STATE record repeats every source's checkpoint)
+    names, puts, pad = ["s1", "s2", "s3", "s4", "s5"], 1, 950
+
+    def cfg(state: Path, spool_dir: Path) -> Any:
+        return gateway_config(state, 1, batch={"max_records": 16, "max_delay_ms": 3_600_000},
+                              spool={"dir": str(spool_dir), "max_bytes": 16384,
+                                     "segment_bytes": 4096})
+
+    async def run(config: Any, checkpoints: dict[str, Any],
+                  store: DiskSpool | None = None) -> Gateway:
+        sources = [PaddedSource(n, puts, pad, checkpoints.get(n)) for n in names]
+        gateway = Gateway(config, store=store, extra_sources=[(s.name, s) for s in sources])
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(gateway.run)
+                for s in sources:
+                    await s.done.wait()
+                nursery.cancel_scope.cancel()  # the batcher's records stored at the stop
+        return gateway
+
+    def records_of(got: list[tuple[str, float]]) -> list[str]:
+        return sorted(channel for channel, _ in got)
+
+    want = sorted(f"{n}-{i}" for n in names for i in range(puts))
+    first = cfg(tmp_path / "gw", tmp_path / "spool")
+    assert first.spool is not None
+    images = tmp_path / "images"
+    gateway = await run(first, {}, Snapshots(first.spool, set(range(1, 50)), images))
+    got, checkpoints = await stored_records(tmp_path / "spool")
+    assert records_of(got) == want, "every record stored once"
+    assert {n: checkpoints[n]["at"] for n in names} == dict.fromkeys(names, puts)
+    metrics = gateway.metrics.as_dict()
+    assert metrics["gateway_records_rejected_total"] == {}
+    assert metrics["gateway_checkpoints_rejected_total"] == {}
+    assert metrics["gateway_source_restarts_total"] == {}
+
+    # a crash after any frame: each source resumes at its durable checkpoint, once each
+    crashes = sorted(images.iterdir(), key=lambda p: int(p.name))
+    assert len(crashes) >= 2
+    for image in crashes:
+        _, checkpoints = await stored_records(image)
+        await run(cfg(tmp_path / f"gw{image.name}", image), checkpoints)
+        got, _ = await stored_records(image)
+        assert records_of(got) == want, f"after frame {image.name}"
+
+
+async def test_a_crash_after_any_frame_with_finished_files_folded_stores_each_record_once(
+        tmp_path: Path) -> None:
+    """Finished files leave the tail's checkpoint at once (``fold_after = 0``): its
+    watermark says they are finished.  Whatever frame the crash follows, the restart reads
+    none of the files a durable checkpoint covers again and every other one to its end."""
+    from shared_data import METIS, stdf_bytes
+
+    data = stdf_bytes(METIS)
+    offsets = stdf_offsets(data)
+    mir = next(i for i, o in enumerate(offsets) if (data[o + 2], data[o + 3]) == (1, 10))
+    lot = data[:offsets[mir + 1]] + data[offsets[-2]:]  # FAR, ATR, MIR, MRR: a whole lot
+    files = tmp_path / "stdf"
+    files.mkdir()
+    paths = [files / f"lot{i:02}.std" for i in range(20)] + [files / "whole.std"]
+    for i, path in enumerate(paths):
+        write_at(path, lot if path.name != "whole.std" else data, 1_000_000 + i)
+    time.sleep(0.2)  # older than the watermark's slack
+
+    def cfg(state: Path, spool_dir: Path) -> Any:
+        return gateway_config(state, 1, sources=[{"name": "tail", "type": "tail",
+                                                  "paths": [str(files)], "fold_after": 0,
+                                                  "poll_interval": 0.01, "read_size": 4096}],
+                              batch={"max_records": 97, "max_delay_ms": 5},
+                              spool={"dir": str(spool_dir)})
+
+    first = cfg(tmp_path / "gw", tmp_path / "spool")
+    assert first.spool is not None
+    images = tmp_path / "images"
+    gateway = Gateway(first, store=Snapshots(first.spool, set(range(1, 100)), images))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            while not all(f.done for f in tail_source(gateway).files.values()) or len(
+                    tail_source(gateway).files) < len(paths):
+                await trio.sleep(0.01)
+            scan = tail_source(gateway)._scan_started  # (see tail_until_read)
+            while tail_source(gateway)._scan_started == scan:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    whole = await tailed_records(tmp_path / "spool")
+    assert len(whole) > len(paths)
+    checkpoint = (await stored_checkpoints(tmp_path / "spool"))["tail"]
+    assert len(checkpoint["files"]) < len(paths), "finished files folded"
+    crashes = sorted(images.iterdir(), key=lambda p: int(p.name))
+    assert len(crashes) >= 5
+    for image in crashes:
+        await tail_until_read(cfg(tmp_path / f"gw{image.name}", image), paths)
+        assert await tailed_records(image) == whole, f"a crash after frame {image.name}"

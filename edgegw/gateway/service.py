@@ -70,8 +70,9 @@ class GatewaySink:
         self.gateway = gateway
 
     async def put(self, records: Sequence[Record], checkpoint: Any = None,
-                  source: str | None = None) -> None:
-        await self.gateway._put(records, checkpoint, source)
+                  source: str | None = None) -> bool:
+        """False when ``checkpoint`` was refused (too large): see ``_SourceSink.put``."""
+        return await self.gateway._put(records, checkpoint, source)
 
 
 class _SourceSink:
@@ -98,7 +99,11 @@ class _SourceSink:
         self.owed: list[Span] = [span for span in owed if span[1]]
 
     async def put(self, records: Sequence[Record], checkpoint: Any = None,
-                  origin: tuple[Any, Any, Any] | None = None) -> None:
+                  origin: tuple[Any, Any, Any] | None = None) -> bool:
+        """Put records; True, or False when ``checkpoint`` was refused as too large for a
+        frame (``Gateway._checkpoint_fits``): the source's previous checkpoint stays the one
+        a restart resumes from, so the next puts' origins must follow *its* positions -- a
+        source with origins then moves on only the put's own stream (sources/__init__.py)."""
         key: Key = None
         if origin is not None:
             stream, start, end = origin
@@ -109,7 +114,7 @@ class _SourceSink:
                 records = self._skip(records, key, _freeze(end))
         elif self.owed:
             records = self._skip(records, None, None)
-        await self.gateway._put(records, checkpoint, self.name, key, self.owed)
+        return await self.gateway._put(records, checkpoint, self.name, key, self.owed)
 
     def _skip(self, records: Sequence[Record], key: Key, end: Any) -> Sequence[Record]:
         """Drop what the owed spans say of ``records`` (a put from ``key`` to ``end``)."""
@@ -213,6 +218,9 @@ class Gateway:
         # checkpoints refused as too large, per source, not yet told to the hub: [n, bytes]
         self._checkpoints_untold: dict[str, list[int]] = {}
         self._checkpoint_budget = _checkpoint_budget(self.store)
+        #: per source, the largest checkpoint (bytes) given with the batch pending in the
+        #: batcher: together they take at most half a frame (``_add``)
+        self._pending_checkpoints: dict[str, int] = {}
         self._lock = trio.Lock()
         self._wake_flusher = trio.Event()
         #: the batcher deadline the flusher is waiting for (None: none, it waits for a wake)
@@ -340,33 +348,59 @@ class Gateway:
             skip = self._replay_skip(name, source)
 
     async def _put(self, records: Sequence[Record], checkpoint: Any, source: str | None,
-                   origin: Key = None, owed: Sequence[Span] | None = None) -> None:
+                   origin: Key = None, owed: Sequence[Span] | None = None) -> bool:
+        """Put a source's records; False when its checkpoint was refused (too large)."""
         if records:
             self.m_records_in.inc(len(records), source=source or "?")
+        size = self._admit(source, checkpoint)
         async with self._lock:
-            await self._store_all(self._add(records, source, checkpoint, origin=origin,
-                                            owed=owed))
+            await self._store_all(self._add(records, source,
+                                            None if size is None else checkpoint,
+                                            origin=origin, size=size or 0, owed=owed))
         self._deadline_changed()
+        return size is not None
+
+    def _admit(self, source: str | None, checkpoint: Any) -> int | None:
+        """A put's checkpoint: the bytes it takes in a frame (0: none given, or no limit),
+        or None when it is refused as too large (``_checkpoint_fits``, which counts it)."""
+        if checkpoint is None or source is None or self._checkpoint_budget is None:
+            return 0
+        return self._checkpoint_fits(source, checkpoint)
 
     def _add(self, records: Sequence[Record], source: str | None, checkpoint: Any = None,
-             origin: Key = None, **kwargs: Any) -> list[Batch]:
-        """``batcher.add``, remembering which source (and origin) the records came from; a
-        checkpoint too large for a frame is refused here (``_checkpoint_fits``)."""
-        if checkpoint is not None and source is not None and not self._checkpoint_fits(
-                source, checkpoint):
-            checkpoint = None
+             origin: Key = None, size: int = 0, **kwargs: Any) -> list[Batch]:
+        """``batcher.add``, remembering which source (and origin) the records came from.
+        ``checkpoint`` was admitted (``_admit``), ``size`` its bytes: when the checkpoints
+        of the pending batch and it would take over half a frame (several sources' near
+        the limit of one), the pending batch is cut first."""
+        out: list[Batch] = []
+        if size and source is not None:
+            pending = self._pending_checkpoints
+            total = size + sum(n for s, n in pending.items() if s != source)
+            if total > 2 * (self._checkpoint_budget or 0) and pending:
+                batch = self.batcher.flush()
+                if batch is not None:
+                    out.append(batch)
+                self._pending_checkpoints = {}
         if records:
             last = self._runs[-1] if self._runs else None
             if last is not None and last[0] == source and last[1] == origin:
                 last[2] += len(records)
             else:
                 self._runs.append([source, origin, len(records)])
-        return self.batcher.add(records, trio.current_time(), source, checkpoint,
-                                origin=origin, **kwargs)
+        cut = self.batcher.add(records, trio.current_time(), source, checkpoint,
+                               origin=origin, **kwargs)
+        if cut:
+            self._pending_checkpoints = {}
+        if size and source is not None and checkpoint is not None and self.batcher.pending:
+            pending = self._pending_checkpoints
+            pending[source] = max(pending.get(source, 0), size)
+        return out + cut
 
-    def _checkpoint_fits(self, source: str, checkpoint: Any) -> bool:
-        """Whether a source's checkpoint may be stored: at most a quarter of what a frame
-        of the store may hold (``_checkpoint_budget``).  One that is larger would make
+    def _checkpoint_fits(self, source: str, checkpoint: Any) -> int | None:
+        """The bytes a source's checkpoint takes (0: not measured, a number), or None
+        when it may not be stored: over a quarter of what a frame of the store may hold
+        (``_checkpoint_budget``).  One that is larger would make
         every frame carrying it too large to store (or leave no room for records), so it
         is refused: counted per source, logged, told to the hub, and not stored -- the
         source's previous checkpoint stays the durable one, and the records go on being
@@ -375,10 +409,10 @@ class Gateway:
         (docs/spool.md, "Frame size")."""
         budget = self._checkpoint_budget
         if budget is None or isinstance(checkpoint, (int, float)):
-            return True
+            return 0
         size = len(cbor2.dumps(checkpoint))
         if size <= budget:
-            return True
+            return size
         untold = self._checkpoints_untold.setdefault(source, [0, 0])
         untold[0] += 1
         untold[1] = max(untold[1], size)
@@ -389,7 +423,7 @@ class Gateway:
                 "source %s: a checkpoint of %d bytes refused, a frame may hold one of at "
                 "most %d (spool.max_bytes / 16); its previous checkpoint stays "
                 "the durable one", source, size, budget)
-        return False
+        return None
 
     def _checkpoint_events(self) -> list[GatewayEvent]:
         """The events that tell the hub about refused checkpoints not told yet."""
@@ -575,13 +609,17 @@ class Gateway:
         """See ``_SourceSink.put_whole``."""
         if records:
             self.m_records_in.inc(len(records), source=source)
+        size = self._admit(source, checkpoint)
+        if size is None:
+            checkpoint = None
         async with self._lock:
             b = self.batcher
             if b.pending and b.pending + len(records) > b.max_records:
                 batch = b.flush()
+                self._pending_checkpoints = {}
                 if batch is not None:
                     await self._store_all([batch])
-            await self._store_all(self._add(records, source, checkpoint))
+            await self._store_all(self._add(records, source, checkpoint, size=size or 0))
         self._deadline_changed()
 
     def _notify_durable(self, checkpoints: dict[str, Any]) -> None:
@@ -654,6 +692,7 @@ class Gateway:
             async with self._lock:
                 batch = self.batcher.poll(trio.current_time())
                 if batch is not None:
+                    self._pending_checkpoints = {}
                     await self._store_all([batch])
 
     async def flush(self) -> None:
@@ -665,6 +704,7 @@ class Gateway:
                 batch = self.batcher.flush()
                 if batch is None:
                     break
+                self._pending_checkpoints = {}
                 await self._store_all([batch])
 
     async def drain(self, seconds: float) -> bool:

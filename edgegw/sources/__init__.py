@@ -13,7 +13,8 @@ that batch; the gateway hands the last *durable* checkpoint back as
 A checkpoint travels with the frames: keep it small.  One larger than a quarter of what
 a frame of the disk spool may hold (``spool.max_bytes / 16``) is refused, not stored
 (``edgegw_gateway_checkpoints_rejected_total``; the records are stored, the previous
-checkpoint stands: docs/spool.md, "Frame size").
+checkpoint stands: docs/spool.md, "Frame size"); the gateway's ``put`` then returns False
+(True, or None from a sink that does not say, otherwise).
 
 A source whose checkpoint is a *replay position* sets ``replays = True``: resuming from a
 checkpoint, it emits exactly the records it emitted after it, in the same order (the STDF
@@ -30,7 +31,11 @@ after them (None: the stream ends there).  Values are JSON-able and compared by 
 replay puts the same records with the same origins.  The drop then applies only to a replay
 that resumes the same stream at the same position: a file deleted, replaced or truncated
 meanwhile, or another one met first, loses nothing (docs/plugins.md, "Writing a source
-type").  Without origins the drop applies to the first records replayed.
+type").  Without origins the drop applies to the first records replayed.  The positions
+are those of the checkpoint a restart resumes from: after a put whose checkpoint was
+refused (``put`` returned False), only that put's own stream moves on to where the put
+ended; every other stream's next records still follow its position in the checkpoint
+that stands (docs/spool.md, "A refused checkpoint").
 """
 
 from __future__ import annotations
@@ -50,8 +55,9 @@ ENTRY_POINT_GROUP = "edgegw.sources"
 
 class RecordSink(Protocol):
     # Optional: ``takes_origin = True`` when ``put`` also takes ``origin=(stream, start,
-    # end)`` (see above); a source passes ``origin`` only then.
-    async def put(self, records: Sequence[Record], checkpoint: Any = None) -> None: ...
+    # end)`` (see above); a source passes ``origin`` only then.  Returns False when the
+    # checkpoint was refused (see above); True or None otherwise.
+    async def put(self, records: Sequence[Record], checkpoint: Any = None) -> bool | None: ...
 
 
 @dataclasses.dataclass

@@ -21,8 +21,21 @@ gzip member (or MRR), and a gzip stream cut in the middle that stays idle is an 
 Checkpoint (passed with every batch; the gateway keeps the last durable one and hands it
 back as ``context.checkpoint``)::
 
-    {"version": 1, "files": {PATH: {"offset": N, "done": bool, "reason": str,
-                                    "inode": int, "size": int, "state": {...}}}}
+    {"version": 2, "files": {PATH: {"offset": N, "done": bool, "reason": str,
+                                    "inode": int, "size": int, "state": {...}}},
+     "finished_before": NS, "gone": [[inode, NS], ...]}
+
+Bounded: ``files`` lists the unfinished files and the finished ones that changed (their
+modification or status-change time, whichever is later, in ns) after ``finished_before``,
+the watermark.  A file on disk that is not listed
+and changed at or before the watermark is finished: not read again.  The watermark follows
+the start of a directory scan less ``fold_after`` seconds, once every file that scan found
+is known: a file that appears later (created, copied or renamed in) changes after it, so it
+is read -- unless the file system's clock runs more than ``fold_after`` behind the
+gateway's.  ``gone`` (the last ``GONE_KEPT``) names unfinished files that vanished (inode and
+change time): one that comes back unchanged (a directory remounted) is read from its start,
+as a vanished file always was, never taken as finished.  A version 1 checkpoint (every file
+listed) is read as one without a watermark.
 
 ``offset`` is always a record boundary, and every record before it has been mapped
 (emitted, or held by the mapper for a part whose PRR comes later).  On restart a file is
@@ -47,10 +60,10 @@ import dataclasses
 import glob
 import logging
 import os
+import stat
 import sys
 import time
 import zlib
-from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import trio
@@ -65,7 +78,14 @@ from .formats import UnknownFormat, build_options, get_format, is_complete, new_
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+#: at most this many vanished unfinished files are remembered in the checkpoint (``gone``)
+GONE_KEPT = 64
+#: the watermark stays this much further behind a scan's start than ``fold_after`` says:
+#: a file system stamps change times with a coarse clock (a kernel tick behind the one
+#: ``time.time_ns`` reads), so a file created just after the scan began can carry a time
+#: just before it
+CLOCK_SLACK_NS = 100_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +106,10 @@ class TailConfig:
     read_size: Annotated[int, Range(512, 1 << 20)] = 64 * 1024
     #: the format's own settings (its ``Options``; docs/plugins.md, "Format options")
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: a finished file unchanged for this long leaves the checkpoint's list of files for
+    #: its watermark (docs/tail.md, "The checkpoint's size"); at least the largest lag of
+    #: the file system's clock behind the gateway's (a network file system's)
+    fold_after: Annotated[float, Range(0, 31_536_000)] = 60.0
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -112,6 +136,8 @@ class _FileInfo:
     size: int
     mtime: float
     gz: bool
+    #: its last change: the later of its modification and status-change times, in ns
+    changed: int = 0
 
 
 @dataclasses.dataclass
@@ -144,6 +170,7 @@ class _File:
     selected: bool = False
     warned: bool = False
     io_failed: bool = False  # a read error was reported, no read has succeeded since
+    changed: int = 0  # its last change as the latest scan saw it (``_FileInfo.changed``)
 
     def checkpoint(self) -> dict[str, Any]:
         return {"offset": self.offset, "done": self.done, "reason": self.reason,
@@ -210,6 +237,14 @@ class TailSource:
         self.format: TesterFormat = get_format(config.format)
         self.options = build_options(self.format, config.options)
         self.files: dict[str, _File] = {}
+        #: the files the checkpoint lists: every file but the finished ones that changed
+        #: at or before the watermark (filtered by ``_fold``; a superset in between)
+        self._listed: dict[str, _File] = {}
+        #: finished files that changed at or before it are not listed (ns)
+        self.watermark = 0
+        #: (inode, changed) of vanished unfinished files, the latest ``GONE_KEPT``
+        self.gone: list[tuple[int, int]] = []
+        self._scan_started = 0  # time.time_ns() when the latest scan began
         self.errors = source_errors(context.metrics)
         self.read_records = context.metrics.counter(
             "tail_records_total", "tester records parsed from tailed files (re-reads included)")
@@ -219,26 +254,84 @@ class TailSource:
     # -- checkpoint ------------------------------------------------------------------------
 
     def checkpoint(self) -> dict[str, Any]:
-        """The resume position of every known file (JSON-able, a fresh copy)."""
-        return {"version": CHECKPOINT_VERSION,
-                "files": {p: f.checkpoint() for p, f in self.files.items()}}
+        """The resume position of every listed file, and the watermark below which the
+        finished ones are not listed (JSON-able, a fresh copy)."""
+        out: dict[str, Any] = {
+            "version": CHECKPOINT_VERSION,
+            "files": {p: f.checkpoint() for p, f in self._listed.items()},
+            "finished_before": self.watermark}
+        if self.gone:
+            out["gone"] = [[inode, changed] for inode, changed in self.gone]
+        return out
 
     def _restore(self, checkpoint: Any) -> bool:
         if checkpoint is None:
             return False
         try:
-            if checkpoint.get("version") != CHECKPOINT_VERSION:
-                raise ValueError(f"version {checkpoint.get('version')!r}")
+            version = checkpoint.get("version")
+            if version not in (1, CHECKPOINT_VERSION):  # 1: every file listed
+                raise ValueError(f"version {version!r}")
             for path, e in checkpoint["files"].items():
-                self.files[path] = _File(
+                self.files[path] = self._listed[path] = _File(
                     path=path, inode=int(e["inode"]), gz=path.lower().endswith(".gz"),
                     offset=int(e["offset"]), done=bool(e["done"]), reason=str(e["reason"]),
                     size=int(e["size"]), state=dict(e.get("state") or {}),
                     origin=int(e["offset"]))
+            self.watermark = int(checkpoint.get("finished_before", 0))
+            self.gone = [(int(inode), int(changed))
+                         for inode, changed in checkpoint.get("gone", [])]
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             log.error("source %s: ignoring unreadable checkpoint (%s)", self.name, exc)
             self.files.clear()
+            self._listed.clear()
+            self.watermark, self.gone = 0, []
             return False
+        return True
+
+    def _fold(self, limit: int) -> None:
+        """Move the watermark up to ``limit`` and list only the files it does not cover.
+        At most the latest scan's start less ``fold_after`` (a file that appears after the
+        scan began changes after it), and below every file that scan found that is not
+        known yet (``_unknown_ahead``)."""
+        if limit > self.watermark:
+            self.watermark = limit
+        w = self.watermark
+        # (a file is listed when it is known, or when its change passes the watermark:
+        # only the list itself can hold finished files the watermark now covers)
+        self._listed = {p: f for p, f in self._listed.items() if not f.done or f.changed > w}
+        if self.gone:
+            self.gone = self.gone[-GONE_KEPT:]
+
+    def _unknown_ahead(self, found: list[_FileInfo]) -> list[int]:
+        """For each index of ``found`` (and one past its end), the earliest change among
+        the files from there on that are not known and that the watermark does not cover
+        yet: until a poll reaches them, the watermark stays below them (a restart would not
+        know them either)."""
+        ahead = [sys.maxsize] * (len(found) + 1)
+        w = self.watermark
+        for i in range(len(found) - 1, -1, -1):
+            info = found[i]
+            ahead[i] = ahead[i + 1]
+            if info.changed > w and info.path not in self.files:
+                ahead[i] = min(ahead[i], info.changed)
+        return ahead
+
+    def _done(self, f: _File, reason: str) -> None:
+        """Mark ``f`` finished; unlisted at once when the watermark covers it."""
+        f.done = True
+        f.reason = reason
+        if f.changed <= self.watermark:
+            self._listed.pop(f.path, None)
+
+    def _finished_before(self, info: _FileInfo) -> bool:
+        """A file not known: whether the watermark says it was finished (it changed at or
+        before it and is not an unfinished file that vanished and came back)."""
+        if info.changed > self.watermark:
+            return False
+        for key in ((info.inode, info.changed), (info.inode, 0)):  # 0: vanished unseen
+            if key in self.gone:
+                self.gone.remove(key)
+                return False
         return True
 
     # -- the service -----------------------------------------------------------------------
@@ -248,9 +341,10 @@ class TailSource:
         resumed = self._restore(self.context.checkpoint)
         if not resumed and self.config.start == "new_only":
             for info in await trio.to_thread.run_sync(self._scan):
-                self.files[info.path] = _File(info.path, info.inode, info.gz, offset=info.size,
-                                              done=True, reason="existed at start",
-                                              size=info.size, origin=info.size)
+                self.files[info.path] = self._listed[info.path] = _File(
+                    info.path, info.inode, info.gz, offset=info.size, done=True,
+                    reason="existed at start", size=info.size, origin=info.size,
+                    changed=info.changed)
         task_status.started()
         try:
             while True:
@@ -266,10 +360,15 @@ class TailSource:
         found = await trio.to_thread.run_sync(self._scan)
         seen = {info.path for info in found}
         gone = {f.inode: f for p, f in self.files.items() if p not in seen}
-        for info in found:
+        horizon = self._scan_started - int(self.config.fold_after * 1e9) - CLOCK_SLACK_NS
+        ahead = self._unknown_ahead(found)
+        self._fold(min(horizon, ahead[0] - 1))
+        for i, info in enumerate(found):
             f = self.files.get(info.path)
+            unknown = f is None  # (not a file replaced or cut short: they are read whole)
             if f is None and info.inode in gone:
                 f = self._renamed(gone.pop(info.inode), info)
+                unknown = f is None
             if f is not None and f.inode != info.inode:
                 log.warning("source %s: %s was replaced (new inode); reading it from the start",
                             self.name, info.path)
@@ -282,8 +381,21 @@ class TailSource:
                             "start", self.name, info.path)
                 await self._ended(sink, f)
                 f = None
-            if f is None:
-                f = self.files[info.path] = _File(info.path, info.inode, info.gz)
+            if f is None and unknown and self._finished_before(info):
+                f = self.files[info.path] = _File(
+                    info.path, info.inode, info.gz, offset=info.size, done=True,
+                    reason="finished (before the checkpoint's watermark)", size=info.size,
+                    origin=info.size, changed=info.changed)
+            elif f is None:
+                f = self.files[info.path] = self._listed[info.path] = _File(
+                    info.path, info.inode, info.gz)
+            if info.changed != f.changed:
+                f.changed = info.changed
+                if f.changed > self.watermark:
+                    self._listed[info.path] = f
+            # every file this scan found up to here is known: the watermark may pass them
+            # (a file finished from now on leaves the list at once, see _done)
+            self.watermark = max(self.watermark, min(horizon, ahead[i + 1] - 1))
             if f.done:
                 if info.size > f.size and not f.warned:
                     f.warned = True
@@ -307,8 +419,12 @@ class TailSource:
         for path in [p for p in self.files if p not in seen]:
             # gone from disk (or no longer matched): forget it, keeping what it still held
             f = self.files.pop(path)
+            self._listed.pop(path, None)
             batch: list[Record] = []
             if not f.done:
+                # back unchanged: read it whole (0: missing at the first scan after a
+                # restart, its change time unknown; its inode alone then)
+                self.gone.append((f.inode, f.changed))
                 log.warning("source %s: %s disappeared before it was complete", self.name, path)
                 if f.mapper is not None and not f.skip_below:
                     batch = f.mapper.close(time.time())
@@ -317,6 +433,7 @@ class TailSource:
                 await self._put(sink, f, batch, ended=True)
             elif not f.done:
                 await self._ended(sink, f)
+        self._fold(horizon)
 
     def _renamed(self, old: _File, info: _FileInfo) -> _File | None:
         """A file that vanished from one path while one with its inode appeared at another
@@ -326,8 +443,9 @@ class TailSource:
             return None
         log.info("source %s: %s was renamed to %s", self.name, old.path, info.path)
         del self.files[old.path]
+        self._listed.pop(old.path, None)
         old.path = info.path
-        self.files[info.path] = old
+        self.files[info.path] = self._listed[info.path] = old
         return old
 
     # -- one file --------------------------------------------------------------------------
@@ -507,8 +625,7 @@ class TailSource:
                     return
                 batch.extend(more)
             batch.extend(f.mapper.close(now))
-        f.done = True
-        f.reason = reason
+        self._done(f, reason)
         await self._release(f)
         log.info("source %s: %s complete (%s) at byte %d", self.name, f.path, reason, f.offset)
         if batch:  # (no empty batches: "done" then rides along with the next one)
@@ -528,8 +645,7 @@ class TailSource:
         getattr(log, level)("source %s: %s", self.name, text)
         self.errors.inc(source=self.name, kind=kind)
         if abandon:
-            f.done = True
-            f.reason = f"{kind}: {message} at byte {offset}"
+            self._done(f, f"{kind}: {message} at byte {offset}")
             await self._release(f)
         event = GatewayEvent(self.name, time.time(), level, f"source_{kind}", text,
                              {"path": f.path, "offset": offset, "format": self.format.name})
@@ -550,12 +666,20 @@ class TailSource:
         checkpoint = self.checkpoint()
         origin = (f.inode if stream is None else stream, f.origin,
                   None if ended or stream is not None else f.offset)
+        if not getattr(sink, "takes_origin", False):
+            await sink.put(batch, checkpoint=checkpoint)
+            return
+        taken = await sink.put(batch, checkpoint, origin=origin)  # type: ignore[call-arg]
+        if taken is False:
+            # The checkpoint was refused (too large for a frame): the previous one stays
+            # the one a restart resumes from, so every other file's next records still
+            # follow its offset there; only this file's next ones follow this put's end
+            # (a replay puts a file's records in one run, each put where the last ended)
+            if stream is None:
+                f.origin = f.offset
+            return
         for g in self.files.values():
             g.origin = g.offset
-        if getattr(sink, "takes_origin", False):
-            await sink.put(batch, checkpoint, origin=origin)  # type: ignore[call-arg]
-        else:
-            await sink.put(batch, checkpoint=checkpoint)
 
     async def _ended(self, sink: RecordSink, f: _File) -> None:
         """Tell a sink that takes origins that ``f`` ends where it is (deleted, replaced or
@@ -575,6 +699,7 @@ class TailSource:
         return name.lower().endswith(self._suffixes)
 
     def _scan(self) -> list[_FileInfo]:
+        self._scan_started = time.time_ns()
         paths: set[str] = set()
         for spec in self.config.paths:
             expanded = os.path.expanduser(spec)
@@ -591,9 +716,10 @@ class TailSource:
                 st = os.stat(p)
             except OSError:  # vanished between listing and stat
                 continue
-            if not Path(p).is_file():
+            if not stat.S_ISREG(st.st_mode):  # (what Path.is_file says, without a stat)
                 continue
             found.append(_FileInfo(p, st.st_ino, st.st_size, st.st_mtime,
-                                   p.lower().endswith(".gz")))
+                                   p.lower().endswith(".gz"),
+                                   max(st.st_mtime_ns, st.st_ctime_ns)))
         found.sort(key=lambda i: (i.mtime, i.path))
         return found
