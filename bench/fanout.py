@@ -258,9 +258,9 @@ class StageClock:
                     clock.arrived[ev.seq] = wall
             return events, reply
 
-        def queue_feed_(gw: str, first_rid: int, records: list[Any], frame_id: int) -> None:
+        def queue_feed_(gw: str, first_rid: int, records: Any, frame_id: int) -> None:
             wall = time.time()
-            ts = [r.ts for r in records if type(r).__name__ == "PartResult"]
+            ts = part_timestamps(records)
             clock.at_commit.extend((wall, wall - t) for t in ts)
             clock._last = (wall, ts)
             queue_feed(gw, first_rid, records, frame_id)
@@ -279,8 +279,13 @@ class StageClock:
 
     def on_records(self, gateway_id: str, first_rid: int, records: list[Any]) -> None:
         wall = time.time()
-        self.at_feed.extend((wall, wall - r.ts) for r in records
-                            if type(r).__name__ == "PartResult")
+        self.at_feed.extend((wall, wall - t) for t in part_timestamps(records))
+
+    def on_columns(self, gateway_id: str, first_rid: int, frame: Any) -> None:
+        # A columnar frame (protocol v2): read from its columns, so that the hub does not
+        # build its records for this clock (the live state does not either).
+        wall = time.time()
+        self.at_feed.extend((wall, wall - t) for t in part_timestamps(frame))
 
     def on_gateway(self, gateway_id: str, connected: bool, now: float) -> None:
         pass
@@ -291,6 +296,25 @@ class StageClock:
                 "to_arrival": [(a, a - o) for _, o, a, _ in self.frames],
                 "arrival_to_commit": [(c, c - a) for _, _, a, c in self.frames],
                 "oldest": [(s, o, a) for s, o, a, _ in self.frames]}
+
+
+def part_timestamps(records: Any) -> list[float]:
+    """The ``ts`` of every part result of a frame: a list of records, a v1 body (``Rows``)
+    or a columnar v2 body (``Columns``: read from its columns, no record built)."""
+    from edgegw.records import PartResult
+
+    columns = getattr(records, "columns", None)
+    if columns is not None:
+        cols = columns(PartResult)
+        if cols is None:
+            return []
+        ts = cols[1]
+        if type(ts) is not tuple:
+            return list(ts)
+        return [ts[0]] * sum(c for cls, c in records.runs() if cls is PartResult)
+    if hasattr(records, "records"):
+        records = records.records()
+    return [r.ts for r in records if type(r) is PartResult]
 
 
 # --------------------------------------------------------------------------- tester process
