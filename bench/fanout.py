@@ -936,7 +936,8 @@ def report(args: argparse.Namespace, subs: Merged, phases: list[Any], log: dict[
           f"(over 80 % of the UI interval in CPU) {stats.get('ticks_spaced', 'n/a')}; "
           f"held back for the ingest's lag {stats.get('ticks_held', 'n/a')}; waited for "
           f"the frames received (catch-up) {stats.get('ticks_caught_up', 'n/a')}, mean "
-          f"{stats.get('catch_up_ms_mean') or 0:.1f} ms")
+          f"{stats.get('catch_up_ms_mean') or 0:.1f} ms, "
+          f"{stats.get('catch_up_timeouts', 'n/a')} of them to the cap")
 
     def figures(parts: list[Any]) -> tuple[list[float], list[float], list[float], list[float],
                                            list[float]]:
