@@ -96,6 +96,8 @@ def run_hub(args: argparse.Namespace) -> None:
             fanout.write_slice = args.write_slice / 1000  # this tree's hub only
         if hasattr(fanout, "ingest_lag") and hasattr(hub, "lag") and not args.no_hold:
             fanout.ingest_lag = hub.lag  # as edgegw.hub.Hub wires it
+        if args.catch_up is not None and hasattr(fanout, "catch_up"):
+            fanout.catch_up = args.catch_up  # this tree's hub only
         if args.writer_thread and hasattr(fanout, "write_in_thread"):
             fanout.write_in_thread = True  # this tree's hub only
         tick_async = fanout.tick_async
@@ -258,9 +260,9 @@ class StageClock:
                     clock.arrived[ev.seq] = wall
             return events, reply
 
-        def queue_feed_(gw: str, first_rid: int, records: list[Any], frame_id: int) -> None:
+        def queue_feed_(gw: str, first_rid: int, records: Any, frame_id: int) -> None:
             wall = time.time()
-            ts = [r.ts for r in records if type(r).__name__ == "PartResult"]
+            ts = part_timestamps(records)
             clock.at_commit.extend((wall, wall - t) for t in ts)
             clock._last = (wall, ts)
             queue_feed(gw, first_rid, records, frame_id)
@@ -279,8 +281,13 @@ class StageClock:
 
     def on_records(self, gateway_id: str, first_rid: int, records: list[Any]) -> None:
         wall = time.time()
-        self.at_feed.extend((wall, wall - r.ts) for r in records
-                            if type(r).__name__ == "PartResult")
+        self.at_feed.extend((wall, wall - t) for t in part_timestamps(records))
+
+    def on_columns(self, gateway_id: str, first_rid: int, frame: Any) -> None:
+        # A columnar frame (protocol v2): read from its columns, so that the hub does not
+        # build its records for this clock (the live state does not either).
+        wall = time.time()
+        self.at_feed.extend((wall, wall - t) for t in part_timestamps(frame))
 
     def on_gateway(self, gateway_id: str, connected: bool, now: float) -> None:
         pass
@@ -291,6 +298,25 @@ class StageClock:
                 "to_arrival": [(a, a - o) for _, o, a, _ in self.frames],
                 "arrival_to_commit": [(c, c - a) for _, _, a, c in self.frames],
                 "oldest": [(s, o, a) for s, o, a, _ in self.frames]}
+
+
+def part_timestamps(records: Any) -> list[float]:
+    """The ``ts`` of every part result of a frame: a list of records, a v1 body (``Rows``)
+    or a columnar v2 body (``Columns``: read from its columns, no record built)."""
+    from edgegw.records import PartResult
+
+    columns = getattr(records, "columns", None)
+    if columns is not None:
+        cols = columns(PartResult)
+        if cols is None:
+            return []
+        ts = cols[1]
+        if type(ts) is not tuple:
+            return list(ts)
+        return [ts[0]] * sum(c for cls, c in records.runs() if cls is PartResult)
+    if hasattr(records, "records"):
+        records = records.records()
+    return [r.ts for r in records if type(r) is PartResult]
 
 
 # --------------------------------------------------------------------------- tester process
@@ -583,6 +609,10 @@ def main() -> int:
     ap.add_argument("--no-hold", action="store_true",
                     help="this tree's hub ticks without looking at the ingest's lag "
                          "(LiveFanout.ingest_lag unset)")
+    ap.add_argument("--catch-up", type=float, default=None,
+                    help="share of the UI interval a due tick waits for the frames received "
+                         "by then to reach the live state (LiveFanout.catch_up; this tree's "
+                         "hub only; 0: off; default: LiveFanout's own)")
     ap.add_argument("--runs", type=int, default=3, help="whole measurements; medians printed")
     ap.add_argument("--compare", action="store_true",
                     help="alternate runs of the hub from --before (its source, exported "
@@ -660,6 +690,7 @@ def measure(args: argparse.Namespace, before_tree: Path | None) -> int:
             ("tick_cpu_us_client", "  per client us"),
             ("rate", "frames/s per client (median)"),
             ("ticks_held", "ticks held for the ingest (whole run)"),
+            ("ticks_caught_up", "ticks that waited for commits (whole run)"),
             ("hub_cpu", "hub CPU % of a core"), ("rss", "hub RSS MB"),
             ("subs_cpu", "subscriber processes CPU %"), ("load", "load average")]
     header = f"  {'':40}" + "".join(f"{v:>12}" for v in variants)
@@ -706,6 +737,8 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | N
                               else []),
                             *(["--write-slice", str(args.write_slice)]
                               if args.write_slice is not None and before is None else []),
+                            *(["--catch-up", str(args.catch_up)]
+                              if args.catch_up is not None and before is None else []),
                             ],
                            stdout=subprocess.PIPE, text=True, env=hub_env)
     tester = None
@@ -843,6 +876,7 @@ def report(args: argparse.Namespace, subs: Merged, phases: list[Any], log: dict[
     summary: dict[str, Any] = {"tick_ms": stats["tick_ms_mean"],
                                "tick_max_ms": stats.get("tick_ms_max"),
                                "ticks_held": stats.get("ticks_held"),
+                               "ticks_caught_up": stats.get("ticks_caught_up"),
                                "lag_p99": 1000 * lags["p99"] if lags and lags["n"] else None}
     import cbor2
 
@@ -900,7 +934,10 @@ def report(args: argparse.Namespace, subs: Merged, phases: list[Any], log: dict[
           f"queue and commit); a frame's arrival -> ACK due {mean_ms('hub_frame_apply_seconds')};"
           f" commit -> live state {mean_ms('hub_live_apply_lag_seconds')}; ticks spaced "
           f"(over 80 % of the UI interval in CPU) {stats.get('ticks_spaced', 'n/a')}; "
-          f"held back for the ingest's lag {stats.get('ticks_held', 'n/a')}")
+          f"held back for the ingest's lag {stats.get('ticks_held', 'n/a')}; waited for "
+          f"the frames received (catch-up) {stats.get('ticks_caught_up', 'n/a')}, mean "
+          f"{stats.get('catch_up_ms_mean') or 0:.1f} ms, "
+          f"{stats.get('catch_up_timeouts', 'n/a')} of them to the cap")
 
     def figures(parts: list[Any]) -> tuple[list[float], list[float], list[float], list[float],
                                            list[float]]:

@@ -82,6 +82,18 @@ MAX_HELD_TICKS = 3
 #: saves too little to be worth a frame -- the ingest's lag then has other causes
 #: (bench/fanout.py at 200 clients on a loaded machine: ticks held, the lag unchanged).
 HOLD_MIN_TICK_SHARE = 0.25
+#: how long a due tick waits, at most, for the gateways' frames that had reached the hub
+#: when it was due to reach the live state (their commit and feeder step: a few ms on a
+#: hub that keeps up), as a share of the UI interval (``LiveFanout.catch_up``).  Their
+#: records then go out with this tick instead of the next, an interval later: at 1,000
+#: clients the frames committing while a tick was due made the end-to-end p99.
+CATCH_UP_SHARE = 0.3
+#: how often a tick that waits for the ingest looks at its lag again
+CATCH_UP_POLL_S = 0.001
+#: due ticks that do not wait after a wait that reached its cap: on a hub short of CPU
+#: the commits outlast the cap (bench/fanout.py at load average 6.6: 43 of 57 waits), and
+#: each such wait only delayed every client's frame
+CATCH_UP_BACKOFF_TICKS = 4
 
 
 class _NoState:
@@ -199,6 +211,13 @@ class LiveFanout:
         self.ingest_lag: Callable[[], float] | None = None
         self.hold_min_tick_share = HOLD_MIN_TICK_SHARE
         self.ticks_held = 0
+        #: a due tick waits up to this share of the UI interval for the frames received by
+        #: then to reach the live state (``ingest_lag``); 0: it does not wait
+        self.catch_up = CATCH_UP_SHARE
+        self.ticks_caught_up = 0  # ticks that waited for the ingest
+        self.catch_up_timeouts = 0  # of which the wait reached its cap (went without them)
+        self._catch_up_skip = 0  # due ticks left that do not wait (after a timeout)
+        self.catch_up_seconds = 0.0  # the time they waited, in all
         #: a tick's writes to the sockets of parked clients go to a worker thread as one
         #: batch (``_write_batch``) when True; else the Trio thread writes them itself.
         #: Off by default: WRITE_IN_THREAD; the hub config's ``live.write_thread``
@@ -269,6 +288,7 @@ class LiveFanout:
                 due = trio.current_time() + interval
                 continue
             held = 0
+            await self._catch_up(interval)
             began = trio.current_time()
             self._work = trio.Event()  # set by what is published from now on
             try:
@@ -293,6 +313,38 @@ class LiveFanout:
             if took > 0.8 * interval and self.space_long_ticks:
                 due = max(due, trio.current_time() + took - interval)
                 self.ticks_spaced += 1
+
+    async def _catch_up(self, interval: float) -> None:
+        """Wait, at most ``catch_up`` intervals, until every frame the hub had received
+        from a gateway when the tick was due is in the live state (``ingest_lag`` shorter
+        than the wait so far), so that their records go out with this tick: without the
+        wait, records committed a few ms after a tick began waited a whole interval for
+        the next.  While a commit is in flight the Trio thread is free, so the wait costs
+        the other tasks nothing; the rate cap still counts from when the tick begins.  An
+        ingest behind by more than an interval is not waited for (it would not catch up
+        in time; the holding above is for that case), and after a wait that reached its
+        cap the next ``CATCH_UP_BACKOFF_TICKS`` due ticks do not wait: on a hub short of
+        CPU the commits outlast the cap, and the wait only delays every frame."""
+        lag = self.ingest_lag
+        if lag is None or self.catch_up <= 0:
+            return
+        if self._catch_up_skip:
+            self._catch_up_skip -= 1
+            return
+        start = trio.current_time()
+        behind = lag()
+        if behind <= 0 or behind > interval:
+            return  # nothing in flight; or behind by more than a commit (the holding's case)
+        deadline = start + self.catch_up * interval
+        now = start
+        while now < deadline and lag() > now - start:
+            await trio.sleep(CATCH_UP_POLL_S)
+            now = trio.current_time()
+        self.ticks_caught_up += 1
+        if now >= deadline:
+            self.catch_up_timeouts += 1
+            self._catch_up_skip = CATCH_UP_BACKOFF_TICKS
+        self.catch_up_seconds += now - start
 
     def _work_arrived(self) -> None:
         self._work.set()
@@ -637,6 +689,10 @@ class LiveFanout:
         out["ticks"] = self.ticks
         out["ticks_spaced"] = self.ticks_spaced
         out["ticks_held"] = self.ticks_held
+        out["ticks_caught_up"] = self.ticks_caught_up
+        out["catch_up_timeouts"] = self.catch_up_timeouts
+        out["catch_up_ms_mean"] = (1000 * self.catch_up_seconds / self.ticks_caught_up
+                                   if self.ticks_caught_up else None)
         out["tick_ms_mean"] = (1000 * self.tick_seconds / self.ticks) if self.ticks else None
         out["tick_core_ms_mean"] = (1000 * self.core_seconds / self.ticks) if self.ticks else None
         out["tick_ms_max"] = 1000 * self.tick_seconds_max
