@@ -90,9 +90,12 @@ from .checks import BAD_VALUE_FLAGS, BadRecord, NotApplied, is_int, is_num, opt_
 from .models import (
     DIE_VALUES_PER_WAFER,
     PENDING_PER_SITE,
+    RUN_HEADS,
+    WAITING_RUNS,
     Die,
     GatewayState,
     LotState,
+    Run,
     SensorState,
     TestStats,
     WaferState,
@@ -181,6 +184,13 @@ class LiveState:
             "test values left out of the statistics: flagged invalid by the tester, or not "
             "finite (the result itself is counted)",
         )
+        self._m_values_dropped = metrics.counter(
+            "hub_state_part_values_dropped_total",
+            "test values that never reached their wafer's figures or die (the lot's test "
+            "statistics have them): over the cap of values waiting for a site's part result, "
+            "waiting in a stretch of out-of-order frames over the cap, or their part's wafer "
+            "or lot left memory before they came",
+        )
         self._m_wafers_archived = metrics.counter(
             "hub_state_wafers_archived_total", "wafers that left memory for the history store")
         self._m_evicted = metrics.counter("hub_state_lots_evicted_total", "lots evicted")
@@ -216,6 +226,8 @@ class LiveState:
         else:
             for i, rec in enumerate(records):
                 self._apply_one(gateway_id, first_rid + i, rec, batch)
+        if gw.waiting:
+            self._join_right(gw, batch)
         self._end(gw, batch, now)
 
     def on_columns(self, gateway_id: str, first_rid: int, frame: Columns,
@@ -245,6 +257,8 @@ class LiveState:
                                 plain=_plain_parametric(ptr))
         finally:
             self._apply_deferred(batch)
+        if gw.waiting:
+            self._join_right(gw, batch)
         self._end(gw, batch, now)
 
     def _begin(self, gateway_id: str, first_rid: int, n: int, now: float
@@ -262,11 +276,110 @@ class LiveState:
             gw.last_seen = now
             gw.count(n, now)
         last_rid = first_rid + n - 1
-        if n and (gw.last_rid is None or last_rid > gw.last_rid):
-            gw.last_rid = last_rid
+        if n:
+            if gw.last_rid is None or last_rid > gw.last_rid:
+                gw.last_rid = last_rid
+            run = gw.run
+            if run is not None and first_rid == run.hi + 1:
+                run.hi = last_rid  # the next frame: the same stretch
+            elif run is None:
+                gw.run = Run(first_rid, last_rid)
+            else:
+                self._switch_run(gw, first_rid, last_rid)
         batch = _Batch()
         batch.gateways[gw] = None
+        batch.run = gw.run
         return gw, batch
+
+    # ------------------------------------------------------------- frames out of order
+
+    def _switch_run(self, gw: GatewayState, first_rid: int, last_rid: int) -> None:
+        """A frame that does not follow the last one: the stretch it leaves waits (with
+        the values its sites still owe, taken out of its lots' ``pending``); the frame
+        extends the waiting stretch it follows, if any, or starts one."""
+        gid = gw.gateway_id
+        run = gw.run
+        assert run is not None
+        for lot in self.lots.values():
+            pending = lot.pending
+            if pending:
+                for key in [k for k in pending if k[0] == gid]:
+                    run.tails[(lot.lot_id, key[1], key[2])] = pending.pop(key)
+        waiting = gw.waiting
+        waiting.append(run)
+        left = next((r for r in waiting if r.hi == first_rid - 1), None)
+        if left is None:
+            gw.run = Run(first_rid, last_rid)
+        else:
+            waiting.remove(left)
+            gw.run = left
+            left.hi = last_rid
+            tails, left.tails = left.tails, {}
+            for (lot_id, head, site), values in tails.items():
+                lot = self.lots.get(lot_id)
+                if lot is None:
+                    self._m_values_dropped.inc(len(values))
+                else:
+                    lot.pending[(gid, head, site)] = values
+        while len(waiting) > WAITING_RUNS:
+            oldest = min(waiting, key=lambda r: r.lo)
+            waiting.remove(oldest)
+            dropped = sum(len(v) for v in oldest.tails.values())
+            if dropped:
+                self._m_values_dropped.inc(dropped)
+
+    def _join_right(self, gw: GatewayState, batch: _Batch) -> None:
+        """After a frame: if a waiting stretch starts right after the current one, they
+        are one stretch now.  The values the current one's sites owe go to the waiting
+        one's first part results there; its own owed values join the current ones."""
+        run = gw.run
+        assert run is not None
+        right = next((r for r in gw.waiting if r.lo == run.hi + 1), None)
+        if right is None:
+            return
+        gw.waiting.remove(right)
+        gid = gw.gateway_id
+        lots = self.lots
+        keep_heads = run.lo > 1
+        for key, head in right.heads.items():
+            lot_id, h, site = key
+            lot = lots.get(lot_id)
+            if lot is not None:
+                values = lot.pending.pop((gid, h, site), None)
+                if values:
+                    self._late_values(lot, gid, head, values, batch)
+            if keep_heads and key not in run.heads and len(run.heads) < RUN_HEADS:
+                run.heads[key] = head  # no part result of its site in the current one
+        for (lot_id, h, site), values in right.tails.items():
+            lot = lots.get(lot_id)
+            if lot is None:
+                self._m_values_dropped.inc(len(values))
+                continue
+            pending = lot.pending.setdefault((gid, h, site), [])
+            room = PENDING_PER_SITE - len(pending)
+            pending.extend(values[:room])
+            if len(values) > room:
+                self._m_values_dropped.inc(len(values) - max(room, 0))
+        run.hi = right.hi
+
+    def _late_values(self, lot: LotState, gateway_id: str, head: tuple[Any, ...],
+                     values: list[tuple[TestStats, float]], batch: _Batch) -> None:
+        """A part's values that arrived after its part result (``head``): into its wafer's
+        figures and, if it is still its die's final result, the die's."""
+        wafer_id, rid, x, y = head
+        if not wafer_id:
+            return  # (no wafer: the in-order apply uses them for nothing either)
+        wafer = lot.wafers.get(wafer_id)
+        if wafer is None:
+            self._m_values_dropped.inc(len(values))
+            return
+        die = wafer.dies.get((x, y)) if x is not None and y is not None else None
+        final = die is not None and die.gateway == gateway_id and die.rid == rid
+        for stats, value in values:
+            stats.add_wafer_value(wafer_id, value)
+            if final:
+                wafer.add_die_value(stats.test_num, (x, y), value)
+            batch.tests[stats] = None
 
     def _end(self, gw: GatewayState, batch: _Batch, now: float) -> None:
         if not gw.online and batch.ts and (gw.last_seen is None or batch.ts > gw.last_seen):
@@ -423,7 +536,7 @@ class LiveState:
         parametric, part = ParametricResult, PartResult
         num, bad_flags, isfinite = (float, int), BAD_VALUE_FLAGS, math.isfinite
         ts_max = batch.ts
-        skipped = 0
+        skipped = dropped = 0
         # the pending list of the last parametric result's (lot, head, site); forgotten
         # at any other record (a part result pops it)
         p_lot: Any = None
@@ -490,6 +603,8 @@ class LiveState:
                                 pending = lot.pending[(gateway_id, head, site)] = []
                         if len(pending) < PENDING_PER_SITE:
                             pending.append((stats, value))
+                        else:
+                            dropped += 1
                     else:
                         skipped += 1
                     tests[stats] = None
@@ -521,6 +636,8 @@ class LiveState:
         batch.ts = ts_max
         if skipped:
             self._m_values_skipped.inc(skipped)
+        if dropped:
+            self._m_values_dropped.inc(dropped)
 
     @staticmethod
     def _apply_deferred(batch: _Batch) -> None:
@@ -704,6 +821,13 @@ class LiveState:
             lot.updated = ts
         batch.wafers[wafer] = None
         batch.lots[lot] = None
+        run = batch.run
+        if run is not None and run.lo > 1:
+            # the stretch's first part result of its site: values at the end of a stretch
+            # to the left, applied later, may be its own
+            hkey = (lot.lot_id, rec.head, rec.site)
+            if hkey not in run.heads and len(run.heads) < RUN_HEADS:
+                run.heads[hkey] = (rec.wafer_id, rid, rec.x, rec.y)
         self._assign_values(lot, wafer, gateway_id, rec, final, batch)
         if self.alerts is not None:
             self.alerts.on_part(lot, wafer, rec, gateway_id, self._now)
@@ -785,6 +909,8 @@ class LiveState:
                 pending = lot.pending.setdefault((gateway_id, rec.head, rec.site), [])
                 if len(pending) < PENDING_PER_SITE:
                     pending.append((stats, rec.value))
+                else:
+                    self._m_values_dropped.inc()
         else:
             self._m_values_skipped.inc()
         batch.tests[stats] = None
@@ -1013,7 +1139,7 @@ class _Batch:
     """What one on_records call changed, so each topic gets one delta."""
 
     __slots__ = ("closed_wafers", "dies", "gateway_events", "gateways", "lots", "not_applied",
-                 "sensors", "tests", "ts", "values", "wafer_values", "wafers")
+                 "run", "sensors", "tests", "ts", "values", "wafer_values", "wafers")
 
     def __init__(self) -> None:
         self.ts = 0.0
@@ -1031,6 +1157,8 @@ class _Batch:
         # tests' figures, test -> [value, site, ...] and test -> [wafer_id, value, ...]
         self.values: dict[TestStats, list[Any]] | None = None
         self.wafer_values: dict[TestStats, list[Any]] | None = None
+        #: the gateway's stretch of rids the frame extends (its part results' heads)
+        self.run: Run | None = None
 
 
 def replay(state: LiveState, frames: Iterable[tuple[str, int, list[Any]]],
