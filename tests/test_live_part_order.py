@@ -111,17 +111,16 @@ def test_values_waiting_for_their_part_are_bounded_and_counted_when_dropped() ->
     never reach a wafer's figures, counted in ``hub_state_part_values_dropped_total`` --
     and every other figure still stands (the lot's own test statistics take every value
     on arrival)."""
-    from edgegw.hub.live.models import WAITING_RUNS
-
     records = a_wafers_records()
     frames = stored_frames(records, 3)
-    assert len(frames) > 2 * WAITING_RUNS
+    cap = 4
     # every other frame first, then the rest: each of the first half waits alone
     order = list(range(1, len(frames) + 1, 2)) + list(range(2, len(frames) + 1, 2))
     metrics = Metrics()
-    got = applied(frames, order, state=LiveState(lambda t, d: None, metrics=metrics))
+    got = applied(frames, order, state=LiveState(lambda t, d: None, metrics=metrics,
+                                                   max_waiting_runs=cap))
     gw = got.gateways["ate-01"]
-    assert len(gw.waiting) <= WAITING_RUNS
+    assert len(frames) > 4 * cap and len(gw.waiting) <= cap
     dropped = metrics.counter("hub_state_part_values_dropped_total").total()
     assert dropped > 0
     want = in_order(records)

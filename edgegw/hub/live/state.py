@@ -144,6 +144,7 @@ class LiveState:
         on_wafer_archive: Callable[[str, str, dict[str, Any]], None] | None = None,
         log_interval_s: float = 60.0,
         batch_apply: bool = True,
+        max_waiting_runs: int = WAITING_RUNS,
     ) -> None:
         if max_lots < 1:
             raise ValueError("max_lots must be at least 1")
@@ -153,6 +154,9 @@ class LiveState:
         #: False: every record through its handler, one at a time (the reference the
         #: batched apply is tested against, and ``bench/live_state.py``'s "before")
         self.batch_apply = batch_apply
+        #: stretches of a gateway's rids kept waiting for their neighbours when frames
+        #: come out of order (docs/live-topics.md, "Frames out of order")
+        self.max_waiting_runs = max_waiting_runs
         self._on_evict = on_evict
         self._on_wafer_archive = on_wafer_archive
         self.log_interval_s = log_interval_s
@@ -321,7 +325,7 @@ class LiveState:
                     self._m_values_dropped.inc(len(values))
                 else:
                     lot.pending[(gid, head, site)] = values
-        while len(waiting) > WAITING_RUNS:
+        while len(waiting) > self.max_waiting_runs:
             oldest = min(waiting, key=lambda r: r.lo)
             waiting.remove(oldest)
             dropped = sum(len(v) for v in oldest.tails.values())
