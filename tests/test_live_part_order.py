@@ -14,6 +14,7 @@ test value) and each wafer its own per-test figures: the state of the in-order a
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Any
 
@@ -25,6 +26,7 @@ from edgegw.hub.live import LiveState
 from edgegw.metrics import Metrics
 from edgegw.protocol import check_frame, encode_columns
 from edgegw.records import ParametricResult, PartResult
+from edgegw.sim import SimulatedConfig, simulated_batches
 from tests.test_live_arrival_order import send_order
 
 
@@ -134,3 +136,23 @@ def test_values_waiting_for_their_part_are_bounded_and_counted_when_dropped() ->
     waiting = sum(len(v) for v in got.lots["L3"].pending.values()) + sum(
         len(v) for run in gw.waiting for v in run.tails.values())
     assert wafer_values + waiting + dropped == in_order_values
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lots_of_several_wafers_and_sites_in_any_order_equal_the_in_order_state(
+        seed: int) -> None:
+    """Two lots of up to three wafers, 1 to 8 sites, frames of any size in any order (the
+    stretches waiting are not capped here: every value can find its part)."""
+    rng = random.Random(seed)
+    ticks = itertools.count()
+    config = SimulatedConfig(seed=seed, sites=rng.choice([1, 2, 4, 8]), tests_per_part=3,
+                             wafers=rng.choice([1, 2, 3]), lots=2, wafer_diameter_dies=5,
+                             lot_id="LX")
+    records = [r for batch, _ in simulated_batches(
+        config, "tester", clock=lambda: 1.7e9 + next(ticks) * 0.01) for r in batch]
+    frames = stored_frames(records, rng.choice([3, 5, 11, 17, 40]))
+    order = list(range(1, len(frames) + 1))
+    rng.shuffle(order)
+    unbounded = LiveState(lambda topic, delta: None, max_waiting_runs=len(frames))
+    assert_same_state(applied(frames, order, state=unbounded),
+                      applied(frames, sorted(order)))

@@ -239,7 +239,7 @@ PENDING_PER_SITE = 4_096
 #: oldest one's waiting values are dropped (counted).
 WAITING_RUNS = 16
 #: (lot, head, site) whose first part result a stretch remembers (``Run.heads``).
-RUN_HEADS = 4_096
+RUN_HEADS = 1_024
 
 
 class Running:
