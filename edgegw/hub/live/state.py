@@ -51,6 +51,15 @@ Invariants worth knowing before reading the code:
   anything that could read a test's figures comes after its values are in.
   ``on_columns`` does the same for a columnar frame without building its parametric
   results as records: it reads their fields from the frame's columns.
+* **A part's values by record id, not by arrival.**  A part's results are the records of
+  its (gateway, head, site) between its previous part result and its own, by rid.  Frames
+  applied in rid order form a stretch (``Run``) whose sites' values wait in
+  ``LotState.pending`` for the next part result, as in STDF; a frame that does not follow
+  the last one (after an outage the gateway sends its newest frames first) starts or
+  extends another stretch, and when stretches meet the values owed at the left one's end
+  go to the right one's first part result of their site (``_switch_run``,
+  ``_join_right``).  Waiting stretches are capped per gateway (``max_waiting_runs``), the
+  values given up counted.  Frames in order never leave the old path.
 
 Why one module of this size: ``LiveState`` is one class whose record handlers share the
 open batch, the caps, the eviction policy and the observer; the entities are in
