@@ -156,3 +156,20 @@ def test_lots_of_several_wafers_and_sites_in_any_order_equal_the_in_order_state(
     unbounded = LiveState(lambda topic, delta: None, max_waiting_runs=len(frames))
     assert_same_state(applied(frames, order, state=unbounded),
                       applied(frames, sorted(order)))
+
+
+def test_units_per_hour_is_over_the_newest_parts_by_time_not_by_arrival() -> None:
+    """``units_per_hour`` is over a lot's newest 500 parts: newest by record time, so a
+    backlog applied after the live frames does not take the window's place."""
+    ticks = itertools.count()
+    config = SimulatedConfig(seed=5, sites=4, tests_per_part=1, wafers=6, lots=1,
+                             wafer_diameter_dies=12, lot_id="LU")
+    records = [r for batch, _ in simulated_batches(
+        config, "tester", clock=lambda: 1.7e9 + next(ticks) * 0.01) for r in batch]
+    assert sum(type(r) is PartResult for r in records) > 600
+    frames = stored_frames(records, 40)
+    n = len(frames)
+    want = applied(frames, list(range(1, n + 1))).snapshot("lot/LU")
+    for order in (send_order(n, n // 2), list(range(1, n + 1, 2)) + list(range(2, n + 1, 2))):
+        got = applied(frames, order, state=LiveState(lambda t, d: None, max_waiting_runs=n))
+        assert got.snapshot("lot/LU")["units_per_hour"] == want["units_per_hour"]

@@ -299,7 +299,7 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
         for gw, head, site, values in d["pending"]:
             lot.pending[(gw, head, site)] = [(lot.tests[num], v) for num, v in values]
         lot.tally = _tally_from(d["tally"])
-        lot.part_times.extend(d["part_times"])
+        lot.part_times.extend(sorted(d["part_times"]))  # (by time; older hubs: arrival)
         lot.test_time_sum, lot.test_time_n = d["test_time"]
         lot.reported_hard = dict(d["reported_hard"])
         lot.reported_soft = dict(d["reported_soft"])

@@ -68,6 +68,7 @@ open batch, the caps, the eviction policy and the observer; the entities are in
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import math
@@ -821,7 +822,11 @@ class LiveState:
             # no final count: -1 then +1 of the same keys)
             if die.x is not None and die.y is not None:
                 batch.dies.setdefault(wafer, []).append(die)
-        lot.part_times.append(rec.ts)
+        times = lot.part_times
+        if not times or ts >= times[-1]:
+            times.append(ts)
+        else:  # a part older than the newest: its place by time (frames out of order)
+            _keep_time(times, ts)
         if rec.test_time_ms is not None:
             lot.test_time_sum += rec.test_time_ms
             lot.test_time_n += 1
@@ -1130,6 +1135,17 @@ _chain = itertools.chain.from_iterable
 _PLAIN_PARAMETRIC = {1: {float, int}, 2: {str}, 3: {int}, 4: {int}, 6: {int},
                      8: {float, type(None)}, 9: {float, int, type(None)},
                      10: {float, int, type(None)}, 13: {int}}
+
+
+def _keep_time(times: deque[float], ts: float) -> None:
+    """``ts`` into ``times`` (a lot's newest part times, ascending, at most ``maxlen``) in
+    its place: the window is the newest parts by record time whatever order they came in
+    (``units_per_hour``), as a lot applied in order keeps."""
+    if len(times) == times.maxlen:
+        if ts <= times[0]:
+            return
+        times.popleft()
+    times.insert(bisect.bisect_right(times, ts), ts)
 
 
 def _plain_parametric(columns: list[Any]) -> bool:
