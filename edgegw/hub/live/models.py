@@ -687,7 +687,7 @@ class GatewayState:
         #: the stretch of rids the frames applied last extend (None: no frame yet); its
         #: tails are in its lots' ``pending``
         self.run: Run | None = None
-        #: other stretches, waiting to meet their neighbours (at most ``WAITING_RUNS``)
+        #: other stretches, waiting to meet their neighbours (``LiveState.max_waiting_runs``)
         self.waiting: list[Run] = []
 
     def count(self, n: int, now: float) -> None:

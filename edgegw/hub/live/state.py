@@ -370,10 +370,10 @@ class LiveState:
                 self._m_values_dropped.inc(len(values))
                 continue
             pending = lot.pending.setdefault((gid, h, site), [])
-            room = PENDING_PER_SITE - len(pending)
+            room = max(PENDING_PER_SITE - len(pending), 0)
             pending.extend(values[:room])
             if len(values) > room:
-                self._m_values_dropped.inc(len(values) - max(room, 0))
+                self._m_values_dropped.inc(len(values) - room)
         run.hi = right.hi
 
     def _late_values(self, lot: LotState, gateway_id: str, head: tuple[Any, ...],
