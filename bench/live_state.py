@@ -29,7 +29,15 @@ runs the same, alternately, with another checkout's ``edgegw`` (``PYTHONPATH=DIR
 after in one run, medians and the ratio.
 
     python bench/live_state.py [--runs 5] [--frame 2000] [--wafers 4] [--kinds] [--stages]
+``--order`` measures what frames out of record-id order cost (docs/live-topics.md,
+"Frames out of order"): the simulated lot in frames of --frame records applied in order,
+in the order a gateway sends them after an outage (``SendScheduler``: the second half
+first, then the backlog) and every other frame first; CPU µs per record, medians of
+--runs, interleaved; and whether each state equals the in-order one.
+
+    python bench/live_state.py [--runs 5] [--frame 2000] [--wafers 4] [--kinds] [--stages]
     python bench/live_state.py --path [--runs 5] [--frame 8000] [--baseline DIR]
+    python bench/live_state.py --order [--runs 5] [--frame 2000]
 """
 
 from __future__ import annotations
@@ -332,6 +340,74 @@ def path_ab(runs: int, frame: int, wafers: int, baseline: str | None) -> None:
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
+def outage_order(n_frames: int, live_from: int) -> list[int]:
+    """The order the gateway's uplink sends frames 1..n on a new connection, none
+    acknowledged yet, frames from ``live_from`` on live (``tests/test_live_arrival_order``)."""
+    from edgegw.gateway import SendScheduler
+
+    sched = SendScheduler(64)
+    sched.start(first_unacked=1, live_from=live_from)
+    order: list[int] = []
+    while len(order) < n_frames:
+        for want in sched.wants():
+            stop = min(want.start + want.limit, want.below or n_frames + 1, n_frames + 1)
+            seqs = list(range(want.start, stop))
+            if seqs:
+                sched.sent(want.lane, seqs)
+                order.extend(seqs)
+                break
+            if want.lane == "backlog":
+                sched.backlog_exhausted()
+        else:
+            sched.acked(0, [(s, s) for s in sorted(sched.in_flight)])
+    return order
+
+
+def order_costs(runs: int, frame: int, wafers: int) -> None:
+    """The simulated lot's frames applied in order and out of it (see --order)."""
+    records = sim_records(wafers)
+    frames = [(i + 1, records[i:i + frame]) for i in range(0, len(records), frame)]
+    n = len(frames)
+    orders = {"in order": list(range(1, n + 1)),
+              "after an outage (2nd half first)": outage_order(n, n // 2 + 1),
+              "every other frame first": list(range(1, n + 1, 2)) + list(range(2, n + 1, 2))}
+    print(f"{len(records)} records in {n} frames of {frame}, CPU µs/record, median of {runs}, "
+          f"interleaved; load average {os.getloadavg()[0]:.1f}")
+    us: dict[str, list[float]] = {k: [] for k in orders}
+    states: dict[str, LiveState] = {}
+    for _ in range(runs):
+        for name, order in orders.items():
+            state = LiveState(lambda topic, delta: None, clock=lambda: 5_000.0,
+                              max_waiting_runs=n)
+            gc.collect()
+            t0 = time.process_time()
+            for seq in order:
+                state.on_records("bench", *frames[seq - 1])
+            us[name].append((time.process_time() - t0) / len(records) * 1e6)
+            states[name] = state
+
+    def figures(state: LiveState) -> Any:
+        # counts exact, running statistics to 9 significant digits (docs/live-topics.md)
+        # (the die values are checked by tests/test_live_part_order.py)
+        def rounded(v: Any) -> Any:
+            if isinstance(v, dict):  # (a wafer's die rows follow arrival: by X/Y)
+                return {k: sorted(rounded(x), key=repr)
+                        if k == "dies" and isinstance(x, list) else rounded(x)
+                        for k, x in v.items()}
+            if isinstance(v, list):
+                return [rounded(x) for x in v]
+            return float(f"{v:.9g}") if isinstance(v, float) else v
+        return rounded({t: state.snapshot(t) for t in state.topics()
+                        if t.startswith(("lot/", "test/"))})
+    want = figures(states["in order"])
+    base = statistics.median(us["in order"])
+    for name, got in us.items():
+        med = statistics.median(got)
+        print(f"  {name:34s} {med:6.2f}  {med / base:5.2f}x of in order  "
+              f"{'equal' if figures(states[name]) == want else 'DIFFERENT'}")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
@@ -343,6 +419,8 @@ def main() -> None:
     ap.add_argument("--path", action="store_true",
                     help="the hub's live path (feeder hand-off + live state), see above")
     ap.add_argument("--baseline", metavar="DIR", help="with --path: also another checkout's")
+    ap.add_argument("--order", action="store_true",
+                    help="what frames out of record-id order cost, see above")
     ap.add_argument("--serve-path", metavar="JSON", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_path:
@@ -351,6 +429,9 @@ def main() -> None:
         return
     if args.path:
         path_ab(args.runs, args.frame or 8000, args.wafers, args.baseline)
+        return
+    if args.order:
+        order_costs(args.runs, args.frame or 2000, args.wafers)
         return
     args.frame = args.frame or 2000
 

@@ -48,6 +48,8 @@ from edgegw.hub.live.models import (
     Tally,
     TestStats,
     WaferState,
+    run_from,
+    run_row,
 )
 from edgegw.hub.live.state import LiveState
 from edgegw.metrics import Metrics, report_internal_error
@@ -254,6 +256,10 @@ def capture(state: LiveState, cache: WaferCache | None = None) -> dict[str, Any]
                       list(g.events)] for g in state.gateways.values()],
         "not_applied": state.not_applied, "not_applied_total": state.not_applied_total,
         "last_error": state.last_error, "now": state._now,
+        # each gateway's stretches of rids applied apart (frames out of order), with the
+        # values their ends owe: a part's values join it by rid after a restore too
+        "runs": [[g.gateway_id, run_row(g.run), [run_row(r) for r in g.waiting]]
+                 for g in state.gateways.values() if g.run is not None],
     }
     cache.keep_only({(lot.lot_id, w.wafer_id) for lot in state.lots.values()
                      for w in lot.wafers.values()})
@@ -293,7 +299,7 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
         for gw, head, site, values in d["pending"]:
             lot.pending[(gw, head, site)] = [(lot.tests[num], v) for num, v in values]
         lot.tally = _tally_from(d["tally"])
-        lot.part_times.extend(d["part_times"])
+        lot.part_times.extend(sorted(d["part_times"]))  # (by time; older hubs: arrival)
         lot.test_time_sum, lot.test_time_n = d["test_time"]
         lot.reported_hard = dict(d["reported_hard"])
         lot.reported_soft = dict(d["reported_soft"])
@@ -313,6 +319,10 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
         g.last_seen, g.records, g.frames, g.last_rid = last_seen, records, frames, last_rid
         g.events.extend(events)
         state.gateways[gw_id] = g
+    for gw_id, run, waiting in data.get("runs", ()):  # (an older checkpoint has none)
+        g = state.gateways[gw_id]
+        g.run = run_from(run, state.lots)
+        g.waiting = [r for r in (run_from(w, state.lots) for w in waiting) if r is not None]
     state.not_applied = {k: dict(v) for k, v in data["not_applied"].items()}
     state.not_applied_total = data["not_applied_total"]
     state.last_error = data["last_error"]

@@ -234,6 +234,12 @@ TEST_WAFERS = 50
 DIE_VALUES_PER_WAFER = 20_000
 #: Values of one site's part waiting for its PartResult (which names wafer and die).
 PENDING_PER_SITE = 4_096
+#: Stretches of a gateway's records applied apart from the rest (frames out of record-id
+#: order) kept waiting to join their neighbours, per gateway (``Run``); over it the
+#: oldest one's waiting values are dropped (counted).
+WAITING_RUNS = 16
+#: (lot, head, site) whose first part result a stretch remembers (``Run.heads``).
+RUN_HEADS = 1_024
 
 
 class Running:
@@ -609,6 +615,61 @@ class SensorState:
         }
 
 
+#: a part result a stretch starts with, for its (lot, head, site): wafer id, rid, X, Y
+Head = tuple[str, int, int | None, int | None]
+#: (lot id, head, site)
+SiteKey = tuple[str, int, int]
+
+
+class Run:
+    """A stretch of one gateway's records applied contiguously (rids ``lo..hi``).
+
+    A part's results are the records of its (head, site) between its previous part
+    result and its own, by rid.  Frames applied in rid order make one stretch and the
+    values wait in ``LotState.pending`` for the next part result of their site, as in
+    STDF.  A frame that does not follow the last one (after an outage the gateway sends
+    its newest frames first) starts another stretch; the one it left waits in
+    ``GatewayState.waiting`` with what its ends still owe: ``tails``, per (lot, head,
+    site), the values after its last part result there (they belong to a part result in
+    a stretch to the right), and ``heads``, per (lot, head, site), its first part result
+    there (values at the end of a stretch to the left belong to it).  When two stretches
+    meet, the left one's tails go to the right one's heads (``LiveState._join_right``).
+    While ``lo`` is 1 nothing can come from the left, so no heads are kept.
+    """
+
+    __slots__ = ("heads", "hi", "lo", "tails")
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo = lo
+        self.hi = hi
+        self.heads: dict[SiteKey, Head] = {}
+        self.tails: dict[SiteKey, list[tuple[TestStats, float]]] = {}
+
+
+def run_row(run: Run | None) -> list[Any] | None:
+    """A stretch as plain data for a checkpoint (a value by its test's number)."""
+    if run is None:
+        return None
+    return [run.lo, run.hi, [[*k, *h] for k, h in run.heads.items()],
+            [[*k, [[stats.test_num, v] for stats, v in values]]
+             for k, values in run.tails.items()]]
+
+
+def run_from(row: list[Any] | None, lots: dict[str, LotState]) -> Run | None:
+    """``run_row`` back, its values' tests looked up in ``lots`` (a lot gone: not kept)."""
+    if row is None:
+        return None
+    lo, hi, heads, tails = row
+    run = Run(lo, hi)
+    for lot_id, head, site, wafer_id, rid, x, y in heads:
+        run.heads[(lot_id, head, site)] = (wafer_id, rid, x, y)
+    for lot_id, head, site, values in tails:
+        lot = lots.get(lot_id)
+        if lot is not None:
+            run.tails[(lot_id, head, site)] = [(lot.tests[num], v) for num, v in values]
+    return run
+
+
 class GatewayState:
     def __init__(self, gateway_id: str) -> None:
         self.gateway_id = gateway_id
@@ -623,6 +684,11 @@ class GatewayState:
         self.per_second: dict[int, int] = {}
         self.rate_now = 0.0
         self.events: deque[dict[str, Any]] = deque(maxlen=topics.GATEWAY_EVENTS)
+        #: the stretch of rids the frames applied last extend (None: no frame yet); its
+        #: tails are in its lots' ``pending``
+        self.run: Run | None = None
+        #: other stretches, waiting to meet their neighbours (``LiveState.max_waiting_runs``)
+        self.waiting: list[Run] = []
 
     def count(self, n: int, now: float) -> None:
         sec = int(now)

@@ -51,6 +51,15 @@ Invariants worth knowing before reading the code:
   anything that could read a test's figures comes after its values are in.
   ``on_columns`` does the same for a columnar frame without building its parametric
   results as records: it reads their fields from the frame's columns.
+* **A part's values by record id, not by arrival.**  A part's results are the records of
+  its (gateway, head, site) between its previous part result and its own, by rid.  Frames
+  applied in rid order form a stretch (``Run``) whose sites' values wait in
+  ``LotState.pending`` for the next part result, as in STDF; a frame that does not follow
+  the last one (after an outage the gateway sends its newest frames first) starts or
+  extends another stretch, and when stretches meet the values owed at the left one's end
+  go to the right one's first part result of their site (``_switch_run``,
+  ``_join_right``).  Waiting stretches are capped per gateway (``max_waiting_runs``), the
+  values given up counted.  Frames in order never leave the old path.
 
 Why one module of this size: ``LiveState`` is one class whose record handlers share the
 open batch, the caps, the eviction policy and the observer; the entities are in
@@ -59,6 +68,7 @@ open batch, the caps, the eviction policy and the observer; the entities are in
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import math
@@ -90,9 +100,12 @@ from .checks import BAD_VALUE_FLAGS, BadRecord, NotApplied, is_int, is_num, opt_
 from .models import (
     DIE_VALUES_PER_WAFER,
     PENDING_PER_SITE,
+    RUN_HEADS,
+    WAITING_RUNS,
     Die,
     GatewayState,
     LotState,
+    Run,
     SensorState,
     TestStats,
     WaferState,
@@ -141,6 +154,7 @@ class LiveState:
         on_wafer_archive: Callable[[str, str, dict[str, Any]], None] | None = None,
         log_interval_s: float = 60.0,
         batch_apply: bool = True,
+        max_waiting_runs: int = WAITING_RUNS,
     ) -> None:
         if max_lots < 1:
             raise ValueError("max_lots must be at least 1")
@@ -150,6 +164,9 @@ class LiveState:
         #: False: every record through its handler, one at a time (the reference the
         #: batched apply is tested against, and ``bench/live_state.py``'s "before")
         self.batch_apply = batch_apply
+        #: stretches of a gateway's rids kept waiting for their neighbours when frames
+        #: come out of order (docs/live-topics.md, "Frames out of order")
+        self.max_waiting_runs = max_waiting_runs
         self._on_evict = on_evict
         self._on_wafer_archive = on_wafer_archive
         self.log_interval_s = log_interval_s
@@ -180,6 +197,13 @@ class LiveState:
             "hub_state_test_values_skipped_total",
             "test values left out of the statistics: flagged invalid by the tester, or not "
             "finite (the result itself is counted)",
+        )
+        self._m_values_dropped = metrics.counter(
+            "hub_state_part_values_dropped_total",
+            "test values that never reached their wafer's figures or die (the lot's test "
+            "statistics have them): over the cap of values waiting for a site's part result, "
+            "waiting in a stretch of out-of-order frames over the cap, or their part's wafer "
+            "or lot left memory before they came",
         )
         self._m_wafers_archived = metrics.counter(
             "hub_state_wafers_archived_total", "wafers that left memory for the history store")
@@ -216,6 +240,8 @@ class LiveState:
         else:
             for i, rec in enumerate(records):
                 self._apply_one(gateway_id, first_rid + i, rec, batch)
+        if gw.waiting:
+            self._join_right(gw, batch)
         self._end(gw, batch, now)
 
     def on_columns(self, gateway_id: str, first_rid: int, frame: Columns,
@@ -245,6 +271,8 @@ class LiveState:
                                 plain=_plain_parametric(ptr))
         finally:
             self._apply_deferred(batch)
+        if gw.waiting:
+            self._join_right(gw, batch)
         self._end(gw, batch, now)
 
     def _begin(self, gateway_id: str, first_rid: int, n: int, now: float
@@ -262,11 +290,110 @@ class LiveState:
             gw.last_seen = now
             gw.count(n, now)
         last_rid = first_rid + n - 1
-        if n and (gw.last_rid is None or last_rid > gw.last_rid):
-            gw.last_rid = last_rid
+        if n:
+            if gw.last_rid is None or last_rid > gw.last_rid:
+                gw.last_rid = last_rid
+            run = gw.run
+            if run is not None and first_rid == run.hi + 1:
+                run.hi = last_rid  # the next frame: the same stretch
+            elif run is None:
+                gw.run = Run(first_rid, last_rid)
+            else:
+                self._switch_run(gw, first_rid, last_rid)
         batch = _Batch()
         batch.gateways[gw] = None
+        batch.run = gw.run
         return gw, batch
+
+    # ------------------------------------------------------------- frames out of order
+
+    def _switch_run(self, gw: GatewayState, first_rid: int, last_rid: int) -> None:
+        """A frame that does not follow the last one: the stretch it leaves waits (with
+        the values its sites still owe, taken out of its lots' ``pending``); the frame
+        extends the waiting stretch it follows, if any, or starts one."""
+        gid = gw.gateway_id
+        run = gw.run
+        assert run is not None
+        for lot in self.lots.values():
+            pending = lot.pending
+            if pending:
+                for key in [k for k in pending if k[0] == gid]:
+                    run.tails[(lot.lot_id, key[1], key[2])] = pending.pop(key)
+        waiting = gw.waiting
+        waiting.append(run)
+        left = next((r for r in waiting if r.hi == first_rid - 1), None)
+        if left is None:
+            gw.run = Run(first_rid, last_rid)
+        else:
+            waiting.remove(left)
+            gw.run = left
+            left.hi = last_rid
+            tails, left.tails = left.tails, {}
+            for (lot_id, head, site), values in tails.items():
+                lot = self.lots.get(lot_id)
+                if lot is None:
+                    self._m_values_dropped.inc(len(values))
+                else:
+                    lot.pending[(gid, head, site)] = values
+        while len(waiting) > self.max_waiting_runs:
+            oldest = min(waiting, key=lambda r: r.lo)
+            waiting.remove(oldest)
+            dropped = sum(len(v) for v in oldest.tails.values())
+            if dropped:
+                self._m_values_dropped.inc(dropped)
+
+    def _join_right(self, gw: GatewayState, batch: _Batch) -> None:
+        """After a frame: if a waiting stretch starts right after the current one, they
+        are one stretch now.  The values the current one's sites owe go to the waiting
+        one's first part results there; its own owed values join the current ones."""
+        run = gw.run
+        assert run is not None
+        right = next((r for r in gw.waiting if r.lo == run.hi + 1), None)
+        if right is None:
+            return
+        gw.waiting.remove(right)
+        gid = gw.gateway_id
+        lots = self.lots
+        keep_heads = run.lo > 1
+        for key, head in right.heads.items():
+            lot_id, h, site = key
+            lot = lots.get(lot_id)
+            if lot is not None:
+                values = lot.pending.pop((gid, h, site), None)
+                if values:
+                    self._late_values(lot, gid, head, values, batch)
+            if keep_heads and key not in run.heads and len(run.heads) < RUN_HEADS:
+                run.heads[key] = head  # no part result of its site in the current one
+        for (lot_id, h, site), values in right.tails.items():
+            lot = lots.get(lot_id)
+            if lot is None:
+                self._m_values_dropped.inc(len(values))
+                continue
+            pending = lot.pending.setdefault((gid, h, site), [])
+            room = max(PENDING_PER_SITE - len(pending), 0)
+            pending.extend(values[:room])
+            if len(values) > room:
+                self._m_values_dropped.inc(len(values) - room)
+        run.hi = right.hi
+
+    def _late_values(self, lot: LotState, gateway_id: str, head: tuple[Any, ...],
+                     values: list[tuple[TestStats, float]], batch: _Batch) -> None:
+        """A part's values that arrived after its part result (``head``): into its wafer's
+        figures and, if it is still its die's final result, the die's."""
+        wafer_id, rid, x, y = head
+        if not wafer_id:
+            return  # (no wafer: the in-order apply uses them for nothing either)
+        wafer = lot.wafers.get(wafer_id)
+        if wafer is None:
+            self._m_values_dropped.inc(len(values))
+            return
+        die = wafer.dies.get((x, y)) if x is not None and y is not None else None
+        final = die is not None and die.gateway == gateway_id and die.rid == rid
+        for stats, value in values:
+            stats.add_wafer_value(wafer_id, value)
+            if final:
+                wafer.add_die_value(stats.test_num, (x, y), value)
+            batch.tests[stats] = None
 
     def _end(self, gw: GatewayState, batch: _Batch, now: float) -> None:
         if not gw.online and batch.ts and (gw.last_seen is None or batch.ts > gw.last_seen):
@@ -423,7 +550,7 @@ class LiveState:
         parametric, part = ParametricResult, PartResult
         num, bad_flags, isfinite = (float, int), BAD_VALUE_FLAGS, math.isfinite
         ts_max = batch.ts
-        skipped = 0
+        skipped = dropped = 0
         # the pending list of the last parametric result's (lot, head, site); forgotten
         # at any other record (a part result pops it)
         p_lot: Any = None
@@ -490,6 +617,8 @@ class LiveState:
                                 pending = lot.pending[(gateway_id, head, site)] = []
                         if len(pending) < PENDING_PER_SITE:
                             pending.append((stats, value))
+                        else:
+                            dropped += 1
                     else:
                         skipped += 1
                     tests[stats] = None
@@ -521,6 +650,8 @@ class LiveState:
         batch.ts = ts_max
         if skipped:
             self._m_values_skipped.inc(skipped)
+        if dropped:
+            self._m_values_dropped.inc(dropped)
 
     @staticmethod
     def _apply_deferred(batch: _Batch) -> None:
@@ -691,7 +822,11 @@ class LiveState:
             # no final count: -1 then +1 of the same keys)
             if die.x is not None and die.y is not None:
                 batch.dies.setdefault(wafer, []).append(die)
-        lot.part_times.append(rec.ts)
+        times = lot.part_times
+        if not times or ts >= times[-1]:
+            times.append(ts)
+        else:  # a part older than the newest: its place by time (frames out of order)
+            _keep_time(times, ts)
         if rec.test_time_ms is not None:
             lot.test_time_sum += rec.test_time_ms
             lot.test_time_n += 1
@@ -704,6 +839,13 @@ class LiveState:
             lot.updated = ts
         batch.wafers[wafer] = None
         batch.lots[lot] = None
+        run = batch.run
+        if run is not None and run.lo > 1:
+            # the stretch's first part result of its site: values at the end of a stretch
+            # to the left, applied later, may be its own
+            hkey = (lot.lot_id, rec.head, rec.site)
+            if hkey not in run.heads and len(run.heads) < RUN_HEADS:
+                run.heads[hkey] = (rec.wafer_id, rid, rec.x, rec.y)
         self._assign_values(lot, wafer, gateway_id, rec, final, batch)
         if self.alerts is not None:
             self.alerts.on_part(lot, wafer, rec, gateway_id, self._now)
@@ -785,6 +927,8 @@ class LiveState:
                 pending = lot.pending.setdefault((gateway_id, rec.head, rec.site), [])
                 if len(pending) < PENDING_PER_SITE:
                     pending.append((stats, rec.value))
+                else:
+                    self._m_values_dropped.inc()
         else:
             self._m_values_skipped.inc()
         batch.tests[stats] = None
@@ -993,6 +1137,17 @@ _PLAIN_PARAMETRIC = {1: {float, int}, 2: {str}, 3: {int}, 4: {int}, 6: {int},
                      10: {float, int, type(None)}, 13: {int}}
 
 
+def _keep_time(times: deque[float], ts: float) -> None:
+    """``ts`` into ``times`` (a lot's newest part times, ascending, at most ``maxlen``) in
+    its place: the window is the newest parts by record time whatever order they came in
+    (``units_per_hour``), as a lot applied in order keeps."""
+    if len(times) == times.maxlen:
+        if ts <= times[0]:
+            return
+        times.popleft()
+    times.insert(bisect.bisect_right(times, ts), ts)
+
+
 def _plain_parametric(columns: list[Any]) -> bool:
     """Whether a frame's parametric results' columns hold only the types the inline apply
     takes without a check per record (most frames: one ``map`` per column, in C)."""
@@ -1013,7 +1168,7 @@ class _Batch:
     """What one on_records call changed, so each topic gets one delta."""
 
     __slots__ = ("closed_wafers", "dies", "gateway_events", "gateways", "lots", "not_applied",
-                 "sensors", "tests", "ts", "values", "wafer_values", "wafers")
+                 "run", "sensors", "tests", "ts", "values", "wafer_values", "wafers")
 
     def __init__(self) -> None:
         self.ts = 0.0
@@ -1031,6 +1186,8 @@ class _Batch:
         # tests' figures, test -> [value, site, ...] and test -> [wafer_id, value, ...]
         self.values: dict[TestStats, list[Any]] | None = None
         self.wafer_values: dict[TestStats, list[Any]] | None = None
+        #: the gateway's stretch of rids the frame extends (its part results' heads)
+        self.run: Run | None = None
 
 
 def replay(state: LiveState, frames: Iterable[tuple[str, int, list[Any]]],
