@@ -2,11 +2,12 @@
 
 A gateway cuts a stored frame that is over the hub's limits as it sends it: the frame
 keeps its first part, the other parts are stored as new frames at the end of the sequence
-space (docs/protocol.md, "Frames over the hub's limits").  The hub's live state ties a
-part's parametric results to its part result by arrival (the values wait per site for the
-site's next PRR), so the parts must reach it right after the frame they were cut from,
-before the frames stored after it -- or a PRR cut away from its PTRs, with another frame
-of the same gateway applied between them, takes the wrong die's values.
+space (docs/protocol.md, "Frames over the hub's limits").  The gateway sends the parts
+right after the frame they were cut from, before the frames stored after it, so that a
+hub gets each gateway's records in record order (a hub that ties a part's parametric
+results to its part result by arrival would otherwise give a PRR cut away from its PTRs
+the wrong die's values; edgegw's live state ties them by record id since, and takes its
+cheap in-order path).
 
 Here a gateway stores a wafer's records while its hub is away, in frames of 50 records;
 the hub takes 7 records a frame, so every frame is cut, mostly between a part's PTRs and

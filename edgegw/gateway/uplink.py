@@ -16,8 +16,9 @@ part under its own seq, the rest first stored as new frames, with the split's pr
 kept among the store's checkpoints (``SPLIT_KEY``) so that a restart neither sends a
 record twice nor loses one (docs/protocol.md section 5, "Frames over the hub's limits").
 The parts go right after the frame they were cut from, before the frames stored after it,
-on every connection: the hub gets the records in record-id order (its live state ties a
-part's results together by arrival).
+on every connection: the hub gets the records in record-id order (edgegw's live state
+ties a part's results together by record id in any order, but in order is its cheap path,
+and another hub may apply by arrival).
 """
 
 from __future__ import annotations
