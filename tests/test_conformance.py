@@ -185,11 +185,11 @@ async def test_4001_an_unknown_gateway_or_a_wrong_token_is_refused(tmp_path: Pat
 
 async def test_4002_no_protocol_version_in_common(tmp_path: Path) -> None:
     async with running_hub(tmp_path) as (app, port):
-        reason = "unsupported protocol version(s) [3, 4]; this hub speaks [1, 2]"
+        reason = "unsupported protocol version(s) [4, 5]; this hub speaks [1, 2, 3]"
 
         async def check(i: int) -> None:
             client = await connect(port)
-            await client.send(encode(Hello(GATEWAYS[i], TOKEN, "e", 1, versions=(3, 4))))
+            await client.send(encode(Hello(GATEWAYS[i], TOKEN, "e", 1, versions=(4, 5))))
             assert decode(await client.recv()) == Refuse(4002, reason)
             assert await client.close_reason() == (4002, reason)
 

@@ -47,6 +47,7 @@ from ..protocol import (
     Welcome,
     encode_body,
     is_columnar,
+    plain_floats,
     to_rows,
 )
 from ..records import GatewayEvent
@@ -91,6 +92,9 @@ class Uplink:
         self.metrics = metrics
         self.dead_letter_path = dead_letter_path
         self.connected = False
+        #: the protocol version the hub last agreed (None before the first WELCOME): the
+        #: gateway encodes new frames for it (``Gateway._encode``)
+        self.hub_version: int | None = None
         self.last_error: str | None = None
         self.last_ack_at: float | None = None
         self.acked_watermark = 0
@@ -219,6 +223,7 @@ class Uplink:
             welcome = conn.welcome
             assert isinstance(welcome, Welcome)
             self._split_warned = False
+            self.hub_version = welcome.version
             self._apply_ack(welcome.applied)
             self.connected = True
             self.m_connects.inc()
@@ -386,6 +391,8 @@ class Uplink:
         dead-letter path; a body that does not decode goes as it is (the hub rejects it,
         as it would any invalid frame, and the rest flow on)."""
         marker = (self.store.checkpoints.get(SPLIT_KEY) or {}).get(str(f.seq))
+        if welcome.version == 2:  # typed float columns (v3) are arrays of floats in v2
+            f = StoredFrame(f.seq, plain_floats(f.body), f.n_records)
         v1_columns = welcome.version < 2 and is_columnar(f.body)
         if (marker is None and not v1_columns and f.n_records <= welcome.max_records
                 and len(f.body) + DATA_ENVELOPE_BYTES <= welcome.max_frame_bytes):

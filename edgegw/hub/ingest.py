@@ -733,6 +733,7 @@ class Ingest:
                        generation: int = 0, arrivals: deque[float] | None = None) -> None:
         max_records = self.config.hub.max_records_per_frame
         columnar = (conn.version or 1) >= 2  # v1 connections send rows only
+        typed = (conn.version or 1) >= 3  # typed float columns: v3 only
         async for first in receive:
             frames = [first]
             while len(frames) < 256:  # group commit: whatever else is already waiting
@@ -746,7 +747,8 @@ class Ingest:
                 try:
                     # checked, not built: a columnar frame's records are built after the
                     # ACK, by the feeder, and only for consumers (``_feed``)
-                    first_rid, decoded = check_frame(d.body, max_records, columnar=columnar)
+                    first_rid, decoded = check_frame(d.body, max_records, columnar=columnar,
+                                                      typed=typed)
                 except FrameError as exc:
                     bad.append((FrameToApply(gw, epoch, d.seq, 0, 0, d.body), str(exc)))
                     continue
