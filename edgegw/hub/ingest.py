@@ -44,7 +44,9 @@ as the hub did before (kept for comparison: ``bench/gateway_hub.py --compare``).
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import operator
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -782,7 +784,7 @@ class Ingest:
                     self._queue_feed(gw, first_rid, decoded, f.id)
                     ts = decoded.timestamps()  # a column: no record built for it
                     try:
-                        ages = [wall - t for t in ts]
+                        ages = list(map(operator.sub, itertools.repeat(wall), ts))
                     except (TypeError, OverflowError):  # a ts that is no (float) number:
                         ages = _ages(wall, ts)  # applied as sent, it has no age
                     self.h_age.observe_many(ages)

@@ -32,6 +32,7 @@ them (``array.frombytes().tolist()``, C speed).
 from __future__ import annotations
 
 import itertools
+import operator
 import struct
 import sys
 from array import array
@@ -45,6 +46,8 @@ from ..records import BY_KIND, KIND_OF, Record
 
 _repeat = itertools.repeat
 _islice = itertools.islice
+_compress = itertools.compress
+_eq = operator.eq
 _new = tuple.__new__
 _Tag = cbor2.CBORTag
 
@@ -265,16 +268,20 @@ def check_columns(item: list[Any], max_records: int | None = None, *, typed: boo
         raise _bad("tables must be an array of [kind, columns]")
     kinds = runs[0::2]
     counts = runs[1::2]
-    if not all(type(c) is int and c >= 1 for c in counts):
+    # in C passes, no Python code per run (a frame of tester data has a run per part)
+    if list(map(type, counts)).count(int) != len(counts) or (counts and min(counts) < 1):
         raise _bad("each run's count must be an integer >= 1")
-    if not all(type(k) is int for k in kinds):
+    if list(map(type, kinds)).count(int) != len(kinds):
         raise _bad("each run's kind must be an integer")
     n = sum(counts)
     if max_records is not None and n > max_records:
         raise OverflowError(n)
-    per_kind: dict[Any, int] = {}
-    for k, c in zip(kinds, counts, strict=True):
-        per_kind[k] = per_kind.get(k, 0) + c
+    per_kind: dict[Any, int] = dict.fromkeys(kinds, 0)
+    if len(per_kind) == 1:
+        per_kind[kinds[0]] = n
+    else:
+        for k in per_kind:
+            per_kind[k] = sum(_compress(counts, map(_eq, kinds, _repeat(k))))
     checked: dict[int, tuple[type[Any], list[Any], int]] = {}
     for table in tables:
         if type(table) is not list or len(table) != 2 or type(table[1]) is not list:
