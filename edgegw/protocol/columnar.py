@@ -107,12 +107,17 @@ def encode_columns(first_rid: int, records: Sequence[Record], *, typed: bool = F
     """The columnar body of ``records`` (numbered from ``first_rid``): v2, or v3 with
     ``typed`` (columns of floats as typed arrays: for a connection that agreed v3)."""
     runs: list[int] = []
+    append = runs.append
     by_kind: dict[type[Any], list[Record]] = {}
     # groupby runs in C: the Python loop turns once per run, not once per record
     for cls, group in itertools.groupby(records, type):
-        rows = list(group)
-        runs += (KIND_OF[cls], len(rows))
-        by_kind.setdefault(cls, []).extend(rows)
+        rows = by_kind.get(cls)
+        if rows is None:
+            rows = by_kind[cls] = []
+        before = len(rows)
+        rows.extend(group)
+        append(KIND_OF[cls])
+        append(len(rows) - before)
     column = _typed_column if typed else _column
     index: dict[str, int] = {}
     tables = []
