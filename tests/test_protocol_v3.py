@@ -184,3 +184,14 @@ def test_a_v2_connection_refuses_typed_columns_and_is_sent_them_as_arrays_of_flo
     assert decode_frame(v2, 10, typed=False) == (40001, DOC_RECORDS)
     plain = encode_columns(40001, DOC_RECORDS)
     assert plain_floats(plain) is plain  # nothing typed: the body as it is
+
+
+def test_a_v2_body_whose_float_bytes_look_like_the_tag_is_sent_to_a_v2_hub_as_it_is() -> None:
+    # 0x40d8564800000000: a float whose CBOR bytes (fb 40 d8 56 48 ...) hold tag 86's head
+    # and a byte string's after it
+    lookalike = struct.unpack(">d", bytes.fromhex("40d8564800000000"))[0]
+    recs = [SensorReading("s", 1.0 + i, "c", lookalike) for i in range(3)]
+    body = encode_columns(1, recs)
+    assert b"\xd8\x56\x48" in body
+    assert plain_floats(body) == body
+    assert decode_frame(plain_floats(body), 10, typed=False) == (1, recs)

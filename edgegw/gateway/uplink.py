@@ -391,7 +391,8 @@ class Uplink:
         dead-letter path; a body that does not decode goes as it is (the hub rejects it,
         as it would any invalid frame, and the rest flow on)."""
         marker = (self.store.checkpoints.get(SPLIT_KEY) or {}).get(str(f.seq))
-        if welcome.version == 2:  # typed float columns (v3) are arrays of floats in v2
+        if welcome.version == 2 and self.config.max_protocol_version >= 3:
+            # typed float columns (v3, spooled before the hub was known) go as arrays
             f = StoredFrame(f.seq, plain_floats(f.body), f.n_records)
         v1_columns = welcome.version < 2 and is_columnar(f.body)
         if (marker is None and not v1_columns and f.n_records <= welcome.max_records

@@ -375,12 +375,31 @@ def _f64(cls: type[Any], j: int, data: Any, n: int) -> Any:
     return _F64(data)
 
 
+#: what follows tag 86's head in a typed column: a byte string of 8 or 16 bytes, or one
+#: whose length follows in 1, 2 or 4 bytes
+_TYPED_NEXT = frozenset(b"\x48\x50\x58\x59\x5a")
+
+
+def _may_be_typed(body: bytes) -> bool:
+    """Whether a body may hold a typed column: tag 86's head followed by a byte string's.
+    A few C searches; the float bytes of a v2 body hold the two bytes ``d8 56`` now and
+    then (a few times in a frame of thousands of floats), rarely with a byte string's
+    head after them, so a v2 body is seldom decoded to find it has none."""
+    find = body.find
+    i = find(b"\xd8\x56")
+    while i >= 0:
+        if i + 2 < len(body) and body[i + 2] in _TYPED_NEXT:
+            return True
+        i = find(b"\xd8\x56", i + 1)
+    return False
+
+
 def plain_floats(body: bytes) -> bytes:
     """A columnar body as a v2 connection takes it: typed float columns (v3) made arrays
     of floats; any other body as it is.  For a gateway whose spool holds v3 bodies and
     whose hub speaks v2 (docs/protocol.md section 9).  NaNs then go as cbor2 writes them
     (one quiet NaN): a v2 body does not carry their payloads."""
-    if b"\xd8\x56" not in body or not is_columnar(body):  # the tag's head: cheap test
+    if not is_columnar(body) or not _may_be_typed(body):
         return body
     changed = False
     try:
