@@ -22,11 +22,11 @@ trailing fields are in v1).
 Protocol v3 (section 5.2, "Typed float columns") lets a column of floats go as an RFC 8746
 typed array instead: tag 86 (IEEE 754 binary64, little endian) around the values' bytes,
 8 per record (or 8 for one value every record has).  The encoder writes a column's bytes
-in one C call (``struct.pack``) instead of cbor2 walking each float, the
-receiver's ``cbor2.loads`` copies one byte string instead of building a float object per
-value, and every bit of every value (``-0.0``, NaN payloads) travels exactly.  The hub
-checks the byte count and keeps the bytes; they become floats only when something reads
-them (``array.frombytes().tolist()``, C speed).
+in one C call (``struct.pack``) instead of cbor2 walking each float, the receiver's
+``cbor2.loads`` copies one byte string instead of building a float object per value, and
+every bit of every value (``-0.0``, NaN payloads) travels exactly.  The hub checks the
+byte count and keeps the bytes; they become floats only when something reads them
+(``array.frombytes().tolist()``, C speed).
 """
 
 from __future__ import annotations
