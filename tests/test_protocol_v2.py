@@ -329,6 +329,38 @@ async def test_v1_v2_and_v3_peers_interoperate_both_ways_through_the_spool(
         nursery.cancel_scope.cancel()
 
 
+async def test_frames_a_v3_gateway_spooled_with_typed_columns_reach_a_v2_hub_as_arrays(
+        tmp_path: Path) -> None:
+    """A v3 gateway that has not met its hub yet spools typed float columns (v3 is what
+    it offers); the hub, when it comes, speaks v2: every frame reaches it as v2 columns
+    (no typed array on a v2 connection, none rejected), the records exact -- NaN aside,
+    whose payload a v2 body does not carry."""
+    port = free_port()  # no hub yet: everything stays in the spool
+    cfg = gateway_config(tmp_path / "gw", port, spool={})  # offers [1, 2, 3]
+    before = [r for i in range(3) for r in mixed_records(float(i))]
+    async with trio.open_nursery() as nursery:
+        gw = Gateway(cfg)
+        await nursery.start(gw.run)
+        await gw.sink.put(before, source="tester")
+        await gw.flush()
+        assert gw.store.next_seq > 1
+        nursery.cancel_scope.cancel()
+
+    hub = Ingest(hub_config(tmp_path / "hub", port=port, max_protocol_version=2))
+    seen = Collect()
+    hub.add_consumer(seen)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        gw = Gateway(cfg)
+        await nursery.start(gw.run)
+        assert await gw.drain(20), "the hub did not acknowledge everything"
+        await seen.until(len(before))
+        assert key(seen.records) == key(before)
+        assert set(await stored_layouts(hub)) == {4}
+        assert hub.stats()["gateways"]["ate-01"]["frames_rejected"] == 0
+        nursery.cancel_scope.cancel()
+
+
 async def test_frames_spooled_as_v1_rows_replay_to_a_v2_hub_and_the_hub_replays_both(
         tmp_path: Path) -> None:
     """A gateway upgraded with frames still in its spool from before (v1 rows): they go to
