@@ -130,6 +130,28 @@ def test_the_columnar_codec_round_trips_every_record_type_exactly(
     assert key([from_wire(w, sources) for w in wire]) == key(recs)
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames())
+def test_the_v3_codec_round_trips_every_record_type_exactly(recs: list[Record]) -> None:
+    """The same frames with typed float columns (v3, tests/test_protocol_v3.py): records,
+    timestamps and columns as the v2 body gives them."""
+    body = encode_columns(3, recs, typed=True)
+    assert key(decode_frame(body, 10_000)[1]) == key(recs)
+    _, checked = check_frame(body, 10_000)
+    assert (sorted(map(cbor2.dumps, checked.timestamps()))
+            == sorted(cbor2.dumps(r.ts) for r in recs))
+    _, plain = check_frame(encode_columns(3, recs), 10_000)
+    for cls, _ in plain.runs():
+        n = len(plain.rows(cls))
+
+        def whole(col: Any, n: int = n) -> tuple[Any, ...]:  # one value (1-tuple): n times
+            return tuple(col * n if type(col) is tuple else col)
+
+        assert key(list(map(whole, checked.columns(cls) or []))) == key(
+            list(map(whole, plain.columns(cls) or [])))
+    assert key(checked.records()) == key(recs)
+
+
 def test_every_record_type_in_one_frame_keeps_its_order_and_folds_repeated_values() -> None:
     recs: list[Record] = []
     for i in range(30):
