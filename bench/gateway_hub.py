@@ -20,11 +20,15 @@ Hubs (``--hub``, each its own process): ``full`` is `edgegw hub` as configured b
 ``inline`` is `edgegw hub` with ``hub.live_queue_records = 0`` (the live state applied inside
 each commit's step, as before the queue); ``ingest`` is the hub's ingest alone, without the
 live state, fan-out and alerts (the ceiling of the protocol path).  Each run is made with
-protocol v2 (columnar bodies) and v1 (``uplink.max_protocol_version = 1``: per-record
-arrays), alternately, so medians printed side by side saw the same machine load.
+protocol v3 (columnar bodies, float columns as typed arrays) and v1
+(``uplink.max_protocol_version = 1``: per-record arrays), alternately, so medians printed
+side by side saw the same machine load (``--protocol 2``: columnar bodies with arrays of
+floats).  A version is the newest the gateway offers, capped at the newest its checkout
+speaks (a baseline without v3 offers v2 under ``--protocol 3``): each run's line says the
+version the hub agreed.
 
     python bench/gateway_hub.py [--records 300000] [--runs 3] [--batch N] [--no-spool]
-                                [--protocol 2 1] [--hub full inline ingest] [--compare]
+                                [--protocol 3 1] [--hub full inline ingest] [--compare]
                                 [--baseline DIR] [--profile DIR]
 
 ``--compare`` is ``--hub inline full``: the live state inline beside the queue.
@@ -58,6 +62,7 @@ import trio
 from edgegw.config import build
 from edgegw.gateway.config import GatewayConfig
 from edgegw.gateway.service import Gateway
+from edgegw.protocol import SUPPORTED_VERSIONS
 from edgegw.records import ParametricResult, PartResult
 
 
@@ -106,8 +111,9 @@ class Run:
     durable (the hub's also until its live state had every record)."""
 
     def __init__(self, sent: int, durable: float, live: float, gateway_cpu: float,
-                 hub_cpu: float, hub_cpu_live: float) -> None:
+                 hub_cpu: float, hub_cpu_live: float, version: int | None = None) -> None:
         self.sent = sent
+        self.version = version  # the protocol version the hub agreed (None: not known)
         self.durable = durable
         self.live = live
         self.gateway_cpu = gateway_cpu
@@ -150,7 +156,7 @@ async def gateway_run(port: int, n_records: int, batch: int | None, tmp: Path, *
         "batch": {"max_delay_ms": 50} if batch is None else {"max_records": batch,
                                                              "max_delay_ms": 50},
         "queue": {"max_frames": 256},
-        "uplink": {"max_protocol_version": protocol},
+        "uplink": {"max_protocol_version": min(protocol, max(SUPPORTED_VERSIONS))},
     }
     if spool:
         raw["spool"] = {}  # defaults: <state_dir>/spool, group commit, fsync per group
@@ -175,8 +181,11 @@ async def gateway_run(port: int, n_records: int, batch: int | None, tmp: Path, *
         while store.first_unacked < store.next_seq:
             await trio.sleep(0.002)
         t1, cpu1 = time.monotonic(), time.process_time()
-        print("done " + json.dumps({"sent": sent, "t0": t0, "t1": t1, "cpu": cpu1 - cpu0}),
-              flush=True)
+        # the version agreed (a checkout without hub_version: the one offered, which its
+        # own hub agrees)
+        agreed = getattr(gw.uplink, "hub_version", None) or min(protocol, max(SUPPORTED_VERSIONS))
+        print("done " + json.dumps({"sent": sent, "t0": t0, "t1": t1, "cpu": cpu1 - cpu0,
+                                    "version": agreed}), flush=True)
         nursery.cancel_scope.cancel()
 
 
@@ -217,7 +226,8 @@ def one_run(port: int, hub_pid: int, n_records: int, batch: int | None, tmp: Pat
             spy.send_signal(signal.SIGINT)
             spy.wait()
         gw.wait()
-    return Run(out["sent"], out["t1"] - out["t0"], live, out["cpu"], hub_cpu, hub_cpu_live)
+    return Run(out["sent"], out["t1"] - out["t0"], live, out["cpu"], hub_cpu, hub_cpu_live,
+               out.get("version"))
 
 
 def _env(code: str | None) -> dict[str, str] | None:
@@ -278,8 +288,9 @@ def main() -> None:
                     help="records per frame (batch.max_records; default: the gateway's)")
     ap.add_argument("--no-spool", action="store_true",
                     help="the gateway's memory queue instead of its disk spool")
-    ap.add_argument("--protocol", type=int, nargs="+", default=[2, 1], choices=[1, 2],
-                    help="protocol versions to run, alternately (default: 2 1)")
+    ap.add_argument("--protocol", type=int, nargs="+", default=[3, 1], choices=[1, 2, 3],
+                    help="protocol versions to run, alternately (default: 3 1; each capped at "
+                    "the newest its checkout speaks)")
     ap.add_argument("--hub", nargs="+", default=["full"], choices=list(HUBS),
                     help="full: `edgegw hub`; inline: `edgegw hub` with the live state in "
                     "the commit step (before the queue); ingest: the hub's ingest alone "
@@ -338,7 +349,9 @@ def main() -> None:
                                         f"{label.replace('@', '-')}-{run + 1}-v{v}"))
                         runs.setdefault((label, v), []).append(r)
                         loads.append(os.getloadavg()[0])
-                        print(f"hub {label}, run {run + 1}, v{v}: {r.sent} records, durable in "
+                        agreed = "" if r.version in (None, v) else f" (agreed v{r.version})"
+                        print(f"hub {label}, run {run + 1}, v{v}{agreed}: {r.sent} records, "
+                              f"durable in "
                               f"{r.durable:.2f} s = {r.rate:,.0f} records/s, in the live "
                               f"state in {r.live:.2f} s = {r.live_rate:,.0f} records/s; CPU s "
                               f"per million records: gateway {r.gateway_us:.2f}, hub "
@@ -370,8 +383,10 @@ def report(args: argparse.Namespace, kinds: list[str], base_kinds: list[str],
                   f"{med(label, v, 'live_rate'):>10,.0f}   {'':24s}{g:>7.2f} {h:>6.2f} "
                   f"{g + h:>6.2f}  {med(label, v, 'hub_live_us'):>14.2f}")
     for label in kinds:
-        if 1 in args.protocol and 2 in args.protocol:
-            print(f"  {label}: v2/v1 durable {med(label, 2, 'rate') / med(label, 1, 'rate'):.2f}x")
+        for new in (2, 3):
+            if 1 in args.protocol and new in args.protocol:
+                print(f"  {label}: v{new}/v1 durable "
+                      f"{med(label, new, 'rate') / med(label, 1, 'rate'):.2f}x")
     for kind in base_kinds:
         if f"{kind}@base" in kinds:
             for v in args.protocol:

@@ -323,7 +323,7 @@ def test_v2_columnar_bodies_go_compressed_above_the_minimum_and_plain_below_it()
     hub = HubConnection(compression=("zlib",))
     hub.receive(gw.hello(0.0), 0.0)
     gw.receive(hub.accept(IntervalSet(), 0.0), 0.0)
-    assert gw.version == 2 and hub.version == 2
+    assert gw.version == 3 and hub.version == 3
     records = [SensorReading("oven", float(i), "temp", 20.0 + i % 7) for i in range(500)]
     big, small = encode_columns(1, records), encode_columns(501, records[:2])
     assert len(small) < 1024 <= len(big)

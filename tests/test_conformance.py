@@ -15,6 +15,8 @@ invalid input is a protocol error, never an internal one.
 from __future__ import annotations
 
 import dataclasses
+import math
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,6 +37,7 @@ from edgegw.protocol import (
     Hello,
     Ping,
     Refuse,
+    Reject,
     Welcome,
     decode,
     encode,
@@ -185,11 +188,11 @@ async def test_4001_an_unknown_gateway_or_a_wrong_token_is_refused(tmp_path: Pat
 
 async def test_4002_no_protocol_version_in_common(tmp_path: Path) -> None:
     async with running_hub(tmp_path) as (app, port):
-        reason = "unsupported protocol version(s) [3, 4]; this hub speaks [1, 2]"
+        reason = "unsupported protocol version(s) [4, 5]; this hub speaks [1, 2, 3]"
 
         async def check(i: int) -> None:
             client = await connect(port)
-            await client.send(encode(Hello(GATEWAYS[i], TOKEN, "e", 1, versions=(3, 4))))
+            await client.send(encode(Hello(GATEWAYS[i], TOKEN, "e", 1, versions=(4, 5))))
             assert decode(await client.recv()) == Refuse(4002, reason)
             assert await client.close_reason() == (4002, reason)
 
@@ -336,6 +339,41 @@ async def test_a_record_with_appended_fields_is_applied(tmp_path: Path) -> None:
         snapshot = app.state.snapshot("sensor/probe.temp")
         assert snapshot is not None and snapshot["latest"]["last"] == 25.5
         assert await client.close() == (1000, "")
+        await still_healthy(app, port)
+
+
+async def test_v3_typed_float_columns_built_without_edgegw_are_applied_and_v2_refuses_them(
+        tmp_path: Path) -> None:
+    """Section 5.2 "Typed float columns", as an implementer would read it: a columnar body
+    made with a generic CBOR library (no edgegw encoder) whose ts and value columns are
+    RFC 8746 float64 little-endian typed arrays is applied on a v3 connection; the same
+    body on a v2 connection is rejected (REJECT with the reason), the connection kept."""
+    ts = cbor2.CBORTag(86, struct.pack("<2d", 1764130000.5, 1764130001.5))
+    values = cbor2.CBORTag(86, struct.pack("<2d", 25.5, -0.0))
+    body = cbor2.dumps([1, ["sensors"], [11, 2],
+                        [[11, [[0], ts, ["probe.temp"], values, ["C"]]]]])
+    async with running_hub(tmp_path) as (app, port):
+        client = await connect(port)
+        await client.send(encode(Hello(GATEWAYS[0], TOKEN, "epoch-1", 1, versions=(1, 2, 3))))
+        welcome = decode(await client.recv())
+        assert isinstance(welcome, Welcome) and welcome.version == 3
+        await client.send(encode(Data(1, 1.0, body)))
+        assert decode(await client.recv()) == Ack(1, [])
+        with trio.fail_after(10):
+            while (snapshot := app.state.snapshot("sensor/probe.temp")) is None:
+                await trio.sleep(0.01)
+        assert math.copysign(1, snapshot["latest"]["last"]) == -1  # -0.0, its sign kept
+        assert await client.close() == (1000, "")
+
+        old = await connect(port)
+        await old.send(encode(Hello(GATEWAYS[1], TOKEN, "epoch-1", 1, versions=(1, 2))))
+        welcome = decode(await old.recv())
+        assert isinstance(welcome, Welcome) and welcome.version == 2
+        await old.send(encode(Data(1, 1.0, body)))
+        reply = decode(await old.recv())
+        assert isinstance(reply, Reject) and reply.seq == 1
+        assert "column 1 must be an array" in reply.reason
+        assert await old.close() == (1000, "")
         await still_healthy(app, port)
 
 

@@ -71,7 +71,7 @@ async def test_unknown_gateway_and_unsupported_version_are_refused(tmp_path: Pat
         # a hello offering only versions this hub does not speak
         async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/gateway") as ws:
             await ws.send_message(cbor2.dumps([1, {
-                "versions": [3], "gateway": "ate-01", "token": "s3cret", "epoch": "e",
+                "versions": [4], "gateway": "ate-01", "token": "s3cret", "epoch": "e",
                 "next_seq": 1, "heartbeat": 5.0}]))
             reply = decode(await ws.get_message())
             assert reply.code == CloseCode.UNSUPPORTED_VERSION

@@ -58,7 +58,7 @@ def test_a_refusal_reaches_the_gateway_with_its_code_and_reason() -> None:
     assert gw.state is State.CLOSED and hub.state is State.CLOSED
 
 
-@pytest.mark.parametrize(("offered", "chosen"), [((1, 2), 3), ((1,), 2)])
+@pytest.mark.parametrize(("offered", "chosen"), [((1, 2), 3), ((1,), 2), ((1, 2, 3), 4)])
 def test_a_gateway_rejects_a_hub_that_picked_a_version_it_did_not_offer(
         offered: tuple[int, ...], chosen: int) -> None:
     gw = GatewayConnection("ate-01", "t", "e", 1, now=0.0, versions=offered)
@@ -70,7 +70,9 @@ def test_a_gateway_rejects_a_hub_that_picked_a_version_it_did_not_offer(
 
 
 @pytest.mark.parametrize(("gateway", "hub", "chosen"), [
-    ((1, 2), (1, 2), 2), ((1,), (1, 2), 1), ((1, 2), (1,), 1), ((1,), (1,), 1)])
+    ((1, 2), (1, 2), 2), ((1,), (1, 2), 1), ((1, 2), (1,), 1), ((1,), (1,), 1),
+    ((1, 2, 3), (1, 2, 3), 3), ((1, 2, 3), (1, 2), 2), ((1, 2), (1, 2, 3), 2),
+    ((1, 2, 3), (1,), 1)])
 def test_welcome_names_the_highest_version_both_speak(
         gateway: tuple[int, ...], hub: tuple[int, ...], chosen: int) -> None:
     gw = GatewayConnection("ate-01", "t", "e", 1, now=0.0, versions=gateway)

@@ -130,6 +130,28 @@ def test_the_columnar_codec_round_trips_every_record_type_exactly(
     assert key([from_wire(w, sources) for w in wire]) == key(recs)
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames())
+def test_the_v3_codec_round_trips_every_record_type_exactly(recs: list[Record]) -> None:
+    """The same frames with typed float columns (v3, tests/test_protocol_v3.py): records,
+    timestamps and columns as the v2 body gives them."""
+    body = encode_columns(3, recs, typed=True)
+    assert key(decode_frame(body, 10_000)[1]) == key(recs)
+    _, checked = check_frame(body, 10_000)
+    assert (sorted(map(cbor2.dumps, checked.timestamps()))
+            == sorted(cbor2.dumps(r.ts) for r in recs))
+    _, plain = check_frame(encode_columns(3, recs), 10_000)
+    for cls, _ in plain.runs():
+        n = len(plain.rows(cls))
+
+        def whole(col: Any, n: int = n) -> tuple[Any, ...]:  # one value (1-tuple): n times
+            return tuple(col * n if type(col) is tuple else col)
+
+        assert key(list(map(whole, checked.columns(cls) or []))) == key(
+            list(map(whole, plain.columns(cls) or [])))
+    assert key(checked.records()) == key(recs)
+
+
 def test_every_record_type_in_one_frame_keeps_its_order_and_folds_repeated_values() -> None:
     recs: list[Record] = []
     for i in range(30):
@@ -206,7 +228,7 @@ async def test_malformed_columnar_frames_are_rejected_and_counted_and_the_link_c
         async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/gateway") as ws:
             await ws.send_message(conn.hello(trio.current_time()))
             conn.receive(await ws.get_message(), trio.current_time())
-            assert conn.version == 2
+            assert conn.version == 3  # the newest both speak: typed columns allowed
             good = encode_columns(1, [SensorReading("s", 1.0, "c", 2.0)])
             bodies = [good] + [cbor2.dumps(item) for item, _ in MALFORMED] + [good]
             for seq, body in enumerate(bodies, 1):
@@ -279,18 +301,30 @@ class CollectColumns(Collect):
 
 
 async def stored_layouts(hub: Ingest) -> list[int]:
-    """The number of items in each stored frame body: 3 for v1 rows, 4 for v2 columns."""
+    """The layout of each stored frame body: 3 for v1 rows, 4 for v2 columns, 5 for
+    columns with typed float columns (v3)."""
     rows = await hub.store.query("SELECT codec, body FROM frames ORDER BY id")
-    return [len(cbor2.loads(unpack_body(c, b))) for c, b in rows]
+    out = []
+    for codec, body in rows:
+        item = cbor2.loads(unpack_body(codec, body))
+        typed = len(item) == 4 and any(isinstance(c, cbor2.CBORTag) and c.tag == 86
+                                       for _, columns in item[3] for c in columns)
+        out.append(5 if typed else len(item))
+    return out
 
 
 @pytest.mark.parametrize(("gateway_v", "hub_v", "layout"), [
-    (2, 2, 4),  # both new: columns
+    (3, 3, 5),  # both newest: columns, floats as typed arrays
+    (2, 3, 4),  # a v2 gateway, a v3 hub: columns
+    (3, 2, 4),  # a v3 gateway, a v2 hub: its typed float columns are sent as arrays
+    (2, 2, 4),  # both v2: columns
     (1, 2, 3),  # an old gateway, a new hub: rows
     (2, 1, 3),  # a new gateway, an old-protocol hub: the gateway sends its columns as rows
+    (3, 1, 3),
+    (1, 3, 3),
     (1, 1, 3),
 ])
-async def test_v1_and_v2_peers_interoperate_both_ways_through_the_spool(
+async def test_v1_v2_and_v3_peers_interoperate_both_ways_through_the_spool(
         tmp_path: Path, gateway_v: int, hub_v: int, layout: int) -> None:
     hub = Ingest(hub_config(tmp_path / "hub", max_protocol_version=hub_v))
     seen, columns = Collect(), CollectColumns()
@@ -310,10 +344,42 @@ async def test_v1_and_v2_peers_interoperate_both_ways_through_the_spool(
         await seen.until(len(sent))
         await columns.until(len(sent))
         assert key(seen.records) == key(sent)
-        # the same records whichever way a consumer reads them; columns for v2 frames only
+        # the same records whichever way a consumer reads them; columns for columnar frames only
         assert key(columns.records) == key(sent)
-        assert (columns.columnar_frames > 0) == (layout == 4)
+        assert (columns.columnar_frames > 0) == (layout >= 4)
         assert set(await stored_layouts(hub)) == {layout}
+        nursery.cancel_scope.cancel()
+
+
+async def test_frames_a_v3_gateway_spooled_with_typed_columns_reach_a_v2_hub_as_arrays(
+        tmp_path: Path) -> None:
+    """A v3 gateway that has not met its hub yet spools typed float columns (v3 is what
+    it offers); the hub, when it comes, speaks v2: every frame reaches it as v2 columns
+    (no typed array on a v2 connection, none rejected), the records exact -- NaN aside,
+    whose payload a v2 body does not carry."""
+    port = free_port()  # no hub yet: everything stays in the spool
+    cfg = gateway_config(tmp_path / "gw", port, spool={})  # offers [1, 2, 3]
+    before = [r for i in range(3) for r in mixed_records(float(i))]
+    async with trio.open_nursery() as nursery:
+        gw = Gateway(cfg)
+        await nursery.start(gw.run)
+        await gw.sink.put(before, source="tester")
+        await gw.flush()
+        assert gw.store.next_seq > 1
+        nursery.cancel_scope.cancel()
+
+    hub = Ingest(hub_config(tmp_path / "hub", port=port, max_protocol_version=2))
+    seen = Collect()
+    hub.add_consumer(seen)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        gw = Gateway(cfg)
+        await nursery.start(gw.run)
+        assert await gw.drain(20), "the hub did not acknowledge everything"
+        await seen.until(len(before))
+        assert key(seen.records) == key(before)
+        assert set(await stored_layouts(hub)) == {4}
+        assert hub.stats()["gateways"]["ate-01"]["frames_rejected"] == 0
         nursery.cancel_scope.cancel()
 
 
@@ -342,7 +408,7 @@ async def test_frames_spooled_as_v1_rows_replay_to_a_v2_hub_and_the_hub_replays_
     hub.add_consumer(seen)
     async with trio.open_nursery() as nursery:
         await nursery.start(hub.run)
-        gw = Gateway(gateway_config(tmp_path / "gw", port, spool={}))  # v2 now
+        gw = Gateway(gateway_config(tmp_path / "gw", port, spool={}))  # v3 now
         await nursery.start(gw.run)
         await gw.sink.put(after, source="tester")
         assert await gw.drain(20), "the hub did not acknowledge everything"
@@ -351,7 +417,7 @@ async def test_frames_spooled_as_v1_rows_replay_to_a_v2_hub_and_the_hub_replays_
         # frames younger than the uplink's live window before the older backlog
         assert sorted(key(seen.records)) == sorted(key(before + after))
         layouts = await stored_layouts(hub)
-        assert 3 in layouts and 4 in layouts, layouts
+        assert 3 in layouts and 5 in layouts, layouts  # rows and typed columns
         nursery.cancel_scope.cancel()
 
     hub = Ingest(hub_config(hub_dir, port=0))

@@ -66,10 +66,11 @@ class UplinkSection:
     compression: Literal["off", "zlib"] = "off"
     compression_level: Annotated[int, Range(1, 9)] = 1
     compression_min_bytes: Annotated[int, Range(0, 64 << 20)] = 1024
-    # The newest wire protocol version to offer (docs/protocol.md section 9).  At 2 frames
-    # are stored with columnar bodies (section 5.2), sent as they are to a v2 hub and
-    # converted to v1 rows for an older hub; at 1 they are stored and sent as v1 rows.
-    max_protocol_version: Annotated[int, Range(1, 2)] = 2
+    # The newest wire protocol version to offer (docs/protocol.md section 9).  At 2 or 3
+    # frames are stored with columnar bodies (section 5.2; at 3 their float columns as
+    # typed arrays while the hub last agreed v3), sent as they are to a hub of that version
+    # and converted for an older one; at 1 they are stored and sent as v1 rows.
+    max_protocol_version: Annotated[int, Range(1, 3)] = 3
     # wss:// only: the CA that signed the hub's certificate (default: the system's), the
     # certificate's SHA-256 fingerprint to insist on (optional, on top of the CA check), and
     # a client certificate for hubs that ask for one (its CN or a DNS name: the gateway id)

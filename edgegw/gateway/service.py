@@ -204,6 +204,7 @@ class Gateway:
                                                            config.queue.policy)
         self.batcher = Batcher(config.batch.max_records, config.batch.max_delay_ms / 1000)
         self._columnar = config.uplink.max_protocol_version >= 2
+        self._typed = config.uplink.max_protocol_version >= 3
         self.sink = GatewaySink(self)
         self.dead_letter_path = trio.Path(self.state_dir / "dead-letter.cborseq")
         # [source, origin, n] per run of puts of one source from one origin (puts without
@@ -473,7 +474,11 @@ class Gateway:
         # converted to rows for a v1 one (uplink); most hubs are v2, so the common
         # case pays nothing and the spool holds the smaller body
         if records and self._columnar:
-            return encode_columns(first_rid, records)
+            # float columns as typed arrays (v3) unless the hub last agreed an older
+            # version: those frames would be converted as they are sent (uplink)
+            up = self.uplink
+            typed = self._typed and (up is None or (up.hub_version or 3) >= 3)
+            return encode_columns(first_rid, records, typed=typed)
         return encode_body(first_rid, records)  # no records: a checkpoint travels alone
 
     def _body_limit(self, n_records: int, checkpoints: dict[str, Any]) -> int:

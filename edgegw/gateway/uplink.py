@@ -51,6 +51,7 @@ from ..protocol import (
     Welcome,
     encode_body,
     is_columnar,
+    plain_floats,
     to_rows,
 )
 from ..records import GatewayEvent
@@ -99,6 +100,9 @@ class Uplink:
         self.metrics = metrics
         self.dead_letter_path = dead_letter_path
         self.connected = False
+        #: the protocol version the hub last agreed (None before the first WELCOME): the
+        #: gateway encodes new frames for it (``Gateway._encode``)
+        self.hub_version: int | None = None
         self.last_error: str | None = None
         self.last_ack_at: float | None = None
         self.acked_watermark = 0
@@ -239,6 +243,7 @@ class Uplink:
             welcome = conn.welcome
             assert isinstance(welcome, Welcome)
             self._split_warned = False
+            self.hub_version = welcome.version
             self._apply_ack(welcome.applied)
             self.connected = True
             self.m_connects.inc()
@@ -493,6 +498,9 @@ class Uplink:
         dead-letter path; a body that does not decode goes as it is (the hub rejects it,
         as it would any invalid frame, and the rest flow on)."""
         marker = (self.store.checkpoints.get(SPLIT_KEY) or {}).get(str(f.seq))
+        if welcome.version == 2 and self.config.max_protocol_version >= 3:
+            # typed float columns (v3, spooled before the hub was known) go as arrays
+            f = StoredFrame(f.seq, plain_floats(f.body), f.n_records)
         v1_columns = welcome.version < 2 and is_columnar(f.body)
         if (marker is None and not v1_columns and f.n_records <= welcome.max_records
                 and len(f.body) + DATA_ENVELOPE_BYTES <= welcome.max_frame_bytes):

@@ -93,9 +93,10 @@ class HubSection:
     live_queue_records: Annotated[int, Range(1000, 10_000_000, also=0)] = 200_000
     # frame-body encodings accepted from a gateway that offers one (docs/protocol.md section 5.1)
     compression: Literal["off", "zlib"] = "off"
-    # the newest wire protocol version to speak (docs/protocol.md section 9): 2 (columnar
-    # bodies) with gateways that offer it, 1 with the rest; 1 pins every gateway to v1
-    max_protocol_version: Annotated[int, Range(1, 2)] = 2
+    # the newest wire protocol version to speak (docs/protocol.md section 9): 3 (columnar
+    # bodies, float columns as typed arrays) or 2 (columnar bodies) with gateways that
+    # offer it, 1 with the rest; 1 pins every gateway to v1
+    max_protocol_version: Annotated[int, Range(1, 3)] = 3
     # load shedding: with this many gateway handshakes under way, a readiness probe or an
     # upgrade on /ws/gateway is answered 503 with Retry-After: busy_retry_after_s
     max_pending_handshakes: Annotated[int, Range(1, 1_000_000)] = 1000

@@ -44,7 +44,9 @@ as the hub did before (kept for comparison: ``bench/gateway_hub.py --compare``).
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import operator
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -737,6 +739,7 @@ class Ingest:
                        generation: int = 0, arrivals: deque[float] | None = None) -> None:
         max_records = self.config.hub.max_records_per_frame
         columnar = (conn.version or 1) >= 2  # v1 connections send rows only
+        typed = (conn.version or 1) >= 3  # typed float columns: v3 only
         async for first in receive:
             frames = [first]
             while len(frames) < 256:  # group commit: whatever else is already waiting
@@ -750,7 +753,8 @@ class Ingest:
                 try:
                     # checked, not built: a columnar frame's records are built after the
                     # ACK, by the feeder, and only for consumers (``_feed``)
-                    first_rid, decoded = check_frame(d.body, max_records, columnar=columnar)
+                    first_rid, decoded = check_frame(d.body, max_records, columnar=columnar,
+                                                      typed=typed)
                 except FrameError as exc:
                     bad.append((FrameToApply(gw, epoch, d.seq, 0, 0, d.body), str(exc)))
                     continue
@@ -784,7 +788,7 @@ class Ingest:
                     self._queue_feed(gw, first_rid, decoded, f.id)
                     ts = decoded.timestamps()  # a column: no record built for it
                     try:
-                        ages = [wall - t for t in ts]
+                        ages = list(map(operator.sub, itertools.repeat(wall), ts))
                     except (TypeError, OverflowError):  # a ts that is no (float) number:
                         ages = _ages(wall, ts)  # applied as sent, it has no age
                     self.h_age.observe_many(ages)

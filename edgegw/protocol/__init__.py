@@ -1,12 +1,14 @@
-"""Wire protocol v1 and v2 between gateway and hub (sans-IO).  See docs/protocol.md."""
+"""Wire protocol v1, v2 and v3 between gateway and hub (sans-IO).  See docs/protocol.md."""
 
 from .columnar import (
+    TAG_FLOAT64_LE,
     ColumnarError,
     Columns,
     check_columns,
     decode_columns,
     encode_columns,
     is_columnar,
+    plain_floats,
     to_rows,
 )
 from .compression import ENCODINGS, compress_body, decompress_body
@@ -39,6 +41,7 @@ __all__ = [
     "ENCODINGS",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
+    "TAG_FLOAT64_LE",
     "Ack",
     "CloseCode",
     "ColumnarError",
@@ -70,5 +73,6 @@ __all__ = [
     "encode_body",
     "encode_columns",
     "is_columnar",
+    "plain_floats",
     "to_rows",
 ]

@@ -18,11 +18,24 @@ that kind's table.  A table's columns are the positional v1 record form without 
 table, or of exactly one value that every record of the table has.  Trailing columns with
 defaults may be left out, and columns beyond the ones a receiver knows are ignored (as
 trailing fields are in v1).
+
+Protocol v3 (section 5.2, "Typed float columns") lets a column of floats go as an RFC 8746
+typed array instead: tag 86 (IEEE 754 binary64, little endian) around the values' bytes,
+8 per record (or 8 for one value every record has).  The encoder writes a column's bytes
+in one C call (``struct.pack``) instead of cbor2 walking each float, the receiver's
+``cbor2.loads`` copies one byte string instead of building a float object per value, and
+every bit of every value (``-0.0``, NaN payloads) travels exactly.  The hub checks the
+byte count and keeps the bytes; they become floats only when something reads them
+(``array.frombytes().tolist()``, C speed).
 """
 
 from __future__ import annotations
 
 import itertools
+import operator
+import struct
+import sys
+from array import array
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -33,7 +46,15 @@ from ..records import BY_KIND, KIND_OF, Record
 
 _repeat = itertools.repeat
 _islice = itertools.islice
+_compress = itertools.compress
+_eq = operator.eq
 _new = tuple.__new__
+_Tag = cbor2.CBORTag
+
+#: RFC 8746 typed array: IEEE 754 binary64, little endian
+TAG_FLOAT64_LE = 86
+_LITTLE = sys.byteorder == "little"
+_unpack_f64 = struct.Struct("<d").unpack
 
 
 class ColumnarError(ValueError):
@@ -61,20 +82,46 @@ def _column(col: tuple[Any, ...]) -> Any:
         if col.count(first) == len(col):
             return (first,)
     elif (t is int or t is bool) and col.count(first) == len(col):
-        if len(set(map(type, col))) == 1:
+        if list(map(type, col)).count(t) == len(col):
             return (first,)
     return col
 
 
-def encode_columns(first_rid: int, records: Sequence[Record]) -> bytes:
-    """The v2 columnar body of ``records`` (numbered from ``first_rid``)."""
+def _typed_column(col: tuple[Any, ...]) -> Any:
+    """A column as sent on a v3 connection: a column of floats (every value exactly a
+    ``float``) as a typed array -- its bytes, one value's 8 when every value has the same
+    bits -- anything else as ``_column`` sends it."""
+    if type(col[0]) is not float:
+        return _column(col)
+    n = len(col)
+    if list(map(type, col)).count(float) != n:
+        return col
+    b = struct.pack(f"<{n}d", *col)  # bit for bit: -0.0, infinities, NaN payloads
+    one = b[:8]
+    # the same bits throughout: the last and the middle value first, as most columns that
+    # are not constant differ there (comparing the whole column costs a copy of it)
+    if n > 1 and b[-8:] == one and b[n // 2 * 8:n // 2 * 8 + 8] == one and b == one * n:
+        b = one
+    return _Tag(TAG_FLOAT64_LE, b)
+
+
+def encode_columns(first_rid: int, records: Sequence[Record], *, typed: bool = False
+                   ) -> bytes:
+    """The columnar body of ``records`` (numbered from ``first_rid``): v2, or v3 with
+    ``typed`` (columns of floats as typed arrays: for a connection that agreed v3)."""
     runs: list[int] = []
+    append = runs.append
     by_kind: dict[type[Any], list[Record]] = {}
     # groupby runs in C: the Python loop turns once per run, not once per record
     for cls, group in itertools.groupby(records, type):
-        rows = list(group)
-        runs += (KIND_OF[cls], len(rows))
-        by_kind.setdefault(cls, []).extend(rows)
+        rows = by_kind.get(cls)
+        if rows is None:
+            rows = by_kind[cls] = []
+        before = len(rows)
+        rows.extend(group)
+        append(KIND_OF[cls])
+        append(len(rows) - before)
+    column = _typed_column if typed else _column
     index: dict[str, int] = {}
     tables = []
     for cls, rows in by_kind.items():
@@ -88,7 +135,7 @@ def encode_columns(first_rid: int, records: Sequence[Record]) -> bytes:
         else:
             source_col = [index[n] if n in index else index.setdefault(n, len(index))
                           for n in names]
-        tables.append((KIND_OF[cls], [source_col, *map(_column, columns[1:])]))
+        tables.append((KIND_OF[cls], [source_col, *map(column, columns[1:])]))
     return cbor2.dumps((first_rid, list(index), runs, tables))
 
 
@@ -103,6 +150,32 @@ class _Same:
 
     def __init__(self, value: Any) -> None:
         self.value = value
+
+
+class _F64:
+    """A typed float column (v3) as received: its bytes, checked to hold one value per
+    record, turned into floats only when something reads them (``_plain``)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def values(self) -> list[float]:
+        a = array("d")
+        a.frombytes(self.data)
+        if not _LITTLE:
+            a.byteswap()
+        return a.tolist()
+
+
+def _plain(columns: list[Any]) -> list[Any]:
+    """``columns`` with its typed float columns made lists of floats, in place (once: the
+    table keeps the lists)."""
+    for j, c in enumerate(columns):
+        if type(c) is _F64:
+            columns[j] = c.values()
+    return columns
 
 
 class Columns:
@@ -156,7 +229,7 @@ class Columns:
         table = self._tables.get(KIND_OF[cls])
         if table is None:
             return None
-        return [(c.value,) if type(c) is _Same else c for c in table[1]]
+        return [(c.value,) if type(c) is _Same else c for c in _plain(table[1])]
 
     def rows(self, cls: type[Any]) -> list[Record]:
         """The records of kind ``cls`` only, in order (built on each call; the frame's
@@ -170,6 +243,8 @@ class Columns:
         out: list[Any] = []
         for _, columns, rows in self._tables.values():
             ts = columns[1]
+            if type(ts) is _F64:
+                ts = columns[1] = ts.values()
             out.extend(_repeat(ts.value, rows) if type(ts) is _Same else ts)
         return out
 
@@ -178,12 +253,15 @@ def _rows(cls: type[Any], columns: list[Any], rows: int) -> list[Record]:
     """One table's records (a tuple of ``cls`` each): one ``zip``, no Python code per
     field."""
     return list(map(partial(_new, cls), zip(
-        *[_repeat(c.value, rows) if type(c) is _Same else c for c in columns], strict=True)))
+        *[_repeat(c.value, rows) if type(c) is _Same else c for c in _plain(columns)],
+        strict=True)))
 
 
-def check_columns(item: list[Any], max_records: int | None = None) -> tuple[int, Columns]:
+def check_columns(item: list[Any], max_records: int | None = None, *, typed: bool = True
+                  ) -> tuple[int, Columns]:
     """A decoded columnar body (the CBOR item, already checked to be a list of four) to
-    (first_rid, its checked ``Columns``).  Raises ColumnarError for anything malformed,
+    (first_rid, its checked ``Columns``).  ``typed``: whether typed float columns (v3)
+    are allowed (not on a v2 connection).  Raises ColumnarError for anything malformed,
     and ``OverflowError`` (carrying the count) when it holds more than ``max_records``.
     What is checked is everything ``Columns.records`` relies on: building them cannot
     fail."""
@@ -198,16 +276,20 @@ def check_columns(item: list[Any], max_records: int | None = None) -> tuple[int,
         raise _bad("tables must be an array of [kind, columns]")
     kinds = runs[0::2]
     counts = runs[1::2]
-    if not all(type(c) is int and c >= 1 for c in counts):
+    # in C passes, no Python code per run (a frame of tester data has a run per part)
+    if list(map(type, counts)).count(int) != len(counts) or (counts and min(counts) < 1):
         raise _bad("each run's count must be an integer >= 1")
-    if not all(type(k) is int for k in kinds):
+    if list(map(type, kinds)).count(int) != len(kinds):
         raise _bad("each run's kind must be an integer")
     n = sum(counts)
     if max_records is not None and n > max_records:
         raise OverflowError(n)
-    per_kind: dict[Any, int] = {}
-    for k, c in zip(kinds, counts, strict=True):
-        per_kind[k] = per_kind.get(k, 0) + c
+    per_kind: dict[Any, int] = dict.fromkeys(kinds, 0)
+    if len(per_kind) == 1:
+        per_kind[kinds[0]] = n
+    else:
+        for k in per_kind:
+            per_kind[k] = sum(_compress(counts, map(_eq, kinds, _repeat(k))))
     checked: dict[int, tuple[type[Any], list[Any], int]] = {}
     for table in tables:
         if type(table) is not list or len(table) != 2 or type(table[1]) is not list:
@@ -221,7 +303,7 @@ def check_columns(item: list[Any], max_records: int | None = None) -> tuple[int,
         rows = per_kind.get(kind)
         if rows is None:
             raise _bad(f"a table of kind {kind} that no run uses")
-        checked[kind] = (cls, _table(cls, kind, columns, rows, sources), rows)
+        checked[kind] = (cls, _table(cls, kind, columns, rows, sources, typed), rows)
     if len(checked) != len(per_kind):
         missing = [k for k in per_kind if k not in checked]
         raise _bad(f"runs name kind(s) {missing!r:.60} without a table")
@@ -237,10 +319,11 @@ def decode_columns(item: list[Any], max_records: int | None = None
     return first_rid, columns.records(), columns.n
 
 
-def _table(cls: type[Any], kind: int, columns: list[Any], n: int, sources: list[str]
-           ) -> list[Any]:
-    """A table's columns, checked: each a list of ``n`` values or ``_Same``, as many as
-    ``cls`` has fields (the source indexes resolved to names)."""
+def _table(cls: type[Any], kind: int, columns: list[Any], n: int, sources: list[str],
+           typed: bool = True) -> list[Any]:
+    """A table's columns, checked: each a list of ``n`` values, ``_F64`` (a typed float
+    column of ``n`` values, if ``typed``) or ``_Same``, as many as ``cls`` has fields (the
+    source indexes resolved to names)."""
     n_fields = len(cls._fields)  # source, ts, fields: as many columns
     n_required = n_fields - len(cls._field_defaults)
     if len(columns) < n_required:
@@ -250,7 +333,11 @@ def _table(cls: type[Any], kind: int, columns: list[Any], n: int, sources: list[
     cols: list[Any] = []
     for j, col in enumerate(columns[:n_fields]):
         if type(col) is not list:
-            raise _bad(f"{cls.__name__} column {j} must be an array")
+            if typed and type(col) is _Tag and col.tag == TAG_FLOAT64_LE and j:
+                cols.append(_f64(cls, j, col.value, n))
+                continue
+            raise _bad(f"{cls.__name__} column {j} must be an array"
+                       + (" or a float64 typed array" if typed and j else ""))
         if len(col) == n:
             cols.append(col)
         elif len(col) == 1:
@@ -277,6 +364,57 @@ def _table(cls: type[Any], kind: int, columns: list[Any], n: int, sources: list[
     return cols
 
 
+def _f64(cls: type[Any], j: int, data: Any, n: int) -> Any:
+    """A typed float column's bytes, checked: ``_F64``, or ``_Same`` for one value."""
+    if type(data) is not bytes or len(data) not in (8 * n, 8):
+        size = len(data) if type(data) is bytes else "not a byte string"
+        raise _bad(f"{cls.__name__} column {j}: a float64 typed array must hold {8 * n} "
+                   f"or 8 bytes for {n} records, got {size}")
+    if len(data) == 8:
+        return _Same(_unpack_f64(data)[0])
+    return _F64(data)
+
+
+#: what follows tag 86's head in a typed column: a byte string of 8 or 16 bytes, or one
+#: whose length follows in 1, 2 or 4 bytes
+_TYPED_NEXT = frozenset(b"\x48\x50\x58\x59\x5a")
+
+
+def _may_be_typed(body: bytes) -> bool:
+    """Whether a body may hold a typed column: tag 86's head followed by a byte string's.
+    A few C searches; the float bytes of a v2 body hold the two bytes ``d8 56`` now and
+    then (a few times in a frame of thousands of floats), rarely with a byte string's
+    head after them, so a v2 body is seldom decoded to find it has none."""
+    find = body.find
+    i = find(b"\xd8\x56")
+    while i >= 0:
+        if i + 2 < len(body) and body[i + 2] in _TYPED_NEXT:
+            return True
+        i = find(b"\xd8\x56", i + 1)
+    return False
+
+
+def plain_floats(body: bytes) -> bytes:
+    """A columnar body as a v2 connection takes it: typed float columns (v3) made arrays
+    of floats; any other body as it is.  For a gateway whose spool holds v3 bodies and
+    whose hub speaks v2 (docs/protocol.md section 9).  NaNs then go as cbor2 writes them
+    (one quiet NaN): a v2 body does not carry their payloads."""
+    if not is_columnar(body) or not _may_be_typed(body):
+        return body
+    changed = False
+    try:
+        item = cbor2.loads(body)
+        for table in item[3]:
+            columns = table[1]
+            for j, col in enumerate(columns):
+                if type(col) is _Tag and col.tag == TAG_FLOAT64_LE:
+                    columns[j] = _F64(col.value).values()
+                    changed = True
+    except Exception:  # not a body this module wrote: the hub judges it as it is
+        return body
+    return cbor2.dumps(item) if changed else body
+
+
 def to_rows(item: list[Any]) -> list[Any]:
     """A decoded columnar body as the v1 body ``[first_rid, sources, [record...]]``
     (positional records): for a v1 peer, and for tools that read stored bodies."""
@@ -291,5 +429,5 @@ def to_rows(item: list[Any]) -> list[Any]:
     return [first_rid, list(index), wire]
 
 
-__all__ = ["ColumnarError", "Columns", "check_columns", "decode_columns", "encode_columns",
-           "is_columnar", "to_rows"]
+__all__ = ["TAG_FLOAT64_LE", "ColumnarError", "Columns", "check_columns", "decode_columns",
+           "encode_columns", "is_columnar", "plain_floats", "to_rows"]

@@ -19,10 +19,10 @@ from ..records import Record, RecordError, from_wire, to_wire
 from .columnar import ColumnarError, Columns, check_columns, to_rows
 
 #: the newest version this implementation speaks
-PROTOCOL_VERSION = 2
-#: every version it speaks: v2 (columnar bodies, section 5.2) and v1, still spoken to
-#: peers that know nothing newer
-SUPPORTED_VERSIONS = (1, 2)
+PROTOCOL_VERSION = 3
+#: every version it speaks: v3 (columnar bodies with typed float columns, section 5.2),
+#: v2 (columnar bodies) and v1, still spoken to peers that know nothing newer
+SUPPORTED_VERSIONS = (1, 2, 3)
 #: the largest sequence number, record id or other integer a message may carry: what a
 #: signed 64-bit column (SQLite INTEGER, PostgreSQL BIGINT) holds
 MAX_INT = (1 << 63) - 1
@@ -346,12 +346,13 @@ class Rows:
         return [r[1] for r in self._records]
 
 
-def check_frame(body: bytes, max_records: int, *, columnar: bool = True
+def check_frame(body: bytes, max_records: int, *, columnar: bool = True, typed: bool = True
                 ) -> tuple[int, Columns | Rows]:
     """A frame body to (first_rid, its checked records: ``.n``, ``.records()``,
     ``.timestamps()``): the hub's decode, which builds a columnar body's records only
     when they are first asked for (``Columns``).  ``columnar``: whether the v2 layout is
-    allowed (a v1 connection sends rows only).  Raises FrameError for an invalid body (the
+    allowed (a v1 connection sends rows only), ``typed`` whether its typed float columns are
+    (v3; a v2 connection sends arrays of floats only).  Raises FrameError for an invalid body (the
     frame is rejected, the connection stays up) and ProtocolError (4006) for more than
     ``max_records`` records."""
     item = _body_item(body)
@@ -361,7 +362,7 @@ def check_frame(body: bytes, max_records: int, *, columnar: bool = True
             raise FrameError("a columnar body (4 items) needs protocol v2; this "
                              "connection speaks v1")
         try:
-            first_rid, decoded = check_columns(item, max_records)
+            first_rid, decoded = check_columns(item, max_records, typed=typed)
         except OverflowError as exc:
             raise _too_many(exc.args[0], max_records) from None
         except (ColumnarError, TypeError, ValueError) as exc:
@@ -377,10 +378,10 @@ def check_frame(body: bytes, max_records: int, *, columnar: bool = True
     return first_rid, decoded
 
 
-def decode_frame(body: bytes, max_records: int, *, columnar: bool = True
+def decode_frame(body: bytes, max_records: int, *, columnar: bool = True, typed: bool = True
                  ) -> tuple[int, list[Record]]:
     """A frame body to (first_rid, records): ``check_frame`` with the records built.
     Raises FrameError for an invalid body and ProtocolError (4006) for more than
     ``max_records`` records."""
-    first_rid, decoded = check_frame(body, max_records, columnar=columnar)
+    first_rid, decoded = check_frame(body, max_records, columnar=columnar, typed=typed)
     return first_rid, decoded.records()
