@@ -136,7 +136,7 @@ async def test_refused_hellos_are_logged_once_per_address_id_and_reason_then_sum
         for _ in range(5):  # a version this hub does not speak
             async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/gateway") as ws:
                 await ws.send_message(cbor2.dumps([1, {
-                    "versions": [3], "gateway": "ate-01", "token": "s3cret", "epoch": "e",
+                    "versions": [99], "gateway": "ate-01", "token": "s3cret", "epoch": "e",
                     "next_seq": 1, "heartbeat": 5.0}]))
                 assert decode(await ws.get_message()).code == CloseCode.UNSUPPORTED_VERSION
         refused = hub.metrics.counter("hub_refused_total")
@@ -148,7 +148,7 @@ async def test_refused_hellos_are_logged_once_per_address_id_and_reason_then_sum
         assert lines[0].startswith("refused gateway 'ate-01' from 127.0.0.1:")
         assert "wrong token for gateway 'ate-01'" in lines[0]
         assert "unknown gateway id 'stranger'" in lines[1]
-        assert "unsupported protocol version(s) [3]" in lines[2]
+        assert "unsupported protocol version(s) [99]" in lines[2]
         # the minute is up (made so here): the next refusal of the wrong token sums up
         # the ones not logged since its first line, this one included
         hub.refusal_log.interval_s = 0.0
