@@ -108,13 +108,18 @@ async def hub_state_after_sending(tmp: Path, records: list[Any], spool_dir: Path
         store = None if snapshot is None else SnapshotSpool(cfg.spool, *snapshot)
         gateway = Gateway(cfg, store=store)
         await nursery.start(gateway.run)
-        with trio.fail_after(20):
-            while not (gateway.store.first_unacked >= gateway.store.next_seq
-                       and the_hub.ingest.records_fed >= len(records)):
-                await trio.sleep(0.02)
+        await all_sent_and_fed(gateway, the_hub, len(records))
         nursery.cancel_scope.cancel()
     assert the_hub.ingest.records_fed == len(records), "each record once"
     return the_hub.state, gateway
+
+
+async def all_sent_and_fed(gateway: Gateway, hub: Hub, n: int) -> None:
+    """Wait until the gateway has every frame acknowledged and the hub fed ``n`` records."""
+    with trio.fail_after(20):
+        while not (gateway.store.first_unacked >= gateway.store.next_seq
+                   and hub.ingest.records_fed >= n):
+            await trio.sleep(0.02)
 
 
 def assert_same_state(got: LiveState, want: LiveState) -> None:
@@ -201,10 +206,7 @@ async def test_parts_made_just_before_a_reconnect_still_wait_for_their_frame(
         assert cfg.spool is not None
         gateway = Gateway(cfg, store=RecentFrom(cfg.spool, frames + 1))
         await nursery.start(gateway.run)
-        with trio.fail_after(20):
-            while not (gateway.store.first_unacked >= gateway.store.next_seq
-                       and the_hub.ingest.records_fed >= len(records)):
-                await trio.sleep(0.02)
+        await all_sent_and_fed(gateway, the_hub, len(records))
         nursery.cancel_scope.cancel()
     assert the_hub.ingest.records_fed == len(records), "each record once"
     assert gateway.uplink is not None and gateway.uplink.scheduler is not None
@@ -270,10 +272,7 @@ async def test_the_parts_of_a_frame_the_hub_already_has_go_first_on_the_next_con
                              batch={"max_records": FRAME_RECORDS})
         gateway = Gateway(cfg)
         await nursery.start(gateway.run)
-        with trio.fail_after(20):
-            while not (gateway.store.first_unacked >= gateway.store.next_seq
-                       and the_hub.ingest.records_fed >= len(records)):
-                await trio.sleep(0.02)
+        await all_sent_and_fed(gateway, the_hub, len(records))
         nursery.cancel_scope.cancel()
     assert the_hub.ingest.records_fed == len(records), "each record once"
     assert_same_state(the_hub.state, in_order(records))
@@ -325,10 +324,7 @@ async def test_a_hub_restarted_in_the_middle_of_the_splits_gets_them_in_order_on
         assert first_hub.ingest.records_fed < len(records), "stopped midway"
         the_hub = Hub(hub_cfg)
         await nursery.start(the_hub.run)
-        with trio.fail_after(20):
-            while not (gateway.store.first_unacked >= gateway.store.next_seq
-                       and the_hub.ingest.records_fed >= len(records)):
-                await trio.sleep(0.02)
+        await all_sent_and_fed(gateway, the_hub, len(records))
         nursery.cancel_scope.cancel()
     assert the_hub.ingest.records_fed == len(records), "each record once"
     assert_same_state(the_hub.state, in_order(records))
