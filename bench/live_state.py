@@ -342,25 +342,12 @@ def path_ab(runs: int, frame: int, wafers: int, baseline: str | None) -> None:
 
 def outage_order(n_frames: int, live_from: int) -> list[int]:
     """The order the gateway's uplink sends frames 1..n on a new connection, none
-    acknowledged yet, frames from ``live_from`` on live (``tests/test_live_arrival_order``)."""
-    from edgegw.gateway import SendScheduler
+    acknowledged yet, frames from ``live_from`` on live: the tests' own
+    (``tests/test_live_arrival_order.send_order``, the real ``SendScheduler``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.test_live_arrival_order import send_order
 
-    sched = SendScheduler(64)
-    sched.start(first_unacked=1, live_from=live_from)
-    order: list[int] = []
-    while len(order) < n_frames:
-        for want in sched.wants():
-            stop = min(want.start + want.limit, want.below or n_frames + 1, n_frames + 1)
-            seqs = list(range(want.start, stop))
-            if seqs:
-                sched.sent(want.lane, seqs)
-                order.extend(seqs)
-                break
-            if want.lane == "backlog":
-                sched.backlog_exhausted()
-        else:
-            sched.acked(0, [(s, s) for s in sorted(sched.in_flight)])
-    return order
+    return send_order(n_frames, live_from)
 
 
 def order_costs(runs: int, frame: int, wafers: int) -> None:
