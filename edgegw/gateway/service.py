@@ -652,8 +652,11 @@ class Gateway:
                 self._pending_checkpoints = {}
                 if batch is not None:
                     await self._store_all([batch])
-            await self._store_all(self._add(records, source, checkpoint, size=size or 0,
-                                            whole=True))
+            # whole: not split for a hub's smaller max_records (one frame, cut as it is
+            # sent); over batch.max_records itself it is, as documented (docs/mqtt.md)
+            await self._store_all(self._add(
+                records, source, checkpoint, size=size or 0,
+                whole=len(records) <= self.config.batch.max_records))
         self._deadline_changed()
 
     def _notify_durable(self, checkpoints: dict[str, Any]) -> None:
