@@ -252,22 +252,26 @@ async def test_a_columnar_frame_too_large_as_v1_rows_reaches_a_v1_hub_whole(
 
 async def test_a_frame_over_the_hubs_max_records_reaches_it_as_several(tmp_path: Path) -> None:
     """``batch.max_records`` above the hub's ``max_records_per_frame`` (learned at WELCOME):
-    each stored frame over it is sent as frames of at most the hub's limit, none lost.
-    The store is full (a queue of one frame, ``block``): the parts are stored past its cap,
-    as the sender cannot wait for room that only its sending frees."""
+    each frame stored over it before the gateway knew it (the hub is started after the
+    put) is sent as frames of at most the hub's limit, none lost.  The store is full (a
+    queue of one frame, ``block``): the parts are stored past its cap, as the sender
+    cannot wait for room that only its sending frees."""
     from hubtools import hub_config, start_hub
+    from ports import free_port
 
     records = [reading(0, j, 5) for j in range(95)]
+    port = free_port()
     async with trio.open_nursery() as nursery:
-        hub, port = await start_hub(nursery, hub_config(tmp_path / "hub",
-                                                        max_records_per_frame=10))
         cfg = gateway_config(tmp_path / "gw", port, uplink={"probe_interval_s": 0.1},
                              batch={"max_records": 50, "max_delay_ms": 20},
                              queue={"max_frames": 1})
         gateway = Gateway(cfg)
         await nursery.start(gateway.run)
         await gateway.sink.put(records, source="tester")
+        hub, _ = await start_hub(nursery, hub_config(tmp_path / "hub", port=port,
+                                                     max_records_per_frame=10))
         await until_all_acked(gateway, 1)
+        assert gateway.metrics.counter("uplink_frames_split_total").total() >= 1
         got = await hub_records(hub)
         assert [r.channel for _, r in got] == [r.channel for r in records]
         assert [rid for rid, _ in got] == list(range(1, len(records) + 1))
