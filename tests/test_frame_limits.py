@@ -596,3 +596,42 @@ async def test_a_put_whole_over_the_hubs_max_records_stays_one_frame_with_its_ch
         got = await hub_records(hub)
         assert [r.channel for _, r in got] == [r.channel for p in puts for r in p]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_later_hub_that_takes_more_records_gets_batches_of_the_gateways_own_limit(
+        tmp_path: Path) -> None:
+    """The limit follows the last WELCOME: back to ``batch.max_records`` (50) when the hub
+    comes back taking more records per frame than before (10)."""
+    from hubtools import hub_config, start_hub
+
+    async def sizes(hub: Any) -> list[int]:
+        return sorted(n for (n,) in await hub.store.query("SELECT n_records FROM frames"))
+
+    async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as first:
+            hub, port = await start_hub(first, hub_config(tmp_path / "hub",
+                                                          max_records_per_frame=10))
+            cfg = gateway_config(tmp_path / "gw", port, uplink={"probe_interval_s": 0.1},
+                                 batch={"max_records": 50, "max_delay_ms": 3_600_000})
+            gateway = Gateway(cfg)
+            await nursery.start(gateway.run)
+            with trio.fail_after(15):
+                while not gateway.uplink or not gateway.uplink.connected:
+                    await trio.sleep(0.02)
+            await gateway.sink.put([reading(0, j, 5) for j in range(45)], source="tester")
+            await until_all_acked(gateway, 1)
+            assert await sizes(hub) == [5, 10, 10, 10, 10]
+            first.cancel_scope.cancel()
+        with trio.fail_after(15):
+            while gateway.uplink.connected:
+                await trio.sleep(0.02)
+        hub, _ = await start_hub(nursery, hub_config(tmp_path / "hub", port=port,
+                                                     max_records_per_frame=1000))
+        with trio.fail_after(15):
+            while not gateway.uplink.connected:
+                await trio.sleep(0.02)
+        await gateway.sink.put([reading(1, j, 5) for j in range(45)], source="tester")
+        await until_all_acked(gateway, 6)
+        assert await sizes(hub) == [5, 10, 10, 10, 10, 45]
+        assert gateway.metrics.counter("uplink_frames_split_total").total() == 0
+        nursery.cancel_scope.cancel()
