@@ -168,8 +168,14 @@ class Batcher:
         origin: Key = None,
         owed: Sequence[Span] | None = None,
         stored_after: int = 0,
+        whole: bool = False,
     ) -> list[Batch]:
         """Add records; returns the batches that became full (possibly several).
+
+        ``whole``: keep the records in one batch, the one that carries ``checkpoint``,
+        over ``max_records`` if there are more (what is pending is cut first when they do
+        not fit beside it): ``put_whole`` under a limit lowered since the source sized
+        its put (``set_max_records``).
 
         ``origin``: where the records start (``Key``), for a tracked source's counts.
         ``owed`` (with a checkpoint): the spans of the source's records after
@@ -192,9 +198,19 @@ class Batcher:
             raise ValueError("stored_after is only meaningful for a checkpoint without records")
         if self._first_at is None:
             self._first_at = now
+        if whole and self._records and len(self._records) + len(records) > self.max_records:
+            out.append(self._cut())
+            self._first_at = now
         start = 0
         while start < len(records):
+            if len(self._records) >= self.max_records:
+                # held over a limit lowered meanwhile (``max_records`` set directly, not by
+                # ``set_max_records``): what is held goes first, room is never negative
+                out.append(self._cut())
+                self._first_at = now
             room = self.max_records - len(self._records)
+            if whole:
+                room = max(room, len(records) - start)
             chunk = records[start : start + room]
             self._records.extend(chunk)
             start += len(chunk)
@@ -210,6 +226,22 @@ class Batcher:
                 if start < len(records):
                     self._first_at = now
         return out
+
+    def set_max_records(self, max_records: int) -> Batch | None:
+        """Change the limit from the next record on (the gateway lowers it to the hub's
+        ``max_records`` once WELCOME tells it, and raises it back to its own for a hub
+        that takes more).  When the batcher already holds ``max_records`` records or more,
+        what it holds is cut and returned, as one batch: batches are cut at the limit as
+        records arrive, so the records held were all within the old one, and splitting
+        them now would tear a put's checkpoint from records before it.  That one batch is
+        over the new limit (stored whole, split as it is sent to the hub, once); every
+        batch after it is within the new limit."""
+        if max_records < 1:
+            raise ValueError("max_records must be >= 1")
+        self.max_records = max_records
+        if self._records and len(self._records) >= max_records:
+            return self._cut()
+        return None
 
     def poll(self, now: float) -> Batch | None:
         """The pending batch if its deadline has passed."""

@@ -166,3 +166,77 @@ def test_a_batch_marks_where_each_tracked_checkpoint_falls_and_what_it_left_owed
     b.add(recs(1), now=0, source="sim")
     later = b.flush()
     assert later is not None and later.marks == [], "each batch its own"
+
+
+# -- a limit lowered (or raised) while records are held: the hub's max_records -------------
+
+def test_a_lowered_limit_cuts_new_batches_to_it() -> None:
+    b = Batcher(max_records=8, max_delay=1.0)
+    assert b.set_max_records(3) is None  # nothing held: nothing to cut
+    out = b.add(recs(7), now=0.0)
+    assert [len(x.records) for x in out] == [3, 3]
+    assert b.pending == 1
+
+
+def test_lowering_the_limit_under_what_is_held_cuts_what_is_held_whole() -> None:
+    """The records held were within the old limit; they go out as one batch (its
+    checkpoints with them), and every later batch is within the new limit: no batch is
+    ever built from a negative room."""
+    b = Batcher(max_records=10, max_delay=1.0)
+    b.add(recs(6), now=0.0, source="tail", checkpoint=6)
+    held = b.set_max_records(4)
+    assert held is not None and len(held.records) == 6 and held.checkpoints == {"tail": 6}
+    assert b.pending == 0 and b.deadline is None
+    out = b.add(recs(9, 6), now=0.5)
+    assert [len(x.records) for x in out] == [4, 4]
+    assert [r.value for x in out for r in x.records] == [float(i) for i in range(6, 14)]
+    assert b.pending == 1
+
+
+def test_lowering_the_limit_to_what_is_held_cuts_it_and_below_it_keeps_it() -> None:
+    b = Batcher(max_records=10, max_delay=1.0)
+    b.add(recs(4), now=0.0)
+    assert b.set_max_records(5) is None and b.pending == 4
+    held = b.set_max_records(4)
+    assert held is not None and len(held.records) == 4
+
+
+def test_records_held_over_a_limit_set_directly_go_out_before_new_ones() -> None:
+    b = Batcher(max_records=10, max_delay=1.0)
+    b.add(recs(6), now=0.0)
+    b.max_records = 4  # not through set_max_records: the next add cuts what is held
+    out = b.add(recs(5, 6), now=0.1)
+    assert [len(x.records) for x in out] == [6, 4]
+    assert [r.value for x in out for r in x.records] == [float(i) for i in range(10)]
+    assert b.pending == 1
+
+
+def test_a_raised_limit_lets_batches_grow_again() -> None:
+    b = Batcher(max_records=3, max_delay=1.0)
+    b.add(recs(2), now=0.0)
+    assert b.set_max_records(6) is None
+    assert b.add(recs(3, 2), now=0.1) == []
+    out = b.add(recs(1, 5), now=0.2)
+    assert [len(x.records) for x in out] == [6]
+
+
+def test_a_whole_add_stays_in_one_batch_with_its_checkpoint_over_the_limit() -> None:
+    """``whole`` (a source's ``put_whole``): the records that do not fit beside what is
+    pending go in a batch of their own, with their checkpoint, even over the limit."""
+    b = Batcher(max_records=4, max_delay=1.0)
+    b.add(recs(2), now=0.0)
+    out = b.add(recs(6, 2), now=0.1, source="mqtt", checkpoint="c6", whole=True)
+    assert [len(x.records) for x in out] == [2, 6]
+    assert out[0].checkpoints == {} and out[1].checkpoints == {"mqtt": "c6"}
+    assert b.pending == 0
+    # a whole add that fits beside what is pending waits with it, as any add
+    b.add(recs(1), now=0.2)
+    assert b.add(recs(2), now=0.2, source="mqtt", checkpoint="c8", whole=True) == []
+    assert b.pending == 3
+
+
+def test_the_limit_must_stay_positive() -> None:
+    import pytest
+
+    with pytest.raises(ValueError):
+        Batcher(max_records=4, max_delay=1.0).set_max_records(0)

@@ -252,22 +252,26 @@ async def test_a_columnar_frame_too_large_as_v1_rows_reaches_a_v1_hub_whole(
 
 async def test_a_frame_over_the_hubs_max_records_reaches_it_as_several(tmp_path: Path) -> None:
     """``batch.max_records`` above the hub's ``max_records_per_frame`` (learned at WELCOME):
-    each stored frame over it is sent as frames of at most the hub's limit, none lost.
-    The store is full (a queue of one frame, ``block``): the parts are stored past its cap,
-    as the sender cannot wait for room that only its sending frees."""
+    each frame stored over it before the gateway knew it (the hub is started after the
+    put) is sent as frames of at most the hub's limit, none lost.  The store is full (a
+    queue of one frame, ``block``): the parts are stored past its cap, as the sender
+    cannot wait for room that only its sending frees."""
     from hubtools import hub_config, start_hub
+    from ports import free_port
 
     records = [reading(0, j, 5) for j in range(95)]
+    port = free_port()
     async with trio.open_nursery() as nursery:
-        hub, port = await start_hub(nursery, hub_config(tmp_path / "hub",
-                                                        max_records_per_frame=10))
         cfg = gateway_config(tmp_path / "gw", port, uplink={"probe_interval_s": 0.1},
                              batch={"max_records": 50, "max_delay_ms": 20},
                              queue={"max_frames": 1})
         gateway = Gateway(cfg)
         await nursery.start(gateway.run)
         await gateway.sink.put(records, source="tester")
+        hub, _ = await start_hub(nursery, hub_config(tmp_path / "hub", port=port,
+                                                     max_records_per_frame=10))
         await until_all_acked(gateway, 1)
+        assert gateway.metrics.counter("uplink_frames_split_total").total() >= 1
         got = await hub_records(hub)
         assert [r.channel for _, r in got] == [r.channel for r in records]
         assert [rid for rid, _ in got] == list(range(1, len(records) + 1))
@@ -497,3 +501,137 @@ async def test_a_checkpoint_too_large_for_a_frame_is_refused_and_counted_records
     assert checkpoints["tester"] == len(puts)
     assert gateway.metrics.as_dict()["gateway_replayed_records_skipped_total"] == {
         "source=tester": 2}
+
+
+async def test_once_welcome_tells_the_hubs_max_records_new_batches_are_cut_to_it(
+        tmp_path: Path) -> None:
+    """``batch.max_records`` (50) above the hub's ``max_records_per_frame`` (10): once the
+    gateway has the hub's WELCOME it cuts new batches to the hub's limit, so no new frame
+    is split as it is sent.  What the batcher held over that limit when it learned it (30
+    records, put while the hub was down) goes out as one frame first, split once; then
+    ``edgegw_uplink_frames_split_total`` stays put while records flow, and the hub has
+    every record once, in record id order."""
+    from hubtools import hub_config, start_hub
+    from ports import free_port
+
+    port = free_port()
+    cfg = gateway_config(tmp_path / "gw", port, uplink={"probe_interval_s": 0.1},
+                         batch={"max_records": 50, "max_delay_ms": 3_600_000})
+    gateway = Gateway(cfg)
+    split = gateway.metrics.counter("uplink_frames_split_total")
+    held = [reading(0, j, 5) for j in range(30)]
+    flowing = [[reading(i, j, 5) for j in range(n)]
+               for i, n in enumerate([7, 23, 50, 1, 64, 15, 40], start=1)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.run)
+        await gateway.sink.put(held, source="tester")  # no hub yet: held in the batcher
+        assert gateway.batcher.pending == 30
+        hub, _ = await start_hub(nursery, hub_config(tmp_path / "hub", port=port,
+                                                     max_records_per_frame=10))
+        with trio.fail_after(15):
+            while not gateway.uplink or not gateway.uplink.connected:
+                await trio.sleep(0.02)
+        await gateway.sink.put(flowing[0], source="tester")  # cuts the 30 held first
+        await until_all_acked(gateway, 1)
+        assert split.total() == 1  # the 30 held over the new limit: one frame, cut once
+        for records in flowing[1:]:
+            await gateway.sink.put(records, source="tester")
+        await until_all_acked(gateway, 2)
+        assert split.total() == 1  # nothing stored after WELCOME was split
+        stored = await hub.store.query("SELECT n_records FROM frames")
+        assert max(n for (n,) in stored) <= 10
+        got = await hub_records(hub)
+        sent = held + [r for records in flowing for r in records]
+        assert [r.channel for _, r in got] == [r.channel for r in sent]
+        assert [rid for rid, _ in got] == list(range(1, len(sent) + 1))
+        assert gateway.metrics.counter("uplink_frames_rejected_total").total() == 0
+        nursery.cancel_scope.cancel()
+
+
+class WholeSource:
+    """Puts each batch with ``put_whole`` (as the MQTT source does), once told to."""
+
+    def __init__(self, puts: list[list[SensorReading]]) -> None:
+        self.puts = puts
+        self.go = trio.Event()
+        self.done = trio.Event()
+
+    async def run(self, sink: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await self.go.wait()
+        for i, records in enumerate(self.puts):
+            await sink.put_whole(records, checkpoint=i + 1)
+        self.done.set()
+        await trio.sleep_forever()
+
+
+async def test_a_put_whole_over_the_hubs_max_records_stays_one_frame_with_its_checkpoint(
+        tmp_path: Path) -> None:
+    """``put_whole`` keeps a put in the frame that carries its checkpoint: under the hub's
+    smaller ``max_records`` it is still stored as one frame (a crash never leaves part of
+    it stored without the checkpoint), which is cut as it is sent; the puts around it are
+    cut to the hub's limit as usual."""
+    from hubtools import hub_config, start_hub
+
+    puts = [[reading(i, j, 5) for j in range(n)] for i, n in enumerate([4, 25, 3])]
+    source = WholeSource(puts)
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path / "hub",
+                                                        max_records_per_frame=10))
+        cfg = gateway_config(tmp_path / "gw", port, uplink={"probe_interval_s": 0.1},
+                             batch={"max_records": 50, "max_delay_ms": 3_600_000})
+        gateway = Gateway(cfg, extra_sources=[("mqttish", source)])
+        await nursery.start(gateway.run)
+        with trio.fail_after(15):
+            while not gateway.uplink or not gateway.uplink.connected:
+                await trio.sleep(0.02)
+        source.go.set()
+        with trio.fail_after(15):
+            await source.done.wait()
+        await until_all_acked(gateway, 1)
+        # [4] cut when the 25 do not fit beside it under 10; [25] whole; [3] by the flush
+        assert gateway.metrics.counter("gateway_frames_stored_total").total() == 3
+        assert gateway.metrics.counter("uplink_frames_split_total").total() == 1
+        assert gateway.store.checkpoints["mqttish"] == 3
+        got = await hub_records(hub)
+        assert [r.channel for _, r in got] == [r.channel for p in puts for r in p]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_later_hub_that_takes_more_records_gets_batches_of_the_gateways_own_limit(
+        tmp_path: Path) -> None:
+    """The limit follows the last WELCOME: back to ``batch.max_records`` (50) when the hub
+    comes back taking more records per frame than before (10)."""
+    from hubtools import hub_config, start_hub
+
+    async def sizes(hub: Any) -> list[int]:
+        return sorted(n for (n,) in await hub.store.query("SELECT n_records FROM frames"))
+
+    async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as first:
+            hub, port = await start_hub(first, hub_config(tmp_path / "hub",
+                                                          max_records_per_frame=10))
+            cfg = gateway_config(tmp_path / "gw", port, uplink={"probe_interval_s": 0.1},
+                                 batch={"max_records": 50, "max_delay_ms": 3_600_000})
+            gateway = Gateway(cfg)
+            await nursery.start(gateway.run)
+            with trio.fail_after(15):
+                while not gateway.uplink or not gateway.uplink.connected:
+                    await trio.sleep(0.02)
+            await gateway.sink.put([reading(0, j, 5) for j in range(45)], source="tester")
+            await until_all_acked(gateway, 1)
+            assert await sizes(hub) == [5, 10, 10, 10, 10]
+            first.cancel_scope.cancel()
+        with trio.fail_after(15):
+            while gateway.uplink.connected:
+                await trio.sleep(0.02)
+        hub, _ = await start_hub(nursery, hub_config(tmp_path / "hub", port=port,
+                                                     max_records_per_frame=1000))
+        with trio.fail_after(15):
+            while not gateway.uplink.connected:
+                await trio.sleep(0.02)
+        await gateway.sink.put([reading(1, j, 5) for j in range(45)], source="tester")
+        await until_all_acked(gateway, 6)
+        assert await sizes(hub) == [5, 10, 10, 10, 10, 45]
+        assert gateway.metrics.counter("uplink_frames_split_total").total() == 0
+        nursery.cancel_scope.cancel()

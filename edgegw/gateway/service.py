@@ -166,7 +166,9 @@ class _SourceSink:
     async def put_whole(self, records: Sequence[Record], checkpoint: Any = None) -> None:
         """``put``, keeping the records in the frame that carries the checkpoint (a
         pending batch they do not fit beside is stored first), so a crash never leaves
-        part of them stored without it.  Holds for up to ``batch.max_records`` records.
+        part of them stored without it.  Holds for up to ``batch.max_records`` records (a
+        hub's smaller ``max_records`` does not split them: they are stored as one frame, cut
+        as it is sent).
         Not for sources that replay from their checkpoint (``skip`` does not apply)."""
         await self.gateway._put_whole(records, checkpoint, self.name)
 
@@ -203,6 +205,8 @@ class Gateway:
         self.store: FrameStore = store or MemoryFrameStore(config.queue.max_frames,
                                                            config.queue.policy)
         self.batcher = Batcher(config.batch.max_records, config.batch.max_delay_ms / 1000)
+        #: the hub's ``max_records`` the batcher's limit was last set for (``_hub_limit``)
+        self._hub_max_records: int | None = None
         self._columnar = config.uplink.max_protocol_version >= 2
         self._typed = config.uplink.max_protocol_version >= 3
         self.sink = GatewaySink(self)
@@ -375,6 +379,9 @@ class Gateway:
         of the pending batch and it would take over half a frame (several sources' near
         the limit of one), the pending batch is cut first."""
         out: list[Batch] = []
+        up = self.uplink
+        if up is not None and up.hub_max_records != self._hub_max_records:
+            out += self._hub_limit(up.hub_max_records)
         if size and source is not None:
             pending = self._pending_checkpoints
             total = size + sum(n for s, n in pending.items() if s != source)
@@ -397,6 +404,27 @@ class Gateway:
             pending = self._pending_checkpoints
             pending[source] = max(pending.get(source, 0), size)
         return out + cut
+
+    def _hub_limit(self, hub_max_records: int | None) -> list[Batch]:
+        """Cut new batches to at most the hub's ``max_records`` (WELCOME): frames over it
+        would be split as they are sent, every one of them, costing frames at the end of
+        the sequence space (docs/protocol.md, "Frames over the hub's limits").  The limit
+        is ``batch.max_records`` or the hub's, the smaller, set before the first put
+        after each WELCOME that changed it.  What the batcher holds over the new limit
+        is cut (``Batcher.set_max_records``) and returned, to be stored first."""
+        self._hub_max_records = hub_max_records
+        own = self.config.batch.max_records
+        limit = own if hub_max_records is None else min(own, hub_max_records)
+        if limit == self.batcher.max_records:
+            return []
+        if limit < own:
+            log.info("the hub takes frames of up to %d records: new batches are cut to it "
+                     "(batch.max_records is %d)", limit, own)
+        held = self.batcher.set_max_records(limit)
+        if held is None:
+            return []
+        self._pending_checkpoints = {}
+        return [held]
 
     def _checkpoint_fits(self, source: str, checkpoint: Any) -> int | None:
         """The bytes a source's checkpoint takes (0: not measured, a number), or None
@@ -624,7 +652,11 @@ class Gateway:
                 self._pending_checkpoints = {}
                 if batch is not None:
                     await self._store_all([batch])
-            await self._store_all(self._add(records, source, checkpoint, size=size or 0))
+            # whole: not split for a hub's smaller max_records (one frame, cut as it is
+            # sent); over batch.max_records itself it is, as documented (docs/mqtt.md)
+            await self._store_all(self._add(
+                records, source, checkpoint, size=size or 0,
+                whole=len(records) <= self.config.batch.max_records))
         self._deadline_changed()
 
     def _notify_durable(self, checkpoints: dict[str, Any]) -> None:

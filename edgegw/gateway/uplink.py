@@ -103,6 +103,9 @@ class Uplink:
         #: the protocol version the hub last agreed (None before the first WELCOME): the
         #: gateway encodes new frames for it (``Gateway._encode``)
         self.hub_version: int | None = None
+        #: the ``max_records`` the hub last stated in WELCOME (None before the first): the
+        #: gateway cuts new batches to at most it (``Gateway._add``)
+        self.hub_max_records: int | None = None
         self.last_error: str | None = None
         self.last_ack_at: float | None = None
         self.acked_watermark = 0
@@ -244,6 +247,7 @@ class Uplink:
             assert isinstance(welcome, Welcome)
             self._split_warned = False
             self.hub_version = welcome.version
+            self.hub_max_records = welcome.max_records
             self._apply_ack(welcome.applied)
             self.connected = True
             self.m_connects.inc()
