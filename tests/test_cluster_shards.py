@@ -258,3 +258,26 @@ async def test_a_node_on_two_shards_loses_nothing_when_one_restarts(
 
 def _shard(topic: str) -> int:
     return (topic_partition(topic, 8) or 0) % 2
+
+
+def test_a_node_listing_another_number_of_shards_refuses_to_start(
+        tmp_path: Path, pg_dsn: str, redis_shards: list[RedisServer]) -> None:  # noqa: F811
+    """Every node must list the same Redis shards: ``partition % shards`` says where a
+    partition's lease is, so a node on one shard next to a node on two would hold leases
+    the other cannot see (two owners of a partition's live state).  The first node stores
+    its count in PostgreSQL; ``edgegw hub`` on another count exits 3 with one line naming
+    both numbers, before it takes any lease."""
+    urls, prefix = [s.url for s in redis_shards], fresh_prefix()
+    with NodeSet(tmp_path / "nodes", 2, lambda i: node_toml(
+            tmp_path / "data", pg_dsn, urls if i == 0 else urls[:1], prefix)) as nodes:
+        nodes.start(0)
+        nodes.wait_healthy(0)
+        nodes.start(1)
+        proc = nodes.procs[1]
+        assert proc is not None
+        assert proc.wait(60) == 3
+        log = nodes.log(1).read_text()
+        assert ("edgegw: cannot start: hub.cluster.redis_urls lists 1 Redis shard but the "
+                "cluster in PostgreSQL runs on 2") in log
+        assert nodes.healthz(0)["status"] == "ok"
+        assert nodes.healthz(0)["cluster"]["partitions_owned"] == 8  # type: ignore[index]

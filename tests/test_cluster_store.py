@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from edgegw.hub.cluster.partition import partition_key, partition_of
-from edgegw.hub.cluster.pgstore import ClusterStore, PartitionMismatch
+from edgegw.hub.cluster.pgstore import ClusterStore, PartitionMismatch, ShardMismatch
 from edgegw.hub.history_store import WAFER_SUMMARY
 from edgegw.hub.store import FrameToApply, GatewaySuperseded, StoreUnavailable
 from edgegw.protocol import encode_body
@@ -292,6 +292,36 @@ async def test_a_node_with_another_partition_count_refuses_to_start(pg_dsn: str)
     with pytest.raises(PartitionMismatch, match=r"partitions is 32 .* created with 16"):
         await other.open()
     await other.close()
+
+
+async def test_a_node_with_another_redis_shard_count_refuses_to_start(pg_dsn: str) -> None:
+    """The cluster's first node stores its number of Redis shards; a node listing another
+    number would look for a partition's lease on another Redis (two owners, or none): it
+    refuses to start, naming both numbers.  Deleting the row (every node stopped) is how
+    the count changes."""
+    first = ClusterStore(pg_dsn, "a", partitions=16, redis_shards=2)
+    await first.open()
+    await first.close()
+    assert rows(pg_dsn, "SELECT value FROM edgegw_meta WHERE key = 'redis_shards'") == [("2",)]
+    same = ClusterStore(pg_dsn, "b", partitions=16, redis_shards=2)
+    await same.open()
+    await same.close()
+    for count in (1, 3):
+        other = ClusterStore(pg_dsn, "c", partitions=16, redis_shards=count)
+        with pytest.raises(ShardMismatch,
+                           match=rf"lists {count} Redis shards? but the cluster .* runs on 2"):
+            await other.open()
+        await other.close()
+    # a store driven alone (a bench, no bus) does not check
+    alone = ClusterStore(pg_dsn, "bench", partitions=16)
+    await alone.open()
+    await alone.close()
+    # the documented way to change it: with every node stopped, delete the row
+    rows(pg_dsn, "DELETE FROM edgegw_meta WHERE key = 'redis_shards' RETURNING key")
+    three = ClusterStore(pg_dsn, "d", partitions=16, redis_shards=3)
+    await three.open()
+    await three.close()
+    assert rows(pg_dsn, "SELECT value FROM edgegw_meta WHERE key = 'redis_shards'") == [("3",)]
 
 
 async def test_unreachable_postgres_is_unavailable_not_a_crash() -> None:
