@@ -78,6 +78,31 @@ def test_gateway_topic_takes_cluster_totals_presence_and_the_partitions_events()
     assert event_only({"event": events[0], "records": 3}) == {"event": events[0]}
 
 
+def test_a_new_owner_seeds_the_gateway_rate_with_its_last_seconds() -> None:
+    """The ``gateway/<id>`` topic moves to a new owner (the partition's lease moved): its
+    ``records_per_s`` goes on from the records committed in the last seconds instead of
+    starting again from 0; the totals read after the seed count only what comes later."""
+    published: list[tuple[str, dict[str, Any]]] = []
+    gws = GatewayTopics(lambda t, d: published.append((t, d)), lambda gw: [])
+    gws.know(GW)
+    assert gws.unseeded() == [GW]
+    # 300 records in the last 10 s; 5000 a minute ago (outside the window)
+    gws.seed_rate(GW, {940: 5000, 995: 100, 999: 200}, 1000.0)
+    assert gws.unseeded() == []
+    gws.seed_rate(GW, {999: 1000}, 1000.0)  # (once only)
+    assert gws.totals(GW, 10_000, 50, 10_000, 999.5, 1000.0)  # the baseline: not counted
+    assert gws.presence(GW, True, 900.0, 1000.0)
+    snap = gws.snapshot("gateway/ate-01")
+    assert snap is not None and snap["records_per_s"] == 30.0
+    # later commits add to it; the seeded seconds leave the window as time goes on
+    assert gws.totals(GW, 10_100, 51, 10_100, 1001.0, 1001.0)
+    assert published[-1][1]["records_per_s"] == 40.0
+    gws.tick(1006.0)
+    assert published[-1][1]["records_per_s"] == 30.0  # (second 995 left the window)
+    gws.tick(1012.0)
+    assert published[-1][1]["records_per_s"] == 0.0
+
+
 def _bad_parts(lot: str, rids: range) -> list[Any]:
     # a site that is not an integer: the live state cannot apply the part (bad_record)
     return [PartResult("tester", 10.0 + i, lot, "W1", 1, "x", f"p{i}", i, 0, 1, 1, True)

@@ -324,6 +324,26 @@ async def test_a_node_with_another_redis_shard_count_refuses_to_start(pg_dsn: st
     assert rows(pg_dsn, "SELECT value FROM edgegw_meta WHERE key = 'redis_shards'") == [("3",)]
 
 
+async def test_recent_records_per_second_for_a_new_owners_rate(
+        stores: tuple[ClusterStore, ClusterStore]) -> None:
+    """What a new owner of a gateway's topic seeds ``records_per_s`` with: the records
+    committed in the last seconds, on any node, per whole second of their commit."""
+    a, b = stores
+    gens = {gw: await a.claim_gateway(gw) for gw in ("gw1", "gw2")}
+    t0 = time.time()
+    await a.commit([frame("gw1", 1, ["LA", "LB"])], {"gw1": gens["gw1"]})  # 6 records
+    await a.commit([frame("gw1", 2, ["LA"])], {"gw1": gens["gw1"]})  # 3
+    await a.commit([frame("gw2", 1, ["LC"])], {"gw2": gens["gw2"]})  # 3, another gateway
+    # an old frame (its applied_at as if committed a minute ago) is outside the window
+    await a.commit([frame("gw1", 3, ["LA"])], {"gw1": gens["gw1"]})
+    rows(a.dsn, "UPDATE edgegw_frames SET applied_at = applied_at - 60"
+                " WHERE gateway_id = 'gw1' AND seq = 3 RETURNING seq")
+    recent = await b.recent_records(["gw1", "gw9"], t0 - 1)
+    assert set(recent) == {"gw1"}
+    assert sum(recent["gw1"].values()) == 9
+    assert all(int(t0) <= sec <= time.time() for sec in recent["gw1"])
+
+
 async def test_unreachable_postgres_is_unavailable_not_a_crash() -> None:
     from ports import free_port
 

@@ -837,6 +837,23 @@ class ClusterStore:
 
         return await self._call(run)
 
+    async def recent_records(self, gateways: list[str], since: float
+                             ) -> dict[str, dict[int, int]]:
+        """The records of ``gateways`` applied after ``since`` (a time), per gateway per
+        whole second of ``applied_at``: what a new owner of their topics seeds the
+        ``records_per_s`` window with (gateways.py).  One range of the ``applied_at``
+        index: the last seconds' frames only."""
+        def run(conn: psycopg.Connection[Any]) -> dict[str, dict[int, int]]:
+            out: dict[str, dict[int, int]] = {}
+            for gw, sec, n in conn.execute(
+                    "SELECT gateway_id, floor(applied_at)::bigint, sum(n_records)::bigint"
+                    " FROM edgegw_frames WHERE applied_at > %s AND gateway_id = ANY(%s)"
+                    " GROUP BY 1, 2", (since, gateways)).fetchall():
+                out.setdefault(gw, {})[int(sec)] = int(n)
+            return out
+
+        return await self._call(run)
+
     async def save_partition_state(self, partition: int, token: int,
                                    data: dict[str, Any]) -> bool:
         """The owner's ``hub/state`` figures of its partition (``LiveState.warnings``),
