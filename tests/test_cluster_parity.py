@@ -78,6 +78,31 @@ def test_gateway_topic_takes_cluster_totals_presence_and_the_partitions_events()
     assert event_only({"event": events[0], "records": 3}) == {"event": events[0]}
 
 
+def test_a_new_owner_seeds_the_gateway_rate_with_its_last_seconds() -> None:
+    """The ``gateway/<id>`` topic moves to a new owner (the partition's lease moved): its
+    ``records_per_s`` goes on from the records committed in the last seconds instead of
+    starting again from 0; the totals read after the seed count only what comes later."""
+    published: list[tuple[str, dict[str, Any]]] = []
+    gws = GatewayTopics(lambda t, d: published.append((t, d)), lambda gw: [])
+    gws.know(GW)
+    assert gws.unseeded() == [GW]
+    # 300 records in the last 10 s; 5000 a minute ago (outside the window)
+    gws.seed_rate(GW, {940: 5000, 995: 100, 999: 200}, 1000.0)
+    assert gws.unseeded() == []
+    gws.seed_rate(GW, {999: 1000}, 1000.0)  # (once only)
+    assert gws.totals(GW, 10_000, 50, 10_000, 999.5, 1000.0)  # the baseline: not counted
+    assert gws.presence(GW, True, 900.0, 1000.0)
+    snap = gws.snapshot("gateway/ate-01")
+    assert snap is not None and snap["records_per_s"] == 30.0
+    # later commits add to it; the seeded seconds leave the window as time goes on
+    assert gws.totals(GW, 10_100, 51, 10_100, 1001.0, 1001.0)
+    assert published[-1][1]["records_per_s"] == 40.0
+    gws.tick(1006.0)
+    assert published[-1][1]["records_per_s"] == 30.0  # (second 995 left the window)
+    gws.tick(1012.0)
+    assert published[-1][1]["records_per_s"] == 0.0
+
+
 def _bad_parts(lot: str, rids: range) -> list[Any]:
     # a site that is not an integer: the live state cannot apply the part (bad_record)
     return [PartResult("tester", 10.0 + i, lot, "W1", 1, "x", f"p{i}", i, 0, 1, 1, True)
@@ -357,4 +382,75 @@ async def test_a_node_shows_the_single_hubs_gateway_die_values_and_hub_state(
         assert (status, body) == die_values(reference, lot, "W9", "100")
         assert json.dumps(body)  # (JSON all the way)
         assert follower.silent_gaps == []
+        nursery.cancel_scope.cancel()
+
+
+class SteadySource:
+    """Batches of parts until ``stop`` is set, then nothing (the gateway stays connected)."""
+
+    replays: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self.stop = trio.Event()
+        self.sent = 0
+
+    async def run(self, sink: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        i = 0
+        while not self.stop.is_set():
+            i += 1
+            await sink.put([PartResult("tester", 1000.0 + i, "PR", "W1", 1, 0, f"r{i}.{j}",
+                                       i, j, 1, 1, True) for j in range(20)], checkpoint=i)
+            self.sent += 20
+            await trio.sleep(0.05)
+        await trio.sleep_forever()
+
+
+async def test_the_gateway_rate_carries_over_when_its_partition_moves(
+        tmp_path: Path, pg_dsn: str, redis_server: RedisServer) -> None:  # noqa: F811
+    """The node publishing ``gateway/<id>`` stops; the other node takes the partition over
+    while the gateway, connected to it, is idle: the topic's first snapshot from the new
+    owner still shows the records of the last seconds per second (a single hub's rate
+    over its window), not 0."""
+    from edgegw.hub.cluster.node import ClusterHub
+    from edgegw.hub.cluster.partition import partition_of
+
+    prefix = fresh_prefix()
+    nodes = [ClusterHub(node_config(tmp_path, n, pg_dsn, redis_server.url, prefix))
+             for n in ("na", "nb")]
+    p = partition_of("gw:" + GW, 4)
+    scopes = [trio.CancelScope(), trio.CancelScope()]
+
+    async def run_node(i: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with scopes[i]:
+            await nodes[i].run(task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        ports = [await nursery.start(run_node, i) for i in range(2)]
+        await until(lambda: [len(n.owner.states()) for n in nodes] == [2, 2], 20,
+                    "the partitions shared and rebuilt")
+        old = next(i for i, n in enumerate(nodes) if p in n.owner.owned)
+        new = 1 - old
+        source = SteadySource()
+        cfg = gateway_config(tmp_path / "gw", ports[new],
+                             batch={"max_records": 500, "max_delay_ms": 20},
+                             spool={"dir": str(tmp_path / "spool")})
+        nursery.start_soon(Gateway(cfg, extra_sources=[("tester", source)]).run)
+
+        def topic_of(i: int) -> dict[str, Any]:
+            owned = nodes[i].owner.owned.get(p)
+            if owned is None or owned.gateways is None or not owned.caught_up:
+                return {}
+            return owned.gateways.snapshot(topics.gateway(GW)) or {}
+        await until(lambda: topic_of(old).get("records_per_s", 0) > 0, 20,
+                    "the gateway's rate on its first owner")
+        source.stop.set()
+        await until(lambda: topic_of(old).get("records") == source.sent, 20,
+                    "every record counted")
+        sent = source.sent
+        scopes[old].cancel()  # the owner of gw:<id> stops; the gateway stays idle
+        await until(lambda: topic_of(new).get("records") == sent, 30,
+                    "the partition taken over by the other node")
+        rate = topic_of(new)["records_per_s"]
+        assert 0 < rate <= sent / 10
         nursery.cancel_scope.cancel()

@@ -258,3 +258,57 @@ async def test_a_node_on_two_shards_loses_nothing_when_one_restarts(
 
 def _shard(topic: str) -> int:
     return (topic_partition(topic, 8) or 0) % 2
+
+
+def test_a_node_listing_another_number_of_shards_refuses_to_start(
+        tmp_path: Path, pg_dsn: str, redis_shards: list[RedisServer]) -> None:  # noqa: F811
+    """Every node must list the same Redis shards: ``partition % shards`` says where a
+    partition's lease is, so a node on one shard next to a node on two would hold leases
+    the other cannot see (two owners of a partition's live state).  The first node stores
+    its count in PostgreSQL; ``edgegw hub`` on another count exits 3 with one line naming
+    both numbers, before it takes any lease."""
+    urls, prefix = [s.url for s in redis_shards], fresh_prefix()
+    with NodeSet(tmp_path / "nodes", 2, lambda i: node_toml(
+            tmp_path / "data", pg_dsn, urls if i == 0 else urls[:1], prefix)) as nodes:
+        nodes.start(0)
+        nodes.wait_healthy(0)
+        nodes.start(1)
+        proc = nodes.procs[1]
+        assert proc is not None
+        assert proc.wait(60) == 3
+        log = nodes.log(1).read_text()
+        assert ("edgegw: cannot start: hub.cluster.redis_urls lists 1 Redis shard but the "
+                "cluster in PostgreSQL runs on 2") in log
+        assert nodes.healthz(0)["status"] == "ok"
+        assert nodes.healthz(0)["cluster"]["partitions_owned"] == 8  # type: ignore[index]
+
+
+async def test_one_unreachable_shard_makes_the_node_stale_but_loses_only_its_leases(
+        redis_shards: list[RedisServer]) -> None:  # noqa: F811
+    """As docs/cluster.md "Shards" (Health) intends: a dashboard's topics span shards, so
+    a node cut off from any one shard serves no live data at all (``/healthz`` 503,
+    ``cluster_unavailable``; the reason names the shard) -- but only the leases on that
+    shard count as lost: the partitions of the shards it still reaches stay owned."""
+    urls = [s.url for s in redis_shards]
+    async with trio.open_nursery() as nursery:
+        bus = ClusterBus(urls, fresh_prefix(), "a", partitions=PARTITIONS, stale_after_s=1.0)
+        await nursery.start(bus.run)
+        assert (bus.shard_of_partition(1), bus.shard_of_partition(2)) == (1, 0)
+        on_1 = await bus.acquire("partition:1", 60.0)
+        on_0 = await bus.acquire("partition:2", 60.0)
+        assert on_1 is not None and on_0 is not None
+        redis_shards[1].stop()
+        try:
+            await wait_for(lambda: bus.stale, 20)
+            health = bus.health()
+            assert health["ok"] is False and health["redis"] == "stale"
+            assert health["reason"].startswith("shard 1: ")
+            assert [(s["shard"], s["redis"]) for s in health["shards"]] == [
+                (0, "ok"), (1, "stale")]
+            assert bus.holds("partition:1") is None
+            assert bus.holds("partition:2") == on_0
+        finally:
+            redis_shards[1].start()  # (empty: the module's other tests use fresh prefixes)
+        await wait_for(lambda: not bus.stale, 20)
+        assert bus.holds("partition:2") == on_0
+        nursery.cancel_scope.cancel()

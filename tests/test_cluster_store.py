@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from edgegw.hub.cluster.partition import partition_key, partition_of
-from edgegw.hub.cluster.pgstore import ClusterStore, PartitionMismatch
+from edgegw.hub.cluster.pgstore import ClusterStore, PartitionMismatch, ShardMismatch
 from edgegw.hub.history_store import WAFER_SUMMARY
 from edgegw.hub.store import FrameToApply, GatewaySuperseded, StoreUnavailable
 from edgegw.protocol import encode_body
@@ -292,6 +292,56 @@ async def test_a_node_with_another_partition_count_refuses_to_start(pg_dsn: str)
     with pytest.raises(PartitionMismatch, match=r"partitions is 32 .* created with 16"):
         await other.open()
     await other.close()
+
+
+async def test_a_node_with_another_redis_shard_count_refuses_to_start(pg_dsn: str) -> None:
+    """The cluster's first node stores its number of Redis shards; a node listing another
+    number would look for a partition's lease on another Redis (two owners, or none): it
+    refuses to start, naming both numbers.  Deleting the row (every node stopped) is how
+    the count changes."""
+    first = ClusterStore(pg_dsn, "a", partitions=16, redis_shards=2)
+    await first.open()
+    await first.close()
+    assert rows(pg_dsn, "SELECT value FROM edgegw_meta WHERE key = 'redis_shards'") == [("2",)]
+    same = ClusterStore(pg_dsn, "b", partitions=16, redis_shards=2)
+    await same.open()
+    await same.close()
+    for count in (1, 3):
+        other = ClusterStore(pg_dsn, "c", partitions=16, redis_shards=count)
+        with pytest.raises(ShardMismatch,
+                           match=rf"lists {count} Redis shards? but the cluster .* runs on 2"):
+            await other.open()
+        await other.close()
+    # a store driven alone (a bench, no bus) does not check
+    alone = ClusterStore(pg_dsn, "bench", partitions=16)
+    await alone.open()
+    await alone.close()
+    # the documented way to change it: with every node stopped, delete the row
+    rows(pg_dsn, "DELETE FROM edgegw_meta WHERE key = 'redis_shards' RETURNING key")
+    three = ClusterStore(pg_dsn, "d", partitions=16, redis_shards=3)
+    await three.open()
+    await three.close()
+    assert rows(pg_dsn, "SELECT value FROM edgegw_meta WHERE key = 'redis_shards'") == [("3",)]
+
+
+async def test_recent_records_per_second_for_a_new_owners_rate(
+        stores: tuple[ClusterStore, ClusterStore]) -> None:
+    """What a new owner of a gateway's topic seeds ``records_per_s`` with: the records
+    committed in the last seconds, on any node, per whole second of their commit."""
+    a, b = stores
+    gens = {gw: await a.claim_gateway(gw) for gw in ("gw1", "gw2")}
+    t0 = time.time()
+    await a.commit([frame("gw1", 1, ["LA", "LB"])], {"gw1": gens["gw1"]})  # 6 records
+    await a.commit([frame("gw1", 2, ["LA"])], {"gw1": gens["gw1"]})  # 3
+    await a.commit([frame("gw2", 1, ["LC"])], {"gw2": gens["gw2"]})  # 3, another gateway
+    # an old frame (its applied_at as if committed a minute ago) is outside the window
+    await a.commit([frame("gw1", 3, ["LA"])], {"gw1": gens["gw1"]})
+    rows(a.dsn, "UPDATE edgegw_frames SET applied_at = applied_at - 60"
+                " WHERE gateway_id = 'gw1' AND seq = 3 RETURNING seq")
+    recent = await b.recent_records(["gw1", "gw9"], t0 - 1)
+    assert set(recent) == {"gw1"}
+    assert sum(recent["gw1"].values()) == 9
+    assert all(int(t0) <= sec <= time.time() for sec in recent["gw1"])
 
 
 async def test_unreachable_postgres_is_unavailable_not_a_crash() -> None:

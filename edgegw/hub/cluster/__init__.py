@@ -22,6 +22,7 @@ _EXPORTS = {
     "GatewaySuperseded": "edgegw.hub.cluster.pgstore",
     "LogChunk": "edgegw.hub.cluster.pgstore",
     "PartitionMismatch": "edgegw.hub.cluster.pgstore",
+    "ShardMismatch": "edgegw.hub.cluster.pgstore",
     "StoreUnavailable": "edgegw.hub.cluster.pgstore",
     "LeasePlanner": "edgegw.hub.cluster.owner",
     "PartitionOwner": "edgegw.hub.cluster.owner",
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
     from .pgstore import GatewaySuperseded as GatewaySuperseded
     from .pgstore import LogChunk as LogChunk
     from .pgstore import PartitionMismatch as PartitionMismatch
+    from .pgstore import ShardMismatch as ShardMismatch
     from .pgstore import StoreUnavailable as StoreUnavailable
     from .publisher import TopicPublisher as TopicPublisher
 

@@ -19,7 +19,11 @@ fed with what is cluster-wide:
   its ``{"event": ...}`` deltas pass through, its per-partition counts do not.
 
 ``last_seen`` and ``records_per_s`` follow the totals growing while the gateway is online
-(the owner's clock); otherwise ``last_seen`` is the last commit's time.
+(the owner's clock); otherwise ``last_seen`` is the last commit's time.  A new owner (the
+partition moved, or the gateway is new) first seeds the rate's window with the gateway's
+records committed in its last seconds (``seed_rate``, from PostgreSQL's frames), before it
+reads the totals it counts growth from: the rate carries over an owner change instead of
+starting again from 0.
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from edgegw.hub import topics as topic_names
-from edgegw.hub.live.models import GatewayState
+from edgegw.hub.live.models import _RATE_WINDOW_S, GatewayState
+
+#: seconds of a gateway's past records a new owner seeds its ``records_per_s`` window with
+RATE_WINDOW_S = _RATE_WINDOW_S
 
 Publish = Callable[[str, dict[str, Any]], None]
 
@@ -43,6 +50,8 @@ class GatewayTopics:
         self._publish = publish
         self._events_of = events_of
         self._gateways: dict[str, GatewayState] = {}
+        #: the gateways whose rate window was seeded (``seed_rate``)
+        self._seeded: set[str] = set()
 
     def _gateway(self, gateway_id: str) -> GatewayState:
         gw = self._gateways.get(gateway_id)
@@ -56,6 +65,30 @@ class GatewayTopics:
 
     def names(self) -> list[str]:
         return list(self._gateways)
+
+    def unseeded(self) -> list[str]:
+        """The gateways whose rate window is still to be seeded (before their first
+        totals)."""
+        return [g for g in self._gateways if g not in self._seeded]
+
+    def seed_rate(self, gateway_id: str, per_second: dict[int, int], now: float) -> None:
+        """The gateway's records committed in the last ``RATE_WINDOW_S`` seconds (per
+        whole second, the committing nodes' clocks), counted before this owner had the
+        topic: its ``records_per_s`` goes on from there.  Call it before the gateway's
+        first ``totals``: the growth counted from then on starts after these records (a
+        commit between the two reads is missed by the rate, never counted twice)."""
+        gw = self._gateway(gateway_id)
+        if gateway_id in self._seeded:
+            return
+        self._seeded.add(gateway_id)
+        if gw.records:  # totals read already: their growth is counted from there
+            return
+        low = now - RATE_WINDOW_S
+        for sec, n in per_second.items():
+            if sec > low and n > 0:
+                gw.per_second[sec] = gw.per_second.get(sec, 0) + n
+        if gw.per_second:
+            gw.rate_now = now
 
     def online(self, gateway_id: str) -> bool | None:
         gw = self._gateways.get(gateway_id)

@@ -147,7 +147,8 @@ class ClusterHub:
         self.node_id = node_id_of(cc)
         metrics = metrics or Metrics()
         self.store = ClusterStore(cc.postgres_dsn, self.node_id, cc.partitions,
-                                  connections=cc.pg_connections)
+                                  connections=cc.pg_connections,
+                                  redis_shards=len(cc.redis_urls) or 1)
         self.ingest = NodeIngest(config, metrics, store=self.store)
         self.bus = ClusterBus(list(cc.redis_urls) or cc.redis_url, cc.key_prefix,
                               self.node_id, partitions=cc.partitions,

@@ -52,7 +52,7 @@ from edgegw.hub.live import LiveState
 from edgegw.hub.store import StoreUnavailable
 from edgegw.metrics import Metrics, report_internal_error
 
-from .gateways import GatewayTopics, event_only
+from .gateways import RATE_WINDOW_S, GatewayTopics, event_only
 from .partition import partition_of
 
 log = logging.getLogger("edgegw.hub.cluster.owner")
@@ -568,6 +568,13 @@ class PartitionOwner:
         for gw in await self._partition_gateways(owned.partition):
             gateways.know(gw)
         names = gateways.names()
+        fresh = gateways.unseeded()
+        if fresh:
+            # before their first totals: the rate goes on from the last owner's (gateways.py)
+            now = time.time()
+            recent = await self.store.recent_records(fresh, now - RATE_WINDOW_S)
+            for gw in fresh:
+                gateways.seed_rate(gw, recent.get(gw, {}), now)
         if names:
             now = time.time()
             for gw, t in (await self.store.gateway_totals(names)).items():

@@ -250,6 +250,13 @@ class PartitionMismatch(StartupError):
     (a StartupError: ``edgegw hub`` exits 3 with this one line)."""
 
 
+class ShardMismatch(StartupError):
+    """The node's number of Redis shards (``hub.cluster.redis_urls``) differs from the
+    cluster's (stored in PostgreSQL by its first node): a partition's lease, fence and
+    topics would be on another Redis than the other nodes look at, so a partition could
+    have two owners, or none.  The node must not start (exit 3, this one line)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class LogChunk:
     """One row of a partition's log: a run of one frame's records, all of this partition,
@@ -325,10 +332,14 @@ class ClusterStore:
     ``claim_gateway``, ``commit`` frames with their records (``FrameToApply.records``)."""
 
     def __init__(self, dsn: str, node_id: str, partitions: int = 64,
-                 connections: int = 4, connect_timeout_s: float = 3.0) -> None:
+                 connections: int = 4, connect_timeout_s: float = 3.0,
+                 redis_shards: int | None = None) -> None:
         self.dsn = dsn
         self.node_id = node_id
         self.partitions = partitions
+        #: the node's number of Redis shards, stored by the cluster's first node and
+        #: checked by every later one (None: a store driven alone, no bus: not checked)
+        self.redis_shards = redis_shards
         self.connect_timeout_s = connect_timeout_s
         self._limiter = trio.CapacityLimiter(connections)
         self._idle: collections.deque[psycopg.Connection[Any]] = collections.deque()
@@ -426,7 +437,8 @@ class ClusterStore:
     # -- lifecycle --
     async def open(self) -> None:
         """Connect, create the schema if this is the cluster's first node, check the
-        partition count.  Raises PartitionMismatch, StoreUnavailable."""
+        partition count and the Redis shard count.  Raises PartitionMismatch,
+        ShardMismatch, StoreUnavailable."""
         self._closed = False
         await self._call(self._open_sync)
 
@@ -455,10 +467,30 @@ class ClusterStore:
                 raise PartitionMismatch(
                     f"the cluster's PostgreSQL schema is version {meta['schema_version']}, "
                     f"this node knows {SCHEMA_VERSION}")
+            if self.redis_shards is not None:
+                self._check_shards_sync(conn)
             self.store_id = int(meta["store_id"])
             conn.execute("INSERT INTO edgegw_partition_heads (partition)"
                          " SELECT generate_series(0, %s - 1) ON CONFLICT DO NOTHING",
                          (self.partitions,))
+
+    def _check_shards_sync(self, conn: psycopg.Connection[Any]) -> None:
+        # A separate row, added by the first node of this version: a cluster made before
+        # the count was stored takes the first starting node's (the docs' rule was already
+        # "every node lists the same shards").  Deleting the row (every node stopped) is
+        # how the count changes: the next node to start stores its own.
+        conn.execute("INSERT INTO edgegw_meta (key, value) VALUES ('redis_shards', %s)"
+                     " ON CONFLICT DO NOTHING", (str(self.redis_shards),))
+        row = conn.execute("SELECT value FROM edgegw_meta WHERE key = 'redis_shards'"
+                           ).fetchone()
+        stored = int(row[0]) if row else self.redis_shards
+        if stored != self.redis_shards:
+            raise ShardMismatch(
+                f"hub.cluster.redis_urls lists {self.redis_shards} Redis shard"
+                f"{'s' if self.redis_shards != 1 else ''} but the cluster in PostgreSQL "
+                f"runs on {stored}: every node must list the same shards, or a partition "
+                "would have two owners or none (to change the count, stop every node and "
+                "DELETE FROM edgegw_meta WHERE key = 'redis_shards'; docs/cluster.md, Shards)")
 
     async def close(self) -> None:
         with self._pool_lock:
@@ -805,6 +837,23 @@ class ClusterStore:
 
         return await self._call(run)
 
+    async def recent_records(self, gateways: list[str], since: float
+                             ) -> dict[str, dict[int, int]]:
+        """The records of ``gateways`` applied after ``since`` (a time), per gateway per
+        whole second of ``applied_at``: what a new owner of their topics seeds the
+        ``records_per_s`` window with (gateways.py).  One range of the ``applied_at``
+        index: the last seconds' frames only."""
+        def run(conn: psycopg.Connection[Any]) -> dict[str, dict[int, int]]:
+            out: dict[str, dict[int, int]] = {}
+            for gw, sec, n in conn.execute(
+                    "SELECT gateway_id, floor(applied_at)::bigint, sum(n_records)::bigint"
+                    " FROM edgegw_frames WHERE applied_at > %s AND gateway_id = ANY(%s)"
+                    " GROUP BY 1, 2", (since, gateways)).fetchall():
+                out.setdefault(gw, {})[int(sec)] = int(n)
+            return out
+
+        return await self._call(run)
+
     async def save_partition_state(self, partition: int, token: int,
                                    data: dict[str, Any]) -> bool:
         """The owner's ``hub/state`` figures of its partition (``LiveState.warnings``),
@@ -1100,4 +1149,4 @@ class ClusterStore:
 
 
 __all__ = ["ClusterStore", "GatewaySuperseded", "GatewayTotals", "LogChunk", "PartitionMismatch",
-           "StoreUnavailable", "decode_chunk"]
+           "ShardMismatch", "StoreUnavailable", "decode_chunk"]
