@@ -534,8 +534,8 @@ class Uplink:
         plan = _plan(sizes[:cut], base, limit, welcome.max_records)
         if len(plan) > 1:
             new_cut = plan[0][1]
-            # a warning once per connection (a gateway whose batch.max_records is over
-            # the hub's splits every frame): the counter carries the rest
+            # a warning once per connection (frames stored before this hub's limits
+            # were known, or over its max_frame_bytes): the counter carries the rest
             self.m_split.inc()
             log.log(logging.DEBUG if self._split_warned else logging.WARNING,
                     "frame %d (%d records, %d bytes as sent) is over the hub's limits "
