@@ -24,7 +24,6 @@ from edgegw.protocol import decode_body
 from edgegw.records import SensorReading, from_wire
 from edgegw.spool import DiskSpool, SpoolConfig
 from edgegw.spool.format import Kind, Record, scan
-from edgegw.spool.segments import list_segments
 
 MAX_BYTES, SEGMENT_BYTES = 16384, 4096
 
@@ -77,13 +76,17 @@ def copy_spool(src: Path, dst: Path) -> None:
             shutil.copy2(path, dst / path.name)
 
 
+def segments(spool_dir: Path) -> list[Path]:
+    return sorted(spool_dir.glob("seg-*.spool"))
+
+
 def state_records(spool_dir: Path) -> list[Record]:
-    return [ev for _, path in list_segments(spool_dir) for ev in scan(path.read_bytes())
+    return [ev for path in segments(spool_dir) for ev in scan(path.read_bytes())
             if isinstance(ev, Record) and ev.kind is Kind.STATE]
 
 
 def spool_bytes(spool_dir: Path) -> int:
-    return sum(path.stat().st_size for _, path in list_segments(spool_dir))
+    return sum(path.stat().st_size for path in segments(spool_dir))
 
 
 async def run_gateway(tmp_path: Path, sources: list[BigCheckpointSource], *,
@@ -173,3 +176,26 @@ async def test_sources_near_the_checkpoint_limit_with_nothing_acknowledged_fill_
         for s in sources:
             assert recovered.checkpoints.get(s.name) == s.taken, \
                 "each source's checkpoint is its latest taken one (None: every one refused)"
+
+
+async def test_a_spool_recovered_over_the_budget_takes_checkpoints_that_do_not_grow_it(
+        tmp_path: Path) -> None:
+    # a spool written with larger segments holds four checkpoints of ~1.5 KB: 6 KB, over
+    # the 2 KiB a 4 KiB-segment spool lets them take together
+    spool_dir = tmp_path / "spool"
+    old = {f"s{i}": {"at": 1, "pad": "x" * 1500} for i in range(4)}
+    async with DiskSpool.open(SpoolConfig(dir=str(spool_dir), max_bytes=1 << 20,
+                                          segment_bytes=1 << 18)) as spool:
+        spool.ack(await spool.append(b"", 0, old))
+    # restarted with the smaller spool: a source whose next checkpoint is smaller than its
+    # own last one is taken (the sum shrinks); a new source's is refused (it would grow it)
+    sources = [BigCheckpointSource("s0", 1, 900), BigCheckpointSource("new", 1, 900)]
+    gateway, _, finished = await run_gateway(tmp_path, sources, ack=True)
+
+    assert finished
+    assert sources[0].taken is not None and sources[1].taken is None
+    assert gateway.metrics.as_dict()["gateway_checkpoints_rejected_total"] == {"source=new": 1}
+    async with DiskSpool.open(SpoolConfig(dir=str(spool_dir), max_bytes=MAX_BYTES,
+                                          segment_bytes=SEGMENT_BYTES)) as recovered:
+        assert recovered.checkpoints["s0"] == sources[0].taken
+        assert recovered.checkpoints["s1"] == old["s1"] and "new" not in recovered.checkpoints
