@@ -264,7 +264,8 @@ class Gateway:
                                  "batches stored as several frames (over the frame limit)")
         self.m_checkpoints_refused = m.counter(
             "gateway_checkpoints_rejected_total",
-            "source checkpoints too large for a frame: not stored (the previous one stands)")
+            "source checkpoints too large for a frame, or for all sources' together: not "
+            "stored (the previous one stands)")
         internal_errors(m)  # exported (as 0) before anything goes wrong
 
     def _build_sources(self) -> list[tuple[str, Source, list[Span]]]:
