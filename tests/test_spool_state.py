@@ -23,7 +23,7 @@ from edgegw.gateway import Gateway
 from edgegw.protocol import decode_body
 from edgegw.records import SensorReading, from_wire
 from edgegw.spool import DiskSpool, SpoolConfig
-from edgegw.spool.format import Kind, Record, scan
+from edgegw.spool.format import MAX_RECORD, Kind, Record, scan
 
 MAX_BYTES, SEGMENT_BYTES = 16384, 4096
 
@@ -199,3 +199,13 @@ async def test_a_spool_recovered_over_the_budget_takes_checkpoints_that_do_not_g
                                           segment_bytes=SEGMENT_BYTES)) as recovered:
         assert recovered.checkpoints["s0"] == sources[0].taken
         assert recovered.checkpoints["s1"] == old["s1"] and "new" not in recovered.checkpoints
+
+
+def test_the_checkpoint_budget_is_half_a_segment_and_fits_a_record_recovery_reads() -> None:
+    def budget(**config: int) -> int:
+        return DiskSpool(SpoolConfig(dir="unused", **config)).max_checkpoint_bytes()
+
+    assert budget() == 8 << 20  # the default spool: 16 MiB segments
+    assert budget(max_bytes=MAX_BYTES, segment_bytes=SEGMENT_BYTES) == 2048
+    # a STATE record over MAX_RECORD (64 MiB) would read as damage at recovery
+    assert budget(max_bytes=4 << 30, segment_bytes=1 << 30) == MAX_RECORD // 4
