@@ -223,6 +223,12 @@ class Gateway:
         # checkpoints refused as too large, per source, not yet told to the hub: [n, bytes]
         self._checkpoints_untold: dict[str, list[int]] = {}
         self._checkpoint_budget = _checkpoint_budget(self.store)
+        #: what all sources' latest checkpoints may take together (the store repeats each
+        #: with every segment), and per source the bytes of its latest one stored or
+        #: admitted (None until the first put: the store's recovered ones)
+        self._checkpoints_total = self.store.max_checkpoint_bytes()
+        self._checkpoint_sizes: dict[str, int] | None = None
+        self._checkpoints_sum = 0
         #: per source, the largest checkpoint (bytes) given with the batch pending in the
         #: batcher: together they take at most half a frame (``_add``)
         self._pending_checkpoints: dict[str, int] = {}
@@ -262,7 +268,8 @@ class Gateway:
                                  "batches stored as several frames (over the frame limit)")
         self.m_checkpoints_refused = m.counter(
             "gateway_checkpoints_rejected_total",
-            "source checkpoints too large for a frame: not stored (the previous one stands)")
+            "source checkpoints too large for a frame, or for all sources' together: not "
+            "stored (the previous one stands)")
         internal_errors(m)  # exported (as 0) before anything goes wrong
 
     def _build_sources(self) -> list[tuple[str, Source, list[Span]]]:
@@ -429,18 +436,37 @@ class Gateway:
     def _checkpoint_fits(self, source: str, checkpoint: Any) -> int | None:
         """The bytes a source's checkpoint takes (0: not measured, a number), or None
         when it may not be stored: over a quarter of what a frame of the store may hold
-        (``_checkpoint_budget``).  One that is larger would make
-        every frame carrying it too large to store (or leave no room for records), so it
+        (``_checkpoint_budget``), or with the latest checkpoints of the other sources over
+        what they may take together (``max_checkpoint_bytes``: the spool repeats every one
+        in each segment's STATE record).  One that is larger would make
+        every frame carrying it too large to store (or leave no room for records), or the
+        STATE records outgrow the spool, so it
         is refused: counted per source, logged, told to the hub, and not stored -- the
         source's previous checkpoint stays the durable one, and the records go on being
         counted after it (``Batch.after``), so a restart replays from there and skips what
         frames hold: nothing lost, nothing stored twice, the source not stopped
         (docs/spool.md, "Frame size")."""
         budget = self._checkpoint_budget
-        if budget is None or isinstance(checkpoint, (int, float)):
+        if budget is None:
+            return 0
+        sizes = self._checkpoint_sizes
+        if sizes is None:  # the first put: the store has recovered its checkpoints
+            sizes = self._checkpoint_sizes = {
+                name: len(cbor2.dumps(cp)) for name, cp in self.store.checkpoints.items()
+                if not name.startswith(RESERVED_NAME_PREFIX)}
+            self._checkpoints_sum = sum(sizes.values())
+        if isinstance(checkpoint, (int, float)):
+            self._checkpoints_sum -= sizes.pop(source, 0)
             return 0
         size = len(cbor2.dumps(checkpoint))
-        if size <= budget:
+        others = self._checkpoints_sum - sizes.get(source, 0)
+        total = self._checkpoints_total
+        # within the total, or no larger than the source's own last one (the sum does not
+        # grow: a spool recovered over the total, e.g. written with a larger spool, heals)
+        if size <= budget and (total is None or others + size <= total
+                               or size <= sizes.get(source, 0)):
+            sizes[source] = size
+            self._checkpoints_sum = others + size
             return size
         untold = self._checkpoints_untold.setdefault(source, [0, 0])
         untold[0] += 1
@@ -449,9 +475,10 @@ class Gateway:
         self.m_checkpoints_refused.inc(source=source)
         # the first refusal of a source is an error in the log, later ones are counted
         log.log(logging.ERROR if first else logging.DEBUG,
-                "source %s: a checkpoint of %d bytes refused, a frame may hold one of at "
-                "most %d (spool.max_bytes / 16); its previous checkpoint stays "
-                "the durable one", source, size, budget)
+                "source %s: a checkpoint of %d bytes refused: a frame may hold one of at "
+                "most %d, and all sources' latest checkpoints (the other sources' take %d) "
+                "at most %s together; its previous checkpoint stays the durable one",
+                source, size, budget, others, total)
         return None
 
     def _checkpoint_events(self) -> list[GatewayEvent]:
@@ -460,10 +487,12 @@ class Gateway:
         return [GatewayEvent(
             "gateway", time.time(), "error", "checkpoint_rejected",
             f"source {source}: {n} checkpoint(s) of up to {size} bytes refused, over the "
-            f"{self._checkpoint_budget} a frame may carry; its previous checkpoint stands "
-            f"(a restart replays from it, skipping what frames hold)",
+            f"{self._checkpoint_budget} a frame may carry or, beside the other sources' "
+            f"latest, the {self._checkpoints_total} all may take together; its previous "
+            f"checkpoint stands (a restart replays from it, skipping what frames hold)",
             {"source": source, "checkpoints": n, "bytes": size,
-             "limit": self._checkpoint_budget}) for source, (n, size) in untold.items()]
+             "limit": self._checkpoint_budget, "total_limit": self._checkpoints_total})
+            for source, (n, size) in untold.items()]
 
     def _take_runs(self, n: int) -> list[tuple[str | None, Key, int]]:
         """The sources (and origins) of the next ``n`` records cut from the batcher, as

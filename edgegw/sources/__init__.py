@@ -11,7 +11,8 @@ never drops.  A ``checkpoint`` passed with a batch is the source's resume positi
 that batch; the gateway hands the last *durable* checkpoint back as
 ``context.checkpoint`` on the next start, so a restart neither re-reads nor skips.
 A checkpoint travels with the frames: keep it small.  One larger than a quarter of what
-a frame of the disk spool may hold (``spool.max_bytes / 16``) is refused, not stored
+a frame of the disk spool may hold (``spool.max_bytes / 16``), or one that would take all
+sources' latest checkpoints together over half a segment, is refused, not stored
 (``edgegw_gateway_checkpoints_rejected_total``; the records are stored, the previous
 checkpoint stands: docs/spool.md, "Frame size"); the gateway's ``put`` then returns False
 (True, or None from a sink that does not say, otherwise).

@@ -74,7 +74,7 @@ from ..protocol.intervals import IntervalSet
 from ..store import StoredFrame
 from .commit import ACK_PERSIST_S, DropEvent, GroupCommit, _Pending
 from .config import SpoolConfig
-from .format import encode_frame
+from .format import MAX_RECORD, encode_frame
 from .reader import TailCache, read_sync
 from .recovery import Recovered, recover
 from .segments import Segment, open_segment_sync
@@ -284,6 +284,15 @@ class DiskSpool(GroupCommit):
         fill at most a quarter of ``max_bytes``, so that the cap always holds several."""
         meta = len(encode_frame(self._next_seq, b"", n_records, checkpoints))
         return self.config.max_bytes // 4 - meta
+
+    def max_checkpoint_bytes(self) -> int:
+        """How many bytes the sources' checkpoints may take together: every segment's STATE
+        record repeats each one's latest (I3), so their sum is bounded, not each alone.
+        Half a segment (at most an eighth of ``max_bytes``; a quarter of the largest record
+        recovery reads): a STATE record never outgrows its segment, and with everything
+        acknowledged the cap always has room for the active segment and the next frame."""
+        return min(self.config.segment_bytes // 2, self.config.max_bytes // 8,
+                   MAX_RECORD // 4)
 
     def _over_cap(self, size: int) -> bool:
         return self.total_bytes + self._pending_bytes + size > self.config.max_bytes

@@ -96,6 +96,9 @@ class MemoryFrameStore:
     def max_body_bytes(self, n_records: int, checkpoints: dict[str, Any]) -> int | None:
         return None  # bounded in frames, not bytes
 
+    def max_checkpoint_bytes(self) -> int | None:
+        return None  # checkpoints live in memory, once each
+
     async def wait_for_frame_after(self, seq: int) -> None:
         while self._next_seq - 1 <= seq:
             await self._changed.wait()

@@ -1,0 +1,211 @@
+"""The spool's STATE records stay bounded whatever the sources' checkpoints (docs/spool.md,
+"Checkpoints in the STATE record").
+
+Every segment's STATE record repeats every source's latest checkpoint.  Sixteen sources
+with checkpoints near the per-source limit (``spool.max_bytes / 16``) made STATE records
+bigger than the whole spool: the gateway stopped taking records for ever, acknowledged or
+not.  The gateway now admits a checkpoint only while all sources' latest checkpoints
+together fit the spool's ``max_checkpoint_bytes``; one that does not is refused like one too
+large alone (the source's previous checkpoint stands).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Any, ClassVar
+
+import trio
+from hubtools import gateway_config
+
+from edgegw.gateway import Gateway
+from edgegw.protocol import decode_body
+from edgegw.records import SensorReading, from_wire
+from edgegw.spool import DiskSpool, SpoolConfig
+from edgegw.spool.format import MAX_RECORD, Kind, Record, scan
+
+MAX_BYTES, SEGMENT_BYTES = 16384, 4096
+
+
+class BigCheckpointSource:
+    """Puts ``puts`` records one at a time, each with a checkpoint of about ``pad`` bytes,
+    and remembers the latest checkpoint the gateway took (``put`` returned True)."""
+
+    replays: ClassVar[bool] = True
+
+    def __init__(self, name: str, puts: int, pad: int) -> None:
+        self.name, self.puts, self.pad = name, puts, pad
+        self.taken: Any = None
+        self.done = trio.Event()
+
+    async def run(self, sink: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        for i in range(self.puts):
+            checkpoint = {"at": i + 1, "pad": "x" * self.pad}
+            if await sink.put([SensorReading("tester", 1.0, f"{self.name}-{i}", float(i))],
+                              checkpoint):
+                self.taken = checkpoint
+        self.done.set()
+        await trio.sleep_forever()
+
+
+class Images(DiskSpool):
+    """The real spool; its directory copied after every durable frame (what a SIGKILL
+    there leaves behind), with the checkpoints the spool said were durable then."""
+
+    def __init__(self, config: SpoolConfig, images: Path) -> None:
+        super().__init__(config)
+        self.images = images
+        self.durable: dict[int, dict[str, Any]] = {}
+
+    async def append(self, body: bytes, n_records: int, checkpoints: dict[str, Any],
+                     **kwargs: Any) -> int:
+        seq = await super().append(body, n_records, checkpoints, **kwargs)
+        self.durable[seq] = dict(self.checkpoints)
+        await trio.to_thread.run_sync(copy_spool, self.directory, self.images / str(seq))
+        return seq
+
+
+def copy_spool(src: Path, dst: Path) -> None:
+    """Copy a running spool's files in order, as a crash would leave them: a segment
+    deleted meanwhile (acknowledged, its ACK record durable first) is simply gone."""
+    dst.mkdir(parents=True)
+    for path in sorted(src.iterdir()):
+        with contextlib.suppress(FileNotFoundError):
+            shutil.copy2(path, dst / path.name)
+
+
+def segments(spool_dir: Path) -> list[Path]:
+    return sorted(spool_dir.glob("seg-*.spool"))
+
+
+def state_records(spool_dir: Path) -> list[Record]:
+    return [ev for path in segments(spool_dir) for ev in scan(path.read_bytes())
+            if isinstance(ev, Record) and ev.kind is Kind.STATE]
+
+
+def spool_bytes(spool_dir: Path) -> int:
+    return sum(path.stat().st_size for path in segments(spool_dir))
+
+
+async def run_gateway(tmp_path: Path, sources: list[BigCheckpointSource], *,
+                      ack: bool) -> tuple[Gateway, Images, bool]:
+    """Run a gateway (no hub) until every source has put everything, or 15 s; ``ack``:
+    acknowledge every durable frame at once, as a hub keeping up would."""
+    cfg = gateway_config(tmp_path / "gw", 1, batch={"max_records": 16, "max_delay_ms": 50},
+                         spool={"dir": str(tmp_path / "spool"), "max_bytes": MAX_BYTES,
+                                "segment_bytes": SEGMENT_BYTES})
+    assert cfg.spool is not None
+    spool = Images(cfg.spool, tmp_path / "images")
+    gateway = Gateway(cfg, store=spool, extra_sources=[(s.name, s) for s in sources])
+    finished = False
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.run)
+        if ack:
+            async def acker() -> None:
+                while True:
+                    spool.ack(spool.durable_seq)
+                    await trio.sleep(0.01)
+            nursery.start_soon(acker)
+        with trio.move_on_after(15):
+            for s in sources:
+                await s.done.wait()
+            await gateway.flush()
+            finished = True
+        nursery.cancel_scope.cancel()
+    return gateway, spool, finished
+
+
+async def test_sixteen_sources_near_the_checkpoint_limit_never_stop_the_gateway(
+        tmp_path: Path) -> None:
+    # 16 checkpoints of ~950 bytes (the per-source limit: 16 KiB / 16): together they are
+    # as big as the whole spool.  Every frame is acknowledged at once, so the spool never
+    # holds more than its active segment's worth of frames.
+    sources = [BigCheckpointSource(f"s{i:02}", 3, 950) for i in range(16)]
+    gateway, spool, finished = await run_gateway(tmp_path, sources, ack=True)
+
+    assert finished, "every source's puts were taken (before: the gateway stopped)"
+    spool_dir = tmp_path / "spool"
+    budget = spool.max_checkpoint_bytes()
+    assert budget is not None and budget <= MAX_BYTES // 8
+    states = state_records(spool_dir)
+    assert states and max(r.size for r in states) <= budget + 512, \
+        "a STATE record holds at most the checkpoint budget (and the spool's own few fields)"
+    refused = gateway.metrics.as_dict()["gateway_checkpoints_rejected_total"]
+    assert sum(refused.values()) > 0, "checkpoints past the budget were refused"
+    taken = {s.name: s.taken for s in sources if s.taken is not None}
+    assert taken, "checkpoints within the budget were stored"
+
+    # after a crash anywhere, every source's latest durable checkpoint is found
+    images = sorted((tmp_path / "images").iterdir(), key=lambda p: int(p.name))
+    assert len(images) >= 3
+    for image in images:
+        assert spool_bytes(image) <= MAX_BYTES, f"spool within its cap after frame {image.name}"
+        async with DiskSpool.open(SpoolConfig(dir=str(image), max_bytes=MAX_BYTES,
+                                              segment_bytes=SEGMENT_BYTES)) as recovered:
+            found = recovered.checkpoints
+        durable = spool.durable[int(image.name)]  # (the copy starts once frame N is durable)
+        for s in sources:
+            if s.name in durable:
+                assert found[s.name]["at"] >= durable[s.name]["at"], \
+                    f"{s.name}'s checkpoint durable at frame {image.name} is found after a crash"
+    async with DiskSpool.open(SpoolConfig(dir=str(spool_dir), max_bytes=MAX_BYTES,
+                                          segment_bytes=SEGMENT_BYTES)) as recovered:
+        assert {n: recovered.checkpoints.get(n) for n in taken} == taken
+
+
+async def test_sources_near_the_checkpoint_limit_with_nothing_acknowledged_fill_no_spool(
+        tmp_path: Path) -> None:
+    # nothing acknowledged (no hub): sixteen sources' large checkpoints, one put each, must
+    # not fill the spool with repeated STATE records
+    sources = [BigCheckpointSource(f"s{i:02}", 1, 950) for i in range(16)]
+    gateway, _, finished = await run_gateway(tmp_path, sources, ack=False)
+
+    assert finished, "16 one-record puts fit a 16 KiB spool (before: it blocked)"
+    assert spool_bytes(tmp_path / "spool") <= MAX_BYTES
+    assert sum(gateway.metrics.as_dict()["gateway_checkpoints_rejected_total"].values()) > 0
+    async with DiskSpool.open(SpoolConfig(dir=str(tmp_path / "spool"), max_bytes=MAX_BYTES,
+                                          segment_bytes=SEGMENT_BYTES)) as recovered:
+        channels = []
+        for frame in recovered.frames_from(1, 1000):
+            _, names, wire = decode_body(frame.body, 1 << 20)
+            channels += [r.channel for r in (from_wire(w, names) for w in wire)
+                         if isinstance(r, SensorReading)]
+        assert sorted(channels) == [f"{s.name}-0" for s in sources], "every record stored"
+        for s in sources:
+            assert recovered.checkpoints.get(s.name) == s.taken, \
+                "each source's checkpoint is its latest taken one (None: every one refused)"
+
+
+async def test_a_spool_recovered_over_the_budget_takes_checkpoints_that_do_not_grow_it(
+        tmp_path: Path) -> None:
+    # a spool written with larger segments holds four checkpoints of ~1.5 KB: 6 KB, over
+    # the 2 KiB a 4 KiB-segment spool lets them take together
+    spool_dir = tmp_path / "spool"
+    old = {f"s{i}": {"at": 1, "pad": "x" * 1500} for i in range(4)}
+    async with DiskSpool.open(SpoolConfig(dir=str(spool_dir), max_bytes=1 << 20,
+                                          segment_bytes=1 << 18)) as spool:
+        spool.ack(await spool.append(b"", 0, old))
+    # restarted with the smaller spool: a source whose next checkpoint is smaller than its
+    # own last one is taken (the sum shrinks); a new source's is refused (it would grow it)
+    sources = [BigCheckpointSource("s0", 1, 900), BigCheckpointSource("new", 1, 900)]
+    gateway, _, finished = await run_gateway(tmp_path, sources, ack=True)
+
+    assert finished
+    assert sources[0].taken is not None and sources[1].taken is None
+    assert gateway.metrics.as_dict()["gateway_checkpoints_rejected_total"] == {"source=new": 1}
+    async with DiskSpool.open(SpoolConfig(dir=str(spool_dir), max_bytes=MAX_BYTES,
+                                          segment_bytes=SEGMENT_BYTES)) as recovered:
+        assert recovered.checkpoints["s0"] == sources[0].taken
+        assert recovered.checkpoints["s1"] == old["s1"] and "new" not in recovered.checkpoints
+
+
+def test_the_checkpoint_budget_is_half_a_segment_and_fits_a_record_recovery_reads() -> None:
+    def budget(**config: int) -> int:
+        return DiskSpool(SpoolConfig(dir="unused", **config)).max_checkpoint_bytes()
+
+    assert budget() == 8 << 20  # the default spool: 16 MiB segments
+    assert budget(max_bytes=MAX_BYTES, segment_bytes=SEGMENT_BYTES) == 2048
+    # a STATE record over MAX_RECORD (64 MiB) would read as damage at recovery
+    assert budget(max_bytes=4 << 30, segment_bytes=1 << 30) == MAX_RECORD // 4
