@@ -23,7 +23,7 @@ from edgegw.gateway import Gateway
 from edgegw.protocol import decode_body
 from edgegw.records import SensorReading, from_wire
 from edgegw.spool import DiskSpool, SpoolConfig
-from edgegw.spool.format import MAX_RECORD, Kind, Record, scan
+from edgegw.spool.format import MAX_RECORD, Kind, Record, encode_frame, scan
 
 MAX_BYTES, SEGMENT_BYTES = 16384, 4096
 
@@ -209,3 +209,14 @@ def test_the_checkpoint_budget_is_half_a_segment_and_fits_a_record_recovery_read
     assert budget(max_bytes=MAX_BYTES, segment_bytes=SEGMENT_BYTES) == 2048
     # a STATE record over MAX_RECORD (64 MiB) would read as damage at recovery
     assert budget(max_bytes=4 << 30, segment_bytes=1 << 30) == MAX_RECORD // 4
+
+
+def test_a_frame_record_never_outgrows_what_recovery_reads() -> None:
+    # a big spool (a quarter of it over 64 MiB) with the largest checkpoints it allows: the
+    # largest body the spool takes, with its header and metadata, is still a record that
+    # recovery reads (a 64 MiB frame from uplink.max_frame_bytes would not have been)
+    spool = DiskSpool(SpoolConfig(dir="unused", max_bytes=1 << 30, segment_bytes=1 << 28))
+    checkpoints = {"s": "x" * (spool.max_checkpoint_bytes() - 16)}
+    body = spool.max_body_bytes(8000, checkpoints)
+    assert body > 32 << 20
+    assert len(encode_frame(1, b"", 8000, checkpoints)) + body <= MAX_RECORD

@@ -281,9 +281,11 @@ class DiskSpool(GroupCommit):
 
     def max_body_bytes(self, n_records: int, checkpoints: dict[str, Any]) -> int:
         """The largest body ``append`` takes: a frame record (header, metadata, body) may
-        fill at most a quarter of ``max_bytes``, so that the cap always holds several."""
+        fill at most a quarter of ``max_bytes``, so that the cap always holds several, and
+        never more than the largest record recovery reads (``MAX_RECORD``: a longer one
+        would read as damage, its frame lost)."""
         meta = len(encode_frame(self._next_seq, b"", n_records, checkpoints))
-        return self.config.max_bytes // 4 - meta
+        return min(self.config.max_bytes // 4, MAX_RECORD) - meta
 
     def max_checkpoint_bytes(self) -> int:
         """How many bytes the sources' checkpoints may take together: every segment's STATE
