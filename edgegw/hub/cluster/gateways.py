@@ -32,10 +32,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from edgegw.hub import topics as topic_names
-from edgegw.hub.live.models import _RATE_WINDOW_S, GatewayState
+from edgegw.hub.live.models import RATE_WINDOW_S, GatewayState
 
-#: seconds of a gateway's past records a new owner seeds its ``records_per_s`` window with
-RATE_WINDOW_S = _RATE_WINDOW_S
+# RATE_WINDOW_S: the seconds of a gateway's past records a new owner seeds its
+# ``records_per_s`` window with
 
 Publish = Callable[[str, dict[str, Any]], None]
 

@@ -18,7 +18,7 @@ from edgegw.stdf import test_number
 #: Parts remembered per lot for the units-per-hour figure.
 _UPH_WINDOW = 500
 #: Seconds of arrival history behind a gateway's records-per-second figure.
-_RATE_WINDOW_S = 10
+RATE_WINDOW_S = 10
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -693,16 +693,16 @@ class GatewayState:
     def count(self, n: int, now: float) -> None:
         sec = int(now)
         self.per_second[sec] = self.per_second.get(sec, 0) + n
-        if len(self.per_second) > _RATE_WINDOW_S + 2:
-            for old in [s for s in self.per_second if s <= sec - _RATE_WINDOW_S]:
+        if len(self.per_second) > RATE_WINDOW_S + 2:
+            for old in [s for s in self.per_second if s <= sec - RATE_WINDOW_S]:
                 del self.per_second[old]
         self.rate_now = now
 
     def records_per_s(self, now: float | None = None) -> float:
         now = self.rate_now if now is None else now
-        low = now - _RATE_WINDOW_S
+        low = now - RATE_WINDOW_S
         total = sum(n for s, n in self.per_second.items() if s > low)
-        return total / _RATE_WINDOW_S
+        return total / RATE_WINDOW_S
 
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
         return {
