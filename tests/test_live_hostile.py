@@ -27,16 +27,22 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 from typing import Any
 
 import cbor2
+import trio
+from hubtools import http_get, hub_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from trio_websocket import open_websocket_url
 
 from edgegw import jsonutil
+from edgegw.hub.app import Hub
 from edgegw.hub.live import LiveState
 from edgegw.hub.live.models import PENDING_PER_SITE, RUN_HEADS
 from edgegw.metrics import Metrics
+from edgegw.protocol import Ack, GatewayConnection, Welcome, decode
 from edgegw.protocol.columnar import encode_columns
 from edgegw.protocol.messages import MAX_INT, Columns, FrameError, check_frame, encode_body
 from edgegw.records import (
@@ -317,3 +323,74 @@ def test_an_infinite_limit_or_a_span_no_float_holds_neither_raises_nor_poisons_t
         assert hist.lo is not None and math.isfinite(hist.lo) and math.isfinite(hist.width)
         assert sum(hist.counts) + hist.below + hist.above == tests[t].count
     assert_snapshots_serialisable(state)
+
+
+# ------------------------------------------------------------------ a real hub
+
+
+async def send_all(port: int, gateway: str, frames: list[tuple[int, list[Any]]]) -> None:
+    """Connect as ``gateway`` and send ``frames`` (first_rid, records) as the protocol
+    version the hub agreed allows, one seq each; return once the hub acknowledged all."""
+    conn = GatewayConnection(gateway, "s3cret", "e1", 1, now=trio.current_time())
+    async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/gateway") as ws:
+        await ws.send_message(conn.hello(trio.current_time()))
+        events, _ = conn.receive(await ws.get_message(), trio.current_time())
+        welcome = events[0]
+        assert isinstance(welcome, Welcome)
+        for seq, (first_rid, records) in enumerate(frames, 1):
+            body = body_of(first_rid, records, welcome.version)
+            await ws.send_message(conn.data(seq, body, trio.current_time()))
+        while True:
+            msg = decode(await ws.get_message())
+            assert isinstance(msg, Ack), msg  # no frame of these is rejected
+            if msg.watermark == len(frames):
+                return
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+async def test_a_real_hub_fed_a_hostile_gateway_still_applies_a_good_ones_frames(
+        tmp_path: Path) -> None:
+    """Over a real WebSocket: a gateway sends an infinite limit and values near the
+    largest float, then 20 frames each a million rids before the last (their values never
+    meet a part result), the same records again under another seq, and rids at 2^63 - 1.
+    The hub acknowledges all of it, no internal error is counted, ``/metrics`` counts the
+    values given up -- and a well-formed gateway's lot is then applied in full."""
+    cfg = hub_config(tmp_path, tokens={"hostile": "s3cret", "good": "s3cret"})
+    hub = Hub(cfg)
+    bad = [
+        (50_000_000, [_parametric(1.0, "LB", 1, 0, 1, 0.5, -math.inf, 1.0, 0),
+                      _parametric(1.0, "LB", 1, 0, 2, 1.7e308, None, None, 0),
+                      _parametric(1.0, "LB", 1, 0, 2, -1.7e308, None, None, 0),
+                      PartResult("tester", 1.0, "LB", "W1", 1, 0, "", 0, 0, 1, 1, True)]),
+        *[(40_000_000 - k * 1_000_000,
+           [_parametric(1.0, "LB", 1, 1, 1, 0.25, None, None, 0)] * 3) for k in range(20)],
+        (40_000_000, [_parametric(1.0, "LB", 1, 1, 1, 0.25, None, None, 0)] * 3),
+        (MAX_INT - 1, [_parametric(1.0, "LB", 9, 9, 3, math.nan, math.nan, math.inf, 0),
+                       PartResult("tester", 1.0, "LB", "W1", 9, 9, "", 1, 1, 1, 1, True)]),
+    ]
+    good = [(1, [LotStart("tester", 2.0, "LG"), WaferStart("tester", 2.0, "LG", "W1")]),
+            (3, [_parametric(2.0, "LG", 1, 0, 1, 0.25, 0.0, 1.0, 0),
+                 PartResult("tester", 2.0, "LG", "W1", 1, 0, "", 0, 0, 1, 1, True),
+                 WaferEnd("tester", 2.0, "LG", "W1")])]
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(hub.run)
+        with trio.fail_after(30):
+            await send_all(port, "hostile", bad)
+            await send_all(port, "good", good)
+            while "LG" not in hub.state.lots or \
+                    hub.state.lots["LG"].wafers["W1"].status != "closed":
+                await trio.sleep(0.02)
+            _, text = await http_get(port, "/metrics")
+        nursery.cancel_scope.cancel()
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    lot = hub.state.lots["LG"]
+    assert lot.tests[1].count == 1 and lot.tests[1].by_wafer["W1"].n == 1
+    assert len(lot.wafers["W1"].dies) == 1
+    assert hub.state.lots["LB"].tests[2].count == 2  # near the largest float: counted
+    assert metric(text, "edgegw_internal_errors_total") == 0
+    assert metric(text, "edgegw_hub_state_part_values_dropped_total") > 0
+    assert_snapshots_serialisable(hub.state)
