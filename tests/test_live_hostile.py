@@ -38,6 +38,7 @@ from hypothesis import strategies as st
 from trio_websocket import open_websocket_url
 
 from edgegw import jsonutil
+from edgegw.hub import checkpoint as ckpt
 from edgegw.hub.app import Hub
 from edgegw.hub.live import LiveState
 from edgegw.hub.live.models import PENDING_PER_SITE, RUN_HEADS
@@ -207,7 +208,7 @@ def hostile_state(**kw: Any) -> tuple[LiveState, Metrics]:
                      max_waiting_runs=4, **kw), metrics
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(frames=_frames, seed=st.integers(0, 2**32))
 def test_any_frame_order_applies_without_error_and_stays_bounded(
         frames: list[tuple[str, Any, list[Any], int]], seed: int) -> None:
@@ -225,6 +226,14 @@ def test_any_frame_order_applies_without_error_and_stays_bounded(
         assert_bounded(state)
         now += 1.0
     assert_snapshots_serialisable(state)
+    # what waits is part of a checkpoint: it restores, and the restored state takes more
+    restored, _ = hostile_state()
+    ckpt.restore(restored, ckpt.decode(ckpt.encode({}, ckpt.capture(state)))[1])
+    assert_bounded(restored)
+    for gateway, _where, records, version in frames[-3:]:
+        feed(restored, gateway, body_of(1, records, version), version, now)
+    assert_bounded(restored)
+    assert_snapshots_serialisable(restored)
 
 
 # ------------------------------------------------------------------ many frames
@@ -279,7 +288,9 @@ def test_thousands_of_hostile_frames_keep_every_wait_under_its_cap() -> None:
         hi = max(hi, first + len(records) - 1)
         version = rng.choice((1, 2, 3))
         assert feed(state, "gw", body_of(first, records, version), version, float(i))
-        assert_bounded(state)
+        if i % 50 == 0:
+            assert_bounded(state)
+    assert_bounded(state)
     gw = state.gateways["gw"]
     assert len(gw.waiting) == state.max_waiting_runs  # at the cap, not over it
     waiting_values = sum(len(v) for lot in state.lots.values() for v in lot.pending.values())
