@@ -41,7 +41,12 @@ from edgegw import jsonutil
 from edgegw.hub import checkpoint as ckpt
 from edgegw.hub.app import Hub
 from edgegw.hub.live import LiveState
-from edgegw.hub.live.models import PENDING_PER_SITE, RUN_HEADS
+from edgegw.hub.live.models import (
+    PENDING_PER_SITE,
+    PENDING_SITES_PER_LOT,
+    RUN_HEADS,
+    SITES_PER_TEST,
+)
 from edgegw.metrics import Metrics
 from edgegw.protocol import Ack, GatewayConnection, Welcome, decode
 from edgegw.protocol.columnar import encode_columns
@@ -178,6 +183,9 @@ def assert_bounded(state: LiveState) -> None:
         # the current stretch owes nothing of its own: its values wait in the lots
         assert gw.run is None or not gw.run.tails
     for lot in state.lots.values():
+        assert len(lot.pending) <= PENDING_SITES_PER_LOT
+        for stats in lot.tests.values():
+            assert len(stats.by_site) <= SITES_PER_TEST
         for values in lot.pending.values():
             assert len(values) <= PENDING_PER_SITE
             for stats, _value in values:  # values of this lot's own tests
@@ -405,3 +413,25 @@ async def test_a_real_hub_fed_a_hostile_gateway_still_applies_a_good_ones_frames
     assert metric(text, "edgegw_internal_errors_total") == 0
     assert metric(text, "edgegw_hub_state_part_values_dropped_total") > 0
     assert_snapshots_serialisable(hub.state)
+
+
+def test_thousands_of_site_numbers_keep_each_test_delta_short_and_what_waits_bounded(
+) -> None:
+    """A gateway may number sites with any int.  Each new one once held a list of waiting
+    values in its lot and a row in its test's ``sites`` for ever: 100,000 of them made the
+    test's every delta 1.8 MB and each later one-record frame cost 0.8 s of the hub's
+    Trio thread.  Now a test keeps the first ``SITES_PER_TEST`` sites (every value still
+    in its own figures) and a lot the first ``PENDING_SITES_PER_LOT`` waiting lists (the
+    values of others are dropped, counted)."""
+    state, metrics = hostile_state()
+    n = PENDING_SITES_PER_LOT + 1_000
+    records = [_parametric(1.0, "L1", 1, site, 1, 0.5, 0.0, 1.0, 0) for site in range(n)]
+    for version, first in ((3, 1), (1, n + 1)):  # the columnar and the v1 path
+        assert feed(state, "gw", body_of(first, records, version), version, 1.0)
+    stats = state.lots["L1"].tests[1]
+    assert stats.count == 2 * n
+    assert len(stats.by_site) == SITES_PER_TEST
+    assert len(state.snapshot(stats.topic)["sites"]) == SITES_PER_TEST
+    assert len(state.lots["L1"].pending) == PENDING_SITES_PER_LOT
+    dropped = metrics.counter("hub_state_part_values_dropped_total", "").total()
+    assert dropped == 2 * (n - PENDING_SITES_PER_LOT)  # each kept site waits with two

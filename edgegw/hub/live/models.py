@@ -234,6 +234,13 @@ TEST_WAFERS = 50
 DIE_VALUES_PER_WAFER = 20_000
 #: Values of one site's part waiting for its PartResult (which names wafer and die).
 PENDING_PER_SITE = 4_096
+#: (gateway, head, site) whose values may wait in one lot for their part results at once:
+#: a gateway may number its sites and heads with any int, and each new one would hold
+#: its own list (STDF numbers them 0..255)
+PENDING_SITES_PER_LOT = 4_096
+#: sites a test keeps figures of (``sites``): every test delta carries them all, so a
+#: gateway sending thousands of site numbers would make each delta that long
+SITES_PER_TEST = 1_024
 #: Stretches of a gateway's records applied apart from the rest (frames out of record-id
 #: order) kept waiting to join their neighbours, per gateway (``Run``); over it the
 #: oldest one's waiting values are dropped (counted).
@@ -377,6 +384,8 @@ class TestStats:
     def add_site_value(self, site: int, value: float) -> None:
         running = self.by_site.get(site)
         if running is None:
+            if len(self.by_site) >= SITES_PER_TEST:
+                return  # (in the test's own figures only)
             running = self.by_site[site] = Running()
         running.add(value)
 
@@ -442,6 +451,8 @@ class TestStats:
                 high = value
             running = by_site.get(site)
             if running is None:
+                if len(by_site) >= SITES_PER_TEST:
+                    continue  # (in the test's own figures only: add_site_value)
                 running = by_site[site] = Running()
             running.n += 1
             delta = value - running.mean
