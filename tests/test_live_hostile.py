@@ -38,19 +38,21 @@ from hypothesis import strategies as st
 from trio_websocket import open_websocket_url
 
 from edgegw import jsonutil
+from edgegw.hub import Hub
 from edgegw.hub import checkpoint as ckpt
-from edgegw.hub.app import Hub
 from edgegw.hub.live import LiveState
-from edgegw.hub.live.models import (
-    PENDING_PER_SITE,
-    PENDING_SITES_PER_LOT,
-    RUN_HEADS,
-    SITES_PER_TEST,
-)
 from edgegw.metrics import Metrics
-from edgegw.protocol import Ack, GatewayConnection, Welcome, decode
-from edgegw.protocol.columnar import encode_columns
-from edgegw.protocol.messages import MAX_INT, Columns, FrameError, check_frame, encode_body
+from edgegw.protocol import (
+    Ack,
+    Columns,
+    FrameError,
+    GatewayConnection,
+    Welcome,
+    check_frame,
+    decode,
+    encode_body,
+    encode_columns,
+)
 from edgegw.records import (
     FunctionalResult,
     GatewayEvent,
@@ -65,6 +67,12 @@ from edgegw.records import (
 )
 
 MAX_RECORDS = 10_000
+MAX_INT = 2**63 - 1  # the last record id a frame may carry (docs/protocol.md)
+# the caps docs/live-topics.md gives ("Frames out of order", and a test's ``sites``)
+PENDING_PER_SITE = 4_096  # values waiting per (gateway, head, site)
+PENDING_SITES_PER_LOT = 4_096  # (gateway, head, site) waiting per lot
+RUN_HEADS = 1_024  # first part results a waiting stretch remembers
+SITES_PER_TEST = 1_024  # sites a test keeps figures of
 LOTS = ("L1", "L2", "L3")
 WAFERS = ("W1", "W2", "")
 FLOATS = (0.5, -1.25, 3.0, 1e300, -1e300, 0.0, -0.0,
