@@ -234,6 +234,13 @@ TEST_WAFERS = 50
 DIE_VALUES_PER_WAFER = 20_000
 #: Values of one site's part waiting for its PartResult (which names wafer and die).
 PENDING_PER_SITE = 4_096
+#: (gateway, head, site) whose values may wait in one lot for their part results at once:
+#: a gateway may number its sites and heads with any int, and each new one would hold
+#: its own list (STDF numbers them 0..255)
+PENDING_SITES_PER_LOT = 4_096
+#: sites a test keeps figures of (``sites``): every test delta carries them all, so a
+#: gateway sending thousands of site numbers would make each delta that long
+SITES_PER_TEST = 1_024
 #: Stretches of a gateway's records applied apart from the rest (frames out of record-id
 #: order) kept waiting to join their neighbours, per gateway (``Run``); over it the
 #: oldest one's waiting values are dropped (counted).
@@ -259,8 +266,26 @@ class Running:
         self.m2 += delta * (value - self.mean)
 
     def row(self) -> list[Any]:
-        sigma = math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else None
+        sigma = _sigma(self.m2, self.n)
         return [self.n, self.mean, sigma]
+
+
+def _sigma(m2: float, n: int) -> float | None:
+    """The standard deviation from Welford's running ``m2`` of ``n`` values.  Values near
+    the largest float overflow the sums (``inf - inf``): ``m2`` is then NaN or -inf, and the
+    figure is NaN (null in JSON), not a ``math.sqrt`` domain error in every snapshot."""
+    if n < 2:
+        return None
+    variance = m2 / (n - 1)
+    return math.sqrt(variance) if variance >= 0 else math.nan
+
+
+def _limited(lo_limit: float | None, hi_limit: float | None) -> bool:
+    """Whether a histogram's range is set by these limits: both there, in order, and
+    spanning a finite range (a gateway may send an infinite limit, or limits whose span
+    no float holds)."""
+    return (lo_limit is not None and hi_limit is not None and hi_limit > lo_limit
+            and math.isfinite((hi_limit - lo_limit) * 2))
 
 
 class Histogram:
@@ -280,7 +305,7 @@ class Histogram:
         self.above = 0
 
     def add(self, value: float, lo_limit: float | None, hi_limit: float | None) -> None:
-        limited = lo_limit is not None and hi_limit is not None and hi_limit > lo_limit
+        limited = _limited(lo_limit, hi_limit)
         if limited:
             assert lo_limit is not None and hi_limit is not None
             span = hi_limit - lo_limit
@@ -298,13 +323,21 @@ class Histogram:
             else:
                 self.width = (abs(value) * 0.1 or 1.0) / HIST_BINS * 2
                 self.lo = value - self.width * HIST_BINS / 2
+        # The range stays finite: a value it could only take by growing past the largest
+        # float (limits or values near +-1.8e308) is counted outside it instead.
         while value < self.lo:
+            if not math.isfinite(self.lo - self.width * 2 * HIST_BINS):
+                self.below += 1
+                return
             half = HIST_BINS // 2
             merged = [self.counts[2 * j] + self.counts[2 * j + 1] for j in range(half)]
             self.counts = [0] * half + merged
             self.lo -= self.width * HIST_BINS
             self.width *= 2
         while value >= self.lo + self.width * HIST_BINS:
+            if not math.isfinite(self.lo + self.width * 2 * HIST_BINS):
+                self.above += 1
+                return
             half = HIST_BINS // 2
             merged = [self.counts[2 * j] + self.counts[2 * j + 1] for j in range(half)]
             self.counts = merged + [0] * half
@@ -351,6 +384,8 @@ class TestStats:
     def add_site_value(self, site: int, value: float) -> None:
         running = self.by_site.get(site)
         if running is None:
+            if len(self.by_site) >= SITES_PER_TEST:
+                return  # (in the test's own figures only)
             running = self.by_site[site] = Running()
         running.add(value)
 
@@ -382,7 +417,7 @@ class TestStats:
         (``LiveState`` applies a frame's parametric results a test at a time)."""
         hist = self.histogram
         lo_limit, hi_limit = self.lo, self.hi
-        limited = lo_limit is not None and hi_limit is not None and hi_limit > lo_limit
+        limited = _limited(lo_limit, hi_limit)
         lo_cut = hi_cut = 0.0
         if limited:
             assert lo_limit is not None and hi_limit is not None
@@ -405,7 +440,7 @@ class TestStats:
             else:
                 hist.add(value, lo_limit, hi_limit)
                 h_lo, width, counts = hist.lo, hist.width, hist.counts
-                top = h_lo + width * HIST_BINS  # type: ignore[operator]
+                top = h_lo + width * HIST_BINS if h_lo is not None else 0.0
             n += 1
             delta = value - mean
             mean += delta / n
@@ -416,6 +451,8 @@ class TestStats:
                 high = value
             running = by_site.get(site)
             if running is None:
+                if len(by_site) >= SITES_PER_TEST:
+                    continue  # (in the test's own figures only: add_site_value)
                 running = by_site[site] = Running()
             running.n += 1
             delta = value - running.mean
@@ -446,7 +483,7 @@ class TestStats:
 
     @property
     def sigma(self) -> float | None:
-        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else None
+        return _sigma(self.m2, self.count)
 
     @property
     def cpk(self) -> float | None:

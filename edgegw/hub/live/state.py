@@ -100,6 +100,7 @@ from .checks import BAD_VALUE_FLAGS, BadRecord, NotApplied, is_int, is_num, opt_
 from .models import (
     DIE_VALUES_PER_WAFER,
     PENDING_PER_SITE,
+    PENDING_SITES_PER_LOT,
     RUN_HEADS,
     WAITING_RUNS,
     Die,
@@ -201,7 +202,8 @@ class LiveState:
         self._m_values_dropped = metrics.counter(
             "hub_state_part_values_dropped_total",
             "test values that never reached their wafer's figures or die (the lot's test "
-            "statistics have them): over the cap of values waiting for a site's part result, "
+            "statistics have them): over the caps of values waiting for a site's part result "
+            "(per site, and sites per lot), "
             "waiting in a stretch of out-of-order frames over the cap, or their part's wafer "
             "or lot left memory before they came",
         )
@@ -331,7 +333,7 @@ class LiveState:
             tails, left.tails = left.tails, {}
             for (lot_id, head, site), values in tails.items():
                 lot = self.lots.get(lot_id)
-                if lot is None:
+                if lot is None or len(lot.pending) >= PENDING_SITES_PER_LOT:
                     self._m_values_dropped.inc(len(values))
                 else:
                     lot.pending[(gid, head, site)] = values
@@ -369,7 +371,9 @@ class LiveState:
             if lot is None:
                 self._m_values_dropped.inc(len(values))
                 continue
-            pending = lot.pending.setdefault((gid, h, site), [])
+            pending = lot.pending.get((gid, h, site))
+            if pending is None:
+                pending = _new_pending(lot, (gid, h, site))
             room = max(PENDING_PER_SITE - len(pending), 0)
             pending.extend(values[:room])
             if len(values) > room:
@@ -614,7 +618,7 @@ class LiveState:
                             p_site, p_head, p_lot = site, head, lot
                             pending = lot.pending.get((gateway_id, head, site))
                             if pending is None:
-                                pending = lot.pending[(gateway_id, head, site)] = []
+                                pending = _new_pending(lot, (gateway_id, head, site))
                         if len(pending) < PENDING_PER_SITE:
                             pending.append((stats, value))
                         else:
@@ -924,7 +928,9 @@ class LiveState:
             if is_int(rec.site) and is_int(rec.head):
                 stats.add_site_value(rec.site, rec.value)
                 lot = self.lots[rec.lot_id]
-                pending = lot.pending.setdefault((gateway_id, rec.head, rec.site), [])
+                pending = lot.pending.get((gateway_id, rec.head, rec.site))
+                if pending is None:
+                    pending = _new_pending(lot, (gateway_id, rec.head, rec.site))
                 if len(pending) < PENDING_PER_SITE:
                     pending.append((stats, rec.value))
                 else:
@@ -1146,6 +1152,21 @@ def _keep_time(times: deque[float], ts: float) -> None:
             return
         times.popleft()
     times.insert(bisect.bisect_right(times, ts), ts)
+
+
+#: the pending list of a (gateway, head, site) over ``PENDING_SITES_PER_LOT``: full, so
+#: its values are dropped (counted) as over ``PENDING_PER_SITE``; never appended to
+_NO_ROOM: list[Any] = [None] * PENDING_PER_SITE
+
+
+def _new_pending(lot: LotState, key: tuple[str, int, int]) -> list[Any]:
+    """A new (gateway, head, site)'s list of values waiting for its part result in
+    ``lot``, or ``_NO_ROOM`` when the lot has as many such lists as it keeps."""
+    if len(lot.pending) >= PENDING_SITES_PER_LOT:
+        return _NO_ROOM
+    pending: list[Any] = []
+    lot.pending[key] = pending
+    return pending
 
 
 def _plain_parametric(columns: list[Any]) -> bool:
