@@ -32,7 +32,9 @@ and changed at or before the watermark is finished: not read again.  The waterma
 the start of a directory scan less ``fold_after`` seconds, once every file that scan found
 is known: a file that appears later (created, copied or renamed in) changes after it, so it
 is read -- unless the file system's clock runs more than ``fold_after`` behind the
-gateway's.  ``gone`` (the last ``GONE_KEPT``) names unfinished files that vanished (inode and
+gateway's.  A finished file that changes after the watermark (touched,
+renamed) is listed again, and the checkpoint handed over at once, without records.
+``gone`` (the last ``GONE_KEPT``) names unfinished files that vanished (inode and
 change time): one that comes back unchanged (a directory remounted) is read from its start,
 as a vanished file always was, never taken as finished.  A version 1 checkpoint (every file
 listed) is read as one without a watermark.
