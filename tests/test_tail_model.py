@@ -336,7 +336,7 @@ async def test_every_record_is_emitted_once_under_churn_and_crashes(
         tmp_path: Path, seed: int) -> None:
     """Files written, finished, renamed, touched, deleted and copied in with old times,
     with polls, time passing and crashes between: each record once, over all runs."""
-    await run_model(seed, tmp_path, steps=60, fold_after=(0.0, 0.05)[seed % 2])
+    await run_model(seed, tmp_path, steps=100, fold_after=(0.0, 0.05)[seed % 2])
 
 
 @pytest.mark.slow
