@@ -32,7 +32,9 @@ and changed at or before the watermark is finished: not read again.  The waterma
 the start of a directory scan less ``fold_after`` seconds, once every file that scan found
 is known: a file that appears later (created, copied or renamed in) changes after it, so it
 is read -- unless the file system's clock runs more than ``fold_after`` behind the
-gateway's.  ``gone`` (the last ``GONE_KEPT``) names unfinished files that vanished (inode and
+gateway's.  A finished file that changes after the watermark (touched,
+renamed) is listed again, and the checkpoint handed over at once, without records.
+``gone`` (the last ``GONE_KEPT``) names unfinished files that vanished (inode and
 change time): one that comes back unchanged (a directory remounted) is read from its start,
 as a vanished file always was, never taken as finished.  A version 1 checkpoint (every file
 listed) is read as one without a watermark.
@@ -245,6 +247,10 @@ class TailSource:
         #: (inode, changed) of vanished unfinished files, the latest ``GONE_KEPT``
         self.gone: list[tuple[int, int]] = []
         self._scan_started = 0  # time.time_ns() when the latest scan began
+        #: what the last checkpoint handed to the sink says is finished: the files it
+        #: lists (path -> inode) and its watermark (see ``_hand_over_changes``)
+        self._handed: dict[str, int] = {}
+        self._handed_watermark = 0
         self.errors = source_errors(context.metrics)
         self.read_records = context.metrics.counter(
             "tail_records_total", "tester records parsed from tailed files (re-reads included)")
@@ -280,6 +286,8 @@ class TailSource:
             self.watermark = int(checkpoint.get("finished_before", 0))
             self.gone = [(int(inode), int(changed))
                          for inode, changed in checkpoint.get("gone", [])]
+            self._handed = {p: f.inode for p, f in self.files.items()}
+            self._handed_watermark = self.watermark
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             log.error("source %s: ignoring unreadable checkpoint (%s)", self.name, exc)
             self.files.clear()
@@ -363,12 +371,15 @@ class TailSource:
         horizon = self._scan_started - int(self.config.fold_after * 1e9) - CLOCK_SLACK_NS
         ahead = self._unknown_ahead(found)
         self._fold(min(horizon, ahead[0] - 1))
+        changed: list[_File] = []  # finished files this scan saw changed or renamed
         for i, info in enumerate(found):
             f = self.files.get(info.path)
             unknown = f is None  # (not a file replaced or cut short: they are read whole)
             if f is None and info.inode in gone:
                 f = self._renamed(gone.pop(info.inode), info)
                 unknown = f is None
+                if f is not None and f.done:
+                    changed.append(f)
             if f is not None and f.inode != info.inode:
                 log.warning("source %s: %s was replaced (new inode); reading it from the start",
                             self.name, info.path)
@@ -393,6 +404,8 @@ class TailSource:
                 f.changed = info.changed
                 if f.changed > self.watermark:
                     self._listed[info.path] = f
+                if f.done:
+                    changed.append(f)
             # every file this scan found up to here is known: the watermark may pass them
             # (a file finished from now on leaves the list at once, see _done)
             self.watermark = max(self.watermark, min(horizon, ahead[i + 1] - 1))
@@ -434,6 +447,27 @@ class TailSource:
             elif not f.done:
                 await self._ended(sink, f)
         self._fold(horizon)
+        await self._hand_over_changes(sink, changed)
+
+    async def _hand_over_changes(self, sink: RecordSink, changed: list[_File]) -> None:
+        """Finished files that changed (touched, chmod-ed, appended to, renamed) since the
+        last checkpoint handed over, which neither lists them nor covers them with its
+        watermark: hand the checkpoint over now, without records, or a restart from that
+        one would take them as new files and read them again (no other file may put
+        anything for hours)."""
+        if not any(self._handed.get(f.path) != f.inode and f.changed > self._handed_watermark
+                   for f in changed):
+            return
+        checkpoint = self.checkpoint()
+        if await sink.put([], checkpoint=checkpoint) is not False:
+            self._taken(checkpoint)
+
+    def _taken(self, checkpoint: dict[str, Any]) -> None:
+        """The sink took ``checkpoint``: a restart resumes from it."""
+        for g in self.files.values():
+            g.origin = g.offset
+        self._handed = {p: e["inode"] for p, e in checkpoint["files"].items()}
+        self._handed_watermark = checkpoint["finished_before"]
 
     def _renamed(self, old: _File, info: _FileInfo) -> _File | None:
         """A file that vanished from one path while one with its inode appeared at another
@@ -668,6 +702,7 @@ class TailSource:
                   None if ended or stream is not None else f.offset)
         if not getattr(sink, "takes_origin", False):
             await sink.put(batch, checkpoint=checkpoint)
+            self._taken(checkpoint)
             return
         taken = await sink.put(batch, checkpoint, origin=origin)  # type: ignore[call-arg]
         if taken is False:
@@ -678,8 +713,7 @@ class TailSource:
             if stream is None:
                 f.origin = f.offset
             return
-        for g in self.files.values():
-            g.origin = g.offset
+        self._taken(checkpoint)
 
     async def _ended(self, sink: RecordSink, f: _File) -> None:
         """Tell a sink that takes origins that ``f`` ends where it is (deleted, replaced or
