@@ -54,6 +54,7 @@ class _Pending:
     body: bytes
     n_records: int
     checkpoints: dict[str, Any]
+    reserve: int = 0  # the commit's other records, counted against the cap until it lands
 
 
 class GroupCommit:
@@ -177,7 +178,7 @@ class GroupCommit:
         del self._pending[: len(batch)]
         for p, o in zip(batch, offsets, strict=True):
             active.add_frame(p.seq, o)
-            self._pending_bytes -= len(p.record)
+            self._pending_bytes -= len(p.record) + p.reserve
             self._checkpoints.update(p.checkpoints)
             self._tail.add(StoredFrame(p.seq, p.body, p.n_records))
         if self._pending:
@@ -191,7 +192,10 @@ class GroupCommit:
             self._last_ack_persist = time.monotonic()
             self.counts["segments_deleted"] += len(deletable)
             self._segments = [s for s in self._segments if s not in deletable]
-        if active.size >= self.config.segment_bytes:
+        # a segment rolls over once full, but never while most of it is its own STATE record
+        # (STATE over the budget, from a spool with larger segments): each commit would
+        # then open a new segment and delete the last, a loop that gains nothing
+        if active.size >= max(self.config.segment_bytes, 2 * active.state_bytes):
             try:
                 await trio.to_thread.run_sync(self._open_active_sync, self._state_snapshot())
             except OSError as exc:

@@ -39,6 +39,7 @@ class Segment:
     first_seq: int = 0  # 0: no frames
     last_seq: int = 0
     n_frames: int = 0
+    state_bytes: int = 0  # its opening STATE record (when this process wrote it)
     sparse_seqs: list[int] = dataclasses.field(default_factory=list)
     sparse_offsets: list[int] = dataclasses.field(default_factory=list)
 
@@ -92,7 +93,7 @@ def open_segment_sync(directory: Path, index: int, state: dict[str, Any]) -> Seg
         with contextlib.suppress(OSError):
             path.unlink()
         raise
-    return Segment(index, path, size=len(data))
+    return Segment(index, path, size=len(data), state_bytes=len(data))
 
 
 def write_sync(directory: Path, active: Segment, data: bytes, deletable: list[Segment]

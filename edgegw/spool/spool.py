@@ -74,7 +74,7 @@ from ..protocol.intervals import IntervalSet
 from ..store import StoredFrame
 from .commit import ACK_PERSIST_S, DropEvent, GroupCommit, _Pending
 from .config import SpoolConfig
-from .format import MAX_RECORD, encode_frame
+from .format import MAX_RECORD, encode_ack, encode_commit, encode_frame, encode_state
 from .reader import TailCache, read_sync
 from .recovery import Recovered, recover
 from .segments import Segment, open_segment_sync
@@ -82,6 +82,8 @@ from .segments import Segment, open_segment_sync
 log = logging.getLogger(__name__)
 
 Ranges = list[tuple[int, int]]
+
+_OVERHEAD_SLACK = 32
 
 __all__ = ["ACK_PERSIST_S", "DiskSpool", "DropEvent", "Recovered", "recover"]
 
@@ -259,8 +261,23 @@ class DiskSpool(GroupCommit):
             raise ValueError(f"frame body of {len(body)} bytes exceeds the {room} a frame "
                              f"may hold (a quarter of spool.max_bytes)")
         size = self.config.max_bytes // 4 - room + len(body)
-        while ((not over_cap and self._over_cap(size))
-               or (self._disk_full and self.config.policy == "block")):
+        while True:
+            # the frame's commit also writes a COMMIT record, maybe an ACK record, and (when
+            # it fills the segment) the next segment's STATE: the cap counts them all
+            reserve = self._commit_overhead(checkpoints)
+            full = not over_cap and self._over_cap(size + reserve)
+            if full and self._deletable():
+                # acknowledged segments not yet deleted (e.g. found at recovery): an ACK
+                # commit deletes them
+                self._ack_dirty = True
+                self._work.set()
+            elif full and not self._pending and self.unacked_frames() == 0:
+                # nothing to wait for: no ack can free room (STATE records over the budget,
+                # recovered from a spool with larger segments); the cap is passed by this
+                # commit, and the spool shrinks back as the checkpoints do
+                full = False
+            if not (full or (self._disk_full and self.config.policy == "block")):
+                break
             if self.config.policy == "drop_oldest":
                 self._drop_requested = True
                 self._work.set()
@@ -270,8 +287,9 @@ class DiskSpool(GroupCommit):
         record = encode_frame(seq, body, n_records, checkpoints)
         if not self._pending:
             self._pending_since = time.monotonic()
-        self._pending.append(_Pending(seq, record, body, n_records, dict(checkpoints)))
-        self._pending_bytes += len(record)
+        self._pending.append(_Pending(seq, record, body, n_records, dict(checkpoints),
+                                      reserve))
+        self._pending_bytes += len(record) + reserve
         if self.unacked_frames() == 0 and len(self._pending) == 1:
             self._last_progress = time.monotonic()  # work appears: the stall clock starts now
         self._work.set()
@@ -295,6 +313,21 @@ class DiskSpool(GroupCommit):
         acknowledged the cap always has room for the active segment and the next frame."""
         return min(self.config.segment_bytes // 2, self.config.max_bytes // 8,
                    MAX_RECORD // 4)
+
+    def _commit_overhead(self, checkpoints: dict[str, Any]) -> int:
+        """The bytes a commit writes besides the frame records: its COMMIT record, the ACK
+        record, and the STATE record of the segment a rollover opens (every checkpoint,
+        this frame's and the pending frames' merged in).  ``_OVERHEAD_SLACK`` covers the
+        few bytes the seqs in them may grow by until the commit."""
+        merged = dict(self._checkpoints)
+        for p in self._pending:
+            merged.update(p.checkpoints)
+        merged.update(checkpoints)
+        state = self._state_snapshot()
+        state["cp"] = merged
+        return (len(encode_state(state)) + len(encode_commit(self._next_seq))
+                + len(encode_ack(self._acked, self._ranges.ranges(), self._dropped_through))
+                + _OVERHEAD_SLACK)
 
     def _over_cap(self, size: int) -> bool:
         return self.total_bytes + self._pending_bytes + size > self.config.max_bytes
