@@ -238,6 +238,27 @@ async def test_a_spool_recovered_over_the_budget_takes_checkpoints_that_do_not_g
         assert recovered.checkpoints["s1"] == old["s1"] and "new" not in recovered.checkpoints
 
 
+async def test_a_spool_recovered_over_the_budget_neither_waits_nor_rolls_over_at_every_commit(
+        tmp_path: Path) -> None:
+    # STATE records of ~6 KB (written with larger segments) in a spool of 4 KiB segments:
+    # every segment is "full" at its STATE record alone.  Frames acknowledged at once must
+    # go on (no ack can make more room) and the segments roll over at twice their STATE
+    # record, not at every commit (before: a new segment, 6 KB written, per commit)
+    spool_dir = tmp_path / "spool"
+    old = {f"s{i}": {"at": 1, "pad": "x" * 1500} for i in range(4)}
+    async with DiskSpool.open(SpoolConfig(dir=str(spool_dir), max_bytes=1 << 20,
+                                          segment_bytes=1 << 18)) as spool:
+        spool.ack(await spool.append(b"", 0, old))
+    async with DiskSpool.open(SpoolConfig(dir=str(spool_dir), max_bytes=MAX_BYTES,
+                                          segment_bytes=SEGMENT_BYTES)) as spool:
+        with trio.fail_after(10):
+            for i in range(12):
+                spool.ack(await spool.append(b"x" * 1000, 1, {"s0": {"at": i + 2}}))
+                await spool.flush()
+        assert spool.counts["segments_deleted"] <= 6, spool.counts
+        assert spool.total_bytes <= MAX_BYTES
+
+
 def test_the_checkpoint_budget_is_half_a_segment_and_fits_a_record_recovery_reads() -> None:
     def budget(**config: int) -> int:
         return DiskSpool(SpoolConfig(dir="unused", **config)).max_checkpoint_bytes()
