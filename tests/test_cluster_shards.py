@@ -332,6 +332,7 @@ async def node_store(pg_dsn: str, urls: list[str], prefix: str, name: str,
         await nursery.start(bus.run)
         store = ClusterStore(pg_dsn, name, partitions=PARTITIONS, redis_shards=len(urls))
         store.shard_labels = bus
+        store.label_grace_s = 1.0  # the running nodes' epoch checks: every 0.375 s here
         try:
             await store.open()
         except ShardMismatch as exc:  # raised as itself, not in the nursery's group

@@ -364,6 +364,8 @@ class ClusterStore:
         #: the node's Redis shards, whose identities are checked against the cluster's
         #: (``_check_shard_labels_sync``; None: not checked)
         self.shard_labels: ShardLabels | None = None
+        #: how long a node starting next to running ones waits for them to label a shard
+        self.label_grace_s = LABEL_GRACE_S
         self.connect_timeout_s = connect_timeout_s
         self._limiter = trio.CapacityLimiter(connections)
         self._idle: collections.deque[psycopg.Connection[Any]] = collections.deque()
@@ -558,7 +560,7 @@ class ClusterStore:
         missing = [i for i, label in enumerate(found) if label is None]
         if missing and not fresh:
             others = self._other_nodes_sync(conn)
-            deadline = time.monotonic() + LABEL_GRACE_S
+            deadline = time.monotonic() + self.label_grace_s
             while others and missing and time.monotonic() < deadline:
                 time.sleep(0.2)  # a worker thread: the running nodes label it meanwhile
                 found = trio.from_thread.run(labels.read_shard_labels)
