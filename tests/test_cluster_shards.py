@@ -461,6 +461,21 @@ async def test_a_shard_that_lost_its_data_is_labelled_again(
     assert (await labels(urls, prefix))[1] is None
     async with node_store(pg_dsn, urls, prefix, "c"):
         assert await labels(urls, prefix) == before
+    # everything restarted at once (a power cycle): nodes starting together take turns
+    # under the start-up lock, and a node waiting for it is not one that runs
+    await wait_disconnected(pg_dsn, "c")
+    await trio.to_thread.run_sync(redis_shards[1].restart_empty)
+    started: list[str] = []
+
+    async def start(name: str) -> None:
+        async with node_store(pg_dsn, urls, prefix, name):
+            started.append(name)
+            await wait_for(lambda: len(started) == 2)
+
+    async with trio.open_nursery() as nursery:
+        for name in ("d", "e"):
+            nursery.start_soon(start, name)
+    assert sorted(started) == ["d", "e"] and await labels(urls, prefix) == before
 
 
 def test_a_node_listing_the_shards_in_another_order_refuses_to_start(

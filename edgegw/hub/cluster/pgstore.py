@@ -566,6 +566,9 @@ class ClusterStore:
                 found = trio.from_thread.run(labels.read_shard_labels)
                 self._refuse_foreign(shards_id, urls, found)
                 missing = [i for i, label in enumerate(found) if label is None]
+                # asked again: a node starting with this one may have been connected but
+                # not yet waiting for the lock (after a restart of everything)
+                others = self._other_nodes_sync(conn)
             if others and missing:
                 i = missing[0]
                 raise ShardMismatch(
