@@ -6,11 +6,15 @@ resyncs only the topics on it, and clients recover with no silent gap."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import pytest
 import trio
-from cluster_redis import RedisServer, fresh_prefix, redis_shards  # noqa: F401
+from cluster_redis import RedisServer, fresh_prefix, redis_server, redis_shards  # noqa: F401
 from test_cluster_bus import LiveClient, Owner, drive, settled, wait_for
 from test_cluster_nodes import (
     GATEWAY_TOML,
@@ -19,7 +23,7 @@ from test_cluster_nodes import (
     count_tester_records,
 )
 
-from edgegw.hub.cluster import ClusterBus, Mirror
+from edgegw.hub.cluster import ClusterBus, ClusterStore, Mirror, ShardMismatch
 from edgegw.hub.cluster.owner import topic_partition
 from edgegw.hub.cluster.partition import partition_of
 from edgegw.hub.fanout import LiveConfig, LiveFanout
@@ -312,3 +316,182 @@ async def test_one_unreachable_shard_makes_the_node_stale_but_loses_only_its_lea
         await wait_for(lambda: not bus.stale, 20)
         assert bus.holds("partition:2") == on_0
         nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------- shard identities
+
+
+@contextlib.asynccontextmanager
+async def node_store(pg_dsn: str, urls: list[str], prefix: str, name: str,
+                     ) -> AsyncIterator[tuple[ClusterStore, ClusterBus]]:
+    """What a node does at start-up: its bus up on its shards, then its store opened,
+    checking the shards (the count, and each shard's identity); closed on the way out."""
+    refusal: ShardMismatch | None = None
+    async with trio.open_nursery() as nursery:
+        bus = ClusterBus(urls, prefix, name, partitions=PARTITIONS, stale_after_s=1.5)
+        await nursery.start(bus.run)
+        store = ClusterStore(pg_dsn, name, partitions=PARTITIONS, redis_shards=len(urls))
+        store.shard_labels = bus
+        store.label_grace_s = 1.0  # the running nodes' epoch checks: every 0.375 s here
+        try:
+            await store.open()
+        except ShardMismatch as exc:  # raised as itself, not in the nursery's group
+            refusal = exc
+        try:
+            if refusal is None:
+                yield store, bus
+        finally:
+            await store.close()
+            nursery.cancel_scope.cancel()
+    if refusal is not None:
+        raise refusal
+
+
+async def refused(pg_dsn: str, urls: list[str], prefix: str, name: str) -> str:
+    with pytest.raises(ShardMismatch) as caught:
+        async with node_store(pg_dsn, urls, prefix, name):
+            pass
+    return str(caught.value)
+
+
+def meta(pg_dsn: str, key: str) -> str | None:
+    with psycopg.connect(pg_dsn) as conn:
+        row = conn.execute("SELECT value FROM edgegw_meta WHERE key = %s", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+async def labels(urls: list[str], prefix: str) -> list[str | None]:
+    async with trio.open_nursery() as nursery:
+        bus = ClusterBus(urls, prefix, "reader", partitions=PARTITIONS)
+        await nursery.start(bus.run)
+        found = await bus.read_shard_labels()
+        nursery.cancel_scope.cancel()
+    return found
+
+
+async def wait_disconnected(pg_dsn: str, name: str) -> None:
+    """PostgreSQL ends a closed connection's backend a moment after the close."""
+    def connected() -> bool:
+        with psycopg.connect(pg_dsn) as conn:
+            return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE"
+                                " application_name = %s", (f"edgegw {name}",)
+                                ).fetchone() != (0,)
+    await wait_for(lambda: not connected())
+
+
+async def test_shards_listed_in_another_order_refuse_to_start(
+        pg_dsn: str, redis_shards: list[RedisServer]) -> None:  # noqa: F811
+    """The first node labels each shard ``<shards id>/<index>`` (the id in PostgreSQL);
+    a node listing the same two shards swapped would route each partition to the other
+    Redis: it refuses, naming the URL, the index it lists it at and the one it holds --
+    with the first node running, and with none."""
+    urls, prefix = [s.url for s in redis_shards], fresh_prefix()
+    async with node_store(pg_dsn, urls, prefix, "a"):
+        shards_id = meta(pg_dsn, "redis_shards_id")
+        assert shards_id and await labels(urls, prefix) == [f"{shards_id}/0", f"{shards_id}/1"]
+        message = await refused(pg_dsn, urls[::-1], prefix, "b")
+        assert message == (
+            f"hub.cluster.redis_urls lists {urls[1]} as Redis shard 0 but it is shard 1 of "
+            "this cluster: every node must list the same shards in the same order, or a "
+            "partition would have two owners or none (list the shards in the cluster's "
+            "order; docs/cluster.md, Shards)")
+    await wait_disconnected(pg_dsn, "a")
+    assert "it is shard 1 of this cluster" in await refused(pg_dsn, urls[::-1], prefix, "b")
+    async with node_store(pg_dsn, urls, prefix, "b"):  # the cluster's order: it starts
+        pass
+
+
+async def test_another_redis_at_one_index_refuses_to_start(
+        pg_dsn: str, redis_shards: list[RedisServer],  # noqa: F811
+        redis_server: RedisServer) -> None:  # noqa: F811
+    """Same count, another Redis at index 1: an empty one while a node runs on the
+    cluster's (that node would have labelled it had it been its shard 1), or one labelled
+    by another cluster (say, one sharing the key prefix) even with no node running."""
+    urls, prefix = [s.url for s in redis_shards], fresh_prefix()
+    other = [urls[0], redis_server.url]
+    async with node_store(pg_dsn, urls, prefix, "a"):
+        message = await refused(pg_dsn, other, prefix, "c")
+        assert message.startswith(
+            f"hub.cluster.redis_urls lists {redis_server.url} as Redis shard 1 but it holds "
+            "no shard identity while node a runs on this cluster: they do not use this "
+            "Redis as shard 1"), message
+    assert await labels(other, prefix) == [f"{meta(pg_dsn, 'redis_shards_id')}/0", None]
+    async with trio.open_nursery() as nursery:  # another cluster's shard 1
+        bus = ClusterBus(other, prefix, "x", partitions=PARTITIONS)
+        await nursery.start(bus.run)
+        await bus.claim_shard_labels("another-cluster", [1])
+        nursery.cancel_scope.cancel()
+    await wait_disconnected(pg_dsn, "a")
+    message = await refused(pg_dsn, other, prefix, "c")
+    assert (f"lists {redis_server.url} as Redis shard 1 but it is shard 1 of another "
+            "cluster (another-cluster; this one is ") in message, message
+    assert "stop every node and delete the key" in message
+
+
+async def test_the_same_shards_spelled_differently_start(
+        pg_dsn: str, redis_shards: list[RedisServer]) -> None:  # noqa: F811
+    """The URLs may differ between nodes (one host's name for a Redis is not another's):
+    what is checked is the shard, not its spelling."""
+    urls, prefix = [s.url for s in redis_shards], fresh_prefix()
+    spelled = [f"redis://localhost:{s.port}" for s in redis_shards]
+    async with node_store(pg_dsn, urls, prefix, "a") as (_, bus_a), \
+            node_store(pg_dsn, spelled, prefix, "b") as (_, bus_b):
+        shards_id = meta(pg_dsn, "redis_shards_id")
+        assert await labels(spelled, prefix) == [f"{shards_id}/0", f"{shards_id}/1"]
+        assert bus_b.epochs == bus_a.epochs
+
+
+async def test_a_shard_that_lost_its_data_is_labelled_again(
+        pg_dsn: str, redis_shards: list[RedisServer]) -> None:  # noqa: F811
+    """Redis keeps nothing durable (no persistence is configured), so losing a shard's
+    data is routine: a running node labels it again when it sees its epoch change, and a
+    node starting with no node running labels it itself."""
+    urls, prefix = [s.url for s in redis_shards], fresh_prefix()
+    async with node_store(pg_dsn, urls, prefix, "a") as (_, bus_a):
+        before = await labels(urls, prefix)
+        assert None not in before
+        epoch = bus_a.epochs[1]
+        await trio.to_thread.run_sync(redis_shards[1].restart_empty)
+        await wait_for(lambda: bus_a.epochs[1] not in (None, epoch), 20)
+        assert await labels(urls, prefix) == before
+        async with node_store(pg_dsn, urls, prefix, "b"):
+            pass
+    await wait_disconnected(pg_dsn, "a")
+    await trio.to_thread.run_sync(redis_shards[1].restart_empty)
+    assert (await labels(urls, prefix))[1] is None
+    async with node_store(pg_dsn, urls, prefix, "c"):
+        assert await labels(urls, prefix) == before
+    # everything restarted at once (a power cycle): nodes starting together take turns
+    # under the start-up lock, and a node waiting for it is not one that runs
+    await wait_disconnected(pg_dsn, "c")
+    await trio.to_thread.run_sync(redis_shards[1].restart_empty)
+    started: list[str] = []
+
+    async def start(name: str) -> None:
+        async with node_store(pg_dsn, urls, prefix, name):
+            started.append(name)
+            await wait_for(lambda: len(started) == 2)
+
+    async with trio.open_nursery() as nursery:
+        for name in ("d", "e"):
+            nursery.start_soon(start, name)
+    assert sorted(started) == ["d", "e"] and await labels(urls, prefix) == before
+
+
+def test_a_node_listing_the_shards_in_another_order_refuses_to_start(
+        tmp_path: Path, pg_dsn: str, redis_shards: list[RedisServer]) -> None:  # noqa: F811
+    """``edgegw hub`` on the cluster's two shards swapped exits 3 with the one line, before
+    it takes any lease; the running node keeps every partition."""
+    urls, prefix = [s.url for s in redis_shards], fresh_prefix()
+    with NodeSet(tmp_path / "nodes", 2, lambda i: node_toml(
+            tmp_path / "data", pg_dsn, urls if i == 0 else urls[::-1], prefix)) as nodes:
+        nodes.start(0)
+        nodes.wait_healthy(0)
+        nodes.start(1)
+        proc = nodes.procs[1]
+        assert proc is not None
+        assert proc.wait(60) == 3
+        log = nodes.log(1).read_text()
+        assert (f"edgegw: cannot start: hub.cluster.redis_urls lists {urls[1]} as Redis shard "
+                "0 but it is shard 1 of this cluster") in log
+        assert nodes.healthz(0)["cluster"]["partitions_owned"] == 8  # type: ignore[index]

@@ -37,6 +37,9 @@ keys (its lease and fence, wake-ups, the topics it owns, its gateways' presence)
 shard ``partition % shards``, the cluster-wide ones (node registry, the ``alerts`` lease,
 notices, topics no partition owns) on shard 0.  Each shard has its own epoch, health
 checks and Pub/Sub connection, so one shard losing its data resyncs only its topics.
+Each shard holds its identity ``{prefix}:shard`` = ``<shards id>/<index>`` (the id in
+PostgreSQL): a starting node's store checks it (``read_shard_labels``, one GET per shard),
+and a node puts it back when it sees a shard's data lost (its epoch changed).
 
 **Health.**  The bus knows when it has not had a successful round trip for
 ``stale_after_s``: it is then *stale* -- this node must stop serving live data (the mirror
@@ -303,6 +306,9 @@ class ClusterBus:
         self._follow_all = False
         self._partitions_followed: set[int] = set()  # wake-up channels (owned partitions)
         self._topic_shards: dict[str, int] = {}  # shard_of_topic's answers
+        #: the cluster's shard-list id once this node's shards were checked against it
+        #: (``shard_labels_checked``): a shard that lost its data is labelled again
+        self._shards_id: str | None = None
         self._m_stale = self.metrics.gauge(
             "cluster_redis_stale", "1 while this node has no working Redis (no live data)")
         self._m_epoch_changes = self.metrics.counter(
@@ -554,6 +560,11 @@ class ClusterBus:
                                                              coredis.PureToken.NX),
                                  shard.index)
                 value = await self._call("epoch", lambda: client.get(key), shard.index)
+            if shard.epoch is not None and _text(value) != shard.epoch:
+                # Redis lost its data: put the shard's identity back (before the new epoch
+                # is taken: a failure retries at the next check), so that a node starting
+                # next finds the shard labelled (docs/cluster.md, Shards)
+                await self._relabel(shard)
         except BusUnavailable as exc:
             if shard.last_ok is None or \
                     trio.current_time() - shard.last_ok >= self.stale_after_s:
@@ -573,6 +584,47 @@ class ClusterBus:
             self.generation += 1
             self._signal()
         return True
+
+    # ------------------------------------------------------------------ shard identity
+
+    def shard_label(self, shards_id: str, index: int) -> str:
+        """What shard ``index`` of the cluster whose shard list is ``shards_id`` holds in
+        ``{prefix}:shard``."""
+        return f"{shards_id}/{index}"
+
+    async def read_shard_labels(self) -> list[str | None]:
+        """Each shard's identity (one GET per shard), None where it holds none."""
+        out: list[str | None] = []
+        for shard in self.shards:
+            value = await self._call("shard_label", lambda c=self._client_of(shard.index):
+                                     c.get(self.key("shard")), shard.index)
+            out.append(None if value is None else _text(value))
+        return out
+
+    async def claim_shard_labels(self, shards_id: str, shards: Sequence[int]
+                                 ) -> list[str | None]:
+        """Label these shards (SET NX: a label already there stays) and read every
+        shard's label back."""
+        for index in shards:
+            await self._label(index, shards_id)
+        return await self.read_shard_labels()
+
+    def shard_labels_checked(self, shards_id: str) -> None:
+        """This node's shards are the cluster's (the store checked their labels): from
+        now on it labels a shard again when it sees the shard's data lost."""
+        self._shards_id = shards_id
+
+    async def _relabel(self, shard: _Shard) -> None:
+        if self._shards_id is not None:
+            await self._label(shard.index, self._shards_id)
+
+    async def _label(self, index: int, shards_id: str) -> None:
+        import coredis
+
+        client = self._client_of(index)
+        label = self.shard_label(shards_id, index)
+        await self._call("shard_label", lambda: client.set(
+            self.key("shard"), label, condition=coredis.PureToken.NX), index)
 
     async def _health_loop(self, shard: _Shard) -> None:
         while True:

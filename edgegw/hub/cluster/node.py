@@ -153,6 +153,9 @@ class ClusterHub:
         self.bus = ClusterBus(list(cc.redis_urls) or cc.redis_url, cc.key_prefix,
                               self.node_id, partitions=cc.partitions,
                               stale_after_s=cc.stale_after_s, metrics=metrics)
+        # the store checks, under its start-up lock, that each shard is the cluster's shard
+        # at that index (its label in Redis), not only that the count matches
+        self.store.shard_labels = self.bus
         self.fanout = LiveFanout(config.live, metrics=metrics)
         # only the topics this node's clients follow (docs/cluster.md, "Mirroring")
         self.mirror = Mirror(self.bus, self.fanout, metrics=metrics,

@@ -39,8 +39,8 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import psycopg
 import trio
@@ -251,10 +251,31 @@ class PartitionMismatch(StartupError):
 
 
 class ShardMismatch(StartupError):
-    """The node's number of Redis shards (``hub.cluster.redis_urls``) differs from the
-    cluster's (stored in PostgreSQL by its first node): a partition's lease, fence and
-    topics would be on another Redis than the other nodes look at, so a partition could
-    have two owners, or none.  The node must not start (exit 3, this one line)."""
+    """The node's Redis shards (``hub.cluster.redis_urls``) are not the cluster's: another
+    number of them than the cluster's first node stored in PostgreSQL, or a shard whose
+    identity (``{prefix}:shard`` in it) names another index or another cluster.  A
+    partition's lease, fence and topics would be on another Redis than the other nodes look
+    at, so a partition could have two owners, or none.  The node must not start (exit 3,
+    this one line)."""
+
+
+class ShardLabels(Protocol):
+    """Each Redis shard's identity, read and written in the shard itself (the cluster
+    bus: ``ClusterBus``): ``<shards id>/<index>`` under the cluster's key prefix."""
+
+    redis_urls: list[str]
+
+    async def read_shard_labels(self) -> list[str | None]: ...
+
+    async def claim_shard_labels(self, shards_id: str, shards: Sequence[int]
+                                 ) -> list[str | None]: ...
+
+    def shard_labels_checked(self, shards_id: str) -> None: ...
+
+
+#: seconds a node starting next to running ones waits for them to label a shard that lost
+#: its data (they do at their next epoch check, about a second) before it refuses
+LABEL_GRACE_S = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,6 +361,11 @@ class ClusterStore:
         #: the node's number of Redis shards, stored by the cluster's first node and
         #: checked by every later one (None: a store driven alone, no bus: not checked)
         self.redis_shards = redis_shards
+        #: the node's Redis shards, whose identities are checked against the cluster's
+        #: (``_check_shard_labels_sync``; None: not checked)
+        self.shard_labels: ShardLabels | None = None
+        #: how long a node starting next to running ones waits for them to label a shard
+        self.label_grace_s = LABEL_GRACE_S
         self.connect_timeout_s = connect_timeout_s
         self._limiter = trio.CapacityLimiter(connections)
         self._idle: collections.deque[psycopg.Connection[Any]] = collections.deque()
@@ -468,19 +494,24 @@ class ClusterStore:
                     f"the cluster's PostgreSQL schema is version {meta['schema_version']}, "
                     f"this node knows {SCHEMA_VERSION}")
             if self.redis_shards is not None:
-                self._check_shards_sync(conn)
+                fresh = self._check_shards_sync(conn)
+                if self.shard_labels is not None:
+                    self._check_shard_labels_sync(conn, self.shard_labels, fresh)
             self.store_id = int(meta["store_id"])
             conn.execute("INSERT INTO edgegw_partition_heads (partition)"
                          " SELECT generate_series(0, %s - 1) ON CONFLICT DO NOTHING",
                          (self.partitions,))
 
-    def _check_shards_sync(self, conn: psycopg.Connection[Any]) -> None:
+    def _check_shards_sync(self, conn: psycopg.Connection[Any]) -> bool:
+        """Check the shard count; True when this node stored it (the shard list starts
+        with this node: a new cluster, or the row deleted to change the count)."""
         # A separate row, added by the first node of this version: a cluster made before
         # the count was stored takes the first starting node's (the docs' rule was already
         # "every node lists the same shards").  Deleting the row (every node stopped) is
         # how the count changes: the next node to start stores its own.
-        conn.execute("INSERT INTO edgegw_meta (key, value) VALUES ('redis_shards', %s)"
-                     " ON CONFLICT DO NOTHING", (str(self.redis_shards),))
+        inserted = conn.execute(
+            "INSERT INTO edgegw_meta (key, value) VALUES ('redis_shards', %s)"
+            " ON CONFLICT DO NOTHING RETURNING key", (str(self.redis_shards),)).fetchone()
         row = conn.execute("SELECT value FROM edgegw_meta WHERE key = 'redis_shards'"
                            ).fetchone()
         stored = int(row[0]) if row else self.redis_shards
@@ -491,6 +522,104 @@ class ClusterStore:
                 f"runs on {stored}: every node must list the same shards, or a partition "
                 "would have two owners or none (to change the count, stop every node and "
                 "DELETE FROM edgegw_meta WHERE key = 'redis_shards'; docs/cluster.md, Shards)")
+        return inserted is not None
+
+    def _check_shard_labels_sync(self, conn: psycopg.Connection[Any], labels: ShardLabels,
+                                 fresh: bool) -> None:
+        """Each shard must hold ``<shards id>/<its index>`` (docs/cluster.md, Shards): the
+        count alone lets two nodes list the same shards in another order, or another
+        Redis at one index, and route a partition to two Redis instances.  Runs in the
+        open transaction, under its advisory lock: nodes starting together label in turn.
+
+        A new shard list (this node stored the count, or a cluster made before shard ids
+        existed) gets a new id, and this node labels every shard (SET NX: a Redis that
+        holds another id refuses).  Otherwise a shard holding no label lost its data (no
+        persistence is configured), was replaced, or is not the cluster's at all: the
+        running nodes label a shard again when they see its epoch change, so a label still
+        missing while another node is connected to this database means the other nodes do
+        not use this Redis at this index (refused); with no node running, this one labels
+        it (the first node to start defines the list, as at bootstrap)."""
+        import uuid
+
+        if fresh:
+            conn.execute("INSERT INTO edgegw_meta (key, value) VALUES ('redis_shards_id', %s)"
+                         " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                         (str(uuid.uuid4()),))
+        else:
+            fresh = conn.execute(
+                "INSERT INTO edgegw_meta (key, value) VALUES ('redis_shards_id', %s)"
+                " ON CONFLICT DO NOTHING RETURNING key", (str(uuid.uuid4()),)
+            ).fetchone() is not None
+        row = conn.execute("SELECT value FROM edgegw_meta WHERE key = 'redis_shards_id'"
+                           ).fetchone()
+        assert row is not None
+        shards_id = str(row[0])
+        urls = list(labels.redis_urls)
+        found = trio.from_thread.run(labels.read_shard_labels)
+        self._refuse_foreign(shards_id, urls, found)
+        missing = [i for i, label in enumerate(found) if label is None]
+        if missing and not fresh:
+            others = self._other_nodes_sync(conn)
+            deadline = time.monotonic() + self.label_grace_s
+            while others and missing and time.monotonic() < deadline:
+                time.sleep(0.2)  # a worker thread: the running nodes label it meanwhile
+                found = trio.from_thread.run(labels.read_shard_labels)
+                self._refuse_foreign(shards_id, urls, found)
+                missing = [i for i, label in enumerate(found) if label is None]
+                # asked again: a node starting with this one may have been connected but
+                # not yet waiting for the lock (after a restart of everything)
+                others = self._other_nodes_sync(conn)
+            if others and missing:
+                i = missing[0]
+                raise ShardMismatch(
+                    f"hub.cluster.redis_urls lists {urls[i]} as Redis shard {i} but it holds "
+                    f"no shard identity while node{'s' if len(others) > 1 else ''} "
+                    f"{', '.join(others)} run{'' if len(others) > 1 else 's'} on this "
+                    f"cluster: they do not use this Redis as shard {i}; list the cluster's "
+                    "shards in the cluster's order (to replace a Redis, stop every node "
+                    "first; docs/cluster.md, Shards)")
+        if missing:
+            log.warning("cluster store: labelling Redis shard%s %s as shard%s of this "
+                        "cluster (%s)", "s" if len(missing) > 1 else "",
+                        ", ".join(urls[i] for i in missing), "s" if len(missing) > 1 else "",
+                        "a new shard list" if fresh else "no node running, they held none")
+            claimed = trio.from_thread.run(labels.claim_shard_labels, shards_id, missing)
+            for i in missing:
+                found[i] = claimed[i]
+            self._refuse_foreign(shards_id, urls, found)
+        labels.shard_labels_checked(shards_id)
+
+    @staticmethod
+    def _refuse_foreign(shards_id: str, urls: list[str], found: Sequence[str | None]
+                        ) -> None:
+        """ShardMismatch for the first shard labelled with another index or cluster."""
+        for i, label in enumerate(found):
+            if label is None or label == f"{shards_id}/{i}":
+                continue
+            held_id, _, held_index = label.rpartition("/")
+            what = (f"shard {held_index} of this cluster" if held_id == shards_id
+                    else f"shard {held_index} of another cluster ({held_id}; this one is "
+                         f"{shards_id})")
+            fix = ("list the shards in the cluster's order" if held_id == shards_id else
+                   "list this cluster's Redis, or if this Redis was meant to join it "
+                   "(replaced, or left from an earlier shard list) stop every node and "
+                   "delete the key")
+            raise ShardMismatch(
+                f"hub.cluster.redis_urls lists {urls[i]} as Redis shard {i} but it is "
+                f"{what}: every node must list the same shards in the same order, or a "
+                f"partition would have two owners or none ({fix}; docs/cluster.md, Shards)")
+
+    def _other_nodes_sync(self, conn: psycopg.Connection[Any]) -> list[str]:
+        """The other nodes connected to this cluster's database now (their stores name
+        their connections ``edgegw <node>``), not counting nodes that are starting too
+        (waiting for the open transaction's lock)."""
+        rows = conn.execute(
+            "SELECT DISTINCT substr(application_name, 8) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND application_name LIKE 'edgegw %%' AND application_name <> %s"
+            " AND wait_event IS DISTINCT FROM 'advisory' ORDER BY 1",
+            (f"edgegw {self.node_id}"[:63],)).fetchall()
+        return [str(r[0]) for r in rows]
 
     async def close(self) -> None:
         with self._pool_lock:
@@ -1149,4 +1278,4 @@ class ClusterStore:
 
 
 __all__ = ["ClusterStore", "GatewaySuperseded", "GatewayTotals", "LogChunk", "PartitionMismatch",
-           "ShardMismatch", "StoreUnavailable", "decode_chunk"]
+           "ShardLabels", "ShardMismatch", "StoreUnavailable", "decode_chunk"]
