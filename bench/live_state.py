@@ -42,14 +42,15 @@ no part result) in each of --pending-lots other lots, then the simulated lot goe
 frames of --frame records, in order and pairwise swapped (2, 1, 4, 3, ...: every frame
 starts or joins a stretch), the two states taking turns pair by pair; CPU µs per frame,
 median over the pairs, then the median of --runs processes; and whether the swapped state
-equals the in-order one.  ``--baseline DIR`` runs the same with another checkout's
-``edgegw`` alternately, as ``--path`` does.
+equals the in-order one.  ``--own``: the waiting lists are the alternating gateway's own
+(its first frame, before the lot's).  ``--baseline DIR`` runs the same with another
+checkout's ``edgegw`` alternately, as ``--path`` does.
 
     python bench/live_state.py [--runs 5] [--frame 2000] [--wafers 4] [--kinds] [--stages]
     python bench/live_state.py --path [--runs 5] [--frame 8000] [--baseline DIR]
     python bench/live_state.py --order [--runs 5] [--frame 2000]
     python bench/live_state.py --alternating [--runs 5] [--frame 100] [--pending-lots 4]
-        [--baseline DIR]
+        [--own] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -414,20 +415,23 @@ def figures(state: LiveState) -> Any:
 FULL_PENDING = 4_096
 
 
-def alternating_run(frame: int, wafers: int, pending_lots: int) -> dict[str, Any]:
+def alternating_run(frame: int, wafers: int, pending_lots: int, own: bool
+                    ) -> dict[str, Any]:
     """One process's figures for --alternating: per-frame CPU µs, in order and swapped."""
     records = sim_records(wafers)
-    frames = [(i + 1, records[i:i + frame]) for i in range(0, len(records), frame)]
-    n = len(frames) - len(frames) % 2
-    # another gateway's values waiting in other lots, every site without its part result
+    # values waiting in other lots, every site without its part result: another
+    # gateway's, or (own) the bench gateway's, its rids before the lot's
     full = [ParametricResult("other", 1.0, f"FULL{k}", 1, site, "", 1, "T1", 0.5, 0.0, 1.0,
                              "V", True)
             for k in range(pending_lots) for site in range(FULL_PENDING)]
+    first = len(full) + 1 if own else 1
+    frames = [(first + i, records[i:i + frame]) for i in range(0, len(records), frame)]
+    n = len(frames) - len(frames) % 2
     states = {}
     for name in ("in order", "alternating"):
         state = states[name] = LiveState(lambda topic, delta: None, clock=lambda: 5_000.0,
                                          max_lots=pending_lots + 1)
-        state.on_records("other", 1, full)
+        state.on_records("bench" if own else "other", 1, full)
     us: dict[str, list[float]] = {name: [] for name in states}
     clock = time.process_time
     gc.collect()
@@ -443,14 +447,15 @@ def alternating_run(frame: int, wafers: int, pending_lots: int) -> dict[str, Any
             "equal": figures(states["alternating"]) == figures(states["in order"])}
 
 
-def alternating_ab(runs: int, frame: int, wafers: int, pending_lots: int,
+def alternating_ab(runs: int, frame: int, wafers: int, pending_lots: int, own: bool,
                    baseline: str | None) -> None:
     """--alternating, this checkout and (``baseline``) another, alternately."""
     codes: dict[str, str | None] = {"this": None}
     if baseline:
         codes = {"base": str(Path(baseline).resolve()), "this": None}
-    print(f"the simulated lot in frames of {frame}, in order and pairwise swapped, another "
-          f"gateway's {FULL_PENDING} waiting lists in each of {pending_lots} other lots; CPU "
+    whose = "its own" if own else "another gateway's"
+    print(f"the simulated lot in frames of {frame}, in order and pairwise swapped, {whose} "
+          f"{FULL_PENDING} waiting lists in each of {pending_lots} other lots; CPU "
           f"µs per frame, median over the pairs, median of {runs} processes, alternating; "
           f"load average {os.getloadavg()[0]:.1f}")
     got: dict[str, list[dict[str, Any]]] = {c: [] for c in codes}
@@ -459,7 +464,8 @@ def alternating_ab(runs: int, frame: int, wafers: int, pending_lots: int,
             env = None if code is None else {**os.environ, "PYTHONPATH": code}
             out = subprocess.run(
                 [sys.executable, __file__, "--serve-alternating",
-                 json.dumps({"frame": frame, "wafers": wafers, "lots": pending_lots})],
+                 json.dumps({"frame": frame, "wafers": wafers, "lots": pending_lots,
+                             "own": own})],
                 env=env, check=True, capture_output=True, text=True).stdout
             got[label].append(json.loads(out.splitlines()[-1]))
     for label, rows in got.items():
@@ -490,16 +496,19 @@ def main() -> None:
                     help="what frames swapped pairwise cost beside waiting values, see above")
     ap.add_argument("--pending-lots", type=int, default=4,
                     help="with --alternating: lots with another gateway's full waiting set")
+    ap.add_argument("--own", action="store_true",
+                    help="with --alternating: the waiting lists are the gateway's own")
     ap.add_argument("--serve-path", metavar="JSON", help=argparse.SUPPRESS)
     ap.add_argument("--serve-alternating", metavar="JSON", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_alternating:
         job = json.loads(args.serve_alternating)
-        print(json.dumps(alternating_run(job["frame"], job["wafers"], job["lots"])))
+        print(json.dumps(alternating_run(job["frame"], job["wafers"], job["lots"],
+                                         job["own"])))
         return
     if args.alternating:
         alternating_ab(args.runs, args.frame or 100, args.wafers, args.pending_lots,
-                       args.baseline)
+                       args.own, args.baseline)
         return
     if args.serve_path:
         job = json.loads(args.serve_path)

@@ -20,7 +20,7 @@ from edgegw.hub.checkpoint import capture, restore
 from edgegw.hub.live import LiveState
 from edgegw.metrics import Metrics
 from edgegw.protocol import check_frame, encode_columns
-from edgegw.records import MultiPinResult, ParametricResult, PartResult, WaferStart
+from edgegw.records import LotEnd, MultiPinResult, ParametricResult, PartResult, WaferStart
 
 # the caps docs/live-topics.md gives, per gateway
 PENDING_SITES_PER_LOT = 4_096  # (head, site) lists waiting per lot
@@ -210,3 +210,17 @@ def test_values_of_sites_over_a_tests_cap_are_counted() -> None:
         state.on_records("other", 1, [_ptr("L", n + 1, 1, 0.5)])
         assert len(tests[1].by_site) == SITES_PER_TEST + 1, how
         assert counter(metrics, "hub_state_site_values_dropped_total") == 30, how
+
+
+def test_where_a_gateways_values_wait_is_only_lots_in_memory() -> None:
+    """A gateway in record-id order for months never switches stretch: the lots it has
+    values waiting in (what a switch would move) must not grow with every lot it ever
+    tested -- a lot leaving memory leaves the set."""
+    state = LiveState(lambda topic, delta: None, clock=lambda: 5_000.0, max_lots=2)
+    rid = 1
+    for k in range(20):
+        frame = [_ptr(f"L{k}", 0, 1, 0.5), LotEnd("tester", 1.0, f"L{k}")]
+        state.on_records("gw", rid, frame)
+        rid += len(frame)
+    assert len(state.lots) == 2
+    assert state.gateways["gw"].pending_lots == set(state.lots)

@@ -793,6 +793,10 @@ class LiveState:
 
     def _evict(self, victim: LotState) -> None:
         del self.lots[victim.lot_id]
+        for gid in victim.pending_of:  # (a gateway in order for months: its set stays short)
+            gw = self.gateways.get(gid)
+            if gw is not None:
+                gw.pending_lots.discard(victim.lot_id)
         if len(self.evicted) == self.evicted.maxlen:
             self._evicted_set.discard(self.evicted[0])
         self.evicted.append(victim.lot_id)
