@@ -224,3 +224,18 @@ def test_where_a_gateways_values_wait_is_only_lots_in_memory() -> None:
         rid += len(frame)
     assert len(state.lots) == 2
     assert state.gateways["gw"].pending_lots == set(state.lots)
+
+
+def test_a_checkpoint_without_the_sites_counts_restores() -> None:
+    """A checkpoint from before the per-gateway count of a test's sites (its test rows
+    one field shorter) restores, and its sites count against no gateway."""
+    state = LiveState(lambda topic, delta: None, clock=lambda: 5_000.0)
+    state.on_records("gw", 1, [_ptr("L", s, 1, 0.5) for s in range(SITES_PER_TEST)])
+    data = capture(state)
+    for lot in data["lots"]:
+        lot["tests"] = [row[:16] for row in lot["tests"]]
+    restored = LiveState(lambda topic, delta: None, clock=lambda: 5_000.0)
+    restore(restored, data)
+    restored.on_records("gw", SITES_PER_TEST + 1, [_ptr("L", SITES_PER_TEST, 1, 0.5)])
+    assert len(restored.lots["L"].tests[1].by_site) == SITES_PER_TEST + 1
+    assert restored.snapshot("test/L/1") is not None
