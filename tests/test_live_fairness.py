@@ -112,14 +112,14 @@ def test_a_frame_that_switches_stretch_costs_no_more_when_other_values_wait() ->
     ordered = rids(parts("LIN", "W1", 200))
     alternating = swapped(rids(parts("LALT", "W1", 200)))
     clock = time.process_time
-    us: dict[str, list[float]] = {"in order": [], "alternating": []}
+    cpu: dict[str, list[float]] = {"in order": [], "alternating": []}
     for k in range(0, len(ordered), 2):  # taking turns, pair by pair: load hits both
         for gateway, frames in (("in order", ordered), ("alternating", alternating)):
             t0 = clock()
             for first, records in frames[k:k + 2]:
                 state.on_records(gateway, first, records)
-            us[gateway].append(clock() - t0)
-    in_order, alt = (statistics.median(us[g]) for g in ("in order", "alternating"))
+            cpu[gateway].append(clock() - t0)
+    in_order, alt = (statistics.median(cpu[g]) for g in ("in order", "alternating"))
     assert alt <= 5 * in_order, f"alternating {alt * 1e6:.0f} µs, in order {in_order * 1e6:.0f}"
     assert own_figures(state, "LALT", "W1", range(4)) == own_figures(state, "LIN", "W1",
                                                                      range(4))
