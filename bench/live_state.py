@@ -35,9 +35,22 @@ in the order a gateway sends them after an outage (``SendScheduler``: the second
 first, then the backlog) and every other frame first; CPU µs per record, medians of
 --runs, interleaved; and whether each state equals the in-order one.
 
+``--alternating`` measures what a frame that follows no previous one of its gateway costs
+when other gateways' values wait (issue: a switch of stretch once scanned every lot's
+waiting lists): another gateway keeps a full set of waiting lists (4,096 sites of values,
+no part result) in each of --pending-lots other lots, then the simulated lot goes in in
+frames of --frame records, in order and pairwise swapped (2, 1, 4, 3, ...: every frame
+starts or joins a stretch), the two states taking turns pair by pair; CPU µs per frame,
+median over the pairs, then the median of --runs processes; and whether the swapped state
+equals the in-order one.  ``--own``: the waiting lists are the alternating gateway's own
+(its first frame, before the lot's).  ``--baseline DIR`` runs the same with another
+checkout's ``edgegw`` alternately, as ``--path`` does.
+
     python bench/live_state.py [--runs 5] [--frame 2000] [--wafers 4] [--kinds] [--stages]
     python bench/live_state.py --path [--runs 5] [--frame 8000] [--baseline DIR]
     python bench/live_state.py --order [--runs 5] [--frame 2000]
+    python bench/live_state.py --alternating [--runs 5] [--frame 100] [--pending-lots 4]
+        [--own] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -373,25 +386,95 @@ def order_costs(runs: int, frame: int, wafers: int) -> None:
             us[name].append((time.process_time() - t0) / len(records) * 1e6)
             states[name] = state
 
-    def figures(state: LiveState) -> Any:
-        # counts exact, running statistics to 9 significant digits (docs/live-topics.md)
-        # (the die values are checked by tests/test_live_part_order.py)
-        def rounded(v: Any) -> Any:
-            if isinstance(v, dict):  # (a wafer's die rows follow arrival: by X/Y)
-                return {k: sorted(rounded(x), key=repr)
-                        if k == "dies" and isinstance(x, list) else rounded(x)
-                        for k, x in v.items()}
-            if isinstance(v, list):
-                return [rounded(x) for x in v]
-            return float(f"{v:.9g}") if isinstance(v, float) else v
-        return rounded({t: state.snapshot(t) for t in state.topics()
-                        if t.startswith(("lot/", "test/"))})
     want = figures(states["in order"])
     base = statistics.median(us["in order"])
     for name, got in us.items():
         med = statistics.median(got)
         print(f"  {name:34s} {med:6.2f}  {med / base:5.2f}x of in order  "
               f"{'equal' if figures(states[name]) == want else 'DIFFERENT'}")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
+def figures(state: LiveState) -> Any:
+    """The lots' and tests' snapshots: counts exact, running statistics to 9 significant
+    digits (docs/live-topics.md; the die values are checked by
+    tests/test_live_part_order.py)."""
+    def rounded(v: Any) -> Any:
+        if isinstance(v, dict):  # (a wafer's die rows follow arrival: by X/Y)
+            return {k: sorted(rounded(x), key=repr)
+                    if k == "dies" and isinstance(x, list) else rounded(x)
+                    for k, x in v.items()}
+        if isinstance(v, list):
+            return [rounded(x) for x in v]
+        return float(f"{v:.9g}") if isinstance(v, float) else v
+    return rounded({t: state.snapshot(t) for t in state.topics()
+                    if t.startswith(("lot/", "test/"))})
+
+
+#: (gateway, head, site) lists of waiting values a lot keeps (models.PENDING_SITES_PER_LOT)
+FULL_PENDING = 4_096
+
+
+def alternating_run(frame: int, wafers: int, pending_lots: int, own: bool
+                    ) -> dict[str, Any]:
+    """One process's figures for --alternating: per-frame CPU µs, in order and swapped."""
+    records = sim_records(wafers)
+    # values waiting in other lots, every site without its part result: another
+    # gateway's, or (own) the bench gateway's, its rids before the lot's
+    full = [ParametricResult("other", 1.0, f"FULL{k}", 1, site, "", 1, "T1", 0.5, 0.0, 1.0,
+                             "V", True)
+            for k in range(pending_lots) for site in range(FULL_PENDING)]
+    first = len(full) + 1 if own else 1
+    frames = [(first + i, records[i:i + frame]) for i in range(0, len(records), frame)]
+    n = len(frames) - len(frames) % 2
+    states = {}
+    for name in ("in order", "alternating"):
+        state = states[name] = LiveState(lambda topic, delta: None, clock=lambda: 5_000.0,
+                                         max_lots=pending_lots + 1)
+        state.on_records("bench" if own else "other", 1, full)
+    us: dict[str, list[float]] = {name: [] for name in states}
+    clock = time.process_time
+    gc.collect()
+    for k in range(0, n, 2):
+        for name, pair in (("in order", (k, k + 1)), ("alternating", (k + 1, k))):
+            state = states[name]
+            t0 = clock()
+            for i in pair:
+                state.on_records("bench", *frames[i])
+            us[name].append((clock() - t0) / 2 * 1e6)
+    return {"frames": n, "records": sum(len(frames[i][1]) for i in range(n)),
+            **{name: statistics.median(v) for name, v in us.items()},
+            "equal": figures(states["alternating"]) == figures(states["in order"])}
+
+
+def alternating_ab(runs: int, frame: int, wafers: int, pending_lots: int, own: bool,
+                   baseline: str | None) -> None:
+    """--alternating, this checkout and (``baseline``) another, alternately."""
+    codes: dict[str, str | None] = {"this": None}
+    if baseline:
+        codes = {"base": str(Path(baseline).resolve()), "this": None}
+    whose = "its own" if own else "another gateway's"
+    print(f"the simulated lot in frames of {frame}, in order and pairwise swapped, {whose} "
+          f"{FULL_PENDING} waiting lists in each of {pending_lots} other lots; CPU "
+          f"µs per frame, median over the pairs, median of {runs} processes, alternating; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    got: dict[str, list[dict[str, Any]]] = {c: [] for c in codes}
+    for _ in range(runs):
+        for label, code in codes.items():
+            env = None if code is None else {**os.environ, "PYTHONPATH": code}
+            out = subprocess.run(
+                [sys.executable, __file__, "--serve-alternating",
+                 json.dumps({"frame": frame, "wafers": wafers, "lots": pending_lots,
+                             "own": own})],
+                env=env, check=True, capture_output=True, text=True).stdout
+            got[label].append(json.loads(out.splitlines()[-1]))
+    for label, rows in got.items():
+        med = {k: statistics.median(r[k] for r in rows) for k in ("in order", "alternating")}
+        print(f"  {label:5s} {rows[0]['frames']} frames: in order {med['in order']:8.1f}  "
+              f"alternating {med['alternating']:8.1f}  "
+              f"({med['alternating'] / med['in order']:.2f}x of in order)  "
+              f"{'equal' if all(r['equal'] for r in rows) else 'DIFFERENT'}  (runs: "
+              + ", ".join(f"{r['in order']:.0f}/{r['alternating']:.0f}" for r in rows) + ")")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
@@ -405,11 +488,28 @@ def main() -> None:
     ap.add_argument("--stages", action="store_true", help="the hub's stages per record")
     ap.add_argument("--path", action="store_true",
                     help="the hub's live path (feeder hand-off + live state), see above")
-    ap.add_argument("--baseline", metavar="DIR", help="with --path: also another checkout's")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="with --path or --alternating: also another checkout's")
     ap.add_argument("--order", action="store_true",
                     help="what frames out of record-id order cost, see above")
+    ap.add_argument("--alternating", action="store_true",
+                    help="what frames swapped pairwise cost beside waiting values, see above")
+    ap.add_argument("--pending-lots", type=int, default=4,
+                    help="with --alternating: lots with another gateway's full waiting set")
+    ap.add_argument("--own", action="store_true",
+                    help="with --alternating: the waiting lists are the gateway's own")
     ap.add_argument("--serve-path", metavar="JSON", help=argparse.SUPPRESS)
+    ap.add_argument("--serve-alternating", metavar="JSON", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve_alternating:
+        job = json.loads(args.serve_alternating)
+        print(json.dumps(alternating_run(job["frame"], job["wafers"], job["lots"],
+                                         job["own"])))
+        return
+    if args.alternating:
+        alternating_ab(args.runs, args.frame or 100, args.wafers, args.pending_lots,
+                       args.own, args.baseline)
+        return
     if args.serve_path:
         job = json.loads(args.serve_path)
         print(f"{path_run(job['stream'], job['frame'], job['wafers']):.4f}")

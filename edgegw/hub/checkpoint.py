@@ -212,7 +212,8 @@ def _test(t: TestStats) -> list[Any]:
             t.count, t.mean, t.m2, t.min, t.max,
             [h.lo, h.width, list(h.counts), h.below, h.above],
             [_running(site, r) for site, r in t.by_site.items()],
-            [_running(wafer, r) for wafer, r in t.by_wafer.items()]]
+            [_running(wafer, r) for wafer, r in t.by_wafer.items()],
+            [[gw, n] for gw, n in t.sites_of.items()]]
 
 
 def _test_from(lot_id: str, row: list[Any]) -> TestStats:
@@ -223,6 +224,9 @@ def _test_from(lot_id: str, row: list[Any]) -> TestStats:
     h.lo, h.width, counts, h.below, h.above = row[13]
     h.counts = list(counts)
     t.by_site = {r[0]: _running_from(r) for r in row[14]}
+    # whose sites they are (an older checkpoint does not say: none counted, each gateway
+    # may make its full count more)
+    t.sites_of = {gw: n for gw, n in row[16]} if len(row) > 16 else {}
     for r in row[15]:
         t.by_wafer[r[0]] = _running_from(r)
     return t
@@ -239,8 +243,9 @@ def _lot(lot: LotState, cache: WaferCache) -> dict[str, Any]:
         "reported_hard": lot.reported_hard, "reported_soft": lot.reported_soft,
         "reported_counts": lot.reported_counts, "updated": lot.updated,
         # a part's values waiting for its PartResult (a cut may fall between them)
-        "pending": [[*key, [[stats.test_num, v] for stats, v in values]]
-                    for key, values in lot.pending.items()],
+        "pending": [[gw, head, site, [[stats.test_num, v] for stats, v in values]]
+                    for gw, mine in lot.pending_of.items()
+                    for (head, site), values in mine.items()],
     }
 
 
@@ -297,7 +302,8 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
             t.wafer_order = lot.wafer_order
             lot.tests[t.test_num] = t
         for gw, head, site, values in d["pending"]:
-            lot.pending[(gw, head, site)] = [(lot.tests[num], v) for num, v in values]
+            lot.pending_of.setdefault(gw, {})[(head, site)] = [(lot.tests[num], v)
+                                                               for num, v in values]
         lot.tally = _tally_from(d["tally"])
         lot.part_times.extend(sorted(d["part_times"]))  # (by time; older hubs: arrival)
         lot.test_time_sum, lot.test_time_n = d["test_time"]
@@ -319,6 +325,12 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
         g.last_seen, g.records, g.frames, g.last_rid = last_seen, records, frames, last_rid
         g.events.extend(events)
         state.gateways[gw_id] = g
+    for lot in state.lots.values():  # where each gateway's current stretch's values wait
+        for gw_id in lot.pending_of:
+            g = state.gateways.get(gw_id)
+            if g is None:  # (its frames made it: a checkpoint always has it)
+                g = state.gateways[gw_id] = GatewayState(gw_id)
+            g.pending_lots.add(lot.lot_id)
     for gw_id, run, waiting in data.get("runs", ()):  # (an older checkpoint has none)
         g = state.gateways[gw_id]
         g.run = run_from(run, state.lots)

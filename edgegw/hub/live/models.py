@@ -234,12 +234,15 @@ TEST_WAFERS = 50
 DIE_VALUES_PER_WAFER = 20_000
 #: Values of one site's part waiting for its PartResult (which names wafer and die).
 PENDING_PER_SITE = 4_096
-#: (gateway, head, site) whose values may wait in one lot for their part results at once:
-#: a gateway may number its sites and heads with any int, and each new one would hold
-#: its own list (STDF numbers them 0..255)
+#: (head, site) of one gateway whose values may wait in one lot for their part results at
+#: once: a gateway may number its sites and heads with any int, and each new one would
+#: hold its own list (STDF numbers them 0..255).  Per gateway: one gateway using them all
+#: must not leave another's values in the same lot without a list
 PENDING_SITES_PER_LOT = 4_096
-#: sites a test keeps figures of (``sites``): every test delta carries them all, so a
-#: gateway sending thousands of site numbers would make each delta that long
+#: sites a test keeps figures of (``sites``) per gateway, counted by the gateway that
+#: brought the site first: every test delta carries them all, so a gateway sending
+#: thousands of site numbers would make each delta that long; per gateway, so one that
+#: does leaves the others' sites their rows
 SITES_PER_TEST = 1_024
 #: Stretches of a gateway's records applied apart from the rest (frames out of record-id
 #: order) kept waiting to join their neighbours, per gateway (``Run``); over it the
@@ -375,19 +378,34 @@ class TestStats:
         self.max: float | None = None
         self.histogram = Histogram()
         self.by_site: dict[int, Running] = {}
+        #: gateway -> how many of ``by_site`` it made (at most ``SITES_PER_TEST``): a site is
+        #: the first gateway's to bring it; any gateway's values of it count in it
+        self.sites_of: dict[str, int] = {}
         #: wafer id -> its values' running figures, the newest TEST_WAFERS wafers, in the
         #: lot's wafer order (``wafer_order``; re-sorted when it or the rows changed)
         self.by_wafer: OrderedDict[str, Running] = OrderedDict()
         self.wafer_order = wafer_order
         self._rows_at = -1  # the wafer order's version the rows are sorted for
 
-    def add_site_value(self, site: int, value: float) -> None:
+    def add_site_value(self, site: int, value: float, gateway: str) -> bool:
+        """``value`` into its site's figures; False if the site is not kept (``gateway``
+        has made ``SITES_PER_TEST`` sites of this test already): the value is then in the
+        test's own figures only."""
         running = self.by_site.get(site)
         if running is None:
-            if len(self.by_site) >= SITES_PER_TEST:
-                return  # (in the test's own figures only)
-            running = self.by_site[site] = Running()
+            running = self._new_site(site, gateway)
+            if running is None:
+                return False
         running.add(value)
+        return True
+
+    def _new_site(self, site: int, gateway: str) -> Running | None:
+        made = self.sites_of.get(gateway, 0)
+        if made >= SITES_PER_TEST:
+            return None
+        self.sites_of[gateway] = made + 1
+        running = self.by_site[site] = Running()
+        return running
 
     def add_wafer_value(self, wafer_id: str, value: float) -> None:
         running = self.by_wafer.get(wafer_id)
@@ -409,12 +427,14 @@ class TestStats:
         if self.max is None or value > self.max:
             self.max = value
 
-    def add_values(self, flat: list[Any]) -> None:
+    def add_values(self, flat: list[Any], gateway: str) -> int:
         """``add_value`` then ``add_site_value`` for each ``value, site`` pair of ``flat``
-        (``[value, site, value, site, ...]``, every value finite, every site an int), under
-        the current limits: the same float operations in the same order, so the figures
-        are exactly those of the one-at-a-time calls, without a method call per value
-        (``LiveState`` applies a frame's parametric results a test at a time)."""
+        (``[value, site, value, site, ...]``, every value finite, every site an int, all
+        from ``gateway``), under the current limits: the same float operations in the same
+        order, so the figures are exactly those of the one-at-a-time calls, without a
+        method call per value (``LiveState`` applies a frame's parametric results a test
+        at a time).  Returns how many values' sites were not kept (``add_site_value``
+        False)."""
         hist = self.histogram
         lo_limit, hi_limit = self.lo, self.hi
         limited = _limited(lo_limit, hi_limit)
@@ -428,6 +448,7 @@ class TestStats:
         last = HIST_BINS - 1
         n, mean, m2, low, high = self.count, self.mean, self.m2, self.min, self.max
         by_site = self.by_site
+        not_kept = 0
         it = iter(flat)
         for value, site in zip(it, it, strict=True):
             # Histogram.add: its common case (inside the range) here, the rest in it
@@ -451,14 +472,16 @@ class TestStats:
                 high = value
             running = by_site.get(site)
             if running is None:
-                if len(by_site) >= SITES_PER_TEST:
-                    continue  # (in the test's own figures only: add_site_value)
-                running = by_site[site] = Running()
+                running = self._new_site(site, gateway)
+                if running is None:
+                    not_kept += 1  # (in the test's own figures only: add_site_value)
+                    continue
             running.n += 1
             delta = value - running.mean
             running.mean += delta / running.n
             running.m2 += delta * (value - running.mean)
         self.count, self.mean, self.m2, self.min, self.max = n, mean, m2, low, high
+        return not_kept
 
     def add_wafer_values(self, flat: list[Any]) -> None:
         """``add_wafer_value`` for each ``wafer_id, value`` pair of ``flat``, in order."""
@@ -561,9 +584,12 @@ class LotState:
         #: (it would start the wafer afresh and overwrite its archive)
         self.archived_wafers: set[str] = set()
         self.tests: dict[int, TestStats] = {}
-        #: (gateway, head, site) -> (test, value) of the part under test: its PartResult
-        #: (after its tests, as in STDF) names the wafer and die they belong to
-        self.pending: dict[tuple[str, int, int], list[tuple[TestStats, float]]] = {}
+        #: gateway -> (head, site) -> (test, value) of the part under test: its PartResult
+        #: (after its tests, as in STDF) names the wafer and die they belong to.  By
+        #: gateway: each has its own cap (``PENDING_SITES_PER_LOT``), and a gateway's frame
+        #: that switches stretch moves its own lists in one step, never looking at
+        #: another's (``LiveState._switch_run``)
+        self.pending_of: dict[str, dict[tuple[int, int], list[tuple[TestStats, float]]]] = {}
         self.tally = Tally()
         self.part_times: deque[float] = deque(maxlen=_UPH_WINDOW)
         self.test_time_sum = 0
@@ -572,6 +598,13 @@ class LotState:
         self.reported_soft: dict[str, int] = {}
         self.reported_counts: dict[str, Any] = {}
         self.updated = 0.0
+
+    @property
+    def pending(self) -> dict[tuple[str, int, int], list[tuple[TestStats, float]]]:
+        """Every (gateway, head, site)'s waiting values, flat (a new dict: for checks and
+        reports, not for the apply)."""
+        return {(g, h, s): values for g, mine in self.pending_of.items()
+                for (h, s), values in mine.items()}
 
     def order_wafers(self) -> None:
         """Put ``wafers`` back in start order (``start_order``) after a wafer was made,
@@ -656,6 +689,9 @@ class SensorState:
 Head = tuple[str, int, int | None, int | None]
 #: (lot id, head, site)
 SiteKey = tuple[str, int, int]
+#: what a stretch's sites owe, or a gateway's values waiting in a lot: (head, site) -> the
+#: values (test, value), in rid order
+Owed = dict[tuple[int, int], list[tuple[TestStats, float]]]
 
 
 class Run:
@@ -666,21 +702,29 @@ class Run:
     values wait in ``LotState.pending`` for the next part result of their site, as in
     STDF.  A frame that does not follow the last one (after an outage the gateway sends
     its newest frames first) starts another stretch; the one it left waits in
-    ``GatewayState.waiting`` with what its ends still owe: ``tails``, per (lot, head,
+    ``GatewayState.waiting`` with what its ends still owe: ``owed``, per lot and (head,
     site), the values after its last part result there (they belong to a part result in
-    a stretch to the right), and ``heads``, per (lot, head, site), its first part result
-    there (values at the end of a stretch to the left belong to it).  When two stretches
-    meet, the left one's tails go to the right one's heads (``LiveState._join_right``).
+    a stretch to the right; each lot's are the gateway's ``LotState.pending_of`` lists,
+    moved whole), and ``heads``, per (lot, head, site), its first part result there
+    (values at the end of a stretch to the left belong to it).  When two stretches meet,
+    the left one's owed values go to the right one's heads (``LiveState._join_right``).
     While ``lo`` is 1 nothing can come from the left, so no heads are kept.
     """
 
-    __slots__ = ("heads", "hi", "lo", "tails")
+    __slots__ = ("heads", "hi", "lo", "owed")
 
     def __init__(self, lo: int, hi: int) -> None:
         self.lo = lo
         self.hi = hi
         self.heads: dict[SiteKey, Head] = {}
-        self.tails: dict[SiteKey, list[tuple[TestStats, float]]] = {}
+        #: lot id -> (head, site) -> values
+        self.owed: dict[str, Owed] = {}
+
+    @property
+    def tails(self) -> dict[SiteKey, list[tuple[TestStats, float]]]:
+        """``owed`` flat, by (lot, head, site) (a new dict: for checks and reports)."""
+        return {(lot_id, h, s): values for lot_id, owed in self.owed.items()
+                for (h, s), values in owed.items()}
 
 
 def run_row(run: Run | None) -> list[Any] | None:
@@ -688,8 +732,8 @@ def run_row(run: Run | None) -> list[Any] | None:
     if run is None:
         return None
     return [run.lo, run.hi, [[*k, *h] for k, h in run.heads.items()],
-            [[*k, [[stats.test_num, v] for stats, v in values]]
-             for k, values in run.tails.items()]]
+            [[lot_id, h, s, [[stats.test_num, v] for stats, v in values]]
+             for lot_id, owed in run.owed.items() for (h, s), values in owed.items()]]
 
 
 def run_from(row: list[Any] | None, lots: dict[str, LotState]) -> Run | None:
@@ -703,7 +747,8 @@ def run_from(row: list[Any] | None, lots: dict[str, LotState]) -> Run | None:
     for lot_id, head, site, values in tails:
         lot = lots.get(lot_id)
         if lot is not None:
-            run.tails[(lot_id, head, site)] = [(lot.tests[num], v) for num, v in values]
+            run.owed.setdefault(lot_id, {})[(head, site)] = [(lot.tests[num], v)
+                                                             for num, v in values]
     return run
 
 
@@ -721,9 +766,12 @@ class GatewayState:
         self.per_second: dict[int, int] = {}
         self.rate_now = 0.0
         self.events: deque[dict[str, Any]] = deque(maxlen=topics.GATEWAY_EVENTS)
-        #: the stretch of rids the frames applied last extend (None: no frame yet); its
-        #: tails are in its lots' ``pending``
+        #: the stretch of rids the frames applied last extend (None: no frame yet); what
+        #: its sites owe waits in its lots' ``pending_of``
         self.run: Run | None = None
+        #: ids of the lots where that is (a lot in it may have left memory since): a frame
+        #: that switches stretch moves those lists, and only those
+        self.pending_lots: set[str] = set()
         #: other stretches, waiting to meet their neighbours (``LiveState.max_waiting_runs``)
         self.waiting: list[Run] = []
 

@@ -54,12 +54,20 @@ Invariants worth knowing before reading the code:
 * **A part's values by record id, not by arrival.**  A part's results are the records of
   its (gateway, head, site) between its previous part result and its own, by rid.  Frames
   applied in rid order form a stretch (``Run``) whose sites' values wait in
-  ``LotState.pending`` for the next part result, as in STDF; a frame that does not follow
-  the last one (after an outage the gateway sends its newest frames first) starts or
-  extends another stretch, and when stretches meet the values owed at the left one's end
-  go to the right one's first part result of their site (``_switch_run``,
-  ``_join_right``).  Waiting stretches are capped per gateway (``max_waiting_runs``), the
-  values given up counted.  Frames in order never leave the old path.
+  ``LotState.pending_of`` (by gateway) for the next part result, as in STDF; a frame that
+  does not follow the last one (after an outage the gateway sends its newest frames
+  first) starts or extends another stretch, and when stretches meet the values owed at
+  the left one's end go to the right one's first part result of their site
+  (``_switch_run``, ``_join_right``).  Waiting stretches are capped per gateway
+  (``max_waiting_runs``), the values given up counted.  Frames in order never leave the
+  old path, and a switch moves the gateway's own lists whole: its cost does not grow
+  with the values waiting.
+* **Every cap a gateway can fill is its own.**  Lots are shared (a lot's gateways are
+  ``LotState.gateways``), so the caps on what a gateway's invented site numbers make are
+  per gateway: waiting lists per lot (``PENDING_SITES_PER_LOT``), a test's sites
+  (``SITES_PER_TEST``, counted by the gateway that brought the site), waiting stretches
+  and their first part results (``max_waiting_runs``, ``RUN_HEADS``).  One gateway at
+  its caps leaves another's values their room.
 
 Why one module of this size: ``LiveState`` is one class whose record handlers share the
 open batch, the caps, the eviction policy and the observer; the entities are in
@@ -207,6 +215,12 @@ class LiveState:
             "waiting in a stretch of out-of-order frames over the cap, or their part's wafer "
             "or lot left memory before they came",
         )
+        self._m_site_values_dropped = metrics.counter(
+            "hub_state_site_values_dropped_total",
+            "test values left out of their test's per-site figures (sites): the gateway "
+            "that sent them already made as many sites of the test as a test keeps per "
+            "gateway (the test's own figures have them)",
+        )
         self._m_wafers_archived = metrics.counter(
             "hub_state_wafers_archived_total", "wafers that left memory for the history store")
         self._m_evicted = metrics.counter("hub_state_lots_evicted_total", "lots evicted")
@@ -302,7 +316,7 @@ class LiveState:
                 gw.run = Run(first_rid, last_rid)
             else:
                 self._switch_run(gw, first_rid, last_rid)
-        batch = _Batch()
+        batch = _Batch(gateway_id)
         batch.gateways[gw] = None
         batch.run = gw.run
         return gw, batch
@@ -311,16 +325,22 @@ class LiveState:
 
     def _switch_run(self, gw: GatewayState, first_rid: int, last_rid: int) -> None:
         """A frame that does not follow the last one: the stretch it leaves waits (with
-        the values its sites still owe, taken out of its lots' ``pending``); the frame
-        extends the waiting stretch it follows, if any, or starts one."""
+        the values its sites still owe, the gateway's lists taken out of its lots'
+        ``pending_of`` whole); the frame extends the waiting stretch it follows, if any,
+        or starts one.  Its cost is the gateway's own lots and stretches, not how many
+        values wait in the lots (another gateway's, or its own)."""
         gid = gw.gateway_id
         run = gw.run
         assert run is not None
-        for lot in self.lots.values():
-            pending = lot.pending
-            if pending:
-                for key in [k for k in pending if k[0] == gid]:
-                    run.tails[(lot.lot_id, key[1], key[2])] = pending.pop(key)
+        lots = self.lots
+        owed = run.owed  # (empty: a current stretch's values wait in the lots)
+        for lot_id in gw.pending_lots:
+            lot = lots.get(lot_id)
+            if lot is not None:
+                mine = lot.pending_of.pop(gid, None)
+                if mine:
+                    owed[lot_id] = mine
+        gw.pending_lots.clear()
         waiting = gw.waiting
         waiting.append(run)
         left = next((r for r in waiting if r.hi == first_rid - 1), None)
@@ -330,17 +350,20 @@ class LiveState:
             waiting.remove(left)
             gw.run = left
             left.hi = last_rid
-            tails, left.tails = left.tails, {}
-            for (lot_id, head, site), values in tails.items():
-                lot = self.lots.get(lot_id)
-                if lot is None or len(lot.pending) >= PENDING_SITES_PER_LOT:
-                    self._m_values_dropped.inc(len(values))
+            owed, left.owed = left.owed, {}
+            for lot_id, mine in owed.items():
+                lot = lots.get(lot_id)
+                if lot is None:
+                    self._m_values_dropped.inc(sum(len(v) for v in mine.values()))
                 else:
-                    lot.pending[(gid, head, site)] = values
+                    # (its lists were within the gateway's cap when they left the lot,
+                    # and the gateway has none there now: they just went to ``run``)
+                    lot.pending_of[gid] = mine
+                    gw.pending_lots.add(lot_id)
         while len(waiting) > self.max_waiting_runs:
             oldest = min(waiting, key=lambda r: r.lo)
             waiting.remove(oldest)
-            dropped = sum(len(v) for v in oldest.tails.values())
+            dropped = sum(len(v) for owed in oldest.owed.values() for v in owed.values())
             if dropped:
                 self._m_values_dropped.inc(dropped)
 
@@ -361,23 +384,36 @@ class LiveState:
             lot_id, h, site = key
             lot = lots.get(lot_id)
             if lot is not None:
-                values = lot.pending.pop((gid, h, site), None)
+                mine = lot.pending_of.get(gid)
+                values = mine.pop((h, site), None) if mine else None
                 if values:
                     self._late_values(lot, gid, head, values, batch)
             if keep_heads and key not in run.heads and len(run.heads) < RUN_HEADS:
                 run.heads[key] = head  # no part result of its site in the current one
-        for (lot_id, h, site), values in right.tails.items():
+        dropped = 0
+        for lot_id, theirs in right.owed.items():
             lot = lots.get(lot_id)
             if lot is None:
-                self._m_values_dropped.inc(len(values))
+                dropped += sum(len(v) for v in theirs.values())
                 continue
-            pending = lot.pending.get((gid, h, site))
-            if pending is None:
-                pending = _new_pending(lot, (gid, h, site))
-            room = max(PENDING_PER_SITE - len(pending), 0)
-            pending.extend(values[:room])
-            if len(values) > room:
-                self._m_values_dropped.inc(len(values) - room)
+            mine = lot.pending_of.get(gid)
+            if not mine:  # nothing of the current stretch waits there: theirs as they are
+                lot.pending_of[gid] = theirs
+                gw.pending_lots.add(lot_id)
+                continue
+            for hs, values in theirs.items():
+                pending = mine.get(hs)
+                if pending is None:
+                    if len(mine) >= PENDING_SITES_PER_LOT:
+                        dropped += len(values)
+                        continue
+                    pending = mine[hs] = []
+                room = max(PENDING_PER_SITE - len(pending), 0)
+                pending.extend(values[:room])
+                if len(values) > room:
+                    dropped += len(values) - room
+        if dropped:
+            self._m_values_dropped.inc(dropped)
         run.hi = right.hi
 
     def _late_values(self, lot: LotState, gateway_id: str, head: tuple[Any, ...],
@@ -616,9 +652,10 @@ class LiveState:
                         # a part's results come together: its site's list again
                         if site != p_site or head != p_head or lot is not p_lot:
                             p_site, p_head, p_lot = site, head, lot
-                            pending = lot.pending.get((gateway_id, head, site))
+                            mine = lot.pending_of.get(gateway_id)
+                            pending = mine.get((head, site)) if mine is not None else None
                             if pending is None:
-                                pending = _new_pending(lot, (gateway_id, head, site))
+                                pending = self._new_pending(lot, gateway_id, head, site)
                         if len(pending) < PENDING_PER_SITE:
                             pending.append((stats, value))
                         else:
@@ -657,13 +694,16 @@ class LiveState:
         if dropped:
             self._m_values_dropped.inc(dropped)
 
-    @staticmethod
-    def _apply_deferred(batch: _Batch) -> None:
+    def _apply_deferred(self, batch: _Batch) -> None:
         """The values kept by ``_apply_batched`` into their tests' figures."""
         if batch.values:
+            gid = batch.gateway_id
+            not_kept = 0
             for stats, kept in batch.values.items():
-                stats.add_values(kept)
+                not_kept += stats.add_values(kept, gid)
             batch.values.clear()
+            if not_kept:
+                self._m_site_values_dropped.inc(not_kept)
         if batch.wafer_values:
             for stats, kept in batch.wafer_values.items():
                 stats.add_wafer_values(kept)
@@ -693,6 +733,21 @@ class LiveState:
         log.warning("live state: %d record(s) not applied (%s), %d since the start; last: %s",
                     unlogged, reason, entry["count"], entry["last"])
         self._logged[reason] = (now, 0)
+
+    def _new_pending(self, lot: LotState, gateway_id: str, head: int, site: int
+                     ) -> list[Any]:
+        """A new list of values of ``gateway_id``'s (head, site) waiting for its part
+        result in ``lot``, or ``_NO_ROOM`` when the gateway has as many such lists in the
+        lot as a lot keeps of one gateway (another gateway's lists take none of its room)."""
+        mine = lot.pending_of.get(gateway_id)
+        if mine is None:
+            mine = lot.pending_of[gateway_id] = {}
+            self.gateways[gateway_id].pending_lots.add(lot.lot_id)
+        elif len(mine) >= PENDING_SITES_PER_LOT:
+            return _NO_ROOM
+        pending: list[Any] = []
+        mine[(head, site)] = pending
+        return pending
 
     def _gateway(self, gateway_id: str) -> GatewayState:
         gw = self.gateways.get(gateway_id)
@@ -738,6 +793,10 @@ class LiveState:
 
     def _evict(self, victim: LotState) -> None:
         del self.lots[victim.lot_id]
+        for gid in victim.pending_of:  # (a gateway in order for months: its set stays short)
+            gw = self.gateways.get(gid)
+            if gw is not None:
+                gw.pending_lots.discard(victim.lot_id)
         if len(self.evicted) == self.evicted.maxlen:
             self._evicted_set.discard(self.evicted[0])
         self.evicted.append(victim.lot_id)
@@ -859,7 +918,8 @@ class LiveState:
                        final: bool, batch: _Batch) -> None:
         """The part's test values (sent before it) join their wafer's figures and, for the
         final result of a die with X/Y, the die's value for the map by test value."""
-        pending = lot.pending.pop((gateway_id, rec.head, rec.site), None)
+        mine = lot.pending_of.get(gateway_id)
+        pending = mine.pop((rec.head, rec.site), None) if mine else None
         if not pending or not rec.wafer_id:
             return
         xy = (rec.x, rec.y) if final and rec.x is not None and rec.y is not None else None
@@ -926,11 +986,13 @@ class LiveState:
                 and math.isfinite(rec.value):
             stats.add_value(rec.value)
             if is_int(rec.site) and is_int(rec.head):
-                stats.add_site_value(rec.site, rec.value)
+                if not stats.add_site_value(rec.site, rec.value, gateway_id):
+                    self._m_site_values_dropped.inc()
                 lot = self.lots[rec.lot_id]
-                pending = lot.pending.get((gateway_id, rec.head, rec.site))
+                mine = lot.pending_of.get(gateway_id)
+                pending = mine.get((rec.head, rec.site)) if mine is not None else None
                 if pending is None:
-                    pending = _new_pending(lot, (gateway_id, rec.head, rec.site))
+                    pending = self._new_pending(lot, gateway_id, rec.head, rec.site)
                 if len(pending) < PENDING_PER_SITE:
                     pending.append((stats, rec.value))
                 else:
@@ -950,8 +1012,9 @@ class LiveState:
             for value in rec.values:
                 if value is not None and math.isfinite(value):
                     stats.add_value(value)
-                    if is_int(rec.site):
-                        stats.add_site_value(rec.site, value)
+                    if is_int(rec.site) and not stats.add_site_value(rec.site, value,
+                                                                     gateway_id):
+                        self._m_site_values_dropped.inc()
         batch.tests[stats] = None
 
     def _on_functional(self, gateway_id: str, rid: int, rec: FunctionalResult,
@@ -1159,16 +1222,6 @@ def _keep_time(times: deque[float], ts: float) -> None:
 _NO_ROOM: list[Any] = [None] * PENDING_PER_SITE
 
 
-def _new_pending(lot: LotState, key: tuple[str, int, int]) -> list[Any]:
-    """A new (gateway, head, site)'s list of values waiting for its part result in
-    ``lot``, or ``_NO_ROOM`` when the lot has as many such lists as it keeps."""
-    if len(lot.pending) >= PENDING_SITES_PER_LOT:
-        return _NO_ROOM
-    pending: list[Any] = []
-    lot.pending[key] = pending
-    return pending
-
-
 def _plain_parametric(columns: list[Any]) -> bool:
     """Whether a frame's parametric results' columns hold only the types the inline apply
     takes without a check per record (most frames: one ``map`` per column, in C)."""
@@ -1188,10 +1241,13 @@ _NO_TEST_READS = frozenset({SensorReading, SensorWindow, GatewayEvent, RawRecord
 class _Batch:
     """What one on_records call changed, so each topic gets one delta."""
 
-    __slots__ = ("closed_wafers", "dies", "gateway_events", "gateways", "lots", "not_applied",
-                 "run", "sensors", "tests", "ts", "values", "wafer_values", "wafers")
+    __slots__ = ("closed_wafers", "dies", "gateway_events", "gateway_id", "gateways", "lots",
+                 "not_applied", "run", "sensors", "tests", "ts", "values", "wafer_values",
+                 "wafers")
 
-    def __init__(self) -> None:
+    def __init__(self, gateway_id: str) -> None:
+        #: whose frame it is
+        self.gateway_id = gateway_id
         self.ts = 0.0
         # dicts used as ordered sets: deltas go out in a reproducible order
         self.wafers: dict[WaferState, None] = {}
