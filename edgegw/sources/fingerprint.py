@@ -39,6 +39,17 @@ def starts_alike(known: Fingerprint, data: bytes) -> bool:
     return len(data) >= n and zlib.crc32(data[:n]) == crc
 
 
+def extended(known: Fingerprint, data: bytes, at: int) -> Fingerprint:
+    """``known`` carried on over ``data``, the file's bytes from offset ``at`` read after it
+    was taken, up to ``HEAD_BYTES``: what the tail reads of a file is then always covered
+    (unchanged when ``data`` does not join up with it)."""
+    n, crc = known
+    if n >= HEAD_BYTES or not at <= n < at + len(data):
+        return known
+    end = min(HEAD_BYTES, at + len(data))
+    return end, zlib.crc32(data[n - at:end - at], crc)
+
+
 def complete(known: Fingerprint | None, size: int) -> bool:
     """Whether ``known`` covers as much of a file of ``size`` bytes as a fingerprint can: a
     shorter one, taken while the file was being written, is taken again as it grows."""

@@ -83,6 +83,7 @@ from . import RecordSink, SourceContext, source_errors
 from .fingerprint import (
     Fingerprint,
     complete,
+    extended,
     from_checkpoint,
     read_fingerprints,
     to_checkpoint,
@@ -427,6 +428,7 @@ class TailSource:
                             "start", self.name, info.path)
                 await self._ended(sink, f)
                 f = None
+            created = f is None
             if f is None and unknown and self._finished_before(info):
                 f = self.files[info.path] = _File(
                     info.path, info.inode, info.gz, offset=info.size, done=True,
@@ -435,6 +437,10 @@ class TailSource:
             elif f is None:
                 f = self.files[info.path] = self._listed[info.path] = _File(
                     info.path, info.inode, info.gz)
+            if created and self.gone:
+                # the inode holds this file now: a vanished one that had it (remembered by
+                # it, perhaps by it alone) is not this one coming back after a restart
+                self.gone = [g for g in self.gone if g[0] != info.inode]
             if head is not None:
                 f.head = head[0]
             elif info.path in asked:  # (could not be read: tried again once it changes)
@@ -552,6 +558,10 @@ class TailSource:
             if not data:
                 break
             grew = True
+            if f.head is not None and not f.gz:
+                # (so what was read is covered even if the file grew since its first
+                # bytes were read; a gzip file's are taken of its compressed bytes)
+                f.head = extended(f.head, data, f.fed)
             f.fed += len(data)
             f.size = info.size if f.gz else f.fed
             if f.rows and not f.selected and not f.skip_below:
