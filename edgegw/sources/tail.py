@@ -37,7 +37,8 @@ gateway's.  A finished file that changes after the watermark (touched,
 renamed) is listed again, and the checkpoint handed over at once, without records.
 ``gone`` (the last ``GONE_KEPT``) names unfinished files that vanished (inode and
 change time): one that comes back unchanged (a directory remounted) is read from its start,
-as a vanished file always was, never taken as finished.  A version 1 checkpoint (every file
+as a vanished file always was, never taken as finished; a new file met at its inode ends
+its entry.  A version 1 checkpoint (every file
 listed) is read as one without a watermark.
 
 ``offset`` is always a record boundary, and every record before it has been mapped
@@ -793,10 +794,12 @@ class TailSource:
         self._listed.pop(f.path, None)
         batch: list[Record] = []
         if not f.done:
-            if vanished:
+            if vanished and not any(g.inode == f.inode for g in self.files.values()):
                 # back unchanged: read it whole (0: missing at the first scan after a
-                # restart, its change time unknown; its inode alone then)
+                # restart, its change time unknown; its inode alone then).  Not when a
+                # file the tail knows holds its inode now: it cannot come back with it
                 self.gone.append((f.inode, f.changed))
+            if vanished:
                 log.warning("source %s: %s disappeared before it was complete", self.name,
                             f.path)
             if f.mapper is not None and not f.skip_below:
