@@ -24,10 +24,10 @@ from edgegw.sim import stdf_file_bytes
 from edgegw.sim.tester import TesterProfile
 from edgegw.sources import TailSource
 
-PROFILE = dict(sites=4, wafer_diameter_dies=8, tests_per_part=4, seed=7)
+PROFILE: dict[str, Any] = dict(sites=4, wafer_diameter_dies=8, tests_per_part=4, seed=7)
 #: two lots of the very same size and record layout, different from byte 29 (the lot id)
-LOT_A = stdf_file_bytes(TesterProfile(lot_id="LOTA", **PROFILE))  # type: ignore[arg-type]
-LOT_B = stdf_file_bytes(TesterProfile(lot_id="LOTB", **PROFILE))  # type: ignore[arg-type]
+LOT_A = stdf_file_bytes(TesterProfile(lot_id="LOTA", **PROFILE))
+LOT_B = stdf_file_bytes(TesterProfile(lot_id="LOTB", **PROFILE))
 #: a larger lot
 LOT_C = stdf_file_bytes(TesterProfile(lot_id="LOTC", sites=4, wafer_diameter_dies=10,
                                       tests_per_part=4, seed=8))
