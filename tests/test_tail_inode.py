@@ -60,13 +60,30 @@ def create_at_inode(path: Path, data: bytes, inode: int, tries: int = REUSE_TRIE
             spare.unlink()
 
 
+def wait_past_change_time(path: Path) -> None:
+    """Until the file system's clock has passed ``path``'s change time.  It stamps times
+    with a coarse clock: a file created within the same tick as another's last change
+    carries the very same time (on a floor, the next lot comes later than that)."""
+    changed = path.stat().st_ctime_ns
+    probe = path.with_name(".probe.tmp")
+    try:
+        while True:
+            probe.touch()
+            if probe.stat().st_ctime_ns > changed:
+                return
+            time.sleep(0.001)
+    finally:
+        probe.unlink()
+
+
 def replace_at_inode(old: Path, new: Path, data: bytes) -> None:
     """Delete ``old``; create ``new`` (perhaps the same path) holding ``data`` at its inode
     (failing, never skipping, if the file system does not give it: the test needs it)."""
-    inode = old.stat().st_ino
+    st = old.stat()
+    wait_past_change_time(old)
     old.unlink()
-    assert create_at_inode(new, data, inode), (
-        f"no new file got inode {inode} back in {REUSE_TRIES} tries (file system of "
+    assert create_at_inode(new, data, st.st_ino), (
+        f"no new file got inode {st.st_ino} back in {REUSE_TRIES} tries (file system of "
         f"{new.parent}: inodes not reused at once?)")
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 from test_stdf_tail import expected, no_ts, tail
-from test_tail_inode import create_at_inode
+from test_tail_inode import create_at_inode, wait_past_change_time
 
 from edgegw.records import GatewayEvent, LotStart, PartResult
 from edgegw.sim import stdf_file_bytes
@@ -211,6 +211,7 @@ class Model:
                 lot.path = old.path
             end = rng.choice([rng.randrange(1, len(lot.data)), len(lot.data)])
             inode = old.path.stat().st_ino
+            wait_past_change_time(old.path)
             old.path.unlink()
             old.deleted = True
             # (not had when the gateway holds the old file open: a deleted file's inode is
