@@ -21,12 +21,15 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pytest
 import trio
 from hubtools import gateway_config
 
 from edgegw.gateway import AFTER_KEY, ORIGINS_KEY, Gateway
 from edgegw.protocol import decode_body
 from edgegw.records import GatewayEvent, SensorReading, from_wire
+from edgegw.sim import stdf_file_bytes
+from edgegw.sim.tester import TesterProfile
 from edgegw.spool import DiskSpool, SpoolConfig
 
 
@@ -577,6 +580,34 @@ async def test_a_file_truncated_replaced_or_rotated_before_the_restart_is_read_w
         assert await tailed_records(img) == before + new_content, (
             f"{how}: the new content whole, once")
         await assert_span_discarded(gateway, img)
+
+
+@pytest.mark.parametrize("name", ["b.std", "a.std"])
+async def test_a_new_file_at_the_inode_of_the_one_read_before_the_restart_is_read_whole(
+        tmp_path: Path, name: str) -> None:
+    """(d) The file being read is deleted before the restart and a new file (another lot,
+    larger) gets its inode, under another name or under its own: it is read whole -- not
+    taken for the old file renamed or grown and followed from its offset -- and the tail
+    ends the old file before the new one's records come, so none of them is skipped for
+    the span the frames hold of the old one (docs/tail.md, "Inodes are reused")."""
+    from shared_data import METIS, stdf_bytes
+    from test_tail_inode import replace_at_inode
+
+    data = stdf_bytes(METIS)
+    new = stdf_file_bytes(TesterProfile(lot_id="NEW", sites=2, wafer_diameter_dies=20,
+                                        tests_per_part=8, seed=3))
+    assert len(new) > len(data)
+    files = tmp_path / "stdf"
+    files.mkdir()
+    write_at(files / "a.std", data, 1_000_000)
+    image, _checkpoints = (await split_put_images(tmp_path / "first", files,
+                                                  files / "a.std", {"a.std"}))[-1]
+    new_content = await records_of(tmp_path / "clean", new)
+    before = await tailed_records(image)
+    replace_at_inode(files / "a.std", files / name, new)
+    gateway = await tail_files_until_done(tail_cfg(files, tmp_path / "gw", image), {name})
+    assert await tailed_records(image) == before + new_content, "the new lot whole, once"
+    await assert_span_discarded(gateway, image)
 
 
 async def test_a_file_renamed_before_the_restart_is_followed_and_its_skip_still_applies(

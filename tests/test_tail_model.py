@@ -2,8 +2,10 @@
 size") under file-system churn and crashes.
 
 A seeded random tester writes STDF lots into a real directory in pieces, finishes them,
-renames, touches and deletes them, and copies in finished lots with old modification times
-(``cp -p``); between its steps a real ``TailSource`` polls, time passes (``fold_after`` is
+renames, touches and deletes them, copies in finished lots with old modification times
+(``cp -p``), and deletes a lot to create a new one at its inode, under another name or its
+own (docs/tail.md, "Inodes are reused"; on ``tmp_path``, on disk: tmpfs never reuses an
+inode); between its steps a real ``TailSource`` polls, time passes (``fold_after`` is
 small, so finished files leave the checkpoint's list within the run), and the gateway
 crashes: a fresh ``TailSource`` resumes from the last checkpoint the sink accepted (as a
 durable store gives it back, through JSON).
@@ -34,8 +36,9 @@ from typing import Any
 
 import pytest
 from test_stdf_tail import expected, no_ts, tail
+from test_tail_inode import create_at_inode, wait_past_change_time
 
-from edgegw.records import LotStart, PartResult
+from edgegw.records import GatewayEvent, LotStart, PartResult
 from edgegw.sim import stdf_file_bytes
 from edgegw.sim.tester import TesterProfile
 from edgegw.sources import TailSource
@@ -157,7 +160,7 @@ class Model:
         if changeable:
             choices += ["rename", "touch"]
         if alive:
-            choices.append("delete")
+            choices += ["delete", "reuse"]
         if self.source is not None:
             choices += ["poll"] * 6 + ([] if self.unseen_change else ["crash"])
         else:
@@ -198,11 +201,26 @@ class Model:
         elif action == "delete":
             lot = rng.choice(alive)
             self.steps.append(f"delete {lot.path.name}")
-            # (moved out of the directory rather than unlinked, so that a new file does not
-            # get its inode: a new file of the same size at a deleted file's inode is taken
-            # as that file renamed, a documented limit)
+            # (moved out of the directory: "reuse" unlinks)
             lot.path.rename(self.trash / f"{lot.lot_id}.stdf")
             lot.deleted = True
+        elif action == "reuse":  # deleted, and a new lot created at its inode
+            old = rng.choice(alive)
+            lot = self.new_lot()
+            if rng.random() < 0.5:
+                lot.path = old.path
+            end = rng.choice([rng.randrange(1, len(lot.data)), len(lot.data)])
+            inode = old.path.stat().st_ino
+            wait_past_change_time(old.path)
+            old.path.unlink()
+            old.deleted = True
+            # (not had when the gateway holds the old file open: a deleted file's inode is
+            # freed only once it is closed; then the new lot is just a new file)
+            reused = create_at_inode(lot.path, lot.data[:end], inode, tries=20)
+            lot.written = end
+            self.steps.append(f"reuse {old.path.name} -> {lot.path.name} ({lot.lot_id}) bytes"
+                              f" 0..{end} of {len(lot.data)}"
+                              + (" at its inode" if reused else " (its inode not had)"))
         elif action == "sleep":
             seconds = rng.choice([0.01, 0.05, 0.2])
             self.steps.append(f"sleep {seconds}")
@@ -248,6 +266,8 @@ class Model:
     # -- the invariant ------------------------------------------------------------------------
 
     def check(self) -> None:
+        events = [r for r in self.sink.records if isinstance(r, GatewayEvent)]
+        assert not events, f"no file is corrupt: {events}"
         got: dict[str, list[Any]] = {}
         for r in no_ts(self.sink.records):
             got.setdefault(r.lot_id, []).append(r)
@@ -334,8 +354,9 @@ async def test_a_finished_file_changed_while_running_is_not_read_again_after_a_c
 @pytest.mark.parametrize("seed", range(6))
 async def test_every_record_is_emitted_once_under_churn_and_crashes(
         tmp_path: Path, seed: int) -> None:
-    """Files written, finished, renamed, touched, deleted and copied in with old times,
-    with polls, time passing and crashes between: each record once, over all runs."""
+    """Files written, finished, renamed, touched, deleted, copied in with old times and
+    created at deleted ones' inodes, with polls, time passing and crashes between: each
+    record once, over all runs."""
     await run_model(seed, tmp_path, steps=100, fold_after=(0.0, 0.05)[seed % 2])
 
 

@@ -22,7 +22,8 @@ Checkpoint (passed with every batch; the gateway keeps the last durable one and 
 back as ``context.checkpoint``)::
 
     {"version": 2, "files": {PATH: {"offset": N, "done": bool, "reason": str,
-                                    "inode": int, "size": int, "state": {...}}},
+                                    "inode": int, "size": int, "state": {...},
+                                    "head": [LENGTH, CRC32]}},
      "finished_before": NS, "gone": [[inode, NS], ...]}
 
 Bounded: ``files`` lists the unfinished files and the finished ones that changed (their
@@ -36,7 +37,8 @@ gateway's.  A finished file that changes after the watermark (touched,
 renamed) is listed again, and the checkpoint handed over at once, without records.
 ``gone`` (the last ``GONE_KEPT``) names unfinished files that vanished (inode and
 change time): one that comes back unchanged (a directory remounted) is read from its start,
-as a vanished file always was, never taken as finished.  A version 1 checkpoint (every file
+as a vanished file always was, never taken as finished; a new file met at its inode ends
+its entry.  A version 1 checkpoint (every file
 listed) is read as one without a watermark.
 
 ``offset`` is always a record boundary, and every record before it has been mapped
@@ -47,7 +49,10 @@ defaults, the open parts, lot and wafer ids); reading then continues at ``offset
 the mapping is a pure function of the records fed, the records emitted after a restart are
 exactly those an uninterrupted run would have emitted after that batch: nothing is sent
 twice, nothing is skipped.  ``inode`` and ``size`` tell a file that was replaced at the
-same path from the one the checkpoint describes.
+same path from the one the checkpoint describes; ``head``, the fingerprint of its first
+KiB (``fingerprint``), a new file that got its inode (deleted, then a new one created under
+another matched name or the same one) from the file renamed or grown.  An entry without
+``head`` (an older checkpoint) goes by inode and size alone, as before.
 
 Corrupt input (``FormatError``) is logged with path and byte offset, counted in
 ``source_errors_total{kind="corrupt"}``, reported to the hub as a GatewayEvent, and the file is
@@ -76,6 +81,14 @@ from ..metrics import report_internal_error
 from ..records import GatewayEvent, Record
 from ..stdf.mapping import RecordMapper
 from . import RecordSink, SourceContext, source_errors
+from .fingerprint import (
+    Fingerprint,
+    complete,
+    extended,
+    from_checkpoint,
+    read_fingerprints,
+    to_checkpoint,
+)
 from .formats import UnknownFormat, build_options, get_format, is_complete, new_parser
 
 log = logging.getLogger(__name__)
@@ -154,6 +167,8 @@ class _File:
     reason: str = ""
     size: int = 0
     state: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: its first bytes' fingerprint (None: not taken yet, or an older checkpoint's entry)
+    head: Fingerprint | None = None
     # runtime only
     reader: Any = None
     parser: FormatParser | None = None
@@ -173,10 +188,15 @@ class _File:
     warned: bool = False
     io_failed: bool = False  # a read error was reported, no read has succeeded since
     changed: int = 0  # its last change as the latest scan saw it (``_FileInfo.changed``)
+    #: its change time when its first bytes could not be read: tried again once it changes
+    head_missed: int = -1
 
     def checkpoint(self) -> dict[str, Any]:
-        return {"offset": self.offset, "done": self.done, "reason": self.reason,
-                "inode": self.inode, "size": self.size, "state": dict(self.state)}
+        entry = {"offset": self.offset, "done": self.done, "reason": self.reason,
+                 "inode": self.inode, "size": self.size, "state": dict(self.state)}
+        if self.head is not None:
+            entry["head"] = to_checkpoint(self.head)
+        return entry
 
 
 class _GzipReader:
@@ -282,7 +302,7 @@ class TailSource:
                     path=path, inode=int(e["inode"]), gz=path.lower().endswith(".gz"),
                     offset=int(e["offset"]), done=bool(e["done"]), reason=str(e["reason"]),
                     size=int(e["size"]), state=dict(e.get("state") or {}),
-                    origin=int(e["offset"]))
+                    head=from_checkpoint(e.get("head")), origin=int(e["offset"]))
             self.watermark = int(checkpoint.get("finished_before", 0))
             self.gone = [(int(inode), int(changed))
                          for inode, changed in checkpoint.get("gone", [])]
@@ -368,6 +388,10 @@ class TailSource:
         found = await trio.to_thread.run_sync(self._scan)
         seen = {info.path for info in found}
         gone = {f.inode: f for p, f in self.files.items() if p not in seen}
+        wanted = self._heads_wanted(found, gone)
+        # path -> (its fingerprint now, whether it starts like the one it was compared with)
+        heads = await trio.to_thread.run_sync(read_fingerprints, wanted) if wanted else {}
+        asked = {path for path, _, _ in wanted}
         horizon = self._scan_started - int(self.config.fold_after * 1e9) - CLOCK_SLACK_NS
         ahead = self._unknown_ahead(found)
         self._fold(min(horizon, ahead[0] - 1))
@@ -375,11 +399,24 @@ class TailSource:
         for i, info in enumerate(found):
             f = self.files.get(info.path)
             unknown = f is None  # (not a file replaced or cut short: they are read whole)
+            head = heads.get(info.path)
             if f is None and info.inode in gone:
-                f = self._renamed(gone.pop(info.inode), info)
+                old = gone.pop(info.inode)
+                if head is not None and head[1] is False:
+                    log.warning("source %s: %s is a new file at the inode of %s (deleted): "
+                                "reading it from the start", self.name, info.path, old.path)
+                    await self._drop(sink, old, vanished=False)
+                else:
+                    f = self._renamed(old, info)
                 unknown = f is None
                 if f is not None and f.done:
                     changed.append(f)
+            elif f is not None and head is not None and head[1] is False:
+                log.warning("source %s: %s is a new file at the same inode (the one read was "
+                            "deleted): reading it from the start", self.name, info.path)
+                await self._release(f)
+                await self._ended(sink, f)
+                f = None
             if f is not None and f.inode != info.inode:
                 log.warning("source %s: %s was replaced (new inode); reading it from the start",
                             self.name, info.path)
@@ -392,6 +429,7 @@ class TailSource:
                             "start", self.name, info.path)
                 await self._ended(sink, f)
                 f = None
+            created = f is None
             if f is None and unknown and self._finished_before(info):
                 f = self.files[info.path] = _File(
                     info.path, info.inode, info.gz, offset=info.size, done=True,
@@ -400,6 +438,14 @@ class TailSource:
             elif f is None:
                 f = self.files[info.path] = self._listed[info.path] = _File(
                     info.path, info.inode, info.gz)
+            if created and self.gone:
+                # the inode holds this file now: a vanished one that had it (remembered by
+                # it, perhaps by it alone) is not this one coming back after a restart
+                self.gone = [g for g in self.gone if g[0] != info.inode]
+            if head is not None:
+                f.head = head[0]
+            elif info.path in asked:  # (could not be read: tried again once it changes)
+                f.head_missed = info.changed
             if info.changed != f.changed:
                 f.changed = info.changed
                 if f.changed > self.watermark:
@@ -430,22 +476,7 @@ class TailSource:
                     await sink.put([], None,  # type: ignore[call-arg]
                                    origin=(["io", f.inode], f.origin, None))
         for path in [p for p in self.files if p not in seen]:
-            # gone from disk (or no longer matched): forget it, keeping what it still held
-            f = self.files.pop(path)
-            self._listed.pop(path, None)
-            batch: list[Record] = []
-            if not f.done:
-                # back unchanged: read it whole (0: missing at the first scan after a
-                # restart, its change time unknown; its inode alone then)
-                self.gone.append((f.inode, f.changed))
-                log.warning("source %s: %s disappeared before it was complete", self.name, path)
-                if f.mapper is not None and not f.skip_below:
-                    batch = f.mapper.close(time.time())
-            await self._release(f)
-            if batch:
-                await self._put(sink, f, batch, ended=True)
-            elif not f.done:
-                await self._ended(sink, f)
+            await self._drop(sink, self.files[path], vanished=True)
         self._fold(horizon)
         await self._hand_over_changes(sink, changed)
 
@@ -469,10 +500,35 @@ class TailSource:
         self._handed = {p: e["inode"] for p, e in checkpoint["files"].items()}
         self._handed_watermark = checkpoint["finished_before"]
 
+    def _heads_wanted(self, found: list[_FileInfo], gone: dict[int, _File]
+                      ) -> list[tuple[str, int, Fingerprint | None]]:
+        """The files whose first bytes this poll reads, each with the fingerprint they must
+        start like to be the file the tail knows at their inode (None: their own is only
+        taken).  Not every file every poll: a file first met, or its fingerprint taken while
+        its first KiB was being written; and an inode that may hold a new file -- seen under
+        a new path, or changed at the same path while the tail did not hold the file open
+        (finished, or the gateway stopped).  A file the tail holds open keeps its inode even
+        once deleted, so no new file can get it."""
+        wanted: list[tuple[str, int, Fingerprint | None]] = []
+        for info in found:
+            f = self.files.get(info.path)
+            if f is None:
+                old = gone.get(info.inode)
+                known = old.head if old is not None and old.reader is None else None
+                wanted.append((info.path, info.inode, known))
+            elif f.inode != info.inode:  # replaced: a new file, read whole anyway
+                wanted.append((info.path, info.inode, None))
+            elif f.reader is None and f.head is not None and f.changed != info.changed:
+                wanted.append((info.path, info.inode, f.head))
+            elif not complete(f.head, info.size) and f.head_missed != info.changed:
+                wanted.append((info.path, info.inode, None))
+        return wanted
+
     def _renamed(self, old: _File, info: _FileInfo) -> _File | None:
         """A file that vanished from one path while one with its inode appeared at another
         was renamed: keep following it (a finished one only if its size is unchanged, as
-        an inode can be reused for a new file)."""
+        an inode can be reused for a new file; the caller has compared their first bytes
+        when it could)."""
         if old.gz != info.gz or (old.done and old.size != info.size):
             return None
         log.info("source %s: %s was renamed to %s", self.name, old.path, info.path)
@@ -503,6 +559,10 @@ class TailSource:
             if not data:
                 break
             grew = True
+            if f.head is not None and not f.gz:
+                # (so what was read is covered even if the file grew since its first
+                # bytes were read; a gzip file's are taken of its compressed bytes)
+                f.head = extended(f.head, data, f.fed)
             f.fed += len(data)
             f.size = info.size if f.gz else f.fed
             if f.rows and not f.selected and not f.skip_below:
@@ -661,6 +721,10 @@ class TailSource:
             batch.extend(f.mapper.close(now))
         self._done(f, reason)
         await self._release(f)
+        if not complete(f.head, f.size):  # taken while its first KiB was being written
+            got = await trio.to_thread.run_sync(read_fingerprints, [(f.path, f.inode, None)])
+            if f.path in got:
+                f.head = got[f.path][0]
         log.info("source %s: %s complete (%s) at byte %d", self.name, f.path, reason, f.offset)
         if batch:  # (no empty batches: "done" then rides along with the next one)
             await self._put(sink, f, batch)
@@ -721,6 +785,30 @@ class TailSource:
         that what the gateway then owes no more is durable at once."""
         if getattr(sink, "takes_origin", False) and not f.done:
             await self._put(sink, f, [], ended=True)
+
+    async def _drop(self, sink: RecordSink, f: _File, *, vanished: bool) -> None:
+        """Forget ``f``, gone from disk (``vanished``: deleted, no longer matched) or its
+        inode now another file's, keeping what it still held; an unfinished file ends
+        here, which the gateway is told."""
+        del self.files[f.path]
+        self._listed.pop(f.path, None)
+        batch: list[Record] = []
+        if not f.done:
+            if vanished and not any(g.inode == f.inode for g in self.files.values()):
+                # back unchanged: read it whole (0: missing at the first scan after a
+                # restart, its change time unknown; its inode alone then).  Not when a
+                # file the tail knows holds its inode now: it cannot come back with it
+                self.gone.append((f.inode, f.changed))
+            if vanished:
+                log.warning("source %s: %s disappeared before it was complete", self.name,
+                            f.path)
+            if f.mapper is not None and not f.skip_below:
+                batch = f.mapper.close(time.time())
+        await self._release(f)
+        if batch:
+            await self._put(sink, f, batch, ended=True)
+        elif not f.done:
+            await self._ended(sink, f)
 
     async def _release(self, f: _File) -> None:
         reader, f.reader, f.parser, f.mapper = f.reader, None, None, None
