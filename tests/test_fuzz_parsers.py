@@ -129,7 +129,7 @@ json_values = st.recursive(json_scalars, lambda inner: st.one_of(
                                                  max_size=4)), max_leaves=20)
 
 
-@FUZZ
+@settings(FUZZ, max_examples=max(100, EXAMPLES // 3))  # ~25 ms each: deep documents
 @given(value=json_values, ts=json_values, depth=st.integers(0, 3000),
        shape=st.sampled_from(["flat", "nested", "bare"]))
 def test_any_json_document_is_a_reading_or_a_payload_error(value: Any, ts: Any, depth: int,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -224,7 +225,12 @@ def hostile_state(**kw: Any) -> tuple[LiveState, Metrics]:
                      max_waiting_runs=4, **kw), metrics
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: hostile frame sequences per run (each up to 40 frames; 200 took 5 s of the suite);
+#: EDGEGW_FUZZ_EXAMPLES=2000 for a longer run (README, "Longer runs")
+EXAMPLES = int(os.environ.get("EDGEGW_FUZZ_EXAMPLES", "60"))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(frames=_frames, seed=st.integers(0, 2**32))
 def test_any_frame_order_applies_without_error_and_stays_bounded(
         frames: list[tuple[str, Any, list[Any], int]], seed: int) -> None:
@@ -276,7 +282,10 @@ def test_thousands_of_hostile_frames_keep_every_wait_under_its_cap() -> None:
     state, metrics = hostile_state()
     rng = random.Random(7)
     hi = 10_000_000
-    for i in range(3_000):
+    # 2,100 frames (were 3,000): three lots, so one is evicted (max_lots = 2); the
+    # stretches at their cap from frame 4, values dropped from frame 5, a test's sites at
+    # SITES_PER_TEST within the first lot -- what the 3,000 reached, in 70 % of the time
+    for i in range(2_100):
         lot = f"L{i // 1000}"
         kind = i % 6
         if kind == 0:  # values for a site that never gets a part result

@@ -6,6 +6,7 @@ frames spooled or stored in the v1 layout still replay."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,12 @@ def frames(draw: st.DrawFn) -> list[Record]:
     return out
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: examples per round-trip property (400 and 200 took 10 s and 2 s of the suite);
+#: EDGEGW_FUZZ_EXAMPLES=2000 for a longer run (README, "Longer runs")
+EXAMPLES = int(os.environ.get("EDGEGW_FUZZ_EXAMPLES", "150"))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(frames(), st.integers(1, 2**63 - 10_000))  # ids up to 2^63 - 1 (protocol.md 2)
 def test_the_columnar_codec_round_trips_every_record_type_exactly(
         recs: list[Record], first_rid: int) -> None:
@@ -130,7 +136,8 @@ def test_the_columnar_codec_round_trips_every_record_type_exactly(
     assert key([from_wire(w, sources) for w in wire]) == key(recs)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=max(100, EXAMPLES // 2), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(frames())
 def test_the_v3_codec_round_trips_every_record_type_exactly(recs: list[Record]) -> None:
     """The same frames with typed float columns (v3, tests/test_protocol_v3.py): records,
