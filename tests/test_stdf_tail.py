@@ -82,11 +82,20 @@ async def test_records_arrive_while_the_simulator_writes(tmp_path: Path) -> None
     tester_done = trio.Event()
 
     async def tester() -> None:
+        # the first half of the lot at the tester's pace, then (on a busy machine the tail
+        # may simply not have run yet) a wait for the tail to forward a part before the
+        # file is finished: what is checked is that it does, not how soon
         nonlocal parts_seen_while_writing
-        written.extend(await write_files(
-            tmp_path, stdf_chunks(SMALL, start_time=1_700_000_000, parts_per_second=400),
-            parts_per_second=400))
+        chunks = list(stdf_chunks(SMALL, start_time=1_700_000_000, parts_per_second=400))
+        half = len(chunks) // 2
+        written.extend(await write_files(tmp_path, iter(chunks[:half]), parts_per_second=400))
+        with trio.fail_after(30):
+            await sink.wait_until(lambda: bool(sink.of(PartResult)))
         parts_seen_while_writing = len(sink.of(PartResult))
+        async with await trio.open_file(written[0], "ab") as f:
+            for chunk in chunks[half:]:
+                await f.write(chunk.data)
+                await f.flush()
         tester_done.set()
 
     async with trio.open_nursery() as nursery:
