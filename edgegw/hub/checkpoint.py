@@ -188,7 +188,8 @@ class WaferCache:
 
 
 def _wafer(w: WaferState, cache: WaferCache) -> dict[str, Any]:
-    return {"wafer_id": w.wafer_id, "dies": cache.dies(w), "tally": _tally(w.tally),
+    return {"wafer_id": w.wafer_id, "gateway": w.gateway, "dies": cache.dies(w),
+            "tally": _tally(w.tally),
             "status": w.status, "started": w.started, "ended": w.ended,
             "reported": w.reported, "updated": w.updated,
             "values": [[num, [[x, y, v] for (x, y), v in by_die.items()]]
@@ -285,7 +286,8 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
         lot.status, lot.started, lot.ended = d["status"], d["started"], d["ended"]
         lot.gateways = set(d["gateways"])
         for wd in d["wafers"]:
-            w = WaferState(lot.lot_id, wd["wafer_id"])
+            # (its maker: an older checkpoint does not say -- none, as if one gateway's)
+            w = WaferState(lot.lot_id, wd["wafer_id"], wd.get("gateway", ""))
             w.dies = _dies_from(wd["dies"])
             w.tally = _tally_from(wd["tally"])
             w.status, w.started, w.ended = wd["status"], wd["started"], wd["ended"]

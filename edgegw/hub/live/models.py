@@ -157,9 +157,12 @@ class Die:
 
 
 class WaferState:
-    def __init__(self, lot_id: str, wafer_id: str) -> None:
+    def __init__(self, lot_id: str, wafer_id: str, gateway: str = "") -> None:
         self.lot_id = lot_id
         self.wafer_id = wafer_id
+        #: the gateway whose record made it: when every live wafer of a lot is open, the
+        #: one that leaves memory is of the gateway holding the most (``_wafer_victim``)
+        self.gateway = gateway
         self.topic = topics.wafer(lot_id, wafer_id)
         self.dies: dict[Any, Die] = {}
         self.tally = Tally()
@@ -232,6 +235,11 @@ HIST_BINS = 40
 TEST_WAFERS = 50
 #: Die values a wafer keeps per test for "wafer map by test value" (bounds its memory).
 DIE_VALUES_PER_WAFER = 20_000
+#: Dies a wafer keeps (``LiveState(max_dies_per_wafer=...)``, ``live.max_dies_per_wafer``):
+#: twice the largest real wafers (about 100,000 dies: 300 mm, small dies), so no real
+#: wafer reaches it, while invented X/Y cannot grow a map -- its memory and its snapshot
+#: (at the cap 6.6 MB of JSON, 2.7 MB of CBOR) -- without bound
+DIES_PER_WAFER = 200_000
 #: Values of one site's part waiting for its PartResult (which names wafer and die).
 PENDING_PER_SITE = 4_096
 #: (head, site) of one gateway whose values may wait in one lot for their part results at
