@@ -100,9 +100,11 @@ def test_invented_dies_beyond_the_cap_are_refused_and_counted() -> None:
     # delta after the cap carries a die
     assert snapshot_bytes(state, "lot/LA/wafer/WA") <= size_at_cap + 100
     assert all(not d.get("dies") for t, d in published if t == "lot/LA/wafer/WA")
-    # a retest of a die the wafer has is still applied
+    # a retest of a die the wafer has is still applied, and its delta carries it
     feed("A", [part("LA", "WA", 0, 0, 3.0)])
     assert state.snapshot("lot/LA/wafer/WA")["retests"] == 1  # type: ignore[index]
+    assert [d["dies"] for t, d in published if t == "lot/LA/wafer/WA"][-1] \
+        == [[0, 0, 1, 1, True, 0]]
     # another gateway's wafer: as it was, and it takes new dies
     assert state.snapshot("lot/LB/wafer/WB") == b_before
     for frame in die_frames("LB", "WB", 10, 4.0, x0=300):
@@ -189,3 +191,71 @@ def test_values_waiting_in_a_lot_that_leaves_memory_are_counted() -> None:
     feed("B", [LotStart("tester", 3.0, "L2")])  # L1, closed, leaves memory
     assert "L1" not in state.lots
     assert metrics.counter(DROPPED).total() == 6
+
+
+KEYS = 1_024  # distinct site numbers, and of each kind of bin, a wafer's or lot's counts keep
+
+
+def invented(lot: str, wafer: str, n: int, first: int = 0) -> list[list[Any]]:
+    """``n`` parts, each with a site and bin number of its own, 500 a frame."""
+    recs = [PartResult("tester", 1.0, lot, wafer, 1, first + i, "", first + i, 0,
+                       first + i, first + i, i % 2 == 0) for i in range(n)]
+    return [recs[k:k + 500] for k in range(0, n, 500)]
+
+
+def test_invented_site_and_bin_numbers_keep_every_delta_small() -> None:
+    """Every wafer and lot delta carries its per-site and per-bin counts whole: a key per
+    site or bin number a gateway invents made each one grow with the wafer (at 200,000
+    dies: 14.5 MB of JSON a delta, 1.8 s a one-part frame)."""
+    metrics = Metrics()
+    state, feed, published = made(metrics)
+    for frame in die_frames("LB", "WB", 40, 1.0):
+        feed("B", frame)
+    b_before = state.snapshot("lot/LB/wafer/WB")
+    for frame in invented("LA", "WA", 3_000):
+        feed("A", frame)
+    snap = state.snapshot("lot/LA/wafer/WA")
+    assert snap is not None and snap["die_count"] == snap["parts"] == 3_000
+    assert snap["good"] == 1_500  # the totals count every part
+    for key in ("sites", "hard_bins", "soft_bins", "hard_bins_tested", "soft_bins_tested"):
+        assert len(snap[key]) == KEYS, key
+    lot = state.snapshot("lot/LA")
+    assert lot is not None and len(lot["sites"]) == len(lot["hard_bins"]) == KEYS
+    # each part over the cap: its site, hard and soft bin (final and tested) not kept
+    assert metrics.counter("hub_state_tally_keys_dropped_total").total() \
+        == 2 * 5 * (3_000 - KEYS)
+    # a retest moves a die between counts it has keys in, and between none
+    published.clear()
+    feed("A", [PartResult("tester", 2.0, "LA", "WA", 1, 5, "", 0, 0, 7, 7, True),
+               PartResult("tester", 2.0, "LA", "WA", 1, 2_000, "", 2_000, 0, 9, 9, True)])
+    snap = state.snapshot("lot/LA/wafer/WA")
+    assert snap is not None and "0" not in snap["hard_bins"]  # its one die is in bin 7 now
+    assert snap["hard_bins"]["7"] == snap["hard_bins"]["9"] == 2
+    assert sum(snap["hard_bins"].values()) == KEYS + 1  # bin 9's new die was in bin 2,000
+    assert snap["sites"]["5"]["dies"] == 2 and "0" not in snap["sites"]
+    delta = dict(published)["lot/LA/wafer/WA"]
+    assert [row[:2] for row in delta["dies"]] == [[0, 0], [2_000, 0]]
+    assert len(json.dumps(delta)) < 200_000
+    assert state.snapshot("lot/LB/wafer/WB") == b_before
+
+
+def test_the_counts_keys_stay_capped_after_a_checkpoint() -> None:
+    metrics = Metrics()
+    state, feed, _ = made(metrics)
+    for frame in invented("LA", "WA", KEYS):
+        feed("A", frame)
+    # the dies of sites and bins 1..9 retested as site and bin 0: those keys count 0 now,
+    # and stay taken (a key that came back would take a count it never had)
+    feed("A", [PartResult("tester", 2.0, "LA", "WA", 1, 0, "", i, 0, 0, 0, True)
+               for i in range(10)])
+    restored, feed2, _ = made(Metrics())
+    restore(restored, cbor2.loads(cbor2.dumps(capture(state))))
+    feed2.rid = dict(feed.rid)
+    tally = restored.lots["LA"].wafers["WA"].tally
+    assert len(tally.site_dies) == len(tally.hard) == len(tally.soft_tested) == KEYS
+    for frame in invented("LA", "WA", 500, first=KEYS):
+        feed2("A", frame)
+    snap = restored.snapshot("lot/LA/wafer/WA")
+    assert snap is not None and snap["die_count"] == KEYS + 500
+    wafer = restored.lots["LA"].wafers["WA"]
+    assert len(wafer.tally.site_dies) == len(wafer.tally.hard) == KEYS

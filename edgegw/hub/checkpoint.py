@@ -105,7 +105,8 @@ def decode(blob: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _counter(c: Counter[int]) -> dict[int, int]:
-    return {k: v for k, v in c.items() if v}
+    # every key, those at 0 too: a tally's keys once there stay (``Tally``, ``TALLY_KEYS``)
+    return dict(c)
 
 
 def _tally(t: Tally) -> list[Any]:

@@ -19,6 +19,12 @@ from edgegw.stdf import test_number
 _UPH_WINDOW = 500
 #: Seconds of arrival history behind a gateway's records-per-second figure.
 RATE_WINDOW_S = 10
+#: Distinct site numbers, and of each kind of bin, a wafer's or a lot's counts keep
+#: (``Tally``): every wafer and lot delta carries those counts whole, so a key per site or
+#: bin number a gateway invents made each delta grow with the wafer (14.5 MB of JSON and
+#: 1.8 s of the hub's thread a one-part frame at 200,000 dies).  STDF numbers sites
+#: 0..255; real testers use tens of bins.
+TALLY_KEYS = 1_024
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -26,7 +32,13 @@ def _ratio(num: int, den: int) -> float | None:
 
 
 class Tally:
-    """Counts over final dies (the map) and over every part result (what testers report)."""
+    """Counts over final dies (the map) and over every part result (what testers report).
+
+    The counts by site and by bin keep at most ``TALLY_KEYS`` keys each: a die whose site or
+    bin is not among them counts in the totals only (``dies``, ``good``, ``parts``...).  A
+    key once there stays (its count may fall to 0), so a die's -1 finds its key exactly
+    when its +1 was counted.
+    """
 
     __slots__ = (
         "binned",
@@ -60,27 +72,61 @@ class Tally:
         self.site_dies: Counter[int] = Counter()
         self.site_good: Counter[int] = Counter()
 
-    def count_final(self, die: Die, sign: int) -> None:
+    def count_final(self, die: Die, sign: int) -> int:
+        """``die`` in (+1) or out of (-1) the final counts; how many of its keys (site,
+        bins) a +1 left out, over ``TALLY_KEYS``."""
+        left_out = 0
         self.dies += sign
         if die.passed is not None:
             self.judged += sign
-        if die.hard_bin is not None:
+        key = die.hard_bin
+        if key is not None:
             self.binned += sign
-            self.hard[die.hard_bin] += sign
-        if die.soft_bin is not None:
-            self.soft[die.soft_bin] += sign
-        self.site_dies[die.site] += sign
+            counts = self.hard
+            if key in counts or (sign > 0 and len(counts) < TALLY_KEYS):
+                counts[key] += sign
+            elif sign > 0:
+                left_out += 1
+        key = die.soft_bin
+        if key is not None:
+            counts = self.soft
+            if key in counts or (sign > 0 and len(counts) < TALLY_KEYS):
+                counts[key] += sign
+            elif sign > 0:
+                left_out += 1
         if die.passed:
             self.good += sign
-            self.site_good[die.site] += sign
+        key = die.site
+        counts = self.site_dies
+        if key in counts or (sign > 0 and len(counts) < TALLY_KEYS):
+            counts[key] += sign
+            if die.passed:
+                self.site_good[key] += sign
+        elif sign > 0:
+            left_out += 1
+        return left_out
 
-    def count_tested(self, die: Die, replaced: bool) -> None:
+    def count_tested(self, die: Die, replaced: bool) -> int:
+        """A part result in the counts of every result; how many of its bins were left
+        out, over ``TALLY_KEYS``."""
+        left_out = 0
         self.parts += 1
         self.retests += replaced
-        if die.hard_bin is not None:
-            self.hard_tested[die.hard_bin] += 1
-        if die.soft_bin is not None:
-            self.soft_tested[die.soft_bin] += 1
+        key = die.hard_bin
+        if key is not None:
+            counts = self.hard_tested
+            if key in counts or len(counts) < TALLY_KEYS:
+                counts[key] += 1
+            else:
+                left_out += 1
+        key = die.soft_bin
+        if key is not None:
+            counts = self.soft_tested
+            if key in counts or len(counts) < TALLY_KEYS:
+                counts[key] += 1
+            else:
+                left_out += 1
+        return left_out
 
     @property
     def yield_(self) -> float | None:

@@ -229,6 +229,12 @@ class LiveState:
             "that sent them already made as many sites of the test as a test keeps per "
             "gateway (the test's own figures have them)",
         )
+        self._m_tally_keys_dropped = metrics.counter(
+            "hub_state_tally_keys_dropped_total",
+            "site or bin numbers of part results left out of a wafer's or lot's counts by "
+            "site or bin (each counts at most 1,024 distinct ones; its totals count every "
+            "part)",
+        )
         self._m_wafers_archived = metrics.counter(
             "hub_state_wafers_archived_total", "wafers that left memory for the history store")
         self._m_evicted = metrics.counter("hub_state_lots_evicted_total", "lots evicted")
@@ -930,8 +936,8 @@ class LiveState:
         die = Die(gateway_id, rid, rec)
         replaced = old is not None
         final = old is None or die.newer_than(old)
-        wafer.tally.count_tested(die, replaced)
-        lot.tally.count_tested(die, replaced)
+        left_out = wafer.tally.count_tested(die, replaced) \
+            + lot.tally.count_tested(die, replaced)
         if final:
             wafer.dies[key] = die
             if old is None or not (old.passed is die.passed and old.hard_bin == die.hard_bin
@@ -939,12 +945,13 @@ class LiveState:
                 if old is not None:
                     wafer.tally.count_final(old, -1)
                     lot.tally.count_final(old, -1)
-                wafer.tally.count_final(die, +1)
-                lot.tally.count_final(die, +1)
+                left_out += wafer.tally.count_final(die, +1) + lot.tally.count_final(die, +1)
             # (a retest with the outcome, bins and site of the result it replaces changes
             # no final count: -1 then +1 of the same keys)
             if die.x is not None and die.y is not None:
                 batch.dies.setdefault(wafer, []).append(die)
+        if left_out:
+            self._m_tally_keys_dropped.inc(left_out)
         times = lot.part_times
         if not times or ts >= times[-1]:
             times.append(ts)
