@@ -42,6 +42,7 @@ import trio
 from edgegw.hub.live.models import (
     Die,
     GatewayState,
+    Keys,
     LotState,
     Running,
     SensorState,
@@ -121,7 +122,9 @@ def _tally_from(row: list[Any]) -> Tally:
     t.judged, t.binned = row[10:12]
     for name, value in zip(("hard", "soft", "hard_tested", "soft_tested", "site_dies",
                             "site_good"), row[4:10], strict=True):
-        setattr(t, name, Counter({int(k): v for k, v in value.items()}))
+        counts = Keys() if name != "site_good" else Counter()
+        counts.update({int(k): v for k, v in value.items()})
+        setattr(t, name, counts)
     return t
 
 

@@ -31,6 +31,23 @@ def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
+class _Full(Exception):
+    """A new key for ``Keys`` beyond ``TALLY_KEYS``: nothing was counted."""
+
+
+class Keys(Counter[int]):
+    """A ``Counter`` of at most ``TALLY_KEYS`` keys: counting a new key beyond them raises
+    ``_Full`` and changes nothing.  The check is in ``__missing__``, which only a key not
+    there calls, so counting a key already there costs what a ``Counter``'s does."""
+
+    __slots__ = ()
+
+    def __missing__(self, key: int) -> int:
+        if len(self) >= TALLY_KEYS:
+            raise _Full
+        return 0
+
+
 class Tally:
     """Counts over final dies (the map) and over every part result (what testers report).
 
@@ -65,11 +82,12 @@ class Tally:
         self.binned = 0
         self.parts = 0
         self.retests = 0
-        self.hard: Counter[int] = Counter()
-        self.soft: Counter[int] = Counter()
-        self.hard_tested: Counter[int] = Counter()
-        self.soft_tested: Counter[int] = Counter()
-        self.site_dies: Counter[int] = Counter()
+        self.hard: Counter[int] = Keys()
+        self.soft: Counter[int] = Keys()
+        self.hard_tested: Counter[int] = Keys()
+        self.soft_tested: Counter[int] = Keys()
+        self.site_dies: Counter[int] = Keys()
+        #: (its keys are among ``site_dies``')
         self.site_good: Counter[int] = Counter()
 
     def count_final(self, die: Die, sign: int) -> int:
@@ -79,31 +97,27 @@ class Tally:
         self.dies += sign
         if die.passed is not None:
             self.judged += sign
-        key = die.hard_bin
-        if key is not None:
+        if die.hard_bin is not None:
             self.binned += sign
-            counts = self.hard
-            if key in counts or (sign > 0 and len(counts) < TALLY_KEYS):
-                counts[key] += sign
-            elif sign > 0:
-                left_out += 1
-        key = die.soft_bin
-        if key is not None:
-            counts = self.soft
-            if key in counts or (sign > 0 and len(counts) < TALLY_KEYS):
-                counts[key] += sign
-            elif sign > 0:
-                left_out += 1
-        if die.passed:
-            self.good += sign
-        key = die.site
-        counts = self.site_dies
-        if key in counts or (sign > 0 and len(counts) < TALLY_KEYS):
-            counts[key] += sign
+            try:
+                self.hard[die.hard_bin] += sign
+            except _Full:
+                left_out += sign > 0
+        if die.soft_bin is not None:
+            try:
+                self.soft[die.soft_bin] += sign
+            except _Full:
+                left_out += sign > 0
+        try:
+            self.site_dies[die.site] += sign
+        except _Full:
+            left_out += sign > 0
             if die.passed:
-                self.site_good[key] += sign
-        elif sign > 0:
-            left_out += 1
+                self.good += sign
+        else:
+            if die.passed:
+                self.good += sign
+                self.site_good[die.site] += sign
         return left_out
 
     def count_tested(self, die: Die, replaced: bool) -> int:
@@ -112,19 +126,15 @@ class Tally:
         left_out = 0
         self.parts += 1
         self.retests += replaced
-        key = die.hard_bin
-        if key is not None:
-            counts = self.hard_tested
-            if key in counts or len(counts) < TALLY_KEYS:
-                counts[key] += 1
-            else:
+        if die.hard_bin is not None:
+            try:
+                self.hard_tested[die.hard_bin] += 1
+            except _Full:
                 left_out += 1
-        key = die.soft_bin
-        if key is not None:
-            counts = self.soft_tested
-            if key in counts or len(counts) < TALLY_KEYS:
-                counts[key] += 1
-            else:
+        if die.soft_bin is not None:
+            try:
+                self.soft_tested[die.soft_bin] += 1
+            except _Full:
                 left_out += 1
         return left_out
 

@@ -26,15 +26,19 @@ Invariants worth knowing before reading the code:
   after a restart costs the same per record as live data.
 * **Bounded, whatever the size of a lot.**  About ``max_lots`` lots are live.  Over the
   cap, a closed lot (MRR seen) is evicted from memory first (it stays in the hub's store),
-  then a lot idle for ``idle_lot_s`` of record time; a lot still being tested is not
-  evicted unless lots exceed 4 x ``max_lots`` (counted).  ``on_evict`` receives the evicted
-  lot's full figures (``lot_archive``) so the history API can still serve them.  Within a
-  lot at most ``max_wafers_per_lot`` wafers are live: a new wafer over the cap sends the
-  least recently updated closed wafer (an open one only when none is closed) to
-  ``on_wafer_archive`` and out of memory; the lot's own counts keep every wafer.  So a lot
-  of 1,000 wafers stays live, its newest wafers on the dashboard, its older ones in the
-  history API.  Sensor history and per-gateway event lists are bounded deques; per test
-  only running sums are kept (Welford).
+  then a lot idle for ``idle_lot_s`` of its own gateways' record time; a lot still being
+  tested is not evicted unless lots exceed 4 x ``max_lots`` (counted), and then one of
+  the gateway in the most lots.  ``on_evict`` receives the evicted lot's full figures
+  (``lot_archive``) so the history API can still serve them.  Within a lot at most
+  ``max_wafers_per_lot`` wafers are live: a new wafer over the cap sends the least
+  recently updated closed wafer (an open one, of the gateway that made the most, only
+  when none is closed) to ``on_wafer_archive`` and out of memory; the lot's own counts
+  keep every wafer.  So a lot of 1,000 wafers stays live, its newest wafers on the
+  dashboard, its older ones in the history API.  A wafer keeps at most
+  ``max_dies_per_wafer`` dies (a new one beyond is not applied), and its and its lot's
+  counts by site and bin at most ``TALLY_KEYS`` keys each: invented X/Y, site or bin
+  numbers cannot grow a map, a snapshot or every delta.  Sensor history and per-gateway
+  event lists are bounded deques; per test only running sums are kept (Welford).
 * **Nothing is dropped silently.**  A record the state cannot apply -- its lot evicted,
   its wafer archived, a field of the wrong type, a test or sensor over its cap -- changes
   no count; it is counted in ``hub_state_records_ignored_total{reason}``, logged (the
@@ -67,7 +71,9 @@ Invariants worth knowing before reading the code:
   per gateway: waiting lists per lot (``PENDING_SITES_PER_LOT``), a test's sites
   (``SITES_PER_TEST``, counted by the gateway that brought the site), waiting stretches
   and their first part results (``max_waiting_runs``, ``RUN_HEADS``).  One gateway at
-  its caps leaves another's values their room.
+  its caps leaves another's values their room.  What leaves memory while every lot or
+  wafer is being tested is of the gateway holding the most (docs/live-topics.md, "Caps:
+  what one gateway can fill").
 
 Why one module of this size: ``LiveState`` is one class whose record handlers share the
 open batch, the caps, the eviction policy and the observer; the entities are in
