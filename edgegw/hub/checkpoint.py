@@ -42,6 +42,7 @@ import trio
 from edgegw.hub.live.models import (
     Die,
     GatewayState,
+    Keys,
     LotState,
     Running,
     SensorState,
@@ -105,7 +106,8 @@ def decode(blob: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _counter(c: Counter[int]) -> dict[int, int]:
-    return {k: v for k, v in c.items() if v}
+    # every key, those at 0 too: a tally's keys once there stay (``Tally``, ``TALLY_KEYS``)
+    return dict(c)
 
 
 def _tally(t: Tally) -> list[Any]:
@@ -120,7 +122,9 @@ def _tally_from(row: list[Any]) -> Tally:
     t.judged, t.binned = row[10:12]
     for name, value in zip(("hard", "soft", "hard_tested", "soft_tested", "site_dies",
                             "site_good"), row[4:10], strict=True):
-        setattr(t, name, Counter({int(k): v for k, v in value.items()}))
+        counts = Keys() if name != "site_good" else Counter()
+        counts.update({int(k): v for k, v in value.items()})
+        setattr(t, name, counts)
     return t
 
 
@@ -188,7 +192,8 @@ class WaferCache:
 
 
 def _wafer(w: WaferState, cache: WaferCache) -> dict[str, Any]:
-    return {"wafer_id": w.wafer_id, "dies": cache.dies(w), "tally": _tally(w.tally),
+    return {"wafer_id": w.wafer_id, "gateway": w.gateway, "dies": cache.dies(w),
+            "tally": _tally(w.tally),
             "status": w.status, "started": w.started, "ended": w.ended,
             "reported": w.reported, "updated": w.updated,
             "values": [[num, [[x, y, v] for (x, y), v in by_die.items()]]
@@ -285,7 +290,8 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
         lot.status, lot.started, lot.ended = d["status"], d["started"], d["ended"]
         lot.gateways = set(d["gateways"])
         for wd in d["wafers"]:
-            w = WaferState(lot.lot_id, wd["wafer_id"])
+            # (its maker: an older checkpoint does not say -- none, as if one gateway's)
+            w = WaferState(lot.lot_id, wd["wafer_id"], wd.get("gateway", ""))
             w.dies = _dies_from(wd["dies"])
             w.tally = _tally_from(wd["tally"])
             w.status, w.started, w.ended = wd["status"], wd["started"], wd["ended"]

@@ -228,9 +228,9 @@ class ClusterHub:
     def _make_state(self, partition: int, publish: Callable[[str, dict[str, Any]], None],
                     engine: AlertEngine | None, archives: Archives) -> LiveState:
         # lots and wafers leaving memory go to PostgreSQL (the owner's save_archives)
+        caps = {"max_dies_per_wafer": self.config.live.max_dies_per_wafer, **self.state_caps}
         return LiveState(publish, alerts=engine, metrics=self.metrics,
-                         on_evict=archives.lot, on_wafer_archive=archives.wafer,
-                         **self.state_caps)
+                         on_evict=archives.lot, on_wafer_archive=archives.wafer, **caps)
 
     async def _wake_owners(self) -> None:
         """Wake-ups sent while a Pub/Sub subscription was down are lost: when one

@@ -66,6 +66,10 @@ class LiveConfig:
     # loop's CPU per tick, but on a busy 2-core host end-to-end latency got worse
     # (docs/performance.md, "the writes in a writer thread"); for a hub with cores to spare
     write_thread: bool = False
+    # dies a wafer of the live state keeps (docs/live-topics.md, "Caps"): a part result of a
+    # new die beyond it is not applied (too_many_dies).  Twice the largest real wafers
+    # (~100,000 dies), so invented X/Y cannot grow a map and its snapshot without bound
+    max_dies_per_wafer: Annotated[int, Range(1, 100_000_000)] = 200_000
 
     def validate(self) -> list[tuple[str, str]]:
         errors: list[tuple[str, str]] = []

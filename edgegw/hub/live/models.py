@@ -19,14 +19,43 @@ from edgegw.stdf import test_number
 _UPH_WINDOW = 500
 #: Seconds of arrival history behind a gateway's records-per-second figure.
 RATE_WINDOW_S = 10
+#: Distinct site numbers, and of each kind of bin, a wafer's or a lot's counts keep
+#: (``Tally``): every wafer and lot delta carries those counts whole, so a key per site or
+#: bin number a gateway invents made each delta grow with the wafer (14.5 MB of JSON and
+#: 1.8 s of the hub's thread a one-part frame at 200,000 dies).  STDF numbers sites
+#: 0..255; real testers use tens of bins.
+TALLY_KEYS = 1_024
 
 
 def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
+class _Full(Exception):
+    """A new key for ``Keys`` beyond ``TALLY_KEYS``: nothing was counted."""
+
+
+class Keys(Counter[int]):
+    """A ``Counter`` of at most ``TALLY_KEYS`` keys: counting a new key beyond them raises
+    ``_Full`` and changes nothing.  The check is in ``__missing__``, which only a key not
+    there calls, so counting a key already there costs what a ``Counter``'s does."""
+
+    __slots__ = ()
+
+    def __missing__(self, key: int) -> int:
+        if len(self) >= TALLY_KEYS:
+            raise _Full
+        return 0
+
+
 class Tally:
-    """Counts over final dies (the map) and over every part result (what testers report)."""
+    """Counts over final dies (the map) and over every part result (what testers report).
+
+    The counts by site and by bin keep at most ``TALLY_KEYS`` keys each: a die whose site or
+    bin is not among them counts in the totals only (``dies``, ``good``, ``parts``...).  A
+    key once there stays (its count may fall to 0), so a die's -1 finds its key exactly
+    when its +1 was counted.
+    """
 
     __slots__ = (
         "binned",
@@ -53,34 +82,61 @@ class Tally:
         self.binned = 0
         self.parts = 0
         self.retests = 0
-        self.hard: Counter[int] = Counter()
-        self.soft: Counter[int] = Counter()
-        self.hard_tested: Counter[int] = Counter()
-        self.soft_tested: Counter[int] = Counter()
-        self.site_dies: Counter[int] = Counter()
+        self.hard: Counter[int] = Keys()
+        self.soft: Counter[int] = Keys()
+        self.hard_tested: Counter[int] = Keys()
+        self.soft_tested: Counter[int] = Keys()
+        self.site_dies: Counter[int] = Keys()
+        #: (its keys are among ``site_dies``')
         self.site_good: Counter[int] = Counter()
 
-    def count_final(self, die: Die, sign: int) -> None:
+    def count_final(self, die: Die, sign: int) -> int:
+        """``die`` in (+1) or out of (-1) the final counts; how many of its keys (site,
+        bins) a +1 left out, over ``TALLY_KEYS``."""
+        left_out = 0
         self.dies += sign
         if die.passed is not None:
             self.judged += sign
         if die.hard_bin is not None:
             self.binned += sign
-            self.hard[die.hard_bin] += sign
+            try:
+                self.hard[die.hard_bin] += sign
+            except _Full:
+                left_out += sign > 0
         if die.soft_bin is not None:
-            self.soft[die.soft_bin] += sign
-        self.site_dies[die.site] += sign
-        if die.passed:
-            self.good += sign
-            self.site_good[die.site] += sign
+            try:
+                self.soft[die.soft_bin] += sign
+            except _Full:
+                left_out += sign > 0
+        try:
+            self.site_dies[die.site] += sign
+        except _Full:
+            left_out += sign > 0
+            if die.passed:
+                self.good += sign
+        else:
+            if die.passed:
+                self.good += sign
+                self.site_good[die.site] += sign
+        return left_out
 
-    def count_tested(self, die: Die, replaced: bool) -> None:
+    def count_tested(self, die: Die, replaced: bool) -> int:
+        """A part result in the counts of every result; how many of its bins were left
+        out, over ``TALLY_KEYS``."""
+        left_out = 0
         self.parts += 1
         self.retests += replaced
         if die.hard_bin is not None:
-            self.hard_tested[die.hard_bin] += 1
+            try:
+                self.hard_tested[die.hard_bin] += 1
+            except _Full:
+                left_out += 1
         if die.soft_bin is not None:
-            self.soft_tested[die.soft_bin] += 1
+            try:
+                self.soft_tested[die.soft_bin] += 1
+            except _Full:
+                left_out += 1
+        return left_out
 
     @property
     def yield_(self) -> float | None:
@@ -157,9 +213,12 @@ class Die:
 
 
 class WaferState:
-    def __init__(self, lot_id: str, wafer_id: str) -> None:
+    def __init__(self, lot_id: str, wafer_id: str, gateway: str = "") -> None:
         self.lot_id = lot_id
         self.wafer_id = wafer_id
+        #: the gateway whose record made it: when every live wafer of a lot is open, the
+        #: one that leaves memory is of the gateway holding the most (``_wafer_victim``)
+        self.gateway = gateway
         self.topic = topics.wafer(lot_id, wafer_id)
         self.dies: dict[Any, Die] = {}
         self.tally = Tally()
@@ -232,6 +291,11 @@ HIST_BINS = 40
 TEST_WAFERS = 50
 #: Die values a wafer keeps per test for "wafer map by test value" (bounds its memory).
 DIE_VALUES_PER_WAFER = 20_000
+#: Dies a wafer keeps (``LiveState(max_dies_per_wafer=...)``, ``live.max_dies_per_wafer``):
+#: twice the largest real wafers (about 100,000 dies: 300 mm, small dies), so no real
+#: wafer reaches it, while invented X/Y cannot grow a map -- its memory and its snapshot
+#: (at the cap 6.6 MB of JSON, 2.7 MB of CBOR) -- without bound
+DIES_PER_WAFER = 200_000
 #: Values of one site's part waiting for its PartResult (which names wafer and die).
 PENDING_PER_SITE = 4_096
 #: (head, site) of one gateway whose values may wait in one lot for their part results at

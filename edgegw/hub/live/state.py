@@ -26,15 +26,19 @@ Invariants worth knowing before reading the code:
   after a restart costs the same per record as live data.
 * **Bounded, whatever the size of a lot.**  About ``max_lots`` lots are live.  Over the
   cap, a closed lot (MRR seen) is evicted from memory first (it stays in the hub's store),
-  then a lot idle for ``idle_lot_s`` of record time; a lot still being tested is not
-  evicted unless lots exceed 4 x ``max_lots`` (counted).  ``on_evict`` receives the evicted
-  lot's full figures (``lot_archive``) so the history API can still serve them.  Within a
-  lot at most ``max_wafers_per_lot`` wafers are live: a new wafer over the cap sends the
-  least recently updated closed wafer (an open one only when none is closed) to
-  ``on_wafer_archive`` and out of memory; the lot's own counts keep every wafer.  So a lot
-  of 1,000 wafers stays live, its newest wafers on the dashboard, its older ones in the
-  history API.  Sensor history and per-gateway event lists are bounded deques; per test
-  only running sums are kept (Welford).
+  then a lot idle for ``idle_lot_s`` of its own gateways' record time; a lot still being
+  tested is not evicted unless lots exceed 4 x ``max_lots`` (counted), and then one of
+  the gateway in the most lots.  ``on_evict`` receives the evicted lot's full figures
+  (``lot_archive``) so the history API can still serve them.  Within a lot at most
+  ``max_wafers_per_lot`` wafers are live: a new wafer over the cap sends the least
+  recently updated closed wafer (an open one, of the gateway that made the most, only
+  when none is closed) to ``on_wafer_archive`` and out of memory; the lot's own counts
+  keep every wafer.  So a lot of 1,000 wafers stays live, its newest wafers on the
+  dashboard, its older ones in the history API.  A wafer keeps at most
+  ``max_dies_per_wafer`` dies (a new one beyond is not applied), and its and its lot's
+  counts by site and bin at most ``TALLY_KEYS`` keys each: invented X/Y, site or bin
+  numbers cannot grow a map, a snapshot or every delta.  Sensor history and per-gateway
+  event lists are bounded deques; per test only running sums are kept (Welford).
 * **Nothing is dropped silently.**  A record the state cannot apply -- its lot evicted,
   its wafer archived, a field of the wrong type, a test or sensor over its cap -- changes
   no count; it is counted in ``hub_state_records_ignored_total{reason}``, logged (the
@@ -67,7 +71,9 @@ Invariants worth knowing before reading the code:
   per gateway: waiting lists per lot (``PENDING_SITES_PER_LOT``), a test's sites
   (``SITES_PER_TEST``, counted by the gateway that brought the site), waiting stretches
   and their first part results (``max_waiting_runs``, ``RUN_HEADS``).  One gateway at
-  its caps leaves another's values their room.
+  its caps leaves another's values their room.  What leaves memory while every lot or
+  wafer is being tested is of the gateway holding the most (docs/live-topics.md, "Caps:
+  what one gateway can fill").
 
 Why one module of this size: ``LiveState`` is one class whose record handlers share the
 open batch, the caps, the eviction policy and the observer; the entities are in
@@ -81,7 +87,7 @@ import itertools
 import logging
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +113,7 @@ from edgegw.records import (
 from .checks import BAD_VALUE_FLAGS, BadRecord, NotApplied, is_int, is_num, opt_int, opt_num
 from .models import (
     DIE_VALUES_PER_WAFER,
+    DIES_PER_WAFER,
     PENDING_PER_SITE,
     PENDING_SITES_PER_LOT,
     RUN_HEADS,
@@ -164,11 +171,14 @@ class LiveState:
         log_interval_s: float = 60.0,
         batch_apply: bool = True,
         max_waiting_runs: int = WAITING_RUNS,
+        max_dies_per_wafer: int = DIES_PER_WAFER,
     ) -> None:
         if max_lots < 1:
             raise ValueError("max_lots must be at least 1")
         if max_wafers_per_lot < 1:
             raise ValueError("max_wafers_per_lot must be at least 1")
+        if max_dies_per_wafer < 1:
+            raise ValueError("max_dies_per_wafer must be at least 1")
         self._publish = publish
         #: False: every record through its handler, one at a time (the reference the
         #: batched apply is tested against, and ``bench/live_state.py``'s "before")
@@ -184,6 +194,9 @@ class LiveState:
         self.max_lots = max_lots
         self.idle_lot_s = idle_lot_s
         self.max_wafers_per_lot = max_wafers_per_lot
+        #: dies a wafer keeps: a part result of a new die beyond it is not applied
+        #: (``too_many_dies``); the wafer keeps the dies it has, and their retests
+        self.max_dies_per_wafer = max_dies_per_wafer
         self.max_tests_per_lot = max_tests_per_lot
         self.max_sensors = max_sensors
         self.sensor_history = sensor_history
@@ -200,7 +213,7 @@ class LiveState:
         self._m_ignored = metrics.counter(
             "hub_state_records_ignored_total",
             "records the live state could not apply, by reason (evicted_lot, archived_wafer, "
-            "bad_record, too_many_tests, too_many_sensors, unknown_kind)",
+            "bad_record, too_many_tests, too_many_sensors, too_many_dies, unknown_kind)",
         )
         self._m_values_skipped = metrics.counter(
             "hub_state_test_values_skipped_total",
@@ -212,14 +225,21 @@ class LiveState:
             "test values that never reached their wafer's figures or die (the lot's test "
             "statistics have them): over the caps of values waiting for a site's part result "
             "(per site, and sites per lot), "
-            "waiting in a stretch of out-of-order frames over the cap, or their part's wafer "
-            "or lot left memory before they came",
+            "waiting in a stretch of out-of-order frames over the cap, their part's wafer "
+            "or lot left memory before they came (or while they waited for it), or their "
+            "part result was not applied",
         )
         self._m_site_values_dropped = metrics.counter(
             "hub_state_site_values_dropped_total",
             "test values left out of their test's per-site figures (sites): the gateway "
             "that sent them already made as many sites of the test as a test keeps per "
             "gateway (the test's own figures have them)",
+        )
+        self._m_tally_keys_dropped = metrics.counter(
+            "hub_state_tally_keys_dropped_total",
+            "site or bin numbers of part results left out of a wafer's or lot's counts by "
+            "site or bin (each counts at most 1,024 distinct ones; its totals count every "
+            "part)",
         )
         self._m_wafers_archived = metrics.counter(
             "hub_state_wafers_archived_total", "wafers that left memory for the history store")
@@ -749,13 +769,21 @@ class LiveState:
         mine[(head, site)] = pending
         return pending
 
+    def _drop_waiting(self, lot: LotState, gateway_id: str, rec: PartResult) -> None:
+        """A part result not applied: the values its site waits with were its own; they
+        leave (counted) rather than join the site's next part."""
+        mine = lot.pending_of.get(gateway_id)
+        values = mine.pop((rec.head, rec.site), None) if mine else None
+        if values:
+            self._m_values_dropped.inc(len(values))
+
     def _gateway(self, gateway_id: str) -> GatewayState:
         gw = self.gateways.get(gateway_id)
         if gw is None:
             gw = self.gateways[gateway_id] = GatewayState(gateway_id)
         return gw
 
-    def _lot(self, lot_id: str, ts: float) -> LotState:
+    def _lot(self, lot_id: str, ts: float, gateway_id: str) -> LotState:
         lot = self.lots.get(lot_id)
         if lot is not None:
             return lot
@@ -766,6 +794,7 @@ class LiveState:
                              "the history API serves it")
         lot = self.lots[lot_id] = LotState(lot_id)
         lot.updated = ts
+        lot.gateways.add(gateway_id)  # (its maker, whatever record made it)
         while len(self.lots) > self.max_lots:
             victim = self._eviction_victim(keep=lot_id)
             if victim is None:
@@ -777,26 +806,52 @@ class LiveState:
         return lot
 
     def _eviction_victim(self, keep: str) -> LotState | None:
+        """The lot that leaves memory: the least recently updated closed one; else one
+        idle by its own gateways' record times; else (over 4 x ``max_lots``) one of the
+        gateway holding the most live lots.  Record times are the gateways' own, so idle
+        is measured on each lot's gateways' clocks: another gateway's records dated a day
+        ahead make no lot idle but its own."""
         others = [lot for lid, lot in self.lots.items() if lid != keep]
         if not others:
             return None
         closed = [lot for lot in others if lot.status == "closed"]
         if closed:
             return min(closed, key=lambda lot: lot.updated)
+        newest_of: dict[str, float] = {}  # gateway -> its newest live lot's time
+        for lot in self.lots.values():
+            for g in lot.gateways:
+                if lot.updated > newest_of.get(g, -math.inf):
+                    newest_of[g] = lot.updated
         newest = max(lot.updated for lot in self.lots.values())
-        idle = [lot for lot in others if newest - lot.updated >= self.idle_lot_s]
+        idle_s = self.idle_lot_s
+        # (a lot of no gateway -- restored from an older hub's checkpoint -- by the newest)
+        idle = [lot for lot in others
+                if (all(newest_of[g] - lot.updated >= idle_s for g in lot.gateways)
+                    if lot.gateways else newest - lot.updated >= idle_s)]
         if idle:
             return min(idle, key=lambda lot: lot.updated)
         if len(self.lots) > 4 * self.max_lots:
-            return min(others, key=lambda lot: lot.updated)
+            # every lot is being tested: the one to go is of the gateway holding the most
+            # (one making lots by the thousand makes room from its own), its lots only
+            # its first, then ones it shares
+            held = Counter(g for lot in others for g in lot.gateways)
+            top = max(held.values(), default=0)
+            tops = {g for g, n in held.items() if n == top}
+            pool = ([lot for lot in others if lot.gateways <= tops]
+                    or [lot for lot in others if lot.gateways & tops] or others)
+            return min(pool, key=lambda lot: lot.updated)
         return None
 
     def _evict(self, victim: LotState) -> None:
         del self.lots[victim.lot_id]
-        for gid in victim.pending_of:  # (a gateway in order for months: its set stays short)
-            gw = self.gateways.get(gid)
+        waiting = 0
+        for gid, mine in victim.pending_of.items():  # (a gateway in order for months: its
+            gw = self.gateways.get(gid)              # set stays short)
             if gw is not None:
                 gw.pending_lots.discard(victim.lot_id)
+            waiting += sum(len(values) for values in mine.values())
+        if waiting:  # values waiting for their part results: none will reach its wafer
+            self._m_values_dropped.inc(waiting)
         if len(self.evicted) == self.evicted.maxlen:
             self._evicted_set.discard(self.evicted[0])
         self.evicted.append(victim.lot_id)
@@ -810,7 +865,7 @@ class LiveState:
             if wafer.wafer_id:
                 self._publish(wafer.topic, {"status": "archived"})
 
-    def _wafer(self, lot: LotState, wafer_id: str) -> WaferState:
+    def _wafer(self, lot: LotState, wafer_id: str, gateway_id: str) -> WaferState:
         wafer = lot.wafers.get(wafer_id)
         if wafer is None:
             if not isinstance(wafer_id, str):
@@ -821,17 +876,23 @@ class LiveState:
                                  "serves it")
             while len(lot.wafers) >= self.max_wafers_per_lot:
                 self._archive_wafer(lot, self._wafer_victim(lot))
-            wafer = lot.wafers[wafer_id] = WaferState(lot.lot_id, wafer_id)
+            wafer = lot.wafers[wafer_id] = WaferState(lot.lot_id, wafer_id, gateway_id)
             lot.order_wafers()
         return wafer
 
     @staticmethod
     def _wafer_victim(lot: LotState) -> WaferState:
         """The wafer that leaves memory: the least recently updated closed one; an open one
-        only when none is closed (its WRR never came); the "no wafer id" one last."""
+        only when none is closed (its WRR never came), of the gateway that made the most
+        of the lot's live wafers (a gateway making wafers by the hundred in a shared lot
+        archives its own, not another's being tested); the "no wafer id" one last."""
         wafers = [w for w in lot.wafers.values() if w.wafer_id] or list(lot.wafers.values())
         closed = [w for w in wafers if w.status == "closed"]
-        return min(closed or wafers, key=lambda w: w.updated)
+        if closed:
+            return min(closed, key=lambda w: w.updated)
+        made = Counter(w.gateway for w in wafers)
+        top = max(made.values())
+        return min((w for w in wafers if made[w.gateway] == top), key=lambda w: w.updated)
 
     def _archive_wafer(self, lot: LotState, wafer: WaferState) -> None:
         del lot.wafers[wafer.wafer_id]
@@ -858,9 +919,12 @@ class LiveState:
                      and passed in (True, False, None)
                      and isinstance(lot_id, str) and isinstance(wafer_id, str)):
             raise BadRecord(f"part {rec.part_id!r} has a field of the wrong type: {rec!r:.200}")
-        lot = self._lot(rec.lot_id, rec.ts)
-        wafer = self._wafer(lot, rec.wafer_id)
-        die = Die(gateway_id, rid, rec)
+        lot = self._lot(rec.lot_id, rec.ts, gateway_id)
+        try:
+            wafer = self._wafer(lot, rec.wafer_id, gateway_id)
+        except NotApplied:
+            self._drop_waiting(lot, gateway_id, rec)
+            raise
         if rec.x is not None and rec.y is not None:
             key: Any = (rec.x, rec.y)
         elif rec.part_id:
@@ -868,10 +932,18 @@ class LiveState:
         else:
             key = ("rid", gateway_id, rid)
         old = wafer.dies.get(key)
+        if old is None and len(wafer.dies) >= self.max_dies_per_wafer:
+            # invented X/Y (or part ids) would grow the map, its snapshot and the counts
+            # every delta carries without bound: the wafer keeps the dies it has
+            self._drop_waiting(lot, gateway_id, rec)
+            raise NotApplied("too_many_dies", f"wafer {rec.wafer_id!r} of lot {lot.lot_id!r} "
+                             f"already has {len(wafer.dies)} dies (max_dies_per_wafer); "
+                             f"die {key!r:.60} not kept")
+        die = Die(gateway_id, rid, rec)
         replaced = old is not None
         final = old is None or die.newer_than(old)
-        wafer.tally.count_tested(die, replaced)
-        lot.tally.count_tested(die, replaced)
+        left_out = wafer.tally.count_tested(die, replaced) \
+            + lot.tally.count_tested(die, replaced)
         if final:
             wafer.dies[key] = die
             if old is None or not (old.passed is die.passed and old.hard_bin == die.hard_bin
@@ -879,12 +951,13 @@ class LiveState:
                 if old is not None:
                     wafer.tally.count_final(old, -1)
                     lot.tally.count_final(old, -1)
-                wafer.tally.count_final(die, +1)
-                lot.tally.count_final(die, +1)
+                left_out += wafer.tally.count_final(die, +1) + lot.tally.count_final(die, +1)
             # (a retest with the outcome, bins and site of the result it replaces changes
             # no final count: -1 then +1 of the same keys)
             if die.x is not None and die.y is not None:
                 batch.dies.setdefault(wafer, []).append(die)
+        if left_out:
+            self._m_tally_keys_dropped.inc(left_out)
         times = lot.part_times
         if not times or ts >= times[-1]:
             times.append(ts)
@@ -952,7 +1025,7 @@ class LiveState:
                     by_die[xy] = value
             tests[stats] = None
 
-    def _test(self, rec: Any, kind: str) -> TestStats:
+    def _test(self, rec: Any, kind: str, gateway_id: str) -> TestStats:
         if not (is_int(rec.test_num) and isinstance(rec.lot_id, str) and is_num(rec.ts)):
             raise BadRecord(f"test result with a bad test number or lot id: {rec!r:.200}")
         if kind != "functional" and not (
@@ -961,7 +1034,7 @@ class LiveState:
                  else isinstance(rec.values, list) and all(opt_num(v) for v in rec.values))
         ):
             raise BadRecord(f"test {rec.test_num} result with a non-numeric value or limit")
-        lot = self._lot(rec.lot_id, rec.ts)
+        lot = self._lot(rec.lot_id, rec.ts, gateway_id)
         stats = lot.tests.get(rec.test_num)
         if stats is None:
             if len(lot.tests) >= self.max_tests_per_lot:
@@ -980,7 +1053,7 @@ class LiveState:
     def _on_parametric(self, gateway_id: str, rid: int, rec: ParametricResult,
                        batch: _Batch) -> None:
         _check_range(rec.value, rec.lo_limit, rec.hi_limit)
-        stats = self._test(rec, "parametric")
+        stats = self._test(rec, "parametric", gateway_id)
         self._limits(stats, rec)
         if rec.value is not None and not rec.test_flag & BAD_VALUE_FLAGS \
                 and math.isfinite(rec.value):
@@ -1006,7 +1079,7 @@ class LiveState:
         _check_range(rec.lo_limit, rec.hi_limit)
         if type(rec.values) in (list, tuple):
             _check_range(*rec.values)
-        stats = self._test(rec, "multipin")
+        stats = self._test(rec, "multipin", gateway_id)
         self._limits(stats, rec)
         if not rec.test_flag & BAD_VALUE_FLAGS:
             for value in rec.values:
@@ -1019,7 +1092,7 @@ class LiveState:
 
     def _on_functional(self, gateway_id: str, rid: int, rec: FunctionalResult,
                        batch: _Batch) -> None:
-        batch.tests[self._test(rec, "functional")] = None
+        batch.tests[self._test(rec, "functional", gateway_id)] = None
 
     @staticmethod
     def _limits(stats: TestStats, rec: ParametricResult | MultiPinResult) -> None:
@@ -1032,7 +1105,7 @@ class LiveState:
             stats.units = rec.units
 
     def _on_lot_start(self, gateway_id: str, rid: int, rec: LotStart, batch: _Batch) -> None:
-        lot = self._lot(rec.lot_id, rec.ts)
+        lot = self._lot(rec.lot_id, rec.ts, gateway_id)
         for name in ("part_type", "node_name", "tester_type", "job_name"):
             value = getattr(rec, name)
             if value:
@@ -1043,7 +1116,7 @@ class LiveState:
         batch.lots[lot] = None
 
     def _on_lot_end(self, gateway_id: str, rid: int, rec: LotEnd, batch: _Batch) -> None:
-        lot = self._lot(rec.lot_id, rec.ts)
+        lot = self._lot(rec.lot_id, rec.ts, gateway_id)
         lot.status = "closed"
         lot.ended = float(rec.finish_t) if rec.finish_t else rec.ts
         lot.updated = max(lot.updated, rec.ts)
@@ -1051,8 +1124,8 @@ class LiveState:
 
     def _on_wafer_start(self, gateway_id: str, rid: int, rec: WaferStart,
                         batch: _Batch) -> None:
-        lot = self._lot(rec.lot_id, rec.ts)
-        wafer = self._wafer(lot, rec.wafer_id)
+        lot = self._lot(rec.lot_id, rec.ts, gateway_id)
+        wafer = self._wafer(lot, rec.wafer_id, gateway_id)
         wafer.started = float(rec.start_t) if rec.start_t else rec.ts
         lot.order_wafers()  # its place among the lot's wafers is by start
         wafer.updated = max(wafer.updated, rec.ts)
@@ -1060,8 +1133,8 @@ class LiveState:
         batch.lots[lot] = None
 
     def _on_wafer_end(self, gateway_id: str, rid: int, rec: WaferEnd, batch: _Batch) -> None:
-        lot = self._lot(rec.lot_id, rec.ts)
-        wafer = self._wafer(lot, rec.wafer_id)
+        lot = self._lot(rec.lot_id, rec.ts, gateway_id)
+        wafer = self._wafer(lot, rec.wafer_id, gateway_id)
         wafer.status = "closed"
         wafer.ended = float(rec.finish_t) if rec.finish_t else rec.ts
         if rec.part_count is not None:
@@ -1078,7 +1151,7 @@ class LiveState:
         # summaries would double count if added together.
         if rec.head != 255:
             return
-        lot = self._lot(rec.lot_id, rec.ts)
+        lot = self._lot(rec.lot_id, rec.ts, gateway_id)
         target = lot.reported_hard if rec.bin_kind == "H" else lot.reported_soft
         target[str(rec.bin_num)] = rec.count
         batch.lots[lot] = None
@@ -1086,7 +1159,7 @@ class LiveState:
     def _on_part_count(self, gateway_id: str, rid: int, rec: PartCount, batch: _Batch) -> None:
         if rec.head != 255:
             return
-        lot = self._lot(rec.lot_id, rec.ts)
+        lot = self._lot(rec.lot_id, rec.ts, gateway_id)
         for name in ("part_count", "retest_count", "abort_count", "good_count", "func_count"):
             value = getattr(rec, name)
             if value is not None:
