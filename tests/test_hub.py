@@ -162,6 +162,43 @@ async def test_refused_hellos_are_logged_once_per_address_id_and_reason_then_sum
         nursery.cancel_scope.cancel()
 
 
+async def test_a_gateway_that_stops_retrying_still_gets_its_summary_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The refusals after a key's first line are summed up when the interval passes, even
+    if no later refusal comes to carry the line (before: never logged)."""
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path, gateway_failures_burst=1000))
+        hub.refusal_log.interval_s = 0.5
+        for _ in range(4):
+            await refuse(port, "ate-01")  # a wrong token, then the gateway gives up
+
+        def summaries() -> list[str]:
+            return [r.getMessage() for r in caplog.records
+                    if r.getMessage().startswith("refused gateway 'ate-01' from 127.0.0.1 ")]
+
+        with trio.fail_after(10):
+            while not summaries():
+                await trio.sleep(0.05)
+        [summary] = summaries()
+        assert " 3 times in the last " in summary and "wrong token for gateway 'ate-01'" in summary
+        await trio.sleep(1.2)  # nothing more to say: no second line
+        assert len(summaries()) == 1
+        nursery.cancel_scope.cancel()
+
+
+def test_refusal_summaries_come_due_with_no_new_refusal(tmp_path: Path) -> None:
+    log = refusal_log(tmp_path, interval_s=60)
+    key = ("10.0.0.7", "ate-01", "unauthorized")
+    assert line(log, key, 0.0) == ("first",)
+    assert line(log, key, 1.0) is None and line(log, key, 2.0) is None
+    assert log.due(59.0) == []
+    [(due_key, due, _, _)] = log.due(60.0)
+    assert due_key == key and (due.first, due.count, due.seconds) == (False, 2, 60.0)
+    assert log.due(200.0) == []  # said once
+    assert line(log, key, 201.0) == ("summary", 1, 141.0)  # a later refusal, as before
+    assert log.due(400.0) == []
+
+
 def refusal_log(tmp: Path, **limits: float) -> Any:
     """The hub's refused-HELLO log limiter (``Ingest.refusal_log``), sans-IO, with
     ``limits`` (``interval_s``, ``max_keys``, ``new_per_interval``) set."""

@@ -249,10 +249,19 @@ class Ingest:
                 if h.retain_frames_hours > 0 or h.retain_frames_mb > 0:
                     nursery.start_soon(self._pruner)
                 nursery.start_soon(self._feeder)
+                nursery.start_soon(self._refusal_summaries)
                 task_status.started(self.port)
         finally:
             with trio.CancelScope(shield=True):
                 await self.store.close()
+
+    async def _refusal_summaries(self) -> None:
+        """Log the refused-HELLO summaries that no later refusal carried (a gateway that
+        stopped retrying still gets its last line); about once a second, nothing to do
+        mostly."""
+        while True:
+            await trio.sleep(min(1.0, self.refusal_log.interval_s))
+            self.refusal_log.log_due(log, trio.current_time())
 
     async def _replay(self, after: int = 0) -> None:
         """Feed the stored frames after frame id ``after`` to the consumers, oldest first

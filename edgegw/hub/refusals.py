@@ -124,13 +124,16 @@ class LogLine:
 class _Logged:
     at: float  # when its last line was logged
     unlogged: int = 0  # refusals since that line, not logged
+    remote: str = ""  # the address and reason of the last refusal, for a summary line
+    reason: str = ""
 
 
 class RefusalLog:
     """Which refused HELLOs to log (see the module docstring); sans-IO, ``now`` a monotonic
-    clock in seconds.  Every refusal goes through ``note``; a summary is due only when a
-    refusal of its key comes at least ``interval_s`` after the key's last line (a gateway
-    that stopped retrying leaves its last few refusals to the metrics)."""
+    clock in seconds.  Every refusal goes through ``note``; a summary is due when a
+    refusal of its key comes at least ``interval_s`` after the key's last line, or (``due``,
+    which the hub calls about once a second) when that much time has passed with refusals
+    not logged: a gateway that stopped retrying still gets its last line."""
 
     def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S,
                  max_keys: int = REFUSAL_LOG_KEYS,
@@ -143,6 +146,7 @@ class RefusalLog:
         self._new = 0  # first lines logged in the current interval
         self._others = 0  # refusals of new keys over the budget, not logged yet
         self._others_at = -interval_s  # when the last line about them was logged
+        self._unlogged = 0  # refusals of known keys waiting for a summary (``due``)
 
     def note(self, key: Hashable, now: float) -> LogLine | None:
         """One refusal of ``key``: what to log for it, or None (counted for a summary)."""
@@ -151,7 +155,9 @@ class RefusalLog:
             self._keys.move_to_end(key)
             entry.unlogged += 1
             if now - entry.at < self.interval_s:
+                self._unlogged += 1
                 return None
+            self._unlogged -= entry.unlogged - 1
             line = LogLine(False, entry.unlogged, now - entry.at)
             entry.at, entry.unlogged = now, 0
             return line
@@ -163,14 +169,33 @@ class RefusalLog:
         self._new += 1
         self._keys[key] = _Logged(now)
         if len(self._keys) > self.max_keys:
-            self._keys.popitem(last=False)
+            _, forgotten = self._keys.popitem(last=False)
+            self._unlogged -= forgotten.unlogged
         return LogLine(True)
+
+    def due(self, now: float) -> list[tuple[Hashable, LogLine, str, str]]:
+        """The summaries due although no new refusal came: ``(key, line, remote, reason)``
+        for each key with refusals not logged whose last line is ``interval_s`` old."""
+        if not self._unlogged:
+            return []
+        out = []
+        for key, entry in self._keys.items():
+            if entry.unlogged and now - entry.at >= self.interval_s:
+                out.append((key, LogLine(False, entry.unlogged, now - entry.at),
+                            entry.remote, entry.reason))
+                self._unlogged -= entry.unlogged
+                entry.at, entry.unlogged = now, 0
+        return out
 
     def log(self, logger: logging.Logger, gateway_id: str, remote: str, kind: str,
             reason: str, now: float) -> None:
         """Log one refused HELLO of ``gateway_id`` from ``remote`` (``kind``: the reason's
         metric label, ``reason``: what the gateway was told), as ``note`` decides."""
-        line = self.note((address_of(remote), gateway_id, kind), now)
+        key = (address_of(remote), gateway_id, kind)
+        line = self.note(key, now)
+        entry = self._keys.get(key)
+        if entry is not None:
+            entry.remote, entry.reason = address_of(remote), reason
         if line is not None and line.first:
             logger.warning("refused gateway %r from %s: %s (further refusals of it from "
                            "this address: at most one line a minute)", gateway_id, remote,
@@ -178,6 +203,17 @@ class RefusalLog:
         elif line is not None:
             logger.warning("refused gateway %r from %s %d times in the last %.0f s: %s",
                            gateway_id, address_of(remote), line.count, line.seconds, reason)
+        self._log_others(logger, now)
+
+    def log_due(self, logger: logging.Logger, now: float) -> None:
+        """Log the summaries ``due`` now, with no new refusal to carry them."""
+        for key, line, remote, reason in self.due(now):
+            gateway_id = key[1] if isinstance(key, tuple) else key
+            logger.warning("refused gateway %r from %s %d times in the last %.0f s: %s",
+                           gateway_id, remote, line.count, line.seconds, reason)
+        self._log_others(logger, now)
+
+    def _log_others(self, logger: logging.Logger, now: float) -> None:
         others = self.others_due(now)
         if others:
             logger.warning("refused %d more HELLOs (other addresses, gateway ids or reasons; "
