@@ -251,12 +251,15 @@ def node_config(tmp: Path, name: str, dsn: str, redis_url: str, prefix: str) -> 
     })
 
 
-async def until(predicate: Any, within_s: float, what: str) -> None:
+async def until(predicate: Any, within_s: float, what: str,
+                state: Any = None) -> None:
+    """Wait for ``predicate``; on a timeout, say what was waited for (and ``state()``)."""
     with trio.move_on_after(within_s):
         while not predicate():
             await trio.sleep(0.1)
         return
-    raise AssertionError(f"not within {within_s} s: {what}")
+    raise AssertionError(f"not within {within_s} s: {what}"
+                         + (f" ({state()})" if state is not None else ""))
 
 
 async def applied_frames(store: Any, partitions: int) -> list[tuple[int, int, list[Any]]]:
@@ -450,7 +453,9 @@ async def test_the_gateway_rate_carries_over_when_its_partition_moves(
         sent = source.sent
         scopes[old].cancel()  # the owner of gw:<id> stops; the gateway stays idle
         await until(lambda: topic_of(new).get("records") == sent, 30,
-                    "the partition taken over by the other node")
+                    "the partition taken over by the other node",
+                    lambda: f"sent {sent}; owned by the new node: "
+                            f"{nodes[new].owner.owned.get(p)!r}; topic {topic_of(new)}")
         rate = topic_of(new)["records_per_s"]
         assert 0 < rate <= sent / 10
         nursery.cancel_scope.cancel()
