@@ -35,6 +35,13 @@ in the order a gateway sends them after an outage (``SendScheduler``: the second
 first, then the backlog) and every other frame first; CPU µs per record, medians of
 --runs, interleaved; and whether each state equals the in-order one.
 
+``--unwatched`` measures what a batch's updates cost when nobody follows their topics
+(docs/live-topics.md, "Unwatched topics"): the simulated lot (with and without the 8 alert
+rules) in frames of --frame records, a fresh state per run, every topic wanted (``all``:
+what a state without ``wanted`` does) and none (``none``: ``wanted`` says no to every
+topic), each in a process of its own, alternately; with ``--baseline DIR`` another
+checkout's ``all`` too (``base``: e.g. ``git archive trial``).  CPU µs/record, medians.
+
 ``--alternating`` measures what a frame that follows no previous one of its gateway costs
 when other gateways' values wait (issue: a switch of stretch once scanned every lot's
 waiting lists): another gateway keeps a full set of waiting lists (4,096 sites of values,
@@ -49,6 +56,7 @@ checkout's ``edgegw`` alternately, as ``--path`` does.
     python bench/live_state.py [--runs 5] [--frame 2000] [--wafers 4] [--kinds] [--stages]
     python bench/live_state.py --path [--runs 5] [--frame 8000] [--baseline DIR]
     python bench/live_state.py --order [--runs 5] [--frame 2000]
+    python bench/live_state.py --unwatched [--runs 5] [--frame 2000] [--baseline DIR]
     python bench/live_state.py --alternating [--runs 5] [--frame 100] [--pending-lots 4]
         [--own] [--baseline DIR]
 """
@@ -353,6 +361,56 @@ def path_ab(runs: int, frame: int, wafers: int, baseline: str | None) -> None:
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
+def unwatched_run(frame: int, wafers: int, alerts: bool, mode: str) -> float:
+    """CPU µs per record of the simulated lot applied with every topic wanted (``all``) or
+    none (``none``)."""
+    records = sim_records(wafers)
+    published = 0
+
+    def publish(topic: str, delta: dict[str, Any]) -> None:
+        nonlocal published
+        published += 1
+
+    engine = AlertEngine(RULES, publish) if alerts else None
+    extra: dict[str, Any] = {} if mode == "all" else {"wanted": lambda topic: False}
+    state = LiveState(publish, alerts=engine, clock=lambda: 5_000.0, **extra)
+    frames = [records[i : i + frame] for i in range(0, len(records), frame)]
+    gc.collect()
+    t0 = time.process_time()
+    rid = 1
+    for batch in frames:
+        state.on_records("gw", rid, batch)
+        rid += len(batch)
+    return (time.process_time() - t0) / len(records) * 1e6
+
+
+def unwatched_ab(runs: int, frame: int, wafers: int, baseline: str | None) -> None:
+    """The simulated lot with every topic wanted and with none (see --unwatched)."""
+    codes: dict[str, tuple[str | None, str]] = {"all": (None, "all"), "none": (None, "none")}
+    if baseline:
+        codes = {"base": (str(Path(baseline).resolve()), "all"), **codes}
+    print(f"live state apply, frames of {frame}, CPU µs/record, median of {runs}, "
+          f"alternating; load average {os.getloadavg()[0]:.1f}")
+    for alerts in (False, True):
+        us: dict[str, list[float]] = {c: [] for c in codes}
+        for _ in range(runs):
+            for label, (code, mode) in codes.items():
+                env = None if code is None else {**os.environ, "PYTHONPATH": code}
+                out = subprocess.run(
+                    [sys.executable, __file__, "--serve-unwatched",
+                     json.dumps({"frame": frame, "wafers": wafers, "alerts": alerts,
+                                 "mode": mode})],
+                    env=env, check=True, capture_output=True, text=True).stdout
+                us[label].append(float(out.split()[-1]))
+        med = {c: statistics.median(v) for c, v in us.items()}
+        name = "simulated lot" + (" + 8 alert rules" if alerts else "")
+        print(f"  {name:30s} " + "  ".join(f"{c} {m:6.2f}" for c, m in med.items())
+              + f"  all/none {med['all'] / med['none']:.2f}x  (runs: "
+              + "; ".join(f"{c} " + "/".join(f"{v:.2f}" for v in vs) for c, vs in us.items())
+              + ")", flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
 def outage_order(n_frames: int, live_from: int) -> list[int]:
     """The order the gateway's uplink sends frames 1..n on a new connection, none
     acknowledged yet, frames from ``live_from`` on live: the tests' own
@@ -498,9 +556,19 @@ def main() -> None:
                     help="with --alternating: lots with another gateway's full waiting set")
     ap.add_argument("--own", action="store_true",
                     help="with --alternating: the waiting lists are the gateway's own")
+    ap.add_argument("--unwatched", action="store_true",
+                    help="updates nobody follows skipped vs all built (see the docstring)")
+    ap.add_argument("--serve-unwatched", metavar="JSON", help=argparse.SUPPRESS)
     ap.add_argument("--serve-path", metavar="JSON", help=argparse.SUPPRESS)
     ap.add_argument("--serve-alternating", metavar="JSON", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve_unwatched:
+        job = json.loads(args.serve_unwatched)
+        print(f"{unwatched_run(job['frame'], job['wafers'], job['alerts'], job['mode']):.4f}")
+        return
+    if args.unwatched:
+        unwatched_ab(args.runs, args.frame or 2000, args.wafers, args.baseline)
+        return
     if args.serve_alternating:
         job = json.loads(args.serve_alternating)
         print(json.dumps(alternating_run(job["frame"], job["wafers"], job["lots"],

@@ -39,7 +39,9 @@ class Hub:
         self.state = LiveState(self.fanout.publish, alerts=self.alerts.engine,
                                on_evict=self.alerts.archive_lot,
                                on_wafer_archive=self.alerts.archive_wafer, metrics=metrics,
-                               max_dies_per_wafer=config.live.max_dies_per_wafer)
+                               max_dies_per_wafer=config.live.max_dies_per_wafer,
+                               # the fan-out is the only reader of its updates here
+                               wanted=self.fanout.wanted)
         self.fanout.attach(self.state, on_ack=lambda alert_id, user:
                            self.alerts.engine.ack(alert_id, user, time.time()))
         self.ingest.add_consumer(self.state)

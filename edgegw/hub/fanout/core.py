@@ -56,6 +56,9 @@ log = logging.getLogger("edgegw.hub.live")
 
 #: offsets of swept channels remembered by topic; beyond, one floor for every new channel
 MAX_TOMBSTONES = 1024
+#: topics whose ``wanted`` answer is kept; beyond, the cache starts afresh (a floor's
+#: tests alone are 10,000s of topics, each answer a few pattern matches to redo)
+MAX_WANTED_CACHE = 65_536
 
 
 class StateSource(Protocol):
@@ -113,6 +116,9 @@ class LiveHub:
         self.channels: dict[str, Channel] = {}
         self.clients: dict[int, Client] = {}
         self._patterns: dict[str, set[Client]] = {}  # pattern -> clients subscribed with it
+        # topic -> whether some client's pattern matches it (``wanted``); cleared whenever
+        # the set of patterns changes
+        self._wanted: dict[str, bool] = {}
         self._dirty: set[Channel] = set()
         self._attention: set[Client] = set()  # clients with todo topics outside dirty channels
         self._ids = itertools.count(1)
@@ -194,6 +200,36 @@ class LiveHub:
         channel = self.channels.get(topic)
         return channel if channel is not None else self._create_channel(topic)
 
+    def wanted(self, topic: str) -> bool:
+        """Whether some client follows ``topic`` now (a pattern of its matches it).
+
+        The live state asks before building an update and builds none when the answer is
+        False, so False also means "its state will change with no delta": the topic's
+        channel, if any, is dropped here (tombstoned as ``sweep`` does), and a client that
+        later resumes it from an old offset gets a snapshot marked ``resync`` -- the deltas
+        it would compose across the gap were never published.  Cached per topic; the
+        cache is cleared when a subscription comes or goes."""
+        answer = self._wanted.get(topic)
+        if answer is None:
+            answer = any(topic_matches(p, topic) for p in self._patterns)
+            if not answer:
+                self._drop_unwanted(topic)
+            if len(self._wanted) >= MAX_WANTED_CACHE:
+                self._wanted.clear()
+            self._wanted[topic] = answer
+        return answer
+
+    def _drop_unwanted(self, topic: str) -> None:
+        channel = self.channels.get(topic)
+        if channel is None or channel.subscribers:
+            return  # (a subscriber outside every pattern cannot be: unsubscribe detaches)
+        self._tombstones[topic] = channel.offset
+        del self.channels[topic]
+        self._dirty.discard(channel)
+        while len(self._tombstones) > MAX_TOMBSTONES:
+            oldest = next(iter(self._tombstones))
+            self._offset_floor = max(self._offset_floor, self._tombstones.pop(oldest) + 1)
+
     def subscribed_patterns(self) -> list[str]:
         """The topic patterns some client follows now (a cluster node mirrors only the
         topics they match)."""
@@ -225,6 +261,7 @@ class LiveHub:
                 subs.discard(client)
                 if not subs:
                     del self._patterns[pattern]
+                    self._wanted.clear()
         for topic in client.positions:
             channel = self.channels.get(topic)
             if channel is not None:
@@ -354,6 +391,8 @@ class LiveHub:
         for pattern in new:
             client.patterns.add(pattern)
             self._patterns.setdefault(pattern, set()).add(client)
+        if new:
+            self._wanted.clear()
         # Topics the state knows (after a restart it may not have published them yet) and
         # topics that only have a channel so far.
         known = dict.fromkeys(self.channels)
@@ -361,7 +400,17 @@ class LiveHub:
         for topic in known:
             if topic in client.positions or not any(topic_matches(p, topic) for p in new):
                 continue
-            channel = self._channel(topic)
+            channel = self.channels.get(topic)
+            if channel is None:
+                # A topic of the state with no channel (nobody wanted it: ``wanted``): the
+                # new channel attaches this client itself -- with its resume, or the client
+                # would get a bare snapshot over the view it resumed.
+                if topic in positions:
+                    client.resume_later[topic] = positions[topic]
+                channel = self._create_channel(topic)
+                client.resume_later.pop(topic, None)  # (outside its scope: not attached)
+                if topic in client.positions:
+                    continue
             self._attach(client, channel, self._resumed_at(client, channel,
                                                            positions.get(topic)))
         # Resumed topics this hub does not have (yet): a cluster node whose mirror loads
@@ -384,6 +433,7 @@ class LiveHub:
                     subs.discard(client)
                     if not subs:
                         del self._patterns[pattern]
+                        self._wanted.clear()
         for topic in [t for t in client.resume_later
                       if not any(topic_matches(p, t) for p in client.patterns)]:
             del client.resume_later[topic]

@@ -245,6 +245,11 @@ class LiveFanout:
         """The live state's publish callback: synchronous and cheap (work is per tick)."""
         self.core.publish(topic, delta, ts)
 
+    def wanted(self, topic: str) -> bool:
+        """The live state's ``wanted`` (``LiveHub.wanted``): whether a client follows
+        ``topic`` now."""
+        return self.core.wanted(topic)
+
     def set_unavailable(self, code: str | None, message: str = "") -> None:
         """Cluster mode: tell every client this node has no live data now (``code``) or
         has again (None); ``LiveHub.set_unavailable``."""

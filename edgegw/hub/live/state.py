@@ -47,6 +47,11 @@ Invariants worth knowing before reading the code:
   dashboard's warning) and ``/api/stats`` show.
 * One delta per changed topic per ``on_records`` call: a batch of 2,000 parts on one
   wafer publishes one wafer delta with the changed dies, not 2,000.
+* **No update nobody reads.**  Given ``wanted(topic)`` (the single hub's fan-out), a
+  batch's update of a topic nobody follows is not built, only counted
+  (``hub_live_updates_skipped_total``): a later subscriber starts from ``snapshot``, built
+  from the state.  Alerts read the state, not the updates (docs/live-topics.md,
+  "Unwatched topics").
 * **A frame at a time, to the same state.**  ``on_records`` keeps a frame's parametric
   values per test and adds them a test at a time (``_apply_batched``), in their order and
   under the limits they came with, so every figure -- to the last bit of every float --
@@ -172,6 +177,7 @@ class LiveState:
         batch_apply: bool = True,
         max_waiting_runs: int = WAITING_RUNS,
         max_dies_per_wafer: int = DIES_PER_WAFER,
+        wanted: Callable[[str], bool] | None = None,
     ) -> None:
         if max_lots < 1:
             raise ValueError("max_lots must be at least 1")
@@ -180,6 +186,13 @@ class LiveState:
         if max_dies_per_wafer < 1:
             raise ValueError("max_dies_per_wafer must be at least 1")
         self._publish = publish
+        #: ``wanted(topic)``: whether anyone reads ``topic``'s updates now; a batch's
+        #: update of a wafer, lot, test, sensor or gateway nobody wants is not built (most
+        #: of ``_flush``'s cost: a wafer's tally, a test's snapshot).  Only a consumer that
+        #: knows all its readers may give it -- the single hub's fan-out, whose snapshot
+        #: path builds from this state, not from past deltas; None (a cluster owner, whose
+        #: publish feeds other nodes): every update is built (docs/live-topics.md)
+        self._wanted = wanted
         #: False: every record through its handler, one at a time (the reference the
         #: batched apply is tested against, and ``bench/live_state.py``'s "before")
         self.batch_apply = batch_apply
@@ -244,6 +257,10 @@ class LiveState:
         self._m_wafers_archived = metrics.counter(
             "hub_state_wafers_archived_total", "wafers that left memory for the history store")
         self._m_evicted = metrics.counter("hub_state_lots_evicted_total", "lots evicted")
+        self._m_skipped = metrics.counter(
+            "hub_live_updates_skipped_total",
+            "updates of the live state not built because nobody follows their topic now "
+            "(wanted), by kind (wafer, lot, test, sensor, gateway)")
         self._m_over_cap = metrics.counter(
             "hub_state_lots_over_cap_total",
             "new lots kept beyond max_lots because every other lot was still active",
@@ -1209,9 +1226,18 @@ class LiveState:
 
     def _flush(self, batch: _Batch, now: float) -> None:
         publish = self._publish
+        # Where nobody follows a topic its update is not built: a subscriber that comes
+        # later starts from ``snapshot``, built from this state (docs/live-topics.md).
+        wanted = self._wanted or _ALL
+        skipped: Counter[str] = Counter()
         for wafer in batch.wafers:
             if wafer.archived:
                 continue  # left memory within this batch (its archive has the changes)
+            if not wafer.wafer_id:
+                continue
+            if not wanted(wafer.topic):
+                skipped["wafer"] += 1
+                continue
             delta: dict[str, Any] = {
                 "dies": [d.row() for d in batch.dies.get(wafer, ())],
                 **wafer.tally.as_dict(),
@@ -1224,28 +1250,42 @@ class LiveState:
                 delta["started"] = wafer.started
             if wafer.ended is not None:
                 delta["ended"] = wafer.ended
-            if wafer.wafer_id:
-                publish(wafer.topic, delta)
+            publish(wafer.topic, delta)
         for lot in batch.lots:
             if lot.lot_id not in self.lots:
+                continue
+            if not wanted(lot.topic):
+                skipped["lot"] += 1
                 continue
             snap = lot.snapshot()
             snap.pop("lot_id")
             publish(lot.topic, snap)
         for stats in batch.tests:
             if stats.lot_id in self.lots:
-                publish(stats.topic, stats.snapshot())
+                if wanted(stats.topic):
+                    publish(stats.topic, stats.snapshot())
+                else:
+                    skipped["test"] += 1
         for sensor, points in batch.sensors.items():
-            publish(sensor.topic, {"latest": sensor.latest, "unit": sensor.unit,
-                                   "append": points})
+            if wanted(sensor.topic):
+                publish(sensor.topic, {"latest": sensor.latest, "unit": sensor.unit,
+                                       "append": points})
+            else:
+                skipped["sensor"] += 1
         for gw in batch.gateways:
-            publish(gw.topic, {
-                "online": gw.online, "last_seen": gw.last_seen, "records": gw.records,
-                "frames": gw.frames, "last_rid": gw.last_rid,
-                "records_per_s": gw.records_per_s(now),
-            })
+            if wanted(gw.topic):
+                publish(gw.topic, {
+                    "online": gw.online, "last_seen": gw.last_seen, "records": gw.records,
+                    "frames": gw.frames, "last_rid": gw.last_rid,
+                    "records_per_s": gw.records_per_s(now),
+                })
+            else:
+                skipped["gateway"] += 1
         for gw, event in batch.gateway_events:
-            publish(gw.topic, {"event": event})
+            if wanted(gw.topic):
+                publish(gw.topic, {"event": event})
+        for kind, n in skipped.items():
+            self._m_skipped.inc(n, kind=kind)
         if batch.not_applied:
             publish(topics.HUB_STATE, self.warnings())
         if self.alerts is not None:
@@ -1267,6 +1307,11 @@ class LiveState:
 
 
 _NUM = (float, int)
+
+
+def _ALL(topic: str) -> bool:
+    """``wanted`` when none is given: every topic (each update is built)."""
+    return True
 _new = tuple.__new__
 _repeat = itertools.repeat
 _islice = itertools.islice
