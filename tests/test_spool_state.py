@@ -215,15 +215,23 @@ async def test_sources_near_the_checkpoint_limit_with_nothing_acknowledged_fill_
                 "each source's checkpoint is its latest taken one (None: every one refused)"
 
 
+async def spool_over_the_budget(spool_dir: Path) -> dict[str, Any]:
+    """A spool written with larger segments (1 MiB, 256 KiB each), holding four checkpoints
+    of ~1.5 KB: 6 KB, over the 2 KiB a 4 KiB-segment spool lets them take together.
+    Returns them."""
+    old = {f"s{i}": {"at": 1, "pad": "x" * 1500} for i in range(4)}
+    async with DiskSpool.open(SpoolConfig(dir=str(spool_dir), max_bytes=1 << 20,
+                                          segment_bytes=1 << 18)) as spool:
+        spool.ack(await spool.append(b"", 0, old))
+    return old
+
+
 async def test_a_spool_recovered_over_the_budget_takes_checkpoints_that_do_not_grow_it(
         tmp_path: Path) -> None:
     # a spool written with larger segments holds four checkpoints of ~1.5 KB: 6 KB, over
     # the 2 KiB a 4 KiB-segment spool lets them take together
     spool_dir = tmp_path / "spool"
-    old = {f"s{i}": {"at": 1, "pad": "x" * 1500} for i in range(4)}
-    async with DiskSpool.open(SpoolConfig(dir=str(spool_dir), max_bytes=1 << 20,
-                                          segment_bytes=1 << 18)) as spool:
-        spool.ack(await spool.append(b"", 0, old))
+    old = await spool_over_the_budget(spool_dir)
     # restarted with the smaller spool: a source whose next checkpoint is smaller than its
     # own last one is taken (the sum shrinks); a new source's is refused (it would grow it)
     sources = [BigCheckpointSource("s0", 1, 900), BigCheckpointSource("new", 1, 900)]
@@ -245,10 +253,7 @@ async def test_a_spool_recovered_over_the_budget_neither_waits_nor_rolls_over_at
     # go on (no ack can make more room) and the segments roll over at twice their STATE
     # record, not at every commit (before: a new segment, 6 KB written, per commit)
     spool_dir = tmp_path / "spool"
-    old = {f"s{i}": {"at": 1, "pad": "x" * 1500} for i in range(4)}
-    async with DiskSpool.open(SpoolConfig(dir=str(spool_dir), max_bytes=1 << 20,
-                                          segment_bytes=1 << 18)) as spool:
-        spool.ack(await spool.append(b"", 0, old))
+    await spool_over_the_budget(spool_dir)
     async with DiskSpool.open(SpoolConfig(dir=str(spool_dir), max_bytes=MAX_BYTES,
                                           segment_bytes=SEGMENT_BYTES)) as spool:
         with trio.fail_after(10):
