@@ -113,7 +113,10 @@ def _counter(c: Counter[int]) -> dict[int, int]:
 def _tally(t: Tally) -> list[Any]:
     return [t.dies, t.good, t.parts, t.retests, _counter(t.hard), _counter(t.soft),
             _counter(t.hard_tested), _counter(t.soft_tested), _counter(t.site_dies),
-            _counter(t.site_good), t.judged, t.binned]
+            _counter(t.site_good), t.judged, t.binned,
+            # each gateway's keys beyond the first ones (``Keys.made``)
+            [t.hard.made, t.soft.made, t.hard_tested.made, t.soft_tested.made,
+             t.site_dies.made]]
 
 
 def _tally_from(row: list[Any]) -> Tally:
@@ -125,6 +128,11 @@ def _tally_from(row: list[Any]) -> Tally:
         counts = Keys() if name != "site_good" else Counter()
         counts.update({int(k): v for k, v in value.items()})
         setattr(t, name, counts)
+    # (an older checkpoint does not say: none counted, each gateway may bring its full
+    # count more)
+    for keys, made in zip((t.hard, t.soft, t.hard_tested, t.soft_tested, t.site_dies),
+                          row[12] if len(row) > 12 else (), strict=False):
+        keys.made = dict(made)
     return t
 
 
@@ -243,7 +251,8 @@ def _lot(lot: LotState, cache: WaferCache) -> dict[str, Any]:
         "started": lot.started, "ended": lot.ended, "gateways": sorted(lot.gateways),
         "wafers": [_wafer(w, cache) for w in lot.wafers.values()],
         "archived_wafers": sorted(lot.archived_wafers),
-        "tests": [_test(t) for t in lot.tests.values()], "tally": _tally(lot.tally),
+        "tests": [_test(t) for t in lot.tests.values()], "tests_of": lot.tests_of,
+        "tally": _tally(lot.tally),
         "part_times": list(lot.part_times), "test_time": [lot.test_time_sum, lot.test_time_n],
         "reported_hard": lot.reported_hard, "reported_soft": lot.reported_soft,
         "reported_counts": lot.reported_counts, "updated": lot.updated,
@@ -260,7 +269,7 @@ def capture(state: LiveState, cache: WaferCache | None = None) -> dict[str, Any]
     out: dict[str, Any] = {
         "lots": [_lot(lot, cache) for lot in state.lots.values()],
         "evicted": list(state.evicted),
-        "sensors": [[s.channel, s.unit, s.latest, list(s.history), s.source]
+        "sensors": [[s.channel, s.unit, s.latest, list(s.history), s.source, s.gateway]
                     for s in state.sensors.values()],
         "gateways": [[g.gateway_id, g.last_seen, g.records, g.frames, g.last_rid,
                       list(g.events)] for g in state.gateways.values()],
@@ -307,6 +316,7 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
             t = _test_from(lot.lot_id, row)
             t.wafer_order = lot.wafer_order
             lot.tests[t.test_num] = t
+        lot.tests_of = dict(d.get("tests_of", {}))
         for gw, head, site, values in d["pending"]:
             lot.pending_of.setdefault(gw, {})[(head, site)] = [(lot.tests[num], v)
                                                                for num, v in values]
@@ -321,11 +331,12 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
     for lot_id in data["evicted"]:
         state.evicted.append(lot_id)
     state._evicted_set = set(state.evicted)
-    for channel, unit, latest, history, source in data["sensors"]:
-        s = SensorState(channel, state.sensor_history)
+    for channel, unit, latest, history, source, *maker in data["sensors"]:
+        # (its maker: an older checkpoint does not say -- none, as if one gateway's)
+        s = SensorState(channel, state.sensor_history, maker[0] if maker else "")
         s.unit, s.latest, s.source = unit, latest, source
         s.history.extend(history)
-        state.sensors[channel] = s
+        state.adopt_sensor(s)
     for gw_id, last_seen, records, frames, last_rid, events in data["gateways"]:
         g = GatewayState(gw_id)  # offline until it connects, as after any restart
         g.last_seen, g.records, g.frames, g.last_rid = last_seen, records, frames, last_rid

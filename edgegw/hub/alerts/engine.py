@@ -186,7 +186,7 @@ class AlertEngine:
                 continue
             history = self._shares.get((rule.name, lot.info.get("part_type", "")))
             for bin_num in self._watched_bins(rule, tally.hard):
-                share = tally.hard[bin_num] / tally.dies
+                share = tally.hard.get(bin_num, 0) / tally.dies
                 limit = self._bin_limit(rule, history, bin_num)
                 if limit is not None and share > limit:
                     self._raise(rule, f"{rule.name}|{base}|{bin_num}", ts, now,

@@ -31,28 +31,48 @@ def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
-class _Full(Exception):
-    """A new key for ``Keys`` beyond ``TALLY_KEYS``: nothing was counted."""
+class _New(Exception):
+    """A key not in a ``Keys`` yet: nothing was counted (``Keys.add_new`` decides)."""
 
 
 class Keys(Counter[int]):
-    """A ``Counter`` of at most ``TALLY_KEYS`` keys: counting a new key beyond them raises
-    ``_Full`` and changes nothing.  The check is in ``__missing__``, which only a key not
-    there calls, so counting a key already there costs what a ``Counter``'s does."""
+    """A ``Counter`` to which each gateway brings at most ``TALLY_KEYS`` keys (``made``:
+    gateway -> keys it brought): a wafer and a lot are shared, and one gateway inventing
+    site or bin numbers must leave another's new ones their keys.  Counting a key not
+    there raises ``_New`` and changes nothing; the caller then asks ``add_new`` with the
+    die's gateway.  The raise is in ``__missing__``, which only a key not there calls,
+    so counting a key already there costs what a ``Counter``'s does.  (So a read of a
+    key that may not be there is ``get(key, 0)``.)"""
 
-    __slots__ = ()
+    __slots__ = ("made",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: dict[str, int] = {}
 
     def __missing__(self, key: int) -> int:
-        if len(self) >= TALLY_KEYS:
-            raise _Full
-        return 0
+        raise _New
+
+    def add_new(self, key: int, sign: int, gateway: str) -> bool:
+        """``key``, not there, counted ``sign`` for ``gateway``'s die: False if not kept --
+        ``gateway`` brought ``TALLY_KEYS`` keys already, or ``sign`` is -1 (the die's +1
+        was not counted either: a key once there stays)."""
+        if sign < 0:
+            return False
+        made = self.made.get(gateway, 0)
+        if made >= TALLY_KEYS:
+            return False
+        self.made[gateway] = made + 1
+        self[key] = sign
+        return True
 
 
 class Tally:
     """Counts over final dies (the map) and over every part result (what testers report).
 
-    The counts by site and by bin keep at most ``TALLY_KEYS`` keys each: a die whose site or
-    bin is not among them counts in the totals only (``dies``, ``good``, ``parts``...).  A
+    Each gateway brings at most ``TALLY_KEYS`` keys to each count by site and by bin
+    (``Keys``): a die whose site or bin is not among them counts in the totals only
+    (``dies``, ``good``, ``parts``...).  A
     key once there stays (its count may fall to 0), so a die's -1 finds its key exactly
     when its +1 was counted.
     """
@@ -82,17 +102,17 @@ class Tally:
         self.binned = 0
         self.parts = 0
         self.retests = 0
-        self.hard: Counter[int] = Keys()
-        self.soft: Counter[int] = Keys()
-        self.hard_tested: Counter[int] = Keys()
-        self.soft_tested: Counter[int] = Keys()
-        self.site_dies: Counter[int] = Keys()
+        self.hard = Keys()
+        self.soft = Keys()
+        self.hard_tested = Keys()
+        self.soft_tested = Keys()
+        self.site_dies = Keys()
         #: (its keys are among ``site_dies``')
         self.site_good: Counter[int] = Counter()
 
     def count_final(self, die: Die, sign: int) -> int:
         """``die`` in (+1) or out of (-1) the final counts; how many of its keys (site,
-        bins) a +1 left out, over ``TALLY_KEYS``."""
+        bins) a +1 left out, over ``TALLY_KEYS`` (``Keys``)."""
         left_out = 0
         self.dies += sign
         if die.passed is not None:
@@ -101,19 +121,26 @@ class Tally:
             self.binned += sign
             try:
                 self.hard[die.hard_bin] += sign
-            except _Full:
-                left_out += sign > 0
+            except _New:
+                left_out += not self.hard.add_new(
+                    die.hard_bin, sign, die.gateway) and sign > 0
         if die.soft_bin is not None:
             try:
                 self.soft[die.soft_bin] += sign
-            except _Full:
-                left_out += sign > 0
+            except _New:
+                left_out += not self.soft.add_new(
+                    die.soft_bin, sign, die.gateway) and sign > 0
         try:
             self.site_dies[die.site] += sign
-        except _Full:
-            left_out += sign > 0
-            if die.passed:
-                self.good += sign
+        except _New:
+            if self.site_dies.add_new(die.site, sign, die.gateway):
+                if die.passed:
+                    self.good += sign
+                    self.site_good[die.site] += sign
+            else:
+                left_out += sign > 0
+                if die.passed:
+                    self.good += sign
         else:
             if die.passed:
                 self.good += sign
@@ -129,13 +156,15 @@ class Tally:
         if die.hard_bin is not None:
             try:
                 self.hard_tested[die.hard_bin] += 1
-            except _Full:
-                left_out += 1
+            except _New:
+                left_out += not self.hard_tested.add_new(
+                    die.hard_bin, 1, die.gateway)
         if die.soft_bin is not None:
             try:
                 self.soft_tested[die.soft_bin] += 1
-            except _Full:
-                left_out += 1
+            except _New:
+                left_out += not self.soft_tested.add_new(
+                    die.soft_bin, 1, die.gateway)
         return left_out
 
     @property
@@ -155,7 +184,7 @@ class Tally:
         return {s: _ratio(self.site_good[s], n) for s, n in self.site_dies.items() if n}
 
     def share(self, hard_bin: int) -> float | None:
-        return _ratio(self.hard[hard_bin], self.dies)
+        return _ratio(self.hard.get(hard_bin, 0), self.dies)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -231,16 +260,49 @@ class WaferState:
         #: test number -> {(x, y): value}: the final die's value, for a map by test value
         self.values: dict[int, dict[tuple[int, int], float]] = {}
         self.value_count = 0
+        #: gateway -> its values in ``values`` (of its dies), each at most
+        #: ``DIE_VALUES_PER_WAFER``: a wafer may be shared, and one gateway's invented
+        #: tests or dies must leave another's die values their room.  Counted from the
+        #: dies when ``value_count`` first reaches the cap (None before: nothing to pay
+        #: per value below it), and from then on as values come
+        self.values_of: dict[str, int] | None = None
+        #: gateway -> its dies, each at most ``max_dies_per_wafer``: the same, counted
+        #: when the wafer first reaches that many dies (``LiveState._on_part``)
+        self.dies_of: dict[str, int] | None = None
 
-    def add_die_value(self, test_num: int, xy: tuple[int, int], value: float) -> None:
+    def add_die_value(self, test_num: int, xy: tuple[int, int], value: float,
+                      gateway: str) -> None:
         by_die = self.values.get(test_num)
         if by_die is None:
             by_die = self.values[test_num] = {}
         if xy not in by_die:
-            if self.value_count >= DIE_VALUES_PER_WAFER:
+            if self.value_count >= DIE_VALUES_PER_WAFER and not self.own_value(gateway):
                 return
             self.value_count += 1
         by_die[xy] = value
+
+    def own_value(self, gateway: str) -> bool:
+        """A new die value of ``gateway``'s, the wafer holding ``DIE_VALUES_PER_WAFER``
+        or more: whether ``gateway`` has room (counted if so)."""
+        values_of = self.values_of
+        if values_of is None:
+            values_of = self.values_of = self.by_gateway(
+                xy for by_die in self.values.values() for xy in by_die)
+        made = values_of.get(gateway, 0)
+        if made >= DIE_VALUES_PER_WAFER:
+            return False
+        values_of[gateway] = made + 1
+        return True
+
+    def by_gateway(self, keys: Any) -> dict[str, int]:
+        """How many of ``keys`` (of ``dies``) are each gateway's: its final result's."""
+        dies = self.dies
+        made: dict[str, int] = {}
+        for key in keys:
+            die = dies.get(key)
+            gateway = die.gateway if die is not None else ""
+            made[gateway] = made.get(gateway, 0) + 1
+        return made
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -289,12 +351,15 @@ class WaferOrder:
 #: Bins of a test's histogram; wafers whose per-wafer statistics a test keeps (newest).
 HIST_BINS = 40
 TEST_WAFERS = 50
-#: Die values a wafer keeps per test for "wafer map by test value" (bounds its memory).
+#: Die values (test, die) a wafer keeps of each gateway's dies for "wafer map by test
+#: value" (bounds its memory; ``WaferState.values_of``)
 DIE_VALUES_PER_WAFER = 20_000
 #: Dies a wafer keeps (``LiveState(max_dies_per_wafer=...)``, ``live.max_dies_per_wafer``):
 #: twice the largest real wafers (about 100,000 dies: 300 mm, small dies), so no real
 #: wafer reaches it, while invented X/Y cannot grow a map -- its memory and its snapshot
-#: (at the cap 6.6 MB of JSON, 2.7 MB of CBOR) -- without bound
+#: (at the cap 6.6 MB of JSON, 2.7 MB of CBOR) -- without bound.  Per gateway
+#: (``WaferState.dies_of``): one gateway's invented X/Y in a shared wafer leave another's
+#: new dies their room
 DIES_PER_WAFER = 200_000
 #: Values of one site's part waiting for its PartResult (which names wafer and die).
 PENDING_PER_SITE = 4_096
@@ -648,6 +713,9 @@ class LotState:
         #: (it would start the wafer afresh and overwrite its archive)
         self.archived_wafers: set[str] = set()
         self.tests: dict[int, TestStats] = {}
+        #: gateway -> tests it made (each at most ``max_tests_per_lot``): one gateway's
+        #: invented test numbers leave another's new tests their room
+        self.tests_of: dict[str, int] = {}
         #: gateway -> (head, site) -> (test, value) of the part under test: its PartResult
         #: (after its tests, as in STDF) names the wafer and die they belong to.  By
         #: gateway: each has its own cap (``PENDING_SITES_PER_LOT``), and a gateway's frame
@@ -713,8 +781,11 @@ class LotState:
 
 
 class SensorState:
-    def __init__(self, channel: str, history: int) -> None:
+    def __init__(self, channel: str, history: int, gateway: str = "") -> None:
         self.channel = channel
+        #: the gateway whose record made it: at ``max_sensors`` a new channel pushes out
+        #: one of the gateway holding the most (``LiveState._new_sensor``)
+        self.gateway = gateway
         self.topic = topics.sensor(channel)
         self.unit = ""
         self.latest: dict[str, Any] | None = None

@@ -217,6 +217,8 @@ class LiveState:
         self.evicted: deque[str] = deque(maxlen=1024)
         self._evicted_set: set[str] = set()
         self.sensors: dict[str, SensorState] = {}
+        #: gateway -> the channels it made, oldest first (``_new_sensor``)
+        self._sensors_of: dict[str, dict[str, SensorState]] = {}
         self.gateways: dict[str, GatewayState] = {}
         self._now = 0.0
         metrics = metrics or Metrics()
@@ -254,6 +256,10 @@ class LiveState:
             "site or bin (each counts at most 1,024 distinct ones; its totals count every "
             "part)",
         )
+        self._m_sensors_evicted = metrics.counter(
+            "hub_state_sensors_evicted_total",
+            "sensor channels that left memory at max_sensors for another gateway's new "
+            "channel: the oldest of the gateway holding the most")
         self._m_wafers_archived = metrics.counter(
             "hub_state_wafers_archived_total", "wafers that left memory for the history store")
         self._m_evicted = metrics.counter("hub_state_lots_evicted_total", "lots evicted")
@@ -469,7 +475,7 @@ class LiveState:
         for stats, value in values:
             stats.add_wafer_value(wafer_id, value)
             if final:
-                wafer.add_die_value(stats.test_num, (x, y), value)
+                wafer.add_die_value(stats.test_num, (x, y), value, gateway_id)
             batch.tests[stats] = None
 
     def _end(self, gw: GatewayState, batch: _Batch, now: float) -> None:
@@ -813,7 +819,7 @@ class LiveState:
         lot.updated = ts
         lot.gateways.add(gateway_id)  # (its maker, whatever record made it)
         while len(self.lots) > self.max_lots:
-            victim = self._eviction_victim(keep=lot_id)
+            victim = self._eviction_victim(keep=lot_id, maker=gateway_id)
             if victim is None:
                 # Every other lot is still being tested: a floor with more testers than
                 # max_lots must not lose live lots, so the cap bends (up to 4x) and says so.
@@ -822,16 +828,24 @@ class LiveState:
             self._evict(victim)
         return lot
 
-    def _eviction_victim(self, keep: str) -> LotState | None:
-        """The lot that leaves memory: the least recently updated closed one; else one
-        idle by its own gateways' record times; else (over 4 x ``max_lots``) one of the
-        gateway holding the most live lots.  Record times are the gateways' own, so idle
-        is measured on each lot's gateways' clocks: another gateway's records dated a day
-        ahead make no lot idle but its own."""
+    def _eviction_victim(self, keep: str, maker: str) -> LotState | None:
+        """The lot that leaves memory for ``maker``'s new lot ``keep``: the least recently
+        updated closed one; else one idle by its own gateways' record times; else (over 4
+        x ``max_lots``) one of the gateway holding the most live lots.  A closed or idle
+        lot goes only if one of its gateways holds as many live lots as ``maker`` or more:
+        a gateway making lots by the thousand pushes out its own, not another's closed
+        lots (the cap bends, then its open ones go).  Record times are the gateways' own,
+        so idle is measured on each lot's gateways' clocks: another gateway's records
+        dated a day ahead make no lot idle but its own."""
         others = [lot for lid, lot in self.lots.items() if lid != keep]
         if not others:
             return None
-        closed = [lot for lot in others if lot.status == "closed"]
+        held = Counter(g for lot in self.lots.values() for g in lot.gateways)
+        mine = held[maker]
+        # (a lot of no gateway -- restored from an older hub's checkpoint -- may go)
+        eligible = [lot for lot in others
+                   if not lot.gateways or any(held[g] >= mine for g in lot.gateways)]
+        closed = [lot for lot in eligible if lot.status == "closed"]
         if closed:
             return min(closed, key=lambda lot: lot.updated)
         newest_of: dict[str, float] = {}  # gateway -> its newest live lot's time
@@ -842,7 +856,7 @@ class LiveState:
         newest = max(lot.updated for lot in self.lots.values())
         idle_s = self.idle_lot_s
         # (a lot of no gateway -- restored from an older hub's checkpoint -- by the newest)
-        idle = [lot for lot in others
+        idle = [lot for lot in eligible
                 if (all(newest_of[g] - lot.updated >= idle_s for g in lot.gateways)
                     if lot.gateways else newest - lot.updated >= idle_s)]
         if idle:
@@ -892,22 +906,24 @@ class LiveState:
                                  "already left memory (max_wafers_per_lot); the history API "
                                  "serves it")
             while len(lot.wafers) >= self.max_wafers_per_lot:
-                self._archive_wafer(lot, self._wafer_victim(lot))
+                self._archive_wafer(lot, self._wafer_victim(lot, gateway_id))
             wafer = lot.wafers[wafer_id] = WaferState(lot.lot_id, wafer_id, gateway_id)
             lot.order_wafers()
         return wafer
 
     @staticmethod
-    def _wafer_victim(lot: LotState) -> WaferState:
-        """The wafer that leaves memory: the least recently updated closed one; an open one
-        only when none is closed (its WRR never came), of the gateway that made the most
-        of the lot's live wafers (a gateway making wafers by the hundred in a shared lot
-        archives its own, not another's being tested); the "no wafer id" one last."""
+    def _wafer_victim(lot: LotState, maker: str) -> WaferState:
+        """The wafer that leaves memory for ``maker``'s new one: the least recently updated
+        closed one made by a gateway that made as many of the lot's live wafers as
+        ``maker`` or more; else an open one (its WRR never came) of the gateway that made
+        the most.  A gateway making wafers by the hundred in a shared lot archives its
+        own, not another's closed or tested ones; the "no wafer id" one last."""
         wafers = [w for w in lot.wafers.values() if w.wafer_id] or list(lot.wafers.values())
-        closed = [w for w in wafers if w.status == "closed"]
+        made = Counter(w.gateway for w in wafers)
+        mine = made[maker]
+        closed = [w for w in wafers if w.status == "closed" and made[w.gateway] >= mine]
         if closed:
             return min(closed, key=lambda w: w.updated)
-        made = Counter(w.gateway for w in wafers)
         top = max(made.values())
         return min((w for w in wafers if made[w.gateway] == top), key=lambda w: w.updated)
 
@@ -951,11 +967,20 @@ class LiveState:
         old = wafer.dies.get(key)
         if old is None and len(wafer.dies) >= self.max_dies_per_wafer:
             # invented X/Y (or part ids) would grow the map, its snapshot and the counts
-            # every delta carries without bound: the wafer keeps the dies it has
-            self._drop_waiting(lot, gateway_id, rec)
-            raise NotApplied("too_many_dies", f"wafer {rec.wafer_id!r} of lot {lot.lot_id!r} "
-                             f"already has {len(wafer.dies)} dies (max_dies_per_wafer); "
-                             f"die {key!r:.60} not kept")
+            # every delta carries without bound; the cap is per gateway, so one gateway's
+            # flood leaves another's dies their room (counted from here on only: below
+            # the cap no gateway can be at it)
+            dies_of = wafer.dies_of
+            if dies_of is None:
+                dies_of = wafer.dies_of = wafer.by_gateway(wafer.dies)
+            made = dies_of.get(gateway_id, 0)
+            if made >= self.max_dies_per_wafer:
+                self._drop_waiting(lot, gateway_id, rec)
+                raise NotApplied("too_many_dies", f"wafer {rec.wafer_id!r} of lot "
+                                 f"{lot.lot_id!r} already has {made} dies of gateway "
+                                 f"{gateway_id}'s (max_dies_per_wafer); die {key!r:.60} "
+                                 "not kept")
+            dies_of[gateway_id] = made + 1
         die = Die(gateway_id, rid, rec)
         replaced = old is not None
         final = old is None or die.newer_than(old)
@@ -1018,7 +1043,7 @@ class LiveState:
             for stats, value in pending:
                 stats.add_wafer_value(rec.wafer_id, value)
                 if xy is not None:
-                    wafer.add_die_value(stats.test_num, xy, value)
+                    wafer.add_die_value(stats.test_num, xy, value, gateway_id)
                 batch.tests[stats] = None
             return
         wafer_id = rec.wafer_id
@@ -1037,7 +1062,8 @@ class LiveState:
                     by_die = by_test[stats.test_num] = {}
                 if xy in by_die:
                     by_die[xy] = value
-                elif wafer.value_count < DIE_VALUES_PER_WAFER:
+                elif wafer.value_count < DIE_VALUES_PER_WAFER \
+                        or wafer.own_value(gateway_id):
                     wafer.value_count += 1
                     by_die[xy] = value
             tests[stats] = None
@@ -1054,10 +1080,14 @@ class LiveState:
         lot = self._lot(rec.lot_id, rec.ts, gateway_id)
         stats = lot.tests.get(rec.test_num)
         if stats is None:
-            if len(lot.tests) >= self.max_tests_per_lot:
+            # per gateway: lots are shared, and one gateway's invented test numbers must
+            # leave another's new tests their room
+            made = lot.tests_of.get(gateway_id, 0)
+            if made >= self.max_tests_per_lot:
                 raise NotApplied("too_many_tests", f"lot {lot.lot_id!r} already has "
-                                 f"{len(lot.tests)} tests (max_tests_per_lot); test "
-                                 f"{rec.test_num} not kept")
+                                 f"{made} tests of gateway {gateway_id}'s "
+                                 f"(max_tests_per_lot); test {rec.test_num} not kept")
+            lot.tests_of[gateway_id] = made + 1
             stats = lot.tests[rec.test_num] = TestStats(rec.lot_id, rec.test_num, kind,
                                                          lot.wafer_order)
         if rec.test_txt:
@@ -1192,14 +1222,43 @@ class LiveState:
             raise BadRecord(f"sensor record with a non-numeric value: {rec!r:.200}")
         sensor = self.sensors.get(rec.channel)
         if sensor is None:
-            if len(self.sensors) >= self.max_sensors:
-                raise NotApplied("too_many_sensors", f"{len(self.sensors)} sensor channels "
-                                 f"already (max_sensors); {rec.channel!r} not kept")
-            sensor = self.sensors[rec.channel] = SensorState(rec.channel, self.sensor_history)
+            sensor = self._new_sensor(rec.channel, gateway_id)
         point = sensor.add(rec)
         batch.sensors.setdefault(sensor, []).append(point)
         if self.alerts is not None:
             self.alerts.on_sensor(rec, self._now)
+
+    def _new_sensor(self, channel: str, gateway_id: str) -> SensorState:
+        """A new channel of ``gateway_id``'s.  At ``max_sensors`` channels the oldest one
+        of the gateway holding the most leaves memory (counted, its topic told
+        "evicted") if that gateway holds at least two more than this one; else the new
+        channel is not kept (``too_many_sensors``).  So the hub holds at most
+        ``max_sensors`` channels, and a gateway inventing names takes its share of them,
+        not another's: the shares end up within one of each other."""
+        by_gw = self._sensors_of
+        mine = by_gw.get(gateway_id)
+        if len(self.sensors) >= self.max_sensors:
+            held = len(mine) if mine else 0
+            top_gw, theirs = max(by_gw.items(), key=lambda kv: len(kv[1]), default=("", {}))
+            if len(theirs) < held + 2:
+                raise NotApplied("too_many_sensors", f"{len(self.sensors)} sensor channels "
+                                 f"already, {held} of gateway {gateway_id}'s (max_sensors; "
+                                 f"no gateway holds two more); {channel!r:.80} not kept")
+            victim = theirs.pop(next(iter(theirs)))
+            if not theirs:
+                del by_gw[top_gw]
+            del self.sensors[victim.channel]
+            self._m_sensors_evicted.inc()
+            self._publish(victim.topic, {"status": "evicted"})
+        sensor = SensorState(channel, self.sensor_history, gateway_id)
+        self.adopt_sensor(sensor)
+        return sensor
+
+    def adopt_sensor(self, sensor: SensorState) -> None:
+        """``sensor`` into the state, its maker's (``sensor.gateway``): a new channel, or
+        one restored from a checkpoint."""
+        self.sensors[sensor.channel] = sensor
+        self._sensors_of.setdefault(sensor.gateway, {})[sensor.channel] = sensor
 
     def _on_gateway_event(self, gateway_id: str, rid: int, rec: GatewayEvent,
                           batch: _Batch) -> None:
@@ -1266,7 +1325,10 @@ class LiveState:
                     publish(stats.topic, stats.snapshot())
                 else:
                     skipped["test"] += 1
+        sensors = self.sensors
         for sensor, points in batch.sensors.items():
+            if sensors.get(sensor.channel) is not sensor:
+                continue  # left memory within this batch (its topic was told)
             if wanted(sensor.topic):
                 publish(sensor.topic, {"latest": sensor.latest, "unit": sensor.unit,
                                        "append": points})
