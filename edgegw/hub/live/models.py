@@ -46,9 +46,10 @@ class Keys(Counter[int]):
 
     __slots__ = ("made",)
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *counts: Any) -> None:
+        # (``counts``: as ``Counter``'s, for its ``copy`` and pickling)
         self.made: dict[str, int] = {}
+        super().__init__(*counts)
 
     def __missing__(self, key: int) -> int:
         raise _New

@@ -35,10 +35,11 @@ Invariants worth knowing before reading the code:
   when none is closed) to ``on_wafer_archive`` and out of memory; the lot's own counts
   keep every wafer.  So a lot of 1,000 wafers stays live, its newest wafers on the
   dashboard, its older ones in the history API.  A wafer keeps at most
-  ``max_dies_per_wafer`` dies (a new one beyond is not applied), and its and its lot's
-  counts by site and bin at most ``TALLY_KEYS`` keys each: invented X/Y, site or bin
-  numbers cannot grow a map, a snapshot or every delta.  Sensor history and per-gateway
-  event lists are bounded deques; per test only running sums are kept (Welford).
+  ``max_dies_per_wafer`` dies of each gateway's (a new one beyond is not applied), and its
+  and its lot's counts by site and bin at most ``TALLY_KEYS`` keys of each gateway's:
+  invented X/Y, site or bin numbers cannot grow a map, a snapshot or every delta.  At
+  most ``max_sensors`` sensor channels; sensor history and per-gateway event lists are
+  bounded deques; per test only running sums are kept (Welford).
 * **Nothing is dropped silently.**  A record the state cannot apply -- its lot evicted,
   its wafer archived, a field of the wrong type, a test or sensor over its cap -- changes
   no count; it is counted in ``hub_state_records_ignored_total{reason}``, logged (the
@@ -75,10 +76,15 @@ Invariants worth knowing before reading the code:
   ``LotState.gateways``), so the caps on what a gateway's invented site numbers make are
   per gateway: waiting lists per lot (``PENDING_SITES_PER_LOT``), a test's sites
   (``SITES_PER_TEST``, counted by the gateway that brought the site), waiting stretches
-  and their first part results (``max_waiting_runs``, ``RUN_HEADS``).  One gateway at
-  its caps leaves another's values their room.  What leaves memory while every lot or
-  wafer is being tested is of the gateway holding the most (docs/live-topics.md, "Caps:
-  what one gateway can fill").
+  and their first part results (``max_waiting_runs``, ``RUN_HEADS``), a lot's tests
+  (``max_tests_per_lot``), a wafer's dies and die values, a count's keys (``Keys``).  One
+  gateway at its caps leaves another's values, tests, dies and keys their room; those
+  caps multiply by the gateways sending to one lot or wafer (only configured gateways
+  connect).  Hub-wide caps evict rather than refuse another gateway: a new sensor
+  channel over ``max_sensors`` pushes out the oldest of the gateway holding the most;
+  a closed or idle lot or wafer leaves memory only for a gateway holding as many, and
+  what leaves while every lot or wafer is being tested is of the gateway holding the most
+  (docs/live-topics.md, "Caps: what one gateway can fill").
 
 Why one module of this size: ``LiveState`` is one class whose record handlers share the
 open batch, the caps, the eviction policy and the observer; the entities are in
