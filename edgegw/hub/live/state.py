@@ -275,7 +275,8 @@ class LiveState:
             "(wanted), by kind (wafer, lot, test, sensor, gateway)")
         self._m_over_cap = metrics.counter(
             "hub_state_lots_over_cap_total",
-            "new lots kept beyond max_lots because every other lot was still active",
+            "new lots kept beyond max_lots because every other lot was still active, or "
+            "closed or idle but of gateways holding fewer live lots than the new lot's",
         )
         self._m_bad = metrics.counter(
             "hub_state_bad_records_total", "records with fields the live state cannot use, by kind"

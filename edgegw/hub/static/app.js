@@ -164,9 +164,11 @@ function applyItem(item) {
     }
     let view = views.get(topic);
     for (const delta of item.data) view = applyDelta(topic, view, delta);
-    if (isWafer(topic) && view.status === "archived") {
+    if ((isWafer(topic) && view.status === "archived")
+        || (kindOf(topic) === "sensor" && view.status === "evicted")) {
       // The wafer left the hub's memory (its lot has more wafers than the hub keeps live,
       // or the lot was evicted): the history API serves it; the page keeps the live ones.
+      // A sensor channel pushed out at the hub's cap (docs/live-topics.md) goes too.
       forget(topic);
       return;
     }
