@@ -228,3 +228,24 @@ def test_a_gateway_making_wafers_does_not_archive_another_gateways_closed_wafer(
                    part("L", f"WA{i}", 0, ts=3.0 + i), WaferEnd("tester", 3.0 + i, "L", f"WA{i}")])
     assert "WB" in state.lots["L"].wafers
     assert state.snapshot("lot/L/wafer/WB")["status"] == "closed"  # type: ignore[index]
+
+
+def test_a_checkpoint_of_an_older_hub_restores() -> None:
+    """Without the channels' makers, the gateways' tests and keys (an older hub's): it
+    restores, every gateway may make its full count more, and the caps hold from there."""
+    state, feed, _ = made(Metrics(), max_sensors=5, max_tests_per_lot=5)
+    feed("A", [reading(f"a{i}") for i in range(5)] + [ptr("L", t, 1.0) for t in range(5)]
+         + [part("L", "W", 0)])
+    data = cbor2.loads(cbor2.dumps(capture(state)))
+    del data["sensor_gateways"]
+    for lot in data["lots"]:
+        del lot["tests_of"]
+        for row in [lot["tally"]] + [w["tally"] for w in lot["wafers"]]:
+            del row[12:]
+    restored, feed2, _ = made(Metrics(), max_sensors=5, max_tests_per_lot=5)
+    restore(restored, data)
+    feed2.rid = dict(feed.rid)
+    feed2("A", [reading("a-new"), ptr("L", 99, 1.0)])
+    assert "a-new" in restored.sensors and len(restored.sensors) == 5
+    assert restored.snapshot("test/L/99") is not None
+    assert restored.snapshot("lot/L/wafer/W")["die_count"] == 1  # type: ignore[index]

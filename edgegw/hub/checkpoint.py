@@ -269,8 +269,10 @@ def capture(state: LiveState, cache: WaferCache | None = None) -> dict[str, Any]
     out: dict[str, Any] = {
         "lots": [_lot(lot, cache) for lot in state.lots.values()],
         "evicted": list(state.evicted),
-        "sensors": [[s.channel, s.unit, s.latest, list(s.history), s.source, s.gateway]
+        "sensors": [[s.channel, s.unit, s.latest, list(s.history), s.source]
                     for s in state.sensors.values()],
+        # each channel's maker, in the same order (apart: an older hub reads the rows)
+        "sensor_gateways": [s.gateway for s in state.sensors.values()],
         "gateways": [[g.gateway_id, g.last_seen, g.records, g.frames, g.last_rid,
                       list(g.events)] for g in state.gateways.values()],
         "not_applied": state.not_applied, "not_applied_total": state.not_applied_total,
@@ -331,9 +333,11 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
     for lot_id in data["evicted"]:
         state.evicted.append(lot_id)
     state._evicted_set = set(state.evicted)
-    for channel, unit, latest, history, source, *maker in data["sensors"]:
-        # (its maker: an older checkpoint does not say -- none, as if one gateway's)
-        s = SensorState(channel, state.sensor_history, maker[0] if maker else "")
+    # (their makers: an older checkpoint does not say -- none, as if one gateway's)
+    makers = data.get("sensor_gateways") or [""] * len(data["sensors"])
+    for (channel, unit, latest, history, source), maker in zip(data["sensors"], makers,
+                                                               strict=True):
+        s = SensorState(channel, state.sensor_history, maker)
         s.unit, s.latest, s.source = unit, latest, source
         s.history.extend(history)
         state.adopt_sensor(s)
