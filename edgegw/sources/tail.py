@@ -89,6 +89,7 @@ from .fingerprint import (
     read_fingerprints,
     to_checkpoint,
 )
+from .finished import FILE_NAME, FinishedFiles, recognised
 from .formats import UnknownFormat, build_options, get_format, is_complete, new_parser
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,9 @@ GONE_KEPT = 64
 #: ``time.time_ns`` reads), so a file created just after the scan began can carry a time
 #: just before it
 CLOCK_SLACK_NS = 100_000_000
+#: finished files the checkpoint may go on listing while their registry entries wait to be
+#: written (one fsync for them all): a put writes them first once there are this many
+REGISTER_BATCH = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +129,10 @@ class TailConfig:
     #: its watermark (docs/tail.md, "The checkpoint's size"); at least the largest lag of
     #: the file system's clock behind the gateway's (a network file system's)
     fold_after: Annotated[float, Range(0, 31_536_000)] = 60.0
+    #: at most this many finished files are remembered in the registry of finished files
+    #: (docs/tail.md, "Finished files changed while stopped"); beyond, the oldest are
+    #: forgotten; 0: none (a finished file changed while the gateway is stopped is read again)
+    finished_kept: Annotated[int, Range(0, 100_000_000)] = 100_000
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -271,6 +279,18 @@ class TailSource:
         #: lists (path -> inode) and its watermark (see ``_hand_over_changes``)
         self._handed: dict[str, int] = {}
         self._handed_watermark = 0
+        #: the registry of finished files (None without a ``state_dir``, or turned off)
+        self.finished: FinishedFiles | None = None
+        if context.state_dir and config.finished_kept:
+            self.finished = FinishedFiles(os.path.join(context.state_dir, FILE_NAME),
+                                          config.finished_kept)
+        self._finished_loaded = False
+        #: finished files the watermark covers, still listed until their entries are
+        #: durable in the registry (``_register``)
+        self._registering: dict[str, _File] = {}
+        #: the watermark of the checkpoint resumed from: the durable one (0: none)
+        self._durable_watermark = 0
+        self._resumed = False
         self.errors = source_errors(context.metrics)
         self.read_records = context.metrics.counter(
             "tail_records_total", "tester records parsed from tailed files (re-reads included)")
@@ -308,6 +328,8 @@ class TailSource:
                          for inode, changed in checkpoint.get("gone", [])]
             self._handed = {p: f.inode for p, f in self.files.items()}
             self._handed_watermark = self.watermark
+            self._durable_watermark = self.watermark
+            self._resumed = True
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             log.error("source %s: ignoring unreadable checkpoint (%s)", self.name, exc)
             self.files.clear()
@@ -326,7 +348,13 @@ class TailSource:
         w = self.watermark
         # (a file is listed when it is known, or when its change passes the watermark:
         # only the list itself can hold finished files the watermark now covers)
-        self._listed = {p: f for p, f in self._listed.items() if not f.done or f.changed > w}
+        listed = {}
+        for p, f in self._listed.items():
+            if not f.done or f.changed > w:
+                listed[p] = f
+            elif self._unregistered(f):  # listed until its entry is durable
+                listed[p] = self._registering[p] = f
+        self._listed = listed
         if self.gone:
             self.gone = self.gone[-GONE_KEPT:]
 
@@ -349,17 +377,64 @@ class TailSource:
         f.done = True
         f.reason = reason
         if f.changed <= self.watermark:
-            self._listed.pop(f.path, None)
+            if self._unregistered(f):  # listed until its entry is durable
+                self._registering[f.path] = f
+            else:
+                self._listed.pop(f.path, None)
 
-    def _finished_before(self, info: _FileInfo) -> bool:
+    def _unregistered(self, f: _File) -> bool:
+        """A finished file the registry does not describe as it is (None: no registry)."""
+        return self.finished is not None and not (
+            f.head is not None and self.finished.holds(f.inode, f.path, f.head, f.size))
+
+    async def _register(self) -> None:
+        """Write the registry entries of the finished files held listed for them, durably,
+        and only then stop listing them: a checkpoint that does not list a finished file it
+        does not cover is never handed over before the file's entry is on disk."""
+        assert self.finished is not None
+        held, self._registering = self._registering, {}
+        for p, f in held.items():
+            if self.files.get(p) is f and f.done and f.head is not None:
+                self.finished.add(f.inode, p, f.head, f.size, f.changed)
+        if self.finished.dirty:
+            try:
+                await trio.to_thread.run_sync(self.finished.flush)
+            except OSError as exc:  # then as before the registry: the files leave the list
+                log.error("source %s: cannot write the registry of finished files %s (%s): "
+                          "a file changed while the gateway is stopped may be read again",
+                          self.name, self.finished.path, exc)
+        for p, f in held.items():
+            if self._listed.get(p) is f and f.done and f.changed <= self.watermark:
+                del self._listed[p]
+
+    def _recognised(self, info: _FileInfo, head: tuple[Fingerprint, bool | None] | None
+                    ) -> _File | None:
+        """A file that looks new (changed after the watermark, not listed) that the
+        registry knows as finished: touched, chmod-ed, renamed or appended to while the
+        gateway was stopped.  Known again as finished and listed (None: read it)."""
+        if self.finished is None:
+            return None
+        entry = self.finished.get(info.inode)
+        verdict = recognised(entry, info.path, info.size, None if head is None else head[1],
+                             self._durable_watermark)
+        if verdict is None or entry is None:
+            return None
+        log.info("source %s: %s is %s, finished before the restart (%s): not read again",
+                 self.name, info.path, entry.path if entry.path != info.path else "the file",
+                 "changed" if verdict == "unchanged" else "grown since")
+        return _File(info.path, info.inode, info.gz, offset=entry.size, done=True,
+                     reason="finished (registered)", size=entry.size, head=entry.head,
+                     origin=entry.size, changed=info.changed)
+
+    def _finished_before(self, info: _FileInfo) -> bool | None:
         """A file not known: whether the watermark says it was finished (it changed at or
-        before it and is not an unfinished file that vanished and came back)."""
+        before it; False: after) -- None: an unfinished file that vanished and came back."""
         if info.changed > self.watermark:
             return False
         for key in ((info.inode, info.changed), (info.inode, 0)):  # 0: vanished unseen
             if key in self.gone:
                 self.gone.remove(key)
-                return False
+                return None
         return True
 
     # -- the service -----------------------------------------------------------------------
@@ -385,6 +460,9 @@ class TailSource:
 
     async def poll_once(self, sink: RecordSink) -> None:
         """One pass: find files, read what each has grown by, finish idle ones."""
+        first = self.finished is not None and not self._finished_loaded
+        if first:
+            await self._load_finished()
         found = await trio.to_thread.run_sync(self._scan)
         seen = {info.path for info in found}
         gone = {f.inode: f for p, f in self.files.items() if p not in seen}
@@ -430,7 +508,11 @@ class TailSource:
                 await self._ended(sink, f)
                 f = None
             created = f is None
-            if f is None and unknown and self._finished_before(info):
+            before = self._finished_before(info) if f is None and unknown else None
+            if before is False and (f := self._recognised(info, head)) is not None:
+                self.files[info.path] = self._listed[info.path] = f
+                changed.append(f)  # (handed over: it is listed again)
+            if f is None and before:
                 f = self.files[info.path] = _File(
                     info.path, info.inode, info.gz, offset=info.size, done=True,
                     reason="finished (before the checkpoint's watermark)", size=info.size,
@@ -446,6 +528,11 @@ class TailSource:
                 f.head = head[0]
             elif info.path in asked:  # (could not be read: tried again once it changes)
                 f.head_missed = info.changed
+            if before and self._unregistered(f) and f.head is not None:
+                # finished by the durable checkpoint's watermark (and so since its change
+                # time): registered too, in case it changes while the gateway is stopped
+                self.finished.add(f.inode, f.path, f.head, f.size,  # type: ignore[union-attr]
+                                  f.changed)
             if info.changed != f.changed:
                 f.changed = info.changed
                 if f.changed > self.watermark:
@@ -478,7 +565,25 @@ class TailSource:
         for path in [p for p in self.files if p not in seen]:
             await self._drop(sink, self.files[path], vanished=True)
         self._fold(horizon)
+        if self.finished is not None:
+            if first:  # entries of files no longer there (removed while it was stopped)
+                self.finished.keep_only({f.inode for f in self.files.values()})
+            if self._registering or self.finished.dirty:
+                await self._register()
         await self._hand_over_changes(sink, changed)
+
+    async def _load_finished(self) -> None:
+        """Read the registry of finished files, once; a start without a checkpoint
+        forgets it (its entries are another checkpoint's)."""
+        assert self.finished is not None
+        self._finished_loaded = True
+        try:
+            await trio.to_thread.run_sync(self.finished.load)
+        except OSError as exc:
+            log.error("source %s: cannot read the registry of finished files %s (%s)",
+                      self.name, self.finished.path, exc)
+        if not self._resumed:
+            self.finished.clear()
 
     async def _hand_over_changes(self, sink: RecordSink, changed: list[_File]) -> None:
         """Finished files that changed (touched, chmod-ed, appended to, renamed) since the
@@ -515,6 +620,9 @@ class TailSource:
             if f is None:
                 old = gone.get(info.inode)
                 known = old.head if old is not None and old.reader is None else None
+                if old is None and self.finished is not None:  # (see _recognised)
+                    entry = self.finished.get(info.inode)
+                    known = entry.head if entry is not None else None
                 wanted.append((info.path, info.inode, known))
             elif f.inode != info.inode:  # replaced: a new file, read whole anyway
                 wanted.append((info.path, info.inode, None))
@@ -761,6 +869,8 @@ class TailSource:
         ends here).  A replay from a checkpoint puts the same records with the same
         origins, whatever the order of files, so a gateway skips exactly the replayed
         records its frames hold (docs/spool.md, "Source positions and split puts")."""
+        if len(self._registering) >= REGISTER_BATCH:
+            await self._register()
         checkpoint = self.checkpoint()
         origin = (f.inode if stream is None else stream, f.origin,
                   None if ended or stream is not None else f.offset)
@@ -792,6 +902,10 @@ class TailSource:
         here, which the gateway is told."""
         del self.files[f.path]
         self._listed.pop(f.path, None)
+        if f.done and self.finished is not None:
+            entry = self.finished.get(f.inode)
+            if entry is not None and entry.path == f.path:
+                self.finished.remove(f.inode)
         batch: list[Record] = []
         if not f.done:
             if vanished and not any(g.inode == f.inode for g in self.files.values()):
