@@ -86,6 +86,7 @@ from .fingerprint import (
     complete,
     extended,
     from_checkpoint,
+    open_file,
     read_fingerprints,
     to_checkpoint,
 )
@@ -198,12 +199,24 @@ class _File:
     changed: int = 0  # its last change as the latest scan saw it (``_FileInfo.changed``)
     #: its change time when its first bytes could not be read: tried again once it changes
     head_missed: int = -1
+    #: its inode's generation number (``fingerprint.generation``; None: none known), taken
+    #: when the tail first opens it, or from the checkpoint, and then kept (``stream``)
+    gen: int | None = None
+    gen_fixed: bool = False
+
+    @property
+    def stream(self) -> Any:
+        """What its records' origins name it by: its inode, and its generation where the
+        file system has one, so that a new file at a reused inode is another stream."""
+        return self.inode if self.gen is None else [self.inode, self.gen]
 
     def checkpoint(self) -> dict[str, Any]:
         entry = {"offset": self.offset, "done": self.done, "reason": self.reason,
                  "inode": self.inode, "size": self.size, "state": dict(self.state)}
         if self.head is not None:
             entry["head"] = to_checkpoint(self.head)
+        if self.gen is not None:
+            entry["gen"] = self.gen
         return entry
 
 
@@ -322,7 +335,8 @@ class TailSource:
                     path=path, inode=int(e["inode"]), gz=path.lower().endswith(".gz"),
                     offset=int(e["offset"]), done=bool(e["done"]), reason=str(e["reason"]),
                     size=int(e["size"]), state=dict(e.get("state") or {}),
-                    head=from_checkpoint(e.get("head")), origin=int(e["offset"]))
+                    head=from_checkpoint(e.get("head")), origin=int(e["offset"]),
+                    gen=None if e.get("gen") is None else int(e["gen"]), gen_fixed=True)
             self.watermark = int(checkpoint.get("finished_before", 0))
             self.gone = [(int(inode), int(changed))
                          for inode, changed in checkpoint.get("gone", [])]
@@ -785,8 +799,11 @@ class TailSource:
 
     async def _open(self, f: _File) -> FormatError | None:
         """Open the file and a parser for it; the error if the format plugin failed."""
-        handle = await trio.open_file(f.path, "rb")
+        raw, gen = await trio.to_thread.run_sync(open_file, f.path, f.inode)
+        handle = trio.wrap_file(raw)
         f.reader = _GzipReader(handle) if f.gz else handle
+        if not f.gen_fixed:  # (a file the checkpoint lists keeps the stream it had)
+            f.gen, f.gen_fixed = gen, True
         try:
             f.parser = new_parser(self.format, self.options)
         except Exception:
@@ -872,7 +889,7 @@ class TailSource:
         if len(self._registering) >= REGISTER_BATCH:
             await self._register()
         checkpoint = self.checkpoint()
-        origin = (f.inode if stream is None else stream, f.origin,
+        origin = (f.stream if stream is None else stream, f.origin,
                   None if ended or stream is not None else f.offset)
         if not getattr(sink, "takes_origin", False):
             await sink.put(batch, checkpoint=checkpoint)
