@@ -191,11 +191,7 @@ class FinishedFiles:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self.path)
-            fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _sync_directory(directory)
             self._lines = len(lines)
         else:
             new = not os.path.exists(self.path)
@@ -204,11 +200,18 @@ class FinishedFiles:
                 handle.flush()
                 os.fsync(handle.fileno())
             if new:  # its name durable too
-                fd = os.open(directory, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _sync_directory(directory)
             self._lines += len(self._unwritten)
         self._unwritten.clear()
         self._rewrite = False
+
+
+def _sync_directory(directory: str) -> None:
+    """Make a file's new name in ``directory`` durable (POSIX; Windows has no such call)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

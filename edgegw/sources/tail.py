@@ -23,7 +23,7 @@ back as ``context.checkpoint``)::
 
     {"version": 2, "files": {PATH: {"offset": N, "done": bool, "reason": str,
                                     "inode": int, "size": int, "state": {...},
-                                    "head": [LENGTH, CRC32]}},
+                                    "head": [LENGTH, CRC32], "gen": GENERATION}},
      "finished_before": NS, "gone": [[inode, NS], ...]}
 
 Bounded: ``files`` lists the unfinished files and the finished ones that changed (their
@@ -41,6 +41,12 @@ as a vanished file always was, never taken as finished; a new file met at its in
 its entry.  A version 1 checkpoint (every file
 listed) is read as one without a watermark.
 
+A finished file changed while the gateway is stopped changes after the watermark and
+looks new: the registry of finished files (``finished``, in the source's ``state_dir``)
+recognises it.  A finished file the watermark covers stays listed until its entry is
+durable there (``_register``), and an entry is relied on only when the resumed checkpoint's
+watermark is at or past the time it was finished since.
+
 ``offset`` is always a record boundary, and every record before it has been mapped
 (emitted, or held by the mapper for a part whose PRR comes later).  On restart a file is
 re-read from its start up to ``offset`` through a fresh parser and mapper *without emitting
@@ -52,7 +58,9 @@ twice, nothing is skipped.  ``inode`` and ``size`` tell a file that was replaced
 same path from the one the checkpoint describes; ``head``, the fingerprint of its first
 KiB (``fingerprint``), a new file that got its inode (deleted, then a new one created under
 another matched name or the same one) from the file renamed or grown.  An entry without
-``head`` (an older checkpoint) goes by inode and size alone, as before.
+``head`` (an older checkpoint) goes by inode and size alone, as before.  ``gen``, the
+inode's generation number where the file system keeps one, names the file's records'
+stream with its inode (``_File.stream``): a new file at a reused inode is another stream.
 
 Corrupt input (``FormatError``) is logged with path and byte offset, counted in
 ``source_errors_total{kind="corrupt"}``, reported to the hub as a GatewayEvent, and the file is
