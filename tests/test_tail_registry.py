@@ -341,3 +341,101 @@ async def test_bounded_and_pruned(tmp_path: Path) -> None:
                                      for n in range(40)}, "forgotten ones read again"
     held = registry_holds((state / "finished.jsonl").read_bytes(), directory, tmp_path)
     assert set(held) <= set(inodes.values()), "the deleted files' entries are gone"
+
+
+async def test_through_the_gateway_a_crash_after_any_frame_then_every_file_touched(
+        tmp_path: Path) -> None:
+    """The gateway gives the tail its state directory (``<state_dir>/sources/<name>``):
+    finished files folded into the watermark at once (``fold_after = 0``), the crash image
+    taken after every frame (the spool and the registry as they were then); every file is
+    touched, and one appended to, while the gateway is stopped.  The restart stores each
+    record once, whatever frame the crash followed (before the registry: every file the
+    durable checkpoint had folded was stored again)."""
+    import shutil
+
+    import trio
+    from hubtools import gateway_config
+    from test_exactly_once import (
+        Snapshots,
+        stored_checkpoints,
+        tail_source,
+        tail_until_read,
+        tailed_records,
+    )
+
+    files = tmp_path / "stdf"
+    files.mkdir()
+    paths = [files / f"lot{i:02}.stdf" for i in range(8)]
+    for n, path in enumerate(paths):
+        path.write_bytes(lot_bytes(n))
+    time.sleep(FOLD)
+
+    def cfg(state: Path, spool_dir: Path) -> Any:
+        return gateway_config(state, 1, sources=[{"name": "tail", "type": "tail",
+                                                  "paths": [str(files)], "fold_after": 0,
+                                                  "poll_interval": 0.01, "read_size": 4096}],
+                              batch={"max_records": 97, "max_delay_ms": 5},
+                              spool={"dir": str(spool_dir)})
+
+    class WithRegistry(Snapshots):
+        """The spool image, and the tail's state directory beside it, after each frame."""
+
+        async def append(self, body: bytes, n_records: int,
+                         checkpoints: dict[str, Any]) -> int:
+            seq = await super().append(body, n_records, checkpoints)
+            state = tmp_path / "gw" / "sources" / "tail"
+            if seq in self.at and state.exists():
+                await trio.to_thread.run_sync(shutil.copytree, state,
+                                              self.images / f"{seq}.state")
+            return seq
+
+    first = cfg(tmp_path / "gw", tmp_path / "spool")
+    assert first.spool is not None
+    images = tmp_path / "images"
+    await tail_until_read(first, paths)  # (a clean run, for what is stored)
+    whole = await tailed_records(tmp_path / "spool")
+    shutil.rmtree(tmp_path / "spool")
+    shutil.rmtree(tmp_path / "gw")
+    # again, the images taken; and on until the folded checkpoint is stored: the first
+    # file is ended, so a put of a new file hands it over
+    from edgegw.gateway import Gateway
+
+    gateway = Gateway(first, store=WithRegistry(first.spool, set(range(1, 200)), images))
+    nudge = lot_bytes(NUDGE)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            tail = tail_source(gateway)
+            while not (len(tail.files) >= len(paths)
+                       and all(f.done for f in tail.files.values())):
+                await trio.sleep(0.01)
+            time.sleep(FOLD)
+            (files / "zz.stdf").write_bytes(nudge[:len(nudge) // 2])
+            while True:
+                stored = (gateway.store.checkpoints.get("tail") or {}).get("files") or {}
+                if str(files / "zz.stdf") in stored and not any(
+                        e["done"] for e in stored.values()):
+                    break
+                await trio.sleep(0.01)
+            await gateway.flush()
+            nursery.cancel_scope.cancel()
+    (files / "zz.stdf").unlink()
+    assert (tmp_path / "gw" / "sources" / "tail" / "finished.jsonl").exists()
+    for path in paths:
+        os.utime(path)
+    append(paths[0], b"\0\0")
+    crashes = sorted((p for p in images.iterdir() if p.name.isdigit()),
+                     key=lambda p: int(p.name))
+    assert len(crashes) >= 3
+    folded = 0
+    for image in crashes:
+        listed = ((await stored_checkpoints(image)).get("tail") or {}).get("files") or {}
+        folded += any(str(p) not in listed and f"{image.name}.state" in os.listdir(images)
+                      for p in paths)
+        state = tmp_path / f"gw{image.name}"
+        if (images / f"{image.name}.state").exists():
+            shutil.copytree(images / f"{image.name}.state", state / "sources" / "tail")
+        await tail_until_read(cfg(state, image), paths)
+        got = [r for r in await tailed_records(image) if int(r.lot_id[1:]) < NUDGE]
+        assert got == whole, f"a crash after frame {image.name}"
+    assert folded, "some crash follows a checkpoint that does not list some finished file"
