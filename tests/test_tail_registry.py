@@ -439,3 +439,38 @@ async def test_through_the_gateway_a_crash_after_any_frame_then_every_file_touch
         got = [r for r in await tailed_records(image) if int(r.lot_id[1:]) < NUDGE]
         assert got == whole, f"a crash after frame {image.name}"
     assert folded, "some crash follows a checkpoint that does not list some finished file"
+
+
+async def test_a_directory_missing_at_the_restart_keeps_its_files_entries(
+        tmp_path: Path) -> None:
+    """A watched directory not there at the first poll after a restart (a file server
+    mounted late) is not taken for its files deleted: their entries stay, and a file of it
+    changed meanwhile is not read again when it is back.  A file deleted from a directory
+    that is there loses its entry."""
+    state = tmp_path / "state"
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    (one / "a.stdf").write_bytes(lot_bytes(1))
+    (one / "b.stdf").write_bytes(lot_bytes(2))
+    (two / "c.stdf").write_bytes(lot_bytes(3))
+    sink = Sink(state)
+    source = tail([one, two], state_dir=state, fold_after=0, idle_timeout=3600)
+    source._restore(None)
+    await read_and_fold(source, sink)
+    await crash(source)
+    inodes = {p.name: p.stat().st_ino for p in (one / "a.stdf", one / "b.stdf", two / "c.stdf")}
+    (one / "b.stdf").unlink()
+    two.rename(tmp_path / "unmounted")
+    os.utime(tmp_path / "unmounted" / "c.stdf")
+    source = tail([one, two], checkpoint=sink.checkpoint, state_dir=state, fold_after=0,
+                  idle_timeout=3600)
+    source._restore(source.context.checkpoint)
+    await source.poll_once(sink)
+    held = registry_holds((state / "finished.jsonl").read_bytes(), one, tmp_path)
+    assert inodes["c.stdf"] in held and inodes["a.stdf"] in held
+    assert inodes["b.stdf"] not in held
+    (tmp_path / "unmounted").rename(two)
+    await read_and_fold(source, sink)
+    await crash(source)
+    assert lot_ids(sink.records) == {"L001": 1, "L002": 1, "L003": 1}

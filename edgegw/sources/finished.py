@@ -115,10 +115,9 @@ class FinishedFiles:
         if self.entries.pop(inode, None) is not None:
             self._unwritten.append(json.dumps([inode]))
 
-    def keep_only(self, inodes: set[int]) -> None:
-        """Forget every entry whose inode no file the tail found holds."""
-        for inode in [i for i in self.entries if i not in inodes]:
-            self.remove(inode)
+    def missing(self, inodes: set[int]) -> dict[int, str]:
+        """The entries whose inode no file the tail found holds: inode -> directory."""
+        return {i: os.path.dirname(e.path) for i, e in self.entries.items() if i not in inodes}
 
     def clear(self) -> None:
         """Forget everything (a start without a checkpoint: the entries belong to another)."""

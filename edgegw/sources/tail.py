@@ -589,10 +589,23 @@ class TailSource:
         self._fold(horizon)
         if self.finished is not None:
             if first:  # entries of files no longer there (removed while it was stopped)
-                self.finished.keep_only({f.inode for f in self.files.values()})
+                await self._prune_finished()
             if self._registering or self.finished.dirty:
                 await self._register()
         await self._hand_over_changes(sink, changed)
+
+    async def _prune_finished(self) -> None:
+        """Forget the entries of files the first scan did not find -- in a directory that
+        is there: one not mounted yet (a file server late at boot) keeps its files'."""
+        assert self.finished is not None
+        missing = self.finished.missing({f.inode for f in self.files.values()})
+        if not missing:
+            return
+        dirs = set(missing.values())
+        there = await trio.to_thread.run_sync(lambda: {d for d in dirs if os.path.isdir(d)})
+        for inode, directory in missing.items():
+            if directory in there:
+                self.finished.remove(inode)
 
     async def _load_finished(self) -> None:
         """Read the registry of finished files, once; a start without a checkpoint
