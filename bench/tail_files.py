@@ -9,7 +9,9 @@ of the idle directory.  ``--baseline DIR`` runs the same in another checkout's e
 (``git archive main | tar -x -C DIR``), the runs interleaved; the medians and the ratios
 (this / baseline) are printed with the load average.  A baseline without ``fold_after``
 runs with its defaults; this checkout runs with ``fold_after = 0`` (the lots are seconds
-old, on a floor they are older than the default 60 s).
+old, on a floor they are older than the default 60 s).  The tail is given a state directory
+beside the lots (a gateway gives each source one): the registry of finished files is kept
+there, where the tail keeps one.
 
     python bench/tail_files.py [--files 5000] [--runs 3] [--baseline DIR]
 """
@@ -60,13 +62,16 @@ def child(files: int) -> dict[str, Any]:
     root = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
     with tempfile.TemporaryDirectory(dir=root, prefix="edgegw-bench-") as d:
         directory = Path(d)
+        (directory / "lots").mkdir()
         for i in range(files):
-            (directory / f"lot{i:05}.stdf").write_bytes(lot)
+            (directory / "lots" / f"lot{i:05}.stdf").write_bytes(lot)
         keys = {f.name for f in dataclasses.fields(TailConfig)}
         extra = {"fold_after": 0.0} if "fold_after" in keys else {}
         time.sleep(0.3)  # older than the watermark's slack (0.1 s) when the tail starts
-        source = TailSource("bench", TailConfig(paths=[d], **extra),
-                            SourceContext("gw", Metrics()))
+        # a state directory (the registry of finished files, where the tail keeps one),
+        # beside the lots: written as the lots finish, read at the start
+        source = TailSource("bench", TailConfig(paths=[str(directory / "lots")], **extra),
+                            SourceContext("gw", Metrics(), state_dir=str(directory / "state")))
         sink = Sink()
         out: dict[str, Any] = {}
 
@@ -81,7 +86,7 @@ def child(files: int) -> dict[str, Any]:
             for _ in range(10):
                 await source.poll_once(sink)
             out["idle_poll_cpu_ms"] = (time.process_time() - c0) / 10 * 1000
-            (directory / "new.stdf").write_bytes(lot)
+            (directory / "lots" / "new.stdf").write_bytes(lot)
             n = len(sink.sizes)
             while len(sink.sizes) == n:
                 await source.poll_once(sink)

@@ -52,10 +52,12 @@ class CollectingSink:
 
 
 def tail(paths: list[Path | str], checkpoint: Any = None, metrics: Metrics | None = None,
-         **config: Any) -> TailSource:
+         state_dir: Path | None = None, **config: Any) -> TailSource:
     config.setdefault("poll_interval", 0.01)
     cfg = TailConfig(paths=[str(p) for p in paths], **config)
-    return TailSource("tester1", cfg, SourceContext("gw1", metrics or Metrics(), checkpoint))
+    return TailSource("tester1", cfg, SourceContext(
+        "gw1", metrics or Metrics(), checkpoint,
+        state_dir=None if state_dir is None else str(state_dir)))
 
 
 def expected(data: bytes, source: str = "tester1", **kw: Any) -> list[Any]:

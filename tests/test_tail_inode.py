@@ -225,3 +225,41 @@ async def test_a_lot_at_the_inode_of_an_unfinished_file_that_vanished_is_read_on
     source = await restarted(source, tmp_path, fold_after=0)
     await poll(source, sink)
     assert no_ts(sink.records[before:]) == expected(LOT_B)
+
+
+@pytest.mark.parametrize("name", ["b.std", "a.std"])
+async def test_a_new_file_at_the_inode_of_one_whose_first_put_a_crash_split_is_read_whole(
+        tmp_path: Path, name: str) -> None:
+    """The gateway crashes between the frames of the *first* put of a file: no durable
+    checkpoint lists the file, frames hold some of its records (the gateway owes their
+    skip to the replay of its stream from its start).  The file is deleted and a new lot
+    created at its inode (under another name or its own) before the restart.  Before, the
+    tail's stream was the inode alone, so the new lot's first records were skipped as the
+    old file's replay -- lost; now it carries the inode's generation number, which the file
+    system changes when it reuses an inode: the new lot is sent whole, once."""
+    from test_exactly_once import (
+        records_of,
+        split_put_images,
+        tail_cfg,
+        tail_files_until_done,
+        tailed_records,
+        write_at,
+    )
+
+    files = tmp_path / "stdf"
+    files.mkdir()
+    # (its first read, 4 KiB, holds more records than a frame: its first put is split)
+    old = stdf_file_bytes(TesterProfile(lot_id="OLD", sites=4, wafer_diameter_dies=10,
+                                        tests_per_part=8, seed=5))
+    write_at(files / "a.std", old, 1_000_000)
+    images = [image for image, checkpoints in await split_put_images(
+                  tmp_path / "first", files, files / "a.std", {"a.std"})
+              if str(files / "a.std") not in ((checkpoints.get("tail") or {})
+                                              .get("files") or {})]
+    assert images, "the test needs a crash in the middle of the file's first put"
+    image = images[0]
+    new_content = await records_of(tmp_path / "clean", LOT_C)
+    before = await tailed_records(image)
+    replace_at_inode(files / "a.std", files / name, LOT_C)
+    await tail_files_until_done(tail_cfg(files, tmp_path / "gw", image), {name})
+    assert await tailed_records(image) == before + new_content, "the new lot whole, once"

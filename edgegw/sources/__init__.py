@@ -117,6 +117,7 @@ def source_type(name: str) -> type[Source]:
 
 
 # after the interface above, which they import
+from .finished import FinishedFiles, recognised  # noqa: E402
 from .formats import (  # noqa: E402
     UnknownFormat,
     build_options,
@@ -128,7 +129,8 @@ from .formats import (  # noqa: E402
 from .tail import TailConfig, TailSource  # noqa: E402
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "RecordSink", "Source", "SourceContext", "TailConfig", "TailSource",
+    "ENTRY_POINT_GROUP", "FinishedFiles", "RecordSink", "Source", "SourceContext", "TailConfig",
+    "TailSource",
     "UnknownFormat", "UnknownSourceType", "build_options", "get_format", "installed_formats",
-    "is_complete", "new_parser", "source_errors", "source_type", "source_types",
+    "is_complete", "new_parser", "recognised", "source_errors", "source_type", "source_types",
 ]

@@ -9,14 +9,27 @@ file it knows, the CRC32 of its first ``min(size, HEAD_BYTES)`` bytes and how ma
 (docs/tail.md, "Inodes are reused"); a suspected rename or replacement reads the candidate's
 first bytes of that length and compares.
 
-``read_fingerprints`` does blocking I/O: call it in a worker thread.
+A file's inode *generation number* tells it too, where the file system keeps one (ext4,
+xfs, btrfs: a new one, at random, whenever it reuses an inode; ``generation``): the tail
+names the stream of a file's records by inode and generation, so that records the gateway
+holds of a deleted file are never taken for a new file's at its inode (docs/tail.md).
+
+``read_fingerprints`` and ``open_file`` do blocking I/O: call them in a worker thread.
 """
 
 from __future__ import annotations
 
 import os
+import struct
+import sys
 import zlib
 from collections.abc import Iterable
+from typing import BinaryIO
+
+try:
+    import fcntl
+except ImportError:  # (not on Windows: no generation numbers there)
+    fcntl = None  # type: ignore[assignment]
 
 #: a fingerprint covers at most this many bytes of a file's start
 HEAD_BYTES = 1024
@@ -85,3 +98,33 @@ def read_fingerprints(
             continue
         out[path] = fingerprint(data), None if known is None else starts_alike(known, data)
     return out
+
+
+#: FS_IOC_GETVERSION (Linux: ``_IOR('v', 1, long)``): the inode's generation number
+_GETVERSION = (2 << 30) | (struct.calcsize("l") << 16) | (ord("v") << 8) | 1
+
+
+def generation(fd: int) -> int | None:
+    """The generation number of the inode open at ``fd`` (None where the file system, or
+    the platform, has none: tmpfs, which never reuses an inode anyway; NFS).  Blocking (one
+    system call)."""
+    if fcntl is None or not sys.platform.startswith("linux"):
+        return None
+    try:
+        raw = fcntl.ioctl(fd, _GETVERSION, bytes(8))
+    except OSError:
+        return None
+    return int(struct.unpack("I", raw[:4])[0])  # (the kernel writes an int)
+
+
+def open_file(path: str, inode: int) -> tuple[BinaryIO, int | None]:
+    """Open ``path`` for reading, and the generation number of its inode if it is still
+    ``inode`` (None otherwise: replaced since the scan).  Blocking."""
+    handle = open(path, "rb")  # (handed to the caller, who closes it)
+    try:
+        fd = handle.fileno()
+        gen = generation(fd) if os.fstat(fd).st_ino == inode else None
+    except BaseException:
+        handle.close()
+        raise
+    return handle, gen

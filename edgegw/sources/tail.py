@@ -23,7 +23,7 @@ back as ``context.checkpoint``)::
 
     {"version": 2, "files": {PATH: {"offset": N, "done": bool, "reason": str,
                                     "inode": int, "size": int, "state": {...},
-                                    "head": [LENGTH, CRC32]}},
+                                    "head": [LENGTH, CRC32], "gen": GENERATION}},
      "finished_before": NS, "gone": [[inode, NS], ...]}
 
 Bounded: ``files`` lists the unfinished files and the finished ones that changed (their
@@ -41,6 +41,12 @@ as a vanished file always was, never taken as finished; a new file met at its in
 its entry.  A version 1 checkpoint (every file
 listed) is read as one without a watermark.
 
+A finished file changed while the gateway is stopped changes after the watermark and
+looks new: the registry of finished files (``finished``, in the source's ``state_dir``)
+recognises it.  A finished file the watermark covers stays listed until its entry is
+durable there (``_register``), and an entry is relied on only when the resumed checkpoint's
+watermark is at or past the time it was finished since.
+
 ``offset`` is always a record boundary, and every record before it has been mapped
 (emitted, or held by the mapper for a part whose PRR comes later).  On restart a file is
 re-read from its start up to ``offset`` through a fresh parser and mapper *without emitting
@@ -52,7 +58,9 @@ twice, nothing is skipped.  ``inode`` and ``size`` tell a file that was replaced
 same path from the one the checkpoint describes; ``head``, the fingerprint of its first
 KiB (``fingerprint``), a new file that got its inode (deleted, then a new one created under
 another matched name or the same one) from the file renamed or grown.  An entry without
-``head`` (an older checkpoint) goes by inode and size alone, as before.
+``head`` (an older checkpoint) goes by inode and size alone, as before.  ``gen``, the
+inode's generation number where the file system keeps one, names the file's records'
+stream with its inode (``_File.stream``): a new file at a reused inode is another stream.
 
 Corrupt input (``FormatError``) is logged with path and byte offset, counted in
 ``source_errors_total{kind="corrupt"}``, reported to the hub as a GatewayEvent, and the file is
@@ -86,9 +94,11 @@ from .fingerprint import (
     complete,
     extended,
     from_checkpoint,
+    open_file,
     read_fingerprints,
     to_checkpoint,
 )
+from .finished import FILE_NAME, FinishedFiles, recognised
 from .formats import UnknownFormat, build_options, get_format, is_complete, new_parser
 
 log = logging.getLogger(__name__)
@@ -101,6 +111,9 @@ GONE_KEPT = 64
 #: ``time.time_ns`` reads), so a file created just after the scan began can carry a time
 #: just before it
 CLOCK_SLACK_NS = 100_000_000
+#: finished files the checkpoint may go on listing while their registry entries wait to be
+#: written (one fsync for them all): a put writes them first once there are this many
+REGISTER_BATCH = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +138,10 @@ class TailConfig:
     #: its watermark (docs/tail.md, "The checkpoint's size"); at least the largest lag of
     #: the file system's clock behind the gateway's (a network file system's)
     fold_after: Annotated[float, Range(0, 31_536_000)] = 60.0
+    #: at most this many finished files are remembered in the registry of finished files
+    #: (docs/tail.md, "Finished files changed while stopped"); beyond, the oldest are
+    #: forgotten; 0: none (a finished file changed while the gateway is stopped is read again)
+    finished_kept: Annotated[int, Range(0, 100_000_000)] = 100_000
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -190,12 +207,24 @@ class _File:
     changed: int = 0  # its last change as the latest scan saw it (``_FileInfo.changed``)
     #: its change time when its first bytes could not be read: tried again once it changes
     head_missed: int = -1
+    #: its inode's generation number (``fingerprint.generation``; None: none known), taken
+    #: when the tail first opens it, or from the checkpoint, and then kept (``stream``)
+    gen: int | None = None
+    gen_fixed: bool = False
+
+    @property
+    def stream(self) -> Any:
+        """What its records' origins name it by: its inode, and its generation where the
+        file system has one, so that a new file at a reused inode is another stream."""
+        return self.inode if self.gen is None else [self.inode, self.gen]
 
     def checkpoint(self) -> dict[str, Any]:
         entry = {"offset": self.offset, "done": self.done, "reason": self.reason,
                  "inode": self.inode, "size": self.size, "state": dict(self.state)}
         if self.head is not None:
             entry["head"] = to_checkpoint(self.head)
+        if self.gen is not None:
+            entry["gen"] = self.gen
         return entry
 
 
@@ -271,6 +300,18 @@ class TailSource:
         #: lists (path -> inode) and its watermark (see ``_hand_over_changes``)
         self._handed: dict[str, int] = {}
         self._handed_watermark = 0
+        #: the registry of finished files (None without a ``state_dir``, or turned off)
+        self.finished: FinishedFiles | None = None
+        if context.state_dir and config.finished_kept:
+            self.finished = FinishedFiles(os.path.join(context.state_dir, FILE_NAME),
+                                          config.finished_kept)
+        self._finished_loaded = False
+        #: finished files the watermark covers, still listed until their entries are
+        #: durable in the registry (``_register``)
+        self._registering: dict[str, _File] = {}
+        #: the watermark of the checkpoint resumed from: the durable one (0: none)
+        self._durable_watermark = 0
+        self._resumed = False
         self.errors = source_errors(context.metrics)
         self.read_records = context.metrics.counter(
             "tail_records_total", "tester records parsed from tailed files (re-reads included)")
@@ -302,12 +343,15 @@ class TailSource:
                     path=path, inode=int(e["inode"]), gz=path.lower().endswith(".gz"),
                     offset=int(e["offset"]), done=bool(e["done"]), reason=str(e["reason"]),
                     size=int(e["size"]), state=dict(e.get("state") or {}),
-                    head=from_checkpoint(e.get("head")), origin=int(e["offset"]))
+                    head=from_checkpoint(e.get("head")), origin=int(e["offset"]),
+                    gen=None if e.get("gen") is None else int(e["gen"]), gen_fixed=True)
             self.watermark = int(checkpoint.get("finished_before", 0))
             self.gone = [(int(inode), int(changed))
                          for inode, changed in checkpoint.get("gone", [])]
             self._handed = {p: f.inode for p, f in self.files.items()}
             self._handed_watermark = self.watermark
+            self._durable_watermark = self.watermark
+            self._resumed = True
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             log.error("source %s: ignoring unreadable checkpoint (%s)", self.name, exc)
             self.files.clear()
@@ -326,7 +370,13 @@ class TailSource:
         w = self.watermark
         # (a file is listed when it is known, or when its change passes the watermark:
         # only the list itself can hold finished files the watermark now covers)
-        self._listed = {p: f for p, f in self._listed.items() if not f.done or f.changed > w}
+        listed = {}
+        for p, f in self._listed.items():
+            if not f.done or f.changed > w:
+                listed[p] = f
+            elif self._unregistered(f):  # listed until its entry is durable
+                listed[p] = self._registering[p] = f
+        self._listed = listed
         if self.gone:
             self.gone = self.gone[-GONE_KEPT:]
 
@@ -349,17 +399,64 @@ class TailSource:
         f.done = True
         f.reason = reason
         if f.changed <= self.watermark:
-            self._listed.pop(f.path, None)
+            if self._unregistered(f):  # listed until its entry is durable
+                self._registering[f.path] = f
+            else:
+                self._listed.pop(f.path, None)
 
-    def _finished_before(self, info: _FileInfo) -> bool:
+    def _unregistered(self, f: _File) -> bool:
+        """A finished file the registry does not describe as it is (None: no registry)."""
+        return self.finished is not None and not (
+            f.head is not None and self.finished.holds(f.inode, f.path, f.head, f.size))
+
+    async def _register(self) -> None:
+        """Write the registry entries of the finished files held listed for them, durably,
+        and only then stop listing them: a checkpoint that does not list a finished file it
+        does not cover is never handed over before the file's entry is on disk."""
+        assert self.finished is not None
+        held, self._registering = self._registering, {}
+        for p, f in held.items():
+            if self.files.get(p) is f and f.done and f.head is not None:
+                self.finished.add(f.inode, p, f.head, f.size, f.changed)
+        if self.finished.dirty:
+            try:
+                await trio.to_thread.run_sync(self.finished.flush)
+            except OSError as exc:  # then as before the registry: the files leave the list
+                log.error("source %s: cannot write the registry of finished files %s (%s): "
+                          "a file changed while the gateway is stopped may be read again",
+                          self.name, self.finished.path, exc)
+        for p, f in held.items():
+            if self._listed.get(p) is f and f.done and f.changed <= self.watermark:
+                del self._listed[p]
+
+    def _recognised(self, info: _FileInfo, head: tuple[Fingerprint, bool | None] | None
+                    ) -> _File | None:
+        """A file that looks new (changed after the watermark, not listed) that the
+        registry knows as finished: touched, chmod-ed, renamed or appended to while the
+        gateway was stopped.  Known again as finished and listed (None: read it)."""
+        if self.finished is None:
+            return None
+        entry = self.finished.get(info.inode)
+        verdict = recognised(entry, info.path, info.size, None if head is None else head[1],
+                             self._durable_watermark)
+        if verdict is None or entry is None:
+            return None
+        log.info("source %s: %s is %s, finished before the restart (%s): not read again",
+                 self.name, info.path, entry.path if entry.path != info.path else "the file",
+                 "changed" if verdict == "unchanged" else "grown since")
+        return _File(info.path, info.inode, info.gz, offset=entry.size, done=True,
+                     reason="finished (registered)", size=entry.size, head=entry.head,
+                     origin=entry.size, changed=info.changed)
+
+    def _finished_before(self, info: _FileInfo) -> bool | None:
         """A file not known: whether the watermark says it was finished (it changed at or
-        before it and is not an unfinished file that vanished and came back)."""
+        before it; False: after) -- None: an unfinished file that vanished and came back."""
         if info.changed > self.watermark:
             return False
         for key in ((info.inode, info.changed), (info.inode, 0)):  # 0: vanished unseen
             if key in self.gone:
                 self.gone.remove(key)
-                return False
+                return None
         return True
 
     # -- the service -----------------------------------------------------------------------
@@ -385,6 +482,9 @@ class TailSource:
 
     async def poll_once(self, sink: RecordSink) -> None:
         """One pass: find files, read what each has grown by, finish idle ones."""
+        first = self.finished is not None and not self._finished_loaded
+        if first:
+            await self._load_finished()
         found = await trio.to_thread.run_sync(self._scan)
         seen = {info.path for info in found}
         gone = {f.inode: f for p, f in self.files.items() if p not in seen}
@@ -430,7 +530,11 @@ class TailSource:
                 await self._ended(sink, f)
                 f = None
             created = f is None
-            if f is None and unknown and self._finished_before(info):
+            before = self._finished_before(info) if f is None and unknown else None
+            if before is False and (f := self._recognised(info, head)) is not None:
+                self.files[info.path] = self._listed[info.path] = f
+                changed.append(f)  # (handed over: it is listed again)
+            if f is None and before:
                 f = self.files[info.path] = _File(
                     info.path, info.inode, info.gz, offset=info.size, done=True,
                     reason="finished (before the checkpoint's watermark)", size=info.size,
@@ -446,6 +550,11 @@ class TailSource:
                 f.head = head[0]
             elif info.path in asked:  # (could not be read: tried again once it changes)
                 f.head_missed = info.changed
+            if before and self._unregistered(f) and f.head is not None:
+                # finished by the durable checkpoint's watermark (and so since its change
+                # time): registered too, in case it changes while the gateway is stopped
+                self.finished.add(f.inode, f.path, f.head, f.size,  # type: ignore[union-attr]
+                                  f.changed)
             if info.changed != f.changed:
                 f.changed = info.changed
                 if f.changed > self.watermark:
@@ -478,7 +587,38 @@ class TailSource:
         for path in [p for p in self.files if p not in seen]:
             await self._drop(sink, self.files[path], vanished=True)
         self._fold(horizon)
+        if self.finished is not None:
+            if first:  # entries of files no longer there (removed while it was stopped)
+                await self._prune_finished()
+            if self._registering or self.finished.dirty:
+                await self._register()
         await self._hand_over_changes(sink, changed)
+
+    async def _prune_finished(self) -> None:
+        """Forget the entries of files the first scan did not find -- in a directory that
+        is there: one not mounted yet (a file server late at boot) keeps its files'."""
+        assert self.finished is not None
+        missing = self.finished.missing({f.inode for f in self.files.values()})
+        if not missing:
+            return
+        dirs = set(missing.values())
+        there = await trio.to_thread.run_sync(lambda: {d for d in dirs if os.path.isdir(d)})
+        for inode, directory in missing.items():
+            if directory in there:
+                self.finished.remove(inode)
+
+    async def _load_finished(self) -> None:
+        """Read the registry of finished files, once; a start without a checkpoint
+        forgets it (its entries are another checkpoint's)."""
+        assert self.finished is not None
+        self._finished_loaded = True
+        try:
+            await trio.to_thread.run_sync(self.finished.load)
+        except OSError as exc:
+            log.error("source %s: cannot read the registry of finished files %s (%s)",
+                      self.name, self.finished.path, exc)
+        if not self._resumed:
+            self.finished.clear()
 
     async def _hand_over_changes(self, sink: RecordSink, changed: list[_File]) -> None:
         """Finished files that changed (touched, chmod-ed, appended to, renamed) since the
@@ -515,6 +655,9 @@ class TailSource:
             if f is None:
                 old = gone.get(info.inode)
                 known = old.head if old is not None and old.reader is None else None
+                if old is None and self.finished is not None:  # (see _recognised)
+                    entry = self.finished.get(info.inode)
+                    known = entry.head if entry is not None else None
                 wanted.append((info.path, info.inode, known))
             elif f.inode != info.inode:  # replaced: a new file, read whole anyway
                 wanted.append((info.path, info.inode, None))
@@ -677,8 +820,11 @@ class TailSource:
 
     async def _open(self, f: _File) -> FormatError | None:
         """Open the file and a parser for it; the error if the format plugin failed."""
-        handle = await trio.open_file(f.path, "rb")
+        raw, gen = await trio.to_thread.run_sync(open_file, f.path, f.inode)
+        handle = trio.wrap_file(raw)
         f.reader = _GzipReader(handle) if f.gz else handle
+        if not f.gen_fixed:  # (a file the checkpoint lists keeps the stream it had)
+            f.gen, f.gen_fixed = gen, True
         try:
             f.parser = new_parser(self.format, self.options)
         except Exception:
@@ -761,8 +907,10 @@ class TailSource:
         ends here).  A replay from a checkpoint puts the same records with the same
         origins, whatever the order of files, so a gateway skips exactly the replayed
         records its frames hold (docs/spool.md, "Source positions and split puts")."""
+        if len(self._registering) >= REGISTER_BATCH:
+            await self._register()
         checkpoint = self.checkpoint()
-        origin = (f.inode if stream is None else stream, f.origin,
+        origin = (f.stream if stream is None else stream, f.origin,
                   None if ended or stream is not None else f.offset)
         if not getattr(sink, "takes_origin", False):
             await sink.put(batch, checkpoint=checkpoint)
@@ -792,6 +940,10 @@ class TailSource:
         here, which the gateway is told."""
         del self.files[f.path]
         self._listed.pop(f.path, None)
+        if f.done and self.finished is not None:
+            entry = self.finished.get(f.inode)
+            if entry is not None and entry.path == f.path:
+                self.finished.remove(f.inode)
         batch: list[Record] = []
         if not f.done:
             if vanished and not any(g.inode == f.inode for g in self.files.values()):

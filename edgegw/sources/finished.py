@@ -1,0 +1,216 @@
+"""The tail's registry of finished files: what a restart must not read again.
+
+The checkpoint stays small by not naming finished files: its watermark covers every file
+that changed at or before it (docs/tail.md, "The checkpoint's size").  A finished file
+changed *while the gateway is stopped* (touched, chmod-ed, renamed, appended to) changes
+after the watermark and would look new.  This registry remembers each finished file the
+checkpoint stopped listing -- its inode, the fingerprint of its first KiB (``head``), its
+size and path -- in a file of the source's own (``<state_dir>/finished.jsonl``), so that
+such a file is recognised (``recognised``) and not read again.
+
+Two orders make it exact (docs/tail.md, "Finished files changed while stopped"):
+
+- an entry is written, and fsynced, *before* any checkpoint that stops listing its file is
+  handed to the gateway, so a durable checkpoint never relies on an entry a crash lost;
+- an entry is *relied on* only when the durable checkpoint's watermark is at or past its
+  ``since`` (its file's change time when it was first registered): a checkpoint whose
+  watermark passed that time and does not list the file took it as finished, with its
+  records stored.  An entry written ahead of a checkpoint that never became durable (a
+  crash in between) is not relied on: its file is read from that checkpoint as before.
+
+The file is a log of JSON lines, appended to: ``[inode, path, n, crc, size, since]`` sets
+an entry, ``[inode]`` removes one; a torn last line (a crash mid-write) is ignored.  It is
+rewritten (to a new file, renamed over) once it holds twice the entries' lines.  Bounded:
+at most ``kept`` entries; beyond, the oldest (earliest ``since``) are forgotten (down to
+nine tenths of ``kept``), and those
+files are read again if changed while the gateway is stopped (as before the registry).
+
+``load`` and ``flush`` do blocking I/O: call them in a worker thread.  ``recognised`` is the
+decision, pure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Literal
+
+from .fingerprint import Fingerprint
+
+log = logging.getLogger(__name__)
+
+FILE_NAME = "finished.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    path: str
+    head: Fingerprint
+    size: int
+    #: its file's change time (ns) when it was first registered as finished with this head
+    since: int
+
+
+def recognised(entry: Entry | None, path: str, size: int, starts_alike: bool | None,
+               durable_watermark: int) -> Literal["unchanged", "grew"] | None:
+    """Whether a file that looks new (at ``path``, ``size`` bytes, changed after the durable
+    checkpoint's watermark, which does not list it) is the finished file ``entry`` describes,
+    ``starts_alike`` telling whether its first bytes match the entry's ``head``:
+    "unchanged" (its size is the same: touched, chmod-ed or renamed), "grew" (appended to
+    at the same path: as the running tail, which logs a finished file that grows and does
+    not read it again), or None: a file to read from its start (no entry, one not to be
+    relied on yet, another start, shorter, or grown under another name -- the running tail
+    reads a finished file renamed with another size again too)."""
+    if entry is None or starts_alike is not True or entry.since > durable_watermark:
+        return None
+    if size == entry.size:
+        return "unchanged"
+    if size > entry.size and path == entry.path:
+        return "grew"
+    return None
+
+
+class FinishedFiles:
+    """The registry: inode -> ``Entry``, in memory, and its log on disk (``path``)."""
+
+    def __init__(self, path: str, kept: int) -> None:
+        self.path = path
+        self.kept = kept
+        self.entries: dict[int, Entry] = {}
+        self._unwritten: list[str] = []  # log lines not yet appended
+        self._lines = 0  # lines in the log on disk
+        self._rewrite = False  # the log must be rewritten (cleared, or entries forgotten)
+        self._warned = False
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, inode: int) -> Entry | None:
+        return self.entries.get(inode)
+
+    def holds(self, inode: int, path: str, head: Fingerprint, size: int) -> bool:
+        """Whether the entry at ``inode`` describes this file as it is now."""
+        e = self.entries.get(inode)
+        return e is not None and e.path == path and e.head == head and e.size == size
+
+    def add(self, inode: int, path: str, head: Fingerprint, size: int, changed: int) -> None:
+        """Register a finished file (``changed``: its change time now).  The same file
+        (inode and head) keeps the ``since`` it was first registered with: it has been
+        finished since then, renamed or touched or not."""
+        old = self.entries.get(inode)
+        since = old.since if old is not None and old.head == head else changed
+        entry = Entry(path, head, size, min(since, changed))
+        if entry == old:
+            return
+        self.entries[inode] = entry
+        self._unwritten.append(json.dumps([inode, path, head[0], head[1], size, entry.since]))
+        if len(self.entries) > self.kept:
+            self._forget_oldest()
+
+    def remove(self, inode: int) -> None:
+        """Forget an entry (its file is gone).  Written with the next flush; until then a
+        restart may still hold it, which costs nothing but a look at a new file's head."""
+        if self.entries.pop(inode, None) is not None:
+            self._unwritten.append(json.dumps([inode]))
+
+    def missing(self, inodes: set[int]) -> dict[int, str]:
+        """The entries whose inode no file the tail found holds: inode -> directory."""
+        return {i: os.path.dirname(e.path) for i, e in self.entries.items() if i not in inodes}
+
+    def clear(self) -> None:
+        """Forget everything (a start without a checkpoint: the entries belong to another)."""
+        if self.entries or self._lines:
+            self.entries.clear()
+            self._unwritten.clear()
+            self._rewrite = True
+
+    def _forget_oldest(self) -> None:
+        """Down to nine tenths of ``kept`` (so not a sort per file added beyond it)."""
+        by_age = sorted(self.entries.items(), key=lambda item: item[1].since)
+        for inode, _ in by_age[:len(self.entries) - self.kept + self.kept // 10]:
+            del self.entries[inode]
+        if not self._warned:
+            self._warned = True
+            log.warning("%s: more than %d finished files; the oldest are forgotten (read "
+                        "again if changed while the gateway is stopped)", self.path, self.kept)
+        self._rewrite = True
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._unwritten) or self._rewrite
+
+    # -- blocking I/O -----------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read the log (blocking).  A missing file is an empty registry; a line that does
+        not parse (a torn write) ends it."""
+        try:
+            with open(self.path, "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            return
+        lines = 0
+        if data and not data.endswith(b"\n"):  # torn: the next append must not join it
+            self._rewrite = True
+        for raw in data.split(b"\n"):
+            if not raw:
+                continue
+            try:
+                item = json.loads(raw)
+                if len(item) == 1:
+                    self.entries.pop(int(item[0]), None)
+                else:
+                    inode, path, n, crc, size, since = item
+                    self.entries[int(inode)] = Entry(str(path), (int(n), int(crc)), int(size),
+                                                     int(since))
+            except (ValueError, TypeError):
+                log.warning("%s: unreadable line %d and after ignored", self.path, lines + 1)
+                self._rewrite = True
+                break
+            lines += 1
+        self._lines = lines
+        if len(self.entries) > self.kept:
+            self._forget_oldest()
+
+    def flush(self) -> None:
+        """Make every change durable (blocking): append the new lines and fsync, or write
+        the log afresh when it has grown to twice its entries (or must be rewritten)."""
+        if not self.dirty:
+            return
+        directory = os.path.dirname(self.path)
+        os.makedirs(directory, exist_ok=True)
+        if self._rewrite or self._lines + len(self._unwritten) > 2 * len(self.entries) + 64:
+            lines = [json.dumps([inode, e.path, e.head[0], e.head[1], e.size, e.since])
+                     for inode, e in self.entries.items()]
+            tmp = self.path + ".new"
+            with open(tmp, "wb") as handle:
+                handle.write("".join(line + "\n" for line in lines).encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+            _sync_directory(directory)
+            self._lines = len(lines)
+        else:
+            new = not os.path.exists(self.path)
+            with open(self.path, "ab") as handle:
+                handle.write("".join(line + "\n" for line in self._unwritten).encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+            if new:  # its name durable too
+                _sync_directory(directory)
+            self._lines += len(self._unwritten)
+        self._unwritten.clear()
+        self._rewrite = False
+
+
+def _sync_directory(directory: str) -> None:
+    """Make a file's new name in ``directory`` durable (POSIX; Windows has no such call)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
