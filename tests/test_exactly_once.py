@@ -405,7 +405,8 @@ async def tail_files_until_done(cfg: Any, names: set[str], store: DiskSpool | No
     gateway = Gateway(cfg, store=store)
     files: dict[str, Any] = {}
     try:
-        with trio.fail_after(10):
+        # (generous: a loaded machine fsyncs slowly; the wait ends on the files done)
+        with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 await nursery.start(gateway.run)
                 while True:
