@@ -218,8 +218,8 @@ async def test_archived_lots_and_wafers_and_stats_on_every_node_and_across_a_mov
         with trio.fail_after(20):
             while await applied() < source.records:  # every record of the source
                 await trio.sleep(0.1)
-        want, reference = await single_hub_answers(tmp_path, await applied_frames(
-            store, PARTITIONS))
+        frames = await applied_frames(store, PARTITIONS)
+        want, reference = await single_hub_answers(tmp_path, frames)
         assert want[f"/api/lots/{A}/wafers/{A}-W1"][0] == 200  # (archived on a single hub)
         assert [r["lot_id"] for r in want["/api/lots"][1]["lots"]] == [B, A]
         assert reference.health()["wafers_archived"] == 3
@@ -259,7 +259,9 @@ async def test_archived_lots_and_wafers_and_stats_on_every_node_and_across_a_mov
             gw = stats["gateways"][GW]
             pg = (await store.all_gateway_stats())[GW]
             assert gw["connected"] is True and gw["records_applied"] == pg.records_applied
-            assert gw["frames_applied"] == pg.frames_applied >= 8
+            # (the frames the log holds: the source's puts, two of them in one frame when
+            # the gateway's batcher was late on a busy machine -- seen: 7 frames of 9 puts)
+            assert gw["frames_applied"] == pg.frames_applied == len(frames) > 1
             if i == owner:  # (a round trip is measured by the node holding the connection)
                 assert gw["rtt_ms"] is None and gw["refused"] == 0
         assert got[owner]["cluster"]["node_id"] != got[other]["cluster"]["node_id"]

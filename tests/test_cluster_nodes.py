@@ -225,7 +225,9 @@ def api_answers(nodes: NodeSet) -> list[dict[str, Any]]:
     """Each node's answers to the history API paths, asked of the node directly."""
     out = []
     for port in nodes.ports:
-        out.append({path: get_json(f"http://127.0.0.1:{port}{path}") for path in API_PATHS})
+        # (10 s: a node answered one of these in over 2 s beside three busy loops)
+        out.append({path: get_json(f"http://127.0.0.1:{port}{path}", timeout=10.0)
+                    for path in API_PATHS})
     return out
 
 

@@ -265,8 +265,27 @@ class ClusterHub:
         return ok, body
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        # The bus outlives the rest: a graceful stop releases this node's leases and takes
+        # it out of the live set (the owner's and the alert feed's clean-up), which needs
+        # Redis -- torn down with everything else, the leases would only expire (a TTL
+        # later) and the other nodes would count this one live until its heartbeat lapsed.
+        bus_scope = trio.CancelScope()
+
+        async def run_bus(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                          ) -> None:
+            with bus_scope:
+                await self.bus.run(task_status=task_status)
+
+        async with trio.open_nursery() as outer:
+            await outer.start(run_bus)
+            bus_scope.shield = True  # (once up: a stop while waiting for Redis is at once)
+            try:
+                await self._run_services(task_status)
+            finally:
+                bus_scope.cancel()
+
+    async def _run_services(self, task_status: trio.TaskStatus[int]) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.bus.run)
             await nursery.start(self.fanout.run)
             await nursery.start(self.mirror.run)
             await nursery.start(self.notifier.run)

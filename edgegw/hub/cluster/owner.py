@@ -167,6 +167,7 @@ class LeaseBus(Protocol):
     async def lease_holder(self, name: str) -> tuple[str, int] | None: ...
     async def heartbeat_node(self, ttl_s: float) -> None: ...
     async def live_nodes(self) -> list[str]: ...
+    async def leave(self) -> None: ...
     async def seed_fence(self, name: str, at_least: int) -> None: ...
     # batched forms (one round trip per Redis shard) and the wake-up subscription
     async def heartbeat_and_list(self, ttl_s: float) -> list[str]: ...
@@ -411,11 +412,16 @@ class PartitionOwner:
             owned = list(self.owned.values())
             self.owned.clear()
             with trio.CancelScope(shield=True), trio.move_on_after(2):
-                for o in owned:  # a graceful stop hands the partitions on at once
-                    try:
+                # A graceful stop hands the partitions on at once: their leases released,
+                # and this node out of the live set -- else the others count it live until
+                # its heartbeat lapses (a TTL), aim at the old share and leave its
+                # partitions free meanwhile.
+                try:
+                    for o in owned:
                         await self.bus.release(lease_name(o.partition), o.token)
-                    except Exception:
-                        break  # Redis gone: the leases expire by themselves
+                    await self.bus.leave()
+                except Exception:  # Redis gone: the leases and the heartbeat expire
+                    pass
 
     def _lose(self, owned: Owned, reason: str) -> None:
         if self.owned.get(owned.partition) is owned:
