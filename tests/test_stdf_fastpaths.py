@@ -65,6 +65,18 @@ def records(draw: st.DrawFn, name: str) -> dict[str, Any]:
     return out
 
 
+def _expected(name: str, written: dict[str, Any]) -> dict[str, Any]:
+    """What a reader sees of a record written with ``written``: the writer's fields, and
+    after them the arrays whose count is 0 (an empty array takes no bytes, so a record
+    that ends before it still holds it)."""
+    out = stdf_fields(name, written)
+    for f in BY_NAME[name].fields[len(out):]:
+        if f.count is None or out.get(f.count) != 0:
+            break
+        out[f.name] = []
+    return out
+
+
 def _decode(data: bytes, rows: bool) -> list[Any]:
     dec = StdfDecoder()
     dec.feed(data)
@@ -92,7 +104,7 @@ def test_writer_to_decoder_round_trip_of_random_arrays_bits_and_cut_tails(
         for _ in range(2):  # the second time through, the memo holds every tail
             dicts, rows = _decode(stream, False)[1:], _decode(stream, True)[1:]
             for want, rec, row in zip(fields, dicts, rows, strict=True):
-                expected = stdf_fields(name, want)
+                expected = _expected(name, want)
                 assert rec.name == row[0] == name
                 assert rec.fields == expected
                 assert row[2] == tuple(expected.values())
