@@ -624,7 +624,11 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
     def cut_in_run(seg: list[int], k: int, at: str) -> None:
         """A record that ends between two fields of a run of fixed-size fields (a PTR
         written up to OPT_FLAG) returns the fields before the cut here, instead of
-        through two exceptions and the generic decoder (5x the time of a whole PTR)."""
+        through two exceptions and the generic decoder (5x the time of a whole PTR).
+        In the optimistic code only: the careful code is reached after it, and the lines
+        cost compile time."""
+        if not optimistic:
+            return
         offset = 0
         for j, i in enumerate(seg[:-1]):
             offset += _SIZES[fields[i].type]
