@@ -15,6 +15,12 @@ third of the speed of the A530 file).  Each function here builds one shape with
                 (adaptive limits), every PTR written in full: no two PTR tails alike,
                 so the decoder's tail memo never hits
 ``gdr-heavy``   GDRs of 4-40 mixed-type values (U1..R8, C*n, B*n, D*n, N*1) between PTRs
+``catalyst``    the mix issue 17's Teradyne Catalyst file has, 2 sites: per part 48 FTRs
+                (a quarter failing: RTN_INDX/RTN_STAT and PGM_INDX/PGM_STAT arrays,
+                256-pin FAIL_PIN bits, vector names), 6 MPRs of 4-16 pins, 40 PTRs whose
+                optional tail varies record to record (full with limits that drift per
+                part, cut after TEST_TXT, cut after OPT_FLAG, limits flagged invalid), and
+                GDRs holding every generic type
 
 Values stay inside what pystdf reads (ASCII text, no GDR pad bytes), so the bench and the
 fidelity test can hold both decoders to the same bytes.
@@ -31,7 +37,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from edgegw.stdf import Bits, StdfWriter
+from edgegw.stdf import BY_NAME, Bits, StdfWriter
 
 Record = tuple[str, dict[str, Any]]
 
@@ -275,11 +281,106 @@ def gdr_heavy(order: str = "<", parts: int = 1500, seed: int = 20) -> bytes:
                 [t["TEST_NUM"] for t in ptrs.tests])
 
 
+def _gdr_value(rnd: random.Random, code: int) -> Any:
+    """A random value of GDR type ``code`` (pad bytes, code 0, are left out: pystdf
+    cannot read them)."""
+    return {
+        1: lambda: rnd.randrange(256), 2: lambda: rnd.randrange(65536),
+        3: lambda: rnd.randrange(1 << 32), 4: lambda: rnd.randrange(-128, 128),
+        5: lambda: rnd.randrange(-32768, 32768),
+        6: lambda: rnd.randrange(-(1 << 31), 1 << 31), 7: lambda: _f32(rnd, -1e3, 1e3),
+        8: lambda: rnd.uniform(-1e6, 1e6),
+        10: lambda: f"key{rnd.randrange(100)}=v{rnd.randrange(1000)}",
+        11: lambda: bytes(rnd.randrange(256) for _ in range(rnd.randrange(8))),
+        12: lambda: Bits(16, bytes((rnd.randrange(256), rnd.randrange(256)))),
+        13: lambda: rnd.randrange(16),
+    }[code]()
+
+
+def catalyst(order: str = "<", parts: int = 300, seed: int = 21) -> bytes:
+    rnd0 = random.Random(seed + 1)
+    ptrs = _Ptrs(rnd0, 40, 2000)
+    ftrs = [(6000 + i, f"func_{rnd0.choice(_BLOCKS).lower()}_{i}", f"pat_{i:03d}_{i % 7}")
+            for i in range(48)]
+    mprs = [(8000 + i, f"MPR_{rnd0.choice(_BLOCKS)}_{i}", rnd0.choice((4, 8, 16)),
+             _f32(rnd0, -1, 0), _f32(rnd0, 1, 2)) for i in range(6)]
+    ptr_names = [f.name for f in BY_NAME["PTR"].fields]
+
+    def ptr(t: dict[str, Any], head: int, site: int, part: int) -> Record:
+        name, fields = ptrs.record(t, head, site, part, drift=True)
+        kind = rnd0.random()
+        if kind < 0.35:  # Teradyne style: the limits only in the test's first PTR
+            last = "TEST_TXT"
+        elif kind < 0.5:
+            last = "OPT_FLAG"
+            fields["OPT_FLAG"] = rnd0.choice((0x0E, 0xCE, 0x3E))
+        elif kind < 0.6:  # limits present but flagged invalid
+            fields["OPT_FLAG"] = 0xFE
+            last = "HI_LIMIT"
+        else:
+            last = "HI_SPEC"
+        keep = ptr_names[: ptr_names.index(last) + 1]
+        return name, {k: v for k, v in fields.items() if k in keep}
+
+    def body(rnd: random.Random, head: int, site: int, part: int) -> Iterator[Record]:
+        yield "DTR", {"TEXT_DAT": f"site {site} part {part} temp 25.{rnd.randrange(10)}C"}
+        for num, text, pattern in ftrs:
+            fails = rnd.random() < 0.25
+            npins = rnd.randrange(1, 33) if fails else 0
+            pins = sorted(rnd.sample(range(1, 257), npins))
+            npgm = rnd.randrange(0, 6) if fails else 0
+            nbits = 256 if fails else 0
+            bits = bytearray(nbits // 8)
+            for p in pins:
+                bits[(p - 1) // 8] |= 1 << ((p - 1) % 8)
+            yield "FTR", {
+                "TEST_NUM": num, "HEAD_NUM": head, "SITE_NUM": site,
+                "TEST_FLG": 0x80 if fails else 0, "OPT_FLAG": 0x0E if fails else 0xFF,
+                "CYCL_CNT": rnd.randrange(1 << 24) if fails else 0,
+                "REL_VADR": rnd.randrange(4096) if fails else 0,
+                "REPT_CNT": rnd.randrange(1, 4), "NUM_FAIL": npins,
+                "XFAIL_AD": rnd.randrange(-100, 100) if fails else 0,
+                "YFAIL_AD": rnd.randrange(-100, 100) if fails else 0,
+                "VECT_OFF": rnd.randrange(-50, 50) if fails else 0,
+                "RTN_ICNT": npins, "PGM_ICNT": npgm, "RTN_INDX": pins,
+                "RTN_STAT": [rnd.randrange(16) for _ in pins],
+                "PGM_INDX": [rnd.randrange(1, 64) for _ in range(npgm)],
+                "PGM_STAT": [rnd.randrange(16) for _ in range(npgm)],
+                "FAIL_PIN": Bits(nbits, bytes(bits)),
+                "VECT_NAM": pattern if fails else "", "TIME_SET": "ts1" if fails else "",
+                "OP_CODE": "", "TEST_TXT": text, "ALARM_ID": "",
+                "PROG_TXT": "", "RSLT_TXT": "fail" if fails else "", "PATG_NUM": 255,
+                "SPIN_MAP": Bits(0, b"")}
+        for num, text, pins, lo, hi in mprs:
+            results = [_f32(rnd, lo - 0.1, hi + 0.1) for _ in range(pins)]
+            failed = any(not lo <= r <= hi for r in results)
+            yield "MPR", {
+                "TEST_NUM": num, "HEAD_NUM": head, "SITE_NUM": site,
+                "TEST_FLG": 0x80 if failed else 0, "PARM_FLG": 0xC0, "RTN_ICNT": pins,
+                "RSLT_CNT": pins, "RTN_STAT": [rnd.randrange(16) for _ in range(pins)],
+                "RTN_RSLT": results, "TEST_TXT": text, "ALARM_ID": "", "OPT_FLAG": 0x0E,
+                "RES_SCAL": 0, "LLM_SCAL": 0, "HLM_SCAL": 0, "LO_LIMIT": lo,
+                "HI_LIMIT": hi, "START_IN": 0.0, "INCR_IN": 0.0,
+                "RTN_INDX": list(range(1, pins + 1)), "UNITS": "V"}
+        for t in ptrs.tests:
+            yield ptr(t, head, site, part)
+        for _ in range(2):
+            codes = [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13]
+            rnd.shuffle(codes)
+            yield "GDR", {"GEN_DATA": [(c, _gdr_value(rnd, c)) for c in codes]}
+
+    sites = [(1, 0), (1, 1)]
+    tests = ([n for n, _, _ in ftrs] + [m[0] for m in mprs]
+             + [t["TEST_NUM"] for t in ptrs.tests])
+    return _lot(order, sites, parts, seed, "catalyst_mix", "Catalyst", body, tests)
+
+
 SHAPES: dict[str, Callable[[], bytes]] = {
     "ftr-heavy": ftr_heavy,
     "mpr-heavy": mpr_heavy,
     "ptr-varied": ptr_varied,
     "gdr-heavy": gdr_heavy,
+    "catalyst": catalyst,
 }
 
 

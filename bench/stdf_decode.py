@@ -2,7 +2,8 @@
 
 For every file -- the real tester files in ``shared/data/stdf`` and the synthetic shapes of
 ``bench/stdf_corpus.py`` (FTR-heavy, MPR-heavy, varied PTRs on 2 heads x 8 sites
-big-endian, GDR-heavy), or the files named on the command line -- it prints:
+big-endian, GDR-heavy, a Catalyst-like mix of FTRs, MPRs, GDRs and PTRs cut at varying
+fields), or the files named on the command line -- it prints:
 
 * full decode: both decoders decode every field of every record and the consumer sees
   each record once, as a streaming gateway does: pystdf into a value list per record,
@@ -22,11 +23,16 @@ big-endian, GDR-heavy), or the files named on the command line -- it prints:
 * a memory check on the first file: a stream ten times the file's size, fed in 64 KiB
   chunks, must peak no higher than the file once.
 
+``--ab DIR``: instead, an A/B of this tree's decoder against the edgegw source in DIR (a
+checkout of main, e.g. ``git archive main | tar -x -C DIR``) and pystdf, each run in its
+own process, the three interleaved run by run: rows in one feed, with the PTR tail memo
+and without, per file and shape, medians and each side's ratio to pystdf.
+
 Times are medians of --runs runs of CPU time (the machine is shared: wall time would
 charge other jobs' load to whichever decoder ran while it peaked; --wall for wall time).
 The last lines are a markdown table of the medians (docs/stdf.md carries one).
 
-    python bench/stdf_decode.py [FILE ...] [--runs N] [--no-shapes] [--no-cli]
+    python bench/stdf_decode.py [FILE ...] [--runs N] [--no-shapes] [--no-cli] [--ab DIR]
 """
 
 from __future__ import annotations
@@ -263,6 +269,85 @@ def interleaved(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, float
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+#: one A/B run in a child process: argv = path, source dir ("" for this tree, "pystdf");
+#: prints the CPU seconds of a decode of the file's rows, memo on then off (the least of
+#: three: the machine is shared), after an untimed warm-up (the decoders compile)
+AB_CHILD = """
+import gzip, importlib.machinery, io, sys, time
+path, src = sys.argv[1], sys.argv[2]
+data = open(path, 'rb').read()
+data = gzip.decompress(data) if data[:2] == b'\\x1f\\x8b' else data
+if src == 'pystdf':
+    from pystdf.IO import Parser
+    class Sink:
+        def after_send(self, source, data):
+            pass
+        def __getattr__(self, name):
+            return lambda *args: None
+    def once():
+        parser = Parser(inp=io.BytesIO(data))
+        parser.addSink(Sink())
+        parser.parse()
+    once()
+    best = []
+    for _ in range(2):
+        start = time.process_time()
+        once()
+        best.append(time.process_time() - start)
+    print(min(best), 0.0)
+    raise SystemExit
+if src:  # that tree's edgegw, not the one installed (editable) in this venv
+    sys.path.insert(0, src)
+    sys.meta_path.insert(0, importlib.machinery.PathFinder)
+from edgegw.stdf import StdfDecoder
+from edgegw.stdf.decoder import MEMO_SIZE, set_tail_memo
+assert src in __import__('edgegw').__file__, 'wrong edgegw imported'
+def once():
+    dec = StdfDecoder()
+    dec.feed(data)
+    for _ in dec.rows():
+        pass
+times = []
+for size in (MEMO_SIZE, 0):
+    set_tail_memo(size)
+    once()
+    best = []
+    for _ in range(3):
+        start = time.process_time()
+        once()
+        best.append(time.process_time() - start)
+    times.append(min(best))
+print(*times)
+"""
+
+
+def ab(work: list[tuple[str, Path]], ref: Path, runs: int) -> None:
+    """This tree's rows decode against ``ref``'s and pystdf's, each in its own process,
+    interleaved run by run (CPU time), medians."""
+    sides = {"main": str(ref.resolve()), "branch": "", "pystdf": "pystdf"}
+    print(f"A/B: this tree vs {ref} and pystdf, medians of {runs} interleaved runs, each "
+          f"the least CPU time of 3 decodes (pystdf 2), load average "
+          f"{os.getloadavg()[0]:.1f}")
+    print("| workload | records | main: memo / no memo | this: memo / no memo | pystdf | "
+          "main vs pystdf (memo / no memo) | this vs pystdf (memo / no memo) | this vs main |")
+    print("|---|---:|---:|---:|---:|---|---|---|")
+    for label, path in work:
+        times: dict[str, list[list[float]]] = {k: [] for k in sides}
+        for _ in range(runs):
+            for key, src in sides.items():
+                out = subprocess.run([sys.executable, "-c", AB_CHILD, str(path), src],
+                                     check=True, capture_output=True, text=True).stdout
+                times[key].append([float(x) for x in out.split()])
+        med = {k: [statistics.median(r[i] for r in v) for i in range(2)]
+               for k, v in times.items()}
+        (m, mn), (b, bn), (p, _) = med["main"], med["branch"], med["pystdf"]
+        print(f"| {label} | {edgegw_decode(load(path)):,} | {m * 1e3:.0f} / {mn * 1e3:.0f} ms "
+              f"| {b * 1e3:.0f} / {bn * 1e3:.0f} ms | {p * 1e3:.0f} ms | {p / m:.1f}x / "
+              f"{p / mn:.1f}x | **{p / b:.1f}x** / **{p / bn:.1f}x** | {m / b:.2f}x / "
+              f"{mn / bn:.2f}x |", flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
 def bench_file(label: str, path: Path, runs: int, cli: bool, startup: dict[str, float],
                fixed: float, memory: bool) -> dict[str, Any]:
     data = load(path)
@@ -337,6 +422,8 @@ def main() -> int:
     parser.add_argument("--no-shapes", action="store_true",
                         help="without the synthetic shapes of bench/stdf_corpus.py")
     parser.add_argument("--no-cli", action="store_true", help="without `edgegw stdf stats`")
+    parser.add_argument("--ab", type=Path, metavar="DIR",
+                        help="A/B against the edgegw source in DIR (and pystdf) only")
     args = parser.parse_args()
     global WALL
     WALL = args.wall
@@ -353,6 +440,9 @@ def main() -> int:
                 path = Path(tmp) / f"{name}.stdf"
                 path.write_bytes(build())
                 work.append((f"{name} (synthetic)", path))
+        if args.ab:
+            ab(work, args.ab, args.runs)
+            return 0
         startup: dict[str, float] = {}
         fixed = 0.0
         if not args.no_cli:

@@ -1,0 +1,177 @@
+"""The compiled decoders' fast paths on what FTR-, MPR- and PTR-heavy testers write: records
+of random arrays, bit fields and optional tails cut anywhere round-trip through the writer
+exactly (rows and dicts, tail memo on and off, both byte orders), and a record that ends
+between two fixed-size fields (a PTR written up to OPT_FLAG) is decoded by the compiled
+code itself, not through the field-by-field reference decoder."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgegw.stdf import BY_NAME, Bits, StdfDecoder, StdfWriter, stdf_fields
+from edgegw.stdf.decoder import MEMO_SIZE, decode_generic, set_tail_memo
+
+_INTS = {"U1": (0, 255), "U2": (0, 65535), "U4": (0, 2**32 - 1), "I1": (-128, 127),
+         "I2": (-32768, 32767), "I4": (-(2**31), 2**31 - 1), "B1": (0, 255), "N1": (0, 15)}
+#: the types the compiled code reads in runs, one ``unpack_from`` per run
+_FIXED = {"U1", "U2", "U4", "U8", "I1", "I2", "I4", "I8", "R4", "R8", "B1", "C1"}
+_TEXT = st.text(st.characters(max_codepoint=255), max_size=12)
+
+
+def _value(typ: str) -> st.SearchStrategy[Any]:
+    if typ in _INTS:
+        return st.integers(*_INTS[typ])
+    if typ == "R4":
+        return st.floats(width=32, allow_nan=False)
+    if typ == "R8":
+        return st.floats(allow_nan=False)
+    if typ == "C1":
+        return st.characters(max_codepoint=255)
+    if typ == "Cn":
+        return _TEXT
+    if typ == "Bn":
+        return st.binary(max_size=12)
+    if typ == "Dn":
+        return st.integers(0, 300).flatmap(
+            lambda n: st.binary(min_size=(n + 7) // 8, max_size=(n + 7) // 8).map(
+                lambda b: Bits(n, b)))
+    raise AssertionError(typ)
+
+
+@st.composite
+def records(draw: st.DrawFn, name: str) -> dict[str, Any]:
+    """A record's fields in spec order up to a random last one; arrays as long as their
+    counts say."""
+    spec = BY_NAME[name]
+    counts = {f.count for f in spec.fields if f.count}
+    out: dict[str, Any] = {}
+    last = draw(st.integers(0, len(spec.fields) - 1))
+    for f in spec.fields[:last + 1]:
+        if f.count is not None:
+            out[f.name] = draw(st.lists(_value(f.type), min_size=out[f.count],
+                                        max_size=out[f.count]))
+        elif f.name in counts:
+            out[f.name] = draw(st.integers(0, 20))
+        else:
+            out[f.name] = draw(_value(f.type))
+    return out
+
+
+def _expected(name: str, written: dict[str, Any]) -> dict[str, Any]:
+    """What a reader sees of a record written with ``written``: the writer's fields, and
+    after them the arrays whose count is 0 (an empty array takes no bytes, so a record
+    that ends before it still holds it)."""
+    out = stdf_fields(name, written)
+    for f in BY_NAME[name].fields[len(out):]:
+        if f.count is None or out.get(f.count) != 0:
+            break
+        out[f.name] = []
+    return out
+
+
+def _decode(data: bytes, rows: bool) -> list[Any]:
+    dec = StdfDecoder()
+    dec.feed(data)
+    got = list(dec.rows() if rows else dec.records())
+    assert dec.buffered == 0
+    return got
+
+
+@pytest.fixture
+def memo_restored() -> Iterator[None]:
+    yield
+    set_tail_memo(MEMO_SIZE)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data(), st.sampled_from(["FTR", "MPR", "PTR", "PRR", "PIR"]),
+       st.sampled_from("<>"), st.booleans())
+def test_writer_to_decoder_round_trip_of_random_arrays_bits_and_cut_tails(
+        data: st.DataObject, name: str, order: str, memo: bool) -> None:
+    fields = [data.draw(records(name)) for _ in range(3)]
+    w = StdfWriter(order)
+    stream = w.encode("FAR", {}) + b"".join(w.encode(name, f) for f in fields)
+    try:
+        set_tail_memo(MEMO_SIZE if memo else 0)
+        for _ in range(2):  # the second time through, the memo holds every tail
+            dicts, rows = _decode(stream, False)[1:], _decode(stream, True)[1:]
+            for want, rec, row in zip(fields, dicts, rows, strict=True):
+                expected = _expected(name, want)
+                assert rec.name == row[0] == name
+                assert rec.fields == expected
+                assert row[2] == tuple(expected.values())
+    finally:
+        set_tail_memo(MEMO_SIZE)
+
+
+@contextmanager
+def _calls_of(code: Any) -> Iterator[list[int]]:
+    """Count the calls of the Python function whose code object is ``code``."""
+    calls: list[int] = []
+
+    def hook(frame: FrameType, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is code:
+            calls.append(1)
+
+    sys.setprofile(hook)
+    try:
+        yield calls
+    finally:
+        sys.setprofile(None)
+
+
+def _full(name: str) -> dict[str, Any]:
+    spec = BY_NAME[name]
+    out: dict[str, Any] = {}
+    for f in spec.fields:
+        if f.count is not None:
+            out[f.name] = [1] * out[f.count]
+        elif f.type in ("R4", "R8"):
+            out[f.name] = 0.5
+        elif f.type == "Cn":
+            out[f.name] = "x"
+        elif f.type == "C1":
+            out[f.name] = "P"
+        elif f.type == "Dn":
+            out[f.name] = Bits(9, b"\x01\x01")
+        elif f.type == "Bn":
+            out[f.name] = b"\x07"
+        else:
+            out[f.name] = 2
+    return out
+
+
+@pytest.mark.parametrize("name", ["PTR", "FTR", "MPR", "PRR", "PIR", "TSR", "HBR", "WRR"])
+@pytest.mark.parametrize("rows", [False, True])
+def test_a_record_cut_between_fixed_size_fields_is_not_left_to_the_generic_decoder(
+        name: str, rows: bool, memo_restored: None) -> None:
+    spec = BY_NAME[name]
+    full = _full(name)
+    w = StdfWriter("<")
+    names = [f.name for f in spec.fields]
+    # every cut where the last field written and the next one are both fixed-size
+    # scalars (inside one struct run of the compiled code)
+    cuts = [i for i in range(len(names) - 1)
+            if all(f.count is None and f.type in _FIXED for f in spec.fields[i:i + 2])]
+    assert cuts, name
+    wanted = [{k: full[k] for k in names[:i + 1]} for i in cuts]
+    stream = w.encode("FAR", {}) + b"".join(w.encode(name, f) for f in wanted)
+    for size in (MEMO_SIZE, 0):
+        set_tail_memo(size)
+        _decode(stream, rows)  # compiles the decoders outside the count
+        with _calls_of(decode_generic.__code__) as calls:
+            got = _decode(stream, rows)[1:]
+        expected = [stdf_fields(name, f) for f in wanted]
+        if rows:
+            assert [r[2] for r in got] == [tuple(e.values()) for e in expected]
+        else:
+            assert [r.fields for r in got] == expected
+        assert not calls, f"{name}: {len(calls)} of {len(cuts)} cut records decoded generically"
