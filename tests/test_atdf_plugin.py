@@ -152,6 +152,21 @@ def test_a_file_cut_anywhere_inside_a_line_is_a_format_error_never_a_cut_value()
     assert parser.position == err.value.offset  # the tail's checkpoint stays before it
 
 
+def test_an_mrr_ends_at_its_line_however_the_bytes_arrive() -> None:
+    """MRR is complete at the end of its line (a tail ends the lot there, without waiting
+    for a next line that never comes); a line after it that starts with a space is an
+    error, not its continuation -- fed at once or a byte at a time (found by the fuzz test:
+    fed at once the MRR took the line as its continuation and was never yielded)."""
+    data = b"FAR:A|4|2|U\nMRR:\n 10:11:00 23-SEP-2024\n"
+    for chunk in (None, 1):
+        with pytest.raises(FormatError, match="no 'XXX:' name") as err:
+            parse_atdf(data, chunk)
+        assert err.value.offset == data.index(b" 10:")
+    parser = get_format("atdf").new_parser()
+    parser.feed(data[:data.index(b" 10:")])
+    assert [r.name for r in parser.records()] == ["FAR", "MRR"]
+
+
 def test_a_record_is_held_until_it_cannot_be_continued() -> None:
     parser = get_format("atdf").new_parser()
     parser.feed(b"FAR:A|4|2|U\nPTR:100|1|1|1.5|P||VDD\n")

@@ -13,9 +13,10 @@ trailing fields are absent).  So ``edgegw.stdf.mapping`` maps ATDF exactly as it
 Sans-IO and incremental, like every format: ``feed`` bytes, iterate ``records()``.  A record
 is complete when the next line starts with a record name (it might still get continuation
 lines before that), or at ``close()`` once its line has ended; MRR, the last record of a
-file, is complete at the end of its line.  A last line without its newline is a record the
-tester was still writing: ``close()`` raises ``FormatError`` for it rather than yield a
-value cut short.
+file, is complete at the end of its line (a line after it starting with a space is not
+its continuation but an error, so a file parses the same however its bytes arrive).  A
+last line without its newline is a record the tester was still writing: ``close()``
+raises ``FormatError`` for it rather than yield a value cut short.
 
 Covered record types (the ones a live monitor needs): FAR, ATR, MIR, MRR, PCR, HBR, SBR,
 SDR, WIR, WRR, WCR, PIR, PRR, TSR, PTR, FTR (without its pin/index arrays), BPS, EPS, DTR;
@@ -311,13 +312,18 @@ class AtdfParser:
                     raise FormatError("the file ends inside a record (its last line has no "
                                       "newline)", offset)
                 return -1
+            if buf.startswith(b"MRR:", pos):
+                # MRR is complete at the end of its line, whatever follows: so it is the
+                # same record whether the next line has arrived yet or not (a tail yields
+                # it as soon as its line ends); a line continuing it is an error
+                return nl + 1
             if nl + 1 < len(buf):
                 if buf[nl + 1] != 0x20:  # the next line starts a new record
                     return nl + 1
                 i = nl + 1  # a continuation line
                 continue
             # the line ends the data: complete only if nothing can follow
-            if final or buf.startswith(b"MRR:", pos):
+            if final:
                 return nl + 1
             return -1
 
