@@ -12,6 +12,7 @@ stays (docs/configuration.md, docs/live-topics.md "Caps: what one gateway can fi
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -249,3 +250,14 @@ def test_a_checkpoint_of_an_older_hub_restores() -> None:
     assert "a-new" in restored.sensors and len(restored.sensors) == 5
     assert restored.snapshot("test/L/99") is not None
     assert restored.snapshot("lot/L/wafer/W")["die_count"] == 1  # type: ignore[index]
+
+
+def test_the_hub_takes_its_sensor_and_test_caps_from_its_config(tmp_path: Path) -> None:
+    """``live.max_sensors`` and ``live.max_tests_per_lot`` reach the hub's live state."""
+    from edgegw.config import build
+    from edgegw.hub import Hub, HubConfig
+
+    config = build(HubConfig, {"hub": {"port": 0, "data_dir": str(tmp_path)},
+                               "live": {"max_sensors": 7, "max_tests_per_lot": 11}})
+    hub = Hub(config)
+    assert (hub.state.max_sensors, hub.state.max_tests_per_lot) == (7, 11)

@@ -40,6 +40,8 @@ class Hub:
                                on_evict=self.alerts.archive_lot,
                                on_wafer_archive=self.alerts.archive_wafer, metrics=metrics,
                                max_dies_per_wafer=config.live.max_dies_per_wafer,
+                               max_sensors=config.live.max_sensors,
+                               max_tests_per_lot=config.live.max_tests_per_lot,
                                # the fan-out is the only reader of its updates here
                                wanted=self.fanout.wanted)
         self.fanout.attach(self.state, on_ack=lambda alert_id, user:

@@ -228,7 +228,9 @@ class ClusterHub:
     def _make_state(self, partition: int, publish: Callable[[str, dict[str, Any]], None],
                     engine: AlertEngine | None, archives: Archives) -> LiveState:
         # lots and wafers leaving memory go to PostgreSQL (the owner's save_archives)
-        caps = {"max_dies_per_wafer": self.config.live.max_dies_per_wafer, **self.state_caps}
+        live = self.config.live
+        caps = {"max_dies_per_wafer": live.max_dies_per_wafer, "max_sensors": live.max_sensors,
+                "max_tests_per_lot": live.max_tests_per_lot, **self.state_caps}
         return LiveState(publish, alerts=engine, metrics=self.metrics,
                          on_evict=archives.lot, on_wafer_archive=archives.wafer, **caps)
 

@@ -70,6 +70,10 @@ class LiveConfig:
     # new die beyond it is not applied (too_many_dies).  Twice the largest real wafers
     # (~100,000 dies), so invented X/Y cannot grow a map and its snapshot without bound
     max_dies_per_wafer: Annotated[int, Range(1, 100_000_000)] = 200_000
+    # sensor channels the live state keeps, hub-wide (a new one at the cap pushes out the
+    # oldest of the gateway holding the most), and tests a gateway brings to a lot
+    max_sensors: Annotated[int, Range(1, 10_000_000)] = 5_000
+    max_tests_per_lot: Annotated[int, Range(1, 10_000_000)] = 20_000
 
     def validate(self) -> list[tuple[str, str]]:
         errors: list[tuple[str, str]] = []
