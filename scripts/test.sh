@@ -63,4 +63,9 @@ echo "scripts/test.sh: installing edgegw, its plugins and test tools into .venv"
 # Long measurements (-m slow: 60 s outages timed against a 2 s goal) and soaks are
 # documented commands outside the suite (README, "Longer runs"): on a busy CI machine a
 # timing figure is a measurement, not a pass/fail.
-exec .venv/bin/python -m pytest -q -m "not slow" "$@"
+# Two workers (pytest-xdist; EDGEGW_TEST_WORKERS=0 runs in one process): the suite mostly
+# waits on servers, subprocesses and a browser, so two overlap well on two cores, and
+# worksteal hands the long fault and cluster tests to whichever worker is free.  Every
+# test is isolated per worker (free ports, its own tmp_path, brokers, Redis and databases).
+exec .venv/bin/python -m pytest -q -m "not slow" -n "${EDGEGW_TEST_WORKERS:-2}" \
+  --dist worksteal "$@"

@@ -426,6 +426,26 @@ async def wait_panels(browser: Browser, predicate: Any, seconds: float, what: st
                              f"console: {browser.console[-5:]}") from None
 
 
+#: ~30 s of a demo floor at 150 parts/s, as a person would first see it: the test makes
+#: these parts at 600/s and stops the tester there (the same wafers and bin counts on the
+#: page without waiting 30 s; the last wafer, part-tested, then holds still)
+FLOOR_PARTS = 150 * 30
+
+
+def floor_wafers() -> int:
+    """The wafers the first FLOOR_PARTS parts of the simulated tester touch (the seeded model
+    is deterministic)."""
+    from edgegw.records import PartResult
+    from edgegw.sim import SimulatedConfig, simulated_batches
+
+    config = SimulatedConfig(wafer_diameter_dies=16, max_parts=FLOOR_PARTS)
+    return len({r.wafer_id for batch, _ in simulated_batches(config, "t", clock=lambda: 0.0)
+                for r in batch if isinstance(r, PartResult)})
+
+
+FLOOR_WAFERS = floor_wafers()
+
+
 def every_panel_filled(p: dict[str, Any]) -> bool:
     return all(p[k] > 0 for k in ("wafer", "yield_trend", "threshold_line", "pareto", "sites",
                                   "histogram", "control", "tests", "alerts", "gateways")) \
@@ -435,9 +455,9 @@ def every_panel_filled(p: dict[str, Any]) -> bool:
 @needs_chromium
 async def test_every_panel_fills_with_demo_data_at_700_px_and_on_a_wall_screen(
         tmp_path: Path) -> None:
-    """A demo-like floor (the simulated tester, lot after lot, and the simulated sensors
-    through one gateway) for ~30 s; then each panel must hold its chart or rows, at 700 px
-    wide and at 1920x1080, and nothing may stick out sideways at 700 px."""
+    """A demo-like floor (the simulated tester's first ~30 s of parts, FLOOR_PARTS, and the
+    simulated sensors through one gateway); then each panel must hold its chart or rows, at
+    700 px wide and at 1920x1080, and nothing may stick out sideways at 700 px."""
     from hubtools import gateway_config
 
     from edgegw.gateway import Gateway
@@ -450,20 +470,20 @@ async def test_every_panel_fills_with_demo_data_at_700_px_and_on_a_wall_screen(
         port = await nursery.start(hub.run)
         cfg = gateway_config(tmp_path / "gw", port, token=TOKEN, batch={"max_records": 500},
                              sources=[{"name": "tester", "type": "simulated",
-                                       "parts_per_second": 150, "wafer_diameter_dies": 16,
-                                       "lots": 3},
+                                       "parts_per_second": 600, "wafer_diameter_dies": 16,
+                                       "max_parts": FLOOR_PARTS},
                                       {"name": "sensors", "type": "simulated-sensors",
                                        "tester": "ate-01", "rate": 20, "window_s": 0.5}])
-        started = time.monotonic()
         await nursery.start(Gateway(cfg).run)
         async with open_browser(tmp_path / "profile", "--window-size=700,900") as browser:
             await browser.call("Emulation.setDeviceMetricsOverride", width=700, height=900,
                                deviceScaleFactor=1, mobile=False)
             await browser.call("Page.navigate", url=f"http://127.0.0.1:{port}/")
             await wait_page(browser, lambda p: p["conn"] == "live", 15, "the page to connect")
-            state = await wait_panels(browser, every_panel_filled, 60, "every panel to fill")
-            # ~30 s of the floor, as a person would first see it
-            await trio.sleep(max(0.0, 30 - (time.monotonic() - started)))
+            # the whole floor on the page: its last wafer is in the yield trend
+            state = await wait_panels(
+                browser, lambda p: every_panel_filled(p) and p["yield_trend"] >= FLOOR_WAFERS,
+                90, "every panel to fill with the floor's wafers")
 
             # A row of the Tests table chooses the histogram's and control chart's test.
             test_num = await browser.eval(

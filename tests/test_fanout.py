@@ -328,7 +328,10 @@ async def test_frames_the_writer_thread_begins_reach_slow_readers_whole_and_in_o
         stats = fanout.stats()
         assert stats["write_batches"] > 0
         assert stats["write_batch_partial"] > 0  # the rule under test did come into play
-        assert len(fanout.core.clients) == 6  # the vanished one is gone, nobody else
+        # the vanished one is gone, nobody else (the hub notices it in its own time: on a
+        # busy machine that may be after the others have caught up)
+        await wait_for(lambda: len(fanout.core.clients) <= 6, 40)
+        assert len(fanout.core.clients) == 6
         for frames in received:
             events = [d["n"] for op, p in frames if op == 0x2
                       for i in cbor2.loads(p).get("items", ()) for d in i["data"]]

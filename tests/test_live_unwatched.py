@@ -179,7 +179,11 @@ async def test_a_late_subscriber_gets_the_state_a_subscriber_from_the_start_has(
         gateway = await start_tester(nursery, tmp_path, port, TOKEN, parts_per_second=2_000,
                                      wafer_diameter_dies=8, wafers=2, tests_per_part=3,
                                      max_parts=120)
-        await wait_for(lambda: gateway.sources[0][1].finished.is_set())
+        source = gateway.sources[0][1]
+        applied = app.metrics.counter("hub_state_records_total")
+        # the source's end is not the hub's: on a busy machine the hub may not have applied
+        # a record yet -- wait until the live state has every record the tester made
+        await wait_for(lambda: source.finished.is_set() and applied.total() >= source.produced)
         state = app.state
         wafers = [t for t in state.topics() if "/wafer/" in t]
         tested = [t for t in state.topics() if t.startswith(("lot/", "test/"))]
