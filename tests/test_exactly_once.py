@@ -723,8 +723,17 @@ def append_at(path: Path, data: bytes, mtime: float) -> None:
     os.utime(path, (mtime, mtime))
 
 
+@pytest.mark.parametrize("first", [
+    "a.std",
+    pytest.param("b.std", marks=pytest.mark.xfail(strict=True, reason=(
+        "known bug, not fixed yet: with b.std's put first in the split batch, a restart "
+        "after its first part sends the end of b.std again"))),
+])
 async def test_a_split_batch_holding_a_file_read_past_the_durable_checkpoint_sends_it_once(
-        tmp_path: Path) -> None:
+        tmp_path: Path, first: str) -> None:
+    """Both files' puts in one batch, split for its size; ``first``: whose put comes first
+    (each file's new bytes written only once the tail has read the other's, so the order is
+    the same on a loaded machine: it was left to the tail's poll, and flipped under load)."""
     from shared_data import METIS, stdf_bytes
 
     data = stdf_bytes(METIS)
@@ -764,8 +773,12 @@ async def test_a_split_batch_holding_a_file_read_past_the_durable_checkpoint_sen
             durable = store.checkpoints["tail"]["files"][str(files / "b.std")]["offset"]
             assert durable < b_cut
             first_run = store.next_seq - 1  # the frames of the first read
-            append_at(files / "a.std", data[a_cut:], 1_000_000)  # a.std's put comes first
-            append_at(files / "b.std", data[b_cut:], 1_000_100)
+            rest = {"a.std": (data[a_cut:], 1_000_000), "b.std": (data[b_cut:], 1_000_100)}
+            second = "b.std" if first == "a.std" else "a.std"
+            append_at(files / first, *rest[first])
+            await metric("tail_records_total", len(offsets) - 1 + offsets.index(
+                b_cut if first == "a.std" else a_cut))  # the first file's put made
+            append_at(files / second, *rest[second])
             await metric("gateway_records_in_total", 2 * len(one_file))
             await gateway.flush()  # both files' puts in one batch, split for its size
             nursery.cancel_scope.cancel()
