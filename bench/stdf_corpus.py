@@ -259,17 +259,7 @@ def gdr_heavy(order: str = "<", parts: int = 1500, seed: int = 20) -> bytes:
 
     def value(rnd: random.Random) -> tuple[int, Any]:
         code = rnd.choice((1, 2, 3, 4, 5, 6, 7, 8, 10, 10, 11, 12, 13))
-        return code, {
-            1: lambda: rnd.randrange(256), 2: lambda: rnd.randrange(65536),
-            3: lambda: rnd.randrange(1 << 32), 4: lambda: rnd.randrange(-128, 128),
-            5: lambda: rnd.randrange(-32768, 32768),
-            6: lambda: rnd.randrange(-(1 << 31), 1 << 31), 7: lambda: _f32(rnd, -1e3, 1e3),
-            8: lambda: rnd.uniform(-1e6, 1e6),
-            10: lambda: f"key{rnd.randrange(100)}=v{rnd.randrange(1000)}",
-            11: lambda: bytes(rnd.randrange(256) for _ in range(rnd.randrange(8))),
-            12: lambda: Bits(16, bytes((rnd.randrange(256), rnd.randrange(256)))),
-            13: lambda: rnd.randrange(16),
-        }[code]()
+        return code, _gdr_value(rnd, code)
 
     def body(rnd: random.Random, head: int, site: int, part: int) -> Iterator[Record]:
         for t in ptrs.tests:

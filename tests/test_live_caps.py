@@ -17,6 +17,7 @@ import json
 from typing import Any
 
 import cbor2
+from livetools import made
 
 from edgegw.hub.checkpoint import capture, decode, encode, restore
 from edgegw.hub.live import LiveState
@@ -43,26 +44,6 @@ def die_frames(lot: str, wafer: str, n: int, ts: float, x0: int = 0) -> list[lis
     for i in range(n):
         recs += [ptr(lot, 0, 1.0 + i % 7, ts), part(lot, wafer, x0 + i, 0, ts)]
     return [recs[k:k + 200] for k in range(0, len(recs), 200)]
-
-
-class Feed:
-    """Each gateway's frames with their record ids, in order."""
-
-    def __init__(self, state: LiveState) -> None:
-        self.state = state
-        self.rid: dict[str, int] = {}
-
-    def __call__(self, gateway: str, records: list[Any]) -> None:
-        first = self.rid.get(gateway, 1)
-        self.state.on_records(gateway, first, records, now=1.0)
-        self.rid[gateway] = first + len(records)
-
-
-def made(metrics: Metrics, **caps: Any) -> tuple[LiveState, Feed, list[tuple[str, Any]]]:
-    published: list[tuple[str, Any]] = []
-    state = LiveState(lambda topic, delta: published.append((topic, delta)),
-                      metrics=metrics, clock=lambda: 1.0, **caps)
-    return state, Feed(state), published
 
 
 def snapshot_bytes(state: LiveState, topic: str) -> int:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
+from livetools import Feed
+from livetools import made as made_in_frames
 
 from edgegw.hub.checkpoint import capture, restore
 from edgegw.hub.live import LiveState
@@ -44,26 +46,9 @@ def part(lot: str, wafer: str, x: int, y: int = 0, ts: float = 1.0, site: int = 
     return PartResult("tester", ts, lot, wafer, 1, site, f"P{x}/{y}", x, y, hard, hard, True)
 
 
-class Feed:
-    """Each gateway's frames with their record ids, in order."""
-
-    def __init__(self, state: LiveState) -> None:
-        self.state = state
-        self.rid: dict[str, int] = {}
-
-    def __call__(self, gateway: str, records: list[Any]) -> None:
-        for k in range(0, len(records), 500):
-            frame = records[k:k + 500]
-            first = self.rid.get(gateway, 1)
-            self.state.on_records(gateway, first, frame, now=1.0)
-            self.rid[gateway] = first + len(frame)
-
-
 def made(metrics: Metrics, **caps: Any) -> tuple[LiveState, Feed, list[tuple[str, Any]]]:
-    published: list[tuple[str, Any]] = []
-    state = LiveState(lambda topic, delta: published.append((topic, delta)),
-                      metrics=metrics, clock=lambda: 1.0, **caps)
-    return state, Feed(state), published
+    """(frames of 500 records, as a gateway sends them)"""
+    return made_in_frames(metrics, frame=500, **caps)
 
 
 def reading(channel: str, value: float = 1.0) -> SensorReading:
