@@ -214,6 +214,21 @@ def ftr_heavy(order: str = "<", parts: int = 400, seed: int = 17) -> bytes:
     return _lot(order, sites, parts, seed, "catalyst_job", "Catalyst", body, tests)
 
 
+def _mpr(rnd: random.Random, head: int, site: int, num: int, text: str, pins: int,
+         lo: float, hi: float) -> dict[str, Any]:
+    """An MPR of ``pins`` results drawn around its limits, up to UNITS."""
+    results = [_f32(rnd, lo - 0.1, hi + 0.1) for _ in range(pins)]
+    failed = any(not lo <= r <= hi for r in results)
+    return {
+        "TEST_NUM": num, "HEAD_NUM": head, "SITE_NUM": site,
+        "TEST_FLG": 0x80 if failed else 0, "PARM_FLG": 0xC0, "RTN_ICNT": pins,
+        "RSLT_CNT": pins, "RTN_STAT": [rnd.randrange(16) for _ in range(pins)],
+        "RTN_RSLT": results, "TEST_TXT": text, "ALARM_ID": "", "OPT_FLAG": 0x0E,
+        "RES_SCAL": 0, "LLM_SCAL": 0, "HLM_SCAL": 0, "LO_LIMIT": lo,
+        "HI_LIMIT": hi, "START_IN": 0.0, "INCR_IN": 0.0,
+        "RTN_INDX": list(range(1, pins + 1)), "UNITS": "V"}
+
+
 def mpr_heavy(order: str = "<", parts: int = 600, seed: int = 18) -> bytes:
     rnd0 = random.Random(seed + 1)
     mprs = [(7000 + i, f"MPR_{rnd0.choice(_BLOCKS)}_{i}", rnd0.choice((8, 16, 32, 64)),
@@ -222,18 +237,9 @@ def mpr_heavy(order: str = "<", parts: int = 600, seed: int = 18) -> bytes:
 
     def body(rnd: random.Random, head: int, site: int, part: int) -> Iterator[Record]:
         for num, text, pins, lo, hi in mprs:
-            results = [_f32(rnd, lo - 0.1, hi + 0.1) for _ in range(pins)]
-            failed = any(not lo <= r <= hi for r in results)
-            yield "MPR", {
-                "TEST_NUM": num, "HEAD_NUM": head, "SITE_NUM": site,
-                "TEST_FLG": 0x80 if failed else 0, "PARM_FLG": 0xC0, "RTN_ICNT": pins,
-                "RSLT_CNT": pins, "RTN_STAT": [rnd.randrange(16) for _ in range(pins)],
-                "RTN_RSLT": results, "TEST_TXT": text, "ALARM_ID": "", "OPT_FLAG": 0x0E,
-                "RES_SCAL": 0, "LLM_SCAL": 0, "HLM_SCAL": 0, "LO_LIMIT": lo,
-                "HI_LIMIT": hi, "START_IN": 0.0, "INCR_IN": 0.0,
-                "RTN_INDX": list(range(1, pins + 1)), "UNITS": "V", "UNITS_IN": "",
-                "C_RESFMT": "%7.3f", "C_LLMFMT": "%7.3f", "C_HLMFMT": "%7.3f",
-                "LO_SPEC": lo, "HI_SPEC": hi}
+            yield "MPR", {**_mpr(rnd, head, site, num, text, pins, lo, hi), "UNITS_IN": "",
+                          "C_RESFMT": "%7.3f", "C_LLMFMT": "%7.3f", "C_HLMFMT": "%7.3f",
+                          "LO_SPEC": lo, "HI_SPEC": hi}
         for t in ptrs.tests:
             yield ptrs.record(t, head, site, part)
 
@@ -342,16 +348,7 @@ def catalyst(order: str = "<", parts: int = 300, seed: int = 21) -> bytes:
                 "PROG_TXT": "", "RSLT_TXT": "fail" if fails else "", "PATG_NUM": 255,
                 "SPIN_MAP": Bits(0, b"")}
         for num, text, pins, lo, hi in mprs:
-            results = [_f32(rnd, lo - 0.1, hi + 0.1) for _ in range(pins)]
-            failed = any(not lo <= r <= hi for r in results)
-            yield "MPR", {
-                "TEST_NUM": num, "HEAD_NUM": head, "SITE_NUM": site,
-                "TEST_FLG": 0x80 if failed else 0, "PARM_FLG": 0xC0, "RTN_ICNT": pins,
-                "RSLT_CNT": pins, "RTN_STAT": [rnd.randrange(16) for _ in range(pins)],
-                "RTN_RSLT": results, "TEST_TXT": text, "ALARM_ID": "", "OPT_FLAG": 0x0E,
-                "RES_SCAL": 0, "LLM_SCAL": 0, "HLM_SCAL": 0, "LO_LIMIT": lo,
-                "HI_LIMIT": hi, "START_IN": 0.0, "INCR_IN": 0.0,
-                "RTN_INDX": list(range(1, pins + 1)), "UNITS": "V"}
+            yield "MPR", _mpr(rnd, head, site, num, text, pins, lo, hi)  # cut after UNITS
         for t in ptrs.tests:
             yield ptr(t, head, site, part)
         for _ in range(2):
