@@ -26,9 +26,36 @@ async def heartbeat(conn: Timed, send: Callable[[bytes], Awaitable[object]],
         await trio.sleep_until(conn.next_deadline())
         ping = conn.on_timer(trio.current_time())
         if ping is not None:
-            await send(ping)
+            await _send_judging_silence(conn, send, ping)
         if after_beat is not None:
             after_beat()
+
+
+async def _send_judging_silence(conn: Timed, send: Callable[[bytes], Awaitable[object]],
+                                ping: bytes) -> None:
+    """``send(ping)``, the peer's silence still judged while it waits.  A peer that reads
+    nothing (a paused process: SIGSTOP, a frozen VM) fills the socket buffers, and the send
+    waits as long as the pause lasts: a timeout checked only after it would never fire
+    (seen: a gateway stuck on a hub paused for 4 s, tests/test_pause.py)."""
+    silent: Exception | None = None
+    async with trio.open_nursery() as nursery:
+        async def judge() -> None:
+            nonlocal silent
+            while True:
+                await trio.sleep_until(conn.next_deadline())
+                try:
+                    # a PING it says is due is not sent: one is in flight already
+                    conn.on_timer(trio.current_time())
+                except Exception as exc:  # the peer is silent too long: out, unwrapped
+                    silent = exc
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(judge)
+        await send(ping)
+        nursery.cancel_scope.cancel()
+    if silent is not None:
+        raise silent
 
 
 __all__ = ["Timed", "heartbeat"]

@@ -64,3 +64,18 @@ async def test_a_silent_peer_ends_the_link_after_two_intervals(
     assert silent.value.code == CloseCode.HEARTBEAT_TIMEOUT
     assert trio.current_time() - started == pytest.approx(10.0, abs=0.01)
     assert len(sent) == 1  # one PING at 5 s, then silence for another 5 s
+
+
+async def test_a_peer_that_reads_nothing_ends_the_link_after_two_intervals_while_a_send_waits(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A paused peer (SIGSTOP, a frozen VM) reads nothing: once the socket buffers are full
+    a send waits as long as the pause lasts.  The silence still ends the link on time --
+    before, the loop judged it only after the PING's send returned (tests/test_pause.py)."""
+    gw, _hub = open_pair(trio.current_time(), interval=5.0)
+    # no receiver and no buffer: the PING's send waits forever, as into full socket buffers
+    to_hub, _never_read = trio.open_memory_channel[bytes](0)
+    started = trio.current_time()
+    with pytest.raises(ProtocolError) as silent, trio.fail_after(3600):
+        await heartbeat(gw, to_hub.send)
+    assert silent.value.code == CloseCode.HEARTBEAT_TIMEOUT
+    assert trio.current_time() - started == pytest.approx(10.0, abs=0.01)
