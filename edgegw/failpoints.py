@@ -8,8 +8,11 @@ environment variable ``EDGEGW_FAILPOINTS`` arms them for one process::
     EDGEGW_FAILPOINTS="gateway.frame_stored=3:kill;hub.after_commit=5:kill"
 
 ``name=N:action`` fires on the N-th hit (``name=action`` on the first).  Actions:
-``kill`` (SIGKILL to itself: no cleanup, no flush, as a crash or an OOM kill) and
-``exit`` (``os._exit(70)``).  Unarmed, ``hit`` is a dictionary lookup on an empty dict.
+``kill`` (SIGKILL to itself: no cleanup, no flush, as a crash or an OOM kill),
+``exit`` (``os._exit(70)``) and ``stop`` (SIGSTOP to itself: the whole process frozen at
+that point until someone sends SIGCONT, as in a VM freeze, a swap storm or a long GC
+pause; then it carries on from there).  Unarmed, ``hit`` is a dictionary lookup on an
+empty dict.
 
 Points in the code:
 
@@ -17,6 +20,8 @@ Points in the code:
 ``gateway.frame_stored``   a frame is durable in the frame store (``append`` returned)
 ``hub.mid_commit``         the hub's frame transaction is written, not yet committed
 ``hub.after_commit``       a commit is durable; its ACK has not been sent
+``cluster.checkpoint``     a partition owner has captured its state and is about to
+                           write the checkpoint under its lease token
 =========================  ===========================================================
 """
 
@@ -33,8 +38,9 @@ def _parse(spec: str) -> dict[str, list[object]]:
     for item in filter(None, (s.strip() for s in spec.split(";"))):
         name, _, action = item.partition("=")
         count, _, what = action.rpartition(":")
-        if what not in ("kill", "exit"):
-            raise ValueError(f"{ENV}: unknown action {what!r} in {item!r} (kill or exit)")
+        if what not in ("kill", "exit", "stop"):
+            raise ValueError(f"{ENV}: unknown action {what!r} in {item!r} "
+                             "(kill, exit or stop)")
         armed[name.strip()] = [int(count) if count else 1, what]
     return armed
 
@@ -51,6 +57,10 @@ def hit(name: str) -> None:
         return
     entry[0] = int(entry[0]) - 1  # type: ignore[call-overload]
     if entry[0] > 0:
+        return
+    if entry[1] == "stop":
+        del _armed[name]  # once: after SIGCONT the process goes on as if unarmed
+        os.kill(os.getpid(), signal.SIGSTOP)
         return
     if entry[1] == "kill" and hasattr(signal, "SIGKILL"):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -208,13 +208,14 @@ class NodeSet:
     def log(self, i: int) -> Path:
         return self.workdir / f"{self.names[i]}.log"
 
-    def start(self, i: int) -> None:
+    def start(self, i: int, env: dict[str, str] | None = None) -> None:
+        """Start node ``i`` (``env``: more environment, e.g. ``EDGEGW_FAILPOINTS``)."""
         assert self.procs[i] is None or self.procs[i].poll() is not None
         self.starts[i] += 1
         with open(self.log(i), "ab") as out:
             out.write(f"\n==== start {self.starts[i]} at {time.time():.3f}\n".encode())
         self.procs[i] = spawn("hub", "--config", str(self.configs[i]), *self.extra_args,
-                              log=self.log(i))
+                              log=self.log(i), env=env)
 
     def start_all(self, timeout: float = 60.0) -> NodeSet:
         for i in range(len(self.procs)):

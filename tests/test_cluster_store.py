@@ -11,7 +11,7 @@ import psycopg
 import pytest
 import trio
 
-from edgegw.hub.cluster.partition import partition_key, partition_of
+from edgegw.hub.cluster.partition import PartitionFenced, partition_key, partition_of
 from edgegw.hub.cluster.pgstore import ClusterStore, PartitionMismatch, ShardMismatch
 from edgegw.hub.history_store import WAFER_SUMMARY
 from edgegw.hub.store import FrameToApply, GatewaySuperseded, StoreUnavailable
@@ -218,6 +218,38 @@ async def test_checkpoints_are_fenced_by_the_lease_token(
     assert await b.load_checkpoint(3) == (20, b"state@20")
     assert await b.save_checkpoint(3, 25, token=6, blob=b"state@25")  # same owner again
     assert await a.max_tokens() == {3: 6}
+
+
+async def test_a_claimed_partition_refuses_an_older_owners_writes_of_rows_not_yet_rewritten(
+        stores: tuple[ClusterStore, ClusterStore]) -> None:
+    """A node paused past its lease (SIGSTOP, a frozen VM) wakes in the middle of a write.
+    The row-level tokens refuse it only where the new owner wrote the row already; the new
+    owner's claim, its first step, refuses every write of an older token at once
+    (docs/cluster.md, "A node paused"; tests/test_cluster_pause.py end to end)."""
+    a, b = stores
+    alert = {"id": "wafer_yield:L1:W1", "priority": "high", "rule": "wafer_yield",
+             "raised_at": 100.0, "acknowledged": False}
+    lot = {"lot": {"lot_id": "L1", "parts": 100, "updated": 5.0}, "wafers": {}}
+    assert await a.claim_partition(3, 5)
+    assert await a.save_checkpoint(3, 10, token=5, blob=b"state@10")
+    assert await a.save_partition_state(3, 5, {"lots_live": 1})
+    # the new owner claims the partition (token 6) and has written nothing yet
+    assert await b.claim_partition(3, 6)
+    assert not await a.claim_partition(3, 5)  # the old one cannot take it back
+    assert not await a.save_checkpoint(3, 15, token=5, blob=b"stale")
+    assert not await a.save_partition_state(3, 5, {"lots_live": 2})
+    with pytest.raises(PartitionFenced):
+        await a.save_alerts(3, 5, [alert])
+    with pytest.raises(PartitionFenced):
+        await a.save_archives(5, [("L1", lot, 90)], [], partition=3)
+    assert await b.load_checkpoint(3) == (10, b"state@10")
+    assert await b.partition_states() == {3: {"lots_live": 1}}
+    assert await b.load_alerts() == [] and await b.lot_archive("L1") is None
+    # the new owner writes; other partitions are not fenced by this claim
+    assert await b.save_checkpoint(3, 20, token=6, blob=b"state@20")
+    assert await b.claim_partition(3, 6)  # the same owner again
+    assert await a.save_checkpoint(4, 1, token=5, blob=b"other")
+    assert await a.max_tokens() == {3: 6, 4: 5}
 
 
 async def test_counters_lost_ranges_rejected_and_duplicates(

@@ -45,6 +45,7 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
+from edgegw import failpoints
 from edgegw.hub import checkpoint as ckpt
 from edgegw.hub import topics as topic_names
 from edgegw.hub.alerts import AlertEngine, AlertsConfig
@@ -53,7 +54,7 @@ from edgegw.hub.store import StoreUnavailable
 from edgegw.metrics import Metrics, report_internal_error
 
 from .gateways import RATE_WINDOW_S, GatewayTopics, event_only
-from .partition import partition_of
+from .partition import PartitionFenced, partition_of
 
 log = logging.getLogger("edgegw.hub.cluster.owner")
 
@@ -198,6 +199,7 @@ class PartitionLog(Protocol):
     async def read_partition(self, partition: int, after_pseq: int,
                              limit: int = ...) -> list[Any]: ...
     async def partition_head(self, partition: int) -> int: ...
+    async def claim_partition(self, partition: int, token: int) -> bool: ...
     async def save_checkpoint(self, partition: int, pseq: int, token: int,
                               blob: bytes) -> bool: ...
     async def load_checkpoint(self, partition: int) -> tuple[int, bytes] | None: ...
@@ -211,7 +213,8 @@ class PartitionLog(Protocol):
     async def save_partition_state(self, partition: int, token: int,
                                    data: dict[str, Any]) -> bool: ...
     async def save_archives(self, token: int, lots: list[tuple[str, dict[str, Any], int]],
-                            wafers: list[tuple[str, str, dict[str, Any], int]]) -> int: ...
+                            wafers: list[tuple[str, str, dict[str, Any], int]],
+                            partition: int | None = ...) -> int: ...
 
 
 def lease_name(partition: int) -> str:
@@ -498,6 +501,11 @@ class PartitionOwner:
                 await self._own(owned)
             except* LeaseLost as group:
                 self._lose(owned, str(group.exceptions[0]))
+            except* PartitionFenced:
+                # a newer owner claimed it in PostgreSQL (this node was paused past its
+                # lease, or Redis lost its counters): the fences are read again
+                self._seeded = None
+                self._lose(owned, "fenced")
             except* Exception:
                 # a failure boundary: this partition is given up (a later round takes it
                 # again, here or elsewhere); the node and its other partitions go on
@@ -648,7 +656,7 @@ class PartitionOwner:
             return
         lots, wafers = list(pending.lots), list(pending.wafers)
         kept = await self._until_answered(functools.partial(
-            self.store.save_archives, owned.token, lots, wafers))
+            self.store.save_archives, owned.token, lots, wafers, owned.partition))
         del pending.lots[:len(lots)], pending.wafers[:len(wafers)]
         self.m_archives.inc(len(lots) + len(wafers) - kept, outcome="written")
         if kept:
@@ -686,6 +694,14 @@ class PartitionOwner:
         p = owned.partition
         t0 = time.monotonic()
         publisher: Publisher | None = None
+        # Fence first: from this commit on PostgreSQL refuses every write of an older
+        # owner -- one paused past its lease (SIGSTOP, a frozen VM, a long GC pause) may
+        # wake in the middle of a write, before it can see that its lease lapsed -- and
+        # what such an owner wrote before it is read below.
+        if not await self._until_answered(functools.partial(
+                self.store.claim_partition, p, owned.token)):
+            self._seeded = None  # a newer token exists: Redis lost its counters?
+            raise LeaseLost("claim_fenced")
 
         def publish(topic: str, delta: dict[str, Any]) -> None:
             # silent while catching up: the previous owner published those deltas; once at
@@ -769,6 +785,7 @@ class PartitionOwner:
                                or now - last_ckpt >= self.checkpoint_interval_s):
                 data = ckpt.capture(state, cache)
                 blob = await trio.to_thread.run_sync(ckpt.encode, {"pseq": owned.pseq}, data)
+                failpoints.hit("cluster.checkpoint")
                 if not await self._until_answered(functools.partial(
                         self.store.save_checkpoint, p, owned.pseq, owned.token, blob)):
                     self._seeded = None  # a newer token exists: Redis lost its counters?

@@ -14,6 +14,11 @@ import hashlib
 from typing import Any
 
 
+class PartitionFenced(Exception):
+    """An owner's write of a partition refused: a newer owner has claimed the partition
+    (its lease token is newer; docs/cluster.md, "A node paused")."""
+
+
 def partition_key(gateway_id: str, record: Any) -> str:
     """The record's lot id when it has one (a ``str`` ``lot_id``), else ``"gw:<gateway>"``."""
     lot = getattr(record, "lot_id", None)
@@ -51,4 +56,4 @@ def split_runs(gateway_id: str, records: list[Any], n_partitions: int,
     return runs
 
 
-__all__ = ["partition_key", "partition_of", "split_runs"]
+__all__ = ["PartitionFenced", "partition_key", "partition_of", "split_runs"]
