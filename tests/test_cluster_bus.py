@@ -10,12 +10,14 @@ import json
 import logging
 from typing import Any
 
+import pytest
 import trio
 from cluster_redis import RedisServer, TcpProxy, fresh_prefix, redis_server  # noqa: F401
 from hubtools import http_get
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from edgegw.hub.cluster import ClusterBus, Mirror, MirrorState, TopicPublisher
+from edgegw.hub.cluster.partition import PartitionFenced
 from edgegw.hub.fanout import SUBPROTOCOL_JSON, LiveConfig, LiveFanout
 from edgegw.hub.live import LiveState
 from edgegw.metrics import Metrics
@@ -370,6 +372,35 @@ async def test_leases_one_holder_expiry_moves_them_tokens_increase_release_compa
         assert await a.live_nodes() == ["a", "b"]
         await b.leave()
         assert await a.live_nodes() == ["a"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_owner_whose_lease_lapsed_publishes_nothing_before_it_notices(
+        redis_server: RedisServer) -> None:  # noqa: F811
+    """A node paused past its lease (SIGSTOP, a frozen VM) wakes with deltas to flush and
+    may flush them before anything else of it runs.  Redis refuses them: the publication
+    checks the lease (docs/cluster.md, "A node paused")."""
+    prefix = fresh_prefix()
+    async with trio.open_nursery() as nursery:
+        a = ClusterBus(redis_server.url, prefix, "a")
+        b = ClusterBus(redis_server.url, prefix, "b")
+        await nursery.start(a.run)
+        await nursery.start(b.run)
+        token = await a.acquire("partition:0", 0.5)
+        assert token is not None
+        owner = Owner(a)
+        owner.publisher.fence("partition:0", token)
+        owner.feed(2)
+        assert await owner.publisher.flush() > 0  # held: published
+        lot = "lot/LOT0001"
+        head = owner.publisher.heads[lot]
+        # the lease lapses while the owner sleeps, and another node takes it
+        await trio.sleep(0.7)
+        assert await b.acquire("partition:0", 5.0) is not None
+        owner.feed(2)
+        with pytest.raises(PartitionFenced):
+            await owner.publisher.flush()
+        assert [e for e in await b.read_topic(lot) if e.last > head] == []
         nursery.cancel_scope.cancel()
 
 

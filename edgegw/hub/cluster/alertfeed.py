@@ -41,6 +41,8 @@ from edgegw.hub.alerts.webhooks import WebhookSender
 from edgegw.hub.store import StoreUnavailable
 from edgegw.metrics import Metrics, report_internal_error
 
+from .partition import PartitionFenced
+
 log = logging.getLogger("edgegw.hub.cluster.alerts")
 
 #: alerts kept per alert topic for its snapshot (as the single hub's engine)
@@ -192,7 +194,9 @@ class AlertFeed:
             if token is not None:
                 try:
                     await self._hold(token)
-                except Exception:  # a failure boundary: give the feed up, try again
+                except* PartitionFenced:  # Redis refused a publication: not our lease
+                    log.warning("alert feed: lease lost (a publication was refused)")
+                except* Exception:  # a failure boundary: give the feed up, try again
                     report_internal_error(self.metrics, "cluster_alert_feed", log,
                                           "the cluster's alert feed")
                 finally:
@@ -223,6 +227,7 @@ class AlertFeed:
             except StoreUnavailable:
                 pass  # read again at the next poll
             publisher = self.make_publisher(FeedTopics(view, warnings))
+            publisher.fence(LEASE, token)  # a holder paused past its lease publishes nothing
             webhooks = WebhookSender(self.config.webhooks, metrics=self.metrics)
             await nursery.start(webhooks.run)
             await nursery.start(publisher.run)

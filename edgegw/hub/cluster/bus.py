@@ -67,6 +67,7 @@ import trio
 
 from ...backoff import Backoff
 from ...metrics import Metrics
+from .partition import PartitionFenced
 
 if TYPE_CHECKING:  # coredis is an optional dependency (the ``cluster`` extra)
     import coredis
@@ -87,10 +88,12 @@ class BusUnavailable(Exception):
 # A batch of publications, one script call for many topics (per-command overhead, in the
 # client and in Redis, is most of the cost of a small entry): for each entry, append it
 # covering ``n`` offsets, move the head, maybe write the snapshot, trim, and wake every node
-# -- atomically, and only within the caller's epoch.
-# KEYS: epoch, heads, topics, then per entry: stream, snap.
-# ARGV: epoch, history, channel, gone_ttl_ms, count, then per entry: topic, n, kind,
-# payload, snapshot ('' for none).
+# -- atomically, only within the caller's epoch, and (a partition owner's publisher) only
+# while the caller holds its lease: an owner that wakes from a pause (SIGSTOP, a frozen VM)
+# after its lease lapsed cannot publish before it has noticed ('LEASE lost').
+# KEYS: epoch, heads, topics, lease, then per entry: stream, snap.
+# ARGV: epoch, history, channel, gone_ttl_ms, lease value ('' for no lease check), count,
+# then per entry: topic, n, kind, payload, snapshot ('' for none).
 #   kind 'd': payload = cbor [deltas, ts_min, ts_max];  's': payload = the snapshot (cbor),
 #   a reset: the topic's state *is* this from here on;  'x': the topic went away.
 #   n = 0: no entry, only a snapshot write at the current head.
@@ -102,14 +105,17 @@ class BusUnavailable(Exception):
 # stream nodes only, so it is cheap).
 _PUBLISH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('EPOCH changed') end
+if ARGV[5] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[5] then
+  return redis.error_reply('LEASE lost')
+end
 local history = tonumber(ARGV[2])
-local count = tonumber(ARGV[5])
+local count = tonumber(ARGV[6])
 local heads = {}
 for i = 1, count do
-  local a = 5 + (i - 1) * 5
+  local a = 6 + (i - 1) * 5
   local topic, n, kind = ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3]
   local payload, snapshot = ARGV[a + 4], ARGV[a + 5]
-  local stream, snap = KEYS[2 + i * 2], KEYS[3 + i * 2]
+  local stream, snap = KEYS[3 + i * 2], KEYS[4 + i * 2]
   local head
   if n > 0 then
     head = redis.call('HINCRBY', KEYS[2], topic, n)
@@ -485,6 +491,9 @@ class ClusterBus:
             if isinstance(exc, cx.ResponseError) and "EPOCH" in str(exc):
                 self._ok(self.shards[shard])
                 raise EpochChanged(str(exc)) from None
+            if isinstance(exc, cx.ResponseError) and "LEASE lost" in str(exc):
+                self._ok(self.shards[shard])
+                raise PartitionFenced(f"{what}: {exc}") from None
             if isinstance(exc, (cx.ConnectionError, TimeoutError, OSError)):
                 self._m_errors.inc(op=what)
                 raise BusUnavailable(f"{what}: {exc}") from exc
@@ -875,16 +884,19 @@ class ClusterBus:
 
     async def publish_entries(
         self, epoch: str, entries: Sequence[tuple[str, int, str, bytes, bytes | None]],
-        shard: int = CLUSTER_SHARD,
+        shard: int = CLUSTER_SHARD, lease: tuple[str, int] | None = None,
     ) -> list[int]:
         """Publish ``(topic, n, kind, payload, snapshot)`` entries, all of topics on
         ``shard``, in one pipeline; returns each one's head offset.  Raises
         ``EpochChanged`` when the shard's epoch is not ``epoch`` (nothing of the batch
-        after the failing entry is applied) and ``BusUnavailable``."""
+        after the failing entry is applied), ``PartitionFenced`` when ``lease`` (``(name,
+        token)``, on ``shard``) is not this node's any more, and ``BusUnavailable``."""
         script = self.shards[shard].scripts["publish"]
         client = self._client_of(shard)
-        common_keys = [self.key("epoch"), self.key("heads"), self.key("topics")]
-        common_args = [epoch, self.history, self.live_channel, self.gone_ttl_ms]
+        common_keys = [self.key("epoch"), self.key("heads"), self.key("topics"),
+                       self.key("lease", lease[0] if lease else "-")]
+        common_args = [epoch, self.history, self.live_channel, self.gone_ttl_ms,
+                       f"{self.node_id}:{lease[1]}" if lease else ""]
 
         def call(batch: Sequence[tuple[str, int, str, bytes, bytes | None]],
                  on: Any) -> Any:

@@ -190,6 +190,7 @@ class Publisher(Protocol):
 
     def publish(self, topic: str, delta: dict[str, Any], ts: float | None = None) -> None: ...
     def resync_all(self) -> None: ...
+    def fence(self, lease: str, token: int) -> None: ...
     async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
 
 
@@ -746,6 +747,7 @@ class PartitionOwner:
         owned.state = state
         owned.engine, owned.alert_events = engine, events
         publisher = self.make_publisher(OwnedTopics(state, p, self.n_partitions, gateways))
+        publisher.fence(lease_name(p), owned.token)
         head = await self._until_answered(lambda: self.store.partition_head(p))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch, owned)

@@ -19,6 +19,10 @@ Exactness rules:
 * A publication whose outcome is unknown (Redis did not answer: it may have applied it) is
   not retried as deltas -- applied twice, an ``append`` or an ``event`` would be doubled --
   but as a reset of the topic.
+* A partition owner's publisher is fenced by the partition's lease (``fence``): Redis
+  refuses its publications once the lease is not this node's (``PartitionFenced``, out of
+  ``run``), so an owner that wakes from a pause after its lease lapsed publishes nothing
+  before it notices (topics on another shard than the lease -- ``sensor/...`` -- aside).
 * Every ``snapshot_interval_s`` the snapshots of topics changed since the last one are
   written with their offset (what a node that starts mirroring a topic loads), and a topic
   whose snapshot is gone (an evicted lot) is closed with an entry of kind ``x``.
@@ -81,11 +85,17 @@ class TopicPublisher:
         self._epochs: tuple[str | None, ...] | None = None  # the bus's, by shard
         self._last_snapshot = 0.0
         self._wake = trio.Event()  # set by a publication while ``run`` sleeps idle
+        self._lease: tuple[str, int] | None = None  # (name, token): see ``fence``
         self.published = 0  # entries
         self.heads: dict[str, int] = {}
 
     def attach(self, source: StateSource) -> None:
         self.source = source
+
+    def fence(self, lease: str, token: int) -> None:
+        """Publish only while this node holds ``lease`` with ``token``: checked by Redis in
+        each publication on the lease's shard."""
+        self._lease = (lease, token)
 
     def publish(self, topic: str, delta: dict[str, Any], ts: float | None = None) -> None:
         """The live state's publish callback."""
@@ -229,8 +239,11 @@ class TopicPublisher:
     async def _publish(self, shard: int, epoch: str | None,
                        entries: list[tuple[str, int, str, bytes, bytes | None]]) -> bool:
         assert epoch is not None
+        lease = self._lease
+        if lease is not None and self.bus.shard_of_lease(lease[0]) != shard:
+            lease = None  # (the lease key lives on its own shard only)
         try:
-            heads = await self.bus.publish_entries(epoch, entries, shard)
+            heads = await self.bus.publish_entries(epoch, entries, shard, lease)
         except EpochChanged:
             await self.bus.check(shard)  # the next flush starts the new epoch
             return False
