@@ -34,7 +34,9 @@ from processes import wait_for
 # 6,000 parts at 1,000/s: ~54k records over 6 s of tester, so a 4 s pause that starts
 # after the first 10k records lands while the tester is still producing.
 SOURCE = {"parts_per_second": 1000, "max_parts": 6000, "seed": 11, "wafers": 200}
-PAUSE_S = 4.0  # twice the 2 s heartbeat timeout of both ends
+# at least twice the 2 s heartbeat timeout of both ends; EDGEGW_PAUSE_S=60 for the longer
+# run (docs/reliability.md, "Paused processes")
+PAUSE_S = float(os.environ.get("EDGEGW_PAUSE_S", "4"))
 
 
 @contextlib.contextmanager
