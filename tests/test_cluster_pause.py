@@ -121,7 +121,8 @@ def test_a_node_paused_past_its_leases_is_fenced_off_and_rejoins(
                 wait_for(lambda: gw.stats()["connected"], timeout=60)
                 lb.command("enable server nodes/n1")
 
-                # node 0 freezes at its first checkpoint, owning partitions, mid-run
+                # node 0 freezes at its first checkpoint, owning partitions, mid-run (it is
+                # the home of partitions 0-2 and keeps two of them: one holds L100 or L101)
                 wait_for(lambda: process_state(pid) == "T", timeout=60)
                 assert gw.stats()["next_rid"] - 1 < n_records, "paused after the tester ended"
                 # its leases lapse; node 1 takes every partition over and the gateway
