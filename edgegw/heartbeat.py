@@ -38,22 +38,29 @@ async def _send_judging_silence(conn: Timed, send: Callable[[bytes], Awaitable[o
     waits as long as the pause lasts: a timeout checked only after it would never fire
     (seen: a gateway stuck on a hub paused for 4 s, tests/test_pause.py)."""
     silent: Exception | None = None
-    async with trio.open_nursery() as nursery:
-        async def judge() -> None:
-            nonlocal silent
-            while True:
-                await trio.sleep_until(conn.next_deadline())
-                try:
-                    # a PING it says is due is not sent: one is in flight already
-                    conn.on_timer(trio.current_time())
-                except Exception as exc:  # the peer is silent too long: out, unwrapped
-                    silent = exc
-                    nursery.cancel_scope.cancel()
-                    return
+    try:
+        async with trio.open_nursery() as nursery:
+            async def judge() -> None:
+                nonlocal silent
+                while True:
+                    await trio.sleep_until(conn.next_deadline())
+                    try:
+                        # a PING it says is due is not sent: one is in flight already
+                        conn.on_timer(trio.current_time())
+                    except Exception as exc:  # the peer is silent too long
+                        silent = exc
+                        nursery.cancel_scope.cancel()
+                        return
 
-        nursery.start_soon(judge)
-        await send(ping)
-        nursery.cancel_scope.cancel()
+            nursery.start_soon(judge)
+            await send(ping)
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # what the send raised (a closed connection, a cancellation), as it raised it
+        # before this nursery: callers look for those types
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
     if silent is not None:
         raise silent
 

@@ -79,3 +79,14 @@ async def test_a_peer_that_reads_nothing_ends_the_link_after_two_intervals_while
         await heartbeat(gw, to_hub.send)
     assert silent.value.code == CloseCode.HEARTBEAT_TIMEOUT
     assert trio.current_time() - started == pytest.approx(10.0, abs=0.01)
+
+
+async def test_a_send_that_fails_raises_its_own_exception(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The link's own failure comes out as it was raised (the connection handlers look for
+    its type), not wrapped in a group by the silence check running beside the send."""
+    gw, _hub = open_pair(trio.current_time(), interval=5.0)
+    to_hub, inbox = trio.open_memory_channel[bytes](0)
+    await inbox.aclose()  # the peer went away
+    with pytest.raises(trio.BrokenResourceError):
+        await heartbeat(gw, to_hub.send)
