@@ -2,9 +2,11 @@
 streams to it, then resumed (docs/cluster.md, "A node paused").
 
 Two node processes on a real PostgreSQL and a real Redis behind a real HAProxy, one gateway
-process.  Node 0 freezes itself at its ``cluster.checkpoint`` failpoint (the ``stop``
-action: SIGSTOP to itself) -- the worst moment for a pause: it has decided, as owner, to
-write a checkpoint under its lease token and is about to send it.  While it sleeps its
+process.  Node 0 is paused while it owns partitions and the gateway streams to it: either it
+freezes itself at its ``cluster.checkpoint`` failpoint (the ``stop`` action: SIGSTOP to
+itself) -- the worst moment for a pause: it has decided, as owner, to write a checkpoint
+under its lease token and is about to send it -- or the test SIGSTOPs it at whatever it is
+doing once records flow (pending deltas, a read, a commit).  While it sleeps its
 leases lapse, node 1 takes every partition over and the gateway moves to node 1 through
 HAProxy.  Then node 0 gets SIGCONT and goes on exactly where it stopped, and:
 
@@ -99,13 +101,16 @@ def owner_rows_since(dsn: str, since: float) -> list[tuple[str, int, int]]:
     return [(t, int(p), int(k)) for t, p, k in rows]
 
 
+@pytest.mark.parametrize("when", ["at_its_checkpoint", "mid_stream"])
 def test_a_node_paused_past_its_leases_is_fenced_off_and_rejoins(
-        tmp_path: Path, pg_dsn: str, redis_server: RedisServer) -> None:  # noqa: F811
+        tmp_path: Path, pg_dsn: str, redis_server: RedisServer,  # noqa: F811
+        when: str) -> None:
     prefix = fresh_prefix()
     n_records = count_tester_records(SOURCES[GATEWAY])
     with NodeSet(tmp_path / "nodes", 2,
                  lambda i: config(tmp_path, pg_dsn, redis_server.url, prefix, i)) as nodes:
-        nodes.start(0, env={"EDGEGW_FAILPOINTS": "cluster.checkpoint=stop"})
+        nodes.start(0, env={"EDGEGW_FAILPOINTS": "cluster.checkpoint=stop"}
+                    if when == "at_its_checkpoint" else None)
         nodes.start(1)
         pid = nodes.procs[0].pid  # type: ignore[union-attr]
         gw: GatewayProc | None = None
@@ -123,6 +128,11 @@ def test_a_node_paused_past_its_leases_is_fenced_off_and_rejoins(
 
                 # node 0 freezes at its first checkpoint, owning partitions, mid-run (it is
                 # the home of partitions 0-2 and keeps two of them: one holds L100 or L101)
+                # -- or is frozen by us once records flow
+                if when == "mid_stream":
+                    wait_for(lambda: owned(nodes.ports[0]) and gw.stats()["next_rid"] > 2000,
+                             timeout=60, interval=0.05)
+                    os.kill(pid, signal.SIGSTOP)
                 wait_for(lambda: process_state(pid) == "T", timeout=60)
                 assert gw.stats()["next_rid"] - 1 < n_records, "paused after the tester ended"
                 # its leases lapse; node 1 takes every partition over and the gateway
