@@ -116,10 +116,10 @@ def test_a_gateway_paused_mid_stream_is_dropped_by_the_hub_and_recovers(
         wait_for(lambda: hub.stats().get("records_applied", 0) >= 10_000,
                  timeout=60, interval=0.05)
         before = heartbeat_timeouts(hub)
+        assert records_in_from_tester(gw) < len(expected), "paused after the tester ended"
         with paused(gw.proc):
             # the hub drops the silent connection while the gateway sleeps
             wait_for(lambda: heartbeat_timeouts(hub) >= before + 1, timeout=30, interval=0.1)
-        assert records_in_from_tester(gw) < len(expected), "paused after the tester ended"
         wait_all_applied(hub, gw, len(expected))
         assert gw.stats()["metrics"]["uplink_connects_total"] >= 2
         assert hub.stats()["frames_lost"] == 0
