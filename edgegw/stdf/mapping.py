@@ -7,9 +7,18 @@ per file: the state it keeps is the file's (lot and wafer ids, per-test defaults
 Results wait for their part.  A PTR/FTR/MPR belongs to the open PIR of its HEAD/SITE, but the
 part's id only arrives with its PRR, so the results of an open part are held and emitted, with
 the PRR's PART_ID, just before the PartResult.  On a multi-site tester the sites interleave
-and each site's part completes on its own.  A result with no open part is emitted at once
-with an empty part id.  The emitted sequence is a pure function of the records fed, which is
-what lets the tail resume a file by re-mapping its start without emitting it.
+and each site's part completes on its own.  A result with no open part (a tester that writes
+no PIRs) waits as if a PIR had opened one: the next PRR of its head/site gives it its part
+id; a PIR instead (results before a site's first PIR) sends it on with an empty part id, and
+so does growing past ``MAX_WAITING`` results.  The emitted sequence is a pure function of
+the records fed, which is what lets the tail resume a file by re-mapping its start without
+emitting it.
+
+The lot id comes from the MIR, which the spec puts right after the FAR and ATRs; a file
+whose MIR comes later (after parts, or never) would put what comes before it in a lot
+without a name.  So what is mapped before the MIR waits for it and then goes out, after its
+LotStart, with its lot id; past ``MAX_WAITING`` records (or at the file's end) without a
+MIR it goes out as it is, with an empty lot id.
 
 A record that lacks a field it must have (a PTR cut before TEST_NUM) or has a field of the
 wrong kind raises ``FormatError`` with the record's offset, as the parsers do.
@@ -46,6 +55,8 @@ from .state import TestState, part_passed, part_supersedes, result_passed
 MISSING_COORD = -32768
 MISSING_BIN = MISSING_SOFT_BIN = 65535
 MISSING_U4 = 4294967295
+#: records that wait for the MIR, and results that wait for a PRR without a PIR, at most
+MAX_WAITING = 10_000
 
 #: MIR fields carried as LotStart columns; every other present, non-empty one goes to extra
 _MIR_COLUMNS = {"LOT_ID", "PART_TYP", "NODE_NAM", "TSTR_TYP", "JOB_NAM", "START_T"}
@@ -82,6 +93,9 @@ class RecordMapper:
     """Maps the records of one file, in order.  ``forward_raw`` also emits every record
     as a RawRecord (in file order, as it arrives) so nothing in the file is lost."""
 
+    #: records waiting for a late MIR, results of a part no PIR opened, at most
+    MAX_WAITING = MAX_WAITING
+
     def __init__(self, source: str, *, format: str = "stdf", forward_raw: bool = False) -> None:
         self.source = source
         self.format = format
@@ -93,6 +107,10 @@ class RecordMapper:
         self.open_parts: dict[tuple[int, int], list[Any]] = {}
         self.test_txt: dict[int, str] = {}
         self.parts_seen = 0
+        #: (head, site) whose open part no PIR opened: its results came first
+        self.without_pir: set[tuple[int, int]] = set()
+        #: records mapped before the MIR (None: it came, or they stopped waiting for it)
+        self.before_mir: list[Record] | None = []
 
     def map_all(self, records: Iterable[Any], now: float) -> list[Record]:
         out: list[Record] = []
@@ -112,10 +130,11 @@ class RecordMapper:
                     self._ftr_row if name == "FTR" and len(values) >= 4 else None)
             if fast is not None:
                 try:
-                    return fast(values, now)
+                    out = fast(values, now)
                 except (KeyError, TypeError, ValueError, AttributeError, IndexError,
                         OverflowError) as exc:
                     raise FormatError(_unmappable(name, exc), offset) from None
+                return self._wait_for_mir(out) if out and self.before_mir is not None else out
         return self.map(StdfRecord(name, offset, row_fields(row)), now)
 
     def map(self, rec: Any, now: float) -> list[Record]:
@@ -133,24 +152,54 @@ class RecordMapper:
                 # A record cut before a field it must have (REC_LEN too short), or a
                 # plugin's field of the wrong type: corrupt input, like any other.
                 raise FormatError(_unmappable(name, exc), rec.offset) from None
+        if self.before_mir is not None and out:
+            return self._wait_for_mir(out)
         return out
+
+    def _wait_for_mir(self, out: list[Record]) -> list[Record]:
+        """``out`` waits with what came before it for the MIR (``_mir``); past
+        ``MAX_WAITING`` records, all of it goes on without a lot id."""
+        waiting = self.before_mir
+        assert waiting is not None
+        waiting.extend(out)
+        if len(waiting) <= MAX_WAITING:
+            return []
+        self.before_mir = None
+        return waiting
 
     def close(self, now: float) -> list[Record]:
         """The file is complete: results of parts that never got their PRR are emitted
-        with an empty part id rather than lost."""
+        with an empty part id rather than lost (and records still waiting for a MIR,
+        without a lot id)."""
         out: list[Record] = []
+        if self.before_mir is not None:
+            out, self.before_mir = self.before_mir, None
         for key in list(self.open_parts):
             out.extend(r._replace(ts=now) for r in self.open_parts.pop(key))
+        self.without_pir.clear()
         return out
 
     # -- lot and wafer ---------------------------------------------------------------------
 
     def _mir(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
-        self.lot_id = f.get("LOT_ID", "") or ""
-        out.append(LotStart(self.source, now, self.lot_id, f.get("PART_TYP", "") or "",
-                            f.get("NODE_NAM", "") or "", f.get("TSTR_TYP", "") or "",
-                            f.get("JOB_NAM", "") or "", f.get("START_T", 0) or 0,
-                            _extra(f, _MIR_COLUMNS)))
+        lot = self.lot_id = f.get("LOT_ID", "") or ""
+        start = LotStart(self.source, now, lot, f.get("PART_TYP", "") or "",
+                         f.get("NODE_NAM", "") or "", f.get("TSTR_TYP", "") or "",
+                         f.get("JOB_NAM", "") or "", f.get("START_T", 0) or 0,
+                         _extra(f, _MIR_COLUMNS))
+        waiting = self.before_mir
+        if waiting is None:
+            out.append(start)
+            return
+        # a late MIR: what came before it is this lot's (the LotStart first, then it in
+        # file order; with forward_raw the MIR's own RawRecord follows them)
+        self.before_mir = None
+        if waiting or self.open_parts:
+            for results in self.open_parts.values():
+                results[:] = [r._replace(lot_id=lot) for r in results]
+            waiting = [r._replace(lot_id=lot) if "lot_id" in r._fields else r
+                       for r in waiting]
+        out[:0] = [start, *waiting]
 
     def _mrr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
         out.extend(self.close(now))
@@ -174,9 +223,10 @@ class RecordMapper:
     def _pir(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
         key = (f.get("HEAD_NUM", 1), f.get("SITE_NUM", 1))
         stale = self.open_parts.get(key)
-        if stale:  # a PIR without a PRR before it: keep its results rather than lose them
-            out.extend(stale)
+        if stale:  # a PIR without a PRR before it, or results before a site's first PIR:
+            out.extend(stale)  # sent on without a part id rather than lost
         self.open_parts[key] = []
+        self.without_pir.discard(key)
 
     def _prr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
         head = f.get("HEAD_NUM", 1)
@@ -184,6 +234,7 @@ class RecordMapper:
         self.parts_seen += 1
         part_id = f.get("PART_ID") or str(self.parts_seen)
         results = self.open_parts.pop((head, site), None)
+        self.without_pir.discard((head, site))
         if results:
             out.extend(r._replace(part_id=part_id) for r in results)
         flg = f.get("PART_FLG", 0)
@@ -199,10 +250,28 @@ class RecordMapper:
 
     def _result(self, head: int, site: int, record: Any, out: list[Record]) -> None:
         pending = self.open_parts.get((head, site))
-        if pending is None:
-            out.append(record)
+        if pending is None or len(pending) >= MAX_WAITING:
+            out.extend(self._without_pir(head, site, record, pending))
         else:
             pending.append(record)
+
+    def _without_pir(self, head: int, site: int, record: Record,
+                     pending: list[Record] | None) -> list[Record]:
+        """A result of a head/site with no PIR open (``pending`` None), or one past
+        ``MAX_WAITING`` results of its part: it waits for the next PRR there as if a PIR
+        had opened the part; the results of such a part past ``MAX_WAITING`` go on at
+        once without a part id (head/site numbers the PRRs never use must not grow it
+        without bound).  A part its PIR opened keeps every result for its PRR."""
+        key = (head, site)
+        if pending is None:
+            self.open_parts[key] = [record]
+            self.without_pir.add(key)
+            return []
+        if key in self.without_pir:
+            self.open_parts[key] = []
+            return [*pending, record]
+        pending.append(record)
+        return []
 
     def _text_of(self, test_num: int, f: dict[str, Any]) -> str:
         text = f.get("TEST_TXT")
@@ -238,8 +307,8 @@ class RecordMapper:
             self.source, now, self.lot_id, head, site, "", num, text,
             None if flg & 0x02 else v[5], lo, hi, units or "", result_passed(flg), flg, v[4])
         pending = self.open_parts.get((head, site))
-        if pending is None:
-            return [record]
+        if pending is None or len(pending) >= MAX_WAITING:
+            return self._without_pir(head, site, record, pending)
         pending.append(record)
         return []
 
@@ -258,8 +327,8 @@ class RecordMapper:
         record = FunctionalResult(self.source, now, self.lot_id, head, site, "", num, text,
                                   result_passed(flg), flg, fails)
         pending = self.open_parts.get((head, site))
-        if pending is None:
-            return [record]
+        if pending is None or len(pending) >= MAX_WAITING:
+            return self._without_pir(head, site, record, pending)
         pending.append(record)
         return []
 
