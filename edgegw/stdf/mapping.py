@@ -107,8 +107,9 @@ class RecordMapper:
         self.open_parts: dict[tuple[int, int], list[Any]] = {}
         self.test_txt: dict[int, str] = {}
         self.parts_seen = 0
-        #: (head, site) whose open part no PIR opened: its results came first
-        self.without_pir: set[tuple[int, int]] = set()
+        #: (head, site) -> results with no PIR open there, waiting for its next PRR
+        #: (kept apart from open_parts: a result of an open part costs no check of it)
+        self.unclaimed: dict[tuple[int, int], list[Any]] = {}
         #: records mapped before the MIR (None: it came, or they stopped waiting for it)
         self.before_mir: list[Record] | None = []
 
@@ -130,11 +131,12 @@ class RecordMapper:
                     self._ftr_row if name == "FTR" and len(values) >= 4 else None)
             if fast is not None:
                 try:
-                    out = fast(values, now)
+                    # (they send a result at once only through _unclaimed, which makes
+                    # it wait for a late MIR: no check of it here, per result)
+                    return fast(values, now)
                 except (KeyError, TypeError, ValueError, AttributeError, IndexError,
                         OverflowError) as exc:
                     raise FormatError(_unmappable(name, exc), offset) from None
-                return self._wait_for_mir(out) if out and self.before_mir is not None else out
         return self.map(StdfRecord(name, offset, row_fields(row)), now)
 
     def map(self, rec: Any, now: float) -> list[Record]:
@@ -176,7 +178,8 @@ class RecordMapper:
             out, self.before_mir = self.before_mir, None
         for key in list(self.open_parts):
             out.extend(r._replace(ts=now) for r in self.open_parts.pop(key))
-        self.without_pir.clear()
+        for key in list(self.unclaimed):
+            out.extend(r._replace(ts=now) for r in self.unclaimed.pop(key))
         return out
 
     # -- lot and wafer ---------------------------------------------------------------------
@@ -194,8 +197,8 @@ class RecordMapper:
         # a late MIR: what came before it is this lot's (the LotStart first, then it in
         # file order; with forward_raw the MIR's own RawRecord follows them)
         self.before_mir = None
-        if waiting or self.open_parts:
-            for results in self.open_parts.values():
+        if waiting or self.open_parts or self.unclaimed:
+            for results in (*self.open_parts.values(), *self.unclaimed.values()):
                 results[:] = [r._replace(lot_id=lot) for r in results]
             waiting = [r._replace(lot_id=lot) if "lot_id" in r._fields else r
                        for r in waiting]
@@ -222,11 +225,10 @@ class RecordMapper:
 
     def _pir(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
         key = (f.get("HEAD_NUM", 1), f.get("SITE_NUM", 1))
-        stale = self.open_parts.get(key)
+        stale = self.open_parts.get(key) or self.unclaimed.pop(key, None)
         if stale:  # a PIR without a PRR before it, or results before a site's first PIR:
             out.extend(stale)  # sent on without a part id rather than lost
         self.open_parts[key] = []
-        self.without_pir.discard(key)
 
     def _prr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
         head = f.get("HEAD_NUM", 1)
@@ -234,7 +236,8 @@ class RecordMapper:
         self.parts_seen += 1
         part_id = f.get("PART_ID") or str(self.parts_seen)
         results = self.open_parts.pop((head, site), None)
-        self.without_pir.discard((head, site))
+        if results is None:
+            results = self.unclaimed.pop((head, site), None)
         if results:
             out.extend(r._replace(part_id=part_id) for r in results)
         flg = f.get("PART_FLG", 0)
@@ -250,28 +253,27 @@ class RecordMapper:
 
     def _result(self, head: int, site: int, record: Any, out: list[Record]) -> None:
         pending = self.open_parts.get((head, site))
-        if pending is None or len(pending) >= MAX_WAITING:
-            out.extend(self._without_pir(head, site, record, pending))
+        if pending is None:
+            out.extend(self._unclaimed(head, site, record))
         else:
             pending.append(record)
 
-    def _without_pir(self, head: int, site: int, record: Record,
-                     pending: list[Record] | None) -> list[Record]:
-        """A result of a head/site with no PIR open (``pending`` None), or one past
-        ``MAX_WAITING`` results of its part: it waits for the next PRR there as if a PIR
-        had opened the part; the results of such a part past ``MAX_WAITING`` go on at
-        once without a part id (head/site numbers the PRRs never use must not grow it
-        without bound).  A part its PIR opened keeps every result for its PRR."""
+    def _unclaimed(self, head: int, site: int, record: Record) -> list[Record]:
+        """A result of a head/site with no PIR open: it waits for the next PRR there as
+        if a PIR had opened the part.  Past ``MAX_WAITING`` such results they go on at
+        once without a part id (head/site numbers the PRRs never use must not grow them
+        without bound) -- or to wait for a late MIR.  A part its PIR opened keeps every
+        result for its PRR."""
         key = (head, site)
-        if pending is None:
-            self.open_parts[key] = [record]
-            self.without_pir.add(key)
+        waiting = self.unclaimed.get(key)
+        if waiting is None:
+            self.unclaimed[key] = [record]
             return []
-        if key in self.without_pir:
-            self.open_parts[key] = []
-            return [*pending, record]
-        pending.append(record)
-        return []
+        waiting.append(record)
+        if len(waiting) <= MAX_WAITING:
+            return []
+        del self.unclaimed[key]
+        return waiting if self.before_mir is None else self._wait_for_mir(waiting)
 
     def _text_of(self, test_num: int, f: dict[str, Any]) -> str:
         text = f.get("TEST_TXT")
@@ -307,8 +309,8 @@ class RecordMapper:
             self.source, now, self.lot_id, head, site, "", num, text,
             None if flg & 0x02 else v[5], lo, hi, units or "", result_passed(flg), flg, v[4])
         pending = self.open_parts.get((head, site))
-        if pending is None or len(pending) >= MAX_WAITING:
-            return self._without_pir(head, site, record, pending)
+        if pending is None:
+            return self._unclaimed(head, site, record)
         pending.append(record)
         return []
 
@@ -327,8 +329,8 @@ class RecordMapper:
         record = FunctionalResult(self.source, now, self.lot_id, head, site, "", num, text,
                                   result_passed(flg), flg, fails)
         pending = self.open_parts.get((head, site))
-        if pending is None or len(pending) >= MAX_WAITING:
-            return self._without_pir(head, site, record, pending)
+        if pending is None:
+            return self._unclaimed(head, site, record)
         pending.append(record)
         return []
 
