@@ -19,14 +19,13 @@ from edgegw.cli import main
 from edgegw.hub.live import LiveState
 from edgegw.metrics import Metrics
 from edgegw.records import (
-    GatewayEvent,
     LotEnd,
     LotStart,
     ParametricResult,
     PartResult,
 )
 from edgegw.sources import SourceContext, TailConfig, TailSource
-from edgegw.stdf import RecordMapper, StdfDecoder, StdfError, StdfWriter
+from edgegw.stdf import RecordMapper, StdfDecoder, StdfError, StdfRecord, StdfWriter
 
 Rec = tuple[str, dict[str, Any]]
 
@@ -185,6 +184,43 @@ def test_255_sites_each_keep_their_own_parts_limits_and_bins() -> None:
     assert wafer["sites"]["255"] == {"dies": 2, "good": 2, "yield": 1.0}
 
 
+@pytest.mark.parametrize(("order", "cpu"), [("<", 1), (">", 2), ("<", 0), ("<", 3)])
+def test_a_far_whose_cpu_type_contradicts_its_byte_order_is_read_in_the_order_written(
+        order: str, cpu: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a writer leaving CPU_TYPE at its default (a Sun's 1 on a PC); before the fix:
+    # "impossible REC_LEN 512 for a FAR" at byte 0, nothing read
+    data = stdf([far(cpu), mir(), pir(1, 0), ptr(1, 0, 1.5), prr(1, 0, "1"), MRR], order)
+    sent = gateway(data)
+    assert isinstance(sent[0], LotStart) and sent[0].lot_id == "LOTA"
+    assert [r.value for r in sent if isinstance(r, ParametricResult)] == [1.5]
+    path = tmp_path / "lot.stdf"
+    path.write_bytes(data)
+    status, got, _ = stats(capsys, path)
+    assert status == 0 and got["parts"] == 1
+
+
+def wafer_of(wir_id: str, wrr_id: str) -> bytes:
+    return stdf([far(), mir(), ("WIR", {"HEAD_NUM": 1, "SITE_GRP": 255, "START_T": 3,
+                                        "WAFER_ID": wir_id}),
+                 pir(1, 0), prr(1, 0, "1", x=3, y=4),
+                 ("WRR", {"HEAD_NUM": 1, "SITE_GRP": 255, "FINISH_T": 5, "PART_CNT": 1,
+                          "RTST_CNT": 0, "ABRT_CNT": 0, "GOOD_CNT": 1, "FUNC_CNT": 0,
+                          "WAFER_ID": wrr_id}), MRR])
+
+
+def test_a_wrr_with_another_wafer_id_than_its_wir_closes_the_wafer_its_parts_are_on() -> None:
+    # (before the fix: the WRR's id made a second, empty wafer, closed with the tester's
+    # counts, and the wafer of the map stayed open for ever)
+    state = hub(gateway(wafer_of("LOTA-01", "WX8842-07")))
+    assert list(state.lots["LOTA"].wafers) == ["LOTA-01"]
+    wafer = state.snapshot("lot/LOTA/wafer/LOTA-01")
+    assert wafer is not None and wafer["status"] == "closed" and wafer["die_count"] == 1
+    assert wafer["reported"] == {"part_count": 1, "good_count": 1}
+    # a WIR without an id: the WRR's is the only one there is
+    ends = [r for r in gateway(wafer_of("", "WX8842-07")) if type(r).__name__ == "WaferEnd"]
+    assert [w.wafer_id for w in ends] == ["WX8842-07"]
+
+
 # -- records in an order the spec does not give ------------------------------------------
 
 
@@ -221,6 +257,9 @@ def test_a_file_without_a_mir_is_sent_without_a_lot_id_once_max_waiting_is_passe
     assert len(sent_before_the_end) == 2 * parts
     assert {r.lot_id for r in sent_before_the_end} == {""}
     assert mapper.close(1.0) == []
+    # a format plugin's records without a FAR (a format that has no MIR) never wait
+    (part,) = RecordMapper("wat").map(StdfRecord("PRR", 0, prr(1, 0, "1")[1]), 1.0)
+    assert isinstance(part, PartResult) and part.lot_id == ""
 
 
 def test_a_prr_without_a_pir_gives_its_part_id_to_the_results_before_it() -> None:
@@ -324,6 +363,33 @@ def test_a_file_of_only_far_and_atr_shows_nothing_and_is_no_error(
     assert (status, got["parts"], got["records"], err) == (0, 0, {"ATR": 1, "FAR": 1}, "")
 
 
+async def test_the_gateway_completes_a_far_and_atr_file_at_its_idle_timeout_quietly(
+        tmp_path: Path) -> None:
+    path = tmp_path / "crashed.stdf"
+    path.write_bytes(stdf([far(), ("ATR", {"MOD_TIM": 5, "CMD_LINE": "ate start"})]))
+    records: list[Any] = []
+
+    class Sink:
+        async def put(self, batch: Any, checkpoint: Any = None) -> None:
+            records.extend(batch)
+
+    source = TailSource("ate", TailConfig(paths=[str(tmp_path)], poll_interval=0.01,
+                                          idle_timeout=0.2),
+                        SourceContext("gw", Metrics(), None))
+
+    def entry() -> dict[str, Any]:
+        return dict(source.checkpoint().get("files", {}).get(str(path), {}))
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(source.run, Sink())
+            while not entry().get("done"):  # (nothing is put: no records to carry it)
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert entry()["reason"] == "idle"
+    assert records == []  # no error event, nothing to show
+
+
 @pytest.mark.parametrize("order", ["<", ">"])
 def test_a_record_of_rec_len_65535_is_read_in_any_chunking(order: str) -> None:
     values: list[tuple[int, Any]] = [(10, "v" * 255)] * 254  # 2 + 254 * 257 bytes
@@ -394,6 +460,15 @@ def test_v4_2007_records_written_by_hand_decode_as_the_spec_lays_them_out() -> N
 # -- known problems ------------------------------------------------------------------------
 
 
+def test_dump_of_a_vax_file_warns_that_its_floats_are_not_ieee(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "vax.stdf"
+    path.write_bytes(stdf([far(0), mir(), MRR]))
+    assert main(["stdf", "dump", "--rec", "MIR", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1 and "CPU_TYPE 0" in err and "VAX" in err
+
+
 @pytest.mark.xfail(strict=True, reason="CPU_TYPE 0 (DEC PDP-11/VAX) floats are VAX F "
                    "format; edgegw reads every R*4 as IEEE (docs/stdf.md)")
 def test_a_vax_file_reads_its_floats_as_the_tester_wrote_them() -> None:
@@ -413,29 +488,29 @@ async def test_a_gzip_file_appended_member_by_member_is_read_to_its_mrr(
     data = dual_head_final_test("<")
     cut = len(data) // 2
     path = tmp_path / "lot.stdf.gz"
-    path.write_bytes(gzip.compress(data[:cut]))  # a tester flushing a member per write
+    path.write_bytes(gzip.compress(data[:cut]))  # a tester compressing each write
     records: list[Any] = []
-    done = trio.Event()
 
     class Sink:
         async def put(self, batch: Any, checkpoint: Any = None) -> None:
             records.extend(batch)
-            entry = (checkpoint or {}).get("files", {}).get(str(path), {})
-            if entry.get("done") or any(isinstance(r, GatewayEvent) for r in batch):
-                done.set()
 
-    source = TailSource("ate", TailConfig(paths=[str(tmp_path)], poll_interval=0.01,
-                                          idle_timeout=5),
+    source = TailSource("ate", TailConfig(paths=[str(tmp_path)], idle_timeout=600),
                         SourceContext("gw", Metrics(), None))
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(source.run, Sink())
-            while not any(isinstance(r, PartResult) for r in records) and not done.is_set():
-                await trio.sleep(0.01)
-            with path.open("ab") as f:
-                f.write(gzip.compress(data[cut:]))
-            await done.wait()
-            nursery.cancel_scope.cancel()
+    sink = Sink()
+    try:
+        # polled by hand: each poll reads all a file has; the second member comes after
+        # the tail has read the first to its end, as from a tester between two writes
+        for _ in range(2):
+            await source.poll_once(sink)
+        assert any(isinstance(r, PartResult) for r in records)
+        with path.open("ab") as f:
+            f.write(gzip.compress(data[cut:]))
+        for _ in range(2):
+            await source.poll_once(sink)
+    finally:
+        for f in source.files.values():
+            await source._release(f)
     assert any(isinstance(r, LotEnd) for r in records)
     assert len([r for r in records if isinstance(r, PartResult)]) == 24
 

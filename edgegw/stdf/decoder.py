@@ -15,8 +15,8 @@ against and handles a field cut in its middle.
 
 Framing rules:
 
-* the first record must be a FAR; its CPU_TYPE gives the byte order (1 big, 2 little;
-  any other value: the order in which REC_LEN reads as 2);
+* the first record must be a FAR; the order in which its REC_LEN reads as 2 is the
+  byte order (what CPU_TYPE 1 big and 2 little say, when a writer sets it right);
 * REC_LEN may be longer than the fields: the rest of the record is ignored;
 * a record cut at the end of the available bytes is kept for the next :meth:`feed`;
 * unknown record types are skipped by REC_LEN and counted (``unknown_count``), or
@@ -1127,11 +1127,9 @@ class StdfDecoder:
                                 f"(header bytes {head.hex()})", offset)
         if len(buf) - pos < 6:
             return None
-        cpu = buf[pos + 4]
-        if cpu == 1:
-            return ">"
-        if cpu == 2:
-            return "<"
+        # the FAR's REC_LEN (2) says the order its writer used for every record header;
+        # a CPU_TYPE that says otherwise (a writer's default left unchanged) would make
+        # the FAR itself "impossible", so it is not asked (0, VAX, is little-endian too)
         return "<" if buf[pos] == 2 else ">"
 
     def records(self) -> Iterator[StdfRecord]:

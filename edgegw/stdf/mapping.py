@@ -16,9 +16,10 @@ emitting it.
 
 The lot id comes from the MIR, which the spec puts right after the FAR and ATRs; a file
 whose MIR comes later (after parts, or never) would put what comes before it in a lot
-without a name.  So what is mapped before the MIR waits for it and then goes out, after its
-LotStart, with its lot id; past ``MAX_WAITING`` records (or at the file's end) without a
-MIR it goes out as it is, with an empty lot id.
+without a name.  So in a file that starts with a FAR (STDF, ATDF; a format plugin's
+records without one do not wait) what is mapped before the MIR waits for it and then goes
+out, after its LotStart, with its lot id; past ``MAX_WAITING`` records (or at the file's
+end) without a MIR it goes out as it is, with an empty lot id.
 
 A record that lacks a field it must have (a PTR cut before TEST_NUM) or has a field of the
 wrong kind raises ``FormatError`` with the record's offset, as the parsers do.
@@ -110,8 +111,10 @@ class RecordMapper:
         #: (head, site) -> results with no PIR open there, waiting for its next PRR
         #: (kept apart from open_parts: a result of an open part costs no check of it)
         self.unclaimed: dict[tuple[int, int], list[Any]] = {}
-        #: records mapped before the MIR (None: it came, or they stopped waiting for it)
-        self.before_mir: list[Record] | None = []
+        #: records mapped between the FAR and the MIR (None: no FAR yet, the MIR came, or
+        #: they stopped waiting for it)
+        self.before_mir: list[Record] | None = None
+        self._far_seen = self._mir_seen = False
 
     def map_all(self, records: Iterable[Any], now: float) -> list[Record]:
         out: list[Record] = []
@@ -184,7 +187,14 @@ class RecordMapper:
 
     # -- lot and wafer ---------------------------------------------------------------------
 
+    def _far(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
+        if not self._far_seen:  # (a second FAR: two files in one, the MIR already came)
+            self._far_seen = True
+            if not self._mir_seen:
+                self.before_mir = []
+
     def _mir(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
+        self._mir_seen = True
         lot = self.lot_id = f.get("LOT_ID", "") or ""
         start = LotStart(self.source, now, lot, f.get("PART_TYP", "") or "",
                          f.get("NODE_NAM", "") or "", f.get("TSTR_TYP", "") or "",
@@ -217,7 +227,10 @@ class RecordMapper:
 
     def _wrr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
         head = f.get("HEAD_NUM", 1)
-        wafer = f.get("WAFER_ID") or self.wafer_of_head.get(head, "")
+        # the WIR's id when it gave one: the wafer's parts went out under it, and the end
+        # must close that wafer (the spec lets the WRR's id supersede it: a tester that
+        # knows the real id only at the end -- it would close an empty wafer of that id)
+        wafer = self.wafer_of_head.get(head) or f.get("WAFER_ID") or ""
         out.append(WaferEnd(self.source, now, self.lot_id, wafer, head, f.get("FINISH_T", 0),
                             _u4(f.get("PART_CNT")), _u4(f.get("GOOD_CNT"))))
 
@@ -382,7 +395,7 @@ class RecordMapper:
             self.test_txt.setdefault(f["TEST_NUM"], name)
 
     _handlers: dict[str, Any] = {
-        "MIR": _mir, "MRR": _mrr, "WIR": _wir, "WRR": _wrr, "PIR": _pir, "PRR": _prr,
+        "FAR": _far, "MIR": _mir, "MRR": _mrr, "WIR": _wir, "WRR": _wrr, "PIR": _pir, "PRR": _prr,
         "PTR": _ptr, "MPR": _mpr, "FTR": _ftr, "HBR": _hbr, "SBR": _sbr, "PCR": _pcr,
         "TSR": _tsr,
     }
