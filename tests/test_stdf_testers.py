@@ -6,6 +6,7 @@ itself says -- records sent, lots, parts, bins and yields on the hub, `edgegw st
 from __future__ import annotations
 
 import gzip
+import json
 import math
 import struct
 from collections import Counter
@@ -103,8 +104,6 @@ def hub(records: list[Any]) -> LiveState:
 
 
 def stats(capsys: pytest.CaptureFixture[str], path: Path) -> tuple[int, dict[str, Any], str]:
-    import json
-
     status = main(["stdf", "stats", str(path)])
     out, err = capsys.readouterr()
     return status, json.loads(out) if out else {}, err
@@ -290,6 +289,72 @@ def test_results_no_prr_ever_claims_go_on_without_a_part_id_past_max_waiting() -
         sent += got
     results = [r for r in sent if isinstance(r, ParametricResult)]
     assert len(results) == n and {r.part_id for r in results} == {""}
+
+
+def late_mir_without_pirs() -> tuple[bytes, list[int]]:
+    """Parts without PIRs on two sites, the MIR after the first few; and the offsets of
+    its records."""
+    recs: list[Rec] = [far(), ("ATR", {"MOD_TIM": 1, "CMD_LINE": "ate"})]
+    for n in range(12):
+        if n == 4:
+            recs.append(mir())
+        recs += [ptr(1, n % 2, float(n)), ptr(1, n % 2, -float(n), num=101),
+                 prr(1, n % 2, f"P{n}")]
+    recs.append(MRR)
+    w = StdfWriter()
+    offsets, at = [], 0
+    for name, fields in recs:
+        offsets.append(at)
+        at += len(w.encode(name, fields))
+    return stdf(recs), offsets
+
+
+@pytest.mark.parametrize("cut_record", [3, 12, 14, 25, 37])
+async def test_a_restart_while_records_wait_for_a_late_mir_or_a_prr_loses_and_repeats_nothing(
+        tmp_path: Path, cut_record: int) -> None:
+    # what waits is not sent, and the checkpoint may be past it: the restart's re-read up
+    # to the checkpoint makes it wait again, as the first run's records did
+    data, offsets = late_mir_without_pirs()
+    cut = offsets[cut_record] + 3  # inside a record
+    path = tmp_path / "lot.stdf"
+    path.write_bytes(data[:cut])
+
+    class Sink:
+        def __init__(self) -> None:
+            self.records: list[Any] = []
+            self.checkpoint: Any = None
+
+        async def put(self, batch: Any, checkpoint: Any = None) -> None:
+            self.records += batch
+            self.checkpoint = checkpoint
+
+    def source(checkpoint: Any) -> TailSource:
+        return TailSource("ate", TailConfig(paths=[str(tmp_path)], idle_timeout=600),
+                          SourceContext("gw", Metrics(), checkpoint))
+
+    sinks = [Sink(), Sink()]
+    checkpoint = None
+    for run, sink in enumerate(sinks):
+        tail = source(checkpoint)
+        tail._restore(checkpoint)  # what ``run`` does first
+        try:
+            for _ in range(2):
+                await tail.poll_once(sink)
+        finally:
+            for f in tail.files.values():
+                await tail._release(f)
+        if not run:  # the tester goes on while the gateway is down
+            checkpoint = json.loads(json.dumps(sink.checkpoint))  # as a store gives it back
+            # before the MIR (record 14) nothing is sent, so no checkpoint is handed over;
+            # after it the first run stops in the middle of the file
+            entry = checkpoint and checkpoint["files"][str(path)]
+            assert (entry is None) == (cut_record <= 14)
+            assert entry is None or (0 < entry["offset"] < cut and not entry["done"])
+            with path.open("ab") as f:
+                f.write(data[cut:])
+    got = [r._replace(ts=0.0) for sink in sinks for r in sink.records]
+    want = [r._replace(ts=0.0) for r in gateway(data)]
+    assert got == want
 
 
 def test_a_second_mir_starts_a_second_lot() -> None:
