@@ -239,6 +239,24 @@ def test_a_file_whose_mir_comes_after_its_first_parts_shows_them_in_its_lot() ->
     lot = state.snapshot("lot/LOTA")
     assert lot is not None and lot["parts"] == 2 and lot["status"] == "closed"
     assert lot["reported"]["hard_bins"] == lot["hard_bins_tested"] == {"1": 2}
+    # a MIR late only by a part's first results: they are the lot's too
+    sent = gateway(stdf([far(), pir(1, 0), ptr(1, 0, 1.0), mir(), prr(1, 0, "1"), MRR]))
+    assert [(type(r).__name__, r.lot_id) for r in sent] == [
+        ("LotStart", "LOTA"), ("ParametricResult", "LOTA"), ("PartResult", "LOTA"),
+        ("LotEnd", "LOTA")]
+
+
+def test_forward_raw_of_a_file_with_its_mir_in_place_keeps_the_order_records_came_in() -> None:
+    data = stdf([far(), ("ATR", {"MOD_TIM": 1, "CMD_LINE": "ate"}), mir(), pir(1, 0),
+                 prr(1, 0, "1"), MRR])
+    dec = StdfDecoder()
+    dec.feed(data)
+    mapper = RecordMapper("ate", forward_raw=True)
+    sent = [(type(r).__name__, getattr(r, "rec", "")) for rec in dec.records()
+            for r in mapper.map(rec, 1.0)]
+    assert sent == [("RawRecord", "FAR"), ("RawRecord", "ATR"), ("RawRecord", "MIR"),
+                    ("LotStart", ""), ("RawRecord", "PIR"), ("RawRecord", "PRR"),
+                    ("PartResult", ""), ("RawRecord", "MRR"), ("LotEnd", "")]
 
 
 def test_a_file_without_a_mir_is_sent_without_a_lot_id_once_max_waiting_is_passed() -> None:

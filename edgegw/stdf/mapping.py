@@ -201,18 +201,20 @@ class RecordMapper:
                          f.get("JOB_NAM", "") or "", f.get("START_T", 0) or 0,
                          _extra(f, _MIR_COLUMNS))
         waiting = self.before_mir
-        if waiting is None:
+        self.before_mir = None
+        # results of parts still open are this lot's too (a PIR and PTRs before the MIR)
+        for results in (*self.open_parts.values(), *self.unclaimed.values()):
+            results[:] = [r._replace(lot_id=lot) for r in results]
+        if not waiting or all(type(r) is RawRecord for r in waiting):
+            # the MIR where the spec puts it (with forward_raw, the FAR's and ATRs'
+            # RawRecords waited for it): as if nothing had waited
+            out[:0] = waiting or ()
             out.append(start)
             return
         # a late MIR: what came before it is this lot's (the LotStart first, then it in
         # file order; with forward_raw the MIR's own RawRecord follows them)
-        self.before_mir = None
-        if waiting or self.open_parts or self.unclaimed:
-            for results in (*self.open_parts.values(), *self.unclaimed.values()):
-                results[:] = [r._replace(lot_id=lot) for r in results]
-            waiting = [r._replace(lot_id=lot) if "lot_id" in r._fields else r
-                       for r in waiting]
-        out[:0] = [start, *waiting]
+        out[:0] = [start, *(r._replace(lot_id=lot) if "lot_id" in r._fields else r
+                            for r in waiting)]
 
     def _mrr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
         out.extend(self.close(now))
