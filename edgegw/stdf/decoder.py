@@ -1171,8 +1171,8 @@ class StdfDecoder:
         self.unknown_types[(typ, sub)] = self.unknown_types.get((typ, sub), 0) + 1
         offset = self._base + pos
         if typ in RESERVED_REC_TYPS:
-            # records the spec reserves for a vendor's software (Teradyne Image writes
-            # them by the dozen per part): skipped, but never a run of garbage
+            # records the spec reserves for a vendor's software, which may write any
+            # number of them in a row: skipped, but never a run of garbage
             self._unknown_run = 0
         else:
             self._unknown_run = self._unknown_run + 1 if offset == self._unknown_end else 1
