@@ -165,8 +165,8 @@ def test_multi_pin_results_and_the_testers_own_summaries() -> None:
 
 def test_results_of_a_part_that_never_ends_are_not_lost() -> None:
     out = mapped([*HEADER, pir(0), ptr(10, 0, 2.0, **FIRST_DEFAULTS),
-                  ptr(10, 3, 2.0)])  # site 3 has no PIR: emitted at once
-    assert [(r.site, r.part_id) for r in of(out, ParametricResult)] == [(3, ""), (0, "")]
+                  ptr(10, 3, 2.0)])  # site 3 has no PIR: it waits for a PRR all the same
+    assert [(r.site, r.part_id) for r in of(out, ParametricResult)] == [(0, ""), (3, "")]
 
 
 def test_forward_raw_emits_every_record_as_decoded() -> None:

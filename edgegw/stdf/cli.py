@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .decoder import StdfDecoder, StdfError, StdfRecord
+from .decoder import RESERVED_REC_TYPS, StdfDecoder, StdfError, StdfRecord
 from .spec import BY_NAME, Bits
 from .stats import StdfStats
 
@@ -164,14 +164,19 @@ class _Bad(Exception):
 
 
 def _records(args: argparse.Namespace, decoder: StdfDecoder) -> Iterator[StdfRecord]:
-    """The file's records, known types only; ``_Bad`` for anything wrong with the file."""
+    """The file's records, known types only; ``_Bad`` for anything wrong with the file,
+    a warning for anything after its MRR that is not STDF (trailing garbage)."""
     first_unknown: int | None = None
+    #: the MRR just read, while nothing but records of unknown type followed it: the file
+    #: is whole, and what cannot be read after it (zero fill, a text trailer) loses nothing
+    mrr_at: int | None = None
     try:
         for rec in read_records(args.file, decoder):
             if rec.name == "UNKNOWN":
-                if first_unknown is None:
+                if first_unknown is None and rec.fields["REC_TYP"] not in RESERVED_REC_TYPS:
                     first_unknown = rec.offset
                 continue
+            mrr_at = rec.offset if rec.name == "MRR" else None
             if rec.name == "FAR" and not args.any_version:
                 version = rec.fields.get("STDF_VER")
                 if version != 4:
@@ -179,6 +184,9 @@ def _records(args: argparse.Namespace, decoder: StdfDecoder) -> Iterator[StdfRec
                                "reads STDF V4 (--any-version reads it as V4, best effort)")
             yield rec
     except StdfError as exc:
+        if mrr_at is not None:
+            _trailing(args, mrr_at, f"not STDF ({exc})")
+            return
         raise _Bad(str(exc)) from None
     except zlib.error as exc:  # gzip data corrupt inside a member
         raise _Bad(f"corrupt gzip data after {_fed(decoder)} bytes of STDF: {exc}") from None
@@ -194,7 +202,9 @@ def _records(args: argparse.Namespace, decoder: StdfDecoder) -> Iterator[StdfRec
     if decoder.buffered:
         where = (f"the file ends inside the record at byte {decoder.position} "
                  f"({decoder.buffered} bytes of it present)")
-        if args.partial:
+        if mrr_at is not None:
+            _trailing(args, mrr_at, f"{decoder.buffered} bytes that are not a whole record")
+        elif args.partial:
             print(f"edgegw stdf: {args.file}: warning: {where}; still being written?",
                   file=sys.stderr)
         elif first_unknown is not None:
@@ -202,6 +212,11 @@ def _records(args: argparse.Namespace, decoder: StdfDecoder) -> Iterator[StdfRec
                        f"{first_unknown}, where the damage probably starts")
         else:
             raise _Bad(f"truncated: {where} (--partial for a file still being written)")
+
+
+def _trailing(args: argparse.Namespace, mrr_at: int, what: str) -> None:
+    print(f"edgegw stdf: {args.file}: warning: after the MRR at byte {mrr_at} (the end of "
+          f"the file's data): {what}; ignored", file=sys.stderr)
 
 
 def _fed(decoder: StdfDecoder) -> int:
@@ -230,6 +245,10 @@ def run_dump(args: argparse.Namespace) -> int:
     r4_by_name: dict[str, frozenset[str]] = {}
 
     def each(rec: StdfRecord) -> None:
+        if rec.name == "FAR" and rec.fields.get("CPU_TYPE") == 0:
+            print(f"edgegw stdf: {args.file}: warning: CPU_TYPE 0 (DEC PDP-11/VAX): its "
+                  "floats are VAX F/D, printed as if they were IEEE (wrong values)",
+                  file=sys.stderr)
         if wanted and rec.name not in wanted:
             return
         obj: dict[str, Any] = {"rec": rec.name}
@@ -247,10 +266,11 @@ def run_dump(args: argparse.Namespace) -> int:
             obj[key] = jsonable(value)
         write(json.dumps(obj, allow_nan=False) + "\n")
 
-    # types not asked for are not decoded (skipped GDRs are checked: the same errors)
+    # types not asked for are not decoded (skipped GDRs are checked: the same errors);
+    # the MRR is, to tell trailing garbage from a corrupt file
     try:
         return _run(args, each, StdfDecoder(keep_unknown=True, types=(
-            wanted & BY_NAME.keys() if wanted else None)))
+            (wanted & BY_NAME.keys()) | {"MRR"} if wanted else None)))
     except BrokenPipeError:  # `edgegw stdf dump f | head`
         sys.stderr.close()
         return 0
@@ -258,8 +278,9 @@ def run_dump(args: argparse.Namespace) -> int:
 
 #: record types ``stats`` does not read: counted by the decoder, never decoded (most of a
 #: file's bytes).  The decoder still checks a skipped GDR's type codes, so that a file's
-#: errors are the same whichever command reads it.
-STATS_SKIP = frozenset(BY_NAME) - StdfStats.READS - {"FAR"}
+#: errors are the same whichever command reads it.  The MRR is decoded: what cannot be
+#: read after it is trailing garbage, a warning (``_records``)
+STATS_SKIP = frozenset(BY_NAME) - StdfStats.READS - {"FAR", "MRR"}
 
 
 def run_stats(args: argparse.Namespace) -> int:

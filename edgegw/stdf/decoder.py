@@ -15,12 +15,13 @@ against and handles a field cut in its middle.
 
 Framing rules:
 
-* the first record must be a FAR; its CPU_TYPE gives the byte order (1 big, 2 little;
-  any other value: the order in which REC_LEN reads as 2);
+* the first record must be a FAR; the order in which its REC_LEN reads as 2 is the
+  byte order (what CPU_TYPE 1 big and 2 little say, when a writer sets it right);
 * REC_LEN may be longer than the fields: the rest of the record is ignored;
 * a record cut at the end of the available bytes is kept for the next :meth:`feed`;
 * unknown record types are skipped by REC_LEN and counted (``unknown_count``), or
-  returned as ``UNKNOWN`` records with the raw body when ``keep_unknown`` is set;
+  returned as ``UNKNOWN`` records with the raw body when ``keep_unknown`` is set; those
+  of the REC_TYPs the spec reserves for vendor software (180, 181) never make garbage;
 * :class:`StdfError` (with the byte offset) for input that cannot be STDF: a first record
   that is not a FAR, a REC_LEN larger than the record type can possibly hold, a run of
   records of unknown type (garbage or a zero-filled region), an unknown GDR type code.
@@ -43,6 +44,9 @@ from .spec import BY_NAME, BY_TYPE, GDR_TYPES, STRUCT_CODES, Bits, Field, Record
 
 #: consecutive records of unknown type after which the input is declared garbage
 MAX_UNKNOWN_RUN = 8
+#: REC_TYPs the spec reserves for Image (180) and IG900 (181) software: their records are
+#: skipped like any unknown one but do not count towards a run of garbage
+RESERVED_REC_TYPS = frozenset({180, 181})
 #: bytes a REC_LEN may exceed the largest encoding of its record's fields (padding)
 LENGTH_SLACK = 8
 
@@ -1123,11 +1127,9 @@ class StdfDecoder:
                                 f"(header bytes {head.hex()})", offset)
         if len(buf) - pos < 6:
             return None
-        cpu = buf[pos + 4]
-        if cpu == 1:
-            return ">"
-        if cpu == 2:
-            return "<"
+        # the FAR's REC_LEN (2) says the order its writer used for every record header;
+        # a CPU_TYPE that says otherwise (a writer's default left unchanged) would make
+        # the FAR itself "impossible", so it is not asked (0, VAX, is little-endian too)
         return "<" if buf[pos] == 2 else ">"
 
     def records(self) -> Iterator[StdfRecord]:
@@ -1168,7 +1170,12 @@ class StdfDecoder:
         self.unknown_count += 1
         self.unknown_types[(typ, sub)] = self.unknown_types.get((typ, sub), 0) + 1
         offset = self._base + pos
-        self._unknown_run = self._unknown_run + 1 if offset == self._unknown_end else 1
+        if typ in RESERVED_REC_TYPS:
+            # records the spec reserves for a vendor's software, which may write any
+            # number of them in a row: skipped, but never a run of garbage
+            self._unknown_run = 0
+        else:
+            self._unknown_run = self._unknown_run + 1 if offset == self._unknown_end else 1
         self._unknown_end = self._base + end
         if self._unknown_run >= MAX_UNKNOWN_RUN:
             raise StdfError(f"garbage: {self._unknown_run} consecutive records of unknown "

@@ -7,9 +7,19 @@ per file: the state it keeps is the file's (lot and wafer ids, per-test defaults
 Results wait for their part.  A PTR/FTR/MPR belongs to the open PIR of its HEAD/SITE, but the
 part's id only arrives with its PRR, so the results of an open part are held and emitted, with
 the PRR's PART_ID, just before the PartResult.  On a multi-site tester the sites interleave
-and each site's part completes on its own.  A result with no open part is emitted at once
-with an empty part id.  The emitted sequence is a pure function of the records fed, which is
-what lets the tail resume a file by re-mapping its start without emitting it.
+and each site's part completes on its own.  A result with no open part (a tester that writes
+no PIRs) waits as if a PIR had opened one: the next PRR of its head/site gives it its part
+id; a PIR instead (results before a site's first PIR) sends it on with an empty part id, and
+so does growing past ``MAX_WAITING`` results.  The emitted sequence is a pure function of
+the records fed, which is what lets the tail resume a file by re-mapping its start without
+emitting it.
+
+The lot id comes from the MIR, which the spec puts right after the FAR and ATRs; a file
+whose MIR comes later (after parts, or never) would put what comes before it in a lot
+without a name.  So in a file that starts with a FAR (STDF, ATDF; a format plugin's
+records without one do not wait) what is mapped before the MIR waits for it and then goes
+out, after its LotStart, with its lot id; past ``MAX_WAITING`` records (or at the file's
+end) without a MIR it goes out as it is, with an empty lot id.
 
 A record that lacks a field it must have (a PTR cut before TEST_NUM) or has a field of the
 wrong kind raises ``FormatError`` with the record's offset, as the parsers do.
@@ -46,6 +56,8 @@ from .state import TestState, part_passed, part_supersedes, result_passed
 MISSING_COORD = -32768
 MISSING_BIN = MISSING_SOFT_BIN = 65535
 MISSING_U4 = 4294967295
+#: records that wait for the MIR, and results that wait for a PRR without a PIR, at most
+MAX_WAITING = 10_000
 
 #: MIR fields carried as LotStart columns; every other present, non-empty one goes to extra
 _MIR_COLUMNS = {"LOT_ID", "PART_TYP", "NODE_NAM", "TSTR_TYP", "JOB_NAM", "START_T"}
@@ -82,6 +94,9 @@ class RecordMapper:
     """Maps the records of one file, in order.  ``forward_raw`` also emits every record
     as a RawRecord (in file order, as it arrives) so nothing in the file is lost."""
 
+    #: records waiting for a late MIR, results of a part no PIR opened, at most
+    MAX_WAITING = MAX_WAITING
+
     def __init__(self, source: str, *, format: str = "stdf", forward_raw: bool = False) -> None:
         self.source = source
         self.format = format
@@ -93,6 +108,13 @@ class RecordMapper:
         self.open_parts: dict[tuple[int, int], list[Any]] = {}
         self.test_txt: dict[int, str] = {}
         self.parts_seen = 0
+        #: (head, site) -> results with no PIR open there, waiting for its next PRR
+        #: (kept apart from open_parts: a result of an open part costs no check of it)
+        self.unclaimed: dict[tuple[int, int], list[Any]] = {}
+        #: records mapped between the FAR and the MIR (None: no FAR yet, the MIR came, or
+        #: they stopped waiting for it)
+        self.before_mir: list[Record] | None = None
+        self._far_seen = self._mir_seen = False
 
     def map_all(self, records: Iterable[Any], now: float) -> list[Record]:
         out: list[Record] = []
@@ -112,6 +134,8 @@ class RecordMapper:
                     self._ftr_row if name == "FTR" and len(values) >= 4 else None)
             if fast is not None:
                 try:
+                    # (they send a result at once only through _unclaimed, which makes
+                    # it wait for a late MIR: no check of it here, per result)
                     return fast(values, now)
                 except (KeyError, TypeError, ValueError, AttributeError, IndexError,
                         OverflowError) as exc:
@@ -133,24 +157,64 @@ class RecordMapper:
                 # A record cut before a field it must have (REC_LEN too short), or a
                 # plugin's field of the wrong type: corrupt input, like any other.
                 raise FormatError(_unmappable(name, exc), rec.offset) from None
+        if self.before_mir is not None and out:
+            return self._wait_for_mir(out)
         return out
+
+    def _wait_for_mir(self, out: list[Record]) -> list[Record]:
+        """``out`` waits with what came before it for the MIR (``_mir``); past
+        ``MAX_WAITING`` records, all of it goes on without a lot id."""
+        waiting = self.before_mir
+        assert waiting is not None
+        waiting.extend(out)
+        if len(waiting) <= MAX_WAITING:
+            return []
+        self.before_mir = None
+        return waiting
 
     def close(self, now: float) -> list[Record]:
         """The file is complete: results of parts that never got their PRR are emitted
-        with an empty part id rather than lost."""
+        with an empty part id rather than lost (and records still waiting for a MIR,
+        without a lot id)."""
         out: list[Record] = []
+        if self.before_mir is not None:
+            out, self.before_mir = self.before_mir, None
         for key in list(self.open_parts):
             out.extend(r._replace(ts=now) for r in self.open_parts.pop(key))
+        for key in list(self.unclaimed):
+            out.extend(r._replace(ts=now) for r in self.unclaimed.pop(key))
         return out
 
     # -- lot and wafer ---------------------------------------------------------------------
 
+    def _far(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
+        if not self._far_seen:  # (a second FAR: two files in one, the MIR already came)
+            self._far_seen = True
+            if not self._mir_seen:
+                self.before_mir = []
+
     def _mir(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
-        self.lot_id = f.get("LOT_ID", "") or ""
-        out.append(LotStart(self.source, now, self.lot_id, f.get("PART_TYP", "") or "",
-                            f.get("NODE_NAM", "") or "", f.get("TSTR_TYP", "") or "",
-                            f.get("JOB_NAM", "") or "", f.get("START_T", 0) or 0,
-                            _extra(f, _MIR_COLUMNS)))
+        self._mir_seen = True
+        lot = self.lot_id = f.get("LOT_ID", "") or ""
+        start = LotStart(self.source, now, lot, f.get("PART_TYP", "") or "",
+                         f.get("NODE_NAM", "") or "", f.get("TSTR_TYP", "") or "",
+                         f.get("JOB_NAM", "") or "", f.get("START_T", 0) or 0,
+                         _extra(f, _MIR_COLUMNS))
+        waiting = self.before_mir
+        self.before_mir = None
+        # results of parts still open are this lot's too (a PIR and PTRs before the MIR)
+        for results in (*self.open_parts.values(), *self.unclaimed.values()):
+            results[:] = [r._replace(lot_id=lot) for r in results]
+        if not waiting or all(type(r) is RawRecord for r in waiting):
+            # the MIR where the spec puts it (with forward_raw, the FAR's and ATRs'
+            # RawRecords waited for it): as if nothing had waited
+            out[:0] = waiting or ()
+            out.append(start)
+            return
+        # a late MIR: what came before it is this lot's (the LotStart first, then it in
+        # file order; with forward_raw the MIR's own RawRecord follows them)
+        out[:0] = [start, *(r._replace(lot_id=lot) if "lot_id" in r._fields else r
+                            for r in waiting)]
 
     def _mrr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
         out.extend(self.close(now))
@@ -165,7 +229,10 @@ class RecordMapper:
 
     def _wrr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
         head = f.get("HEAD_NUM", 1)
-        wafer = f.get("WAFER_ID") or self.wafer_of_head.get(head, "")
+        # the WIR's id when it gave one: the wafer's parts went out under it, and the end
+        # must close that wafer (the spec lets the WRR's id supersede it: a tester that
+        # knows the real id only at the end -- it would close an empty wafer of that id)
+        wafer = self.wafer_of_head.get(head) or f.get("WAFER_ID") or ""
         out.append(WaferEnd(self.source, now, self.lot_id, wafer, head, f.get("FINISH_T", 0),
                             _u4(f.get("PART_CNT")), _u4(f.get("GOOD_CNT"))))
 
@@ -173,9 +240,9 @@ class RecordMapper:
 
     def _pir(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
         key = (f.get("HEAD_NUM", 1), f.get("SITE_NUM", 1))
-        stale = self.open_parts.get(key)
-        if stale:  # a PIR without a PRR before it: keep its results rather than lose them
-            out.extend(stale)
+        stale = self.open_parts.get(key) or self.unclaimed.pop(key, None)
+        if stale:  # a PIR without a PRR before it, or results before a site's first PIR:
+            out.extend(stale)  # sent on without a part id rather than lost
         self.open_parts[key] = []
 
     def _prr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
@@ -184,6 +251,8 @@ class RecordMapper:
         self.parts_seen += 1
         part_id = f.get("PART_ID") or str(self.parts_seen)
         results = self.open_parts.pop((head, site), None)
+        if results is None:
+            results = self.unclaimed.pop((head, site), None)
         if results:
             out.extend(r._replace(part_id=part_id) for r in results)
         flg = f.get("PART_FLG", 0)
@@ -200,9 +269,26 @@ class RecordMapper:
     def _result(self, head: int, site: int, record: Any, out: list[Record]) -> None:
         pending = self.open_parts.get((head, site))
         if pending is None:
-            out.append(record)
+            out.extend(self._unclaimed(head, site, record))
         else:
             pending.append(record)
+
+    def _unclaimed(self, head: int, site: int, record: Record) -> list[Record]:
+        """A result of a head/site with no PIR open: it waits for the next PRR there as
+        if a PIR had opened the part.  Past ``MAX_WAITING`` such results they go on at
+        once without a part id (head/site numbers the PRRs never use must not grow them
+        without bound) -- or to wait for a late MIR.  A part its PIR opened keeps every
+        result for its PRR."""
+        key = (head, site)
+        waiting = self.unclaimed.get(key)
+        if waiting is None:
+            self.unclaimed[key] = [record]
+            return []
+        waiting.append(record)
+        if len(waiting) <= MAX_WAITING:
+            return []
+        del self.unclaimed[key]
+        return waiting if self.before_mir is None else self._wait_for_mir(waiting)
 
     def _text_of(self, test_num: int, f: dict[str, Any]) -> str:
         text = f.get("TEST_TXT")
@@ -239,7 +325,7 @@ class RecordMapper:
             None if flg & 0x02 else v[5], lo, hi, units or "", result_passed(flg), flg, v[4])
         pending = self.open_parts.get((head, site))
         if pending is None:
-            return [record]
+            return self._unclaimed(head, site, record)
         pending.append(record)
         return []
 
@@ -259,7 +345,7 @@ class RecordMapper:
                                   result_passed(flg), flg, fails)
         pending = self.open_parts.get((head, site))
         if pending is None:
-            return [record]
+            return self._unclaimed(head, site, record)
         pending.append(record)
         return []
 
@@ -311,7 +397,7 @@ class RecordMapper:
             self.test_txt.setdefault(f["TEST_NUM"], name)
 
     _handlers: dict[str, Any] = {
-        "MIR": _mir, "MRR": _mrr, "WIR": _wir, "WRR": _wrr, "PIR": _pir, "PRR": _prr,
+        "FAR": _far, "MIR": _mir, "MRR": _mrr, "WIR": _wir, "WRR": _wrr, "PIR": _pir, "PRR": _prr,
         "PTR": _ptr, "MPR": _mpr, "FTR": _ftr, "HBR": _hbr, "SBR": _sbr, "PCR": _pcr,
         "TSR": _tsr,
     }
