@@ -410,7 +410,9 @@ COLUMNAR_INVALID: dict[str, tuple[list[int], list[Any]]] = {
     "too_few_columns": ([11, 1], [[11, [[0], [1.0], ["t"]]]]),
     "source_index_out_of_range": ([11, 1], [[11, [[1], [1.0], ["t"], [1.0]]]]),
     "runs_of_odd_length": ([11, 1, 11], [sensor_table(["t"], [1.0])]),
+    "rid_past_int64": ([11, 2], [sensor_table(["t"], [1.0, 2.0])]),
 }
+COLUMNAR_FIRST_RID = {"rid_past_int64": INT64_MAX}
 
 
 @pytest.mark.parametrize("case", list(COLUMNAR_INVALID))
@@ -419,7 +421,7 @@ async def test_a_columnar_body_breaking_a_rule_is_rejected(tmp_path: Path, case:
     runs, tables = COLUMNAR_INVALID[case]
     async with running_hub(tmp_path) as port:
         peer = await PeerGateway.connect(port, GW, TOKEN, versions=[1, 2])
-        await peer.send(data(1, columns(1, runs, tables)))
+        await peer.send(data(1, columns(COLUMNAR_FIRST_RID.get(case, 1), runs, tables)))
         await peer.until_rejected(1)
         await peer.send(data(2, rows(2, [sensor("t", 1.0)])))
         await peer.until_acked(1, 2)
@@ -1051,3 +1053,107 @@ async def test_a_hub_pinned_to_v1_rejects_columns(tmp_path: Path) -> None:
         await peer.until_rejected(1)
         await peer.send(data(2, rows(1, [sensor("t", 1.0)])))
         await peer.until_acked(2)
+
+
+# =================================================================== round 2: the corners
+
+
+async def test_strict_order_with_max_holes_0_starts_at_next_seq(tmp_path: Path) -> None:
+    """Section 5: "With `max_holes = 0` the hub requires strict order" -- the first frame
+    of a connection included: next_seq, not one past it."""
+    async with running_hub(tmp_path, max_holes=0) as port:
+        peer = await PeerGateway.connect(port, GW, TOKEN, next_seq=1)
+        await peer.send(data(2, rows(2, [sensor("t", 1.0)])))
+        code, reason = await closed_with(peer)
+        assert code == 4004 and reason.startswith("sequence gap")
+
+
+async def test_4002_lists_what_a_pinned_hub_speaks(tmp_path: Path) -> None:
+    """Section 4: REFUSE 4002 "the reason lists what the hub speaks"."""
+    async with running_hub(tmp_path, max_protocol_version=2) as port:
+        peer = await PeerGateway.connect(port, GW, TOKEN, versions=[3])
+        assert peer.first[:2] == [REFUSE, 4002]
+        assert peer.first[2].endswith("this hub speaks [1, 2]")
+
+
+@pytest.mark.parametrize("message", [
+    data(-1, rows(1, [sensor("t", 1.0)])),
+    cbor2.dumps([1, {"versions": [1], "gateway": GW, "token": TOKEN, "epoch": "e",
+                     "next_seq": -3, "heartbeat": 5.0}]),
+], ids=["negative_seq", "negative_next_seq"])
+async def test_a_negative_sequence_number_is_malformed(tmp_path: Path, message: bytes) -> None:
+    async with running_hub(tmp_path) as port:
+        client = await WsClient.connect(port, "/ws/gateway")
+        if message[1] == 4:  # DATA: after a HELLO
+            await client.send(hello_bytes())
+            assert cbor2.loads(await client.recv())[0] == WELCOME
+        await client.send(message)
+        assert (await client.close_reason())[0] == 4004
+
+
+def hello_bytes(gw: str = GW) -> bytes:
+    return cbor2.dumps([1, {"versions": [1, 2, 3], "gateway": gw, "token": TOKEN,
+                            "epoch": "epoch-1", "next_seq": 1, "heartbeat": 5.0}])
+
+
+async def test_compressed_frames_are_rejected_and_deduplicated_as_plain_ones(
+        tmp_path: Path) -> None:
+    """Section 5.1: acks, rejects and deduplication are the same compressed or not."""
+    async with running_hub(tmp_path, compression="zlib") as port:
+        peer = await PeerGateway.connect(port, GW, TOKEN, compression=["zlib"])
+        await peer.send(data(1, zlib.compress(rows(1, [[99, 0, 1.0]])), "zlib"))
+        await peer.until_rejected(1)
+        await peer.send(zlib_data(2, rows(2, [sensor("t", 1.0)])))
+        await peer.until_acked(1, 2)
+        await peer.client.close()
+        peer = await PeerGateway.connect(port, GW, TOKEN, compression=["zlib"])
+        await peer.send(zlib_data(2, rows(2, [sensor("t", 1.0)])))
+        assert await peer.next() == [ACK, 2, []]
+        stats = await gateway_stats(port)
+        assert (stats["frames_rejected"], stats["duplicates_dropped"]) == (1, 1)
+
+
+async def test_live_unsubscribe_keeps_topics_another_pattern_matches(tmp_path: Path) -> None:
+    async with running_hub(tmp_path) as port:
+        feed = await Feed.open(port)
+        dash = await PeerDashboard.connect(port)
+        await dash.subscribe(["sensor/+", "sensor/a"])
+        await feed("a", 1.0)
+        await dash.until(lambda d: "sensor/a" in d.topics)
+        await dash.request({"type": "unsubscribe", "id": 2, "topics": ["sensor/a"]})
+        await dash.reply("unsubscribed")
+        await feed("a", 2.0)
+        await dash.until(lambda d: d.topics["sensor/a"].view["latest"]["last"] == 2.0)
+        assert dash.topics["sensor/a"].snapshots == 1
+
+
+async def test_live_an_id_json_cannot_repeat(tmp_path: Path) -> None:
+    """"Client -> hub": an `id` JSON cannot carry (a map with an array key, sent in CBOR to
+    a JSON client) is answered with its keys as text or with `id` null."""
+    async with running_hub(tmp_path) as port:
+        dash = await PeerDashboard.connect(port, JSON)
+        await dash.request({"type": "ping", "id": {(1, 2): "array key"}})
+        reply = await dash.read()
+        assert reply["type"] == "pong", reply
+        assert reply["id"] is None or list(reply["id"].values()) == ["array key"], reply
+
+
+@pytest.mark.parametrize("subprotocol", [JSON, None])
+async def test_live_a_message_nested_past_400_containers_is_a_bad_message(
+        tmp_path: Path, subprotocol: str | None) -> None:
+    """"error": `bad_message` for a message nested more than 400 containers deep (the
+    request's map included); 400 is read, its `id` repeated whole in either encoding."""
+    def nested(depth: int) -> Any:
+        value: Any = 1
+        for _ in range(depth):
+            value = [value]
+        return value
+
+    async with running_hub(tmp_path) as port:
+        dash = await PeerDashboard.connect(port, subprotocol)
+        await dash.request({"type": "ping", "id": nested(399)})
+        assert await dash.read() == {"type": "pong", "id": nested(399)}
+        await dash.request({"type": "ping", "id": nested(400)})
+        error = await dash.read()
+        assert error["type"] == "error" and error["code"] == "bad_message", error
+        assert error["id"] is None
