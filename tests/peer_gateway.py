@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import cbor2
+import trio
 from wsclient import WsClient
 
 # section 2: message types
@@ -142,3 +143,26 @@ class PeerGateway:
             message = await self.next()
             if message[0] == REJECT and message[1] == seq:
                 return message
+
+
+async def http_request(port: int, head: str) -> tuple[int, dict[str, str], bytes]:
+    """One raw HTTP/1.1 exchange (``head``: request line and headers, without the blank
+    line): status, headers (lower-case names), body.  For the probe and for an upgrade the
+    hub answers with an HTTP status instead of 101 (section 7)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"{head}\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        raw = b""
+        with trio.move_on_after(5):
+            while chunk := await stream.receive_some(65536):
+                raw += chunk
+                if b"\r\n\r\n" in raw and raw.split(b" ", 2)[1] == b"101":
+                    break  # upgraded: no body follows, and the hub waits for HELLO
+    top, _, body = raw.partition(b"\r\n\r\n")
+    lines = top.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+UPGRADE = ("GET /ws/gateway HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import struct
 import zlib
@@ -32,10 +33,12 @@ from peer_gateway import (
     PONG,
     REFUSE,
     SENSOR_READING,
+    UPGRADE,
     WELCOME,
     PeerGateway,
     columns,
     data,
+    http_request,
     rows,
     sensor,
     sensor_table,
@@ -1157,3 +1160,125 @@ async def test_live_a_message_nested_past_400_containers_is_a_bad_message(
         error = await dash.read()
         assert error["type"] == "error" and error["code"] == "bad_message", error
         assert error["id"] is None
+
+
+#: live-topics.md's snapshot examples: the keys each topic's snapshot has
+SNAPSHOT_KEYS = {
+    "lot/L1": {"lot_id", "part_type", "node_name", "tester_type", "job_name", "status",
+               "started", "ended", "gateways", "wafers", "tests", "wafer_count",
+               "archived_wafers", "die_count", "good", "yield", "not_applicable", "parts",
+               "retests", "hard_bins", "soft_bins", "hard_bins_tested", "soft_bins_tested",
+               "sites", "units_per_hour", "test_time_ms", "reported", "updated"},
+    "lot/L1/wafer/W1": {"lot_id", "wafer_id", "status", "started", "ended", "dies",
+                        "die_count", "good", "yield", "not_applicable", "parts", "retests",
+                        "hard_bins", "soft_bins", "hard_bins_tested", "soft_bins_tested",
+                        "sites", "reported", "updated"},
+    "test/L1/100": {"lot_id", "test_num", "kind", "test_txt", "named", "units", "lo_limit",
+                    "hi_limit", "executions", "fails", "count", "mean", "sigma", "min", "max",
+                    "cp", "cpk", "histogram", "sites", "wafers"},
+    "sensor/temp": {"channel", "unit", "source", "latest", "history"},
+    f"gateway/{GW}": {"gateway_id", "online", "last_seen", "connected_at", "disconnected_at",
+                      "records", "frames", "last_rid", "records_per_s", "events"},
+    "hub/state": {"not_applied", "reasons"},
+}
+
+
+async def test_live_topic_shapes_are_the_documented_ones(tmp_path: Path) -> None:
+    """live-topics.md: each topic's snapshot has the example's keys; the lot's `reported`
+    holds what the tester sent (bin maps always, PCR fields once sent and not null); a
+    wafer's `reported` its WRR's counts; a gateway event's fields."""
+    async with running_hub(tmp_path) as port:
+        dash = await PeerDashboard.connect(port)
+        await dash.subscribe(["#"])
+        peer = await PeerGateway.connect(port, GW, TOKEN)
+        records = [
+            [1, 0, 1764130000.0, "L1", "PT", "node", "tt", "job", 1764130000],
+            [3, 0, 1764130000.0, "L1", "W1", 1, 1764130000],
+            [6, 0, 1764130000.1, "L1", 1, 0, "p1", 100, "VDD", 1.2, 1.0, 2.0, "V", True],
+            part(1, 1, 1, True),
+            sensor("temp", 20.0),
+            [13, 0, 1764130000.0, "warning", "spool_full", "the spool is full"],
+            [4, 0, 1764130000.5, "L1", "W1", 1, 1764130001, 1, None],
+            [9, 0, 1764130000.5, "L1", "H", 255, 0, 1, 1, "P", "good"],
+            [10, 0, 1764130000.5, "L1", 255, 0, 1, None, 0],
+        ]
+        await peer.send(data(1, rows(1, records, sources=["tester"])))
+        await peer.until_acked(1)
+        await dash.until(lambda d: set(SNAPSHOT_KEYS) <= set(d.topics)
+                         and d.topics["lot/L1"].view["reported"].get("part_count") == 1)
+        for name, keys in SNAPSHOT_KEYS.items():
+            assert set(dash.topics[name].view) == keys, name
+        lot = dash.topics["lot/L1"].view
+        assert lot["reported"] == {"hard_bins": {"1": 1}, "soft_bins": {}, "part_count": 1,
+                                   "abort_count": 0}
+        assert dash.topics["lot/L1/wafer/W1"].view["reported"] == {"part_count": 1}
+        assert dash.topics[f"gateway/{GW}"].view["events"] == [
+            {"ts": 1764130000.0, "level": "warning", "code": "spool_full",
+             "message": "the spool is full"}]
+        assert dash.topics["sensor/temp"].view["source"] == "tester"
+
+
+@pytest.mark.parametrize("changed", [False, True])
+async def test_live_resume_after_nobody_followed_the_topic(tmp_path: Path,
+                                                           changed: bool) -> None:
+    """live-topics.md, "Unwatched topics": a topic that changed while no client followed it
+    resumes as a snapshot marked `history_truncated`, never deltas across the gap; one that
+    did not change resumes as any other (nothing until its next delta)."""
+    async with running_hub(tmp_path) as port:
+        feed = await Feed.open(port)
+        first = await PeerDashboard.connect(port)
+        await first.subscribe(["sensor/a"])
+        await feed("a", 1.0)
+        await first.until(lambda d: "sensor/a" in d.topics)
+        held = first.topics["sensor/a"]
+        assert await first.close() == (1000, "")
+        if changed:
+            await feed("a", 2.0)
+        back = await PeerDashboard.connect(port)
+        back.topics["sensor/a"] = Topic(**vars(held))
+        await back.subscribe(["sensor/a"], resume={"sensor/a": [held.epoch, held.offset]})
+        await feed("a", 3.0)
+        await back.until(lambda d: d.topics["sensor/a"].view["latest"]["last"] == 3.0)
+        topic = back.topics["sensor/a"]
+        if changed:
+            assert topic.snapshots == 2 and topic.resyncs == ["history_truncated"]
+        else:
+            assert topic.snapshots == 1 and topic.deltas >= 1 and not topic.resyncs
+        assert [p[1] for p in topic.view["history"]] == ([1.0, 2.0, 3.0] if changed
+                                                         else [1.0, 3.0])
+
+
+# =================================================================== section 7: probe, shedding
+
+
+async def test_a_busy_hub_answers_probe_and_upgrade_503_with_retry_after(
+        tmp_path: Path) -> None:
+    """Section 7, "Load shedding at the hub": with `max_pending_handshakes` handshakes
+    under way (upgraded, no WELCOME yet) probes and upgrades get 503 + Retry-After; once
+    the handshake ends the probe is 200 again."""
+    async with running_hub(tmp_path, max_pending_handshakes=1,
+                           busy_retry_after_s=7.0) as port:
+        pending = await WsClient.connect(port, "/ws/gateway")  # upgraded, says nothing
+        for head in ("GET /ws/gateway HTTP/1.1", UPGRADE):
+            status, headers, _ = await http_request(port, head)
+            assert status == 503 and headers["retry-after"] == "7"
+        await pending.send(hello_bytes())
+        assert cbor2.loads(await pending.recv())[0] == WELCOME
+        status, _, body = await http_request(port, "GET /ws/gateway HTTP/1.1")
+        assert (status, json.loads(body)) == (200, {"status": "ready"})
+        assert (await http_request(port, UPGRADE))[0] == 101
+
+
+async def test_refused_hellos_use_up_an_address_then_429_to_upgrades_only(
+        tmp_path: Path) -> None:
+    """Section 7, "Failed handshakes": each 4001 costs the address one of
+    `gateway_failures_burst`; with none left its upgrades get 429 + Retry-After, its
+    probes still 200."""
+    async with running_hub(tmp_path, gateway_failures_burst=2,
+                           gateway_failures_per_minute=0.01) as port:
+        for _ in range(2):
+            peer = await PeerGateway.connect(port, GW, "wrong")
+            assert peer.first[:2] == [REFUSE, 4001]
+        status, headers, _ = await http_request(port, UPGRADE)
+        assert status == 429 and int(headers["retry-after"]) >= 1
+        assert (await http_request(port, "GET /ws/gateway HTTP/1.1"))[0] == 200
