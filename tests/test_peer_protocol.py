@@ -414,6 +414,11 @@ COLUMNAR_INVALID: dict[str, tuple[list[int], list[Any]]] = {
     "source_index_out_of_range": ([11, 1], [[11, [[1], [1.0], ["t"], [1.0]]]]),
     "runs_of_odd_length": ([11, 1, 11], [sensor_table(["t"], [1.0])]),
     "rid_past_int64": ([11, 2], [sensor_table(["t"], [1.0, 2.0])]),
+    "negative_count": ([11, -1], [sensor_table(["t"], [1.0])]),
+    "count_not_an_integer": ([11, "1"], [sensor_table(["t"], [1.0])]),
+    "column_not_an_array": ([11, 1], [[11, [[0], [1.0], "t", [1.0]]]]),
+    "typed_bytes_without_tag_on_v2": ([11, 1], [[11, [[0], struct.pack("<d", 1.0), ["t"],
+                                                      [1.0]]]]),
 }
 COLUMNAR_FIRST_RID = {"rid_past_int64": INT64_MAX}
 
@@ -444,6 +449,7 @@ TYPED_INVALID: dict[str, Any] = {
     "tag_86_around_text": cbor2.CBORTag(86, "abcdefghijklmnop"),
     "wrong_length": cbor2.CBORTag(86, b"\x00" * 12),
     "three_values_for_two": typed(1.0, 2.0, 3.0),
+    "bytes_without_tag": struct.pack("<2d", 1.0, 2.0),
 }
 
 
@@ -1282,3 +1288,69 @@ async def test_refused_hellos_use_up_an_address_then_429_to_upgrades_only(
         status, headers, _ = await http_request(port, UPGRADE)
         assert status == 429 and int(headers["retry-after"]) >= 1
         assert (await http_request(port, "GET /ws/gateway HTTP/1.1"))[0] == 200
+
+
+# =================================================================== round 3
+
+
+async def test_each_epoch_keeps_its_own_applied_set(tmp_path: Path) -> None:
+    """Section 3: one applied set per (gateway id, epoch)."""
+    async with running_hub(tmp_path) as port:
+        for epoch, seqs in [("epoch-1", (1, 2)), ("epoch-2", (1,)), ("epoch-1", (3,))]:
+            peer = await PeerGateway.connect(port, GW, TOKEN, epoch=epoch,
+                                             next_seq=seqs[0])
+            for seq in seqs:
+                await peer.send(data(seq, rows(seq, [sensor("t", 1.0)])))
+            await peer.until_acked(*seqs)
+            assert await peer.client.close() == (1000, "")
+        for epoch, applied in [("epoch-1", [[1, 3]]), ("epoch-2", [[1, 1]])]:
+            peer = await PeerGateway.connect(port, GW, TOKEN, epoch=epoch)
+            assert peer.welcome["applied"] == applied, epoch
+            assert await peer.client.close() == (1000, "")
+
+
+async def test_a_rejected_frame_sent_again_on_its_connection_is_4004(tmp_path: Path) -> None:
+    """Section 5: a frame that came on this connection, coming again: 4004 -- a rejected
+    one too (it came; the gateway never retries an invalid frame)."""
+    async with running_hub(tmp_path) as port:
+        peer = await PeerGateway.connect(port, GW, TOKEN)
+        await peer.send(data(1, b"\xff"))
+        await peer.until_rejected(1)
+        await peer.send(data(1, b"\xff"))
+        assert await closed_with(peer) == (4004, "frame 1 sent twice on one connection")
+
+
+@pytest.mark.parametrize("case", ["huge_unknown_kind", "huge_text_kind", "huge_not_cbor"])
+async def test_reject_reasons_stay_within_1024_characters(tmp_path: Path, case: str) -> None:
+    """Section 2: reasons are at most 1024 characters, whatever the frame held."""
+    body = {"huge_unknown_kind": rows(1, [[99, 0, 1.0, "x" * 5000]]),
+            "huge_text_kind": rows(1, [["k" * 5000, 0, 1.0]]),
+            "huge_not_cbor": cbor2.dumps([1, ["s" * 5000], [[11, 0, 1.0, "t"]]])}[case]
+    async with running_hub(tmp_path) as port:
+        peer = await PeerGateway.connect(port, GW, TOKEN)
+        await peer.send(data(1, body))
+        reject = await peer.until_rejected(1)
+        assert 0 < len(reject[2]) <= 1024
+
+
+async def test_live_resubscribing_at_max_patterns_changes_nothing(tmp_path: Path) -> None:
+    """"Subscribing to a pattern the client already has changes nothing" -- also when the
+    client is at `max_patterns`; a new one then is `too_many_topics`."""
+    async with running_hub(tmp_path, {"max_patterns": 2}) as port:
+        dash = await PeerDashboard.connect(port)
+        await dash.subscribe(["sensor/a", "sensor/b"])
+        assert (await dash.subscribe(["sensor/a"], id=2))["id"] == 2
+        await dash.request({"type": "subscribe", "id": 3, "topics": ["sensor/c"]})
+        error = await dash.reply("error")
+        assert (error["code"], error["id"]) == ("too_many_topics", 3)
+
+
+async def test_live_an_unknown_topic_is_subscribed_and_sends_nothing(tmp_path: Path) -> None:
+    async with running_hub(tmp_path) as port:
+        feed = await Feed.open(port)
+        dash = await PeerDashboard.connect(port)
+        await dash.subscribe(["no/such/topic", f"gateway/{GW}"])
+        await feed("t", 1.0)
+        await dash.until(lambda d: (d.topics.get(f"gateway/{GW}") or Topic("", 0, {})).view
+                         .get("frames") == 1)
+        assert set(dash.topics) == {f"gateway/{GW}"}
