@@ -1354,3 +1354,17 @@ async def test_live_an_unknown_topic_is_subscribed_and_sends_nothing(tmp_path: P
         await dash.until(lambda d: (d.topics.get(f"gateway/{GW}") or Topic("", 0, {})).view
                          .get("frames") == 1)
         assert set(dash.topics) == {f"gateway/{GW}"}
+
+
+async def test_a_close_reason_is_cut_on_a_character_boundary(tmp_path: Path) -> None:
+    """Section 8: the close frame carries the reason's first 123 bytes -- as UTF-8 text
+    (RFC 6455: a close reason that is not UTF-8 is itself a protocol error), so a cut
+    inside a character leaves that character out."""
+    async with running_hub(tmp_path) as port:
+        stranger = "é" * 60  # 120 bytes: the 123-byte cut falls inside one
+        peer = await PeerGateway.connect(port, stranger, TOKEN)
+        reason = peer.first[2]
+        assert reason == f"unknown gateway id '{stranger}'"
+        code, cut = await closed_with(peer)
+        assert code == 4001 and reason.startswith(cut)
+        assert 122 <= len(cut.encode()) <= 123

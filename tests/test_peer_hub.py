@@ -1,0 +1,207 @@
+"""docs/protocol.md, the gateway's side: edgegw's gateway against an independent hub peer.
+
+tests/peer_hub.py was written from the document alone (wsproto + cbor2); here it plays the
+hub for a real ``Gateway`` with a simulated tester and checks what the document asks of a
+gateway: the probe before the handshake, HELLO's fields, data frames numbered without
+gaps with consecutive record ids, the layout for the version WELCOME named, answering
+PING, what it resends after a reconnect, closing on a WELCOME it cannot accept, and its
+going-away close.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hubtools import gateway_config
+from peer_hub import ACK, DATA, HELLO, PING, PONG, REJECT, PeerHub, Session, records_in, welcome
+from wsclient import Closed
+
+from edgegw.gateway import Gateway
+
+TESTER = {"name": "tester", "type": "simulated", "lots": 1, "wafers": 1, "sites": 1,
+          "tests_per_part": 1, "wafer_diameter_dies": 12, "parts_per_second": 400.0,
+          "max_parts": 60}
+
+
+@asynccontextmanager
+async def gateway_against_peer(tmp: Path, **uplink: Any) -> AsyncIterator[PeerHub]:
+    hub = PeerHub()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(hub.run)
+        cfg = gateway_config(tmp, port, sources=[TESTER], batch={"max_records": 20},
+                             uplink={"heartbeat_s": 5.0, **uplink})
+        await nursery.start(Gateway(cfg).run)
+        with trio.fail_after(15):
+            yield hub
+        nursery.cancel_scope.cancel()
+
+
+async def hello_of(hub: PeerHub) -> tuple[Session, dict[str, Any]]:
+    session = await hub.sessions.receive()
+    hello = await session.recv()
+    assert hello[0] == HELLO and len(hello) == 2
+    return session, hello[1]
+
+
+async def until_closed(session: Session) -> tuple[int, str]:
+    try:
+        while True:
+            message = await session.recv()
+            if message[0] == PING:
+                await session.send([PONG, message[1]])
+    except Closed as closed:
+        return closed.code, closed.reason
+
+
+async def test_probe_then_hello_with_the_documented_fields(tmp_path: Path) -> None:
+    """Sections 4.1 and 7.1: a plain GET probe first, then HELLO with versions [1, 2, 3],
+    id, token, an epoch of at most 128 characters, next_seq 1 on a fresh store, the
+    configured heartbeat as a float, and no `compression` key when it does not compress."""
+    async with gateway_against_peer(tmp_path, heartbeat_s=3.0) as hub:
+        _, hello = await hello_of(hub)
+        assert hub.probes >= 1
+        assert hello["versions"] == [1, 2, 3]
+        assert (hello["gateway"], hello["token"]) == ("ate-01", "s3cret")
+        assert isinstance(hello["epoch"], str) and 0 < len(hello["epoch"]) <= 128
+        assert hello["next_seq"] == 1
+        assert hello["heartbeat"] == 3.0 and isinstance(hello["heartbeat"], float)
+        assert "compression" not in hello
+
+
+@pytest.mark.parametrize("version,layouts", [(3, {"columns"}), (1, {"rows"})])
+async def test_frames_are_numbered_without_gaps_with_consecutive_record_ids(
+        tmp_path: Path, version: int, layouts: set[str]) -> None:
+    """Sections 3 and 5: seq 1, 2, 3, ...; each body's first_rid follows the previous
+    frame's records; DATA is [4, seq, sent_at (float), body (bytes)]; a v1 hub gets rows
+    only."""
+    async with gateway_against_peer(tmp_path) as hub:
+        session, _ = await hello_of(hub)
+        await session.send(welcome(version=version))
+        next_rid, seen = 1, set()
+        for seq in range(1, 4):
+            message = await session.recv_data()
+            assert message[0] == DATA and len(message) == 4
+            assert message[1] == seq and isinstance(message[2], float)
+            assert isinstance(message[3], bytes)
+            first_rid, n, layout = records_in(message[3])
+            assert first_rid == next_rid and n >= 1
+            next_rid += n
+            seen.add(layout)
+            await session.send([ACK, seq, []])
+        if version == 3:
+            seen.discard("rows")  # the gateway may send any frame as rows
+            assert seen <= layouts
+        else:
+            assert seen == layouts
+
+
+async def test_a_reconnect_resends_exactly_the_unacknowledged_frames(tmp_path: Path) -> None:
+    """Sections 4 and 6: after a close, HELLO's next_seq is the lowest frame still
+    unacknowledged; frames in WELCOME's `applied` are not sent again, the others are; an
+    ACK's ranges count as acknowledged too."""
+    async with gateway_against_peer(tmp_path) as hub:
+        session, hello = await hello_of(hub)
+        await session.send(welcome())
+        frames = [await session.recv_data() for _ in range(4)]
+        assert [f[1] for f in frames] == [1, 2, 3, 4]
+        await session.send([ACK, 1, [[3, 3]]])  # 1 and 3 acknowledged, 2 and 4 not
+        # the ACK is read before the close: a PING round trip after it
+        await session.send([PING, 42.0])
+        while (message := await session.recv())[0] != PONG:
+            pass
+        assert message == [PONG, 42.0]
+        await session.close(1011, "peer hub restarts")
+        session, again = await hello_of(hub)
+        assert again["epoch"] == hello["epoch"] and again["next_seq"] == 2
+        await session.send(welcome(applied=[[1, 1], [3, 4]]))  # 4 applied meanwhile
+        resent = await session.recv_data()
+        assert resent[1] == 2 and resent[3] == frames[1][3]  # the same body
+        following = await session.recv_data()
+        assert following[1] == 5  # not 3 or 4
+
+
+async def test_a_rejected_frame_is_never_sent_again(tmp_path: Path) -> None:
+    """Section 5: the gateway moves a REJECTed frame to its dead-letter file; it is never
+    retried, and counts as done for next_seq."""
+    async with gateway_against_peer(tmp_path) as hub:
+        session, _ = await hello_of(hub)
+        await session.send(welcome())
+        await session.recv_data()
+        await session.send([REJECT, 1, "peer hub does not like it"])
+        await session.send([PING, 1.0])
+        while (await session.recv())[0] != PONG:
+            pass
+        await session.close(1011, "peer hub restarts")
+        session, hello = await hello_of(hub)
+        assert hello["next_seq"] == 2
+        await session.send(welcome(applied=[[1, 1]]))
+        assert (await session.recv_data())[1] == 2
+
+
+@pytest.mark.parametrize("bad,code", [
+    ({"version": 9}, 4002),           # section 4.3: a version the gateway did not offer
+    ({"compression": "zlib"}, 4004),  # section 5.1: an encoding it did not offer
+])
+async def test_a_welcome_the_gateway_cannot_accept_is_closed(tmp_path: Path,
+                                                             bad: dict[str, Any],
+                                                             code: int) -> None:
+    async with gateway_against_peer(tmp_path) as hub:
+        session, _ = await hello_of(hub)
+        await session.send(welcome(**bad))
+        assert (await until_closed(session))[0] == code
+
+
+async def test_the_gateway_answers_ping_and_pings_when_idle(tmp_path: Path) -> None:
+    """Section 7: PONG echoes the PING's t; an end that sent nothing for a heartbeat (the
+    hub's, from WELCOME) sends PING."""
+    async with gateway_against_peer(tmp_path) as hub:
+        session, _ = await hello_of(hub)
+        await session.send(welcome(heartbeat=1.0))
+        await session.send([PING, 7.5])
+        seqs = []
+        while True:
+            message = await session.recv()
+            if message[0] == DATA:
+                seqs.append(message[1])
+                await session.send([ACK, message[1], []])
+            elif message[0] == PONG:
+                assert message == [PONG, 7.5]
+            elif message[0] == PING:  # idle after the tester's parts: the gateway pings
+                assert isinstance(message[1], float)
+                break
+        assert seqs == list(range(1, len(seqs) + 1))
+
+
+async def test_a_stopping_gateway_says_going_away(tmp_path: Path) -> None:
+    """Section 7: a gateway stopping sends 1001 "gateway shutting down"."""
+    hub = PeerHub()
+    async with trio.open_nursery() as outer:
+        port = await outer.start(hub.run)
+        cfg = gateway_config(tmp_path, port, sources=[TESTER])
+        with trio.fail_after(15):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(Gateway(cfg).run)
+                session, _ = await hello_of(hub)
+                await session.send(welcome())
+                await session.recv_data()
+                nursery.cancel_scope.cancel()
+            assert await until_closed(session) == (1001, "gateway shutting down")
+        outer.cancel_scope.cancel()
+
+
+async def test_a_silent_hub_is_closed_with_4005(tmp_path: Path) -> None:
+    """Section 7: an end that has received nothing for 2 x heartbeat (WELCOME's) closes
+    with 4005 -- the gateway too."""
+    async with gateway_against_peer(tmp_path) as hub:
+        session, _ = await hello_of(hub)
+        await session.send(welcome(heartbeat=0.2))
+        try:
+            while True:
+                await session.recv()  # read, never answer: PINGs included
+        except Closed as closed:
+            assert closed.code == 4005, closed
