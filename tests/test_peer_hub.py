@@ -10,11 +10,13 @@ going-away close.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import pytest
 import trio
 from hubtools import gateway_config
@@ -161,7 +163,7 @@ async def test_the_gateway_answers_ping_and_pings_when_idle(tmp_path: Path) -> N
     hub's, from WELCOME) sends PING."""
     async with gateway_against_peer(tmp_path) as hub:
         session, _ = await hello_of(hub)
-        await session.send(welcome(heartbeat=1.0))
+        await session.send(welcome(heartbeat=0.5))
         await session.send([PING, 7.5])
         seqs = []
         while True:
@@ -205,3 +207,51 @@ async def test_a_silent_hub_is_closed_with_4005(tmp_path: Path) -> None:
                 await session.recv()  # read, never answer: PINGs included
         except Closed as closed:
             assert closed.code == 4005, closed
+
+
+@pytest.mark.parametrize("limits", [{"max_records": 7}, {"max_frame_bytes": 1200},
+                                    {"max_records": 7, "version": 1}])
+async def test_frames_keep_to_the_limits_welcome_announced(tmp_path: Path,
+                                                           limits: dict[str, Any]) -> None:
+    """Sections 1 and 5, "Frames over the hub's limits": no DATA above the hub's
+    `max_records` or `max_frame_bytes`; cut or not, every record id travels exactly once."""
+    async with gateway_against_peer(tmp_path) as hub:
+        session, _ = await hello_of(hub)
+        await session.send(welcome(**limits))
+        spans = []
+        while sum(n for _, n in spans) < 100:
+            message = await session.recv_data()
+            first_rid, n, layout = records_in(message[3])
+            assert n <= limits.get("max_records", 50_000)
+            assert len(cbor2.dumps(message)) <= limits.get("max_frame_bytes", 8 << 20)
+            if limits.get("version") == 1:
+                assert layout == "rows"
+            spans.append((first_rid, n))
+            await session.send([ACK, message[1], []])
+        rids = sorted(rid for first, n in spans for rid in range(first, first + n))
+        assert rids == list(range(1, len(rids) + 1))
+
+
+async def test_compressed_bodies_when_welcome_agrees(tmp_path: Path) -> None:
+    """Section 5.1: HELLO offers ["zlib"]; after WELCOME agrees, a DATA body of at least
+    `compression_min_bytes` goes as one zlib stream named in a fifth element, a smaller
+    one plain."""
+    async with gateway_against_peer(tmp_path, compression="zlib",
+                                    compression_min_bytes=300) as hub:
+        session, hello = await hello_of(hub)
+        assert hello["compression"] == ["zlib"]
+        await session.send(welcome(compression="zlib"))
+        kinds = set()
+        for _ in range(5):
+            message = await session.recv_data()
+            if len(message) == 5:
+                assert message[4] == "zlib"
+                body = zlib.decompress(message[3])
+                assert len(body) >= 300
+                kinds.add("zlib")
+            else:
+                body = message[3]
+                kinds.add("plain" if len(body) < 300 else "plain-large")
+            records_in(body)  # a section 5 body once inflated
+            await session.send([ACK, message[1], []])
+        assert "zlib" in kinds and "plain-large" not in kinds
