@@ -548,9 +548,8 @@ async def test_ping_is_answered_with_the_same_t_and_an_idle_hub_pings(tmp_path: 
         with trio.fail_after(5):  # silent now: the hub PINGs after a heartbeat of nothing sent
             ping = await peer.next(pings=True)
         assert ping[0] == PING and isinstance(ping[1], float)
-        # answered, so the link stays: the hub keeps pinging instead of closing with 4005
-        for _ in range(3):
-            assert (await peer.next(pings=True))[0] == PING
+        # answered, so the link stays: the hub pings again instead of closing with 4005
+        assert (await peer.next(pings=True))[0] == PING
 
 
 # =================================================================== section 5: the record table
@@ -921,11 +920,11 @@ async def test_live_batches_never_closer_than_one_ui_interval(tmp_path: Path) ->
                 while True:
                     await dash.read()
             nursery.start_soon(reader)
-            for i in range(40):  # a frame every ~25 ms: something new for every tick
+            for i in range(24):  # a frame every ~25 ms: something new for every tick
                 await feed("fast", float(i))
                 await trio.sleep(0.025)
             with trio.fail_after(5):
-                while dash.topics["sensor/fast"].view["latest"]["last"] != 39.0:
+                while dash.topics["sensor/fast"].view["latest"]["last"] != 23.0:
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
         stamps = [batch["ts"] for batch in dash.batches]
