@@ -1367,3 +1367,53 @@ async def test_a_close_reason_is_cut_on_a_character_boundary(tmp_path: Path) -> 
         code, cut = await closed_with(peer)
         assert code == 4001 and reason.startswith(cut)
         assert 122 <= len(cut.encode()) <= 123
+
+
+async def test_live_gateway_events_each_reach_the_view(tmp_path: Path) -> None:
+    """live-topics.md, `gateway/<id>`: each GatewayEvent record is a delta `{"event"}`
+    (prepended to `events`, the newest 20); deltas carrying an event are never composed
+    (live-protocol.md), so a client's view holds every event, as a fresh snapshot does --
+    several in one frame included."""
+    async with running_hub(tmp_path) as port:
+        dash = await PeerDashboard.connect(port)
+        await dash.subscribe([f"gateway/{GW}"])
+        peer = await PeerGateway.connect(port, GW, TOKEN)
+        await dash.until(lambda d: f"gateway/{GW}" in d.topics)
+        events = [[13, 0, 1764130000.0 + i, "info", f"code{i}", f"message {i}"]
+                  for i in range(3)]
+        await peer.send(data(1, rows(1, events)))
+        await peer.until_acked(1)
+        await peer.send(data(2, rows(4, [events[0][:4] + ["code3", "message 3"]])))
+        await peer.until_acked(2)
+        await dash.until(lambda d: d.topics[f"gateway/{GW}"].view.get("frames") == 2)
+        view = dash.topics[f"gateway/{GW}"].view
+        assert [e["code"] for e in view["events"]] == ["code3", "code2", "code1", "code0"]
+        fresh = await PeerDashboard.connect(port)
+        await fresh.subscribe([f"gateway/{GW}"])
+        await fresh.until(lambda d: f"gateway/{GW}" in d.topics)
+        assert fresh.topics[f"gateway/{GW}"].view["events"] == view["events"]
+
+
+async def test_live_a_subscribe_is_taken_whole_or_not_at_all(tmp_path: Path) -> None:
+    """"subscribe": the reply's `topics` are the request's patterns, `id` null without
+    one; a request with a bad pattern, a bad resume entry or one pattern too many is an
+    error and subscribes none of its patterns."""
+    async with running_hub(tmp_path, {"max_patterns": 3}) as port:
+        feed = await Feed.open(port)
+        dash = await PeerDashboard.connect(port)
+        for message in [
+            {"type": "subscribe", "id": 1, "topics": ["sensor/a", "bad/#/x"]},
+            {"type": "subscribe", "id": 2, "topics": ["sensor/+"], "resume": {"x": 5}},
+            {"type": "subscribe", "id": 3, "topics": ["sensor/b", "q/1", "q/2", "q/3"]},
+        ]:
+            await dash.request(message)
+            assert (await dash.reply("error"))["id"] == message["id"]
+        await dash.request({"type": "subscribe", "topics": [f"gateway/{GW}", "q/1", "q/2"]})
+        assert await dash.reply("subscribed") == {
+            "type": "subscribed", "id": None, "topics": [f"gateway/{GW}", "q/1", "q/2"],
+            "epoch": dash.hello["epoch"]}  # three patterns: none of the above was taken
+        await feed("a", 1.0)
+        await feed("b", 1.0)
+        await dash.until(lambda d: (d.topics.get(f"gateway/{GW}") or Topic("", 0, {})).view
+                         .get("frames") == 2)
+        assert set(dash.topics) == {f"gateway/{GW}"}
