@@ -1383,7 +1383,7 @@ async def test_live_gateway_events_each_reach_the_view(tmp_path: Path) -> None:
                   for i in range(3)]
         await peer.send(data(1, rows(1, events)))
         await peer.until_acked(1)
-        await peer.send(data(2, rows(4, [events[0][:4] + ["code3", "message 3"]])))
+        await peer.send(data(2, rows(4, [[*events[0][:4], "code3", "message 3"]])))
         await peer.until_acked(2)
         await dash.until(lambda d: d.topics[f"gateway/{GW}"].view.get("frames") == 2)
         view = dash.topics[f"gateway/{GW}"].view
