@@ -255,3 +255,20 @@ async def test_compressed_bodies_when_welcome_agrees(tmp_path: Path) -> None:
             records_in(body)  # a section 5 body once inflated
             await session.send([ACK, message[1], []])
         assert "zlib" in kinds and "plain-large" not in kinds
+
+
+async def test_at_most_window_frames_unacknowledged(tmp_path: Path) -> None:
+    """Section 6: the gateway keeps at most `window_frames` frames unacknowledged in
+    flight; an ACK frees room for as many more."""
+    async with gateway_against_peer(tmp_path, window_frames=4) as hub:
+        session, _ = await hello_of(hub)
+        await session.send(welcome())
+        seqs = [(await session.recv_data())[1] for _ in range(4)]
+        with trio.move_on_after(0.3):  # no fifth while none is acknowledged
+            seqs.append((await session.recv_data())[1])
+        assert seqs == [1, 2, 3, 4]
+        await session.send([ACK, 2, []])
+        seqs += [(await session.recv_data())[1] for _ in range(2)]
+        with trio.move_on_after(0.3):
+            seqs.append((await session.recv_data())[1])
+        assert seqs == [1, 2, 3, 4, 5, 6]
