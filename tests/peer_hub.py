@@ -110,6 +110,9 @@ class PeerHub:
     def __init__(self) -> None:
         self.port = 0
         self.probes = 0
+        self.probe_times: list[float] = []  # trio.current_time() of each probe
+        self.busy_probes = 0  # this many next probes get 503 + Retry-After: busy_retry_after
+        self.busy_retry_after = 1
         self._send, self.sessions = trio.open_memory_channel[Session](math.inf)
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -128,6 +131,14 @@ class PeerHub:
                 head += chunk
             if b"upgrade: websocket" not in head.lower():  # the readiness probe
                 self.probes += 1
+                self.probe_times.append(trio.current_time())
+                if self.busy_probes:  # section 7: load shedding
+                    self.busy_probes -= 1
+                    await stream.send_all(b"HTTP/1.1 503 Service Unavailable\r\n"
+                                          b"Retry-After: %d\r\nContent-Length: 0\r\n"
+                                          b"Connection: close\r\n\r\n"
+                                          % self.busy_retry_after)
+                    return
                 body = json.dumps({"status": "ready"}).encode()
                 await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                                       b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"

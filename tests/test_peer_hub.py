@@ -272,3 +272,21 @@ async def test_at_most_window_frames_unacknowledged(tmp_path: Path) -> None:
         with trio.move_on_after(0.3):
             seqs.append((await session.recv_data())[1])
         assert seqs == [1, 2, 3, 4, 5, 6]
+
+
+async def test_a_busy_probe_answer_is_honoured(tmp_path: Path) -> None:
+    """Section 7.5: a 503 with Retry-After: N makes the gateway wait at least N seconds
+    (plus jitter) before it probes again -- never earlier than asked."""
+    hub = PeerHub()
+    hub.busy_probes, hub.busy_retry_after = 1, 1
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(hub.run)
+        cfg = gateway_config(tmp_path, port, sources=[TESTER])
+        with trio.fail_after(15):
+            await nursery.start(Gateway(cfg).run)
+            session, _ = await hello_of(hub)
+            assert hub.probes == 2
+            assert hub.probe_times[1] - hub.probe_times[0] >= 1.0
+            await session.send(welcome())
+            await session.recv_data()
+        nursery.cancel_scope.cancel()

@@ -117,14 +117,13 @@ async def test_welcome_carries_the_documented_fields(tmp_path: Path) -> None:
         assert await peer.client.close() == (1000, "")
 
 
-@pytest.mark.parametrize("offered,chosen", [([1, 2, 3], 3), ([1, 2], 2), ([1], 1),
-                                            ([3, 9], 3), ([2, 1], 2)])
-async def test_welcome_chooses_the_highest_version_in_common(tmp_path: Path,
-                                                             offered: list[int],
-                                                             chosen: int) -> None:
+async def test_welcome_chooses_the_highest_version_in_common(tmp_path: Path) -> None:
     async with running_hub(tmp_path) as port:
-        peer = await PeerGateway.connect(port, GW, TOKEN, versions=offered)
-        assert peer.welcome["version"] == chosen
+        for offered, chosen in [([1, 2, 3], 3), ([1, 2], 2), ([1], 1), ([3, 9], 3),
+                                ([2, 1], 2)]:
+            peer = await PeerGateway.connect(port, GW, TOKEN, versions=offered)
+            assert peer.welcome["version"] == chosen, offered
+            assert await peer.client.close() == (1000, "")
 
 
 async def test_a_hub_pinned_to_v2_answers_2_to_a_v3_gateway(tmp_path: Path) -> None:
@@ -270,39 +269,41 @@ ROW_INVALID = {
 }
 
 
-@pytest.mark.parametrize("case", list(ROW_INVALID))
-async def test_an_invalid_body_is_rejected_applied_and_the_link_stays(tmp_path: Path,
-                                                                      case: str) -> None:
+async def rejected_in_turn(peer: PeerGateway, bodies: dict[str, bytes],
+                           seq: int = 0) -> int:
+    """Send each body as the next frame: each must be REJECTed, the link staying up (a
+    valid frame after it is applied).  The last seq used."""
+    for case, body in bodies.items():
+        await peer.send(data(seq + 1, body))
+        reject = await peer.until_rejected(seq + 1)
+        assert len(reject) == 3 and isinstance(reject[2], str) and reject[2], case
+        await peer.send(data(seq + 2, rows(seq + 2, [sensor("t", 1.0)])))
+        await peer.until_acked(seq + 1, seq + 2)
+        seq += 2
+    return seq
+
+
+async def test_an_invalid_body_is_rejected_applied_and_the_link_stays(tmp_path: Path) -> None:
     """Section 5: an invalid frame gets REJECT [6, seq, reason], its seq joins the applied
-    set, and the frames behind it go on (never blocked, never retried)."""
+    set, and the frames behind it go on (never blocked, never retried).  Row rules:
+    `first_rid: uint >= 1`, `source_index` indexes `sources`."""
+    bodies = {**ROW_INVALID, "first_rid_0": rows(0, [sensor("t", 1.0)]),
+              "row_source_out_of_range": rows(1, [sensor("t", 1.0, source=3)])}
     async with running_hub(tmp_path) as port:
         peer = await PeerGateway.connect(port, GW, TOKEN)
-        await peer.send(data(1, ROW_INVALID[case]))
-        reject = await peer.until_rejected(1)
-        assert len(reject) == 3 and isinstance(reject[2], str) and reject[2]
-        await peer.send(data(2, rows(2, [sensor("t", 1.0)])))
-        assert await peer.until_acked(1, 2) == [ACK, 2, []]
+        last = await rejected_in_turn(peer, bodies)
         stats = await gateway_stats(port)
-        assert stats["frames_rejected"] == 1 and stats["records_applied"] == 1
+        assert stats["frames_rejected"] == len(bodies)
+        assert stats["records_applied"] == len(bodies)
         assert await peer.client.close() == (1000, "")
         peer = await PeerGateway.connect(port, GW, TOKEN)
-        assert peer.welcome["applied"] == [[1, 2]]
-
-
+        assert peer.welcome["applied"] == [[1, last]]
 async def test_the_largest_record_id_is_valid(tmp_path: Path) -> None:
     """Section 2: record ids up to 2^63 - 1 are within the bound."""
     async with running_hub(tmp_path) as port:
         peer = await PeerGateway.connect(port, GW, TOKEN)
         await peer.send(data(1, rows(INT64_MAX - 1, [sensor("t", 1.0), sensor("t", 2.0)])))
         assert await peer.next() == [ACK, 1, []]
-
-
-async def test_an_integer_past_int64_is_malformed(tmp_path: Path) -> None:
-    """Section 2: any integer of a message above 2^63 - 1 makes it malformed (4004)."""
-    async with running_hub(tmp_path) as port:
-        peer = await PeerGateway.connect(port, GW, TOKEN)
-        await peer.send(data(INT64_MAX + 1, rows(1, [sensor("t", 1.0)])))
-        assert (await closed_with(peer))[0] == 4004
 
 
 async def test_extra_trailing_fields_and_omitted_defaults(tmp_path: Path) -> None:
@@ -424,18 +425,13 @@ COLUMNAR_INVALID: dict[str, tuple[list[int], list[Any]]] = {
 COLUMNAR_FIRST_RID = {"rid_past_int64": INT64_MAX}
 
 
-@pytest.mark.parametrize("case", list(COLUMNAR_INVALID))
-async def test_a_columnar_body_breaking_a_rule_is_rejected(tmp_path: Path, case: str) -> None:
+async def test_a_columnar_body_breaking_a_rule_is_rejected(tmp_path: Path) -> None:
     """Section 5.2's list of what makes a columnar frame invalid (REJECT, link up)."""
-    runs, tables = COLUMNAR_INVALID[case]
+    bodies = {case: columns(COLUMNAR_FIRST_RID.get(case, 1), runs, tables)
+              for case, (runs, tables) in COLUMNAR_INVALID.items()}
     async with running_hub(tmp_path) as port:
         peer = await PeerGateway.connect(port, GW, TOKEN, versions=[1, 2])
-        await peer.send(data(1, columns(COLUMNAR_FIRST_RID.get(case, 1), runs, tables)))
-        await peer.until_rejected(1)
-        await peer.send(data(2, rows(2, [sensor("t", 1.0)])))
-        await peer.until_acked(1, 2)
-
-
+        await rejected_in_turn(peer, bodies)
 async def test_a_columnar_body_on_a_v1_connection_is_rejected(tmp_path: Path) -> None:
     async with running_hub(tmp_path) as port:
         peer = await PeerGateway.connect(port, GW, TOKEN, versions=[1])
@@ -474,25 +470,18 @@ async def test_typed_float_columns_keep_every_bit(tmp_path: Path) -> None:
         assert all(point[0] == 5.0 for point in history)
 
 
-@pytest.mark.parametrize("case", [*TYPED_INVALID, "column_0_typed", "on_v2"])
-async def test_a_typed_column_breaking_a_rule_is_rejected(tmp_path: Path, case: str) -> None:
+async def test_a_typed_column_breaking_a_rule_is_rejected(tmp_path: Path) -> None:
+    bodies = {case: columns(1, [11, 2], [sensor_table(["t"], column)])
+              for case, column in TYPED_INVALID.items()}
+    bodies["column_0_typed"] = columns(1, [11, 2], [[11, [typed(0.0, 0.0), [1.0], ["t"],
+                                                          [1.0, 2.0]]]])
     async with running_hub(tmp_path) as port:
-        versions = [1, 2] if case == "on_v2" else [1, 2, 3]
-        peer = await PeerGateway.connect(port, GW, TOKEN, versions=versions)
-        if case == "column_0_typed":
-            table = [11, [typed(0.0, 0.0), [1.0], ["t"], [1.0, 2.0]]]
-        else:
-            column = TYPED_INVALID.get(case, typed(1.0, 2.0))
-            table = sensor_table(["t"], column)
-        await peer.send(data(1, columns(1, [11, 2], [table])))
-        await peer.until_rejected(1)
-        await peer.send(data(2, rows(3, [sensor("t", 1.0)])))
-        await peer.until_acked(1, 2)
-
-
-# =================================================================== 5.1: compression
-
-
+        peer = await PeerGateway.connect(port, GW, TOKEN, versions=[1, 2, 3])
+        await rejected_in_turn(peer, bodies)
+        # a valid typed column, on a v2 connection
+        peer = await PeerGateway.connect(port, "ate-02", TOKEN, versions=[1, 2])
+        await rejected_in_turn(peer, {"on_v2": columns(1, [11, 2], [
+            sensor_table(["t"], typed(1.0, 2.0))])})
 async def test_compression_is_negotiated_in_the_gateways_order(tmp_path: Path) -> None:
     async with running_hub(tmp_path, compression="zlib") as port:
         peer = await PeerGateway.connect(port, GW, TOKEN, compression=["lz4", "zlib"])
@@ -516,18 +505,15 @@ async def test_a_hub_with_compression_off_accepts_none(tmp_path: Path) -> None:
         assert (await closed_with(peer))[0] == 4004  # an encoding that was not agreed
 
 
-@pytest.mark.parametrize("case", ["not_agreed_name", "truncated_stream", "two_streams"])
-async def test_a_bad_compressed_body_closes_4004(tmp_path: Path, case: str) -> None:
+async def test_a_bad_compressed_body_closes_4004(tmp_path: Path) -> None:
     body = zlib.compress(rows(1, [sensor("t", 1.0)] * 50))
-    message = {"not_agreed_name": data(1, body, "gzip"),
-               "truncated_stream": data(1, body[:-6], "zlib"),
-               "two_streams": data(1, body + body, "zlib")}[case]
     async with running_hub(tmp_path, compression="zlib") as port:
-        peer = await PeerGateway.connect(port, GW, TOKEN, compression=["zlib"])
-        await peer.send(message)
-        assert (await closed_with(peer))[0] == 4004
-
-
+        for case, message in {"not_agreed_name": data(1, body, "gzip"),
+                              "truncated_stream": data(1, body[:-6], "zlib"),
+                              "two_streams": data(1, body + body, "zlib")}.items():
+            peer = await PeerGateway.connect(port, GW, TOKEN, compression=["zlib"])
+            await peer.send(message)
+            assert (await closed_with(peer))[0] == 4004, case
 async def test_a_body_decompressing_past_max_frame_bytes_closes_1009(tmp_path: Path) -> None:
     async with running_hub(tmp_path, compression="zlib", max_frame_bytes=4096) as port:
         peer = await PeerGateway.connect(port, GW, TOKEN, compression=["zlib"])
@@ -636,52 +622,42 @@ MALFORMED_HELLO: dict[str, dict[str, Any]] = {
     "next_seq_past_int64": {"next_seq": INT64_MAX + 1},
     "versions_not_a_list": {"versions": 3},
     "no_epoch": {"epoch": None},
+    "negative_next_seq": {"next_seq": -3},
     # section 5.1: at most 16 names of at most 32 characters
     "compression_17_names": {"compression": [f"x{i}" for i in range(17)]},
     "compression_name_33": {"compression": ["z" * 33]},
 }
 
 
-@pytest.mark.parametrize("case", list(MALFORMED_HELLO))
-async def test_a_malformed_hello_closes_4004(tmp_path: Path, case: str) -> None:
+async def test_a_malformed_hello_closes_4004(tmp_path: Path) -> None:
     """Sections 2 and 8: fields over their limits or of the wrong type make HELLO
     malformed: a protocol error (4004), not a refusal."""
-    fields: dict[str, Any] = {"versions": [1, 2, 3], "gateway": GW, "token": TOKEN,
-                              "epoch": "e", "next_seq": 1, "heartbeat": 5.0}
-    fields.update(MALFORMED_HELLO[case])
-    fields = {k: v for k, v in fields.items() if v is not None}
     async with running_hub(tmp_path) as port:
-        client = await WsClient.connect(port, "/ws/gateway")
-        await client.send(cbor2.dumps([1, fields]))
-        assert (await client.close_reason())[0] == 4004
-
-
+        for case, change in MALFORMED_HELLO.items():
+            fields: dict[str, Any] = {"versions": [1, 2, 3], "gateway": GW, "token": TOKEN,
+                                      "epoch": "e", "next_seq": 1, "heartbeat": 5.0,
+                                      **change}
+            client = await WsClient.connect(port, "/ws/gateway")
+            await client.send(cbor2.dumps([1, {k: v for k, v in fields.items()
+                                               if v is not None}]))
+            assert (await client.close_reason())[0] == 4004, case
 MALFORMED_DATA: dict[str, bytes] = {
     "seq_0": data(0, rows(1, [sensor("t", 1.0)])),
     "body_not_bytes": cbor2.dumps([4, 1, 1.0, "text"]),
     "too_few_items": cbor2.dumps([4, 1, 1.0]),
+    "seq_past_int64": data(INT64_MAX + 1, rows(1, [sensor("t", 1.0)])),
+    "negative_seq": data(-1, rows(1, [sensor("t", 1.0)])),
 }
 
 
-@pytest.mark.parametrize("case", list(MALFORMED_DATA))
-async def test_a_malformed_data_message_closes_4004(tmp_path: Path, case: str) -> None:
+async def test_a_malformed_data_message_closes_4004(tmp_path: Path) -> None:
+    """Section 2: DATA is `[4, seq >= 1, sent_at, body: bytes]`; an integer above
+    2^63 - 1 or below 0 makes a message malformed (4004)."""
     async with running_hub(tmp_path) as port:
-        peer = await PeerGateway.connect(port, GW, TOKEN)
-        await peer.send(MALFORMED_DATA[case])
-        assert (await closed_with(peer))[0] == 4004
-
-
-@pytest.mark.parametrize("case", ["first_rid_0", "row_source_out_of_range"])
-async def test_a_body_breaking_a_row_rule_is_rejected(tmp_path: Path, case: str) -> None:
-    """Section 5: `first_rid: uint >= 1`; `source_index` indexes `sources`."""
-    body = {"first_rid_0": rows(0, [sensor("t", 1.0)]),
-            "row_source_out_of_range": rows(1, [sensor("t", 1.0, source=3)])}[case]
-    async with running_hub(tmp_path) as port:
-        peer = await PeerGateway.connect(port, GW, TOKEN)
-        await peer.send(data(1, body))
-        await peer.until_rejected(1)
-
-
+        for case, message in MALFORMED_DATA.items():
+            peer = await PeerGateway.connect(port, GW, TOKEN)
+            await peer.send(message)
+            assert (await closed_with(peer))[0] == 4004, case
 async def test_two_connections_sending_the_same_frame_apply_it_once(tmp_path: Path) -> None:
     """Section 4: the newest connection wins (4008 to the old one) and exactly-once holds
     across the takeover whatever the timing."""
@@ -1085,21 +1061,6 @@ async def test_4002_lists_what_a_pinned_hub_speaks(tmp_path: Path) -> None:
         assert peer.first[2].endswith("this hub speaks [1, 2]")
 
 
-@pytest.mark.parametrize("message", [
-    data(-1, rows(1, [sensor("t", 1.0)])),
-    cbor2.dumps([1, {"versions": [1], "gateway": GW, "token": TOKEN, "epoch": "e",
-                     "next_seq": -3, "heartbeat": 5.0}]),
-], ids=["negative_seq", "negative_next_seq"])
-async def test_a_negative_sequence_number_is_malformed(tmp_path: Path, message: bytes) -> None:
-    async with running_hub(tmp_path) as port:
-        client = await WsClient.connect(port, "/ws/gateway")
-        if message[1] == 4:  # DATA: after a HELLO
-            await client.send(hello_bytes())
-            assert cbor2.loads(await client.recv())[0] == WELCOME
-        await client.send(message)
-        assert (await client.close_reason())[0] == 4004
-
-
 def hello_bytes(gw: str = GW) -> bytes:
     return cbor2.dumps([1, {"versions": [1, 2, 3], "gateway": gw, "token": TOKEN,
                             "epoch": "epoch-1", "next_seq": 1, "heartbeat": 5.0}])
@@ -1320,19 +1281,16 @@ async def test_a_rejected_frame_sent_again_on_its_connection_is_4004(tmp_path: P
         assert await closed_with(peer) == (4004, "frame 1 sent twice on one connection")
 
 
-@pytest.mark.parametrize("case", ["huge_unknown_kind", "huge_text_kind", "huge_not_cbor"])
-async def test_reject_reasons_stay_within_1024_characters(tmp_path: Path, case: str) -> None:
+async def test_reject_reasons_stay_within_1024_characters(tmp_path: Path) -> None:
     """Section 2: reasons are at most 1024 characters, whatever the frame held."""
-    body = {"huge_unknown_kind": rows(1, [[99, 0, 1.0, "x" * 5000]]),
-            "huge_text_kind": rows(1, [["k" * 5000, 0, 1.0]]),
-            "huge_not_cbor": cbor2.dumps([1, ["s" * 5000], [[11, 0, 1.0, "t"]]])}[case]
+    bodies = {"huge_unknown_kind": rows(1, [[99, 0, 1.0, "x" * 5000]]),
+              "huge_text_kind": rows(1, [["k" * 5000, 0, 1.0]]),
+              "huge_not_cbor": cbor2.dumps([1, ["s" * 5000], [[11, 0, 1.0, "t"]]])}
     async with running_hub(tmp_path) as port:
         peer = await PeerGateway.connect(port, GW, TOKEN)
-        await peer.send(data(1, body))
-        reject = await peer.until_rejected(1)
-        assert 0 < len(reject[2]) <= 1024
-
-
+        await rejected_in_turn(peer, bodies)
+        assert all(0 < len(reject[2]) <= 1024 for reject in peer.rejects), [
+            len(reject[2]) for reject in peer.rejects]
 async def test_live_resubscribing_at_max_patterns_changes_nothing(tmp_path: Path) -> None:
     """"Subscribing to a pattern the client already has changes nothing" -- also when the
     client is at `max_patterns`; a new one then is `too_many_topics`."""
@@ -1431,3 +1389,27 @@ async def test_the_gateway_path_has_no_subprotocol_and_no_extensions(tmp_path: P
         assert client.subprotocol is None and client.extensions == []
         await client.send(hello_bytes())
         assert cbor2.loads(await client.recv())[0] == WELCOME
+
+
+LIVE_UPGRADE = ("GET /ws/live HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13")
+
+
+async def test_live_permessage_deflate_negotiation(tmp_path: Path) -> None:
+    """live-protocol.md, "Compression": the answer is exactly `permessage-deflate;
+    server_no_context_takeover; client_no_context_takeover`; an offer with
+    server_max_window_bits below 15 or an unknown parameter is declined (plain frames)."""
+    async with running_hub(tmp_path, {"compression": "permessage-deflate"}) as port:
+        for offer, agreed in [
+            ("permessage-deflate; client_max_window_bits", True),
+            ("permessage-deflate", True),
+            ("permessage-deflate; server_max_window_bits=10", False),
+            ("permessage-deflate; frobnicate=1", False),
+            ("permessage-deflate; server_max_window_bits=10, permessage-deflate", True),
+        ]:
+            status, headers, _ = await http_request(
+                port, f"{LIVE_UPGRADE}\r\nSec-WebSocket-Extensions: {offer}")
+            assert status == 101
+            assert headers.get("sec-websocket-extensions") == (
+                "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+                if agreed else None), offer
