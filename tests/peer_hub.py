@@ -41,6 +41,15 @@ def records_in(body: bytes) -> tuple[int, int, str]:
     return item[0], sum(item[2][1::2]), "columns"
 
 
+def tags_in(item: Any) -> set[int]:
+    """The CBOR tags anywhere in a decoded item."""
+    if isinstance(item, cbor2.CBORTag):
+        return {item.tag} | tags_in(item.value)
+    if isinstance(item, list):
+        return set().union(*(tags_in(v) for v in item)) if item else set()
+    return set()
+
+
 def welcome(applied: list[list[int]] | None = None, version: int = 3,
             heartbeat: float = 5.0, max_frame_bytes: int = 8 << 20,
             max_records: int = 50_000, **extra: Any) -> list[Any]:
@@ -111,6 +120,7 @@ class PeerHub:
         self.port = 0
         self.probes = 0
         self.probe_times: list[float] = []  # trio.current_time() of each probe
+        self.probe_lines: list[str] = []  # each probe's request line
         self.busy_probes = 0  # this many next probes get 503 + Retry-After: busy_retry_after
         self.busy_retry_after = 1
         self._send, self.sessions = trio.open_memory_channel[Session](math.inf)
@@ -132,6 +142,7 @@ class PeerHub:
             if b"upgrade: websocket" not in head.lower():  # the readiness probe
                 self.probes += 1
                 self.probe_times.append(trio.current_time())
+                self.probe_lines.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
                 if self.busy_probes:  # section 7: load shedding
                     self.busy_probes -= 1
                     await stream.send_all(b"HTTP/1.1 503 Service Unavailable\r\n"

@@ -20,7 +20,19 @@ import cbor2
 import pytest
 import trio
 from hubtools import gateway_config
-from peer_hub import ACK, DATA, HELLO, PING, PONG, REJECT, PeerHub, Session, records_in, welcome
+from peer_hub import (
+    ACK,
+    DATA,
+    HELLO,
+    PING,
+    PONG,
+    REJECT,
+    PeerHub,
+    Session,
+    records_in,
+    tags_in,
+    welcome,
+)
 from wsclient import Closed
 
 from edgegw.gateway import Gateway
@@ -66,7 +78,7 @@ async def test_probe_then_hello_with_the_documented_fields(tmp_path: Path) -> No
     configured heartbeat as a float, and no `compression` key when it does not compress."""
     async with gateway_against_peer(tmp_path, heartbeat_s=3.0) as hub:
         _, hello = await hello_of(hub)
-        assert hub.probes >= 1
+        assert hub.probes >= 1 and hub.probe_lines[0] == "GET /ws/gateway HTTP/1.1"
         assert hello["versions"] == [1, 2, 3]
         assert (hello["gateway"], hello["token"]) == ("ate-01", "s3cret")
         assert isinstance(hello["epoch"], str) and 0 < len(hello["epoch"]) <= 128
@@ -290,3 +302,28 @@ async def test_a_busy_probe_answer_is_honoured(tmp_path: Path) -> None:
             await session.send(welcome())
             await session.recv_data()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("pinned,offered", [(2, [1, 2]), (1, [1])])
+async def test_a_pinned_gateway_offers_only_its_versions(tmp_path: Path, pinned: int,
+                                                         offered: list[int]) -> None:
+    """Section 9: `uplink.max_protocol_version` pins the gateway: HELLO offers up to it."""
+    async with gateway_against_peer(tmp_path, max_protocol_version=pinned) as hub:
+        _, hello = await hello_of(hub)
+        assert hello["versions"] == offered
+
+
+@pytest.mark.parametrize("version", [3, 2])
+async def test_typed_arrays_only_to_a_v3_hub(tmp_path: Path, version: int) -> None:
+    """Sections 5.2 and 9: typed float columns (tag 86) go to a v3 hub; a v3 gateway
+    answered `version` 2 sends none on that connection (frames it stored as v3 go with
+    their typed columns made arrays)."""
+    async with gateway_against_peer(tmp_path) as hub:
+        session, _ = await hello_of(hub)
+        await session.send(welcome(version=version))
+        tags = set()
+        for _ in range(3):
+            message = await session.recv_data()
+            tags |= tags_in(cbor2.loads(message[3]))
+            await session.send([ACK, message[1], []])
+        assert tags == ({86} if version == 3 else set())
