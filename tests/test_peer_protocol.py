@@ -55,6 +55,11 @@ TOKEN = "s3cret"
 GW = "ate-01"
 
 
+#: one alert rule (docs/alerts.md), for the `ack` request and the alert topics
+ALERTS = {"rules": [{"name": "wafer-yield", "kind": "wafer_yield", "priority": "P0",
+                     "threshold": 0.8, "min_parts": 4}]}
+
+
 def settings(tmp: Path, live: dict[str, Any] | None = None, **hub: Any) -> HubConfig:
     # a heartbeat below the loader's 1 s floor keeps the PING test fast: set on the built
     # config, as tests/test_conformance.py does
@@ -63,6 +68,7 @@ def settings(tmp: Path, live: dict[str, Any] | None = None, **hub: Any) -> HubCo
         "hub": {"port": 0, "data_dir": str(tmp), "gc_freeze_s": 0, **hub},
         "gateways": {gw: {"token": TOKEN} for gw in (GW, "ate-02", "ate-03")},
         "live": live or {},
+        "alerts": ALERTS,
     })
     return dataclasses.replace(cfg, hub=dataclasses.replace(cfg.hub, **fast))
 
@@ -1413,3 +1419,35 @@ async def test_live_permessage_deflate_negotiation(tmp_path: Path) -> None:
             assert headers.get("sec-websocket-extensions") == (
                 "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
                 if agreed else None), offer
+
+
+async def test_live_ack_of_an_alert_reaches_every_client_as_an_event(tmp_path: Path) -> None:
+    """"`ack`": the reply `acked` repeats id, alert and by; every client following the
+    alert's topic gets an `acknowledged` event delta (live-topics.md, `alert/...`), each
+    event its own delta, never composed with the `raised` one."""
+    async with running_hub(tmp_path) as port:
+        dash = await PeerDashboard.connect(port)
+        other = await PeerDashboard.connect(port, JSON)
+        for client in (dash, other):
+            await client.subscribe(["alert/#"])
+        peer = await PeerGateway.connect(port, GW, TOKEN)
+        dies = [part(x, 1, 5, False) for x in range(1, 7)]  # yield 0 after 6 dies
+        await peer.send(data(1, rows(1, [[1, 0, 1764130000.0, "L1"], *dies],
+                                     sources=["tester"])))
+        await peer.until_acked(1)
+        topic = "alert/P0/wafer-yield"
+        await dash.until(lambda d: bool((d.topics.get(topic) or Topic("", 0, {})).view
+                                        .get("alerts")))
+        alert = dash.topics[topic].view["alerts"][0]
+        assert alert["rule"] == "wafer-yield" and alert["acknowledged"] is False
+        await dash.request({"type": "ack", "id": 3, "alert": alert["id"], "by": "maria"})
+        assert await dash.reply("acked") == {"type": "acked", "id": 3, "alert": alert["id"],
+                                             "by": "maria"}
+        for client in (dash, other):
+            await client.until(lambda d: any(a["acknowledged"] for a in (
+                d.topics.get(topic) or Topic("", 0, {})).view.get("alerts", [])))
+            items = [item for batch in client.batches for item in batch["items"]
+                     if item["topic"] == topic and item["type"] == "delta"]
+            assert all(item["n"] == len(item["data"]) for item in items)  # uncomposed
+            assert items[-1]["data"][-1]["event"] == "acknowledged"
+            assert client.topics[topic].view["alerts"][0]["acked_by"] == "maria"
