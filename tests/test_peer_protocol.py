@@ -25,7 +25,7 @@ import cbor2
 import pytest
 import trio
 from hubtools import http_get
-from peer_dashboard import JSON, PeerDashboard, Topic
+from peer_dashboard import CBOR, JSON, PeerDashboard, Topic
 from peer_gateway import (
     ACK,
     INT64_MAX,
@@ -1451,3 +1451,20 @@ async def test_live_ack_of_an_alert_reaches_every_client_as_an_event(tmp_path: P
             assert all(item["n"] == len(item["data"]) for item in items)  # uncomposed
             assert items[-1]["data"][-1]["event"] == "acknowledged"
             assert client.topics[topic].view["alerts"][0]["acked_by"] == "maria"
+
+
+async def test_live_subprotocol_choice(tmp_path: Path) -> None:
+    """"Connecting": the first subprotocol offered that the hub knows; CBOR (and none in
+    the answer) when the client offers none it knows."""
+    async with running_hub(tmp_path) as port:
+        for offered, chosen, encoding in [
+            ([CBOR], CBOR, "cbor"), (["x.unknown"], None, "cbor"),
+            (["x.unknown", JSON], JSON, "json"), ([JSON, CBOR], JSON, "json"),
+            ([CBOR, JSON], CBOR, "cbor"),
+        ]:
+            client = await WsClient.connect(port, "/ws/live", subprotocols=offered)
+            raw = await client.recv()
+            hello = json.loads(raw) if isinstance(raw, str) else cbor2.loads(raw)
+            assert (client.subprotocol, hello["encoding"]) == (chosen, encoding), offered
+            assert isinstance(raw, str) == (encoding == "json")
+            await client.aclose()
