@@ -43,12 +43,16 @@ TESTER = {"name": "tester", "type": "simulated", "lots": 1, "wafers": 1, "sites"
 
 
 @asynccontextmanager
-async def gateway_against_peer(tmp: Path, **uplink: Any) -> AsyncIterator[PeerHub]:
+async def gateway_against_peer(tmp: Path, spool: dict[str, Any] | None = None,
+                               **uplink: Any) -> AsyncIterator[PeerHub]:
+    """A peer hub and a gateway with a simulated tester (``spool``: the [spool] table, a
+    disk spool; else frames wait in memory)."""
     hub = PeerHub()
     async with trio.open_nursery() as nursery:
         port = await nursery.start(hub.run)
+        sections: dict[str, Any] = {} if spool is None else {"spool": spool}
         cfg = gateway_config(tmp, port, sources=[TESTER], batch={"max_records": 20},
-                             uplink={"heartbeat_s": 5.0, **uplink})
+                             uplink={"heartbeat_s": 5.0, **uplink}, **sections)
         await nursery.start(Gateway(cfg).run)
         with trio.fail_after(15):
             yield hub
@@ -327,3 +331,30 @@ async def test_typed_arrays_only_to_a_v3_hub(tmp_path: Path, version: int) -> No
             tags |= tags_in(cbor2.loads(message[3]))
             await session.send([ACK, message[1], []])
         assert tags == ({86} if version == 3 else set())
+
+
+async def test_a_restarted_gateway_keeps_its_epoch_and_resends_the_unacknowledged(
+        tmp_path: Path) -> None:
+    """Sections 3 and 4: with a disk spool a restart is not a fresh store: the same epoch,
+    next_seq the lowest frame still unacknowledged, and those frames sent again as they
+    were -- (epoch, seq) names one frame across restarts."""
+    first: dict[int, bytes] = {}
+    for run in range(2):
+        async with gateway_against_peer(tmp_path, spool={}) as hub:
+            session, hello = await hello_of(hub)
+            if run == 0:
+                epoch = hello["epoch"]
+                await session.send(welcome())
+                for _ in range(4):
+                    message = await session.recv_data()
+                    first[message[1]] = message[3]
+                await session.send([ACK, 2, []])
+                await session.send([PING, 1.0])  # the ACK is read before the stop
+                while (await session.recv())[0] != PONG:
+                    pass
+            else:
+                assert hello["epoch"] == epoch and hello["next_seq"] == 3
+                await session.send(welcome(applied=[[1, 2]]))
+                for seq in (3, 4):
+                    message = await session.recv_data()
+                    assert (message[1], message[3]) == (seq, first[seq])
