@@ -70,6 +70,10 @@ class Session:
     async def send(self, message: list[Any]) -> None:
         await self.stream.send_all(self.ws.send(Message(data=cbor2.dumps(message))))
 
+    async def send_raw(self, data: bytes | str) -> None:
+        """One WebSocket message as given: text, or bytes that need not be CBOR."""
+        await self.stream.send_all(self.ws.send(Message(data=data)))
+
     async def recv(self) -> list[Any]:
         """The gateway's next message (decoded); Closed when it closes."""
         while True:

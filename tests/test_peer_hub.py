@@ -358,3 +358,19 @@ async def test_a_restarted_gateway_keeps_its_epoch_and_resends_the_unacknowledge
                 for seq in (3, 4):
                     message = await session.recv_data()
                     assert (message[1], message[3]) == (seq, first[seq])
+
+
+@pytest.mark.parametrize("message", [cbor2.dumps([99, 1]), "text", b"\xff\xfe",
+                                     cbor2.dumps([5, -1, []])],
+                         ids=["unknown_type", "text", "not_cbor", "negative_watermark"])
+async def test_a_malformed_hub_message_is_closed_4004(tmp_path: Path,
+                                                      message: bytes | str) -> None:
+    """Sections 1 and 8: unknown message types, text messages, anything not CBOR and a
+    malformed message are protocol errors at the gateway too (4004); unknown WELCOME keys
+    are ignored."""
+    async with gateway_against_peer(tmp_path) as hub:
+        session, _ = await hello_of(hub)
+        await session.send(welcome(future_key={"x": [1]}))
+        await session.recv_data()  # welcomed: the unknown key was ignored
+        await session.send_raw(message)
+        assert (await until_closed(session))[0] == 4004
