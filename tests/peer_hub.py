@@ -111,6 +111,21 @@ class Session:
             else:
                 assert message[0] == PONG, message
 
+    async def end(self) -> None:
+        """Close from this side and read until the gateway's answering close (at most 2 s):
+        a test then stops a gateway that is between sessions, which it does at once (a
+        gateway stopped in a session waits out its close timeout, 0.5 s)."""
+        if self.done.is_set():
+            return
+        with trio.move_on_after(2):
+            try:
+                await self.stream.send_all(self.ws.send(CloseConnection(code=1000)))
+                while True:
+                    await self.recv()
+            except Exception:  # the answering close, or the gateway had closed already
+                pass
+        self.done.set()
+
     async def close(self, code: int = 1000, reason: str = "") -> None:
         try:
             await self.stream.send_all(self.ws.send(CloseConnection(code=code, reason=reason)))
@@ -123,6 +138,7 @@ class PeerHub:
     def __init__(self) -> None:
         self.port = 0
         self.probes = 0
+        self.open: list[Session] = []  # every upgraded connection, in order
         self.probe_times: list[float] = []  # trio.current_time() of each probe
         self.probe_lines: list[str] = []  # each probe's request line
         self.busy_probes = 0  # this many next probes get 503 + Retry-After: busy_retry_after
@@ -165,5 +181,6 @@ class PeerHub:
             assert request.target == "/ws/gateway" and not request.subprotocols
             await stream.send_all(ws.send(AcceptConnection()))
             session = Session(stream, ws)
+            self.open.append(session)
             await self._send.send(session)
             await session.done.wait()

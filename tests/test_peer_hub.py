@@ -56,6 +56,8 @@ async def gateway_against_peer(tmp: Path, spool: dict[str, Any] | None = None,
         await nursery.start(Gateway(cfg).run)
         with trio.fail_after(15):
             yield hub
+            for session in hub.open:
+                await session.end()
         nursery.cancel_scope.cancel()
 
 
@@ -305,6 +307,7 @@ async def test_a_busy_probe_answer_is_honoured(tmp_path: Path) -> None:
             assert hub.probe_times[1] - hub.probe_times[0] >= 1.0
             await session.send(welcome())
             await session.recv_data()
+            await session.end()
         nursery.cancel_scope.cancel()
 
 
