@@ -1468,3 +1468,29 @@ async def test_live_subprotocol_choice(tmp_path: Path) -> None:
             assert (client.subprotocol, hello["encoding"]) == (chosen, encoding), offered
             assert isinstance(raw, str) == (encoding == "json")
             await client.aclose()
+
+
+async def test_live_snapshots_are_spread_over_ticks_by_rows(tmp_path: Path) -> None:
+    """"subscribe": a tick starts a snapshot only while fewer than
+    `snapshot_rows_per_tick` rows (a wafer map: one per die) were built in it, so many
+    wafer maps come over a few batches."""
+    async with running_hub(tmp_path, {"snapshot_rows_per_tick": 10}) as port:
+        peer = await PeerGateway.connect(port, GW, TOKEN)
+        records: list[Any] = [[1, 0, 1764130000.0, "L1"]]
+        for wafer in ("W1", "W2", "W3"):
+            records += [[*part(x, 1, 1, True)[:4], wafer, *part(x, 1, 1, True)[5:]]
+                        for x in range(1, 9)]  # 8 dies a wafer
+        await peer.send(data(1, rows(1, records, sources=["tester"])))
+        await peer.until_acked(1)
+        watcher = await PeerDashboard.connect(port)  # the state is built once followed
+        await watcher.subscribe(["lot/+/wafer/+"])
+        await watcher.until(lambda d: len(d.topics) == 3)
+        dash = await PeerDashboard.connect(port)
+        await dash.subscribe(["lot/+/wafer/+"])
+        await dash.until(lambda d: len(d.topics) == 3)
+        per_batch = [[len(item["data"]["dies"]) for item in batch["items"]]
+                     for batch in dash.batches if batch["items"]]
+        assert len(per_batch) >= 2, per_batch
+        # whichever snapshot was built last, the rows before it were fewer than 10
+        assert all(sum(dies) - max(dies) < 10 for dies in per_batch), per_batch
+        assert all(len(t.view["dies"]) == 8 for t in dash.topics.values())
