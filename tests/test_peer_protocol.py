@@ -105,7 +105,167 @@ async def closed_with(peer: PeerGateway) -> tuple[int, str]:
         return closed.code, closed.reason
 
 
-# =================================================================== section 4: handshake
+def hello_bytes(gw: str = GW) -> bytes:
+    """A valid HELLO, for a bare WsClient."""
+    return cbor2.dumps([1, {"versions": [1, 2, 3], "gateway": gw, "token": TOKEN,
+                            "epoch": "epoch-1", "next_seq": 1, "heartbeat": 5.0}])
+
+
+class Feed:
+    """The peer gateway as the live topics' source: each call one acknowledged frame of
+    SensorReadings (live-topics.md, `sensor/<channel>`)."""
+
+    def __init__(self, peer: PeerGateway) -> None:
+        self.peer = peer
+        self.seq = 0
+
+    @classmethod
+    async def open(cls, port: int, gw: str = GW) -> Feed:
+        return cls(await PeerGateway.connect(port, gw, TOKEN))
+
+    async def __call__(self, channel: str, *values: float, ts: float = 1764130000.0) -> None:
+        self.seq += 1
+        records = [sensor(channel, v, ts=ts + i) for i, v in enumerate(values)]
+        await self.peer.send(data(self.seq, rows(self.seq * 1000, records)))
+        await self.peer.until_acked(self.seq)
+
+
+def part(x: int, y: int, hard_bin: int, passed: bool, site: int = 0) -> list[Any]:
+    """A PartResult row of lot L1, wafer W1 at (x, y), hard = soft bin."""
+    return [5, 0, 1764130000.0 + x, "L1", "W1", 1, site, f"p{x}.{y}", x, y, hard_bin,
+            hard_bin, passed]
+
+
+async def rejected_in_turn(peer: PeerGateway, bodies: dict[str, bytes],
+                           seq: int = 0) -> int:
+    """Send each body as the next frame: each must be REJECTed, the link staying up (a
+    valid frame after it is applied).  The last seq used."""
+    for case, body in bodies.items():
+        await peer.send(data(seq + 1, body))
+        reject = await peer.until_rejected(seq + 1)
+        assert len(reject) == 3 and isinstance(reject[2], str) and reject[2], case
+        await peer.send(data(seq + 2, rows(seq + 2, [sensor("t", 1.0)])))
+        await peer.until_acked(seq + 1, seq + 2)
+        seq += 2
+    return seq
+
+
+# ========== sections 1 and 2: transport, messages, limits of fields
+
+
+async def test_floats_of_any_width(tmp_path: Path) -> None:
+    """Section 1: floats are CBOR floats of any width -- here the shortest that holds each
+    value (half and single precision), in HELLO, DATA and the records."""
+    async with running_hub(tmp_path) as port:
+        client = await WsClient.connect(port, "/ws/gateway")
+        await client.send(cbor2.dumps([1, {"versions": [1, 2, 3], "gateway": GW,
+                                           "token": TOKEN, "epoch": "e", "next_seq": 1,
+                                           "heartbeat": 5.0}], canonical=True))
+        assert cbor2.loads(await client.recv())[0] == WELCOME
+        body = cbor2.dumps([1, ["s"], [[11, 0, 1.5, "t", 0.25, "C"]]], canonical=True)
+        message = cbor2.dumps([4, 1, 2.0, body], canonical=True)
+        assert b"\xf9" in message and b"\xf9" in body  # half-precision floats
+        await client.send(message)
+        assert cbor2.loads(await client.recv()) == [ACK, 1, []]
+
+
+async def test_the_gateway_path_has_no_subprotocol_and_no_extensions(tmp_path: Path) -> None:
+    """Section 1: "No subprotocol, no extensions" on /ws/gateway -- also on a hub whose
+    /ws/live agrees permessage-deflate, and whatever the client offers."""
+    async with running_hub(tmp_path, {"compression": "permessage-deflate"}) as port:
+        live = await WsClient.connect(port, "/ws/live", extensions=[PerMessageDeflate()])
+        assert live.extensions  # the live path does agree it
+        client = await WsClient.connect(port, "/ws/gateway", subprotocols=["edgegw.x"],
+                                        extensions=[PerMessageDeflate()])
+        assert client.subprotocol is None and client.extensions == []
+        await client.send(hello_bytes())
+        assert cbor2.loads(await client.recv())[0] == WELCOME
+
+
+MALFORMED_HELLO: dict[str, dict[str, Any]] = {
+    "gateway_over_128": {"gateway": "g" * 129},
+    "token_over_1024": {"token": "t" * 1025},
+    "epoch_over_128": {"epoch": "e" * 129},
+    "next_seq_0": {"next_seq": 0},
+    "next_seq_past_int64": {"next_seq": INT64_MAX + 1},
+    "versions_not_a_list": {"versions": 3},
+    "no_epoch": {"epoch": None},
+    "negative_next_seq": {"next_seq": -3},
+    # section 5.1: at most 16 names of at most 32 characters
+    "compression_17_names": {"compression": [f"x{i}" for i in range(17)]},
+    "compression_name_33": {"compression": ["z" * 33]},
+}
+
+
+async def test_a_malformed_hello_closes_4004(tmp_path: Path) -> None:
+    """Sections 2 and 8: fields over their limits or of the wrong type make HELLO
+    malformed: a protocol error (4004), not a refusal."""
+    async with running_hub(tmp_path) as port:
+        for case, change in MALFORMED_HELLO.items():
+            fields: dict[str, Any] = {"versions": [1, 2, 3], "gateway": GW, "token": TOKEN,
+                                      "epoch": "e", "next_seq": 1, "heartbeat": 5.0,
+                                      **change}
+            client = await WsClient.connect(port, "/ws/gateway")
+            await client.send(cbor2.dumps([1, {k: v for k, v in fields.items()
+                                               if v is not None}]))
+            assert (await client.close_reason())[0] == 4004, case
+
+
+MALFORMED_DATA: dict[str, bytes] = {
+    "seq_0": data(0, rows(1, [sensor("t", 1.0)])),
+    "body_not_bytes": cbor2.dumps([4, 1, 1.0, "text"]),
+    "too_few_items": cbor2.dumps([4, 1, 1.0]),
+    "seq_past_int64": data(INT64_MAX + 1, rows(1, [sensor("t", 1.0)])),
+    "negative_seq": data(-1, rows(1, [sensor("t", 1.0)])),
+}
+
+
+async def test_a_malformed_data_message_closes_4004(tmp_path: Path) -> None:
+    """Section 2: DATA is `[4, seq >= 1, sent_at, body: bytes]`; an integer above
+    2^63 - 1 or below 0 makes a message malformed (4004)."""
+    async with running_hub(tmp_path) as port:
+        for case, message in MALFORMED_DATA.items():
+            peer = await PeerGateway.connect(port, GW, TOKEN)
+            await peer.send(message)
+            assert (await closed_with(peer))[0] == 4004, case
+
+
+async def test_the_close_reason_is_the_first_123_bytes(tmp_path: Path) -> None:
+    """Section 8: REFUSE carries the whole reason; the close frame its first 123 bytes."""
+    async with running_hub(tmp_path) as port:
+        stranger = "s" * 128
+        peer = await PeerGateway.connect(port, stranger, TOKEN)
+        assert peer.first == [REFUSE, 4001, f"unknown gateway id '{stranger}'"]
+        assert await closed_with(peer) == (4001, peer.first[2][:123])
+
+
+async def test_a_close_reason_is_cut_on_a_character_boundary(tmp_path: Path) -> None:
+    """Section 8: the close frame carries the reason's first 123 bytes -- as UTF-8 text
+    (RFC 6455: a close reason that is not UTF-8 is itself a protocol error), so a cut
+    inside a character leaves that character out."""
+    async with running_hub(tmp_path) as port:
+        stranger = "é" * 60  # 120 bytes: the 123-byte cut falls inside one
+        peer = await PeerGateway.connect(port, stranger, TOKEN)
+        reason = peer.first[2]
+        assert reason == f"unknown gateway id '{stranger}'"
+        code, cut = await closed_with(peer)
+        assert code == 4001 and reason.startswith(cut)
+        assert 122 <= len(cut.encode()) <= 123
+
+
+async def test_reject_reasons_stay_within_1024_characters(tmp_path: Path) -> None:
+    """Section 2: reasons are at most 1024 characters, whatever the frame held."""
+    bodies = {"huge_unknown_kind": rows(1, [[99, 0, 1.0, "x" * 5000]]),
+              "huge_text_kind": rows(1, [["k" * 5000, 0, 1.0]]),
+              "huge_not_cbor": cbor2.dumps([1, ["s" * 5000], [[11, 0, 1.0, "t"]]])}
+    async with running_hub(tmp_path) as port:
+        peer = await PeerGateway.connect(port, GW, TOKEN)
+        await rejected_in_turn(peer, bodies)
+        assert all(0 < len(reject[2]) <= 1024 for reject in peer.rejects), [
+            len(reject[2]) for reject in peer.rejects]
+
+
+# ========== section 4: handshake
 
 
 async def test_welcome_carries_the_documented_fields(tmp_path: Path) -> None:
@@ -148,6 +308,14 @@ async def test_refuse_is_type_3_with_code_and_reason_then_that_close(tmp_path: P
         assert await closed_with(peer) == (4002, peer.first[2])
 
 
+async def test_4002_lists_what_a_pinned_hub_speaks(tmp_path: Path) -> None:
+    """Section 4: REFUSE 4002 "the reason lists what the hub speaks"."""
+    async with running_hub(tmp_path, max_protocol_version=2) as port:
+        peer = await PeerGateway.connect(port, GW, TOKEN, versions=[3])
+        assert peer.first[:2] == [REFUSE, 4002]
+        assert peer.first[2].endswith("this hub speaks [1, 2]")
+
+
 async def test_unknown_hello_keys_are_ignored(tmp_path: Path) -> None:
     """Section 1: unknown map keys are ignored (forward compatibility)."""
     async with running_hub(tmp_path) as port:
@@ -174,13 +342,40 @@ async def test_next_seq_marks_frames_below_it_applied_and_counts_them_lost(
         assert peer.welcome["applied"] == []
 
 
-async def test_readiness_probe_is_a_plain_get_of_the_gateway_path(tmp_path: Path) -> None:
-    """Section 7.1."""
+async def test_each_epoch_keeps_its_own_applied_set(tmp_path: Path) -> None:
+    """Section 3: one applied set per (gateway id, epoch)."""
     async with running_hub(tmp_path) as port:
-        assert await http_get(port, "/ws/gateway") == (200, {"status": "ready"})
+        for epoch, seqs in [("epoch-1", (1, 2)), ("epoch-2", (1,)), ("epoch-1", (3,))]:
+            peer = await PeerGateway.connect(port, GW, TOKEN, epoch=epoch,
+                                             next_seq=seqs[0])
+            for seq in seqs:
+                await peer.send(data(seq, rows(seq, [sensor("t", 1.0)])))
+            await peer.until_acked(*seqs)
+            assert await peer.client.close() == (1000, "")
+        for epoch, applied in [("epoch-1", [[1, 3]]), ("epoch-2", [[1, 1]])]:
+            peer = await PeerGateway.connect(port, GW, TOKEN, epoch=epoch)
+            assert peer.welcome["applied"] == applied, epoch
+            assert await peer.client.close() == (1000, "")
 
 
-# =================================================================== sections 5, 6: frames
+async def test_two_connections_sending_the_same_frame_apply_it_once(tmp_path: Path) -> None:
+    """Section 4: the newest connection wins (4008 to the old one) and exactly-once holds
+    across the takeover whatever the timing."""
+    async with running_hub(tmp_path) as port:
+        old = await PeerGateway.connect(port, GW, TOKEN)
+        await old.send(data(1, rows(1, [sensor("t", 1.0)] * 3)))
+        new = await PeerGateway.connect(port, GW, TOKEN)
+        code, _ = await closed_with(old)
+        assert code == 4008
+        # WELCOME lists what is durable: frame 1 if the old connection's commit finished,
+        # else nothing (dropped, to be resent) -- either way it is applied once
+        assert new.welcome["applied"] in ([], [[1, 1]])
+        await new.send(data(1, rows(1, [sensor("t", 1.0)] * 3)))
+        assert await new.until_acked(1) == [ACK, 1, []]
+        assert (await gateway_stats(port))["records_applied"] == 3
+
+
+# ========== sections 3, 5 and 6: frames, acknowledgements, duplicates, order
 
 
 async def test_a_v1_row_frame_is_applied_and_acked(tmp_path: Path) -> None:
@@ -245,6 +440,38 @@ async def test_a_frame_already_applied_is_acked_again_and_not_applied_twice(
             assert await peer.client.close() == (1000, "")
 
 
+async def test_a_frame_applied_before_the_connection_is_acked_each_time_it_comes(
+        tmp_path: Path) -> None:
+    """Section 5: a frame in WELCOME's `applied`, sent on the connection, is a duplicate
+    "each time it comes" -- not "sent twice on one connection" (4004), which is for frames
+    that came on this connection.  A rejected frame is in the applied set too."""
+    async with running_hub(tmp_path) as port:
+        peer = await PeerGateway.connect(port, GW, TOKEN)
+        await peer.send(data(1, rows(1, [sensor("t", 1.0)])))
+        await peer.send(data(2, b"\xff"))
+        await peer.until_acked(1, 2)
+        await peer.client.close()
+        peer = await PeerGateway.connect(port, GW, TOKEN)
+        assert peer.welcome["applied"] == [[1, 2]]
+        for seq in (1, 1, 2, 2):
+            await peer.send(data(seq, rows(seq, [sensor("t", 1.0)])))
+            assert await peer.next() == [ACK, 2, []]
+        stats = await gateway_stats(port)
+        assert stats["duplicates_dropped"] == 4 and stats["records_applied"] == 1
+        assert stats["frames_rejected"] == 1
+
+
+async def test_a_rejected_frame_sent_again_on_its_connection_is_4004(tmp_path: Path) -> None:
+    """Section 5: a frame that came on this connection, coming again: 4004 -- a rejected
+    one too (it came; the gateway never retries an invalid frame)."""
+    async with running_hub(tmp_path) as port:
+        peer = await PeerGateway.connect(port, GW, TOKEN)
+        await peer.send(data(1, b"\xff"))
+        await peer.until_rejected(1)
+        await peer.send(data(1, b"\xff"))
+        assert await closed_with(peer) == (4004, "frame 1 sent twice on one connection")
+
+
 async def test_max_holes_bounds_the_gaps(tmp_path: Path) -> None:
     """Section 5: any seq is accepted while applied-or-in-flight numbers have at most
     `max_holes` gaps; one more closes with 4004 "sequence gap"."""
@@ -264,7 +491,18 @@ async def test_max_holes_bounds_the_gaps(tmp_path: Path) -> None:
         assert await peer.until_acked(2, 7) == [ACK, 3, [[5, 5], [7, 7]]]
 
 
-# ----------------------------------------------------------------- invalid frames: REJECT
+async def test_strict_order_with_max_holes_0_starts_at_next_seq(tmp_path: Path) -> None:
+    """Section 5: "With `max_holes = 0` the hub requires strict order" -- the first frame
+    of a connection included: next_seq, not one past it."""
+    async with running_hub(tmp_path, max_holes=0) as port:
+        peer = await PeerGateway.connect(port, GW, TOKEN, next_seq=1)
+        await peer.send(data(2, rows(2, [sensor("t", 1.0)])))
+        code, reason = await closed_with(peer)
+        assert code == 4004 and reason.startswith("sequence gap")
+
+
+# ========== section 5: invalid frames (REJECT) and the record table
+
 
 ROW_INVALID = {
     "not_cbor": b"\xff\x00",
@@ -273,20 +511,6 @@ ROW_INVALID = {
     "too_few_fields": rows(1, [[SENSOR_READING, 0, 1.0, "t"]]),  # no value
     "rid_past_int64": rows(INT64_MAX, [sensor("t", 1.0), sensor("t", 2.0)]),
 }
-
-
-async def rejected_in_turn(peer: PeerGateway, bodies: dict[str, bytes],
-                           seq: int = 0) -> int:
-    """Send each body as the next frame: each must be REJECTed, the link staying up (a
-    valid frame after it is applied).  The last seq used."""
-    for case, body in bodies.items():
-        await peer.send(data(seq + 1, body))
-        reject = await peer.until_rejected(seq + 1)
-        assert len(reject) == 3 and isinstance(reject[2], str) and reject[2], case
-        await peer.send(data(seq + 2, rows(seq + 2, [sensor("t", 1.0)])))
-        await peer.until_acked(seq + 1, seq + 2)
-        seq += 2
-    return seq
 
 
 async def test_an_invalid_body_is_rejected_applied_and_the_link_stays(tmp_path: Path) -> None:
@@ -304,6 +528,8 @@ async def test_an_invalid_body_is_rejected_applied_and_the_link_stays(tmp_path: 
         assert await peer.client.close() == (1000, "")
         peer = await PeerGateway.connect(port, GW, TOKEN)
         assert peer.welcome["applied"] == [[1, last]]
+
+
 async def test_the_largest_record_id_is_valid(tmp_path: Path) -> None:
     """Section 2: record ids up to 2^63 - 1 are within the bound."""
     async with running_hub(tmp_path) as port:
@@ -324,7 +550,59 @@ async def test_extra_trailing_fields_and_omitted_defaults(tmp_path: Path) -> Non
         assert (await gateway_stats(port))["records_applied"] == 2
 
 
-# ----------------------------------------------------------------- limits from WELCOME
+#: per kind, its fields after `ts` up to the last one without a default (section 5's table)
+REQUIRED: dict[int, list[Any]] = {
+    1: ["L"],                                                   # LotStart
+    2: ["L"],                                                   # LotEnd
+    3: ["L", "W"],                                              # WaferStart
+    4: ["L", "W"],                                              # WaferEnd
+    5: ["L", "W", 1, 0, "p1", 3, 4, 1, 1, True],                # PartResult
+    6: ["L", 1, 0, "p1", 100, "VDD", 1.0, 0.5, 1.5, "V", True],  # ParametricResult
+    7: ["L", 1, 0, "p1", 200, "FUNC", True],                    # FunctionalResult
+    8: ["L", 1, 0, "p1", 300, "MPR", [1.0, 2.0], 0.0, 3.0, "V", True],  # MultiPinResult
+    9: ["L", "H", 255, 0, 1, 10, "P"],                          # BinSummary
+    10: ["L", 255, 0, 10],                                      # PartCount
+    11: ["t", 1.0],                                             # SensorReading
+    12: ["w", 1.0, 0.5, 1.5, 1.0, 3, 10.0, 11.0],               # SensorWindow
+    13: ["info", "c", "m"],                                     # GatewayEvent
+    14: ["stdf", "PTR", {"TEST_NUM": 1}],                       # RawRecord
+}
+
+
+async def test_every_kind_with_its_required_fields_is_applied_and_one_fewer_rejected(
+        tmp_path: Path) -> None:
+    """Section 5's table, rows and columns: a record of each kind with exactly the fields
+    up to its last one without a default is applied; without that field it is invalid
+    (fewer fields than its kind requires), in either layout (section 5.2: "at least the
+    columns up to the last field without a default")."""
+    async with running_hub(tmp_path) as port:
+        peer = await PeerGateway.connect(port, GW, TOKEN)
+        seq = rid = 0
+        invalid: set[int] = set()
+        for kind, fields in REQUIRED.items():
+            record = [kind, 0, 1764130000.0, *fields]
+            short = columns(rid + 1, [kind, 1], [[kind, [[v] for v in record[1:-1]]]])
+            for body, valid in [
+                (rows(rid + 1, [record]), True),
+                (columns(rid + 1, [kind, 1], [[kind, [[v] for v in record[1:]]]]), True),
+                (rows(rid + 1, [record[:-1]]), False),
+                (short, False),
+            ]:
+                seq += 1
+                rid += 1
+                await peer.send(data(seq, body))
+                if valid:
+                    await peer.until_acked(seq)
+                else:
+                    invalid.add(seq)
+                    await peer.until_rejected(seq)
+        await peer.send(data(seq + 1, rows(rid + 1, [sensor("t", 1.0)])))
+        await peer.until_acked(*range(1, seq + 2))
+        assert {reject[1] for reject in peer.rejects} == invalid
+        assert (await gateway_stats(port))["records_applied"] == 2 * len(REQUIRED) + 1
+
+
+# ========== sections 1 and 5: the limits WELCOME announced
 
 
 async def test_more_records_than_max_records_closes_4006_rows_and_columns(
@@ -353,7 +631,8 @@ async def test_a_message_over_max_frame_bytes_closes_1009(tmp_path: Path) -> Non
         assert (await closed_with(peer))[0] == 1009
 
 
-# =================================================================== 5.2: columnar bodies
+# ========== section 5.2: columnar bodies (v2) and typed float columns (v3)
+
 
 #: section 5.2's example body, byte for byte as the document prints it
 EXAMPLE_V2 = bytes.fromhex(
@@ -364,6 +643,8 @@ EXAMPLE_V2 = bytes.fromhex(
     " 82 61 56 62 6d41 81 f5 81 00 81 00"
     " 82 05 90 81 00 81 fb41da499f34300000 81 64 4c4f5431 81 63 573031 81 01 81 00"
     " 81 62 3137 81 03 81 09 81 01 81 01 81 f5 81 f4 81 00 81 1878 81 02".replace(" ", ""))
+
+
 EXAMPLE_V3 = bytes.fromhex(
     "84 19 9c41 81 66 746573746572 84 06 02 05 01 82"
     " 82 06 8f 81 00 d8 56 48 000020349f49da41 81 64 4c4f5431 81 01 81 00 81 62 3137"
@@ -428,6 +709,8 @@ COLUMNAR_INVALID: dict[str, tuple[list[int], list[Any]]] = {
     "typed_bytes_without_tag_on_v2": ([11, 1], [[11, [[0], struct.pack("<d", 1.0), ["t"],
                                                       [1.0]]]]),
 }
+
+
 COLUMNAR_FIRST_RID = {"rid_past_int64": INT64_MAX}
 
 
@@ -438,6 +721,8 @@ async def test_a_columnar_body_breaking_a_rule_is_rejected(tmp_path: Path) -> No
     async with running_hub(tmp_path) as port:
         peer = await PeerGateway.connect(port, GW, TOKEN, versions=[1, 2])
         await rejected_in_turn(peer, bodies)
+
+
 async def test_a_columnar_body_on_a_v1_connection_is_rejected(tmp_path: Path) -> None:
     async with running_hub(tmp_path) as port:
         peer = await PeerGateway.connect(port, GW, TOKEN, versions=[1])
@@ -445,7 +730,15 @@ async def test_a_columnar_body_on_a_v1_connection_is_rejected(tmp_path: Path) ->
         await peer.until_rejected(1)
 
 
-# ----------------------------------------------------------------- typed float columns (v3)
+async def test_a_hub_pinned_to_v1_rejects_columns(tmp_path: Path) -> None:
+    async with running_hub(tmp_path, max_protocol_version=1) as port:
+        peer = await PeerGateway.connect(port, GW, TOKEN)
+        assert peer.welcome["version"] == 1
+        await peer.send(data(1, columns(1, [11, 1], [sensor_table(["t"], [1.0])])))
+        await peer.until_rejected(1)
+        await peer.send(data(2, rows(1, [sensor("t", 1.0)])))
+        await peer.until_acked(2)
+
 
 TYPED_INVALID: dict[str, Any] = {
     "float32_tag_85": cbor2.CBORTag(85, struct.pack("<2f", 1.0, 2.0)),
@@ -488,6 +781,11 @@ async def test_a_typed_column_breaking_a_rule_is_rejected(tmp_path: Path) -> Non
         peer = await PeerGateway.connect(port, "ate-02", TOKEN, versions=[1, 2])
         await rejected_in_turn(peer, {"on_v2": columns(1, [11, 2], [
             sensor_table(["t"], typed(1.0, 2.0))])})
+
+
+# ========== section 5.1: compressed bodies
+
+
 async def test_compression_is_negotiated_in_the_gateways_order(tmp_path: Path) -> None:
     async with running_hub(tmp_path, compression="zlib") as port:
         peer = await PeerGateway.connect(port, GW, TOKEN, compression=["lz4", "zlib"])
@@ -520,6 +818,8 @@ async def test_a_bad_compressed_body_closes_4004(tmp_path: Path) -> None:
             peer = await PeerGateway.connect(port, GW, TOKEN, compression=["zlib"])
             await peer.send(message)
             assert (await closed_with(peer))[0] == 4004, case
+
+
 async def test_a_body_decompressing_past_max_frame_bytes_closes_1009(tmp_path: Path) -> None:
     async with running_hub(tmp_path, compression="zlib", max_frame_bytes=4096) as port:
         peer = await PeerGateway.connect(port, GW, TOKEN, compression=["zlib"])
@@ -530,7 +830,24 @@ async def test_a_body_decompressing_past_max_frame_bytes_closes_1009(tmp_path: P
             1009, "DATA body decompresses to more than the limit of 4096 bytes")
 
 
-# =================================================================== section 7: heartbeats
+async def test_compressed_frames_are_rejected_and_deduplicated_as_plain_ones(
+        tmp_path: Path) -> None:
+    """Section 5.1: acks, rejects and deduplication are the same compressed or not."""
+    async with running_hub(tmp_path, compression="zlib") as port:
+        peer = await PeerGateway.connect(port, GW, TOKEN, compression=["zlib"])
+        await peer.send(data(1, zlib.compress(rows(1, [[99, 0, 1.0]])), "zlib"))
+        await peer.until_rejected(1)
+        await peer.send(zlib_data(2, rows(2, [sensor("t", 1.0)])))
+        await peer.until_acked(1, 2)
+        await peer.client.close()
+        peer = await PeerGateway.connect(port, GW, TOKEN, compression=["zlib"])
+        await peer.send(zlib_data(2, rows(2, [sensor("t", 1.0)])))
+        assert await peer.next() == [ACK, 2, []]
+        stats = await gateway_stats(port)
+        assert (stats["frames_rejected"], stats["duplicates_dropped"]) == (1, 1)
+
+
+# ========== section 7: heartbeats, the probe, load shedding, failed handshakes
 
 
 async def test_ping_is_answered_with_the_same_t_and_an_idle_hub_pings(tmp_path: Path) -> None:
@@ -545,162 +862,46 @@ async def test_ping_is_answered_with_the_same_t_and_an_idle_hub_pings(tmp_path: 
         assert (await peer.next(pings=True))[0] == PING
 
 
-# =================================================================== section 5: the record table
-
-#: per kind, its fields after `ts` up to the last one without a default (section 5's table)
-REQUIRED: dict[int, list[Any]] = {
-    1: ["L"],                                                   # LotStart
-    2: ["L"],                                                   # LotEnd
-    3: ["L", "W"],                                              # WaferStart
-    4: ["L", "W"],                                              # WaferEnd
-    5: ["L", "W", 1, 0, "p1", 3, 4, 1, 1, True],                # PartResult
-    6: ["L", 1, 0, "p1", 100, "VDD", 1.0, 0.5, 1.5, "V", True],  # ParametricResult
-    7: ["L", 1, 0, "p1", 200, "FUNC", True],                    # FunctionalResult
-    8: ["L", 1, 0, "p1", 300, "MPR", [1.0, 2.0], 0.0, 3.0, "V", True],  # MultiPinResult
-    9: ["L", "H", 255, 0, 1, 10, "P"],                          # BinSummary
-    10: ["L", 255, 0, 10],                                      # PartCount
-    11: ["t", 1.0],                                             # SensorReading
-    12: ["w", 1.0, 0.5, 1.5, 1.0, 3, 10.0, 11.0],               # SensorWindow
-    13: ["info", "c", "m"],                                     # GatewayEvent
-    14: ["stdf", "PTR", {"TEST_NUM": 1}],                       # RawRecord
-}
+async def test_readiness_probe_is_a_plain_get_of_the_gateway_path(tmp_path: Path) -> None:
+    """Section 7.1."""
+    async with running_hub(tmp_path) as port:
+        assert await http_get(port, "/ws/gateway") == (200, {"status": "ready"})
 
 
-async def test_every_kind_with_its_required_fields_is_applied_and_one_fewer_rejected(
+async def test_a_busy_hub_answers_probe_and_upgrade_503_with_retry_after(
         tmp_path: Path) -> None:
-    """Section 5's table, rows and columns: a record of each kind with exactly the fields
-    up to its last one without a default is applied; without that field it is invalid
-    (fewer fields than its kind requires), in either layout (section 5.2: "at least the
-    columns up to the last field without a default")."""
-    async with running_hub(tmp_path) as port:
-        peer = await PeerGateway.connect(port, GW, TOKEN)
-        seq = rid = 0
-        invalid: set[int] = set()
-        for kind, fields in REQUIRED.items():
-            record = [kind, 0, 1764130000.0, *fields]
-            short = columns(rid + 1, [kind, 1], [[kind, [[v] for v in record[1:-1]]]])
-            for body, valid in [
-                (rows(rid + 1, [record]), True),
-                (columns(rid + 1, [kind, 1], [[kind, [[v] for v in record[1:]]]]), True),
-                (rows(rid + 1, [record[:-1]]), False),
-                (short, False),
-            ]:
-                seq += 1
-                rid += 1
-                await peer.send(data(seq, body))
-                if valid:
-                    await peer.until_acked(seq)
-                else:
-                    invalid.add(seq)
-                    await peer.until_rejected(seq)
-        await peer.send(data(seq + 1, rows(rid + 1, [sensor("t", 1.0)])))
-        await peer.until_acked(*range(1, seq + 2))
-        assert {reject[1] for reject in peer.rejects} == invalid
-        assert (await gateway_stats(port))["records_applied"] == 2 * len(REQUIRED) + 1
+    """Section 7, "Load shedding at the hub": with `max_pending_handshakes` handshakes
+    under way (upgraded, no WELCOME yet) probes and upgrades get 503 + Retry-After; once
+    the handshake ends the probe is 200 again."""
+    async with running_hub(tmp_path, max_pending_handshakes=1,
+                           busy_retry_after_s=7.0) as port:
+        pending = await WsClient.connect(port, "/ws/gateway")  # upgraded, says nothing
+        for head in ("GET /ws/gateway HTTP/1.1", UPGRADE):
+            status, headers, _ = await http_request(port, head)
+            assert status == 503 and headers["retry-after"] == "7"
+        await pending.send(hello_bytes())
+        assert cbor2.loads(await pending.recv())[0] == WELCOME
+        status, _, body = await http_request(port, "GET /ws/gateway HTTP/1.1")
+        assert (status, json.loads(body)) == (200, {"status": "ready"})
+        assert (await http_request(port, UPGRADE))[0] == 101
 
 
-async def test_a_frame_applied_before_the_connection_is_acked_each_time_it_comes(
+async def test_refused_hellos_use_up_an_address_then_429_to_upgrades_only(
         tmp_path: Path) -> None:
-    """Section 5: a frame in WELCOME's `applied`, sent on the connection, is a duplicate
-    "each time it comes" -- not "sent twice on one connection" (4004), which is for frames
-    that came on this connection.  A rejected frame is in the applied set too."""
-    async with running_hub(tmp_path) as port:
-        peer = await PeerGateway.connect(port, GW, TOKEN)
-        await peer.send(data(1, rows(1, [sensor("t", 1.0)])))
-        await peer.send(data(2, b"\xff"))
-        await peer.until_acked(1, 2)
-        await peer.client.close()
-        peer = await PeerGateway.connect(port, GW, TOKEN)
-        assert peer.welcome["applied"] == [[1, 2]]
-        for seq in (1, 1, 2, 2):
-            await peer.send(data(seq, rows(seq, [sensor("t", 1.0)])))
-            assert await peer.next() == [ACK, 2, []]
-        stats = await gateway_stats(port)
-        assert stats["duplicates_dropped"] == 4 and stats["records_applied"] == 1
-        assert stats["frames_rejected"] == 1
+    """Section 7, "Failed handshakes": each 4001 costs the address one of
+    `gateway_failures_burst`; with none left its upgrades get 429 + Retry-After, its
+    probes still 200."""
+    async with running_hub(tmp_path, gateway_failures_burst=2,
+                           gateway_failures_per_minute=0.01) as port:
+        for _ in range(2):
+            peer = await PeerGateway.connect(port, GW, "wrong")
+            assert peer.first[:2] == [REFUSE, 4001]
+        status, headers, _ = await http_request(port, UPGRADE)
+        assert status == 429 and int(headers["retry-after"]) >= 1
+        assert (await http_request(port, "GET /ws/gateway HTTP/1.1"))[0] == 200
 
 
-MALFORMED_HELLO: dict[str, dict[str, Any]] = {
-    "gateway_over_128": {"gateway": "g" * 129},
-    "token_over_1024": {"token": "t" * 1025},
-    "epoch_over_128": {"epoch": "e" * 129},
-    "next_seq_0": {"next_seq": 0},
-    "next_seq_past_int64": {"next_seq": INT64_MAX + 1},
-    "versions_not_a_list": {"versions": 3},
-    "no_epoch": {"epoch": None},
-    "negative_next_seq": {"next_seq": -3},
-    # section 5.1: at most 16 names of at most 32 characters
-    "compression_17_names": {"compression": [f"x{i}" for i in range(17)]},
-    "compression_name_33": {"compression": ["z" * 33]},
-}
-
-
-async def test_a_malformed_hello_closes_4004(tmp_path: Path) -> None:
-    """Sections 2 and 8: fields over their limits or of the wrong type make HELLO
-    malformed: a protocol error (4004), not a refusal."""
-    async with running_hub(tmp_path) as port:
-        for case, change in MALFORMED_HELLO.items():
-            fields: dict[str, Any] = {"versions": [1, 2, 3], "gateway": GW, "token": TOKEN,
-                                      "epoch": "e", "next_seq": 1, "heartbeat": 5.0,
-                                      **change}
-            client = await WsClient.connect(port, "/ws/gateway")
-            await client.send(cbor2.dumps([1, {k: v for k, v in fields.items()
-                                               if v is not None}]))
-            assert (await client.close_reason())[0] == 4004, case
-MALFORMED_DATA: dict[str, bytes] = {
-    "seq_0": data(0, rows(1, [sensor("t", 1.0)])),
-    "body_not_bytes": cbor2.dumps([4, 1, 1.0, "text"]),
-    "too_few_items": cbor2.dumps([4, 1, 1.0]),
-    "seq_past_int64": data(INT64_MAX + 1, rows(1, [sensor("t", 1.0)])),
-    "negative_seq": data(-1, rows(1, [sensor("t", 1.0)])),
-}
-
-
-async def test_a_malformed_data_message_closes_4004(tmp_path: Path) -> None:
-    """Section 2: DATA is `[4, seq >= 1, sent_at, body: bytes]`; an integer above
-    2^63 - 1 or below 0 makes a message malformed (4004)."""
-    async with running_hub(tmp_path) as port:
-        for case, message in MALFORMED_DATA.items():
-            peer = await PeerGateway.connect(port, GW, TOKEN)
-            await peer.send(message)
-            assert (await closed_with(peer))[0] == 4004, case
-async def test_two_connections_sending_the_same_frame_apply_it_once(tmp_path: Path) -> None:
-    """Section 4: the newest connection wins (4008 to the old one) and exactly-once holds
-    across the takeover whatever the timing."""
-    async with running_hub(tmp_path) as port:
-        old = await PeerGateway.connect(port, GW, TOKEN)
-        await old.send(data(1, rows(1, [sensor("t", 1.0)] * 3)))
-        new = await PeerGateway.connect(port, GW, TOKEN)
-        code, _ = await closed_with(old)
-        assert code == 4008
-        # WELCOME lists what is durable: frame 1 if the old connection's commit finished,
-        # else nothing (dropped, to be resent) -- either way it is applied once
-        assert new.welcome["applied"] in ([], [[1, 1]])
-        await new.send(data(1, rows(1, [sensor("t", 1.0)] * 3)))
-        assert await new.until_acked(1) == [ACK, 1, []]
-        assert (await gateway_stats(port))["records_applied"] == 3
-
-
-# =================================================================== live-protocol.md
-
-
-class Feed:
-    """The peer gateway as the live topics' source: each call one acknowledged frame of
-    SensorReadings (live-topics.md, `sensor/<channel>`)."""
-
-    def __init__(self, peer: PeerGateway) -> None:
-        self.peer = peer
-        self.seq = 0
-
-    @classmethod
-    async def open(cls, port: int, gw: str = GW) -> Feed:
-        return cls(await PeerGateway.connect(port, gw, TOKEN))
-
-    async def __call__(self, channel: str, *values: float, ts: float = 1764130000.0) -> None:
-        self.seq += 1
-        records = [sensor(channel, v, ts=ts + i) for i, v in enumerate(values)]
-        await self.peer.send(data(self.seq, rows(self.seq * 1000, records)))
-        await self.peer.until_acked(self.seq)
+# ========== live-protocol.md: connecting
 
 
 async def test_live_hello_and_encodings(tmp_path: Path) -> None:
@@ -727,6 +928,66 @@ async def test_live_hello_and_encodings(tmp_path: Path) -> None:
         await dash.request({"type": "ping", "id": [1, "x"]})  # CBOR to a JSON client
         assert await dash.reply("pong") == {"type": "pong", "id": [1, "x"]}
         assert dash.frame_kinds == {str}
+
+
+async def test_live_subprotocol_choice(tmp_path: Path) -> None:
+    """"Connecting": the first subprotocol offered that the hub knows; CBOR (and none in
+    the answer) when the client offers none it knows."""
+    async with running_hub(tmp_path) as port:
+        for offered, chosen, encoding in [
+            ([CBOR], CBOR, "cbor"), (["x.unknown"], None, "cbor"),
+            (["x.unknown", JSON], JSON, "json"), ([JSON, CBOR], JSON, "json"),
+            ([CBOR, JSON], CBOR, "cbor"),
+        ]:
+            client = await WsClient.connect(port, "/ws/live", subprotocols=offered)
+            raw = await client.recv()
+            hello = json.loads(raw) if isinstance(raw, str) else cbor2.loads(raw)
+            assert (client.subprotocol, hello["encoding"]) == (chosen, encoding), offered
+            assert isinstance(raw, str) == (encoding == "json")
+            await client.aclose()
+
+
+LIVE_UPGRADE = ("GET /ws/live HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13")
+
+
+async def test_live_permessage_deflate_negotiation(tmp_path: Path) -> None:
+    """live-protocol.md, "Compression": the answer is exactly `permessage-deflate;
+    server_no_context_takeover; client_no_context_takeover`; an offer with
+    server_max_window_bits below 15 or an unknown parameter is declined (plain frames)."""
+    async with running_hub(tmp_path, {"compression": "permessage-deflate"}) as port:
+        for offer, agreed in [
+            ("permessage-deflate; client_max_window_bits", True),
+            ("permessage-deflate", True),
+            ("permessage-deflate; server_max_window_bits=10", False),
+            ("permessage-deflate; frobnicate=1", False),
+            ("permessage-deflate; server_max_window_bits=10, permessage-deflate", True),
+        ]:
+            status, headers, _ = await http_request(
+                port, f"{LIVE_UPGRADE}\r\nSec-WebSocket-Extensions: {offer}")
+            assert status == 101
+            assert headers.get("sec-websocket-extensions") == (
+                "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+                if agreed else None), offer
+
+
+async def test_live_json_sends_nan_and_infinities_as_null(tmp_path: Path) -> None:
+    async with running_hub(tmp_path) as port:
+        feed = await Feed.open(port)
+        dash = await PeerDashboard.connect(port, JSON)
+        cbor = await PeerDashboard.connect(port)
+        for client in (dash, cbor):
+            await client.subscribe(["sensor/+"])
+        await feed("odd", math.nan)
+        await feed("odd", math.inf)
+        await dash.until(lambda d: len(points(d, "sensor/odd")) == 2)
+        assert [point[1] for point in dash.topics["sensor/odd"].view["history"]] == [None] * 2
+        await cbor.until(lambda d: len(points(d, "sensor/odd")) == 2)
+        lasts = [point[1] for point in cbor.topics["sensor/odd"].view["history"]]
+        assert math.isnan(lasts[0]) and lasts[1] == math.inf
+
+
+# ========== live-protocol.md: subscribe, snapshot then deltas, unsubscribe, ui_rate
 
 
 async def test_live_snapshot_then_deltas_with_offsets(tmp_path: Path) -> None:
@@ -770,6 +1031,157 @@ async def test_live_snapshot_then_deltas_with_offsets(tmp_path: Path) -> None:
         await fresh.until(lambda d: "sensor/temp" in d.topics)
         assert fresh.topics["sensor/temp"].offset == dash.topics["sensor/temp"].offset
         assert fresh.topics["sensor/temp"].view == view
+
+
+async def test_live_topics_appearing_later_and_patterns(tmp_path: Path) -> None:
+    """A topic that appears later and matches starts with a snapshot; `#` matches zero
+    levels (`gateway/ate-01/#` matches `gateway/ate-01`); a pattern the client already
+    has changes nothing; after `unsubscribe` nothing more comes for its topics."""
+    async with running_hub(tmp_path) as port:
+        dash = await PeerDashboard.connect(port)
+        await dash.subscribe(["sensor/late", f"gateway/{GW}/#"])
+        feed = await Feed.open(port)  # the gateway's topic appears on connect
+        await dash.until(lambda d: f"gateway/{GW}" in d.topics)
+        assert dash.topics[f"gateway/{GW}"].view["online"] is True
+        assert "sensor/late" not in dash.topics
+        await feed("late", 1.0)
+        await dash.until(lambda d: "sensor/late" in d.topics)
+        assert dash.topics["sensor/late"].snapshots == 1
+        await dash.subscribe(["sensor/late"], id=2)  # again: no second snapshot
+        await feed("late", 2.0)
+        await dash.until(lambda d: d.topics["sensor/late"].view["latest"]["last"] == 2.0)
+        assert dash.topics["sensor/late"].snapshots == 1
+        await dash.request({"type": "unsubscribe", "id": 3, "topics": ["sensor/late"]})
+        assert (await dash.reply("unsubscribed"))["id"] == 3
+        await feed("late", 3.0)
+        await feed("other", 3.0)
+        # the gateway topic, still followed, counts both frames: anything of sensor/late's
+        # would have come before that
+        await dash.until(lambda d: d.topics[f"gateway/{GW}"].view["frames"] == feed.seq)
+        assert dash.topics["sensor/late"].view["latest"]["last"] == 2.0
+
+
+async def test_live_an_unknown_topic_is_subscribed_and_sends_nothing(tmp_path: Path) -> None:
+    async with running_hub(tmp_path) as port:
+        feed = await Feed.open(port)
+        dash = await PeerDashboard.connect(port)
+        await dash.subscribe(["no/such/topic", f"gateway/{GW}"])
+        await feed("t", 1.0)
+        await dash.until(lambda d: (d.topics.get(f"gateway/{GW}") or Topic("", 0, {})).view
+                         .get("frames") == 1)
+        assert set(dash.topics) == {f"gateway/{GW}"}
+
+
+async def test_live_a_subscribe_is_taken_whole_or_not_at_all(tmp_path: Path) -> None:
+    """"subscribe": the reply's `topics` are the request's patterns, `id` null without
+    one; a request with a bad pattern, a bad resume entry or one pattern too many is an
+    error and subscribes none of its patterns."""
+    async with running_hub(tmp_path, {"max_patterns": 3}) as port:
+        feed = await Feed.open(port)
+        dash = await PeerDashboard.connect(port)
+        for message in [
+            {"type": "subscribe", "id": 1, "topics": ["sensor/a", "bad/#/x"]},
+            {"type": "subscribe", "id": 2, "topics": ["sensor/+"], "resume": {"x": 5}},
+            {"type": "subscribe", "id": 3, "topics": ["sensor/b", "q/1", "q/2", "q/3"]},
+        ]:
+            await dash.request(message)
+            assert (await dash.reply("error"))["id"] == message["id"]
+        await dash.request({"type": "subscribe", "topics": [f"gateway/{GW}", "q/1", "q/2"]})
+        assert await dash.reply("subscribed") == {
+            "type": "subscribed", "id": None, "topics": [f"gateway/{GW}", "q/1", "q/2"],
+            "epoch": dash.hello["epoch"]}  # three patterns: none of the above was taken
+        await feed("a", 1.0)
+        await feed("b", 1.0)
+        await dash.until(lambda d: (d.topics.get(f"gateway/{GW}") or Topic("", 0, {})).view
+                         .get("frames") == 2)
+        assert set(dash.topics) == {f"gateway/{GW}"}
+
+
+async def test_live_resubscribing_at_max_patterns_changes_nothing(tmp_path: Path) -> None:
+    """"Subscribing to a pattern the client already has changes nothing" -- also when the
+    client is at `max_patterns`; a new one then is `too_many_topics`."""
+    async with running_hub(tmp_path, {"max_patterns": 2}) as port:
+        dash = await PeerDashboard.connect(port)
+        await dash.subscribe(["sensor/a", "sensor/b"])
+        assert (await dash.subscribe(["sensor/a"], id=2))["id"] == 2
+        await dash.request({"type": "subscribe", "id": 3, "topics": ["sensor/c"]})
+        error = await dash.reply("error")
+        assert (error["code"], error["id"]) == ("too_many_topics", 3)
+
+
+async def test_live_pattern_length_limit_is_256(tmp_path: Path) -> None:
+    async with running_hub(tmp_path) as port:
+        dash = await PeerDashboard.connect(port)
+        reply = await dash.subscribe(["sensor/" + "x" * 249])
+        assert reply["topics"] == ["sensor/" + "x" * 249]
+
+
+async def test_live_unsubscribe_keeps_topics_another_pattern_matches(tmp_path: Path) -> None:
+    async with running_hub(tmp_path) as port:
+        feed = await Feed.open(port)
+        dash = await PeerDashboard.connect(port)
+        await dash.subscribe(["sensor/+", "sensor/a"])
+        await feed("a", 1.0)
+        await dash.until(lambda d: "sensor/a" in d.topics)
+        await dash.request({"type": "unsubscribe", "id": 2, "topics": ["sensor/a"]})
+        await dash.reply("unsubscribed")
+        await feed("a", 2.0)
+        await dash.until(lambda d: d.topics["sensor/a"].view["latest"]["last"] == 2.0)
+        assert dash.topics["sensor/a"].snapshots == 1
+
+
+async def test_live_snapshots_are_spread_over_ticks_by_rows(tmp_path: Path) -> None:
+    """"subscribe": a tick starts a snapshot only while fewer than
+    `snapshot_rows_per_tick` rows (a wafer map: one per die) were built in it, so many
+    wafer maps come over a few batches."""
+    async with running_hub(tmp_path, {"snapshot_rows_per_tick": 10}) as port:
+        peer = await PeerGateway.connect(port, GW, TOKEN)
+        records: list[Any] = [[1, 0, 1764130000.0, "L1"]]
+        for wafer in ("W1", "W2", "W3"):
+            records += [[*part(x, 1, 1, True)[:4], wafer, *part(x, 1, 1, True)[5:]]
+                        for x in range(1, 9)]  # 8 dies a wafer
+        await peer.send(data(1, rows(1, records, sources=["tester"])))
+        await peer.until_acked(1)
+        watcher = await PeerDashboard.connect(port)  # the state is built once followed
+        await watcher.subscribe(["lot/+/wafer/+"])
+        await watcher.until(lambda d: len(d.topics) == 3)
+        dash = await PeerDashboard.connect(port)
+        await dash.subscribe(["lot/+/wafer/+"])
+        await dash.until(lambda d: len(d.topics) == 3)
+        per_batch = [[len(item["data"]["dies"]) for item in batch["items"]]
+                     for batch in dash.batches if batch["items"]]
+        assert len(per_batch) >= 2, per_batch
+        # whichever snapshot was built last, the rows before it were fewer than 10
+        assert all(sum(dies) - max(dies) < 10 for dies in per_batch), per_batch
+        assert all(len(t.view["dies"]) == 8 for t in dash.topics.values())
+
+
+async def test_live_batches_never_closer_than_one_ui_interval(tmp_path: Path) -> None:
+    """"At most one batch per client per 1/ui_rate seconds", by the batches' own `ts`
+    (the hub's clock when it made them): what the client's receive times would blur."""
+    async with running_hub(tmp_path, {"ui_rate": 8.0}) as port:
+        feed = await Feed.open(port)
+        dash = await PeerDashboard.connect(port)
+        await dash.subscribe(["sensor/+"])
+        async with trio.open_nursery() as nursery:
+            async def reader() -> None:
+                while True:
+                    await dash.read()
+            nursery.start_soon(reader)
+            for i in range(24):  # a frame every ~25 ms: something new for every tick
+                await feed("fast", float(i))
+                await trio.sleep(0.025)
+            with trio.fail_after(5):
+                while dash.topics["sensor/fast"].view["latest"]["last"] != 23.0:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        stamps = [batch["ts"] for batch in dash.batches]
+        assert len(stamps) >= 3
+        gaps = [b - a for a, b in itertools.pairwise(stamps)]
+        assert min(gaps) >= 1 / 8.0 * 0.99, gaps
+
+
+# ========== live-protocol.md: resume with (epoch, offset)
 
 
 async def test_live_resume_gets_exactly_what_was_missed(tmp_path: Path) -> None:
@@ -832,32 +1244,52 @@ async def test_live_resume_that_cannot_be_served_is_a_marked_snapshot(tmp_path: 
         assert topic.view == watcher.topics["sensor/a"].view
 
 
-async def test_live_topics_appearing_later_and_patterns(tmp_path: Path) -> None:
-    """A topic that appears later and matches starts with a snapshot; `#` matches zero
-    levels (`gateway/ate-01/#` matches `gateway/ate-01`); a pattern the client already
-    has changes nothing; after `unsubscribe` nothing more comes for its topics."""
+async def test_live_a_resumed_topic_the_hub_lacks_is_never_a_bare_snapshot(
+        tmp_path: Path) -> None:
+    """"subscribe": a topic the client resumed that the hub did not have at the time keeps
+    its resume entry until it appears: then the missed deltas or a snapshot marked
+    `resync`, never a bare snapshot over the view the client holds."""
     async with running_hub(tmp_path) as port:
         dash = await PeerDashboard.connect(port)
-        await dash.subscribe(["sensor/late", f"gateway/{GW}/#"])
-        feed = await Feed.open(port)  # the gateway's topic appears on connect
-        await dash.until(lambda d: f"gateway/{GW}" in d.topics)
-        assert dash.topics[f"gateway/{GW}"].view["online"] is True
-        assert "sensor/late" not in dash.topics
-        await feed("late", 1.0)
-        await dash.until(lambda d: "sensor/late" in d.topics)
-        assert dash.topics["sensor/late"].snapshots == 1
-        await dash.subscribe(["sensor/late"], id=2)  # again: no second snapshot
-        await feed("late", 2.0)
-        await dash.until(lambda d: d.topics["sensor/late"].view["latest"]["last"] == 2.0)
-        assert dash.topics["sensor/late"].snapshots == 1
-        await dash.request({"type": "unsubscribe", "id": 3, "topics": ["sensor/late"]})
-        assert (await dash.reply("unsubscribed"))["id"] == 3
-        await feed("late", 3.0)
-        await feed("other", 3.0)
-        # the gateway topic, still followed, counts both frames: anything of sensor/late's
-        # would have come before that
-        await dash.until(lambda d: d.topics[f"gateway/{GW}"].view["frames"] == feed.seq)
-        assert dash.topics["sensor/late"].view["latest"]["last"] == 2.0
+        await dash.subscribe(["sensor/+"], resume={"sensor/new": [dash.hello["epoch"], 7]})
+        feed = await Feed.open(port)
+        await feed("new", 1.0)
+        await dash.until(lambda d: "sensor/new" in d.topics)
+        topic = dash.topics["sensor/new"]
+        assert topic.resyncs or topic.deltas, vars(topic)
+
+
+@pytest.mark.parametrize("changed", [False, True])
+async def test_live_resume_after_nobody_followed_the_topic(tmp_path: Path,
+                                                           changed: bool) -> None:
+    """live-topics.md, "Unwatched topics": a topic that changed while no client followed it
+    resumes as a snapshot marked `history_truncated`, never deltas across the gap; one that
+    did not change resumes as any other (nothing until its next delta)."""
+    async with running_hub(tmp_path) as port:
+        feed = await Feed.open(port)
+        first = await PeerDashboard.connect(port)
+        await first.subscribe(["sensor/a"])
+        await feed("a", 1.0)
+        await first.until(lambda d: "sensor/a" in d.topics)
+        held = first.topics["sensor/a"]
+        assert await first.close() == (1000, "")
+        if changed:
+            await feed("a", 2.0)
+        back = await PeerDashboard.connect(port)
+        back.topics["sensor/a"] = Topic(**vars(held))
+        await back.subscribe(["sensor/a"], resume={"sensor/a": [held.epoch, held.offset]})
+        await feed("a", 3.0)
+        await back.until(lambda d: d.topics["sensor/a"].view["latest"]["last"] == 3.0)
+        topic = back.topics["sensor/a"]
+        if changed:
+            assert topic.snapshots == 2 and topic.resyncs == ["history_truncated"]
+        else:
+            assert topic.snapshots == 1 and topic.deltas >= 1 and not topic.resyncs
+        assert [p[1] for p in topic.view["history"]] == ([1.0, 2.0, 3.0] if changed
+                                                         else [1.0, 3.0])
+
+
+# ========== live-protocol.md: requests, errors, ack
 
 
 LIVE_ERRORS: list[tuple[Any, str]] = [
@@ -891,218 +1323,6 @@ async def test_live_errors_keep_the_connection(tmp_path: Path) -> None:
         assert await dash.reply("pong") == {"type": "pong", "id": 9}
 
 
-async def test_live_batches_never_closer_than_one_ui_interval(tmp_path: Path) -> None:
-    """"At most one batch per client per 1/ui_rate seconds", by the batches' own `ts`
-    (the hub's clock when it made them): what the client's receive times would blur."""
-    async with running_hub(tmp_path, {"ui_rate": 8.0}) as port:
-        feed = await Feed.open(port)
-        dash = await PeerDashboard.connect(port)
-        await dash.subscribe(["sensor/+"])
-        async with trio.open_nursery() as nursery:
-            async def reader() -> None:
-                while True:
-                    await dash.read()
-            nursery.start_soon(reader)
-            for i in range(24):  # a frame every ~25 ms: something new for every tick
-                await feed("fast", float(i))
-                await trio.sleep(0.025)
-            with trio.fail_after(5):
-                while dash.topics["sensor/fast"].view["latest"]["last"] != 23.0:
-                    await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
-        stamps = [batch["ts"] for batch in dash.batches]
-        assert len(stamps) >= 3
-        gaps = [b - a for a, b in itertools.pairwise(stamps)]
-        assert min(gaps) >= 1 / 8.0 * 0.99, gaps
-
-
-async def test_live_json_sends_nan_and_infinities_as_null(tmp_path: Path) -> None:
-    async with running_hub(tmp_path) as port:
-        feed = await Feed.open(port)
-        dash = await PeerDashboard.connect(port, JSON)
-        cbor = await PeerDashboard.connect(port)
-        for client in (dash, cbor):
-            await client.subscribe(["sensor/+"])
-        await feed("odd", math.nan)
-        await feed("odd", math.inf)
-        await dash.until(lambda d: len(points(d, "sensor/odd")) == 2)
-        assert [point[1] for point in dash.topics["sensor/odd"].view["history"]] == [None] * 2
-        await cbor.until(lambda d: len(points(d, "sensor/odd")) == 2)
-        lasts = [point[1] for point in cbor.topics["sensor/odd"].view["history"]]
-        assert math.isnan(lasts[0]) and lasts[1] == math.inf
-
-
-async def test_live_merge_rules_are_the_documented_ones(tmp_path: Path) -> None:
-    """live-topics.md, "Applying a delta": `hello`'s `merge` is the printed list."""
-    async with running_hub(tmp_path) as port:
-        dash = await PeerDashboard.connect(port)
-        assert dash.hello["merge"] == [
-            {"topics": "lot/+/wafer/+", "key": "dies", "op": "upsert", "into": "dies",
-             "by": [0, 1], "order": "oldest_first"},
-            {"topics": "sensor/#", "key": "append", "op": "append", "into": "history",
-             "keep": 120},
-            {"topics": "gateway/#", "key": "event", "op": "prepend", "into": "events",
-             "keep": 20},
-            {"topics": "alert/#", "key": "alert", "op": "upsert", "into": "alerts",
-             "by": "id", "order": "newest_first"}]
-
-
-def part(x: int, y: int, hard_bin: int, passed: bool, site: int = 0) -> list[Any]:
-    return [5, 0, 1764130000.0 + x, "L1", "W1", 1, site, f"p{x}.{y}", x, y, hard_bin,
-            hard_bin, passed]
-
-
-async def test_live_wafer_map_deltas_upsert_dies_to_the_snapshot(tmp_path: Path) -> None:
-    """live-topics.md: a wafer's `dies` rows are upserted by [x, y] (a retest replaces its
-    die); counts are sent whole; bin maps have string keys; the view a client builds from
-    snapshot and deltas is the hub's snapshot."""
-    async with running_hub(tmp_path) as port:
-        peer = await PeerGateway.connect(port, GW, TOKEN)
-        dash = await PeerDashboard.connect(port)
-        await dash.subscribe(["lot/+", "lot/+/wafer/+"])
-        batches = [
-            [[1, 0, 1764130000.0, "L1"], [3, 0, 1764130000.0, "L1", "W1"],
-             part(1, 1, 1, True), part(2, 1, 5, False)],
-            [part(3, 1, 1, True, site=1), part(2, 1, 1, True)],  # (2, 1) retested
-            [part(1, 2, 7, False), part(1, 1, 1, True)],
-        ]
-        rid = 1
-        for seq, records in enumerate(batches, 1):
-            await peer.send(data(seq, rows(rid, records, sources=["tester"])))
-            await peer.until_acked(seq)
-            rid += len(records)
-            await dash.until(lambda d: "lot/L1/wafer/W1" in d.topics)
-        wafer = "lot/L1/wafer/W1"
-        await dash.until(lambda d: d.topics[wafer].view["parts"] == 6)
-        view = dash.topics[wafer].view
-        assert sorted(view["dies"]) == sorted([[1, 1, 1, 1, True, 0], [2, 1, 1, 1, True, 0],
-                                               [3, 1, 1, 1, True, 1], [1, 2, 7, 7, False, 0]])
-        assert view["die_count"] == 4 and view["retests"] == 2 and view["good"] == 3
-        assert view["hard_bins"] == {"1": 3, "7": 1}
-        fresh = await PeerDashboard.connect(port)
-        await fresh.subscribe(["lot/+", "lot/+/wafer/+"])
-        await fresh.until(lambda d: {wafer, "lot/L1"} <= set(d.topics))
-        assert fresh.topics[wafer].view == view
-        assert fresh.topics["lot/L1"].view == dash.topics["lot/L1"].view
-
-
-async def test_live_a_resumed_topic_the_hub_lacks_is_never_a_bare_snapshot(
-        tmp_path: Path) -> None:
-    """"subscribe": a topic the client resumed that the hub did not have at the time keeps
-    its resume entry until it appears: then the missed deltas or a snapshot marked
-    `resync`, never a bare snapshot over the view the client holds."""
-    async with running_hub(tmp_path) as port:
-        dash = await PeerDashboard.connect(port)
-        await dash.subscribe(["sensor/+"], resume={"sensor/new": [dash.hello["epoch"], 7]})
-        feed = await Feed.open(port)
-        await feed("new", 1.0)
-        await dash.until(lambda d: "sensor/new" in d.topics)
-        topic = dash.topics["sensor/new"]
-        assert topic.resyncs or topic.deltas, vars(topic)
-
-
-async def test_live_pattern_length_limit_is_256(tmp_path: Path) -> None:
-    async with running_hub(tmp_path) as port:
-        dash = await PeerDashboard.connect(port)
-        reply = await dash.subscribe(["sensor/" + "x" * 249])
-        assert reply["topics"] == ["sensor/" + "x" * 249]
-
-
-# =================================================================== more of sections 1, 2, 5.1
-
-
-async def test_floats_of_any_width(tmp_path: Path) -> None:
-    """Section 1: floats are CBOR floats of any width -- here the shortest that holds each
-    value (half and single precision), in HELLO, DATA and the records."""
-    async with running_hub(tmp_path) as port:
-        client = await WsClient.connect(port, "/ws/gateway")
-        await client.send(cbor2.dumps([1, {"versions": [1, 2, 3], "gateway": GW,
-                                           "token": TOKEN, "epoch": "e", "next_seq": 1,
-                                           "heartbeat": 5.0}], canonical=True))
-        assert cbor2.loads(await client.recv())[0] == WELCOME
-        body = cbor2.dumps([1, ["s"], [[11, 0, 1.5, "t", 0.25, "C"]]], canonical=True)
-        message = cbor2.dumps([4, 1, 2.0, body], canonical=True)
-        assert b"\xf9" in message and b"\xf9" in body  # half-precision floats
-        await client.send(message)
-        assert cbor2.loads(await client.recv()) == [ACK, 1, []]
-
-
-async def test_the_close_reason_is_the_first_123_bytes(tmp_path: Path) -> None:
-    """Section 8: REFUSE carries the whole reason; the close frame its first 123 bytes."""
-    async with running_hub(tmp_path) as port:
-        stranger = "s" * 128
-        peer = await PeerGateway.connect(port, stranger, TOKEN)
-        assert peer.first == [REFUSE, 4001, f"unknown gateway id '{stranger}'"]
-        assert await closed_with(peer) == (4001, peer.first[2][:123])
-
-
-async def test_a_hub_pinned_to_v1_rejects_columns(tmp_path: Path) -> None:
-    async with running_hub(tmp_path, max_protocol_version=1) as port:
-        peer = await PeerGateway.connect(port, GW, TOKEN)
-        assert peer.welcome["version"] == 1
-        await peer.send(data(1, columns(1, [11, 1], [sensor_table(["t"], [1.0])])))
-        await peer.until_rejected(1)
-        await peer.send(data(2, rows(1, [sensor("t", 1.0)])))
-        await peer.until_acked(2)
-
-
-# =================================================================== round 2: the corners
-
-
-async def test_strict_order_with_max_holes_0_starts_at_next_seq(tmp_path: Path) -> None:
-    """Section 5: "With `max_holes = 0` the hub requires strict order" -- the first frame
-    of a connection included: next_seq, not one past it."""
-    async with running_hub(tmp_path, max_holes=0) as port:
-        peer = await PeerGateway.connect(port, GW, TOKEN, next_seq=1)
-        await peer.send(data(2, rows(2, [sensor("t", 1.0)])))
-        code, reason = await closed_with(peer)
-        assert code == 4004 and reason.startswith("sequence gap")
-
-
-async def test_4002_lists_what_a_pinned_hub_speaks(tmp_path: Path) -> None:
-    """Section 4: REFUSE 4002 "the reason lists what the hub speaks"."""
-    async with running_hub(tmp_path, max_protocol_version=2) as port:
-        peer = await PeerGateway.connect(port, GW, TOKEN, versions=[3])
-        assert peer.first[:2] == [REFUSE, 4002]
-        assert peer.first[2].endswith("this hub speaks [1, 2]")
-
-
-def hello_bytes(gw: str = GW) -> bytes:
-    return cbor2.dumps([1, {"versions": [1, 2, 3], "gateway": gw, "token": TOKEN,
-                            "epoch": "epoch-1", "next_seq": 1, "heartbeat": 5.0}])
-
-
-async def test_compressed_frames_are_rejected_and_deduplicated_as_plain_ones(
-        tmp_path: Path) -> None:
-    """Section 5.1: acks, rejects and deduplication are the same compressed or not."""
-    async with running_hub(tmp_path, compression="zlib") as port:
-        peer = await PeerGateway.connect(port, GW, TOKEN, compression=["zlib"])
-        await peer.send(data(1, zlib.compress(rows(1, [[99, 0, 1.0]])), "zlib"))
-        await peer.until_rejected(1)
-        await peer.send(zlib_data(2, rows(2, [sensor("t", 1.0)])))
-        await peer.until_acked(1, 2)
-        await peer.client.close()
-        peer = await PeerGateway.connect(port, GW, TOKEN, compression=["zlib"])
-        await peer.send(zlib_data(2, rows(2, [sensor("t", 1.0)])))
-        assert await peer.next() == [ACK, 2, []]
-        stats = await gateway_stats(port)
-        assert (stats["frames_rejected"], stats["duplicates_dropped"]) == (1, 1)
-
-
-async def test_live_unsubscribe_keeps_topics_another_pattern_matches(tmp_path: Path) -> None:
-    async with running_hub(tmp_path) as port:
-        feed = await Feed.open(port)
-        dash = await PeerDashboard.connect(port)
-        await dash.subscribe(["sensor/+", "sensor/a"])
-        await feed("a", 1.0)
-        await dash.until(lambda d: "sensor/a" in d.topics)
-        await dash.request({"type": "unsubscribe", "id": 2, "topics": ["sensor/a"]})
-        await dash.reply("unsubscribed")
-        await feed("a", 2.0)
-        await dash.until(lambda d: d.topics["sensor/a"].view["latest"]["last"] == 2.0)
-        assert dash.topics["sensor/a"].snapshots == 1
-
-
 async def test_live_an_id_json_cannot_repeat(tmp_path: Path) -> None:
     """"Client -> hub": an `id` JSON cannot carry (a map with an array key, sent in CBOR to
     a JSON client) is answered with its keys as text or with `id` null."""
@@ -1133,6 +1353,56 @@ async def test_live_a_message_nested_past_400_containers_is_a_bad_message(
         error = await dash.read()
         assert error["type"] == "error" and error["code"] == "bad_message", error
         assert error["id"] is None
+
+
+async def test_live_ack_of_an_alert_reaches_every_client_as_an_event(tmp_path: Path) -> None:
+    """"`ack`": the reply `acked` repeats id, alert and by; every client following the
+    alert's topic gets an `acknowledged` event delta (live-topics.md, `alert/...`), each
+    event its own delta, never composed with the `raised` one."""
+    async with running_hub(tmp_path) as port:
+        dash = await PeerDashboard.connect(port)
+        other = await PeerDashboard.connect(port, JSON)
+        for client in (dash, other):
+            await client.subscribe(["alert/#"])
+        peer = await PeerGateway.connect(port, GW, TOKEN)
+        dies = [part(x, 1, 5, False) for x in range(1, 7)]  # yield 0 after 6 dies
+        await peer.send(data(1, rows(1, [[1, 0, 1764130000.0, "L1"], *dies],
+                                     sources=["tester"])))
+        await peer.until_acked(1)
+        topic = "alert/P0/wafer-yield"
+        await dash.until(lambda d: bool((d.topics.get(topic) or Topic("", 0, {})).view
+                                        .get("alerts")))
+        alert = dash.topics[topic].view["alerts"][0]
+        assert alert["rule"] == "wafer-yield" and alert["acknowledged"] is False
+        await dash.request({"type": "ack", "id": 3, "alert": alert["id"], "by": "maria"})
+        assert await dash.reply("acked") == {"type": "acked", "id": 3, "alert": alert["id"],
+                                             "by": "maria"}
+        for client in (dash, other):
+            await client.until(lambda d: any(a["acknowledged"] for a in (
+                d.topics.get(topic) or Topic("", 0, {})).view.get("alerts", [])))
+            items = [item for batch in client.batches for item in batch["items"]
+                     if item["topic"] == topic and item["type"] == "delta"]
+            assert all(item["n"] == len(item["data"]) for item in items)  # uncomposed
+            assert items[-1]["data"][-1]["event"] == "acknowledged"
+            assert client.topics[topic].view["alerts"][0]["acked_by"] == "maria"
+
+
+# ========== live-topics.md: shapes and applying a delta
+
+
+async def test_live_merge_rules_are_the_documented_ones(tmp_path: Path) -> None:
+    """live-topics.md, "Applying a delta": `hello`'s `merge` is the printed list."""
+    async with running_hub(tmp_path) as port:
+        dash = await PeerDashboard.connect(port)
+        assert dash.hello["merge"] == [
+            {"topics": "lot/+/wafer/+", "key": "dies", "op": "upsert", "into": "dies",
+             "by": [0, 1], "order": "oldest_first"},
+            {"topics": "sensor/#", "key": "append", "op": "append", "into": "history",
+             "keep": 120},
+            {"topics": "gateway/#", "key": "event", "op": "prepend", "into": "events",
+             "keep": 20},
+            {"topics": "alert/#", "key": "alert", "op": "upsert", "into": "alerts",
+             "by": "id", "order": "newest_first"}]
 
 
 #: live-topics.md's snapshot examples: the keys each topic's snapshot has
@@ -1191,147 +1461,38 @@ async def test_live_topic_shapes_are_the_documented_ones(tmp_path: Path) -> None
         assert dash.topics["sensor/temp"].view["source"] == "tester"
 
 
-@pytest.mark.parametrize("changed", [False, True])
-async def test_live_resume_after_nobody_followed_the_topic(tmp_path: Path,
-                                                           changed: bool) -> None:
-    """live-topics.md, "Unwatched topics": a topic that changed while no client followed it
-    resumes as a snapshot marked `history_truncated`, never deltas across the gap; one that
-    did not change resumes as any other (nothing until its next delta)."""
-    async with running_hub(tmp_path) as port:
-        feed = await Feed.open(port)
-        first = await PeerDashboard.connect(port)
-        await first.subscribe(["sensor/a"])
-        await feed("a", 1.0)
-        await first.until(lambda d: "sensor/a" in d.topics)
-        held = first.topics["sensor/a"]
-        assert await first.close() == (1000, "")
-        if changed:
-            await feed("a", 2.0)
-        back = await PeerDashboard.connect(port)
-        back.topics["sensor/a"] = Topic(**vars(held))
-        await back.subscribe(["sensor/a"], resume={"sensor/a": [held.epoch, held.offset]})
-        await feed("a", 3.0)
-        await back.until(lambda d: d.topics["sensor/a"].view["latest"]["last"] == 3.0)
-        topic = back.topics["sensor/a"]
-        if changed:
-            assert topic.snapshots == 2 and topic.resyncs == ["history_truncated"]
-        else:
-            assert topic.snapshots == 1 and topic.deltas >= 1 and not topic.resyncs
-        assert [p[1] for p in topic.view["history"]] == ([1.0, 2.0, 3.0] if changed
-                                                         else [1.0, 3.0])
-
-
-# =================================================================== section 7: probe, shedding
-
-
-async def test_a_busy_hub_answers_probe_and_upgrade_503_with_retry_after(
-        tmp_path: Path) -> None:
-    """Section 7, "Load shedding at the hub": with `max_pending_handshakes` handshakes
-    under way (upgraded, no WELCOME yet) probes and upgrades get 503 + Retry-After; once
-    the handshake ends the probe is 200 again."""
-    async with running_hub(tmp_path, max_pending_handshakes=1,
-                           busy_retry_after_s=7.0) as port:
-        pending = await WsClient.connect(port, "/ws/gateway")  # upgraded, says nothing
-        for head in ("GET /ws/gateway HTTP/1.1", UPGRADE):
-            status, headers, _ = await http_request(port, head)
-            assert status == 503 and headers["retry-after"] == "7"
-        await pending.send(hello_bytes())
-        assert cbor2.loads(await pending.recv())[0] == WELCOME
-        status, _, body = await http_request(port, "GET /ws/gateway HTTP/1.1")
-        assert (status, json.loads(body)) == (200, {"status": "ready"})
-        assert (await http_request(port, UPGRADE))[0] == 101
-
-
-async def test_refused_hellos_use_up_an_address_then_429_to_upgrades_only(
-        tmp_path: Path) -> None:
-    """Section 7, "Failed handshakes": each 4001 costs the address one of
-    `gateway_failures_burst`; with none left its upgrades get 429 + Retry-After, its
-    probes still 200."""
-    async with running_hub(tmp_path, gateway_failures_burst=2,
-                           gateway_failures_per_minute=0.01) as port:
-        for _ in range(2):
-            peer = await PeerGateway.connect(port, GW, "wrong")
-            assert peer.first[:2] == [REFUSE, 4001]
-        status, headers, _ = await http_request(port, UPGRADE)
-        assert status == 429 and int(headers["retry-after"]) >= 1
-        assert (await http_request(port, "GET /ws/gateway HTTP/1.1"))[0] == 200
-
-
-# =================================================================== round 3
-
-
-async def test_each_epoch_keeps_its_own_applied_set(tmp_path: Path) -> None:
-    """Section 3: one applied set per (gateway id, epoch)."""
-    async with running_hub(tmp_path) as port:
-        for epoch, seqs in [("epoch-1", (1, 2)), ("epoch-2", (1,)), ("epoch-1", (3,))]:
-            peer = await PeerGateway.connect(port, GW, TOKEN, epoch=epoch,
-                                             next_seq=seqs[0])
-            for seq in seqs:
-                await peer.send(data(seq, rows(seq, [sensor("t", 1.0)])))
-            await peer.until_acked(*seqs)
-            assert await peer.client.close() == (1000, "")
-        for epoch, applied in [("epoch-1", [[1, 3]]), ("epoch-2", [[1, 1]])]:
-            peer = await PeerGateway.connect(port, GW, TOKEN, epoch=epoch)
-            assert peer.welcome["applied"] == applied, epoch
-            assert await peer.client.close() == (1000, "")
-
-
-async def test_a_rejected_frame_sent_again_on_its_connection_is_4004(tmp_path: Path) -> None:
-    """Section 5: a frame that came on this connection, coming again: 4004 -- a rejected
-    one too (it came; the gateway never retries an invalid frame)."""
+async def test_live_wafer_map_deltas_upsert_dies_to_the_snapshot(tmp_path: Path) -> None:
+    """live-topics.md: a wafer's `dies` rows are upserted by [x, y] (a retest replaces its
+    die); counts are sent whole; bin maps have string keys; the view a client builds from
+    snapshot and deltas is the hub's snapshot."""
     async with running_hub(tmp_path) as port:
         peer = await PeerGateway.connect(port, GW, TOKEN)
-        await peer.send(data(1, b"\xff"))
-        await peer.until_rejected(1)
-        await peer.send(data(1, b"\xff"))
-        assert await closed_with(peer) == (4004, "frame 1 sent twice on one connection")
-
-
-async def test_reject_reasons_stay_within_1024_characters(tmp_path: Path) -> None:
-    """Section 2: reasons are at most 1024 characters, whatever the frame held."""
-    bodies = {"huge_unknown_kind": rows(1, [[99, 0, 1.0, "x" * 5000]]),
-              "huge_text_kind": rows(1, [["k" * 5000, 0, 1.0]]),
-              "huge_not_cbor": cbor2.dumps([1, ["s" * 5000], [[11, 0, 1.0, "t"]]])}
-    async with running_hub(tmp_path) as port:
-        peer = await PeerGateway.connect(port, GW, TOKEN)
-        await rejected_in_turn(peer, bodies)
-        assert all(0 < len(reject[2]) <= 1024 for reject in peer.rejects), [
-            len(reject[2]) for reject in peer.rejects]
-async def test_live_resubscribing_at_max_patterns_changes_nothing(tmp_path: Path) -> None:
-    """"Subscribing to a pattern the client already has changes nothing" -- also when the
-    client is at `max_patterns`; a new one then is `too_many_topics`."""
-    async with running_hub(tmp_path, {"max_patterns": 2}) as port:
         dash = await PeerDashboard.connect(port)
-        await dash.subscribe(["sensor/a", "sensor/b"])
-        assert (await dash.subscribe(["sensor/a"], id=2))["id"] == 2
-        await dash.request({"type": "subscribe", "id": 3, "topics": ["sensor/c"]})
-        error = await dash.reply("error")
-        assert (error["code"], error["id"]) == ("too_many_topics", 3)
-
-
-async def test_live_an_unknown_topic_is_subscribed_and_sends_nothing(tmp_path: Path) -> None:
-    async with running_hub(tmp_path) as port:
-        feed = await Feed.open(port)
-        dash = await PeerDashboard.connect(port)
-        await dash.subscribe(["no/such/topic", f"gateway/{GW}"])
-        await feed("t", 1.0)
-        await dash.until(lambda d: (d.topics.get(f"gateway/{GW}") or Topic("", 0, {})).view
-                         .get("frames") == 1)
-        assert set(dash.topics) == {f"gateway/{GW}"}
-
-
-async def test_a_close_reason_is_cut_on_a_character_boundary(tmp_path: Path) -> None:
-    """Section 8: the close frame carries the reason's first 123 bytes -- as UTF-8 text
-    (RFC 6455: a close reason that is not UTF-8 is itself a protocol error), so a cut
-    inside a character leaves that character out."""
-    async with running_hub(tmp_path) as port:
-        stranger = "é" * 60  # 120 bytes: the 123-byte cut falls inside one
-        peer = await PeerGateway.connect(port, stranger, TOKEN)
-        reason = peer.first[2]
-        assert reason == f"unknown gateway id '{stranger}'"
-        code, cut = await closed_with(peer)
-        assert code == 4001 and reason.startswith(cut)
-        assert 122 <= len(cut.encode()) <= 123
+        await dash.subscribe(["lot/+", "lot/+/wafer/+"])
+        batches = [
+            [[1, 0, 1764130000.0, "L1"], [3, 0, 1764130000.0, "L1", "W1"],
+             part(1, 1, 1, True), part(2, 1, 5, False)],
+            [part(3, 1, 1, True, site=1), part(2, 1, 1, True)],  # (2, 1) retested
+            [part(1, 2, 7, False), part(1, 1, 1, True)],
+        ]
+        rid = 1
+        for seq, records in enumerate(batches, 1):
+            await peer.send(data(seq, rows(rid, records, sources=["tester"])))
+            await peer.until_acked(seq)
+            rid += len(records)
+            await dash.until(lambda d: "lot/L1/wafer/W1" in d.topics)
+        wafer = "lot/L1/wafer/W1"
+        await dash.until(lambda d: d.topics[wafer].view["parts"] == 6)
+        view = dash.topics[wafer].view
+        assert sorted(view["dies"]) == sorted([[1, 1, 1, 1, True, 0], [2, 1, 1, 1, True, 0],
+                                               [3, 1, 1, 1, True, 1], [1, 2, 7, 7, False, 0]])
+        assert view["die_count"] == 4 and view["retests"] == 2 and view["good"] == 3
+        assert view["hard_bins"] == {"1": 3, "7": 1}
+        fresh = await PeerDashboard.connect(port)
+        await fresh.subscribe(["lot/+", "lot/+/wafer/+"])
+        await fresh.until(lambda d: {wafer, "lot/L1"} <= set(d.topics))
+        assert fresh.topics[wafer].view == view
+        assert fresh.topics["lot/L1"].view == dash.topics["lot/L1"].view
 
 
 async def test_live_gateway_events_each_reach_the_view(tmp_path: Path) -> None:
@@ -1357,140 +1518,3 @@ async def test_live_gateway_events_each_reach_the_view(tmp_path: Path) -> None:
         await fresh.subscribe([f"gateway/{GW}"])
         await fresh.until(lambda d: f"gateway/{GW}" in d.topics)
         assert fresh.topics[f"gateway/{GW}"].view["events"] == view["events"]
-
-
-async def test_live_a_subscribe_is_taken_whole_or_not_at_all(tmp_path: Path) -> None:
-    """"subscribe": the reply's `topics` are the request's patterns, `id` null without
-    one; a request with a bad pattern, a bad resume entry or one pattern too many is an
-    error and subscribes none of its patterns."""
-    async with running_hub(tmp_path, {"max_patterns": 3}) as port:
-        feed = await Feed.open(port)
-        dash = await PeerDashboard.connect(port)
-        for message in [
-            {"type": "subscribe", "id": 1, "topics": ["sensor/a", "bad/#/x"]},
-            {"type": "subscribe", "id": 2, "topics": ["sensor/+"], "resume": {"x": 5}},
-            {"type": "subscribe", "id": 3, "topics": ["sensor/b", "q/1", "q/2", "q/3"]},
-        ]:
-            await dash.request(message)
-            assert (await dash.reply("error"))["id"] == message["id"]
-        await dash.request({"type": "subscribe", "topics": [f"gateway/{GW}", "q/1", "q/2"]})
-        assert await dash.reply("subscribed") == {
-            "type": "subscribed", "id": None, "topics": [f"gateway/{GW}", "q/1", "q/2"],
-            "epoch": dash.hello["epoch"]}  # three patterns: none of the above was taken
-        await feed("a", 1.0)
-        await feed("b", 1.0)
-        await dash.until(lambda d: (d.topics.get(f"gateway/{GW}") or Topic("", 0, {})).view
-                         .get("frames") == 2)
-        assert set(dash.topics) == {f"gateway/{GW}"}
-
-
-async def test_the_gateway_path_has_no_subprotocol_and_no_extensions(tmp_path: Path) -> None:
-    """Section 1: "No subprotocol, no extensions" on /ws/gateway -- also on a hub whose
-    /ws/live agrees permessage-deflate, and whatever the client offers."""
-    async with running_hub(tmp_path, {"compression": "permessage-deflate"}) as port:
-        live = await WsClient.connect(port, "/ws/live", extensions=[PerMessageDeflate()])
-        assert live.extensions  # the live path does agree it
-        client = await WsClient.connect(port, "/ws/gateway", subprotocols=["edgegw.x"],
-                                        extensions=[PerMessageDeflate()])
-        assert client.subprotocol is None and client.extensions == []
-        await client.send(hello_bytes())
-        assert cbor2.loads(await client.recv())[0] == WELCOME
-
-
-LIVE_UPGRADE = ("GET /ws/live HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13")
-
-
-async def test_live_permessage_deflate_negotiation(tmp_path: Path) -> None:
-    """live-protocol.md, "Compression": the answer is exactly `permessage-deflate;
-    server_no_context_takeover; client_no_context_takeover`; an offer with
-    server_max_window_bits below 15 or an unknown parameter is declined (plain frames)."""
-    async with running_hub(tmp_path, {"compression": "permessage-deflate"}) as port:
-        for offer, agreed in [
-            ("permessage-deflate; client_max_window_bits", True),
-            ("permessage-deflate", True),
-            ("permessage-deflate; server_max_window_bits=10", False),
-            ("permessage-deflate; frobnicate=1", False),
-            ("permessage-deflate; server_max_window_bits=10, permessage-deflate", True),
-        ]:
-            status, headers, _ = await http_request(
-                port, f"{LIVE_UPGRADE}\r\nSec-WebSocket-Extensions: {offer}")
-            assert status == 101
-            assert headers.get("sec-websocket-extensions") == (
-                "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
-                if agreed else None), offer
-
-
-async def test_live_ack_of_an_alert_reaches_every_client_as_an_event(tmp_path: Path) -> None:
-    """"`ack`": the reply `acked` repeats id, alert and by; every client following the
-    alert's topic gets an `acknowledged` event delta (live-topics.md, `alert/...`), each
-    event its own delta, never composed with the `raised` one."""
-    async with running_hub(tmp_path) as port:
-        dash = await PeerDashboard.connect(port)
-        other = await PeerDashboard.connect(port, JSON)
-        for client in (dash, other):
-            await client.subscribe(["alert/#"])
-        peer = await PeerGateway.connect(port, GW, TOKEN)
-        dies = [part(x, 1, 5, False) for x in range(1, 7)]  # yield 0 after 6 dies
-        await peer.send(data(1, rows(1, [[1, 0, 1764130000.0, "L1"], *dies],
-                                     sources=["tester"])))
-        await peer.until_acked(1)
-        topic = "alert/P0/wafer-yield"
-        await dash.until(lambda d: bool((d.topics.get(topic) or Topic("", 0, {})).view
-                                        .get("alerts")))
-        alert = dash.topics[topic].view["alerts"][0]
-        assert alert["rule"] == "wafer-yield" and alert["acknowledged"] is False
-        await dash.request({"type": "ack", "id": 3, "alert": alert["id"], "by": "maria"})
-        assert await dash.reply("acked") == {"type": "acked", "id": 3, "alert": alert["id"],
-                                             "by": "maria"}
-        for client in (dash, other):
-            await client.until(lambda d: any(a["acknowledged"] for a in (
-                d.topics.get(topic) or Topic("", 0, {})).view.get("alerts", [])))
-            items = [item for batch in client.batches for item in batch["items"]
-                     if item["topic"] == topic and item["type"] == "delta"]
-            assert all(item["n"] == len(item["data"]) for item in items)  # uncomposed
-            assert items[-1]["data"][-1]["event"] == "acknowledged"
-            assert client.topics[topic].view["alerts"][0]["acked_by"] == "maria"
-
-
-async def test_live_subprotocol_choice(tmp_path: Path) -> None:
-    """"Connecting": the first subprotocol offered that the hub knows; CBOR (and none in
-    the answer) when the client offers none it knows."""
-    async with running_hub(tmp_path) as port:
-        for offered, chosen, encoding in [
-            ([CBOR], CBOR, "cbor"), (["x.unknown"], None, "cbor"),
-            (["x.unknown", JSON], JSON, "json"), ([JSON, CBOR], JSON, "json"),
-            ([CBOR, JSON], CBOR, "cbor"),
-        ]:
-            client = await WsClient.connect(port, "/ws/live", subprotocols=offered)
-            raw = await client.recv()
-            hello = json.loads(raw) if isinstance(raw, str) else cbor2.loads(raw)
-            assert (client.subprotocol, hello["encoding"]) == (chosen, encoding), offered
-            assert isinstance(raw, str) == (encoding == "json")
-            await client.aclose()
-
-
-async def test_live_snapshots_are_spread_over_ticks_by_rows(tmp_path: Path) -> None:
-    """"subscribe": a tick starts a snapshot only while fewer than
-    `snapshot_rows_per_tick` rows (a wafer map: one per die) were built in it, so many
-    wafer maps come over a few batches."""
-    async with running_hub(tmp_path, {"snapshot_rows_per_tick": 10}) as port:
-        peer = await PeerGateway.connect(port, GW, TOKEN)
-        records: list[Any] = [[1, 0, 1764130000.0, "L1"]]
-        for wafer in ("W1", "W2", "W3"):
-            records += [[*part(x, 1, 1, True)[:4], wafer, *part(x, 1, 1, True)[5:]]
-                        for x in range(1, 9)]  # 8 dies a wafer
-        await peer.send(data(1, rows(1, records, sources=["tester"])))
-        await peer.until_acked(1)
-        watcher = await PeerDashboard.connect(port)  # the state is built once followed
-        await watcher.subscribe(["lot/+/wafer/+"])
-        await watcher.until(lambda d: len(d.topics) == 3)
-        dash = await PeerDashboard.connect(port)
-        await dash.subscribe(["lot/+/wafer/+"])
-        await dash.until(lambda d: len(d.topics) == 3)
-        per_batch = [[len(item["data"]["dies"]) for item in batch["items"]]
-                     for batch in dash.batches if batch["items"]]
-        assert len(per_batch) >= 2, per_batch
-        # whichever snapshot was built last, the rows before it were fewer than 10
-        assert all(sum(dies) - max(dies) < 10 for dies in per_batch), per_batch
-        assert all(len(t.view["dies"]) == 8 for t in dash.topics.values())
