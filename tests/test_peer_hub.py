@@ -228,20 +228,26 @@ async def test_a_silent_hub_is_closed_with_4005(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("limits", [{"max_records": 7}, {"max_frame_bytes": 1200},
-                                    {"max_records": 7, "version": 1}])
+                                    {"max_records": 7, "version": 1},
+                                    {"max_frame_bytes": 1200, "compression": "zlib"}])
 async def test_frames_keep_to_the_limits_welcome_announced(tmp_path: Path,
                                                            limits: dict[str, Any]) -> None:
     """Sections 1 and 5, "Frames over the hub's limits": no DATA above the hub's
-    `max_records` or `max_frame_bytes`; cut or not, every record id travels exactly once."""
-    async with gateway_against_peer(tmp_path) as hub:
+    `max_records` or `max_frame_bytes`, nor a body decompressing to more (section 5.1);
+    cut or not, every record id travels exactly once."""
+    offer = {"compression": "zlib", "compression_min_bytes": 0} if "compression" in limits \
+        else {}
+    async with gateway_against_peer(tmp_path, **offer) as hub:
         session, _ = await hello_of(hub)
         await session.send(welcome(**limits))
         spans = []
         while sum(n for _, n in spans) < 100:
             message = await session.recv_data()
-            first_rid, n, layout = records_in(message[3])
+            body = zlib.decompress(message[3]) if len(message) == 5 else message[3]
+            first_rid, n, layout = records_in(body)
             assert n <= limits.get("max_records", 50_000)
             assert len(cbor2.dumps(message)) <= limits.get("max_frame_bytes", 8 << 20)
+            assert len(body) <= limits.get("max_frame_bytes", 8 << 20)
             if limits.get("version") == 1:
                 assert layout == "rows"
             spans.append((first_rid, n))
