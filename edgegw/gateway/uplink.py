@@ -27,6 +27,8 @@ import logging
 import math
 import ssl
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import cbor2
@@ -226,7 +228,7 @@ class Uplink:
             self.gateway.hub_url, self._ssl_context(), message_queue_size=16,
             max_message_size=1 << 20, connect_timeout=cfg.connect_timeout_s,
             disconnect_timeout=2, receive_buffer_size=None,
-        ) as ws:
+        ) as ws, _closing_on_protocol_error(ws):
             now = trio.current_time()
             conn = GatewayConnection(self.gateway.id, self.gateway.token, self.store.epoch,
                                      self.store.first_unacked, heartbeat=cfg.heartbeat_s,
@@ -621,6 +623,21 @@ async def _going_away(ws: Any) -> None:
         return
     with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
         await ws.aclose(CloseCode.GOING_AWAY, "gateway shutting down")
+
+
+@asynccontextmanager
+async def _closing_on_protocol_error(ws: Any) -> AsyncIterator[None]:
+    """Close with the code of the rule the hub broke (protocol.md section 8: 4002 for a
+    WELCOME version not offered, 4004 for an encoding not offered or a malformed message,
+    4005 for a heartbeat timeout) rather than the 1000 trio-websocket closes with when
+    the session ends; bounded like ``_going_away``, as the hub may not answer."""
+    try:
+        yield
+    except ProtocolError as exc:
+        reason = exc.reason.encode()[:123].decode(errors="ignore")  # the WebSocket limit
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+            await ws.aclose(exc.code, reason)
+        raise
 
 
 def _link_lost(exc: BaseException) -> bool:

@@ -26,6 +26,9 @@ SUPPORTED_VERSIONS = (1, 2, 3)
 #: the largest sequence number, record id or other integer a message may carry: what a
 #: signed 64-bit column (SQLite INTEGER, PostgreSQL BIGINT) holds
 MAX_INT = (1 << 63) - 1
+#: the longest REFUSE or REJECT reason (section 2): the encoder cuts a longer one, which a
+#: peer's decoder would refuse as malformed (a REJECT quoting a huge bad field once did)
+MAX_REASON = 1024
 
 # message types
 HELLO = 1
@@ -158,9 +161,9 @@ def encode(msg: Message) -> bytes:
             welcome["compression"] = msg.compression
         return cbor2.dumps([WELCOME, welcome])
     if isinstance(msg, Refuse):
-        return cbor2.dumps([REFUSE, msg.code, msg.reason])
+        return cbor2.dumps([REFUSE, msg.code, msg.reason[:MAX_REASON]])
     if isinstance(msg, Reject):
-        return cbor2.dumps([REJECT, msg.seq, msg.reason])
+        return cbor2.dumps([REJECT, msg.seq, msg.reason[:MAX_REASON]])
     raise TypeError(f"not a protocol message: {msg!r}")
 
 
@@ -259,9 +262,9 @@ def decode(data: bytes | str) -> Message:
                          else _str(m["compression"], "WELCOME compression", 32)),
         )
     if kind == REFUSE and n == 3:
-        return Refuse(_int(item[1], "REFUSE code"), _str(item[2], "REFUSE reason", 1024))
+        return Refuse(_int(item[1], "REFUSE code"), _str(item[2], "REFUSE reason", MAX_REASON))
     if kind == REJECT and n == 3:
-        return Reject(_int(item[1], "REJECT seq", 1), _str(item[2], "REJECT reason", 1024))
+        return Reject(_int(item[1], "REJECT seq", 1), _str(item[2], "REJECT reason", MAX_REASON))
     raise _bad(f"unknown message type {kind!r} with {n} items")
 
 
