@@ -564,8 +564,6 @@ def test_a_vax_file_reads_its_floats_as_the_tester_wrote_them() -> None:
     assert ptr_rec.fields["RESULT"] == 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="the tail finishes a .gz file at the end of its "
-                   "first gzip member, MRR or not (edgegw/sources/tail.py; docs/stdf.md)")
 async def test_a_gzip_file_appended_member_by_member_is_read_to_its_mrr(
         tmp_path: Path) -> None:
     data = dual_head_final_test("<")

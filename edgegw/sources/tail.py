@@ -15,8 +15,9 @@ A file is complete when its MRR arrives, when the format's parser says so (its o
 ``idle_timeout`` seconds (a tester that crashed never writes its MRR).  A format's
 ``options`` table in the source config is built into the format's ``Options`` and given
 to every parser.  A ``.gz`` file is decompressed as a
-stream, so one still being written is followed too; it is complete at the end of its last
-gzip member (or MRR), and a gzip stream cut in the middle that stays idle is an error.
+stream, so one still being written is followed too, member after member; it is complete
+at its MRR, or idle at the end of a gzip member, and a gzip stream cut in the middle of a
+member that stays idle is an error.
 
 Checkpoint (passed with every batch; the gateway keeps the last durable one and hands it
 back as ``context.checkpoint``)::
@@ -731,12 +732,14 @@ class TailSource:
                 return
             if batch:
                 await self._put(sink, f, batch)
-        if f.gz and f.reader.complete:
-            await self._finish(f, sink, "end of gzip file")
-        elif grew:
+        # The end of a gzip member is not the end of the file: a tester (or its
+        # compressing writer) may append another member, as a plain file grows.  So a
+        # gzip file without its MRR is complete only when idle, as a plain one is.
+        if grew:
             f.last_growth = trio.current_time()
         elif trio.current_time() - f.last_growth >= self.config.idle_timeout:
-            if f.gz:  # idle in the middle of a gzip member: it will never be complete
+            if f.gz and not f.reader.complete:
+                # idle in the middle of a gzip member: it will never be complete
                 await self._corrupt(f, sink, FormatError("gzip stream is truncated",
                                                          f.reader.out), [])
                 return
