@@ -56,6 +56,8 @@ class Lot:
     #: bytes appended after its end (after the MRR): not read, as a finished file that grows
     grown: bool = False
     renamed: bool = False
+    #: its other names (hard links, in the same directory): one file, read once
+    links: list[Path] = dataclasses.field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -172,6 +174,8 @@ class Model:
         unfinished = [lot for lot in alive if not lot.finished]
         changeable = [lot for lot in alive if self.may_change(lot)]
         renamable = [lot for lot in changeable if not lot.grown]
+        # (removing the name the tail follows a lot by is a rename: not of a grown one)
+        unlinkable = [lot for lot in renamable if lot.links]
         # (renamed and grown between two looks is a finished file with another size under
         # another name: read again, running or restarted; so one or the other per lot)
         growable = [lot for lot in alive if lot.finished and not lot.renamed and self.registry]
@@ -182,6 +186,10 @@ class Model:
             choices += ["touch"]
         if renamable:
             choices += ["rename"]
+        if changeable:
+            choices += ["link"]
+        if unlinkable:
+            choices += ["unlink"]
         if growable:
             choices += ["grow"]
         if alive:
@@ -216,6 +224,23 @@ class Model:
             lot.path.rename(new)
             lot.path = new
             lot.renamed = True
+        elif action == "link":  # a second name (a hard link): one file still
+            lot = rng.choice(changeable)
+            new = self.fresh_path()
+            self.steps.append(f"link {lot.path.name} -> {new.name}")
+            self.unseen_change = self.source is not None and not self.registry
+            os.link(lot.path, new)
+            lot.links.append(new)
+        elif action == "unlink":  # one of its names removed, another stays
+            lot = rng.choice(unlinkable)
+            names = [lot.path, *lot.links]
+            gone = rng.choice(names)
+            names.remove(gone)
+            self.steps.append(f"unlink {gone.name} (stays: {names[0].name})")
+            self.unseen_change = self.source is not None and not self.registry
+            gone.unlink()
+            lot.path, lot.links = names[0], names[1:]
+            lot.renamed = True
         elif action == "grow":  # appended to after its MRR (touched, too, unless grown)
             lot = rng.choice(growable)
             self.steps.append(f"grow {lot.path.name}")
@@ -234,6 +259,8 @@ class Model:
             self.steps.append(f"delete {lot.path.name}")
             # (moved out of the directory: "reuse" unlinks)
             lot.path.rename(self.trash / f"{lot.lot_id}.stdf")
+            for link in lot.links:
+                link.unlink()
             lot.deleted = True
         elif action == "reuse":  # deleted, and a new lot created at its inode
             old = rng.choice(alive)
@@ -243,6 +270,8 @@ class Model:
             end = rng.choice([rng.randrange(1, len(lot.data)), len(lot.data)])
             inode = old.path.stat().st_ino
             wait_past_change_time(old.path)
+            for link in old.links:  # (its inode is free only once it has no name)
+                link.unlink()
             old.path.unlink()
             old.deleted = True
             # (not had when the gateway holds the old file open: a deleted file's inode is

@@ -61,6 +61,8 @@ another matched name or the same one) from the file renamed or grown.  An entry 
 ``head`` (an older checkpoint) goes by inode and size alone, as before.  ``gen``, the
 inode's generation number where the file system keeps one, names the file's records'
 stream with its inode (``_File.stream``): a new file at a reused inode is another stream.
+A file with several names (hard links) is one file, followed under one of them
+(``_one_name_each``): one stream, read once.
 
 Corrupt input (``FormatError``) is logged with path and byte offset, counted in
 ``source_errors_total{kind="corrupt"}``, reported to the hub as a GatewayEvent, and the file is
@@ -170,6 +172,8 @@ class _FileInfo:
     gz: bool
     #: its last change: the later of its modification and status-change times, in ns
     changed: int = 0
+    #: the file system it is on (an inode number names a file only within one)
+    dev: int = 0
 
 
 @dataclasses.dataclass
@@ -312,6 +316,10 @@ class TailSource:
         #: the watermark of the checkpoint resumed from: the durable one (0: none)
         self._durable_watermark = 0
         self._resumed = False
+        #: the paths the latest scan took for another name of a file it followed under
+        #: one (hard links): path -> inode (``_one_name_each``); and the scan's before
+        self._aliases: dict[str, int] = {}
+        self._aliases_before: dict[str, int] = {}
         self.errors = source_errors(context.metrics)
         self.read_records = context.metrics.counter(
             "tail_records_total", "tester records parsed from tailed files (re-reads included)")
@@ -485,7 +493,7 @@ class TailSource:
         first = self.finished is not None and not self._finished_loaded
         if first:
             await self._load_finished()
-        found = await trio.to_thread.run_sync(self._scan)
+        found = self._one_name_each(await trio.to_thread.run_sync(self._scan))
         seen = {info.path for info in found}
         gone = {f.inode: f for p, f in self.files.items() if p not in seen}
         wanted = self._heads_wanted(found, gone)
@@ -667,12 +675,47 @@ class TailSource:
                 wanted.append((info.path, info.inode, None))
         return wanted
 
+    def _one_name_each(self, found: list[_FileInfo]) -> list[_FileInfo]:
+        """``found`` with one path per file: a file with several names (hard links, in
+        one watched directory or several) is one file, read once, under the name the tail
+        already follows it by (else the one the registry of finished files has, else the
+        first in order).  The others are left out, remembered in ``_aliases``: one of them
+        left when that name goes is the file renamed (``_renamed``)."""
+        self._aliases_before = self._aliases
+        by_file: dict[tuple[int, int], list[_FileInfo]] = {}
+        for info in found:
+            by_file.setdefault((info.dev, info.inode), []).append(info)
+        if len(by_file) == len(found):
+            self._aliases = {}
+            return found
+        aliases: dict[str, int] = {}
+        for (_, inode), infos in by_file.items():
+            if len(infos) == 1:
+                continue
+            entry = self.finished.get(inode) if self.finished is not None else None
+            known = [i for i in infos
+                     if (f := self.files.get(i.path)) is not None and f.inode == inode]
+            named = [i for i in infos if entry is not None and i.path == entry.path]
+            one = min(known or named or infos, key=lambda i: i.path)
+            for info in infos:
+                if info is not one:
+                    aliases[info.path] = inode
+                    if self._aliases.get(info.path) != inode:
+                        log.info("source %s: %s is another name of %s (a hard link): "
+                                 "read once, as %s", self.name, info.path, one.path, one.path)
+        self._aliases = aliases
+        return [i for i in found if i.path not in aliases]
+
     def _renamed(self, old: _File, info: _FileInfo) -> _File | None:
         """A file that vanished from one path while one with its inode appeared at another
         was renamed: keep following it (a finished one only if its size is unchanged, as
         an inode can be reused for a new file; the caller has compared their first bytes
-        when it could)."""
-        if old.gz != info.gz or (old.done and old.size != info.size):
+        when it could) -- or, whatever its size, if the path was another name of the file
+        at the last look (a hard link, the name the tail followed it by removed)."""
+        if old.gz != info.gz:
+            return None
+        if (old.done and old.size != info.size
+                and self._aliases_before.get(info.path) != old.inode):
             return None
         log.info("source %s: %s was renamed to %s", self.name, old.path, info.path)
         del self.files[old.path]
@@ -994,6 +1037,6 @@ class TailSource:
                 continue
             found.append(_FileInfo(p, st.st_ino, st.st_size, st.st_mtime,
                                    p.lower().endswith(".gz"),
-                                   max(st.st_mtime_ns, st.st_ctime_ns)))
+                                   max(st.st_mtime_ns, st.st_ctime_ns), st.st_dev))
         found.sort(key=lambda i: (i.mtime, i.path))
         return found
