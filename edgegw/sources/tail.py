@@ -554,9 +554,11 @@ class TailSource:
                 # the inode holds this file now: a vanished one that had it (remembered by
                 # it, perhaps by it alone) is not this one coming back after a restart
                 self.gone = [g for g in self.gone if g[0] != info.inode]
-            if head is not None:
+            if head is not None and not (f.done and head[1] and f.head is not None):
+                # (a finished file's stays the fingerprint of what was read: one that grew
+                # after its end is the same file, and its registry entry stays as it was)
                 f.head = head[0]
-            elif info.path in asked:  # (could not be read: tried again once it changes)
+            elif head is None and info.path in asked:  # (unreadable: tried again once changed)
                 f.head_missed = info.changed
             if before and self._unregistered(f) and f.head is not None:
                 # finished by the durable checkpoint's watermark (and so since its change
@@ -671,7 +673,8 @@ class TailSource:
                 wanted.append((info.path, info.inode, None))
             elif f.reader is None and f.head is not None and f.changed != info.changed:
                 wanted.append((info.path, info.inode, f.head))
-            elif not complete(f.head, info.size) and f.head_missed != info.changed:
+            elif (not complete(f.head, f.size if f.done else info.size)
+                  and f.head_missed != info.changed):
                 wanted.append((info.path, info.inode, None))
         return wanted
 
