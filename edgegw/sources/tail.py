@@ -685,12 +685,12 @@ class TailSource:
         first in order).  The others are left out, remembered in ``_aliases``: one of them
         left when that name goes is the file renamed (``_renamed``)."""
         self._aliases_before = self._aliases
+        if len({info.inode for info in found}) == len(found):  # (every poll: kept cheap)
+            self._aliases = {}
+            return found
         by_file: dict[tuple[int, int], list[_FileInfo]] = {}
         for info in found:
             by_file.setdefault((info.dev, info.inode), []).append(info)
-        if len(by_file) == len(found):
-            self._aliases = {}
-            return found
         aliases: dict[str, int] = {}
         for (_, inode), infos in by_file.items():
             if len(infos) == 1:
