@@ -218,3 +218,34 @@ async def test_a_crash_in_a_split_put_of_a_file_with_two_names_stores_each_recor
         assert await tailed_records(image) == clean, f"a crash after frame {image.name}"
         if removed:
             os.link(b, a)
+
+
+OTHER = stdf_file_bytes(TesterProfile(lot_id="OTHER", sites=4, wafer_diameter_dies=8,
+                                      tests_per_part=4, seed=4))
+
+
+@pytest.mark.parametrize("how", ["renamed", "linked, then its name removed"])
+@pytest.mark.parametrize("state", ["being written", "finished"])
+async def test_a_new_file_at_the_name_a_file_was_read_by(
+        watched: Path, how: str, state: str) -> None:
+    """The file the tail reads by a name gets another (renamed, or a hard link and the first
+    name removed) and a new lot is created at the first name, between two polls (a tester
+    that rotates its file): the first lot is followed on under its new name, not read again;
+    the new lot is read whole."""
+    a, b = watched / "a.stdf", watched / "b.stdf"
+    a.write_bytes(LOT[:HALF] if state == "being written" else LOT)
+    source, sink = make(watched), CollectingSink()
+    await poll(source, sink)
+    if how == "renamed":
+        a.rename(b)
+    else:
+        os.link(a, b)
+        a.unlink()
+    a.write_bytes(OTHER)
+    if state == "being written":
+        with b.open("ab") as f:
+            f.write(LOT[HALF:])
+    await poll(source, sink)
+    got = no_ts(sink.records)
+    assert [r for r in got if r.lot_id == "LINKED"] == expected(LOT)
+    assert [r for r in got if r.lot_id == "OTHER"] == expected(OTHER)

@@ -188,7 +188,7 @@ class Model:
         if changeable:
             choices += ["touch"]
         if renamable:
-            choices += ["rename"]
+            choices += ["rename", "rotate"]
         if changeable:
             choices += ["link"]
         if unlinkable:
@@ -227,6 +227,20 @@ class Model:
             lot.path.rename(new)
             lot.path = new
             lot.renamed = True
+        elif action == "rotate":  # renamed, and a new lot created under its old name
+            lot = rng.choice(renamable)
+            new = self.fresh_path()
+            old = lot.path
+            self.unseen_change = self.source is not None and not self.registry
+            old.rename(new)
+            lot.path = new
+            lot.renamed = True
+            rotated = self.new_lot()
+            rotated.path = old
+            end = rng.choice([rng.randrange(1, len(rotated.data)), len(rotated.data)])
+            self.write(rotated, end)
+            self.steps.append(f"rotate {old.name} -> {new.name}; new {old.name} "
+                              f"({rotated.lot_id}) bytes 0..{end} of {len(rotated.data)}")
         elif action == "link":  # a second name (a hard link): one file still
             lot = rng.choice(changeable)
             new = self.fresh_path()

@@ -494,6 +494,7 @@ class TailSource:
         if first:
             await self._load_finished()
         found = self._one_name_each(await trio.to_thread.run_sync(self._scan))
+        self._moved_aside(found)
         seen = {info.path for info in found}
         gone = {f.inode: f for p, f in self.files.items() if p not in seen}
         wanted = self._heads_wanted(found, gone)
@@ -708,6 +709,25 @@ class TailSource:
                                  "read once, as %s", self.name, info.path, one.path, one.path)
         self._aliases = aliases
         return [i for i in found if i.path not in aliases]
+
+    def _moved_aside(self, found: list[_FileInfo]) -> None:
+        """A known file whose path holds another inode now, while its own inode shows up
+        (not known) under another path: it was renamed (or given another name, a hard link,
+        and the first removed) and a new file created at its old path -- a tester rotating
+        its file.  Followed on under its new name (``_renamed``; a file the tail does not
+        hold open then has its first bytes compared there, as at any changed path), so the
+        new file at the old path is read as new.  Before, the new name was a new file too:
+        read again from its start."""
+        at = {info.path: info for info in found}
+        unknown = {info.inode: info for info in found if info.path not in self.files}
+        for path, f in list(self.files.items()):
+            info = at.get(path)
+            if info is None or info.inode == f.inode:
+                continue
+            other = unknown.get(f.inode)
+            if (other is not None and other.dev == info.dev  # (neither crosses devices)
+                    and self._renamed(f, other) is not None):
+                del unknown[f.inode]
 
     def _renamed(self, old: _File, info: _FileInfo) -> _File | None:
         """A file that vanished from one path while one with its inode appeared at another
