@@ -494,9 +494,17 @@ class TailSource:
         if first:
             await self._load_finished()
         found = self._one_name_each(await trio.to_thread.run_sync(self._scan))
-        self._moved_aside(found)
-        seen = {info.path for info in found}
-        gone = {f.inode: f for p, f in self.files.items() if p not in seen}
+        seen = {info.path: info.inode for info in found}
+        gone: dict[int, _File] = {}  # known files not found: inode -> file
+        replaced: list[_File] = []  # known files whose path holds another inode now
+        for p, f in self.files.items():
+            inode = seen.get(p)
+            if inode is None:
+                gone[f.inode] = f
+            elif inode != f.inode:
+                replaced.append(f)
+        if replaced:
+            self._moved_aside(found, replaced)
         wanted = self._heads_wanted(found, gone)
         # path -> (its fingerprint now, whether it starts like the one it was compared with)
         heads = await trio.to_thread.run_sync(read_fingerprints, wanted) if wanted else {}
@@ -710,7 +718,7 @@ class TailSource:
         self._aliases = aliases
         return [i for i in found if i.path not in aliases]
 
-    def _moved_aside(self, found: list[_FileInfo]) -> None:
+    def _moved_aside(self, found: list[_FileInfo], replaced: list[_File]) -> None:
         """A known file whose path holds another inode now, while its own inode shows up
         (not known) under another path: it was renamed (or given another name, a hard link,
         and the first removed) and a new file created at its old path -- a tester rotating
@@ -720,11 +728,8 @@ class TailSource:
         read again from its start."""
         at = {info.path: info for info in found}
         unknown = {info.inode: info for info in found if info.path not in self.files}
-        for path, f in list(self.files.items()):
-            info = at.get(path)
-            if info is None or info.inode == f.inode:
-                continue
-            other = unknown.get(f.inode)
+        for f in replaced:
+            info, other = at[f.path], unknown.get(f.inode)
             if (other is not None and other.dev == info.dev  # (neither crosses devices)
                     and self._renamed(f, other) is not None):
                 del unknown[f.inode]
