@@ -263,3 +263,77 @@ async def test_a_new_file_at_the_inode_of_one_whose_first_put_a_crash_split_is_r
     replace_at_inode(files / "a.std", files / name, LOT_C)
     await tail_files_until_done(tail_cfg(files, tmp_path / "gw", image), {name})
     assert await tailed_records(image) == before + new_content, "the new lot whole, once"
+
+
+@pytest.mark.parametrize("then", ["unchanged", "renamed", "a new lot at its inode"])
+async def test_an_upgrade_after_a_crash_in_a_files_first_put_loses_nothing(
+        tmp_path: Path, then: str) -> None:
+    """A gateway from before generation numbers (its spool names a file's stream by the
+    inode alone, its checkpoints carry no ``gen``) crashes between the frames of a file's
+    *first* put; the upgraded gateway restarts from that spool, the file unchanged, renamed,
+    or deleted and a new lot created at its inode meanwhile.  The upgraded tail names the
+    file, which no checkpoint lists, ``[inode, gen]``: the old span, keyed by the inode
+    alone, never meets it, so nothing is skipped -- the records the frames held of that
+    first put are stored twice (known, docs/tail.md "Upgrading"), and a new lot at the
+    inode is stored whole.  Taking the old span for the file would skip the new lot's first
+    records instead: lost, which an older spool cannot tell from the same file."""
+    import shutil
+
+    from test_exactly_once import (
+        Snapshots,
+        records_of,
+        tail_cfg,
+        tail_files_until_done,
+        tailed_records,
+        write_at,
+    )
+
+    from edgegw.gateway import AFTER_KEY, ORIGINS_KEY
+    from edgegw.spool import DiskSpool, SpoolConfig
+
+    class OlderGateway(Snapshots):
+        """The real spool, written as a gateway from before generation numbers wrote it."""
+
+        async def append(self, body: bytes, n_records: int, checkpoints: dict[str, Any]
+                         ) -> int:
+            checkpoints = json.loads(json.dumps(checkpoints))
+            for entry in ((checkpoints.get("tail") or {}).get("files") or {}).values():
+                entry.pop("gen", None)
+            for spans in ((checkpoints.get(AFTER_KEY) or {}).get(ORIGINS_KEY) or {}).values():
+                for span in spans:
+                    if isinstance(span[0], list) and span[0][0] != "io":
+                        span[0] = span[0][0]
+            return await super().append(body, n_records, checkpoints)
+
+    files = tmp_path / "stdf"
+    files.mkdir()
+    a = files / "a.std"
+    lot = stdf_file_bytes(TesterProfile(lot_id="OLD", sites=4, wafer_diameter_dies=10,
+                                        tests_per_part=8, seed=5))
+    write_at(a, lot, 1_000_000)
+    cfg = tail_cfg(files, tmp_path / "gw", tmp_path / "spool")
+    assert cfg.spool is not None
+    images = tmp_path / "images"
+    await tail_files_until_done(cfg, {"a.std"}, OlderGateway(cfg.spool, set(range(1, 30)),
+                                                             images))
+    image = None
+    for candidate in sorted(images.iterdir(), key=lambda p: int(p.name)):
+        async with DiskSpool.open(SpoolConfig(dir=str(candidate))) as spool:
+            checkpoints = dict(spool.checkpoints)
+        if (checkpoints.get(AFTER_KEY, {}).get("tail") and str(a) not in
+                ((checkpoints.get("tail") or {}).get("files") or {})):
+            image = candidate
+            break
+    assert image is not None, "the test needs a crash in the middle of the file's first put"
+    held = await tailed_records(image)
+    assert 0 < len(held) < len(await records_of(tmp_path / "clean", lot))
+    name, content = "a.std", lot
+    if then == "renamed":
+        name = "b.std"
+        a.rename(files / name)
+    elif then != "unchanged":
+        name, content = "c.std", LOT_C
+        replace_at_inode(a, files / name, content)
+    await tail_files_until_done(tail_cfg(files, tmp_path / "gw2", image), {name})
+    assert await tailed_records(image) == held + await records_of(tmp_path / "new", content)
+    shutil.rmtree(images)

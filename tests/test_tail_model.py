@@ -56,6 +56,8 @@ class Lot:
     #: bytes appended after its end (after the MRR): not read, as a finished file that grows
     grown: bool = False
     renamed: bool = False
+    #: its other names (hard links, in the same directory): one file, read once
+    links: list[Path] = dataclasses.field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -138,8 +140,11 @@ class Model:
 
     def new_lot(self) -> Lot:
         n = len(self.lots)
-        profile = TesterProfile(lot_id=f"L{n:03}", sites=2, wafer_diameter_dies=4,
-                                tests_per_part=2, seed=self.rng.randrange(1000))
+        # (one in five a lot of less than a KiB: its fingerprint covers all of it)
+        small = self.rng.random() < 0.2
+        profile = TesterProfile(lot_id=f"L{n:03}", sites=1 if small else 2,
+                                wafer_diameter_dies=1 if small else 4,
+                                tests_per_part=1 if small else 2, seed=self.rng.randrange(1000))
         lot = Lot(f"L{n:03}", stdf_file_bytes(profile), self.fresh_path())
         self.lots.append(lot)
         return lot
@@ -172,6 +177,8 @@ class Model:
         unfinished = [lot for lot in alive if not lot.finished]
         changeable = [lot for lot in alive if self.may_change(lot)]
         renamable = [lot for lot in changeable if not lot.grown]
+        # (removing the name the tail follows a lot by is a rename: not of a grown one)
+        unlinkable = [lot for lot in renamable if lot.links]
         # (renamed and grown between two looks is a finished file with another size under
         # another name: read again, running or restarted; so one or the other per lot)
         growable = [lot for lot in alive if lot.finished and not lot.renamed and self.registry]
@@ -181,7 +188,11 @@ class Model:
         if changeable:
             choices += ["touch"]
         if renamable:
-            choices += ["rename"]
+            choices += ["rename", "rotate"]
+        if changeable:
+            choices += ["link"]
+        if unlinkable:
+            choices += ["unlink"]
         if growable:
             choices += ["grow"]
         if alive:
@@ -216,6 +227,37 @@ class Model:
             lot.path.rename(new)
             lot.path = new
             lot.renamed = True
+        elif action == "rotate":  # renamed, and a new lot created under its old name
+            lot = rng.choice(renamable)
+            new = self.fresh_path()
+            old = lot.path
+            self.unseen_change = self.source is not None and not self.registry
+            old.rename(new)
+            lot.path = new
+            lot.renamed = True
+            rotated = self.new_lot()
+            rotated.path = old
+            end = rng.choice([rng.randrange(1, len(rotated.data)), len(rotated.data)])
+            self.write(rotated, end)
+            self.steps.append(f"rotate {old.name} -> {new.name}; new {old.name} "
+                              f"({rotated.lot_id}) bytes 0..{end} of {len(rotated.data)}")
+        elif action == "link":  # a second name (a hard link): one file still
+            lot = rng.choice(changeable)
+            new = self.fresh_path()
+            self.steps.append(f"link {lot.path.name} -> {new.name}")
+            self.unseen_change = self.source is not None and not self.registry
+            os.link(lot.path, new)
+            lot.links.append(new)
+        elif action == "unlink":  # one of its names removed, another stays
+            lot = rng.choice(unlinkable)
+            names = [lot.path, *lot.links]
+            gone = rng.choice(names)
+            names.remove(gone)
+            self.steps.append(f"unlink {gone.name} (stays: {names[0].name})")
+            self.unseen_change = self.source is not None and not self.registry
+            gone.unlink()
+            lot.path, lot.links = names[0], names[1:]
+            lot.renamed = True
         elif action == "grow":  # appended to after its MRR (touched, too, unless grown)
             lot = rng.choice(growable)
             self.steps.append(f"grow {lot.path.name}")
@@ -234,6 +276,8 @@ class Model:
             self.steps.append(f"delete {lot.path.name}")
             # (moved out of the directory: "reuse" unlinks)
             lot.path.rename(self.trash / f"{lot.lot_id}.stdf")
+            for link in lot.links:
+                link.unlink()
             lot.deleted = True
         elif action == "reuse":  # deleted, and a new lot created at its inode
             old = rng.choice(alive)
@@ -243,6 +287,8 @@ class Model:
             end = rng.choice([rng.randrange(1, len(lot.data)), len(lot.data)])
             inode = old.path.stat().st_ino
             wait_past_change_time(old.path)
+            for link in old.links:  # (its inode is free only once it has no name)
+                link.unlink()
             old.path.unlink()
             old.deleted = True
             # (not had when the gateway holds the old file open: a deleted file's inode is

@@ -479,3 +479,91 @@ async def test_a_directory_missing_at_the_restart_keeps_its_files_entries(
     await read_and_fold(source, sink)
     await crash(source)
     assert lot_ids(sink.records) == {"L001": 1, "L002": 1, "L003": 1}
+
+
+async def read_and_fold_lagging(source: TailSource, sink: Sink) -> None:
+    """``read_and_fold``, whatever the sink took."""
+    for _ in range(2):
+        await source.poll_once(sink)
+        time.sleep(FOLD)
+        await source.poll_once(sink)
+    directory = Path(source.config.paths[0])
+    n = sum(1 for name in os.listdir(directory) if name.startswith("zz"))
+    (directory / f"zz{n}.stdf").write_bytes(lot_bytes(NUDGE + n)[:500])
+    await source.poll_once(sink)
+
+
+#: a whole lot (FAR to MRR) shorter than a KiB: its fingerprint covers all of it
+SMALL = stdf_file_bytes(TesterProfile(lot_id="L000", sites=1, wafer_diameter_dies=1,
+                                      tests_per_part=1, seed=1))
+
+
+@pytest.mark.parametrize("grows_by", [100, 1000], ids=["to under a KiB", "past a KiB"])
+async def test_a_small_finished_file_that_grows_is_read_once_whatever_put_a_crash_follows(
+        tmp_path: Path, grows_by: int) -> None:
+    """A finished lot of less than a KiB (its fingerprint covers all of it) appended to
+    after its MRR while the gateway runs: logged, not read.  Its fingerprint was taken
+    again over the grown start and its entry written anew, as a new file's -- relied on
+    only by a checkpoint whose watermark passed the growth: a crash before such a
+    checkpoint was durable read the lot again.  Now its fingerprint stays the one of what
+    was read, and the lot is read once whatever put the crash follows (the lot touched
+    while the gateway is stopped, too)."""
+    assert len(SMALL) < 1024
+    whole = Sink(tmp_path / "state")
+    (tmp_path / "watched").mkdir()
+
+    async def run(directory: Path, sink: Sink) -> None:
+        source = start(directory, sink.state, None)
+        (directory / "small.stdf").write_bytes(SMALL)
+        await read_and_fold_lagging(source, sink)
+        append(directory / "small.stdf", b"\0" * grows_by)
+        await read_and_fold_lagging(source, sink)
+        await crash(source)
+
+    await run(tmp_path / "watched", whole)
+    assert lot_ids(whole.records) == {"L000": 1}
+    for k in range(len(whole.puts) + 1):
+        directory, state = tmp_path / f"w{k}", tmp_path / f"s{k}"
+        directory.mkdir()
+        sink = LaggingSink(state, directory, durable=k)
+        await run(directory, sink)
+        os.utime(directory / "small.stdf")
+        source = start(directory, state, sink.checkpoint)
+        sink.durable = 1 << 30
+        await read_and_fold(source, sink)
+        await crash(source)
+        assert lot_ids(sink.records) == {"L000": 1}, f"a crash after put {k}"
+
+
+async def test_a_small_finished_file_grown_while_stopped_is_read_once_whatever_put_a_crash_follows(
+        tmp_path: Path) -> None:
+    """The same lot appended to while the gateway is stopped: the restart recognises it
+    (grown since), and a crash after any of the restart's puts, the lot touched before the
+    next start, does not read it again (its entry was written anew, as a new file's, once
+    its fingerprint had been taken again over the grown start)."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    first = Sink(state)
+    source = start(directory, state, None)
+    (directory / "small.stdf").write_bytes(SMALL)
+    await read_and_fold(source, first)
+    await crash(source)
+    append(directory / "small.stdf", b"\0" * 100)
+    registry = (state / "finished.jsonl").read_bytes()
+    for k in range(6):
+        (state / "finished.jsonl").write_bytes(registry)
+        sink = LaggingSink(state, directory, durable=k)
+        sink.puts = list(first.puts)
+        source = start(directory, state, first.checkpoint)
+        await read_and_fold_lagging(source, sink)
+        await crash(source)
+        os.utime(directory / "small.stdf")
+        source = start(directory, state, sink.checkpoint)
+        sink.durable = 1 << 30
+        await read_and_fold_lagging(source, sink)
+        await crash(source)
+        assert lot_ids(sink.records) == {"L000": 1}, f"a crash after put {k}"
+        for name in os.listdir(directory):
+            if name.startswith("zz"):
+                (directory / name).unlink()
+

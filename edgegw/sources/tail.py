@@ -62,6 +62,8 @@ another matched name or the same one) from the file renamed or grown.  An entry 
 ``head`` (an older checkpoint) goes by inode and size alone, as before.  ``gen``, the
 inode's generation number where the file system keeps one, names the file's records'
 stream with its inode (``_File.stream``): a new file at a reused inode is another stream.
+A file with several names (hard links) is one file, followed under one of them
+(``_one_name_each``): one stream, read once.
 
 Corrupt input (``FormatError``) is logged with path and byte offset, counted in
 ``source_errors_total{kind="corrupt"}``, reported to the hub as a GatewayEvent, and the file is
@@ -171,6 +173,8 @@ class _FileInfo:
     gz: bool
     #: its last change: the later of its modification and status-change times, in ns
     changed: int = 0
+    #: the file system it is on (an inode number names a file only within one)
+    dev: int = 0
 
 
 @dataclasses.dataclass
@@ -313,6 +317,10 @@ class TailSource:
         #: the watermark of the checkpoint resumed from: the durable one (0: none)
         self._durable_watermark = 0
         self._resumed = False
+        #: the paths the latest scan took for another name of a file it followed under
+        #: one (hard links): path -> inode (``_one_name_each``); and the scan's before
+        self._aliases: dict[str, int] = {}
+        self._aliases_before: dict[str, int] = {}
         self.errors = source_errors(context.metrics)
         self.read_records = context.metrics.counter(
             "tail_records_total", "tester records parsed from tailed files (re-reads included)")
@@ -486,9 +494,18 @@ class TailSource:
         first = self.finished is not None and not self._finished_loaded
         if first:
             await self._load_finished()
-        found = await trio.to_thread.run_sync(self._scan)
-        seen = {info.path for info in found}
-        gone = {f.inode: f for p, f in self.files.items() if p not in seen}
+        found = self._one_name_each(await trio.to_thread.run_sync(self._scan))
+        seen = {info.path: info.inode for info in found}
+        gone: dict[int, _File] = {}  # known files not found: inode -> file
+        replaced: list[_File] = []  # known files whose path holds another inode now
+        for p, f in self.files.items():
+            inode = seen.get(p)
+            if inode is None:
+                gone[f.inode] = f
+            elif inode != f.inode:
+                replaced.append(f)
+        if replaced:
+            self._moved_aside(found, replaced)
         wanted = self._heads_wanted(found, gone)
         # path -> (its fingerprint now, whether it starts like the one it was compared with)
         heads = await trio.to_thread.run_sync(read_fingerprints, wanted) if wanted else {}
@@ -547,9 +564,11 @@ class TailSource:
                 # the inode holds this file now: a vanished one that had it (remembered by
                 # it, perhaps by it alone) is not this one coming back after a restart
                 self.gone = [g for g in self.gone if g[0] != info.inode]
-            if head is not None:
+            if head is not None and not (f.done and head[1] and f.head is not None):
+                # (a finished file's stays the fingerprint of what was read: one that grew
+                # after its end is the same file, and its registry entry stays as it was)
                 f.head = head[0]
-            elif info.path in asked:  # (could not be read: tried again once it changes)
+            elif head is None and info.path in asked:  # (unreadable: tried again once changed)
                 f.head_missed = info.changed
             if before and self._unregistered(f) and f.head is not None:
                 # finished by the durable checkpoint's watermark (and so since its change
@@ -664,16 +683,68 @@ class TailSource:
                 wanted.append((info.path, info.inode, None))
             elif f.reader is None and f.head is not None and f.changed != info.changed:
                 wanted.append((info.path, info.inode, f.head))
-            elif not complete(f.head, info.size) and f.head_missed != info.changed:
+            elif (not complete(f.head, f.size if f.done else info.size)
+                  and f.head_missed != info.changed):
                 wanted.append((info.path, info.inode, None))
         return wanted
+
+    def _one_name_each(self, found: list[_FileInfo]) -> list[_FileInfo]:
+        """``found`` with one path per file: a file with several names (hard links, in
+        one watched directory or several) is one file, read once, under the name the tail
+        already follows it by (else the one the registry of finished files has, else the
+        first in order).  The others are left out, remembered in ``_aliases``: one of them
+        left when that name goes is the file renamed (``_renamed``)."""
+        self._aliases_before = self._aliases
+        if len({info.inode for info in found}) == len(found):  # (every poll: kept cheap)
+            self._aliases = {}
+            return found
+        by_file: dict[tuple[int, int], list[_FileInfo]] = {}
+        for info in found:
+            by_file.setdefault((info.dev, info.inode), []).append(info)
+        aliases: dict[str, int] = {}
+        for (_, inode), infos in by_file.items():
+            if len(infos) == 1:
+                continue
+            entry = self.finished.get(inode) if self.finished is not None else None
+            known = [i for i in infos
+                     if (f := self.files.get(i.path)) is not None and f.inode == inode]
+            named = [i for i in infos if entry is not None and i.path == entry.path]
+            one = min(known or named or infos, key=lambda i: i.path)
+            for info in infos:
+                if info is not one:
+                    aliases[info.path] = inode
+                    if self._aliases.get(info.path) != inode:
+                        log.info("source %s: %s is another name of %s (a hard link): "
+                                 "read once, as %s", self.name, info.path, one.path, one.path)
+        self._aliases = aliases
+        return [i for i in found if i.path not in aliases]
+
+    def _moved_aside(self, found: list[_FileInfo], replaced: list[_File]) -> None:
+        """A known file whose path holds another inode now, while its own inode shows up
+        (not known) under another path: it was renamed (or given another name, a hard link,
+        and the first removed) and a new file created at its old path -- a tester rotating
+        its file.  Followed on under its new name (``_renamed``; a file the tail does not
+        hold open then has its first bytes compared there, as at any changed path), so the
+        new file at the old path is read as new.  Before, the new name was a new file too:
+        read again from its start."""
+        at = {info.path: info for info in found}
+        unknown = {info.inode: info for info in found if info.path not in self.files}
+        for f in replaced:
+            info, other = at[f.path], unknown.get(f.inode)
+            if (other is not None and other.dev == info.dev  # (neither crosses devices)
+                    and self._renamed(f, other) is not None):
+                del unknown[f.inode]
 
     def _renamed(self, old: _File, info: _FileInfo) -> _File | None:
         """A file that vanished from one path while one with its inode appeared at another
         was renamed: keep following it (a finished one only if its size is unchanged, as
         an inode can be reused for a new file; the caller has compared their first bytes
-        when it could)."""
-        if old.gz != info.gz or (old.done and old.size != info.size):
+        when it could) -- or, whatever its size, if the path was another name of the file
+        at the last look (a hard link, the name the tail followed it by removed)."""
+        if old.gz != info.gz:
+            return None
+        if (old.done and old.size != info.size
+                and self._aliases_before.get(info.path) != old.inode):
             return None
         log.info("source %s: %s was renamed to %s", self.name, old.path, info.path)
         del self.files[old.path]
@@ -997,6 +1068,6 @@ class TailSource:
                 continue
             found.append(_FileInfo(p, st.st_ino, st.st_size, st.st_mtime,
                                    p.lower().endswith(".gz"),
-                                   max(st.st_mtime_ns, st.st_ctime_ns)))
+                                   max(st.st_mtime_ns, st.st_ctime_ns), st.st_dev))
         found.sort(key=lambda i: (i.mtime, i.path))
         return found
