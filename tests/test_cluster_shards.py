@@ -551,3 +551,33 @@ async def test_a_stale_owner_publishes_nothing_on_another_shard_once_its_success
         assert await successor.flush() == 1
         assert [e.last for e in await b.read_topic(sensor, after=head)] == [head + 1]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_takeover_fences_the_other_shards_before_the_new_owner_publishes(
+        redis_shards: list[RedisServer]) -> None:  # noqa: F811
+    """A new owner raises its token's fence on the other shards at its takeover: the stale
+    owner's sensor delta is refused there even while its successor is still rebuilding
+    (it publishes nothing until caught up)."""
+    urls = [s.url for s in redis_shards]
+    prefix = fresh_prefix()
+    lease, sensor = "partition:1", "sensor/handler%2Ftemp"
+    async with trio.open_nursery() as nursery:
+        a, b = (ClusterBus(urls, prefix, n, partitions=PARTITIONS) for n in "ab")
+        for bus in (a, b):
+            await nursery.start(bus.run)
+        token_a = await a.acquire(lease, 0.5)
+        assert token_a is not None
+        stale = TopicPublisher(a, OneTopic(sensor))
+        stale.fence(lease, token_a)
+        stale.publish(sensor, {"value": 1})
+        assert await stale.flush() == 1
+        head = stale.heads[sensor]
+        await trio.sleep(0.7)
+        token_b = await b.acquire(lease, 5.0)
+        assert token_b is not None
+        await b.raise_pubfences(lease, token_b)
+        stale.publish(sensor, {"value": 2})
+        with pytest.raises(PartitionFenced):
+            await stale.flush()
+        assert await b.read_topic(sensor, after=head) == []
+        nursery.cancel_scope.cancel()

@@ -94,7 +94,8 @@ class BusUnavailable(Exception):
 # key lives on its own shard; a partition's topics on another shard (``sensor/...``) are
 # fenced by the token instead: that shard keeps the newest token that published there
 # (``{prefix}:pubfence:<lease>``) and refuses an older one, so a woken stale owner is
-# refused there from its successor's first publication on (its resets once caught up).
+# refused there from its successor's takeover on (``raise_pubfences``; and in any case from
+# its first publication there).
 # KEYS: epoch, heads, topics, lease (or the shard's pubfence key), then per entry: stream,
 # snap.
 # ARGV: epoch, history, channel, gone_ttl_ms, lease value ('' for no lease check;
@@ -1133,6 +1134,17 @@ class ClusterBus:
         """Make the next token of ``name`` greater than ``at_least`` (after Redis lost its
         counters, from the highest token PostgreSQL has seen)."""
         await self.seed_fences({name: at_least})
+
+    async def raise_pubfences(self, name: str, token: int) -> None:
+        """Fence the publications for the lease ``name`` on every shard but its own at
+        ``token`` (a new owner, at its takeover): from here on those shards refuse a
+        publication under an older token (``publish_entries``), before this owner has
+        published anything there.  Its own shard needs none: the lease key is there."""
+        own = self.shard_of_lease(name)
+        for shard in range(len(self.shards)):
+            if shard != own:
+                await self._script_calls("pubfence", shard, "seed",
+                                         [(self.key("pubfence", name), [int(token)])])
 
     async def seed_fences(self, floors: dict[str, int]) -> None:
         """``seed_fence`` for many names: one pipeline per shard."""

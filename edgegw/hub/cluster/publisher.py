@@ -22,8 +22,8 @@ Exactness rules:
 * A partition owner's publisher is fenced by the partition's lease (``fence``): Redis
   refuses its publications once the lease is not this node's (``PartitionFenced``, out of
   ``run``), so an owner that wakes from a pause after its lease lapsed publishes nothing
-  before it notices; on another shard than the lease's (``sensor/...``) from the first
-  publication of a newer owner there on (``ClusterBus.publish_entries``).
+  before it notices; on another shard than the lease's (``sensor/...``) from a newer
+  owner's takeover on (``ClusterBus.raise_pubfences``, ``publish_entries``).
 * Every ``snapshot_interval_s`` the snapshots of topics changed since the last one are
   written with their offset (what a node that starts mirroring a topic loads), and a topic
   whose snapshot is gone (an evicted lot) is closed with an entry of kind ``x``.
