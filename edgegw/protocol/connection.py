@@ -7,7 +7,8 @@ raise ``ProtocolError`` carrying the close code to use; the connection is then c
 
 Heartbeats: each side sends PING once per ``heartbeat`` seconds of its own silence and
 answers every PING with PONG; a side that has received nothing for ``2 x heartbeat``
-declares the peer dead (close code 4005).
+declares the peer dead (close code 4005) -- on a look taken on time: a side woken late
+(paused) reads what waits for it first (``_Heartbeat``).
 """
 
 from __future__ import annotations
