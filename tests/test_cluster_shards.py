@@ -23,9 +23,9 @@ from test_cluster_nodes import (
     count_tester_records,
 )
 
-from edgegw.hub.cluster import ClusterBus, ClusterStore, Mirror, ShardMismatch
+from edgegw.hub.cluster import ClusterBus, ClusterStore, Mirror, ShardMismatch, TopicPublisher
 from edgegw.hub.cluster.owner import topic_partition
-from edgegw.hub.cluster.partition import partition_of
+from edgegw.hub.cluster.partition import PartitionFenced, partition_of
 from edgegw.hub.fanout import LiveConfig, LiveFanout
 from edgegw.metrics import Metrics
 from edgegw.web import HttpServer
@@ -495,3 +495,89 @@ def test_a_node_listing_the_shards_in_another_order_refuses_to_start(
         assert (f"edgegw: cannot start: hub.cluster.redis_urls lists {urls[1]} as Redis shard "
                 "0 but it is shard 1 of this cluster") in log
         assert nodes.healthz(0)["cluster"]["partitions_owned"] == 8  # type: ignore[index]
+
+
+class OneTopic:
+    """A state of one topic holding one value (a publisher's ``StateSource``)."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.value = 0
+
+    def snapshot(self, topic: str) -> dict[str, Any] | None:
+        return {"value": self.value} if topic == self.topic else None
+
+    def topics(self) -> list[str]:
+        return [self.topic]
+
+
+async def test_a_stale_owner_publishes_nothing_on_another_shard_once_its_successor_has(
+        redis_shards: list[RedisServer]) -> None:  # noqa: F811
+    """A partition's ``sensor/...`` topics live on the cluster shard (0), its lease on its
+    own (here 1), where Redis checks each publication against the lease key.  On shard 0
+    the token fences it: an owner paused past its lease wakes with a sensor delta to flush;
+    its successor has published there (its resets, once caught up), so shard 0 refuses the
+    older token.  Before, only the epoch was checked there and the stale delta landed
+    after the new owner's reset (docs/cluster.md, "A node paused")."""
+    urls = [s.url for s in redis_shards]
+    prefix = fresh_prefix()
+    lease, sensor = "partition:1", "sensor/handler%2Ftemp"
+    async with trio.open_nursery() as nursery:
+        a, b = (ClusterBus(urls, prefix, n, partitions=PARTITIONS) for n in "ab")
+        for bus in (a, b):
+            await nursery.start(bus.run)
+        assert a.shard_of_lease(lease) == 1 and a.shard_of_topic(sensor) == 0
+        token_a = await a.acquire(lease, 0.5)
+        assert token_a is not None
+        stale = TopicPublisher(a, OneTopic(sensor))
+        stale.fence(lease, token_a)
+        stale.publish(sensor, {"value": 1})
+        assert await stale.flush() == 1
+        # a sleeps past its lease; b takes the partition and publishes its topics
+        await trio.sleep(0.7)
+        token_b = await b.acquire(lease, 5.0)
+        assert token_b is not None and token_b > token_a
+        successor = TopicPublisher(b, OneTopic(sensor))
+        successor.fence(lease, token_b)
+        successor.resync_all()
+        assert await successor.flush() == 1
+        head = successor.heads[sensor]
+        # a wakes with a delta to flush
+        stale.publish(sensor, {"value": 2})
+        with pytest.raises(PartitionFenced):
+            await stale.flush()
+        assert [e for e in await b.read_topic(sensor) if e.last > head] == []
+        successor.publish(sensor, {"value": 3})  # the owner goes on
+        assert await successor.flush() == 1
+        assert [e.last for e in await b.read_topic(sensor, after=head)] == [head + 1]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_takeover_fences_the_other_shards_before_the_new_owner_publishes(
+        redis_shards: list[RedisServer]) -> None:  # noqa: F811
+    """A new owner raises its token's fence on the other shards at its takeover: the stale
+    owner's sensor delta is refused there even while its successor is still rebuilding
+    (it publishes nothing until caught up)."""
+    urls = [s.url for s in redis_shards]
+    prefix = fresh_prefix()
+    lease, sensor = "partition:1", "sensor/handler%2Ftemp"
+    async with trio.open_nursery() as nursery:
+        a, b = (ClusterBus(urls, prefix, n, partitions=PARTITIONS) for n in "ab")
+        for bus in (a, b):
+            await nursery.start(bus.run)
+        token_a = await a.acquire(lease, 0.5)
+        assert token_a is not None
+        stale = TopicPublisher(a, OneTopic(sensor))
+        stale.fence(lease, token_a)
+        stale.publish(sensor, {"value": 1})
+        assert await stale.flush() == 1
+        head = stale.heads[sensor]
+        await trio.sleep(0.7)
+        token_b = await b.acquire(lease, 5.0)
+        assert token_b is not None
+        await b.raise_pubfences(lease, token_b)
+        stale.publish(sensor, {"value": 2})
+        with pytest.raises(PartitionFenced):
+            await stale.flush()
+        assert await b.read_topic(sensor, after=head) == []
+        nursery.cancel_scope.cancel()

@@ -8,7 +8,16 @@ import trio
 import trio.testing
 
 from edgegw.heartbeat import heartbeat
-from edgegw.protocol import CloseCode, GatewayConnection, HubConnection, IntervalSet, ProtocolError
+from edgegw.protocol import (
+    CloseCode,
+    GatewayConnection,
+    HubConnection,
+    IntervalSet,
+    Ping,
+    ProtocolError,
+    decode,
+    encode,
+)
 
 
 def open_pair(now: float, interval: float) -> tuple[GatewayConnection, HubConnection]:
@@ -90,3 +99,81 @@ async def test_a_send_that_fails_raises_its_own_exception(
     await inbox.aclose()  # the peer went away
     with pytest.raises(trio.BrokenResourceError):
         await heartbeat(gw, to_hub.send)
+
+
+# A paused end (SIGSTOP, a frozen VM) wakes with every deadline passed and what the peer
+# sent meanwhile unread in its socket.  Its timer must not call that silence: before, the
+# timer ran first and closed a live link with 4005 (docs/reliability.md, "Paused processes").
+
+def test_a_look_at_the_silence_taken_late_only_schedules_another_a_quarter_interval_on() -> None:
+    gw, _hub = open_pair(0.0, interval=5.0)
+    ping = gw.on_timer(30.0)  # due at 10 s; the end slept through it
+    assert ping is not None and isinstance(decode(ping), Ping)  # "I am back" to the peer
+    assert gw.next_deadline() == pytest.approx(31.25)
+    gw.receive(encode(Ping(4.0)), 30.01)  # the receive side reads what waited in the socket
+    assert gw.on_timer(31.25) is None  # heard from: the link stays up
+    assert gw.next_deadline() == pytest.approx(35.01)  # its next PING, then silence at 40.01
+
+
+def test_a_late_look_followed_by_an_on_time_look_that_finds_nothing_closes_with_4005() -> None:
+    gw, _hub = open_pair(0.0, interval=5.0)
+    gw.on_timer(30.0)
+    with pytest.raises(ProtocolError) as silent:
+        gw.on_timer(31.25)
+    assert silent.value.code == CloseCode.HEARTBEAT_TIMEOUT
+
+
+def test_a_look_again_that_also_runs_late_is_not_a_verdict_either() -> None:
+    gw, _hub = open_pair(0.0, interval=5.0)
+    gw.on_timer(30.0)
+    gw.on_timer(40.0)  # paused again before its look again
+    assert gw.next_deadline() == pytest.approx(41.25)
+    with pytest.raises(ProtocolError):
+        gw.on_timer(41.25)
+
+
+def test_a_look_on_time_closes_at_once() -> None:
+    gw, _hub = open_pair(0.0, interval=5.0)
+    gw.on_timer(5.0)  # its PING
+    with pytest.raises(ProtocolError):
+        gw.on_timer(10.0 + 5.0 / 4)  # within a quarter interval of the deadline: on time
+
+
+async def test_an_end_woken_from_a_pause_reads_the_pings_waiting_for_it_before_judging(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The receive side as trio-websocket builds it: a reader task moves what the socket
+    holds into a channel, and the connection's receive loop takes it from there -- two
+    scheduler turns after the process wakes, while the timer's task runs in the first."""
+    gw, _hub = open_pair(trio.current_time(), interval=5.0)
+    socket_in, socket_out = trio.open_memory_channel[bytes](100)
+    messages_in, messages_out = trio.open_memory_channel[bytes](0)
+    sent: list[bytes] = []
+    started = trio.current_time()
+
+    async def socket_reader() -> None:
+        async for data in socket_out:
+            await messages_in.send(data)
+
+    async def receive_loop() -> None:
+        async for data in messages_out:
+            gw.receive(data, trio.current_time())
+
+    async def send(data: bytes) -> None:
+        sent.append(data)
+
+    async def paused_with_the_peers_ping_waiting() -> None:
+        await trio.sleep(4.0)
+        socket_in.send_nowait(encode(Ping(trio.current_time())))  # the peer's PING arrives
+        autojump_clock.jump(26.0)  # ... and the end sleeps for 26 s without reading it
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(socket_reader)
+        nursery.start_soon(receive_loop)
+        nursery.start_soon(paused_with_the_peers_ping_waiting)
+        with pytest.raises(ProtocolError) as silent:
+            await heartbeat(gw, send)
+        nursery.cancel_scope.cancel()
+    assert silent.value.code == CloseCode.HEARTBEAT_TIMEOUT
+    # awake again at 30 s, it read the PING then, and the peer was silent from there on
+    assert trio.current_time() - started == pytest.approx(40.0, abs=0.01)
+    assert sent and isinstance(decode(sent[0]), Ping)

@@ -20,7 +20,10 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import trio
 from faultkit import (
+    GATEWAY,
+    TOKEN,
     Gateway,
     Hub,
     assert_exactly_once,
@@ -30,6 +33,9 @@ from faultkit import (
     wait_all_applied,
 )
 from processes import wait_for
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from edgegw.protocol import GatewayConnection, Ping, Pong, decode, encode
 
 # 6,000 parts at 1,000/s: ~54k records over 6 s of tester, so a 4 s pause that starts
 # after the first 10k records lands while the tester is still producing.
@@ -126,3 +132,57 @@ def test_a_gateway_paused_mid_stream_is_dropped_by_the_hub_and_recovers(
         assert_exactly_once(hub.dir, expected)
     finally:
         stop_all(hub, gw)
+
+
+def test_a_hub_woken_from_a_pause_reads_the_pings_waiting_for_it_before_judging_silence(
+        tmp_path: Path) -> None:
+    """A gateway that stays alive through the hub's pause (it goes on PINGing, and does not
+    judge the hub itself) finds the link still up after the hub wakes: the hub's heartbeat
+    deadline passed while it slept, but the PINGs waiting in its socket are read before
+    its silence is judged.  Before, the hub's timer ran first on waking and closed the live
+    link with 4005 ("nothing received for 2 s")."""
+    hub = Hub(tmp_path).start()  # heartbeat 1 s: silent after 2 s
+    before = heartbeat_timeouts(hub)
+
+    async def through_the_pause() -> tuple[int, int | None]:
+        """(PONGs the woken hub sent, the close code if it closed the link)."""
+        async with open_websocket_url(f"ws://127.0.0.1:{hub.port}/ws/gateway") as ws:
+            conn = GatewayConnection(GATEWAY, TOKEN, "epoch-1", 1, heartbeat=1.0,
+                                     max_message_bytes=1 << 20, now=trio.current_time())
+            await ws.send_message(conn.hello(trio.current_time()))
+            while conn.welcome is None:
+                conn.receive(await ws.get_message(), trio.current_time())
+
+            async def keep_pinging() -> None:
+                while True:
+                    await ws.send_message(encode(Ping(trio.current_time())))
+                    await trio.sleep(0.25)
+
+            pongs = 0
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_pinging)
+                await trio.sleep(0.5)
+                assert hub.proc is not None
+                os.kill(hub.proc.pid, signal.SIGSTOP)
+                try:
+                    await trio.sleep(3.0)  # its 2 s silence deadline passes while it sleeps
+                finally:
+                    os.kill(hub.proc.pid, signal.SIGCONT)
+                try:
+                    # the woken hub answers the PINGs that waited, and keeps the link
+                    with trio.move_on_after(3.0):
+                        while True:
+                            pongs += isinstance(decode(await ws.get_message()), Pong)
+                except ConnectionClosed as closed:
+                    return pongs, closed.reason.code
+                finally:
+                    nursery.cancel_scope.cancel()
+            return pongs, None
+
+    try:
+        pongs, closed = trio.run(through_the_pause)
+        assert closed is None, f"the woken hub closed a live link with {closed}"
+        assert pongs >= 4
+        assert heartbeat_timeouts(hub) == before
+    finally:
+        hub.stop()

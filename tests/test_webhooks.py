@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import math
 import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
 
 import h11
+import pytest
 import trio
 import trustme
 
@@ -19,6 +21,7 @@ from edgegw.hub.alerts import (
     AlertEngine,
     AlertRuleConfig,
     AlertsConfig,
+    Fenced,
     WebhookConfig,
     WebhookSender,
     post_json,
@@ -264,4 +267,40 @@ async def test_an_https_receiver_with_an_untrusted_certificate_gets_nothing(
         await wait_for(lambda: metrics.as_dict().get("hub_webhook_failed_total"))
         assert server.requests == []
         assert metrics.as_dict()["hub_webhook_attempts_total"] == {"outcome=error": 1}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_request_that_cannot_leave_before_its_send_by_is_not_sent_at_all() -> None:
+    server = HookServer()
+    async with trio.open_nursery() as nursery:
+        url = await server.serve(nursery)
+        with pytest.raises(Fenced):
+            await post_json(url, {"a": 1}, send_by=trio.current_time())
+        assert await post_json(url, {"a": 2}, send_by=trio.current_time() + 60) == 204
+        assert [r["json"] for r in server.requests] == [{"a": 2}]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_sender_whose_lease_lapsed_sends_nothing_more_not_even_a_retry() -> None:
+    """The cluster's alert feed sends under its ``alerts`` lease (``fence``: until when it
+    may).  A feed paused past its lease wakes with a retry due and events queued, while
+    another node holds the lease and sends; the woken one sends none of them (before, it
+    went on delivering its queue until its lease keeper noticed)."""
+    server = HookServer(fail_first=1, fail_status=503)
+    lease_until = [math.inf]
+    async with trio.open_nursery() as nursery:
+        url = await server.serve(nursery)
+        sender = WebhookSender([WebhookConfig(url=url, max_attempts=5, backoff_initial_s=0.3,
+                                              backoff_max_s=0.3)],
+                               backoff_rng=TopOfRange(), fence=lambda: lease_until[0])
+        await nursery.start(sender.run)
+        sender.submit(event("f1"))
+        await wait_for(lambda: sender.m_attempts.get(outcome="http_503") == 1)
+        # slept through its renewals: the lease's validity, counted from the last renewal
+        # sent, is over by the time the retry is due
+        lease_until[0] = trio.current_time()
+        sender.submit(event("f2"))
+        await wait_for(lambda: sender.m_failed.get(url=url, reason="lease_lost") == 2)
+        assert [r["json"]["alert"]["id"] for r in server.requests] == ["f1"]  # the 503 only
+        assert sender.m_delivered.total() == 0 and sender.pending() == 0
         nursery.cancel_scope.cancel()

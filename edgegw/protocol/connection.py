@@ -7,7 +7,8 @@ raise ``ProtocolError`` carrying the close code to use; the connection is then c
 
 Heartbeats: each side sends PING once per ``heartbeat`` seconds of its own silence and
 answers every PING with PONG; a side that has received nothing for ``2 x heartbeat``
-declares the peer dead (close code 4005).
+declares the peer dead (close code 4005) -- on a look taken on time: a side woken late
+(paused) reads what waits for it first (``_Heartbeat``).
 """
 
 from __future__ import annotations
@@ -42,20 +43,45 @@ class State(enum.Enum):
 
 
 class _Heartbeat:
+    """When to PING and when the peer is silent too long.
+
+    Silence is judged only by a look taken on time.  An end whose timer runs more than
+    ``interval / 4`` past the silence deadline was not running (SIGSTOP, a frozen VM, a
+    starved process): what the peer sent meanwhile waits unread in its socket, and the
+    timer usually runs before the receive side has read it.  So that look only schedules
+    another, ``interval / 4`` later, after the receive side has had its turn; the peer is
+    declared silent when a look on time still finds nothing received for 2 x interval."""
+
     def __init__(self, interval: float, now: float) -> None:
         self.interval = interval
         self.last_received = now
         self.last_sent = now
+        self.recheck_at: float | None = None  # the look again after a late one
+
+    @property
+    def slack(self) -> float:
+        """How late a look may run and still count as on time (the interval may change:
+        the hub's, from WELCOME, wins)."""
+        return self.interval / 4
 
     def deadline(self) -> float:
-        return min(self.last_sent + self.interval, self.last_received + 2 * self.interval)
+        silence = self.recheck_at if self.recheck_at is not None \
+            else self.last_received + 2 * self.interval
+        return min(self.last_sent + self.interval, silence)
 
     def check(self, now: float) -> bytes | None:
-        if now - self.last_received >= 2 * self.interval:
-            # The limit, not the measured silence, so that the reason is always the same.
-            raise ProtocolError(CloseCode.HEARTBEAT_TIMEOUT,
-                                f"nothing received for {2 * self.interval:g} s "
-                                f"(heartbeat {self.interval:g} s)")
+        if now - self.last_received < 2 * self.interval:
+            self.recheck_at = None  # heard from since
+        else:
+            due = self.recheck_at if self.recheck_at is not None \
+                else self.last_received + 2 * self.interval
+            if now - due > self.slack:  # this end was not running: read first, then judge
+                self.recheck_at = now + self.slack
+            elif self.recheck_at is None or now >= self.recheck_at:
+                # The limit, not the measured silence, so that the reason is always the same.
+                raise ProtocolError(CloseCode.HEARTBEAT_TIMEOUT,
+                                    f"nothing received for {2 * self.interval:g} s "
+                                    f"(heartbeat {self.interval:g} s)")
         if now - self.last_sent >= self.interval:
             self.last_sent = now
             return encode(Ping(now))

@@ -11,9 +11,10 @@ acknowledged, escalated, persisted and delivered to webhooks.
 from .config import RULE_KINDS, AlertRuleConfig, AlertsConfig, Priority, RuleKind, WebhookConfig
 from .engine import Alert, AlertEngine
 from .service import AlertService
-from .webhooks import SIGNATURE_HEADER, WebhookSender, post_json, sign
+from .webhooks import SIGNATURE_HEADER, Fenced, WebhookSender, post_json, sign
 
 __all__ = [
     "RULE_KINDS", "SIGNATURE_HEADER", "Alert", "AlertEngine", "AlertRuleConfig", "AlertService",
-    "AlertsConfig", "Priority", "RuleKind", "WebhookConfig", "WebhookSender", "post_json", "sign",
+    "AlertsConfig", "Fenced", "Priority", "RuleKind", "WebhookConfig", "WebhookSender",
+    "post_json", "sign",
 ]

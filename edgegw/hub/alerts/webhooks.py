@@ -14,6 +14,12 @@ The HTTP client is h11 over ``trio.open_tcp_stream``: one request per connection
 webhook's ``ca_file``.  With a ``secret`` every POST is signed: ``X-Edgegw-Signature:
 sha256=<hex HMAC-SHA256 of the exact body bytes>``, so a receiver can tell the hub's
 events from anybody else's (docs/alerts.md shows how to check it).
+
+In a cluster only the node holding the ``alerts`` lease sends, and only while it holds it:
+the sender's ``fence`` says until when (Trio clock) it may, and every attempt -- a retry
+too -- checks it last thing before its request leaves (``post_json(send_by=...)``).  A node
+waking from a pause past its lease finds it lapsed and sends nothing more (docs/cluster.md,
+"Alerts").
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import ssl
 import urllib.parse
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -48,6 +56,11 @@ class WebhookError(Exception):
     """A delivery attempt failed in a way worth retrying."""
 
 
+class Fenced(Exception):
+    """Not sent: the sender's right to send (the cluster's ``alerts`` lease) had lapsed
+    before the request could leave.  Nothing of the request was sent."""
+
+
 def sign(secret: str, body: bytes) -> str:
     """The signature header's value for ``body``."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
@@ -55,10 +68,13 @@ def sign(secret: str, body: bytes) -> str:
 
 async def post_json(url: str, payload: Any, *, headers: dict[str, str] | None = None,
                     timeout_s: float = 5.0, ssl_context: ssl.SSLContext | None = None,
-                    secret: str = "") -> int:
+                    secret: str = "", send_by: float = math.inf) -> int:
     """POST ``payload`` as JSON to ``url``; returns the response status.  Raises
     WebhookError on a connection failure (a certificate not trusted included), a timeout
-    or a malformed response."""
+    or a malformed response; ``Fenced`` when the request could not be written before
+    ``send_by`` (Trio clock: a lease's end), checked right before it is (the connection,
+    the TLS handshake and the write are cut off at ``send_by`` too; waiting for the answer
+    is not)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"webhook URL must be http(s)://host[:port]/path, got {url!r}")
@@ -81,14 +97,27 @@ async def post_json(url: str, payload: Any, *, headers: dict[str, str] | None = 
     conn = h11.Connection(h11.CLIENT)
     try:
         with trio.fail_after(timeout_s):
-            stream: trio.abc.Stream = await trio.open_tcp_stream(
-                parts.hostname, parts.port or (443 if secure else 80))
-            if secure:
-                stream = trio.SSLStream(stream, ssl_context or client_context(),
-                                        server_hostname=parts.hostname, https_compatible=True)
+            stream: trio.abc.Stream | None = None
+            sent = False
+            # a pause (SIGSTOP, a frozen VM) anywhere up to the write ends here on waking:
+            # the deadline is expired before any task resumes
+            with trio.CancelScope(deadline=send_by):
+                stream = await trio.open_tcp_stream(
+                    parts.hostname, parts.port or (443 if secure else 80))
+                if secure:
+                    stream = trio.SSLStream(stream, ssl_context or client_context(),
+                                            server_hostname=parts.hostname,
+                                            https_compatible=True)
+                if trio.current_time() < send_by:  # the last look before the request leaves
+                    await stream.send_all(conn.send(request) + conn.send(h11.Data(data=body))
+                                          + conn.send(h11.EndOfMessage()))
+                    sent = True
+            if not sent:
+                if stream is not None:
+                    await trio.aclose_forcefully(stream)
+                raise Fenced(f"not sent to {parts.netloc}: the right to send lapsed")
+            assert stream is not None
             async with stream:
-                await stream.send_all(conn.send(request) + conn.send(h11.Data(data=body))
-                                      + conn.send(h11.EndOfMessage()))
                 while True:
                     event = conn.next_event()
                     if event is h11.NEED_DATA:
@@ -123,7 +152,12 @@ class WebhookSender:
     """``submit(event)`` from the Trio thread (never blocks); ``run()`` delivers."""
 
     def __init__(self, configs: list[WebhookConfig], *, metrics: Metrics | None = None,
-                 max_queued: int = 1000, backoff_rng: Any = None) -> None:
+                 max_queued: int = 1000, backoff_rng: Any = None,
+                 fence: Callable[[], float | None] | None = None) -> None:
+        """``fence``: until when (Trio clock) this sender may send, None: no longer (the
+        cluster's alert feed: its ``alerts`` lease); asked before every attempt.  Without
+        one it always may (a single hub)."""
+        self._fence = fence
         self._queues = [_Queue(c, max_queued) for c in configs]
         # one verifying context per https webhook, its CA file read once at start
         self._contexts = {c.url: client_context(c.ca_file) for c in configs
@@ -181,11 +215,23 @@ class WebhookSender:
         backoff = Backoff(config.backoff_initial_s, config.backoff_max_s, rng=self._rng)
         alert_id = event.get("alert", {}).get("id")
         for attempt in range(1, config.max_attempts + 1):
+            send_by = math.inf
+            if self._fence is not None:
+                until = self._fence()
+                send_by = -math.inf if until is None else until
             try:
                 status = await post_json(config.url, event, headers=config.headers,
                                          timeout_s=config.timeout_s,
                                          ssl_context=self._contexts.get(config.url),
-                                         secret=config.secret)
+                                         secret=config.secret, send_by=send_by)
+            except Fenced:
+                # another node holds the lease now: what this one has not sent is not its
+                # to send (docs/cluster.md, "Alerts": webhooks across a takeover)
+                log.warning("webhook %s: alert %s event %s not sent: the alerts lease "
+                            "lapsed", config.url, alert_id, event.get("event"))
+                self.m_attempts.inc(outcome="fenced")
+                self.m_failed.inc(url=config.url, reason="lease_lost")
+                return False
             except WebhookError as exc:
                 outcome, retry, reason = "error", True, str(exc)
             else:

@@ -228,7 +228,13 @@ class AlertFeed:
                 pass  # read again at the next poll
             publisher = self.make_publisher(FeedTopics(view, warnings))
             publisher.fence(LEASE, token)  # a holder paused past its lease publishes nothing
-            webhooks = WebhookSender(self.config.webhooks, metrics=self.metrics)
+            def lease_valid_until() -> float | None:
+                # a holder paused past its lease sends no webhook either, not even a retry
+                return self.bus.valid_until(LEASE) if self.bus.holds(LEASE) == token \
+                    else None
+
+            webhooks = WebhookSender(self.config.webhooks, metrics=self.metrics,
+                                     fence=lease_valid_until)
             await nursery.start(webhooks.run)
             await nursery.start(publisher.run)
             publisher.resync_all()  # this holder's topics start from its snapshots

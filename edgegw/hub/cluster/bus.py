@@ -90,10 +90,17 @@ class BusUnavailable(Exception):
 # covering ``n`` offsets, move the head, maybe write the snapshot, trim, and wake every node
 # -- atomically, only within the caller's epoch, and (a partition owner's publisher) only
 # while the caller holds its lease: an owner that wakes from a pause (SIGSTOP, a frozen VM)
-# after its lease lapsed cannot publish before it has noticed ('LEASE lost').
-# KEYS: epoch, heads, topics, lease, then per entry: stream, snap.
-# ARGV: epoch, history, channel, gone_ttl_ms, lease value ('' for no lease check), count,
-# then per entry: topic, n, kind, payload, snapshot ('' for none).
+# after its lease lapsed cannot publish before it has noticed ('LEASE lost').  The lease
+# key lives on its own shard; a partition's topics on another shard (``sensor/...``) are
+# fenced by the token instead: that shard keeps the newest token that published there
+# (``{prefix}:pubfence:<lease>``) and refuses an older one, so a woken stale owner is
+# refused there from its successor's takeover on (``raise_pubfences``; and in any case from
+# its first publication there).
+# KEYS: epoch, heads, topics, lease (or the shard's pubfence key), then per entry: stream,
+# snap.
+# ARGV: epoch, history, channel, gone_ttl_ms, lease value ('' for no lease check;
+# '^<token>': the token fence), count, then per entry: topic, n, kind, payload, snapshot
+# ('' for none).
 #   kind 'd': payload = cbor [deltas, ts_min, ts_max];  's': payload = the snapshot (cbor),
 #   a reset: the topic's state *is* this from here on;  'x': the topic went away.
 #   n = 0: no entry, only a snapshot write at the current head.
@@ -105,7 +112,12 @@ class BusUnavailable(Exception):
 # stream nodes only, so it is cheap).
 _PUBLISH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('EPOCH changed') end
-if ARGV[5] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[5] then
+if string.sub(ARGV[5], 1, 1) == '^' then
+  local token = tonumber(string.sub(ARGV[5], 2))
+  local newest = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if token < newest then return redis.error_reply('LEASE lost (a newer owner published)') end
+  if token > newest then redis.call('SET', KEYS[4], token) end
+elseif ARGV[5] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[5] then
   return redis.error_reply('LEASE lost')
 end
 local history = tonumber(ARGV[2])
@@ -890,13 +902,18 @@ class ClusterBus:
         ``shard``, in one pipeline; returns each one's head offset.  Raises
         ``EpochChanged`` when the shard's epoch is not ``epoch`` (nothing of the batch
         after the failing entry is applied), ``PartitionFenced`` when ``lease`` (``(name,
-        token)``, on ``shard``) is not this node's any more, and ``BusUnavailable``."""
+        token)``) is not this node's any more -- on the lease's shard: the lease key says
+        so; on another: a newer token has published there -- and ``BusUnavailable``."""
         script = self.shards[shard].scripts["publish"]
         client = self._client_of(shard)
-        common_keys = [self.key("epoch"), self.key("heads"), self.key("topics"),
-                       self.key("lease", lease[0] if lease else "-")]
-        common_args = [epoch, self.history, self.live_channel, self.gone_ttl_ms,
-                       f"{self.node_id}:{lease[1]}" if lease else ""]
+        if lease is None:
+            fence_key, fence = self.key("lease", "-"), ""
+        elif self.shard_of_lease(lease[0]) == shard:
+            fence_key, fence = self.key("lease", lease[0]), f"{self.node_id}:{lease[1]}"
+        else:
+            fence_key, fence = self.key("pubfence", lease[0]), f"^{lease[1]}"
+        common_keys = [self.key("epoch"), self.key("heads"), self.key("topics"), fence_key]
+        common_args = [epoch, self.history, self.live_channel, self.gone_ttl_ms, fence]
 
         def call(batch: Sequence[tuple[str, int, str, bytes, bytes | None]],
                  on: Any) -> Any:
@@ -1117,6 +1134,17 @@ class ClusterBus:
         """Make the next token of ``name`` greater than ``at_least`` (after Redis lost its
         counters, from the highest token PostgreSQL has seen)."""
         await self.seed_fences({name: at_least})
+
+    async def raise_pubfences(self, name: str, token: int) -> None:
+        """Fence the publications for the lease ``name`` on every shard but its own at
+        ``token`` (a new owner, at its takeover): from here on those shards refuse a
+        publication under an older token (``publish_entries``), before this owner has
+        published anything there.  Its own shard needs none: the lease key is there."""
+        own = self.shard_of_lease(name)
+        for shard in range(len(self.shards)):
+            if shard != own:
+                await self._script_calls("pubfence", shard, "seed",
+                                         [(self.key("pubfence", name), [int(token)])])
 
     async def seed_fences(self, floors: dict[str, int]) -> None:
         """``seed_fence`` for many names: one pipeline per shard."""

@@ -176,6 +176,7 @@ class LeaseBus(Protocol):
     async def lease_holders(self, names: list[str]
                             ) -> dict[str, tuple[str, int] | None]: ...
     async def seed_fences(self, floors: dict[str, int]) -> None: ...
+    async def raise_pubfences(self, name: str, token: int) -> None: ...
     async def follow_partitions(self, partitions: list[int]) -> None: ...
     def valid_until(self, name: str) -> float | None: ...
     async def wait_changed(self) -> None: ...
@@ -703,6 +704,12 @@ class PartitionOwner:
                 self.store.claim_partition, p, owned.token)):
             self._seeded = None  # a newer token exists: Redis lost its counters?
             raise LeaseLost("claim_fenced")
+        # ... and Redis refuses an older owner's publications on the other shards
+        # (sensor/...; on the lease's shard the lease key does)
+        try:
+            await self.bus.raise_pubfences(lease_name(p), owned.token)
+        except Exception:  # best effort: this owner's first publication there raises it
+            log.debug("partition %d: publication fences not raised", p, exc_info=True)
 
         def publish(topic: str, delta: dict[str, Any]) -> None:
             # silent while catching up: the previous owner published those deltas; once at

@@ -22,7 +22,8 @@ Exactness rules:
 * A partition owner's publisher is fenced by the partition's lease (``fence``): Redis
   refuses its publications once the lease is not this node's (``PartitionFenced``, out of
   ``run``), so an owner that wakes from a pause after its lease lapsed publishes nothing
-  before it notices (topics on another shard than the lease -- ``sensor/...`` -- aside).
+  before it notices; on another shard than the lease's (``sensor/...``) from a newer
+  owner's takeover on (``ClusterBus.raise_pubfences``, ``publish_entries``).
 * Every ``snapshot_interval_s`` the snapshots of topics changed since the last one are
   written with their offset (what a node that starts mirroring a topic loads), and a topic
   whose snapshot is gone (an evicted lot) is closed with an entry of kind ``x``.
@@ -94,7 +95,8 @@ class TopicPublisher:
 
     def fence(self, lease: str, token: int) -> None:
         """Publish only while this node holds ``lease`` with ``token``: checked by Redis in
-        each publication on the lease's shard."""
+        each publication (on another shard than the lease's: no newer token published
+        there)."""
         self._lease = (lease, token)
 
     def publish(self, topic: str, delta: dict[str, Any], ts: float | None = None) -> None:
@@ -239,11 +241,8 @@ class TopicPublisher:
     async def _publish(self, shard: int, epoch: str | None,
                        entries: list[tuple[str, int, str, bytes, bytes | None]]) -> bool:
         assert epoch is not None
-        lease = self._lease
-        if lease is not None and self.bus.shard_of_lease(lease[0]) != shard:
-            lease = None  # (the lease key lives on its own shard only)
         try:
-            heads = await self.bus.publish_entries(epoch, entries, shard, lease)
+            heads = await self.bus.publish_entries(epoch, entries, shard, self._lease)
         except EpochChanged:
             await self.bus.check(shard)  # the next flush starts the new epoch
             return False
