@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 
 from ..formats import FormatError
 from .codecache import compiled
+from .gdrlayout import Layouts
 from .spec import BY_NAME, BY_TYPE, GDR_TYPES, STRUCT_CODES, Bits, Field, RecordSpec
 
 #: consecutive records of unknown type after which the input is declared garbage
@@ -353,10 +354,21 @@ def _gdr_reader(order: str) -> Callable[[bytes, str, int, int], tuple[list, int]
     return vn
 
 
-def _gdr_fast(order: str) -> Callable[[bytes, str, int, int], tuple[list, int]]:
+def _gdr_fast(order: str, layouts: bool = True) -> Callable[[bytes, str, int, int],
+                                                           tuple[list, int]]:
     """The GDR reader: one bound check per GDR instead of two per value, the careful
-    reader (``_gdr_reader``) taking over when the values run past the record's end."""
+    reader (``_gdr_reader``) taking over when the values run past the record's end.
+    ``layouts``: a GDR whose type codes repeat an earlier one's is read by that
+    layout's compiled reader (:mod:`.gdrlayout`), no loop step per value."""
     careful = _gdr_reader(order)
+    # [learning, hits]: off for the rest of a file whose layouts do not repeat
+    state: list[Any] = [True, 0]
+    if layouts:
+        _LAYOUT_STATES.append(state)
+    else:
+        state[0] = False
+    table = Layouts(order, state)
+    get, learn = table.by_key.get, table.learn
     u2 = struct.Struct(order + "H").unpack_from
     steps = [0] * 256  # type code -> bytes of a fixed-size value with its type byte
     pairs: list[Any] = [None] * 256  # type code -> unpack of (code, value)
@@ -372,10 +384,18 @@ def _gdr_fast(order: str) -> Callable[[bytes, str, int, int], tuple[list, int]]:
         if p0 + 2 > end:
             raise _Short
         p = p0 + 2
+        count = u2(buf, p0)[0]
+        if state[0] and p < end:
+            layout = get(count << 8 | buf[p])
+            if layout is not None:
+                done = layout(buf, txt, p, end)
+                if done is not None:
+                    state[1] += 1
+                    return done
         out: list[tuple[int, Any]] = []
         append = out.append
         try:
-            for _ in range(u2(buf, p0)[0]):
+            for _ in range(count):
                 code = buf[p]
                 pair = pairs[code]
                 if pair is not None:
@@ -405,6 +425,8 @@ def _gdr_fast(order: str) -> Callable[[bytes, str, int, int], tuple[list, int]]:
             p = end + 1  # past the buffer: the careful reader decides
         if p > end:
             return careful(buf, txt, p0, end)
+        if state[0]:
+            learn(count, out)
         return out, p
 
     return vn
@@ -512,8 +534,14 @@ def _memo_state() -> list[Any]:
     return state
 
 
+#: [learning, hits since the last clear] of every GDR layout table (``gdrlayout``)
+_LAYOUT_STATES: list[list[Any]] = []
+
+
 def _memo_reset() -> None:
     for state in _MEMO_STATES:
+        state[0] = True
+    for state in _LAYOUT_STATES:
         state[0] = True
 
 
@@ -797,7 +825,8 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                       f"{ind}  f{i} = _no_bits",
                       f"{ind}  p += 2"]
         elif f.type == "Vn":
-            ns["_vn"] = _gdr_fast(readers.order)
+            if optimistic or "_vn" not in ns:
+                ns["_vn"] = _gdr_fast(readers.order, layouts=memo)
             lines.append(f"{ind}if p >= end: {literal(first)}")
             lines.append(f"{ind}f{i}, p = _vn(buf, txt, p, end)")
         else:
