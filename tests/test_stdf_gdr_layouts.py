@@ -230,3 +230,36 @@ def test_the_real_files_decode_the_same_with_and_without_layouts(name: str) -> N
     assert decode(data, rows=False) == dicts
     if name == GALAXY:  # 784 GDRs of (C*n, I*4), a few learnt again after each feed
         assert reads.count(True) > 3 * 700
+
+
+@contextmanager
+def compiles() -> Iterator[list[int]]:
+    """Each call of the built-in ``compile``."""
+    got: list[int] = []
+
+    def hook(frame: FrameType, event: str, arg: Any) -> None:
+        if event == "c_call" and arg is compile:
+            got.append(1)
+
+    sys.setprofile(hook)
+    try:
+        yield got
+    finally:
+        sys.setprofile(None)
+
+
+@pytest.mark.parametrize("repeats", [2, 3])
+def test_layouts_that_barely_repeat_compile_few_readers(repeats: int) -> None:
+    """A compile costs what a few hundred reads by a layout save: 300 layouts each seen
+    two or three times are mostly left to the value-by-value reader, and the second
+    decode of the file compiles nothing at all."""
+    w = StdfWriter("<")
+    layouts = [[1 + i % 8, 1 + i // 8 % 8, 1 + i // 64 % 8, 13] for i in range(300)]
+    data = w.encode("FAR", {}) + b"".join(
+        gdr("<", codes, [bytes(FIXED[c]) for c in codes]) * repeats for codes in layouts)
+    want = key(reference(data, "<"))[1]
+    decode(w.encode("FAR", {}) + gdr("<", [1], [b"\x00"]))  # the decoders compile here
+    for _ in range(2):
+        with compiles() as made:
+            assert decode(data)[1:] == want
+        assert len(made) <= 16

@@ -361,13 +361,13 @@ def _gdr_fast(order: str, layouts: bool = True) -> Callable[[bytes, str, int, in
     ``layouts``: a GDR whose type codes repeat an earlier one's is read by that
     layout's compiled reader (:mod:`.gdrlayout`), no loop step per value."""
     careful = _gdr_reader(order)
+    table = Layouts(order)
     # [learning, hits]: off for the rest of a file whose layouts do not repeat
-    state: list[Any] = [True, 0]
+    state = table.state
     if layouts:
-        _LAYOUT_STATES.append(state)
+        _LAYOUTS.append(table)
     else:
         state[0] = False
-    table = Layouts(order, state)
     get, learn = table.by_key.get, table.learn
     u2 = struct.Struct(order + "H").unpack_from
     steps = [0] * 256  # type code -> bytes of a fixed-size value with its type byte
@@ -534,15 +534,15 @@ def _memo_state() -> list[Any]:
     return state
 
 
-#: [learning, hits since the last clear] of every GDR layout table (``gdrlayout``)
-_LAYOUT_STATES: list[list[Any]] = []
+#: every GDR layout table (``gdrlayout``): a new StdfDecoder resets them
+_LAYOUTS: list[Layouts] = []
 
 
 def _memo_reset() -> None:
     for state in _MEMO_STATES:
         state[0] = True
-    for state in _LAYOUT_STATES:
-        state[0] = True
+    for layouts in _LAYOUTS:
+        layouts.reset()
 
 
 def tail_memo_active() -> bool:

@@ -15,11 +15,11 @@ record's end, the end of the buffer), and the generic reader decodes the record 
 Its values come from the same ``struct`` codes, slices and ``Bits`` as the generic
 reader's, so they are the same objects bit for bit (NaN payloads, -0.0, both orders).
 
-Adaptive and bounded: a layout is compiled the second time its sequence is seen, the
-reader tried is the last one learnt for the record's value count and first type code
-(one dict lookup), at most
-``MAX_LAYOUTS`` readers are kept, and a file whose layouts do not repeat (fewer hits than
-half of ``MAX_SEEN`` sequences learnt) stops learning until the next decoder is made.
+Adaptive and bounded: a layout is compiled the second time its sequence is seen in a
+file, the reader tried is the last one learnt for the record's value count and first type
+code (one dict lookup), at most ``MAX_LAYOUTS`` readers are kept, a file compiles at most
+16 plus one per 256 hits, and a file whose layouts do not repeat (fewer hits than half
+of ``MAX_SEEN`` sequences learnt) stops learning until the next decoder is made.
 """
 
 from __future__ import annotations
@@ -124,20 +124,26 @@ class Layouts:
     """The layout readers of one GDR reader: ``by_key.get(count << 8 | first_code)`` is
     the one to try for a GDR of ``count`` values whose first type code is
     ``first_code`` (None: none yet); ``learn(count, values)`` after a GDR the generic
-    reader decoded."""
+    reader decoded; ``state``: [learning, hits], the hits counted by the caller."""
 
-    __slots__ = ("by_key", "compiled", "order", "seen", "state")
+    __slots__ = ("by_key", "compiled", "compiles", "order", "seen", "state")
 
-    def __init__(self, order: str, state: list[Any]) -> None:
+    def __init__(self, order: str) -> None:
         self.order = order
         #: value count and first type code -> the reader last learnt for them
         self.by_key: dict[int, Reader] = {}
         #: type-code sequence -> its reader
         self.compiled: dict[bytes, Reader] = {}
-        #: sequences seen once since the last clear
+        #: sequences seen once in this file (since the last clear)
         self.seen: set[bytes] = set()
-        #: [learning, hits since the last clear] (turned on again by a new decoder)
-        self.state = state
+        self.state: list[Any] = [True, 0]
+        self.compiles = 0  # in this file
+
+    def reset(self) -> None:
+        """A new file: its sequences are learnt afresh (the readers compiled are kept)."""
+        self.seen.clear()
+        self.state[:] = [True, 0]
+        self.compiles = 0
 
     def learn(self, count: int, values: list[tuple[int, Any]]) -> None:
         if count > MAX_VALUES:
@@ -155,6 +161,12 @@ class Layouts:
                     self.seen.clear()
                 self.seen.add(codes)
                 return
+            # a compile costs what a few hundred hits save: past a few, only as many as
+            # the hits pay for (more distinct repeating layouts than MAX_LAYOUTS would
+            # otherwise compile them over and over)
+            if self.compiles >= 16 + self.state[1] // 256:
+                return
+            self.compiles += 1
             if len(self.compiled) >= MAX_LAYOUTS:
                 self.compiled.clear()
                 self.by_key.clear()
