@@ -495,8 +495,12 @@ def _segments(fields: tuple[Field, ...]) -> list[list[int]]:
 #: scales, units, formats).  Testers that do not truncate PTRs repeat the same bytes
 #: there for every result of a test, so the decoded values of the last MEMO_SIZE
 #: distinct tails are kept, keyed by their bytes: a repeat costs one slice and one dict
-#: lookup instead of decoding ten fields.  The values are immutable (int, float, str).
-MEMO_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("OPT_FLAG")}
+#: lookup instead of decoding ten fields.  FTR: the fields from VECT_NAM on (seven C*n,
+#: PATG_NUM, SPIN_MAP) are the same bytes in every passing result of a test (names,
+#: mostly empty texts), half a passing FTR's instructions.  The values are immutable
+#: (int, float, str, Bits).
+MEMO_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("OPT_FLAG"),
+             "FTR": [f.name for f in BY_NAME["FTR"].fields].index("VECT_NAM")}
 MEMO_SIZE = 4096
 
 
@@ -629,10 +633,10 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
 
     def literal(n: int) -> str:
         if 0 <= memo_from < n and rows:
-            return (f"_t = {_tuple(memo_from, n)}; tail is None or _memo_put(tail, _t); "
+            return (f"_t = {_tuple(memo_from, n)}; tail is None or _memo_put{prefix}(tail, _t); "
                     f"{ret.format(_tuple(0, memo_from) + ' + _t')}")
         if 0 <= memo_from < n:
-            return (f"_d = {_literal(fields, n)}; tail is None or _memo_put(tail, _d); "
+            return (f"_d = {_literal(fields, n)}; tail is None or _memo_put{prefix}(tail, _d); "
                     f"{ret.format('_d')}")
         return ret.format(_literal(fields, n, rows))
 
@@ -674,13 +678,15 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
         first = seg[0]
         f = fields[first]
         if first == memo_from:
-            ns["_memo_get"], ns["_memo_put"], ns["_memo_on"] = _memo(rows)
+            # named per type: the record loop's namespace holds the PTR's and the FTR's
+            ns[f"_memo_get{prefix}"], ns[f"_memo_put{prefix}"], ns[f"_memo_on{prefix}"] = \
+                _memo(rows)
             lines.append(f"{ind}if p >= end: {literal(first)}")
-            lines.append(f"{ind}if _memo_on[0]:")
+            lines.append(f"{ind}if _memo_on{prefix}[0]:")
             lines.append(f"{ind}  tail = buf[p:end]")
-            lines.append(f"{ind}  hit = _memo_get(tail)")
+            lines.append(f"{ind}  hit = _memo_get{prefix}(tail)")
             lines.append(f"{ind}  if hit is not None:")
-            lines.append(f"{ind}    _memo_on[1] += 1")
+            lines.append(f"{ind}    _memo_on{prefix}[1] += 1")
             if rows:
                 lines.append(f"{ind}    {ret.format(_tuple(0, memo_from) + ' + hit')}")
             else:
