@@ -504,7 +504,7 @@ MEMO_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("OPT_FLAG"),
 MEMO_SIZE = 4096
 
 
-def _memo(rows: bool = False) -> tuple[Callable[[bytes], Any], Callable[[bytes, Any], None],
+def _memo(rows: bool = False) -> tuple[Callable[[bytes], Any], Callable[[bytes, Any], Any],
                                        list[Any]]:
     """A bounded map from tail bytes to a template of the record's field dict: a repeat
     copies the template (one C-level copy of the whole dict) and sets the fields before
@@ -513,7 +513,7 @@ def _memo(rows: bool = False) -> tuple[Callable[[bytes], Any], Callable[[bytes, 
     memo: dict[bytes, Any] = {}
     state = _memo_state()
 
-    def put(tail: bytes, fields: Any) -> None:
+    def put(tail: bytes, fields: Any) -> Any:
         if len(memo) >= MEMO_SIZE:
             # full: MEMO_SIZE misses since the last clear.  A hit saves about twice what
             # a miss costs, so with fewer hits than half the misses the file's tails do
@@ -524,6 +524,7 @@ def _memo(rows: bool = False) -> tuple[Callable[[bytes], Any], Callable[[bytes, 
             state[1] = 0
             memo.clear()  # bounded: memory stays flat on files whose tails never repeat
         memo[tail] = fields if rows else fields.copy()  # the consumer owns its dict
+        return fields
 
     return memo.get, put, state
 
@@ -632,12 +633,14 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
     memo_from = MEMO_FROM.get(spec.name, -1) if optimistic and memo else -1
 
     def literal(n: int) -> str:
+        # with the memo off (``tail`` None) the record is made as without a memo: one
+        # tuple, not the tail's and the head's joined
         if 0 <= memo_from < n and rows:
-            return (f"_t = {_tuple(memo_from, n)}; tail is None or _memo_put{prefix}(tail, _t); "
-                    f"{ret.format(_tuple(0, memo_from) + ' + _t')}")
+            return ret.format(f"{_tuple(0, n)} if tail is None else {_tuple(0, memo_from)} + "
+                              f"_memo_put{prefix}(tail, {_tuple(memo_from, n)})")
         if 0 <= memo_from < n:
-            return (f"_d = {_literal(fields, n)}; tail is None or _memo_put{prefix}(tail, _d); "
-                    f"{ret.format('_d')}")
+            return ret.format(f"{_literal(fields, n)} if tail is None else "
+                              f"_memo_put{prefix}(tail, {_literal(fields, n)})")
         return ret.format(_literal(fields, n, rows))
 
     def run_end(run: list[int], starts: dict[int, str], last: str) -> None:
