@@ -95,11 +95,12 @@ def memo_restored() -> Iterator[None]:
 @st.composite
 def streams(draw: st.DrawFn) -> tuple[str, bytes]:
     """A file of GDRs of a few layouts in any order, their values any bit patterns, some
-    with one type code flipped to another of the same size, some cut inside."""
+    with one type code flipped to another of the same size, some cut inside; the whole
+    sequence three times."""
     order = draw(st.sampled_from("<>"))
     layouts = draw(st.lists(st.lists(st.sampled_from(CODES), max_size=10), min_size=1,
                             max_size=3))
-    out = [StdfWriter(order).encode("FAR", {})]
+    out = []
     for _ in range(draw(st.integers(1, 12))):
         codes = list(draw(st.sampled_from(layouts)))
         if codes and draw(st.integers(0, 4)) == 0:
@@ -111,7 +112,8 @@ def streams(draw: st.DrawFn) -> tuple[str, bytes]:
         if draw(st.integers(0, 6)) == 0:
             cut = draw(st.integers(0, 2 + sum(1 + len(v) for v in values)))
         out.append(gdr(order, codes, values, cut))
-    return order, b"".join(out)
+    # three times over: a layout's reader is compiled the third time it is seen
+    return order, StdfWriter(order).encode("FAR", {}) + b"".join(out) * 3
 
 
 @settings(max_examples=200, deadline=None)
@@ -121,7 +123,7 @@ def test_gdrs_of_any_layouts_equal_the_reference_decoder(stream: tuple[str, byte
     want = key(reference(data, order))[1]
     for memo in (MEMO_SIZE, 0):
         set_tail_memo(memo)
-        for _ in range(2):  # the second time through, every repeated layout is compiled
+        for _ in range(2):  # the second time through, the readers compiled are tried first
             assert decode(data)[1:] == want
         assert decode(data, chunk=7)[1:] == want
         dicts = decode(data, rows=False)[1:]
@@ -248,11 +250,10 @@ def compiles() -> Iterator[list[int]]:
         sys.setprofile(None)
 
 
-@pytest.mark.parametrize("repeats", [2, 3])
+@pytest.mark.parametrize("repeats", [3, 4])
 def test_layouts_that_barely_repeat_compile_few_readers(repeats: int) -> None:
     """A compile costs what a few hundred reads by a layout save: 300 layouts each seen
-    two or three times are mostly left to the value-by-value reader, and the second
-    decode of the file compiles nothing at all."""
+    three or four times are mostly left to the value-by-value reader."""
     w = StdfWriter("<")
     layouts = [[1 + i % 8, 1 + i // 8 % 8, 1 + i // 64 % 8, 13] for i in range(300)]
     data = w.encode("FAR", {}) + b"".join(
@@ -262,4 +263,4 @@ def test_layouts_that_barely_repeat_compile_few_readers(repeats: int) -> None:
     for _ in range(2):
         with compiles() as made:
             assert decode(data)[1:] == want
-        assert len(made) <= 16
+        assert len(made) <= 8

@@ -15,10 +15,10 @@ record's end, the end of the buffer), and the generic reader decodes the record 
 Its values come from the same ``struct`` codes, slices and ``Bits`` as the generic
 reader's, so they are the same objects bit for bit (NaN payloads, -0.0, both orders).
 
-Adaptive and bounded: a layout is compiled the second time its sequence is seen in a
+Adaptive and bounded: a layout is compiled the third time its sequence is seen in a
 file, the reader tried is the last one learnt for the record's value count and first type
 code (one dict lookup), at most ``MAX_LAYOUTS`` readers are kept, a file compiles at most
-16 plus one per 256 hits, and a file whose layouts do not repeat (fewer hits than half
+8 plus one per 256 hits, and a file whose layouts do not repeat (fewer hits than half
 of ``MAX_SEEN`` sequences learnt) stops learning until the next decoder is made.
 """
 
@@ -33,7 +33,7 @@ from .spec import GDR_TYPES, STRUCT_CODES, Bits
 
 #: compiled readers kept (per byte order and decoder kind); cleared when full
 MAX_LAYOUTS = 256
-#: distinct sequences remembered until their second sighting; cleared when full
+#: distinct sequences remembered until their third sighting; cleared when full
 MAX_SEEN = 4096
 #: longer GDRs are left to the generic reader (a reader's size grows with its layout)
 MAX_VALUES = 256
@@ -134,8 +134,8 @@ class Layouts:
         self.by_key: dict[int, Reader] = {}
         #: type-code sequence -> its reader
         self.compiled: dict[bytes, Reader] = {}
-        #: sequences seen once in this file (since the last clear)
-        self.seen: set[bytes] = set()
+        #: sequences seen in this file (since the last clear) -> times seen
+        self.seen: dict[bytes, int] = {}
         self.state: list[Any] = [True, 0]
         self.compiles = 0  # in this file
 
@@ -151,20 +151,21 @@ class Layouts:
         codes = bytes(map(_first, values))
         reader = self.compiled.get(codes)
         if reader is None:
-            if codes not in self.seen:
-                if len(self.seen) >= MAX_SEEN:
+            seen = self.seen.get(codes, 0)
+            if seen < 2:  # compiled when seen a third time: a short random one may repeat
+                if not seen and len(self.seen) >= MAX_SEEN:
                     # MAX_SEEN sequences since the last clear: with fewer hits than half
                     # of them this file's layouts do not repeat; stop paying for learning
                     if self.state[1] * 2 < len(self.seen):
                         self.state[0] = False
                     self.state[1] = 0
                     self.seen.clear()
-                self.seen.add(codes)
+                self.seen[codes] = seen + 1
                 return
             # a compile costs what a few hundred hits save: past a few, only as many as
             # the hits pay for (more distinct repeating layouts than MAX_LAYOUTS would
             # otherwise compile them over and over)
-            if self.compiles >= 16 + self.state[1] // 256:
+            if self.compiles >= 8 + self.state[1] // 256:
                 return
             self.compiles += 1
             if len(self.compiled) >= MAX_LAYOUTS:
