@@ -34,7 +34,7 @@ from .spec import GDR_TYPES, STRUCT_CODES, Bits
 #: compiled readers kept (per byte order and decoder kind); cleared when full
 MAX_LAYOUTS = 256
 #: distinct sequences remembered until their third sighting; cleared when full
-MAX_SEEN = 4096
+MAX_SEEN = 512
 #: longer GDRs are left to the generic reader (a reader's size grows with its layout)
 MAX_VALUES = 256
 
