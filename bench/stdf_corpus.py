@@ -14,7 +14,10 @@ third of the speed of the A530 file).  Each function here builds one shape with
                 their own texts, units and limits that differ per head, site and part
                 (adaptive limits), every PTR written in full: no two PTR tails alike,
                 so the decoder's tail memo never hits
-``gdr-heavy``   GDRs of 4-40 mixed-type values (U1..R8, C*n, B*n, D*n, N*1) between PTRs
+``gdr-heavy``   GDRs of 4-40 mixed-type values (U1..R8, C*n, B*n, D*n, N*1) between PTRs,
+                every GDR's type codes drawn anew (the worst case for the decoder)
+``gdr-layouts`` the same mix as testers write per-part GDRs: each GDR's type codes
+                the same in every part (30 layouts), only the values new
 ``catalyst``    the mix issue 17's Teradyne Catalyst file has, 2 sites: per part 48 FTRs
                 (a quarter failing: RTN_INDX/RTN_STAT and PGM_INDX/PGM_STAT arrays,
                 256-pin FAIL_PIN bits, vector names), 6 MPRs of 4-16 pins, 40 PTRs whose
@@ -260,11 +263,14 @@ def ptr_varied(order: str = ">", parts: int = 32, seed: int = 19) -> bytes:
                 [t["TEST_NUM"] for t in ptrs.tests])
 
 
+_GDR_CODES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 10, 11, 12, 13)
+
+
 def gdr_heavy(order: str = "<", parts: int = 1500, seed: int = 20) -> bytes:
     ptrs = _Ptrs(random.Random(seed + 1), 10, 1000)
 
     def value(rnd: random.Random) -> tuple[int, Any]:
-        code = rnd.choice((1, 2, 3, 4, 5, 6, 7, 8, 10, 10, 11, 12, 13))
+        code = rnd.choice(_GDR_CODES)
         return code, _gdr_value(rnd, code)
 
     def body(rnd: random.Random, head: int, site: int, part: int) -> Iterator[Record]:
@@ -272,6 +278,24 @@ def gdr_heavy(order: str = "<", parts: int = 1500, seed: int = 20) -> bytes:
             yield ptrs.record(t, head, site, part)
             for _ in range(3):
                 yield "GDR", {"GEN_DATA": [value(rnd) for _ in range(rnd.randrange(4, 40))]}
+
+    return _lot(order, [(1, 0)], parts, seed, "gdr_job", "Catalyst", body,
+                [t["TEST_NUM"] for t in ptrs.tests])
+
+
+def gdr_layouts(order: str = "<", parts: int = 1500, seed: int = 22) -> bytes:
+    """gdr-heavy's mix, but as per-part GDRs are written: each test's three GDRs have
+    the same type codes in every part (30 layouts of 4-40 values), new values."""
+    ptrs = _Ptrs(random.Random(seed + 1), 10, 1000)
+    rnd0 = random.Random(seed + 2)
+    layouts = [[rnd0.choice(_GDR_CODES) for _ in range(rnd0.randrange(4, 40))]
+               for _ in range(3 * len(ptrs.tests))]
+
+    def body(rnd: random.Random, head: int, site: int, part: int) -> Iterator[Record]:
+        for i, t in enumerate(ptrs.tests):
+            yield ptrs.record(t, head, site, part)
+            for codes in layouts[3 * i:3 * i + 3]:
+                yield "GDR", {"GEN_DATA": [(c, _gdr_value(rnd, c)) for c in codes]}
 
     return _lot(order, [(1, 0)], parts, seed, "gdr_job", "Catalyst", body,
                 [t["TEST_NUM"] for t in ptrs.tests])
@@ -367,6 +391,7 @@ SHAPES: dict[str, Callable[[], bytes]] = {
     "mpr-heavy": mpr_heavy,
     "ptr-varied": ptr_varied,
     "gdr-heavy": gdr_heavy,
+    "gdr-layouts": gdr_layouts,
     "catalyst": catalyst,
 }
 

@@ -2,14 +2,16 @@
 
 For every file -- the real tester files in ``shared/data/stdf`` and the synthetic shapes of
 ``bench/stdf_corpus.py`` (FTR-heavy, MPR-heavy, varied PTRs on 2 heads x 8 sites
-big-endian, GDR-heavy, a Catalyst-like mix of FTRs, MPRs, GDRs and PTRs cut at varying
-fields), or the files named on the command line -- it prints:
+big-endian, GDR-heavy with random and with repeating type-code layouts, a Catalyst-like
+mix of FTRs, MPRs, GDRs and PTRs cut at varying fields), or the files named on the
+command line -- it prints:
 
 * full decode: both decoders decode every field of every record and the consumer sees
   each record once, as a streaming gateway does: pystdf into a value list per record,
   edgegw into a row per record (``StdfDecoder.rows()``: the values in a tuple, the
   equivalent of pystdf's list) in one feed, in 64 KiB chunks, and in one feed with the
-  PTR tail memo off (the figure must not rest on the memo), and into a field dict per
+  PTR and FTR tail memo and the GDR layouts off (``set_tail_memo(0)``: the figure must
+  not rest on them), and into a field dict per
   record (``records()``), memo on and off;
 * ``edgegw stdf stats FILE`` end to end, the command a user times, against pystdf reading
   the same file (gunzip included) and parsing it with a sink that only counts -- less
@@ -25,8 +27,8 @@ fields), or the files named on the command line -- it prints:
 
 ``--ab DIR``: instead, an A/B of this tree's decoder against the edgegw source in DIR (a
 checkout of main, e.g. ``git archive main | tar -x -C DIR``) and pystdf, each run in its
-own process, the three interleaved run by run: rows in one feed, with the PTR tail memo
-and without, per file and shape, medians and each side's ratio to pystdf.
+own process, the three interleaved run by run: rows in one feed, with the tail memo and
+GDR layouts and without, per file and shape, medians and each side's ratio to pystdf.
 
 Times are medians of --runs runs of CPU time (the machine is shared: wall time would
 charge other jobs' load to whichever decoder ran while it peaked; --wall for wall time).

@@ -6,6 +6,7 @@ code itself, not through the field-by-field reference decoder."""
 
 from __future__ import annotations
 
+import struct
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgegw.stdf import BY_NAME, Bits, StdfDecoder, StdfWriter, stdf_fields
-from edgegw.stdf.decoder import MEMO_SIZE, decode_generic, set_tail_memo
+from edgegw.stdf.decoder import MEMO_SIZE, decode_generic, decoder_table, set_tail_memo
 
 _INTS = {"U1": (0, 255), "U2": (0, 65535), "U4": (0, 2**32 - 1), "I1": (-128, 127),
          "I2": (-32768, 32767), "I4": (-(2**31), 2**31 - 1), "B1": (0, 255), "N1": (0, 15)}
@@ -175,3 +176,69 @@ def test_a_record_cut_between_fixed_size_fields_is_not_left_to_the_generic_decod
         else:
             assert [r.fields for r in got] == expected
         assert not calls, f"{name}: {len(calls)} of {len(cuts)} cut records decoded generically"
+
+
+@pytest.mark.parametrize("order", "<>")
+@pytest.mark.parametrize("rows", [False, True])
+def test_ftr_tails_that_repeat_or_differ_in_one_field_decode_as_the_reference(
+        order: str, rows: bool, memo_restored: None) -> None:
+    """The FTR tail memo (VECT_NAM on): passing results of one test repeat their tail's
+    bytes; results that differ from it in one field of the tail, or only before it,
+    are their own values, never a remembered tail's."""
+    base = {**_full("FTR"), "RTN_ICNT": 0, "PGM_ICNT": 0, "RTN_INDX": [], "RTN_STAT": [],
+            "PGM_INDX": [], "PGM_STAT": [], "FAIL_PIN": Bits(0, b""), "VECT_NAM": "",
+            "TIME_SET": "ts1", "OP_CODE": "", "TEST_TXT": "func_1", "ALARM_ID": "",
+            "PROG_TXT": "", "RSLT_TXT": "", "PATG_NUM": 255, "SPIN_MAP": Bits(0, b"")}
+    variants = [base, {**base, "TEST_NUM": 9, "CYCL_CNT": 7, "RTN_ICNT": 2,
+                       "RTN_INDX": [3, 4], "RTN_STAT": [1, 15]},
+                {**base, "VECT_NAM": "v"}, {**base, "TIME_SET": "ts2"},
+                {**base, "TEST_TXT": "func_2"}, {**base, "RSLT_TXT": "fail"},
+                {**base, "PATG_NUM": 254}, {**base, "SPIN_MAP": Bits(3, b"\x05")},
+                {**base, "SPIN_MAP": Bits(3, b"\x06")}]
+    w = StdfWriter(order)
+    wanted = [v for _ in range(3) for v in variants]
+    stream = w.encode("FAR", {}) + b"".join(w.encode("FTR", f) for f in wanted)
+    expected = [stdf_fields("FTR", f) for f in wanted]
+    for size in (MEMO_SIZE, 0, 4):
+        set_tail_memo(size)
+        for _ in range(2):
+            got = _decode(stream, rows)[1:]
+            if rows:
+                assert [r[2] for r in got] == [tuple(e.values()) for e in expected]
+            else:
+                assert [r.fields for r in got] == expected
+
+
+@pytest.mark.parametrize("rows", [False, True])
+def test_a_ptr_and_an_ftr_whose_tails_are_the_same_bytes_keep_their_own_values(
+        rows: bool, memo_restored: None) -> None:
+    """Each type's tail memo is its own: an FTR whose bytes from VECT_NAM on are a PTR's
+    from OPT_FLAG on is an FTR (one memo shared by the record loop's inline PTR and FTR
+    code gave the FTR the PTR's remembered fields)."""
+    w = StdfWriter("<")
+    ptr = w.encode("PTR", {"TEST_NUM": 1, "HEAD_NUM": 1, "SITE_NUM": 1, "TEST_FLG": 0,
+                           "PARM_FLG": 0, "RESULT": 0.5, "TEST_TXT": "", "ALARM_ID": "",
+                           "OPT_FLAG": 0, "RES_SCAL": 0, "LLM_SCAL": 0, "HLM_SCAL": 0,
+                           "LO_LIMIT": 0.0, "HI_LIMIT": 0.0, "UNITS": "V"})
+    tail = ptr[4 + 4 + 1 + 1 + 1 + 1 + 4 + 1 + 1:]  # from OPT_FLAG on
+    head = w.encode("FTR", {**_full("FTR"), "RTN_ICNT": 0, "PGM_ICNT": 0, "RTN_INDX": [],
+                            "RTN_STAT": [], "PGM_INDX": [], "PGM_STAT": [],
+                            "FAIL_PIN": Bits(0, b"")})[4:]
+    head = head[:38 + 2]  # the fixed-size fields, no array elements, an empty FAIL_PIN
+    spec = BY_NAME["FTR"]
+    ftr = struct.pack("<HBB", len(head) + len(tail), spec.typ, spec.sub) + head + tail
+    stream = w.encode("FAR", {}) + (ptr + ftr) * 2 + (ftr + ptr) * 2
+    readers = decoder_table("<").readers
+    want, pos = [], 6
+    for rec in [ptr, ftr] * 2 + [ftr, ptr] * 2:
+        name = "PTR" if rec is ptr else "FTR"
+        want.append(decode_generic(BY_NAME[name], readers, stream, pos + 4, pos + len(rec)))
+        pos += len(rec)
+    assert want[1]["VECT_NAM"] == "" and "UNITS" in want[0]
+    for size in (MEMO_SIZE, 0):
+        set_tail_memo(size)
+        got = _decode(stream, rows)[1:]
+        if rows:
+            assert [r[2] for r in got] == [tuple(e.values()) for e in want]
+        else:
+            assert [r.fields for r in got] == want

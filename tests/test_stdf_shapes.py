@@ -1,8 +1,9 @@
 """The decoder on the file shapes the shared real files do not cover (``bench/stdf_corpus.py``:
 FTR-heavy with varied fail pins, MPR-heavy, varied PTRs on 2 heads x 8 sites big-endian,
-GDR-heavy, a Catalyst-like mix with PTR tails cut at varying fields): every field of every
-record equals what pystdf reads from the same bytes, the fast paths equal the
-field-by-field reference decoder, and the PTR tail memo and the chunking change nothing."""
+GDR-heavy with random and with repeating type-code layouts, a Catalyst-like mix with PTR
+tails cut at varying fields): every field of every record equals what pystdf reads from
+the same bytes, the fast paths equal the field-by-field reference decoder, and the PTR
+tail memo (and GDR layouts) and the chunking change nothing."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from edgegw.stdf import BY_NAME, StdfDecoder
 from edgegw.stdf.decoder import MEMO_SIZE, decode_generic, decoder_table, set_tail_memo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from stdf_corpus import catalyst, ftr_heavy, gdr_heavy, mpr_heavy, ptr_varied
+from stdf_corpus import catalyst, ftr_heavy, gdr_heavy, gdr_layouts, mpr_heavy, ptr_varied
 
 #: small versions of the bench's shapes (same generators, fewer parts)
 SHAPES = {
@@ -27,6 +28,8 @@ SHAPES = {
     "ptr-varied": lambda: ptr_varied(parts=2),
     "gdr-heavy": lambda: gdr_heavy(parts=30),
     "gdr-heavy big-endian": lambda: gdr_heavy(">", parts=10),
+    "gdr-layouts": lambda: gdr_layouts(parts=20),
+    "gdr-layouts big-endian": lambda: gdr_layouts(">", parts=8),
     "catalyst": lambda: catalyst(parts=12),
     "catalyst big-endian": lambda: catalyst(">", parts=6),
 }

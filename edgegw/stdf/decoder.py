@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 from ..formats import FormatError
 from .codecache import compiled
+from .gdrlayout import Layouts
 from .spec import BY_NAME, BY_TYPE, GDR_TYPES, STRUCT_CODES, Bits, Field, RecordSpec
 
 #: consecutive records of unknown type after which the input is declared garbage
@@ -357,10 +358,21 @@ def _gdr_reader(order: str) -> Callable[[bytes, str, int, int], tuple[list, int]
     return vn
 
 
-def _gdr_fast(order: str) -> Callable[[bytes, str, int, int], tuple[list, int]]:
+def _gdr_fast(order: str, layouts: bool = True) -> Callable[[bytes, str, int, int],
+                                                           tuple[list, int]]:
     """The GDR reader: one bound check per GDR instead of two per value, the careful
-    reader (``_gdr_reader``) taking over when the values run past the record's end."""
+    reader (``_gdr_reader``) taking over when the values run past the record's end.
+    ``layouts``: a GDR whose type codes repeat an earlier one's is read by that
+    layout's compiled reader (:mod:`.gdrlayout`), no loop step per value."""
     careful = _gdr_reader(order)
+    table = Layouts(order)
+    # [learning, hits]: off for the rest of a file whose layouts do not repeat
+    state = table.state
+    if layouts:
+        _LAYOUTS.append(table)
+    else:
+        state[0] = False
+    get, learn = table.by_key.get, table.learn
     u2 = struct.Struct(order + "H").unpack_from
     steps = [0] * 256  # type code -> bytes of a fixed-size value with its type byte
     pairs: list[Any] = [None] * 256  # type code -> unpack of (code, value)
@@ -376,10 +388,18 @@ def _gdr_fast(order: str) -> Callable[[bytes, str, int, int], tuple[list, int]]:
         if p0 + 2 > end:
             raise _Short
         p = p0 + 2
+        count = u2(buf, p0)[0]
+        if state[0] and p < end:
+            layout = get(count << 8 | buf[p])
+            if layout is not None:
+                done = layout(buf, txt, p, end)
+                if done is not None:
+                    state[1] += 1
+                    return done
         out: list[tuple[int, Any]] = []
         append = out.append
         try:
-            for _ in range(u2(buf, p0)[0]):
+            for _ in range(count):
                 code = buf[p]
                 pair = pairs[code]
                 if pair is not None:
@@ -409,6 +429,8 @@ def _gdr_fast(order: str) -> Callable[[bytes, str, int, int], tuple[list, int]]:
             p = end + 1  # past the buffer: the careful reader decides
         if p > end:
             return careful(buf, txt, p0, end)
+        if state[0]:
+            learn(count, out)
         return out, p
 
     return vn
@@ -477,12 +499,16 @@ def _segments(fields: tuple[Field, ...]) -> list[list[int]]:
 #: scales, units, formats).  Testers that do not truncate PTRs repeat the same bytes
 #: there for every result of a test, so the decoded values of the last MEMO_SIZE
 #: distinct tails are kept, keyed by their bytes: a repeat costs one slice and one dict
-#: lookup instead of decoding ten fields.  The values are immutable (int, float, str).
-MEMO_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("OPT_FLAG")}
+#: lookup instead of decoding ten fields.  FTR: the fields from VECT_NAM on (seven C*n,
+#: PATG_NUM, SPIN_MAP) are the same bytes in every passing result of a test (names,
+#: mostly empty texts), half a passing FTR's instructions.  The values are immutable
+#: (int, float, str, Bits).
+MEMO_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("OPT_FLAG"),
+             "FTR": [f.name for f in BY_NAME["FTR"].fields].index("VECT_NAM")}
 MEMO_SIZE = 4096
 
 
-def _memo(rows: bool = False) -> tuple[Callable[[bytes], Any], Callable[[bytes, Any], None],
+def _memo(rows: bool = False) -> tuple[Callable[[bytes], Any], Callable[[bytes, Any], Any],
                                        list[Any]]:
     """A bounded map from tail bytes to a template of the record's field dict: a repeat
     copies the template (one C-level copy of the whole dict) and sets the fields before
@@ -491,7 +517,7 @@ def _memo(rows: bool = False) -> tuple[Callable[[bytes], Any], Callable[[bytes, 
     memo: dict[bytes, Any] = {}
     state = _memo_state()
 
-    def put(tail: bytes, fields: Any) -> None:
+    def put(tail: bytes, fields: Any) -> Any:
         if len(memo) >= MEMO_SIZE:
             # full: MEMO_SIZE misses since the last clear.  A hit saves about twice what
             # a miss costs, so with fewer hits than half the misses the file's tails do
@@ -502,6 +528,7 @@ def _memo(rows: bool = False) -> tuple[Callable[[bytes], Any], Callable[[bytes, 
             state[1] = 0
             memo.clear()  # bounded: memory stays flat on files whose tails never repeat
         memo[tail] = fields if rows else fields.copy()  # the consumer owns its dict
+        return fields
 
     return memo.get, put, state
 
@@ -516,9 +543,15 @@ def _memo_state() -> list[Any]:
     return state
 
 
+#: every GDR layout table (``gdrlayout``): a new StdfDecoder resets them
+_LAYOUTS: list[Layouts] = []
+
+
 def _memo_reset() -> None:
     for state in _MEMO_STATES:
         state[0] = True
+    for layouts in _LAYOUTS:
+        layouts.reset()
 
 
 def tail_memo_active() -> bool:
@@ -604,12 +637,14 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
     memo_from = MEMO_FROM.get(spec.name, -1) if optimistic and memo else -1
 
     def literal(n: int) -> str:
+        # with the memo off (``tail`` None) the record is made as without a memo: one
+        # tuple, not the tail's and the head's joined
         if 0 <= memo_from < n and rows:
-            return (f"_t = {_tuple(memo_from, n)}; tail is None or _memo_put(tail, _t); "
-                    f"{ret.format(_tuple(0, memo_from) + ' + _t')}")
+            return ret.format(f"{_tuple(0, n)} if tail is None else {_tuple(0, memo_from)} + "
+                              f"_memo_put{prefix}(tail, {_tuple(memo_from, n)})")
         if 0 <= memo_from < n:
-            return (f"_d = {_literal(fields, n)}; tail is None or _memo_put(tail, _d); "
-                    f"{ret.format('_d')}")
+            return ret.format(f"{_literal(fields, n)} if tail is None else "
+                              f"_memo_put{prefix}(tail, {_literal(fields, n)})")
         return ret.format(_literal(fields, n, rows))
 
     def run_end(run: list[int], starts: dict[int, str], last: str) -> None:
@@ -650,13 +685,15 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
         first = seg[0]
         f = fields[first]
         if first == memo_from:
-            ns["_memo_get"], ns["_memo_put"], ns["_memo_on"] = _memo(rows)
+            # named per type: the record loop's namespace holds the PTR's and the FTR's
+            ns[f"_memo_get{prefix}"], ns[f"_memo_put{prefix}"], ns[f"_memo_on{prefix}"] = \
+                _memo(rows)
             lines.append(f"{ind}if p >= end: {literal(first)}")
-            lines.append(f"{ind}if _memo_on[0]:")
+            lines.append(f"{ind}if _memo_on{prefix}[0]:")
             lines.append(f"{ind}  tail = buf[p:end]")
-            lines.append(f"{ind}  hit = _memo_get(tail)")
+            lines.append(f"{ind}  hit = _memo_get{prefix}(tail)")
             lines.append(f"{ind}  if hit is not None:")
-            lines.append(f"{ind}    _memo_on[1] += 1")
+            lines.append(f"{ind}    _memo_on{prefix}[1] += 1")
             if rows:
                 lines.append(f"{ind}    {ret.format(_tuple(0, memo_from) + ' + hit')}")
             else:
@@ -801,7 +838,8 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                       f"{ind}  f{i} = _no_bits",
                       f"{ind}  p += 2"]
         elif f.type == "Vn":
-            ns["_vn"] = _gdr_fast(readers.order)
+            if optimistic or "_vn" not in ns:
+                ns["_vn"] = _gdr_fast(readers.order, layouts=memo)
             lines.append(f"{ind}if p >= end: {literal(first)}")
             lines.append(f"{ind}f{i}, p = _vn(buf, txt, p, end)")
         else:
