@@ -688,7 +688,9 @@ class LiveState:
                             # equal limit, even 0.0 for -0.0, changes no histogram figure)
                             kept = values.pop(stats, None)
                             if kept:
-                                stats.add_values(kept)
+                                not_kept = stats.add_values(kept, gateway_id)
+                                if not_kept:
+                                    self._m_site_values_dropped.inc(not_kept)
                         if new_lo:
                             stats.lo = lo
                         if new_hi:
