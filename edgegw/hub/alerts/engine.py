@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from edgegw.hub import topics
+from edgegw.hub.live.models import site_names
 from edgegw.metrics import Metrics
 from edgegw.records import PartResult, SensorReading, SensorWindow
 
@@ -163,10 +164,12 @@ class AlertEngine:
                             f"below {rule.threshold:.1%} after {tally.dies} dies",
                             y, rule.threshold, {**ctx, "dies": tally.dies})
         for rule in self._rules("site_yield_gap", lot.lot_id):
-            yields = {
-                s: tally.site_good[s] / n
-                for s, n in tally.site_dies.items()
-                if n >= rule.min_parts
+            # by site name: a site is (head, site) (``site_names``, as the wafer's ``sites``);
+            # a plain site number stays the int it always was in the alert's context
+            yields: dict[Any, float] = {
+                int(name) if "/" not in name else name: tally.site_good[s] / tally.site_dies[s]
+                for s, name in site_names(
+                    s for s, n in tally.site_dies.items() if n >= rule.min_parts)
             }
             if len(yields) < 2:
                 continue
@@ -180,7 +183,7 @@ class AlertEngine:
                             f"({yields[best]:.1%})",
                             gap, rule.threshold,
                             {**ctx, "worst_site": worst, "best_site": best,
-                             "site_yields": {str(s): v for s, v in sorted(yields.items())}})
+                             "site_yields": {str(s): v for s, v in yields.items()}})
         for rule in self._rules("bin_share", lot.lot_id):
             if tally.dies < rule.min_parts:
                 continue
