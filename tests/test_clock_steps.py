@@ -1,0 +1,104 @@
+"""Wall-clock steps (NTP setting a tester PC's clock by an hour, either way): nothing held
+for the length of the step, nothing lost, nothing alarmed.  The rule (docs/reliability.md,
+"Clocks"): the monotonic clock drives every wait, timeout and duration; the wall clock only
+dates things.  The wall clock is stepped here by replacing ``time.time`` for the process,
+as a step of the system clock would (Trio and paho time their waits with the monotonic
+clock, which a step does not move)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import trio
+from mqtt_broker import BrokerAddress
+from test_mqtt_source import Sink, make_source, start_publisher, started, unique
+
+from edgegw.records import SensorWindow
+from edgegw.throttle import Throttle
+
+HOUR = 3600.0
+
+
+class SteppedWall:
+    """``time.time`` for the whole process, plus ``offset`` seconds."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self._real = time.time
+
+    def __call__(self) -> float:
+        return self._real() + self.offset
+
+
+@pytest.fixture
+def wall(monkeypatch: pytest.MonkeyPatch) -> Iterator[SteppedWall]:
+    stepped = SteppedWall()
+    monkeypatch.setattr(time, "time", stepped)
+    yield stepped
+
+
+# ---- the throttle (sans-IO: the clock is the caller's) ---------------------------------------
+
+
+def test_a_throttle_whose_clock_steps_back_an_hour_goes_on_closing_a_window_per_interval(
+        ) -> None:
+    th = Throttle(1.0)
+    t = 1_700_000_000.0
+    th.poll(t)
+    th.add("temp", 1.0, t + 0.1)
+    assert [w.count for w in th.poll(t + 1.0)] == [1]
+    th.add("temp", 2.0, t + 1.2)
+    t -= HOUR  # stepped back while a window is open
+    (w,) = th.poll(t + 1.5)  # the open window closes as due, not an hour later
+    assert (w.count, w.t0, w.t1) == (1, t + HOUR + 1.0, t + HOUR + 2.0)
+    th.add("temp", 3.0, t + 1.6)
+    assert th.deadline == pytest.approx(t + 2.0)  # the grid goes on in the new time
+    assert th.poll(t + 1.9) == []
+    (w,) = th.poll(t + 2.0)
+    assert (w.count, w.t0, w.t1) == (1, t + 1.0, t + 2.0)
+    th.add("temp", 4.0, t + 2.5)
+    t += 2 * HOUR  # and forward: one longer window, no reading lost
+    (w,) = th.poll(t + 3.0)
+    assert w.count == 1
+    assert th.readings == th.emitted == 4
+
+
+# ---- the MQTT source --------------------------------------------------------------------------
+
+
+@pytest.mark.broker
+async def test_mqtt_windows_go_on_at_their_rate_when_the_wall_clock_steps_an_hour_back_and_forward(
+        mqtt_broker: BrokerAddress, wall: SteppedWall) -> None:
+    topic = f"{unique('ate')}/handler/temp"
+    source = make_source(mqtt_broker, [{"topic": topic, "channel": "temp", "rate": 10.0,
+                                        "payload": "number"}])
+    sink = Sink()
+
+    def windowed() -> int:
+        return sum(w.count for w in sink.of(SensorWindow))
+
+    sent = 0
+    async with trio.open_nursery() as nursery:
+        await started(nursery, source, sink)
+        pub = await start_publisher(nursery, mqtt_broker)
+        for step in (0.0, -HOUR, +HOUR):  # as set, an hour back, back to true time
+            wall.offset += step
+            before = len(sink.of(SensorWindow))
+            for _ in range(20):  # 0.4 s at 50 Hz, readings dated by the gateway
+                await pub.publish(topic, b"21.5", qos=1)
+                sent += 1
+                await trio.sleep(0.02)
+            with trio.fail_after(20):
+                await pub.wait_all_acked()
+            # every reading reaches the sink in a window within seconds, not after the step
+            with trio.fail_after(15):
+                while windowed() < sent:
+                    await trio.sleep(0.02)
+            # at 10 windows a second at most (a loaded machine closes fewer, longer ones)
+            elapsed_windows = len(sink.of(SensorWindow)) - before
+            assert elapsed_windows <= 20, step
+        nursery.cancel_scope.cancel()
+    assert windowed() == sent
+    assert source.buffered == 0
