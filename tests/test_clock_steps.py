@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
+from hubtools import gateway_config, hub_config, start_hub
 from mqtt_broker import BrokerAddress
 from test_mqtt_source import Sink, make_source, start_publisher, started, unique
 
-from edgegw.records import SensorWindow
+from edgegw.gateway import Gateway
+from edgegw.records import SensorReading, SensorWindow
 from edgegw.throttle import Throttle
 
 HOUR = 3600.0
@@ -102,3 +105,36 @@ async def test_mqtt_windows_go_on_at_their_rate_when_the_wall_clock_steps_an_hou
         nursery.cancel_scope.cancel()
     assert windowed() == sent
     assert source.buffered == 0
+
+
+# ---- the gateway's health -----------------------------------------------------------------
+
+
+async def test_gateway_health_is_not_failed_by_the_wall_clock_stepping_an_hour_forward(
+        tmp_path: Path, wall: SteppedWall) -> None:
+    """Health fails when frames wait and no ack came for 60 s: a duration, so a step of
+    the wall clock is no missing ack."""
+    async with trio.open_nursery() as nursery:
+        hub_scope = trio.CancelScope()
+
+        async def hub_until_cancelled(*, task_status: trio.TaskStatus[int]) -> None:
+            with hub_scope:
+                async with trio.open_nursery() as inner:
+                    _, port = await start_hub(inner, hub_config(tmp_path / "hub"))
+                    task_status.started(port)
+
+        port = await nursery.start(hub_until_cancelled)
+        gateway = Gateway(gateway_config(tmp_path / "gw", port))
+        await nursery.start(gateway.run)
+        readings = [SensorReading("s", float(i), "c", float(i)) for i in range(5)]
+        await gateway.sink.put(readings, source="s")
+        assert await gateway.drain(10)  # acked: the ack clock has started
+        hub_scope.cancel()  # the hub goes away for a moment
+        await gateway.sink.put(readings, source="s")
+        with trio.fail_after(10):
+            while not gateway.store.stats().get("frames"):
+                await trio.sleep(0.02)
+        assert gateway.healthy() == (True, "ok")
+        wall.offset += HOUR
+        assert gateway.healthy() == (True, "ok")
+        nursery.cancel_scope.cancel()
