@@ -7,6 +7,7 @@ clock, which a step does not move)."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +17,11 @@ import trio
 from hubtools import gateway_config, hub_config, start_hub
 from mqtt_broker import BrokerAddress
 from test_mqtt_source import Sink, make_source, start_publisher, started, unique
+from test_stdf_tail import SMALL, CollectingSink, expected, no_ts, tail
 
 from edgegw.gateway import Gateway
-from edgegw.records import SensorReading, SensorWindow
+from edgegw.records import LotEnd, SensorReading, SensorWindow
+from edgegw.sim import stdf_file_bytes
 from edgegw.throttle import Throttle
 
 HOUR = 3600.0
@@ -30,15 +33,20 @@ class SteppedWall:
     def __init__(self) -> None:
         self.offset = 0.0
         self._real = time.time
+        self._real_ns = time.time_ns
 
     def __call__(self) -> float:
         return self._real() + self.offset
+
+    def ns(self) -> int:
+        return self._real_ns() + round(self.offset * 1e9)
 
 
 @pytest.fixture
 def wall(monkeypatch: pytest.MonkeyPatch) -> Iterator[SteppedWall]:
     stepped = SteppedWall()
     monkeypatch.setattr(time, "time", stepped)
+    monkeypatch.setattr(time, "time_ns", stepped.ns)
     yield stepped
 
 
@@ -138,3 +146,77 @@ async def test_gateway_health_is_not_failed_by_the_wall_clock_stepping_an_hour_f
         wall.offset += HOUR
         assert gateway.healthy() == (True, "ok")
         nursery.cancel_scope.cancel()
+
+
+# ---- the tail's finished files ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("registry", [False, True])
+async def test_files_written_after_the_clock_is_set_back_an_hour_are_read(
+        tmp_path: Path, wall: SteppedWall, registry: bool) -> None:
+    """A tester PC booted an hour ahead: the tail's watermark (scan start less
+    ``fold_after``) follows that clock, and the file written then carries its time.  NTP
+    sets the clock back: the next files carry times below that watermark, and are new."""
+    files = tmp_path / "stdf"
+    files.mkdir()
+    ahead = files / "ahead.stdf"
+    lots = [stdf_file_bytes(SMALL, start_time=1_700_000_000 + i) for i in range(3)]
+    ahead.write_bytes(lots[0])
+    wall.offset = HOUR
+    stamp = time.time()  # as the clock an hour ahead stamps it
+    os.utime(ahead, (stamp, stamp))
+    sink = CollectingSink()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tail([files], fold_after=0.2,
+                                     state_dir=tmp_path / "state" if registry else None).run,
+                                sink)
+            await sink.wait_until(lambda: len(sink.of(LotEnd)) == 1)
+            await trio.sleep(0.5)  # the watermark passes it: an hour ahead of true time
+            wall.offset = 0.0  # NTP steps the clock back
+            (files / "after.stdf").write_bytes(lots[1])
+            await sink.wait_until(lambda: len(sink.of(LotEnd)) == 2)
+            nursery.cancel_scope.cancel()
+    assert no_ts(sink.records) == expected(lots[0]) + expected(lots[1])
+
+
+@pytest.mark.parametrize("registry", [
+    pytest.param(False, marks=pytest.mark.xfail(
+        strict=True, reason="without the registry of finished files (state_dir: the "
+        "gateway always gives one) a file finished while the clock ran ahead is read again "
+        "after a restart with the clock set back: nothing tells it from a new one")),
+    True])
+async def test_after_a_restart_with_the_clock_set_back_new_files_are_read_old_ones_not(
+        tmp_path: Path, wall: SteppedWall, registry: bool) -> None:
+    files = tmp_path / "stdf"
+    files.mkdir()
+    state = tmp_path / "state" if registry else None
+    ahead = files / "ahead.stdf"
+    lots = [stdf_file_bytes(SMALL, start_time=1_700_000_000 + i) for i in range(2)]
+    ahead.write_bytes(lots[0])
+    wall.offset = HOUR
+    stamp = time.time()
+    os.utime(ahead, (stamp, stamp))
+    first = CollectingSink()
+    source = tail([files], fold_after=0.2, state_dir=state)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(source.run, first)
+            await first.wait_until(lambda: len(first.of(LotEnd)) == 1)
+            # folded: the checkpoint the next put (any file's) carries no longer lists it
+            while str(ahead) in source.checkpoint()["files"]:
+                await trio.sleep(0.02)
+            checkpoint = source.checkpoint()
+            nursery.cancel_scope.cancel()
+    wall.offset = 0.0  # set back while the gateway is stopped
+    (files / "after.stdf").write_bytes(lots[1])
+    second = CollectingSink()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tail([files], fold_after=0.2, state_dir=state,
+                                     checkpoint=checkpoint).run, second)
+            await second.wait_until(lambda: len(second.of(LotEnd)) >= 1)
+            await trio.sleep(0.3)  # (a file read twice would be by now)
+            nursery.cancel_scope.cancel()
+    assert no_ts(second.records) == expected(lots[1])
+
