@@ -7,10 +7,12 @@ clock, which a step does not move)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -20,6 +22,9 @@ from test_mqtt_source import Sink, make_source, start_publisher, started, unique
 from test_stdf_tail import SMALL, CollectingSink, expected, no_ts, tail
 
 from edgegw.gateway import Gateway
+from edgegw.hub import topics
+from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig, AlertService
+from edgegw.hub.live import LiveState
 from edgegw.records import LotEnd, SensorReading, SensorWindow
 from edgegw.sim import stdf_file_bytes
 from edgegw.throttle import Throttle
@@ -220,3 +225,90 @@ async def test_after_a_restart_with_the_clock_set_back_new_files_are_read_old_on
             nursery.cancel_scope.cancel()
     assert no_ts(second.records) == expected(lots[1])
 
+
+# ---- the hub's live state ---------------------------------------------------------------------
+
+
+def test_a_gateways_live_rate_is_not_doubled_for_an_hour_when_the_hubs_clock_is_set_back(
+        ) -> None:
+    state = LiveState(lambda topic, delta: None)
+    gw, t = "ate-01", 1_700_000_000.0
+    state.on_gateway(gw, True, t)
+
+    def second(at: float) -> None:  # 100 records a second
+        state.on_records(gw, 1, [SensorReading("s", at, "c", 1.0)] * 100, now=at)
+
+    def rate() -> float:
+        snap = state.snapshot(topics.gateway(gw))
+        assert snap is not None
+        return float(snap["records_per_s"])
+
+    for i in range(20):
+        second(t + i)
+    assert rate() == 100.0
+    t -= HOUR  # the hub's clock set back
+    for i in range(20, 40):
+        second(t + i)
+    assert rate() == 100.0
+    t += 2 * HOUR  # and an hour forward: the old seconds leave the window
+    for i in range(40, 60):
+        second(t + i)
+    assert rate() == 100.0
+
+
+# ---- the hub's alerts -------------------------------------------------------------------------
+
+
+def test_gateway_offline_and_escalation_count_monotonic_seconds_not_wall_clock_steps() -> None:
+    """The sans-IO engine with its monotonic clock injected: the wall clock (``now``, the
+    dates) steps an hour either way between ticks."""
+    rule = AlertRuleConfig(name="gw-down", kind="gateway_offline", priority="P0", offline_s=60)
+    events: list[dict[str, Any]] = []
+    mono = 0.0
+    engine = AlertEngine(AlertsConfig(rules=[rule], escalate_after_s=120),
+                         lambda topic, delta: None, sink=events.append, elapsed=lambda: mono)
+    state = LiveState(lambda topic, delta: None, alerts=engine)
+    t = 1_700_000_000.0
+    state.on_gateway("ate-1", True, t)
+    state.on_gateway("ate-1", False, t)
+    mono = 5.0
+    state.tick(t + 5 + HOUR)  # set an hour forward: offline 5 s, not an hour
+    assert events == []
+    mono = 59.0
+    state.tick(t + 59 - HOUR)  # and back
+    assert events == []
+    mono = 60.0
+    state.tick(t + 60 - HOUR)  # offline for 60 s: raised now, not an hour late
+    (raised,) = events
+    assert raised["event"] == "raised" and raised["alert"]["value"] == 60.0
+    mono = 179.0
+    state.tick(t + 179 + HOUR)
+    assert len(events) == 1  # 119 s since it was raised: not escalated
+    mono = 180.0
+    state.tick(t + 180 - HOUR)
+    assert [e["event"] for e in events] == ["raised", "escalated"]
+
+
+async def test_the_hub_alert_service_is_not_misled_by_wall_clock_steps(
+        tmp_path: Path, wall: SteppedWall) -> None:
+    """The alert service as the hub runs it, its wall clock stepped while a gateway is
+    briefly offline: no false alert at the step forward, the real one on time after the
+    step back."""
+    rule = AlertRuleConfig(name="gw-down", kind="gateway_offline", priority="P1", offline_s=1)
+    raised: list[dict[str, Any]] = []
+    service = AlertService(AlertsConfig(rules=[rule]),
+                           lambda topic, delta: raised.append(delta),
+                           tmp_path / "history.sqlite3", clock=time.time)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(service.run, tick_s=0.02))
+        service.engine.on_gateway("ate-1", False, time.time())
+        begun = trio.current_time()
+        wall.offset = HOUR
+        await trio.sleep(0.3)
+        assert raised == []  # offline 0.3 s, not an hour
+        wall.offset = -HOUR
+        with trio.fail_after(10):
+            while not raised:
+                await trio.sleep(0.02)
+        assert 1.0 <= raised[0]["alert"]["value"] <= trio.current_time() - begun
+        nursery.cancel_scope.cancel()
