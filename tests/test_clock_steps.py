@@ -18,6 +18,7 @@ import pytest
 import trio
 from hubtools import gateway_config, hub_config, start_hub
 from mqtt_broker import BrokerAddress
+from test_mqtt_gateway import _hub_rows
 from test_mqtt_source import Sink, make_source, start_publisher, started, unique
 from test_stdf_tail import SMALL, CollectingSink, expected, no_ts, tail
 
@@ -339,3 +340,55 @@ async def test_files_are_read_when_the_gateways_clock_runs_an_hour_ahead_of_the_
             await sink.wait_until(lambda: len(sink.of(LotEnd)) == 2, within=5)
             nursery.cancel_scope.cancel()
     assert no_ts(sink.records) == expected(lots[0]) + expected(lots[1])
+
+
+# ---- the whole gateway --------------------------------------------------------------------
+
+
+@pytest.mark.broker
+async def test_a_gateway_streams_sensors_and_stdf_once_through_wall_clock_steps(
+        tmp_path: Path, mqtt_broker: BrokerAddress, wall: SteppedWall) -> None:
+    """A real gateway (MQTT sensors throttled to 10 Hz, a tail of STDF files) and a real
+    hub, the process's wall clock set back an hour and forward again mid-stream: every
+    reading in exactly one window the hub applied, every record applied once."""
+    topic = f"{unique('ate')}/handler/temp"
+    files = tmp_path / "stdf"
+    files.mkdir()
+    sources = [
+        {"name": "sensors", "type": "mqtt", "host": mqtt_broker.host,
+         "port": mqtt_broker.port, "client_id": unique("gw"), "clean_session": True,
+         "subscriptions": [{"topic": topic, "channel": "temp", "rate": 10.0,
+                            "payload": "number"}]},
+        {"name": "tester", "type": "tail", "paths": [str(files)], "poll_interval": 0.05,
+         "fold_after": 0.2}]
+    lots = [stdf_file_bytes(SMALL, start_time=1_700_000_000 + i) for i in range(3)]
+    sent = 0
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path / "hub"))
+        gateway = await nursery.start(
+            Gateway(gateway_config(tmp_path / "gw", port, sources=sources)).run)
+        sensors = dict(gateway.sources)["sensors"]
+        with trio.fail_after(10):
+            await sensors.client.subscribed.wait()
+        pub = await start_publisher(nursery, mqtt_broker)
+        records_in = gateway.metrics.counter("gateway_records_in_total")
+        for i, step in enumerate((0.0, -HOUR, +HOUR)):
+            wall.offset += step
+            (files / f"lot{i}.stdf").write_bytes(lots[i])
+            for _ in range(20):
+                await pub.publish(topic, b"21.5", qos=1)
+                sent += 1
+                await trio.sleep(0.02)
+            with trio.fail_after(20):
+                await pub.wait_all_acked()
+                while sensors.received < sent or sensors.buffered:
+                    await trio.sleep(0.02)
+                while records_in.get(source="tester") < len(expected(lots[0])) * (i + 1):
+                    await trio.sleep(0.02)
+        assert await gateway.drain(20)
+        applied = hub.stats()["gateways"]["ate-01"]["records_applied"]
+        assert applied == records_in.get(source="sensors") + records_in.get(source="tester")
+        assert records_in.get(source="tester") == sum(len(expected(lot)) for lot in lots)
+        nursery.cancel_scope.cancel()
+    _, windows, _ = _hub_rows(tmp_path / "hub")
+    assert sum(w.count for w in windows) == sent
