@@ -507,7 +507,7 @@ class TailSource:
         heads = await trio.to_thread.run_sync(read_fingerprints, wanted) if wanted else {}
         asked = {path for path, _, _ in wanted}
         horizon = self._scan_started - int(self.config.fold_after * 1e9) - CLOCK_SLACK_NS
-        if self._scan_started - CLOCK_SLACK_NS <= self.watermark:
+        if self._scan_started - CLOCK_SLACK_NS < self.watermark:
             self._clock_set_back(horizon)
         ahead = self._unknown_ahead(found)
         self._fold(min(horizon, ahead[0] - 1))
