@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import trio
-from hubtools import gateway_config, hub_config, start_hub
+from hubtools import gateway_config, http_get, hub_config, start_hub
 from mqtt_broker import BrokerAddress
 from test_mqtt_gateway import _hub_rows
 from test_mqtt_source import Sink, make_source, start_publisher, started, unique
@@ -255,6 +255,16 @@ def test_a_gateways_live_rate_is_not_doubled_for_an_hour_when_the_hubs_clock_is_
     for i in range(40, 60):
         second(t + i)
     assert rate() == 100.0
+
+
+async def test_the_hubs_uptime_is_not_an_hour_longer_for_a_step_of_its_clock(
+        tmp_path: Path, wall: SteppedWall) -> None:
+    async with trio.open_nursery() as nursery:
+        _, port = await start_hub(nursery, hub_config(tmp_path / "hub"))
+        wall.offset = HOUR
+        status, health = await http_get(port, "/healthz")
+        assert status == 200 and 0 <= health["uptime_s"] < 60
+        nursery.cancel_scope.cancel()
 
 
 # ---- the hub's alerts -------------------------------------------------------------------------
