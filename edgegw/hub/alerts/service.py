@@ -51,7 +51,8 @@ class AlertService:
         self.config = config
         self.metrics = metrics or Metrics()
         self.store = HistoryStore(path)
-        self.engine = AlertEngine(config, publish, sink=self._on_event, metrics=self.metrics)
+        self.engine = AlertEngine(config, publish, sink=self._on_event, metrics=self.metrics,
+                                  elapsed=time.monotonic)
         self.webhooks = WebhookSender(config.webhooks, metrics=self.metrics)
         self._clock = clock
         # Unbounded on purpose: alert events and lot evictions are rare (de-duplicated per

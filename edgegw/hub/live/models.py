@@ -943,6 +943,10 @@ class GatewayState:
 
     def count(self, n: int, now: float) -> None:
         sec = int(now)
+        if now < self.rate_now - 1:
+            # The wall clock was set back (NTP): the seconds counted ahead of it would stay in
+            # the window, and the rate doubled, for as long as the step.
+            self.per_second = {s: c for s, c in self.per_second.items() if s <= sec}
         self.per_second[sec] = self.per_second.get(sec, 0) + n
         if len(self.per_second) > RATE_WINDOW_S + 2:
             for old in [s for s in self.per_second if s <= sec - RATE_WINDOW_S]:
