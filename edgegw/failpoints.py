@@ -11,7 +11,9 @@ environment variable ``EDGEGW_FAILPOINTS`` arms them for one process::
 ``kill`` (SIGKILL to itself: no cleanup, no flush, as a crash or an OOM kill),
 ``exit`` (``os._exit(70)``) and ``stop`` (SIGSTOP to itself: the whole process frozen at
 that point until someone sends SIGCONT, as in a VM freeze, a swap storm or a long GC
-pause; then it carries on from there).  Unarmed, ``hit`` is a dictionary lookup on an
+pause; then it carries on from there) and ``sleep=S`` (the calling thread sleeps S
+seconds, once: at ``hub.mid_commit``, which runs in the store's worker thread, a slow
+disk commit while the Trio loop goes on running).  Unarmed, ``hit`` is a dictionary lookup on an
 empty dict.
 
 Points in the code:
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 ENV = "EDGEGW_FAILPOINTS"
 
@@ -38,11 +41,20 @@ def _parse(spec: str) -> dict[str, list[object]]:
     for item in filter(None, (s.strip() for s in spec.split(";"))):
         name, _, action = item.partition("=")
         count, _, what = action.rpartition(":")
-        if what not in ("kill", "exit", "stop"):
+        if what not in ("kill", "exit", "stop") and not _sleep_seconds(what):
             raise ValueError(f"{ENV}: unknown action {what!r} in {item!r} "
-                             "(kill, exit or stop)")
+                             "(kill, exit, stop or sleep=S)")
         armed[name.strip()] = [int(count) if count else 1, what]
     return armed
+
+
+def _sleep_seconds(action: str) -> float | None:
+    """S of a ``sleep=S`` action (a positive number), else None."""
+    kind, _, seconds = action.partition("=")
+    try:
+        return float(seconds) if kind == "sleep" and float(seconds) > 0 else None
+    except ValueError:
+        return None
 
 
 _armed = _parse(os.environ.get(ENV, ""))
@@ -57,6 +69,11 @@ def hit(name: str) -> None:
         return
     entry[0] = int(entry[0]) - 1  # type: ignore[call-overload]
     if entry[0] > 0:
+        return
+    seconds = _sleep_seconds(str(entry[1]))
+    if seconds is not None:
+        del _armed[name]  # once, as stop
+        time.sleep(seconds)
         return
     if entry[1] == "stop":
         del _armed[name]  # once: after SIGCONT the process goes on as if unarmed

@@ -177,3 +177,58 @@ async def test_an_end_woken_from_a_pause_reads_the_pings_waiting_for_it_before_j
     # awake again at 30 s, it read the PING then, and the peer was silent from there on
     assert trio.current_time() - started == pytest.approx(40.0, abs=0.01)
     assert sent and isinstance(decode(sent[0]), Ping)
+
+
+# Backpressure is not silence.  An end that holds its reads back for its own reasons (the
+# hub's apply queue full behind a slow commit) leaves the peer's frames and PINGs unread in
+# its socket: that time is not the peer's silence.  Before, the busy hub closed a gateway
+# that was sending with 4005 (tests/test_backpressure.py; docs/protocol.md section 7).
+
+def test_while_an_end_holds_its_reads_back_the_peer_is_never_judged_silent() -> None:
+    _gw, hub = open_pair(0.0, interval=1.0)
+    hub.reading_paused(0.5)
+    assert hub.next_deadline() == pytest.approx(1.0)  # its PING still, no verdict due
+    for t in (1.0, 2.0, 3.0, 10.0):
+        ping = hub.on_timer(t)  # one PING per interval of its own silence, no 4005
+        assert ping is not None and isinstance(decode(ping), Ping)
+
+
+def test_silence_counts_on_from_where_it_stood_when_the_reads_were_held_back() -> None:
+    """Heard from at 0, reads held from 1.5 to 10: 1.5 s of silence were counted then, the
+    0.5 s left of the 2 s timeout run from 10 -- a peer that died meanwhile is still found."""
+    _gw, hub = open_pair(0.0, interval=1.0)
+    hub.reading_paused(1.5)
+    hub.on_timer(9.5)  # its PING
+    hub.reading_resumed(10.0)
+    assert hub.next_deadline() == pytest.approx(10.5)
+    with pytest.raises(ProtocolError) as silent:
+        hub.on_timer(10.5)
+    assert silent.value.code == CloseCode.HEARTBEAT_TIMEOUT
+
+
+def test_a_message_read_after_the_reads_resume_keeps_the_link_up() -> None:
+    gw, hub = open_pair(0.0, interval=1.0)
+    hub.reading_paused(1.5)
+    hub.reading_resumed(10.0)
+    hub.receive(gw.data(1, b"\x00", 1.2), 10.01)  # what waited in the socket, read first
+    hub.on_timer(11.5)  # its PING, no verdict: heard from at 10.01
+    assert hub.next_deadline() == pytest.approx(12.01)
+    with pytest.raises(ProtocolError):
+        hub.on_timer(12.01)  # and then truly silent for 2 s of reading
+
+
+async def test_a_hub_busy_for_ten_intervals_keeps_pinging_and_closes_nothing(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The heartbeat loop beside a receive side held back for 10 s: PINGs go out, so the
+    gateway hears the hub; nothing is judged; reading again, the link is up."""
+    _gw, hub = open_pair(trio.current_time(), interval=1.0)
+    sent: list[bytes] = []
+
+    async def send(data: bytes) -> None:
+        sent.append(data)
+
+    hub.reading_paused(trio.current_time())
+    with trio.move_on_after(10.0) as busy:
+        await heartbeat(hub, send)
+    assert busy.cancelled_caught  # no 4005 in 10 s of held-back reads
+    assert 9 <= len(sent) <= 10 and all(isinstance(decode(p), Ping) for p in sent)

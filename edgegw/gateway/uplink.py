@@ -28,7 +28,7 @@ import math
 import ssl
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import cbor2
@@ -270,8 +270,10 @@ class Uplink:
                             "two are split as they are sent, a record alone over it is "
                             "dead-lettered)", welcome.max_frame_bytes, cfg.max_frame_bytes)
             try:
+                pongs, to_answer = trio.open_memory_channel[bytes](1)
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._receiver, ws, conn)
+                    nursery.start_soon(self._receiver, ws, conn, pongs)
+                    nursery.start_soon(_answerer, ws, to_answer)
                     nursery.start_soon(heartbeat, conn, ws.send_message)
                     nursery.start_soon(self._sender, ws, conn, welcome)
             except BaseExceptionGroup as group:
@@ -296,11 +298,19 @@ class Uplink:
         self._ack_changed.set()
         self._ack_changed = trio.Event()
 
-    async def _receiver(self, ws: Any, conn: GatewayConnection) -> None:
+    async def _receiver(self, ws: Any, conn: GatewayConnection,
+                        pongs: trio.MemorySendChannel[bytes]) -> None:
+        """Read the hub's messages, never waiting on a send: a PONG goes to ``_answerer``.
+        Waiting here for it to be written -- behind a DATA frame that waits on the socket
+        buffers a busy hub is not emptying (its apply queue full behind a slow commit) --
+        stopped the reading, and the hub's PINGs, unread, made the gateway judge it
+        silent (4005: a reconnect each time the hub was busy; tests/test_backpressure.py)."""
         while True:
             events, reply = conn.receive(await ws.get_message(), trio.current_time())
             if reply is not None:
-                await ws.send_message(reply)
+                with suppress(trio.WouldBlock):
+                    # one waits to be written already: the hub hears from us when it is
+                    pongs.send_nowait(reply)
             for ev in events:
                 if isinstance(ev, Ack):
                     self._apply_ack([(1, ev.watermark), *ev.ranges] if ev.watermark else ev.ranges)
@@ -614,6 +624,12 @@ async def write_dead_letter(path: trio.Path, entry: dict[str, Any]) -> None:
     data = cbor2.dumps(entry)
     async with await path.open("ab") as f:
         await f.write(len(data).to_bytes(4, "big") + data)
+
+
+async def _answerer(ws: Any, pongs: trio.MemoryReceiveChannel[bytes]) -> None:
+    """Write the receiver's PONGs, in order, one at a time."""
+    async for pong in pongs:
+        await ws.send_message(pong)
 
 
 async def _going_away(ws: Any) -> None:

@@ -697,6 +697,24 @@ class Ingest:
             self.config.hub.apply_queue_frames)
         arrivals: deque[float] = deque()  # of the frames not yet committed (``lag``)
 
+        async def queue_frame(item: tuple[Data, float]) -> None:
+            """Into the apply queue; while it is full (a slow commit, a full live-state
+            queue) nothing is read, and what the gateway sends meanwhile -- frames, PINGs
+            -- waits unread: that wait is not its silence (4005 would close a healthy
+            gateway exactly when the hub is busiest; docs/protocol.md section 7)."""
+            try:
+                send.send_nowait(item)
+            except trio.WouldBlock:
+                pass
+            else:
+                await trio.lowlevel.checkpoint()  # as send() would: the others run too
+                return
+            conn.reading_paused(trio.current_time())
+            try:
+                await send.send(item)
+            finally:
+                conn.reading_resumed(trio.current_time())
+
         async def receiver() -> None:
             try:
                 while True:
@@ -706,7 +724,7 @@ class Ingest:
                         if isinstance(ev, Data):
                             arrival = trio.current_time()
                             arrivals.append(arrival)
-                            await send.send((ev, arrival))
+                            await queue_frame((ev, arrival))
                         elif isinstance(ev, Duplicate):
                             self.store.count_duplicate(gw)
                             self.m_dups.inc()

@@ -8,7 +8,10 @@ raise ``ProtocolError`` carrying the close code to use; the connection is then c
 Heartbeats: each side sends PING once per ``heartbeat`` seconds of its own silence and
 answers every PING with PONG; a side that has received nothing for ``2 x heartbeat``
 declares the peer dead (close code 4005) -- on a look taken on time: a side woken late
-(paused) reads what waits for it first (``_Heartbeat``).
+(paused) reads what waits for it first (``_Heartbeat``) -- and counting only the time this
+side was reading: while the I/O layer holds its reads back (its own backpressure, e.g. the
+hub's apply queue full) it says so (``reading_paused`` ... ``reading_resumed``), and what
+the peer sent meanwhile waits unread; that is no silence of the peer's.
 """
 
 from __future__ import annotations
@@ -50,13 +53,30 @@ class _Heartbeat:
     starved process): what the peer sent meanwhile waits unread in its socket, and the
     timer usually runs before the receive side has read it.  So that look only schedules
     another, ``interval / 4`` later, after the receive side has had its turn; the peer is
-    declared silent when a look on time still finds nothing received for 2 x interval."""
+    declared silent when a look on time still finds nothing received for 2 x interval.
+
+    Silence is counted only while this end reads.  When it holds its reads back (its own
+    backpressure: the hub's apply queue full behind a slow commit), the peer's frames and
+    PINGs wait unread in the socket: ``pause`` ... ``resume`` stops the silence clock for
+    that time (``last_received`` moves on by it), so a busy end never closes a peer that
+    is sending.  PINGs still go out meanwhile, so the peer does not judge this end silent."""
 
     def __init__(self, interval: float, now: float) -> None:
         self.interval = interval
-        self.last_received = now
+        self.last_received = now  # moved on by the time reads were held back (``resume``)
         self.last_sent = now
         self.recheck_at: float | None = None  # the look again after a late one
+        self.paused_at: float | None = None  # reads held back since then
+
+    def pause(self, now: float) -> None:
+        if self.paused_at is None:
+            self.paused_at = now
+
+    def resume(self, now: float) -> None:
+        if self.paused_at is not None:
+            # the peer's silence is what it left unsaid while we listened
+            self.last_received += max(0.0, now - max(self.paused_at, self.last_received))
+            self.paused_at = None
 
     @property
     def slack(self) -> float:
@@ -65,12 +85,14 @@ class _Heartbeat:
         return self.interval / 4
 
     def deadline(self) -> float:
+        if self.paused_at is not None:  # no silence is judged: PINGs only
+            return self.last_sent + self.interval
         silence = self.recheck_at if self.recheck_at is not None \
             else self.last_received + 2 * self.interval
         return min(self.last_sent + self.interval, silence)
 
     def check(self, now: float) -> bytes | None:
-        if now - self.last_received < 2 * self.interval:
+        if self.paused_at is not None or now - self.last_received < 2 * self.interval:
             self.recheck_at = None  # heard from since
         else:
             due = self.recheck_at if self.recheck_at is not None \
@@ -107,6 +129,15 @@ class _Base:
         except ProtocolError:
             self.state = State.CLOSED
             raise
+
+    def reading_paused(self, now: float) -> None:
+        """The I/O layer stops reading for a while, for its own reasons (backpressure: its
+        queue is full).  Until ``reading_resumed`` the peer's silence is not counted."""
+        self.heartbeat.pause(now)
+
+    def reading_resumed(self, now: float) -> None:
+        """Reading again: the silence counts on from where it stood at ``reading_paused``."""
+        self.heartbeat.resume(now)
 
     def _sent(self, data: bytes, now: float) -> bytes:
         self.heartbeat.last_sent = now
