@@ -14,7 +14,9 @@ multiples of ``interval`` in that clock, so all channels of one throttle close t
 a clock in ``add``: ``poll(now)`` closes every window that ended by ``now``; readings
 added after it belong to the window containing ``now``.  A driver therefore calls
 ``poll(time())`` before adding a burst of readings that arrived at ``time()``, and again at
-``deadline`` when nothing arrives.
+``deadline`` when nothing arrives.  A clock that steps back (a wall clock: NTP) does not
+hold windows open for the length of the step: the open ones close as due and the grid starts
+again; a step forward closes one longer window.
 
 Values in, windows out: no record types here, so the hub reuses it for dashboard clients;
 ``as_sensor_window`` is the thin adapter to the gateway's ``SensorWindow`` record.
@@ -109,7 +111,15 @@ class Throttle:
             # Readings added before the clock was first seen: their window ends now.
             return self._close(self._t0, now)
         t1 = self._floor(now)
-        if t1 <= self._t0:
+        if t1 < self._t0:
+            # The clock stepped back past the open windows' start (a wall clock set back by
+            # NTP or by hand): waiting for it to reach their end again would hold them for as
+            # long as the step.  They close as due (ending one interval after their start)
+            # and the grid starts again at ``now``.
+            out = self._close(self._t0, self._t0 + self.interval) if self._open else []
+            self._t0 = t1
+            return out
+        if t1 == self._t0:
             return []
         out = self._close(self._t0, t1) if self._open else []
         self._t0 = t1

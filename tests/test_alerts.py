@@ -132,6 +132,21 @@ def test_site_to_site_yield_gap() -> None:
     assert raised["alert"]["value"] == pytest.approx(1 - ctx["site_yields"]["1"])
 
 
+def test_site_yield_gap_between_the_same_site_of_two_heads() -> None:
+    # a dual-head prober's wafer: head 2's site 0 fails every die, head 1's none (before:
+    # one site "0" at 50 %, no gap to see)
+    rule = AlertRuleConfig(name="site-gap", kind="site_yield_gap", threshold=0.2, min_parts=5)
+    state, _, bus = make(rule)
+    head = [PartResult("t", 100.0 + i, LOT, "W1", 1 + i % 2, 0, str(i), i, 0, 1 + i % 2 * 3,
+                       1, i % 2 == 0) for i in range(10)]
+    Feeder(state)(head, now=1.0)
+    (raised,) = bus.of("raised")
+    ctx = raised["alert"]["context"]
+    assert (ctx["worst_site"], ctx["best_site"]) == ("2/0", "1/0")
+    assert ctx["site_yields"] == {"1/0": 1.0, "2/0": 0.0}
+    assert "site 2/0 yield 0.0% is 100.0% below site 1/0" in raised["alert"]["message"]
+
+
 def test_bin_share_against_recent_wafers_statistical_limit() -> None:
     rule = AlertRuleConfig(name="bin-sbl", kind="bin_share", priority="P1", k=3.0,
                            min_parts=100, min_wafers=3, recent_wafers=5)

@@ -403,6 +403,8 @@ def test_bad_records_are_counted_named_and_skipped_without_stopping_the_batch() 
     state.on_records("gw1", 1, [
         part(0, 0, 1),
         PartResult("t", 1.0, LOT, WAFER, 1, 0, "p", "x", 0, 1, 1, True),  # X is a string
+        # the head is a string (it keys the part's site and, without X/Y, the part)
+        PartResult("t", 1.0, LOT, WAFER, "2", 0, "q", None, None, 1, 1, True),
         ParametricResult("t", 1.0, LOT, 1, 0, "p", 100, "T", "1.5", 0.0, 2.0, "V", True),
         SensorWindow("m", 1.0, "temp", None, 1.0, 2.0, 1.5, 3, 0.0, 1.0),
         part(1, 0, 4),
@@ -412,9 +414,9 @@ def test_bad_records_are_counted_named_and_skipped_without_stopping_the_batch() 
     wafer = state.snapshot(topics.wafer(LOT, WAFER))
     assert wafer is not None and wafer["die_count"] == 2 and wafer["parts"] == 2
     bad = metrics.counter("hub_state_bad_records_total")
-    assert bad.get(kind="PartResult") == 1 and bad.get(kind="ParametricResult") == 1
+    assert bad.get(kind="PartResult") == 2 and bad.get(kind="ParametricResult") == 1
     assert bad.get(kind="SensorWindow") == 1 and state.snapshot("sensor/temp") is None
-    assert state.last_error is not None and "rid 4 SensorWindow" in state.last_error
+    assert state.last_error is not None and "rid 5 SensorWindow" in state.last_error
     assert sorted(state.lots[LOT].tests) == [200, 201]
     assert metrics.counter("hub_state_records_ignored_total").get(reason="too_many_tests") == 1
 

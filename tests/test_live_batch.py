@@ -252,6 +252,18 @@ def test_a_generated_stream_gives_the_same_state_and_deltas_batched_and_one_at_a
     assert repr(capture(restored.state)) == repr(capture(full.state))
 
 
+def test_new_limits_after_values_in_one_frame_apply_the_values_under_the_old_ones() -> None:
+    # (found by the generated streams below: the batched apply raised TypeError on the
+    # values it had kept when a later result of the frame changed the test's limits)
+    ptr = functools.partial(ParametricResult, "t", 1000.0, "L1", 1, 0, "p", 100, "", 0.0)
+    records = [ptr(None, None, "", True),
+               PartResult("t", 1000.0, "L1", "W1", 1, 0, "", None, None, 1, 1, True),
+               ptr(None, None, "", True), ptr(None, -1.0, "", True)]
+    batched = assert_same([("gw", 1, records[:2]), ("gw", 3, records[2:])])
+    test = batched.state.snapshot("test/L1/100")
+    assert test is not None and (test["count"], test["hi_limit"]) == (3, -1.0)
+
+
 @pytest.mark.parametrize("batch_apply", [True, False])
 def test_a_number_out_of_the_float_range_is_a_bad_record_and_the_test_goes_on(
         batch_apply: bool) -> None:

@@ -17,7 +17,8 @@ import pytest
 import trio
 
 from edgegw.cli import main
-from edgegw.hub.live import LiveState
+from edgegw.hub.checkpoint import capture, decode, encode, restore
+from edgegw.hub.live import LiveState, replay
 from edgegw.metrics import Metrics
 from edgegw.records import (
     LotEnd,
@@ -158,6 +159,93 @@ def test_a_dual_head_final_test_file_shows_the_figures_its_own_summaries_give(
     assert got["sites"]["2/3"] == {"parts": 3, "good": 3, "hard_bins": {"1": 3},
                                    "soft_bins": {"1": 3}}
     assert got["file_summary"]["hbr"]["all"] == {"1": 18, "2": 6}
+
+
+def dual_head_parts_per_head(retest: bool = False) -> bytes:
+    """A dual-head final-test handler that numbers each head's parts from 1 (PART_ID "1" on
+    both heads), 4 sites a head, 3 touchdowns; head 1's site 0 and head 2's site 1 fail
+    every part, and each head's site measures its own value (head 2: 10 higher).
+    ``retest``: then head 2's part "1" again, on site 0, passing, flagged as a retest."""
+    recs: list[Rec] = [far(), mir(tester="V93000")]
+    for touchdown in range(3):
+        for head in (1, 2):
+            recs += [pir(head, site) for site in range(4)]
+            recs += [ptr(head, site, site + 10.0 * (head - 1)) for site in range(4)]
+            for site in range(4):
+                failed = site == head - 1
+                recs.append(prr(head, site, str(4 * touchdown + site + 1), hard=2 if failed
+                                else 1, failed=failed))
+    if retest:
+        recs += [pir(2, 0), ptr(2, 0, 10.0),
+                 ("PRR", {**prr(2, 0, "1")[1], "PART_FLG": 0x01})]
+    return stdf([*recs, MRR])
+
+
+def test_a_dual_head_lot_shows_each_heads_sites_and_parts_apart(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # before: head 1 site 0 and head 2 site 0 were one row "0" (their yields mixed: 50 %
+    # where one head's site fails every part and the other's none), and head 2's part "1"
+    # a retest of head 1's (12 dies, 12 retests)
+    data = dual_head_parts_per_head()
+    lot = hub(gateway(data)).snapshot("lot/LOTA")
+    assert lot is not None
+    assert (lot["die_count"], lot["parts"], lot["retests"], lot["good"]) == (24, 24, 0, 18)
+    assert lot["sites"] == {
+        f"{head}/{site}": {"dies": 3, "good": 0, "yield": 0.0} if site == head - 1
+        else {"dies": 3, "good": 3, "yield": 1.0} for head in (1, 2) for site in range(4)}
+    # the same rows, and counts, as the file's own figures per HEAD/SITE
+    path = tmp_path / "ft.stdf"
+    path.write_bytes(data)
+    status, got, _ = stats(capsys, path)
+    assert status == 0
+    assert {name: [row["dies"], row["good"]] for name, row in lot["sites"].items()} == \
+        {name: [row["parts"], row["good"]] for name, row in got["sites"].items()}
+    test = hub(gateway(data)).snapshot("test/LOTA/100")
+    assert test is not None
+    assert test["sites"] == {f"{head}/{site}": [3, site + 10.0 * (head - 1), 0.0]
+                             for head in (1, 2) for site in range(4)}
+
+
+def test_a_single_head_lot_keeps_plain_site_numbers_whatever_its_head_number() -> None:
+    # most files: one head, HEAD_NUM 1 (or 0: a Credence D-10); their rows stay "0", "1"
+    for head in (0, 1, 2):
+        recs: list[Rec] = [far(), mir()]
+        for site in range(2):
+            recs += [pir(head, site), ptr(head, site, float(site)),
+                     prr(head, site, str(site + 1), failed=site == 1)]
+        state = hub(gateway(stdf([*recs, MRR])))
+        lot, test = state.snapshot("lot/LOTA"), state.snapshot("test/LOTA/100")
+        assert lot is not None and test is not None
+        assert lot["sites"] == {"0": {"dies": 1, "good": 1, "yield": 1.0},
+                                "1": {"dies": 1, "good": 0, "yield": 0.0}}, head
+        assert list(test["sites"]) == ["0", "1"]
+
+
+@pytest.mark.parametrize("cut_at", [0.3, 0.7])
+def test_a_dual_head_lot_is_the_same_after_a_restart_from_a_checkpoint_or_a_replay(
+        cut_at: float) -> None:
+    records = gateway(dual_head_parts_per_head(retest=True))
+    cut = int(len(records) * cut_at)
+    full = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
+    full.on_records("gw", 1, records[:cut], now=1.0)
+    full.on_records("gw", 1 + cut, records[cut:], now=1.0)
+    lot = full.snapshot("lot/LOTA")
+    # head 2's part "1" retested: one die, its final result the retest's
+    assert lot is not None and (lot["die_count"], lot["retests"]) == (24, 1)
+    assert lot["sites"]["2/0"] == {"dies": 3, "good": 3, "yield": 1.0}
+
+    first = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
+    first.on_records("gw", 1, records[:cut], now=1.0)
+    _, data = decode(encode({"frame_id": 1}, capture(first)))
+    restored = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
+    restore(restored, data)
+    restored.on_records("gw", 1 + cut, records[cut:], now=1.0)
+    replayed = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
+    replay(replayed, [("gw", 1, records[:cut]), ("gw", 1 + cut, records[cut:])], now=1.0)
+    for state in (restored, replayed):
+        assert sorted(state.topics()) == sorted(full.topics())
+        for topic in full.topics():
+            assert state.snapshot(topic) == full.snapshot(topic), topic
 
 
 def test_255_sites_each_keep_their_own_parts_limits_and_bins() -> None:

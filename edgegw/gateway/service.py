@@ -803,7 +803,7 @@ class Gateway:
         frames = st.get("frames", 0)
         up = self.uplink
         if frames and up is not None and up.last_ack_at is not None:
-            idle = time.time() - up.last_ack_at
+            idle = time.monotonic() - up.last_ack_at
             if idle > 60:
                 return False, f"{frames} frame(s) waiting and no ack for {idle:.0f} s"
         return True, "ok"

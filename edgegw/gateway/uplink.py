@@ -109,6 +109,8 @@ class Uplink:
         #: gateway cuts new batches to at most it (``Gateway._add``)
         self.hub_max_records: int | None = None
         self.last_error: str | None = None
+        #: ``time.monotonic()`` at the last ack: how long since, not a date (a step of the
+        #: wall clock is no missing ack)
         self.last_ack_at: float | None = None
         self.acked_watermark = 0
         self.scheduler: SendScheduler | None = None
@@ -290,7 +292,7 @@ class Uplink:
         self.acked_watermark = max(self.acked_watermark, watermark)
         if self.scheduler is not None:  # frees window room for the live-first sender
             self.scheduler.acked(watermark, above)
-        self.last_ack_at = time.time()
+        self.last_ack_at = time.monotonic()
         self._ack_changed.set()
         self._ack_changed = trio.Event()
 

@@ -62,8 +62,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgegw.hub.checkpoint")
 
 MAGIC = b"EGWCKPT\n"
-FORMAT_VERSION = 3  # 2: a test's distribution, per-site/per-wafer figures, die values;
-#                     3: dies with a pass/fail and with a bin (parametric-only formats)
+FORMAT_VERSION = 4  # 2: a test's distribution, per-site/per-wafer figures, die values;
+#                     3: dies with a pass/fail and with a bin (parametric-only formats);
+#                     4: a site is (head, site): dies with their head, sites keyed by both
 _HEADER = struct.Struct(">8sHI")  # magic, format version, CRC-32 of the payload
 FILE = "checkpoint"
 PREVIOUS = "checkpoint.prev"
@@ -110,10 +111,27 @@ def _counter(c: Counter[int]) -> dict[int, int]:
     return dict(c)
 
 
+def _site(key: Any) -> Any:
+    # a site key (``site_key``): an int (head 1), or (head, site) as "HEAD/SITE" (a map key
+    # any CBOR reader takes, and a map compares equal whatever order the sites came in)
+    return key if type(key) is int else f"{key[0]}/{key[1]}"
+
+
+def _site_from(key: Any) -> Any:
+    if isinstance(key, str) and "/" in key:
+        head, site = key.split("/")
+        return (int(head), int(site))
+    return int(key)
+
+
+def _sites(c: Counter[Any]) -> dict[Any, int]:
+    return {_site(k): v for k, v in c.items()}
+
+
 def _tally(t: Tally) -> list[Any]:
     return [t.dies, t.good, t.parts, t.retests, _counter(t.hard), _counter(t.soft),
-            _counter(t.hard_tested), _counter(t.soft_tested), _counter(t.site_dies),
-            _counter(t.site_good), t.judged, t.binned,
+            _counter(t.hard_tested), _counter(t.soft_tested), _sites(t.site_dies),
+            _sites(t.site_good), t.judged, t.binned,
             # each gateway's keys beyond the first ones (``Keys.made``)
             [t.hard.made, t.soft.made, t.hard_tested.made, t.soft_tested.made,
              t.site_dies.made]]
@@ -123,11 +141,14 @@ def _tally_from(row: list[Any]) -> Tally:
     t = Tally()
     t.dies, t.good, t.parts, t.retests = row[:4]
     t.judged, t.binned = row[10:12]
-    for name, value in zip(("hard", "soft", "hard_tested", "soft_tested", "site_dies",
-                            "site_good"), row[4:10], strict=True):
-        counts = Keys() if name != "site_good" else Counter()
+    for name, value in zip(("hard", "soft", "hard_tested", "soft_tested"), row[4:8],
+                           strict=True):
+        counts = Keys()
         counts.update({int(k): v for k, v in value.items()})
         setattr(t, name, counts)
+    t.site_dies = Keys()
+    t.site_dies.update({_site_from(k): v for k, v in row[8].items()})
+    t.site_good = Counter({_site_from(k): v for k, v in row[9].items()})
     # (an older checkpoint does not say: none counted, each gateway may bring its full
     # count more)
     for keys, made in zip((t.hard, t.soft, t.hard_tested, t.soft_tested, t.site_dies),
@@ -136,7 +157,8 @@ def _tally_from(row: list[Any]) -> Tally:
     return t
 
 
-_DIE_FIELDS = ("rid", "ts", "x", "y", "hard_bin", "soft_bin", "passed", "site", "part_id")
+_DIE_FIELDS = ("rid", "ts", "x", "y", "hard_bin", "soft_bin", "passed", "site", "part_id",
+               "head")
 
 
 def _dies(dies: dict[Any, Die]) -> dict[str, Any]:
@@ -165,7 +187,7 @@ def _dies_from(encoded: bytes) -> dict[Any, Die]:
         if die.x is not None and die.y is not None:
             key: Any = (die.x, die.y)
         elif die.part_id:
-            key = ("part", die.part_id)
+            key = ("part", die.head, die.part_id)
         else:
             key = ("rid", die.gateway, die.rid)
         out[key] = die
@@ -224,7 +246,7 @@ def _test(t: TestStats) -> list[Any]:
     return [t.test_num, t.kind, t.test_txt, t.units, t.lo, t.hi, t.executions, t.fails,
             t.count, t.mean, t.m2, t.min, t.max,
             [h.lo, h.width, list(h.counts), h.below, h.above],
-            [_running(site, r) for site, r in t.by_site.items()],
+            [_running(_site(site), r) for site, r in t.by_site.items()],
             [_running(wafer, r) for wafer, r in t.by_wafer.items()],
             [[gw, n] for gw, n in t.sites_of.items()]]
 
@@ -236,7 +258,7 @@ def _test_from(lot_id: str, row: list[Any]) -> TestStats:
     h = t.histogram
     h.lo, h.width, counts, h.below, h.above = row[13]
     h.counts = list(counts)
-    t.by_site = {r[0]: _running_from(r) for r in row[14]}
+    t.by_site = {_site_from(r[0]): _running_from(r) for r in row[14]}
     # whose sites they are (an older checkpoint does not say: none counted, each gateway
     # may make its full count more)
     t.sites_of = {gw: n for gw, n in row[16]} if len(row) > 16 else {}

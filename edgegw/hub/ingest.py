@@ -151,7 +151,7 @@ class Ingest:
         #: a summary at most once a minute: refusals.py)
         self.refusal_log = RefusalLog()
         self.port: int | None = None
-        self.started_at = time.time()
+        self.started_at = time.monotonic()  # for uptime_s: a duration, not a date
         #: what the start-up replay did (``/api/stats`` "replay")
         self.replayed: dict[str, Any] = {}
         self._prune_now = trio.Event()  # set when a commit takes the store over its bytes
@@ -326,7 +326,7 @@ class Ingest:
     # -- HTTP --
     def health(self) -> tuple[bool, dict[str, Any]]:
         body: dict[str, Any] = {"status": "ok",
-                                "uptime_s": round(time.time() - self.started_at, 1),
+                                "uptime_s": round(time.monotonic() - self.started_at, 1),
                                 "gateways_connected": len(self.connected),
                                 **self.security.health()}
         problem = self.store.health_problem()

@@ -389,6 +389,20 @@ class TailSource:
         if self.gone:
             self.gone = self.gone[-GONE_KEPT:]
 
+    def _clock_set_back(self, horizon: int) -> None:
+        """The clock is behind the watermark: it ran ahead (a PC booted with a wrong date)
+        and was set back (NTP).  Files written from now on carry times below the watermark
+        and would be taken as finished without being read: the watermark goes back to what
+        this clock allows, and every known file above it is listed again (a restart must
+        not take those as new: the registry of finished files recognises the rest)."""
+        log.warning("source %s: the clock is %.0f s behind the watermark of finished files "
+                    "(set back?): watermark lowered to it", self.name,
+                    (self.watermark - horizon) / 1e9)
+        self.watermark = horizon
+        for p, f in self.files.items():
+            if f.changed > horizon:
+                self._listed[p] = f
+
     def _unknown_ahead(self, found: list[_FileInfo]) -> list[int]:
         """For each index of ``found`` (and one past its end), the earliest change among
         the files from there on that are not known and that the watermark does not cover
@@ -511,6 +525,8 @@ class TailSource:
         heads = await trio.to_thread.run_sync(read_fingerprints, wanted) if wanted else {}
         asked = {path for path, _, _ in wanted}
         horizon = self._scan_started - int(self.config.fold_after * 1e9) - CLOCK_SLACK_NS
+        if self._scan_started - CLOCK_SLACK_NS < self.watermark:
+            self._clock_set_back(horizon)
         ahead = self._unknown_ahead(found)
         self._fold(min(horizon, ahead[0] - 1))
         changed: list[_File] = []  # finished files this scan saw changed or renamed

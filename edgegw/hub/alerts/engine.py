@@ -18,6 +18,9 @@ records re-trip the same keys at the same record times, which the restored alert
 cover, so nothing is raised or delivered twice.  ``notified_at`` is the hub's own clock
 when the alert was raised; escalation (``escalate_after_s``, default 2 min, P0 only) counts
 from it, so an alert raised from an old backlog is not escalated the moment it appears.
+``now`` is the wall clock (a date); how long a gateway has been offline and a P0 waited
+is measured by ``elapsed``, a monotonic clock, when the engine is given one (the hub is):
+a wall clock set an hour forward is no hour offline, nor set back an hour's delay.
 
 The rule reference (every key, with examples) is ``docs/alerts.md``.
 """
@@ -33,6 +36,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from edgegw.hub import topics
+from edgegw.hub.live.models import site_names
 from edgegw.metrics import Metrics
 from edgegw.records import PartResult, SensorReading, SensorWindow
 
@@ -103,8 +107,14 @@ class AlertEngine:
         *,
         sink: Callable[[AlertEvent], None] | None = None,
         metrics: Metrics | None = None,
+        elapsed: Callable[[], float] | None = None,
     ) -> None:
+        """``elapsed``: a monotonic clock for durations (None: the ``now`` passed in)."""
         self.config = config
+        self._elapsed = elapsed
+        #: ``elapsed()`` when a gateway went offline and a P0 was raised, with a clock
+        self._offline_at: dict[str, float] = {}
+        self._notified_at: dict[str, float] = {}
         self._publish = publish
         self._sink = sink
         rules = [r for r in config.rules if r.enabled]
@@ -163,10 +173,12 @@ class AlertEngine:
                             f"below {rule.threshold:.1%} after {tally.dies} dies",
                             y, rule.threshold, {**ctx, "dies": tally.dies})
         for rule in self._rules("site_yield_gap", lot.lot_id):
-            yields = {
-                s: tally.site_good[s] / n
-                for s, n in tally.site_dies.items()
-                if n >= rule.min_parts
+            # by site name: a site is (head, site) (``site_names``, as the wafer's ``sites``);
+            # a plain site number stays the int it always was in the alert's context
+            yields: dict[Any, float] = {
+                int(name) if "/" not in name else name: tally.site_good[s] / tally.site_dies[s]
+                for s, name in site_names(
+                    s for s, n in tally.site_dies.items() if n >= rule.min_parts)
             }
             if len(yields) < 2:
                 continue
@@ -180,7 +192,7 @@ class AlertEngine:
                             f"({yields[best]:.1%})",
                             gap, rule.threshold,
                             {**ctx, "worst_site": worst, "best_site": best,
-                             "site_yields": {str(s): v for s, v in sorted(yields.items())}})
+                             "site_yields": {str(s): v for s, v in yields.items()}})
         for rule in self._rules("bin_share", lot.lot_id):
             if tally.dies < rule.min_parts:
                 continue
@@ -259,8 +271,18 @@ class AlertEngine:
     def on_gateway(self, gateway_id: str, connected: bool, now: float) -> None:
         if connected:
             self._offline_since.pop(gateway_id, None)
-        else:
-            self._offline_since.setdefault(gateway_id, now)
+            self._offline_at.pop(gateway_id, None)
+        elif gateway_id not in self._offline_since:
+            self._offline_since[gateway_id] = now
+            if self._elapsed is not None:
+                self._offline_at[gateway_id] = self._elapsed()
+
+    def _since(self, at: float | None, wall_since: float, now: float) -> float:
+        """Seconds since ``at`` by the monotonic clock, or (without one, or for what began
+        in another process) since the date ``wall_since`` by ``now``."""
+        if at is None or self._elapsed is None:
+            return now - wall_since
+        return self._elapsed() - at
 
     def tick(self, now: float) -> None:
         """Time-driven rules: gateways offline too long, P0 escalation."""
@@ -268,19 +290,22 @@ class AlertEngine:
             for rule in self._by_kind["gateway_offline"]:
                 if not fnmatch.fnmatchcase(gateway_id, rule.gateway):
                     continue
-                if now - since >= rule.offline_s:
+                offline = self._since(self._offline_at.get(gateway_id), since, now)
+                if offline >= rule.offline_s:
                     self._raise(rule, f"{rule.name}|{gateway_id}|{since:.3f}",
                                 since + rule.offline_s, now,
-                                f"gateway {gateway_id} offline for {now - since:.0f} s "
+                                f"gateway {gateway_id} offline for {offline:.0f} s "
                                 f"(limit {rule.offline_s:.0f} s)",
-                                now - since, rule.offline_s,
+                                offline, rule.offline_s,
                                 {"gateway_id": gateway_id, "offline_since": since})
         after = self.config.escalate_after_s
         for alert_id, alert in list(self._unescalated_p0.items()):
             if alert.acknowledged:
                 del self._unescalated_p0[alert_id]
-            elif now - alert.notified_at >= after:
+                self._notified_at.pop(alert_id, None)
+            elif self._since(self._notified_at.get(alert_id), alert.notified_at, now) >= after:
                 del self._unescalated_p0[alert_id]
+                self._notified_at.pop(alert_id, None)
                 alert.escalated = True
                 alert.escalated_at = now
                 self._emit("escalated", alert, now)
@@ -296,6 +321,7 @@ class AlertEngine:
             alert.acked_by = user
             alert.acked_at = now
             self._unescalated_p0.pop(alert_id, None)
+            self._notified_at.pop(alert_id, None)
             self._emit("acknowledged", alert, now)
         return alert
 
@@ -310,6 +336,7 @@ class AlertEngine:
         alert.acked_by = user
         alert.acked_at = at
         self._unescalated_p0.pop(alert_id, None)
+        self._notified_at.pop(alert_id, None)
         return True
 
     def resume_outage(self, gateway_id: str, since: float) -> None:
@@ -318,6 +345,7 @@ class AlertEngine:
         ``gateway_offline`` alert (keyed by its start) is not raised again.  The next
         ``on_gateway(..., True)`` ends it."""
         self._offline_since[gateway_id] = since
+        self._offline_at.pop(gateway_id, None)  # (began elsewhere: measured by dates)
 
     def watches(self, kind: str) -> bool:
         """Whether an enabled rule of ``kind`` is configured."""
@@ -417,6 +445,8 @@ class AlertEngine:
         self._remember(alert)
         if alert.priority == "P0":
             self._unescalated_p0[alert.id] = alert
+            if self._elapsed is not None:
+                self._notified_at[alert.id] = self._elapsed()
         self._emit("raised", alert, now)
 
     def _remember(self, alert: Alert) -> None:
@@ -434,6 +464,7 @@ class AlertEngine:
             if self._by_key.get(old.key) is old:
                 del self._by_key[old.key]
             self._unescalated_p0.pop(old.id, None)
+            self._notified_at.pop(old.id, None)
 
     def _emit(self, event: str, alert: Alert, now: float) -> None:
         self._m_events.inc(event=event, priority=alert.priority)

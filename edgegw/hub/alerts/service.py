@@ -54,7 +54,8 @@ class AlertService:
         self.config = config
         self.metrics = metrics or Metrics()
         self.store = HistoryStore(path)
-        self.engine = AlertEngine(config, publish, sink=self._on_event, metrics=self.metrics)
+        self.engine = AlertEngine(config, publish, sink=self._on_event, metrics=self.metrics,
+                                  elapsed=time.monotonic)
         self.outbox = WebhookOutbox(self.store, metrics=self.metrics, clock=clock)
         self.webhooks = WebhookSender(config.webhooks, metrics=self.metrics,
                                       on_outcome=self.outbox.record)

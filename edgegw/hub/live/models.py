@@ -31,6 +31,31 @@ def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
+#: A site's key in the counts by site: a site is (head, site) -- a dual-head tester numbers
+#: each head's sites from 0 -- kept as the plain site number on head 1, most testers' only
+#: head (an int hashes fastest, and the key is built per part and per value).
+SiteId = int | tuple[int, int]
+
+
+def site_key(head: int, site: int) -> SiteId:
+    return site if head == 1 else (head, site)
+
+
+def _head_site(key: SiteId) -> tuple[int, int]:
+    return (1, key) if type(key) is int else key  # type: ignore[return-value]
+
+
+def site_names(keys: Any) -> list[tuple[Any, str]]:
+    """``keys`` (``site_key``s) by head then site, each with its name in snapshots: the
+    plain site number while they are all of one head (every single-head file, whatever its
+    HEAD_NUM: 1, or 0 on a Credence D-10), else ``"HEAD/SITE"`` for every one (as
+    ``edgegw stdf stats`` names them), so two heads' site 0 are two rows."""
+    pairs = sorted((_head_site(k), k) for k in keys)
+    if len({hs[0] for hs, _ in pairs}) <= 1:
+        return [(k, str(hs[1])) for hs, k in pairs]
+    return [(k, f"{hs[0]}/{hs[1]}") for hs, k in pairs]
+
+
 class _New(Exception):
     """A key not in a ``Keys`` yet: nothing was counted (``Keys.add_new`` decides)."""
 
@@ -131,13 +156,14 @@ class Tally:
             except _New:
                 left_out += not self.soft.add_new(
                     die.soft_bin, sign, die.gateway) and sign > 0
+        site = die.site if die.head == 1 else (die.head, die.site)  # site_key, inline
         try:
-            self.site_dies[die.site] += sign
+            self.site_dies[site] += sign
         except _New:
-            if self.site_dies.add_new(die.site, sign, die.gateway):
+            if self.site_dies.add_new(site, sign, die.gateway):
                 if die.passed:
                     self.good += sign
-                    self.site_good[die.site] += sign
+                    self.site_good[site] += sign
             else:
                 left_out += sign > 0
                 if die.passed:
@@ -145,7 +171,7 @@ class Tally:
         else:
             if die.passed:
                 self.good += sign
-                self.site_good[die.site] += sign
+                self.site_good[site] += sign
         return left_out
 
     def count_tested(self, die: Die, replaced: bool) -> int:
@@ -181,8 +207,11 @@ class Tally:
             return []
         return [name for name, n in (("yield", self.judged), ("bins", self.binned)) if not n]
 
-    def site_yields(self) -> dict[int, float | None]:
-        return {s: _ratio(self.site_good[s], n) for s, n in self.site_dies.items() if n}
+    def site_yields(self) -> dict[str, float | None]:
+        """Yield by site name (``site_names``)."""
+        dies = self.site_dies
+        return {name: _ratio(self.site_good[s], dies[s])
+                for s, name in site_names(s for s, n in dies.items() if n)}
 
     def share(self, hard_bin: int) -> float | None:
         return _ratio(self.hard.get(hard_bin, 0), self.dies)
@@ -200,11 +229,11 @@ class Tally:
             "hard_bins_tested": _keyed(self.hard_tested),
             "soft_bins_tested": _keyed(self.soft_tested),
             "sites": {
-                str(s): {
-                    "dies": n, "good": self.site_good[s], "yield": _ratio(self.site_good[s], n)
+                name: {
+                    "dies": (n := self.site_dies[s]), "good": self.site_good[s],
+                    "yield": _ratio(self.site_good[s], n),
                 }
-                for s, n in sorted(self.site_dies.items())
-                if n
+                for s, name in site_names(s for s, n in self.site_dies.items() if n)
             },
         }
 
@@ -218,8 +247,8 @@ def _keyed(counter: Counter[int]) -> dict[str, int]:
 class Die:
     """One part result; the final one of its location is what the map shows."""
 
-    __slots__ = ("gateway", "hard_bin", "part_id", "passed", "rid", "site", "soft_bin", "ts",
-                 "x", "y")
+    __slots__ = ("gateway", "hard_bin", "head", "part_id", "passed", "rid", "site", "soft_bin",
+                 "ts", "x", "y")
 
     def __init__(self, gateway: str, rid: int, rec: PartResult) -> None:
         self.gateway = gateway
@@ -231,6 +260,7 @@ class Die:
         self.soft_bin = rec.soft_bin
         self.passed = rec.passed
         self.site = rec.site
+        self.head = rec.head
         self.part_id = rec.part_id
 
     def newer_than(self, other: Die) -> bool:
@@ -507,7 +537,7 @@ class TestStats:
         self.min: float | None = None
         self.max: float | None = None
         self.histogram = Histogram()
-        self.by_site: dict[int, Running] = {}
+        self.by_site: dict[SiteId, Running] = {}
         #: gateway -> how many of ``by_site`` it made (at most ``SITES_PER_TEST``): a site is
         #: the first gateway's to bring it; any gateway's values of it count in it
         self.sites_of: dict[str, int] = {}
@@ -517,7 +547,7 @@ class TestStats:
         self.wafer_order = wafer_order
         self._rows_at = -1  # the wafer order's version the rows are sorted for
 
-    def add_site_value(self, site: int, value: float, gateway: str) -> bool:
+    def add_site_value(self, site: SiteId, value: float, gateway: str) -> bool:
         """``value`` into its site's figures; False if the site is not kept (``gateway``
         has made ``SITES_PER_TEST`` sites of this test already): the value is then in the
         test's own figures only."""
@@ -529,7 +559,7 @@ class TestStats:
         running.add(value)
         return True
 
-    def _new_site(self, site: int, gateway: str) -> Running | None:
+    def _new_site(self, site: SiteId, gateway: str) -> Running | None:
         made = self.sites_of.get(gateway, 0)
         if made >= SITES_PER_TEST:
             return None
@@ -559,8 +589,8 @@ class TestStats:
 
     def add_values(self, flat: list[Any], gateway: str) -> int:
         """``add_value`` then ``add_site_value`` for each ``value, site`` pair of ``flat``
-        (``[value, site, value, site, ...]``, every value finite, every site an int, all
-        from ``gateway``), under the current limits: the same float operations in the same
+        (``[value, site, value, site, ...]``, every value finite, every site a ``site_key``,
+        all from ``gateway``), under the current limits: the same float operations in the same
         order, so the figures are exactly those of the one-at-a-time calls, without a
         method call per value (``LiveState`` applies a frame's parametric results a test
         at a time).  Returns how many values' sites were not kept (``add_site_value``
@@ -678,7 +708,7 @@ class TestStats:
             "cp": self.cp,
             "cpk": self.cpk,
             "histogram": self.histogram.as_dict(),
-            "sites": {str(s): r.row() for s, r in sorted(self.by_site.items())},
+            "sites": {name: self.by_site[s].row() for s, name in site_names(self.by_site)},
             "wafers": self.wafer_rows(),
         }
 
@@ -913,6 +943,10 @@ class GatewayState:
 
     def count(self, n: int, now: float) -> None:
         sec = int(now)
+        if now < self.rate_now - 1:
+            # The wall clock was set back (NTP): the seconds counted ahead of it would stay in
+            # the window, and the rate doubled, for as long as the step.
+            self.per_second = {s: c for s, c in self.per_second.items() if s <= sec}
         self.per_second[sec] = self.per_second.get(sec, 0) + n
         if len(self.per_second) > RATE_WINDOW_S + 2:
             for old in [s for s in self.per_second if s <= sec - RATE_WINDOW_S]:

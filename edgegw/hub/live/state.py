@@ -10,13 +10,15 @@ snapshot and delta shape of each is specified in ``docs/live-topics.md``.
 Invariants worth knowing before reading the code:
 
 * **A die is its location.**  On a wafer a die is keyed by X/Y; a part without X/Y is
-  keyed by its PART_ID (and a part with neither is its own die).  Of several results for
-  one die, the *final* one is the newest: greatest rid from the same gateway (rids grow
-  in creation order even when frames are applied out of order after an outage), record
-  time across gateways.  A retest flagged ``supersedes`` is the common case, but real
-  files retest without the flag (galaxy-a530-lot2 retests 113 dies at the end of the
-  wafer with PART_FLG 0), so the flag is not required: a later result at the same
-  location always replaces the earlier one.  Yield counts each die's final result once.
+  keyed by its head and PART_ID (and a part with neither is its own die).  A site is its
+  head and site (``models.site_key``): a dual-head tester numbers both heads' sites
+  from 0.  Of several results for one die, the *final* one is the newest: greatest rid
+  from the same gateway (rids grow in creation order even when frames are applied out of
+  order after an outage), record time across gateways.  A retest flagged ``supersedes``
+  is the common case, but real files retest without the flag (galaxy-a530-lot2 retests
+  113 dies at the end of the wafer with PART_FLG 0), so the flag is not required: a later
+  result at the same location always replaces the earlier one.  Yield counts each die's
+  final result once.
 * **Two kinds of bin count.**  ``hard_bins``/``soft_bins`` count final dies (the wafer
   map); ``hard_bins_tested``/``soft_bins_tested`` count every part result, which is what
   the tester's own HBR/SBR/PCR report.  Both are kept, so the live figures can be checked
@@ -137,6 +139,7 @@ from .models import (
     TestStats,
     WaferState,
     lot_archive,
+    site_key,
 )
 from .observer import StateObserver
 
@@ -685,7 +688,9 @@ class LiveState:
                             # equal limit, even 0.0 for -0.0, changes no histogram figure)
                             kept = values.pop(stats, None)
                             if kept:
-                                stats.add_values(kept)
+                                not_kept = stats.add_values(kept, gateway_id)
+                                if not_kept:
+                                    self._m_site_values_dropped.inc(not_kept)
                         if new_lo:
                             stats.lo = lo
                         if new_hi:
@@ -694,11 +699,12 @@ class LiveState:
                         stats.units = units
                     if value is not None and not test_flag & bad_flags and isfinite(value):
                         kept = values.get(stats)
+                        key = site if head == 1 else (head, site)  # site_key, inline
                         if kept is None:
-                            values[stats] = [value, site]
+                            values[stats] = [value, key]
                         else:
                             kept.append(value)
-                            kept.append(site)
+                            kept.append(key)
                         # a part's results come together: its site's list again
                         if site != p_site or head != p_head or lot is not p_lot:
                             p_site, p_head, p_lot = site, head, lot
@@ -948,13 +954,14 @@ class LiveState:
     def _on_part(self, gateway_id: str, rid: int, rec: PartResult, batch: _Batch) -> None:
         # Checked before anything is counted, so a bad part never leaves half its counts
         # (the plain types first: the general checks only when one is not).
-        _, ts, lot_id, wafer_id, _, site, _, x, y, hard_bin, soft_bin, passed, *_ = rec
+        _, ts, lot_id, wafer_id, head, site, _, x, y, hard_bin, soft_bin, passed, *_ = rec
         if not ((hard_bin is None or type(hard_bin) is int) and type(site) is int
+                and type(head) is int
                 and (x is None or type(x) is int) and (y is None or type(y) is int)
                 and (soft_bin is None or type(soft_bin) is int) and type(ts) in _NUM
                 and (passed is None or type(passed) is bool)
                 and type(lot_id) is str and type(wafer_id) is str) \
-            and not (opt_int(hard_bin) and is_int(site) and opt_int(x)
+            and not (opt_int(hard_bin) and is_int(site) and is_int(head) and opt_int(x)
                      and opt_int(y) and opt_int(soft_bin) and is_num(ts)
                      and passed in (True, False, None)
                      and isinstance(lot_id, str) and isinstance(wafer_id, str)):
@@ -968,7 +975,9 @@ class LiveState:
         if rec.x is not None and rec.y is not None:
             key: Any = (rec.x, rec.y)
         elif rec.part_id:
-            key = ("part", rec.part_id)
+            # a part is its PART_ID on its head: a dual-head handler may number each head's
+            # parts from 1, and head 2's part 1 is not a retest of head 1's
+            key = ("part", head, rec.part_id)
         else:
             key = ("rid", gateway_id, rid)
         old = wafer.dies.get(key)
@@ -996,7 +1005,8 @@ class LiveState:
         if final:
             wafer.dies[key] = die
             if old is None or not (old.passed is die.passed and old.hard_bin == die.hard_bin
-                                   and old.soft_bin == die.soft_bin and old.site == die.site):
+                                   and old.soft_bin == die.soft_bin and old.site == die.site
+                                   and old.head == die.head):
                 if old is not None:
                     wafer.tally.count_final(old, -1)
                     lot.tally.count_final(old, -1)
@@ -1113,7 +1123,8 @@ class LiveState:
                 and math.isfinite(rec.value):
             stats.add_value(rec.value)
             if is_int(rec.site) and is_int(rec.head):
-                if not stats.add_site_value(rec.site, rec.value, gateway_id):
+                if not stats.add_site_value(site_key(rec.head, rec.site), rec.value,
+                                            gateway_id):
                     self._m_site_values_dropped.inc()
                 lot = self.lots[rec.lot_id]
                 mine = lot.pending_of.get(gateway_id)
@@ -1139,8 +1150,8 @@ class LiveState:
             for value in rec.values:
                 if value is not None and math.isfinite(value):
                     stats.add_value(value)
-                    if is_int(rec.site) and not stats.add_site_value(rec.site, value,
-                                                                     gateway_id):
+                    if is_int(rec.site) and is_int(rec.head) and not stats.add_site_value(
+                            site_key(rec.head, rec.site), value, gateway_id):
                         self._m_site_values_dropped.inc()
         batch.tests[stats] = None
 
