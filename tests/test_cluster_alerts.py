@@ -15,9 +15,13 @@ from typing import Any
 
 import pytest
 import trio
-from cluster_redis import redis_server  # noqa: F401  (the fixture)
+from cluster_redis import fresh_prefix, redis_server  # noqa: F401  (the fixture)
 
-from edgegw.hub.cluster.alertfeed import AlertView, wanted_events
+from edgegw.hub.alerts import AlertsConfig, WebhookConfig
+from edgegw.hub.cluster import TopicPublisher
+from edgegw.hub.cluster.alertfeed import AlertFeed, AlertView, wanted_events
+from edgegw.hub.cluster.bus import ClusterBus
+from edgegw.hub.cluster.pgstore import ClusterStore
 from tests.cluster_haproxy import HAProxy, NodeSet, haproxy_binary, node_toml
 from tests.cluster_live import LiveFollower
 from tests.ports import free_port
@@ -113,11 +117,14 @@ lot_id = "LA00"
 
 
 class WebhookReceiver:
-    """A real HTTP server taking the hub's POSTs (200 to each), keeping the events."""
+    """A real HTTP server taking the hub's POSTs (``status`` to each: 200, or a 503 while
+    "down"), keeping the events it accepted and every request's headers."""
 
     def __init__(self) -> None:
         self.port = free_port()
+        self.status = 200
         self.events: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -141,9 +148,14 @@ class WebhookReceiver:
                 if not chunk:
                     return
                 body += chunk
-            self.events.append(json.loads(body))
-            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n"
-                                  b"Connection: close\r\n\r\n")
+            self.headers.append({
+                k.strip().lower(): v.strip() for k, _, v in
+                (line.decode().partition(":") for line in head.split(b"\r\n")[1:])})
+            status = self.status
+            if status == 200:
+                self.events.append(json.loads(body))
+            await stream.send_all(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\n"
+                                  "Connection: close\r\n\r\n".encode())
 
     def count(self) -> Counter[tuple[str, str]]:
         return Counter((e["event"], e["alert"]["id"]) for e in self.events)
@@ -176,6 +188,62 @@ async def _until(predicate: Any, within_s: float, what: str) -> None:
             await trio.sleep(0.2)
         return
     raise AssertionError(f"not within {within_s} s: {what}")
+
+
+async def test_an_event_announced_but_not_delivered_is_delivered_by_the_next_feed_holder(
+        pg_dsn: str, redis_server: Any) -> None:  # noqa: F811
+    """At-least-once across a takeover of the alert feed (docs/cluster.md, "Webhooks
+    across a takeover"): the holder announces a raised alert and marks it ``fed`` while
+    the webhook is down, and is stopped before it delivers; the next holder finds the
+    event fed, so before the outbox nobody ever sent it.  Now the next holder sends it,
+    under the same ``X-Edgegw-Event-Id``."""
+    hook = WebhookReceiver()
+    hook.status = 503  # down: every attempt is retried
+    config = AlertsConfig(webhooks=[WebhookConfig(
+        url=f"http://127.0.0.1:{hook.port}/hook", max_attempts=1000,
+        backoff_initial_s=0.05, backoff_max_s=0.1)])
+    prefix = fresh_prefix()
+    stores = [ClusterStore(pg_dsn, f"n{i}", partitions=4) for i in range(2)]
+    for store in stores:
+        await store.open()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hook.run)
+            feeds = []
+            for i, store in enumerate(stores):
+                bus = ClusterBus(redis_server.url, prefix, f"n{i}", partitions=4)
+                await nursery.start(bus.run)
+                feeds.append(AlertFeed(bus, store, config,
+                                       lambda src, bus=bus: TopicPublisher(bus, src),
+                                       lease_ttl_s=2.0, poll_s=0.05))
+            first = trio.CancelScope()
+
+            async def run_first() -> None:
+                with first:
+                    await feeds[0].run()
+            nursery.start_soon(run_first)
+            await _until(lambda: feeds[0].holding, 20, "the first node holds the feed")
+            await stores[0].save_alerts(1, 1, [{
+                "id": "w1", "priority": "P0", "rule": "y", "raised_at": 100.0,
+                "acknowledged": False}])
+            await _until(lambda: feeds[0].announced == 1 and len(hook.headers) >= 2, 20,
+                         "announced, and refused by the receiver (retried)")
+            with trio.fail_after(20):  # marked fed (written after the announcement)
+                while await stores[1].pending_alerts():
+                    await trio.sleep(0.05)
+            first.cancel()  # stopped before delivering: gives the lease back
+            await _until(lambda: not feeds[0].holding, 20, "the first node stopped")
+            hook.status = 200
+            nursery.start_soon(feeds[1].run)
+            await _until(lambda: len(hook.events) == 1, 20, "the next holder delivers it")
+            (got,) = hook.events
+            assert (got["event"], got["alert"]["id"]) == ("raised", "w1")
+            assert {h["x-edgegw-event-id"] for h in hook.headers} == {"w1:raised"}
+            assert feeds[1].announced == 0  # fed: sent again from the outbox, not announced
+            nursery.cancel_scope.cancel()
+    finally:
+        for store in stores:
+            await store.close()
 
 
 @pytestmark_e2e

@@ -476,3 +476,21 @@ async def test_archives_are_written_once_fenced_and_never_regress(
     assert [w["wafer_id"] for w in await b.wafer_summaries("L1")] == ["W1", "W0"]
     assert (await b.wafer_summaries("L1"))[0] == {k: wafer.get(k) for k in WAFER_SUMMARY}
     assert await a.archive_counts() == (1, 2)
+
+
+async def test_the_webhook_outbox_keeps_one_row_per_webhook_and_event(
+        stores: tuple[ClusterStore, ClusterStore]) -> None:
+    """The alert feed's outbox (docs/cluster.md, "Webhooks across a takeover"): a row per
+    (webhook, event), written once -- an event announced again finds its row and is not
+    queued twice --; rows without an outcome are what a new holder sends again; finished
+    rows are pruned by age."""
+    a, b = stores
+    one = ("http://h/1", "x1:raised", '{"event": "raised"}', 100.0)
+    two = ("http://h/2", "x1:raised", '{"event": "raised"}', 100.0)
+    assert await a.queue_webhooks([one, two]) == {one[:2], two[:2]}
+    assert await b.queue_webhooks([one]) == set()  # announced again: there already
+    await a.mark_webhooks([(*one[:2], "delivered")])
+    assert await b.undelivered_webhooks() == [two]
+    await b.mark_webhooks([(*two[:2], "attempts")], prune_before=100.5)
+    assert await a.undelivered_webhooks() == []
+    assert await a.queue_webhooks([one]) == {one[:2]}  # pruned: a new row

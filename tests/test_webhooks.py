@@ -21,6 +21,7 @@ from edgegw.hub.alerts import (
     AlertEngine,
     AlertRuleConfig,
     AlertsConfig,
+    AlertService,
     Fenced,
     WebhookConfig,
     WebhookSender,
@@ -303,4 +304,103 @@ async def test_a_sender_whose_lease_lapsed_sends_nothing_more_not_even_a_retry()
         await wait_for(lambda: sender.m_failed.get(url=url, reason="lease_lost") == 2)
         assert [r["json"]["alert"]["id"] for r in server.requests] == ["f1"]  # the 503 only
         assert sender.m_delivered.total() == 0 and sender.pending() == 0
+        nursery.cancel_scope.cancel()
+
+
+def _fails(lot: str, n: int = 3) -> list[PartResult]:
+    """``n`` failed parts in a row on site 4: trips a ``consecutive_fails`` rule of ``n``
+    (P1 in these tests: never escalated, one event per alert)."""
+    return [PartResult("t", 10.0 + i, lot, "W", 1, 4, str(i), i, 0, 6, 6, False)
+            for i in range(n)]
+
+
+async def _run_hub(config: AlertsConfig, path: Any, clock: Callable[[], float],
+                   body: Callable[[AlertService, LiveState], Any]) -> None:
+    """A hub's alert service on ``path`` from open to a stop (cancelled: as at shutdown)."""
+    service = AlertService(config, lambda t, d: None, path, clock=clock)
+    await service.open()
+    state = LiveState(lambda t, d: None, alerts=service.engine)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run, state)
+        await body(service, state)
+        nursery.cancel_scope.cancel()
+
+
+async def _no_pending(service: AlertService, state: LiveState) -> None:
+    assert service.webhooks.pending() == 0
+
+
+async def test_an_event_undelivered_when_the_hub_stopped_is_delivered_after_its_restart(
+        tmp_path: Any) -> None:
+    """At least once across a restart (docs/alerts.md, "Delivery across a restart or a
+    takeover"): the receiver is down while the hub raises an alert and retries it; the hub
+    stops.  Before the webhook outbox the restarted hub restored the alert (not raised
+    again) and nobody ever sent it; now it is sent after the restart, under the same
+    ``X-Edgegw-Event-Id``, and once delivered not again at the next restart."""
+    server = HookServer(fail_first=10**9)  # down: 503 to everything
+    now = [1000.0]
+    async with trio.open_nursery() as nursery:
+        url = await server.serve(nursery)
+        config = AlertsConfig(
+            rules=[AlertRuleConfig(name="run", kind="consecutive_fails", priority="P1", count=3)],
+            webhooks=[WebhookConfig(url=url, max_attempts=1000, backoff_initial_s=0.02,
+                                    backoff_max_s=0.05)])
+        path = tmp_path / "history.sqlite3"
+
+        async def raise_and_fail(service: AlertService, state: LiveState) -> None:
+            state.on_records("ate-3", 1, _fails("L1"), now=20.0)
+            await wait_for(lambda: len(server.requests) >= 2)  # tried and retried
+
+        await _run_hub(config, path, lambda: now[0], raise_and_fail)
+        assert server.accepted == []
+        server.fail_first = 0  # the receiver is back
+
+        async def delivered(service: AlertService, state: LiveState) -> None:
+            await wait_for(lambda: len(server.accepted) == 1)
+            # the replay after a restart trips the same key again: restored, not re-sent
+            state.on_records("ate-3", 1, _fails("L1"), now=20.0)
+            await service.wait_persisted()
+            await wait_for(lambda: service.webhooks.pending() == 0)
+
+        await _run_hub(config, path, lambda: now[0], delivered)
+        (got,) = server.accepted
+        assert (got["json"]["event"], got["json"]["alert"]["rule"]) == ("raised", "run")
+        alert_id = got["json"]["alert"]["id"]
+        assert {r["headers"]["x-edgegw-event-id"] for r in server.requests} == {
+            f"{alert_id}:raised"}
+
+        await _run_hub(config, path, lambda: now[0], _no_pending)  # delivered: not again
+        assert len(server.accepted) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_undelivered_event_older_than_max_age_is_not_sent_after_a_restart(
+        tmp_path: Any) -> None:
+    """The resend is bounded: an event queued more than the webhook's ``max_age_s`` before
+    the restart is given up (``reason="expired"``), not sent hours late to a pager."""
+    server = HookServer(fail_first=10**9)
+    now = [1000.0]
+    async with trio.open_nursery() as nursery:
+        url = await server.serve(nursery)
+        config = AlertsConfig(
+            rules=[AlertRuleConfig(name="run", kind="consecutive_fails", priority="P1", count=3)],
+            webhooks=[WebhookConfig(url=url, max_attempts=1000, backoff_initial_s=0.02,
+                                    backoff_max_s=0.05, max_age_s=600.0)])
+        path = tmp_path / "history.sqlite3"
+
+        async def raise_and_fail(service: AlertService, state: LiveState) -> None:
+            state.on_records("ate-3", 1, _fails("L1"), now=20.0)
+            await wait_for(lambda: len(server.requests) >= 1)
+
+        await _run_hub(config, path, lambda: now[0], raise_and_fail)
+        server.fail_first = 0
+        now[0] += 601.0
+
+        async def expired(service: AlertService, state: LiveState) -> None:
+            assert service.webhooks.pending() == 0
+            assert service.webhooks.m_failed.get(url=url, reason="expired") == 1
+
+        await _run_hub(config, path, lambda: now[0], expired)
+        await _run_hub(config, path, lambda: now[0], _no_pending)  # marked: not again
+        assert server.accepted == []
         nursery.cancel_scope.cancel()

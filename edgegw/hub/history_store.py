@@ -43,6 +43,16 @@ CREATE TABLE IF NOT EXISTS alerts (
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS alerts_raised ON alerts (raised_at);
+-- the webhook outbox: one row per (webhook, alert event), written with the alert;
+-- ``outcome`` set once the event is finished with.  A restart sends again what has none.
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    url TEXT NOT NULL,
+    event_key TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    queued_at REAL NOT NULL,
+    outcome TEXT,
+    PRIMARY KEY (url, event_key)
+);
 CREATE TABLE IF NOT EXISTS lots (
     lot_id TEXT PRIMARY KEY,
     updated REAL NOT NULL,
@@ -108,12 +118,18 @@ class HistoryStore:
         self._db = db
 
     def _save_sync(self, alerts: list[dict[str, Any]], lots: list[tuple[str, dict[str, Any]]],
-                   wafers: list[tuple[str, str, dict[str, Any]]]) -> int:
-        """Returns how many lot and wafer archives were not written: a fuller one is kept."""
+                   wafers: list[tuple[str, str, dict[str, Any]]],
+                   outbox: list[tuple[str, str, str, float]]
+                   ) -> tuple[int, set[tuple[str, str]]]:
+        """Returns how many lot and wafer archives were not written (a fuller one is
+        kept), and the outbox rows written."""
         db = self._db
         assert db is not None
         db.execute("BEGIN IMMEDIATE")
         try:
+            queued = {(url, key) for url, key, payload, at in outbox if db.execute(
+                "INSERT OR IGNORE INTO webhook_outbox (url, event_key, payload, queued_at)"
+                " VALUES (?, ?, ?, ?)", (url, key, payload, at)).rowcount == 1}
             db.executemany(
                 "INSERT OR REPLACE INTO alerts (id, priority, rule, raised_at, acknowledged, data)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -140,7 +156,23 @@ class HistoryStore:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        return len(lots) + len(wafers) - written
+        return len(lots) + len(wafers) - written, queued
+
+    def _mark_sync(self, marks: list[tuple[str, str, str]], prune_before: float | None) -> None:
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("UPDATE webhook_outbox SET outcome = ? WHERE url = ? AND event_key = ?",
+                           [(outcome, url, key) for url, key, outcome in marks])
+            if prune_before is not None:
+                db.execute("DELETE FROM webhook_outbox WHERE outcome IS NOT NULL"
+                           " AND queued_at < ?", (prune_before,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     def _select(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         assert self._db is not None
@@ -161,13 +193,37 @@ class HistoryStore:
         """Upsert alerts (their latest state), archived lots and archived wafers
         ``(lot_id, wafer_id, snapshot)`` in one transaction.  Returns how many archives
         were kept as they were because the stored one is fuller (never regress)."""
+        return (await self.save_with_outbox(alerts, lots, wafers))[0]
+
+    async def save_with_outbox(self, alerts: list[dict[str, Any]],
+                               lots: list[tuple[str, dict[str, Any]]] | None = None,
+                               wafers: list[tuple[str, str, dict[str, Any]]] | None = None,
+                               outbox: list[tuple[str, str, str, float]] | None = None,
+                               ) -> tuple[int, set[tuple[str, str]]]:
+        """``save`` plus webhook outbox rows ``(url, event key, payload JSON, queued at)``
+        in the same transaction (an alert stored is never without its deliveries);
+        returns ``(kept, the (url, key) rows written now)``: a row there already is kept."""
         try:
-            return await self._run(self._save_sync, alerts, lots or [], wafers or [])
+            return await self._run(self._save_sync, alerts, lots or [], wafers or [],
+                                   outbox or [])
         finally:  # after the write: a read finishing before it cached the old row
             for lot_id, _ in lots or ():
                 self._cache.pop(("lot", lot_id), None)
             for lot_id, wafer_id, _ in wafers or ():
                 self._cache.pop(("wafer", lot_id, wafer_id), None)
+
+    async def undelivered_webhooks(self) -> list[tuple[str, str, str, float]]:
+        """The outbox rows without an outcome ``(url, key, payload, queued at)``, oldest
+        first."""
+        return await self._run(self._select,
+                               "SELECT url, event_key, payload, queued_at FROM webhook_outbox"
+                               " WHERE outcome IS NULL ORDER BY queued_at, rowid", ())
+
+    async def mark_webhooks(self, marks: list[tuple[str, str, str]],
+                            prune_before: float | None = None) -> None:
+        """``(url, event key, outcome)``: finished with.  Rows finished and queued before
+        ``prune_before`` are deleted."""
+        await self._run(self._mark_sync, marks, prune_before)
 
     async def load_alerts(self, limit: int) -> list[dict[str, Any]]:
         """The newest ``limit`` alerts, oldest first (the order ``restore`` wants)."""

@@ -5,16 +5,26 @@ acknowledged, escalated, persisted and delivered to webhooks.
 - ``engine``: ``AlertEngine``, sans-IO: live figures and time in, alert events out; the
   live state's ``StateObserver``.
 - ``service``: ``AlertService``, the Trio layer: persistence (``history_store``), ticking,
-  webhook delivery (``webhooks``).
+  webhook delivery (``webhooks``) and its durable outbox (``outbox``: at least once across
+  a restart).
 """
 
 from .config import RULE_KINDS, AlertRuleConfig, AlertsConfig, Priority, RuleKind, WebhookConfig
 from .engine import Alert, AlertEngine
+from .outbox import WebhookOutbox
 from .service import AlertService
-from .webhooks import SIGNATURE_HEADER, Fenced, WebhookSender, post_json, sign
+from .webhooks import (
+    EVENT_ID_HEADER,
+    SIGNATURE_HEADER,
+    Fenced,
+    WebhookSender,
+    event_key,
+    post_json,
+    sign,
+)
 
 __all__ = [
-    "RULE_KINDS", "SIGNATURE_HEADER", "Alert", "AlertEngine", "AlertRuleConfig", "AlertService",
-    "AlertsConfig", "Fenced", "Priority", "RuleKind", "WebhookConfig", "WebhookSender",
-    "post_json", "sign",
+    "EVENT_ID_HEADER", "RULE_KINDS", "SIGNATURE_HEADER", "Alert", "AlertEngine",
+    "AlertRuleConfig", "AlertService", "AlertsConfig", "Fenced", "Priority", "RuleKind",
+    "WebhookConfig", "WebhookOutbox", "WebhookSender", "event_key", "post_json", "sign",
 ]

@@ -108,6 +108,9 @@ class WebhookConfig:
     max_attempts: Annotated[int, Range(1, 1000)] = 8
     backoff_initial_s: Annotated[float, Range(0, 86_400, lo_open=True)] = 0.5
     backoff_max_s: Annotated[float, Range(0, 86_400, lo_open=True)] = 60.0
+    #: an event not delivered when the hub restarted or the cluster's alert feed moved is
+    #: sent again by the next one only while younger than this (seconds since queued)
+    max_age_s: Annotated[float, Range(1, 30 * 86_400)] = 3600.0
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     # https://: the CA that signed the receiver's certificate (default: the system's)
     ca_file: str = ""

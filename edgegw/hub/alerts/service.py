@@ -3,8 +3,10 @@
 The engine (``edgegw.hub.alerts``) is sans-IO and called synchronously from the live state
 in the Trio thread; it hands each event to ``AlertService`` through a memory channel
 (``send_nowait``: the caller never blocks).  ``run`` drains the channel, writes each
-event's alert to the history store, and only then queues it for the webhooks -- a webhook
-never announces an alert the hub could forget in a crash.  Evicted lots' archives travel
+event's alert to the history store, with a webhook outbox row per webhook that wants it
+(same transaction), and only then queues it for the webhooks -- a webhook never announces
+an alert the hub could forget in a crash, and an event not delivered when the hub stopped
+or died is sent again when it starts (``outbox``: at least once).  Evicted lots' archives travel
 the same way.
 
 Wiring, in this order (the engine must know the persisted alerts before the hub replays
@@ -35,7 +37,8 @@ from edgegw.metrics import Metrics, report_internal_error
 
 from .config import AlertsConfig
 from .engine import AlertEngine
-from .webhooks import WebhookSender
+from .outbox import WebhookOutbox, outbox_rows
+from .webhooks import WebhookSender, event_key
 
 if TYPE_CHECKING:
     from edgegw.hub.live import LiveState
@@ -53,7 +56,9 @@ class AlertService:
         self.store = HistoryStore(path)
         self.engine = AlertEngine(config, publish, sink=self._on_event, metrics=self.metrics,
                                   elapsed=time.monotonic)
-        self.webhooks = WebhookSender(config.webhooks, metrics=self.metrics)
+        self.outbox = WebhookOutbox(self.store, metrics=self.metrics, clock=clock)
+        self.webhooks = WebhookSender(config.webhooks, metrics=self.metrics,
+                                      on_outcome=self.outbox.record)
         self._clock = clock
         # Unbounded on purpose: alert events and lot evictions are rare (de-duplicated per
         # key), and dropping one would lose an acknowledgement or an alert.
@@ -71,15 +76,23 @@ class AlertService:
         self._opened = False
 
     async def open(self) -> int:
-        """Open the history store and restore the persisted alerts into the engine;
-        returns how many were restored.  Call before the hub replays its frames."""
+        """Open the history store, restore the persisted alerts into the engine and queue
+        the webhook events not delivered before the stop (first in their queues); returns
+        how many alerts were restored.  Call before the hub replays its frames."""
         await self.store.open()
         self._opened = True
-        return self.engine.restore(await self.store.load_alerts(self.config.keep))
+        restored = self.engine.restore(await self.store.load_alerts(self.config.keep))
+        await self.outbox.resend(self.webhooks)
+        return restored
 
     async def aclose(self) -> None:
         if self._opened:
             self._opened = False
+            with trio.move_on_after(2):  # outcomes not written: those events are resent
+                try:
+                    await self.outbox.flush()
+                except Exception as exc:
+                    log.warning("webhook outcomes not written at close: %s", exc)
             await self.store.close()
 
     def _on_event(self, event: dict[str, Any]) -> None:
@@ -113,6 +126,7 @@ class AlertService:
         ``tick_s`` seconds for escalation and offline gateways."""
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.outbox.run)
                 await nursery.start(self.webhooks.run)
                 nursery.start_soon(self._persist_loop)
                 nursery.start_soon(self._tick_loop, state, tick_s)
@@ -147,8 +161,11 @@ class AlertService:
             latest = {e["alert"]["id"]: e["alert"] for e in events}
             lots = [payload for kind, payload in items if kind == "lot"]
             wafers = [payload for kind, payload in items if kind == "wafer"]
+            rows = outbox_rows(self.webhooks, events, self._clock())
+            queued: set[tuple[str, str]] | None = None  # None: send to all (not stored)
             try:
-                kept = await self.store.save(list(latest.values()), lots, wafers)
+                kept, queued = await self.store.save_with_outbox(list(latest.values()), lots,
+                                                                 wafers, rows)
             except Exception as exc:  # a full disk must not stop alerting
                 self._m_store_errors.inc()
                 log.error("history store write failed (%d alert events, %d lots, %d wafers): "
@@ -161,7 +178,10 @@ class AlertService:
                              "(a partial rebuild)", kept)
             for event in events:
                 try:
-                    self.webhooks.submit(event)
+                    key = event_key(event)
+                    # a row there already was queued at open (resent) or is finished
+                    self.webhooks.submit(event, None if queued is None else
+                                         {url for url, k in queued if k == key})
                 except Exception:  # e.g. an event that is not the shape a webhook expects
                     report_internal_error(self.metrics, "webhook", log,
                                           "queueing an alert event for the webhooks")

@@ -20,6 +20,13 @@ the sender's ``fence`` says until when (Trio clock) it may, and every attempt --
 too -- checks it last thing before its request leaves (``post_json(send_by=...)``).  A node
 waking from a pause past its lease finds it lapsed and sends nothing more (docs/cluster.md,
 "Alerts").
+
+Delivery is at least once across a restart and a takeover of the feed: with
+``on_outcome`` every event this sender finishes -- delivered, refused, given up, dropped
+-- is reported, and its owner marks it in the durable outbox (the hub's history store,
+PostgreSQL in a cluster); what is not marked is sent again by the next hub / holder
+(``outbox``).  Each POST carries ``X-Edgegw-Event-Id: <alert id>:<event>``, the same on
+every resend, so a receiver drops the duplicates at-least-once implies.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import math
 import ssl
 import urllib.parse
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import h11
@@ -45,11 +52,25 @@ from edgegw.tls import client_context
 from .config import WebhookConfig
 
 SIGNATURE_HEADER = "X-Edgegw-Signature"
+#: the idempotency key of each POST: ``<alert id>:<event>``, the same on every resend
+EVENT_ID_HEADER = "X-Edgegw-Event-Id"
 
 log = logging.getLogger("edgegw.hub.webhooks")
 
 #: statuses worth retrying: the receiver may accept the same request later
 RETRY_STATUSES = frozenset({408, 425, 429})
+
+
+def event_key(event: dict[str, Any]) -> str:
+    """An event's identity, per webhook: ``<alert id>:<event>`` (an alert is raised,
+    escalated and acknowledged at most once each)."""
+    return f"{event.get('alert', {}).get('id')}:{event.get('event')}"
+
+
+#: what ``on_outcome`` is told: the event is finished with (never sent again)
+OUTCOMES = ("delivered", "refused", "attempts", "internal_error", "dropped")
+
+Outcome = Callable[[str, dict[str, Any], str], None]
 
 
 class WebhookError(Exception):
@@ -153,11 +174,15 @@ class WebhookSender:
 
     def __init__(self, configs: list[WebhookConfig], *, metrics: Metrics | None = None,
                  max_queued: int = 1000, backoff_rng: Any = None,
-                 fence: Callable[[], float | None] | None = None) -> None:
+                 fence: Callable[[], float | None] | None = None,
+                 on_outcome: Outcome | None = None) -> None:
         """``fence``: until when (Trio clock) this sender may send, None: no longer (the
         cluster's alert feed: its ``alerts`` lease); asked before every attempt.  Without
-        one it always may (a single hub)."""
+        one it always may (a single hub).  ``on_outcome(url, event, outcome)``: an event is
+        finished with (``OUTCOMES``), called in the Trio thread, never blocking; an event
+        fenced off (``lease_lost``) or cut off by a stop is not finished."""
         self._fence = fence
+        self._on_outcome = on_outcome
         self._queues = [_Queue(c, max_queued) for c in configs]
         # one verifying context per https webhook, its CA file read once at start
         self._contexts = {c.url: client_context(c.ca_file) for c in configs
@@ -173,15 +198,35 @@ class WebhookSender:
         self.m_dropped = metrics.counter("hub_webhook_dropped_total",
                                          "alert events dropped from a full webhook queue")
 
-    def submit(self, event: dict[str, Any]) -> None:
+    def targets(self, event: dict[str, Any]) -> list[str]:
+        """The URLs of the webhooks that want ``event``."""
+        return [q.config.url for q in self._queues if q.wants(event)]
+
+    def configs(self) -> dict[str, WebhookConfig]:
+        return {q.config.url: q.config for q in self._queues}
+
+    def submit(self, event: dict[str, Any], urls: Collection[str] | None = None) -> None:
+        """Queue ``event`` for the webhooks that want it (of ``urls`` only, if given: an
+        outbox's rows)."""
         for q in self._queues:
-            if not q.wants(event):
+            if not q.wants(event) or (urls is not None and q.config.url not in urls):
                 continue
             if len(q.items) >= q.max_queued:
-                q.items.popleft()
+                dropped = q.items.popleft()
                 self.m_dropped.inc(url=q.config.url)
+                self._finished(q.config.url, dropped, "dropped")
             q.items.append(event)
             q.wakeup.set()
+
+    def _finished(self, url: str, event: dict[str, Any], outcome: str) -> None:
+        if self._on_outcome is None:
+            return
+        try:
+            self._on_outcome(url, event, outcome)
+        except Exception:  # a failure boundary: the mark is lost, the event sent again later
+            report_internal_error(self._metrics, "webhook", log,
+                                  "recording the outcome of alert event %s for %s",
+                                  event_key(event), url)
 
     def pending(self) -> int:
         return sum(len(q.items) for q in self._queues)
@@ -199,7 +244,7 @@ class WebhookSender:
                 q.wakeup = trio.Event()
             event = q.items[0]
             try:
-                await self._deliver(q.config, event)
+                outcome = await self._deliver(q.config, event)
             except Exception:
                 # A failure boundary: a bug or an unexpected error while delivering one
                 # event fails that delivery (counted), never the hub or the next events.
@@ -208,10 +253,16 @@ class WebhookSender:
                                       event.get("alert", {}).get("id"), event.get("event"),
                                       q.config.url)
                 self.m_failed.inc(url=q.config.url, reason="internal_error")
+                outcome = "internal_error"
+            if outcome is not None:
+                self._finished(q.config.url, event, outcome)
             if q.items and q.items[0] is event:  # unless dropped meanwhile by a full queue
                 q.items.popleft()
 
-    async def _deliver(self, config: WebhookConfig, event: dict[str, Any]) -> bool:
+    async def _deliver(self, config: WebhookConfig, event: dict[str, Any]) -> str | None:
+        """The event's outcome (``OUTCOMES``), None when fenced off (not finished: the
+        next holder of the lease sends it)."""
+        headers = {**config.headers, EVENT_ID_HEADER: event_key(event)}
         backoff = Backoff(config.backoff_initial_s, config.backoff_max_s, rng=self._rng)
         alert_id = event.get("alert", {}).get("id")
         for attempt in range(1, config.max_attempts + 1):
@@ -220,7 +271,7 @@ class WebhookSender:
                 until = self._fence()
                 send_by = -math.inf if until is None else until
             try:
-                status = await post_json(config.url, event, headers=config.headers,
+                status = await post_json(config.url, event, headers=headers,
                                          timeout_s=config.timeout_s,
                                          ssl_context=self._contexts.get(config.url),
                                          secret=config.secret, send_by=send_by)
@@ -231,14 +282,14 @@ class WebhookSender:
                             "lapsed", config.url, alert_id, event.get("event"))
                 self.m_attempts.inc(outcome="fenced")
                 self.m_failed.inc(url=config.url, reason="lease_lost")
-                return False
+                return None
             except WebhookError as exc:
                 outcome, retry, reason = "error", True, str(exc)
             else:
                 if 200 <= status < 300:
                     self.m_attempts.inc(outcome="ok")
                     self.m_delivered.inc(url=config.url)
-                    return True
+                    return "delivered"
                 retry = status >= 500 or status in RETRY_STATUSES
                 outcome, reason = f"http_{status}", f"HTTP {status}"
             self.m_attempts.inc(outcome=outcome)
@@ -246,7 +297,7 @@ class WebhookSender:
                 log.warning("webhook %s refused alert %s event %s: %s (not retried)",
                             config.url, alert_id, event.get("event"), reason)
                 self.m_failed.inc(url=config.url, reason="refused")
-                return False
+                return "refused"
             if attempt < config.max_attempts:
                 delay = backoff.next_delay()
                 log.info("webhook %s: attempt %d for alert %s failed (%s); retry in %.2f s",
@@ -255,4 +306,4 @@ class WebhookSender:
         log.warning("webhook %s: giving up on alert %s event %s after %d attempts",
                     config.url, alert_id, event.get("event"), config.max_attempts)
         self.m_failed.inc(url=config.url, reason="attempts")
-        return False
+        return "attempts"

@@ -10,7 +10,10 @@
   many partitions still has a single publisher (its offsets come from one place), an
   acknowledgement on any node is seen live on every node, and each event is announced
   once: across a feed failover at most the events of one poll are announced again (the new
-  holder finds them not yet ``fed``); none is lost.
+  holder finds them not yet ``fed``); none is lost.  Webhooks are delivered at least once
+  across a failover: each (webhook, event) is written to the outbox table before it is
+  sent and marked when finished with; a new holder sends again what is not marked
+  (``edgegw.hub.alerts.outbox``).
 * ``AlertView`` -- the feed's sans-IO memory of recent alerts per topic: the snapshots
   (newest first, 50 per topic, as ``AlertEngine.snapshot``) and the events.
 * ``ClusterWarnings`` -- the cluster-wide ``hub/state`` topic, published by the same feed:
@@ -37,7 +40,8 @@ import trio
 
 from edgegw.hub import topics as topic_names
 from edgegw.hub.alerts import AlertsConfig
-from edgegw.hub.alerts.webhooks import WebhookSender
+from edgegw.hub.alerts.outbox import WebhookOutbox, outbox_rows
+from edgegw.hub.alerts.webhooks import WebhookSender, event_key
 from edgegw.hub.store import StoreUnavailable
 from edgegw.metrics import Metrics, report_internal_error
 
@@ -233,8 +237,17 @@ class AlertFeed:
                 return self.bus.valid_until(LEASE) if self.bus.holds(LEASE) == token \
                     else None
 
+            outbox = WebhookOutbox(self.store, metrics=self.metrics)
             webhooks = WebhookSender(self.config.webhooks, metrics=self.metrics,
-                                     fence=lease_valid_until)
+                                     fence=lease_valid_until, on_outcome=outbox.record)
+            # what the previous holder did not finish is sent first (at least once)
+            while True:
+                try:
+                    await outbox.resend(webhooks)
+                    break
+                except StoreUnavailable:
+                    await trio.sleep(self.poll_s * 4)
+            nursery.start_soon(self._flush_at_end, outbox)
             await nursery.start(webhooks.run)
             await nursery.start(publisher.run)
             publisher.resync_all()  # this holder's topics start from its snapshots
@@ -255,6 +268,18 @@ class AlertFeed:
                 except StoreUnavailable:  # PostgreSQL away: the rows stay pending
                     log.debug("alert feed: PostgreSQL unavailable", exc_info=True)
                 await trio.sleep(self.poll_s)
+
+    async def _flush_at_end(self, outbox: WebhookOutbox) -> None:
+        """The outcomes' writer; the ones left when the feed ends are written then (else
+        the next holder sends those events again)."""
+        try:
+            await outbox.run()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                try:
+                    await outbox.flush()
+                except Exception:
+                    log.debug("webhook outcomes not written", exc_info=True)
 
     async def _keep(self, token: int, scope: trio.CancelScope) -> None:
         """Renew the lease; stop at once when it cannot be proved (never announce
@@ -284,16 +309,25 @@ class AlertFeed:
             return
         now = time.time()
         done: list[tuple[str, str, float]] = []
+        announce = []
         for alert, fed, updated in rows:
             fed += unmarked.get(alert["id"], "")
             topic, events, new_fed = view.update(alert, fed, now)
-            unmarked[alert["id"]] = new_fed
+            announce.append((alert["id"], topic, events, new_fed))
+            done.append((alert["id"], new_fed, updated))
+        # the outbox rows first: nothing is announced that a new holder could not resend
+        # (StoreUnavailable here: nothing announced, the rows stay pending)
+        out = outbox_rows(webhooks, (e for _, _, events, _ in announce for e in events), now)
+        queued = await self.store.queue_webhooks(out) if out else set()
+        for alert_id, topic, events, new_fed in announce:
+            unmarked[alert_id] = new_fed
             for event in events:
                 publisher.publish(topic, event)
-                webhooks.submit(event)
+                key = event_key(event)
+                # a row there already: sent (re-announced after a failover) or resent
+                webhooks.submit(event, {url for url, k in queued if k == key})
                 self.m_events.inc(event=event["event"])
                 self.announced += 1
-            done.append((alert["id"], new_fed, updated))
         # kept in ``unmarked`` until written (a row changed meanwhile is read again, its
         # stored ``fed`` still without what this poll announced)
         for alert_id in await self.store.mark_fed(done):

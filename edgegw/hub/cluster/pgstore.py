@@ -187,6 +187,19 @@ CREATE INDEX IF NOT EXISTS edgegw_alerts_raised ON edgegw_alerts (raised_at);
 ALTER TABLE edgegw_alerts ADD COLUMN IF NOT EXISTS pending boolean NOT NULL DEFAULT true;
 ALTER TABLE edgegw_alerts ADD COLUMN IF NOT EXISTS fed text NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS edgegw_alerts_pending ON edgegw_alerts (id) WHERE pending;
+-- the alert feed's webhook outbox: one row per (webhook, event), written before the event
+-- is sent; ``outcome`` set once it is finished with (delivered, refused, ...).  A new holder
+-- of the feed sends again what has none (docs/cluster.md, "Webhooks across a takeover").
+CREATE TABLE IF NOT EXISTS edgegw_webhook_outbox (
+    url text NOT NULL,
+    event_key text NOT NULL,
+    payload text NOT NULL,
+    queued_at double precision NOT NULL,
+    outcome text,
+    PRIMARY KEY (url, event_key)
+);
+CREATE INDEX IF NOT EXISTS edgegw_webhook_outbox_open ON edgegw_webhook_outbox (queued_at)
+    WHERE outcome IS NULL;
 CREATE TABLE IF NOT EXISTS edgegw_partition_state (
     partition integer PRIMARY KEY,
     token bigint NOT NULL,
@@ -233,7 +246,7 @@ CREATE TABLE IF NOT EXISTS edgegw_partition_fences (
 #: the tables, for sizing (``table_bytes``) and for tests that drop a cluster's database
 TABLES = ("meta", "gateways", "applied", "frames", "rejected", "partition_heads",
           "partition_log", "partition_checkpoints", "partition_state", "alerts", "lots",
-          "wafers", "partition_fences")
+          "wafers", "partition_fences", "webhook_outbox")
 
 _ZLIB_LEVEL = 6  # as the SQLite store: ~10 B/record at ~600k records/s
 
@@ -1139,6 +1152,49 @@ class ClusterStore:
                     if cur.rowcount == 1:
                         done.add(alert_id)
             return done
+
+        return await self._call(run)
+
+    # -- the alert feed's webhook outbox (alertfeed.py, edgegw.hub.alerts.outbox) --
+    async def queue_webhooks(self, rows: list[tuple[str, str, str, float]]
+                             ) -> set[tuple[str, str]]:
+        """``(url, event key, payload JSON, queued at)``: the events the feed is about to
+        send.  Returns the ``(url, key)`` written now; a row there already (sent, or left
+        for this holder's resend) is kept as it is."""
+        def run(conn: psycopg.Connection[Any]) -> set[tuple[str, str]]:
+            new = set()
+            with conn.transaction():
+                for url, key, payload, at in rows:
+                    if conn.execute("INSERT INTO edgegw_webhook_outbox (url, event_key,"
+                                    " payload, queued_at) VALUES (%s, %s, %s, %s)"
+                                    " ON CONFLICT DO NOTHING", (url, key, payload, at)
+                                    ).rowcount == 1:
+                        new.add((url, key))
+            return new
+
+        return await self._call(run)
+
+    async def undelivered_webhooks(self) -> list[tuple[str, str, str, float]]:
+        """The outbox rows without an outcome, oldest first."""
+        def run(conn: psycopg.Connection[Any]) -> list[tuple[str, str, str, float]]:
+            return [tuple(r) for r in conn.execute(  # type: ignore[misc]
+                "SELECT url, event_key, payload, queued_at FROM edgegw_webhook_outbox"
+                " WHERE outcome IS NULL ORDER BY queued_at").fetchall()]
+
+        return await self._call(run)
+
+    async def mark_webhooks(self, marks: list[tuple[str, str, str]],
+                            prune_before: float | None = None) -> None:
+        """``(url, event key, outcome)``: finished with.  Rows finished and queued before
+        ``prune_before`` are deleted."""
+        def run(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction():
+                for url, key, outcome in marks:
+                    conn.execute("UPDATE edgegw_webhook_outbox SET outcome = %s"
+                                 " WHERE url = %s AND event_key = %s", (outcome, url, key))
+                if prune_before is not None:
+                    conn.execute("DELETE FROM edgegw_webhook_outbox WHERE outcome IS NOT NULL"
+                                 " AND queued_at < %s", (prune_before,))
 
         return await self._call(run)
 
