@@ -10,7 +10,8 @@ Reading never blocks the Trio loop: directory scans and ``stat`` run in a worker
 file reads go through ``trio.open_file``.  A record cut at the end of what the tester has
 written so far is simply waited for.
 
-A file is complete when its MRR arrives, when the format's parser says so (its optional
+A file is complete when its MRR arrives (one a FAR follows in what is written by then is
+the end of one lot of several: read on, ``_map``), when the format's parser says so (its optional
 ``complete``: a format without an end-of-file record), or when it has not grown for
 ``idle_timeout`` seconds (a tester that crashed never writes its MRR).  A format's
 ``options`` table in the source config is built into the format's ``Options`` and given

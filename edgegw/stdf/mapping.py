@@ -21,6 +21,11 @@ records without one do not wait) what is mapped before the MIR waits for it and 
 out, after its LotStart, with its lot id; past ``MAX_WAITING`` records (or at the file's
 end) without a MIR it goes out as it is, with an empty lot id.
 
+A FAR after an MRR starts another file's records (files concatenated, a retest lot
+appended): the mapping starts afresh, as for a file of its own.  A second MIR with no MRR
+before it ends the open lot with a LotEnd the mapping makes (``extra``
+``{"ended_by": "MIR"}``) before starting its own.
+
 A record that lacks a field it must have (a PTR cut before TEST_NUM) or has a field of the
 wrong kind raises ``FormatError`` with the record's offset, as the parsers do.
 
