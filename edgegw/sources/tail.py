@@ -818,6 +818,11 @@ class TailSource:
                 await self._finish(f, sink, "complete", batch=batch)
                 return
             if f.after_mrr:
+                if not f.gz and len(data) < self.config.read_size:
+                    # a short read of a plain file: its end, right after the MRR (so a
+                    # one-lot file costs no read more than it did)
+                    await self._finish(f, sink, "MRR", batch=batch, close_parser=False)
+                    return
                 pending = batch
             elif batch:
                 await self._put(sink, f, batch)
