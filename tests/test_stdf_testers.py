@@ -475,6 +475,16 @@ async def test_every_lot_of_a_file_holding_several_is_sent_and_shown_once(
     assert ("warning: after the MRR" in err) == (trailer != "nothing")
 
 
+async def test_every_lot_of_a_gzip_file_holding_several_is_sent_once(tmp_path: Path) -> None:
+    lots = [lot_of("LOTA", 3, 10.0), lot_of("LOTB", 2, 5.0)]
+    path = tmp_path / "merged.stdf.gz"
+    path.write_bytes(gzip.compress(lots[0]) + gzip.compress(lots[1]))  # (cat a.gz b.gz)
+    sink = await tailed(tmp_path, read_size=len(lots[0]))
+    want = [r for lot in lots for r in gateway(lot)]
+    assert [r._replace(ts=0.0) for r in sink.records] == [r._replace(ts=0.0) for r in want]
+    assert sink.checkpoint["files"][str(path)]["done"]
+
+
 async def test_a_lot_appended_after_the_tail_read_the_last_mrr_is_not_read(
         tmp_path: Path) -> None:
     # the rule that ends a file: what follows an MRR when the tail reads it decides; after
