@@ -115,6 +115,8 @@ GONE_KEPT = 64
 #: ``time.time_ns`` reads), so a file created just after the scan began can carry a time
 #: just before it
 CLOCK_SLACK_NS = 100_000_000
+#: the record types whose first after an MRR says whether another lot follows (a FAR)
+_DECIDES = RecordMapper.TYPES
 #: finished files the checkpoint may go on listing while their registry entries wait to be
 #: written (one fsync for them all): a put writes them first once there are this many
 REGISTER_BATCH = 16
@@ -884,10 +886,12 @@ class TailSource:
             for rec in records():
                 parsed += 1
                 name = rec[0] if rows else rec.name
-                if after_mrr:
+                if after_mrr and name in _DECIDES:
                     # A FAR after an MRR is another lot (files concatenated, a retest
                     # lot appended): read on.  Anything else is not the file's data
-                    # (zero fill, a trailer): the file ends at the MRR, as it always did
+                    # (zero fill, a trailer): the file ends at the MRR, as it always did.
+                    # (Only types the mapper reads decide: the others a parser's fast
+                    # path skips, so a re-read that yields them decides alike.)
                     if name != "FAR":
                         self._trailer(f, after_mrr, f"a {name} record")
                         return batch, True
