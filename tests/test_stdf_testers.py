@@ -391,6 +391,11 @@ def test_a_second_mir_ends_the_first_lot_and_starts_a_second() -> None:
     lots = hub(sent).lots
     assert {lot: lots[lot].status for lot in ("LOTA", "LOTB")} == {
         "LOTA": "closed", "LOTB": "closed"}
+    # the same lot id again: that lot going on (a program restarted), not closed midway
+    again = gateway(stdf([far(), mir("LOTA"), pir(1, 0), prr(1, 0, "1"), mir("LOTA"),
+                          pir(1, 0), prr(1, 0, "2"), MRR]))
+    assert [type(r).__name__ for r in again] == [
+        "LotStart", "PartResult", "LotStart", "PartResult", "LotEnd"]
 
 
 # -- several lots in one file ----------------------------------------------------------------

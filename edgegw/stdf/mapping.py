@@ -22,8 +22,8 @@ out, after its LotStart, with its lot id; past ``MAX_WAITING`` records (or at th
 end) without a MIR it goes out as it is, with an empty lot id.
 
 A FAR after an MRR starts another file's records (files concatenated, a retest lot
-appended): the mapping starts afresh, as for a file of its own.  A second MIR with no MRR
-before it ends the open lot with a LotEnd the mapping makes (``extra``
+appended): the mapping starts afresh, as for a file of its own.  A second MIR of another lot
+with no MRR before it ends the open lot with a LotEnd the mapping makes (``extra``
 ``{"ended_by": "MIR"}``) before starting its own.
 
 A record that lacks a field it must have (a PTR cut before TEST_NUM) or has a field of the
@@ -211,11 +211,12 @@ class RecordMapper:
                 self.before_mir = []
 
     def _mir(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
-        if self._lot_open:
-            # a second MIR with no MRR before it: the first lot ends here, as at an MRR
+        if self._lot_open and (f.get("LOT_ID", "") or "") != self.lot_id:
+            # a second MIR with no MRR before it, of another lot: the first ends here, as at an MRR
             # (its open parts' results go on without a part id), with a LotEnd the
             # mapping makes -- else it stays "in test" until evicted.  Its finish time is
-            # the second lot's start; ``extra`` says no MRR ended it
+            # the second lot's start; ``extra`` says no MRR ended it.  (The same lot id
+            # again is that lot going on: a LotEnd would show it closed while in test)
             out[:0] = [*self.close(now), LotEnd(self.source, now, self.lot_id,
                                                 f.get("START_T", 0) or 0,
                                                 {"ended_by": "MIR"})]
