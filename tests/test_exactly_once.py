@@ -1074,3 +1074,36 @@ async def test_a_crash_after_any_frame_with_finished_files_folded_stores_each_re
     for image in crashes:
         await tail_until_read(cfg(tmp_path / f"gw{image.name}", image), paths)
         assert await tailed_records(image) == whole, f"a crash after frame {image.name}"
+
+
+async def test_a_crash_in_the_second_lot_of_a_file_holding_two_stores_each_record_once(
+        tmp_path: Path) -> None:
+    """A file of two lots back to back (files concatenated, a retest lot appended): a crash
+    after any frame of its second lot -- between the parts of a split put included -- and
+    the restart's re-read through the first lot's MRR and the FAR after it neither skips
+    nor repeats a record; the whole file is both lots, each as a file of its own sends."""
+    from shared_data import METIS, stdf_bytes
+
+    one = stdf_bytes(METIS)
+    files = tmp_path / "stdf"
+    files.mkdir()
+    (files / "two.std").write_bytes(one + one)
+    cfg = tail_cfg(files, tmp_path / "gw", tmp_path / "spool")
+    assert cfg.spool is not None
+    images = tmp_path / "images"
+    await tail_files_until_done(cfg, {"two.std"},
+                                Snapshots(cfg.spool, set(range(1, 200)), images))
+    whole = await tailed_records(tmp_path / "spool")
+    assert whole == 2 * await records_of(tmp_path / "clean", one)
+    crashes, split = [], 0
+    for image in sorted(images.iterdir(), key=lambda p: int(p.name)):
+        checkpoints = await stored_checkpoints(image)
+        entry = (checkpoints.get("tail") or {}).get("files", {}).get(str(files / "two.std"))
+        if entry and not entry["done"] and entry["offset"] >= len(one):
+            crashes.append(image)
+            split += bool(checkpoints.get(AFTER_KEY, {}).get("tail"))
+    assert len(crashes) >= 3 and split, "the test needs crashes inside the second lot"
+    for image in crashes[::max(1, len(crashes) // 12)]:  # (a dozen restarts at most)
+        await tail_files_until_done(tail_cfg(files, tmp_path / f"gw{image.name}", image),
+                                    {"two.std"})
+        assert await tailed_records(image) == whole, f"a crash after frame {image.name}"

@@ -463,14 +463,166 @@ async def test_a_restart_while_records_wait_for_a_late_mir_or_a_prr_loses_and_re
     assert got == want
 
 
-def test_a_second_mir_starts_a_second_lot() -> None:
-    # (two lots in one file: the first stays open, as a lot whose tester stopped does)
-    data = stdf([far(), mir("LOTA"), pir(1, 0), prr(1, 0, "1"), mir("LOTB"), pir(1, 0),
-                 prr(1, 0, "1"), MRR])
+def test_a_second_mir_ends_the_first_lot_and_starts_a_second() -> None:
+    # (before: the first lot had no LotEnd and stayed "in test" until evicted)
+    data = stdf([far(), mir("LOTA"), pir(1, 0), prr(1, 0, "1"), pir(1, 1), ptr(1, 1, 2.0),
+                 mir("LOTB"), pir(1, 0), prr(1, 0, "1"), MRR])
     sent = gateway(data)
     assert [(type(r).__name__, r.lot_id) for r in sent] == [
-        ("LotStart", "LOTA"), ("PartResult", "LOTA"), ("LotStart", "LOTB"),
-        ("PartResult", "LOTB"), ("LotEnd", "LOTB")]
+        ("LotStart", "LOTA"), ("PartResult", "LOTA"),
+        # the part open at the second MIR never got its PRR: sent as at a file's end
+        ("ParametricResult", "LOTA"), ("LotEnd", "LOTA"),
+        ("LotStart", "LOTB"), ("PartResult", "LOTB"), ("LotEnd", "LOTB")]
+    made = sent[3]
+    assert made.extra == {"ended_by": "MIR"} and made.finish_t == 2  # the second's START_T
+    assert sent[-1].extra is None  # (an MRR's LotEnd: no such mark)
+    lots = hub(sent).lots
+    assert {lot: lots[lot].status for lot in ("LOTA", "LOTB")} == {
+        "LOTA": "closed", "LOTB": "closed"}
+    # the same lot id again: that lot going on (a program restarted), not closed midway
+    again = gateway(stdf([far(), mir("LOTA"), pir(1, 0), prr(1, 0, "1"), mir("LOTA"),
+                          pir(1, 0), prr(1, 0, "2"), MRR]))
+    assert [type(r).__name__ for r in again] == [
+        "LotStart", "PartResult", "LotStart", "PartResult", "LotEnd"]
+
+
+# -- several lots in one file ----------------------------------------------------------------
+
+
+def lot_of(lot: str, parts: int, hi: float) -> bytes:
+    """A whole file of one lot: its test's first PTR gives the limit ``hi``, the later
+    ones leave it to that default (OPT_FLAG 0x30: "use the default limits")."""
+    recs: list[Rec] = [far(), mir(lot)]
+    for n in range(parts):
+        first = ptr(1, 0, 1.0 + n)
+        first[1]["HI_LIMIT"] = hi
+        if n:
+            first[1].update(OPT_FLAG=0x30, LO_LIMIT=-99.0, HI_LIMIT=99.0)
+        recs += [pir(1, 0), first, prr(1, 0, f"{lot}-{n}", hard=1 if n % 3 else 2,
+                                       failed=not n % 3)]
+    recs += [hbr(255, 0, 1, parts - (parts + 2) // 3), hbr(255, 0, 2, (parts + 2) // 3),
+             pcr(255, 0, parts, parts - (parts + 2) // 3), MRR]
+    return stdf(recs)
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+        self.checkpoint: Any = None
+
+    async def put(self, batch: Any, checkpoint: Any = None) -> None:
+        self.records += batch
+        self.checkpoint = checkpoint
+
+
+async def tailed(directory: Path, checkpoint: Any = None, read_size: int = 4096,
+                 polls: int = 2) -> Sink:
+    """What the tail sends for the files in ``directory``, polled by hand."""
+    source = TailSource("ate", TailConfig(paths=[str(directory)], idle_timeout=600,
+                                          read_size=read_size),
+                        SourceContext("gw", Metrics(), checkpoint))
+    source._restore(checkpoint)  # what ``run`` does first
+    sink = Sink()
+    try:
+        for _ in range(polls):
+            await source.poll_once(sink)
+    finally:
+        for f in source.files.values():
+            await source._release(f)
+    return sink
+
+
+TRAILERS = {"nothing": b"", "zeros": bytes(4096), "text": b"END OF DATALOG\r\n",
+            "ctrl-z": b"\x1a"}
+
+
+@pytest.mark.parametrize("trailer", TRAILERS, ids=list(TRAILERS))
+@pytest.mark.parametrize("read_size", [512, "first lot"])
+async def test_every_lot_of_a_file_holding_several_is_sent_and_shown_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], read_size: Any,
+        trailer: str) -> None:
+    # files concatenated by a merge tool, or a retest lot appended by the tester: FAR..MRR
+    # FAR..MRR (before: the gateway stopped at the first MRR; the second lot was lost)
+    lots = [lot_of("LOTA", 7, 10.0), lot_of("LOTB", 5, 5.0), lot_of("LOTC", 4, 2.0)]
+    data = b"".join(lots)
+    path = tmp_path / "merged.stdf"
+    path.write_bytes(data + TRAILERS[trailer])
+    # "first lot": a read ends exactly at the first MRR, the next FAR comes with the next
+    sink = await tailed(tmp_path, read_size=len(lots[0]) if read_size == "first lot"
+                        else read_size)
+    want = [r for lot in lots for r in gateway(lot)]  # each lot as a file of its own
+    assert [r._replace(ts=0.0) for r in sink.records] == [r._replace(ts=0.0) for r in want]
+    # (the second lot's later PTRs take its own first PTR's limit, not the first lot's)
+    assert {(r.lot_id, r.hi_limit) for r in want if isinstance(r, ParametricResult)} == {
+        ("LOTA", 10.0), ("LOTB", 5.0), ("LOTC", 2.0)}
+    entry = sink.checkpoint["files"][str(path)]
+    assert entry["done"] and entry["reason"] == "MRR" and entry["offset"] == len(data)
+    state = hub(sink.records)
+    assert {lot: (state.lots[lot].status, state.lots[lot].tally.parts)
+            for lot in ("LOTA", "LOTB", "LOTC")} == {
+        "LOTA": ("closed", 7), "LOTB": ("closed", 5), "LOTC": ("closed", 4)}
+    # ``stdf stats`` reads every lot too: parts and bins summed
+    status, got, err = stats(capsys, path)
+    assert (status, got["parts"], got["records"]["MRR"], got["hard_bins"]) == (
+        0, 16, 3, {"1": 9, "2": 7})
+    assert ("warning: after the MRR" in err) == (trailer != "nothing")
+
+
+async def test_every_lot_of_a_gzip_file_holding_several_is_sent_once(tmp_path: Path) -> None:
+    lots = [lot_of("LOTA", 3, 10.0), lot_of("LOTB", 2, 5.0)]
+    path = tmp_path / "merged.stdf.gz"
+    path.write_bytes(gzip.compress(lots[0]) + gzip.compress(lots[1]))  # (cat a.gz b.gz)
+    sink = await tailed(tmp_path, read_size=len(lots[0]))
+    want = [r for lot in lots for r in gateway(lot)]
+    assert [r._replace(ts=0.0) for r in sink.records] == [r._replace(ts=0.0) for r in want]
+    assert sink.checkpoint["files"][str(path)]["done"]
+
+
+async def test_a_lot_appended_after_the_tail_read_the_last_mrr_is_not_read(
+        tmp_path: Path) -> None:
+    # the rule that ends a file: what follows an MRR when the tail reads it decides; after
+    # the last one the file is complete, and later growth is "grew after it was complete"
+    first, second = lot_of("LOTA", 3, 10.0), lot_of("LOTB", 2, 5.0)
+    path = tmp_path / "lot.stdf"
+    path.write_bytes(first)
+    sink = await tailed(tmp_path)
+    assert sink.checkpoint["files"][str(path)]["done"]
+    with path.open("ab") as f:
+        f.write(second)
+    again = await tailed(tmp_path, json.loads(json.dumps(sink.checkpoint)))
+    assert again.records == [] and len(sink.records) == len(gateway(first))
+
+
+def two_lots_and_offsets() -> tuple[bytes, list[int]]:
+    """Two lots, a DTR between them (a merge tool's note): a type the mapper does not
+    read, which the first run's fast path skips and the restart's re-read does not."""
+    first = lot_of("LOTA", 6, 10.0) + stdf([("DTR", {"TEXT_DAT": "merged"})])
+    second = lot_of("LOTB", 6, 5.0)
+    dec = StdfDecoder()
+    dec.feed(second)
+    return first + second, [len(first) + r.offset for r in dec.records()]
+
+
+@pytest.mark.parametrize("cut_record", [1, 2, 5, 12, 20])
+async def test_a_restart_in_the_middle_of_the_second_lot_loses_and_repeats_nothing(
+        tmp_path: Path, cut_record: int) -> None:
+    # the checkpoint's offset is past the first lot's MRR: the restart's re-read up to it
+    # goes through that MRR and the FAR after it, as the first run did
+    data, offsets = two_lots_and_offsets()
+    cut = offsets[cut_record] + 3  # inside a record of the second lot
+    path = tmp_path / "lot.stdf"
+    path.write_bytes(data[:cut])
+    first = await tailed(tmp_path)
+    checkpoint = json.loads(json.dumps(first.checkpoint))  # as a store gives it back
+    entry = checkpoint["files"][str(path)]
+    assert offsets[0] <= entry["offset"] < cut and not entry["done"]
+    with path.open("ab") as f:  # the tester goes on while the gateway is down
+        f.write(data[cut:])
+    second = await tailed(tmp_path, checkpoint)
+    got = [r._replace(ts=0.0) for r in first.records + second.records]
+    want = [r._replace(ts=0.0) for r in gateway(data[:offsets[0]]) + gateway(data[offsets[0]:])]
+    assert got == want
+    assert second.checkpoint["files"][str(path)]["done"]
 
 
 # -- what is not a tester's result ---------------------------------------------------------

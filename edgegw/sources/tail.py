@@ -10,7 +10,8 @@ Reading never blocks the Trio loop: directory scans and ``stat`` run in a worker
 file reads go through ``trio.open_file``.  A record cut at the end of what the tester has
 written so far is simply waited for.
 
-A file is complete when its MRR arrives, when the format's parser says so (its optional
+A file is complete when its MRR arrives (one a FAR follows in what is written by then is
+the end of one lot of several: read on, ``_map``), when the format's parser says so (its optional
 ``complete``: a format without an end-of-file record), or when it has not grown for
 ``idle_timeout`` seconds (a tester that crashed never writes its MRR).  A format's
 ``options`` table in the source config is built into the format's ``Options`` and given
@@ -114,6 +115,8 @@ GONE_KEPT = 64
 #: ``time.time_ns`` reads), so a file created just after the scan began can carry a time
 #: just before it
 CLOCK_SLACK_NS = 100_000_000
+#: the record types whose first after an MRR says whether another lot follows (a FAR)
+_DECIDES = RecordMapper.TYPES
 #: finished files the checkpoint may go on listing while their registry entries wait to be
 #: written (one fsync for them all): a put writes them first once there are this many
 REGISTER_BATCH = 16
@@ -200,6 +203,9 @@ class _File:
     skip_below: int = 0  # after a restart: records before this offset were already emitted
     #: the re-read passed ``skip_below`` as a parser position (see ``TailSource._map``)
     boundary_seen: bool = False
+    #: where the last record read, an MRR, ends (0: the last one is not an MRR): the end
+    #: of the file unless the next record is a FAR, another lot (``TailSource._map``)
+    after_mrr: int = 0
     #: the offset in the last checkpoint handed to the sink: where the file's next
     #: records follow (their ``origin``, see ``TailSource._put``)
     origin: int = 0
@@ -780,14 +786,24 @@ class TailSource:
                 return
         assert f.parser is not None
         grew = False
+        #: the records of a read that ended at an MRR, put with what the next read
+        #: brings: the file's end (one put, "done" with its LotEnd) or the next lot
+        pending: list[Record] = []
         while True:
             try:
                 data = await f.reader.read(self.config.read_size)
             except FormatError as exc:  # a broken gzip stream
                 f.size = info.size
-                await self._corrupt(f, sink, exc, [])
+                await self._corrupt(f, sink, exc, pending)
                 return
+            except OSError:
+                if pending:  # (mapped, and the file's offset is past them)
+                    await self._put(sink, f, pending)
+                raise
             if not data:
+                if f.after_mrr:  # nothing (whole) follows the MRR: the file is complete
+                    await self._finish(f, sink, "MRR", batch=pending, close_parser=False)
+                    return
                 break
             grew = True
             if f.head is not None and not f.gz:
@@ -809,15 +825,24 @@ class TailSource:
                 batch, mrr = self._map(f, f.parser.rows if f.rows  # type: ignore[attr-defined]
                                        else f.parser.records, time.time())
             except FormatError as exc:
-                await self._corrupt(f, sink, exc, getattr(exc, "batch", []))
+                await self._corrupt(f, sink, exc, pending + getattr(exc, "batch", []))
                 return
+            if pending:
+                batch, pending = pending + batch, []
             if mrr:
                 await self._finish(f, sink, "MRR", batch=batch, close_parser=False)
                 return
             if self._says_complete(f):
                 await self._finish(f, sink, "complete", batch=batch)
                 return
-            if batch:
+            if f.after_mrr:
+                if not f.gz and len(data) < self.config.read_size:
+                    # a short read of a plain file: its end, right after the MRR (so a
+                    # one-lot file costs no read more than it did)
+                    await self._finish(f, sink, "MRR", batch=batch, close_parser=False)
+                    return
+                pending = batch
+            elif batch:
                 await self._put(sink, f, batch)
         # The end of a gzip member is not the end of the file: a tester (or its
         # compressing writer) may append another member, as a plain file grows.  So a
@@ -872,10 +897,24 @@ class TailSource:
         map_one = f.mapper.map_row if rows else f.mapper.map
         parsed = 0
         skipped = f.parser.records_skipped if rows else 0  # type: ignore[attr-defined]
+        after_mrr = f.after_mrr
         try:
             for rec in records():
                 parsed += 1
+                name = rec[0] if rows else rec.name
+                if after_mrr and name in _DECIDES:
+                    # A FAR after an MRR is another lot (files concatenated, a retest
+                    # lot appended): read on.  Anything else is not the file's data
+                    # (zero fill, a trailer): the file ends at the MRR, as it always did.
+                    # (Only types the mapper reads decide: the others a parser's fast
+                    # path skips, so a re-read that yields them decides alike.)
+                    if name != "FAR":
+                        self._trailer(f, after_mrr, f"a {name} record")
+                        return batch, True
+                    after_mrr = 0
                 mapped = map_one(rec, now)
+                if name == "MRR":
+                    after_mrr = f.parser.position
                 if f.skip_below:
                     offset = rec[1] if rows else rec.offset
                     if offset < f.skip_below:
@@ -887,9 +926,10 @@ class TailSource:
                             f"this file (a record starts at {offset})", f.skip_below)
                     f.skip_below = 0
                 batch.extend(mapped)
-                if (rec[0] if rows else rec.name) == "MRR":
-                    return batch, True
         except FormatError as exc:
+            if after_mrr:  # what follows the MRR cannot be read: not the file's data
+                self._trailer(f, after_mrr, exc.message)
+                return batch, True
             exc.batch = batch  # type: ignore[attr-defined]
             raise
         except Exception:
@@ -900,13 +940,19 @@ class TailSource:
             if rows:  # records the parser stepped over (select) were parsed too
                 parsed += f.parser.records_skipped - skipped  # type: ignore[attr-defined]
             self.read_records.inc(parsed, source=self.name)
+            f.after_mrr = after_mrr
             try:
                 if not f.skip_below:
-                    f.offset = max(f.offset, f.parser.position)
+                    # (the end of the MRR when what follows it ends the file)
+                    f.offset = max(f.offset, after_mrr or f.parser.position)
                 f.state = f.parser.state()
             except Exception:  # already counted if it is the same bug; the file ends
                 f.state = {}
         return batch, False
+
+    def _trailer(self, f: _File, end: int, what: str) -> None:
+        log.info("source %s: %s: after the MRR ending at byte %d, %s, not another lot (a "
+                 "FAR): the end of the file's data", self.name, f.path, end, what)
 
     async def _open(self, f: _File) -> FormatError | None:
         """Open the file and a parser for it; the error if the format plugin failed."""
@@ -924,6 +970,7 @@ class TailSource:
         f.fed = 0
         f.skip_below = f.offset
         f.boundary_seen = False
+        f.after_mrr = 0
         f.rows = self._fast(f.parser)
         f.selected = False
         return None

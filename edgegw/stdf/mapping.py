@@ -21,6 +21,11 @@ records without one do not wait) what is mapped before the MIR waits for it and 
 out, after its LotStart, with its lot id; past ``MAX_WAITING`` records (or at the file's
 end) without a MIR it goes out as it is, with an empty lot id.
 
+A FAR after an MRR starts another file's records (files concatenated, a retest lot
+appended): the mapping starts afresh, as for a file of its own.  A second MIR of another lot
+with no MRR before it ends the open lot with a LotEnd the mapping makes (``extra``
+``{"ended_by": "MIR"}``) before starting its own.
+
 A record that lacks a field it must have (a PTR cut before TEST_NUM) or has a field of the
 wrong kind raises ``FormatError`` with the record's offset, as the parsers do.
 
@@ -101,6 +106,10 @@ class RecordMapper:
         self.source = source
         self.format = format
         self.forward_raw = forward_raw
+        self._reset()
+
+    def _reset(self) -> None:
+        """The state of a file's start (a FAR after an MRR starts another file's records)."""
         self.tests = TestState()
         self.lot_id = ""
         self.wafer_of_head: dict[int, str] = {}
@@ -115,6 +124,9 @@ class RecordMapper:
         #: they stopped waiting for it)
         self.before_mir: list[Record] | None = None
         self._far_seen = self._mir_seen = False
+        #: a MIR's lot that no MRR has ended yet (a second MIR ends it)
+        self._lot_open = False
+        self._mrr_seen = False
 
     def map_all(self, records: Iterable[Any], now: float) -> list[Record]:
         out: list[Record] = []
@@ -188,13 +200,27 @@ class RecordMapper:
     # -- lot and wafer ---------------------------------------------------------------------
 
     def _far(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
-        if not self._far_seen:  # (a second FAR: two files in one, the MIR already came)
+        if self._mrr_seen:
+            # a FAR after a lot's MRR: another file's records follow (files concatenated,
+            # a retest lot appended), mapped as that file on its own would be -- its
+            # own test defaults, part numbering, lot
+            self._reset()
+        if not self._far_seen:  # (a FAR inside a lot, before its MRR, is ignored)
             self._far_seen = True
             if not self._mir_seen:
                 self.before_mir = []
 
     def _mir(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
-        self._mir_seen = True
+        if self._lot_open and (f.get("LOT_ID", "") or "") != self.lot_id:
+            # a second MIR with no MRR before it, of another lot: the first ends here, as at an MRR
+            # (its open parts' results go on without a part id), with a LotEnd the
+            # mapping makes -- else it stays "in test" until evicted.  Its finish time is
+            # the second lot's start; ``extra`` says no MRR ended it.  (The same lot id
+            # again is that lot going on: a LotEnd would show it closed while in test)
+            out[:0] = [*self.close(now), LotEnd(self.source, now, self.lot_id,
+                                                f.get("START_T", 0) or 0,
+                                                {"ended_by": "MIR"})]
+        self._mir_seen = self._lot_open = True
         lot = self.lot_id = f.get("LOT_ID", "") or ""
         start = LotStart(self.source, now, lot, f.get("PART_TYP", "") or "",
                          f.get("NODE_NAM", "") or "", f.get("TSTR_TYP", "") or "",
@@ -217,6 +243,7 @@ class RecordMapper:
                             for r in waiting)]
 
     def _mrr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
+        self._lot_open, self._mrr_seen = False, True
         out.extend(self.close(now))
         out.append(LotEnd(self.source, now, self.lot_id, f.get("FINISH_T", 0) or 0,
                           _extra(f, _MRR_COLUMNS)))
