@@ -26,7 +26,8 @@ piece survives the loss of Redis (a restart with an empty keyspace):
   p's owner subscribes) and ``{prefix}:notice`` small cross-node notices (a gateway taken
   over elsewhere).
 * **Presence**: ``{prefix}:presence:{gateway}`` hashes with a TTL, and the sorted set
-  ``{prefix}:nodes`` (score = expiry in ms) of live nodes.
+  ``{prefix}:nodes`` (score = expiry in ms by Redis's clock, ``TIME``: node clocks may
+  disagree by hours) of live nodes.
 * **Leases** ``{prefix}:lease:{name}`` = ``<node>:<token>`` with a TTL, the token from
   ``INCR {prefix}:fence:{name}``: strictly increasing per name, so a write fenced by a
   token (PostgreSQL keeps the highest one seen) refuses a stale holder.  Redis may lose the
@@ -178,6 +179,24 @@ return 0
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+# The live-node registry ``{prefix}:nodes`` (score = expiry in ms) by one clock, Redis's
+# ``TIME``: were each node to score (and cut off) by its own wall clock, a node whose clock
+# runs ahead would stay listed that much longer after it died (nobody takes its partitions
+# over) and would drop the live nodes from its own listing (it takes theirs); one running
+# behind the reverse.  Lease TTLs and presence TTLs are Redis's own measure already.
+# KEYS: nodes.  ARGV: node ('' for none: list only), ttl ms, '1' to return the live nodes.
+# (Writes after TIME are fine: Redis >= 5 replicates a script's effects, not the script.)
+_NODES = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[1] ~= '' then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+end
+if ARGV[3] == '' then return {} end
+return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
 """
 
 _SEED = """
@@ -465,7 +484,7 @@ class ClusterBus:
                     shard.client = client
                     for name, body in (("publish", _PUBLISH), ("acquire", _ACQUIRE),
                                        ("renew", _RENEW), ("release", _RELEASE),
-                                       ("seed", _SEED),
+                                       ("seed", _SEED), ("nodes", _NODES),
                                        ("claim_presence", self._CLAIM_PRESENCE),
                                        ("drop_presence", self._DROP_PRESENCE)):
                         shard.scripts[name] = client.register_script(body)
@@ -1021,42 +1040,23 @@ class ClusterBus:
     async def heartbeat_node(self, ttl_s: float) -> None:
         """This node is alive for ``ttl_s`` more seconds (``{prefix}:nodes`` on shard 0, a
         sorted set scored by expiry: listing live nodes needs no SCAN)."""
-        client = self._client_of(CLUSTER_SHARD)
-        key = self.key("nodes")
-        expiry = int((time.time() + ttl_s) * 1000)
-
-        async def run() -> None:
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.zadd(key, {self.node_id: expiry})
-                pipe.zremrangebyscore(key, "-inf", int(time.time() * 1000))
-
-        await self._call("nodes", run)
+        await self._nodes(ttl_s, heartbeat=True, listing=False)
 
     async def heartbeat_and_list(self, ttl_s: float) -> list[str]:
         """``heartbeat_node`` and ``live_nodes`` in one round trip (the ownership round)."""
-        import coredis
-
-        client = self._client_of(CLUSTER_SHARD)
-        key = self.key("nodes")
-        now = int(time.time() * 1000)
-
-        async def run() -> Any:
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.zadd(key, {self.node_id: now + int(ttl_s * 1000)})
-                pipe.zremrangebyscore(key, "-inf", now)
-                listed = pipe.zrange(key, now, "+inf", sortby=coredis.PureToken.BYSCORE)
-            return await listed
-
-        return sorted(_text(m) for m in await self._call("nodes", run))
+        return await self._nodes(ttl_s, heartbeat=True, listing=True)
 
     async def live_nodes(self) -> list[str]:
-        client = self._client_of(CLUSTER_SHARD)
-        now = int(time.time() * 1000)
-        import coredis
+        return await self._nodes(0.0, heartbeat=False, listing=True)
 
-        raw = await self._call("nodes", lambda: client.zrange(
-            self.key("nodes"), now, "+inf", sortby=coredis.PureToken.BYSCORE))
-        return sorted(_text(m) for m in raw)
+    async def _nodes(self, ttl_s: float, *, heartbeat: bool, listing: bool) -> list[str]:
+        # One script: the expiry and the cut-off are both by Redis's clock (``_NODES``).
+        script = self.shards[CLUSTER_SHARD].scripts["nodes"]
+        raw = await self._call("nodes", lambda: script(
+            keys=[self.key("nodes")],
+            args=[self.node_id if heartbeat else "", int(ttl_s * 1000),
+                  "1" if listing else ""]))
+        return sorted(_text(m) for m in raw or ())
 
     async def leave(self) -> None:
         """Graceful stop: drop this node from the live set at once."""
