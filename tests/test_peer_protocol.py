@@ -1417,7 +1417,7 @@ SNAPSHOT_KEYS = {
                         "hard_bins", "soft_bins", "hard_bins_tested", "soft_bins_tested",
                         "sites", "reported", "updated"},
     "test/L1/100": {"lot_id", "test_num", "kind", "test_txt", "named", "units", "lo_limit",
-                    "hi_limit", "executions", "fails", "count", "mean", "sigma", "min", "max",
+                    "hi_limit", "executions", "not_executed", "fails", "count", "mean", "sigma", "min", "max",
                     "cp", "cpk", "histogram", "sites", "wafers"},
     "sensor/temp": {"channel", "unit", "source", "latest", "history"},
     f"gateway/{GW}": {"gateway_id", "online", "last_seen", "connected_at", "disconnected_at",

@@ -471,9 +471,18 @@ function renderTrend(lotId) {
   const byId = new Map();
   for (const w of (lotWafers.get(lotId) || { wafers: [] }).wafers) byId.set(w.wafer_id, w);
   for (const [topic, v] of views) if (isWafer(topic) && v.lot_id === lotId) byId.set(v.wafer_id, v);
-  const rows = [...byId.values()].filter((w) => w.yield != null && w.die_count > 0)
+  // (a part without a wafer id is no wafer: an older hub or archive may still list "")
+  const rows = [...byId.values()].filter((w) => w.wafer_id && w.yield != null && w.die_count > 0)
     .sort((a, b) => (a.started ?? 0) - (b.started ?? 0) || String(a.wafer_id).localeCompare(String(b.wafer_id)));
-  if (!rows.length) { el.innerHTML = '<div class="empty">no wafer yet</div>'; return; }
+  if (!rows.length) {
+    // A final-test lot (packaged parts, no WIR/WRR) has parts but no wafers: say so.
+    const lot = views.get(`lot/${lotId}`);
+    const noWafers = lot && !(lot.wafers || []).some((w) => w) && lot.die_count > 0;
+    el.innerHTML = noWafers
+      ? `<div class="empty" data-final-test="1">no wafers: parts tested without a wafer id (final test) · lot yield ${lot.yield != null ? (100 * lot.yield).toFixed(1) + " %" : "–"}</div>`
+      : '<div class="empty">no wafer yet</div>';
+    return;
+  }
   const threshold = yieldThreshold ? yieldThreshold.value : DEFAULT_YIELD_THRESHOLD;
   const label = `alert ${(100 * threshold).toFixed(0)} %` + (yieldThreshold ? ` (${yieldThreshold.rule})` : " (default)");
   el.innerHTML = lineChart({
