@@ -529,9 +529,9 @@ class TestStats:
         self.kind = kind
         self.topic = topics.test(lot_id, test_num)
         self.test_txt = ""
-        #: the distinct TEST_TXTs its results carried, in the order first seen (at most
-        #: ``TEST_NAMES``): more than one is a test number shared by other tests, whose
-        #: figures are mixed in this one's
+        #: the distinct TEST_TXTs its results carried, sorted (the same whatever order the
+        #: frames came in; the first ``TEST_NAMES`` seen): more than one is a test number
+        #: shared by other tests, whose figures are mixed in this one's
         self.names: list[str] = []
         self.units = ""
         self.lo: float | None = None
@@ -564,6 +564,7 @@ class TestStats:
         if test_txt in names or len(names) >= TEST_NAMES:
             return False
         names.append(test_txt)
+        names.sort()
         return len(names) == 2
 
     def add_site_value(self, site: SiteId, value: float, gateway: str) -> bool:
