@@ -236,6 +236,16 @@ const identity = (row, by) => (Array.isArray(by) ? by.map((i) => row[i]).join(",
 
 const isWafer = (topic) => /^lot\/[^/]+\/wafer\/[^/]+$/.test(topic);
 const kindOf = (topic) => topic.split("/")[0];
+const isLot = (topic) => /^lot\/[^/]+$/.test(topic);
+
+function latestLot() {
+  let best = null;
+  for (const [topic, v] of views) {
+    if (isLot(topic) && v.lot_id != null && v.status !== "evicted"
+        && (!best || (v.updated ?? 0) > (best.updated ?? 0))) best = v;
+  }
+  return best ? best.lot_id : null;
+}
 
 // ------------------------------------------------------------------ rendering
 
@@ -811,7 +821,9 @@ function draw() {
     renderGateways();
     renderWarning();
     renderSensors();
-    const lotId = wv ? wv.lot_id : null;
+    // No wafer to follow (a final-test lot has none): the lot updated last, so its tests
+    // and its "no wafers" trend still show.
+    const lotId = wv ? wv.lot_id : latestLot();
     renderTests(lotId);
     renderTestCharts(lotId);
     renderTrend(lotId);
