@@ -773,6 +773,15 @@ function sparkline(cv, hist) {
   c.stroke();
 }
 
+// A test number the tester used for more than one test (docs/live-topics.md, test_txts):
+// the hub mixes their figures in one test, so the row says so.
+function shared(v) {
+  const names = v.test_txts || [];
+  return names.length > 1
+    ? ` <span class="shared" title="test number shared by ${names.length} tests, figures mixed: ${escapeHtml(names.join(", "))}">⚠ ${names.length} names</span>`
+    : "";
+}
+
 function renderTests(lotId) {
   $("tests-scope").textContent = lotId ? `lot ${lotId}` : "";
   const rows = lotId ? lotTests(lotId) : [];
@@ -780,7 +789,8 @@ function renderTests(lotId) {
   const chosen = chosenTest(lotId);
   $("tests").tBodies[0].innerHTML = rows.slice(0, 200).map((v) =>
     `<tr data-test="${v.test_num}" aria-selected="${chosen && chosen.test_num === v.test_num}">` +
-    `<td>${escapeHtml(testLabel(v))}</td><td>${v.count}</td><td>${f(v.mean, 4)}</td>` +
+    `<td>${escapeHtml(testLabel(v))}${shared(v)}</td>` +
+    `<td title="${v.not_executed ? `${v.not_executed} not executed (not in the figures)` : ""}">${v.count}</td><td>${f(v.mean, 4)}</td>` +
     `<td>${f(v.sigma)}</td><td class="${v.cpk != null && v.cpk < 1.33 ? "low-cpk" : ""}">${f(v.cpk)}</td></tr>`).join("");
 }
 
