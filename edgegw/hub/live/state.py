@@ -251,8 +251,9 @@ class LiveState:
         )
         self._m_values_skipped = metrics.counter(
             "hub_state_test_values_skipped_total",
-            "test values left out of the statistics: flagged invalid by the tester, or not "
-            "finite (the result itself is counted)",
+            "test values left out of the statistics: flagged unusable by the tester "
+            "(TEST_FLG bits 0-5, PARM_FLG bits 0-2), missing or not finite (the result "
+            "itself is counted: an execution, or not executed)",
         )
         self._m_values_dropped = metrics.counter(
             "hub_state_part_values_dropped_total",
