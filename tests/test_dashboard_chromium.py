@@ -702,3 +702,58 @@ async def test_parametric_only_data_shows_yield_and_bins_not_applicable_and_test
             assert view["sites"] == "yield not applicable (no pass/fail)"
             await browser.screenshot(ARTIFACTS / "dashboard-parametric.png")
         nursery.cancel_scope.cancel()
+
+
+@needs_chromium
+async def test_a_final_test_lot_shows_its_tests_and_says_it_has_no_wafers(
+        tmp_path: Path) -> None:
+    """An STDF file of packaged parts (no WIR/WRR) tailed by a real gateway: the page shows
+    the lot's tests (one number used by two tests marked), and its yield trend says the lot
+    has no wafers -- no wafer named ""."""
+    from edgegw.stdf import StdfWriter
+
+    w = StdfWriter("<")
+    recs = [("FAR", {"CPU_TYPE": 2, "STDF_VER": 4}),
+            ("MIR", {"SETUP_T": 1, "START_T": 2, "STAT_NUM": 1, "LOT_ID": "FTLOT",
+                     "PART_TYP": "DEV", "NODE_NAM": "ate", "TSTR_TYP": "J750",
+                     "JOB_NAM": "ft"})]
+    for n in range(4):
+        recs += [("PIR", {"HEAD_NUM": 1, "SITE_NUM": 0}),
+                 ("PTR", {"TEST_NUM": 100, "HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0,
+                          "PARM_FLG": 0, "RESULT": 1.0 + n, "TEST_TXT": "VDD",
+                          "OPT_FLAG": 0x0E, "LO_LIMIT": 0.0, "HI_LIMIT": 10.0, "UNITS": "V"}),
+                 ("PTR", {"TEST_NUM": 101, "HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0,
+                          "PARM_FLG": 0, "RESULT": 2.0,
+                          "TEST_TXT": "IDD" if n else "IDDQ"}),  # one number, two tests
+                 ("PRR", {"HEAD_NUM": 1, "SITE_NUM": 0, "PART_FLG": 0x08 if n == 3 else 0,
+                          "NUM_TEST": 1, "HARD_BIN": 2 if n == 3 else 1,
+                          "SOFT_BIN": 2 if n == 3 else 1, "PART_ID": str(n + 1)})]
+    recs.append(("MRR", {"FINISH_T": 9}))
+    watched = tmp_path / "ft"
+    watched.mkdir()
+    (watched / "ft.stdf").write_bytes(b"".join(w.encode(name, f) for name, f in recs))
+    hub = LiveHub(tmp_path / "hub")
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(hub.run)
+        async with open_browser(tmp_path / "profile") as browser:
+            await browser.call("Page.navigate", url=f"http://127.0.0.1:{port}/")
+            await wait_page(browser, lambda p: p["conn"] == "live", 15, "the page to connect")
+            cfg = gateway_config(tmp_path / "gw", port, token=TOKEN, sources=[
+                {"name": "ft", "type": "tail", "paths": [str(watched)],
+                 "poll_interval": 0.05}])
+            await nursery.start(Gateway(cfg).run)
+
+            async def shown() -> Any:
+                return await browser.eval(
+                    "({trend: document.getElementById('yield-trend').textContent,"
+                    " final: !!document.querySelector('#yield-trend [data-final-test]'),"
+                    " tests: [...document.querySelectorAll('#tests tbody tr')]"
+                    "   .map(r => r.cells[0].textContent)})")
+
+            with trio.fail_after(30):
+                while not (view := await shown())["final"] or len(view["tests"]) < 2:
+                    await trio.sleep(0.1)
+            assert "no wafers" in view["trend"] and "75.0 %" in view["trend"]
+            assert view["tests"] == ["100 VDD", "101 IDD ⚠ 2 names"]
+            await browser.screenshot(ARTIFACTS / "dashboard-final-test.png")
+        nursery.cancel_scope.cancel()

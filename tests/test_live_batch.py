@@ -161,7 +161,8 @@ value = st.one_of(
     st.none(), st.integers(-5, 5), st.just("x"))
 limit = st.one_of(st.none(), st.sampled_from([-1.0, 0.0, -0.0, 1.0, 2.5, 2, math.nan]))
 site = st.one_of(st.integers(0, 3), st.integers(0, 3), st.none())
-flag = st.sampled_from([0, 0, 0, 0x04, 0x80, True])
+flag = st.sampled_from([0, 0, 0, 0x04, 0x80, True, 0x10, 0x90, 0x01, 0x42])
+parm_flag = st.sampled_from([0, 0, 0, 0x02, 0x08, 0x04])
 
 
 @st.composite
@@ -177,7 +178,8 @@ def record(draw: st.DrawFn) -> Any:
         return ParametricResult("t", ts, lot, 1, s, "p", draw(st.sampled_from(TESTS)),
                                 draw(st.sampled_from(["", "T", "U"])), draw(value),
                                 draw(limit), draw(limit), draw(st.sampled_from(["", "V"])),
-                                draw(st.sampled_from([True, False, None])), draw(flag))
+                                draw(st.sampled_from([True, False, None])), draw(flag),
+                                draw(parm_flag))
     if kind == "prr":
         xy = draw(st.one_of(st.none(), st.tuples(st.integers(0, 3), st.integers(0, 3))))
         return PartResult("t", ts, lot, draw(st.sampled_from(WAFERS)), 1, s if s is not None
@@ -189,10 +191,10 @@ def record(draw: st.DrawFn) -> Any:
     if kind == "mpr":
         return MultiPinResult("t", ts, lot, 1, s, "p", draw(st.sampled_from(TESTS)), "M",
                               draw(st.lists(st.floats(-10, 10), max_size=3)), draw(limit),
-                              draw(limit), "V", True)
+                              draw(limit), "V", True, draw(flag), draw(parm_flag))
     if kind == "ftr":
         return FunctionalResult("t", ts, lot, 1, s, "p", draw(st.sampled_from(TESTS)), "F",
-                                draw(st.sampled_from([True, False])))
+                                draw(st.sampled_from([True, False])), draw(flag))
     if kind == "wafer_start":
         return WaferStart("t", ts, lot, draw(st.sampled_from(WAFERS)))
     if kind == "wafer_end":

@@ -128,8 +128,10 @@ def test_galaxy_test_statistics_match_a_direct_computation(
     lot_id = file_figures(raw)["lot_id"]
     values: dict[int, list[float]] = {}
     for rec in mapped:
+        # STDF V4 (PTR, "RESULT"): a value is useful only if TEST_FLG bits 0-5 and PARM_FLG
+        # bits 0-2 are 0 (the file's 15 alarmed values are instrument clamps, -10 mA ...)
         if type(rec).__name__ == "ParametricResult" and rec.value is not None \
-                and not rec.test_flag & 0x3E:
+                and not rec.test_flag & 0x3F and not rec.parm_flag & 0x07:
             values.setdefault(rec.test_num, []).append(rec.value)
     assert len(values) > 50
     for test_num, vals in values.items():

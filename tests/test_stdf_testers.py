@@ -845,3 +845,110 @@ def test_nan_results_are_sent_and_left_out_of_the_statistics() -> None:
     state = hub(sent)
     test = state.snapshot("test/LOTA/100")
     assert test is not None and test["executions"] == 1 and test["count"] == 0
+
+
+# -- what a result's flags make of it (STDF V4 TEST_FLG / PARM_FLG) ------------------------
+
+
+def flagged_ptr(value: float, test_flg: int, parm_flg: int = 0, num: int = 100) -> Rec:
+    name, fields = ptr(1, 0, value, num)
+    return name, fields | {"TEST_FLG": test_flg, "PARM_FLG": parm_flg}
+
+
+def flagged_parts(results: list[Rec]) -> bytes:
+    """One part per result, each on site 0 (a final-test handler, no wafer)."""
+    recs: list[Rec] = [far(), mir()]
+    for i, result in enumerate(results):
+        recs += [pir(1, 0), result, prr(1, 0, str(i + 1))]
+    return stdf([*recs, MRR])
+
+
+FLAGGED = [
+    flagged_ptr(0.0, 0x10),          # not executed (a test the flow skipped): no figure but its own
+    flagged_ptr(0.0, 0x10 | 0x80),   # not executed, its fail bit left set: still no fail
+    flagged_ptr(5.0, 0),             # a value
+    flagged_ptr(20.0, 0x80, 0x08),   # a value over the high limit: a fail, and a value
+    flagged_ptr(0.0, 0x02 | 0x80),   # executed, no value taken, failed (bit 1: read bits 6/7)
+    flagged_ptr(3.0, 0, 0x02),       # drift (an unstable measurement): executed, no value
+    flagged_ptr(4.0, 0x01),          # alarm: executed, no value
+    flagged_ptr(6.0, 0x04 | 0x40),   # unreliable, no pass/fail: executed, no value, no fail
+]
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_test_not_executed_is_no_execution_and_unusable_values_stay_out_of_the_figures(
+        batched: bool) -> None:
+    sent = gateway(flagged_parts(FLAGGED))
+    # every result is sent, its flags as the tester wrote them (nothing lost)
+    results = [r for r in sent if isinstance(r, ParametricResult)]
+    assert [(r.test_flag, r.parm_flag) for r in results] == [
+        (f["TEST_FLG"], f["PARM_FLG"]) for _, f in FLAGGED]
+    state = LiveState(lambda topic, delta: None, clock=lambda: 1.0, batch_apply=batched)
+    state.on_records("gw", 1, sent, now=1.0)
+    test = state.snapshot("test/LOTA/100")
+    assert test is not None
+    assert (test["executions"], test["not_executed"], test["fails"]) == (6, 2, 2)
+    # only the values the spec calls useful (TEST_FLG bits 0-5, PARM_FLG bits 0-2 clear)
+    assert (test["count"], test["mean"], test["min"], test["max"]) == (2, 12.5, 5.0, 20.0)
+    assert test["sites"] == {"0": [2, 12.5, test["sigma"]]}
+    assert sum(test["histogram"]["counts"]) == 2
+    # the limits of a result not executed still count (a first PTR of defaults only)
+    assert (test["lo_limit"], test["hi_limit"], test["units"]) == (0.0, 10.0, "V")
+    # and a restart from a checkpoint keeps the figure
+    again = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
+    restore(again, decode(encode({"frame_id": 1}, capture(state)))[1])
+    assert again.snapshot("test/LOTA/100") == test
+
+
+def test_a_multipin_or_functional_test_not_executed_is_no_execution() -> None:
+    mpr: Rec = ("MPR", {"TEST_NUM": 200, "HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0x10 | 0x80,
+                        "PARM_FLG": 0, "RTN_ICNT": 0, "RSLT_CNT": 2, "RTN_RSLT": [1.0, 2.0],
+                        "TEST_TXT": "IIL", "OPT_FLAG": 0x0E, "LO_LIMIT": 0.0,
+                        "HI_LIMIT": 5.0, "UNITS": "A"})
+    ftr: Rec = ("FTR", {"TEST_NUM": 300, "HEAD_NUM": 1, "SITE_NUM": 0,
+                        "TEST_FLG": 0x10 | 0x80, "OPT_FLAG": 0xFF, "TEST_TXT": "FUNC"})
+    ran = [("MPR", mpr[1] | {"TEST_FLG": 0x80}), ("FTR", ftr[1] | {"TEST_FLG": 0x80})]
+    state = hub(gateway(stdf([far(), mir(), pir(1, 0), mpr, ftr, prr(1, 0, "1"),
+                              pir(1, 0), *ran, prr(1, 0, "2"), MRR])))
+    for num in (200, 300):
+        test = state.snapshot(f"test/LOTA/{num}")
+        assert test is not None
+        assert (test["executions"], test["not_executed"], test["fails"]) == (1, 1, 1)
+    multipin = state.snapshot("test/LOTA/200")
+    assert multipin is not None and multipin["count"] == 2  # the run one's two pins only
+
+
+def test_a_final_test_lot_has_no_wafer_but_counts_its_parts() -> None:
+    state = hub(gateway(dual_head_final_test("<")))
+    lot = state.snapshot("lot/LOTA")
+    assert lot is not None
+    # no "" wafer (it plotted as a wafer named "" on the dashboard's yield trend)
+    assert (lot["wafers"], lot["wafer_count"], lot["archived_wafers"]) == ([], 0, 0)
+    assert (lot["die_count"], lot["good"]) == (24, 18)
+    assert not [t for t in state.topics() if t.startswith("lot/LOTA/wafer/")]
+    test = state.snapshot("test/LOTA/100")
+    assert test is not None and test["wafers"] == [] and test["count"] == 24
+
+
+def test_a_test_number_reused_for_another_test_is_detected_and_counted() -> None:
+    metrics = Metrics()
+    other = [("PTR", f | {"TEST_TXT": "IDDQ"}) for _, f in [ptr(1, 0, 7.0)]]
+    for batched in (True, False):
+        state = LiveState(lambda topic, delta: None, clock=lambda: 1.0, metrics=metrics,
+                          batch_apply=batched)
+        # two parts: test 100 is "VDD" and, on the same number, "IDDQ"; then VDD again
+        state.on_records("gw", 1, gateway(stdf([
+            far(), mir(), pir(1, 0), ptr(1, 0, 1.0), *other, prr(1, 0, "1"),
+            pir(1, 0), ptr(1, 0, 2.0), *other, prr(1, 0, "2"), MRR])), now=1.0)
+        test = state.snapshot("test/LOTA/100")
+        assert test is not None
+        # their figures are mixed (the hub keys a test by its number), and it says so
+        assert test["count"] == 4 and test["test_txts"] == ["IDDQ", "VDD"]
+    assert metrics.counter("hub_state_test_numbers_shared_total").total() == 2
+    again = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
+    restore(again, decode(encode({"frame_id": 1}, capture(state)))[1])
+    assert again.snapshot("test/LOTA/100") == test
+    # a test of one name lists it alone
+    single = hub(gateway(stdf([far(), mir(), pir(1, 0), ptr(1, 0, 1.0), prr(1, 0, "1"), MRR])))
+    one = single.snapshot("test/LOTA/100")
+    assert one is not None and one["test_txts"] == ["VDD"]

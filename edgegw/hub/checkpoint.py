@@ -248,7 +248,7 @@ def _test(t: TestStats) -> list[Any]:
             [h.lo, h.width, list(h.counts), h.below, h.above],
             [_running(_site(site), r) for site, r in t.by_site.items()],
             [_running(wafer, r) for wafer, r in t.by_wafer.items()],
-            [[gw, n] for gw, n in t.sites_of.items()]]
+            [[gw, n] for gw, n in t.sites_of.items()], t.not_executed, list(t.names)]
 
 
 def _test_from(lot_id: str, row: list[Any]) -> TestStats:
@@ -264,6 +264,9 @@ def _test_from(lot_id: str, row: list[Any]) -> TestStats:
     t.sites_of = {gw: n for gw, n in row[16]} if len(row) > 16 else {}
     for r in row[15]:
         t.by_wafer[r[0]] = _running_from(r)
+    # (an older checkpoint: none, and the one name it knows)
+    t.not_executed = row[17] if len(row) > 17 else 0
+    t.names = list(row[18]) if len(row) > 18 else [t.test_txt] if t.test_txt else []
     return t
 
 

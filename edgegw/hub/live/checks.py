@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-#: TEST_FLG bits that make a measured value unusable for statistics: result invalid,
-#: unreliable, timeout, not executed, aborted.
-BAD_VALUE_FLAGS = 0b0011_1110
+#: TEST_FLG bits that make a measured value unusable for statistics (STDF V4, PTR "RESULT":
+#: useful only if these are all 0): alarm, result invalid, unreliable, timeout, not
+#: executed, aborted.
+BAD_VALUE_FLAGS = 0b0011_1111
+#: PARM_FLG bits that make it unusable too (the same note): scale error, drift (an unstable
+#: measurement), oscillation.  Bits 3-7 (over/under a limit, alternate limits, limit
+#: equality) describe a good value.
+BAD_PARM_FLAGS = 0b0000_0111
+#: TEST_FLG bit 4: the test was not executed (a record of defaults only, or a test the flow
+#: skipped): not an execution, no pass/fail, no value.
+NOT_EXECUTED = 0b0001_0000
 
 
 class BadRecord(ValueError):

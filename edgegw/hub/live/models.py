@@ -404,6 +404,9 @@ PENDING_SITES_PER_LOT = 4_096
 #: thousands of site numbers would make each delta that long; per gateway, so one that
 #: does leaves the others' sites their rows
 SITES_PER_TEST = 1_024
+#: Distinct TEST_TXTs a test lists (``TestStats.names``): a test number a tester reuses for
+#: other tests shows it; the list is bounded, every delta carries it
+TEST_NAMES = 8
 #: Stretches of a gateway's records applied apart from the rest (frames out of record-id
 #: order) kept waiting to join their neighbours, per gateway (``Run``); over it the
 #: oldest one's waiting values are dropped (counted).
@@ -526,10 +529,16 @@ class TestStats:
         self.kind = kind
         self.topic = topics.test(lot_id, test_num)
         self.test_txt = ""
+        #: the distinct TEST_TXTs its results carried, sorted (the same whatever order the
+        #: frames came in; the first ``TEST_NAMES`` seen): more than one is a test number
+        #: shared by other tests, whose figures are mixed in this one's
+        self.names: list[str] = []
         self.units = ""
         self.lo: float | None = None
         self.hi: float | None = None
         self.executions = 0
+        #: results flagged "test not executed" (TEST_FLG bit 4): not in ``executions``
+        self.not_executed = 0
         self.fails = 0
         self.count = 0
         self.mean = 0.0
@@ -546,6 +555,17 @@ class TestStats:
         self.by_wafer: OrderedDict[str, Running] = OrderedDict()
         self.wafer_order = wafer_order
         self._rows_at = -1  # the wafer order's version the rows are sorted for
+
+    def name(self, test_txt: str) -> bool:
+        """``test_txt`` (not empty, not ``self.test_txt``) is the test's name from now on;
+        True if the test number has a second name with it (a test number shared)."""
+        self.test_txt = test_txt
+        names = self.names
+        if test_txt in names or len(names) >= TEST_NAMES:
+            return False
+        names.append(test_txt)
+        names.sort()
+        return len(names) == 2
 
     def add_site_value(self, site: SiteId, value: float, gateway: str) -> bool:
         """``value`` into its site's figures; False if the site is not kept (``gateway``
@@ -693,12 +713,14 @@ class TestStats:
             "test_num": self.test_num,
             "kind": self.kind,
             "test_txt": self.test_txt,
+            "test_txts": list(self.names),
             # a test known by name: its number is test_number(name) (docs/plugins.md)
             "named": bool(self.test_txt) and test_number(self.test_txt) == self.test_num,
             "units": self.units,
             "lo_limit": self.lo,
             "hi_limit": self.hi,
             "executions": self.executions,
+            "not_executed": self.not_executed,
             "fails": self.fails,
             "count": self.count,
             "mean": self.mean if self.count else None,
@@ -795,9 +817,11 @@ class LotState:
             "started": self.started,
             "ended": self.ended,
             "gateways": sorted(self.gateways),
-            "wafers": list(self.wafers),
-            "wafer_count": len(self.wafers) + len(self.archived_wafers),
-            "archived_wafers": len(self.archived_wafers),
+            # parts without a wafer id (final test) are counted, but are no wafer
+            "wafers": [w for w in self.wafers if w],
+            "wafer_count": len(self.wafers) + len(self.archived_wafers) - (
+                "" in self.wafers) - ("" in self.archived_wafers),
+            "archived_wafers": len(self.archived_wafers) - ("" in self.archived_wafers),
             **self.tally.as_dict(),
             "units_per_hour": self.units_per_hour,
             "test_time_ms": self.test_time_sum / self.test_time_n if self.test_time_n else None,

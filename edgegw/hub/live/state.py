@@ -123,7 +123,17 @@ from edgegw.records import (
     WaferStart,
 )
 
-from .checks import BAD_VALUE_FLAGS, BadRecord, NotApplied, is_int, is_num, opt_int, opt_num
+from .checks import (
+    BAD_PARM_FLAGS,
+    BAD_VALUE_FLAGS,
+    NOT_EXECUTED,
+    BadRecord,
+    NotApplied,
+    is_int,
+    is_num,
+    opt_int,
+    opt_num,
+)
 from .models import (
     DIE_VALUES_PER_WAFER,
     DIES_PER_WAFER,
@@ -241,8 +251,9 @@ class LiveState:
         )
         self._m_values_skipped = metrics.counter(
             "hub_state_test_values_skipped_total",
-            "test values left out of the statistics: flagged invalid by the tester, or not "
-            "finite (the result itself is counted)",
+            "test values left out of the statistics: flagged unusable by the tester "
+            "(TEST_FLG bits 0-5, PARM_FLG bits 0-2), missing or not finite (the result "
+            "itself is counted: an execution, or not executed)",
         )
         self._m_values_dropped = metrics.counter(
             "hub_state_part_values_dropped_total",
@@ -258,6 +269,12 @@ class LiveState:
             "test values left out of their test's per-site figures (sites): the gateway "
             "that sent them already made as many sites of the test as a test keeps per "
             "gateway (the test's own figures have them)",
+        )
+        self._m_test_num_shared = metrics.counter(
+            "hub_state_test_numbers_shared_total",
+            "tests (a lot's test number) whose results came with a second TEST_TXT: a "
+            "tester reusing a test number for another test, whose figures the hub mixes "
+            "(it keys a test by its number; the test's test_txts lists the names)",
         )
         self._m_tally_keys_dropped = metrics.counter(
             "hub_state_tally_keys_dropped_total",
@@ -642,6 +659,7 @@ class LiveState:
         tests = batch.tests
         parametric, part = ParametricResult, PartResult
         num, bad_flags, isfinite = (float, int), BAD_VALUE_FLAGS, math.isfinite
+        bad_parm = BAD_PARM_FLAGS
         ts_max = batch.ts
         skipped = dropped = 0
         # the pending list of the last parametric result's (lot, head, site); forgotten
@@ -653,11 +671,12 @@ class LiveState:
             kind = type(rec)
             if kind is parametric or kind is tuple:
                 (_, ts, lot_id, head, site, _, test_num, test_txt, value, lo, hi, units,
-                 passed, test_flag, _) = rec
+                 passed, test_flag, parm_flag) = rec
                 lot = stats = None
                 if plain or (type(lot_id) is str and type(test_num) is int
                              and type(ts) in num and type(head) is int
                              and type(site) is int and type(test_flag) is int
+                             and type(parm_flag) is int
                              and (value is None or type(value) is float)
                              and (lo is None or type(lo) in num)
                              and (hi is None or type(hi) in num)):
@@ -676,11 +695,14 @@ class LiveState:
                                 and not -1.7e308 < hi < 1.7e308)):
                         stats = None  # an int limit no float holds: the bad-record path
                 if stats is not None:
-                    if test_txt:
-                        stats.test_txt = test_txt
-                    stats.executions += 1
-                    if passed is False:
-                        stats.fails += 1
+                    if test_txt and test_txt != stats.test_txt and stats.name(test_txt):
+                        self._m_test_num_shared.inc()
+                    if test_flag & 0x10:  # NOT_EXECUTED: no execution, no pass/fail
+                        stats.not_executed += 1
+                    else:
+                        stats.executions += 1
+                        if passed is False:
+                            stats.fails += 1
                     if new_lo or new_hi:
                         if ((new_lo and (lo != s_lo or type(lo) is not type(s_lo)))
                                 or (new_hi and (hi != s_hi or type(hi) is not type(s_hi)))):
@@ -697,7 +719,8 @@ class LiveState:
                             stats.hi = hi
                     if units:
                         stats.units = units
-                    if value is not None and not test_flag & bad_flags and isfinite(value):
+                    if value is not None and not test_flag & bad_flags \
+                            and not parm_flag & bad_parm and isfinite(value):
                         kept = values.get(stats)
                         key = site if head == 1 else (head, site)  # site_key, inline
                         if kept is None:
@@ -1086,8 +1109,11 @@ class LiveState:
             tests[stats] = None
 
     def _test(self, rec: Any, kind: str, gateway_id: str) -> TestStats:
-        if not (is_int(rec.test_num) and isinstance(rec.lot_id, str) and is_num(rec.ts)):
-            raise BadRecord(f"test result with a bad test number or lot id: {rec!r:.200}")
+        if not (is_int(rec.test_num) and isinstance(rec.lot_id, str) and is_num(rec.ts)
+                and is_int(rec.test_flag)
+                and (kind == "functional" or is_int(rec.parm_flag))):
+            raise BadRecord(f"test result with a bad test number, lot id or flags: "
+                            f"{rec!r:.200}")
         if kind != "functional" and not (
             opt_num(rec.lo_limit) and opt_num(rec.hi_limit)
             and (opt_num(rec.value) if kind == "parametric"
@@ -1107,11 +1133,15 @@ class LiveState:
             lot.tests_of[gateway_id] = made + 1
             stats = lot.tests[rec.test_num] = TestStats(rec.lot_id, rec.test_num, kind,
                                                          lot.wafer_order)
-        if rec.test_txt:
-            stats.test_txt = rec.test_txt
-        stats.executions += 1
-        if rec.passed is False:
-            stats.fails += 1
+        if rec.test_txt and rec.test_txt != stats.test_txt and stats.name(rec.test_txt):
+            self._m_test_num_shared.inc()
+        if rec.test_flag & NOT_EXECUTED:
+            # (a PTR of defaults only, or a test the flow skipped: its limits still count)
+            stats.not_executed += 1
+        else:
+            stats.executions += 1
+            if rec.passed is False:
+                stats.fails += 1
         return stats
 
     def _on_parametric(self, gateway_id: str, rid: int, rec: ParametricResult,
@@ -1120,7 +1150,7 @@ class LiveState:
         stats = self._test(rec, "parametric", gateway_id)
         self._limits(stats, rec)
         if rec.value is not None and not rec.test_flag & BAD_VALUE_FLAGS \
-                and math.isfinite(rec.value):
+                and not rec.parm_flag & BAD_PARM_FLAGS and math.isfinite(rec.value):
             stats.add_value(rec.value)
             if is_int(rec.site) and is_int(rec.head):
                 if not stats.add_site_value(site_key(rec.head, rec.site), rec.value,
@@ -1146,7 +1176,7 @@ class LiveState:
             _check_range(*rec.values)
         stats = self._test(rec, "multipin", gateway_id)
         self._limits(stats, rec)
-        if not rec.test_flag & BAD_VALUE_FLAGS:
+        if not rec.test_flag & BAD_VALUE_FLAGS and not rec.parm_flag & BAD_PARM_FLAGS:
             for value in rec.values:
                 if value is not None and math.isfinite(value):
                     stats.add_value(value)
@@ -1401,7 +1431,7 @@ _chain = itertools.chain.from_iterable
 #: in the record (ts, lot id, head, site, test number, value, limits, test flags)
 _PLAIN_PARAMETRIC = {1: {float, int}, 2: {str}, 3: {int}, 4: {int}, 6: {int},
                      8: {float, type(None)}, 9: {float, int, type(None)},
-                     10: {float, int, type(None)}, 13: {int}}
+                     10: {float, int, type(None)}, 13: {int}, 14: {int}}
 
 
 def _keep_time(times: deque[float], ts: float) -> None:

@@ -236,6 +236,16 @@ const identity = (row, by) => (Array.isArray(by) ? by.map((i) => row[i]).join(",
 
 const isWafer = (topic) => /^lot\/[^/]+\/wafer\/[^/]+$/.test(topic);
 const kindOf = (topic) => topic.split("/")[0];
+const isLot = (topic) => /^lot\/[^/]+$/.test(topic);
+
+function latestLot() {
+  let best = null;
+  for (const [topic, v] of views) {
+    if (isLot(topic) && v.lot_id != null && v.status !== "evicted"
+        && (!best || (v.updated ?? 0) > (best.updated ?? 0))) best = v;
+  }
+  return best ? best.lot_id : null;
+}
 
 // ------------------------------------------------------------------ rendering
 
@@ -471,9 +481,18 @@ function renderTrend(lotId) {
   const byId = new Map();
   for (const w of (lotWafers.get(lotId) || { wafers: [] }).wafers) byId.set(w.wafer_id, w);
   for (const [topic, v] of views) if (isWafer(topic) && v.lot_id === lotId) byId.set(v.wafer_id, v);
-  const rows = [...byId.values()].filter((w) => w.yield != null && w.die_count > 0)
+  // (a part without a wafer id is no wafer: an older hub or archive may still list "")
+  const rows = [...byId.values()].filter((w) => w.wafer_id && w.yield != null && w.die_count > 0)
     .sort((a, b) => (a.started ?? 0) - (b.started ?? 0) || String(a.wafer_id).localeCompare(String(b.wafer_id)));
-  if (!rows.length) { el.innerHTML = '<div class="empty">no wafer yet</div>'; return; }
+  if (!rows.length) {
+    // A final-test lot (packaged parts, no WIR/WRR) has parts but no wafers: say so.
+    const lot = views.get(`lot/${lotId}`);
+    const noWafers = lot && !(lot.wafers || []).some((w) => w) && lot.die_count > 0;
+    el.innerHTML = noWafers
+      ? `<div class="empty" data-final-test="1">no wafers: parts tested without a wafer id (final test) · lot yield ${lot.yield != null ? (100 * lot.yield).toFixed(1) + " %" : "–"}</div>`
+      : '<div class="empty">no wafer yet</div>';
+    return;
+  }
   const threshold = yieldThreshold ? yieldThreshold.value : DEFAULT_YIELD_THRESHOLD;
   const label = `alert ${(100 * threshold).toFixed(0)} %` + (yieldThreshold ? ` (${yieldThreshold.rule})` : " (default)");
   el.innerHTML = lineChart({
@@ -754,6 +773,15 @@ function sparkline(cv, hist) {
   c.stroke();
 }
 
+// A test number the tester used for more than one test (docs/live-topics.md, test_txts):
+// the hub mixes their figures in one test, so the row says so.
+function shared(v) {
+  const names = v.test_txts || [];
+  return names.length > 1
+    ? ` <span class="shared" title="test number shared by ${names.length} tests, figures mixed: ${escapeHtml(names.join(", "))}">⚠ ${names.length} names</span>`
+    : "";
+}
+
 function renderTests(lotId) {
   $("tests-scope").textContent = lotId ? `lot ${lotId}` : "";
   const rows = lotId ? lotTests(lotId) : [];
@@ -761,7 +789,8 @@ function renderTests(lotId) {
   const chosen = chosenTest(lotId);
   $("tests").tBodies[0].innerHTML = rows.slice(0, 200).map((v) =>
     `<tr data-test="${v.test_num}" aria-selected="${chosen && chosen.test_num === v.test_num}">` +
-    `<td>${escapeHtml(testLabel(v))}</td><td>${v.count}</td><td>${f(v.mean, 4)}</td>` +
+    `<td>${escapeHtml(testLabel(v))}${shared(v)}</td>` +
+    `<td title="${v.not_executed ? `${v.not_executed} not executed (not in the figures)` : ""}">${v.count}</td><td>${f(v.mean, 4)}</td>` +
     `<td>${f(v.sigma)}</td><td class="${v.cpk != null && v.cpk < 1.33 ? "low-cpk" : ""}">${f(v.cpk)}</td></tr>`).join("");
 }
 
@@ -802,7 +831,9 @@ function draw() {
     renderGateways();
     renderWarning();
     renderSensors();
-    const lotId = wv ? wv.lot_id : null;
+    // No wafer to follow (a final-test lot has none): the lot updated last, so its tests
+    // and its "no wafers" trend still show.
+    const lotId = wv ? wv.lot_id : latestLot();
     renderTests(lotId);
     renderTestCharts(lotId);
     renderTrend(lotId);
