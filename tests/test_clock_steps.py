@@ -24,10 +24,9 @@ from test_mqtt_source import Sink, make_source, start_publisher, started, unique
 from test_stdf_tail import SMALL, CollectingSink, expected, no_ts, tail
 
 from edgegw.gateway import Gateway
-from edgegw.hub import topics
+from edgegw.hub import RetentionClock, topics
 from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig, AlertService
 from edgegw.hub.live import LiveState
-from edgegw.hub.retention import RetentionClock
 from edgegw.protocol import Ack, decode
 from edgegw.records import LotEnd, SensorReading, SensorWindow
 from edgegw.sim import stdf_file_bytes
