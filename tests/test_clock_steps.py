@@ -27,7 +27,7 @@ from edgegw.gateway import Gateway
 from edgegw.hub import RetentionClock, topics
 from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig, AlertService
 from edgegw.hub.live import LiveState
-from edgegw.protocol import Ack, decode
+from edgegw.protocol import Ack, decode, encode_body
 from edgegw.records import LotEnd, SensorReading, SensorWindow
 from edgegw.sim import stdf_file_bytes
 from edgegw.throttle import Throttle
@@ -201,6 +201,28 @@ async def test_a_wall_clock_stepped_days_forward_prunes_no_frame_early(
             while pruned.total() < 1:
                 await trio.sleep(0.02)
         assert await hub.store.query("SELECT seq FROM frames ORDER BY seq") == [(2,), (3,)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_record_age_counts_a_gateway_clock_offset_as_age(tmp_path: Path) -> None:
+    """As documented (docs/operations.md): the age is the hub's wall clock minus the
+    record's date, so records dated by a clock an hour behind are an hour old, and by one
+    an hour ahead below zero: the lowest bucket."""
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path))
+        ws_cm, ws, conn, _ = await handshake(port)
+        behind = [SensorReading("s", time.time() - HOUR, "c", 1.0)] * 2
+        ahead = [SensorReading("s", time.time() + HOUR, "c", 1.0)] * 3
+        await ws.send_message(conn.data(1, encode_body(1, behind), trio.current_time()))
+        await ws.send_message(conn.data(2, encode_body(3, ahead), trio.current_time()))
+        while decode(await ws.get_message()) != Ack(2, []):
+            pass
+        await ws_cm.__aexit__(None, None, None)
+        age = hub.metrics.histogram("hub_record_age_seconds")
+        assert age.count() == 5
+        ((counts, _),) = age.series.values()
+        assert counts[0] == 3  # the three dated an hour ahead: "younger" than 10 ms
+        assert 2 * HOUR <= age.sum() + 3 * HOUR <= 2 * HOUR + 60  # two of about an hour
         nursery.cancel_scope.cancel()
 
 
