@@ -18,19 +18,22 @@ import pytest
 import trio
 from hubtools import gateway_config, http_get, hub_config, start_hub
 from mqtt_broker import BrokerAddress
+from test_hub import body, handshake
 from test_mqtt_gateway import _hub_rows
 from test_mqtt_source import Sink, make_source, start_publisher, started, unique
 from test_stdf_tail import SMALL, CollectingSink, expected, no_ts, tail
 
 from edgegw.gateway import Gateway
-from edgegw.hub import topics
+from edgegw.hub import RetentionClock, topics
 from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig, AlertService
 from edgegw.hub.live import LiveState
+from edgegw.protocol import Ack, decode, encode_body
 from edgegw.records import LotEnd, SensorReading, SensorWindow
 from edgegw.sim import stdf_file_bytes
 from edgegw.throttle import Throttle
 
 HOUR = 3600.0
+DAY = 24 * HOUR
 
 
 class SteppedWall:
@@ -151,6 +154,75 @@ async def test_gateway_health_is_not_failed_by_the_wall_clock_stepping_an_hour_f
         assert gateway.healthy() == (True, "ok")
         wall.offset += HOUR
         assert gateway.healthy() == (True, "ok")
+        nursery.cancel_scope.cancel()
+
+
+# ---- the hub's frame retention --------------------------------------------------------------
+
+
+def test_the_retention_date_ignores_a_forward_step_and_follows_a_step_back() -> None:
+    """Retention cuts by wall dates, but its "now" is the wall clock as the monotonic clock
+    projects it: days forward change nothing, back is taken (frames are kept longer)."""
+    t, mono = [1_700_000_000.0], [100.0]
+    clock = RetentionClock(wall=lambda: t[0], monotonic=lambda: mono[0])
+    assert clock.now() == 1_700_000_000.0
+    t[0] += 10
+    mono[0] += 10
+    assert clock.now() == 1_700_000_010.0
+    t[0] += 3 * DAY  # stepped forward
+    assert clock.now() == 1_700_000_010.0
+    t[0] += 5
+    mono[0] += 5
+    assert clock.now() == 1_700_000_015.0  # time goes on at the monotonic clock's pace
+    t[0] -= 3 * DAY + HOUR  # stepped back past where it was: an hour behind
+    assert clock.now() == 1_700_000_015.0 - HOUR
+
+
+async def test_a_wall_clock_stepped_days_forward_prunes_no_frame_early(
+        tmp_path: Path, wall: SteppedWall) -> None:
+    """Frames retained an hour, the wall clock stepped three days forward: frames applied
+    a moment ago stay (they were all deleted, all but the newest: the replay of a hub
+    without checkpoints rebuilds its live state from them).  A frame really older than
+    the hour still goes."""
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(
+            tmp_path, retain_frames_hours=1.0, prune_interval_s=0.02, checkpoint_interval_s=0))
+        ws_cm, ws, conn, _ = await handshake(port)
+        for seq in (1, 2, 3):
+            await ws.send_message(conn.data(seq, body(seq, 1), trio.current_time()))
+        while decode(await ws.get_message()) != Ack(3, []):
+            pass
+        await ws_cm.__aexit__(None, None, None)
+        wall.offset += 3 * DAY
+        # frame 1 really applied two hours ago: its going shows the pruner ran after the step
+        await hub.store.query("UPDATE frames SET applied_at = applied_at - 7200 WHERE seq = 1")
+        pruned = hub.metrics.counter("hub_frames_pruned_total")
+        with trio.fail_after(10):
+            while pruned.total() < 1:
+                await trio.sleep(0.02)
+        assert await hub.store.query("SELECT seq FROM frames ORDER BY seq") == [(2,), (3,)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_record_age_counts_a_gateway_clock_offset_as_age(tmp_path: Path) -> None:
+    """As documented (docs/operations.md): the age is the hub's wall clock minus the
+    record's date, so records dated by a clock an hour behind are an hour old, and by one
+    an hour ahead below zero: the lowest bucket."""
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path))
+        ws_cm, ws, conn, _ = await handshake(port)
+        behind = [SensorReading("s", time.time() - HOUR, "c", 1.0)] * 2
+        ahead = [SensorReading("s", time.time() + HOUR, "c", 1.0)] * 3
+        await ws.send_message(conn.data(1, encode_body(1, behind), trio.current_time()))
+        await ws.send_message(conn.data(2, encode_body(3, ahead), trio.current_time()))
+        while decode(await ws.get_message()) != Ack(2, []):
+            pass
+        await ws_cm.__aexit__(None, None, None)
+        age = hub.metrics.histogram("hub_record_age_seconds")
+        assert age.count() == 5
+        ((counts, _),) = age.series.values()
+        assert counts[0] == 3  # the three dated an hour ahead: "younger" than 10 ms
+        assert 2 * HOUR <= age.sum() + 3 * HOUR <= 2 * HOUR + 60  # two of about an hour
         nursery.cancel_scope.cancel()
 
 

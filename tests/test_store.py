@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import time
 from pathlib import Path
 
 import trio
@@ -52,3 +53,23 @@ async def test_a_spool_its_owner_runs_already_is_not_run_twice(tmp_path: Path) -
         seq = await spool.append(b"body", 1, {})
         assert [f.seq for f in await spool.read_frames(seq, 1)] == [seq]
         assert spool.problem() is None and spool.damage() is None
+
+
+async def test_the_memory_store_reports_a_stall_only_while_frames_wait() -> None:
+    """The disk spool's rule: the stall clock starts when frames appear in an empty store
+    and again at each ack; nothing waiting is never a stall, however long since an ack."""
+    store = MemoryFrameStore(8, stall_timeout_s=0.05)
+    assert store.stalled_for(time.monotonic() + 3600) == 0 and store.problem() is None
+    before = time.monotonic()
+    await store.append(b"a", 1, {})
+    assert store.stalled_for(before) == 0  # the clock started at the append, not earlier
+    with trio.fail_after(10):
+        while store.problem() is None:
+            await trio.sleep(0.01)
+    assert "1 frame(s) waiting" in (store.problem() or "")
+    now = time.monotonic()
+    store.ack(1)
+    assert store.stalled_for(now + 3600) == 0 and store.problem() is None
+    # an hour idle after the last ack: a new frame starts a fresh stall clock
+    await store.append(b"b", 1, {})
+    assert store.stalled_for(now) == 0

@@ -98,6 +98,9 @@ class QueueSection:
 
     max_frames: Annotated[int, Range(1, 10_000_000)] = 1000
     policy: Literal["block", "drop_oldest"] = "block"
+    #: health turns unhealthy when frames wait and nothing was acknowledged this long
+    #: (``spool.stall_timeout_s`` with the disk spool)
+    stall_timeout_s: Annotated[float, Range(0.1, 86_400)] = 60.0
 
 
 #: bytes a record may take in a spooled frame, for the spool.max_bytes check (records

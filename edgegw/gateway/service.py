@@ -202,8 +202,8 @@ class Gateway:
             if not spool_cfg.dir:
                 spool_cfg = dataclasses.replace(spool_cfg, dir=str(self.state_dir / "spool"))
             store = DiskSpool(spool_cfg, metrics=self.metrics)
-        self.store: FrameStore = store or MemoryFrameStore(config.queue.max_frames,
-                                                           config.queue.policy)
+        self.store: FrameStore = store or MemoryFrameStore(
+            config.queue.max_frames, config.queue.policy, config.queue.stall_timeout_s)
         self.batcher = Batcher(config.batch.max_records, config.batch.max_delay_ms / 1000)
         #: the hub's ``max_records`` the batcher's limit was last set for (``_hub_limit``)
         self._hub_max_records: int | None = None
@@ -254,7 +254,6 @@ class Gateway:
             "records frames held past a source's checkpoint that its replay after a restart "
             "did not reach from the same position (input deleted, replaced or truncated): "
             "not skipped")
-        self._last_progress = time.time()
         self._dropped_counted = (0, 0)  # store drops in the metric and the log
         self._dropped_reported = (0, 0)  # store drops told to the hub
         self.m_dropped = m.counter("gateway_records_dropped_total",
@@ -561,7 +560,6 @@ class Gateway:
         self._after_base = {s: (batch.owed.get(s, []), batch.counted.get(s, []))
                             for s in self._after_base}
         self._notify_durable(batch.checkpoints)
-        self._last_progress = time.time()
         self._count_drops()
 
     async def _append(self, body: bytes, n_records: int, checkpoints: dict[str, Any]) -> None:
@@ -796,16 +794,13 @@ class Gateway:
         }
 
     def healthy(self) -> tuple[bool, str]:
+        # One rule, one place: the store judges a stall ("frames wait and nothing was
+        # acknowledged for spool.stall_timeout_s / queue.stall_timeout_s"), its clock
+        # starting when work appears -- not at the last ack, which after an idle spell
+        # would make the first new frame a stall at once.
         problem = self.store.problem()
         if problem is not None:
             return False, problem
-        st = self.store.stats()
-        frames = st.get("frames", 0)
-        up = self.uplink
-        if frames and up is not None and up.last_ack_at is not None:
-            idle = time.monotonic() - up.last_ack_at
-            if idle > 60:
-                return False, f"{frames} frame(s) waiting and no ack for {idle:.0f} s"
         return True, "ok"
 
     async def _serve_status(self, *, task_status: trio.TaskStatus[int]) -> None:

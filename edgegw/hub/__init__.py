@@ -26,6 +26,7 @@ _EXPORTS = {
     "STATIC_DIR": "edgegw.hub.dashboard",
     "GcPacer": "edgegw.hub.gcpacing",
     "HistoryApi": "edgegw.hub.history",
+    "RetentionClock": "edgegw.hub.retention",
 }
 _SUBMODULES = ("alerts", "checkpoint", "cluster", "fanout", "history", "history_store", "live",
                "store", "topics")
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from .gcpacing import GcPacer as GcPacer
     from .history import HistoryApi as HistoryApi
     from .ingest import Ingest as Ingest
+    from .retention import RetentionClock as RetentionClock
     from .store import FrameToApply as FrameToApply
     from .store import HubStore as HubStore
 

@@ -87,6 +87,7 @@ from ..web import (
 from .config import HubConfig
 from .refusals import RefusalLog, RefusedIds
 from .registry import GatewayRegistry, GatewaySession
+from .retention import RetentionClock
 from .store import (
     FrameToApply,
     GatewaySuperseded,
@@ -152,6 +153,8 @@ class Ingest:
         self.refusal_log = RefusalLog()
         self.port: int | None = None
         self.started_at = time.monotonic()  # for uptime_s: a duration, not a date
+        #: the date retention cuts by: the wall clock held back from forward steps
+        self.retention_clock = RetentionClock()
         #: what the start-up replay did (``/api/stats`` "replay")
         self.replayed: dict[str, Any] = {}
         self._prune_now = trio.Event()  # set when a commit takes the store over its bytes
@@ -306,7 +309,10 @@ class Ingest:
         the stored bodies over the byte limit."""
         h = self.config.hub
         while True:
-            older = time.time() - h.retain_frames_hours * 3600 if h.retain_frames_hours else 0.0
+            # by applied_at dates, but "now" never jumps with a forward step of the wall
+            # clock (retention.py): that would delete frames of the last days early
+            older = (self.retention_clock.now() - h.retain_frames_hours * 3600
+                     if h.retain_frames_hours else 0.0)
             max_bytes = int(h.retain_frames_mb * 1e6) if h.retain_frames_mb else None
             try:
                 n = await self.store.prune(older, max_bytes, self.prune_limit)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import secrets
+import time
 from typing import Any, Literal
 
 import trio
@@ -16,7 +17,8 @@ class MemoryFrameStore:
     """A bounded in-memory FrameStore: the gateway's default until the spool is enabled."""
 
     def __init__(self, max_frames: int = 1000,
-                 policy: Literal["block", "drop_oldest"] = "block") -> None:
+                 policy: Literal["block", "drop_oldest"] = "block",
+                 stall_timeout_s: float = 60.0) -> None:
         self.epoch = secrets.token_hex(8)
         self.max_frames = max_frames
         self.policy = policy
@@ -28,6 +30,11 @@ class MemoryFrameStore:
         self._room = trio.Event()
         self.dropped_frames = 0
         self.dropped_records = 0
+        #: unhealthy when frames wait and nothing was acknowledged this long (the disk
+        #: spool's rule: the stall clock starts when work appears, restarts at each ack)
+        self.stall_timeout_s = stall_timeout_s
+        # time.monotonic(): a duration, so a step of the wall clock is no missing ack
+        self._last_progress = time.monotonic()
 
     @property
     def next_seq(self) -> int:
@@ -53,6 +60,8 @@ class MemoryFrameStore:
             await self._room.wait()
         seq = self._next_seq
         self._next_seq += 1
+        if not self._frames:
+            self._last_progress = time.monotonic()  # work appears: the stall clock starts now
         self._frames[seq] = StoredFrame(seq, body, n_records)
         self._checkpoints.update(checkpoints)
         self._changed.set()
@@ -66,12 +75,14 @@ class MemoryFrameStore:
                 break
             del self._frames[first]
         self._acked = max(self._acked, seq)
+        self._last_progress = time.monotonic()
         self._room.set()
 
     def ack_set(self, seqs: list[tuple[int, int]]) -> None:
         for lo, hi in seqs:
             for s in [s for s in self._frames if lo <= s <= hi]:
                 del self._frames[s]
+        self._last_progress = time.monotonic()
         self._room.set()
 
     @property
@@ -111,10 +122,22 @@ class MemoryFrameStore:
             "next_seq": self._next_seq,
             "dropped_frames": self.dropped_frames,
             "dropped_records": self.dropped_records,
+            "stalled_for_s": round(self.stalled_for(), 3),
         }
 
+    def stalled_for(self, now: float | None = None) -> float:
+        """Seconds nothing was acknowledged while frames wait (0 when there is no work)."""
+        if not self._frames:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        return max(0.0, now - self._last_progress)
+
     def problem(self) -> str | None:
-        return None
+        stalled = self.stalled_for()
+        if stalled < self.stall_timeout_s:
+            return None
+        return (f"queue: {len(self._frames)} frame(s) waiting, nothing acknowledged "
+                f"for {stalled:.0f} s")
 
     def damage(self) -> tuple[str, dict[str, Any]] | None:
         return None
