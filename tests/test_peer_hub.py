@@ -10,6 +10,7 @@ going-away close.
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -97,8 +98,8 @@ async def test_probe_then_hello_with_the_documented_fields(tmp_path: Path) -> No
 async def test_frames_are_numbered_without_gaps_with_consecutive_record_ids(
         tmp_path: Path, version: int, layouts: set[str]) -> None:
     """Sections 3 and 5: seq 1, 2, 3, ...; each body's first_rid follows the previous
-    frame's records; DATA is [4, seq, sent_at (float), body (bytes)]; a v1 hub gets rows
-    only."""
+    frame's records; DATA is [4, seq, sent_at (float), body (bytes)], sent_at the send time
+    in seconds since the Unix epoch; a v1 hub gets rows only."""
     async with gateway_against_peer(tmp_path) as hub:
         session, _ = await hello_of(hub)
         await session.send(welcome(version=version))
@@ -107,6 +108,7 @@ async def test_frames_are_numbered_without_gaps_with_consecutive_record_ids(
             message = await session.recv_data()
             assert message[0] == DATA and len(message) == 4
             assert message[1] == seq and isinstance(message[2], float)
+            assert abs(message[2] - time.time()) < 60, message[2]  # a date, this machine's
             assert isinstance(message[3], bytes)
             first_rid, n, layout = records_in(message[3])
             assert first_rid == next_rid and n >= 1

@@ -476,7 +476,7 @@ class Uplink:
         """Send a stored frame (cut for the hub when it is over its limits), then the parts
         cut from it, in record order, before anything else."""
         f = await self._fit(welcome, f)
-        data = conn.data(f.seq, f.body, trio.current_time())
+        data = conn.data(f.seq, f.body, trio.current_time(), time.time())
         problem = None
         if f.n_records > welcome.max_records:
             problem = (f"{f.n_records} records exceed the hub's limit of "
@@ -490,7 +490,8 @@ class Uplink:
             # in the dead-letter file and send a stand-in that says so, so the
             # hub's sequence stays gap-free and the loss is visible there too
             await self._dead_letter(f.seq, problem, ack=False, body=f.body)
-            data = conn.data(f.seq, _stand_in(f.body, f.seq, problem), trio.current_time())
+            data = conn.data(f.seq, _stand_in(f.body, f.seq, problem), trio.current_time(),
+                             time.time())
         await ws.send_message(data)
         self.m_frames.inc()
         self.m_bytes.inc(len(data))

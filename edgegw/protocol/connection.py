@@ -17,6 +17,7 @@ the peer sent meanwhile waits unread; that is no silence of the peer's.
 from __future__ import annotations
 
 import enum
+import time
 from typing import Any
 
 from .compression import ENCODINGS, ZLIB, compress_body, decompress_body
@@ -204,14 +205,19 @@ class GatewayConnection(_Base):
     def hello(self, now: float) -> bytes:
         return self._sent(encode(self._hello), now)
 
-    def data(self, seq: int, body: bytes, now: float) -> bytes:
+    def data(self, seq: int, body: bytes, now: float, sent_at: float | None = None) -> bytes:
+        """DATA ``seq`` with ``body``: ``now`` the clock the heartbeat runs on, ``sent_at``
+        the date the frame carries (section 5: seconds since the Unix epoch, the wall clock
+        when not given -- not ``now``, which is a monotonic clock, not a date)."""
+        if sent_at is None:
+            sent_at = time.time()
         if self.state is not State.OPEN:
             raise RuntimeError(f"cannot send data in state {self.state.value}")
         if self.body_encoding == ZLIB and len(body) >= self.compression_min_bytes:
             packed = compress_body(body, self.compression_level)
             if len(packed) < len(body):
-                return self._sent(encode(Data(seq, now, packed, ZLIB)), now)
-        return self._sent(encode(Data(seq, now, body)), now)
+                return self._sent(encode(Data(seq, sent_at, packed, ZLIB)), now)
+        return self._sent(encode(Data(seq, sent_at, body)), now)
 
     def receive(self, data: bytes | str, now: float) -> tuple[list[Any], bytes | None]:
         """Returns (events, reply-to-send or None)."""
