@@ -44,6 +44,7 @@ from edgegw.hub.live.models import (
     GatewayState,
     Keys,
     LotState,
+    Passes,
     Running,
     SensorState,
     Tally,
@@ -225,6 +226,7 @@ def _wafer(w: WaferState, cache: WaferCache) -> dict[str, Any]:
     return {"wafer_id": w.wafer_id, "gateway": w.gateway, "dies": cache.dies(w),
             "tally": _tally(w.tally),
             "status": w.status, "started": w.started, "ended": w.ended,
+            "starts": sorted(w.passes.starts),
             "reported": w.reported, "updated": w.updated,
             "values": [[num, [[x, y, v] for (x, y), v in by_die.items()]]
                        for num, by_die in w.values.items()],
@@ -270,7 +272,8 @@ def _test_from(lot_id: str, row: list[Any]) -> TestStats:
 def _lot(lot: LotState, cache: WaferCache) -> dict[str, Any]:
     return {
         "lot_id": lot.lot_id, "info": lot.info, "status": lot.status,
-        "started": lot.started, "ended": lot.ended, "gateways": sorted(lot.gateways),
+        "started": lot.started, "ended": lot.ended, "starts": sorted(lot.passes.starts),
+        "gateways": sorted(lot.gateways),
         "wafers": [_wafer(w, cache) for w in lot.wafers.values()],
         "archived_wafers": sorted(lot.archived_wafers),
         "tests": [_test(t) for t in lot.tests.values()], "tests_of": lot.tests_of,
@@ -313,6 +316,14 @@ def capture(state: LiveState, cache: WaferCache | None = None) -> dict[str, Any]
     return out
 
 
+def _passes_from(d: dict[str, Any]) -> Passes:
+    # (an older checkpoint keeps no starts: its one start, if any)
+    starts = d.get("starts")
+    if starts is None:
+        starts = [] if d["started"] is None else [d["started"]]
+    return Passes(starts, d["ended"])
+
+
 def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = None) -> None:
     """Load a captured state into a fresh ``LiveState`` (nothing is published: clients
     subscribing start from snapshots, as after any restart); ``cache`` is primed with
@@ -321,6 +332,7 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
         lot = LotState(d["lot_id"])
         lot.info = dict(d["info"])
         lot.status, lot.started, lot.ended = d["status"], d["started"], d["ended"]
+        lot.passes = _passes_from(d)
         lot.gateways = set(d["gateways"])
         for wd in d["wafers"]:
             # (its maker: an older checkpoint does not say -- none, as if one gateway's)
@@ -328,6 +340,7 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
             w.dies = _dies_from(wd["dies"])
             w.tally = _tally_from(wd["tally"])
             w.status, w.started, w.ended = wd["status"], wd["started"], wd["ended"]
+            w.passes = _passes_from(wd)
             w.reported, w.updated = dict(wd["reported"]), wd["updated"]
             w.values = {num: {(x, y): v for x, y, v in rows} for num, rows in wd["values"]}
             w.value_count = wd["value_count"]

@@ -272,6 +272,45 @@ class Die:
         return [self.x, self.y, self.hard_bin, self.soft_bin, self.passed, self.site]
 
 
+class Passes:
+    """The passes of a lot (or wafer) tested again under its id: a retest on the floor
+    keeps its LOT_ID (WAFER_ID), a new MIR (WIR) after the MRR (WRR).  By record times,
+    not arrival order (after an outage a gateway sends its newest frames first): the lot
+    is closed while its latest end is at or after its latest start, so a late MIR of an
+    earlier pass does not reopen it and a late MRR of an earlier pass does not close the
+    pass under test.  Start times are kept as a set: a record applied twice is one pass."""
+
+    __slots__ = ("ended", "starts")
+
+    def __init__(self, starts: Any = (), ended: float | None = None) -> None:
+        self.starts: set[float] = set(starts)
+        self.ended = ended  # the latest end seen
+
+    def start(self, t: float) -> None:
+        self.starts.add(t)
+
+    def end(self, t: float) -> None:
+        if self.ended is None or t > self.ended:
+            self.ended = t
+
+    @property
+    def first(self) -> float | None:
+        return min(self.starts) if self.starts else None
+
+    @property
+    def status(self) -> str:
+        ended = self.ended
+        if ended is None or (self.starts and max(self.starts) > ended):
+            return "open"
+        return "closed"
+
+    def as_dict(self) -> dict[str, Any]:
+        """``starts`` (passes begun) and ``reopened_at`` (the latest pass's start when
+        there is more than one) for the snapshot."""
+        n = len(self.starts)
+        return {"starts": n, "reopened_at": max(self.starts) if n > 1 else None}
+
+
 class WaferState:
     def __init__(self, lot_id: str, wafer_id: str, gateway: str = "") -> None:
         self.lot_id = lot_id
@@ -285,6 +324,9 @@ class WaferState:
         self.status = "open"
         self.started: float | None = None
         self.ended: float | None = None
+        #: the start times of its passes (WIRs): a wafer tested again under its id after
+        #: its WRR is open again (``Passes``)
+        self.passes = Passes()
         self.reported: dict[str, Any] = {}
         self.updated = 0.0
         self.archived = False  # left memory for the history store
@@ -342,6 +384,7 @@ class WaferState:
             "status": self.status,
             "started": self.started,
             "ended": self.ended,
+            **self.passes.as_dict(),
             "dies": [d.row() for d in self.dies.values() if d.x is not None and d.y is not None],
             **self.tally.as_dict(),
             "reported": dict(self.reported),
@@ -737,6 +780,9 @@ class LotState:
         self.status = "open"
         self.started: float | None = None
         self.ended: float | None = None
+        #: the start times of its passes (MIRs): a lot tested again under its id after its
+        #: MRR is open again (``Passes``)
+        self.passes = Passes()
         self.gateways: set[str] = set()
         self.wafers: dict[str, WaferState] = {}  # the live ones, in start order
         self.wafer_order = WaferOrder()  # the same order, for the lot's tests
@@ -794,6 +840,7 @@ class LotState:
             "status": self.status,
             "started": self.started,
             "ended": self.ended,
+            **self.passes.as_dict(),
             "gateways": sorted(self.gateways),
             "wafers": list(self.wafers),
             "wafer_count": len(self.wafers) + len(self.archived_wafers),
