@@ -523,3 +523,27 @@ def test_a_wafer_tested_again_under_its_wafer_id_is_in_test_again_until_its_next
     state.on_records("gw1", 7, [WaferEnd("t", 4.0, LOT, WAFER, 1, 40, 2, 2)], now=4.0)
     wafer = state.snapshot(topic)
     assert wafer is not None and (wafer["status"], wafer["ended"]) == ("closed", 40.0)
+
+
+def test_a_checkpoint_of_a_hub_that_kept_no_passes_restores_its_lots_one_start() -> None:
+    from edgegw.hub.checkpoint import capture, restore
+
+    state = LiveState(Recorder(), clock=lambda: 1.0)
+    state.on_records("gw1", 1, [LotStart("t", 1.0, LOT, start_t=10),
+                                WaferStart("t", 1.0, LOT, WAFER, 1, 10), part(0, 0, 1),
+                                WaferEnd("t", 2.0, LOT, WAFER, 1, 20), LotEnd("t", 2.0, LOT, 20)],
+                     now=2.0)
+    data = capture(state)
+    for lot in data["lots"]:  # as an older hub wrote it
+        del lot["starts"]
+        for wafer in lot["wafers"]:
+            del wafer["starts"]
+    restored = LiveState(Recorder(), clock=lambda: 1.0)
+    restore(restored, data)
+    for topic in (topics.lot(LOT), topics.wafer(LOT, WAFER)):
+        assert restored.snapshot(topic) == state.snapshot(topic)
+    # and its retest reopens it as on the hub that wrote the checkpoint
+    for s in (state, restored):
+        s.on_records("gw1", 7, [LotStart("t", 3.0, LOT, start_t=30)], now=3.0)
+    assert restored.snapshot(topics.lot(LOT)) == state.snapshot(topics.lot(LOT))
+    assert restored.lots[LOT].status == "open"
