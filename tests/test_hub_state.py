@@ -535,9 +535,9 @@ def test_a_checkpoint_of_a_hub_that_kept_no_passes_restores_its_lots_one_start()
                      now=2.0)
     data = capture(state)
     for lot in data["lots"]:  # as an older hub wrote it
-        del lot["starts"]
-        for wafer in lot["wafers"]:
-            del wafer["starts"]
+        for d in (lot, *lot["wafers"]):
+            for key in ("starts", "timed_starts", "timed_end"):
+                del d[key]
     restored = LiveState(Recorder(), clock=lambda: 1.0)
     restore(restored, data)
     for topic in (topics.lot(LOT), topics.wafer(LOT, WAFER)):
@@ -547,3 +547,18 @@ def test_a_checkpoint_of_a_hub_that_kept_no_passes_restores_its_lots_one_start()
         s.on_records("gw1", 7, [LotStart("t", 3.0, LOT, start_t=30)], now=3.0)
     assert restored.snapshot(topics.lot(LOT)) == state.snapshot(topics.lot(LOT))
     assert restored.lots[LOT].status == "open"
+
+
+def test_a_lot_closes_at_its_mrr_whatever_the_gateway_clock_when_its_mir_has_no_start_time(
+        ) -> None:
+    # record times are the gateway's clock, FINISH_T the tester's (here years behind):
+    # only the tester's own times say a MIR came after the MRR
+    state = LiveState(Recorder(), clock=lambda: 1.0)
+    state.on_records("gw1", 1, [LotStart("t", 1_800_000_000.0, LOT), part(0, 0, 1),
+                                LotEnd("t", 1_800_000_001.0, LOT, 991_774_222)], now=1.0)
+    lot = state.snapshot(topics.lot(LOT))
+    assert lot is not None and (lot["status"], lot["starts"]) == ("closed", 1)
+    # and a MIR without its time does not reopen it (it cannot say it came after)
+    state.on_records("gw1", 4, [LotStart("t", 1_800_000_002.0, LOT)], now=1.0)
+    lot = state.snapshot(topics.lot(LOT))
+    assert lot is not None and lot["status"] == "closed"

@@ -226,7 +226,7 @@ def _wafer(w: WaferState, cache: WaferCache) -> dict[str, Any]:
     return {"wafer_id": w.wafer_id, "gateway": w.gateway, "dies": cache.dies(w),
             "tally": _tally(w.tally),
             "status": w.status, "started": w.started, "ended": w.ended,
-            "starts": sorted(w.passes.starts),
+            **_passes(w.passes),
             "reported": w.reported, "updated": w.updated,
             "values": [[num, [[x, y, v] for (x, y), v in by_die.items()]]
                        for num, by_die in w.values.items()],
@@ -272,7 +272,7 @@ def _test_from(lot_id: str, row: list[Any]) -> TestStats:
 def _lot(lot: LotState, cache: WaferCache) -> dict[str, Any]:
     return {
         "lot_id": lot.lot_id, "info": lot.info, "status": lot.status,
-        "started": lot.started, "ended": lot.ended, "starts": sorted(lot.passes.starts),
+        "started": lot.started, "ended": lot.ended, **_passes(lot.passes),
         "gateways": sorted(lot.gateways),
         "wafers": [_wafer(w, cache) for w in lot.wafers.values()],
         "archived_wafers": sorted(lot.archived_wafers),
@@ -316,12 +316,19 @@ def capture(state: LiveState, cache: WaferCache | None = None) -> dict[str, Any]
     return out
 
 
+def _passes(p: Passes) -> dict[str, Any]:
+    return {"starts": sorted(p.starts), "timed_starts": sorted(p.timed_starts),
+            "timed_end": p.timed_end}
+
+
 def _passes_from(d: dict[str, Any]) -> Passes:
-    # (an older checkpoint keeps no starts: its one start, if any)
     starts = d.get("starts")
     if starts is None:
-        starts = [] if d["started"] is None else [d["started"]]
-    return Passes(starts, d["ended"])
+        # an older checkpoint keeps no passes: its one start, and its times taken for the
+        # tester's (as they are when the tester gives them)
+        one = [] if d["started"] is None else [d["started"]]
+        return Passes(one, d["ended"], one, d["ended"])
+    return Passes(starts, d["ended"], d["timed_starts"], d["timed_end"])
 
 
 def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = None) -> None:

@@ -274,24 +274,34 @@ class Die:
 
 class Passes:
     """The passes of a lot (or wafer) tested again under its id: a retest on the floor
-    keeps its LOT_ID (WAFER_ID), a new MIR (WIR) after the MRR (WRR).  By record times,
-    not arrival order (after an outage a gateway sends its newest frames first): the lot
-    is closed while its latest end is at or after its latest start, so a late MIR of an
-    earlier pass does not reopen it and a late MRR of an earlier pass does not close the
-    pass under test.  Start times are kept as a set: a record applied twice is one pass."""
+    keeps its LOT_ID (WAFER_ID), a new MIR (WIR) after the MRR (WRR).  By the tester's
+    times, not arrival order (after an outage a gateway sends its newest frames first):
+    the lot is closed while its latest end (FINISH_T) is at or after its latest start
+    (START_T), so a late MIR of an earlier pass does not reopen it and a late MRR of an
+    earlier pass does not close the pass under test.  Only the tester's own times are
+    compared: a record time is the gateway's clock, and a tester's may be years off it, so
+    a start or end without its time cannot reopen a lot, nor keep it open (it closes at
+    any end, as before).  Start times are a set: a record applied twice is one pass."""
 
-    __slots__ = ("ended", "starts")
+    __slots__ = ("ended", "starts", "timed_end", "timed_starts")
 
-    def __init__(self, starts: Any = (), ended: float | None = None) -> None:
-        self.starts: set[float] = set(starts)
-        self.ended = ended  # the latest end seen
+    def __init__(self, starts: Any = (), ended: float | None = None,
+                 timed_starts: Any = (), timed_end: float | None = None) -> None:
+        self.starts: set[float] = set(starts)  # START_T, else the record time
+        self.ended = ended  # the latest end seen (FINISH_T, else the record time)
+        self.timed_starts: set[float] = set(timed_starts)  # START_Ts given
+        self.timed_end = timed_end  # the latest FINISH_T given
 
-    def start(self, t: float) -> None:
+    def start(self, t: float, timed: bool) -> None:
         self.starts.add(t)
+        if timed:
+            self.timed_starts.add(t)
 
-    def end(self, t: float) -> None:
+    def end(self, t: float, timed: bool) -> None:
         if self.ended is None or t > self.ended:
             self.ended = t
+        if timed and (self.timed_end is None or t > self.timed_end):
+            self.timed_end = t
 
     @property
     def first(self) -> float | None:
@@ -299,14 +309,16 @@ class Passes:
 
     @property
     def status(self) -> str:
-        ended = self.ended
-        if ended is None or (self.starts and max(self.starts) > ended):
+        if self.ended is None:
             return "open"
+        end, starts = self.timed_end, self.timed_starts
+        if end is not None and starts and max(starts) > end:
+            return "open"  # tested again
         return "closed"
 
     def as_dict(self) -> dict[str, Any]:
-        """``starts`` (passes begun) and ``reopened_at`` (the latest pass's start when
-        there is more than one) for the snapshot."""
+        """``starts`` (passes begun) and ``reopened_at`` (the latest start when there is
+        more than one) for the snapshot."""
         n = len(self.starts)
         return {"starts": n, "reopened_at": max(self.starts) if n > 1 else None}
 

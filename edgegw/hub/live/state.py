@@ -1178,7 +1178,7 @@ class LiveState:
         # a retest keeps its lot id: a start after the lot's end reopens it (``Passes``);
         # ``started`` stays the first pass's
         passes = lot.passes
-        passes.start(float(rec.start_t) if rec.start_t else rec.ts)
+        passes.start(float(rec.start_t) if rec.start_t else rec.ts, bool(rec.start_t))
         lot.started = passes.first
         lot.status = passes.status
         lot.gateways.add(gateway_id)
@@ -1188,7 +1188,7 @@ class LiveState:
     def _on_lot_end(self, gateway_id: str, rid: int, rec: LotEnd, batch: _Batch) -> None:
         lot = self._lot(rec.lot_id, rec.ts, gateway_id)
         passes = lot.passes
-        passes.end(float(rec.finish_t) if rec.finish_t else rec.ts)
+        passes.end(float(rec.finish_t) if rec.finish_t else rec.ts, bool(rec.finish_t))
         lot.ended = passes.ended
         lot.status = passes.status  # (a late MRR of an earlier pass leaves a retest open)
         lot.updated = max(lot.updated, rec.ts)
@@ -1199,7 +1199,7 @@ class LiveState:
         lot = self._lot(rec.lot_id, rec.ts, gateway_id)
         wafer = self._wafer(lot, rec.wafer_id, gateway_id)
         passes = wafer.passes
-        passes.start(float(rec.start_t) if rec.start_t else rec.ts)
+        passes.start(float(rec.start_t) if rec.start_t else rec.ts, bool(rec.start_t))
         wafer.started = passes.first  # (its place among the lot's stays its first start)
         wafer.status = passes.status
         lot.order_wafers()  # its place among the lot's wafers is by start
@@ -1211,7 +1211,7 @@ class LiveState:
         lot = self._lot(rec.lot_id, rec.ts, gateway_id)
         wafer = self._wafer(lot, rec.wafer_id, gateway_id)
         passes = wafer.passes
-        passes.end(float(rec.finish_t) if rec.finish_t else rec.ts)
+        passes.end(float(rec.finish_t) if rec.finish_t else rec.ts, bool(rec.finish_t))
         wafer.ended = passes.ended
         wafer.status = passes.status
         if rec.part_count is not None:
