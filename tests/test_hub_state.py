@@ -478,3 +478,87 @@ def test_a_batch_on_one_of_many_wafers_publishes_and_evaluates_that_wafer_only(
     (delta,) = pub.deltas(topics.wafer(LOT, touched))
     assert [d[:2] for d in delta["dies"]] == [[5, 5]] and delta["die_count"] == 4
     assert watcher.evaluated == [touched]
+
+
+def test_a_lot_tested_again_is_not_evicted_as_closed_while_in_test() -> None:
+    state = LiveState(Recorder(), max_lots=2, idle_lot_s=1e9)
+    state.on_records("gw1", 1, [LotStart("t", 1.0, "A", start_t=10), part(0, 0, 1, lot="A"),
+                                LotEnd("t", 2.0, "A", 20)], now=2.0)
+    state.on_records("gw1", 4, [part(0, 0, 1, lot="B", ts=3.0)], now=3.0)
+    # A tested again under its lot id: in test, not the closed lot a new one pushes out
+    state.on_records("gw1", 5, [LotStart("t", 4.0, "A", start_t=30),
+                                part(0, 0, 2, lot="A", ts=4.0)], now=4.0)
+    state.on_records("gw1", 7, [part(0, 0, 1, lot="C", ts=5.0)], now=5.0)
+    assert list(state.lots) == ["A", "B", "C"]
+    lot = state.snapshot("lot/A")
+    assert lot is not None and (lot["status"], lot["starts"], lot["retests"]) == ("open", 2, 1)
+    # closed again at its next MRR: the first to go
+    state.on_records("gw1", 8, [LotEnd("t", 6.0, "A", 40)], now=6.0)
+    state.on_records("gw1", 9, [part(0, 0, 1, lot="D", ts=7.0)], now=7.0)
+    assert list(state.lots) == ["B", "C", "D"]
+
+
+def test_a_wafer_tested_again_under_its_wafer_id_is_in_test_again_until_its_next_wrr(
+        ) -> None:
+    pub = Recorder()
+    state = LiveState(pub, clock=lambda: 1.0)
+    topic = topics.wafer(LOT, WAFER)
+    state.on_records("gw1", 1, [WaferStart("t", 1.0, LOT, WAFER, 1, 10),
+                                part(0, 0, 2, ts=1.0), part(1, 0, 1, ts=1.0),
+                                WaferEnd("t", 2.0, LOT, WAFER, 1, 20, 2, 1)], now=2.0)
+    state.on_records("gw1", 5, [WaferStart("t", 3.0, LOT, WAFER, 1, 30)], now=3.0)
+    wafer = state.snapshot(topic)
+    assert wafer is not None and wafer["status"] == "open"
+    assert (wafer["starts"], wafer["reopened_at"], wafer["started"]) == (2, 30.0, 10.0)
+    assert pub.deltas(topic)[-1]["status"] == "open"
+    assert pub.deltas(topic)[-1]["starts"] == 2
+    # the failing die retested passes: one die, its final result the retest's
+    state.on_records("gw1", 6, [part(0, 0, 1, ts=3.0)], now=3.0)
+    wafer = state.snapshot(topic)
+    assert wafer is not None and wafer["status"] == "open"
+    assert (wafer["die_count"], wafer["retests"], wafer["yield"]) == (2, 1, 1.0)
+    # a late WRR of the first pass (an outage: frames out of order) leaves it in test
+    state.on_records("gw1", 4, [WaferEnd("t", 2.0, LOT, WAFER, 1, 20, 2, 1)], now=3.0)
+    assert state.snapshot(topic)["status"] == "open"  # type: ignore[index]
+    state.on_records("gw1", 7, [WaferEnd("t", 4.0, LOT, WAFER, 1, 40, 2, 2)], now=4.0)
+    wafer = state.snapshot(topic)
+    assert wafer is not None and (wafer["status"], wafer["ended"]) == ("closed", 40.0)
+
+
+def test_a_checkpoint_of_a_hub_that_kept_no_passes_restores_its_lots_one_start() -> None:
+    from edgegw.hub.checkpoint import capture, restore
+
+    state = LiveState(Recorder(), clock=lambda: 1.0)
+    state.on_records("gw1", 1, [LotStart("t", 1.0, LOT, start_t=10),
+                                WaferStart("t", 1.0, LOT, WAFER, 1, 10), part(0, 0, 1),
+                                WaferEnd("t", 2.0, LOT, WAFER, 1, 20), LotEnd("t", 2.0, LOT, 20)],
+                     now=2.0)
+    data = capture(state)
+    for lot in data["lots"]:  # as an older hub wrote it
+        for d in (lot, *lot["wafers"]):
+            for key in ("starts", "timed_starts", "timed_end"):
+                del d[key]
+    restored = LiveState(Recorder(), clock=lambda: 1.0)
+    restore(restored, data)
+    for topic in (topics.lot(LOT), topics.wafer(LOT, WAFER)):
+        assert restored.snapshot(topic) == state.snapshot(topic)
+    # and its retest reopens it as on the hub that wrote the checkpoint
+    for s in (state, restored):
+        s.on_records("gw1", 7, [LotStart("t", 3.0, LOT, start_t=30)], now=3.0)
+    assert restored.snapshot(topics.lot(LOT)) == state.snapshot(topics.lot(LOT))
+    assert restored.lots[LOT].status == "open"
+
+
+def test_a_lot_closes_at_its_mrr_whatever_the_gateway_clock_when_its_mir_has_no_start_time(
+        ) -> None:
+    # record times are the gateway's clock, FINISH_T the tester's (here years behind):
+    # only the tester's own times say a MIR came after the MRR
+    state = LiveState(Recorder(), clock=lambda: 1.0)
+    state.on_records("gw1", 1, [LotStart("t", 1_800_000_000.0, LOT), part(0, 0, 1),
+                                LotEnd("t", 1_800_000_001.0, LOT, 991_774_222)], now=1.0)
+    lot = state.snapshot(topics.lot(LOT))
+    assert lot is not None and (lot["status"], lot["starts"]) == ("closed", 1)
+    # and a MIR without its time does not reopen it (it cannot say it came after)
+    state.on_records("gw1", 4, [LotStart("t", 1_800_000_002.0, LOT)], now=1.0)
+    lot = state.snapshot(topics.lot(LOT))
+    assert lot is not None and lot["status"] == "closed"

@@ -1408,11 +1408,13 @@ async def test_live_merge_rules_are_the_documented_ones(tmp_path: Path) -> None:
 #: live-topics.md's snapshot examples: the keys each topic's snapshot has
 SNAPSHOT_KEYS = {
     "lot/L1": {"lot_id", "part_type", "node_name", "tester_type", "job_name", "status",
-               "started", "ended", "gateways", "wafers", "tests", "wafer_count",
+               "started", "ended", "starts", "reopened_at", "gateways", "wafers", "tests",
+               "wafer_count",
                "archived_wafers", "die_count", "good", "yield", "not_applicable", "parts",
                "retests", "hard_bins", "soft_bins", "hard_bins_tested", "soft_bins_tested",
                "sites", "units_per_hour", "test_time_ms", "reported", "updated"},
-    "lot/L1/wafer/W1": {"lot_id", "wafer_id", "status", "started", "ended", "dies",
+    "lot/L1/wafer/W1": {"lot_id", "wafer_id", "status", "started", "ended", "starts",
+                        "reopened_at", "dies",
                         "die_count", "good", "yield", "not_applicable", "parts", "retests",
                         "hard_bins", "soft_bins", "hard_bins_tested", "soft_bins_tested",
                         "sites", "reported", "updated"},

@@ -952,3 +952,83 @@ def test_a_test_number_reused_for_another_test_is_detected_and_counted() -> None
     single = hub(gateway(stdf([far(), mir(), pir(1, 0), ptr(1, 0, 1.0), prr(1, 0, "1"), MRR])))
     one = single.snapshot("test/LOTA/100")
     assert one is not None and one["test_txts"] == ["VDD"]
+
+
+# -- a lot tested again under its lot id -----------------------------------------------------
+
+
+def retest_of(lot: str, start: int, parts: list[tuple[str, bool]]) -> bytes:
+    """A file testing ``lot`` from START_T ``start``: each part (PART_ID, passed) once,
+    its MRR 10 s later.  A retest on the floor keeps the LOT_ID."""
+    head = mir(lot)
+    head[1]["START_T"] = start
+    recs: list[Rec] = [far(), head]
+    for part_id, passed in parts:
+        recs += [pir(1, 0), ptr(1, 0, 1.0 if passed else 11.0),
+                 prr(1, 0, part_id, hard=1 if passed else 2, failed=not passed)]
+    return stdf([*recs, ("MRR", {"FINISH_T": start + 10})])
+
+
+#: first pass: parts 1-4, 3 and 4 fail; the retest file tests the two failures again (one
+#: now passes) and a part the first pass did not reach
+FIRST = retest_of("LOTA", 100, [("1", True), ("2", True), ("3", False), ("4", False)])
+AGAIN = retest_of("LOTA", 500, [("3", True), ("4", False), ("5", True)])
+
+
+def test_a_lot_tested_again_under_its_lot_id_is_in_test_again_and_closes_at_its_next_mrr(
+        ) -> None:
+    first, again = gateway(FIRST), gateway(AGAIN)
+    state = hub(first)
+    lot = state.snapshot("lot/LOTA")
+    assert lot is not None and lot["status"] == "closed"
+    # the retest's MIR: in test again, saying which pass; the first pass's times stay
+    state.on_records("gw", 1 + len(first), again[:1], now=2.0)
+    lot = state.snapshot("lot/LOTA")
+    assert lot is not None and lot["status"] == "open"
+    assert (lot["starts"], lot["reopened_at"]) == (2, 500.0)  # (it was 1, None)
+    assert (lot["started"], lot["ended"]) == (100.0, 110.0)
+    # its parts go on: a PART_ID tested again is a retest of that part, the yield over
+    # each part's final result
+    state.on_records("gw", 2 + len(first), again[1:-1], now=2.0)
+    lot = state.snapshot("lot/LOTA")
+    assert lot is not None and lot["status"] == "open"
+    assert (lot["die_count"], lot["parts"], lot["retests"], lot["good"]) == (5, 7, 2, 4)
+    assert lot["yield"] == pytest.approx(4 / 5)
+    # and it closes again at the retest's MRR
+    state.on_records("gw", len(first) + len(again), again[-1:], now=2.0)
+    lot = state.snapshot("lot/LOTA")
+    assert lot is not None
+    assert (lot["status"], lot["ended"], lot["starts"]) == ("closed", 510.0, 2)
+
+
+def test_a_lot_tested_again_is_the_same_after_a_restart_a_replay_or_frames_out_of_order(
+        ) -> None:
+    records = gateway(FIRST) + gateway(AGAIN)
+    for cut in range(1, len(records)):
+        full = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
+        full.on_records("gw", 1, records[:cut], now=1.0)
+        full.on_records("gw", 1 + cut, records[cut:], now=1.0)
+        first = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
+        first.on_records("gw", 1, records[:cut], now=1.0)
+        _, data = decode(encode({"frame_id": 1}, capture(first)))
+        restored = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
+        restore(restored, data)
+        restored.on_records("gw", 1 + cut, records[cut:], now=1.0)
+        replayed = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
+        replay(replayed, [("gw", 1, records[:cut]), ("gw", 1 + cut, records[cut:])], now=1.0)
+        # after an outage the newest frame comes first (docs/spool.md): a late MRR of the
+        # first pass does not close the retest, a late MIR does not reopen
+        late = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
+        late.on_records("gw", 1 + cut, records[cut:], now=1.0)
+        late.on_records("gw", 1, records[:cut], now=1.0)
+        for state in (restored, replayed, late):
+            assert sorted(state.topics()) == sorted(full.topics())
+            for topic in full.topics():
+                assert state.snapshot(topic) == full.snapshot(topic), (cut, topic)
+    # mid retest, as well: open whatever order the two passes' frames came in
+    mid = len(gateway(FIRST)) + 2
+    late = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
+    late.on_records("gw", 1 + mid, records[mid:-1], now=1.0)
+    late.on_records("gw", 1, records[:mid], now=1.0)
+    lot = late.snapshot("lot/LOTA")
+    assert lot is not None and (lot["status"], lot["starts"]) == ("open", 2)

@@ -44,6 +44,7 @@ from edgegw.hub.live.models import (
     GatewayState,
     Keys,
     LotState,
+    Passes,
     Running,
     SensorState,
     Tally,
@@ -225,6 +226,7 @@ def _wafer(w: WaferState, cache: WaferCache) -> dict[str, Any]:
     return {"wafer_id": w.wafer_id, "gateway": w.gateway, "dies": cache.dies(w),
             "tally": _tally(w.tally),
             "status": w.status, "started": w.started, "ended": w.ended,
+            **_passes(w.passes),
             "reported": w.reported, "updated": w.updated,
             "values": [[num, [[x, y, v] for (x, y), v in by_die.items()]]
                        for num, by_die in w.values.items()],
@@ -273,7 +275,8 @@ def _test_from(lot_id: str, row: list[Any]) -> TestStats:
 def _lot(lot: LotState, cache: WaferCache) -> dict[str, Any]:
     return {
         "lot_id": lot.lot_id, "info": lot.info, "status": lot.status,
-        "started": lot.started, "ended": lot.ended, "gateways": sorted(lot.gateways),
+        "started": lot.started, "ended": lot.ended, **_passes(lot.passes),
+        "gateways": sorted(lot.gateways),
         "wafers": [_wafer(w, cache) for w in lot.wafers.values()],
         "archived_wafers": sorted(lot.archived_wafers),
         "tests": [_test(t) for t in lot.tests.values()], "tests_of": lot.tests_of,
@@ -316,6 +319,21 @@ def capture(state: LiveState, cache: WaferCache | None = None) -> dict[str, Any]
     return out
 
 
+def _passes(p: Passes) -> dict[str, Any]:
+    return {"starts": sorted(p.starts), "timed_starts": sorted(p.timed_starts),
+            "timed_end": p.timed_end}
+
+
+def _passes_from(d: dict[str, Any]) -> Passes:
+    starts = d.get("starts")
+    if starts is None:
+        # an older checkpoint keeps no passes: its one start, and its times taken for the
+        # tester's (as they are when the tester gives them)
+        one = [] if d["started"] is None else [d["started"]]
+        return Passes(one, d["ended"], one, d["ended"])
+    return Passes(starts, d["ended"], d["timed_starts"], d["timed_end"])
+
+
 def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = None) -> None:
     """Load a captured state into a fresh ``LiveState`` (nothing is published: clients
     subscribing start from snapshots, as after any restart); ``cache`` is primed with
@@ -324,6 +342,7 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
         lot = LotState(d["lot_id"])
         lot.info = dict(d["info"])
         lot.status, lot.started, lot.ended = d["status"], d["started"], d["ended"]
+        lot.passes = _passes_from(d)
         lot.gateways = set(d["gateways"])
         for wd in d["wafers"]:
             # (its maker: an older checkpoint does not say -- none, as if one gateway's)
@@ -331,6 +350,7 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
             w.dies = _dies_from(wd["dies"])
             w.tally = _tally_from(wd["tally"])
             w.status, w.started, w.ended = wd["status"], wd["started"], wd["ended"]
+            w.passes = _passes_from(wd)
             w.reported, w.updated = dict(wd["reported"]), wd["updated"]
             w.values = {num: {(x, y): v for x, y, v in rows} for num, rows in wd["values"]}
             w.value_count = wd["value_count"]

@@ -272,6 +272,57 @@ class Die:
         return [self.x, self.y, self.hard_bin, self.soft_bin, self.passed, self.site]
 
 
+class Passes:
+    """The passes of a lot (or wafer) tested again under its id: a retest on the floor
+    keeps its LOT_ID (WAFER_ID), a new MIR (WIR) after the MRR (WRR).  By the tester's
+    times, not arrival order (after an outage a gateway sends its newest frames first):
+    the lot is closed while its latest end (FINISH_T) is at or after its latest start
+    (START_T), so a late MIR of an earlier pass does not reopen it and a late MRR of an
+    earlier pass does not close the pass under test.  Only the tester's own times are
+    compared: a record time is the gateway's clock, and a tester's may be years off it, so
+    a start or end without its time cannot reopen a lot, nor keep it open (it closes at
+    any end, as before).  Start times are a set: a record applied twice is one pass."""
+
+    __slots__ = ("ended", "starts", "timed_end", "timed_starts")
+
+    def __init__(self, starts: Any = (), ended: float | None = None,
+                 timed_starts: Any = (), timed_end: float | None = None) -> None:
+        self.starts: set[float] = set(starts)  # START_T, else the record time
+        self.ended = ended  # the latest end seen (FINISH_T, else the record time)
+        self.timed_starts: set[float] = set(timed_starts)  # START_Ts given
+        self.timed_end = timed_end  # the latest FINISH_T given
+
+    def start(self, t: float, timed: bool) -> None:
+        self.starts.add(t)
+        if timed:
+            self.timed_starts.add(t)
+
+    def end(self, t: float, timed: bool) -> None:
+        if self.ended is None or t > self.ended:
+            self.ended = t
+        if timed and (self.timed_end is None or t > self.timed_end):
+            self.timed_end = t
+
+    @property
+    def first(self) -> float | None:
+        return min(self.starts) if self.starts else None
+
+    @property
+    def status(self) -> str:
+        if self.ended is None:
+            return "open"
+        end, starts = self.timed_end, self.timed_starts
+        if end is not None and starts and max(starts) > end:
+            return "open"  # tested again
+        return "closed"
+
+    def as_dict(self) -> dict[str, Any]:
+        """``starts`` (passes begun) and ``reopened_at`` (the latest start when there is
+        more than one) for the snapshot."""
+        n = len(self.starts)
+        return {"starts": n, "reopened_at": max(self.starts) if n > 1 else None}
+
+
 class WaferState:
     def __init__(self, lot_id: str, wafer_id: str, gateway: str = "") -> None:
         self.lot_id = lot_id
@@ -285,6 +336,9 @@ class WaferState:
         self.status = "open"
         self.started: float | None = None
         self.ended: float | None = None
+        #: the start times of its passes (WIRs): a wafer tested again under its id after
+        #: its WRR is open again (``Passes``)
+        self.passes = Passes()
         self.reported: dict[str, Any] = {}
         self.updated = 0.0
         self.archived = False  # left memory for the history store
@@ -342,6 +396,7 @@ class WaferState:
             "status": self.status,
             "started": self.started,
             "ended": self.ended,
+            **self.passes.as_dict(),
             "dies": [d.row() for d in self.dies.values() if d.x is not None and d.y is not None],
             **self.tally.as_dict(),
             "reported": dict(self.reported),
@@ -759,6 +814,9 @@ class LotState:
         self.status = "open"
         self.started: float | None = None
         self.ended: float | None = None
+        #: the start times of its passes (MIRs): a lot tested again under its id after its
+        #: MRR is open again (``Passes``)
+        self.passes = Passes()
         self.gateways: set[str] = set()
         self.wafers: dict[str, WaferState] = {}  # the live ones, in start order
         self.wafer_order = WaferOrder()  # the same order, for the lot's tests
@@ -816,6 +874,7 @@ class LotState:
             "status": self.status,
             "started": self.started,
             "ended": self.ended,
+            **self.passes.as_dict(),
             "gateways": sorted(self.gateways),
             # parts without a wafer id (final test) are counted, but are no wafer
             "wafers": [w for w in self.wafers if w],

@@ -1205,15 +1205,22 @@ class LiveState:
             value = getattr(rec, name)
             if value:
                 lot.info[name] = value
-        lot.started = float(rec.start_t) if rec.start_t else rec.ts
+        # a retest keeps its lot id: a start after the lot's end reopens it (``Passes``);
+        # ``started`` stays the first pass's
+        passes = lot.passes
+        passes.start(float(rec.start_t) if rec.start_t else rec.ts, bool(rec.start_t))
+        lot.started = passes.first
+        lot.status = passes.status
         lot.gateways.add(gateway_id)
         lot.updated = max(lot.updated, rec.ts)
         batch.lots[lot] = None
 
     def _on_lot_end(self, gateway_id: str, rid: int, rec: LotEnd, batch: _Batch) -> None:
         lot = self._lot(rec.lot_id, rec.ts, gateway_id)
-        lot.status = "closed"
-        lot.ended = float(rec.finish_t) if rec.finish_t else rec.ts
+        passes = lot.passes
+        passes.end(float(rec.finish_t) if rec.finish_t else rec.ts, bool(rec.finish_t))
+        lot.ended = passes.ended
+        lot.status = passes.status  # (a late MRR of an earlier pass leaves a retest open)
         lot.updated = max(lot.updated, rec.ts)
         batch.lots[lot] = None
 
@@ -1221,7 +1228,10 @@ class LiveState:
                         batch: _Batch) -> None:
         lot = self._lot(rec.lot_id, rec.ts, gateway_id)
         wafer = self._wafer(lot, rec.wafer_id, gateway_id)
-        wafer.started = float(rec.start_t) if rec.start_t else rec.ts
+        passes = wafer.passes
+        passes.start(float(rec.start_t) if rec.start_t else rec.ts, bool(rec.start_t))
+        wafer.started = passes.first  # (its place among the lot's stays its first start)
+        wafer.status = passes.status
         lot.order_wafers()  # its place among the lot's wafers is by start
         wafer.updated = max(wafer.updated, rec.ts)
         batch.wafers[wafer] = None
@@ -1230,15 +1240,18 @@ class LiveState:
     def _on_wafer_end(self, gateway_id: str, rid: int, rec: WaferEnd, batch: _Batch) -> None:
         lot = self._lot(rec.lot_id, rec.ts, gateway_id)
         wafer = self._wafer(lot, rec.wafer_id, gateway_id)
-        wafer.status = "closed"
-        wafer.ended = float(rec.finish_t) if rec.finish_t else rec.ts
+        passes = wafer.passes
+        passes.end(float(rec.finish_t) if rec.finish_t else rec.ts, bool(rec.finish_t))
+        wafer.ended = passes.ended
+        wafer.status = passes.status
         if rec.part_count is not None:
             wafer.reported["part_count"] = rec.part_count
         if rec.good_count is not None:
             wafer.reported["good_count"] = rec.good_count
         wafer.updated = max(wafer.updated, rec.ts)
         batch.wafers[wafer] = None
-        batch.closed_wafers.append(wafer)
+        if wafer.status == "closed":
+            batch.closed_wafers.append(wafer)
 
     def _on_bin_summary(self, gateway_id: str, rid: int, rec: BinSummary,
                         batch: _Batch) -> None:
@@ -1349,6 +1362,7 @@ class LiveState:
                 "dies": [d.row() for d in batch.dies.get(wafer, ())],
                 **wafer.tally.as_dict(),
                 "status": wafer.status,
+                **wafer.passes.as_dict(),
                 "updated": wafer.updated,
             }
             if wafer.reported:
