@@ -32,32 +32,41 @@ LOT_B = stdf_file_bytes(TesterProfile(lot_id="LOTB", **PROFILE))
 LOT_C = stdf_file_bytes(TesterProfile(lot_id="LOTC", sites=4, wafer_diameter_dies=10,
                                       tests_per_part=4, seed=8))
 REUSE_TRIES = 200
+REUSE_WITHIN_S = 10.0
 
 
 def test_the_lots_differ_only_in_their_content() -> None:
     assert len(LOT_A) == len(LOT_B) and LOT_A != LOT_B and len(LOT_C) > len(LOT_A)
 
 
-def create_at_inode(path: Path, data: bytes, inode: int, tries: int = REUSE_TRIES) -> bool:
+def create_at_inode(path: Path, data: bytes, inode: int, tries: int = REUSE_TRIES,
+                    within_s: float = REUSE_WITHIN_S) -> bool:
     """Create ``path`` holding ``data``, at ``inode`` (freed just before) if it can be had
-    within ``tries``; whether it was.  The file system gives a new file the lowest free inode
-    near its directory's: the freed one, unless a lower one is free too (then a spare file
-    takes that one, and the next try goes on) or another process took it first."""
-    spares = []
-    try:
-        for i in range(tries):
-            candidate = path.with_name(f".new{i}.tmp")  # a name the tail does not match
-            candidate.touch()
-            if candidate.stat().st_ino == inode:
-                candidate.write_bytes(data)
-                candidate.rename(path)
-                return True
-            spares.append(candidate)
-        path.write_bytes(data)
-        return False
-    finally:
-        for spare in spares:
-            spare.unlink()
+    within ``tries`` files a round, for ``within_s`` seconds; whether it was.  The file
+    system gives a new file the lowest free inode near its directory's: the freed one,
+    unless a lower one is free too (then a spare file takes that one, and the next try goes
+    on) or another process took it first -- on a busy machine (the suite's other worker,
+    other builds) a short-lived file of theirs: it is freed again soon, so the rounds go on
+    a while before giving up."""
+    deadline = time.monotonic() + within_s
+    while True:
+        spares = []
+        try:
+            for i in range(tries):
+                candidate = path.with_name(f".new{i}.tmp")  # a name the tail does not match
+                candidate.touch()
+                if candidate.stat().st_ino == inode:
+                    candidate.write_bytes(data)
+                    candidate.rename(path)
+                    return True
+                spares.append(candidate)
+        finally:
+            for spare in spares:
+                spare.unlink()
+        if time.monotonic() >= deadline:
+            path.write_bytes(data)
+            return False
+        time.sleep(0.005)
 
 
 def wait_past_change_time(path: Path) -> None:
@@ -83,7 +92,7 @@ def replace_at_inode(old: Path, new: Path, data: bytes) -> None:
     wait_past_change_time(old)
     old.unlink()
     assert create_at_inode(new, data, st.st_ino), (
-        f"no new file got inode {st.st_ino} back in {REUSE_TRIES} tries (file system of "
+        f"no new file got inode {st.st_ino} back in {REUSE_WITHIN_S:g} s (file system of "
         f"{new.parent}: inodes not reused at once?)")
 
 
