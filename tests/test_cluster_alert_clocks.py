@@ -80,6 +80,8 @@ async def two_owners(nursery: trio.Nursery, url: str, wall: SteppedWall, offset:
     for bus in (old, new):
         await nursery.start(bus.run)
         await bus.heartbeat_node(30.0)
+    # one clock, whatever their wall clocks say (within the round trips' halves)
+    assert abs(wall.as_of(offset, new.clock) - old.clock()) < EARLY_S
     return old, new
 
 

@@ -201,6 +201,11 @@ if ARGV[3] == '' then return {ts, {}} end
 return {ts, redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')}
 """
 
+#: seconds per second the bound of a held ``ClusterBus.clock`` sample grows by: clocks
+#: drift (ppm) and Redis's may be stepped; a sample with a round trip 0.1 s longer than
+#: the held one's replaces it within 50 s
+_CLOCK_DRIFT = 1e-3
+
 _SEED = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) return 1 end
@@ -340,8 +345,11 @@ class ClusterBus:
         self._held: dict[str, _Held] = {}
         self._ever_ok = False
         #: Redis's clock minus this node's monotonic clock (``clock``); until the first
-        #: heartbeat this node's wall clock stands in for it
+        #: heartbeat this node's wall clock stands in for it.  With it: its error bound
+        #: (half the round trip it came from) and when it was taken (monotonic)
         self._clock_offset = time.time() - time.monotonic()
+        self._clock_error = float("inf")
+        self._clock_at = 0.0
         self._was_stale = True
         # Topic channels followed (``follow_topics``), or all of them by pattern.
         self._topic_channels: set[str] = set()
@@ -1063,8 +1071,14 @@ class ClusterBus:
             args=[self.node_id if heartbeat else "", int(ttl_s * 1000),
                   "1" if listing else ""]))
         # Redis read its clock somewhere inside the round trip: its middle is off by at
-        # most half the round trip (milliseconds; the durations it measures are seconds)
-        self._clock_offset = int(sec) + int(usec) / 1e6 - (sent + time.monotonic()) / 2
+        # most half of it.  A round trip stretched by load is kept only when no better
+        # sample is recent (the bound of the one held grows by a drift allowance), so one
+        # slow reply does not move the clock by a second.
+        received = time.monotonic()
+        error = (received - sent) / 2
+        if error <= self._clock_error + (received - self._clock_at) * _CLOCK_DRIFT:
+            self._clock_offset = int(sec) + int(usec) / 1e6 - (sent + received) / 2
+            self._clock_error, self._clock_at = error, received
         return sorted(_text(m) for m in members or ())
 
     def clock(self) -> float:
