@@ -21,6 +21,10 @@ from it, so an alert raised from an old backlog is not escalated the moment it a
 ``now`` is the wall clock (a date); how long a gateway has been offline and a P0 waited
 is measured by ``elapsed``, a monotonic clock, when the engine is given one (the hub is):
 a wall clock set an hour forward is no hour offline, nor set back an hour's delay.
+A hub cluster's owners pass a clock every node reads alike (Redis's, ``shared=True``):
+its readings are then kept with the alert (``notified_clock``, the context's
+``offline_clock``), so a new owner measures an alert or outage begun under another node
+by the same clock, whatever either node's wall clock says.
 
 The rule reference (every key, with examples) is ``docs/alerts.md``.
 """
@@ -65,6 +69,9 @@ class Alert:
     acked_at: float | None = None
     escalated: bool = False
     escalated_at: float | None = None
+    #: the shared clock (a hub cluster: Redis's) when notified, for escalation by a later
+    #: owner; None on a single hub (its monotonic clock is its own)
+    notified_clock: float | None = None
 
     @property
     def topic(self) -> str:
@@ -108,10 +115,14 @@ class AlertEngine:
         sink: Callable[[AlertEvent], None] | None = None,
         metrics: Metrics | None = None,
         elapsed: Callable[[], float] | None = None,
+        shared: bool = False,
     ) -> None:
-        """``elapsed``: a monotonic clock for durations (None: the ``now`` passed in)."""
+        """``elapsed``: a monotonic clock for durations (None: the ``now`` passed in);
+        ``shared``: it reads the same in every process that restores these alerts (a hub
+        cluster: Redis's clock), so its readings are kept with them."""
         self.config = config
         self._elapsed = elapsed
+        self._shared = shared and elapsed is not None
         #: ``elapsed()`` when a gateway went offline and a P0 was raised, with a clock
         self._offline_at: dict[str, float] = {}
         self._notified_at: dict[str, float] = {}
@@ -292,12 +303,16 @@ class AlertEngine:
                     continue
                 offline = self._since(self._offline_at.get(gateway_id), since, now)
                 if offline >= rule.offline_s:
+                    context: dict[str, Any] = {"gateway_id": gateway_id,
+                                               "offline_since": since}
+                    at = self._offline_at.get(gateway_id)
+                    if self._shared and at is not None:
+                        context["offline_clock"] = at
                     self._raise(rule, f"{rule.name}|{gateway_id}|{since:.3f}",
                                 since + rule.offline_s, now,
                                 f"gateway {gateway_id} offline for {offline:.0f} s "
                                 f"(limit {rule.offline_s:.0f} s)",
-                                offline, rule.offline_s,
-                                {"gateway_id": gateway_id, "offline_since": since})
+                                offline, rule.offline_s, context)
         after = self.config.escalate_after_s
         for alert_id, alert in list(self._unescalated_p0.items()):
             if alert.acknowledged:
@@ -339,13 +354,17 @@ class AlertEngine:
         self._notified_at.pop(alert_id, None)
         return True
 
-    def resume_outage(self, gateway_id: str, since: float) -> None:
+    def resume_outage(self, gateway_id: str, since: float, at: float | None = None) -> None:
         """A gateway's outage that started at ``since`` and is already alerted (a hub
         cluster: an earlier owner raised it): kept as the same outage, so its
         ``gateway_offline`` alert (keyed by its start) is not raised again.  The next
-        ``on_gateway(..., True)`` ends it."""
+        ``on_gateway(..., True)`` ends it.  ``at``: its start by the shared clock (the
+        alert's ``offline_clock``), if the engine has one."""
         self._offline_since[gateway_id] = since
-        self._offline_at.pop(gateway_id, None)  # (began elsewhere: measured by dates)
+        if self._shared and at is not None:
+            self._offline_at[gateway_id] = at
+        else:
+            self._offline_at.pop(gateway_id, None)  # (began elsewhere: measured by dates)
 
     def watches(self, kind: str) -> bool:
         """Whether an enabled rule of ``kind`` is configured."""
@@ -364,6 +383,9 @@ class AlertEngine:
             self._remember(alert)
             if alert.priority == "P0" and not alert.acknowledged and not alert.escalated:
                 self._unescalated_p0[alert.id] = alert
+                if self._shared and alert.notified_clock is not None:
+                    # raised by another node: counted on the clock both read alike
+                    self._notified_at[alert.id] = alert.notified_clock
             n += 1
         return n
 
@@ -447,6 +469,8 @@ class AlertEngine:
             self._unescalated_p0[alert.id] = alert
             if self._elapsed is not None:
                 self._notified_at[alert.id] = self._elapsed()
+                if self._shared:
+                    alert.notified_clock = self._notified_at[alert.id]
         self._emit("raised", alert, now)
 
     def _remember(self, alert: Alert) -> None:

@@ -195,9 +195,16 @@ if ARGV[1] ~= '' then
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 end
-if ARGV[3] == '' then return {} end
-return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+-- (Redis's time is returned too: the node keeps it as its shared clock, ``ClusterBus.clock``)
+local ts = {tonumber(t[1]), tonumber(t[2])}
+if ARGV[3] == '' then return {ts, {}} end
+return {ts, redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')}
 """
+
+#: seconds per second the bound of a held ``ClusterBus.clock`` sample grows by: clocks
+#: drift (ppm) and Redis's may be stepped; a sample with a round trip 0.1 s longer than
+#: the held one's replaces it within 50 s
+_CLOCK_DRIFT = 1e-3
 
 _SEED = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -337,6 +344,12 @@ class ClusterBus:
         self._handlers: dict[str, list[Handler]] = {}
         self._held: dict[str, _Held] = {}
         self._ever_ok = False
+        #: Redis's clock minus this node's monotonic clock (``clock``); until the first
+        #: heartbeat this node's wall clock stands in for it.  With it: its error bound
+        #: (half the round trip it came from) and when it was taken (monotonic)
+        self._clock_offset = time.time() - time.monotonic()
+        self._clock_error = float("inf")
+        self._clock_at = 0.0
         self._was_stale = True
         # Topic channels followed (``follow_topics``), or all of them by pattern.
         self._topic_channels: set[str] = set()
@@ -1052,11 +1065,30 @@ class ClusterBus:
     async def _nodes(self, ttl_s: float, *, heartbeat: bool, listing: bool) -> list[str]:
         # One script: the expiry and the cut-off are both by Redis's clock (``_NODES``).
         script = self.shards[CLUSTER_SHARD].scripts["nodes"]
-        raw = await self._call("nodes", lambda: script(
+        sent = time.monotonic()
+        (sec, usec), members = await self._call("nodes", lambda: script(
             keys=[self.key("nodes")],
             args=[self.node_id if heartbeat else "", int(ttl_s * 1000),
                   "1" if listing else ""]))
-        return sorted(_text(m) for m in raw or ())
+        # Redis read its clock somewhere inside the round trip: its middle is off by at
+        # most half of it.  A round trip stretched by load is kept only when no better
+        # sample is recent (the bound of the one held grows by a drift allowance), so one
+        # slow reply does not move the clock by a second.
+        received = time.monotonic()
+        error = (received - sent) / 2
+        if error <= self._clock_error + (received - self._clock_at) * _CLOCK_DRIFT:
+            self._clock_offset = int(sec) + int(usec) / 1e6 - (sent + received) / 2
+            self._clock_error, self._clock_at = error, received
+        return sorted(_text(m) for m in members or ())
+
+    def clock(self) -> float:
+        """Seconds by Redis's clock (shard 0's ``TIME``), the one clock every node of the
+        cluster reads alike: kept as an offset to this node's monotonic clock, refreshed
+        by every heartbeat (``heartbeat_and_list``, ``heartbeat_node``, ``live_nodes``), so
+        reading it costs no round trip and a step of this node's wall clock never moves
+        it.  For durations that one node starts and another ends (docs/cluster.md,
+        "Clocks"); not a date to show."""
+        return time.monotonic() + self._clock_offset
 
     async def leave(self) -> None:
         """Graceful stop: drop this node from the live set at once."""

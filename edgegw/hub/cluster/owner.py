@@ -181,6 +181,7 @@ class LeaseBus(Protocol):
     def valid_until(self, name: str) -> float | None: ...
     async def wait_changed(self) -> None: ...
     async def presence(self, gateway_id: str) -> dict[str, str] | None: ...
+    def clock(self) -> float: ...
     @property
     def epoch(self) -> str | None: ...
 
@@ -217,6 +218,30 @@ class PartitionLog(Protocol):
     async def save_archives(self, token: int, lots: list[tuple[str, dict[str, Any], int]],
                             wafers: list[tuple[str, str, dict[str, Any], int]],
                             partition: int | None = ...) -> int: ...
+
+
+def restore_alert_engine(config: AlertsConfig, publish: Callable[[str, dict[str, Any]], None],
+                         saved: list[dict[str, Any]], *, clock: Callable[[], float],
+                         sink: Callable[[dict[str, Any]], None] | None = None,
+                         metrics: Metrics | None = None) -> AlertEngine:
+    """A partition owner's alert engine, holding the partition's alerts raised by any
+    earlier owner (``saved``: newest first, as ``load_alerts`` gives them).  Durations --
+    how long a gateway is offline, how long a P0 waits -- are measured by ``clock``, one
+    every node reads alike (Redis's, ``ClusterBus.clock``): an alert or outage begun under
+    an owner whose wall clock is an hour off from this one's is neither escalated (or
+    raised) at once nor an hour late (docs/cluster.md, "Clocks")."""
+    engine = AlertEngine(config, publish, sink=sink, metrics=metrics, elapsed=clock,
+                         shared=True)
+    engine.restore(reversed(saved))
+    for alert in reversed(saved):
+        # A gateway_offline alert raised by an earlier owner: the same outage keeps its
+        # start (the alert's key), so this owner does not raise it again.  The first
+        # presence check forgets it if the gateway is back.
+        ctx = alert.get("context") or {}
+        if alert.get("kind") == "gateway_offline" and "gateway_id" in ctx:
+            engine.resume_outage(ctx["gateway_id"], ctx["offline_since"],
+                                 ctx.get("offline_clock"))
+    return engine
 
 
 def lease_name(partition: int) -> str:
@@ -553,18 +578,11 @@ class PartitionOwner:
         events: list[dict[str, Any]] = []
         if self.alerts_config is None:
             return None, events
-        engine = AlertEngine(self.alerts_config, publish, sink=events.append,
-                             metrics=self.metrics)
         saved = await self._until_answered(functools.partial(
             self.store.load_alerts, self.alerts_config.keep, p))
-        engine.restore(reversed(saved))  # (newest first from the store)
-        for alert in reversed(saved):
-            # A gateway_offline alert raised by an earlier owner: the same outage keeps
-            # its start (the alert's key), so this owner does not raise it again.  The
-            # first presence check forgets it if the gateway is back.
-            ctx = alert.get("context") or {}
-            if alert.get("kind") == "gateway_offline" and "gateway_id" in ctx:
-                engine.resume_outage(ctx["gateway_id"], ctx["offline_since"])
+        engine = restore_alert_engine(self.alerts_config, publish, saved,
+                                      clock=self.bus.clock, sink=events.append,
+                                      metrics=self.metrics)
         return engine, events
 
     async def _partition_gateways(self, p: int) -> list[str]:
@@ -812,4 +830,4 @@ class PartitionOwner:
 
 __all__ = ["Archives", "LeaseBus", "LeaseLost", "LeasePlan", "LeasePlanner", "OwnedTopics",
            "PartitionLog", "PartitionOwner", "Publisher", "home_node", "lease_name",
-           "owns_topic", "target_count", "topic_partition"]
+           "owns_topic", "restore_alert_engine", "target_count", "topic_partition"]

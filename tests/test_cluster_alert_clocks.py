@@ -1,0 +1,153 @@
+"""A hub cluster's time-driven alerts across owners whose wall clocks disagree by an hour
+(docs/cluster.md, "Clocks"): ``gateway_offline`` and P0 escalation are measured by the one
+clock every node reads alike, Redis's (``ClusterBus.clock``), so a partition moving to a
+node an hour ahead or behind neither raises (escalates) at once nor an hour late.
+
+Two owners of one partition in this process, each with its own ``ClusterBus`` on a private
+Redis (tests/cluster_redis.py) and the alerts handed over through PostgreSQL as a takeover
+does (``save_alerts`` by the old owner, ``load_alerts`` + ``restore_alert_engine`` by the
+new one).  A node's wall clock is stepped by replacing ``time.time`` for the process while
+that node acts (as tests/test_cluster_node_clocks.py does; the calls are sequential)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+import trio
+from cluster_redis import RedisServer, fresh_prefix, redis_server  # noqa: F401
+
+from edgegw.hub.alerts import AlertRuleConfig, AlertsConfig
+from edgegw.hub.cluster import ClusterBus, ClusterStore
+from edgegw.hub.cluster.owner import restore_alert_engine
+from edgegw.records import SensorReading
+
+HOUR = 3600.0
+LIMIT_S = 3.0  # offline_s and escalate_after_s
+EARLY_S = 1.0  # slack below the limit: the two nodes' estimates of Redis's clock
+LATE_S = 10.0  # slack above it: scheduling under load, still far below the hour
+
+T = TypeVar("T")
+
+
+class SteppedWall:
+    """``time.time`` for the whole process, plus ``offset`` seconds."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self._real = time.time
+        self._real_ns = time.time_ns
+
+    def __call__(self) -> float:
+        return self._real() + self.offset
+
+    def ns(self) -> int:
+        return self._real_ns() + round(self.offset * 1e9)
+
+    def as_of(self, offset: float, call: Callable[[], T]) -> T:
+        """``call()`` on a node whose clock is ``offset`` seconds off."""
+        self.offset = offset
+        try:
+            return call()
+        finally:
+            self.offset = 0.0
+
+
+@pytest.fixture
+def wall(monkeypatch: pytest.MonkeyPatch) -> Iterator[SteppedWall]:
+    stepped = SteppedWall()
+    monkeypatch.setattr(time, "time", stepped)
+    monkeypatch.setattr(time, "time_ns", stepped.ns)
+    yield stepped
+
+
+CONFIG = AlertsConfig(escalate_after_s=LIMIT_S, rules=[
+    AlertRuleConfig(name="gw-down", kind="gateway_offline", priority="P1", offline_s=LIMIT_S),
+    AlertRuleConfig(name="too-hot", kind="sensor_range", priority="P0", channel="temp",
+                    high=90.0),
+])
+
+
+async def two_owners(nursery: trio.Nursery, url: str, wall: SteppedWall, offset: float
+                     ) -> tuple[ClusterBus, ClusterBus]:
+    """The old owner's bus (right clock) and the new owner's (``offset`` off), each past
+    its first heartbeat, as an owner is before it acquires anything."""
+    prefix = fresh_prefix()
+    old = ClusterBus(url, prefix, "old")
+    new = wall.as_of(offset, lambda: ClusterBus(url, prefix, "new"))
+    for bus in (old, new):
+        await nursery.start(bus.run)
+        await bus.heartbeat_node(30.0)
+    # one clock, whatever their wall clocks say (within the round trips' halves)
+    assert abs(wall.as_of(offset, new.clock) - old.clock()) < EARLY_S
+    return old, new
+
+
+async def until_event(events: list[dict[str, Any]], event: str, tick: Callable[[], None]
+                      ) -> None:
+    """Tick once every 50 ms (an owner ticks once a second) until ``event`` is emitted."""
+    with trio.fail_after(LIMIT_S + LATE_S):
+        while not any(e["event"] == event for e in events):
+            tick()
+            await trio.sleep(0.05)
+
+
+@pytest.mark.parametrize("offset", [HOUR, -HOUR], ids=["ahead", "behind"])
+async def test_a_p0_raised_under_one_owner_escalates_on_time_under_a_new_owner_an_hour_off(
+        redis_server: RedisServer, pg_dsn: str, wall: SteppedWall,  # noqa: F811
+        offset: float) -> None:
+    store = ClusterStore(pg_dsn, "n", partitions=1)
+    await store.open()
+    try:
+        async with trio.open_nursery() as nursery:
+            old_bus, new_bus = await two_owners(nursery, redis_server.url, wall, offset)
+            # the old owner raises a P0 and writes it, then the partition moves
+            raised: list[dict[str, Any]] = []
+            old = restore_alert_engine(CONFIG, lambda t, d: None, [], clock=old_bus.clock,
+                                       sink=raised.append)
+            old.on_sensor(SensorReading("s", time.time(), "temp", 99.0), time.time())
+            raised_at = trio.current_time()
+            assert [e["event"] for e in raised] == ["raised"]
+            assert await store.claim_partition(0, 1)
+            await store.save_alerts(0, 1, [raised[0]["alert"]])
+            assert await store.claim_partition(0, 2)
+            saved = await store.load_alerts(100, 0)
+            events: list[dict[str, Any]] = []
+            new = wall.as_of(offset, lambda: restore_alert_engine(
+                CONFIG, lambda t, d: None, saved, clock=new_bus.clock, sink=events.append))
+            assert new.escalation_pending == 1
+            # escalated escalate_after_s after it was raised: not at once, not an hour late
+            await until_event(events, "escalated",
+                              lambda: wall.as_of(offset, lambda: new.tick(time.time())))
+            assert trio.current_time() - raised_at >= LIMIT_S - EARLY_S
+            [escalated] = events
+            assert escalated["alert"]["id"] == raised[0]["alert"]["id"]
+            # the dates shown stay the escalating node's wall clock
+            assert abs(escalated["alert"]["escalated_at"] - (time.time() + offset)) < LATE_S
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("offset", [HOUR, -HOUR], ids=["ahead", "behind"])
+async def test_gateway_offline_is_raised_on_time_by_a_new_owner_whose_clock_is_set_right(
+        redis_server: RedisServer, wall: SteppedWall, offset: float) -> None:  # noqa: F811
+    """The gateway's partition moves to a node ``offset`` off, which NTP sets right while
+    the gateway is away: its outage is still ``offline_s`` long, not 0 s or an hour."""
+    async with trio.open_nursery() as nursery:
+        _, new_bus = await two_owners(nursery, redis_server.url, wall, offset)
+        events: list[dict[str, Any]] = []
+        new = wall.as_of(offset, lambda: restore_alert_engine(
+            CONFIG, lambda t, d: None, [], clock=new_bus.clock, sink=events.append))
+        wall.as_of(offset, lambda: new.on_gateway("ate-1", False, time.time()))
+        missed_at = trio.current_time()
+        wall.as_of(offset, lambda: new.tick(time.time()))
+        # NTP steps the new owner's clock right (one of its heartbeats in between)
+        await new_bus.heartbeat_node(30.0)
+        await until_event(events, "raised", lambda: new.tick(time.time()))
+        assert trio.current_time() - missed_at >= LIMIT_S - EARLY_S
+        [alert] = [e["alert"] for e in events]
+        assert alert["rule"] == "gw-down" and alert["value"] < LIMIT_S + LATE_S
+        nursery.cancel_scope.cancel()
