@@ -32,7 +32,7 @@ LOT_B = stdf_file_bytes(TesterProfile(lot_id="LOTB", **PROFILE))
 LOT_C = stdf_file_bytes(TesterProfile(lot_id="LOTC", sites=4, wafer_diameter_dies=10,
                                       tests_per_part=4, seed=8))
 REUSE_TRIES = 200
-REUSE_WITHIN_S = 10.0
+REUSE_WITHIN_S = 40.0
 
 
 def test_the_lots_differ_only_in_their_content() -> None:
