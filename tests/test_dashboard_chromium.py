@@ -746,6 +746,7 @@ async def test_a_final_test_lot_shows_its_tests_and_says_it_has_no_wafers(
             async def shown() -> Any:
                 return await browser.eval(
                     "({trend: document.getElementById('yield-trend').textContent,"
+                    " lot: (document.getElementById('lot-title') || {}).textContent || '',"
                     " final: !!document.querySelector('#yield-trend [data-final-test]'),"
                     " tests: [...document.querySelectorAll('#tests tbody tr')]"
                     "   .map(r => r.cells[0].textContent)})")
@@ -755,6 +756,7 @@ async def test_a_final_test_lot_shows_its_tests_and_says_it_has_no_wafers(
                     await trio.sleep(0.1)
             assert "no wafers" in view["trend"] and "75.0 %" in view["trend"]
             assert view["tests"] == ["100 VDD", "101 IDD ⚠ 2 names"]
+            assert view["lot"] == "lot FTLOT · DEV · closed · final test (no wafers)"
             await browser.screenshot(ARTIFACTS / "dashboard-final-test.png")
         nursery.cancel_scope.cancel()
 
