@@ -746,6 +746,7 @@ async def test_a_final_test_lot_shows_its_tests_and_says_it_has_no_wafers(
             async def shown() -> Any:
                 return await browser.eval(
                     "({trend: document.getElementById('yield-trend').textContent,"
+                    " lot: (document.getElementById('lot-title') || {}).textContent || '',"
                     " final: !!document.querySelector('#yield-trend [data-final-test]'),"
                     " tests: [...document.querySelectorAll('#tests tbody tr')]"
                     "   .map(r => r.cells[0].textContent)})")
@@ -755,5 +756,124 @@ async def test_a_final_test_lot_shows_its_tests_and_says_it_has_no_wafers(
                     await trio.sleep(0.1)
             assert "no wafers" in view["trend"] and "75.0 %" in view["trend"]
             assert view["tests"] == ["100 VDD", "101 IDD ⚠ 2 names"]
+            assert view["lot"] == "lot FTLOT · DEV · closed · final test (no wafers)"
             await browser.screenshot(ARTIFACTS / "dashboard-final-test.png")
+        nursery.cancel_scope.cancel()
+
+
+#: the tester's clock at the first pass's start (START_T)
+T0 = 1764130000
+
+
+def dual_head_retest_stdf() -> bytes:
+    """A wafer probed on two heads (sites 0 and 1 of each; head 2's site 0 fails, and skips
+    test 101: not executed), then the lot tested again under its id: a second MIR and WIR
+    after the MRR, one die retested, the lot in test again."""
+    from edgegw.stdf import StdfWriter
+
+    w = StdfWriter("<")
+    recs: list[tuple[str, dict[str, Any]]] = []
+
+    def part(head: int, site: int, x: int, y: int, ran_101: bool) -> None:
+        good = (head, site) != (2, 0)
+        recs.extend([
+            ("PIR", {"HEAD_NUM": head, "SITE_NUM": site}),
+            ("PTR", {"TEST_NUM": 100, "HEAD_NUM": head, "SITE_NUM": site, "TEST_FLG": 0,
+                     "PARM_FLG": 0, "RESULT": 1.0 + x, "TEST_TXT": "VDD", "OPT_FLAG": 0x0E,
+                     "LO_LIMIT": 0.0, "HI_LIMIT": 10.0, "UNITS": "V"}),
+            ("PTR", {"TEST_NUM": 101, "HEAD_NUM": head, "SITE_NUM": site,
+                     "TEST_FLG": 0 if ran_101 else 0x10, "PARM_FLG": 0, "RESULT": 2.0,
+                     "TEST_TXT": "IDD"}),
+            ("PRR", {"HEAD_NUM": head, "SITE_NUM": site, "PART_FLG": 0 if good else 0x08,
+                     "NUM_TEST": 2, "HARD_BIN": 1 if good else 5, "SOFT_BIN": 1 if good else 5,
+                     "X_COORD": x, "Y_COORD": y, "PART_ID": f"{head}.{x}.{y}"})])
+
+    for start, heads in ((T0, (1, 2)), (T0 + 7200, (1,))):  # two lots back to back in a file
+        recs.append(("FAR", {"CPU_TYPE": 2, "STDF_VER": 4}))
+        recs.append(("MIR", {"SETUP_T": start, "START_T": start, "STAT_NUM": 1,
+                             "LOT_ID": "DHLOT", "PART_TYP": "DEV", "NODE_NAM": "prober",
+                             "TSTR_TYP": "J750", "JOB_NAM": "sort"}))
+        recs += [("WIR", {"HEAD_NUM": h, "START_T": start, "WAFER_ID": "DHLOT-W1"})
+                 for h in heads]
+        if start == T0:
+            for head in (1, 2):
+                for site in (0, 1):
+                    for y in (0, 1):
+                        part(head, site, 2 * (head - 1) + site, y, ran_101=head == 1)
+            recs += [("WRR", {"HEAD_NUM": h, "FINISH_T": T0 + 100, "PART_CNT": 4,
+                              "WAFER_ID": "DHLOT-W1"}) for h in heads]
+            recs.append(("MRR", {"FINISH_T": T0 + 100}))
+        else:
+            part(1, 0, 0, 0, ran_101=True)  # the second pass: retested, the lot open again
+    return b"".join(w.encode(name, f) for name, f in recs)
+
+
+#: the Tests rows (test|n) once both passes are applied: head 1's 4 parts and the retest
+#: ran test 101, head 2's 4 did not
+TESTS_AFTER_PASS_2 = ["100 VDD|9", "101 IDD|5+4 not run"]
+
+
+@needs_chromium
+async def test_a_dual_head_lot_tested_again_shows_heads_passes_and_tests_not_run(
+        tmp_path: Path) -> None:
+    """What the hub's live topics say and an operator must see: the lot header and the
+    wafer's title give the pass under test ("pass 2"), the site bars and a die's hover name
+    its head ("site 2/0"), the Tests table the results not executed; /api/lots the passes."""
+    watched = tmp_path / "dh"
+    watched.mkdir()
+    (watched / "dh.stdf").write_bytes(dual_head_retest_stdf())
+    hub = LiveHub(tmp_path / "hub")
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(hub.run)
+        async with open_browser(tmp_path / "profile") as browser:
+            await browser.call("Page.navigate", url=f"http://127.0.0.1:{port}/")
+            await wait_page(browser, lambda p: p["conn"] == "live", 15, "the page to connect")
+            cfg = gateway_config(tmp_path / "gw", port, token=TOKEN, sources=[
+                {"name": "dh", "type": "tail", "paths": [str(watched)],
+                 "poll_interval": 0.05}])
+            await nursery.start(Gateway(cfg).run)
+
+            async def shown() -> Any:
+                return await browser.eval(
+                    "(() => { const t = (id) => (document.getElementById(id) || {}).textContent;"
+                    " return {lot: t('lot-title'), wafer: t('wafer-title'),"
+                    " lot_starts: (document.querySelector('#lot-title [data-starts]')"
+                    "   || {dataset: {}}).dataset.starts || '',"
+                    " sites: [...document.querySelectorAll('#sites .row')]"
+                    "   .map(r => r.firstChild.textContent + ' ' + r.lastChild.textContent),"
+                    " tests: [...document.querySelectorAll('#tests tbody tr')]"
+                    "   .map(r => r.cells[0].textContent + '|' + r.cells[1].textContent)}; })()")
+
+            view: dict[str, Any] = {}
+            try:
+                with trio.fail_after(30):
+                    # every record applied (the tail may cut the file into several frames)
+                    while not ((view := await shown())["lot_starts"] == "2"
+                               and "pass 2" in view["wafer"] and len(view["sites"]) == 4
+                               and view["tests"] == TESTS_AFTER_PASS_2):
+                        await trio.sleep(0.1)
+            except trio.TooSlowError:
+                raise AssertionError(f"the lot's second pass not shown: {view}") from None
+            assert "lot DHLOT" in view["lot"] and "open" in view["lot"]
+            assert "pass 2 · reopened" in view["lot"] and "pass 2 · reopened" in view["wafer"]
+            assert view["sites"] == ["site 1/0 100.0 %", "site 1/1 100.0 %",
+                                     "site 2/0 0.0 %", "site 2/1 100.0 %"]
+
+            # Hovering a head 2 die names its head, as its site bar does.
+            die = await browser.eval(
+                "(() => { const v = views.get(mapGeom.topic);"
+                " const d = [...v.dies.values()].find(r => r[6] === 2 && r[5] === 0);"
+                " const r = canvas.getBoundingClientRect(); const k = r.width / canvas.width;"
+                " return {row: d, x: r.left + (mapGeom.ox + (d[0] - mapGeom.minX + 0.5)"
+                "   * mapGeom.cell) * k, y: r.top + (mapGeom.oy + (d[1] - mapGeom.minY + 0.5)"
+                "   * mapGeom.cell) * k}; })()")
+            await browser.call("Input.dispatchMouseEvent", type="mouseMoved", x=die["x"],
+                               y=die["y"])
+            tip = await browser.eval("document.getElementById('die-tip').textContent")
+            assert f"x {die['row'][0]}  y {die['row'][1]}" in tip and "site 2/0  FAIL" in tip
+            await browser.screenshot(ARTIFACTS / "dashboard-dual-head-retest.png")
+
+            lots = (await http_json(port, "/api/lots"))["lots"]
+            assert [(r["lot_id"], r["status"], r["starts"], r["reopened_at"]) for r in lots] \
+                == [("DHLOT", "open", 2, T0 + 7200)]
         nursery.cancel_scope.cancel()

@@ -52,6 +52,29 @@ def test_handlers_answer_from_live_state() -> None:
     assert history.test(state, "LA", "999", None)[0] == 404
 
 
+def test_the_lot_and_wafer_lists_say_a_lot_tested_again() -> None:
+    """A lot (and its wafer) tested a second time under its id: the list rows give the
+    passes and when the latest began, as the live topics do (live-topics.md)."""
+    from edgegw.records import LotEnd, LotStart, PartResult, WaferEnd, WaferStart
+
+    state = LiveState(lambda t, d: None)
+    recs: list[Any] = []
+    for start in (1000, 2000):  # two passes, each with its MIR ... MRR, WIR ... WRR
+        recs += [LotStart("t", start, "RL", "PT", "n", "T", "j", start),
+                 WaferStart("t", start, "RL", "RL-1", 1, start),
+                 PartResult("t", start + 1, "RL", "RL-1", 1, 0, "1", 0, 0, 1, 1, True),
+                 WaferEnd("t", start + 2, "RL", "RL-1", 1, start + 2),
+                 LotEnd("t", start + 3, "RL", start + 3)]
+    state.on_records("gw", 1, recs[:5], now=1.0)
+    lot_row = history.lots(state, [], {})[1]["lots"][0]
+    assert (lot_row["starts"], lot_row["reopened_at"]) == (1, None)
+    state.on_records("gw", 6, recs[5:7], now=2.0)  # the second pass, in test
+    lot_row = history.lots(state, [], {})[1]["lots"][0]
+    assert (lot_row["status"], lot_row["starts"], lot_row["reopened_at"]) == ("open", 2, 2000)
+    wafer_row = history.wafers(state, "RL", None)[1]["wafers"][0]
+    assert (wafer_row["starts"], wafer_row["reopened_at"]) == (2, 2000)
+
+
 async def get(port: int, path: str) -> tuple[int, Any]:
     return await request(port, "GET", path)
 

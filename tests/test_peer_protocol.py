@@ -130,9 +130,10 @@ class Feed:
         await self.peer.until_acked(self.seq)
 
 
-def part(x: int, y: int, hard_bin: int, passed: bool, site: int = 0) -> list[Any]:
+def part(x: int, y: int, hard_bin: int, passed: bool, site: int = 0,
+         head: int = 1) -> list[Any]:
     """A PartResult row of lot L1, wafer W1 at (x, y), hard = soft bin."""
-    return [5, 0, 1764130000.0 + x, "L1", "W1", 1, site, f"p{x}.{y}", x, y, hard_bin,
+    return [5, 0, 1764130000.0 + x, "L1", "W1", head, site, f"p{x}.{y}", x, y, hard_bin,
             hard_bin, passed]
 
 
@@ -1477,6 +1478,7 @@ async def test_live_wafer_map_deltas_upsert_dies_to_the_snapshot(tmp_path: Path)
              part(1, 1, 1, True), part(2, 1, 5, False)],
             [part(3, 1, 1, True, site=1), part(2, 1, 1, True)],  # (2, 1) retested
             [part(1, 2, 7, False), part(1, 1, 1, True)],
+            [part(4, 1, 1, True, head=2)],  # the other head's site 0: its head trails
         ]
         rid = 1
         for seq, records in enumerate(batches, 1):
@@ -1485,12 +1487,14 @@ async def test_live_wafer_map_deltas_upsert_dies_to_the_snapshot(tmp_path: Path)
             rid += len(records)
             await dash.until(lambda d: "lot/L1/wafer/W1" in d.topics)
         wafer = "lot/L1/wafer/W1"
-        await dash.until(lambda d: d.topics[wafer].view["parts"] == 6)
+        await dash.until(lambda d: d.topics[wafer].view["parts"] == 7)
         view = dash.topics[wafer].view
         assert sorted(view["dies"]) == sorted([[1, 1, 1, 1, True, 0], [2, 1, 1, 1, True, 0],
-                                               [3, 1, 1, 1, True, 1], [1, 2, 7, 7, False, 0]])
-        assert view["die_count"] == 4 and view["retests"] == 2 and view["good"] == 3
-        assert view["hard_bins"] == {"1": 3, "7": 1}
+                                               [3, 1, 1, 1, True, 1], [1, 2, 7, 7, False, 0],
+                                               [4, 1, 1, 1, True, 0, 2]])
+        assert view["die_count"] == 5 and view["retests"] == 2 and view["good"] == 4
+        assert view["hard_bins"] == {"1": 4, "7": 1}
+        assert list(view["sites"]) == ["1/0", "1/1", "2/0"]
         fresh = await PeerDashboard.connect(port)
         await fresh.subscribe(["lot/+", "lot/+/wafer/+"])
         await fresh.until(lambda d: {wafer, "lot/L1"} <= set(d.topics))

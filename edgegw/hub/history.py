@@ -42,10 +42,11 @@ if TYPE_CHECKING:
 Result = tuple[int, dict[str, Any]]
 
 _LOT_FIELDS = ("lot_id", "part_type", "node_name", "tester_type", "job_name", "status",
-               "started", "ended", "die_count", "good", "yield", "parts", "units_per_hour",
-               "updated")
-_WAFER_FIELDS = ("wafer_id", "status", "started", "ended", "die_count", "good", "yield",
-                 "parts", "retests", "hard_bins", "soft_bins", "updated")
+               "started", "ended", "starts", "reopened_at", "die_count", "good", "yield",
+               "parts", "units_per_hour", "updated")
+_WAFER_FIELDS = ("wafer_id", "status", "started", "ended", "starts", "reopened_at",
+                 "die_count", "good", "yield", "parts", "retests", "hard_bins", "soft_bins",
+                 "updated")
 
 
 def _error(status: int, message: str) -> Result:
@@ -85,7 +86,8 @@ def wafers(state: LiveState, lot_id: str, archived: dict[str, Any] | None,
     lot = state.lots.get(lot_id)
     if lot is not None:
         live = [_wafer_row({"wafer_id": w.wafer_id, "status": w.status, "started": w.started,
-                            "ended": w.ended, "updated": w.updated, **w.tally.as_dict()})
+                            "ended": w.ended, "updated": w.updated, **w.passes.as_dict(),
+                            **w.tally.as_dict()})
                 for w in lot.wafers.values() if w.wafer_id]
     elif archived is not None:
         live = [_wafer_row(w) for wid, w in archived["wafers"].items() if wid]

@@ -75,8 +75,9 @@ CREATE TABLE IF NOT EXISTS wafers (
 CACHE_ENTRIES = 64
 
 #: the keys of a wafer snapshot its summary row keeps (the history API's wafer list)
-WAFER_SUMMARY = ("wafer_id", "status", "started", "ended", "die_count", "good", "yield",
-                 "parts", "retests", "hard_bins", "soft_bins", "updated")
+WAFER_SUMMARY = ("wafer_id", "status", "started", "ended", "starts", "reopened_at",
+                 "die_count", "good", "yield", "parts", "retests", "hard_bins", "soft_bins",
+                 "updated")
 
 
 def lot_row(lot_id: str, archive: dict[str, Any]) -> tuple[Any, ...]:

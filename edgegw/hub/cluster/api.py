@@ -47,6 +47,14 @@ class _Tally:
         return dict(self._snap)
 
 
+class _Passes:
+    def __init__(self, snap: dict[str, Any]) -> None:
+        self._snap = snap
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"starts": self._snap.get("starts"), "reopened_at": self._snap.get("reopened_at")}
+
+
 class _Wafer:
     def __init__(self, wafer_id: str, snap: dict[str, Any]) -> None:
         self.wafer_id = wafer_id
@@ -55,6 +63,7 @@ class _Wafer:
         self.started = snap.get("started")
         self.ended = snap.get("ended")
         self.updated = snap.get("updated")
+        self.passes = _Passes(snap)
         self.tally = _Tally(snap)
         self.values: dict[int, dict[Any, Any]] = {}
 

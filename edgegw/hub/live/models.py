@@ -269,6 +269,11 @@ class Die:
         return (self.ts, self.gateway) > (other.ts, other.gateway)
 
     def row(self) -> list[Any]:
+        # The head trails, only off head 1 (as site_key): a dual-head wafer's two site 0s
+        # differ on the map, and a single-head die row keeps its six elements and size.
+        if self.head != 1:
+            return [self.x, self.y, self.hard_bin, self.soft_bin, self.passed, self.site,
+                    self.head]
         return [self.x, self.y, self.hard_bin, self.soft_bin, self.passed, self.site]
 
 

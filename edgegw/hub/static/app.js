@@ -289,6 +289,33 @@ function renderWaferSelect() {
   sel.value = wafers.includes(chosen) ? chosen : "";
 }
 
+// A lot (wafer) tested again under its id (docs/live-topics.md, starts / reopened_at):
+// which pass is under test and when it began, by the tester's clock.
+function passes(v) {
+  if (!v || !(v.starts > 1)) return "";
+  const when = v.reopened_at != null ? new Date(v.reopened_at * 1000).toLocaleString() : "?";
+  return ` · <span class="pass" data-starts="${v.starts}" title="tested again under its id: ` +
+    `${v.starts} passes, the figures are over all of them">pass ${v.starts} · reopened ${escapeHtml(when)}</span>`;
+}
+
+// The lot's header: the wafer's lot, or with no wafer (final test) the latest lot.
+function renderLotTitle(lotId) {
+  const el = $("lot-title");
+  const lot = lotId != null ? views.get(`lot/${lotId}`) : null;
+  if (!lot) { setHtml(el, lotId != null ? `lot ${escapeHtml(lotId)}` : ""); el.dataset.lot = ""; return; }
+  el.dataset.lot = lot.lot_id;
+  const noWafers = !(lot.wafers || []).some((w) => w) && lot.die_count > 0;
+  setHtml(el, `lot <b>${escapeHtml(lot.lot_id)}</b>` +
+    (lot.part_type ? ` · ${escapeHtml(lot.part_type)}` : "") + ` · ${escapeHtml(lot.status || "")}` +
+    (noWafers ? " · final test (no wafers)" : "") + passes(lot));
+}
+
+// Headers are rebuilt every draw but change seldom: touch the DOM only when they do.
+const shownHtml = new WeakMap();
+function setHtml(el, html) {
+  if (shownHtml.get(el) !== html) { el.innerHTML = html; shownHtml.set(el, html); }
+}
+
 function renderWafer(topic) {
   const view = topic ? views.get(topic) : null;
   const w = canvas.width;
@@ -340,7 +367,8 @@ function renderWafer(topic) {
   mapGeom = { minX, minY, cell, ox, oy, topic };
   // What the page has drawn, for people and for the browser test.
   canvas.dataset.dieCount = String(drawn);
-  $("wafer-title").textContent = `lot ${view.lot_id} · wafer ${view.wafer_id} · ${view.status || ""}`;
+  setHtml($("wafer-title"), `wafer ${escapeHtml(view.wafer_id)} · ${escapeHtml(view.status || "")}` +
+    passes(view));
   const na = notApplicable(view);
   const y = na.has("yield") ? NA : view.yield == null ? "–" : (100 * view.yield).toFixed(1) + " %";
   const good = na.has("yield") ? NA : view.good ?? 0;
@@ -629,9 +657,13 @@ canvas.addEventListener("mousemove", (ev) => {
   const tip = $("die-tip");
   const d = dieAt(ev);
   if (!d) { tip.hidden = true; return; }
-  const [x, y, hb, sb, passed, site] = d;
+  // A die off head 1 carries its head (docs/live-topics.md); named as the wafer's site
+  // bars name it: "HEAD/SITE" once the wafer has sites of two heads.
+  const [x, y, hb, sb, passed, site, head = 1] = d;
+  const view = views.get(mapGeom.topic);
+  const heads = Object.keys((view && view.sites) || {}).some((k) => k.includes("/"));
   tip.textContent = `x ${x}  y ${y}\nhard bin ${hb}  soft bin ${sb ?? "–"}\n` +
-    `site ${site}  ${passed === true ? "pass" : passed === false ? "FAIL" : "?"}`;
+    `site ${heads ? head + "/" + site : site}  ${passed === true ? "pass" : passed === false ? "FAIL" : "?"}`;
   const rect = canvas.getBoundingClientRect();
   tip.style.left = (ev.clientX - rect.left + 12) + "px";
   tip.style.top = (ev.clientY - rect.top + 12) + "px";
@@ -782,6 +814,14 @@ function shared(v) {
     : "";
 }
 
+// Results of the test the flow did not execute (docs/live-topics.md, not_executed): not
+// in n nor the figures, but an operator wants to see the test was skipped.
+function notExecuted(v) {
+  return v.not_executed
+    ? `<span class="not-exec" title="${v.not_executed} results not executed (not in the figures)">+${v.not_executed} not run</span>`
+    : "";
+}
+
 function renderTests(lotId) {
   $("tests-scope").textContent = lotId ? `lot ${lotId}` : "";
   const rows = lotId ? lotTests(lotId) : [];
@@ -790,7 +830,7 @@ function renderTests(lotId) {
   $("tests").tBodies[0].innerHTML = rows.slice(0, 200).map((v) =>
     `<tr data-test="${v.test_num}" aria-selected="${chosen && chosen.test_num === v.test_num}">` +
     `<td>${escapeHtml(testLabel(v))}${shared(v)}</td>` +
-    `<td title="${v.not_executed ? `${v.not_executed} not executed (not in the figures)` : ""}">${v.count}</td><td>${f(v.mean, 4)}</td>` +
+    `<td>${v.count}${notExecuted(v)}</td><td>${f(v.mean, 4)}</td>` +
     `<td>${f(v.sigma)}</td><td class="${v.cpk != null && v.cpk < 1.33 ? "low-cpk" : ""}">${f(v.cpk)}</td></tr>`).join("");
 }
 
@@ -834,6 +874,7 @@ function draw() {
     // No wafer to follow (a final-test lot has none): the lot updated last, so its tests
     // and its "no wafers" trend still show.
     const lotId = wv ? wv.lot_id : latestLot();
+    renderLotTitle(lotId);
     renderTests(lotId);
     renderTestCharts(lotId);
     renderTrend(lotId);
