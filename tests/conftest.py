@@ -30,3 +30,4 @@ from mqtt_broker import mqtt_broker, start_broker  # noqa: E402, F401
 from cluster_pg import pg_dsn, pg_server  # noqa: E402, F401
 
 # ---- end cluster: PostgreSQL ---------------------------------------------------------------
+from walltools import wall  # noqa: E402, F401

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from test_hub import body, handshake
 from test_mqtt_gateway import _hub_rows
 from test_mqtt_source import Sink, make_source, start_publisher, started, unique
 from test_stdf_tail import SMALL, CollectingSink, expected, no_ts, tail
+from walltools import SteppedWall
 
 from edgegw.gateway import Gateway
 from edgegw.hub import RetentionClock, topics
@@ -34,29 +34,6 @@ from edgegw.throttle import Throttle
 
 HOUR = 3600.0
 DAY = 24 * HOUR
-
-
-class SteppedWall:
-    """``time.time`` for the whole process, plus ``offset`` seconds."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-        self._real = time.time
-        self._real_ns = time.time_ns
-
-    def __call__(self) -> float:
-        return self._real() + self.offset
-
-    def ns(self) -> int:
-        return self._real_ns() + round(self.offset * 1e9)
-
-
-@pytest.fixture
-def wall(monkeypatch: pytest.MonkeyPatch) -> Iterator[SteppedWall]:
-    stepped = SteppedWall()
-    monkeypatch.setattr(time, "time", stepped)
-    monkeypatch.setattr(time, "time_ns", stepped.ns)
-    yield stepped
 
 
 # ---- the throttle (sans-IO: the clock is the caller's) ---------------------------------------

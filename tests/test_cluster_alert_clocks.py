@@ -12,12 +12,13 @@ that node acts (as tests/test_cluster_node_clocks.py does; the calls are sequent
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
 import trio
 from cluster_redis import RedisServer, fresh_prefix, redis_server  # noqa: F401
+from walltools import SteppedWall
 
 from edgegw.hub.alerts import AlertRuleConfig, AlertsConfig
 from edgegw.hub.cluster import ClusterBus, ClusterStore
@@ -30,37 +31,6 @@ EARLY_S = 1.0  # slack below the limit: the two nodes' estimates of Redis's cloc
 LATE_S = 10.0  # slack above it: scheduling under load, still far below the hour
 
 T = TypeVar("T")
-
-
-class SteppedWall:
-    """``time.time`` for the whole process, plus ``offset`` seconds."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-        self._real = time.time
-        self._real_ns = time.time_ns
-
-    def __call__(self) -> float:
-        return self._real() + self.offset
-
-    def ns(self) -> int:
-        return self._real_ns() + round(self.offset * 1e9)
-
-    def as_of(self, offset: float, call: Callable[[], T]) -> T:
-        """``call()`` on a node whose clock is ``offset`` seconds off."""
-        self.offset = offset
-        try:
-            return call()
-        finally:
-            self.offset = 0.0
-
-
-@pytest.fixture
-def wall(monkeypatch: pytest.MonkeyPatch) -> Iterator[SteppedWall]:
-    stepped = SteppedWall()
-    monkeypatch.setattr(time, "time", stepped)
-    monkeypatch.setattr(time, "time_ns", stepped.ns)
-    yield stepped
 
 
 CONFIG = AlertsConfig(escalate_after_s=LIMIT_S, rules=[

@@ -10,12 +10,12 @@ runs under its own node's clock), with a real private Redis (tests/cluster_redis
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import pytest
 import trio
 from cluster_redis import RedisServer, fresh_prefix, redis_server  # noqa: F401
+from walltools import SteppedWall
 
 from edgegw.hub.cluster import ClusterBus
 
@@ -25,38 +25,6 @@ LONG_TTL_S = 30.0  # a node that lives: far beyond any scheduling delay on a loa
 SLACK_S = 10.0  # load: still far below the hour a stepped clock used to add
 
 T = TypeVar("T")
-
-
-class SteppedWall:
-    """``time.time`` for the whole process, plus ``offset`` seconds."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-        self._real = time.time
-        self._real_ns = time.time_ns
-
-    def __call__(self) -> float:
-        return self._real() + self.offset
-
-    def ns(self) -> int:
-        return self._real_ns() + round(self.offset * 1e9)
-
-
-@pytest.fixture
-def wall(monkeypatch: pytest.MonkeyPatch) -> Iterator[SteppedWall]:
-    stepped = SteppedWall()
-    monkeypatch.setattr(time, "time", stepped)
-    monkeypatch.setattr(time, "time_ns", stepped.ns)
-    yield stepped
-
-
-async def as_of(wall: SteppedWall, offset: float, call: Callable[[], Awaitable[T]]) -> T:
-    """``call()`` on a node whose clock is ``offset`` seconds off."""
-    wall.offset = offset
-    try:
-        return await call()
-    finally:
-        wall.offset = 0.0
 
 
 async def two_nodes(nursery: trio.Nursery, url: str) -> tuple[ClusterBus, ClusterBus]:
@@ -83,7 +51,7 @@ async def test_a_node_whose_clock_is_an_hour_off_that_dies_is_listed_gone_within
     async with trio.open_nursery() as nursery:
         skewed, right = await two_nodes(nursery, redis_server.url)
         # its last heartbeat: listed by the others ...
-        await as_of(wall, offset, lambda: skewed.heartbeat_node(SHORT_TTL_S))
+        await wall.as_of_async(offset, lambda: skewed.heartbeat_node(SHORT_TTL_S))
         assert await right.heartbeat_and_list(LONG_TTL_S) == ["right", "skewed"]
         # ... then it dies: gone a TTL later, not an hour (its partitions get taken over)
         await gone_within(right, "skewed", SHORT_TTL_S + SLACK_S)
@@ -98,12 +66,12 @@ async def test_a_node_whose_clock_is_an_hour_off_sees_the_others_die_within_thei
         skewed, right = await two_nodes(nursery, redis_server.url)
         started = trio.current_time()
         await right.heartbeat_node(SHORT_TTL_S)
-        assert await as_of(wall, offset, lambda: skewed.heartbeat_and_list(LONG_TTL_S)) \
+        assert await wall.as_of_async(offset, lambda: skewed.heartbeat_and_list(LONG_TTL_S)) \
             == ["right", "skewed"]
         # ``right`` dies: the skewed node lists it gone a TTL later (and keeps itself)
         with trio.fail_after(SHORT_TTL_S + SLACK_S):
-            while "right" in await as_of(wall, offset,
-                                         lambda: skewed.heartbeat_and_list(LONG_TTL_S)):
+            while "right" in await wall.as_of_async(
+                    offset, lambda: skewed.heartbeat_and_list(LONG_TTL_S)):
                 await trio.sleep(0.05)
         # not before its TTL either (Redis counts whole milliseconds)
         assert trio.current_time() - started >= SHORT_TTL_S - 0.01
@@ -120,12 +88,12 @@ async def test_live_nodes_whose_clocks_disagree_by_an_hour_all_stay_listed(
         skewed, right = await two_nodes(nursery, redis_server.url)
         await right.heartbeat_node(LONG_TTL_S)
         for _ in range(3):
-            assert await as_of(wall, offset,
+            assert await wall.as_of_async(offset,
                                lambda: skewed.heartbeat_and_list(LONG_TTL_S)) \
                 == ["right", "skewed"]
             assert await right.heartbeat_and_list(LONG_TTL_S) == ["right", "skewed"]
             assert await right.live_nodes() == ["right", "skewed"]
-            assert await as_of(wall, offset, skewed.live_nodes) == ["right", "skewed"]
+            assert await wall.as_of_async(offset, skewed.live_nodes) == ["right", "skewed"]
         nursery.cancel_scope.cancel()
 
 
@@ -135,9 +103,9 @@ async def test_leases_and_presence_of_a_node_an_hour_ahead_expire_by_their_ttl(
     clock never entered them (checked here so that it stays so)."""
     async with trio.open_nursery() as nursery:
         skewed, right = await two_nodes(nursery, redis_server.url)
-        token = await as_of(wall, HOUR, lambda: skewed.acquire("partition:0", SHORT_TTL_S))
+        token = await wall.as_of_async(HOUR, lambda: skewed.acquire("partition:0", SHORT_TTL_S))
         assert token is not None
-        assert await as_of(wall, HOUR, lambda: skewed.claim_presence(
+        assert await wall.as_of_async(HOUR, lambda: skewed.claim_presence(
             "ate-01", 1, SHORT_TTL_S, connected_at=str(time.time() + HOUR)))
         assert await right.lease_holder("partition:0") == ("skewed", token)
         assert (await right.presence("ate-01") or {}).get("node") == "skewed"
