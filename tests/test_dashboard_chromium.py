@@ -704,6 +704,28 @@ async def test_parametric_only_data_shows_yield_and_bins_not_applicable_and_test
         nursery.cancel_scope.cancel()
 
 
+@contextlib.asynccontextmanager
+async def page_of_a_tailed_file(tmp_path: Path, name: str, data: bytes
+                                ) -> AsyncIterator[tuple[Browser, int]]:
+    """A hub, the dashboard open on it in Chromium (connected), and a real gateway tailing
+    a directory holding ``name``.stdf with ``data``: the (browser, hub port)."""
+    watched = tmp_path / name
+    watched.mkdir()
+    (watched / f"{name}.stdf").write_bytes(data)
+    hub = LiveHub(tmp_path / "hub")
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(hub.run)
+        async with open_browser(tmp_path / "profile") as browser:
+            await browser.call("Page.navigate", url=f"http://127.0.0.1:{port}/")
+            await wait_page(browser, lambda p: p["conn"] == "live", 15, "the page to connect")
+            cfg = gateway_config(tmp_path / "gw", port, token=TOKEN, sources=[
+                {"name": name, "type": "tail", "paths": [str(watched)],
+                 "poll_interval": 0.05}])
+            await nursery.start(Gateway(cfg).run)
+            yield browser, port
+        nursery.cancel_scope.cancel()
+
+
 @needs_chromium
 async def test_a_final_test_lot_shows_its_tests_and_says_it_has_no_wafers(
         tmp_path: Path) -> None:
@@ -729,36 +751,23 @@ async def test_a_final_test_lot_shows_its_tests_and_says_it_has_no_wafers(
                           "NUM_TEST": 1, "HARD_BIN": 2 if n == 3 else 1,
                           "SOFT_BIN": 2 if n == 3 else 1, "PART_ID": str(n + 1)})]
     recs.append(("MRR", {"FINISH_T": 9}))
-    watched = tmp_path / "ft"
-    watched.mkdir()
-    (watched / "ft.stdf").write_bytes(b"".join(w.encode(name, f) for name, f in recs))
-    hub = LiveHub(tmp_path / "hub")
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(hub.run)
-        async with open_browser(tmp_path / "profile") as browser:
-            await browser.call("Page.navigate", url=f"http://127.0.0.1:{port}/")
-            await wait_page(browser, lambda p: p["conn"] == "live", 15, "the page to connect")
-            cfg = gateway_config(tmp_path / "gw", port, token=TOKEN, sources=[
-                {"name": "ft", "type": "tail", "paths": [str(watched)],
-                 "poll_interval": 0.05}])
-            await nursery.start(Gateway(cfg).run)
+    data = b"".join(w.encode(name, f) for name, f in recs)
+    async with page_of_a_tailed_file(tmp_path, "ft", data) as (browser, _port):
+        async def shown() -> Any:
+            return await browser.eval(
+                "({trend: document.getElementById('yield-trend').textContent,"
+                " lot: (document.getElementById('lot-title') || {}).textContent || '',"
+                " final: !!document.querySelector('#yield-trend [data-final-test]'),"
+                " tests: [...document.querySelectorAll('#tests tbody tr')]"
+                "   .map(r => r.cells[0].textContent)})")
 
-            async def shown() -> Any:
-                return await browser.eval(
-                    "({trend: document.getElementById('yield-trend').textContent,"
-                    " lot: (document.getElementById('lot-title') || {}).textContent || '',"
-                    " final: !!document.querySelector('#yield-trend [data-final-test]'),"
-                    " tests: [...document.querySelectorAll('#tests tbody tr')]"
-                    "   .map(r => r.cells[0].textContent)})")
-
-            with trio.fail_after(30):
-                while not (view := await shown())["final"] or len(view["tests"]) < 2:
-                    await trio.sleep(0.1)
-            assert "no wafers" in view["trend"] and "75.0 %" in view["trend"]
-            assert view["tests"] == ["100 VDD", "101 IDD ⚠ 2 names"]
-            assert view["lot"] == "lot FTLOT · DEV · closed · final test (no wafers)"
-            await browser.screenshot(ARTIFACTS / "dashboard-final-test.png")
-        nursery.cancel_scope.cancel()
+        with trio.fail_after(30):
+            while not (view := await shown())["final"] or len(view["tests"]) < 2:
+                await trio.sleep(0.1)
+        assert "no wafers" in view["trend"] and "75.0 %" in view["trend"]
+        assert view["tests"] == ["100 VDD", "101 IDD ⚠ 2 names"]
+        assert view["lot"] == "lot FTLOT · DEV · closed · final test (no wafers)"
+        await browser.screenshot(ARTIFACTS / "dashboard-final-test.png")
 
 
 #: the tester's clock at the first pass's start (START_T)
@@ -819,61 +828,48 @@ async def test_a_dual_head_lot_tested_again_shows_heads_passes_and_tests_not_run
     """What the hub's live topics say and an operator must see: the lot header and the
     wafer's title give the pass under test ("pass 2"), the site bars and a die's hover name
     its head ("site 2/0"), the Tests table the results not executed; /api/lots the passes."""
-    watched = tmp_path / "dh"
-    watched.mkdir()
-    (watched / "dh.stdf").write_bytes(dual_head_retest_stdf())
-    hub = LiveHub(tmp_path / "hub")
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(hub.run)
-        async with open_browser(tmp_path / "profile") as browser:
-            await browser.call("Page.navigate", url=f"http://127.0.0.1:{port}/")
-            await wait_page(browser, lambda p: p["conn"] == "live", 15, "the page to connect")
-            cfg = gateway_config(tmp_path / "gw", port, token=TOKEN, sources=[
-                {"name": "dh", "type": "tail", "paths": [str(watched)],
-                 "poll_interval": 0.05}])
-            await nursery.start(Gateway(cfg).run)
+    async with page_of_a_tailed_file(tmp_path, "dh", dual_head_retest_stdf()) as (browser,
+                                                                               port):
+        async def shown() -> Any:
+            return await browser.eval(
+                "(() => { const t = (id) => (document.getElementById(id) || {}).textContent;"
+                " return {lot: t('lot-title'), wafer: t('wafer-title'),"
+                " lot_starts: (document.querySelector('#lot-title [data-starts]')"
+                "   || {dataset: {}}).dataset.starts || '',"
+                " sites: [...document.querySelectorAll('#sites .row')]"
+                "   .map(r => r.firstChild.textContent + ' ' + r.lastChild.textContent),"
+                " tests: [...document.querySelectorAll('#tests tbody tr')]"
+                "   .map(r => r.cells[0].textContent + '|' + r.cells[1].textContent)}; })()")
 
-            async def shown() -> Any:
-                return await browser.eval(
-                    "(() => { const t = (id) => (document.getElementById(id) || {}).textContent;"
-                    " return {lot: t('lot-title'), wafer: t('wafer-title'),"
-                    " lot_starts: (document.querySelector('#lot-title [data-starts]')"
-                    "   || {dataset: {}}).dataset.starts || '',"
-                    " sites: [...document.querySelectorAll('#sites .row')]"
-                    "   .map(r => r.firstChild.textContent + ' ' + r.lastChild.textContent),"
-                    " tests: [...document.querySelectorAll('#tests tbody tr')]"
-                    "   .map(r => r.cells[0].textContent + '|' + r.cells[1].textContent)}; })()")
+        view: dict[str, Any] = {}
+        try:
+            with trio.fail_after(30):
+                # every record applied (the tail may cut the file into several frames)
+                while not ((view := await shown())["lot_starts"] == "2"
+                           and "pass 2" in view["wafer"] and len(view["sites"]) == 4
+                           and view["tests"] == TESTS_AFTER_PASS_2):
+                    await trio.sleep(0.1)
+        except trio.TooSlowError:
+            raise AssertionError(f"the lot's second pass not shown: {view}") from None
+        assert "lot DHLOT" in view["lot"] and "open" in view["lot"]
+        assert "pass 2 · reopened" in view["lot"] and "pass 2 · reopened" in view["wafer"]
+        assert view["sites"] == ["site 1/0 100.0 %", "site 1/1 100.0 %",
+                                 "site 2/0 0.0 %", "site 2/1 100.0 %"]
 
-            view: dict[str, Any] = {}
-            try:
-                with trio.fail_after(30):
-                    # every record applied (the tail may cut the file into several frames)
-                    while not ((view := await shown())["lot_starts"] == "2"
-                               and "pass 2" in view["wafer"] and len(view["sites"]) == 4
-                               and view["tests"] == TESTS_AFTER_PASS_2):
-                        await trio.sleep(0.1)
-            except trio.TooSlowError:
-                raise AssertionError(f"the lot's second pass not shown: {view}") from None
-            assert "lot DHLOT" in view["lot"] and "open" in view["lot"]
-            assert "pass 2 · reopened" in view["lot"] and "pass 2 · reopened" in view["wafer"]
-            assert view["sites"] == ["site 1/0 100.0 %", "site 1/1 100.0 %",
-                                     "site 2/0 0.0 %", "site 2/1 100.0 %"]
+        # Hovering a head 2 die names its head, as its site bar does.
+        die = await browser.eval(
+            "(() => { const v = views.get(mapGeom.topic);"
+            " const d = [...v.dies.values()].find(r => r[6] === 2 && r[5] === 0);"
+            " const r = canvas.getBoundingClientRect(); const k = r.width / canvas.width;"
+            " return {row: d, x: r.left + (mapGeom.ox + (d[0] - mapGeom.minX + 0.5)"
+            "   * mapGeom.cell) * k, y: r.top + (mapGeom.oy + (d[1] - mapGeom.minY + 0.5)"
+            "   * mapGeom.cell) * k}; })()")
+        await browser.call("Input.dispatchMouseEvent", type="mouseMoved", x=die["x"],
+                           y=die["y"])
+        tip = await browser.eval("document.getElementById('die-tip').textContent")
+        assert f"x {die['row'][0]}  y {die['row'][1]}" in tip and "site 2/0  FAIL" in tip
+        await browser.screenshot(ARTIFACTS / "dashboard-dual-head-retest.png")
 
-            # Hovering a head 2 die names its head, as its site bar does.
-            die = await browser.eval(
-                "(() => { const v = views.get(mapGeom.topic);"
-                " const d = [...v.dies.values()].find(r => r[6] === 2 && r[5] === 0);"
-                " const r = canvas.getBoundingClientRect(); const k = r.width / canvas.width;"
-                " return {row: d, x: r.left + (mapGeom.ox + (d[0] - mapGeom.minX + 0.5)"
-                "   * mapGeom.cell) * k, y: r.top + (mapGeom.oy + (d[1] - mapGeom.minY + 0.5)"
-                "   * mapGeom.cell) * k}; })()")
-            await browser.call("Input.dispatchMouseEvent", type="mouseMoved", x=die["x"],
-                               y=die["y"])
-            tip = await browser.eval("document.getElementById('die-tip').textContent")
-            assert f"x {die['row'][0]}  y {die['row'][1]}" in tip and "site 2/0  FAIL" in tip
-            await browser.screenshot(ARTIFACTS / "dashboard-dual-head-retest.png")
-
-            lots = (await http_json(port, "/api/lots"))["lots"]
-            assert [(r["lot_id"], r["status"], r["starts"], r["reopened_at"]) for r in lots] \
-                == [("DHLOT", "open", 2, T0 + 7200)]
-        nursery.cancel_scope.cancel()
+        lots = (await http_json(port, "/api/lots"))["lots"]
+        assert [(r["lot_id"], r["status"], r["starts"], r["reopened_at"]) for r in lots] \
+            == [("DHLOT", "open", 2, T0 + 7200)]
