@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -20,8 +21,10 @@ import trio
 from cluster_redis import RedisServer, fresh_prefix, redis_server  # noqa: F401
 from walltools import SteppedWall
 
-from edgegw.hub.alerts import AlertRuleConfig, AlertsConfig
-from edgegw.hub.cluster import ClusterBus, ClusterStore
+from edgegw.config import build
+from edgegw.hub import HubConfig
+from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig
+from edgegw.hub.cluster import ClusterBus, ClusterHub, ClusterStore
 from edgegw.hub.cluster.owner import restore_alert_engine
 from edgegw.records import SensorReading
 
@@ -121,3 +124,108 @@ async def test_gateway_offline_is_raised_on_time_by_a_new_owner_whose_clock_is_s
         [alert] = [e["alert"] for e in events]
         assert alert["rule"] == "gw-down" and alert["value"] < LIMIT_S + LATE_S
         nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------ an outage begun while its partition moved
+
+GW = "ate-1"
+PARTITIONS = 1  # (the owner takes it, "front" being live or not)
+MOVE_S = 3.0  # the partition without an owner: longer than the slack below
+SLACK_S = 1.0  # two nodes' readings of Redis's clock, scheduling
+
+
+def owner_node(tmp: Path, dsn: str, url: str, prefix: str) -> ClusterHub:
+    """A node owning every partition, watching ``GW`` with a 1 s ``gateway_offline``."""
+    return ClusterHub(build(HubConfig, {
+        "hub": {"port": 0, "data_dir": str(tmp / "owner"), "heartbeat_s": 1.0,
+                "cluster": {"node_id": "owner", "postgres_dsn": dsn, "redis_url": url,
+                            "key_prefix": prefix, "partitions": PARTITIONS,
+                            "lease_ttl_s": 1.5, "stale_after_s": 2.0}},
+        "gateways": {GW: {"token": "t"}},
+        "alerts": {"rules": [{"name": "gw-down", "kind": "gateway_offline",
+                              "priority": "P1", "offline_s": 1}]},
+    }))
+
+
+async def offline_alert(store: ClusterStore) -> dict[str, Any]:
+    """The ``gateway_offline`` alert of ``GW`` once its owner has written it."""
+    with trio.fail_after(60):
+        while True:
+            for alert in await store.load_alerts(100):
+                if alert["rule"] == "gw-down":
+                    return alert
+            await trio.sleep(0.1)
+
+
+async def left_while_unowned(tmp_path: Path, pg_dsn: str, url: str, *, cluster_up: bool
+                             ) -> tuple[dict[str, Any], float, float, ClusterHub]:
+    """``GW`` connects through node "front", then leaves; ``MOVE_S`` later (no owner
+    meanwhile) node "owner" starts and takes its partition.  "front" stays up, or
+    (``cluster_up`` False) leaves the cluster with the gateway: no node up meanwhile.
+    -> (the owner's alert, when it left by the cluster clock and by the wall, the node)."""
+    prefix = fresh_prefix()
+    store = ClusterStore(pg_dsn, "front", partitions=PARTITIONS)
+    await store.open()
+    try:
+        async with trio.open_nursery() as nursery:
+            front = ClusterBus(url, prefix, "front", partitions=PARTITIONS)
+            await nursery.start(front.run)
+            await front.heartbeat_node(120.0)  # (not an owner: it takes no partition)
+            generation = await store.claim_gateway(GW)
+            assert await front.claim_presence(GW, generation, 5.0, connected_at="1.0")
+            assert await front.drop_presence(GW, generation)  # the gateway leaves
+            left_clock, left_wall = front.clock(), time.time()
+            if not cluster_up:
+                await front.leave()
+            await trio.sleep(MOVE_S)  # its partition has no owner yet
+            node = owner_node(tmp_path, pg_dsn, url, prefix)
+            await nursery.start(node.run)
+            alert = await offline_alert(store)
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.close()
+    return alert, left_clock, left_wall, node
+
+
+async def test_an_outage_begun_while_its_partition_moved_is_timed_from_when_the_gateway_left(
+        tmp_path: Path, pg_dsn: str, redis_server: RedisServer) -> None:  # noqa: F811
+    """The new owner learns when the gateway left from its last-seen time on the cluster
+    clock (``ClusterBus.last_seen``): the outage is not ``MOVE_S`` late."""
+    alert, left_clock, left_wall, _ = await left_while_unowned(
+        tmp_path, pg_dsn, redis_server.url, cluster_up=True)
+    assert abs(alert["context"]["offline_clock"] - left_clock) < SLACK_S
+    assert abs(alert["context"]["offline_since"] - left_wall) < SLACK_S
+    assert alert["value"] >= MOVE_S - SLACK_S  # "offline for 3 s", not 1 s
+
+
+async def test_a_gateway_gone_while_no_node_was_up_gets_offline_s_from_the_restart(
+        tmp_path: Path, pg_dsn: str, redis_server: RedisServer) -> None:  # noqa: F811
+    """A whole cluster down (its last node left): the gateway could not connect to
+    anything, so its outage counts from when the cluster came up (``ClusterBus.up_since``),
+    as a single hub's does from its start -- not from before, which would raise every
+    gateway not back within a second of a full restart."""
+    alert, left_clock, _, node = await left_while_unowned(
+        tmp_path, pg_dsn, redis_server.url, cluster_up=False)
+    up = node.bus.up_since
+    assert up is not None and up >= left_clock + MOVE_S - SLACK_S
+    assert alert["context"]["offline_clock"] >= up - SLACK_S
+
+
+def test_a_gateway_seen_back_since_a_restored_outage_starts_a_new_one() -> None:
+    """An owner restored an outage from an earlier owner's alert; the gateway's last-seen
+    time says it was connected since (a second outage, unseen while its partition moved):
+    a new outage, raised anew -- not taken for the first."""
+    shared = [100.0]  # the shared clock's reading
+    events: list[dict[str, Any]] = []
+    engine = AlertEngine(CONFIG, lambda t, d: None, sink=events.append,
+                         elapsed=lambda: shared[0], shared=True)
+    engine.resume_outage(GW, 1_000.0, at=50.0)  # began at 50 (its alert is elsewhere)
+    engine.on_gateway(GW, False, 1_050.0, began=50.0)  # last seen at 50: the same outage
+    engine.tick(1_050.0)
+    shared[0] = 130.0
+    engine.on_gateway(GW, False, 1_080.0, began=120.0)  # seen at 120: back since
+    engine.tick(1_080.0)
+    first, second = (e["alert"]["context"] for e in events)
+    assert (first["offline_since"], first["offline_clock"]) == (1_000.0, 50.0)
+    # the date goes back by what the shared clock says: 10 s before "now"
+    assert (second["offline_since"], second["offline_clock"]) == (1_070.0, 120.0)

@@ -279,14 +279,31 @@ class AlertEngine:
                         value, limit, {"channel": rec.channel, "unit": rec.unit,
                                        "source": rec.source})
 
-    def on_gateway(self, gateway_id: str, connected: bool, now: float) -> None:
+    def on_gateway(self, gateway_id: str, connected: bool, now: float, *,
+                   began: float | None = None) -> None:
+        """The gateway is (not) connected.  ``began``: when it went offline by ``elapsed``,
+        if known (a hub cluster: its last-seen time on the shared clock), else now -- so
+        an outage that began while no one watched (its partition moving to this owner)
+        is timed from its start, not from when this engine first hears of it.  A
+        ``began`` after the outage held (one restored from an earlier owner's alert):
+        the gateway was back since, and this is a new outage."""
         if connected:
             self._offline_since.pop(gateway_id, None)
             self._offline_at.pop(gateway_id, None)
-        elif gateway_id not in self._offline_since:
-            self._offline_since[gateway_id] = now
-            if self._elapsed is not None:
-                self._offline_at[gateway_id] = self._elapsed()
+            return
+        held = self._offline_at.get(gateway_id)
+        if gateway_id in self._offline_since and (
+                began is None or held is None or began <= held):
+            return
+        self._offline_since[gateway_id] = now
+        if self._elapsed is not None:
+            at = self._elapsed()
+            if began is not None:
+                # the date shown goes back by the same span as the shared clock (a began
+                # a hair ahead -- two nodes' readings of it -- is taken as now)
+                self._offline_since[gateway_id] = now - max(0.0, at - began)
+                at = began
+            self._offline_at[gateway_id] = at
 
     def _since(self, at: float | None, wall_since: float, now: float) -> float:
         """Seconds since ``at`` by the monotonic clock, or (without one, or for what began

@@ -186,20 +186,31 @@ return 0
 # runs ahead would stay listed that much longer after it died (nobody takes its partitions
 # over) and would drop the live nodes from its own listing (it takes theirs); one running
 # behind the reverse.  Lease TTLs and presence TTLs are Redis's own measure already.
-# KEYS: nodes.  ARGV: node ('' for none: list only), ttl ms, '1' to return the live nodes.
-# (Writes after TIME are fine: Redis >= 5 replicates a script's effects, not the script.)
+# ``{prefix}:up`` is when the cluster last came up (ms, the same clock): set by a heartbeat
+# that finds no other live node.  A gateway's outage is not timed from before it (no node
+# was there to take its connection: owner.py).
+# KEYS: nodes, up.  ARGV: node ('' for none: list only), ttl ms, '1' to return the live
+# nodes.  (Writes after TIME are fine: Redis >= 5 replicates a script's effects.)
 _NODES = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if ARGV[1] ~= '' then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  if redis.call('ZCARD', KEYS[1]) == 0 or not redis.call('GET', KEYS[2]) then
+    redis.call('SET', KEYS[2], now)
+  end
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 end
 -- (Redis's time is returned too: the node keeps it as its shared clock, ``ClusterBus.clock``)
 local ts = {tonumber(t[1]), tonumber(t[2])}
-if ARGV[3] == '' then return {ts, {}} end
-return {ts, redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')}
+local up = tonumber(redis.call('GET', KEYS[2]) or '-1')
+if ARGV[3] == '' then return {ts, {}, up} end
+return {ts, redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf'), up}
 """
+
+#: how long a gateway's last-seen time (``{prefix}:seen:<gateway>``) is kept after it was
+#: last written: longer than any ``offline_s`` worth alerting on
+SEEN_KEEP_S = 7 * 86400.0
 
 #: seconds per second the bound of a held ``ClusterBus.clock`` sample grows by: clocks
 #: drift (ppm) and Redis's may be stepped; a sample with a round trip 0.1 s longer than
@@ -350,6 +361,9 @@ class ClusterBus:
         self._clock_offset = time.time() - time.monotonic()
         self._clock_error = float("inf")
         self._clock_at = 0.0
+        #: when the cluster last came up, by ``clock`` (``{prefix}:up``; None until the
+        #: first heartbeat): the earliest a gateway's outage can be timed from
+        self.up_since: float | None = None
         self._was_stale = True
         # Topic channels followed (``follow_topics``), or all of them by pattern.
         self._topic_channels: set[str] = set()
@@ -455,18 +469,21 @@ class ClusterBus:
         return out
 
     async def _script_calls(self, what: str, shard: int, script: str,
-                            calls: list[tuple[str, list[Any]]]) -> list[Any]:
-        """``script`` once per (key, args) on ``shard``: one round trip (a pipeline when
-        there are several), with ``_call``'s deadline."""
+                            calls: list[tuple[str | list[str], list[Any]]]) -> list[Any]:
+        """``script`` once per (key or keys, args) on ``shard``: one round trip (a pipeline
+        when there are several), with ``_call``'s deadline."""
         client = self._client_of(shard)
         fn = self.shards[shard].scripts[script]
+
+        def keys(key: str | list[str]) -> list[str]:
+            return [key] if isinstance(key, str) else key
 
         async def run() -> list[Any]:
             if len(calls) == 1:
                 key, args = calls[0]
-                return [await fn(keys=[key], args=args)]
+                return [await fn(keys=keys(key), args=args)]
             async with client.pipeline(transaction=False) as pipe:
-                futures = [fn(keys=[key], args=args, client=pipe) for key, args in calls]
+                futures = [fn(keys=keys(key), args=args, client=pipe) for key, args in calls]
             return [await f for f in futures]
 
         return list(await self._call(what, run, shard))
@@ -1066,8 +1083,8 @@ class ClusterBus:
         # One script: the expiry and the cut-off are both by Redis's clock (``_NODES``).
         script = self.shards[CLUSTER_SHARD].scripts["nodes"]
         sent = time.monotonic()
-        (sec, usec), members = await self._call("nodes", lambda: script(
-            keys=[self.key("nodes")],
+        (sec, usec), members, up = await self._call("nodes", lambda: script(
+            keys=[self.key("nodes"), self.key("up")],
             args=[self.node_id if heartbeat else "", int(ttl_s * 1000),
                   "1" if listing else ""]))
         # Redis read its clock somewhere inside the round trip: its middle is off by at
@@ -1079,6 +1096,8 @@ class ClusterBus:
         if error <= self._clock_error + (received - self._clock_at) * _CLOCK_DRIFT:
             self._clock_offset = int(sec) + int(usec) / 1e6 - (sent + received) / 2
             self._clock_error, self._clock_at = error, received
+        if int(up) >= 0:
+            self.up_since = int(up) / 1000
         return sorted(_text(m) for m in members or ())
 
     def clock(self) -> float:
@@ -1206,19 +1225,33 @@ class ClusterBus:
     # ---------------------------------------------------- presence by connection, replies
     # (added for the gateway topics and per-die values, docs/cluster.md "A node")
 
+    # ``{prefix}:seen:<gateway>``: when the gateway was last seen connected, by the cluster
+    # clock (``clock``): written with every claim and refresh of its presence and when its
+    # connection ends, kept ``SEEN_KEEP_S`` after.  The owner of its partition times an
+    # outage from it -- a new owner too, for an outage that began while the partition
+    # moved (owner.py), not from when it first missed the presence.
+    # KEYS: presence, seen.  ARGV: generation, ttl ms, seen ('' unknown), keep ms, fields.
     _CLAIM_PRESENCE = """
 local g = redis.call('HGET', KEYS[1], 'generation')
 if g and tonumber(g) > tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if ARGV[3] ~= '' then redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4]) end
 return 1
 """
+    # KEYS: presence, seen.  ARGV: generation, seen ('' unknown), keep ms.
     _DROP_PRESENCE = """
 if redis.call('HGET', KEYS[1], 'generation') == ARGV[1] then
+  if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3]) end
   return redis.call('DEL', KEYS[1])
 end
 return 0
 """
+
+    def _seen_now(self) -> str:
+        """Now by ``clock`` for a ``seen`` key, or '' before the first heartbeat (the clock
+        is this node's wall clock until then: not written)."""
+        return repr(self.clock()) if self._clock_error != float("inf") else ""
 
     async def claim_presence(self, gateway_id: str, generation: int, ttl_s: float,
                              **fields: str) -> bool:
@@ -1232,31 +1265,58 @@ return 0
                               ttl_s: float) -> dict[str, bool]:
         """``claim_presence`` for many gateways (gateway -> (generation, fields)): one
         pipeline per shard, so the periodic refresh of every connection a node holds is
-        one round trip per shard, not one per gateway."""
+        one round trip per shard, not one per gateway.  Each also marks the gateway seen
+        now (``last_seen``)."""
         out: dict[str, bool] = {}
         if not claims:
             return out
+        seen = self._seen_now()
 
         def args(gateway: str) -> list[Any]:
             generation, fields = claims[gateway]
             values = {"node": self.node_id, "generation": str(generation), **fields}
-            return [generation, int(ttl_s * 1000), *[x for kv in values.items() for x in kv]]
+            return [generation, int(ttl_s * 1000), seen, int(SEEN_KEEP_S * 1000),
+                    *[x for kv in values.items() for x in kv]]
 
         for shard, items in self._by_shard(sorted(claims), self.shard_of_gateway).items():
             results = await self._script_calls("presence", shard, "claim_presence", [
-                (self.key("presence", gateway), args(gateway)) for _, gateway in items])
+                ([self.key("presence", gateway), self.key("seen", gateway)], args(gateway))
+                for _, gateway in items])
             for (_, gateway), ok in zip(items, results, strict=True):
                 out[gateway] = bool(ok)
         return out
 
     async def drop_presence(self, gateway_id: str, generation: int) -> bool:
         """The connection of ``generation`` ended: its presence goes at once (not after
-        its TTL), unless a newer connection holds it (compare-and-delete)."""
+        its TTL), unless a newer connection holds it (compare-and-delete); the gateway
+        was last seen now (``last_seen``)."""
         shard = self.shard_of_gateway(gateway_id)
         script = self.shards[shard].scripts["drop_presence"]
         ok = await self._call("presence", lambda: script(
-            keys=[self.key("presence", gateway_id)], args=[str(generation)]), shard)
+            keys=[self.key("presence", gateway_id), self.key("seen", gateway_id)],
+            args=[str(generation), self._seen_now(), int(SEEN_KEEP_S * 1000)]), shard)
         return bool(ok)
+
+    async def gateway_presence(self, gateway_id: str
+                               ) -> tuple[dict[str, str] | None, float | None]:
+        """``presence`` and ``last_seen`` of a gateway in one round trip."""
+        shard = self.shard_of_gateway(gateway_id)
+        client = self._client_of(shard)
+
+        async def run() -> tuple[Any, Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                raw = pipe.hgetall(self.key("presence", gateway_id))
+                seen = pipe.get(self.key("seen", gateway_id))
+            return await raw, await seen
+
+        raw, seen = await self._call("presence", run, shard)
+        present = {_text(k): _text(v) for k, v in raw.items()} if raw else None
+        return present, float(_text(seen)) if seen is not None else None
+
+    async def last_seen(self, gateway_id: str) -> float | None:
+        """When the gateway was last seen connected to any node, by ``clock`` (its
+        presence claimed, refreshed or dropped); None if not within ``SEEN_KEEP_S``."""
+        return (await self.gateway_presence(gateway_id))[1]
 
     async def put_reply(self, name: str, data: bytes, ttl_s: float) -> None:
         """Leave ``data`` for whoever asked (``take_reply``); it expires after ``ttl_s``.

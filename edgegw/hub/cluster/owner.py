@@ -181,7 +181,10 @@ class LeaseBus(Protocol):
     def valid_until(self, name: str) -> float | None: ...
     async def wait_changed(self) -> None: ...
     async def presence(self, gateway_id: str) -> dict[str, str] | None: ...
+    async def gateway_presence(self, gateway_id: str
+                               ) -> tuple[dict[str, str] | None, float | None]: ...
     def clock(self) -> float: ...
+    up_since: float | None
     @property
     def epoch(self) -> str | None: ...
 
@@ -615,13 +618,25 @@ class PartitionOwner:
                 gateways.totals(gw, *t, now)
         offline_rule = engine is not None and engine.watches("gateway_offline")
         for gw in names:
-            present = await self.bus.presence(gw)
+            present, seen = await self.bus.gateway_presence(gw)
             now = time.time()
             at = present.get("connected_at") if present else None
             gateways.presence(gw, present is not None, float(at) if at else None, now)
             if offline_rule:
                 assert engine is not None
-                engine.on_gateway(gw, present is not None, now)
+                engine.on_gateway(gw, present is not None, now,
+                                  began=self._outage_began(seen))
+
+    def _outage_began(self, seen: float | None) -> float | None:
+        """When an absent gateway's outage began by the cluster clock: when it was last
+        seen connected (``ClusterBus.last_seen``: an outage that began while its partition
+        moved here counts from then, docs/cluster.md "Alerts"), but not before the
+        cluster last came up -- with no node up it could not connect (after a full
+        restart each gateway gets ``offline_s`` to come back, as on a single hub)."""
+        up = self.bus.up_since
+        if seen is None or up is None:
+            return None
+        return max(seen, up)
 
     async def _gateway_loop(self, owned: Owned, gateways: GatewayTopics,
                             engine: AlertEngine | None, *,
