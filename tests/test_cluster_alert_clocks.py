@@ -19,13 +19,16 @@ from typing import Any, TypeVar
 import pytest
 import trio
 from cluster_redis import RedisServer, fresh_prefix, redis_server  # noqa: F401
+from test_cluster_alerts import WebhookReceiver
 from walltools import SteppedWall
 
 from edgegw.config import build
 from edgegw.hub import HubConfig
-from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig
-from edgegw.hub.cluster import ClusterBus, ClusterHub, ClusterStore
+from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig, WebhookConfig
+from edgegw.hub.cluster import ClusterBus, ClusterHub, ClusterStore, TopicPublisher
+from edgegw.hub.cluster.alertfeed import AlertFeed
 from edgegw.hub.cluster.owner import restore_alert_engine
+from edgegw.metrics import Metrics
 from edgegw.records import SensorReading
 
 HOUR = 3600.0
@@ -229,3 +232,95 @@ def test_a_gateway_seen_back_since_a_restored_outage_starts_a_new_one() -> None:
     assert (first["offline_since"], first["offline_clock"]) == (1_000.0, 50.0)
     # the date goes back by what the shared clock says: 10 s before "now"
     assert (second["offline_since"], second["offline_clock"]) == (1_070.0, 120.0)
+
+
+# ------------------------------------------------ the webhook outbox across feed holders
+
+
+async def hand_over_an_unsent_event(dsn: str, url: str, wall: SteppedWall, offset: float,
+                                    max_age_s: float, held_s: float
+                                    ) -> tuple[WebhookReceiver, Metrics]:
+    """The feed holder, its clock ``offset`` off, queues an event while the webhook is
+    down and stops; ``held_s`` later the next holder (clock right) takes the feed, the
+    webhook up.  -> (the receiver, the next holder's metrics)."""
+    hook = WebhookReceiver()
+    hook.status = 503  # down: every attempt is retried
+    config = AlertsConfig(webhooks=[WebhookConfig(
+        url=f"http://127.0.0.1:{hook.port}/hook", max_attempts=1000, max_age_s=max_age_s,
+        backoff_initial_s=0.05, backoff_max_s=0.1)])
+    prefix = fresh_prefix()
+    stores = [ClusterStore(dsn, f"n{i}", partitions=1) for i in range(2)]
+    metrics = [Metrics(), Metrics()]
+    for store in stores:
+        await store.open()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hook.run)
+            feeds = []
+            for i, store in enumerate(stores):
+                bus = ClusterBus(url, prefix, f"n{i}", partitions=1)
+                await nursery.start(bus.run)
+                feeds.append(AlertFeed(bus, store, config,
+                                       lambda src, bus=bus: TopicPublisher(bus, src),
+                                       lease_ttl_s=2.0, poll_s=0.05, metrics=metrics[i]))
+            first = trio.CancelScope()
+
+            async def run_first() -> None:
+                with first:
+                    await feeds[0].run()
+            wall.offset = offset  # the first holder's clock (the process's, while it runs)
+            nursery.start_soon(run_first)
+            await until_true(lambda: feeds[0].holding, "the first node holds the feed")
+            await stores[0].save_alerts(0, 1, [{
+                "id": "w1", "priority": "P0", "rule": "y", "raised_at": 100.0,
+                "acknowledged": False}])
+            await until_true(lambda: len(hook.headers) >= 1, "queued, and refused")
+            first.cancel()  # stopped before delivering: gives the lease back
+            await until_true(lambda: not feeds[0].holding, "the first node stopped")
+            wall.offset = 0.0  # the next holder's clock
+            hook.status = 200
+            await trio.sleep(held_s)  # (time passing: the event's age)
+            nursery.start_soon(feeds[1].run)
+            # (holding once its resend is done: sent, or given up)
+            await until_true(lambda: feeds[1].holding, "the next node holds the feed")
+            await until_true(lambda: len(hook.events) == 1 or failed(metrics[1]) == 1,
+                             "the next holder sends it or gives it up")
+            nursery.cancel_scope.cancel()
+    finally:
+        for store in stores:
+            await store.close()
+    return hook, metrics[1]
+
+
+def failed(metrics: Metrics) -> float:
+    return metrics.counter("hub_webhook_failed_total").total()
+
+
+async def test_an_event_queued_by_a_holder_an_hour_behind_is_not_an_hour_old(
+        pg_dsn: str, redis_server: RedisServer, wall: SteppedWall) -> None:  # noqa: F811
+    """``queued_at`` and the resend's "now" are both the cluster clock's (Redis's), so the
+    event is seconds old and sent; by the two holders' wall clocks it was an hour old,
+    past ``max_age_s`` (600 s), and given up as expired."""
+    hook, metrics = await hand_over_an_unsent_event(pg_dsn, redis_server.url, wall, -HOUR,
+                                                    max_age_s=600, held_s=0)
+    assert [e["alert"]["id"] for e in hook.events] == ["w1"]
+    assert failed(metrics) == 0
+
+
+async def test_an_event_queued_by_a_holder_an_hour_ahead_expires_on_time(
+        pg_dsn: str, redis_server: RedisServer, wall: SteppedWall) -> None:  # noqa: F811
+    """The reverse: an event older than ``max_age_s`` (2 s) when the next holder takes
+    the feed is given up as expired, not taken for an hour younger and sent late."""
+    hook, metrics = await hand_over_an_unsent_event(pg_dsn, redis_server.url, wall, HOUR,
+                                                    max_age_s=2, held_s=3)
+    assert hook.events == []
+    assert metrics.counter("hub_webhook_failed_total").get(
+        url=f"http://127.0.0.1:{hook.port}/hook", reason="expired") == 1
+
+
+async def until_true(predicate: Callable[[], bool], what: str) -> None:
+    with trio.move_on_after(30):
+        while not predicate():
+            await trio.sleep(0.05)
+        return
+    raise AssertionError(f"not within 30 s: {what}")

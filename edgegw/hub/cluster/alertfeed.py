@@ -192,6 +192,9 @@ class AlertFeed:
         while True:
             token = None
             try:
+                if not self.bus.clock_known:
+                    # Redis's clock before anything is queued: the outbox's ages (below)
+                    await self.bus.live_nodes()
                 token = await self.bus.acquire(LEASE, self.lease_ttl_s)
             except Exception:  # Redis away: try again later
                 log.debug("alert feed: lease not taken", exc_info=True)
@@ -237,7 +240,9 @@ class AlertFeed:
                 return self.bus.valid_until(LEASE) if self.bus.holds(LEASE) == token \
                     else None
 
-            outbox = WebhookOutbox(self.store, metrics=self.metrics)
+            # ``queued_at`` and its age (``max_age_s``) by the cluster clock, not by the
+            # wall clocks of whichever nodes queued and resend a row
+            outbox = WebhookOutbox(self.store, metrics=self.metrics, clock=self.bus.clock)
             webhooks = WebhookSender(self.config.webhooks, metrics=self.metrics,
                                      fence=lease_valid_until, on_outcome=outbox.record)
             # what the previous holder did not finish is sent first (at least once)
@@ -317,7 +322,8 @@ class AlertFeed:
             done.append((alert["id"], new_fed, updated))
         # the outbox rows first: nothing is announced that a new holder could not resend
         # (StoreUnavailable here: nothing announced, the rows stay pending)
-        out = outbox_rows(webhooks, (e for _, _, events, _ in announce for e in events), now)
+        out = outbox_rows(webhooks, (e for _, _, events, _ in announce for e in events),
+                          self.bus.clock())
         queued = await self.store.queue_webhooks(out) if out else set()
         for alert_id, topic, events, new_fed in announce:
             unmarked[alert_id] = new_fed

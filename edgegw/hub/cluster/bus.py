@@ -1109,6 +1109,12 @@ class ClusterBus:
         "Clocks"); not a date to show."""
         return time.monotonic() + self._clock_offset
 
+    @property
+    def clock_known(self) -> bool:
+        """Whether ``clock`` holds a reading of Redis's yet (a heartbeat or a listing of
+        the live nodes): until then it is this node's wall clock."""
+        return self._clock_error != float("inf")
+
     async def leave(self) -> None:
         """Graceful stop: drop this node from the live set at once."""
         client = self._client_of(CLUSTER_SHARD)
@@ -1251,7 +1257,7 @@ return 0
     def _seen_now(self) -> str:
         """Now by ``clock`` for a ``seen`` key, or '' before the first heartbeat (the clock
         is this node's wall clock until then: not written)."""
-        return repr(self.clock()) if self._clock_error != float("inf") else ""
+        return repr(self.clock()) if self.clock_known else ""
 
     async def claim_presence(self, gateway_id: str, generation: int, ttl_s: float,
                              **fields: str) -> bool:
