@@ -10,6 +10,7 @@ import time
 import psycopg
 import pytest
 import trio
+from walltools import SteppedWall
 
 from edgegw.hub.cluster.partition import PartitionFenced, partition_key, partition_of
 from edgegw.hub.cluster.pgstore import ClusterStore, PartitionMismatch, ShardMismatch
@@ -279,6 +280,37 @@ async def test_counters_lost_ranges_rejected_and_duplicates(
     chunks = {c.first_rid: (p, c.records) for p, c in await all_chunks(b)}
     assert chunks == {1: (partition_of("gw:gw1", 8), records[:1]),
                       2: (partition_of("L1", 8), records[1:])}
+
+
+HOUR = 3600.0
+
+
+async def test_frames_are_dated_and_pruned_by_the_databases_clock(
+        stores: tuple[ClusterStore, ClusterStore], pg_dsn: str, wall: SteppedWall) -> None:
+    """docs/cluster.md "Clocks": ``applied_at`` is PostgreSQL's ``now()`` and retention
+    cuts by it, so the nodes' wall clocks do not decide what goes.  Node a, its clock two
+    hours behind, applies frames; node b, two hours ahead, prunes with an hour's
+    retention: nothing goes (by their dates the frames were four hours old)."""
+    a, b = stores
+    gen = await a.claim_gateway("gw1")
+    lot = "LOT-C"
+    p = partition_of(lot, 8)
+    for seq in range(1, 5):
+        await wall.as_of_async(-2 * HOUR, lambda seq=seq: a.commit(  # type: ignore[misc]
+            [frame("gw1", seq, [lot])], {"gw1": gen}))
+    assert await a.save_checkpoint(p, 4, 1, b"cp")  # (every row may go by age)
+
+    def counts() -> tuple[int, int]:
+        return (rows(pg_dsn, "SELECT count(*) FROM edgegw_frames")[0][0],
+                rows(pg_dsn, "SELECT count(*) FROM edgegw_partition_log")[0][0])
+
+    assert await wall.as_of_async(2 * HOUR, lambda: b.prune(time.time() - HOUR)) == 0
+    assert counts() == (4, 4)
+    # older than the retention by the database's clock: gone, whatever b's clock says
+    rows(pg_dsn, "UPDATE edgegw_frames SET applied_at = applied_at - 7200 RETURNING 1")
+    rows(pg_dsn, "UPDATE edgegw_partition_log SET applied_at = applied_at - 7200 RETURNING 1")
+    assert await wall.as_of_async(-2 * HOUR, lambda: b.prune(time.time() - HOUR)) == 4
+    assert counts() == (0, 0)
 
 
 async def test_prune_never_passes_a_partitions_checkpoint(

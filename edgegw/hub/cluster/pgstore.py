@@ -36,6 +36,7 @@ import collections
 import dataclasses
 import json
 import logging
+import math
 import threading
 import time
 import zlib
@@ -70,6 +71,9 @@ PREFIX = "edgegw_"
 SCHEMA_VERSION = 1
 #: the advisory lock key under which the first node creates the schema ("edgegw" in hex)
 _SCHEMA_LOCK = 0x6564676577
+#: the database's clock (the transaction's start) as Unix seconds: ``applied_at`` is dated,
+#: and retention cuts, by it -- one clock for every node (docs/cluster.md "Clocks")
+_DB_NOW = "extract(epoch FROM now())::double precision"
 
 def _schema_complete(conn: psycopg.Connection[Any]) -> bool:
     """Every table, index and added column ``SCHEMA`` names exists already."""
@@ -816,10 +820,10 @@ class ClusterStore:
             for (gw, epoch), group in by_key.items():
                 for (seq,) in conn.execute(
                         "INSERT INTO edgegw_frames (gateway_id, epoch, seq, first_rid,"
-                        " n_records, node_id, applied_at) SELECT %s, %s, s, r, n, %s, %s"
+                        f" n_records, node_id, applied_at) SELECT %s, %s, s, r, n, %s, {_DB_NOW}"
                         " FROM unnest(%s::bigint[], %s::bigint[], %s::integer[]) AS t(s, r, n)"
                         " ON CONFLICT DO NOTHING RETURNING seq",
-                        (gw, epoch, self.node_id, now, [f.seq for f in group],
+                        (gw, epoch, self.node_id, [f.seq for f in group],
                          [f.first_rid for f in group], [f.n_records for f in group])
                         ).fetchall():
                     inserted.add((gw, epoch, seq))
@@ -844,13 +848,13 @@ class ClusterStore:
                 heads[p] = last
                 for i, c in enumerate(group_c):
                     log_rows.append((p, last - len(group_c) + 1 + i, c.gateway, c.epoch, c.seq,
-                                     c.first_rid, c.n_records, now, c.body))
+                                     c.first_rid, c.n_records, c.body))
             if log_rows:
                 with conn.cursor() as cur:
                     cur.executemany(
                         "INSERT INTO edgegw_partition_log (partition, pseq, gateway_id, epoch,"
                         " seq, first_rid, n_records, applied_at, body)"
-                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)", log_rows)
+                        f" VALUES (%s, %s, %s, %s, %s, %s, %s, {_DB_NOW}, %s)", log_rows)
             # rejected frames (dead letters) count as applied: never sent again
             fresh_rejected = []
             for f, reason in rejected:
@@ -1288,7 +1292,9 @@ class ClusterStore:
     # -- retention --
     async def prune(self, older_than: float, max_bytes: int | None = None,
                     up_to_id: int | None = None, batch: int = 5000) -> int:
-        """Delete partition-log rows applied before ``older_than`` (Unix time) -- and, while
+        """Delete partition-log rows applied before ``older_than`` (Unix time by this
+        node's clock, cut as the age ``time.time() - older_than`` by the database's clock,
+        which dates ``applied_at``; 0: no cut by age) -- and, while
         the logs exceed ``max_bytes``, the oldest -- but never a row above its partition's
         checkpoint (a new owner rebuilds from the checkpoint and the rows after it), and
         frame rows (the duplicate check's second line) by age.  ``up_to_id`` is the single
@@ -1317,11 +1323,17 @@ class ClusterStore:
                                  " WHERE partition = %s", (freed[p], p))
             return len(gone)
 
+        # By the database's clock, as ``applied_at`` is written: ``older_than`` (a date by
+        # this node's clock, held back from its forward steps: retention.py) is taken as
+        # an age, so a node whose wall clock is ahead of the others' -- or started ahead
+        # -- deletes nothing they still count as recent.
+        age = time.time() - older_than if older_than > 0 else math.inf
+
         def run_age(conn: psycopg.Connection[Any]) -> tuple[int, int]:
-            n = delete_log(conn, "AND l2.applied_at < %s LIMIT %s", (older_than, batch))
+            n = delete_log(conn, f"AND l2.applied_at < {_DB_NOW} - %s LIMIT %s", (age, batch))
             frames = conn.execute(
                 "DELETE FROM edgegw_frames WHERE ctid IN (SELECT ctid FROM edgegw_frames"
-                " WHERE applied_at < %s LIMIT %s)", (older_than, batch)).rowcount
+                f" WHERE applied_at < {_DB_NOW} - %s LIMIT %s)", (age, batch)).rowcount
             return n, frames
 
         def run_bytes(conn: psycopg.Connection[Any]) -> int:
