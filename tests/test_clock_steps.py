@@ -24,7 +24,7 @@ from test_stdf_tail import SMALL, CollectingSink, expected, no_ts, tail
 from walltools import SteppedWall
 
 from edgegw.gateway import Gateway
-from edgegw.hub import RetentionClock, topics
+from edgegw.hub import Ingest, RetentionClock, topics
 from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig, AlertService
 from edgegw.hub.live import LiveState
 from edgegw.protocol import Ack, decode, encode_body
@@ -177,6 +177,60 @@ async def test_a_wall_clock_stepped_days_forward_prunes_no_frame_early(
         with trio.fail_after(10):
             while pruned.total() < 1:
                 await trio.sleep(0.02)
+        assert await hub.store.query("SELECT seq FROM frames ORDER BY seq") == [(2,), (3,)]
+        nursery.cancel_scope.cancel()
+
+
+def test_the_retention_date_cuts_nothing_until_it_settled() -> None:
+    """A clock ahead at the start looks like a right one: no cut by age for ``settle_s``,
+    and a step back within it is taken before the first cut."""
+    t, mono = [1_700_000_000.0 + 3 * DAY], [100.0]  # booted three days ahead
+    clock = RetentionClock(wall=lambda: t[0], monotonic=lambda: mono[0], settle_s=60.0)
+    assert clock.cut_off(HOUR) == 0.0
+    t[0] -= 3 * DAY  # NTP sets it right
+    mono[0] += 59
+    assert clock.cut_off(HOUR) == 0.0
+    mono[0] += 1
+    assert clock.cut_off(HOUR) == 1_700_000_000.0 - HOUR
+
+
+async def test_a_hub_started_with_its_clock_days_ahead_prunes_no_frame_early(
+        tmp_path: Path, wall: SteppedWall) -> None:
+    """Frames retained an hour; the hub restarts with its wall clock three days ahead (a
+    PC booted with a bad clock) and NTP sets it right a moment later: the frames applied
+    before the restart stay (the first cut by age waits one ``prune_interval_s``; it used
+    to run at once and delete all but the newest).  A frame really older than the hour
+    goes at the cut after."""
+    cfg = hub_config(tmp_path, retain_frames_hours=1.0, prune_interval_s=5.0,
+                     checkpoint_interval_s=0)
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, cfg)
+        ws_cm, ws, conn, _ = await handshake(port)
+        for seq in (1, 2, 3):
+            await ws.send_message(conn.data(seq, body(seq, 1), trio.current_time()))
+        while decode(await ws.get_message()) != Ack(3, []):
+            pass
+        await ws_cm.__aexit__(None, None, None)
+        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        wall.offset = 3 * DAY
+        hub = Ingest(cfg)
+        real_prune = hub.store.prune
+
+        async def prune(*args: Any) -> int:
+            # (the real prune; NTP steps the clock back once the first pass is done)
+            try:
+                return await real_prune(*args)
+            finally:
+                wall.offset = 0.0
+        hub.store.prune = prune  # type: ignore[method-assign]
+        await nursery.start(hub.run)
+        # frame 1 really applied two hours ago: its going shows a cut by age ran
+        await hub.store.query("UPDATE frames SET applied_at = applied_at - 7200 WHERE seq = 1")
+        pruned = hub.metrics.counter("hub_frames_pruned_total")
+        with trio.fail_after(30):
+            while pruned.total() < 1:
+                await trio.sleep(0.05)
         assert await hub.store.query("SELECT seq FROM frames ORDER BY seq") == [(2,), (3,)]
         nursery.cancel_scope.cancel()
 

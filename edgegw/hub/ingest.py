@@ -153,8 +153,10 @@ class Ingest:
         self.refusal_log = RefusalLog()
         self.port: int | None = None
         self.started_at = time.monotonic()  # for uptime_s: a duration, not a date
-        #: the date retention cuts by: the wall clock held back from forward steps
-        self.retention_clock = RetentionClock()
+        #: the date retention cuts by: the wall clock held back from forward steps; the
+        #: first cut by age one prune interval after the start (a clock booted ahead is
+        #: set back by then, usually)
+        self.retention_clock = RetentionClock(settle_s=config.hub.prune_interval_s)
         #: what the start-up replay did (``/api/stats`` "replay")
         self.replayed: dict[str, Any] = {}
         self._prune_now = trio.Event()  # set when a commit takes the store over its bytes
@@ -311,7 +313,7 @@ class Ingest:
         while True:
             # by applied_at dates, but "now" never jumps with a forward step of the wall
             # clock (retention.py): that would delete frames of the last days early
-            older = (self.retention_clock.now() - h.retain_frames_hours * 3600
+            older = (self.retention_clock.cut_off(h.retain_frames_hours * 3600)
                      if h.retain_frames_hours else 0.0)
             max_bytes = int(h.retain_frames_mb * 1e6) if h.retain_frames_mb else None
             try:
