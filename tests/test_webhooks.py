@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import socket
+import sqlite3
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -403,4 +404,41 @@ async def test_an_undelivered_event_older_than_max_age_is_not_sent_after_a_resta
         await _run_hub(config, path, lambda: now[0], expired)
         await _run_hub(config, path, lambda: now[0], _no_pending)  # marked: not again
         assert server.accepted == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_event_sent_while_the_history_store_cannot_be_written_is_counted(
+        tmp_path: Any) -> None:
+    """The one gap of a single hub (docs/alerts.md): ``history.sqlite3`` cannot be written
+    (here another process holds its write lock; a full disk alike).  The event is still
+    sent at once, and the missing outbox row is counted per webhook
+    (``edgegw_hub_webhook_unrecorded_total``) and logged with its event id -- a restart
+    then has nothing to send again."""
+    server = HookServer()
+    async with trio.open_nursery() as nursery:
+        url = await server.serve(nursery)
+        config = AlertsConfig(
+            rules=[AlertRuleConfig(name="run", kind="consecutive_fails", priority="P1", count=3)],
+            webhooks=[WebhookConfig(url=url)])
+        path = tmp_path / "history.sqlite3"
+        await _run_hub(config, path, lambda: 1000.0, _no_pending)  # (the store exists)
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")  # writers get "database is locked"
+
+        async def unwritable(service: AlertService, state: LiveState) -> None:
+            state.on_records("ate-3", 1, _fails("L1"), now=20.0)
+            # sent all the same, once the write failed (SQLite's lock wait: 5 s)
+            await wait_for(lambda: len(server.accepted) == 1, limit_s=60)
+            await service.wait_persisted()
+            counter = service.metrics.counter("hub_webhook_unrecorded_total")
+            assert counter.get(url=url) == 1
+            assert service.metrics.counter("hub_history_store_errors_total").total() == 1
+
+        try:
+            await _run_hub(config, path, lambda: 1000.0, unwritable)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        await _run_hub(config, path, lambda: 1000.0, _no_pending)  # nothing to send again
+        assert len(server.accepted) == 1
         nursery.cancel_scope.cancel()

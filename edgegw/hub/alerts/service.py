@@ -67,6 +67,10 @@ class AlertService:
                                              "alert events written to the history store")
         self._m_store_errors = self.metrics.counter(
             "hub_history_store_errors_total", "history store writes that failed")
+        self._m_unrecorded = self.metrics.counter(
+            "hub_webhook_unrecorded_total",
+            "alert events sent to a webhook without their outbox row (the history store "
+            "could not be written): not sent again after a restart")
         self._m_kept = self.metrics.counter(
             "hub_archives_kept_total",
             "lot and wafer archives not overwritten because the stored one was fuller")
@@ -170,6 +174,13 @@ class AlertService:
                 self._m_store_errors.inc()
                 log.error("history store write failed (%d alert events, %d lots, %d wafers): "
                           "%s", len(events), len(lots), len(wafers), exc)
+                # sent all the same, but without a durable row: at most once (a restart
+                # has nothing to send again) -- say which, so an operator can check them
+                for url, key, _, _ in rows:
+                    self._m_unrecorded.inc(url=url)
+                    log.error("webhook %s: alert event %s is sent without its outbox row "
+                              "(history store not written): not sent again if the hub "
+                              "restarts before it is delivered", url, key)
             else:
                 self._m_saved.inc(len(events))
                 if kept:
