@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import trio
 from cluster_redis import fresh_prefix, redis_server  # noqa: F401  (the fixture)
@@ -240,6 +241,70 @@ async def test_an_event_announced_but_not_delivered_is_delivered_by_the_next_fee
             assert (got["event"], got["alert"]["id"]) == ("raised", "w1")
             assert {h["x-edgegw-event-id"] for h in hook.headers} == {"w1:raised"}
             assert feeds[1].announced == 0  # fed: sent again from the outbox, not announced
+            nursery.cancel_scope.cancel()
+    finally:
+        for store in stores:
+            await store.close()
+
+
+def _outcomes(dsn: str) -> dict[str, str | None]:
+    with psycopg.connect(dsn) as conn:
+        return dict(conn.execute(  # type: ignore[arg-type]
+            "SELECT event_key, outcome FROM edgegw_webhook_outbox").fetchall())
+
+
+async def test_an_event_re_announced_after_being_delivered_is_not_sent_again(
+        pg_dsn: str, redis_server: Any) -> None:  # noqa: F811
+    """docs/alerts.md, "Delivery across a restart or a takeover": the holder delivers a
+    raised alert's webhook and stops before its ``fed`` is written (the mark undone in
+    PostgreSQL here, as a lost write leaves it).  The next holder announces the event
+    again on the alert topic -- ``fed`` says it was not -- but does not send it again:
+    its outbox row is there, with an outcome.  A later event is sent (the queue is not
+    stuck), and each event reached the receiver once."""
+    hook = WebhookReceiver()
+    config = AlertsConfig(webhooks=[WebhookConfig(
+        url=f"http://127.0.0.1:{hook.port}/hook", max_attempts=3, backoff_initial_s=0.05)])
+    prefix = fresh_prefix()
+    stores = [ClusterStore(pg_dsn, f"n{i}", partitions=4) for i in range(2)]
+    for store in stores:
+        await store.open()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hook.run)
+            feeds = []
+            for i, store in enumerate(stores):
+                bus = ClusterBus(redis_server.url, prefix, f"n{i}", partitions=4)
+                await nursery.start(bus.run)
+                feeds.append(AlertFeed(bus, store, config,
+                                       lambda src, bus=bus: TopicPublisher(bus, src),
+                                       lease_ttl_s=2.0, poll_s=0.05))
+            first = trio.CancelScope()
+
+            async def run_first() -> None:
+                with first:
+                    await feeds[0].run()
+            nursery.start_soon(run_first)
+            await _until(lambda: feeds[0].holding, 20, "the first node holds the feed")
+            alert = {"id": "w1", "priority": "P0", "rule": "y", "raised_at": 100.0,
+                     "acknowledged": False}
+            await stores[0].save_alerts(1, 1, [alert])
+            await _until(lambda: len(hook.events) == 1, 20, "delivered")
+            with trio.fail_after(20):  # its outcome and its fed written
+                while (_outcomes(pg_dsn).get("w1:raised") != "delivered"
+                       or await stores[1].pending_alerts()):
+                    await trio.sleep(0.05)
+            first.cancel()
+            await _until(lambda: not feeds[0].holding, 20, "the first node stopped")
+            with psycopg.connect(pg_dsn) as conn:  # the fed mark lost
+                conn.execute("UPDATE edgegw_alerts SET fed = '', pending = true")
+            nursery.start_soon(feeds[1].run)
+            await _until(lambda: feeds[1].announced == 1, 20, "announced again")
+            await stores[0].save_alerts(1, 1, [{**alert, "id": "w2"}])
+            await _until(lambda: len(hook.events) == 2, 20, "the next event delivered")
+            # (one queue per webhook, in order: w1 queued again would have come first)
+            assert [e["alert"]["id"] for e in hook.events] == ["w1", "w2"]
+            assert [h["x-edgegw-event-id"] for h in hook.headers] == ["w1:raised",
+                                                                      "w2:raised"]
             nursery.cancel_scope.cancel()
     finally:
         for store in stores:
