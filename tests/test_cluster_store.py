@@ -389,7 +389,7 @@ async def test_a_node_with_another_redis_shard_count_refuses_to_start(pg_dsn: st
 
 
 async def test_recent_records_per_second_for_a_new_owners_rate(
-        stores: tuple[ClusterStore, ClusterStore]) -> None:
+        stores: tuple[ClusterStore, ClusterStore], wall: SteppedWall) -> None:
     """What a new owner of a gateway's topic seeds ``records_per_s`` with: the records
     committed in the last seconds, on any node, per whole second of their commit."""
     a, b = stores
@@ -406,6 +406,11 @@ async def test_recent_records_per_second_for_a_new_owners_rate(
     assert set(recent) == {"gw1"}
     assert sum(recent["gw1"].values()) == 9
     assert all(int(t0) <= sec <= time.time() for sec in recent["gw1"])
+    # a new owner whose clock is an hour ahead gets them by its clock (applied_at is the
+    # database's): the same records, their seconds an hour later
+    ahead = await wall.as_of_async(HOUR, lambda: b.recent_records(["gw1"], time.time() - 10))
+    assert sum(ahead["gw1"].values()) == 9
+    assert all(int(t0 + HOUR) - 1 <= sec <= time.time() + HOUR for sec in ahead["gw1"])
 
 
 async def test_unreachable_postgres_is_unavailable_not_a_crash() -> None:

@@ -73,10 +73,11 @@ class GatewayTopics:
 
     def seed_rate(self, gateway_id: str, per_second: dict[int, int], now: float) -> None:
         """The gateway's records committed in the last ``RATE_WINDOW_S`` seconds (per
-        whole second, the committing nodes' clocks), counted before this owner had the
-        topic: its ``records_per_s`` goes on from there.  Call it before the gateway's
-        first ``totals``: the growth counted from then on starts after these records (a
-        commit between the two reads is missed by the rate, never counted twice)."""
+        whole second, by this node's clock: ``ClusterStore.recent_records``), counted
+        before this owner had the topic: its ``records_per_s`` goes on from there.  Call
+        it before the gateway's first ``totals``: the growth counted from then on starts
+        after these records (a commit between the two reads is missed by the rate, never
+        counted twice)."""
         gw = self._gateway(gateway_id)
         if gateway_id in self._seeded:
             return

@@ -1015,16 +1015,20 @@ class ClusterStore:
 
     async def recent_records(self, gateways: list[str], since: float
                              ) -> dict[str, dict[int, int]]:
-        """The records of ``gateways`` applied after ``since`` (a time), per gateway per
-        whole second of ``applied_at``: what a new owner of their topics seeds the
+        """The records of ``gateways`` applied after ``since`` (a date by this node's
+        clock), per gateway per whole second of ``applied_at`` moved onto this node's
+        clock (``applied_at`` is the database's: shifted by this node's offset to it, as
+        read with the query): what a new owner of their topics seeds the
         ``records_per_s`` window with (gateways.py).  One range of the ``applied_at``
         index: the last seconds' frames only."""
         def run(conn: psycopg.Connection[Any]) -> dict[str, dict[int, int]]:
             out: dict[str, dict[int, int]] = {}
+            here = time.time()
             for gw, sec, n in conn.execute(
-                    "SELECT gateway_id, floor(applied_at)::bigint, sum(n_records)::bigint"
-                    " FROM edgegw_frames WHERE applied_at > %s AND gateway_id = ANY(%s)"
-                    " GROUP BY 1, 2", (since, gateways)).fetchall():
+                    f"SELECT gateway_id, floor(applied_at + %s - {_DB_NOW})::bigint,"
+                    " sum(n_records)::bigint FROM edgegw_frames"
+                    f" WHERE applied_at > %s - %s + {_DB_NOW} AND gateway_id = ANY(%s)"
+                    " GROUP BY 1, 2", (here, since, here, gateways)).fetchall():
                 out.setdefault(gw, {})[int(sec)] = int(n)
             return out
 
