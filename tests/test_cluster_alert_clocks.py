@@ -7,7 +7,11 @@ Two owners of one partition in this process, each with its own ``ClusterBus`` on
 Redis (tests/cluster_redis.py) and the alerts handed over through PostgreSQL as a takeover
 does (``save_alerts`` by the old owner, ``load_alerts`` + ``restore_alert_engine`` by the
 new one).  A node's wall clock is stepped by replacing ``time.time`` for the process while
-that node acts (as tests/test_cluster_node_clocks.py does; the calls are sequential)."""
+that node acts (as tests/test_cluster_node_clocks.py does; the calls are sequential).
+
+Then an outage that begins while its partition has no owner (a ``ClusterHub`` taking it
+over later times it from the gateway's last-seen time), and the webhook outbox handed from
+one alert-feed holder to the next, an hour apart by their wall clocks."""
 
 from __future__ import annotations
 
