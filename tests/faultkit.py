@@ -193,9 +193,9 @@ class _Process:
 
 
 def stop_all(hub: _Process, *gateways: _Process) -> None:
-    """Teardown: SIGTERM to the hub, then to the gateways.  In this order: a gateway
-    stopped while its hub is up waits 2 s for the hub to answer its going-away close
-    (uplink.CLOSE_TIMEOUT_S; measured: 2.2 s, against 0.3 s once the hub has gone)."""
+    """Teardown: SIGTERM to the hub, then to the gateways (a gateway stopped while its hub
+    is up ends when the hub answers its going-away close, one whose hub is paused after
+    uplink.CLOSE_TIMEOUT_S)."""
     for p in (hub, *gateways):
         p.stop()
 

@@ -64,3 +64,33 @@ def test_a_hub_whose_commit_stalls_mid_stream_keeps_its_gateway_connected(
         assert_exactly_once(hub.dir, expected)
     finally:
         stop_all(hub, gw)
+
+
+HUNG_S = 30.0  # a commit that hangs (a stuck disk): far longer than the test waits
+
+
+def test_a_gateway_that_dies_while_a_commit_hangs_is_reported_gone_before_it_returns(
+        tmp_path: Path) -> None:
+    """The hub's first commit hangs; its apply queue (2 frames) fills and its receiver
+    stops reading, so the gateway's silence is not judged -- but its PINGs go on.  The
+    gateway is killed: its kernel resets the connection at the hub's next PING, the PING
+    after fails, and the hub reports the gateway gone then, while the commit still hangs.
+    Before, the connection -- its applier waiting on the commit's worker thread, which
+    cannot be cancelled -- showed the gateway connected until the commit returned."""
+    hub = Hub(tmp_path).start(f"hub.mid_commit=1:sleep={HUNG_S}", True,
+                              "hub.apply_queue_frames=2")
+    gw = Gateway(tmp_path, hub.port, *source_settings(**SOURCE)).start()
+    try:
+        # frames are sent, none is acknowledged: the first commit hangs, reading stopped
+        wait_for(lambda: gw.stats()["metrics"].get("uplink_frames_sent_total", 0) >= 4
+                 and hub.stats().get("connected"), timeout=60, interval=0.05)
+        gw.kill()
+        # a few heartbeats (1 s), well before the hung commit returns
+        wait_for(lambda: not hub.stats().get("connected"), timeout=HUNG_S / 3,
+                 interval=0.1)
+        assert metric(hub, "edgegw_hub_frame_apply_seconds_count") == 0  # still hung
+        assert metric(hub, "edgegw_hub_protocol_errors_total",
+                      'reason="heartbeat_timeout"') == 0  # found by TCP, not by silence
+    finally:
+        hub.kill()  # its commit hangs: no clean stop to wait for
+        gw.kill()

@@ -686,3 +686,48 @@ def test_grouping_clients_in_step_sends_exactly_what_working_each_out_alone_send
                 b.drain(now)
     # the slow readers were conflated or closed along the way, the same in both
     assert hubs[0][1]._m_slow.values == hubs[1][1]._m_slow.values
+
+
+# A stall is measured while the hub can write.  A hub that is itself stopped (SIGSTOP, a
+# frozen VM, a long GC pause) writes nothing: its clients' frames in flight make no
+# progress, through no fault of theirs (docs/live-protocol.md, "Slow clients").
+
+
+def test_a_pause_of_the_hub_itself_is_no_stall_of_a_client_with_a_frame_in_flight() -> None:
+    """Before, the first tick after the hub woke from a pause longer than the stall
+    timeout closed every client whose frame was in flight when it stopped (4008)."""
+    state, hub = make_hub(stall_timeout=2.0, queue_frames=1000)
+    viewer = Viewer(hub)
+    viewer.send({"type": "subscribe", "id": 1, "topics": ["sensor/+"]})
+    hub.take_frame(viewer.client)  # its sender is writing 'hello' when the hub stops
+    state.change("sensor/t1", {"v": 1})
+    assert hub.tick(0.05, 0.05)[1] == []
+    state.change("sensor/t1", {"v": 2})
+    assert hub.tick(10.0, 10.0)[1] == []  # the next tick: the hub woke 10 s later
+    hub.frame_written(viewer.client, 10.01)  # ... and its sender finished the write
+    viewer.drain(10.01)
+    for t in range(1, 60):  # then on, on time
+        state.change("sensor/t1", {"v": 2 + t})
+        assert hub.tick(10.0 + t / 20, 10.0 + t / 20)[1] == []
+        viewer.drain(10.0 + t / 20)
+    assert not viewer.client.closed
+    assert viewer.views == state.state
+
+
+def test_a_client_stalled_on_both_sides_of_a_pause_of_the_hub_is_closed_on_its_stall_time(
+        ) -> None:
+    """1.5 s without progress before the hub stopped, 0.5 s after it woke: the 2 s of
+    stall timeout, counted while the hub could write, closes it."""
+    state, hub = make_hub(stall_timeout=2.0, queue_frames=1000)
+    viewer = Viewer(hub)
+    viewer.send({"type": "subscribe", "id": 1, "topics": ["sensor/+"]})
+    hub.take_frame(viewer.client)  # its sender starts writing 'hello' and never finishes
+    ticks = [t / 20 for t in range(1, 31)] + [11.5 + t / 20 for t in range(1, 40)]
+    closed_at = []
+    for t in ticks:  # on time to 1.5 s; the hub stopped from 1.5 s to 11.5 s; on time again
+        state.change("sensor/t1", {"v": t})
+        if hub.tick(t, t)[1]:
+            closed_at.append(t)
+    # 1.5 s before, and after the wake (the tick at 11.55) 0.55 s: over the 2 s at 12.1
+    assert closed_at == [pytest.approx(12.1)]
+    assert viewer.client.close_code == CLOSE_TOO_SLOW

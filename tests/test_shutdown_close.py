@@ -96,3 +96,30 @@ async def test_a_gateway_stopped_in_process_and_a_hub_stopping_both_say_going_aw
              if r.name == "edgegw.uplink" and "hub link down" in r.getMessage()]
     assert downs == ["hub link down: ConnectionClosed: CloseReason<code=1001, "
                      "name=GOING_AWAY, reason=hub shutting down>"]
+
+
+async def test_a_gateway_stop_completes_the_close_handshake_with_a_live_hub(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The gateway's 1001 reaches the hub, and the hub's answering close reaches the
+    gateway: the stop ends on the hub's answer.  Before, the connection's reader was
+    cancelled with the stop, the answer was never read, and every stop waited out the
+    close timeout (0.5 s) and closed the socket unanswered (docs/protocol.md section 7)."""
+    caplog.set_level(logging.INFO, logger="edgegw.hub")
+    caplog.set_level(logging.INFO, logger="edgegw.uplink")
+    async with trio.open_nursery() as outer:
+        port = await outer.start(Hub(hub_config(tmp_path / "hub")).run)
+        cfg = gateway_config(tmp_path / "gw", port, sources=[{"name": "t", "type": "simulated"}])
+        async with trio.open_nursery() as nursery:
+            gateway = await nursery.start(Gateway(cfg).run)
+            await _until(lambda: gateway.uplink.connected and gateway.uplink.acked_watermark)
+            nursery.cancel_scope.cancel()  # as the service does on SIGTERM
+        await _until(lambda: _closes(caplog))
+        outer.cancel_scope.cancel()
+    assert _closes(caplog) == [
+        "gateway ate-01 disconnected: WebSocket closed: 1001 gateway shutting down"]
+    closes = [r.getMessage() for r in caplog.records
+              if r.name == "edgegw.uplink" and "hub link closed" in r.getMessage()]
+    # the hub's answer, echoing the gateway's close: read, not the 1000 trio-websocket
+    # records for a close it started until the answer comes
+    assert closes == ["hub link closed, the hub's close: CloseReason<code=1001, "
+                      "name=GOING_AWAY, reason=gateway shutting down>"]

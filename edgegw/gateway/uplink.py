@@ -36,8 +36,10 @@ import trio
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
+    ConnectionTimeout,
     HandshakeError,
-    open_websocket_url,
+    WebSocketConnection,
+    connect_websocket_url,
 )
 
 from ..backoff import Backoff, Reconnect
@@ -67,9 +69,9 @@ from .scheduler import SendScheduler
 log = logging.getLogger("edgegw.uplink")
 
 LIVE_S = 2.0  # after an outage, frames younger than this are sent before the backlog
-#: at shutdown: how long the GOING_AWAY close may take.  The close frame goes out at once;
-#: the hub's answer is never read (trio-websocket's reader is cancelled with the session),
-#: so a longer bound was paid in full at every stop of a gateway whose hub is up
+#: at shutdown: how long the GOING_AWAY close may wait for the hub's answering close.  The
+#: connection's reader outlives the stop for it (``_hub_link``), so a hub that is up ends
+#: the wait as soon as it answers; only a hub that does not answer costs the whole bound
 CLOSE_TIMEOUT_S = 0.5
 #: room a DATA message takes around its body (``[4, seq, sent_at, body, "zlib"]``): a body
 #: this much under the hub's ``max_frame_bytes`` makes a message under it
@@ -226,7 +228,7 @@ class Uplink:
     async def _session(self) -> None:
         cfg = self.config
         started = trio.current_time()
-        async with open_websocket_url(
+        async with _hub_link(
             self.gateway.hub_url, self._ssl_context(), message_queue_size=16,
             max_message_size=1 << 20, connect_timeout=cfg.connect_timeout_s,
             disconnect_timeout=2, receive_buffer_size=None,
@@ -633,15 +635,87 @@ async def _answerer(ws: Any, pongs: trio.MemoryReceiveChannel[bytes]) -> None:
         await ws.send_message(pong)
 
 
+@asynccontextmanager
+async def _hub_link(url: str, ssl_context: ssl.SSLContext | None, *, connect_timeout: float,
+                    disconnect_timeout: float, **options: Any
+                    ) -> AsyncIterator[WebSocketConnection]:
+    """``trio_websocket.open_websocket_url``, except that the connection's reader task
+    outlives a cancellation of the session until the connection is closed: a gateway
+    stopping (SIGTERM, ``Gateway`` stopped: its nursery cancelled) sends its close and then
+    reads the hub's answering close, so the close handshake completes as soon as the hub
+    answers.  Under ``open_websocket_url`` the reader was cancelled with the session, the
+    answer was never read and every stop waited out ``CLOSE_TIMEOUT_S``.
+
+    Through trio-websocket's public API: ``connect_websocket_url`` runs the reader in a
+    nursery given to it, here one shielded from the stop; the session (the body) runs in a
+    scope of its own, which a task outside the shield cancels when the stop reaches it."""
+    session = trio.CancelScope()
+
+    async def pass_the_stop_on() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:  # cancelled: the gateway stops (or the session ended, and it is moot)
+            session.cancel()
+
+    try:
+        async with trio.open_nursery() as stop:
+            stop.start_soon(pass_the_stop_on)
+            with trio.CancelScope(shield=True):
+                async with trio.open_nursery() as io:
+                    connected = False
+                    try:
+                        with session:
+                            try:
+                                with trio.fail_after(connect_timeout):
+                                    ws = await connect_websocket_url(io, url, ssl_context,
+                                                                     **options)
+                            except trio.TooSlowError:  # as open_websocket_url says them
+                                raise ConnectionTimeout from None
+                            except OSError as exc:
+                                raise HandshakeError from exc
+                            connected = True
+                            try:
+                                yield ws
+                            finally:
+                                # closed with 1000 as open_websocket_url closes, unless
+                                # the session closed it already (``_going_away``, ...)
+                                with trio.CancelScope(shield=True) as closing:
+                                    closing.deadline = trio.current_time() + disconnect_timeout
+                                    await ws.aclose()
+                    finally:
+                        if connected:  # the reader ends with the connection; bounded
+                            io.cancel_scope.deadline = trio.current_time() + disconnect_timeout
+                        else:
+                            io.cancel_scope.cancel()
+            # stopped: the cancellation the session's scope caught goes on from here
+            await trio.lowlevel.checkpoint()
+            stop.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # the one exception that ended the session, as it was raised (a cancellation of
+        # ``pass_the_stop_on`` is no news): callers look for its type
+        rest = group.split(trio.Cancelled)[1] or group
+        while isinstance(rest, BaseExceptionGroup) and len(rest.exceptions) == 1:
+            rest = rest.exceptions[0]
+        raise rest from None
+
+
 async def _going_away(ws: Any) -> None:
     """On shutdown (the session cancelled from outside: SIGTERM, ``Gateway`` stopped) say
     so with 1001 going away: the hub then logs a clean close, not 1006 "connection lost".
     trio-websocket would close with 1000 only if not cancelled; bounded, as the hub may
-    not answer."""
+    not answer.  The hub's answering close is read (``_hub_link``): it ends the wait."""
     if trio.current_effective_deadline() != -math.inf:  # not a cancellation: closing as is
         return
-    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
-        await ws.aclose(CloseCode.GOING_AWAY, "gateway shutting down")
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(CLOSE_TIMEOUT_S) as waited:
+            await ws.aclose(CloseCode.GOING_AWAY, "gateway shutting down")
+        # (trio-websocket's aclose swallows the timeout's Cancelled while an exception --
+        # the stop -- is being handled: the clock says whether the bound ran out)
+        if trio.current_time() >= waited.deadline:
+            log.warning("hub link closed without the hub's answer: it did not answer the "
+                        "going-away close within %g s", CLOSE_TIMEOUT_S)
+        else:  # trio-websocket's record of the close: the hub's answering close frame
+            log.info("hub link closed, the hub's close: %s", ws.closed)
 
 
 @asynccontextmanager

@@ -489,7 +489,8 @@ class Ingest:
                 # everything it committed (edgegw/hub/registry.py)
                 async with self.connected.owner(gw):
                     generation = await self._welcome(ws, conn, session, hello)
-                    await self._serve_gateway(ws, conn, gw, hello.epoch, generation)
+                    await self._serve_gateway(ws, conn, gw, hello.epoch, generation,
+                                              session)
             if session.replaced:
                 await ws.aclose(CloseCode.REPLACED, "replaced by a newer connection")
         except GatewaySuperseded:
@@ -696,10 +697,21 @@ class Ingest:
             await trio.lowlevel.checkpoint()  # the ticks and the receivers run between steps
 
     async def _serve_gateway(self, ws: WebSocket, conn: HubConnection, gw: str,
-                             epoch: str, generation: int = 0) -> None:
+                             epoch: str, generation: int = 0,
+                             session: GatewaySession | None = None) -> None:
         """Receive, apply and acknowledge until the connection ends, which it only does by
         an exception: the peer's fault (ProtocolError, MessageTooBig), the peer going away
-        (ConnectionClosed), or a bug."""
+        (ConnectionClosed), or a bug.
+
+        While its reads are held back (the apply queue full behind a commit) the gateway's
+        silence is not judged: what it sent waits unread, and a gateway that is only
+        frozen (SIGSTOP) or whose host vanished looks the same as a busy one.  TCP still
+        tells a gateway whose process is gone: the hub's PINGs go on, the gateway's
+        kernel resets the connection and the next PING's write fails.  The gateway is then
+        reported gone at once (``link_lost``), though the connection's tasks end only when
+        a commit in the store's worker thread returns (it cannot be cancelled): before, a
+        gateway that died while a commit hung was shown connected until the commit
+        returned (docs/reliability.md, "Backpressure is not silence")."""
         # each frame with its arrival time (hub_frame_apply_seconds)
         send, receive = trio.open_memory_channel[tuple[Data, float]](
             self.config.hub.apply_queue_frames)
@@ -746,6 +758,19 @@ class Ingest:
                 # log line, in about half the tries (issue 10).  See docs/reliability.md.
                 send.close()
 
+        def link_lost() -> None:
+            # the gateway no longer counts as connected; its owner lock stays held until
+            # the applier has stopped, so a reconnect's WELCOME still waits for that
+            if session is not None and self.connected.release(session):
+                self._gateway_event(gw, False)
+
+        async def beat() -> None:
+            try:
+                await heartbeat(conn, ws.send_message, note_rtt)
+            except ConnectionClosed:  # a PING's write found the link gone
+                link_lost()
+                raise
+
         def note_rtt() -> None:
             session = self.connected.get(gw)
             if session is not None and conn.rtt is not None:
@@ -756,7 +781,7 @@ class Ingest:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(receiver)
-                nursery.start_soon(heartbeat, conn, ws.send_message, note_rtt)
+                nursery.start_soon(beat)
                 await self._applier(ws, conn, gw, epoch, receive, generation, arrivals)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:

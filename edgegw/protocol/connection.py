@@ -11,7 +11,10 @@ declares the peer dead (close code 4005) -- on a look taken on time: a side woke
 (paused) reads what waits for it first (``_Heartbeat``) -- and counting only the time this
 side was reading: while the I/O layer holds its reads back (its own backpressure, e.g. the
 hub's apply queue full) it says so (``reading_paused`` ... ``reading_resumed``), and what
-the peer sent meanwhile waits unread; that is no silence of the peer's.
+the peer sent meanwhile waits unread; that is no silence of the peer's.  The silence is
+judged while a PING's send waits too: the I/O layer says when it starts and returns
+(``ping_started`` ... ``ping_done``) and calls ``on_timer`` at ``next_deadline()``
+meanwhile, which hands out no second PING.
 """
 
 from __future__ import annotations
@@ -60,7 +63,14 @@ class _Heartbeat:
     backpressure: the hub's apply queue full behind a slow commit), the peer's frames and
     PINGs wait unread in the socket: ``pause`` ... ``resume`` stops the silence clock for
     that time (``last_received`` moves on by it), so a busy end never closes a peer that
-    is sending.  PINGs still go out meanwhile, so the peer does not judge this end silent."""
+    is sending.  PINGs still go out meanwhile, so the peer does not judge this end silent.
+
+    Silence is judged while a PING's send waits, too.  A peer that reads nothing (paused)
+    fills the socket buffers and the send waits as long as the pause: the I/O layer says
+    so (``ping_started`` ... ``ping_done``) and keeps its timer running beside the send;
+    the deadline stays what it was, a verdict on time raises as ever, and a PING falling
+    due meanwhile is not handed out (one is in flight) but counts as sent, so the looks
+    go on once an interval."""
 
     def __init__(self, interval: float, now: float) -> None:
         self.interval = interval
@@ -68,6 +78,7 @@ class _Heartbeat:
         self.last_sent = now
         self.recheck_at: float | None = None  # the look again after a late one
         self.paused_at: float | None = None  # reads held back since then
+        self.pinging = False  # a PING's send waits (``ping_started`` ... ``ping_done``)
 
     def pause(self, now: float) -> None:
         if self.paused_at is None:
@@ -107,7 +118,8 @@ class _Heartbeat:
                                     f"(heartbeat {self.interval:g} s)")
         if now - self.last_sent >= self.interval:
             self.last_sent = now
-            return encode(Ping(now))
+            # one PING waiting on the socket is enough: the peer reads it first
+            return None if self.pinging else encode(Ping(now))
         return None
 
 
@@ -139,6 +151,17 @@ class _Base:
     def reading_resumed(self, now: float) -> None:
         """Reading again: the silence counts on from where it stood at ``reading_paused``."""
         self.heartbeat.resume(now)
+
+    def ping_started(self) -> None:
+        """The I/O layer starts sending the PING ``on_timer`` returned.  Until ``ping_done``
+        ``on_timer`` hands out no other PING, and still raises when the peer is silent too
+        long: the I/O layer keeps calling it at ``next_deadline`` while the send waits
+        (a peer that reads nothing leaves it waiting as long as it is paused)."""
+        self.heartbeat.pinging = True
+
+    def ping_done(self) -> None:
+        """The PING's send has returned (or failed)."""
+        self.heartbeat.pinging = False
 
     def _sent(self, data: bytes, now: float) -> bytes:
         self.heartbeat.last_sent = now

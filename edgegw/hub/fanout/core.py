@@ -129,6 +129,7 @@ class LiveHub:
         self._tombstones: dict[str, int] = {}
         self._offset_floor = 0
         self._ticks = 0
+        self._last_tick: float | None = None  # ``now`` of the previous tick
         self._snapshot_budget = self.config.snapshot_rows_per_tick
         #: clients in step are grouped in a tick (False: each worked out alone, as before;
         #: for bench/fanout.py --compare -- both give every client the same frames)
@@ -516,6 +517,7 @@ class LiveHub:
 
         Returns (clients with new frames to write, clients to close as too slow).
         ``now`` is monotonic (stall detection); ``wall`` is the Unix time put in frames."""
+        self._discount_pause(now)
         if self.unavailable is not None:
             return [], []  # cluster mode, cut off: what the mirror holds may be stale
         self._ticks += 1
@@ -656,6 +658,22 @@ class LiveHub:
             frame = frames_cache[key] = prepare(client.encoding.batch(wall, encoded))
             self._m_encodes.inc(kind="frame")
         return frame
+
+    def _discount_pause(self, now: float) -> None:
+        """A stall is time a client's write made no progress while the hub could write.
+        Ticks run at least once a UI interval; one that runs more than ``stall_timeout / 4``
+        after the previous one finds that the hub itself was not running (SIGSTOP, a frozen
+        VM, a long GC pause or a blocked loop), and no write could progress meanwhile: that
+        time is no client's stall, so every busy client's stall clock moves on by it (as a
+        heartbeat's late look is no verdict, docs/reliability.md "Paused processes").
+        Before, the first tick after such a pause closed every client that had a frame in
+        flight when it began with 4008 ``stalled``."""
+        last, self._last_tick = self._last_tick, now
+        if last is None or now - last <= self.config.stall_timeout / 4:
+            return
+        for client in self.clients.values():
+            if client.busy_since is not None:
+                client.busy_since += now - last
 
     def sweep(self) -> int:
         """Drop the channels (and their history) of topics the live state no longer has
