@@ -18,13 +18,17 @@ empty dict.
 
 Points in the code:
 
-=========================  ===========================================================
-``gateway.frame_stored``   a frame is durable in the frame store (``append`` returned)
-``hub.mid_commit``         the hub's frame transaction is written, not yet committed
-``hub.after_commit``       a commit is durable; its ACK has not been sent
-``cluster.checkpoint``     a partition owner has captured its state and is about to
-                           write the checkpoint under its lease token
-=========================  ===========================================================
+==========================  ==========================================================
+``gateway.frame_stored``    a frame is durable in the frame store (``append`` returned)
+``hub.mid_commit``          the hub's frame transaction is written, not yet committed
+``hub.after_commit``        a commit is durable; its ACK has not been sent
+``cluster.checkpoint``      a partition owner has captured its state and is about to
+                            write the checkpoint under its lease token
+``cluster.mid_checkpoint``  the checkpoint's transaction holds the partition's fence row
+                            (checked, share-locked), the checkpoint not yet written
+``cluster.mid_commit``      a cluster commit is written, its rows (the gateways', the
+                            partition heads) locked, not yet committed
+==========================  ==========================================================
 """
 
 from __future__ import annotations

@@ -14,6 +14,15 @@ HAProxy.  Then node 0 gets SIGCONT and goes on exactly where it stopped, and:
   alert is stored after its wake-up under a token older than node 1's (fencing);
 * every record the gateway produced is in PostgreSQL exactly once;
 * node 0 rejoins (owns partitions again) and the cluster keeps serving to the end.
+
+Or node 0 freezes inside an open PostgreSQL transaction, holding row locks node 1 needs: in
+a commit (failpoint ``cluster.mid_commit``: the gateway's row and partition heads, which the
+gateway's HELLO on node 1 and node 1's commits lock) or in a checkpoint's write
+(``cluster.mid_checkpoint``: the partition's fence row, which node 1's claim of the partition
+locks).  PostgreSQL ends the paused node's session after ``pg_idle_in_transaction_timeout_s``
+(the lease TTL by default) and its locks go with it; a claim waiting meanwhile gives up after
+``pg_lock_timeout_s`` and tries again.  So in every case node 1 takes every partition, and the
+gateway, within a bound derived from the config.
 """
 
 from __future__ import annotations
@@ -46,6 +55,24 @@ PARTITIONS = 4
 GATEWAY = "ate-01"
 #: a run of ~15 s (1800 parts at 120/s): the pause, the takeover and the wake-up land in it
 PACE = 120
+#: node_toml's lease TTL and gateway heartbeat; the PostgreSQL timeouts default to the TTL
+LEASE_TTL_S = 2.0
+HEARTBEAT_S = 1.0
+#: a paused node's locks are freed ``pg_idle_in_transaction_timeout_s`` after it stopped
+#: (its leases lapse meanwhile); a claim that waited on them tries again within
+#: ``pg_lock_timeout_s``; the gateway notices the silence within 2 heartbeats.  Plus a
+#: generous margin for a loaded machine (planning rounds, HAProxy's checks, reconnect
+#: backoff): on the old code, with no timeouts, the takeover never happened at all.
+TAKEOVER_BOUND_S = LEASE_TTL_S + LEASE_TTL_S + LEASE_TTL_S + 2 * HEARTBEAT_S + 30
+#: where node 0 freezes: failpoints armed at its start (None: SIGSTOPped by the test)
+FREEZE_AT = {
+    "at_its_checkpoint": "cluster.checkpoint=stop",
+    "mid_stream": None,
+    # its 10th commit: the gateway streams to it, the gateway's row is locked
+    "in_its_commit": "cluster.mid_commit=10:stop",
+    # its first checkpoint's transaction, the partition's fence row share-locked
+    "in_its_checkpoint_write": "cluster.mid_checkpoint=stop",
+}
 
 
 def config(tmp: Path, dsn: str, redis_url: str, prefix: str, i: int) -> str:
@@ -68,6 +95,14 @@ def owned(port: int) -> list[int]:
     result: list[int] = get_json(f"http://127.0.0.1:{port}/api/stats",
                                  timeout=5)["cluster"]["ownership"]["owned"]
     return result
+
+
+def taken_over(port: int) -> bool:
+    """The node owns every partition and has caught each up: it claimed each in PostgreSQL
+    (a partition whose claim waits is listed as owned, not caught up) and rebuilt it."""
+    ownership = get_json(f"http://127.0.0.1:{port}/api/stats", timeout=5)["cluster"]["ownership"]
+    return bool(ownership["owned"] == list(range(PARTITIONS))
+                and ownership["caught_up"] == PARTITIONS)
 
 
 def lease_tokens(redis_port: int, prefix: str) -> dict[int, tuple[str, int]]:
@@ -101,7 +136,7 @@ def owner_rows_since(dsn: str, since: float) -> list[tuple[str, int, int]]:
     return [(t, int(p), int(k)) for t, p, k in rows]
 
 
-@pytest.mark.parametrize("when", ["at_its_checkpoint", "mid_stream"])
+@pytest.mark.parametrize("when", list(FREEZE_AT))
 def test_a_node_paused_past_its_leases_is_fenced_off_and_rejoins(
         tmp_path: Path, pg_dsn: str, redis_server: RedisServer,  # noqa: F811
         when: str) -> None:
@@ -109,8 +144,8 @@ def test_a_node_paused_past_its_leases_is_fenced_off_and_rejoins(
     n_records = count_tester_records(SOURCES[GATEWAY])
     with NodeSet(tmp_path / "nodes", 2,
                  lambda i: config(tmp_path, pg_dsn, redis_server.url, prefix, i)) as nodes:
-        nodes.start(0, env={"EDGEGW_FAILPOINTS": "cluster.checkpoint=stop"}
-                    if when == "at_its_checkpoint" else None)
+        failpoint = FREEZE_AT[when]
+        nodes.start(0, env={"EDGEGW_FAILPOINTS": failpoint} if failpoint else None)
         nodes.start(1)
         pid = nodes.procs[0].pid  # type: ignore[union-attr]
         gw: GatewayProc | None = None
@@ -133,14 +168,17 @@ def test_a_node_paused_past_its_leases_is_fenced_off_and_rejoins(
                     wait_for(lambda: owned(nodes.ports[0]) and gw.stats()["next_rid"] > 2000,
                              timeout=60, interval=0.05)
                     os.kill(pid, signal.SIGSTOP)
-                wait_for(lambda: process_state(pid) == "T", timeout=60)
+                wait_for(lambda: process_state(pid) == "T", timeout=60, interval=0.05)
+                deadline = time.monotonic() + TAKEOVER_BOUND_S
                 assert gw.stats()["next_rid"] - 1 < n_records, "paused after the tester ended"
                 # its leases lapse; node 1 takes every partition over and the gateway
-                # moves to node 1 (HAProxy sees node 0's /healthz fail)
-                wait_for(lambda: owned(nodes.ports[1]) == list(range(PARTITIONS)), timeout=60)
+                # moves to node 1 (HAProxy sees node 0's /healthz fail) -- also when node 0
+                # froze holding row locks that node 1's claims wait for
+                wait_for(lambda: taken_over(nodes.ports[1]), timeout=TAKEOVER_BOUND_S)
                 taken = lease_tokens(redis_server.port, prefix)
                 assert {node for node, _ in taken.values()} == {"node-1"}
-                wait_for(lambda: gw.stats()["connected"], timeout=60)
+                wait_for(lambda: gw.stats()["connected"],
+                         timeout=max(0.1, deadline - time.monotonic()))
 
                 woke = time.time()
                 os.kill(pid, signal.SIGCONT)

@@ -12,10 +12,12 @@ import pytest
 import trio
 from walltools import SteppedWall
 
+from edgegw.hub.cluster import LockTimeout
 from edgegw.hub.cluster.partition import PartitionFenced, partition_key, partition_of
 from edgegw.hub.cluster.pgstore import ClusterStore, PartitionMismatch, ShardMismatch
 from edgegw.hub.history_store import WAFER_SUMMARY
 from edgegw.hub.store import FrameToApply, GatewaySuperseded, StoreUnavailable
+from edgegw.metrics import Metrics
 from edgegw.protocol import encode_body
 from edgegw.records import GatewayEvent, PartResult, Record
 
@@ -531,3 +533,53 @@ async def test_the_webhook_outbox_keeps_one_row_per_webhook_and_event(
     await b.mark_webhooks([(*two[:2], "attempts")], prune_before=100.5)
     assert await a.undelivered_webhooks() == []
     assert await a.queue_webhooks([one]) == {one[:2]}  # pruned: a new row
+
+
+async def test_a_claim_waiting_on_a_paused_nodes_lock_gives_up_counted_and_tries_again(
+        pg_dsn: str) -> None:
+    # A paused node's transaction holds the rows the claims need: the partition's fence row
+    # (share-locked by a checkpoint's write) and the gateway's row (locked by a commit).
+    # Without a lock timeout a claim waits for as long as the node sleeps -- a worker thread
+    # and a pooled connection held, the gateway never WELCOMEd, the partition never owned.
+    metrics = Metrics()
+    store = ClusterStore(pg_dsn, "node-b", partitions=8, lock_timeout_s=0.3,
+                         idle_in_transaction_timeout_s=5.0, metrics=metrics)
+    await store.open()
+    assert await store.claim_partition(0, 1)
+    await store.claim_gateway("gw-locked")
+    paused = psycopg.connect(pg_dsn)  # the paused node's open transaction
+    paused.execute("SELECT token FROM edgegw_partition_fences WHERE partition = 0 FOR SHARE")
+    paused.execute("SELECT generation FROM edgegw_gateways WHERE gateway_id = 'gw-locked'"
+                   " FOR UPDATE")
+    released = trio.Event()
+
+    async def release_after(seconds: float) -> None:
+        # bounds the old code's endless wait: the test fails, it does not hang
+        await trio.sleep(seconds)
+        await trio.to_thread.run_sync(paused.rollback)
+        released.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(release_after, 30)
+            with pytest.raises(LockTimeout):
+                await store.claim_partition(0, 2)
+            with pytest.raises(LockTimeout):
+                await store.claim_gateway("gw-locked")
+            assert not released.is_set(), "the claims waited for the lock to be released"
+            # PostgreSQL answers: a lock timeout is not an unavailable store (healthz)
+            assert store.health_problem() is None
+            assert metrics.counter("cluster_pg_lock_timeouts_total").get(
+                call="claim_partition") == 1
+            assert metrics.counter("cluster_pg_lock_timeouts_total").get(
+                call="claim_gateway") == 1
+            nursery.cancel_scope.cancel()
+        # the paused node's session ends (PostgreSQL's idle timeout, here: rolled back);
+        # the same claims, tried again, go through, and the store's connection was kept
+        await trio.to_thread.run_sync(paused.rollback)
+        assert await store.claim_partition(0, 2)
+        assert await store.claim_gateway("gw-locked") == 2
+        assert await store.query("SHOW idle_in_transaction_session_timeout") == [("5s",)]
+    finally:
+        paused.close()
+        await store.close()

@@ -50,6 +50,24 @@ class ClusterSection:
     # PostgreSQL connections this node commits on (commits of different gateways run in
     # parallel, each in its own worker thread)
     pg_connections: Annotated[int, Range(1, 64)] = 4
+    # PostgreSQL ends this node's session when a transaction of it sits idle this long (the
+    # node is paused: SIGSTOP, a frozen VM) and so frees its row locks for the other nodes;
+    # safe because every owner write is fenced (docs/cluster.md, "A node paused").  0: the
+    # lease TTL (a node paused that long has lost its leases anyway)
+    pg_idle_in_transaction_timeout_s: Annotated[float, Range(0.5, 600, also=0)] = 0.0
+    # a claim (a gateway's HELLO, a partition's new owner) waits at most this long for a
+    # row lock, then gives up and tries again (counted); 0: the lease TTL
+    pg_lock_timeout_s: Annotated[float, Range(0.1, 600, also=0)] = 0.0
+
+    @property
+    def idle_in_transaction_timeout(self) -> float:
+        """``pg_idle_in_transaction_timeout_s`` in effect (0: ``lease_ttl_s``)."""
+        return self.pg_idle_in_transaction_timeout_s or self.lease_ttl_s
+
+    @property
+    def lock_timeout(self) -> float:
+        """``pg_lock_timeout_s`` in effect (0: ``lease_ttl_s``)."""
+        return self.pg_lock_timeout_s or self.lease_ttl_s
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []

@@ -20,6 +20,7 @@ _EXPORTS = {
     "split_runs": "edgegw.hub.cluster.partition",
     "ClusterStore": "edgegw.hub.cluster.pgstore",
     "GatewaySuperseded": "edgegw.hub.cluster.pgstore",
+    "LockTimeout": "edgegw.hub.cluster.pgstore",
     "LogChunk": "edgegw.hub.cluster.pgstore",
     "PartitionMismatch": "edgegw.hub.cluster.pgstore",
     "ShardMismatch": "edgegw.hub.cluster.pgstore",
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
     from .partition import split_runs as split_runs
     from .pgstore import ClusterStore as ClusterStore
     from .pgstore import GatewaySuperseded as GatewaySuperseded
+    from .pgstore import LockTimeout as LockTimeout
     from .pgstore import LogChunk as LogChunk
     from .pgstore import PartitionMismatch as PartitionMismatch
     from .pgstore import ShardMismatch as ShardMismatch

@@ -148,7 +148,9 @@ class ClusterHub:
         metrics = metrics or Metrics()
         self.store = ClusterStore(cc.postgres_dsn, self.node_id, cc.partitions,
                                   connections=cc.pg_connections,
-                                  redis_shards=len(cc.redis_urls) or 1)
+                                  redis_shards=len(cc.redis_urls) or 1,
+                                  idle_in_transaction_timeout_s=cc.idle_in_transaction_timeout,
+                                  lock_timeout_s=cc.lock_timeout, metrics=metrics)
         self.ingest = NodeIngest(config, metrics, store=self.store)
         self.bus = ClusterBus(list(cc.redis_urls) or cc.redis_url, cc.key_prefix,
                               self.node_id, partitions=cc.partitions,

@@ -46,7 +46,9 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 import psycopg
 import trio
 
+from ... import failpoints
 from ...jsonutil import dumps
+from ...metrics import Metrics
 from ...protocol import FrameError, ProtocolError, decode_body, encode_body
 from ...protocol.intervals import IntervalSet
 from ...records import Record, RecordError, from_wire
@@ -258,6 +260,12 @@ _STAT_COLS = ("epoch", "frames_applied", "records_applied", "duplicates_dropped"
               "frames_rejected", "frames_lost", "last_seq", "last_seen")
 
 
+class LockTimeout(StoreUnavailable):
+    """A claim waited ``lock_timeout_s`` for a row another session's transaction holds (a
+    paused node's, until PostgreSQL ends its session): nothing written, PostgreSQL itself
+    answers.  A ``StoreUnavailable``, so the callers' retry loops try it again."""
+
+
 class GatewayTotals(NamedTuple):
     """A gateway's records and frames applied cluster-wide, its highest record id
     applied and the time of its last commit (PostgreSQL's counters: the same on every
@@ -332,9 +340,10 @@ def _is_connection_error(exc: BaseException) -> bool:
     as against a bug in a statement."""
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         return True
-    # "the database system is shutting down / starting up", admin shutdown
+    # "the database system is shutting down / starting up", admin shutdown; 25P03: the
+    # server ended the session of a transaction left idle too long (this node was paused)
     sqlstate = getattr(exc, "sqlstate", None) or ""
-    return sqlstate.startswith(("08", "57P"))
+    return sqlstate.startswith(("08", "57P", "25P03"))
 
 
 def _chunks_of(frame: FrameToApply, n_partitions: int) -> list[_Chunk]:
@@ -379,8 +388,20 @@ class ClusterStore:
 
     def __init__(self, dsn: str, node_id: str, partitions: int = 64,
                  connections: int = 4, connect_timeout_s: float = 3.0,
-                 redis_shards: int | None = None) -> None:
+                 redis_shards: int | None = None,
+                 idle_in_transaction_timeout_s: float = 0.0, lock_timeout_s: float = 0.0,
+                 metrics: Metrics | None = None) -> None:
         self.dsn = dsn
+        #: PostgreSQL ends a session of this store whose transaction sits idle this long
+        #: (the process is paused) and so frees its row locks (0: the server's setting)
+        self.idle_in_transaction_timeout_s = idle_in_transaction_timeout_s
+        #: a claim waits at most this long for a row lock, then raises ``LockTimeout``
+        #: (0: the server's setting, by default forever)
+        self.lock_timeout_s = lock_timeout_s
+        self.m_lock_timeouts = (metrics or Metrics()).counter(
+            "cluster_pg_lock_timeouts_total",
+            "claims that gave up waiting for a PostgreSQL row lock after pg_lock_timeout_s "
+            "(and were tried again), by call: claim_gateway or claim_partition")
         self.node_id = node_id
         self.partitions = partitions
         #: the node's number of Redis shards, stored by the cluster's first node and
@@ -419,6 +440,14 @@ class ClusterStore:
         conn = psycopg.connect(self.dsn, autocommit=True,
                                connect_timeout=max(1, round(self.connect_timeout_s)),
                                application_name=f"edgegw {self.node_id}"[:63])
+        if self.idle_in_transaction_timeout_s > 0:
+            # a paused node (SIGSTOP, a frozen VM) must not hold its row locks -- a
+            # gateway's row, partition heads, a fence -- until it wakes: the server ends
+            # its session instead.  Safe: every owner write is fenced by its lease token and
+            # every commit by the gateway's generation; the woken node's commit fails
+            # (StoreUnavailable) and is tried again against the fences.
+            conn.execute("SELECT set_config('idle_in_transaction_session_timeout', %s,"
+                         " false)", (_ms(self.idle_in_transaction_timeout_s),))
         with self._pool_lock:
             self._all.add(conn)
         return conn
@@ -432,6 +461,14 @@ class ClusterStore:
             if conn is None or conn.closed:
                 conn = self._connect()
             result = fn(conn)
+        except psycopg.errors.LockNotAvailable as exc:
+            # lock_timeout: the transaction was rolled back, the connection is fine
+            assert conn is not None
+            if conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                self._discard(conn)
+            else:
+                self._put_back(conn)
+            raise LockTimeout(f"PostgreSQL: {str(exc).strip()}") from exc
         except BaseException as exc:
             if conn is not None and (_is_connection_error(exc) or conn.closed
                                      or conn.info.transaction_status
@@ -475,6 +512,8 @@ class ClusterStore:
     async def _call(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
         try:
             result = await trio.to_thread.run_sync(self._run_sync, fn, limiter=self._limiter)
+        except LockTimeout:
+            raise  # PostgreSQL answers: the store is not unavailable, the caller retries
         except StoreUnavailable as exc:
             if self.unavailable is None:
                 log.error("cluster store: %s; acknowledgements pause until it answers", exc)
@@ -497,6 +536,9 @@ class ClusterStore:
         import secrets
 
         with conn.transaction():
+            # this transaction waits on Redis (the shard labels) between its statements:
+            # not a paused node
+            conn.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
             # two first nodes starting together: one creates, the other waits and sees it
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             if not _schema_complete(conn):
@@ -689,6 +731,7 @@ class ClusterStore:
 
         def run(conn: psycopg.Connection[Any]) -> GatewayClaim:
             with conn.transaction():
+                self._set_lock_timeout(conn)
                 gen = conn.execute(
                     "INSERT INTO edgegw_gateways (gateway_id, generation, node_id, claimed_at)"
                     " VALUES (%s, 1, %s, %s) ON CONFLICT (gateway_id) DO UPDATE SET"
@@ -704,7 +747,22 @@ class ClusterStore:
             self.stats[gateway_id] = GatewayStats(gateway_id, *stats)  # type: ignore[misc]
             return GatewayClaim(gen, applied)
 
-        return await self._call(run)
+        try:
+            return await self._call(run)
+        except LockTimeout:
+            self.m_lock_timeouts.inc(call="claim_gateway")
+            log.warning("gateway %s: its claim waited %.1f s for its row, held by another "
+                        "node's transaction (a paused node?); trying again", gateway_id,
+                        self.lock_timeout_s)
+            raise
+
+    def _set_lock_timeout(self, conn: psycopg.Connection[Any]) -> None:
+        """In a claim's transaction: wait at most ``lock_timeout_s`` for a row lock, so a
+        claim whose row a stuck transaction holds is tried again, not hung (a worker
+        thread, and a connection of the pool, held without end)."""
+        if self.lock_timeout_s > 0:
+            conn.execute("SELECT set_config('lock_timeout', %s, true)",
+                         (_ms(self.lock_timeout_s),))
 
     def count_duplicate(self, gateway: str) -> None:
         # counted in memory; added by the gateway's next commit (a lost count is harmless)
@@ -904,6 +962,7 @@ class ClusterStore:
                      max((f.first_rid + f.n_records - 1 for f in mine if f.n_records),
                          default=None), gw)).fetchone()
                 stats[gw] = GatewayStats(gw, *row)  # type: ignore[misc]
+            failpoints.hit("cluster.mid_commit")
         return skipped, stats, heads
 
     async def declare_lost(self, gateway: str, epoch: str, up_to: int, count: int,
@@ -955,6 +1014,7 @@ class ClusterStore:
             with conn.transaction():
                 if not _fence_holds(conn, partition, token):
                     return False
+                failpoints.hit("cluster.mid_checkpoint")
                 cur = conn.execute(
                     "INSERT INTO edgegw_partition_checkpoints (partition, pseq, token, blob,"
                     " at) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (partition) DO UPDATE SET"
@@ -972,14 +1032,23 @@ class ClusterStore:
         ``save_alerts``, ``save_archives``), even of a row the new owner has not written
         yet.  False: a newer token claimed it already (this lease is stale)."""
         def run(conn: psycopg.Connection[Any]) -> bool:
-            cur = conn.execute(
-                "INSERT INTO edgegw_partition_fences (partition, token) VALUES (%s, %s)"
-                " ON CONFLICT (partition) DO UPDATE SET token = EXCLUDED.token"
-                " WHERE edgegw_partition_fences.token <= EXCLUDED.token",
-                (partition, token))
-            return cur.rowcount == 1
+            with conn.transaction():
+                self._set_lock_timeout(conn)
+                cur = conn.execute(
+                    "INSERT INTO edgegw_partition_fences (partition, token) VALUES (%s, %s)"
+                    " ON CONFLICT (partition) DO UPDATE SET token = EXCLUDED.token"
+                    " WHERE edgegw_partition_fences.token <= EXCLUDED.token",
+                    (partition, token))
+                return cur.rowcount == 1
 
-        return await self._call(run)
+        try:
+            return await self._call(run)
+        except LockTimeout:
+            self.m_lock_timeouts.inc(call="claim_partition")
+            log.warning("partition %d: its claim waited %.1f s for the fence row, held by "
+                        "another node's transaction (a paused node?); trying again",
+                        partition, self.lock_timeout_s)
+            raise
 
     async def load_checkpoint(self, partition: int) -> tuple[int, bytes] | None:
         """(pseq, blob) of the partition's checkpoint, or None."""
@@ -1391,6 +1460,11 @@ class ClusterStore:
         return await self._call(run)
 
 
+def _ms(seconds: float) -> str:
+    """A PostgreSQL timeout setting: whole milliseconds, at least 1 (0 would mean never)."""
+    return str(max(1, round(seconds * 1000)))
+
+
 def _fence_holds(conn: psycopg.Connection[Any], partition: int, token: int) -> bool:
     """In an owner's write transaction: no newer owner has claimed ``partition``.  The
     fence row stays share-locked to the commit, so a claim waits for the write, and the new
@@ -1400,5 +1474,6 @@ def _fence_holds(conn: psycopg.Connection[Any], partition: int, token: int) -> b
     return row is None or int(row[0]) <= token
 
 
-__all__ = ["ClusterStore", "GatewaySuperseded", "GatewayTotals", "LogChunk", "PartitionMismatch",
+__all__ = ["ClusterStore", "GatewaySuperseded", "GatewayTotals", "LockTimeout", "LogChunk",
+           "PartitionMismatch",
            "ShardLabels", "ShardMismatch", "StoreUnavailable", "decode_chunk"]
