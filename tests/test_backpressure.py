@@ -15,7 +15,11 @@ from __future__ import annotations
 import urllib.request
 from pathlib import Path
 
+import cbor2
+import trio
 from faultkit import (
+    GATEWAY,
+    TOKEN,
     Gateway,
     Hub,
     assert_exactly_once,
@@ -24,7 +28,9 @@ from faultkit import (
     stop_all,
     wait_all_applied,
 )
+from peer_gateway import PING, WELCOME, data, hello, rows, sensor
 from processes import wait_for
+from wsclient import WsClient
 
 SOURCE = {"parts_per_second": 1000, "max_parts": 6000, "seed": 11, "wafers": 200}
 STALL_S = 4.0  # one commit this long: twice the heartbeat timeout (2 x 1 s) and more
@@ -94,3 +100,54 @@ def test_a_gateway_that_dies_while_a_commit_hangs_is_reported_gone_before_it_ret
     finally:
         hub.kill()  # its commit hangs: no clean stop to wait for
         gw.kill()
+
+
+def masked_frame(payload: bytes) -> bytes:
+    """One client WebSocket frame (binary, FIN, masked as a client's must be; < 126 B)."""
+    key = b"\x0f\x1e\x2d\x3c"
+    return (bytes((0x82, 0x80 | len(payload))) + key
+            + bytes(b ^ key[i % 4] for i, b in enumerate(payload)))
+
+
+#: PINGs sent back to back by a gateway that reads nothing: their PONGs (~12 B each) are
+#: far more than the socket buffers between the hub and it hold (a 4 KiB receive buffer
+#: at the peer, the hub's send buffer: at most tcp_wmem's 4 MiB)
+FLOOD_PINGS = 600_000
+
+
+async def test_a_gateway_that_pings_but_does_not_read_does_not_stop_the_hubs_reading(
+        tmp_path: Path) -> None:
+    """docs/protocol.md section 7: an end never stops reading to write a PONG.  A gateway
+    busy elsewhere reads nothing (a small receive buffer: it fills at once) and sends PINGs
+    -- a flood of them -- then a DATA frame.  The hub answers PINGs from their own task,
+    at most one PONG waiting (the newest PING's), so its receiver reads on, through every
+    PING, to the DATA frame, and applies it while the gateway still reads nothing.  Before,
+    the receiver wrote each PONG itself: once the buffers were full it waited on that write
+    and read nothing more -- the DATA frame was never applied (nor the flood's end read)."""
+    hub = Hub(tmp_path).start("", True)
+    try:
+        peer = await WsClient.connect(hub.port, "/ws/gateway", rcvbuf=4096)
+        await peer.send(hello(GATEWAY, TOKEN, "epoch-1", 1, heartbeat=1.0))
+        assert cbor2.loads(await peer.recv())[0] == WELCOME
+        ping = masked_frame(cbor2.dumps([PING, 1.5]))
+        frame = data(1, rows(1, [sensor("t", 25.0), sensor("t", 25.5)]))
+
+        async def flood_then_data() -> None:
+            chunk = ping * 5000
+            for _ in range(FLOOD_PINGS // 5000):
+                await peer.send_raw(chunk)
+            await peer.send(frame)
+
+        def applied() -> bool:
+            return int(hub.stats().get("frames_applied", 0)) >= 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood_then_data)
+            # generous: the hub decodes the whole flood first (a few seconds)
+            await trio.to_thread.run_sync(
+                lambda: wait_for(applied, timeout=90, interval=0.2))
+            assert hub.stats()["records_applied"] == 2
+            nursery.cancel_scope.cancel()
+        await peer.aclose()
+    finally:
+        hub.stop()

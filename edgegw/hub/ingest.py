@@ -735,11 +735,28 @@ class Ingest:
             finally:
                 conn.reading_resumed(trio.current_time())
 
+        # The receiver's PONG, written by ``answerer``: at most one waits, a newer PING's
+        # supersedes it (docs/protocol.md section 7).  Written inline, a PONG behind full
+        # socket buffers (a gateway busy, not reading) stopped the reading of its frames.
+        pong: list[bytes] = []
+        pong_ready = trio.Event()
+
+        async def answerer() -> None:
+            nonlocal pong_ready
+            while True:
+                await pong_ready.wait()
+                pong_ready = trio.Event()
+                reply = pong.pop()
+                await ws.send_message(reply)
+
         async def receiver() -> None:
             try:
                 while True:
                     data = await ws.get_message()
                     events, reply = conn.receive(data, trio.current_time())
+                    if reply is not None:
+                        pong[:] = [reply]  # the newest PING's: its t gives the round trip
+                        pong_ready.set()
                     for ev in events:
                         if isinstance(ev, Data):
                             arrival = trio.current_time()
@@ -748,8 +765,6 @@ class Ingest:
                         elif isinstance(ev, Duplicate):
                             self.store.count_duplicate(gw)
                             self.m_dups.inc()
-                    if reply is not None:
-                        await ws.send_message(reply)
             finally:
                 # Closed synchronously, not with ``async with send``: its exit is a
                 # checkpoint, and the applier -- woken by the close, its loop ended --
@@ -781,6 +796,7 @@ class Ingest:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(receiver)
+                nursery.start_soon(answerer)
                 nursery.start_soon(beat)
                 await self._applier(ws, conn, gw, epoch, receive, generation, arrivals)
                 nursery.cancel_scope.cancel()
