@@ -93,6 +93,7 @@ from .store import (
     GatewaySuperseded,
     HubStore,
     IngestStore,
+    LockTimeout,
     StoreFull,
     StoreUnavailable,
 )
@@ -895,6 +896,11 @@ class Ingest:
         while True:
             try:
                 result = await commit()
+            except LockTimeout:
+                # the server answers (the store counted and logged it): not a pause of
+                # the acknowledgements, simply again
+                await trio.sleep(0.2)
+                continue
             except (StoreFull, StoreUnavailable) as exc:
                 full = isinstance(exc, StoreFull)
                 (self.m_full if full else self.m_unavailable).inc()

@@ -123,6 +123,13 @@ class StoreUnavailable(OSError):
     acknowledgements and tries again."""
 
 
+class LockTimeout(StoreUnavailable):
+    """A cluster claim waited its lock timeout for a row another session's transaction
+    holds (a paused node's, until PostgreSQL ends that session): nothing written, but the
+    server answers -- the store is not unavailable.  A ``StoreUnavailable`` so that the
+    retry loops try it again; the store has counted and logged it."""
+
+
 class GatewaySuperseded(Exception):
     """A newer connection of the gateway claimed it (on this node or another): this
     connection's commit was refused (nothing written) and it must close (4008)."""
@@ -553,6 +560,7 @@ class HubStore:
 
 __all__ = [
     "CODEC_RAW", "CODEC_ZLIB", "FrameToApply", "GatewayClaim", "GatewayStats",
-    "GatewaySuperseded", "HubStore", "IngestStore", "StoreFull", "StoreUnavailable",
+    "GatewaySuperseded", "HubStore", "IngestStore", "LockTimeout", "StoreFull",
+    "StoreUnavailable",
     "pack_body", "unpack_body",
 ]

@@ -59,6 +59,7 @@ from ..store import (
     GatewayClaim,
     GatewayStats,
     GatewaySuperseded,
+    LockTimeout,
     StoreUnavailable,
 )
 from .partition import PartitionFenced, split_runs
@@ -258,12 +259,6 @@ _ZLIB_LEVEL = 6  # as the SQLite store: ~10 B/record at ~600k records/s
 
 _STAT_COLS = ("epoch", "frames_applied", "records_applied", "duplicates_dropped",
               "frames_rejected", "frames_lost", "last_seq", "last_seen")
-
-
-class LockTimeout(StoreUnavailable):
-    """A claim waited ``lock_timeout_s`` for a row another session's transaction holds (a
-    paused node's, until PostgreSQL ends its session): nothing written, PostgreSQL itself
-    answers.  A ``StoreUnavailable``, so the callers' retry loops try it again."""
 
 
 class GatewayTotals(NamedTuple):
