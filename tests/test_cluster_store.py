@@ -500,10 +500,12 @@ async def test_the_webhook_outbox_keeps_one_row_per_webhook_and_event(
     assert await a.queue_webhooks([one]) == {one[:2]}  # pruned: a new row
 
 
+@pytest.mark.parametrize("again", [False, True])
 async def test_the_passes_of_a_lot_retested_after_it_left_memory_merge_as_on_a_single_hub(
-        stores: tuple[ClusterStore, ClusterStore], tmp_path: Path) -> None:
-    """Lot OLD, its wafers leaving memory one by one, evicted, tested again days later
-    under its lot id and evicted again (``test_history.two_passes``): the owner's archives,
+        stores: tuple[ClusterStore, ClusterStore], tmp_path: Path, again: bool) -> None:
+    """Lot OLD, its wafers leaving memory one by one (``again``: its first wafer back in
+    memory and out again within the first pass), evicted, tested again days later under
+    its lot id and evicted again (``test_history.two_passes``): the owner's archives,
     written at their log positions, merge pass by pass as the single hub's history store
     merges them; a new owner replaying the log writes nothing again."""
     a, b = stores
@@ -512,7 +514,7 @@ async def test_the_passes_of_a_lot_retested_after_it_left_memory_merge_as_on_a_s
                       on_evict=lambda lot_id, arc: made.append(("lot", (lot_id, arc))),
                       on_wafer_archive=lambda lot_id, wafer_id, snap: made.append(
                           ("wafer", (lot_id, wafer_id, snap))))
-    for i, frame in enumerate(two_passes()):
+    for i, frame in enumerate(two_passes(again)):
         state.on_records("gw", 1_000 * i + 1, frame, now=1.0)
     single = HistoryStore(tmp_path / "history.sqlite3")
     await single.open()

@@ -262,10 +262,11 @@ async def test_archives_read_back_are_cached_boundedly_and_a_newer_archive_is_se
         await store.close()
 
 
-def two_passes() -> list[list[Any]]:
+def two_passes(again: bool = False) -> list[list[Any]]:
     """Lot OLD (wafers W1: six dies, three failing; W2: two good dies), pushed out of
     memory by NEW; days later W1's three failing dies are tested again under OLD's lot id
-    and pass; NEW2 pushes OLD out again.  Frames, one per list."""
+    and pass; NEW2 pushes OLD out again.  Frames, one per list.  ``again``: W1 is tested
+    again (one die, failing again) at the end of the first pass too, after W2."""
     from edgegw.records import LotEnd, LotStart, PartResult, WaferEnd, WaferStart
 
     def die(x: int, hb: int, ts: float, wafer: str = "W1", lot: str = "OLD") -> PartResult:
@@ -279,6 +280,8 @@ def two_passes() -> list[list[Any]]:
              WaferStart("t", 1_000.0, "OLD", "W2", 1, 1_060),
              die(0, 1, 1_000.0, "W2"), die(1, 1, 1_000.0, "W2"),
              WaferEnd("t", 1_000.0, "OLD", "W2", 1, 1_070, 2, 2),
+             *([WaferStart("t", 1_000.0, "OLD", "W1", 1, 1_080), die(1, 4, 1_000.0),
+                WaferEnd("t", 1_000.0, "OLD", "W1", 1, 1_090, 1, 0)] if again else []),
              LotEnd("t", 1_000.0, "OLD", 1_100)]
     retest = [LotStart("t", later, "OLD", "PT", "n", "T", "j", int(later)),
               WaferStart("t", later, "OLD", "W1", 1, int(later)),
@@ -291,24 +294,36 @@ def two_passes() -> list[list[Any]]:
             [die(0, 1, later + 200, "N2", "NEW2")]]
 
 
-@pytest.mark.parametrize("max_wafers_per_lot", [25, 1])
+@pytest.mark.parametrize(("max_wafers_per_lot", "again"), [(25, False), (1, False), (1, True)])
 async def test_a_lot_retested_after_it_left_memory_is_archived_as_both_passes_die_by_die(
-        tmp_path: Path, max_wafers_per_lot: int) -> None:
+        tmp_path: Path, max_wafers_per_lot: int, again: bool) -> None:
     """The archive of the retest (fewer parts) neither loses to nor replaces the first
     pass's: the history shows the lot as a hub that kept it in memory throughout does --
     every die once, its final result the retest's -- whether its wafers left memory before
-    it (``max_wafers_per_lot`` 1) or with it."""
-    frames = two_passes()
+    it (``max_wafers_per_lot`` 1) or with it, or left and came back within the first pass
+    (``again``: its archive of the first pass is then its lot's, not its own older row)."""
+    frames = two_passes(again)
     reference = LiveState(lambda t, d: None)
     for i, frame in enumerate(frames):
         reference.on_records("gw", 1_000 * i + 1, frame, now=1.0)
     ref = reference.snapshot("lot/OLD")
-    assert ref is not None and (ref["die_count"], ref["good"], ref["retests"]) == (9, 9, 3)
+    assert ref is not None and (ref["die_count"], ref["good"], ref["retests"]) == (
+        9, 9, 3 + again)
     async with trio.open_nursery() as nursery:
         hub = Hub(tmp_path, max_lots=1, max_wafers_per_lot=max_wafers_per_lot)
         await hub.start(nursery)
-        for i, frame in enumerate(frames):
+        for i, frame in enumerate(frames[:3]):
             hub.state.on_records("gw", 1_000 * i + 1, frame, now=1.0)
+        await hub.settle()
+        # back in memory for its retest: its first pass's wafer not tested again is still
+        # answerable, from the archive
+        assert "OLD" in hub.state.lots
+        _, body = await get(hub.port, "/api/lots/OLD/wafers")
+        assert body["live"] is True
+        assert sorted(w["wafer_id"] for w in body["wafers"]) == ["W1", "W2", "W3"]
+        status, wafer = await get(hub.port, "/api/lots/OLD/wafers/W2")
+        assert status == 200 and wafer["die_count"] == 2 and wafer["starts"] == 1
+        hub.state.on_records("gw", 3_001, frames[3], now=1.0)
         await hub.settle()
         assert "OLD" not in hub.state.lots and not hub.state.not_applied
         _, body = await get(hub.port, "/api/lots")

@@ -210,52 +210,57 @@ def _without_since(snap: dict[str, Any]) -> dict[str, Any]:
 def merge_wafer_archive(rows: ArchiveRows, lot_id: str, wafer_id: str,
                         snap: dict[str, Any]) -> bool:
     """A wafer that left memory with ``counts_from`` (of a lot back in memory): merged
-    into its stored archive -- its own row, else its lot's archive -- and the lot's stored
-    figures corrected for the dies it tested again.  False: the stored one holds its pass
-    already (nothing written)."""
-    base = rows.wafer(lot_id, wafer_id)
+    into its stored archive -- as the history API reads it: in its lot's archive, else its
+    own row -- and the lot's stored figures corrected for the dies it tested again.
+    False: the stored one holds its pass already (nothing written)."""
     lot = rows.lot(lot_id)
-    in_lot = base is None and lot is not None and wafer_id in lot["wafers"]
-    if in_lot:
-        assert lot is not None
-        base = lot["wafers"][wafer_id]
+    lot_wafers: dict[str, Any] = lot["wafers"] if lot is not None else {}
+    in_lot = wafer_id in lot_wafers
+    base = lot_wafers[wafer_id] if in_lot else rows.wafer(lot_id, wafer_id)
     if base is None:
         rows.put_wafer(lot_id, wafer_id, _without_since(snap))
         return True
     if holds(base, snap):
         return False
     merged, fix = merge_wafer(base, snap)
-    if lot is not None and not holds(lot["lot"], snap):
+    corrected = lot is not None and not holds(lot["lot"], snap)
+    if corrected:
         # the lot's row is of the passes before: the later pass's figures join it when
         # the lot leaves memory again; what this wafer's retests took out, now
+        assert lot is not None
         pending = Correction.from_dict(lot.get("corrections") or Correction().as_dict())
         pending.add(fix)
         lot["corrections"] = pending.as_dict()
-        if in_lot:
-            lot["wafers"][wafer_id] = merged
+    if in_lot:
+        assert lot is not None
+        lot["wafers"][wafer_id] = merged
+    if in_lot or corrected:
+        assert lot is not None
         rows.put_lot(lot_id, lot)
     if not in_lot:
         rows.put_wafer(lot_id, wafer_id, merged)
     return True
 
 
+def archive_key(kind: str, data: dict[str, Any]) -> tuple[float, bool]:
+    """Where an archive (``kind`` "lot" or "wafer") goes in a batch written at once, as
+    far as merging needs the order they were made in: by the pass they count from (every
+    pass first), and within a pass a lot's wafers before the lot (a wafer leaves memory
+    before its lot does).  A writer gets lots and wafers in two lists; a merge of a later
+    pass must find the archives of the passes before it, and a wafer's correction its
+    lot's row."""
+    since = (data["lot"] if kind == "lot" else data).get("counts_from")
+    return (-math.inf if since is None else since, kind == "lot")
+
+
 def archive_order(lots: list[tuple[str, dict[str, Any]]],
                   wafers: list[tuple[str, str, dict[str, Any]]]
                   ) -> list[tuple[str, str, str, dict[str, Any]]]:
-    """A batch of archives ``(kind, lot_id, wafer_id, data)`` in the order they were made,
-    as far as merging needs it: by the pass they count from (every pass first), and within
-    a pass a lot's wafers before the lot (a wafer leaves memory before its lot does).  A
-    writer gets lots and wafers in two lists; a merge of a later pass must find the
-    archives of the passes before it, and a wafer's correction its lot's row."""
+    """A batch of archives as ``(kind, lot_id, wafer_id, data)``, in ``archive_key``
+    order."""
     out = [("lot", lot_id, "", a) for lot_id, a in lots]
     out.extend(("wafer", lot_id, wafer_id, snap) for lot_id, wafer_id, snap in wafers)
-
-    def key(item: tuple[str, str, str, dict[str, Any]]) -> tuple[float, int]:
-        kind, _, _, data = item
-        since = (data["lot"] if kind == "lot" else data).get("counts_from")
-        return (-math.inf if since is None else since, kind == "lot")
-
-    return sorted(out, key=key)
+    return sorted(out, key=lambda item: archive_key(item[0], item[3]))
 
 
 def merge_lot_archive(rows: ArchiveRows, lot_id: str, archive: dict[str, Any]) -> bool:
@@ -273,7 +278,8 @@ def merge_lot_archive(rows: ArchiveRows, lot_id: str, archive: dict[str, Any]) -
     fix = Correction.from_dict(stored.get("corrections") or Correction().as_dict())
     wafers = dict(stored["wafers"])
     for wafer_id, snap in archive["wafers"].items():
-        base = rows.wafer(lot_id, wafer_id) or wafers.get(wafer_id)
+        # (as the history API reads it: the lot's archive's first, else its own row)
+        base = wafers.get(wafer_id) or rows.wafer(lot_id, wafer_id)
         if base is None:
             wafers[wafer_id] = _without_since(snap)
         elif holds(base, snap):
@@ -296,5 +302,5 @@ def merge_lot_archive(rows: ArchiveRows, lot_id: str, archive: dict[str, Any]) -
     return True
 
 
-__all__ = ["ArchiveRows", "Correction", "archive_order", "holds", "latest_start",
+__all__ = ["ArchiveRows", "Correction", "archive_key", "archive_order", "holds", "latest_start",
            "merge_lot_archive", "merge_wafer", "merge_wafer_archive"]

@@ -50,7 +50,7 @@ from ...protocol import FrameError, ProtocolError, decode_body, encode_body
 from ...protocol.intervals import IntervalSet
 from ...records import Record, RecordError, from_wire
 from ...startup import StartupError
-from ..archive_merge import archive_order, merge_lot_archive, merge_wafer_archive
+from ..archive_merge import archive_key, merge_lot_archive, merge_wafer_archive
 from ..history_store import lot_row, wafer_row
 from ..store import (
     FrameToApply,
@@ -1229,13 +1229,13 @@ class ClusterStore:
                 if partition is not None and not _fence_holds(conn, partition, token):
                     raise PartitionFenced(f"partition {partition}: archives under token {token}")
                 rows = _PgRows(conn, token)
-                pseqs = {("lot", lot_id, ""): pseq for lot_id, _, pseq in lots}
-                pseqs.update({("wafer", lot_id, wafer_id): pseq
-                              for lot_id, wafer_id, _, pseq in wafers})
-                for kind, lot_id, wafer_id, data in archive_order(
-                        [(lot_id, a) for lot_id, a, _ in lots],
-                        [(lot_id, w, snap) for lot_id, w, snap, _ in wafers]):
-                    pseq = rows.pseq = pseqs[(kind, lot_id, wafer_id)]
+                batch = [("lot", lot_id, "", a, pseq) for lot_id, a, pseq in lots]
+                batch.extend(("wafer", lot_id, wafer_id, snap, pseq)
+                             for lot_id, wafer_id, snap, pseq in wafers)
+                # (in the order merging needs: a later pass after the archives before it)
+                batch.sort(key=lambda item: archive_key(item[0], item[3]))
+                for kind, lot_id, wafer_id, data, pseq in batch:
+                    rows.pseq = pseq
                     if kind == "wafer" and data.get("counts_from") is not None:
                         written += merge_wafer_archive(rows, lot_id, wafer_id, data)
                     elif kind == "wafer":
