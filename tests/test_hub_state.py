@@ -638,19 +638,23 @@ def test_a_wafer_retested_after_it_was_archived_shows_live_and_the_lot_counts_it
 
 
 def test_only_the_start_of_a_next_pass_brings_a_lot_that_left_memory_back() -> None:
-    state = LiveState(Recorder(), max_lots=1, idle_lot_s=1e9)
+    archived: list[str] = []
+    state = LiveState(Recorder(), max_lots=1, idle_lot_s=1e9,
+                      on_evict=lambda lot_id, archive: archived.append(lot_id))
     state.on_records("gw1", 1, first_pass("A", "A-W01", 1.0), now=1.0)
-    state.on_records("gw1", 7, [part(0, 0, 1, lot="B", wafer="B-W01", ts=2.0)], now=2.0)
+    state.on_records("gw1", 7, first_pass("B", "B-W01", 2.0), now=2.0)
     # a late MIR of the pass already archived, a MIR without its start time, a late part:
     # none says a next pass began, so none brings A back (its archive stands)
-    state.on_records("gw1", 8, [LotStart("t", 3.0, "A", start_t=10),
-                                LotStart("t", 3.0 + DAY, "A"),
-                                part(0, 0, 1, lot="A", wafer="A-W01", ts=3.0)], now=3.0)
+    state.on_records("gw1", 13, [LotStart("t", 3.0, "A", start_t=10),
+                                 LotStart("t", 3.0 + DAY, "A"),
+                                 part(0, 0, 1, lot="A", wafer="A-W01", ts=3.0)], now=3.0)
     assert "A" not in state.lots and state.not_applied["evicted_lot"]["count"] == 3
-    state.on_records("gw1", 11, [LotStart("t", 4.0, "A", start_t=30)], now=4.0)
+    state.on_records("gw1", 16, [LotStart("t", 4.0, "A", start_t=30)], now=4.0)
     lot = state.snapshot(topics.lot("A"))
     assert lot is not None and (lot["status"], lot["starts"], lot["counts_from"]) == (
         "open", 2, 30.0)
+    # it took a live slot as a new lot does: the closed lot B left for it
+    assert list(state.lots) == ["A"] and archived == ["A", "B"]
 
 
 def test_a_lot_keeps_the_final_dies_of_as_many_wafers_that_left_it_as_it_keeps_live() -> None:
