@@ -13,14 +13,14 @@ import struct
 from typing import Any
 
 import pytest
-from test_hub_state import sim_records
+from test_hub_state import DAY, first_pass, part, sim_records
 
 from edgegw import sim
 from edgegw.hub import checkpoint
 from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig
 from edgegw.hub.checkpoint import CheckpointError, WaferCache, capture, decode, encode, restore
 from edgegw.hub.live import LiveState
-from edgegw.records import GatewayEvent, SensorReading
+from edgegw.records import GatewayEvent, LotEnd, LotStart, SensorReading, WaferEnd, WaferStart
 
 RULES = AlertsConfig(rules=[
     AlertRuleConfig(name="fails", kind="consecutive_fails", priority="P1", count=3),
@@ -88,6 +88,56 @@ def test_a_restored_checkpoint_then_the_later_frames_equal_replaying_everything(
     assert everything(restored) == everything(full)
     assert capture(restored, cache) == capture(restored)
     assert len(full.evicted) >= 2 and any(lot.archived_wafers for lot in full.lots.values())
+
+
+def retests() -> list[tuple[str, list[Any]]]:
+    """Lot A tested and closed, then pushed out of memory by B and C; B's first wafer
+    leaves memory for its fourth; then B's first wafer and A are tested again under their
+    ids, days later: their failing die passes."""
+    later = 10 + 3 * DAY
+    frames: list[tuple[str, list[Any]]] = [("gw1", first_pass("A", "A-W01", 1.0))]
+    for n in range(1, 5):
+        wafer = f"B-W0{n}"
+        frames.append(("gw1", [WaferStart("t", 2.0, "B", wafer, 1, 10 * n),
+                               part(0, 0, 2, lot="B", wafer=wafer, ts=2.0),
+                               part(1, 0, 1, lot="B", wafer=wafer, ts=2.0),
+                               WaferEnd("t", 2.0, "B", wafer, 1, 10 * n + 5, 2, 1)]))
+    frames.append(("gw1", [part(0, 0, 1, lot="C", wafer="C-W01", ts=3.0)]))
+    frames.append(("gw1", [WaferStart("t", later, "B", "B-W01", 1, later),
+                           part(0, 0, 1, lot="B", wafer="B-W01", ts=later),
+                           WaferEnd("t", later, "B", "B-W01", 1, later + 5, 1, 1)]))
+    frames.append(("gw1", [LotStart("t", later, "A", start_t=later)]))
+    frames.append(("gw1", [WaferStart("t", later, "A", "A-W01", 1, later),
+                           part(0, 0, 1, lot="A", wafer="A-W01", ts=later),
+                           WaferEnd("t", later, "A", "A-W01", 1, later + 5, 1, 1),
+                           LotEnd("t", later, "A", later + 5)]))
+    return frames
+
+
+@pytest.mark.parametrize("cut", range(1, 10))
+def test_retests_of_a_lot_and_a_wafer_that_left_memory_count_the_same_across_a_checkpoint(
+        cut: int) -> None:
+    frames = retests()
+    full, rids_full = make_state(), {}
+    feed(full, frames, rids_full)
+    # the reference: both back in memory as their next pass, nothing left out
+    assert not full.not_applied
+    lot_a = full.snapshot("lot/A")
+    assert lot_a is not None and (lot_a["starts"], lot_a["counts_from"]) == (2, 10 + 3 * DAY)
+    wafer_b = full.snapshot("lot/B/wafer/B-W01")
+    assert wafer_b is not None and (wafer_b["starts"], wafer_b["die_count"]) == (2, 2)
+    lot_b = full.snapshot("lot/B")
+    assert lot_b is not None and (lot_b["die_count"], lot_b["good"], lot_b["retests"]) == (
+        8, 5, 1)
+
+    first, rids = make_state(), {}
+    feed(first, frames[:cut], rids)
+    _, data = decode(encode({"frame_id": cut}, capture(first)))
+    restored = make_state()
+    restored.alerts.restore([a.to_dict() for a in first.alerts.alerts.values()])
+    restore(restored, data)
+    feed(restored, frames[cut:], rids)
+    assert everything(restored) == everything(full)
 
 
 def test_unchanged_wafers_are_copied_once_and_a_changed_one_again() -> None:

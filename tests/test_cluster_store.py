@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 import trio
+from test_history import two_passes
 from walltools import SteppedWall
 
 from edgegw.hub.cluster import LockTimeout
 from edgegw.hub.cluster.partition import PartitionFenced, partition_key, partition_of
 from edgegw.hub.cluster.pgstore import ClusterStore, PartitionMismatch, ShardMismatch
-from edgegw.hub.history_store import WAFER_SUMMARY
+from edgegw.hub.history_store import WAFER_SUMMARY, HistoryStore
+from edgegw.hub.live import LiveState
 from edgegw.hub.store import FrameToApply, GatewaySuperseded, StoreUnavailable
 from edgegw.metrics import Metrics
 from edgegw.protocol import encode_body
@@ -583,3 +587,44 @@ async def test_a_claim_waiting_on_a_paused_nodes_lock_gives_up_counted_and_tries
     finally:
         paused.close()
         await store.close()
+
+
+@pytest.mark.parametrize("again", [False, True])
+async def test_the_passes_of_a_lot_retested_after_it_left_memory_merge_as_on_a_single_hub(
+        stores: tuple[ClusterStore, ClusterStore], tmp_path: Path, again: bool) -> None:
+    """Lot OLD, its wafers leaving memory one by one (``again``: its first wafer back in
+    memory and out again within the first pass), evicted, tested again days later under
+    its lot id and evicted again (``test_history.two_passes``): the owner's archives,
+    written at their log positions, merge pass by pass as the single hub's history store
+    merges them; a new owner replaying the log writes nothing again."""
+    a, b = stores
+    made: list[tuple[str, tuple[Any, ...]]] = []
+    state = LiveState(lambda t, d: None, max_lots=1, max_wafers_per_lot=1,
+                      on_evict=lambda lot_id, arc: made.append(("lot", (lot_id, arc))),
+                      on_wafer_archive=lambda lot_id, wafer_id, snap: made.append(
+                          ("wafer", (lot_id, wafer_id, snap))))
+    for i, frame in enumerate(two_passes(again)):
+        state.on_records("gw", 1_000 * i + 1, frame, now=1.0)
+    single = HistoryStore(tmp_path / "history.sqlite3")
+    await single.open()
+    try:
+        for pseq, (kind, item) in enumerate(made, 1):
+            lots = [item] if kind == "lot" else []
+            wafers = [item] if kind == "wafer" else []
+            await single.save([], lots, wafers)  # type: ignore[arg-type]
+            assert await a.save_archives(3, [(*x, pseq) for x in lots],
+                                         [(*x, pseq) for x in wafers]) == 0
+        merged = await single.lot("OLD")
+        assert merged is not None and merged["lot"]["starts"] == 2
+        assert await a.lot_archive("OLD") == merged
+        for wafer_id in ("W1", "W2", "W3"):
+            assert await a.wafer_archive("OLD", wafer_id) == await single.wafer("OLD", wafer_id)
+        assert await a.wafer_summaries("OLD") == await single.wafer_summaries("OLD")
+        # the next owner replays the log: every archive at the same position again
+        replay = [(kind, item, pseq) for pseq, (kind, item) in enumerate(made, 1)]
+        assert await b.save_archives(
+            4, [(*item, pseq) for kind, item, pseq in replay if kind == "lot"],
+            [(*item, pseq) for kind, item, pseq in replay if kind == "wafer"]) == len(made)
+        assert await b.lot_archive("OLD") == merged
+    finally:
+        await single.close()

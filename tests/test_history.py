@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sectools
 import trio
 
@@ -102,11 +103,14 @@ class Hub:
                         min_parts=4),
     ])
 
-    def __init__(self, data_dir: Path, max_lots: int = 8) -> None:
+    def __init__(self, data_dir: Path, max_lots: int = 8, max_wafers_per_lot: int = 25
+                 ) -> None:
         self.published: list[tuple[str, dict[str, Any]]] = []
         self.alerts = AlertService(self.RULES, self.publish, data_dir / "history.sqlite3")
         self.state = LiveState(self.publish, alerts=self.alerts.engine,
-                               on_evict=self.alerts.archive_lot, max_lots=max_lots)
+                               on_evict=self.alerts.archive_lot,
+                               on_wafer_archive=self.alerts.archive_wafer, max_lots=max_lots,
+                               max_wafers_per_lot=max_wafers_per_lot)
         self.http = HttpServer()
         HistoryApi(self.state, self.alerts.engine, self.alerts.store).install(self.http)
         self.port = 0
@@ -256,3 +260,92 @@ async def test_archives_read_back_are_cached_boundedly_and_a_newer_archive_is_se
         assert (await store.lot("L199"))["lot"]["parts"] == 5
     finally:
         await store.close()
+
+
+def two_passes(again: bool = False) -> list[list[Any]]:
+    """Lot OLD (wafers W1: six dies, three failing; W2: two good dies), pushed out of
+    memory by NEW; days later W1's three failing dies are tested again under OLD's lot id
+    and pass; NEW2 pushes OLD out again.  Frames, one per list.  ``again``: W1 is tested
+    again (one die, failing again) at the end of the first pass too, after W2."""
+    from edgegw.records import LotEnd, LotStart, PartResult, WaferEnd, WaferStart
+
+    def die(x: int, hb: int, ts: float, wafer: str = "W1", lot: str = "OLD") -> PartResult:
+        return PartResult("t", ts, lot, wafer, 1, x % 2, str(x), x, 0, hb, hb, hb == 1)
+
+    later = 1_000.0 + 3 * 86_400
+    first = [LotStart("t", 1_000.0, "OLD", "PT", "n", "T", "j", 1_000),
+             WaferStart("t", 1_000.0, "OLD", "W1", 1, 1_000),
+             *(die(x, 1 if x % 2 == 0 else 4, 1_000.0) for x in range(6)),
+             WaferEnd("t", 1_000.0, "OLD", "W1", 1, 1_050, 6, 3),
+             WaferStart("t", 1_000.0, "OLD", "W2", 1, 1_060),
+             die(0, 1, 1_000.0, "W2"), die(1, 1, 1_000.0, "W2"),
+             WaferEnd("t", 1_000.0, "OLD", "W2", 1, 1_070, 2, 2),
+             *([WaferStart("t", 1_000.0, "OLD", "W1", 1, 1_080), die(1, 4, 1_000.0),
+                WaferEnd("t", 1_000.0, "OLD", "W1", 1, 1_090, 1, 0)] if again else []),
+             LotEnd("t", 1_000.0, "OLD", 1_100)]
+    retest = [LotStart("t", later, "OLD", "PT", "n", "T", "j", int(later)),
+              WaferStart("t", later, "OLD", "W1", 1, int(later)),
+              *(die(x, 1, later) for x in (1, 3, 5)),
+              WaferEnd("t", later, "OLD", "W1", 1, int(later) + 50, 3, 3),
+              WaferStart("t", later, "OLD", "W3", 1, int(later) + 60),
+              die(0, 1, later, "W3"), WaferEnd("t", later, "OLD", "W3", 1, int(later) + 70, 1, 1),
+              LotEnd("t", later, "OLD", int(later) + 100)]
+    return [first, [die(0, 1, 2_000.0, "N1", "NEW")], retest,
+            [die(0, 1, later + 200, "N2", "NEW2")]]
+
+
+@pytest.mark.parametrize(("max_wafers_per_lot", "again"), [(25, False), (1, False), (1, True)])
+async def test_a_lot_retested_after_it_left_memory_is_archived_as_both_passes_die_by_die(
+        tmp_path: Path, max_wafers_per_lot: int, again: bool) -> None:
+    """The archive of the retest (fewer parts) neither loses to nor replaces the first
+    pass's: the history shows the lot as a hub that kept it in memory throughout does --
+    every die once, its final result the retest's -- whether its wafers left memory before
+    it (``max_wafers_per_lot`` 1) or with it, or left and came back within the first pass
+    (``again``: its archive of the first pass is then its lot's, not its own older row)."""
+    frames = two_passes(again)
+    reference = LiveState(lambda t, d: None)
+    for i, frame in enumerate(frames):
+        reference.on_records("gw", 1_000 * i + 1, frame, now=1.0)
+    ref = reference.snapshot("lot/OLD")
+    assert ref is not None and (ref["die_count"], ref["good"], ref["retests"]) == (
+        9, 9, 3 + again)
+    async with trio.open_nursery() as nursery:
+        hub = Hub(tmp_path, max_lots=1, max_wafers_per_lot=max_wafers_per_lot)
+        await hub.start(nursery)
+        for i, frame in enumerate(frames[:3]):
+            hub.state.on_records("gw", 1_000 * i + 1, frame, now=1.0)
+        await hub.settle()
+        # back in memory for its retest: its first pass's wafer not tested again is still
+        # answerable, from the archive
+        assert "OLD" in hub.state.lots
+        _, body = await get(hub.port, "/api/lots/OLD/wafers")
+        assert body["live"] is True
+        assert sorted(w["wafer_id"] for w in body["wafers"]) == ["W1", "W2", "W3"]
+        status, wafer = await get(hub.port, "/api/lots/OLD/wafers/W2")
+        assert status == 200 and wafer["die_count"] == 2 and wafer["starts"] == 1
+        hub.state.on_records("gw", 3_001, frames[3], now=1.0)
+        await hub.settle()
+        assert "OLD" not in hub.state.lots and not hub.state.not_applied
+        _, body = await get(hub.port, "/api/lots")
+        row = next(r for r in body["lots"] if r["lot_id"] == "OLD")
+        assert row["live"] is False
+        for key in ("die_count", "good", "yield", "parts", "starts", "started",
+                    "reopened_at", "ended", "status"):
+            assert row[key] == ref[key], key
+        assert row["wafers"] == 3
+        archive = await hub.alerts.store.lot("OLD")
+        assert archive is not None
+        for key in ("retests", "hard_bins", "soft_bins", "hard_bins_tested",
+                    "soft_bins_tested", "sites", "wafer_count", "tests"):
+            assert archive["lot"][key] == ref[key], key
+        _, body = await get(hub.port, "/api/lots/OLD/wafers")
+        assert sorted(w["wafer_id"] for w in body["wafers"]) == ["W1", "W2", "W3"]
+        for wafer_id in ("W1", "W2", "W3"):
+            _, wafer = await get(hub.port, f"/api/lots/OLD/wafers/{wafer_id}")
+            live = reference.snapshot(f"lot/OLD/wafer/{wafer_id}")
+            assert live is not None
+            assert sorted(wafer["dies"]) == sorted(live["dies"]), wafer_id
+            for key in ("die_count", "good", "parts", "retests", "hard_bins", "sites",
+                        "starts", "started", "reopened_at", "status"):
+                assert wafer[key] == live[key], (wafer_id, key)
+        hub.stop()

@@ -580,8 +580,6 @@ def first_pass(lot: str, wafer: str, ts: float) -> list[Any]:
             WaferEnd("t", ts, lot, wafer, 1, 20, 2, 1), LotEnd("t", ts, lot, 20)]
 
 
-@pytest.mark.xfail(strict=True, reason="a lot evicted from memory is not reopened by its "
-                   "retest: its records are dropped as evicted_lot (archreopen report)")
 def test_a_lot_retested_days_after_it_left_memory_shows_live_as_its_next_pass() -> None:
     archived: list[tuple[str, dict[str, Any]]] = []
     state = LiveState(Recorder(), max_lots=1, idle_lot_s=1e9,
@@ -623,9 +621,6 @@ def wafer_retest_after(max_wafers_per_lot: int) -> LiveState:
     return state
 
 
-@pytest.mark.xfail(strict=True, reason="a wafer archived (max_wafers_per_lot) is not "
-                   "reopened by its retest: its records are dropped as archived_wafer "
-                   "(archreopen report)")
 def test_a_wafer_retested_after_it_was_archived_shows_live_and_the_lot_counts_its_die_once(
         ) -> None:
     capped, reference = wafer_retest_after(1), wafer_retest_after(25)
@@ -640,3 +635,45 @@ def test_a_wafer_retested_after_it_was_archived_shows_live_and_the_lot_counts_it
     for key in ("die_count", "good", "parts", "retests", "yield", "hard_bins", "soft_bins",
                 "hard_bins_tested", "sites"):
         assert lot.get(key) == ref.get(key), key
+
+
+def test_only_the_start_of_a_next_pass_brings_a_lot_that_left_memory_back() -> None:
+    archived: list[str] = []
+    state = LiveState(Recorder(), max_lots=1, idle_lot_s=1e9,
+                      on_evict=lambda lot_id, archive: archived.append(lot_id))
+    state.on_records("gw1", 1, first_pass("A", "A-W01", 1.0), now=1.0)
+    state.on_records("gw1", 7, first_pass("B", "B-W01", 2.0), now=2.0)
+    # a late MIR of the pass already archived, a MIR without its start time, a late part:
+    # none says a next pass began, so none brings A back (its archive stands)
+    state.on_records("gw1", 13, [LotStart("t", 3.0, "A", start_t=10),
+                                 LotStart("t", 3.0 + DAY, "A"),
+                                 part(0, 0, 1, lot="A", wafer="A-W01", ts=3.0)], now=3.0)
+    assert "A" not in state.lots and state.not_applied["evicted_lot"]["count"] == 3
+    state.on_records("gw1", 16, [LotStart("t", 4.0, "A", start_t=30)], now=4.0)
+    lot = state.snapshot(topics.lot("A"))
+    assert lot is not None and (lot["status"], lot["starts"], lot["counts_from"]) == (
+        "open", 2, 30.0)
+    # it took a live slot as a new lot does: the closed lot B left for it
+    assert list(state.lots) == ["A"] and archived == ["A", "B"]
+
+
+def test_a_lot_keeps_the_final_dies_of_as_many_wafers_that_left_it_as_it_keeps_live() -> None:
+    state = LiveState(Recorder(), max_wafers_per_lot=2, clock=lambda: 1.0)
+    for n in range(1, 6):
+        wafer = f"L1-W0{n}"
+        state.on_records("gw1", 10 * n, [WaferStart("t", n, LOT, wafer, 1, 10 * n),
+                                         part(0, 0, 2, wafer=wafer, ts=n),
+                                         WaferEnd("t", n, LOT, wafer, 1, 10 * n + 5, 1, 0)],
+                         now=n)
+    lot = state.lots[LOT]
+    assert list(lot.wafers) == ["L1-W04", "L1-W05"]
+    assert list(lot.wafer_rests) == ["L1-W02", "L1-W03"]  # W01's went for W03's
+    # W03 comes back for its retest; W01 (its dies no longer kept) cannot without
+    # counting its die twice: its records are not applied, as before
+    state.on_records("gw1", 100, [WaferStart("t", 9.0, LOT, "L1-W03", 1, 90),
+                                  part(0, 0, 1, wafer="L1-W03", ts=9.0),
+                                  WaferStart("t", 9.0, LOT, "L1-W01", 1, 95)], now=9.0)
+    assert state.not_applied["archived_wafer"]["count"] == 1
+    snap = state.snapshot(topics.lot(LOT))
+    assert snap is not None and (snap["die_count"], snap["good"], snap["retests"]) == (5, 1, 1)
+    assert len(lot.wafers) == 2 and len(lot.wafer_rests) == 2

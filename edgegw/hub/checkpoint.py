@@ -43,13 +43,17 @@ from edgegw.hub.live.models import (
     Die,
     GatewayState,
     Keys,
+    LotRest,
     LotState,
     Passes,
     Running,
     SensorState,
     Tally,
     TestStats,
+    WaferRest,
     WaferState,
+    dies_blob,
+    dies_from_blob,
     run_from,
     run_row,
 )
@@ -158,41 +162,8 @@ def _tally_from(row: list[Any]) -> Tally:
     return t
 
 
-_DIE_FIELDS = ("rid", "ts", "x", "y", "hard_bin", "soft_bin", "passed", "site", "part_id",
-               "head")
-
-
-def _dies(dies: dict[Any, Die]) -> dict[str, Any]:
-    """A wafer's dies, columnar (one list per field: compact, and cheap to build)."""
-    gateways: dict[str, int] = {}
-    gw_col = []
-    cols: list[list[Any]] = [[] for _ in _DIE_FIELDS]
-    for die in dies.values():
-        gw_col.append(gateways.setdefault(die.gateway, len(gateways)))
-        for col, name in zip(cols, _DIE_FIELDS, strict=True):
-            col.append(getattr(die, name))
-    return {"gateways": list(gateways), "gateway": gw_col,
-            **dict(zip(_DIE_FIELDS, cols, strict=True))}
-
-
 def _dies_from(encoded: bytes) -> dict[Any, Die]:
-    data = cbor2.loads(encoded)
-    out: dict[Any, Die] = {}
-    gateways = data["gateways"]
-    for i, gw_index in enumerate(data["gateway"]):
-        die = Die.__new__(Die)
-        die.gateway = gateways[gw_index]
-        for name in _DIE_FIELDS:
-            setattr(die, name, data[name][i])
-        # the key is the die's own location, as LiveState._on_part makes it
-        if die.x is not None and die.y is not None:
-            key: Any = (die.x, die.y)
-        elif die.part_id:
-            key = ("part", die.head, die.part_id)
-        else:
-            key = ("rid", die.gateway, die.rid)
-        out[key] = die
-    return out
+    return dies_from_blob(encoded)
 
 
 class WaferCache:
@@ -209,7 +180,7 @@ class WaferCache:
         hit = self._by_wafer.get(key)
         if hit is not None and hit[0] == mark:
             return hit[1]
-        data = cbor2.dumps(_dies(wafer.dies))
+        data = dies_blob(wafer.dies)
         self._by_wafer[key] = (mark, data)
         return data
 
@@ -227,7 +198,7 @@ def _wafer(w: WaferState, cache: WaferCache) -> dict[str, Any]:
             "tally": _tally(w.tally),
             "status": w.status, "started": w.started, "ended": w.ended,
             **_passes(w.passes),
-            "reported": w.reported, "updated": w.updated,
+            "reported": w.reported, "updated": w.updated, "counts_from": w.counts_from,
             "values": [[num, [[x, y, v] for (x, y), v in by_die.items()]]
                        for num, by_die in w.values.items()],
             "value_count": w.value_count}
@@ -276,9 +247,12 @@ def _lot(lot: LotState, cache: WaferCache) -> dict[str, Any]:
     return {
         "lot_id": lot.lot_id, "info": lot.info, "status": lot.status,
         "started": lot.started, "ended": lot.ended, **_passes(lot.passes),
+        "counts_from": lot.counts_from,
         "gateways": sorted(lot.gateways),
         "wafers": [_wafer(w, cache) for w in lot.wafers.values()],
         "archived_wafers": sorted(lot.archived_wafers),
+        # of those, what a retest under their wafer id continues from, oldest first
+        "wafer_rests": [[wid, _rest(r)] for wid, r in lot.wafer_rests.items()],
         "tests": [_test(t) for t in lot.tests.values()], "tests_of": lot.tests_of,
         "tally": _tally(lot.tally),
         "part_times": list(lot.part_times), "test_time": [lot.test_time_sum, lot.test_time_n],
@@ -297,6 +271,10 @@ def capture(state: LiveState, cache: WaferCache | None = None) -> dict[str, Any]
     out: dict[str, Any] = {
         "lots": [_lot(lot, cache) for lot in state.lots.values()],
         "evicted": list(state.evicted),
+        # what a retest of an evicted lot continues from: its passes and its wafers'
+        "evicted_rests": [[lot_id, {**_passes(r.passes), "ended": r.passes.ended},
+                           [[wid, _rest(w)] for wid, w in r.wafers.items()]]
+                          for lot_id, r in state.gone.items()],
         "sensors": [[s.channel, s.unit, s.latest, list(s.history), s.source]
                     for s in state.sensors.values()],
         # each channel's maker, in the same order (apart: an older hub reads the rows)
@@ -324,6 +302,20 @@ def _passes(p: Passes) -> dict[str, Any]:
             "timed_end": p.timed_end}
 
 
+def _rest(r: WaferRest) -> dict[str, Any]:
+    # (``ended`` apart from ``_passes``: a wafer's and a lot's row keep it beside them)
+    return {**_passes(r.passes), "ended": r.passes.ended, "gateway": r.gateway,
+            "dies": r.dies, "tally": None if r.tally is None else _tally(r.tally),
+            "reported": r.reported, "updated": r.updated, "counts_from": r.counts_from}
+
+
+def _rest_from(d: dict[str, Any]) -> WaferRest:
+    tally = d["tally"]
+    return WaferRest(_passes_from(d), d["gateway"], d["dies"],
+                     None if tally is None else _tally_from(tally), dict(d["reported"]),
+                     d["updated"], d["counts_from"])
+
+
 def _passes_from(d: dict[str, Any]) -> Passes:
     starts = d.get("starts")
     if starts is None:
@@ -343,6 +335,7 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
         lot.info = dict(d["info"])
         lot.status, lot.started, lot.ended = d["status"], d["started"], d["ended"]
         lot.passes = _passes_from(d)
+        lot.counts_from = d.get("counts_from")  # (an older checkpoint: every pass)
         lot.gateways = set(d["gateways"])
         for wd in d["wafers"]:
             # (its maker: an older checkpoint does not say -- none, as if one gateway's)
@@ -352,6 +345,7 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
             w.status, w.started, w.ended = wd["status"], wd["started"], wd["ended"]
             w.passes = _passes_from(wd)
             w.reported, w.updated = dict(wd["reported"]), wd["updated"]
+            w.counts_from = wd.get("counts_from")  # (an older checkpoint: every pass)
             w.values = {num: {(x, y): v for x, y, v in rows} for num, rows in wd["values"]}
             w.value_count = wd["value_count"]
             lot.wafers[w.wafer_id] = w
@@ -359,6 +353,9 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
                 cache.prime(w, wd["dies"])
         lot.order_wafers()  # (a checkpoint of an older hub kept them in arrival order)
         lot.archived_wafers = set(d["archived_wafers"])
+        # (an older checkpoint keeps none: a retest of a wafer that left memory is not
+        # applied, as on the hub that wrote it)
+        lot.wafer_rests = {wid: _rest_from(r) for wid, r in d.get("wafer_rests", ())}
         for row in d["tests"]:
             t = _test_from(lot.lot_id, row)
             t.wafer_order = lot.wafer_order
@@ -378,6 +375,12 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
     for lot_id in data["evicted"]:
         state.evicted.append(lot_id)
     state._evicted_set = set(state.evicted)
+    # (an older checkpoint keeps none: a retest of a lot evicted before it is not applied,
+    # as on the hub that wrote it)
+    for lot_id, passes, wafers in data.get("evicted_rests", ()):
+        if lot_id in state._evicted_set:
+            state.gone[lot_id] = LotRest(_passes_from(passes),
+                                         {wid: _rest_from(r) for wid, r in wafers})
     # (their makers: an older checkpoint does not say -- none, as if one gateway's)
     makers = data.get("sensor_gateways") or [""] * len(data["sensors"])
     for (channel, unit, latest, history, source), maker in zip(data["sensors"], makers,

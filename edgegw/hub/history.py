@@ -82,13 +82,21 @@ def wafers(state: LiveState, lot_id: str, archived: dict[str, Any] | None,
            archived_wafers: list[dict[str, Any]] | None = None) -> Result:
     """A lot's wafers with their counts (no die maps: ask per wafer): the archived ones
     (``archived_wafers``: summaries from the store, in the order they left memory), then
-    the live ones, or the evicted lot's (``archived``)."""
+    the live ones, or the evicted lot's (``archived``).  A lot back in memory after it
+    left (its ``counts_from``) lists its earlier passes' wafers not live again too, from
+    its archive (``archived``)."""
     lot = state.lots.get(lot_id)
     if lot is not None:
         live = [_wafer_row({"wafer_id": w.wafer_id, "status": w.status, "started": w.started,
                             "ended": w.ended, "updated": w.updated, **w.passes.as_dict(),
                             **w.tally.as_dict()})
                 for w in lot.wafers.values() if w.wafer_id]
+        if archived is not None:
+            earlier = [_wafer_row(w) for wid, w in archived["wafers"].items()
+                       if wid and wid not in lot.wafers]
+            shown = {r["wafer_id"] for r in earlier}
+            archived_wafers = [w for w in archived_wafers or ()
+                               if w.get("wafer_id") not in shown] + earlier
     elif archived is not None:
         live = [_wafer_row(w) for wid, w in archived["wafers"].items() if wid]
     elif archived_wafers:
@@ -103,12 +111,15 @@ def wafers(state: LiveState, lot_id: str, archived: dict[str, Any] | None,
 def wafer(state: LiveState, lot_id: str, wafer_id: str, archived: dict[str, Any] | None,
           archived_wafer: dict[str, Any] | None = None) -> Result:
     """A wafer's map and counts: the live topic's snapshot (from memory, from the wafer's
-    own archive, or from its evicted lot's)."""
+    own archive, or from its evicted lot's -- a lot back in memory after it left too, for
+    its earlier passes' wafers not live again)."""
     lot = state.lots.get(lot_id)
     snap = None
     if lot is not None:
         live = lot.wafers.get(wafer_id)
         snap = live.snapshot() if live is not None else None
+        if snap is None and archived is not None:
+            snap = archived["wafers"].get(wafer_id)
     elif archived is not None:
         snap = archived["wafers"].get(wafer_id)
     elif archived_wafer is None:
@@ -129,6 +140,8 @@ def test(state: LiveState, lot_id: str, test_num: str,
     if lot is not None:
         stats = lot.tests.get(num)
         snap = stats.snapshot() if stats is not None else None
+        if snap is None and archived is not None:  # (a lot back in memory: not run again)
+            snap = archived["tests"].get(str(num))
     elif archived is not None:
         snap = archived["tests"].get(str(num))
     else:
@@ -254,7 +267,10 @@ class HistoryApi:
         http.add_route("POST", "/api/alerts/*", self.handle)
 
     async def _archived(self, lot_id: str) -> dict[str, Any] | None:
-        if lot_id in self.state.lots or self.store is None:
+        """The lot's archive: of a lot not in memory, or of one back in memory after it
+        left (``counts_from``: its earlier passes' wafers and tests are there)."""
+        lot = self.state.lots.get(lot_id)
+        if (lot is not None and lot.counts_from is None) or self.store is None:
             return None
         return await self.store.lot(lot_id)
 

@@ -32,6 +32,7 @@ from typing import Any
 import trio
 
 from ..jsonutil import dumps
+from .archive_merge import archive_order, merge_lot_archive, merge_wafer_archive
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS alerts (
@@ -94,6 +95,39 @@ def wafer_row(lot_id: str, wafer_id: str, snap: dict[str, Any]) -> tuple[Any, ..
             snap.get("parts") or 0)
 
 
+class _SqliteRows:
+    """``ArchiveRows`` over the history file's connection, inside its transaction."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def lot(self, lot_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT archive FROM lots WHERE lot_id = ?", (lot_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def wafer(self, lot_id: str, wafer_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT snapshot FROM wafers WHERE lot_id = ? AND wafer_id = ?",
+                              (lot_id, wafer_id)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def wafer_ids(self, lot_id: str) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT wafer_id FROM wafers WHERE lot_id = ?",
+                                              (lot_id,))}
+
+    def put_lot(self, lot_id: str, archive: dict[str, Any]) -> None:
+        self.db.execute("INSERT OR REPLACE INTO lots (lot_id, updated, summary, archive, parts)"
+                        " VALUES (?, ?, ?, ?, ?)", lot_row(lot_id, archive))
+
+    def put_wafer(self, lot_id: str, wafer_id: str, snap: dict[str, Any]) -> None:
+        # (an upsert, not a replace: the row keeps its place in the order wafers left)
+        self.db.execute(
+            "INSERT INTO wafers (lot_id, wafer_id, updated, summary, snapshot, parts)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (lot_id, wafer_id) DO UPDATE SET"
+            " updated = excluded.updated, summary = excluded.summary,"
+            " snapshot = excluded.snapshot, parts = excluded.parts",
+            wafer_row(lot_id, wafer_id, snap))
+
+
 class HistoryStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -137,21 +171,29 @@ class HistoryStore:
                 [(a["id"], a["priority"], a["rule"], a["raised_at"], int(a["acknowledged"]),
                   dumps(a)) for a in alerts])
             written = 0
-            for lot_id, archive in lots:
-                written += db.execute(
-                    "INSERT INTO lots (lot_id, updated, summary, archive, parts)"
-                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (lot_id) DO UPDATE SET"
-                    " updated = excluded.updated, summary = excluded.summary,"
-                    " archive = excluded.archive, parts = excluded.parts"
-                    " WHERE excluded.parts >= lots.parts", lot_row(lot_id, archive)).rowcount
-            for lot_id, wafer_id, snap in wafers:
-                written += db.execute(
-                    "INSERT INTO wafers (lot_id, wafer_id, updated, summary, snapshot, parts)"
-                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (lot_id, wafer_id) DO UPDATE SET"
-                    " updated = excluded.updated, summary = excluded.summary,"
-                    " snapshot = excluded.snapshot, parts = excluded.parts"
-                    " WHERE excluded.parts >= wafers.parts",
-                    wafer_row(lot_id, wafer_id, snap)).rowcount
+            rows = _SqliteRows(db)
+            for kind, lot_id, wafer_id, data in archive_order(lots, wafers):
+                if kind == "wafer":
+                    if data.get("counts_from") is not None:
+                        written += merge_wafer_archive(rows, lot_id, wafer_id, data)
+                        continue
+                    written += db.execute(
+                        "INSERT INTO wafers (lot_id, wafer_id, updated, summary, snapshot,"
+                        " parts) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (lot_id, wafer_id)"
+                        " DO UPDATE SET updated = excluded.updated,"
+                        " summary = excluded.summary, snapshot = excluded.snapshot,"
+                        " parts = excluded.parts WHERE excluded.parts >= wafers.parts",
+                        wafer_row(lot_id, wafer_id, data)).rowcount
+                elif data["lot"].get("counts_from") is not None:
+                    written += merge_lot_archive(rows, lot_id, data)
+                else:
+                    written += db.execute(
+                        "INSERT INTO lots (lot_id, updated, summary, archive, parts)"
+                        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (lot_id) DO UPDATE SET"
+                        " updated = excluded.updated, summary = excluded.summary,"
+                        " archive = excluded.archive, parts = excluded.parts"
+                        " WHERE excluded.parts >= lots.parts",
+                        lot_row(lot_id, data)).rowcount
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -209,6 +251,8 @@ class HistoryStore:
                                    outbox or [])
         finally:  # after the write: a read finishing before it cached the old row
             for lot_id, _ in lots or ():
+                self._cache.pop(("lot", lot_id), None)
+            for lot_id, _, _ in wafers or ():  # (a wafer merged into its lot's archive)
                 self._cache.pop(("lot", lot_id), None)
             for lot_id, wafer_id, _ in wafers or ():
                 self._cache.pop(("wafer", lot_id, wafer_id), None)

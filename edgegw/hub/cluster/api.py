@@ -87,6 +87,8 @@ class _Lot:
         self._snap = snap
         self.wafers: dict[str, _Wafer] = {}
         self.tests: dict[int, _Snap] = {}
+        #: a lot back in memory after it left: its earlier passes are in its archive
+        self.counts_from = snap.get("counts_from")
 
     def snapshot(self) -> dict[str, Any]:
         return self._snap

@@ -53,6 +53,7 @@ from ...protocol import FrameError, ProtocolError, decode_body, encode_body
 from ...protocol.intervals import IntervalSet
 from ...records import Record, RecordError, from_wire
 from ...startup import StartupError
+from ..archive_merge import archive_key, merge_lot_archive, merge_wafer_archive
 from ..history_store import lot_row, wafer_row
 from ..store import (
     FrameToApply,
@@ -1299,30 +1300,43 @@ class ClusterStore:
             with conn.transaction():
                 if partition is not None and not _fence_holds(conn, partition, token):
                     raise PartitionFenced(f"partition {partition}: archives under token {token}")
-                for lot_id, archive, pseq in lots:
-                    written += conn.execute(
-                        "INSERT INTO edgegw_lots (lot_id, updated, summary, archive, parts,"
-                        " pseq, token) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-                        " ON CONFLICT (lot_id) DO UPDATE SET"
-                        " updated = EXCLUDED.updated, summary = EXCLUDED.summary,"
-                        " archive = EXCLUDED.archive, parts = EXCLUDED.parts,"
-                        " pseq = EXCLUDED.pseq, token = EXCLUDED.token"
-                        " WHERE EXCLUDED.parts >= edgegw_lots.parts"
-                        " AND EXCLUDED.pseq > edgegw_lots.pseq"
-                        " AND EXCLUDED.token >= edgegw_lots.token",
-                        (*lot_row(lot_id, archive), pseq, token)).rowcount
-                for lot_id, wafer_id, snap, pseq in wafers:
-                    written += conn.execute(
-                        "INSERT INTO edgegw_wafers (lot_id, wafer_id, updated, summary,"
-                        " snapshot, parts, pseq, token) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-                        " ON CONFLICT (lot_id, wafer_id) DO UPDATE SET"
-                        " updated = EXCLUDED.updated, summary = EXCLUDED.summary,"
-                        " snapshot = EXCLUDED.snapshot, parts = EXCLUDED.parts,"
-                        " pseq = EXCLUDED.pseq, token = EXCLUDED.token"
-                        " WHERE EXCLUDED.parts >= edgegw_wafers.parts"
-                        " AND EXCLUDED.pseq > edgegw_wafers.pseq"
-                        " AND EXCLUDED.token >= edgegw_wafers.token",
-                        (*wafer_row(lot_id, wafer_id, snap), pseq, token)).rowcount
+                rows = _PgRows(conn, token)
+                batch = [("lot", lot_id, "", a, pseq) for lot_id, a, pseq in lots]
+                batch.extend(("wafer", lot_id, wafer_id, snap, pseq)
+                             for lot_id, wafer_id, snap, pseq in wafers)
+                # (in the order merging needs: a later pass after the archives before it)
+                batch.sort(key=lambda item: archive_key(item[0], item[3]))
+                for kind, lot_id, wafer_id, data, pseq in batch:
+                    rows.pseq = pseq
+                    if kind == "wafer" and data.get("counts_from") is not None:
+                        written += merge_wafer_archive(rows, lot_id, wafer_id, data)
+                    elif kind == "wafer":
+                        written += conn.execute(
+                            "INSERT INTO edgegw_wafers (lot_id, wafer_id, updated, summary,"
+                            " snapshot, parts, pseq, token)"
+                            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                            " ON CONFLICT (lot_id, wafer_id) DO UPDATE SET"
+                            " updated = EXCLUDED.updated, summary = EXCLUDED.summary,"
+                            " snapshot = EXCLUDED.snapshot, parts = EXCLUDED.parts,"
+                            " pseq = EXCLUDED.pseq, token = EXCLUDED.token"
+                            " WHERE EXCLUDED.parts >= edgegw_wafers.parts"
+                            " AND EXCLUDED.pseq > edgegw_wafers.pseq"
+                            " AND EXCLUDED.token >= edgegw_wafers.token",
+                            (*wafer_row(lot_id, wafer_id, data), pseq, token)).rowcount
+                    elif data["lot"].get("counts_from") is not None:
+                        written += merge_lot_archive(rows, lot_id, data)
+                    else:
+                        written += conn.execute(
+                            "INSERT INTO edgegw_lots (lot_id, updated, summary, archive, parts,"
+                            " pseq, token) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                            " ON CONFLICT (lot_id) DO UPDATE SET"
+                            " updated = EXCLUDED.updated, summary = EXCLUDED.summary,"
+                            " archive = EXCLUDED.archive, parts = EXCLUDED.parts,"
+                            " pseq = EXCLUDED.pseq, token = EXCLUDED.token"
+                            " WHERE EXCLUDED.parts >= edgegw_lots.parts"
+                            " AND EXCLUDED.pseq > edgegw_lots.pseq"
+                            " AND EXCLUDED.token >= edgegw_lots.token",
+                            (*lot_row(lot_id, data), pseq, token)).rowcount
             return len(lots) + len(wafers) - written
 
         return await self._call(run)
@@ -1458,6 +1472,52 @@ class ClusterStore:
 def _ms(seconds: float) -> str:
     """A PostgreSQL timeout setting: whole milliseconds, at least 1 (0 would mean never)."""
     return str(max(1, round(seconds * 1000)))
+
+
+class _PgRows:
+    """``ArchiveRows`` over an owner's transaction (``save_archives``): the merged rows
+    are written with the log position (``pseq``) and lease token of the archive being
+    merged; a replay of it finds its pass in the stored row and writes nothing."""
+
+    def __init__(self, conn: psycopg.Connection[Any], token: int) -> None:
+        self.conn = conn
+        self.token = token
+        self.pseq = 0
+
+    def lot(self, lot_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT archive FROM edgegw_lots WHERE lot_id = %s",
+                                (lot_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def wafer(self, lot_id: str, wafer_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT snapshot FROM edgegw_wafers WHERE lot_id = %s"
+                                " AND wafer_id = %s", (lot_id, wafer_id)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def wafer_ids(self, lot_id: str) -> set[str]:
+        return {r[0] for r in self.conn.execute(
+            "SELECT wafer_id FROM edgegw_wafers WHERE lot_id = %s", (lot_id,)).fetchall()}
+
+    def put_lot(self, lot_id: str, archive: dict[str, Any]) -> None:
+        self.conn.execute(
+            "INSERT INTO edgegw_lots (lot_id, updated, summary, archive, parts, pseq, token)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (lot_id) DO UPDATE SET"
+            " updated = EXCLUDED.updated, summary = EXCLUDED.summary,"
+            " archive = EXCLUDED.archive, parts = EXCLUDED.parts,"
+            " pseq = GREATEST(edgegw_lots.pseq, EXCLUDED.pseq), token = EXCLUDED.token"
+            " WHERE EXCLUDED.token >= edgegw_lots.token",
+            (*lot_row(lot_id, archive), self.pseq, self.token))
+
+    def put_wafer(self, lot_id: str, wafer_id: str, snap: dict[str, Any]) -> None:
+        self.conn.execute(
+            "INSERT INTO edgegw_wafers (lot_id, wafer_id, updated, summary, snapshot, parts,"
+            " pseq, token) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (lot_id, wafer_id) DO UPDATE SET"
+            " updated = EXCLUDED.updated, summary = EXCLUDED.summary,"
+            " snapshot = EXCLUDED.snapshot, parts = EXCLUDED.parts,"
+            " pseq = GREATEST(edgegw_wafers.pseq, EXCLUDED.pseq), token = EXCLUDED.token"
+            " WHERE EXCLUDED.token >= edgegw_wafers.token",
+            (*wafer_row(lot_id, wafer_id, snap), self.pseq, self.token))
 
 
 def _fence_holds(conn: psycopg.Connection[Any], partition: int, token: int) -> bool:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter, OrderedDict, deque
+from operator import attrgetter
 from typing import Any
+
+import cbor2
 
 from edgegw.hub import topics
 from edgegw.records import PartResult, SensorReading, SensorWindow
@@ -308,6 +311,19 @@ class Passes:
         if timed and (self.timed_end is None or t > self.timed_end):
             self.timed_end = t
 
+    def reopens(self, t: float, timed: bool) -> bool:
+        """Whether a start at ``t`` is a next pass: timed (the tester's own START_T), and
+        after every start and end the tester gave so far.  Only such a start brings a lot
+        (wafer) that left memory back (``LiveState``): a late start of a pass already
+        archived, or one without its time, cannot say it came after."""
+        if not timed or t in self.starts:
+            return False
+        end = self.timed_end
+        return (end is None or t > end) and all(t > s for s in self.timed_starts)
+
+    def copy(self) -> Passes:
+        return Passes(self.starts, self.ended, self.timed_starts, self.timed_end)
+
     @property
     def first(self) -> float | None:
         return min(self.starts) if self.starts else None
@@ -347,6 +363,10 @@ class WaferState:
         self.reported: dict[str, Any] = {}
         self.updated = 0.0
         self.archived = False  # left memory for the history store
+        #: None: its figures are of every pass; else the start of the pass they count
+        #: from -- a wafer of a lot back in memory after it left (``LiveState``): the
+        #: history store merges them with the archive of the passes before
+        self.counts_from: float | None = None
         #: test number -> {(x, y): value}: the final die's value, for a map by test value
         self.values: dict[int, dict[tuple[int, int], float]] = {}
         self.value_count = 0
@@ -406,7 +426,113 @@ class WaferState:
             **self.tally.as_dict(),
             "reported": dict(self.reported),
             "updated": self.updated,
+            **({} if self.counts_from is None else {"counts_from": self.counts_from}),
         }
+
+
+_DIE_FIELDS = ("rid", "ts", "x", "y", "hard_bin", "soft_bin", "passed", "site", "part_id",
+               "head")
+_die_fields = attrgetter(*_DIE_FIELDS)
+
+
+def dies_blob(dies: dict[Any, Die]) -> bytes:
+    """A wafer's dies as compact bytes (CBOR, one list per field): what a checkpoint keeps,
+    and what a wafer that left memory keeps for its retest (``WaferRest``), a few tens of
+    bytes a die rather than a ``Die`` and its key."""
+    gateways: dict[str, int] = {}
+    gw_col = [gateways.setdefault(d.gateway, len(gateways)) for d in dies.values()]
+    # (a row per die, then columns: in C, not a Python step per field of a die)
+    cols = list(zip(*map(_die_fields, dies.values()), strict=True)) or [
+        () for _ in _DIE_FIELDS]
+    return cbor2.dumps({"gateways": list(gateways), "gateway": gw_col,
+                       **{name: list(col) for name, col in zip(_DIE_FIELDS, cols,
+                                                                strict=True)}})
+
+
+def dies_from_blob(encoded: bytes) -> dict[Any, Die]:
+    """``dies_blob`` back: the dies by their keys, as ``LiveState._on_part`` makes them."""
+    data = cbor2.loads(encoded)
+    out: dict[Any, Die] = {}
+    gateways = data["gateways"]
+    for i, gw_index in enumerate(data["gateway"]):
+        die = Die.__new__(Die)
+        die.gateway = gateways[gw_index]
+        for name in _DIE_FIELDS:
+            setattr(die, name, data[name][i])
+        if die.x is not None and die.y is not None:
+            key: Any = (die.x, die.y)
+        elif die.part_id:
+            key = ("part", die.head, die.part_id)
+        else:
+            key = ("rid", die.gateway, die.rid)
+        out[key] = die
+    return out
+
+
+class WaferRest:
+    """What a wafer that left memory leaves behind for a retest under its wafer id: its
+    passes, and -- when its lot's counts still hold its dies (it left a live lot at
+    ``max_wafers_per_lot``) -- its counts and its final dies, compact (``dies_blob``), so
+    the retest replaces each die's result instead of counting the die twice.  ``dies``
+    None: only the passes (a wafer of a lot that left memory: the lot's counts came back
+    without it)."""
+
+    __slots__ = ("counts_from", "dies", "gateway", "passes", "reported", "tally", "updated")
+
+    def __init__(self, passes: Passes, gateway: str = "", dies: bytes | None = None,
+                 tally: Tally | None = None, reported: dict[str, Any] | None = None,
+                 updated: float = 0.0, counts_from: float | None = None) -> None:
+        self.passes = passes
+        self.gateway = gateway
+        self.dies = dies
+        self.tally = tally
+        self.reported = reported or {}
+        self.updated = updated
+        self.counts_from = counts_from  # (``WaferState.counts_from``, with ``dies``)
+
+    @classmethod
+    def of(cls, wafer: WaferState, counted: bool) -> WaferRest:
+        if not counted:
+            return cls(wafer.passes.copy(), wafer.gateway, updated=wafer.updated)
+        return cls(wafer.passes, wafer.gateway, dies_blob(wafer.dies), wafer.tally,
+                   dict(wafer.reported), wafer.updated, wafer.counts_from)
+
+    def revive(self, lot_id: str, wafer_id: str) -> WaferState:
+        """The wafer back in memory as it left (its die values for the map by test value
+        excepted: they stay in the history's archive)."""
+        wafer = WaferState(lot_id, wafer_id, self.gateway)
+        wafer.passes = self.passes.copy()
+        wafer.started, wafer.ended = wafer.passes.first, wafer.passes.ended
+        wafer.status = wafer.passes.status
+        wafer.updated = self.updated
+        if self.dies is not None:
+            wafer.dies = dies_from_blob(self.dies)
+            assert self.tally is not None
+            wafer.tally = self.tally
+            wafer.reported = dict(self.reported)
+            wafer.counts_from = self.counts_from
+        return wafer
+
+
+class LotRest:
+    """What a lot that left memory (``max_lots``) leaves behind for a retest under its lot
+    id: its passes and its wafers' (``WaferRest`` without dies), at most ``wafers`` of
+    them (the most recently updated)."""
+
+    __slots__ = ("passes", "wafers")
+
+    def __init__(self, passes: Passes, wafers: dict[str, WaferRest]) -> None:
+        self.passes = passes
+        self.wafers = wafers
+
+    @classmethod
+    def of(cls, lot: LotState, wafers: int) -> LotRest:
+        rests = {wid: WaferRest(r.passes.copy(), r.gateway, updated=r.updated)
+                 for wid, r in lot.wafer_rests.items()}
+        rests.update((w.wafer_id, WaferRest.of(w, counted=False))
+                     for w in lot.wafers.values())
+        newest = sorted(rests.items(), key=lambda kv: kv[1].updated)[-wafers:]
+        return cls(lot.passes.copy(), dict(newest))
 
 
 def start_order(wafer: WaferState) -> tuple[float, str]:
@@ -822,12 +948,19 @@ class LotState:
         #: the start times of its passes (MIRs): a lot tested again under its id after its
         #: MRR is open again (``Passes``)
         self.passes = Passes()
+        #: None: its figures are of every pass; else the start of the pass they count
+        #: from -- a lot back in memory after it left (``LiveState._reopen_lot``): the
+        #: history store merges them with the archive of the passes before
+        self.counts_from: float | None = None
         self.gateways: set[str] = set()
         self.wafers: dict[str, WaferState] = {}  # the live ones, in start order
         self.wafer_order = WaferOrder()  # the same order, for the lot's tests
         #: wafers that left memory for the store: a late record for one is not applied
         #: (it would start the wafer afresh and overwrite its archive)
         self.archived_wafers: set[str] = set()
+        #: of those, the ones a retest under their wafer id may bring back (``WaferRest``),
+        #: oldest first, at most ``max_wafers_per_lot``
+        self.wafer_rests: dict[str, WaferRest] = {}
         self.tests: dict[int, TestStats] = {}
         #: gateway -> tests it made (each at most ``max_tests_per_lot``): one gateway's
         #: invented test numbers leave another's new tests their room
@@ -896,6 +1029,7 @@ class LotState:
                 **self.reported_counts,
             },
             "updated": self.updated,
+            **({} if self.counts_from is None else {"counts_from": self.counts_from}),
         }
 
 

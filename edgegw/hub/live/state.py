@@ -36,7 +36,13 @@ Invariants worth knowing before reading the code:
   recently updated closed wafer (an open one, of the gateway that made the most, only
   when none is closed) to ``on_wafer_archive`` and out of memory; the lot's own counts
   keep every wafer.  So a lot of 1,000 wafers stays live, its newest wafers on the
-  dashboard, its older ones in the history API.  A wafer keeps at most
+  dashboard, its older ones in the history API.  A retest under the id of a lot (wafer)
+  that left memory -- the MIR (WIR) of its next pass, ``Passes.reopens`` -- brings it
+  back: a wafer as it left (the lot keeps the final dies of ``max_wafers_per_lot``
+  archived wafers, compact: ``WaferRest``), so the lot's counts take each retested die
+  once; an evicted lot with its passes and its wafers' (``LotRest``, kept with its id in
+  ``evicted``), its counts from that pass on (``counts_from``: the history store merges
+  its archives, ``edgegw.hub.archive_merge``).  A wafer keeps at most
   ``max_dies_per_wafer`` dies of each gateway's (a new one beyond is not applied), and its
   and its lot's counts by site and bin at most ``TALLY_KEYS`` keys of each gateway's:
   invented X/Y, site or bin numbers cannot grow a map, a snapshot or every delta.  At
@@ -143,10 +149,12 @@ from .models import (
     WAITING_RUNS,
     Die,
     GatewayState,
+    LotRest,
     LotState,
     Run,
     SensorState,
     TestStats,
+    WaferRest,
     WaferState,
     lot_archive,
     site_key,
@@ -235,6 +243,9 @@ class LiveState:
         self.lots: dict[str, LotState] = {}
         self.evicted: deque[str] = deque(maxlen=1024)
         self._evicted_set: set[str] = set()
+        #: of those, what a retest under the lot id continues from (``LotRest``): its
+        #: passes and its wafers'
+        self.gone: dict[str, LotRest] = {}
         self.sensors: dict[str, SensorState] = {}
         #: gateway -> the channels it made, oldest first (``_new_sensor``)
         self._sensors_of: dict[str, dict[str, SensorState]] = {}
@@ -289,6 +300,12 @@ class LiveState:
         self._m_wafers_archived = metrics.counter(
             "hub_state_wafers_archived_total", "wafers that left memory for the history store")
         self._m_evicted = metrics.counter("hub_state_lots_evicted_total", "lots evicted")
+        self._m_lots_reopened = metrics.counter(
+            "hub_state_lots_reopened_total",
+            "lots back in memory after they left it: tested again under their lot id")
+        self._m_wafers_reopened = metrics.counter(
+            "hub_state_wafers_reopened_total",
+            "wafers back in memory after they left it: tested again under their wafer id")
         self._m_skipped = metrics.counter(
             "hub_live_updates_skipped_total",
             "updates of the live state not built because nobody follows their topic now "
@@ -909,6 +926,27 @@ class LiveState:
             return min(pool, key=lambda lot: lot.updated)
         return None
 
+    def _reopen_lot(self, rec: LotStart, gateway_id: str) -> None:
+        """A lot that left memory, tested again under its lot id (``rec`` the start of
+        its next pass, ``Passes.reopens``): back in memory, its passes and its wafers'
+        continued, its counts those of the records from here on (the history store
+        merges the archives of its passes).  Any other start leaves it where it is (its
+        records not applied, ``evicted_lot``)."""
+        rest = self.gone.get(rec.lot_id)
+        if rest is None or not (is_num(rec.start_t) and rest.passes.reopens(
+                float(rec.start_t), bool(rec.start_t))):
+            return
+        del self.gone[rec.lot_id]
+        self._evicted_set.discard(rec.lot_id)
+        self.evicted.remove(rec.lot_id)
+        self._m_lots_reopened.inc()
+        lot = self._lot(rec.lot_id, rec.ts, gateway_id)
+        lot.passes = rest.passes
+        lot.started, lot.ended, lot.status = rest.passes.first, rest.passes.ended, "closed"
+        lot.wafer_rests = rest.wafers
+        lot.archived_wafers = set(rest.wafers)
+        lot.counts_from = float(rec.start_t)
+
     def _evict(self, victim: LotState) -> None:
         del self.lots[victim.lot_id]
         waiting = 0
@@ -921,8 +959,10 @@ class LiveState:
             self._m_values_dropped.inc(waiting)
         if len(self.evicted) == self.evicted.maxlen:
             self._evicted_set.discard(self.evicted[0])
+            self.gone.pop(self.evicted[0], None)
         self.evicted.append(victim.lot_id)
         self._evicted_set.add(victim.lot_id)
+        self.gone[victim.lot_id] = LotRest.of(victim, self.max_wafers_per_lot)
         self._m_evicted.inc()
         if self._on_evict is not None:
             self._on_evict(victim.lot_id, lot_archive(victim))
@@ -932,18 +972,40 @@ class LiveState:
             if wafer.wafer_id:
                 self._publish(wafer.topic, {"status": "archived"})
 
-    def _wafer(self, lot: LotState, wafer_id: str, gateway_id: str) -> WaferState:
+    def _wafer(self, lot: LotState, wafer_id: str, gateway_id: str,
+               start: tuple[float, bool] | None = None, batch: _Batch | None = None
+               ) -> WaferState:
+        """``lot``'s wafer ``wafer_id``, made if new; one that left memory comes back
+        only for the start (``start``: its time, and whether the tester gave it) of its
+        next pass (``Passes.reopens``) -- as it left, from its ``WaferRest``."""
         wafer = lot.wafers.get(wafer_id)
         if wafer is None:
             if not isinstance(wafer_id, str):
                 raise BadRecord(f"wafer id {wafer_id!r} is not text")
+            rest = None
             if wafer_id in lot.archived_wafers:
-                raise NotApplied("archived_wafer", f"wafer {wafer_id!r} of lot {lot.lot_id!r} "
-                                 "already left memory (max_wafers_per_lot); the history API "
-                                 "serves it")
+                rest = lot.wafer_rests.get(wafer_id)
+                if rest is None or start is None or not rest.passes.reopens(*start):
+                    raise NotApplied("archived_wafer", f"wafer {wafer_id!r} of lot "
+                                     f"{lot.lot_id!r} already left memory "
+                                     "(max_wafers_per_lot); the history API serves it")
+                # (out before another leaves for it: its rest must not be the one to go)
+                del lot.wafer_rests[wafer_id]
+                lot.archived_wafers.discard(wafer_id)
             while len(lot.wafers) >= self.max_wafers_per_lot:
                 self._archive_wafer(lot, self._wafer_victim(lot, gateway_id))
-            wafer = lot.wafers[wafer_id] = WaferState(lot.lot_id, wafer_id, gateway_id)
+            if rest is None:
+                wafer = WaferState(lot.lot_id, wafer_id, gateway_id)
+                wafer.counts_from = lot.counts_from
+            else:
+                wafer = rest.revive(lot.lot_id, wafer_id)
+                if rest.dies is None:  # (of a lot back in memory: counted from its return)
+                    wafer.counts_from = lot.counts_from
+                self._m_wafers_reopened.inc()
+                if batch is not None:  # its map whole: its topic was told "archived"
+                    batch.dies[wafer] = [d for d in wafer.dies.values()
+                                         if d.x is not None and d.y is not None]
+            lot.wafers[wafer_id] = wafer
             lot.order_wafers()
         return wafer
 
@@ -967,6 +1029,12 @@ class LiveState:
         del lot.wafers[wafer.wafer_id]
         lot.order_wafers()
         lot.archived_wafers.add(wafer.wafer_id)
+        # what its retest continues from: its dies, compact, as the lot's counts hold them
+        rests = lot.wafer_rests
+        rests.pop(wafer.wafer_id, None)
+        rests[wafer.wafer_id] = WaferRest.of(wafer, counted=True)
+        while len(rests) > self.max_wafers_per_lot:
+            del rests[next(iter(rests))]  # (its retest: not applied, archived_wafer)
         wafer.archived = True
         self._m_wafers_archived.inc()
         if self._on_wafer_archive is not None:
@@ -1200,6 +1268,8 @@ class LiveState:
             stats.units = rec.units
 
     def _on_lot_start(self, gateway_id: str, rid: int, rec: LotStart, batch: _Batch) -> None:
+        if rec.lot_id in self._evicted_set and rec.lot_id not in self.lots:
+            self._reopen_lot(rec, gateway_id)
         lot = self._lot(rec.lot_id, rec.ts, gateway_id)
         for name in ("part_type", "node_name", "tester_type", "job_name"):
             value = getattr(rec, name)
@@ -1227,9 +1297,10 @@ class LiveState:
     def _on_wafer_start(self, gateway_id: str, rid: int, rec: WaferStart,
                         batch: _Batch) -> None:
         lot = self._lot(rec.lot_id, rec.ts, gateway_id)
-        wafer = self._wafer(lot, rec.wafer_id, gateway_id)
+        start = float(rec.start_t) if rec.start_t else rec.ts
+        wafer = self._wafer(lot, rec.wafer_id, gateway_id, (start, bool(rec.start_t)), batch)
         passes = wafer.passes
-        passes.start(float(rec.start_t) if rec.start_t else rec.ts, bool(rec.start_t))
+        passes.start(start, bool(rec.start_t))
         wafer.started = passes.first  # (its place among the lot's stays its first start)
         wafer.status = passes.status
         lot.order_wafers()  # its place among the lot's wafers is by start
@@ -1371,6 +1442,8 @@ class LiveState:
                 delta["started"] = wafer.started
             if wafer.ended is not None:
                 delta["ended"] = wafer.ended
+            if wafer.counts_from is not None:
+                delta["counts_from"] = wafer.counts_from
             publish(wafer.topic, delta)
         for lot in batch.lots:
             if lot.lot_id not in self.lots:
