@@ -489,10 +489,10 @@ def test_a_second_mir_ends_the_first_lot_and_starts_a_second() -> None:
 # -- several lots in one file ----------------------------------------------------------------
 
 
-def lot_of(lot: str, parts: int, hi: float) -> bytes:
+def lot_of(lot: str, parts: int, hi: float, order: str = "<") -> bytes:
     """A whole file of one lot: its test's first PTR gives the limit ``hi``, the later
     ones leave it to that default (OPT_FLAG 0x30: "use the default limits")."""
-    recs: list[Rec] = [far(), mir(lot)]
+    recs: list[Rec] = [far(1 if order == ">" else 2), mir(lot)]
     for n in range(parts):
         first = ptr(1, 0, 1.0 + n)
         first[1]["HI_LIMIT"] = hi
@@ -502,7 +502,7 @@ def lot_of(lot: str, parts: int, hi: float) -> bytes:
                                        failed=not n % 3)]
     recs += [hbr(255, 0, 1, parts - (parts + 2) // 3), hbr(255, 0, 2, (parts + 2) // 3),
              pcr(255, 0, parts, parts - (parts + 2) // 3), MRR]
-    return stdf(recs)
+    return stdf(recs, order)
 
 
 class Sink:
@@ -566,6 +566,41 @@ async def test_every_lot_of_a_file_holding_several_is_sent_and_shown_once(
     assert (status, got["parts"], got["records"]["MRR"], got["hard_bins"]) == (
         0, 16, 3, {"1": 9, "2": 7})
     assert ("warning: after the MRR" in err) == (trailer != "nothing")
+
+
+@pytest.mark.parametrize("read_size", [512, "first lot"])
+async def test_lots_of_two_testers_merged_are_each_read_in_their_own_byte_order(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], read_size: Any) -> None:
+    # a PC's lot, then a Sun's (big-endian), then a PC's again, merged into one file
+    # (before: the second FAR, read in the first's order, was "impossible REC_LEN 512",
+    # which after an MRR ended the file there: the other tester's lots were lost)
+    lots = [lot_of("LOTA", 7, 10.0), lot_of("LOTB", 5, 5.0, ">"), lot_of("LOTC", 4, 2.0)]
+    path = tmp_path / "merged.stdf"
+    path.write_bytes(b"".join(lots))
+    sink = await tailed(tmp_path, read_size=len(lots[0]) if read_size == "first lot"
+                        else read_size)
+    want = [r for lot in lots for r in gateway(lot)]  # each lot as a file of its own
+    assert [r._replace(ts=0.0) for r in sink.records] == [r._replace(ts=0.0) for r in want]
+    assert {(r.lot_id, r.hi_limit) for r in want if isinstance(r, ParametricResult)} == {
+        ("LOTA", 10.0), ("LOTB", 5.0), ("LOTC", 2.0)}
+    entry = sink.checkpoint["files"][str(path)]
+    assert entry["done"] and entry["reason"] == "MRR" and entry["offset"] == path.stat().st_size
+    state = hub(sink.records)
+    assert {lot: (state.lots[lot].status, state.lots[lot].tally.parts)
+            for lot in ("LOTA", "LOTB", "LOTC")} == {
+        "LOTA": ("closed", 7), "LOTB": ("closed", 5), "LOTC": ("closed", 4)}
+    status, got, err = stats(capsys, path)
+    assert (status, got["parts"], got["records"]["MRR"], got["hard_bins"], err) == (
+        0, 16, 3, {"1": 9, "2": 7}, "")
+    # the decoder: every FAR says the order of the records after it, in any chunking
+    for chunk in (1, 5, 4096):
+        dec = StdfDecoder()
+        fars = []
+        for start in range(0, len(b"".join(lots)), chunk):
+            dec.feed(b"".join(lots)[start:start + chunk])
+            fars += [(r.offset, r.fields["CPU_TYPE"]) for r in dec.records() if r.name == "FAR"]
+        assert fars == [(0, 2), (len(lots[0]), 1), (len(lots[0]) + len(lots[1]), 2)]
+        assert dec.buffered == 0 and dec.byte_order == "<"
 
 
 async def test_every_lot_of_a_gzip_file_holding_several_is_sent_once(tmp_path: Path) -> None:

@@ -884,7 +884,7 @@ def _too_long(name: str, rec_len: int, limit: int, offset: int) -> StdfError:
 def _compile_scan(order: str, entries: list[Any], readers: _Readers,
                   skip: frozenset[str] = frozenset(), rows: bool = False,
                   lists: list[list[Any]] | None = None,
-                  memo: bool = True) -> Callable[..., Any]:
+                  memo: bool = True, inline: tuple[str, ...] = INLINE) -> Callable[..., Any]:
     """Generate the record loop of one byte order, with the INLINE types' decoding
     written into it and every other type dispatched through ``entries``.  Records of
     the types in ``skip`` are checked (REC_LEN), counted and stepped over.  ``rows``:
@@ -918,7 +918,7 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
         "    body = pos + 4",
         "    end = body + rec_len",
     ]
-    for k, name in enumerate(INLINE):
+    for k, name in enumerate(inline):
         spec = BY_NAME[name]
         limit = entries[_type_key(order, spec.typ, spec.sub)][2]
         lines += [
@@ -956,7 +956,17 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
         "        yield record",
         "        continue",
         "      name, decode, limit = entry",
-        "      if rec_len > limit: raise _too_long(name, rec_len, limit, base + pos)",
+        "      if rec_len > limit:",
+        f"        if key != {_type_key(order, 0, 10)}:",
+        "          raise _too_long(name, rec_len, limit, base + pos)",
+        # every FAR comes here (its limit is 1): it may change the byte order
+        # (StdfDecoder._far); once per lot, so it costs nothing per record
+        "        try:",
+        f"          done = yield from self._far(buf, txt, pos, base, {rows})",
+        "        finally:",
+        "          pos = self._pos",
+        "        if done: return",
+        "        continue",
         "      if end > n: return",
         *(["      if decode is None or decode is _check_gdr:",
             "        if decode is not None:",
@@ -1039,6 +1049,10 @@ class _Table:
             key = _type_key(order, typ, sub)
             self.entries[key] = (spec.name, _Lazy(spec, readers, rows, memo, key, self.lists),
                                  65535 if limit is None else limit + LENGTH_SLACK)
+        far = _type_key(order, 0, 10)  # every FAR to the loop's cold path (_compile_scan)
+        self.entries[far] = (*self.entries[far][:2], 1)
+        #: the types decoded inline in the record loop
+        self.inline = INLINE
         #: the record loops, by the set of the names of the types they skip:
         #: scan(decoder, buf, txt, pos, base) -> records
         self.scans: dict[frozenset[str], Callable[..., Iterator[Any]]] = {}
@@ -1048,7 +1062,7 @@ class _Table:
         if scan is None:
             scan = self.scans[skip] = _compile_scan(self.readers.order, self.entries,
                                                     self.readers, skip, self.rows, self.lists,
-                                                    self.memo)
+                                                    self.memo, self.inline)
         return scan
 
 
@@ -1080,11 +1094,14 @@ class StdfDecoder:
     record), so skipping never changes the errors.  The FAR is never skipped: it gives
     the byte order.  ``types``: the record types wanted (every other one is skipped),
     instead of ``skip``.
+
+    Every FAR sets ``byte_order`` and ``cpu_type`` for the records after it (files of two
+    testers merged: each lot in its own FAR's byte order).
     """
 
     def __init__(self, *, start_offset: int = 0, byte_order: str | None = None,
                  keep_unknown: bool = False, skip: Iterable[str] = (),
-                 types: Iterable[str] | None = None) -> None:
+                 types: Iterable[str] | None = None, cpu_type: int | None = None) -> None:
         if byte_order not in (None, "<", ">"):
             raise ValueError(f"byte_order must be '<' or '>', not {byte_order!r}")
         if start_offset and byte_order is None:
@@ -1103,6 +1120,10 @@ class StdfDecoder:
         #: iterators handed out since the last feed: a feed ends them
         self._open: list[Generator[Any, None, None]] = []
         self.byte_order = byte_order
+        #: the last FAR's CPU_TYPE (None: no FAR read yet)
+        self.cpu_type = cpu_type
+        self._switching = False  # a loop started by _far is running the records
+        self._switched = False
         self.keep_unknown = keep_unknown
         #: records of unknown type skipped, in all and by (REC_TYP, REC_SUB)
         self.unknown_count = 0
@@ -1191,10 +1212,59 @@ class StdfDecoder:
         txt = self._txt
         if txt is None:
             txt = self._txt = buf.decode("latin-1")
-        it = decoder_table(order, rows).scan_for(self._skip)(self, buf, txt, self._pos,
-                                                             self._base)
+        self._switching = False
+        it = self._table(rows).scan_for(self._skip)(self, buf, txt, self._pos, self._base)
         self._keep(it)
         return it
+
+    def _table(self, rows: bool) -> _Table:
+        return decoder_table(self.byte_order or "<", rows)
+
+    def _far(self, buf: bytes, txt: str, pos: int, base: int,
+             rows: bool) -> Generator[Any, None, bool]:
+        """The FAR at ``pos`` (the record loop hands every one over): it sets the byte
+        order of the records after it, which may differ from those
+        before it (files of two testers merged).  Returns True when the loop that
+        handed it over must stop: the rest was read here, or the FAR waits for its end
+        (``self._pos`` is where it goes on)."""
+        order = self.byte_order
+        rec_len = (buf[pos] << 8 | buf[pos + 1]) if order == ">" else (buf[pos + 1] << 8
+                                                                        | buf[pos])
+        limit = 2 + LENGTH_SLACK
+        if rec_len > limit:
+            swapped = (rec_len & 0xFF) << 8 | rec_len >> 8
+            if swapped > limit:
+                raise _too_long("FAR", rec_len, limit, base + pos)
+            # a FAR of the other byte order: its lot is read in that order
+            order, rec_len = ("<" if order == ">" else ">"), swapped
+        end = pos + 4 + rec_len
+        self._pos = pos
+        if end > len(buf):
+            return True
+        values = tuple(buf[pos + 4:pos + 4 + min(rec_len, 2)])
+        cpu = values[0] if values else self.cpu_type
+        same = order == self.byte_order
+        self.byte_order, self.cpu_type = order, cpu
+        self._pos = end
+        yield (("FAR", base + pos, values) if rows else
+               StdfRecord("FAR", base + pos, row_fields(("FAR", pos, values))))
+        if same:
+            return False
+        if self._switching:  # the loop that runs this one's goes on with the new table
+            self._switched = True
+            return True
+        # read on with the new table; a loop never nests more than once (a file
+        # switching at every lot would otherwise stack a generator per lot)
+        self._switching = True
+        try:
+            while True:
+                self._switched = False
+                yield from self._table(rows).scan_for(self._skip)(self, buf, txt, self._pos,
+                                                                  base)
+                if not self._switched:
+                    return True
+        finally:
+            self._switching = False
 
     def _keep(self, it: Generator[Any, None, None]) -> None:
         # the unfinished ones only: a consumer that drops iterators without feeding
