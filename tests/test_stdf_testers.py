@@ -271,11 +271,12 @@ def test_255_sites_each_keep_their_own_parts_limits_and_bins() -> None:
     assert wafer["sites"]["255"] == {"dies": 2, "good": 2, "yield": 1.0}
 
 
-@pytest.mark.parametrize(("order", "cpu"), [("<", 1), (">", 2), ("<", 0), ("<", 3)])
+@pytest.mark.parametrize(("order", "cpu"), [("<", 1), (">", 2), (">", 0), ("<", 3)])
 def test_a_far_whose_cpu_type_contradicts_its_byte_order_is_read_in_the_order_written(
         order: str, cpu: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # a writer leaving CPU_TYPE at its default (a Sun's 1 on a PC); before the fix:
-    # "impossible REC_LEN 512 for a FAR" at byte 0, nothing read
+    # "impossible REC_LEN 512 for a FAR" at byte 0, nothing read.  (CPU_TYPE 0 with a
+    # little-endian FAR is a VAX's file, its floats VAX F: tests/test_stdf_vax.py)
     data = stdf([far(cpu), mir(), pir(1, 0), ptr(1, 0, 1.5), prr(1, 0, "1"), MRR], order)
     sent = gateway(data)
     assert isinstance(sent[0], LotStart) and sent[0].lot_id == "LOTA"
@@ -818,25 +819,23 @@ def test_v4_2007_records_written_by_hand_decode_as_the_spec_lays_them_out() -> N
 # -- known problems ------------------------------------------------------------------------
 
 
-def test_dump_of_a_vax_file_warns_that_its_floats_are_not_ieee(
+def test_a_vax_file_is_dumped_and_mapped_with_its_floats_as_the_tester_wrote_them(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # (its F floats were read as IEEE: a strict xfail, and dump warned of wrong values)
+    result = ptr(1, 0, -0.9)
+    result[1]["HI_LIMIT"] = 1e30
+    data = b"".join(StdfWriter("<", cpu_type=0).encode(name, fields) for name, fields in (
+        far(0), mir(), pir(1, 0), result, prr(1, 0, "1"), MRR))
+    assert data[4] == 0  # CPU_TYPE 0
     path = tmp_path / "vax.stdf"
-    path.write_bytes(stdf([far(0), mir(), MRR]))
-    assert main(["stdf", "dump", "--rec", "MIR", str(path)]) == 0
+    path.write_bytes(data)
+    assert main(["stdf", "dump", "--rec", "PTR", str(path)]) == 0
     out, err = capsys.readouterr()
-    assert len(out.splitlines()) == 1 and "CPU_TYPE 0" in err and "VAX" in err
-
-
-@pytest.mark.xfail(strict=True, reason="CPU_TYPE 0 (DEC PDP-11/VAX) floats are VAX F "
-                   "format; edgegw reads every R*4 as IEEE (docs/stdf.md)")
-def test_a_vax_file_reads_its_floats_as_the_tester_wrote_them() -> None:
-    # VAX F 1.0: sign 0, exponent 129, fraction 0 -> word 0x4080, then 0x0000, little-endian
-    vax_one = bytes([0x80, 0x40, 0x00, 0x00])
-    body = struct.pack("<IBBBB", 100, 1, 0, 0, 0) + vax_one
-    dec = StdfDecoder()
-    dec.feed(stdf([far(0)]) + raw(15, 10, body))
-    (_, ptr_rec) = list(dec.records())
-    assert ptr_rec.fields["RESULT"] == 1.0
+    dumped = json.loads(out)
+    assert (dumped["RESULT"], dumped["LO_LIMIT"], dumped["HI_LIMIT"]) == (-0.9, 0.0, 1e30)
+    assert err == ""
+    (sent,) = [r for r in gateway(data) if isinstance(r, ParametricResult)]
+    assert sent.value == struct.unpack("<f", struct.pack("<f", -0.9))[0]
 
 
 async def test_a_gzip_file_appended_member_by_member_is_read_to_its_mrr(

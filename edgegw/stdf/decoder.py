@@ -36,6 +36,7 @@ from __future__ import annotations
 import struct
 from binascii import hexlify
 from collections.abc import Callable, Generator, Iterable, Iterator
+from functools import partial
 from typing import Any, NamedTuple
 
 from ..formats import FormatError
@@ -959,8 +960,8 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
         "      if rec_len > limit:",
         f"        if key != {_type_key(order, 0, 10)}:",
         "          raise _too_long(name, rec_len, limit, base + pos)",
-        # every FAR comes here (its limit is 1): it may change the byte order
-        # (StdfDecoder._far); once per lot, so it costs nothing per record
+        # every FAR comes here (its limit is 1): it may change the byte order and the
+        # float format (StdfDecoder._far); once per lot, so it costs nothing per record
         "        try:",
         f"          done = yield from self._far(buf, txt, pos, base, {rows})",
         "        finally:",
@@ -1096,7 +1097,9 @@ class StdfDecoder:
     instead of ``skip``.
 
     Every FAR sets ``byte_order`` and ``cpu_type`` for the records after it (files of two
-    testers merged: each lot in its own FAR's byte order).
+    testers merged: each lot in its own FAR's byte order); ``cpu_type`` 0 (VAX) reads
+    R*4/R*8 as VAX F/D floating (:mod:`edgegw.stdf.vax`).  Resuming a CPU_TYPE 0 file
+    mid-file needs ``cpu_type=0`` too.
     """
 
     def __init__(self, *, start_offset: int = 0, byte_order: str | None = None,
@@ -1218,12 +1221,14 @@ class StdfDecoder:
         return it
 
     def _table(self, rows: bool) -> _Table:
+        if self.cpu_type == 0 and self.byte_order == "<":  # (VAX is little-endian)
+            return vax_table(rows)
         return decoder_table(self.byte_order or "<", rows)
 
     def _far(self, buf: bytes, txt: str, pos: int, base: int,
              rows: bool) -> Generator[Any, None, bool]:
         """The FAR at ``pos`` (the record loop hands every one over): it sets the byte
-        order of the records after it, which may differ from those
+        order and float format of the records after it, which may differ from those
         before it (files of two testers merged).  Returns True when the loop that
         handed it over must stop: the rest was read here, or the FAR waits for its end
         (``self._pos`` is where it goes on)."""
@@ -1243,7 +1248,7 @@ class StdfDecoder:
             return True
         values = tuple(buf[pos + 4:pos + 4 + min(rec_len, 2)])
         cpu = values[0] if values else self.cpu_type
-        same = order == self.byte_order
+        same = order == self.byte_order and (cpu == 0) == (self.cpu_type == 0)
         self.byte_order, self.cpu_type = order, cpu
         self._pos = end
         yield (("FAR", base + pos, values) if rows else
@@ -1294,6 +1299,61 @@ class StdfDecoder:
             return ("UNKNOWN", self._base + pos, (typ, sub, buf[pos + 4:end]))
         return StdfRecord("UNKNOWN", self._base + pos,
                           {"REC_TYP": typ, "REC_SUB": sub, "DATA": buf[pos + 4:end]})
+
+
+# ------------------------------------------------------------------ VAX (CPU_TYPE 0)
+
+class _VaxReaders(_Readers):
+    """The little-endian field readers with R*4 and R*8 read as VAX F and D floating."""
+
+    def __init__(self) -> None:
+        from .vax import d_float, f_float
+        super().__init__("<")
+        self.scalar = {**self.scalar, "R4": lambda buf, p: (f_float(buf, p),),
+                       "R8": lambda buf, p: (d_float(buf, p),)}
+        self.floats = {"R4": (f_float, 4), "R8": (d_float, 8)}
+
+    def array(self, typ: str, count: int, buf: bytes, p: int, end: int,
+              size: int = 0) -> tuple[list[Any], int]:
+        read = self.floats.get(typ)
+        if read is None:
+            return super().array(typ, count, buf, p, end, size)
+        func, width = read
+        q = p + count * width
+        if q > end:
+            raise _Short
+        return [func(buf, i) for i in range(p, q, width)], q
+
+
+#: the record types with a float field (a GDR: its R*4 and R*8 values)
+FLOAT_TYPES = frozenset(spec.name for spec in BY_NAME.values()
+                        if any(f.type in ("R4", "R8", "Vn") for f in spec.fields))
+_VAX_TABLES: dict[tuple[bool, bool], _Table] = {}
+
+
+def vax_table(rows: bool = False) -> _Table:
+    """The decoders of a CPU_TYPE 0 file: the little-endian ones, but the types with
+    floats decoded field by field with VAX F/D readers (none inline).  Only such a file
+    uses them: every other takes the same path as before."""
+    memo = MEMO_SIZE > 0
+    table = _VAX_TABLES.get((rows, memo))
+    if table is None:
+        table = _VAX_TABLES[rows, memo] = _Table("<", rows, memo)
+        table.inline = tuple(name for name in INLINE if name not in FLOAT_TYPES)
+        readers = _VaxReaders()
+        generic = _generic_row if rows else decode_generic
+        for name in FLOAT_TYPES:
+            spec = BY_NAME[name]
+            key = _type_key("<", spec.typ, spec.sub)
+            entry = table.entries[key]
+            table.entries[key] = (entry[0], partial(_vax_decode, generic, spec, readers),
+                                  entry[2])
+    return table
+
+
+def _vax_decode(generic: Callable[..., Any], spec: RecordSpec, readers: _Readers,
+                buf: bytes, txt: str, p: int, end: int) -> Any:
+    return generic(spec, readers, buf, p, end)
 
 
 def decode_all(data: bytes) -> list[StdfRecord]:
