@@ -21,13 +21,23 @@ from edgegw.hub.checkpoint import capture, decode, encode, restore
 from edgegw.hub.live import LiveState, replay
 from edgegw.metrics import Metrics
 from edgegw.records import (
+    FunctionalResult,
     LotEnd,
     LotStart,
+    MultiPinResult,
     ParametricResult,
     PartResult,
 )
 from edgegw.sources import SourceContext, TailConfig, TailSource
-from edgegw.stdf import RecordMapper, StdfDecoder, StdfError, StdfRecord, StdfWriter
+from edgegw.stdf import (
+    RecordMapper,
+    StdfDecoder,
+    StdfError,
+    StdfRecord,
+    StdfWriter,
+    TestState,
+    result_passed,
+)
 
 Rec = tuple[str, dict[str, Any]]
 
@@ -932,6 +942,27 @@ def test_a_test_not_executed_is_no_execution_and_unusable_values_stay_out_of_the
     again = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
     restore(again, decode(encode({"frame_id": 1}, capture(state)))[1])
     assert again.snapshot("test/LOTA/100") == test
+
+
+def test_a_result_not_executed_has_no_pass_fail_on_the_gateway_whatever_its_fail_bit() -> None:
+    # the spec: a test not executed (TEST_FLG bit 4) has no result and no pass/fail; the
+    # gateway sent such a result with its fail bit left set as failed (passed False) and
+    # counted it in its part's fails (the hub already ignored it)
+    sent = gateway(flagged_parts(FLAGGED))
+    assert [r.passed for r in sent if isinstance(r, ParametricResult)] == [
+        None, None, True, False, False, True, True, None]
+    mpr: Rec = ("MPR", {"TEST_NUM": 200, "HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0x90,
+                        "PARM_FLG": 0, "RTN_ICNT": 0, "RSLT_CNT": 0})
+    ftr: Rec = ("FTR", {"TEST_NUM": 300, "HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0x90})
+    sent = gateway(stdf([far(), mir(), pir(1, 0), mpr, ftr, prr(1, 0, "1"), MRR]))
+    assert [r.passed for r in sent if isinstance(r, (MultiPinResult, FunctionalResult))] == [
+        None, None]
+    assert result_passed(0x90) is None and result_passed(0x80) is False
+    state = TestState()  # the per-part figures of a file's open parts
+    part = state.open_part({"HEAD_NUM": 1, "SITE_NUM": 0})
+    state.part_for({"HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0x90})
+    state.part_for({"HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0x80})
+    assert (part.results, part.failed) == (2, 1)
 
 
 def test_a_multipin_or_functional_test_not_executed_is_no_execution() -> None:
