@@ -497,6 +497,47 @@ def test_a_second_mir_ends_the_first_lot_and_starts_a_second() -> None:
         "LotStart", "PartResult", "LotStart", "PartResult", "LotEnd"]
 
 
+def test_a_far_inside_a_lot_ends_it_as_a_tester_restarted_appending_to_its_file() -> None:
+    # a tester crashed and restarted, appending FAR, MIR, ... with no MRR before them
+    # (before: the FAR was ignored; the first lot ended only at a MIR of another lot id,
+    # and a MIR of the same one went on with the crashed run's test defaults and parts)
+    data = stdf([far(), mir("LOTA"), pir(1, 0), prr(1, 0, "1"), pir(1, 1), ptr(1, 1, 2.0),
+                 far(), mir("LOTB"), pir(1, 0), prr(1, 0, "1"), MRR])
+    sent = gateway(data)
+    assert [(type(r).__name__, r.lot_id) for r in sent] == [
+        ("LotStart", "LOTA"), ("PartResult", "LOTA"),
+        # the part open at the crash never got its PRR: sent as at a file's end
+        ("ParametricResult", "LOTA"), ("LotEnd", "LOTA"),
+        ("LotStart", "LOTB"), ("PartResult", "LOTB"), ("LotEnd", "LOTB")]
+    made = sent[3]
+    assert made.extra == {"ended_by": "FAR"} and made.finish_t == 0  # a FAR has no time
+    assert sent[2].part_id == "" and sent[-1].extra is None
+    lots = hub(sent).lots
+    assert {lot: (lots[lot].status, lots[lot].tally.parts) for lot in ("LOTA", "LOTB")} == {
+        "LOTA": ("closed", 1), "LOTB": ("closed", 1)}
+    # the same lot id after the restart: the lot tested on (a second pass on the hub)
+    again = stdf([far(), mir("LOTA"), pir(1, 0), ptr(1, 0, 1.0), prr(1, 0, "1"),
+                  far(), mir("LOTA"), pir(1, 0), ptr(1, 0, 2.0),
+                  prr(1, 0, "2"), MRR])
+    sent = gateway(again)
+    assert [type(r).__name__ for r in sent] == [
+        "LotStart", "ParametricResult", "PartResult", "LotEnd", "LotStart",
+        "ParametricResult", "PartResult", "LotEnd"]
+    assert [r.extra for r in sent if isinstance(r, LotEnd)] == [{"ended_by": "FAR"}, None]
+    lot = hub(sent).lots["LOTA"]
+    assert (lot.status, lot.tally.parts) == ("closed", 2)
+    # with forward_raw the lot's end goes out at the FAR too, not with the next lot
+    mapper = RecordMapper("ate", forward_raw=True)
+    dec = StdfDecoder()
+    dec.feed(data)
+    out = [r for rec in dec.records() for r in mapper.map(rec, 1.0)]
+    ends = [r for r in out if isinstance(r, LotEnd)]
+    assert [(r.lot_id, r.extra) for r in ends] == [("LOTA", {"ended_by": "FAR"}),
+                                                   ("LOTB", None)]
+    assert out.index(ends[0]) < next(i for i, r in enumerate(out)
+                                     if isinstance(r, LotStart) and r.lot_id == "LOTB")
+
+
 # -- several lots in one file ----------------------------------------------------------------
 
 
