@@ -112,6 +112,40 @@ def test_stats_counts_parts_bins_and_sites_with_retests_once(
     assert stats["file_summary"]["hbr"] == {"all": {"1": 1}}
 
 
+def test_stats_matches_a_retest_within_its_own_lot_in_a_file_of_two_lots(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # wafer ids and part ids restart in every lot: a part of lot L2 flagged as a retest
+    # (PART_FLG bit 0: same PART_ID; bit 1: same X/Y) replaces an earlier part of L2 only
+    # (before: it replaced lot L1's part of that id or place, one part too few)
+    w = StdfWriter("<")
+
+    def prr(part_id: str, flags: int, hard: int, x: int) -> bytes:
+        return w.encode("PIR", {"HEAD_NUM": 1, "SITE_NUM": 0}) + w.encode("PRR", {
+            "HEAD_NUM": 1, "SITE_NUM": 0, "PART_FLG": flags, "NUM_TEST": 1,
+            "HARD_BIN": hard, "SOFT_BIN": hard, "X_COORD": x, "Y_COORD": 1, "TEST_T": 0,
+            "PART_ID": part_id})
+
+    def lot(lot_id: str, parts: bytes) -> bytes:
+        return (w.encode("FAR", {}) + w.encode("MIR", {"LOT_ID": lot_id})
+                + w.encode("WIR", {"HEAD_NUM": 1, "SITE_GRP": 255, "START_T": 0,
+                                   "WAFER_ID": "1"})
+                + parts + w.encode("WRR", {"HEAD_NUM": 1, "SITE_GRP": 255, "FINISH_T": 0})
+                + w.encode("MRR", {"FINISH_T": 0}))
+
+    path = tmp_path / "two-lots.stdf"
+    path.write_bytes(
+        lot("L1", prr("1", 0x08, 5, 1) + prr("2", 0x08, 5, 2))
+        # L2: its part "1" and the die at (2, 1) come flagged as retests of parts tested
+        # before this file; then its part "3" is retested (same id) and passes
+        + lot("L2", prr("1", 0x01, 1, 1) + prr("9", 0x02, 1, 2)
+              + prr("3", 0x08, 5, 3) + prr("3", 0x01, 1, 3)))
+    status, out, _ = run(capsys, "stdf", "stats", str(path))
+    stats = json.loads(out)
+    assert status == 0 and stats["records"]["MIR"] == 2
+    assert (stats["tested"], stats["retests"], stats["parts"], stats["good"]) == (6, 1, 5, 3)
+    assert stats["hard_bins"] == {"1": 3, "5": 2}
+
+
 @pytest.mark.parametrize("content", [b"this is not an STDF file\n", b"", b"\x02\x00\x00"])
 def test_a_non_stdf_file_is_a_one_line_error_and_exit_1(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes) -> None:

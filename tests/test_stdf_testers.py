@@ -21,13 +21,23 @@ from edgegw.hub.checkpoint import capture, decode, encode, restore
 from edgegw.hub.live import LiveState, replay
 from edgegw.metrics import Metrics
 from edgegw.records import (
+    FunctionalResult,
     LotEnd,
     LotStart,
+    MultiPinResult,
     ParametricResult,
     PartResult,
 )
 from edgegw.sources import SourceContext, TailConfig, TailSource
-from edgegw.stdf import RecordMapper, StdfDecoder, StdfError, StdfRecord, StdfWriter
+from edgegw.stdf import (
+    RecordMapper,
+    StdfDecoder,
+    StdfError,
+    StdfRecord,
+    StdfWriter,
+    TestState,
+    result_passed,
+)
 
 Rec = tuple[str, dict[str, Any]]
 
@@ -271,11 +281,12 @@ def test_255_sites_each_keep_their_own_parts_limits_and_bins() -> None:
     assert wafer["sites"]["255"] == {"dies": 2, "good": 2, "yield": 1.0}
 
 
-@pytest.mark.parametrize(("order", "cpu"), [("<", 1), (">", 2), ("<", 0), ("<", 3)])
+@pytest.mark.parametrize(("order", "cpu"), [("<", 1), (">", 2), (">", 0), ("<", 3)])
 def test_a_far_whose_cpu_type_contradicts_its_byte_order_is_read_in_the_order_written(
         order: str, cpu: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # a writer leaving CPU_TYPE at its default (a Sun's 1 on a PC); before the fix:
-    # "impossible REC_LEN 512 for a FAR" at byte 0, nothing read
+    # "impossible REC_LEN 512 for a FAR" at byte 0, nothing read.  (CPU_TYPE 0 with a
+    # little-endian FAR is a VAX's file, its floats VAX F: tests/test_stdf_vax.py)
     data = stdf([far(cpu), mir(), pir(1, 0), ptr(1, 0, 1.5), prr(1, 0, "1"), MRR], order)
     sent = gateway(data)
     assert isinstance(sent[0], LotStart) and sent[0].lot_id == "LOTA"
@@ -486,13 +497,54 @@ def test_a_second_mir_ends_the_first_lot_and_starts_a_second() -> None:
         "LotStart", "PartResult", "LotStart", "PartResult", "LotEnd"]
 
 
+def test_a_far_inside_a_lot_ends_it_as_a_tester_restarted_appending_to_its_file() -> None:
+    # a tester crashed and restarted, appending FAR, MIR, ... with no MRR before them
+    # (before: the FAR was ignored; the first lot ended only at a MIR of another lot id,
+    # and a MIR of the same one went on with the crashed run's test defaults and parts)
+    data = stdf([far(), mir("LOTA"), pir(1, 0), prr(1, 0, "1"), pir(1, 1), ptr(1, 1, 2.0),
+                 far(), mir("LOTB"), pir(1, 0), prr(1, 0, "1"), MRR])
+    sent = gateway(data)
+    assert [(type(r).__name__, r.lot_id) for r in sent] == [
+        ("LotStart", "LOTA"), ("PartResult", "LOTA"),
+        # the part open at the crash never got its PRR: sent as at a file's end
+        ("ParametricResult", "LOTA"), ("LotEnd", "LOTA"),
+        ("LotStart", "LOTB"), ("PartResult", "LOTB"), ("LotEnd", "LOTB")]
+    made = sent[3]
+    assert made.extra == {"ended_by": "FAR"} and made.finish_t == 0  # a FAR has no time
+    assert sent[2].part_id == "" and sent[-1].extra is None
+    lots = hub(sent).lots
+    assert {lot: (lots[lot].status, lots[lot].tally.parts) for lot in ("LOTA", "LOTB")} == {
+        "LOTA": ("closed", 1), "LOTB": ("closed", 1)}
+    # the same lot id after the restart: the lot tested on (a second pass on the hub)
+    again = stdf([far(), mir("LOTA"), pir(1, 0), ptr(1, 0, 1.0), prr(1, 0, "1"),
+                  far(), mir("LOTA"), pir(1, 0), ptr(1, 0, 2.0),
+                  prr(1, 0, "2"), MRR])
+    sent = gateway(again)
+    assert [type(r).__name__ for r in sent] == [
+        "LotStart", "ParametricResult", "PartResult", "LotEnd", "LotStart",
+        "ParametricResult", "PartResult", "LotEnd"]
+    assert [r.extra for r in sent if isinstance(r, LotEnd)] == [{"ended_by": "FAR"}, None]
+    lot = hub(sent).lots["LOTA"]
+    assert (lot.status, lot.tally.parts) == ("closed", 2)
+    # with forward_raw the lot's end goes out at the FAR too, not with the next lot
+    mapper = RecordMapper("ate", forward_raw=True)
+    dec = StdfDecoder()
+    dec.feed(data)
+    out = [r for rec in dec.records() for r in mapper.map(rec, 1.0)]
+    ends = [r for r in out if isinstance(r, LotEnd)]
+    assert [(r.lot_id, r.extra) for r in ends] == [("LOTA", {"ended_by": "FAR"}),
+                                                   ("LOTB", None)]
+    assert out.index(ends[0]) < next(i for i, r in enumerate(out)
+                                     if isinstance(r, LotStart) and r.lot_id == "LOTB")
+
+
 # -- several lots in one file ----------------------------------------------------------------
 
 
-def lot_of(lot: str, parts: int, hi: float) -> bytes:
+def lot_of(lot: str, parts: int, hi: float, order: str = "<") -> bytes:
     """A whole file of one lot: its test's first PTR gives the limit ``hi``, the later
     ones leave it to that default (OPT_FLAG 0x30: "use the default limits")."""
-    recs: list[Rec] = [far(), mir(lot)]
+    recs: list[Rec] = [far(1 if order == ">" else 2), mir(lot)]
     for n in range(parts):
         first = ptr(1, 0, 1.0 + n)
         first[1]["HI_LIMIT"] = hi
@@ -502,7 +554,7 @@ def lot_of(lot: str, parts: int, hi: float) -> bytes:
                                        failed=not n % 3)]
     recs += [hbr(255, 0, 1, parts - (parts + 2) // 3), hbr(255, 0, 2, (parts + 2) // 3),
              pcr(255, 0, parts, parts - (parts + 2) // 3), MRR]
-    return stdf(recs)
+    return stdf(recs, order)
 
 
 class Sink:
@@ -566,6 +618,41 @@ async def test_every_lot_of_a_file_holding_several_is_sent_and_shown_once(
     assert (status, got["parts"], got["records"]["MRR"], got["hard_bins"]) == (
         0, 16, 3, {"1": 9, "2": 7})
     assert ("warning: after the MRR" in err) == (trailer != "nothing")
+
+
+@pytest.mark.parametrize("read_size", [512, "first lot"])
+async def test_lots_of_two_testers_merged_are_each_read_in_their_own_byte_order(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], read_size: Any) -> None:
+    # a PC's lot, then a Sun's (big-endian), then a PC's again, merged into one file
+    # (before: the second FAR, read in the first's order, was "impossible REC_LEN 512",
+    # which after an MRR ended the file there: the other tester's lots were lost)
+    lots = [lot_of("LOTA", 7, 10.0), lot_of("LOTB", 5, 5.0, ">"), lot_of("LOTC", 4, 2.0)]
+    path = tmp_path / "merged.stdf"
+    path.write_bytes(b"".join(lots))
+    sink = await tailed(tmp_path, read_size=len(lots[0]) if read_size == "first lot"
+                        else read_size)
+    want = [r for lot in lots for r in gateway(lot)]  # each lot as a file of its own
+    assert [r._replace(ts=0.0) for r in sink.records] == [r._replace(ts=0.0) for r in want]
+    assert {(r.lot_id, r.hi_limit) for r in want if isinstance(r, ParametricResult)} == {
+        ("LOTA", 10.0), ("LOTB", 5.0), ("LOTC", 2.0)}
+    entry = sink.checkpoint["files"][str(path)]
+    assert entry["done"] and entry["reason"] == "MRR" and entry["offset"] == path.stat().st_size
+    state = hub(sink.records)
+    assert {lot: (state.lots[lot].status, state.lots[lot].tally.parts)
+            for lot in ("LOTA", "LOTB", "LOTC")} == {
+        "LOTA": ("closed", 7), "LOTB": ("closed", 5), "LOTC": ("closed", 4)}
+    status, got, err = stats(capsys, path)
+    assert (status, got["parts"], got["records"]["MRR"], got["hard_bins"], err) == (
+        0, 16, 3, {"1": 9, "2": 7}, "")
+    # the decoder: every FAR says the order of the records after it, in any chunking
+    for chunk in (1, 5, 4096):
+        dec = StdfDecoder()
+        fars = []
+        for start in range(0, len(b"".join(lots)), chunk):
+            dec.feed(b"".join(lots)[start:start + chunk])
+            fars += [(r.offset, r.fields["CPU_TYPE"]) for r in dec.records() if r.name == "FAR"]
+        assert fars == [(0, 2), (len(lots[0]), 1), (len(lots[0]) + len(lots[1]), 2)]
+        assert dec.buffered == 0 and dec.byte_order == "<"
 
 
 async def test_every_lot_of_a_gzip_file_holding_several_is_sent_once(tmp_path: Path) -> None:
@@ -783,25 +870,23 @@ def test_v4_2007_records_written_by_hand_decode_as_the_spec_lays_them_out() -> N
 # -- known problems ------------------------------------------------------------------------
 
 
-def test_dump_of_a_vax_file_warns_that_its_floats_are_not_ieee(
+def test_a_vax_file_is_dumped_and_mapped_with_its_floats_as_the_tester_wrote_them(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # (its F floats were read as IEEE: a strict xfail, and dump warned of wrong values)
+    result = ptr(1, 0, -0.9)
+    result[1]["HI_LIMIT"] = 1e30
+    data = b"".join(StdfWriter("<", cpu_type=0).encode(name, fields) for name, fields in (
+        far(0), mir(), pir(1, 0), result, prr(1, 0, "1"), MRR))
+    assert data[4] == 0  # CPU_TYPE 0
     path = tmp_path / "vax.stdf"
-    path.write_bytes(stdf([far(0), mir(), MRR]))
-    assert main(["stdf", "dump", "--rec", "MIR", str(path)]) == 0
+    path.write_bytes(data)
+    assert main(["stdf", "dump", "--rec", "PTR", str(path)]) == 0
     out, err = capsys.readouterr()
-    assert len(out.splitlines()) == 1 and "CPU_TYPE 0" in err and "VAX" in err
-
-
-@pytest.mark.xfail(strict=True, reason="CPU_TYPE 0 (DEC PDP-11/VAX) floats are VAX F "
-                   "format; edgegw reads every R*4 as IEEE (docs/stdf.md)")
-def test_a_vax_file_reads_its_floats_as_the_tester_wrote_them() -> None:
-    # VAX F 1.0: sign 0, exponent 129, fraction 0 -> word 0x4080, then 0x0000, little-endian
-    vax_one = bytes([0x80, 0x40, 0x00, 0x00])
-    body = struct.pack("<IBBBB", 100, 1, 0, 0, 0) + vax_one
-    dec = StdfDecoder()
-    dec.feed(stdf([far(0)]) + raw(15, 10, body))
-    (_, ptr_rec) = list(dec.records())
-    assert ptr_rec.fields["RESULT"] == 1.0
+    dumped = json.loads(out)
+    assert (dumped["RESULT"], dumped["LO_LIMIT"], dumped["HI_LIMIT"]) == (-0.9, 0.0, 1e30)
+    assert err == ""
+    (sent,) = [r for r in gateway(data) if isinstance(r, ParametricResult)]
+    assert sent.value == struct.unpack("<f", struct.pack("<f", -0.9))[0]
 
 
 async def test_a_gzip_file_appended_member_by_member_is_read_to_its_mrr(
@@ -898,6 +983,27 @@ def test_a_test_not_executed_is_no_execution_and_unusable_values_stay_out_of_the
     again = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
     restore(again, decode(encode({"frame_id": 1}, capture(state)))[1])
     assert again.snapshot("test/LOTA/100") == test
+
+
+def test_a_result_not_executed_has_no_pass_fail_on_the_gateway_whatever_its_fail_bit() -> None:
+    # the spec: a test not executed (TEST_FLG bit 4) has no result and no pass/fail; the
+    # gateway sent such a result with its fail bit left set as failed (passed False) and
+    # counted it in its part's fails (the hub already ignored it)
+    sent = gateway(flagged_parts(FLAGGED))
+    assert [r.passed for r in sent if isinstance(r, ParametricResult)] == [
+        None, None, True, False, False, True, True, None]
+    mpr: Rec = ("MPR", {"TEST_NUM": 200, "HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0x90,
+                        "PARM_FLG": 0, "RTN_ICNT": 0, "RSLT_CNT": 0})
+    ftr: Rec = ("FTR", {"TEST_NUM": 300, "HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0x90})
+    sent = gateway(stdf([far(), mir(), pir(1, 0), mpr, ftr, prr(1, 0, "1"), MRR]))
+    assert [r.passed for r in sent if isinstance(r, (MultiPinResult, FunctionalResult))] == [
+        None, None]
+    assert result_passed(0x90) is None and result_passed(0x80) is False
+    state = TestState()  # the per-part figures of a file's open parts
+    part = state.open_part({"HEAD_NUM": 1, "SITE_NUM": 0})
+    state.part_for({"HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0x90})
+    state.part_for({"HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0x80})
+    assert (part.results, part.failed) == (2, 1)
 
 
 def test_a_multipin_or_functional_test_not_executed_is_no_execution() -> None:

@@ -245,10 +245,6 @@ def run_dump(args: argparse.Namespace) -> int:
     r4_by_name: dict[str, frozenset[str]] = {}
 
     def each(rec: StdfRecord) -> None:
-        if rec.name == "FAR" and rec.fields.get("CPU_TYPE") == 0:
-            print(f"edgegw stdf: {args.file}: warning: CPU_TYPE 0 (DEC PDP-11/VAX): its "
-                  "floats are VAX F/D, printed as if they were IEEE (wrong values)",
-                  file=sys.stderr)
         if wanted and rec.name not in wanted:
             return
         obj: dict[str, Any] = {"rec": rec.name}

@@ -36,6 +36,7 @@ from __future__ import annotations
 import struct
 from binascii import hexlify
 from collections.abc import Callable, Generator, Iterable, Iterator
+from functools import partial
 from typing import Any, NamedTuple
 
 from ..formats import FormatError
@@ -884,7 +885,7 @@ def _too_long(name: str, rec_len: int, limit: int, offset: int) -> StdfError:
 def _compile_scan(order: str, entries: list[Any], readers: _Readers,
                   skip: frozenset[str] = frozenset(), rows: bool = False,
                   lists: list[list[Any]] | None = None,
-                  memo: bool = True) -> Callable[..., Any]:
+                  memo: bool = True, inline: tuple[str, ...] = INLINE) -> Callable[..., Any]:
     """Generate the record loop of one byte order, with the INLINE types' decoding
     written into it and every other type dispatched through ``entries``.  Records of
     the types in ``skip`` are checked (REC_LEN), counted and stepped over.  ``rows``:
@@ -918,7 +919,7 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
         "    body = pos + 4",
         "    end = body + rec_len",
     ]
-    for k, name in enumerate(INLINE):
+    for k, name in enumerate(inline):
         spec = BY_NAME[name]
         limit = entries[_type_key(order, spec.typ, spec.sub)][2]
         lines += [
@@ -956,7 +957,17 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
         "        yield record",
         "        continue",
         "      name, decode, limit = entry",
-        "      if rec_len > limit: raise _too_long(name, rec_len, limit, base + pos)",
+        "      if rec_len > limit:",
+        f"        if key != {_type_key(order, 0, 10)}:",
+        "          raise _too_long(name, rec_len, limit, base + pos)",
+        # every FAR comes here (its limit is 1): it may change the byte order and the
+        # float format (StdfDecoder._far); once per lot, so it costs nothing per record
+        "        try:",
+        f"          done = yield from self._far(buf, txt, pos, base, {rows})",
+        "        finally:",
+        "          pos = self._pos",
+        "        if done: return",
+        "        continue",
         "      if end > n: return",
         *(["      if decode is None or decode is _check_gdr:",
             "        if decode is not None:",
@@ -1039,6 +1050,10 @@ class _Table:
             key = _type_key(order, typ, sub)
             self.entries[key] = (spec.name, _Lazy(spec, readers, rows, memo, key, self.lists),
                                  65535 if limit is None else limit + LENGTH_SLACK)
+        far = _type_key(order, 0, 10)  # every FAR to the loop's cold path (_compile_scan)
+        self.entries[far] = (*self.entries[far][:2], 1)
+        #: the types decoded inline in the record loop
+        self.inline = INLINE
         #: the record loops, by the set of the names of the types they skip:
         #: scan(decoder, buf, txt, pos, base) -> records
         self.scans: dict[frozenset[str], Callable[..., Iterator[Any]]] = {}
@@ -1048,7 +1063,7 @@ class _Table:
         if scan is None:
             scan = self.scans[skip] = _compile_scan(self.readers.order, self.entries,
                                                     self.readers, skip, self.rows, self.lists,
-                                                    self.memo)
+                                                    self.memo, self.inline)
         return scan
 
 
@@ -1080,11 +1095,16 @@ class StdfDecoder:
     record), so skipping never changes the errors.  The FAR is never skipped: it gives
     the byte order.  ``types``: the record types wanted (every other one is skipped),
     instead of ``skip``.
+
+    Every FAR sets ``byte_order`` and ``cpu_type`` for the records after it (files of two
+    testers merged: each lot in its own FAR's byte order); ``cpu_type`` 0 (VAX) reads
+    R*4/R*8 as VAX F/D floating (:mod:`edgegw.stdf.vax`).  Resuming a CPU_TYPE 0 file
+    mid-file needs ``cpu_type=0`` too.
     """
 
     def __init__(self, *, start_offset: int = 0, byte_order: str | None = None,
                  keep_unknown: bool = False, skip: Iterable[str] = (),
-                 types: Iterable[str] | None = None) -> None:
+                 types: Iterable[str] | None = None, cpu_type: int | None = None) -> None:
         if byte_order not in (None, "<", ">"):
             raise ValueError(f"byte_order must be '<' or '>', not {byte_order!r}")
         if start_offset and byte_order is None:
@@ -1103,6 +1123,10 @@ class StdfDecoder:
         #: iterators handed out since the last feed: a feed ends them
         self._open: list[Generator[Any, None, None]] = []
         self.byte_order = byte_order
+        #: the last FAR's CPU_TYPE (None: no FAR read yet)
+        self.cpu_type = cpu_type
+        self._switching = False  # a loop started by _far is running the records
+        self._switched = False
         self.keep_unknown = keep_unknown
         #: records of unknown type skipped, in all and by (REC_TYP, REC_SUB)
         self.unknown_count = 0
@@ -1191,10 +1215,61 @@ class StdfDecoder:
         txt = self._txt
         if txt is None:
             txt = self._txt = buf.decode("latin-1")
-        it = decoder_table(order, rows).scan_for(self._skip)(self, buf, txt, self._pos,
-                                                             self._base)
+        self._switching = False
+        it = self._table(rows).scan_for(self._skip)(self, buf, txt, self._pos, self._base)
         self._keep(it)
         return it
+
+    def _table(self, rows: bool) -> _Table:
+        if self.cpu_type == 0 and self.byte_order == "<":  # (VAX is little-endian)
+            return vax_table(rows)
+        return decoder_table(self.byte_order or "<", rows)
+
+    def _far(self, buf: bytes, txt: str, pos: int, base: int,
+             rows: bool) -> Generator[Any, None, bool]:
+        """The FAR at ``pos`` (the record loop hands every one over): it sets the byte
+        order and float format of the records after it, which may differ from those
+        before it (files of two testers merged).  Returns True when the loop that
+        handed it over must stop: the rest was read here, or the FAR waits for its end
+        (``self._pos`` is where it goes on)."""
+        order = self.byte_order
+        rec_len = (buf[pos] << 8 | buf[pos + 1]) if order == ">" else (buf[pos + 1] << 8
+                                                                        | buf[pos])
+        limit = 2 + LENGTH_SLACK
+        if rec_len > limit:
+            swapped = (rec_len & 0xFF) << 8 | rec_len >> 8
+            if swapped > limit:
+                raise _too_long("FAR", rec_len, limit, base + pos)
+            # a FAR of the other byte order: its lot is read in that order
+            order, rec_len = ("<" if order == ">" else ">"), swapped
+        end = pos + 4 + rec_len
+        self._pos = pos
+        if end > len(buf):
+            return True
+        values = tuple(buf[pos + 4:pos + 4 + min(rec_len, 2)])
+        cpu = values[0] if values else self.cpu_type
+        same = order == self.byte_order and (cpu == 0) == (self.cpu_type == 0)
+        self.byte_order, self.cpu_type = order, cpu
+        self._pos = end
+        yield (("FAR", base + pos, values) if rows else
+               StdfRecord("FAR", base + pos, row_fields(("FAR", pos, values))))
+        if same:
+            return False
+        if self._switching:  # the loop that runs this one's goes on with the new table
+            self._switched = True
+            return True
+        # read on with the new table; a loop never nests more than once (a file
+        # switching at every lot would otherwise stack a generator per lot)
+        self._switching = True
+        try:
+            while True:
+                self._switched = False
+                yield from self._table(rows).scan_for(self._skip)(self, buf, txt, self._pos,
+                                                                  base)
+                if not self._switched:
+                    return True
+        finally:
+            self._switching = False
 
     def _keep(self, it: Generator[Any, None, None]) -> None:
         # the unfinished ones only: a consumer that drops iterators without feeding
@@ -1224,6 +1299,61 @@ class StdfDecoder:
             return ("UNKNOWN", self._base + pos, (typ, sub, buf[pos + 4:end]))
         return StdfRecord("UNKNOWN", self._base + pos,
                           {"REC_TYP": typ, "REC_SUB": sub, "DATA": buf[pos + 4:end]})
+
+
+# ------------------------------------------------------------------ VAX (CPU_TYPE 0)
+
+class _VaxReaders(_Readers):
+    """The little-endian field readers with R*4 and R*8 read as VAX F and D floating."""
+
+    def __init__(self) -> None:
+        from .vax import d_float, f_float
+        super().__init__("<")
+        self.scalar = {**self.scalar, "R4": lambda buf, p: (f_float(buf, p),),
+                       "R8": lambda buf, p: (d_float(buf, p),)}
+        self.floats = {"R4": (f_float, 4), "R8": (d_float, 8)}
+
+    def array(self, typ: str, count: int, buf: bytes, p: int, end: int,
+              size: int = 0) -> tuple[list[Any], int]:
+        read = self.floats.get(typ)
+        if read is None:
+            return super().array(typ, count, buf, p, end, size)
+        func, width = read
+        q = p + count * width
+        if q > end:
+            raise _Short
+        return [func(buf, i) for i in range(p, q, width)], q
+
+
+#: the record types with a float field (a GDR: its R*4 and R*8 values)
+FLOAT_TYPES = frozenset(spec.name for spec in BY_NAME.values()
+                        if any(f.type in ("R4", "R8", "Vn") for f in spec.fields))
+_VAX_TABLES: dict[tuple[bool, bool], _Table] = {}
+
+
+def vax_table(rows: bool = False) -> _Table:
+    """The decoders of a CPU_TYPE 0 file: the little-endian ones, but the types with
+    floats decoded field by field with VAX F/D readers (none inline).  Only such a file
+    uses them: every other takes the same path as before."""
+    memo = MEMO_SIZE > 0
+    table = _VAX_TABLES.get((rows, memo))
+    if table is None:
+        table = _VAX_TABLES[rows, memo] = _Table("<", rows, memo)
+        table.inline = tuple(name for name in INLINE if name not in FLOAT_TYPES)
+        readers = _VaxReaders()
+        generic = _generic_row if rows else decode_generic
+        for name in FLOAT_TYPES:
+            spec = BY_NAME[name]
+            key = _type_key("<", spec.typ, spec.sub)
+            entry = table.entries[key]
+            table.entries[key] = (entry[0], partial(_vax_decode, generic, spec, readers),
+                                  entry[2])
+    return table
+
+
+def _vax_decode(generic: Callable[..., Any], spec: RecordSpec, readers: _Readers,
+                buf: bytes, txt: str, p: int, end: int) -> Any:
+    return generic(spec, readers, buf, p, end)
 
 
 def decode_all(data: bytes) -> list[StdfRecord]:

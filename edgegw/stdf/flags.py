@@ -34,8 +34,10 @@ PART_NO_PASS_FAIL = 0x10
 
 
 def result_passed(test_flg: int) -> bool | None:
-    """Pass/fail of a PTR/MPR/FTR from TEST_FLG; None when the record says there is none."""
-    if test_flg & TEST_NO_PASS_FAIL:
+    """Pass/fail of a PTR/MPR/FTR from TEST_FLG; None when the record says there is none:
+    bit 6 (no pass/fail), or bit 4 (not executed: its pass/fail bits mean nothing, even
+    a fail bit left set)."""
+    if test_flg & (TEST_NO_PASS_FAIL | TEST_NOT_EXECUTED):
         return None
     return not test_flg & TEST_FAILED
 

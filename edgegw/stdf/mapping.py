@@ -24,7 +24,9 @@ end) without a MIR it goes out as it is, with an empty lot id.
 A FAR after an MRR starts another file's records (files concatenated, a retest lot
 appended): the mapping starts afresh, as for a file of its own.  A second MIR of another lot
 with no MRR before it ends the open lot with a LotEnd the mapping makes (``extra``
-``{"ended_by": "MIR"}``) before starting its own.
+``{"ended_by": "MIR"}``) before starting its own; so does a FAR with no MRR before it
+(a tester that crashed and restarted, appending to the file: ``{"ended_by": "FAR"}``),
+after which the mapping starts afresh as after an MRR.
 
 A record that lacks a field it must have (a PTR cut before TEST_NUM) or has a field of the
 wrong kind raises ``FormatError`` with the record's offset, as the parsers do.
@@ -127,6 +129,9 @@ class RecordMapper:
         #: a MIR's lot that no MRR has ended yet (a second MIR ends it)
         self._lot_open = False
         self._mrr_seen = False
+        #: leading records of the next ones to wait for a MIR that go out at once: the
+        #: end of the lot a FAR ended (``_far``), not the next lot's
+        self._ended = 0
 
     def map_all(self, records: Iterable[Any], now: float) -> list[Record]:
         out: list[Record] = []
@@ -178,11 +183,14 @@ class RecordMapper:
         ``MAX_WAITING`` records, all of it goes on without a lot id."""
         waiting = self.before_mir
         assert waiting is not None
+        now: list[Record] = []
+        if self._ended:
+            now, out, self._ended = out[:self._ended], out[self._ended:], 0
         waiting.extend(out)
         if len(waiting) <= MAX_WAITING:
-            return []
+            return now
         self.before_mir = None
-        return waiting
+        return now + waiting
 
     def close(self, now: float) -> list[Record]:
         """The file is complete: results of parts that never got their PRR are emitted
@@ -200,12 +208,23 @@ class RecordMapper:
     # -- lot and wafer ---------------------------------------------------------------------
 
     def _far(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
-        if self._mrr_seen:
+        if self._lot_open:
+            # a FAR inside a lot, no MRR before it: a tester that crashed and restarted,
+            # appending to its file.  The lot ends here, as at a second MIR (its open
+            # parts' results go on without a part id), with a LotEnd the mapping makes --
+            # else it stays "in test" until evicted; a FAR has no time (finish_t 0: the
+            # hub takes the time it arrives).  What follows is another file's records.
+            ended = [*self.close(now), LotEnd(self.source, now, self.lot_id, 0,
+                                              {"ended_by": "FAR"})]
+            out[:0] = ended
+            self._reset()
+            self._ended = len(ended)  # (they go out now, not with the next lot's MIR)
+        elif self._mrr_seen:
             # a FAR after a lot's MRR: another file's records follow (files concatenated,
             # a retest lot appended), mapped as that file on its own would be -- its
             # own test defaults, part numbering, lot
             self._reset()
-        if not self._far_seen:  # (a FAR inside a lot, before its MRR, is ignored)
+        if not self._far_seen:  # (a second FAR before the MIR is ignored)
             self._far_seen = True
             if not self._mir_seen:
                 self.before_mir = []

@@ -1,7 +1,9 @@
 """Part and bin statistics of an STDF stream, derived from its PRRs (retests counted once).
 
 A PRR whose PART_FLG has bit 0 set supersedes the earlier part with the same PART_ID;
-bit 1 set, the earlier part at the same X/Y (on the same wafer).  Only the final result
+bit 1 set, the earlier part at the same X/Y (on the same wafer) -- within its lot (its
+MIR's LOT_ID): in a file of several lots, another lot's part of that id or place is
+another part.  Only the final result
 of a part counts towards parts, good parts and bins, as the tester's own final summary
 does.  The file's own summaries (HBR/SBR/PCR; HEAD_NUM 255 means all sites) are
 collected alongside, so the two can be compared.
@@ -41,15 +43,16 @@ class StdfStats:
     decoding them (``records[name] += n``)."""
 
     #: the record types whose fields the figures come from
-    READS: ClassVar[frozenset[str]] = frozenset({"PRR", "WIR", "HBR", "SBR", "PCR"})
+    READS: ClassVar[frozenset[str]] = frozenset({"PRR", "WIR", "HBR", "SBR", "PCR", "MIR"})
 
     def __init__(self) -> None:
         self.records: Counter[str] = Counter()
         self.tested = 0  # PRRs seen, retests included
         self.retests = 0  # PRRs that superseded an earlier result found in this stream
         self._parts: list[_Part] = []
-        self._by_id: dict[tuple[str, str], int] = {}
-        self._by_xy: dict[tuple[str, int, int], int] = {}
+        self._by_id: dict[tuple[str, str, str], int] = {}
+        self._by_xy: dict[tuple[str, str, int, int], int] = {}
+        self._lot = ""
         self._wafer = ""
         #: the file's own summaries: (head, site) -> bin -> count; (255, 255) is all sites
         self.file_hbr: dict[tuple[int, int], dict[int, int]] = {}
@@ -62,6 +65,10 @@ class StdfStats:
             self._prr(fields)
         elif name == "WIR":
             self._wafer = fields.get("WAFER_ID", "")
+        elif name == "MIR":  # a lot (of a file holding several): its parts are its own
+            lot = fields.get("LOT_ID", "")
+            if lot != self._lot:
+                self._lot, self._wafer = lot, ""
         elif name == "HBR":
             key = _summary_key(fields)
             bins = self.file_hbr.setdefault(key, {})
@@ -83,8 +90,8 @@ class StdfStats:
                      None if soft == 65535 else soft, part_passed(flags) is True)
         part_id = f.get("PART_ID", "")
         x, y = f.get("X_COORD", -32768), f.get("Y_COORD", -32768)
-        id_key = (self._wafer, part_id)
-        xy_key = (self._wafer, x, y)
+        id_key = (self._lot, self._wafer, part_id)
+        xy_key = (self._lot, self._wafer, x, y)
         index = None
         if flags & 0x01 and part_id:
             index = self._by_id.get(id_key)

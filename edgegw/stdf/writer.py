@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .spec import BY_NAME, GDR_TYPES, STRUCT_CODES, Bits, Field, RecordSpec, missing_value
+from .vax import d_bytes, f_bytes
 
 _UF_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
@@ -27,14 +28,23 @@ def _text(value: str | bytes, what: str, limit: int) -> bytes:
 
 
 class StdfWriter:
-    """Encodes records; ``byte_order`` is "<" (CPU_TYPE 2) or ">" (CPU_TYPE 1)."""
+    """Encodes records; ``byte_order`` is "<" (CPU_TYPE 2) or ">" (CPU_TYPE 1).
+    ``cpu_type=0`` (with "<") writes a DEC PDP-11/VAX tester's file: its R*4 and R*8 as
+    VAX F and D floating (:mod:`edgegw.stdf.vax`), its FAR CPU_TYPE 0."""
 
-    def __init__(self, byte_order: str = "<") -> None:
+    def __init__(self, byte_order: str = "<", cpu_type: int | None = None) -> None:
         if byte_order not in ("<", ">"):
             raise ValueError(f"byte_order must be '<' or '>', not {byte_order!r}")
+        if cpu_type == 0 and byte_order != "<":
+            raise ValueError("CPU_TYPE 0 (VAX) files are little-endian: byte_order '<'")
         self.byte_order = byte_order
-        self.cpu_type = 2 if byte_order == "<" else 1
+        self.cpu_type = cpu_type if cpu_type is not None else 2 if byte_order == "<" else 1
         self._structs = {t: struct.Struct(byte_order + c).pack for t, c in STRUCT_CODES.items()}
+        #: the float types written field by field (VAX): not packed as IEEE arrays
+        self._floats: frozenset[str] = frozenset()
+        if self.cpu_type == 0:
+            self._structs["R4"], self._structs["R8"] = f_bytes, d_bytes
+            self._floats = frozenset({"R4", "R8"})
         self._header = struct.Struct(byte_order + "HBB").pack
         self._u2 = struct.Struct(byte_order + "H").pack
 
@@ -135,7 +145,7 @@ class StdfWriter:
                          for lo, hi in zip(padded[::2], padded[1::2], strict=True))
             return
         code = STRUCT_CODES.get(f.type)
-        if code is not None and f.type != "C1":
+        if code is not None and f.type != "C1" and f.type not in self._floats:
             out += struct.pack(f"{self.byte_order}{len(values_)}{code}", *values_)
             return
         for value in values_:
