@@ -25,8 +25,15 @@ back as ``context.checkpoint``)::
 
     {"version": 2, "files": {PATH: {"offset": N, "done": bool, "reason": str,
                                     "inode": int, "size": int, "state": {...},
-                                    "head": [LENGTH, CRC32], "gen": GENERATION}},
+                                    "head": [LENGTH, CRC32], "gen": GENERATION,
+                                    "end": N | null, "from": N}},
      "finished_before": NS, "gone": [[inode, NS], ...]}
+
+``end`` (finished files): where the last MRR ends (null: not complete at an MRR).  A file
+that grows past what was read, the bytes after its ``end`` beginning with a whole FAR, is
+read on from there as another lot, by a parser and mapper of its own (``_next_lot``);
+``from``: the offset that parser starts at, where a restart re-reads it from.  Any other
+growth of a finished file is logged and not read.
 
 Bounded: ``files`` lists the unfinished files and the finished ones that changed (their
 modification or status-change time, whichever is later, in ns) after ``finished_before``,
