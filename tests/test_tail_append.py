@@ -336,3 +336,33 @@ async def test_through_the_gateway_a_crash_after_any_frame_of_an_appended_lot(
     for image in crashes:
         await run(tail_cfg(files, tmp_path / f"gw{image.name}", image))
         assert await tailed_records(image) == whole, f"a crash after frame {image.name}"
+
+
+def test_the_registry_keeps_the_versions_a_restart_may_rely_on(tmp_path: Path) -> None:
+    """A file read on past its entry (a lot appended and read) gets a new version of it,
+    relied on only from its own ``since``; the one before stays for a restart from a
+    checkpoint that has not covered that lot.  On disk: six fields when the file ends at
+    its last MRR and there is no older version (as an older tail wrote), eight otherwise."""
+    from edgegw.sources import FinishedFiles, recognised
+
+    path = tmp_path / "finished.jsonl"
+    reg = FinishedFiles(str(path), 10)
+    reg.add(7, "/d/a.stdf", (1024, 1), 5000, changed=100, end=5000)
+    reg.add(8, "/d/b.stdf", (1024, 2), 3000, changed=100, end=None)  # complete when idle
+    reg.flush()
+    assert [len(json.loads(line)) for line in path.read_text().splitlines()] == [6, 8]
+    reg.add(7, "/d/a.stdf", (1024, 1), 9000, changed=200, end=8990, read_on=True)
+    e = reg.get(7)
+    assert recognised(e, "/d/a.stdf", 9000, True, 200) == "unchanged"
+    assert recognised(e, "/d/a.stdf", 9000, True, 150) == "grew", "the version before"
+    assert recognised(e, "/d/a.stdf", 9000, True, 99) is None, "none durable yet"
+    reg.add(7, "/d/c.stdf", (1024, 1), 9000, changed=300, end=8990)  # renamed: the same
+    reg.flush()
+    again = FinishedFiles(str(path), 10)
+    again.load()
+    assert again.entries == reg.entries
+    assert again.entries[8].end is None and again.entries[7].older[0].end == 5000
+    path.write_text('[9, "/d/old.stdf", 1024, 3, 4000, 50]\n')  # an older tail's line
+    old = FinishedFiles(str(path), 10)
+    old.load()
+    assert old.entries[9].end == 4000, "taken to end at its size"

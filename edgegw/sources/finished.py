@@ -139,7 +139,8 @@ class FinishedFiles:
         that one)."""
         old = self.entries.get(inode)
         if old is not None and read_on and old.path == path and size > old.size:
-            older = (dataclasses.replace(old, older=()), *old.older)[:OLDER_KEPT]
+            # (an older version has no path of its own: the entry's is the file's)
+            older = (dataclasses.replace(old, path="", older=()), *old.older)[:OLDER_KEPT]
             entry = Entry(path, head, size, changed, end, older)
         elif old is not None and old.head == head:
             entry = Entry(path, head, size, min(old.since, changed), end, old.older)
@@ -262,8 +263,7 @@ def _entry(item: list[Any]) -> Entry:
         return Entry(str(path), (int(n), int(crc)), int(size), int(since), int(size))
     _, path, n, crc, size, since, end, older = item
     return Entry(str(path), (int(n), int(crc)), int(size), int(since), _end(end),
-                 tuple(Entry(str(path), (int(on), int(ocrc)), int(osize), int(osince),
-                             _end(oend))
+                 tuple(Entry("", (int(on), int(ocrc)), int(osize), int(osince), _end(oend))
                        for on, ocrc, osize, osince, oend in older))
 
 
