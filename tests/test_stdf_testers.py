@@ -665,19 +665,26 @@ async def test_every_lot_of_a_gzip_file_holding_several_is_sent_once(tmp_path: P
     assert sink.checkpoint["files"][str(path)]["done"]
 
 
-async def test_a_lot_appended_after_the_tail_read_the_last_mrr_is_not_read(
+async def test_a_lot_appended_after_the_tail_read_the_last_mrr_is_read_from_there(
         tmp_path: Path) -> None:
-    # the rule that ends a file: what follows an MRR when the tail reads it decides; after
-    # the last one the file is complete, and later growth is "grew after it was complete"
+    # what follows an MRR when the tail reads it decides whether the file is complete
+    # there; a lot appended later (a whole FAR right after that MRR) is read from there, as
+    # a file of its own (docs/tail.md, "A lot appended to a finished file"; before, it was
+    # "grew after it was complete" and lost; tests/test_tail_append.py)
     first, second = lot_of("LOTA", 3, 10.0), lot_of("LOTB", 2, 5.0)
     path = tmp_path / "lot.stdf"
     path.write_bytes(first)
     sink = await tailed(tmp_path)
     assert sink.checkpoint["files"][str(path)]["done"]
+    assert sink.checkpoint["files"][str(path)]["end"] == len(first)
     with path.open("ab") as f:
         f.write(second)
     again = await tailed(tmp_path, json.loads(json.dumps(sink.checkpoint)))
-    assert again.records == [] and len(sink.records) == len(gateway(first))
+    def zero(records: list[Any]) -> list[Any]:
+        return [r._replace(ts=0.0) for r in records]
+
+    assert zero(sink.records) == zero(gateway(first))
+    assert zero(again.records) == zero(gateway(second)), "the second lot, as a file of its own"
 
 
 def two_lots_and_offsets() -> tuple[bytes, list[int]]:

@@ -100,6 +100,18 @@ def read_fingerprints(
     return out
 
 
+def read_at(path: str, inode: int, at: int, n: int) -> bytes | None:
+    """Up to ``n`` bytes of ``path`` from offset ``at`` (None: it cannot be read, or its
+    inode is no longer ``inode``).  Blocking."""
+    try:
+        with open(path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_ino != inode:
+                return None
+            return os.pread(handle.fileno(), n, at)
+    except OSError:
+        return None
+
+
 #: FS_IOC_GETVERSION (Linux: ``_IOR('v', 1, long)``): the inode's generation number
 _GETVERSION = (2 << 30) | (struct.calcsize("l") << 16) | (ord("v") << 8) | 1
 
@@ -117,13 +129,15 @@ def generation(fd: int) -> int | None:
     return int(struct.unpack("I", raw[:4])[0])  # (the kernel writes an int)
 
 
-def open_file(path: str, inode: int) -> tuple[BinaryIO, int | None]:
-    """Open ``path`` for reading, and the generation number of its inode if it is still
-    ``inode`` (None otherwise: replaced since the scan).  Blocking."""
+def open_file(path: str, inode: int, at: int = 0) -> tuple[BinaryIO, int | None]:
+    """Open ``path`` for reading (at offset ``at``), and the generation number of its inode
+    if it is still ``inode`` (None otherwise: replaced since the scan).  Blocking."""
     handle = open(path, "rb")  # (handed to the caller, who closes it)
     try:
         fd = handle.fileno()
         gen = generation(fd) if os.fstat(fd).st_ino == inode else None
+        if at:
+            handle.seek(at)
     except BaseException:
         handle.close()
         raise

@@ -18,8 +18,18 @@ Two orders make it exact (docs/tail.md, "Finished files changed while stopped"):
   records stored.  An entry written ahead of a checkpoint that never became durable (a
   crash in between) is not relied on: its file is read from that checkpoint as before.
 
+An entry also keeps ``end``: where its file's last MRR ends (None: it was not complete at
+an MRR), where a lot appended to it would begin (docs/tail.md, "Appending to a finished
+file").  A file read on past its entry (such a lot) gets a new version of its entry, with
+its own ``since`` (relied on only once a durable checkpoint covers that lot's records); the
+versions before it stay (``older``, the last ``OLDER_KEPT``), so that a restart from a
+checkpoint that has not covered the lot yet still knows the file as it was then.
+
 The file is a log of JSON lines, appended to: ``[inode, path, n, crc, size, since]`` sets
-an entry, ``[inode]`` removes one; a torn last line (a crash mid-write) is ignored.  It is
+an entry whose file ends at its last MRR (``end`` = ``size``: what an older gateway wrote,
+taken so), ``[inode, path, n, crc, size, since, end, [[n, crc, size, since, end], ...]]``
+any other (the list: ``older``), ``[inode]`` removes one; a torn last line (a crash
+mid-write) is ignored.  It is
 rewritten (to a new file, renamed over) once it holds twice the entries' lines.  Bounded:
 at most ``kept`` entries; beyond, the oldest (earliest ``since``) are forgotten (down to
 nine tenths of ``kept``), and those
@@ -35,7 +45,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from .fingerprint import Fingerprint
 
@@ -44,13 +54,33 @@ log = logging.getLogger(__name__)
 FILE_NAME = "finished.jsonl"
 
 
+#: versions of an entry kept before its latest (lots appended to its file and read)
+OLDER_KEPT = 4
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     path: str
     head: Fingerprint
     size: int
     #: its file's change time (ns) when it was first registered as finished with this head
+    #: (with this size, for a file read on past an earlier version)
     since: int
+    #: where its last MRR ends (None: not complete at an MRR): an appended lot starts here
+    end: int | None = None
+    #: the versions before this one, latest first (a file read on past them)
+    older: tuple[Entry, ...] = ()
+
+
+def relied_on(entry: Entry | None, durable_watermark: int) -> Entry | None:
+    """The latest version of ``entry`` a restart from a durable checkpoint with this
+    watermark may rely on (its ``since`` at or before it; None: none)."""
+    if entry is None:
+        return None
+    for version in (entry, *entry.older):
+        if version.since <= durable_watermark:
+            return version
+    return None
 
 
 def recognised(entry: Entry | None, path: str, size: int, starts_alike: bool | None,
@@ -59,15 +89,17 @@ def recognised(entry: Entry | None, path: str, size: int, starts_alike: bool | N
     checkpoint's watermark, which does not list it) is the finished file ``entry`` describes,
     ``starts_alike`` telling whether its first bytes match the entry's ``head``:
     "unchanged" (its size is the same: touched, chmod-ed or renamed), "grew" (appended to
-    at the same path: as the running tail, which logs a finished file that grows and does
-    not read it again), or None: a file to read from its start (no entry, one not to be
-    relied on yet, another start, shorter, or grown under another name -- the running tail
-    reads a finished file renamed with another size again too)."""
-    if entry is None or starts_alike is not True or entry.since > durable_watermark:
+    at the same path: as the running tail, which reads on a lot appended after its last
+    MRR and logs any other growth), or None: a file to read from its start (no entry, one
+    not to be relied on yet, another start, shorter, or grown under another name -- the
+    running tail reads a finished file renamed with another size again too).  The version
+    compared is ``relied_on``'s."""
+    version = relied_on(entry, durable_watermark)
+    if entry is None or version is None or starts_alike is not True:
         return None
-    if size == entry.size:
+    if size == version.size:
         return "unchanged"
-    if size > entry.size and path == entry.path:
+    if size > version.size and path == entry.path:
         return "grew"
     return None
 
@@ -95,17 +127,29 @@ class FinishedFiles:
         e = self.entries.get(inode)
         return e is not None and e.path == path and e.head == head and e.size == size
 
-    def add(self, inode: int, path: str, head: Fingerprint, size: int, changed: int) -> None:
-        """Register a finished file (``changed``: its change time now).  The same file
-        (inode and head) keeps the ``since`` it was first registered with: it has been
-        finished since then, renamed or touched or not."""
+    def add(self, inode: int, path: str, head: Fingerprint, size: int, changed: int,
+            end: int | None = None, *, read_on: bool = False) -> None:
+        """Register a finished file (``changed``: its change time now; ``end``: where its
+        last MRR ends, None when it was not complete at one).  The same file (inode and
+        head) keeps the ``since`` it was first registered with: it has been finished since
+        then, renamed or touched or not -- unless it was read on past its entry
+        (``read_on``: a lot appended to it, at the same path, larger): then this is a new
+        version, since ``changed``, and the entry before it is kept as an older one (a
+        restart from a checkpoint that does not cover the new version's records relies on
+        that one)."""
         old = self.entries.get(inode)
-        since = old.since if old is not None and old.head == head else changed
-        entry = Entry(path, head, size, min(since, changed))
+        if old is not None and read_on and old.path == path and size > old.size:
+            # (an older version has no path of its own: the entry's is the file's)
+            older = (dataclasses.replace(old, path="", older=()), *old.older)[:OLDER_KEPT]
+            entry = Entry(path, head, size, changed, end, older)
+        elif old is not None and old.head == head:
+            entry = Entry(path, head, size, min(old.since, changed), end, old.older)
+        else:
+            entry = Entry(path, head, size, changed, end)
         if entry == old:
             return
         self.entries[inode] = entry
-        self._unwritten.append(json.dumps([inode, path, head[0], head[1], size, entry.since]))
+        self._unwritten.append(json.dumps(_line(inode, entry)))
         if len(self.entries) > self.kept:
             self._forget_oldest()
 
@@ -162,9 +206,7 @@ class FinishedFiles:
                 if len(item) == 1:
                     self.entries.pop(int(item[0]), None)
                 else:
-                    inode, path, n, crc, size, since = item
-                    self.entries[int(inode)] = Entry(str(path), (int(n), int(crc)), int(size),
-                                                     int(since))
+                    self.entries[int(item[0])] = _entry(item)
             except (ValueError, TypeError):
                 log.warning("%s: unreadable line %d and after ignored", self.path, lines + 1)
                 self._rewrite = True
@@ -182,8 +224,7 @@ class FinishedFiles:
         directory = os.path.dirname(self.path)
         os.makedirs(directory, exist_ok=True)
         if self._rewrite or self._lines + len(self._unwritten) > 2 * len(self.entries) + 64:
-            lines = [json.dumps([inode, e.path, e.head[0], e.head[1], e.size, e.since])
-                     for inode, e in self.entries.items()]
+            lines = [json.dumps(_line(inode, e)) for inode, e in self.entries.items()]
             tmp = self.path + ".new"
             with open(tmp, "wb") as handle:
                 handle.write("".join(line + "\n" for line in lines).encode())
@@ -203,6 +244,31 @@ class FinishedFiles:
             self._lines += len(self._unwritten)
         self._unwritten.clear()
         self._rewrite = False
+
+
+def _line(inode: int, e: Entry) -> list[Any]:
+    """An entry as a log line: the short form when its file ends at its last MRR and it
+    has no older version (what an older gateway wrote, and can read)."""
+    line: list[Any] = [inode, e.path, e.head[0], e.head[1], e.size, e.since]
+    if e.end != e.size or e.older:
+        line += [e.end, [[o.head[0], o.head[1], o.size, o.since, o.end] for o in e.older]]
+    return line
+
+
+def _entry(item: list[Any]) -> Entry:
+    """A log line back (``_line``); the short form: ``end`` = ``size`` (an older gateway's
+    entry does not say; docs/tail.md, "Upgrading")."""
+    if len(item) == 6:
+        _, path, n, crc, size, since = item
+        return Entry(str(path), (int(n), int(crc)), int(size), int(since), int(size))
+    _, path, n, crc, size, since, end, older = item
+    return Entry(str(path), (int(n), int(crc)), int(size), int(since), _end(end),
+                 tuple(Entry("", (int(on), int(ocrc)), int(osize), int(osince), _end(oend))
+                       for on, ocrc, osize, osince, oend in older))
+
+
+def _end(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _sync_directory(directory: str) -> None:

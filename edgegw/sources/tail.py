@@ -25,8 +25,15 @@ back as ``context.checkpoint``)::
 
     {"version": 2, "files": {PATH: {"offset": N, "done": bool, "reason": str,
                                     "inode": int, "size": int, "state": {...},
-                                    "head": [LENGTH, CRC32], "gen": GENERATION}},
+                                    "head": [LENGTH, CRC32], "gen": GENERATION,
+                                    "end": N | null, "from": N}},
      "finished_before": NS, "gone": [[inode, NS], ...]}
+
+``end`` (finished files): where the last MRR ends (null: not complete at an MRR).  A file
+that grows past what was read, the bytes after its ``end`` beginning with a whole FAR, is
+read on from there as another lot, by a parser and mapper of its own (``_next_lot``);
+``from``: the offset that parser starts at, where a restart re-reads it from.  Any other
+growth of a finished file is logged and not read.
 
 Bounded: ``files`` lists the unfinished files and the finished ones that changed (their
 modification or status-change time, whichever is later, in ns) after ``finished_before``,
@@ -94,15 +101,17 @@ from ..records import GatewayEvent, Record
 from ..stdf.mapping import RecordMapper
 from . import RecordSink, SourceContext, source_errors
 from .fingerprint import (
+    HEAD_BYTES,
     Fingerprint,
     complete,
     extended,
     from_checkpoint,
     open_file,
+    read_at,
     read_fingerprints,
     to_checkpoint,
 )
-from .finished import FILE_NAME, FinishedFiles, recognised
+from .finished import FILE_NAME, FinishedFiles, recognised, relied_on
 from .formats import UnknownFormat, build_options, get_format, is_complete, new_parser
 
 log = logging.getLogger(__name__)
@@ -206,6 +215,15 @@ class _File:
     #: where the last record read, an MRR, ends (0: the last one is not an MRR): the end
     #: of the file unless the next record is a FAR, another lot (``TailSource._map``)
     after_mrr: int = 0
+    #: finished: where its last MRR ends, where a lot appended to it would begin (None:
+    #: not complete at an MRR; its growth is not read: ``TailSource._next_lot``)
+    end: int | None = None
+    #: the offset its parser starts at: a lot appended after it was complete is read
+    #: from its start, a file of its own (0: the file's start)
+    base: int = 0
+    #: its size when what follows its ``end`` was too short to tell (looked at again
+    #: only once it changes)
+    peeked: int = -1
     #: the offset in the last checkpoint handed to the sink: where the file's next
     #: records follow (their ``origin``, see ``TailSource._put``)
     origin: int = 0
@@ -236,7 +254,23 @@ class _File:
             entry["head"] = to_checkpoint(self.head)
         if self.gen is not None:
             entry["gen"] = self.gen
+        if self.base:
+            entry["from"] = self.base
+        if self.done:
+            entry["end"] = self.end
         return entry
+
+
+def _end_of(e: dict[str, Any]) -> int | None:
+    """A checkpoint entry's ``end``; an older tail's has none: a file complete at an MRR
+    has its offset there (the MRR's end), one the watermark took as finished is taken to
+    end at its size (docs/tail.md, "Upgrading")."""
+    if "end" in e:
+        return None if e["end"] is None else int(e["end"])
+    reason = str(e.get("reason", ""))
+    if reason == "MRR":
+        return int(e["offset"])
+    return int(e["size"]) if reason.startswith("finished (") else None
 
 
 class _GzipReader:
@@ -359,7 +393,8 @@ class TailSource:
                     offset=int(e["offset"]), done=bool(e["done"]), reason=str(e["reason"]),
                     size=int(e["size"]), state=dict(e.get("state") or {}),
                     head=from_checkpoint(e.get("head")), origin=int(e["offset"]),
-                    gen=None if e.get("gen") is None else int(e["gen"]), gen_fixed=True)
+                    gen=None if e.get("gen") is None else int(e["gen"]), gen_fixed=True,
+                    end=_end_of(e), base=int(e.get("from", 0)))
             self.watermark = int(checkpoint.get("finished_before", 0))
             self.gone = [(int(inode), int(changed))
                          for inode, changed in checkpoint.get("gone", [])]
@@ -427,6 +462,7 @@ class TailSource:
         """Mark ``f`` finished; unlisted at once when the watermark covers it."""
         f.done = True
         f.reason = reason
+        f.end = f.offset if reason == "MRR" else None
         if f.changed <= self.watermark:
             if self._unregistered(f):  # listed until its entry is durable
                 self._registering[f.path] = f
@@ -446,7 +482,8 @@ class TailSource:
         held, self._registering = self._registering, {}
         for p, f in held.items():
             if self.files.get(p) is f and f.done and f.head is not None:
-                self.finished.add(f.inode, p, f.head, f.size, f.changed)
+                self.finished.add(f.inode, p, f.head, f.size, f.changed, f.end,
+                                  read_on=f.base > 0)
         if self.finished.dirty:
             try:
                 await trio.to_thread.run_sync(self.finished.flush)
@@ -468,14 +505,81 @@ class TailSource:
         entry = self.finished.get(info.inode)
         verdict = recognised(entry, info.path, info.size, None if head is None else head[1],
                              self._durable_watermark)
-        if verdict is None or entry is None:
+        version = relied_on(entry, self._durable_watermark)
+        if verdict is None or entry is None or version is None:
             return None
         log.info("source %s: %s is %s, finished before the restart (%s): not read again",
                  self.name, info.path, entry.path if entry.path != info.path else "the file",
                  "changed" if verdict == "unchanged" else "grown since")
-        return _File(info.path, info.inode, info.gz, offset=entry.size, done=True,
-                     reason="finished (registered)", size=entry.size, head=entry.head,
-                     origin=entry.size, changed=info.changed)
+        # (the version the durable checkpoint relies on: a lot appended after it is read)
+        # (at its end, where the running tail had it: the origin of what is read on)
+        at = version.size if version.end is None else version.end
+        return _File(info.path, info.inode, info.gz, offset=at, done=True,
+                     reason="finished (registered)", size=version.size, head=version.head,
+                     origin=at, changed=info.changed, end=version.end)
+
+    def _registered_end(self, info: _FileInfo,
+                        head: tuple[Fingerprint, bool | None] | None) -> int | None:
+        """Where a file the watermark took as finished ends (its last MRR): its registry
+        entry's ``end``, if the entry describes it as it is (start and size); otherwise
+        not known, and taken to be its size (docs/tail.md, "Appending to a finished
+        file")."""
+        entry = self.finished.get(info.inode) if self.finished is not None else None
+        if entry is not None and head is not None and head[1] and entry.size == info.size:
+            return entry.end
+        return info.size
+
+    async def _next_lot(self, f: _File, size: int) -> bool | None:
+        """Whether another lot follows the end of the last MRR of ``f``, finished, now
+        ``size`` bytes long: what follows that end begins with a whole FAR.  True: ``f`` is
+        read on from there, unfinished again (``_read_on``); None: not looked at (not at
+        this size again: too few bytes to tell stay so until it changes).  Only the bytes
+        after that end are read, and only when the file has grown: a finished file is not
+        read again."""
+        if f.end is None or f.gz or size <= f.end:  # (a gzip file's offsets are not its bytes')
+            return False
+        if f.peeked == size:
+            return None
+        f.peeked = size
+        verdict = await self._lot_follows(f, size)
+        if verdict:
+            self._read_on(f)
+        return verdict
+
+    def _read_on(self, f: _File) -> None:
+        """``f`` is unfinished again: a lot appended after its last MRR is read from there
+        by a parser of its own (either byte order), as a file of its own would be.  Its
+        ``origin`` stays the offset the last checkpoint handed over gives it."""
+        assert f.end is not None
+        log.info("source %s: %s: a lot appended after its last MRR (byte %d): read from "
+                 "there", self.name, f.path, f.end)
+        f.done, f.reason, f.warned, f.peeked = False, "", False, -1
+        f.base = f.offset = f.end
+        self._registering.pop(f.path, None)
+        self._listed[f.path] = f
+
+    async def _lot_follows(self, f: _File, size: int) -> bool | None:
+        """Whether the bytes after ``f.end`` begin with a whole, valid FAR (STDF V4: its
+        STDF_VER 4; either byte order), read by a fresh parser; None: too few of them
+        yet."""
+        assert f.end is not None
+        data = await trio.to_thread.run_sync(
+            read_at, f.path, f.inode, f.end, min(size - f.end, HEAD_BYTES))
+        if data is None:  # (replaced since the scan, or unreadable: the next change tells)
+            return None
+        try:
+            parser = new_parser(self.format, self.options)
+            parser.feed(data)
+            for rec in parser.records():
+                return rec.name == "FAR" and rec.fields.get("STDF_VER", 4) == 4
+        except FormatError:
+            return False
+        except Exception:  # a bug in the plugin: not read, as before
+            report_internal_error(self.context.metrics, "format_parser", log,
+                                  "source %s: %s parser on %s (after its end)", self.name,
+                                  self.format.name, f.path)
+            return False
+        return None if len(data) < HEAD_BYTES else False
 
     def _finished_before(self, info: _FileInfo) -> bool | None:
         """A file not known: whether the watermark says it was finished (it changed at or
@@ -575,10 +679,12 @@ class TailSource:
                 self.files[info.path] = self._listed[info.path] = f
                 changed.append(f)  # (handed over: it is listed again)
             if f is None and before:
+                end = self._registered_end(info, head)
+                at = info.size if end is None else end
                 f = self.files[info.path] = _File(
-                    info.path, info.inode, info.gz, offset=info.size, done=True,
+                    info.path, info.inode, info.gz, offset=at, done=True,
                     reason="finished (before the checkpoint's watermark)", size=info.size,
-                    origin=info.size, changed=info.changed)
+                    origin=at, changed=info.changed, end=end)
             elif f is None:
                 f = self.files[info.path] = self._listed[info.path] = _File(
                     info.path, info.inode, info.gz)
@@ -596,7 +702,7 @@ class TailSource:
                 # finished by the durable checkpoint's watermark (and so since its change
                 # time): registered too, in case it changes while the gateway is stopped
                 self.finished.add(f.inode, f.path, f.head, f.size,  # type: ignore[union-attr]
-                                  f.changed)
+                                  f.changed, f.end)
             if info.changed != f.changed:
                 f.changed = info.changed
                 if f.changed > self.watermark:
@@ -607,13 +713,24 @@ class TailSource:
             # (a file finished from now on leaves the list at once, see _done)
             self.watermark = max(self.watermark, min(horizon, ahead[i + 1] - 1))
             if f.done:
-                if info.size > f.size and not f.warned:
+                if info.size <= f.size or f.warned:
+                    continue
+                verdict = await self._next_lot(f, info.size)
+                if verdict is False:
                     f.warned = True
-                    log.warning("source %s: %s grew after it was complete (%s); not read again",
-                                self.name, info.path, f.reason)
-                continue
+                    log.warning("source %s: %s grew after it was complete (%s)%s; not read "
+                                "again", self.name, info.path, f.reason,
+                                "" if f.end is None or f.gz else
+                                f", and what follows its last MRR (byte {f.end}) is not a FAR")
+                if not verdict:
+                    continue
             try:
                 await self._follow(f, info, sink)
+                while (f.done and f.end is not None and f.fed > f.end
+                       and await self._next_lot(f, max(f.fed, info.size))):
+                    # bytes after its MRR that its parser did not take for a lot: a FAR
+                    # in the other byte order is one, read by a parser of its own
+                    await self._follow(f, info, sink)
             except OSError as exc:
                 await self._release(f)
                 if not f.warned:
@@ -818,7 +935,8 @@ class TailSource:
             try:
                 try:
                     f.parser.feed(data)
-                except FormatError:
+                except FormatError as exc:
+                    exc.offset += f.base
                     raise
                 except Exception:  # a bug in the format plugin: see _plugin_failed
                     raise self._plugin_failed(f) from None
@@ -898,6 +1016,7 @@ class TailSource:
         parsed = 0
         skipped = f.parser.records_skipped if rows else 0  # type: ignore[attr-defined]
         after_mrr = f.after_mrr
+        base = f.base  # (the parser's offsets count from there)
         try:
             for rec in records():
                 parsed += 1
@@ -914,22 +1033,23 @@ class TailSource:
                     after_mrr = 0
                 mapped = map_one(rec, now)
                 if name == "MRR":
-                    after_mrr = f.parser.position
+                    after_mrr = f.parser.position + base
                 if f.skip_below:
-                    offset = rec[1] if rows else rec.offset
+                    offset = (rec[1] if rows else rec.offset) + base
                     if offset < f.skip_below:
-                        f.boundary_seen |= f.parser.position == f.skip_below
+                        f.boundary_seen |= f.parser.position + base == f.skip_below
                         continue
                     if offset != f.skip_below and not f.boundary_seen:
                         raise FormatError(
                             f"checkpoint offset {f.skip_below} is not a record boundary of "
-                            f"this file (a record starts at {offset})", f.skip_below)
+                            f"this file (a record starts at {offset})", f.skip_below - base)
                     f.skip_below = 0
                 batch.extend(mapped)
         except FormatError as exc:
             if after_mrr:  # what follows the MRR cannot be read: not the file's data
                 self._trailer(f, after_mrr, exc.message)
                 return batch, True
+            exc.offset += base
             exc.batch = batch  # type: ignore[attr-defined]
             raise
         except Exception:
@@ -944,7 +1064,7 @@ class TailSource:
             try:
                 if not f.skip_below:
                     # (the end of the MRR when what follows it ends the file)
-                    f.offset = max(f.offset, after_mrr or f.parser.position)
+                    f.offset = max(f.offset, after_mrr or f.parser.position + base)
                 f.state = f.parser.state()
             except Exception:  # already counted if it is the same bug; the file ends
                 f.state = {}
@@ -956,7 +1076,7 @@ class TailSource:
 
     async def _open(self, f: _File) -> FormatError | None:
         """Open the file and a parser for it; the error if the format plugin failed."""
-        raw, gen = await trio.to_thread.run_sync(open_file, f.path, f.inode)
+        raw, gen = await trio.to_thread.run_sync(open_file, f.path, f.inode, f.base)
         handle = trio.wrap_file(raw)
         f.reader = _GzipReader(handle) if f.gz else handle
         if not f.gen_fixed:  # (a file the checkpoint lists keeps the stream it had)
@@ -967,8 +1087,8 @@ class TailSource:
             return self._plugin_failed(f)
         f.mapper = RecordMapper(self.name, format=self.format.name,
                                 forward_raw=self.config.forward_raw)
-        f.fed = 0
-        f.skip_below = f.offset
+        f.fed = f.base
+        f.skip_below = f.offset if f.offset > f.base else 0
         f.boundary_seen = False
         f.after_mrr = 0
         f.rows = self._fast(f.parser)

@@ -1,0 +1,368 @@
+"""A lot appended to a finished STDF file (docs/tail.md, "Appending to a finished file"):
+a file complete at its MRR that grows, the bytes after that MRR beginning with a whole FAR
+(either byte order), is read on from there as its next lot -- running or after a restart,
+grown while the gateway ran, was stopped or crashed -- and each of its records is sent
+exactly once.  Any other growth (zero fill, a text trailer), and the growth of a file
+complete by ``idle_timeout``, is logged and not read, as before.
+
+Before: every such lot was logged "grew after it was complete" and lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_stdf_tail import expected, tail
+from test_tail_registry import (
+    FOLD,
+    LaggingSink,
+    Sink,
+    append,
+    crash,
+    lot_ids,
+    of,
+    read_and_fold,
+    read_and_fold_lagging,
+)
+
+from edgegw.sim import stdf_file_bytes
+from edgegw.sim.tester import TesterProfile
+from edgegw.sources import TailSource
+
+
+def lot(n: int, order: str = "<") -> bytes:
+    return stdf_file_bytes(TesterProfile(lot_id=f"L{n:03}", sites=2, wafer_diameter_dies=4,
+                                         tests_per_part=2, seed=n), byte_order=order)
+
+
+def start(directory: Path, state: Path, checkpoint: Any, **config: Any) -> TailSource:
+    config.setdefault("fold_after", 0)
+    source = tail([directory], checkpoint=checkpoint, state_dir=state, idle_timeout=3600,
+                  **config)
+    source._restore(source.context.checkpoint)  # what ``run`` does first
+    return source
+
+
+async def polls(source: TailSource, sink: Sink, n: int = 3) -> None:
+    for _ in range(n):
+        await source.poll_once(sink)
+
+
+def each_once(sink: Sink, lots: dict[int, bytes]) -> None:
+    assert lot_ids(sink.records) == {f"L{n:03}": 1 for n in lots}
+    for n, data in lots.items():
+        assert of(sink.records, n) == expected(data), f"lot {n}: as a file of its own"
+
+
+@pytest.mark.parametrize("order", ["<", ">"], ids=["little-endian", "big-endian"])
+@pytest.mark.parametrize("when", ["running, listed", "running, folded", "stopped, listed",
+                                  "stopped, folded"])
+async def test_a_lot_appended_to_a_finished_file_is_read_once(
+        tmp_path: Path, when: str, order: str) -> None:
+    """The first lot read to its MRR and complete; the second appended later, in either
+    byte order: while the checkpoint still lists the file (finished) or after its watermark
+    took it (the registry of finished files then knows where its MRR ended), while the tail
+    runs or while it is stopped.  Both lots sent once, each as a file of its own; a
+    restart after that reads nothing again."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    first, second = lot(1), lot(2, order)
+    path = directory / "retest.stdf"
+    path.write_bytes(first)
+    sink = Sink(state)
+    folded = when.endswith("folded")
+    source = start(directory, state, None, fold_after=0 if folded else 3600)
+    if folded:
+        await read_and_fold(source, sink)
+    else:
+        await polls(source, sink)
+        assert sink.checkpoint["files"][str(path)]["done"]
+    assert of(sink.records, 1) == expected(first)
+    if when.startswith("stopped"):
+        await crash(source)
+        append(path, second)
+        source = start(directory, state, sink.checkpoint, fold_after=0 if folded else 3600)
+    else:
+        append(path, second)
+    await polls(source, sink)
+    each_once(sink, {1: first, 2: second})
+    entry = sink.checkpoint["files"].get(str(path))
+    assert entry is None or (entry["done"] and entry["end"] == len(first) + len(second))
+    await crash(source)
+    source = start(directory, state, sink.checkpoint)
+    await read_and_fold(source, sink)
+    await crash(source)
+    each_once(sink, {1: first, 2: second})
+
+
+@pytest.mark.parametrize("cut", [2, 5], ids=["part of its header", "its header"])
+async def test_a_lot_whose_far_was_cut_when_the_mrr_was_read_is_read_once(
+        tmp_path: Path, cut: int) -> None:
+    """Only part of the next lot's FAR was written when the tail read the MRR: the file is
+    complete there (nothing whole follows); the rest written later, the lot is read."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    first, second = lot(1), lot(2)
+    path = directory / "retest.stdf"
+    path.write_bytes(first + second[:cut])
+    sink = Sink(state)
+    source = start(directory, state, None, fold_after=3600)
+    await polls(source, sink)
+    assert sink.checkpoint["files"][str(path)]["done"]
+    append(path, second[cut:7])  # the FAR whole, the ATR cut
+    await polls(source, sink)
+    append(path, second[7:])
+    await polls(source, sink)
+    each_once(sink, {1: first, 2: second})
+    await crash(source)
+
+
+async def test_three_lots_appended_one_after_another_and_a_restart_in_the_middle(
+        tmp_path: Path) -> None:
+    """Each appended lot is read from the end of the one before; a restart inside the
+    second one resumes it where the checkpoint says (``from``: its parser starts at the
+    lot's FAR), not from the file's start."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    lots = {1: lot(1), 2: lot(2, ">"), 3: lot(3)}
+    path = directory / "retest.stdf"
+    path.write_bytes(lots[1])
+    sink = Sink(state)
+    source = start(directory, state, None, read_size=512)
+    await read_and_fold(source, sink)
+    half = len(lots[2]) // 2
+    append(path, lots[2][:half])
+    await polls(source, sink, 1)
+    listed = sink.checkpoint["files"][str(path)]
+    assert not listed["done"] and listed["from"] == len(lots[1])
+    await crash(source)
+    source = start(directory, state, sink.checkpoint, read_size=512)
+    append(path, lots[2][half:])
+    await read_and_fold(source, sink)
+    append(path, lots[3])
+    await read_and_fold(source, sink)
+    await crash(source)
+    each_once(sink, lots)
+
+
+@pytest.mark.parametrize("growth", ["zero fill", "text trailer", "junk"])
+async def test_growth_that_is_not_a_lot_is_logged_once_and_not_read(
+        tmp_path: Path, growth: str, caplog: pytest.LogCaptureFixture) -> None:
+    """As before: what follows the MRR is not a FAR.  A lot appended after it is not read
+    either (it does not follow the MRR); logged once per run, not per poll."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    first = lot(1)
+    path = directory / "lot.stdf"
+    path.write_bytes(first)
+    sink = Sink(state)
+    source = start(directory, state, None)
+    await read_and_fold(source, sink)
+    append(path, {"zero fill": b"\0" * 4096, "text trailer": b"END OF LOT L001\n",
+                  "junk": b"\x02\x00\x00\x0b" + b"x" * 60}[growth])
+    await polls(source, sink)
+    append(path, lot(2))
+    await polls(source, sink)
+    await crash(source)
+    assert sum("grew after it was complete" in r.getMessage() for r in caplog.records) == 1
+    source = start(directory, state, sink.checkpoint)
+    await read_and_fold(source, sink)
+    await crash(source)
+    each_once(sink, {1: first})
+
+
+async def test_a_file_complete_by_its_idle_timeout_is_not_read_on(tmp_path: Path) -> None:
+    """No MRR (the tester crashed): complete when idle, as before; a lot appended to it
+    afterwards is not read (it may be the same lot going on after a long pause)."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    first = lot(1)
+    mrr = first.rindex(b"\x01\x14")  # (the MRR's REC_TYP 1, REC_SUB 20: after its length)
+    path = directory / "crashed.stdf"
+    path.write_bytes(first[:mrr - 2])
+    sink = Sink(state)
+    source = tail([directory], state_dir=state, idle_timeout=0.05, fold_after=0)
+    await source.poll_once(sink)
+    time.sleep(0.1)
+    await polls(source, sink)
+    assert source.files[str(path)].done and source.files[str(path)].reason == "idle"
+    append(path, lot(2))
+    await polls(source, sink)
+    await crash(source)
+    assert lot_ids(sink.records) == {"L001": 1}
+
+
+async def test_a_crash_at_any_put_reads_an_appended_lot_once(tmp_path: Path) -> None:
+    """A lot appended while the tail runs, after the first was folded into the watermark
+    (its registry entry written), read in two pieces and folded in turn (a new version of
+    the entry): the crash after each put in turn -- the durable checkpoint and records
+    those of the puts so far, while the tail went on and wrote entries ahead of them --
+    and the file touched before the restart.  Each record once: the entry's version the
+    durable checkpoint relies on says where that checkpoint's view of the file ends."""
+    first, second = lot(1), lot(2, ">")
+
+    async def history(directory: Path, sink: Sink) -> None:
+        path = directory / "retest.stdf"
+        source = start(directory, sink.state, None)
+        path.write_bytes(first)
+        await read_and_fold_lagging(source, sink)
+        append(path, second[:len(second) // 2])
+        await source.poll_once(sink)
+        append(path, second[len(second) // 2:])
+        await read_and_fold_lagging(source, sink)
+        await crash(source)
+
+    whole = Sink(tmp_path / "state")
+    (tmp_path / "watched").mkdir()
+    await history(tmp_path / "watched", whole)
+    each_once(whole, {1: first, 2: second})
+    for k in range(len(whole.puts) + 1):
+        directory, state = tmp_path / f"w{k}", tmp_path / f"s{k}"
+        directory.mkdir()
+        sink = LaggingSink(state, directory, durable=k)
+        await history(directory, sink)
+        assert sink.taken == len(whole.puts)
+        time.sleep(FOLD)
+        os.utime(directory / "retest.stdf")
+        source = start(directory, state, sink.checkpoint)
+        sink.durable = 1 << 30
+        await read_and_fold(source, sink)
+        await crash(source)
+        assert lot_ids(sink.records) == {"L001": 1, "L002": 1}, f"a crash after put {k}"
+        each_once(sink, {1: first, 2: second})
+
+
+async def test_upgrading_from_a_checkpoint_and_registry_without_the_end(
+        tmp_path: Path) -> None:
+    """An older tail's checkpoint has no ``end``: a file complete at its MRR has its
+    offset there.  Its registry lines say nothing of the MRR: an entry is taken to end at
+    its file's size.  Either way a lot appended while the gateway was stopped is read."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    listed, folded = directory / "listed.stdf", directory / "folded.stdf"
+    folded.write_bytes(lot(1))
+    sink = Sink(state)
+    source = start(directory, state, None)
+    await read_and_fold(source, sink)
+    listed.write_bytes(lot(2) + lot(3)[:3])  # (the next lot's FAR cut: its end is not its size)
+    await polls(source, sink)
+    await crash(source)
+    old = json.loads(json.dumps(sink.checkpoint))
+    for entry in old["files"].values():
+        entry.pop("end", None)
+        entry.pop("from", None)
+    assert old["files"][str(listed)]["reason"] == "MRR"
+    lines = (state / "finished.jsonl").read_text().splitlines()
+    assert all(len(json.loads(line)) == 6 for line in lines), "as an older tail wrote them"
+    append(listed, lot(3)[3:])
+    append(folded, lot(4))
+    sink.puts.append(([], old, b""))
+    source = start(directory, state, old)
+    await read_and_fold(source, sink)
+    await crash(source)
+    each_once(sink, {1: lot(1), 2: lot(2), 3: lot(3), 4: lot(4)})
+
+
+async def test_through_the_gateway_a_crash_after_any_frame_of_an_appended_lot(
+        tmp_path: Path) -> None:
+    """A real gateway and spool: a tester's file complete at its MRR (a real tester's
+    lot), then a retest lot in the other byte order appended to it while the gateway
+    runs.  The crash image is taken after every frame; from each one taken after the
+    first lot was done, the restart stores each record once -- between the parts of a
+    split put included -- and both lots as files of their own are stored."""
+    import trio
+    from shared_data import METIS, stdf_bytes
+    from test_exactly_once import (
+        AFTER_KEY,
+        Snapshots,
+        records_of,
+        stored_checkpoints,
+        tail_cfg,
+        tailed_records,
+    )
+
+    from edgegw.gateway import Gateway
+
+    one = stdf_bytes(METIS)
+    two = stdf_file_bytes(TesterProfile(lot_id="L002", sites=4, wafer_diameter_dies=10,
+                                        tests_per_part=12, seed=2), byte_order=">")
+    files = tmp_path / "stdf"
+    files.mkdir()
+    path = files / "retest.std"
+    path.write_bytes(one)
+
+    async def run(cfg: Any, store: Any = None, *, then: bytes = b"") -> None:
+        """Tail until the file is done at its end -- the first lot's, then, ``then``
+        appended, the whole file's."""
+        gateway = Gateway(cfg, store=store)
+
+        def done_at(end: int) -> bool:
+            listed = ((gateway.store.checkpoints.get("tail") or {}).get("files") or {})
+            entry = listed.get(str(path))
+            return entry is not None and entry["done"] and entry["end"] == end
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(gateway.run)
+                if then:
+                    while not done_at(len(one)):
+                        await trio.sleep(0.01)
+                    append(path, then)
+                while not done_at(len(one) + len(two)):
+                    await trio.sleep(0.01)
+                await gateway.flush()
+                nursery.cancel_scope.cancel()
+
+    cfg = tail_cfg(files, tmp_path / "gw", tmp_path / "spool")
+    assert cfg.spool is not None
+    images = tmp_path / "images"
+    await run(cfg, Snapshots(cfg.spool, set(range(1, 400)), images), then=two)
+    whole = await tailed_records(tmp_path / "spool")
+    assert whole == (await records_of(tmp_path / "clean1", one)
+                     + await records_of(tmp_path / "clean2", two))
+    crashes, split = [], 0
+    for image in sorted(images.iterdir(), key=lambda p: int(p.name)):
+        checkpoints = await stored_checkpoints(image)
+        entry = (checkpoints.get("tail") or {}).get("files", {}).get(str(path))
+        if entry and entry["offset"] >= len(one) and entry["offset"] < len(one) + len(two):
+            crashes.append(image)
+            split += bool(checkpoints.get(AFTER_KEY, {}).get("tail"))
+    assert len(crashes) >= 3 and split, "the test needs crashes inside the second lot"
+    for image in crashes:
+        await run(tail_cfg(files, tmp_path / f"gw{image.name}", image))
+        assert await tailed_records(image) == whole, f"a crash after frame {image.name}"
+
+
+def test_the_registry_keeps_the_versions_a_restart_may_rely_on(tmp_path: Path) -> None:
+    """A file read on past its entry (a lot appended and read) gets a new version of it,
+    relied on only from its own ``since``; the one before stays for a restart from a
+    checkpoint that has not covered that lot.  On disk: six fields when the file ends at
+    its last MRR and there is no older version (as an older tail wrote), eight otherwise."""
+    from edgegw.sources import FinishedFiles, recognised
+
+    path = tmp_path / "finished.jsonl"
+    reg = FinishedFiles(str(path), 10)
+    reg.add(7, "/d/a.stdf", (1024, 1), 5000, changed=100, end=5000)
+    reg.add(8, "/d/b.stdf", (1024, 2), 3000, changed=100, end=None)  # complete when idle
+    reg.flush()
+    assert [len(json.loads(line)) for line in path.read_text().splitlines()] == [6, 8]
+    reg.add(7, "/d/a.stdf", (1024, 1), 9000, changed=200, end=8990, read_on=True)
+    e = reg.get(7)
+    assert recognised(e, "/d/a.stdf", 9000, True, 200) == "unchanged"
+    assert recognised(e, "/d/a.stdf", 9000, True, 150) == "grew", "the version before"
+    assert recognised(e, "/d/a.stdf", 9000, True, 99) is None, "none durable yet"
+    reg.add(7, "/d/c.stdf", (1024, 1), 9000, changed=300, end=8990)  # renamed: the same
+    reg.flush()
+    again = FinishedFiles(str(path), 10)
+    again.load()
+    assert again.entries == reg.entries
+    assert again.entries[8].end is None and again.entries[7].older[0].end == 5000
+    path.write_text('[9, "/d/old.stdf", 1024, 3, 4000, 50]\n')  # an older tail's line
+    old = FinishedFiles(str(path), 10)
+    old.load()
+    assert old.entries[9].end == 4000, "taken to end at its size"
