@@ -6,12 +6,13 @@ precompiled ``struct.Struct.unpack_from`` (which also reads the length byte of a
 that follows), C*n fields are slices of a latin-1 view of the buffer, and the result dict
 is one dict literal (for ``rows()``, one tuple: the same decoders generated a second
 time), so there is no per-field dispatch on the common path.  The record
-loop is generated too, with the bulk types (PTR, PIR, PRR, MPR, FTR) decoded inline.
+loop is generated too, with the bulk types (PTR, PIR, PRR, MPR, FTR) and GDRs decoded
+inline; what a decoder learns about its file (tail memos, GDR layouts) is its own.
 Records whose fields stop early (optional trailing fields omitted) return the fields
 present so far.  Each type has three decoders: an optimistic one (one bound check per
-run of C*n fields, the PTR tail memo), a careful one (a check per field) it falls back
-to, and the generic field-by-field one, which is the reference the others are tested
-against and handles a field cut in its middle.
+run of C*n fields; in the loop, the PTR and FTR tail memo), a careful one (a check per
+field) it falls back to, and the generic field-by-field one, which is the reference the
+others are tested against and handles a field cut in its middle.
 
 Framing rules:
 
@@ -358,29 +359,52 @@ def _gdr_reader(order: str) -> Callable[[bytes, str, int, int], tuple[list, int]
     return vn
 
 
-def _gdr_fast(order: str, layouts: bool = True) -> Callable[[bytes, str, int, int],
-                                                           tuple[list, int]]:
+class _GdrParts(NamedTuple):
+    """What every GDR reader of one byte order shares (built once per order)."""
+
+    careful: Callable[[bytes, str, int, int], tuple[list, int]]
+    u2: Callable[[bytes, int], tuple]
+    #: type code -> bytes of a fixed-size value with its type byte (0: not fixed)
+    steps: list[int]
+    #: type code -> unpack of (code, value)
+    pairs: list[Any]
+
+
+_GDR_PARTS: dict[str, _GdrParts] = {}
+
+
+def _gdr_parts(order: str) -> _GdrParts:
+    parts = _GDR_PARTS.get(order)
+    if parts is None:
+        steps = [0] * 256
+        pairs: list[Any] = [None] * 256
+        for code, typ in GDR_TYPES.items():
+            if typ in STRUCT_CODES:
+                steps[code] = 1 + struct.calcsize(STRUCT_CODES[typ])
+                pairs[code] = struct.Struct(order + "B" + STRUCT_CODES[typ]).unpack_from
+        steps[13], pairs[13] = 2, struct.Struct("BB").unpack_from
+        parts = _GDR_PARTS[order] = _GdrParts(_gdr_reader(order),
+                                              struct.Struct(order + "H").unpack_from,
+                                              steps, pairs)
+    return parts
+
+
+def _gdr_fast(order: str, table: Layouts | None = None) -> Callable[[bytes, str, int, int],
+                                                                    tuple[list, int]]:
     """The GDR reader: one bound check per GDR instead of two per value, the careful
     reader (``_gdr_reader``) taking over when the values run past the record's end.
-    ``layouts``: a GDR whose type codes repeat an earlier one's is read by that
-    layout's compiled reader (:mod:`.gdrlayout`), no loop step per value."""
-    careful = _gdr_reader(order)
-    table = Layouts(order)
-    # [learning, hits]: off for the rest of a file whose layouts do not repeat
-    state = table.state
-    if layouts:
-        _LAYOUTS.append(table)
+    ``table``: the layouts learnt by one decoder (its own: one file's learning is not
+    another's); a GDR whose type codes repeat an earlier one's is read by that
+    layout's compiled reader (:mod:`.gdrlayout`), no loop step per value.  None: the
+    value-by-value reader only."""
+    careful, u2, steps, pairs = _gdr_parts(order)
+    if table is None:
+        state: list[Any] = [False, 0]
+        get: Callable[[int], Any] = {}.get
+        learn: Callable[[int, list], None] = lambda count, values: None  # noqa: E731
     else:
-        state[0] = False
-    get, learn = table.by_key.get, table.learn
-    u2 = struct.Struct(order + "H").unpack_from
-    steps = [0] * 256  # type code -> bytes of a fixed-size value with its type byte
-    pairs: list[Any] = [None] * 256  # type code -> unpack of (code, value)
-    for code, typ in GDR_TYPES.items():
-        if typ in STRUCT_CODES:
-            steps[code] = 1 + struct.calcsize(STRUCT_CODES[typ])
-            pairs[code] = struct.Struct(order + "B" + STRUCT_CODES[typ]).unpack_from
-    steps[13], pairs[13] = 2, struct.Struct("BB").unpack_from
+        # [learning, hits]: off for the rest of a file whose layouts do not repeat
+        state, get, learn = table.state, table.by_key.get, table.learn
     new = _new_record
     error = struct.error
 
@@ -515,14 +539,14 @@ def _memo(rows: bool = False) -> tuple[Callable[[bytes], Any], Callable[[bytes, 
     the tail, cheaper than building the dict anew.  For rows, the tail's values as a
     tuple (immutable: no copy), which the row's head is prepended to."""
     memo: dict[bytes, Any] = {}
-    state = _memo_state()
+    state: list[Any] = [True, 0]  # [on, hits since the last clear]
 
     def put(tail: bytes, fields: Any) -> Any:
         if len(memo) >= MEMO_SIZE:
             # full: MEMO_SIZE misses since the last clear.  A hit saves about twice what
             # a miss costs, so with fewer hits than half the misses the file's tails do
-            # not repeat (limits per part, per site on many sites): off until the next
-            # StdfDecoder is made
+            # not repeat (limits per part, per site on many sites): off for the rest
+            # of this decoder's file
             if state[1] * 2 < len(memo):
                 state[0] = False
             state[1] = 0
@@ -533,31 +557,11 @@ def _memo(rows: bool = False) -> tuple[Callable[[bytes], Any], Callable[[bytes, 
     return memo.get, put, state
 
 
-#: [on, hits since the last clear] of every memo; a new StdfDecoder turns them all on
-_MEMO_STATES: list[list[Any]] = []
-
-
-def _memo_state() -> list[Any]:
-    state: list[Any] = [True, 0]
-    _MEMO_STATES.append(state)
-    return state
-
-
-#: every GDR layout table (``gdrlayout``): a new StdfDecoder resets them
-_LAYOUTS: list[Layouts] = []
-
-
-def _memo_reset() -> None:
-    for state in _MEMO_STATES:
-        state[0] = True
-    for layouts in _LAYOUTS:
-        layouts.reset()
-
-
-def tail_memo_active() -> bool:
-    """Whether every tail memo is still consulted (each turns itself off after too many
-    misses, until the next ``StdfDecoder``).  For benchmarks and tests."""
-    return all(state[0] for state in _MEMO_STATES)
+def tail_memo_active(decoder: StdfDecoder) -> bool:
+    """Whether every tail memo of ``decoder`` and its GDR layouts are still consulted
+    (each turns itself off, for that decoder, after too many misses; a memo not yet
+    used is on).  For benchmarks and tests."""
+    return all(learnt[-1][0] for learnt in decoder._learnt.values())
 
 
 def set_tail_memo(size: int) -> None:
@@ -591,8 +595,8 @@ def _cn_run(fields: tuple[Field, ...], start: int) -> list[int]:
     return run
 
 
-def _compile(spec: RecordSpec, readers: _Readers, rows: bool = False,
-             memo: bool = True) -> Callable[[bytes, str, int, int], Any]:
+def _compile(spec: RecordSpec, readers: _Readers,
+             rows: bool = False) -> Callable[[bytes, str, int, int], Any]:
     """Generate and exec a decoding function specialised for one record type and order:
     an optimistic one, falling back to a careful one, falling back to the generic.
     ``rows``: the functions return the tuple of the values present, not a dict."""
@@ -603,8 +607,7 @@ def _compile(spec: RecordSpec, readers: _Readers, rows: bool = False,
              # IndexError: a record at the very end of the buffer indexed buf[end]
              "    return _generic(_spec, _r, buf, p0, end)",
              "def decode(buf, txt, p0, end):", "  p = p0", "  try:",
-             *_body(spec, readers, ns, "    ", "return {}", "o", optimistic=True, rows=rows,
-                   memo=memo),
+             *_body(spec, readers, ns, "    ", "return {}", "o", optimistic=True, rows=rows),
              "  except (_Short, IndexError):",
              "    return careful(buf, txt, p0, end)"]
     src = "\n".join(lines) + "\n"
@@ -614,7 +617,7 @@ def _compile(spec: RecordSpec, readers: _Readers, rows: bool = False,
 
 def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret: str,
           prefix: str, optimistic: bool = False, rows: bool = False,
-          memo: bool = True) -> list[str]:
+          learnt: list[str] | None = None) -> list[str]:
     """Source lines decoding ``spec``'s fields from ``p`` into locals and ending with
     ``ret`` formatted with the field dict literal (also for a record that ends early).
     Raises ``_Short`` (or IndexError at the end of the buffer) for the generic decoder.
@@ -628,13 +631,18 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
     ``optimistic``: a run of consecutive C*n fields is read with one bound check at its
     end (positions only grow, so the last one fitting means all fit); a record that ends
     inside the run raises ``_Short`` and the careful code takes over.
+
+    ``learnt``: the code is the record loop's, whose decoder's own tail memo and GDR
+    layouts are in locals (``_memo_get<prefix>``..., ``_vn``) the loop sets when it
+    starts; the line that sets them is appended to ``learnt``.  Otherwise (None) no memo
+    and no layouts: the code is shared by every decoder.
     """
     fields = spec.fields
     ns.update({"_Short": _Short, "_chr": chr, "Bits": Bits, "_bn": _read_bn, "_r": readers,
                "_new": _new_record})
     lines: list[str] = []
 
-    memo_from = MEMO_FROM.get(spec.name, -1) if optimistic and memo else -1
+    memo_from = MEMO_FROM.get(spec.name, -1) if optimistic and learnt is not None else -1
 
     def literal(n: int) -> str:
         # with the memo off (``tail`` None) the record is made as without a memo: one
@@ -685,9 +693,10 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
         first = seg[0]
         f = fields[first]
         if first == memo_from:
-            # named per type: the record loop's namespace holds the PTR's and the FTR's
-            ns[f"_memo_get{prefix}"], ns[f"_memo_put{prefix}"], ns[f"_memo_on{prefix}"] = \
-                _memo(rows)
+            # named per type: the record loop holds the PTR's and the FTR's
+            assert learnt is not None
+            learnt.append(f"_memo_get{prefix}, _memo_put{prefix}, _memo_on{prefix} = "
+                          f"self._memo_for({spec.name!r}, {rows})")
             lines.append(f"{ind}if p >= end: {literal(first)}")
             lines.append(f"{ind}if _memo_on{prefix}[0]:")
             lines.append(f"{ind}  tail = buf[p:end]")
@@ -838,8 +847,10 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                       f"{ind}  f{i} = _no_bits",
                       f"{ind}  p += 2"]
         elif f.type == "Vn":
-            if optimistic or "_vn" not in ns:
-                ns["_vn"] = _gdr_fast(readers.order, layouts=memo)
+            if learnt is not None:
+                learnt.append("_vn = self._gdr_for()")
+            elif "_vn" not in ns:
+                ns["_vn"] = _gdr_fast(readers.order)  # no layouts: shared
             lines.append(f"{ind}if p >= end: {literal(first)}")
             lines.append(f"{ind}f{i}, p = _vn(buf, txt, p, end)")
         else:
@@ -910,15 +921,16 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
     # a row is a plain tuple; a record a named tuple made without a call to its __new__
     make = "({}, base + pos, {})" if rows else "_new(_Record, ({}, base + pos, {}))"
     lines = [
-        "def scan(self, buf, txt, pos, base):",
-        "  n = len(buf)",
-        "  skipped = self.skipped",
         "  while pos + 4 <= n:",
         "    rec_len, key = _header(buf, pos)",
         "    body = pos + 4",
         "    end = body + rec_len",
     ]
-    for k, name in enumerate(INLINE):
+    #: the lines that set the decoder's own tail memos and GDR layouts as locals
+    learnt: list[str] | None = [] if memo else None
+    # GDRs inline too (their layouts are the decoder's own), unless skipped: a skipped
+    # GDR is checked by the generic path below
+    for k, name in enumerate(INLINE + (() if "GDR" in skip else ("GDR",))):
         spec = BY_NAME[name]
         limit = entries[_type_key(order, spec.typ, spec.sub)][2]
         lines += [
@@ -933,17 +945,22 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
             continue
         decode = entries[_type_key(order, spec.typ, spec.sub)][1]
         ns[f"_decode_{name}"] = decode.get() if isinstance(decode, _Lazy) else decode
-        lines += [
+        block = [
             "      p = body",
             "      while True:",
             "        try:",
             *_body(spec, readers, ns, "          ", "fields = {}; break", name,
-                   optimistic=True, rows=rows, memo=memo),
+                   optimistic=True, rows=rows, learnt=learnt),
             "        except (_Short, IndexError):",
             f"          fields = _decode_{name}(buf, txt, body, end)",
             "        break",
-            f"      record = {make.format(repr(name), 'fields')}",
         ]
+        if name == "GDR":  # an unknown type code: the one error inside a record
+            block = ["      try:", *("  " + line for line in block),
+                     "      except _BadGdr as exc:",
+                     "        pos = end",
+                     "        raise _gdr_error(exc, base) from None"]
+        lines += [*block, f"      record = {make.format(repr(name), 'fields')}"]
     lines += [
         "    else:",
         "      entry = _entries[key]",
@@ -980,7 +997,11 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
     ]
     # ``self._pos`` (the decoder's position) is stored before each record returned, and
     # once when the loop stops for any reason -- not per skipped record
-    lines = [*lines[:3], "  try:", *("  " + line for line in lines[3:]),
+    lines = ["def scan(self, buf, txt, pos, base):",
+             "  n = len(buf)",
+             "  skipped = self.skipped",
+             *("  " + line for line in dict.fromkeys(learnt or ())),
+             "  try:", *("  " + line for line in lines),
              "  finally:", "    self._pos = pos"]
     src = "\n".join(lines) + "\n"
     exec(compiled(src, f"<stdf scan {order}>"), ns)
@@ -997,18 +1018,18 @@ class _Lazy:
     thirty types.  Once compiled it takes its own place in every entry table that holds
     it, so later records call the compiled function directly."""
 
-    __slots__ = ("func", "key", "lists", "memo", "readers", "rows", "spec")
+    __slots__ = ("func", "key", "lists", "readers", "rows", "spec")
 
-    def __init__(self, spec: RecordSpec, readers: _Readers, rows: bool, memo: bool, key: int,
+    def __init__(self, spec: RecordSpec, readers: _Readers, rows: bool, key: int,
                  lists: list[list[Any]]) -> None:
-        self.spec, self.readers, self.rows, self.memo = spec, readers, rows, memo
+        self.spec, self.readers, self.rows = spec, readers, rows
         self.key, self.lists = key, lists
         self.func: Callable[[bytes, str, int, int], Any] | None = None
 
     def get(self) -> Callable[[bytes, str, int, int], Any]:
         func = self.func
         if func is None:
-            func = self.func = _compile(self.spec, self.readers, self.rows, self.memo)
+            func = self.func = _compile(self.spec, self.readers, self.rows)
             for entries in self.lists:
                 entry = entries[self.key]
                 if entry is not None and entry[1] is self:
@@ -1037,7 +1058,7 @@ class _Table:
         for (typ, sub), spec in BY_TYPE.items():
             limit = _max_size(spec)
             key = _type_key(order, typ, sub)
-            self.entries[key] = (spec.name, _Lazy(spec, readers, rows, memo, key, self.lists),
+            self.entries[key] = (spec.name, _Lazy(spec, readers, rows, key, self.lists),
                                  65535 if limit is None else limit + LENGTH_SLACK)
         #: the record loops, by the set of the names of the types they skip:
         #: scan(decoder, buf, txt, pos, base) -> records
@@ -1053,6 +1074,9 @@ class _Table:
 
 
 _TABLES: dict[tuple[str, bool, bool], _Table] = {}
+#: byte order -> GDR type-code sequence -> its compiled layout reader (``gdrlayout``),
+#: shared by every decoder (a pure function of the codes), bounded there
+_LAYOUT_READERS: dict[str, dict[bytes, Any]] = {}
 
 
 def decoder_table(order: str, rows: bool = False) -> _Table:
@@ -1099,7 +1123,8 @@ class StdfDecoder:
         self._txt: str | None = ""  # _buf decoded latin-1 (None: not yet)
         self._pos = 0  # index into _buf of the next record
         self._base = start_offset  # stream offset of _buf[0]
-        _memo_reset()  # a new file: its PTR tails may repeat (see _memo)
+        #: this decoder's own tail memos and GDR layouts (one file's: see ``_memo``)
+        self._learnt: dict[Any, tuple[Any, ...]] = {}
         #: iterators handed out since the last feed: a feed ends them
         self._open: list[Generator[Any, None, None]] = []
         self.byte_order = byte_order
@@ -1128,6 +1153,24 @@ class StdfDecoder:
         self._skip = new
         for name in sorted(new - self.skipped.keys()):
             self.skipped[name] = 0
+
+    def _memo_for(self, name: str, rows: bool) -> tuple[Any, ...]:
+        """This decoder's tail memo of record type ``name`` (for rows or for dicts): its
+        file's tails, and whether they repeat, are no other file's."""
+        memo = self._learnt.get((name, rows))
+        if memo is None:
+            memo = self._learnt[name, rows] = _memo(rows)
+        return memo
+
+    def _gdr_for(self) -> Callable[[bytes, str, int, int], tuple[list, int]]:
+        """This decoder's GDR reader, with its own layouts (the readers compiled for them
+        are shared by every decoder of the byte order)."""
+        learnt = self._learnt.get("GDR")
+        if learnt is None:
+            order = self.byte_order or "<"
+            table = Layouts(order, _LAYOUT_READERS.setdefault(order, {}))
+            learnt = self._learnt["GDR"] = (_gdr_fast(order, table), table.state)
+        return learnt[0]
 
     @property
     def position(self) -> int:
