@@ -523,12 +523,16 @@ def _segments(fields: tuple[Field, ...]) -> list[list[int]]:
 #: scales, units, formats).  Testers that do not truncate PTRs repeat the same bytes
 #: there for every result of a test, so the decoded values of the last MEMO_SIZE
 #: distinct tails are kept, keyed by their bytes: a repeat costs one slice and one dict
-#: lookup instead of decoding ten fields.  FTR: the fields from VECT_NAM on (seven C*n,
+#: lookup instead of decoding ten fields.  MPR: from UNITS on (five C*n and the spec
+#: limits), after RTN_INDX, whose element count is in the record's head (so its bytes
+#: alone do not say what they decode to) and whose value is a list (mutable: never shared
+#: between records).  FTR: the fields from VECT_NAM on (seven C*n,
 #: PATG_NUM, SPIN_MAP) are the same bytes in every passing result of a test (names,
 #: mostly empty texts), half a passing FTR's instructions.  The values are immutable
 #: (int, float, str, Bits).
-MEMO_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("OPT_FLAG"),
-             "FTR": [f.name for f in BY_NAME["FTR"].fields].index("VECT_NAM")}
+MEMO_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("TEST_TXT"),
+             "FTR": [f.name for f in BY_NAME["FTR"].fields].index("VECT_NAM"),
+             "MPR": [f.name for f in BY_NAME["MPR"].fields].index("UNITS")}
 MEMO_SIZE = 4096
 
 
@@ -570,6 +574,11 @@ def set_tail_memo(size: int) -> None:
     and tests."""
     global MEMO_SIZE
     MEMO_SIZE = size
+
+
+#: C*n fields of a run after which the optimistic code ends a record without an
+#: exception (``_body``: ``run_end``)
+RUN_ENDS = 8
 
 
 def _literal(fields: tuple[Field, ...], n: int, rows: bool = False) -> str:
@@ -658,9 +667,13 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
     def run_end(run: list[int], starts: dict[int, str], last: str) -> None:
         """The bound check of a run of C*n fields: a record that ends right after one
         of them (fields omitted, as testers write PRRs ending at PART_ID) ends here,
-        without the cost of an exception; one that ends inside a field raises."""
+        without the cost of an exception; one that ends inside a field raises.  Only
+        after one of the first RUN_ENDS: these lines grow with the square of the run's
+        length (the MIR's run of 30: 3x the source, 14 -> 4.5 ms to compile it when
+        the code cache is off or cold); a record that ends later in a run is the
+        careful code's."""
         lines.append(f"{ind}if {last} > end:")
-        for k, j in enumerate(run[:-1]):
+        for k, j in enumerate(run[:-1][:RUN_ENDS]):
             # the ends only grow: the first one at or past ``end`` decides
             lines.append(f"{ind}  if e{j} == end:")
             for m in run[:k + 1]:
@@ -718,8 +731,9 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
             codes = "".join("B" if fields[i].type == "C1" else STRUCT_CODES[fields[i].type]
                             for i in seg)
             after = seg[-1] + 1
+            # (not when the memo starts at that C*n: the memo's lookup comes first)
             cn_next = (after < len(fields) and fields[after].type == "Cn"
-                       and fields[after].count is None)
+                       and fields[after].count is None and after != memo_from)
             if cn_next:
                 # one unpack also reads the length byte of the C*n that follows the run
                 ns[f"_s{prefix}{k}"] = struct.Struct(readers.order + codes).unpack_from
@@ -935,7 +949,9 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
         limit = entries[_type_key(order, spec.typ, spec.sub)][2]
         lines += [
             f"    {'if' if k == 0 else 'elif'} key == {_type_key(order, spec.typ, spec.sub)}:",
-            f"      if rec_len > {limit}: raise _too_long({name!r}, rec_len, {limit}, base + pos)",
+            # REC_LEN is a U*2: no check for a type that may take any
+            *([f"      if rec_len > {limit}: raise _too_long({name!r}, rec_len, {limit}, "
+               "base + pos)"] if limit < 65535 else []),
             "      if end > n: return",
         ]
         if name in skip:
