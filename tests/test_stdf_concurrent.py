@@ -108,3 +108,22 @@ def test_a_file_whose_tails_never_repeat_turns_off_its_own_memo_not_the_other_fi
     assert tail_memo_active(a)
     assert tail_memo_active(StdfDecoder())  # nothing learnt yet: on
     assert [repr(got_a), repr(got_b)] == [alone(steady, True), alone(varying, True)]
+
+
+def test_ptrs_cut_after_their_text_do_not_keep_the_memo_on_for_tails_that_never_repeat(
+        ) -> None:
+    """The catalyst shape's mix: full PTRs whose limits drift every record, between PTRs
+    cut after TEST_TXT that repeat.  The short ones are never kept, so they do not count
+    as hits that would keep the memo on while every full tail misses (and costs); the
+    records are the same as without the memo."""
+    set_tail_memo(8)
+    w = StdfWriter("<")
+    short = w.encode("PTR", {"TEST_NUM": 1, "HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0,
+                             "PARM_FLG": 0, "RESULT": 0.5, "TEST_TXT": "t"})
+    data = w.encode("FAR", {}) + b"".join(ptr(w, float(i)) + short for i in range(100))
+    dec = StdfDecoder()
+    dec.feed(data)
+    got = repr(list(dec.rows()))
+    assert not tail_memo_active(dec)
+    set_tail_memo(0)
+    assert got == alone(data, True)

@@ -519,20 +519,26 @@ def _segments(fields: tuple[Field, ...]) -> list[list[int]]:
     return segs
 
 
-#: PTR: the fields from OPT_FLAG on are the test's semi-static information (limits,
-#: scales, units, formats).  Testers that do not truncate PTRs repeat the same bytes
-#: there for every result of a test, so the decoded values of the last MEMO_SIZE
+#: PTR: the fields from TEST_TXT on are the test's name and semi-static information
+#: (limits, scales, units, formats).  Testers that do not truncate PTRs repeat the same
+#: bytes there for every result of a test, so the decoded values of the last MEMO_SIZE
 #: distinct tails are kept, keyed by their bytes: a repeat costs one slice and one dict
-#: lookup instead of decoding ten fields.  MPR: from UNITS on (five C*n and the spec
-#: limits), after RTN_INDX, whose element count is in the record's head (so its bytes
-#: alone do not say what they decode to) and whose value is a list (mutable: never shared
-#: between records).  FTR: the fields from VECT_NAM on (seven C*n,
-#: PATG_NUM, SPIN_MAP) are the same bytes in every passing result of a test (names,
-#: mostly empty texts), half a passing FTR's instructions.  The values are immutable
-#: (int, float, str, Bits).
+#: lookup instead of decoding twelve fields.  FTR: the fields from VECT_NAM on (seven
+#: C*n, PATG_NUM, SPIN_MAP) are the same bytes in every passing result of a test
+#: (names, mostly empty texts), half a passing FTR's instructions (from FAIL_PIN on
+#: measured worse: ftr-heavy 416M -> 459M instructions).  MPR: from UNITS on (five C*n
+#: and the spec limits), after RTN_INDX, whose element count is in the record's head (so
+#: its bytes alone do not say what they decode to) and whose value is a list (mutable:
+#: never shared between records).  The values kept are immutable (int, float, str,
+#: Bits).
 MEMO_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("TEST_TXT"),
              "FTR": [f.name for f in BY_NAME["FTR"].fields].index("VECT_NAM"),
              "MPR": [f.name for f in BY_NAME["MPR"].fields].index("UNITS")}
+#: PTR: tails cut before OPT_FLAG (TEST_TXT, ALARM_ID: testers that write a test's
+#: information only in its first PTR) are never kept: their hits would keep the memo on
+#: for a file whose full tails never repeat (the catalyst shape: limits drifting per
+#: part), where its misses cost more than the hits save
+MEMO_KEEP_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("OPT_FLAG")}
 MEMO_SIZE = 4096
 
 
@@ -652,10 +658,14 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
     lines: list[str] = []
 
     memo_from = MEMO_FROM.get(spec.name, -1) if optimistic and learnt is not None else -1
+    # a record with fewer fields is looked up but never kept (nor counted as a miss)
+    keep_from = max(memo_from, MEMO_KEEP_FROM.get(spec.name, memo_from))
 
     def literal(n: int) -> str:
         # with the memo off (``tail`` None) the record is made as without a memo: one
         # tuple, not the tail's and the head's joined
+        if n <= keep_from:
+            return ret.format(_literal(fields, n, rows))
         if 0 <= memo_from < n and rows:
             return ret.format(f"{_tuple(0, n)} if tail is None else {_tuple(0, memo_from)} + "
                               f"_memo_put{prefix}(tail, {_tuple(memo_from, n)})")
