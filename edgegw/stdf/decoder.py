@@ -711,39 +711,44 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
             lines.extend(f"{at}  f{x} = _chr(f{x})" for x in part if fields[x].type == "C1")
             lines.append(f"{at}  {literal(seg[j + 1])}")
 
+    def memo_block(start: str, first: int | None) -> None:
+        """The tail memo's lookup, the tail being the bytes from ``start`` to the end;
+        ``first``: the record may end before the tail (checked here)."""
+        # named per type: the record loop holds the PTR's and the FTR's
+        assert learnt is not None
+        learnt.append(f"_memo_get{prefix}, _memo_put{prefix}, _memo_on{prefix} = "
+                      f"self._memo_for({spec.name!r}, {rows})")
+        if first is not None:
+            lines.append(f"{ind}if p >= end: {literal(first)}")
+        lines.append(f"{ind}if _memo_on{prefix}[0]:")
+        lines.append(f"{ind}  tail = buf[{start}:end]")
+        lines.append(f"{ind}  hit = _memo_get{prefix}(tail)")
+        lines.append(f"{ind}  if hit is not None:")
+        lines.append(f"{ind}    _memo_on{prefix}[1] += 1")
+        if rows:
+            lines.append(f"{ind}    {ret.format(_tuple(0, memo_from) + ' + hit')}")
+        else:
+            lines.append(f"{ind}    _d = hit.copy()")
+            for i in range(memo_from):
+                lines.append(f"{ind}    _d[{fields[i].name!r}] = f{i}")
+            lines.append(f"{ind}    {ret.format('_d')}")
+        lines.append(f"{ind}else:")
+        lines.append(f"{ind}  tail = None")
+
     skip: set[int] = set()  # C*n fields read together with the run before them
     for k, seg in enumerate(_segments(fields)):
         first = seg[0]
         f = fields[first]
-        if first == memo_from:
-            # named per type: the record loop holds the PTR's and the FTR's
-            assert learnt is not None
-            learnt.append(f"_memo_get{prefix}, _memo_put{prefix}, _memo_on{prefix} = "
-                          f"self._memo_for({spec.name!r}, {rows})")
-            lines.append(f"{ind}if p >= end: {literal(first)}")
-            lines.append(f"{ind}if _memo_on{prefix}[0]:")
-            lines.append(f"{ind}  tail = buf[p:end]")
-            lines.append(f"{ind}  hit = _memo_get{prefix}(tail)")
-            lines.append(f"{ind}  if hit is not None:")
-            lines.append(f"{ind}    _memo_on{prefix}[1] += 1")
-            if rows:
-                lines.append(f"{ind}    {ret.format(_tuple(0, memo_from) + ' + hit')}")
-            else:
-                lines.append(f"{ind}    _d = hit.copy()")
-                for i in range(memo_from):
-                    lines.append(f"{ind}    _d[{fields[i].name!r}] = f{i}")
-                lines.append(f"{ind}    {ret.format('_d')}")
-            lines.append(f"{ind}else:")
-            lines.append(f"{ind}  tail = None")
+        if first == memo_from and first not in skip:
+            memo_block("p", first)
         if f.count is None and f.type in _SIZES:
             size = sum(_SIZES[fields[i].type] for i in seg)
             names = ", ".join(f"f{i}" for i in seg)
             codes = "".join("B" if fields[i].type == "C1" else STRUCT_CODES[fields[i].type]
                             for i in seg)
             after = seg[-1] + 1
-            # (not when the memo starts at that C*n: the memo's lookup comes first)
             cn_next = (after < len(fields) and fields[after].type == "Cn"
-                       and fields[after].count is None and after != memo_from)
+                       and fields[after].count is None)
             if cn_next:
                 # one unpack also reads the length byte of the C*n that follows the run
                 ns[f"_s{prefix}{k}"] = struct.Struct(readers.order + codes).unpack_from
@@ -762,6 +767,9 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                 # C*1 to str before the C*n run, which may end the record
                 lines += [f"{ind}f{i} = _chr(f{i})" for i in seg if fields[i].type == "C1"]
                 lines.append(f"{ind}p += {size + 1}")
+                if after == memo_from:
+                    # the memo's tail starts at the C*n's length byte, read above
+                    memo_block("p - 1", None)
                 if optimistic:
                     run = _cn_run(fields, after)
                     lines.append(f"{ind}e{after} = p + ln")
