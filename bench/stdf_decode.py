@@ -28,7 +28,9 @@ command line -- it prints:
 ``--ab DIR``: instead, an A/B of this tree's decoder against the edgegw source in DIR (a
 checkout of main, e.g. ``git archive main | tar -x -C DIR``) and pystdf, each run in its
 own process, the three interleaved run by run: rows in one feed, with the tail memo and
-GDR layouts and without, per file and shape, medians and each side's ratio to pystdf.
+GDR layouts and without, per file and shape, medians and each side's ratio to pystdf;
+and two files at once (``PAIRS``: one whose PTR tails or GDR layouts repeat beside one
+whose do not, a decoder each, fed 64 KiB in turn, as a gateway tailing both does).
 
 Times are medians of --runs runs of CPU time (the machine is shared: wall time would
 charge other jobs' load to whichever decoder ran while it peaked; --wall for wall time).
@@ -275,10 +277,11 @@ def interleaved(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, float
 #: prints the CPU seconds of a decode of the file's rows, memo on then off (the least of
 #: three: the machine is shared), after an untimed warm-up (the decoders compile)
 AB_CHILD = """
-import gzip, importlib.machinery, io, sys, time
-path, src = sys.argv[1], sys.argv[2]
-data = open(path, 'rb').read()
-data = gzip.decompress(data) if data[:2] == b'\\x1f\\x8b' else data
+import gzip, importlib.machinery, io, os, sys, time
+paths, src = sys.argv[1].split(os.pathsep), sys.argv[2]
+files = [open(path, 'rb').read() for path in paths]
+files = [gzip.decompress(d) if d[:2] == b'\\x1f\\x8b' else d for d in files]
+data = files[0]
 if src == 'pystdf':
     from pystdf.IO import Parser
     class Sink:
@@ -287,9 +290,10 @@ if src == 'pystdf':
         def __getattr__(self, name):
             return lambda *args: None
     def once():
-        parser = Parser(inp=io.BytesIO(data))
-        parser.addSink(Sink())
-        parser.parse()
+        for data in files:
+            parser = Parser(inp=io.BytesIO(data))
+            parser.addSink(Sink())
+            parser.parse()
     once()
     best = []
     for _ in range(2):
@@ -309,6 +313,18 @@ def once():
     dec.feed(data)
     for _ in dec.rows():
         pass
+def together():
+    # several files at once, as a gateway tails them: a decoder each, fed 64 KiB in
+    # turn
+    decs = [StdfDecoder() for _ in files]
+    for start in range(0, max(map(len, files)), 65536):
+        for dec, data in zip(decs, files):
+            if start < len(data):
+                dec.feed(data[start:start + 65536])
+                for _ in dec.rows():
+                    pass
+if len(files) > 1:
+    once = together
 times = []
 for size in (MEMO_SIZE, 0):
     set_tail_memo(size)
@@ -323,6 +339,20 @@ print(*times)
 """
 
 
+#: files decoded at once, interleaved (a decoder each, 64 KiB in turn): one whose tails
+#: and GDR layouts repeat beside one whose do not, of the same byte order (what each
+#: decoder learns must be its own)
+PAIRS = (("galaxy-a530-lot2.stdf.gz", "ptr-varied (synthetic)"),
+         ("gdr-layouts (synthetic)", "gdr-heavy (synthetic)"))
+
+
+def _pairs(work: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    """The PAIRS among ``work``, each as one workload (its paths joined by os.pathsep)."""
+    paths = dict(work)
+    return [(f"{a} + {b} (interleaved)", Path(f"{paths[a]}{os.pathsep}{paths[b]}"))
+            for a, b in PAIRS if a in paths and b in paths]
+
+
 def ab(work: list[tuple[str, Path]], ref: Path, runs: int) -> None:
     """This tree's rows decode against ``ref``'s and pystdf's, each in its own process,
     interleaved run by run (CPU time), medians."""
@@ -333,7 +363,7 @@ def ab(work: list[tuple[str, Path]], ref: Path, runs: int) -> None:
     print("| workload | records | main: memo / no memo | this: memo / no memo | pystdf | "
           "main vs pystdf (memo / no memo) | this vs pystdf (memo / no memo) | this vs main |")
     print("|---|---:|---:|---:|---:|---|---|---|")
-    for label, path in work:
+    for label, path in [*work, *_pairs(work)]:
         times: dict[str, list[list[float]]] = {k: [] for k in sides}
         for _ in range(runs):
             for key, src in sides.items():
@@ -343,7 +373,8 @@ def ab(work: list[tuple[str, Path]], ref: Path, runs: int) -> None:
         med = {k: [statistics.median(r[i] for r in v) for i in range(2)]
                for k, v in times.items()}
         (m, mn), (b, bn), (p, _) = med["main"], med["branch"], med["pystdf"]
-        print(f"| {label} | {edgegw_decode(load(path)):,} | {m * 1e3:.0f} / {mn * 1e3:.0f} ms "
+        records = sum(edgegw_decode(load(Path(p))) for p in str(path).split(os.pathsep))
+        print(f"| {label} | {records:,} | {m * 1e3:.0f} / {mn * 1e3:.0f} ms "
               f"| {b * 1e3:.0f} / {bn * 1e3:.0f} ms | {p * 1e3:.0f} ms | {p / m:.1f}x / "
               f"{p / mn:.1f}x | **{p / b:.1f}x** / **{p / bn:.1f}x** | {m / b:.2f}x / "
               f"{mn / bn:.2f}x |", flush=True)

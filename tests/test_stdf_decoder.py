@@ -505,7 +505,7 @@ def test_types_is_the_complement_of_skip() -> None:
 
 def test_the_tail_memo_turns_itself_off_for_tails_that_do_not_repeat() -> None:
     """Tails that never repeat: the memo stops being consulted (its misses cost speed)
-    until the next decoder, and the records are the same all along."""
+    for the rest of the file, and the records are the same all along."""
     from edgegw.stdf.decoder import MEMO_SIZE, set_tail_memo, tail_memo_active
 
     w = StdfWriter("<")
@@ -519,10 +519,11 @@ def test_the_tail_memo_turns_itself_off_for_tails_that_do_not_repeat() -> None:
         set_tail_memo(0)
         plain = decode(data)
         set_tail_memo(8)
-        first = decode(data)
-        assert not tail_memo_active()  # off after the misses
-        StdfDecoder()
-        assert tail_memo_active()  # a new decoder: on again
+        dec = StdfDecoder()
+        dec.feed(data)
+        first = list(dec.records())
+        assert not tail_memo_active(dec)  # off after the misses
+        assert tail_memo_active(StdfDecoder())  # a new decoder (a new file): on
         assert decode(data) == first == plain
     finally:
         set_tail_memo(MEMO_SIZE)

@@ -209,18 +209,48 @@ def test_ftr_tails_that_repeat_or_differ_in_one_field_decode_as_the_reference(
                 assert [r.fields for r in got] == expected
 
 
+@pytest.mark.parametrize("order", "<>")
+@pytest.mark.parametrize("rows", [False, True])
+def test_mpr_tails_that_repeat_or_differ_in_one_field_decode_as_the_reference(
+        order: str, rows: bool, memo_restored: None) -> None:
+    """The MPR tail memo (UNITS on, after RTN_INDX): the results of one test repeat their
+    tail's bytes; results that differ in a field of it, or only before it (RTN_INDX
+    too: its count is in the head), are their own values, never a remembered tail's, and
+    no two records share a list."""
+    base = {**_full("MPR"), "RTN_ICNT": 2, "RSLT_CNT": 2, "RTN_STAT": [1, 2],
+            "RTN_RSLT": [0.5, 1.5], "RTN_INDX": [3, 4], "UNITS": "V", "UNITS_IN": "A",
+            "C_RESFMT": "", "C_LLMFMT": "", "C_HLMFMT": "", "LO_SPEC": 0.0, "HI_SPEC": 1.0}
+    variants = [base, {**base, "TEST_NUM": 9, "RTN_RSLT": [2.5, 3.5]},
+                {**base, "RTN_INDX": [5, 6]},
+                {**base, "RTN_ICNT": 1, "RTN_STAT": [1], "RTN_INDX": [3]},
+                {**base, "UNITS": "mV"}, {**base, "C_HLMFMT": "%f"}, {**base, "HI_SPEC": 2.0},
+                {**base, "RTN_ICNT": 0, "RTN_STAT": [], "RTN_INDX": []}]
+    w = StdfWriter(order)
+    wanted = [v for _ in range(3) for v in variants]
+    stream = w.encode("FAR", {}) + b"".join(w.encode("MPR", f) for f in wanted)
+    expected = [stdf_fields("MPR", f) for f in wanted]
+    for size in (MEMO_SIZE, 0, 4):
+        set_tail_memo(size)
+        for _ in range(2):
+            got = _decode(stream, rows)[1:]
+            values = [r[2] for r in got] if rows else [tuple(r.fields.values()) for r in got]
+            assert values == [tuple(e.values()) for e in expected]
+            lists = [id(v) for r in values for v in r if isinstance(v, list)]
+            assert len(set(lists)) == len(lists)
+
+
 @pytest.mark.parametrize("rows", [False, True])
 def test_a_ptr_and_an_ftr_whose_tails_are_the_same_bytes_keep_their_own_values(
         rows: bool, memo_restored: None) -> None:
     """Each type's tail memo is its own: an FTR whose bytes from VECT_NAM on are a PTR's
-    from OPT_FLAG on is an FTR (one memo shared by the record loop's inline PTR and FTR
+    from TEST_TXT on is an FTR (one memo shared by the record loop's inline PTR and FTR
     code gave the FTR the PTR's remembered fields)."""
     w = StdfWriter("<")
     ptr = w.encode("PTR", {"TEST_NUM": 1, "HEAD_NUM": 1, "SITE_NUM": 1, "TEST_FLG": 0,
                            "PARM_FLG": 0, "RESULT": 0.5, "TEST_TXT": "", "ALARM_ID": "",
                            "OPT_FLAG": 0, "RES_SCAL": 0, "LLM_SCAL": 0, "HLM_SCAL": 0,
                            "LO_LIMIT": 0.0, "HI_LIMIT": 0.0, "UNITS": "V"})
-    tail = ptr[4 + 4 + 1 + 1 + 1 + 1 + 4 + 1 + 1:]  # from OPT_FLAG on
+    tail = ptr[4 + 4 + 1 + 1 + 1 + 1 + 4:]  # from TEST_TXT on: the PTR memo's bytes
     head = w.encode("FTR", {**_full("FTR"), "RTN_ICNT": 0, "PGM_ICNT": 0, "RTN_INDX": [],
                             "RTN_STAT": [], "PGM_INDX": [], "PGM_STAT": [],
                             "FAIL_PIN": Bits(0, b"")})[4:]

@@ -6,12 +6,13 @@ precompiled ``struct.Struct.unpack_from`` (which also reads the length byte of a
 that follows), C*n fields are slices of a latin-1 view of the buffer, and the result dict
 is one dict literal (for ``rows()``, one tuple: the same decoders generated a second
 time), so there is no per-field dispatch on the common path.  The record
-loop is generated too, with the bulk types (PTR, PIR, PRR, MPR, FTR) decoded inline.
+loop is generated too, with the bulk types (PTR, PIR, PRR, MPR, FTR) and GDRs decoded
+inline; what a decoder learns about its file (tail memos, GDR layouts) is its own.
 Records whose fields stop early (optional trailing fields omitted) return the fields
 present so far.  Each type has three decoders: an optimistic one (one bound check per
-run of C*n fields, the PTR tail memo), a careful one (a check per field) it falls back
-to, and the generic field-by-field one, which is the reference the others are tested
-against and handles a field cut in its middle.
+run of C*n fields; in the loop, the PTR and FTR tail memo), a careful one (a check per
+field) it falls back to, and the generic field-by-field one, which is the reference the
+others are tested against and handles a field cut in its middle.
 
 Framing rules:
 
@@ -359,29 +360,52 @@ def _gdr_reader(order: str) -> Callable[[bytes, str, int, int], tuple[list, int]
     return vn
 
 
-def _gdr_fast(order: str, layouts: bool = True) -> Callable[[bytes, str, int, int],
-                                                           tuple[list, int]]:
+class _GdrParts(NamedTuple):
+    """What every GDR reader of one byte order shares (built once per order)."""
+
+    careful: Callable[[bytes, str, int, int], tuple[list, int]]
+    u2: Callable[[bytes, int], tuple]
+    #: type code -> bytes of a fixed-size value with its type byte (0: not fixed)
+    steps: list[int]
+    #: type code -> unpack of (code, value)
+    pairs: list[Any]
+
+
+_GDR_PARTS: dict[str, _GdrParts] = {}
+
+
+def _gdr_parts(order: str) -> _GdrParts:
+    parts = _GDR_PARTS.get(order)
+    if parts is None:
+        steps = [0] * 256
+        pairs: list[Any] = [None] * 256
+        for code, typ in GDR_TYPES.items():
+            if typ in STRUCT_CODES:
+                steps[code] = 1 + struct.calcsize(STRUCT_CODES[typ])
+                pairs[code] = struct.Struct(order + "B" + STRUCT_CODES[typ]).unpack_from
+        steps[13], pairs[13] = 2, struct.Struct("BB").unpack_from
+        parts = _GDR_PARTS[order] = _GdrParts(_gdr_reader(order),
+                                              struct.Struct(order + "H").unpack_from,
+                                              steps, pairs)
+    return parts
+
+
+def _gdr_fast(order: str, table: Layouts | None = None) -> Callable[[bytes, str, int, int],
+                                                                    tuple[list, int]]:
     """The GDR reader: one bound check per GDR instead of two per value, the careful
     reader (``_gdr_reader``) taking over when the values run past the record's end.
-    ``layouts``: a GDR whose type codes repeat an earlier one's is read by that
-    layout's compiled reader (:mod:`.gdrlayout`), no loop step per value."""
-    careful = _gdr_reader(order)
-    table = Layouts(order)
-    # [learning, hits]: off for the rest of a file whose layouts do not repeat
-    state = table.state
-    if layouts:
-        _LAYOUTS.append(table)
+    ``table``: the layouts learnt by one decoder (its own: one file's learning is not
+    another's); a GDR whose type codes repeat an earlier one's is read by that
+    layout's compiled reader (:mod:`.gdrlayout`), no loop step per value.  None: the
+    value-by-value reader only."""
+    careful, u2, steps, pairs = _gdr_parts(order)
+    if table is None:
+        state: list[Any] = [False, 0]
+        get: Callable[[int], Any] = {}.get
+        learn: Callable[[int, list], None] = lambda count, values: None  # noqa: E731
     else:
-        state[0] = False
-    get, learn = table.by_key.get, table.learn
-    u2 = struct.Struct(order + "H").unpack_from
-    steps = [0] * 256  # type code -> bytes of a fixed-size value with its type byte
-    pairs: list[Any] = [None] * 256  # type code -> unpack of (code, value)
-    for code, typ in GDR_TYPES.items():
-        if typ in STRUCT_CODES:
-            steps[code] = 1 + struct.calcsize(STRUCT_CODES[typ])
-            pairs[code] = struct.Struct(order + "B" + STRUCT_CODES[typ]).unpack_from
-    steps[13], pairs[13] = 2, struct.Struct("BB").unpack_from
+        # [learning, hits]: off for the rest of a file whose layouts do not repeat
+        state, get, learn = table.state, table.by_key.get, table.learn
     new = _new_record
     error = struct.error
 
@@ -496,16 +520,26 @@ def _segments(fields: tuple[Field, ...]) -> list[list[int]]:
     return segs
 
 
-#: PTR: the fields from OPT_FLAG on are the test's semi-static information (limits,
-#: scales, units, formats).  Testers that do not truncate PTRs repeat the same bytes
-#: there for every result of a test, so the decoded values of the last MEMO_SIZE
+#: PTR: the fields from TEST_TXT on are the test's name and semi-static information
+#: (limits, scales, units, formats).  Testers that do not truncate PTRs repeat the same
+#: bytes there for every result of a test, so the decoded values of the last MEMO_SIZE
 #: distinct tails are kept, keyed by their bytes: a repeat costs one slice and one dict
-#: lookup instead of decoding ten fields.  FTR: the fields from VECT_NAM on (seven C*n,
-#: PATG_NUM, SPIN_MAP) are the same bytes in every passing result of a test (names,
-#: mostly empty texts), half a passing FTR's instructions.  The values are immutable
-#: (int, float, str, Bits).
-MEMO_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("OPT_FLAG"),
-             "FTR": [f.name for f in BY_NAME["FTR"].fields].index("VECT_NAM")}
+#: lookup instead of decoding twelve fields.  FTR: the fields from VECT_NAM on (seven
+#: C*n, PATG_NUM, SPIN_MAP) are the same bytes in every passing result of a test
+#: (names, mostly empty texts), half a passing FTR's instructions (from FAIL_PIN on
+#: measured worse: ftr-heavy 416M -> 459M instructions).  MPR: from UNITS on (five C*n
+#: and the spec limits), after RTN_INDX, whose element count is in the record's head (so
+#: its bytes alone do not say what they decode to) and whose value is a list (mutable:
+#: never shared between records).  The values kept are immutable (int, float, str,
+#: Bits).
+MEMO_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("TEST_TXT"),
+             "FTR": [f.name for f in BY_NAME["FTR"].fields].index("VECT_NAM"),
+             "MPR": [f.name for f in BY_NAME["MPR"].fields].index("UNITS")}
+#: PTR: tails cut before OPT_FLAG (TEST_TXT, ALARM_ID: testers that write a test's
+#: information only in its first PTR) are never kept: their hits would keep the memo on
+#: for a file whose full tails never repeat (the catalyst shape: limits drifting per
+#: part), where its misses cost more than the hits save
+MEMO_KEEP_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("OPT_FLAG")}
 MEMO_SIZE = 4096
 
 
@@ -516,14 +550,14 @@ def _memo(rows: bool = False) -> tuple[Callable[[bytes], Any], Callable[[bytes, 
     the tail, cheaper than building the dict anew.  For rows, the tail's values as a
     tuple (immutable: no copy), which the row's head is prepended to."""
     memo: dict[bytes, Any] = {}
-    state = _memo_state()
+    state: list[Any] = [True, 0]  # [on, hits since the last clear]
 
     def put(tail: bytes, fields: Any) -> Any:
         if len(memo) >= MEMO_SIZE:
             # full: MEMO_SIZE misses since the last clear.  A hit saves about twice what
             # a miss costs, so with fewer hits than half the misses the file's tails do
-            # not repeat (limits per part, per site on many sites): off until the next
-            # StdfDecoder is made
+            # not repeat (limits per part, per site on many sites): off for the rest
+            # of this decoder's file
             if state[1] * 2 < len(memo):
                 state[0] = False
             state[1] = 0
@@ -534,31 +568,11 @@ def _memo(rows: bool = False) -> tuple[Callable[[bytes], Any], Callable[[bytes, 
     return memo.get, put, state
 
 
-#: [on, hits since the last clear] of every memo; a new StdfDecoder turns them all on
-_MEMO_STATES: list[list[Any]] = []
-
-
-def _memo_state() -> list[Any]:
-    state: list[Any] = [True, 0]
-    _MEMO_STATES.append(state)
-    return state
-
-
-#: every GDR layout table (``gdrlayout``): a new StdfDecoder resets them
-_LAYOUTS: list[Layouts] = []
-
-
-def _memo_reset() -> None:
-    for state in _MEMO_STATES:
-        state[0] = True
-    for layouts in _LAYOUTS:
-        layouts.reset()
-
-
-def tail_memo_active() -> bool:
-    """Whether every tail memo is still consulted (each turns itself off after too many
-    misses, until the next ``StdfDecoder``).  For benchmarks and tests."""
-    return all(state[0] for state in _MEMO_STATES)
+def tail_memo_active(decoder: StdfDecoder) -> bool:
+    """Whether every tail memo of ``decoder`` and its GDR layouts are still consulted
+    (each turns itself off, for that decoder, after too many misses; a memo not yet
+    used is on).  For benchmarks and tests."""
+    return all(learnt[-1][0] for learnt in decoder._learnt.values())
 
 
 def set_tail_memo(size: int) -> None:
@@ -567,6 +581,11 @@ def set_tail_memo(size: int) -> None:
     and tests."""
     global MEMO_SIZE
     MEMO_SIZE = size
+
+
+#: C*n fields of a run after which the optimistic code ends a record without an
+#: exception (``_body``: ``run_end``)
+RUN_ENDS = 8
 
 
 def _literal(fields: tuple[Field, ...], n: int, rows: bool = False) -> str:
@@ -592,8 +611,8 @@ def _cn_run(fields: tuple[Field, ...], start: int) -> list[int]:
     return run
 
 
-def _compile(spec: RecordSpec, readers: _Readers, rows: bool = False,
-             memo: bool = True) -> Callable[[bytes, str, int, int], Any]:
+def _compile(spec: RecordSpec, readers: _Readers,
+             rows: bool = False) -> Callable[[bytes, str, int, int], Any]:
     """Generate and exec a decoding function specialised for one record type and order:
     an optimistic one, falling back to a careful one, falling back to the generic.
     ``rows``: the functions return the tuple of the values present, not a dict."""
@@ -604,8 +623,7 @@ def _compile(spec: RecordSpec, readers: _Readers, rows: bool = False,
              # IndexError: a record at the very end of the buffer indexed buf[end]
              "    return _generic(_spec, _r, buf, p0, end)",
              "def decode(buf, txt, p0, end):", "  p = p0", "  try:",
-             *_body(spec, readers, ns, "    ", "return {}", "o", optimistic=True, rows=rows,
-                   memo=memo),
+             *_body(spec, readers, ns, "    ", "return {}", "o", optimistic=True, rows=rows),
              "  except (_Short, IndexError):",
              "    return careful(buf, txt, p0, end)"]
     src = "\n".join(lines) + "\n"
@@ -615,7 +633,7 @@ def _compile(spec: RecordSpec, readers: _Readers, rows: bool = False,
 
 def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret: str,
           prefix: str, optimistic: bool = False, rows: bool = False,
-          memo: bool = True) -> list[str]:
+          learnt: list[str] | None = None) -> list[str]:
     """Source lines decoding ``spec``'s fields from ``p`` into locals and ending with
     ``ret`` formatted with the field dict literal (also for a record that ends early).
     Raises ``_Short`` (or IndexError at the end of the buffer) for the generic decoder.
@@ -629,17 +647,26 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
     ``optimistic``: a run of consecutive C*n fields is read with one bound check at its
     end (positions only grow, so the last one fitting means all fit); a record that ends
     inside the run raises ``_Short`` and the careful code takes over.
+
+    ``learnt``: the code is the record loop's, whose decoder's own tail memo and GDR
+    layouts are in locals (``_memo_get<prefix>``..., ``_vn``) the loop sets when it
+    starts; the line that sets them is appended to ``learnt``.  Otherwise (None) no memo
+    and no layouts: the code is shared by every decoder.
     """
     fields = spec.fields
     ns.update({"_Short": _Short, "_chr": chr, "Bits": Bits, "_bn": _read_bn, "_r": readers,
                "_new": _new_record})
     lines: list[str] = []
 
-    memo_from = MEMO_FROM.get(spec.name, -1) if optimistic and memo else -1
+    memo_from = MEMO_FROM.get(spec.name, -1) if optimistic and learnt is not None else -1
+    # a record with fewer fields is looked up but never kept (nor counted as a miss)
+    keep_from = max(memo_from, MEMO_KEEP_FROM.get(spec.name, memo_from))
 
     def literal(n: int) -> str:
         # with the memo off (``tail`` None) the record is made as without a memo: one
         # tuple, not the tail's and the head's joined
+        if n <= keep_from:
+            return ret.format(_literal(fields, n, rows))
         if 0 <= memo_from < n and rows:
             return ret.format(f"{_tuple(0, n)} if tail is None else {_tuple(0, memo_from)} + "
                               f"_memo_put{prefix}(tail, {_tuple(memo_from, n)})")
@@ -651,9 +678,13 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
     def run_end(run: list[int], starts: dict[int, str], last: str) -> None:
         """The bound check of a run of C*n fields: a record that ends right after one
         of them (fields omitted, as testers write PRRs ending at PART_ID) ends here,
-        without the cost of an exception; one that ends inside a field raises."""
+        without the cost of an exception; one that ends inside a field raises.  Only
+        after one of the first RUN_ENDS: these lines grow with the square of the run's
+        length (the MIR's run of 30: 3x the source, 14 -> 4.5 ms to compile it when
+        the code cache is off or cold); a record that ends later in a run is the
+        careful code's."""
         lines.append(f"{ind}if {last} > end:")
-        for k, j in enumerate(run[:-1]):
+        for k, j in enumerate(run[:-1][:RUN_ENDS]):
             # the ends only grow: the first one at or past ``end`` decides
             lines.append(f"{ind}  if e{j} == end:")
             for m in run[:k + 1]:
@@ -681,29 +712,36 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
             lines.extend(f"{at}  f{x} = _chr(f{x})" for x in part if fields[x].type == "C1")
             lines.append(f"{at}  {literal(seg[j + 1])}")
 
+    def memo_block(start: str, first: int | None) -> None:
+        """The tail memo's lookup, the tail being the bytes from ``start`` to the end;
+        ``first``: the record may end before the tail (checked here)."""
+        # named per type: the record loop holds the PTR's and the FTR's
+        assert learnt is not None
+        learnt.append(f"_memo_get{prefix}, _memo_put{prefix}, _memo_on{prefix} = "
+                      f"self._memo_for({spec.name!r}, {rows})")
+        if first is not None:
+            lines.append(f"{ind}if p >= end: {literal(first)}")
+        lines.append(f"{ind}if _memo_on{prefix}[0]:")
+        lines.append(f"{ind}  tail = buf[{start}:end]")
+        lines.append(f"{ind}  hit = _memo_get{prefix}(tail)")
+        lines.append(f"{ind}  if hit is not None:")
+        lines.append(f"{ind}    _memo_on{prefix}[1] += 1")
+        if rows:
+            lines.append(f"{ind}    {ret.format(_tuple(0, memo_from) + ' + hit')}")
+        else:
+            lines.append(f"{ind}    _d = hit.copy()")
+            for i in range(memo_from):
+                lines.append(f"{ind}    _d[{fields[i].name!r}] = f{i}")
+            lines.append(f"{ind}    {ret.format('_d')}")
+        lines.append(f"{ind}else:")
+        lines.append(f"{ind}  tail = None")
+
     skip: set[int] = set()  # C*n fields read together with the run before them
     for k, seg in enumerate(_segments(fields)):
         first = seg[0]
         f = fields[first]
-        if first == memo_from:
-            # named per type: the record loop's namespace holds the PTR's and the FTR's
-            ns[f"_memo_get{prefix}"], ns[f"_memo_put{prefix}"], ns[f"_memo_on{prefix}"] = \
-                _memo(rows)
-            lines.append(f"{ind}if p >= end: {literal(first)}")
-            lines.append(f"{ind}if _memo_on{prefix}[0]:")
-            lines.append(f"{ind}  tail = buf[p:end]")
-            lines.append(f"{ind}  hit = _memo_get{prefix}(tail)")
-            lines.append(f"{ind}  if hit is not None:")
-            lines.append(f"{ind}    _memo_on{prefix}[1] += 1")
-            if rows:
-                lines.append(f"{ind}    {ret.format(_tuple(0, memo_from) + ' + hit')}")
-            else:
-                lines.append(f"{ind}    _d = hit.copy()")
-                for i in range(memo_from):
-                    lines.append(f"{ind}    _d[{fields[i].name!r}] = f{i}")
-                lines.append(f"{ind}    {ret.format('_d')}")
-            lines.append(f"{ind}else:")
-            lines.append(f"{ind}  tail = None")
+        if first == memo_from and first not in skip:
+            memo_block("p", first)
         if f.count is None and f.type in _SIZES:
             size = sum(_SIZES[fields[i].type] for i in seg)
             names = ", ".join(f"f{i}" for i in seg)
@@ -730,6 +768,9 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                 # C*1 to str before the C*n run, which may end the record
                 lines += [f"{ind}f{i} = _chr(f{i})" for i in seg if fields[i].type == "C1"]
                 lines.append(f"{ind}p += {size + 1}")
+                if after == memo_from:
+                    # the memo's tail starts at the C*n's length byte, read above
+                    memo_block("p - 1", None)
                 if optimistic:
                     run = _cn_run(fields, after)
                     lines.append(f"{ind}e{after} = p + ln")
@@ -839,8 +880,10 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                       f"{ind}  f{i} = _no_bits",
                       f"{ind}  p += 2"]
         elif f.type == "Vn":
-            if optimistic or "_vn" not in ns:
-                ns["_vn"] = _gdr_fast(readers.order, layouts=memo)
+            if learnt is not None:
+                learnt.append("_vn = self._gdr_for()")
+            elif "_vn" not in ns:
+                ns["_vn"] = _gdr_fast(readers.order)  # no layouts: shared
             lines.append(f"{ind}if p >= end: {literal(first)}")
             lines.append(f"{ind}f{i}, p = _vn(buf, txt, p, end)")
         else:
@@ -885,7 +928,8 @@ def _too_long(name: str, rec_len: int, limit: int, offset: int) -> StdfError:
 def _compile_scan(order: str, entries: list[Any], readers: _Readers,
                   skip: frozenset[str] = frozenset(), rows: bool = False,
                   lists: list[list[Any]] | None = None,
-                  memo: bool = True, inline: tuple[str, ...] = INLINE) -> Callable[..., Any]:
+                  memo: bool = True,
+                  inline: tuple[str, ...] = (*INLINE, "GDR")) -> Callable[..., Any]:
     """Generate the record loop of one byte order, with the INLINE types' decoding
     written into it and every other type dispatched through ``entries``.  Records of
     the types in ``skip`` are checked (REC_LEN), counted and stepped over.  ``rows``:
@@ -911,20 +955,23 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
     # a row is a plain tuple; a record a named tuple made without a call to its __new__
     make = "({}, base + pos, {})" if rows else "_new(_Record, ({}, base + pos, {}))"
     lines = [
-        "def scan(self, buf, txt, pos, base):",
-        "  n = len(buf)",
-        "  skipped = self.skipped",
         "  while pos + 4 <= n:",
         "    rec_len, key = _header(buf, pos)",
         "    body = pos + 4",
         "    end = body + rec_len",
     ]
-    for k, name in enumerate(inline):
+    #: the lines that set the decoder's own tail memos and GDR layouts as locals
+    learnt: list[str] | None = [] if memo else None
+    # GDRs inline too (their layouts are the decoder's own), unless skipped: a skipped
+    # GDR is checked by the generic path below
+    for k, name in enumerate(n for n in inline if not (n == "GDR" and "GDR" in skip)):
         spec = BY_NAME[name]
         limit = entries[_type_key(order, spec.typ, spec.sub)][2]
         lines += [
             f"    {'if' if k == 0 else 'elif'} key == {_type_key(order, spec.typ, spec.sub)}:",
-            f"      if rec_len > {limit}: raise _too_long({name!r}, rec_len, {limit}, base + pos)",
+            # REC_LEN is a U*2: no check for a type that may take any
+            *([f"      if rec_len > {limit}: raise _too_long({name!r}, rec_len, {limit}, "
+               "base + pos)"] if limit < 65535 else []),
             "      if end > n: return",
         ]
         if name in skip:
@@ -934,17 +981,22 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
             continue
         decode = entries[_type_key(order, spec.typ, spec.sub)][1]
         ns[f"_decode_{name}"] = decode.get() if isinstance(decode, _Lazy) else decode
-        lines += [
+        block = [
             "      p = body",
             "      while True:",
             "        try:",
             *_body(spec, readers, ns, "          ", "fields = {}; break", name,
-                   optimistic=True, rows=rows, memo=memo),
+                   optimistic=True, rows=rows, learnt=learnt),
             "        except (_Short, IndexError):",
             f"          fields = _decode_{name}(buf, txt, body, end)",
             "        break",
-            f"      record = {make.format(repr(name), 'fields')}",
         ]
+        if name == "GDR":  # an unknown type code: the one error inside a record
+            block = ["      try:", *("  " + line for line in block),
+                     "      except _BadGdr as exc:",
+                     "        pos = end",
+                     "        raise _gdr_error(exc, base) from None"]
+        lines += [*block, f"      record = {make.format(repr(name), 'fields')}"]
     lines += [
         "    else:",
         "      entry = _entries[key]",
@@ -991,7 +1043,11 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
     ]
     # ``self._pos`` (the decoder's position) is stored before each record returned, and
     # once when the loop stops for any reason -- not per skipped record
-    lines = [*lines[:3], "  try:", *("  " + line for line in lines[3:]),
+    lines = ["def scan(self, buf, txt, pos, base):",
+             "  n = len(buf)",
+             "  skipped = self.skipped",
+             *("  " + line for line in dict.fromkeys(learnt or ())),
+             "  try:", *("  " + line for line in lines),
              "  finally:", "    self._pos = pos"]
     src = "\n".join(lines) + "\n"
     exec(compiled(src, f"<stdf scan {order}>"), ns)
@@ -1008,18 +1064,18 @@ class _Lazy:
     thirty types.  Once compiled it takes its own place in every entry table that holds
     it, so later records call the compiled function directly."""
 
-    __slots__ = ("func", "key", "lists", "memo", "readers", "rows", "spec")
+    __slots__ = ("func", "key", "lists", "readers", "rows", "spec")
 
-    def __init__(self, spec: RecordSpec, readers: _Readers, rows: bool, memo: bool, key: int,
+    def __init__(self, spec: RecordSpec, readers: _Readers, rows: bool, key: int,
                  lists: list[list[Any]]) -> None:
-        self.spec, self.readers, self.rows, self.memo = spec, readers, rows, memo
+        self.spec, self.readers, self.rows = spec, readers, rows
         self.key, self.lists = key, lists
         self.func: Callable[[bytes, str, int, int], Any] | None = None
 
     def get(self) -> Callable[[bytes, str, int, int], Any]:
         func = self.func
         if func is None:
-            func = self.func = _compile(self.spec, self.readers, self.rows, self.memo)
+            func = self.func = _compile(self.spec, self.readers, self.rows)
             for entries in self.lists:
                 entry = entries[self.key]
                 if entry is not None and entry[1] is self:
@@ -1048,12 +1104,13 @@ class _Table:
         for (typ, sub), spec in BY_TYPE.items():
             limit = _max_size(spec)
             key = _type_key(order, typ, sub)
-            self.entries[key] = (spec.name, _Lazy(spec, readers, rows, memo, key, self.lists),
+            self.entries[key] = (spec.name, _Lazy(spec, readers, rows, key, self.lists),
                                  65535 if limit is None else limit + LENGTH_SLACK)
         far = _type_key(order, 0, 10)  # every FAR to the loop's cold path (_compile_scan)
         self.entries[far] = (*self.entries[far][:2], 1)
-        #: the types decoded inline in the record loop
-        self.inline = INLINE
+        #: the types decoded inline in the record loop (GDRs too: their layouts are the
+        #: decoder's own)
+        self.inline: tuple[str, ...] = (*INLINE, "GDR")
         #: the record loops, by the set of the names of the types they skip:
         #: scan(decoder, buf, txt, pos, base) -> records
         self.scans: dict[frozenset[str], Callable[..., Iterator[Any]]] = {}
@@ -1068,6 +1125,9 @@ class _Table:
 
 
 _TABLES: dict[tuple[str, bool, bool], _Table] = {}
+#: byte order -> GDR type-code sequence -> its compiled layout reader (``gdrlayout``),
+#: shared by every decoder (a pure function of the codes), bounded there
+_LAYOUT_READERS: dict[str, dict[bytes, Any]] = {}
 
 
 def decoder_table(order: str, rows: bool = False) -> _Table:
@@ -1119,7 +1179,8 @@ class StdfDecoder:
         self._txt: str | None = ""  # _buf decoded latin-1 (None: not yet)
         self._pos = 0  # index into _buf of the next record
         self._base = start_offset  # stream offset of _buf[0]
-        _memo_reset()  # a new file: its PTR tails may repeat (see _memo)
+        #: this decoder's own tail memos and GDR layouts (one file's: see ``_memo``)
+        self._learnt: dict[Any, tuple[Any, ...]] = {}
         #: iterators handed out since the last feed: a feed ends them
         self._open: list[Generator[Any, None, None]] = []
         self.byte_order = byte_order
@@ -1152,6 +1213,24 @@ class StdfDecoder:
         self._skip = new
         for name in sorted(new - self.skipped.keys()):
             self.skipped[name] = 0
+
+    def _memo_for(self, name: str, rows: bool) -> tuple[Any, ...]:
+        """This decoder's tail memo of record type ``name`` (for rows or for dicts): its
+        file's tails, and whether they repeat, are no other file's."""
+        memo = self._learnt.get((name, rows))
+        if memo is None:
+            memo = self._learnt[name, rows] = _memo(rows)
+        return memo
+
+    def _gdr_for(self) -> Callable[[bytes, str, int, int], tuple[list, int]]:
+        """This decoder's GDR reader, with its own layouts (the readers compiled for them
+        are shared by every decoder of the byte order)."""
+        learnt = self._learnt.get("GDR")
+        if learnt is None:
+            order = self.byte_order or "<"
+            table = Layouts(order, _LAYOUT_READERS.setdefault(order, {}))
+            learnt = self._learnt["GDR"] = (_gdr_fast(order, table), table.state)
+        return learnt[0]
 
     @property
     def position(self) -> int:
@@ -1339,7 +1418,7 @@ def vax_table(rows: bool = False) -> _Table:
     table = _VAX_TABLES.get((rows, memo))
     if table is None:
         table = _VAX_TABLES[rows, memo] = _Table("<", rows, memo)
-        table.inline = tuple(name for name in INLINE if name not in FLOAT_TYPES)
+        table.inline = tuple(name for name in table.inline if name not in FLOAT_TYPES)
         readers = _VaxReaders()
         generic = _generic_row if rows else decode_generic
         for name in FLOAT_TYPES:

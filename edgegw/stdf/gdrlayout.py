@@ -19,7 +19,8 @@ Adaptive and bounded: a layout is compiled the third time its sequence is seen i
 file, the reader tried is the last one learnt for the record's value count and first type
 code (one dict lookup), at most ``MAX_LAYOUTS`` readers are kept, a file compiles at most
 8 plus one per 256 hits, and a file whose layouts do not repeat (fewer hits than half
-of ``MAX_SEEN`` sequences learnt) stops learning until the next decoder is made.
+of ``MAX_SEEN`` sequences learnt) stops learning.  Each decoder (a file) learns in its own
+table; the compiled readers, a pure function of the type codes, are shared.
 """
 
 from __future__ import annotations
@@ -128,22 +129,17 @@ class Layouts:
 
     __slots__ = ("by_key", "compiled", "compiles", "order", "seen", "state")
 
-    def __init__(self, order: str) -> None:
+    def __init__(self, order: str, compiled: dict[bytes, Reader] | None = None) -> None:
         self.order = order
         #: value count and first type code -> the reader last learnt for them
         self.by_key: dict[int, Reader] = {}
-        #: type-code sequence -> its reader
-        self.compiled: dict[bytes, Reader] = {}
+        #: type-code sequence -> its reader: ``compiled``, which several tables (one per
+        #: decoder, a file each) may share
+        self.compiled: dict[bytes, Reader] = {} if compiled is None else compiled
         #: sequences seen in this file (since the last clear) -> times seen
         self.seen: dict[bytes, int] = {}
         self.state: list[Any] = [True, 0]
         self.compiles = 0  # in this file
-
-    def reset(self) -> None:
-        """A new file: its sequences are learnt afresh (the readers compiled are kept)."""
-        self.seen.clear()
-        self.state[:] = [True, 0]
-        self.compiles = 0
 
     def learn(self, count: int, values: list[tuple[int, Any]]) -> None:
         if count > MAX_VALUES:
