@@ -154,6 +154,16 @@ def test_the_retention_date_ignores_a_forward_step_and_follows_a_step_back() -> 
     t[0] -= 3 * DAY + HOUR  # stepped back past where it was: an hour behind
     assert clock.now() == 1_700_000_015.0 - HOUR
 
+async def send_three_frames(port: int) -> None:
+    """A gateway sends frames 1..3 of one record each and leaves once all are acked."""
+    ws_cm, ws, conn, _ = await handshake(port)
+    for seq in (1, 2, 3):
+        await ws.send_message(conn.data(seq, body(seq, 1), trio.current_time()))
+    while decode(await ws.get_message()) != Ack(3, []):
+        pass
+    await ws_cm.__aexit__(None, None, None)
+
+
 
 async def test_a_wall_clock_stepped_days_forward_prunes_no_frame_early(
         tmp_path: Path, wall: SteppedWall) -> None:
@@ -164,12 +174,7 @@ async def test_a_wall_clock_stepped_days_forward_prunes_no_frame_early(
     async with trio.open_nursery() as nursery:
         hub, port = await start_hub(nursery, hub_config(
             tmp_path, retain_frames_hours=1.0, prune_interval_s=0.02, checkpoint_interval_s=0))
-        ws_cm, ws, conn, _ = await handshake(port)
-        for seq in (1, 2, 3):
-            await ws.send_message(conn.data(seq, body(seq, 1), trio.current_time()))
-        while decode(await ws.get_message()) != Ack(3, []):
-            pass
-        await ws_cm.__aexit__(None, None, None)
+        await send_three_frames(port)
         wall.offset += 3 * DAY
         # frame 1 really applied two hours ago: its going shows the pruner ran after the step
         await hub.store.query("UPDATE frames SET applied_at = applied_at - 7200 WHERE seq = 1")
@@ -205,12 +210,7 @@ async def test_a_hub_started_with_its_clock_days_ahead_prunes_no_frame_early(
                      checkpoint_interval_s=0)
     async with trio.open_nursery() as nursery:
         hub, port = await start_hub(nursery, cfg)
-        ws_cm, ws, conn, _ = await handshake(port)
-        for seq in (1, 2, 3):
-            await ws.send_message(conn.data(seq, body(seq, 1), trio.current_time()))
-        while decode(await ws.get_message()) != Ack(3, []):
-            pass
-        await ws_cm.__aexit__(None, None, None)
+        await send_three_frames(port)
         nursery.cancel_scope.cancel()
     async with trio.open_nursery() as nursery:
         wall.offset = 3 * DAY

@@ -23,14 +23,13 @@ from typing import Any, TypeVar
 import pytest
 import trio
 from cluster_redis import RedisServer, fresh_prefix, redis_server  # noqa: F401
-from test_cluster_alerts import WebhookReceiver
+from test_cluster_alerts import WebhookReceiver, two_feed_holders
 from walltools import SteppedWall
 
 from edgegw.config import build
 from edgegw.hub import HubConfig
 from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig, WebhookConfig
-from edgegw.hub.cluster import ClusterBus, ClusterHub, ClusterStore, TopicPublisher
-from edgegw.hub.cluster.alertfeed import AlertFeed
+from edgegw.hub.cluster import ClusterBus, ClusterHub, ClusterStore
 from edgegw.hub.cluster.owner import restore_alert_engine
 from edgegw.metrics import Metrics
 from edgegw.records import SensorReading
@@ -252,47 +251,27 @@ async def hand_over_an_unsent_event(dsn: str, url: str, wall: SteppedWall, offse
     config = AlertsConfig(webhooks=[WebhookConfig(
         url=f"http://127.0.0.1:{hook.port}/hook", max_attempts=1000, max_age_s=max_age_s,
         backoff_initial_s=0.05, backoff_max_s=0.1)])
-    prefix = fresh_prefix()
-    stores = [ClusterStore(dsn, f"n{i}", partitions=1) for i in range(2)]
     metrics = [Metrics(), Metrics()]
-    for store in stores:
-        await store.open()
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(hook.run)
-            feeds = []
-            for i, store in enumerate(stores):
-                bus = ClusterBus(url, prefix, f"n{i}", partitions=1)
-                await nursery.start(bus.run)
-                feeds.append(AlertFeed(bus, store, config,
-                                       lambda src, bus=bus: TopicPublisher(bus, src),
-                                       lease_ttl_s=2.0, poll_s=0.05, metrics=metrics[i]))
-            first = trio.CancelScope()
-
-            async def run_first() -> None:
-                with first:
-                    await feeds[0].run()
-            wall.offset = offset  # the first holder's clock (the process's, while it runs)
-            nursery.start_soon(run_first)
-            await until_true(lambda: feeds[0].holding, "the first node holds the feed")
-            await stores[0].save_alerts(0, 1, [{
-                "id": "w1", "priority": "P0", "rule": "y", "raised_at": 100.0,
-                "acknowledged": False}])
-            await until_true(lambda: len(hook.headers) >= 1, "queued, and refused")
-            first.cancel()  # stopped before delivering: gives the lease back
-            await until_true(lambda: not feeds[0].holding, "the first node stopped")
-            wall.offset = 0.0  # the next holder's clock
-            hook.status = 200
-            await trio.sleep(held_s)  # (time passing: the event's age)
-            nursery.start_soon(feeds[1].run)
-            # (holding once its resend is done: sent, or given up)
-            await until_true(lambda: feeds[1].holding, "the next node holds the feed")
-            await until_true(lambda: len(hook.events) == 1 or failed(metrics[1]) == 1,
-                             "the next holder sends it or gives it up")
-            nursery.cancel_scope.cancel()
-    finally:
-        for store in stores:
-            await store.close()
+    async with two_feed_holders(dsn, url, hook, config, partitions=1,
+                                metrics=metrics) as held:
+        nursery, stores, feeds, first = held.nursery, held.stores, held.feeds, held.first
+        wall.offset = offset  # the first holder's clock (the process's, while it runs)
+        held.start_first()
+        await until_true(lambda: feeds[0].holding, "the first node holds the feed")
+        await stores[0].save_alerts(0, 1, [{
+            "id": "w1", "priority": "P0", "rule": "y", "raised_at": 100.0,
+            "acknowledged": False}])
+        await until_true(lambda: len(hook.headers) >= 1, "queued, and refused")
+        first.cancel()  # stopped before delivering: gives the lease back
+        await until_true(lambda: not feeds[0].holding, "the first node stopped")
+        wall.offset = 0.0  # the next holder's clock
+        hook.status = 200
+        await trio.sleep(held_s)  # (time passing: the event's age)
+        nursery.start_soon(feeds[1].run)
+        # (holding once its resend is done: sent, or given up)
+        await until_true(lambda: feeds[1].holding, "the next node holds the feed")
+        await until_true(lambda: len(hook.events) == 1 or failed(metrics[1]) == 1,
+                         "the next holder sends it or gives it up")
     return hook, metrics[1]
 
 

@@ -10,6 +10,9 @@ import json
 import os
 import urllib.request
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from edgegw.hub.cluster import TopicPublisher
 from edgegw.hub.cluster.alertfeed import AlertFeed, AlertView, wanted_events
 from edgegw.hub.cluster.bus import ClusterBus
 from edgegw.hub.cluster.pgstore import ClusterStore
+from edgegw.metrics import Metrics
 from tests.cluster_haproxy import HAProxy, NodeSet, haproxy_binary, node_toml
 from tests.cluster_live import LiveFollower
 from tests.ports import free_port
@@ -190,6 +194,50 @@ async def _until(predicate: Any, within_s: float, what: str) -> None:
         return
     raise AssertionError(f"not within {within_s} s: {what}")
 
+@dataclass
+class FeedHolders:
+    """Two nodes' alert feeds over one Redis prefix and one PostgreSQL (the webhook
+    receiver running beside them); ``start_first`` runs the first under ``first``."""
+
+    nursery: trio.Nursery
+    stores: list[ClusterStore]
+    feeds: list[AlertFeed]
+    first: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def start_first(self) -> None:
+        async def run_first() -> None:
+            with self.first:
+                await self.feeds[0].run()
+        self.nursery.start_soon(run_first)
+
+
+@asynccontextmanager
+async def two_feed_holders(dsn: str, redis_url: str, hook: WebhookReceiver,
+                           config: AlertsConfig, partitions: int = 4,
+                           metrics: list[Metrics] | None = None
+                           ) -> AsyncIterator[FeedHolders]:
+    prefix = fresh_prefix()
+    stores = [ClusterStore(dsn, f"n{i}", partitions=partitions) for i in range(2)]
+    for store in stores:
+        await store.open()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hook.run)
+            feeds = []
+            for i, store in enumerate(stores):
+                bus = ClusterBus(redis_url, prefix, f"n{i}", partitions=partitions)
+                await nursery.start(bus.run)
+                feeds.append(AlertFeed(bus, store, config,
+                                       lambda src, bus=bus: TopicPublisher(bus, src),
+                                       lease_ttl_s=2.0, poll_s=0.05,
+                                       metrics=metrics[i] if metrics else None))
+            yield FeedHolders(nursery, stores, feeds)
+            nursery.cancel_scope.cancel()
+    finally:
+        for store in stores:
+            await store.close()
+
+
 
 async def test_an_event_announced_but_not_delivered_is_delivered_by_the_next_feed_holder(
         pg_dsn: str, redis_server: Any) -> None:  # noqa: F811
@@ -203,48 +251,27 @@ async def test_an_event_announced_but_not_delivered_is_delivered_by_the_next_fee
     config = AlertsConfig(webhooks=[WebhookConfig(
         url=f"http://127.0.0.1:{hook.port}/hook", max_attempts=1000,
         backoff_initial_s=0.05, backoff_max_s=0.1)])
-    prefix = fresh_prefix()
-    stores = [ClusterStore(pg_dsn, f"n{i}", partitions=4) for i in range(2)]
-    for store in stores:
-        await store.open()
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(hook.run)
-            feeds = []
-            for i, store in enumerate(stores):
-                bus = ClusterBus(redis_server.url, prefix, f"n{i}", partitions=4)
-                await nursery.start(bus.run)
-                feeds.append(AlertFeed(bus, store, config,
-                                       lambda src, bus=bus: TopicPublisher(bus, src),
-                                       lease_ttl_s=2.0, poll_s=0.05))
-            first = trio.CancelScope()
-
-            async def run_first() -> None:
-                with first:
-                    await feeds[0].run()
-            nursery.start_soon(run_first)
-            await _until(lambda: feeds[0].holding, 20, "the first node holds the feed")
-            await stores[0].save_alerts(1, 1, [{
-                "id": "w1", "priority": "P0", "rule": "y", "raised_at": 100.0,
-                "acknowledged": False}])
-            await _until(lambda: feeds[0].announced == 1 and len(hook.headers) >= 2, 20,
-                         "announced, and refused by the receiver (retried)")
-            with trio.fail_after(20):  # marked fed (written after the announcement)
-                while await stores[1].pending_alerts():
-                    await trio.sleep(0.05)
-            first.cancel()  # stopped before delivering: gives the lease back
-            await _until(lambda: not feeds[0].holding, 20, "the first node stopped")
-            hook.status = 200
-            nursery.start_soon(feeds[1].run)
-            await _until(lambda: len(hook.events) == 1, 20, "the next holder delivers it")
-            (got,) = hook.events
-            assert (got["event"], got["alert"]["id"]) == ("raised", "w1")
-            assert {h["x-edgegw-event-id"] for h in hook.headers} == {"w1:raised"}
-            assert feeds[1].announced == 0  # fed: sent again from the outbox, not announced
-            nursery.cancel_scope.cancel()
-    finally:
-        for store in stores:
-            await store.close()
+    async with two_feed_holders(pg_dsn, redis_server.url, hook, config) as held:
+        nursery, stores, feeds, first = held.nursery, held.stores, held.feeds, held.first
+        held.start_first()
+        await _until(lambda: feeds[0].holding, 20, "the first node holds the feed")
+        await stores[0].save_alerts(1, 1, [{
+            "id": "w1", "priority": "P0", "rule": "y", "raised_at": 100.0,
+            "acknowledged": False}])
+        await _until(lambda: feeds[0].announced == 1 and len(hook.headers) >= 2, 20,
+                     "announced, and refused by the receiver (retried)")
+        with trio.fail_after(20):  # marked fed (written after the announcement)
+            while await stores[1].pending_alerts():
+                await trio.sleep(0.05)
+        first.cancel()  # stopped before delivering: gives the lease back
+        await _until(lambda: not feeds[0].holding, 20, "the first node stopped")
+        hook.status = 200
+        nursery.start_soon(feeds[1].run)
+        await _until(lambda: len(hook.events) == 1, 20, "the next holder delivers it")
+        (got,) = hook.events
+        assert (got["event"], got["alert"]["id"]) == ("raised", "w1")
+        assert {h["x-edgegw-event-id"] for h in hook.headers} == {"w1:raised"}
+        assert feeds[1].announced == 0  # fed: sent again from the outbox, not announced
 
 
 def _outcomes(dsn: str) -> dict[str, str | None]:
@@ -264,51 +291,30 @@ async def test_an_event_re_announced_after_being_delivered_is_not_sent_again(
     hook = WebhookReceiver()
     config = AlertsConfig(webhooks=[WebhookConfig(
         url=f"http://127.0.0.1:{hook.port}/hook", max_attempts=3, backoff_initial_s=0.05)])
-    prefix = fresh_prefix()
-    stores = [ClusterStore(pg_dsn, f"n{i}", partitions=4) for i in range(2)]
-    for store in stores:
-        await store.open()
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(hook.run)
-            feeds = []
-            for i, store in enumerate(stores):
-                bus = ClusterBus(redis_server.url, prefix, f"n{i}", partitions=4)
-                await nursery.start(bus.run)
-                feeds.append(AlertFeed(bus, store, config,
-                                       lambda src, bus=bus: TopicPublisher(bus, src),
-                                       lease_ttl_s=2.0, poll_s=0.05))
-            first = trio.CancelScope()
-
-            async def run_first() -> None:
-                with first:
-                    await feeds[0].run()
-            nursery.start_soon(run_first)
-            await _until(lambda: feeds[0].holding, 20, "the first node holds the feed")
-            alert = {"id": "w1", "priority": "P0", "rule": "y", "raised_at": 100.0,
-                     "acknowledged": False}
-            await stores[0].save_alerts(1, 1, [alert])
-            await _until(lambda: len(hook.events) == 1, 20, "delivered")
-            with trio.fail_after(20):  # its outcome and its fed written
-                while (_outcomes(pg_dsn).get("w1:raised") != "delivered"
-                       or await stores[1].pending_alerts()):
-                    await trio.sleep(0.05)
-            first.cancel()
-            await _until(lambda: not feeds[0].holding, 20, "the first node stopped")
-            with psycopg.connect(pg_dsn) as conn:  # the fed mark lost
-                conn.execute("UPDATE edgegw_alerts SET fed = '', pending = true")
-            nursery.start_soon(feeds[1].run)
-            await _until(lambda: feeds[1].announced == 1, 20, "announced again")
-            await stores[0].save_alerts(1, 1, [{**alert, "id": "w2"}])
-            await _until(lambda: len(hook.events) == 2, 20, "the next event delivered")
-            # (one queue per webhook, in order: w1 queued again would have come first)
-            assert [e["alert"]["id"] for e in hook.events] == ["w1", "w2"]
-            assert [h["x-edgegw-event-id"] for h in hook.headers] == ["w1:raised",
-                                                                      "w2:raised"]
-            nursery.cancel_scope.cancel()
-    finally:
-        for store in stores:
-            await store.close()
+    async with two_feed_holders(pg_dsn, redis_server.url, hook, config) as held:
+        nursery, stores, feeds, first = held.nursery, held.stores, held.feeds, held.first
+        held.start_first()
+        await _until(lambda: feeds[0].holding, 20, "the first node holds the feed")
+        alert = {"id": "w1", "priority": "P0", "rule": "y", "raised_at": 100.0,
+                 "acknowledged": False}
+        await stores[0].save_alerts(1, 1, [alert])
+        await _until(lambda: len(hook.events) == 1, 20, "delivered")
+        with trio.fail_after(20):  # its outcome and its fed written
+            while (_outcomes(pg_dsn).get("w1:raised") != "delivered"
+                   or await stores[1].pending_alerts()):
+                await trio.sleep(0.05)
+        first.cancel()
+        await _until(lambda: not feeds[0].holding, 20, "the first node stopped")
+        with psycopg.connect(pg_dsn) as conn:  # the fed mark lost
+            conn.execute("UPDATE edgegw_alerts SET fed = '', pending = true")
+        nursery.start_soon(feeds[1].run)
+        await _until(lambda: feeds[1].announced == 1, 20, "announced again")
+        await stores[0].save_alerts(1, 1, [{**alert, "id": "w2"}])
+        await _until(lambda: len(hook.events) == 2, 20, "the next event delivered")
+        # (one queue per webhook, in order: w1 queued again would have come first)
+        assert [e["alert"]["id"] for e in hook.events] == ["w1", "w2"]
+        assert [h["x-edgegw-event-id"] for h in hook.headers] == ["w1:raised",
+                                                                  "w2:raised"]
 
 
 @pytestmark_e2e

@@ -10,26 +10,18 @@ and no second PING is handed out (docs/protocol.md section 7)."""
 from __future__ import annotations
 
 import pytest
+from test_heartbeat import open_pair
 
 from edgegw.protocol import (
     CloseCode,
     GatewayConnection,
     HubConnection,
-    IntervalSet,
     Ping,
     Pong,
     ProtocolError,
     decode,
     encode,
 )
-
-
-def open_pair(now: float, interval: float) -> tuple[GatewayConnection, HubConnection]:
-    gw = GatewayConnection("ate-01", "s3cret", "e", 1, heartbeat=interval, now=now)
-    hub = HubConnection(heartbeat=interval, now=now)
-    hub.receive(gw.hello(now), now)
-    gw.receive(hub.accept(IntervalSet(), now), now)
-    return gw, hub
 
 
 def ping_waiting_from(conn: GatewayConnection | HubConnection, now: float) -> None:
