@@ -474,16 +474,22 @@ async def test_a_restart_while_records_wait_for_a_late_mir_or_a_prr_loses_and_re
     assert got == want
 
 
-def test_a_second_mir_ends_the_first_lot_and_starts_a_second() -> None:
-    # (before: the first lot had no LotEnd and stayed "in test" until evicted)
+def two_lots_parted_by(*between: bytes) -> tuple[bytes, list[Any]]:
+    """LOTA, its second part open (no PRR), then ``between`` and LOTB's MIR, a part, the
+    MRR -> (the file, what the gateway sends): LOTA ended by a ``LotEnd`` the mapping
+    made, its open part's result sent as at a file's end, then LOTB."""
     data = stdf([far(), mir("LOTA"), pir(1, 0), prr(1, 0, "1"), pir(1, 1), ptr(1, 1, 2.0),
-                 mir("LOTB"), pir(1, 0), prr(1, 0, "1"), MRR])
+                 *between, mir("LOTB"), pir(1, 0), prr(1, 0, "1"), MRR])
     sent = gateway(data)
     assert [(type(r).__name__, r.lot_id) for r in sent] == [
-        ("LotStart", "LOTA"), ("PartResult", "LOTA"),
-        # the part open at the second MIR never got its PRR: sent as at a file's end
-        ("ParametricResult", "LOTA"), ("LotEnd", "LOTA"),
-        ("LotStart", "LOTB"), ("PartResult", "LOTB"), ("LotEnd", "LOTB")]
+        ("LotStart", "LOTA"), ("PartResult", "LOTA"), ("ParametricResult", "LOTA"),
+        ("LotEnd", "LOTA"), ("LotStart", "LOTB"), ("PartResult", "LOTB"), ("LotEnd", "LOTB")]
+    return data, sent
+
+
+def test_a_second_mir_ends_the_first_lot_and_starts_a_second() -> None:
+    # (before: the first lot had no LotEnd and stayed "in test" until evicted)
+    _, sent = two_lots_parted_by()
     made = sent[3]
     assert made.extra == {"ended_by": "MIR"} and made.finish_t == 2  # the second's START_T
     assert sent[-1].extra is None  # (an MRR's LotEnd: no such mark)
@@ -501,14 +507,7 @@ def test_a_far_inside_a_lot_ends_it_as_a_tester_restarted_appending_to_its_file(
     # a tester crashed and restarted, appending FAR, MIR, ... with no MRR before them
     # (before: the FAR was ignored; the first lot ended only at a MIR of another lot id,
     # and a MIR of the same one went on with the crashed run's test defaults and parts)
-    data = stdf([far(), mir("LOTA"), pir(1, 0), prr(1, 0, "1"), pir(1, 1), ptr(1, 1, 2.0),
-                 far(), mir("LOTB"), pir(1, 0), prr(1, 0, "1"), MRR])
-    sent = gateway(data)
-    assert [(type(r).__name__, r.lot_id) for r in sent] == [
-        ("LotStart", "LOTA"), ("PartResult", "LOTA"),
-        # the part open at the crash never got its PRR: sent as at a file's end
-        ("ParametricResult", "LOTA"), ("LotEnd", "LOTA"),
-        ("LotStart", "LOTB"), ("PartResult", "LOTB"), ("LotEnd", "LOTB")]
+    data, sent = two_lots_parted_by(far())
     made = sent[3]
     assert made.extra == {"ended_by": "FAR"} and made.finish_t == 0  # a FAR has no time
     assert sent[2].part_id == "" and sent[-1].extra is None
