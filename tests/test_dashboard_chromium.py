@@ -67,8 +67,10 @@ class LiveHub:
 
     def __init__(self, data_dir: Path, auth: dict[str, Any] | None = None,
                  tls: dict[str, Any] | None = None,
-                 rules: list[dict[str, Any]] | None = None) -> None:
+                 rules: list[dict[str, Any]] | None = None,
+                 live: dict[str, Any] | None = None) -> None:
         self.data_dir = data_dir
+        self.live = live or {}  # LiveState's caps (max_wafers_per_lot, ...)
         # A rule that trips on the simulated wafers: 2 fails in a row on one site.
         self.rules = rules or [
             {"name": "site_fails", "kind": "consecutive_fails", "priority": "P1", "count": 2}]
@@ -89,7 +91,7 @@ class LiveHub:
         fanout = LiveFanout(LiveConfig(), metrics=hub.metrics)
         alerts = AlertEngine(build(AlertsConfig, {"rules": self.rules}), fanout.publish,
                              metrics=hub.metrics)
-        state = LiveState(fanout.publish, alerts=alerts, metrics=hub.metrics)
+        state = LiveState(fanout.publish, alerts=alerts, metrics=hub.metrics, **self.live)
         fanout.attach(state, on_ack=lambda alert_id, user: alerts.ack(alert_id, user,
                                                                       time.time()))
         hub.add_consumer(state)
@@ -705,14 +707,16 @@ async def test_parametric_only_data_shows_yield_and_bins_not_applicable_and_test
 
 
 @contextlib.asynccontextmanager
-async def page_of_a_tailed_file(tmp_path: Path, name: str, data: bytes
+async def page_of_a_tailed_file(tmp_path: Path, name: str, data: bytes,
+                                live: dict[str, Any] | None = None
                                 ) -> AsyncIterator[tuple[Browser, int]]:
-    """A hub, the dashboard open on it in Chromium (connected), and a real gateway tailing
-    a directory holding ``name``.stdf with ``data``: the (browser, hub port)."""
+    """A hub (``live``: its LiveState's caps), the dashboard open on it in Chromium
+    (connected), and a real gateway tailing a directory holding ``name``.stdf with
+    ``data``: the (browser, hub port)."""
     watched = tmp_path / name
     watched.mkdir()
     (watched / f"{name}.stdf").write_bytes(data)
-    hub = LiveHub(tmp_path / "hub")
+    hub = LiveHub(tmp_path / "hub", live=live)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(hub.run)
         async with open_browser(tmp_path / "profile") as browser:
@@ -873,3 +877,82 @@ async def test_a_dual_head_lot_tested_again_shows_heads_passes_and_tests_not_run
         lots = (await http_json(port, "/api/lots"))["lots"]
         assert [(r["lot_id"], r["status"], r["starts"], r["reopened_at"]) for r in lots] \
             == [("DHLOT", "open", 2, T0 + 7200)]
+
+
+def wafer_pass(w: Any, wafer_id: str, start: int, dies: list[tuple[int, int]]) -> bytes:
+    """One pass of wafer ``wafer_id`` (its WIR's START_T ``start``): a good die at each
+    X/Y, then its WRR."""
+    recs: list[tuple[str, dict[str, Any]]] = [
+        ("WIR", {"HEAD_NUM": 1, "START_T": start, "WAFER_ID": wafer_id})]
+    for x, y in dies:
+        recs += [("PIR", {"HEAD_NUM": 1, "SITE_NUM": 0}),
+                 ("PRR", {"HEAD_NUM": 1, "SITE_NUM": 0, "PART_FLG": 0, "NUM_TEST": 0,
+                          "HARD_BIN": 1, "SOFT_BIN": 1, "X_COORD": x, "Y_COORD": y})]
+    recs.append(("WRR", {"HEAD_NUM": 1, "FINISH_T": start + 100, "PART_CNT": len(dies),
+                         "WAFER_ID": wafer_id}))
+    return b"".join(w.encode(name, f) for name, f in recs)
+
+
+@needs_chromium
+@pytest.mark.parametrize("seen_live", [True, False], ids=["seen-live", "archived-at-once"])
+async def test_a_wafer_archived_and_tested_again_comes_back_on_the_page_without_a_reconnect(
+        tmp_path: Path, seen_live: bool) -> None:
+    """A hub that keeps one wafer of a lot live: wafer W1 is archived when W2 starts, and
+    comes back when its retest starts (docs/live-topics.md).  Its topic's next delta after
+    ``{"status": "archived"}`` is its whole map: the page takes it as the wafer's new
+    snapshot and shows its second pass -- the page had dropped the wafer with its offset,
+    saw a gap in the topic's deltas and reconnected (every operator screen blinking).
+    ``seen_live``: the page drew W1 before it was archived; else W1 and W2 come in one
+    frame, and the page's first item of W1 is an empty snapshot (already archived)."""
+    from edgegw.stdf import StdfWriter
+
+    w = StdfWriter("<")
+    head = b"".join(w.encode(name, f) for name, f in [
+        ("FAR", {"CPU_TYPE": 2, "STDF_VER": 4}),
+        ("MIR", {"SETUP_T": T0, "START_T": T0, "STAT_NUM": 1, "LOT_ID": "RTLOT",
+                 "PART_TYP": "DEV", "NODE_NAM": "prober", "TSTR_TYP": "J750",
+                 "JOB_NAM": "sort"})])
+    w1, w2 = "lot/RTLOT/wafer/W1", "lot/RTLOT/wafer/W2"
+    async with page_of_a_tailed_file(
+            tmp_path, "rt", head + wafer_pass(w, "W1", T0, [(0, 0), (1, 0)])
+            + (b"" if seen_live else wafer_pass(w, "W2", T0 + 200, [(0, 0)])),
+            live={"max_wafers_per_lot": 1}) as (browser, _port):
+        stdf = tmp_path / "rt" / "rt.stdf"
+
+        async def shown() -> dict[str, Any]:
+            page = await browser.page()
+            page.update(await browser.eval(
+                "({wafers: [...document.getElementById('wafer-select').options].slice(1)"
+                "   .map(o => o.value),"
+                " title: (document.getElementById('wafer-title') || {}).textContent || ''})"))
+            return page
+
+        async def wait_shown(predicate: Any, what: str) -> dict[str, Any]:
+            view: dict[str, Any] = {}
+            try:
+                with trio.fail_after(30):
+                    while not predicate(view := await shown()):
+                        await trio.sleep(0.1)
+            except trio.TooSlowError:
+                raise AssertionError(f"timed out waiting for {what}: {view}") from None
+            return view
+
+        async def append(data: bytes) -> None:
+            def write() -> None:
+                with stdf.open("ab") as f:
+                    f.write(data)
+            await trio.to_thread.run_sync(write)
+
+        if seen_live:
+            await wait_shown(lambda v: v["wafers"] == [w1] and v["dies"] == 2, "wafer W1")
+            await append(wafer_pass(w, "W2", T0 + 200, [(0, 0)]))
+        before = await wait_shown(lambda v: v["wafers"] == [w2] and v["topic"] == w2,
+                                  "W1 archived, W2 shown")
+        # W1 tested again: its WIR starts after every start and end of W1 so far.
+        await append(wafer_pass(w, "W1", T0 + 400, [(2, 0)]))
+        after = await wait_shown(lambda v: v["reconnects"] > before["reconnects"]
+                                 or (v["topic"] == w1 and "pass 2" in v["title"]),
+                                 "W1 back with its second pass (or a reconnect)")
+        assert after["reconnects"] == before["reconnects"], after
+        assert after["topic"] == w1 and after["dies"] == 3  # its first pass's dies and the new
+        assert after["wafers"] == [w1] and "pass 2 · reopened" in after["title"]

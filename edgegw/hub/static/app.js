@@ -14,6 +14,12 @@ let mergeRules = [];
 const views = new Map();
 const offsets = new Map();
 const epochs = new Map();
+// Wafers the hub archived (docs/live-topics.md): no view, but the topic's offset is kept,
+// since the hub keeps the channel a while and a wafer tested again comes back on it as the
+// next delta, its map whole -- taken as its new snapshot, not as a gap.  Insertion order:
+// the oldest go first past the cap (the hub forgets the channel about 10 s after).
+const archived = new Set();
+const MAX_ARCHIVED = 1024;
 let epoch = null;
 let ws = null;
 let backoff = 500;
@@ -50,6 +56,8 @@ function connect() {
     backoff = 500;
     // Resume every topic we hold; the hub sends exactly what we missed, or a snapshot
     // marked "resync" when it cannot (another hub run, history too short).
+    // An archived wafer has nothing to resume: it comes as a snapshot if it came back.
+    for (const topic of [...archived]) forget(topic);
     const resume = {};
     for (const [topic, off] of offsets) resume[topic] = [epochs.get(topic) || epoch, off];
     send({ type: "subscribe", id: nextId++, topics: TOPICS, resume });
@@ -149,36 +157,53 @@ function applyItem(item) {
     stats.snapshots++;
     if (item.resync) stats.resyncs++;
     if (isWafer(topic) && !(item.data && item.data.wafer_id)) {
-      // A wafer that left the hub's memory before this page got its snapshot.
-      forget(topic);
-      return;
+      // A wafer that left the hub's memory before this page got its snapshot: its
+      // offset is kept all the same, for its retest (below).
+      markArchived(topic);
+    } else {
+      archived.delete(topic);
+      views.set(topic, prepare(topic, item.data || {}));
     }
-    views.set(topic, prepare(topic, item.data || {}));
   } else if (item.type === "delta") {
+    const returning = archived.has(topic);
     if (offsets.get(topic) !== item.from || epochs.get(topic) !== item.epoch
-        || !views.has(topic)) {
+        || !(views.has(topic) || returning)) {
       // Never apply over a gap: start over from fresh snapshots.
       forget(topic);
       if (ws) ws.close(4000, "gap");
       return;
     }
-    let view = views.get(topic);
+    // A wafer back after it was archived (tested again): the hub's first delta after its
+    // "archived" one carries its whole map and every other key -- its new snapshot.
+    let view = returning ? prepare(topic, waferIds(topic)) : views.get(topic);
+    archived.delete(topic);
     for (const delta of item.data) view = applyDelta(topic, view, delta);
-    if ((isWafer(topic) && view.status === "archived")
-        || (kindOf(topic) === "sensor" && view.status === "evicted")) {
+    if (isWafer(topic) && view.status === "archived") {
       // The wafer left the hub's memory (its lot has more wafers than the hub keeps live,
-      // or the lot was evicted): the history API serves it; the page keeps the live ones.
-      // A sensor channel pushed out at the hub's cap (docs/live-topics.md) goes too.
+      // or the lot was evicted): the history API serves it; the page keeps the live ones,
+      // and the wafer's offset, for its retest.
+      markArchived(topic);
+    } else if (kindOf(topic) === "sensor" && view.status === "evicted") {
+      // A sensor channel pushed out at the hub's cap (docs/live-topics.md) goes.
       forget(topic);
       return;
+    } else {
+      views.set(topic, view);
     }
-    views.set(topic, view);
   }
   offsets.set(topic, item.offset);
   epochs.set(topic, item.epoch);
 }
 
+function markArchived(topic) {
+  views.delete(topic);
+  archived.delete(topic);  // (the newest last)
+  archived.add(topic);
+  while (archived.size > MAX_ARCHIVED) forget(archived.values().next().value);
+}
+
 function forget(topic) {
+  archived.delete(topic);
   views.delete(topic);
   offsets.delete(topic);
   epochs.delete(topic);
@@ -235,6 +260,11 @@ const rulesFor = (topic) => mergeRules.filter((rule) => topicMatches(rule.topics
 const identity = (row, by) => (Array.isArray(by) ? by.map((i) => row[i]).join(",") : row[by]);
 
 const isWafer = (topic) => /^lot\/[^/]+\/wafer\/[^/]+$/.test(topic);
+// A wafer topic's ids (percent-encoded in the topic name: docs/live-protocol.md).
+function waferIds(topic) {
+  const parts = topic.split("/");
+  return { lot_id: decodeURIComponent(parts[1]), wafer_id: decodeURIComponent(parts[3]) };
+}
 const kindOf = (topic) => topic.split("/")[0];
 const isLot = (topic) => /^lot\/[^/]+$/.test(topic);
 
