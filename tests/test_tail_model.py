@@ -2,7 +2,9 @@
 size") under file-system churn and crashes.
 
 A seeded random tester writes STDF lots into a real directory in pieces, finishes them,
-renames, touches and deletes them, copies in finished lots with old modification times
+renames, touches and deletes them, appends zeros or a whole lot (either byte order, its
+FAR right after the MRR: docs/tail.md, "A lot appended to a finished file") to finished
+ones, copies in finished lots with old modification times
 (``cp -p``), and deletes a lot to create a new one at its inode, under another name or its
 own (docs/tail.md, "Inodes are reused"; on ``tmp_path``, on disk: tmpfs never reuses an
 inode); between its steps a real ``TailSource`` polls, time passes (``fold_after`` is
@@ -11,7 +13,8 @@ crashes: a fresh ``TailSource`` resumes from the last checkpoint the sink accept
 durable store gives it back, through JSON).
 
 The invariant: every record of every file the tester wrote, while the gateway ran or while
-it was stopped, is emitted exactly once over all runs, in the file's order.  A file deleted
+it was stopped, is emitted exactly once over all runs, in the file's order (each lot
+appended to a file as a file of its own).  A file deleted
 before the tail read it to its end is checked for "at most once" only (its rest is gone).
 The documented exceptions are never generated: a finished file is not changed (touched,
 renamed) while the gateway is stopped unless the checkpoint still lists it; no file vanishes
@@ -53,11 +56,23 @@ class Lot:
     path: Path
     written: int = 0
     deleted: bool = False
-    #: bytes appended after its end (after the MRR): not read, as a finished file that grows
+    #: bytes appended after its end (after the MRR): zero fill or a lot
     grown: bool = False
+    #: zero fill appended after an MRR: not read, and neither is a lot appended after it
+    zero_filled: bool = False
     renamed: bool = False
     #: its other names (hard links, in the same directory): one file, read once
     links: list[Path] = dataclasses.field(default_factory=list)
+    #: the lots in the file, ``(lot_id, start)``: its first, then each lot appended after
+    #: the MRR of the one before (docs/tail.md, "A lot appended to a finished file"), each
+    #: read as a file of its own; ``data`` holds them all
+    segments: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+
+    def lots(self) -> list[tuple[str, bytes]]:
+        """Each lot in the file and its bytes."""
+        ends = [start for _, start in self.segments[1:]] + [len(self.data)]
+        return [(lot_id, self.data[start:end])
+                for (lot_id, start), end in zip(self.segments, ends, strict=True)]
 
     @property
     def finished(self) -> bool:
@@ -96,6 +111,7 @@ class Model:
         self.source: TailSource | None = None
         self.steps: list[str] = []
         self.names = 0
+        self.lot_ids = 0
         #: a file was touched or renamed while the gateway runs and no poll has seen it
         #: yet: a crash now is a change made while it is stopped (docs/tail.md; allowed
         #: with the registry)
@@ -138,14 +154,20 @@ class Model:
         self.names += 1
         return self.dir / f"f{self.names:03}.stdf"
 
-    def new_lot(self) -> Lot:
-        n = len(self.lots)
+    def lot_bytes(self, byte_order: str = "<") -> tuple[str, bytes]:
+        """A new lot id and a whole lot of that id, as the tester writes it."""
+        lot_id = f"L{self.lot_ids:03}"
+        self.lot_ids += 1
         # (one in five a lot of less than a KiB: its fingerprint covers all of it)
         small = self.rng.random() < 0.2
-        profile = TesterProfile(lot_id=f"L{n:03}", sites=1 if small else 2,
+        profile = TesterProfile(lot_id=lot_id, sites=1 if small else 2,
                                 wafer_diameter_dies=1 if small else 4,
                                 tests_per_part=1 if small else 2, seed=self.rng.randrange(1000))
-        lot = Lot(f"L{n:03}", stdf_file_bytes(profile), self.fresh_path())
+        return lot_id, stdf_file_bytes(profile, byte_order=byte_order)
+
+    def new_lot(self) -> Lot:
+        lot_id, data = self.lot_bytes()
+        lot = Lot(lot_id, data, self.fresh_path(), segments=[(lot_id, 0)])
         self.lots.append(lot)
         return lot
 
@@ -157,7 +179,7 @@ class Model:
     def grow(self, lot: Lot, n: int) -> None:
         with open(lot.path, "ab") as f:
             f.write(b"\0" * n)
-        lot.grown = True
+        lot.grown = lot.zero_filled = True
 
     def alive(self) -> list[Lot]:
         return [lot for lot in self.lots if not lot.deleted]
@@ -182,6 +204,8 @@ class Model:
         # (renamed and grown between two looks is a finished file with another size under
         # another name: read again, running or restarted; so one or the other per lot)
         growable = [lot for lot in alive if lot.finished and not lot.renamed and self.registry]
+        # (a lot appended after zero fill no longer follows the MRR: not read, documented)
+        extendable = [lot for lot in growable if not lot.zero_filled]
         choices = ["new", "copy_old", "sleep"]
         if unfinished:
             choices += ["append"] * 4
@@ -195,6 +219,8 @@ class Model:
             choices += ["unlink"]
         if growable:
             choices += ["grow"]
+        if extendable:
+            choices += ["append_lot"]
         if alive:
             choices += ["delete", "reuse"]
         if self.source is not None:
@@ -263,6 +289,19 @@ class Model:
             self.steps.append(f"grow {lot.path.name}")
             self.unseen_change = self.source is not None and not self.registry
             self.grow(lot, rng.randrange(1, 9))
+        elif action == "append_lot":  # a retest lot appended after its MRR, FAR first
+            lot = rng.choice(extendable)
+            order = rng.choice("<>")
+            lot_id, data = self.lot_bytes(order)
+            lot.segments.append((lot_id, len(lot.data)))
+            lot.data += data
+            # (mostly whole; else in pieces, the FAR perhaps cut: "append" goes on with it)
+            end = rng.choice([len(lot.data)] * 2 + [lot.written + rng.randrange(1, len(data))])
+            self.steps.append(f"append_lot {lot.path.name} ({lot_id}, byte order {order}) "
+                              f"bytes {lot.written}..{end} of {len(lot.data)}")
+            self.unseen_change = self.source is not None and not self.registry
+            self.write(lot, end)
+            lot.grown = True
         elif action == "touch":
             lot = rng.choice(changeable)
             self.steps.append(f"touch {lot.path.name}")
@@ -292,8 +331,12 @@ class Model:
             old.path.unlink()
             old.deleted = True
             # (not had when the gateway holds the old file open: a deleted file's inode is
-            # freed only once it is closed; then the new lot is just a new file)
-            reused = create_at_inode(lot.path, lot.data[:end], inode, tries=20)
+            # freed only once it is closed; then the new lot is just a new file -- after one
+            # round of tries, not the rounds a busy machine's inode thieves get)
+            held = self.source is not None and any(
+                f.inode == inode and f.reader is not None for f in self.source.files.values())
+            reused = create_at_inode(lot.path, lot.data[:end], inode, tries=20,
+                                     **({"within_s": 0.0} if held else {}))
             lot.written = end
             self.steps.append(f"reuse {old.path.name} -> {lot.path.name} ({lot.lot_id}) bytes"
                               f" 0..{end} of {len(lot.data)}"
@@ -348,20 +391,21 @@ class Model:
         got: dict[str, list[Any]] = {}
         for r in no_ts(self.sink.records):
             got.setdefault(r.lot_id, []).append(r)
-        assert set(got) <= {lot.lot_id for lot in self.lots}
+        assert set(got) <= {lot_id for lot in self.lots for lot_id, _ in lot.segments}
         for lot in self.lots:
-            records = got.get(lot.lot_id, [])
-            if not lot.deleted:
-                want = expected(lot.data)
-                assert records == want, (
-                    f"{lot.lot_id} ({lot.path.name}): {len(records)} records emitted, "
-                    f"{len(want)} expected"
-                    + (f"; first difference at {first_difference(records, want)}"))
-            else:  # deleted, perhaps before it was read to its end: at most once
-                assert sum(isinstance(r, LotStart) for r in records) <= 1, lot.lot_id
-                parts = Counter((r.head, r.site, r.part_id) for r in records
-                                if isinstance(r, PartResult) and r.part_id)
-                assert not parts or max(parts.values()) == 1, lot.lot_id
+            for lot_id, data in lot.lots():  # each lot in the file as a file of its own
+                records = got.get(lot_id, [])
+                if not lot.deleted:
+                    want = expected(data)
+                    assert records == want, (
+                        f"{lot_id} ({lot.path.name}): {len(records)} records emitted, "
+                        f"{len(want)} expected"
+                        + (f"; first difference at {first_difference(records, want)}"))
+                else:  # deleted, perhaps before it was read to its end: at most once
+                    assert sum(isinstance(r, LotStart) for r in records) <= 1, lot_id
+                    parts = Counter((r.head, r.site, r.part_id) for r in records
+                                    if isinstance(r, PartResult) and r.part_id)
+                    assert not parts or max(parts.values()) == 1, lot_id
 
 
 def first_difference(a: list[Any], b: list[Any]) -> str:
