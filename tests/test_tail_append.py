@@ -30,9 +30,11 @@ from test_tail_registry import (
     read_and_fold_lagging,
 )
 
+from edgegw.records import RawRecord
 from edgegw.sim import stdf_file_bytes
 from edgegw.sim.tester import TesterProfile
 from edgegw.sources import TailSource
+from edgegw.stdf import StdfWriter
 
 
 def lot(n: int, order: str = "<") -> bytes:
@@ -98,6 +100,116 @@ async def test_a_lot_appended_to_a_finished_file_is_read_once(
     await read_and_fold(source, sink)
     await crash(source)
     each_once(sink, {1: first, 2: second})
+
+
+def notes(what: str, order: str = "<") -> bytes:
+    """What a merge tool or tester writes after a lot's MRR: a DTR (a comment), a GDR (an
+    end-of-lot note), or both -- types the mapper does not read."""
+    w = StdfWriter(order)
+    dtr = w.encode("DTR", {"TEXT_DAT": "end of lot: merged by ate-merge 2.1"})
+    gdr = w.encode("GDR", {"GEN_DATA": [(10, "LOT_END_NOTE"), (5, 3), (10, "retest next")]})
+    return {"DTR": dtr, "GDR": gdr, "DTR, GDR": dtr + gdr}[what]
+
+
+@pytest.mark.parametrize("what", ["DTR", "GDR", "DTR, GDR"])
+@pytest.mark.parametrize("written", ["with the MRR", "with the next lot"])
+@pytest.mark.parametrize("when", ["running", "stopped, folded"])
+async def test_a_lot_appended_after_a_dtr_or_gdr_that_follows_the_mrr_is_read_once(
+        tmp_path: Path, what: str, written: str, when: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A DTR or GDR between an MRR and the next lot's FAR is passed over within one read
+    (docs/tail.md, "A file holding several lots"), and so it is when the lot is appended
+    later: written right after the MRR (read with it) or with the next lot, running or
+    after a restart (the registry's ``end``: the MRR's).  Both lots sent once, each as a
+    file of its own (the notes are not the lots' data); nothing logged as lost growth.
+    Before: the appended lot was lost ("grew after it was complete")."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    first, second = lot(1), lot(2)
+    path = directory / "retest.stdf"
+    path.write_bytes(first + (notes(what) if written == "with the MRR" else b""))
+    sink = Sink(state)
+    folded = when.endswith("folded")
+    source = start(directory, state, None, fold_after=0 if folded else 3600)
+    if folded:
+        await read_and_fold(source, sink)
+    else:
+        await polls(source, sink)
+        assert sink.checkpoint["files"][str(path)]["end"] == len(first)
+    assert of(sink.records, 1) == expected(first)
+    appended = (notes(what) if written == "with the next lot" else b"") + second
+    if when.startswith("stopped"):
+        await crash(source)
+        append(path, appended)
+        source = start(directory, state, sink.checkpoint, fold_after=0)
+    else:
+        append(path, appended)
+    await polls(source, sink)
+    each_once(sink, {1: first, 2: second})
+    assert not any("grew after it was complete" in r.getMessage() for r in caplog.records)
+    entry = sink.checkpoint["files"].get(str(path))
+    size = len(first) + len(notes(what)) + len(second)
+    assert entry is None or (entry["done"] and entry["end"] == size)
+    await crash(source)
+    source = start(directory, state, sink.checkpoint)
+    await read_and_fold(source, sink)
+    await crash(source)
+    each_once(sink, {1: first, 2: second})
+
+
+@pytest.mark.parametrize("when", ["running", "stopped, folded"])
+async def test_with_forward_raw_a_dtr_read_with_the_mrr_is_not_sent_again_with_the_lot(
+        tmp_path: Path, when: str) -> None:
+    """``forward_raw``: a read sends a DTR after an MRR as a raw record, as it met it; the
+    lot appended after it later is read from its FAR, so the DTR is not sent twice."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    path = directory / "retest.stdf"
+    path.write_bytes(lot(1) + notes("DTR"))
+    sink = Sink(state)
+    folded = when.endswith("folded")
+    source = start(directory, state, None, forward_raw=True, fold_after=0 if folded else 3600)
+    await (read_and_fold(source, sink) if folded else polls(source, sink))
+    if folded:
+        await crash(source)
+        append(path, lot(2))
+        source = start(directory, state, sink.checkpoint, forward_raw=True)
+    else:
+        append(path, lot(2))
+    await polls(source, sink)
+    await crash(source)
+    assert lot_ids(sink.records) == {"L001": 1, "L002": 1}
+    assert [r.fields["TEXT_DAT"] for r in sink.records
+            if isinstance(r, RawRecord) and r.rec == "DTR"] == [
+                "end of lot: merged by ate-merge 2.1"]
+
+
+async def test_a_restart_inside_a_lot_appended_after_a_dtr_resumes_it_at_its_far(
+        tmp_path: Path) -> None:
+    """The appended lot's parser starts at its FAR, past the DTR (``from``), so a restart
+    inside it re-reads it from there, and a DTR in the lot's own byte order (big-endian
+    after a little-endian lot) is passed over as well."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    lots = {1: lot(1), 2: lot(2, ">"), 3: lot(3, ">")}
+    path = directory / "retest.stdf"
+    path.write_bytes(lots[1])
+    sink = Sink(state)
+    source = start(directory, state, None, read_size=512)
+    await read_and_fold(source, sink)
+    half = len(lots[2]) // 2
+    append(path, notes("DTR") + lots[2][:half])
+    await polls(source, sink, 1)
+    listed = sink.checkpoint["files"][str(path)]
+    assert not listed["done"] and listed["from"] == len(lots[1]) + len(notes("DTR"))
+    await crash(source)
+    source = start(directory, state, sink.checkpoint, read_size=512)
+    append(path, lots[2][half:])
+    await read_and_fold(source, sink)
+    append(path, notes("DTR, GDR", ">") + lots[3])
+    await read_and_fold(source, sink)
+    await crash(source)
+    each_once(sink, lots)
 
 
 @pytest.mark.parametrize("cut", [2, 5], ids=["part of its header", "its header"])

@@ -30,9 +30,10 @@ back as ``context.checkpoint``)::
      "finished_before": NS, "gone": [[inode, NS], ...]}
 
 ``end`` (finished files): where the last MRR ends (null: not complete at an MRR).  A file
-that grows past what was read, the bytes after its ``end`` beginning with a whole FAR, is
-read on from there as another lot, by a parser and mapper of its own (``_next_lot``);
-``from``: the offset that parser starts at, where a restart re-reads it from.  Any other
+that grows past what was read, the bytes after its ``end`` beginning with a whole FAR
+(after any whole DTRs and GDRs, passed over as within a read), is read on from that FAR
+as another lot, by a parser and mapper of its own (``_next_lot``); ``from``: the offset
+that parser starts at, where a restart re-reads it from.  Any other
 growth of a finished file is logged and not read.
 
 Bounded: ``files`` lists the unfinished files and the finished ones that changed (their
@@ -259,6 +260,15 @@ class _File:
         if self.done:
             entry["end"] = self.end
         return entry
+
+
+def _after_end(path: str, inode: int, base: int, end: int, n: int
+               ) -> tuple[bytes, bytes] | None:
+    """The first bytes of the lot that begins at ``base`` and up to ``n`` bytes from
+    ``end`` (``TailSource._lot_follows``; None: not readable, or another file).  Blocking."""
+    head = read_at(path, inode, base, HEAD_BYTES)
+    data = read_at(path, inode, end, n)
+    return None if head is None or data is None else (head, data)
 
 
 def _end_of(e: dict[str, Any]) -> int | None:
@@ -531,47 +541,62 @@ class TailSource:
 
     async def _next_lot(self, f: _File, size: int) -> bool | None:
         """Whether another lot follows the end of the last MRR of ``f``, finished, now
-        ``size`` bytes long: what follows that end begins with a whole FAR.  True: ``f`` is
-        read on from there, unfinished again (``_read_on``); None: not looked at (not at
-        this size again: too few bytes to tell stay so until it changes).  Only the bytes
-        after that end are read, and only when the file has grown: a finished file is not
-        read again."""
+        ``size`` bytes long: what follows that end begins with a whole FAR, after any whole
+        records of the types a read passes over there (DTR, GDR: ``_lot_follows``).  True:
+        ``f`` is read on from that FAR, unfinished again (``_read_on``); None: not looked
+        at (not at this size again: too few bytes to tell stay so until it changes).  Only
+        the bytes after that end (and the FAR its lot began with) are read, and only when
+        the file has grown: a finished file is not read again."""
         if f.end is None or f.gz or size <= f.end:  # (a gzip file's offsets are not its bytes')
             return False
         if f.peeked == size:
             return None
         f.peeked = size
         verdict = await self._lot_follows(f, size)
-        if verdict:
-            self._read_on(f)
-        return verdict
+        if verdict is None or verdict is False:
+            return verdict
+        self._read_on(f, verdict)
+        return True
 
-    def _read_on(self, f: _File) -> None:
-        """``f`` is unfinished again: a lot appended after its last MRR is read from there
-        by a parser of its own (either byte order), as a file of its own would be.  Its
-        ``origin`` stays the offset the last checkpoint handed over gives it."""
+    def _read_on(self, f: _File, at: int) -> None:
+        """``f`` is unfinished again: a lot appended after its last MRR is read from its FAR
+        (``at``) by a parser of its own (either byte order), as a file of its own would be.
+        Its ``origin`` stays the offset the last checkpoint handed over gives it."""
         assert f.end is not None
         log.info("source %s: %s: a lot appended after its last MRR (byte %d): read from "
-                 "there", self.name, f.path, f.end)
+                 "its FAR (byte %d)", self.name, f.path, f.end, at)
         f.done, f.reason, f.warned, f.peeked = False, "", False, -1
-        f.base = f.offset = f.end
+        f.base = f.offset = at
         self._registering.pop(f.path, None)
         self._listed[f.path] = f
 
-    async def _lot_follows(self, f: _File, size: int) -> bool | None:
-        """Whether the bytes after ``f.end`` begin with a whole, valid FAR (STDF V4: its
-        STDF_VER 4; either byte order), read by a fresh parser; None: too few of them
-        yet."""
+    async def _lot_follows(self, f: _File, size: int) -> int | Literal[False] | None:
+        """Where the whole, valid FAR (STDF V4: its STDF_VER 4; either byte order) that the
+        bytes after ``f.end`` begin with is -- after any whole records of the types a read
+        passes over between an MRR and the next FAR (not ``_DECIDES``: DTR, GDR), in the
+        file's byte order, as ``_map`` does -- False: something else; None: too few bytes
+        yet.  Bounded: the bytes looked at are at most ``HEAD_BYTES`` after the end, and the
+        FAR that began its lot (``f.base``), which a fresh parser reads first, so that it
+        reads what follows in that lot's byte order (a FAR right after the end, in either
+        order, reads as one)."""
         assert f.end is not None
-        data = await trio.to_thread.run_sync(
-            read_at, f.path, f.inode, f.end, min(size - f.end, HEAD_BYTES))
-        if data is None:  # (replaced since the scan, or unreadable: the next change tells)
+        got = await trio.to_thread.run_sync(_after_end, f.path, f.inode, f.base, f.end,
+                                            min(size - f.end, HEAD_BYTES))
+        if got is None:  # (replaced since the scan, or unreadable: the next change tells)
             return None
+        head, data = got
         try:
+            prefix = self._far_of(head)
             parser = new_parser(self.format, self.options)
-            parser.feed(data)
+            parser.feed(prefix + data)
             for rec in parser.records():
-                return rec.name == "FAR" and rec.fields.get("STDF_VER", 4) == 4
+                if rec.offset < len(prefix):
+                    continue
+                if rec.name not in _DECIDES:
+                    continue  # (passed over, as ``_map`` does; not sent from here: docs/tail.md)
+                if rec.name == "FAR" and rec.fields.get("STDF_VER", 4) == 4:
+                    return f.end + rec.offset - len(prefix)
+                return False
         except FormatError:
             return False
         except Exception:  # a bug in the plugin: not read, as before
@@ -580,6 +605,19 @@ class TailSource:
                                   self.format.name, f.path)
             return False
         return None if len(data) < HEAD_BYTES else False
+
+    def _far_of(self, head: bytes) -> bytes:
+        """The FAR ``head`` begins with, its bytes (empty: none, or not whole)."""
+        try:
+            parser = new_parser(self.format, self.options)
+            parser.feed(head)
+            for rec in parser.records():
+                if rec.name == "FAR" and rec.offset == 0:
+                    return head[:parser.position]
+                break
+        except FormatError:
+            pass
+        return b""
 
     def _finished_before(self, info: _FileInfo) -> bool | None:
         """A file not known: whether the watermark says it was finished (it changed at or
