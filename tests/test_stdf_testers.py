@@ -586,6 +586,22 @@ async def tailed(directory: Path, checkpoint: Any = None, read_size: int = 4096,
 TRAILERS = {"nothing": b"", "zeros": bytes(4096), "text": b"END OF DATALOG\r\n",
             "ctrl-z": b"\x1a"}
 
+def each_lot_sent_once(sink: Any, lots: list[bytes], path: Path, end: int) -> None:
+    """LOTA (7 parts), LOTB (5), LOTC (4) tailed from ``path``: each lot sent as a file of
+    its own, the file complete at its last MRR (``end``), each lot closed on the hub."""
+    want = [r for lot in lots for r in gateway(lot)]
+    assert [r._replace(ts=0.0) for r in sink.records] == [r._replace(ts=0.0) for r in want]
+    # (a later lot's PTRs take its own first PTR's limit, not the first lot's)
+    assert {(r.lot_id, r.hi_limit) for r in want if isinstance(r, ParametricResult)} == {
+        ("LOTA", 10.0), ("LOTB", 5.0), ("LOTC", 2.0)}
+    entry = sink.checkpoint["files"][str(path)]
+    assert entry["done"] and entry["reason"] == "MRR" and entry["offset"] == end
+    state = hub(sink.records)
+    assert {lot: (state.lots[lot].status, state.lots[lot].tally.parts)
+            for lot in ("LOTA", "LOTB", "LOTC")} == {
+        "LOTA": ("closed", 7), "LOTB": ("closed", 5), "LOTC": ("closed", 4)}
+
+
 
 @pytest.mark.parametrize("trailer", TRAILERS, ids=list(TRAILERS))
 @pytest.mark.parametrize("read_size", [512, "first lot"])
@@ -601,17 +617,7 @@ async def test_every_lot_of_a_file_holding_several_is_sent_and_shown_once(
     # "first lot": a read ends exactly at the first MRR, the next FAR comes with the next
     sink = await tailed(tmp_path, read_size=len(lots[0]) if read_size == "first lot"
                         else read_size)
-    want = [r for lot in lots for r in gateway(lot)]  # each lot as a file of its own
-    assert [r._replace(ts=0.0) for r in sink.records] == [r._replace(ts=0.0) for r in want]
-    # (the second lot's later PTRs take its own first PTR's limit, not the first lot's)
-    assert {(r.lot_id, r.hi_limit) for r in want if isinstance(r, ParametricResult)} == {
-        ("LOTA", 10.0), ("LOTB", 5.0), ("LOTC", 2.0)}
-    entry = sink.checkpoint["files"][str(path)]
-    assert entry["done"] and entry["reason"] == "MRR" and entry["offset"] == len(data)
-    state = hub(sink.records)
-    assert {lot: (state.lots[lot].status, state.lots[lot].tally.parts)
-            for lot in ("LOTA", "LOTB", "LOTC")} == {
-        "LOTA": ("closed", 7), "LOTB": ("closed", 5), "LOTC": ("closed", 4)}
+    each_lot_sent_once(sink, lots, path, len(data))
     # ``stdf stats`` reads every lot too: parts and bins summed
     status, got, err = stats(capsys, path)
     assert (status, got["parts"], got["records"]["MRR"], got["hard_bins"]) == (
@@ -630,16 +636,7 @@ async def test_lots_of_two_testers_merged_are_each_read_in_their_own_byte_order(
     path.write_bytes(b"".join(lots))
     sink = await tailed(tmp_path, read_size=len(lots[0]) if read_size == "first lot"
                         else read_size)
-    want = [r for lot in lots for r in gateway(lot)]  # each lot as a file of its own
-    assert [r._replace(ts=0.0) for r in sink.records] == [r._replace(ts=0.0) for r in want]
-    assert {(r.lot_id, r.hi_limit) for r in want if isinstance(r, ParametricResult)} == {
-        ("LOTA", 10.0), ("LOTB", 5.0), ("LOTC", 2.0)}
-    entry = sink.checkpoint["files"][str(path)]
-    assert entry["done"] and entry["reason"] == "MRR" and entry["offset"] == path.stat().st_size
-    state = hub(sink.records)
-    assert {lot: (state.lots[lot].status, state.lots[lot].tally.parts)
-            for lot in ("LOTA", "LOTB", "LOTC")} == {
-        "LOTA": ("closed", 7), "LOTB": ("closed", 5), "LOTC": ("closed", 4)}
+    each_lot_sent_once(sink, lots, path, path.stat().st_size)
     status, got, err = stats(capsys, path)
     assert (status, got["parts"], got["records"]["MRR"], got["hard_bins"], err) == (
         0, 16, 3, {"1": 9, "2": 7}, "")

@@ -61,6 +61,24 @@ def each_once(sink: Sink, lots: dict[int, bytes]) -> None:
         assert of(sink.records, n) == expected(data), f"lot {n}: as a file of its own"
 
 
+async def read_the_first_lot(directory: Path, state: Path, path: Path, sink: Sink, when: str,
+                             first: bytes) -> Any:
+    """A tail reads ``path``, its first lot whole: to its MRR's end (the file finished,
+    still in the checkpoint) or, ``when`` ending "folded", past the watermark (the
+    registry of finished files knows it).  -> the tail."""
+    folded = when.endswith("folded")
+    source = start(directory, state, None, fold_after=0 if folded else 3600)
+    if folded:
+        await read_and_fold(source, sink)
+    else:
+        await polls(source, sink)
+        entry = sink.checkpoint["files"][str(path)]
+        assert entry["done"] and entry["end"] == len(first)
+    assert of(sink.records, 1) == expected(first)
+    return source
+
+
+
 @pytest.mark.parametrize("order", ["<", ">"], ids=["little-endian", "big-endian"])
 @pytest.mark.parametrize("when", ["running, listed", "running, folded", "stopped, listed",
                                   "stopped, folded"])
@@ -77,18 +95,12 @@ async def test_a_lot_appended_to_a_finished_file_is_read_once(
     path = directory / "retest.stdf"
     path.write_bytes(first)
     sink = Sink(state)
-    folded = when.endswith("folded")
-    source = start(directory, state, None, fold_after=0 if folded else 3600)
-    if folded:
-        await read_and_fold(source, sink)
-    else:
-        await polls(source, sink)
-        assert sink.checkpoint["files"][str(path)]["done"]
-    assert of(sink.records, 1) == expected(first)
+    source = await read_the_first_lot(directory, state, path, sink, when, first)
     if when.startswith("stopped"):
         await crash(source)
         append(path, second)
-        source = start(directory, state, sink.checkpoint, fold_after=0 if folded else 3600)
+        source = start(directory, state, sink.checkpoint,
+                       fold_after=0 if when.endswith("folded") else 3600)
     else:
         append(path, second)
     await polls(source, sink)
@@ -129,14 +141,7 @@ async def test_a_lot_appended_after_a_dtr_or_gdr_that_follows_the_mrr_is_read_on
     path = directory / "retest.stdf"
     path.write_bytes(first + (notes(what) if written == "with the MRR" else b""))
     sink = Sink(state)
-    folded = when.endswith("folded")
-    source = start(directory, state, None, fold_after=0 if folded else 3600)
-    if folded:
-        await read_and_fold(source, sink)
-    else:
-        await polls(source, sink)
-        assert sink.checkpoint["files"][str(path)]["end"] == len(first)
-    assert of(sink.records, 1) == expected(first)
+    source = await read_the_first_lot(directory, state, path, sink, when, first)
     appended = (notes(what) if written == "with the next lot" else b"") + second
     if when.startswith("stopped"):
         await crash(source)
