@@ -274,6 +274,19 @@ async def wait_page(browser: Browser, predicate: Any, seconds: float, what: str)
         raise AssertionError(f"timed out waiting for {what}; page: {page}; "
                              f"console: {browser.console[-5:]}") from None
 
+async def hover_die(browser: Any, pick: str) -> tuple[list[Any], str]:
+    """Move the mouse over the die of the shown map that the JavaScript expression ``pick``
+    (over ``v``, the map's view) selects -> (its row, the die tip's text)."""
+    die = await browser.eval(
+        "(() => { const v = views.get(mapGeom.topic); const d = " + pick + ";"
+        " const r = canvas.getBoundingClientRect(); const k = r.width / canvas.width;"
+        " return {row: d, x: r.left + (mapGeom.ox + (d[0] - mapGeom.minX + 0.5)"
+        "   * mapGeom.cell) * k, y: r.top + (mapGeom.oy + (d[1] - mapGeom.minY + 0.5)"
+        "   * mapGeom.cell) * k}; })()")
+    await browser.call("Input.dispatchMouseEvent", type="mouseMoved", x=die["x"], y=die["y"])
+    return die["row"], await browser.eval("document.getElementById('die-tip').textContent")
+
+
 
 @needs_chromium
 async def test_the_wafer_map_shows_the_dies_the_hub_applied_even_across_a_restart(
@@ -321,16 +334,8 @@ async def test_the_wafer_map_shows_the_dies_the_hub_applied_even_across_a_restar
                             "the sensor trend")
 
             # Hovering a die shows it.
-            die = await browser.eval(
-                "(() => { const v = views.get(mapGeom.topic); const d = [...v.dies.values()][7];"
-                " const r = canvas.getBoundingClientRect(); const k = r.width / canvas.width;"
-                " return {row: d, x: r.left + (mapGeom.ox + (d[0] - mapGeom.minX + 0.5)"
-                "   * mapGeom.cell) * k, y: r.top + (mapGeom.oy + (d[1] - mapGeom.minY + 0.5)"
-                "   * mapGeom.cell) * k}; })()")
-            await browser.call("Input.dispatchMouseEvent", type="mouseMoved", x=die["x"],
-                               y=die["y"])
-            tip = await browser.eval("document.getElementById('die-tip').textContent")
-            x, y, hard_bin, _soft, _passed, site = die["row"]
+            row, tip = await hover_die(browser, "[...v.dies.values()][7]")
+            x, y, hard_bin, _soft, _passed, site = row
             assert f"x {x}  y {y}" in tip and f"hard bin {hard_bin}" in tip
             assert f"site {site}" in tip
 
@@ -861,17 +866,9 @@ async def test_a_dual_head_lot_tested_again_shows_heads_passes_and_tests_not_run
                                  "site 2/0 0.0 %", "site 2/1 100.0 %"]
 
         # Hovering a head 2 die names its head, as its site bar does.
-        die = await browser.eval(
-            "(() => { const v = views.get(mapGeom.topic);"
-            " const d = [...v.dies.values()].find(r => r[6] === 2 && r[5] === 0);"
-            " const r = canvas.getBoundingClientRect(); const k = r.width / canvas.width;"
-            " return {row: d, x: r.left + (mapGeom.ox + (d[0] - mapGeom.minX + 0.5)"
-            "   * mapGeom.cell) * k, y: r.top + (mapGeom.oy + (d[1] - mapGeom.minY + 0.5)"
-            "   * mapGeom.cell) * k}; })()")
-        await browser.call("Input.dispatchMouseEvent", type="mouseMoved", x=die["x"],
-                           y=die["y"])
-        tip = await browser.eval("document.getElementById('die-tip').textContent")
-        assert f"x {die['row'][0]}  y {die['row'][1]}" in tip and "site 2/0  FAIL" in tip
+        row, tip = await hover_die(
+            browser, "[...v.dies.values()].find(r => r[6] === 2 && r[5] === 0)")
+        assert f"x {row[0]}  y {row[1]}" in tip and "site 2/0  FAIL" in tip
         await browser.screenshot(ARTIFACTS / "dashboard-dual-head-retest.png")
 
         lots = (await http_json(port, "/api/lots"))["lots"]

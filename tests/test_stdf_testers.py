@@ -216,6 +216,23 @@ def test_a_dual_head_lot_shows_each_heads_sites_and_parts_apart(
                              for head in (1, 2) for site in range(4)}
 
 
+def applied_three_ways(records: list[Any], cut: int) -> tuple[LiveState, LiveState, LiveState]:
+    """``records`` in two frames cut at ``cut``, applied (a) straight, (b) the second to
+    a state restored from a checkpoint taken after the first, (c) both replayed."""
+    full = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
+    full.on_records("gw", 1, records[:cut], now=1.0)
+    full.on_records("gw", 1 + cut, records[cut:], now=1.0)
+    first = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
+    first.on_records("gw", 1, records[:cut], now=1.0)
+    _, data = decode(encode({"frame_id": 1}, capture(first)))
+    restored = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
+    restore(restored, data)
+    restored.on_records("gw", 1 + cut, records[cut:], now=1.0)
+    replayed = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
+    replay(replayed, [("gw", 1, records[:cut]), ("gw", 1 + cut, records[cut:])], now=1.0)
+    return full, restored, replayed
+
+
 def test_a_single_head_lot_keeps_plain_site_numbers_whatever_its_head_number() -> None:
     # most files: one head, HEAD_NUM 1 (or 0: a Credence D-10); their rows stay "0", "1"
     for head in (0, 1, 2):
@@ -236,22 +253,11 @@ def test_a_dual_head_lot_is_the_same_after_a_restart_from_a_checkpoint_or_a_repl
         cut_at: float) -> None:
     records = gateway(dual_head_parts_per_head(retest=True))
     cut = int(len(records) * cut_at)
-    full = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
-    full.on_records("gw", 1, records[:cut], now=1.0)
-    full.on_records("gw", 1 + cut, records[cut:], now=1.0)
+    full, restored, replayed = applied_three_ways(records, cut)
     lot = full.snapshot("lot/LOTA")
     # head 2's part "1" retested: one die, its final result the retest's
     assert lot is not None and (lot["die_count"], lot["retests"]) == (24, 1)
     assert lot["sites"]["2/0"] == {"dies": 3, "good": 3, "yield": 1.0}
-
-    first = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
-    first.on_records("gw", 1, records[:cut], now=1.0)
-    _, data = decode(encode({"frame_id": 1}, capture(first)))
-    restored = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
-    restore(restored, data)
-    restored.on_records("gw", 1 + cut, records[cut:], now=1.0)
-    replayed = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
-    replay(replayed, [("gw", 1, records[:cut]), ("gw", 1 + cut, records[cut:])], now=1.0)
     for state in (restored, replayed):
         assert sorted(state.topics()) == sorted(full.topics())
         for topic in full.topics():
@@ -1114,17 +1120,7 @@ def test_a_lot_tested_again_is_the_same_after_a_restart_a_replay_or_frames_out_o
         ) -> None:
     records = gateway(FIRST) + gateway(AGAIN)
     for cut in range(1, len(records)):
-        full = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
-        full.on_records("gw", 1, records[:cut], now=1.0)
-        full.on_records("gw", 1 + cut, records[cut:], now=1.0)
-        first = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
-        first.on_records("gw", 1, records[:cut], now=1.0)
-        _, data = decode(encode({"frame_id": 1}, capture(first)))
-        restored = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
-        restore(restored, data)
-        restored.on_records("gw", 1 + cut, records[cut:], now=1.0)
-        replayed = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
-        replay(replayed, [("gw", 1, records[:cut]), ("gw", 1 + cut, records[cut:])], now=1.0)
+        full, restored, replayed = applied_three_ways(records, cut)
         # after an outage the newest frame comes first (docs/spool.md): a late MRR of the
         # first pass does not close the retest, a late MIR does not reopen
         late = LiveState(lambda topic, delta: None, clock=lambda: 1.0)
