@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -9,7 +10,9 @@ import math
 import socket
 import sqlite3
 import ssl
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -18,6 +21,7 @@ import trio
 import trustme
 
 from edgegw.hub.alerts import (
+    MAX_HELD_ROWS,
     SIGNATURE_HEADER,
     AlertEngine,
     AlertRuleConfig,
@@ -409,11 +413,10 @@ async def test_an_undelivered_event_older_than_max_age_is_not_sent_after_a_resta
 
 async def test_an_event_sent_while_the_history_store_cannot_be_written_is_counted(
         tmp_path: Any) -> None:
-    """The one gap of a single hub (docs/alerts.md): ``history.sqlite3`` cannot be written
-    (here another process holds its write lock; a full disk alike).  The event is still
-    sent at once, and the missing outbox row is counted per webhook
-    (``edgegw_hub_webhook_unrecorded_total``) and logged with its event id -- a restart
-    then has nothing to send again."""
+    """``history.sqlite3`` cannot be written (here another process holds its write lock
+    to the end).  The event is still sent at once, and its outbox row, kept in memory, is
+    counted per webhook (``edgegw_hub_webhook_unrecorded_total``); delivered, it is not
+    sent again after a restart."""
     server = HookServer()
     async with trio.open_nursery() as nursery:
         url = await server.serve(nursery)
@@ -442,3 +445,155 @@ async def test_an_event_sent_while_the_history_store_cannot_be_written_is_counte
         await _run_hub(config, path, lambda: 1000.0, _no_pending)  # nothing to send again
         assert len(server.accepted) == 1
         nursery.cancel_scope.cancel()
+
+
+class StoreFault:
+    """A running hub's ``history.sqlite3`` stops taking writes (``block``) and takes them
+    again (``unblock``), for real: ``locked``, another process holds its write lock
+    (SQLite gives up after its 5 s lock wait); ``disk_full``, the file system it is on (a
+    tmpfs mounted for the test: root only, skipped otherwise) has no byte left."""
+
+    def __init__(self, cause: str, directory: Path) -> None:
+        self.cause = cause
+        self.path = directory / "history.sqlite3"
+        self._other: sqlite3.Connection | None = None
+
+    def block(self) -> None:
+        if self.cause == "locked":
+            self._other = sqlite3.connect(self.path, isolation_level=None)
+            self._other.execute("BEGIN EXCLUSIVE")  # writers get "database is locked"
+            return
+        with open(self.path.parent / "filler", "wb", buffering=0) as f:
+            for size in (65536, 512, 1):  # to the last byte
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * size)
+
+    def unblock(self) -> None:
+        if self._other is not None:
+            self._other.execute("ROLLBACK")
+            self._other.close()
+            self._other = None
+        (self.path.parent / "filler").unlink(missing_ok=True)
+
+    def rows(self) -> list[tuple[str, str | None]]:
+        """The webhook outbox as stored: ``(event key, outcome)``."""
+        with contextlib.closing(sqlite3.connect(self.path)) as db:
+            return db.execute("SELECT event_key, outcome FROM webhook_outbox").fetchall()
+
+
+@pytest.fixture(params=["locked", "disk_full"])
+def store_fault(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFault]:
+    if request.param == "locked":
+        fault = StoreFault("locked", tmp_path)
+        yield fault
+        fault.unblock()
+        return
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs (needs root): {done.stderr.strip()}")
+    try:
+        fault = StoreFault("disk_full", mnt)
+        yield fault
+        fault.unblock()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_an_event_whose_outbox_row_could_not_be_written_is_still_sent_after_a_restart(
+        store_fault: StoreFault) -> None:
+    """The webhook outbox's promise holds while ``history.sqlite3`` cannot be written
+    (docs/alerts.md, "Delivery across a restart or a takeover").  An alert is acknowledged
+    while the store takes no writes and the receiver is down: the event is sent and
+    retried all the same, its outbox row held in memory
+    (``edgegw_hub_webhook_unrecorded_pending`` 1).  The store takes writes again: the row
+    is written (the gauge 0).  The hub stops before the receiver is back; after its restart
+    the event is delivered, once, under its ``X-Edgegw-Event-Id``.  Before, the row was
+    never written and the event never sent again (an acknowledgement, unlike a raise, no
+    replay of the frames brings back)."""
+    server = HookServer(fail_first=10**9)  # down: 503 to everything
+    async with trio.open_nursery() as nursery:
+        url = await server.serve(nursery)
+        config = AlertsConfig(
+            rules=[AlertRuleConfig(name="run", kind="consecutive_fails", priority="P1", count=3)],
+            # retried for minutes (not given up before the restart), a few times a second
+            webhooks=[WebhookConfig(url=url, events=["acknowledged"], max_attempts=1000,
+                                    backoff_initial_s=0.1, backoff_max_s=0.3)])
+        alert_id = ""
+
+        async def ack_while_unwritable(service: AlertService, state: LiveState) -> None:
+            nonlocal alert_id
+            state.on_records("ate-3", 1, _fails("L1"), now=20.0)
+            await service.wait_persisted()  # stored (no webhook wants "raised")
+            (alert_id,) = service.engine.alerts
+            held = service.metrics.gauge("hub_webhook_unrecorded_pending")
+            store_fault.block()
+            service.engine.ack(alert_id, "alice", 30.0)
+            await service.wait_persisted()
+            assert service.metrics.counter("hub_history_store_errors_total").total() == 1
+            await wait_for(lambda: len(server.requests) >= 2, limit_s=30)  # sent, retried
+            assert held.get() == 1
+            store_fault.unblock()
+            await wait_for(lambda: held.get() == 0, limit_s=30)
+            assert store_fault.rows() == [(f"{alert_id}:acknowledged", None)]
+
+        await _run_hub(config, store_fault.path, lambda: 1000.0, ack_while_unwritable)
+        assert server.accepted == []
+        server.fail_first = 0  # the receiver is back
+
+        async def delivered(service: AlertService, state: LiveState) -> None:
+            await wait_for(lambda: len(server.accepted) == 1)
+            await wait_for(lambda: service.webhooks.pending() == 0)
+
+        await _run_hub(config, store_fault.path, lambda: 1000.0, delivered)
+        await _run_hub(config, store_fault.path, lambda: 1000.0, _no_pending)  # not again
+        (got,) = server.accepted
+        assert (got["json"]["event"], got["json"]["alert"]["acked_by"]) == (
+            "acknowledged", "alice")
+        assert {r["headers"]["x-edgegw-event-id"] for r in server.requests} == {
+            f"{alert_id}:acknowledged"}
+        assert store_fault.rows() == [(f"{alert_id}:acknowledged", "delivered")]
+        nursery.cancel_scope.cancel()
+
+
+async def test_outbox_rows_held_in_memory_are_bounded_finished_ones_forgotten_first(
+        tmp_path: Path) -> None:
+    """Memory stays bounded however long the store cannot be written: beyond
+    ``MAX_HELD_ROWS`` the oldest row whose event is finished is forgotten first (unwritten,
+    it only kept a replayed event from being sent twice), the oldest unfinished one only
+    when none is.  What is held is written when the store takes writes, the gauge back to
+    0."""
+    url = "http://127.0.0.1:9/hook"
+    service = AlertService(AlertsConfig(webhooks=[WebhookConfig(url=url)]), lambda t, d: None,
+                           tmp_path / "history.sqlite3")
+    outbox = service.outbox
+    pending = service.metrics.gauge("hub_webhook_unrecorded_pending")
+
+    def rows(first: int, n: int) -> list[tuple[str, str, str, float]]:
+        return [(url, f"a{i}:raised", json.dumps(event(f"a{i}")), float(i))
+                for i in range(first, first + n)]
+
+    assert len(outbox.hold(rows(0, MAX_HELD_ROWS))) == MAX_HELD_ROWS
+    assert outbox.hold(rows(0, 1)) == set()  # held already: not queued twice
+    outbox.record(url, event("a5"), "delivered")
+    assert pending.get() == MAX_HELD_ROWS - 1
+    outbox.hold(rows(MAX_HELD_ROWS, 1))  # a5, finished, makes room
+    held = outbox.held_unfinished()
+    assert len(held) == MAX_HELD_ROWS and (url, "a5:raised") not in held
+    outbox.hold(rows(MAX_HELD_ROWS + 1, 1))  # none finished: the oldest goes
+    assert outbox.held_unfinished()[0] == (url, "a1:raised")
+    assert pending.get() == MAX_HELD_ROWS
+
+    await service.open()
+    try:
+        await outbox.flush()
+    finally:
+        await service.aclose()
+    assert outbox.held_unfinished() == [] and pending.get() == 0
+    with contextlib.closing(sqlite3.connect(tmp_path / "history.sqlite3")) as db:
+        stored = {k for (k,) in db.execute("SELECT event_key FROM webhook_outbox"
+                                           " WHERE outcome IS NULL")}
+    assert stored == {f"a{i}:raised" for i in range(1, MAX_HELD_ROWS + 2)} - {"a5:raised"}

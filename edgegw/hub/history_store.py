@@ -201,6 +201,21 @@ class HistoryStore:
             raise
         return len(lots) + len(wafers) - written, queued
 
+    def _queue_sync(self, rows: list[tuple[str, str, str, float]]) -> set[tuple[str, str]]:
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            queued = {(url, key) for url, key, payload, at in rows if db.execute(
+                "INSERT OR IGNORE INTO webhook_outbox (url, event_key, payload, queued_at)"
+                " VALUES (?, ?, ?, ?)", (url, key, payload, at)).rowcount == 1}
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return queued
+
     def _mark_sync(self, marks: list[tuple[str, str, str]], prune_before: float | None) -> None:
         db = self._db
         assert db is not None
@@ -263,6 +278,13 @@ class HistoryStore:
         return await self._run(self._select,
                                "SELECT url, event_key, payload, queued_at FROM webhook_outbox"
                                " WHERE outcome IS NULL ORDER BY queued_at, rowid", ())
+
+    async def queue_webhooks(self, rows: list[tuple[str, str, str, float]]
+                             ) -> set[tuple[str, str]]:
+        """Outbox rows ``(url, event key, payload JSON, queued at)`` on their own (the
+        alert service's rows held in memory while this file could not be written, written
+        late).  Returns the ``(url, key)`` written now; a row there already is kept."""
+        return await self._run(self._queue_sync, rows)
 
     async def mark_webhooks(self, marks: list[tuple[str, str, str]],
                             prune_before: float | None = None) -> None:

@@ -6,12 +6,12 @@ acknowledged, escalated, persisted and delivered to webhooks.
   live state's ``StateObserver``.
 - ``service``: ``AlertService``, the Trio layer: persistence (``history_store``), ticking,
   webhook delivery (``webhooks``) and its durable outbox (``outbox``: at least once across
-  a restart).
+  a restart; rows the store could not take held in memory until it can).
 """
 
 from .config import RULE_KINDS, AlertRuleConfig, AlertsConfig, Priority, RuleKind, WebhookConfig
 from .engine import Alert, AlertEngine
-from .outbox import WebhookOutbox
+from .outbox import MAX_HELD_ROWS, WebhookOutbox
 from .service import AlertService
 from .webhooks import (
     EVENT_ID_HEADER,
@@ -24,7 +24,7 @@ from .webhooks import (
 )
 
 __all__ = [
-    "EVENT_ID_HEADER", "RULE_KINDS", "SIGNATURE_HEADER", "Alert", "AlertEngine",
+    "EVENT_ID_HEADER", "MAX_HELD_ROWS", "RULE_KINDS", "SIGNATURE_HEADER", "Alert", "AlertEngine",
     "AlertRuleConfig", "AlertService", "AlertsConfig", "Fenced", "Priority", "RuleKind",
     "WebhookConfig", "WebhookOutbox", "WebhookSender", "event_key", "post_json", "sign",
 ]

@@ -11,6 +11,12 @@ webhook's ``max_age_s`` (older ones are marked ``expired`` and counted); the POS
 
 Outcomes are written in batches by ``run`` (a store write per delivery would be a
 transaction per POST); a mark lost in a crash means one more resend, never one fewer.
+
+When the single hub's store cannot be written (a full disk, a lock held by another
+process), the rows it could not take are **held** in memory (``hold``): their
+events are sent and retried all the same, and ``run`` writes the rows, then their outcomes,
+as soon as the store takes writes again -- from then on a restart resends them like any
+other row.  Only a hub that stops before that loses them (logged with their keys at close).
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
@@ -34,12 +42,19 @@ log = logging.getLogger("edgegw.hub.webhooks")
 KEEP_FINISHED_S = 86_400.0
 #: a failed outcome write is tried again after this long
 RETRY_S = 1.0
+#: rows held in memory at most (the store could not be written); beyond, the oldest finished
+#: ones are forgotten first: unwritten, a finished row only keeps an event raised again by
+#: a replay from being sent a second time.  Unfinished ones are bounded by the sender's
+#: queues (an event dropped from a full queue is finished).
+MAX_HELD_ROWS = 10_000
 
 Row = tuple[str, str, str, float]  # url, event key, payload JSON, queued at (wall clock)
 
 
 class OutboxStore(Protocol):
     async def undelivered_webhooks(self) -> list[Row]: ...
+
+    async def queue_webhooks(self, rows: list[Row]) -> set[tuple[str, str]]: ...
 
     async def mark_webhooks(self, marks: list[tuple[str, str, str]],
                             prune_before: float | None = None) -> None: ...
@@ -51,15 +66,27 @@ def outbox_rows(sender: WebhookSender, events: Iterable[dict[str, Any]],
     return [(url, event_key(e), dumps(e), now) for e in events for url in sender.targets(e)]
 
 
+@dataclass
+class _Held:
+    """A row the store could not take, waiting in memory to be written."""
+
+    payload: str
+    queued_at: float
+    finished: bool = False
+
+
 class WebhookOutbox:
-    """Records the sender's outcomes in ``store`` (``record`` is its ``on_outcome``) and,
-    at start, hands it what is left to send (``resend``)."""
+    """Records the sender's outcomes in ``store`` (``record`` is its ``on_outcome``), at
+    start hands it what is left to send (``resend``), and keeps the rows the store could
+    not take until it can (``hold``)."""
 
     def __init__(self, store: OutboxStore, *, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self._clock = clock
         self._marks: list[tuple[str, str, str]] = []
+        self._held: OrderedDict[tuple[str, str], _Held] = OrderedDict()  # oldest first
+        self._unfinished = 0  # of the rows held
         self._wake = trio.Event()
         metrics = metrics or Metrics()
         self.m_resent = metrics.counter(
@@ -67,10 +94,56 @@ class WebhookOutbox:
             "alert events queued again for a webhook after a restart or a feed takeover")
         self.m_failed = metrics.counter("hub_webhook_failed_total",
                                         "alert events a webhook never accepted, by reason")
+        self.m_held = metrics.gauge(
+            "hub_webhook_unrecorded_pending",
+            "alert events for a webhook whose outbox row is only in memory (the history "
+            "store could not be written) and not yet finished: lost if the hub stops now")
+        self.m_held.set(0)
+
+    def hold(self, rows: Iterable[Row]) -> set[tuple[str, str]]:
+        """Keep ``rows`` the store could not take; ``run`` writes them when it can.
+        Returns the ``(url, key)`` held now (one held already is not queued again)."""
+        new = set()
+        for url, key, payload, at in rows:
+            if (url, key) not in self._held:
+                self._held[(url, key)] = _Held(payload, at)
+                self._unfinished += 1
+                new.add((url, key))
+        while len(self._held) > MAX_HELD_ROWS:
+            self._forget_one()
+        self.m_held.set(self._unfinished)
+        if new:
+            self._wake.set()
+        return new
+
+    def held_unfinished(self) -> list[tuple[str, str]]:
+        """The ``(url, key)`` of the rows held, not yet written, whose event is not finished
+        with, oldest first: a hub stopping now would not send them again."""
+        return [k for k, h in self._held.items() if not h.finished]
+
+    def _forget_one(self) -> None:
+        victim = next((k for k, h in self._held.items() if h.finished), None)
+        if victim is None:  # all unfinished (more webhooks than MAX_HELD_ROWS / max_queued)
+            victim = next(iter(self._held))
+            log.error("webhook %s: alert event %s: its outbox row is dropped from memory "
+                      "(%d held, the history store cannot be written): not sent again if "
+                      "the hub stops before it is delivered", *victim, MAX_HELD_ROWS)
+        self._drop(victim)
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        held = self._held.pop(key, None)
+        if held is not None and not held.finished:
+            self._unfinished -= 1
 
     def record(self, url: str, event: dict[str, Any], outcome: str) -> None:
         """``WebhookSender(on_outcome=...)``."""
-        self._marks.append((url, event_key(event), outcome))
+        key = event_key(event)
+        self._marks.append((url, key, outcome))
+        held = self._held.get((url, key))
+        if held is not None and not held.finished:  # its outcome is written after the row
+            held.finished = True
+            self._unfinished -= 1
+            self.m_held.set(self._unfinished)
         self._wake.set()
 
     async def resend(self, sender: WebhookSender) -> int:
@@ -99,7 +172,17 @@ class WebhookOutbox:
         return queued
 
     async def flush(self) -> None:
-        """Write the outcomes recorded so far (raises what the store raises; kept then)."""
+        """Write the rows held so far, then the outcomes recorded so far (raises what the
+        store raises; kept then)."""
+        if self._held:
+            rows = [(url, key, h.payload, h.queued_at)
+                    for (url, key), h in self._held.items()]
+            await self.store.queue_webhooks(rows)  # a row there already is kept as it is
+            for url, key, _, _ in rows:
+                self._drop((url, key))
+            self.m_held.set(self._unfinished)
+            log.info("webhooks: %d outbox row(s) kept in memory while the history store "
+                     "could not be written are written now", len(rows))
         marks, self._marks = self._marks, []
         if not marks:
             return
@@ -117,10 +200,11 @@ class WebhookOutbox:
             self._wake = trio.Event()
             try:
                 await self.flush()
-            except Exception as exc:  # store away: the marks wait (resent at worst)
-                log.warning("webhook outcomes not written (%d): %s", len(self._marks), exc)
+            except Exception as exc:  # store away: rows and marks wait (resent at worst)
+                log.warning("webhook outbox rows (%d) and outcomes (%d) not written: %s",
+                            len(self._held), len(self._marks), exc)
                 await trio.sleep(RETRY_S)
                 self._wake.set()
 
 
-__all__ = ["KEEP_FINISHED_S", "OutboxStore", "WebhookOutbox", "outbox_rows"]
+__all__ = ["KEEP_FINISHED_S", "MAX_HELD_ROWS", "OutboxStore", "WebhookOutbox", "outbox_rows"]

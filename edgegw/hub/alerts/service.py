@@ -6,8 +6,9 @@ in the Trio thread; it hands each event to ``AlertService`` through a memory cha
 event's alert to the history store, with a webhook outbox row per webhook that wants it
 (same transaction), and only then queues it for the webhooks -- a webhook never announces
 an alert the hub could forget in a crash, and an event not delivered when the hub stopped
-or died is sent again when it starts (``outbox``: at least once).  Evicted lots' archives travel
-the same way.
+or died is sent again when it starts (``outbox``: at least once).  When the store cannot be
+written the events are sent all the same and their outbox rows held in memory until it can
+(``WebhookOutbox.hold``).  Evicted lots' archives travel the same way.
 
 Wiring, in this order (the engine must know the persisted alerts before the hub replays
 its frames, or replay would raise them again)::
@@ -69,8 +70,8 @@ class AlertService:
             "hub_history_store_errors_total", "history store writes that failed")
         self._m_unrecorded = self.metrics.counter(
             "hub_webhook_unrecorded_total",
-            "alert events sent to a webhook without their outbox row (the history store "
-            "could not be written): not sent again after a restart")
+            "alert events sent to a webhook before their outbox row could be written (the "
+            "history store could not be written): the row is held in memory until it can")
         self._m_kept = self.metrics.counter(
             "hub_archives_kept_total",
             "lot and wafer archives not overwritten because the stored one was fuller")
@@ -94,9 +95,13 @@ class AlertService:
             self._opened = False
             with trio.move_on_after(2):  # outcomes not written: those events are resent
                 try:
-                    await self.outbox.flush()
+                    await self.outbox.flush()  # the rows held in memory first
                 except Exception as exc:
                     log.warning("webhook outcomes not written at close: %s", exc)
+            # the one way a (webhook, event) is lost: its row never reached the store
+            for url, key in self.outbox.held_unfinished():
+                log.error("webhook %s: alert event %s not delivered and its outbox row not "
+                          "written (history store): not sent again after a restart", url, key)
             await self.store.close()
 
     def _on_event(self, event: dict[str, Any]) -> None:
@@ -166,7 +171,6 @@ class AlertService:
             lots = [payload for kind, payload in items if kind == "lot"]
             wafers = [payload for kind, payload in items if kind == "wafer"]
             rows = outbox_rows(self.webhooks, events, self._clock())
-            queued: set[tuple[str, str]] | None = None  # None: send to all (not stored)
             try:
                 kept, queued = await self.store.save_with_outbox(list(latest.values()), lots,
                                                                  wafers, rows)
@@ -174,13 +178,14 @@ class AlertService:
                 self._m_store_errors.inc()
                 log.error("history store write failed (%d alert events, %d lots, %d wafers): "
                           "%s", len(events), len(lots), len(wafers), exc)
-                # sent all the same, but without a durable row: at most once (a restart
-                # has nothing to send again) -- say which, so an operator can check them
+                # sent all the same, the rows held in memory and written once the store
+                # takes writes again (the outbox's run): lost only if the hub stops first
+                queued = self.outbox.hold(rows)
                 for url, key, _, _ in rows:
                     self._m_unrecorded.inc(url=url)
-                    log.error("webhook %s: alert event %s is sent without its outbox row "
-                              "(history store not written): not sent again if the hub "
-                              "restarts before it is delivered", url, key)
+                    log.warning("webhook %s: alert event %s is sent before its outbox row is "
+                                "written (history store not written; row kept in memory)",
+                                url, key)
             else:
                 self._m_saved.inc(len(events))
                 if kept:
@@ -191,8 +196,7 @@ class AlertService:
                 try:
                     key = event_key(event)
                     # a row there already was queued at open (resent) or is finished
-                    self.webhooks.submit(event, None if queued is None else
-                                         {url for url, k in queued if k == key})
+                    self.webhooks.submit(event, {url for url, k in queued if k == key})
                 except Exception:  # e.g. an event that is not the shape a webhook expects
                     report_internal_error(self.metrics, "webhook", log,
                                           "queueing an alert event for the webhooks")
