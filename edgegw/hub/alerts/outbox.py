@@ -40,8 +40,11 @@ log = logging.getLogger("edgegw.hub.webhooks")
 
 #: finished rows are kept this long (a re-announced event finds its row: not sent twice)
 KEEP_FINISHED_S = 86_400.0
-#: a failed outcome write is tried again after this long
+#: a failed write of rows or outcomes is tried again after this long, doubling to
+#: ``RETRY_MAX_S`` while it fails (a store held locked makes each try wait 5 s on its lock,
+#: in the one thread every history read waits for too)
 RETRY_S = 1.0
+RETRY_MAX_S = 16.0
 #: rows held in memory at most (the store could not be written); beyond, the oldest finished
 #: ones are forgotten first: unwritten, a finished row only keeps an event raised again by
 #: a replay from being sent a second time.  Unfinished ones are bounded by the sender's
@@ -195,16 +198,21 @@ class WebhookOutbox:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         task_status.started()
+        retry_s = RETRY_S
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
             try:
                 await self.flush()
             except Exception as exc:  # store away: rows and marks wait (resent at worst)
-                log.warning("webhook outbox rows (%d) and outcomes (%d) not written: %s",
-                            len(self._held), len(self._marks), exc)
-                await trio.sleep(RETRY_S)
+                log.warning("webhook outbox rows (%d) and outcomes (%d) not written (tried "
+                            "again in %.0f s): %s", len(self._held), len(self._marks),
+                            retry_s, exc)
+                await trio.sleep(retry_s)
+                retry_s = min(retry_s * 2, RETRY_MAX_S)
                 self._wake.set()
+            else:
+                retry_s = RETRY_S
 
 
 __all__ = ["KEEP_FINISHED_S", "MAX_HELD_ROWS", "OutboxStore", "WebhookOutbox", "outbox_rows"]
