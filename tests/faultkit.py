@@ -231,6 +231,9 @@ class Hub(_Process):
 
 class Gateway(_Process):
     stop_timeout = 15.0  # the final flush and the spool's last commit
+    #: where it runs (a command that runs it: ``spawn``) and its status port is reached
+    prefix: tuple[str, ...] = ()
+    status_host = "127.0.0.1"
 
     def __init__(self, tmp: Path, hub_port: int, *settings: str) -> None:
         self.tmp = tmp
@@ -254,13 +257,14 @@ class Gateway(_Process):
             "--set", f"spool.dir={self.spool}",
             "--set", "uplink.backoff_initial_s=0.1", "--set", "uplink.backoff_max_s=1.0",
             "--set", "uplink.heartbeat_s=1.0", "--set", "uplink.connect_timeout_s=3.0",
-            *self.settings, log=self.tmp / "gw.log", env={"EDGEGW_FAILPOINTS": failpoints})
+            *self.settings, log=self.tmp / "gw.log", env={"EDGEGW_FAILPOINTS": failpoints},
+            prefix=self.prefix)
         if wait:
             wait_for(lambda: self.stats())
         return self
 
     def stats(self) -> dict[str, Any]:
-        return get_json(f"http://127.0.0.1:{self.status}/api/stats")
+        return get_json(f"http://{self.status_host}:{self.status}/api/stats")
 
 
 

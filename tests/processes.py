@@ -14,12 +14,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
-def spawn(*args: str, log: Path | None = None,
-          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def spawn(*args: str, log: Path | None = None, env: dict[str, str] | None = None,
+          prefix: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    """``edgegw *args`` in a process of its own (``prefix``: a command that runs it, e.g.
+    ``nsenter`` into another network namespace)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     out = open(log, "ab") if log else subprocess.DEVNULL
-    return subprocess.Popen([sys.executable, "-m", "edgegw", *args], cwd=REPO, env=env,
-                            stdout=out, stderr=subprocess.STDOUT)
+    return subprocess.Popen([*prefix, sys.executable, "-m", "edgegw", *args], cwd=REPO,
+                            env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def get_json(url: str, timeout: float = 2.0) -> Any:

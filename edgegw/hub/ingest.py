@@ -219,9 +219,13 @@ class Ingest:
         m.add_collector(self._collect)
         self.http.on_bad_request = lambda reason: self.m_bad_http.inc()
         h = config.hub
+        # A gateway must keep reading (docs/protocol.md section 7), so what the hub writes
+        # to it -- PINGs go on while a commit holds the hub's reads back -- unacknowledged
+        # for 2 x heartbeat means its host is gone: the kernel ends the connection then,
+        # not after ~15 minutes of retransmits (docs/protocol.md, "Dead peers")
         self.http.add_ws_route(GATEWAY_PATH, self._gateway_endpoint,
                                max_message_size=h.max_frame_bytes,
-                               admit=self._admit_gateway)
+                               admit=self._admit_gateway, give_up_after_s=2 * h.heartbeat_s)
         self.http.add_route("GET", GATEWAY_PATH, self._gateway_probe)
         #: more sections of ``/api/stats``, by name (the whole hub adds its live state's)
         self.stats_sections: dict[str, Callable[[], Any]] = {}

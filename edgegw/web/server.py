@@ -37,6 +37,7 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.utilities import generate_accept_token
 
 from ..config import Range
+from ..deadpeer import give_up_after, socket_of
 from ..metrics import Metrics
 from .deflate import RESPONSE as DEFLATE_RESPONSE
 from .deflate import Deflater, InboundDeflate, accept_offer
@@ -171,6 +172,8 @@ class HttpServer:
         self.ws_max_sizes: dict[str, int] = {}
         self.ws_admit: dict[str, WsAdmit] = {}
         self.ws_deflate: dict[str, Deflater] = {}
+        #: per WebSocket route: (TCP_USER_TIMEOUT seconds, keepalive seconds or None)
+        self.ws_dead_peer: dict[str, tuple[float, float | None]] = {}
         self.on_bad_request: Callable[[str], None] = lambda reason: None
         self.guard: Guard | None = None
         self.tls: TlsContext = lambda: None
@@ -210,9 +213,16 @@ class HttpServer:
 
     def add_ws_route(self, path: str, handler: WsHandler, subprotocols: list[str] | None = None,
                      max_message_size: int | None = None, admit: WsAdmit | None = None,
-                     deflate: Deflater | None = None) -> None:
+                     deflate: Deflater | None = None, give_up_after_s: float | None = None,
+                     keepalive_s: float | None = None) -> None:
         """``deflate``: accept permessage-deflate offers on this route (deflate.py); the
-        handler then finds ``ws.deflater`` set, and prepares shared frames with it."""
+        handler then finds ``ws.deflater`` set, and prepares shared frames with it.
+        ``give_up_after_s``: the kernel ends an upgraded connection whose peer leaves what
+        the server wrote unacknowledged that long (``TCP_USER_TIMEOUT``), with keepalive
+        probes every ``keepalive_s`` while idle (``edgegw.deadpeer``): only for a route
+        whose clients must keep reading."""
+        if give_up_after_s is not None:
+            self.ws_dead_peer[path] = (give_up_after_s, keepalive_s)
         self.ws_routes[path] = (handler, subprotocols or [])
         if deflate is not None:
             self.ws_deflate[path] = deflate
@@ -577,6 +587,9 @@ class HttpServer:
             extensions.append(InboundDeflate(max_size))
         else:
             deflater = None
+        dead_peer = self.ws_dead_peer.get(request.path)
+        if dead_peer is not None:  # before the 101: the handshake's writes are covered too
+            give_up_after(socket_of(stream), dead_peer[0], keepalive_s=dead_peer[1])
         data = conn.send(h11.InformationalResponse(status_code=101, headers=headers))
         await stream.send_all(data)
         trailing, _ = conn.trailing_data

@@ -258,8 +258,13 @@ class LiveFanout:
             session.wake.set()  # the status message is queued: its sender writes it
 
     def install(self, http: HttpServer, path: str = LIVE_PATH) -> None:
+        # A dashboard whose host vanished: what the hub wrote unacknowledged for
+        # stall_timeout (the bound on no write progress) ends the connection in the kernel,
+        # and keepalive probes find it when nothing is written (a quiet floor)
+        stall = self.core.config.stall_timeout
         http.add_ws_route(path, self.handle, subprotocols=list(SUBPROTOCOLS),
-                          max_message_size=MAX_CLIENT_MESSAGE, deflate=self.deflater)
+                          max_message_size=MAX_CLIENT_MESSAGE, deflate=self.deflater,
+                          give_up_after_s=stall, keepalive_s=stall / 3)
         http.add_route("GET", STATS_PATH, self._stats)
 
     # ------------------------------------------------------------------ ticker
