@@ -37,6 +37,9 @@ AGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.
 
 
 def _key(labels: dict[str, Any]) -> LabelKey:
+    if len(labels) == 1:  # most labelled series (a put's source): no generator, no sort
+        for k, v in labels.items():
+            return ((k, str(v)),)
     return tuple(sorted((k, str(v)) for k, v in labels.items())) if labels else ()
 
 

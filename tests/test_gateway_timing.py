@@ -95,3 +95,49 @@ async def test_a_failing_source_is_restarted_after_an_exponential_backoff_with_j
         assert 0 < gap <= min(maximum, initial * 2 ** attempt) + 0.01, (attempt, gaps)
     assert max(gaps) > initial  # the cap grew
     assert gw.metrics.counter("gateway_source_restarts_total").get(source="flaky") >= 8
+
+
+async def test_a_put_cancelled_before_it_begins_adds_nothing(tmp_path: Path) -> None:
+    """A put is a cancel point before it takes anything: cancelled, its records are not
+    in any frame (a put that stores no batch has no task switch of its own)."""
+    cfg = gateway_config(tmp_path, free_port(), batch={"max_records": 1000,
+                                                       "max_delay_ms": 60_000})
+    gw = Gateway(cfg, store=MemoryFrameStore(100))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gw.run)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await gw.sink.put([reading(0)], source="s")
+        assert scope.cancelled_caught
+        await gw.sink.put([reading(1)], source="s")
+        await gw.flush()
+        frames = gw.store.frames_from(1, 10)
+        assert [f.n_records for f in frames] == [1]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_source_that_only_puts_still_lets_the_other_tasks_run(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """A source may put as fast as it can, awaiting nothing else, without a batch filling:
+    the other tasks (the uplink, the flusher) still get turns, every few puts -- under a
+    virtual clock too, which stands still while the source runs."""
+    cfg = gateway_config(tmp_path, free_port(), batch={"max_records": 10_000,
+                                                       "max_delay_ms": 60_000})
+    gw = Gateway(cfg, store=MemoryFrameStore(100))
+    turns = 0
+
+    async def other() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gw.run)
+        nursery.start_soon(other)
+        await trio.sleep(0)
+        before = turns
+        for i in range(200):  # 200 records: no batch is full, none is due
+            await gw.sink.put([reading(i)], source="s")
+        assert turns - before >= 200 // 20
+        nursery.cancel_scope.cancel()

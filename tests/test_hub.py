@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,9 @@ from edgegw.protocol import (
     decode,
     decode_body,
     encode_body,
+    encode_columns,
 )
-from edgegw.records import SensorReading
+from edgegw.records import ParametricResult, PartResult, SensorReading
 from edgegw.store import MemoryFrameStore
 
 
@@ -365,6 +367,39 @@ async def test_a_record_whose_time_is_not_a_number_is_applied_without_an_interna
         assert hub.metrics.as_dict()["internal_errors_total"] == {}
         assert hub.stats()["gateways"]["ate-01"]["records_applied"] == 7
         assert hub.metrics.histogram("hub_record_age_seconds").count() == 4
+        nursery.cancel_scope.cancel()
+
+
+async def test_each_record_of_a_columnar_frame_counts_once_in_the_bucket_of_its_age(
+        tmp_path: Path) -> None:
+    """The record-age histogram is fed from a frame's ts columns, no record built: every
+    record counts once, in the bucket of its age (the hub's wall clock at the commit minus
+    its ts), for each kind's table, with stamps that rise and repeat as a tester's do."""
+    ages = [5_000.0, 5_000.0, 1_000.0, 100.0, 100.0, 100.0, 20.0, 20.0]  # oldest first
+    now = time.time()
+    records: list[Any] = []
+    for i, age in enumerate(ages):
+        records.append(ParametricResult("s", now - age, "L", 1, 0, str(i), 1, "T", 1.0, 0.0,
+                                        2.0, "V", True))
+        if i % 2:
+            records.append(PartResult("s", now - age, "L", "W", 1, 0, str(i), 0, 0, 1, 1,
+                                      True, False))
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path))
+        ws_cm, ws, conn, welcome = await handshake(port)
+        frame = encode_columns(1, records, typed=welcome.version >= 3)
+        await ws.send_message(conn.data(1, frame, trio.current_time()))
+        with trio.fail_after(10):
+            while decode(await ws.get_message()) != Ack(1, []):
+                pass
+        await ws_cm.__aexit__(None, None, None)
+        histogram = hub.metrics.histogram("hub_record_age_seconds")
+        counts, (total,) = histogram.series[()]
+        by_bound = {bound: n for bound, n in zip([*histogram.buckets, "+Inf"], counts,
+                                                 strict=True) if n}
+        # ParametricResults 2 + 1 + 3 + 2, PartResults of the odd ones 1 + 0 + 2 + 1
+        assert by_bound == {30.0: 3, 300.0: 5, 3600.0: 1, "+Inf": 3}
+        assert total >= sum(ages) + sum(ages[1::2])
         nursery.cancel_scope.cancel()
 
 
