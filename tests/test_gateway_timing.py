@@ -135,7 +135,7 @@ async def test_a_source_that_only_puts_still_lets_the_other_tasks_run(
     async with trio.open_nursery() as nursery:
         await nursery.start(gw.run)
         nursery.start_soon(other)
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         before = turns
         for i in range(200):  # 200 records: no batch is full, none is due
             await gw.sink.put([reading(i)], source="s")
