@@ -428,16 +428,15 @@ async def test_the_hub_alert_service_is_not_misled_by_wall_clock_steps(
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.xfail(strict=True, reason="the watermark follows the gateway's clock less "
-                   "fold_after: a file system's clock further behind (docs/tail.md, 'The file "
-                   "server's clock') makes every new file look finished; bounding it also by "
-                   "the newest change time seen less fold_after fixes this one but keeps the "
-                   "newest files listed, which 21 tail tests assume folded")
-async def test_files_are_read_when_the_gateways_clock_runs_an_hour_ahead_of_the_file_systems(
-        tmp_path: Path, wall: SteppedWall) -> None:
+@pytest.mark.parametrize("watched", ["directory", "glob"])
+@pytest.mark.parametrize("offset", [HOUR, -HOUR], ids=["gateway_ahead", "gateway_behind"])
+async def test_files_are_read_when_the_gateways_clock_runs_an_hour_off_the_file_systems(
+        tmp_path: Path, wall: SteppedWall, offset: float, watched: str) -> None:
     """A network file system whose server's clock runs an hour behind the gateway's (or the
     gateway's stepped an hour forward): every file the tester writes carries a change
-    time an hour behind the gateway's scans."""
+    time an hour behind the gateway's scans -- and yet is new.  Before, the watermark
+    followed the gateway's clock and took every such file as finished: not read.  A
+    server an hour ahead: its files' times lie in the future, and are read as before."""
     files = tmp_path / "stdf"
     files.mkdir()
     lots = [stdf_file_bytes(SMALL, start_time=1_700_000_000 + i) for i in range(2)]
@@ -445,14 +444,35 @@ async def test_files_are_read_when_the_gateways_clock_runs_an_hour_ahead_of_the_
     sink = CollectingSink()
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            await nursery.start(tail([files], fold_after=0.2).run, sink)
+            path = files if watched == "directory" else files / "*.stdf"
+            await nursery.start(tail([path], fold_after=0.2).run, sink)
             await sink.wait_until(lambda: len(sink.of(LotEnd)) == 1)
-            wall.offset = HOUR  # the gateway's clock stepped forward
+            wall.offset = offset  # the gateway's clock stepped
             await trio.sleep(0.5)  # scans by it
             (files / "second.stdf").write_bytes(lots[1])
             await sink.wait_until(lambda: len(sink.of(LotEnd)) == 2, within=5)
             nursery.cancel_scope.cancel()
     assert no_ts(sink.records) == expected(lots[0]) + expected(lots[1])
+
+
+async def test_the_first_file_in_an_empty_directory_on_a_file_system_an_hour_behind_is_read(
+        tmp_path: Path, wall: SteppedWall) -> None:
+    """The gateway's clock an hour ahead of the file system's from the start, no file
+    there yet: the tester creating one changes the directory, whose change time is the
+    file system's clock at work, seen behind the watermark: lowered, and the file read."""
+    files = tmp_path / "stdf"
+    files.mkdir()
+    wall.offset = HOUR  # the gateway's clock an hour ahead of the file system's
+    lot = stdf_file_bytes(SMALL, start_time=1_700_000_000)
+    sink = CollectingSink()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tail([files], fold_after=0.2).run, sink)
+            await trio.sleep(0.5)  # scans of the empty directory
+            (files / "first.stdf").write_bytes(lot)
+            await sink.wait_until(lambda: len(sink.of(LotEnd)) == 1, within=5)
+            nursery.cancel_scope.cancel()
+    assert no_ts(sink.records) == expected(lot)
 
 
 # ---- the whole gateway --------------------------------------------------------------------

@@ -42,9 +42,10 @@ the watermark.  A file on disk that is not listed
 and changed at or before the watermark is finished: not read again.  The watermark follows
 the start of a directory scan less ``fold_after`` seconds, once every file that scan found
 is known: a file that appears later (created, copied or renamed in) changes after it, so it
-is read -- unless the file system's clock runs more than ``fold_after`` behind the
-gateway's.  A finished file that changes after the watermark (touched,
-renamed) is listed again, and the checkpoint handed over at once, without records.
+is read.  The scan's start by the gateway's clock, or by a watched file system's where a
+directory's change showed it behind (a file server's: ``_fs_clock``).  A finished file
+that changes after the watermark (touched, renamed) is listed again, and the checkpoint
+handed over at once, without records.
 ``gone`` (the last ``GONE_KEPT``) names unfinished files that vanished (inode and
 change time): one that comes back unchanged (a directory remounted) is read from its start,
 as a vanished file always was, never taken as finished; a new file met at its inode ends
@@ -151,8 +152,9 @@ class TailConfig:
     #: the format's own settings (its ``Options``; docs/plugins.md, "Format options")
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: a finished file unchanged for this long leaves the checkpoint's list of files for
-    #: its watermark (docs/tail.md, "The checkpoint's size"); at least the largest lag of
-    #: the file system's clock behind the gateway's (a network file system's)
+    #: its watermark (docs/tail.md, "The checkpoint's size"); best at least the largest lag
+    #: of the file system's clock behind the gateway's (a network file system's: judged by
+    #: the gateway's clock until a scan sees that file system's, "The file server's clock")
     fold_after: Annotated[float, Range(0, 31_536_000)] = 60.0
     #: at most this many finished files are remembered in the registry of finished files
     #: (docs/tail.md, "Finished files changed while stopped"); beyond, the oldest are
@@ -351,6 +353,15 @@ class TailSource:
         #: (inode, changed) of vanished unfinished files, the latest ``GONE_KEPT``
         self.gone: list[tuple[int, int]] = []
         self._scan_started = 0  # time.time_ns() when the latest scan began
+        self._scan_mono = 0  # time.monotonic_ns() then
+        #: the watched directories as the latest scan saw them: path -> (st_dev, ctime ns),
+        #: and the monotonic time (ns) it began to look at them
+        self._dirs: dict[str, tuple[int, int]] = {}
+        self._dirs_looked = 0
+        #: per file system (``st_dev``) where a scan saw a watched directory change since
+        #: the scan before: how far its clock is at least ahead of the monotonic one (ns;
+        #: ``_fs_clock``)
+        self._fs_clocks: dict[int, int] = {}
         #: what the last checkpoint handed to the sink says is finished: the files it
         #: lists (path -> inode) and its watermark (see ``_hand_over_changes``)
         self._handed: dict[str, int] = {}
@@ -442,17 +453,34 @@ class TailSource:
 
     def _clock_set_back(self, horizon: int) -> None:
         """The clock is behind the watermark: it ran ahead (a PC booted with a wrong date)
-        and was set back (NTP).  Files written from now on carry times below the watermark
-        and would be taken as finished without being read: the watermark goes back to what
-        this clock allows, and every known file above it is listed again (a restart must
-        not take those as new: the registry of finished files recognises the rest)."""
-        log.warning("source %s: the clock is %.0f s behind the watermark of finished files "
-                    "(set back?): watermark lowered to it", self.name,
+        and was set back (NTP), or a watched file system's runs behind the gateway's (a
+        file server's, ``_fs_clock``).  Files written from now on carry times below the
+        watermark and would be taken as finished without being read: the watermark goes
+        back to what this clock allows, and every known file above it is listed again (a
+        restart must not take those as new: the registry of finished files recognises the
+        rest)."""
+        log.warning("source %s: the clock (the gateway's, or a watched file system's) is "
+                    "%.0f s behind the watermark of finished files (set back, or a file "
+                    "server's behind?): watermark lowered to it", self.name,
                     (self.watermark - horizon) / 1e9)
         self.watermark = horizon
         for p, f in self.files.items():
             if f.changed > horizon:
                 self._listed[p] = f
+
+    def _fs_clock(self) -> int:
+        """The least time the clock of each watched file system can show at the latest
+        scan's start, where the tail saw that clock at work (ns; no bound without): a
+        watched directory's change, seen between two looks, dates a moment between them
+        by that clock, which has run on with the monotonic one since (``_watch_clocks``).
+        A directory changes when a file is created, renamed or deleted in it, and its
+        status-change time is its file system's own (the server's, on NFS or SMB; no one
+        can set it): so a file created after this scan began changes at or after this,
+        whatever the gateway's clock says.  Only a change seen happen counts: an old
+        change time says only that the clock is past it, not by how much (a directory
+        idle for a week)."""
+        return min((ahead + self._scan_mono for ahead in self._fs_clocks.values()),
+                   default=sys.maxsize)
 
     def _unknown_ahead(self, found: list[_FileInfo]) -> list[int]:
         """For each index of ``found`` (and one past its end), the earliest change among
@@ -672,8 +700,9 @@ class TailSource:
         # path -> (its fingerprint now, whether it starts like the one it was compared with)
         heads = await trio.to_thread.run_sync(read_fingerprints, wanted) if wanted else {}
         asked = {path for path, _, _ in wanted}
-        horizon = self._scan_started - int(self.config.fold_after * 1e9) - CLOCK_SLACK_NS
-        if self._scan_started - CLOCK_SLACK_NS < self.watermark:
+        clock = min(self._scan_started, self._fs_clock())
+        horizon = clock - int(self.config.fold_after * 1e9) - CLOCK_SLACK_NS
+        if clock - CLOCK_SLACK_NS < self.watermark:
             self._clock_set_back(horizon)
         ahead = self._unknown_ahead(found)
         self._fold(min(horizon, ahead[0] - 1))
@@ -1269,16 +1298,23 @@ class TailSource:
 
     def _scan(self) -> list[_FileInfo]:
         self._scan_started = time.time_ns()
+        self._scan_mono = time.monotonic_ns()
         paths: set[str] = set()
+        dirs: set[str] = set()  # (their change times: the file systems' clocks, _fs_clock)
         for spec in self.config.paths:
             expanded = os.path.expanduser(spec)
             if glob.has_magic(expanded):
-                paths.update(os.path.abspath(p) for p in glob.glob(expanded))
+                matched = [os.path.abspath(p) for p in glob.glob(expanded)]
+                paths.update(matched)
+                dirs.update(os.path.dirname(p) for p in matched)
             elif os.path.isdir(expanded):
+                dirs.add(os.path.abspath(expanded))
                 with os.scandir(expanded) as it:
                     paths.update(os.path.abspath(e.path) for e in it if self._wanted(e.name))
             elif os.path.exists(expanded):
                 paths.add(os.path.abspath(expanded))
+                dirs.add(os.path.dirname(os.path.abspath(expanded)))
+        self._watch_clocks(dirs)
         found = []
         for p in paths:
             try:
@@ -1292,3 +1328,28 @@ class TailSource:
                                    max(st.st_mtime_ns, st.st_ctime_ns), st.st_dev))
         found.sort(key=lambda i: (i.mtime, i.path))
         return found
+
+    def _watch_clocks(self, dirs: set[str]) -> None:
+        """Stat the watched directories; one that changed since the last scan (on the same
+        file system) shows its file system's clock at work (``_fs_clock``).  Blocking."""
+        before, self._dirs = self._dirs, {}
+        since, self._dirs_looked = self._dirs_looked, time.monotonic_ns()
+        changed: dict[int, int] = {}
+        for d in dirs:
+            try:
+                st = os.stat(d)
+            except OSError:
+                continue
+            self._dirs[d] = (st.st_dev, st.st_ctime_ns)
+            dev, ctime = before.get(d, (-1, 0))
+            if dev == st.st_dev and ctime != st.st_ctime_ns:
+                changed[dev] = max(changed.get(dev, 0), st.st_ctime_ns)
+        seen = time.monotonic_ns()
+        for dev, ctime in changed.items():
+            # The change came after the last look began and before this one ended: the
+            # clock was at least ``low`` and at most ``high`` ahead of the monotonic one.
+            # The tightest bound is kept, unless it no longer fits: the clock was set back
+            # (or drifted back by more than the time between two looks).
+            low, high = ctime - seen, ctime - since + CLOCK_SLACK_NS
+            known = self._fs_clocks.get(dev)
+            self._fs_clocks[dev] = low if known is None or high < known else max(known, low)
