@@ -483,3 +483,61 @@ def test_the_registry_keeps_the_versions_a_restart_may_rely_on(tmp_path: Path) -
     old = FinishedFiles(str(path), 10)
     old.load()
     assert old.entries[9].end == 4000, "taken to end at its size"
+
+
+async def test_a_restart_from_a_checkpoint_older_than_many_appended_lots_sends_none_twice(
+        tmp_path: Path) -> None:
+    """The first lot read and folded (durable), then seven lots appended one after another,
+    each read and folded in turn (a new version of the file's registry entry each) while
+    no checkpoint became durable; the crash, and the restart from that old checkpoint.
+    Each lot once: the version that checkpoint relies on is still known, so the restart
+    reads on from its end.  Before: only the last four older versions were kept, none
+    relied on, and the file was read whole again (its first lots sent twice)."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    lots = {n: lot(n, "<" if n % 2 else ">") for n in range(1, 9)}
+    path = directory / "retest.stdf"
+    path.write_bytes(lots[1])
+    sink = LaggingSink(state, directory, durable=1 << 30)
+    source = start(directory, state, None)
+    await read_and_fold(source, sink)
+    sink.durable = sink.taken  # from here on nothing becomes durable
+    for n in range(2, 9):
+        append(path, lots[n])
+        await read_and_fold_lagging(source, sink)
+    await crash(source)
+    source = start(directory, state, sink.checkpoint)
+    sink.durable = 1 << 30
+    await read_and_fold(source, sink)
+    await crash(source)
+    each_once(sink, lots)
+
+
+def test_the_registry_forgets_only_the_versions_no_durable_checkpoint_can_rely_on(
+        tmp_path: Path) -> None:
+    """Every version of an entry stays while a restart may rely on it, however many lots
+    were appended; told a checkpoint is durable (``settle``: the tail, by its sink's
+    ``on_durable``, and at a restart), the registry forgets those before the version that
+    checkpoint relies on -- a later one's watermark is at or past it."""
+    from edgegw.sources import FinishedFiles, recognised
+
+    path = tmp_path / "finished.jsonl"
+    reg = FinishedFiles(str(path), 10)
+    reg.add(7, "/d/a.stdf", (1024, 1), 1000, changed=100, end=1000)
+    for k in range(1, 8):
+        reg.add(7, "/d/a.stdf", (1024, 1), 1000 * (k + 1), changed=100 * (k + 1),
+                end=1000 * (k + 1), read_on=True)
+    e = reg.get(7)
+    assert e is not None and len(e.older) == 7
+    assert recognised(e, "/d/a.stdf", 8000, True, 150) == "grew", "the first version"
+    reg.settle(99)  # relies on none yet: every version may still be needed
+    assert len(reg.entries[7].older) == 7
+    reg.settle(450)
+    assert [o.since for o in reg.entries[7].older] == [700, 600, 500, 400]
+    reg.settle(800)
+    assert reg.entries[7].older == () and reg.entries[7].since == 800
+    reg.add(7, "/d/a.stdf", (1024, 1), 9000, changed=900, end=9000, read_on=True)
+    reg.flush()
+    again = FinishedFiles(str(path), 10)
+    again.load()
+    assert [o.since for o in again.entries[7].older] == [800]

@@ -641,6 +641,9 @@ class TailSource:
                     info.path, info.inode, info.gz, offset=info.size, done=True,
                     reason="existed at start", size=info.size, origin=info.size,
                     changed=info.changed)
+        on_durable = getattr(sink, "on_durable", None)
+        if on_durable is not None:  # (the gateway's sink; a test's may have none)
+            on_durable(self._durable)
         task_status.started()
         try:
             while True:
@@ -816,6 +819,14 @@ class TailSource:
                       self.name, self.finished.path, exc)
         if not self._resumed:
             self.finished.clear()
+        else:  # (versions before the one the resumed checkpoint relies on: none needs them)
+            self.finished.settle(self._durable_watermark)
+
+    def _durable(self, checkpoint: Any) -> None:
+        """A checkpoint of this source is durable (``sink.on_durable``): the registry's
+        versions no restart can rely on any more are forgotten (``FinishedFiles.settle``)."""
+        if self.finished is not None and isinstance(checkpoint, dict):
+            self.finished.settle(int(checkpoint.get("finished_before", 0)))
 
     async def _hand_over_changes(self, sink: RecordSink, changed: list[_File]) -> None:
         """Finished files that changed (touched, chmod-ed, appended to, renamed) since the
