@@ -541,3 +541,97 @@ def test_the_registry_forgets_only_the_versions_no_durable_checkpoint_can_rely_o
     again = FinishedFiles(str(path), 10)
     again.load()
     assert [o.since for o in again.entries[7].older] == [800]
+
+
+@pytest.mark.parametrize("when", ["running, listed", "running, folded", "stopped, listed",
+                                  "stopped, folded"])
+async def test_a_lot_appended_to_a_finished_gzip_file_is_read_once(
+        tmp_path: Path, when: str) -> None:
+    """A gzip file complete at its MRR, and a lot appended to it as a gzip member of its
+    own (``gzip -c lot >> file.stdf.gz``), while the tail runs or while it is stopped:
+    read once, as a file of its own; a restart after that reads nothing again.  Before:
+    logged "grew after it was complete" and lost."""
+    import gzip
+
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    first, second = lot(1), lot(2, ">")
+    path = directory / "retest.stdf.gz"
+    path.write_bytes(gzip.compress(first))
+    sink = Sink(state)
+    source = await read_the_first_lot(directory, state, path, sink, when, first)
+    if when.startswith("stopped"):
+        await crash(source)
+        append(path, gzip.compress(second))
+        source = start(directory, state, sink.checkpoint,
+                       fold_after=0 if when.endswith("folded") else 3600)
+    else:
+        append(path, gzip.compress(second))
+    await polls(source, sink)
+    each_once(sink, {1: first, 2: second})
+    await crash(source)
+    source = start(directory, state, sink.checkpoint)
+    await read_and_fold(source, sink)
+    await crash(source)
+    each_once(sink, {1: first, 2: second})
+
+
+async def test_a_restart_inside_a_lot_appended_to_a_gzip_file_resumes_it(
+        tmp_path: Path) -> None:
+    """The appended member written in pieces, a crash inside it: the restart re-reads the
+    lot from its FAR (``from``, an offset in the decompressed stream) to the checkpoint's
+    offset, sending nothing again; then a third lot appended, in a member of its own too."""
+    import gzip
+
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    lots = {1: lot(1), 2: lot(2), 3: lot(3, ">")}
+    path = directory / "retest.stdf.gz"
+    path.write_bytes(gzip.compress(lots[1]))
+    sink = Sink(state)
+    source = start(directory, state, None, read_size=512)
+    await read_and_fold(source, sink)
+    member = gzip.compress(lots[2])
+    append(path, member[:len(member) // 2])
+    await polls(source, sink, 1)
+    listed = sink.checkpoint["files"][str(path)]
+    assert not listed["done"] and listed["from"] == len(lots[1])
+    await crash(source)
+    source = start(directory, state, sink.checkpoint, read_size=512)
+    append(path, member[len(member) // 2:])
+    await read_and_fold(source, sink)
+    append(path, gzip.compress(lots[3]))
+    await read_and_fold(source, sink)
+    await crash(source)
+    each_once(sink, lots)
+
+
+def test_a_gzip_file_of_members_larger_than_a_read_is_read(tmp_path: Path) -> None:
+    """A writer that compresses each block of 800 bytes (``read_size`` 512) as a gzip member
+    of its own: a member that ends in the input left over by a read that made
+    ``read_size`` bytes leaves the next member both where the reader looked for input
+    left over and where it looked for the next member -- and an ended member makes
+    nothing more of the first.  Before: the tail spun for ever in the Trio thread (so the
+    source runs in a thread of its own here, and the test waits for it a while)."""
+    import gzip
+    import threading
+
+    import trio
+
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    data = lot(1) + lot(2)
+    blocks = [data[i:i + 800] for i in range(0, len(data), 800)]
+    (directory / "blocks.stdf.gz").write_bytes(b"".join(gzip.compress(b) for b in blocks))
+    sink = Sink(state)
+
+    def read() -> None:
+        source = start(directory, state, None, read_size=512)
+        trio.run(polls, source, sink)
+        trio.run(crash, source)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(60)
+    assert not reader.is_alive(), "the tail is stuck reading the gzip file"
+    each_once(sink, {1: lot(1), 2: lot(2)})

@@ -289,7 +289,7 @@ def _line(inode: int, e: Entry) -> list[Any]:
     """An entry as a log line: the short form when its file ends at its last MRR and it
     has no older version (what an older gateway wrote, and can read)."""
     line: list[Any] = [inode, e.path, e.head[0], e.head[1], e.size, e.since]
-    if e.end != e.size or e.older:
+    if e.end != e.size or e.older or _gz(e.path):
         line += [e.end, [[o.head[0], o.head[1], o.size, o.since, o.end] for o in e.older]]
     return line
 
@@ -297,13 +297,20 @@ def _line(inode: int, e: Entry) -> list[Any]:
 def _entry(item: list[Any]) -> Entry:
     """A log line back (``_line``); the short form: ``end`` = ``size`` (an older gateway's
     entry does not say; docs/tail.md, "Upgrading")."""
-    if len(item) == 6:
+    if len(item) == 6:  # (a gzip file's size is not an offset of its stream: not known)
         _, path, n, crc, size, since = item
-        return Entry(str(path), (int(n), int(crc)), int(size), int(since), int(size))
+        return Entry(str(path), (int(n), int(crc)), int(size), int(since),
+                     None if _gz(str(path)) else int(size))
     _, path, n, crc, size, since, end, older = item
     return Entry(str(path), (int(n), int(crc)), int(size), int(since), _end(end),
                  tuple(Entry("", (int(on), int(ocrc)), int(osize), int(osince), _end(oend))
                        for on, ocrc, osize, osince, oend in older))
+
+
+def _gz(path: str) -> bool:
+    """A gzip file's ``end`` is an offset of its decompressed stream, its ``size`` the
+    file's: the short line (``end`` = ``size``) never describes one."""
+    return path.lower().endswith(".gz")
 
 
 def _end(value: Any) -> int | None:

@@ -271,27 +271,76 @@ def _after_end(path: str, inode: int, base: int, end: int, n: int
     return None if head is None or data is None else (head, data)
 
 
-def _end_of(e: dict[str, Any]) -> int | None:
+def _gz_after_end(path: str, inode: int, base: int, end: int, n: int
+                  ) -> tuple[bytes, bytes, bool] | None:
+    """``_after_end`` of a gzip file: its offsets are those of its decompressed stream
+    (every member), so it is decompressed from its start, a chunk at a time, up to what is
+    wanted; and whether that stream was readable to there (False: what follows is not gzip,
+    junk appended).  A member still being written ends what is read.  Blocking."""
+    head, data = bytearray(), bytearray()
+    stop = max(base + HEAD_BYTES, end + n)
+
+    def take(out: bytes, at: int, lo: int, hi: int, into: bytearray) -> None:
+        a, b = max(lo, at), min(hi, at + len(out))
+        if a < b:
+            into += out[a - at:b - at]
+
+    try:
+        with open(path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_ino != inode:
+                return None
+            d, at = zlib.decompressobj(31), 0
+            while at < stop:
+                if d.eof and d.unused_data:  # the next member (first: ``_GzipReader._read``)
+                    raw, d = d.unused_data, zlib.decompressobj(31)
+                elif d.unconsumed_tail:
+                    raw = d.unconsumed_tail
+                else:
+                    raw = handle.read(_GZ_CHUNK)
+                    if not raw:
+                        break
+                    if d.eof:
+                        d = zlib.decompressobj(31)
+                out = d.decompress(raw, _GZ_CHUNK)
+                take(out, at, base, base + HEAD_BYTES, head)
+                take(out, at, end, end + n, data)
+                at += len(out)
+    except zlib.error:
+        return bytes(head), bytes(data), False
+    except OSError:
+        return None
+    return bytes(head), bytes(data), True
+
+
+#: compressed bytes read, and decompressed bytes made, per step of ``_gz_after_end``
+_GZ_CHUNK = 64 * 1024
+
+
+def _end_of(e: dict[str, Any], gz: bool) -> int | None:
     """A checkpoint entry's ``end``; an older tail's has none: a file complete at an MRR
     has its offset there (the MRR's end), one the watermark took as finished is taken to
-    end at its size (docs/tail.md, "Upgrading")."""
+    end at its size (docs/tail.md, "Upgrading") -- not a gzip file (``gz``), whose size is
+    not an offset of its decompressed stream: not known."""
     if "end" in e:
         return None if e["end"] is None else int(e["end"])
     reason = str(e.get("reason", ""))
     if reason == "MRR":
         return int(e["offset"])
-    return int(e["size"]) if reason.startswith("finished (") else None
+    return int(e["size"]) if reason.startswith("finished (") and not gz else None
 
 
 class _GzipReader:
     """Async reads of the decompressed bytes of a gzip file (all members), streaming: a
     gzip file still being written is followed like a plain one."""
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, skip: int = 0) -> None:
         self.handle = handle
         self.d = zlib.decompressobj(31)
-        self.out = 0  # decompressed bytes returned so far
+        self.out = 0  # decompressed bytes returned so far (and skipped)
         self.started = False
+        #: decompressed bytes still to pass over before the first returned (a lot appended
+        #: to the file is read from its FAR, an offset of the decompressed stream)
+        self.skip = skip
 
     @property
     def complete(self) -> bool:
@@ -299,13 +348,25 @@ class _GzipReader:
         return self.started and self.d.eof and not self.d.unused_data
 
     async def read(self, n: int) -> bytes:
+        while self.skip:
+            data = await self._read(min(n, self.skip))
+            if not data:
+                return b""
+            self.skip -= len(data)
+            await trio.lowlevel.checkpoint()  # (decompressing what is passed over)
+        return await self._read(n)
+
+    async def _read(self, n: int) -> bytes:
         while True:
-            if self.d.unconsumed_tail:
-                data = self._decompress(self.d.unconsumed_tail, n)
-            elif self.d.eof and self.d.unused_data:  # the next member of the file
+            if self.d.eof and self.d.unused_data:  # the next member of the file
+                # (first: a member that ends just as ``n`` bytes are made leaves what
+                # follows it in both ``unused_data`` and ``unconsumed_tail``, and an ended
+                # stream makes nothing more of its tail -- it spun here for ever)
                 rest = self.d.unused_data
                 self.d = zlib.decompressobj(31)
                 data = self._decompress(rest, n)
+            elif self.d.unconsumed_tail:
+                data = self._decompress(self.d.unconsumed_tail, n)
             else:
                 raw = await self.handle.read(n)
                 if not raw:
@@ -404,7 +465,8 @@ class TailSource:
                     size=int(e["size"]), state=dict(e.get("state") or {}),
                     head=from_checkpoint(e.get("head")), origin=int(e["offset"]),
                     gen=None if e.get("gen") is None else int(e["gen"]), gen_fixed=True,
-                    end=_end_of(e), base=int(e.get("from", 0)))
+                    end=_end_of(e, path.lower().endswith(".gz")),
+                    base=int(e.get("from", 0)))
             self.watermark = int(checkpoint.get("finished_before", 0))
             self.gone = [(int(inode), int(changed))
                          for inode, changed in checkpoint.get("gone", [])]
@@ -537,7 +599,7 @@ class TailSource:
         entry = self.finished.get(info.inode) if self.finished is not None else None
         if entry is not None and head is not None and head[1] and entry.size == info.size:
             return entry.end
-        return info.size
+        return None if info.gz else info.size  # (a gzip file's size is not an offset of it)
 
     async def _next_lot(self, f: _File, size: int) -> bool | None:
         """Whether another lot follows the end of the last MRR of ``f``, finished, now
@@ -547,7 +609,7 @@ class TailSource:
         at (not at this size again: too few bytes to tell stay so until it changes).  Only
         the bytes after that end (and the FAR its lot began with) are read, and only when
         the file has grown: a finished file is not read again."""
-        if f.end is None or f.gz or size <= f.end:  # (a gzip file's offsets are not its bytes')
+        if f.end is None or (size <= f.end and not f.gz):  # (a gzip file's: its stream's)
             return False
         if f.peeked == size:
             return None
@@ -580,8 +642,15 @@ class TailSource:
         reads what follows in that lot's byte order (a FAR right after the end, in either
         order, reads as one)."""
         assert f.end is not None
-        got = await trio.to_thread.run_sync(_after_end, f.path, f.inode, f.base, f.end,
-                                            min(size - f.end, HEAD_BYTES))
+        readable = True
+        if f.gz:  # (decompressed from its start: a gzip file's offsets are its stream's)
+            gz = await trio.to_thread.run_sync(_gz_after_end, f.path, f.inode, f.base, f.end,
+                                               HEAD_BYTES)
+            got = None if gz is None else gz[:2]
+            readable = gz is not None and gz[2]
+        else:
+            got = await trio.to_thread.run_sync(_after_end, f.path, f.inode, f.base, f.end,
+                                                min(size - f.end, HEAD_BYTES))
         if got is None:  # (replaced since the scan, or unreadable: the next change tells)
             return None
         head, data = got
@@ -604,7 +673,7 @@ class TailSource:
                                   "source %s: %s parser on %s (after its end)", self.name,
                                   self.format.name, f.path)
             return False
-        return None if len(data) < HEAD_BYTES else False
+        return None if len(data) < HEAD_BYTES and readable else False
 
     def _far_of(self, head: bytes) -> bytes:
         """The FAR ``head`` begins with, its bytes (empty: none, or not whole)."""
@@ -761,7 +830,7 @@ class TailSource:
                     f.warned = True
                     log.warning("source %s: %s grew after it was complete (%s)%s; not read "
                                 "again", self.name, info.path, f.reason,
-                                "" if f.end is None or f.gz else
+                                "" if f.end is None else
                                 f", and what follows its last MRR (byte {f.end}) is not a FAR")
                 if not verdict:
                     continue
@@ -1125,9 +1194,10 @@ class TailSource:
 
     async def _open(self, f: _File) -> FormatError | None:
         """Open the file and a parser for it; the error if the format plugin failed."""
-        raw, gen = await trio.to_thread.run_sync(open_file, f.path, f.inode, f.base)
+        raw, gen = await trio.to_thread.run_sync(open_file, f.path, f.inode,
+                                                 0 if f.gz else f.base)
         handle = trio.wrap_file(raw)
-        f.reader = _GzipReader(handle) if f.gz else handle
+        f.reader = _GzipReader(handle, f.base) if f.gz else handle
         if not f.gen_fixed:  # (a file the checkpoint lists keeps the stream it had)
             f.gen, f.gen_fixed = gen, True
         try:
