@@ -635,3 +635,43 @@ def test_a_gzip_file_of_members_larger_than_a_read_is_read(tmp_path: Path) -> No
     reader.join(60)
     assert not reader.is_alive(), "the tail is stuck reading the gzip file"
     each_once(sink, {1: lot(1), 2: lot(2)})
+
+
+def dtr(text: str, order: str = "<") -> bytes:
+    return StdfWriter(order).encode("DTR", {"TEXT_DAT": text})
+
+
+@pytest.mark.parametrize("when", ["running", "stopped, listed", "stopped, folded"])
+async def test_with_forward_raw_a_dtr_that_arrives_with_the_appended_lot_is_sent_once(
+        tmp_path: Path, when: str) -> None:
+    """``forward_raw``: a DTR written with the MRR is forwarded with the first lot (as a
+    read meets it); a DTR and a GDR written later, with the appended lot, before its FAR,
+    are forwarded with that lot -- each once, in file order, running or after a restart,
+    and a restart after that forwards nothing again.  Before: the later ones were not
+    forwarded at all."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    path = directory / "retest.stdf"
+    path.write_bytes(lot(1) + dtr("first lot's end"))
+    sink = Sink(state)
+    folded = when.endswith("folded")
+    source = start(directory, state, None, forward_raw=True, fold_after=0 if folded else 3600)
+    await (read_and_fold(source, sink) if folded else polls(source, sink))
+    later = dtr("merged later") + notes("GDR") + lot(2)
+    if when.startswith("stopped"):
+        await crash(source)
+        append(path, later)
+        source = start(directory, state, sink.checkpoint, forward_raw=True,
+                       fold_after=0 if folded else 3600)
+    else:
+        append(path, later)
+    await polls(source, sink)
+    await crash(source)
+    source = start(directory, state, sink.checkpoint, forward_raw=True)
+    await read_and_fold(source, sink)
+    await crash(source)
+    assert lot_ids(sink.records) == {"L001": 1, "L002": 1}
+    raw = [r for r in sink.records if isinstance(r, RawRecord)
+           and (r.rec in ("DTR", "GDR") or r.fields.get("LOT_ID") == "L002")]
+    assert [(r.rec, r.fields.get("TEXT_DAT")) for r in raw] == [
+        ("DTR", "first lot's end"), ("DTR", "merged later"), ("GDR", None), ("MIR", None)]

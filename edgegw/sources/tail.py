@@ -98,7 +98,7 @@ import trio
 from ..config import ConfigError, Range
 from ..formats import FormatError, FormatParser, TesterFormat
 from ..metrics import report_internal_error
-from ..records import GatewayEvent, Record
+from ..records import GatewayEvent, RawRecord, Record
 from ..stdf.mapping import RecordMapper
 from . import RecordSink, SourceContext, source_errors
 from .fingerprint import (
@@ -241,6 +241,9 @@ class _File:
     #: when the tail first opens it, or from the checkpoint, and then kept (``stream``)
     gen: int | None = None
     gen_fixed: bool = False
+    #: with ``forward_raw``, the records passed over between its last MRR and the FAR of
+    #: a lot appended after it (``TailSource._lot_follows``): put first with that lot
+    passed: list[Record] = dataclasses.field(default_factory=list)
 
     @property
     def stream(self) -> Any:
@@ -658,12 +661,20 @@ class TailSource:
             prefix = self._far_of(head)
             parser = new_parser(self.format, self.options)
             parser.feed(prefix + data)
+            passed: list[Record] = []
             for rec in parser.records():
                 if rec.offset < len(prefix):
                     continue
                 if rec.name not in _DECIDES:
-                    continue  # (passed over, as ``_map`` does; not sent from here: docs/tail.md)
+                    # (passed over, as ``_map`` does; with ``forward_raw`` forwarded with
+                    # the lot, as a read that met them would have: ``end`` is past those
+                    # forwarded with the MRR, so none twice)
+                    if self.config.forward_raw:
+                        passed.append(RawRecord(self.name, time.time(), self.format.name,
+                                                rec.name, rec.fields))
+                    continue
                 if rec.name == "FAR" and rec.fields.get("STDF_VER", 4) == 4:
+                    f.passed = passed
                     return f.end + rec.offset - len(prefix)
                 return False
         except FormatError:
@@ -1128,7 +1139,8 @@ class TailSource:
         parser skips, such as ATDF record types it does not convert, can follow a
         checkpoint: the next record then starts later)."""
         assert f.parser is not None and f.mapper is not None
-        batch: list[Record] = []
+        batch: list[Record] = f.passed  # (forwarded before the lot they came with)
+        f.passed = []
         rows = f.rows
         map_one = f.mapper.map_row if rows else f.mapper.map
         parsed = 0
@@ -1151,6 +1163,11 @@ class TailSource:
                     after_mrr = 0
                 mapped = map_one(rec, now)
                 if name == "MRR":
+                    after_mrr = f.parser.position + base
+                elif after_mrr and self.config.forward_raw:
+                    # (a record passed over after the MRR, forwarded here: the file ends
+                    # after it, so a lot appended later is looked for, and what lies
+                    # before its FAR forwarded, from there -- none twice)
                     after_mrr = f.parser.position + base
                 if f.skip_below:
                     offset = (rec[1] if rows else rec.offset) + base
