@@ -675,3 +675,64 @@ async def test_with_forward_raw_a_dtr_that_arrives_with_the_appended_lot_is_sent
            and (r.rec in ("DTR", "GDR") or r.fields.get("LOT_ID") == "L002")]
     assert [(r.rec, r.fields.get("TEXT_DAT")) for r in raw] == [
         ("DTR", "first lot's end"), ("DTR", "merged later"), ("GDR", None), ("MIR", None)]
+
+
+@pytest.mark.parametrize("when", ["running, listed", "stopped, folded"])
+async def test_growth_that_is_not_a_lot_is_logged_once_whatever_the_restarts(
+        tmp_path: Path, when: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Zero fill after the MRR of a finished file, written while the tail runs (the
+    checkpoint still lists the file: ``fold_after`` not passed) or while it is stopped
+    (the registry of finished files has it): logged once for the file -- not again at
+    each restart.  Before: logged again by every start of the tail."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    path = directory / "lot.stdf"
+    path.write_bytes(lot(1))
+    sink = Sink(state)
+    folded = when.endswith("folded")
+    fold_after = 0 if folded else 3600
+
+    async def run(source: TailSource) -> None:
+        await (read_and_fold(source, sink) if folded else polls(source, sink))
+
+    source = start(directory, state, None, fold_after=fold_after)
+    await run(source)
+    if folded:
+        await crash(source)
+        append(path, b"\0" * 4096)
+        source = start(directory, state, sink.checkpoint, fold_after=fold_after)
+    else:
+        append(path, b"\0" * 4096)
+    await run(source)
+    for _ in range(3):
+        await crash(source)
+        source = start(directory, state, sink.checkpoint, fold_after=fold_after)
+        await run(source)
+    await crash(source)
+    assert sum("grew after it was complete" in r.getMessage() for r in caplog.records) == 1
+    each_once(sink, {1: lot(1)})
+
+
+async def test_a_file_that_disappeared_before_it_was_complete_is_logged_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A lot deleted while being written: logged once, not again by each restart of a
+    tail whose sink takes no origins (an embedded gateway's) and that has put nothing
+    since.  Before: the checkpoint handed over still listed it, so every start met it
+    missing and logged it again."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    path = directory / "lot.stdf"
+    data = lot(1)
+    path.write_bytes(data[:len(data) // 2])
+    sink = Sink(state)
+    source = start(directory, state, None, fold_after=3600)
+    await polls(source, sink)
+    path.unlink()
+    await polls(source, sink)
+    for _ in range(3):
+        await crash(source)
+        source = start(directory, state, sink.checkpoint, fold_after=3600)
+        await polls(source, sink)
+    await crash(source)
+    assert sum("disappeared before it was complete" in r.getMessage()
+               for r in caplog.records) == 1

@@ -26,7 +26,7 @@ back as ``context.checkpoint``)::
     {"version": 2, "files": {PATH: {"offset": N, "done": bool, "reason": str,
                                     "inode": int, "size": int, "state": {...},
                                     "head": [LENGTH, CRC32], "gen": GENERATION,
-                                    "end": N | null, "from": N}},
+                                    "end": N | null, "from": N, "grew_logged": true}},
      "finished_before": NS, "gone": [[inode, NS], ...]}
 
 ``end`` (finished files): where the last MRR ends (null: not complete at an MRR).  A file
@@ -34,7 +34,7 @@ that grows past what was read, the bytes after its ``end`` beginning with a whol
 (after any whole DTRs and GDRs, passed over as within a read), is read on from that FAR
 as another lot, by a parser and mapper of its own (``_next_lot``); ``from``: the offset
 that parser starts at, where a restart re-reads it from.  Any other
-growth of a finished file is logged and not read.
+growth of a finished file is logged (once: ``grew_logged``) and not read.
 
 Bounded: ``files`` lists the unfinished files and the finished ones that changed (their
 modification or status-change time, whichever is later, in ns) after ``finished_before``,
@@ -233,6 +233,9 @@ class _File:
     rows: bool = False
     selected: bool = False
     warned: bool = False
+    #: finished, its growth logged as not a lot ("grew after it was complete"): kept in
+    #: the checkpoint, so that a restart does not log it again
+    grew_logged: bool = False
     io_failed: bool = False  # a read error was reported, no read has succeeded since
     changed: int = 0  # its last change as the latest scan saw it (``_FileInfo.changed``)
     #: its change time when its first bytes could not be read: tried again once it changes
@@ -262,6 +265,8 @@ class _File:
             entry["from"] = self.base
         if self.done:
             entry["end"] = self.end
+            if self.grew_logged:
+                entry["grew_logged"] = True
         return entry
 
 
@@ -469,7 +474,8 @@ class TailSource:
                     head=from_checkpoint(e.get("head")), origin=int(e["offset"]),
                     gen=None if e.get("gen") is None else int(e["gen"]), gen_fixed=True,
                     end=_end_of(e, path.lower().endswith(".gz")),
-                    base=int(e.get("from", 0)))
+                    base=int(e.get("from", 0)), grew_logged=bool(e.get("grew_logged")),
+                    warned=bool(e.get("grew_logged")))
             self.watermark = int(checkpoint.get("finished_before", 0))
             self.gone = [(int(inode), int(changed))
                          for inode, changed in checkpoint.get("gone", [])]
@@ -631,6 +637,7 @@ class TailSource:
         log.info("source %s: %s: a lot appended after its last MRR (byte %d): read from "
                  "its FAR (byte %d)", self.name, f.path, f.end, at)
         f.done, f.reason, f.warned, f.peeked = False, "", False, -1
+        f.grew_logged = False
         f.base = f.offset = at
         self._registering.pop(f.path, None)
         self._listed[f.path] = f
@@ -761,6 +768,7 @@ class TailSource:
         ahead = self._unknown_ahead(found)
         self._fold(min(horizon, ahead[0] - 1))
         changed: list[_File] = []  # finished files this scan saw changed or renamed
+        logged = False  # a finished file's growth logged (its checkpoint says so: handed over)
         for i, info in enumerate(found):
             f = self.files.get(info.path)
             unknown = f is None  # (not a file replaced or cut short: they are read whole)
@@ -838,7 +846,7 @@ class TailSource:
                     continue
                 verdict = await self._next_lot(f, info.size)
                 if verdict is False:
-                    f.warned = True
+                    f.warned = f.grew_logged = logged = True
                     log.warning("source %s: %s grew after it was complete (%s)%s; not read "
                                 "again", self.name, info.path, f.reason,
                                 "" if f.end is None else
@@ -872,7 +880,7 @@ class TailSource:
                 await self._prune_finished()
             if self._registering or self.finished.dirty:
                 await self._register()
-        await self._hand_over_changes(sink, changed)
+        await self._hand_over_changes(sink, changed, force=logged)
 
     async def _prune_finished(self) -> None:
         """Forget the entries of files the first scan did not find -- in a directory that
@@ -908,14 +916,16 @@ class TailSource:
         if self.finished is not None and isinstance(checkpoint, dict):
             self.finished.settle(int(checkpoint.get("finished_before", 0)))
 
-    async def _hand_over_changes(self, sink: RecordSink, changed: list[_File]) -> None:
+    async def _hand_over_changes(self, sink: RecordSink, changed: list[_File], *,
+                                 force: bool = False) -> None:
         """Finished files that changed (touched, chmod-ed, appended to, renamed) since the
         last checkpoint handed over, which neither lists them nor covers them with its
         watermark: hand the checkpoint over now, without records, or a restart from that
         one would take them as new files and read them again (no other file may put
         anything for hours)."""
-        if not any(self._handed.get(f.path) != f.inode and f.changed > self._handed_watermark
-                   for f in changed):
+        if not force and not any(
+                self._handed.get(f.path) != f.inode and f.changed > self._handed_watermark
+                for f in changed):
             return
         checkpoint = self.checkpoint()
         if await sink.put([], checkpoint=checkpoint) is not False:
@@ -1350,10 +1360,11 @@ class TailSource:
             if f.mapper is not None and not f.skip_below:
                 batch = f.mapper.close(time.time())
         await self._release(f)
-        if batch:
+        if batch or not f.done:
+            # (a checkpoint that no longer lists it handed over at once, to a sink that
+            # takes no origins too: a restart from one that does meets it missing again
+            # and logs it again, once per start while nothing else is put)
             await self._put(sink, f, batch, ended=True)
-        elif not f.done:
-            await self._ended(sink, f)
 
     async def _release(self, f: _File) -> None:
         reader, f.reader, f.parser, f.mapper = f.reader, None, None, None
