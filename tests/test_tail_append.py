@@ -736,3 +736,50 @@ async def test_a_file_that_disappeared_before_it_was_complete_is_logged_once(
     await crash(source)
     assert sum("disappeared before it was complete" in r.getMessage()
                for r in caplog.records) == 1
+
+
+async def test_a_running_tail_forgets_the_versions_a_durable_checkpoint_no_longer_needs(
+        tmp_path: Path) -> None:
+    """The tail hears of each checkpoint that becomes durable (its sink's ``on_durable``,
+    as the gateway's has): while none does, every version of a file's registry entry is
+    kept, one per lot appended and read; once the last one handed over is durable, the
+    versions before the one it relies on are forgotten -- the registry stays bounded by
+    what a restart may need."""
+    import trio
+
+    class DurableSink(Sink):
+        listener: Any = None
+
+        def on_durable(self, listener: Any) -> None:
+            self.listener = listener
+
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    path = directory / "retest.stdf"
+    path.write_bytes(lot(1))
+    sink = DurableSink(state)
+    source = tail([directory], state_dir=state, idle_timeout=3600, fold_after=0)
+
+    async def registered(size: int) -> Any:
+        while True:
+            entry = source.finished.get(path.stat().st_ino)  # type: ignore[union-attr]
+            if entry is not None and entry.size == size:
+                return entry
+            await trio.sleep(0.02)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(source.run, sink)
+            await registered(len(lot(1)))
+            size = len(lot(1))
+            for n in range(2, 8):
+                append(path, lot(n))
+                size += len(lot(n))
+                entry = await registered(size)
+            assert len(entry.older) == 6, "none durable yet: every version kept"
+            await trio.sleep(0.2)  # (the watermark handed over passes the last version)
+            sink.listener(sink.checkpoint)
+            entry = source.finished.get(path.stat().st_ino)  # type: ignore[union-attr]
+            assert entry is not None and len(entry.older) <= 1
+            nursery.cancel_scope.cancel()
+    each_once(sink, {n: lot(n) for n in range(1, 8)})
