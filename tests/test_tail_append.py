@@ -483,3 +483,303 @@ def test_the_registry_keeps_the_versions_a_restart_may_rely_on(tmp_path: Path) -
     old = FinishedFiles(str(path), 10)
     old.load()
     assert old.entries[9].end == 4000, "taken to end at its size"
+
+
+async def test_a_restart_from_a_checkpoint_older_than_many_appended_lots_sends_none_twice(
+        tmp_path: Path) -> None:
+    """The first lot read and folded (durable), then seven lots appended one after another,
+    each read and folded in turn (a new version of the file's registry entry each) while
+    no checkpoint became durable; the crash, and the restart from that old checkpoint.
+    Each lot once: the version that checkpoint relies on is still known, so the restart
+    reads on from its end.  Before: only the last four older versions were kept, none
+    relied on, and the file was read whole again (its first lots sent twice)."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    lots = {n: lot(n, "<" if n % 2 else ">") for n in range(1, 9)}
+    path = directory / "retest.stdf"
+    path.write_bytes(lots[1])
+    sink = LaggingSink(state, directory, durable=1 << 30)
+    source = start(directory, state, None)
+    await read_and_fold(source, sink)
+    sink.durable = sink.taken  # from here on nothing becomes durable
+    for n in range(2, 9):
+        append(path, lots[n])
+        await read_and_fold_lagging(source, sink)
+    await crash(source)
+    source = start(directory, state, sink.checkpoint)
+    sink.durable = 1 << 30
+    await read_and_fold(source, sink)
+    await crash(source)
+    each_once(sink, lots)
+
+
+def test_the_registry_forgets_only_the_versions_no_durable_checkpoint_can_rely_on(
+        tmp_path: Path) -> None:
+    """Every version of an entry stays while a restart may rely on it, however many lots
+    were appended; told a checkpoint is durable (``settle``: the tail, by its sink's
+    ``on_durable``, and at a restart), the registry forgets those before the version that
+    checkpoint relies on -- a later one's watermark is at or past it."""
+    from edgegw.sources import FinishedFiles, recognised
+
+    path = tmp_path / "finished.jsonl"
+    reg = FinishedFiles(str(path), 10)
+    reg.add(7, "/d/a.stdf", (1024, 1), 1000, changed=100, end=1000)
+    for k in range(1, 8):
+        reg.add(7, "/d/a.stdf", (1024, 1), 1000 * (k + 1), changed=100 * (k + 1),
+                end=1000 * (k + 1), read_on=True)
+    e = reg.get(7)
+    assert e is not None and len(e.older) == 7
+    assert recognised(e, "/d/a.stdf", 8000, True, 150) == "grew", "the first version"
+    reg.settle(99)  # relies on none yet: every version may still be needed
+    assert len(reg.entries[7].older) == 7
+    reg.settle(450)
+    assert [o.since for o in reg.entries[7].older] == [700, 600, 500, 400]
+    reg.settle(800)
+    assert reg.entries[7].older == () and reg.entries[7].since == 800
+    reg.add(7, "/d/a.stdf", (1024, 1), 9000, changed=900, end=9000, read_on=True)
+    reg.flush()
+    again = FinishedFiles(str(path), 10)
+    again.load()
+    assert [o.since for o in again.entries[7].older] == [800]
+
+
+@pytest.mark.parametrize("when", ["running, listed", "running, folded", "stopped, listed",
+                                  "stopped, folded"])
+async def test_a_lot_appended_to_a_finished_gzip_file_is_read_once(
+        tmp_path: Path, when: str) -> None:
+    """A gzip file complete at its MRR, and a lot appended to it as a gzip member of its
+    own (``gzip -c lot >> file.stdf.gz``), while the tail runs or while it is stopped:
+    read once, as a file of its own; a restart after that reads nothing again.  Before:
+    logged "grew after it was complete" and lost."""
+    import gzip
+
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    first, second = lot(1), lot(2, ">")
+    path = directory / "retest.stdf.gz"
+    path.write_bytes(gzip.compress(first))
+    sink = Sink(state)
+    source = await read_the_first_lot(directory, state, path, sink, when, first)
+    if when.startswith("stopped"):
+        await crash(source)
+        append(path, gzip.compress(second))
+        source = start(directory, state, sink.checkpoint,
+                       fold_after=0 if when.endswith("folded") else 3600)
+    else:
+        append(path, gzip.compress(second))
+    await polls(source, sink)
+    each_once(sink, {1: first, 2: second})
+    await crash(source)
+    source = start(directory, state, sink.checkpoint)
+    await read_and_fold(source, sink)
+    await crash(source)
+    each_once(sink, {1: first, 2: second})
+
+
+async def test_a_restart_inside_a_lot_appended_to_a_gzip_file_resumes_it(
+        tmp_path: Path) -> None:
+    """The appended member written in pieces, a crash inside it: the restart re-reads the
+    lot from its FAR (``from``, an offset in the decompressed stream) to the checkpoint's
+    offset, sending nothing again; then a third lot appended, in a member of its own too."""
+    import gzip
+
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    lots = {1: lot(1), 2: lot(2), 3: lot(3, ">")}
+    path = directory / "retest.stdf.gz"
+    path.write_bytes(gzip.compress(lots[1]))
+    sink = Sink(state)
+    source = start(directory, state, None, read_size=512)
+    await read_and_fold(source, sink)
+    member = gzip.compress(lots[2])
+    append(path, member[:len(member) // 2])
+    await polls(source, sink, 1)
+    listed = sink.checkpoint["files"][str(path)]
+    assert not listed["done"] and listed["from"] == len(lots[1])
+    await crash(source)
+    source = start(directory, state, sink.checkpoint, read_size=512)
+    append(path, member[len(member) // 2:])
+    await read_and_fold(source, sink)
+    append(path, gzip.compress(lots[3]))
+    await read_and_fold(source, sink)
+    await crash(source)
+    each_once(sink, lots)
+
+
+def test_a_gzip_file_of_members_larger_than_a_read_is_read(tmp_path: Path) -> None:
+    """A writer that compresses each block of 800 bytes (``read_size`` 512) as a gzip member
+    of its own: a member that ends in the input left over by a read that made
+    ``read_size`` bytes leaves the next member both where the reader looked for input
+    left over and where it looked for the next member -- and an ended member makes
+    nothing more of the first.  Before: the tail spun for ever in the Trio thread (so the
+    source runs in a thread of its own here, and the test waits for it a while)."""
+    import gzip
+    import threading
+
+    import trio
+
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    data = lot(1) + lot(2)
+    blocks = [data[i:i + 800] for i in range(0, len(data), 800)]
+    (directory / "blocks.stdf.gz").write_bytes(b"".join(gzip.compress(b) for b in blocks))
+    sink = Sink(state)
+
+    def read() -> None:
+        source = start(directory, state, None, read_size=512)
+        trio.run(polls, source, sink)
+        trio.run(crash, source)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(60)
+    assert not reader.is_alive(), "the tail is stuck reading the gzip file"
+    each_once(sink, {1: lot(1), 2: lot(2)})
+
+
+def dtr(text: str, order: str = "<") -> bytes:
+    return StdfWriter(order).encode("DTR", {"TEXT_DAT": text})
+
+
+@pytest.mark.parametrize("when", ["running", "stopped, listed", "stopped, folded"])
+async def test_with_forward_raw_a_dtr_that_arrives_with_the_appended_lot_is_sent_once(
+        tmp_path: Path, when: str) -> None:
+    """``forward_raw``: a DTR written with the MRR is forwarded with the first lot (as a
+    read meets it); a DTR and a GDR written later, with the appended lot, before its FAR,
+    are forwarded with that lot -- each once, in file order, running or after a restart,
+    and a restart after that forwards nothing again.  Before: the later ones were not
+    forwarded at all."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    path = directory / "retest.stdf"
+    path.write_bytes(lot(1) + dtr("first lot's end"))
+    sink = Sink(state)
+    folded = when.endswith("folded")
+    source = start(directory, state, None, forward_raw=True, fold_after=0 if folded else 3600)
+    await (read_and_fold(source, sink) if folded else polls(source, sink))
+    later = dtr("merged later") + notes("GDR") + lot(2)
+    if when.startswith("stopped"):
+        await crash(source)
+        append(path, later)
+        source = start(directory, state, sink.checkpoint, forward_raw=True,
+                       fold_after=0 if folded else 3600)
+    else:
+        append(path, later)
+    await polls(source, sink)
+    await crash(source)
+    source = start(directory, state, sink.checkpoint, forward_raw=True)
+    await read_and_fold(source, sink)
+    await crash(source)
+    assert lot_ids(sink.records) == {"L001": 1, "L002": 1}
+    raw = [r for r in sink.records if isinstance(r, RawRecord)
+           and (r.rec in ("DTR", "GDR") or r.fields.get("LOT_ID") == "L002")]
+    assert [(r.rec, r.fields.get("TEXT_DAT")) for r in raw] == [
+        ("DTR", "first lot's end"), ("DTR", "merged later"), ("GDR", None), ("MIR", None)]
+
+
+@pytest.mark.parametrize("when", ["running, listed", "stopped, folded"])
+async def test_growth_that_is_not_a_lot_is_logged_once_whatever_the_restarts(
+        tmp_path: Path, when: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Zero fill after the MRR of a finished file, written while the tail runs (the
+    checkpoint still lists the file: ``fold_after`` not passed) or while it is stopped
+    (the registry of finished files has it): logged once for the file -- not again at
+    each restart.  Before: logged again by every start of the tail."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    path = directory / "lot.stdf"
+    path.write_bytes(lot(1))
+    sink = Sink(state)
+    folded = when.endswith("folded")
+    fold_after = 0 if folded else 3600
+
+    async def run(source: TailSource) -> None:
+        await (read_and_fold(source, sink) if folded else polls(source, sink))
+
+    source = start(directory, state, None, fold_after=fold_after)
+    await run(source)
+    if folded:
+        await crash(source)
+        append(path, b"\0" * 4096)
+        source = start(directory, state, sink.checkpoint, fold_after=fold_after)
+    else:
+        append(path, b"\0" * 4096)
+    await run(source)
+    for _ in range(3):
+        await crash(source)
+        source = start(directory, state, sink.checkpoint, fold_after=fold_after)
+        await run(source)
+    await crash(source)
+    assert sum("grew after it was complete" in r.getMessage() for r in caplog.records) == 1
+    each_once(sink, {1: lot(1)})
+
+
+async def test_a_file_that_disappeared_before_it_was_complete_is_logged_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A lot deleted while being written: logged once, not again by each restart of a
+    tail whose sink takes no origins (an embedded gateway's) and that has put nothing
+    since.  Before: the checkpoint handed over still listed it, so every start met it
+    missing and logged it again."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    path = directory / "lot.stdf"
+    data = lot(1)
+    path.write_bytes(data[:len(data) // 2])
+    sink = Sink(state)
+    source = start(directory, state, None, fold_after=3600)
+    await polls(source, sink)
+    path.unlink()
+    await polls(source, sink)
+    for _ in range(3):
+        await crash(source)
+        source = start(directory, state, sink.checkpoint, fold_after=3600)
+        await polls(source, sink)
+    await crash(source)
+    assert sum("disappeared before it was complete" in r.getMessage()
+               for r in caplog.records) == 1
+
+
+async def test_a_running_tail_forgets_the_versions_a_durable_checkpoint_no_longer_needs(
+        tmp_path: Path) -> None:
+    """The tail hears of each checkpoint that becomes durable (its sink's ``on_durable``,
+    as the gateway's has): while none does, every version of a file's registry entry is
+    kept, one per lot appended and read; once the last one handed over is durable, the
+    versions before the one it relies on are forgotten -- the registry stays bounded by
+    what a restart may need."""
+    import trio
+
+    class DurableSink(Sink):
+        listener: Any = None
+
+        def on_durable(self, listener: Any) -> None:
+            self.listener = listener
+
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    path = directory / "retest.stdf"
+    path.write_bytes(lot(1))
+    sink = DurableSink(state)
+    source = tail([directory], state_dir=state, idle_timeout=3600, fold_after=0)
+
+    async def registered(size: int) -> Any:
+        while True:
+            entry = source.finished.get(path.stat().st_ino)  # type: ignore[union-attr]
+            if entry is not None and entry.size == size:
+                return entry
+            await trio.sleep(0.02)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(source.run, sink)
+            await registered(len(lot(1)))
+            size = len(lot(1))
+            for n in range(2, 8):
+                append(path, lot(n))
+                size += len(lot(n))
+                entry = await registered(size)
+            assert len(entry.older) == 6, "none durable yet: every version kept"
+            await trio.sleep(0.2)  # (the watermark handed over passes the last version)
+            sink.listener(sink.checkpoint)
+            entry = source.finished.get(path.stat().st_ino)  # type: ignore[union-attr]
+            assert entry is not None and len(entry.older) <= 1
+            nursery.cancel_scope.cancel()
+    each_once(sink, {n: lot(n) for n in range(1, 8)})

@@ -22,8 +22,11 @@ An entry also keeps ``end``: where its file's last MRR ends (None: it was not co
 an MRR), where a lot appended to it would begin (docs/tail.md, "Appending to a finished
 file").  A file read on past its entry (such a lot) gets a new version of its entry, with
 its own ``since`` (relied on only once a durable checkpoint covers that lot's records); the
-versions before it stay (``older``, the last ``OLDER_KEPT``), so that a restart from a
-checkpoint that has not covered the lot yet still knows the file as it was then.
+versions before it stay (``older``), so that a restart from a checkpoint that has not
+covered the lot yet still knows the file as it was then -- every one a durable checkpoint
+may still rely on, however many lots were appended since: only those before the version
+a durable checkpoint relies on are forgotten (``settle``, told of each durable checkpoint;
+a later one's watermark is at or past it), and ``OLDER_KEPT`` is a backstop.
 
 The file is a log of JSON lines, appended to: ``[inode, path, n, crc, size, since]`` sets
 an entry whose file ends at its last MRR (``end`` = ``size``: what an older gateway wrote,
@@ -54,8 +57,10 @@ log = logging.getLogger(__name__)
 FILE_NAME = "finished.jsonl"
 
 
-#: versions of an entry kept before its latest (lots appended to its file and read)
-OLDER_KEPT = 4
+#: at most this many versions of an entry are kept before its latest (lots appended to its
+#: file and read): a backstop, met only when no checkpoint became durable while as many
+#: lots were appended and read (``settle`` forgets the versions no restart can need)
+OLDER_KEPT = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +85,16 @@ def relied_on(entry: Entry | None, durable_watermark: int) -> Entry | None:
     for version in (entry, *entry.older):
         if version.since <= durable_watermark:
             return version
+    return None
+
+
+def _needed(entry: Entry, durable_watermark: int) -> tuple[Entry, ...] | None:
+    """The older versions of ``entry`` a restart may still rely on, given a durable
+    checkpoint with this watermark: those down to the one it relies on (None: it relies on
+    none, so every one may still be needed)."""
+    for i, version in enumerate((entry, *entry.older)):
+        if version.since <= durable_watermark:
+            return entry.older[:i]
     return None
 
 
@@ -115,6 +130,8 @@ class FinishedFiles:
         self._lines = 0  # lines in the log on disk
         self._rewrite = False  # the log must be rewritten (cleared, or entries forgotten)
         self._warned = False
+        #: the inodes whose entries may have older versions (what ``settle`` looks at)
+        self._versioned: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -149,9 +166,28 @@ class FinishedFiles:
         if entry == old:
             return
         self.entries[inode] = entry
+        if entry.older:
+            self._versioned.add(inode)
         self._unwritten.append(json.dumps(_line(inode, entry)))
         if len(self.entries) > self.kept:
             self._forget_oldest()
+
+    def settle(self, durable_watermark: int) -> None:
+        """A checkpoint with this watermark is durable: forget the versions before the one
+        it relies on (``relied_on``), which no restart can rely on any more -- a later
+        durable checkpoint's watermark is at or past this one.  In memory (the log on
+        disk may hold more versions until the entry is written again: harmless)."""
+        for inode in list(self._versioned):
+            e = self.entries.get(inode)
+            keep = None if e is None else _needed(e, durable_watermark)
+            if keep is None:  # (none relied on yet: every version may still be)
+                if e is None or not e.older:
+                    self._versioned.discard(inode)
+                continue
+            if keep != e.older:
+                self.entries[inode] = dataclasses.replace(e, older=keep)
+            if not keep:
+                self._versioned.discard(inode)
 
     def remove(self, inode: int) -> None:
         """Forget an entry (its file is gone).  Written with the next flush; until then a
@@ -167,6 +203,7 @@ class FinishedFiles:
         """Forget everything (a start without a checkpoint: the entries belong to another)."""
         if self.entries or self._lines:
             self.entries.clear()
+            self._versioned.clear()
             self._unwritten.clear()
             self._rewrite = True
 
@@ -206,7 +243,9 @@ class FinishedFiles:
                 if len(item) == 1:
                     self.entries.pop(int(item[0]), None)
                 else:
-                    self.entries[int(item[0])] = _entry(item)
+                    self.entries[int(item[0])] = e = _entry(item)
+                    if e.older:
+                        self._versioned.add(int(item[0]))
             except (ValueError, TypeError):
                 log.warning("%s: unreadable line %d and after ignored", self.path, lines + 1)
                 self._rewrite = True
@@ -250,7 +289,7 @@ def _line(inode: int, e: Entry) -> list[Any]:
     """An entry as a log line: the short form when its file ends at its last MRR and it
     has no older version (what an older gateway wrote, and can read)."""
     line: list[Any] = [inode, e.path, e.head[0], e.head[1], e.size, e.since]
-    if e.end != e.size or e.older:
+    if e.end != e.size or e.older or _gz(e.path):
         line += [e.end, [[o.head[0], o.head[1], o.size, o.since, o.end] for o in e.older]]
     return line
 
@@ -258,13 +297,20 @@ def _line(inode: int, e: Entry) -> list[Any]:
 def _entry(item: list[Any]) -> Entry:
     """A log line back (``_line``); the short form: ``end`` = ``size`` (an older gateway's
     entry does not say; docs/tail.md, "Upgrading")."""
-    if len(item) == 6:
+    if len(item) == 6:  # (a gzip file's size is not an offset of its stream: not known)
         _, path, n, crc, size, since = item
-        return Entry(str(path), (int(n), int(crc)), int(size), int(since), int(size))
+        return Entry(str(path), (int(n), int(crc)), int(size), int(since),
+                     None if _gz(str(path)) else int(size))
     _, path, n, crc, size, since, end, older = item
     return Entry(str(path), (int(n), int(crc)), int(size), int(since), _end(end),
                  tuple(Entry("", (int(on), int(ocrc)), int(osize), int(osince), _end(oend))
                        for on, ocrc, osize, osince, oend in older))
+
+
+def _gz(path: str) -> bool:
+    """A gzip file's ``end`` is an offset of its decompressed stream, its ``size`` the
+    file's: the short line (``end`` = ``size``) never describes one."""
+    return path.lower().endswith(".gz")
 
 
 def _end(value: Any) -> int | None:

@@ -26,7 +26,7 @@ back as ``context.checkpoint``)::
     {"version": 2, "files": {PATH: {"offset": N, "done": bool, "reason": str,
                                     "inode": int, "size": int, "state": {...},
                                     "head": [LENGTH, CRC32], "gen": GENERATION,
-                                    "end": N | null, "from": N}},
+                                    "end": N | null, "from": N, "grew_logged": true}},
      "finished_before": NS, "gone": [[inode, NS], ...]}
 
 ``end`` (finished files): where the last MRR ends (null: not complete at an MRR).  A file
@@ -34,7 +34,7 @@ that grows past what was read, the bytes after its ``end`` beginning with a whol
 (after any whole DTRs and GDRs, passed over as within a read), is read on from that FAR
 as another lot, by a parser and mapper of its own (``_next_lot``); ``from``: the offset
 that parser starts at, where a restart re-reads it from.  Any other
-growth of a finished file is logged and not read.
+growth of a finished file is logged (once: ``grew_logged``) and not read.
 
 Bounded: ``files`` lists the unfinished files and the finished ones that changed (their
 modification or status-change time, whichever is later, in ns) after ``finished_before``,
@@ -99,7 +99,7 @@ import trio
 from ..config import ConfigError, Range
 from ..formats import FormatError, FormatParser, TesterFormat
 from ..metrics import report_internal_error
-from ..records import GatewayEvent, Record
+from ..records import GatewayEvent, RawRecord, Record
 from ..stdf.mapping import RecordMapper
 from . import RecordSink, SourceContext, source_errors
 from .fingerprint import (
@@ -235,6 +235,9 @@ class _File:
     rows: bool = False
     selected: bool = False
     warned: bool = False
+    #: finished, its growth logged as not a lot ("grew after it was complete"): kept in
+    #: the checkpoint, so that a restart does not log it again
+    grew_logged: bool = False
     io_failed: bool = False  # a read error was reported, no read has succeeded since
     changed: int = 0  # its last change as the latest scan saw it (``_FileInfo.changed``)
     #: its change time when its first bytes could not be read: tried again once it changes
@@ -243,6 +246,9 @@ class _File:
     #: when the tail first opens it, or from the checkpoint, and then kept (``stream``)
     gen: int | None = None
     gen_fixed: bool = False
+    #: with ``forward_raw``, the records passed over between its last MRR and the FAR of
+    #: a lot appended after it (``TailSource._lot_follows``): put first with that lot
+    passed: list[Record] = dataclasses.field(default_factory=list)
 
     @property
     def stream(self) -> Any:
@@ -261,6 +267,8 @@ class _File:
             entry["from"] = self.base
         if self.done:
             entry["end"] = self.end
+            if self.grew_logged:
+                entry["grew_logged"] = True
         return entry
 
 
@@ -273,27 +281,76 @@ def _after_end(path: str, inode: int, base: int, end: int, n: int
     return None if head is None or data is None else (head, data)
 
 
-def _end_of(e: dict[str, Any]) -> int | None:
+def _gz_after_end(path: str, inode: int, base: int, end: int, n: int
+                  ) -> tuple[bytes, bytes, bool] | None:
+    """``_after_end`` of a gzip file: its offsets are those of its decompressed stream
+    (every member), so it is decompressed from its start, a chunk at a time, up to what is
+    wanted; and whether that stream was readable to there (False: what follows is not gzip,
+    junk appended).  A member still being written ends what is read.  Blocking."""
+    head, data = bytearray(), bytearray()
+    stop = max(base + HEAD_BYTES, end + n)
+
+    def take(out: bytes, at: int, lo: int, hi: int, into: bytearray) -> None:
+        a, b = max(lo, at), min(hi, at + len(out))
+        if a < b:
+            into += out[a - at:b - at]
+
+    try:
+        with open(path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_ino != inode:
+                return None
+            d, at = zlib.decompressobj(31), 0
+            while at < stop:
+                if d.eof and d.unused_data:  # the next member (first: ``_GzipReader._read``)
+                    raw, d = d.unused_data, zlib.decompressobj(31)
+                elif d.unconsumed_tail:
+                    raw = d.unconsumed_tail
+                else:
+                    raw = handle.read(_GZ_CHUNK)
+                    if not raw:
+                        break
+                    if d.eof:
+                        d = zlib.decompressobj(31)
+                out = d.decompress(raw, _GZ_CHUNK)
+                take(out, at, base, base + HEAD_BYTES, head)
+                take(out, at, end, end + n, data)
+                at += len(out)
+    except zlib.error:
+        return bytes(head), bytes(data), False
+    except OSError:
+        return None
+    return bytes(head), bytes(data), True
+
+
+#: compressed bytes read, and decompressed bytes made, per step of ``_gz_after_end``
+_GZ_CHUNK = 64 * 1024
+
+
+def _end_of(e: dict[str, Any], gz: bool) -> int | None:
     """A checkpoint entry's ``end``; an older tail's has none: a file complete at an MRR
     has its offset there (the MRR's end), one the watermark took as finished is taken to
-    end at its size (docs/tail.md, "Upgrading")."""
+    end at its size (docs/tail.md, "Upgrading") -- not a gzip file (``gz``), whose size is
+    not an offset of its decompressed stream: not known."""
     if "end" in e:
         return None if e["end"] is None else int(e["end"])
     reason = str(e.get("reason", ""))
     if reason == "MRR":
         return int(e["offset"])
-    return int(e["size"]) if reason.startswith("finished (") else None
+    return int(e["size"]) if reason.startswith("finished (") and not gz else None
 
 
 class _GzipReader:
     """Async reads of the decompressed bytes of a gzip file (all members), streaming: a
     gzip file still being written is followed like a plain one."""
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, skip: int = 0) -> None:
         self.handle = handle
         self.d = zlib.decompressobj(31)
-        self.out = 0  # decompressed bytes returned so far
+        self.out = 0  # decompressed bytes returned so far (and skipped)
         self.started = False
+        #: decompressed bytes still to pass over before the first returned (a lot appended
+        #: to the file is read from its FAR, an offset of the decompressed stream)
+        self.skip = skip
 
     @property
     def complete(self) -> bool:
@@ -301,13 +358,25 @@ class _GzipReader:
         return self.started and self.d.eof and not self.d.unused_data
 
     async def read(self, n: int) -> bytes:
+        while self.skip:
+            data = await self._read(min(n, self.skip))
+            if not data:
+                return b""
+            self.skip -= len(data)
+            await trio.lowlevel.checkpoint()  # (decompressing what is passed over)
+        return await self._read(n)
+
+    async def _read(self, n: int) -> bytes:
         while True:
-            if self.d.unconsumed_tail:
-                data = self._decompress(self.d.unconsumed_tail, n)
-            elif self.d.eof and self.d.unused_data:  # the next member of the file
+            if self.d.eof and self.d.unused_data:  # the next member of the file
+                # (first: a member that ends just as ``n`` bytes are made leaves what
+                # follows it in both ``unused_data`` and ``unconsumed_tail``, and an ended
+                # stream makes nothing more of its tail -- it spun here for ever)
                 rest = self.d.unused_data
                 self.d = zlib.decompressobj(31)
                 data = self._decompress(rest, n)
+            elif self.d.unconsumed_tail:
+                data = self._decompress(self.d.unconsumed_tail, n)
             else:
                 raw = await self.handle.read(n)
                 if not raw:
@@ -415,7 +484,9 @@ class TailSource:
                     size=int(e["size"]), state=dict(e.get("state") or {}),
                     head=from_checkpoint(e.get("head")), origin=int(e["offset"]),
                     gen=None if e.get("gen") is None else int(e["gen"]), gen_fixed=True,
-                    end=_end_of(e), base=int(e.get("from", 0)))
+                    end=_end_of(e, path.lower().endswith(".gz")),
+                    base=int(e.get("from", 0)), grew_logged=bool(e.get("grew_logged")),
+                    warned=bool(e.get("grew_logged")))
             self.watermark = int(checkpoint.get("finished_before", 0))
             self.gone = [(int(inode), int(changed))
                          for inode, changed in checkpoint.get("gone", [])]
@@ -565,7 +636,7 @@ class TailSource:
         entry = self.finished.get(info.inode) if self.finished is not None else None
         if entry is not None and head is not None and head[1] and entry.size == info.size:
             return entry.end
-        return info.size
+        return None if info.gz else info.size  # (a gzip file's size is not an offset of it)
 
     async def _next_lot(self, f: _File, size: int) -> bool | None:
         """Whether another lot follows the end of the last MRR of ``f``, finished, now
@@ -575,7 +646,7 @@ class TailSource:
         at (not at this size again: too few bytes to tell stay so until it changes).  Only
         the bytes after that end (and the FAR its lot began with) are read, and only when
         the file has grown: a finished file is not read again."""
-        if f.end is None or f.gz or size <= f.end:  # (a gzip file's offsets are not its bytes')
+        if f.end is None or (size <= f.end and not f.gz):  # (a gzip file's: its stream's)
             return False
         if f.peeked == size:
             return None
@@ -594,6 +665,7 @@ class TailSource:
         log.info("source %s: %s: a lot appended after its last MRR (byte %d): read from "
                  "its FAR (byte %d)", self.name, f.path, f.end, at)
         f.done, f.reason, f.warned, f.peeked = False, "", False, -1
+        f.grew_logged = False
         f.base = f.offset = at
         self._registering.pop(f.path, None)
         self._listed[f.path] = f
@@ -608,8 +680,15 @@ class TailSource:
         reads what follows in that lot's byte order (a FAR right after the end, in either
         order, reads as one)."""
         assert f.end is not None
-        got = await trio.to_thread.run_sync(_after_end, f.path, f.inode, f.base, f.end,
-                                            min(size - f.end, HEAD_BYTES))
+        readable = True
+        if f.gz:  # (decompressed from its start: a gzip file's offsets are its stream's)
+            gz = await trio.to_thread.run_sync(_gz_after_end, f.path, f.inode, f.base, f.end,
+                                               HEAD_BYTES)
+            got = None if gz is None else gz[:2]
+            readable = gz is not None and gz[2]
+        else:
+            got = await trio.to_thread.run_sync(_after_end, f.path, f.inode, f.base, f.end,
+                                                min(size - f.end, HEAD_BYTES))
         if got is None:  # (replaced since the scan, or unreadable: the next change tells)
             return None
         head, data = got
@@ -617,12 +696,20 @@ class TailSource:
             prefix = self._far_of(head)
             parser = new_parser(self.format, self.options)
             parser.feed(prefix + data)
+            passed: list[Record] = []
             for rec in parser.records():
                 if rec.offset < len(prefix):
                     continue
                 if rec.name not in _DECIDES:
-                    continue  # (passed over, as ``_map`` does; not sent from here: docs/tail.md)
+                    # (passed over, as ``_map`` does; with ``forward_raw`` forwarded with
+                    # the lot, as a read that met them would have: ``end`` is past those
+                    # forwarded with the MRR, so none twice)
+                    if self.config.forward_raw:
+                        passed.append(RawRecord(self.name, time.time(), self.format.name,
+                                                rec.name, rec.fields))
+                    continue
                 if rec.name == "FAR" and rec.fields.get("STDF_VER", 4) == 4:
+                    f.passed = passed
                     return f.end + rec.offset - len(prefix)
                 return False
         except FormatError:
@@ -632,7 +719,7 @@ class TailSource:
                                   "source %s: %s parser on %s (after its end)", self.name,
                                   self.format.name, f.path)
             return False
-        return None if len(data) < HEAD_BYTES else False
+        return None if len(data) < HEAD_BYTES and readable else False
 
     def _far_of(self, head: bytes) -> bytes:
         """The FAR ``head`` begins with, its bytes (empty: none, or not whole)."""
@@ -669,6 +756,9 @@ class TailSource:
                     info.path, info.inode, info.gz, offset=info.size, done=True,
                     reason="existed at start", size=info.size, origin=info.size,
                     changed=info.changed)
+        on_durable = getattr(sink, "on_durable", None)
+        if on_durable is not None:  # (the gateway's sink; a test's may have none)
+            on_durable(self._durable)
         task_status.started()
         try:
             while True:
@@ -707,6 +797,7 @@ class TailSource:
         ahead = self._unknown_ahead(found)
         self._fold(min(horizon, ahead[0] - 1))
         changed: list[_File] = []  # finished files this scan saw changed or renamed
+        logged = False  # a finished file's growth logged (its checkpoint says so: handed over)
         for i, info in enumerate(found):
             f = self.files.get(info.path)
             unknown = f is None  # (not a file replaced or cut short: they are read whole)
@@ -784,10 +875,10 @@ class TailSource:
                     continue
                 verdict = await self._next_lot(f, info.size)
                 if verdict is False:
-                    f.warned = True
+                    f.warned = f.grew_logged = logged = True
                     log.warning("source %s: %s grew after it was complete (%s)%s; not read "
                                 "again", self.name, info.path, f.reason,
-                                "" if f.end is None or f.gz else
+                                "" if f.end is None else
                                 f", and what follows its last MRR (byte {f.end}) is not a FAR")
                 if not verdict:
                     continue
@@ -818,7 +909,7 @@ class TailSource:
                 await self._prune_finished()
             if self._registering or self.finished.dirty:
                 await self._register()
-        await self._hand_over_changes(sink, changed)
+        await self._hand_over_changes(sink, changed, force=logged)
 
     async def _prune_finished(self) -> None:
         """Forget the entries of files the first scan did not find -- in a directory that
@@ -845,15 +936,25 @@ class TailSource:
                       self.name, self.finished.path, exc)
         if not self._resumed:
             self.finished.clear()
+        else:  # (versions before the one the resumed checkpoint relies on: none needs them)
+            self.finished.settle(self._durable_watermark)
 
-    async def _hand_over_changes(self, sink: RecordSink, changed: list[_File]) -> None:
+    def _durable(self, checkpoint: Any) -> None:
+        """A checkpoint of this source is durable (``sink.on_durable``): the registry's
+        versions no restart can rely on any more are forgotten (``FinishedFiles.settle``)."""
+        if self.finished is not None and isinstance(checkpoint, dict):
+            self.finished.settle(int(checkpoint.get("finished_before", 0)))
+
+    async def _hand_over_changes(self, sink: RecordSink, changed: list[_File], *,
+                                 force: bool = False) -> None:
         """Finished files that changed (touched, chmod-ed, appended to, renamed) since the
         last checkpoint handed over, which neither lists them nor covers them with its
         watermark: hand the checkpoint over now, without records, or a restart from that
         one would take them as new files and read them again (no other file may put
         anything for hours)."""
-        if not any(self._handed.get(f.path) != f.inode and f.changed > self._handed_watermark
-                   for f in changed):
+        if not force and not any(
+                self._handed.get(f.path) != f.inode and f.changed > self._handed_watermark
+                for f in changed):
             return
         checkpoint = self.checkpoint()
         if await sink.put([], checkpoint=checkpoint) is not False:
@@ -1077,7 +1178,8 @@ class TailSource:
         parser skips, such as ATDF record types it does not convert, can follow a
         checkpoint: the next record then starts later)."""
         assert f.parser is not None and f.mapper is not None
-        batch: list[Record] = []
+        batch: list[Record] = f.passed  # (forwarded before the lot they came with)
+        f.passed = []
         rows = f.rows
         map_one = f.mapper.map_row if rows else f.mapper.map
         parsed = 0
@@ -1100,6 +1202,11 @@ class TailSource:
                     after_mrr = 0
                 mapped = map_one(rec, now)
                 if name == "MRR":
+                    after_mrr = f.parser.position + base
+                elif after_mrr and self.config.forward_raw:
+                    # (a record passed over after the MRR, forwarded here: the file ends
+                    # after it, so a lot appended later is looked for, and what lies
+                    # before its FAR forwarded, from there -- none twice)
                     after_mrr = f.parser.position + base
                 if f.skip_below:
                     offset = (rec[1] if rows else rec.offset) + base
@@ -1143,9 +1250,10 @@ class TailSource:
 
     async def _open(self, f: _File) -> FormatError | None:
         """Open the file and a parser for it; the error if the format plugin failed."""
-        raw, gen = await trio.to_thread.run_sync(open_file, f.path, f.inode, f.base)
+        raw, gen = await trio.to_thread.run_sync(open_file, f.path, f.inode,
+                                                 0 if f.gz else f.base)
         handle = trio.wrap_file(raw)
-        f.reader = _GzipReader(handle) if f.gz else handle
+        f.reader = _GzipReader(handle, f.base) if f.gz else handle
         if not f.gen_fixed:  # (a file the checkpoint lists keeps the stream it had)
             f.gen, f.gen_fixed = gen, True
         try:
@@ -1281,10 +1389,11 @@ class TailSource:
             if f.mapper is not None and not f.skip_below:
                 batch = f.mapper.close(time.time())
         await self._release(f)
-        if batch:
+        if batch or not f.done:
+            # (a checkpoint that no longer lists it handed over at once, to a sink that
+            # takes no origins too: a restart from one that does meets it missing again
+            # and logs it again, once per start while nothing else is put)
             await self._put(sink, f, batch, ended=True)
-        elif not f.done:
-            await self._ended(sink, f)
 
     async def _release(self, f: _File) -> None:
         reader, f.reader, f.parser, f.mapper = f.reader, None, None, None
