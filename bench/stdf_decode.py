@@ -25,6 +25,10 @@ command line -- it prints:
 * a memory check on the first file: a stream ten times the file's size, fed in 64 KiB
   chunks, must peak no higher than the file once.
 
+``--stats-ab DIR``: instead, ``edgegw stdf stats FILE`` as processes, this tree's and
+DIR's and pystdf's read + parse, each also on a file of a FAR and an MRR (its start-up,
+subtracted), all interleaved: the ratios to pystdf and this tree vs DIR.
+
 ``--ab DIR``: instead, an A/B of this tree's decoder against the edgegw source in DIR (a
 checkout of main, e.g. ``git archive main | tar -x -C DIR``) and pystdf, each run in its
 own process, the three interleaved run by run: rows in one feed, with the tail memo and
@@ -37,6 +41,7 @@ charge other jobs' load to whichever decoder ran while it peaked; --wall for wal
 The last lines are a markdown table of the medians (docs/stdf.md carries one).
 
     python bench/stdf_decode.py [FILE ...] [--runs N] [--no-shapes] [--no-cli] [--ab DIR]
+                                [--stats-ab DIR]
 """
 
 from __future__ import annotations
@@ -353,6 +358,66 @@ def _pairs(work: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
             for a, b in PAIRS if a in paths and b in paths]
 
 
+#: ``edgegw stdf stats`` of the tree in argv[1] as a process (argv[2:]: the command line),
+#: started the same way for both trees of an A/B
+STATS_CHILD = """
+import importlib.machinery, sys
+sys.path.insert(0, sys.argv[1])
+sys.meta_path.insert(0, importlib.machinery.PathFinder)
+from edgegw.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def stats_ab(files: list[Path], ref: Path, runs: int, tmp: Path) -> None:
+    """``edgegw stdf stats FILE`` of this tree and of ``ref`` and pystdf's read + parse, as
+    processes (CPU time of the child), each on FILE and on a file of a FAR and an MRR
+    (the start-up, subtracted), all runs interleaved; medians, and each tree's ratio to
+    pystdf with the start-up subtracted (and included)."""
+    w = StdfWriter("<")
+    tiny = tmp / "tiny.stdf"
+    tiny.write_bytes(w.encode("FAR", {}) + w.encode("MRR", {"FINISH_T": 0}))
+    here = Path(__file__).resolve().parents[1]
+    sides = {"main": [sys.executable, "-c", STATS_CHILD, str(ref.resolve()), "stdf", "stats"],
+             "this": [sys.executable, "-c", STATS_CHILD, str(here), "stdf", "stats"],
+             "pystdf": [sys.executable, "-c", PYSTDF_CHILD]}
+    env = _child_env()
+    print(f"stats A/B: `edgegw stdf stats` processes of this tree and {ref}, pystdf's read + "
+          f"parse; CPU medians of {runs} interleaved runs; start-up: the same on a file of "
+          f"a FAR and an MRR; load average {os.getloadavg()[0]:.1f}")
+    print("| file | start-up: main / this / pystdf | process: main / this / pystdf | start-up "
+          "subtracted: main / this / pystdf | main vs pystdf (subtracted / whole) | this vs "
+          "pystdf (subtracted / whole) | this vs main (subtracted / whole) |")
+    print("|---|---|---|---|---|---|---|")
+    for path in files:
+        cmds = {(k, f): [*cmd, str(f)] for k, cmd in sides.items() for f in (tiny, path)}
+        times: dict[tuple[str, Path], list[float]] = {k: [] for k in cmds}
+        for cmd in cmds.values():  # untimed: fills the bytecode and decoder caches
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+        for _ in range(runs):
+            for key, cmd in cmds.items():
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                times[key].append(after.ru_utime - before.ru_utime
+                                  + after.ru_stime - before.ru_stime)
+        start = {k: statistics.median(times[k, tiny]) for k in sides}
+        whole = {k: statistics.median(times[k, path]) for k in sides}
+        # floored at 0.1 ms: on a small file it is within the noise
+        net = {k: max(whole[k] - start[k], 1e-4) for k in sides}
+
+        def ms(d: dict[str, float]) -> str:
+            return " / ".join(f"{d[k] * 1e3:.1f}" for k in sides) + " ms"
+
+        p, pw = net["pystdf"], whole["pystdf"]
+        print(f"| {path.name} | {ms(start)} | {ms(whole)} | {ms(net)} | "
+              f"{p / net['main']:.1f}x / {pw / whole['main']:.2f}x | "
+              f"**{p / net['this']:.1f}x** / {pw / whole['this']:.2f}x | "
+              f"{net['main'] / net['this']:.2f}x / {whole['main'] / whole['this']:.2f}x |",
+              flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
 def ab(work: list[tuple[str, Path]], ref: Path, runs: int) -> None:
     """This tree's rows decode against ``ref``'s and pystdf's, each in its own process,
     interleaved run by run (CPU time), medians."""
@@ -457,6 +522,9 @@ def main() -> int:
     parser.add_argument("--no-cli", action="store_true", help="without `edgegw stdf stats`")
     parser.add_argument("--ab", type=Path, metavar="DIR",
                         help="A/B against the edgegw source in DIR (and pystdf) only")
+    parser.add_argument("--stats-ab", type=Path, metavar="DIR",
+                        help="A/B of `edgegw stdf stats` processes against the edgegw "
+                             "source in DIR (and pystdf) on the real files only")
     args = parser.parse_args()
     global WALL
     WALL = args.wall
@@ -475,6 +543,9 @@ def main() -> int:
                 work.append((f"{name} (synthetic)", path))
         if args.ab:
             ab(work, args.ab, args.runs)
+            return 0
+        if args.stats_ab:
+            stats_ab(files, args.stats_ab, args.runs, Path(tmp))
             return 0
         startup: dict[str, float] = {}
         fixed = 0.0

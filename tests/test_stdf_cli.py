@@ -387,6 +387,47 @@ def test_the_decoder_cache_gives_the_same_figures_and_a_damaged_one_is_compiled_
     assert json.loads(plain.stdout)["records"]["PRR"] == 3
 
 
+def test_stats_compiles_only_the_record_types_a_file_has_many_of(tmp_path: Path) -> None:
+    """A type's decoders are generated and compiled once its records outnumber what that
+    costs (COMPILE_AFTER of them); before, the reference decoder reads them.  A small
+    file's MIR, WIR and HBRs are not worth compiling -- compiling them was most of a
+    small file's ``stats`` after start-up -- while an SBR per site and bin on many sites
+    is; the figures are the same either way."""
+    import marshal
+
+    from edgegw.stdf.decoder import COMPILE_AFTER
+
+    w = StdfWriter("<")
+    parts = COMPILE_AFTER + 1
+    recs: list[tuple[str, dict[str, Any]]] = [("FAR", {}), ("MIR", {"LOT_ID": "L1"}),
+                                              ("WIR", {"HEAD_NUM": 1, "WAFER_ID": "W1"})]
+    for i in range(parts):
+        recs += [("PIR", {"HEAD_NUM": 1, "SITE_NUM": i % 2}),
+                 ("PRR", {"HEAD_NUM": 1, "SITE_NUM": i % 2, "PART_FLG": 0, "NUM_TEST": 1,
+                          "HARD_BIN": 1 + i % 3, "SOFT_BIN": 1, "X_COORD": i, "Y_COORD": 0,
+                          "TEST_T": 0, "PART_ID": str(i)})]
+    recs += [("HBR", {"HEAD_NUM": 255, "SITE_NUM": 0, "HBIN_NUM": b, "HBIN_CNT": 1})
+             for b in (1, 2, 3)]
+    recs += [("SBR", {"HEAD_NUM": 1, "SITE_NUM": site, "SBIN_NUM": 1, "SBIN_CNT": 1})
+             for site in range(parts)]
+    recs.append(("MRR", {"FINISH_T": 0}))
+    lot = tmp_path / "lot.stdf"
+    lot.write_bytes(b"".join(w.encode(name, fields) for name, fields in recs))
+    cache = tmp_path / "cache"
+    proc = stats_process(lot, cache)
+    assert proc.returncode == 0, proc.stderr
+    compiled = set()
+    for f in (cache / "stdf-code").iterdir():
+        _tag, _source, code = marshal.loads(f.read_bytes())
+        compiled.add(code.co_filename.split()[1])  # "<stdf PRR <>": its record type
+    assert "SBR" in compiled
+    assert compiled & {"MIR", "WIR", "HBR"} == set()
+    assert json.loads(proc.stdout) == json.loads(stats_process(lot, "").stdout)
+    figures = json.loads(proc.stdout)
+    assert figures["parts"] == parts and figures["hard_bins"] == {"1": 22, "2": 22, "3": 21}
+    assert proc.stdout == json.dumps(figures, indent=2) + "\n"  # json's own layout
+
+
 def test_stats_starts_without_the_gateway_logging_or_config_machinery(tmp_path: Path) -> None:
     lot = write_lot(tmp_path / "lot.stdf")
     proc = stats_process(lot, tmp_path / "cache", "import json",

@@ -2,7 +2,9 @@
 of random arrays, bit fields and optional tails cut anywhere round-trip through the writer
 exactly (rows and dicts, tail memo on and off, both byte orders), and a record that ends
 between two fixed-size fields (a PTR written up to OPT_FLAG) is decoded by the compiled
-code itself, not through the field-by-field reference decoder."""
+code itself, not through the field-by-field reference decoder.  Each type's decoders are
+compiled at its first record here (``set_compile_after(0)``): by default the first
+records of a type are the reference decoder's."""
 
 from __future__ import annotations
 
@@ -18,7 +20,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgegw.stdf import BY_NAME, Bits, StdfDecoder, StdfWriter, stdf_fields
-from edgegw.stdf.decoder import MEMO_SIZE, decode_generic, decoder_table, set_tail_memo
+from edgegw.stdf.decoder import (
+    COMPILE_AFTER,
+    MEMO_SIZE,
+    decode_generic,
+    decoder_table,
+    set_compile_after,
+    set_tail_memo,
+)
 
 _INTS = {"U1": (0, 255), "U2": (0, 65535), "U4": (0, 2**32 - 1), "I1": (-128, 127),
          "I2": (-32768, 32767), "I4": (-(2**31), 2**31 - 1), "B1": (0, 255), "N1": (0, 15)}
@@ -84,6 +93,13 @@ def _decode(data: bytes, rows: bool) -> list[Any]:
     got = list(dec.rows() if rows else dec.records())
     assert dec.buffered == 0
     return got
+
+
+@pytest.fixture(autouse=True, scope="module")
+def compiled_at_once() -> Iterator[None]:
+    set_compile_after(0)
+    yield
+    set_compile_after(COMPILE_AFTER)
 
 
 @pytest.fixture

@@ -925,9 +925,9 @@ def _too_long(name: str, rec_len: int, limit: int, offset: int) -> StdfError:
                      f"(its fields take at most {limit - LENGTH_SLACK} bytes)", offset)
 
 
-def _compile_scan(order: str, entries: list[Any], readers: _Readers,
+def _compile_scan(order: str, entries: dict[int, Any], readers: _Readers,
                   skip: frozenset[str] = frozenset(), rows: bool = False,
-                  lists: list[list[Any]] | None = None,
+                  lists: list[dict[int, Any]] | None = None,
                   memo: bool = True,
                   inline: tuple[str, ...] = (*INLINE, "GDR")) -> Callable[..., Any]:
     """Generate the record loop of one byte order, with the INLINE types' decoding
@@ -938,7 +938,7 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
     if skip:
         # a skipped GDR is still walked for its type codes: the one error inside a
         # record the decoder reports, so skipping changes what is returned, not errors
-        entries = list(entries)
+        entries = dict(entries)
         for name in skip:
             spec = BY_NAME[name]
             key = _type_key(order, spec.typ, spec.sub)
@@ -980,7 +980,11 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
                       "      continue"]
             continue
         decode = entries[_type_key(order, spec.typ, spec.sub)][1]
-        ns[f"_decode_{name}"] = decode.get() if isinstance(decode, _Lazy) else decode
+        # the fallback of the inline code (a record cut inside a field): compiled when
+        # it is first needed more than COMPILE_AFTER times, which it may never be
+        ns[f"_decode_{name}"] = decode
+        if isinstance(decode, _Lazy):
+            decode.loops.append((ns, f"_decode_{name}"))
         block = [
             "      p = body",
             "      while True:",
@@ -999,7 +1003,10 @@ def _compile_scan(order: str, entries: list[Any], readers: _Readers,
         lines += [*block, f"      record = {make.format(repr(name), 'fields')}"]
     lines += [
         "    else:",
-        "      entry = _entries[key]",
+        "      try:",
+        "        entry = _entries[key]",
+        "      except KeyError:",
+        "        entry = None",
         "      if entry is None:",
         "        if end > n: return",
         f"        record = self._unknown(buf, pos, end, {rows})",
@@ -1058,18 +1065,43 @@ def _gdr_error(exc: _BadGdr, base: int) -> StdfError:
     return StdfError(f"GDR field of unknown type code {exc.code}", base + exc.pos)
 
 
-class _Lazy:
-    """A record type's decoder, compiled when its first record arrives: a command that
-    reads a few types (``stats``) compiles only those, and a file holds a dozen of the
-    thirty types.  Once compiled it takes its own place in every entry table that holds
-    it, so later records call the compiled function directly."""
+#: records of a type decoded by the generic (reference) decoder before its decoders are
+#: generated and compiled.  Making them costs 50-220 us a type even from the code cache
+#: (generating the source is most of it; a MIR's 400 us), the generic decoder 1-4 us more
+#: per record than the compiled one: compiling pays after 40-60 records.  A file holds
+#: one MIR, some WIRs, tens of HBR/SBR/PCR/TSR: compiling them at their first record made
+#: a short command (``stats`` on a small file) spend more compiling than decoding.  Past
+#: the break-even point, as a rental is bought once it has cost the price: never more
+#: than about twice the better choice's cost; the bulk types pass it within a few parts.
+#: A knob for tests (``set_compile_after``).
+COMPILE_AFTER = 64
 
-    __slots__ = ("func", "key", "lists", "readers", "rows", "spec")
+
+def set_compile_after(count: int) -> None:
+    """Set how many records of a type the generic decoder reads before its compiled
+    decoders are made (0: at its first record).  For benchmarks and tests."""
+    global COMPILE_AFTER
+    COMPILE_AFTER = count
+
+
+class _Lazy:
+    """A record type's decoder: the generic one for its first ``COMPILE_AFTER`` records,
+    then compiled (a command that reads a few types compiles only those it meets often,
+    and a file holds a dozen of the thirty types).  Once compiled it takes its own place
+    in every entry table and record loop that holds it, so later records call the
+    compiled function directly."""
+
+    __slots__ = ("func", "generic", "key", "lists", "loops", "readers", "rows", "seen",
+                 "spec")
 
     def __init__(self, spec: RecordSpec, readers: _Readers, rows: bool, key: int,
-                 lists: list[list[Any]]) -> None:
+                 lists: list[dict[int, Any]]) -> None:
         self.spec, self.readers, self.rows = spec, readers, rows
         self.key, self.lists = key, lists
+        self.generic = _generic_row if rows else decode_generic
+        self.seen = 0
+        #: (namespace, name) of the record loops that call it (an inline type's fallback)
+        self.loops: list[tuple[dict[str, Any], str]] = []
         self.func: Callable[[bytes, str, int, int], Any] | None = None
 
     def get(self) -> Callable[[bytes, str, int, int], Any]:
@@ -1080,9 +1112,15 @@ class _Lazy:
                 entry = entries[self.key]
                 if entry is not None and entry[1] is self:
                     entries[self.key] = (entry[0], func, entry[2])
+            for ns, name in self.loops:
+                if ns[name] is self:
+                    ns[name] = func
         return func
 
     def __call__(self, buf: bytes, txt: str, p: int, end: int) -> Any:
+        if self.seen < COMPILE_AFTER:
+            self.seen += 1
+            return self.generic(self.spec, self.readers, buf, p, end)
         return self.get()(buf, txt, p, end)
 
 
@@ -1097,10 +1135,13 @@ class _Table:
         #: header -> (REC_LEN, type key); the type key is REC_TYP and REC_SUB read as one
         #: U2 in the file's byte order (one lookup, no arithmetic)
         self.header = struct.Struct(order + "HH").unpack_from
-        #: index type key -> (name, decode function, largest REC_LEN) or None
-        self.entries: list[Any] = [None] * 65536
+        #: type key -> (name, decode function, largest REC_LEN); a dict of the thirty
+        #: types, not a list of all 65,536 keys: the garbage collector walks every slot
+        #: of a list at each pass that reaches it (millions of instructions in a short
+        #: command)
+        self.entries: dict[int, Any] = {}
         #: every entry table made from ``entries`` (the skipping loops' copies)
-        self.lists: list[list[Any]] = [self.entries]
+        self.lists: list[dict[int, Any]] = [self.entries]
         for (typ, sub), spec in BY_TYPE.items():
             limit = _max_size(spec)
             key = _type_key(order, typ, sub)
@@ -1447,6 +1488,7 @@ def decode_all(data: bytes) -> list[StdfRecord]:
 
 
 __all__ = [
+    "COMPILE_AFTER",
     "FIELD_NAMES",
     "MEMO_SIZE",
     "StdfDecoder",
@@ -1457,6 +1499,7 @@ __all__ = [
     "decode_generic",
     "decoder_table",
     "row_fields",
+    "set_compile_after",
     "set_tail_memo",
     "tail_memo_active",
     "unpack_nibbles",
