@@ -239,7 +239,9 @@ def decode(data: bytes | str) -> Message:
     if kind == HELLO and n == 2 and isinstance(item[1], dict):
         m = item[1]
         versions = m.get("versions")
-        if not isinstance(versions, list) or not all(isinstance(v, int) for v in versions):
+        # a CBOR true is no version 1 (bool is an int to Python): WELCOME would echo it
+        if not isinstance(versions, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in versions):
             raise _bad("HELLO versions must be a list of integers")
         return Hello(
             gateway_id=_str(m.get("gateway"), "HELLO gateway", 128),

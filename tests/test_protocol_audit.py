@@ -1,0 +1,114 @@
+"""docs/protocol.md and docs/live-protocol.md probed at their edges by an outside client.
+
+The client here is trio-websocket and cbor2 and nothing of edgegw: messages are built by
+hand from the documents, so what the hub is held to is the text, not its own encoder.  A
+real in-process hub (``Hub``) serves it over loopback.  Each test is one hostile or
+unusual input an implementer may send and what the documents say must follow; each ends
+by checking the hub still serves and counted no internal error (``/metrics``): a peer's
+input is a protocol error, never a hub failure.  (tests/test_conformance.py has every
+close code, tests/test_peer_protocol.py the ordinary rules.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import trio
+from hubtools import http_get
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+
+from edgegw.config import build
+from edgegw.hub import Hub, HubConfig
+
+TOKEN = "s3cret"
+GW = "ate-01"
+JSON = "edgegw.live.v1.json"
+
+
+@asynccontextmanager
+async def running_hub(tmp: Path) -> AsyncIterator[int]:
+    cfg = build(HubConfig, {"hub": {"port": 0, "data_dir": str(tmp), "gc_freeze_s": 0},
+                            "gateways": {GW: {"token": TOKEN}}})
+    app = Hub(cfg)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(app.run)
+        with trio.fail_after(20):
+            yield port
+            await still_serving(port)
+        nursery.cancel_scope.cancel()
+
+
+async def still_serving(port: int) -> None:
+    """/healthz answers and /metrics counts no internal error."""
+    status, health = await http_get(port, "/healthz")
+    assert status == 200 and health["status"] == "ok"
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        text = b""
+        while chunk := await stream.receive_some(1 << 16):
+            text += chunk
+    assert b"\nedgegw_internal_errors_total 0.0\n" in text
+
+
+def hello(versions: list[Any], epoch: str = "e1") -> bytes:
+    return cbor2.dumps([1, {"versions": versions, "gateway": GW, "token": TOKEN,
+                            "epoch": epoch, "next_seq": 1, "heartbeat": 5.0}])
+
+
+async def close_of(ws: WebSocketConnection) -> tuple[int, str]:
+    """The hub's close (code, reason), whatever it sends before it."""
+    try:
+        while True:
+            await ws.get_message()
+    except ConnectionClosed as closed:
+        return int(closed.reason.code), closed.reason.reason or ""
+
+
+# --------------------------------------------------------------------------- /ws/gateway
+
+
+async def test_hello_versions_are_integers_and_a_cbor_true_is_not_version_1(
+        tmp_path: Path) -> None:
+    """Sections 1 and 2: `versions` is `[uint...]`, and integers are CBOR major types 0/1.
+    A HELLO offering `true` is malformed (4004); before, the hub read it as version 1 and
+    answered WELCOME with `"version": true`, which no peer can take for a version."""
+    async with running_hub(tmp_path) as port:
+        url = f"ws://127.0.0.1:{port}/ws/gateway"
+        async with open_websocket_url(url) as ws:
+            await ws.send_message(hello([True]))
+            assert await close_of(ws) == (4004, "HELLO versions must be a list of integers")
+        async with open_websocket_url(url) as ws:  # the same gateway is welcomed after it
+            await ws.send_message(hello([1, 2, 3]))
+            welcome = cbor2.loads(await ws.get_message())
+            assert welcome[0] == 2 and type(welcome[1]["version"]) is int
+            assert welcome[1]["version"] == 3
+
+
+# --------------------------------------------------------------------------- /ws/live
+
+
+#: request ids CBOR can carry to the hub and cbor2 decodes, but cannot encode back:
+#: a value that contains itself (tags 28/29, shared references) and a tag-36 MIME message
+UNREPEATABLE_IDS = {
+    # {"type": "ping", "id": 28([29(0)])}: an array holding itself
+    "cyclic": bytes.fromhex("a2 64 74797065 64 70696e67 62 6964 d81c 81 d81d 00"),
+    "mime": cbor2.dumps({"type": "ping", "id": cbor2.CBORTag(36, "not a MIME message")}),
+}
+
+
+async def test_live_an_id_cbor_cannot_repeat_is_answered_with_id_null(tmp_path: Path) -> None:
+    """live-protocol.md, "error": a request whose `id` cannot be repeated in the
+    connection's encoding is answered with `id` null -- in CBOR too, not with an
+    `internal_error` (which is for the hub's bugs, and counted as one)."""
+    async with running_hub(tmp_path) as port:
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/live") as ws:
+            assert cbor2.loads(await ws.get_message())["type"] == "hello"
+            for name, request in UNREPEATABLE_IDS.items():
+                await ws.send_message(request)
+                assert cbor2.loads(await ws.get_message()) == {"type": "pong", "id": None}, name
+            await ws.send_message(cbor2.dumps({"type": "ping", "id": 7}))
+            assert cbor2.loads(await ws.get_message()) == {"type": "pong", "id": 7}
