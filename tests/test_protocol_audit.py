@@ -88,6 +88,38 @@ async def test_hello_versions_are_integers_and_a_cbor_true_is_not_version_1(
             assert welcome[1]["version"] == 3
 
 
+#: row bodies (section 5) whose integers are not integers: (body, the REJECT's reason)
+NOT_INTEGERS = {
+    "kind true": ([1, ["s"], [[True, 0, 1.5, "LOT1"]]], "bad record: unknown record kind True"),
+    "kind 1.0": ([1, ["s"], [[1.0, 0, 1.5, "LOT1"]]], "bad record: unknown record kind 1.0"),
+    "source index false": ([1, ["s"], [[11, False, 1.5, "probe", 1.0]]],
+                           "bad record: source index False out of range"),
+    "first_rid true": ([True, ["s"], [[11, 0, 1.5, "probe", 1.0]]],
+                       "first_rid must be an integer >= 1, got True"),
+}
+
+
+async def test_a_row_body_whose_integers_are_booleans_or_floats_is_rejected(
+        tmp_path: Path) -> None:
+    """Sections 1 and 5: `kind`, `source_index` and `first_rid` are unsigned integers, so a
+    row holding `true`, `false` or `1.0` there is invalid: REJECT, the link kept, as the
+    columnar layout already had it.  Before, `true` and `1.0` were read as kind 1 -- a
+    sensor-looking record applied as a LotStart -- and the frame was acknowledged."""
+    async with running_hub(tmp_path) as port:
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/gateway") as ws:
+            await ws.send_message(hello([1]))
+            assert cbor2.loads(await ws.get_message())[0] == 2
+            for seq, (body, reason) in enumerate(NOT_INTEGERS.values(), start=1):
+                await ws.send_message(cbor2.dumps([4, seq, 1.0, cbor2.dumps(body)]))
+                assert cbor2.loads(await ws.get_message()) == [6, seq, reason]
+                assert cbor2.loads(await ws.get_message()) == [5, seq, []]  # done with, too
+            good = cbor2.dumps([1, ["s"], [[11, 0, 1.5, "probe", 1.0]]])
+            await ws.send_message(cbor2.dumps([4, 5, 1.0, good]))
+            assert cbor2.loads(await ws.get_message()) == [5, 5, []]
+        _, stats = await http_get(port, "/api/stats")
+        assert stats["gateways"][GW]["frames_rejected"] == 4, stats["gateways"][GW]
+
+
 # --------------------------------------------------------------------------- /ws/live
 
 

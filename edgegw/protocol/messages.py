@@ -311,7 +311,7 @@ def _rows(item: list[Any], max_records: int) -> tuple[int, list[str], list[Any]]
     first_rid, sources, records = item
     if not (isinstance(sources, list) and isinstance(records, list)):
         raise FrameError("body must be [first_rid, sources, records]")
-    if not isinstance(first_rid, int) or first_rid < 1:
+    if type(first_rid) is not int or first_rid < 1:  # a CBOR true is no uint (as in columns)
         raise FrameError(f"first_rid must be an integer >= 1, got {first_rid!r:.40}")
     if not all(isinstance(s, str) for s in sources):
         raise FrameError("sources must be strings")
