@@ -11,6 +11,7 @@ close code, tests/test_peer_protocol.py the ordinary rules.)
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,6 +24,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 
 from edgegw.config import build
 from edgegw.hub import Hub, HubConfig
+from edgegw.hub.fanout import CBOR, LiveConfig, LiveHub
+from edgegw.metrics import Metrics
 
 TOKEN = "s3cret"
 GW = "ate-01"
@@ -144,3 +147,61 @@ async def test_live_an_id_cbor_cannot_repeat_is_answered_with_id_null(tmp_path: 
                 assert cbor2.loads(await ws.get_message()) == {"type": "pong", "id": None}, name
             await ws.send_message(cbor2.dumps({"type": "ping", "id": 7}))
             assert cbor2.loads(await ws.get_message()) == {"type": "pong", "id": 7}
+
+
+class ManyTopics:
+    """A live state with ``n`` test topics, as a hub with a big lot has (up to 20,000
+    tests a lot, 16 lots: live-topics.md, "Caps")."""
+
+    def __init__(self, n: int) -> None:
+        self.state = {f"test/LOT{i % 16}/{i}": {"test_num": i} for i in range(n)}
+
+    def snapshot(self, topic: str) -> dict[str, Any] | None:
+        return self.state.get(topic)
+
+    def topics(self) -> list[str]:
+        return list(self.state)
+
+
+def python_calls_of(action: Any) -> int:
+    """How many Python function calls ``action()`` makes: work counted, not timed."""
+    calls = 0
+
+    def count(frame: Any, event: str, arg: Any) -> None:
+        nonlocal calls
+        calls += event == "call"
+
+    sys.setprofile(count)
+    try:
+        action()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def test_live_a_subscribe_with_max_patterns_costs_per_topic_not_per_topic_and_pattern(
+        ) -> None:
+    """"subscribe": a client may hold `max_patterns` (256) patterns and every request is
+    answered on the hub's one event loop, so a subscribe's cost must not be topics x
+    patterns.  It was: 256 patterns that match nothing on a hub with 20,000 topics took
+    5 s of the loop (every gateway and dashboard waiting), and a client could repeat it
+    (unsubscribe, subscribe).  Counted in Python calls, not timed: 2,000 topics and 256
+    patterns made over 512,000 calls, one per pair; now a few per topic."""
+    n = 2000
+    hub = LiveHub(ManyTopics(n), LiveConfig(), epoch="E1", metrics=Metrics())
+    client = hub.connect(CBOR, now=0.0, peer="audit")
+    patterns = [f"nothing{i}/+" for i in range(255)] + ["test/LOT3/+"]
+    subscribe = cbor2.dumps({"type": "subscribe", "id": 1, "topics": patterns})
+    unsubscribe = cbor2.dumps({"type": "unsubscribe", "id": 2, "topics": patterns[:-1]})
+    calls = python_calls_of(lambda: hub.receive(client, subscribe, 0.0))
+    assert calls < 20 * n, calls
+    assert len(client.positions) == n // 16  # what it asked for: LOT3's tests, no more
+    # a topic that appears later is matched against every client's patterns the same way
+    calls = python_calls_of(lambda: hub.publish("test/LOT3/later", {"test_num": 1}))
+    assert calls < 100, calls  # 266 one pattern at a time, 15 now
+    assert len(client.positions) == n // 16 + 1
+    calls = python_calls_of(lambda: hub.receive(client, unsubscribe, 0.0))
+    assert calls < 20 * n, calls
+    assert len(client.positions) == n // 16 + 1
+    replies = [cbor2.loads(f) for f in iter(lambda: hub.take_frame(client), None)]
+    assert [r["type"] for r in replies] == ["hello", "subscribed", "unsubscribed"]

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ...metrics import Metrics, report_internal_error
-from ...topicfilter import matches as topic_matches
+from ...topicfilter import FilterSet
 from .. import topics
 from .channels import Channel, Client, ClientScope, Item, delta_rows
 from .config import (
@@ -119,6 +119,10 @@ class LiveHub:
         # topic -> whether some client's pattern matches it (``wanted``); cleared whenever
         # the set of patterns changes
         self._wanted: dict[str, bool] = {}
+        # ``_patterns`` as one FilterSet: a new topic is matched against every client's
+        # patterns in a walk of its levels, not one pattern at a time; rebuilt when needed
+        # after the set of patterns changes (``_patterns_changed``)
+        self._pattern_index: FilterSet | None = None
         self._dirty: set[Channel] = set()
         self._attention: set[Client] = set()  # clients with todo topics outside dirty channels
         self._ids = itertools.count(1)
@@ -191,11 +195,19 @@ class LiveHub:
         else:
             channel.offset = self._offset_floor
         self.channels[topic] = channel
-        for pattern, clients in self._patterns.items():
-            if topic_matches(pattern, topic):
-                for client in clients:
-                    self._attach(client, channel, None)
+        for pattern in self._index().matching(topic):
+            for client in self._patterns[pattern]:
+                self._attach(client, channel, None)
         return channel
+
+    def _index(self) -> FilterSet:
+        if self._pattern_index is None:
+            self._pattern_index = FilterSet(self._patterns)
+        return self._pattern_index
+
+    def _patterns_changed(self) -> None:
+        self._wanted.clear()
+        self._pattern_index = None
 
     def _channel(self, topic: str) -> Channel:
         channel = self.channels.get(topic)
@@ -212,7 +224,7 @@ class LiveHub:
         cache is cleared when a subscription comes or goes."""
         answer = self._wanted.get(topic)
         if answer is None:
-            answer = any(topic_matches(p, topic) for p in self._patterns)
+            answer = self._index().matches_any(topic)
             if not answer:
                 self._drop_unwanted(topic)
             if len(self._wanted) >= MAX_WANTED_CACHE:
@@ -262,7 +274,7 @@ class LiveHub:
                 subs.discard(client)
                 if not subs:
                     del self._patterns[pattern]
-                    self._wanted.clear()
+                    self._patterns_changed()
         for topic in client.positions:
             channel = self.channels.get(topic)
             if channel is not None:
@@ -393,13 +405,14 @@ class LiveHub:
             client.patterns.add(pattern)
             self._patterns.setdefault(pattern, set()).add(client)
         if new:
-            self._wanted.clear()
+            self._patterns_changed()
         # Topics the state knows (after a restart it may not have published them yet) and
         # topics that only have a channel so far.
         known = dict.fromkeys(self.channels)
         known.update(dict.fromkeys(self.source.topics()))
+        matches_new = FilterSet(new).matches_any  # per topic: its levels, not 256 patterns
         for topic in known:
-            if topic in client.positions or not any(topic_matches(p, topic) for p in new):
+            if topic in client.positions or not matches_new(topic):
                 continue
             channel = self.channels.get(topic)
             if channel is None:
@@ -419,7 +432,7 @@ class LiveHub:
         # topic comes back as what was missed or marked resync -- never a bare snapshot
         # over the view the client holds (a silent gap).
         for topic, where in positions.items():
-            if topic not in known and any(topic_matches(p, topic) for p in new):
+            if topic not in known and matches_new(topic):
                 client.resume_later[topic] = where
         self._control(client, now, {"type": "subscribed", "id": message.get("id"),
                                     "topics": patterns, "epoch": self.epoch})
@@ -434,12 +447,12 @@ class LiveHub:
                     subs.discard(client)
                     if not subs:
                         del self._patterns[pattern]
-                        self._wanted.clear()
-        for topic in [t for t in client.resume_later
-                      if not any(topic_matches(p, t) for p in client.patterns)]:
+                        self._patterns_changed()
+        still_followed = FilterSet(client.patterns).matches_any
+        for topic in [t for t in client.resume_later if not still_followed(t)]:
             del client.resume_later[topic]
         for topic in list(client.positions):
-            if not any(topic_matches(p, topic) for p in client.patterns):
+            if not still_followed(topic):
                 del client.positions[topic]
                 client.todo.discard(topic)
                 client.resync.pop(topic, None)
