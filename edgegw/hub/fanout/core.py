@@ -404,8 +404,16 @@ class LiveHub:
         for pattern in new:
             client.patterns.add(pattern)
             self._patterns.setdefault(pattern, set()).add(client)
-        if new:
+        if new:  # none: the request changes nothing, and costs no walk over every topic
             self._patterns_changed()
+            self._attach_new(client, new, positions)
+        self._control(client, now, {"type": "subscribed", "id": message.get("id"),
+                                    "topics": patterns, "epoch": self.epoch})
+
+    def _attach_new(self, client: Client, new: list[str],
+                    positions: dict[str, tuple[Any, int]]) -> None:
+        """Attach ``client`` to every topic its ``new`` patterns match, resumed from
+        ``positions`` where it says so."""
         # Topics the state knows (after a restart it may not have published them yet) and
         # topics that only have a channel so far.
         known = dict.fromkeys(self.channels)
@@ -434,8 +442,6 @@ class LiveHub:
         for topic, where in positions.items():
             if topic not in known and matches_new(topic):
                 client.resume_later[topic] = where
-        self._control(client, now, {"type": "subscribed", "id": message.get("id"),
-                                    "topics": patterns, "epoch": self.epoch})
 
     def _unsubscribe(self, client: Client, message: dict[str, Any], now: float) -> None:
         patterns = self._patterns_of(message)
