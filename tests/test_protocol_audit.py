@@ -123,6 +123,56 @@ async def test_a_row_body_whose_integers_are_booleans_or_floats_is_rejected(
         assert stats["gateways"][GW]["frames_rejected"] == 4, stats["gateways"][GW]
 
 
+BIG = 2**20000  # a CBOR bignum of 2,500 bytes: past the 4,300 digits Python will print
+
+
+async def test_integers_past_2_63_are_malformed_whatever_their_size(tmp_path: Path) -> None:
+    """Section 2: an integer above 2^63 - 1 makes the message malformed (4004) -- in HELLO's
+    `versions` too (it was 4002, and 1011 "internal error" for a bignum: quoting it in the
+    reason raised).  A DATA `seq`, a message type or a record kind that large is as
+    malformed (a REJECT for a body), never an internal error."""
+    async with running_hub(tmp_path) as port:
+        url = f"ws://127.0.0.1:{port}/ws/gateway"
+        for versions in ([2**64], [BIG], [3, -1]):
+            async with open_websocket_url(url) as ws:
+                await ws.send_message(hello(versions))
+                assert await close_of(ws) == (
+                    4004, "HELLO versions must be integers from 0 to 2^63 - 1")
+        for message, reason in [
+            ([4, BIG, 1.0, b""], "DATA seq must be an integer from 1 to 2^63 - 1, got a "
+                                 "value too large to show (int)"),
+            ([BIG, 1], "unknown message type a value too large to show (int) with 2 items"),
+            ([7, [BIG]], "PING t must be a finite number, got a value too large to show "
+                         "(list)"),
+        ]:
+            async with open_websocket_url(url) as ws:
+                await ws.send_message(hello([1, 2, 3]))
+                assert cbor2.loads(await ws.get_message())[0] == 2
+                await ws.send_message(cbor2.dumps(message))
+                assert await close_of(ws) == (4004, reason[:123])
+        async with open_websocket_url(url) as ws:
+            await ws.send_message(hello([1], epoch="big-kind"))
+            assert cbor2.loads(await ws.get_message())[0] == 2
+            body = cbor2.dumps([1, ["s"], [[BIG, 0, 1.5, "probe", 1.0]]])
+            await ws.send_message(cbor2.dumps([4, 1, 1.0, body]))
+            reject = cbor2.loads(await ws.get_message())
+            assert reject[:2] == [6, 1] and reject[2].startswith("bad record:"), reject
+
+
+async def test_a_4002_reason_names_what_the_hub_speaks_however_many_versions_are_offered(
+        tmp_path: Path) -> None:
+    """Section 4: REFUSE 4002's reason lists what the hub speaks.  A HELLO offering 6,000
+    versions had them all quoted first, so the REFUSE (cut at 1024 characters) lost the
+    hub's versions and the log line was 35 KB (megabytes for a HELLO of 8 MiB)."""
+    async with running_hub(tmp_path) as port:
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/gateway") as ws:
+            await ws.send_message(hello(list(range(4, 6004))))
+            refuse = cbor2.loads(await ws.get_message())
+            assert refuse == [3, 4002, "unsupported protocol version(s) [4, 5, 6, 7, 8, 9, "
+                                       "10, 11, ... 6000 in all]; this hub speaks [1, 2, 3]"]
+            assert await close_of(ws) == (4002, refuse[2][:123])
+
+
 # --------------------------------------------------------------------------- /ws/live
 
 
