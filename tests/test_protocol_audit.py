@@ -260,3 +260,26 @@ def test_live_a_subscribe_with_max_patterns_costs_per_topic_not_per_topic_and_pa
     replies = [cbor2.loads(f) for f in iter(lambda: hub.take_frame(client), None)]
     assert [r["type"] for r in replies] == ["hello", "subscribed", "subscribed",
                                             "unsubscribed"]
+
+
+async def test_live_a_bignum_anywhere_in_a_request_is_the_clients_error_not_the_hubs(
+        tmp_path: Path) -> None:
+    """"error": a request the hub cannot act on gets its documented code, and
+    `internal_error` is only for the hub's own bugs.  A CBOR bignum as the `type`, as a
+    `resume` topic or as the `alert` of an `ack` was answered `internal_error` (and
+    counted as one): quoting or naming it raised."""
+    async with running_hub(tmp_path) as port:
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/live") as ws:
+            hello_message = cbor2.loads(await ws.get_message())
+            resume = {BIG: [hello_message["epoch"], 1]}
+            for request, code in [
+                ({"type": BIG, "id": 1}, "unknown_type"),
+                ({"type": "subscribe", "id": 2, "topics": ["sensor/+"], "resume": resume},
+                 "bad_resume"),
+                ({"type": "ack", "id": 3, "alert": BIG}, "bad_ack"),
+            ]:
+                await ws.send_message(cbor2.dumps(request))
+                reply = cbor2.loads(await ws.get_message())
+                assert (reply["type"], reply["id"], reply["code"]) == (
+                    "error", request["id"], code), reply
+                assert "too large to show" in reply["message"] or code == "bad_ack"

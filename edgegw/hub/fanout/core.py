@@ -69,6 +69,16 @@ class StateSource(Protocol):
     def topics(self) -> list[str]: ...
 
 
+def _shown(value: Any) -> str:
+    """A client's value quoted in an error message: its repr -- or what it is, when Python
+    has none (an integer past 4,300 digits: a CBOR bignum; the repr raised ValueError and
+    the request was answered ``internal_error``, counted as a hub bug)."""
+    try:
+        return repr(value)
+    except ValueError:
+        return f"a value too large to show ({type(value).__name__})"
+
+
 class RequestError(Exception):
     """A client message the hub cannot act on; answered with an ``error`` message."""
 
@@ -358,7 +368,7 @@ class LiveHub:
             elif kind == "ping":
                 self._control(client, now, {"type": "pong", "id": request_id})
             else:
-                raise RequestError("unknown_type", f"unknown message type {kind!r}")
+                raise RequestError("unknown_type", f"unknown message type {_shown(kind)}")
         except RequestError as exc:
             self._m_bad.inc(reason=exc.code)
             self._control(client, now, {"type": "error", "id": request_id, "code": exc.code,
@@ -395,7 +405,7 @@ class LiveHub:
                     or not isinstance(where[1], int) or isinstance(where[1], bool)
                     or where[1] < 0):
                 raise RequestError("bad_resume",
-                                    f"resume entry for {topic!r} must be [epoch, offset >= 0]")
+                                    f"resume entry for {_shown(topic)} must be [epoch, offset >= 0]")
             positions[topic] = (where[0], where[1])
         new = [p for p in dict.fromkeys(patterns) if p not in client.patterns]
         if len(client.patterns) + len(new) > self.config.max_patterns:
@@ -474,7 +484,8 @@ class LiveHub:
         # a signed-in client acknowledges in its own name: 'by' is ignored then
         user = (scope.user if scope is not None and scope.user else None) or (
             message.get("by") or client.peer or f"client-{client.id}")
-        if not isinstance(alert, (str, int)) or isinstance(alert, bool):
+        if (not isinstance(alert, (str, int)) or isinstance(alert, bool)
+                or (type(alert) is int and alert.bit_length() > 64)):  # str() of it raises
             raise RequestError("bad_ack", "'alert' must name the alert to acknowledge")
         if not isinstance(user, str):
             raise RequestError("bad_ack", "'by' must be a string")
