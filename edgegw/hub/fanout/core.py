@@ -404,8 +404,8 @@ class LiveHub:
             if (not isinstance(topic, str) or not isinstance(where, list) or len(where) != 2
                     or not isinstance(where[1], int) or isinstance(where[1], bool)
                     or where[1] < 0):
-                raise RequestError("bad_resume",
-                                    f"resume entry for {_shown(topic)} must be [epoch, offset >= 0]")
+                raise RequestError(
+                    "bad_resume", f"resume entry for {_shown(topic)} must be [epoch, offset >= 0]")
             positions[topic] = (where[0], where[1])
         new = [p for p in dict.fromkeys(patterns) if p not in client.patterns]
         if len(client.patterns) + len(new) > self.config.max_patterns:
