@@ -11,6 +11,7 @@ close code, tests/test_peer_protocol.py the ordinary rules.)
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -283,3 +284,32 @@ async def test_live_a_bignum_anywhere_in_a_request_is_the_clients_error_not_the_
                 assert (reply["type"], reply["id"], reply["code"]) == (
                     "error", request["id"], code), reply
                 assert "too large to show" in reply["message"] or code == "bad_ack"
+
+
+async def test_a_bignum_in_a_record_is_a_bad_record_and_the_live_view_keeps_going(
+        tmp_path: Path) -> None:
+    """Section 2 bounds every integer at 2^63 - 1.  A part result whose hard bin is a
+    CBOR bignum was acknowledged and counted; every later snapshot of its lot raised
+    (Python prints no int past 4,300 digits), so the fan-out's tick failed, for every
+    client, from then on.  Now the record is a bad record (not applied, counted) and
+    the lot's other parts are shown."""
+    def part(part_id: str, hard_bin: int) -> list[Any]:
+        return [5, 0, 1.5, "L1", "W1", 1, 0, part_id, 1, 2, hard_bin, 1, True]
+
+    async with running_hub(tmp_path) as port:
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/gateway") as gw:
+            await gw.send_message(hello([1]))
+            assert cbor2.loads(await gw.get_message())[0] == 2
+            for seq, record in [(1, part("p1", BIG)), (2, part("p2", 1))]:
+                body = cbor2.dumps([seq, ["s"], [record]])
+                await gw.send_message(cbor2.dumps([4, seq, 1.0, body]))
+                assert cbor2.loads(await gw.get_message()) == [5, seq, []]
+        url = f"ws://127.0.0.1:{port}/ws/live"
+        async with open_websocket_url(url, subprotocols=[JSON]) as ws:
+            await ws.send_message('{"type": "subscribe", "id": 1, "topics": ["lot/+"]}')
+            while True:
+                message = json.loads(await ws.get_message())
+                lots = [i for i in message.get("items", []) if i["topic"] == "lot/L1"]
+                if lots:
+                    break
+            assert lots[0]["type"] == "snapshot" and lots[0]["data"]["hard_bins"] == {"1": 1}
