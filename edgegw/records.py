@@ -284,11 +284,15 @@ def from_wire(item: Any, sources: list[str]) -> Record:
     """Rebuild a record from its wire form; raises RecordError on anything malformed."""
     if not isinstance(item, list) or len(item) < 3:
         raise RecordError(f"record must be an array of at least 3 items, got {item!r:.80}")
-    cls = BY_KIND.get(item[0])
+    # type() is int, not isinstance: a CBOR true (or 1.0) would look up kind 1 and a false
+    # source index 0 -- neither is an integer on the wire (docs/protocol.md section 1), and
+    # the columnar layout's check refuses them the same way
+    kind = item[0]
+    cls = BY_KIND.get(kind) if type(kind) is int else None
     if cls is None:
-        raise RecordError(f"unknown record kind {item[0]!r}")
+        raise RecordError(f"unknown record kind {kind!r}")
     idx = item[1]
-    if not isinstance(idx, int) or not 0 <= idx < len(sources):
+    if type(idx) is not int or not 0 <= idx < len(sources):
         raise RecordError(f"source index {idx!r} out of range")
     n_fields = len(cls._fields)
     n_required = n_fields - len(cls._field_defaults)

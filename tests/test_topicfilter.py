@@ -7,7 +7,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from edgegw.topicfilter import filter_problem, matches
+from edgegw.topicfilter import FilterSet, filter_problem, matches
 
 LEVEL = st.sampled_from(["a", "b", "ate-01", "", "$SYS", "x.y"])
 TOPIC = st.lists(LEVEL, min_size=1, max_size=5).map("/".join)
@@ -20,6 +20,23 @@ FILTER = st.lists(st.one_of(LEVEL, st.just("+")), min_size=1, max_size=5).flatma
 def test_matching_agrees_with_paho(topic_filter: str, topic: str) -> None:
     assume(filter_problem(topic_filter) is None)  # an empty filter ("" from [""])
     assert matches(topic_filter, topic) == paho.topic_matches_sub(topic_filter, topic)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(FILTER, max_size=6), TOPIC)
+def test_a_filter_set_matches_a_topic_when_one_of_its_filters_does(filters: list[str],
+                                                                    topic: str) -> None:
+    filters = list(dict.fromkeys(f for f in filters if filter_problem(f) is None))
+    assert FilterSet(filters).matches_any(topic) == any(matches(f, topic) for f in filters)
+    assert sorted(FilterSet(filters).matching(topic)) == sorted(
+        f for f in filters if matches(f, topic))
+
+
+@pytest.mark.parametrize("topic", ["a/+/b", "a/#", "+", "#", "$SYS/+"])
+def test_a_filter_set_reads_wildcard_characters_in_a_topic_as_plain_levels(topic: str) -> None:
+    filters = ["#", "+/#", "a/+/b", "a/#", "+", "$SYS/+", "$SYS/#"]
+    assert sorted(FilterSet(filters).matching(topic)) == sorted(
+        f for f in filters if matches(f, topic))
 
 
 @pytest.mark.parametrize(("topic_filter", "topic", "expected"), [

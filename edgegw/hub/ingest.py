@@ -406,7 +406,7 @@ class Ingest:
     def _check_hello(self, hello: Hello, request: Request) -> tuple[int, str] | None:
         if not set(hello.versions) & set(self.versions):
             return (CloseCode.UNSUPPORTED_VERSION,
-                    f"unsupported protocol version(s) {list(hello.versions)}; "
+                    f"unsupported protocol version(s) {_offered(hello.versions)}; "
                     f"this hub speaks {list(self.versions)}")
         auth = self.config.gateways.get(hello.gateway_id)
         if auth is None:
@@ -936,6 +936,15 @@ def _ages(wall: float, timestamps: list[Any]) -> list[float]:
         except (TypeError, OverflowError):
             pass
     return out
+
+
+def _offered(versions: tuple[int, ...]) -> str:
+    """The versions a refused HELLO offered, for its 4002 reason: at most 8.  A HELLO may
+    list a million (nothing bounds the list but max_frame_bytes); quoted whole, the log
+    line grew to megabytes and the REFUSE, cut at 1024 characters, lost the versions this
+    hub speaks, which the reason is for (docs/protocol.md section 4)."""
+    shown = ", ".join(map(str, versions[:8]))
+    return f"[{shown}, ... {len(versions)} in all]" if len(versions) > 8 else f"[{shown}]"
 
 
 def _reason_key(code: int) -> str:

@@ -174,15 +174,24 @@ def _bad(reason: str) -> ProtocolError:
     return ProtocolError(CloseCode.PROTOCOL_ERROR, reason)
 
 
+def _shown(v: Any, width: int = 40) -> str:
+    """A peer's bad value, quoted in a reason: its repr, cut.  An integer past 4,300 digits
+    (a CBOR bignum) has no repr in Python (ValueError), nor has what holds one."""
+    try:
+        return f"{v!r:.{width}}"
+    except ValueError:
+        return f"a value too large to show ({type(v).__name__})"
+
+
 def _int(v: Any, what: str, minimum: int = 0) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not minimum <= v <= MAX_INT:
-        raise _bad(f"{what} must be an integer from {minimum} to 2^63 - 1, got {v!r:.40}")
+        raise _bad(f"{what} must be an integer from {minimum} to 2^63 - 1, got {_shown(v)}")
     return v
 
 
 def _num(v: Any, what: str) -> float:
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-        raise _bad(f"{what} must be a finite number, got {v!r:.40}")
+        raise _bad(f"{what} must be a finite number, got {_shown(v)}")
     return float(v)
 
 
@@ -239,8 +248,12 @@ def decode(data: bytes | str) -> Message:
     if kind == HELLO and n == 2 and isinstance(item[1], dict):
         m = item[1]
         versions = m.get("versions")
-        if not isinstance(versions, list) or not all(isinstance(v, int) for v in versions):
+        # a CBOR true is no version 1 (bool is an int to Python): WELCOME would echo it
+        if not isinstance(versions, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in versions):
             raise _bad("HELLO versions must be a list of integers")
+        if versions and not (0 <= min(versions) and max(versions) <= MAX_INT):
+            raise _bad("HELLO versions must be integers from 0 to 2^63 - 1")
         return Hello(
             gateway_id=_str(m.get("gateway"), "HELLO gateway", 128),
             token=_str(m.get("token"), "HELLO token", 1024),
@@ -265,7 +278,7 @@ def decode(data: bytes | str) -> Message:
         return Refuse(_int(item[1], "REFUSE code"), _str(item[2], "REFUSE reason", MAX_REASON))
     if kind == REJECT and n == 3:
         return Reject(_int(item[1], "REJECT seq", 1), _str(item[2], "REJECT reason", MAX_REASON))
-    raise _bad(f"unknown message type {kind!r} with {n} items")
+    raise _bad(f"unknown message type {_shown(kind)} with {n} items")
 
 
 # --- frame bodies ----------------------------------------------------------------------
@@ -309,8 +322,8 @@ def _rows(item: list[Any], max_records: int) -> tuple[int, list[str], list[Any]]
     first_rid, sources, records = item
     if not (isinstance(sources, list) and isinstance(records, list)):
         raise FrameError("body must be [first_rid, sources, records]")
-    if not isinstance(first_rid, int) or first_rid < 1:
-        raise FrameError(f"first_rid must be an integer >= 1, got {first_rid!r:.40}")
+    if type(first_rid) is not int or first_rid < 1:  # a CBOR true is no uint (as in columns)
+        raise FrameError(f"first_rid must be an integer >= 1, got {_shown(first_rid)}")
     if not all(isinstance(s, str) for s in sources):
         raise FrameError("sources must be strings")
     if len(records) > max_records:
@@ -374,10 +387,10 @@ def check_frame(body: bytes, max_records: int, *, columnar: bool = True, typed: 
         first_rid, sources, wire = _rows(item, max_records)
         try:
             decoded = Rows([from_wire(w, sources) for w in wire])
-        except (RecordError, TypeError) as exc:
+        except (RecordError, TypeError, ValueError) as exc:  # ValueError: a bignum's repr
             raise FrameError(f"bad record: {exc}") from None
     if first_rid + max(decoded.n, 1) - 1 > MAX_INT:  # ids a 64-bit column holds
-        raise FrameError(f"record ids from first_rid {first_rid!r:.40} pass 2^63 - 1")
+        raise FrameError(f"record ids from first_rid {_shown(first_rid)} pass 2^63 - 1")
     return first_rid, decoded
 
 

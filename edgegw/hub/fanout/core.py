@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ...metrics import Metrics, report_internal_error
-from ...topicfilter import matches as topic_matches
+from ...topicfilter import FilterSet
 from .. import topics
 from .channels import Channel, Client, ClientScope, Item, delta_rows
 from .config import (
@@ -67,6 +67,16 @@ class StateSource(Protocol):
     def snapshot(self, topic: str) -> dict[str, Any] | None: ...
 
     def topics(self) -> list[str]: ...
+
+
+def _shown(value: Any) -> str:
+    """A client's value quoted in an error message: its repr -- or what it is, when Python
+    has none (an integer past 4,300 digits: a CBOR bignum; the repr raised ValueError and
+    the request was answered ``internal_error``, counted as a hub bug)."""
+    try:
+        return repr(value)
+    except ValueError:
+        return f"a value too large to show ({type(value).__name__})"
 
 
 class RequestError(Exception):
@@ -119,6 +129,10 @@ class LiveHub:
         # topic -> whether some client's pattern matches it (``wanted``); cleared whenever
         # the set of patterns changes
         self._wanted: dict[str, bool] = {}
+        # ``_patterns`` as one FilterSet: a new topic is matched against every client's
+        # patterns in a walk of its levels, not one pattern at a time; rebuilt when needed
+        # after the set of patterns changes (``_patterns_changed``)
+        self._pattern_index: FilterSet | None = None
         self._dirty: set[Channel] = set()
         self._attention: set[Client] = set()  # clients with todo topics outside dirty channels
         self._ids = itertools.count(1)
@@ -191,11 +205,19 @@ class LiveHub:
         else:
             channel.offset = self._offset_floor
         self.channels[topic] = channel
-        for pattern, clients in self._patterns.items():
-            if topic_matches(pattern, topic):
-                for client in clients:
-                    self._attach(client, channel, None)
+        for pattern in self._index().matching(topic):
+            for client in self._patterns[pattern]:
+                self._attach(client, channel, None)
         return channel
+
+    def _index(self) -> FilterSet:
+        if self._pattern_index is None:
+            self._pattern_index = FilterSet(self._patterns)
+        return self._pattern_index
+
+    def _patterns_changed(self) -> None:
+        self._wanted.clear()
+        self._pattern_index = None
 
     def _channel(self, topic: str) -> Channel:
         channel = self.channels.get(topic)
@@ -212,7 +234,7 @@ class LiveHub:
         cache is cleared when a subscription comes or goes."""
         answer = self._wanted.get(topic)
         if answer is None:
-            answer = any(topic_matches(p, topic) for p in self._patterns)
+            answer = self._index().matches_any(topic)
             if not answer:
                 self._drop_unwanted(topic)
             if len(self._wanted) >= MAX_WANTED_CACHE:
@@ -262,7 +284,7 @@ class LiveHub:
                 subs.discard(client)
                 if not subs:
                     del self._patterns[pattern]
-                    self._wanted.clear()
+                    self._patterns_changed()
         for topic in client.positions:
             channel = self.channels.get(topic)
             if channel is not None:
@@ -346,7 +368,7 @@ class LiveHub:
             elif kind == "ping":
                 self._control(client, now, {"type": "pong", "id": request_id})
             else:
-                raise RequestError("unknown_type", f"unknown message type {kind!r}")
+                raise RequestError("unknown_type", f"unknown message type {_shown(kind)}")
         except RequestError as exc:
             self._m_bad.inc(reason=exc.code)
             self._control(client, now, {"type": "error", "id": request_id, "code": exc.code,
@@ -382,8 +404,8 @@ class LiveHub:
             if (not isinstance(topic, str) or not isinstance(where, list) or len(where) != 2
                     or not isinstance(where[1], int) or isinstance(where[1], bool)
                     or where[1] < 0):
-                raise RequestError("bad_resume",
-                                    f"resume entry for {topic!r} must be [epoch, offset >= 0]")
+                raise RequestError(
+                    "bad_resume", f"resume entry for {_shown(topic)} must be [epoch, offset >= 0]")
             positions[topic] = (where[0], where[1])
         new = [p for p in dict.fromkeys(patterns) if p not in client.patterns]
         if len(client.patterns) + len(new) > self.config.max_patterns:
@@ -392,14 +414,23 @@ class LiveHub:
         for pattern in new:
             client.patterns.add(pattern)
             self._patterns.setdefault(pattern, set()).add(client)
-        if new:
-            self._wanted.clear()
+        if new:  # none: the request changes nothing, and costs no walk over every topic
+            self._patterns_changed()
+            self._attach_new(client, new, positions)
+        self._control(client, now, {"type": "subscribed", "id": message.get("id"),
+                                    "topics": patterns, "epoch": self.epoch})
+
+    def _attach_new(self, client: Client, new: list[str],
+                    positions: dict[str, tuple[Any, int]]) -> None:
+        """Attach ``client`` to every topic its ``new`` patterns match, resumed from
+        ``positions`` where it says so."""
         # Topics the state knows (after a restart it may not have published them yet) and
         # topics that only have a channel so far.
         known = dict.fromkeys(self.channels)
         known.update(dict.fromkeys(self.source.topics()))
+        matches_new = FilterSet(new).matches_any  # per topic: its levels, not 256 patterns
         for topic in known:
-            if topic in client.positions or not any(topic_matches(p, topic) for p in new):
+            if topic in client.positions or not matches_new(topic):
                 continue
             channel = self.channels.get(topic)
             if channel is None:
@@ -419,10 +450,8 @@ class LiveHub:
         # topic comes back as what was missed or marked resync -- never a bare snapshot
         # over the view the client holds (a silent gap).
         for topic, where in positions.items():
-            if topic not in known and any(topic_matches(p, topic) for p in new):
+            if topic not in known and matches_new(topic):
                 client.resume_later[topic] = where
-        self._control(client, now, {"type": "subscribed", "id": message.get("id"),
-                                    "topics": patterns, "epoch": self.epoch})
 
     def _unsubscribe(self, client: Client, message: dict[str, Any], now: float) -> None:
         patterns = self._patterns_of(message)
@@ -434,12 +463,12 @@ class LiveHub:
                     subs.discard(client)
                     if not subs:
                         del self._patterns[pattern]
-                        self._wanted.clear()
-        for topic in [t for t in client.resume_later
-                      if not any(topic_matches(p, t) for p in client.patterns)]:
+                        self._patterns_changed()
+        still_followed = FilterSet(client.patterns).matches_any
+        for topic in [t for t in client.resume_later if not still_followed(t)]:
             del client.resume_later[topic]
         for topic in list(client.positions):
-            if not any(topic_matches(p, topic) for p in client.patterns):
+            if not still_followed(topic):
                 del client.positions[topic]
                 client.todo.discard(topic)
                 client.resync.pop(topic, None)
@@ -455,7 +484,8 @@ class LiveHub:
         # a signed-in client acknowledges in its own name: 'by' is ignored then
         user = (scope.user if scope is not None and scope.user else None) or (
             message.get("by") or client.peer or f"client-{client.id}")
-        if not isinstance(alert, (str, int)) or isinstance(alert, bool):
+        if (not isinstance(alert, (str, int)) or isinstance(alert, bool)
+                or (type(alert) is int and alert.bit_length() > 64)):  # str() of it raises
             raise RequestError("bad_ack", "'alert' must name the alert to acknowledge")
         if not isinstance(user, str):
             raise RequestError("bad_ack", "'by' must be a string")

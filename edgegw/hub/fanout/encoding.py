@@ -31,7 +31,15 @@ class Encoding:
         self.name = name
 
     def encode(self, message: Any) -> bytes | str:
-        return cbor2.dumps(message) if self.name == "cbor" else dumps(message)
+        """Raises ValueError for a message this encoding cannot carry (in CBOR: a cyclic
+        value or a type cbor2 decodes but cannot encode, e.g. a client's tag-36 MIME id;
+        cbor2's encode errors are not ValueErrors)."""
+        if self.name == "json":
+            return dumps(message)
+        try:
+            return cbor2.dumps(message)
+        except cbor2.CBOREncodeError as exc:
+            raise ValueError(f"cannot encode in CBOR: {exc}") from None
 
     def batch(self, ts: float, items: list[bytes | str]) -> bytes | str:
         """A ``batch`` message assembled from already-encoded items (no re-encoding)."""

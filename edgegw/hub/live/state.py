@@ -177,6 +177,20 @@ def _check_range(*numbers: Any) -> None:
             raise BadRecord(f"a number out of the float range ({str(n)[:12]}...)")
 
 
+#: the widest integer a record field may hold (docs/protocol.md section 2: a signed 64-bit
+#: column).  CBOR carries any (a bignum): one of 20,000 digits as a part's hard bin was
+#: counted, and every later snapshot of its lot raised (Python prints no int past 4,300
+#: digits) -- the fan-out's tick, every client's, failed from then on.
+_INT_LIMIT = (1 << 63) - 1
+
+
+def _check_ints(rec: Any) -> None:
+    """Before anything is counted: no top-level field an integer past 64 bits."""
+    for v in rec:
+        if type(v) is int and not -_INT_LIMIT - 1 <= v <= _INT_LIMIT:
+            raise BadRecord(f"an integer field past 64 bits ({v.bit_length()} bits)")
+
+
 class LiveState:
     """Per lot, wafer, test, sensor channel and gateway: the live figures, and their deltas.
 
@@ -638,6 +652,7 @@ class LiveState:
                            "no live figures for this kind of record")
             return
         try:
+            _check_ints(rec)
             handler(self, gateway_id, rid, rec, batch)
             if rec.ts > batch.ts:
                 batch.ts = rec.ts
