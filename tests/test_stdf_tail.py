@@ -444,6 +444,31 @@ async def test_a_gzip_stream_cut_short_is_an_error_once_idle(tmp_path: Path) -> 
     assert sink.of(PartResult)  # what could be read was delivered
 
 
+async def test_bytes_after_the_gzip_data_of_a_whole_lot_end_it_as_after_a_plain_mrr(
+        tmp_path: Path) -> None:
+    # zero fill (a block-padded copy) or a transfer tool's trailer after the last gzip
+    # member: the lot is whole at its MRR, as with the same bytes after a plain file's MRR
+    # (they made the file "corrupt": an error event and source_errors_total, a false alarm)
+    good = stdf_file_bytes(SMALL)
+    (tmp_path / "a_padded.stdf.gz").write_bytes(gzip.compress(good) + bytes(512))
+    (tmp_path / "b_trailer.stdf.gz").write_bytes(gzip.compress(good) + b"END OF TRANSFER\n")
+    (tmp_path / "c_plain.stdf").write_bytes(good)
+    for age, name in enumerate(sorted(os.listdir(tmp_path))):
+        os.utime(tmp_path / name, (age + 1, age + 1))
+    metrics = Metrics()
+    sink = CollectingSink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail([tmp_path], metrics=metrics).run, sink)
+        await sink.wait_until(lambda: len(sink.of(LotEnd)) == 3
+                              and len(sink.checkpoint["files"]) == 3
+                              and all(e["done"] for e in sink.checkpoint["files"].values()))
+        nursery.cancel_scope.cancel()
+    assert sink.of(GatewayEvent) == []
+    assert metrics.counter("source_errors_total").get(source="tester1", kind="corrupt") == 0
+    assert no_ts(sink.records) == expected(good) * 3
+    assert {e["reason"] for e in sink.checkpoint["files"].values()} == {"MRR"}
+
+
 async def test_the_real_gzip_file_is_tailed_in_full(tmp_path: Path) -> None:
     real = stdf_path(GALAXY)
     shutil.copy(real, tmp_path / real.name)

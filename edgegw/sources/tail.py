@@ -949,6 +949,13 @@ class TailSource:
                 data = await f.reader.read(self.config.read_size)
             except FormatError as exc:  # a broken gzip stream
                 f.size = info.size
+                if f.after_mrr:
+                    # bytes after the last gzip member that are not gzip (zero fill, a
+                    # transfer tool's trailer) right after the MRR: not the file's data,
+                    # as the same bytes after the MRR of a plain file
+                    self._trailer(f, f.after_mrr, exc.message)
+                    await self._finish(f, sink, "MRR", batch=pending, close_parser=False)
+                    return
                 await self._corrupt(f, sink, exc, pending)
                 return
             except OSError:
