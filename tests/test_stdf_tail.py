@@ -397,6 +397,29 @@ async def test_a_corrupt_file_is_reported_and_the_source_keeps_going(tmp_path: P
     assert files[str(tmp_path / "a_bad.stdf")]["reason"].startswith("corrupt: impossible")
 
 
+async def test_an_stdf_v3_file_is_reported_not_sent_as_v4_and_the_next_lot_arrives(
+        tmp_path: Path) -> None:
+    # STDF V3 lays its records out otherwise: read as V4 its bins and values are wrong,
+    # so the file is refused as `edgegw stdf` refuses it (it was mapped and sent as V4)
+    good = stdf_file_bytes(SMALL)
+    v3 = bytearray(good)
+    v3[5] = 3  # FAR: REC_LEN, REC_TYP, REC_SUB, CPU_TYPE, STDF_VER
+    (tmp_path / "a_v3.stdf").write_bytes(bytes(v3))
+    os.utime(tmp_path / "a_v3.stdf", (1, 1))  # older: read first
+    (tmp_path / "b_good.stdf").write_bytes(good)
+    metrics = Metrics()
+    sink = CollectingSink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail([tmp_path], metrics=metrics).run, sink)
+        await sink.wait_until(lambda: bool(sink.of(LotEnd)) and bool(sink.of(GatewayEvent)))
+        nursery.cancel_scope.cancel()
+    (event,) = sink.of(GatewayEvent)
+    assert event.code == "source_corrupt" and event.detail["offset"] == 0
+    assert "STDF_VER 3 in the FAR" in event.message
+    assert metrics.counter("source_errors_total").get(source="tester1", kind="corrupt") == 1
+    assert no_ts([r for r in sink.records if not isinstance(r, GatewayEvent)]) == expected(good)
+
+
 async def test_closed_gzip_files_are_read(tmp_path: Path) -> None:
     sink = CollectingSink()
     async with trio.open_nursery() as nursery:
