@@ -467,6 +467,23 @@ async def test_a_gzip_stream_cut_short_is_an_error_once_idle(tmp_path: Path) -> 
     assert sink.of(PartResult)  # what could be read was delivered
 
 
+async def test_a_gzip_file_cut_inside_its_header_is_corrupt_once_and_never_said_to_grow(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    packed = gzip.compress(stdf_file_bytes(SMALL))
+    (tmp_path / "a_header.stdf.gz").write_bytes(packed[:10])  # no data decompressed yet
+    (tmp_path / "b_magic.stdf.gz").write_bytes(packed[:2])
+    metrics = Metrics()
+    sink = CollectingSink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail([tmp_path], idle_timeout=0.1, metrics=metrics).run, sink)
+        await sink.wait_until(lambda: len(sink.of(GatewayEvent)) == 2)
+        await trio.sleep(0.3)  # scans after the verdict, the files unchanged
+        nursery.cancel_scope.cancel()
+    assert all("gzip stream is truncated" in e.message for e in sink.of(GatewayEvent))
+    assert metrics.counter("source_errors_total").get(source="tester1", kind="corrupt") == 2
+    assert not [r for r in caplog.records if "grew" in r.getMessage()]
+
+
 async def test_bytes_after_the_gzip_data_of_a_whole_lot_end_it_as_after_a_plain_mrr(
         tmp_path: Path) -> None:
     # zero fill (a block-padded copy) or a transfer tool's trailer after the last gzip

@@ -1014,7 +1014,10 @@ class TailSource:
             f.last_growth = trio.current_time()
         elif trio.current_time() - f.last_growth >= self.config.idle_timeout:
             if f.gz and not f.reader.complete:
-                # idle in the middle of a gzip member: it will never be complete
+                # idle in the middle of a gzip member: it will never be complete.  (Its
+                # size, for a file whose bytes gave no data yet, a gzip header cut short:
+                # else it "grew after it was complete" at the next scan)
+                f.size = info.size
                 await self._corrupt(f, sink, FormatError("gzip stream is truncated",
                                                          f.reader.out), [])
                 return
