@@ -296,8 +296,15 @@ def run_stats(args: argparse.Namespace) -> int:
     status = _run(args, lambda rec: stats.add(rec.name, rec.fields), decoder)
     stats.records.update({name: n for name, n in decoder.skipped.items() if n})
     if status == 0:
+        figures = stats.as_dict()
+        if decoder.unknown_types:
+            # skipped by REC_LEN: a vendor's records, or a REC_LEN too short further up
+            # whose record's rest read as headers (records swallowed: the counts above
+            # are short by them, exit 0 all the same) -- said, never silent
+            figures["unknown_records"] = {
+                f"{typ}/{sub}": n for (typ, sub), n in sorted(decoder.unknown_types.items())}
         try:
-            print(json.dumps(stats.as_dict(), indent=2))
+            print(json.dumps(figures, indent=2))
         except BrokenPipeError:
             sys.stderr.close()
     return status
