@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import trio
-from shared_data import GALAXY, stdf_path
+from shared_data import GALAXY, METIS, stdf_path
 
 from edgegw.config import ConfigError, build
 from edgegw.metrics import Metrics
@@ -418,6 +418,35 @@ async def test_an_stdf_v3_file_is_reported_not_sent_as_v4_and_the_next_lot_arriv
     assert "STDF_VER 3 in the FAR" in event.message
     assert metrics.counter("source_errors_total").get(source="tester1", kind="corrupt") == 1
     assert no_ts([r for r in sink.records if not isinstance(r, GatewayEvent)]) == expected(good)
+
+
+async def test_records_a_short_rec_len_swallows_are_counted_and_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # a PTR's REC_LEN 10 bytes short: its rest reads as headers of unknown type, one of
+    # which swallows the next PTRs; the file reads on to its MRR (no error to report),
+    # so the skipped records are what says it (nothing did)
+    good = stdf_path(METIS).read_bytes()  # (where the swallowing ends at a record)
+    dec = StdfDecoder()
+    dec.feed(good)
+    ptr = next(r for r in dec.records() if r.name == "PTR")
+    data = bytearray(good)
+    (rec_len,) = struct.unpack_from("<H", data, ptr.offset)
+    struct.pack_into("<H", data, ptr.offset, rec_len - 10)
+    (tmp_path / "short_ptr.stdf").write_bytes(bytes(data))
+    metrics = Metrics()
+    sink = CollectingSink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail([tmp_path], metrics=metrics).run, sink)
+        await sink.wait_until(lambda: bool(sink.of(LotEnd)))
+        nursery.cancel_scope.cancel()
+    skipped = StdfDecoder()
+    skipped.feed(bytes(data))
+    list(skipped.records())
+    assert skipped.unknown_count > 0
+    assert metrics.counter("tail_unknown_records_total").get(
+        source="tester1") == skipped.unknown_count
+    assert any("records of unknown type skipped" in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)
 
 
 async def test_closed_gzip_files_are_read(tmp_path: Path) -> None:
