@@ -438,3 +438,57 @@ def test_stats_starts_without_the_gateway_logging_or_config_machinery(tmp_path: 
              "dataclasses", "edgegw.stdf.mapping", "edgegw.stdf.writer", "shutil", "gzip"}
     assert loaded & heavy == set()
     assert json.loads(proc.stdout)["parts"] == 2
+
+
+def test_junk_after_the_gzip_data_of_a_whole_file_is_a_warning_and_the_figures_are_printed(
+        tmp_path: Path) -> None:
+    # a transfer tool's trailer, or a second file appended that is not gzip: the lot is
+    # whole (its MRR read), as with a text trailer after the MRR of a plain file
+    raw, _ = metis_records()
+    path = tmp_path / "junk.stdf.gz"
+    path.write_bytes(gzip.compress(raw, mtime=0) + b"END OF TRANSFER\n")
+    proc = edgegw_stdf("stats", path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == _stats_of_full_decode(raw)
+    (line,) = proc.stderr.strip().splitlines()
+    assert "warning: after the MRR" in line and "not gzip" in line
+    dump = edgegw_stdf("dump", path)
+    assert dump.returncode == 0 and len(dump.stdout.splitlines()) == 918
+
+
+def test_junk_after_the_gzip_data_of_a_file_without_mrr_is_exit_1_after_every_record(
+        tmp_path: Path) -> None:
+    raw, records = metis_records()
+    no_mrr = raw[:records[-1].offset]
+    path = tmp_path / "junk.stdf.gz"
+    path.write_bytes(gzip.compress(no_mrr, mtime=0) + b"JUNK" * 4)
+    proc = edgegw_stdf("dump", path)
+    line = one_error_line(proc)
+    assert f"not gzip data after {len(no_mrr)} bytes of STDF" in line
+    assert len(proc.stdout.splitlines()) == 917  # every record before the junk printed
+
+
+def test_stats_says_how_many_records_of_unknown_type_it_skipped(tmp_path: Path) -> None:
+    # a PTR whose REC_LEN is 10 bytes short: its last 10 bytes read as record headers of
+    # unknown types, one of which swallows the next 48 PTRs -- exit 0 (the file reads to
+    # its MRR), but the figures are not silent about it
+    raw, records = metis_records()
+    ptr = next(r for r in records if r.name == "PTR")
+    (rec_len,) = struct.unpack_from("<H", raw, ptr.offset)
+    data = bytearray(raw)
+    struct.pack_into("<H", data, ptr.offset, rec_len - 10)
+    path = tmp_path / "short_ptr.std"
+    path.write_bytes(bytes(data))
+    proc = edgegw_stdf("stats", path)
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
+    assert figures["records"]["PTR"] == 572 - 48
+    assert figures["unknown_records"] == {"0/0": 2, "10/0": 1, "49/0": 1}
+    whole = edgegw_stdf("stats", stdf_path_of_metis())
+    assert "unknown_records" not in json.loads(whole.stdout)
+
+
+def stdf_path_of_metis() -> Path:
+    from shared_data import METIS, stdf_path
+
+    return stdf_path(METIS)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import trio
-from shared_data import GALAXY, stdf_path
+from shared_data import GALAXY, METIS, stdf_path
 
 from edgegw.config import ConfigError, build
 from edgegw.metrics import Metrics
@@ -397,6 +397,58 @@ async def test_a_corrupt_file_is_reported_and_the_source_keeps_going(tmp_path: P
     assert files[str(tmp_path / "a_bad.stdf")]["reason"].startswith("corrupt: impossible")
 
 
+async def test_an_stdf_v3_file_is_reported_not_sent_as_v4_and_the_next_lot_arrives(
+        tmp_path: Path) -> None:
+    # STDF V3 lays its records out otherwise: read as V4 its bins and values are wrong,
+    # so the file is refused as `edgegw stdf` refuses it (it was mapped and sent as V4)
+    good = stdf_file_bytes(SMALL)
+    v3 = bytearray(good)
+    v3[5] = 3  # FAR: REC_LEN, REC_TYP, REC_SUB, CPU_TYPE, STDF_VER
+    (tmp_path / "a_v3.stdf").write_bytes(bytes(v3))
+    os.utime(tmp_path / "a_v3.stdf", (1, 1))  # older: read first
+    (tmp_path / "b_good.stdf").write_bytes(good)
+    metrics = Metrics()
+    sink = CollectingSink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail([tmp_path], metrics=metrics).run, sink)
+        await sink.wait_until(lambda: bool(sink.of(LotEnd)) and bool(sink.of(GatewayEvent)))
+        nursery.cancel_scope.cancel()
+    (event,) = sink.of(GatewayEvent)
+    assert event.code == "source_corrupt" and event.detail["offset"] == 0
+    assert "STDF_VER 3 in the FAR" in event.message
+    assert metrics.counter("source_errors_total").get(source="tester1", kind="corrupt") == 1
+    assert no_ts([r for r in sink.records if not isinstance(r, GatewayEvent)]) == expected(good)
+
+
+async def test_records_a_short_rec_len_swallows_are_counted_and_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # a PTR's REC_LEN 10 bytes short: its rest reads as headers of unknown type, one of
+    # which swallows the next PTRs; the file reads on to its MRR (no error to report),
+    # so the skipped records are what says it (nothing did)
+    good = stdf_path(METIS).read_bytes()  # (where the swallowing ends at a record)
+    dec = StdfDecoder()
+    dec.feed(good)
+    ptr = next(r for r in dec.records() if r.name == "PTR")
+    data = bytearray(good)
+    (rec_len,) = struct.unpack_from("<H", data, ptr.offset)
+    struct.pack_into("<H", data, ptr.offset, rec_len - 10)
+    (tmp_path / "short_ptr.stdf").write_bytes(bytes(data))
+    metrics = Metrics()
+    sink = CollectingSink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail([tmp_path], metrics=metrics).run, sink)
+        await sink.wait_until(lambda: bool(sink.of(LotEnd)))
+        nursery.cancel_scope.cancel()
+    skipped = StdfDecoder()
+    skipped.feed(bytes(data))
+    list(skipped.records())
+    assert skipped.unknown_count > 0
+    assert metrics.counter("tail_unknown_records_total").get(
+        source="tester1") == skipped.unknown_count
+    assert any("records of unknown type skipped" in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)
+
+
 async def test_closed_gzip_files_are_read(tmp_path: Path) -> None:
     sink = CollectingSink()
     async with trio.open_nursery() as nursery:
@@ -442,6 +494,48 @@ async def test_a_gzip_stream_cut_short_is_an_error_once_idle(tmp_path: Path) -> 
     assert "gzip stream is truncated" in event.message
     assert metrics.counter("source_errors_total").get(source="tester1", kind="corrupt") == 1
     assert sink.of(PartResult)  # what could be read was delivered
+
+
+async def test_a_gzip_file_cut_inside_its_header_is_corrupt_once_and_never_said_to_grow(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    packed = gzip.compress(stdf_file_bytes(SMALL))
+    (tmp_path / "a_header.stdf.gz").write_bytes(packed[:10])  # no data decompressed yet
+    (tmp_path / "b_magic.stdf.gz").write_bytes(packed[:2])
+    metrics = Metrics()
+    sink = CollectingSink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail([tmp_path], idle_timeout=0.1, metrics=metrics).run, sink)
+        await sink.wait_until(lambda: len(sink.of(GatewayEvent)) == 2)
+        await trio.sleep(0.3)  # scans after the verdict, the files unchanged
+        nursery.cancel_scope.cancel()
+    assert all("gzip stream is truncated" in e.message for e in sink.of(GatewayEvent))
+    assert metrics.counter("source_errors_total").get(source="tester1", kind="corrupt") == 2
+    assert not [r for r in caplog.records if "grew" in r.getMessage()]
+
+
+async def test_bytes_after_the_gzip_data_of_a_whole_lot_end_it_as_after_a_plain_mrr(
+        tmp_path: Path) -> None:
+    # zero fill (a block-padded copy) or a transfer tool's trailer after the last gzip
+    # member: the lot is whole at its MRR, as with the same bytes after a plain file's MRR
+    # (they made the file "corrupt": an error event and source_errors_total, a false alarm)
+    good = stdf_file_bytes(SMALL)
+    (tmp_path / "a_padded.stdf.gz").write_bytes(gzip.compress(good) + bytes(512))
+    (tmp_path / "b_trailer.stdf.gz").write_bytes(gzip.compress(good) + b"END OF TRANSFER\n")
+    (tmp_path / "c_plain.stdf").write_bytes(good)
+    for age, name in enumerate(sorted(os.listdir(tmp_path))):
+        os.utime(tmp_path / name, (age + 1, age + 1))
+    metrics = Metrics()
+    sink = CollectingSink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail([tmp_path], metrics=metrics).run, sink)
+        await sink.wait_until(lambda: len(sink.of(LotEnd)) == 3
+                              and len(sink.checkpoint["files"]) == 3
+                              and all(e["done"] for e in sink.checkpoint["files"].values()))
+        nursery.cancel_scope.cancel()
+    assert sink.of(GatewayEvent) == []
+    assert metrics.counter("source_errors_total").get(source="tester1", kind="corrupt") == 0
+    assert no_ts(sink.records) == expected(good) * 3
+    assert {e["reason"] for e in sink.checkpoint["files"].values()} == {"MRR"}
 
 
 async def test_the_real_gzip_file_is_tailed_in_full(tmp_path: Path) -> None:

@@ -454,6 +454,9 @@ class TailSource:
         self.errors = source_errors(context.metrics)
         self.read_records = context.metrics.counter(
             "tail_records_total", "tester records parsed from tailed files (re-reads included)")
+        self.unknown_records = context.metrics.counter(
+            "tail_unknown_records_total", "records of unknown type skipped in files read to "
+            "their end (not the vendor-reserved types): a REC_LEN too short further up?")
         suffixes = tuple(s.lower() for s in self.format.suffixes)
         self._suffixes = suffixes + tuple(s + ".gz" for s in suffixes)
 
@@ -1079,6 +1082,13 @@ class TailSource:
                 data = await f.reader.read(self.config.read_size)
             except FormatError as exc:  # a broken gzip stream
                 f.size = info.size
+                if f.after_mrr:
+                    # bytes after the last gzip member that are not gzip (zero fill, a
+                    # transfer tool's trailer) right after the MRR: not the file's data,
+                    # as the same bytes after the MRR of a plain file
+                    self._trailer(f, f.after_mrr, exc.message)
+                    await self._finish(f, sink, "MRR", batch=pending, close_parser=False)
+                    return
                 await self._corrupt(f, sink, exc, pending)
                 return
             except OSError:
@@ -1137,7 +1147,10 @@ class TailSource:
             f.last_growth = trio.current_time()
         elif trio.current_time() - f.last_growth >= self.config.idle_timeout:
             if f.gz and not f.reader.complete:
-                # idle in the middle of a gzip member: it will never be complete
+                # idle in the middle of a gzip member: it will never be complete.  (Its
+                # size, for a file whose bytes gave no data yet, a gzip header cut short:
+                # else it "grew after it was complete" at the next scan)
+                f.size = info.size
                 await self._corrupt(f, sink, FormatError("gzip stream is truncated",
                                                          f.reader.out), [])
                 return
@@ -1297,6 +1310,7 @@ class TailSource:
                     return
                 batch.extend(more)
             batch.extend(f.mapper.close(now))
+            self._unknown(f)
         self._done(f, reason)
         await self._release(f)
         if not complete(f.head, f.size):  # taken while its first KiB was being written
@@ -1306,6 +1320,20 @@ class TailSource:
         log.info("source %s: %s complete (%s) at byte %d", self.name, f.path, reason, f.offset)
         if batch:  # (no empty batches: "done" then rides along with the next one)
             await self._put(sink, f, batch)
+
+    def _unknown(self, f: _File) -> None:
+        """Say so when records of unknown type were stepped over: a complete file whose
+        REC_LEN lied (too short) reads on, its record's rest taken for headers that may
+        swallow records -- lost without a word otherwise."""
+        try:
+            unknown = int(getattr(f.parser, "records_unknown", 0))
+        except Exception:  # (a plugin's property: telling is not worth failing the file)
+            return
+        if unknown:
+            self.unknown_records.inc(unknown, source=self.name)
+            log.warning("source %s: %s: %d records of unknown type skipped (a REC_LEN too "
+                        "short before them reads its record's rest as headers, which may "
+                        "swallow records)", self.name, f.path, unknown)
 
     async def _corrupt(self, f: _File, sink: RecordSink, exc: FormatError,
                        batch: list[Record]) -> None:

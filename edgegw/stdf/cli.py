@@ -115,7 +115,10 @@ def open_stdf(path: Path) -> BinaryIO:
 
 def read_records(path: Path, decoder: StdfDecoder) -> Iterator[StdfRecord]:
     with open_stdf(path) as f:
-        while chunk := f.read(CHUNK):
+        # read1: one read of the file (gzip: one piece decompressed) per chunk -- read()
+        # would gather several, and a gzip error in a later one loses the earlier ones
+        # (the records before a corrupt member, the MRR before a junk trailer)
+        while chunk := f.read1(CHUNK):
             decoder.feed(chunk)
             yield from decoder.records()
 
@@ -196,6 +199,14 @@ def _records(args: argparse.Namespace, decoder: StdfDecoder) -> Iterator[StdfRec
     except OSError as exc:  # missing file, not gzip after all, ...
         if isinstance(exc, BrokenPipeError):
             raise
+        gz = sys.modules.get("gzip")  # imported only for a gzip file (start-up)
+        if gz is not None and isinstance(exc, gz.BadGzipFile):
+            # bytes after a gzip member that are not another member: after the MRR, the
+            # compressed file's text trailer (a warning, as one in a plain file)
+            if mrr_at is not None:
+                _trailing(args, mrr_at, f"bytes after the gzip data that are not gzip ({exc})")
+                return
+            raise _Bad(f"not gzip data after {_fed(decoder)} bytes of STDF: {exc}") from None
         raise _Bad(str(exc) or type(exc).__name__) from None
     if decoder.byte_order is None and decoder.position == 0:
         raise _Bad("not STDF: too short to hold a FAR")
@@ -363,8 +374,15 @@ def run_stats(args: argparse.Namespace) -> int:
     status = _run(args, lambda rec: stats.add(rec.name, rec.fields), decoder)
     stats.records.update({name: n for name, n in decoder.skipped.items() if n})
     if status == 0:
+        figures = stats.as_dict()
+        if decoder.unknown_types:
+            # skipped by REC_LEN: a vendor's records, or a REC_LEN too short further up
+            # whose record's rest read as headers (records swallowed: the counts above
+            # are short by them, exit 0 all the same) -- said, never silent
+            figures["unknown_records"] = {
+                f"{typ}/{sub}": n for (typ, sub), n in sorted(decoder.unknown_types.items())}
         try:
-            print(indented_json(stats.as_dict()))
+            print(indented_json(figures))
         except BrokenPipeError:
             sys.stderr.close()
     return status

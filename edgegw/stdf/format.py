@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from ..formats import FormatError
-from .decoder import StdfDecoder, StdfError, StdfRecord, StdfRow
+from .decoder import RESERVED_REC_TYPS, StdfDecoder, StdfError, StdfRecord, StdfRow
 
 T = TypeVar("T")
 
@@ -45,6 +45,14 @@ class StdfParser:
         """Decode only these record types from now on (None: all); the others are
         counted in ``records_skipped`` (``StdfDecoder.select``)."""
         self._decoder.select(types)
+
+    @property
+    def records_unknown(self) -> int:
+        """Records of unknown type stepped over by REC_LEN so far, but for the types the
+        spec reserves for vendors (180, 181): a REC_LEN too short reads its record's rest
+        as such headers, which may swallow the records after it."""
+        return sum(n for (typ, _), n in self._decoder.unknown_types.items()
+                   if typ not in RESERVED_REC_TYPS)
 
     @property
     def records_skipped(self) -> int:

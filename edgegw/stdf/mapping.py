@@ -169,6 +169,8 @@ class RecordMapper:
         if handler is not None:
             try:
                 handler(self, fields, now, out)
+            except FormatError as exc:  # the handler's own reason, at the record's offset
+                raise FormatError(exc.message, rec.offset) from None
             except (KeyError, TypeError, ValueError, AttributeError, IndexError,
                     OverflowError) as exc:
                 # A record cut before a field it must have (REC_LEN too short), or a
@@ -208,6 +210,12 @@ class RecordMapper:
     # -- lot and wafer ---------------------------------------------------------------------
 
     def _far(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
+        version = f.get("STDF_VER", 4)
+        if version != 4:
+            # STDF V3 (or anything else) lays its records out otherwise: read as V4, its
+            # bins, flags and values would be sent wrong without a word (`edgegw stdf`
+            # refuses it too, docs/stdf.md)
+            raise FormatError(f"STDF_VER {version} in the FAR: this reads STDF V4", 0)
         if self._lot_open:
             # a FAR inside a lot, no MRR before it: a tester that crashed and restarted,
             # appending to its file.  The lot ends here, as at a second MIR (its open
