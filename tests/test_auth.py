@@ -293,6 +293,42 @@ async def test_cross_origin_ack_is_refused_even_without_sign_in(tmp_path: Path) 
         assert rejected.value.status_code == 403
 
 
+async def test_a_hub_without_sign_in_cannot_be_reached_through_dns_rebinding(
+        tmp_path: Path) -> None:
+    """A page on rebind.attacker.example points its own name at the hub's address: the
+    browser then sends Host and Origin of the attacker's name, and the Origin check sees a
+    same-origin request.  A hub without sign-in answers only Host names that no DNS answer
+    can rebind: IP addresses, localhost, the hosts of auth.allowed_origins."""
+    async with running(hub_config(tmp_path)) as app:
+        port = app.ingest.port
+        alert_id = feed_lot(app, "LOT-A1")
+        evil = f"rebind.attacker.example:{port}"
+        path = f"/api/alerts/{alert_id}/ack"
+        read = await http(port, "GET", "/api/lots", headers={"host": evil})
+        assert read.status == 403 and "Host" in read.json()["error"]
+        ack = await http(port, "POST", path, body={}, headers={
+            "host": evil, "origin": f"http://{evil}"})
+        assert ack.status == 403
+        assert not app.alerts.engine.alerts[alert_id].acknowledged
+        upgrade = await http(port, "GET", "/ws/live", headers={
+            "host": evil, "origin": f"http://{evil}", "upgrade": "websocket",
+            "connection": "Upgrade", "sec-websocket-version": "13",
+            "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="})
+        assert upgrade.status == 403
+        # health and the gateway endpoint stay open; an address or localhost is served
+        assert (await http(port, "GET", "/healthz", headers={"host": evil})).status == 200
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "127.0.0.1"):
+            assert (await http(port, "GET", "/api/lots", headers={"host": host})).status == 200
+    named = hub_config(tmp_path, auth={"mode": "none",
+                                       "allowed_origins": ["http://hub.fab.example:8765"]})
+    async with running(named) as app:
+        port = app.ingest.port
+        ok = await http(port, "GET", "/api/lots", headers={"host": "hub.fab.example:8765"})
+        assert ok.status == 200
+        other = await http(port, "GET", "/api/lots", headers={"host": "evil.example"})
+        assert other.status == 403
+
+
 async def test_sign_in_sets_an_http_only_strict_cookie(tmp_path: Path) -> None:
     pki = Pki(tmp_path / "pki")
     ctx = pki.client_context()
