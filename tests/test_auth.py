@@ -329,6 +329,17 @@ async def test_a_hub_without_sign_in_cannot_be_reached_through_dns_rebinding(
         assert other.status == 403
 
 
+async def test_no_other_site_may_frame_the_dashboard(tmp_path: Path) -> None:
+    """Clickjacking: a page on another site framing the dashboard under a decoy to get its
+    Acknowledge button clicked.  The browser refuses to frame what says it may not be."""
+    async with running(hub_config(tmp_path)) as app:
+        for path in ("/", "/static/app.js", "/login"):
+            reply = await http(app.ingest.port, "GET", path)
+            assert reply.status == 200, path
+            assert reply.headers["x-frame-options"] == "DENY", path
+            assert "frame-ancestors 'none'" in reply.headers["content-security-policy"], path
+
+
 async def test_sign_in_sets_an_http_only_strict_cookie(tmp_path: Path) -> None:
     pki = Pki(tmp_path / "pki")
     ctx = pki.client_context()

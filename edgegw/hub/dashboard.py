@@ -25,6 +25,13 @@ _TYPES = {
     ".ico": "image/x-icon",
 }
 
+# No other site may frame the dashboard: its Acknowledge buttons would be a click away
+# under a decoy page (clickjacking).  SameSite=Strict keeps the session cookie out of a
+# cross-site frame, but a hub without sign-in, or behind an SSO proxy whose own cookie
+# the browser does send, would serve it signed in.  nosniff: a file is only its own type.
+_HEADERS = (("content-security-policy", "frame-ancestors 'none'"),
+            ("x-frame-options", "DENY"), ("x-content-type-options", "nosniff"))
+
 
 class Dashboard:
     def __init__(self, static_dir: Path = STATIC_DIR) -> None:
@@ -56,4 +63,4 @@ class Dashboard:
                      or "application/octet-stream")
             cached = self._cache[name] = (body, ctype)
         body, ctype = cached
-        return Response(200, body, ctype)
+        return Response(200, body, ctype, list(_HEADERS))
