@@ -38,7 +38,8 @@ from edgegw.auth import (
     parse_ttl,
 )
 from edgegw.config import ConfigError, build
-from edgegw.hub import HubConfig
+from edgegw.hub import Dashboard, HubConfig
+from edgegw.web import Request
 
 # --------------------------------------------------------------------------- tokens
 
@@ -338,6 +339,29 @@ async def test_no_other_site_may_frame_the_dashboard(tmp_path: Path) -> None:
             assert reply.status == 200, path
             assert reply.headers["x-frame-options"] == "DENY", path
             assert "frame-ancestors 'none'" in reply.headers["content-security-policy"], path
+
+
+async def test_the_static_route_serves_only_the_files_of_its_own_directory(
+        tmp_path: Path) -> None:
+    """Path traversal on /static/<file>: a name that climbs out, an absolute path, a
+    symbolic link to a file elsewhere (the hub's config, with its secrets), and a name with
+    a drive (on Windows "c:hub.toml" is a path on drive C:) are all 404."""
+    static = tmp_path / "static"
+    static.mkdir()
+    (static / "app.js").write_text("'use strict';")
+    config = tmp_path / "hub.toml"
+    config.write_text(f'[auth]\nhs256_secret = "{SECRET}"\n')
+    (static / "config.js").symlink_to(config)
+    (static / "c:hub.toml").write_text(config.read_text())  # what "C:hub.toml" is on Windows
+    dashboard = Dashboard(static)
+
+    async def get(name: str) -> int:
+        return (await dashboard.static(Request("GET", "/static/" + name, {}, {}))).status
+
+    assert await get("app.js") == 200
+    for name in ("config.js", "c:hub.toml", "..", "../hub.toml", "/etc/passwd", "..\\hub.toml",
+                 ".hidden", ""):
+        assert await get(name) == 404, name
 
 
 async def test_sign_in_sets_an_http_only_strict_cookie(tmp_path: Path) -> None:

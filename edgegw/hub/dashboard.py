@@ -49,13 +49,16 @@ class Dashboard:
         return await self._file(request.path.removeprefix("/static/"))
 
     async def _file(self, name: str) -> Response:
-        # One level, plain names only: no way out of the static directory.
-        if not name or "/" in name or "\\" in name or name.startswith("."):
+        # One level, plain names only: no way out of the static directory.  No ":" either:
+        # on Windows "C:name" is a path on another drive, which "/" would not catch.
+        if not name or any(c in name for c in "/\\:") or name.startswith("."):
             return Response(404, b"not found", "text/plain")
         cached = self._cache.get(name)
         if cached is None:
             path = trio.Path(self.static_dir / name)
-            if not await path.is_file():
+            # a file of this directory itself: not a symbolic link to one elsewhere
+            if not await path.is_file() or (await path.resolve()).parent != (
+                    await trio.Path(self.static_dir).resolve()):
                 return Response(404, b"not found", "text/plain")
             body = await path.read_bytes()
             suffix = Path(name).suffix
