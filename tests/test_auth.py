@@ -298,8 +298,8 @@ async def test_a_hub_without_sign_in_cannot_be_reached_through_dns_rebinding(
         tmp_path: Path) -> None:
     """A page on rebind.attacker.example points its own name at the hub's address: the
     browser then sends Host and Origin of the attacker's name, and the Origin check sees a
-    same-origin request.  A hub without sign-in answers only Host names that no DNS answer
-    can rebind: IP addresses, localhost, the hosts of auth.allowed_origins."""
+    same-origin request.  A hub without sign-in answers only Host names that no outside DNS
+    answers for: IP addresses, dotless names (localhost), the hosts of auth.allowed_origins."""
     async with running(hub_config(tmp_path)) as app:
         port = app.ingest.port
         alert_id = feed_lot(app, "LOT-A1")
@@ -318,7 +318,8 @@ async def test_a_hub_without_sign_in_cannot_be_reached_through_dns_rebinding(
         assert upgrade.status == 403
         # health and the gateway endpoint stay open; an address or localhost is served
         assert (await http(port, "GET", "/healthz", headers={"host": evil})).status == 200
-        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "127.0.0.1"):
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "127.0.0.1",
+                     "hub"):
             assert (await http(port, "GET", "/api/lots", headers={"host": host})).status == 200
     named = hub_config(tmp_path, auth={"mode": "none",
                                        "allowed_origins": ["http://hub.fab.example:8765"]})
