@@ -38,7 +38,8 @@ from edgegw.auth import (
     parse_ttl,
 )
 from edgegw.config import ConfigError, build
-from edgegw.hub import HubConfig
+from edgegw.hub import Dashboard, HubConfig
+from edgegw.web import Request
 
 # --------------------------------------------------------------------------- tokens
 
@@ -291,6 +292,77 @@ async def test_cross_origin_ack_is_refused_even_without_sign_in(tmp_path: Path) 
                                           extra_headers=[(b"origin", b"http://evil.example")]):
                 pass
         assert rejected.value.status_code == 403
+
+
+async def test_a_hub_without_sign_in_cannot_be_reached_through_dns_rebinding(
+        tmp_path: Path) -> None:
+    """A page on rebind.attacker.example points its own name at the hub's address: the
+    browser then sends Host and Origin of the attacker's name, and the Origin check sees a
+    same-origin request.  A hub without sign-in answers only Host names that no outside DNS
+    answers for: IP addresses, dotless names (localhost), the hosts of auth.allowed_origins."""
+    async with running(hub_config(tmp_path)) as app:
+        port = app.ingest.port
+        alert_id = feed_lot(app, "LOT-A1")
+        evil = f"rebind.attacker.example:{port}"
+        path = f"/api/alerts/{alert_id}/ack"
+        read = await http(port, "GET", "/api/lots", headers={"host": evil})
+        assert read.status == 403 and "Host" in read.json()["error"]
+        ack = await http(port, "POST", path, body={}, headers={
+            "host": evil, "origin": f"http://{evil}"})
+        assert ack.status == 403
+        assert not app.alerts.engine.alerts[alert_id].acknowledged
+        upgrade = await http(port, "GET", "/ws/live", headers={
+            "host": evil, "origin": f"http://{evil}", "upgrade": "websocket",
+            "connection": "Upgrade", "sec-websocket-version": "13",
+            "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="})
+        assert upgrade.status == 403
+        # health and the gateway endpoint stay open; an address or localhost is served
+        assert (await http(port, "GET", "/healthz", headers={"host": evil})).status == 200
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "127.0.0.1",
+                     "hub"):
+            assert (await http(port, "GET", "/api/lots", headers={"host": host})).status == 200
+    named = hub_config(tmp_path, auth={"mode": "none",
+                                       "allowed_origins": ["http://hub.fab.example:8765"]})
+    async with running(named) as app:
+        port = app.ingest.port
+        ok = await http(port, "GET", "/api/lots", headers={"host": "hub.fab.example:8765"})
+        assert ok.status == 200
+        other = await http(port, "GET", "/api/lots", headers={"host": "evil.example"})
+        assert other.status == 403
+
+
+async def test_no_other_site_may_frame_the_dashboard(tmp_path: Path) -> None:
+    """Clickjacking: a page on another site framing the dashboard under a decoy to get its
+    Acknowledge button clicked.  The browser refuses to frame what says it may not be."""
+    async with running(hub_config(tmp_path)) as app:
+        for path in ("/", "/static/app.js", "/login"):
+            reply = await http(app.ingest.port, "GET", path)
+            assert reply.status == 200, path
+            assert reply.headers["x-frame-options"] == "DENY", path
+            assert "frame-ancestors 'none'" in reply.headers["content-security-policy"], path
+
+
+async def test_the_static_route_serves_only_the_files_of_its_own_directory(
+        tmp_path: Path) -> None:
+    """Path traversal on /static/<file>: a name that climbs out, an absolute path, a
+    symbolic link to a file elsewhere (the hub's config, with its secrets), and a name with
+    a drive (on Windows "c:hub.toml" is a path on drive C:) are all 404."""
+    static = tmp_path / "static"
+    static.mkdir()
+    (static / "app.js").write_text("'use strict';")
+    config = tmp_path / "hub.toml"
+    config.write_text(f'[auth]\nhs256_secret = "{SECRET}"\n')
+    (static / "config.js").symlink_to(config)
+    (static / "c:hub.toml").write_text(config.read_text())  # what "C:hub.toml" is on Windows
+    dashboard = Dashboard(static)
+
+    async def get(name: str) -> int:
+        return (await dashboard.static(Request("GET", "/static/" + name, {}, {}))).status
+
+    assert await get("app.js") == 200
+    for name in ("config.js", "c:hub.toml", "..", "../hub.toml", "/etc/passwd", "..\\hub.toml",
+                 ".hidden", ""):
+        assert await get(name) == 404, name
 
 
 async def test_sign_in_sets_an_http_only_strict_cookie(tmp_path: Path) -> None:

@@ -9,6 +9,12 @@ Every request and every WebSocket upgrade passes ``Access.check`` before its han
    ``auth.mode = "none"`` too: they protect the people on the floor, not the data.
 2. Public: ``/healthz``, the sign-in page and the gateway endpoint (gateways have tokens
    of their own).
+   Without sign-in, everything else must be asked for by a ``Host`` that cannot be
+   rebound: an IP address, a name without a dot (``localhost``) or a host of
+   ``auth.allowed_origins`` (403 otherwise).  DNS rebinding -- a page whose own name the
+   attacker points at the hub -- makes a request look same-origin to the check above, and
+   without sign-in nothing else stops it; with sign-in the browser holds no credential
+   for the attacker's name.
 3. A credential -- ``Authorization: Bearer``, the SSO proxy's header (from a trusted proxy
    address only) or the session cookie -- is verified; none or a bad one: 401 (a browser
    navigating to a page is sent to ``/login`` instead).
@@ -76,6 +82,8 @@ class Access:
         self.proxies = [ipaddress.ip_network(p, strict=False)
                         for p in self.config.trusted_proxies]
         self.origins = {o.lower().rstrip("/") for o in self.config.allowed_origins}
+        # host names besides IP addresses and localhost a hub without sign-in answers to
+        self.hosts = {urllib.parse.urlsplit(o).hostname or "" for o in self.origins} - {""}
         m = metrics or Metrics()
         self.m_denied = m.counter("hub_requests_denied_total",
                                   "requests and upgrades refused by the access guard, by reason")
@@ -99,6 +107,13 @@ class Access:
             request.principal = Principal("prometheus", "admin", via="metrics_token")
             return None
         if self.verifier is None:
+            if not self.host_allowed(request.headers.get("host", "")):
+                self.m_denied.inc(reason="host")
+                log.info("refused %s %s from %s: Host %r is not an address, a dotless name "
+                         "or a host of auth.allowed_origins", request.method, request.path,
+                         request.remote, request.headers.get("host", "")[:100])
+                return _json(403, "this hub has no sign-in: it answers only to an IP address, "
+                                  "a dotless name or a host of auth.allowed_origins in Host")
             request.principal = ANONYMOUS_ADMIN
             return None
         try:
@@ -198,6 +213,26 @@ class Access:
         host = request.headers.get("host", "").strip().lower()
         scheme = "https" if request.secure else "http"
         return bool(host) and parts.scheme == scheme and parts.netloc == host
+
+    def host_allowed(self, host_header: str) -> bool:
+        """Whether a hub without sign-in answers a request with this ``Host``: an IP
+        address or a name without a dot (``localhost``, ``hub``: no attacker's DNS answers
+        for those), a host of ``auth.allowed_origins`` (the administrator's own names), or
+        none at all."""
+        host = host_header.strip().lower()
+        if not host:  # HTTP/1.0 scripts; a browser always sends Host
+            return True
+        if host.startswith("["):  # [v6]:port
+            host = host[1:].partition("]")[0]
+        elif host.count(":") == 1:
+            host = host.partition(":")[0]
+        if "." not in host or host in self.hosts:  # localhost, a hosts-file or search-domain
+            return True  # name: nothing an attacker's DNS answers for (no dotless domains)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return True
 
     def _unauthenticated(self, request: Request, reason: str) -> Response:
         self.m_denied.inc(reason="unauthenticated")

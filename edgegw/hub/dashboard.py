@@ -25,6 +25,13 @@ _TYPES = {
     ".ico": "image/x-icon",
 }
 
+# No other site may frame the dashboard: its Acknowledge buttons would be a click away
+# under a decoy page (clickjacking).  SameSite=Strict keeps the session cookie out of a
+# cross-site frame, but a hub without sign-in, or behind an SSO proxy whose own cookie
+# the browser does send, would serve it signed in.  nosniff: a file is only its own type.
+_HEADERS = (("content-security-policy", "frame-ancestors 'none'"),
+            ("x-frame-options", "DENY"), ("x-content-type-options", "nosniff"))
+
 
 class Dashboard:
     def __init__(self, static_dir: Path = STATIC_DIR) -> None:
@@ -42,13 +49,16 @@ class Dashboard:
         return await self._file(request.path.removeprefix("/static/"))
 
     async def _file(self, name: str) -> Response:
-        # One level, plain names only: no way out of the static directory.
-        if not name or "/" in name or "\\" in name or name.startswith("."):
+        # One level, plain names only: no way out of the static directory.  No ":" either:
+        # on Windows "C:name" is a path on another drive, which "/" would not catch.
+        if not name or any(c in name for c in "/\\:") or name.startswith("."):
             return Response(404, b"not found", "text/plain")
         cached = self._cache.get(name)
         if cached is None:
             path = trio.Path(self.static_dir / name)
-            if not await path.is_file():
+            # a file of this directory itself: not a symbolic link to one elsewhere
+            if not await path.is_file() or (await path.resolve()).parent != (
+                    await trio.Path(self.static_dir).resolve()):
                 return Response(404, b"not found", "text/plain")
             body = await path.read_bytes()
             suffix = Path(name).suffix
@@ -56,4 +66,4 @@ class Dashboard:
                      or "application/octet-stream")
             cached = self._cache[name] = (body, ctype)
         body, ctype = cached
-        return Response(200, body, ctype)
+        return Response(200, body, ctype, list(_HEADERS))
