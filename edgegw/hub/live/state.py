@@ -182,12 +182,13 @@ def _check_range(*numbers: Any) -> None:
 #: counted, and every later snapshot of its lot raised (Python prints no int past 4,300
 #: digits) -- the fan-out's tick, every client's, failed from then on.
 _INT_LIMIT = (1 << 63) - 1
+_INT_MIN = -_INT_LIMIT - 1
 
 
 def _check_ints(rec: Any) -> None:
     """Before anything is counted: no top-level field an integer past 64 bits."""
     for v in rec:
-        if type(v) is int and not -_INT_LIMIT - 1 <= v <= _INT_LIMIT:
+        if type(v) is int and not _INT_MIN <= v <= _INT_LIMIT:
             raise BadRecord(f"an integer field past 64 bits ({v.bit_length()} bits)")
 
 
@@ -692,6 +693,7 @@ class LiveState:
         parametric, part = ParametricResult, PartResult
         num, bad_flags, isfinite = (float, int), BAD_VALUE_FLAGS, math.isfinite
         bad_parm = BAD_PARM_FLAGS
+        lo_int, hi_int = _INT_MIN, _INT_LIMIT
         ts_max = batch.ts
         skipped = dropped = 0
         # the pending list of the last parametric result's (lot, head, site); forgotten
@@ -705,13 +707,18 @@ class LiveState:
                 (_, ts, lot_id, head, site, _, test_num, test_txt, value, lo, hi, units,
                  passed, test_flag, parm_flag) = rec
                 lot = stats = None
+                # (head and site make its site's key, shown in snapshots: a bignum there
+                # broke every later tick; a frame's columns are range-checked at once)
                 if plain or (type(lot_id) is str and type(test_num) is int
                              and type(ts) in num and type(head) is int
                              and type(site) is int and type(test_flag) is int
                              and type(parm_flag) is int
                              and (value is None or type(value) is float)
                              and (lo is None or type(lo) in num)
-                             and (hi is None or type(hi) in num)):
+                             and (hi is None or type(hi) in num)
+                             and lo_int <= head <= hi_int and lo_int <= site <= hi_int
+                             and lo_int <= test_flag <= hi_int
+                             and lo_int <= parm_flag <= hi_int):
                     lot = lots.get(lot_id)
                     if lot is not None:
                         stats = lot.tests.get(test_num)
@@ -1534,6 +1541,8 @@ _chain = itertools.chain.from_iterable
 _PLAIN_PARAMETRIC = {1: {float, int}, 2: {str}, 3: {int}, 4: {int}, 6: {int},
                      8: {float, type(None)}, 9: {float, int, type(None)},
                      10: {float, int, type(None)}, 13: {int}, 14: {int}}
+#: the integer columns among them: head, site, test_num, test_flag, parm_flag
+_INT_PARAMETRIC = (3, 4, 6, 13, 14)
 
 
 def _keep_time(times: deque[float], ts: float) -> None:
@@ -1554,11 +1563,21 @@ _NO_ROOM: list[Any] = [None] * PENDING_PER_SITE
 
 def _plain_parametric(columns: list[Any]) -> bool:
     """Whether a frame's parametric results' columns hold only the types the inline apply
-    takes without a check per record (most frames: one ``map`` per column, in C)."""
+    takes without a check per record (most frames: one ``map`` per column, in C), and
+    their integer columns only integers of 64 bits (docs/protocol.md section 2: a CBOR
+    bignum as a site was counted inline, and every later tick of the fan-out raised):
+    ``min`` and ``max`` of a column, in C, not a comparison per record in Python."""
     for i, allowed in _PLAIN_PARAMETRIC.items():
         col = columns[i]
         if not (type(col[0]) in allowed if type(col) is tuple
                 else set(map(type, col)) <= allowed):
+            return False
+    for i in _INT_PARAMETRIC:
+        col = columns[i]  # (only ints, checked above)
+        if type(col) is tuple:
+            if not _INT_MIN <= col[0] <= _INT_LIMIT:
+                return False
+        elif min(col) < _INT_MIN or max(col) > _INT_LIMIT:
             return False
     return True
 
