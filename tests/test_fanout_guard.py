@@ -83,27 +83,18 @@ def test_a_topic_that_cannot_be_built_or_encoded_stops_only_itself() -> None:
 
 
 def ptr(
-    test_num: int, site: Any = 1, head: Any = 1, flag: Any = 0, parm_flag: Any = 0
+    test_num: int,
+    site: Any = 1,
+    head: Any = 1,
+    flag: Any = 0,
+    parm_flag: Any = 0,
+    text: Any = "t",
+    units: Any = "V",
+    ts: Any = 1.5,
 ) -> list[Any]:
     """A parametric result (v1 row) of lot L1, part p."""
-    return [
-        6,
-        0,
-        1.5,
-        "L1",
-        head,
-        site,
-        "p",
-        test_num,
-        "t",
-        1.0,
-        0.0,
-        2.0,
-        "V",
-        True,
-        flag,
-        parm_flag,
-    ]
+    return [6, 0, ts, "L1", head, site, "p", test_num, text, 1.0, 0.0, 2.0, units, True,
+            flag, parm_flag]  # fmt: skip
 
 
 def columnar(first_rid: int, records: list[list[Any]]) -> list[Any]:
@@ -125,14 +116,11 @@ async def test_a_bignum_site_head_or_flag_of_an_existing_test_is_a_bad_record(
     flags were not checked: a bignum site or head was counted, its test's every later
     snapshot and delta raised, and the fan-out's tick failed for every client from then
     on.  Now each such record is a bad record -- in rows (v1) and in columns (v2) --, its
-    test's figures are unchanged and every topic streams."""
-    bad = [
-        ptr(1000, site=BIG),
-        ptr(1000, head=BIG),
-        ptr(1000, flag=BIG),
-        ptr(1000, parm_flag=BIG),
-        ptr(1000, site=-BIG),
-    ]
+    test's figures are unchanged and every topic streams.  (Its text and units, kept for
+    its snapshot, and the record's time, were not type- or range-checked there either.)"""
+    bad = [ptr(1000, site=BIG), ptr(1000, head=BIG), ptr(1000, flag=BIG),
+           ptr(1000, parm_flag=BIG), ptr(1000, site=-BIG), ptr(1000, text=BIG),
+           ptr(1000, units=BIG), ptr(1000, ts=BIG)]  # fmt: skip
     async with running_hub(tmp_path) as port:
         async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/gateway") as gw:
             await gw.send_message(hello([1, 2]))
