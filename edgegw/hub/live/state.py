@@ -1541,10 +1541,14 @@ _chain = itertools.chain.from_iterable
 
 #: the types each field of a parametric result's may have for the inline apply: by index
 #: in the record (ts, lot id, head, site, test number and text, value, limits, units, test
-#: flags); an integer among them must fit 64 bits
+#: flags)
 _PLAIN_PARAMETRIC = {1: {float, int}, 2: {str}, 3: {int}, 4: {int}, 6: {int}, 7: {str},
                      8: {float, type(None)}, 9: {float, int, type(None)},
                      10: {float, int, type(None)}, 11: {str}, 13: {int}, 14: {int}}
+#: those whose integers must fit 64 bits, checked a column at a time: ts, head, site and
+#: flags (a test number past them names no test the lot has: not inline, so checked per
+#: record; a limit past the float range is checked inline)
+_RANGED = frozenset({1, 3, 4, 13, 14})
 
 
 def _keep_time(times: deque[float], ts: float) -> None:
@@ -1573,14 +1577,15 @@ def _plain_parametric(columns: list[Any]) -> bool:
         col = columns[i]
         if type(col) is tuple:
             t = type(col[0])
-            if t not in allowed or (t is int and not _INT_MIN <= col[0] <= _INT_LIMIT):
+            if t not in allowed or (t is int and i in _RANGED
+                                    and not _INT_MIN <= col[0] <= _INT_LIMIT):
                 return False
         else:
             types = set(map(type, col))
             if not types <= allowed:
                 return False
-            if int in types:
-                # (ints among floats or None -- a limit, a time -- are rare: a Python pass)
+            if int in types and i in _RANGED:
+                # (ints among floats -- a time -- are rare: a Python pass)
                 ints = col if len(types) == 1 else [v for v in col if type(v) is int]
                 if min(ints) < _INT_MIN or max(ints) > _INT_LIMIT:
                     return False
