@@ -54,8 +54,21 @@ from .encoding import Encoding, decode_client_message
 log = logging.getLogger("edgegw.hub.live")
 
 
+#: a topic's item this tick could not be built (``LiveHub._topic_failed``): not tried again
+_FAILED = Item(("failed",), {})
+
 #: offsets of swept channels remembered by topic; beyond, one floor for every new channel
 MAX_TOMBSTONES = 1024
+#: ``resume`` entries of topics the hub does not have (yet) kept per client (``resume_later``):
+#: beyond, the oldest are dropped -- such a topic, when it appears, comes as a snapshot.
+#: Unbounded, one client's 256 patterns, each subscribed in a 256 KiB request of resume
+#: entries, held hundreds of MB.  An entry is kept only for a topic of at most
+#: ``MAX_RESUME_TOPIC`` characters (no topic of a floor is near it); an epoch that is not a
+#: string of at most ``MAX_RESUME_EPOCH`` characters (no hub's is) is kept as None: it
+#: matches no epoch, as it would not have
+MAX_RESUME_LATER = 1024
+MAX_RESUME_TOPIC = 1024
+MAX_RESUME_EPOCH = 128
 #: topics whose ``wanted`` answer is kept; beyond, the cache starts afresh (a floor's
 #: tests alone are 10,000s of topics, each answer a few pattern matches to redo)
 MAX_WANTED_CACHE = 65_536
@@ -167,6 +180,12 @@ class LiveHub:
                                                "clients closed (4401) when their token expired")
         self._m_resync = self.metrics.counter("live_resyncs_total",
                                               "snapshots sent because deltas were not recoverable")
+        self._m_resume_dropped = self.metrics.counter(
+            "live_resumes_dropped_total",
+            "resume entries of topics the hub lacked, not kept (per-client bound)")
+        self._m_topic_errors = self.metrics.counter(
+            "live_topic_errors_total",
+            "topic snapshots or deltas the tick failed to build or encode, by stage")
         self.metrics.add_collector(self._collect)
         self._g_clients = self.metrics.gauge("live_clients", "connected /ws/live clients")
         self._g_queue = self.metrics.gauge("live_queue_depth_max",
@@ -451,7 +470,25 @@ class LiveHub:
         # over the view the client holds (a silent gap).
         for topic, where in positions.items():
             if topic not in known and matches_new(topic):
-                client.resume_later[topic] = where
+                self._keep_resume(client, topic, where)
+
+    def _keep_resume(self, client: Client, topic: str, where: tuple[Any, int]) -> None:
+        """Keep ``client``'s resume of ``topic`` until the topic appears: bounded
+        (``MAX_RESUME_LATER`` entries, the oldest dropped; ``MAX_RESUME_TOPIC``,
+        ``MAX_RESUME_EPOCH``)."""
+        later = client.resume_later
+        if len(topic) > MAX_RESUME_TOPIC:
+            self._m_resume_dropped.inc()
+            return
+        epoch, offset = where
+        if type(epoch) is not str or len(epoch) > MAX_RESUME_EPOCH:
+            epoch = None  # no hub's epoch: it resyncs (epoch_changed) as it would have
+        later.pop(topic, None)  # the newest last
+        # (an offset past 2^63 is as far ahead as any: a bignum's bytes are not kept)
+        later[topic] = (epoch, min(offset, 1 << 63))
+        while len(later) > MAX_RESUME_LATER:
+            del later[next(iter(later))]
+            self._m_resume_dropped.inc()
 
     def _unsubscribe(self, client: Client, message: dict[str, Any], now: float) -> None:
         patterns = self._patterns_of(message)
@@ -562,8 +599,18 @@ class LiveHub:
                 channel.pending = []
                 channel.ts_min = channel.ts_max = None
                 continue
-            # Alert channels are event streams: their deltas are sent as they are, in order.
-            deltas = list(channel.pending) if channel.event_like else coalesce(channel.pending)
+            try:
+                # Alert channels are event streams: their deltas go as they are, in order.
+                deltas = (list(channel.pending) if channel.event_like
+                          else coalesce(channel.pending))
+            except Exception:
+                # One topic's failure, not the tick's: its followers get a snapshot.
+                self._topic_failed(channel.topic, "delta")
+                for client in channel.subscribers:
+                    self._topic_broken(client, channel.topic, self._attention)
+                channel.pending = []
+                channel.ts_min = channel.ts_max = None
+                continue
             message: dict[str, Any] = {
                 "type": "delta", "topic": channel.topic,
                 "epoch": self.epoch if self.epoch_of is None else self.epoch_of(channel.topic),
@@ -639,10 +686,16 @@ class LiveHub:
                     items = group[2]
                     if items:  # _send_items, its lookups done once per group
                         style = (client.encoding.name, client.deflate)
-                        frame = group[4].get(style)
-                        if frame is None:
-                            frame = group[4][style] = self._frame(
+                        built = group[4].get(style)
+                        if built is None:
+                            built = group[4][style] = self._frame(
                                 client, items, wall, frames_cache, group[3])
+                        frame, failed = built
+                        if failed:
+                            for topic in failed:
+                                self._topic_broken(client, topic, keep)
+                            if frame is None:
+                                continue
                         if client.busy_since is None:
                             client.busy_since = now
                         client.queue.append((frame, True))
@@ -655,7 +708,7 @@ class LiveHub:
             if deferred:
                 keep.add(client)
             if items:
-                self._send_items(client, items, now, wall, frames_cache, woken)
+                self._send_items(client, items, now, wall, frames_cache, woken, keep)
         self._attention = keep
         self._m_frames.inc(len(woken))
         encoded = sum(len(i._encoded) for i in items_cache.values())
@@ -665,29 +718,69 @@ class LiveHub:
 
     def _send_items(self, client: Client, items: list[Item], now: float, wall: float,
                     frames_cache: dict[tuple[Any, ...], Any], woken: list[Client],
-                    item_keys: tuple[Any, ...] | None = None) -> None:
+                    keep: set[Client]) -> None:
         """Queue one batch frame of ``items`` for ``client``; a frame with the same items
         and encoding is built (encoded, WebSocket-framed) once per tick."""
-        frame = self._frame(client, items, wall, frames_cache, item_keys)
+        frame, failed = self._frame(client, items, wall, frames_cache)
+        for topic in failed:
+            self._topic_broken(client, topic, keep)
+        if frame is None:
+            return
         self._enqueue(client, now, frame, update=True)
         client.items_sent += len(items)
         woken.append(client)
 
     def _frame(self, client: Client, items: list[Item], wall: float,
                frames_cache: dict[tuple[Any, ...], Any],
-               item_keys: tuple[Any, ...] | None = None) -> Any:
+               item_keys: tuple[Any, ...] | None = None) -> tuple[Any, tuple[str, ...]]:
         """The batch frame of ``items`` in the client's encoding, built (encoded,
-        WebSocket-framed) once per tick."""
+        WebSocket-framed) once per tick, and the topics of the items that could not be
+        encoded (left out of it; None for the frame when no item could be)."""
         if item_keys is None:
             item_keys = tuple(item.key for item in items)
         key = (client.encoding.name, client.deflate, *item_keys)
-        frame = frames_cache.get(key)
-        if frame is None:
-            encoded = [item.encoded(client.encoding) for item in items]
-            prepare = self.prepare_deflated if client.deflate else self.prepare
-            frame = frames_cache[key] = prepare(client.encoding.batch(wall, encoded))
-            self._m_encodes.inc(kind="frame")
-        return frame
+        built = frames_cache.get(key)
+        if built is None:
+            encoding = client.encoding
+            failed: tuple[str, ...] = ()
+            try:
+                encoded = [item.encoded(encoding) for item in items]
+            except Exception:
+                # A failure boundary per topic: the items that encode go out.
+                encoded = []
+                for item in items:
+                    try:
+                        encoded.append(item.encoded(encoding))
+                    except Exception:
+                        topic = item.message["topic"]
+                        self._topic_failed(topic, "encode")
+                        failed += (topic,)
+            frame = None
+            if encoded:
+                prepare = self.prepare_deflated if client.deflate else self.prepare
+                frame = prepare(encoding.batch(wall, encoded))
+                self._m_encodes.inc(kind="frame")
+            built = frames_cache[key] = (frame, failed)
+        return built
+
+    def _topic_failed(self, topic: str, stage: str) -> None:
+        """Building (``stage``: ``delta``, ``snapshot``) or encoding (``encode``) one
+        topic's item raised: a hub bug, or a value in the live state no check caught (a
+        CBOR bignum as a site once broke every later tick, for every client).  Counted,
+        logged (rate-limited); the caller resyncs the topic's clients -- nothing else."""
+        self._m_topic_errors.inc(stage=stage)
+        report_internal_error(self.metrics, "live_topic", log,
+                              "the %s of live topic %.200s", stage, topic)
+
+    def _topic_broken(self, client: Client, topic: str, keep: set[Client]) -> None:
+        """``client`` did not get ``topic``'s item this tick: a snapshot of it next tick,
+        marked ``resync: hub_error`` (tried again once the topic changes, if it failed)."""
+        if topic not in client.positions:
+            return
+        client.positions[topic] = None
+        client.resync[topic] = "hub_error"
+        client.todo.add(topic)
+        keep.add(client)
 
     def _discount_pause(self, now: float) -> None:
         """A stall is time a client's write made no progress while the hub could write.
@@ -769,22 +862,29 @@ class LiveHub:
                 if item is None:
                     deltas = channel.deltas_after(position)
                     if deltas is not None:
-                        item = cache[key] = Item(key, {
-                            "type": "delta", "topic": topic, "epoch": self.epoch
-                            if self.epoch_of is None else self.epoch_of(topic),
-                            "from": position, "offset": channel.offset,
-                            "data": deltas if channel.event_like else coalesce(deltas),
-                            "n": len(deltas),
-                        })
-                if item is not None:
+                        try:
+                            data = deltas if channel.event_like else coalesce(deltas)
+                        except Exception:
+                            self._topic_failed(topic, "delta")
+                            item = cache[key] = _FAILED
+                        else:
+                            item = cache[key] = Item(key, {
+                                "type": "delta", "topic": topic, "epoch": self.epoch
+                                if self.epoch_of is None else self.epoch_of(topic),
+                                "from": position, "offset": channel.offset,
+                                "data": data, "n": len(deltas),
+                            })
+                if item is not None and item is not _FAILED:
                     items.append(item)
                     client.positions[topic] = channel.offset
                     continue
-                client.resync[topic] = "history_truncated"
+                client.resync[topic] = "history_truncated" if item is None else "hub_error"
                 client.positions[topic] = position = None
             reason = client.resync.get(topic)
             key = ("s", topic, reason)
             item = cache.get(key)
+            if item is _FAILED:
+                continue  # tried this tick: again once the topic changes
             if item is None:
                 if self._snapshot_budget <= 0:
                     # Snapshots are built in the tick, which every client waits for: a
@@ -792,7 +892,16 @@ class LiveHub:
                     # rather than delaying everyone's next frame.
                     deferred.add(topic)
                     continue
-                data = self.source.snapshot(topic)
+                try:
+                    data = self.source.snapshot(topic)
+                except Exception:
+                    # The topic's failure: its position stays None, and the snapshot is
+                    # tried again when its channel next has deltas (or the client resumes).
+                    self._topic_failed(topic, "snapshot")
+                    self._snapshot_budget -= 1
+                    client.resync[topic] = reason or "hub_error"
+                    cache[key] = _FAILED
+                    continue
                 self._snapshot_budget -= delta_rows(data) if data else 1
                 message: dict[str, Any] = {
                     "type": "snapshot", "topic": topic, "epoch": self.epoch

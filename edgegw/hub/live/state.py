@@ -182,12 +182,13 @@ def _check_range(*numbers: Any) -> None:
 #: counted, and every later snapshot of its lot raised (Python prints no int past 4,300
 #: digits) -- the fan-out's tick, every client's, failed from then on.
 _INT_LIMIT = (1 << 63) - 1
+_INT_MIN = -_INT_LIMIT - 1
 
 
 def _check_ints(rec: Any) -> None:
     """Before anything is counted: no top-level field an integer past 64 bits."""
     for v in rec:
-        if type(v) is int and not -_INT_LIMIT - 1 <= v <= _INT_LIMIT:
+        if type(v) is int and not _INT_MIN <= v <= _INT_LIMIT:
             raise BadRecord(f"an integer field past 64 bits ({v.bit_length()} bits)")
 
 
@@ -692,6 +693,7 @@ class LiveState:
         parametric, part = ParametricResult, PartResult
         num, bad_flags, isfinite = (float, int), BAD_VALUE_FLAGS, math.isfinite
         bad_parm = BAD_PARM_FLAGS
+        lo_int, hi_int = _INT_MIN, _INT_LIMIT
         ts_max = batch.ts
         skipped = dropped = 0
         # the pending list of the last parametric result's (lot, head, site); forgotten
@@ -705,13 +707,21 @@ class LiveState:
                 (_, ts, lot_id, head, site, _, test_num, test_txt, value, lo, hi, units,
                  passed, test_flag, parm_flag) = rec
                 lot = stats = None
+                # (head and site make its site's key, the test's text and units are kept:
+                # all shown in snapshots -- a bignum site broke every later tick; a frame's
+                # columns are checked a column at a time, ``_plain_parametric``)
                 if plain or (type(lot_id) is str and type(test_num) is int
                              and type(ts) in num and type(head) is int
                              and type(site) is int and type(test_flag) is int
                              and type(parm_flag) is int
+                             and type(test_txt) is str and type(units) is str
                              and (value is None or type(value) is float)
                              and (lo is None or type(lo) in num)
-                             and (hi is None or type(hi) in num)):
+                             and (hi is None or type(hi) in num)
+                             and lo_int <= head <= hi_int and lo_int <= site <= hi_int
+                             and lo_int <= test_flag <= hi_int
+                             and lo_int <= parm_flag <= hi_int
+                             and (type(ts) is float or lo_int <= ts <= hi_int)):
                     lot = lots.get(lot_id)
                     if lot is not None:
                         stats = lot.tests.get(test_num)
@@ -1530,10 +1540,15 @@ _islice = itertools.islice
 _chain = itertools.chain.from_iterable
 
 #: the types each field of a parametric result's may have for the inline apply: by index
-#: in the record (ts, lot id, head, site, test number, value, limits, test flags)
-_PLAIN_PARAMETRIC = {1: {float, int}, 2: {str}, 3: {int}, 4: {int}, 6: {int},
+#: in the record (ts, lot id, head, site, test number and text, value, limits, units, test
+#: flags)
+_PLAIN_PARAMETRIC = {1: {float, int}, 2: {str}, 3: {int}, 4: {int}, 6: {int}, 7: {str},
                      8: {float, type(None)}, 9: {float, int, type(None)},
-                     10: {float, int, type(None)}, 13: {int}, 14: {int}}
+                     10: {float, int, type(None)}, 11: {str}, 13: {int}, 14: {int}}
+#: those whose integers must fit 64 bits, checked a column at a time: ts, head, site and
+#: flags (a test number past them names no test the lot has: not inline, so checked per
+#: record; a limit past the float range is checked inline)
+_RANGED = frozenset({1, 3, 4, 13, 14})
 
 
 def _keep_time(times: deque[float], ts: float) -> None:
@@ -1554,12 +1569,26 @@ _NO_ROOM: list[Any] = [None] * PENDING_PER_SITE
 
 def _plain_parametric(columns: list[Any]) -> bool:
     """Whether a frame's parametric results' columns hold only the types the inline apply
-    takes without a check per record (most frames: one ``map`` per column, in C)."""
+    takes without a check per record (most frames: one ``map`` per column, in C), and
+    their integers only integers of 64 bits (docs/protocol.md section 2: a CBOR bignum as
+    a site was counted inline, and every later tick of the fan-out raised): ``min`` and
+    ``max`` of a column that holds any, in C, not a comparison per record in Python."""
     for i, allowed in _PLAIN_PARAMETRIC.items():
         col = columns[i]
-        if not (type(col[0]) in allowed if type(col) is tuple
-                else set(map(type, col)) <= allowed):
-            return False
+        if type(col) is tuple:
+            t = type(col[0])
+            if t not in allowed or (t is int and i in _RANGED
+                                    and not _INT_MIN <= col[0] <= _INT_LIMIT):
+                return False
+        else:
+            types = set(map(type, col))
+            if not types <= allowed:
+                return False
+            if int in types and i in _RANGED:
+                # (ints among floats -- a time -- are rare: a Python pass)
+                ints = col if len(types) == 1 else [v for v in col if type(v) is int]
+                if min(ints) < _INT_MIN or max(ints) > _INT_LIMIT:
+                    return False
     return True
 
 
