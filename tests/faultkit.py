@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,15 @@ class Hub(_Process):
 
     def stats(self) -> dict[str, Any]:
         return get_json(f"{self.url}/api/stats")["gateways"].get(GATEWAY, {})
+
+    def metric(self, name: str, *labels: str) -> float:
+        """The sum of ``name``'s samples on /metrics whose labels include every one of
+        ``labels``."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=2) as r:
+            lines = r.read().decode().splitlines()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+                   if line.startswith((name + "{", name + " "))
+                   and all(label in line for label in labels))
 
 
 class Gateway(_Process):

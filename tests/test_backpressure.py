@@ -12,7 +12,6 @@ section 7, docs/reliability.md "Backpressure is not silence").  The real process
 
 from __future__ import annotations
 
-import urllib.request
 from pathlib import Path
 
 import cbor2
@@ -36,15 +35,6 @@ SOURCE = {"parts_per_second": 1000, "max_parts": 6000, "seed": 11, "wafers": 200
 STALL_S = 4.0  # one commit this long: twice the heartbeat timeout (2 x 1 s) and more
 
 
-def metric(hub: Hub, name: str, *labels: str) -> float:
-    """The sum of ``name``'s samples whose labels include every one of ``labels``."""
-    with urllib.request.urlopen(f"{hub.url}/metrics", timeout=2) as r:
-        lines = r.read().decode().splitlines()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
-               if line.startswith((name + "{", name + " "))
-               and all(label in line for label in labels))
-
-
 def test_a_hub_whose_commit_stalls_mid_stream_keeps_its_gateway_connected(
         tmp_path: Path) -> None:
     """One commit takes 4 s while the gateway streams; the hub's apply queue (2 frames)
@@ -57,11 +47,11 @@ def test_a_hub_whose_commit_stalls_mid_stream_keeps_its_gateway_connected(
     expected = expected_records(**SOURCE)
     try:
         # the stall happened: frames waited longer than the heartbeat timeout to commit
-        wait_for(lambda: metric(hub, "edgegw_hub_frame_apply_seconds_count")
-                 - metric(hub, "edgegw_hub_frame_apply_seconds_bucket", 'le="2.5"') > 0,
+        wait_for(lambda: hub.metric("edgegw_hub_frame_apply_seconds_count")
+                 - hub.metric("edgegw_hub_frame_apply_seconds_bucket", 'le="2.5"') > 0,
                  timeout=60, interval=0.1)
         wait_all_applied(hub, gw, len(expected))
-        assert metric(hub, "edgegw_hub_protocol_errors_total",
+        assert hub.metric("edgegw_hub_protocol_errors_total",
                       'reason="heartbeat_timeout"') == 0
         gw_metrics = gw.stats()["metrics"]
         assert gw_metrics.get("uplink_failures_total", 0) in (0, {}), gw_metrics
@@ -94,8 +84,8 @@ def test_a_gateway_that_dies_while_a_commit_hangs_is_reported_gone_before_it_ret
         # a few heartbeats (1 s), well before the hung commit returns
         wait_for(lambda: not hub.stats().get("connected"), timeout=HUNG_S / 3,
                  interval=0.1)
-        assert metric(hub, "edgegw_hub_frame_apply_seconds_count") == 0  # still hung
-        assert metric(hub, "edgegw_hub_protocol_errors_total",
+        assert hub.metric("edgegw_hub_frame_apply_seconds_count") == 0  # still hung
+        assert hub.metric("edgegw_hub_protocol_errors_total",
                       'reason="heartbeat_timeout"') == 0  # found by TCP, not by silence
     finally:
         hub.kill()  # its commit hangs: no clean stop to wait for

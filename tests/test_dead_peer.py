@@ -28,7 +28,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -129,15 +128,6 @@ def sh(*command: str) -> None:
     subprocess.run(command, check=True, capture_output=True)
 
 
-def metric(hub: Hub, name: str, *labels: str) -> float:
-    """The sum of ``name``'s samples whose labels include every one of ``labels``."""
-    with urllib.request.urlopen(f"{hub.url}/metrics", timeout=2) as r:
-        lines = r.read().decode().splitlines()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
-               if line.startswith((name + "{", name + " "))
-               and all(label in line for label in labels))
-
-
 def namespace_holder() -> tuple[subprocess.Popen[bytes], tuple[str, ...]]:
     """A new network namespace, held by a sleeping process: it and the command prefix that
     runs a program in it."""
@@ -210,8 +200,8 @@ def cable_pulled_while_a_commit_hangs(tmp: Path) -> None:
             wait_for(lambda: not hub.stats().get("connected"), timeout=GONE_WITHIN_S,
                      interval=0.05)
             print(f"hub reported the gateway gone {time.monotonic() - cut:.2f} s after the cut")
-            assert metric(hub, "edgegw_hub_frame_apply_seconds_count") == 0  # still hung
-            assert metric(hub, "edgegw_hub_protocol_errors_total",
+            assert hub.metric("edgegw_hub_frame_apply_seconds_count") == 0  # still hung
+            assert hub.metric("edgegw_hub_protocol_errors_total",
                           'reason="heartbeat_timeout"') == 0  # found by TCP, not by silence
             time.sleep(2 * HEARTBEAT_S + 1)  # the gateway's own verdict: the hub is silent
             cable(pulled=False)

@@ -162,26 +162,38 @@ async def test_a_lot_appended_after_a_dtr_or_gdr_that_follows_the_mrr_is_read_on
     each_once(sink, {1: first, 2: second})
 
 
+async def appended_forwarding_raw(tmp_path: Path, first: bytes, later: bytes, when: str
+                                  ) -> tuple[Path, Path, Sink, TailSource]:
+    """A file holding ``first`` read with ``forward_raw`` (``when``: still listed by the
+    checkpoint, or folded into the registry), then ``later`` appended to it while the tail
+    runs or while it is stopped (a restart from the checkpoint), and read: the directory,
+    the state directory, the sink and the running source."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    path = directory / "retest.stdf"
+    path.write_bytes(first)
+    sink = Sink(state)
+    fold_after = 0 if when.endswith("folded") else 3600
+    source = start(directory, state, None, forward_raw=True, fold_after=fold_after)
+    await (read_and_fold(source, sink) if fold_after == 0 else polls(source, sink))
+    if when.startswith("stopped"):
+        await crash(source)
+        append(path, later)
+        source = start(directory, state, sink.checkpoint, forward_raw=True,
+                       fold_after=fold_after)
+    else:
+        append(path, later)
+    await polls(source, sink)
+    return directory, state, sink, source
+
+
 @pytest.mark.parametrize("when", ["running", "stopped, folded"])
 async def test_with_forward_raw_a_dtr_read_with_the_mrr_is_not_sent_again_with_the_lot(
         tmp_path: Path, when: str) -> None:
     """``forward_raw``: a read sends a DTR after an MRR as a raw record, as it met it; the
     lot appended after it later is read from its FAR, so the DTR is not sent twice."""
-    directory, state = tmp_path / "watched", tmp_path / "state"
-    directory.mkdir()
-    path = directory / "retest.stdf"
-    path.write_bytes(lot(1) + notes("DTR"))
-    sink = Sink(state)
-    folded = when.endswith("folded")
-    source = start(directory, state, None, forward_raw=True, fold_after=0 if folded else 3600)
-    await (read_and_fold(source, sink) if folded else polls(source, sink))
-    if folded:
-        await crash(source)
-        append(path, lot(2))
-        source = start(directory, state, sink.checkpoint, forward_raw=True)
-    else:
-        append(path, lot(2))
-    await polls(source, sink)
+    _, _, sink, source = await appended_forwarding_raw(
+        tmp_path, lot(1) + notes("DTR"), lot(2), when)
     await crash(source)
     assert lot_ids(sink.records) == {"L001": 1, "L002": 1}
     assert [r.fields["TEXT_DAT"] for r in sink.records
@@ -649,23 +661,9 @@ async def test_with_forward_raw_a_dtr_that_arrives_with_the_appended_lot_is_sent
     are forwarded with that lot -- each once, in file order, running or after a restart,
     and a restart after that forwards nothing again.  Before: the later ones were not
     forwarded at all."""
-    directory, state = tmp_path / "watched", tmp_path / "state"
-    directory.mkdir()
-    path = directory / "retest.stdf"
-    path.write_bytes(lot(1) + dtr("first lot's end"))
-    sink = Sink(state)
-    folded = when.endswith("folded")
-    source = start(directory, state, None, forward_raw=True, fold_after=0 if folded else 3600)
-    await (read_and_fold(source, sink) if folded else polls(source, sink))
-    later = dtr("merged later") + notes("GDR") + lot(2)
-    if when.startswith("stopped"):
-        await crash(source)
-        append(path, later)
-        source = start(directory, state, sink.checkpoint, forward_raw=True,
-                       fold_after=0 if folded else 3600)
-    else:
-        append(path, later)
-    await polls(source, sink)
+    directory, state, sink, source = await appended_forwarding_raw(
+        tmp_path, lot(1) + dtr("first lot's end"),
+        dtr("merged later") + notes("GDR") + lot(2), when)
     await crash(source)
     source = start(directory, state, sink.checkpoint, forward_raw=True)
     await read_and_fold(source, sink)

@@ -128,6 +128,15 @@ class _SqliteRows:
             wafer_row(lot_id, wafer_id, snap))
 
 
+
+def _queue_outbox(db: sqlite3.Connection,
+                  rows: list[tuple[str, str, str, float]]) -> set[tuple[str, str]]:
+    """Inserts webhook outbox rows (an existing row is never overwritten: its
+    ``queued_at`` and outcome stand) and returns the ``(url, event_key)`` of those written."""
+    return {(url, key) for url, key, payload, at in rows if db.execute(
+        "INSERT OR IGNORE INTO webhook_outbox (url, event_key, payload, queued_at)"
+        " VALUES (?, ?, ?, ?)", (url, key, payload, at)).rowcount == 1}
+
 class HistoryStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -162,9 +171,7 @@ class HistoryStore:
         assert db is not None
         db.execute("BEGIN IMMEDIATE")
         try:
-            queued = {(url, key) for url, key, payload, at in outbox if db.execute(
-                "INSERT OR IGNORE INTO webhook_outbox (url, event_key, payload, queued_at)"
-                " VALUES (?, ?, ?, ?)", (url, key, payload, at)).rowcount == 1}
+            queued = _queue_outbox(db, outbox)
             db.executemany(
                 "INSERT OR REPLACE INTO alerts (id, priority, rule, raised_at, acknowledged, data)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -206,9 +213,7 @@ class HistoryStore:
         assert db is not None
         db.execute("BEGIN IMMEDIATE")
         try:
-            queued = {(url, key) for url, key, payload, at in rows if db.execute(
-                "INSERT OR IGNORE INTO webhook_outbox (url, event_key, payload, queued_at)"
-                " VALUES (?, ?, ?, ?)", (url, key, payload, at)).rowcount == 1}
+            queued = _queue_outbox(db, rows)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
