@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from edgegw.hub.live import LiveState
 from edgegw.protocol import Ack, decode, encode_body
 from edgegw.records import LotEnd, SensorReading, SensorWindow
 from edgegw.sim import stdf_file_bytes
+from edgegw.sources import TailSource
 from edgegw.throttle import Throttle
 
 HOUR = 3600.0
@@ -289,6 +291,20 @@ async def test_files_written_after_the_clock_is_set_back_an_hour_are_read(
     assert no_ts(sink.records) == expected(lots[0]) + expected(lots[1])
 
 
+def counting_passes(source: TailSource) -> Callable[[], int]:
+    """How many passes (``poll_once``) ``source`` has completed, counted from now."""
+    passes = 0
+    poll_once = source.poll_once
+
+    async def counted(sink: Any) -> None:
+        nonlocal passes
+        await poll_once(sink)
+        passes += 1
+
+    source.poll_once = counted  # type: ignore[method-assign]
+    return lambda: passes
+
+
 @pytest.mark.parametrize("registry", [
     pytest.param(False, marks=pytest.mark.xfail(
         strict=True, reason="without the registry of finished files (state_dir: the "
@@ -320,12 +336,20 @@ async def test_after_a_restart_with_the_clock_set_back_new_files_are_read_old_on
     wall.offset = 0.0  # set back while the gateway is stopped
     (files / "after.stdf").write_bytes(lots[1])
     second = CollectingSink()
+    again = tail([files], fold_after=0.2, state_dir=state, checkpoint=checkpoint)
+    passes = counting_passes(again)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            await nursery.start(tail([files], fold_after=0.2, state_dir=state,
-                                     checkpoint=checkpoint).run, second)
+            await nursery.start(again.run, second)
             await second.wait_until(lambda: len(second.of(LotEnd)) >= 1)
-            await trio.sleep(0.3)  # (a file read twice would be by now)
+            # a file read twice would be by the end of a whole pass that read nothing more
+            # (counted, not timed: a busy machine may run few passes in a while)
+            while True:
+                begun, had = passes() + 1, len(second.records)
+                while passes() <= begun:  # the pass after the one under way has ended
+                    await trio.sleep(0.01)
+                if len(second.records) == had:
+                    break
             nursery.cancel_scope.cancel()
     assert no_ts(second.records) == expected(lots[1])
 
