@@ -192,6 +192,7 @@ class LiveFanout:
         self.ticks_spaced = 0  # ticks after which the next one waited (a long tick)
         self.space_long_ticks = True  # False: back to back (bench/fanout.py --compare)
         self.tick_seconds = 0.0  # time spent in ticks, for the stats page and the bench
+        self._decided_at = 0.0  # the Trio clock of the last tick's decision (the rate cap)
         self.tick_seconds_max = 0.0  # the longest tick (its own time, not the pauses)
         self.core_seconds = 0.0  # of which deciding and encoding (the rest: writing)
         #: a tick writes for this long before it lets other tasks run (a checkpoint):
@@ -312,7 +313,12 @@ class LiveFanout:
             # later; after one that sent none, as soon as something new comes (a tick
             # with only lagging clients to look at sends nothing: it must not spin).
             quiet = not sent
-            due = began + interval if sent else trio.current_time()
+            # counted from the core's own reading of the clock (``_decide``), the one the
+            # batches' ``ts`` is read beside: from ``began`` a tick whose decision was
+            # delayed (descheduled, a batch to hand over) and a next one that was not
+            # stamped batches closer than an interval (seen: 122 ms at ui_rate 8, two busy
+            # loops beside the hub)
+            due = max(began, self._decided_at) + interval if sent else trio.current_time()
             # A tick holds the Trio thread (deciding, then a write per client): with
             # thousands of clients it can need most of the UI interval or more.  The next
             # one then waits as long as this one took, so ingest (and everything else)
@@ -403,6 +409,7 @@ class LiveFanout:
         cpu0 = time.thread_time()
         now = trio.current_time()
         woken, slow = self.core.tick(now, self._clock())
+        self._decided_at = now
         self.core_seconds += time.perf_counter() - started
         grace = now + self.config.close_grace
         sessions = self._sessions
