@@ -201,32 +201,43 @@ async def test_with_forward_raw_a_dtr_read_with_the_mrr_is_not_sent_again_with_t
                 "end of lot: merged by ate-merge 2.1"]
 
 
-async def test_a_restart_inside_a_lot_appended_after_a_dtr_resumes_it_at_its_far(
-        tmp_path: Path) -> None:
-    """The appended lot's parser starts at its FAR, past the DTR (``from``), so a restart
-    inside it re-reads it from there, and a DTR in the lot's own byte order (big-endian
-    after a little-endian lot) is passed over as well."""
+async def three_lots_restarted_inside_the_second(tmp_path: Path, lots: dict[int, bytes],
+                                                before_second: bytes = b"",
+                                                before_third: bytes = b"") -> None:
+    """A file of ``lots[1]`` read and folded; ``before_second`` and half of ``lots[2]``
+    appended and read; a crash and a restart from the checkpoint; the rest of ``lots[2]``,
+    then ``before_third`` and ``lots[3]``, appended and read: each lot exactly once."""
     directory, state = tmp_path / "watched", tmp_path / "state"
     directory.mkdir()
-    lots = {1: lot(1), 2: lot(2, ">"), 3: lot(3, ">")}
     path = directory / "retest.stdf"
     path.write_bytes(lots[1])
     sink = Sink(state)
     source = start(directory, state, None, read_size=512)
     await read_and_fold(source, sink)
     half = len(lots[2]) // 2
-    append(path, notes("DTR") + lots[2][:half])
+    append(path, before_second + lots[2][:half])
     await polls(source, sink, 1)
     listed = sink.checkpoint["files"][str(path)]
-    assert not listed["done"] and listed["from"] == len(lots[1]) + len(notes("DTR"))
+    # the lot's parser starts at its FAR (``from``), past what came before it
+    assert not listed["done"] and listed["from"] == len(lots[1]) + len(before_second)
     await crash(source)
     source = start(directory, state, sink.checkpoint, read_size=512)
     append(path, lots[2][half:])
     await read_and_fold(source, sink)
-    append(path, notes("DTR, GDR", ">") + lots[3])
+    append(path, before_third + lots[3])
     await read_and_fold(source, sink)
     await crash(source)
     each_once(sink, lots)
+
+
+async def test_a_restart_inside_a_lot_appended_after_a_dtr_resumes_it_at_its_far(
+        tmp_path: Path) -> None:
+    """The appended lot's parser starts at its FAR, past the DTR (``from``), so a restart
+    inside it re-reads it from there, and a DTR in the lot's own byte order (big-endian
+    after a little-endian lot) is passed over as well."""
+    await three_lots_restarted_inside_the_second(
+        tmp_path, {1: lot(1), 2: lot(2, ">"), 3: lot(3, ">")},
+        before_second=notes("DTR"), before_third=notes("DTR, GDR", ">"))
 
 
 @pytest.mark.parametrize("cut", [2, 5], ids=["part of its header", "its header"])
@@ -256,27 +267,8 @@ async def test_three_lots_appended_one_after_another_and_a_restart_in_the_middle
     """Each appended lot is read from the end of the one before; a restart inside the
     second one resumes it where the checkpoint says (``from``: its parser starts at the
     lot's FAR), not from the file's start."""
-    directory, state = tmp_path / "watched", tmp_path / "state"
-    directory.mkdir()
-    lots = {1: lot(1), 2: lot(2, ">"), 3: lot(3)}
-    path = directory / "retest.stdf"
-    path.write_bytes(lots[1])
-    sink = Sink(state)
-    source = start(directory, state, None, read_size=512)
-    await read_and_fold(source, sink)
-    half = len(lots[2]) // 2
-    append(path, lots[2][:half])
-    await polls(source, sink, 1)
-    listed = sink.checkpoint["files"][str(path)]
-    assert not listed["done"] and listed["from"] == len(lots[1])
-    await crash(source)
-    source = start(directory, state, sink.checkpoint, read_size=512)
-    append(path, lots[2][half:])
-    await read_and_fold(source, sink)
-    append(path, lots[3])
-    await read_and_fold(source, sink)
-    await crash(source)
-    each_once(sink, lots)
+    await three_lots_restarted_inside_the_second(
+        tmp_path, {1: lot(1), 2: lot(2, ">"), 3: lot(3)})
 
 
 @pytest.mark.parametrize("growth", ["zero fill", "text trailer", "junk"])
