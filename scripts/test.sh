@@ -3,8 +3,8 @@
 #
 # System packages: the MQTT tests need Mosquitto (they start their own broker on a free
 # port; a system broker is never touched) and the dashboard test needs Chromium (it drives
-# a real browser over its DevTools protocol); the packaging tests lint the shell scripts with
-# shellcheck; the hub cluster tests start a private redis-server and put their nodes behind
+# a real browser over its DevTools protocol); the packaging tests lint the shell scripts
+# (with shellcheck); the hub cluster tests start a private redis-server and put their nodes behind
 # HAProxy (tests/cluster_haproxy.py).  When they are missing, this script says so and,
 # run as root on a Debian/Ubuntu machine, installs them with apt-get after saying what and
 # why; EDGEGW_NO_APT=1 skips that, and the tests that need them then skip.
@@ -55,6 +55,7 @@ fi
 PY=${PYTHON:-python3}
 echo "scripts/test.sh: installing edgegw, its plugins and test tools into .venv"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
+# shellcheck disable=SC2046  # one -e argument per plugin directory: split on purpose
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" \
   $(for p in plugins/*/; do [ -f "$p/pyproject.toml" ] && printf -- '-e %s ' "$p"; done)
 .venv/bin/ruff check .
@@ -67,5 +68,18 @@ echo "scripts/test.sh: installing edgegw, its plugins and test tools into .venv"
 # waits on servers, subprocesses and a browser, so two overlap well on two cores, and
 # worksteal hands the long fault and cluster tests to whichever worker is free.  Every
 # test is isolated per worker (free ports, its own tmp_path, brokers, Redis and databases).
-exec .venv/bin/python -m pytest -q -m "not slow" -n "${EDGEGW_TEST_WORKERS:-2}" \
-  --dist worksteal "$@"
+# Its own base temporary directory: pytest's default (/tmp/pytest-of-$USER/pytest-N) keeps
+# only the last three runs' and removes older ones as each run starts, so a run beside
+# other pytest runs of the same user (another checkout's suite, a developer's test)
+# had its tmp_path directories removed under it: hundreds of FileNotFoundError errors
+# in one CI run beside five others.  Removed when the run passes, kept when it fails.
+basetemp=$(mktemp -d "${TMPDIR:-/tmp}/edgegw-tests.XXXXXX")
+status=0
+.venv/bin/python -m pytest -q -m "not slow" -n "${EDGEGW_TEST_WORKERS:-2}" \
+  --dist worksteal --basetemp "$basetemp" "$@" || status=$?
+if [ "$status" = 0 ]; then
+  rm -rf "$basetemp"
+else
+  echo "scripts/test.sh: the tests' temporary files are kept in $basetemp"
+fi
+exit "$status"
