@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 import pytest
 import sectools
 import trio
+from test_webhooks import StoreFault, store_fault  # noqa: F401 (a fixture)
 
 from edgegw.hub import history
 from edgegw.hub.alerts import AlertRuleConfig, AlertsConfig, AlertService
@@ -184,6 +187,102 @@ async def test_alerts_and_acks_survive_a_restart_over_http(tmp_path: Path) -> No
         status, body = await get(hub2.port, "/api/lots/L1/wafers/L1-W1")
         assert status == 200 and body["die_count"] == 8 and body["good"] == 2
         hub2.stop()
+
+
+async def _raise_one(hub: Hub) -> str:
+    """Raises the wafer-yield alert, stored; returns its id."""
+    hub.state.on_records("ate-1", 1, lot_records("L1", "L1-W1", 8, good_every=4), now=1000.0)
+    await hub.settle()
+    (alert_id,) = hub.alerts.engine.alerts
+    return alert_id
+
+
+async def _restarted(data_dir: Path) -> list[tuple[str, bool, str | None]]:
+    """The alerts a hub restarted on ``data_dir`` answers: (id, acknowledged, by)."""
+    async with trio.open_nursery() as nursery:
+        hub = Hub(data_dir)
+        await hub.start(nursery)
+        _, body = await get(hub.port, "/api/alerts")
+        hub.stop()
+    return [(a["id"], a["acknowledged"], a["acked_by"]) for a in body["alerts"]]
+
+
+async def test_an_ack_made_while_the_history_store_cannot_be_written_survives_a_restart(
+        store_fault: StoreFault) -> None:  # noqa: F811 (the fixture imported)
+    """An acknowledgement over the API while ``history.sqlite3`` takes no writes (another
+    process holds its write lock; as root, a full file system) is answered as usual, its
+    alert's state held in memory (``edgegw_hub_alerts_unwritten_pending``) and written at
+    the first try the store takes again (docs/alerts.md, "Persistence and restarts"), so it
+    is there after a restart.  Before, the failed write was logged and the acknowledgement
+    lived in memory only: the restarted hub showed the alert unacknowledged."""
+    data_dir = store_fault.path.parent
+    async with trio.open_nursery() as nursery:
+        hub = Hub(data_dir)
+        await hub.start(nursery)
+        alert_id = await _raise_one(hub)
+        store_fault.block()
+        status, body = await request(hub.port, "POST", f"/api/alerts/{alert_id}/ack",
+                                     {"user": "dana"})
+        assert status == 200 and body["alert"]["acked_by"] == "dana"
+        with trio.fail_after(15):  # (a locked store: the write fails after 5 s)
+            await hub.alerts.wait_persisted()
+        errors = hub.alerts.metrics.counter("hub_history_store_errors_total")
+        assert errors.total() == 1
+        pending = hub.alerts.metrics.gauge("hub_alerts_unwritten_pending")
+        assert pending.get() == 1
+        store_fault.unblock()
+        with trio.fail_after(30):  # tried again after 1 s, then 2, 4 ... (each up to 5 s)
+            while pending.get():
+                await trio.sleep(0.05)
+        hub.stop()
+    assert await _restarted(data_dir) == [(alert_id, True, "dana")]
+
+
+async def test_a_hub_stops_promptly_with_its_history_store_locked_and_names_what_it_lost(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Another process holds ``history.sqlite3``'s write lock while an acknowledgement is
+    being written and the hub is told to stop.  The stop takes about as long as with the
+    store free (here: under 2.5 s more; the write gives up its lock wait
+    ``STOP_LOCK_WAIT_S`` after the stop began), and the one thing it could not write is
+    logged as an error with the alert's id and who acknowledged it.  Before, the stop
+    waited out SQLite's 5 s lock wait in the worker thread no cancel reaches."""
+
+    async def timed_stop(hub: Hub, done: trio.Event) -> float:
+        t0 = time.monotonic()
+        hub.stop()
+        await done.wait()
+        return time.monotonic() - t0
+
+    async def run(hub: Hub, done: trio.Event, task_status: trio.TaskStatus[None]) -> None:
+        async with trio.open_nursery() as nursery:
+            await hub.start(nursery)
+            task_status.started()
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        hub, done = Hub(tmp_path), trio.Event()
+        await nursery.start(run, hub, done)
+        alert_id = await _raise_one(hub)
+        free_stop = await timed_stop(hub, done)
+
+        fault = StoreFault("locked", tmp_path)
+        hub, done = Hub(tmp_path), trio.Event()
+        await nursery.start(run, hub, done)
+        fault.block()
+        try:
+            status, _ = await request(hub.port, "POST", f"/api/alerts/{alert_id}/ack",
+                                      {"user": "dana"})
+            assert status == 200
+            await trio.sleep(0.2)  # its write waits on the lock
+            assert hub.alerts.backlog == 1
+            with caplog.at_level(logging.ERROR, logger="edgegw.hub.alerts"):
+                locked_stop = await timed_stop(hub, done)
+        finally:
+            fault.unblock()
+    assert locked_stop < free_stop + 2.5, (locked_stop, free_stop)
+    lost = [r.getMessage() for r in caplog.records if "not written" in r.getMessage()]
+    assert any(alert_id in m and "acknowledged by dana" in m for m in lost), lost
+    assert await _restarted(tmp_path) == [(alert_id, False, None)]  # as it was stored
 
 
 async def test_evicted_lots_are_served_from_the_archive(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ WebSocket and checks that a well-formed gateway's frames still apply and that
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -42,6 +43,7 @@ from edgegw import jsonutil
 from edgegw.hub import Hub
 from edgegw.hub import checkpoint as ckpt
 from edgegw.hub.live import LiveState
+from edgegw.hub.store import HubStore
 from edgegw.metrics import Metrics
 from edgegw.protocol import (
     Ack,
@@ -430,6 +432,66 @@ async def test_a_real_hub_fed_a_hostile_gateway_still_applies_a_good_ones_frames
     assert metric(text, "edgegw_internal_errors_total") == 0
     assert metric(text, "edgegw_hub_state_part_values_dropped_total") > 0
     assert_snapshots_serialisable(hub.state)
+
+
+async def test_rows_with_fields_of_the_wrong_type_are_stored_skipped_counted_and_named(
+        tmp_path: Path, caplog: Any) -> None:
+    """A frame whose rows carry fields of the wrong type (docs/protocol.md section 5,
+    "Rules for the hub"): a part result's ``hard_bin`` a string, another's ``site`` a
+    float, a parametric result's ``value`` a string, among good rows.  The hub acknowledges
+    the frame and stores it as received (a restart replays it to the same state); the live
+    state skips only the bad rows -- the rest of the frame applies, the history API
+    answers for it -- counts each in ``edgegw_hub_state_bad_records_total{kind}`` and
+    ``/api/stats`` ``live_state.not_applied`` (``bad_record``), and the log (rate-limited)
+    and the count's ``last`` name the field, its value and what was expected.  Before, the
+    message was the record cut at 200 characters (a field after the cut unnamed) or, for a
+    test result, "a non-numeric value or limit" without saying which."""
+    cfg = hub_config(tmp_path, tokens={"ate-01": "s3cret"})
+    lot = "L-" + "7" * 60  # (a long lot id: the record's text alone filled the old cut)
+    rows = [LotStart("tester", 2.0, lot), WaferStart("tester", 2.0, lot, "W1")]
+    for i, (ptr_value, part_fields) in enumerate([
+            (0.25, {}), (0.25, {"hard_bin": "7"}), (0.25, {"passed": "yes"}),
+            ("abc", {}), (0.5, {})]):
+        fields = {"hard_bin": 1, "site": 0, "passed": True, **part_fields}
+        rows.append(_parametric(2.0, lot, 1, 0, 1, ptr_value, 0.0, 1.0, 0))
+        rows.append(PartResult("tester", 2.0, lot, "W1", 1, fields["site"], f"p{i}", i, 0,
+                               fields["hard_bin"], 1, fields["passed"]))
+
+    async def figures(port: int) -> tuple[Any, ...]:
+        _, stats = await http_get(port, "/api/stats")
+        _, wafer = await http_get(port, f"/api/lots/{lot}/wafers/W1")
+        _, text = await http_get(port, "/metrics")
+        text = text.decode() if isinstance(text, bytes) else str(text)
+        bad = {kind: metric(text, f'edgegw_hub_state_bad_records_total{{kind="{kind}"}}')
+               for kind in ("PartResult", "ParametricResult")}
+        return (wafer["die_count"], wafer["hard_bins"], stats["live_state"]["not_applied"],
+                bad)
+
+    with caplog.at_level(logging.WARNING, logger="edgegw.hub.state"):
+        async with trio.open_nursery() as nursery:
+            hub = Hub(cfg)
+            port = await nursery.start(hub.run)
+            with trio.fail_after(30):
+                await send_all(port, "ate-01", [(1, rows)])  # acknowledged
+                while hub.state.not_applied_total < 3:
+                    await trio.sleep(0.02)
+                assert await figures(port) == (
+                    3, {"1": 3}, 3, {"PartResult": 2, "ParametricResult": 1})
+                _, stats = await http_get(port, "/api/stats")
+            nursery.cancel_scope.cancel()
+    assert hub.state.lots[lot].tests[1].count == 4  # the PTR with the string value: not
+    last = stats["live_state"]["reasons"]["bad_record"]["last"]
+    assert "ParametricResult: test 1 result: value='abc' (a number or null expected)" in last
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "part 'p1': hard_bin='7' (an integer or null expected)" in logged  # the first
+    store = HubStore(tmp_path / "hub.sqlite3")  # the frame as it was received
+    await store.open()
+    try:
+        ((_, gateway, _, seq, first_rid, body),) = list(store.iter_frames_sync())
+    finally:
+        await store.close()
+    assert (gateway, seq, first_rid) == ("ate-01", 1, 1)
+    assert body in {body_of(1, rows, version) for version in (1, 2, 3)}
 
 
 def test_thousands_of_site_numbers_keep_each_test_delta_short_and_what_waits_bounded(

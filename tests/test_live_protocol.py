@@ -421,6 +421,31 @@ def test_a_slow_state_only_subscriber_gets_the_latest_state_instead() -> None:
     assert slow.views == state.state
 
 
+def test_items_sent_counts_the_items_of_frames_written_not_of_frames_conflated() -> None:
+    """``items_sent`` (per client, ``/api/stats`` ``live.clients``) is what reached the
+    socket: the items of update frames its sender wrote.  Frames dropped from a slow
+    client's queue (conflated) and items that could not be encoded (left out of their
+    batch) are not counted.  Before, every item put in a batch counted when queued."""
+    state, hub = make_hub(queue_frames=4)
+    slow = Viewer(hub, JSON)
+    slow.send({"type": "subscribe", "id": 1, "topics": ["sensor/+"]})
+    slow.drain()
+    for t in range(1, 11):  # 10 ticks of 2 topics; it reads none of them
+        state.change("sensor/t1", {"v": t})
+        state.change("sensor/t2", {"v": t})
+        hub.tick(t / 20, t / 20)
+    assert slow.client.updates_dropped >= 4 and slow.client.items_sent == 0
+    slow.drain(0.6)
+    for t in range(11, 13):  # caught up: snapshots, then deltas; one JSON cannot write
+        state.change("sensor/t1", {"v": t})
+        state.change("sensor/t2", {"v": 2**20000 if t == 12 else t})
+        hub.tick(t / 20, t / 20)
+        slow.drain(t / 20)
+    written = len(slow.items())
+    assert written == slow.client.items_sent == hub.stats()["clients"][0]["items_sent"]
+    assert written == 3  # t1's and t2's snapshots, t1's delta (t2's could not be encoded)
+
+
 def test_a_stalled_client_is_closed_after_the_stall_timeout() -> None:
     state, hub = make_hub(stall_timeout=2.0, queue_frames=1000)
     viewer = Viewer(hub)

@@ -19,12 +19,20 @@
 Separate from the frame store (``hub.sqlite3``) so the frame store's transactions, which
 gate acknowledgements to gateways, never wait on it.  Blocking calls run in a worker
 thread behind a one-slot limiter (one connection, one thread at a time).
+
+A write lock held by another process (an operator's ``sqlite3`` shell, a backup) is waited
+for up to ``LOCK_WAIT_S``, as SQLite's own default -- but in steps of ``LOCK_POLL_S``, so
+that a hub told it is stopping (``stopping``) gives up within ``STOP_LOCK_WAIT_S``: a
+worker thread cannot be cancelled, and one in SQLite's 5 s lock wait held every stop
+of a hub with a locked history store up by that long.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -71,6 +79,14 @@ CREATE TABLE IF NOT EXISTS wafers (
     PRIMARY KEY (lot_id, wafer_id)
 );
 """
+
+#: how long a statement waits for a lock another connection holds (SQLite's default) ...
+LOCK_WAIT_S = 5.0
+#: ... in steps this long (SQLite's own wait cannot be cut short from another thread)
+LOCK_POLL_S = 0.05
+#: once the hub is stopping, a lock is waited for at most this long from then on: the
+#: last writes get a moment, the stop is not held up
+STOP_LOCK_WAIT_S = 0.5
 
 #: archived lots and wafers read back, kept in memory (most recently used)
 CACHE_ENTRIES = 64
@@ -137,12 +153,47 @@ def _queue_outbox(db: sqlite3.Connection,
         "INSERT OR IGNORE INTO webhook_outbox (url, event_key, payload, queued_at)"
         " VALUES (?, ?, ?, ?)", (url, key, payload, at)).rowcount == 1}
 
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """A lock held by another connection ("database is locked" / "... is busy")."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 class HistoryStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._db: sqlite3.Connection | None = None
         self._limiter = trio.CapacityLimiter(1)
         self._cache: OrderedDict[tuple[str, ...], dict[str, Any]] = OrderedDict()
+        # set by ``stopping`` (Trio thread), read by the worker thread's lock waits
+        self._stop = threading.Event()
+        self._stop_at = 0.0
+
+    def stopping(self) -> None:
+        """The hub is stopping: from now on a lock held elsewhere is waited for at most
+        ``STOP_LOCK_WAIT_S`` (a write under way included), not ``LOCK_WAIT_S``."""
+        if not self._stop.is_set():
+            self._stop_at = time.monotonic()
+            self._stop.set()
+
+    def _execute(self, db: sqlite3.Connection, sql: str,
+                 params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        """``db.execute``, waiting for a lock held elsewhere up to ``LOCK_WAIT_S`` in steps
+        of ``LOCK_POLL_S`` (the connection's own busy timeout), less once stopping."""
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                return db.execute(sql, params)
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                limit = deadline
+                if self._stop.is_set():
+                    limit = min(limit, self._stop_at + STOP_LOCK_WAIT_S)
+                if time.monotonic() >= limit:
+                    raise
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -150,7 +201,8 @@ class HistoryStore:
     # -- blocking internals (worker thread) --
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                             timeout=LOCK_WAIT_S)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SCHEMA)
@@ -159,6 +211,8 @@ class HistoryStore:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN parts INTEGER NOT NULL DEFAULT 0")
                 db.execute(f"UPDATE {table} SET parts ="
                            " COALESCE(json_extract(summary, '$.parts'), 0)")
+        # from here on the lock waits are ``_execute``'s, in short steps
+        db.execute(f"PRAGMA busy_timeout = {round(LOCK_POLL_S * 1000)}")
         self._db = db
 
     def _save_sync(self, alerts: list[dict[str, Any]], lots: list[tuple[str, dict[str, Any]]],
@@ -169,7 +223,7 @@ class HistoryStore:
         kept), and the outbox rows written."""
         db = self._db
         assert db is not None
-        db.execute("BEGIN IMMEDIATE")
+        self._execute(db, "BEGIN IMMEDIATE")
         try:
             queued = _queue_outbox(db, outbox)
             db.executemany(
@@ -211,7 +265,7 @@ class HistoryStore:
     def _queue_sync(self, rows: list[tuple[str, str, str, float]]) -> set[tuple[str, str]]:
         db = self._db
         assert db is not None
-        db.execute("BEGIN IMMEDIATE")
+        self._execute(db, "BEGIN IMMEDIATE")
         try:
             queued = _queue_outbox(db, rows)
             db.execute("COMMIT")
@@ -224,7 +278,7 @@ class HistoryStore:
     def _mark_sync(self, marks: list[tuple[str, str, str]], prune_before: float | None) -> None:
         db = self._db
         assert db is not None
-        db.execute("BEGIN IMMEDIATE")
+        self._execute(db, "BEGIN IMMEDIATE")
         try:
             db.executemany("UPDATE webhook_outbox SET outcome = ? WHERE url = ? AND event_key = ?",
                            [(outcome, url, key) for url, key, outcome in marks])
@@ -239,7 +293,7 @@ class HistoryStore:
 
     def _select(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         assert self._db is not None
-        return self._db.execute(sql, params).fetchall()
+        return self._execute(self._db, sql, params).fetchall()
 
     # -- async API --
     async def open(self) -> None:
@@ -364,4 +418,4 @@ class HistoryStore:
         return [json.loads(r[0]) for r in rows]
 
 
-__all__ = ["CACHE_ENTRIES", "WAFER_SUMMARY", "HistoryStore"]
+__all__ = ["CACHE_ENTRIES", "LOCK_WAIT_S", "STOP_LOCK_WAIT_S", "WAFER_SUMMARY", "HistoryStore"]

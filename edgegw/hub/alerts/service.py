@@ -8,7 +8,9 @@ event's alert to the history store, with a webhook outbox row per webhook that w
 an alert the hub could forget in a crash, and an event not delivered when the hub stopped
 or died is sent again when it starts (``outbox``: at least once).  When the store cannot be
 written the events are sent all the same and their outbox rows held in memory until it can
-(``WebhookOutbox.hold``).  Evicted lots' archives travel the same way.
+(``WebhookOutbox.hold``); so are the alerts' states (an acknowledgement above all: no
+replay of the frames brings one back), written back at the first try the store takes
+(``_held``).  Evicted lots' archives travel the same way (not held: see docs/alerts.md).
 
 Wiring, in this order (the engine must know the persisted alerts before the hub replays
 its frames, or replay would raise them again)::
@@ -27,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +41,7 @@ from edgegw.metrics import Metrics, report_internal_error
 
 from .config import AlertsConfig
 from .engine import AlertEngine
-from .outbox import WebhookOutbox, outbox_rows
+from .outbox import RETRY_MAX_S, RETRY_S, WebhookOutbox, outbox_rows
 from .webhooks import WebhookSender, event_key
 
 if TYPE_CHECKING:
@@ -47,6 +50,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgegw.hub.alerts")
 
 Publish = Callable[[str, dict[str, Any]], None]
+
+#: alert states held in memory at most while the history store cannot be written (one
+#: per alert, its latest); beyond, the oldest is forgotten (logged as an error)
+MAX_HELD_ALERTS = 10_000
 
 
 class AlertService:
@@ -75,6 +82,14 @@ class AlertService:
         self._m_kept = self.metrics.counter(
             "hub_archives_kept_total",
             "lot and wafer archives not overwritten because the stored one was fuller")
+        # alert id -> its latest state the store could not take, oldest first: written with
+        # the next batch, or alone after ``RETRY_S`` (doubling) while nothing else comes
+        self._held: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._m_held = self.metrics.gauge(
+            "hub_alerts_unwritten_pending",
+            "alerts whose latest state (an acknowledgement, say) is only in memory: the "
+            "history store could not be written; lost if the hub stops now")
+        self._m_held.set(0)
         self._queued = 0
         self._done = 0
         self._progress = trio.Event()
@@ -93,6 +108,13 @@ class AlertService:
     async def aclose(self) -> None:
         if self._opened:
             self._opened = False
+            self.store.stopping()  # a lock held elsewhere: a moment, not its 5 s wait
+            await self._write_last()
+            for alert in self._held.values():
+                log.error("alert %s (%s%s) not written to the history store: after a "
+                          "restart it is as stored before", alert.get("id"),
+                          "acknowledged by " if alert.get("acknowledged") else "",
+                          alert.get("acked_by") or alert.get("rule"))
             with trio.move_on_after(2):  # outcomes not written: those events are resent
                 try:
                     await self.outbox.flush()  # the rows held in memory first
@@ -135,6 +157,7 @@ class AlertService:
         ``tick_s`` seconds for escalation and offline gateways."""
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_watch)
                 await nursery.start(self.outbox.run)
                 await nursery.start(self.webhooks.run)
                 nursery.start_soon(self._persist_loop)
@@ -143,6 +166,83 @@ class AlertService:
         finally:
             with trio.CancelScope(shield=True):
                 await self.aclose()
+
+    async def _stop_watch(self) -> None:
+        """Tells the store the moment the hub stops: a write under way in a worker thread
+        (which no cancel reaches) gives up its wait for a lock held elsewhere then, rather
+        than after ``LOCK_WAIT_S``, which the stop waited for."""
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.store.stopping()
+
+    def _hold(self, alerts: list[dict[str, Any]]) -> None:
+        for alert in alerts:
+            self._held[alert["id"]] = alert
+            self._held.move_to_end(alert["id"])
+        while len(self._held) > MAX_HELD_ALERTS:
+            _, lost = self._held.popitem(last=False)
+            log.error("alert %s: its latest state is dropped from memory (%d held, the "
+                      "history store cannot be written)", lost.get("id"), MAX_HELD_ALERTS)
+        self._m_held.set(len(self._held))
+
+    async def _write_last(self) -> None:
+        """At the stop: one last try (a lock waited for ``STOP_LOCK_WAIT_S`` at most) to
+        write the alert states held and what was handed over but not yet written (an
+        acknowledgement made just before the stop, with its outbox rows: sent after the
+        restart)."""
+        items: list[tuple[str, Any]] = []
+        while True:
+            try:
+                items.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.ClosedResourceError):
+                break
+        events = [payload for kind, payload in items if kind == "alert"]
+        self._hold([e["alert"] for e in events])
+        if not items and not self._held:
+            return
+        lots = [payload for kind, payload in items if kind == "lot"]
+        wafers = [payload for kind, payload in items if kind == "wafer"]
+        try:
+            await self.store.save_with_outbox(list(self._held.values()), lots, wafers,
+                                              outbox_rows(self.webhooks, events, self._clock()))
+        except Exception as exc:
+            self._m_store_errors.inc()
+            log.error("history store not written at the stop (%d alert states, %d lots, %d "
+                      "wafers): %s", len(self._held), len(lots), len(wafers), exc)
+        else:
+            self._held.clear()
+            self._m_held.set(0)
+        self._done += len(items)
+
+    async def _write_held(self) -> bool:
+        """Write the alert states held in memory; False (kept) if the store refuses."""
+        held = list(self._held.values())
+        try:
+            await self.store.save(held)
+        except Exception as exc:
+            log.warning("%d alert state(s) held in memory not written yet: %s", len(held), exc)
+            return False
+        for alert in held:  # (a newer state held meanwhile stays: not this one)
+            if self._held.get(alert["id"]) is alert:
+                del self._held[alert["id"]]
+        self._m_held.set(len(self._held))
+        log.info("%d alert state(s) kept in memory while the history store could not be "
+                  "written are written now", len(held))
+        return True
+
+    async def _next_batch(self, retry_s: float) -> list[tuple[str, Any]]:
+        """The events and archives handed over (waiting for the first); while alert states
+        are held, nothing (``[]``) once ``retry_s`` has passed without any."""
+        items: list[tuple[str, Any]] = []
+        with trio.move_on_after(retry_s if self._held else math.inf):
+            items.append(await self._receive.receive())
+        while items:
+            try:
+                items.append(self._receive.receive_nowait())
+            except trio.WouldBlock:
+                break
+        return items
 
     async def _tick_loop(self, state: LiveState | None, tick_s: float) -> None:
         while True:
@@ -158,28 +258,33 @@ class AlertService:
                                       "live state / alert engine tick")
 
     async def _persist_loop(self) -> None:
-        async for first in self._receive:
-            items = [first]
-            while True:
-                try:
-                    items.append(self._receive.receive_nowait())
-                except trio.WouldBlock:
-                    break
+        retry_s = RETRY_S
+        while True:
+            items = await self._next_batch(retry_s)
+            if not items:  # only held alert states to write: try again, less often
+                retry_s = RETRY_S if await self._write_held() else min(retry_s * 2,
+                                                                       RETRY_MAX_S)
+                continue
             events = [payload for kind, payload in items if kind == "alert"]
             # Several events of one alert in a batch: the last carries its latest state.
             latest = {e["alert"]["id"]: e["alert"] for e in events}
             lots = [payload for kind, payload in items if kind == "lot"]
             wafers = [payload for kind, payload in items if kind == "wafer"]
             rows = outbox_rows(self.webhooks, events, self._clock())
+            # the states held (the store could not take them) go with the batch: one
+            # writer, so an older state can never be written over a newer one
+            held = dict(self._held)
+            alerts = list({**held, **latest}.values())
             try:
-                kept, queued = await self.store.save_with_outbox(list(latest.values()), lots,
-                                                                 wafers, rows)
+                kept, queued = await self.store.save_with_outbox(alerts, lots, wafers, rows)
             except Exception as exc:  # a full disk must not stop alerting
                 self._m_store_errors.inc()
                 log.error("history store write failed (%d alert events, %d lots, %d wafers): "
                           "%s", len(events), len(lots), len(wafers), exc)
                 # sent all the same, the rows held in memory and written once the store
-                # takes writes again (the outbox's run): lost only if the hub stops first
+                # takes writes again (the outbox's run): lost only if the hub stops first;
+                # the alerts' states too (this loop's retries)
+                self._hold(list(latest.values()))
                 queued = self.outbox.hold(rows)
                 for url, key, _, _ in rows:
                     self._m_unrecorded.inc(url=url)
@@ -187,6 +292,11 @@ class AlertService:
                                 "written (history store not written; row kept in memory)",
                                 url, key)
             else:
+                for alert_id, alert in held.items():  # (one held since stays)
+                    if self._held.get(alert_id) is alert:
+                        del self._held[alert_id]
+                self._m_held.set(len(self._held))
+                retry_s = RETRY_S
                 self._m_saved.inc(len(events))
                 if kept:
                     self._m_kept.inc(kept)

@@ -102,8 +102,10 @@ class Client:
     # topic appears (a cluster node loads it a moment later), so it never comes back bare
     resume_later: dict[str, tuple[Any, int]] = dataclasses.field(default_factory=dict)
     todo: set[str] = dataclasses.field(default_factory=set)  # topics to look at next tick
-    # Unsent frames: (prepared frame, is_update).  Control replies are never dropped.
-    queue: deque[tuple[Any, bool]] = dataclasses.field(default_factory=deque)
+    # Unsent frames: (prepared frame, the update items it carries; 0: a control reply,
+    # never dropped).  The count travels with the frame so ``items_sent`` counts only the
+    # items of frames written, not those of frames conflated away.
+    queue: deque[tuple[Any, int]] = dataclasses.field(default_factory=deque)
     lagging: bool = False  # its updates were dropped; it waits to drain, then gets snapshots
     in_flight: bool = False  # its sender is writing a frame
     busy_since: float | None = None  # since when it has had something unwritten
@@ -113,7 +115,8 @@ class Client:
     frames_sent: int = 0
     frames_queued: int = 0
     updates_dropped: int = 0  # update frames dropped while lagging
-    items_sent: int = 0
+    items_sent: int = 0  # update items in frames written to it (not queued, not dropped)
+    writing_items: int = 0  # the update items of the frame its sender is writing
 
     @property
     def queue_depth(self) -> int:

@@ -354,12 +354,13 @@ class LiveHub:
             # for JSON, say): the reply goes without it.
             encoded = client.encoding.encode({**message, "id": None})
         prepare = self.prepare_deflated if client.deflate else self.prepare
-        self._enqueue(client, now, prepare(encoded), update=False)
+        self._enqueue(client, now, prepare(encoded), items=0)
 
-    def _enqueue(self, client: Client, now: float, frame: Any, *, update: bool) -> None:
+    def _enqueue(self, client: Client, now: float, frame: Any, *, items: int) -> None:
+        """Queue ``frame``; ``items``: the update items it carries (0: a control reply)."""
         if client.busy_since is None:
             client.busy_since = now
-        client.queue.append((frame, update))
+        client.queue.append((frame, items))
         client.frames_queued += 1
 
     # ----------------------------------------------------------------- client messages
@@ -546,11 +547,14 @@ class LiveHub:
         if not client.queue:
             return None
         client.in_flight = True
-        return client.queue.popleft()[0]
+        frame, client.writing_items = client.queue.popleft()
+        return frame
 
     def frame_written(self, client: Client, now: float) -> None:
         client.in_flight = False
         client.frames_sent += 1
+        client.items_sent += client.writing_items
+        client.writing_items = 0
         client.busy_since = now if client.queue else None
         if client.lagging and not client.queue:
             # Drained: from the next tick on it gets the latest state of each channel.
@@ -698,9 +702,9 @@ class LiveHub:
                                 continue
                         if client.busy_since is None:
                             client.busy_since = now
-                        client.queue.append((frame, True))
+                        # (the items that could not be encoded are not in it)
+                        client.queue.append((frame, len(items) - len(failed)))
                         client.frames_queued += 1
-                        client.items_sent += len(items)
                         woken.append(client)
                     continue
             items, deferred = self._items_for(client, shared, items_cache)
@@ -726,8 +730,8 @@ class LiveHub:
             self._topic_broken(client, topic, keep)
         if frame is None:
             return
-        self._enqueue(client, now, frame, update=True)
-        client.items_sent += len(items)
+        # (the items that could not be encoded are not in it)
+        self._enqueue(client, now, frame, items=len(items) - len(failed))
         woken.append(client)
 
     def _frame(self, client: Client, items: list[Item], wall: float,
@@ -993,7 +997,8 @@ class LiveHub:
                 "id": c.id, "peer": c.peer, "encoding": c.encoding.name,
                 "queue_depth": c.queue_depth, "frames_sent": c.frames_sent,
                 "frames_queued": c.frames_queued, "updates_dropped": c.updates_dropped,
-                "lagging": c.lagging, "subscriptions": sorted(c.patterns),
+                "items_sent": c.items_sent, "lagging": c.lagging,
+                "subscriptions": sorted(c.patterns),
                 "channels": len(c.positions),
             }
             for c in self.clients.values()

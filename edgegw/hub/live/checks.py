@@ -48,3 +48,36 @@ def is_num(v: Any) -> bool:
 
 def opt_num(v: Any) -> bool:
     return v is None or is_num(v)
+
+
+def is_text(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def opt_bool(v: Any) -> bool:
+    return v is None or v is True or v is False
+
+
+def num_list(v: Any) -> bool:
+    return isinstance(v, list) and all(opt_num(x) for x in v)
+
+
+#: what each checked field must be, in the words a log line uses
+EXPECTED = {is_int: "an integer", opt_int: "an integer or null", is_num: "a number",
+            opt_num: "a number or null", is_text: "text", opt_bool: "true, false or null",
+            num_list: "a list of numbers or nulls"}
+
+
+def wrong_fields(rec: Any, rules: dict[str, Any]) -> str:
+    """The fields of ``rec`` that break their rule (``field name -> check``), named with
+    the value sent and what was expected, e.g. ``hard_bin='7' (an integer or null
+    expected)``: the log line and the ``hub/state`` topic say which field of which record
+    to look at, not a record cut off before it (a ``BadRecord``'s message)."""
+    wrong = []
+    for name, check in rules.items():
+        value = getattr(rec, name)
+        if not check(value):
+            shown = repr(value) if not isinstance(value, int) or value.bit_length() < 64 \
+                else f"<an integer of {value.bit_length()} bits>"
+            wrong.append(f"{name}={shown:.40} ({EXPECTED[check]} expected)")
+    return ", ".join(wrong) or "a field of the wrong type"

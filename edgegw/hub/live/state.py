@@ -137,8 +137,12 @@ from .checks import (
     NotApplied,
     is_int,
     is_num,
+    is_text,
+    num_list,
+    opt_bool,
     opt_int,
     opt_num,
+    wrong_fields,
 )
 from .models import (
     DIE_VALUES_PER_WAFER,
@@ -189,7 +193,23 @@ def _check_ints(rec: Any) -> None:
     """Before anything is counted: no top-level field an integer past 64 bits."""
     for v in rec:
         if type(v) is int and not _INT_MIN <= v <= _INT_LIMIT:
-            raise BadRecord(f"an integer field past 64 bits ({v.bit_length()} bits)")
+            i = next(i for i, w in enumerate(rec) if w is v)  # (named only when bad)
+            name = rec._fields[i] if hasattr(rec, "_fields") else f"field {i}"
+            raise BadRecord(f"{name}: an integer past 64 bits ({v.bit_length()} bits)")
+
+
+#: the fields a record's handler checks before it counts anything, and their rules (the
+#: message of a bad record names those broken: ``checks.wrong_fields``)
+_PART_FIELDS = {"ts": is_num, "lot_id": is_text, "wafer_id": is_text, "head": is_int,
+                "site": is_int, "x": opt_int, "y": opt_int, "hard_bin": opt_int,
+                "soft_bin": opt_int, "passed": opt_bool}
+_TEST_FIELDS = {"ts": is_num, "lot_id": is_text, "test_num": is_int, "test_flag": is_int}
+_PARM_TEST_FIELDS = {**_TEST_FIELDS, "parm_flag": is_int}
+_PARAMETRIC_FIELDS = {"value": opt_num, "lo_limit": opt_num, "hi_limit": opt_num}
+_MULTI_PIN_FIELDS = {"values": num_list, "lo_limit": opt_num, "hi_limit": opt_num}
+_READING_FIELDS = {"channel": is_text, "ts": is_num, "value": is_num}
+_WINDOW_FIELDS = {"channel": is_text, "ts": is_num, **{
+    f: is_num for f in ("last", "min", "max", "mean", "t0", "t1")}}
 
 
 class LiveState:
@@ -1081,7 +1101,7 @@ class LiveState:
                      and opt_int(y) and opt_int(soft_bin) and is_num(ts)
                      and passed in (True, False, None)
                      and isinstance(lot_id, str) and isinstance(wafer_id, str)):
-            raise BadRecord(f"part {rec.part_id!r} has a field of the wrong type: {rec!r:.200}")
+            raise BadRecord(f"part {rec.part_id!r:.60}: {wrong_fields(rec, _PART_FIELDS)}")
         lot = self._lot(rec.lot_id, rec.ts, gateway_id)
         try:
             wafer = self._wafer(lot, rec.wafer_id, gateway_id)
@@ -1205,14 +1225,15 @@ class LiveState:
         if not (is_int(rec.test_num) and isinstance(rec.lot_id, str) and is_num(rec.ts)
                 and is_int(rec.test_flag)
                 and (kind == "functional" or is_int(rec.parm_flag))):
-            raise BadRecord(f"test result with a bad test number, lot id or flags: "
-                            f"{rec!r:.200}")
+            rules = _TEST_FIELDS if kind == "functional" else _PARM_TEST_FIELDS
+            raise BadRecord(f"{kind} test result: {wrong_fields(rec, rules)}")
         if kind != "functional" and not (
             opt_num(rec.lo_limit) and opt_num(rec.hi_limit)
             and (opt_num(rec.value) if kind == "parametric"
                  else isinstance(rec.values, list) and all(opt_num(v) for v in rec.values))
         ):
-            raise BadRecord(f"test {rec.test_num} result with a non-numeric value or limit")
+            rules = _PARAMETRIC_FIELDS if kind == "parametric" else _MULTI_PIN_FIELDS
+            raise BadRecord(f"test {rec.test_num} result: {wrong_fields(rec, rules)}")
         lot = self._lot(rec.lot_id, rec.ts, gateway_id)
         stats = lot.tests.get(rec.test_num)
         if stats is None:
@@ -1376,7 +1397,8 @@ class LiveState:
             if isinstance(rec, SensorWindow) else (rec.value,)
         if not (isinstance(rec.channel, str) and is_num(rec.ts)
                 and all(is_num(v) for v in values)):
-            raise BadRecord(f"sensor record with a non-numeric value: {rec!r:.200}")
+            rules = _WINDOW_FIELDS if isinstance(rec, SensorWindow) else _READING_FIELDS
+            raise BadRecord(f"sensor record: {wrong_fields(rec, rules)}")
         sensor = self.sensors.get(rec.channel)
         if sensor is None:
             sensor = self._new_sensor(rec.channel, gateway_id)
