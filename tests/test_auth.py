@@ -5,6 +5,7 @@ Tokens are real JWTs (PyJWT), certificates real (trustme), the hub the whole Hub
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -329,6 +330,26 @@ async def test_a_hub_without_sign_in_cannot_be_reached_through_dns_rebinding(
         assert ok.status == 200
         other = await http(port, "GET", "/api/lots", headers={"host": "evil.example"})
         assert other.status == 403
+
+
+async def test_a_refused_request_cannot_forge_or_garble_a_log_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The path is percent-decoded: %0A is a newline, %1B an escape.  Logged as it is, a
+    refused request's path would start a log line of its own (a forged entry in journald)
+    or drive the terminal of whoever reads the log.  Refusals quote it."""
+    caplog.set_level(logging.INFO)
+    forged = "/api/x%0A2026-12-02%2012:00:00,000%20WARNING%20edgegw.hub:%20forged%1B[2J"
+    async with running(hub_config(tmp_path)) as app:
+        port = app.ingest.port
+        cross_site = await http(port, "POST", forged, body={},
+                                headers={"origin": "http://evil.example"})
+        assert cross_site.status == 403
+        rebound = await http(port, "GET", forged, headers={"host": "evil.example"})
+        assert rebound.status == 403
+    refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
+    assert len(refusals) == 2
+    for line in refusals:
+        assert "forged" in line and "\n" not in line and "\x1b" not in line, line
 
 
 async def test_no_other_site_may_frame_the_dashboard(tmp_path: Path) -> None:

@@ -192,8 +192,10 @@ class Access:
         origin = request.headers.get("origin")
         if origin is not None and not self.origin_allowed(request, origin):
             self.m_denied.inc(reason="origin")
-            log.info("refused %s %s from %s: cross-site Origin %r", request.method,
-                     request.path, request.remote, origin[:100])
+            # the path quoted (%r): percent-decoded, it may hold a newline that would
+            # forge a log line of its own, or terminal escapes
+            log.info("refused %s %r from %s: cross-site Origin %r", request.method,
+                     request.path[:200], request.remote, origin[:100])
             return _json(403, f"cross-site request refused: Origin {origin[:100]!r} is not "
                               "this hub's and not in auth.allowed_origins")
         if not upgrade:

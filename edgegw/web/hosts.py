@@ -49,8 +49,8 @@ def host_allowed(host_header: str, names: Collection[str]) -> bool:
 
 class HostRule:
     """``host_allowed`` with its refusal: 403 saying which key lists more names, counted in
-    ``refused`` (``reason="host"``), logged with the header quoted (``%r``: a header cannot
-    break the log line)."""
+    ``refused`` (``reason="host"``), logged with the header and the path quoted (``%r``:
+    neither can break the log line, though the path is percent-decoded)."""
 
     def __init__(self, names: Iterable[str], *, key: str, refused: Metric) -> None:
         self.names = frozenset(n.strip().lower().rstrip(".") for n in names) - {""}
@@ -62,7 +62,7 @@ class HostRule:
         if host_allowed(host, self.names):
             return None
         self.refused.inc(reason="host")
-        log.info("refused %s %s from %s: Host %r is not an address, a dotless name or a host "
+        log.info("refused %s %r from %s: Host %r is not an address, a dotless name or a host "
                  "of %s", request.method, request.path[:200], request.remote, host[:100],
                  self.key)
         return json_response({"error": "no sign-in on this port: it answers only to an IP "
