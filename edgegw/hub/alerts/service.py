@@ -39,7 +39,7 @@ from edgegw.metrics import Metrics, report_internal_error
 from .config import AlertsConfig
 from .engine import AlertEngine
 from .outbox import WebhookOutbox, outbox_rows
-from .webhooks import WebhookSender, event_key
+from .webhooks import WebhookSender, event_key, shown_url
 
 if TYPE_CHECKING:
     from edgegw.hub.live import LiveState
@@ -101,7 +101,8 @@ class AlertService:
             # the one way a (webhook, event) is lost: its row never reached the store
             for url, key in self.outbox.held_unfinished():
                 log.error("webhook %s: alert event %s not delivered and its outbox row not "
-                          "written (history store): not sent again after a restart", url, key)
+                          "written (history store): not sent again after a restart",
+                          shown_url(url), key)
             await self.store.close()
 
     def _on_event(self, event: dict[str, Any]) -> None:
@@ -182,10 +183,10 @@ class AlertService:
                 # takes writes again (the outbox's run): lost only if the hub stops first
                 queued = self.outbox.hold(rows)
                 for url, key, _, _ in rows:
-                    self._m_unrecorded.inc(url=url)
+                    self._m_unrecorded.inc(url=shown_url(url))
                     log.warning("webhook %s: alert event %s is sent before its outbox row is "
                                 "written (history store not written; row kept in memory)",
-                                url, key)
+                                shown_url(url), key)
             else:
                 self._m_saved.inc(len(events))
                 if kept:
