@@ -38,9 +38,11 @@ from edgegw.auth import (
     mint,
     parse_ttl,
 )
+from edgegw.auth.hub import HubSecurity
 from edgegw.config import ConfigError, build
 from edgegw.hub import Dashboard, HubConfig
-from edgegw.web import Request
+from edgegw.metrics import Metrics
+from edgegw.web import HttpServer, Request
 
 # --------------------------------------------------------------------------- tokens
 
@@ -120,6 +122,30 @@ def test_failed_handshakes_are_limited_per_address() -> None:
     assert lim.blocked("10.0.0.8", 0.0) is None  # another address is not affected
     assert lim.blocked("10.0.0.9", 10.0) is None  # refilled one
     assert lim.blocked("10.0.0.9", 60.0) is None and len(lim) == 0  # full again: forgotten
+
+
+async def test_a_guesser_cannot_take_a_new_bucket_with_each_ipv6_address_of_its_slash_64(
+        tmp_path: Path) -> None:
+    """A host picks its own IPv6 addresses within its /64 (SLAAC, privacy addresses): the
+    hub's handshake limit counts an IPv6 /64 as one address.  Others are not affected."""
+    security = HubSecurity(hub_config(tmp_path, gateway_failures_burst=3,
+                                      gateway_failures_per_minute=0.01),
+                           HttpServer(), Metrics())
+
+    def from_(remote: str) -> Request:
+        return Request("GET", "/ws/gateway", {}, {}, remote=remote)
+
+    for i in range(3):  # a new address, and port, at every try
+        assert security.gateway_limited(from_(f"2001:db8:1:2::{i + 1:x}:4000{i}")) is None
+        security.gateway_failed(from_(f"2001:db8:1:2::{i + 1:x}:4000{i}"))
+    limited = security.gateway_limited(from_("2001:db8:1:2:aaaa:bbbb:cccc:dddd:50000"))
+    assert limited is not None and limited.status == 429
+    assert security.gateway_limited(from_("2001:db8:1:3::1:40000")) is None  # another /64
+    assert security.gateway_limited(from_("10.0.0.9:40000")) is None
+    for _ in range(3):  # IPv4: per address, as before; a mapped one is the same address
+        security.gateway_failed(from_("::ffff:10.0.0.7:40000"))
+    assert security.gateway_limited(from_("10.0.0.7:40001")) is not None
+    assert security.gateway_limited(from_("10.0.0.8:40001")) is None
 
 
 def test_auth_config_is_checked() -> None:
