@@ -43,14 +43,22 @@ esac
   edgegw-wat
 
 # The services run as transient users (DynamicUser=yes) in the static group edgegw, the only
-# one besides root that may read the configs: they hold tokens and key paths.
+# one besides root that may read the configs: they hold tokens and key paths.  Only root may
+# change them: a config another user owns, or the group may write, lets them change a token
+# or a key path, so a kept config is made root:edgegw 0640 like a new one.
 getent group edgegw >/dev/null || groupadd --system edgegw
 install -d -m 0750 -o root -g edgegw "$confdir"
 for f in gateway.toml hub.toml; do
-  if [ -f "$confdir/$f" ]; then
-    chgrp edgegw "$confdir/$f" && chmod g+r,o-rwx "$confdir/$f"   # kept, made private
+  dest=$confdir/$f
+  if [ -L "$dest" ]; then
+    # not followed: a link may have been planted (to /etc/shadow) while the directory was
+    # writable by others, and chown would then hand its target to the group
+    echo "kept $dest: a symbolic link, left as it is; make its target root:edgegw 0640"
+  elif [ -f "$dest" ]; then
+    chown root:edgegw "$dest" && chmod 0640 "$dest"
+    echo "kept $dest, made root:edgegw 0640 (only root may change it)"
   else
-    install -m 0640 -o root -g edgegw "$here/conf/$f" "$confdir/$f"
+    install -m 0640 -o root -g edgegw "$here/conf/$f" "$dest"
   fi
 done
 

@@ -5,6 +5,7 @@ Tokens are real JWTs (PyJWT), certificates real (trustme), the hub the whole Hub
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -37,9 +38,11 @@ from edgegw.auth import (
     mint,
     parse_ttl,
 )
+from edgegw.auth.hub import HubSecurity
 from edgegw.config import ConfigError, build
 from edgegw.hub import Dashboard, HubConfig
-from edgegw.web import Request
+from edgegw.metrics import Metrics
+from edgegw.web import HttpServer, Request
 
 # --------------------------------------------------------------------------- tokens
 
@@ -119,6 +122,30 @@ def test_failed_handshakes_are_limited_per_address() -> None:
     assert lim.blocked("10.0.0.8", 0.0) is None  # another address is not affected
     assert lim.blocked("10.0.0.9", 10.0) is None  # refilled one
     assert lim.blocked("10.0.0.9", 60.0) is None and len(lim) == 0  # full again: forgotten
+
+
+async def test_a_guesser_cannot_take_a_new_bucket_with_each_ipv6_address_of_its_slash_64(
+        tmp_path: Path) -> None:
+    """A host picks its own IPv6 addresses within its /64 (SLAAC, privacy addresses): the
+    hub's handshake limit counts an IPv6 /64 as one address.  Others are not affected."""
+    security = HubSecurity(hub_config(tmp_path, gateway_failures_burst=3,
+                                      gateway_failures_per_minute=0.01),
+                           HttpServer(), Metrics())
+
+    def from_(remote: str) -> Request:
+        return Request("GET", "/ws/gateway", {}, {}, remote=remote)
+
+    for i in range(3):  # a new address, and port, at every try
+        assert security.gateway_limited(from_(f"2001:db8:1:2::{i + 1:x}:4000{i}")) is None
+        security.gateway_failed(from_(f"2001:db8:1:2::{i + 1:x}:4000{i}"))
+    limited = security.gateway_limited(from_("2001:db8:1:2:aaaa:bbbb:cccc:dddd:50000"))
+    assert limited is not None and limited.status == 429
+    assert security.gateway_limited(from_("2001:db8:1:3::1:40000")) is None  # another /64
+    assert security.gateway_limited(from_("10.0.0.9:40000")) is None
+    for _ in range(3):  # IPv4: per address, as before; a mapped one is the same address
+        security.gateway_failed(from_("::ffff:10.0.0.7:40000"))
+    assert security.gateway_limited(from_("10.0.0.7:40001")) is not None
+    assert security.gateway_limited(from_("10.0.0.8:40001")) is None
 
 
 def test_auth_config_is_checked() -> None:
@@ -329,6 +356,26 @@ async def test_a_hub_without_sign_in_cannot_be_reached_through_dns_rebinding(
         assert ok.status == 200
         other = await http(port, "GET", "/api/lots", headers={"host": "evil.example"})
         assert other.status == 403
+
+
+async def test_a_refused_request_cannot_forge_or_garble_a_log_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The path is percent-decoded: %0A is a newline, %1B an escape.  Logged as it is, a
+    refused request's path would start a log line of its own (a forged entry in journald)
+    or drive the terminal of whoever reads the log.  Refusals quote it."""
+    caplog.set_level(logging.INFO)
+    forged = "/api/x%0A2026-12-02%2012:00:00,000%20WARNING%20edgegw.hub:%20forged%1B[2J"
+    async with running(hub_config(tmp_path)) as app:
+        port = app.ingest.port
+        cross_site = await http(port, "POST", forged, body={},
+                                headers={"origin": "http://evil.example"})
+        assert cross_site.status == 403
+        rebound = await http(port, "GET", forged, headers={"host": "evil.example"})
+        assert rebound.status == 403
+    refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
+    assert len(refusals) == 2
+    for line in refusals:
+        assert "forged" in line and "\n" not in line and "\x1b" not in line, line
 
 
 async def test_no_other_site_may_frame_the_dashboard(tmp_path: Path) -> None:

@@ -27,7 +27,10 @@ from edgegw.config import ConfigError, build
 from edgegw.metrics import Metrics
 from edgegw.mqtt import ConnectOptions, TrioMqttClient, ssl_context
 from edgegw.mqtt.source import (
+    MAX_BAD_TOPIC_SERIES,
+    MAX_NEW_REPORTS,
     MAX_RETAINED_TOPICS,
+    OTHER_TOPICS,
     MqttSource,
     MqttSourceConfig,
     MqttSourceError,
@@ -287,6 +290,54 @@ async def test_junk_payloads_are_counted_per_topic_logged_once_and_do_not_distur
     events = sink.of(GatewayEvent)
     assert sorted(e.detail["topic"] for e in events) == sorted(
         f"{prefix}/{t}" for t in ("handler/temp", "handler/count", "prober/temp"))
+
+
+JUNK_INTERVAL_S = 4.0  # bad_payload_log_interval: all of the junk is handled within it
+
+
+async def test_junk_on_made_up_topics_grows_neither_the_metrics_nor_the_log_without_bound(
+        mqtt_broker: BrokerAddress, caplog: pytest.LogCaptureFixture) -> None:
+    """Anyone who may publish to the broker can make up a topic per message under a
+    subscription's wildcard.  The first MAX_BAD_TOPIC_SERIES topics get a series of their
+    own, the rest share topic="#other" (every message counted); the first MAX_NEW_REPORTS
+    get a log line and an event for the hub in an interval, the rest are summed up in one
+    line at the first bad message after it."""
+    prefix = unique("ate")
+    metrics = Metrics()
+    source = make_source(mqtt_broker, [{"topic": f"{prefix}/+/temp", "channel": "{1}.temp"}],
+                         metrics=metrics, bad_payload_log_interval=JUNK_INTERVAL_S)
+    sink = Sink()
+    n = MAX_BAD_TOPIC_SERIES + 50
+    caplog.set_level(logging.WARNING, logger="edgegw.mqtt.source")
+    async with trio.open_nursery() as nursery:
+        await started(nursery, source, sink)
+        pub = await start_publisher(nursery, mqtt_broker)
+        first = time.monotonic()  # (before the first bad message: its interval starts later)
+        for i in range(n):
+            await pub.publish(f"{prefix}/made-up-{i}/temp", b"junk", qos=1)
+        with trio.fail_after(20):
+            await pub.wait_all_acked()
+        await wait_for(lambda: source.bad >= n, 20, "every junk message")
+        handled = time.monotonic()
+        assert handled - first < JUNK_INTERVAL_S, "too slow here for one interval"
+        reported = [r.getMessage() for r in caplog.records if "bad payload on" in r.getMessage()]
+        # an interval passes (since every report so far): the next bad message, on
+        # made-up-0 again, is reported and sums up the rest
+        await trio.sleep(JUNK_INTERVAL_S)
+        await pub.publish(f"{prefix}/made-up-0/temp", b"junk", qos=1)
+        await wait_for(lambda: source.bad >= n + 1, 20, "the junk message after the interval")
+        # (its report, the second on made-up-0, reaches the sink with the next put)
+        await wait_for(lambda: len(sink.of(GatewayEvent)) > MAX_NEW_REPORTS, 20, "its event")
+        nursery.cancel_scope.cancel()
+    bad = metrics.counter("mqtt_bad_payloads_total")
+    assert len(bad.values) == MAX_BAD_TOPIC_SERIES + 1
+    assert bad.get(source="sensors", topic=f"{prefix}/made-up-0/temp") == 2
+    assert bad.get(source="sensors", topic=OTHER_TOPICS) == 50
+    assert bad.total() == n + 1
+    assert len(reported) == MAX_NEW_REPORTS
+    assert len(sink.of(GatewayEvent)) == MAX_NEW_REPORTS + 1
+    summary = [r.getMessage() for r in caplog.records if "not reported" in r.getMessage()]
+    assert len(summary) == 1 and f": {n - MAX_NEW_REPORTS} bad or failed" in summary[0]
 
 
 async def test_acknowledgements_lost_with_the_connection_do_not_make_readings_count_twice(

@@ -374,6 +374,68 @@ def test_the_packaging_scripts_are_shellcheck_clean(script: str, tmp_path: Path)
         assert run.returncode == 0, f"{path.name}:\n{run.stdout}"
 
 
+def scratch_etc_missing() -> str | None:
+    """Why install.sh cannot run here with a throwaway /etc, or None."""
+    if os.geteuid() != 0:
+        return "needs root (chown, a private mount namespace)"
+    for tool in ("unshare", "groupadd", "getent"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    if not Path("/usr/bin/python3").exists():  # install.sh refuses one in a home directory
+        return "no system Python at /usr/bin/python3 for the installed venv"
+    return None
+
+
+def test_install_sh_hands_a_kept_config_back_to_root_and_follows_no_link(
+        bundle: Path, tmp_path: Path) -> None:
+    """A config kept from before that another user owns, or the group may write, would let
+    them change a token or a key path: install.sh makes it root:edgegw 0640, as a new one,
+    and says so.  A config that is a symbolic link is left alone: it may point at
+    /etc/shadow, planted while the directory was writable, and chown would hand that to the
+    group.  The bundle's own install.sh runs as root in a private mount namespace whose /etc
+    is an overlay thrown away afterwards (groupadd writes there), its places in tmp_path."""
+    reason = scratch_etc_missing()
+    if reason:
+        pytest.skip(f"cannot run install.sh in a scratch /etc here: {reason}")
+    with tarfile.open(bundle) as tar:
+        tar.extractall(tmp_path / "bundle", filter="tar")
+    installer = next((tmp_path / "bundle").glob("edgegw-offline-*/install.sh"))
+    confdir = tmp_path / "etc-edgegw"
+    confdir.mkdir()
+    confdir.chmod(0o777)  # an earlier, careless set-up
+    kept = confdir / "gateway.toml"
+    kept.write_text('[gateway]\nid = "ate-07"\ntoken = "the site token"\n')
+    os.chown(kept, 4321, 4321)
+    kept.chmod(0o666)
+    shadow = tmp_path / "shadow"
+    shadow.write_text("root:$6$secret\n")
+    shadow.chmod(0o600)
+    (confdir / "hub.toml").symlink_to(shadow)
+    upper, work = tmp_path / "etc-upper", tmp_path / "etc-work"
+    upper.mkdir()
+    work.mkdir()
+    script = (f"mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={work} "
+              f"/etc && {installer} && getent group edgegw")
+    run = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+        env={**os.environ, "PREFIX": str(tmp_path / "opt"), "CONFDIR": str(confdir),
+             "UNITDIR": str(tmp_path / "units"), "PYTHON": "/usr/bin/python3"},
+        capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    gid = int(run.stdout.strip().splitlines()[-1].split(":")[2])
+    st = kept.stat()
+    assert (st.st_uid, st.st_gid, oct(st.st_mode & 0o7777)) == (0, gid, "0o640")
+    assert kept.read_text() == '[gateway]\nid = "ate-07"\ntoken = "the site token"\n'
+    assert f"kept {kept}, made root:edgegw 0640" in run.stdout
+    st = confdir.stat()
+    assert (st.st_uid, st.st_gid, oct(st.st_mode & 0o7777)) == (0, gid, "0o750")
+    # the link's target is untouched, and the output says what to do
+    st = shadow.stat()
+    assert (st.st_uid, st.st_gid, oct(st.st_mode & 0o7777)) == (0, 0, "0o600")
+    assert (confdir / "hub.toml").is_symlink()
+    assert f"kept {confdir / 'hub.toml'}: a symbolic link, left as it is" in run.stdout
+
+
 # ---- the units under a real systemd -----------------------------------------------------
 
 

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import itertools
 import json
+import logging
 import math
 import socket
 import sqlite3
@@ -31,6 +32,7 @@ from edgegw.hub.alerts import (
     WebhookConfig,
     WebhookSender,
     post_json,
+    shown_url,
     sign,
 )
 from edgegw.hub.live import LiveState
@@ -174,8 +176,8 @@ async def test_client_errors_are_not_retried_and_attempts_are_bounded() -> None:
         await wait_for(lambda: sender.m_failed.total() == 2)
         assert len(refusing.requests) == 1  # 400: the receiver refused it; final
         assert len(flaky.requests) == 3  # 502 three times: given up, not forever
-        assert sender.m_failed.get(url=url_refusing, reason="refused") == 1
-        assert sender.m_failed.get(url=url_flaky, reason="attempts") == 1
+        assert sender.m_failed.get(url=shown_url(url_refusing), reason="refused") == 1
+        assert sender.m_failed.get(url=shown_url(url_flaky), reason="attempts") == 1
         nursery.cancel_scope.cancel()
 
 
@@ -276,6 +278,36 @@ async def test_an_https_receiver_with_an_untrusted_certificate_gets_nothing(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_webhook_url_s_secrets_are_in_no_metric_and_no_log_line(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Chat webhooks (Slack, Teams) keep the secret that lets anyone post in the URL's path,
+    others in its query or user info.  /metrics (read by Prometheus with its own token)
+    and the log show a webhook by scheme, host and port and a digest of the rest."""
+    caplog.set_level(logging.DEBUG, logger="edgegw.hub.webhooks")
+    server = HookServer()
+    metrics = Metrics()
+    async with trio.open_nursery() as nursery:
+        base = await server.serve(nursery)
+        ok = base.replace("/hooks/alerts?src=hub", "/services/T0/B0/SECRET-PATH?token=SECRET-Q")
+        dead = f"http://bot:SECRET-PW@127.0.0.1:{free_port()}/services/T0/B1/SECRET-PATH2"
+        sender = WebhookSender([
+            WebhookConfig(url=ok),
+            WebhookConfig(url=dead, max_attempts=2, backoff_initial_s=0.01,
+                          backoff_max_s=0.02)], metrics=metrics)
+        await nursery.start(sender.run)
+        sender.submit(event("a-1"))
+        await wait_for(lambda: sender.m_failed.get(url=shown_url(dead), reason="attempts") == 1
+                       and sender.m_delivered.get(url=shown_url(ok)) == 1)
+        nursery.cancel_scope.cancel()
+    assert server.requests[0]["path"] == "/services/T0/B0/SECRET-PATH?token=SECRET-Q"
+    assert shown_url(ok) != shown_url(dead) and shown_url(ok).startswith("http://127.0.0.1:")
+    exposed = metrics.render_prometheus()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "cannot reach" in logged and "giving up" in logged
+    for text in (exposed, logged):
+        assert "SECRET" not in text and "bot:" not in text
+
+
 async def test_a_request_that_cannot_leave_before_its_send_by_is_not_sent_at_all() -> None:
     server = HookServer()
     async with trio.open_nursery() as nursery:
@@ -306,7 +338,7 @@ async def test_a_sender_whose_lease_lapsed_sends_nothing_more_not_even_a_retry()
         # sent, is over by the time the retry is due
         lease_until[0] = trio.current_time()
         sender.submit(event("f2"))
-        await wait_for(lambda: sender.m_failed.get(url=url, reason="lease_lost") == 2)
+        await wait_for(lambda: sender.m_failed.get(url=shown_url(url), reason="lease_lost") == 2)
         assert [r["json"]["alert"]["id"] for r in server.requests] == ["f1"]  # the 503 only
         assert sender.m_delivered.total() == 0 and sender.pending() == 0
         nursery.cancel_scope.cancel()
@@ -403,7 +435,7 @@ async def test_an_undelivered_event_older_than_max_age_is_not_sent_after_a_resta
 
         async def expired(service: AlertService, state: LiveState) -> None:
             assert service.webhooks.pending() == 0
-            assert service.webhooks.m_failed.get(url=url, reason="expired") == 1
+            assert service.webhooks.m_failed.get(url=shown_url(url), reason="expired") == 1
 
         await _run_hub(config, path, lambda: now[0], expired)
         await _run_hub(config, path, lambda: now[0], _no_pending)  # marked: not again
@@ -434,7 +466,7 @@ async def test_an_event_sent_while_the_history_store_cannot_be_written_is_counte
             await wait_for(lambda: len(server.accepted) == 1, limit_s=60)
             await service.wait_persisted()
             counter = service.metrics.counter("hub_webhook_unrecorded_total")
-            assert counter.get(url=url) == 1
+            assert counter.get(url=shown_url(url)) == 1
             assert service.metrics.counter("hub_history_store_errors_total").total() == 1
 
         try:

@@ -36,6 +36,7 @@ from http.cookies import CookieError, SimpleCookie
 
 from ..metrics import Metrics
 from ..web import Request, Response
+from ..web.hosts import HostRule
 from .config import AuthConfig
 from .tokens import ANONYMOUS_ADMIN, AuthError, Principal, TokenVerifier
 
@@ -82,11 +83,12 @@ class Access:
         self.proxies = [ipaddress.ip_network(p, strict=False)
                         for p in self.config.trusted_proxies]
         self.origins = {o.lower().rstrip("/") for o in self.config.allowed_origins}
-        # host names besides IP addresses and localhost a hub without sign-in answers to
-        self.hosts = {urllib.parse.urlsplit(o).hostname or "" for o in self.origins} - {""}
         m = metrics or Metrics()
         self.m_denied = m.counter("hub_requests_denied_total",
                                   "requests and upgrades refused by the access guard, by reason")
+        # host names besides IP addresses and dotless names a hub without sign-in answers to
+        self.hosts = HostRule((urllib.parse.urlsplit(o).hostname or "" for o in self.origins),
+                              key="auth.allowed_origins", refused=self.m_denied)
 
     @property
     def open(self) -> bool:
@@ -107,13 +109,9 @@ class Access:
             request.principal = Principal("prometheus", "admin", via="metrics_token")
             return None
         if self.verifier is None:
-            if not self.host_allowed(request.headers.get("host", "")):
-                self.m_denied.inc(reason="host")
-                log.info("refused %s %s from %s: Host %r is not an address, a dotless name "
-                         "or a host of auth.allowed_origins", request.method, request.path,
-                         request.remote, request.headers.get("host", "")[:100])
-                return _json(403, "this hub has no sign-in: it answers only to an IP address, "
-                                  "a dotless name or a host of auth.allowed_origins in Host")
+            refusal = self.hosts.check(request)
+            if refusal is not None:
+                return refusal
             request.principal = ANONYMOUS_ADMIN
             return None
         try:
@@ -194,8 +192,10 @@ class Access:
         origin = request.headers.get("origin")
         if origin is not None and not self.origin_allowed(request, origin):
             self.m_denied.inc(reason="origin")
-            log.info("refused %s %s from %s: cross-site Origin %r", request.method,
-                     request.path, request.remote, origin[:100])
+            # the path quoted (%r): percent-decoded, it may hold a newline that would
+            # forge a log line of its own, or terminal escapes
+            log.info("refused %s %r from %s: cross-site Origin %r", request.method,
+                     request.path[:200], request.remote, origin[:100])
             return _json(403, f"cross-site request refused: Origin {origin[:100]!r} is not "
                               "this hub's and not in auth.allowed_origins")
         if not upgrade:
@@ -213,26 +213,6 @@ class Access:
         host = request.headers.get("host", "").strip().lower()
         scheme = "https" if request.secure else "http"
         return bool(host) and parts.scheme == scheme and parts.netloc == host
-
-    def host_allowed(self, host_header: str) -> bool:
-        """Whether a hub without sign-in answers a request with this ``Host``: an IP
-        address or a name without a dot (``localhost``, ``hub``: no attacker's DNS answers
-        for those), a host of ``auth.allowed_origins`` (the administrator's own names), or
-        none at all."""
-        host = host_header.strip().lower()
-        if not host:  # HTTP/1.0 scripts; a browser always sends Host
-            return True
-        if host.startswith("["):  # [v6]:port
-            host = host[1:].partition("]")[0]
-        elif host.count(":") == 1:
-            host = host.partition(":")[0]
-        if "." not in host or host in self.hosts:  # localhost, a hosts-file or search-domain
-            return True  # name: nothing an attacker's DNS answers for (no dotless domains)
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return True
 
     def _unauthenticated(self, request: Request, reason: str) -> Response:
         self.m_denied.inc(reason="unauthenticated")

@@ -26,7 +26,7 @@ from ..tls import ServerTls, cert_identities
 from ..web import HttpServer, Request, Response
 from .access import Access
 from .config import AuthConfig
-from .ratelimit import FailureLimiter
+from .ratelimit import FailureLimiter, bucket_of
 from .signin import SignIn
 from .tokens import TokenVerifier
 
@@ -157,7 +157,7 @@ class HubSecurity:
 
     def gateway_limited(self, request: Request) -> Response | None:
         """429 for an address that has used up its failed handshakes."""
-        address = _address(request.remote)
+        address = bucket_of(request.remote)
         wait = self.limiter.blocked(address, trio.current_time())
         if wait is None:
             return None
@@ -174,7 +174,7 @@ class HubSecurity:
                         headers=[("retry-after", f"{max(1, math.ceil(wait))}")])
 
     def gateway_failed(self, request: Request) -> None:
-        self.limiter.failed(_address(request.remote), trio.current_time())
+        self.limiter.failed(bucket_of(request.remote), trio.current_time())
 
     def gateway_cert_problem(self, request: Request, gateway_id: str) -> str | None:
         """Why the connection's client certificate does not stand for ``gateway_id``."""
@@ -192,6 +192,3 @@ class HubSecurity:
     # ------------------------------------------------------------------ /ws/live
 
 
-
-def _address(remote: str) -> str:
-    return remote.rpartition(":")[0] or remote

@@ -10,6 +10,9 @@ from ..config import ConfigError, Range, build, host_problem, ws_url_problem
 from ..sources import UnknownSourceType, source_type
 from ..spool.config import SpoolConfig
 
+# a DNS name as a Host header carries it (letters, digits, '-', '_', dots), no port
+HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+
 
 @dataclasses.dataclass(frozen=True)
 class GatewaySection:
@@ -20,6 +23,10 @@ class GatewaySection:
     # 0 disables the local status port (/healthz, /api/stats, /metrics)
     status_port: Annotated[int, Range(1, 65535, also=0)] = 0
     status_listen: str = "127.0.0.1"
+    # Host names the status port answers to besides IP addresses and dotless names
+    # (localhost): it has no sign-in, so any other name may be a DNS-rebinding page's
+    # (docs/security.md).  A monitoring system scraping it by a dotted name lists it here.
+    status_allowed_hosts: list[str] = dataclasses.field(default_factory=list)
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -35,6 +42,10 @@ class GatewaySection:
         why = host_problem(self.status_listen)
         if why:
             problems.append(("status_listen", why))
+        for name in self.status_allowed_hosts:
+            if not HOST_NAME.fullmatch(name):
+                problems.append(("status_allowed_hosts",
+                                 f"not a host name (no scheme, port or path): {name!r}"))
         return problems
 
 

@@ -32,6 +32,7 @@ from ..sources import Source, SourceContext, source_type
 from ..spool import DiskSpool
 from ..store import FrameStore, MemoryFrameStore
 from ..web import HttpServer, install_status
+from ..web.hosts import HostRule
 from .config import RESERVED_NAME_PREFIX, GatewayConfig, SourceEntry
 from .uplink import DATA_ENVELOPE_BYTES, Uplink, write_dead_letter
 
@@ -270,6 +271,9 @@ class Gateway:
         self.m_refused = m.counter(
             "gateway_records_rejected_total",
             "records larger than a frame may be: refused, kept in the dead-letter file")
+        self.m_status_denied = m.counter(
+            "gateway_status_requests_denied_total",
+            "status port requests refused, by reason (host: a Host name not allowed)")
         self.m_split = m.counter("gateway_batches_split_total",
                                  "batches stored as several frames (over the frame limit)")
         self.m_checkpoints_refused = m.counter(
@@ -843,6 +847,10 @@ class Gateway:
 
         install_status(server, health=health, stats=self.stats, metrics=self.metrics)
         g = self.config.gateway
+        # No sign-in here: /api/stats and /metrics are served only to a Host that a
+        # DNS-rebinding page cannot have (docs/security.md); /healthz stays open as the hub's.
+        server.guard = HostRule(g.status_allowed_hosts, key="gateway.status_allowed_hosts",
+                                refused=self.m_status_denied).guard(public={"/healthz"})
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(server.serve, g.status_listen, g.status_port)
             task_status.started(listeners[0].socket.getsockname()[1])

@@ -191,6 +191,18 @@ STOP_FLUSH_S = 5.0
 #: retained topics whose last reading taken is kept in the checkpoint (docs/mqtt.md,
 #: "Retained messages"): 20 bytes each, written with every put
 MAX_RETAINED_TOPICS = 1000
+#: topics counted on their own in ``mqtt_bad_payloads_total`` per source: anyone who may
+#: publish to the broker can make up topics under a subscription's wildcard, and a series
+#: per topic would grow the gateway's memory (and Prometheus's) without bound.  Bad
+#: payloads on further topics are counted under ``topic="#other"`` ('#' is never in a
+#: published topic's name, so no real topic is counted as it).
+MAX_BAD_TOPIC_SERIES = 100
+OTHER_TOPICS = "#other"
+#: topics reported for the first time (a log line, a GatewayEvent for the hub) per
+#: ``bad_payload_log_interval`` at most: a publisher making up a topic per message would
+#: otherwise turn each message into a log line and a record spooled for the hub.  The
+#: others are summed up in one line an interval.
+MAX_NEW_REPORTS = 20
 #: a retained topic in the checkpoint: 64-bit hash of the topic, CRC-32 of the payload
 #: taken last, its payload time (NaN: none)
 _RETAINED = struct.Struct("<QId")
@@ -275,6 +287,9 @@ class MqttSource:
         m.add_collector(self._collect)
         # (kind, topic) -> (last log, suppressed)
         self._reported: dict[tuple[str, str], tuple[float, int]] = {}
+        self._bad_topics: set[str] = set()  # those with a series of their own
+        # this interval's first reports of a topic: (interval start, count, not reported)
+        self._new_reports: tuple[float, int, int] = (-math.inf, 0, 0)
         # topic -> (crc32 of the payload, its payload time) of the last message taken:
         # what a retained message sent again at a resubscription is recognised by
         self._last_taken: dict[str, _Taken] = {}
@@ -417,12 +432,30 @@ class MqttSource:
             return repr(msg._topic)  # paho keeps the raw bytes only there
 
     def _report(self, kind: str, topic: str) -> int | None:
-        """Rate limit per kind and topic: None = stay quiet, else how many were quiet."""
+        """Rate limit per kind and topic: None = stay quiet, else how many were quiet.
+        Topics not reported before are reported at most ``MAX_NEW_REPORTS`` an interval;
+        the first report after an interval sums up the ones that were not."""
         now = time.monotonic()
+        interval = self.config.bad_payload_log_interval
+        start, count, quiet = self._new_reports
+        if now - start >= interval:
+            if quiet:
+                log.warning("%s: %d bad or failed message(s) in the last %.0f s on new topics "
+                            "beyond the %d reported one by one: not reported (counted in "
+                            "edgegw_mqtt_bad_payloads_total, edgegw_internal_errors_total)",
+                            self.name, quiet, now - start, MAX_NEW_REPORTS)
+            start, count, quiet = now, 0, 0
         last, suppressed = self._reported.get((kind, topic), (-math.inf, 0))
-        if now - last < self.config.bad_payload_log_interval:
+        if now - last < interval:
+            self._new_reports = (start, count, quiet)
             self._reported[(kind, topic)] = (last, suppressed + 1)
             return None
+        if last == -math.inf:  # a topic not reported before
+            if count >= MAX_NEW_REPORTS:
+                self._new_reports = (start, count, quiet + 1)
+                return None
+            count += 1
+        self._new_reports = (start, count, quiet)
         if len(self._reported) > 10_000:  # many distinct bad topics: do not grow forever
             self._reported.clear()
         self._reported[(kind, topic)] = (now, 0)
@@ -431,7 +464,10 @@ class MqttSource:
     def _bad_payload(self, msg: paho.MQTTMessage, reason: str) -> None:
         topic = self._topic_of(msg)
         self.bad += 1
-        self._m_bad.inc(source=self.name, topic=topic)
+        if topic not in self._bad_topics and len(self._bad_topics) < MAX_BAD_TOPIC_SERIES:
+            self._bad_topics.add(topic)
+        self._m_bad.inc(source=self.name,
+                        topic=topic if topic in self._bad_topics else OTHER_TOPICS)
         self._m_source_errors.inc(source=self.name)
         suppressed = self._report("bad", topic)
         if suppressed is None:
@@ -687,7 +723,10 @@ class MqttSource:
 
 
 __all__ = [
+    "MAX_BAD_TOPIC_SERIES",
+    "MAX_NEW_REPORTS",
     "MAX_RETAINED_TOPICS",
+    "OTHER_TOPICS",
     "STOP_FLUSH_S",
     "BackoffConfig",
     "MqttSource",

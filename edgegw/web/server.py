@@ -477,7 +477,8 @@ class HttpServer:
                 try:
                     response = await handler(request)
                 except Exception:
-                    log.exception("handler for %s %s failed", request.method, request.path)
+                    log.exception("handler for %s %r failed", request.method,
+                                  request.path[:200])
                     response = Response(500, b'{"error": "internal error"}')
             phase.enter("write")
             await self._send_response(conn, stream, response, head=head)
@@ -500,8 +501,8 @@ class HttpServer:
             return self.guard(request, upgrade)
         except Exception:
             self.m_internal.inc(where="http_guard")
-            log.exception("access guard failed on %s %s from %s", request.method,
-                          request.path, request.remote)
+            log.exception("access guard failed on %s %r from %s", request.method,
+                          request.path[:200], request.remote)
             return Response(500, b'{"error": "internal error"}')
 
     async def _timed_out(self, stream: trio.abc.Stream, conn: h11.Connection,
@@ -603,7 +604,7 @@ class HttpServer:
         except Exception:
             # Handlers are failure boundaries themselves (and count what they catch); this
             # is the last resort that keeps one connection's bug inside that connection.
-            log.exception("WebSocket handler for %s from %s failed", request.path,
+            log.exception("WebSocket handler for %r from %s failed", request.path[:200],
                           request.remote)
             if ws.closed is None:
                 await ws.aclose(1011, "internal error")

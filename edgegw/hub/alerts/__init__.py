@@ -20,11 +20,13 @@ from .webhooks import (
     WebhookSender,
     event_key,
     post_json,
+    shown_url,
     sign,
 )
 
 __all__ = [
     "EVENT_ID_HEADER", "MAX_HELD_ROWS", "RULE_KINDS", "SIGNATURE_HEADER", "Alert", "AlertEngine",
     "AlertRuleConfig", "AlertService", "AlertsConfig", "Fenced", "Priority", "RuleKind",
-    "WebhookConfig", "WebhookOutbox", "WebhookSender", "event_key", "post_json", "sign",
+    "WebhookConfig", "WebhookOutbox", "WebhookSender", "event_key", "post_json",
+    "shown_url", "sign",
 ]

@@ -34,7 +34,7 @@ import trio
 from edgegw.jsonutil import dumps
 from edgegw.metrics import Metrics
 
-from .webhooks import WebhookSender, event_key
+from .webhooks import WebhookSender, event_key, shown_url
 
 log = logging.getLogger("edgegw.hub.webhooks")
 
@@ -130,7 +130,8 @@ class WebhookOutbox:
             victim = next(iter(self._held))
             log.error("webhook %s: alert event %s: its outbox row is dropped from memory "
                       "(%d held, the history store cannot be written): not sent again if "
-                      "the hub stops before it is delivered", *victim, MAX_HELD_ROWS)
+                      "the hub stops before it is delivered", shown_url(victim[0]), victim[1],
+                      MAX_HELD_ROWS)
         self._drop(victim)
 
     def _drop(self, key: tuple[str, str]) -> None:
@@ -161,12 +162,12 @@ class WebhookOutbox:
                 self._marks.append((url, key, "unconfigured"))
             elif now - at > config.max_age_s:
                 log.warning("webhook %s: alert event %s not sent again: queued %.0f s ago "
-                            "(max_age_s %.0f)", url, key, now - at, config.max_age_s)
-                self.m_failed.inc(url=url, reason="expired")
+                            "(max_age_s %.0f)", shown_url(url), key, now - at, config.max_age_s)
+                self.m_failed.inc(url=shown_url(url), reason="expired")
                 self._marks.append((url, key, "expired"))
             else:
                 sender.submit(json.loads(payload), urls=(url,))
-                self.m_resent.inc(url=url)
+                self.m_resent.inc(url=shown_url(url))
                 queued += 1
         if self._marks:
             self._wake.set()

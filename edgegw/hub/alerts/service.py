@@ -42,7 +42,7 @@ from edgegw.metrics import Metrics, report_internal_error
 from .config import AlertsConfig
 from .engine import AlertEngine
 from .outbox import RETRY_MAX_S, RETRY_S, WebhookOutbox, outbox_rows
-from .webhooks import WebhookSender, event_key
+from .webhooks import WebhookSender, event_key, shown_url
 
 if TYPE_CHECKING:
     from edgegw.hub.live import LiveState
@@ -123,7 +123,8 @@ class AlertService:
             # the one way a (webhook, event) is lost: its row never reached the store
             for url, key in self.outbox.held_unfinished():
                 log.error("webhook %s: alert event %s not delivered and its outbox row not "
-                          "written (history store): not sent again after a restart", url, key)
+                          "written (history store): not sent again after a restart",
+                          shown_url(url), key)
             await self.store.close()
 
     def _on_event(self, event: dict[str, Any]) -> None:
@@ -287,10 +288,10 @@ class AlertService:
                 self._hold(list(latest.values()))
                 queued = self.outbox.hold(rows)
                 for url, key, _, _ in rows:
-                    self._m_unrecorded.inc(url=url)
+                    self._m_unrecorded.inc(url=shown_url(url))
                     log.warning("webhook %s: alert event %s is sent before its outbox row is "
                                 "written (history store not written; row kept in memory)",
-                                url, key)
+                                shown_url(url), key)
             else:
                 for alert_id, alert in held.items():  # (one held since stays)
                     if self._held.get(alert_id) is alert:

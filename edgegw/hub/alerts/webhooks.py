@@ -61,6 +61,25 @@ log = logging.getLogger("edgegw.hub.webhooks")
 RETRY_STATUSES = frozenset({408, 425, 429})
 
 
+def shown_url(url: str) -> str:
+    """A webhook's URL as metric labels and log lines show it: scheme, host and port, and
+    for the rest a digest telling the webhooks of one receiver apart -- never the path, the
+    query or a user:password, where receivers keep the secret that lets anyone who knows
+    the URL post to them (Slack's, Teams' and most chat webhooks are such URLs)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        port = ""
+    shown = f"{parts.scheme}://{host}{port}"
+    if url.rstrip("/") != shown:
+        shown += "/…#" + hashlib.sha256(url.encode()).hexdigest()[:8]
+    return shown
+
+
 def event_key(event: dict[str, Any]) -> str:
     """An event's identity, per webhook: ``<alert id>:<event>`` (an alert is raised,
     escalated and acknowledged at most once each)."""
@@ -98,7 +117,8 @@ async def post_json(url: str, payload: Any, *, headers: dict[str, str] | None = 
     is not)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"webhook URL must be http(s)://host[:port]/path, got {url!r}")
+        raise ValueError(f"webhook URL must be http(s)://host[:port]/path, got "
+                         f"{shown_url(url)!r}")
     secure = parts.scheme == "https"
     target = parts.path or "/"
     if parts.query:
@@ -152,7 +172,7 @@ async def post_json(url: str, payload: Any, *, headers: dict[str, str] | None = 
         raise WebhookError(f"no response within {timeout_s} s") from None
     except (OSError, trio.BrokenResourceError) as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
-        raise WebhookError(f"cannot reach {parts.netloc}: {cause}") from None
+        raise WebhookError(f"cannot reach {shown_url(url)}: {cause}") from None
     except h11.RemoteProtocolError as exc:
         raise WebhookError(f"malformed HTTP response: {exc}") from None
 
@@ -213,7 +233,7 @@ class WebhookSender:
                 continue
             if len(q.items) >= q.max_queued:
                 dropped = q.items.popleft()
-                self.m_dropped.inc(url=q.config.url)
+                self.m_dropped.inc(url=shown_url(q.config.url))
                 self._finished(q.config.url, dropped, "dropped")
             q.items.append(event)
             q.wakeup.set()
@@ -226,7 +246,7 @@ class WebhookSender:
         except Exception:  # a failure boundary: the mark is lost, the event sent again later
             report_internal_error(self._metrics, "webhook", log,
                                   "recording the outcome of alert event %s for %s",
-                                  event_key(event), url)
+                                  event_key(event), shown_url(url))
 
     def pending(self) -> int:
         return sum(len(q.items) for q in self._queues)
@@ -251,8 +271,8 @@ class WebhookSender:
                 report_internal_error(self._metrics, "webhook", log,
                                       "delivering alert %s event %s to %s",
                                       event.get("alert", {}).get("id"), event.get("event"),
-                                      q.config.url)
-                self.m_failed.inc(url=q.config.url, reason="internal_error")
+                                      shown_url(q.config.url))
+                self.m_failed.inc(url=shown_url(q.config.url), reason="internal_error")
                 outcome = "internal_error"
             if outcome is not None:
                 self._finished(q.config.url, event, outcome)
@@ -279,31 +299,31 @@ class WebhookSender:
                 # another node holds the lease now: what this one has not sent is not its
                 # to send (docs/cluster.md, "Alerts": webhooks across a takeover)
                 log.warning("webhook %s: alert %s event %s not sent: the alerts lease "
-                            "lapsed", config.url, alert_id, event.get("event"))
+                            "lapsed", shown_url(config.url), alert_id, event.get("event"))
                 self.m_attempts.inc(outcome="fenced")
-                self.m_failed.inc(url=config.url, reason="lease_lost")
+                self.m_failed.inc(url=shown_url(config.url), reason="lease_lost")
                 return None
             except WebhookError as exc:
                 outcome, retry, reason = "error", True, str(exc)
             else:
                 if 200 <= status < 300:
                     self.m_attempts.inc(outcome="ok")
-                    self.m_delivered.inc(url=config.url)
+                    self.m_delivered.inc(url=shown_url(config.url))
                     return "delivered"
                 retry = status >= 500 or status in RETRY_STATUSES
                 outcome, reason = f"http_{status}", f"HTTP {status}"
             self.m_attempts.inc(outcome=outcome)
             if not retry:
                 log.warning("webhook %s refused alert %s event %s: %s (not retried)",
-                            config.url, alert_id, event.get("event"), reason)
-                self.m_failed.inc(url=config.url, reason="refused")
+                            shown_url(config.url), alert_id, event.get("event"), reason)
+                self.m_failed.inc(url=shown_url(config.url), reason="refused")
                 return "refused"
             if attempt < config.max_attempts:
                 delay = backoff.next_delay()
                 log.info("webhook %s: attempt %d for alert %s failed (%s); retry in %.2f s",
-                         config.url, attempt, alert_id, reason, delay)
+                         shown_url(config.url), attempt, alert_id, reason, delay)
                 await trio.sleep(delay)
         log.warning("webhook %s: giving up on alert %s event %s after %d attempts",
-                    config.url, alert_id, event.get("event"), config.max_attempts)
-        self.m_failed.inc(url=config.url, reason="attempts")
+                    shown_url(config.url), alert_id, event.get("event"), config.max_attempts)
+        self.m_failed.inc(url=shown_url(config.url), reason="attempts")
         return "attempts"
