@@ -457,6 +457,10 @@ class TailSource:
         self.unknown_records = context.metrics.counter(
             "tail_unknown_records_total", "records of unknown type skipped in files read to "
             "their end (not the vendor-reserved types): a REC_LEN too short further up?")
+        self.cut_records = context.metrics.counter(
+            "tail_cut_records_total", "records cut before a field they must have (REC_LEN "
+            "too short: a PTR without TEST_NUM, an HBR without HBIN_NUM) skipped in files "
+            "read to their end; the records after them are read")
         suffixes = tuple(s.lower() for s in self.format.suffixes)
         self._suffixes = suffixes + tuple(s + ".gz" for s in suffixes)
 
@@ -1324,7 +1328,15 @@ class TailSource:
     def _unknown(self, f: _File) -> None:
         """Say so when records of unknown type were stepped over: a complete file whose
         REC_LEN lied (too short) reads on, its record's rest taken for headers that may
-        swallow records -- lost without a word otherwise."""
+        swallow records -- lost without a word otherwise; and when records cut before a
+        field they must have were skipped (``RecordMapper.cut_short``)."""
+        cut = f.mapper.cut_short if f.mapper is not None else {}
+        if cut:
+            self.cut_records.inc(sum(cut.values()), source=self.name)
+            log.warning("source %s: %s: records cut before a field they must have skipped "
+                        "(%s): their REC_LEN ends too early; the records after them were "
+                        "read", self.name, f.path,
+                        ", ".join(f"{n} {name}" for name, n in sorted(cut.items())))
         try:
             unknown = int(getattr(f.parser, "records_unknown", 0))
         except Exception:  # (a plugin's property: telling is not worth failing the file)
