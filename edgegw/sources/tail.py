@@ -115,6 +115,7 @@ from .fingerprint import (
 )
 from .finished import FILE_NAME, FinishedFiles, recognised, relied_on
 from .formats import UnknownFormat, build_options, get_format, is_complete, new_parser
+from .gzpoint import START, GzPoint, check_of, checked
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,10 @@ _DECIDES = RecordMapper.TYPES
 #: finished files the checkpoint may go on listing while their registry entries wait to be
 #: written (one fsync for them all): a put writes them first once there are this many
 REGISTER_BATCH = 16
+#: gzip files whose point to read on from (``_File.gz_point``) holds a decompressor's
+#: state (about 40 KiB: inside a member), at most; those beyond, the least recently made,
+#: are read from their start again (a point where a member begins is two integers: kept)
+GZ_STATES_KEPT = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +254,10 @@ class _File:
     #: with ``forward_raw``, the records passed over between its last MRR and the FAR of
     #: a lot appended after it (``TailSource._lot_follows``): put first with that lot
     passed: list[Record] = dataclasses.field(default_factory=list)
+    #: a gzip file: where its reader was at ``base`` (the FAR of the lot read last), read
+    #: on from there when a lot is appended, not from its start (``gzpoint``; None: the
+    #: start -- not in the checkpoint: a restart decompresses the file from its start)
+    gz_point: GzPoint | None = None
 
     @property
     def stream(self) -> Any:
@@ -281,13 +290,16 @@ def _after_end(path: str, inode: int, base: int, end: int, n: int
     return None if head is None or data is None else (head, data)
 
 
-def _gz_after_end(path: str, inode: int, base: int, end: int, n: int
-                  ) -> tuple[bytes, bytes, bool] | None:
+def _gz_after_end(path: str, inode: int, point: GzPoint, base: int, end: int, n: int
+                  ) -> tuple[bytes, bytes, bool, int] | None:
     """``_after_end`` of a gzip file: its offsets are those of its decompressed stream
-    (every member), so it is decompressed from its start, a chunk at a time, up to what is
-    wanted; and whether that stream was readable to there (False: what follows is not gzip,
-    junk appended).  A member still being written ends what is read.  Blocking."""
+    (every member), so it is decompressed from ``point`` (at or before ``base``; from its
+    start if the file changed before it), a chunk at a time, up to what is wanted; and
+    whether that stream was readable to there (False: what follows is not gzip, junk
+    appended), and the compressed bytes decompressed.  A member still being written ends
+    what is read.  Blocking."""
     head, data = bytearray(), bytearray()
+    fed = 0
     stop = max(base + HEAD_BYTES, end + n)
 
     def take(out: bytes, at: int, lo: int, hi: int, into: bytearray) -> None:
@@ -299,7 +311,8 @@ def _gz_after_end(path: str, inode: int, base: int, end: int, n: int
         with open(path, "rb") as handle:
             if os.fstat(handle.fileno()).st_ino != inode:
                 return None
-            d, at = zlib.decompressobj(31), 0
+            point = checked(handle, point)
+            d, at = point.decompressor(), point.out
             while at < stop:
                 if d.eof and d.unused_data:  # the next member (first: ``_GzipReader._read``)
                     raw, d = d.unused_data, zlib.decompressobj(31)
@@ -309,6 +322,7 @@ def _gz_after_end(path: str, inode: int, base: int, end: int, n: int
                     raw = handle.read(_GZ_CHUNK)
                     if not raw:
                         break
+                    fed += len(raw)
                     if d.eof:
                         d = zlib.decompressobj(31)
                 out = d.decompress(raw, _GZ_CHUNK)
@@ -316,10 +330,10 @@ def _gz_after_end(path: str, inode: int, base: int, end: int, n: int
                 take(out, at, end, end + n, data)
                 at += len(out)
     except zlib.error:
-        return bytes(head), bytes(data), False
+        return bytes(head), bytes(data), False, fed
     except OSError:
         return None
-    return bytes(head), bytes(data), True
+    return bytes(head), bytes(data), True, fed
 
 
 #: compressed bytes read, and decompressed bytes made, per step of ``_gz_after_end``
@@ -343,28 +357,49 @@ class _GzipReader:
     """Async reads of the decompressed bytes of a gzip file (all members), streaming: a
     gzip file still being written is followed like a plain one."""
 
-    def __init__(self, handle: Any, skip: int = 0) -> None:
+    def __init__(self, handle: Any, skip: int = 0, point: GzPoint = START) -> None:
         self.handle = handle
-        self.d = zlib.decompressobj(31)
-        self.out = 0  # decompressed bytes returned so far (and skipped)
-        self.started = False
+        self.d = point.decompressor()
+        self.out = point.out  # decompressed bytes returned so far (and skipped)
+        self.raw = point.raw  # compressed bytes read (the handle's position)
+        self.fed = 0  # compressed bytes read by this reader
+        #: at the start of a member, after one (``point``), nothing read since
+        self.between = point.raw > 0 and point.state is None
+        self.started = point.raw > 0
         #: decompressed bytes still to pass over before the first returned (a lot appended
         #: to the file is read from its FAR, an offset of the decompressed stream)
-        self.skip = skip
+        self.skip = max(0, skip - point.out)
+        #: where it was once past ``skip`` (the FAR its lot starts at): a lot appended
+        #: later is read on from there (``_File.gz_point``)
+        self.point: GzPoint | None = None if self.skip else point
 
     @property
     def complete(self) -> bool:
         """The data read so far ends exactly at the end of a gzip member."""
-        return self.started and self.d.eof and not self.d.unused_data
+        return self.started and (self.between or (self.d.eof and not self.d.unused_data))
 
     async def read(self, n: int) -> bytes:
-        while self.skip:
-            data = await self._read(min(n, self.skip))
-            if not data:
-                return b""
-            self.skip -= len(data)
-            await trio.lowlevel.checkpoint()  # (decompressing what is passed over)
+        if self.skip:
+            while self.skip:
+                data = await self._read(min(n, self.skip))
+                if not data:
+                    return b""
+                self.skip -= len(data)
+                await trio.lowlevel.checkpoint()  # (decompressing what is passed over)
+            self.point = await self._here()
         return await self._read(n)
+
+    async def _here(self) -> GzPoint | None:
+        """Where it is: the compressed bytes it read and its decompressor's state, which
+        holds those it has not taken yet (``unconsumed_tail``: taken first, as here); at a
+        member's end, where the next one begins, without a state."""
+        d = self.d
+        ended = d.eof
+        raw = self.raw - len(d.unused_data) if ended else self.raw
+        check = await trio.to_thread.run_sync(check_of, self.handle.wrapped.fileno(), raw)
+        if check is None:
+            return None
+        return GzPoint(raw, self.out, None if ended else d.copy(), check)
 
     async def _read(self, n: int) -> bytes:
         while True:
@@ -381,9 +416,11 @@ class _GzipReader:
                 raw = await self.handle.read(n)
                 if not raw:
                     return b""
+                self.raw += len(raw)
+                self.fed += len(raw)
                 if self.d.eof:
                     self.d = zlib.decompressobj(31)
-                self.started = True
+                self.started, self.between = True, False
                 data = self._decompress(raw, n)
             if data:
                 self.out += len(data)
@@ -457,6 +494,11 @@ class TailSource:
         self.unknown_records = context.metrics.counter(
             "tail_unknown_records_total", "records of unknown type skipped in files read to "
             "their end (not the vendor-reserved types): a REC_LEN too short further up?")
+        self.gz_bytes = context.metrics.counter(
+            "tail_gzip_bytes_total", "compressed bytes of gzip files decompressed (re-reads "
+            "and looks after a finished file's end included)")
+        #: the files whose ``gz_point`` holds a decompressor's state, oldest first
+        self._gz_states: dict[str, _File] = {}
         self.cut_records = context.metrics.counter(
             "tail_cut_records_total", "records cut before a field they must have (REC_LEN "
             "too short: a PTR without TEST_NUM, an HBR without HBIN_NUM) skipped in files "
@@ -688,11 +730,14 @@ class TailSource:
         order, reads as one)."""
         assert f.end is not None
         readable = True
-        if f.gz:  # (decompressed from its start: a gzip file's offsets are its stream's)
-            gz = await trio.to_thread.run_sync(_gz_after_end, f.path, f.inode, f.base, f.end,
-                                               HEAD_BYTES)
+        if f.gz:  # (decompressed from the FAR its last lot began at, ``gz_point``, or
+            # from its start: a gzip file's offsets are its stream's)
+            gz = await trio.to_thread.run_sync(_gz_after_end, f.path, f.inode,
+                                               f.gz_point or START, f.base, f.end, HEAD_BYTES)
             got = None if gz is None else gz[:2]
             readable = gz is not None and gz[2]
+            if gz is not None:
+                self.gz_bytes.inc(gz[3], source=self.name)
         else:
             got = await trio.to_thread.run_sync(_after_end, f.path, f.inode, f.base, f.end,
                                                 min(size - f.end, HEAD_BYTES))
@@ -1270,7 +1315,11 @@ class TailSource:
         raw, gen = await trio.to_thread.run_sync(open_file, f.path, f.inode,
                                                  0 if f.gz else f.base)
         handle = trio.wrap_file(raw)
-        f.reader = _GzipReader(handle, f.base) if f.gz else handle
+        if f.gz:  # (from where its reader was at the FAR of its last lot, if unchanged)
+            point = await trio.to_thread.run_sync(checked, raw, f.gz_point or START)
+            f.reader = _GzipReader(handle, f.base, point)
+        else:
+            f.reader = handle
         if not f.gen_fixed:  # (a file the checkpoint lists keeps the stream it had)
             f.gen, f.gen_fixed = gen, True
         try:
@@ -1438,7 +1487,22 @@ class TailSource:
     async def _release(self, f: _File) -> None:
         reader, f.reader, f.parser, f.mapper = f.reader, None, None, None
         if reader is not None:
+            if f.gz:
+                self.gz_bytes.inc(reader.fed, source=self.name)
+                if reader.point is not None:
+                    self._gz_point(f, reader.point)
             await reader.aclose()
+
+    def _gz_point(self, f: _File, point: GzPoint) -> None:
+        """Keep where ``f``'s reader was at its lot's FAR; a decompressor's state for at
+        most ``GZ_STATES_KEPT`` files (the others: read from their start again)."""
+        f.gz_point = point
+        self._gz_states.pop(f.path, None)
+        if point.state is not None:
+            self._gz_states[f.path] = f
+            while len(self._gz_states) > GZ_STATES_KEPT:
+                oldest = self._gz_states.pop(next(iter(self._gz_states)))
+                oldest.gz_point = None
 
     # -- finding files (runs in a worker thread) --------------------------------------------
 
