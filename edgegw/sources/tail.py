@@ -563,7 +563,7 @@ class TailSource:
         # only the list itself can hold finished files the watermark now covers)
         listed = {}
         for p, f in self._listed.items():
-            if not f.done or f.changed > w:
+            if not f.done or f.changed > w or self._relied_after(f, w):
                 listed[p] = f
             elif self._unregistered(f):  # listed until its entry is durable
                 listed[p] = self._registering[p] = f
@@ -624,8 +624,18 @@ class TailSource:
         if f.changed <= self.watermark:
             if self._unregistered(f):  # listed until its entry is durable
                 self._registering[f.path] = f
-            else:
+            elif not self._relied_after(f, self.watermark):
                 self._listed.pop(f.path, None)
+
+    def _relied_after(self, f: _File, watermark: int) -> bool:
+        """Whether ``f``'s registry entry is relied on only by a checkpoint whose
+        watermark is past this one (its ``since`` is later): a file finished while the
+        clock ran ahead, touched once it was set back, changed at or before this
+        watermark.  A checkpoint that stopped listing it would take it, touched again
+        while the gateway is stopped, for a new file (its entry not relied on): read
+        again.  So it stays listed until the watermark reaches its entry's ``since``."""
+        entry = self.finished.get(f.inode) if self.finished is not None else None
+        return entry is not None and entry.since > watermark and entry.path == f.path
 
     def _unregistered(self, f: _File) -> bool:
         """A finished file the registry does not describe as it is (None: no registry)."""
@@ -650,7 +660,8 @@ class TailSource:
                           "a file changed while the gateway is stopped may be read again",
                           self.name, self.finished.path, exc)
         for p, f in held.items():
-            if self._listed.get(p) is f and f.done and f.changed <= self.watermark:
+            if (self._listed.get(p) is f and f.done and f.changed <= self.watermark
+                    and not self._relied_after(f, self.watermark)):
                 del self._listed[p]
 
     def _recognised(self, info: _FileInfo, head: tuple[Fingerprint, bool | None] | None
