@@ -744,7 +744,7 @@ class TailSource:
         if f.gz:  # (decompressed from the FAR its last lot began at, ``gz_point``, or
             # from its start: a gzip file's offsets are its stream's)
             gz = await trio.to_thread.run_sync(_gz_after_end, f.path, f.inode,
-                                               f.gz_point or START, f.base, f.end, HEAD_BYTES)
+                                               self._gz_from(f), f.base, f.end, HEAD_BYTES)
             got = None if gz is None else gz[:2]
             readable = gz is not None and gz[2]
             if gz is not None:
@@ -1327,7 +1327,7 @@ class TailSource:
                                                  0 if f.gz else f.base)
         handle = trio.wrap_file(raw)
         if f.gz:  # (from where its reader was at the FAR of its last lot, if unchanged)
-            point = await trio.to_thread.run_sync(checked, raw, f.gz_point or START)
+            point = await trio.to_thread.run_sync(checked, raw, self._gz_from(f))
             f.reader = _GzipReader(handle, f.base, point)
         else:
             f.reader = handle
@@ -1503,6 +1503,13 @@ class TailSource:
                 if reader.point is not None:
                     self._gz_point(f, reader.point)
             await reader.aclose()
+
+    @staticmethod
+    def _gz_from(f: _File) -> GzPoint:
+        """Where a gzip file is decompressed from: its ``gz_point``, at or before the FAR
+        its lot begins at (``base``), else its start."""
+        point = f.gz_point
+        return point if point is not None and point.out <= f.base else START
 
     def _gz_point(self, f: _File, point: GzPoint) -> None:
         """Keep where ``f``'s reader was at its lot's FAR; a decompressor's state for at
