@@ -18,7 +18,8 @@ the end of one lot of several: read on, ``_map``), when the format's parser says
 to every parser.  A ``.gz`` file is decompressed as a
 stream, so one still being written is followed too, member after member; it is complete
 at its MRR, or idle at the end of a gzip member, and a gzip stream cut in the middle of a
-member that stays idle is an error.
+member that stays idle is an error.  A lot appended to a finished one is decompressed from
+where its reader was at the FAR of the lot read last (``gzpoint``), not from its start.
 
 Checkpoint (passed with every batch; the gateway keeps the last durable one and hands it
 back as ``context.checkpoint``)::
