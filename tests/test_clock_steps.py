@@ -8,6 +8,7 @@ clock, which a step does not move)."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from collections.abc import Callable
@@ -549,3 +550,76 @@ async def test_a_gateway_streams_sensors_and_stdf_once_through_wall_clock_steps(
         nursery.cancel_scope.cancel()
     _, windows, _ = _hub_rows(tmp_path / "hub")
     assert sum(w.count for w in windows) == sent
+
+
+async def polled_until_folded(source: TailSource, sink: Any, path: Path) -> None:
+    """Poll until ``path`` is read to its end and the checkpoint no longer lists it (the
+    watermark covers it)."""
+    deadline = time.monotonic() + 30
+    await source.poll_once(sink)
+    while str(path) in source.checkpoint()["files"] or not source.files[str(path)].done:
+        assert time.monotonic() < deadline, source.checkpoint()
+        await source.poll_once(sink)
+        await trio.sleep(0.15)  # (past the watermark's 0.1 s of slack, fold_after 0)
+        await source.poll_once(sink)
+
+
+@pytest.mark.parametrize("touched", ["after the step", "only while stopped"])
+@pytest.mark.parametrize("lots", [1, 3], ids=["one lot", "two lots appended"])
+async def test_a_file_finished_while_the_clock_ran_ahead_then_touched_is_read_once(
+        tmp_path: Path, wall: SteppedWall, lots: int, touched: str) -> None:
+    """A lot finished while the clock ran an hour ahead, perhaps with lots appended and
+    read then (its registry entry's older versions forgotten once a durable checkpoint
+    relied on the latest, ``FinishedFiles.settle``): registered as finished since a time
+    an hour ahead.  NTP sets the clock back, and the file is touched (its change time the
+    true one, an hour below that); the watermark passes it.  The gateway stops, the file
+    is touched again, and it restarts from a checkpoint taken then.  Before: that
+    checkpoint no longer listed the file, and its watermark, below the entry's ``since``,
+    relies on no version of it: the file looked new, every lot read again.  Now it stays
+    listed until the watermark reaches its entry's ``since`` (an hour later), so a
+    restart knows it from the checkpoint: each record once.  Not touched after the step,
+    it was listed for that hour already (its change time is the one an hour ahead)."""
+    from test_tail_append import lot
+    from test_tail_registry import Sink, crash, lot_ids
+    from test_tail_registry import start as start_tail
+
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    path = directory / "ahead.stdf"
+    path.write_bytes(lot(1))
+    true_start = time.time_ns()
+    wall.offset = HOUR
+    sink = Sink(state)
+    source = start_tail(directory, state, None)
+    for n in range(1, lots + 1):
+        if n > 1:
+            with path.open("ab") as f:
+                f.write(lot(n))
+        stamp = time.time()  # as the clock an hour ahead stamps it
+        os.utime(path, (stamp, stamp))
+        await polled_until_folded(source, sink, path)
+        source._durable(source.checkpoint())  # (durable: older versions forgotten)
+    assert source.finished is not None
+    entry = source.finished.get(path.stat().st_ino)
+    assert entry is not None and entry.older == ()
+    assert entry.since > true_start + HOUR / 2 * 1e9  # (registered an hour ahead)
+    wall.offset = 0.0  # NTP steps the clock back
+    await source.poll_once(sink)
+    if touched == "after the step":
+        os.utime(path)  # its change time the true one, an hour below the entry's since
+        changed = path.stat().st_ctime_ns
+        while source.watermark <= changed:
+            await trio.sleep(0.05)
+            await source.poll_once(sink)
+        await source.poll_once(sink)
+        assert str(path) in source.checkpoint()["files"]  # (before: no longer listed)
+    else:
+        assert str(path) in source.checkpoint()["files"]  # (listed again, for an hour)
+    checkpoint = json.loads(json.dumps(source.checkpoint()))
+    await crash(source)
+    os.utime(path)  # touched again while the gateway is stopped
+    source = start_tail(directory, state, checkpoint)
+    for _ in range(3):
+        await source.poll_once(sink)
+    await crash(source)
+    assert lot_ids(sink.records) == {f"L{n:03}": 1 for n in range(1, lots + 1)}

@@ -431,13 +431,22 @@ def test_atdf_integers_outside_their_stdf_type_are_errors() -> None:
 
 
 @pytest.mark.parametrize("name", ["PTR", "MPR", "FTR", "HBR", "SBR", "PCR"])
-def test_a_record_cut_before_a_field_it_must_have_is_a_format_error(name: str) -> None:
+def test_a_record_cut_before_a_field_it_must_have_is_skipped_and_counted(name: str) -> None:
+    """Mapped to nothing but its RawRecord, counted (``cut_short``), the records after it
+    mapped (before: a FormatError, the file abandoned; tests/test_stdf_cut_records.py)."""
     w = StdfWriter("<")
     far = w.encode("FAR", {})
     header = w.encode(name, {})[2:4]
-    _, error = parse("stdf", far + b"\x00\x00" + header, None)
-    assert error is not None and error[1] == len(far)
-    assert f"{name} record without its" in error[0]
+    mrr = w.encode("MRR", {"FINISH_T": 0})
+    out, error = parse("stdf", far + b"\x00\x00" + header + mrr, None)
+    assert error is None
+    assert sum(f"rec='{name}'" in r for r in out) == 1  # its RawRecord
+    assert "LotEnd(" in out[-1]
+    mapper = RecordMapper("t")
+    dec = StdfDecoder()
+    dec.feed(far + b"\x00\x00" + header)
+    assert [r for rec in dec.records() for r in mapper.map(rec, 0.0)] == []
+    assert mapper.cut_short == {name: 1}
 
 
 # ---- the STDF command line on fuzzed files --------------------------------------------------

@@ -492,3 +492,39 @@ def stdf_path_of_metis() -> Path:
     from shared_data import METIS, stdf_path
 
     return stdf_path(METIS)
+
+
+def test_dump_shows_the_records_of_unknown_type_stats_counts(tmp_path: Path) -> None:
+    """A vendor's record (REC_TYP 180) and the headers a PTR's REC_LEN 10 bytes short
+    makes of its rest: ``dump`` prints each where it lies, its REC_TYP, REC_SUB, length
+    and first bytes in hex -- as many of each type as ``stats`` counts in
+    ``unknown_records``, and the known records around them as before; ``--rec UNKNOWN``
+    shows them alone.  Before: dump left them out without a word."""
+    raw, records = metis_records()
+    ptr = next(r for r in records if r.name == "PTR")
+    (rec_len,) = struct.unpack_from("<H", raw, ptr.offset)
+    data = bytearray(raw)
+    struct.pack_into("<H", data, ptr.offset, rec_len - 10)
+    vendor = struct.pack("<HBB", 40, 180, 3) + bytes(range(40))
+    mir = next(r for r in records if r.name == "MIR")
+    at = mir.offset + 4 + struct.unpack_from("<H", raw, mir.offset)[0]  # after the MIR
+    path = tmp_path / "unknown.std"
+    path.write_bytes(bytes(data[:at]) + vendor + bytes(data[at:]))
+    proc = edgegw_stdf("dump", path, "--offset")
+    assert proc.returncode == 0, proc.stderr
+    objs = [json.loads(line) for line in proc.stdout.splitlines()]
+    unknown = [o for o in objs if o["rec"] == "UNKNOWN"]
+    assert unknown[0] == {"rec": "UNKNOWN", "_offset": at, "REC_TYP": 180, "REC_SUB": 3,
+                          "REC_LEN": 40, "DATA": bytes(range(32)).hex()}
+    counted: dict[str, int] = {}
+    for o in unknown:
+        key = f"{o['REC_TYP']}/{o['REC_SUB']}"
+        counted[key] = counted.get(key, 0) + 1
+    stats = edgegw_stdf("stats", path)
+    assert json.loads(stats.stdout)["unknown_records"] == counted == {
+        "0/0": 2, "10/0": 1, "49/0": 1, "180/3": 1}
+    assert [o for o in objs if o["rec"] != "UNKNOWN"][-1]["rec"] == "MRR"
+    assert sum(o["rec"] == "PTR" for o in objs) == 572 - 48
+    alone = edgegw_stdf("dump", path, "--rec", "UNKNOWN")
+    assert [json.loads(line) for line in alone.stdout.splitlines()] == [
+        {k: v for k, v in o.items() if k != "_offset"} for o in unknown]

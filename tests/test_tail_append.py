@@ -773,3 +773,74 @@ async def test_a_running_tail_forgets_the_versions_a_durable_checkpoint_no_longe
             assert entry is not None and len(entry.older) <= 1
             nursery.cancel_scope.cancel()
     each_once(sink, {n: lot(n) for n in range(1, 8)})
+
+
+def gzip_lots(lots: list[bytes], how: str) -> list[bytes]:
+    """The compressed pieces a tester appends, one per lot: a gzip member each
+    (``gzip -c lot >> file``), or one gzip stream flushed with Z_SYNC_FLUSH after each."""
+    import gzip
+    import zlib
+
+    if how == "members":
+        return [gzip.compress(data) for data in lots]
+    stream = zlib.compressobj(6, zlib.DEFLATED, 31)
+    return [stream.compress(data) + stream.flush(zlib.Z_SYNC_FLUSH) for data in lots]
+
+
+def bytes_read() -> int:
+    """What this process has read from files so far (``rchar``: every read, by any code)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs /proc/self/io")
+@pytest.mark.parametrize("how", ["members", "sync-flushed"])
+async def test_lots_appended_to_a_gzip_file_are_decompressed_once_not_from_its_start_each(
+        tmp_path: Path, how: str) -> None:
+    """A tester appending 24 lots to one .stdf.gz, each complete at its MRR before the
+    next: the tail reads on from where its reader was at the last lot's FAR (the same
+    inode, the compressed bytes before it unchanged), so the compressed bytes it
+    decompresses (``tail_gzip_bytes_total``) and reads from disk grow with the file,
+    not with its square; each record once; a crash in the middle of the 13th lot's
+    member, then the rest appended: each record once too, the restart decompressing the
+    file once from its start.  Before: the whole file decompressed from its start at each
+    growth, twice (to look after its end, and to reach the new lot's FAR)."""
+    from edgegw.metrics import Metrics
+
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    lots = {n: lot(n, ">" if n % 3 == 0 else "<") for n in range(1, 25)}
+    pieces = gzip_lots(list(lots.values()), how)
+    path = directory / "retest.stdf.gz"
+    metrics = Metrics()
+    sink = Sink(state)
+    source = start(directory, state, None, metrics=metrics, read_size=4096)
+    read_before = bytes_read()
+    for piece in pieces[:12]:
+        append(path, piece)
+        await polls(source, sink, 2)
+    size = path.stat().st_size
+    decompressed = metrics.counter("tail_gzip_bytes_total").get(source="tester1")
+    read = bytes_read() - read_before
+    # (each lot decompressed about four times: to look after its end, to read it, and
+    # both again for the next lot, from its FAR; and the registry's and heads' reads)
+    assert size < decompressed <= 5 * size, (decompressed, size)
+    assert read < 6 * size + 64 * 1024, (read, size)
+    each_once(sink, {n: lots[n] for n in range(1, 13)})
+    half = len(pieces[12]) // 2
+    append(path, pieces[12][:half])
+    await polls(source, sink, 1)
+    await crash(source)
+    source = start(directory, state, sink.checkpoint, metrics=metrics, read_size=4096)
+    append(path, pieces[12][half:])
+    for piece in pieces[13:]:
+        await polls(source, sink, 2)
+        append(path, piece)
+    await polls(source, sink, 2)
+    each_once(sink, lots)
+    size = path.stat().st_size
+    decompressed = metrics.counter("tail_gzip_bytes_total").get(source="tester1")
+    assert decompressed <= 7 * size, (decompressed, size)  # (the restart: from its start)
+    await crash(source)

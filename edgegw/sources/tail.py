@@ -18,7 +18,8 @@ the end of one lot of several: read on, ``_map``), when the format's parser says
 to every parser.  A ``.gz`` file is decompressed as a
 stream, so one still being written is followed too, member after member; it is complete
 at its MRR, or idle at the end of a gzip member, and a gzip stream cut in the middle of a
-member that stays idle is an error.
+member that stays idle is an error.  A lot appended to a finished one is decompressed from
+where its reader was at the FAR of the lot read last (``gzpoint``), not from its start.
 
 Checkpoint (passed with every batch; the gateway keeps the last durable one and hands it
 back as ``context.checkpoint``)::
@@ -115,6 +116,7 @@ from .fingerprint import (
 )
 from .finished import FILE_NAME, FinishedFiles, recognised, relied_on
 from .formats import UnknownFormat, build_options, get_format, is_complete, new_parser
+from .gzpoint import START, GzPoint, check_of, checked
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,10 @@ _DECIDES = RecordMapper.TYPES
 #: finished files the checkpoint may go on listing while their registry entries wait to be
 #: written (one fsync for them all): a put writes them first once there are this many
 REGISTER_BATCH = 16
+#: gzip files whose point to read on from (``_File.gz_point``) holds a decompressor's
+#: state (about 40 KiB: inside a member), at most; those beyond, the least recently made,
+#: are read from their start again (a point where a member begins is two integers: kept)
+GZ_STATES_KEPT = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +255,10 @@ class _File:
     #: with ``forward_raw``, the records passed over between its last MRR and the FAR of
     #: a lot appended after it (``TailSource._lot_follows``): put first with that lot
     passed: list[Record] = dataclasses.field(default_factory=list)
+    #: a gzip file: where its reader was at ``base`` (the FAR of the lot read last), read
+    #: on from there when a lot is appended, not from its start (``gzpoint``; None: the
+    #: start -- not in the checkpoint: a restart decompresses the file from its start)
+    gz_point: GzPoint | None = None
 
     @property
     def stream(self) -> Any:
@@ -281,13 +291,16 @@ def _after_end(path: str, inode: int, base: int, end: int, n: int
     return None if head is None or data is None else (head, data)
 
 
-def _gz_after_end(path: str, inode: int, base: int, end: int, n: int
-                  ) -> tuple[bytes, bytes, bool] | None:
+def _gz_after_end(path: str, inode: int, point: GzPoint, base: int, end: int, n: int
+                  ) -> tuple[bytes, bytes, bool, int] | None:
     """``_after_end`` of a gzip file: its offsets are those of its decompressed stream
-    (every member), so it is decompressed from its start, a chunk at a time, up to what is
-    wanted; and whether that stream was readable to there (False: what follows is not gzip,
-    junk appended).  A member still being written ends what is read.  Blocking."""
+    (every member), so it is decompressed from ``point`` (at or before ``base``; from its
+    start if the file changed before it), a chunk at a time, up to what is wanted; and
+    whether that stream was readable to there (False: what follows is not gzip, junk
+    appended), and the compressed bytes decompressed.  A member still being written ends
+    what is read.  Blocking."""
     head, data = bytearray(), bytearray()
+    fed = 0
     stop = max(base + HEAD_BYTES, end + n)
 
     def take(out: bytes, at: int, lo: int, hi: int, into: bytearray) -> None:
@@ -299,7 +312,8 @@ def _gz_after_end(path: str, inode: int, base: int, end: int, n: int
         with open(path, "rb") as handle:
             if os.fstat(handle.fileno()).st_ino != inode:
                 return None
-            d, at = zlib.decompressobj(31), 0
+            point = checked(handle, point)
+            d, at = point.decompressor(), point.out
             while at < stop:
                 if d.eof and d.unused_data:  # the next member (first: ``_GzipReader._read``)
                     raw, d = d.unused_data, zlib.decompressobj(31)
@@ -309,6 +323,7 @@ def _gz_after_end(path: str, inode: int, base: int, end: int, n: int
                     raw = handle.read(_GZ_CHUNK)
                     if not raw:
                         break
+                    fed += len(raw)
                     if d.eof:
                         d = zlib.decompressobj(31)
                 out = d.decompress(raw, _GZ_CHUNK)
@@ -316,10 +331,10 @@ def _gz_after_end(path: str, inode: int, base: int, end: int, n: int
                 take(out, at, end, end + n, data)
                 at += len(out)
     except zlib.error:
-        return bytes(head), bytes(data), False
+        return bytes(head), bytes(data), False, fed
     except OSError:
         return None
-    return bytes(head), bytes(data), True
+    return bytes(head), bytes(data), True, fed
 
 
 #: compressed bytes read, and decompressed bytes made, per step of ``_gz_after_end``
@@ -343,28 +358,49 @@ class _GzipReader:
     """Async reads of the decompressed bytes of a gzip file (all members), streaming: a
     gzip file still being written is followed like a plain one."""
 
-    def __init__(self, handle: Any, skip: int = 0) -> None:
+    def __init__(self, handle: Any, skip: int = 0, point: GzPoint = START) -> None:
         self.handle = handle
-        self.d = zlib.decompressobj(31)
-        self.out = 0  # decompressed bytes returned so far (and skipped)
-        self.started = False
+        self.d = point.decompressor()
+        self.out = point.out  # decompressed bytes returned so far (and skipped)
+        self.raw = point.raw  # compressed bytes read (the handle's position)
+        self.fed = 0  # compressed bytes read by this reader
+        #: at the start of a member, after one (``point``), nothing read since
+        self.between = point.raw > 0 and point.state is None
+        self.started = point.raw > 0
         #: decompressed bytes still to pass over before the first returned (a lot appended
         #: to the file is read from its FAR, an offset of the decompressed stream)
-        self.skip = skip
+        self.skip = max(0, skip - point.out)
+        #: where it was once past ``skip`` (the FAR its lot starts at): a lot appended
+        #: later is read on from there (``_File.gz_point``)
+        self.point: GzPoint | None = None if self.skip else point
 
     @property
     def complete(self) -> bool:
         """The data read so far ends exactly at the end of a gzip member."""
-        return self.started and self.d.eof and not self.d.unused_data
+        return self.started and (self.between or (self.d.eof and not self.d.unused_data))
 
     async def read(self, n: int) -> bytes:
-        while self.skip:
-            data = await self._read(min(n, self.skip))
-            if not data:
-                return b""
-            self.skip -= len(data)
-            await trio.lowlevel.checkpoint()  # (decompressing what is passed over)
+        if self.skip:
+            while self.skip:
+                data = await self._read(min(n, self.skip))
+                if not data:
+                    return b""
+                self.skip -= len(data)
+                await trio.lowlevel.checkpoint()  # (decompressing what is passed over)
+            self.point = await self._here()
         return await self._read(n)
+
+    async def _here(self) -> GzPoint | None:
+        """Where it is: the compressed bytes it read and its decompressor's state, which
+        holds those it has not taken yet (``unconsumed_tail``: taken first, as here); at a
+        member's end, where the next one begins, without a state."""
+        d = self.d
+        ended = d.eof
+        raw = self.raw - len(d.unused_data) if ended else self.raw
+        check = await trio.to_thread.run_sync(check_of, self.handle.wrapped.fileno(), raw)
+        if check is None:
+            return None
+        return GzPoint(raw, self.out, None if ended else d.copy(), check)
 
     async def _read(self, n: int) -> bytes:
         while True:
@@ -381,9 +417,11 @@ class _GzipReader:
                 raw = await self.handle.read(n)
                 if not raw:
                     return b""
+                self.raw += len(raw)
+                self.fed += len(raw)
                 if self.d.eof:
                     self.d = zlib.decompressobj(31)
-                self.started = True
+                self.started, self.between = True, False
                 data = self._decompress(raw, n)
             if data:
                 self.out += len(data)
@@ -457,6 +495,15 @@ class TailSource:
         self.unknown_records = context.metrics.counter(
             "tail_unknown_records_total", "records of unknown type skipped in files read to "
             "their end (not the vendor-reserved types): a REC_LEN too short further up?")
+        self.gz_bytes = context.metrics.counter(
+            "tail_gzip_bytes_total", "compressed bytes of gzip files decompressed (re-reads "
+            "and looks after a finished file's end included)")
+        #: the files whose ``gz_point`` holds a decompressor's state, oldest first
+        self._gz_states: dict[str, _File] = {}
+        self.cut_records = context.metrics.counter(
+            "tail_cut_records_total", "records cut before a field they must have (REC_LEN "
+            "too short: a PTR without TEST_NUM, an HBR without HBIN_NUM) skipped in files "
+            "read to their end; the records after them are read")
         suffixes = tuple(s.lower() for s in self.format.suffixes)
         self._suffixes = suffixes + tuple(s + ".gz" for s in suffixes)
 
@@ -517,7 +564,7 @@ class TailSource:
         # only the list itself can hold finished files the watermark now covers)
         listed = {}
         for p, f in self._listed.items():
-            if not f.done or f.changed > w:
+            if not f.done or f.changed > w or self._relied_after(f, w):
                 listed[p] = f
             elif self._unregistered(f):  # listed until its entry is durable
                 listed[p] = self._registering[p] = f
@@ -578,8 +625,18 @@ class TailSource:
         if f.changed <= self.watermark:
             if self._unregistered(f):  # listed until its entry is durable
                 self._registering[f.path] = f
-            else:
+            elif not self._relied_after(f, self.watermark):
                 self._listed.pop(f.path, None)
+
+    def _relied_after(self, f: _File, watermark: int) -> bool:
+        """Whether ``f``'s registry entry is relied on only by a checkpoint whose
+        watermark is past this one (its ``since`` is later): a file finished while the
+        clock ran ahead, touched once it was set back, changed at or before this
+        watermark.  A checkpoint that stopped listing it would take it, touched again
+        while the gateway is stopped, for a new file (its entry not relied on): read
+        again.  So it stays listed until the watermark reaches its entry's ``since``."""
+        entry = self.finished.get(f.inode) if self.finished is not None else None
+        return entry is not None and entry.since > watermark and entry.path == f.path
 
     def _unregistered(self, f: _File) -> bool:
         """A finished file the registry does not describe as it is (None: no registry)."""
@@ -604,7 +661,8 @@ class TailSource:
                           "a file changed while the gateway is stopped may be read again",
                           self.name, self.finished.path, exc)
         for p, f in held.items():
-            if self._listed.get(p) is f and f.done and f.changed <= self.watermark:
+            if (self._listed.get(p) is f and f.done and f.changed <= self.watermark
+                    and not self._relied_after(f, self.watermark)):
                 del self._listed[p]
 
     def _recognised(self, info: _FileInfo, head: tuple[Fingerprint, bool | None] | None
@@ -684,11 +742,14 @@ class TailSource:
         order, reads as one)."""
         assert f.end is not None
         readable = True
-        if f.gz:  # (decompressed from its start: a gzip file's offsets are its stream's)
-            gz = await trio.to_thread.run_sync(_gz_after_end, f.path, f.inode, f.base, f.end,
-                                               HEAD_BYTES)
+        if f.gz:  # (decompressed from the FAR its last lot began at, ``gz_point``, or
+            # from its start: a gzip file's offsets are its stream's)
+            gz = await trio.to_thread.run_sync(_gz_after_end, f.path, f.inode,
+                                               self._gz_from(f), f.base, f.end, HEAD_BYTES)
             got = None if gz is None else gz[:2]
             readable = gz is not None and gz[2]
+            if gz is not None:
+                self.gz_bytes.inc(gz[3], source=self.name)
         else:
             got = await trio.to_thread.run_sync(_after_end, f.path, f.inode, f.base, f.end,
                                                 min(size - f.end, HEAD_BYTES))
@@ -1266,7 +1327,11 @@ class TailSource:
         raw, gen = await trio.to_thread.run_sync(open_file, f.path, f.inode,
                                                  0 if f.gz else f.base)
         handle = trio.wrap_file(raw)
-        f.reader = _GzipReader(handle, f.base) if f.gz else handle
+        if f.gz:  # (from where its reader was at the FAR of its last lot, if unchanged)
+            point = await trio.to_thread.run_sync(checked, raw, self._gz_from(f))
+            f.reader = _GzipReader(handle, f.base, point)
+        else:
+            f.reader = handle
         if not f.gen_fixed:  # (a file the checkpoint lists keeps the stream it had)
             f.gen, f.gen_fixed = gen, True
         try:
@@ -1324,7 +1389,15 @@ class TailSource:
     def _unknown(self, f: _File) -> None:
         """Say so when records of unknown type were stepped over: a complete file whose
         REC_LEN lied (too short) reads on, its record's rest taken for headers that may
-        swallow records -- lost without a word otherwise."""
+        swallow records -- lost without a word otherwise; and when records cut before a
+        field they must have were skipped (``RecordMapper.cut_short``)."""
+        cut = f.mapper.cut_short if f.mapper is not None else {}
+        if cut:
+            self.cut_records.inc(sum(cut.values()), source=self.name)
+            log.warning("source %s: %s: records cut before a field they must have skipped "
+                        "(%s): their REC_LEN ends too early; the records after them were "
+                        "read", self.name, f.path,
+                        ", ".join(f"{n} {name}" for name, n in sorted(cut.items())))
         try:
             unknown = int(getattr(f.parser, "records_unknown", 0))
         except Exception:  # (a plugin's property: telling is not worth failing the file)
@@ -1426,7 +1499,29 @@ class TailSource:
     async def _release(self, f: _File) -> None:
         reader, f.reader, f.parser, f.mapper = f.reader, None, None, None
         if reader is not None:
+            if f.gz:
+                self.gz_bytes.inc(reader.fed, source=self.name)
+                if reader.point is not None:
+                    self._gz_point(f, reader.point)
             await reader.aclose()
+
+    @staticmethod
+    def _gz_from(f: _File) -> GzPoint:
+        """Where a gzip file is decompressed from: its ``gz_point``, at or before the FAR
+        its lot begins at (``base``), else its start."""
+        point = f.gz_point
+        return point if point is not None and point.out <= f.base else START
+
+    def _gz_point(self, f: _File, point: GzPoint) -> None:
+        """Keep where ``f``'s reader was at its lot's FAR; a decompressor's state for at
+        most ``GZ_STATES_KEPT`` files (the others: read from their start again)."""
+        f.gz_point = point
+        self._gz_states.pop(f.path, None)
+        if point.state is not None:
+            self._gz_states[f.path] = f
+            while len(self._gz_states) > GZ_STATES_KEPT:
+                oldest = self._gz_states.pop(next(iter(self._gz_states)))
+                oldest.gz_point = None
 
     # -- finding files (runs in a worker thread) --------------------------------------------
 

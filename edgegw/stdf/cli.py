@@ -3,7 +3,9 @@
 ``dump`` prints one JSON object per record, ``{"rec": "PTR", "TEST_NUM": ..., ...}``
 with the spec's field names (R*4 values as the shortest decimal that is the same
 float32, bytes as hex, D*n as ``{"bits": n, "hex": ...}``, GDR data
-as ``[type_code, value]`` pairs, NaN and infinities as the strings "nan", "inf", "-inf").
+as ``[type_code, value]`` pairs, NaN and infinities as the strings "nan", "inf", "-inf";
+a record of unknown type as ``{"rec": "UNKNOWN", "REC_TYP", "REC_SUB", "REC_LEN", "DATA"}``,
+its first bytes in hex).
 ``stats`` prints one JSON object: record counts by type, parts, good parts, counts per
 hard and soft bin, per site (retests counted once), and the file's own HBR/SBR/PCR.
 Both read gzip-compressed files too.
@@ -35,6 +37,8 @@ from .stats import StdfStats
 
 #: read size; small enough that a dump prints the records before a gzip error
 CHUNK = 1 << 16
+#: ``dump`` shows this many first bytes of a record of unknown type (its REC_LEN: all)
+UNKNOWN_SHOWN = 32
 #: these commands never log: ``edgegw.cli.main`` does not set logging up for them
 LOGS = False
 
@@ -73,7 +77,10 @@ def _add_dump(stdf_sub: Any) -> Any:
         description="Print one JSON object per record, {\"rec\": \"PTR\", \"TEST_NUM\": ..., "
                     "...}, with the spec's field names: R*4 values as the shortest decimal "
                     "that is the same float32, bytes as hex, D*n as {\"bits\": n, \"hex\": "
-                    "...}, NaN and infinities as the strings \"nan\", \"inf\", \"-inf\".",
+                    "...}, NaN and infinities as the strings \"nan\", \"inf\", \"-inf\"; "
+                    "a record of unknown type as {\"rec\": \"UNKNOWN\", \"REC_TYP\", "
+                    "\"REC_SUB\", \"REC_LEN\", \"DATA\": its first 32 bytes in hex} "
+                    "(--rec UNKNOWN: those alone).",
         epilog="examples:\n"
                "  edgegw stdf dump lot.stdf --rec PIR --rec PRR\n"
                "  edgegw stdf dump lot.stdf --offset | head -20")
@@ -166,9 +173,11 @@ class _Bad(Exception):
     """The file is not usable STDF; ``str()`` is the one-line reason."""
 
 
-def _records(args: argparse.Namespace, decoder: StdfDecoder) -> Iterator[StdfRecord]:
-    """The file's records, known types only; ``_Bad`` for anything wrong with the file,
-    a warning for anything after its MRR that is not STDF (trailing garbage)."""
+def _records(args: argparse.Namespace, decoder: StdfDecoder, *,
+             unknown: bool = False) -> Iterator[StdfRecord]:
+    """The file's records, known types only (and those of unknown type too, ``unknown``:
+    ``dump`` shows them); ``_Bad`` for anything wrong with the file, a warning for
+    anything after its MRR that is not STDF (trailing garbage)."""
     first_unknown: int | None = None
     #: the MRR just read, while nothing but records of unknown type followed it: the file
     #: is whole, and what cannot be read after it (zero fill, a text trailer) loses nothing
@@ -178,6 +187,8 @@ def _records(args: argparse.Namespace, decoder: StdfDecoder) -> Iterator[StdfRec
             if rec.name == "UNKNOWN":
                 if first_unknown is None and rec.fields["REC_TYP"] not in RESERVED_REC_TYPS:
                     first_unknown = rec.offset
+                if unknown:
+                    yield rec
                 continue
             mrr_at = rec.offset if rec.name == "MRR" else None
             if rec.name == "FAR" and not args.any_version:
@@ -234,11 +245,12 @@ def _fed(decoder: StdfDecoder) -> int:
     return decoder.position + decoder.buffered
 
 
-def _run(args: argparse.Namespace, each: Any, decoder: StdfDecoder | None = None) -> int:
+def _run(args: argparse.Namespace, each: Any, decoder: StdfDecoder | None = None, *,
+         unknown: bool = False) -> int:
     if decoder is None:
         decoder = StdfDecoder(keep_unknown=True)
     try:
-        for rec in _records(args, decoder):
+        for rec in _records(args, decoder, unknown=unknown):
             try:
                 each(rec)
             except (KeyError, TypeError, ValueError) as exc:
@@ -261,6 +273,14 @@ def run_dump(args: argparse.Namespace) -> int:
         obj: dict[str, Any] = {"rec": rec.name}
         if args.offset:
             obj["_offset"] = rec.offset
+        if rec.name == "UNKNOWN":
+            # shown, not hidden: ``stats`` counts them (``unknown_records``), and a run of
+            # them is where a REC_LEN too short further up shows (docs/stdf.md)
+            body = rec.fields["DATA"]
+            obj.update(REC_TYP=rec.fields["REC_TYP"], REC_SUB=rec.fields["REC_SUB"],
+                       REC_LEN=len(body), DATA=body[:UNKNOWN_SHOWN].hex())
+            write(json.dumps(obj) + "\n")
+            return
         r4 = r4_by_name.get(rec.name)
         if r4 is None:
             r4 = r4_by_name[rec.name] = _r4_fields(rec.name)
@@ -277,7 +297,7 @@ def run_dump(args: argparse.Namespace) -> int:
     # the MRR is, to tell trailing garbage from a corrupt file
     try:
         return _run(args, each, StdfDecoder(keep_unknown=True, types=(
-            (wanted & BY_NAME.keys()) | {"MRR"} if wanted else None)))
+            (wanted & BY_NAME.keys()) | {"MRR"} if wanted else None)), unknown=True)
     except BrokenPipeError:  # `edgegw stdf dump f | head`
         sys.stderr.close()
         return 0

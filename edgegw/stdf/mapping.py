@@ -28,8 +28,14 @@ with no MRR before it ends the open lot with a LotEnd the mapping makes (``extra
 (a tester that crashed and restarted, appending to the file: ``{"ended_by": "FAR"}``),
 after which the mapping starts afresh as after an MRR.
 
-A record that lacks a field it must have (a PTR cut before TEST_NUM) or has a field of the
-wrong kind raises ``FormatError`` with the record's offset, as the parsers do.
+A record cut before a field it must have (REC_LEN too short: a PTR cut before TEST_NUM,
+an HBR before HBIN_NUM) maps to nothing -- nothing it could be sent as names its test or
+bin -- and is counted (``cut_short``, by type); the records after it map as ever.  STDF V4
+lets a record end early, its missing fields taking their defaults, and the decoder gives
+the fields present, as pystdf does: one that ends before a field the record cannot do
+without is damage confined to it, not a reason to abandon the file (it was, with every
+record after it lost).  A field of the wrong kind raises ``FormatError`` with the record's
+offset, as the parsers do.
 
 Missing values follow the spec: X/Y -32768, SOFT_BIN 65535, U4 counts 4294967295, TEST_T 0
 become None; so does HARD_BIN 65535 ("no bin": parametric-only formats, docs/plugins.md).
@@ -108,6 +114,9 @@ class RecordMapper:
         self.source = source
         self.format = format
         self.forward_raw = forward_raw
+        #: records cut before a field they must have, skipped, by type (``map``): the
+        #: file's, not one lot's (the tail says so once the file is complete)
+        self.cut_short: dict[str, int] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -171,10 +180,15 @@ class RecordMapper:
                 handler(self, fields, now, out)
             except FormatError as exc:  # the handler's own reason, at the record's offset
                 raise FormatError(exc.message, rec.offset) from None
-            except (KeyError, TypeError, ValueError, AttributeError, IndexError,
+            except KeyError:
+                # Cut before a field it must have (REC_LEN too short): what it holds
+                # names no test or bin to send it as.  Skipped and counted, the file read
+                # on (module docstring); its RawRecord, with ``forward_raw``, still goes.
+                self.cut_short[name] = self.cut_short.get(name, 0) + 1
+                del out[1 if self.forward_raw else 0:]
+            except (TypeError, ValueError, AttributeError, IndexError,
                     OverflowError) as exc:
-                # A record cut before a field it must have (REC_LEN too short), or a
-                # plugin's field of the wrong type: corrupt input, like any other.
+                # a plugin's field of the wrong type: corrupt input, like any other
                 raise FormatError(_unmappable(name, exc), rec.offset) from None
         if self.before_mir is not None and out:
             return self._wait_for_mir(out)
