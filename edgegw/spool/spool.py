@@ -75,6 +75,7 @@ from ..store import StoredFrame
 from .commit import ACK_PERSIST_S, DropEvent, GroupCommit, _Pending
 from .config import SpoolConfig
 from .format import MAX_RECORD, encode_ack, encode_commit, encode_frame, encode_state
+from .lock import SpoolLock
 from .reader import TailCache, read_sync
 from .recovery import Recovered, recover
 from .segments import Segment, open_segment_sync
@@ -172,12 +173,22 @@ class DiskSpool(GroupCommit):
         if self.recovered is not None:
             task_status.started()
             return
-        rec = await trio.to_thread.run_sync(recover, self.directory)
-        self._adopt(rec)
-        await trio.to_thread.run_sync(self._open_active_sync, self._state_snapshot())
-        self._started = True
-        task_status.started()
-        await self._committer()
+        # one process per spool, checked before anything is read (edgegw/spool/lock.py)
+        lock = SpoolLock(self.directory)
+        await trio.to_thread.run_sync(self._lock_sync, lock)
+        try:
+            rec = await trio.to_thread.run_sync(recover, self.directory)
+            self._adopt(rec)
+            await trio.to_thread.run_sync(self._open_active_sync, self._state_snapshot())
+            self._started = True
+            task_status.started()
+            await self._committer()
+        finally:
+            lock.release()
+
+    def _lock_sync(self, lock: SpoolLock) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
 
     def _adopt(self, rec: Recovered) -> None:
         self.recovered = rec
