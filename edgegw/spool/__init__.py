@@ -7,10 +7,9 @@ and tests) is public too.  The other modules are internal.
 from . import format
 from .commit import ACK_PERSIST_S, DropEvent
 from .config import SpoolConfig
-from .lock import SpoolInUse
 from .recovery import recover
 from .segments import list_segments
 from .spool import DiskSpool
 
-__all__ = ["ACK_PERSIST_S", "DiskSpool", "DropEvent", "SpoolConfig", "SpoolInUse", "format",
-           "list_segments", "recover"]
+__all__ = ["ACK_PERSIST_S", "DiskSpool", "DropEvent", "SpoolConfig", "format", "list_segments",
+           "recover"]

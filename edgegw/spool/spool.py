@@ -71,11 +71,11 @@ import trio
 
 from ..metrics import Metrics
 from ..protocol.intervals import IntervalSet
+from ..startup import DirLock
 from ..store import StoredFrame
 from .commit import ACK_PERSIST_S, DropEvent, GroupCommit, _Pending
 from .config import SpoolConfig
 from .format import MAX_RECORD, encode_ack, encode_commit, encode_frame, encode_state
-from .lock import SpoolLock
 from .reader import TailCache, read_sync
 from .recovery import Recovered, recover
 from .segments import Segment, open_segment_sync
@@ -173,8 +173,8 @@ class DiskSpool(GroupCommit):
         if self.recovered is not None:
             task_status.started()
             return
-        # one process per spool, checked before anything is read (edgegw/spool/lock.py)
-        lock = SpoolLock(self.directory)
+        # one process per spool, checked before anything is read (docs/spool.md)
+        lock = DirLock(self.directory, "spool.dir", "gateway")
         await trio.to_thread.run_sync(self._lock_sync, lock)
         try:
             rec = await trio.to_thread.run_sync(recover, self.directory)
@@ -186,7 +186,7 @@ class DiskSpool(GroupCommit):
         finally:
             lock.release()
 
-    def _lock_sync(self, lock: SpoolLock) -> None:
+    def _lock_sync(self, lock: DirLock) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         lock.acquire()
 
