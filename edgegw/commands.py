@@ -24,6 +24,7 @@ from .gateway.config import GatewayConfig, build_gateway_config, load_gateway_co
 from .hub.config import HubConfig
 from .startup import (
     EXIT_CONFIG,
+    DirLock,
     HeldLogs,
     StartupError,
     describe,
@@ -286,6 +287,12 @@ def cmd_hub(args: argparse.Namespace) -> int:
     prepare_dir("hub.data_dir", h.data_dir)
     scheme = "https" if cfg.tls.enabled else "http"
     service: Any
+    lock = None
+    if h.cluster is None:
+        # one hub per data directory, for the life of this process: a second one would
+        # apply and acknowledge by applied sets it read at its start (docs/storage.md)
+        lock = DirLock(Path(h.data_dir), "hub.data_dir", "hub")
+        lock.acquire()
     if h.cluster is not None:
         # one node of a hub cluster on PostgreSQL and Redis (docs/cluster.md)
         from .hub.cluster.node import ClusterHub
@@ -297,8 +304,12 @@ def cmd_hub(args: argparse.Namespace) -> int:
 
         service = Hub(cfg)
         what = "edgegw hub"
-    return _serve(service, lambda port: f"{what} listening on {scheme}://{h.listen}:{port}/",
-                  listen=("hub.listen/hub.port", h.listen, h.port))
+    try:
+        return _serve(service, lambda port: f"{what} listening on {scheme}://{h.listen}:{port}/",
+                      listen=("hub.listen/hub.port", h.listen, h.port))
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:

@@ -10,10 +10,12 @@ A failure after the service was ready is not a start-up error and is not handled
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -63,6 +65,81 @@ def readable(key: str, path: str) -> None:
             pass
     except OSError as exc:
         raise StartupError(f"{key}: cannot read {path!r}: {exc.strerror or exc}") from None
+
+
+class DirectoryInUse(StartupError):
+    """Another process holds a data directory's lock (``DirLock``)."""
+
+
+class DirLock:
+    """One process per data directory: an exclusive lock on ``directory/lock``, held from
+    ``acquire`` to ``release`` (docs/spool.md, "One gateway per spool").
+
+    Two processes on one gateway spool or one hub data directory each keep their own
+    picture of what is stored -- the spool's next sequence number, the hub's applied sets
+    -- and act on it: frames numbered twice and dropped as duplicates, frames a hub
+    applied recorded as lost by the other, records lost without an error.  So the second
+    process must not start.  The lock is the kernel's (``flock``; ``msvcrt.locking`` on
+    Windows), not the file's presence: it goes with the process however that ends --
+    SIGKILL, a power cut -- so a ``lock`` file left behind means nothing."""
+
+    NAME = "lock"
+
+    def __init__(self, directory: Path, key: str, what: str) -> None:
+        self.path = Path(directory) / self.NAME
+        self.key = key  # the config key naming the directory, for the message
+        self.what = what  # "gateway", "hub": who else may hold it
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise DirectoryInUse at once (never waits: the other process
+        may run for months).  Blocking file I/O: from a worker thread in a Trio task."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _lock(fd)
+        except OSError as exc:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            who = f" (pid {holder})" if holder else ""
+            raise DirectoryInUse(
+                f"{self.key}: {str(self.path.parent)!r} is in use by another {self.what} "
+                f"process{who}; two processes on one directory would lose records -- give "
+                f"each {self.what} its own {self.key}") from None
+        # the holder's pid, for the message above (informative: the lock is the kernel's)
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return int(os.read(fd, 32).decode().strip())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+    import msvcrt
+
+    def _lock(fd: int) -> None:
+        # a byte range lock past the pid, so reading the pid is not blocked
+        os.lseek(fd, 64, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+else:
+    import fcntl
+
+    def _lock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 class HeldLogs(logging.Handler):
@@ -144,6 +221,6 @@ def _reason(exc: BaseException) -> str:
 
 
 __all__ = [
-    "EXIT_CANNOT_START", "EXIT_CONFIG", "HeldLogs", "StartupError", "describe", "leaves",
-    "prepare_dir", "readable", "resolve"
+    "EXIT_CANNOT_START", "EXIT_CONFIG", "DirLock", "DirectoryInUse", "HeldLogs", "StartupError",
+    "describe", "leaves", "prepare_dir", "readable", "resolve"
 ]

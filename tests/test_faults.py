@@ -100,6 +100,39 @@ def test_hub_killed_with_sigkill_mid_stream_and_restarted(tmp_path: Path, point:
         stop_all(hub, gw)
 
 
+BACKLOG = {**SOURCE, "max_parts": 3000}  # 27k records
+
+
+def test_hub_killed_three_times_while_a_backlog_of_thousands_of_frames_drains(
+        tmp_path: Path) -> None:
+    """The hub is down while the tester runs: the spool holds its whole output as ~2,700
+    frames of 10 records.  The hub comes back and dies three times while that backlog
+    drains -- after a commit whose ACK never leaves, inside a transaction, after a commit
+    again -- each restart getting a backlog part-applied and a window of frames in flight,
+    then the drain completes: every record once."""
+    hub = Hub(tmp_path)  # not started yet: everything goes to the spool
+    gw = Gateway(tmp_path, hub.port, *source_settings(**BACKLOG),
+                 "--set", "batch.max_records=10").start()
+    expected = expected_records(**BACKLOG)
+    try:
+        wait_for(lambda: records_in_from_tester(gw) == len(expected)
+                 and gw.stats()["pending_in_batcher"] == 0, timeout=60, interval=0.1)
+        backlog = gw.stats()["store"]["frames"]
+        assert backlog >= 2500
+        for point in ("hub.after_commit=30:kill", "hub.mid_commit=25:kill",
+                      "hub.after_commit=40:kill"):
+            hub.start(failpoints=point, wait=False)
+            hub.wait_crashed()
+            left = gw.stats()["store"]["frames"]
+            assert 0 < left < backlog, f"{point}: {left} of {backlog} frames left"
+        hub.start()
+        wait_all_applied(hub, gw, len(expected))
+        assert hub.stats()["frames_lost"] == 0
+        assert_exactly_once(hub.dir, expected)
+    finally:
+        stop_all(hub, gw)
+
+
 @pytest.mark.parametrize(("point", "duplicates"),
                          [("hub.after_commit", 1), ("hub.mid_commit", 0)])
 def test_a_frame_resent_after_the_hub_died_around_its_commit_is_applied_once(

@@ -397,3 +397,28 @@ async def test_a_busy_hub_is_left_alone_for_its_retry_after(tmp_path: Path) -> N
         with trio.fail_after(20):
             assert await gw.drain(20)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_newer_connection_of_another_epoch_is_let_in_and_reported_as_an_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two gateway processes configured with one id, each on its own spool: they take the
+    connection from each other.  Each epoch keeps its own applied set (nothing merged,
+    nothing lost), and the hub says it is two epochs -- not only "replaced", as for a
+    gateway reconnecting over a half-dead link (before, the same warning for both)."""
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path / "hub"))
+        other = hub.metrics.counter("hub_connections_replaced_other_epoch_total")
+        async with gateway_ws(port, epoch="e1") as (_, _, welcome):
+            assert isinstance(welcome, Welcome)
+            async with gateway_ws(port, epoch="e1") as (_, _, welcome):  # a reconnect
+                assert isinstance(welcome, Welcome)
+                assert other.total() == 0
+                async with gateway_ws(port, epoch="e2") as (_, _, welcome):
+                    assert isinstance(welcome, Welcome) and welcome.applied == []
+                    assert other.total() == 1
+        assert hub.metrics.counter("hub_connections_replaced_total").total() == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1
+        assert "(spool epoch e1) replaced by one from" in errors[0]
+        assert "of another spool epoch, e2: two gateways configured with this id" in errors[0]
+        nursery.cancel_scope.cancel()

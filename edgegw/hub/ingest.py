@@ -187,6 +187,10 @@ class Ingest:
         self.m_refused = m.counter("hub_refused_total", "gateway connections refused")
         self.m_replaced = m.counter("hub_connections_replaced_total",
                                     "gateway connections closed for a newer one (4008)")
+        self.m_other_epoch = m.counter(
+            "hub_connections_replaced_other_epoch_total",
+            "gateway connections closed for a newer one of another spool epoch (two "
+            "gateways sharing an id, or a spool started afresh)")
         self.m_busy = m.counter("hub_busy_total", "probes and upgrades answered 503 (busy)")
         self.m_proto = m.counter("hub_protocol_errors_total", "connections closed for a fault")
         self.m_rejected = m.counter("hub_frames_rejected_total", "invalid frames dead-lettered")
@@ -468,8 +472,18 @@ class Ingest:
             old = self.connected.claim(session)  # newest wins: the old one is cancelled
             if old is not None:
                 self.m_replaced.inc()
-                log.warning("gateway %s: connection from %s replaced by a newer one from %s",
-                            gw, old.remote, request.remote)
+                if old.epoch != hello.epoch:
+                    # the sequence spaces stay apart (one applied set per epoch), but two
+                    # gateway processes sharing an id would mix two testers' records under
+                    # one name: an operator must hear of it, not only of a reconnect
+                    self.m_other_epoch.inc()
+                    log.error("gateway %s: connection from %s (spool epoch %s) replaced by one "
+                              "from %s of another spool epoch, %s: two gateways configured "
+                              "with this id, or its spool started afresh", gw, old.remote,
+                              old.epoch, request.remote, hello.epoch)
+                else:
+                    log.warning("gateway %s: connection from %s replaced by a newer one "
+                                "from %s", gw, old.remote, request.remote)
         except trio.TooSlowError:
             self.m_proto.inc(reason="hello_timeout")
             log.warning("gateway connection from %s: no HELLO within %g s", request.remote,

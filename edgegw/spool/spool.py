@@ -71,6 +71,7 @@ import trio
 
 from ..metrics import Metrics
 from ..protocol.intervals import IntervalSet
+from ..startup import DirLock
 from ..store import StoredFrame
 from .commit import ACK_PERSIST_S, DropEvent, GroupCommit, _Pending
 from .config import SpoolConfig
@@ -172,12 +173,22 @@ class DiskSpool(GroupCommit):
         if self.recovered is not None:
             task_status.started()
             return
-        rec = await trio.to_thread.run_sync(recover, self.directory)
-        self._adopt(rec)
-        await trio.to_thread.run_sync(self._open_active_sync, self._state_snapshot())
-        self._started = True
-        task_status.started()
-        await self._committer()
+        # one process per spool, checked before anything is read (docs/spool.md)
+        lock = DirLock(self.directory, "spool.dir", "gateway")
+        await trio.to_thread.run_sync(self._lock_sync, lock)
+        try:
+            rec = await trio.to_thread.run_sync(recover, self.directory)
+            self._adopt(rec)
+            await trio.to_thread.run_sync(self._open_active_sync, self._state_snapshot())
+            self._started = True
+            task_status.started()
+            await self._committer()
+        finally:
+            lock.release()
+
+    def _lock_sync(self, lock: DirLock) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
 
     def _adopt(self, rec: Recovered) -> None:
         self.recovered = rec
