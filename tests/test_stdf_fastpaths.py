@@ -288,3 +288,41 @@ def test_a_ptr_and_an_ftr_whose_tails_are_the_same_bytes_keep_their_own_values(
             assert [r[2] for r in got] == [tuple(e.values()) for e in want]
         else:
             assert [r.fields for r in got] == want
+
+
+@pytest.mark.parametrize("order", "<>")
+@pytest.mark.parametrize("rows", [False, True])
+def test_ptrs_whose_limits_move_but_whose_units_on_repeat_decode_as_the_reference(
+        order: str, rows: bool, memo_restored: None) -> None:
+    """The PTR's second memo (UNITS on: units, formats, spec limits), for adaptive limits
+    that make every whole tail new: results that repeat those bytes use it (counted as
+    its hits), results that differ from them in one field of it, or only before it, or
+    that end before HI_SPEC, are their own values, never a remembered tail's; rows and
+    dicts as the writer wrote them, with the memo, without it, and with a tiny one."""
+    base = {**_full("PTR"), "OPT_FLAG": 0x0E, "UNITS": "V", "C_RESFMT": "%9.4f",
+            "C_LLMFMT": "%9.4f", "C_HLMFMT": "", "LO_SPEC": -1.0, "HI_SPEC": 1.0}
+    variants = [base, {**base, "UNITS": "mV"}, {**base, "C_RESFMT": "%9.3f"},
+                {**base, "C_HLMFMT": "%f"}, {**base, "LO_SPEC": -2.0},
+                {**base, "HI_SPEC": 2.0}, {**base, "OPT_FLAG": 0xCE, "RES_SCAL": -3},
+                {**base, "TEST_TXT": "other"},
+                {k: v for k, v in base.items() if k != "HI_SPEC"}]
+    # the limits move every record: the first memo (TEST_TXT on) never hits
+    wanted = [{**v, "LO_LIMIT": -0.5 - i / 64, "HI_LIMIT": 0.5 + i / 64}
+              for i, v in enumerate(v for _ in range(3) for v in variants)]
+    w = StdfWriter(order)
+    stream = w.encode("FAR", {}) + b"".join(w.encode("PTR", f) for f in wanted)
+    expected = [tuple(stdf_fields("PTR", f).items()) for f in wanted]
+    for size in (MEMO_SIZE, 0, 4):
+        set_tail_memo(size)
+        for _ in range(2):
+            dec = StdfDecoder()
+            dec.feed(stream)
+            got = list(dec.rows() if rows else dec.records())[1:]
+            if rows:
+                assert [r[2] for r in got] == [tuple(v for _, v in e) for e in expected]
+            else:
+                assert [tuple(r.fields.items()) for r in got] == expected
+            if size == MEMO_SIZE:
+                # 24 whole PTRs, 6 distinct tails from UNITS on (the base's is the
+                # OPT_FLAG and TEST_TXT variants' too): each tail's first one misses
+                assert dec._learnt[("PTR2", True)][2][1] == 24 - 6

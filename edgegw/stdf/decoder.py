@@ -540,6 +540,14 @@ MEMO_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("TEST_TXT"),
 #: for a file whose full tails never repeat (the catalyst shape: limits drifting per
 #: part), where its misses cost more than the hits save
 MEMO_KEEP_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("OPT_FLAG")}
+#: PTR: a second memo from UNITS on (UNITS, three formats, the spec limits: four C*n and
+#: eight bytes), for the PTRs the first one misses: adaptive limits that move part to
+#: part (the ptr-varied and catalyst shapes) make every whole tail new, but the test's
+#: units, formats and spec limits are still the same bytes in every result of it.  A hit
+#: saves four slices, an ``unpack_from`` and the walk over the C*n lengths; only whole
+#: tails (up to HI_SPEC) are kept.  Values kept as a tuple (immutable), for rows and
+#: dicts alike.
+MEMO2_FROM = {"PTR": [f.name for f in BY_NAME["PTR"].fields].index("UNITS")}
 MEMO_SIZE = 4096
 
 
@@ -659,6 +667,7 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
     lines: list[str] = []
 
     memo_from = MEMO_FROM.get(spec.name, -1) if optimistic and learnt is not None else -1
+    memo2_from = MEMO2_FROM.get(spec.name, -1) if memo_from >= 0 else -1
     # a record with fewer fields is looked up but never kept (nor counted as a miss)
     keep_from = max(memo_from, MEMO_KEEP_FROM.get(spec.name, memo_from))
 
@@ -736,6 +745,31 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
         lines.append(f"{ind}else:")
         lines.append(f"{ind}  tail = None")
 
+    def memo2_block() -> None:
+        """The second memo's lookup (``MEMO2_FROM``), at the length byte of its first
+        C*n (``p - 1``), after the first memo missed; a hit is the record's whole
+        tail, which the first memo keeps as it keeps any (``literal``)."""
+        assert learnt is not None
+        learnt.append(f"_memo2_get{prefix}, _memo2_put{prefix}, _memo2_on{prefix} = "
+                      f"self._memo_for({spec.name + '2'!r}, True)")
+        lines.append(f"{ind}if _memo2_on{prefix}[0]:")
+        lines.append(f"{ind}  tail2 = buf[p - 1:end]")
+        lines.append(f"{ind}  hit = _memo2_get{prefix}(tail2)")
+        lines.append(f"{ind}  if hit is not None:")
+        lines.append(f"{ind}    _memo2_on{prefix}[1] += 1")
+        whole = len(fields)
+        if rows:
+            # the first memo's tail is the head's fields after TEST_TXT and the hit
+            kept = f"_memo_put{prefix}(tail, {_tuple(memo_from, memo2_from)} + hit)"
+            lines.append(f"{ind}    " + ret.format(
+                f"{_tuple(0, memo2_from)} + hit if tail is None else "
+                f"{_tuple(0, memo_from)} + {kept}"))
+        else:
+            lines.append(f"{ind}    {_tuple(memo2_from, whole)[1:-1]}= hit")
+            lines.append(f"{ind}    {literal(whole)}")
+        lines.append(f"{ind}else:")
+        lines.append(f"{ind}  tail2 = None")
+
     skip: set[int] = set()  # C*n fields read together with the run before them
     for k, seg in enumerate(_segments(fields)):
         first = seg[0]
@@ -771,6 +805,8 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                 if after == memo_from:
                     # the memo's tail starts at the C*n's length byte, read above
                     memo_block("p - 1", None)
+                if after == memo2_from:
+                    memo2_block()
                 if optimistic:
                     run = _cn_run(fields, after)
                     lines.append(f"{ind}e{after} = p + ln")
@@ -890,6 +926,9 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
             reader = {"Bn": "_bn", "Sn": "_r.sn"}[f.type]
             lines.append(f"{ind}if p >= end: {literal(first)}")
             lines.append(f"{ind}f{i}, p = {reader}(buf, p, end)")
+    if memo2_from >= 0:  # a whole record: its tail from UNITS on is kept
+        lines.append(f"{ind}if tail2 is not None: _memo2_put{prefix}(tail2, "
+                     f"{_tuple(memo2_from, len(fields))})")
     lines.append(f"{ind}{literal(len(fields))}")
     return lines
 
