@@ -355,7 +355,8 @@ def test_the_offline_bundle_carries_units_windows_configs_wheels_and_installer(
     assert syntax.returncode == 0, syntax.stderr
 
 
-@pytest.mark.parametrize("script", ["build-offline-bundle.sh", "check-units-under-systemd.sh"])
+@pytest.mark.parametrize("script", ["build-offline-bundle.sh", "check-units-under-systemd.sh",
+                                    "../scripts/test.sh", "../scripts/fault-soak.sh"])
 def test_the_packaging_scripts_are_shellcheck_clean(script: str, tmp_path: Path) -> None:
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
