@@ -225,6 +225,9 @@ async def test_a_hub_that_takes_no_sequence_gap_gets_every_record_once(tmp_path:
     _, gateway = await hub_state_after_sending(tmp_path, records, tmp_path / "spool",
                                                max_records_per_frame=7, max_holes=0)
     assert gateway.uplink.parts_in_seq_order
+    # closed once for that gap, not again and again on the next connections for the parts
+    # (or any frame) sent ahead of frames stored before them
+    assert gateway.metrics.counter("uplink_failures_total").total() == 1
 
 
 async def send_frames(port: int, epoch: str, frames: list[tuple[int, bytes]]) -> None:

@@ -125,8 +125,10 @@ class Uplink:
         #: this connection: parts held back until the frame they were cut from is sent
         #: (part seq -> that frame's seq)
         self._held: dict[int, int] = {}
-        #: parts go in sequence order, as any frame: set once a hub closed the link for a
-        #: sequence gap (a hub with ``max_holes = 0`` takes nothing sent ahead)
+        #: parts go in sequence order, as any frame, and live frames wait for the backlog:
+        #: set once a hub closed the link for a sequence gap (a hub with ``max_holes = 0``
+        #: takes nothing sent ahead; parts stored just before a reconnect are live frames,
+        #: and the live lane going first sent them ahead again, closed again: a livelock)
         self.parts_in_seq_order = False
         #: the lowest seq a part being stored may get, while its ``append`` has not
         #: returned: cancelled there (the link went), the part and the split's progress
@@ -362,7 +364,10 @@ class Uplink:
         # Live first, backlog in large windows (spool helper): the sans-IO SendScheduler
         # decides what to fetch; see edgegw/gateway/scheduler.py and docs/spool.md.
         await self._settle_parts()
-        sched = self.scheduler = SendScheduler(self.config.window_frames)
+        # a hub that took no gap (max_holes = 0) gets every frame in sequence order: the
+        # live lane waits for the backlog too (it would leave the gap the parts did)
+        sched = self.scheduler = SendScheduler(self.config.window_frames,
+                                               in_order=self.parts_in_seq_order)
         # frames made in the last LIVE_S seconds before the link came up count as live too
         sched.start(self.store.first_unacked, self.store.first_seq_since(LIVE_S),
                     welcome.applied)
