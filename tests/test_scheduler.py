@@ -84,6 +84,20 @@ def test_a_fragmented_applied_set_at_the_hub_sends_the_backlog_first() -> None:
     assert [w.lane for w in s.wants()] == ["live", "backlog"]
 
 
+def test_for_a_hub_that_takes_no_gap_every_frame_goes_in_sequence_order() -> None:
+    """A hub with ``max_holes = 0`` (it closed the link for a gap): on each connection the
+    backlog goes first, with the whole window, and the live lane only after it, even with
+    nothing applied above the backlog."""
+    s = SendScheduler(window=8, live_reserve=2, in_order=True)
+    s.start(2, 5, applied=[(1, 1)])
+    assert s.wants() == [Want("backlog", 2, 8, below=5)]
+    s.sent("backlog", [2, 3, 4])
+    assert [w.lane for w in s.wants()] == ["live"]
+    assert s.wants()[0].start == 5
+    s.start(6, 9)  # the next connection: held again
+    assert [w.lane for w in s.wants()] == ["backlog"]
+
+
 def test_a_frame_sent_ahead_is_in_flight_and_its_lane_passes_it_without_a_second_slot() -> None:
     """The parts of a frame split for the hub go right after it, ahead of their lane
     (docs/protocol.md section 5): they take window room until acknowledged, and the lane

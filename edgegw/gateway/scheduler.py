@@ -16,7 +16,8 @@ Ordering guarantee (documented in docs/spool.md): within each lane frames are se
 increasing seq; across lanes a live frame is never delayed by backlog frames beyond one
 window already on the wire.  The hub applies out of order (its applied set tolerates a
 few holes), and the two lanes create at most one hole (between the backlog cursor and
-``live_from``) plus what selective acks leave.  Consumers order by record id.
+``live_from``) plus what selective acks leave.  Consumers order by record id.  A hub
+that takes no hole at all (``in_order``) gets the backlog first and then the live lane.
 
 The uplink may also send a frame **ahead** of its lane (``sent_ahead``): the parts of a
 frame split for the hub go right after that frame (docs/protocol.md, "Frames over the
@@ -48,7 +49,7 @@ class Want:
 
 class SendScheduler:
     def __init__(self, window: int, live_reserve: int | None = None,
-                 max_holes: int = 6) -> None:
+                 max_holes: int = 6, in_order: bool = False) -> None:
         if window < 2:
             raise ValueError("window must be >= 2 (one slot is reserved for live frames)")
         self.window = window
@@ -64,6 +65,10 @@ class SendScheduler:
         # applied set; repeated outages during a drain leave one live range each, so when
         # the hub's set is already fragmented the backlog (which only fills gaps) goes first
         self.max_holes = max_holes
+        # a hub that takes no gap at all (``max_holes = 0``: it closed the link for one)
+        # gets every frame in sequence order: the live lane is held on each connection
+        # until the backlog is sent, as for a fragmented set
+        self.in_order = in_order
         self.live_held = False
         self.sent_live = 0
         self.sent_backlog = 0
@@ -78,7 +83,7 @@ class SendScheduler:
         self.in_flight.clear()
         self.ahead.clear()
         above = [r for r in applied if r[1] >= first_unacked]
-        self.live_held = len(above) + 1 >= self.max_holes
+        self.live_held = self.in_order or len(above) + 1 >= self.max_holes
 
     @property
     def backlog_pending(self) -> bool:

@@ -125,9 +125,17 @@ class Uplink:
         #: this connection: parts held back until the frame they were cut from is sent
         #: (part seq -> that frame's seq)
         self._held: dict[int, int] = {}
-        #: parts go in sequence order, as any frame: set once a hub closed the link for a
-        #: sequence gap (a hub with ``max_holes = 0`` takes nothing sent ahead)
+        #: parts go in sequence order, as any frame, and live frames wait for the backlog:
+        #: set once a hub closed the link for a sequence gap (a hub with ``max_holes = 0``
+        #: takes nothing sent ahead; parts stored just before a reconnect are live frames,
+        #: and the live lane going first sent them ahead again, closed again: a livelock)
         self.parts_in_seq_order = False
+        #: the lowest seq a part being stored may get, while its ``append`` has not
+        #: returned: cancelled there (the link went), the part and the split's progress
+        #: still become durable together, later; the next session waits for them
+        #: (``_settle_parts``) rather than read an older progress and store the part's
+        #: records again under another seq (each record twice at the hub)
+        self._part_unsettled: int | None = None
         self.m_connects = metrics.counter("uplink_connects_total", "successful hub handshakes")
         self.m_failures = metrics.counter("uplink_failures_total", "connection failures")
         self.m_probes = metrics.counter("uplink_probes_total",
@@ -355,7 +363,11 @@ class Uplink:
     async def _sender(self, ws: Any, conn: GatewayConnection, welcome: Welcome) -> None:
         # Live first, backlog in large windows (spool helper): the sans-IO SendScheduler
         # decides what to fetch; see edgegw/gateway/scheduler.py and docs/spool.md.
-        sched = self.scheduler = SendScheduler(self.config.window_frames)
+        await self._settle_parts()
+        # a hub that took no gap (max_holes = 0) gets every frame in sequence order: the
+        # live lane waits for the backlog too (it would leave the gap the parts did)
+        sched = self.scheduler = SendScheduler(self.config.window_frames,
+                                               in_order=self.parts_in_seq_order)
         # frames made in the last LIVE_S seconds before the link came up count as live too
         sched.start(self.store.first_unacked, self.store.first_seq_since(LIVE_S),
                     welcome.applied)
@@ -389,6 +401,14 @@ class Uplink:
                     break  # plan again: live frames that appeared meanwhile go first
             if not progressed:
                 await self._wait_for_work(sched)
+
+    async def _settle_parts(self) -> None:
+        """Wait until a part whose ``append`` an earlier session left (cancelled when the
+        link went) is durable, with the split's progress that names it: the split goes on
+        from there, the part is not stored again."""
+        seq, self._part_unsettled = self._part_unsettled, None
+        if seq is not None and self.store.next_seq > seq:  # it was queued (or one after)
+            await self.store.wait_for_frame_after(seq - 1)
 
     def _with_stand_ins(self, frames: list[StoredFrame], lo: int, below_hi: int,
                         limit: int) -> list[StoredFrame]:
@@ -607,6 +627,7 @@ class Uplink:
             known = sorted([*parts, (self.store.next_seq, rid)], key=lambda p: p[1])
             progress = {**self._splits(),
                         str(seq): [cut, b, end, [list(p) for p in known[:MAX_PARTS]]]}
+            self._part_unsettled = self.store.next_seq
             try:
                 part = await self.store.append(body, b - a, {SPLIT_KEY: progress},
                                                over_cap=True)
@@ -614,8 +635,10 @@ class Uplink:
                 # a stand-in, not a session ended on this frame again and again
                 problem = f"records {rid}..{first_rid + b - 1} of frame {seq}: {exc}"
                 await self._dead_letter(seq, problem, ack=False, body=body)
+                self._part_unsettled = self.store.next_seq
                 part = await self.store.append(_stand_in(body, seq, problem), 1,
                                                {SPLIT_KEY: progress}, over_cap=True)
+            self._part_unsettled = None
             parts = sorted([*parts, (part, rid)], key=lambda p: p[1])
         return parts
 
