@@ -33,12 +33,12 @@ from edgegw.auth import (
     AuthConfig,
     AuthError,
     FailureLimiter,
+    HubSecurity,
     TokenVerifier,
     jwk_json,
     mint,
     parse_ttl,
 )
-from edgegw.auth.hub import HubSecurity
 from edgegw.config import ConfigError, build
 from edgegw.hub import Dashboard, HubConfig
 from edgegw.metrics import Metrics

@@ -8,14 +8,25 @@
 * ``hub``: all of it assembled for the hub service.
 
 Kept free of hub imports at package level, so the hub's config can import ``config``.
-Public face: the names in ``__all__`` (configs, tokens, the handshake limiter).
+Public face: the names in ``__all__`` (configs, tokens, the handshake limiter, the hub's
+guard).
 """
 
+from typing import TYPE_CHECKING
+
+from ..lazyface import lazy_face
 from .config import ROLES, AuthConfig, TlsConfig
 from .ratelimit import FailureLimiter
 from .tokens import AuthError, Principal, TokenVerifier, jwk_json, mint, parse_ttl
 
 __all__ = [
-    "ROLES", "AuthConfig", "AuthError", "FailureLimiter", "Principal", "TlsConfig",
-    "TokenVerifier", "jwk_json", "mint", "parse_ttl",
+    "ROLES", "AuthConfig", "AuthError", "FailureLimiter", "HubSecurity", "Principal",
+    "TlsConfig", "TokenVerifier", "jwk_json", "mint", "parse_ttl",
 ]
+
+if TYPE_CHECKING:
+    from .hub import HubSecurity as HubSecurity
+
+# ``HubSecurity`` (the hub's whole guard) is loaded on first use: ``hub`` imports the web
+# server, which the hub's config, importing ``config`` through this package, must not.
+__getattr__, __dir__ = lazy_face(__name__, globals(), {"HubSecurity": "hub"})
