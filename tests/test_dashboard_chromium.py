@@ -45,6 +45,7 @@ from edgegw.records import SensorReading
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TOKEN = "s3cret"
+WAFER_TOPIC = re.compile(r"lot/[^/]+/wafer/[^/]+")
 
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None and os.environ.get("CI") != "true",
@@ -116,6 +117,14 @@ class LiveHub:
         assert self.state is not None
         snap = self.state.snapshot(topic)
         return len(snap["dies"]) if snap else -1
+
+    def wafer_positions(self) -> dict[str, list[Any]]:
+        """Every wafer topic the live state holds -> the [epoch, offset] its channel is at:
+        what a page that applied all the hub published of its wafers holds."""
+        assert self.state is not None and self.fanout is not None
+        core = self.fanout.core
+        return {t: [core.epoch, core.channels[t].offset if t in core.channels else None]
+                for t in self.state.topics() if WAFER_TOPIC.fullmatch(t)}
 
 
 # --------------------------------------------------------------------------- a browser
@@ -274,6 +283,38 @@ async def wait_page(browser: Browser, predicate: Any, seconds: float, what: str)
         raise AssertionError(f"timed out waiting for {what}; page: {page}; "
                              f"console: {browser.console[-5:]}") from None
 
+#: The [epoch, offset] the page holds each wafer it shows at, the wafer it follows (the one
+#: updated last) and the one the map was last drawn for.
+HELD_JS = """(() => { const held = {};
+  for (const [t, o] of offsets) if (isWafer(t) && views.has(t)) held[t] = [epochs.get(t), o];
+  return {held, followed: selectedWafer() || '', drawn: canvas.dataset.topic}; })()"""
+
+
+async def wait_caught_up(browser: Browser, hub: LiveHub, seconds: float, what: str) -> dict:
+    """Wait until the page has applied every delta the hub published of every wafer the hub
+    holds (the same [epoch, offset] per wafer topic) and has drawn the wafer it follows, as
+    many dies as the hub holds of it -> ``browser.page()``.  A die count alone is not
+    enough: a page still behind shows an earlier wafer with all its dies, the hub's count
+    for it, before that wafer's last deltas (retests: the same dies, other bins) and the
+    next wafer reach it -- and then moves on to the next wafer."""
+    held: dict[str, Any] = {}
+    try:
+        with trio.fail_after(seconds):
+            while True:
+                held = await browser.eval(HELD_JS)
+                if (held["held"] and held["held"] == hub.wafer_positions()
+                        and held["followed"] == held["drawn"]):
+                    page = await browser.page()
+                    if (page["topic"] == held["drawn"]
+                            and page["dies"] == hub.wafer_dies(page["topic"])):
+                        return page
+                await trio.sleep(0.1)
+    except trio.TooSlowError:
+        pass
+    raise AssertionError(f"timed out waiting for {what}; page holds {held}, hub has "
+                         f"{hub.wafer_positions()}; console: {browser.console[-5:]}")
+
+
 async def hover_die(browser: Any, pick: str) -> tuple[list[Any], str]:
     """Move the mouse over the die of the shown map that the JavaScript expression ``pick``
     (over ``v``, the map's view) selects -> (its row, the die tip's text)."""
@@ -310,15 +351,15 @@ async def test_the_wafer_map_shows_the_dies_the_hub_applied_even_across_a_restar
                 # every frame acknowledged by the hub: its state is final
                 while gateway.store.first_unacked < gateway.store.next_seq:
                     await trio.sleep(0.05)
-            page = await wait_page(
-                browser, lambda p: p["topic"] and p["dies"] == hub.wafer_dies(p["topic"]),
-                15, "the page to draw every die the hub applied")
+            page = await wait_caught_up(browser, hub, 15,
+                                        "the page to draw every die the hub applied")
             assert page["dies"] > 100
             # Die by die, what the page holds is what the hub's API says of the wafer.
             _, lot_id, _, wafer_id = split(page["topic"])
             status, api = await http_json_status(port, f"/api/lots/{lot_id}/wafers/{wafer_id}")
             assert status == 200
-            drawn_rows = await browser.eval("[...views.get(canvas.dataset.topic).dies.values()]")
+            drawn_rows = await browser.eval(
+                f"[...views.get({json.dumps(page['topic'])}).dies.values()]")
             assert sorted(map(tuple, drawn_rows)) == sorted(map(tuple, api["dies"]))
             assert len(api["dies"]) == page["dies"]
             assert page["frames"] > 5, page  # it was updated live, many times
@@ -377,9 +418,9 @@ async def test_the_wafer_map_shows_the_dies_the_hub_applied_even_across_a_restar
             await hub.stop()
             await wait_page(browser, lambda p: p["conn"] != "live", 10, "the page to notice")
             await nursery.start(hub.run)
-            page = await wait_page(
-                browser, lambda p: p["conn"] == "live" and p["restarted"] and p["resyncs"] > 0
-                and p["dies"] == hub.wafer_dies(p["topic"]), 30, "the page to recover")
+            await wait_page(browser, lambda p: p["conn"] == "live" and p["restarted"]
+                            and p["resyncs"] > 0, 30, "the page to learn of the restart")
+            page = await wait_caught_up(browser, hub, 30, "the page to recover")
             assert (page["topic"], page["dies"]) == (drawn["topic"], drawn["dies"])
             await browser.screenshot(ARTIFACTS / "dashboard-after-restart.png")
         nursery.cancel_scope.cancel()
