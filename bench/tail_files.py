@@ -96,12 +96,34 @@ def child(files: int) -> dict[str, Any]:
         return out
 
 
-def run(checkout: Path, files: int) -> dict[str, Any]:
+def run_child(script: str, checkout: Path, args: list[str]) -> dict[str, Any]:
+    """``script --child ARGS`` with ``checkout``'s edgegw: the figures its last line prints."""
     env = dict(os.environ, PYTHONPATH=str(checkout))
-    proc = subprocess.run([sys.executable, __file__, "--child", "--files", str(files)],
-                          env=env, capture_output=True, text=True, check=True,
-                          cwd=tempfile.gettempdir())
+    proc = subprocess.run([sys.executable, script, "--child", *args], env=env,
+                          capture_output=True, text=True, check=True, cwd=tempfile.gettempdir())
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def interleaved_medians(script: str, args: list[str], runs: int, baseline: Path | None,
+                        title: str) -> None:
+    """Run ``script``'s child with this checkout's edgegw (and ``baseline``'s), the runs
+    interleaved; print each figure's medians and the ratio this / baseline."""
+    here = Path(__file__).resolve().parents[1]
+    variants = {"this": here} | ({"baseline": baseline} if baseline else {})
+    results: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
+    for _ in range(runs):
+        for name, checkout in variants.items():
+            results[name].append(run_child(script, checkout, args))
+    print(f"{title}, {runs} runs each; load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{'':22}" + "".join(f"{k:>14}" for k in variants)
+          + ("         ratio" if baseline else ""))
+    for key in results["this"][0]:
+        med = {k: statistics.median(r[key] for r in rs) for k, rs in results.items()}
+        row = f"{key:22}" + "".join(f"{med[k]:14.4g}" for k in variants)
+        if baseline and med["baseline"]:
+            row += f"{med['this'] / med['baseline']:14.3g}"
+        print(row)
 
 
 def main() -> None:
@@ -114,24 +136,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.files)))
         return
-    here = Path(__file__).resolve().parents[1]
-    variants = {"this": here} | ({"baseline": args.baseline} if args.baseline else {})
-    results: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
-    for _ in range(args.runs):
-        for name, checkout in variants.items():  # interleaved
-            results[name].append(run(checkout, args.files))
-    print(f"{args.files} finished files, {args.runs} runs each; load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    keys = list(results["this"][0])
-    print(f"{'':22}" + "".join(f"{k:>14}" for k in variants)
-          + ("         ratio" if args.baseline else ""))
-    for key in keys:
-        med = {k: statistics.median(r[key] for r in rs) for k, rs in results.items()}
-        row = f"{key:22}" + "".join(f"{med[k]:14.4g}" for k in variants)
-        if args.baseline and med["baseline"]:
-            row += f"{med['this'] / med['baseline']:14.3g}"
-        print(row)
-
+    interleaved_medians(__file__, ["--files", str(args.files)], args.runs, args.baseline,
+                        f"{args.files} finished files")
 
 if __name__ == "__main__":
     main()

@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import zlib
 from pathlib import Path
 from typing import Any
+
+from tail_files import interleaved_medians  # (bench/ is on the path of a bench script)
 
 
 def rchar() -> int:
@@ -87,14 +86,6 @@ def child(lots: int, how: str) -> dict[str, Any]:
         return trio.run(main)
 
 
-def run(checkout: Path, lots: int, how: str) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=str(checkout))
-    proc = subprocess.run([sys.executable, __file__, "--child", "--lots", str(lots),
-                           "--how", how], env=env, capture_output=True, text=True,
-                          check=True, cwd=tempfile.gettempdir())
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lots", type=int, default=200)
@@ -106,23 +97,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.lots, args.how)))
         return
-    here = Path(__file__).resolve().parents[1]
-    variants = {"this": here} | ({"baseline": args.baseline} if args.baseline else {})
-    results: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
-    for _ in range(args.runs):
-        for name, checkout in variants.items():  # interleaved
-            results[name].append(run(checkout, args.lots, args.how))
-    print(f"{args.lots} lots appended ({args.how}), {args.runs} runs each; load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{'':22}" + "".join(f"{k:>14}" for k in variants)
-          + ("         ratio" if args.baseline else ""))
-    for key in results["this"][0]:
-        med = {k: statistics.median(r[key] for r in rs) for k, rs in results.items()}
-        row = f"{key:22}" + "".join(f"{med[k]:14.4g}" for k in variants)
-        if args.baseline and med["baseline"]:
-            row += f"{med['this'] / med['baseline']:14.3g}"
-        print(row)
-
+    interleaved_medians(__file__, ["--lots", str(args.lots), "--how", args.how], args.runs,
+                        args.baseline, f"{args.lots} lots appended ({args.how})")
 
 if __name__ == "__main__":
     main()
