@@ -839,7 +839,8 @@ class Gateway:
         return True, "ok"
 
     async def _serve_status(self, *, task_status: trio.TaskStatus[int]) -> None:
-        server = HttpServer()
+        # its connection counters (open, refused, shed, timeouts) in the gateway's /metrics
+        server = HttpServer(metrics=self.metrics)
 
         def health() -> tuple[bool, dict[str, Any]]:
             ok, why = self.healthy()
