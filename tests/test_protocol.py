@@ -195,6 +195,19 @@ def test_heartbeat_sends_pings_and_declares_a_silent_peer_dead_after_two_interva
     assert exc.value.code == CloseCode.HEARTBEAT_TIMEOUT
 
 
+def test_a_message_arriving_after_a_heartbeat_close_is_told_the_heartbeat_reason() -> None:
+    """The timer closed the connection while the peer's message was on its way: the
+    connection ends for the heartbeat, as logged, not for "message after close"."""
+    gw, hub = pair()  # heartbeat 5 s
+    with pytest.raises(ProtocolError) as timed_out:
+        gw.on_timer(11.0)
+    late = hub.applied(1, 11.0)
+    with pytest.raises(ProtocolError) as exc:
+        gw.receive(late, 11.0)
+    assert (exc.value.code, exc.value.reason) == (CloseCode.HEARTBEAT_TIMEOUT,
+                                                  timed_out.value.reason)
+
+
 def test_frame_bodies_round_trip_records_with_a_source_table() -> None:
     recs = [PartResult("tester", 1.5, "L1", "W1", 1, s, str(s), s, 2 * s, 1, 1, True)
             for s in range(3)] + [SensorReading("mqtt", 2.0, "handler.temp", 25.5, "C")]

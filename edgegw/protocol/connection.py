@@ -129,6 +129,9 @@ class _Base:
         self.heartbeat = _Heartbeat(heartbeat, now)
         self.max_message_bytes = max_message_bytes
         self.rtt: float | None = None
+        # why this end closed (the heartbeat, a broken rule): a message that still arrives
+        # is answered with that reason, not a new one that hides it in the logs
+        self.closed_for: ProtocolError | None = None
 
     def next_deadline(self) -> float:
         return self.heartbeat.deadline()
@@ -139,8 +142,9 @@ class _Base:
             return None
         try:
             return self.heartbeat.check(now)
-        except ProtocolError:
+        except ProtocolError as exc:
             self.state = State.CLOSED
+            self.closed_for = exc
             raise
 
     def reading_paused(self, now: float) -> None:
@@ -170,6 +174,8 @@ class _Base:
     def _decode(self, data: bytes | str, now: float) -> tuple[Message, bytes | None]:
         """Decode, enforce size, handle PING/PONG.  Returns (message, reply or None)."""
         if self.state is State.CLOSED:
+            if self.closed_for is not None:
+                raise ProtocolError(self.closed_for.code, self.closed_for.reason)
             raise ProtocolError(CloseCode.PROTOCOL_ERROR, "message after close")
         if len(data) > self.max_message_bytes:
             self.state = State.CLOSED
@@ -190,7 +196,8 @@ class _Base:
 
     def fail(self, reason: str, code: int = CloseCode.PROTOCOL_ERROR) -> ProtocolError:
         self.state = State.CLOSED
-        return ProtocolError(code, reason)
+        self.closed_for = ProtocolError(code, reason)
+        return self.closed_for
 
 
 class GatewayConnection(_Base):
