@@ -391,8 +391,10 @@ async def live_client(port: int, topics: list[str], **kw: Any) -> WsClient:
 
 
 async def publish_until(app: Hub, topic: str, done: Callable[[], bool], *,
-                        event: bool = False) -> None:
-    """Publish ~8 KB deltas, as the live state would, until ``done()``."""
+                        event: bool = False, topics: int = 1) -> None:
+    """Publish ~8 KB deltas, as the live state would, until ``done()``; over ``topics``
+    topics (``topic-0``, ...) when more than one, so that a tick writes that many frames,
+    not one conflated delta: a socket fills in a few ticks even when ticks are rare."""
     pad = "x" * 8000
     n = 0
     with trio.fail_after(30):
@@ -403,7 +405,7 @@ async def publish_until(app: Hub, topic: str, done: Callable[[], bool], *,
                 if event:
                     delta["event"] = "raised"
                     delta["alert"] = {"id": f"a{n}"}
-                app.fanout.publish(topic, delta)
+                app.fanout.publish(topic if topics == 1 else f"{topic}-{n % topics}", delta)
             await trio.sleep(0.005)  # let the ticker run; the condition is what we wait for
 
 
@@ -455,7 +457,8 @@ async def test_live_4008_stalled(tmp_path: Path) -> None:
         async def check(i: int) -> None:
             closed = slow_closed(app)
             client = await live_client(port, ["sensor/+"], rcvbuf=4096)
-            await publish_until(app, f"sensor/probe{i}", lambda: slow_closed(app) > closed)
+            await publish_until(app, f"sensor/probe{i}", lambda: slow_closed(app) > closed,
+                                topics=20)
             assert await client.close_reason() == (4008, "stalled")
 
         await repeat(check)
