@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..metrics import Metrics
+from ..peeraddr import bucket_of
 from ..startup import StartupError
 from ..tls import ServerTls, cert_identities
 from ..web import HttpServer, Request, Response
 from .access import Access
 from .config import AuthConfig
-from .ratelimit import FailureLimiter, bucket_of
+from .ratelimit import FailureLimiter
 from .signin import SignIn
 from .tokens import TokenVerifier
 

@@ -9,27 +9,9 @@ forgotten, so the table stays as small as the set of recent offenders (and is ca
 
 from __future__ import annotations
 
-import ipaddress
 import math
 
 MAX_ADDRESSES = 100_000
-
-
-def bucket_of(remote: str) -> str:
-    """The bucket of a connection from ``remote`` (``host:port``): its IPv4 address, or
-    its IPv6 address's /64.  A host picks its own IPv6 addresses within its /64 (SLAAC,
-    privacy addresses: 2^64 of them), so a bucket per address would let one guesser take
-    a new bucket, and ``burst`` more tries, at every handshake."""
-    host = remote.rpartition(":")[0].strip("[]") or remote
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:  # an IPv4 client of a dual-stack socket
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
 
 
 class FailureLimiter:

@@ -39,6 +39,7 @@ from wsproto.utilities import generate_accept_token
 from ..config import Range
 from ..deadpeer import give_up_after, socket_of
 from ..metrics import Metrics
+from ..peeraddr import address_bucket
 from .deflate import RESPONSE as DEFLATE_RESPONSE
 from .deflate import Deflater, InboundDeflate, accept_offer
 from .handshake import (
@@ -105,10 +106,11 @@ class HttpLimits:
 class _Conn:
     """One admitted connection, as the accept loop sees it."""
 
-    __slots__ = ("address", "scope", "shed", "waiting")
+    __slots__ = ("address", "bucket", "scope", "shed", "waiting")
 
     def __init__(self, address: str) -> None:
         self.address = address
+        self.bucket = address_bucket(address)  # what the per-address cap counts it under
         self.scope = trio.CancelScope()  # cancelled to shed the connection
         self.waiting = True  # no request in progress: it may be shed to make room
         self.shed = False
@@ -184,6 +186,7 @@ class HttpServer:
         self.max_connections = self.limits.max_connections  # lowered by the fd limit
         self.accept_pause_s = ACCEPT_PAUSE_S
         self._open: dict[_Conn, None] = {}  # in accept order: the oldest first
+        # by address bucket: an IPv6 host's /64 is one (edgegw.peeraddr)
         self._by_address: dict[str, dict[_Conn, None]] = {}
         self._accept_errors = _Every(LOG_INTERVAL_S)
         self._refusals = _Every(LOG_INTERVAL_S)
@@ -311,16 +314,16 @@ class HttpServer:
     def _admit(self, address: str) -> _Conn | str:
         """Register a new connection within the caps, or the name of the full cap."""
         per_address = self.limits.max_connections_per_address
-        mine = self._by_address.get(address)
+        conn = _Conn(address)
+        mine = self._by_address.get(conn.bucket)
         if per_address and mine is not None and len(mine) >= per_address:
             if not self._shed_one(mine, "address_limit"):
                 return "address_limit"
         if len(self._open) >= self.max_connections:
             if not self._shed_one(self._open, "total_limit"):
                 return "total_limit"
-        conn = _Conn(address)
         self._open[conn] = None
-        self._by_address.setdefault(address, {})[conn] = None
+        self._by_address.setdefault(conn.bucket, {})[conn] = None
         return conn
 
     def _shed_one(self, among: dict[_Conn, None], reason: str) -> bool:
@@ -337,10 +340,10 @@ class HttpServer:
     def _release(self, conn: _Conn) -> None:
         if conn in self._open:  # not shed already
             del self._open[conn]
-            mine = self._by_address[conn.address]
+            mine = self._by_address[conn.bucket]
             del mine[conn]
             if not mine:
-                del self._by_address[conn.address]
+                del self._by_address[conn.bucket]
 
     async def _refuse(self, stream: trio.SocketStream, reason: str) -> None:
         self.m_refused.inc(reason=reason)
