@@ -14,6 +14,7 @@ too large for a frame is refused, its records stored (docs/spool.md, "Frame size
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -634,4 +635,80 @@ async def test_a_later_hub_that_takes_more_records_gets_batches_of_the_gateways_
         await until_all_acked(gateway, 6)
         assert await sizes(hub) == [5, 10, 10, 10, 10, 45]
         assert gateway.metrics.counter("uplink_frames_split_total").total() == 0
+        nursery.cancel_scope.cancel()
+
+
+
+class HeldPartCommit(DiskSpool):
+    """The real spool on a disk that stalls on frame ``at``: it becomes durable only
+    ``grace`` seconds after ``reconnected()``, or as soon as another frame is appended
+    behind it (a loaded machine's fsync taking longer than a reconnect); ``holding`` is
+    set once it waits."""
+
+    def __init__(self, config: SpoolConfig, at: int, reconnected: Callable[[], bool],
+                 grace: float = 0.5) -> None:
+        super().__init__(config)
+        self.at, self.reconnected, self.grace = at, reconnected, grace
+        self.holding = trio.Event()
+        self.held_since: float | None = None
+
+    def released(self) -> bool:
+        if self.held_since is None and self.reconnected():
+            self.held_since = trio.current_time()
+        return len(self._pending) > 1 or (
+            self.held_since is not None and trio.current_time() - self.held_since >= self.grace)
+
+    async def _commit(self) -> None:
+        while any(p.seq == self.at for p in self._pending) and not self.released():
+            self.holding.set()
+            await trio.sleep(0.01)
+        await super()._commit()
+
+
+async def test_a_record_dead_lettered_while_the_link_goes_is_kept_once(
+        tmp_path: Path) -> None:
+    """The record alone over the hub's limit is kept in the dead-letter file as its
+    stand-in part is stored; the link goes while that part waits for its commit, which
+    comes only after the gateway reconnected.  The next session goes on from the split's
+    progress once the part is durable: the dead-letter file holds the record once (not a
+    second entry from storing the split's rest again), and every other record arrives
+    once."""
+    from hubtools import hub_config
+    from ports import free_port
+
+    from edgegw.hub.ingest import Ingest
+
+    records = ([reading(0, j, 500) for j in range(6)] + [reading(1, 0, GIANT)]
+               + [reading(2, j, 500) for j in range(6)])
+    port = free_port()
+    hub_cfg = hub_config(tmp_path / "hub", port=port, max_frame_bytes=4096)
+    async with trio.open_nursery() as nursery:
+        cfg = gateway_config(tmp_path / "gw", port,
+                             uplink={"max_frame_bytes": 65536, "probe_interval_s": 0.1,
+                                     "backoff_max_s": 0.1},
+                             batch={"max_records": 100, "max_delay_ms": 20},
+                             spool={"dir": str(tmp_path / "spool")})
+        assert cfg.spool is not None
+
+        def reconnected() -> bool:
+            return gateway.metrics.counter("uplink_connects_total").total() >= 2
+
+        # frame 1's stand-in part for the record: frame 2
+        store = HeldPartCommit(cfg.spool, 2, reconnected)
+        gateway = Gateway(cfg, store=store)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as first_run:
+                await first_run.start(Ingest(hub_cfg).run)
+                await nursery.start(gateway.run)
+                await gateway.sink.put(records, source="tester")
+                await store.holding.wait()
+                first_run.cancel_scope.cancel()  # the hub goes: the link with it
+        hub = Ingest(hub_cfg)
+        await nursery.start(hub.run)
+        await until_all_acked(gateway, 1)
+        got = [r for _, r in await hub_records(hub)]
+        assert names(got) == [r.channel for r in records if r.channel != "put1-0"]
+        assert reconnected()
+        raw = (tmp_path / "gw" / "dead-letter.cborseq").read_bytes()
+        assert len(raw) == 4 + int.from_bytes(raw[:4], "big"), "one entry"
         nursery.cancel_scope.cancel()
