@@ -514,3 +514,30 @@ def test_thousands_of_site_numbers_keep_each_test_delta_short_and_what_waits_bou
     assert len(state.lots["L1"].pending) == PENDING_SITES_PER_LOT
     dropped = metrics.counter("hub_state_part_values_dropped_total", "").total()
     assert dropped == 2 * (n - PENDING_SITES_PER_LOT)  # each kept site waits with two
+
+
+
+async def test_tester_strings_cannot_forge_or_garble_the_live_states_log_lines(
+        tmp_path: Path, caplog: Any) -> None:
+    """A lot id, wafer id, part id, test text and units holding a newline and a terminal
+    escape (an STDF string is any bytes), the part result not applied (its ``hard_bin`` a
+    string): the live state's log line names the part quoted, one line, no escape written
+    raw -- as the HTTP server's refusals quote a request path."""
+    evil = "L\nWARNING forged line\x1b[2J"
+    rows = [LotStart("tester", 2.0, evil), WaferStart("tester", 2.0, evil, evil),
+            ParametricResult("tester", 2.0, evil, 1, 0, evil, 1, evil, 0.5, 0.0, 1.0,
+                             evil, None, 0),
+            PartResult("tester", 2.0, evil, evil, 1, 0, evil, 0, 0, "7", 1, True)]
+    with caplog.at_level(logging.INFO, logger="edgegw"):
+        async with trio.open_nursery() as nursery:
+            hub = Hub(hub_config(tmp_path, tokens={"ate-01": "s3cret"}))
+            port = await nursery.start(hub.run)
+            with trio.fail_after(30):
+                await send_all(port, "ate-01", [(1, rows)])
+                while hub.state.not_applied_total < 1:
+                    await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(f"part {evil!r}: hard_bin='7'" in m for m in logged), logged
+    for m in logged:
+        assert "\n" not in m and "\x1b" not in m, m
