@@ -689,3 +689,39 @@ async def test_a_finished_file_touched_after_the_clock_was_set_back_is_not_lost_
         await source.poll_once(restarted)
     await crash(source)
     assert lot_ids(stored + restarted.records) == {"L001": 1, "L002": 1}
+
+
+@pytest.mark.xfail(strict=True, reason="not fixed: a restart from a checkpoint whose "
+                   "watermark lies ahead of the clock lowers it to the restart's clock less "
+                   "fold_after, and takes a file written while stopped before that as "
+                   "finished without reading it (docs/tail.md, the gateway's clock set back)")
+async def test_a_file_written_while_stopped_after_the_clock_was_set_back_is_read(
+        tmp_path: Path, wall: SteppedWall) -> None:
+    """The durable checkpoint is from while the clock ran an hour ahead (its watermark
+    an hour ahead).  The gateway stops, NTP sets the clock back, a lot is written, and the
+    gateway restarts more than ``fold_after`` later: the lot must be read."""
+    from test_tail_append import lot
+    from test_tail_append import start as start_tail
+    from test_tail_registry import Sink, crash, lot_ids
+
+    fold = 5.0
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    old = directory / "old.stdf"
+    old.write_bytes(lot(1))
+    wall.offset = HOUR
+    stamp = time.time() - 2 * fold  # as the clock an hour ahead stamps it
+    os.utime(old, (stamp, stamp))
+    sink = Sink(state)
+    source = start_tail(directory, state, None, fold_after=fold)
+    await polled_until_folded(source, sink, old)
+    checkpoint = json.loads(json.dumps(source.checkpoint()))
+    await crash(source)
+    wall.offset = 0.0  # NTP steps the clock back while the gateway is stopped
+    (directory / "new.stdf").write_bytes(lot(2))
+    wall.offset = 4 * fold  # (restarted a while later)
+    source = start_tail(directory, state, checkpoint, fold_after=fold)
+    for _ in range(3):
+        await source.poll_once(sink)
+    await crash(source)
+    assert lot_ids(sink.records) == {"L001": 1, "L002": 1}
