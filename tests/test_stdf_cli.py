@@ -278,16 +278,71 @@ def test_a_complete_file_that_ends_short_is_exit_1_naming_the_cut_record(
     assert edgegw_stdf("stats", "--partial", path).returncode == 0
 
 
-def test_a_record_cut_before_a_field_it_must_have_is_exit_1_with_its_offset(
+def cut_before_first_field(w: StdfWriter, name: str, fields: dict[str, Any]) -> bytes:
+    """The record with only HEAD_NUM and SITE_NUM (the HBR's) or nothing (the PTR's
+    TEST_NUM is its first field) of its body, REC_LEN saying so."""
+    whole = w.encode(name, fields)
+    body = whole[4:6] if name == "HBR" else b""
+    return struct.pack("<H", len(body)) + whole[2:4] + body
+
+
+def test_a_record_cut_before_a_field_it_must_have_is_read_on_and_counted_as_the_gateway_does(
         tmp_path: Path) -> None:
+    """A PTR cut before TEST_NUM and an HBR cut before HBIN_NUM: ``stats`` reads on to
+    the MRR, its figures those of every other record, the cut ones counted in
+    ``cut_records`` -- the counts the gateway's mapping skips (``cut_short``, the tail's
+    ``edgegw_tail_cut_records_total``) -- with a warning on stderr, exit 0.  Before: the
+    PTR went unsaid (stats does not decode PTRs) and the HBR was exit 1 at its offset,
+    no figures."""
+    from edgegw.stdf.mapping import RecordMapper
+
     w = StdfWriter("<")
-    hbr = w.encode("HBR", {"HEAD_NUM": 255, "SITE_NUM": 0, "HBIN_NUM": 1, "HBIN_CNT": 1})
-    short = struct.pack("<H", 2) + hbr[2:4] + hbr[4:6]  # HEAD_NUM and SITE_NUM only
-    far = w.encode("FAR", {})
-    path = tmp_path / "hbr.stdf"
-    path.write_bytes(far + short + w.encode("MRR", {"FINISH_T": 0}))
-    line = one_error_line(edgegw_stdf("stats", path))
-    assert f"a HBR record without its HBIN_NUM field at byte {len(far)}" in line
+    whole = write_lot(tmp_path / "whole.stdf").read_bytes()
+    records = list(decode_all(whole))
+    prr = next(r for r in records if r.name == "PRR")
+    mrr = records[-1]
+    ptr = cut_before_first_field(w, "PTR", {"TEST_NUM": 7})
+    hbr = cut_before_first_field(w, "HBR", {"HEAD_NUM": 255, "SITE_NUM": 0, "HBIN_NUM": 2,
+                                            "HBIN_CNT": 1})
+    path = tmp_path / "cut.stdf"
+    path.write_bytes(whole[:prr.offset] + ptr + whole[prr.offset:mrr.offset] + hbr
+                     + whole[mrr.offset:])
+    proc = edgegw_stdf("stats", path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"edgegw stdf: {path}: warning: records cut before a field they must have "
+        "skipped: 1 HBR, 1 PTR"]
+    figures = json.loads(proc.stdout)
+    assert figures["cut_records"] == {"HBR": 1, "PTR": 1}
+    expected = json.loads(edgegw_stdf("stats", tmp_path / "whole.stdf").stdout)
+    assert "cut_records" not in expected
+    expected["records"]["PTR"] += 1
+    expected["records"]["HBR"] += 1
+    del figures["cut_records"]
+    assert figures == expected  # nothing else changed: no bin 2, the parts all there
+    mapper = RecordMapper("s")
+    mapper.map_all(decode_all(path.read_bytes()), 0.0)
+    assert mapper.cut_short == {"HBR": 1, "PTR": 1}  # what the gateway skips and counts
+
+
+def test_a_ptr_with_its_test_num_whole_is_not_counted_cut(tmp_path: Path) -> None:
+    # the first field whole and nothing after it: a result of its test's defaults, sent
+    w = StdfWriter("<")
+    whole = write_lot(tmp_path / "whole.stdf").read_bytes()
+    mrr = list(decode_all(whole))[-1]
+    ptr = w.encode("PTR", {"TEST_NUM": 1})
+    short = struct.pack("<H", 4) + ptr[2:4] + ptr[4:8]
+    path = tmp_path / "short.stdf"
+    path.write_bytes(whole[:mrr.offset] + short + whole[mrr.offset:])
+    proc = edgegw_stdf("stats", path)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert "cut_records" not in json.loads(proc.stdout)
+
+
+def decode_all(raw: bytes) -> list[Any]:
+    decoder = StdfDecoder()
+    decoder.feed(raw)
+    return list(decoder.records())
 
 
 def test_an_unknown_stdf_version_is_a_clear_error_unless_asked_for_best_effort(

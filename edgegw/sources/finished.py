@@ -160,7 +160,10 @@ class FinishedFiles:
             older = (dataclasses.replace(old, path="", older=()), *old.older)[:OLDER_KEPT]
             entry = Entry(path, head, size, changed, end, older)
         elif old is not None and old.head == head:
-            entry = Entry(path, head, size, min(old.since, changed), end, old.older)
+            # (its first ``since``, never a lower ``changed``: a file touched once the clock
+            # was set back has a change time below it, and a durable checkpoint whose
+            # watermark lies between the two need not cover its records)
+            entry = Entry(path, head, size, old.since, end, old.older)
         else:
             entry = Entry(path, head, size, changed, end)
         if entry == old:

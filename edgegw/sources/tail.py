@@ -688,6 +688,21 @@ class TailSource:
                      reason="finished (registered)", size=version.size, head=version.head,
                      origin=at, changed=info.changed, end=version.end)
 
+    def _finished_after_durable(self, info: _FileInfo,
+                                head: tuple[Fingerprint, bool | None] | None) -> bool:
+        """Whether a file the watermark covers by its change time (not known, changed at
+        or before it) is one the registry knows as finished only since after the durable
+        checkpoint's watermark (no version of its entry relied on).  Its change time went
+        back below its entry's ``since`` -- touched once the clock was set back -- and
+        that checkpoint never took it as finished: its records may not be stored (the
+        checkpoints that covered them not durable when the gateway stopped).  Read again,
+        not taken as finished (it was: lost).  Without a clock set back a file's change
+        time never goes below its entry's ``since``, so this never holds."""
+        if self.finished is None or head is None or head[1] is not True:
+            return False
+        entry = self.finished.get(info.inode)
+        return entry is not None and relied_on(entry, self._durable_watermark) is None
+
     def _registered_end(self, info: _FileInfo,
                         head: tuple[Fingerprint, bool | None] | None) -> int | None:
         """Where a file the watermark took as finished ends (its last MRR): its registry
@@ -897,6 +912,8 @@ class TailSource:
                 f = None
             created = f is None
             before = self._finished_before(info) if f is None and unknown else None
+            if before and self._finished_after_durable(info, head):
+                before = False  # (read: ``_recognised`` relies on no version of it)
             if before is False and (f := self._recognised(info, head)) is not None:
                 self.files[info.path] = self._listed[info.path] = f
                 changed.append(f)  # (handed over: it is listed again)

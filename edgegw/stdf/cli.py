@@ -13,8 +13,10 @@ Both read gzip-compressed files too.
 A file is read as complete: anything wrong with it is one line on stderr naming the file
 and the byte offset, and exit status 1 (what was printed before it stays printed) -- a file
 that is not STDF, corrupt gzip data, a record that cannot be STDF, a file that ends inside
-a record (truncated, or corrupt from an earlier record of unknown type on), a record cut
-before a field it must have, and an STDF_VER other than 4.  ``--partial`` reads a file still
+a record (truncated, or corrupt from an earlier record of unknown type on), and an STDF_VER
+other than 4.  A record cut before a field it must have (a PTR without TEST_NUM, an HBR
+without HBIN_NUM) is not: ``stats`` skips and counts it as the gateway does
+(``cut_records``, a warning on stderr, exit 0).  ``--partial`` reads a file still
 being written (a record cut at the end is a warning); ``--any-version`` reads another
 STDF_VER as if it were V4, best effort.
 """
@@ -386,13 +388,19 @@ _INF = float("inf")
 #: errors are the same whichever command reads it.  The MRR is decoded: what cannot be
 #: read after it is trailing garbage, a warning (``_records``)
 STATS_SKIP = frozenset(BY_NAME) - StdfStats.READS - {"FAR", "MRR"}
+#: skipped record types that name their test by TEST_NUM, their first field (U*4): one
+#: whose REC_LEN is below 4 is cut before it, a record the gateway skips and counts
+#: (``edgegw_tail_cut_records_total``); the decoder counts them without decoding any
+TEST_NUM_FIRST = ("PTR", "MPR", "FTR")
 
 
 def run_stats(args: argparse.Namespace) -> int:
     stats = StdfStats()
-    decoder = StdfDecoder(keep_unknown=True, skip=STATS_SKIP)
+    decoder = StdfDecoder(keep_unknown=True, skip=STATS_SKIP, short=4)
     status = _run(args, lambda rec: stats.add(rec.name, rec.fields), decoder)
     stats.records.update({name: n for name, n in decoder.skipped.items() if n})
+    stats.cut.update({name: decoder.skipped_short[name] for name in TEST_NUM_FIRST
+                      if decoder.skipped_short.get(name)})
     if status == 0:
         figures = stats.as_dict()
         if decoder.unknown_types:
@@ -401,6 +409,15 @@ def run_stats(args: argparse.Namespace) -> int:
             # are short by them, exit 0 all the same) -- said, never silent
             figures["unknown_records"] = {
                 f"{typ}/{sub}": n for (typ, sub), n in sorted(decoder.unknown_types.items())}
+        if stats.cut:
+            # records cut before a field they must have: read on, as the gateway does
+            # (it skips and counts them): the figures are what it sent; exit 0, said on
+            # stderr and in the figures (docs/stdf.md, "exit status")
+            figures["cut_records"] = dict(sorted(stats.cut.items()))
+            print(f"edgegw stdf: {args.file}: warning: records cut before a field they must "
+                  "have skipped: " + ", ".join(f"{n} {name}" for name, n
+                                                in sorted(stats.cut.items())),
+                  file=sys.stderr)
         try:
             print(indented_json(figures))
         except BrokenPipeError:

@@ -968,11 +968,13 @@ def _compile_scan(order: str, entries: dict[int, Any], readers: _Readers,
                   skip: frozenset[str] = frozenset(), rows: bool = False,
                   lists: list[dict[int, Any]] | None = None,
                   memo: bool = True,
-                  inline: tuple[str, ...] = (*INLINE, "GDR")) -> Callable[..., Any]:
+                  inline: tuple[str, ...] = (*INLINE, "GDR"),
+                  short: int = 0) -> Callable[..., Any]:
     """Generate the record loop of one byte order, with the INLINE types' decoding
     written into it and every other type dispatched through ``entries``.  Records of
-    the types in ``skip`` are checked (REC_LEN), counted and stepped over.  ``rows``:
-    the loop makes :class:`StdfRow` records (``entries`` then decode to tuples)."""
+    the types in ``skip`` are checked (REC_LEN), counted and stepped over (those whose
+    REC_LEN is below ``short`` counted in ``skipped_short`` too).  ``rows``: the loop
+    makes :class:`StdfRow` records (``entries`` then decode to tuples)."""
     check_gdr = _gdr_checker(order)
     if skip:
         # a skipped GDR is still walked for its type codes: the one error inside a
@@ -1015,6 +1017,8 @@ def _compile_scan(order: str, entries: dict[int, Any], readers: _Readers,
         ]
         if name in skip:
             lines += [f"      skipped[{name!r}] += 1",
+                      *([f"      if rec_len < {short}: skipped_short[{name!r}] += 1"]
+                        if short else []),
                       "      pos = end",
                       "      continue"]
             continue
@@ -1076,6 +1080,7 @@ def _compile_scan(order: str, entries: dict[int, Any], readers: _Readers,
             "            raise _gdr_error(exc, base) from None"] if "GDR" in skip else
           ["      if decode is None:"]),
         "        skipped[name] += 1",
+        *([f"        if rec_len < {short}: skipped_short[name] += 1"] if short else []),
         "        pos = end",
         "        continue",
         "      try:",
@@ -1092,6 +1097,7 @@ def _compile_scan(order: str, entries: dict[int, Any], readers: _Readers,
     lines = ["def scan(self, buf, txt, pos, base):",
              "  n = len(buf)",
              "  skipped = self.skipped",
+             *(["  skipped_short = self.skipped_short"] if short else []),
              *("  " + line for line in dict.fromkeys(learnt or ())),
              "  try:", *("  " + line for line in lines),
              "  finally:", "    self._pos = pos"]
@@ -1191,16 +1197,17 @@ class _Table:
         #: the types decoded inline in the record loop (GDRs too: their layouts are the
         #: decoder's own)
         self.inline: tuple[str, ...] = (*INLINE, "GDR")
-        #: the record loops, by the set of the names of the types they skip:
+        #: the record loops, by the set of the names of the types they skip (and the
+        #: REC_LEN below which a skipped record is counted short):
         #: scan(decoder, buf, txt, pos, base) -> records
-        self.scans: dict[frozenset[str], Callable[..., Iterator[Any]]] = {}
+        self.scans: dict[tuple[frozenset[str], int], Callable[..., Iterator[Any]]] = {}
 
-    def scan_for(self, skip: frozenset[str]) -> Callable[..., Iterator[Any]]:
-        scan = self.scans.get(skip)
+    def scan_for(self, skip: frozenset[str], short: int = 0) -> Callable[..., Iterator[Any]]:
+        scan = self.scans.get((skip, short))
         if scan is None:
-            scan = self.scans[skip] = _compile_scan(self.readers.order, self.entries,
-                                                    self.readers, skip, self.rows, self.lists,
-                                                    self.memo, self.inline)
+            scan = self.scans[skip, short] = _compile_scan(
+                self.readers.order, self.entries, self.readers, skip, self.rows, self.lists,
+                self.memo, self.inline, short)
         return scan
 
 
@@ -1234,7 +1241,9 @@ class StdfDecoder:
     for the rest, and a skipped GDR's type codes are checked (the one error inside a
     record), so skipping never changes the errors.  The FAR is never skipped: it gives
     the byte order.  ``types``: the record types wanted (every other one is skipped),
-    instead of ``skip``.
+    instead of ``skip``.  ``short``: a skipped record whose REC_LEN is below it is also
+    counted in ``skipped_short`` (``edgegw stdf stats`` is told of a PTR cut before its
+    TEST_NUM, which it does not decode but the gateway skips as cut).
 
     Every FAR sets ``byte_order`` and ``cpu_type`` for the records after it (files of two
     testers merged: each lot in its own FAR's byte order); ``cpu_type`` 0 (VAX) reads
@@ -1244,7 +1253,8 @@ class StdfDecoder:
 
     def __init__(self, *, start_offset: int = 0, byte_order: str | None = None,
                  keep_unknown: bool = False, skip: Iterable[str] = (),
-                 types: Iterable[str] | None = None, cpu_type: int | None = None) -> None:
+                 types: Iterable[str] | None = None, cpu_type: int | None = None,
+                 short: int = 0) -> None:
         if byte_order not in (None, "<", ">"):
             raise ValueError(f"byte_order must be '<' or '>', not {byte_order!r}")
         if start_offset and byte_order is None:
@@ -1253,6 +1263,9 @@ class StdfDecoder:
             raise ValueError("skip or types, not both")
         #: records of the ``skip`` types stepped over, by type name
         self.skipped: dict[str, int] = {}
+        #: of those, the records whose REC_LEN is below ``short``, by type name
+        self.skipped_short: dict[str, int] = {}
+        self._short = short
         self._skip: frozenset[str] = frozenset()
         self.select(types, skip)
         self._buf = b""
@@ -1293,6 +1306,7 @@ class StdfDecoder:
         self._skip = new
         for name in sorted(new - self.skipped.keys()):
             self.skipped[name] = 0
+            self.skipped_short[name] = 0
 
     def _memo_for(self, name: str, rows: bool) -> tuple[Any, ...]:
         """This decoder's tail memo of record type ``name`` (for rows or for dicts): its
@@ -1375,7 +1389,8 @@ class StdfDecoder:
         if txt is None:
             txt = self._txt = buf.decode("latin-1")
         self._switching = False
-        it = self._table(rows).scan_for(self._skip)(self, buf, txt, self._pos, self._base)
+        it = self._table(rows).scan_for(self._skip, self._short)(self, buf, txt, self._pos,
+                                                                 self._base)
         self._keep(it)
         return it
 
@@ -1423,8 +1438,8 @@ class StdfDecoder:
         try:
             while True:
                 self._switched = False
-                yield from self._table(rows).scan_for(self._skip)(self, buf, txt, self._pos,
-                                                                  base)
+                yield from self._table(rows).scan_for(self._skip, self._short)(
+                    self, buf, txt, self._pos, base)
                 if not self._switched:
                     return True
         finally:

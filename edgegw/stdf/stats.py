@@ -44,9 +44,16 @@ class StdfStats:
 
     #: the record types whose fields the figures come from
     READS: ClassVar[frozenset[str]] = frozenset({"PRR", "WIR", "HBR", "SBR", "PCR", "MIR"})
+    #: the fields a summary record cannot do without: one cut before them (REC_LEN too
+    #: short) names no bin or count, so it is counted in ``cut`` and adds nothing -- as
+    #: the gateway's mapping skips it (``RecordMapper.cut_short``)
+    MUST_HAVE: ClassVar[dict[str, tuple[str, ...]]] = {
+        "HBR": ("HBIN_NUM", "HBIN_CNT"), "SBR": ("SBIN_NUM", "SBIN_CNT"), "PCR": ("PART_CNT",)}
 
     def __init__(self) -> None:
         self.records: Counter[str] = Counter()
+        #: records cut before a field they must have (``MUST_HAVE``), by type
+        self.cut: Counter[str] = Counter()
         self.tested = 0  # PRRs seen, retests included
         self.retests = 0  # PRRs that superseded an earlier result found in this stream
         self._parts: list[_Part] = []
@@ -61,6 +68,10 @@ class StdfStats:
 
     def add(self, name: str, fields: dict[str, Any]) -> None:
         self.records[name] += 1
+        must = self.MUST_HAVE.get(name)
+        if must is not None and not all(k in fields for k in must):
+            self.cut[name] += 1
+            return
         if name == "PRR":
             self._prr(fields)
         elif name == "WIR":
