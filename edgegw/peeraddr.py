@@ -29,3 +29,6 @@ def bucket_of(remote: str) -> str:
     not): ``address_bucket`` of its host."""
     host = remote.rpartition(":")[0] or remote
     return address_bucket(host)
+
+
+__all__ = ["address_bucket", "bucket_of"]

@@ -676,7 +676,7 @@ async def test_a_record_dead_lettered_while_the_link_goes_is_kept_once(
     from hubtools import hub_config
     from ports import free_port
 
-    from edgegw.hub.ingest import Ingest
+    from edgegw.hub import Ingest
 
     records = ([reading(0, j, 500) for j in range(6)] + [reading(1, 0, GIANT)]
                + [reading(2, j, 500) for j in range(6)])

@@ -294,7 +294,7 @@ def test_a_record_cut_before_a_field_it_must_have_is_read_on_and_counted_as_the_
     ``edgegw_tail_cut_records_total``) -- with a warning on stderr, exit 0.  Before: the
     PTR went unsaid (stats does not decode PTRs) and the HBR was exit 1 at its offset,
     no figures."""
-    from edgegw.stdf.mapping import RecordMapper
+    from edgegw.stdf import RecordMapper
 
     w = StdfWriter("<")
     whole = write_lot(tmp_path / "whole.stdf").read_bytes()
