@@ -625,6 +625,19 @@ async def test_a_file_finished_while_the_clock_ran_ahead_then_touched_is_read_on
     assert lot_ids(sink.records) == {f"L{n:03}": 1 for n in range(1, lots + 1)}
 
 
+def first_lot_written_an_hour_ahead(directory: Path, wall: SteppedWall, fold: float) -> Path:
+    """L001 written in ``directory`` and stamped while the clock runs an hour ahead."""
+    from test_tail_append import lot
+
+    directory.mkdir()
+    old = directory / "old.stdf"
+    old.write_bytes(lot(1))
+    wall.offset = HOUR
+    stamp = time.time() - 2 * fold  # as the clock an hour ahead stamps it
+    os.utime(old, (stamp, stamp))
+    return old
+
+
 @pytest.mark.parametrize("renamed", [False, True], ids=["touched", "touched and renamed"])
 async def test_a_finished_file_touched_after_the_clock_was_set_back_is_not_lost_on_a_restart(
         tmp_path: Path, wall: SteppedWall, renamed: bool) -> None:
@@ -645,12 +658,7 @@ async def test_a_finished_file_touched_after_the_clock_was_set_back_is_not_lost_
 
     fold = 5.0
     directory, state = tmp_path / "watched", tmp_path / "state"
-    directory.mkdir()
-    old = directory / "old.stdf"
-    old.write_bytes(lot(1))
-    wall.offset = HOUR
-    stamp = time.time() - 2 * fold  # as the clock an hour ahead stamps it
-    os.utime(old, (stamp, stamp))
+    old = first_lot_written_an_hour_ahead(directory, wall, fold)
     sink = Sink(state)
     source = start_tail(directory, state, None, fold_after=fold)
     await polled_until_folded(source, sink, old)
@@ -706,12 +714,7 @@ async def test_a_file_written_while_stopped_after_the_clock_was_set_back_is_read
 
     fold = 5.0
     directory, state = tmp_path / "watched", tmp_path / "state"
-    directory.mkdir()
-    old = directory / "old.stdf"
-    old.write_bytes(lot(1))
-    wall.offset = HOUR
-    stamp = time.time() - 2 * fold  # as the clock an hour ahead stamps it
-    os.utime(old, (stamp, stamp))
+    old = first_lot_written_an_hour_ahead(directory, wall, fold)
     sink = Sink(state)
     source = start_tail(directory, state, None, fold_after=fold)
     await polled_until_folded(source, sink, old)
