@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 import zlib
 from pathlib import Path
 from typing import Any
 
-from tail_files import interleaved_medians  # (bench/ is on the path of a bench script)
+from tail_files import interleaved_medians, scratch_dir  # (bench/ is on the path of a bench script)
 
 
 def rchar() -> int:
@@ -62,9 +60,7 @@ def child(lots: int, how: str) -> dict[str, Any]:
         async def put(self, records: Any, checkpoint: Any = None) -> None:
             self.ended += sum(type(r).__name__ == "LotEnd" for r in records)
 
-    shm = Path("/dev/shm")
-    root = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-    with tempfile.TemporaryDirectory(dir=root, prefix="edgegw-bench-") as d:
+    with scratch_dir() as d:
         directory = Path(d)
         (directory / "lots").mkdir()
         path = directory / "lots" / "retest.stdf.gz"
