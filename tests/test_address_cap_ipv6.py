@@ -53,27 +53,9 @@ def test_connections_from_several_addresses_of_one_ipv6_64_share_one_cap(
 # ---------------------------------------------------------------- in the namespace
 
 async def scenario(tmp: Path) -> None:
-    from test_http_bounds import KEY, config, get, read_all, statuses
+    from test_http_bounds import config, connect, get, open_upgrade, read_all, statuses
 
     from edgegw.hub import Ingest
-
-    async def connect(port: int, source: str) -> trio.SocketStream:
-        sock = trio.socket.socket(trio.socket.AF_INET6)
-        await sock.bind((source, 0))
-        await sock.connect(("::1", port))
-        return trio.SocketStream(sock)
-
-    async def open_upgrade(port: int, source: str) -> trio.SocketStream:
-        """A /ws/gateway connection waiting for its HELLO: busy, so never shed."""
-        stream = await connect(port, source)
-        await stream.send_all(f"GET /ws/gateway HTTP/1.1\r\nHost: x\r\nUpgrade: websocket"
-                              f"\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\n"
-                              f"Sec-WebSocket-Version: 13\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += await stream.receive_some(4096)
-        assert head.startswith(b"HTTP/1.1 101"), head
-        return stream
 
     cfg = config(tmp, max_connections_per_address=2)
     hub = Ingest(dataclasses.replace(cfg, hub=dataclasses.replace(cfg.hub, listen="::1")))

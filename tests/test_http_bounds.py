@@ -170,9 +170,11 @@ async def test_slowloris_connections_over_real_sockets_are_all_closed(tmp_path: 
 
 
 async def connect(port: int, source: str = "127.0.0.1") -> trio.SocketStream:
-    sock = trio.socket.socket()
+    """A connection from ``source`` (an IPv6 source connects to ``::1``)."""
+    v6 = ":" in source
+    sock = trio.socket.socket(trio.socket.AF_INET6 if v6 else trio.socket.AF_INET)
     await sock.bind((source, 0))
-    await sock.connect(("127.0.0.1", port))
+    await sock.connect(("::1" if v6 else "127.0.0.1", port))
     return trio.SocketStream(sock)
 
 
