@@ -337,6 +337,9 @@ class AlertService:
             sizes = await trio.to_thread.run_sync(_json_sizes, items)
         for (kind, payload), nbytes in zip(items, sizes, strict=True):
             key, parts = _archive_key(kind, payload)
+            if nbytes > MAX_HELD_ARCHIVE_BYTES:  # alone over the bound: not the others
+                self._dropped(key, parts, nbytes)
+                continue
             held = self._held_archives.get(key)
             if held is not None and held.parts > parts:
                 self._m_kept.inc()
@@ -349,13 +352,16 @@ class AlertService:
                                        or self._held_bytes > MAX_HELD_ARCHIVE_BYTES):
             key, lost = self._held_archives.popitem(last=False)
             self._held_bytes -= lost.nbytes
-            self._m_archives_dropped.inc()
-            log.error("%s: its archive (%d parts, %d bytes) is dropped from memory unwritten "
-                      "(%d archives, %d MB held at most while the history store cannot be "
-                      "written): the history API will have no figures for it",
-                      _archive_name(key), lost.parts, lost.nbytes, MAX_HELD_ARCHIVES,
-                      MAX_HELD_ARCHIVE_BYTES // 2**20)
+            self._dropped(key, lost.parts, lost.nbytes)
         self._m_archives_held.set(len(self._held_archives))
+
+    def _dropped(self, key: _ArchiveKey, parts: int, nbytes: int) -> None:
+        self._m_archives_dropped.inc()
+        log.error("%s: its archive (%d parts, %d bytes) is dropped from memory unwritten "
+                  "(%d archives, %d MB held at most while the history store cannot be "
+                  "written): the history API will have no figures for it",
+                  _archive_name(key), parts, nbytes, MAX_HELD_ARCHIVES,
+                  MAX_HELD_ARCHIVE_BYTES // 2**20)
 
     async def _next_batch(self, retry_s: float) -> list[tuple[str, Any]]:
         """The events and archives handed over (waiting for the first); while alert states
