@@ -18,7 +18,12 @@ import trio
 from test_webhooks import StoreFault, store_fault  # noqa: F401 (a fixture)
 
 from edgegw.hub import history
-from edgegw.hub.alerts import AlertRuleConfig, AlertsConfig, AlertService
+from edgegw.hub.alerts import (
+    MAX_HELD_ARCHIVES,
+    AlertRuleConfig,
+    AlertsConfig,
+    AlertService,
+)
 from edgegw.hub.history import HistoryApi
 from edgegw.hub.history_store import CACHE_ENTRIES, HistoryStore
 from edgegw.hub.live import LiveState
@@ -238,6 +243,33 @@ async def test_an_ack_made_while_the_history_store_cannot_be_written_survives_a_
     assert await _restarted(data_dir) == [(alert_id, True, "dana")]
 
 
+async def test_each_failed_retry_of_a_held_alert_state_counts_as_a_history_store_error(
+        store_fault: StoreFault) -> None:  # noqa: F811 (the fixture imported)
+    """``edgegw_hub_history_store_errors_total`` counts every write the store refused: the
+    tries again of an alert state held in memory too, so an operator sees the store is
+    still failing (docs/alerts.md).  Before, only the first failed write counted: a store
+    that stayed unwritable looked like one failure."""
+    data_dir = store_fault.path.parent
+    async with trio.open_nursery() as nursery:
+        hub = Hub(data_dir)
+        await hub.start(nursery)
+        alert_id = await _raise_one(hub)
+        store_fault.block()
+        status, _ = await request(hub.port, "POST", f"/api/alerts/{alert_id}/ack",
+                                  {"user": "dana"})
+        assert status == 200
+        with trio.fail_after(15):
+            await hub.alerts.wait_persisted()
+        errors = hub.alerts.metrics.counter("hub_history_store_errors_total")
+        assert errors.total() == 1
+        with trio.fail_after(30):  # tried again after 1 s (the try up to 5 s), and fails
+            while errors.total() < 2:
+                await trio.sleep(0.05)
+        assert hub.alerts.metrics.gauge("hub_alerts_unwritten_pending").get() == 1
+        store_fault.unblock()
+        hub.stop()
+
+
 async def test_a_hub_stops_promptly_with_its_history_store_locked_and_names_what_it_lost(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Another process holds ``history.sqlite3``'s write lock while an acknowledgement is
@@ -283,6 +315,131 @@ async def test_a_hub_stops_promptly_with_its_history_store_locked_and_names_what
     lost = [r.getMessage() for r in caplog.records if "not written" in r.getMessage()]
     assert any(alert_id in m and "acknowledged by dana" in m for m in lost), lost
     assert await _restarted(tmp_path) == [(alert_id, False, None)]  # as it was stored
+
+
+async def _evict_old_lot(hub: Hub) -> None:
+    """Lot OLD (6 parts, one wafer) is evicted by lot NEW (the hub keeps one lot) and its
+    archive handed to the alert service, which has tried to write it."""
+    hub.state.on_records("gw", 1, lot_records("OLD", "OLD-1", 6, ts=100.0), now=1.0)
+    hub.state.on_records("gw", 100, lot_records("NEW", "NEW-1", 4, ts=900.0), now=2.0)
+    assert list(hub.state.lots) == ["NEW"]
+    with trio.fail_after(15):  # (a locked store: the write fails after 5 s)
+        await hub.alerts.wait_persisted()
+
+
+async def _old_lot_is_served(port: int) -> None:
+    status, body = await get(port, "/api/lots/OLD/wafers/OLD-1")
+    assert status == 200 and len(body["dies"]) == 6 and body["hard_bins"] == {"1": 3, "4": 3}
+    status, body = await get(port, "/api/lots")
+    assert ("OLD", False, 6) in [(r["lot_id"], r["live"], r["die_count"])
+                                 for r in body["lots"]]
+
+
+async def test_an_archive_evicted_while_the_history_store_cannot_be_written_is_written_later(
+        store_fault: StoreFault) -> None:  # noqa: F811 (the fixture imported)
+    """A lot evicted from memory while ``history.sqlite3`` takes no writes (another process
+    holds its write lock; as root, a full file system): its archive is held in memory
+    (``edgegw_hub_archives_unwritten_pending``) and written at the first try the store
+    takes again, so the history API answers for the lot, after a restart too
+    (docs/alerts.md, "Persistence and restarts").  Every failed write counts in
+    ``edgegw_hub_history_store_errors_total``, the retries too.  Before, the failed write
+    was logged and the archive lost: the history API had no figures for the lot."""
+    data_dir = store_fault.path.parent
+    async with trio.open_nursery() as nursery:
+        hub = Hub(data_dir, max_lots=1)
+        await hub.start(nursery)
+        store_fault.block()
+        await _evict_old_lot(hub)
+        pending = hub.alerts.metrics.gauge("hub_archives_unwritten_pending")
+        assert pending.get() == 1
+        errors = hub.alerts.metrics.counter("hub_history_store_errors_total")
+        assert errors.total() >= 1
+        store_fault.unblock()
+        with trio.fail_after(30):  # tried again after 1 s, then 2, 4 ... (each up to 5 s)
+            while pending.get():
+                await trio.sleep(0.05)
+        await _old_lot_is_served(hub.port)
+        assert hub.alerts.metrics.counter("hub_archives_dropped_total").total() == 0
+        hub.stop()
+    async with trio.open_nursery() as nursery:
+        hub = Hub(data_dir, max_lots=1)
+        await hub.start(nursery)
+        await _old_lot_is_served(hub.port)
+        hub.stop()
+
+
+async def test_an_archive_held_in_memory_is_written_at_a_clean_stop(tmp_path: Path) -> None:
+    """The store takes writes again just as the hub is told to stop: the archive held is
+    written then at the latest (the stop's last try), and a restarted hub serves it."""
+    fault = StoreFault("locked", tmp_path)
+    try:
+        async with trio.open_nursery() as nursery:
+            hub = Hub(tmp_path, max_lots=1)
+            await hub.start(nursery)
+            fault.block()
+            await _evict_old_lot(hub)
+            assert hub.alerts.metrics.gauge("hub_archives_unwritten_pending").get() == 1
+            fault.unblock()
+            hub.stop()
+    finally:
+        fault.unblock()
+    async with trio.open_nursery() as nursery:
+        hub = Hub(tmp_path, max_lots=1)
+        await hub.start(nursery)
+        await _old_lot_is_served(hub.port)
+        hub.stop()
+
+
+def _lot_archive(lot_id: str, parts: int) -> dict[str, Any]:
+    """The smallest lot archive the store takes (``state.lot_archive`` shape)."""
+    lot = {"lot_id": lot_id, "parts": parts, "die_count": parts, "updated": float(parts)}
+    return {"lot": lot, "wafers": {}, "tests": {}}
+
+
+async def test_archives_held_in_memory_are_bounded_the_fullest_of_a_lot_kept(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """While the store takes no writes, a lot archived twice is held once, the fuller
+    figures of the two (as the store keeps them: ``hub_archives_kept_total``), and beyond
+    ``MAX_HELD_ARCHIVES`` the oldest held is dropped: counted in
+    ``edgegw_hub_archives_dropped_total``, logged as an error with its lot."""
+    fault = StoreFault("locked", tmp_path)
+    service = AlertService(AlertsConfig(), lambda t, d: None, fault.path)
+    await service.open()
+    caplog.set_level(logging.ERROR, logger="edgegw.hub.alerts")
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            fault.block()
+            service.archive_lot("A", _lot_archive("A", 7))
+            service.archive_lot("B", _lot_archive("B", 5))
+            service.archive_lot("B", _lot_archive("B", 3))  # a partial rebuild: less full
+            service.archive_lot("A", _lot_archive("A", 9))  # fuller: replaces A's
+            for i in range(MAX_HELD_ARCHIVES - 1):  # one more than fit: A, the oldest, goes
+                service.archive_lot(f"X{i}", _lot_archive(f"X{i}", 1))
+            with trio.fail_after(15):
+                await service.wait_persisted()
+            metrics = service.metrics
+            assert metrics.gauge("hub_archives_unwritten_pending").get() == MAX_HELD_ARCHIVES
+            assert metrics.counter("hub_archives_dropped_total").total() == 1
+            assert metrics.counter("hub_archives_kept_total").total() == 1
+            fault.unblock()
+            with trio.fail_after(30):
+                while metrics.gauge("hub_archives_unwritten_pending").get():
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    finally:
+        fault.unblock()
+    store = HistoryStore(fault.path)
+    await store.open()
+    try:
+        assert await store.lot("A") is None
+        b = await store.lot("B")
+        assert b is not None and b["lot"]["parts"] == 5
+        assert len(await store.lot_summaries(limit=2 * MAX_HELD_ARCHIVES)) == MAX_HELD_ARCHIVES
+    finally:
+        await store.close()
+    dropped = [r.getMessage() for r in caplog.records if "dropped from memory" in r.getMessage()]
+    assert len(dropped) == 1 and "lot A:" in dropped[0], dropped
 
 
 async def test_evicted_lots_are_served_from_the_archive(tmp_path: Path) -> None:

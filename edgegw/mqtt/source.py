@@ -201,7 +201,8 @@ OTHER_TOPICS = "#other"
 #: topics reported for the first time (a log line, a GatewayEvent for the hub) per
 #: ``bad_payload_log_interval`` at most: a publisher making up a topic per message would
 #: otherwise turn each message into a log line and a record spooled for the hub.  The
-#: others are summed up in one line an interval.
+#: others are summed up in one line when the interval ends (a timer: a burst followed by
+#: silence is summed up all the same).
 MAX_NEW_REPORTS = 20
 #: a retained topic in the checkpoint: 64-bit hash of the topic, CRC-32 of the payload
 #: taken last, its payload time (NaN: none)
@@ -288,8 +289,10 @@ class MqttSource:
         # (kind, topic) -> (last log, suppressed)
         self._reported: dict[tuple[str, str], tuple[float, int]] = {}
         self._bad_topics: set[str] = set()  # those with a series of their own
-        # this interval's first reports of a topic: (interval start, count, not reported)
+        # this interval's first reports of a topic: (interval start, count, not reported),
+        # on the Trio clock; the summary task waits on the event for a first "not reported"
         self._new_reports: tuple[float, int, int] = (-math.inf, 0, 0)
+        self._unreported = trio.Event()
         # topic -> (crc32 of the payload, its payload time) of the last message taken:
         # what a retained message sent again at a resubscription is recognised by
         self._last_taken: dict[str, _Taken] = {}
@@ -431,28 +434,48 @@ class MqttSource:
         except UnicodeDecodeError:
             return repr(msg._topic)  # paho keeps the raw bytes only there
 
+    def _end_interval(self, now: float, stopping: bool = False) -> None:
+        """Once ``bad_payload_log_interval`` has passed (or at the stop): the summary line
+        of the bad messages on new topics not reported one by one, if any; the next
+        interval begins."""
+        start, _, quiet = self._new_reports
+        if now - start < self.config.bad_payload_log_interval and not stopping:
+            return
+        if quiet:
+            log.warning("%s: %d bad or failed message(s) in the last %.0f s on new topics "
+                        "beyond the %d reported one by one: not reported (counted in "
+                        "edgegw_mqtt_bad_payloads_total, edgegw_internal_errors_total)",
+                        self.name, quiet, now - start, MAX_NEW_REPORTS)
+        self._new_reports = (now, 0, 0)
+
+    async def _summarize(self) -> None:
+        """Writes an interval's summary line when the interval ends: written at the next
+        bad message instead, a burst followed by silence was never summed up."""
+        while True:
+            start, _, quiet = self._new_reports
+            if not quiet:
+                self._unreported = trio.Event()
+                await self._unreported.wait()
+                continue
+            await trio.sleep_until(start + self.config.bad_payload_log_interval)
+            self._end_interval(trio.current_time())  # (a no-op if a message ended it)
+
     def _report(self, kind: str, topic: str) -> int | None:
         """Rate limit per kind and topic: None = stay quiet, else how many were quiet.
         Topics not reported before are reported at most ``MAX_NEW_REPORTS`` an interval;
-        the first report after an interval sums up the ones that were not."""
-        now = time.monotonic()
+        the rest are summed up when it ends (``_summarize``).  Trio's clock."""
+        now = trio.current_time()
         interval = self.config.bad_payload_log_interval
+        self._end_interval(now)
         start, count, quiet = self._new_reports
-        if now - start >= interval:
-            if quiet:
-                log.warning("%s: %d bad or failed message(s) in the last %.0f s on new topics "
-                            "beyond the %d reported one by one: not reported (counted in "
-                            "edgegw_mqtt_bad_payloads_total, edgegw_internal_errors_total)",
-                            self.name, quiet, now - start, MAX_NEW_REPORTS)
-            start, count, quiet = now, 0, 0
         last, suppressed = self._reported.get((kind, topic), (-math.inf, 0))
         if now - last < interval:
-            self._new_reports = (start, count, quiet)
             self._reported[(kind, topic)] = (last, suppressed + 1)
             return None
         if last == -math.inf:  # a topic not reported before
             if count >= MAX_NEW_REPORTS:
                 self._new_reports = (start, count, quiet + 1)
+                self._unreported.set()
                 return None
             count += 1
         self._new_reports = (start, count, quiet)
@@ -698,6 +721,11 @@ class MqttSource:
             connect_timeout=c.connect_timeout, username=c.username, password=password,
             ssl_context=ctx, subscriptions=subs)
 
+    @staticmethod
+    async def _run_in(scope: trio.CancelScope, task: Callable[[], Awaitable[None]]) -> None:
+        with scope:
+            await task()
+
     async def run(self, sink: RecordSink, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         c = self.config
@@ -711,9 +739,13 @@ class MqttSource:
         pump_scope = trio.CancelScope(shield=True)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._pump, sink, pump_scope)
+            summary_scope = trio.CancelScope()
+            nursery.start_soon(self._run_in, summary_scope, self._summarize)
             try:
                 await self.client.run(task_status=task_status)
             finally:
+                summary_scope.cancel()
+                self._end_interval(trio.current_time(), stopping=True)
                 # Reading has stopped.  The pump finishes the put in hand and flushes the
                 # open windows; their messages are not acknowledged (the connection is
                 # gone), so the broker sends them again and the checkpoint drops them.

@@ -10,7 +10,8 @@ or died is sent again when it starts (``outbox``: at least once).  When the stor
 written the events are sent all the same and their outbox rows held in memory until it can
 (``WebhookOutbox.hold``); so are the alerts' states (an acknowledgement above all: no
 replay of the frames brings one back), written back at the first try the store takes
-(``_held``).  Evicted lots' archives travel the same way (not held: see docs/alerts.md).
+(``_held``).  Evicted lots' and wafers' archives travel the same way and are held too
+(``_held_archives``), bounded: they can be large (docs/alerts.md).
 
 Wiring, in this order (the engine must know the persisted alerts before the hub replays
 its frames, or replay would raise them again)::
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from edgegw.hub.history_store import HistoryStore
+from edgegw.jsonutil import dumps
 from edgegw.metrics import Metrics, report_internal_error
 
 from .config import AlertsConfig
@@ -54,6 +56,47 @@ Publish = Callable[[str, dict[str, Any]], None]
 #: alert states held in memory at most while the history store cannot be written (one
 #: per alert, its latest); beyond, the oldest is forgotten (logged as an error)
 MAX_HELD_ALERTS = 10_000
+#: lot and wafer archives held in memory at most while the history store cannot be
+#: written (one per lot or wafer and pass: the fullest), and their size as JSON; beyond
+#: either, the oldest is dropped (counted in ``hub_archives_dropped_total``, logged as an
+#: error).  An archive is a lot's whole figures (wafer maps, test statistics): hundreds
+#: of kB to a few MB, several times that as Python objects.
+MAX_HELD_ARCHIVES = 1_000
+MAX_HELD_ARCHIVE_BYTES = 64 * 1024 * 1024
+
+#: a held archive's key: ("lot", lot_id, counts_from) or ("wafer", lot_id, wafer_id,
+#: counts_from) -- two passes of a lot tested again merge in the store, so both are held
+_ArchiveKey = tuple[Any, ...]
+
+
+class _HeldArchive:
+    __slots__ = ("item", "nbytes", "parts")
+
+    def __init__(self, item: tuple[str, Any], parts: int, nbytes: int) -> None:
+        self.item = item  # ("lot", (lot_id, archive)) or ("wafer", (lot, wafer, snapshot))
+        self.parts = parts
+        self.nbytes = nbytes
+
+
+def _archive_key(kind: str, payload: tuple[Any, ...]) -> tuple[_ArchiveKey, int]:
+    """A lot's or wafer's archive: its held key and its part results (what "fuller"
+    compares, as the store does)."""
+    if kind == "lot":
+        lot_id, archive = payload
+        lot = archive["lot"]
+        return ("lot", lot_id, lot.get("counts_from")), lot.get("parts") or 0
+    lot_id, wafer_id, snap = payload
+    return ("wafer", lot_id, wafer_id, snap.get("counts_from")), snap.get("parts") or 0
+
+
+def _archive_name(key: _ArchiveKey) -> str:
+    return f"lot {key[1]}" if key[0] == "lot" else f"wafer {key[2]} of lot {key[1]}"
+
+
+def _json_sizes(items: list[tuple[str, Any]]) -> list[int]:
+    """The archives' sizes as the store writes them (a worker thread: a lot's can take
+    milliseconds)."""
+    return [len(dumps(payload[-1])) for _, payload in items]
 
 
 class AlertService:
@@ -90,6 +133,19 @@ class AlertService:
             "alerts whose latest state (an acknowledgement, say) is only in memory: the "
             "history store could not be written; lost if the hub stops now")
         self._m_held.set(0)
+        # the lot and wafer archives the store could not take, oldest first: written with
+        # the next batch (before it: a later pass merges into an earlier one) or alone
+        self._held_archives: OrderedDict[_ArchiveKey, _HeldArchive] = OrderedDict()
+        self._held_bytes = 0
+        self._m_archives_held = self.metrics.gauge(
+            "hub_archives_unwritten_pending",
+            "lot and wafer archives only in memory: the history store could not be "
+            "written; lost if the hub stops now")
+        self._m_archives_held.set(0)
+        self._m_archives_dropped = self.metrics.counter(
+            "hub_archives_dropped_total",
+            "lot and wafer archives lost: held in memory while the history store could not "
+            "be written, then dropped over the cap or at a stop before it could be")
         self._queued = 0
         self._done = 0
         self._progress = trio.Event()
@@ -200,10 +256,12 @@ class AlertService:
                 break
         events = [payload for kind, payload in items if kind == "alert"]
         self._hold([e["alert"] for e in events])
-        if not items and not self._held:
+        if not items and not self._held and not self._held_archives:
             return
-        lots = [payload for kind, payload in items if kind == "lot"]
-        wafers = [payload for kind, payload in items if kind == "wafer"]
+        archives = [h.item for h in self._held_archives.values()]
+        archives += [(kind, payload) for kind, payload in items if kind != "alert"]
+        lots = [payload for kind, payload in archives if kind == "lot"]
+        wafers = [payload for kind, payload in archives if kind == "wafer"]
         try:
             await self.store.save_with_outbox(list(self._held.values()), lots, wafers,
                                               outbox_rows(self.webhooks, events, self._clock()))
@@ -211,32 +269,105 @@ class AlertService:
             self._m_store_errors.inc()
             log.error("history store not written at the stop (%d alert states, %d lots, %d "
                       "wafers): %s", len(self._held), len(lots), len(wafers), exc)
+            if archives:
+                names = [_archive_name(_archive_key(kind, payload)[0])
+                         for kind, payload in archives]
+                self._m_archives_dropped.inc(len(names))
+                log.error("%d lot/wafer archive(s) not written to the history store: lost "
+                          "(the history API has no figures for them): %s%s", len(names),
+                          ", ".join(names[:20]), " ..." if len(names) > 20 else "")
         else:
             self._held.clear()
             self._m_held.set(0)
+        self._held_archives.clear()
+        self._held_bytes = 0
+        self._m_archives_held.set(0)
         self._done += len(items)
 
     async def _write_held(self) -> bool:
-        """Write the alert states held in memory; False (kept) if the store refuses."""
+        """Write the alert states and archives held in memory; False (kept) if the
+        store refuses."""
         held = list(self._held.values())
+        archives = dict(self._held_archives)
+        lots, wafers = self._split(archives)
         try:
-            await self.store.save(held)
+            kept = await self.store.save(held, lots, wafers)
         except Exception as exc:
-            log.warning("%d alert state(s) held in memory not written yet: %s", len(held), exc)
+            self._m_store_errors.inc()  # a retry that fails is a failed write too
+            log.warning("%d alert state(s) and %d lot/wafer archive(s) held in memory not "
+                        "written yet: %s", len(held), len(archives), exc)
             return False
         for alert in held:  # (a newer state held meanwhile stays: not this one)
             if self._held.get(alert["id"]) is alert:
                 del self._held[alert["id"]]
         self._m_held.set(len(self._held))
-        log.info("%d alert state(s) kept in memory while the history store could not be "
-                  "written are written now", len(held))
+        self._written_archives(archives, kept)
+        log.info("%d alert state(s) and %d lot/wafer archive(s) kept in memory while the "
+                 "history store could not be written are written now", len(held),
+                 len(archives))
         return True
+
+    @staticmethod
+    def _split(archives: dict[_ArchiveKey, _HeldArchive]
+               ) -> tuple[list[tuple[str, dict[str, Any]]],
+                          list[tuple[str, str, dict[str, Any]]]]:
+        """Held archives as the store takes them: lots, wafers (each oldest first)."""
+        lots = [h.item[1] for h in archives.values() if h.item[0] == "lot"]
+        wafers = [h.item[1] for h in archives.values() if h.item[0] == "wafer"]
+        return lots, wafers
+
+    def _written_archives(self, archives: dict[_ArchiveKey, _HeldArchive], kept: int) -> None:
+        """``archives`` (held when the write began) are in the store now."""
+        for key, held in archives.items():  # (one held meanwhile stays: not this one)
+            if self._held_archives.get(key) is held:
+                del self._held_archives[key]
+                self._held_bytes -= held.nbytes
+        self._m_archives_held.set(len(self._held_archives))
+        if kept:
+            self._m_kept.inc(kept)
+            log.info("%d lot/wafer archive(s) not replaced: the stored one is fuller "
+                     "(a partial rebuild)", kept)
+
+    async def _hold_archives(self, items: list[tuple[str, Any]]) -> None:
+        """Keep archives the store could not take, to write them when it can.  One per
+        lot (wafer) and pass: a lot archived again replaces the one held if at least as
+        full, as in the store (else it is the one not written, ``hub_archives_kept_total``).
+        Over ``MAX_HELD_ARCHIVES`` or ``MAX_HELD_ARCHIVE_BYTES`` the oldest go."""
+        with trio.CancelScope(shield=True):  # (a stop now: held, for ``_write_last``)
+            sizes = await trio.to_thread.run_sync(_json_sizes, items)
+        for (kind, payload), nbytes in zip(items, sizes, strict=True):
+            key, parts = _archive_key(kind, payload)
+            if nbytes > MAX_HELD_ARCHIVE_BYTES:  # alone over the bound: not the others
+                self._dropped(key, parts, nbytes)
+                continue
+            held = self._held_archives.get(key)
+            if held is not None and held.parts > parts:
+                self._m_kept.inc()
+                continue
+            if held is not None:  # (in its place: the order passes merge in stands)
+                self._held_bytes -= held.nbytes
+            self._held_archives[key] = _HeldArchive((kind, payload), parts, nbytes)
+            self._held_bytes += nbytes
+        while self._held_archives and (len(self._held_archives) > MAX_HELD_ARCHIVES
+                                       or self._held_bytes > MAX_HELD_ARCHIVE_BYTES):
+            key, lost = self._held_archives.popitem(last=False)
+            self._held_bytes -= lost.nbytes
+            self._dropped(key, lost.parts, lost.nbytes)
+        self._m_archives_held.set(len(self._held_archives))
+
+    def _dropped(self, key: _ArchiveKey, parts: int, nbytes: int) -> None:
+        self._m_archives_dropped.inc()
+        log.error("%s: its archive (%d parts, %d bytes) is dropped from memory unwritten "
+                  "(%d archives, %d MB held at most while the history store cannot be "
+                  "written): the history API will have no figures for it",
+                  _archive_name(key), parts, nbytes, MAX_HELD_ARCHIVES,
+                  MAX_HELD_ARCHIVE_BYTES // 2**20)
 
     async def _next_batch(self, retry_s: float) -> list[tuple[str, Any]]:
         """The events and archives handed over (waiting for the first); while alert states
         are held, nothing (``[]``) once ``retry_s`` has passed without any."""
         items: list[tuple[str, Any]] = []
-        with trio.move_on_after(retry_s if self._held else math.inf):
+        with trio.move_on_after(retry_s if self._held or self._held_archives else math.inf):
             items.append(await self._receive.receive())
         while items:
             try:
@@ -262,20 +393,24 @@ class AlertService:
         retry_s = RETRY_S
         while True:
             items = await self._next_batch(retry_s)
-            if not items:  # only held alert states to write: try again, less often
+            if not items:  # only held states and archives to write: try again, less often
                 retry_s = RETRY_S if await self._write_held() else min(retry_s * 2,
                                                                        RETRY_MAX_S)
                 continue
             events = [payload for kind, payload in items if kind == "alert"]
             # Several events of one alert in a batch: the last carries its latest state.
             latest = {e["alert"]["id"]: e["alert"] for e in events}
-            lots = [payload for kind, payload in items if kind == "lot"]
-            wafers = [payload for kind, payload in items if kind == "wafer"]
+            new_archives = [(kind, payload) for kind, payload in items if kind != "alert"]
             rows = outbox_rows(self.webhooks, events, self._clock())
-            # the states held (the store could not take them) go with the batch: one
-            # writer, so an older state can never be written over a newer one
+            # the states and archives held (the store could not take them) go with the
+            # batch, first: one writer, so an older state can never be written over a
+            # newer one, and a lot's passes merge in the order they were archived
             held = dict(self._held)
             alerts = list({**held, **latest}.values())
+            held_archives = dict(self._held_archives)
+            lots, wafers = self._split(held_archives)
+            lots += [payload for kind, payload in new_archives if kind == "lot"]
+            wafers += [payload for kind, payload in new_archives if kind == "wafer"]
             try:
                 kept, queued = await self.store.save_with_outbox(alerts, lots, wafers, rows)
             except Exception as exc:  # a full disk must not stop alerting
@@ -284,8 +419,9 @@ class AlertService:
                           "%s", len(events), len(lots), len(wafers), exc)
                 # sent all the same, the rows held in memory and written once the store
                 # takes writes again (the outbox's run): lost only if the hub stops first;
-                # the alerts' states too (this loop's retries)
+                # the alerts' states and the archives too (this loop's retries)
                 self._hold(list(latest.values()))
+                await self._hold_archives(new_archives)
                 queued = self.outbox.hold(rows)
                 for url, key, _, _ in rows:
                     self._m_unrecorded.inc(url=shown_url(url))
@@ -299,10 +435,7 @@ class AlertService:
                 self._m_held.set(len(self._held))
                 retry_s = RETRY_S
                 self._m_saved.inc(len(events))
-                if kept:
-                    self._m_kept.inc(kept)
-                    log.info("%d lot/wafer archive(s) not replaced: the stored one is fuller "
-                             "(a partial rebuild)", kept)
+                self._written_archives(held_archives, kept)
             for event in events:
                 try:
                     key = event_key(event)
