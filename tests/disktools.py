@@ -1,13 +1,19 @@
 """The gateway's real files on a disk that misbehaves on cue, inside a test's Trio run.
 
 ``HeldCommits``: the real spool, whose commits of chosen frames stall until the gateway has
-reconnected (a loaded machine's fsync taking longer than a reconnect).
+reconnected (a loaded machine's fsync taking longer than a reconnect).  ``DeadLetterFile``:
+the real dead-letter file, with the test's own step run at the end of each entry's write
+(its bytes in the file, the write not yet returned), where a link drop or a crash lands.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
+import cbor2
 import trio
 
 from edgegw.spool import DiskSpool, SpoolConfig
@@ -48,4 +54,44 @@ class HeldCommits(DiskSpool):
         await super()._commit()
 
 
-__all__ = ["HeldCommits"]
+class DeadLetterFile:
+    """The real dead-letter file at ``path`` (give it as ``Gateway.dead_letter_path``
+    before the gateway runs: it opens as a ``trio.Path`` does); ``written``, when set, runs
+    as each entry's write ends: the file closed, in the writing task, before the write
+    returns.  ``entries()``: what the file holds."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = trio.Path(path)
+        self.written: Callable[[], Awaitable[None]] | None = None
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    async def open(self, *args: Any, **kwargs: Any) -> Any:
+        f = await self.path.open(*args, **kwargs)
+        step = self.written
+        if step is None:
+            return f
+        close = f.aclose
+
+        async def aclose() -> None:
+            await close()
+            await step()
+
+        f.aclose = aclose  # ``async with`` closes through it
+        return f
+
+    def entries(self) -> list[dict[str, Any]]:
+        raw = Path(self.path).read_bytes() if Path(self.path).exists() else b""
+        found = []
+        while raw:
+            n = int.from_bytes(raw[:4], "big")
+            found.append(cbor2.loads(raw[4:4 + n]))
+            raw = raw[4 + n:]
+        return found
+
+
+__all__ = ["DeadLetterFile", "HeldCommits"]
