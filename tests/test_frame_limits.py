@@ -14,12 +14,12 @@ too large for a frame is refused, its records stored (docs/spool.md, "Frame size
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import cbor2
 import trio
+from disktools import DeadLetterFile, HeldCommits
 from hubtools import gateway_config
 
 from edgegw.gateway import AFTER_KEY, Gateway
@@ -208,7 +208,7 @@ async def hub_records(hub: Any) -> list[tuple[int, Any]]:
 
 
 async def until_all_acked(gateway: Gateway, frames: int) -> None:
-    with trio.fail_after(15):
+    with trio.fail_after(30):
         while not (gateway.store.next_seq > frames
                    and gateway.store.first_unacked >= gateway.store.next_seq):
             await gateway.flush()
@@ -639,32 +639,6 @@ async def test_a_later_hub_that_takes_more_records_gets_batches_of_the_gateways_
 
 
 
-class HeldPartCommit(DiskSpool):
-    """The real spool on a disk that stalls on frame ``at``: it becomes durable only
-    ``grace`` seconds after ``reconnected()``, or as soon as another frame is appended
-    behind it (a loaded machine's fsync taking longer than a reconnect); ``holding`` is
-    set once it waits."""
-
-    def __init__(self, config: SpoolConfig, at: int, reconnected: Callable[[], bool],
-                 grace: float = 0.5) -> None:
-        super().__init__(config)
-        self.at, self.reconnected, self.grace = at, reconnected, grace
-        self.holding = trio.Event()
-        self.held_since: float | None = None
-
-    def released(self) -> bool:
-        if self.held_since is None and self.reconnected():
-            self.held_since = trio.current_time()
-        return len(self._pending) > 1 or (
-            self.held_since is not None and trio.current_time() - self.held_since >= self.grace)
-
-    async def _commit(self) -> None:
-        while any(p.seq == self.at for p in self._pending) and not self.released():
-            self.holding.set()
-            await trio.sleep(0.01)
-        await super()._commit()
-
-
 async def test_a_record_dead_lettered_while_the_link_goes_is_kept_once(
         tmp_path: Path) -> None:
     """The record alone over the hub's limit is kept in the dead-letter file as its
@@ -694,7 +668,7 @@ async def test_a_record_dead_lettered_while_the_link_goes_is_kept_once(
             return gateway.metrics.counter("uplink_connects_total").total() >= 2
 
         # frame 1's stand-in part for the record: frame 2
-        store = HeldPartCommit(cfg.spool, 2, reconnected)
+        store = HeldCommits(cfg.spool, 2, reconnected, hold_to=2)
         gateway = Gateway(cfg, store=store)
         with trio.fail_after(20):
             async with trio.open_nursery() as first_run:
@@ -711,4 +685,124 @@ async def test_a_record_dead_lettered_while_the_link_goes_is_kept_once(
         assert reconnected()
         raw = (tmp_path / "gw" / "dead-letter.cborseq").read_bytes()
         assert len(raw) == 4 + int.from_bytes(raw[:4], "big"), "one entry"
+        nursery.cancel_scope.cancel()
+
+
+#: one frame of records, all under a 4 KiB hub's limit except the one in the middle
+SPLIT_AROUND_A_GIANT = ([reading(0, j, 500) for j in range(6)] + [reading(1, 0, GIANT)]
+                        + [reading(2, j, 500) for j in range(6)])
+
+
+def split_gateway(state_dir: Path, port: int) -> Gateway:
+    """A gateway storing ``SPLIT_AROUND_A_GIANT`` as one frame, which a hub of 4 KiB frames
+    gets cut: the giant record dead-lettered, a stand-in part in its place."""
+    cfg = gateway_config(state_dir, port,
+                         uplink={"max_frame_bytes": 65536, "probe_interval_s": 0.1,
+                                 "backoff_max_s": 0.1},
+                         batch={"max_records": 100, "max_delay_ms": 20},
+                         spool={"dir": str(state_dir / "spool")})
+    gateway = Gateway(cfg)
+    gateway.dead_letter_path = DeadLetterFile(state_dir / "dead-letter.cborseq")  # type: ignore[assignment]
+    return gateway
+
+
+async def test_a_link_drop_during_the_dead_letter_write_keeps_the_record_once(
+        tmp_path: Path) -> None:
+    """The link goes exactly while the record alone over the hub's limit is written to the
+    dead-letter file (its bytes in the file, the write not returned yet).  The entry and
+    the stand-in part stored with the split's progress are one step, which the link drop
+    does not cut: the next session goes on from that progress, and the file holds the
+    record once (before: the drop ended the split between the two, and the next session
+    dead-lettered the record again).  Every other record reaches the hub once."""
+    from hubtools import hub_config
+    from ports import free_port
+
+    from edgegw.hub import Ingest
+
+    port = free_port()
+    hub_cfg = hub_config(tmp_path / "hub", port=port, max_frame_bytes=4096)
+    gateway = split_gateway(tmp_path / "gw", port)
+    dead_letters = gateway.dead_letter_path
+    assert isinstance(dead_letters, DeadLetterFile)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as first_run:
+                async def the_link_goes() -> None:
+                    dead_letters.written = None  # the first entry only
+                    first_run.cancel_scope.cancel()  # the hub goes, and the link with it
+                    # until the session is cancelled: the uplink task's own nursery
+                    session = trio.lowlevel.current_task().parent_nursery
+                    assert session is not None
+                    while not session.cancel_scope.cancel_called:
+                        await trio.sleep(0.01)
+
+                dead_letters.written = the_link_goes
+                await first_run.start(Ingest(hub_cfg).run)
+                await nursery.start(gateway.run)
+                await gateway.sink.put(SPLIT_AROUND_A_GIANT, source="tester")
+                await trio.sleep_forever()  # until the link goes
+        with trio.fail_after(30):
+            while gateway.uplink.connected:  # until the session has ended
+                await trio.sleep(0.01)
+        # the stand-in part (frame 2) was stored in the entry's step, before the session
+        # ended: the drop did not come between them
+        assert gateway.store.next_seq == 3
+        hub = Ingest(hub_cfg)
+        await nursery.start(hub.run)
+        await until_all_acked(gateway, 1)
+        got = [r for _, r in await hub_records(hub)]
+        assert names(got) == [r.channel for r in SPLIT_AROUND_A_GIANT if r.channel != "put1-0"]
+        assert gateway.metrics.counter("uplink_connects_total").total() >= 2
+        entries = dead_letters.entries()
+        assert [(e["seq"], cbor2.loads(e["body"])[0]) for e in entries] == [(1, 7)], "once"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_crash_between_the_dead_letter_write_and_the_part_keeps_the_record_once(
+        tmp_path: Path) -> None:
+    """A crash right after the record's entry is written to the dead-letter file, before
+    its stand-in part is durable with the split's progress: the gateway's state directory
+    copied at that point is what a SIGKILL leaves.  The gateway started on that copy plans
+    the split again from the older progress and finds the record in the dead-letter file:
+    it is kept once (before: a second entry), and every other record reaches the hub
+    once."""
+    from hubtools import hub_config
+    from ports import free_port
+
+    from edgegw.hub import Ingest
+
+    image = tmp_path / "image"
+    port = free_port()
+    gateway = split_gateway(tmp_path / "gw", port)
+    dead_letters = gateway.dead_letter_path
+    assert isinstance(dead_letters, DeadLetterFile)
+    crashed = trio.Event()
+
+    async def crash() -> None:
+        dead_letters.written = None
+        await trio.to_thread.run_sync(shutil.copytree, tmp_path / "gw", image)
+        crashed.set()
+
+    dead_letters.written = crash
+    with trio.fail_after(30):
+        async with trio.open_nursery() as first_run:
+            await first_run.start(Ingest(hub_config(tmp_path / "hub-a", port=port,
+                                                    max_frame_bytes=4096)).run)
+            await first_run.start(gateway.run)
+            await gateway.sink.put(SPLIT_AROUND_A_GIANT, source="tester")
+            await crashed.wait()
+            first_run.cancel_scope.cancel()
+    assert len(DeadLetterFile(image / "dead-letter.cborseq").entries()) == 1
+
+    port = free_port()
+    async with trio.open_nursery() as nursery:
+        hub = Ingest(hub_config(tmp_path / "hub-b", port=port, max_frame_bytes=4096))
+        await nursery.start(hub.run)
+        restarted = split_gateway(image, port)
+        await nursery.start(restarted.run)
+        await until_all_acked(restarted, 1)
+        got = [r for _, r in await hub_records(hub)]
+        assert names(got) == [r.channel for r in SPLIT_AROUND_A_GIANT if r.channel != "put1-0"]
+        entries = DeadLetterFile(image / "dead-letter.cborseq").entries()
+        assert [(e["seq"], cbor2.loads(e["body"])[0]) for e in entries] == [(1, 7)], "once"
         nursery.cancel_scope.cancel()

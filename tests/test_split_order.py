@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import itertools
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import cbor2
 import pytest
 import trio
+from disktools import HeldCommits
 from hubtools import gateway_config, hub_config
 from ports import free_port
 from trio_websocket import open_websocket_url
@@ -335,33 +335,6 @@ async def test_a_hub_restarted_in_the_middle_of_the_splits_gets_them_in_order_on
 
 
 
-class HeldCommits(DiskSpool):
-    """The real spool on a disk that stalls: frames from ``hold_from`` on become durable
-    only ``grace`` seconds after ``reconnected()``, or as soon as another frame is appended
-    behind them (a loaded machine's fsync taking longer than a reconnect).  No frame counts
-    as made in the last 2 s: the uplink sends them all in its backlog lane."""
-
-    def __init__(self, config: SpoolConfig, hold_from: int, reconnected: Callable[[], bool],
-                 grace: float = 0.5) -> None:
-        super().__init__(config)
-        self.hold_from, self.reconnected, self.grace = hold_from, reconnected, grace
-        self.held_since: float | None = None
-
-    def first_seq_since(self, age_s: float) -> int:
-        return self.next_seq
-
-    def released(self) -> bool:
-        if self.held_since is None and self.reconnected():
-            self.held_since = trio.current_time()
-        return len(self._pending) > 1 or (
-            self.held_since is not None and trio.current_time() - self.held_since >= self.grace)
-
-    async def _commit(self) -> None:
-        while self._pending and self._pending[-1].seq >= self.hold_from and not self.released():
-            await trio.sleep(0.01)
-        await super()._commit()
-
-
 async def test_a_part_not_yet_durable_when_the_link_goes_is_not_stored_again(
         tmp_path: Path) -> None:
     """The hub (``max_holes = 0``) closes the link for the gap frame 1's parts leave while
@@ -385,7 +358,7 @@ async def test_a_part_not_yet_durable_when_the_link_goes_is_not_stored_again(
             return gateway.metrics.counter("uplink_connects_total").total() >= 2
 
         gateway = Gateway(cfg, store=HeldCommits(cfg.spool, frames + frame_1_parts + 1,
-                                                 reconnected))
+                                                 reconnected, backlog_only=True))
         await nursery.start(gateway.run)
         await all_sent_and_fed(gateway, the_hub, len(records))
         nursery.cancel_scope.cancel()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -86,6 +87,9 @@ SPLIT_KEY = "__split__"
 #: sequence order, as any frame: order is then as good as before, nothing is lost
 MAX_PARTS = 64
 _WIDEST_RID = (1 << 64) - 1  # parts are sized with the widest record id CBOR encodes
+#: how long writing a dead-letter entry (and reading the file's entries, before the first
+#: one a run writes) may hold off a cancellation: the link going, or the gateway stopping
+DEAD_LETTER_TIMEOUT_S = 30.0
 
 
 class Refused(Exception):
@@ -136,6 +140,11 @@ class Uplink:
         #: (``_settle_parts``) rather than read an older progress and store the part's
         #: records again under another seq (each record twice at the hub)
         self._part_unsettled: int | None = None
+        #: what the dead-letter file holds of frames not yet acknowledged
+        #: (``_dead_letter_key``), read from it before the first entry this run writes: a
+        #: part whose entry was written and whose storing a crash (or a cancellation the
+        #: shield did not cover) stopped is planned again, and kept once
+        self._dead_letters: set[tuple[Any, ...]] | None = None
         self.m_connects = metrics.counter("uplink_connects_total", "successful hub handshakes")
         self.m_failures = metrics.counter("uplink_failures_total", "connection failures")
         self.m_probes = metrics.counter("uplink_probes_total",
@@ -329,20 +338,51 @@ class Uplink:
 
     async def _dead_letter(self, seq: int, reason: str, ack: bool = True,
                            body: bytes | None = None) -> None:
-        self.m_rejected.inc()
-        log.error("hub rejected frame %d as invalid: %s (kept in the dead-letter file)",
-                  seq, reason)
+        """Keep ``body`` (frame ``seq``'s, or records cut from it) in the dead-letter file,
+        once: not again when the file holds it already (the same records of the same
+        frame), and never cut off by a cancellation (shielded, bounded), so that what
+        follows the entry -- the stand-in part stored with the split's progress, the ack
+        -- is done in the same step; the caller's next checkpoint takes the cancellation."""
         if body is None:
             frames = self.store.frames_from(seq, 1)
             body = self._as_sent(frames[0]) if frames and frames[0].seq == seq else None
+        written = True
         if self.dead_letter_path is not None:
-            await write_dead_letter(self.dead_letter_path, {
-                "seq": seq, "epoch": self.store.epoch, "reason": reason, "at": time.time(),
-                "body": body})
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + DEAD_LETTER_TIMEOUT_S
+                written = await self._write_dead_letter_once(seq, reason, body)
+            if scope.cancelled_caught:  # a disk that hangs: the session ends, tried again
+                raise OSError(f"writing frame {seq} to the dead-letter file took over "
+                              f"{DEAD_LETTER_TIMEOUT_S} s")
+        if written:
+            self.m_rejected.inc()
+            log.error("hub rejected frame %d as invalid: %s (kept in the dead-letter file)",
+                      seq, reason)
+        else:
+            log.info("frame %d: the dead-letter file holds it already (%s)", seq, reason)
         if ack:
             self.store.ack_set([(seq, seq)])
             if self.scheduler is not None:
                 self.scheduler.acked(0, [(seq, seq)])
+
+    async def _write_dead_letter_once(self, seq: int, reason: str,
+                                      body: bytes | None) -> bool:
+        """Append the entry unless the dead-letter file holds it; whether it did."""
+        assert self.dead_letter_path is not None
+        epoch, first_unacked = self.store.epoch, self.store.first_unacked
+        if self._dead_letters is None:
+            self._dead_letters = await trio.to_thread.run_sync(
+                read_dead_letter_keys, os.fspath(self.dead_letter_path), epoch, first_unacked)
+        else:  # entries of acknowledged frames are never written again
+            self._dead_letters = {k for k in self._dead_letters
+                                  if k[0] == epoch and k[1] >= first_unacked}
+        key = _dead_letter_key(epoch, seq, body)
+        if key in self._dead_letters:
+            return False
+        await write_dead_letter(self.dead_letter_path, {
+            "seq": seq, "epoch": epoch, "reason": reason, "at": time.time(), "body": body})
+        self._dead_letters.add(key)
+        return True
 
     def _as_sent(self, f: StoredFrame) -> bytes:
         """The body of stored frame ``f`` as the hub got it: a frame split for the hub
@@ -621,6 +661,9 @@ class Uplink:
             if len(body) > limit:  # one record
                 problem = (f"record {first_rid + a} of frame {seq}: {len(body)} bytes alone, "
                            f"over the {limit} a frame may hold for this hub")
+                # shielded: a cancellation (the link goes) lands only in ``append``, once
+                # the stand-in is queued with the progress that names it (no checkpoint
+                # between), and ``_part_unsettled`` makes the next session wait for it
                 await self._dead_letter(seq, problem, ack=False, body=body)
                 body = _stand_in(body, seq, problem)
             rid = first_rid + a
@@ -646,10 +689,50 @@ class Uplink:
 async def write_dead_letter(path: trio.Path, entry: dict[str, Any]) -> None:
     """Append one entry to the dead-letter file: a 4-byte big-endian length, then the
     entry as CBOR (``seq``: the frame's, or None for a record refused before any frame
-    held it; ``epoch``, ``reason``, ``at``, ``body``)."""
+    held it; ``epoch``, ``reason``, ``at``, ``body``).  Durable when it returns (fsync):
+    the frame that says the records are there (a stand-in, a checkpoint past them) is
+    made durable after it."""
     data = cbor2.dumps(entry)
     async with await path.open("ab") as f:
         await f.write(len(data).to_bytes(4, "big") + data)
+        await f.flush()
+        await trio.to_thread.run_sync(os.fsync, f.fileno())
+
+
+def read_dead_letter_keys(path: str, epoch: str, from_seq: int) -> set[tuple[Any, ...]]:
+    """The keys (``_dead_letter_key``) of the dead-letter file's entries of ``epoch``'s
+    frames ``from_seq`` on (blocking: run in a worker thread).  A file that is missing
+    holds none; one whose end is torn (a crash in a write) is read up to it."""
+    keys: set[tuple[Any, ...]] = set()
+    try:
+        with open(path, "rb") as f:
+            while len(head := f.read(4)) == 4:
+                data = f.read(int.from_bytes(head, "big"))
+                try:
+                    entry = cbor2.loads(data)
+                    seq, body = entry["seq"], entry["body"]
+                except Exception:  # torn, or not an entry: nothing after it can be framed
+                    log.warning("%s: an entry that does not decode; entries after it are "
+                                "not checked for repeats", path)
+                    break
+                if entry.get("epoch") == epoch and isinstance(seq, int) and seq >= from_seq:
+                    keys.add(_dead_letter_key(epoch, seq, body))
+    except FileNotFoundError:
+        pass
+    return keys
+
+
+def _dead_letter_key(epoch: str, seq: int, body: bytes | None) -> tuple[Any, ...]:
+    """What a dead-letter entry of the uplink stands for: frame ``seq`` of ``epoch`` and
+    the records of ``body`` by record id (first, count), as the same records may be
+    encoded differently on another connection (v1 rows, plain floats); a body that does
+    not decode, by its bytes."""
+    with suppress(Exception):  # keyed by its bytes, below
+        item = cbor2.loads(body) if body is not None else None
+        first_rid, _, rows = to_rows(item) if is_columnar(body or b"") else item
+        if isinstance(first_rid, int) and isinstance(rows, list):
+            return (epoch, seq, first_rid, len(rows))
+    return (epoch, seq, body)
 
 
 async def _answerer(ws: Any, pongs: trio.MemoryReceiveChannel[bytes]) -> None:

@@ -1,0 +1,97 @@
+"""The gateway's real files on a disk that misbehaves on cue, inside a test's Trio run.
+
+``HeldCommits``: the real spool, whose commits of chosen frames stall until the gateway has
+reconnected (a loaded machine's fsync taking longer than a reconnect).  ``DeadLetterFile``:
+the real dead-letter file, with the test's own step run at the end of each entry's write
+(its bytes in the file, the write not yet returned), where a link drop or a crash lands.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import trio
+
+from edgegw.spool import DiskSpool, SpoolConfig
+
+
+class HeldCommits(DiskSpool):
+    """The real spool on a disk that stalls: frames ``hold_from`` to ``hold_to`` (None: every
+    later one) become durable only ``grace`` seconds after ``reconnected()``, or as soon as
+    another frame is appended behind them; ``holding`` is set once one waits.
+    ``backlog_only``: no frame counts as made in the last 2 s, so the uplink sends them all
+    in its backlog lane."""
+
+    def __init__(self, config: SpoolConfig, hold_from: int, reconnected: Callable[[], bool],
+                 *, hold_to: int | None = None, grace: float = 0.5,
+                 backlog_only: bool = False) -> None:
+        super().__init__(config)
+        self.hold_from, self.hold_to = hold_from, hold_to
+        self.reconnected, self.grace, self.backlog_only = reconnected, grace, backlog_only
+        self.holding = trio.Event()
+        self.held_since: float | None = None
+
+    def first_seq_since(self, age_s: float) -> int:
+        return self.next_seq if self.backlog_only else super().first_seq_since(age_s)
+
+    def held(self, seq: int) -> bool:
+        return seq >= self.hold_from and (self.hold_to is None or seq <= self.hold_to)
+
+    def released(self) -> bool:
+        if self.held_since is None and self.reconnected():
+            self.held_since = trio.current_time()
+        return len(self._pending) > 1 or (
+            self.held_since is not None and trio.current_time() - self.held_since >= self.grace)
+
+    async def _commit(self) -> None:
+        while any(self.held(p.seq) for p in self._pending) and not self.released():
+            self.holding.set()
+            await trio.sleep(0.01)
+        await super()._commit()
+
+
+class DeadLetterFile:
+    """The real dead-letter file at ``path`` (give it as ``Gateway.dead_letter_path``
+    before the gateway runs: it opens as a ``trio.Path`` does); ``written``, when set, runs
+    as each entry's write ends: the file closed, in the writing task, before the write
+    returns.  ``entries()``: what the file holds."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = trio.Path(path)
+        self.written: Callable[[], Awaitable[None]] | None = None
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    async def open(self, *args: Any, **kwargs: Any) -> Any:
+        f = await self.path.open(*args, **kwargs)
+        step = self.written
+        if step is None:
+            return f
+        close = f.aclose
+
+        async def aclose() -> None:
+            await close()
+            await step()
+
+        f.aclose = aclose  # ``async with`` closes through it
+        return f
+
+    def entries(self) -> list[dict[str, Any]]:
+        raw = Path(self.path).read_bytes() if Path(self.path).exists() else b""
+        found = []
+        while raw:
+            n = int.from_bytes(raw[:4], "big")
+            found.append(cbor2.loads(raw[4:4 + n]))
+            raw = raw[4 + n:]
+        return found
+
+
+__all__ = ["DeadLetterFile", "HeldCommits"]
