@@ -98,6 +98,28 @@ def test_for_a_hub_that_takes_no_gap_every_frame_goes_in_sequence_order() -> Non
     assert [w.lane for w in s.wants()] == ["backlog"]
 
 
+def test_a_frame_sent_ahead_and_acknowledged_before_its_lane_reaches_it_is_still_passed() -> None:
+    """The lane reads frames in batches and sends them one by one; a part sent ahead whose
+    ack comes while the lane sends the frames before it, in the same batch, must still be
+    passed, not sent a second time on the connection (a hub closes with 4004 for that).
+    It is forgotten once its lane's cursor is past it."""
+    s = SendScheduler(window=8, live_reserve=2)
+    s.start(1, 1)
+    s.sent("live", [1, 2])
+    s.sent_ahead([5])  # frame 2's part, stored after 3 and 4
+    batch = [3, 4, 5]  # the lane's next read, before the ack
+    s.acked(2, [(5, 5)])
+    sent = []
+    for seq in batch:
+        if seq in s.ahead:
+            s.passed("live", [seq])
+        else:
+            s.sent("live", [seq])
+            sent.append(seq)
+    assert sent == [3, 4]
+    assert s.ahead == set() and s.in_flight == {3, 4}
+
+
 def test_a_frame_sent_ahead_is_in_flight_and_its_lane_passes_it_without_a_second_slot() -> None:
     """The parts of a frame split for the hub go right after it, ahead of their lane
     (docs/protocol.md section 5): they take window room until acknowledged, and the lane

@@ -23,7 +23,8 @@ The uplink may also send a frame **ahead** of its lane (``sent_ahead``): the par
 frame split for the hub go right after that frame (docs/protocol.md, "Frames over the
 hub's limits").  A lane that reaches a frame already sent ahead, or one the uplink holds
 back until the frame it was cut from is sent, passes it (``passed``): its cursor moves on,
-nothing is put in flight.
+nothing is put in flight.  A frame sent ahead is remembered until its lane's cursor is past
+it, acknowledged or not: the lane may have read it in a batch before the ack came.
 
 Time is never read here; the uplink passes events in.
 """
@@ -60,7 +61,10 @@ class SendScheduler:
         self.live_next = 1
         self.backlog_next = 1
         self.in_flight: set[int] = set()
-        self.ahead: set[int] = set()  # sent ahead of their lane, not yet acknowledged
+        # sent ahead of their lane, until the lane's cursor is past them: an ack does not
+        # take one out (the lane may hold the frame in a batch read before the ack came,
+        # and would send it a second time on the connection: 4004)
+        self.ahead: set[int] = set()
         # the hub refuses frames that leave more than its max_holes (default 8) gaps in its
         # applied set; repeated outages during a drain leave one live range each, so when
         # the hub's set is already fragmented the backlog (which only fills gaps) goes first
@@ -117,6 +121,7 @@ class SendScheduler:
         else:
             self.backlog_next = max(self.backlog_next, max(seqs) + 1)
             self.sent_backlog += len(seqs)
+        self._prune_ahead()
 
     def sent_ahead(self, seqs: Iterable[int]) -> None:
         """Frames sent out of their lane's order: in flight now; their lane passes them."""
@@ -133,16 +138,23 @@ class SendScheduler:
             self.live_next = max(self.live_next, max(seqs) + 1)
         else:
             self.backlog_next = max(self.backlog_next, max(seqs) + 1)
+        self._prune_ahead()
+
+    def _prune_ahead(self) -> None:
+        """Forget the frames sent ahead that their lane's cursor has passed."""
+        if self.ahead:
+            self.ahead = {s for s in self.ahead if s >= (
+                self.live_next if s >= self.live_from else self.backlog_next)}
 
     def backlog_exhausted(self) -> None:
         """The store holds nothing more below ``live_from`` (acked meanwhile, or lost)."""
         self.backlog_next = self.live_from
+        self._prune_ahead()
 
     def acked(self, watermark: int, ranges: Iterable[tuple[int, int]] = ()) -> None:
         ranges = list(ranges)
         self.in_flight = {s for s in self.in_flight
                           if s > watermark and not any(lo <= s <= hi for lo, hi in ranges)}
-        if self.ahead:
-            self.ahead &= self.in_flight
         if watermark >= self.backlog_next:
             self.backlog_next = min(watermark + 1, self.live_from)
+        self._prune_ahead()
