@@ -7,6 +7,9 @@ a hub killed before it has nothing, and the gateway resends; a resend of an appl
 frame is found in the applied set and dropped.  ``commit`` itself checks every frame
 against the applied set, under a lock that makes check and write one step, so no caller
 (two connections of one gateway racing, a takeover) can apply a frame twice.
+Beside each applied set of seqs the (gateway, epoch) applied set of record ids is kept
+and written the same way (``screen_rids``): records a gateway sends again under a new seq
+(a gateway bug) are not applied twice either.
 
 SQLite calls block, so they run in a worker thread (``trio.to_thread``) behind a
 one-slot limiter: one connection, used by one thread at a time.  Frames arriving while a
