@@ -358,7 +358,8 @@ async def test_a_record_whose_time_is_not_a_number_is_applied_without_an_interna
         bad = cbor2.dumps([1, ["s"], [[11, 0, None, "ch", 1.0], [11, 0, "soon", "ch", 2.0],
                                       [11, 0, 2 ** 1100, "ch", 3.0], [11, 0, 5.0, "ch", 4.0]]])
         await ws.send_message(conn.data(1, bad, trio.current_time()))
-        await ws.send_message(conn.data(2, body(2, 3), trio.current_time()))
+        # (ids after frame 1's four records: never reused, docs/protocol.md section 3)
+        await ws.send_message(conn.data(2, body(5, 3), trio.current_time()))
         seen = []
         with trio.fail_after(10):
             while not seen or seen[-1] != Ack(2, []):

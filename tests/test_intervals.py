@@ -47,3 +47,16 @@ def test_discard_through_removes_everything_up_to_a_number() -> None:
     assert s.ranges() == [(12, 12)]
     s.discard_through(20)
     assert not s
+
+
+@given(st.lists(st.tuples(st.integers(1, 60), st.integers(0, 8)), max_size=20),
+       st.integers(1, 70), st.integers(0, 10))
+def test_missing_is_the_part_of_a_range_not_in_the_set(
+        ranges: list[tuple[int, int]], lo: int, width: int) -> None:
+    s = IntervalSet((a, a + w) for a, w in ranges)
+    hi = lo + width
+    missing = s.missing(lo, hi)
+    assert [n for a, b in missing for n in range(a, b + 1)] == [
+        n for n in range(lo, hi + 1) if n not in s]
+    assert all(a[1] + 1 < b[0] for a, b in itertools.pairwise(missing))  # one run each
+    assert len(s) == len(s.ranges())

@@ -394,9 +394,10 @@ async def test_a_real_hub_fed_a_hostile_gateway_still_applies_a_good_ones_frames
         tmp_path: Path) -> None:
     """Over a real WebSocket: a gateway sends an infinite limit and values near the
     largest float, then 20 frames each a million rids before the last (their values never
-    meet a part result), the same records again under another seq, and rids at 2^63 - 1.
-    The hub acknowledges all of it, no internal error is counted, ``/metrics`` counts the
-    values given up -- and a well-formed gateway's lot is then applied in full."""
+    meet a part result), the same records again under another seq (dropped: their record
+    ids are applied, docs/protocol.md section 3), and rids at 2^63 - 1.  The hub
+    acknowledges all of it, no internal error is counted, ``/metrics`` counts the values
+    given up -- and a well-formed gateway's lot is then applied in full."""
     cfg = hub_config(tmp_path, tokens={"hostile": "s3cret", "good": "s3cret"})
     hub = Hub(cfg)
     bad = [
@@ -431,6 +432,7 @@ async def test_a_real_hub_fed_a_hostile_gateway_still_applies_a_good_ones_frames
     assert hub.state.lots["LB"].tests[2].count == 2  # near the largest float: counted
     assert metric(text, "edgegw_internal_errors_total") == 0
     assert metric(text, "edgegw_hub_state_part_values_dropped_total") > 0
+    assert metric(text, "edgegw_hub_frames_duplicate_records_total") == 1
     assert_snapshots_serialisable(hub.state)
 
 

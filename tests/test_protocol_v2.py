@@ -237,7 +237,8 @@ async def test_malformed_columnar_frames_are_rejected_and_counted_and_the_link_c
             conn.receive(await ws.get_message(), trio.current_time())
             assert conn.version == 3  # the newest both speak: typed columns allowed
             good = encode_columns(1, [SensorReading("s", 1.0, "c", 2.0)])
-            bodies = [good] + [cbor2.dumps(item) for item, _ in MALFORMED] + [good]
+            after = encode_columns(2, [SensorReading("s", 1.0, "c", 2.0)])  # ids never reused
+            bodies = [good] + [cbor2.dumps(item) for item, _ in MALFORMED] + [after]
             for seq, body in enumerate(bodies, 1):
                 await ws.send_message(conn.data(seq, body, trio.current_time()))
             rejected: dict[int, str] = {}

@@ -16,7 +16,7 @@ from hubtools import http_get, hub_config, start_tester
 
 from edgegw.hub import Hub
 from edgegw.hub.store import CODEC_RAW, CODEC_ZLIB, FrameToApply, HubStore, unpack_body
-from edgegw.protocol import encode_body
+from edgegw.protocol import decode_body, encode_body
 from edgegw.sim import stdf_chunks
 from edgegw.sim.tester import TesterProfile
 from edgegw.stdf import RecordMapper, StdfDecoder
@@ -39,7 +39,11 @@ def simulated_frames(parts_wafers: int = 1, per_frame: int = 500) -> tuple[list[
 
 
 def frames_of(bodies: list[bytes], first_seq: int = 1) -> list[FrameToApply]:
-    return [FrameToApply(GW, "e1", first_seq + i, 1, 500, b) for i, b in enumerate(bodies)]
+    def frame(seq: int, body: bytes) -> FrameToApply:
+        first_rid, _, records = decode_body(body, 1 << 20)  # the body's ids: the hub checks them
+        return FrameToApply(GW, "e1", seq, first_rid, len(records), body)
+
+    return [frame(first_seq + i, b) for i, b in enumerate(bodies)]
 
 
 async def test_bodies_are_stored_smaller_than_the_testers_stdf_and_read_back_exactly(

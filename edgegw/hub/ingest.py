@@ -184,6 +184,15 @@ class Ingest:
         self.m_frames = m.counter("hub_frames_applied_total", "data frames applied")
         self.m_records = m.counter("hub_records_applied_total", "records applied")
         self.m_dups = m.counter("hub_duplicate_frames_total", "duplicate frames dropped")
+        self.m_dup_records = m.counter(
+            "hub_frames_duplicate_records_total", "frames of a new seq whose records (by "
+            "record id) were all applied already, dropped (a gateway bug)")
+        self.m_records_cut = m.counter(
+            "hub_duplicate_records_dropped_total", "records of a new seq whose record ids "
+            "were applied already, cut from a frame applied in part (a gateway bug)")
+        self.m_twice = m.counter(
+            "hub_records_applied_twice_total", "records whose record ids were applied "
+            "already, applied again in a frame that could not be cut (a gateway bug)")
         self.m_refused = m.counter("hub_refused_total", "gateway connections refused")
         self.m_replaced = m.counter("hub_connections_replaced_total",
                                     "gateway connections closed for a newer one (4008)")
@@ -873,11 +882,17 @@ class Ingest:
             failpoints.hit("hub.after_commit")
             now = trio.current_time()
             wall = time.time()
-            for _ in skipped:
+            by_rid = 0
+            for f, _, _ in good:
+                if f.all_seen or (f.records_seen and (f.gateway, f.epoch, f.seq) not in skipped):
+                    by_rid += self._records_seen(f)
+            for _ in range(len(skipped) - by_rid):
                 self.store.count_duplicate(gw)
                 self.m_dups.inc()
-            for f, first_rid, decoded in good:
+            for f, _, _ in good:
                 if (f.gateway, f.epoch, f.seq) not in skipped:
+                    # (as committed: a frame applied in part may have been cut)
+                    first_rid, decoded = f.first_rid, f.decoded or Rows(f.record_list() or [])
                     self.m_frames.inc()
                     self.m_records.inc(decoded.n)
                     self._queue_feed(gw, first_rid, decoded, f.id)
@@ -906,6 +921,32 @@ class Ingest:
                 await ws.send_message(conn.rejected(f.seq, reason, now))
                 ack = conn.ack(now)
             await ws.send_message(ack)
+
+    def _records_seen(self, f: FrameToApply) -> int:
+        """Count and log a frame some of whose record ids were applied already: the
+        gateway stored records again under a new seq (docs/protocol.md section 3).
+        Returns 1 if the whole frame was dropped for it (counted here, not as a duplicate
+        seq)."""
+        gw = f.gateway
+        lo, hi = f.first_rid, f.first_rid + f.n_records - 1
+        if f.all_seen:
+            self.m_dup_records.inc(gateway=gw)
+            log.error("gateway %s epoch %s: frame %d holds records %d..%d, every one applied "
+                      "already under other seqs: dropped (a gateway bug)", gw, f.epoch, f.seq,
+                      lo, hi)
+            return 1
+        if f.cut:
+            self.m_records_cut.inc(f.records_seen, gateway=gw)
+            log.error("gateway %s epoch %s: frame %d held %d records applied already under "
+                      "other seqs: cut to its new records %d..%d (a gateway bug)", gw,
+                      f.epoch, f.seq, f.records_seen, lo, hi)
+        else:
+            self.m_twice.inc(f.records_seen, gateway=gw)
+            log.error("gateway %s epoch %s: frame %d (records %d..%d) holds %d records "
+                      "applied already under other seqs, not in one run: applied whole, "
+                      "those records twice (a gateway bug)", gw, f.epoch, f.seq, lo, hi,
+                      f.records_seen)
+        return 0
 
     async def _until_written(self, gw: str, commit: Callable[[], Awaitable[T]]) -> T:
         """``commit()``; while the disk is full (or a cluster's PostgreSQL does not

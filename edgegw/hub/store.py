@@ -7,6 +7,9 @@ a hub killed before it has nothing, and the gateway resends; a resend of an appl
 frame is found in the applied set and dropped.  ``commit`` itself checks every frame
 against the applied set, under a lock that makes check and write one step, so no caller
 (two connections of one gateway racing, a takeover) can apply a frame twice.
+Beside each applied set of seqs the (gateway, epoch) applied set of record ids is kept
+and written the same way (``screen_rids``): records a gateway sends again under a new seq
+(a gateway bug) are not applied twice either.
 
 SQLite calls block, so they run in a worker thread (``trio.to_thread``) behind a
 one-slot limiter: one connection, used by one thread at a time.  Frames arriving while a
@@ -40,10 +43,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 import trio
 
 from .. import failpoints
+from ..protocol import Rows, encode_body
 from ..protocol.intervals import IntervalSet
 
 if TYPE_CHECKING:
-    from ..protocol import Columns, Rows
+    from ..protocol import Columns
     from ..records import Record
 
 SCHEMA = """
@@ -52,6 +56,7 @@ CREATE TABLE IF NOT EXISTS applied (
     epoch TEXT NOT NULL,
     ranges TEXT NOT NULL,
     updated REAL NOT NULL,
+    rids TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (gateway, epoch)
 );
 CREATE TABLE IF NOT EXISTS gateway_stats (
@@ -172,11 +177,54 @@ class FrameToApply:
     #: or the body, checked, its records built when first asked for (``record_list``)
     decoded: Columns | Rows | None = None
 
+    #: how many of its records (as received) had record ids applied already (a gateway
+    #: bug, ``screen_rids``): all of them (``all_seen``), the frame was dropped; else it
+    #: was ``cut`` to its new records, or (not cut) applied whole, those records twice
+    records_seen: int = 0
+    all_seen: bool = False
+    cut: bool = False
+
     def record_list(self) -> list[Record] | None:
         """The body's records (``records``, else built from ``decoded``), or None."""
         if self.records is None and self.decoded is not None:
             self.records = self.decoded.records()
         return self.records
+
+
+#: at most this many ranges in a (gateway, epoch) applied set of record ids: past it the
+#: lowest are forgotten (a duplicate of them goes unnoticed; nothing is ever dropped for
+#: it).  Holes come from frames dropped or lost at the gateway, one per run of them.
+MAX_RID_RANGES = 1024
+
+
+def screen_rids(f: FrameToApply, rids: IntervalSet) -> bool:
+    """Check a frame's record ids against its (gateway, epoch) applied set of record ids
+    (docs/protocol.md section 3: a record id is never reused within an epoch) and add
+    them to it.  False: every record is applied already -- the frame must be dropped like
+    a duplicate.  A frame whose records are applied in part is cut to its new ones when
+    they are one run (``cut``; its body re-encoded in the row layout, as the gateway cuts
+    frames), else kept whole; either way ``records_seen`` says how many were applied.
+    In the usual case (ids above every applied one) this is one insert into the set."""
+    n = f.n_records
+    if n <= 0:
+        return True
+    lo, hi = f.first_rid, f.first_rid + n - 1
+    new = rids.missing(lo, hi)
+    if new != [(lo, hi)]:
+        if not new:
+            f.records_seen, f.all_seen = n, True
+            return False
+        f.records_seen += n - sum(b - a + 1 for a, b in new)
+        records = f.record_list() if len(new) == 1 else None
+        if records is not None:  # one run: cut to it (several runs would be several frames)
+            a, b = new[0][0] - lo, new[0][1] - lo + 1
+            part = records[a:b]
+            f.first_rid, f.n_records, f.records = lo + a, b - a, part
+            f.body, f.decoded, f.cut = encode_body(lo + a, part), Rows(part), True
+    rids.add_range(lo, hi)
+    while len(rids) > MAX_RID_RANGES:
+        rids.discard_through(rids.ranges()[0][1])
+    return True
 
 
 @dataclasses.dataclass
@@ -236,6 +284,8 @@ class HubStore:
         self._commit_lock = trio.Lock()  # check-and-apply of applied sets is one step
         self.stats: dict[str, GatewayStats] = {}
         self.applied: dict[tuple[str, str], IntervalSet] = {}
+        #: beside each applied set of seqs, the record ids applied (``screen_rids``)
+        self.rids: dict[tuple[str, str], IntervalSet] = {}
         #: bytes of stored frame bodies (what ``retain_frames_mb`` bounds)
         self.frame_bytes = 0
         #: frames.id of the newest frame committed (ids grow in commit order)
@@ -255,6 +305,10 @@ class HubStore:
         cols = {row[1] for row in db.execute("PRAGMA table_info(frames)")}
         if "codec" not in cols:  # a store from before compact bodies: its rows are raw
             db.execute("ALTER TABLE frames ADD COLUMN codec INTEGER NOT NULL DEFAULT 0")
+        if "rids" not in {row[1] for row in db.execute("PRAGMA table_info(applied)")}:
+            # a store from before the record-id check: it starts with none applied (what
+            # came before is not checked against, nothing is dropped for it)
+            db.execute("ALTER TABLE applied ADD COLUMN rids TEXT NOT NULL DEFAULT '[]'")
         row = db.execute("SELECT value FROM meta WHERE key = 'frame_bytes'").fetchone()
         if row is None:  # once per store: afterwards every commit and prune keeps it
             total = db.execute("SELECT COALESCE(SUM(length(body)), 0) FROM frames").fetchone()
@@ -268,14 +322,17 @@ class HubStore:
         self.store_id = row[0]
         self.last_frame_id = db.execute("SELECT COALESCE(MAX(id), 0) FROM frames").fetchone()[0]
         self._db = db
-        for gw, epoch, ranges in db.execute("SELECT gateway, epoch, ranges FROM applied"):
+        for gw, epoch, ranges, rids in db.execute(
+                "SELECT gateway, epoch, ranges, rids FROM applied"):
             self.applied[(gw, epoch)] = IntervalSet(json.loads(ranges))
+            self.rids[(gw, epoch)] = IntervalSet(json.loads(rids))
         cols = ", ".join(("gateway", "epoch", *STAT_FIELDS, "last_seen"))
         for row in db.execute(f"SELECT {cols} FROM gateway_stats"):
             self.stats[row[0]] = GatewayStats(*row)
 
     def _apply_sync(self, frames: list[FrameToApply], lost: dict[tuple[str, str], tuple[int, int]],
-                    rejected: list[tuple[FrameToApply, str]]) -> list[int]:
+                    rejected: list[tuple[FrameToApply, str]],
+                    dropped: list[FrameToApply] | None = None) -> list[int]:
         """Returns the frames' ids (frames.id), in order."""
         db = self._db
         assert db is not None
@@ -302,10 +359,13 @@ class HubStore:
                            (f.gateway, f.epoch, f.seq, reason, now, f.body))
                 touched.add((f.gateway, f.epoch))
             touched.update(lost)
+            touched.update((f.gateway, f.epoch) for f in dropped or [])
             for key in touched:
-                db.execute("INSERT OR REPLACE INTO applied (gateway, epoch, ranges, updated)"
-                           " VALUES (?, ?, ?, ?)",
-                           (key[0], key[1], json.dumps(self.applied[key].ranges()), now))
+                rids = self.rids.get(key)
+                db.execute("INSERT OR REPLACE INTO applied (gateway, epoch, ranges, updated,"
+                           " rids) VALUES (?, ?, ?, ?, ?)",
+                           (key[0], key[1], json.dumps(self.applied[key].ranges()), now,
+                            json.dumps(rids.ranges() if rids is not None else [])))
                 st = self.stats[key[0]]
                 db.execute(
                     "INSERT OR REPLACE INTO gateway_stats (gateway, epoch, frames_applied,"
@@ -339,6 +399,9 @@ class HubStore:
     def applied_set(self, gateway: str, epoch: str) -> IntervalSet:
         return self.applied.setdefault((gateway, epoch), IntervalSet())
 
+    def rid_set(self, gateway: str, epoch: str) -> IntervalSet:
+        return self.rids.setdefault((gateway, epoch), IntervalSet())
+
     def gateway_stats(self, gateway: str) -> GatewayStats:
         st = self.stats.get(gateway)
         if st is None:
@@ -371,33 +434,53 @@ class HubStore:
         it once, whatever the timing.  The in-memory sets and counters are updated before
         the write (they are what gets written); if it fails they are restored, so memory
         never claims more than the disk has.
+
+        A new seq is then checked by its record ids (``screen_rids``): one whose records
+        are all applied is skipped too (``records_seen == n_records``), its seq made
+        applied with no frame stored; one applied in part may be cut.
         """
         lost = lost or {}
         async with self._commit_lock:
             skipped: set[tuple[str, str, int]] = set()
             taken: set[tuple[str, str, int]] = set()
+            dropped: list[FrameToApply] = []
+            saved_rids: dict[tuple[str, str], IntervalSet] = {}
 
-            def fresh(f: FrameToApply) -> bool:
+            def fresh(f: FrameToApply, data: bool = True) -> bool:
                 key = (f.gateway, f.epoch, f.seq)
                 if key in taken or f.seq in self.applied_set(f.gateway, f.epoch):
                     skipped.add(key)
                     return False
                 taken.add(key)
+                if data:
+                    rids = self.rid_set(f.gateway, f.epoch)
+                    if (f.gateway, f.epoch) not in saved_rids:
+                        saved_rids[(f.gateway, f.epoch)] = IntervalSet(rids.ranges())
+                    if not screen_rids(f, rids):
+                        skipped.add(key)
+                        dropped.append(f)
+                        return False
                 return True
 
-            await self._commit_fresh([f for f in frames if fresh(f)], lost,
-                                     [(f, why) for f, why in rejected or [] if fresh(f)])
+            try:
+                await self._commit_fresh(
+                    [f for f in frames if fresh(f)], lost,
+                    [(f, why) for f, why in rejected or [] if fresh(f, data=False)], dropped)
+            except BaseException:
+                self.rids.update(saved_rids)
+                raise
             return skipped
 
     async def _commit_fresh(self, frames: list[FrameToApply],
                             lost: dict[tuple[str, str], tuple[int, int]],
-                            rejected: list[tuple[FrameToApply, str]]) -> None:
-        if not frames and not lost and not rejected:
+                            rejected: list[tuple[FrameToApply, str]],
+                            dropped: list[FrameToApply]) -> None:
+        if not frames and not lost and not rejected and not dropped:
             return
         saved_sets = {}
         saved_stats = {}
         keys = {(f.gateway, f.epoch) for f in frames} | set(lost) | {
-            (f.gateway, f.epoch) for f, _ in rejected}
+            (f.gateway, f.epoch) for f, _ in rejected} | {(f.gateway, f.epoch) for f in dropped}
         for key in keys:
             saved_sets[key] = IntervalSet(self.applied_set(*key).ranges())
             saved_stats[key[0]] = dataclasses.replace(self.gateway_stats(key[0]))
@@ -415,13 +498,18 @@ class HubStore:
             st = self.gateway_stats(f.gateway)
             st.frames_rejected += 1
             st.last_seq = max(st.last_seq, f.seq)
+        for f in dropped:  # its records are applied: its seq is done with, nothing stored
+            self.applied_set(f.gateway, f.epoch).add(f.seq)
+            st = self.gateway_stats(f.gateway)
+            st.duplicates_dropped += 1
+            st.last_seq = max(st.last_seq, f.seq)
         for (gw, epoch), (up_to, n) in lost.items():
             self.applied_set(gw, epoch).add_range(1, up_to)
             self.gateway_stats(gw).epoch = epoch
             self.gateway_stats(gw).frames_lost += n
         try:
             ids = await trio.to_thread.run_sync(self._apply_sync, frames, lost, rejected,
-                                                limiter=self._limiter)
+                                                dropped, limiter=self._limiter)
         except BaseException as exc:
             self.applied.update(saved_sets)
             self.stats.update(saved_stats)
@@ -559,8 +647,8 @@ class HubStore:
 
 
 __all__ = [
-    "CODEC_RAW", "CODEC_ZLIB", "FrameToApply", "GatewayClaim", "GatewayStats",
-    "GatewaySuperseded", "HubStore", "IngestStore", "LockTimeout", "StoreFull",
-    "StoreUnavailable",
-    "pack_body", "unpack_body",
+    "CODEC_RAW", "CODEC_ZLIB", "MAX_RID_RANGES", "FrameToApply", "GatewayClaim",
+    "GatewayStats", "GatewaySuperseded", "HubStore", "IngestStore", "LockTimeout",
+    "StoreFull", "StoreUnavailable",
+    "pack_body", "screen_rids", "unpack_body",
 ]

@@ -28,6 +28,10 @@ class IntervalSet:
     def __bool__(self) -> bool:
         return bool(self._lo)
 
+    def __len__(self) -> int:
+        """How many ranges (not numbers: ``count``)."""
+        return len(self._lo)
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, IntervalSet) and self.ranges() == other.ranges()
 
@@ -55,6 +59,20 @@ class IntervalSet:
         if i >= 0 and n <= self._hi[i]:
             return self._lo[i], self._hi[i]
         return None
+
+    def missing(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The parts of ``[lo, hi]`` not in the set, as sorted ranges."""
+        out: list[tuple[int, int]] = []
+        i = bisect.bisect_left(self._hi, lo)  # the first range that ends at or after lo
+        while lo <= hi:
+            if i >= len(self._lo) or self._lo[i] > hi:
+                out.append((lo, hi))
+                break
+            if self._lo[i] > lo:
+                out.append((lo, self._lo[i] - 1))
+            lo = self._hi[i] + 1
+            i += 1
+        return out
 
     def discard_through(self, n: int) -> None:
         """Remove every number up to and including ``n``."""

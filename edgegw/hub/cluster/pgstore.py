@@ -62,6 +62,7 @@ from ..store import (
     GatewaySuperseded,
     LockTimeout,
     StoreUnavailable,
+    screen_rids,
 )
 from .partition import PartitionFenced, split_runs
 
@@ -85,6 +86,8 @@ def _schema_complete(conn: psycopg.Connection[Any]) -> bool:
 
     relations = re.findall(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", SCHEMA)
     columns = re.findall(r"ALTER TABLE (\w+) ADD COLUMN IF NOT EXISTS (\w+)", SCHEMA)
+    # and the columns added in a DO block (only when missing: see there)
+    columns += re.findall(r"table_name = '(\w+)'\s+AND column_name = '(\w+)'", SCHEMA)
     for name in relations:
         if conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0] is None:
             return False
@@ -131,8 +134,17 @@ CREATE TABLE IF NOT EXISTS edgegw_applied (
     epoch text NOT NULL,
     ranges text NOT NULL,
     updated double precision NOT NULL,
+    rids text NOT NULL DEFAULT '[]',
     PRIMARY KEY (gateway_id, epoch)
 );
+DO $$ BEGIN
+  -- a cluster made before the record-id check (as for last_rid: a hot table, only then)
+  IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema =
+                 current_schema() AND table_name = 'edgegw_applied'
+                 AND column_name = 'rids') THEN
+    ALTER TABLE edgegw_applied ADD COLUMN rids text NOT NULL DEFAULT '[]';
+  END IF;
+END $$;
 CREATE TABLE IF NOT EXISTS edgegw_frames (
     gateway_id text NOT NULL,
     epoch text NOT NULL,
@@ -852,19 +864,31 @@ class ClusterStore:
             keys = sorted({(f.gateway, f.epoch) for f in frames} | set(lost)
                           | {(f.gateway, f.epoch) for f, _ in rejected})
             applied: dict[tuple[str, str], IntervalSet] = {k: IntervalSet() for k in keys}
-            for gw, epoch, ranges in conn.execute(
-                    "SELECT gateway_id, epoch, ranges FROM edgegw_applied WHERE"
+            rid_sets: dict[tuple[str, str], IntervalSet] = {k: IntervalSet() for k in keys}
+            for gw, epoch, ranges, rids in conn.execute(
+                    "SELECT gateway_id, epoch, ranges, rids FROM edgegw_applied WHERE"
                     " (gateway_id, epoch) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
                     ([k[0] for k in keys], [k[1] for k in keys])).fetchall():
                 applied[(gw, epoch)] = IntervalSet(json.loads(ranges))
+                rid_sets[(gw, epoch)] = IntervalSet(json.loads(rids))
             # what is new: not applied (the set covers pruned frames), not twice in the call
+            # -- and its records not applied under another seq (``screen_rids``: a frame
+            # whose records all are is skipped, its seq applied; one applied in part cut)
             fresh: list[FrameToApply] = []
+            by_rid: list[FrameToApply] = []
             for f in frames:
                 key = (f.gateway, f.epoch, f.seq)
                 if f.seq in applied[(f.gateway, f.epoch)] or key in skipped:
                     skipped.add(key)
                     continue
                 applied[(f.gateway, f.epoch)].add(f.seq)
+                n_before = f.n_records
+                if not screen_rids(f, rid_sets[(f.gateway, f.epoch)]):
+                    skipped.add(key)
+                    by_rid.append(f)
+                    continue
+                if f.n_records != n_before:  # cut: its partition chunks again (rare)
+                    chunks_by_frame[key] = _chunks_of(f, self.partitions)
                 fresh.append(f)
             # the constraint: a frame some other transaction applied is not inserted
             inserted: set[tuple[str, str, int]] = set()
@@ -929,11 +953,12 @@ class ClusterStore:
                 applied[(gw, epoch)].add_range(1, up_to)
             with conn.cursor() as cur:
                 cur.executemany(
-                    "INSERT INTO edgegw_applied (gateway_id, epoch, ranges, updated)"
-                    " VALUES (%s, %s, %s, %s) ON CONFLICT (gateway_id, epoch) DO UPDATE"
-                    " SET ranges = EXCLUDED.ranges, updated = EXCLUDED.updated",
-                    [(gw, epoch, json.dumps(applied[(gw, epoch)].ranges()), now)
-                     for gw, epoch in keys])
+                    "INSERT INTO edgegw_applied (gateway_id, epoch, ranges, updated, rids)"
+                    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (gateway_id, epoch) DO UPDATE"
+                    " SET ranges = EXCLUDED.ranges, updated = EXCLUDED.updated,"
+                    " rids = EXCLUDED.rids",
+                    [(gw, epoch, json.dumps(applied[(gw, epoch)].ranges()), now,
+                      json.dumps(rid_sets[(gw, epoch)].ranges())) for gw, epoch in keys])
             # counters: increments (the row is locked: no lost update)
             stats: dict[str, GatewayStats] = {}
             for gw in gateways:
@@ -942,7 +967,8 @@ class ClusterStore:
                 lost_n = sum(n for (g, _), (_, n) in lost.items() if g == gw)
                 epochs = [f.epoch for f in mine] or [e for g, e in lost if g == gw] or [
                     f.epoch for f in rej]
-                seqs = [f.seq for f in mine] + [f.seq for f in rej]
+                seqs = [f.seq for f in mine] + [f.seq for f in rej] + [
+                    f.seq for f in by_rid if f.gateway == gw]
                 row = conn.execute(
                     "UPDATE edgegw_gateways SET frames_applied = frames_applied + %s,"
                     " records_applied = records_applied + %s,"
@@ -952,7 +978,8 @@ class ClusterStore:
                     " last_seen = CASE WHEN %s THEN %s ELSE last_seen END,"
                     " last_rid = GREATEST(last_rid, %s)"
                     f" WHERE gateway_id = %s RETURNING {', '.join(_STAT_COLS)}",
-                    (len(mine), sum(f.n_records for f in mine), dups.get(gw, 0), len(rej),
+                    (len(mine), sum(f.n_records for f in mine),
+                     dups.get(gw, 0) + sum(f.gateway == gw for f in by_rid), len(rej),
                      lost_n, max(seqs, default=0), epochs[-1] if epochs else None,
                      bool(mine), now,
                      max((f.first_rid + f.n_records - 1 for f in mine if f.n_records),
