@@ -699,15 +699,15 @@ async def test_a_finished_file_touched_after_the_clock_was_set_back_is_not_lost_
     assert lot_ids(stored + restarted.records) == {"L001": 1, "L002": 1}
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: a restart from a checkpoint whose "
-                   "watermark lies ahead of the clock lowers it to the restart's clock less "
-                   "fold_after, and takes a file written while stopped before that as "
-                   "finished without reading it (docs/tail.md, the gateway's clock set back)")
 async def test_a_file_written_while_stopped_after_the_clock_was_set_back_is_read(
         tmp_path: Path, wall: SteppedWall) -> None:
     """The durable checkpoint is from while the clock ran an hour ahead (its watermark
     an hour ahead).  The gateway stops, NTP sets the clock back, a lot is written, and the
-    gateway restarts more than ``fold_after`` later: the lot must be read."""
+    gateway restarts more than ``fold_after`` later: the lot must be read.  Before: the
+    restart lowered the watermark to its clock less ``fold_after``, which covers the lot,
+    and took it as finished (no registry entry said otherwise): never read.  Now a file
+    the watermark covers that is neither known nor registered, at a restart whose clock
+    is behind the durable checkpoint's watermark, is read."""
     from test_tail_append import lot
     from test_tail_append import start as start_tail
     from test_tail_registry import Sink, crash, lot_ids
@@ -728,3 +728,128 @@ async def test_a_file_written_while_stopped_after_the_clock_was_set_back_is_read
         await source.poll_once(sink)
     await crash(source)
     assert lot_ids(sink.records) == {"L001": 1, "L002": 1}
+
+
+@pytest.mark.parametrize("where", ["a new name", "the inode of a finished lot deleted"])
+async def test_after_the_clock_was_set_back_only_the_lot_written_while_stopped_is_read(
+        tmp_path: Path, wall: SteppedWall, where: str) -> None:
+    """L001 written before the clock ran an hour ahead, L002 while it did; both read and
+    finished then, registered.  The gateway stops, NTP sets the clock back, L003 is written
+    -- under a new name, or at the inode of L002, deleted (a new file the registry's entry
+    there does not describe) -- and the gateway restarts more than ``fold_after`` later:
+    its watermark, lowered to its clock, covers L001 and L003.  L003 is read (before: taken
+    as finished, lost), L001 and L002 are not read again."""
+    from test_tail_append import lot
+    from test_tail_append import start as start_tail
+    from test_tail_inode import replace_at_inode
+    from test_tail_registry import Sink, crash, lot_ids
+
+    fold = 5.0
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    before = directory / "before.stdf"
+    before.write_bytes(lot(1))  # the true time
+    wall.offset = HOUR
+    ahead = directory / "ahead.stdf"
+    ahead.write_bytes(lot(2))
+    stamp = time.time() - 2 * fold  # as the clock an hour ahead stamps it
+    os.utime(ahead, (stamp, stamp))
+    sink = Sink(state)
+    source = start_tail(directory, state, None, fold_after=fold)
+    for path in (before, ahead):
+        await polled_until_folded(source, sink, path)
+    assert source.finished is not None and len(source.finished) == 2
+    checkpoint = json.loads(json.dumps(source.checkpoint()))
+    await crash(source)
+    wall.offset = 0.0  # NTP steps the clock back while the gateway is stopped
+    if where == "a new name":
+        (directory / "new.stdf").write_bytes(lot(3))
+    else:
+        replace_at_inode(ahead, directory / "new.stdf", lot(3))
+    wall.offset = 4 * fold  # (restarted a while later)
+    source = start_tail(directory, state, checkpoint, fold_after=fold)
+    for _ in range(3):
+        await source.poll_once(sink)
+    await crash(source)
+    assert lot_ids(sink.records) == {"L001": 1, "L002": 1, "L003": 1}
+
+
+async def test_after_the_clock_was_set_back_lots_the_registry_forgot_are_not_read_again(
+        tmp_path: Path, wall: SteppedWall) -> None:
+    """The registry of finished files holds at most ``finished_kept`` (here 2) and forgets
+    the oldest: L001 is finished and not in it.  The same restart with the clock set back
+    reads the lot written while stopped (L004, changed after every entry's ``since``) but
+    not L001 again: a file changed before the earliest entry of a registry that may have
+    forgotten some is taken as finished, as before."""
+    from test_tail_append import lot
+    from test_tail_append import start as start_tail
+    from test_tail_inode import wait_past_change_time
+    from test_tail_registry import Sink, crash, lot_ids
+
+    fold = 5.0
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    paths = [directory / f"lot{n}.stdf" for n in (1, 2, 3)]
+    for n, path in enumerate(paths, 1):
+        path.write_bytes(lot(n))
+        wait_past_change_time(path)  # (registered, and forgotten, in this order)
+    wall.offset = HOUR
+    sink = Sink(state)
+    source = start_tail(directory, state, None, fold_after=fold, finished_kept=2)
+    for path in paths:
+        await polled_until_folded(source, sink, path)
+    assert source.finished is not None
+    assert source.finished.get(paths[0].stat().st_ino) is None  # (forgotten)
+    checkpoint = json.loads(json.dumps(source.checkpoint()))
+    await crash(source)
+    wall.offset = 0.0  # NTP steps the clock back while the gateway is stopped
+    (directory / "new.stdf").write_bytes(lot(4))
+    wall.offset = 4 * fold  # (restarted a while later)
+    source = start_tail(directory, state, checkpoint, fold_after=fold, finished_kept=2)
+    for _ in range(3):
+        await source.poll_once(sink)
+    await crash(source)
+    assert lot_ids(sink.records) == {"L001": 1, "L002": 1, "L003": 1, "L004": 1}
+
+
+async def test_a_lot_read_after_a_restart_with_the_clock_set_back_is_not_lost_by_a_crash(
+        tmp_path: Path, wall: SteppedWall) -> None:
+    """The restart with the clock set back reads L002, written while it was stopped,
+    finishes and registers it -- with a change time below the durable checkpoint's
+    watermark, an hour ahead -- and crashes before any checkpoint of its becomes durable:
+    nothing of L002 is stored.  The next restart resumes from that same checkpoint and
+    must read L002 again: its registry entry is no proof that checkpoint covers its
+    records, whatever its change time says (before: relied on, L002 taken as finished,
+    lost).  L001, finished while the clock ran ahead, is not read again."""
+    from test_tail_append import lot
+    from test_tail_append import start as start_tail
+    from test_tail_registry import Sink, crash, lot_ids
+
+    fold = 5.0
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    old = first_lot_written_an_hour_ahead(directory, wall, fold)
+    sink = Sink(state)
+    source = start_tail(directory, state, None, fold_after=fold)
+    await polled_until_folded(source, sink, old)
+    durable = json.loads(json.dumps(source.checkpoint()))  # the last durable checkpoint
+    stored = list(sink.records)  # (what frames made durable with it hold)
+    await crash(source)
+    wall.offset = 0.0  # NTP steps the clock back while the gateway is stopped
+    new = directory / "new.stdf"
+    new.write_bytes(lot(2))
+    wall.offset = 4 * fold  # (restarted a while later)
+    lost = Sink(state)
+    source = start_tail(directory, state, durable, fold_after=fold)
+    deadline = time.monotonic() + 30
+    while source.finished is None or source.finished.get(new.stat().st_ino) is None:
+        assert time.monotonic() < deadline  # (read, finished, registered)
+        await source.poll_once(lost)
+    assert lot_ids(lost.records) == {"L002": 1}
+    await crash(source)  # before any of its checkpoints became durable
+    wall.offset = 6 * fold
+    restarted = Sink(state)
+    source = start_tail(directory, state, durable, fold_after=fold)
+    for _ in range(3):
+        await source.poll_once(restarted)
+    await crash(source)
+    assert lot_ids(stored + restarted.records) == {"L001": 1, "L002": 1}

@@ -69,7 +69,8 @@ class Entry:
     head: Fingerprint
     size: int
     #: its file's change time (ns) when it was first registered as finished with this head
-    #: (with this size, for a file read on past an earlier version)
+    #: (with this size, for a file read on past an earlier version); the tail gives no
+    #: earlier than just after the watermark it resumed from (``TailSource._register``)
     since: int
     #: where its last MRR ends (None: not complete at an MRR): an appended lot starts here
     end: int | None = None
@@ -132,6 +133,11 @@ class FinishedFiles:
         self._warned = False
         #: the inodes whose entries may have older versions (what ``settle`` looks at)
         self._versioned: set[int] = set()
+        #: as loaded (``load``): the change times from which every finished file a durable
+        #: checkpoint stopped listing has an entry (0: all; None: none -- no log on disk,
+        #: an older gateway's state or nothing registered yet).  A file changed from then
+        #: on that has none was never taken as finished (``TailSource._unregistered_new``)
+        self.whole_from: int | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -234,6 +240,7 @@ class FinishedFiles:
             with open(self.path, "rb") as handle:
                 data = handle.read()
         except FileNotFoundError:
+            self.whole_from = None
             return
         lines = 0
         if data and not data.endswith(b"\n"):  # torn: the next append must not join it
@@ -257,6 +264,10 @@ class FinishedFiles:
         self._lines = lines
         if len(self.entries) > self.kept:
             self._forget_oldest()
+        # Forgetting keeps nine tenths, the latest ``since``: a registry that holds as many
+        # may have forgotten files finished before its earliest (not after: read again)
+        full = len(self.entries) >= self.kept - self.kept // 10
+        self.whole_from = min((e.since for e in self.entries.values()), default=0) if full else 0
 
     def flush(self) -> None:
         """Make every change durable (blocking): append the new lines and fsync, or write

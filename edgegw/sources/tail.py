@@ -485,6 +485,8 @@ class TailSource:
         #: the watermark of the checkpoint resumed from: the durable one (0: none)
         self._durable_watermark = 0
         self._resumed = False
+        #: the latest scan's clock is behind that watermark: set back since (``_unregistered_new``)
+        self._behind = False
         #: the paths the latest scan took for another name of a file it followed under
         #: one (hard links): path -> inode (``_one_name_each``); and the scan's before
         self._aliases: dict[str, int] = {}
@@ -579,7 +581,8 @@ class TailSource:
         watermark and would be taken as finished without being read: the watermark goes
         back to what this clock allows, and every known file above it is listed again (a
         restart must not take those as new: the registry of finished files recognises the
-        rest)."""
+        rest).  At a restart from a checkpoint of the time ahead, a file below it that is
+        neither known nor registered was written since: read (``_unregistered_new``)."""
         log.warning("source %s: the clock (the gateway's, or a watched file system's) is "
                     "%.0f s behind the watermark of finished files (set back, or a file "
                     "server's behind?): watermark lowered to it", self.name,
@@ -646,12 +649,21 @@ class TailSource:
     async def _register(self) -> None:
         """Write the registry entries of the finished files held listed for them, durably,
         and only then stop listing them: a checkpoint that does not list a finished file it
-        does not cover is never handed over before the file's entry is on disk."""
+        does not cover is never handed over before the file's entry is on disk.
+
+        Finished since no earlier than just after the watermark of the checkpoint resumed
+        from: that checkpoint did not take these as finished (it lists them, or they were
+        read since), whatever their change times say -- a file written after the clock was
+        set back has one below it (``_unregistered_new``), and a crash before a checkpoint
+        covering its records is durable would otherwise take it as finished (lost).  In
+        the time the clock is behind that watermark such a file stays listed
+        (``_relied_after``); else the watermark is past it at once."""
         assert self.finished is not None
         held, self._registering = self._registering, {}
+        since = self._durable_watermark + 1
         for p, f in held.items():
             if self.files.get(p) is f and f.done and f.head is not None:
-                self.finished.add(f.inode, p, f.head, f.size, f.changed, f.end,
+                self.finished.add(f.inode, p, f.head, f.size, max(f.changed, since), f.end,
                                   read_on=f.base > 0)
         if self.finished.dirty:
             try:
@@ -702,6 +714,29 @@ class TailSource:
             return False
         entry = self.finished.get(info.inode)
         return entry is not None and relied_on(entry, self._durable_watermark) is None
+
+    def _unregistered_new(self, info: _FileInfo,
+                          head: tuple[Fingerprint, bool | None] | None) -> bool:
+        """Whether a file the watermark covers by its change time (not known, changed at
+        or before it) is new all the same: the clock is behind the durable checkpoint's
+        watermark (``_behind``: it ran ahead, and was set back since), so that watermark
+        covers files written after the set-back too -- while the gateway was stopped --
+        and so does the one lowered to this clock less ``fold_after`` (``_clock_set_back``)
+        when the restart came later than that.  A file a durable checkpoint took as
+        finished is listed in it (known) or has a registry entry (written before the
+        checkpoint stopped listing it; a file a restart took as finished by the watermark
+        is registered then).  One that has neither, its first bytes not those of the
+        entry at its inode if there is one, was never taken as finished: read (it was
+        taken as finished: its lot lost).  Not below the change times the registry may
+        have forgotten (``FinishedFiles.whole_from``; no log on disk, nothing), nor
+        without a registry (nothing tells a new file from a finished one)."""
+        if not self._behind or self.finished is None:
+            return False
+        whole_from = self.finished.whole_from
+        if whole_from is None or info.changed < whole_from:
+            return False
+        entry = self.finished.get(info.inode)
+        return entry is None or (head is not None and head[1] is False)
 
     def _registered_end(self, info: _FileInfo,
                         head: tuple[Fingerprint, bool | None] | None) -> int | None:
@@ -873,6 +908,7 @@ class TailSource:
         horizon = clock - int(self.config.fold_after * 1e9) - CLOCK_SLACK_NS
         if clock - CLOCK_SLACK_NS < self.watermark:
             self._clock_set_back(horizon)
+        self._behind = self._resumed and clock - CLOCK_SLACK_NS < self._durable_watermark
         ahead = self._unknown_ahead(found)
         self._fold(min(horizon, ahead[0] - 1))
         changed: list[_File] = []  # finished files this scan saw changed or renamed
@@ -914,6 +950,8 @@ class TailSource:
             before = self._finished_before(info) if f is None and unknown else None
             if before and self._finished_after_durable(info, head):
                 before = False  # (read: ``_recognised`` relies on no version of it)
+            if before and self._unregistered_new(info, head):
+                before = False  # (read: written after the clock was set back)
             if before is False and (f := self._recognised(info, head)) is not None:
                 self.files[info.path] = self._listed[info.path] = f
                 changed.append(f)  # (handed over: it is listed again)
