@@ -582,21 +582,22 @@ async def test_every_kind_with_its_required_fields_is_applied_and_one_fewer_reje
         invalid: set[int] = set()
         for kind, fields in REQUIRED.items():
             record = [kind, 0, 1764130000.0, *fields]
-            short = columns(rid + 1, [kind, 1], [[kind, [[v] for v in record[1:-1]]]])
+            # (each body its own record id: section 3, a record id is never reused)
+            short = columns(rid + 4, [kind, 1], [[kind, [[v] for v in record[1:-1]]]])
             for body, valid in [
                 (rows(rid + 1, [record]), True),
-                (columns(rid + 1, [kind, 1], [[kind, [[v] for v in record[1:]]]]), True),
-                (rows(rid + 1, [record[:-1]]), False),
+                (columns(rid + 2, [kind, 1], [[kind, [[v] for v in record[1:]]]]), True),
+                (rows(rid + 3, [record[:-1]]), False),
                 (short, False),
             ]:
                 seq += 1
-                rid += 1
                 await peer.send(data(seq, body))
                 if valid:
                     await peer.until_acked(seq)
                 else:
                     invalid.add(seq)
                     await peer.until_rejected(seq)
+            rid += 4
         await peer.send(data(seq + 1, rows(rid + 1, [sensor("t", 1.0)])))
         await peer.until_acked(*range(1, seq + 2))
         assert {reject[1] for reject in peer.rejects} == invalid
