@@ -394,10 +394,19 @@ class ClusterStore:
         #: a claim waits at most this long for a row lock, then raises ``LockTimeout``
         #: (0: the server's setting, by default forever)
         self.lock_timeout_s = lock_timeout_s
+        #: a claim that gave up waiting (``lock_timeout_s``) ends the session holding its
+        #: row if it is another node's whose transaction is older than this, by the
+        #: database's clock (0: never): the idle timeout, else the lock timeout
+        self.stuck_after_s = idle_in_transaction_timeout_s or lock_timeout_s
         self.m_lock_timeouts = (metrics or Metrics()).counter(
             "cluster_pg_lock_timeouts_total",
             "claims that gave up waiting for a PostgreSQL row lock after pg_lock_timeout_s "
             "(and were tried again), by call: claim_gateway or claim_partition")
+        self.m_sessions_ended = (metrics or Metrics()).counter(
+            "cluster_pg_sessions_ended_total",
+            "another node's PostgreSQL sessions this node ended (pg_terminate_backend): each "
+            "held the row a claim waited for, in a transaction open longer than the lease "
+            "TTL (a paused or cut-off node), by call: claim_gateway or claim_partition")
         self.node_id = node_id
         self.partitions = partitions
         #: the node's number of Redis shards, stored by the cluster's first node and
@@ -725,7 +734,7 @@ class ClusterStore:
         committed, on any node (a later commit of theirs is refused by the fence)."""
         node = node_id or self.node_id
 
-        def run(conn: psycopg.Connection[Any]) -> GatewayClaim:
+        def claim_tx(conn: psycopg.Connection[Any]) -> GatewayClaim:
             with conn.transaction():
                 self._set_lock_timeout(conn)
                 gen = conn.execute(
@@ -743,6 +752,10 @@ class ClusterStore:
             self.stats[gateway_id] = GatewayStats(gateway_id, *stats)  # type: ignore[misc]
             return GatewayClaim(gen, applied)
 
+        def run(conn: psycopg.Connection[Any]) -> GatewayClaim:
+            return self._claiming(conn, claim_tx, "claim_gateway", f"gateway {gateway_id}",
+                                  "edgegw_gateways", "gateway_id", gateway_id)
+
         try:
             return await self._call(run)
         except LockTimeout:
@@ -759,6 +772,72 @@ class ClusterStore:
         if self.lock_timeout_s > 0:
             conn.execute("SELECT set_config('lock_timeout', %s, true)",
                          (_ms(self.lock_timeout_s),))
+
+    def _claiming(self, conn: psycopg.Connection[Any],
+                  claim_tx: Callable[[psycopg.Connection[Any]], T], call: str, what: str,
+                  table: str, key_column: str, key: object) -> T:
+        """``claim_tx`` (a claim's transaction, under ``_set_lock_timeout``); when it gave
+        up waiting for its row, the row's holder is ended if it is a stuck session of
+        another node (``_end_stuck_holder``) and the claim tried once more at once.
+
+        Why: a node paused (SIGSTOP, a frozen VM) or cut off in the middle of a statement
+        -- an ``executemany`` pipeline half sent, results PostgreSQL cannot deliver --
+        leaves its session *active*, not idle in transaction, so
+        ``idle_in_transaction_session_timeout`` never ends it, and no statement timeout
+        interrupts a backend waiting on its client.  Only ending the session does."""
+        try:
+            return claim_tx(conn)
+        except psycopg.errors.LockNotAvailable:
+            # (the transaction is rolled back: the connection is idle, usable here)
+            if conn.closed or not self._end_stuck_holder(conn, call, what, table,
+                                                         key_column, key):
+                raise
+        return claim_tx(conn)
+
+    def _end_stuck_holder(self, conn: psycopg.Connection[Any], call: str, what: str,
+                          table: str, key_column: str, key: object) -> bool:
+        """End (``pg_terminate_backend``) the session holding the row ``key`` of ``table``
+        if it is another node's (``application_name``: ``edgegw <node>``) and its
+        transaction has been open longer than ``stuck_after_s`` by the database's clock: a
+        node's transactions last milliseconds, one that old holding a claimed row belongs
+        to a node that has lost its leases meanwhile.  True if one ended.
+
+        Safe by the fences, not by timing: the ended transaction is rolled back whole (a
+        commit that had committed already did so before this claim, which then sees it),
+        and the node, when it wakes, can only write again on a new session, through the
+        gateway's generation or the partition's token -- which this claim raises."""
+        if self.stuck_after_s <= 0:
+            return False
+        # The row's holder: the transaction in its xmax (it locked or updated the version
+        # we see).  A row share-locked by several transactions at once (a multixact) names
+        # none of them; the claim then waits for the idle timeout as before.
+        holders = conn.execute(
+            f"SELECT a.pid, substr(a.application_name, 8),"
+            f" extract(epoch FROM clock_timestamp() - a.xact_start)::double precision"
+            f" FROM {table} r JOIN pg_stat_activity a ON a.backend_xid = r.xmax"
+            f" WHERE r.{key_column} = %s AND a.datname = current_database()"
+            " AND a.pid <> pg_backend_pid() AND a.application_name LIKE 'edgegw %%'"
+            " AND a.application_name <> %s"
+            " AND a.xact_start < clock_timestamp() - make_interval(secs => %s)",
+            (key, f"edgegw {self.node_id}"[:63], self.stuck_after_s)).fetchall()
+        ended = False
+        for pid, node, age in holders:
+            try:
+                # waits (up to 5 s) for the backend to exit: its locks are free after
+                gone = conn.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,)
+                                    ).fetchone()
+            except psycopg.errors.InsufficientPrivilege as exc:
+                log.warning("%s: cannot end node %s's PostgreSQL session %d, stuck %.1f s "
+                            "holding its row: %s (every node must connect as the same role)",
+                            what, node, pid, age, str(exc).strip())
+                continue
+            self.m_sessions_ended.inc(call=call)
+            log.warning("%s: ended node %s's PostgreSQL session %d, %.1f s in a transaction "
+                        "holding the row this claim waited for (a paused node?)%s",
+                        what, node, pid, age, "" if gone and gone[0] else
+                        "; it has not exited yet")
+            ended = True
+        return ended
 
     def count_duplicate(self, gateway: str) -> None:
         # counted in memory; added by the gateway's next commit (a lost count is harmless)
@@ -1027,7 +1106,7 @@ class ClusterStore:
         write under an older token is refused (``save_checkpoint``, ``save_partition_state``,
         ``save_alerts``, ``save_archives``), even of a row the new owner has not written
         yet.  False: a newer token claimed it already (this lease is stale)."""
-        def run(conn: psycopg.Connection[Any]) -> bool:
+        def claim_tx(conn: psycopg.Connection[Any]) -> bool:
             with conn.transaction():
                 self._set_lock_timeout(conn)
                 cur = conn.execute(
@@ -1036,6 +1115,10 @@ class ClusterStore:
                     " WHERE edgegw_partition_fences.token <= EXCLUDED.token",
                     (partition, token))
                 return cur.rowcount == 1
+
+        def run(conn: psycopg.Connection[Any]) -> bool:
+            return self._claiming(conn, claim_tx, "claim_partition", f"partition {partition}",
+                                  "edgegw_partition_fences", "partition", partition)
 
         try:
             return await self._call(run)
