@@ -686,6 +686,75 @@ async def test_a_claim_ends_a_paused_nodes_session_stuck_active_on_its_row(
         await store.close()
 
 
+@pytest.mark.parametrize("how", ["statement", "pipeline"])
+async def test_a_commit_ends_a_paused_nodes_session_stuck_on_a_partition_head(
+        pg_dsn: str, how: str) -> None:
+    # A commit locks its partitions' heads: a node paused mid-commit (session active)
+    # stopped every other node's commits to those partitions -- no lock timeout at all --
+    # until its own gateway's claim ended it, never if that gateway did not come back.  A
+    # commit waits at most the lock timeout too, ends the stuck session, goes through.
+    metrics = Metrics()
+    paused = ClusterStore(pg_dsn, "node-a", partitions=8, lock_timeout_s=0.5,
+                          idle_in_transaction_timeout_s=1.0)
+    store = ClusterStore(pg_dsn, "node-b", partitions=8, lock_timeout_s=0.5,
+                         idle_in_transaction_timeout_s=1.0, metrics=metrics)
+    await paused.open()
+    await store.open()
+    thawed = threading.Event()
+    try:
+        assert await paused.claim_gateway("gw-a") == 1
+        assert await store.claim_gateway("gw-b") == 1
+        await paused.commit([frame("gw-a", 1, ["L1"])], {"gw-a": 1})
+        [(p,)] = rows(pg_dsn, "SELECT partition FROM edgegw_partition_heads"
+                              " WHERE last_pseq > 0")
+        failures: list[BaseException] = []
+
+        async def freeze() -> None:
+            try:
+                await paused._call(lambda conn: freeze_holding(
+                    conn, "UPDATE edgegw_partition_heads SET last_pseq = last_pseq + 1"
+                    " WHERE partition = %s", (p,), how, thawed))
+            except BaseException as exc:  # its session ended under it
+                failures.append(exc)
+
+        async def release_after(seconds: float) -> None:
+            # bounds the old code's endless wait (a worker thread is not cancelled)
+            await trio.sleep(seconds)
+            thawed.set()
+            rows(pg_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                 " WHERE application_name = 'edgegw node-a' AND backend_xid IS NOT NULL"
+                 " AND datname = current_database()")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(freeze)
+            with trio.fail_after(30):
+                while session_state(pg_dsn, "node-a") != ["active"]:
+                    await trio.sleep(0.05)
+            nursery.start_soon(release_after, 40)
+            started = trio.current_time()
+            while True:  # as the ingest does: again after a lock timeout
+                try:
+                    await store.commit([frame("gw-b", 1, ["L1"])], {"gw-b": 1})
+                    break
+                except LockTimeout:
+                    await trio.sleep(0.2)
+            # bound: the session's age past 1 s, one lock timeout, the termination
+            assert trio.current_time() - started < 20, "the commit waited for the thaw"
+            thawed.set()  # (the frozen worker thread, its session gone, may return)
+            nursery.cancel_scope.cancel()
+        assert len(failures) == 1 and isinstance(failures[0], StoreUnavailable)
+        assert metrics.counter("cluster_pg_sessions_ended_total").get(call="commit") == 1
+        # the paused node's write is gone with its session; both commits numbered in order
+        assert rows(pg_dsn, "SELECT last_pseq FROM edgegw_partition_heads"
+                            " WHERE partition = %s", (p,)) == [(2,)]
+        assert rows(pg_dsn, "SELECT gateway_id, pseq FROM edgegw_partition_log"
+                            " ORDER BY pseq") == [("gw-a", 1), ("gw-b", 2)]
+    finally:
+        thawed.set()
+        await paused.close()
+        await store.close()
+
+
 async def test_a_claim_never_ends_a_young_transaction_nor_a_foreign_session(
         pg_dsn: str) -> None:
     # Only another node's session whose transaction is older than the lease TTL is ended:
