@@ -391,23 +391,24 @@ class ClusterStore:
         #: PostgreSQL ends a session of this store whose transaction sits idle this long
         #: (the process is paused) and so frees its row locks (0: the server's setting)
         self.idle_in_transaction_timeout_s = idle_in_transaction_timeout_s
-        #: a claim waits at most this long for a row lock, then raises ``LockTimeout``
-        #: (0: the server's setting, by default forever)
+        #: a claim or commit waits at most this long for a row lock, then raises
+        #: ``LockTimeout`` (0: the server's setting, by default forever)
         self.lock_timeout_s = lock_timeout_s
-        #: a claim that gave up waiting (``lock_timeout_s``) ends the session holding its
-        #: row if it is another node's whose transaction is older than this, by the
-        #: database's clock (0: never): the idle timeout, else the lock timeout
+        #: a claim or commit that gave up waiting (``lock_timeout_s``) ends the session
+        #: holding its row if it is another node's whose transaction is older than this,
+        #: by the database's clock (0: never): the idle timeout, else the lock timeout
         self.stuck_after_s = idle_in_transaction_timeout_s or lock_timeout_s
         self.m_lock_timeouts = (metrics or Metrics()).counter(
             "cluster_pg_lock_timeouts_total",
-            "claims that gave up waiting for a PostgreSQL row lock after pg_lock_timeout_s "
-            "(and were tried again), by call: claim_gateway, claim_partition or commit")
+            "claims and commits that gave up waiting for a PostgreSQL row lock after "
+            "pg_lock_timeout_s (and were tried again), by call: claim_gateway, "
+            "claim_partition or commit")
         self.m_sessions_ended = (metrics or Metrics()).counter(
             "cluster_pg_sessions_ended_total",
             "another node's PostgreSQL sessions this node ended (pg_terminate_backend): each "
-            "held the row a claim waited for, in a transaction open longer than the lease "
-            "TTL (a paused or cut-off node), by call: claim_gateway, claim_partition or "
-            "commit")
+            "held a row a claim or commit waited for, in a transaction open longer than the "
+            "lease TTL (a paused or cut-off node), by call: claim_gateway, claim_partition "
+            "or commit")
         self.node_id = node_id
         self.partitions = partitions
         #: the node's number of Redis shards, stored by the cluster's first node and
@@ -809,7 +810,7 @@ class ClusterStore:
         Safe by the fences, not by timing: the ended transaction is rolled back whole (a
         commit that had committed already did so before this claim, which then sees it),
         and the node, when it wakes, can only write again on a new session, through the
-        gateway's generation or the partition's token -- which this claim raises."""
+        gateway's generation or the partition's token (which a claim raises)."""
         if self.stuck_after_s <= 0:
             return False
         # The row's holder: the transaction in its xmax (it locked or updated the version
