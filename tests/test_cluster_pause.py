@@ -21,8 +21,12 @@ gateway's HELLO on node 1 and node 1's commits lock) or in a checkpoint's write
 (``cluster.mid_checkpoint``: the partition's fence row, which node 1's claim of the partition
 locks).  PostgreSQL ends the paused node's session after ``pg_idle_in_transaction_timeout_s``
 (the lease TTL by default) and its locks go with it; a claim waiting meanwhile gives up after
-``pg_lock_timeout_s`` and tries again.  So in every case node 1 takes every partition, and the
-gateway, within a bound derived from the config.
+``pg_lock_timeout_s`` and tries again.  Frozen in the middle of a statement (``mid_stream``
+may land in a commit's ``executemany``, half sent) its session is active, not idle, and
+no timeout of PostgreSQL ends it: node 1's claim or commit that timed out on its row ends
+it (``pg_terminate_backend``: another node's transaction older than the lease TTL).  So in
+every case node 1 takes every partition, and the gateway, within a bound derived from the
+config.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ fence, per-partition pseq order = commit order, fenced checkpoints, counters, pr
 from __future__ import annotations
 
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -586,6 +587,202 @@ async def test_a_claim_waiting_on_a_paused_nodes_lock_gives_up_counted_and_tries
         assert await store.query("SHOW idle_in_transaction_session_timeout") == [("5s",)]
     finally:
         paused.close()
+        await store.close()
+
+
+def freeze_holding(conn: psycopg.Connection[Any], lock_sql: str, params: tuple[Any, ...],
+                   how: str, thawed: Any) -> None:
+    """A node's worker thread freezing inside a transaction that holds a row lock, with its
+    session *active* (not idle in transaction, which PostgreSQL's idle timeout ends):
+    ``statement`` -- inside a statement that does not end; ``pipeline`` -- a pipeline
+    half sent (an ``executemany``): PostgreSQL waits for the rest, as it did for the
+    node SIGSTOPped in test_cluster_pause.py.  Returns when thawed (``thawed.wait``)."""
+    with conn.transaction():
+        if how == "statement":
+            conn.execute(lock_sql, params)
+            conn.execute("SELECT pg_sleep(600)")
+        else:
+            with conn.pipeline():
+                conn.execute(lock_sql, params)  # sent and run; no Sync yet
+                thawed.wait(60)
+
+
+def session_state(dsn: str, node: str) -> list[str]:
+    return [r[0] for r in rows(dsn, "SELECT state FROM pg_stat_activity WHERE"
+                               " application_name = %s AND backend_xid IS NOT NULL"
+                               " AND datname = current_database()",
+                               (f"edgegw {node}",))]
+
+
+@pytest.mark.parametrize("how", ["statement", "pipeline"])
+async def test_a_claim_ends_a_paused_nodes_session_stuck_active_on_its_row(
+        pg_dsn: str, how: str) -> None:
+    # Seen in test_cluster_pause.py: node 0 SIGSTOPped mid-commit, its session "active"
+    # holding the gateway's row (the idle-in-transaction timeout never applies); node 1's
+    # claim timed out on it again and again, the gateway never WELCOMEd.  The claim ends
+    # the stuck session of the other node -- its transaction open longer than the
+    # lease TTL (here 1 s) -- and goes through; the paused node is fenced off as before.
+    metrics = Metrics()
+    paused = ClusterStore(pg_dsn, "node-a", partitions=8, lock_timeout_s=0.5,
+                          idle_in_transaction_timeout_s=1.0)
+    store = ClusterStore(pg_dsn, "node-b", partitions=8, lock_timeout_s=0.5,
+                         idle_in_transaction_timeout_s=1.0, metrics=metrics)
+    await paused.open()
+    await store.open()
+    thawed = threading.Event()
+    try:
+        assert await paused.claim_gateway("gw-stuck") == 1
+        assert await paused.claim_partition(3, 1)
+        await paused.commit([frame("gw-stuck", 1, ["L1"])], {"gw-stuck": 1})
+        failures: list[BaseException] = []
+
+        async def freeze(sql: str, params: tuple[Any, ...]) -> None:
+            try:
+                await paused._call(lambda conn: freeze_holding(conn, sql, params, how, thawed))
+            except BaseException as exc:  # its session ended under it
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            # a commit's lock on the gateway row, a checkpoint's share lock on the fence
+            nursery.start_soon(freeze, "SELECT generation FROM edgegw_gateways WHERE"
+                               " gateway_id = %s FOR UPDATE", ("gw-stuck",))
+            nursery.start_soon(freeze, "SELECT token FROM edgegw_partition_fences WHERE"
+                               " partition = %s FOR SHARE", (3,))
+            with trio.fail_after(30):
+                while session_state(pg_dsn, "node-a") != ["active", "active"]:
+                    await trio.sleep(0.05)
+
+            async def claimed(claim: Any, *args: Any) -> Any:
+                while True:  # as the ingest and the owner do: again after a lock timeout
+                    try:
+                        return await claim(*args)
+                    except LockTimeout:
+                        await trio.sleep(0.2)
+
+            try:
+                # bound: the session's age past 1 s, one lock timeout, the termination;
+                # the old code waited as long as the node slept
+                with trio.fail_after(20):
+                    assert await claimed(store.claim_gateway, "gw-stuck") == 2
+                    assert await claimed(store.claim_partition, 3, 2) is True
+            finally:
+                thawed.set()  # (on the old code: the test fails, it does not hang)
+                rows(pg_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                     " WHERE application_name = 'edgegw node-a' AND backend_xid IS NOT NULL"
+                     " AND datname = current_database()")
+        assert len(failures) == 2 and all(isinstance(e, StoreUnavailable) for e in failures)
+        assert metrics.counter("cluster_pg_sessions_ended_total").get(
+            call="claim_gateway") == 1
+        assert metrics.counter("cluster_pg_sessions_ended_total").get(
+            call="claim_partition") == 1
+        # the paused node wakes: fenced off by the generation and the partition's token
+        with pytest.raises(GatewaySuperseded):
+            await paused.commit([frame("gw-stuck", 2, ["L1"])], {"gw-stuck": 1})
+        assert await paused.save_checkpoint(3, 10, 1, b"stale") is False
+        assert rows(pg_dsn, "SELECT frames_applied FROM edgegw_gateways") == [(1,)]
+    finally:
+        thawed.set()
+        await paused.close()
+        await store.close()
+
+
+@pytest.mark.parametrize("how", ["statement", "pipeline"])
+async def test_a_commit_ends_a_paused_nodes_session_stuck_on_a_partition_head(
+        pg_dsn: str, how: str) -> None:
+    # A commit locks its partitions' heads: a node paused mid-commit (session active)
+    # stopped every other node's commits to those partitions -- no lock timeout at all --
+    # until its own gateway's claim ended it, never if that gateway did not come back.  A
+    # commit waits at most the lock timeout too, ends the stuck session, goes through.
+    metrics = Metrics()
+    paused = ClusterStore(pg_dsn, "node-a", partitions=8, lock_timeout_s=0.5,
+                          idle_in_transaction_timeout_s=1.0)
+    store = ClusterStore(pg_dsn, "node-b", partitions=8, lock_timeout_s=0.5,
+                         idle_in_transaction_timeout_s=1.0, metrics=metrics)
+    await paused.open()
+    await store.open()
+    thawed = threading.Event()
+    try:
+        assert await paused.claim_gateway("gw-a") == 1
+        assert await store.claim_gateway("gw-b") == 1
+        await paused.commit([frame("gw-a", 1, ["L1"])], {"gw-a": 1})
+        [(p,)] = rows(pg_dsn, "SELECT partition FROM edgegw_partition_heads"
+                              " WHERE last_pseq > 0")
+        failures: list[BaseException] = []
+
+        async def freeze() -> None:
+            try:
+                await paused._call(lambda conn: freeze_holding(
+                    conn, "UPDATE edgegw_partition_heads SET last_pseq = last_pseq + 1"
+                    " WHERE partition = %s", (p,), how, thawed))
+            except BaseException as exc:  # its session ended under it
+                failures.append(exc)
+
+        async def release_after(seconds: float) -> None:
+            # bounds the old code's endless wait (a worker thread is not cancelled)
+            await trio.sleep(seconds)
+            thawed.set()
+            rows(pg_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                 " WHERE application_name = 'edgegw node-a' AND backend_xid IS NOT NULL"
+                 " AND datname = current_database()")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(freeze)
+            with trio.fail_after(30):
+                while session_state(pg_dsn, "node-a") != ["active"]:
+                    await trio.sleep(0.05)
+            nursery.start_soon(release_after, 40)
+            started = trio.current_time()
+            while True:  # as the ingest does: again after a lock timeout
+                try:
+                    await store.commit([frame("gw-b", 1, ["L1"])], {"gw-b": 1})
+                    break
+                except LockTimeout:
+                    await trio.sleep(0.2)
+            # bound: the session's age past 1 s, one lock timeout, the termination
+            assert trio.current_time() - started < 20, "the commit waited for the thaw"
+            thawed.set()  # (the frozen worker thread, its session gone, may return)
+            nursery.cancel_scope.cancel()
+        assert len(failures) == 1 and isinstance(failures[0], StoreUnavailable)
+        assert metrics.counter("cluster_pg_sessions_ended_total").get(call="commit") == 1
+        # the paused node's write is gone with its session; both commits numbered in order
+        assert rows(pg_dsn, "SELECT last_pseq FROM edgegw_partition_heads"
+                            " WHERE partition = %s", (p,)) == [(2,)]
+        assert rows(pg_dsn, "SELECT gateway_id, pseq FROM edgegw_partition_log"
+                            " ORDER BY pseq") == [("gw-a", 1), ("gw-b", 2)]
+    finally:
+        thawed.set()
+        await paused.close()
+        await store.close()
+
+
+async def test_a_claim_never_ends_a_young_transaction_nor_a_foreign_session(
+        pg_dsn: str) -> None:
+    # Only another node's session whose transaction is older than the lease TTL is ended:
+    # not a fresh one (a node's commit a moment in), nor a session that is not a node's.
+    store = ClusterStore(pg_dsn, "node-b", partitions=8, lock_timeout_s=0.3,
+                         idle_in_transaction_timeout_s=30.0)
+    await store.open()
+    await store.claim_gateway("gw-young")
+    young = psycopg.connect(pg_dsn, application_name="edgegw node-a")
+    foreign = psycopg.connect(pg_dsn, application_name="psql")
+    try:
+        young.execute("SELECT 1 FROM edgegw_gateways WHERE gateway_id = 'gw-young'"
+                      " FOR UPDATE")
+        with pytest.raises(LockTimeout):
+            await store.claim_gateway("gw-young")
+        young.rollback()
+        foreign.execute("SELECT 1 FROM edgegw_gateways WHERE gateway_id = 'gw-young'"
+                        " FOR UPDATE")
+        store.stuck_after_s = 0.01
+        with pytest.raises(LockTimeout):
+            await store.claim_gateway("gw-young")
+        foreign.rollback()
+        assert not young.closed and not foreign.closed
+        young.execute("SELECT 1")
+        foreign.execute("SELECT 1")
+    finally:
+        young.close()
+        foreign.close()
         await store.close()
 
 

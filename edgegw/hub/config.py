@@ -52,11 +52,13 @@ class ClusterSection:
     pg_connections: Annotated[int, Range(1, 64)] = 4
     # PostgreSQL ends this node's session when a transaction of it sits idle this long (the
     # node is paused: SIGSTOP, a frozen VM) and so frees its row locks for the other nodes;
-    # safe because every owner write is fenced (docs/cluster.md, "A node paused").  0: the
-    # lease TTL (a node paused that long has lost its leases anyway)
+    # safe because every owner write is fenced (docs/cluster.md, "A node paused"); and a
+    # claim or commit timed out on a row ends another node's session holding it whose
+    # transaction is this old (paused mid-statement: not idle).  0: the lease TTL (a node
+    # paused that long has lost its leases anyway)
     pg_idle_in_transaction_timeout_s: Annotated[float, Range(0.5, 600, also=0)] = 0.0
-    # a claim (a gateway's HELLO, a partition's new owner) waits at most this long for a
-    # row lock, then gives up and tries again (counted); 0: the lease TTL
+    # a claim (a gateway's HELLO, a partition's new owner) or a commit waits at most this
+    # long for a row lock, then gives up and tries again (counted); 0: the lease TTL
     pg_lock_timeout_s: Annotated[float, Range(0.1, 600, also=0)] = 0.0
 
     @property

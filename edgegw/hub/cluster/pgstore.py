@@ -403,13 +403,24 @@ class ClusterStore:
         #: PostgreSQL ends a session of this store whose transaction sits idle this long
         #: (the process is paused) and so frees its row locks (0: the server's setting)
         self.idle_in_transaction_timeout_s = idle_in_transaction_timeout_s
-        #: a claim waits at most this long for a row lock, then raises ``LockTimeout``
-        #: (0: the server's setting, by default forever)
+        #: a claim or commit waits at most this long for a row lock, then raises
+        #: ``LockTimeout`` (0: the server's setting, by default forever)
         self.lock_timeout_s = lock_timeout_s
+        #: a claim or commit that gave up waiting (``lock_timeout_s``) ends the session
+        #: holding its row if it is another node's whose transaction is older than this,
+        #: by the database's clock (0: never): the idle timeout, else the lock timeout
+        self.stuck_after_s = idle_in_transaction_timeout_s or lock_timeout_s
         self.m_lock_timeouts = (metrics or Metrics()).counter(
             "cluster_pg_lock_timeouts_total",
-            "claims that gave up waiting for a PostgreSQL row lock after pg_lock_timeout_s "
-            "(and were tried again), by call: claim_gateway or claim_partition")
+            "claims and commits that gave up waiting for a PostgreSQL row lock after "
+            "pg_lock_timeout_s (and were tried again), by call: claim_gateway, "
+            "claim_partition or commit")
+        self.m_sessions_ended = (metrics or Metrics()).counter(
+            "cluster_pg_sessions_ended_total",
+            "another node's PostgreSQL sessions this node ended (pg_terminate_backend): each "
+            "held a row a claim or commit waited for, in a transaction open longer than the "
+            "lease TTL (a paused or cut-off node), by call: claim_gateway, claim_partition "
+            "or commit")
         self.node_id = node_id
         self.partitions = partitions
         #: the node's number of Redis shards, stored by the cluster's first node and
@@ -737,7 +748,7 @@ class ClusterStore:
         committed, on any node (a later commit of theirs is refused by the fence)."""
         node = node_id or self.node_id
 
-        def run(conn: psycopg.Connection[Any]) -> GatewayClaim:
+        def claim_tx(conn: psycopg.Connection[Any]) -> GatewayClaim:
             with conn.transaction():
                 self._set_lock_timeout(conn)
                 gen = conn.execute(
@@ -755,6 +766,10 @@ class ClusterStore:
             self.stats[gateway_id] = GatewayStats(gateway_id, *stats)  # type: ignore[misc]
             return GatewayClaim(gen, applied)
 
+        def run(conn: psycopg.Connection[Any]) -> GatewayClaim:
+            return self._claiming(conn, claim_tx, "claim_gateway", f"gateway {gateway_id}",
+                                  [("edgegw_gateways", "gateway_id", [gateway_id])])
+
         try:
             return await self._call(run)
         except LockTimeout:
@@ -765,12 +780,86 @@ class ClusterStore:
             raise
 
     def _set_lock_timeout(self, conn: psycopg.Connection[Any]) -> None:
-        """In a claim's transaction: wait at most ``lock_timeout_s`` for a row lock, so a
-        claim whose row a stuck transaction holds is tried again, not hung (a worker
-        thread, and a connection of the pool, held without end)."""
+        """In a claim's or a commit's transaction: wait at most ``lock_timeout_s`` for a
+        row lock, so a claim or commit whose row a stuck transaction holds is tried again,
+        not hung (a worker thread, and a connection of the pool, held without end)."""
         if self.lock_timeout_s > 0:
             conn.execute("SELECT set_config('lock_timeout', %s, true)",
                          (_ms(self.lock_timeout_s),))
+
+    def _claiming(self, conn: psycopg.Connection[Any],
+                  claim_tx: Callable[[psycopg.Connection[Any]], T], call: str, what: str,
+                  rows: list[tuple[str, str, list[Any]]]) -> T:
+        """``claim_tx`` (a claim's or a commit's transaction, under
+        ``_set_lock_timeout``), which locks ``rows`` (``(table, key column, keys)``); when
+        it gave up waiting for a row, the rows' holders are ended if they are stuck
+        sessions of another node (``_end_stuck_holders``) and it is tried once more at
+        once.
+
+        Why: a node paused (SIGSTOP, a frozen VM) or cut off in the middle of a statement
+        -- an ``executemany`` pipeline half sent, results PostgreSQL cannot deliver --
+        leaves its session *active*, not idle in transaction, so
+        ``idle_in_transaction_session_timeout`` never ends it, and no statement timeout
+        interrupts a backend waiting on its client.  Only ending the session does."""
+        try:
+            return claim_tx(conn)
+        except psycopg.errors.LockNotAvailable:
+            # (the transaction is rolled back: the connection is idle, usable here)
+            if conn.closed or not self._end_stuck_holders(conn, call, what, rows):
+                raise
+        return claim_tx(conn)
+
+    def _end_stuck_holders(self, conn: psycopg.Connection[Any], call: str, what: str,
+                           rows: list[tuple[str, str, list[Any]]]) -> bool:
+        """End (``pg_terminate_backend``) each session holding one of ``rows`` (``(table,
+        key column, keys)``) if it is another node's (``application_name``: ``edgegw
+        <node>``), not itself waiting for a lock, and its transaction has been open longer
+        than ``stuck_after_s`` by the database's clock: a node's transactions last
+        milliseconds, one that old holding a row another node needs belongs to a node that
+        has lost its leases meanwhile.  True if one ended.  (A holder waiting for a lock is
+        not stuck itself: its own lock timeout deals with what it waits for.)
+
+        Safe by the fences, not by timing: the ended transaction is rolled back whole (a
+        commit that had committed already did so before this claim, which then sees it),
+        and the node, when it wakes, can only write again on a new session, through the
+        gateway's generation or the partition's token (which a claim raises)."""
+        if self.stuck_after_s <= 0:
+            return False
+        # The row's holder: the transaction in its xmax (it locked or updated the version
+        # we see).  A row share-locked by several transactions at once (a multixact) names
+        # none of them; the claim then waits for the idle timeout as before.
+        holders: dict[int, tuple[str, float]] = {}
+        for table, key_column, keys in rows:
+            for pid, node, age in conn.execute(
+                    f"SELECT a.pid, substr(a.application_name, 8),"
+                    f" extract(epoch FROM clock_timestamp() - a.xact_start)::double precision"
+                    f" FROM {table} r JOIN pg_stat_activity a ON a.backend_xid = r.xmax"
+                    f" WHERE r.{key_column} = ANY(%s) AND a.datname = current_database()"
+                    " AND a.pid <> pg_backend_pid() AND a.application_name LIKE 'edgegw %%'"
+                    " AND a.application_name <> %s"
+                    " AND a.wait_event_type IS DISTINCT FROM 'Lock'"
+                    " AND a.xact_start < clock_timestamp() - make_interval(secs => %s)",
+                    (keys, f"edgegw {self.node_id}"[:63], self.stuck_after_s)).fetchall():
+                holders[pid] = (node, age)
+        ended = False
+        for pid, (node, age) in holders.items():
+            try:
+                # waits (up to 5 s) for the backend to exit: its locks are free after
+                gone = conn.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,)
+                                    ).fetchone()
+            except psycopg.errors.InsufficientPrivilege as exc:
+                log.warning("%s: cannot end node %s's PostgreSQL session %d, stuck %.1f s "
+                            "holding a row it needs: %s (every node must connect as the "
+                            "same role)",
+                            what, node, pid, age, str(exc).strip())
+                continue
+            self.m_sessions_ended.inc(call=call)
+            log.warning("%s: ended node %s's PostgreSQL session %d, %.1f s in a transaction "
+                        "holding a row this waited for (a paused node?)%s",
+                        what, node, pid, age, "" if gone and gone[0] else
+                        "; it has not exited yet")
+            ended = True
+        return ended
 
     def count_duplicate(self, gateway: str) -> None:
         # counted in memory; added by the gateway's next commit (a lost count is harmless)
@@ -804,7 +893,9 @@ class ClusterStore:
         (gateway, epoch, seq) skipped as applied already (the caller acks them as
         duplicates and does not hand their records on).  ``StoreUnavailable``: PostgreSQL
         did not answer; try the same again later (a commit whose answer was lost is found
-        applied by the retry, its frames then skipped)."""
+        applied by the retry, its frames then skipped); ``LockTimeout``, one of those: a
+        row it needs stayed locked ``lock_timeout_s`` (another node's session stuck on it
+        was ended meanwhile: ``_claiming``)."""
         lost = lost or {}
         rejected = rejected or []
         generations = generations or {}
@@ -823,11 +914,29 @@ class ClusterStore:
             # transaction: no row is locked meanwhile
             chunks_by_frame = {(f.gateway, f.epoch, f.seq): _chunks_of(f, self.partitions)
                                for f in frames}
-            return self._commit_sync(conn, frames, generations, lost, rejected,
-                                     chunks_by_frame, dups, gateways)
+            partitions = sorted({c.partition for chunks in chunks_by_frame.values()
+                                 for c in chunks})
+
+            def commit_tx(conn: psycopg.Connection[Any]) -> tuple[
+                    set[tuple[str, str, int]], dict[str, GatewayStats], dict[int, int]]:
+                return self._commit_sync(conn, frames, generations, lost, rejected,
+                                         chunks_by_frame, dups, gateways)
+
+            # its rows: a paused node's commit stuck holding them is ended as for a claim
+            return self._claiming(conn, commit_tx, "commit", f"commit of {', '.join(gateways)}",
+                                  [("edgegw_gateways", "gateway_id", gateways),
+                                   ("edgegw_partition_heads", "partition", partitions)])
 
         try:
             skipped, stats, heads = await self._call(run)
+        except LockTimeout:
+            for gw, n in dups.items():  # not written: the next commit adds them
+                self._dups[gw] += n
+            self.m_lock_timeouts.inc(call="commit")
+            log.warning("commit of %s waited %.1f s for a row lock, held by another "
+                        "node's transaction (a paused node?); trying again",
+                        ", ".join(gateways), self.lock_timeout_s)
+            raise
         except BaseException:
             for gw, n in dups.items():  # not written: the next commit adds them
                 self._dups[gw] += n
@@ -854,6 +963,8 @@ class ClusterStore:
         heads: dict[int, int] = {}
         skipped: set[tuple[str, str, int]] = set()
         with conn.transaction():
+            # (a paused node's commit holding these rows is ended, not waited for: _claiming)
+            self._set_lock_timeout(conn)
             # the fence: the gateways' rows locked (in order) until the transaction ends
             rows = dict(conn.execute(
                 "SELECT gateway_id, generation FROM edgegw_gateways WHERE gateway_id = ANY(%s)"
@@ -1054,7 +1165,7 @@ class ClusterStore:
         write under an older token is refused (``save_checkpoint``, ``save_partition_state``,
         ``save_alerts``, ``save_archives``), even of a row the new owner has not written
         yet.  False: a newer token claimed it already (this lease is stale)."""
-        def run(conn: psycopg.Connection[Any]) -> bool:
+        def claim_tx(conn: psycopg.Connection[Any]) -> bool:
             with conn.transaction():
                 self._set_lock_timeout(conn)
                 cur = conn.execute(
@@ -1063,6 +1174,10 @@ class ClusterStore:
                     " WHERE edgegw_partition_fences.token <= EXCLUDED.token",
                     (partition, token))
                 return cur.rowcount == 1
+
+        def run(conn: psycopg.Connection[Any]) -> bool:
+            return self._claiming(conn, claim_tx, "claim_partition", f"partition {partition}",
+                                  [("edgegw_partition_fences", "partition", [partition])])
 
         try:
             return await self._call(run)
