@@ -4,9 +4,11 @@ fence, per-partition pseq order = commit order, fenced checkpoints, counters, pr
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -607,6 +609,34 @@ def freeze_holding(conn: psycopg.Connection[Any], lock_sql: str, params: tuple[A
                 thawed.wait(60)
 
 
+def end_node_a_sessions(dsn: str) -> None:
+    rows(dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+         " WHERE application_name = 'edgegw node-a' AND backend_xid IS NOT NULL"
+         " AND datname = current_database()")
+
+
+@contextlib.asynccontextmanager
+async def paused_and_other(pg_dsn: str
+                           ) -> AsyncIterator[tuple[ClusterStore, ClusterStore, Metrics,
+                                                    threading.Event]]:
+    """node-a, to be frozen mid-transaction, and node-b, counted; their lease TTL 1 s.
+    The event thaws node-a's frozen session (set at the end whatever happened)."""
+    metrics = Metrics()
+    paused = ClusterStore(pg_dsn, "node-a", partitions=8, lock_timeout_s=0.5,
+                          idle_in_transaction_timeout_s=1.0)
+    store = ClusterStore(pg_dsn, "node-b", partitions=8, lock_timeout_s=0.5,
+                         idle_in_transaction_timeout_s=1.0, metrics=metrics)
+    await paused.open()
+    await store.open()
+    thawed = threading.Event()
+    try:
+        yield paused, store, metrics, thawed
+    finally:
+        thawed.set()
+        await paused.close()
+        await store.close()
+
+
 def session_state(dsn: str, node: str) -> list[str]:
     return [r[0] for r in rows(dsn, "SELECT state FROM pg_stat_activity WHERE"
                                " application_name = %s AND backend_xid IS NOT NULL"
@@ -622,15 +652,7 @@ async def test_a_claim_ends_a_paused_nodes_session_stuck_active_on_its_row(
     # claim timed out on it again and again, the gateway never WELCOMEd.  The claim ends
     # the stuck session of the other node -- its transaction open longer than the
     # lease TTL (here 1 s) -- and goes through; the paused node is fenced off as before.
-    metrics = Metrics()
-    paused = ClusterStore(pg_dsn, "node-a", partitions=8, lock_timeout_s=0.5,
-                          idle_in_transaction_timeout_s=1.0)
-    store = ClusterStore(pg_dsn, "node-b", partitions=8, lock_timeout_s=0.5,
-                         idle_in_transaction_timeout_s=1.0, metrics=metrics)
-    await paused.open()
-    await store.open()
-    thawed = threading.Event()
-    try:
+    async with paused_and_other(pg_dsn) as (paused, store, metrics, thawed):
         assert await paused.claim_gateway("gw-stuck") == 1
         assert await paused.claim_partition(3, 1)
         await paused.commit([frame("gw-stuck", 1, ["L1"])], {"gw-stuck": 1})
@@ -667,9 +689,7 @@ async def test_a_claim_ends_a_paused_nodes_session_stuck_active_on_its_row(
                     assert await claimed(store.claim_partition, 3, 2) is True
             finally:
                 thawed.set()  # (on the old code: the test fails, it does not hang)
-                rows(pg_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                     " WHERE application_name = 'edgegw node-a' AND backend_xid IS NOT NULL"
-                     " AND datname = current_database()")
+                end_node_a_sessions(pg_dsn)
         assert len(failures) == 2 and all(isinstance(e, StoreUnavailable) for e in failures)
         assert metrics.counter("cluster_pg_sessions_ended_total").get(
             call="claim_gateway") == 1
@@ -680,10 +700,6 @@ async def test_a_claim_ends_a_paused_nodes_session_stuck_active_on_its_row(
             await paused.commit([frame("gw-stuck", 2, ["L1"])], {"gw-stuck": 1})
         assert await paused.save_checkpoint(3, 10, 1, b"stale") is False
         assert rows(pg_dsn, "SELECT frames_applied FROM edgegw_gateways") == [(1,)]
-    finally:
-        thawed.set()
-        await paused.close()
-        await store.close()
 
 
 @pytest.mark.parametrize("how", ["statement", "pipeline"])
@@ -693,15 +709,7 @@ async def test_a_commit_ends_a_paused_nodes_session_stuck_on_a_partition_head(
     # stopped every other node's commits to those partitions -- no lock timeout at all --
     # until its own gateway's claim ended it, never if that gateway did not come back.  A
     # commit waits at most the lock timeout too, ends the stuck session, goes through.
-    metrics = Metrics()
-    paused = ClusterStore(pg_dsn, "node-a", partitions=8, lock_timeout_s=0.5,
-                          idle_in_transaction_timeout_s=1.0)
-    store = ClusterStore(pg_dsn, "node-b", partitions=8, lock_timeout_s=0.5,
-                         idle_in_transaction_timeout_s=1.0, metrics=metrics)
-    await paused.open()
-    await store.open()
-    thawed = threading.Event()
-    try:
+    async with paused_and_other(pg_dsn) as (paused, store, metrics, thawed):
         assert await paused.claim_gateway("gw-a") == 1
         assert await store.claim_gateway("gw-b") == 1
         await paused.commit([frame("gw-a", 1, ["L1"])], {"gw-a": 1})
@@ -721,9 +729,7 @@ async def test_a_commit_ends_a_paused_nodes_session_stuck_on_a_partition_head(
             # bounds the old code's endless wait (a worker thread is not cancelled)
             await trio.sleep(seconds)
             thawed.set()
-            rows(pg_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                 " WHERE application_name = 'edgegw node-a' AND backend_xid IS NOT NULL"
-                 " AND datname = current_database()")
+            end_node_a_sessions(pg_dsn)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(freeze)
@@ -749,10 +755,6 @@ async def test_a_commit_ends_a_paused_nodes_session_stuck_on_a_partition_head(
                             " WHERE partition = %s", (p,)) == [(2,)]
         assert rows(pg_dsn, "SELECT gateway_id, pseq FROM edgegw_partition_log"
                             " ORDER BY pseq") == [("gw-a", 1), ("gw-b", 2)]
-    finally:
-        thawed.set()
-        await paused.close()
-        await store.close()
 
 
 async def test_a_claim_never_ends_a_young_transaction_nor_a_foreign_session(
