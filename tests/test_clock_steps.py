@@ -638,6 +638,38 @@ def first_lot_written_an_hour_ahead(directory: Path, wall: SteppedWall, fold: fl
     return old
 
 
+async def read_ahead_then_crashed(tmp_path: Path, wall: SteppedWall, fold: float
+                                  ) -> tuple[Path, Path, Any, Any]:
+    """L001 read and folded while the clock runs an hour ahead, then a crash.  Returns
+    the watched and state directories, the sink (what frames made durable hold) and the
+    last durable checkpoint (from while the clock ran ahead)."""
+    from test_tail_append import start as start_tail
+    from test_tail_registry import Sink, crash
+
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    old = first_lot_written_an_hour_ahead(directory, wall, fold)
+    sink = Sink(state)
+    source = start_tail(directory, state, None, fold_after=fold)
+    await polled_until_folded(source, sink, old)
+    durable = json.loads(json.dumps(source.checkpoint()))
+    await crash(source)
+    return directory, state, sink, durable
+
+
+async def restarted_from(directory: Path, state: Path, checkpoint: Any, fold: float
+                         ) -> list[Any]:
+    """What a restart from ``checkpoint`` reads in three polls, crashed after them."""
+    from test_tail_append import start as start_tail
+    from test_tail_registry import Sink, crash
+
+    restarted = Sink(state)
+    source = start_tail(directory, state, checkpoint, fold_after=fold)
+    for _ in range(3):
+        await source.poll_once(restarted)
+    await crash(source)
+    return list(restarted.records)
+
+
 @pytest.mark.parametrize("renamed", [False, True], ids=["touched", "touched and renamed"])
 async def test_a_finished_file_touched_after_the_clock_was_set_back_is_not_lost_on_a_restart(
         tmp_path: Path, wall: SteppedWall, renamed: bool) -> None:
@@ -654,17 +686,11 @@ async def test_a_finished_file_touched_after_the_clock_was_set_back_is_not_lost_
     time, so that the entry too said the checkpoint covered it."""
     from test_tail_append import lot
     from test_tail_append import start as start_tail
-    from test_tail_registry import Sink, crash, lot_ids
+    from test_tail_registry import crash, lot_ids
 
     fold = 5.0
-    directory, state = tmp_path / "watched", tmp_path / "state"
-    old = first_lot_written_an_hour_ahead(directory, wall, fold)
-    sink = Sink(state)
-    source = start_tail(directory, state, None, fold_after=fold)
-    await polled_until_folded(source, sink, old)
-    durable = json.loads(json.dumps(source.checkpoint()))  # the last durable checkpoint
+    directory, state, sink, durable = await read_ahead_then_crashed(tmp_path, wall, fold)
     stored = list(sink.records)  # (what frames made durable with it hold)
-    await crash(source)
     path = directory / "ahead.stdf"  # written while the gateway was stopped
     path.write_bytes(lot(2))
     stamp = time.time()  # the clock an hour ahead
@@ -691,12 +717,8 @@ async def test_a_finished_file_touched_after_the_clock_was_set_back_is_not_lost_
     await source.poll_once(sink)
     await crash(source)  # the checkpoints after ``durable`` never became durable
     wall.offset = 4 * fold  # (restarted a while later: the watermark covers the touch)
-    restarted = Sink(state)
-    source = start_tail(directory, state, durable, fold_after=fold)
-    for _ in range(3):
-        await source.poll_once(restarted)
-    await crash(source)
-    assert lot_ids(stored + restarted.records) == {"L001": 1, "L002": 1}
+    restarted = await restarted_from(directory, state, durable, fold)
+    assert lot_ids(stored + restarted) == {"L001": 1, "L002": 1}
 
 
 async def test_a_file_written_while_stopped_after_the_clock_was_set_back_is_read(
@@ -709,25 +731,15 @@ async def test_a_file_written_while_stopped_after_the_clock_was_set_back_is_read
     the watermark covers that is neither known nor registered, at a restart whose clock
     is behind the durable checkpoint's watermark, is read."""
     from test_tail_append import lot
-    from test_tail_append import start as start_tail
-    from test_tail_registry import Sink, crash, lot_ids
+    from test_tail_registry import lot_ids
 
     fold = 5.0
-    directory, state = tmp_path / "watched", tmp_path / "state"
-    old = first_lot_written_an_hour_ahead(directory, wall, fold)
-    sink = Sink(state)
-    source = start_tail(directory, state, None, fold_after=fold)
-    await polled_until_folded(source, sink, old)
-    checkpoint = json.loads(json.dumps(source.checkpoint()))
-    await crash(source)
+    directory, state, sink, checkpoint = await read_ahead_then_crashed(tmp_path, wall, fold)
     wall.offset = 0.0  # NTP steps the clock back while the gateway is stopped
     (directory / "new.stdf").write_bytes(lot(2))
     wall.offset = 4 * fold  # (restarted a while later)
-    source = start_tail(directory, state, checkpoint, fold_after=fold)
-    for _ in range(3):
-        await source.poll_once(sink)
-    await crash(source)
-    assert lot_ids(sink.records) == {"L001": 1, "L002": 1}
+    restarted = await restarted_from(directory, state, checkpoint, fold)
+    assert lot_ids(sink.records + restarted) == {"L001": 1, "L002": 1}
 
 
 @pytest.mark.parametrize("where", ["a new name", "the inode of a finished lot deleted"])
@@ -826,14 +838,8 @@ async def test_a_lot_read_after_a_restart_with_the_clock_set_back_is_not_lost_by
     from test_tail_registry import Sink, crash, lot_ids
 
     fold = 5.0
-    directory, state = tmp_path / "watched", tmp_path / "state"
-    old = first_lot_written_an_hour_ahead(directory, wall, fold)
-    sink = Sink(state)
-    source = start_tail(directory, state, None, fold_after=fold)
-    await polled_until_folded(source, sink, old)
-    durable = json.loads(json.dumps(source.checkpoint()))  # the last durable checkpoint
+    directory, state, sink, durable = await read_ahead_then_crashed(tmp_path, wall, fold)
     stored = list(sink.records)  # (what frames made durable with it hold)
-    await crash(source)
     wall.offset = 0.0  # NTP steps the clock back while the gateway is stopped
     new = directory / "new.stdf"
     new.write_bytes(lot(2))
@@ -847,9 +853,5 @@ async def test_a_lot_read_after_a_restart_with_the_clock_set_back_is_not_lost_by
     assert lot_ids(lost.records) == {"L002": 1}
     await crash(source)  # before any of its checkpoints became durable
     wall.offset = 6 * fold
-    restarted = Sink(state)
-    source = start_tail(directory, state, durable, fold_after=fold)
-    for _ in range(3):
-        await source.poll_once(restarted)
-    await crash(source)
-    assert lot_ids(stored + restarted.records) == {"L001": 1, "L002": 1}
+    restarted = await restarted_from(directory, state, durable, fold)
+    assert lot_ids(stored + restarted) == {"L001": 1, "L002": 1}
