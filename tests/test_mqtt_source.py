@@ -96,6 +96,20 @@ async def start_publisher(nursery: trio.Nursery, broker: BrokerAddress | Broker,
     return client
 
 
+async def junk_within_one_interval(pub: TrioMqttClient, source: MqttSource,
+                                   topics: list[str], interval: float) -> None:
+    """A junk message on each topic, all counted by the source within one log interval
+    (which starts at the first bad message: measured from before it)."""
+    first = time.monotonic()
+    counted = source.bad + len(topics)
+    for topic in topics:
+        await pub.publish(topic, b"junk", qos=1)
+    with trio.fail_after(20):
+        await pub.wait_all_acked()
+    await wait_for(lambda: source.bad >= counted, 20, "every junk message")
+    assert time.monotonic() - first < interval, "too slow here for one interval"
+
+
 async def wait_for(predicate: Callable[[], bool], within: float, what: str) -> None:
     """Poll a plain condition (counters of the source, the sink's records)."""
     deadline = trio.current_time() + within
@@ -312,14 +326,8 @@ async def test_junk_on_made_up_topics_grows_neither_the_metrics_nor_the_log_with
     async with trio.open_nursery() as nursery:
         await started(nursery, source, sink)
         pub = await start_publisher(nursery, mqtt_broker)
-        first = time.monotonic()  # (before the first bad message: its interval starts later)
-        for i in range(n):
-            await pub.publish(f"{prefix}/made-up-{i}/temp", b"junk", qos=1)
-        with trio.fail_after(20):
-            await pub.wait_all_acked()
-        await wait_for(lambda: source.bad >= n, 20, "every junk message")
-        handled = time.monotonic()
-        assert handled - first < JUNK_INTERVAL_S, "too slow here for one interval"
+        await junk_within_one_interval(pub, source, [f"{prefix}/made-up-{i}/temp"
+                                                     for i in range(n)], JUNK_INTERVAL_S)
         reported = [r.getMessage() for r in caplog.records if "bad payload on" in r.getMessage()]
         # an interval passes (since every report so far): the next bad message, on
         # made-up-0 again, is reported and sums up the rest
@@ -362,13 +370,8 @@ async def test_a_burst_of_junk_then_silence_is_summed_up_when_its_interval_ends(
     async with trio.open_nursery() as nursery:
         await started(nursery, source, sink)
         pub = await start_publisher(nursery, mqtt_broker)
-        first = time.monotonic()  # (before the first bad message: its interval starts later)
-        for i in range(n):
-            await pub.publish(f"{prefix}/burst-{i}/temp", b"junk", qos=1)
-        with trio.fail_after(20):
-            await pub.wait_all_acked()
-        await wait_for(lambda: source.bad >= n, 20, "every junk message")
-        assert time.monotonic() - first < SUMMARY_INTERVAL_S, "too slow here for one interval"
+        await junk_within_one_interval(pub, source, [f"{prefix}/burst-{i}/temp"
+                                                     for i in range(n)], SUMMARY_INTERVAL_S)
         assert not summaries()  # the interval is not over yet
         # silence: no further message, the interval ends all the same
         await wait_for(lambda: bool(summaries()), SUMMARY_INTERVAL_S + 20, "the summary line")
