@@ -44,7 +44,9 @@ I7  Sequence numbers are never reused for a frame that may have been sent.  Afte
 I8  The epoch changes only when the spool starts afresh: an empty directory, or one whose
     epoch cannot be read from the epoch file or any STATE record (the unreadable files are
     moved aside into ``unrecoverable-<time>/`` and counted).  Every recovery opens a new
-    active segment (the old last one, its tail truncated, becomes sealed).
+    active segment (the old last one, its tail truncated, becomes sealed); on a full disk
+    the old last one stays active until the new one can be opened (retried like a failed
+    rollover), and a fresh spool has no segment (nor epoch file) until then.
 
 Blocking file I/O runs in ``trio.to_thread.run_sync``, batched per group commit.  The one
 exception is ``frames_from`` (the FrameStore interface is synchronous): it serves recent
