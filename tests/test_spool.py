@@ -490,6 +490,36 @@ async def test_a_spool_restarted_on_a_full_disk_starts_keeps_its_frames_and_goes
         assert all_frames(spool) == kept + new
 
 
+async def test_a_half_made_last_segment_found_on_a_full_disk_is_removed(tiny_fs: Path) -> None:
+    """A crash while a segment was being made leaves it empty (its STATE record torn off);
+    on a full disk the spool cannot start a new one after it, and appends must not go to a
+    segment without its STATE (I3): the empty one goes, the one before stays active."""
+    directory = tiny_fs / "spool"
+    conf = cfg(directory, segment_bytes=64 << 10, max_bytes=64 << 20)
+    async with DiskSpool.open(conf) as spool:
+        await fill(spool, 20, size=8000)
+        last = spool.durable_seq
+    before = segment_files(directory)
+    index = int(before[-1].name[4:-6])
+    half_made = directory / f"seg-{index + 1:010d}.spool"
+    half_made.touch()
+    filler = fill_to_the_last_byte(tiny_fs)
+    spool = DiskSpool(conf)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(30):
+            await nursery.start(spool.run)
+        assert segment_files(directory) == before and spool.stats()["disk_full"]
+        assert all_frames(spool) == list(range(1, last + 1))
+        filler.unlink()
+        with trio.fail_after(30):
+            new = await fill(spool, 3, size=8000)
+        await spool.flush()
+        nursery.cancel_scope.cancel()
+    async with DiskSpool.open(conf) as spool:
+        assert all_frames(spool) == [*range(1, last + 1), *new]
+        assert spool.checkpoints == {"src": {"offset": new[-1] * 100}}
+
+
 @pytest.mark.parametrize("policy", ["block", "drop_oldest"])
 async def test_a_fresh_spool_on_a_full_disk_starts_and_opens_its_segment_once_there_is_room(
         tiny_fs: Path, policy: str) -> None:
