@@ -190,7 +190,8 @@ class DiskSpool(GroupCommit):
                     raise
                 # a full disk at start: start anyway (never a crash loop), in the old last
                 # segment if there is one; the new segment is opened once there is room,
-                # retried like a failed rollover (docs/spool.md, "Disk full")
+                # retried like a failed rollover (docs/spool.md, "Operations": "Starting
+                # (or restarting) on a full disk")
                 await trio.to_thread.run_sync(self._keep_last_active_sync)
                 self._rollover_due = True
                 self._note_disk_full(exc)
@@ -240,10 +241,16 @@ class DiskSpool(GroupCommit):
         """After a start on a full disk: the last recovered segment stays active.  An empty
         one (a crash while it was being made: no STATE record) is removed, as it would be
         no segment to append to (I3)."""
+        removed = False
         while self._segments and self._segments[-1].size == 0:
-            seg = self._segments.pop()
+            try:
+                self._segments[-1].path.unlink(missing_ok=True)
+            except OSError:
+                break  # it stays the active one (its name is taken: never made twice)
+            self._segments.pop()
+            removed = True
+        if removed:
             with contextlib.suppress(OSError):
-                seg.path.unlink()
                 fsync_dir(self.directory)
 
     def _open_active_sync(self, state: dict[str, Any]) -> None:
