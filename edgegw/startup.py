@@ -107,10 +107,12 @@ class DirLock:
                 f"{self.key}: {str(self.path.parent)!r} is in use by another {self.what} "
                 f"process{who}; two processes on one directory would lose records -- give "
                 f"each {self.what} its own {self.key}") from None
-        # the holder's pid, for the message above (informative: the lock is the kernel's)
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        # the holder's pid, for the message above (informative: the lock is the kernel's;
+        # on a full disk the pid may not fit -- the process starts all the same)
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
     def release(self) -> None:

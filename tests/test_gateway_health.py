@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import trio
 from hubtools import gateway_config
 from ports import free_port
@@ -43,4 +47,65 @@ async def test_the_disk_spool_stall_timeout_is_the_gateway_health_rule(
             while gateway.healthy()[0]:
                 await trio.sleep(0.02)
         assert gateway.healthy()[1].startswith("spool: ")
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB filesystem, so ENOSPC comes from the kernel (needs root)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                         capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill_to_the_last_byte(directory: Path) -> Path:
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for size in (65536, 4096, 512, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+async def test_a_gateway_restarted_on_a_full_disk_starts_reports_it_and_goes_on(
+        tiny_fs: Path) -> None:
+    """Its spool cannot open the segment a restart opens: the gateway starts all the same
+    (it used to die with ENOSPC), says "spool: disk full", keeps the spooled frames, and
+    takes records again once there is room."""
+    cfg = gateway_config(tiny_fs / "gw", free_port(), spool={"segment_bytes": 64 << 10})
+    gateway = Gateway(cfg)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.run)
+        for i in range(20):
+            await gateway.sink.put([SensorReading("s", float(i), "c", 1.0)], source="s")
+        await gateway.flush()
+        nursery.cancel_scope.cancel()
+    frames = gateway.store.unacked_frames()
+    assert frames > 0
+    filler = fill_to_the_last_byte(tiny_fs)
+
+    gateway = Gateway(cfg)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(30):
+            await nursery.start(gateway.run)
+        assert gateway.healthy() == (False, "spool: disk full")
+        assert gateway.store.unacked_frames() == frames
+        filler.unlink()
+        with trio.fail_after(30):
+            while not gateway.healthy()[0]:
+                await trio.sleep(0.05)
+            durable = gateway.store.durable_seq
+            await gateway.sink.put([SensorReading("s", 99.0, "c", 1.0)], source="s")
+            await gateway.flush()
+        assert gateway.store.durable_seq > durable
         nursery.cancel_scope.cancel()

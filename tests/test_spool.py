@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -379,13 +380,36 @@ def tiny_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+def fill_to_the_last_byte(directory: Path) -> Path:
+    """Write a filler file until the file system has no byte left; returns it."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for size in (65536, 4096, 512, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
 @pytest.mark.parametrize("policy", ["block", "drop_oldest"])
 async def test_disk_full_is_handled_like_the_cap_never_a_crash(tiny_fs: Path,
                                                               policy: str) -> None:
     conf = cfg(tiny_fs, segment_bytes=64 << 10, max_bytes=64 << 20, policy=policy)
     async with DiskSpool.open(conf) as spool:
-        with trio.move_on_after(3):
-            await fill(spool, 5000, size=8000)  # ~ 40 MB into 2 MiB
+
+        def filled() -> bool:  # the disk filled up and the policy acted (however slow)
+            st = spool.stats()
+            return st["disk_full_events"] > 0 and (policy == "block" or st["dropped_frames"] > 0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fill, spool, 5000, 8000)  # ~ 40 MB into 2 MiB
+            with trio.move_on_after(60):
+                await trio.sleep(3)
+                while not filled():
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
         st = spool.stats()
         assert st["disk_full_events"] > 0
         if policy == "block":
@@ -399,9 +423,134 @@ async def test_disk_full_is_handled_like_the_cap_never_a_crash(tiny_fs: Path,
             assert st["dropped_frames"] > 0
         await spool.flush()
         last = spool.durable_seq
-    async with DiskSpool.open(conf) as spool:  # and it restarts cleanly
+    # and it restarts cleanly -- also when the fill left the file system full to the last
+    # byte, with no room for the segment a restart opens (it then starts disk-full): make
+    # sure it did, whatever the timing of the fill
+    fill_to_the_last_byte(tiny_fs)
+    async with DiskSpool.open(conf) as spool:
         got = all_frames(spool)
         assert got and got[-1] == last
+
+
+@pytest.mark.parametrize("room", ["space_freed", "acked"])
+@pytest.mark.parametrize("policy", ["block", "drop_oldest"])
+async def test_a_spool_restarted_on_a_full_disk_starts_keeps_its_frames_and_goes_on(
+        tiny_fs: Path, policy: str, room: str) -> None:
+    """A restart on a full disk (no room for the new segment recovery opens) must not
+    crash: the spool starts in its disk-full state, every spooled frame stays readable,
+    the policy applies to new appends as in operation, and once there is room again (the
+    operator frees space, or acks delete segments) it opens its new segment and goes on."""
+    directory = tiny_fs / "spool"
+    conf = cfg(directory, segment_bytes=64 << 10, max_bytes=64 << 20, policy=policy)
+    async with DiskSpool.open(conf) as spool:
+        await fill(spool, 60, size=8000)  # ~ 480 KB: 8 segments
+        epoch, last = spool.epoch, spool.durable_seq
+    before = segment_files(directory)
+    filler = fill_to_the_last_byte(tiny_fs)
+
+    spool = DiskSpool(conf)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(30):
+            await nursery.start(spool.run)  # it starts (the old code raised ENOSPC here)
+        assert segment_files(directory) == before  # no half-made segment left behind
+        assert spool.epoch == epoch
+        assert all_frames(spool) == list(range(1, last + 1))
+        st = spool.stats()
+        assert st["disk_full"] and st["disk_full_events"] >= 1 and st["dropped_frames"] == 0
+        assert not spool.healthy() and spool.problem() == "spool: disk full"
+        assert spool.m_disk_full.get() >= 1
+
+        if policy == "block":
+            with trio.move_on_after(2) as waited:  # appends wait for room, nothing dropped
+                await fill(spool, 1, size=8000)
+            assert waited.cancelled_caught and spool.durable_seq == last
+            assert all_frames(spool) == list(range(1, last + 1))
+        else:
+            with trio.fail_after(30):  # room is made by dropping the oldest segment
+                await fill(spool, 1, size=8000)
+            assert spool.stats()["dropped_frames"] > 0
+        kept = all_frames(spool)
+
+        if room == "space_freed":
+            filler.unlink()
+        else:
+            spool.ack(last)  # the hub catches up: acknowledged segments are deleted
+            kept = [s for s in kept if s > last]
+        with trio.fail_after(30):
+            new = await fill(spool, 20, size=8000)
+        assert all_frames(spool) == kept + new
+        assert not spool.stats()["disk_full"] and spool.healthy()
+        # the new segment was opened once there was room (as a failed rollover is retried)
+        assert segment_files(directory)[-1].name > before[-1].name
+        await spool.flush()
+        nursery.cancel_scope.cancel()
+
+    async with DiskSpool.open(conf) as spool:  # and it restarts cleanly
+        assert spool.epoch == epoch
+        assert all_frames(spool) == kept + new
+
+
+async def test_a_half_made_last_segment_found_on_a_full_disk_is_removed(tiny_fs: Path) -> None:
+    """A crash while a segment was being made leaves it empty (its STATE record torn off);
+    on a full disk the spool cannot start a new one after it, and appends must not go to a
+    segment without its STATE (I3): the empty one goes, the one before stays active."""
+    directory = tiny_fs / "spool"
+    conf = cfg(directory, segment_bytes=64 << 10, max_bytes=64 << 20)
+    async with DiskSpool.open(conf) as spool:
+        await fill(spool, 20, size=8000)
+        last = spool.durable_seq
+    before = segment_files(directory)
+    index = int(before[-1].name[4:-6])
+    half_made = directory / f"seg-{index + 1:010d}.spool"
+    half_made.touch()
+    filler = fill_to_the_last_byte(tiny_fs)
+    spool = DiskSpool(conf)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(30):
+            await nursery.start(spool.run)
+        assert segment_files(directory) == before and spool.stats()["disk_full"]
+        assert all_frames(spool) == list(range(1, last + 1))
+        filler.unlink()
+        with trio.fail_after(30):
+            new = await fill(spool, 3, size=8000)
+        await spool.flush()
+        nursery.cancel_scope.cancel()
+    async with DiskSpool.open(conf) as spool:
+        assert all_frames(spool) == [*range(1, last + 1), *new]
+        assert spool.checkpoints == {"src": {"offset": new[-1] * 100}}
+
+
+@pytest.mark.parametrize("policy", ["block", "drop_oldest"])
+async def test_a_fresh_spool_on_a_full_disk_starts_and_opens_its_segment_once_there_is_room(
+        tiny_fs: Path, policy: str) -> None:
+    filler = fill_to_the_last_byte(tiny_fs)
+    directory = tiny_fs / "spool"
+    conf = cfg(directory, segment_bytes=64 << 10, max_bytes=64 << 20, policy=policy)
+    spool = DiskSpool(conf)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(30):
+            await nursery.start(spool.run)
+        assert segment_files(directory) == [] and not (directory / "epoch.tmp").exists()
+        assert spool.stats()["disk_full"] and not spool.healthy()
+        epoch = spool.epoch
+        done = trio.Event()
+
+        async def append() -> None:
+            await fill(spool, 5, size=8000)
+            done.set()
+
+        nursery.start_soon(append)
+        with trio.move_on_after(1.5):
+            await done.wait()
+        assert not done.is_set() and spool.durable_seq == 0  # no room: it waits
+        filler.unlink()
+        with trio.fail_after(30):
+            await done.wait()
+        assert all_frames(spool) == [1, 2, 3, 4, 5] and spool.healthy()
+        await spool.flush()
+        nursery.cancel_scope.cancel()
+    async with DiskSpool.open(conf) as spool:  # the epoch was kept in the segment
+        assert spool.epoch == epoch and all_frames(spool) == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("seed", range(5))

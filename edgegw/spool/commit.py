@@ -32,6 +32,7 @@ from .segments import READ_CHUNK, Segment, unlink_sync, write_sync
 log = logging.getLogger("edgegw.spool.spool")
 
 ACK_PERSIST_S = 0.2
+ROLLOVER_RETRY_S = 1.0
 
 
 @dataclasses.dataclass
@@ -85,6 +86,7 @@ class GroupCommit:
     _drop_requested: bool
     _flush_acks: bool
     _disk_full: bool
+    _rollover_due: bool  # a new active segment is wanted but could not be opened (ENOSPC)
     _work: trio.Event
     _durable_changed: trio.Event
     _room: trio.Event
@@ -108,7 +110,16 @@ class GroupCommit:
     async def _committer(self) -> None:
         while True:
             if not (self._pending or self._ack_dirty or self._drop_requested):
-                await self._work.wait()
+                if not self._rollover_due:
+                    await self._work.wait()
+                else:
+                    # a new segment could not be opened (disk full): retry it now and then
+                    # even when nothing is written, so that freed space is noticed
+                    with trio.move_on_after(ROLLOVER_RETRY_S) as idle:
+                        await self._work.wait()
+                    if idle.cancelled_caught:
+                        await self._retry_rollover_idle()
+                        continue
             self._work = trio.Event()
             delay = self.config.commit_max_delay_ms / 1000
             if (self._pending and delay > 0
@@ -131,7 +142,33 @@ class GroupCommit:
         floor = self.floor
         return [s for s in self._segments[:-1] if s.last_seq <= floor]
 
+    async def _try_rollover(self) -> OSError | None:
+        """Open a new active segment; on a full disk return the error (the rollover is
+        then due, retried after the next commit or every ``ROLLOVER_RETRY_S``)."""
+        try:
+            await trio.to_thread.run_sync(self._open_active_sync, self._state_snapshot())
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self._rollover_due = True
+            return exc
+        self._rollover_due = False
+        return None
+
+    async def _retry_rollover_idle(self) -> None:
+        if await self._try_rollover() is None and self._disk_full:
+            self._disk_full = False
+            log.warning("spool %s: a new segment could be opened: writes succeed again",
+                        self.directory)
+            self._signal_room()
+
     async def _commit(self) -> None:
+        if not self._segments:
+            # no segment at all (a fresh spool started on a full disk): open one first
+            exc = await self._try_rollover()
+            if exc is not None:
+                await self._on_disk_full(exc)
+                return
         # on a full disk, first persist the acks alone (a few bytes) so segments can go
         ack_first = self._disk_full and self._ack_dirty and bool(self._deletable())
         batch = [] if ack_first else self._pending[: self.config.commit_max_frames]
@@ -195,12 +232,10 @@ class GroupCommit:
         # a segment rolls over once full, but never while most of it is its own STATE record
         # (STATE over the budget, from a spool with larger segments): each commit would
         # then open a new segment and delete the last, a loop that gains nothing
-        if active.size >= max(self.config.segment_bytes, 2 * active.state_bytes):
-            try:
-                await trio.to_thread.run_sync(self._open_active_sync, self._state_snapshot())
-            except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
+        if self._rollover_due or active.size >= max(self.config.segment_bytes,
+                                                    2 * active.state_bytes):
+            exc = await self._try_rollover()
+            if exc is not None:
                 # stay in the old segment; rollover is retried after the next commit
                 await self._on_disk_full(exc)
         self._durable_changed.set()
@@ -210,14 +245,18 @@ class GroupCommit:
         if self._pending:
             self._work.set()
 
-    async def _on_disk_full(self, exc: OSError) -> None:
-        """Disk full is handled like the cap, never a crash loop."""
+    def _note_disk_full(self, exc: OSError) -> None:
+        """Count and log a write that failed on a full disk; enter the disk-full state."""
         self.counts["disk_full_events"] += 1
         self.m_disk_full.inc()
         if not self._disk_full:
             log.error("spool %s: disk full (%s); policy %s", self.directory, exc,
                       self.config.policy)
         self._disk_full = True
+
+    async def _on_disk_full(self, exc: OSError) -> None:
+        """Disk full is handled like the cap, never a crash loop."""
+        self._note_disk_full(exc)
         if self.config.policy == "drop_oldest" and len(self._segments) > 1:
             await self._drop_oldest("disk full")
         else:
@@ -232,12 +271,7 @@ class GroupCommit:
         if len(self._segments) < 2:
             if self._segments and self._segments[-1].n_frames:
                 # everything is in the active segment: seal it so it can be dropped
-                try:
-                    await trio.to_thread.run_sync(self._open_active_sync,
-                                                  self._state_snapshot())
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                        raise
+                if await self._try_rollover() is not None:
                     # not even room for a new segment: nothing can be dropped safely now;
                     # appends wait (as under "block") and the drop is retried
                     log.error("spool %s: disk full and a single segment: cannot drop yet",

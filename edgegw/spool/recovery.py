@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import secrets
@@ -40,6 +41,21 @@ class Recovered:
     deleted_segments: int = 0
     unrecoverable_files: int = 0
     scanned_bytes: int = 0
+
+
+def _write_epoch_if_room(directory: Path, epoch: str) -> None:
+    """Write the epoch file; on a full disk go on without it: every segment's STATE record
+    carries the epoch (recovery reads it from there and writes the file then), and a spool
+    that never got a segment holds no frame whose epoch matters (I8)."""
+    try:
+        write_epoch(directory, epoch)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        with contextlib.suppress(OSError):
+            (directory / "epoch.tmp").unlink()
+        log.error("spool %s: disk full, the epoch file cannot be written yet (%s)",
+                  directory, exc)
 
 
 def recover(directory: Path) -> Recovered:
@@ -135,7 +151,7 @@ def recover(directory: Path) -> Recovered:
 
     if epoch is None and state_epoch is not None:
         epoch = state_epoch
-        write_epoch(directory, epoch)
+        _write_epoch_if_room(directory, epoch)
     if epoch is None:
         fresh_epoch = secrets.token_hex(8)
         if files:
@@ -152,7 +168,7 @@ def recover(directory: Path) -> Recovered:
             max_seq = acked = dropped = 0
             ranges = []
             checkpoints = {}
-        write_epoch(directory, fresh_epoch)
+        _write_epoch_if_room(directory, fresh_epoch)
         epoch = fresh_epoch
         rec.fresh = True
 

@@ -44,7 +44,9 @@ I7  Sequence numbers are never reused for a frame that may have been sent.  Afte
 I8  The epoch changes only when the spool starts afresh: an empty directory, or one whose
     epoch cannot be read from the epoch file or any STATE record (the unreadable files are
     moved aside into ``unrecoverable-<time>/`` and counted).  Every recovery opens a new
-    active segment (the old last one, its tail truncated, becomes sealed).
+    active segment (the old last one, its tail truncated, becomes sealed); on a full disk
+    the old last one stays active until the new one can be opened (retried like a failed
+    rollover), and a fresh spool has no segment (nor epoch file) until then.
 
 Blocking file I/O runs in ``trio.to_thread.run_sync``, batched per group commit.  The one
 exception is ``frames_from`` (the FrameStore interface is synchronous): it serves recent
@@ -60,6 +62,7 @@ blocking operations), ``recovery.py`` (I1, I4, I6-I8), ``reader.py`` (tail cache
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import time
 from collections import deque
@@ -78,7 +81,7 @@ from .config import SpoolConfig
 from .format import MAX_RECORD, encode_ack, encode_commit, encode_frame, encode_state
 from .reader import TailCache, read_sync
 from .recovery import Recovered, recover
-from .segments import Segment, open_segment_sync
+from .segments import Segment, fsync_dir, open_segment_sync
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +147,7 @@ class DiskSpool(GroupCommit):
         self._recent: deque[tuple[float, int]] = deque(maxlen=4096)  # (commit time, seq)
         self._last_progress = time.monotonic()
         self._disk_full = False
+        self._rollover_due = False
         self._started = False
         self.recovered: Recovered | None = None
         self.counts: dict[str, int] = dict.fromkeys(
@@ -179,7 +183,18 @@ class DiskSpool(GroupCommit):
         try:
             rec = await trio.to_thread.run_sync(recover, self.directory)
             self._adopt(rec)
-            await trio.to_thread.run_sync(self._open_active_sync, self._state_snapshot())
+            try:
+                await trio.to_thread.run_sync(self._open_active_sync, self._state_snapshot())
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # a full disk at start: start anyway (never a crash loop), in the old last
+                # segment if there is one; the new segment is opened once there is room,
+                # retried like a failed rollover (docs/spool.md, "Operations": "Starting
+                # (or restarting) on a full disk")
+                await trio.to_thread.run_sync(self._keep_last_active_sync)
+                self._rollover_due = True
+                self._note_disk_full(exc)
             self._started = True
             task_status.started()
             await self._committer()
@@ -221,6 +236,22 @@ class DiskSpool(GroupCommit):
                 "ranges": [list(r) for r in self._ranges.ranges()],
                 "dropped": self._dropped_through,
                 "cp": dict(self._checkpoints)}
+
+    def _keep_last_active_sync(self) -> None:
+        """After a start on a full disk: the last recovered segment stays active.  An empty
+        one (a crash while it was being made: no STATE record) is removed, as it would be
+        no segment to append to (I3)."""
+        removed = False
+        while self._segments and self._segments[-1].size == 0:
+            try:
+                self._segments[-1].path.unlink(missing_ok=True)
+            except OSError:
+                break  # it stays the active one (its name is taken: never made twice)
+            self._segments.pop()
+            removed = True
+        if removed:
+            with contextlib.suppress(OSError):
+                fsync_dir(self.directory)
 
     def _open_active_sync(self, state: dict[str, Any]) -> None:
         """Start a new active segment (I3, I8); the old one is sealed."""
