@@ -18,11 +18,12 @@ from .service import (
     GatewaySink,
     tune_gc,
 )
-from .uplink import Uplink
+from .uplink import Uplink, open_dead_letter_file
 
 __all__ = [
     "AFTER_KEY", "GC_YOUNG_THRESHOLD", "ORIGINS_KEY", "RID_KEY", "FrameStore", "Gateway",
     "GatewayConfig", "GatewaySink", "MemoryFrameStore", "ProbeResult", "ProbeTarget",
     "SendScheduler", "StoredFrame", "Uplink", "Want", "build_gateway_config",
-    "load_gateway_config", "probe_once", "retry_after_seconds", "tune_gc",
+    "load_gateway_config", "open_dead_letter_file", "probe_once", "retry_after_seconds",
+    "tune_gc",
 ]

@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,11 +35,16 @@ from ..store import FrameStore, MemoryFrameStore
 from ..web import HttpServer, install_status
 from ..web.hosts import HostRule
 from .config import RESERVED_NAME_PREFIX, GatewayConfig, SourceEntry
-from .uplink import DATA_ENVELOPE_BYTES, Uplink, write_dead_letter
+from .uplink import (
+    DATA_ENVELOPE_BYTES,
+    RID_KEY,
+    Uplink,
+    open_dead_letter_file,
+    write_dead_letter,
+)
 
 log = logging.getLogger("edgegw.gateway")
 
-RID_KEY = "__rid__"  # the next record id, kept among the checkpoints
 #: per replaying source, its records after its checkpoint that are already in frames
 #: (``Batch.spans``), kept among the checkpoints so a restart skips exactly those: their
 #: count, and under ``ORIGINS_KEY`` where they follow (``encode_after``)
@@ -226,6 +232,9 @@ class Gateway:
         # tracked source -> (owed, counted) spans of the last batch stored (``Batch``)
         self._after_base: dict[str, tuple[list[Span], list[Span]]] = {}
         self._refused_untold: dict[str, int] = {}  # refused records not yet told to the hub
+        #: refused records an earlier run kept in the dead-letter file past the last durable
+        #: checkpoint, by (source, body): replayed, they are not written again
+        self._refused_kept: Counter[tuple[Any, ...]] = Counter()
         # checkpoints refused as too large, per source, not yet told to the hub: [n, bytes]
         self._checkpoints_untold: dict[str, list[int]] = {}
         self._checkpoint_budget = _checkpoint_budget(self.store)
@@ -680,10 +689,17 @@ class Gateway:
                   type(record).__name__, reason, self.dead_letter_path)
         self.m_refused.inc(source=source, reason="too_large")
         self._refused_untold[source] = self._refused_untold.get(source, 0) + 1
+        body = encode_body(1, [record])
+        if self._refused_kept[(source, body)] > 0:
+            # a replay (a crash before the checkpoint past it was durable): kept already
+            self._refused_kept[(source, body)] -= 1
+            log.info("source %s: the refused record is in the dead-letter file already "
+                     "(replayed)", source)
+            return
         try:
             await write_dead_letter(self.dead_letter_path, {
                 "seq": None, "epoch": self.store.epoch, "reason": reason, "at": time.time(),
-                "body": encode_body(1, [record])})
+                "source": source, "rid": self.next_rid, "body": body})
         except OSError:
             report_internal_error(self.metrics, "dead_letter", log,
                                   "writing a refused record to the dead-letter file")
@@ -882,6 +898,13 @@ class Gateway:
         await trio.Path(self.state_dir).mkdir(parents=True, exist_ok=True)
         damage = self.store.damage()
         self.next_rid = int(self.store.checkpoints.get(RID_KEY, 1))
+        try:  # before anything writes to it: a torn last entry cut off
+            self._refused_kept = await trio.to_thread.run_sync(
+                open_dead_letter_file, os.fspath(self.dead_letter_path), self.store.epoch,
+                self.next_rid)
+        except OSError:
+            report_internal_error(self.metrics, "dead_letter", log,
+                                  "opening the dead-letter file")
         sources = self._build_sources()
         self.uplink = Uplink(self.config.gateway, self.config.uplink, self.store, self.metrics,
                              self.dead_letter_path)

@@ -23,11 +23,13 @@ and another hub may apply by arrival).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import ssl
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -83,6 +85,7 @@ DATA_ENVELOPE_BYTES = 64
 #: after it, ``parts`` ``[[seq, first_rid], ...]`` (at most ``MAX_PARTS``; a gateway before
 #: this wrote none); the split is complete when ``stored_to == end``
 SPLIT_KEY = "__split__"
+RID_KEY = "__rid__"  # the next record id, kept among the checkpoints (gateway service)
 #: parts of one split whose seqs are kept (sent right after the frame); more are sent in
 #: sequence order, as any frame: order is then as good as before, nothing is lost
 MAX_PARTS = 64
@@ -384,6 +387,23 @@ class Uplink:
         self._dead_letters.add(key)
         return True
 
+    def _first_rid(self, f: StoredFrame) -> int | None:
+        """The first record id of stored frame ``f``: its body's; for a body that does not
+        decode, the next record id stored with it (``RID_KEY``) less its records, or a
+        split's part's as the split's progress names it.  None: not known."""
+        rid = _body_first_rid(f.body)
+        if rid is not None:
+            return rid
+        nxt = (f.checkpoints or {}).get(RID_KEY)
+        if isinstance(nxt, int) and nxt - f.n_records > 0:
+            return nxt - f.n_records
+        for marker in (self.store.checkpoints.get(SPLIT_KEY) or {}).values():
+            with suppress(Exception):
+                for part, first in _parts(marker):
+                    if part == f.seq and isinstance(first, int) and first > 0:
+                        return first
+        return None
+
     def _as_sent(self, f: StoredFrame) -> bytes:
         """The body of stored frame ``f`` as the hub got it: a frame split for the hub
         holds its first part only (its other records are in their own frames, which the
@@ -552,8 +572,8 @@ class Uplink:
             # in the dead-letter file and send a stand-in that says so, so the
             # hub's sequence stays gap-free and the loss is visible there too
             await self._dead_letter(f.seq, problem, ack=False, body=f.body)
-            data = conn.data(f.seq, _stand_in(f.body, f.seq, problem), trio.current_time(),
-                             time.time())
+            data = conn.data(f.seq, _stand_in(f.body, f.seq, problem, self._first_rid(f)),
+                             trio.current_time(), time.time())
         await ws.send_message(data)
         self.m_frames.inc()
         self.m_bytes.inc(len(data))
@@ -581,7 +601,7 @@ class Uplink:
         marker = (self.store.checkpoints.get(SPLIT_KEY) or {}).get(str(f.seq))
         if welcome.version == 2 and self.config.max_protocol_version >= 3:
             # typed float columns (v3, spooled before the hub was known) go as arrays
-            f = StoredFrame(f.seq, plain_floats(f.body), f.n_records)
+            f = dataclasses.replace(f, body=plain_floats(f.body))
         v1_columns = welcome.version < 2 and is_columnar(f.body)
         if (marker is None and not v1_columns and f.n_records <= welcome.max_records
                 and len(f.body) + DATA_ENVELOPE_BYTES <= welcome.max_frame_bytes):
@@ -689,14 +709,75 @@ class Uplink:
 async def write_dead_letter(path: trio.Path, entry: dict[str, Any]) -> None:
     """Append one entry to the dead-letter file: a 4-byte big-endian length, then the
     entry as CBOR (``seq``: the frame's, or None for a record refused before any frame
-    held it; ``epoch``, ``reason``, ``at``, ``body``).  Durable when it returns (fsync):
-    the frame that says the records are there (a stand-in, a checkpoint past them) is
-    made durable after it."""
+    held it -- with ``source`` and ``rid``, the gateway's next record id then; ``epoch``,
+    ``reason``, ``at``, ``body``).  Durable when it returns (fsync): the frame that says
+    the records are there (a stand-in, a checkpoint past them) is made durable after it
+    (docs/spool.md, "The dead-letter file")."""
     data = cbor2.dumps(entry)
     async with await path.open("ab") as f:
         await f.write(len(data).to_bytes(4, "big") + data)
         await f.flush()
         await trio.to_thread.run_sync(os.fsync, f.fileno())
+
+
+def open_dead_letter_file(path: str, epoch: str, from_rid: int) -> Counter[tuple[Any, ...]]:
+    """Make the dead-letter file at ``path`` appendable and read what a replay may repeat
+    (blocking: run in a worker thread, once, before the gateway writes to it).
+
+    A torn last entry (a crash in its write) is cut off, durably, so the entries written
+    next start on an entry boundary: its records are still in the spool or still to be
+    replayed by their source (the frame or checkpoint past them is made durable only after
+    the entry), so they are written again.  Damage before the last entry is left alone (it
+    is no crash's; logged).  Returns, counted, the keys ``(source, body)`` of the entries
+    of records refused before any frame held them (``seq`` None) in ``epoch`` at record
+    id ``from_rid`` or later: those a crash may have left before the checkpoint past them
+    was durable, which the gateway's sources replay now (each matches one such record
+    once, and is not written again)."""
+    found: Counter[tuple[Any, ...]] = Counter()
+    try:
+        f = open(path, "r+b")
+    except FileNotFoundError:
+        return found
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        offset = 0
+        while offset < size:
+            head = f.read(4)
+            n = int.from_bytes(head, "big") if len(head) == 4 else 0
+            data = f.read(n) if len(head) == 4 else b""
+            try:
+                if len(head) < 4 or len(data) < n:
+                    raise EOFError("short")
+                entry = cbor2.loads(data)
+                if not isinstance(entry, dict) or "body" not in entry:
+                    raise ValueError("not an entry")
+            except Exception:
+                f.seek(offset)
+                if offset + 4 + n < size and not _only_zeros(f):  # zeros: a torn write
+                    log.error("%s: the entry at byte %d does not decode; the entries after "
+                              "it are kept as they are", path, offset)
+                    break
+                log.warning("%s: its last entry is torn (%d of its bytes, at byte %d): cut "
+                            "off; its records are written again", path, size - offset, offset)
+                f.truncate(offset)
+                f.flush()
+                os.fsync(f.fileno())
+                break
+            offset += 4 + n
+            rid = entry.get("rid")
+            if (entry.get("seq") is None and entry.get("epoch") == epoch
+                    and isinstance(rid, int) and rid >= from_rid):
+                found[(entry.get("source"), entry["body"])] += 1
+    return found
+
+
+def _only_zeros(f: Any) -> bool:
+    """Whether the rest of file ``f`` holds zero bytes only (what a crash may leave of a
+    write whose size reached the disk and whose data did not)."""
+    while chunk := f.read(1 << 16):
+        if chunk.strip(b"\0"):
+            return False
+    return True
 
 
 def read_dead_letter_keys(path: str, epoch: str, from_seq: int) -> set[tuple[Any, ...]]:
@@ -904,13 +985,28 @@ def _plan(sizes: list[int], base: int, limit: int, max_records: int) -> list[tup
     return parts
 
 
-def _stand_in(body: bytes, seq: int, reason: str) -> bytes:
-    """A one-record frame body standing in for a dead-lettered frame."""
-    try:
-        first_rid = cbor2.loads(body)[0]
-    except Exception:
-        first_rid = 1
+def _body_first_rid(body: bytes) -> int | None:
+    """The first record id a frame body holds (rows or columns); None when it does not
+    decode to one."""
+    with suppress(Exception):
+        item = cbor2.loads(body)
+        first_rid = to_rows(item)[0] if is_columnar(body) else item[0]
+        if isinstance(first_rid, int) and first_rid > 0:
+            return first_rid
+    return None
+
+
+def _stand_in(body: bytes, seq: int, reason: str, first_rid: int | None = None) -> bytes:
+    """A one-record frame body standing in for a dead-lettered frame, under the first
+    record id of the records it stands for (``first_rid``, else ``body``'s): an id the
+    hub applied already would make it drop the stand-in as a duplicate (docs/protocol.md
+    section 3)."""
+    rid = _body_first_rid(body) or first_rid
+    if rid is None:
+        rid = 1
+        log.warning("frame %d: its first record id is not known; its stand-in goes under "
+                    "record id 1 (the hub drops it if it applied that one)", seq)
     event = GatewayEvent("gateway", time.time(), "error", "frame_dead_lettered",
                          f"frame {seq} kept in the gateway's dead-letter file: {reason}",
                          {"seq": seq})
-    return encode_body(first_rid if isinstance(first_rid, int) and first_rid > 0 else 1, [event])
+    return encode_body(rid, [event])

@@ -217,7 +217,7 @@ class GroupCommit:
             active.add_frame(p.seq, o)
             self._pending_bytes -= len(p.record) + p.reserve
             self._checkpoints.update(p.checkpoints)
-            self._tail.add(StoredFrame(p.seq, p.body, p.n_records))
+            self._tail.add(StoredFrame(p.seq, p.body, p.n_records, p.checkpoints))
         if self._pending:
             self._pending_since = time.monotonic()
         if batch:

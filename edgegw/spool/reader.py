@@ -95,7 +95,9 @@ def read_sync(segments: list[Segment], start: int, limit: int, durable_seq: int,
                         continue
                     if wanted(ev.seq):
                         meta = ev.meta_value()
-                        out.append(StoredFrame(ev.seq, ev.body, int(meta.get("n", 0))))
+                        cps = meta.get("c")
+                        out.append(StoredFrame(ev.seq, ev.body, int(meta.get("n", 0)),
+                                               cps if isinstance(cps, dict) else None))
                         budget -= len(ev.body)
                     if len(out) >= limit or budget <= 0:
                         done = True

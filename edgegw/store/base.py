@@ -52,6 +52,10 @@ class StoredFrame:
     seq: int
     body: bytes
     n_records: int
+    #: the checkpoints stored with the frame (``append``'s), when the store kept them:
+    #: the gateway's next record id among them names the frame's record ids even when
+    #: its body does not decode
+    checkpoints: dict[str, Any] | None = dataclasses.field(default=None, compare=False)
 
 
 Ranges = list[tuple[int, int]]

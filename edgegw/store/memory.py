@@ -62,7 +62,7 @@ class MemoryFrameStore:
         self._next_seq += 1
         if not self._frames:
             self._last_progress = time.monotonic()  # work appears: the stall clock starts now
-        self._frames[seq] = StoredFrame(seq, body, n_records)
+        self._frames[seq] = StoredFrame(seq, body, n_records, dict(checkpoints))
         self._checkpoints.update(checkpoints)
         self._changed.set()
         self._changed = trio.Event()

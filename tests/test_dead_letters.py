@@ -1,0 +1,233 @@
+"""The gateway's dead-letter file at its edges: nothing lost, nothing twice
+(docs/spool.md, "The dead-letter file").
+
+A stored frame whose body does not decode and which the hub cannot take goes to the file
+with a stand-in under the frame's own record ids, which the hub applies (it is no
+duplicate); a record refused before any frame held it is kept once across a crash before
+the checkpoint past it is durable; a torn last entry (a crash in its write) is cut off at
+restart, so every entry written after it reads, and its record is written again, once.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, ClassVar
+
+import cbor2
+import trio
+from disktools import DeadLetterFile
+from hubtools import gateway_config, hub_config, start_hub
+from ports import free_port
+
+from edgegw.gateway import RID_KEY, Gateway, open_dead_letter_file
+from edgegw.hub.store import unpack_body
+from edgegw.protocol import decode_body
+from edgegw.records import GatewayEvent, SensorReading, from_wire
+from edgegw.spool import DiskSpool, SpoolConfig
+
+SMALL, GIANT = 10, 5000  # unit lengths; the spool below takes frames of 4 KiB
+
+
+def reading(put: int, j: int, size: int) -> SensorReading:
+    return SensorReading("tester", 1.0, f"put{put}-{j}", float(j),
+                         (f"{put}.{j}." * size)[:size])
+
+
+class ScriptedSource:
+    """Puts scripted batches; resuming from checkpoint ``i`` replays puts ``i, i+1, ...``
+    exactly as before (as the STDF tail does)."""
+
+    replays: ClassVar[bool] = True
+
+    def __init__(self, puts: list[list[int]], checkpoint: Any = None) -> None:
+        self.puts = puts
+        self.resume = checkpoint if isinstance(checkpoint, int) else 0
+        self.done = trio.Event()
+
+    def records(self, i: int) -> list[SensorReading]:
+        return [reading(i, j, size) for j, size in enumerate(self.puts[i])]
+
+    async def run(self, sink: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        for i in range(self.resume, len(self.puts)):
+            await sink.put(self.records(i), checkpoint=i + 1)
+        self.done.set()
+        await trio.sleep_forever()
+
+
+def refusing_gateway(state_dir: Path, source: ScriptedSource) -> Gateway:
+    """No hub; frames of at most 4 KiB (a quarter of the spool), so a GIANT record is
+    refused; batches of 4 records, cut only when full."""
+    cfg = gateway_config(state_dir, 1, batch={"max_records": 4, "max_delay_ms": 3_600_000},
+                         spool={"dir": str(state_dir / "spool"), "max_bytes": 16384,
+                                "segment_bytes": 4096})
+    gateway = Gateway(cfg, extra_sources=[("tester", source)])
+    gateway.dead_letter_path = DeadLetterFile(state_dir / "dead-letter.cborseq")  # type: ignore[assignment]
+    return gateway
+
+
+async def crash_image_at_first_dead_letter(tmp_path: Path, puts: list[list[int]]) -> Path:
+    """Run a gateway until the first refused record's entry is written (in the file, the
+    write not yet returned, the frames after it not stored): its state directory copied
+    then is what a SIGKILL there leaves."""
+    image = tmp_path / "image"
+    gateway = refusing_gateway(tmp_path / "gw", ScriptedSource(puts))
+    dead_letters = gateway.dead_letter_path
+    assert isinstance(dead_letters, DeadLetterFile)
+    crashed = trio.Event()
+
+    async def crash() -> None:
+        dead_letters.written = None
+        await trio.to_thread.run_sync(shutil.copytree, tmp_path / "gw", image)
+        crashed.set()
+
+    dead_letters.written = crash
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            await crashed.wait()
+            nursery.cancel_scope.cancel()
+    return image
+
+
+async def restart(image: Path, puts: list[list[int]]) -> None:
+    """The gateway started on ``image``: its source replays from the durable checkpoint;
+    stopped cleanly once done."""
+    async with DiskSpool.open(SpoolConfig(dir=str(image / "spool"))) as spool:
+        checkpoint = spool.checkpoints.get("tester")
+    source = ScriptedSource(puts, checkpoint)
+    gateway = refusing_gateway(image, source)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            await source.done.wait()
+            nursery.cancel_scope.cancel()
+
+
+async def stored_names(spool_dir: Path) -> list[str]:
+    async with DiskSpool.open(SpoolConfig(dir=str(spool_dir))) as spool:
+        frames = spool.frames_from(1, 1000)
+    names = []
+    for f in frames:
+        _, sources, wire = decode_body(f.body, 1 << 20)
+        names += [r.channel for r in (from_wire(w, sources) for w in wire)
+                  if isinstance(r, SensorReading)]
+    return names
+
+
+def kept(path: Path) -> list[tuple[Any, list[str]]]:
+    """(seq, channels of its records) of every entry of the dead-letter file at ``path``
+    (raises if one does not frame or decode)."""
+    out = []
+    for e in DeadLetterFile(path).entries():
+        _, src, wire = decode_body(e["body"], 1 << 20)
+        out.append((e["seq"], [from_wire(w, src).channel for w in wire]))
+    return out
+
+
+async def test_an_undecodable_frame_stands_in_under_its_own_record_ids_the_hub_applies_it(
+        tmp_path: Path) -> None:
+    """A stored frame whose body does not decode, over the hub's records per frame: it
+    is dead-lettered and a stand-in event goes in its place under the frame's first
+    record id (the next record id stored with it, less its records) -- read back from
+    the spool's files after a restart.  The hub applies it: before, the stand-in went
+    under record id 1, which the hub had applied, and dropped it as a duplicate."""
+    port = free_port()
+    state = tmp_path / "gw"
+
+    def gateway() -> Gateway:
+        return Gateway(gateway_config(state, port, uplink={"probe_interval_s": 0.1},
+                                      batch={"max_records": 5, "max_delay_ms": 20},
+                                      spool={"dir": str(state / "spool")}))
+
+    first = gateway()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:  # no hub yet: the frames stay
+            await nursery.start(first.run)
+            await first.sink.put([reading(0, j, SMALL) for j in range(5)], source="tester")
+            while first.store.next_seq < 2:
+                await first.flush()
+                await trio.sleep(0.02)
+            garbage = b"\xff\x00 not a frame body"
+            assert await first.store.append(garbage, 20, {RID_KEY: 6 + 20}) == 2
+            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        hub, _ = await start_hub(nursery, hub_config(tmp_path / "hub", port=port,
+                                                     max_records_per_frame=10))
+        restarted = gateway()
+        await nursery.start(restarted.run)
+        with trio.fail_after(30):
+            while not (restarted.store.next_seq > 2
+                       and restarted.store.first_unacked >= restarted.store.next_seq):
+                await trio.sleep(0.02)
+        got = []
+        for codec, body in await hub.store.query("SELECT codec, body FROM frames"):
+            first_rid, src, wire = decode_body(unpack_body(codec, body), 1 << 20)
+            got += [(first_rid + i, from_wire(w, src)) for i, w in enumerate(wire)]
+        events = [(rid, r.code) for rid, r in got if isinstance(r, GatewayEvent)]
+        assert events == [(6, "frame_dead_lettered")], "applied under the frame's own id"
+        assert sorted(rid for rid, _ in got) == list(range(1, 7))
+        assert hub.metrics.counter("hub_frames_duplicate_records_total").total() == 0
+        entries = DeadLetterFile(state / "dead-letter.cborseq").entries()
+        assert [(e["seq"], e["body"]) for e in entries] == [(2, garbage)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_refused_record_is_kept_once_across_a_crash_before_its_checkpoint(
+        tmp_path: Path) -> None:
+    """A crash right after a refused record's entry is written, before any frame past
+    it is durable: the restarted gateway's source replays the record, which is refused
+    again -- and found in the file (before: a second entry).  Every other record is
+    stored once."""
+    puts = [[SMALL], [GIANT], [SMALL, SMALL], [SMALL, SMALL, SMALL, SMALL]]
+    image = await crash_image_at_first_dead_letter(tmp_path, puts)
+    assert kept(image / "dead-letter.cborseq") == [(None, ["put1-0"])]
+
+    await restart(image, puts)
+    assert kept(image / "dead-letter.cborseq") == [(None, ["put1-0"])], "kept once"
+    expected = [f"put{i}-{j}" for i, put in enumerate(puts) for j in range(len(put))]
+    assert await stored_names(image / "spool") == [n for n in expected if n != "put1-0"]
+
+
+async def test_a_torn_last_entry_is_cut_off_at_restart_and_written_again_once(
+        tmp_path: Path) -> None:
+    """A crash in the middle of a refused record's entry (its last bytes never written):
+    the restarted gateway cuts the torn entry off before writing, so the entries it
+    writes next -- the replayed record's, once, and a new one's -- all read (before: they
+    followed the torn bytes, and no reader could frame them)."""
+    puts = [[SMALL], [GIANT], [SMALL, SMALL], [SMALL, GIANT, SMALL, SMALL], [SMALL]]
+    image = await crash_image_at_first_dead_letter(tmp_path, puts)
+    path = image / "dead-letter.cborseq"
+    whole = path.read_bytes()
+    path.write_bytes(whole[:len(whole) // 2])  # torn: the rest never reached the disk
+
+    await restart(image, puts)
+    assert kept(path) == [(None, ["put1-0"]), (None, ["put3-1"])]
+    expected = [f"put{i}-{j}" for i, put in enumerate(puts) for j in range(len(put))]
+    assert await stored_names(image / "spool") == [
+        n for n in expected if n not in ("put1-0", "put3-1")]
+
+
+def test_opening_cuts_off_a_torn_or_zeroed_tail_and_leaves_damage_before_it(
+        tmp_path: Path) -> None:
+    """Only the last entry can be torn (each is fsynced before the next): cut off whether
+    its bytes stop short or are zeros (a size that reached the disk, data that did
+    not); damage followed by whole entries is no crash's and is left as it is."""
+    def entry(i: int) -> bytes:
+        data = cbor2.dumps({"seq": None, "epoch": "e", "reason": "r", "at": 0.0,
+                            "source": "s", "rid": i, "body": bytes([i])})
+        return len(data).to_bytes(4, "big") + data
+
+    path = tmp_path / "dead-letter.cborseq"
+    whole = entry(1) + entry(2)
+    for tail in (entry(3)[:7], entry(3)[:2], b"\0" * 40):
+        path.write_bytes(whole + tail)
+        found = open_dead_letter_file(str(path), "e", 2)
+        assert path.read_bytes() == whole
+        assert found == {("s", bytes([2])): 1}, "entries at or after rid 2"
+    damaged = whole + b"\0\0\0\5junk!" + entry(4)
+    path.write_bytes(damaged)
+    open_dead_letter_file(str(path), "e", 1)
+    assert path.read_bytes() == damaged
