@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shutil
+import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -605,3 +607,61 @@ async def test_a_lot_retested_after_it_left_memory_is_archived_as_both_passes_di
                         "starts", "started", "reopened_at", "status"):
                 assert wafer[key] == live[key], (wafer_id, key)
         hub.stop()
+
+
+async def test_an_archive_held_when_the_hub_crashes_is_written_after_the_restart(
+        tmp_path: Path) -> None:
+    """A lot evicted while ``history.sqlite3`` takes no writes, its archive held in memory,
+    then the hub dies (a crash image: its directory copied as it runs, no clean stop).
+    The checkpoint the hub tries meanwhile is not written (it would stand for the lot's
+    eviction), so the restarted hub, the store healthy, replays the frames after the older
+    one, evicts the lot again and writes its archive: in the store once, and the history
+    API answers for it.  Before, the checkpoint was written and the archive lost."""
+    from faultkit import expected_records
+    from hubtools import hub_config, start_tester
+
+    from edgegw.hub import Hub as HubApp
+
+    source = {"lot_id": "LOTA", "lots": 2, "parts_per_second": 3000, "wafers": 2,
+              "wafer_diameter_dies": 6, "seed": 7}
+    n = len(expected_records(**source))
+    data_dir, image = tmp_path / "hub", tmp_path / "image"
+    cfg = hub_config(data_dir, checkpoint_interval_s=600, checkpoint_records=10**6)
+    data_dir.mkdir()
+    fault = StoreFault("locked", data_dir)
+    try:
+        async with trio.open_nursery() as nursery:
+            app = HubApp(cfg)
+            app.state.max_lots = 1  # LOTA is evicted when LOTB comes
+            port = await nursery.start(app.run)
+            fault.block()
+            await start_tester(nursery, tmp_path, port, **source)
+            held = app.metrics.gauge("hub_archives_unwritten_pending")
+            try:
+                with trio.fail_after(60):
+                    while (app.ingest.store.gateway_stats("ate-01").records_applied < n
+                           or not held.get()):
+                        await trio.sleep(0.05)
+            except trio.TooSlowError:
+                raise AssertionError((app.ingest.store.gateway_stats("ate-01").records_applied,
+                                      n, held.get(), list(app.state.lots))) from None
+            assert "LOTA" not in app.state.lots
+            app.ingest.drain_feed()
+            # a checkpoint now would stand for LOTA's eviction: not written
+            assert await app.checkpointer.checkpoint() is False
+            assert held.get()
+            await trio.to_thread.run_sync(shutil.copytree, data_dir, image)  # the crash
+            nursery.cancel_scope.cancel()
+    finally:
+        fault.unblock()
+    async with trio.open_nursery() as nursery:
+        app = HubApp(hub_config(image, checkpoint_interval_s=600, checkpoint_records=10**6))
+        app.state.max_lots = 1
+        port = await nursery.start(app.run)
+        await app.alerts.wait_persisted()
+        status, body = await get(port, "/api/lots/LOTA/wafers")
+        assert status == 200 and body["live"] is False, body
+        nursery.cancel_scope.cancel()
+    with sqlite3.connect(image / "history.sqlite3") as db:
+        rows = db.execute("SELECT parts FROM lots WHERE lot_id = 'LOTA'").fetchall()
+    assert len(rows) == 1 and rows[0][0] > 0, rows

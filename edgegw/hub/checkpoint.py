@@ -12,9 +12,13 @@ Design, invariants first (format: docs/storage.md, "Checkpoints"):
   copy, and the copy of a wafer that has not changed since the last checkpoint is reused.
 * **Durable before it counts.**  The file is written to a temporary name, fsynced,
   renamed over ``checkpoint`` (the previous one becomes ``checkpoint.prev``) and the
-  directory fsynced.  Archives of lots evicted before the cut are written to the history
-  store first (``AlertService.wait_persisted``): a checkpoint never stands for an evicted
-  lot whose archive a crash could lose.
+  directory fsynced.  Archives of lots evicted before the cut are handed to the history
+  store first (``AlertService.wait_persisted``), and while any archive is only held in
+  memory because that store cannot be written (``AlertService.archives_unwritten``) no
+  checkpoint is written at all: a checkpoint never stands for an evicted lot whose archive
+  a crash could lose -- the older one stands, and the replay after a restart evicts the
+  lot again and writes its archive.  (An archive dropped over the memory bound while the
+  store stays unwritable is lost once a later checkpoint is written: docs/alerts.md.)
 * **Frames stay until two checkpoints cover them.**  The pruner never deletes a frame
   above the *older* checkpoint's position, so falling back to ``checkpoint.prev`` (the
   newer one unreadable) still finds every frame after it.
@@ -480,6 +484,7 @@ class Checkpointer:
         self.position = 0  # the frame id the newest durable checkpoint covers
         self.loaded_from: str | None = None
         self._written_at_records = 0
+        self._holding = False  # checkpoints wait for archives held in memory (logged once)
         self._wake = trio.Event()
         m = self.metrics
         self._m_written = m.counter("hub_checkpoints_written_total", "checkpoints written")
@@ -543,6 +548,16 @@ class Checkpointer:
             if final and self.alerts.backlog:
                 return False  # its writer may be gone already: do not wait for it
             await self.alerts.wait_persisted()
+            if self.alerts.archives_unwritten:
+                # held in memory (the history store cannot be written): a checkpoint now
+                # could stand for their lots' eviction, and a crash would lose them.  The
+                # older one stands; the replay after a restart evicts them again.
+                if not self._holding:
+                    log.warning("live-state checkpoints wait: %d lot/wafer archive(s) not "
+                                "yet in the history store", self.alerts.archives_unwritten)
+                self._holding = True
+                return False
+            self._holding = False
         blob = await trio.to_thread.run_sync(
             encode, {"frame_id": position, "store_id": self.hub.store.store_id}, data)
         await trio.to_thread.run_sync(write_file_sync, self.directory, blob)

@@ -137,6 +137,7 @@ class AlertService:
         # the next batch (before it: a later pass merges into an earlier one) or alone
         self._held_archives: OrderedDict[_ArchiveKey, _HeldArchive] = OrderedDict()
         self._held_bytes = 0
+        self._archives_given_up = 0  # not written at the stop's last try
         self._m_archives_held = self.metrics.gauge(
             "hub_archives_unwritten_pending",
             "lot and wafer archives only in memory: the history store could not be "
@@ -196,6 +197,15 @@ class AlertService:
         """``LiveState(on_wafer_archive=...)``: keep a wafer that left memory answerable."""
         self._queued += 1
         self._send.send_nowait(("wafer", (lot_id, wafer_id, snapshot)))
+
+    @property
+    def archives_unwritten(self) -> int:
+        """Archives of evicted lots and wafers not in the history store: held in memory
+        (the store cannot be written), or given up at the stop.  While there are any, a
+        checkpoint would stand for their eviction and a crash would lose them: the
+        checkpointer writes none (``Checkpointer.checkpoint``), so the replay after a
+        restart evicts the lots again and writes their archives then."""
+        return len(self._held_archives) + self._archives_given_up
 
     @property
     def backlog(self) -> int:
@@ -270,11 +280,13 @@ class AlertService:
             log.error("history store not written at the stop (%d alert states, %d lots, %d "
                       "wafers): %s", len(self._held), len(lots), len(wafers), exc)
             if archives:
+                # not lost: no checkpoint stands for their eviction (``archives_unwritten``)
                 names = [_archive_name(_archive_key(kind, payload)[0])
                          for kind, payload in archives]
-                self._m_archives_dropped.inc(len(names))
-                log.error("%d lot/wafer archive(s) not written to the history store: lost "
-                          "(the history API has no figures for them): %s%s", len(names),
+                self._archives_given_up = len(names)
+                log.error("%d lot/wafer archive(s) not written to the history store at the "
+                          "stop: the last checkpoint does not cover their eviction, the "
+                          "replay at the next start writes them: %s%s", len(names),
                           ", ".join(names[:20]), " ..." if len(names) > 20 else "")
         else:
             self._held.clear()
