@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from edgegw.hub.archive_merge import archive_order
 from edgegw.hub.history_store import HistoryStore
 from edgegw.jsonutil import dumps
 from edgegw.metrics import Metrics, report_internal_error
@@ -197,6 +198,18 @@ class AlertService:
         """``LiveState(on_wafer_archive=...)``: keep a wafer that left memory answerable."""
         self._queued += 1
         self._send.send_nowait(("wafer", (lot_id, wafer_id, snapshot)))
+
+    def held_lot_ids(self) -> set[str]:
+        """The lots with an archive (of the lot, or of one of its wafers) held in memory."""
+        return {h.item[1][0] for h in self._held_archives.values()}
+
+    def held_archives(self, lot_id: str) -> list[tuple[str, str, str, dict[str, Any]]]:
+        """``lot_id``'s archives held in memory, as ``(kind, lot_id, wafer_id, data)`` in
+        the order the store would write them (``archive_order``): the history API applies
+        them over the stored ones, so it answers for a lot whose archive is only here."""
+        lots, wafers = self._split({k: h for k, h in self._held_archives.items()
+                                    if k[1] == lot_id})
+        return archive_order(lots, wafers)
 
     @property
     def archives_unwritten(self) -> int:
