@@ -700,14 +700,17 @@ async def test_a_retested_lot_s_held_archives_are_answered_as_the_store_will_mer
         fault.unblock()
 
 
+@pytest.mark.parametrize("end", ["crash", "stop"])
 async def test_an_archive_held_when_the_hub_crashes_is_written_after_the_restart(
-        tmp_path: Path) -> None:
+        tmp_path: Path, end: str) -> None:
     """A lot evicted while ``history.sqlite3`` takes no writes, its archive held in memory,
-    then the hub dies (a crash image: its directory copied as it runs, no clean stop).
-    The checkpoint the hub tries meanwhile is not written (it would stand for the lot's
-    eviction), so the restarted hub, the store healthy, replays the frames after the older
-    one, evicts the lot again and writes its archive: in the store once, and the history
-    API answers for it.  Before, the checkpoint was written and the archive lost."""
+    then the hub dies (``crash``: a crash image, its directory copied as it runs, no clean
+    stop) or stops cleanly with the store still refusing its last try (``stop``).  The
+    checkpoints the hub tries meanwhile, the last one at the stop too, are not written
+    (they would stand for the lot's eviction), so the restarted hub, the store healthy,
+    replays the frames after the older one, evicts the lot again and writes its archive:
+    in the store once, and the history API answers for it.  Before, the checkpoint was
+    written and the archive lost."""
     from faultkit import expected_records
     from hubtools import hub_config, start_tester
 
@@ -741,10 +744,13 @@ async def test_an_archive_held_when_the_hub_crashes_is_written_after_the_restart
             # a checkpoint now would stand for LOTA's eviction: not written
             assert await app.checkpointer.checkpoint() is False
             assert held.get()
-            await trio.to_thread.run_sync(shutil.copytree, data_dir, image)  # the crash
-            nursery.cancel_scope.cancel()
+            if end == "crash":
+                await trio.to_thread.run_sync(shutil.copytree, data_dir, image)
+            nursery.cancel_scope.cancel()  # (a crash: the image is what is left)
     finally:
         fault.unblock()
+    if end == "stop":
+        image = data_dir
     async with trio.open_nursery() as nursery:
         app = HubApp(hub_config(image, checkpoint_interval_s=600, checkpoint_records=10**6))
         app.state.max_lots = 1

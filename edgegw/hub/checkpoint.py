@@ -533,12 +533,13 @@ class Checkpointer:
         return 0
 
     async def checkpoint(self, final: bool = False) -> bool:
-        """Cut, then encode and write off the Trio thread; False if there was nothing new
-        (or, at shutdown, archives still unwritten: the older checkpoint stands)."""
+        """Cut, then encode and write off the Trio thread; False if there was nothing new,
+        or archives of evicted lots are not in the history store (held in memory, or at
+        shutdown still queued): the older checkpoint stands."""
         if final:  # what was acknowledged and is still queued goes into the last one
             self.hub.drain_feed()
         position = self.hub.fed_id
-        if position == self.position:
+        if position == self.position or self._archives_held():
             return False
         t0 = time.perf_counter()
         data = capture(self.state, self.cache)
@@ -548,16 +549,8 @@ class Checkpointer:
             if final and self.alerts.backlog:
                 return False  # its writer may be gone already: do not wait for it
             await self.alerts.wait_persisted()
-            if self.alerts.archives_unwritten:
-                # held in memory (the history store cannot be written): a checkpoint now
-                # could stand for their lots' eviction, and a crash would lose them.  The
-                # older one stands; the replay after a restart evicts them again.
-                if not self._holding:
-                    log.warning("live-state checkpoints wait: %d lot/wafer archive(s) not "
-                                "yet in the history store", self.alerts.archives_unwritten)
-                self._holding = True
+            if self._archives_held():  # (evicted before the cut, the store refused them)
                 return False
-            self._holding = False
         blob = await trio.to_thread.run_sync(
             encode, {"frame_id": position, "store_id": self.hub.store.store_id}, data)
         await trio.to_thread.run_sync(write_file_sync, self.directory, blob)
@@ -567,6 +560,22 @@ class Checkpointer:
         self._m_written.inc()
         self._m_bytes.set(len(blob))
         return True
+
+    def _archives_held(self) -> bool:
+        """Archives of evicted lots held in memory (the history store cannot be written):
+        a checkpoint now could stand for their lots' eviction, and a crash would lose
+        them.  None is written (nor cut: it is not needed); the older one stands, and the
+        replay after a restart evicts the lots again and writes their archives."""
+        held = self.alerts.archives_unwritten if self.alerts is not None else 0
+        if held and not self._holding:
+            log.warning("live-state checkpoints wait: %d lot/wafer archive(s) only in memory "
+                        "(the history store cannot be written); a restart now replays the "
+                        "frames since the last one", held)
+        elif not held and self._holding:
+            log.info("live-state checkpoints resume: the archives held are in the history "
+                     "store")
+        self._holding = bool(held)
+        return bool(held)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                   ) -> None:
