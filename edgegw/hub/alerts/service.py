@@ -142,12 +142,12 @@ class AlertService:
         self._m_archives_held = self.metrics.gauge(
             "hub_archives_unwritten_pending",
             "lot and wafer archives only in memory: the history store could not be "
-            "written; lost if the hub stops now")
+            "written; live-state checkpoints wait, so a restart replays and writes them")
         self._m_archives_held.set(0)
         self._m_archives_dropped = self.metrics.counter(
             "hub_archives_dropped_total",
             "lot and wafer archives lost: held in memory while the history store could not "
-            "be written, then dropped over the cap or at a stop before it could be")
+            "be written, then dropped over the cap")
         self._queued = 0
         self._done = 0
         self._progress = trio.Event()
@@ -298,8 +298,8 @@ class AlertService:
                          for kind, payload in archives]
                 self._archives_given_up = len(names)
                 log.error("%d lot/wafer archive(s) not written to the history store at the "
-                          "stop: the last checkpoint does not cover their eviction, the "
-                          "replay at the next start writes them: %s%s", len(names),
+                          "stop: no checkpoint covers their eviction, the replay of the "
+                          "frames at the next start writes them: %s%s", len(names),
                           ", ".join(names[:20]), " ..." if len(names) > 20 else "")
         else:
             self._held.clear()
