@@ -373,11 +373,23 @@ class HistoryApi:
         held = self.held.held_lot_ids() if self.held is not None else set()
         if not held:
             return archived
+        stored = {a.get("lot_id"): a for a in archived}
         pending = []
         for lot_id in sorted(held):
-            rows = await self._pending(lot_id)
-            if rows is not None and rows.archive is not None:
-                pending.append({**rows.archive["lot"], "archive_pending": True})
+            archives = self.held.held_archives(lot_id) if self.held is not None else []
+            lot_archives = [data["lot"] for kind, _, _, data in archives if kind == "lot"]
+            if not lot_archives:
+                continue  # (only wafers held: the lot's row is as stored)
+            if any((data["lot"] if kind == "lot" else data).get("counts_from") is not None
+                   for kind, _, _, data in archives):  # a later pass: merged as stored
+                rows = await self._pending(lot_id)
+                summary = rows.archive["lot"] if rows and rows.archive else None
+            else:  # first passes (most often): the fullest, the store's rule, no merge
+                summary = max(lot_archives, key=lambda a: a.get("parts") or 0)
+                if (summary.get("parts") or 0) < (stored.get(lot_id, {}).get("parts") or 0):
+                    summary = None
+            if summary is not None:
+                pending.append({**summary, "archive_pending": True})
         shown = {p.get("lot_id") for p in pending}
         return [s for s in archived if s.get("lot_id") not in shown] + pending
 
