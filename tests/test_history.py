@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shutil
+import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -120,7 +122,8 @@ class Hub:
                                on_wafer_archive=self.alerts.archive_wafer, max_lots=max_lots,
                                max_wafers_per_lot=max_wafers_per_lot)
         self.http = HttpServer()
-        HistoryApi(self.state, self.alerts.engine, self.alerts.store).install(self.http)
+        HistoryApi(self.state, self.alerts.engine, self.alerts.store,
+                   held=self.alerts).install(self.http)
         self.port = 0
         self.cancel = trio.CancelScope()
 
@@ -390,6 +393,46 @@ async def test_an_archive_held_in_memory_is_written_at_a_clean_stop(tmp_path: Pa
         hub.stop()
 
 
+async def test_the_history_api_answers_for_a_lot_whose_archive_is_only_held_in_memory(
+        store_fault: StoreFault) -> None:  # noqa: F811 (the fixture imported)
+    """A lot evicted while ``history.sqlite3`` takes no writes: its archive held in memory
+    is what the history API answers from -- the lot listed, its wafers, a wafer's map, a
+    test -- the lot's row and its wafer list marked ``"archive_pending": true`` until the
+    store has it; then the same figures, unmarked.  Before, the lot was neither live nor
+    archived: 404 and absent from the list until the store took the archive."""
+    data_dir = store_fault.path.parent
+    async with trio.open_nursery() as nursery:
+        hub = Hub(data_dir, max_lots=1)
+        await hub.start(nursery)
+        store_fault.block()
+        await _evict_old_lot(hub)
+        pending = hub.alerts.metrics.gauge("hub_archives_unwritten_pending")
+        assert pending.get() == 1
+        await _old_lot_is_served(hub.port)
+        status, body = await get(hub.port, "/api/lots")
+        (row,) = [r for r in body["lots"] if r["lot_id"] == "OLD"]
+        assert row["archive_pending"] is True and row["good"] == 3, row
+        assert "archive_pending" not in next(r for r in body["lots"] if r["lot_id"] == "NEW")
+        status, listed = await get(hub.port, "/api/lots/OLD/wafers")
+        assert status == 200 and listed["archive_pending"] is True and listed["live"] is False
+        assert [w["wafer_id"] for w in listed["wafers"]] == ["OLD-1"]
+        status, stats = await get(hub.port, "/api/tests/OLD/300")
+        assert status == 200 and stats["count"] == 6
+        store_fault.unblock()
+        with trio.fail_after(30):
+            while pending.get():
+                await trio.sleep(0.05)
+        await _old_lot_is_served(hub.port)
+        status, body = await get(hub.port, "/api/lots")
+        (stored,) = [r for r in body["lots"] if r["lot_id"] == "OLD"]
+        assert stored == {k: v for k, v in row.items() if k != "archive_pending"}
+        status, after = await get(hub.port, "/api/lots/OLD/wafers")
+        assert "archive_pending" not in after
+        assert after == {k: v for k, v in listed.items() if k != "archive_pending"}
+        assert (await get(hub.port, "/api/tests/OLD/300"))[1] == stats
+        hub.stop()
+
+
 def _lot_archive(lot_id: str, parts: int) -> dict[str, Any]:
     """The smallest lot archive the store takes (``state.lot_archive`` shape)."""
     lot = {"lot_id": lot_id, "parts": parts, "die_count": parts, "updated": float(parts)}
@@ -605,3 +648,117 @@ async def test_a_lot_retested_after_it_left_memory_is_archived_as_both_passes_di
                         "starts", "started", "reopened_at", "status"):
                 assert wafer[key] == live[key], (wafer_id, key)
         hub.stop()
+
+
+@pytest.mark.parametrize(("max_wafers_per_lot", "again"), [(25, False), (1, False), (1, True)])
+async def test_a_retested_lot_s_held_archives_are_answered_as_the_store_will_merge_them(
+        tmp_path: Path, max_wafers_per_lot: int, again: bool) -> None:
+    """The retest's archives (the lot's, and with ``max_wafers_per_lot`` 1 its wafers'),
+    held in memory while ``history.sqlite3`` takes no writes, merge with the stored first
+    pass in the history API's answers exactly as in the store once it takes them: the
+    answers while held equal those after, but for ``"archive_pending"``."""
+    frames = two_passes(again)
+
+    async def answers(port: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        _, body = await get(port, "/api/lots")
+        out["row"] = next(r for r in body["lots"] if r["lot_id"] == "OLD")
+        _, out["wafers"] = await get(port, "/api/lots/OLD/wafers")
+        for w in out["wafers"]["wafers"]:
+            _, out[w["wafer_id"]] = await get(port, f"/api/lots/OLD/wafers/{w['wafer_id']}")
+        return out
+
+    fault = StoreFault("locked", tmp_path)
+    try:
+        async with trio.open_nursery() as nursery:
+            hub = Hub(tmp_path, max_lots=1, max_wafers_per_lot=max_wafers_per_lot)
+            await hub.start(nursery)
+            for i, frame in enumerate(frames[:2]):
+                hub.state.on_records("gw", 1_000 * i + 1, frame, now=1.0)
+            await hub.settle()
+            fault.block()
+            for i, frame in enumerate(frames[2:], start=2):  # the retest, then its eviction
+                hub.state.on_records("gw", 1_000 * i + 1, frame, now=1.0)
+            assert "OLD" not in hub.state.lots
+            with trio.fail_after(15):
+                await hub.alerts.wait_persisted()
+            pending = hub.alerts.metrics.gauge("hub_archives_unwritten_pending")
+            assert pending.get() >= 1
+            held = await answers(hub.port)
+            assert held["row"].pop("archive_pending") is True
+            assert held["wafers"].pop("archive_pending") is True
+            fault.unblock()
+            with trio.fail_after(30):
+                while pending.get():
+                    await trio.sleep(0.05)
+            written = await answers(hub.port)
+            assert held == written
+            assert sorted(w["wafer_id"] for w in written["wafers"]["wafers"]) == [
+                "W1", "W2", "W3"]
+            hub.stop()
+    finally:
+        fault.unblock()
+
+
+@pytest.mark.parametrize("end", ["crash", "stop"])
+async def test_an_archive_held_when_the_hub_crashes_is_written_after_the_restart(
+        tmp_path: Path, end: str) -> None:
+    """A lot evicted while ``history.sqlite3`` takes no writes, its archive held in memory,
+    then the hub dies (``crash``: a crash image, its directory copied as it runs, no clean
+    stop) or stops cleanly with the store still refusing its last try (``stop``).  The
+    checkpoints the hub tries meanwhile, the last one at the stop too, are not written
+    (they would stand for the lot's eviction), so the restarted hub, the store healthy,
+    replays the frames after the older one, evicts the lot again and writes its archive:
+    in the store once, and the history API answers for it.  Before, the checkpoint was
+    written and the archive lost."""
+    from faultkit import expected_records
+    from hubtools import hub_config, start_tester
+
+    from edgegw.hub import Hub as HubApp
+
+    source = {"lot_id": "LOTA", "lots": 2, "parts_per_second": 3000, "wafers": 2,
+              "wafer_diameter_dies": 6, "seed": 7}
+    n = len(expected_records(**source))
+    data_dir, image = tmp_path / "hub", tmp_path / "image"
+    cfg = hub_config(data_dir, checkpoint_interval_s=600, checkpoint_records=10**6)
+    data_dir.mkdir()
+    fault = StoreFault("locked", data_dir)
+    try:
+        async with trio.open_nursery() as nursery:
+            app = HubApp(cfg)
+            app.state.max_lots = 1  # LOTA is evicted when LOTB comes
+            port = await nursery.start(app.run)
+            fault.block()
+            await start_tester(nursery, tmp_path, port, **source)
+            held = app.metrics.gauge("hub_archives_unwritten_pending")
+            try:
+                with trio.fail_after(60):
+                    while (app.ingest.store.gateway_stats("ate-01").records_applied < n
+                           or not held.get()):
+                        await trio.sleep(0.05)
+            except trio.TooSlowError:
+                raise AssertionError((app.ingest.store.gateway_stats("ate-01").records_applied,
+                                      n, held.get(), list(app.state.lots))) from None
+            assert "LOTA" not in app.state.lots
+            app.ingest.drain_feed()
+            # a checkpoint now would stand for LOTA's eviction: not written
+            assert await app.checkpointer.checkpoint() is False
+            assert held.get()
+            if end == "crash":
+                await trio.to_thread.run_sync(shutil.copytree, data_dir, image)
+            nursery.cancel_scope.cancel()  # (a crash: the image is what is left)
+    finally:
+        fault.unblock()
+    if end == "stop":
+        image = data_dir
+    async with trio.open_nursery() as nursery:
+        app = HubApp(hub_config(image, checkpoint_interval_s=600, checkpoint_records=10**6))
+        app.state.max_lots = 1
+        port = await nursery.start(app.run)
+        await app.alerts.wait_persisted()
+        status, body = await get(port, "/api/lots/LOTA/wafers")
+        assert status == 200 and body["live"] is False, body
+        nursery.cancel_scope.cancel()
+    with sqlite3.connect(image / "history.sqlite3") as db:
+        rows = db.execute("SELECT parts FROM lots WHERE lot_id = 'LOTA'").fetchall()
+    assert len(rows) == 1 and rows[0][0] > 0, rows

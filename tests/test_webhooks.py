@@ -629,3 +629,32 @@ async def test_outbox_rows_held_in_memory_are_bounded_finished_ones_forgotten_fi
         stored = {k for (k,) in db.execute("SELECT event_key FROM webhook_outbox"
                                            " WHERE outcome IS NULL")}
     assert stored == {f"a{i}:raised" for i in range(1, MAX_HELD_ROWS + 2)} - {"a5:raised"}
+
+
+async def test_every_failed_write_of_the_outbox_rows_held_counts_as_a_history_store_error(
+        tmp_path: Path) -> None:
+    """The webhook outbox writes the rows it holds in memory again and again while
+    ``history.sqlite3`` takes no writes (another process holds its write lock): each try
+    that fails counts in ``edgegw_hub_history_store_errors_total``, as the alert service's
+    retries do, so a store that stays unwritable does not look like one failure.  Before,
+    the outbox's failed tries were not counted at all."""
+    url = "http://127.0.0.1:9/hook"
+    service = AlertService(AlertsConfig(webhooks=[WebhookConfig(url=url)]), lambda t, d: None,
+                           tmp_path / "history.sqlite3")
+    errors = service.metrics.counter("hub_history_store_errors_total")
+    await service.open()
+    fault = StoreFault("locked", tmp_path)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.outbox.run)  # the outbox alone: only its writes
+            fault.block()
+            service.outbox.hold([(url, "a1:raised", json.dumps(event("a1")), 1.0)])
+            # each try waits out SQLite's 5 s lock wait; tried again after 1 s, then 2 s
+            await wait_for(lambda: errors.total() >= 2, limit_s=60)
+            fault.unblock()
+            await wait_for(lambda: service.outbox.held_unfinished() == [], limit_s=60)
+            nursery.cancel_scope.cancel()
+    finally:
+        fault.unblock()
+        await service.aclose()
+    assert fault.rows() == [("a1:raised", None)]

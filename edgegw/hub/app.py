@@ -56,7 +56,8 @@ class Hub:
         self.fanout.ingest_lag = self.ingest.lag  # ticks wait while the gateways' records do
         self.fanout.install(self.ingest.http)
         Dashboard().install(self.ingest.http)
-        HistoryApi(self.state, self.alerts.engine, self.alerts.store).install(self.ingest.http)
+        HistoryApi(self.state, self.alerts.engine, self.alerts.store,
+                   held=self.alerts).install(self.ingest.http)
         # /api/stats with the live state's health (records not applied, by reason)
         self.ingest.stats_sections["live_state"] = self.state.health
         self.ingest.stats_sections["checkpoint"] = self._checkpoint_stats

@@ -302,5 +302,29 @@ def merge_lot_archive(rows: ArchiveRows, lot_id: str, archive: dict[str, Any]) -
     return True
 
 
-__all__ = ["ArchiveRows", "Correction", "archive_key", "archive_order", "holds", "latest_start",
-           "merge_lot_archive", "merge_wafer", "merge_wafer_archive"]
+def apply_archive(rows: ArchiveRows, kind: str, lot_id: str, wafer_id: str,
+                  data: dict[str, Any]) -> bool:
+    """One archive of an ``archive_order`` batch written into ``rows`` as the stores write
+    it: a later pass merged, a first pass replacing the stored one only if at least as
+    full.  False: not written (the stored one is fuller, or holds its pass already).  The
+    history API applies archives held in memory this way over the stored ones."""
+    if kind == "wafer":
+        if data.get("counts_from") is not None:
+            return merge_wafer_archive(rows, lot_id, wafer_id, data)
+        stored = rows.wafer(lot_id, wafer_id)
+        if stored is not None and (data.get("parts") or 0) < (stored.get("parts") or 0):
+            return False
+        rows.put_wafer(lot_id, wafer_id, data)
+        return True
+    if data["lot"].get("counts_from") is not None:
+        return merge_lot_archive(rows, lot_id, data)
+    stored_lot = rows.lot(lot_id)
+    if stored_lot is not None and ((data["lot"].get("parts") or 0)
+                                   < (stored_lot["lot"].get("parts") or 0)):
+        return False
+    rows.put_lot(lot_id, data)
+    return True
+
+
+__all__ = ["ArchiveRows", "Correction", "apply_archive", "archive_key", "archive_order", "holds",
+           "latest_start", "merge_lot_archive", "merge_wafer", "merge_wafer_archive"]

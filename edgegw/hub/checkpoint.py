@@ -12,9 +12,13 @@ Design, invariants first (format: docs/storage.md, "Checkpoints"):
   copy, and the copy of a wafer that has not changed since the last checkpoint is reused.
 * **Durable before it counts.**  The file is written to a temporary name, fsynced,
   renamed over ``checkpoint`` (the previous one becomes ``checkpoint.prev``) and the
-  directory fsynced.  Archives of lots evicted before the cut are written to the history
-  store first (``AlertService.wait_persisted``): a checkpoint never stands for an evicted
-  lot whose archive a crash could lose.
+  directory fsynced.  Archives of lots evicted before the cut are handed to the history
+  store first (``AlertService.wait_persisted``), and while any archive is only held in
+  memory because that store cannot be written (``AlertService.archives_unwritten``) no
+  checkpoint is written at all: a checkpoint never stands for an evicted lot whose archive
+  a crash could lose -- the older one stands, and the replay after a restart evicts the
+  lot again and writes its archive.  (An archive dropped over the memory bound while the
+  store stays unwritable is lost once a later checkpoint is written: docs/alerts.md.)
 * **Frames stay until two checkpoints cover them.**  The pruner never deletes a frame
   above the *older* checkpoint's position, so falling back to ``checkpoint.prev`` (the
   newer one unreadable) still finds every frame after it.
@@ -480,6 +484,7 @@ class Checkpointer:
         self.position = 0  # the frame id the newest durable checkpoint covers
         self.loaded_from: str | None = None
         self._written_at_records = 0
+        self._holding = False  # checkpoints wait for archives held in memory (logged once)
         self._wake = trio.Event()
         m = self.metrics
         self._m_written = m.counter("hub_checkpoints_written_total", "checkpoints written")
@@ -528,12 +533,13 @@ class Checkpointer:
         return 0
 
     async def checkpoint(self, final: bool = False) -> bool:
-        """Cut, then encode and write off the Trio thread; False if there was nothing new
-        (or, at shutdown, archives still unwritten: the older checkpoint stands)."""
+        """Cut, then encode and write off the Trio thread; False if there was nothing new,
+        or archives of evicted lots are not in the history store (held in memory, or at
+        shutdown still queued): the older checkpoint stands."""
         if final:  # what was acknowledged and is still queued goes into the last one
             self.hub.drain_feed()
         position = self.hub.fed_id
-        if position == self.position:
+        if position == self.position or self._archives_held():
             return False
         t0 = time.perf_counter()
         data = capture(self.state, self.cache)
@@ -543,6 +549,8 @@ class Checkpointer:
             if final and self.alerts.backlog:
                 return False  # its writer may be gone already: do not wait for it
             await self.alerts.wait_persisted()
+            if self._archives_held():  # (evicted before the cut, the store refused them)
+                return False
         blob = await trio.to_thread.run_sync(
             encode, {"frame_id": position, "store_id": self.hub.store.store_id}, data)
         await trio.to_thread.run_sync(write_file_sync, self.directory, blob)
@@ -552,6 +560,22 @@ class Checkpointer:
         self._m_written.inc()
         self._m_bytes.set(len(blob))
         return True
+
+    def _archives_held(self) -> bool:
+        """Archives of evicted lots held in memory (the history store cannot be written):
+        a checkpoint now could stand for their lots' eviction, and a crash would lose
+        them.  None is written (nor cut: it is not needed); the older one stands, and the
+        replay after a restart evicts the lots again and writes their archives."""
+        held = self.alerts.archives_unwritten if self.alerts is not None else 0
+        if held and not self._holding:
+            log.warning("live-state checkpoints wait: %d lot/wafer archive(s) only in memory "
+                        "(the history store cannot be written); a restart now replays the "
+                        "frames since the last one", held)
+        elif not held and self._holding:
+            log.info("live-state checkpoints resume: the archives held are in the history "
+                     "store")
+        self._holding = bool(held)
+        return bool(held)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                   ) -> None:

@@ -20,18 +20,27 @@ The JSON shapes are the live topics' snapshots (``docs/live-topics.md``), so a d
 renders history and live updates with the same code.  A lot's wafers come from memory
 while they are live and from the history store once they left it (a lot with more wafers
 than the live state keeps, or an evicted lot), so every wafer of a lot of any size is
-answerable.  Errors are ``{"error": "..."}``
+answerable.  A lot (wafer) whose archive is only held in memory, because the history
+store cannot be written (``AlertService.held_archives``), is answered all the same: its
+held archives applied over the stored ones as the store will apply them, and its rows in
+``/api/lots`` and its ``/api/lots/<lot>/wafers`` answer say ``"archive_pending": true``.
+Errors are ``{"error": "..."}``
 with 400 (bad parameter) or 404 (unknown lot, wafer, test or alert).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
 
 from edgegw.hub.alerts import AlertEngine
+from edgegw.hub.archive_merge import apply_archive
+from edgegw.hub.history_store import WAFER_SUMMARY
 from edgegw.hub.topics import PRIORITIES
 
 if TYPE_CHECKING:
@@ -47,6 +56,55 @@ _LOT_FIELDS = ("lot_id", "part_type", "node_name", "tester_type", "job_name", "s
 _WAFER_FIELDS = ("wafer_id", "status", "started", "ended", "starts", "reopened_at",
                  "die_count", "good", "yield", "parts", "retests", "hard_bins", "soft_bins",
                  "updated")
+
+
+class HeldArchives(Protocol):
+    """Archives held in memory while the history store cannot be written
+    (``AlertService``)."""
+
+    def held_lot_ids(self) -> set[str]: ...
+    def held_archives(self, lot_id: str) -> list[tuple[str, str, str, dict[str, Any]]]: ...
+
+
+class _Pending:
+    """``ArchiveRows`` over copies of a lot's stored archives, with the archives held in
+    memory applied on top: the lot as the history store will hold it once written."""
+
+    def __init__(self, lot: dict[str, Any] | None, wafers: dict[str, dict[str, Any]],
+                 wafer_ids: set[str]) -> None:
+        self.archive = lot
+        self.wafers = wafers
+        self.ids = wafer_ids
+        self.changed: list[str] = []  # the wafers' own rows written, in order
+
+    def lot(self, lot_id: str) -> dict[str, Any] | None:
+        return self.archive
+
+    def wafer(self, lot_id: str, wafer_id: str) -> dict[str, Any] | None:
+        return self.wafers.get(wafer_id)
+
+    def wafer_ids(self, lot_id: str) -> set[str]:
+        return self.ids | set(self.wafers)
+
+    def put_lot(self, lot_id: str, archive: dict[str, Any]) -> None:
+        self.archive = archive
+
+    def put_wafer(self, lot_id: str, wafer_id: str, snap: dict[str, Any]) -> None:
+        self.wafers[wafer_id] = snap
+        if wafer_id not in self.changed:
+            self.changed.append(wafer_id)
+
+
+def _apply_held(lot: dict[str, Any] | None, wafers: dict[str, dict[str, Any]],
+                wafer_ids: set[str], held: list[tuple[str, str, str, dict[str, Any]]]
+                ) -> _Pending:
+    """(A worker thread: copies of a lot's archives, merges.)  The stored ones (shared
+    with the store's cache: copied, the merges change what they are given) with ``held``
+    applied."""
+    rows = _Pending(copy.deepcopy(lot), copy.deepcopy(wafers), wafer_ids)
+    for kind, lot_id, wafer_id, data in held:
+        apply_archive(rows, kind, lot_id, wafer_id, data)
+    return rows
 
 
 def _error(status: int, message: str) -> Result:
@@ -73,7 +131,8 @@ def lots(state: LiveState, archived: list[dict[str, Any]], params: dict[str, str
             continue
         rows.append({k: summary.get(k) for k in _LOT_FIELDS} | {
             "wafers": summary.get("wafer_count", len(summary.get("wafers", ()))),
-            "live": False})
+            "live": False} | ({"archive_pending": True} if summary.get("archive_pending")
+                              else {}))
     rows.sort(key=lambda r: r.get("updated") or 0.0, reverse=True)
     return 200, {"lots": rows[:limit]}
 
@@ -252,11 +311,13 @@ class HistoryApi:
     """Routes the ``/api/...`` history requests of the hub's HTTP server."""
 
     def __init__(self, state: LiveState, engine: AlertEngine, store: HistoryStore | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, held: HeldArchives | None = None,
+                 ) -> None:
         self.state = state
         self.engine = engine
         self.store = store
         self.clock = clock
+        self.held = held
 
     def install(self, http: HttpServer) -> None:
         http.add_route("GET", "/api/lots", self.handle)
@@ -266,19 +327,83 @@ class HistoryApi:
         http.add_route("GET", "/api/alerts/rules", self.handle)
         http.add_route("POST", "/api/alerts/*", self.handle)
 
-    async def _archived(self, lot_id: str) -> dict[str, Any] | None:
-        """The lot's archive: of a lot not in memory, or of one back in memory after it
-        left (``counts_from``: its earlier passes' wafers and tests are there)."""
-        lot = self.state.lots.get(lot_id)
-        if (lot is not None and lot.counts_from is None) or self.store is None:
+    async def _pending(self, lot_id: str) -> _Pending | None:
+        """The lot's archives with those held in memory applied (None: none held)."""
+        held = self.held.held_archives(lot_id) if self.held is not None else []
+        if not held:
             return None
-        return await self.store.lot(lot_id)
+        ids: set[str] = set()  # the stored wafer archives the held ones apply over
+        for kind, _, wafer_id, data in held:
+            ids.update([wafer_id] if kind == "wafer" else data["wafers"])
+        lot, wafers, known = None, {}, set()
+        if self.store is not None:
+            lot = await self.store.lot(lot_id)
+            for wafer_id in sorted(ids):
+                snap = await self.store.wafer(lot_id, wafer_id)
+                if snap is not None:
+                    wafers[wafer_id] = snap
+            known = {w.get("wafer_id") for w in await self.store.wafer_summaries(lot_id)}
+        return await trio.to_thread.run_sync(_apply_held, lot, wafers, known, held)
 
-    async def _archived_wafer(self, lot_id: str, wafer_id: str) -> dict[str, Any] | None:
+    async def _archived(self, lot_id: str, pending: _Pending | None = None
+                        ) -> dict[str, Any] | None:
+        """The lot's archive: of a lot not in memory, or of one back in memory after it
+        left (``counts_from``: its earlier passes' wafers and tests are there); with the
+        archives held in memory (``pending``) applied."""
         lot = self.state.lots.get(lot_id)
-        if (lot is not None and wafer_id in lot.wafers) or self.store is None:
+        if lot is not None and lot.counts_from is None:
             return None
-        return await self.store.wafer(lot_id, wafer_id)
+        if pending is not None:
+            return pending.archive
+        return await self.store.lot(lot_id) if self.store is not None else None
+
+    async def _archived_wafer(self, lot_id: str, wafer_id: str,
+                              pending: _Pending | None = None) -> dict[str, Any] | None:
+        lot = self.state.lots.get(lot_id)
+        if lot is not None and wafer_id in lot.wafers:
+            return None
+        if pending is not None and wafer_id in pending.wafers:
+            return pending.wafers[wafer_id]
+        return await self.store.wafer(lot_id, wafer_id) if self.store is not None else None
+
+    async def _lot_summaries(self) -> list[dict[str, Any]]:
+        """The archived lots' summaries, those held in memory applied (marked
+        ``archive_pending``)."""
+        archived = await self.store.lot_summaries() if self.store is not None else []
+        held = self.held.held_lot_ids() if self.held is not None else set()
+        if not held:
+            return archived
+        stored = {a.get("lot_id"): a for a in archived}
+        pending = []
+        for lot_id in sorted(held):
+            archives = self.held.held_archives(lot_id) if self.held is not None else []
+            lot_archives = [data["lot"] for kind, _, _, data in archives if kind == "lot"]
+            if not lot_archives:
+                continue  # (only wafers held: the lot's row is as stored)
+            if any((data["lot"] if kind == "lot" else data).get("counts_from") is not None
+                   for kind, _, _, data in archives):  # a later pass: merged as stored
+                rows = await self._pending(lot_id)
+                summary = rows.archive["lot"] if rows and rows.archive else None
+            else:  # first passes (most often): the fullest, the store's rule, no merge
+                summary = max(lot_archives, key=lambda a: a.get("parts") or 0)
+                if (summary.get("parts") or 0) < (stored.get(lot_id, {}).get("parts") or 0):
+                    summary = None
+            if summary is not None:
+                pending.append({**summary, "archive_pending": True})
+        shown = {p.get("lot_id") for p in pending}
+        return [s for s in archived if s.get("lot_id") not in shown] + pending
+
+    async def _wafer_summaries(self, lot_id: str, pending: _Pending | None
+                               ) -> list[dict[str, Any]]:
+        """A lot's wafers that left memory, in the order they left: those held in memory
+        applied (in their place if stored, else after)."""
+        gone = await self.store.wafer_summaries(lot_id) if self.store is not None else []
+        if pending is None or not pending.changed:
+            return gone
+        held = {w: {k: pending.wafers[w].get(k) for k in WAFER_SUMMARY}
+                for w in pending.changed}
+        out = [held.pop(w["wafer_id"], w) for w in gone]
+        return out + list(held.values())
 
     async def dispatch(self, method: str, path: str, params: dict[str, str],
                        body: bytes = b"", principal: Any = None) -> Result:
@@ -298,16 +423,20 @@ class HistoryApi:
                 parts[0] in ("lots", "tests") and not principal.sees_lot(parts[1])):
             return _error(404, f"unknown lot {parts[1]!r}")
         if method == "GET" and parts == ["lots"]:
-            archived = await self.store.lot_summaries() if self.store is not None else []
-            return lots(self.state, archived, params)
+            return lots(self.state, await self._lot_summaries(), params)
         if method == "GET" and len(parts) == 3 and parts[0] == "lots" and parts[2] == "wafers":
             lot_id = parts[1]
-            gone = await self.store.wafer_summaries(lot_id) if self.store is not None else []
-            return wafers(self.state, lot_id, await self._archived(lot_id), gone)
+            pending = await self._pending(lot_id)
+            status, answer = wafers(self.state, lot_id, await self._archived(lot_id, pending),
+                                    await self._wafer_summaries(lot_id, pending))
+            if status == 200 and pending is not None:
+                answer["archive_pending"] = True
+            return status, answer
         if method == "GET" and len(parts) == 4 and parts[0] == "lots" and parts[2] == "wafers":
             lot_id, wafer_id = parts[1], parts[3]
-            return wafer(self.state, lot_id, wafer_id, await self._archived(lot_id),
-                         await self._archived_wafer(lot_id, wafer_id))
+            pending = await self._pending(lot_id)
+            return wafer(self.state, lot_id, wafer_id, await self._archived(lot_id, pending),
+                         await self._archived_wafer(lot_id, wafer_id, pending))
         if method == "GET" and len(parts) == 6 and parts[0] == "lots" and parts[2] == "wafers" \
                 and parts[4] == "tests":
             if principal is not None and principal.lots is not None \
@@ -317,7 +446,8 @@ class HistoryApi:
         if method == "GET" and parts == ["alerts", "rules"]:
             return alert_rules(self.engine)
         if method == "GET" and len(parts) == 3 and parts[0] == "tests":
-            return test(self.state, parts[1], parts[2], await self._archived(parts[1]))
+            return test(self.state, parts[1], parts[2],
+                        await self._archived(parts[1], await self._pending(parts[1])))
         if method == "GET" and parts == ["alerts"]:
             query, problem = alert_query(params)
             if problem:
@@ -357,6 +487,6 @@ def _scope(payload: dict[str, Any], principal: Any) -> None:
 
 
 __all__ = [
-    "HistoryApi", "Result", "ack", "alert_query", "alert_rules", "alerts", "die_values", "lots",
-    "test", "wafer", "wafers",
+    "HeldArchives", "HistoryApi", "Result", "ack", "alert_query", "alert_rules", "alerts",
+    "die_values", "lots", "test", "wafer", "wafers",
 ]

@@ -102,6 +102,9 @@ class WebhookOutbox:
             "alert events for a webhook whose outbox row is only in memory (the history "
             "store could not be written) and not yet finished: lost if the hub stops now")
         self.m_held.set(0)
+        # (the alert service's counter: one failed write of the history store, whoever)
+        self.m_store_errors = metrics.counter("hub_history_store_errors_total",
+                                              "history store writes that failed")
 
     def hold(self, rows: Iterable[Row]) -> set[tuple[str, str]]:
         """Keep ``rows`` the store could not take; ``run`` writes them when it can.
@@ -206,6 +209,7 @@ class WebhookOutbox:
             try:
                 await self.flush()
             except Exception as exc:  # store away: rows and marks wait (resent at worst)
+                self.m_store_errors.inc()  # each retry that fails is a failed write too
                 log.warning("webhook outbox rows (%d) and outcomes (%d) not written (tried "
                             "again in %.0f s): %s", len(self._held), len(self._marks),
                             retry_s, exc)

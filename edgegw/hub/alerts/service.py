@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from edgegw.hub.archive_merge import archive_order
 from edgegw.hub.history_store import HistoryStore
 from edgegw.jsonutil import dumps
 from edgegw.metrics import Metrics, report_internal_error
@@ -137,15 +138,16 @@ class AlertService:
         # the next batch (before it: a later pass merges into an earlier one) or alone
         self._held_archives: OrderedDict[_ArchiveKey, _HeldArchive] = OrderedDict()
         self._held_bytes = 0
+        self._archives_given_up = 0  # not written at the stop's last try
         self._m_archives_held = self.metrics.gauge(
             "hub_archives_unwritten_pending",
             "lot and wafer archives only in memory: the history store could not be "
-            "written; lost if the hub stops now")
+            "written; live-state checkpoints wait, so a restart replays and writes them")
         self._m_archives_held.set(0)
         self._m_archives_dropped = self.metrics.counter(
             "hub_archives_dropped_total",
             "lot and wafer archives lost: held in memory while the history store could not "
-            "be written, then dropped over the cap or at a stop before it could be")
+            "be written, then dropped over the cap")
         self._queued = 0
         self._done = 0
         self._progress = trio.Event()
@@ -196,6 +198,27 @@ class AlertService:
         """``LiveState(on_wafer_archive=...)``: keep a wafer that left memory answerable."""
         self._queued += 1
         self._send.send_nowait(("wafer", (lot_id, wafer_id, snapshot)))
+
+    def held_lot_ids(self) -> set[str]:
+        """The lots with an archive (of the lot, or of one of its wafers) held in memory."""
+        return {h.item[1][0] for h in self._held_archives.values()}
+
+    def held_archives(self, lot_id: str) -> list[tuple[str, str, str, dict[str, Any]]]:
+        """``lot_id``'s archives held in memory, as ``(kind, lot_id, wafer_id, data)`` in
+        the order the store would write them (``archive_order``): the history API applies
+        them over the stored ones, so it answers for a lot whose archive is only here."""
+        lots, wafers = self._split({k: h for k, h in self._held_archives.items()
+                                    if k[1] == lot_id})
+        return archive_order(lots, wafers)
+
+    @property
+    def archives_unwritten(self) -> int:
+        """Archives of evicted lots and wafers not in the history store: held in memory
+        (the store cannot be written), or given up at the stop.  While there are any, a
+        checkpoint would stand for their eviction and a crash would lose them: the
+        checkpointer writes none (``Checkpointer.checkpoint``), so the replay after a
+        restart evicts the lots again and writes their archives then."""
+        return len(self._held_archives) + self._archives_given_up
 
     @property
     def backlog(self) -> int:
@@ -270,11 +293,13 @@ class AlertService:
             log.error("history store not written at the stop (%d alert states, %d lots, %d "
                       "wafers): %s", len(self._held), len(lots), len(wafers), exc)
             if archives:
+                # not lost: no checkpoint stands for their eviction (``archives_unwritten``)
                 names = [_archive_name(_archive_key(kind, payload)[0])
                          for kind, payload in archives]
-                self._m_archives_dropped.inc(len(names))
-                log.error("%d lot/wafer archive(s) not written to the history store: lost "
-                          "(the history API has no figures for them): %s%s", len(names),
+                self._archives_given_up = len(names)
+                log.error("%d lot/wafer archive(s) not written to the history store at the "
+                          "stop: no checkpoint covers their eviction, the replay of the "
+                          "frames at the next start writes them: %s%s", len(names),
                           ", ".join(names[:20]), " ..." if len(names) > 20 else "")
         else:
             self._held.clear()
