@@ -96,13 +96,14 @@ def compile_layout(order: str, codes: bytes) -> Reader:
             size += 2 if code == 12 else 1
             flush()
             nxt = "q" if base == "p" else "p"
-            start = f"{base} + {size}"
+            # the value's start, added once (one int add fewer than writing it twice)
+            body.append(f"s = {base} + {size}")
             if code == 12:
-                body.append(f"{nxt} = {start} + ((n{i} + 7) >> 3)")
-                body.append(f"v{i} = _new(_Bits, (n{i}, buf[{start}:{nxt}]))")
+                body.append(f"{nxt} = s + ((n{i} + 7) >> 3)")
+                body.append(f"v{i} = _new(_Bits, (n{i}, buf[s:{nxt}]))")
             else:
-                body.append(f"{nxt} = {start} + n{i}")
-                body.append(f"v{i} = {'txt' if code == 10 else 'buf'}[{start}:{nxt}]")
+                body.append(f"{nxt} = s + n{i}")
+                body.append(f"v{i} = {'txt' if code == 10 else 'buf'}[s:{nxt}]")
             base, size = nxt, 0
             items.append(f"({code}, v{i})")
     flush()
