@@ -29,5 +29,8 @@ from mqtt_broker import mqtt_broker, start_broker  # noqa: E402, F401
 # isort: split
 from cluster_pg import pg_dsn, pg_server  # noqa: E402, F401
 
+# a real 2 MiB filesystem for disk-full tests
+from disktools import tiny_fs  # noqa: E402, F401
+
 # ---- end cluster: PostgreSQL ---------------------------------------------------------------
 from walltools import wall  # noqa: E402, F401

@@ -8,12 +8,15 @@ the real dead-letter file, with the test's own step run at the end of each entry
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Awaitable, Callable
+import subprocess
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import cbor2
+import pytest
 import trio
 
 from edgegw.spool import DiskSpool, SpoolConfig
@@ -95,3 +98,31 @@ class DeadLetterFile:
 
 
 __all__ = ["DeadLetterFile", "HeldCommits"]
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB filesystem, so ENOSPC comes from the kernel (needs root)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                         capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill_to_the_last_byte(directory: Path) -> Path:
+    """Write a filler file until the file system has no byte left; returns it."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for size in (65536, 4096, 512, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    return filler

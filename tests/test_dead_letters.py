@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import cbor2
 import trio
 from disktools import DeadLetterFile
 from hubtools import gateway_config, hub_config, start_hub
 from ports import free_port
+from test_frame_limits import ScriptedSource, reading
 
 from edgegw.gateway import RID_KEY, Gateway, open_dead_letter_file
 from edgegw.hub.store import unpack_body
@@ -27,33 +28,6 @@ from edgegw.records import GatewayEvent, SensorReading, from_wire
 from edgegw.spool import DiskSpool, SpoolConfig
 
 SMALL, GIANT = 10, 5000  # unit lengths; the spool below takes frames of 4 KiB
-
-
-def reading(put: int, j: int, size: int) -> SensorReading:
-    return SensorReading("tester", 1.0, f"put{put}-{j}", float(j),
-                         (f"{put}.{j}." * size)[:size])
-
-
-class ScriptedSource:
-    """Puts scripted batches; resuming from checkpoint ``i`` replays puts ``i, i+1, ...``
-    exactly as before (as the STDF tail does)."""
-
-    replays: ClassVar[bool] = True
-
-    def __init__(self, puts: list[list[int]], checkpoint: Any = None) -> None:
-        self.puts = puts
-        self.resume = checkpoint if isinstance(checkpoint, int) else 0
-        self.done = trio.Event()
-
-    def records(self, i: int) -> list[SensorReading]:
-        return [reading(i, j, size) for j, size in enumerate(self.puts[i])]
-
-    async def run(self, sink: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        for i in range(self.resume, len(self.puts)):
-            await sink.put(self.records(i), checkpoint=i + 1)
-        self.done.set()
-        await trio.sleep_forever()
 
 
 def refusing_gateway(state_dir: Path, source: ScriptedSource) -> Gateway:

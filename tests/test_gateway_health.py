@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import errno
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import trio
+from disktools import fill_to_the_last_byte
 from hubtools import gateway_config
 from ports import free_port
 
@@ -48,33 +45,6 @@ async def test_the_disk_spool_stall_timeout_is_the_gateway_health_rule(
                 await trio.sleep(0.02)
         assert gateway.healthy()[1].startswith("spool: ")
         nursery.cancel_scope.cancel()
-
-
-@pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 2 MiB filesystem, so ENOSPC comes from the kernel (needs root)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                         capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill_to_the_last_byte(directory: Path) -> Path:
-    filler = directory / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        for size in (65536, 4096, 512, 1):
-            try:
-                while True:
-                    f.write(b"\0" * size)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-    return filler
 
 
 async def test_a_gateway_restarted_on_a_full_disk_starts_reports_it_and_goes_on(

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import random
 import shutil
-import subprocess
 import tracemalloc
 from pathlib import Path
 
 import pytest
 import trio
+from disktools import fill_to_the_last_byte
 
 from edgegw.metrics import Metrics
 from edgegw.spool import ACK_PERSIST_S, DiskSpool, DropEvent, SpoolConfig, recover
@@ -363,34 +362,6 @@ def test_recovery_memory_is_bounded_by_segments_not_backlog(tmp_path: Path) -> N
     tracemalloc.stop()
     assert rec.next_seq == 8001
     assert peak < 6 << 20, f"recovery of {backlog >> 20} MiB peaked at {peak >> 10} KiB"
-
-
-@pytest.fixture
-def tiny_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A real 2 MiB filesystem, so ENOSPC comes from the kernel (needs root)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                         capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill_to_the_last_byte(directory: Path) -> Path:
-    """Write a filler file until the file system has no byte left; returns it."""
-    filler = directory / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        for size in (65536, 4096, 512, 1):
-            try:
-                while True:
-                    f.write(b"\0" * size)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-    return filler
 
 
 @pytest.mark.parametrize("policy", ["block", "drop_oldest"])
