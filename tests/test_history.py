@@ -338,6 +338,15 @@ async def _old_lot_is_served(port: int) -> None:
                                  for r in body["lots"]]
 
 
+async def _old_lots_archive_held(hub: Hub, fault: StoreFault) -> Any:
+    """The store made to refuse writes, lot OLD evicted: its archive held (the gauge)."""
+    fault.block()
+    await _evict_old_lot(hub)
+    pending = hub.alerts.metrics.gauge("hub_archives_unwritten_pending")
+    assert pending.get() == 1
+    return pending
+
+
 async def test_an_archive_evicted_while_the_history_store_cannot_be_written_is_written_later(
         store_fault: StoreFault) -> None:  # noqa: F811 (the fixture imported)
     """A lot evicted from memory while ``history.sqlite3`` takes no writes (another process
@@ -351,10 +360,7 @@ async def test_an_archive_evicted_while_the_history_store_cannot_be_written_is_w
     async with trio.open_nursery() as nursery:
         hub = Hub(data_dir, max_lots=1)
         await hub.start(nursery)
-        store_fault.block()
-        await _evict_old_lot(hub)
-        pending = hub.alerts.metrics.gauge("hub_archives_unwritten_pending")
-        assert pending.get() == 1
+        pending = await _old_lots_archive_held(hub, store_fault)
         errors = hub.alerts.metrics.counter("hub_history_store_errors_total")
         assert errors.total() >= 1
         store_fault.unblock()
@@ -379,9 +385,7 @@ async def test_an_archive_held_in_memory_is_written_at_a_clean_stop(tmp_path: Pa
         async with trio.open_nursery() as nursery:
             hub = Hub(tmp_path, max_lots=1)
             await hub.start(nursery)
-            fault.block()
-            await _evict_old_lot(hub)
-            assert hub.alerts.metrics.gauge("hub_archives_unwritten_pending").get() == 1
+            await _old_lots_archive_held(hub, fault)
             fault.unblock()
             hub.stop()
     finally:
@@ -404,10 +408,7 @@ async def test_the_history_api_answers_for_a_lot_whose_archive_is_only_held_in_m
     async with trio.open_nursery() as nursery:
         hub = Hub(data_dir, max_lots=1)
         await hub.start(nursery)
-        store_fault.block()
-        await _evict_old_lot(hub)
-        pending = hub.alerts.metrics.gauge("hub_archives_unwritten_pending")
-        assert pending.get() == 1
+        pending = await _old_lots_archive_held(hub, store_fault)
         await _old_lot_is_served(hub.port)
         status, body = await get(hub.port, "/api/lots")
         (row,) = [r for r in body["lots"] if r["lot_id"] == "OLD"]
