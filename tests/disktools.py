@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -86,6 +87,19 @@ class DeadLetterFile:
 
         f.aclose = aclose  # ``async with`` closes through it
         return f
+
+    def image_at_next_write(self, state_dir: Path, image: Path) -> trio.Event:
+        """At the next entry's write (in the file, the write not yet returned) copy
+        ``state_dir`` to ``image``: what a SIGKILL there leaves.  Set once copied."""
+        copied = trio.Event()
+
+        async def crash() -> None:
+            self.written = None
+            await trio.to_thread.run_sync(shutil.copytree, state_dir, image)
+            copied.set()
+
+        self.written = crash
+        return copied
 
     def entries(self) -> list[dict[str, Any]]:
         raw = Path(self.path).read_bytes() if Path(self.path).exists() else b""

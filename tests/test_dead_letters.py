@@ -10,7 +10,6 @@ restart, so every entry written after it reads, and its record is written again,
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +48,7 @@ async def crash_image_at_first_dead_letter(tmp_path: Path, puts: list[list[int]]
     gateway = refusing_gateway(tmp_path / "gw", ScriptedSource(puts))
     dead_letters = gateway.dead_letter_path
     assert isinstance(dead_letters, DeadLetterFile)
-    crashed = trio.Event()
-
-    async def crash() -> None:
-        dead_letters.written = None
-        await trio.to_thread.run_sync(shutil.copytree, tmp_path / "gw", image)
-        crashed.set()
-
-    dead_letters.written = crash
+    crashed = dead_letters.image_at_next_write(tmp_path / "gw", image)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(gateway.run)

@@ -776,14 +776,7 @@ async def test_a_crash_between_the_dead_letter_write_and_the_part_keeps_the_reco
     gateway = split_gateway(tmp_path / "gw", port)
     dead_letters = gateway.dead_letter_path
     assert isinstance(dead_letters, DeadLetterFile)
-    crashed = trio.Event()
-
-    async def crash() -> None:
-        dead_letters.written = None
-        await trio.to_thread.run_sync(shutil.copytree, tmp_path / "gw", image)
-        crashed.set()
-
-    dead_letters.written = crash
+    crashed = dead_letters.image_at_next_write(tmp_path / "gw", image)
     with trio.fail_after(30):
         async with trio.open_nursery() as first_run:
             await first_run.start(Ingest(hub_config(tmp_path / "hub-a", port=port,
