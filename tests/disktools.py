@@ -8,6 +8,7 @@ the real dead-letter file, with the test's own step run at the end of each entry
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -114,19 +115,26 @@ class DeadLetterFile:
 __all__ = ["DeadLetterFile", "HeldCommits"]
 
 
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` mounted at ``path``, so ENOSPC comes from the kernel
+    (needs root: skips where it cannot mount)."""
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs (needs root): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 2 MiB filesystem, so ENOSPC comes from the kernel (needs root)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                         capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
-    try:
+    """A real 2 MiB filesystem."""
+    with small_filesystem(tmp_path / "tiny", "2m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def fill_to_the_last_byte(directory: Path) -> Path:

@@ -10,13 +10,9 @@ is record by record, as in tests/test_faults.py.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from disktools import fill_to_the_last_byte, small_filesystem
 from faultkit import (
     Gateway,
     Hub,
@@ -31,35 +27,6 @@ from processes import get_json, wait_for
 SOURCE = {"parts_per_second": 1500, "max_parts": 9000, "seed": 11, "wafers": 200}
 
 
-@contextlib.contextmanager
-def small_filesystem(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs (needs root): {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(directory: Path) -> Path:
-    """Write a file until the file system has no byte left; returns it."""
-    filler = directory / "filler"
-    block = b"\0" * 65536
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(block)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
-        with contextlib.suppress(OSError):
-            while True:  # the last partial block
-                f.write(b"\0" * 512)
-    return filler
-
-
 def metric(hub: Hub, name: str) -> float:
     return get_json(f"{hub.url}/api/stats")["metrics"].get(name, 0)
 
@@ -71,7 +38,7 @@ def test_a_full_disk_pauses_acks_the_gateway_spools_and_all_arrives_once_space_r
         gw = Gateway(tmp_path, hub.port, *source_settings(**SOURCE)).start()
         try:
             wait_for(lambda: hub.stats().get("records_applied", 0) > 2000, timeout=30)
-            filler = fill(hub.dir)
+            filler = fill_to_the_last_byte(hub.dir)
             # the hub finds out at its next commit that needs a new page
             wait_for(lambda: get_json(f"{hub.url}/healthz")["status"] == "degraded",
                      timeout=60)
