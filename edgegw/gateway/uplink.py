@@ -998,10 +998,10 @@ def _body_first_rid(body: bytes) -> int | None:
 
 def _stand_in(body: bytes, seq: int, reason: str, first_rid: int | None = None) -> bytes:
     """A one-record frame body standing in for a dead-lettered frame, under the first
-    record id of the records it stands for (``first_rid``, else ``body``'s): an id the
-    hub applied already would make it drop the stand-in as a duplicate (docs/protocol.md
-    section 3)."""
-    rid = _body_first_rid(body) or first_rid
+    record id of the records it stands for (``first_rid`` if known, else ``body``'s): an
+    id the hub applied already would make it drop the stand-in as a duplicate
+    (docs/protocol.md section 3)."""
+    rid = first_rid or _body_first_rid(body)
     if rid is None:
         rid = 1
         log.warning("frame %d: its first record id is not known; its stand-in goes under "

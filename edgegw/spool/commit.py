@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import logging
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from ..store import StoredFrame
 from .config import SpoolConfig
 from .format import Kind, Record, Scanner, encode_ack, encode_commit
 from .reader import TailCache
-from .segments import READ_CHUNK, Segment, unlink_sync, write_sync
+from .segments import READ_CHUNK, Segment, disk_full, unlink_sync, write_sync
 
 log = logging.getLogger("edgegw.spool.spool")
 
@@ -148,7 +147,7 @@ class GroupCommit:
         try:
             await trio.to_thread.run_sync(self._open_active_sync, self._state_snapshot())
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not disk_full(exc):
                 raise
             self._rollover_due = True
             return exc
@@ -192,7 +191,7 @@ class GroupCommit:
             fsync_s = await trio.to_thread.run_sync(write_sync, self.directory, active, data,
                                                     deletable)
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not disk_full(exc):
                 raise
             if ack_first:
                 # not even the ACK record fits: unlink the acked segments first.  Should we
@@ -290,7 +289,7 @@ class GroupCommit:
             await trio.to_thread.run_sync(write_sync, self.directory, active, data, [victim])
             active.size += len(data)
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not disk_full(exc):
                 raise
             # no room even for the ACK record: free the victim first, then record the drop.
             # Should the record still fail, recovery counts these seqs as lost: never resent.

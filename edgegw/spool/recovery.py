@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import logging
 import os
 import secrets
@@ -17,7 +16,14 @@ from typing import Any
 
 from ..protocol.intervals import IntervalSet
 from .format import Damage, Kind, Scanner
-from .segments import READ_CHUNK, Segment, fsync_dir, list_segments, write_epoch
+from .segments import (
+    READ_CHUNK,
+    Segment,
+    disk_full,
+    fsync_dir,
+    list_segments,
+    write_epoch,
+)
 
 log = logging.getLogger("edgegw.spool.spool")
 
@@ -50,7 +56,7 @@ def _write_epoch_if_room(directory: Path, epoch: str) -> None:
     try:
         write_epoch(directory, epoch)
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not disk_full(exc):
             raise
         with contextlib.suppress(OSError):
             (directory / "epoch.tmp").unlink()

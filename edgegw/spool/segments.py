@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import errno
 import os
 import time
 from pathlib import Path
@@ -76,6 +77,12 @@ def write_epoch(directory: Path, epoch: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, directory / "epoch")
     fsync_dir(directory)
+
+
+def disk_full(exc: OSError) -> bool:
+    """A write that failed for want of space (a full file system or quota): handled like
+    the cap, never a crash; any other OSError is a fault."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def open_segment_sync(directory: Path, index: int, state: dict[str, Any]) -> Segment:

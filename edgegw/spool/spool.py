@@ -62,7 +62,6 @@ blocking operations), ``recovery.py`` (I1, I4, I6-I8), ``reader.py`` (tail cache
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import time
 from collections import deque
@@ -183,17 +182,13 @@ class DiskSpool(GroupCommit):
         try:
             rec = await trio.to_thread.run_sync(recover, self.directory)
             self._adopt(rec)
-            try:
-                await trio.to_thread.run_sync(self._open_active_sync, self._state_snapshot())
-            except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
+            exc = await self._try_rollover()
+            if exc is not None:
                 # a full disk at start: start anyway (never a crash loop), in the old last
                 # segment if there is one; the new segment is opened once there is room,
                 # retried like a failed rollover (docs/spool.md, "Operations": "Starting
                 # (or restarting) on a full disk")
                 await trio.to_thread.run_sync(self._keep_last_active_sync)
-                self._rollover_due = True
                 self._note_disk_full(exc)
             self._started = True
             task_status.started()
