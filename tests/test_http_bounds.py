@@ -414,6 +414,29 @@ async def test_content_length_with_chunked_is_refused_and_nothing_after_it_is_se
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize(("request_bytes", "status"), [
+    # docs/http.md: a head over 64 KiB gets 431, a body over 1 MiB 413
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (65 * 1024) + b"\r\n\r\n", 431),
+    (b"POST /api/stats HTTP/1.1\r\nHost: x\r\nContent-Length: 2097152\r\n\r\n"
+     + b"b" * ((1 << 20) + 1), 413),
+    # and h11 answers a transfer coding it cannot frame with 501
+    (b"POST /api/stats HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+], ids=["head_over_64KiB", "body_over_1MiB", "unknown_transfer_coding"])
+async def test_a_request_over_the_size_limits_is_answered_and_closed_and_the_hub_serves_on(
+        tmp_path: Path, request_bytes: bytes, status: int) -> None:
+    hub = Ingest(config(tmp_path))
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(hub.run)
+        stream = await connect(port)
+        with contextlib.suppress(trio.BrokenResourceError):  # the hub may close mid-send
+            await stream.send_all(request_bytes + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(30):
+            answer = await read_all(stream)  # and closed: nothing after it is served
+        assert statuses(answer) == [status], answer[:200]
+        assert statuses(await get(await connect(port), "/healthz")) == [200]
+        nursery.cancel_scope.cancel()
+
+
 async def test_head_is_answered_like_get_without_a_body(tmp_path: Path) -> None:
     """Found by the fuzz: a HEAD request made h11 refuse the response body, and the exception
     ended the hub process (one request from anyone)."""

@@ -40,6 +40,15 @@ def framing_problem(event: h11.Request) -> str:
     return ""
 
 
+def head_bytes(event: h11.Request) -> int:
+    """The size of a request's head as parsed (request line and header fields, without
+    optional whitespace).  h11's ``max_incomplete_event_size`` only catches a head still
+    incomplete past the limit; a larger head that arrived in one read is whole and
+    passes it, so the limit is checked again on the parsed head."""
+    line = len(event.method) + len(event.target) + len(event.http_version) + 8
+    return line + sum(len(n) + len(v) + 4 for n, v in event.headers) + 2
+
+
 def upgrade_problem(event: h11.Request, request: Request) -> str:
     """Why an upgrade request is not a valid WebSocket opening handshake (RFC 6455 4.2.1)."""
     if event.method != b"GET":

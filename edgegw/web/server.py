@@ -44,6 +44,7 @@ from .deflate import RESPONSE as DEFLATE_RESPONSE
 from .deflate import Deflater, InboundDeflate, accept_offer
 from .handshake import (
     framing_problem,
+    head_bytes,
     is_upgrade,
     raw_response,
     status_phrase,
@@ -440,12 +441,14 @@ class HttpServer:
                 request.secure = True
                 request.peer_cert = stream.getpeercert() or None
             head = event.method == b"HEAD"  # answered like GET, without the body
-            problem = framing_problem(event)
+            # Content-Length with Transfer-Encoding is how requests are smuggled past a
+            # proxy: never guess which one frames the body -- refuse, and close.
+            problem, status = framing_problem(event), 400
+            if not problem and head_bytes(event) > MAX_HEAD_BYTES:
+                problem, status = f"request head over {MAX_HEAD_BYTES} bytes", 431
             if problem:
-                # Content-Length with Transfer-Encoding is how requests are smuggled past a
-                # proxy: never guess which one frames the body -- refuse, and close.
                 self.on_bad_request(problem)
-                await self._send_simple(conn, stream, 400, problem.encode(), head=head)
+                await self._send_simple(conn, stream, status, problem.encode(), head=head)
                 return
             if is_upgrade(event):
                 phase.enter("websocket")  # the WebSocket handler's own timeouts apply
