@@ -112,7 +112,7 @@ class DeadLetterFile:
         return found
 
 
-__all__ = ["DeadLetterFile", "HeldCommits"]
+__all__ = ["DeadLetterFile", "HeldCommits", "immutable", "release"]
 
 
 @contextlib.contextmanager
@@ -128,6 +128,33 @@ def small_filesystem(path: Path, size: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@contextlib.contextmanager
+def immutable(*paths: Path) -> Iterator[None]:
+    """Make files immutable (``chattr +i``, root): unlinking, writing or truncating one
+    fails with EPERM, as a file a virus scanner or backup tool holds fails on Windows.
+    The flag is always cleared again.  Where the file system refuses the flag the test
+    skips, except under CI where it fails."""
+    done: list[Path] = []
+    try:
+        for path in paths:
+            ok = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+            if ok.returncode != 0:
+                why = f"cannot make a file immutable (chattr +i): {ok.stderr.strip()}"
+                if os.environ.get("CI", "").lower() == "true":
+                    pytest.fail(why)
+                pytest.skip(why)
+            done.append(path)
+        yield
+    finally:
+        release(*done)
+
+
+def release(*paths: Path) -> None:
+    """Clear the immutable flag of files made so by ``immutable``."""
+    for path in paths:
+        subprocess.run(["chattr", "-i", str(path)], check=False, capture_output=True)
 
 
 @pytest.fixture

@@ -26,12 +26,14 @@ from ..store import StoredFrame
 from .config import SpoolConfig
 from .format import Kind, Record, Scanner, encode_ack, encode_commit
 from .reader import TailCache
-from .segments import READ_CHUNK, Segment, disk_full, unlink_sync, write_sync
+from .segments import READ_CHUNK, Segment, Undeleted, disk_full, unlink_sync, write_sync
 
 log = logging.getLogger("edgegw.spool.spool")
 
 ACK_PERSIST_S = 0.2
 ROLLOVER_RETRY_S = 1.0
+#: seconds between attempts to delete acknowledged segments that could not be deleted
+DELETE_RETRY_S = 5.0
 
 
 @dataclasses.dataclass
@@ -67,9 +69,15 @@ class GroupCommit:
     m_fsyncs: Any
     h_fsync: Any
     m_disk_full: Any
+    m_delete_errors: Any
     m_dropped_frames: Any
     m_dropped_records: Any
     _segments: list[Segment]
+    # acknowledged (or dropped) segments whose file could not be deleted, and half-made
+    # ones: no longer part of the spool, retried every DELETE_RETRY_S
+    _undeleted: dict[Path, Segment]
+    _delete_retry_at: float
+    _half_made: Undeleted
     _pending: list[_Pending]
     _pending_bytes: int
     _pending_since: float
@@ -108,16 +116,21 @@ class GroupCommit:
 
     async def _committer(self) -> None:
         while True:
+            if self._undeleted and time.monotonic() >= self._delete_retry_at:
+                await self._retry_undeleted()
             if not (self._pending or self._ack_dirty or self._drop_requested):
-                if not self._rollover_due:
+                if not (self._rollover_due or self._undeleted):
                     await self._work.wait()
                 else:
-                    # a new segment could not be opened (disk full): retry it now and then
-                    # even when nothing is written, so that freed space is noticed
-                    with trio.move_on_after(ROLLOVER_RETRY_S) as idle:
+                    # a new segment could not be opened (disk full), or a segment could
+                    # not be deleted: retry now and then even when nothing is written, so
+                    # that freed space (or a released file) is noticed
+                    with trio.move_on_after(ROLLOVER_RETRY_S if self._rollover_due
+                                            else DELETE_RETRY_S) as idle:
                         await self._work.wait()
                     if idle.cancelled_caught:
-                        await self._retry_rollover_idle()
+                        if self._rollover_due:
+                            await self._retry_rollover_idle()
                         continue
             self._work = trio.Event()
             delay = self.config.commit_max_delay_ms / 1000
@@ -141,18 +154,52 @@ class GroupCommit:
         floor = self.floor
         return [s for s in self._segments[:-1] if s.last_seq <= floor]
 
+    def _unlinked(self, tried: list[Segment], failed: Undeleted) -> None:
+        """Account for an attempt to delete ``tried``: ``failed`` ones are kept for a
+        retry, each logged and counted once (never a failed commit: their frames are
+        acknowledged or dropped, nothing in them is needed any more)."""
+        failed_paths = {seg.path for seg, _ in failed}
+        for seg in tried:
+            if seg.path in failed_paths:
+                continue
+            self.counts["segments_deleted"] += 1
+            if self._undeleted.pop(seg.path, None) is not None:
+                log.warning("spool %s: %s deleted at last", self.directory, seg.path.name)
+        for seg, exc in failed:
+            if seg.path not in self._undeleted:
+                self._undeleted[seg.path] = seg
+                self.m_delete_errors.inc()
+                log.error("spool %s: cannot delete %s (%s): nothing in it is needed any "
+                          "more, the spool goes on and retries every %.0f s", self.directory,
+                          seg.path.name, exc, DELETE_RETRY_S)
+        if failed:
+            self._delete_retry_at = time.monotonic() + DELETE_RETRY_S
+
+    async def _retry_undeleted(self) -> None:
+        tried = list(self._undeleted.values())
+        self._unlinked(tried, await trio.to_thread.run_sync(unlink_sync, self.directory, tried))
+
     async def _try_rollover(self) -> OSError | None:
         """Open a new active segment; on a full disk return the error (the rollover is
         then due, retried after the next commit or every ``ROLLOVER_RETRY_S``)."""
         try:
             await trio.to_thread.run_sync(self._open_active_sync, self._state_snapshot())
         except OSError as exc:
+            self._take_half_made()
             if not disk_full(exc):
                 raise
             self._rollover_due = True
             return exc
+        self._take_half_made()
         self._rollover_due = False
         return None
+
+    def _take_half_made(self) -> None:
+        """Segments a failed create left behind (or a crash did, found empty at start)
+        that could not be removed: never appended to, deleted once they can be."""
+        if self._half_made:
+            half_made, self._half_made = self._half_made, []
+            self._unlinked([], half_made)
 
     async def _retry_rollover_idle(self) -> None:
         if await self._try_rollover() is None and self._disk_full:
@@ -162,8 +209,9 @@ class GroupCommit:
             self._signal_room()
 
     async def _commit(self) -> None:
-        if not self._segments:
-            # no segment at all (a fresh spool started on a full disk): open one first
+        if not self._segments or not self._segments[-1].writable:
+            # no segment to append to (a fresh spool started on a full disk, or a last
+            # segment whose torn tail could not be cut): open one first
             exc = await self._try_rollover()
             if exc is not None:
                 await self._on_disk_full(exc)
@@ -188,8 +236,8 @@ class GroupCommit:
             off += len(p.record)
         deletable = [s for s in self._segments[:-1] if s.last_seq <= floor] if write_ack else []
         try:
-            fsync_s = await trio.to_thread.run_sync(write_sync, self.directory, active, data,
-                                                    deletable)
+            fsync_s, undeleted = await trio.to_thread.run_sync(write_sync, self.directory,
+                                                               active, data, deletable)
         except OSError as exc:
             if not disk_full(exc):
                 raise
@@ -197,9 +245,9 @@ class GroupCommit:
                 # not even the ACK record fits: unlink the acked segments first.  Should we
                 # crash before the ACK is written, recovery counts their seqs as lost (they
                 # were acked, so nothing is missing at the hub) and never resends them.
-                await trio.to_thread.run_sync(unlink_sync, self.directory, deletable)
+                self._unlinked(deletable, await trio.to_thread.run_sync(
+                    unlink_sync, self.directory, deletable))
                 self._segments = [s for s in self._segments if s not in deletable]
-                self.counts["segments_deleted"] += len(deletable)
                 self._signal_room()
             await self._on_disk_full(exc)
             return
@@ -226,7 +274,7 @@ class GroupCommit:
             self._persisted_floor = floor
             self._ack_dirty = self._ack_gen != ack_gen  # acks that arrived meanwhile
             self._last_ack_persist = time.monotonic()
-            self.counts["segments_deleted"] += len(deletable)
+            self._unlinked(deletable, undeleted)
             self._segments = [s for s in self._segments if s not in deletable]
         # a segment rolls over once full, but never while most of it is its own STATE record
         # (STATE over the budget, from a spool with larger segments): each commit would
@@ -286,20 +334,21 @@ class GroupCommit:
         data = encode_ack(self._acked, self._ranges.ranges(), self._dropped_through)
         active = self._segments[-1]
         try:
-            await trio.to_thread.run_sync(write_sync, self.directory, active, data, [victim])
+            _, undeleted = await trio.to_thread.run_sync(write_sync, self.directory, active,
+                                                         data, [victim])
             active.size += len(data)
         except OSError as exc:
             if not disk_full(exc):
                 raise
             # no room even for the ACK record: free the victim first, then record the drop.
             # Should the record still fail, recovery counts these seqs as lost: never resent.
-            await trio.to_thread.run_sync(victim.path.unlink)
+            undeleted = await trio.to_thread.run_sync(unlink_sync, self.directory, [victim])
             with contextlib.suppress(OSError):
                 await trio.to_thread.run_sync(write_sync, self.directory, active, data, [])
                 active.size += len(data)
+        self._unlinked([victim], undeleted)
         self._segments.remove(victim)
         self._persisted_floor = new_floor
-        self.counts["segments_deleted"] += 1
         self._normalise_acks()
         if frames:
             self.counts["dropped_frames"] += frames

@@ -19,6 +19,7 @@ from .format import Damage, Kind, Scanner
 from .segments import (
     READ_CHUNK,
     Segment,
+    Undeleted,
     disk_full,
     fsync_dir,
     list_segments,
@@ -47,6 +48,8 @@ class Recovered:
     deleted_segments: int = 0
     unrecoverable_files: int = 0
     scanned_bytes: int = 0
+    #: acknowledged segments that could not be deleted (the spool retries them)
+    undeleted: Undeleted = dataclasses.field(default_factory=list)
 
 
 def _write_epoch_if_room(directory: Path, epoch: str) -> None:
@@ -147,10 +150,17 @@ def recover(directory: Path) -> Recovered:
         size = path.stat().st_size
         if last_file and valid_end < size:
             # I6: a crash mid-write left a torn tail; cut it so appends start clean
-            with open(path, "r+b") as f:
-                f.truncate(valid_end)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(path, "r+b") as f:
+                    f.truncate(valid_end)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as exc:
+                # never appended to then (a new segment is opened after it); read up to
+                # its valid end only
+                seg.writable = False
+                log.error("spool %s: cannot cut its torn tail (%s): it is not written to "
+                          "again", path.name, exc)
             size = valid_end
         seg.size = size
         segments.append(seg)
@@ -183,8 +193,12 @@ def recover(directory: Path) -> Recovered:
     keep = []
     for seg in segments:
         if seg.last_seq <= floor and seg is not segments[-1]:
-            seg.path.unlink()
-            rec.deleted_segments += 1
+            try:
+                seg.path.unlink()
+            except OSError as exc:
+                rec.undeleted.append((seg, exc))  # never read again; its frames are acked
+            else:
+                rec.deleted_segments += 1
         else:
             keep.append(seg)
     if rec.deleted_segments:

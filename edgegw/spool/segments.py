@@ -41,6 +41,7 @@ class Segment:
     last_seq: int = 0
     n_frames: int = 0
     state_bytes: int = 0  # its opening STATE record (when this process wrote it)
+    writable: bool = True  # False: never appended to (a torn tail that could not be cut)
     sparse_seqs: list[int] = dataclasses.field(default_factory=list)
     sparse_offsets: list[int] = dataclasses.field(default_factory=list)
 
@@ -96,17 +97,23 @@ def open_segment_sync(directory: Path, index: int, state: dict[str, Any]) -> Seg
             os.fsync(f.fileno())
         fsync_dir(directory)
     except OSError:
-        # (disk full) leave no half-made segment behind: the rollover is retried later
+        # (disk full) leave no half-made segment behind: the rollover is retried later.
+        # Should it stay (it cannot be deleted either), the caller finds it and never
+        # appends to it nor makes the same name again.
         with contextlib.suppress(OSError):
             path.unlink()
         raise
     return Segment(index, path, size=len(data), state_bytes=len(data))
 
 
+Undeleted = list[tuple[Segment, OSError]]
+
+
 def write_sync(directory: Path, active: Segment, data: bytes, deletable: list[Segment]
-               ) -> float:
+               ) -> tuple[float, Undeleted]:
     """One group commit: append, fsync, then (I4) delete what the ACK just made safe.
-    Returns the seconds the fsync took (``spool_fsync_seconds``)."""
+    Returns the seconds the fsync took (``spool_fsync_seconds``) and the segments that
+    could not be deleted (``unlink_sync``): the commit stands either way."""
     with open(active.path, "r+b") as f:
         f.seek(active.size)
         try:
@@ -120,19 +127,25 @@ def write_sync(directory: Path, active: Segment, data: bytes, deletable: list[Se
             with contextlib.suppress(OSError):
                 f.truncate(active.size)
             raise
-    for seg in deletable:
-        with contextlib.suppress(FileNotFoundError):
-            seg.path.unlink()
-    if deletable:
-        fsync_dir(directory)
-    return fsync_s
+    return fsync_s, unlink_sync(directory, deletable) if deletable else []
 
 
-def unlink_sync(directory: Path, segments: list[Segment]) -> None:
+def unlink_sync(directory: Path, segments: list[Segment]) -> Undeleted:
+    """Delete segments whose every frame is acknowledged or dropped.  A segment that
+    cannot be deleted (an immutable or read-only file, one a virus scanner or backup holds
+    open on Windows) is returned with why, never raised: its data is safe at the hub
+    already, so it must not fail the commit that made it so (docs/spool.md)."""
+    failed: Undeleted = []
     for seg in segments:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             seg.path.unlink()
-    fsync_dir(directory)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            failed.append((seg, exc))
+    with contextlib.suppress(OSError):  # the deletes are redone at start-up if lost (I4)
+        fsync_dir(directory)
+    return failed
 
 
 def ev_past_segment(scanner: Scanner, seg: Segment) -> bool:

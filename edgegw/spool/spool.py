@@ -80,7 +80,7 @@ from .config import SpoolConfig
 from .format import MAX_RECORD, encode_ack, encode_commit, encode_frame, encode_state
 from .reader import TailCache, read_sync
 from .recovery import Recovered, recover
-from .segments import Segment, fsync_dir, open_segment_sync
+from .segments import Segment, Undeleted, fsync_dir, open_segment_sync, segment_path
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,11 @@ class DiskSpool(GroupCommit):
         self.m_damaged = m.counter("spool_damaged_bytes_total",
                                    "unreadable bytes found at recovery")
         self.m_disk_full = m.counter("spool_disk_full_total", "writes that failed with ENOSPC")
+        self.m_delete_errors = m.counter(
+            "spool_segment_delete_errors_total",
+            "segment files that could not be deleted when nothing in them was needed any more")
+        self.m_undeleted = m.gauge("spool_undeleted_segments",
+                                   "such segment files still waiting to be deleted")
         self.m_fsyncs = m.counter("spool_fsyncs_total", "group commits (one fsync each)")
         self.h_fsync = m.histogram("spool_fsync_seconds",
                                    "seconds each group commit's fsync took")
@@ -123,6 +128,9 @@ class DiskSpool(GroupCommit):
 
         self.epoch = ""
         self._segments: list[Segment] = []
+        self._undeleted: dict[Path, Segment] = {}
+        self._half_made: Undeleted = []  # found by a worker thread, taken in by the loop
+        self._delete_retry_at = 0.0
         self._next_seq = 1
         self._durable_seq = 0
         self._acked = 0
@@ -189,6 +197,7 @@ class DiskSpool(GroupCommit):
                 # retried like a failed rollover (docs/spool.md, "Operations": "Starting
                 # (or restarting) on a full disk")
                 await trio.to_thread.run_sync(self._keep_last_active_sync)
+                self._take_half_made()
                 self._note_disk_full(exc)
             self._started = True
             task_status.started()
@@ -217,6 +226,7 @@ class DiskSpool(GroupCommit):
             self.counts[key] += getattr(rec, key)
         self.counts["lost_frames"] += lost_frames
         self.counts["segments_deleted"] += rec.deleted_segments
+        self._unlinked([], rec.undeleted)
         self.m_lost.inc(lost_frames)
         self.m_damaged.inc(rec.damaged_bytes)
         if lost_frames or rec.damaged_regions:
@@ -240,8 +250,10 @@ class DiskSpool(GroupCommit):
         while self._segments and self._segments[-1].size == 0:
             try:
                 self._segments[-1].path.unlink(missing_ok=True)
-            except OSError:
-                break  # it stays the active one (its name is taken: never made twice)
+            except OSError as exc:
+                # never appended to (no STATE record); deleted once it can be
+                self._half_made.append((self._segments.pop(), exc))
+                continue
             self._segments.pop()
             removed = True
         if removed:
@@ -249,9 +261,18 @@ class DiskSpool(GroupCommit):
                 fsync_dir(self.directory)
 
     def _open_active_sync(self, state: dict[str, Any]) -> None:
-        """Start a new active segment (I3, I8); the old one is sealed."""
-        index = self._segments[-1].index + 1 if self._segments else 1
-        self._segments.append(open_segment_sync(self.directory, index, state))
+        """Start a new active segment (I3, I8); the old one is sealed.  A half-made one
+        that could not be removed after a failed create is never used: it waits in
+        ``_half_made`` to be deleted, and its name is not made again."""
+        index = 1 + max((s.index for s in (*self._segments, *self._undeleted.values(),
+                                           *(seg for seg, _ in self._half_made))), default=0)
+        try:
+            self._segments.append(open_segment_sync(self.directory, index, state))
+        except OSError as exc:
+            path = segment_path(self.directory, index)
+            if path.exists():
+                self._half_made.append((Segment(index, path, writable=False), exc))
+            raise
 
     # --- FrameStore interface ------------------------------------------------------------
 
@@ -514,12 +535,15 @@ class DiskSpool(GroupCommit):
             "first_unacked": self.first_unacked,
             "lost_ranges": self._lost.ranges()[:16],
             "disk_full": self._disk_full,
+            "undeleted_segments": len(self._undeleted),
+            "undeleted_bytes": sum(seg.size for seg in self._undeleted.values()),
             "stalled_for_s": round(self.stalled_for(), 3),
             **self.counts,
         }
 
     def _collect(self) -> None:
         self.m_bytes.set(self.total_bytes)
+        self.m_undeleted.set(len(self._undeleted))
         self.m_unacked.set(self.unacked_frames())
 
     # --- reading ---------------------------------------------------------------------------
