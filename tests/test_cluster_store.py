@@ -18,7 +18,7 @@ import trio
 from test_history import two_passes
 from walltools import SteppedWall
 
-from edgegw.hub.cluster import LockTimeout
+from edgegw.hub.cluster import LockTimeout, SessionEnded
 from edgegw.hub.cluster.partition import PartitionFenced, partition_key, partition_of
 from edgegw.hub.cluster.pgstore import ClusterStore, PartitionMismatch, ShardMismatch
 from edgegw.hub.history_store import WAFER_SUMMARY, HistoryStore
@@ -432,6 +432,54 @@ async def test_unreachable_postgres_is_unavailable_not_a_crash() -> None:
     assert store.health_problem() is not None
     assert "PostgreSQL unavailable" in (store.health_problem() or "")
     await store.close()
+
+
+@pytest.mark.parametrize("how", ["ended_by_another_node", "idle_session_timeout",
+                                 "idle_in_transaction_timeout"])
+async def test_a_session_postgresql_ended_is_tried_again_not_postgresql_unavailable(
+        pg_dsn: str, how: str) -> None:
+    """A session the server ended is not an unavailable store: the store answers at once on
+    a new session.  (Marked unavailable, an idle node's /healthz stayed degraded until its
+    next call -- forever, for a node with no gateway.)"""
+    metrics = Metrics()
+    store = ClusterStore(pg_dsn, "node-a", partitions=8, metrics=metrics,
+                         idle_in_transaction_timeout_s=0.3)
+    await store.open()
+    try:
+        gen = await store.claim_gateway("gw1")
+        await store.commit([frame("gw1", 1, ["L1"])], {"gw1": gen})
+        if how == "ended_by_another_node":
+            rows(pg_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE"
+                 " application_name = 'edgegw node-a' AND datname = current_database()")
+            sqlstate = "57P01"
+        elif how == "idle_session_timeout":
+            await store.query("SELECT set_config('idle_session_timeout', '100', false)")
+            await trio.sleep(1)  # the pooled session sits idle past it
+            sqlstate = "57P05"
+        else:
+            def paused_in_a_transaction(conn: psycopg.Connection[Any]) -> None:
+                with conn.transaction():
+                    conn.execute("SELECT 1")
+                    time.sleep(1)  # this node paused past idle_in_transaction_timeout_s
+                    conn.execute("SELECT 1")
+
+            with pytest.raises(SessionEnded):
+                await store._call(paused_in_a_transaction)
+            sqlstate = "25P03"
+        if sqlstate != "25P03":
+            with pytest.raises(SessionEnded) as ended:
+                await store.commit([frame("gw1", 2, ["L1"])], {"gw1": gen})
+            assert ended.value.sqlstate == sqlstate
+            # still a StoreUnavailable: every retry loop tries it again
+            assert isinstance(ended.value, StoreUnavailable)
+        assert store.health_problem() is None
+        assert metrics.counter("cluster_pg_session_ended_total").get(sqlstate=sqlstate) == 1
+        # tried again, on a new session: applied once
+        assert await store.commit([frame("gw1", 2, ["L1"])], {"gw1": gen}) == set()
+        assert rows(pg_dsn, "SELECT seq FROM edgegw_frames ORDER BY seq") == [(1,), (2,)]
+        assert store.health_problem() is None
+    finally:
+        await store.close()
 
 
 async def test_alerts_raised_once_acked_on_any_node_and_fenced(

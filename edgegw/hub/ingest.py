@@ -94,6 +94,7 @@ from .store import (
     HubStore,
     IngestStore,
     LockTimeout,
+    SessionEnded,
     StoreFull,
     StoreUnavailable,
 )
@@ -958,9 +959,9 @@ class Ingest:
         while True:
             try:
                 result = await commit()
-            except LockTimeout:
+            except (LockTimeout, SessionEnded):
                 # the server answers (the store counted and logged it): not a pause of
-                # the acknowledgements, simply again
+                # the acknowledgements, simply again (a new session)
                 await trio.sleep(0.2)
                 continue
             except (StoreFull, StoreUnavailable) as exc:

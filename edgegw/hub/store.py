@@ -135,6 +135,19 @@ class LockTimeout(StoreUnavailable):
     retry loops try it again; the store has counted and logged it."""
 
 
+class SessionEnded(StoreUnavailable):
+    """PostgreSQL ended the session a call ran on (SQLSTATE 57P01: another node ended it
+    as a paused node's, or an operator did; 25P03/57P05: its idle timeouts): the server
+    answered, so the store is not unavailable, and the call is tried again on a new
+    session (as after any ``StoreUnavailable``, safe: a commit that did go through finds
+    its frames applied).  Should the server be going down (a shutdown ends sessions with
+    57P01 too), the new session's connect fails and that marks the store unavailable."""
+
+    def __init__(self, message: str, sqlstate: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
 class GatewaySuperseded(Exception):
     """A newer connection of the gateway claimed it (on this node or another): this
     connection's commit was refused (nothing written) and it must close (4008)."""
@@ -649,6 +662,6 @@ class HubStore:
 __all__ = [
     "CODEC_RAW", "CODEC_ZLIB", "MAX_RID_RANGES", "FrameToApply", "GatewayClaim",
     "GatewayStats", "GatewaySuperseded", "HubStore", "IngestStore", "LockTimeout",
-    "StoreFull", "StoreUnavailable",
+    "SessionEnded", "StoreFull", "StoreUnavailable",
     "pack_body", "screen_rids", "unpack_body",
 ]

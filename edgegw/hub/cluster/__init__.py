@@ -23,6 +23,7 @@ _EXPORTS = {
     "LockTimeout": "edgegw.hub.cluster.pgstore",
     "LogChunk": "edgegw.hub.cluster.pgstore",
     "PartitionMismatch": "edgegw.hub.cluster.pgstore",
+    "SessionEnded": "edgegw.hub.cluster.pgstore",
     "ShardMismatch": "edgegw.hub.cluster.pgstore",
     "StoreUnavailable": "edgegw.hub.cluster.pgstore",
     "LeasePlanner": "edgegw.hub.cluster.owner",
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
     from .pgstore import LockTimeout as LockTimeout
     from .pgstore import LogChunk as LogChunk
     from .pgstore import PartitionMismatch as PartitionMismatch
+    from .pgstore import SessionEnded as SessionEnded
     from .pgstore import ShardMismatch as ShardMismatch
     from .pgstore import StoreUnavailable as StoreUnavailable
     from .publisher import TopicPublisher as TopicPublisher

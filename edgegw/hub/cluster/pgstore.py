@@ -61,6 +61,7 @@ from ..store import (
     GatewayStats,
     GatewaySuperseded,
     LockTimeout,
+    SessionEnded,
     StoreUnavailable,
     screen_rids,
 )
@@ -343,6 +344,11 @@ class _Chunk:
     body: bytes  # zlib of the CBOR body [first_rid, sources, records] (the frame format)
 
 
+#: SQLSTATEs of PostgreSQL ending a session: admin shutdown (pg_terminate_backend, or a
+#: server shutting down), idle-in-transaction timeout, idle session timeout
+SESSION_ENDED = ("57P01", "25P03", "57P05")
+
+
 def _is_connection_error(exc: BaseException) -> bool:
     """A failure of the server or the link, which passes (the call may be tried again),
     as against a bug in a statement."""
@@ -421,6 +427,11 @@ class ClusterStore:
             "held a row a claim or commit waited for, in a transaction open longer than the "
             "lease TTL (a paused or cut-off node), by call: claim_gateway, claim_partition "
             "or commit")
+        self.m_session_ended = (metrics or Metrics()).counter(
+            "cluster_pg_session_ended_total",
+            "calls whose PostgreSQL session the server ended (tried again on a new one), "
+            "by SQLSTATE: 57P01 ended by another node or an operator (or a shutdown), "
+            "25P03 idle in transaction too long (this node was paused), 57P05 idle")
         self.node_id = node_id
         self.partitions = partitions
         #: the node's number of Redis shards, stored by the cluster's first node and
@@ -499,6 +510,10 @@ class ClusterStore:
                 # the server went away: the idle connections are most likely dead too, and
                 # each would cost one more failed try before the store writes again
                 self._drop_idle()
+                sqlstate = getattr(exc, "sqlstate", None)
+                if sqlstate in SESSION_ENDED:
+                    raise SessionEnded(f"PostgreSQL ended the session: {str(exc).strip()} "
+                                       f"(SQLSTATE {sqlstate})", sqlstate) from exc
                 raise StoreUnavailable(f"PostgreSQL: {str(exc).strip() or type(exc).__name__}"
                                        ) from exc
             raise
@@ -533,6 +548,13 @@ class ClusterStore:
             result = await trio.to_thread.run_sync(self._run_sync, fn, limiter=self._limiter)
         except LockTimeout:
             raise  # PostgreSQL answers: the store is not unavailable, the caller retries
+        except SessionEnded as exc:
+            # PostgreSQL answered by ending the session: not unavailable -- a store marked
+            # so stayed degraded (/healthz) on an idle node until its next call, while a
+            # new session connects at once.  Only a failed connect marks it.
+            self.m_session_ended.inc(sqlstate=exc.sqlstate)
+            log.warning("cluster store: %s; tried again on a new session", exc)
+            raise
         except StoreUnavailable as exc:
             if self.unavailable is None:
                 log.error("cluster store: %s; acknowledgements pause until it answers", exc)
@@ -1673,4 +1695,4 @@ def _fence_holds(conn: psycopg.Connection[Any], partition: int, token: int) -> b
 
 __all__ = ["ClusterStore", "GatewaySuperseded", "GatewayTotals", "LockTimeout", "LogChunk",
            "PartitionMismatch",
-           "ShardLabels", "ShardMismatch", "StoreUnavailable", "decode_chunk"]
+           "SessionEnded", "ShardLabels", "ShardMismatch", "StoreUnavailable", "decode_chunk"]
