@@ -14,13 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
+import pytest
 import trio
 from disktools import DeadLetterFile
 from hubtools import gateway_config, hub_config, start_hub
 from ports import free_port
 from test_frame_limits import ScriptedSource, reading
 
-from edgegw.gateway import RID_KEY, Gateway, open_dead_letter_file
+from edgegw.gateway import (
+    RID_KEY,
+    Gateway,
+    open_dead_letter_file,
+    read_dead_letter_keys,
+    scan_dead_letters,
+)
 from edgegw.hub.store import unpack_body
 from edgegw.protocol import decode_body
 from edgegw.records import GatewayEvent, SensorReading, from_wire
@@ -197,3 +204,68 @@ def test_opening_cuts_off_a_torn_or_zeroed_tail_and_leaves_damage_before_it(
     path.write_bytes(damaged)
     open_dead_letter_file(str(path), "e", 1)
     assert path.read_bytes() == damaged
+
+
+def entry_bytes(i: int, seq: int | None = None) -> bytes:
+    data = cbor2.dumps({"seq": seq, "epoch": "e", "reason": "r", "at": 0.0, "source": "s",
+                        "rid": i, "body": cbor2.dumps([i, ["s"], [[11, 0, 0.0, "c", 1.0]]])})
+    return len(data).to_bytes(4, "big") + data
+
+
+def flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x5A]) + data[at + 1:]
+
+
+#: damage that is no crash's, before whole entries: each reader skips it and reads on
+DAMAGE = {
+    "garbage": lambda e: e(1) + b"\x07\xff garbage \x00\x01" * 9 + e(2) + e(3),
+    "entry_cut_short": lambda e: e(1) + e(9)[:-6] + e(2) + e(3),
+    "length_flipped": lambda e: flip(e(1), 1) + e(2) + e(3),  # says ~5 MB: past the end
+    "map_head_flipped": lambda e: flip(e(1), 4) + e(2) + e(3),
+    "zeros_between": lambda e: e(1) + b"\0" * 64 + e(2) + e(3),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_every_reader_resyncs_past_damage_and_sees_the_entries_after_it(
+        tmp_path: Path, damage: str) -> None:
+    """Damage in the middle of the file (a bad sector, a flipped bit, an entry another
+    tool cut short): the entries after it are read -- the gateway checks them for repeats,
+    and one it did not see would be written a second time (before, both readers stopped
+    at the damage).  The damage is left in place; a torn end is still cut."""
+    path = tmp_path / "dead-letter.cborseq"
+    data = DAMAGE[damage](entry_bytes)
+    scan = scan_dead_letters(data)
+    rids = [e["rid"] for _, e in scan.entries]
+    assert rids[-2:] == [2, 3] and scan.damaged and scan.torn_at is None
+    assert scan.entries[-1][0] + len(entry_bytes(3)) == len(data)
+
+    path.write_bytes(data)
+    found = open_dead_letter_file(str(path), "e", 2)
+    assert path.read_bytes() == data, "damage before whole entries is left as it is"
+    assert found == {("s", e["body"]): 1 for _, e in scan.entries if e["rid"] >= 2}
+    torn = data + entry_bytes(4)[:9]
+    path.write_bytes(torn)
+    open_dead_letter_file(str(path), "e", 2)
+    assert path.read_bytes() == data, "a torn last entry is still cut off"
+
+    frames = b"".join(entry_bytes(i, seq=10 + i) for i in (2, 3))
+    path.write_bytes(DAMAGE[damage](entry_bytes)[:-len(entry_bytes(2) + entry_bytes(3))]
+                     + frames)
+    assert read_dead_letter_keys(str(path), "e", 11) == {("e", 12, 2, 1), ("e", 13, 3, 1)}
+
+
+async def test_a_refused_record_after_damage_is_still_kept_once_across_a_crash(
+        tmp_path: Path) -> None:
+    """As the crash test above, with damage before the refused record's entry: the restart
+    still finds the entry and does not write it again (before, it stopped reading at the
+    damage and wrote a second entry)."""
+    puts = [[SMALL], [GIANT], [SMALL, SMALL], [SMALL, SMALL, SMALL, SMALL]]
+    image = await crash_image_at_first_dead_letter(tmp_path, puts)
+    path = image / "dead-letter.cborseq"
+    path.write_bytes(b"\0\0\0\x05junk!" + path.read_bytes())
+
+    await restart(image, puts)
+    scan = scan_dead_letters(path.read_bytes())
+    assert len(scan.damaged) == 1 and scan.torn_at is None
+    assert len(scan.entries) == 1, "kept once"

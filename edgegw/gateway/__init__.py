@@ -7,6 +7,12 @@ Public face (for embedders, plugins and tests): the names below.  The modules in
 
 from ..store import FrameStore, MemoryFrameStore, StoredFrame
 from .config import GatewayConfig, build_gateway_config, load_gateway_config
+from .deadletters import (
+    DeadLetterScan,
+    open_dead_letter_file,
+    read_dead_letter_keys,
+    scan_dead_letters,
+)
 from .probe import ProbeResult, ProbeTarget, probe_once, retry_after_seconds
 from .scheduler import SendScheduler, Want
 from .service import (
@@ -18,12 +24,13 @@ from .service import (
     GatewaySink,
     tune_gc,
 )
-from .uplink import Uplink, open_dead_letter_file
+from .uplink import Uplink
 
 __all__ = [
-    "AFTER_KEY", "GC_YOUNG_THRESHOLD", "ORIGINS_KEY", "RID_KEY", "FrameStore", "Gateway",
+    "AFTER_KEY", "GC_YOUNG_THRESHOLD", "ORIGINS_KEY", "RID_KEY", "DeadLetterScan",
+    "FrameStore", "Gateway",
     "GatewayConfig", "GatewaySink", "MemoryFrameStore", "ProbeResult", "ProbeTarget",
     "SendScheduler", "StoredFrame", "Uplink", "Want", "build_gateway_config",
-    "load_gateway_config", "open_dead_letter_file", "probe_once", "retry_after_seconds",
-    "tune_gc",
+    "load_gateway_config", "open_dead_letter_file", "probe_once", "read_dead_letter_keys",
+    "retry_after_seconds", "scan_dead_letters", "tune_gc",
 ]

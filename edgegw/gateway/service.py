@@ -35,13 +35,8 @@ from ..store import FrameStore, MemoryFrameStore
 from ..web import HttpServer, install_status
 from ..web.hosts import HostRule
 from .config import RESERVED_NAME_PREFIX, GatewayConfig, SourceEntry
-from .uplink import (
-    DATA_ENVELOPE_BYTES,
-    RID_KEY,
-    Uplink,
-    open_dead_letter_file,
-    write_dead_letter,
-)
+from .deadletters import open_dead_letter_file, write_dead_letter
+from .uplink import DATA_ENVELOPE_BYTES, RID_KEY, Uplink
 
 log = logging.getLogger("edgegw.gateway")
 

@@ -29,7 +29,6 @@ import math
 import os
 import ssl
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -66,6 +65,7 @@ from ..store import FrameStore, StoredFrame
 from ..taskgroups import reraise_meaningful
 from ..tls import client_context
 from .config import GatewaySection, UplinkSection
+from .deadletters import dead_letter_key, read_dead_letter_keys, write_dead_letter
 from .probe import ProbeResult, ProbeTarget, probe_until_reached, retry_after_seconds
 from .scheduler import SendScheduler
 
@@ -144,7 +144,7 @@ class Uplink:
         #: records again under another seq (each record twice at the hub)
         self._part_unsettled: int | None = None
         #: what the dead-letter file holds of frames not yet acknowledged
-        #: (``_dead_letter_key``), read from it before the first entry this run writes: a
+        #: (``dead_letter_key``), read from it before the first entry this run writes: a
         #: part whose entry was written and whose storing a crash (or a cancellation the
         #: shield did not cover) stopped is planned again, and kept once
         self._dead_letters: set[tuple[Any, ...]] | None = None
@@ -379,7 +379,7 @@ class Uplink:
         else:  # entries of acknowledged frames are never written again
             self._dead_letters = {k for k in self._dead_letters
                                   if k[0] == epoch and k[1] >= first_unacked}
-        key = _dead_letter_key(epoch, seq, body)
+        key = dead_letter_key(epoch, seq, body)
         if key in self._dead_letters:
             return False
         await write_dead_letter(self.dead_letter_path, {
@@ -704,116 +704,6 @@ class Uplink:
             self._part_unsettled = None
             parts = sorted([*parts, (part, rid)], key=lambda p: p[1])
         return parts
-
-
-async def write_dead_letter(path: trio.Path, entry: dict[str, Any]) -> None:
-    """Append one entry to the dead-letter file: a 4-byte big-endian length, then the
-    entry as CBOR (``seq``: the frame's, or None for a record refused before any frame
-    held it -- with ``source`` and ``rid``, the gateway's next record id then; ``epoch``,
-    ``reason``, ``at``, ``body``).  Durable when it returns (fsync): the frame that says
-    the records are there (a stand-in, a checkpoint past them) is made durable after it
-    (docs/spool.md, "The dead-letter file")."""
-    data = cbor2.dumps(entry)
-    async with await path.open("ab") as f:
-        await f.write(len(data).to_bytes(4, "big") + data)
-        await f.flush()
-        await trio.to_thread.run_sync(os.fsync, f.fileno())
-
-
-def open_dead_letter_file(path: str, epoch: str, from_rid: int) -> Counter[tuple[Any, ...]]:
-    """Make the dead-letter file at ``path`` appendable and read what a replay may repeat
-    (blocking: run in a worker thread, once, before the gateway writes to it).
-
-    A torn last entry (a crash in its write) is cut off, durably, so the entries written
-    next start on an entry boundary: its records are still in the spool or still to be
-    replayed by their source (the frame or checkpoint past them is made durable only after
-    the entry), so they are written again.  Damage before the last entry is left alone (it
-    is no crash's; logged).  Returns, counted, the keys ``(source, body)`` of the entries
-    of records refused before any frame held them (``seq`` None) in ``epoch`` at record
-    id ``from_rid`` or later: those a crash may have left before the checkpoint past them
-    was durable, which the gateway's sources replay now (each matches one such record
-    once, and is not written again)."""
-    found: Counter[tuple[Any, ...]] = Counter()
-    try:
-        f = open(path, "r+b")
-    except FileNotFoundError:
-        return found
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        offset = 0
-        while offset < size:
-            head = f.read(4)
-            n = int.from_bytes(head, "big") if len(head) == 4 else 0
-            data = f.read(n) if len(head) == 4 else b""
-            try:
-                if len(head) < 4 or len(data) < n:
-                    raise EOFError("short")
-                entry = cbor2.loads(data)
-                if not isinstance(entry, dict) or "body" not in entry:
-                    raise ValueError("not an entry")
-            except Exception:
-                f.seek(offset)
-                if offset + 4 + n < size and not _only_zeros(f):  # zeros: a torn write
-                    log.error("%s: the entry at byte %d does not decode; the entries after "
-                              "it are kept as they are", path, offset)
-                    break
-                log.warning("%s: its last entry is torn (%d of its bytes, at byte %d): cut "
-                            "off; its records are written again", path, size - offset, offset)
-                f.truncate(offset)
-                f.flush()
-                os.fsync(f.fileno())
-                break
-            offset += 4 + n
-            rid = entry.get("rid")
-            if (entry.get("seq") is None and entry.get("epoch") == epoch
-                    and isinstance(rid, int) and rid >= from_rid):
-                found[(entry.get("source"), entry["body"])] += 1
-    return found
-
-
-def _only_zeros(f: Any) -> bool:
-    """Whether the rest of file ``f`` holds zero bytes only (what a crash may leave of a
-    write whose size reached the disk and whose data did not)."""
-    while chunk := f.read(1 << 16):
-        if chunk.strip(b"\0"):
-            return False
-    return True
-
-
-def read_dead_letter_keys(path: str, epoch: str, from_seq: int) -> set[tuple[Any, ...]]:
-    """The keys (``_dead_letter_key``) of the dead-letter file's entries of ``epoch``'s
-    frames ``from_seq`` on (blocking: run in a worker thread).  A file that is missing
-    holds none; one whose end is torn (a crash in a write) is read up to it."""
-    keys: set[tuple[Any, ...]] = set()
-    try:
-        with open(path, "rb") as f:
-            while len(head := f.read(4)) == 4:
-                data = f.read(int.from_bytes(head, "big"))
-                try:
-                    entry = cbor2.loads(data)
-                    seq, body = entry["seq"], entry["body"]
-                except Exception:  # torn, or not an entry: nothing after it can be framed
-                    log.warning("%s: an entry that does not decode; entries after it are "
-                                "not checked for repeats", path)
-                    break
-                if entry.get("epoch") == epoch and isinstance(seq, int) and seq >= from_seq:
-                    keys.add(_dead_letter_key(epoch, seq, body))
-    except FileNotFoundError:
-        pass
-    return keys
-
-
-def _dead_letter_key(epoch: str, seq: int, body: bytes | None) -> tuple[Any, ...]:
-    """What a dead-letter entry of the uplink stands for: frame ``seq`` of ``epoch`` and
-    the records of ``body`` by record id (first, count), as the same records may be
-    encoded differently on another connection (v1 rows, plain floats); a body that does
-    not decode, by its bytes."""
-    with suppress(Exception):  # keyed by its bytes, below
-        item = cbor2.loads(body) if body is not None else None
-        first_rid, _, rows = to_rows(item) if is_columnar(body or b"") else item
-        if isinstance(first_rid, int) and isinstance(rows, list):
-            return (epoch, seq, first_rid, len(rows))
-    return (epoch, seq, body)
 
 
 async def _answerer(ws: Any, pongs: trio.MemoryReceiveChannel[bytes]) -> None:
