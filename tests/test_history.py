@@ -418,7 +418,9 @@ async def test_the_history_api_answers_for_a_lot_whose_archive_is_only_held_in_m
         assert status == 200 and listed["archive_pending"] is True and listed["live"] is False
         assert [w["wafer_id"] for w in listed["wafers"]] == ["OLD-1"]
         status, stats = await get(hub.port, "/api/tests/OLD/300")
-        assert status == 200 and stats["count"] == 6
+        assert status == 200 and stats["count"] == 6 and stats["archive_pending"] is True
+        status, wafer_map = await get(hub.port, "/api/lots/OLD/wafers/OLD-1")
+        assert status == 200 and wafer_map["archive_pending"] is True and wafer_map["dies"]
         store_fault.unblock()
         with trio.fail_after(30):
             while pending.get():
@@ -430,7 +432,10 @@ async def test_the_history_api_answers_for_a_lot_whose_archive_is_only_held_in_m
         status, after = await get(hub.port, "/api/lots/OLD/wafers")
         assert "archive_pending" not in after
         assert after == {k: v for k, v in listed.items() if k != "archive_pending"}
-        assert (await get(hub.port, "/api/tests/OLD/300"))[1] == stats
+        assert (await get(hub.port, "/api/tests/OLD/300"))[1] == {
+            k: v for k, v in stats.items() if k != "archive_pending"}
+        assert (await get(hub.port, "/api/lots/OLD/wafers/OLD-1"))[1] == {
+            k: v for k, v in wafer_map.items() if k != "archive_pending"}
         hub.stop()
 
 
@@ -686,8 +691,8 @@ async def test_a_retested_lot_s_held_archives_are_answered_as_the_store_will_mer
             pending = hub.alerts.metrics.gauge("hub_archives_unwritten_pending")
             assert pending.get() >= 1
             held = await answers(hub.port)
-            assert held["row"].pop("archive_pending") is True
-            assert held["wafers"].pop("archive_pending") is True
+            for answer in held.values():  # the row, the wafer list, each wafer's map
+                assert answer.pop("archive_pending") is True
             fault.unblock()
             with trio.fail_after(30):
                 while pending.get():

@@ -435,8 +435,14 @@ class HistoryApi:
         if method == "GET" and len(parts) == 4 and parts[0] == "lots" and parts[2] == "wafers":
             lot_id, wafer_id = parts[1], parts[3]
             pending = await self._pending(lot_id)
-            return wafer(self.state, lot_id, wafer_id, await self._archived(lot_id, pending),
-                         await self._archived_wafer(lot_id, wafer_id, pending))
+            status, answer = wafer(self.state, lot_id, wafer_id,
+                                   await self._archived(lot_id, pending),
+                                   await self._archived_wafer(lot_id, wafer_id, pending))
+            lot = self.state.lots.get(lot_id)
+            if status == 200 and pending is not None and (lot is None
+                                                          or wafer_id not in lot.wafers):
+                answer = {**answer, "archive_pending": True}  # (a copy: it may be held)
+            return status, answer
         if method == "GET" and len(parts) == 6 and parts[0] == "lots" and parts[2] == "wafers" \
                 and parts[4] == "tests":
             if principal is not None and principal.lots is not None \
@@ -446,8 +452,14 @@ class HistoryApi:
         if method == "GET" and parts == ["alerts", "rules"]:
             return alert_rules(self.engine)
         if method == "GET" and len(parts) == 3 and parts[0] == "tests":
-            return test(self.state, parts[1], parts[2],
-                        await self._archived(parts[1], await self._pending(parts[1])))
+            pending = await self._pending(parts[1])
+            status, answer = test(self.state, parts[1], parts[2],
+                                  await self._archived(parts[1], pending))
+            lot = self.state.lots.get(parts[1])
+            if status == 200 and pending is not None and (
+                    lot is None or lot.tests.get(int(parts[2])) is None):
+                answer = {**answer, "archive_pending": True}  # (a copy: it may be held)
+            return status, answer
         if method == "GET" and parts == ["alerts"]:
             query, problem = alert_query(params)
             if problem:
