@@ -62,6 +62,12 @@ def rows(dsn: str, sql: str, params: tuple[object, ...] = ()) -> list[tuple]:  #
         return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
 
 
+def execute(dsn: str, *statements: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for sql in statements:
+            conn.execute(sql)  # type: ignore[arg-type]
+
+
 async def all_chunks(store: ClusterStore, partitions: int = 8) -> list:  # type: ignore[type-arg]
     out = []
     for p in range(partitions):
@@ -479,6 +485,41 @@ async def test_a_session_postgresql_ended_is_tried_again_not_postgresql_unavaila
         assert rows(pg_dsn, "SELECT seq FROM edgegw_frames ORDER BY seq") == [(1,), (2,)]
         assert store.health_problem() is None
     finally:
+        await store.close()
+
+
+async def test_a_server_that_takes_no_writes_is_unavailable_not_a_crash(pg_dsn: str) -> None:
+    """A standby not promoted yet, or a server put in read-only mode (SQLSTATE 25006): a
+    condition that passes, like an outage -- the commit raises StoreUnavailable (the ingest
+    pauses acknowledgements and tries again), /healthz says so, and once the server takes
+    writes the same commit applies.  Before, the raw error reached the connection's failure
+    boundary (1011, an internal error) at every try."""
+    store = ClusterStore(pg_dsn, "node-a", partitions=8)
+    await store.open()
+    dbname = rows(pg_dsn, "SELECT current_database()")[0][0]
+    try:
+        gen = await store.claim_gateway("gw1")
+        execute(pg_dsn, f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+        rows(pg_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE"
+             " application_name = 'edgegw node-a' AND datname = current_database()")
+        with pytest.raises(StoreUnavailable):
+            await store.commit([frame("gw1", 1, ["L1"])], {"gw1": gen})  # a session ended
+        with pytest.raises(StoreUnavailable) as refused:
+            await store.commit([frame("gw1", 1, ["L1"])], {"gw1": gen})
+        assert "read-only" in str(refused.value)
+        assert "PostgreSQL unavailable" in (store.health_problem() or "")
+        execute(pg_dsn, "SET default_transaction_read_only = off",
+                f'ALTER DATABASE "{dbname}" RESET default_transaction_read_only')
+        rows(pg_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE"
+             " application_name = 'edgegw node-a' AND datname = current_database()")
+        with contextlib.suppress(SessionEnded):
+            await store.commit([frame("gw1", 1, ["L1"])], {"gw1": gen})
+        await store.commit([frame("gw1", 1, ["L1"])], {"gw1": gen})
+        assert rows(pg_dsn, "SELECT seq FROM edgegw_frames") == [(1,)]
+        assert store.health_problem() is None
+    finally:
+        execute(pg_dsn, "SET default_transaction_read_only = off",
+                f'ALTER DATABASE "{dbname}" RESET default_transaction_read_only')
         await store.close()
 
 

@@ -355,9 +355,11 @@ def _is_connection_error(exc: BaseException) -> bool:
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         return True
     # "the database system is shutting down / starting up", admin shutdown; 25P03: the
-    # server ended the session of a transaction left idle too long (this node was paused)
+    # server ended the session of a transaction left idle too long (this node was paused);
+    # 25006: a server that takes no writes (a standby not promoted yet, read-only mode) --
+    # it passes like an outage, and is no bug of the statement
     sqlstate = getattr(exc, "sqlstate", None) or ""
-    return sqlstate.startswith(("08", "57P", "25P03"))
+    return sqlstate.startswith(("08", "57P", "25P03", "25006"))
 
 
 def _chunks_of(frame: FrameToApply, n_partitions: int) -> list[_Chunk]:
