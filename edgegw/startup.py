@@ -30,6 +30,22 @@ class StartupError(Exception):
     """A service cannot start; ``str()`` is one line, naming the config key."""
 
 
+def damaged_database(key: str, path: Path, exc: BaseException) -> StartupError | None:
+    """The StartupError for an SQLite file at ``path`` (under config ``key``) that is
+    damaged or no database at all; None for any other error.  Refusing to start is the
+    only safe answer (the file holds what was applied: started afresh, the service would
+    forget it); the operator decides, with the file kept."""
+    import sqlite3
+
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if not (isinstance(exc, sqlite3.DatabaseError)
+            and name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))):
+        return None
+    return StartupError(f"{key}: {str(path)!r} is damaged ({exc}): stop, keep the file, and "
+                        "restore it from a backup or recover it (docs/operations.md, "
+                        "\"A damaged database\")")
+
+
 def prepare_dir(key: str, path: str | Path) -> None:
     """Create the directory ``path`` (the value of config ``key``) if missing and prove it
     is a directory this process can write into; StartupError otherwise."""
@@ -224,5 +240,5 @@ def _reason(exc: BaseException) -> str:
 
 __all__ = [
     "EXIT_CANNOT_START", "EXIT_CONFIG", "DirLock", "DirectoryInUse", "HeldLogs", "StartupError",
-    "describe", "leaves", "prepare_dir", "readable", "resolve"
+    "damaged_database", "describe", "leaves", "prepare_dir", "readable", "resolve"
 ]

@@ -168,3 +168,22 @@ def test_with_vv_the_failed_start_shows_its_log_lines_and_traceback(
     assert out.stderr.splitlines()[-1] == (
         f"edgegw: cannot start: gateway.status_listen/status_port: cannot listen on "
         f"127.0.0.1:{taken_port}: address already in use")
+
+
+@pytest.mark.parametrize("name", ["hub.sqlite3", "history.sqlite3"])
+def test_a_damaged_database_is_named_with_what_to_do_and_never_started_afresh(
+        tmp_path: Path, name: str) -> None:
+    """A hub's SQLite file damaged (a failing disk, a copy taken mid-write): one line naming
+    the file and pointing to docs/operations.md; the file is kept as it is (started afresh
+    the hub would forget what it applied).  Before: "DatabaseError: database disk image is
+    malformed", no file named."""
+    data_dir = tmp_path / "hub"
+    data_dir.mkdir()
+    damaged = data_dir / name
+    damaged.write_bytes(b"SQLite format 3\0" + b"\xde\xad" * 4096)
+    before = damaged.read_bytes()
+    out = hub(tmp_path)
+    assert_cannot_start(out, f"hub.data_dir: {str(damaged)!r} is damaged (file is not a "
+                             "database): stop, keep the file, and restore it from a backup "
+                             "or recover it (docs/operations.md, \"A damaged database\")")
+    assert damaged.read_bytes() == before

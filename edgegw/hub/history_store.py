@@ -40,6 +40,7 @@ from typing import Any
 import trio
 
 from ..jsonutil import dumps
+from ..startup import damaged_database
 from .archive_merge import archive_order, merge_lot_archive, merge_wafer_archive
 
 SCHEMA = """
@@ -200,6 +201,12 @@ class HistoryStore:
 
     # -- blocking internals (worker thread) --
     def _open_sync(self) -> None:
+        try:
+            self._open_db_sync()
+        except sqlite3.DatabaseError as exc:
+            raise damaged_database("hub.data_dir", self.path, exc) or exc from exc
+
+    def _open_db_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                              timeout=LOCK_WAIT_S)

@@ -45,6 +45,7 @@ import trio
 from .. import failpoints
 from ..protocol import Rows, encode_body
 from ..protocol.intervals import IntervalSet
+from ..startup import damaged_database
 
 if TYPE_CHECKING:
     from ..protocol import Columns
@@ -310,6 +311,12 @@ class HubStore:
 
     # -- blocking internals (worker thread) --
     def _open_sync(self) -> None:
+        try:
+            self._open_db_sync()
+        except sqlite3.DatabaseError as exc:
+            raise damaged_database("hub.data_dir", self.path, exc) or exc from exc
+
+    def _open_db_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
