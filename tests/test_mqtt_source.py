@@ -306,6 +306,39 @@ async def test_junk_payloads_are_counted_per_topic_logged_once_and_do_not_distur
         f"{prefix}/{t}" for t in ("handler/temp", "handler/count", "prober/temp"))
 
 
+async def test_a_payload_over_max_payload_bytes_is_a_bad_payload_never_decoded(
+        mqtt_broker: BrokerAddress, caplog: pytest.LogCaptureFixture) -> None:
+    """A 5 MB JSON document on a sensor topic (a misconfigured publisher, or a hostile
+    one): counted and reported as a bad payload, with its size, and never decoded -- a JSON
+    decode of it would hold the gateway's thread; the readings around it come through."""
+    prefix = unique("ate")
+    metrics = Metrics()
+    source = make_source(mqtt_broker, [{"topic": f"{prefix}/+/temp", "channel": "{1}.temp",
+                                        "raw": True}],
+                         metrics=metrics, max_payload_bytes=1024)
+    sink = Sink()
+    huge = b'{"value": 1.0, "pad": "' + b"x" * 5_000_000 + b'"}'
+    caplog.set_level(logging.WARNING, logger="edgegw.mqtt.source")
+    async with trio.open_nursery() as nursery:
+        await started(nursery, source, sink)
+        pub = await start_publisher(nursery, mqtt_broker)
+        await pub.publish(f"{prefix}/a/temp", payload(20.0), qos=1)
+        await pub.publish(f"{prefix}/a/temp", huge, qos=1)
+        await pub.publish(f"{prefix}/a/temp", b'{"value": 2.0, "pad": "' + b"y" * 990 + b'"}',
+                          qos=1)  # just within the limit: decoded
+        await pub.publish(f"{prefix}/a/temp", payload(21.0), qos=1)
+        with trio.fail_after(20):
+            await pub.wait_all_acked()
+        await wait_for(lambda: source.received >= 4, 20, "every message")
+        nursery.cancel_scope.cancel()
+    assert [r.value for r in sink.of(SensorReading)] == [20.0, 2.0, 21.0]
+    bad = metrics.counter("mqtt_bad_payloads_total")
+    assert bad.get(source="sensors", topic=f"{prefix}/a/temp") == 1
+    (event,) = sink.of(GatewayEvent)
+    assert event.detail["reason"] == (f"payload of {len(huge)} bytes, over max_payload_bytes "
+                                      "(1024)")
+
+
 JUNK_INTERVAL_S = 4.0  # bad_payload_log_interval: all of the junk is handled within it
 
 

@@ -149,6 +149,9 @@ class MqttSourceConfig:
     subscriptions: list[SubscriptionConfig] = dataclasses.field(default_factory=list)
     max_batch: Annotated[int, Range(1, 1_000_000)] = 1000  # records held before the sink
     bad_payload_log_interval: Annotated[float, Range(0, 86_400)] = 60.0  # one line/topic/interval
+    # a longer payload is a bad payload, never decoded: a sensor reading is a few bytes, and
+    # decoding megabytes of JSON would hold the gateway's thread (the tester's files) up
+    max_payload_bytes: Annotated[int, Range(1, 268_435_455)] = 65_536
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -367,6 +370,9 @@ class MqttSource:
             if route is None:  # a retained or overlapping message we did not ask for
                 self._m_unrouted.inc(source=self.name)
             else:
+                if len(msg.payload) > self.config.max_payload_bytes:
+                    raise PayloadError(f"payload of {len(msg.payload)} bytes, over "
+                                       f"max_payload_bytes ({self.config.max_payload_bytes})")
                 value, ts = route.decode(msg.payload)
                 if self._taken_already(topic, msg, ts):
                     self.retained_repeats += 1
