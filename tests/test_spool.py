@@ -461,6 +461,14 @@ async def test_a_spool_restarted_on_a_full_disk_starts_keeps_its_frames_and_goes
         assert all_frames(spool) == kept + new
 
 
+def half_made_segment(directory: Path) -> Path:
+    """What a crash while the spool made its next segment leaves: the file, empty."""
+    index = int(segment_files(directory)[-1].name[4:-6])
+    half_made = directory / f"seg-{index + 1:010d}.spool"
+    half_made.touch()
+    return half_made
+
+
 async def test_a_half_made_last_segment_found_on_a_full_disk_is_removed(tiny_fs: Path) -> None:
     """A crash while a segment was being made leaves it empty (its STATE record torn off);
     on a full disk the spool cannot start a new one after it, and appends must not go to a
@@ -471,9 +479,7 @@ async def test_a_half_made_last_segment_found_on_a_full_disk_is_removed(tiny_fs:
         await fill(spool, 20, size=8000)
         last = spool.durable_seq
     before = segment_files(directory)
-    index = int(before[-1].name[4:-6])
-    half_made = directory / f"seg-{index + 1:010d}.spool"
-    half_made.touch()
+    half_made_segment(directory)
     filler = fill_to_the_last_byte(tiny_fs)
     spool = DiskSpool(conf)
     async with trio.open_nursery() as nursery:

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import trio
 from disktools import fill_to_the_last_byte, immutable, release, small_filesystem
+from test_spool import body, cfg, half_made_segment, segment_files
+from test_spool import fill as fill_spool
 
 from edgegw.metrics import Metrics
-from edgegw.spool import DiskSpool, SpoolConfig
-from edgegw.spool import list_segments as _list_segments
+from edgegw.spool import DiskSpool
 from edgegw.spool.format import Kind, Record, scan
 
 
@@ -24,23 +25,8 @@ def fs(tmp_path: Path) -> Iterator[Path]:
         yield mnt
 
 
-def body(seq: int, size: int = 2000) -> bytes:
-    return (f"frame-{seq:08d}-".encode() * (size // 15 + 1))[:size]
-
-
-def cfg(path: Path, **kw: object) -> SpoolConfig:
-    base = {"dir": str(path), "segment_bytes": 16 << 10, "max_bytes": 64 << 20}
-    base.update(kw)
-    return SpoolConfig(**base)  # type: ignore[arg-type]
-
-
 async def fill(spool: DiskSpool, n: int) -> list[int]:
-    return [await spool.append(body(spool.next_seq), 3, {"src": {"offset": spool.next_seq}})
-            for _ in range(n)]
-
-
-def segment_files(path: Path) -> list[Path]:
-    return [p for _, p in _list_segments(path)]
+    return await fill_spool(spool, n, size=2000)  # 2 KB frames: several 16 KiB segments
 
 
 def unacked(spool: DiskSpool) -> list[int]:
@@ -48,7 +34,7 @@ def unacked(spool: DiskSpool) -> list[int]:
     out: list[int] = []
     seq = spool.first_unacked
     while got := spool.frames_from(seq, 1000):
-        assert all(f.body == body(f.seq) for f in got)
+        assert all(f.body == body(f.seq, len(f.body)) for f in got)
         out.extend(f.seq for f in got)
         seq = got[-1].seq + 1
     return out
@@ -138,10 +124,7 @@ async def test_an_empty_segment_a_crash_left_is_never_appended_to_when_it_cannot
     async with DiskSpool.open(conf) as spool:
         await fill(spool, 20)
         last = spool.durable_seq
-    before = segment_files(directory)
-    index = int(before[-1].name[4:-6])
-    half_made = directory / f"seg-{index + 1:010d}.spool"
-    half_made.touch()
+    half_made = half_made_segment(directory)
     filler = fill_to_the_last_byte(fs)
     metrics = Metrics()
     with immutable(half_made):
