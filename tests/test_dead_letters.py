@@ -18,6 +18,8 @@ import pytest
 import trio
 from disktools import DeadLetterFile
 from hubtools import gateway_config, hub_config, start_hub
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from ports import free_port
 from test_frame_limits import ScriptedSource, reading
 
@@ -269,3 +271,23 @@ async def test_a_refused_record_after_damage_is_still_kept_once_across_a_crash(
     scan = scan_dead_letters(path.read_bytes())
     assert len(scan.damaged) == 1 and scan.torn_at is None
     assert len(scan.entries) == 1, "kept once"
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(n=st.integers(1, 6), at=st.integers(0, 6), junk=st.binary(min_size=1, max_size=300),
+       cut=st.integers(0, 40))
+def test_any_damage_between_entries_is_skipped_and_every_entry_after_it_is_read(
+        n: int, at: int, junk: bytes, cut: int) -> None:
+    """Bytes of any kind between two entries, or an entry cut short by up to 40 bytes
+    before the next one: every whole entry after the damage is read, and none is made up."""
+    entries = [entry_bytes(i) for i in range(n)]
+    at = min(at, n)
+    if cut and at > 0:  # the entry before the damage loses its last bytes
+        entries[at - 1] = entries[at - 1][:max(1, len(entries[at - 1]) - cut)]
+    data = b"".join(entries[:at]) + junk + b"".join(entries[at:])
+    scan = scan_dead_letters(data)
+    found = [e["rid"] for _, e in scan.entries]
+    if at < n:
+        assert found[-(n - at):] == list(range(at, n))
+    assert set(found) <= set(range(n))
+    assert len(found) == len(set(found))
