@@ -100,6 +100,8 @@ def run_hub(args: argparse.Namespace) -> None:
             fanout.catch_up = args.catch_up  # this tree's hub only
         if args.writer_thread and hasattr(fanout, "write_in_thread"):
             fanout.write_in_thread = True  # this tree's hub only
+        if args.writer_process and hasattr(fanout, "write_in_process"):
+            fanout.write_in_process = True  # this tree's hub only
         tick_async = fanout.tick_async
 
         async def counted_tick() -> tuple[float, bool]:
@@ -339,9 +341,10 @@ def run_tester(args: argparse.Namespace) -> None:
 
     data = GatewayConnection.data
 
-    def data_(conn: Any, seq: int, body: bytes, now: float) -> bytes:
+    def data_(conn: Any, seq: int, body: bytes, now: float,
+              sent_at: float | None = None) -> bytes:
         sent.setdefault(seq, time.time())  # the uplink writes it right after
-        return data(conn, seq, body, now)
+        return data(conn, seq, body, now, sent_at)
 
     GatewayConnection.data = data_  # type: ignore[method-assign]
 
@@ -551,6 +554,25 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def hub_cpu_seconds(pid: int) -> float:
+    """The hub process's CPU seconds and its children's (the fan-out's writer process,
+    ``--writer-process``): the writes cost the same wherever they run."""
+    total = proc_cpu_seconds(pid)
+    kids: list[str] = []
+    # per thread: the hub starts its writer from a worker thread (trio.lowlevel.open_process)
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += (task / "children").read_text().split()
+        except OSError:
+            pass  # the thread ended meanwhile
+    for kid in kids:
+        try:
+            total += proc_cpu_seconds(int(kid))
+        except OSError:
+            pass  # ended meanwhile
+    return total
+
+
 def proc_mem_mb(pid: int) -> tuple[float, float]:
     rss = hwm = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -606,6 +628,13 @@ def main() -> int:
     ap.add_argument("--writer-thread", action="store_true",
                     help="this tree's hub hands its ticks' writes to a writer thread "
                          "(LiveFanout.write_in_thread; not --before's)")
+    ap.add_argument("--client-nice", type=int, default=0,
+                    help="run the subscriber processes at this nice level (10: they yield "
+                         "the cores to the hub, as clients on other machines would; 0: "
+                         "as the earlier figures were taken)")
+    ap.add_argument("--writer-process", action="store_true",
+                    help="this tree's hub hands its ticks' writes to a writer process "
+                         "(LiveFanout.write_in_process; not --before's)")
     ap.add_argument("--no-hold", action="store_true",
                     help="this tree's hub ticks without looking at the ingest's lag "
                          "(LiveFanout.ingest_lag unset)")
@@ -735,6 +764,8 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | N
                             *(["--no-hold"] if args.no_hold else []),
                             *(["--writer-thread"] if args.writer_thread and before is None
                               else []),
+                            *(["--writer-process"] if args.writer_process and before is None
+                              else []),
                             *(["--write-slice", str(args.write_slice)]
                               if args.write_slice is not None and before is None else []),
                             *(["--catch-up", str(args.catch_up)]
@@ -752,7 +783,8 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | N
             return None
         port = int(line.split()[1])
         t0 = time.monotonic()
-        subs = [subprocess.Popen([*me, "--role", "subs", "--port", str(port),
+        nice = ["nice", "-n", str(args.client_nice)] if args.client_nice else []
+        subs = [subprocess.Popen([*nice, *me, "--role", "subs", "--port", str(port),
                                   "--clients", str(args.clients), "--procs", str(procs),
                                   "--index", str(p), "--sample-step", str(sample_step),
                                   "--log", str(tmp / f"subs{p}.pickle")],
@@ -795,10 +827,10 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | N
             if with_stalled:
                 stalled.append(ws_connect(port, rcvbuf=4096,  # never read from
                                           topics=args.stalled_topics, number=args.clients)[0])
-            cpu0, w0, m0 = proc_cpu_seconds(hub.pid), time.time(), time.monotonic()
+            cpu0, w0, m0 = hub_cpu_seconds(hub.pid), time.time(), time.monotonic()
             own0 = subs_cpu()
             time.sleep(span)
-            phases.append((with_stalled, w0, time.time(), proc_cpu_seconds(hub.pid) - cpu0,
+            phases.append((with_stalled, w0, time.time(), hub_cpu_seconds(hub.pid) - cpu0,
                            time.monotonic() - m0, proc_mem_mb(hub.pid), subs_cpu() - own0,
                            os.getloadavg()[0]))
         stats = json.loads(_http_get(port, "/api/live/stats?clients=0"))
@@ -911,7 +943,8 @@ def report(args: argparse.Namespace, subs: Merged, phases: list[Any], log: dict[
     print(f"\nfan-out bench ({args.feed} feed): {args.clients} subscribers, tester "
           f"{args.rate:.0f} records/s "
           f"(produced {log['produced']} records), ui_rate {args.ui_rate:g}/s, "
-          f"goal p99 < {50 + 1000 / args.ui_rate:.0f} ms")
+          f"goal p99 < {50 + 1000 / args.ui_rate:.0f} ms"
+          + (f"; subscriber processes at nice {args.client_nice}" if args.client_nice else ""))
     if args.feed == "gateway":
         print(f"  gateway: batch.max_delay_ms {args.batch_ms:g} (the shipped default is 100: a "
               f"UI-latency deployment sets it low), batch.max_records {args.batch_records}, "
@@ -1036,7 +1069,7 @@ def report(args: argparse.Namespace, subs: Merged, phases: list[Any], log: dict[
         tick_cpu_ms = 1000 * statistics.median(cpus) if cpus else float("nan")
         batch = ""
         if stats.get("write_batches"):
-            batch = (f"; writer thread per tick: {stats['write_batch_cpu_ms_mean']:.1f} ms CPU, "
+            batch = (f"; writer per tick: {stats['write_batch_cpu_ms_mean']:.1f} ms CPU, "
                      f"{stats['write_batch_ms_mean']:.1f} ms wall for "
                      f"{stats['write_batch_frames_mean']:.0f} frames (whole run)")
         print(f"    counted: Trio thread CPU per tick (median of {len(cpus)}) "

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
+import pytest
 import trio
 from hubtools import http_get, start_tester
 from trio_websocket import open_websocket_url
@@ -269,18 +270,20 @@ async def test_a_client_that_falls_behind_on_alerts_is_told_4008(tmp_path: Path)
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("writer", ["write_thread", "write_process"])
 async def test_frames_the_writer_thread_begins_reach_slow_readers_whole_and_in_order(
-        tmp_path: Path) -> None:
-    """A tick's writes can go to a worker thread as one batch (``live.write_thread``, off
-    by default: docs/performance.md says why).  Readers that read in small
+        tmp_path: Path, writer: str) -> None:
+    """A tick's writes can go to a worker thread, or a writer process, as one batch
+    (``live.write_thread``, ``live.write_process``, off by default: docs/performance.md
+    says why).  Readers that read in small
     sips make their sockets take a frame in part: the rest is written by the client's own
     sender before anything else, so every client gets every event exactly once, in order,
     in whole frames -- its pongs too -- and a client that vanishes mid-batch costs the
     others nothing."""
     async with trio.open_nursery() as nursery:
         _hub, port, fanout, _state = await start_live_hub(
-            nursery, tmp_path, queue_frames=10_000, stall_timeout=30.0, write_thread=True)
-        assert fanout.write_in_thread
+            nursery, tmp_path, queue_frames=10_000, stall_timeout=30.0, **{writer: True})
+        assert fanout.write_in_thread or fanout.writer.ready
         fanout.publish("alert/P0/yield_low", {"event": "raised", "n": 0})
         clients = [await RawClient.connect(port, ["alert/#"]) for _ in range(6)]
         gone = await RawClient.connect(port, ["alert/#"])

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Annotated, Literal
 
 from ...config import Range
@@ -66,6 +67,9 @@ class LiveConfig:
     # loop's CPU per tick, but on a busy 2-core host end-to-end latency got worse
     # (docs/performance.md, "the writes in a writer thread"); for a hub with cores to spare
     write_thread: bool = False
+    # the same writes made by a writer process (no GIL shared with the hub's thread;
+    # docs/performance.md, "the writes in a writer process")
+    write_process: bool = False
     # dies a wafer of the live state keeps (docs/live-topics.md, "Caps"): a part result of a
     # new die beyond it is not applied (too_many_dies).  Twice the largest real wafers
     # (~100,000 dies), so invented X/Y cannot grow a map and its snapshot without bound
@@ -93,4 +97,7 @@ class LiveConfig:
             errors.append(("stall_timeout", "must be > 0"))
         if self.close_grace < 0:
             errors.append(("close_grace", "must be >= 0"))
+        if self.write_process and not sys.platform.startswith("linux"):
+            # SOCK_SEQPACKET and SCM_RIGHTS, as the writer process uses them
+            errors.append(("write_process", "needs Linux (use write_thread elsewhere)"))
         return errors

@@ -51,6 +51,7 @@ from .config import SUBPROTOCOLS, LiveConfig
 from .core import AckHandler, LiveHub, StateSource
 from .encoding import decode_client_message, encoding_for_subprotocol
 from .scope import LiveScope
+from .writer_process import WriterProcess
 
 log = logging.getLogger("edgegw.hub.live")
 
@@ -223,6 +224,10 @@ class LiveFanout:
         #: batch (``_write_batch``) when True; else the Trio thread writes them itself.
         #: Off by default: WRITE_IN_THREAD; the hub config's ``live.write_thread``
         self.write_in_thread = cfg.write_thread or WRITE_IN_THREAD
+        #: the same batches handed to a writer process (``writer.py``) instead, while it
+        #: runs (``live.write_process``, off by default)
+        self.write_in_process = cfg.write_process
+        self.writer = WriterProcess(self.core.metrics)
         self._batch_done = trio.Event()  # set when the batch in the writer thread is over
         self._batch_done.set()
         self.tick_cpu_seconds = 0.0  # the Trio thread's CPU in ticks (writes in thread not)
@@ -231,6 +236,10 @@ class LiveFanout:
         self.batch_seconds = 0.0  # their wall time, from hand-over to results
         self.batch_cpu_seconds = 0.0  # the writer thread's CPU for them
         self.batch_partial = 0  # frames of them a socket took in part (the sender wrote on)
+
+    def batch_in_writer(self) -> bool:
+        """Whether a tick's batch is with the writer thread or process now."""
+        return not self._batch_done.is_set()
 
     @property
     def config(self) -> LiveConfig:
@@ -280,6 +289,12 @@ class LiveFanout:
         that send stay at least an interval apart, so no client gets more than
         ``ui_rate`` batches a second.  With nothing to do for an interval a tick runs
         anyway (stall checks, sweeps)."""
+        async with trio.open_nursery() as nursery:
+            if self.write_in_process:
+                await nursery.start(self.writer.run)
+            await self._tick_loop(task_status)
+
+    async def _tick_loop(self, task_status: trio.TaskStatus[None]) -> None:
         interval = 1.0 / self.config.ui_rate
         task_status.started()
         due = trio.current_time()
@@ -389,7 +404,7 @@ class LiveFanout:
         waited) and whether it sent any batch."""
         woken, now, started = self._decide()
         cpu = self._tick_cpu
-        if self.write_in_thread:
+        if self.write_in_thread or (self.write_in_process and self.writer.ready):
             cpu += await self._write_batch(woken, now, started)
             self.tick_cpu_seconds += cpu
             return cpu, self._tick_sent
@@ -462,10 +477,13 @@ class LiveFanout:
         spent = time.perf_counter() - started  # the tick's own wall time, writes apart
         if writes:
             self._batch_done = done
-            written: list[int] | None = None
+            written: list[int | None] | None = None
             handed = time.perf_counter()
             try:
-                written, writer_cpu = await trio.to_thread.run_sync(_write_frames, writes)
+                if self.write_in_process and self.writer.ready:
+                    written, writer_cpu = await self.writer.write(writes)
+                else:
+                    written, writer_cpu = await trio.to_thread.run_sync(_write_frames, writes)
                 self.batch_cpu_seconds += writer_cpu
             finally:
                 back = time.perf_counter()
@@ -483,22 +501,25 @@ class LiveFanout:
         return cpu
 
     def _batch_results(self, batch: list[tuple[_Session, bytes]],
-                       written: list[int] | None) -> None:
-        """What the writer thread wrote: frames written, the rest to each client's sender."""
+                       written: list[int | None] | None) -> None:
+        """What the writer thread (or process) wrote: frames written, the rest to each
+        client's sender.  None, for the batch or a frame: unknown (the batch failed, the
+        writer process ended in it)."""
         core = self.core
         now = trio.current_time()
         for k, (session, frame) in enumerate(batch):
             ws = session.ws
             session.in_batch = False
-            if written is None:
-                # The batch failed as a whole (it cannot, short of memory): what went out
-                # is unknown, so nothing more can follow on these connections.
+            n = None if written is None else written[k]
+            if n is None:
+                # The batch failed (a thread's cannot, short of memory; a process can be
+                # killed): what went out is unknown, so nothing more can follow on this
+                # connection.  The client reconnects and resumes (a snapshot).
                 ws.end_reserved(0, len(frame))
                 session.aborted = True
                 if session.scope is not None:
                     session.scope.cancel()
                 continue
-            n = written[k]
             ws.end_reserved(n, len(frame))
             if n == len(frame):
                 core.frame_written(session.client, now)
@@ -726,6 +747,7 @@ class LiveFanout:
         out["write_batch_cpu_ms_mean"] = (1000 * self.batch_cpu_seconds / self.batches
                                           if self.batches else None)
         out["write_batch_partial"] = self.batch_partial
+        out["writer_process"] = self.writer.stats() if self.write_in_process else None
         for entry in out["clients"]:
             session = self._sessions.get(entry["id"])
             if session is not None:

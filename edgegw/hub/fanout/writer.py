@@ -1,0 +1,153 @@
+"""The fan-out's writer process: a tick's socket writes made by another process.
+
+At 1,000 dashboards a tick is one ``os.write`` per client, 15--25 µs each on this
+project's machines: 15--25 ms of every 50 ms UI interval on the hub's one Trio thread,
+during which a gateway's frame that arrives waits to be read.  A writer *thread* moved the
+writes off that thread but not off the GIL (docs/performance.md, "the writes in a writer
+thread"): the writer waited for the GIL after every write.  A process shares no GIL.
+
+The hub keeps every socket and every decision; per batch it hands the writer, over a
+``SOCK_SEQPACKET`` Unix socket, the tick's distinct frames, one duplicate of each chosen
+client's socket (``SCM_RIGHTS``) and which frame goes to which.  The writer writes each
+frame once to its socket, as far as the (non-blocking) socket takes it, closes its
+duplicates and answers with the bytes written per client; the hub finishes a frame taken
+in part itself, as it does for the writer thread.  The writer keeps no descriptor between
+batches, so a connection's life stays the hub's alone.
+
+This module imports only the standard library: the hub starts it as a script
+(``python -I writer.py FD``), so the child does not load the hub.
+
+A batch message (little-endian)::
+
+    u32 frames, u32 clients, u32 length * frames, frame bytes..., u32 index * clients
+    (SCM_RIGHTS: the clients' descriptors, in the same order)
+
+A result message: ``u32 clients, f64 CPU seconds, i32 written * clients`` (-1: the
+socket failed; 0: it took nothing).
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import struct
+import sys
+import time
+
+#: descriptors per message: Linux takes at most 253 (SCM_MAX_FD)
+MAX_FDS = 250
+#: frame bytes per message; a larger frame is not batched (its sender writes it).  Well
+#: under the default socket buffer (net.core.wmem_default, about 208 KiB): a
+#: SOCK_SEQPACKET message must fit in it whole.
+MAX_PAYLOAD = 96 * 1024
+
+_HEAD = struct.Struct("<II")
+_RESULT_HEAD = struct.Struct("<Id")
+
+
+def encode_batch(frames: list[bytes], index: list[int]) -> bytes:
+    """A batch message's bytes (the descriptors go beside it)."""
+    return b"".join((_HEAD.pack(len(frames), len(index)),
+                     array.array("I", map(len, frames)).tobytes(), *frames,
+                     array.array("I", index).tobytes()))
+
+
+def decode_batch(data: bytes) -> tuple[list[bytes], list[int]]:
+    """The frames and per-client frame indices of a batch message; ValueError if it is
+    not one."""
+    if len(data) < _HEAD.size:
+        raise ValueError("short batch message")
+    n_frames, n_clients = _HEAD.unpack_from(data)
+    p = _HEAD.size
+    lengths = array.array("I")
+    lengths.frombytes(data[p:p + 4 * n_frames])
+    p += 4 * n_frames
+    frames = []
+    for n in lengths:
+        frames.append(data[p:p + n])
+        p += n
+    index = array.array("I")
+    index.frombytes(data[p:p + 4 * n_clients])
+    if len(frames) != n_frames or len(index) != n_clients or p + 4 * n_clients != len(data) \
+            or any(i >= n_frames for i in index):
+        raise ValueError("malformed batch message")
+    return frames, list(index)
+
+
+def encode_result(written: list[int], cpu: float) -> bytes:
+    return _RESULT_HEAD.pack(len(written), cpu) + array.array("i", written).tobytes()
+
+
+def decode_result(data: bytes, clients: int) -> tuple[list[int], float]:
+    """Bytes written per client and the writer's CPU seconds; ValueError if ``data`` is
+    not the result of a batch of ``clients``."""
+    if len(data) < _RESULT_HEAD.size:
+        raise ValueError("short result message")
+    n, cpu = _RESULT_HEAD.unpack_from(data)
+    written = array.array("i")
+    written.frombytes(data[_RESULT_HEAD.size:])
+    if n != clients or len(written) != n:
+        raise ValueError(f"result for {n} clients, {clients} expected")
+    return list(written), cpu
+
+
+def write_batch(frames: list[bytes], index: list[int], fds: list[int]) -> list[int]:
+    """Each client's frame to its descriptor as far as it takes it at once; closes the
+    descriptors.  -1 where the socket failed."""
+    write = os.write
+    written: list[int] = []
+    for fd, i in zip(fds, index, strict=True):
+        try:
+            written.append(write(fd, frames[i]))
+        except BlockingIOError:
+            written.append(0)
+        except OSError:
+            written.append(-1)
+    for fd in fds:
+        os.close(fd)
+    return written
+
+
+def serve(sock: socket.socket) -> None:
+    """The writer's loop: a batch in, its result out, until the hub closes its end."""
+    fds_size = socket.CMSG_SPACE(MAX_FDS * 4)
+    while True:
+        data, ancdata, flags, _ = sock.recvmsg(MAX_PAYLOAD + 64 * 1024, fds_size)
+        if not data:
+            return  # the hub closed its end: it stopped, or it restarts its writer
+        fds: list[int] = []
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(cdata[:len(cdata) - len(cdata) % 4])
+                fds.extend(got)
+        cpu0 = time.thread_time()
+        try:
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise ValueError("batch message truncated")
+            frames, index = decode_batch(data)
+            if len(index) != len(fds):
+                raise ValueError(f"{len(fds)} descriptors for {len(index)} clients")
+        except ValueError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        written = write_batch(frames, index, fds)
+        sock.send(encode_result(written, time.thread_time() - cpu0))
+
+
+def main(argv: list[str]) -> int:
+    sock = socket.socket(fileno=int(argv[1]))
+    sock.setblocking(True)  # the hub's end of the pair is non-blocking, and so was this
+    try:
+        serve(sock)
+    except (ValueError, OSError) as exc:
+        # the hub sees its end closed, counts it and starts another writer
+        print(f"edgegw fan-out writer: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
