@@ -4,6 +4,7 @@ frame lost, repeated or torn inside a connection that goes on."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -18,9 +19,9 @@ from test_fanout import RawClient, start_live_hub, wait_for
 
 from edgegw.hub.fanout import (
     WRITER_MAX_FDS,
-    WRITER_MAX_PAYLOAD,
     WRITER_SCRIPT,
     LiveConfig,
+    WriterProcess,
     chunk_writes,
     decode_batch,
     decode_result,
@@ -29,20 +30,20 @@ from edgegw.hub.fanout import (
 )
 
 
-def test_a_batch_message_carries_each_distinct_frame_once() -> None:
-    frames = [b"a" * 10, b"", b"\x00\xff" * 300]
+def test_a_batch_message_names_each_clients_frame() -> None:
+    lengths = [10, 0, 600]
     index = [2, 0, 0, 1, 2]
-    data = encode_batch(frames, index)
-    assert len(data) == 8 + 4 * 3 + 610 + 4 * 5
-    assert decode_batch(data) == (frames, index)
+    data = encode_batch(lengths, index)
+    assert len(data) == 8 + 4 * 3 + 4 * 5
+    assert decode_batch(data) == (lengths, index)
     assert decode_result(encode_result([5, 0, -1], 0.25), 3) == ([5, 0, -1], 0.25)
 
 
 @pytest.mark.parametrize("data", [
     b"", b"\x01\x00\x00\x00",  # shorter than its header
-    encode_batch([b"abc"], [0])[:-1],  # cut
-    encode_batch([b"abc"], [0]) + b"\x00",  # a byte too many
-    encode_batch([b"abc"], [1]),  # a client pointing past the frames
+    encode_batch([3], [0])[:-1],  # cut
+    encode_batch([3], [0]) + b"\x00",  # a byte too many
+    encode_batch([3], [1]),  # a client pointing past the frames
     b"\xff\xff\xff\xff\x01\x00\x00\x00",  # lengths it does not hold
 ])
 def test_a_malformed_batch_message_is_refused(data: bytes) -> None:
@@ -57,20 +58,52 @@ def test_a_result_for_another_batch_is_refused() -> None:
         decode_result(b"\x01", 1)
 
 
-def test_writes_are_cut_within_the_descriptor_and_payload_limits() -> None:
+def test_a_batch_is_cut_into_messages_of_at_most_max_fds_clients() -> None:
     small = [b"s%d" % (i % 3) for i in range(3)]
     writes = [(100 + i, small[i % 3]) for i in range(2 * WRITER_MAX_FDS + 17)]
-    big = b"B" * (WRITER_MAX_PAYLOAD // 2 + 1)  # two do not fit one message
-    writes += [(900, big), (901, bytes(big)), (902, b"H" * (WRITER_MAX_PAYLOAD + 1))]
-    chunks = chunk_writes(writes)
+    writes.append((900, b"B" * 300_000))
+    frames, chunks = chunk_writes(writes)
+    assert len(frames) == len(set(frames)) == 4  # each distinct frame once per batch
+    assert [len(fds) for _, fds, _ in chunks] == [WRITER_MAX_FDS, WRITER_MAX_FDS, 18]
     slots = [s for *_, ss in chunks for s in ss]
-    assert slots == list(range(len(writes) - 1))  # all in order, the huge frame left out
-    for frames, index, fds, ss in chunks:
-        assert len(fds) == len(index) == len(ss) <= WRITER_MAX_FDS
-        assert sum(map(len, frames)) <= WRITER_MAX_PAYLOAD
-        assert len(set(frames)) == len(frames)  # each distinct frame once per message
+    assert slots == list(range(len(writes)))
+    for index, fds, ss in chunks:
         pairs = [(fd, frames[i]) for fd, i in zip(fds, index, strict=True)]
         assert pairs == [writes[s] for s in ss]
+
+
+async def test_the_writer_writes_every_frame_whatever_its_size() -> None:
+    """Frames of any size (one larger than a Unix socket message could carry), to more
+    clients than one message's descriptors: each socket gets its own frame, as far as it
+    takes it at once, and a full socket is reported, not waited for."""
+    writer = WriterProcess()
+    pairs = [socket.socketpair() for _ in range(WRITER_MAX_FDS + 30)]
+    try:
+        for ours, _ in pairs:
+            ours.setblocking(False)
+        frames = [os.urandom(n) for n in (0, 1, 5000, 3_000_000)]
+        writes = [(ours.fileno(), frames[k % len(frames)]) for k, (ours, _) in enumerate(pairs)]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            written, cpu = await writer.write(writes)
+            nursery.cancel_scope.cancel()
+        assert cpu >= 0 and writer.failed_batches == 0
+        for (_, frame), n, (_, theirs) in zip(writes, written, pairs, strict=True):
+            assert n is not None and 0 <= n <= len(frame)
+            if len(frame) <= 5000:
+                assert n == len(frame)  # fits any socket buffer
+            else:
+                assert 0 < n < len(frame)  # 3 MB does not: taken in part, not waited for
+            theirs.setblocking(False)
+            got = b""
+            with contextlib.suppress(BlockingIOError):
+                while chunk := theirs.recv(1 << 22):
+                    got += chunk
+            assert got == frame[:n]
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
 
 
 def test_the_writer_process_is_linux_only() -> None:
@@ -199,3 +232,22 @@ def test_a_writer_given_a_malformed_batch_exits_and_closes_what_it_was_given(
     assert proc.wait(10) == 1
     assert b"malformed batch message" in proc.stderr.read()
     assert b.recv(1) == b""  # its copy of the descriptor is closed: the peer sees the end
+
+
+async def test_a_writer_that_cannot_start_leaves_the_hub_writing_itself_until_one_can(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    async with trio.open_nursery() as nursery:
+        _hub, port, fanout, _state = await start_live_hub(
+            nursery, tmp_path, write_process=True)
+        assert not fanout.writer.ready and fanout.writer.starts == 0
+        client = await RawClient.connect(port, ["alert/#"])
+        fanout.publish("alert/P0/yield_low", {"event": "raised", "n": 1})
+        async for op, payload in client.frames():  # written by the Trio thread
+            if op == 0x2 and cbor2.loads(payload)["type"] == "batch":
+                break
+        monkeypatch.undo()  # an interpreter again: the next try starts the writer
+        await wait_for(lambda: fanout.writer.ready, 10)
+        assert fanout.writer.starts == 1 and fanout.writer.exits == 0
+        client.sock.close()
+        nursery.cancel_scope.cancel()

@@ -21,7 +21,6 @@ from .deltas import CONCAT_KEYS, EVENT_KEYS, coalesce, compose_deltas
 from .encoding import CBOR, JSON, Encoding, encoding_for_subprotocol
 from .service import LIVE_PATH, STATS_PATH, LiveFanout
 from .writer import MAX_FDS as WRITER_MAX_FDS
-from .writer import MAX_PAYLOAD as WRITER_MAX_PAYLOAD
 from .writer import decode_batch, decode_result, encode_batch, encode_result
 from .writer_process import WRITER_SCRIPT, WriterProcess, chunk_writes
 

@@ -6,24 +6,26 @@ during which a gateway's frame that arrives waits to be read.  A writer *thread*
 writes off that thread but not off the GIL (docs/performance.md, "the writes in a writer
 thread"): the writer waited for the GIL after every write.  A process shares no GIL.
 
-The hub keeps every socket and every decision; per batch it hands the writer, over a
-``SOCK_SEQPACKET`` Unix socket, the tick's distinct frames, one duplicate of each chosen
-client's socket (``SCM_RIGHTS``) and which frame goes to which.  The writer writes each
-frame once to its socket, as far as the (non-blocking) socket takes it, closes its
-duplicates and answers with the bytes written per client; the hub finishes a frame taken
-in part itself, as it does for the writer thread.  The writer keeps no descriptor between
-batches, so a connection's life stays the hub's alone.
+The hub keeps every socket and every decision; per batch it writes the tick's distinct
+frames once into a memory file (``memfd_create``) and hands the writer, over a
+``SOCK_SEQPACKET`` Unix socket, that file, one duplicate of each chosen client's socket
+(``SCM_RIGHTS``) and which frame goes to which.  The writer writes each frame once to its
+socket, as far as the (non-blocking) socket takes it, closes its duplicates and answers
+with the bytes written per client; the hub finishes a frame taken in part itself, as it
+does for the writer thread.  The writer keeps no descriptor between messages, so a
+connection's life stays the hub's.
 
 This module imports only the standard library: the hub starts it as a script
 (``python -I writer.py FD``), so the child does not load the hub.
 
-A batch message (little-endian)::
+A batch message (little-endian), the frames' file and then the clients' descriptors
+beside it (SCM_RIGHTS, in the same order)::
 
-    u32 frames, u32 clients, u32 length * frames, frame bytes..., u32 index * clients
-    (SCM_RIGHTS: the clients' descriptors, in the same order)
+    u32 frames, u32 clients, u32 length * frames, u32 index * clients
 
-A result message: ``u32 clients, f64 CPU seconds, i32 written * clients`` (-1: the
-socket failed; 0: it took nothing).
+the frames laid end to end in the file from offset 0, in order.  A result message:
+``u32 clients, f64 CPU seconds, i32 written * clients`` (-1: the socket failed; 0: it
+took nothing).
 """
 
 from __future__ import annotations
@@ -35,44 +37,35 @@ import struct
 import sys
 import time
 
-#: descriptors per message: Linux takes at most 253 (SCM_MAX_FD)
+#: client descriptors per message (Linux passes at most 253 descriptors, SCM_MAX_FD; one
+#: of them is the frames' file)
 MAX_FDS = 250
-#: frame bytes per message; a larger frame is not batched (its sender writes it).  Well
-#: under the default socket buffer (net.core.wmem_default, about 208 KiB): a
-#: SOCK_SEQPACKET message must fit in it whole.
-MAX_PAYLOAD = 96 * 1024
 
 _HEAD = struct.Struct("<II")
 _RESULT_HEAD = struct.Struct("<Id")
 
 
-def encode_batch(frames: list[bytes], index: list[int]) -> bytes:
-    """A batch message's bytes (the descriptors go beside it)."""
-    return b"".join((_HEAD.pack(len(frames), len(index)),
-                     array.array("I", map(len, frames)).tobytes(), *frames,
-                     array.array("I", index).tobytes()))
+def encode_batch(lengths: list[int], index: list[int]) -> bytes:
+    """A batch message's bytes: the frames' lengths and each client's frame (the frames
+    and the descriptors go beside it)."""
+    return (_HEAD.pack(len(lengths), len(index)) + array.array("I", lengths).tobytes()
+            + array.array("I", index).tobytes())
 
 
-def decode_batch(data: bytes) -> tuple[list[bytes], list[int]]:
-    """The frames and per-client frame indices of a batch message; ValueError if it is
-    not one."""
+def decode_batch(data: bytes) -> tuple[list[int], list[int]]:
+    """The frames' lengths and the per-client frame indices of a batch message;
+    ValueError if it is not one."""
     if len(data) < _HEAD.size:
         raise ValueError("short batch message")
     n_frames, n_clients = _HEAD.unpack_from(data)
-    p = _HEAD.size
-    lengths = array.array("I")
-    lengths.frombytes(data[p:p + 4 * n_frames])
-    p += 4 * n_frames
-    frames = []
-    for n in lengths:
-        frames.append(data[p:p + n])
-        p += n
-    index = array.array("I")
-    index.frombytes(data[p:p + 4 * n_clients])
-    if len(frames) != n_frames or len(index) != n_clients or p + 4 * n_clients != len(data) \
-            or any(i >= n_frames for i in index):
+    if len(data) != _HEAD.size + 4 * (n_frames + n_clients):
         raise ValueError("malformed batch message")
-    return frames, list(index)
+    words = array.array("I")
+    words.frombytes(data[_HEAD.size:])
+    lengths, index = list(words[:n_frames]), list(words[n_frames:])
+    if any(i >= n_frames for i in index):
+        raise ValueError("malformed batch message: a client's frame is not in it")
+    return lengths, index
 
 
 def encode_result(written: list[int], cpu: float) -> bytes:
@@ -92,9 +85,24 @@ def decode_result(data: bytes, clients: int) -> tuple[list[int], float]:
     return list(written), cpu
 
 
-def write_batch(frames: list[bytes], index: list[int], fds: list[int]) -> list[int]:
-    """Each client's frame to its descriptor as far as it takes it at once; closes the
-    descriptors.  -1 where the socket failed."""
+def read_frames(fd: int, lengths: list[int]) -> list[memoryview]:
+    """The frames of a batch from its file; ValueError if the file is shorter."""
+    total = sum(lengths)
+    blob = os.pread(fd, total, 0) if total else b""
+    if len(blob) != total:
+        raise ValueError(f"frames' file holds {len(blob)} bytes, {total} expected")
+    view = memoryview(blob)
+    frames = []
+    p = 0
+    for n in lengths:
+        frames.append(view[p:p + n])
+        p += n
+    return frames
+
+
+def write_batch(frames: list[memoryview], index: list[int], fds: list[int]) -> list[int]:
+    """Each client's frame to its descriptor as far as it takes it at once.  -1 where
+    the socket failed."""
     write = os.write
     written: list[int] = []
     for fd, i in zip(fds, index, strict=True):
@@ -104,16 +112,14 @@ def write_batch(frames: list[bytes], index: list[int], fds: list[int]) -> list[i
             written.append(0)
         except OSError:
             written.append(-1)
-    for fd in fds:
-        os.close(fd)
     return written
 
 
 def serve(sock: socket.socket) -> None:
     """The writer's loop: a batch in, its result out, until the hub closes its end."""
-    fds_size = socket.CMSG_SPACE(MAX_FDS * 4)
+    fds_size = socket.CMSG_SPACE((MAX_FDS + 1) * 4)
     while True:
-        data, ancdata, flags, _ = sock.recvmsg(MAX_PAYLOAD + 64 * 1024, fds_size)
+        data, ancdata, flags, _ = sock.recvmsg(64 * 1024, fds_size)
         if not data:
             return  # the hub closed its end: it stopped, or it restarts its writer
         fds: list[int] = []
@@ -126,14 +132,15 @@ def serve(sock: socket.socket) -> None:
         try:
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                 raise ValueError("batch message truncated")
-            frames, index = decode_batch(data)
-            if len(index) != len(fds):
-                raise ValueError(f"{len(fds)} descriptors for {len(index)} clients")
-        except ValueError:
+            lengths, index = decode_batch(data)
+            if len(index) + 1 != len(fds):
+                raise ValueError(f"{len(fds)} descriptors for {len(index)} clients and "
+                                 "the frames' file")
+            frames = read_frames(fds[0], lengths)
+            written = write_batch(frames, index, fds[1:])
+        finally:
             for fd in fds:
                 os.close(fd)
-            raise
-        written = write_batch(frames, index, fds)
         sock.send(encode_result(written, time.thread_time() - cpu0))
 
 

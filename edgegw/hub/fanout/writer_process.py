@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -73,14 +74,16 @@ class WriterProcess:
         delay = RESTART_DELAY_S
         started = False
         while True:
-            ours, theirs = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            ours = theirs = None
             try:
+                ours, theirs = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 proc = await trio.lowlevel.open_process(
                     [sys.executable, "-I", WRITER_SCRIPT, str(theirs.fileno())],
                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
-            except OSError as exc:
-                ours.close()
-                theirs.close()
+            except Exception as exc:  # out of descriptors, no interpreter...: not the hub's end
+                for end in (ours, theirs):
+                    if end is not None:
+                        end.close()
                 log.error("live fan-out: cannot start the writer process (%s); the hub "
                           "writes to its clients itself and tries again in %.0f s", exc, delay)
                 if not started:
@@ -117,24 +120,33 @@ class WriterProcess:
 
     async def write(self, writes: list[tuple[int, bytes]]) -> tuple[list[int | None], float]:
         """Each (descriptor, frame) written by the writer process: bytes written per
-        entry (0: none -- the socket was full or failed, or the frame was too large to
-        hand over; None: unknown, the writer ended with it) and the writer's CPU seconds.
+        entry (0: none -- the socket was full or failed, or the writer is not running;
+        None: unknown, the writer ended with it) and the writer's CPU seconds.
         The descriptors must stay open until this returns."""
         async with self._lock:
             sock = self._sock
             results: list[int | None] = [0] * len(writes)
             if sock is None:
                 return results, 0.0
-            chunks = chunk_writes(writes)
+            frames, chunks = chunk_writes(writes)
             progress = [0, 0]  # chunks sent, chunks answered
             proc = self._proc
+            memfd = -1
             try:
+                # the frames once, in a memory file the writer reads: no size limit on a
+                # frame, one copy per batch however many clients take it
+                memfd = os.memfd_create("edgegw-live-frames", os.MFD_CLOEXEC)
+                blob = b"".join(frames)
+                if os.write(memfd, blob) != len(blob):
+                    raise OSError("short write to the frames' memory file")
+                lengths = [len(f) for f in frames]
                 with trio.fail_after(self.batch_timeout):
-                    cpu = await self._exchange(sock, chunks, results, progress)
+                    cpu = await self._exchange(sock, memfd, lengths, chunks, results,
+                                               progress)
             except (OSError, ValueError, WriterGone, trio.ClosedResourceError,
                     trio.TooSlowError) as exc:
                 # Chunks sent and not answered: what reached those sockets is unknown.
-                for _, _, _, slots in chunks[progress[1]:progress[0]]:
+                for _, _, slots in chunks[progress[1]:progress[0]]:
                     for slot in slots:
                         results[slot] = None
                 if self._sock is sock:
@@ -146,11 +158,14 @@ class WriterProcess:
                 log.error("live fan-out: the writer process failed during a batch (%s)",
                           exc if str(exc) else type(exc).__name__)
                 return results, 0.0
+            finally:
+                if memfd >= 0:
+                    os.close(memfd)  # the writer's duplicates keep it while it reads
             return results, cpu
 
     @staticmethod
-    async def _exchange(sock: trio.socket.SocketType,
-                        chunks: list[tuple[list[bytes], list[int], list[int], list[int]]],
+    async def _exchange(sock: trio.socket.SocketType, memfd: int, lengths: list[int],
+                        chunks: list[tuple[list[int], list[int], list[int]]],
                         results: list[int | None], progress: list[int]) -> float:
         """Send the chunks and read their results in order, up to WINDOW chunks ahead (the
         writer works on one while the next are on their way; the descriptors in flight
@@ -158,11 +173,11 @@ class WriterProcess:
         cpu = 0.0
         while progress[1] < len(chunks):
             while progress[0] < len(chunks) and progress[0] - progress[1] < WINDOW:
-                frames, index, fds, _ = chunks[progress[0]]
-                await sock.sendmsg([writer.encode_batch(frames, index)], [(
-                    socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                index, fds, _ = chunks[progress[0]]
+                await sock.sendmsg([writer.encode_batch(lengths, index)], [(
+                    socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [memfd, *fds]))])
                 progress[0] += 1
-            _, _, fds, slots = chunks[progress[1]]
+            _, fds, slots = chunks[progress[1]]
             data = await sock.recv(1 << 20)
             if not data:
                 raise WriterGone("the writer process closed its socket")
@@ -175,35 +190,21 @@ class WriterProcess:
 
 
 def chunk_writes(writes: list[tuple[int, bytes]]
-            ) -> list[tuple[list[bytes], list[int], list[int], list[int]]]:
-    """``writes`` cut into messages: (distinct frames, frame index per client,
-    descriptors, positions in ``writes``); each within MAX_FDS descriptors and
-    MAX_PAYLOAD bytes of frames.  A frame over MAX_PAYLOAD is left out (written 0)."""
-    chunks: list[tuple[list[bytes], list[int], list[int], list[int]]] = []
+                 ) -> tuple[list[bytes], list[tuple[list[int], list[int], list[int]]]]:
+    """``writes`` as the batch's distinct frames and its messages: (frame index per
+    client, descriptors, positions in ``writes``), each of at most MAX_FDS clients."""
     frames: list[bytes] = []
     seen: dict[bytes, int] = {}
-    index: list[int] = []
-    fds: list[int] = []
-    slots: list[int] = []
-    payload = 0
-    for slot, (fd, frame) in enumerate(writes):
-        i = seen.get(frame)
-        if i is None:
-            size = len(frame)
-            if size > writer.MAX_PAYLOAD:
-                continue
-            if payload + size > writer.MAX_PAYLOAD:
-                chunks.append((frames, index, fds, slots))
-                frames, seen, index, fds, slots, payload = [], {}, [], [], [], 0
-            i = seen[frame] = len(frames)
-            frames.append(frame)
-            payload += size
-        index.append(i)
-        fds.append(fd)
-        slots.append(slot)
-        if len(fds) == writer.MAX_FDS:
-            chunks.append((frames, index, fds, slots))
-            frames, seen, index, fds, slots, payload = [], {}, [], [], [], 0
-    if fds:
-        chunks.append((frames, index, fds, slots))
-    return chunks
+    chunks: list[tuple[list[int], list[int], list[int]]] = []
+    for start in range(0, len(writes), writer.MAX_FDS):
+        index: list[int] = []
+        fds: list[int] = []
+        for fd, frame in writes[start:start + writer.MAX_FDS]:
+            i = seen.get(frame)
+            if i is None:
+                i = seen[frame] = len(frames)
+                frames.append(frame)
+            index.append(i)
+            fds.append(fd)
+        chunks.append((index, fds, list(range(start, start + len(fds)))))
+    return frames, chunks
