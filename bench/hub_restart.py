@@ -45,7 +45,7 @@ async def fill(data_dir: str, n_records: int) -> None:
     from edgegw.hub import Hub
     from edgegw.hub.config import HubConfig
     from edgegw.hub.store import FrameToApply
-    from edgegw.protocol import encode_body
+    from edgegw.protocol import Rows, encode_body
     from edgegw.sim.stdf_tester import stdf_chunks
     from edgegw.sim.tester import TesterProfile
     from edgegw.stdf import StdfDecoder
@@ -69,7 +69,7 @@ async def fill(data_dir: str, n_records: int) -> None:
                 frame = FrameToApply("ate-01", "e1", seq, rid, len(records),
                                      encode_body(rid, records))
                 await hub.store.commit([frame])
-                hub._feed("ate-01", rid, records, frame.id)
+                hub._feed("ate-01", rid, Rows(records), frame.id)
                 rid += len(records)
                 seq += 1
                 await trio.lowlevel.checkpoint()  # the checkpointer and alert writer run

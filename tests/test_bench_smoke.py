@@ -1,9 +1,10 @@
-"""The benchmarks still run and still measure: each at a tiny size, its figures read back.
+"""The benchmarks still run and still measure: some at a tiny size, their figures read back.
 
 Benchmarks are how this project's speed targets are checked (README, "Benchmarks"), and a
 benchmark that no longer measures fails silently: ``bench/fanout.py``'s tester hook broke
 when DATA gained its date, every frame raised in the bench's gateway, and its runs printed
-"n/a" for sessions.  These runs are too small to mean anything as figures; they only have
+"n/a" for sessions, and ``bench/hub_restart.py`` failed outright since the ingest's feed
+took decoded frames.  These runs are too small to mean anything as figures; they only have
 to come out as numbers."""
 
 from __future__ import annotations
@@ -44,3 +45,11 @@ def test_the_stdf_decode_bench_prints_its_ratios() -> None:
     assert [name for name, _ in rows] == [METIS], out[-3000:]
     assert float(rows[0][1]) > 1  # faster than pystdf, by whatever this machine gives
     assert re.search(r"edgegw stdf stats: [0-9.]+ ms", out), out[-3000:]
+
+
+def test_the_hub_restart_bench_fills_and_restarts() -> None:
+    out = run_bench("hub_restart.py", "--sizes", "10000")
+    filled = re.search(r"filled ([\d,]+) records", out)
+    assert filled and int(filled.group(1).replace(",", "")) >= 10_000, out[-2000:]
+    row = re.search(r"^ +[\d,]+ \| +([0-9.]+) s +[\d,]+ \| +([0-9.]+) s", out, flags=re.M)
+    assert row and float(row.group(1)) > 0 and float(row.group(2)) > 0, out[-2000:]
