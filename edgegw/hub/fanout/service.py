@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -51,6 +50,7 @@ from .config import SUBPROTOCOLS, LiveConfig
 from .core import AckHandler, LiveHub, StateSource
 from .encoding import decode_client_message, encoding_for_subprotocol
 from .scope import LiveScope
+from .writer import write_each
 from .writer_process import WriterProcess
 
 log = logging.getLogger("edgegw.hub.live")
@@ -106,17 +106,9 @@ class _NoState:
 
 
 def _write_frames(writes: list[tuple[int, bytes]]) -> tuple[list[int], float]:
-    """The writer thread's part of a tick: each frame to its (non-blocking) socket, as far
-    as the socket takes it at once; bytes written per frame (0: none, or the socket
-    failed), and the thread's CPU seconds."""
+    """The writer thread's part of a tick (``write_each``) and the thread's CPU seconds."""
     cpu0 = time.thread_time()
-    write = os.write
-    written: list[int] = []
-    for fd, frame in writes:
-        try:
-            written.append(write(fd, frame))
-        except OSError:  # BlockingIOError (full) or a failed socket
-            written.append(0)
+    written = write_each(writes)
     return written, time.thread_time() - cpu0
 
 
@@ -404,8 +396,9 @@ class LiveFanout:
         waited) and whether it sent any batch."""
         woken, now, started = self._decide()
         cpu = self._tick_cpu
-        if self.write_in_thread or (self.write_in_process and self.writer.ready):
-            cpu += await self._write_batch(woken, now, started)
+        to_process = self.write_in_process and self.writer.ready
+        if self.write_in_thread or to_process:
+            cpu += await self._write_batch(woken, now, started, to_process)
             self.tick_cpu_seconds += cpu
             return cpu, self._tick_sent
         t0 = time.thread_time()
@@ -441,7 +434,8 @@ class LiveFanout:
         self._tick_sent = bool(woken)
         return woken, now, started
 
-    async def _write_batch(self, woken: list[Client], now: float, started: float) -> float:
+    async def _write_batch(self, woken: list[Client], now: float, started: float,
+                           to_process: bool = False) -> float:
         """Write the tick's frames to the sockets of parked clients from a worker thread:
         one ``os.write`` per client there (the system call releases the GIL, so the
         kernel's work runs beside the Trio thread's, on another core), one hand-over and
@@ -480,7 +474,7 @@ class LiveFanout:
             written: list[int | None] | None = None
             handed = time.perf_counter()
             try:
-                if self.write_in_process and self.writer.ready:
+                if to_process:  # the writer process, else the writer thread
                     written, writer_cpu = await self.writer.write(writes)
                 else:
                     written, writer_cpu = await trio.to_thread.run_sync(_write_frames, writes)

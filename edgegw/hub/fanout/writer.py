@@ -24,8 +24,8 @@ beside it (SCM_RIGHTS, in the same order)::
     u32 frames, u32 clients, u32 length * frames, u32 index * clients
 
 the frames laid end to end in the file from offset 0, in order.  A result message:
-``u32 clients, f64 CPU seconds, i32 written * clients`` (-1: the socket failed; 0: it
-took nothing).
+``u32 clients, f64 CPU seconds, i32 written * clients`` (0: the socket took nothing,
+being full or failed).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Iterable
 
 #: client descriptors per message (Linux passes at most 253 descriptors, SCM_MAX_FD; one
 #: of them is the frames' file)
@@ -100,18 +101,17 @@ def read_frames(fd: int, lengths: list[int]) -> list[memoryview]:
     return frames
 
 
-def write_batch(frames: list[memoryview], index: list[int], fds: list[int]) -> list[int]:
-    """Each client's frame to its descriptor as far as it takes it at once.  -1 where
-    the socket failed."""
+def write_each(writes: Iterable[tuple[int, bytes | memoryview]]) -> list[int]:
+    """Each frame to its (non-blocking) descriptor, as far as the socket takes it at once:
+    bytes written per frame (0: none -- the socket was full, or failed: its sender writes
+    the frame and meets the error).  The writer thread's loop and this process's."""
     write = os.write
     written: list[int] = []
-    for fd, i in zip(fds, index, strict=True):
+    for fd, frame in writes:
         try:
-            written.append(write(fd, frames[i]))
-        except BlockingIOError:
+            written.append(write(fd, frame))
+        except OSError:  # BlockingIOError (full) or a failed socket
             written.append(0)
-        except OSError:
-            written.append(-1)
     return written
 
 
@@ -137,7 +137,7 @@ def serve(sock: socket.socket) -> None:
                 raise ValueError(f"{len(fds)} descriptors for {len(index)} clients and "
                                  "the frames' file")
             frames = read_frames(fds[0], lengths)
-            written = write_batch(frames, index, fds[1:])
+            written = write_each(zip(fds[1:], [frames[i] for i in index], strict=True))
         finally:
             for fd in fds:
                 os.close(fd)

@@ -184,7 +184,7 @@ class WriterProcess:
             written, took = writer.decode_result(data, len(fds))
             cpu += took
             for slot, n in zip(slots, written, strict=True):
-                results[slot] = max(n, 0)
+                results[slot] = n
             progress[1] += 1
         return cpu
 
