@@ -12,6 +12,7 @@ import subprocess
 import sys
 import termios
 import time
+import tracemalloc
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -337,6 +338,86 @@ async def test_a_payload_over_max_payload_bytes_is_a_bad_payload_never_decoded(
     (event,) = sink.of(GatewayEvent)
     assert event.detail["reason"] == (f"payload of {len(huge)} bytes, over max_payload_bytes "
                                       "(1024)")
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte + (128 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+async def receive_exactly(stream: trio.SocketStream, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        more = await stream.receive_some(n - len(data))
+        assert more, "the broker closed the connection"
+        data += more
+    return data
+
+
+async def publish_streamed(broker: BrokerAddress, topic: str, size: int) -> None:
+    """A QoS 1 PUBLISH of ``size`` payload bytes, written 64 KiB at a time from one small
+    buffer (so this process never holds the payload), over a hand-made MQTT 3.1.1
+    connection; returns once the broker acknowledged it."""
+    stream = await trio.open_tcp_stream(broker.host, broker.port)
+    try:
+        cid = unique("raw").encode()
+        connect = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
+        await stream.send_all(b"\x10" + varint(len(connect)) + connect)
+        connack = await receive_exactly(stream, 4)
+        assert connack[:2] == b"\x20\x02" and connack[3] == 0, connack
+        head = len(topic.encode()).to_bytes(2, "big") + topic.encode() + b"\x00\x01"
+        await stream.send_all(b"\x32" + varint(len(head) + size) + head)
+        chunk = b"x" * 65536
+        left = size
+        while left:
+            n = min(left, len(chunk))
+            await stream.send_all(chunk if n == len(chunk) else chunk[:n])
+            left -= n
+        assert await receive_exactly(stream, 4) == b"\x40\x02\x00\x01"  # PUBACK
+        await stream.send_all(b"\xe0\x00")  # DISCONNECT
+    finally:
+        await stream.aclose()
+
+
+async def test_an_oversize_message_is_dropped_as_it_arrives_not_held_in_memory(
+        mqtt_broker: BrokerAddress) -> None:
+    """A hostile 40 MB message: the source refuses it as a bad payload with its real size
+    while holding no more than a few of its 64 KiB reads (paho on its own would build the
+    whole message in memory first), acknowledges it so the broker does not send it again,
+    and the reading after it comes through."""
+    prefix = unique("ate")
+    metrics = Metrics()
+    source = make_source(mqtt_broker, [{"topic": f"{prefix}/+/temp", "channel": "{1}.temp",
+                                        "raw": True}],
+                         metrics=metrics, max_payload_bytes=1024)
+    sink = Sink()
+    size = 40_000_000
+    async with trio.open_nursery() as nursery:
+        await started(nursery, source, sink)
+        pub = await start_publisher(nursery, mqtt_broker)
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            with trio.fail_after(60):
+                await publish_streamed(mqtt_broker, f"{prefix}/a/temp", size)
+            await wait_for(lambda: source.bad >= 1, 30, "the oversize message")
+            peak = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+        await pub.publish(f"{prefix}/a/temp", payload(21.0), qos=1)
+        await wait_for(lambda: len(sink.of(SensorReading)) >= 1, 20, "the next reading")
+        nursery.cancel_scope.cancel()
+    assert peak < 4_000_000, f"{peak} bytes held for a {size}-byte message"
+    assert [r.value for r in sink.of(SensorReading)] == [21.0]
+    (event,) = sink.of(GatewayEvent)
+    assert event.detail["reason"] == f"payload of {size} bytes, over max_payload_bytes (1024)"
+    assert metrics.counter("mqtt_bad_payloads_total").get(
+        source="sensors", topic=f"{prefix}/a/temp") == 1
 
 
 JUNK_INTERVAL_S = 4.0  # bad_payload_log_interval: all of the junk is handled within it

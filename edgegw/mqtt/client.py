@@ -66,6 +66,7 @@ from paho.mqtt.properties import Properties
 
 from ..backoff import Backoff
 from ..metrics import Metrics, report_internal_error
+from .sizeguard import PublishSizeGuard
 
 log = logging.getLogger(__name__)
 
@@ -146,21 +147,36 @@ class _BufferedPaho(paho.Client):
     the socket while there are).  The buffer belongs to one socket: closing it empties it."""
 
     READ_SIZE = 65536
+    MAX_SKIP_READS = 16  # reads of an oversize payload per call (1 MiB): then let Trio run
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_payload: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._rbuf = b""
         self._rpos = 0
+        # PUBLISH payloads over max_payload are dropped as they arrive (sizeguard.py)
+        self.max_payload = max_payload
+        self._guard: PublishSizeGuard | None = None
+        self.yield_now = False
 
     @property
     def buffered(self) -> int:
         return len(self._rbuf) - self._rpos
 
     def _sock_recv(self, bufsize: int) -> bytes:
-        if self._rpos >= len(self._rbuf):
+        reads = 0
+        while self._rpos >= len(self._rbuf):
+            if reads == self.MAX_SKIP_READS:
+                self.yield_now = True  # the reader ends its burst
+                raise BlockingIOError  # paho: try again later
+            reads += 1
             data = super()._sock_recv(self.READ_SIZE)  # BlockingIOError: nothing there
             if not data:
                 return data  # the peer closed
+            if self.max_payload is not None:
+                if self._guard is None:
+                    self._guard = PublishSizeGuard(
+                        self.max_payload, v5=self._protocol == MQTTProtocolVersion.MQTTv5)
+                data = self._guard.feed(data)  # b"": all of it was an oversize payload
             self._rbuf, self._rpos = data, 0
         start = self._rpos
         self._rpos = min(start + bufsize, len(self._rbuf))
@@ -168,6 +184,7 @@ class _BufferedPaho(paho.Client):
 
     def _sock_close(self) -> None:
         self._rbuf, self._rpos = b"", 0
+        self._guard = None  # its framing state belongs to this socket
         super()._sock_close()
 
 
@@ -208,6 +225,7 @@ class TrioMqttClient:
         on_session: Callable[[bool], None] | None = None,
         on_fence: Callable[[int], None] | None = None,
         metrics: Metrics | None = None,
+        max_payload_bytes: int | None = None,
     ) -> None:
         if not options.client_id:
             raise ValueError("an MQTT client id must not be empty")
@@ -230,6 +248,7 @@ class TrioMqttClient:
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             clean_session=None if v5 else options.clean_session,
             manual_ack=manual_ack,
+            max_payload=max_payload_bytes,
         )
         # paho would swallow exceptions from our callbacks into a logger nobody reads; our
         # callbacks catch their own (``_guarded``), so anything that still escapes is a
@@ -414,6 +433,9 @@ class TrioMqttClient:
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or conn.closed.is_set():
                     return  # paho has closed the socket; on_socket_close ended the connection
                 if self._burst_full is not None and self._burst_full():
+                    break
+                if client.yield_now:  # dropping a long oversize payload: let Trio run
+                    client.yield_now = False
                     break
                 if client.buffered or (tls_pending is not None and tls_pending()):
                     continue

@@ -59,6 +59,7 @@ from ..topicfilter import filter_problem, matches
 from .acks import AckLedger, CheckpointError, Group, keys_from_checkpoint
 from .client import ConnectOptions, TrioMqttClient, ssl_context, subscriptions_of
 from .payloads import Decoder, PayloadError, UnknownPayloadDecoder, make_decoder
+from .sizeguard import OVERSIZE_MARK, oversize_length
 from .topics import TemplateError, compile_template
 
 log = logging.getLogger(__name__)
@@ -370,8 +371,13 @@ class MqttSource:
             if route is None:  # a retained or overlapping message we did not ask for
                 self._m_unrouted.inc(source=self.name)
             else:
-                if len(msg.payload) > self.config.max_payload_bytes:
-                    raise PayloadError(f"payload of {len(msg.payload)} bytes, over "
+                size = len(msg.payload)
+                cut = None
+                if msg.payload[:1] == OVERSIZE_MARK[:1]:  # cut by the client, unread
+                    cut = oversize_length(msg.payload)
+                if cut is not None or size > self.config.max_payload_bytes:
+                    size = size if cut is None else cut
+                    raise PayloadError(f"payload of {size} bytes, over "
                                        f"max_payload_bytes ({self.config.max_payload_bytes})")
                 value, ts = route.decode(msg.payload)
                 if self._taken_already(topic, msg, ts):
@@ -740,6 +746,7 @@ class MqttSource:
             options, name=f"mqtt source {self.name!r}", on_message=self._on_message,
             before_read=self._poll_throttles, after_read=self._after_read,
             burst_full=self._burst_full, manual_ack=True, metrics=self.context.metrics,
+            max_payload_bytes=c.max_payload_bytes,
             on_session=self._ledger.connected, on_fence=self._fence_done,
             backoff=Backoff(c.backoff.initial, c.backoff.maximum, c.backoff.multiplier))
         pump_scope = trio.CancelScope(shield=True)
