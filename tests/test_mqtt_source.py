@@ -383,8 +383,9 @@ async def publish_streamed(broker: BrokerAddress, topic: str, size: int) -> None
         await stream.aclose()
 
 
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 async def test_an_oversize_message_is_dropped_as_it_arrives_not_held_in_memory(
-        mqtt_broker: BrokerAddress) -> None:
+        mqtt_broker: BrokerAddress, protocol: str) -> None:
     """A hostile 40 MB message: the source refuses it as a bad payload with its real size
     while holding no more than a few of its 64 KiB reads (paho on its own would build the
     whole message in memory first), acknowledges it so the broker does not send it again,
@@ -393,7 +394,7 @@ async def test_an_oversize_message_is_dropped_as_it_arrives_not_held_in_memory(
     metrics = Metrics()
     source = make_source(mqtt_broker, [{"topic": f"{prefix}/+/temp", "channel": "{1}.temp",
                                         "raw": True}],
-                         metrics=metrics, max_payload_bytes=1024)
+                         metrics=metrics, max_payload_bytes=1024, protocol=protocol)
     sink = Sink()
     size = 40_000_000
     async with trio.open_nursery() as nursery:
