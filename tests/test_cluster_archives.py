@@ -236,6 +236,13 @@ async def test_archived_lots_and_wafers_and_stats_on_every_node_and_across_a_mov
                     await trio.sleep(0.2)
             diff = {p: (got[i][p], want[p]) for p in PATHS if got[i][p] != want[p]}
             assert diff == {}, f"node {i} differs from the single hub: {diff}"
+            # page by page (the archived lot from PostgreSQL, below ``before``)
+            status, first = await http_get(ports[i], "/api/lots?limit=1")
+            assert status == 200 and [r["lot_id"] for r in first["lots"]] == [B]
+            status, rest = await http_get(
+                ports[i], f"/api/lots?limit=1&before={first['next_before']!r}")
+            assert status == 200 and [r["lot_id"] for r in rest["lots"]] == [A]
+            assert "next_before" not in rest
         written = archive_rows(pg_dsn)
         assert [(lot, w) for lot, w, _ in written] == sorted([
             (A, ""), (A, f"{A}-W1"), (A, f"{A}-W2"), (B, f"{B}-W1")])

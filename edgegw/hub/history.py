@@ -4,7 +4,7 @@ Handlers are plain functions ``(...) -> (status, json_dict)`` over the live stat
 a lot evicted from memory, its archive from the history store); ``HistoryApi`` adapts them
 to the hub's HTTP server and fetches archives off the Trio thread.  Routes::
 
-    GET  /api/lots                               lots, live and archived, newest first
+    GET  /api/lots[?limit=200&before=<updated>]  lots, live and archived, newest first
     GET  /api/lots/<lot>/wafers                  a lot's wafers with their counts
     GET  /api/lots/<lot>/wafers/<wafer>          a wafer's map and bins (the live snapshot)
     GET  /api/tests/<lot>/<test_num>             a test's statistics
@@ -115,12 +115,26 @@ def _wafer_row(snap: dict[str, Any]) -> dict[str, Any]:
     return {k: snap.get(k) for k in _WAFER_FIELDS}
 
 
-def lots(state: LiveState, archived: list[dict[str, Any]], params: dict[str, str]) -> Result:
-    """Every lot: live ones, then archived ones not live, most recently updated first."""
+def lot_query(params: dict[str, str]) -> tuple[int, float | None, str | None]:
+    """``/api/lots``' (limit, before, problem): ``limit`` 1 to 1000 (default 200),
+    ``before`` an ``updated`` time (only lots updated before it: the next page)."""
     try:
-        limit = int(params.get("limit", "200"))
+        limit = max(1, min(1000, int(params.get("limit", "200"))))
+        before = float(params["before"]) if "before" in params else None
     except ValueError:
-        return _error(400, "limit must be an integer")
+        return 0, None, "limit must be an integer and before a number"
+    if before is not None and before != before:  # NaN: nothing is before it
+        return 0, None, "before must be a number"
+    return limit, before, None
+
+
+def lots(state: LiveState, archived: list[dict[str, Any]], params: dict[str, str]) -> Result:
+    """Every lot: live ones, then archived ones not live, most recently updated first;
+    ``archived``: the store's, at least ``limit`` + 1 of those updated ``before`` (when
+    there are), so that a full page says there is another."""
+    limit, before, problem = lot_query(params)
+    if problem:
+        return _error(400, problem)
     rows = []
     for lot in state.lots.values():
         snap = lot.snapshot()
@@ -133,8 +147,13 @@ def lots(state: LiveState, archived: list[dict[str, Any]], params: dict[str, str
             "wafers": summary.get("wafer_count", len(summary.get("wafers", ()))),
             "live": False} | ({"archive_pending": True} if summary.get("archive_pending")
                               else {}))
+    if before is not None:
+        rows = [r for r in rows if (r.get("updated") or 0.0) < before]
     rows.sort(key=lambda r: r.get("updated") or 0.0, reverse=True)
-    return 200, {"lots": rows[:limit]}
+    page: dict[str, Any] = {"lots": rows[:limit]}
+    if len(rows) > limit:  # the next page: ?before=<the last row's updated>
+        page["next_before"] = rows[limit - 1].get("updated") or 0.0
+    return 200, page
 
 
 def wafers(state: LiveState, lot_id: str, archived: dict[str, Any] | None,
@@ -366,10 +385,14 @@ class HistoryApi:
             return pending.wafers[wafer_id]
         return await self.store.wafer(lot_id, wafer_id) if self.store is not None else None
 
-    async def _lot_summaries(self) -> list[dict[str, Any]]:
-        """The archived lots' summaries, those held in memory applied (marked
+    async def _lot_summaries(self, params: dict[str, str]) -> list[dict[str, Any]]:
+        """The archived lots' summaries ``/api/lots`` may show (enough for its page: live
+        lots are left out of it), those held in memory applied (marked
         ``archive_pending``)."""
-        archived = await self.store.lot_summaries() if self.store is not None else []
+        limit, before, problem = lot_query(params)
+        if problem or self.store is None:
+            return []
+        archived = await self.store.lot_summaries(limit + 1 + len(self.state.lots), before)
         held = self.held.held_lot_ids() if self.held is not None else set()
         if not held:
             return archived
@@ -423,7 +446,7 @@ class HistoryApi:
                 parts[0] in ("lots", "tests") and not principal.sees_lot(parts[1])):
             return _error(404, f"unknown lot {parts[1]!r}")
         if method == "GET" and parts == ["lots"]:
-            return lots(self.state, await self._lot_summaries(), params)
+            return lots(self.state, await self._lot_summaries(params), params)
         if method == "GET" and len(parts) == 3 and parts[0] == "lots" and parts[2] == "wafers":
             lot_id = parts[1]
             pending = await self._pending(lot_id)
@@ -500,5 +523,5 @@ def _scope(payload: dict[str, Any], principal: Any) -> None:
 
 __all__ = [
     "HeldArchives", "HistoryApi", "Result", "ack", "alert_query", "alert_rules", "alerts",
-    "die_values", "lots", "test", "wafer", "wafers",
+    "die_values", "lot_query", "lots", "test", "wafer", "wafers",
 ]

@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS lots (
     archive TEXT NOT NULL,
     parts INTEGER NOT NULL DEFAULT 0
 );
+CREATE INDEX IF NOT EXISTS lots_updated ON lots (updated);
 CREATE TABLE IF NOT EXISTS wafers (
     lot_id TEXT NOT NULL,
     wafer_id TEXT NOT NULL,
@@ -404,11 +405,14 @@ class HistoryStore:
         return await self._cached(("lot", lot_id), "SELECT archive FROM lots WHERE lot_id = ?",
                                   (lot_id,))
 
-    async def lot_summaries(self, limit: int = 500) -> list[dict[str, Any]]:
-        """Archived lots' summaries, most recently updated first."""
+    async def lot_summaries(self, limit: int = 500, before: float | None = None
+                            ) -> list[dict[str, Any]]:
+        """Archived lots' summaries, most recently updated first; ``before``: only those
+        updated before it."""
         rows = await self._run(self._select,
-                               "SELECT summary FROM lots ORDER BY updated DESC LIMIT ?",
-                               (limit,))
+                               "SELECT summary FROM lots WHERE updated < ?"
+                               " ORDER BY updated DESC LIMIT ?",
+                               (float("inf") if before is None else before, limit))
         return [json.loads(r[0]) for r in rows]
 
     async def wafer(self, lot_id: str, wafer_id: str) -> dict[str, Any] | None:

@@ -1518,11 +1518,13 @@ class ClusterStore:
                                 " AND wafer_id = %s", (lot_id, wafer_id))
         return json.loads(rows[0][0]) if rows else None
 
-    async def lot_summaries(self, limit: int = 500) -> list[dict[str, Any]]:
-        """Archived lots' summaries, most recently updated first (as the single hub's
-        ``HistoryStore.lot_summaries``)."""
-        rows = await self.query("SELECT summary FROM edgegw_lots ORDER BY updated DESC"
-                                " LIMIT %s", (limit,))
+    async def lot_summaries(self, limit: int = 500, before: float | None = None
+                            ) -> list[dict[str, Any]]:
+        """Archived lots' summaries, most recently updated first; ``before``: only those
+        updated before it (as the single hub's ``HistoryStore.lot_summaries``)."""
+        rows = await self.query("SELECT summary FROM edgegw_lots WHERE updated < %s"
+                                " ORDER BY updated DESC LIMIT %s",
+                                (float("inf") if before is None else before, limit))
         return [json.loads(r[0]) for r in rows]
 
     async def wafer_summaries(self, lot_id: str) -> list[dict[str, Any]]:
