@@ -95,6 +95,7 @@ from .store import (
     IngestStore,
     LockTimeout,
     SessionEnded,
+    StoreDamaged,
     StoreFull,
     StoreUnavailable,
 )
@@ -211,6 +212,9 @@ class Ingest:
         self.m_full = m.counter("hub_store_full_total",
                                 "commits that failed for a full disk (acknowledgements paused)")
         self.m_full_now = m.gauge("hub_store_full", "1 while the store cannot write (disk full)")
+        self.m_damaged_now = m.gauge(
+            "hub_store_damaged", "1 while SQLite reports hub.sqlite3 damaged (acknowledgements "
+            "paused until an operator restores or recovers it)")
         self.m_unavailable = m.counter(
             "hub_store_unavailable_total", "commits that failed for want of the store's server "
             "(a cluster's PostgreSQL; acknowledgements paused)")
@@ -248,6 +252,7 @@ class Ingest:
     def _collect(self) -> None:
         self.m_connected.set(len(self.connected))
         self.m_full_now.set(int(self.store.full))
+        self.m_damaged_now.set(int(getattr(self.store, "damaged", None) is not None))
         self.m_frame_bytes.set(self.store.frame_bytes)
         self.m_feed_queue.set(self._to_feed_records)
 
@@ -970,7 +975,9 @@ class Ingest:
                 if delay == 0.2:
                     log.error("gateway %s: cannot store its frames, %s (%s); acknowledgements "
                               "paused until it can", gw,
-                              "the disk is full" if full else "the store is unavailable", exc)
+                              "the disk is full" if full else
+                              "the store's file is damaged" if isinstance(exc, StoreDamaged)
+                              else "the store is unavailable", exc)
                 await trio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue

@@ -129,6 +129,15 @@ class StoreUnavailable(OSError):
     acknowledgements and tries again."""
 
 
+class StoreDamaged(StoreUnavailable):
+    """SQLite found the store's file damaged while the hub runs (SQLITE_CORRUPT,
+    SQLITE_NOTADB: a failing disk, another program writing into it): nothing was written.
+    Handled as an unavailable store -- acknowledgements pause, the gateways keep their
+    frames in their spools, health says why -- never as one connection's internal error
+    (each gateway closed with 1011 and reconnecting, again and again): what is needed
+    is an operator, with the hub stopped (docs/operations.md, "A damaged database")."""
+
+
 class LockTimeout(StoreUnavailable):
     """A cluster claim waited its lock timeout for a row another session's transaction
     holds (a paused node's, until PostgreSQL ends that session): nothing written, but the
@@ -306,6 +315,8 @@ class HubStore:
         self.last_frame_id = 0
         #: the last commit failed for want of space and nothing has succeeded since
         self.full = False
+        #: why the last commit found the file damaged (None: it did not)
+        self.damaged: str | None = None
         #: a random id made when the store was created (frame ids mean nothing elsewhere)
         self.store_id = 0
 
@@ -401,6 +412,9 @@ class HubStore:
                 db.execute("ROLLBACK")
             if _is_full(exc):
                 raise StoreFull(errno.ENOSPC, f"hub store {self.path}: {exc}") from exc
+            damaged = damaged_database("hub.data_dir", self.path, exc)
+            if damaged is not None:
+                raise StoreDamaged(str(damaged)) from exc
             raise
         self.frame_bytes += added
         if ids:
@@ -435,6 +449,8 @@ class HubStore:
 
     def health_problem(self) -> str | None:
         """Why the store cannot write now (None: it can)."""
+        if self.damaged is not None:
+            return f"{self.damaged}; acknowledgements paused, gateways spool"
         return "disk full: acknowledgements paused, gateways spool" if self.full else None
 
     async def commit(self, frames: list[FrameToApply],
@@ -535,8 +551,11 @@ class HubStore:
             self.stats.update(saved_stats)
             if isinstance(exc, StoreFull):
                 self.full = True
+            elif isinstance(exc, StoreDamaged):
+                self.damaged = str(exc)
             raise
         self.full = False
+        self.damaged = None
         for f, frame_id in zip(frames, ids, strict=True):
             f.id = frame_id
 
@@ -669,6 +688,6 @@ class HubStore:
 __all__ = [
     "CODEC_RAW", "CODEC_ZLIB", "MAX_RID_RANGES", "FrameToApply", "GatewayClaim",
     "GatewayStats", "GatewaySuperseded", "HubStore", "IngestStore", "LockTimeout",
-    "SessionEnded", "StoreFull", "StoreUnavailable",
+    "SessionEnded", "StoreDamaged", "StoreFull", "StoreUnavailable",
     "pack_body", "screen_rids", "unpack_body",
 ]
