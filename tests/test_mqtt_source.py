@@ -358,18 +358,24 @@ async def receive_exactly(stream: trio.SocketStream, n: int) -> bytes:
     return data
 
 
-async def publish_streamed(broker: BrokerAddress, topic: str, size: int) -> None:
+async def publish_streamed(broker: BrokerAddress, topic: str, size: int,
+                           properties: bytes | None = None) -> None:
     """A QoS 1 PUBLISH of ``size`` payload bytes, written 64 KiB at a time from one small
     buffer (so this process never holds the payload), over a hand-made MQTT 3.1.1
-    connection; returns once the broker acknowledged it."""
+    connection (MQTT 5 with ``properties``); returns once the broker acknowledged it."""
     stream = await trio.open_tcp_stream(broker.host, broker.port)
     try:
         cid = unique("raw").encode()
-        connect = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
+        v5 = properties is not None
+        connect = (b"\x00\x04MQTT" + (b"\x05" if v5 else b"\x04") + b"\x02\x00\x3c"
+                   + (b"\x00" if v5 else b"") + len(cid).to_bytes(2, "big") + cid)
         await stream.send_all(b"\x10" + varint(len(connect)) + connect)
-        connack = await receive_exactly(stream, 4)
-        assert connack[:2] == b"\x20\x02" and connack[3] == 0, connack
+        connack = await receive_exactly(stream, 2)
+        connack += await receive_exactly(stream, connack[1])
+        assert connack[0] == 0x20 and connack[3] == 0, connack
         head = len(topic.encode()).to_bytes(2, "big") + topic.encode() + b"\x00\x01"
+        if properties is not None:
+            head += varint(len(properties)) + properties
         await stream.send_all(b"\x32" + varint(len(head) + size) + head)
         chunk = b"x" * 65536
         left = size
@@ -377,7 +383,10 @@ async def publish_streamed(broker: BrokerAddress, topic: str, size: int) -> None
             n = min(left, len(chunk))
             await stream.send_all(chunk if n == len(chunk) else chunk[:n])
             left -= n
-        assert await receive_exactly(stream, 4) == b"\x40\x02\x00\x01"  # PUBACK
+        puback = await receive_exactly(stream, 2)
+        puback += await receive_exactly(stream, puback[1])
+        assert puback[:4] == b"\x40" + puback[1:2] + b"\x00\x01", puback  # PUBACK, success
+        assert puback[4:5] in (b"", b"\x00"), puback
         await stream.send_all(b"\xe0\x00")  # DISCONNECT
     finally:
         await stream.aclose()
@@ -419,6 +428,35 @@ async def test_an_oversize_message_is_dropped_as_it_arrives_not_held_in_memory(
     assert event.detail["reason"] == f"payload of {size} bytes, over max_payload_bytes (1024)"
     assert metrics.counter("mqtt_bad_payloads_total").get(
         source="sensors", topic=f"{prefix}/a/temp") == 1
+
+
+async def test_mqtt5_properties_over_64_kib_are_dropped_with_the_payload_and_say_so(
+        mqtt_broker: BrokerAddress) -> None:
+    """A message over the limit whose payload is small but whose MQTT 5 user properties
+    are 70 KB (the guard holds at most 64 KiB of them): cut as a whole, and reported as
+    such -- not as a payload over the limit, which it is not; the reading after it comes
+    through."""
+    prefix = unique("ate")
+    source = make_source(mqtt_broker, [{"topic": f"{prefix}/+/temp", "channel": "{1}.temp",
+                                        "raw": True}],
+                         max_payload_bytes=70_500, protocol="5")
+    sink = Sink()
+    big = b"\x26" + (60_000).to_bytes(2, "big") + b"k" * 60_000 + b"\x00\x01v"
+    properties = big + b"\x26\x00\x01k" + (10_000).to_bytes(2, "big") + b"w" * 10_000
+    async with trio.open_nursery() as nursery:
+        await started(nursery, source, sink)
+        with trio.fail_after(30):
+            # a long topic takes the whole message over the limit
+            await publish_streamed(mqtt_broker, f"{prefix}/{'a' * 1000}/temp", 4, properties)
+        await wait_for(lambda: source.bad >= 1, 20, "the message")
+        pub = await start_publisher(nursery, mqtt_broker)
+        await pub.publish(f"{prefix}/a/temp", payload(21.0), qos=1)
+        await wait_for(lambda: len(sink.of(SensorReading)) >= 1, 20, "the next reading")
+        nursery.cancel_scope.cancel()
+    assert [r.value for r in sink.of(SensorReading)] == [21.0]
+    (event,) = sink.of(GatewayEvent)
+    assert event.detail["reason"] == (f"payload and properties of {len(properties) + 4} "
+                                      "bytes, properties over 64 KiB")
 
 
 JUNK_INTERVAL_S = 4.0  # bad_payload_log_interval: all of the junk is handled within it

@@ -376,9 +376,12 @@ class MqttSource:
                 if msg.payload[:1] == OVERSIZE_MARK[:1]:  # cut by the client, unread
                     cut = oversize_length(msg.payload)
                 if cut is not None or size > self.config.max_payload_bytes:
-                    size = size if cut is None else cut
-                    raise PayloadError(f"payload of {size} bytes, over "
-                                       f"max_payload_bytes ({self.config.max_payload_bytes})")
+                    limit = self.config.max_payload_bytes
+                    if cut is not None and cut <= limit:  # MQTT 5 properties over 64 KiB
+                        raise PayloadError(f"payload and properties of {cut} bytes, "
+                                           "properties over 64 KiB")
+                    raise PayloadError(f"payload of {size if cut is None else cut} bytes, "
+                                       f"over max_payload_bytes ({limit})")
                 value, ts = route.decode(msg.payload)
                 if self._taken_already(topic, msg, ts):
                     self.retained_repeats += 1
