@@ -741,6 +741,30 @@ async def test_tls_with_the_brokers_ca_and_a_clear_error_without_it(
     assert "certificate verify failed" in untrusted.client.last_error
 
 
+async def test_an_oversize_message_over_tls_is_cut_and_what_follows_it_is_not_held_up(
+        start_broker: StartBroker, tmp_path: Path) -> None:
+    """The size guard under TLS (it reads what the TLS layer decrypted): oversize messages
+    of 1 MB and more, each the last thing sent -- nothing after it to wake a reader that
+    waited on the socket with the message's end already read -- are each refused within
+    seconds, not at the next keepalive (60 s), and the readings between them arrive."""
+    cert, key = _self_signed(tmp_path)
+    broker = start_broker(extra=f"certfile {cert}\nkeyfile {key}\n")
+    prefix = unique("ate")
+    source = make_source(broker, [{"topic": f"{prefix}/+/temp", "raw": True}],
+                         tls={"ca_file": str(cert)}, max_payload_bytes=1024)
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        await started(nursery, source, sink)
+        pub = await start_publisher(nursery, broker, ssl_context=ssl_context(str(cert)))
+        for i in range(3):
+            await pub.publish(f"{prefix}/a/temp", payload(float(i)), qos=1)
+            # the last thing sent: nothing more arrives to wake a reader waiting on the socket
+            await pub.publish(f"{prefix}/a/temp", b"x" * (1_000_000 + 77_777 * i), qos=1)
+            await wait_for(lambda i=i: source.bad == i + 1, 15, f"oversize message {i}")
+        nursery.cancel_scope.cancel()
+    assert [r.value for r in sink.of(SensorReading)] == [0.0, 1.0, 2.0]
+
+
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 async def test_qos0_readings_arrive_with_either_protocol_version(
         start_broker: StartBroker, protocol: str) -> None:

@@ -406,7 +406,8 @@ class TrioMqttClient:
             # between this check and the wait, so it cannot go stale.
             if conn.closed.is_set():
                 return
-            if client.buffered:  # read from the socket already: no waiting for it
+            if client.buffered or (tls_pending is not None and tls_pending()):
+                # read from the socket already (by us, or by TLS): no waiting for it
                 await trio.lowlevel.checkpoint()
                 if conn.closed.is_set():
                     return
