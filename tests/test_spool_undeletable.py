@@ -170,3 +170,40 @@ async def test_a_torn_tail_that_cannot_be_cut_is_never_appended_to(fs: Path) -> 
             assert unacked(spool) == [*range(1, last + 1), *new]
     async with DiskSpool.open(cfg(directory)) as spool:
         assert unacked(spool) == [*range(1, last + 1), *new]
+
+
+async def test_a_full_disk_does_not_drop_segment_after_segment_it_cannot_delete(
+        fs: Path) -> None:
+    """``drop_oldest`` on a full disk drops the oldest segment to make room.  When its file
+    cannot be deleted the drop freed nothing: the spool then waits for room (as under
+    ``block``, retrying the delete) instead of dropping the next segment, and the next --
+    every unacknowledged frame lost for not a byte of room.  Once the file can go, room
+    returns and appends go on; only the first segment's frames were dropped."""
+    directory = fs / "spool"
+    metrics = Metrics()
+    conf = cfg(directory, policy="drop_oldest")
+    async with DiskSpool.open(conf, metrics=metrics) as spool:
+        written = await fill(spool, 60)  # 2 KB frames: 8 segments, none acknowledged
+        sealed = segment_files(directory)[:-1]
+        assert len(sealed) >= 5
+        in_first = seqs_in(sealed[0])
+        filler = fill_to_the_last_byte(fs)
+        try:
+            with immutable(*sealed):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(fill, spool, 20)
+                    await wait_until(lambda: spool.stats()["dropped_frames"] > 0)
+                    await trio.sleep(3)  # appends go on failing: nothing more is dropped
+                    assert spool.stats()["dropped_frames"] == len(in_first)
+                    assert spool.stats()["disk_full_events"] > 1
+                    assert unacked(spool)[0] == in_first[-1] + 1
+                    nursery.cancel_scope.cancel()
+            # the file can go now: the retried delete makes the room the drop was for
+            with trio.fail_after(30):
+                await fill(spool, 4)
+        finally:
+            filler.unlink()
+        await fill(spool, 10)
+        assert spool.stats()["dropped_frames"] == len(in_first)
+        assert written[0] == in_first[0]
+        assert unacked(spool) == list(range(in_first[-1] + 1, spool.next_seq))

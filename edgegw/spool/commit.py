@@ -93,6 +93,10 @@ class GroupCommit:
     _drop_requested: bool
     _flush_acks: bool
     _disk_full: bool
+    # the last drop_oldest drop freed nothing (its file could not be deleted): on a full
+    # disk another drop would likely free nothing either, so wait as under block until a
+    # write or a delete succeeds
+    _futile_drop: bool
     _rollover_due: bool  # a new active segment is wanted but could not be opened (ENOSPC)
     _work: trio.Event
     _durable_changed: trio.Event
@@ -163,6 +167,7 @@ class GroupCommit:
             if seg.path in failed_paths:
                 continue
             self.counts["segments_deleted"] += 1
+            self._futile_drop = False  # room was made
             if self._undeleted.pop(seg.path, None) is not None:
                 log.warning("spool %s: %s deleted at last", self.directory, seg.path.name)
         for seg, exc in failed:
@@ -251,6 +256,7 @@ class GroupCommit:
                 self._signal_room()
             await self._on_disk_full(exc)
             return
+        self._futile_drop = False
         if self._disk_full:
             self._disk_full = False
             log.warning("spool %s: writes succeed again", self.directory)
@@ -304,7 +310,8 @@ class GroupCommit:
     async def _on_disk_full(self, exc: OSError) -> None:
         """Disk full is handled like the cap, never a crash loop."""
         self._note_disk_full(exc)
-        if self.config.policy == "drop_oldest" and len(self._segments) > 1:
+        if (self.config.policy == "drop_oldest" and len(self._segments) > 1
+                and not self._futile_drop):
             await self._drop_oldest("disk full")
         else:
             # block: wait for acks to free whole segments (or an operator to free space)
@@ -347,6 +354,11 @@ class GroupCommit:
                 await trio.to_thread.run_sync(write_sync, self.directory, active, data, [])
                 active.size += len(data)
         self._unlinked([victim], undeleted)
+        if undeleted and self._disk_full:
+            self._futile_drop = True
+            log.error("spool %s: the dropped segment %s could not be deleted, so the drop "
+                      "made no room: appends wait for room (no more segments dropped) until "
+                      "it can be deleted or space is freed", self.directory, victim.path.name)
         self._segments.remove(victim)
         self._persisted_floor = new_floor
         self._normalise_acks()

@@ -154,6 +154,7 @@ class DiskSpool(GroupCommit):
         self._recent: deque[tuple[float, int]] = deque(maxlen=4096)  # (commit time, seq)
         self._last_progress = time.monotonic()
         self._disk_full = False
+        self._futile_drop = False
         self._rollover_due = False
         self._started = False
         self.recovered: Recovered | None = None
