@@ -240,7 +240,8 @@ async def test_archived_lots_and_wafers_and_stats_on_every_node_and_across_a_mov
             status, first = await http_get(ports[i], "/api/lots?limit=1")
             assert status == 200 and [r["lot_id"] for r in first["lots"]] == [B]
             status, rest = await http_get(
-                ports[i], f"/api/lots?limit=1&before={first['next_before']!r}")
+                ports[i], f"/api/lots?limit=1&before={first['next_before']!r}"
+                f"&before_lot={first['next_before_lot']}")
             assert status == 200 and [r["lot_id"] for r in rest["lots"]] == [A]
             assert "next_before" not in rest
         written = archive_rows(pg_dsn)

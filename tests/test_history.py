@@ -518,17 +518,20 @@ async def test_evicted_lots_are_served_from_the_archive(tmp_path: Path) -> None:
 
 async def test_every_lot_of_a_long_run_is_listed_page_by_page(tmp_path: Path) -> None:
     """A hub that ran for months holds more archived lots than a page: ``limit`` (up to
-    1000) is honoured past the store's old 500 cap, and ``before=<next_before>`` pages back
-    through every lot, live and archived, each once, newest first."""
+    1000) is honoured past the store's old 500 cap, and the ``next_before`` /
+    ``next_before_lot`` cursor pages back through every lot, live and archived, each once,
+    newest first -- lots updated at the same time (three at a time here) included, however
+    a page boundary falls among them."""
     async with trio.open_nursery() as nursery:
         hub = Hub(tmp_path, max_lots=2)
         await hub.start(nursery)
         archived = [(f"L{i:04d}", {"lot": {"lot_id": f"L{i:04d}", "parts": 1,
-                                           "updated": 1000.0 + i}, "wafers": {}, "tests": {}})
+                                           "updated": 1000.0 + i // 3}, "wafers": {},
+                                   "tests": {}})
                     for i in range(1200)]
         await hub.alerts.store.save([], archived)
         hub.state.on_records("gw", 1, lot_records("LIVE", "LIVE-1", 3, ts=5000.0), now=1.0)
-        hub.state.on_records("gw", 10, lot_records("LIVE2", "LIVE2-1", 3, ts=1500.5), now=2.0)
+        hub.state.on_records("gw", 10, lot_records("LIVE2", "LIVE2-1", 3, ts=1200.5), now=2.0)
 
         status, body = await get(hub.port, "/api/lots?limit=1000")
         assert status == 200 and len(body["lots"]) == 1000
@@ -539,18 +542,26 @@ async def test_every_lot_of_a_long_run_is_listed_page_by_page(tmp_path: Path) ->
         while True:
             status, body = await get(hub.port, query)
             assert status == 200 and len(body["lots"]) <= 170
-            seen += [(r["lot_id"], r["updated"]) for r in body["lots"]]
+            seen += [(r["updated"], r["lot_id"]) for r in body["lots"]]
             if "next_before" not in body:
                 break
             assert len(body["lots"]) == 170
-            query = f"/api/lots?limit=170&before={body['next_before']!r}"
-        assert sorted(lot for lot, _ in seen) == sorted(
+            assert (body["next_before"], body["next_before_lot"]) == seen[-1]
+            query = (f"/api/lots?limit=170&before={body['next_before']!r}"
+                     f"&before_lot={body['next_before_lot']}")
+        assert sorted(lot for _, lot in seen) == sorted(
             [*(a[0] for a in archived), "LIVE", "LIVE2"])  # every lot, each once
-        assert [u for _, u in seen] == sorted((u for _, u in seen), reverse=True)
-        live2 = [lot for lot, _ in seen].index("LIVE2")
-        assert 600 < live2 < 800 and seen[live2 - 1][0].startswith("L0")  # among the archived
+        assert seen == sorted(seen, reverse=True)
+        live2 = [lot for _, lot in seen].index("LIVE2")
+        assert 500 < live2 < 700 and seen[live2 - 1][1].startswith("L0")  # among the archived
+        # a boundary inside a tie: the page after it starts with the rest of the tie
+        status, body = await get(hub.port, "/api/lots?limit=1&before=1001.0&before_lot=L0004")
+        assert [r["lot_id"] for r in body["lots"]] == ["L0003"]
+        status, body = await get(hub.port, "/api/lots?limit=5&before=1001.0")
+        assert [r["lot_id"] for r in body["lots"]] == ["L0002", "L0001", "L0000"]
+        assert "next_before" not in body
 
-        for bad in ("limit=x", "before=soon", "before=nan"):
+        for bad in ("limit=x", "before=soon", "before=nan", "before_lot=L0001"):
             status, body = await get(hub.port, f"/api/lots?{bad}")
             assert status == 400 and "before" in body["error"], (bad, body)
         hub.stop()

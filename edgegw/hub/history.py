@@ -4,7 +4,8 @@ Handlers are plain functions ``(...) -> (status, json_dict)`` over the live stat
 a lot evicted from memory, its archive from the history store); ``HistoryApi`` adapts them
 to the hub's HTTP server and fetches archives off the Trio thread.  Routes::
 
-    GET  /api/lots[?limit=200&before=<updated>]  lots, live and archived, newest first
+    GET  /api/lots[?limit=200&before=<updated>&before_lot=<lot>]
+                                                 lots, live and archived, newest first
     GET  /api/lots/<lot>/wafers                  a lot's wafers with their counts
     GET  /api/lots/<lot>/wafers/<wafer>          a wafer's map and bins (the live snapshot)
     GET  /api/tests/<lot>/<test_num>             a test's statistics
@@ -34,7 +35,7 @@ import copy
 import json
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import trio
 
@@ -115,26 +116,48 @@ def _wafer_row(snap: dict[str, Any]) -> dict[str, Any]:
     return {k: snap.get(k) for k in _WAFER_FIELDS}
 
 
-def lot_query(params: dict[str, str]) -> tuple[int, float | None, str | None]:
-    """``/api/lots``' (limit, before, problem): ``limit`` 1 to 1000 (default 200),
-    ``before`` an ``updated`` time (only lots updated before it: the next page)."""
+class LotPage(NamedTuple):
+    """What ``/api/lots`` asks for: ``limit`` rows (1 to 1000, default 200) after the
+    cursor: lots in (``updated``, ``lot_id``) order, newest first, below (``before``,
+    ``before_lot``) -- ``before`` alone: updated before it."""
+
+    limit: int
+    before: float | None
+    before_lot: str | None
+
+    def admits(self, updated: float, lot_id: str) -> bool:
+        return self.before is None or updated < self.before or (
+            self.before_lot is not None and updated == self.before
+            and lot_id < self.before_lot)
+
+
+def lot_query(params: dict[str, str]) -> tuple[LotPage, str | None]:
+    """``/api/lots``' page and the problem with its parameters (None: none)."""
     try:
         limit = max(1, min(1000, int(params.get("limit", "200"))))
         before = float(params["before"]) if "before" in params else None
     except ValueError:
-        return 0, None, "limit must be an integer and before a number"
+        return LotPage(0, None, None), "limit must be an integer and before a number"
     if before is not None and before != before:  # NaN: nothing is before it
-        return 0, None, "before must be a number"
-    return limit, before, None
+        return LotPage(0, None, None), "before must be a number"
+    before_lot = params.get("before_lot")
+    if before_lot is not None and before is None:
+        return LotPage(0, None, None), "before_lot needs before"
+    return LotPage(limit, before, before_lot), None
+
+
+def _lot_key(row: dict[str, Any]) -> tuple[float, str]:
+    return row.get("updated") or 0.0, str(row.get("lot_id") or "")
 
 
 def lots(state: LiveState, archived: list[dict[str, Any]], params: dict[str, str]) -> Result:
     """Every lot: live ones, then archived ones not live, most recently updated first;
-    ``archived``: the store's, at least ``limit`` + 1 of those updated ``before`` (when
+    ``archived``: the store's, at least ``limit`` + 1 of those after the cursor (when
     there are), so that a full page says there is another."""
-    limit, before, problem = lot_query(params)
+    page, problem = lot_query(params)
     if problem:
         return _error(400, problem)
+    limit = page.limit
     rows = []
     for lot in state.lots.values():
         snap = lot.snapshot()
@@ -147,13 +170,13 @@ def lots(state: LiveState, archived: list[dict[str, Any]], params: dict[str, str
             "wafers": summary.get("wafer_count", len(summary.get("wafers", ()))),
             "live": False} | ({"archive_pending": True} if summary.get("archive_pending")
                               else {}))
-    if before is not None:
-        rows = [r for r in rows if (r.get("updated") or 0.0) < before]
-    rows.sort(key=lambda r: r.get("updated") or 0.0, reverse=True)
-    page: dict[str, Any] = {"lots": rows[:limit]}
-    if len(rows) > limit:  # the next page: ?before=<the last row's updated>
-        page["next_before"] = rows[limit - 1].get("updated") or 0.0
-    return 200, page
+    if page.before is not None:
+        rows = [r for r in rows if page.admits(*_lot_key(r))]
+    rows.sort(key=_lot_key, reverse=True)
+    answer: dict[str, Any] = {"lots": rows[:limit]}
+    if len(rows) > limit:  # the next page: after the last row
+        answer["next_before"], answer["next_before_lot"] = _lot_key(rows[limit - 1])
+    return 200, answer
 
 
 def wafers(state: LiveState, lot_id: str, archived: dict[str, Any] | None,
@@ -389,10 +412,11 @@ class HistoryApi:
         """The archived lots' summaries ``/api/lots`` may show (enough for its page: live
         lots are left out of it), those held in memory applied (marked
         ``archive_pending``)."""
-        limit, before, problem = lot_query(params)
+        page, problem = lot_query(params)
         if problem or self.store is None:
             return []
-        archived = await self.store.lot_summaries(limit + 1 + len(self.state.lots), before)
+        archived = await self.store.lot_summaries(page.limit + 1 + len(self.state.lots),
+                                                  page.before, page.before_lot)
         held = self.held.held_lot_ids() if self.held is not None else set()
         if not held:
             return archived
@@ -522,6 +546,6 @@ def _scope(payload: dict[str, Any], principal: Any) -> None:
 
 
 __all__ = [
-    "HeldArchives", "HistoryApi", "Result", "ack", "alert_query", "alert_rules", "alerts",
-    "die_values", "lot_query", "lots", "test", "wafer", "wafers",
+    "HeldArchives", "HistoryApi", "LotPage", "Result", "ack", "alert_query", "alert_rules",
+    "alerts", "die_values", "lot_query", "lots", "test", "wafer", "wafers",
 ]

@@ -70,7 +70,7 @@ CREATE TABLE IF NOT EXISTS lots (
     archive TEXT NOT NULL,
     parts INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS lots_updated ON lots (updated);
+CREATE INDEX IF NOT EXISTS lots_updated ON lots (updated, lot_id);
 CREATE TABLE IF NOT EXISTS wafers (
     lot_id TEXT NOT NULL,
     wafer_id TEXT NOT NULL,
@@ -405,14 +405,16 @@ class HistoryStore:
         return await self._cached(("lot", lot_id), "SELECT archive FROM lots WHERE lot_id = ?",
                                   (lot_id,))
 
-    async def lot_summaries(self, limit: int = 500, before: float | None = None
-                            ) -> list[dict[str, Any]]:
-        """Archived lots' summaries, most recently updated first; ``before``: only those
-        updated before it."""
+    async def lot_summaries(self, limit: int = 500, before: float | None = None,
+                            before_lot: str | None = None) -> list[dict[str, Any]]:
+        """Archived lots' summaries, most recently updated first (then by lot id, down);
+        ``before`` (``before_lot``): only those below it in that order."""
+        bound = float("inf") if before is None else before
         rows = await self._run(self._select,
                                "SELECT summary FROM lots WHERE updated < ?"
-                               " ORDER BY updated DESC LIMIT ?",
-                               (float("inf") if before is None else before, limit))
+                               " OR (updated = ? AND lot_id < ?)"
+                               " ORDER BY updated DESC, lot_id DESC LIMIT ?",
+                               (bound, bound, before_lot or "", limit))
         return [json.loads(r[0]) for r in rows]
 
     async def wafer(self, lot_id: str, wafer_id: str) -> dict[str, Any] | None:

@@ -144,9 +144,9 @@ class ClusterArchives:
     def __init__(self, store: Any) -> None:
         self.store = store
 
-    async def lot_summaries(self, limit: int = 500, before: float | None = None
-                            ) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = await self.store.lot_summaries(limit, before)
+    async def lot_summaries(self, limit: int = 500, before: float | None = None,
+                            before_lot: str | None = None) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = await self.store.lot_summaries(limit, before, before_lot)
         return out
 
     async def wafer_summaries(self, lot_id: str) -> list[dict[str, Any]]:

@@ -1518,13 +1518,17 @@ class ClusterStore:
                                 " AND wafer_id = %s", (lot_id, wafer_id))
         return json.loads(rows[0][0]) if rows else None
 
-    async def lot_summaries(self, limit: int = 500, before: float | None = None
-                            ) -> list[dict[str, Any]]:
-        """Archived lots' summaries, most recently updated first; ``before``: only those
-        updated before it (as the single hub's ``HistoryStore.lot_summaries``)."""
+    async def lot_summaries(self, limit: int = 500, before: float | None = None,
+                            before_lot: str | None = None) -> list[dict[str, Any]]:
+        """Archived lots' summaries, most recently updated first (then by lot id, down);
+        ``before`` (``before_lot``): only those below it in that order (as the single
+        hub's ``HistoryStore.lot_summaries``)."""
+        bound = float("inf") if before is None else before
         rows = await self.query("SELECT summary FROM edgegw_lots WHERE updated < %s"
-                                " ORDER BY updated DESC LIMIT %s",
-                                (float("inf") if before is None else before, limit))
+                                # byte order, as Python orders the ids (not the locale's)
+                                ' OR (updated = %s AND lot_id COLLATE "C" < %s)'
+                                ' ORDER BY updated DESC, lot_id COLLATE "C" DESC LIMIT %s',
+                                (bound, bound, before_lot or "", limit))
         return [json.loads(r[0]) for r in rows]
 
     async def wafer_summaries(self, lot_id: str) -> list[dict[str, Any]]:
