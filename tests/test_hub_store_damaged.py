@@ -15,14 +15,7 @@ import sqlite3
 import urllib.request
 from pathlib import Path
 
-from faultkit import (
-    Gateway,
-    Hub,
-    assert_exactly_once,
-    expected_records,
-    source_settings,
-    stop_all,
-)
+from faultkit import Gateway, Hub, assert_exactly_once, expected_records, source_settings, stop_all
 from faultkit import wait_all_applied as wait_applied
 from processes import get_json, wait_for
 

@@ -22,6 +22,7 @@ import paho.mqtt.client as paho
 import pytest
 import trio
 from mqtt_broker import AckSwallowingProxy, Broker, BrokerAddress, StartBroker
+from test_mqtt_sizeguard import varint
 
 from edgegw import metrics as metrics_module
 from edgegw.config import ConfigError, build
@@ -338,15 +339,6 @@ async def test_a_payload_over_max_payload_bytes_is_a_bad_payload_never_decoded(
     (event,) = sink.of(GatewayEvent)
     assert event.detail["reason"] == (f"payload of {len(huge)} bytes, over max_payload_bytes "
                                       "(1024)")
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte + (128 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 async def receive_exactly(stream: trio.SocketStream, n: int) -> bytes:
