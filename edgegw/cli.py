@@ -235,6 +235,9 @@ def _exit_status(exc: Exception) -> int | None:
     if startup is not None and isinstance(exc, startup.StartupError):
         print(f"edgegw: cannot start: {exc}", file=sys.stderr)
         return int(startup.EXIT_CANNOT_START)
+    if startup is not None and isinstance(exc, startup.ServiceFailed):
+        print(f"edgegw: stopped: {exc}", file=sys.stderr)
+        return int(startup.EXIT_FAILED)
     return None
 
 

@@ -31,6 +31,7 @@ from .startup import (
     prepare_dir,
     readable,
     resolve,
+    service_failure,
 )
 
 log = logging.getLogger("edgegw")
@@ -274,7 +275,11 @@ def _serve(service: Any, banner: Callable[[Any], str],
         raise
     except BaseException as exc:
         if ready:
-            raise
+            failed = service_failure(exc)
+            if failed is None:
+                raise
+            log.debug("stopped", exc_info=exc)  # the whole story with -vv
+            raise failed from None
         log.debug("start-up failed", exc_info=exc)  # the whole story with -vv
         raise StartupError(describe(exc, listen)) from None
     return 0

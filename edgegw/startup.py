@@ -5,7 +5,11 @@ that is a file or cannot be written -- fails before it is ready.  Trio reports t
 exception group with a traceback per task; an operator needs one line naming the config
 key.  So the CLI first checks what it can check cheaply (``prepare_dir``, ``resolve``), and
 turns whatever still fails before the service is ready into one line (``describe``).
-A failure after the service was ready is not a start-up error and is not handled here.
+A failure after the service was ready is not a start-up error: most are a bug, confined to
+the task or connection they happened in.  One kind is neither: a fault outside the service
+that it cannot work around, such as the gateway's spool disk failing (``ServiceFailed``).
+The service stops with one line and exit status 4, and its service manager starts it
+again; what it holds on disk is recovered then (docs/operations.md, "A failing disk").
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 EXIT_CONFIG = 2  # the config is invalid: one line per problem
 EXIT_CANNOT_START = 3  # the config is valid, but this machine cannot run it now
+EXIT_FAILED = 4  # a running service stopped for a fault outside it (a failing disk)
 
 #: errno values a failed bind() gives: the address or port is the problem
 _BIND_ERRORS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES, errno.EPERM}
@@ -28,6 +33,24 @@ _BIND_ERRORS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES, errno.EPERM
 
 class StartupError(Exception):
     """A service cannot start; ``str()`` is one line, naming the config key."""
+
+
+class ServiceFailed(Exception):
+    """A running service stopped for a fault outside it that it cannot work around (its
+    disk failing); ``str()`` is one line, naming the config key and what to do."""
+
+
+def service_failure(exc: BaseException) -> ServiceFailed | None:
+    """The ``ServiceFailed`` that ended a service: ``exc`` itself, or the first one in
+    Trio's exception groups around it; None when there is none."""
+    if isinstance(exc, ServiceFailed):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = service_failure(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def damaged_database(key: str, path: Path, exc: BaseException) -> StartupError | None:

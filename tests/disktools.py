@@ -175,3 +175,54 @@ def fill_to_the_last_byte(directory: Path) -> Path:
             except OSError as exc:
                 assert exc.errno == errno.ENOSPC, exc
     return filler
+
+
+@contextlib.contextmanager
+def ext4_filesystem(path: Path, size_mb: int = 64) -> Iterator[Path]:
+    """A real ext4 file system of ``size_mb`` on a loop device, mounted at ``path``, that
+    ``shut_down`` can make fail every write with EIO, as a dying disk does (needs root and
+    loop devices: skips where it cannot mount, except under CI where it fails).
+    ``remount`` mounts it again, its journal replayed, as after the operator's repair."""
+    path.mkdir()
+    image = path.with_name(path.name + ".img")
+    with open(image, "wb") as f:
+        f.truncate(size_mb << 20)
+    steps = [["mkfs.ext4", "-q", "-F", str(image)],
+             ["mount", "-o", "loop", str(image), str(path)]]
+    for cmd in steps:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            why = f"cannot make an ext4 file system on a loop device: {done.stderr.strip()}"
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail(why)
+            pytest.skip(why)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False, capture_output=True)
+        image.unlink(missing_ok=True)
+
+
+#: ``EXT4_IOC_SHUTDOWN`` (_IOR('X', 125, __u32)) with ``EXT4_GOING_FLAGS_NOLOGFLUSH``: the
+#: file system stops at once, as on a disk that vanished; xfstests' "godown" does the same
+SHUTDOWN, NOLOGFLUSH = 0x8004587D, 2
+
+
+def shut_down(path: Path) -> None:
+    """From now on every write, fsync, create and delete under ``path`` fails with EIO."""
+    import fcntl
+    import struct
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, SHUTDOWN, struct.pack("I", NOLOGFLUSH))
+    finally:
+        os.close(fd)
+
+
+def remount(path: Path) -> None:
+    """Unmount and mount again (the journal is replayed): the operator's repair."""
+    image = path.with_name(path.name + ".img")
+    subprocess.run(["umount", str(path)], check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(path)], check=True,
+                   capture_output=True)

@@ -213,8 +213,8 @@ class Ingest:
                                 "commits that failed for a full disk (acknowledgements paused)")
         self.m_full_now = m.gauge("hub_store_full", "1 while the store cannot write (disk full)")
         self.m_damaged_now = m.gauge(
-            "hub_store_damaged", "1 while SQLite reports hub.sqlite3 damaged (acknowledgements "
-            "paused until an operator restores or recovers it)")
+            "hub_store_damaged", "1 while SQLite reports hub.sqlite3 damaged, or its disk fails "
+            "(acknowledgements paused until an operator repairs it)")
         self.m_unavailable = m.counter(
             "hub_store_unavailable_total", "commits that failed for want of the store's server "
             "(a cluster's PostgreSQL; acknowledgements paused)")
@@ -342,7 +342,9 @@ class Ingest:
             max_bytes = int(h.retain_frames_mb * 1e6) if h.retain_frames_mb else None
             try:
                 n = await self.store.prune(older, max_bytes, self.prune_limit)
-            except StoreFull as exc:  # deleting needs WAL space too: next time
+            except (StoreFull, StoreUnavailable) as exc:  # deleting needs WAL space too,
+                # and a damaged file or failing disk refuses it as it refuses commits (whose
+                # pause the health and gauges report): next time
                 log.warning("pruning old frames: %s", exc)
             except Exception:  # (a locked or failing database) a boundary: try next time
                 report_internal_error(self.metrics, "hub_prune", log, "pruning old frames")
@@ -976,7 +978,7 @@ class Ingest:
                     log.error("gateway %s: cannot store its frames, %s (%s); acknowledgements "
                               "paused until it can", gw,
                               "the disk is full" if full else
-                              "the store's file is damaged" if isinstance(exc, StoreDamaged)
+                              "the store's file or disk is damaged" if isinstance(exc, StoreDamaged)
                               else "the store is unavailable", exc)
                 await trio.sleep(delay)
                 delay = min(delay * 2, 5.0)

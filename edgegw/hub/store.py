@@ -29,9 +29,11 @@ the same frames again later (the hub pauses acknowledgements and retries).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
+import os
 import secrets
 import sqlite3
 import time
@@ -170,13 +172,72 @@ class GatewaySuperseded(Exception):
         self.current = current
 
 
-def _is_full(exc: BaseException) -> bool:
-    """SQLITE_FULL, or an I/O error (how SQLite reports some ENOSPC, e.g. growing the WAL
-    index), or the OS's own ENOSPC/EDQUOT: a condition that passes when space returns."""
+#: an I/O error with less room than this on the store's file system is taken for a full
+#: disk (SQLite reports some ENOSPC as SQLITE_IOERR, e.g. growing the WAL index); with more,
+#: for a failing disk.  Either way acknowledgements pause and the commit is retried: only
+#: the reason the hub gives differs.
+NEARLY_FULL_BYTES = 16 << 20
+
+
+def _is_full(exc: BaseException, path: Path) -> bool:
+    """SQLITE_FULL, or an I/O error on a (nearly) full file system, or the OS's own
+    ENOSPC/EDQUOT: a condition that passes when space returns."""
     if isinstance(exc, sqlite3.Error):
         code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-        return code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
+        return code == sqlite3.SQLITE_FULL or (
+            code == sqlite3.SQLITE_IOERR and _free_bytes(path) < NEARLY_FULL_BYTES)
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def _store_error(exc: BaseException, path: Path) -> OSError | None:
+    """What a failed write of the store at ``path`` means for the hub: ``StoreFull``,
+    ``StoreDamaged`` (the file damaged, or its disk failing), or None (anything else: a
+    bug, raised as it is)."""
+    if _is_full(exc, path):
+        return StoreFull(errno.ENOSPC, f"hub store {path}: {exc}")
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF if isinstance(exc, sqlite3.Error) else 0
+    if code in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        # a failing disk shows as SQLITE_IOERR first, then as SQLITE_CORRUPT (a WAL index
+        # SQLite can no longer read): a write beside the file tells the two apart
+        fault = _disk_fault(path)
+        if fault is not None:
+            name = getattr(exc, "sqlite_errorname", "")
+            return StoreDamaged(f"hub.data_dir: {str(path.parent)!r}: the disk is failing "
+                                f"({fault}; SQLite: {exc}, {name}): stop the hub and check "
+                                "the disk (docs/operations.md, \"A failing disk\")")
+    damaged = damaged_database("hub.data_dir", path, exc)
+    if damaged is not None:
+        return StoreDamaged(str(damaged))
+    if code == sqlite3.SQLITE_IOERR:  # the disk took the probe: a passing fault
+        return StoreDamaged(f"hub store {path}: {exc} ({getattr(exc, 'sqlite_errorname', '')})")
+    return None
+
+
+def _disk_fault(path: Path) -> str | None:
+    """Why a small file cannot be written, synced and removed beside ``path`` (an I/O error,
+    a file system turned read-only), or None when it can."""
+    probe = path.with_name(f".edgegw-disk-probe-{os.getpid()}")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"probe")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return None
+        return f"{exc.strerror or exc} writing beside it"
+    return None
 
 
 STAT_FIELDS = ("frames_applied", "records_applied", "duplicates_dropped", "frames_rejected",
@@ -372,8 +433,10 @@ class HubStore:
         packed = [pack_body(f.body if self.keep_bodies else b"") for f in frames]
         added = sum(len(body) for _, body in packed)
         ids: list[int] = []
-        db.execute("BEGIN IMMEDIATE")
         try:
+            # inside: on a failing disk BEGIN itself fails (SQLITE_IOERR, then SQLITE_CORRUPT
+            # from a WAL index it cannot read), and that is no bug of the connection
+            db.execute("BEGIN IMMEDIATE")
             for f, (codec, body) in zip(frames, packed, strict=True):
                 cur = db.execute(
                     "INSERT INTO frames (gateway, epoch, seq, first_rid, n_records,"
@@ -409,12 +472,11 @@ class HubStore:
             db.execute("COMMIT")
         except BaseException as exc:
             if db.in_transaction:  # (SQLite may have rolled back by itself: SQLITE_FULL)
-                db.execute("ROLLBACK")
-            if _is_full(exc):
-                raise StoreFull(errno.ENOSPC, f"hub store {self.path}: {exc}") from exc
-            damaged = damaged_database("hub.data_dir", self.path, exc)
-            if damaged is not None:
-                raise StoreDamaged(str(damaged)) from exc
+                with contextlib.suppress(sqlite3.Error):  # the disk may refuse that too
+                    db.execute("ROLLBACK")
+            known = _store_error(exc, self.path)
+            if known is not None:
+                raise known from exc
             raise
         self.frame_bytes += added
         if ids:
@@ -635,8 +697,8 @@ class HubStore:
         def run() -> int:
             db = self._db
             assert db is not None
-            db.execute("BEGIN IMMEDIATE")
             try:
+                db.execute("BEGIN IMMEDIATE")
                 # oldest first: by age, then (still over the byte limit) by size
                 gone = db.execute(
                     "DELETE FROM frames WHERE id IN (SELECT id FROM frames WHERE id <= ?"
@@ -662,9 +724,11 @@ class HubStore:
                 db.execute("COMMIT")
             except BaseException as exc:
                 if db.in_transaction:
-                    db.execute("ROLLBACK")
-                if _is_full(exc):
-                    raise StoreFull(errno.ENOSPC, f"hub store {self.path}: {exc}") from exc
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                known = _store_error(exc, self.path)
+                if known is not None:
+                    raise known from exc
                 raise
             self.frame_bytes -= freed
             return len(gone)

@@ -73,14 +73,21 @@ import trio
 
 from ..metrics import Metrics
 from ..protocol.intervals import IntervalSet
-from ..startup import DirLock
+from ..startup import DirLock, ServiceFailed
 from ..store import StoredFrame
 from .commit import ACK_PERSIST_S, DropEvent, GroupCommit, _Pending
 from .config import SpoolConfig
 from .format import MAX_RECORD, encode_ack, encode_commit, encode_frame, encode_state
 from .reader import TailCache, read_sync
 from .recovery import Recovered, recover
-from .segments import Segment, Undeleted, fsync_dir, open_segment_sync, segment_path
+from .segments import (
+    Segment,
+    Undeleted,
+    disk_full,
+    fsync_dir,
+    open_segment_sync,
+    segment_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +95,12 @@ Ranges = list[tuple[int, int]]
 
 _OVERHEAD_SLACK = 32
 
-__all__ = ["ACK_PERSIST_S", "DiskSpool", "DropEvent", "Recovered", "recover"]
+__all__ = ["ACK_PERSIST_S", "DiskSpool", "DropEvent", "Recovered", "SpoolFailed", "recover"]
+
+
+class SpoolFailed(ServiceFailed):
+    """The spool's disk failed (an I/O error, a file system turned read-only): the gateway
+    stops with this one line (docs/operations.md, "A failing disk")."""
 
 
 class DiskSpool(GroupCommit):
@@ -114,6 +126,9 @@ class DiskSpool(GroupCommit):
         self.m_damaged = m.counter("spool_damaged_bytes_total",
                                    "unreadable bytes found at recovery")
         self.m_disk_full = m.counter("spool_disk_full_total", "writes that failed with ENOSPC")
+        self.m_io_failures = m.counter(
+            "spool_io_failures_total", "writes the disk failed (EIO, EROFS...): each stops "
+            "the gateway, and its service manager starts it again")
         self.m_delete_errors = m.counter(
             "spool_segment_delete_errors_total",
             "segment files that could not be deleted when nothing in them was needed any more")
@@ -149,6 +164,7 @@ class DiskSpool(GroupCommit):
         self._flush_acks = False
         self._work = trio.Event()
         self._durable_changed = trio.Event()
+        self._failure: SpoolFailed | None = None
         self._room = trio.Event()
         self._tail = TailCache()
         self._recent: deque[tuple[float, int]] = deque(maxlen=4096)  # (commit time, seq)
@@ -202,9 +218,38 @@ class DiskSpool(GroupCommit):
                 self._note_disk_full(exc)
             self._started = True
             task_status.started()
-            await self._committer()
+            try:
+                await self._committer()
+            except OSError as exc:
+                if disk_full(exc):  # (handled where it happens: never here)
+                    raise
+                raise self._failed(exc) from exc
         finally:
             lock.release()
+
+    def _failed(self, exc: OSError) -> SpoolFailed:
+        """The spool's disk failed a write, an fsync, a create or a delete (EIO, EROFS...):
+        the spool stops.  Retrying is no answer: after a failed fsync the kernel may have
+        dropped the pages, and a second fsync succeeds without them.  What the spool holds
+        is what recovery finds at the next start (so the gateway stops, and its service
+        manager starts it again); what it had not committed is not lost either: the
+        sources' positions are committed with the frames, so they read it again."""
+        where = f" ({Path(exc.filename).name})" if exc.filename else ""
+        self._failure = SpoolFailed(
+            f"spool.dir: {str(self.directory)!r}: the disk is failing: "
+            f"{exc.strerror or exc}{where}; the gateway stops, and sends what the spool "
+            "holds once the disk is repaired and it starts again (docs/operations.md, "
+            "\"A failing disk\")")
+        log.error("%s", self._failure)
+        self.m_io_failures.inc()
+        # whoever waits for a commit or for room learns it now, not at a timeout
+        self._durable_changed.set()
+        self._signal_room()
+        return self._failure
+
+    def _check_failed(self) -> None:
+        if self._failure is not None:
+            raise self._failure
 
     def _lock_sync(self, lock: DirLock) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -341,6 +386,7 @@ class DiskSpool(GroupCommit):
                 self._drop_requested = True
                 self._work.set()
             await self._room.wait()
+            self._check_failed()
         seq = self._next_seq
         self._next_seq += 1
         record = encode_frame(seq, body, n_records, checkpoints)
@@ -354,6 +400,7 @@ class DiskSpool(GroupCommit):
         self._work.set()
         while self._durable_seq < seq:
             await self._durable_changed.wait()
+            self._check_failed()
         return seq
 
     def max_body_bytes(self, n_records: int, checkpoints: dict[str, Any]) -> int:
@@ -467,13 +514,14 @@ class DiskSpool(GroupCommit):
     async def wait_for_frame_after(self, seq: int) -> None:
         while self._durable_seq <= seq:
             await self._durable_changed.wait()
+            self._check_failed()
 
     async def flush(self) -> None:
         """Wait until every appended frame is durable and the latest acks are persisted."""
         self._flush_acks = True
         self._work.set()
         try:
-            while self._pending or self._ack_dirty:
+            while (self._pending or self._ack_dirty) and self._failure is None:
                 await self._durable_changed.wait()
         finally:
             self._flush_acks = False
@@ -481,6 +529,7 @@ class DiskSpool(GroupCommit):
     async def wait_durable(self, seq: int) -> None:
         while self._durable_seq < seq:
             await self._durable_changed.wait()
+            self._check_failed()
 
     def unacked_frames(self) -> int:
         n = self._durable_seq - self.floor

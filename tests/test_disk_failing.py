@@ -1,0 +1,100 @@
+"""A disk that fails under a running service: every write, fsync, create and delete gets
+EIO from the kernel (a real ext4 on a loop device, shut down with ``EXT4_IOC_SHUTDOWN``
+mid-stream, as a disk that vanished or a dying SSD).  What is already on the disk stays
+the truth; the operator repairs (here: unmount, mount again, the journal replayed) and
+restarts; every tester record then arrives exactly once (docs/operations.md, "A failing
+disk")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from disktools import ext4_filesystem, remount, shut_down
+from faultkit import (
+    Gateway,
+    Hub,
+    assert_exactly_once,
+    expected_records,
+    source_settings,
+    stop_all,
+)
+from faultkit import wait_all_applied as wait_applied
+from processes import get_json, wait_for
+
+SOURCE = {"parts_per_second": 1500, "max_parts": 9000, "seed": 23, "wafers": 200}
+
+
+def health(hub: Hub) -> dict[str, object]:
+    return get_json(f"{hub.url}/healthz")
+
+
+def test_the_hubs_disk_failing_pauses_acks_and_names_the_disk_never_the_connections(
+        tmp_path: Path) -> None:
+    """SQLite's I/O errors (SQLITE_IOERR, then SQLITE_CORRUPT from a WAL index it can no
+    longer read) are the disk's, not a connection's: the gateway stays connected and spools,
+    /healthz says the disk is failing, and once repaired every record arrives once."""
+    with ext4_filesystem(tmp_path / "hub") as fs:
+        hub = Hub(tmp_path).start()
+        gw = Gateway(tmp_path, hub.port, *source_settings(**SOURCE)).start()
+        try:
+            wait_for(lambda: hub.stats().get("records_applied", 0) > 2000, timeout=30)
+            shut_down(fs)
+            wait_for(lambda: health(hub)["status"] == "degraded", timeout=30)
+            detail = str(health(hub)["detail"])
+            assert "the disk is failing" in detail and "Input/output error" in detail, detail
+            assert "disk full" not in detail
+            assert hub.metric("edgegw_hub_store_damaged") == 1
+            assert hub.metric("edgegw_hub_store_full") == 0
+            applied = hub.stats()["records_applied"]
+            spooled = gw.stats()["store"]["frames"]
+            connects = gw.stats()["metrics"]["uplink_connects_total"]
+            # paused, not failed: the gateway keeps its frames and stays connected
+            wait_for(lambda: gw.stats()["store"]["frames"] > spooled + 5, timeout=30)
+            assert hub.stats()["records_applied"] == applied
+            assert hub.stats()["connected"] is True
+            assert gw.stats()["metrics"]["uplink_connects_total"] == connects
+            assert hub.metric("edgegw_internal_errors_total") == 0
+            hub.stop()
+            assert hub.proc is not None and hub.proc.returncode is not None
+            remount(fs)
+            hub.start()
+            expected = expected_records(**SOURCE)
+            wait_applied(hub, gw, len(expected), timeout=120)
+            assert health(hub)["status"] == "ok"
+            assert hub.stats()["frames_lost"] == 0
+            assert_exactly_once(hub.dir, expected)
+        finally:
+            stop_all(hub, gw)
+
+
+def test_the_gateways_spool_disk_failing_stops_it_with_one_line_and_nothing_is_lost(
+        tmp_path: Path) -> None:
+    """Retrying a failed fsync is no answer (the kernel may have dropped the pages): the
+    gateway stops at once with one line and exit status 4, for its service manager to start
+    it again; while the disk stays broken each start refuses with one line (status 3);
+    once repaired, the start recovers the spool and every record arrives once."""
+    hub = Hub(tmp_path).start()
+    with ext4_filesystem(tmp_path / "gw") as fs:
+        gw = Gateway(tmp_path, hub.port, *source_settings(**SOURCE)).start()
+        try:
+            wait_for(lambda: hub.stats().get("records_applied", 0) > 2000, timeout=30)
+            shut_down(fs)
+            assert gw.proc is not None
+            assert gw.proc.wait(30) == 4
+            last = (tmp_path / "gw.log").read_text().strip().splitlines()[-1]
+            assert last.startswith(f"edgegw: stopped: spool.dir: '{gw.spool}': the disk is "
+                                   "failing: Input/output error"), last
+            assert "Traceback" not in (tmp_path / "gw.log").read_text()
+            gw.start(wait=False)
+            assert gw.proc.wait(30) == 3
+            last = (tmp_path / "gw.log").read_text().strip().splitlines()[-1]
+            assert last == (f"edgegw: cannot start: gateway.state_dir: cannot write in "
+                            f"'{gw.state}': input/output error"), last
+            remount(fs)
+            gw.start()
+            expected = expected_records(**SOURCE)
+            wait_applied(hub, gw, len(expected), timeout=120)
+            assert hub.stats()["frames_lost"] == 0
+            assert_exactly_once(hub.dir, expected)
+        finally:
+            stop_all(hub, gw)
