@@ -238,12 +238,45 @@ async def test_an_ack_made_while_the_history_store_cannot_be_written_survives_a_
         assert errors.total() == 1
         pending = hub.alerts.metrics.gauge("hub_alerts_unwritten_pending")
         assert pending.get() == 1
+        # the hub's /healthz says why (test_a_hub_names_its_history_store_on_healthz)
+        problem = hub.alerts.health_problem()
+        assert problem is not None
+        assert problem.startswith(f"hub.data_dir: '{store_fault.path}' cannot be written ("), \
+            problem
+        assert "1 alert state(s), 0 lot/wafer archive(s) and 0 webhook outbox row(s)" in problem
         store_fault.unblock()
         with trio.fail_after(30):  # tried again after 1 s, then 2, 4 ... (each up to 5 s)
             while pending.get():
                 await trio.sleep(0.05)
+        assert hub.alerts.health_problem() is None
         hub.stop()
     assert await _restarted(data_dir) == [(alert_id, True, "dana")]
+
+
+async def test_a_hub_names_its_history_store_on_healthz_while_writes_to_it_wait(
+        tmp_path: Path) -> None:
+    """The whole hub: while an alert state waits in memory because ``history.sqlite3``
+    takes no writes (another process holds its write lock), /healthz is "degraded" and
+    names the file and what waits -- lost if the hub stopped now; "ok" once written."""
+    async with sectools.running(sectools.hub_config(tmp_path)) as app:
+        fault = StoreFault("locked", tmp_path / "hub")
+        fault.block()
+        try:
+            sectools.feed_lot(app, "L1")
+            with trio.fail_after(15):  # (a locked store: the write fails after 5 s)
+                while not app.alerts.health_problem():
+                    await trio.sleep(0.05)
+            health = (await sectools.http(app.ingest.port, "GET", "/healthz")).json()
+            assert health["status"] == "degraded"
+            assert health["detail"].startswith(
+                f"hub.data_dir: '{fault.path}' cannot be written (database is locked): 1 alert "
+                "state(s)"), health
+        finally:
+            fault.unblock()
+        with trio.fail_after(30):  # tried again after 1 s, then 2, 4 ... (each up to 5 s)
+            while (await sectools.http(app.ingest.port, "GET", "/healthz")).json()[
+                    "status"] != "ok":
+                await trio.sleep(0.1)
 
 
 async def test_each_failed_retry_of_a_held_alert_state_counts_as_a_history_store_error(

@@ -61,6 +61,7 @@ class Hub:
         # /api/stats with the live state's health (records not applied, by reason)
         self.ingest.stats_sections["live_state"] = self.state.health
         self.ingest.stats_sections["checkpoint"] = self._checkpoint_stats
+        self.ingest.health_problems.append(self.alerts.health_problem)
 
     def _alert_lot(self, alert_id: str) -> str | None:
         """The lot an alert is about (None: not a lot's), for lot-scoped operators."""

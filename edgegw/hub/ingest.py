@@ -247,6 +247,8 @@ class Ingest:
         self.http.add_route("GET", GATEWAY_PATH, self._gateway_probe)
         #: more sections of ``/api/stats``, by name (the whole hub adds its live state's)
         self.stats_sections: dict[str, Callable[[], Any]] = {}
+        #: more reasons for a "degraded" /healthz than the store's (the history store's)
+        self.health_problems: list[Callable[[], str | None]] = []
         install_status(self.http, health=self.health, stats=self.stats, metrics=self.metrics)
 
     def _collect(self) -> None:
@@ -363,11 +365,12 @@ class Ingest:
                                 "uptime_s": round(time.monotonic() - self.started_at, 1),
                                 "gateways_connected": len(self.connected),
                                 **self.security.health()}
-        problem = self.store.health_problem()
-        if problem is not None:
+        problems = [p for p in (self.store.health_problem(),
+                                *(check() for check in self.health_problems)) if p]
+        if problems:
             # Still 200: the hub is alive and the gateways keep their data; a monitor
             # alerts on the status (a restart would not free the disk, nor start PostgreSQL).
-            body.update(status="degraded", detail=problem)
+            body.update(status="degraded", detail="; ".join(problems))
         return True, body
 
     def stats(self) -> dict[str, Any]:

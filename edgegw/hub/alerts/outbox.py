@@ -105,6 +105,12 @@ class WebhookOutbox:
         # (the alert service's counter: one failed write of the history store, whoever)
         self.m_store_errors = metrics.counter("hub_history_store_errors_total",
                                               "history store writes that failed")
+        self.last_error: str | None = None  # of the last write that failed
+
+    @property
+    def held_rows(self) -> int:
+        """Rows only in memory: the store could not take them yet."""
+        return len(self._held)
 
     def hold(self, rows: Iterable[Row]) -> set[tuple[str, str]]:
         """Keep ``rows`` the store could not take; ``run`` writes them when it can.
@@ -210,6 +216,7 @@ class WebhookOutbox:
                 await self.flush()
             except Exception as exc:  # store away: rows and marks wait (resent at worst)
                 self.m_store_errors.inc()  # each retry that fails is a failed write too
+                self.last_error = str(exc)
                 log.warning("webhook outbox rows (%d) and outcomes (%d) not written (tried "
                             "again in %.0f s): %s", len(self._held), len(self._marks),
                             retry_s, exc)

@@ -119,6 +119,7 @@ class AlertService:
                                              "alert events written to the history store")
         self._m_store_errors = self.metrics.counter(
             "hub_history_store_errors_total", "history store writes that failed")
+        self._store_error: str | None = None  # of the last write that failed
         self._m_unrecorded = self.metrics.counter(
             "hub_webhook_unrecorded_total",
             "alert events sent to a webhook before their outbox row could be written (the "
@@ -152,6 +153,24 @@ class AlertService:
         self._done = 0
         self._progress = trio.Event()
         self._opened = False
+
+    def _store_failed(self, exc: Exception) -> None:
+        self._m_store_errors.inc()
+        self._store_error = str(exc)
+
+    def health_problem(self) -> str | None:
+        """Why the hub's /healthz is degraded for the history store: writes failed, and
+        what they were to write waits in memory (None: nothing waits)."""
+        alerts, archives = len(self._held), len(self._held_archives)
+        rows = self.outbox.held_rows
+        if not (alerts or archives or rows):
+            return None
+        error = self._store_error or self.outbox.last_error
+        why = f" ({error})" if error else ""
+        return (f"hub.data_dir: {str(self.store.path)!r} cannot be written{why}: "
+                f"{alerts} alert state(s), {archives} lot/wafer archive(s) and {rows} webhook "
+                "outbox row(s) wait in memory until it can; the alert states and outbox rows "
+                "are lost if the hub stops first (docs/operations.md, \"The hub's disk\")")
 
     async def open(self) -> int:
         """Open the history store, restore the persisted alerts into the engine and queue
@@ -289,7 +308,7 @@ class AlertService:
             await self.store.save_with_outbox(list(self._held.values()), lots, wafers,
                                               outbox_rows(self.webhooks, events, self._clock()))
         except Exception as exc:
-            self._m_store_errors.inc()
+            self._store_failed(exc)
             log.error("history store not written at the stop (%d alert states, %d lots, %d "
                       "wafers): %s", len(self._held), len(lots), len(wafers), exc)
             if archives:
@@ -318,7 +337,7 @@ class AlertService:
         try:
             kept = await self.store.save(held, lots, wafers)
         except Exception as exc:
-            self._m_store_errors.inc()  # a retry that fails is a failed write too
+            self._store_failed(exc)  # a retry that fails is a failed write too
             log.warning("%d alert state(s) and %d lot/wafer archive(s) held in memory not "
                         "written yet: %s", len(held), len(archives), exc)
             return False
@@ -439,7 +458,7 @@ class AlertService:
             try:
                 kept, queued = await self.store.save_with_outbox(alerts, lots, wafers, rows)
             except Exception as exc:  # a full disk must not stop alerting
-                self._m_store_errors.inc()
+                self._store_failed(exc)
                 log.error("history store write failed (%d alert events, %d lots, %d wafers): "
                           "%s", len(events), len(lots), len(wafers), exc)
                 # sent all the same, the rows held in memory and written once the store
