@@ -7,6 +7,7 @@ disk")."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from disktools import ext4_filesystem, remount, shut_down
@@ -20,8 +21,21 @@ from faultkit import (
 )
 from faultkit import wait_all_applied as wait_applied
 from processes import get_json, wait_for
+from test_stdf_tail import expected, no_ts
+from test_tail_append import lot, polls, start
+from test_tail_registry import Sink
+
+from edgegw.records import GatewayEvent
 
 SOURCE = {"parts_per_second": 1500, "max_parts": 9000, "seed": 23, "wafers": 200}
+
+
+def write(path: Path, data: bytes, mode: str) -> None:
+    """As the tester does, through to the disk (what is not there, a failing disk may lose
+    whoever reads it)."""
+    with open(path, mode, buffering=0) as f:
+        f.write(data)
+        os.fsync(f.fileno())
 
 
 def health(hub: Hub) -> dict[str, object]:
@@ -98,3 +112,34 @@ def test_the_gateways_spool_disk_failing_stops_it_with_one_line_and_nothing_is_l
             assert_exactly_once(hub.dir, expected)
         finally:
             stop_all(hub, gw)
+
+
+async def test_a_tester_directory_whose_disk_fails_is_read_on_where_it_stood_once_back(
+        tmp_path: Path) -> None:
+    """The tester writes to a disk (or file server) that fails mid-lot: reads get EIO.  The
+    tail reports it once (a ``source_io`` warning, counted), lets go of the file -- so the
+    disk can be unmounted and repaired -- and keeps polling; once the disk is back it reads
+    the file on from the byte it had reached: the lot arrives whole, each record once."""
+    data = lot(7)
+    state = tmp_path / "state"
+    state.mkdir()
+    with ext4_filesystem(tmp_path / "tester", 16) as fs:
+        path = fs / "lot.stdf"
+        half = len(data) // 2
+        write(path, data[:half], "wb")
+        source = start(fs, state, None)
+        sink = Sink(state)
+        await polls(source, sink)
+        assert sink.records, "the first half was read"
+        shut_down(fs)
+        await polls(source, sink)
+        events = [r for r in sink.records if isinstance(r, GatewayEvent)]
+        assert [(e.level, e.code) for e in events] == [("warning", "source_io")], events
+        assert "cannot read: [Errno 5] Input/output error" in events[0].message
+        assert source.errors.total() == 1
+        remount(fs)  # the tail holds no descriptor of the file: unmounting works
+        write(path, data[half:], "ab")
+        await polls(source, sink)
+        await polls(source, sink)
+    tester = [r for r in no_ts(sink.records) if not isinstance(r, GatewayEvent)]
+    assert tester == no_ts(expected(data))
