@@ -28,6 +28,7 @@ from .config import build
 from .gateway.config import GatewayConfig, load_gateway_config
 from .gateway.service import Gateway
 from .records import Record
+from .startup import service_failure
 
 
 def _config(config: GatewayConfig | dict[str, Any] | str) -> GatewayConfig:
@@ -95,16 +96,21 @@ class EmbeddedGateway:
 
         try:
             trio.run(main)
-        except BaseException as exc:  # surfaced to the caller of __init__ or close()
-            self._error = exc
+        except BaseException as exc:  # surfaced to the caller of put(), close(), __init__
+            # a failing spool disk (SpoolFailed): its one line, not Trio's exception groups
+            self._error = service_failure(exc) or exc
         finally:
             self._ready.set()
 
     def put(self, records: Sequence[Record], source: str = "embedded") -> None:
         """Hand records to the gateway; returns once they are queued for sending (in the
         spool, when the config has one, once a frame is cut).  ``source`` labels them in
-        the metrics; each record's own ``source`` field is what the hub sees."""
-        if self._stop is None or self._stop.is_set() or self._error is not None:
+        the metrics; each record's own ``source`` field is what the hub sees.  Raises
+        ``edgegw.spool.SpoolFailed`` once the spool's disk has failed (the gateway then
+        stopped, as a crash would: docs/embedding.md)."""
+        if self._error is not None:
+            raise self._error  # the gateway stopped by itself (its spool's disk failed)
+        if self._stop is None or self._stop.is_set():
             raise RuntimeError("the embedded gateway is closed")
         assert self.gateway is not None and self._token is not None
         trio.from_thread.run(self.gateway.sink.put, records, None, source,

@@ -8,8 +8,10 @@ disk")."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
+import pytest
 from disktools import ext4_filesystem, remount, shut_down
 from faultkit import (
     Gateway,
@@ -20,12 +22,15 @@ from faultkit import (
     stop_all,
 )
 from faultkit import wait_all_applied as wait_applied
+from ports import free_port
 from processes import get_json, wait_for
 from test_stdf_tail import expected, no_ts
 from test_tail_append import lot, polls, start
 from test_tail_registry import Sink
 
-from edgegw.records import GatewayEvent
+from edgegw import EmbeddedGateway
+from edgegw.records import GatewayEvent, PartResult
+from edgegw.spool import SpoolFailed
 
 SOURCE = {"parts_per_second": 1500, "max_parts": 9000, "seed": 23, "wafers": 200}
 
@@ -143,3 +148,39 @@ async def test_a_tester_directory_whose_disk_fails_is_read_on_where_it_stood_onc
         await polls(source, sink)
     tester = [r for r in no_ts(sink.records) if not isinstance(r, GatewayEvent)]
     assert tester == no_ts(expected(data))
+
+
+def test_an_embedded_gateway_whose_spool_disk_fails_raises_spool_failed_in_the_program(
+        tmp_path: Path) -> None:
+    """In a test program's own process the failure is the program's to see: ``put`` and
+    ``close`` raise ``SpoolFailed`` (its one line, not a closed-gateway error nor Trio's
+    exception groups), as after a crash what the spool made durable is kept, and the
+    next run's gateway finds it there to send."""
+    with ext4_filesystem(tmp_path / "state") as fs:
+        config = {"gateway": {"id": "ate-01", "token": "t", "state_dir": str(fs),
+                              "hub_url": f"ws://127.0.0.1:{free_port()}/ws/gateway"},
+                  "batch": {"max_delay_ms": 5}, "spool": {}}
+        gw = EmbeddedGateway(config, drain_timeout=0.1)  # no hub: nothing is acknowledged
+        part = PartResult("testprog", time.time(), "L1", "W1", 1, 0, "1", 0, 0, 1, 1, True)
+        gw.put([part] * 10)
+        wait_for(lambda: gw.stats()["store"]["durable_seq"] >= 1 and
+                 gw.stats()["pending_in_batcher"] == 0)
+        durable = gw.stats()["store"]["durable_seq"]
+        shut_down(fs)
+        with pytest.raises(SpoolFailed) as failed:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                gw.put([part])
+                time.sleep(0.01)
+        assert str(failed.value).startswith(
+            f"spool.dir: '{fs / 'spool'}': the disk is failing: Input/output error"), failed
+        with pytest.raises(SpoolFailed):
+            gw.put([part])
+        with pytest.raises(SpoolFailed):
+            gw.close()
+        remount(fs)
+        again = EmbeddedGateway(config, drain_timeout=0.1)
+        try:
+            assert again.stats()["store"]["frames"] >= durable
+        finally:
+            again.close()
