@@ -244,6 +244,8 @@ class Gateway(_Process):
     #: where it runs (a command that runs it: ``spawn``) and its status port is reached
     prefix: tuple[str, ...] = ()
     status_host = "127.0.0.1"
+    #: the config it runs with (``--set`` settings on top)
+    config = REPO / "conf" / "gateway.toml"
 
     def __init__(self, tmp: Path, hub_port: int, *settings: str) -> None:
         self.tmp = tmp
@@ -260,7 +262,7 @@ class Gateway(_Process):
         not for a run that may crash at its failpoint before that)."""
         self.starts += 1
         self.proc = spawn(
-            "gateway", "--config", str(REPO / "conf" / "gateway.toml"),
+            "gateway", "--config", str(self.config),
             "--set", f"gateway.hub_url=ws://127.0.0.1:{self.hub_port}/ws/gateway",
             "--set", f"gateway.state_dir={self.state}",
             "--set", f"gateway.status_port={self.status}",

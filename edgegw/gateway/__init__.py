@@ -1,8 +1,8 @@
 """The gateway: sources -> batcher -> frame store -> uplink.
 
 Public face (for embedders, plugins and tests): the names below.  The modules inside
-(``service``, ``uplink``, ``probe``, ``scheduler``, ``config``) are internal: import from
-``edgegw.gateway``.
+(``service``, ``uplink``, ``probe``, ``scheduler``, ``rollback``, ``config``) are internal:
+import from ``edgegw.gateway``.
 """
 
 from ..store import FrameStore, MemoryFrameStore, StoredFrame
@@ -14,6 +14,7 @@ from .deadletters import (
     scan_dead_letters,
 )
 from .probe import ProbeResult, ProbeTarget, probe_once, retry_after_seconds
+from .rollback import REISSUE_KEY, Rollback, reissue, resume, rolled_back
 from .scheduler import SendScheduler, Want
 from .service import (
     AFTER_KEY,
@@ -27,10 +28,11 @@ from .service import (
 from .uplink import Uplink
 
 __all__ = [
-    "AFTER_KEY", "GC_YOUNG_THRESHOLD", "ORIGINS_KEY", "RID_KEY", "DeadLetterScan",
-    "FrameStore", "Gateway",
+    "AFTER_KEY", "GC_YOUNG_THRESHOLD", "ORIGINS_KEY", "REISSUE_KEY", "RID_KEY",
+    "DeadLetterScan", "FrameStore", "Gateway",
     "GatewayConfig", "GatewaySink", "MemoryFrameStore", "ProbeResult", "ProbeTarget",
-    "SendScheduler", "StoredFrame", "Uplink", "Want", "build_gateway_config",
+    "Rollback", "SendScheduler", "StoredFrame", "Uplink", "Want", "build_gateway_config",
     "load_gateway_config", "open_dead_letter_file", "probe_once", "read_dead_letter_keys",
-    "retry_after_seconds", "scan_dead_letters", "tune_gc",
+    "reissue", "resume", "retry_after_seconds", "rolled_back", "scan_dead_letters",
+    "tune_gc",
 ]

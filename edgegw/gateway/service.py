@@ -11,6 +11,7 @@ kept with the store's checkpoints so it survives a restart together with the fra
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -36,6 +37,7 @@ from ..web import HttpServer, install_status
 from ..web.hosts import HostRule
 from .config import RESERVED_NAME_PREFIX, GatewayConfig, SourceEntry
 from .deadletters import open_dead_letter_file, write_dead_letter
+from .rollback import Rollback
 from .uplink import DATA_ENVELOPE_BYTES, RID_KEY, Uplink
 
 log = logging.getLogger("edgegw.gateway")
@@ -602,8 +604,14 @@ class Gateway:
         self._count_drops()
 
     async def _append(self, body: bytes, n_records: int, checkpoints: dict[str, Any]) -> None:
-        await self.store.append(body, n_records, checkpoints)
+        # The ids are spent before the append is awaited: a put cancelled while it waits
+        # for its frame's commit (SIGTERM cancels the sources) leaves the frame taken and
+        # committed, and the shutdown's flush numbered its own records from the same ids
+        # again -- the hub dropped them as applied (tests/test_record_ids.py).  An append
+        # cancelled before the store took the frame leaves a gap of ids: harmless, and its
+        # records are read again with the ids the last durable checkpoint gives.
         self.next_rid = checkpoints[RID_KEY]
+        await self.store.append(body, n_records, checkpoints)
         failpoints.hit("gateway.frame_stored")
         self.m_frames.inc()
         self.m_records_stored.inc(n_records)
@@ -770,6 +778,16 @@ class Gateway:
             f"{new_f} frame(s) with {new_r} record(s)",
             {"dropped_frames": frames, "dropped_records": records})
 
+    def _rolled_back(self, nursery: trio.Nursery, rollback: Rollback) -> None:
+        """The uplink found the state gone back in time (gateway/rollback.py): the hub
+        hears of it as an error event (not from the uplink's task: a put may wait)."""
+        nursery.start_soon(
+            self.emit_event, "error", "state_rollback",
+            f"the gateway's state went back in time: the hub had applied frames "
+            f"{rollback.first}..{rollback.last} of epoch {rollback.epoch} that its spool "
+            f"never held; {rollback.reissued} frame(s) stored again under new seqs",
+            rollback._asdict())
+
     async def emit_event(self, level: str, code: str, message: str,
                          detail: dict[str, Any] | None = None) -> None:
         """Report something about the gateway itself to the hub, as a record."""
@@ -905,6 +923,7 @@ class Gateway:
                              self.dead_letter_path)
         try:
             async with trio.open_nursery() as nursery:
+                self.uplink.on_state_rollback = functools.partial(self._rolled_back, nursery)
                 await nursery.start(self.uplink.run)
                 nursery.start_soon(self._flusher)
                 if self.config.gateway.status_port:

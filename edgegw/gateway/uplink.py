@@ -29,7 +29,7 @@ import math
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -67,6 +67,7 @@ from ..tls import client_context
 from .config import GatewaySection, UplinkSection
 from .deadletters import dead_letter_key, read_dead_letter_keys, write_dead_letter
 from .probe import ProbeResult, ProbeTarget, probe_until_reached, retry_after_seconds
+from .rollback import Rollback, reissue, resume
 from .scheduler import SendScheduler
 
 log = logging.getLogger("edgegw.uplink")
@@ -148,7 +149,14 @@ class Uplink:
         #: part whose entry was written and whose storing a crash (or a cancellation the
         #: shield did not cover) stopped is planned again, and kept once
         self._dead_letters: set[tuple[Any, ...]] | None = None
+        #: called if the first WELCOME shows the hub applied frames this store never held
+        #: (``gateway/rollback.py``)
+        self.on_state_rollback: Callable[[Rollback], None] | None = None
+        self._first_welcome = True
         self.m_connects = metrics.counter("uplink_connects_total", "successful hub handshakes")
+        self.m_rollbacks = metrics.counter(
+            "uplink_state_rollbacks_total", "starts whose first WELCOME showed frames applied "
+            "that the spool never held: its state went back in time (docs/operations.md)")
         self.m_failures = metrics.counter("uplink_failures_total", "connection failures")
         self.m_probes = metrics.counter("uplink_probes_total",
                                         "hub readiness probes, by outcome")
@@ -274,6 +282,15 @@ class Uplink:
             self._split_warned = False
             self.hub_version = welcome.version
             self.hub_max_records = welcome.max_records
+            # before any acknowledgement: a state gone back in time (gateway/rollback.py)
+            if self._first_welcome:
+                rollback = await reissue(self.store, welcome.applied)
+                self._first_welcome = False
+                if rollback is not None:
+                    self.m_rollbacks.inc()
+                    if self.on_state_rollback is not None:
+                        self.on_state_rollback(rollback)
+            await resume(self.store)
             self._apply_ack(welcome.applied)
             self.connected = True
             self.m_connects.inc()

@@ -943,14 +943,14 @@ class Ingest:
         if f.all_seen:
             self.m_dup_records.inc(gateway=gw)
             log.error("gateway %s epoch %s: frame %d holds records %d..%d, every one applied "
-                      "already under other seqs: dropped (a gateway bug)", gw, f.epoch, f.seq,
-                      lo, hi)
+                      "already under other seqs: dropped (a gateway bug, or its state restored "
+                      "from an older copy)", gw, f.epoch, f.seq, lo, hi)
             return 1
         if f.cut:
             self.m_records_cut.inc(f.records_seen, gateway=gw)
             log.error("gateway %s epoch %s: frame %d held %d records applied already under "
-                      "other seqs: cut to its new records %d..%d (a gateway bug)", gw,
-                      f.epoch, f.seq, f.records_seen, lo, hi)
+                      "other seqs: cut to its new records %d..%d (a gateway bug, or its state "
+                      "restored from an older copy)", gw, f.epoch, f.seq, f.records_seen, lo, hi)
         else:
             self.m_twice.inc(f.records_seen, gateway=gw)
             log.error("gateway %s epoch %s: frame %d (records %d..%d) holds %d records "

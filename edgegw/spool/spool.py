@@ -327,6 +327,15 @@ class DiskSpool(GroupCommit):
         return self._next_seq
 
     @property
+    def started_seq(self) -> int:
+        return self.recovered.next_seq if self.recovered is not None else 1
+
+    def skip_to(self, seq: int) -> None:
+        # in memory until a frame numbered past it is durable: a crash before that finds
+        # the same state again, and the same rollback (gateway/rollback.py)
+        self._next_seq = max(self._next_seq, seq)
+
+    @property
     def durable_seq(self) -> int:
         return self._durable_seq
 

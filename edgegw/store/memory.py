@@ -41,6 +41,13 @@ class MemoryFrameStore:
         return self._next_seq
 
     @property
+    def started_seq(self) -> int:
+        return 1  # a new epoch every start
+
+    def skip_to(self, seq: int) -> None:
+        self._next_seq = max(self._next_seq, seq)
+
+    @property
     def first_unacked(self) -> int:
         return next(iter(self._frames), self._next_seq)
 
