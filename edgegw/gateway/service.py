@@ -594,12 +594,15 @@ class Gateway:
         checkpoints[AFTER_KEY] = encode_after(batch.spans)  # every frame: the latest is the truth
         body = self._encode(first_rid, batch.records)
         limit = self._body_limit(n, checkpoints)
+        after = {s: (batch.owed.get(s, []), batch.counted.get(s, [])) for s in self._after_base}
         if len(body) <= limit:
+            # what the frame holds is the truth before its append is awaited, as its ids
+            # (``_append``): a cancelled wait leaves the frame stored
+            self._after_base = after
             await self._append(body, n, checkpoints)
         else:
-            await self._store_split(batch, runs, limit, len(body))
-        self._after_base = {s: (batch.owed.get(s, []), batch.counted.get(s, []))
-                            for s in self._after_base}
+            await self._store_split(batch, runs, limit, len(body))  # (its parts' progress)
+            self._after_base = after
         self._notify_durable(batch.checkpoints)
         self._count_drops()
 
