@@ -262,6 +262,7 @@ def _reason(exc: BaseException) -> str:
 
 
 __all__ = [
-    "EXIT_CANNOT_START", "EXIT_CONFIG", "DirLock", "DirectoryInUse", "HeldLogs", "StartupError",
-    "damaged_database", "describe", "leaves", "prepare_dir", "readable", "resolve"
+    "EXIT_CANNOT_START", "EXIT_CONFIG", "EXIT_FAILED", "DirLock", "DirectoryInUse", "HeldLogs",
+    "ServiceFailed", "StartupError", "damaged_database", "describe", "leaves", "prepare_dir",
+    "readable", "resolve", "service_failure",
 ]

@@ -226,3 +226,34 @@ def remount(path: Path) -> None:
     subprocess.run(["umount", str(path)], check=True, capture_output=True)
     subprocess.run(["mount", "-o", "loop", str(image), str(path)], check=True,
                    capture_output=True)
+
+
+def unreadable(path: Path, file: Path) -> None:
+    """Make ``file`` on the ``ext4_filesystem`` at ``path`` unreadable, as a bad block in
+    its extent tree does: unmounted, its inode's first extent pointed past the disk
+    (debugfs), mounted again; opening it then fails with EUCLEAN ("structure needs
+    cleaning") from the kernel.  Skips where debugfs is missing, except under CI."""
+    if shutil.which("debugfs") is None:
+        why = "debugfs (e2fsprogs) is not installed"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    image = path.with_name(path.name + ".img")
+    inside = "/" + str(file.relative_to(path))
+    subprocess.run(["umount", str(path)], check=True, capture_output=True)
+    # i_block[5]: the first extent's start block (after the 12-byte extent header)
+    subprocess.run(["debugfs", "-w", "-R", f"set_inode_field {inside} block[5] 0x7ffffff0",
+                    str(image)], check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(path)], check=True,
+                   capture_output=True)
+
+
+def repair(path: Path) -> None:
+    """The operator's repair of the ``ext4_filesystem`` at ``path``: unmounted, ``e2fsck
+    -fy``, mounted again."""
+    image = path.with_name(path.name + ".img")
+    subprocess.run(["umount", str(path)], check=True, capture_output=True)
+    done = subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True, text=True)
+    assert done.returncode in (0, 1, 2), done.stdout + done.stderr  # 1, 2: errors fixed
+    subprocess.run(["mount", "-o", "loop", str(image), str(path)], check=True,
+                   capture_output=True)

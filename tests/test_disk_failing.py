@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from disktools import ext4_filesystem, remount, shut_down
+from disktools import ext4_filesystem, remount, repair, shut_down, unreadable
 from faultkit import (
     Gateway,
     Hub,
@@ -24,13 +24,18 @@ from faultkit import (
 from faultkit import wait_all_applied as wait_applied
 from ports import free_port
 from processes import get_json, wait_for
+from test_spool import cfg as spool_cfg
+from test_spool import fill
 from test_stdf_tail import expected, no_ts
 from test_tail_append import lot, polls, start
 from test_tail_registry import Sink
 
 from edgegw import EmbeddedGateway
 from edgegw.records import GatewayEvent, PartResult
-from edgegw.spool import SpoolFailed
+from edgegw.spool import DiskSpool, SpoolFailed
+from edgegw.spool.format import Kind, scan
+from edgegw.spool.format import Record as SpoolRecord
+from edgegw.startup import StartupError, leaves
 
 SOURCE = {"parts_per_second": 1500, "max_parts": 9000, "seed": 23, "wafers": 200}
 
@@ -184,3 +189,34 @@ def test_an_embedded_gateway_whose_spool_disk_fails_raises_spool_failed_in_the_p
             assert again.stats()["store"]["frames"] >= durable
         finally:
             again.close()
+
+
+async def test_a_spool_segment_that_cannot_be_read_stops_the_start_with_one_line(
+        tmp_path: Path) -> None:
+    """A segment the file system can no longer read (here a damaged extent tree: EUCLEAN
+    from the kernel) is not skipped on the spool's own -- a repair may bring it back, and
+    it holds frames the hub may lack: the start fails with one line naming it and what to
+    do.  Once the operator has repaired the file system (fsck), the spool starts without
+    the frames the repair could not save, counts them as lost (the hub is told at the next
+    HELLO) and sends the rest."""
+    with ext4_filesystem(tmp_path / "gw", 32) as fs:
+        spool_dir = fs / "spool"
+        async with DiskSpool.open(spool_cfg(spool_dir)) as spool:
+            await fill(spool, 300)  # 200-byte frames: several 16 KiB segments
+        segments = sorted(spool_dir.glob("seg-*.spool"))
+        assert len(segments) >= 3
+        held = [e.seq for e in scan(segments[1].read_bytes())
+                if isinstance(e, SpoolRecord) and e.kind is Kind.FRAME]
+        unreadable(fs, segments[1])
+        with pytest.raises(BaseExceptionGroup) as failed:  # (from the spool's nursery)
+            async with DiskSpool.open(spool_cfg(spool_dir)):
+                pass
+        (refused,) = [e for e in leaves(failed.value) if isinstance(e, StartupError)]
+        assert str(refused).startswith(
+            f"spool.dir: '{spool_dir}': cannot read {segments[1].name}: structure needs "
+            "cleaning: the disk or its file system is damaged; repair it (fsck)"), refused
+        repair(fs)  # fsck clears the inode's broken extents: the file's frames are gone
+        async with DiskSpool.open(spool_cfg(spool_dir)) as spool:
+            assert spool.lost_ranges == [(held[0], held[-1])]
+            sent = [f.seq for f in spool.frames_from(1, 1000)]
+            assert sent == [s for s in range(1, 301) if s not in held]

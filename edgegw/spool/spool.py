@@ -73,7 +73,7 @@ import trio
 
 from ..metrics import Metrics
 from ..protocol.intervals import IntervalSet
-from ..startup import DirLock, ServiceFailed
+from ..startup import DirLock, ServiceFailed, StartupError
 from ..store import StoredFrame
 from .commit import ACK_PERSIST_S, DropEvent, GroupCommit, _Pending
 from .config import SpoolConfig
@@ -205,7 +205,12 @@ class DiskSpool(GroupCommit):
         lock = DirLock(self.directory, "spool.dir", "gateway")
         await trio.to_thread.run_sync(self._lock_sync, lock)
         try:
-            rec = await trio.to_thread.run_sync(recover, self.directory)
+            try:
+                rec = await trio.to_thread.run_sync(recover, self.directory)
+            except OSError as exc:
+                if disk_full(exc):
+                    raise
+                raise self._unreadable(exc) from exc
             self._adopt(rec)
             exc = await self._try_rollover()
             if exc is not None:
@@ -246,6 +251,17 @@ class DiskSpool(GroupCommit):
         self._durable_changed.set()
         self._signal_room()
         return self._failure
+
+    def _unreadable(self, exc: OSError) -> StartupError:
+        """Recovery could not read the spool (an I/O error, a damaged file system): one line
+        for the operator.  Not skipped on our own: a file that fails today may read after
+        a repair, and it holds frames the hub may not have."""
+        what = Path(exc.filename).name if exc.filename else "it"
+        return StartupError(
+            f"spool.dir: {str(self.directory)!r}: cannot read {what}: "
+            f"{(exc.strerror or str(exc)).lower()}: the disk or its file system is damaged; "
+            "repair it (fsck) and start again: frames the repair could not save are counted "
+            "as lost, and the hub is told (docs/operations.md, \"A failing disk\")")
 
     def _check_failed(self) -> None:
         if self._failure is not None:
