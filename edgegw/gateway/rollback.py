@@ -80,9 +80,9 @@ async def reissue(store: FrameStore, applied: list[tuple[int, int]]) -> Rollback
               max(0, min(last, made - 1) - first + 1))
     if made - 1 >= first:  # (the copies are read from what is durable)
         await store.wait_for_frame_after(made - 2)
+    # (interrupted before a copy is durable, this runs again at the next WELCOME: the
+    # originals are acknowledged only after it returns)
     n = await _store_again(store, first, min(last, made - 1))
-    if made <= last:  # seqs no frame was ever given here: nothing to wait for
-        store.ack_set([(made, last)])
     return Rollback(store.epoch, first, last, n)
 
 
