@@ -555,6 +555,8 @@ async def test_an_overflow_event_that_fills_a_frame_by_itself_still_reaches_the_
         # up to the frame before its own (1 by the data, 1 by the first event, 1 by data)
         assert [e[6] for e in overflow] == [{"dropped_frames": 3, "dropped_records": 3}]
         assert hub.stats()["gateways"]["ate-01"]["frames_lost"] == 4
+        # seqs the HELLO gave up (dropped before any connection) are no state gone back
+        assert gw.metrics.counter("uplink_state_rollbacks_total").total() == 0
         nursery.cancel_scope.cancel()
 
 

@@ -73,3 +73,15 @@ async def test_a_start_that_numbered_nothing_yet_only_moves_past_the_hub(
         spool.ack(12)
         assert await spool.append(body(13), 3, {}) == 13
         assert frames(spool) == [(13, body(13))]
+
+
+async def test_seqs_the_hello_gave_up_are_no_rollback(tmp_path: Path) -> None:
+    """The hub counts every seq below the HELLO's ``next_seq`` done -- applied, or lost:
+    frames this run dropped (``drop_oldest``) before it could send them.  Only seqs from
+    there on that the hub has are another run's."""
+    await restored(tmp_path)
+    async with DiskSpool.open(cfg(tmp_path)) as spool:
+        await fill(spool, 4)  # 6..9; say 6..8 were dropped: the HELLO says next_seq 9
+        assert rolled_back(spool, [(1, 8)], hello_next=9) is None
+        assert rolled_back(spool, [(1, 9)], hello_next=9) == (9, 9)
+        assert rolled_back(spool, [(1, 8)]) == (6, 8)  # (without the HELLO's word)

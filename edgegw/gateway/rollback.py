@@ -7,7 +7,8 @@ applied already, and the hub drops each such frame as a duplicate -- other recor
 the same numbers, lost without a word.
 
 At this process's first WELCOME it has sent nothing yet, so every seq the hub has applied
-from the store's ``started_seq`` on was sent by the lost run.  Then (``reissue``):
+from the store's ``started_seq`` on (and from the HELLO's ``next_seq``: below it the hub
+counts every seq done) was sent by the lost run.  Then (``reissue``):
 
 1. the store's numbering moves past the hub's highest applied seq (``skip_to``), so no
    frame made from now on repeats one;
@@ -55,18 +56,22 @@ class Rollback(NamedTuple):
     reissued: int
 
 
-def rolled_back(store: FrameStore, applied: list[tuple[int, int]]) -> tuple[int, int] | None:
+def rolled_back(store: FrameStore, applied: list[tuple[int, int]], hello_next: int = 1
+                ) -> tuple[int, int] | None:
     """At the process's first WELCOME: the seqs the hub applied that this store's run never
-    sent (``(first, last)``), or None when there are none."""
+    sent (``(first, last)``), or None when there are none.  ``hello_next``: the HELLO's
+    ``next_seq``, below which the hub counts every seq done (applied, or lost: frames this
+    run dropped under ``drop_oldest`` before it could send them) -- no sign of a rollback."""
     last = max((hi for _, hi in applied), default=0)
-    first = store.started_seq
+    first = max(store.started_seq, hello_next)
     return (first, last) if last >= first else None
 
 
-async def reissue(store: FrameStore, applied: list[tuple[int, int]]) -> Rollback | None:
+async def reissue(store: FrameStore, applied: list[tuple[int, int]], hello_next: int = 1
+                  ) -> Rollback | None:
     """Before the first WELCOME's acknowledgements: find a rollback and store again the
     frames of this run under repeated seqs (see the module's note)."""
-    found = rolled_back(store, applied)
+    found = rolled_back(store, applied, hello_next)
     if found is None:
         return None
     first, last = found

@@ -262,8 +262,9 @@ class Uplink:
             disconnect_timeout=2, receive_buffer_size=None,
         ) as ws, _closing_on_protocol_error(ws):
             now = trio.current_time()
+            hello_next = self.store.first_unacked
             conn = GatewayConnection(self.gateway.id, self.gateway.token, self.store.epoch,
-                                     self.store.first_unacked, heartbeat=cfg.heartbeat_s,
+                                     hello_next, heartbeat=cfg.heartbeat_s,
                                      max_message_bytes=1 << 20, now=now,
                                      compression=() if cfg.compression == "off"
                                      else (cfg.compression,),
@@ -284,7 +285,7 @@ class Uplink:
             self.hub_max_records = welcome.max_records
             # before any acknowledgement: a state gone back in time (gateway/rollback.py)
             if self._first_welcome:
-                rollback = await reissue(self.store, welcome.applied)
+                rollback = await reissue(self.store, welcome.applied, hello_next)
                 self._first_welcome = False
                 if rollback is not None:
                     self.m_rollbacks.inc()
