@@ -311,6 +311,15 @@ def wait_all_applied(hub: Hub, gw: Gateway, n_expected: int, timeout: float = 60
         raise AssertionError(f"{exc}; expected {n_expected} records; last seen {seen}") from None
 
 
+def all_arrive_once(hub: Hub, gw: Gateway, timeout: float = 120, **source: Any) -> None:
+    """Until the seeded simulated tester ``source`` has sent everything (``wait_all_applied``),
+    then: nothing recorded lost at the hub, every record there exactly once."""
+    expected = expected_records(**source)
+    wait_all_applied(hub, gw, len(expected), timeout=timeout)
+    assert hub.stats()["frames_lost"] == 0
+    assert_exactly_once(hub.dir, expected)
+
+
 class Proxy:
     """A TCP proxy between gateway and hub that can cut the link (``drop``: connections are
     closed and new ones refused, as when the hub's host goes away) or black-hole it
