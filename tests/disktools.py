@@ -178,11 +178,13 @@ def fill_to_the_last_byte(directory: Path) -> Path:
 
 
 @contextlib.contextmanager
-def ext4_filesystem(path: Path, size_mb: int = 64) -> Iterator[Path]:
+def ext4_filesystem(path: Path, size_mb: int = 64, *, or_plain: bool = False
+                    ) -> Iterator[Path]:
     """A real ext4 file system of ``size_mb`` on a loop device, mounted at ``path``, that
     ``shut_down`` can make fail every write with EIO, as a dying disk does (needs root and
-    loop devices: skips where it cannot mount, except under CI where it fails).
-    ``remount`` mounts it again, its journal replayed, as after the operator's repair."""
+    loop devices: skips where it cannot mount, except under CI where it fails; with
+    ``or_plain``, ``path`` is then a plain directory instead).  ``remount`` mounts it
+    again, its journal replayed, as after the operator's repair."""
     path.mkdir()
     image = path.with_name(path.name + ".img")
     with open(image, "wb") as f:
@@ -192,6 +194,10 @@ def ext4_filesystem(path: Path, size_mb: int = 64) -> Iterator[Path]:
     for cmd in steps:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
+            image.unlink(missing_ok=True)
+            if or_plain:
+                yield path
+                return
             why = f"cannot make an ext4 file system on a loop device: {done.stderr.strip()}"
             if os.environ.get("CI", "").lower() == "true":
                 pytest.fail(why)
@@ -199,7 +205,8 @@ def ext4_filesystem(path: Path, size_mb: int = 64) -> Iterator[Path]:
     try:
         yield path
     finally:
-        subprocess.run(["umount", str(path)], check=False, capture_output=True)
+        # lazily: a descriptor a test left open must not leave the mount behind
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
         image.unlink(missing_ok=True)
 
 

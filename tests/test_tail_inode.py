@@ -2,7 +2,10 @@
 (docs/tail.md, "Inodes are reused"): by the fingerprint of its first KiB.
 
 A file system reuses a freed inode for the next file created (ext4 does at once; tmpfs
-never does, so these tests run on ``tmp_path``, which is on disk).  Each test deletes a file
+never does).  So these tests run on an ext4 of their own (``tmp_path`` below: a loop
+device, where root can mount one; else the disk's ``tmp_path``): no other process takes
+the freed inode there -- on the shared disk another worker's files did, now and then,
+for longer than the tests wait (``create_at_inode``).  Each test deletes a file
 the tail knows and creates a *different* tester file at its inode -- under another name, or
 under the same one -- between two polls or while the source is stopped, and checks that
 every record of the new file is emitted, once.  Genuine renames (the same content) still
@@ -14,10 +17,12 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from disktools import ext4_filesystem
 from test_stdf_tail import CollectingSink, expected, no_ts, tail
 
 from edgegw.sim import stdf_file_bytes
@@ -33,6 +38,13 @@ LOT_C = stdf_file_bytes(TesterProfile(lot_id="LOTC", sites=4, wafer_diameter_die
                                       tests_per_part=4, seed=8))
 REUSE_TRIES = 200
 REUSE_WITHIN_S = 40.0
+
+
+@pytest.fixture
+def tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """This module's own ext4, where it can be had (the module's note)."""
+    with ext4_filesystem(tmp_path_factory.mktemp("inodes") / "fs", or_plain=True) as fs:
+        yield fs
 
 
 def test_the_lots_differ_only_in_their_content() -> None:
