@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import cbor2
 import pytest
@@ -141,10 +141,7 @@ def immutable(*paths: Path) -> Iterator[None]:
         for path in paths:
             ok = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
             if ok.returncode != 0:
-                why = f"cannot make a file immutable (chattr +i): {ok.stderr.strip()}"
-                if os.environ.get("CI", "").lower() == "true":
-                    pytest.fail(why)
-                pytest.skip(why)
+                cannot(f"cannot make a file immutable (chattr +i): {ok.stderr.strip()}")
             done.append(path)
         yield
     finally:
@@ -186,7 +183,7 @@ def ext4_filesystem(path: Path, size_mb: int = 64, *, or_plain: bool = False
     ``or_plain``, ``path`` is then a plain directory instead).  ``remount`` mounts it
     again, its journal replayed, as after the operator's repair."""
     path.mkdir()
-    image = path.with_name(path.name + ".img")
+    image = _image(path)
     with open(image, "wb") as f:
         f.truncate(size_mb << 20)
     steps = [["mkfs.ext4", "-q", "-F", str(image)],
@@ -198,10 +195,7 @@ def ext4_filesystem(path: Path, size_mb: int = 64, *, or_plain: bool = False
             if or_plain:
                 yield path
                 return
-            why = f"cannot make an ext4 file system on a loop device: {done.stderr.strip()}"
-            if os.environ.get("CI", "").lower() == "true":
-                pytest.fail(why)
-            pytest.skip(why)
+            cannot(f"cannot make an ext4 file system on a loop device: {done.stderr.strip()}")
     try:
         yield path
     finally:
@@ -229,7 +223,7 @@ def shut_down(path: Path) -> None:
 
 def remount(path: Path) -> None:
     """Unmount and mount again (the journal is replayed): the operator's repair."""
-    image = path.with_name(path.name + ".img")
+    image = _image(path)
     subprocess.run(["umount", str(path)], check=True, capture_output=True)
     subprocess.run(["mount", "-o", "loop", str(image), str(path)], check=True,
                    capture_output=True)
@@ -241,11 +235,8 @@ def unreadable(path: Path, file: Path) -> None:
     (debugfs), mounted again; opening it then fails with EUCLEAN ("structure needs
     cleaning") from the kernel.  Skips where debugfs is missing, except under CI."""
     if shutil.which("debugfs") is None:
-        why = "debugfs (e2fsprogs) is not installed"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(why)
-        pytest.skip(why)
-    image = path.with_name(path.name + ".img")
+        cannot("debugfs (e2fsprogs) is not installed")
+    image = _image(path)
     inside = "/" + str(file.relative_to(path))
     subprocess.run(["umount", str(path)], check=True, capture_output=True)
     # i_block[5]: the first extent's start block (after the 12-byte extent header)
@@ -258,9 +249,22 @@ def unreadable(path: Path, file: Path) -> None:
 def repair(path: Path) -> None:
     """The operator's repair of the ``ext4_filesystem`` at ``path``: unmounted, ``e2fsck
     -fy``, mounted again."""
-    image = path.with_name(path.name + ".img")
+    image = _image(path)
     subprocess.run(["umount", str(path)], check=True, capture_output=True)
     done = subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True, text=True)
     assert done.returncode in (0, 1, 2), done.stdout + done.stderr  # 1, 2: errors fixed
     subprocess.run(["mount", "-o", "loop", str(image), str(path)], check=True,
                    capture_output=True)
+
+
+def cannot(why: str) -> NoReturn:
+    """This machine cannot give the test what it needs: a skip, except under CI (where
+    ``CI=true``), where nothing may skip for that."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+def _image(path: Path) -> Path:
+    """The image file of the ``ext4_filesystem`` mounted at ``path``."""
+    return path.with_name(path.name + ".img")

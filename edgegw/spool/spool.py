@@ -267,6 +267,11 @@ class DiskSpool(GroupCommit):
         if self._failure is not None:
             raise self._failure
 
+    async def _durable_change(self) -> None:
+        """Until a commit (or the spool's failure, raised) changes what is durable."""
+        await self._durable_changed.wait()
+        self._check_failed()
+
     def _lock_sync(self, lock: DirLock) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         lock.acquire()
@@ -424,8 +429,7 @@ class DiskSpool(GroupCommit):
             self._last_progress = time.monotonic()  # work appears: the stall clock starts now
         self._work.set()
         while self._durable_seq < seq:
-            await self._durable_changed.wait()
-            self._check_failed()
+            await self._durable_change()
         return seq
 
     def max_body_bytes(self, n_records: int, checkpoints: dict[str, Any]) -> int:
@@ -538,8 +542,7 @@ class DiskSpool(GroupCommit):
 
     async def wait_for_frame_after(self, seq: int) -> None:
         while self._durable_seq <= seq:
-            await self._durable_changed.wait()
-            self._check_failed()
+            await self._durable_change()
 
     async def flush(self) -> None:
         """Wait until every appended frame is durable and the latest acks are persisted."""
@@ -553,8 +556,7 @@ class DiskSpool(GroupCommit):
 
     async def wait_durable(self, seq: int) -> None:
         while self._durable_seq < seq:
-            await self._durable_changed.wait()
-            self._check_failed()
+            await self._durable_change()
 
     def unacked_frames(self) -> int:
         n = self._durable_seq - self.floor
