@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from edgegw.stdf import Bits, StdfDecoder, StdfError, StdfRecord, StdfRow, StdfWriter, row_fields
@@ -560,6 +560,8 @@ def test_nibble_arrays_of_any_length_unpack_low_nibble_first(packed: bytes,
                                                   9, 14, 200]),
                                  st.binary(max_size=10)), max_size=14),
        cut=st.integers(0, 8), follow=st.booleans())
+@example(order="<", count=2, values=[(8, b"\0\0"), (0, b""), (0, b"\0" * 4),
+                                     (8, b"\0" * 6 + b"\xf1\x7f")], cut=0, follow=False)
 def test_a_gdr_of_any_bytes_decodes_as_the_generic_decoder_reads_it(
         order: str, count: int, values: list[tuple[int, bytes]], cut: int,
         follow: bool) -> None:
@@ -592,7 +594,8 @@ def test_a_gdr_of_any_bytes_decodes_as_the_generic_decoder_reads_it(
             assert err.offset == want[2] and f"type code {want[1]}" in str(err)
             continue
         assert not isinstance(want, tuple), want  # the reference found no error
-        assert (row_fields(got) if rows else got.fields) == want
+        # by repr: a NaN value (R*8 bytes 0x7ff1...) is never == itself, in either result
+        assert repr(row_fields(got) if rows else got.fields) == repr(want)
     skipping = StdfDecoder(skip={"GDR"})  # walked for its codes only: the same error
     skipping.feed(data)
     try:
