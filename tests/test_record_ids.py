@@ -30,13 +30,15 @@ from edgegw.config import build
 from edgegw.gateway import Gateway
 from edgegw.hub import Hub, HubConfig
 from edgegw.hub.cluster.pgstore import ClusterStore
-from edgegw.hub.store import MAX_RID_RANGES, FrameToApply, HubStore
+from edgegw.hub.store import MAX_RID_RANGES, FrameToApply, HubStore, records_not_applied
 from edgegw.metrics import internal_errors
 from edgegw.protocol import (
     Ack,
     Data,
     Hello,
+    IntervalSet,
     Welcome,
+    compress_body,
     decode,
     decode_body,
     encode,
@@ -64,8 +66,9 @@ def body(first_rid: int, n: int, columnar: bool = False) -> bytes:
 
 
 @asynccontextmanager
-async def running_hub(tmp: Path) -> AsyncIterator[tuple[Hub, int]]:
-    app = Hub(build(HubConfig, {"hub": {"port": 0, "data_dir": str(tmp), "gc_freeze_s": 0},
+async def running_hub(tmp: Path, **hub: object) -> AsyncIterator[tuple[Hub, int]]:
+    app = Hub(build(HubConfig, {"hub": {"port": 0, "data_dir": str(tmp), "gc_freeze_s": 0,
+                                        **hub},
                                 "gateways": {GW: {"token": TOKEN}}}))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(app.run)
@@ -73,18 +76,21 @@ async def running_hub(tmp: Path) -> AsyncIterator[tuple[Hub, int]]:
         nursery.cancel_scope.cancel()
 
 
-async def welcomed(port: int, version: int = 3) -> tuple[WsClient, Welcome]:
+async def welcomed(port: int, version: int = 3, compression: tuple[str, ...] = ()
+                   ) -> tuple[WsClient, Welcome]:
     client = await WsClient.connect(port, "/ws/gateway")
-    await client.send(encode(Hello(GW, TOKEN, EPOCH, 1, versions=tuple(range(1, version + 1)))))
+    await client.send(encode(Hello(GW, TOKEN, EPOCH, 1, versions=tuple(range(1, version + 1)),
+                                   compression=compression)))
     welcome = decode(await client.recv())
     assert isinstance(welcome, Welcome)
     return client, welcome
 
 
-async def send(client: WsClient, seq: int, frame_body: bytes) -> None:
+async def send(client: WsClient, seq: int, frame_body: bytes, encoding: str | None = None
+               ) -> None:
     """DATA ``seq``, and its ACK."""
     with trio.fail_after(30):
-        await client.send(encode(Data(seq, 1.0, frame_body)))
+        await client.send(encode(Data(seq, 1.0, frame_body, encoding)))
         ack = decode(await client.recv())
     assert isinstance(ack, Ack) and ack.watermark >= seq, ack
 
@@ -274,6 +280,99 @@ async def test_the_record_ids_kept_are_bounded_forgetting_the_lowest(tmp_path: P
         again = [FrameToApply(GW, EPOCH, MAX_RID_RANGES + 2 + i, rid, 1, body(rid, 1))
                  for i, rid in enumerate((10, 30), start=1)]
         assert await store.commit(again) == {(GW, EPOCH, MAX_RID_RANGES + 4)}
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("encoding", [None, "zlib"], ids=["plain", "zlib"])
+async def test_a_seq_applied_already_sent_again_with_other_records_is_counted_not_silent(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, encoding: str | None) -> None:
+    """A duplicate seq is dropped (section 3), but one carrying records that were never
+    applied means the gateway reused the seq: those records are lost, so the hub says so
+    (an error naming them, hub_seq_reused_records_dropped_total) -- a true duplicate, the
+    same records again, is counted as a duplicate only."""
+    def wire(b: bytes) -> bytes:
+        return compress_body(b, 6) if encoding else b
+
+    async with running_hub(tmp_path, compression=encoding or "off") as (app, port):
+        client, _ = await welcomed(port)
+        await send(client, 1, body(1, 5))
+        await send(client, 2, body(6, 2))
+        await client.close()
+        client, welcome = await welcomed(port, compression=(encoding,) if encoding else ())
+        assert welcome.applied == [(1, 2)] and welcome.compression == encoding
+        await send(client, 2, wire(body(6, 2)), encoding)  # the same records: a duplicate
+        assert app.metrics.counter("hub_duplicate_frames_total").total() == 1
+        assert counted(app, "hub_seq_reused_records_dropped_total") == 0
+        await send(client, 1, wire(body(8, 3)), encoding)  # seq 1 again, new records
+        await send(client, 2, wire(body(6, 4)), encoding)  # 6, 7 applied; 8, 9 are not
+        assert app.metrics.counter("hub_duplicate_frames_total").total() == 3
+        assert counted(app, "hub_seq_reused_records_dropped_total") == 5
+        assert [r.getMessage() for r in caplog.records if "reuses a seq" in r.getMessage()] == [
+            f"gateway {GW} epoch {EPOCH}: frame 1 (records 8..10) reuses a seq applied already "
+            "with other records: its 3 record(s) not applied are dropped (a gateway bug, or "
+            "its state restored from an older copy)",
+            f"gateway {GW} epoch {EPOCH}: frame 2 (records 6..9) reuses a seq applied already "
+            "with other records: its 2 record(s) not applied are dropped (a gateway bug, or "
+            "its state restored from an older copy)"]
+        # a body that does not decode has no record ids to check: a duplicate, no more
+        await send(client, 1, wire(b"\xff not cbor"), encoding)
+        assert app.metrics.counter("hub_duplicate_frames_total").total() == 4
+        assert counted(app, "hub_seq_reused_records_dropped_total") == 5
+        assert stored_frames(tmp_path) == [(1, 1, 5), (2, 6, 2)]
+        await client.close()
+        assert internal_errors(app.metrics).total() == 0
+
+
+async def test_a_seq_applied_while_the_frame_waited_is_checked_by_the_commit(
+        tmp_path: Path) -> None:
+    """A seq applied after the WELCOME (another connection's commit, a takeover race)
+    is found by the commit itself: checked there the same way."""
+    async with running_hub(tmp_path) as (app, port):
+        client, welcome = await welcomed(port)
+        assert welcome.applied == []
+        assert await app.ingest.store.commit(
+            [FrameToApply(GW, EPOCH, 1, 1, 5, body(1, 5))]) == set()
+        await send(client, 1, body(20, 4))
+        assert app.metrics.counter("hub_duplicate_frames_total").total() == 1
+        assert counted(app, "hub_seq_reused_records_dropped_total") == 4
+        assert stored_frames(tmp_path) == [(1, 1, 5)]
+        await client.close()
+
+
+def test_records_not_applied_counts_what_a_reused_seq_would_lose() -> None:
+    rids = IntervalSet([(10, 19), (30, 39)])
+    assert records_not_applied(10, 10, rids) == 0  # a true duplicate
+    assert records_not_applied(15, 10, rids) == 5  # 20..24 never applied
+    assert records_not_applied(18, 15, rids) == 10  # 20..29: around applied ones
+    assert records_not_applied(40, 3, rids) == 3  # above them all
+    # below the lowest range kept, ids may have been forgotten (MAX_RID_RANGES): not
+    # taken for reuse; nor is anything by a store from before record ids (none kept)
+    assert records_not_applied(1, 5, rids) == 0
+    assert records_not_applied(5, 10, rids) == 0
+    assert records_not_applied(1, 5, IntervalSet()) == 0
+    assert records_not_applied(10, 0, rids) == 0
+
+
+@pytest.mark.parametrize("store_kind", ["single", "cluster"])
+async def test_both_stores_check_a_duplicate_seq_by_its_record_ids(
+        tmp_path: Path, store_kind: str, request: pytest.FixtureRequest) -> None:
+    store: HubStore | ClusterStore
+    if store_kind == "single":
+        store = HubStore(tmp_path / "hub.sqlite3")
+    else:
+        store = ClusterStore(request.getfixturevalue("pg_dsn"), "node-a", partitions=8)
+    await store.open()
+    try:
+        claim = await store.claim(GW, EPOCH)
+        assert claim.rids is not None and claim.rids.ranges() == []
+        assert await store.commit([cluster_frame(1, 1, 5)], {GW: claim.generation}) == set()
+        same, other = cluster_frame(1, 1, 5), cluster_frame(1, 4, 5)
+        assert await store.commit([same], {GW: claim.generation}) == {(GW, EPOCH, 1)}
+        assert await store.commit([other], {GW: claim.generation}) == {(GW, EPOCH, 1)}
+        assert (same.seq_reused, other.seq_reused) == (0, 3)
+        claim = await store.claim(GW, EPOCH)  # what a WELCOME's duplicates are checked by
+        assert claim.rids is not None and claim.rids.ranges() == [(1, 5)]
     finally:
         await store.close()
 

@@ -68,9 +68,11 @@ from ..protocol import (
     FrameError,
     Hello,
     HubConnection,
+    IntervalSet,
     ProtocolError,
     Rows,
     check_frame,
+    decompress_body,
 )
 from ..records import Record
 from ..taskgroups import reraise_meaningful
@@ -90,6 +92,7 @@ from .registry import GatewayRegistry, GatewaySession
 from .retention import RetentionClock
 from .store import (
     FrameToApply,
+    GatewayClaim,
     GatewaySuperseded,
     HubStore,
     IngestStore,
@@ -98,6 +101,7 @@ from .store import (
     StoreDamaged,
     StoreFull,
     StoreUnavailable,
+    records_not_applied,
 )
 
 log = logging.getLogger("edgegw.hub")
@@ -195,6 +199,9 @@ class Ingest:
         self.m_twice = m.counter(
             "hub_records_applied_twice_total", "records whose record ids were applied "
             "already, applied again in a frame that could not be cut (a gateway bug)")
+        self.m_seq_reused = m.counter(
+            "hub_seq_reused_records_dropped_total", "records of a frame whose seq was "
+            "applied already with other records, dropped with it (a gateway reused the seq)")
         self.m_refused = m.counter("hub_refused_total", "gateway connections refused")
         self.m_replaced = m.counter("hub_connections_replaced_total",
                                     "gateway connections closed for a newer one (4008)")
@@ -527,9 +534,9 @@ class Ingest:
                 # wait until a replaced session's applier has stopped: WELCOME then holds
                 # everything it committed (edgegw/hub/registry.py)
                 async with self.connected.owner(gw):
-                    generation = await self._welcome(ws, conn, session, hello)
-                    await self._serve_gateway(ws, conn, gw, hello.epoch, generation,
-                                              session)
+                    claim = await self._welcome(ws, conn, session, hello)
+                    await self._serve_gateway(ws, conn, gw, hello.epoch, claim.generation,
+                                              session, claim.rids)
             if session.replaced:
                 await ws.aclose(CloseCode.REPLACED, "replaced by a newer connection")
         except GatewaySuperseded:
@@ -553,12 +560,12 @@ class Ingest:
                 self._gateway_event(gw, False)
 
     async def _welcome(self, ws: WebSocket, conn: HubConnection, session: GatewaySession,
-                       hello: Hello) -> int:
-        """Claim the gateway in the store and send WELCOME; the connection's generation
-        (what its commits are fenced with in a cluster; 0 in a single hub)."""
+                       hello: Hello) -> GatewayClaim:
+        """Claim the gateway in the store and send WELCOME; the claim (its generation:
+        what the connection's commits are fenced with in a cluster, 0 in a single hub)."""
         gw = hello.gateway_id
-        generation, applied = await self._until_written(
-            gw, lambda: self.store.claim(gw, hello.epoch))
+        claim = await self._until_written(gw, lambda: self.store.claim(gw, hello.epoch))
+        generation, applied = claim.generation, claim.applied
         session.generation = generation
         welcome = conn.accept(applied, trio.current_time())
         if conn.declared_lost:
@@ -571,7 +578,7 @@ class Ingest:
         log.info("gateway %s connected from %s (protocol v%s, epoch %s, next seq %d)", gw,
                  session.remote, conn.version, hello.epoch, hello.next_seq)
         self._gateway_event(gw, True)
-        return generation
+        return claim
 
     def supersede(self, gateway: str, generation: int) -> bool:
         """A cluster node heard that ``gateway`` was claimed elsewhere with ``generation``:
@@ -737,7 +744,8 @@ class Ingest:
 
     async def _serve_gateway(self, ws: WebSocket, conn: HubConnection, gw: str,
                              epoch: str, generation: int = 0,
-                             session: GatewaySession | None = None) -> None:
+                             session: GatewaySession | None = None,
+                             rids: IntervalSet | None = None) -> None:
         """Receive, apply and acknowledge until the connection ends, which it only does by
         an exception: the peer's fault (ProtocolError, MessageTooBig), the peer going away
         (ConnectionClosed), or a bug.
@@ -804,6 +812,8 @@ class Ingest:
                         elif isinstance(ev, Duplicate):
                             self.store.count_duplicate(gw)
                             self.m_dups.inc()
+                            if rids is not None and ev.data is not None:
+                                self._check_duplicate(gw, epoch, conn, ev.data, rids)
             finally:
                 # Closed synchronously, not with ``async with send``: its exit is a
                 # checkpoint, and the applier -- woken by the close, its loop ended --
@@ -901,6 +911,9 @@ class Ingest:
                 self.store.count_duplicate(gw)
                 self.m_dups.inc()
             for f, _, _ in good:
+                if f.seq_reused:
+                    self._seq_reused(gw, epoch, f.seq, f.first_rid, f.n_records, f.seq_reused)
+            for f, _, _ in good:
                 if (f.gateway, f.epoch, f.seq) not in skipped:
                     # (as committed: a frame applied in part may have been cut)
                     first_rid, decoded = f.first_rid, f.decoded or Rows(f.record_list() or [])
@@ -958,6 +971,38 @@ class Ingest:
                       "those records twice (a gateway bug)", gw, f.epoch, f.seq, lo, hi,
                       f.records_seen)
         return 0
+
+    def _check_duplicate(self, gw: str, epoch: str, conn: HubConnection, d: Data,
+                         rids: IntervalSet) -> None:
+        """A duplicate of a frame applied before this connection (the WELCOME's ``rids``
+        were applied then): its record ids should be applied too.  A body that does not
+        decode has none to check (a rejected frame sent again)."""
+        try:
+            body = d.body if d.encoding is None else decompress_body(
+                d.body, conn.max_message_bytes)
+            first_rid, decoded = check_frame(
+                body, self.config.hub.max_records_per_frame,
+                columnar=(conn.version or 1) >= 2, typed=(conn.version or 1) >= 3)
+        except (FrameError, ProtocolError):
+            return
+        except Exception:  # a decoding bug: this check is skipped, not the link
+            report_internal_error(self.metrics, "gateway_frame", log,
+                                  "decoding duplicate frame %d of gateway %s", d.seq, gw)
+            return
+        reused = records_not_applied(first_rid, decoded.n, rids)
+        if reused:
+            self._seq_reused(gw, epoch, d.seq, first_rid, decoded.n, reused)
+
+    def _seq_reused(self, gw: str, epoch: str, seq: int, first_rid: int, n: int,
+                    reused: int) -> None:
+        """Count and log a duplicate seq whose records were not applied: the gateway
+        reused an applied seq for other records (docs/protocol.md section 3).  They are
+        dropped with the frame, as a duplicate must be; loudly, not silently."""
+        self.m_seq_reused.inc(reused, gateway=gw)
+        log.error("gateway %s epoch %s: frame %d (records %d..%d) reuses a seq applied "
+                  "already with other records: its %d record(s) not applied are dropped "
+                  "(a gateway bug, or its state restored from an older copy)", gw, epoch,
+                  seq, first_rid, first_rid + n - 1, reused)
 
     async def _until_written(self, gw: str, commit: Callable[[], Awaitable[T]]) -> T:
         """``commit()``; while the disk is full (or a cluster's PostgreSQL does not

@@ -267,6 +267,10 @@ class FrameToApply:
     records_seen: int = 0
     all_seen: bool = False
     cut: bool = False
+    #: a frame whose seq was applied already (a duplicate): how many of its records were
+    #: not (``records_not_applied``): the gateway reused the seq for new records, which
+    #: are dropped with it (counted and logged, never silent)
+    seq_reused: int = 0
 
     def record_list(self) -> list[Record] | None:
         """The body's records (``records``, else built from ``decoded``), or None."""
@@ -311,6 +315,21 @@ def screen_rids(f: FrameToApply, rids: IntervalSet) -> bool:
     return True
 
 
+def records_not_applied(first_rid: int, n: int, rids: IntervalSet) -> int:
+    """How many of the record ids ``first_rid..first_rid+n-1`` of a *duplicate* frame (its
+    seq applied already) are not in the applied set of record ids: 0 for a true duplicate;
+    more when the gateway reused the seq for other records (docs/protocol.md section 3).
+    Ids below the lowest range kept may have been forgotten (``MAX_RID_RANGES``) and an
+    empty set is a store from before record ids: neither is taken for reuse."""
+    ranges = rids.ranges()
+    if n <= 0 or not ranges:
+        return 0
+    lo, hi = max(first_rid, ranges[0][0]), first_rid + n - 1
+    if lo > hi:
+        return 0
+    return sum(b - a + 1 for a, b in rids.missing(lo, hi))
+
+
 @dataclasses.dataclass
 class GatewayStats:
     gateway: str
@@ -331,6 +350,10 @@ class GatewayClaim(NamedTuple):
 
     generation: int
     applied: IntervalSet
+    #: the (gateway, epoch) applied set of record ids, as of the claim: what a duplicate
+    #: of a frame applied before the connection is checked against (``records_not_applied``;
+    #: None: not known, not checked)
+    rids: IntervalSet | None = None
 
 
 class IngestStore(Protocol):
@@ -507,7 +530,8 @@ class HubStore:
     async def claim(self, gateway_id: str, epoch: str) -> GatewayClaim:
         """A gateway's HELLO: one process, so no generation fence (the registry replaces
         an older connection) and the applied set is the one in memory."""
-        return GatewayClaim(0, self.applied_set(gateway_id, epoch))
+        return GatewayClaim(0, self.applied_set(gateway_id, epoch),
+                            self.rid_set(gateway_id, epoch))
 
     def health_problem(self) -> str | None:
         """Why the store cannot write now (None: it can)."""
@@ -547,6 +571,9 @@ class HubStore:
             def fresh(f: FrameToApply, data: bool = True) -> bool:
                 key = (f.gateway, f.epoch, f.seq)
                 if key in taken or f.seq in self.applied_set(f.gateway, f.epoch):
+                    if data and key not in taken:
+                        f.seq_reused = records_not_applied(
+                            f.first_rid, f.n_records, self.rid_set(f.gateway, f.epoch))
                     skipped.add(key)
                     return False
                 taken.add(key)
@@ -753,5 +780,5 @@ __all__ = [
     "CODEC_RAW", "CODEC_ZLIB", "MAX_RID_RANGES", "FrameToApply", "GatewayClaim",
     "GatewayStats", "GatewaySuperseded", "HubStore", "IngestStore", "LockTimeout",
     "SessionEnded", "StoreDamaged", "StoreFull", "StoreUnavailable",
-    "pack_body", "screen_rids", "unpack_body",
+    "pack_body", "records_not_applied", "screen_rids", "unpack_body",
 ]

@@ -324,7 +324,7 @@ class HubConnection(_Base):
             if msg.seq in self._seen and msg.seq not in self._welcomed:
                 raise self.fail(f"frame {msg.seq} sent twice on one connection")
             if msg.seq in self.applied_set:
-                return [Duplicate(msg.seq)], self.ack(now)
+                return [Duplicate(msg.seq, msg)], self.ack(now)
             trial = IntervalSet(self._seen.ranges())
             trial.add(msg.seq)
             if trial.holes > self.max_holes:
@@ -384,10 +384,15 @@ class HubConnection(_Base):
 
 
 class Duplicate:
-    __slots__ = ("seq",)
+    """A frame applied already.  ``data`` is the DATA as received (its body still
+    compressed if it was): the hub checks its record ids, which should be the ones
+    applied under that seq (docs/protocol.md section 3)."""
 
-    def __init__(self, seq: int) -> None:
+    __slots__ = ("data", "seq")
+
+    def __init__(self, seq: int, data: Data | None = None) -> None:
         self.seq = seq
+        self.data = data
 
     def __repr__(self) -> str:
         return f"Duplicate(seq={self.seq})"

@@ -63,6 +63,7 @@ from ..store import (
     LockTimeout,
     SessionEnded,
     StoreUnavailable,
+    records_not_applied,
     screen_rids,
 )
 from .partition import PartitionFenced, split_runs
@@ -781,14 +782,16 @@ class ClusterStore:
                     " generation = edgegw_gateways.generation + 1, node_id = EXCLUDED.node_id,"
                     " claimed_at = EXCLUDED.claimed_at RETURNING generation",
                     (gateway_id, node, time.time())).fetchone()[0]  # type: ignore[index]
-                row = conn.execute("SELECT ranges FROM edgegw_applied WHERE gateway_id = %s"
-                                   " AND epoch = %s", (gateway_id, epoch)).fetchone()
+                row = conn.execute("SELECT ranges, rids FROM edgegw_applied WHERE"
+                                   " gateway_id = %s AND epoch = %s",
+                                   (gateway_id, epoch)).fetchone()
                 stats = conn.execute(
                     f"SELECT {', '.join(_STAT_COLS)} FROM edgegw_gateways WHERE gateway_id = %s",
                     (gateway_id,)).fetchone()
             applied = IntervalSet(json.loads(row[0])) if row else IntervalSet()
+            rids = IntervalSet(json.loads(row[1])) if row else IntervalSet()
             self.stats[gateway_id] = GatewayStats(gateway_id, *stats)  # type: ignore[misc]
-            return GatewayClaim(gen, applied)
+            return GatewayClaim(gen, applied, rids)
 
         def run(conn: psycopg.Connection[Any]) -> GatewayClaim:
             return self._claiming(conn, claim_tx, "claim_gateway", f"gateway {gateway_id}",
@@ -1014,6 +1017,9 @@ class ClusterStore:
             for f in frames:
                 key = (f.gateway, f.epoch, f.seq)
                 if f.seq in applied[(f.gateway, f.epoch)] or key in skipped:
+                    if key not in skipped:
+                        f.seq_reused = records_not_applied(
+                            f.first_rid, f.n_records, rid_sets[(f.gateway, f.epoch)])
                     skipped.add(key)
                     continue
                 applied[(f.gateway, f.epoch)].add(f.seq)
@@ -1073,6 +1079,9 @@ class ClusterStore:
             for f, reason in rejected:
                 key = (f.gateway, f.epoch, f.seq)
                 if f.seq in applied[(f.gateway, f.epoch)] or key in skipped:
+                    if key not in skipped:
+                        f.seq_reused = records_not_applied(
+                            f.first_rid, f.n_records, rid_sets[(f.gateway, f.epoch)])
                     skipped.add(key)
                     continue
                 applied[(f.gateway, f.epoch)].add(f.seq)
