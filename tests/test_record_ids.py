@@ -346,11 +346,13 @@ def test_records_not_applied_counts_what_a_reused_seq_would_lose() -> None:
     assert records_not_applied(15, 10, rids) == 5  # 20..24 never applied
     assert records_not_applied(18, 15, rids) == 10  # 20..29: around applied ones
     assert records_not_applied(40, 3, rids) == 3  # above them all
-    # below the lowest range kept, ids may have been forgotten (MAX_RID_RANGES): not
-    # taken for reuse; nor is anything by a store from before record ids (none kept)
-    assert records_not_applied(1, 5, rids) == 0
-    assert records_not_applied(5, 10, rids) == 0
+    assert records_not_applied(1, 5, rids) == 5  # below them
+    # nothing by a store from before record ids (none kept) ...
     assert records_not_applied(1, 5, IntervalSet()) == 0
+    # ... nor below the lowest range of a set that may have been trimmed (MAX_RID_RANGES)
+    full = IntervalSet([(10 * i, 10 * i) for i in range(1, MAX_RID_RANGES // 2 + 1)])
+    assert records_not_applied(1, 5, full) == 0
+    assert records_not_applied(5, 10, full) == 4  # 5..9 may be forgotten, 10 applied
     assert records_not_applied(10, 0, rids) == 0
 
 

@@ -319,14 +319,19 @@ def records_not_applied(first_rid: int, n: int, rids: IntervalSet) -> int:
     """How many of the record ids ``first_rid..first_rid+n-1`` of a *duplicate* frame (its
     seq applied already) are not in the applied set of record ids: 0 for a true duplicate;
     more when the gateway reused the seq for other records (docs/protocol.md section 3).
-    Ids below the lowest range kept may have been forgotten (``MAX_RID_RANGES``) and an
-    empty set is a store from before record ids: neither is taken for reuse."""
+    An empty set is a store from before record ids: nothing is taken for reuse.  A set
+    that may have been trimmed (``MAX_RID_RANGES``: at least half as many ranges) may have
+    forgotten ids below its lowest range: they are not taken for reuse either.  (A set
+    trimmed and then halved by late frames filling its holes would count them: rare, and
+    it is a count, never a record dropped.)"""
     ranges = rids.ranges()
     if n <= 0 or not ranges:
         return 0
-    lo, hi = max(first_rid, ranges[0][0]), first_rid + n - 1
-    if lo > hi:
-        return 0
+    lo, hi = first_rid, first_rid + n - 1
+    if len(ranges) >= MAX_RID_RANGES // 2:
+        lo = max(lo, ranges[0][0])
+        if lo > hi:
+            return 0
     return sum(b - a + 1 for a, b in rids.missing(lo, hi))
 
 
