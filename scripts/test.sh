@@ -5,7 +5,7 @@
 # port; a system broker is never touched) and the dashboard test needs Chromium (it drives
 # a real browser over its DevTools protocol); the packaging tests lint the shell scripts
 # (with shellcheck); the hub cluster tests start a private redis-server and put their nodes behind
-# HAProxy (tests/cluster_haproxy.py).  When they are missing, this script says so and,
+# HAProxy (tests/cluster_haproxy.py), and one puts PgBouncer before PostgreSQL.  When they are missing, this script says so and,
 # run as root on a Debian/Ubuntu machine, installs them with apt-get after saying what and
 # why; EDGEGW_NO_APT=1 skips that, and the tests that need them then skip.
 set -euo pipefail
@@ -28,6 +28,10 @@ fi
 if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
   need_pkgs+=(haproxy)
   why+=("  haproxy: the hub cluster tests put their nodes behind a real TCP load balancer")
+fi
+if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+  need_pkgs+=(pgbouncer)
+  why+=("  pgbouncer: a cluster test puts a transaction-mode pooler before PostgreSQL")
 fi
 if ! command -v redis-server >/dev/null 2>&1; then
   need_pkgs+=(redis-server)

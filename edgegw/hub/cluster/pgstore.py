@@ -470,9 +470,17 @@ class ClusterStore:
 
     # -- connections (worker threads) --
     def _connect(self) -> psycopg.Connection[Any]:
+        # No server-side prepared statements (psycopg prepares a query after its fifth
+        # run): a pooler in transaction mode (PgBouncer before 1.21, or without
+        # max_prepared_statements) hands each transaction any server connection, where a
+        # name is missing, taken ("prepared statement "_pg3_0" already exists": every
+        # commit failed), or names another node's statement.  They saved nothing
+        # measurable here: frames are committed a few statements per frame, not per record
+        # (bench/cluster_pg.py store, 4 gateways: 463k records/s without, 401k-545k with).
         conn = psycopg.connect(self.dsn, autocommit=True,
                                connect_timeout=max(1, round(self.connect_timeout_s)),
-                               application_name=f"edgegw {self.node_id}"[:63])
+                               application_name=f"edgegw {self.node_id}"[:63],
+                               prepare_threshold=None)
         if self.idle_in_transaction_timeout_s > 0:
             # a paused node (SIGSTOP, a frozen VM) must not hold its row locks -- a
             # gateway's row, partition heads, a fence -- until it wakes: the server ends
