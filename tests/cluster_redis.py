@@ -18,10 +18,11 @@ import contextlib
 import os
 import secrets
 import shutil
+import ssl
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,15 @@ from ports import free_port
 
 
 class RedisServer:
-    def __init__(self, port: int, workdir: Path) -> None:
+    """``args``: more redis-server options; with ``tls`` (a client context trusting its
+    certificate) the port is its TLS port and there is no plain one."""
+
+    def __init__(self, port: int, workdir: Path, args: Sequence[str] = (),
+                 tls: ssl.SSLContext | None = None) -> None:
         self.port = port
         self.workdir = workdir
+        self.args = list(args)
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -42,17 +49,22 @@ class RedisServer:
     def start(self) -> None:
         binary = shutil.which("redis-server")
         assert binary is not None
+        ports = ["--port", "0", "--tls-port", str(self.port)] if self.tls else [
+            "--port", str(self.port)]
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no"],
+            [binary, *ports, "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no",
+             *self.args],
             stdout=open(self.workdir / "redis.log", "ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         import socket
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw:
+                    s = self.tls.wrap_socket(raw, server_hostname="127.0.0.1") \
+                        if self.tls else raw
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # up, with a password
                         return
             except OSError:
                 time.sleep(0.05)
@@ -71,14 +83,16 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def private_redis() -> Iterator[RedisServer]:
+def private_redis(args: Sequence[str] = (), tls: ssl.SSLContext | None = None
+                  ) -> Iterator[RedisServer]:
+    """A private redis-server (``RedisServer``: ``args``, ``tls``)."""
     if shutil.which("redis-server") is None:
         if os.environ.get("CI") == "true":
             raise RuntimeError("redis-server is required under CI (apt-get install redis)")
         pytest.skip("redis-server is not installed")
     workdir = Path(tempfile.mkdtemp(prefix="edgegw-redis-", dir="/var/tmp"
                                     if os.path.isdir("/var/tmp") else None))
-    server = RedisServer(free_port(), workdir)
+    server = RedisServer(free_port(), workdir, args, tls)
     server.start()
     try:
         yield server

@@ -33,6 +33,13 @@ class ClusterSection:
     # keys live on shard ``partition % len(redis_urls)``, the cluster-wide ones on the
     # first; every node must list the same URLs in the same order (docs/cluster.md)
     redis_urls: list[str] = dataclasses.field(default_factory=list)
+    # for rediss:// URLs (TLS): the CA file that signed the Redis server's certificate
+    # (empty: the system's CAs), and this node's client certificate and key (for a Redis
+    # with tls-auth-clients, its default).  A password goes in the URL:
+    # rediss://user:password@host:6380/0 (percent-encoded), or redis://:password@...
+    redis_tls_ca_file: str = ""
+    redis_tls_cert_file: str = ""
+    redis_tls_key_file: str = ""
     # prefix of every Redis key: several clusters may share one Redis
     key_prefix: str = "edgegw"
     # fixed for the life of the cluster: stored in PostgreSQL by the first node; a node
@@ -88,6 +95,15 @@ class ClusterSection:
         if len(self.redis_urls) > self.partitions:
             problems.append(("redis_urls", f"more shards ({len(self.redis_urls)}) than "
                              f"partitions ({self.partitions}): some would hold nothing"))
+        tls_keys = ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")
+        if any(getattr(self, k) for k in tls_keys) and not any(
+                u.startswith("rediss://") for u in (self.redis_urls or [self.redis_url])
+                if isinstance(u, str)):
+            # a TLS setting with no TLS URL: the operator meant TLS and would get plain text
+            problems.append((next(k for k in tls_keys if getattr(self, k)),
+                             "set, but no Redis URL is rediss:// (TLS)"))
+        if self.redis_tls_key_file and not self.redis_tls_cert_file:
+            problems.append(("redis_tls_key_file", "needs redis_tls_cert_file"))
         if not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", self.key_prefix):
             problems.append(("key_prefix", "1-64 of A-Z a-z 0-9 . _ : -"))
         return problems

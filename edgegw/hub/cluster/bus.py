@@ -59,15 +59,17 @@ import contextlib
 import dataclasses
 import logging
 import secrets
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import trio
 
 from ...backoff import Backoff
 from ...metrics import Metrics
+from ...tls import client_context
 from .partition import PartitionFenced
 
 if TYPE_CHECKING:  # coredis is an optional dependency (the ``cluster`` extra)
@@ -295,6 +297,9 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+_NOT_YET = "not connected yet"
+
+
 class _Shard:
     """One Redis instance of the bus: its client, scripts, epoch, health and Pub/Sub."""
 
@@ -305,7 +310,7 @@ class _Shard:
         self.scripts: dict[str, Any] = {}
         self.epoch: str | None = None
         self.stale = True  # until the first round trip
-        self.stale_reason = "not connected yet"
+        self.stale_reason = _NOT_YET
         self.last_ok: float | None = None  # trio clock of the last successful round trip
         self.subscriber_ok = False
         self.pubsub: Any = None  # the live subscription, while it is up
@@ -333,6 +338,7 @@ class ClusterBus:
         history: int = 1024,
         gone_ttl_s: float = 3600.0,
         metrics: Metrics | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         urls = [redis_url] if isinstance(redis_url, str) else list(redis_url)
         assert urls, "at least one Redis URL"
@@ -342,6 +348,9 @@ class ClusterBus:
         self.partitions = partitions
         self.prefix = prefix
         self.node_id = node_id
+        #: the client context for rediss:// shards (None: the system's CAs, no client
+        #: certificate); a redis:// shard is plain TCP
+        self.tls = tls
         self.stale_after_s = stale_after_s
         # Several checks per stale period, so one slow answer never makes a node stale.
         self.check_interval_s = check_interval_s or min(1.0, stale_after_s / 4)
@@ -501,10 +510,15 @@ class ClusterBus:
             async with contextlib.AsyncExitStack() as stack:
                 for shard in self.shards:
                     url = urlsplit(shard.url)
+                    secure = url.scheme == "rediss"
                     client: coredis.Redis[bytes] = coredis.Redis(
                         host=url.hostname or "127.0.0.1", port=url.port or 6379,
                         db=int(url.path.lstrip("/") or 0),
-                        username=url.username, password=url.password,
+                        # as a URL carries them: percent-encoded
+                        username=unquote(url.username) if url.username else None,
+                        password=unquote(url.password) if url.password else None,
+                        ssl=secure,
+                        ssl_context=(self.tls or client_context()) if secure else None,
                         stream_timeout=timeout, connect_timeout=timeout,
                         # The bus retries at its own pace (health loop, publisher): a
                         # command fails fast.
@@ -558,6 +572,13 @@ class ClusterBus:
             if isinstance(exc, (cx.ConnectionError, TimeoutError, OSError)):
                 self._m_errors.inc(op=what)
                 raise BusUnavailable(f"{what}: {exc}") from exc
+            if isinstance(exc, (cx.AuthenticationError, cx.AuthorizationError)):
+                # a password or ACL wrong (or changed on the server): the node cannot use
+                # this Redis, as if it were away -- waits, says why, never stops
+                self._m_errors.inc(op=what)
+                raise BusUnavailable(f"{what}: Redis refused this node "
+                                     f"({type(exc).__name__}: {exc}); check the user and "
+                                     "password in the Redis URL and its ACL") from None
             raise
         self._ok(self.shards[shard])
         return result
@@ -574,6 +595,11 @@ class ClusterBus:
 
     def _set_stale(self, shard: _Shard, stale: bool, reason: str) -> None:
         if stale == shard.stale:
+            if stale and shard.stale_reason == _NOT_YET and reason:
+                # never reached yet: say why once (the first check retries quietly)
+                shard.stale_reason = reason
+                log.error("cluster: cannot use Redis%s yet (%s): this node waits for it",
+                          f" shard {shard.index}" if len(self.shards) > 1 else "", reason)
             return
         shard.stale = stale
         shard.stale_reason = reason

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
+from urllib.parse import urlsplit, urlunsplit
 
+from ...startup import StartupError
+from ...tls import client_context
 from ..config import ClusterSection
 
 ClusterConfig = ClusterSection
@@ -20,4 +24,30 @@ def node_id_of(cfg: ClusterSection) -> str:
     return cfg.node_id or f"{socket.gethostname()}-{os.getpid()}"
 
 
-__all__ = ["ClusterConfig", "node_id_of"]
+def redis_tls(cfg: ClusterSection) -> ssl.SSLContext | None:
+    """The client context for the rediss:// shards, from ``redis_tls_*`` (None: no
+    files given -- the system's CAs, no client certificate).  A file that cannot be
+    read or is no certificate or key stops the start with one line naming the key."""
+    if not (cfg.redis_tls_ca_file or cfg.redis_tls_cert_file):
+        return None
+    try:
+        return client_context(cfg.redis_tls_ca_file, cfg.redis_tls_cert_file,
+                              cfg.redis_tls_key_file)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        keys = ", ".join(f"hub.cluster.{k} {getattr(cfg, k)!r}" for k in (
+            "redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")
+            if getattr(cfg, k))
+        raise StartupError(f"{keys}: cannot use them for TLS to Redis: {exc}") from None
+
+
+def shown_url(url: str) -> str:
+    """``url`` as a log line or an error may show it: its password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+__all__ = ["ClusterConfig", "node_id_of", "redis_tls", "shown_url"]

@@ -41,7 +41,7 @@ from edgegw.web import Request, Response, json_response
 
 from .alertfeed import AlertFeed, GatewayPresence
 from .api import ClusterHistoryApi, MirrorLots
-from .config import node_id_of
+from .config import node_id_of, redis_tls
 from .dievalues import DieValues
 from .owner import Archives, OwnedTopics, PartitionOwner
 from .stats import ClusterStats
@@ -154,7 +154,8 @@ class ClusterHub:
         self.ingest = NodeIngest(config, metrics, store=self.store)
         self.bus = ClusterBus(list(cc.redis_urls) or cc.redis_url, cc.key_prefix,
                               self.node_id, partitions=cc.partitions,
-                              stale_after_s=cc.stale_after_s, metrics=metrics)
+                              stale_after_s=cc.stale_after_s, metrics=metrics,
+                              tls=redis_tls(cc))
         # the store checks, under its start-up lock, that each shard is the cluster's shard
         # at that index (its label in Redis), not only that the count matches
         self.store.shard_labels = self.bus
