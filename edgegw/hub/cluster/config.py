@@ -34,10 +34,11 @@ def redis_tls(cfg: ClusterSection) -> ssl.SSLContext | None:
         return client_context(cfg.redis_tls_ca_file, cfg.redis_tls_cert_file,
                               cfg.redis_tls_key_file)
     except (OSError, ssl.SSLError, ValueError) as exc:
-        keys = ", ".join(f"hub.cluster.{k} {getattr(cfg, k)!r}" for k in (
+        keys = [f"hub.cluster.{k} {getattr(cfg, k)!r}" for k in (
             "redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")
-            if getattr(cfg, k))
-        raise StartupError(f"{keys}: cannot use them for TLS to Redis: {exc}") from None
+            if getattr(cfg, k)]
+        raise StartupError(f"{', '.join(keys)}: cannot use {'it' if len(keys) == 1 else 'them'}"
+                           f" for TLS to Redis: {exc}") from None
 
 
 def shown_url(url: str) -> str:
