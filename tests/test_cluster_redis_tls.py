@@ -19,7 +19,7 @@ from cluster_redis import RedisServer, fresh_prefix, private_redis
 from edgegw.config import ConfigError, build
 from edgegw.hub import HubConfig
 from edgegw.hub.cluster import ClusterBus
-from edgegw.hub.cluster.config import redis_tls, shown_url
+from edgegw.hub.cluster.config import redis_tls, without_password
 from edgegw.startup import StartupError
 
 PASSWORD = "p@ss:w/rd"  # every character a URL must percent-encode
@@ -116,7 +116,7 @@ def test_tls_settings_need_a_tls_url_and_a_bad_file_is_one_line(
 
 
 def test_a_redis_url_is_shown_without_its_password() -> None:
-    assert shown_url(f"rediss://edgegw:{QUOTED}@redis-1:6380/0") == (
+    assert without_password(f"rediss://edgegw:{QUOTED}@redis-1:6380/0") == (
         "rediss://edgegw:***@redis-1:6380/0")
-    assert shown_url(f"redis://:{QUOTED}@10.0.0.5/2") == "redis://:***@10.0.0.5/2"
-    assert shown_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert without_password(f"redis://:{QUOTED}@10.0.0.5/2") == "redis://:***@10.0.0.5/2"
+    assert without_password("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"

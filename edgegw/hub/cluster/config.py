@@ -41,7 +41,7 @@ def redis_tls(cfg: ClusterSection) -> ssl.SSLContext | None:
                            f" for TLS to Redis: {exc}") from None
 
 
-def shown_url(url: str) -> str:
+def without_password(url: str) -> str:
     """``url`` as a log line or an error may show it: its password replaced by ``***``."""
     parts = urlsplit(url)
     if parts.password is None:
@@ -51,4 +51,4 @@ def shown_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-__all__ = ["ClusterConfig", "node_id_of", "redis_tls", "shown_url"]
+__all__ = ["ClusterConfig", "node_id_of", "redis_tls", "without_password"]

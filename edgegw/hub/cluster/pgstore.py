@@ -66,7 +66,7 @@ from ..store import (
     records_not_applied,
     screen_rids,
 )
-from .config import shown_url
+from .config import without_password
 from .partition import PartitionFenced, split_runs
 
 log = logging.getLogger("edgegw.hub.cluster")
@@ -692,9 +692,9 @@ class ClusterStore:
             if others and missing:
                 i = missing[0]
                 raise ShardMismatch(
-                    f"hub.cluster.redis_urls lists {shown_url(urls[i])} as Redis shard {i} but "
-                    "it holds "
-                    f"no shard identity while node{'s' if len(others) > 1 else ''} "
+                    f"hub.cluster.redis_urls lists {without_password(urls[i])} as Redis "
+                    f"shard {i} but it holds no shard identity while "
+                    f"node{'s' if len(others) > 1 else ''} "
                     f"{', '.join(others)} run{'' if len(others) > 1 else 's'} on this "
                     f"cluster: they do not use this Redis as shard {i}; list the cluster's "
                     "shards in the cluster's order (to replace a Redis, stop every node "
@@ -702,7 +702,7 @@ class ClusterStore:
         if missing:
             log.warning("cluster store: labelling Redis shard%s %s as shard%s of this "
                         "cluster (%s)", "s" if len(missing) > 1 else "",
-                        ", ".join(shown_url(urls[i]) for i in missing),
+                        ", ".join(without_password(urls[i]) for i in missing),
                         "s" if len(missing) > 1 else "",
                         "a new shard list" if fresh else "no node running, they held none")
             claimed = trio.from_thread.run(labels.claim_shard_labels, shards_id, missing)
@@ -727,8 +727,8 @@ class ClusterStore:
                    "(replaced, or left from an earlier shard list) stop every node and "
                    "delete the key")
             raise ShardMismatch(
-                f"hub.cluster.redis_urls lists {shown_url(urls[i])} as Redis shard {i} but "
-                "it is "
+                f"hub.cluster.redis_urls lists {without_password(urls[i])} as Redis "
+                f"shard {i} but it is "
                 f"{what}: every node must list the same shards in the same order, or a "
                 f"partition would have two owners or none ({fix}; docs/cluster.md, Shards)")
 
