@@ -482,6 +482,11 @@ class ClusterStore:
                                connect_timeout=max(1, round(self.connect_timeout_s)),
                                application_name=f"edgegw {self.node_id}"[:63],
                                prepare_threshold=None)
+        # The commits, claims and fences are written for READ COMMITTED (a row lock, then
+        # a read of the row as committed): a database whose default is REPEATABLE READ or
+        # SERIALIZABLE (set by a DBA for other applications) failed them with serialization
+        # errors, reported as PostgreSQL unavailable.  Every transaction says its level.
+        conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
         if self.idle_in_transaction_timeout_s > 0:
             # a paused node (SIGSTOP, a frozen VM) must not hold its row locks -- a
             # gateway's row, partition heads, a fence -- until it wakes: the server ends
@@ -1354,10 +1359,11 @@ class ClusterStore:
         """Acknowledge an alert, from any node: True if this call acknowledged it (False:
         unknown, or acknowledged already -- by whoever was first)."""
         def run(conn: psycopg.Connection[Any]) -> bool:
-            cur = conn.execute(
-                "UPDATE edgegw_alerts SET acknowledged = true, acked_by = %s, acked_at = %s,"
-                " updated = %s, pending = true WHERE id = %s AND NOT acknowledged",
-                (user, at, at, alert_id))
+            with conn.transaction():  # at READ COMMITTED, whatever the database's default
+                cur = conn.execute(
+                    "UPDATE edgegw_alerts SET acknowledged = true, acked_by = %s,"
+                    " acked_at = %s, updated = %s, pending = true WHERE id = %s"
+                    " AND NOT acknowledged", (user, at, at, alert_id))
             return cur.rowcount == 1
 
         return await self._call(run)
