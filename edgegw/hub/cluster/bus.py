@@ -386,6 +386,9 @@ class ClusterBus:
             "cluster_redis_stale", "1 while this node has no working Redis (no live data)")
         self._m_epoch_changes = self.metrics.counter(
             "cluster_epoch_changes_total", "live epoch changes seen (Redis lost its data)")
+        self._m_evicting = self.metrics.gauge(
+            "cluster_redis_evicting", "1 while a Redis shard of this node may evict keys "
+            "under memory pressure (maxmemory set, maxmemory-policy not noeviction), by shard")
         self._m_errors = self.metrics.counter("cluster_redis_errors_total",
                                               "Redis commands that failed, by operation")
         self._m_published = self.metrics.counter("cluster_published_entries_total",
@@ -541,6 +544,7 @@ class ClusterBus:
                 if await self._check_shard(shard):
                     break
                 await trio.sleep(backoff.next_delay())
+            await self._check_eviction(shard)
         async with trio.open_nursery() as nursery:
             for shard in self.shards:
                 nursery.start_soon(self._health_loop, shard)
@@ -721,6 +725,32 @@ class ClusterBus:
         label = self.shard_label(shards_id, index)
         await self._call("shard_label", lambda: client.set(
             self.key("shard"), label, condition=coredis.PureToken.NX), index)
+
+    async def _check_eviction(self, shard: _Shard) -> None:
+        """Warn when the shard may evict keys: a lease evicted is a partition with two
+        owners until the fence refuses the old one; a stream or snapshot evicted, live
+        clients resyncing (docs/cluster.md, "Redis must not evict").  Read once, from
+        ``INFO memory`` (a managed Redis may forbid CONFIG); not being able to read it is
+        no reason to stop."""
+        client = shard.client
+        assert client is not None
+        try:
+            info = await self._call("info", lambda: client.info("memory"), shard.index)
+        except (BusUnavailable, EpochChanged, PartitionFenced):
+            return
+        except Exception as exc:  # an INFO this Redis answers otherwise (a proxy, ACL)
+            log.debug("cluster: INFO memory of Redis shard %d not read: %s", shard.index, exc)
+            return
+        policy = _text(info.get("maxmemory_policy", "noeviction"))
+        evicting = int(info.get("maxmemory", 0) or 0) > 0 and policy != "noeviction"
+        self._m_evicting.set(int(evicting), shard=str(shard.index))
+        if evicting:
+            log.warning("cluster: Redis%s may evict this cluster's keys under memory "
+                        "pressure (maxmemory %s, maxmemory-policy %s): a lease or a topic's "
+                        "stream could vanish; set maxmemory-policy noeviction (docs/cluster.md,"
+                        " \"Redis must not evict\")",
+                        f" shard {shard.index}" if len(self.shards) > 1 else "",
+                        _text(info.get("maxmemory_human", info.get("maxmemory"))), policy)
 
     async def _health_loop(self, shard: _Shard) -> None:
         while True:

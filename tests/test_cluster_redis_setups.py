@@ -1,7 +1,13 @@
-"""The cluster's Redis over TLS, with a password (docs/cluster.md, "Redis over TLS, with a
-password"): a real redis-server with its TLS port only, client certificates required (its
-default) and ``requirepass``, certificates from a CA of the test's own (trustme).  Before,
-a ``rediss://`` URL passed the config check and was then spoken to in plain text."""
+"""The cluster on the Redis setups a site may give it (docs/cluster.md, "Redis over TLS,
+with a password", "Redis must not evict"):
+
+- TLS with a password: a real redis-server with its TLS port only, client certificates
+  required (its default) and ``requirepass``, certificates from a CA of the test's own
+  (trustme).  Before, a ``rediss://`` URL passed the config check and was then spoken to
+  in plain text, and a wrong password ended the bus with an exception group;
+- a Redis that may evict keys (``maxmemory`` with an LRU policy, the default of many
+  managed Redis offers): said at start, and on /metrics.
+"""
 
 from __future__ import annotations
 
@@ -120,3 +126,22 @@ def test_a_redis_url_is_shown_without_its_password() -> None:
         "rediss://edgegw:***@redis-1:6380/0")
     assert without_password(f"redis://:{QUOTED}@10.0.0.5/2") == "redis://:***@10.0.0.5/2"
     assert without_password("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "noeviction"])
+async def test_a_redis_that_may_evict_the_clusters_keys_is_named_at_start(
+        policy: str, caplog: pytest.LogCaptureFixture) -> None:
+    with private_redis(["--maxmemory", "64mb", "--maxmemory-policy", policy]) as server:
+        bus = ClusterBus(server.url, fresh_prefix(), "a")
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(30):
+                await nursery.start(bus.run)
+            nursery.cancel_scope.cancel()
+    warned = [r.getMessage() for r in caplog.records if "may evict" in r.getMessage()]
+    evicting = bus.metrics.gauge("cluster_redis_evicting").get(shard="0")
+    if policy == "noeviction":
+        assert warned == [] and evicting == 0
+    else:
+        assert evicting == 1 and len(warned) == 1
+        assert "maxmemory 64.00M, maxmemory-policy allkeys-lru" in warned[0]
+        assert "set maxmemory-policy noeviction" in warned[0]
