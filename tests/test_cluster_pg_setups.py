@@ -27,6 +27,7 @@ from pathlib import Path
 import psycopg.conninfo
 import pytest
 import trio
+from cluster_pg import private_pg, with_db
 from ports import free_port
 
 from edgegw.hub.cluster.pgstore import ClusterStore
@@ -161,3 +162,41 @@ async def test_two_nodes_apply_every_frame_once_on_any_postgresql_setup(
     finally:
         for node in nodes:
             await node.close()
+
+
+def wal_writer_delay(dsn: str, setting: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"ALTER SYSTEM SET wal_writer_delay = '{setting}'")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+async def test_acknowledged_frames_survive_a_postgresql_crash_with_synchronous_commit_off(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A database set to ``synchronous_commit = off`` returns from COMMIT before its WAL is
+    on disk; a frame acknowledged then is lost in a crash of the server (here: an
+    immediate stop, the WAL writer held back 10 s).  Each commit of frames sets it on."""
+    with private_pg() as server:
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE durable")
+            conn.execute("ALTER DATABASE durable SET synchronous_commit = off")
+        wal_writer_delay(server.dsn, "10s")  # the longest: every commit is at risk
+        dsn = with_db(server.dsn, "durable")
+        store = ClusterStore(dsn, "node-a", partitions=8)
+        await store.open()
+        assert store.force_synchronous_commit
+        assert any("synchronous_commit is off" in r.getMessage() for r in caplog.records)
+        try:
+            gen = (await store.claim("ate-01", EPOCH)).generation
+            for seq in range(1, 11):  # each acknowledged: returned from commit
+                assert await store.commit([frame("ate-01", seq)], {"ate-01": gen}) == set()
+        finally:
+            await store.close()
+        await trio.to_thread.run_sync(server.stop, "immediate")  # a crash: no shutdown
+        await trio.to_thread.run_sync(server.start)
+        store = ClusterStore(dsn, "node-a", partitions=8)
+        await store.open()
+        try:
+            claim = await store.claim("ate-01", EPOCH)
+            assert claim.applied.ranges() == [(1, 10)]
+        finally:
+            await store.close()

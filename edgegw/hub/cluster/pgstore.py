@@ -462,6 +462,8 @@ class ClusterStore:
         self.full = False
         #: why the last call failed to reach PostgreSQL (None: the last call worked)
         self.unavailable: str | None = None
+        #: the database's synchronous_commit is off: each commit sets it on (open)
+        self.force_synchronous_commit = False
         #: the random id of this cluster (edgegw_meta), made by its first node
         self.store_id = 0
         #: called after each commit that appended to partition logs, with the new last
@@ -589,6 +591,25 @@ class ClusterStore:
         ShardMismatch, StoreUnavailable."""
         self._closed = False
         await self._call(self._open_sync)
+        await self._call(self._check_durability)
+
+    def _check_durability(self, conn: psycopg.Connection[Any]) -> None:
+        """A commit is acknowledged as durable: with ``synchronous_commit = off`` (a
+        database or role default some DBAs set for speed) PostgreSQL returns before its
+        WAL is on disk, and a crash of the server would lose acknowledged frames -- so each
+        commit sets it back on for its transaction.  ``fsync = off`` cannot be set back
+        from here: said at every start."""
+        sync = conn.execute("SHOW synchronous_commit").fetchone()
+        fsync = conn.execute("SHOW fsync").fetchone()
+        self.force_synchronous_commit = sync is not None and sync[0] == "off"
+        if self.force_synchronous_commit:
+            log.warning("cluster store: PostgreSQL's synchronous_commit is off for this "
+                        "database or role: every commit of frames turns it on for itself "
+                        "(an acknowledged frame must survive a crash of the server)")
+        if fsync is not None and fsync[0] == "off":
+            log.error("cluster store: PostgreSQL runs with fsync = off: a crash of its "
+                      "machine can lose frames already acknowledged to gateways, and "
+                      "corrupt the database; turn it on (docs/cluster.md, PostgreSQL)")
 
     def _open_sync(self, conn: psycopg.Connection[Any]) -> None:
         import secrets
@@ -1009,6 +1030,8 @@ class ClusterStore:
         with conn.transaction():
             # (a paused node's commit holding these rows is ended, not waited for: _claiming)
             self._set_lock_timeout(conn)
+            if self.force_synchronous_commit:  # the ACK after it must survive a crash
+                conn.execute("SET LOCAL synchronous_commit = on")
             # the fence: the gateways' rows locked (in order) until the transaction ends
             rows = dict(conn.execute(
                 "SELECT gateway_id, generation FROM edgegw_gateways WHERE gateway_id = ANY(%s)"
