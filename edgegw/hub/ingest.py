@@ -812,7 +812,7 @@ class Ingest:
                         elif isinstance(ev, Duplicate):
                             self.store.count_duplicate(gw)
                             self.m_dups.inc()
-                            if rids is not None and ev.data is not None:
+                            if rids is not None:
                                 self._check_duplicate(gw, epoch, conn, ev.data, rids)
             finally:
                 # Closed synchronously, not with ``async with send``: its exit is a

@@ -324,7 +324,7 @@ class HubConnection(_Base):
             if msg.seq in self._seen and msg.seq not in self._welcomed:
                 raise self.fail(f"frame {msg.seq} sent twice on one connection")
             if msg.seq in self.applied_set:
-                return [Duplicate(msg.seq, msg)], self.ack(now)
+                return [Duplicate(msg)], self.ack(now)
             trial = IntervalSet(self._seen.ranges())
             trial.add(msg.seq)
             if trial.holes > self.max_holes:
@@ -388,11 +388,14 @@ class Duplicate:
     compressed if it was): the hub checks its record ids, which should be the ones
     applied under that seq (docs/protocol.md section 3)."""
 
-    __slots__ = ("data", "seq")
+    __slots__ = ("data",)
 
-    def __init__(self, seq: int, data: Data | None = None) -> None:
-        self.seq = seq
+    def __init__(self, data: Data) -> None:
         self.data = data
+
+    @property
+    def seq(self) -> int:
+        return self.data.seq
 
     def __repr__(self) -> str:
         return f"Duplicate(seq={self.seq})"

@@ -591,7 +591,6 @@ class ClusterStore:
         ShardMismatch, StoreUnavailable."""
         self._closed = False
         await self._call(self._open_sync)
-        await self._call(self._check_durability)
 
     def _check_durability(self, conn: psycopg.Connection[Any]) -> None:
         """A commit is acknowledged as durable: with ``synchronous_commit = off`` (a
@@ -647,6 +646,7 @@ class ClusterStore:
             conn.execute("INSERT INTO edgegw_partition_heads (partition)"
                          " SELECT generate_series(0, %s - 1) ON CONFLICT DO NOTHING",
                          (self.partitions,))
+        self._check_durability(conn)
 
     def _check_shards_sync(self, conn: psycopg.Connection[Any]) -> bool:
         """Check the shard count; True when this node stored it (the shard list starts
