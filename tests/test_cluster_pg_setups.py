@@ -8,7 +8,10 @@
   it prepares a query server-side after five runs;
 - on a database whose default isolation level is SERIALIZABLE or REPEATABLE READ (set
   for other applications).  Before, concurrent commits and claims failed with
-  serialization errors, reported as "PostgreSQL unavailable" and retried.
+  serialization errors, reported as "PostgreSQL unavailable" and retried;
+- on a database with a statement_timeout (1 ms here) shorter than the store's statements.
+  Before, a statement it cancelled (57014) was reported as "PostgreSQL unavailable" and
+  tried again, cancelled again: acknowledgements stopped for good.
 """
 
 from __future__ import annotations
@@ -108,17 +111,23 @@ def frame(gateway: str, seq: int, n: int = 5) -> FrameToApply:
                         records=records)
 
 
-@pytest.fixture(params=["pgbouncer", "serializable", "repeatable read"])
+@pytest.fixture(params=["pgbouncer", "serializable", "repeatable read",
+                        "statement_timeout"])
 def setup_dsn(request: pytest.FixtureRequest, pg_dsn: str) -> Iterator[str]:
-    """``pg_dsn`` through PgBouncer, or with its database's default isolation changed."""
+    """``pg_dsn`` through PgBouncer, with its database's default isolation changed, or
+    with a DBA's statement_timeout too short for the store's statements."""
     if request.param == "pgbouncer":
         with pgbouncer(pg_dsn) as dsn:
             yield dsn
         return
     dbname = psycopg.conninfo.conninfo_to_dict(pg_dsn)["dbname"]
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(f"ALTER DATABASE {dbname} SET default_transaction_isolation = "
-                     f"'{request.param}'")
+        if request.param == "statement_timeout":
+            # 1 ms: the schema's creation and the first commits run past it, always
+            conn.execute(f"ALTER DATABASE {dbname} SET statement_timeout = 1")
+        else:
+            conn.execute(f"ALTER DATABASE {dbname} SET default_transaction_isolation = "
+                         f"'{request.param}'")
     yield pg_dsn
 
 

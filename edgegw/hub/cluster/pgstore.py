@@ -489,6 +489,14 @@ class ClusterStore:
         # SERIALIZABLE (set by a DBA for other applications) failed them with serialization
         # errors, reported as PostgreSQL unavailable.  Every transaction says its level.
         conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+        # A DBA's statement_timeout (set on the database or role for other applications)
+        # cancelled a commit or checkpoint that ran past it (57014, an OperationalError):
+        # reported as PostgreSQL unavailable and tried again, the same statement cancelled
+        # again -- acknowledgements stopped for good.  The store bounds its own waits
+        # (lock_timeout, the idle-in-transaction timeout) and its statements (a commit is
+        # at most a batch of frames); claims and commits also say it per transaction
+        # (_set_local_timeouts), which a pooler in transaction mode carries.
+        conn.execute("SELECT set_config('statement_timeout', '0', false)")
         if self.idle_in_transaction_timeout_s > 0:
             # a paused node (SIGSTOP, a frozen VM) must not hold its row locks -- a
             # gateway's row, partition heads, a fence -- until it wakes: the server ends
@@ -813,7 +821,7 @@ class ClusterStore:
 
         def claim_tx(conn: psycopg.Connection[Any]) -> GatewayClaim:
             with conn.transaction():
-                self._set_lock_timeout(conn)
+                self._set_local_timeouts(conn)
                 gen = conn.execute(
                     "INSERT INTO edgegw_gateways (gateway_id, generation, node_id, claimed_at)"
                     " VALUES (%s, 1, %s, %s) ON CONFLICT (gateway_id) DO UPDATE SET"
@@ -844,19 +852,24 @@ class ClusterStore:
                         self.lock_timeout_s)
             raise
 
-    def _set_lock_timeout(self, conn: psycopg.Connection[Any]) -> None:
+    def _set_local_timeouts(self, conn: psycopg.Connection[Any]) -> None:
         """In a claim's or a commit's transaction: wait at most ``lock_timeout_s`` for a
         row lock, so a claim or commit whose row a stuck transaction holds is tried again,
-        not hung (a worker thread, and a connection of the pool, held without end)."""
-        if self.lock_timeout_s > 0:
-            conn.execute("SELECT set_config('lock_timeout', %s, true)",
+        not hung (a worker thread, and a connection of the pool, held without end); and no
+        statement_timeout (``_connect``; said again here, where a pooler may have handed
+        the transaction a server connection this store never set up)."""
+        if self.lock_timeout_s > 0:  # one round trip for both
+            conn.execute("SELECT set_config('lock_timeout', %s, true),"
+                         " set_config('statement_timeout', '0', true)",
                          (_ms(self.lock_timeout_s),))
+        else:
+            conn.execute("SELECT set_config('statement_timeout', '0', true)")
 
     def _claiming(self, conn: psycopg.Connection[Any],
                   claim_tx: Callable[[psycopg.Connection[Any]], T], call: str, what: str,
                   rows: list[tuple[str, str, list[Any]]]) -> T:
         """``claim_tx`` (a claim's or a commit's transaction, under
-        ``_set_lock_timeout``), which locks ``rows`` (``(table, key column, keys)``); when
+        ``_set_local_timeouts``), which locks ``rows`` (``(table, key column, keys)``); when
         it gave up waiting for a row, the rows' holders are ended if they are stuck
         sessions of another node (``_end_stuck_holders``) and it is tried once more at
         once.
@@ -1029,7 +1042,7 @@ class ClusterStore:
         skipped: set[tuple[str, str, int]] = set()
         with conn.transaction():
             # (a paused node's commit holding these rows is ended, not waited for: _claiming)
-            self._set_lock_timeout(conn)
+            self._set_local_timeouts(conn)
             if self.force_synchronous_commit:  # the ACK after it must survive a crash
                 conn.execute("SET LOCAL synchronous_commit = on")
             # the fence: the gateways' rows locked (in order) until the transaction ends
@@ -1240,7 +1253,7 @@ class ClusterStore:
         yet.  False: a newer token claimed it already (this lease is stale)."""
         def claim_tx(conn: psycopg.Connection[Any]) -> bool:
             with conn.transaction():
-                self._set_lock_timeout(conn)
+                self._set_local_timeouts(conn)
                 cur = conn.execute(
                     "INSERT INTO edgegw_partition_fences (partition, token) VALUES (%s, %s)"
                     " ON CONFLICT (partition) DO UPDATE SET token = EXCLUDED.token"
