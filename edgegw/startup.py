@@ -87,6 +87,22 @@ def prepare_dir(key: str, path: str | Path) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise StartupError(f"{key}: cannot write in {str(p)!r}: {_reason(exc)}") from None
+    warn_network_filesystem(key, p)
+
+
+def warn_network_filesystem(key: str, path: Path) -> None:
+    """Say, as a warning, that directory ``path`` (config ``key``) is on a network file
+    system (``mounts.network_filesystem``): SQLite and the spool are not safe there."""
+    from .mounts import network_filesystem
+
+    mount = network_filesystem(path)
+    if mount is not None:
+        logging.getLogger("edgegw").warning(
+            "%s: %r is on a network file system (%s %s at %s): SQLite's WAL and the "
+            "spool's fsync are not safe there -- a dropped link or a restart of the server "
+            "can damage the data or lose what was acknowledged; use a local disk "
+            "(docs/operations.md, \"Data directories on a network file system\")",
+            key, str(path), mount.fstype, mount.source, mount.point)
 
 
 def resolve(key: str, host: str, port: int) -> None:
@@ -264,5 +280,5 @@ def _reason(exc: BaseException) -> str:
 __all__ = [
     "EXIT_CANNOT_START", "EXIT_CONFIG", "EXIT_FAILED", "DirLock", "DirectoryInUse", "HeldLogs",
     "ServiceFailed", "StartupError", "damaged_database", "describe", "leaves", "prepare_dir",
-    "readable", "resolve", "service_failure",
+    "readable", "resolve", "service_failure", "warn_network_filesystem",
 ]

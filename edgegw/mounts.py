@@ -1,0 +1,101 @@
+"""Which file system a directory is on, to warn when a data directory is on a network one.
+
+SQLite's WAL mode needs shared memory and POSIX locks that NFS and SMB do not give
+faithfully (sqlite.org/wal.html, "WAL does not work over a network filesystem"), and a
+network file system may report a write as done before the server has it: the hub's store
+and the gateway's spool can be damaged, or lose what they acknowledged, across a dropped
+link or a server restart.  The services still start (a floor may have no other disk) but
+say so at every start (docs/operations.md, "Data directories on a network file system").
+
+``mount_of`` is pure (the mount table's text in, the mount out); ``network_filesystem``
+reads the running system's table (Linux: /proc/self/mountinfo; Windows: the drive type).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+#: file system types (as the Linux mount table names them) whose data lives on another
+#: machine: network and cluster file systems, and FUSE mounts of remote storage
+NETWORK_TYPES = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph", "glusterfs",
+    "lustre", "gpfs", "beegfs", "ocfs2", "gfs2", "davfs", "fuse.sshfs", "fuse.glusterfs",
+    "fuse.s3fs", "fuse.rclone", "fuse.cephfs", "fuse.gcsfuse", "fuse.davfs2",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    point: str  # where it is mounted
+    fstype: str  # e.g. "ext4", "nfs4"
+    source: str  # e.g. "/dev/sda1", "filer:/export/edgegw"
+
+    @property
+    def remote(self) -> bool:
+        return self.fstype in NETWORK_TYPES
+
+
+def _unescape(field: str) -> str:
+    # the kernel writes space, tab, newline and backslash in paths as octal escapes (\040)
+    if "\\" not in field:
+        return field
+    out: list[str] = []
+    i = 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1:i + 4].isdigit() and i + 3 < len(field):
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_of(path: str, mountinfo: str) -> Mount | None:
+    """The mount holding the absolute, resolved ``path``, by the text of a Linux
+    /proc/self/mountinfo (its last match, as the kernel stacks mounts; None: none)."""
+    found: Mount | None = None
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        try:
+            sep = fields.index("-", 6)  # optional fields end with a lone "-"
+            point = _unescape(fields[4])
+            fstype, source = fields[sep + 1], _unescape(fields[sep + 2])
+        except (ValueError, IndexError):
+            continue  # not a mount line
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and (found is None or len(point) >= len(found.point)):
+            found = Mount(point, fstype, source)
+    return found
+
+
+def network_filesystem(path: str | os.PathLike[str]) -> Mount | None:
+    """The network mount ``path`` is on; None when it is local, or cannot be told."""
+    real = os.path.realpath(path)
+    if sys.platform == "win32":
+        return _windows_remote(real)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            table = f.read()
+    except OSError:
+        return None  # not Linux, or no /proc: nothing to warn about
+    mount = mount_of(real, table)
+    return mount if mount is not None and mount.remote else None
+
+
+def _windows_remote(real: str) -> Mount | None:
+    if real.startswith("\\\\"):  # a UNC path: \\server\share\...
+        share = "\\".join(real.split("\\")[:4])
+        return Mount(share, "smb", share)
+    import ctypes
+
+    drive = os.path.splitdrive(real)[0] + "\\"
+    drive_remote = 4  # GetDriveTypeW's DRIVE_REMOTE: a mapped network drive
+    if ctypes.windll.kernel32.GetDriveTypeW(drive) == drive_remote:  # type: ignore[attr-defined]
+        return Mount(drive, "smb", drive)
+    return None
+
+
+__all__ = ["NETWORK_TYPES", "Mount", "mount_of", "network_filesystem"]
