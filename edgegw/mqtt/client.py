@@ -66,6 +66,7 @@ from paho.mqtt.properties import Properties
 
 from ..backoff import Backoff
 from ..metrics import Metrics, report_internal_error
+from ..tls import client_context
 from .sizeguard import PublishSizeGuard
 
 log = logging.getLogger(__name__)
@@ -117,9 +118,7 @@ def ssl_context(ca_file: str = "", cert_file: str = "", key_file: str = "",
                 insecure: bool = False) -> ssl.SSLContext:
     """A client TLS context: the system CAs or ``ca_file``, an optional client certificate,
     and with ``insecure`` neither certificate nor host name checked (test brokers only)."""
-    ctx = ssl.create_default_context(cafile=ca_file or None)
-    if cert_file:
-        ctx.load_cert_chain(cert_file, key_file or None)
+    ctx = client_context(ca_file, cert_file, key_file)  # the uplink's, for one behaviour
     if insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
