@@ -284,6 +284,42 @@ async def test_the_record_ids_kept_are_bounded_forgetting_the_lowest(tmp_path: P
         await store.close()
 
 
+async def test_after_a_failed_commit_the_claim_holds_the_sets_the_store_checks(
+        tmp_path: Path) -> None:
+    """A connection checks its DATA at receipt against the sets its claim holds (the
+    store's own, on a single hub).  A commit that fails puts those sets back as they were
+    -- in place: before, it put copies in the store's place, and the connection went on
+    checking against the old objects, which held the failed frame's record ids and
+    nothing committed since."""
+    class RefusingOnce(HubStore):
+        """The real store, whose next write SQLite refuses (as when another process
+        holds the database past the busy timeout: 5 s, too long to wait here)."""
+        refuse = False
+
+        def _apply_sync(self, *args: object) -> list[int]:
+            if self.refuse:
+                self.refuse = False
+                raise sqlite3.OperationalError("database is locked")
+            return super()._apply_sync(*args)  # type: ignore[arg-type]
+
+    store = RefusingOnce(tmp_path / "hub.sqlite3")
+    await store.open()
+    try:
+        claim = await store.claim(GW, EPOCH)
+        assert claim.rids is not None
+        assert await store.commit([FrameToApply(GW, EPOCH, 1, 1, 5, body(1, 5))]) == set()
+        store.refuse = True
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await store.commit([FrameToApply(GW, EPOCH, 2, 6, 5, body(6, 5))])
+        assert await store.commit([FrameToApply(GW, EPOCH, 3, 11, 5, body(11, 5))]) == set()
+        assert claim.applied.ranges() == store.applied_set(GW, EPOCH).ranges() == [
+            (1, 1), (3, 3)]
+        assert claim.rids.ranges() == store.rid_set(GW, EPOCH).ranges() == [
+            (1, 5), (11, 15)]
+    finally:
+        await store.close()
+
+
 @pytest.mark.parametrize("encoding", [None, "zlib"], ids=["plain", "zlib"])
 async def test_a_seq_applied_already_sent_again_with_other_records_is_counted_not_silent(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, encoding: str | None) -> None:

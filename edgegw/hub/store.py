@@ -597,7 +597,9 @@ class HubStore:
                     [f for f in frames if fresh(f)], lost,
                     [(f, why) for f, why in rejected or [] if fresh(f, data=False)], dropped)
             except BaseException:
-                self.rids.update(saved_rids)
+                # in place: a connection checks its DATA against the set its claim holds
+                for key, saved in saved_rids.items():
+                    self.rid_set(*key).assign(saved)
                 raise
             return skipped
 
@@ -641,7 +643,8 @@ class HubStore:
             ids = await trio.to_thread.run_sync(self._apply_sync, frames, lost, rejected,
                                                 dropped, limiter=self._limiter)
         except BaseException as exc:
-            self.applied.update(saved_sets)
+            for key, saved in saved_sets.items():  # in place, as the record ids (commit)
+                self.applied_set(*key).assign(saved)
             self.stats.update(saved_stats)
             if isinstance(exc, StoreFull):
                 self.full = True

@@ -41,6 +41,11 @@ class IntervalSet:
     def add(self, n: int) -> None:
         self.add_range(n, n)
 
+    def assign(self, other: IntervalSet) -> None:
+        """Make this set equal to ``other``, in place: whoever holds this set sees it."""
+        self._lo[:] = other._lo
+        self._hi[:] = other._hi
+
     def add_range(self, lo: int, hi: int) -> None:
         if hi < lo:
             return
