@@ -44,8 +44,9 @@ def _unescape(field: str) -> str:
     out: list[str] = []
     i = 0
     while i < len(field):
-        if field[i] == "\\" and field[i + 1:i + 4].isdigit() and i + 3 < len(field):
-            out.append(chr(int(field[i + 1:i + 4], 8)))
+        digits = field[i + 1:i + 4]
+        if field[i] == "\\" and len(digits) == 3 and all(c in "01234567" for c in digits):
+            out.append(chr(int(digits, 8)))
             i += 4
         else:
             out.append(field[i])
