@@ -13,6 +13,7 @@ import errno
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -201,6 +202,12 @@ def ext4_filesystem(path: Path, size_mb: int = 64, *, or_plain: bool = False
     finally:
         # lazily: a descriptor a test left open must not leave the mount behind
         subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+        # a loop device of remount's own is not cleared by the umount: detached here (or,
+        # still busy, as soon as it is free: LOOP_CLR_FD then sets autoclear)
+        for line in subprocess.run(["losetup", "-j", str(image)], capture_output=True,
+                                   text=True).stdout.splitlines():
+            subprocess.run(["losetup", "-d", line.split(":", 1)[0]], check=False,
+                           capture_output=True)
         image.unlink(missing_ok=True)
 
 
@@ -224,9 +231,35 @@ def shut_down(path: Path) -> None:
 def remount(path: Path) -> None:
     """Unmount and mount again (the journal is replayed): the operator's repair."""
     image = _image(path)
+    if _unmount(path, image, wait_s=10):
+        device = "loop"
+    else:
+        # The old file system lives on (see _unmount) and is shut down: it writes nothing
+        # more, so a loop device of its own gives the image a new one, as a repair would.
+        device = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
+                                capture_output=True, text=True).stdout.strip()
+    cmd = ["mount", "-o", "loop", str(image), str(path)] if device == "loop" else [
+        "mount", device, str(path)]
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def _unmount(path: Path, image: Path, wait_s: float = 30) -> bool:
+    """Unmount the ``ext4_filesystem`` at ``path``; True once the kernel has let go of it
+    (its loop device detached from ``image``), False if it still holds it after
+    ``wait_s``.  In a fresh-clone CI run the umount returned but the file system stayed
+    (no "unmounting" in the kernel log until the test's final lazy umount): the mount
+    that followed took the same loop device, and with it the old file system, still
+    shut down -- the restarted hub's first write failed with EIO."""
     subprocess.run(["umount", str(path)], check=True, capture_output=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(path)], check=True,
-                   capture_output=True)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        attached = subprocess.run(["losetup", "-j", str(image)], capture_output=True,
+                                  text=True).stdout.strip()
+        if not attached:
+            return True
+        time.sleep(0.05)
+    print(f"disktools: {image} still attached after umount: {attached}")
+    return False
 
 
 def unreadable(path: Path, file: Path) -> None:
@@ -238,7 +271,7 @@ def unreadable(path: Path, file: Path) -> None:
         cannot("debugfs (e2fsprogs) is not installed")
     image = _image(path)
     inside = "/" + str(file.relative_to(path))
-    subprocess.run(["umount", str(path)], check=True, capture_output=True)
+    assert _unmount(path, image), "the file system stayed after umount"
     # i_block[5]: the first extent's start block (after the 12-byte extent header)
     subprocess.run(["debugfs", "-w", "-R", f"set_inode_field {inside} block[5] 0x7ffffff0",
                     str(image)], check=True, capture_output=True)
@@ -250,7 +283,7 @@ def repair(path: Path) -> None:
     """The operator's repair of the ``ext4_filesystem`` at ``path``: unmounted, ``e2fsck
     -fy``, mounted again."""
     image = _image(path)
-    subprocess.run(["umount", str(path)], check=True, capture_output=True)
+    assert _unmount(path, image), "the file system stayed after umount"
     done = subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True, text=True)
     assert done.returncode in (0, 1, 2), done.stdout + done.stderr  # 1, 2: errors fixed
     subprocess.run(["mount", "-o", "loop", str(image), str(path)], check=True,
