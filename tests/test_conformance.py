@@ -452,11 +452,7 @@ async def test_live_4008_too_slow_on_an_event_channel(tmp_path: Path) -> None:
 
 
 async def test_live_4008_stalled(tmp_path: Path) -> None:
-    # 0.5 s, not less: ticks further apart than stall_timeout / 4 are taken for a paused
-    # hub and move the stall clocks on (LiveHub._discount_pause); with 0.2 s, ticks
-    # 50 ms apart on a busy machine (two busy loops beside the suite) kept the client
-    # from ever counting as stalled, and one check ran past its 30 s
-    live = {"stall_timeout": 0.5, "close_grace": 10.0, "ui_rate": 50.0}
+    live = {"stall_timeout": 0.2, "close_grace": 10.0, "ui_rate": 50.0}
     async with running_hub(tmp_path, live) as (app, port):
         async def check(i: int) -> None:
             closed = slow_closed(app)
