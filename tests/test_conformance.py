@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -462,6 +463,34 @@ async def test_live_4008_stalled(tmp_path: Path) -> None:
             assert await client.close_reason() == (4008, "stalled")
 
         await repeat(check)
+        await still_healthy(app, port)
+
+
+async def test_live_4008_stalled_also_when_the_hub_was_stopped_meanwhile(
+        tmp_path: Path) -> None:
+    """The hub's kernel counts a client's zero window against ``TCP_USER_TIMEOUT`` while
+    the hub itself is stopped; its stall clock does not (docs/live-protocol.md, "Slow
+    clients").  With the kernel's bound at ``stall_timeout`` the kernel ended the
+    connection during the pause -- a bare 1006, counted nowhere; at ``stall_timeout`` +
+    ``close_grace`` the hub's own verdict comes first."""
+    live = {"stall_timeout": 1.0, "close_grace": 5.0, "ui_rate": 50.0}
+    async with running_hub(tmp_path, live) as (app, port):
+        closed = slow_closed(app)
+        client = await live_client(port, ["sensor/+"], rcvbuf=4096)
+        (state,) = app.fanout.core.clients.values()
+        since: list[float | None] = []
+
+        def write_stuck() -> bool:  # the same frame in flight, its clock unmoved, 0.1 s
+            since.append(state.busy_since if state.in_flight else None)
+            return len(since) > 20 and since[-1] is not None and since[-20] == since[-1]
+
+        await publish_until(app, "sensor/probe", write_stuck, topics=20)
+        # The whole hub stops (the Trio thread blocked) for twice the stall timeout; the
+        # kernel goes on probing the zero window.
+        time.sleep(2.0)  # the stop is the point (a blocking call on purpose)
+        await publish_until(app, "sensor/probe", lambda: slow_closed(app) > closed,
+                            topics=20)
+        assert await client.close_reason() == (4008, "stalled")
         await still_healthy(app, port)
 
 

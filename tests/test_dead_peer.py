@@ -11,7 +11,8 @@ nothing arrives, no RST, no error, as with a power cut.
   can tell -- the hub's PINGs go unacknowledged and ``TCP_USER_TIMEOUT`` (2 x heartbeat)
   ends the connection in the kernel.  Before, the hub showed the gateway connected until
   the commit returned, then 2 x heartbeat more (its kernel retransmitting meanwhile).
-* An idle dashboard: keepalive probes with ``TCP_USER_TIMEOUT`` (``live.stall_timeout``).
+* An idle dashboard: keepalive probes with ``TCP_USER_TIMEOUT`` (``live.stall_timeout`` +
+  ``live.close_grace``).
   Before, nothing was written to it, so nothing ever failed.
 
 Needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN), ``unshare``, ``nsenter``, ``ip``, ``tc`` and
@@ -54,9 +55,10 @@ HUNG_S = 10.0  # the hub's first commit: longer than the bound below, and then s
 #: code before: HUNG_S after the first commit, then 2 x heartbeat of reading
 GONE_WITHIN_S = 2 * HEARTBEAT_S + HEARTBEAT_S + 4.0
 STALL_S = 2.0  # live.stall_timeout in the dashboard scenario
-#: TCP_USER_TIMEOUT (stall_timeout), a keepalive interval (stall_timeout / 3, at least 1 s),
-#: room for a busy machine; on the code before: never, nothing is written to it
-DROPPED_WITHIN_S = STALL_S + 1.0 + 4.0
+GRACE_S = 1.0  # live.close_grace in the dashboard scenario
+#: TCP_USER_TIMEOUT (stall_timeout + close_grace), a keepalive interval (stall_timeout / 3,
+#: at least 1 s), room for a busy machine; on the code before: never, nothing is written
+DROPPED_WITHIN_S = STALL_S + GRACE_S + 1.0 + 4.0
 DROP_ALL = "tbf rate 1kbit burst 1 latency 1ms"  # a bucket no packet fits: all dropped
 
 
@@ -233,7 +235,7 @@ time.sleep(600)
 def idle_dashboard_cable_pulled(tmp: Path) -> None:
     with another_host() as (at_host, cable):
         hub = Hub(tmp).start("", True, "hub.listen=0.0.0.0", 'auth.mode="none"',
-                             f"live.stall_timeout={STALL_S}")
+                             f"live.stall_timeout={STALL_S}", f"live.close_grace={GRACE_S}")
         dashboard = subprocess.Popen([*at_host, sys.executable, "-c", IDLE_DASHBOARD,
                                       HUB_IP, str(hub.port)])
 

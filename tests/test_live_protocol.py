@@ -756,3 +756,25 @@ def test_a_client_stalled_on_both_sides_of_a_pause_of_the_hub_is_closed_on_its_s
     # 1.5 s before, and after the wake (the tick at 11.55) 0.55 s: over the 2 s at 12.1
     assert closed_at == [pytest.approx(12.1)]
     assert viewer.client.close_code == CLOSE_TOO_SLOW
+
+
+def test_a_client_that_became_busy_during_a_pause_is_closed_on_its_stall_time() -> None:
+    """Its frame went in flight 1 s before the tick that found the 10 s gap: the
+    discount takes that second (the hub may have been stopped), not the whole gap --
+    which put its stall clock 9 s ahead of the hub's and closed it at 21 s, not 12."""
+    state, hub = make_hub(stall_timeout=2.0, queue_frames=1000)
+    viewer = Viewer(hub)
+    viewer.send({"type": "subscribe", "id": 1, "topics": ["sensor/+"]})
+    viewer.drain(0.0)
+    state.change("sensor/t1", {"v": 0})
+    assert hub.tick(0.05, 0.05)[1] == []
+    viewer.drain(0.05)
+    viewer.send({"type": "ping", "id": 2}, 9.0)  # the reply, written at 9 s, never finishes
+    assert hub.take_frame(viewer.client) is not None
+    closed_at = []
+    for t in [10.0 + i / 20 for i in range(0, 80)]:  # the first tick after the gap, on time on
+        state.change("sensor/t1", {"v": t})
+        if hub.tick(t, t)[1]:
+            closed_at.append(t)
+    assert closed_at == [pytest.approx(12.05)]
+    assert viewer.client.close_reason == "stalled"

@@ -794,13 +794,16 @@ class LiveHub:
         time is no client's stall, so every busy client's stall clock moves on by it (as a
         heartbeat's late look is no verdict, docs/reliability.md "Paused processes").
         Before, the first tick after such a pause closed every client that had a frame in
-        flight when it began with 4008 ``stalled``."""
+        flight when it began with 4008 ``stalled``.  Only the part of the pause a client
+        was busy for is discounted: one that became busy during it starts its clock now,
+        never later (moved by the whole pause, its clock ran ahead of ``now``, and a
+        client that stopped reading was closed that much after ``stall_timeout``)."""
         last, self._last_tick = self._last_tick, now
         if last is None or now - last <= self.config.stall_timeout / 4:
             return
         for client in self.clients.values():
             if client.busy_since is not None:
-                client.busy_since += now - last
+                client.busy_since = min(client.busy_since + (now - last), now)
 
     def sweep(self) -> int:
         """Drop the channels (and their history) of topics the live state no longer has

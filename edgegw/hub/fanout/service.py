@@ -261,12 +261,17 @@ class LiveFanout:
 
     def install(self, http: HttpServer, path: str = LIVE_PATH) -> None:
         # A dashboard whose host vanished: what the hub wrote unacknowledged for
-        # stall_timeout (the bound on no write progress) ends the connection in the kernel,
-        # and keepalive probes find it when nothing is written (a quiet floor)
+        # stall_timeout + close_grace ends the connection in the kernel, and keepalive
+        # probes find it when nothing is written (a quiet floor).  Not stall_timeout
+        # alone: the kernel counts a zero window too, and a client that stops reading
+        # must meet the hub's own verdict first (4008 "stalled", counted; its write in
+        # flight given close_grace) -- at the same bound the kernel won that race now
+        # and then and ended it with a bare 1006 (seen in test_live_4008_stalled).
         stall = self.core.config.stall_timeout
         http.add_ws_route(path, self.handle, subprotocols=list(SUBPROTOCOLS),
                           max_message_size=MAX_CLIENT_MESSAGE, deflate=self.deflater,
-                          give_up_after_s=stall, keepalive_s=stall / 3)
+                          give_up_after_s=stall + self.core.config.close_grace,
+                          keepalive_s=stall / 3)
         http.add_route("GET", STATS_PATH, self._stats)
 
     # ------------------------------------------------------------------ ticker
