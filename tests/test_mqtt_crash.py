@@ -96,7 +96,10 @@ rate = 10.0
         self.proc = spawn("gateway", "--config", str(self.config), log=self.tmp / "gw.log",
                           env={"EDGEGW_FAILPOINTS": failpoints})
         if wait:
-            wait_for(lambda: self.metric("mqtt_connected") == 1, timeout=30)
+            # subscribed, not only connected: until the broker has the subscription, what
+            # is published is routed to no one (seen: the first readings lost on a busy
+            # machine, published between the CONNACK and the broker reading the SUBSCRIBE)
+            wait_for(lambda: self.metric("mqtt_subscribed") == 1, timeout=30)
         return self
 
     def stats(self) -> dict[str, Any]:

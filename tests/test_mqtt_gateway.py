@@ -64,6 +64,7 @@ async def test_sensor_windows_flow_from_the_broker_through_the_gateway_to_the_hu
             gateway.metrics.collect()
             assert gateway.metrics.counter("mqtt_messages_total").get(source="sensors") == sent
             assert gateway.metrics.gauge("mqtt_connected").get(source="sensors") == 1
+            assert gateway.metrics.gauge("mqtt_subscribed").get(source="sensors") == 1
             gw_nursery.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
 

@@ -207,8 +207,9 @@ async def test_broker_restart_mid_stream_reconnects_resubscribes_and_loses_nothi
             await pub.wait_all_acked()
         await wait_for(lambda: set(seqs(durable_sink)) >= set(range(total)), 30,
                        "every message at the persistent session")
-        await wait_for(lambda: source.client is not None and source.client.connected, 10,
-                       "the clean session reconnected")
+        await wait_for(lambda: source.client is not None and source.client.connected
+                       and source.client.subscriptions_acked, 10,
+                       "the clean session reconnected and subscribed")
         # after the reconnect the clean session is subscribed again and carries on
         for i in range(total, total + 100):
             await pub.publish(f"{prefix}/handler/seq", payload(i), qos=1)
@@ -969,11 +970,16 @@ async def test_a_retained_reading_sent_again_at_each_resubscription_is_taken_onc
         await trio.to_thread.run_sync(broker.restart, 0.3)
         # resubscribed: the broker has sent the retained message again
         await wait_for(lambda: source.received == 2, 20, "the retained message again")
+        metrics.collect()
+        assert metrics.gauge("mqtt_subscribed").get(source="sensors") == 1
         await wait_for(lambda: pub.connected, 20, "the publisher back")
         await pub.publish(f"{prefix}/a/t", payload(2.0, ts=200.0), qos=1)
         await wait_for(lambda: 2.0 in [r.value for r in sink.of(SensorReading)], 10,
                        "the next reading")
         nursery.cancel_scope.cancel()
+    metrics.collect()  # the connection ended with the source: no longer subscribed
+    assert metrics.gauge("mqtt_subscribed").get(source="sensors") == 0
+    assert metrics.gauge("mqtt_connected").get(source="sensors") == 0
     assert [r.value for r in sink.of(SensorReading)] == [1.0, 2.0]
     assert metrics.counter("mqtt_retained_repeats_total").get(source="sensors") == 1
     assert "# TYPE edgegw_mqtt_connect_failures_total counter" in metrics.render_prometheus()

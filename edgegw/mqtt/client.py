@@ -283,6 +283,9 @@ class TrioMqttClient:
         self.last_error = ""
         self.session_present = False
         self.subscribed = trio.Event()  # set once the first subscriptions are acknowledged
+        #: this connection's subscriptions are acknowledged (SUBACK): until then the broker
+        #: may route a message published meanwhile to nobody
+        self.subscriptions_acked = False
         self.paused = False  # the reader waits for the gateway to take data (backpressure)
         self.message_errors = 0  # exceptions raised by on_message, caught here
         self.internal_errors = 0  # exceptions in our other callbacks or inside paho
@@ -366,6 +369,8 @@ class TrioMqttClient:
         subs = conn.subscribing.pop(mid)
         refused = [(topic, r) for (topic, _), r in zip(subs, reasons, strict=False)
                    if getattr(r, "is_failure", False)]
+        if not conn.subscribing:
+            self.subscriptions_acked = True
         for topic, reason in refused:
             log.error("%s: broker refused the subscription to %r: %s", self.name, topic, reason)
         if refused:
@@ -540,6 +545,7 @@ class TrioMqttClient:
         and that must not look like a broken connection."""
         subs = list(self.options.subscriptions)
         if not subs:
+            self.subscriptions_acked = True
             self.subscribed.set()
             return
         rc, mid = self.paho.subscribe(subs)
@@ -563,6 +569,8 @@ class TrioMqttClient:
 
     def _set_connected(self, value: bool) -> None:
         self.connected = value
+        if not value:
+            self.subscriptions_acked = False
 
     async def _serve_one(self) -> float:
         """One connection, from connect to loss; returns how long it was up (seconds)."""

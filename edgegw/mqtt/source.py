@@ -272,6 +272,9 @@ class MqttSource:
         self._m_unrouted = m.counter("mqtt_unrouted_total",
                                      "MQTT messages matching no subscription")
         self._m_connected = m.gauge("mqtt_connected", "1 while connected to the broker")
+        self._m_subscribed = m.gauge(
+            "mqtt_subscribed", "1 while connected with the subscriptions acknowledged by the "
+            "broker (SUBACK)")
         # counters of events, fed by the increase since the last collection (a source
         # rebuilt after a failure starts a new client, whose own counts start at 0)
         self._m_failures = m.counter("mqtt_connect_failures_total",
@@ -572,6 +575,7 @@ class MqttSource:
         self._duplicates_counted = self._ledger.duplicates
         if client is not None:
             self._m_connected.set(1 if client.connected else 0, source=self.name)
+            self._m_subscribed.set(1 if client.subscriptions_acked else 0, source=self.name)
             seen_client, seen = self._failures_seen
             if seen_client is not client:
                 seen = 0
