@@ -425,6 +425,31 @@ async def test_live_1000_a_client_closing_normally_gets_its_close_echoed(
         await still_healthy(app, port)
 
 
+async def test_live_1006_a_client_that_vanishes_is_counted_as_lost(tmp_path: Path) -> None:
+    """A connection that ends with no close from either side -- here a reset; the same for
+    the hub's kernel giving up on a vanished host -- is counted in
+    ``edgegw_live_connections_lost_total``: neither the hub's verdict (4008, counted as a
+    slow client) nor the client's own close is."""
+    async with running_hub(tmp_path) as (app, port):
+        lost = app.metrics.counter("live_connections_lost_total")
+
+        async def check(i: int) -> None:
+            client = await live_client(port, ["sensor/+"])
+            assert await client.close(1000, "bye") == (1000, "bye")
+            gone = await live_client(port, ["sensor/+"])
+            sock = gone.stream.socket
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER,
+                            struct.pack("ii", 1, 0))
+            sock.close()  # an RST, no close frame
+            with trio.fail_after(10):
+                while app.fanout.core.clients:
+                    await trio.sleep(0.01)
+            assert lost.get() == i + 1
+
+        await repeat(check)
+        await still_healthy(app, port)
+
+
 async def test_live_1009_a_message_over_256_kib(tmp_path: Path) -> None:
     async with running_hub(tmp_path) as (app, port):
         async def check(i: int) -> None:
@@ -492,6 +517,7 @@ async def test_live_4008_stalled_also_when_the_hub_was_stopped_meanwhile(
                             topics=20)
         assert await client.close_reason() == (4008, "stalled")
         await still_healthy(app, port)
+        assert app.metrics.counter("live_connections_lost_total").get() == 0
 
 
 async def test_live_4008_too_many_unread_replies(tmp_path: Path) -> None:

@@ -249,6 +249,8 @@ def idle_dashboard_cable_pulled(tmp: Path) -> None:
             cut = time.monotonic()
             wait_for(lambda: clients() == 0, timeout=DROPPED_WITHIN_S, interval=0.05)
             print(f"hub dropped the dashboard {time.monotonic() - cut:.2f} s after the cut")
+            # ended by the kernel, with no close from either side: counted as lost
+            assert hub.metric("edgegw_live_connections_lost_total") == 1
         finally:
             dashboard.kill()
             dashboard.wait()

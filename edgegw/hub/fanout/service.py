@@ -174,6 +174,10 @@ class LiveFanout:
         self._h_send = self.core.metrics.histogram(
             "live_send_seconds", "seconds to write one frame to a /ws/live client, its "
             "socket's backpressure included (frames the ticker began are not counted)")
+        self._m_lost = self.core.metrics.counter(
+            "live_connections_lost_total", "/ws/live connections that ended without a close "
+            "from either side (1006): a reset, or the hub's kernel giving up on a vanished "
+            "client (TCP_USER_TIMEOUT, keepalive)")
         self._sessions: dict[int, _Session] = {}
         # The lot an alert belongs to (None: no lot), so that a lot-scoped operator can
         # acknowledge its own lots' alerts; without it such an operator acknowledges none.
@@ -642,6 +646,9 @@ class LiveFanout:
         finally:
             self._sessions.pop(client.id, None)
             core.disconnect(client)
+            if (client.close_code is None and ws.closed is not None
+                    and ws.closed.code == 1006):
+                self._m_lost.inc()  # not the hub's verdict, nor the client's close
             if session.in_batch:  # the writer thread may be writing to its socket
                 with trio.CancelScope(shield=True):
                     await self._batch_done.wait()
