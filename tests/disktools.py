@@ -204,10 +204,8 @@ def ext4_filesystem(path: Path, size_mb: int = 64, *, or_plain: bool = False
         subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
         # a loop device of remount's own is not cleared by the umount: detached here (or,
         # still busy, as soon as it is free: LOOP_CLR_FD then sets autoclear)
-        for line in subprocess.run(["losetup", "-j", str(image)], capture_output=True,
-                                   text=True).stdout.splitlines():
-            subprocess.run(["losetup", "-d", line.split(":", 1)[0]], check=False,
-                           capture_output=True)
+        for device in _loop_devices(image):
+            subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
         image.unlink(missing_ok=True)
 
 
@@ -231,16 +229,19 @@ def shut_down(path: Path) -> None:
 def remount(path: Path) -> None:
     """Unmount and mount again (the journal is replayed): the operator's repair."""
     image = _image(path)
-    if _unmount(path, image, wait_s=10):
-        device = "loop"
-    else:
+    source = ["-o", "loop", str(image)]
+    if not _unmount(path, image, wait_s=10):
         # The old file system lives on (see _unmount) and is shut down: it writes nothing
         # more, so a loop device of its own gives the image a new one, as a repair would.
-        device = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
-                                capture_output=True, text=True).stdout.strip()
-    cmd = ["mount", "-o", "loop", str(image), str(path)] if device == "loop" else [
-        "mount", device, str(path)]
-    subprocess.run(cmd, check=True, capture_output=True)
+        source = [subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
+                                 capture_output=True, text=True).stdout.strip()]
+    subprocess.run(["mount", *source, str(path)], check=True, capture_output=True)
+
+
+def _loop_devices(image: Path) -> list[str]:
+    """The loop devices ``image`` is attached to."""
+    listed = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True)
+    return [line.split(":", 1)[0] for line in listed.stdout.splitlines()]
 
 
 def _unmount(path: Path, image: Path, wait_s: float = 30) -> bool:
@@ -253,8 +254,7 @@ def _unmount(path: Path, image: Path, wait_s: float = 30) -> bool:
     subprocess.run(["umount", str(path)], check=True, capture_output=True)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        attached = subprocess.run(["losetup", "-j", str(image)], capture_output=True,
-                                  text=True).stdout.strip()
+        attached = _loop_devices(image)
         if not attached:
             return True
         time.sleep(0.05)
