@@ -21,7 +21,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 import trio
-from mqtt_broker import AckSwallowingProxy, Broker, BrokerAddress, StartBroker
+from mqtt_broker import AckSwallowingProxy, Broker, BrokerAddress, StartBroker, no_broker
 from test_mqtt_sizeguard import varint
 
 from edgegw import metrics as metrics_module
@@ -1094,3 +1094,58 @@ def entries(retained: bytes) -> set[bytes]:
     """The 20-byte entries of a checkpoint's ``retained`` (one per topic kept)."""
     assert len(retained) % 20 == 0
     return {retained[i:i + 20] for i in range(0, len(retained), 20)}
+
+
+DYNSEC = next(iter(sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so"))), None) \
+    or next(iter(sorted(Path("/usr/lib").glob("mosquitto_dynamic_security.so"))), None)
+
+
+@pytest.mark.parametrize(("protocol", "reason"), [("3.1.1", "Unspecified error"),
+                                                  ("5", "Not authorized")])
+async def test_a_subscription_the_broker_refuses_is_not_counted_as_subscribed(
+        start_broker: StartBroker, tmp_path: Path, protocol: str, reason: str) -> None:
+    """An ACL that denies one of the source's topic filters (Mosquitto's dynamic security
+    plugin answers the SUBSCRIBE with a failure code): ``mqtt_subscribed`` stays 0, since
+    a sensor behind that filter is never heard from, each refused filter is counted at
+    every connection, the last error names it -- and the granted filter carries on."""
+    if DYNSEC is None:
+        no_broker("no mosquitto_dynamic_security.so to make a broker with ACLs")
+    prefix = unique("acl")
+    rules = tmp_path / "dynsec.json"
+    rules.write_text(json.dumps({
+        "defaultACLAccess": {"publishClientSend": True, "publishClientReceive": True,
+                             "subscribe": True, "unsubscribe": True},
+        "clients": [], "anonymousGroup": "anonymous",
+        "groups": [{"groupname": "anonymous", "roles": [{"rolename": "no-denied"}],
+                    "clients": []}],
+        "roles": [{"rolename": "no-denied", "acls": [
+            {"acltype": "subscribePattern", "topic": f"{prefix}/denied/#", "priority": 0,
+             "allow": False}]}],
+    }))
+    broker = start_broker(extra=f"plugin {DYNSEC}\nplugin_opt_config_file {rules}\n")
+    metrics = Metrics()
+    source = make_source(broker, [{"topic": f"{prefix}/ok/+/t", "raw": True},
+                                  {"topic": f"{prefix}/denied/+/t", "raw": True}],
+                         metrics=metrics, protocol=protocol)
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        await started(nursery, source, sink)
+        client = source.client
+        assert client is not None
+        metrics.collect()
+        assert metrics.gauge("mqtt_connected").get(source="sensors") == 1
+        assert metrics.gauge("mqtt_subscribed").get(source="sensors") == 0
+        assert metrics.counter("mqtt_subscriptions_refused_total").get(source="sensors") == 1
+        assert client.last_error == ("broker refused the subscription to "
+                                     f"'{prefix}/denied/+/t': {reason}")
+        pub = await start_publisher(nursery, broker)
+        await pub.publish(f"{prefix}/ok/a/t", payload(1.0), qos=1)
+        await wait_for(lambda: len(sink.of(SensorReading)) == 1, 10, "the granted reading")
+        # refused again at the next connection: counted again, still not subscribed
+        await trio.to_thread.run_sync(broker.restart, 0.2)
+        await wait_for(lambda: client.connections == 2 and client.subscriptions_refused == 2,
+                       20, "the resubscription refused again")
+        metrics.collect()
+        assert metrics.gauge("mqtt_subscribed").get(source="sensors") == 0
+        assert metrics.counter("mqtt_subscriptions_refused_total").get(source="sensors") == 2
+        nursery.cancel_scope.cancel()

@@ -199,6 +199,7 @@ class _Connection:
         self.disconnect_reason = ""
         self.write_wanted = trio.Event()
         self.subscribing: dict[int, list[tuple[str, int]]] = {}  # SUBSCRIBE mid -> filters
+        self.refused = False  # the broker refused one of this connection's subscriptions
         self.abandoned = False  # set when Trio stopped waiting for connect()'s thread
 
 
@@ -283,9 +284,11 @@ class TrioMqttClient:
         self.last_error = ""
         self.session_present = False
         self.subscribed = trio.Event()  # set once the first subscriptions are acknowledged
-        #: this connection's subscriptions are acknowledged (SUBACK): until then the broker
-        #: may route a message published meanwhile to nobody
+        #: this connection's subscriptions are acknowledged (SUBACK), every one granted:
+        #: until then the broker may route a message published meanwhile to nobody; one
+        #: refused (an ACL) keeps it False for the connection's life
         self.subscriptions_acked = False
+        self.subscriptions_refused = 0  # topic filters the broker refused (SUBACK), ever
         self.paused = False  # the reader waits for the gateway to take data (backpressure)
         self.message_errors = 0  # exceptions raised by on_message, caught here
         self.internal_errors = 0  # exceptions in our other callbacks or inside paho
@@ -369,8 +372,11 @@ class TrioMqttClient:
         subs = conn.subscribing.pop(mid)
         refused = [(topic, r) for (topic, _), r in zip(subs, reasons, strict=False)
                    if getattr(r, "is_failure", False)]
+        if refused:
+            conn.refused = True
+            self.subscriptions_refused += len(refused)
         if not conn.subscribing:
-            self.subscriptions_acked = True
+            self.subscriptions_acked = not conn.refused
         for topic, reason in refused:
             log.error("%s: broker refused the subscription to %r: %s", self.name, topic, reason)
         if refused:

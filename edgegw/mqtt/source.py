@@ -273,8 +273,12 @@ class MqttSource:
                                      "MQTT messages matching no subscription")
         self._m_connected = m.gauge("mqtt_connected", "1 while connected to the broker")
         self._m_subscribed = m.gauge(
-            "mqtt_subscribed", "1 while connected with the subscriptions acknowledged by the "
+            "mqtt_subscribed", "1 while connected with every subscription granted by the "
             "broker (SUBACK)")
+        self._m_refused = m.counter(
+            "mqtt_subscriptions_refused_total", "topic filters the broker refused to "
+            "subscribe (SUBACK failure: an ACL, say), at each connection")
+        self._refused_seen: tuple[Any, int] = (None, 0)  # (client, its count collected)
         # counters of events, fed by the increase since the last collection (a source
         # rebuilt after a failure starts a new client, whose own counts start at 0)
         self._m_failures = m.counter("mqtt_connect_failures_total",
@@ -581,6 +585,11 @@ class MqttSource:
                 seen = 0
             self._m_failures.inc(client.connect_failures - seen, source=self.name)
             self._failures_seen = (client, client.connect_failures)
+            seen_client, seen = self._refused_seen
+            if seen_client is not client:
+                seen = 0
+            self._m_refused.inc(client.subscriptions_refused - seen, source=self.name)
+            self._refused_seen = (client, client.subscriptions_refused)
 
     @property
     def buffered(self) -> int:
