@@ -7,8 +7,9 @@ and the gateway's spool can be damaged, or lose what they acknowledged, across a
 link or a server restart.  The services still start (a floor may have no other disk) but
 say so at every start (docs/operations.md, "Data directories on a network file system").
 
-``mount_of`` is pure (the mount table's text in, the mount out); ``network_filesystem``
-reads the running system's table (Linux: /proc/self/mountinfo; Windows: the drive type).
+``mount_of`` and ``on_network`` are pure (the mount table's text in, the mounts out);
+``network_filesystem`` and ``network_dirs`` read the running system's table (Linux:
+/proc/self/mountinfo; Windows: the drive type).
 """
 
 from __future__ import annotations
@@ -72,18 +73,44 @@ def mount_of(path: str, mountinfo: str) -> Mount | None:
     return found
 
 
-def network_filesystem(path: str | os.PathLike[str]) -> Mount | None:
-    """The network mount ``path`` is on; None when it is local, or cannot be told."""
-    real = os.path.realpath(path)
-    if sys.platform == "win32":
-        return _windows_remote(real)
+def on_network(paths: dict[str, str], mountinfo: str) -> dict[Mount, list[str]]:
+    """Of ``paths`` (a name -> an absolute, resolved path), those on a network file
+    system, by their mount (the names in their order in ``paths``): a directory under
+    another on the same mount is named with it, not told apart."""
+    found: dict[Mount, list[str]] = {}
+    for name, path in paths.items():
+        mount = mount_of(path, mountinfo)
+        if mount is not None and mount.remote:
+            found.setdefault(mount, []).append(name)
+    return found
+
+
+def _mountinfo() -> str | None:
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            table = f.read()
+            return f.read()
     except OSError:
         return None  # not Linux, or no /proc: nothing to warn about
-    mount = mount_of(real, table)
-    return mount if mount is not None and mount.remote else None
+
+
+def network_dirs(paths: dict[str, str | os.PathLike[str]]) -> dict[Mount, list[str]]:
+    """``on_network`` for this machine's directories ``paths`` (a name -> a path):
+    blocking (it reads the mount table), so from a thread in a Trio program."""
+    real = {name: os.path.realpath(path) for name, path in paths.items()}
+    if sys.platform == "win32":
+        found: dict[Mount, list[str]] = {}
+        for name, path in real.items():
+            mount = _windows_remote(path)
+            if mount is not None:
+                found.setdefault(mount, []).append(name)
+        return found
+    table = _mountinfo()
+    return {} if table is None else on_network(real, table)
+
+
+def network_filesystem(path: str | os.PathLike[str]) -> Mount | None:
+    """The network mount ``path`` is on; None when it is local, or cannot be told."""
+    return next(iter(network_dirs({"": path})), None)
 
 
 def _windows_remote(real: str) -> Mount | None:
@@ -99,4 +126,5 @@ def _windows_remote(real: str) -> Mount | None:
     return None
 
 
-__all__ = ["NETWORK_TYPES", "Mount", "mount_of", "network_filesystem"]
+__all__ = ["NETWORK_TYPES", "Mount", "mount_of", "network_dirs", "network_filesystem",
+           "on_network"]

@@ -22,6 +22,10 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .mounts import Mount
 
 EXIT_CONFIG = 2  # the config is invalid: one line per problem
 EXIT_CANNOT_START = 3  # the config is valid, but this machine cannot run it now
@@ -87,22 +91,36 @@ def prepare_dir(key: str, path: str | Path) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise StartupError(f"{key}: cannot write in {str(p)!r}: {_reason(exc)}") from None
-    warn_network_filesystem(key, p)
 
 
-def warn_network_filesystem(key: str, path: Path) -> None:
-    """Say, as a warning, that directory ``path`` (config ``key``) is on a network file
-    system (``mounts.network_filesystem``): SQLite and the spool are not safe there."""
-    from .mounts import network_filesystem
+def network_warning(mount: Mount, dirs: dict[str, str]) -> str:
+    """The warning for directories ``dirs`` (config key -> path) on the network file system
+    ``mount``: one line for them all (a spool under the state directory is not news)."""
+    named = ", ".join(f"{key}: {path!r}" for key, path in dirs.items())
+    return (f"{named} {'is' if len(dirs) == 1 else 'are'} on a network file system "
+            f"({mount.fstype} {mount.source} at {mount.point}): SQLite's WAL and the spool's "
+            "fsync are not safe there -- a dropped link or a restart of the server can "
+            "damage the data or lose what was acknowledged; use a local disk "
+            "(docs/operations.md, \"Data directories on a network file system\")")
 
-    mount = network_filesystem(path)
-    if mount is not None:
+
+#: the services' gauge of their data directories on a network file system (by config key)
+NETWORK_FS_GAUGE = ("data_dir_on_network_fs", "1 for a data directory on a network file "
+                    "system (NFS, SMB, ...: not safe for SQLite and the spool), 0 on a local disk")
+
+
+def warn_network_filesystems(dirs: dict[str, str]) -> set[str]:
+    """Warn, once per network file system, of the directories of ``dirs`` (config key ->
+    path) on one (``mounts.network_dirs``): SQLite and the spool are not safe there.  The
+    keys of those directories; blocking (it reads the mount table)."""
+    from .mounts import network_dirs
+
+    remote: set[str] = set()
+    for mount, keys in network_dirs(dict(dirs)).items():
         logging.getLogger("edgegw").warning(
-            "%s: %r is on a network file system (%s %s at %s): SQLite's WAL and the "
-            "spool's fsync are not safe there -- a dropped link or a restart of the server "
-            "can damage the data or lose what was acknowledged; use a local disk "
-            "(docs/operations.md, \"Data directories on a network file system\")",
-            key, str(path), mount.fstype, mount.source, mount.point)
+            "%s", network_warning(mount, {key: str(dirs[key]) for key in keys}))
+        remote.update(keys)
+    return remote
 
 
 def resolve(key: str, host: str, port: int) -> None:
@@ -278,7 +296,8 @@ def _reason(exc: BaseException) -> str:
 
 
 __all__ = [
-    "EXIT_CANNOT_START", "EXIT_CONFIG", "EXIT_FAILED", "DirLock", "DirectoryInUse", "HeldLogs",
-    "ServiceFailed", "StartupError", "damaged_database", "describe", "leaves", "prepare_dir",
-    "readable", "resolve", "service_failure", "warn_network_filesystem",
+    "EXIT_CANNOT_START", "EXIT_CONFIG", "EXIT_FAILED", "NETWORK_FS_GAUGE", "DirLock",
+    "DirectoryInUse", "HeldLogs", "ServiceFailed", "StartupError", "damaged_database", "describe",
+    "leaves", "network_warning", "prepare_dir", "readable", "resolve", "service_failure",
+    "warn_network_filesystems",
 ]

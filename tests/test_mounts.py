@@ -10,9 +10,13 @@ import logging
 from pathlib import Path
 
 import pytest
+import trio
+from hubtools import gateway_config, hub_config
 
-from edgegw.mounts import mount_of, network_filesystem
-from edgegw.startup import prepare_dir
+from edgegw.gateway import Gateway
+from edgegw.hub import Hub
+from edgegw.mounts import Mount, mount_of, network_filesystem, on_network
+from edgegw.startup import network_warning, prepare_dir, warn_network_filesystems
 
 TABLE = r"""22 27 0:21 / /proc rw,relatime - proc proc rw
 27 1 259:1 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw,errors=remount-ro
@@ -59,10 +63,50 @@ def test_lines_that_are_not_mounts_are_skipped() -> None:
     assert odd is not None and odd.remote
 
 
-def test_a_local_data_dir_starts_without_a_warning(
+def test_directories_on_one_network_file_system_are_named_together() -> None:
+    """A gateway's spool under its state directory, both on the filer: one warning naming
+    both, not two; a share elsewhere is its own; a local directory is not named."""
+    dirs = {"gateway.state_dir": "/var/lib/edgegw", "spool.dir": "/var/lib/edgegw/spool",
+            "archive": "/mnt/test data/archive", "local": "/var/tmp/x"}
+    found = on_network(dirs, TABLE)
+    nfs = Mount("/var/lib/edgegw", "nfs4", "filer01:/export/edgegw")
+    assert found == {nfs: ["gateway.state_dir", "spool.dir"],
+                     Mount("/mnt/test data", "cifs", "//nas/test data"): ["archive"]}
+    line = network_warning(nfs, {k: dirs[k] for k in found[nfs]})
+    assert line.startswith("gateway.state_dir: '/var/lib/edgegw', spool.dir: "
+                           "'/var/lib/edgegw/spool' are on a network file system "
+                           "(nfs4 filer01:/export/edgegw at /var/lib/edgegw): ")
+    assert "\n" not in line and "use a local disk" in line
+    # tmpfs under the filer's mount point is local again
+    assert on_network({"cache": "/var/lib/edgegw/cache/x"}, TABLE) == {}
+
+
+def test_a_local_data_dir_gives_no_warning(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # this machine's own mount table: the test's directory is on a local disk (or tmpfs)
     assert network_filesystem(tmp_path) is None
+    prepare_dir("hub.data_dir", tmp_path / "hub")
     with caplog.at_level(logging.WARNING):
-        prepare_dir("hub.data_dir", tmp_path / "hub")
+        assert warn_network_filesystems({"hub.data_dir": str(tmp_path / "hub")}) == set()
+    assert not [r for r in caplog.records if "network file system" in r.getMessage()]
+
+
+async def test_each_service_says_at_start_whether_its_data_dirs_are_local(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The gauge ``edgegw_data_dir_on_network_fs{dir}`` for every data directory a
+    running service (the embedded gateway too: it is ``Gateway.run``) keeps data in: 0
+    here, on a local disk, and no warning."""
+    hub = Hub(hub_config(tmp_path / "hub"))
+    cfg = gateway_config(tmp_path / "gw", 9, spool={"segment_bytes": 1 << 20})
+    gateway = Gateway(cfg)
+    with caplog.at_level(logging.WARNING):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hub.run)
+            await nursery.start(gateway.run)
+            nursery.cancel_scope.cancel()
+    gauge = "edgegw_data_dir_on_network_fs"
+    assert f'{gauge}{{dir="hub.data_dir"}} 0' in hub.metrics.render_prometheus()
+    page = gateway.metrics.render_prometheus()
+    assert f'{gauge}{{dir="gateway.state_dir"}} 0' in page
+    assert f'{gauge}{{dir="spool.dir"}} 0' in page
     assert not [r for r in caplog.records if "network file system" in r.getMessage()]

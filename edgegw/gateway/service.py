@@ -32,6 +32,7 @@ from ..protocol import encode_body, encode_columns
 from ..records import GatewayEvent, Record
 from ..sources import Source, SourceContext, source_type
 from ..spool import DiskSpool
+from ..startup import NETWORK_FS_GAUGE, warn_network_filesystems
 from ..store import FrameStore, MemoryFrameStore
 from ..web import HttpServer, install_status
 from ..web.hosts import HostRule
@@ -205,11 +206,14 @@ class Gateway:
         self.config = config
         self.metrics = metrics or Metrics()
         self.state_dir = Path(config.gateway.state_dir)
+        #: config key -> the directory this gateway keeps data in
+        self.data_dirs = {"gateway.state_dir": str(self.state_dir)}
         if store is None and config.spool is not None:
             # the disk spool recovers (in Gateway.run) before anything reads the store
             spool_cfg = config.spool
             if not spool_cfg.dir:
                 spool_cfg = dataclasses.replace(spool_cfg, dir=str(self.state_dir / "spool"))
+            self.data_dirs["spool.dir"] = spool_cfg.dir
             store = DiskSpool(spool_cfg, metrics=self.metrics)
         self.store: FrameStore = store or MemoryFrameStore(
             config.queue.max_frames, config.queue.policy, config.queue.stall_timeout_s)
@@ -912,6 +916,10 @@ class Gateway:
 
     async def _run(self, *, task_status: trio.TaskStatus[Gateway]) -> None:
         await trio.Path(self.state_dir).mkdir(parents=True, exist_ok=True)
+        # at every start, embedded or a service: a warning (one per file system) and a gauge
+        remote = await trio.to_thread.run_sync(warn_network_filesystems, self.data_dirs)
+        for key in self.data_dirs:
+            self.metrics.gauge(*NETWORK_FS_GAUGE).set(int(key in remote), dir=key)
         damage = self.store.damage()
         self.next_rid = int(self.store.checkpoints.get(RID_KEY, 1))
         try:  # before anything writes to it: a torn last entry cut off
