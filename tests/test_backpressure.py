@@ -108,12 +108,16 @@ FLOOD_PINGS = 600_000
 async def test_a_gateway_that_pings_but_does_not_read_does_not_stop_the_hubs_reading(
         tmp_path: Path) -> None:
     """docs/protocol.md section 7: an end never stops reading to write a PONG.  A gateway
-    busy elsewhere reads nothing (a small receive buffer: it fills at once) and sends PINGs
-    -- a flood of them -- then a DATA frame.  The hub answers PINGs from their own task,
-    at most one PONG waiting (the newest PING's), so its receiver reads on, through every
-    PING, to the DATA frame, and applies it while the gateway still reads nothing.  Before,
-    the receiver wrote each PONG itself: once the buffers were full it waited on that write
-    and read nothing more -- the DATA frame was never applied (nor the flood's end read)."""
+    busy elsewhere reads nothing (a small receive buffer) and sends PINGs -- a flood of
+    them -- then a DATA frame.  The hub answers PINGs from their own task, at most one
+    PONG waiting (the newest PING's), so its receiver reads on, through every PING, to the
+    DATA frame, and applies it while the gateway still reads nothing.  Before, the receiver
+    wrote each PONG itself: a PONG per PING (7 MB) filled the buffers, it waited on that
+    write and read nothing more -- the DATA frame was never applied (nor the flood's end
+    read).  Now the PONGs are a trickle (seen with ``ss``: under 600 bytes waiting at the
+    gateway after 17 s), so the hub's writes never meet a zero window and its
+    ``TCP_USER_TIMEOUT`` (2 heartbeats) never starts; the zero window is the gateway's,
+    whose flood the hub reads as fast as it decodes it."""
     hub = Hub(tmp_path).start("", True)
     try:
         peer = await WsClient.connect(hub.port, "/ws/gateway", rcvbuf=4096)
