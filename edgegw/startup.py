@@ -22,7 +22,9 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
 
 if TYPE_CHECKING:
     from .mounts import Mount
@@ -104,9 +106,24 @@ def network_warning(mount: Mount, dirs: dict[str, str]) -> str:
             "(docs/operations.md, \"Data directories on a network file system\")")
 
 
-#: the services' gauge of their data directories on a network file system (by config key)
-NETWORK_FS_GAUGE = ("data_dir_on_network_fs", "1 for a data directory on a network file "
-                    "system (NFS, SMB, ...: not safe for SQLite and the spool), 0 on a local disk")
+#: the gauge of the data directories on a network file system (by config key)
+_NETWORK_FS_GAUGE = ("data_dir_on_network_fs", "1 for a data directory on a network file "
+                     "system (NFS, SMB, ...: not safe for SQLite and the spool), 0 on a local disk")
+
+
+class _Gauges(Protocol):  # edgegw.metrics.Metrics, which this layer cannot import
+    def gauge(self, name: str, help: str = ...) -> Any: ...
+
+
+async def check_data_dirs(dirs: dict[str, str], metrics: _Gauges) -> set[str]:
+    """What a service does at every start, embedded or not: ``warn_network_filesystems``
+    (in a thread: it reads the mount table) and the gauge ``edgegw_data_dir_on_network_fs``
+    per directory of ``dirs``, 1 for those on a network file system (their keys returned)."""
+    remote = await trio.to_thread.run_sync(warn_network_filesystems, dirs)
+    gauge = metrics.gauge(*_NETWORK_FS_GAUGE)
+    for key in dirs:
+        gauge.set(int(key in remote), dir=key)
+    return remote
 
 
 def warn_network_filesystems(dirs: dict[str, str]) -> set[str]:
@@ -296,8 +313,8 @@ def _reason(exc: BaseException) -> str:
 
 
 __all__ = [
-    "EXIT_CANNOT_START", "EXIT_CONFIG", "EXIT_FAILED", "NETWORK_FS_GAUGE", "DirLock",
-    "DirectoryInUse", "HeldLogs", "ServiceFailed", "StartupError", "damaged_database", "describe",
-    "leaves", "network_warning", "prepare_dir", "readable", "resolve", "service_failure",
+    "EXIT_CANNOT_START", "EXIT_CONFIG", "EXIT_FAILED", "DirLock", "DirectoryInUse", "HeldLogs",
+    "ServiceFailed", "StartupError", "check_data_dirs", "damaged_database", "describe", "leaves",
+    "network_warning", "prepare_dir", "readable", "resolve", "service_failure",
     "warn_network_filesystems",
 ]

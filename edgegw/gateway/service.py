@@ -32,7 +32,7 @@ from ..protocol import encode_body, encode_columns
 from ..records import GatewayEvent, Record
 from ..sources import Source, SourceContext, source_type
 from ..spool import DiskSpool
-from ..startup import NETWORK_FS_GAUGE, warn_network_filesystems
+from ..startup import check_data_dirs
 from ..store import FrameStore, MemoryFrameStore
 from ..web import HttpServer, install_status
 from ..web.hosts import HostRule
@@ -916,10 +916,7 @@ class Gateway:
 
     async def _run(self, *, task_status: trio.TaskStatus[Gateway]) -> None:
         await trio.Path(self.state_dir).mkdir(parents=True, exist_ok=True)
-        # at every start, embedded or a service: a warning (one per file system) and a gauge
-        remote = await trio.to_thread.run_sync(warn_network_filesystems, self.data_dirs)
-        for key in self.data_dirs:
-            self.metrics.gauge(*NETWORK_FS_GAUGE).set(int(key in remote), dir=key)
+        await check_data_dirs(self.data_dirs, self.metrics)
         damage = self.store.damage()
         self.next_rid = int(self.store.checkpoints.get(RID_KEY, 1))
         try:  # before anything writes to it: a torn last entry cut off

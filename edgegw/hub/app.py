@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from ..metrics import Metrics
-from ..startup import NETWORK_FS_GAUGE, warn_network_filesystems
+from ..startup import check_data_dirs
 from .alerts.service import AlertService
 from .checkpoint import Checkpointer
 from .config import HubConfig
@@ -81,9 +81,7 @@ class Hub:
                 "frame_id": self.checkpointer.position}
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        dirs = {"hub.data_dir": str(self.config.hub.data_dir)}
-        remote = await trio.to_thread.run_sync(warn_network_filesystems, dirs)
-        self.metrics.gauge(*NETWORK_FS_GAUGE).set(int(bool(remote)), dir="hub.data_dir")
+        await check_data_dirs({"hub.data_dir": str(self.config.hub.data_dir)}, self.metrics)
         await self.alerts.open()
         async with trio.open_nursery() as nursery:
             await nursery.start(self.alerts.run, self.state)
