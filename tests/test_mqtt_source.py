@@ -3,6 +3,7 @@ persistent sessions, junk payloads, a slow downstream and refused credentials.""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import json
@@ -645,6 +646,59 @@ async def test_an_unreachable_broker_is_retried_without_blocking_the_gateway() -
         await wait_for(lambda: source.client.connect_failures >= 3, 10, "retries")
         assert "cannot connect" in source.client.last_error
         nursery.cancel_scope.cancel()
+
+
+def test_a_client_stopped_while_connecting_lets_go_of_its_socket_quietly_later() -> None:
+    """Stopping never waits for a connect (it runs in a thread, abandoned on cancel); when
+    that connect completes after the Trio run has ended, paho closes the socket at garbage
+    collection and calls back -- outside any Trio run.  That is no internal error (it was:
+    ``RuntimeError: must be called from async context``, counted and logged)."""
+    import gc
+    import socket
+
+    from edgegw.metrics import internal_errors
+
+    # a listener whose accept queue is full: the client's SYN is dropped, so its connect
+    # is still in its thread when the run is cancelled, and completes once a slot is free
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    host, port = listener.getsockname()
+    fillers = []
+    for _ in range(2):  # a backlog of 0 still queues one connection (two, on some kernels)
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex((host, port))
+        fillers.append(filler)
+    metrics = Metrics()
+    clients: list[TrioMqttClient] = []
+
+    async def stopped_while_connecting() -> None:
+        client = TrioMqttClient(ConnectOptions(host=host, port=port, client_id="abandoned"),
+                                metrics=metrics)
+        clients.append(client)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            await trio.sleep(0.2)  # the connect thread blocks on the dropped SYN
+            assert not client.connected
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(stopped_while_connecting)
+        listener.setblocking(False)
+        client = clients.pop()
+        deadline = time.monotonic() + 30
+        while client.paho.socket() is None:  # its connect completes, in the thread
+            assert time.monotonic() < deadline, "the abandoned connect never completed"
+            with contextlib.suppress(BlockingIOError):  # a free slot takes a SYN sent again
+                listener.accept()[0].close()
+            time.sleep(0.05)
+        del client
+        gc.collect()  # paho's __del__ closes the socket: the callback runs here
+        assert internal_errors(metrics).total() == 0
+    finally:
+        for s in [listener, *fillers]:
+            s.close()
 
 
 @pytest.mark.parametrize(("raw", "message"), [

@@ -275,6 +275,7 @@ class TrioMqttClient:
             self.paho.on_message = self._message_boundary(on_message)
         self._conn: _Connection | None = None
         self._trio_thread: int | None = None
+        self._trio_token: trio.lowlevel.TrioToken | None = None
         self._unacked: set[int] = set()
         self._acked = trio.Event()
         # what tests, metrics and logs read
@@ -323,7 +324,14 @@ class TrioMqttClient:
     # ---------------------------------------------------------------- paho callbacks
 
     def _in_trio(self) -> bool:
-        return threading.get_ident() == self._trio_thread
+        """Called back by the run that drives this client: neither connect()'s thread
+        nor paho's ``__del__`` after that run has ended (a connect it abandoned)."""
+        if threading.get_ident() != self._trio_thread:
+            return False
+        try:
+            return trio.lowlevel.current_trio_token() is self._trio_token
+        except RuntimeError:  # no Trio run in this thread any more
+            return False
 
     def _cb_socket_open(self, _c: Any, _u: Any, sock: Any) -> None:
         if self._conn is not None:  # from connect()'s thread: only record it
@@ -618,6 +626,7 @@ class TrioMqttClient:
         """Connect, serve, and reconnect forever (until cancelled).  Started at once: wait
         for ``subscribed`` (or watch ``connected``) to know the broker is reached."""
         self._trio_thread = threading.get_ident()
+        self._trio_token = trio.lowlevel.current_trio_token()
         task_status.started()
         while True:
             try:
