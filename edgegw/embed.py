@@ -17,6 +17,8 @@ docs/embedding.md is the guide, with a worked example (examples/embedded_test_pr
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -78,6 +80,8 @@ class EmbeddedGateway:
         self._error: BaseException | None = None
         #: after close(): True when the hub acknowledged every record put
         self.delivered: bool | None = None
+        #: the process whose thread runs the gateway: a forked child has no such thread
+        self._pid = os.getpid()
         self._thread = threading.Thread(target=self._main, name="edgegw-gateway", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -102,30 +106,57 @@ class EmbeddedGateway:
         finally:
             self._ready.set()
 
+    def _usable(self) -> trio.lowlevel.TrioToken:
+        """The running gateway's token, or the error that says why there is none."""
+        if os.getpid() != self._pid:
+            # its Trio loop is a thread of the parent: a call would wait for ever
+            raise RuntimeError(
+                f"this embedded gateway runs in process {self._pid}, not in this forked "
+                "child: start one in the child, with a state_dir of its own")
+        if self._error is not None:
+            raise self._error  # the gateway stopped by itself (its spool's disk failed)
+        if self._token is None or self._stop is None or self._stop.is_set():
+            raise RuntimeError("the embedded gateway is closed")
+        return self._token
+
+    def _stopped(self) -> BaseException:
+        """What to raise when the gateway's loop ended during a call."""
+        self._thread.join()
+        return self._error or RuntimeError("the embedded gateway is closed")
+
     def put(self, records: Sequence[Record], source: str = "embedded") -> None:
         """Hand records to the gateway; returns once they are queued for sending (in the
         spool, when the config has one, once a frame is cut).  ``source`` labels them in
         the metrics; each record's own ``source`` field is what the hub sees.  Raises
         ``edgegw.spool.SpoolFailed`` once the spool's disk has failed (the gateway then
-        stopped, as a crash would: docs/embedding.md)."""
-        if self._error is not None:
-            raise self._error  # the gateway stopped by itself (its spool's disk failed)
-        if self._stop is None or self._stop.is_set():
-            raise RuntimeError("the embedded gateway is closed")
-        assert self.gateway is not None and self._token is not None
-        trio.from_thread.run(self.gateway.sink.put, records, None, source,
-                             trio_token=self._token)
+        stopped, as a crash would: docs/embedding.md), ``RuntimeError`` after ``close()``
+        and in a forked child."""
+        token = self._usable()
+        assert self.gateway is not None
+        try:
+            trio.from_thread.run(self.gateway.sink.put, records, None, source,
+                                 trio_token=token)
+        except trio.RunFinishedError:
+            raise self._stopped() from None
 
     def stats(self) -> dict[str, Any]:
-        assert self.gateway is not None and self._token is not None
-        return trio.from_thread.run_sync(self.gateway.stats, trio_token=self._token)
+        token = self._usable()
+        assert self.gateway is not None
+        try:
+            return trio.from_thread.run_sync(self.gateway.stats, trio_token=token)
+        except trio.RunFinishedError:
+            raise self._stopped() from None
 
     def close(self) -> bool:
         """Flush, wait up to ``drain_timeout`` seconds for the hub's acknowledgements, and
         stop.  True when the hub acknowledged every record; False when some are still
-        waiting -- in the spool (if configured), which sends them on the next start."""
+        waiting -- in the spool (if configured), which sends them on the next start.  In a
+        forked child it does nothing and returns False: the gateway is the parent's."""
+        if os.getpid() != self._pid:
+            return False
         if self._token is not None and self._stop is not None and self._thread.is_alive():
-            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+            with contextlib.suppress(trio.RunFinishedError):  # it stopped by itself
+                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
         self._thread.join()
         if self._error is not None:
             raise self._error

@@ -6,6 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from ports import free_port
 from processes import REPO, get_json, spawn, stop, wait_for
 
@@ -58,3 +59,55 @@ def test_a_threaded_program_puts_results_and_the_hub_applies_every_one(tmp_path:
         assert stats["records_applied"] == 300
     finally:
         stop(hub)
+
+
+def test_a_forked_child_is_told_the_gateway_is_its_parents_instead_of_waiting_for_ever(
+        tmp_path: Path) -> None:
+    """A test program that forks (``multiprocessing``'s default on Linux) hands its
+    children the gateway object but not its thread: a ``put`` there raised nothing and
+    waited for ever, holding the tester.  It now raises at once; ``close`` in the child is
+    a no-op; the parent's gateway is untouched."""
+    import os
+    import signal
+    import warnings
+
+    gw = EmbeddedGateway({"gateway": {"id": "ate-01", "token": "t", "state_dir": str(tmp_path),
+                                      "hub_url": f"ws://127.0.0.1:{free_port()}/ws/gateway"}},
+                         drain_timeout=0.1)  # no hub: nothing will be acknowledged
+    part = PartResult("testprog", time.time(), "L1", "W1", 1, 0, "1", 0, 0, 1, 1, True)
+    try:
+        read, write = os.pipe()
+        with warnings.catch_warnings():  # 3.12+: fork() with threads running
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: report, and leave without running the parent's cleanup
+            signal.alarm(10)  # a put that waits for ever ends the child here
+            try:
+                gw.put([part])
+                said = "put returned"
+            except RuntimeError as exc:
+                said = f"{exc} | close: {gw.close()}"
+            os.write(write, said.encode())
+            os._exit(0)
+        os.close(write)
+        _, status = os.waitpid(pid, 0)
+        with os.fdopen(read, "rb") as pipe:
+            said = pipe.read().decode()
+        assert os.WIFEXITED(status), "the child's put waited until the alarm killed it"
+        assert said == (f"this embedded gateway runs in process {os.getpid()}, not in this "
+                        "forked child: start one in the child, with a state_dir of its own"
+                        " | close: False")
+        gw.put([part])  # the parent's gateway goes on
+        assert gw.stats()["metrics"]["gateway_records_in_total"] == {"source=embedded": 1}
+    finally:
+        gw.close()
+
+
+def test_after_close_put_and_stats_say_the_gateway_is_closed(tmp_path: Path) -> None:
+    gw = EmbeddedGateway({"gateway": {"id": "ate-01", "token": "t", "state_dir": str(tmp_path),
+                                      "hub_url": f"ws://127.0.0.1:{free_port()}/ws/gateway"}},
+                         drain_timeout=0.1)
+    assert gw.close() is True  # nothing put: nothing waits for the hub
+    for call in (lambda: gw.put([]), gw.stats):
+        with pytest.raises(RuntimeError, match=r"^the embedded gateway is closed$"):
+            call()
