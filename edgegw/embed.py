@@ -17,7 +17,9 @@ docs/embedding.md is the guide, with a worked example (examples/embedded_test_pr
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Sequence
@@ -31,6 +33,8 @@ from .gateway.config import GatewayConfig, load_gateway_config
 from .gateway.service import Gateway
 from .records import Record
 from .startup import service_failure
+
+log = logging.getLogger("edgegw.embed")
 
 
 def _config(config: GatewayConfig | dict[str, Any] | str) -> GatewayConfig:
@@ -87,6 +91,9 @@ class EmbeddedGateway:
         self._ready.wait()
         if self._error is not None:
             raise self._error
+        # a program that ends without close() (an exception, sys.exit in a hook) would
+        # lose what the batcher holds: the interpreter stops daemon threads as they are
+        atexit.register(self._at_exit)
 
     def _main(self) -> None:
         async def main() -> None:
@@ -154,6 +161,7 @@ class EmbeddedGateway:
         forked child it does nothing and returns False: the gateway is the parent's."""
         if os.getpid() != self._pid:
             return False
+        atexit.unregister(self._at_exit)
         if self._token is not None and self._stop is not None and self._thread.is_alive():
             with contextlib.suppress(trio.RunFinishedError):  # it stopped by itself
                 trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
@@ -161,6 +169,17 @@ class EmbeddedGateway:
         if self._error is not None:
             raise self._error
         return bool(self.delivered)
+
+    def _at_exit(self) -> None:
+        """At interpreter exit without ``close()``: close, as the program did not."""
+        if os.getpid() != self._pid or not self._thread.is_alive():
+            return  # a forked child's exit, or the gateway already stopped by itself
+        log.warning("the program exits without closing its embedded gateway: flushing, and "
+                    "waiting up to %g s for the hub's acknowledgements", self.drain_timeout)
+        try:
+            self.close()
+        except Exception as exc:  # at exit: said, not raised over the program's own end
+            log.error("closing the embedded gateway at exit: %s", exc)
 
     def __enter__(self) -> EmbeddedGateway:
         return self

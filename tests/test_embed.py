@@ -111,3 +111,44 @@ def test_after_close_put_and_stats_say_the_gateway_is_closed(tmp_path: Path) -> 
     for call in (lambda: gw.put([]), gw.stats):
         with pytest.raises(RuntimeError, match=r"^the embedded gateway is closed$"):
             call()
+
+
+def test_a_program_that_ends_without_close_still_delivers_what_it_put(tmp_path: Path) -> None:
+    """A test program that ends on an exception or ``sys.exit`` in a hook never calls
+    ``close()``; the interpreter would stop the gateway's daemon thread with the records of
+    the batch being gathered inside (here a whole minute's: ``max_delay_ms``).  At exit the
+    gateway closes itself: everything put reaches the hub, and the program's own exit
+    status and traceback are what they were."""
+    import sys
+    import textwrap
+
+    port = free_port()
+    hub: subprocess.Popen[bytes] = spawn(
+        "hub", "--config", str(REPO / "conf" / "hub.toml"), "--set", f"hub.port={port}",
+        "--set", f"hub.data_dir={tmp_path / 'hub'}")
+    program = textwrap.dedent(f"""
+        import time
+        import edgegw
+        from edgegw.records import PartResult
+        gw = edgegw.EmbeddedGateway({{
+            "gateway": {{"id": "ate-01", "token": "change-me-ate-01",
+                        "hub_url": "ws://127.0.0.1:{port}/ws/gateway",
+                        "state_dir": {str(tmp_path / "gw")!r}}},
+            "batch": {{"max_records": 10000, "max_delay_ms": 60000}},
+        }})
+        for i in range(40):
+            gw.put([PartResult("testprog", time.time(), "L1", "W1", 1, 0, str(i), i, 0, 1, 1,
+                               True)])
+        raise RuntimeError("the handler lost contact")  # and no close()
+    """)
+    try:
+        wait_for(lambda: get_json(f"http://127.0.0.1:{port}/healthz"))
+        ended = subprocess.run([sys.executable, "-c", program], capture_output=True,
+                               text=True, timeout=60)
+        assert ended.returncode == 1
+        assert "RuntimeError: the handler lost contact" in ended.stderr
+        stats = get_json(f"http://127.0.0.1:{port}/api/stats")["gateways"]["ate-01"]
+        assert stats["records_applied"] == 40
+        assert "exits without closing its embedded gateway" in ended.stderr
+    finally:
+        stop(hub)
