@@ -1,4 +1,4 @@
-"""`edgegw stdf dump` and `edgegw stdf stats`: JSON out, .gz in, clear errors."""
+"""`edgegw stdf dump` and `edgegw stdf stats`: JSON out, .gz .bz2 .xz in, clear errors."""
 
 from __future__ import annotations
 
@@ -251,6 +251,63 @@ def test_corrupt_gzip_data_is_one_error_line_never_a_zlib_traceback(tmp_path: Pa
     assert line.startswith(f"edgegw stdf: {zlib_case}: corrupt gzip data after ")
 
 
+def _compress(kind: str, raw: bytes) -> bytes:
+    import bz2
+    import lzma
+
+    return bz2.compress(raw) if kind == "bzip2" else lzma.compress(raw)
+
+
+@pytest.mark.parametrize("kind", ["bzip2", "xz"])
+def test_a_bzip2_or_xz_file_is_read_as_its_plain_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str) -> None:
+    """Archived lots are often bzip2 or xz; the suffix does not matter, the magic does."""
+    raw, _ = metis_records()
+    plain = tmp_path / "metis.stdf"
+    plain.write_bytes(raw)
+    packed = tmp_path / f"metis.{kind}.stdf"
+    packed.write_bytes(_compress(kind, raw))
+    for action in ("stats", "dump"):
+        want = run(capsys, "stdf", action, str(plain))
+        assert want[0] == 0 and want[1]
+        assert run(capsys, "stdf", action, str(packed)) == want
+
+
+@pytest.mark.parametrize("kind", ["bzip2", "xz"])
+def test_corrupt_or_cut_bzip2_and_xz_data_is_one_error_line(tmp_path: Path, kind: str) -> None:
+    raw, _ = metis_records()
+    good = _compress(kind, raw)
+    cut = tmp_path / "cut.stdf"
+    cut.write_bytes(good[:len(good) // 2])
+    assert f": {kind} file cut short after " in one_error_line(edgegw_stdf("stats", cut))
+    rnd = random.Random(7)
+    messages = []
+    for i in range(20):  # 8 random bytes somewhere after the stream's header
+        bad = bytearray(good)
+        at = rnd.randrange(16, len(bad) - 8)
+        bad[at:at + 8] = rnd.randbytes(8)
+        path = tmp_path / f"bad{i}.stdf"
+        path.write_bytes(bytes(bad))
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main(["stdf", "stats", str(path)])
+        assert status == 1 and len(err.getvalue().strip().splitlines()) == 1, err.getvalue()
+        messages.append(err.getvalue())
+    assert any(f"corrupt {kind} data after " in m for m in messages), messages
+
+
+@pytest.mark.parametrize(("head", "named"), [
+    (b"PK\x03\x04", "a zip archive"), (b"\x28\xb5\x2f\xfd", "zstd-compressed"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive")])
+def test_an_archive_it_does_not_read_is_named_not_called_corrupt(
+        tmp_path: Path, head: bytes, named: str) -> None:
+    path = tmp_path / "lot.stdf.zip"
+    path.write_bytes(head + bytes(64))
+    assert one_error_line(edgegw_stdf("stats", path)) == (
+        f"edgegw stdf: {path}: not STDF: {named}; extract or decompress the STDF file first "
+        "(this reads plain, gzip, bzip2 and xz files)")
+
+
 def test_a_record_header_zeroed_mid_file_is_exit_1_naming_where_the_damage_starts(
         tmp_path: Path) -> None:
     raw, records = metis_records()
@@ -490,7 +547,8 @@ def test_stats_starts_without_the_gateway_logging_or_config_machinery(tmp_path: 
     assert proc.returncode == 0, proc.stderr
     loaded = set(json.loads(proc.stderr))
     heavy = {"trio", "cbor2", "logging", "edgegw.config", "edgegw.startup", "tomllib",
-             "dataclasses", "edgegw.stdf.mapping", "edgegw.stdf.writer", "shutil", "gzip"}
+             "dataclasses", "edgegw.stdf.mapping", "edgegw.stdf.writer", "shutil", "gzip",
+             "bz2", "lzma"}
     assert loaded & heavy == set()
     assert json.loads(proc.stdout)["parts"] == 2
 

@@ -8,11 +8,11 @@ a record of unknown type as ``{"rec": "UNKNOWN", "REC_TYP", "REC_SUB", "REC_LEN"
 its first bytes in hex).
 ``stats`` prints one JSON object: record counts by type, parts, good parts, counts per
 hard and soft bin, per site (retests counted once), and the file's own HBR/SBR/PCR.
-Both read gzip-compressed files too.
+Both read gzip-, bzip2- and xz-compressed files too.
 
 A file is read as complete: anything wrong with it is one line on stderr naming the file
 and the byte offset, and exit status 1 (what was printed before it stays printed) -- a file
-that is not STDF, corrupt gzip data, a record that cannot be STDF, a file that ends inside
+that is not STDF, corrupt compressed data, a record that cannot be STDF, a file that ends inside
 a record (truncated, or corrupt from an earlier record of unknown type on), and an STDF_VER
 other than 4.  A record cut before a field it must have (a PTR without TEST_NUM, an HBR
 without HBIN_NUM) is not: ``stats`` skips and counts it as the gateway does
@@ -54,7 +54,7 @@ def add_commands(sub: Any, only: str | None = None) -> None:
     """The ``stdf`` command and its actions; ``only``: just that action's parser."""
     p = sub.add_parser(
         "stdf", help="inspect STDF files (dump, stats)",
-        description="Inspect an STDF V4 file (plain or gzip-compressed) with edgegw's own "
+        description="Inspect an STDF V4 file (plain, gzip, bzip2 or xz) with edgegw's own "
                     "decoder: dump its records as JSON lines, or count its parts, bins and "
                     "records.  A file that is not usable STDF is one line on stderr naming "
                     "the byte offset, and exit status 1.",
@@ -86,7 +86,7 @@ def _add_dump(stdf_sub: Any) -> Any:
         epilog="examples:\n"
                "  edgegw stdf dump lot.stdf --rec PIR --rec PRR\n"
                "  edgegw stdf dump lot.stdf --offset | head -20")
-    dump.add_argument("file", type=Path, metavar="FILE", help="STDF file (.gz too)")
+    dump.add_argument("file", type=Path, metavar="FILE", help="STDF file (.gz, .bz2, .xz too)")
     dump.add_argument("--rec", action="append", default=[], metavar="TYPE",
                       help="only records of this type (repeatable), e.g. --rec PRR")
     dump.add_argument("--offset", action="store_true",
@@ -102,7 +102,7 @@ def _add_stats(stdf_sub: Any) -> Any:
                     "counts per hard and soft bin and per site (retests counted once), and "
                     "the file's own HBR/SBR/PCR summaries.",
         epilog="example:\n  edgegw stdf stats lot.stdf")
-    stats.add_argument("file", type=Path, metavar="FILE", help="STDF file (.gz too)")
+    stats.add_argument("file", type=Path, metavar="FILE", help="STDF file (.gz, .bz2, .xz too)")
     stats.set_defaults(func=run_stats)
     return stats
 
@@ -110,23 +110,45 @@ def _add_stats(stdf_sub: Any) -> Any:
 _ADD = {"dump": _add_dump, "stats": _add_stats}
 
 
-def open_stdf(path: Path) -> BinaryIO:
-    """Open a plain or gzip-compressed file (recognised by its magic bytes)."""
-    f = path.open("rb")
-    if f.read(2) == b"\x1f\x8b":
-        f.close()
-        import gzip  # only for a gzip file: start-up of the plain ones
-
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    f.seek(0)
-    return f
+#: compressed files read as a stream, by their magic bytes: (magic, name)
+COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
+#: what is not read, named rather than called "not STDF" by its first bytes
+_NOT_READ = ((b"PK\x03\x04", "a zip archive"), (b"\x28\xb5\x2f\xfd", "zstd-compressed"),
+             (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"))
 
 
-def read_records(path: Path, decoder: StdfDecoder) -> Iterator[StdfRecord]:
-    with open_stdf(path) as f:
-        # read1: one read of the file (gzip: one piece decompressed) per chunk -- read()
-        # would gather several, and a gzip error in a later one loses the earlier ones
-        # (the records before a corrupt member, the MRR before a junk trailer)
+def open_stdf(path: Path) -> tuple[BinaryIO, str | None]:
+    """Open a plain, gzip-, bzip2- or xz-compressed file (recognised by its magic bytes):
+    the file and its compression's name (None for a plain file)."""
+    with path.open("rb") as f:
+        head = f.read(6)
+    for magic, what in _NOT_READ:
+        if head.startswith(magic):
+            raise _Bad(f"not STDF: {what}; extract or decompress the STDF file first "
+                       "(this reads plain, gzip, bzip2 and xz files)")
+    kind = next((name for magic, name in COMPRESSED if head.startswith(magic)), None)
+    # the modules only for such a file: start-up of the plain ones
+    if kind == "gzip":
+        import gzip
+
+        return gzip.open(path, "rb"), kind  # type: ignore[return-value]
+    if kind == "bzip2":
+        import bz2
+
+        return bz2.open(path, "rb"), kind  # type: ignore[return-value]
+    if kind == "xz":
+        import lzma
+
+        return lzma.open(path, "rb"), kind  # type: ignore[return-value]
+    return path.open("rb"), None
+
+
+def read_records(f: BinaryIO, decoder: StdfDecoder) -> Iterator[StdfRecord]:
+    """The records of the open file ``f`` (``open_stdf``) as ``decoder`` decodes them."""
+    with f:
+        # read1: one read of the file (compressed: one piece decompressed) per chunk --
+        # read() would gather several, and an error in a later one loses the earlier ones
+        # (the records before a corrupt gzip member, the MRR before a junk trailer)
         while chunk := f.read1(CHUNK):
             decoder.feed(chunk)
             yield from decoder.records()
@@ -184,8 +206,10 @@ def _records(args: argparse.Namespace, decoder: StdfDecoder, *,
     #: the MRR just read, while nothing but records of unknown type followed it: the file
     #: is whole, and what cannot be read after it (zero fill, a text trailer) loses nothing
     mrr_at: int | None = None
+    kind: str | None = None
     try:
-        for rec in read_records(args.file, decoder):
+        f, kind = open_stdf(args.file)
+        for rec in read_records(f, decoder):
             if rec.name == "UNKNOWN":
                 if first_unknown is None and rec.fields["REC_TYP"] not in RESERVED_REC_TYPS:
                     first_unknown = rec.offset
@@ -206,12 +230,15 @@ def _records(args: argparse.Namespace, decoder: StdfDecoder, *,
         raise _Bad(str(exc)) from None
     except zlib.error as exc:  # gzip data corrupt inside a member
         raise _Bad(f"corrupt gzip data after {_fed(decoder)} bytes of STDF: {exc}") from None
-    except EOFError as exc:  # gzip member cut short
-        raise _Bad(f"gzip file cut short after {_fed(decoder)} bytes of STDF "
+    except EOFError as exc:  # a compressed stream cut short
+        raise _Bad(f"{kind} file cut short after {_fed(decoder)} bytes of STDF "
                    f"({exc})") from None
     except OSError as exc:  # missing file, not gzip after all, ...
         if isinstance(exc, BrokenPipeError):
             raise
+        if kind == "bzip2":  # bz2's one error for data it cannot decompress
+            raise _Bad(f"corrupt bzip2 data after {_fed(decoder)} bytes of STDF: "
+                       f"{exc}") from None
         gz = sys.modules.get("gzip")  # imported only for a gzip file (start-up)
         if gz is not None and isinstance(exc, gz.BadGzipFile):
             # bytes after a gzip member that are not another member: after the MRR, the
@@ -221,6 +248,11 @@ def _records(args: argparse.Namespace, decoder: StdfDecoder, *,
                 return
             raise _Bad(f"not gzip data after {_fed(decoder)} bytes of STDF: {exc}") from None
         raise _Bad(str(exc) or type(exc).__name__) from None
+    except Exception as exc:
+        xz = sys.modules.get("lzma")  # imported only for an xz file (start-up)
+        if xz is None or not isinstance(exc, xz.LZMAError):
+            raise
+        raise _Bad(f"corrupt xz data after {_fed(decoder)} bytes of STDF: {exc}") from None
     if decoder.byte_order is None and decoder.position == 0:
         raise _Bad("not STDF: too short to hold a FAR")
     if decoder.buffered:
