@@ -127,10 +127,13 @@ from .formats import (  # noqa: E402
     new_parser,
 )
 from .tail import TailConfig, TailSource  # noqa: E402
+from .testerfile import open_shared, pread, pread_seek  # noqa: E402
 
 __all__ = [
     "ENTRY_POINT_GROUP", "FinishedFiles", "RecordSink", "Source", "SourceContext", "TailConfig",
     "TailSource",
     "UnknownFormat", "UnknownSourceType", "build_options", "get_format", "installed_formats",
-    "is_complete", "new_parser", "recognised", "source_errors", "source_type", "source_types",
+    "is_complete", "new_parser", "open_shared", "pread", "pread_seek", "recognised",
+    "source_errors",
+    "source_type", "source_types",
 ]

@@ -26,6 +26,8 @@ import zlib
 from collections.abc import Iterable
 from typing import BinaryIO
 
+from .testerfile import open_shared, pread
+
 try:
     import fcntl
 except ImportError:  # (not on Windows: no generation numbers there)
@@ -90,7 +92,7 @@ def read_fingerprints(
     out: dict[str, tuple[Fingerprint, bool | None]] = {}
     for path, inode, known in wanted:
         try:
-            with open(path, "rb") as handle:
+            with open_shared(path) as handle:
                 if os.fstat(handle.fileno()).st_ino != inode:
                     continue
                 data = handle.read(HEAD_BYTES)
@@ -104,10 +106,10 @@ def read_at(path: str, inode: int, at: int, n: int) -> bytes | None:
     """Up to ``n`` bytes of ``path`` from offset ``at`` (None: it cannot be read, or its
     inode is no longer ``inode``).  Blocking."""
     try:
-        with open(path, "rb") as handle:
+        with open_shared(path) as handle:
             if os.fstat(handle.fileno()).st_ino != inode:
                 return None
-            return os.pread(handle.fileno(), n, at)
+            return pread(handle.fileno(), n, at)
     except OSError:
         return None
 
@@ -132,7 +134,7 @@ def generation(fd: int) -> int | None:
 def open_file(path: str, inode: int, at: int = 0) -> tuple[BinaryIO, int | None]:
     """Open ``path`` for reading (at offset ``at``), and the generation number of its inode
     if it is still ``inode`` (None otherwise: replaced since the scan).  Blocking."""
-    handle = open(path, "rb")  # (handed to the caller, who closes it)
+    handle = open_shared(path)  # (handed to the caller, who closes it)
     try:
         fd = handle.fileno()
         gen = generation(fd) if os.fstat(fd).st_ino == inode else None

@@ -17,9 +17,10 @@ and the compressed bytes just before it unchanged (``check``, the CRC32 of up to
 from __future__ import annotations
 
 import dataclasses
-import os
 import zlib
 from typing import Any, BinaryIO
+
+from .testerfile import pread
 
 #: compressed bytes before a point whose CRC32 tells that they did not change
 CHECK_BYTES = 1024
@@ -50,10 +51,10 @@ START = GzPoint(0, 0)
 
 def check_of(fd: int, raw: int) -> int | None:
     """The ``check`` of a point at compressed offset ``raw`` of the open file ``fd``
-    (blocking; ``os.pread``: the file's position is not moved).  None: unreadable."""
+    (blocking; ``pread``: the file's position is not moved).  None: unreadable."""
     lo = max(0, raw - CHECK_BYTES)
     try:
-        before = os.pread(fd, raw - lo, lo)
+        before = pread(fd, raw - lo, lo)
     except OSError:
         return None
     return zlib.crc32(before) if len(before) == raw - lo else None

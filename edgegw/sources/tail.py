@@ -117,6 +117,7 @@ from .fingerprint import (
 from .finished import FILE_NAME, FinishedFiles, recognised, relied_on
 from .formats import UnknownFormat, build_options, get_format, is_complete, new_parser
 from .gzpoint import START, GzPoint, check_of, checked
+from .testerfile import open_shared
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ def _gz_after_end(path: str, inode: int, point: GzPoint, base: int, end: int, n:
             into += out[a - at:b - at]
 
     try:
-        with open(path, "rb") as handle:
+        with open_shared(path) as handle:
             if os.fstat(handle.fileno()).st_ino != inode:
                 return None
             point = checked(handle, point)
