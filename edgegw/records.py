@@ -307,9 +307,46 @@ def from_wire(item: Any, sources: list[str]) -> Record:
     return cls(sources[idx], *item[2:n_fields + 1])
 
 
+def unicode_text(text: str) -> str:
+    """``text`` as Unicode the wire can carry (CBOR text is UTF-8).  A string that holds
+    lone surrogates -- bytes that were not UTF-8, kept by ``os.fsdecode`` or
+    ``surrogateescape`` (a Latin-1 file name on Linux), or a JSON ``"\\udce9"`` -- gets
+    them written out as escapes: ``lot_\\xe9.stdf`` for the byte E9.  Anything else is
+    returned as it is."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:  # surrogates standing for bytes: those bytes, as \xNN
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # other lone surrogates (U+D800...): as \uNNNN
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def unicode_record(value: Any) -> Any:
+    """A record (or any value in one) with every text made ``unicode_text``: the same
+    object when nothing needed it."""
+    if isinstance(value, str):
+        return unicode_text(value)
+    if isinstance(value, (list, tuple)):
+        items = [unicode_record(v) for v in value]
+        if all(a is b for a, b in zip(items, value, strict=True)):
+            return value
+        if isinstance(value, list):
+            return items
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, dict):
+        pairs = [(unicode_record(k), unicode_record(v)) for k, v in value.items()]
+        if all(a is k and b is v for (a, b), (k, v) in zip(pairs, value.items(), strict=True)):
+            return value
+        return dict(pairs)
+    return value
+
+
 __all__ = [
     "BY_KIND", "KIND_OF", "RECORD_TYPES", "BinSummary", "FunctionalResult", "GatewayEvent",
     "LotEnd", "LotStart", "MultiPinResult", "ParametricResult", "PartCount", "PartResult",
     "RawRecord", "Record", "RecordError", "SensorReading", "SensorWindow", "WaferEnd",
-    "WaferStart", "from_wire", "to_wire"
+    "WaferStart", "from_wire", "to_wire", "unicode_record", "unicode_text",
 ]

@@ -29,7 +29,7 @@ from ..backoff import Backoff
 from ..batcher import Batch, Batcher, Key, Span, count, merge
 from ..metrics import Metrics, internal_errors, report_internal_error
 from ..protocol import encode_body, encode_columns
-from ..records import GatewayEvent, Record
+from ..records import GatewayEvent, Record, unicode_record
 from ..sources import Source, SourceContext, source_type
 from ..spool import DiskSpool
 from ..startup import check_data_dirs
@@ -284,6 +284,10 @@ class Gateway:
         self.m_status_denied = m.counter(
             "gateway_status_requests_denied_total",
             "status port requests refused, by reason (host: a Host name not allowed)")
+        self.m_unicode = m.counter(
+            "gateway_records_text_escaped_total",
+            "records whose text was not Unicode (lone surrogates: bytes that were not UTF-8) "
+            "sent with it escaped (\\xNN), by source")
         self.m_split = m.counter("gateway_batches_split_total",
                                  "batches stored as several frames (over the frame limit)")
         self.m_checkpoints_refused = m.counter(
@@ -502,7 +506,19 @@ class Gateway:
         if isinstance(checkpoint, (int, float)):
             self._checkpoints_sum -= sizes.pop(source, 0)
             return 0
-        size = len(cbor2.dumps(checkpoint))
+        try:
+            size = len(cbor2.dumps(checkpoint))
+        except (UnicodeEncodeError, cbor2.CBOREncodeError, TypeError, ValueError) as exc:
+            # a source's checkpoint that CBOR cannot hold (text that is not Unicode, an
+            # object of no CBOR type) raised in the source's put, which restarted it --
+            # from the same checkpoint, for ever; refused instead, as one too large is
+            first = not self.m_checkpoints_refused.get(source=source)
+            self.m_checkpoints_refused.inc(source=source)
+            log.log(logging.ERROR if first else logging.DEBUG,
+                    "source %s: a checkpoint that cannot be stored refused (%s: %.200s); its "
+                    "previous checkpoint stays the durable one", source,
+                    type(exc).__name__, exc)
+            return None
         others = self._checkpoints_sum - sizes.get(source, 0)
         total = self._checkpoints_total
         # within the total, or no larger than the source's own last one (the sum does not
@@ -596,7 +612,11 @@ class Gateway:
         checkpoints = dict(batch.checkpoints)
         checkpoints[RID_KEY] = first_rid + n
         checkpoints[AFTER_KEY] = encode_after(batch.spans)  # every frame: the latest is the truth
-        body = self._encode(first_rid, batch.records)
+        try:
+            body = self._encode(first_rid, batch.records)
+        except UnicodeEncodeError:  # rare: repaired here, not checked in every put
+            self._escape_text(batch, runs)
+            body = self._encode(first_rid, batch.records)
         limit = self._body_limit(n, checkpoints)
         after = {s: (batch.owed.get(s, []), batch.counted.get(s, [])) for s in self._after_base}
         if len(body) <= limit:
@@ -609,6 +629,23 @@ class Gateway:
             self._after_base = after
         self._notify_durable(batch.checkpoints)
         self._count_drops()
+
+    def _escape_text(self, batch: Batch, runs: list[tuple[str | None, Key, int]]) -> None:
+        """Make every text of ``batch`` Unicode (``records.unicode_text``): a record holding
+        a string that is not (a plugin's or a test program's, a JSON payload's lone
+        surrogate) is sent with those characters escaped, counted and logged -- it stopped
+        the gateway, which could not encode the frame."""
+        owners = [source for source, _key, k in runs for _ in range(k)]
+        for i, record in enumerate(batch.records):
+            fixed = unicode_record(record)
+            if fixed is not record:
+                batch.records[i] = fixed
+                source = owners[i] if i < len(owners) and owners[i] else "?"
+                first = not self.m_unicode.get(source=source)
+                self.m_unicode.inc(source=source)
+                log.log(logging.WARNING if first else logging.DEBUG,
+                        "source %s: a %s record holds text that is not Unicode; sent with "
+                        "it escaped: %.200s", source, type(record).__name__, fixed)
 
     async def _append(self, body: bytes, n_records: int, checkpoints: dict[str, Any]) -> None:
         # The ids are spent before the append is awaited: a put cancelled while it waits

@@ -100,7 +100,7 @@ import trio
 from ..config import ConfigError, Range
 from ..formats import FormatError, FormatParser, TesterFormat
 from ..metrics import report_internal_error
-from ..records import GatewayEvent, RawRecord, Record
+from ..records import GatewayEvent, RawRecord, Record, unicode_text
 from ..stdf.mapping import RecordMapper
 from . import RecordSink, SourceContext, source_errors
 from .fingerprint import (
@@ -281,6 +281,25 @@ class _File:
             if self.grew_logged:
                 entry["grew_logged"] = True
         return entry
+
+
+def checkpoint_key(path: str) -> str:
+    """A file's key in the checkpoint: its path, or, for a name that is not Unicode (bytes
+    that are not UTF-8, on Linux: ``os.fsdecode`` keeps them as lone surrogates, which the
+    checkpoint's CBOR cannot hold), a NUL and the hex of its bytes -- no path holds a NUL,
+    so the two never meet.  ``path_of_key`` is its inverse."""
+    if path.isascii():
+        return path
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return "\0" + os.fsencode(path).hex()
+
+
+def path_of_key(key: str) -> str:
+    """The path ``checkpoint_key`` gave ``key`` for."""
+    return os.fsdecode(bytes.fromhex(key[1:])) if key.startswith("\0") else key
 
 
 def _after_end(path: str, inode: int, base: int, end: int, n: int
@@ -517,7 +536,7 @@ class TailSource:
         finished ones are not listed (JSON-able, a fresh copy)."""
         out: dict[str, Any] = {
             "version": CHECKPOINT_VERSION,
-            "files": {p: f.checkpoint() for p, f in self._listed.items()},
+            "files": {checkpoint_key(p): f.checkpoint() for p, f in self._listed.items()},
             "finished_before": self.watermark}
         if self.gone:
             out["gone"] = [[inode, changed] for inode, changed in self.gone]
@@ -530,7 +549,8 @@ class TailSource:
             version = checkpoint.get("version")
             if version not in (1, CHECKPOINT_VERSION):  # 1: every file listed
                 raise ValueError(f"version {version!r}")
-            for path, e in checkpoint["files"].items():
+            for key, e in checkpoint["files"].items():
+                path = path_of_key(key)
                 self.files[path] = self._listed[path] = _File(
                     path=path, inode=int(e["inode"]), gz=path.lower().endswith(".gz"),
                     offset=int(e["offset"]), done=bool(e["done"]), reason=str(e["reason"]),
@@ -1084,7 +1104,7 @@ class TailSource:
         """The sink took ``checkpoint``: a restart resumes from it."""
         for g in self.files.values():
             g.origin = g.offset
-        self._handed = {p: e["inode"] for p, e in checkpoint["files"].items()}
+        self._handed = {path_of_key(k): e["inode"] for k, e in checkpoint["files"].items()}
         self._handed_watermark = checkpoint["finished_before"]
 
     def _heads_wanted(self, found: list[_FileInfo], gone: dict[int, _File]
@@ -1474,14 +1494,15 @@ class TailSource:
                       *, level: str = "error", abandon: bool = True,
                       batch: list[Record] | None = None) -> None:
         """Log, count and forward a problem with one file; abandon the file unless told."""
-        text = f"{f.path}: {message} at byte {offset}" + ("; file abandoned" if abandon else "")
+        shown = unicode_text(f.path)  # (a name that is not UTF-8: its bytes as \xNN)
+        text = f"{shown}: {message} at byte {offset}" + ("; file abandoned" if abandon else "")
         getattr(log, level)("source %s: %s", self.name, text)
         self.errors.inc(source=self.name, kind=kind)
         if abandon:
             self._done(f, f"{kind}: {message} at byte {offset}")
             await self._release(f)
         event = GatewayEvent(self.name, time.time(), level, f"source_{kind}", text,
-                             {"path": f.path, "offset": offset, "format": self.format.name})
+                             {"path": shown, "offset": offset, "format": self.format.name})
         # a read error is not part of the file's replay: its event is a stream of its own
         await self._put(sink, f, [*(batch or []), event],
                         stream=None if abandon else ["io", f.inode])

@@ -1,0 +1,158 @@
+"""Text that is not Unicode never stops the gateway, and a file named so is read.
+
+CBOR text is UTF-8.  A Python string can hold lone surrogates: the bytes of a Linux file
+name that are not UTF-8 (a Latin-1 lot name, ``os.fsdecode``), a JSON ``"\\udce9"``, a
+plugin decoding with ``surrogateescape``.  Such a string in a record stopped the whole
+gateway (the frame could not be encoded); in a source's checkpoint it restarted the source
+for ever; and the STDF tail put the file's name in its checkpoint, so one such file stopped
+every file of its source.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import trio
+from hubtools import gateway_config
+from shared_data import METIS, stdf_bytes
+
+from edgegw.gateway import Gateway
+from edgegw.protocol import decode_body
+from edgegw.records import (
+    GatewayEvent,
+    PartResult,
+    SensorReading,
+    from_wire,
+    unicode_record,
+    unicode_text,
+)
+from edgegw.spool import DiskSpool, SpoolConfig
+from edgegw.stdf import StdfDecoder
+
+
+def test_text_that_is_not_unicode_is_escaped_and_nothing_else_is_touched() -> None:
+    assert unicode_text("lot_\udce9.stdf") == "lot_\\xe9.stdf"  # the byte E9
+    assert unicode_text("é\udce9") == "é\\xe9"  # a real é stays
+    assert unicode_text("a\ud800b") == "a\\ud800b"  # not a byte's surrogate
+    same = SensorReading("s", 1.0, "temp", 1.0, "°C")
+    assert unicode_record(same) is same
+    event = GatewayEvent("s", 1.0, "error", "x", "in \udcff", {"p\udce9": ["\udc80", 3]})
+    assert unicode_record(event) == GatewayEvent("s", 1.0, "error", "x", "in \\xff",
+                                                 {"p\\xe9": ["\\x80", 3]})
+
+
+class Puts:
+    """Puts the given batches with checkpoints 1, 2, ...; replays from a checkpoint."""
+
+    replays: ClassVar[bool] = True
+
+    def __init__(self, puts: list[list[Any]], checkpoints: list[Any] | None = None) -> None:
+        self.puts, self.checkpoints = puts, checkpoints
+        self.done = trio.Event()
+
+    async def run(self, sink: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        for i, records in enumerate(self.puts):
+            cp = self.checkpoints[i] if self.checkpoints else i + 1
+            await sink.put(records, checkpoint=cp)
+        self.done.set()
+        await trio.sleep_forever()
+
+
+async def run_until_done(tmp: Path, source: Any = None, sources: Any = None,
+                         until: Any = None) -> Gateway:
+    """A gateway with no hub (everything stays spooled), until ``source`` is done or
+    ``until(gateway)``; then stopped cleanly."""
+    cfg = gateway_config(tmp / "gw", 1, sources=sources or [],
+                         spool={"dir": str(tmp / "spool")})
+    gateway = Gateway(cfg, extra_sources=[("tester", source)] if source is not None else [])
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            if source is not None:
+                await source.done.wait()
+            while until is not None and not until(gateway):
+                await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+    return gateway
+
+
+async def spooled(spool_dir: Path) -> tuple[list[Any], dict[str, Any]]:
+    async with DiskSpool.open(SpoolConfig(dir=str(spool_dir))) as spool:
+        frames = spool.frames_from(1, 100_000)
+        checkpoints = dict(spool.checkpoints)
+    records = []
+    for f in frames:
+        _, names, wire = decode_body(f.body, 1 << 24)
+        records.extend(from_wire(w, names) for w in wire)
+    return records, checkpoints
+
+
+async def test_a_record_holding_text_that_is_not_unicode_is_sent_escaped_and_counted(
+        tmp_path: Path) -> None:
+    bad = SensorReading("tester", 1.0, "temp", 21.5, "\udcb0C")  # a Latin-1 degree sign
+    event = GatewayEvent("tester", 1.0, "warning", "x", "file \udce9", {"path": "/d/\udce9"})
+    good = [SensorReading("tester", 1.0, "temp", float(i), "C") for i in range(3)]
+    gateway = await run_until_done(tmp_path, Puts([[good[0]], [bad, good[1]], [event, good[2]]]))
+    records, checkpoints = await spooled(tmp_path / "spool")
+    assert records == [good[0], bad._replace(unit="\\xb0C"), good[1],
+                       event._replace(message="file \\xe9", detail={"path": "/d/\\xe9"}),
+                       good[2]]
+    assert checkpoints["tester"] == 3
+    metrics = gateway.metrics.as_dict()
+    assert metrics["gateway_records_text_escaped_total"] == {"source=tester": 2}
+    assert metrics["gateway_source_restarts_total"] == {}
+
+
+async def test_a_checkpoint_holding_text_that_is_not_unicode_is_refused_the_source_runs_on(
+        tmp_path: Path) -> None:
+    parts = [[PartResult("tester", 1.0, "L1", "W1", 1, 0, str(i), i, 0, 1, 1, True)]
+             for i in range(3)]
+    source = Puts(parts, checkpoints=[1, {"file": "lot_\udce9"}, 3])
+    gateway = await run_until_done(tmp_path, source)
+    records, checkpoints = await spooled(tmp_path / "spool")
+    assert records == [p[0] for p in parts]
+    assert checkpoints["tester"] == 3
+    metrics = gateway.metrics.as_dict()
+    assert metrics["gateway_checkpoints_rejected_total"] == {"source=tester": 1}
+    assert metrics["gateway_source_restarts_total"] == {}
+
+
+async def test_a_tester_file_named_in_bytes_that_are_not_utf8_is_read_once_across_a_restart(
+        tmp_path: Path) -> None:
+    watch = tmp_path / "datalog"
+    watch.mkdir()
+    raw = stdf_bytes(METIS)
+    name = os.fsdecode(b"LOT_\xe9_1.stdf")  # written by a Latin-1 tester host
+    (watch / name).write_bytes(raw)
+    sources = [{"name": "tester", "type": "tail", "paths": [str(watch)],
+                "poll_interval": 0.02}]
+
+    def finished(gateway: Gateway) -> bool:
+        files = (gateway.store.checkpoints.get("tester") or {}).get("files", {})
+        return any(entry["done"] for entry in files.values())
+
+    gateway = await run_until_done(tmp_path, sources=sources, until=finished)
+    assert gateway.metrics.as_dict()["gateway_source_restarts_total"] == {}
+    records, checkpoints = await spooled(tmp_path / "spool")
+    decoder = StdfDecoder()
+    decoder.feed(raw)
+    prr = sum(1 for r in decoder.records() if r.name == "PRR")
+    assert len([r for r in records if isinstance(r, PartResult)]) == prr > 0
+    (key, entry), = checkpoints["tester"]["files"].items()
+    assert key == "\0" + os.fsencode(str(watch / name)).hex()
+    assert entry["done"] and entry["offset"] == len(raw)
+
+    # a restart resumes from that checkpoint: the file is known, nothing is read again
+    polls = 0
+
+    def polled_a_while(gateway: Gateway) -> bool:
+        nonlocal polls
+        polls += 1
+        return polls > 50  # 1 s of 0.02 s polls: it would have read the file again
+
+    gateway = await run_until_done(tmp_path, sources=sources, until=polled_a_while)
+    assert gateway.metrics.as_dict()["tail_records_total"] == {}
+    assert await spooled(tmp_path / "spool") == (records, checkpoints)
