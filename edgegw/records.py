@@ -327,26 +327,45 @@ def unicode_text(text: str) -> str:
 def unicode_record(value: Any) -> Any:
     """A record (or any value in one) with every text made ``unicode_text``: the same
     object when nothing needed it."""
+    return _rebuilt(value, unicode_text, lambda v: v)
+
+
+#: what a record's fields may hold and every CBOR encoder takes
+_PLAIN = (str, bytes, bool, int, float, type(None))
+
+
+def plain_record(value: Any) -> Any:
+    """A record (or any value in one) with every value of another type than text, bytes,
+    numbers, None, lists, tuples and maps -- an object a plugin left in a GatewayEvent's
+    ``detail`` or a RawRecord's fields, which CBOR cannot encode -- replaced by its
+    ``str()``, and every text made ``unicode_text``: the same object when nothing needed
+    it."""
+    return _rebuilt(value, unicode_text,
+                    lambda v: v if isinstance(v, _PLAIN) else unicode_text(str(v)))
+
+
+def _rebuilt(value: Any, text: Any, other: Any) -> Any:
     if isinstance(value, str):
-        return unicode_text(value)
+        return text(value)
     if isinstance(value, (list, tuple)):
-        items = [unicode_record(v) for v in value]
+        items = [_rebuilt(v, text, other) for v in value]
         if all(a is b for a, b in zip(items, value, strict=True)):
             return value
         if isinstance(value, list):
             return items
         return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     if isinstance(value, dict):
-        pairs = [(unicode_record(k), unicode_record(v)) for k, v in value.items()]
+        pairs = [(_rebuilt(k, text, other), _rebuilt(v, text, other))
+                 for k, v in value.items()]
         if all(a is k and b is v for (a, b), (k, v) in zip(pairs, value.items(), strict=True)):
             return value
         return dict(pairs)
-    return value
+    return other(value)
 
 
 __all__ = [
     "BY_KIND", "KIND_OF", "RECORD_TYPES", "BinSummary", "FunctionalResult", "GatewayEvent",
     "LotEnd", "LotStart", "MultiPinResult", "ParametricResult", "PartCount", "PartResult",
     "RawRecord", "Record", "RecordError", "SensorReading", "SensorWindow", "WaferEnd",
-    "WaferStart", "from_wire", "to_wire", "unicode_record", "unicode_text",
+    "WaferStart", "from_wire", "plain_record", "to_wire", "unicode_record", "unicode_text",
 ]

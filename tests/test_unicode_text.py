@@ -1,4 +1,5 @@
-"""Text that is not Unicode never stops the gateway, and a file named so is read.
+"""Text that is not Unicode, or an object CBOR has no type for, never stops the gateway;
+a tester file whose name is not UTF-8 is read.
 
 CBOR text is UTF-8.  A Python string can hold lone surrogates: the bytes of a Linux file
 name that are not UTF-8 (a Latin-1 lot name, ``os.fsdecode``), a JSON ``"\\udce9"``, a
@@ -25,6 +26,7 @@ from edgegw.records import (
     PartResult,
     SensorReading,
     from_wire,
+    plain_record,
     unicode_record,
     unicode_text,
 )
@@ -41,6 +43,9 @@ def test_text_that_is_not_unicode_is_escaped_and_nothing_else_is_touched() -> No
     event = GatewayEvent("s", 1.0, "error", "x", "in \udcff", {"p\udce9": ["\udc80", 3]})
     assert unicode_record(event) == GatewayEvent("s", 1.0, "error", "x", "in \\xff",
                                                  {"p\\xe9": ["\\x80", 3]})
+    assert plain_record(same) is same
+    assert plain_record(event._replace(detail={"o": Path("/d"), "b": b"\x01"})).detail == {
+        "o": "/d", "b": b"\x01"}
 
 
 class Puts:
@@ -102,7 +107,29 @@ async def test_a_record_holding_text_that_is_not_unicode_is_sent_escaped_and_cou
                        good[2]]
     assert checkpoints["tester"] == 3
     metrics = gateway.metrics.as_dict()
-    assert metrics["gateway_records_text_escaped_total"] == {"source=tester": 2}
+    assert metrics["gateway_records_rewritten_total"] == {"reason=not_unicode,source=tester": 2}
+    assert metrics["gateway_source_restarts_total"] == {}
+
+
+async def test_a_record_holding_an_object_cbor_has_no_type_for_is_sent_with_its_str(
+        tmp_path: Path) -> None:
+    """A plugin that leaves an object in a GatewayEvent's ``detail`` (or a RawRecord's
+    fields) stopped the gateway too: the frame could not be encoded."""
+
+    class Vector:
+        def __str__(self) -> str:
+            return "vector 0x1f at cycle 88"
+
+    odd = GatewayEvent("tester", 1.0, "warning", "x", "m", {"at": Vector(), "n": 2})
+    good = SensorReading("tester", 1.0, "temp", 1.0, "C")
+    gateway = await run_until_done(tmp_path, Puts([[odd, good], [good]]))
+    records, checkpoints = await spooled(tmp_path / "spool")
+    assert records == [odd._replace(detail={"at": "vector 0x1f at cycle 88", "n": 2}),
+                       good, good]
+    assert checkpoints["tester"] == 2
+    metrics = gateway.metrics.as_dict()
+    assert metrics["gateway_records_rewritten_total"] == {
+        "reason=no_cbor_type,source=tester": 1}
     assert metrics["gateway_source_restarts_total"] == {}
 
 

@@ -29,7 +29,7 @@ from ..backoff import Backoff
 from ..batcher import Batch, Batcher, Key, Span, count, merge
 from ..metrics import Metrics, internal_errors, report_internal_error
 from ..protocol import encode_body, encode_columns
-from ..records import GatewayEvent, Record, unicode_record
+from ..records import GatewayEvent, Record, plain_record, unicode_record
 from ..sources import Source, SourceContext, source_type
 from ..spool import DiskSpool
 from ..startup import check_data_dirs
@@ -284,10 +284,10 @@ class Gateway:
         self.m_status_denied = m.counter(
             "gateway_status_requests_denied_total",
             "status port requests refused, by reason (host: a Host name not allowed)")
-        self.m_unicode = m.counter(
-            "gateway_records_text_escaped_total",
-            "records whose text was not Unicode (lone surrogates: bytes that were not UTF-8) "
-            "sent with it escaped (\\xNN), by source")
+        self.m_rewritten = m.counter(
+            "gateway_records_rewritten_total",
+            "records a frame could not carry as they were, sent rewritten, by source and "
+            "reason (not_unicode: text escaped; no_cbor_type: an object sent as its str)")
         self.m_split = m.counter("gateway_batches_split_total",
                                  "batches stored as several frames (over the frame limit)")
         self.m_checkpoints_refused = m.counter(
@@ -508,7 +508,7 @@ class Gateway:
             return 0
         try:
             size = len(cbor2.dumps(checkpoint))
-        except (UnicodeEncodeError, cbor2.CBOREncodeError, TypeError, ValueError) as exc:
+        except _UNENCODABLE as exc:
             # a source's checkpoint that CBOR cannot hold (text that is not Unicode, an
             # object of no CBOR type) raised in the source's put, which restarted it --
             # from the same checkpoint, for ever; refused instead, as one too large is
@@ -614,8 +614,8 @@ class Gateway:
         checkpoints[AFTER_KEY] = encode_after(batch.spans)  # every frame: the latest is the truth
         try:
             body = self._encode(first_rid, batch.records)
-        except UnicodeEncodeError:  # rare: repaired here, not checked in every put
-            self._escape_text(batch, runs)
+        except _UNENCODABLE:  # rare: repaired here, not checked in every put
+            self._rewrite(batch, runs)
             body = self._encode(first_rid, batch.records)
         limit = self._body_limit(n, checkpoints)
         after = {s: (batch.owed.get(s, []), batch.counted.get(s, [])) for s in self._after_base}
@@ -630,22 +630,29 @@ class Gateway:
         self._notify_durable(batch.checkpoints)
         self._count_drops()
 
-    def _escape_text(self, batch: Batch, runs: list[tuple[str | None, Key, int]]) -> None:
-        """Make every text of ``batch`` Unicode (``records.unicode_text``): a record holding
-        a string that is not (a plugin's or a test program's, a JSON payload's lone
-        surrogate) is sent with those characters escaped, counted and logged -- it stopped
-        the gateway, which could not encode the frame."""
+    def _rewrite(self, batch: Batch, runs: list[tuple[str | None, Key, int]]) -> None:
+        """Make every record of ``batch`` one a frame can carry.  A record holding text
+        that is not Unicode (lone surrogates: a plugin's or a test program's, a JSON
+        payload's) is sent with it escaped (``records.unicode_text``); one holding an
+        object CBOR has no type for, with that object's ``str()`` (``plain_record``).
+        Counted per source and reason, logged.  (Each stopped the gateway: the frame could
+        not be encoded.)"""
         owners = [source for source, _key, k in runs for _ in range(k)]
         for i, record in enumerate(batch.records):
-            fixed = unicode_record(record)
-            if fixed is not record:
-                batch.records[i] = fixed
-                source = owners[i] if i < len(owners) and owners[i] else "?"
-                first = not self.m_unicode.get(source=source)
-                self.m_unicode.inc(source=source)
-                log.log(logging.WARNING if first else logging.DEBUG,
-                        "source %s: a %s record holds text that is not Unicode; sent with "
-                        "it escaped: %.200s", source, type(record).__name__, fixed)
+            fixed, reason = unicode_record(record), "not_unicode"
+            try:
+                self._encode(1, [fixed])
+            except _UNENCODABLE:
+                fixed, reason = plain_record(fixed), "no_cbor_type"
+            if fixed is record:
+                continue
+            batch.records[i] = fixed
+            source = owners[i] if i < len(owners) and owners[i] else "?"
+            first = not self.m_rewritten.get(source=source, reason=reason)
+            self.m_rewritten.inc(source=source, reason=reason)
+            log.log(logging.WARNING if first else logging.DEBUG,
+                    "source %s: a %s record a frame cannot carry (%s) sent rewritten: %.200s",
+                    source, type(record).__name__, reason, fixed)
 
     async def _append(self, body: bytes, n_records: int, checkpoints: dict[str, Any]) -> None:
         # The ids are spent before the append is awaited: a put cancelled while it waits
@@ -1029,6 +1036,11 @@ def decode_after(value: Any, source: str) -> list[Span]:
         if int(n) > 0:
             out.append((key, int(n)))
     return out
+
+
+#: what encoding a frame body raises for a record it cannot carry (``Gateway._rewrite``)
+_UNENCODABLE = (UnicodeEncodeError, cbor2.CBOREncodeError, TypeError, ValueError,
+                OverflowError)
 
 
 def _checkpoint_budget(store: FrameStore) -> int | None:
