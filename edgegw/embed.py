@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -31,10 +31,15 @@ import trio
 from .config import build
 from .gateway.config import GatewayConfig, load_gateway_config
 from .gateway.service import Gateway
-from .records import Record
+from .records import KIND_OF, Record
 from .startup import service_failure
 
 log = logging.getLogger("edgegw.embed")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"a {type(value).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
 
 
 def _config(config: GatewayConfig | dict[str, Any] | str) -> GatewayConfig:
@@ -131,17 +136,25 @@ class EmbeddedGateway:
         self._thread.join()
         return self._error or RuntimeError("the embedded gateway is closed")
 
-    def put(self, records: Sequence[Record], source: str = "embedded") -> None:
+    def put(self, records: Iterable[Record], source: str = "embedded") -> None:
         """Hand records to the gateway; returns once they are queued for sending (in the
         spool, when the config has one, once a frame is cut).  ``source`` labels them in
         the metrics; each record's own ``source`` field is what the hub sees.  Raises
         ``edgegw.spool.SpoolFailed`` once the spool's disk has failed (the gateway then
         stopped, as a crash would: docs/embedding.md), ``RuntimeError`` after ``close()``
-        and in a forked child."""
+        and in a forked child, ``TypeError`` for anything in ``records`` that is not a
+        record (nothing of that put is taken)."""
         token = self._usable()
         assert self.gateway is not None
+        # (a generator is read once, here)
+        batch = records if isinstance(records, (list, tuple)) else list(records)
+        for record in batch:  # the caller's mistake, told to the caller (the hook's line)
+            if type(record) not in KIND_OF or type(record[0]) is not str:
+                raise TypeError(
+                    "put takes records of edgegw.records (PartResult, ParametricResult, "
+                    f"...) whose source is text; got {_shown(record)}")
         try:
-            trio.from_thread.run(self.gateway.sink.put, records, None, source,
+            trio.from_thread.run(self.gateway.sink.put, batch, None, source,
                                  trio_token=token)
         except trio.RunFinishedError:
             raise self._stopped() from None

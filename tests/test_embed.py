@@ -152,3 +152,23 @@ def test_a_program_that_ends_without_close_still_delivers_what_it_put(tmp_path: 
         assert "exits without closing its embedded gateway" in ended.stderr
     finally:
         stop(hub)
+
+
+def test_a_put_of_something_that_is_not_a_record_is_a_type_error_in_the_callers_thread(
+        tmp_path: Path) -> None:
+    """The test program's mistake is told to the test program, at the line that made it;
+    nothing of that put is taken, and the gateway runs on."""
+    gw = EmbeddedGateway({"gateway": {"id": "ate-01", "token": "t", "state_dir": str(tmp_path),
+                                      "hub_url": f"ws://127.0.0.1:{free_port()}/ws/gateway"}},
+                         drain_timeout=0.1)
+    part = PartResult("testprog", time.time(), "L1", "W1", 1, 0, "1", 0, 0, 1, 1, True)
+    try:
+        with pytest.raises(TypeError, match=r"^put takes records of edgegw.records .*; got a "
+                                            r"dict: \{'part_id': '2'\}$"):
+            gw.put([part, {"part_id": "2"}])
+        with pytest.raises(TypeError, match=r"got a PartResult: PartResult\(source=None, "):
+            gw.put([part._replace(source=None)])
+        gw.put(r for r in [part])  # any iterable of records
+        assert gw.stats()["metrics"]["gateway_records_in_total"] == {"source=embedded": 1}
+    finally:
+        gw.close()

@@ -29,7 +29,14 @@ from ..backoff import Backoff
 from ..batcher import Batch, Batcher, Key, Span, count, merge
 from ..metrics import Metrics, internal_errors, report_internal_error
 from ..protocol import encode_body, encode_columns
-from ..records import GatewayEvent, Record, plain_record, unicode_record
+from ..records import (
+    KIND_OF,
+    GatewayEvent,
+    Record,
+    plain_record,
+    unicode_record,
+    unicode_text,
+)
 from ..sources import Source, SourceContext, source_type
 from ..spool import DiskSpool
 from ..startup import check_data_dirs
@@ -280,7 +287,8 @@ class Gateway:
                                            "sources restarted after failing, by source")
         self.m_refused = m.counter(
             "gateway_records_rejected_total",
-            "records larger than a frame may be: refused, kept in the dead-letter file")
+            "records refused, by source and reason (too_large: larger than a frame may be, "
+            "kept in the dead-letter file; not_a_record: an object put that is not one)")
         self.m_status_denied = m.counter(
             "gateway_status_requests_denied_total",
             "status port requests refused, by reason (host: a Host name not allowed)")
@@ -631,28 +639,58 @@ class Gateway:
         self._count_drops()
 
     def _rewrite(self, batch: Batch, runs: list[tuple[str | None, Key, int]]) -> None:
-        """Make every record of ``batch`` one a frame can carry.  A record holding text
-        that is not Unicode (lone surrogates: a plugin's or a test program's, a JSON
-        payload's) is sent with it escaped (``records.unicode_text``); one holding an
-        object CBOR has no type for, with that object's ``str()`` (``plain_record``).
-        Counted per source and reason, logged.  (Each stopped the gateway: the frame could
-        not be encoded.)"""
+        """Make every record of ``batch`` one a frame can carry (each of these stopped the
+        gateway: the frame could not be encoded, or the hub refused it and every record
+        in it).  A record holding text that is not Unicode (lone surrogates: a plugin's or
+        a test program's, a JSON payload's) is sent with it escaped
+        (``records.unicode_text``); one holding an object CBOR has no type for, with that
+        object's ``str()`` (``plain_record``); one whose ``source`` is not text, with its
+        ``str()``.  Counted per source and reason (``gateway_records_rewritten_total``).
+        What is not a record at all is refused (``gateway_records_rejected_total``,
+        reason ``not_a_record``) and its place taken by a GatewayEvent naming it, so the
+        source's count of records in frames is unchanged (the exactly-once accounting of
+        a replay).  Logged, a warning or an error the first time per source and reason."""
         owners = [source for source, _key, k in runs for _ in range(k)]
         for i, record in enumerate(batch.records):
+            source = owners[i] if i < len(owners) and owners[i] else "?"
             fixed, reason = unicode_record(record), "not_unicode"
-            try:
-                self._encode(1, [fixed])
-            except _UNENCODABLE:
+            if not self._encodes(fixed):
                 fixed, reason = plain_record(fixed), "no_cbor_type"
+                if type(fixed) in KIND_OF and type(fixed[0]) is not str:
+                    fixed, reason = fixed._replace(source=unicode_text(str(fixed[0]))), \
+                        "source_not_text"
+                if not self._encodes(fixed):
+                    batch.records[i] = self._stand_in(source, record)
+                    continue
             if fixed is record:
                 continue
             batch.records[i] = fixed
-            source = owners[i] if i < len(owners) and owners[i] else "?"
             first = not self.m_rewritten.get(source=source, reason=reason)
             self.m_rewritten.inc(source=source, reason=reason)
             log.log(logging.WARNING if first else logging.DEBUG,
                     "source %s: a %s record a frame cannot carry (%s) sent rewritten: %.200s",
                     source, type(record).__name__, reason, fixed)
+
+    def _encodes(self, record: Any) -> bool:
+        try:
+            self._encode(1, [record])
+        except _UNENCODABLE:
+            return False
+        return True
+
+    def _stand_in(self, source: str, value: Any) -> GatewayEvent:
+        """The GatewayEvent put in the place of ``value``, which is not a record."""
+        shown = unicode_text(repr(value))
+        first = not self.m_refused.get(source=source, reason="not_a_record")
+        self.m_refused.inc(source=source, reason="not_a_record")
+        log.log(logging.ERROR if first else logging.DEBUG,
+                "source %s: put a %s, which is not a record (edgegw.records); refused, an "
+                "event sent in its place: %.200s", source, type(value).__name__, shown)
+        return GatewayEvent(
+            "gateway", time.time(), "error", "record_refused",
+            f"source {source}: put a {type(value).__name__}, which is not a record; refused",
+            {"source": source, "type": unicode_text(type(value).__name__),
+             "value": shown[:1000]})
 
     async def _append(self, body: bytes, n_records: int, checkpoints: dict[str, Any]) -> None:
         # The ids are spent before the append is awaited: a put cancelled while it waits

@@ -119,7 +119,10 @@ def encode_columns(first_rid: int, records: Sequence[Record], *, typed: bool = F
             rows = by_kind[cls] = []
         before = len(rows)
         rows.extend(group)
-        append(KIND_OF[cls])
+        kind = KIND_OF.get(cls)
+        if kind is None:
+            raise TypeError(f"not a record: a {cls.__name__}")
+        append(kind)
         append(len(rows) - before)
     column = _typed_column if typed else _column
     index: dict[str, int] = {}
@@ -136,6 +139,8 @@ def encode_columns(first_rid: int, records: Sequence[Record], *, typed: bool = F
             source_col = [index[n] if n in index else index.setdefault(n, len(index))
                           for n in names]
         tables.append((KIND_OF[cls], [source_col, *map(column, columns[1:])]))
+    if not all(type(name) is str for name in index):  # (a few names: the distinct ones)
+        raise TypeError("a record's source must be text")
     return cbor2.dumps((first_rid, list(index), runs, tables))
 
 

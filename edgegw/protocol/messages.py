@@ -15,7 +15,7 @@ from typing import Any
 
 import cbor2
 
-from ..records import Record, RecordError, from_wire, to_wire
+from ..records import KIND_OF, Record, RecordError, from_wire, to_wire
 from .columnar import ColumnarError, Columns, check_columns, to_rows
 
 #: the newest version this implementation speaks
@@ -294,9 +294,13 @@ def encode_body(first_rid: int, records: Sequence[Record]) -> bytes:
     index: dict[str, int] = {}
     wire = []
     for r in records:
+        if type(r) not in KIND_OF:
+            raise TypeError(f"not a record: a {type(r).__name__}")
         src = r[0]
         i = index.get(src)
         if i is None:
+            if type(src) is not str:
+                raise TypeError("a record's source must be text")
             i = index[src] = len(index)
         wire.append(to_wire(r, i))
     return cbor2.dumps([first_rid, list(index), wire])

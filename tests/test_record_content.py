@@ -1,5 +1,5 @@
-"""Text that is not Unicode, or an object CBOR has no type for, never stops the gateway;
-a tester file whose name is not UTF-8 is read.
+"""What a record holds never stops the gateway; a tester file whose name is not UTF-8 is
+read.  (docs/reliability.md, "No record content stops it either".)
 
 CBOR text is UTF-8.  A Python string can hold lone surrogates: the bytes of a Linux file
 name that are not UTF-8 (a Latin-1 lot name, ``os.fsdecode``), a JSON ``"\\udce9"``, a
@@ -130,6 +130,32 @@ async def test_a_record_holding_an_object_cbor_has_no_type_for_is_sent_with_its_
     metrics = gateway.metrics.as_dict()
     assert metrics["gateway_records_rewritten_total"] == {
         "reason=no_cbor_type,source=tester": 1}
+    assert metrics["gateway_source_restarts_total"] == {}
+
+
+async def test_what_is_not_a_record_is_refused_in_its_place_an_event_and_the_rest_flows(
+        tmp_path: Path) -> None:
+    """A plugin's source that puts a dict, or a record whose ``source`` is not text (the
+    hub refused the frame: its other records went to the dead-letter file), stops nothing:
+    the record is sent with ``str(source)``; what is not a record is refused, counted,
+    and a GatewayEvent takes its place -- the source's count of records in frames, which
+    a replay after a crash skips by, is unchanged."""
+    good = SensorReading("tester", 1.0, "temp", 1.0, "C")
+    gateway = await run_until_done(tmp_path, Puts([
+        [good, {"lot": "L1", "part": 7}, good], [good._replace(source=7)], [good]]))
+    records, checkpoints = await spooled(tmp_path / "spool")
+    assert len(records) == 5 and checkpoints["tester"] == 3
+    stand_in = records[1]
+    assert isinstance(stand_in, GatewayEvent) and stand_in.code == "record_refused"
+    assert stand_in.detail == {"source": "tester", "type": "dict",
+                               "value": "{'lot': 'L1', 'part': 7}"}
+    assert [records[0], records[2], records[3], records[4]] == [
+        good, good, good._replace(source="7"), good]
+    metrics = gateway.metrics.as_dict()
+    assert metrics["gateway_records_rejected_total"] == {
+        "reason=not_a_record,source=tester": 1}
+    assert metrics["gateway_records_rewritten_total"] == {
+        "reason=source_not_text,source=tester": 1}
     assert metrics["gateway_source_restarts_total"] == {}
 
 
