@@ -295,7 +295,8 @@ class Gateway:
         self.m_rewritten = m.counter(
             "gateway_records_rewritten_total",
             "records a frame could not carry as they were, sent rewritten, by source and "
-            "reason (not_unicode: text escaped; no_cbor_type: an object sent as its str)")
+            "reason (not_unicode: text escaped; no_cbor_type: an object sent as its str; "
+            "source_not_text: the source field sent as its str)")
         self.m_split = m.counter("gateway_batches_split_total",
                                  "batches stored as several frames (over the frame limit)")
         self.m_checkpoints_refused = m.counter(
