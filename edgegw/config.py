@@ -338,16 +338,45 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+#: a config file is a few kB of text: past this it is not one (a log, a device, a FIFO fed
+#: for ever) and is refused rather than read to the end
+MAX_CONFIG_BYTES = 4 << 20
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config "
+                           "file"])
     try:
-        return tomllib.loads(text)
+        return tomllib.loads(toml_text(raw, str(path)))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+
+
+def toml_text(raw: bytes, name: str) -> str:
+    """A TOML file's bytes as text: UTF-8, as TOML is.  Windows editors save otherwise --
+    UTF-8 with a byte order mark (taken: the same text), UTF-16 (Notepad's "Unicode"), or
+    a code page such as 1252 when a comment holds a degree sign -- and each of those is a
+    ConfigError saying so and where, not a traceback or "Invalid statement"."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    elif raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError([f"{name}: saved as UTF-16 (Notepad's \"Unicode\"); TOML files are "
+                           "UTF-8: save it as UTF-8"])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError([f"{name}: not UTF-8 (byte 0x{raw[exc.start]:02x} at line {line}, "
+                           f"column {column}); TOML files are UTF-8: save it as UTF-8, not "
+                           "in a code page such as ANSI or Latin-1"]) from None
 
 
 def build(cls: type[T], data: dict[str, Any], origin: str = "<config>", prefix: str = "") -> T:
@@ -417,5 +446,5 @@ def iter_keys(cls: type, prefix: str = "") -> Iterator[Key]:
 
 __all__ = [
     "INT64", "ConfigError", "Key", "Range", "apply_overrides", "build", "host_problem",
-    "iter_keys", "load", "parse_override", "read_toml", "ws_url_problem"
+    "iter_keys", "load", "parse_override", "read_toml", "toml_text", "ws_url_problem"
 ]

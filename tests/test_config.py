@@ -100,6 +100,36 @@ def test_broken_toml_names_the_file_and_the_line(tmp_path: Path) -> None:
     assert errs[0].startswith(f"{tmp_path / 'cfg.toml'}: not valid TOML:") and "line 1" in errs[0]
 
 
+def test_a_config_saved_by_a_windows_editor_is_read_or_named_for_what_it_is(
+        tmp_path: Path) -> None:
+    """TOML is UTF-8.  Notepad saves UTF-8 with a byte order mark (the same text: read),
+    UTF-16 ("Unicode"), or the ANSI code page when a comment holds a degree sign; the
+    last two were a UnicodeDecodeError traceback and exit 1, the first "Invalid
+    statement (at line 1, column 1)"."""
+    text = GOOD_GATEWAY + "# the chuck runs at 150 \u00b0C\n"
+    plain, path = tmp_path / "plain.toml", tmp_path / "notepad.toml"
+    plain.write_bytes(text.encode("utf-8"))
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert load_gateway_config(str(path)) == load_gateway_config(str(plain))
+    path.write_bytes(text.encode("utf-16"))
+    assert errors_of(path) == [f"{path}: saved as UTF-16 (Notepad's \"Unicode\"); TOML "
+                               "files are UTF-8: save it as UTF-8"]
+    path.write_bytes(text.encode("cp1252"))
+    line = text.count("\n")  # the comment's line, the last
+    assert errors_of(path) == [
+        f"{path}: not UTF-8 (byte 0xb0 at line {line}, column 25); TOML files are UTF-8: "
+        "save it as UTF-8, not in a code page such as ANSI or Latin-1"]
+    bad = run_cli("gateway", "--config", str(path))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_a_file_far_larger_than_any_config_is_refused_not_read_to_its_end(
+        tmp_path: Path) -> None:
+    path = tmp_path / "huge.toml"
+    path.write_bytes(b"# x\n" * (1 << 20) + b"# past 4 MiB\n")
+    assert errors_of(path) == [f"{path}: larger than 4 MiB: not a config file"]
+
+
 def test_overrides_apply_with_toml_typing(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD_GATEWAY)
     cfg = load_gateway_config(str(path), ["batch.max_records=7", "gateway.hub_url=ws://h:1/x"])

@@ -837,6 +837,11 @@ async def test_an_unreadable_password_file_is_one_clear_error(tmp_path: Path) ->
                          username="gw", password_file=str(tmp_path / "missing"))
     with pytest.raises(MqttSourceError, match=r"cannot read password_file .*missing"):
         await source.run(Sink())
+    (tmp_path / "latin1").write_bytes(b"s\xe9cret\n")  # saved in a code page
+    source = make_source(BrokerAddress("127.0.0.1", 1), [{"topic": "a/b"}],
+                         username="gw", password_file=str(tmp_path / "latin1"))
+    with pytest.raises(MqttSourceError, match=r"password_file .*latin1' is not UTF-8 text$"):
+        await source.run(Sink())
 
 
 async def test_a_downstream_stall_longer_than_the_keepalive_loses_nothing(

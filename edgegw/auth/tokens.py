@@ -190,6 +190,8 @@ def _read(key: str, path: str) -> str:
         return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ValueError(f"auth.{key}: cannot read {path!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"auth.{key}: {path!r} is not UTF-8 text") from None
 
 
 def _load_public_key(pem: bytes) -> Any:

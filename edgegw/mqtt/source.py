@@ -725,10 +725,13 @@ class MqttSource:
         password = c.password
         if c.password_file:
             try:
-                text = await trio.Path(c.password_file).read_text()
+                text = await trio.Path(c.password_file).read_text(encoding="utf-8")
             except OSError as exc:
                 raise MqttSourceError(f"mqtt source {self.name!r}: cannot read password_file "
                                       f"{c.password_file!r}: {exc.strerror or exc}") from None
+            except UnicodeDecodeError:  # (MQTT passwords are bytes; this file is UTF-8 text)
+                raise MqttSourceError(f"mqtt source {self.name!r}: password_file "
+                                      f"{c.password_file!r} is not UTF-8 text") from None
             password = text.splitlines()[0].strip() if text.strip() else ""
         ctx = None
         if c.tls is not None:
