@@ -79,7 +79,7 @@ if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
             # errno 0 and winerror: OSError maps it to FileNotFoundError, PermissionError...
             raise OSError(0, ctypes.FormatError(err), name, err)
         try:
-            fd = msvcrt.open_osfhandle(handle, os.O_RDONLY | os.O_BINARY)
+            fd = msvcrt.open_osfhandle(handle, os.O_RDONLY)  # (binary: no O_TEXT)
         except Exception as exc:
             _CLOSE(handle)
             if not _fallback_logged:  # not expected; the file is still read, as before
