@@ -653,7 +653,7 @@ class Gateway:
         a replay).  Logged, a warning or an error the first time per source and reason."""
         owners = [source for source, _key, k in runs for _ in range(k)]
         for i, record in enumerate(batch.records):
-            source = owners[i] if i < len(owners) and owners[i] else "?"
+            source = (owners[i] if i < len(owners) else None) or "?"
             fixed, reason = unicode_record(record), "not_unicode"
             if not self._encodes(fixed):
                 fixed, reason = plain_record(fixed), "no_cbor_type"
