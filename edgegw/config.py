@@ -208,6 +208,11 @@ class _Builder:
                 if INT64[0] <= raw <= INT64[1]:
                     return raw
         elif isinstance(tp, type) and isinstance(raw, tp):
+            if isinstance(raw, str) and not raw.isascii() and _not_unicode(raw):
+                # (only a --set can: TOML text is Unicode) a shell in another encoding
+                self.error(key, f"expected text, got {_show(raw)}: bytes that are not UTF-8 "
+                                "(a --set typed in another encoding?)")
+                return None
             return raw
         self.error(key, f"expected {_describe(tp, raw)}, got {_show(raw)}")
         return None
@@ -245,6 +250,16 @@ class _Builder:
 
 
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _not_unicode(text: str) -> bool:
+    """Whether ``text`` holds lone surrogates (``os.fsdecode`` of bytes that are not UTF-8):
+    no UTF-8 -- the wire's CBOR, the spool -- can carry it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def host_problem(host: str) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,16 @@ def test_a_config_saved_by_a_windows_editor_is_read_or_named_for_what_it_is(
         "save it as UTF-8, not in a code page such as ANSI or Latin-1"]
     bad = run_cli("gateway", "--config", str(path))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_a_set_in_bytes_that_are_not_utf8_is_a_config_error_not_a_gateway_that_cannot_send(
+        tmp_path: Path) -> None:
+    """A shell in Latin-1 hands ``--set gateway.id=ab\xe9`` over as a string with a lone
+    surrogate; check-config took it, and the gateway could never encode its HELLO."""
+    errs = errors_of(write(tmp_path, GOOD_GATEWAY), [os.fsdecode(b"gateway.id=ab\xe9")])
+    assert errs == [f"{tmp_path / 'cfg.toml'}: gateway.id: expected text, got string "
+                    "'ab\\udce9': bytes that are not UTF-8 (a --set typed in another "
+                    "encoding?)"]
 
 
 def test_a_file_far_larger_than_any_config_is_refused_not_read_to_its_end(
