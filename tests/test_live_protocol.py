@@ -483,6 +483,29 @@ def test_bad_messages_get_a_specific_error_and_the_connection_goes_on() -> None:
     assert hub.metrics.counter("live_bad_messages_total").total() == 6
 
 
+def test_json_escapes_that_make_no_unicode_text_are_a_bad_message_not_an_internal_error(
+) -> None:
+    """``\\udce9`` in JSON is valid JSON and no Unicode: the hub could neither echo the
+    topic nor log or encode it, and counted an internal error per message.  A pair of
+    escapes that makes one character is text like any other."""
+    from edgegw.metrics import internal_errors
+
+    _state, hub = make_hub()
+    viewer = Viewer(hub)
+    viewer.drain()
+    for bad in ['{"type": "subscribe", "id": 1, "topics": ["lot/\\udce9/#"]}',
+                '{"type": "subscribe", "id": "\\ud800", "topics": ["gateways"]}',
+                '{"type": "\\udce9"}']:
+        hub.receive(viewer.client, bad, 0.0)
+    hub.receive(viewer.client, '{"type": "ping", "id": "\\ud83d\\ude00"}', 0.0)
+    replies = viewer.drain()
+    assert [(r["type"], r.get("code")) for r in replies] == [("error", "bad_message")] * 3 + [
+        ("pong", None)]
+    assert "lone surrogate" in replies[0]["message"] and replies[3]["id"] == "\U0001f600"
+    assert hub.metrics.counter("live_bad_messages_total").total() == 3
+    assert internal_errors(hub.metrics).total() == 0
+
+
 def test_acknowledgements_go_to_the_alert_owner() -> None:
     acked: list[tuple[str, str]] = []
 
