@@ -1,5 +1,6 @@
 """One compact JSON dump for everything edgegw writes as JSON (HTTP responses, the live
-fan-out's JSON frames, webhooks, the history store)."""
+fan-out's JSON frames, webhooks, the history store), and one reader of the JSON others
+send it (``loads``: request bodies, live subscribers' messages)."""
 
 from __future__ import annotations
 
@@ -49,4 +50,32 @@ def dumps(message: Any) -> str:
         return dumps(_json_keys(message))
 
 
-__all__ = ["dumps"]
+def loads(data: bytes | bytearray | str) -> Any:
+    """``json.loads``, and ValueError for text whose ``\\uXXXX`` escapes leave a lone
+    surrogate (``"\\udce9"``): valid JSON, but no Unicode -- no reply, log line, CBOR frame
+    or database row could carry it (a user name so, taken into an alert, broke that alert's
+    live topic for every CBOR dashboard)."""
+    value = json.loads(data)
+    if (b"\\u" if isinstance(data, (bytes, bytearray)) else "\\u") in data \
+            and _lone_surrogate(value):
+        raise ValueError("a \\u escape leaves a lone surrogate: not Unicode text")
+    return value
+
+
+def _lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        if value.isascii():
+            return False
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_lone_surrogate(v) for v in value)
+    return False
+
+
+__all__ = ["dumps", "loads"]

@@ -321,6 +321,35 @@ async def test_cross_origin_ack_is_refused_even_without_sign_in(tmp_path: Path) 
         assert rejected.value.status_code == 403
 
 
+async def test_an_ack_by_a_name_that_is_not_unicode_is_refused_the_alert_feed_runs_on(
+        tmp_path: Path) -> None:
+    """``{"user": "op\\udce9"}`` is valid JSON and no Unicode.  It was taken: the alert held
+    a name no CBOR frame can carry, and its live topic failed to encode at every tick for
+    every CBOR dashboard (an internal error each time) for as long as the alert lived."""
+    import cbor2
+
+    from edgegw.metrics import internal_errors
+
+    async with running(hub_config(tmp_path)) as app:
+        port = app.ingest.port
+        alert_id = feed_lot(app, "LOT-A1")
+        path = f"/api/alerts/{alert_id}/ack"
+        refused = await http(port, "POST", path, body=b'{"user": "op\\udce9"}')
+        assert refused.status == 400 and "lone surrogate" in refused.json()["error"]
+        assert not app.alerts.engine.alerts[alert_id].acknowledged
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/live") as ws:
+            await ws.send_message(cbor2.dumps({"type": "subscribe", "id": 1,
+                                               "topics": ["alert/#"]}))
+            acked = await http(port, "POST", path, body={"user": "op\u00e9"})
+            assert acked.status == 200
+            with trio.fail_after(10):
+                while True:  # the acknowledgement reaches the dashboard
+                    items = cbor2.loads(await ws.get_message()).get("items", [])
+                    if any("op\u00e9" in repr(item) for item in items):
+                        break
+        assert internal_errors(app.metrics).total() == 0
+
+
 async def test_a_hub_without_sign_in_cannot_be_reached_through_dns_rebinding(
         tmp_path: Path) -> None:
     """A page on rebind.attacker.example points its own name at the hub's address: the

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 
+from .. import jsonutil
 from ..web import HttpServer, Request, Response
 from .access import COOKIE, Access
 from .tokens import AuthError
@@ -86,7 +87,7 @@ class SignIn:
 
     async def login(self, request: Request) -> Response:
         try:
-            body = json.loads(request.body or b"{}")
+            body = jsonutil.loads(request.body or b"{}")
         except ValueError:
             body = None
         token = body.get("token") if isinstance(body, dict) else None

@@ -32,13 +32,13 @@ with 400 (bad parameter) or 404 (unknown lot, wafer, test or alert).
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import trio
 
+from edgegw import jsonutil
 from edgegw.hub.alerts import AlertEngine
 from edgegw.hub.archive_merge import apply_archive
 from edgegw.hub.history_store import WAFER_SUMMARY
@@ -334,9 +334,9 @@ def ack(engine: AlertEngine, alert_id: str, body: bytes | dict[str, Any], now: f
         return 200, {"alert": alert.to_dict()}
     if isinstance(body, bytes | bytearray):
         try:
-            body = json.loads(body or b"{}")
-        except ValueError:
-            return _error(400, "body must be JSON: {\"user\": \"name\"}")
+            body = jsonutil.loads(body or b"{}")
+        except ValueError as exc:
+            return _error(400, f"body must be JSON: {{\"user\": \"name\"}} ({exc})")
     if not isinstance(body, dict):
         return _error(400, "body must be a JSON object: {\"user\": \"name\"}")
     user = body.get("user")

@@ -27,12 +27,12 @@ every node, or 503 (``"retry": true``) while the partition has no owner able to 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
+from edgegw import jsonutil
 from edgegw.hub import topics as topic_names
 from edgegw.hub.alerts import AlertEngine
 from edgegw.hub.fanout.core import StateSource
@@ -238,9 +238,9 @@ class ClusterHistoryApi(HistoryApi):
         user = principal.user if principal is not None and principal.via != "none" else None
         if not user:
             try:
-                data = json.loads(body or b"{}")
-            except ValueError:
-                return 400, {"error": "body must be JSON: {\"user\": \"name\"}"}
+                data = jsonutil.loads(body or b"{}")
+            except ValueError as exc:
+                return 400, {"error": f"body must be JSON: {{\"user\": \"name\"}} ({exc})"}
             user = data.get("user") if isinstance(data, dict) else None
             if not isinstance(user, str) or not user.strip():
                 return 400, {"error": "who acknowledges? body needs {\"user\": \"name\"}"}

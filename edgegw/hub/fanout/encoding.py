@@ -8,7 +8,7 @@ from typing import Any
 
 import cbor2
 
-from ...jsonutil import dumps
+from ...jsonutil import dumps, loads
 from .config import SUBPROTOCOL_JSON
 
 
@@ -65,27 +65,8 @@ def encoding_for_subprotocol(subprotocol: str | None) -> Encoding:
 
 def decode_client_message(data: bytes | str) -> Any:
     """Text frames are JSON, binary frames CBOR, whatever the subprotocol.  ValueError for
-    JSON whose ``\\uXXXX`` escapes make a lone surrogate: text no reply, log line or CBOR
-    frame could carry (CBOR's own text is checked UTF-8 by its decoder)."""
+    JSON whose ``\\uXXXX`` escapes leave a lone surrogate (``jsonutil.loads``): CBOR's own
+    text is checked UTF-8 by its decoder."""
     if isinstance(data, str):
-        message = json.loads(data)
-        if "\\u" in data and _lone_surrogate(message):
-            raise ValueError("a \\u escape makes a lone surrogate: not Unicode text")
-        return message
+        return loads(data)
     return cbor2.loads(data)
-
-
-def _lone_surrogate(value: Any) -> bool:
-    if isinstance(value, str):
-        if value.isascii():
-            return False
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
-        return False
-    if isinstance(value, dict):
-        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_lone_surrogate(v) for v in value)
-    return False
