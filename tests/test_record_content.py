@@ -18,19 +18,17 @@ from typing import Any, ClassVar
 import trio
 from hubtools import gateway_config
 from shared_data import METIS, stdf_bytes
+from test_frame_limits import stored
 
 from edgegw.gateway import Gateway
-from edgegw.protocol import decode_body
 from edgegw.records import (
     GatewayEvent,
     PartResult,
     SensorReading,
-    from_wire,
     plain_record,
     unicode_record,
     unicode_text,
 )
-from edgegw.spool import DiskSpool, SpoolConfig
 from edgegw.stdf import StdfDecoder
 
 
@@ -84,15 +82,15 @@ async def run_until_done(tmp: Path, source: Any = None, sources: Any = None,
     return gateway
 
 
-async def spooled(spool_dir: Path) -> tuple[list[Any], dict[str, Any]]:
-    async with DiskSpool.open(SpoolConfig(dir=str(spool_dir))) as spool:
-        frames = spool.frames_from(1, 100_000)
-        checkpoints = dict(spool.checkpoints)
-    records = []
-    for f in frames:
-        _, names, wire = decode_body(f.body, 1 << 24)
-        records.extend(from_wire(w, names) for w in wire)
-    return records, checkpoints
+async def put_through(tmp: Path, puts: list[list[Any]], checkpoints: list[Any] | None = None
+                      ) -> tuple[list[Any], Any, dict[str, Any]]:
+    """A gateway (no hub) run until ``Puts(puts, checkpoints)`` is done: the records
+    spooled, the source's stored checkpoint, the metrics; the source never restarted."""
+    gateway = await run_until_done(tmp, Puts(puts, checkpoints))
+    records, stored_checkpoints, _ = await stored(tmp / "spool")
+    metrics = gateway.metrics.as_dict()
+    assert metrics["gateway_source_restarts_total"] == {}
+    return records, stored_checkpoints.get("tester"), metrics
 
 
 async def test_a_record_holding_text_that_is_not_unicode_is_sent_escaped_and_counted(
@@ -100,15 +98,13 @@ async def test_a_record_holding_text_that_is_not_unicode_is_sent_escaped_and_cou
     bad = SensorReading("tester", 1.0, "temp", 21.5, "\udcb0C")  # a Latin-1 degree sign
     event = GatewayEvent("tester", 1.0, "warning", "x", "file \udce9", {"path": "/d/\udce9"})
     good = [SensorReading("tester", 1.0, "temp", float(i), "C") for i in range(3)]
-    gateway = await run_until_done(tmp_path, Puts([[good[0]], [bad, good[1]], [event, good[2]]]))
-    records, checkpoints = await spooled(tmp_path / "spool")
+    records, checkpoint, metrics = await put_through(
+        tmp_path, [[good[0]], [bad, good[1]], [event, good[2]]])
     assert records == [good[0], bad._replace(unit="\\xb0C"), good[1],
                        event._replace(message="file \\xe9", detail={"path": "/d/\\xe9"}),
                        good[2]]
-    assert checkpoints["tester"] == 3
-    metrics = gateway.metrics.as_dict()
+    assert checkpoint == 3
     assert metrics["gateway_records_rewritten_total"] == {"reason=not_unicode,source=tester": 2}
-    assert metrics["gateway_source_restarts_total"] == {}
 
 
 async def test_a_record_holding_an_object_cbor_has_no_type_for_is_sent_with_its_str(
@@ -122,15 +118,12 @@ async def test_a_record_holding_an_object_cbor_has_no_type_for_is_sent_with_its_
 
     odd = GatewayEvent("tester", 1.0, "warning", "x", "m", {"at": Vector(), "n": 2})
     good = SensorReading("tester", 1.0, "temp", 1.0, "C")
-    gateway = await run_until_done(tmp_path, Puts([[odd, good], [good]]))
-    records, checkpoints = await spooled(tmp_path / "spool")
+    records, checkpoint, metrics = await put_through(tmp_path, [[odd, good], [good]])
     assert records == [odd._replace(detail={"at": "vector 0x1f at cycle 88", "n": 2}),
                        good, good]
-    assert checkpoints["tester"] == 2
-    metrics = gateway.metrics.as_dict()
+    assert checkpoint == 2
     assert metrics["gateway_records_rewritten_total"] == {
         "reason=no_cbor_type,source=tester": 1}
-    assert metrics["gateway_source_restarts_total"] == {}
 
 
 async def test_what_is_not_a_record_is_refused_in_its_place_an_event_and_the_rest_flows(
@@ -141,36 +134,30 @@ async def test_what_is_not_a_record_is_refused_in_its_place_an_event_and_the_res
     and a GatewayEvent takes its place -- the source's count of records in frames, which
     a replay after a crash skips by, is unchanged."""
     good = SensorReading("tester", 1.0, "temp", 1.0, "C")
-    gateway = await run_until_done(tmp_path, Puts([
-        [good, {"lot": "L1", "part": 7}, good], [good._replace(source=7)], [good]]))
-    records, checkpoints = await spooled(tmp_path / "spool")
-    assert len(records) == 5 and checkpoints["tester"] == 3
+    records, checkpoint, metrics = await put_through(tmp_path, [
+        [good, {"lot": "L1", "part": 7}, good], [good._replace(source=7)], [good]])
+    assert len(records) == 5 and checkpoint == 3
     stand_in = records[1]
     assert isinstance(stand_in, GatewayEvent) and stand_in.code == "record_refused"
     assert stand_in.detail == {"source": "tester", "type": "dict",
                                "value": "{'lot': 'L1', 'part': 7}"}
     assert [records[0], records[2], records[3], records[4]] == [
         good, good, good._replace(source="7"), good]
-    metrics = gateway.metrics.as_dict()
     assert metrics["gateway_records_rejected_total"] == {
         "reason=not_a_record,source=tester": 1}
     assert metrics["gateway_records_rewritten_total"] == {
         "reason=source_not_text,source=tester": 1}
-    assert metrics["gateway_source_restarts_total"] == {}
 
 
 async def test_a_checkpoint_holding_text_that_is_not_unicode_is_refused_the_source_runs_on(
         tmp_path: Path) -> None:
     parts = [[PartResult("tester", 1.0, "L1", "W1", 1, 0, str(i), i, 0, 1, 1, True)]
              for i in range(3)]
-    source = Puts(parts, checkpoints=[1, {"file": "lot_\udce9"}, 3])
-    gateway = await run_until_done(tmp_path, source)
-    records, checkpoints = await spooled(tmp_path / "spool")
+    records, checkpoint, metrics = await put_through(
+        tmp_path, parts, checkpoints=[1, {"file": "lot_\udce9"}, 3])
     assert records == [p[0] for p in parts]
-    assert checkpoints["tester"] == 3
-    metrics = gateway.metrics.as_dict()
+    assert checkpoint == 3
     assert metrics["gateway_checkpoints_rejected_total"] == {"source=tester": 1}
-    assert metrics["gateway_source_restarts_total"] == {}
 
 
 async def test_a_tester_file_named_in_bytes_that_are_not_utf8_is_read_once_across_a_restart(
@@ -189,7 +176,7 @@ async def test_a_tester_file_named_in_bytes_that_are_not_utf8_is_read_once_acros
 
     gateway = await run_until_done(tmp_path, sources=sources, until=finished)
     assert gateway.metrics.as_dict()["gateway_source_restarts_total"] == {}
-    records, checkpoints = await spooled(tmp_path / "spool")
+    records, checkpoints, _ = await stored(tmp_path / "spool")
     decoder = StdfDecoder()
     decoder.feed(raw)
     prr = sum(1 for r in decoder.records() if r.name == "PRR")
@@ -208,4 +195,4 @@ async def test_a_tester_file_named_in_bytes_that_are_not_utf8_is_read_once_acros
 
     gateway = await run_until_done(tmp_path, sources=sources, until=polled_a_while)
     assert gateway.metrics.as_dict()["tail_records_total"] == {}
-    assert await spooled(tmp_path / "spool") == (records, checkpoints)
+    assert (await stored(tmp_path / "spool"))[:2] == (records, checkpoints)
