@@ -16,6 +16,7 @@ ignores trailing fields it does not know.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, NamedTuple
 
 
@@ -336,12 +337,29 @@ _PLAIN = (str, bytes, bool, int, float, type(None))
 
 def plain_record(value: Any) -> Any:
     """A record (or any value in one) with every value of another type than text, bytes,
-    numbers, None, lists, tuples and maps -- an object a plugin left in a GatewayEvent's
-    ``detail`` or a RawRecord's fields, which CBOR cannot encode -- replaced by its
-    ``str()``, and every text made ``unicode_text``: the same object when nothing needed
-    it."""
-    return _rebuilt(value, unicode_text,
-                    lambda v: v if isinstance(v, _PLAIN) else unicode_text(str(v)))
+    numbers, None, lists, tuples and maps, which CBOR cannot encode, made one: a number of
+    another kind (numpy's ``int64``, ``float32`` or ``bool_`` in a test program's record, a
+    ``Fraction``) the Python ``int``, ``float`` or ``bool`` of its value; anything else (an
+    object a plugin left in a GatewayEvent's ``detail``) its ``str()``.  Every text made
+    ``unicode_text``.  The same object when nothing needed it."""
+    return _rebuilt(value, unicode_text, _plain)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _PLAIN):
+        return value
+    if type(value).__module__ == "numpy" and callable(getattr(value, "item", None)):
+        try:  # a numpy scalar (a bool_ too, which is no number): its Python value
+            plain = value.item()
+        except Exception:
+            plain = None
+        if isinstance(plain, _PLAIN):
+            return plain
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return unicode_text(str(value))
 
 
 def _rebuilt(value: Any, text: Any, other: Any) -> Any:

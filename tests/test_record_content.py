@@ -23,6 +23,7 @@ from test_frame_limits import stored
 from edgegw.gateway import Gateway
 from edgegw.records import (
     GatewayEvent,
+    ParametricResult,
     PartResult,
     SensorReading,
     plain_record,
@@ -124,6 +125,29 @@ async def test_a_record_holding_an_object_cbor_has_no_type_for_is_sent_with_its_
     assert checkpoint == 2
     assert metrics["gateway_records_rewritten_total"] == {
         "reason=no_cbor_type,source=tester": 1}
+
+
+async def test_numpy_values_in_a_test_programs_records_arrive_as_python_numbers(
+        tmp_path: Path) -> None:
+    """A Python test program measures with numpy: ``value < limit`` is a ``numpy.bool_``,
+    a mean a ``float32``, a bin from an array an ``int64``.  None is a CBOR type (a
+    ``float64`` is a float and always was): the gateway stopped.  They arrive as the
+    Python values they hold, the record otherwise as it was."""
+    import numpy as np
+
+    measured = np.float32(1.25)
+    parametric = ParametricResult("tester", 1.0, "L1", 1, 0, "7", 100, "vdd", measured,
+                                  np.float32(1.0), 1.5, "V", measured < 1.5)
+    part = PartResult("tester", 1.0, "L1", "W1", 1, 0, "7", np.int64(3), np.int32(4),
+                      np.int64(1), np.uint16(1), np.bool_(True))
+    records, checkpoint, metrics = await put_through(tmp_path, [[parametric, part]])
+    assert records == [
+        ParametricResult("tester", 1.0, "L1", 1, 0, "7", 100, "vdd", 1.25, 1.0, 1.5, "V", True),
+        PartResult("tester", 1.0, "L1", "W1", 1, 0, "7", 3, 4, 1, 1, True)]
+    assert [type(v) for v in records[1][7:12]] == [int, int, int, int, bool]
+    assert checkpoint == 1
+    assert metrics["gateway_records_rewritten_total"] == {
+        "reason=no_cbor_type,source=tester": 2}
 
 
 async def test_what_is_not_a_record_is_refused_in_its_place_an_event_and_the_rest_flows(
