@@ -179,9 +179,13 @@ async def test_a_checkpoint_holding_text_that_is_not_unicode_is_refused_the_sour
              for i in range(3)]
     records, checkpoint, metrics = await put_through(
         tmp_path, parts, checkpoints=[1, {"file": "lot_\udce9"}, 3])
-    assert records == [p[0] for p in parts]
+    assert [r for r in records if isinstance(r, PartResult)] == [p[0] for p in parts]
     assert checkpoint == 3
     assert metrics["gateway_checkpoints_rejected_total"] == {"source=tester": 1}
+    told = [r for r in records if isinstance(r, GatewayEvent)]  # the hub is told, once
+    assert [(e.code, e.detail["source"], e.detail["checkpoints"]) for e in told] == [
+        ("checkpoint_rejected", "tester", 1)]
+    assert told[0].detail["error"].startswith("UnicodeEncodeError: ")
 
 
 async def test_a_tester_file_named_in_bytes_that_are_not_utf8_is_read_once_across_a_restart(

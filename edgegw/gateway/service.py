@@ -245,6 +245,9 @@ class Gateway:
         self._refused_kept: Counter[tuple[Any, ...]] = Counter()
         # checkpoints refused as too large, per source, not yet told to the hub: [n, bytes]
         self._checkpoints_untold: dict[str, list[int]] = {}
+        #: per source: checkpoints refused as CBOR cannot hold them, the hub not told yet
+        #: (count, the first one's reason)
+        self._unencodable_untold: dict[str, tuple[int, str]] = {}
         self._checkpoint_budget = _checkpoint_budget(self.store)
         #: what all sources' latest checkpoints may take together (the store repeats each
         #: with every segment), and per source the bytes of its latest one stored or
@@ -523,10 +526,12 @@ class Gateway:
             # from the same checkpoint, for ever; refused instead, as one too large is
             first = not self.m_checkpoints_refused.get(source=source)
             self.m_checkpoints_refused.inc(source=source)
+            reason = unicode_text(f"{type(exc).__name__}: {exc}")[:200]
             log.log(logging.ERROR if first else logging.DEBUG,
-                    "source %s: a checkpoint that cannot be stored refused (%s: %.200s); its "
-                    "previous checkpoint stays the durable one", source,
-                    type(exc).__name__, exc)
+                    "source %s: a checkpoint that cannot be stored refused (%s); its "
+                    "previous checkpoint stays the durable one", source, reason)
+            n, said = self._unencodable_untold.get(source, (0, reason))
+            self._unencodable_untold[source] = (n + 1, said)
             return None
         others = self._checkpoints_sum - sizes.get(source, 0)
         total = self._checkpoints_total
@@ -553,7 +558,13 @@ class Gateway:
     def _checkpoint_events(self) -> list[GatewayEvent]:
         """The events that tell the hub about refused checkpoints not told yet."""
         untold, self._checkpoints_untold = self._checkpoints_untold, {}
+        unencodable, self._unencodable_untold = self._unencodable_untold, {}
         return [GatewayEvent(
+            "gateway", time.time(), "error", "checkpoint_rejected",
+            f"source {source}: {n} checkpoint(s) refused that cannot be stored ({reason}); "
+            "its previous checkpoint stands (a restart replays from it, skipping what "
+            "frames hold)", {"source": source, "checkpoints": n, "error": reason})
+            for source, (n, reason) in unencodable.items()] + [GatewayEvent(
             "gateway", time.time(), "error", "checkpoint_rejected",
             f"source {source}: {n} checkpoint(s) of up to {size} bytes refused, over the "
             f"{self._checkpoint_budget} a frame may carry or, beside the other sources' "
