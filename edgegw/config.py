@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
+from .unicodetext import is_unicode
+
 T = TypeVar("T")
 
 #: each config class's resolved type hints: the modules use ``from __future__ import
@@ -208,7 +210,7 @@ class _Builder:
                 if INT64[0] <= raw <= INT64[1]:
                     return raw
         elif isinstance(tp, type) and isinstance(raw, tp):
-            if isinstance(raw, str) and not raw.isascii() and _not_unicode(raw):
+            if isinstance(raw, str) and not is_unicode(raw):
                 # (only a --set can: TOML text is Unicode) a shell in another encoding
                 self.error(key, f"expected text, got {_show(raw)}: bytes that are not UTF-8 "
                                 "(a --set typed in another encoding?)")
@@ -250,16 +252,6 @@ class _Builder:
 
 
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-
-
-def _not_unicode(text: str) -> bool:
-    """Whether ``text`` holds lone surrogates (``os.fsdecode`` of bytes that are not UTF-8):
-    no UTF-8 -- the wire's CBOR, the spool -- can carry it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def host_problem(host: str) -> str | None:

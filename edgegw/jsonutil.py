@@ -8,6 +8,8 @@ import json
 import math
 from typing import Any
 
+from .unicodetext import unicode_value
+
 
 def _json_default(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray)):
@@ -57,25 +59,9 @@ def loads(data: bytes | bytearray | str) -> Any:
     live topic for every CBOR dashboard)."""
     value = json.loads(data)
     if (b"\\u" if isinstance(data, (bytes, bytearray)) else "\\u") in data \
-            and _lone_surrogate(value):
+            and unicode_value(value) is not value:
         raise ValueError("a \\u escape leaves a lone surrogate: not Unicode text")
     return value
-
-
-def _lone_surrogate(value: Any) -> bool:
-    if isinstance(value, str):
-        if value.isascii():
-            return False
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
-        return False
-    if isinstance(value, dict):
-        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_lone_surrogate(v) for v in value)
-    return False
 
 
 __all__ = ["dumps", "loads"]

@@ -19,6 +19,8 @@ from __future__ import annotations
 import numbers
 from typing import Any, NamedTuple
 
+from .unicodetext import unicode_text, unicode_value
+
 
 class LotStart(NamedTuple):
     KIND = 1
@@ -308,27 +310,10 @@ def from_wire(item: Any, sources: list[str]) -> Record:
     return cls(sources[idx], *item[2:n_fields + 1])
 
 
-def unicode_text(text: str) -> str:
-    """``text`` as Unicode the wire can carry (CBOR text is UTF-8).  A string that holds
-    lone surrogates -- bytes that were not UTF-8, kept by ``os.fsdecode`` or
-    ``surrogateescape`` (a Latin-1 file name on Linux), or a JSON ``"\\udce9"`` -- gets
-    them written out as escapes: ``lot_\\xe9.stdf`` for the byte E9.  Anything else is
-    returned as it is."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        pass
-    try:  # surrogates standing for bytes: those bytes, as \xNN
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # other lone surrogates (U+D800...): as \uNNNN
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def unicode_record(value: Any) -> Any:
     """A record (or any value in one) with every text made ``unicode_text``: the same
     object when nothing needed it."""
-    return _rebuilt(value, unicode_text, lambda v: v)
+    return unicode_value(value)
 
 
 #: what a record's fields may hold and every CBOR encoder takes
@@ -342,7 +327,7 @@ def plain_record(value: Any) -> Any:
     ``Fraction``) the Python ``int``, ``float`` or ``bool`` of its value; anything else (an
     object a plugin left in a GatewayEvent's ``detail``) its ``str()``.  Every text made
     ``unicode_text``.  The same object when nothing needed it."""
-    return _rebuilt(value, unicode_text, _plain)
+    return unicode_value(value, _plain)
 
 
 def _plain(value: Any) -> Any:
@@ -360,25 +345,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, numbers.Real):
         return float(value)
     return unicode_text(str(value))
-
-
-def _rebuilt(value: Any, text: Any, other: Any) -> Any:
-    if isinstance(value, str):
-        return text(value)
-    if isinstance(value, (list, tuple)):
-        items = [_rebuilt(v, text, other) for v in value]
-        if all(a is b for a, b in zip(items, value, strict=True)):
-            return value
-        if isinstance(value, list):
-            return items
-        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-    if isinstance(value, dict):
-        pairs = [(_rebuilt(k, text, other), _rebuilt(v, text, other))
-                 for k, v in value.items()]
-        if all(a is k and b is v for (a, b), (k, v) in zip(pairs, value.items(), strict=True)):
-            return value
-        return dict(pairs)
-    return other(value)
 
 
 __all__ = [
