@@ -117,6 +117,7 @@ def source_type(name: str) -> type[Source]:
 
 
 # after the interface above, which they import
+from .copies import WAIT, Finished, Originals, read_gzip_heads  # noqa: E402
 from .finished import FinishedFiles, recognised  # noqa: E402
 from .formats import (  # noqa: E402
     UnknownFormat,
@@ -130,10 +131,9 @@ from .tail import TailConfig, TailSource  # noqa: E402
 from .testerfile import open_shared, pread, pread_seek  # noqa: E402
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "FinishedFiles", "RecordSink", "Source", "SourceContext", "TailConfig",
-    "TailSource",
-    "UnknownFormat", "UnknownSourceType", "build_options", "get_format", "installed_formats",
-    "is_complete", "new_parser", "open_shared", "pread", "pread_seek", "recognised",
-    "source_errors",
-    "source_type", "source_types",
+    "ENTRY_POINT_GROUP", "WAIT", "Finished", "FinishedFiles", "Originals", "RecordSink",
+    "Source", "SourceContext", "TailConfig", "TailSource", "UnknownFormat",
+    "UnknownSourceType", "build_options", "get_format", "installed_formats", "is_complete",
+    "new_parser", "open_shared", "pread", "pread_seek", "read_gzip_heads", "recognised",
+    "source_errors", "source_type", "source_types",
 ]

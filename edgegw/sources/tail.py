@@ -103,6 +103,7 @@ from ..metrics import report_internal_error
 from ..records import GatewayEvent, RawRecord, Record, unicode_text
 from ..stdf.mapping import RecordMapper
 from . import RecordSink, SourceContext, source_errors
+from .copies import WAIT, Finished, GzipHead, Originals, read_gzip_heads
 from .fingerprint import (
     HEAD_BYTES,
     Fingerprint,
@@ -260,6 +261,9 @@ class _File:
     #: on from there when a lot is appended, not from its start (``gzpoint``; None: the
     #: start -- not in the checkpoint: a restart decompresses the file from its start)
     gz_point: GzPoint | None = None
+    #: when the tail began to wait on it as a compressed copy it cannot tell yet (Trio
+    #: time; ``TailSource._copy_check``)
+    copy_wait: float | None = None
 
     @property
     def stream(self) -> Any:
@@ -511,6 +515,9 @@ class TailSource:
         #: one (hard links): path -> inode (``_one_name_each``); and the scan's before
         self._aliases: dict[str, int] = {}
         self._aliases_before: dict[str, int] = {}
+        #: the registry's finished plain files at the restart (``_registered_originals``;
+        #: None: not looked at yet)
+        self._registered: list[Finished] | None = None
         self.errors = source_errors(context.metrics)
         self.read_records = context.metrics.counter(
             "tail_records_total", "tester records parsed from tailed files (re-reads included)")
@@ -526,6 +533,9 @@ class TailSource:
             "tail_cut_records_total", "records cut before a field they must have (REC_LEN "
             "too short: a PTR without TEST_NUM, an HBR without HBIN_NUM) skipped in files "
             "read to their end; the records after them are read")
+        self.copies = context.metrics.counter(
+            "tail_compressed_copies_total", "gzip files taken as compressed copies of "
+            "finished files the tail read (gzip in place): not read (docs/tail.md)")
         suffixes = tuple(s.lower() for s in self.format.suffixes)
         self._suffixes = suffixes + tuple(s + ".gz" for s in suffixes)
 
@@ -925,6 +935,7 @@ class TailSource:
         # path -> (its fingerprint now, whether it starts like the one it was compared with)
         heads = await trio.to_thread.run_sync(read_fingerprints, wanted) if wanted else {}
         asked = {path for path, _, _ in wanted}
+        copies, gz_heads = await self._copy_heads(found)
         clock = min(self._scan_started, self._fs_clock())
         horizon = clock - int(self.config.fold_after * 1e9) - CLOCK_SLACK_NS
         if clock - CLOCK_SLACK_NS < self.watermark:
@@ -1022,6 +1033,13 @@ class TailSource:
                                 f", and what follows its last MRR (byte {f.end}) is not a FAR")
                 if not verdict:
                     continue
+            if copies is not None and info.path in gz_heads and self._may_be_copy(f):
+                verdict = self._copy_check(f, info, copies, gz_heads[info.path])
+                if verdict == WAIT:
+                    continue
+                if verdict:
+                    changed.append(f)  # (handed over: listed, finished)
+                    continue
             try:
                 await self._follow(f, info, sink)
                 while (f.done and f.end is not None and f.fed > f.end
@@ -1106,6 +1124,81 @@ class TailSource:
             g.origin = g.offset
         self._handed = {path_of_key(k): e["inode"] for k, e in checkpoint["files"].items()}
         self._handed_watermark = checkpoint["finished_before"]
+
+    @staticmethod
+    def _may_be_copy(f: _File | None) -> bool:
+        """A gzip file nothing has been read of yet (new, or waited on)."""
+        return f is None or (f.gz and not f.done and f.offset == 0 and f.base == 0
+                             and f.parser is None and f.fed == 0)
+
+    async def _copy_heads(self, found: list[_FileInfo]
+                          ) -> tuple[Originals | None, dict[str, GzipHead]]:
+        """The files a new gzip file may be a compressed copy of, and the decompressed
+        first bytes of each gzip file nothing has been read of yet (none read when there
+        is nothing it could be a copy of: ``copies``)."""
+        new = [(i.path, i.inode) for i in found
+               if i.gz and self._may_be_copy(self.files.get(i.path))]
+        if not new:
+            return None, {}
+        originals = Originals()
+        for f in self.files.values():
+            if f.gz or not complete(f.head, f.size) or f.head is None:
+                continue
+            if f.done:
+                originals.add(Finished(f.path, f.head, f.offset, f.end))
+            else:
+                originals.add_unfinished(f.head)
+        if self._registered is None:
+            self._registered = self._registered_originals()
+        for o in self._registered:
+            originals.add(o)
+        if not originals:
+            return None, {}
+        return originals, await trio.to_thread.run_sync(read_gzip_heads, new)
+
+    def _registered_originals(self) -> list[Finished]:
+        """The finished plain files of the registry as the restart found it: those the
+        checkpoint no longer lists, deleted while the gateway was stopped after a copy
+        was made (the running tail knows every other as a file; later entries are of
+        files it knows)."""
+        out: list[Finished] = []
+        if self.finished is not None and self._resumed:
+            for entry in self.finished.entries.values():
+                version = relied_on(entry, self._durable_watermark)
+                if (version is not None and not entry.path.lower().endswith(".gz")
+                        and complete(version.head, version.size)):
+                    at = version.size if version.end is None else version.end
+                    out.append(Finished(entry.path, version.head, at, version.end))
+        return out
+
+    def _copy_check(self, f: _File, info: _FileInfo, originals: Originals,
+                    head: GzipHead) -> bool | Literal["wait"]:
+        """Whether gzip file ``f``, nothing read of it yet, is a compressed copy of a
+        finished file the tail read (``copies``): if so it is finished where that one is,
+        and not read.  ``WAIT``: not read yet, it cannot be told (``gzip`` writing it, or
+        its original not finished) -- for at most ``idle_timeout``, then read."""
+        verdict = originals.copy_of(head.data, head.ended)
+        now = trio.current_time()
+        if verdict == WAIT:
+            if f.copy_wait is None:
+                f.copy_wait = now
+            if now - f.copy_wait < self.config.idle_timeout:
+                return WAIT
+            log.warning("source %s: %s starts like a file not finished yet, or too few of "
+                        "its bytes to tell, for %g s: read as a file of its own", self.name,
+                        f.path, self.config.idle_timeout)
+            return False
+        if verdict is None:
+            return False
+        log.info("source %s: %s is a compressed copy of %s, finished (%s): not read",
+                 self.name, f.path, verdict.path,
+                 "at its MRR" if verdict.end is not None else "read to its end")
+        self.copies.inc(source=self.name)
+        f.done, f.reason = True, f"compressed copy of {unicode_text(verdict.path)}"
+        f.offset = f.origin = verdict.at
+        f.end, f.size, f.copy_wait = verdict.end, info.size, None
+        self._listed[f.path] = f
+        return True
 
     def _heads_wanted(self, found: list[_FileInfo], gone: dict[int, _File]
                       ) -> list[tuple[str, int, Fingerprint | None]]:

@@ -1,0 +1,152 @@
+"""A finished tester file compressed where it lies (``gzip lot.stdf``: a new file,
+``lot.stdf.gz``, the plain one removed) is not read again: the tail takes the gzip file
+for a compressed copy of the file it read (docs/tail.md, "Compressed in place").  Before,
+the whole lot went to the hub a second time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import trio
+from test_stdf_tail import expected
+from test_tail_registry import Sink, append, crash, lot_bytes, lot_ids, of, read_and_fold, start
+
+from edgegw.sources import WAIT, Finished, Originals, read_gzip_heads
+
+
+def test_the_decision() -> None:
+    data = lot_bytes(1)
+    head = (1024, zlib.crc32(data[:1024]))
+    known = Originals()
+    known.add(Finished("lot1.stdf", head, len(data), len(data)))
+    assert known.copy_of(data[:1024], ended=False) == Finished("lot1.stdf", head,
+                                                                len(data), len(data))
+    assert known.copy_of(data[:100], ended=False) == WAIT, "too few bytes to tell yet"
+    assert known.copy_of(data[:100], ended=True) is None, "a small file of its own"
+    other = lot_bytes(2)
+    assert known.copy_of(other[:1024], ended=False) is None, "another lot"
+    unfinished = Originals()
+    unfinished.add_unfinished(head)
+    assert unfinished.copy_of(data[:1024], ended=False) == WAIT, "its original not finished"
+
+
+def test_the_decompressed_head_of_members_and_of_a_file_being_written(tmp_path: Path) -> None:
+    data = lot_bytes(1)
+    whole, members, cut = tmp_path / "a.gz", tmp_path / "b.gz", tmp_path / "c.gz"
+    whole.write_bytes(gzip.compress(data))
+    members.write_bytes(gzip.compress(data[:300]) + gzip.compress(data[300:]))
+    cut.write_bytes(gzip.compress(data)[:12])
+    heads = read_gzip_heads([(str(p), p.stat().st_ino) for p in (whole, members, cut)])
+    assert heads[str(whole)].data == heads[str(members)].data == data[:1024]
+    assert not heads[str(cut)].ended
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["gzip", "gzip -k"])
+@pytest.mark.parametrize("when", ["running", "folded", "stopped"])
+async def test_a_finished_file_compressed_in_place_is_not_read_again(
+        tmp_path: Path, when: str, keep: bool) -> None:
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    data = lot_bytes(1)
+    path = directory / "lot1.stdf"
+    path.write_bytes(data)
+    sink = Sink(state)
+    source = start(directory, state, None)
+    if when == "running":
+        for _ in range(3):
+            await source.poll_once(sink)
+    else:
+        await read_and_fold(source, sink)
+    assert of(sink.records, 1) == expected(data)
+    if when == "stopped":
+        await crash(source)
+    await trio.run_process(["gzip", *(["-k"] if keep else []), str(path)])
+    if when == "stopped":
+        source = start(directory, state, sink.checkpoint)
+    for _ in range(3):
+        time.sleep(0.05)
+        await source.poll_once(sink)
+    assert lot_ids(sink.records) == {"L001": 1}, "the lot once"
+    assert source.copies.get(source="tester1") == 1
+    # and a restart from there knows the copy: nothing read again
+    await crash(source)
+    source = start(directory, state, sink.checkpoint)
+    await read_and_fold(source, sink)
+    assert lot_ids(sink.records) == {"L001": 1}
+    await crash(source)
+
+
+async def test_a_copy_seen_while_gzip_writes_it_is_waited_on_then_not_read(
+        tmp_path: Path) -> None:
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    data = lot_bytes(1)
+    path = directory / "lot1.stdf"
+    path.write_bytes(data)
+    sink = Sink(state)
+    source = start(directory, state, None)
+    await read_and_fold(source, sink)
+    packed = gzip.compress(data)
+    copy = directory / "lot1.stdf.gz"
+    copy.write_bytes(packed[:10])  # gzip's header: nothing decompresses yet
+    await source.poll_once(sink)
+    await source.poll_once(sink)
+    append(copy, packed[10:])
+    path.unlink()
+    for _ in range(3):
+        time.sleep(0.05)
+        await source.poll_once(sink)
+    assert lot_ids(sink.records) == {"L001": 1}
+    # a lot appended to the compressed copy later is read, once
+    more = lot_bytes(2)
+    append(copy, gzip.compress(more))
+    for _ in range(3):
+        time.sleep(0.05)
+        await source.poll_once(sink)
+    assert lot_ids(sink.records) == {"L001": 1, "L002": 1}
+    assert of(sink.records, 2) == expected(more)
+    await crash(source)
+
+
+async def test_a_gzip_file_of_its_own_is_read(tmp_path: Path) -> None:
+    """Another lot, compressed, beside the finished plain one: read, whole."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    (directory / "lot1.stdf").write_bytes(lot_bytes(1))
+    sink = Sink(state)
+    source = start(directory, state, None)
+    await read_and_fold(source, sink)
+    other = lot_bytes(2)
+    (directory / "lot2.stdf.gz").write_bytes(gzip.compress(other))
+    for _ in range(3):
+        await source.poll_once(sink)
+    assert of(sink.records, 2) == expected(other)
+    assert source.copies.get(source="tester1") == 0
+    await crash(source)
+
+
+async def test_a_gzip_file_too_short_to_tell_is_read_after_idle_timeout(
+        tmp_path: Path) -> None:
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    (directory / "lot1.stdf").write_bytes(lot_bytes(1))
+    sink = Sink(state)
+    source = start(directory, state, None)
+    await read_and_fold(source, sink)
+    source.config = dataclasses.replace(source.config, idle_timeout=0.3)
+    short = directory / "short.stdf.gz"
+    short.write_bytes(gzip.compress(lot_bytes(3))[:12])  # cut inside its first member
+    await source.poll_once(sink)
+    assert source.files[str(short)].copy_wait is not None, "waited on"
+    deadline = time.monotonic() + 10
+    while source.files[str(short)].reason == "" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        await source.poll_once(sink)
+    assert source.files[str(short)].done, "then read as a file of its own: a truncated gzip"
+    await crash(source)
