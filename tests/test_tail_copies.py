@@ -17,7 +17,7 @@ import trio
 from test_stdf_tail import expected
 from test_tail_registry import Sink, append, crash, lot_bytes, lot_ids, of, read_and_fold, start
 
-from edgegw.sources import WAIT, Finished, Originals, read_gzip_heads
+from edgegw.sources import WAIT, Finished, Originals, TailSource, read_gzip_heads
 
 
 def test_the_decision() -> None:
@@ -47,10 +47,10 @@ def test_the_decompressed_head_of_members_and_of_a_file_being_written(tmp_path: 
     assert not heads[str(cut)].ended
 
 
-@pytest.mark.parametrize("keep", [False, True], ids=["gzip", "gzip -k"])
-@pytest.mark.parametrize("when", ["running", "folded", "stopped"])
-async def test_a_finished_file_compressed_in_place_is_not_read_again(
-        tmp_path: Path, when: str, keep: bool) -> None:
+async def lot1_read(tmp_path: Path, *, fold: bool = True
+                    ) -> tuple[Path, Path, bytes, Sink, TailSource]:
+    """A tail that has read the finished lot1.stdf (and folded it, with ``fold``): its
+    directory, the file, its bytes, the sink and the source."""
     directory, state = tmp_path / "watched", tmp_path / "state"
     directory.mkdir()
     data = lot_bytes(1)
@@ -58,12 +58,21 @@ async def test_a_finished_file_compressed_in_place_is_not_read_again(
     path.write_bytes(data)
     sink = Sink(state)
     source = start(directory, state, None)
-    if when == "running":
+    if fold:
+        await read_and_fold(source, sink)
+    else:
         for _ in range(3):
             await source.poll_once(sink)
-    else:
-        await read_and_fold(source, sink)
     assert of(sink.records, 1) == expected(data)
+    return directory, path, data, sink, source
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["gzip", "gzip -k"])
+@pytest.mark.parametrize("when", ["running", "folded", "stopped"])
+async def test_a_finished_file_compressed_in_place_is_not_read_again(
+        tmp_path: Path, when: str, keep: bool) -> None:
+    directory, path, _, sink, source = await lot1_read(tmp_path, fold=when != "running")
+    state = tmp_path / "state"
     if when == "stopped":
         await crash(source)
     await trio.run_process(["gzip", *(["-k"] if keep else []), str(path)])
@@ -84,14 +93,7 @@ async def test_a_finished_file_compressed_in_place_is_not_read_again(
 
 async def test_a_copy_seen_while_gzip_writes_it_is_waited_on_then_not_read(
         tmp_path: Path) -> None:
-    directory, state = tmp_path / "watched", tmp_path / "state"
-    directory.mkdir()
-    data = lot_bytes(1)
-    path = directory / "lot1.stdf"
-    path.write_bytes(data)
-    sink = Sink(state)
-    source = start(directory, state, None)
-    await read_and_fold(source, sink)
+    directory, path, data, sink, source = await lot1_read(tmp_path)
     packed = gzip.compress(data)
     copy = directory / "lot1.stdf.gz"
     copy.write_bytes(packed[:10])  # gzip's header: nothing decompresses yet
@@ -116,12 +118,7 @@ async def test_a_copy_seen_while_gzip_writes_it_is_waited_on_then_not_read(
 
 async def test_a_gzip_file_of_its_own_is_read(tmp_path: Path) -> None:
     """Another lot, compressed, beside the finished plain one: read, whole."""
-    directory, state = tmp_path / "watched", tmp_path / "state"
-    directory.mkdir()
-    (directory / "lot1.stdf").write_bytes(lot_bytes(1))
-    sink = Sink(state)
-    source = start(directory, state, None)
-    await read_and_fold(source, sink)
+    directory, _, _, sink, source = await lot1_read(tmp_path)
     other = lot_bytes(2)
     (directory / "lot2.stdf.gz").write_bytes(gzip.compress(other))
     for _ in range(3):
@@ -133,12 +130,7 @@ async def test_a_gzip_file_of_its_own_is_read(tmp_path: Path) -> None:
 
 async def test_a_gzip_file_too_short_to_tell_is_read_after_idle_timeout(
         tmp_path: Path) -> None:
-    directory, state = tmp_path / "watched", tmp_path / "state"
-    directory.mkdir()
-    (directory / "lot1.stdf").write_bytes(lot_bytes(1))
-    sink = Sink(state)
-    source = start(directory, state, None)
-    await read_and_fold(source, sink)
+    directory, _, _, sink, source = await lot1_read(tmp_path)
     source.config = dataclasses.replace(source.config, idle_timeout=0.3)
     short = directory / "short.stdf.gz"
     short.write_bytes(gzip.compress(lot_bytes(3))[:12])  # cut inside its first member
