@@ -142,3 +142,43 @@ async def test_a_gzip_file_too_short_to_tell_is_read_after_idle_timeout(
         await source.poll_once(sink)
     assert source.files[str(short)].done, "then read as a file of its own: a truncated gzip"
     await crash(source)
+
+
+async def behind_on_lot1(tmp_path: Path) -> tuple[Path, Path, bytes, Sink, TailSource]:
+    """A tail that has read half of lot1.stdf when the tester writes the rest, through
+    its MRR: its directory, the file, the whole file's bytes, the sink and the source."""
+    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory.mkdir()
+    data = lot_bytes(1)
+    path = directory / "lot1.stdf"
+    path.write_bytes(data[:len(data) // 2])
+    sink = Sink(state)
+    source = start(directory, state, None)
+    await source.poll_once(sink)
+    assert 0 < source.files[str(path)].offset < len(data)
+    append(path, data[len(data) // 2:])
+    return directory, path, data, sink, source
+
+
+@pytest.mark.parametrize("how", ["gzip", "rm", "rm, and the next lot at its name"])
+async def test_a_file_removed_before_the_tail_read_its_end_is_read_to_its_end(
+        tmp_path: Path, how: str) -> None:
+    """A lot-end script compresses the datalog, or moves it away (to another file system:
+    a copy, then ``rm``), before the next poll: what the tail had not read yet is read
+    through the file it holds open -- once, and a compressed copy is not read again."""
+    _, path, data, sink, source = await behind_on_lot1(tmp_path)
+    if how == "gzip":
+        await trio.run_process(["gzip", str(path)])
+    else:
+        path.unlink()
+    if how.endswith("name"):
+        path.write_bytes(lot_bytes(2))
+    for _ in range(3):
+        time.sleep(0.05)
+        await source.poll_once(sink)
+    assert of(sink.records, 1) == expected(data), "every record, once"
+    if how.endswith("name"):
+        assert of(sink.records, 2) == expected(lot_bytes(2))
+    assert source.copies.get(source="tester1") == (how == "gzip")
+    assert source.removed_read.get(source="tester1") == 1
+    await crash(source)

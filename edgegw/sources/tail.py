@@ -536,6 +536,9 @@ class TailSource:
         self.copies = context.metrics.counter(
             "tail_compressed_copies_total", "gzip files taken as compressed copies of "
             "finished files the tail read (gzip in place): not read (docs/tail.md)")
+        self.removed_read = context.metrics.counter(
+            "tail_removed_files_read_total", "unfinished files removed (deleted, moved "
+            "away, compressed) before the tail read their end: read on from the open file")
         suffixes = tuple(s.lower() for s in self.format.suffixes)
         self._suffixes = suffixes + tuple(s + ".gz" for s in suffixes)
 
@@ -931,6 +934,7 @@ class TailSource:
                 replaced.append(f)
         if replaced:
             self._moved_aside(found, replaced)
+        await self._read_removed(sink, found)
         wanted = self._heads_wanted(found, gone)
         # path -> (its fingerprint now, whether it starts like the one it was compared with)
         heads = await trio.to_thread.run_sync(read_fingerprints, wanted) if wanted else {}
@@ -1068,6 +1072,28 @@ class TailSource:
             if self._registering or self.finished.dirty:
                 await self._register()
         await self._hand_over_changes(sink, changed, force=logged)
+
+    async def _read_removed(self, sink: RecordSink, found: list[_FileInfo]) -> None:
+        """Read to its end each unfinished file the tail holds open that is at none of the
+        paths it watches now: deleted, or moved to another file system (copied, then
+        deleted) -- a lot-end script that compresses the datalog or moves it away right
+        after the tester wrote its MRR, while the tail was a poll behind.  An open file
+        keeps its data until it is closed, so what the tail had not read yet is read
+        there, once.  Before, it was lost; or, compressed, the copy was read from its
+        start: what had been read went to the hub twice.  (Done first: finished, the file
+        is the original a compressed copy found in this poll is taken for, ``copies``.)"""
+        inodes = {info.inode for info in found} | set(self._aliases.values())
+        for f in list(self.files.values()):
+            if f.done or f.reader is None or f.inode in inodes:
+                continue
+            log.info("source %s: %s was removed before the tail read its end: read to its "
+                     "end from the file it holds open", self.name, f.path)
+            info = _FileInfo(f.path, f.inode, f.size, 0.0, f.gz, f.changed)
+            try:
+                await self._follow(f, info, sink)
+            except OSError:  # (dropped as it was: the file ends where it was read to)
+                await self._release(f)
+            self.removed_read.inc(source=self.name)
 
     async def _prune_finished(self) -> None:
         """Forget the entries of files the first scan did not find -- in a directory that
