@@ -5,7 +5,9 @@ A seeded random tester writes STDF lots into a real directory in pieces, finishe
 renames, touches and deletes them, appends zeros or a whole lot (either byte order, its
 FAR right after the MRR: docs/tail.md, "A lot appended to a finished file") to finished
 ones, copies in finished lots with old modification times
-(``cp -p``), and deletes a lot to create a new one at its inode, under another name or its
+(``cp -p``), compresses finished lots in place (``gzip``: docs/tail.md, "Compressed in
+place" -- the tail perhaps behind on them, running or stopped), and deletes a lot to
+create a new one at its inode, under another name or its
 own (docs/tail.md, "Inodes are reused"; on ``tmp_path``, on disk: tmpfs never reuses an
 inode); between its steps a real ``TailSource`` polls, time passes (``fold_after`` is
 small, so finished files leave the checkpoint's list within the run), and the gateway
@@ -29,6 +31,7 @@ A failure names its seed and prints the steps that led to it.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import os
 import random
@@ -63,6 +66,8 @@ class Lot:
     renamed: bool = False
     #: its other names (hard links, in the same directory): one file, read once
     links: list[Path] = dataclasses.field(default_factory=list)
+    #: compressed in place: ``path`` is the gzip file now, and it is not changed again
+    compressed: bool = False
     #: the lots in the file, ``(lot_id, start)``: its first, then each lot appended after
     #: the MRR of the one before (docs/tail.md, "A lot appended to a finished file"), each
     #: read as a file of its own; ``data`` holds them all
@@ -176,6 +181,16 @@ class Model:
             f.write(lot.data[lot.written:end])
         lot.written = end
 
+    def compress(self, lot: Lot) -> None:
+        """``gzip lot.stdf``: the gzip file written whole, given the file's times, and the
+        file removed."""
+        packed = lot.path.with_name(lot.path.name + ".gz")
+        packed.write_bytes(gzip.compress(lot.path.read_bytes()))
+        st = lot.path.stat()
+        os.utime(packed, ns=(st.st_atime_ns, st.st_mtime_ns))
+        lot.path.unlink()
+        lot.path, lot.compressed = packed, True
+
     def grow(self, lot: Lot, n: int) -> None:
         with open(lot.path, "ab") as f:
             f.write(b"\0" * n)
@@ -197,13 +212,17 @@ class Model:
         rng = self.rng
         alive = self.alive()
         unfinished = [lot for lot in alive if not lot.finished]
-        changeable = [lot for lot in alive if self.may_change(lot)]
+        changeable = [lot for lot in alive if self.may_change(lot) and not lot.compressed]
         renamable = [lot for lot in changeable if not lot.grown]
         # (removing the name the tail follows a lot by is a rename: not of a grown one)
         unlinkable = [lot for lot in renamable if lot.links]
         # (renamed and grown between two looks is a finished file with another size under
         # another name: read again, running or restarted; so one or the other per lot)
-        growable = [lot for lot in alive if lot.finished and not lot.renamed and self.registry]
+        growable = [lot for lot in alive if lot.finished and not lot.renamed and self.registry
+                    and not lot.compressed]
+        # (gzip leaves a file with other names alone; a grown one is not compressed)
+        compressible = [lot for lot in alive if lot.finished and not lot.compressed
+                        and not lot.grown and not lot.links and self.registry]
         # (a lot appended after zero fill no longer follows the MRR: not read, documented)
         extendable = [lot for lot in growable if not lot.zero_filled]
         choices = ["new", "copy_old", "sleep"]
@@ -221,6 +240,8 @@ class Model:
             choices += ["grow"]
         if extendable:
             choices += ["append_lot"]
+        if compressible:
+            choices += ["compress"]
         if alive:
             choices += ["delete", "reuse"]
         if self.source is not None:
@@ -302,6 +323,10 @@ class Model:
             self.unseen_change = self.source is not None and not self.registry
             self.write(lot, end)
             lot.grown = True
+        elif action == "compress":
+            lot = rng.choice(compressible)
+            self.steps.append(f"compress {lot.path.name}")
+            self.compress(lot)
         elif action == "touch":
             lot = rng.choice(changeable)
             self.steps.append(f"touch {lot.path.name}")
@@ -321,7 +346,7 @@ class Model:
         elif action == "reuse":  # deleted, and a new lot created at its inode
             old = rng.choice(alive)
             lot = self.new_lot()
-            if rng.random() < 0.5:
+            if rng.random() < 0.5 and not old.compressed:
                 lot.path = old.path
             end = rng.choice([rng.randrange(1, len(lot.data)), len(lot.data)])
             inode = old.path.stat().st_ino

@@ -15,6 +15,10 @@ While ``gzip`` writes it, the new file may hold less than a fingerprint's bytes;
 decompresses to ``HEAD_BYTES`` (or its stream ends) nothing can be told, and it is not read
 yet (``WAIT``).
 
+A gzip file that starts like an *unfinished* file the tail knows, gone from disk (compressed
+while the gateway was stopped before it read the file's end), is read on from where that
+file was read to (``Originals.unfinished_of``; ``TailSource._read_on_in_copies``).
+
 ``Originals.copy_of`` is the decision, pure; ``read_gzip_heads`` does blocking I/O: call it in a
 worker thread.
 """
@@ -64,15 +68,16 @@ class Originals:
 
     def __init__(self) -> None:
         self.finished: dict[Fingerprint, Finished] = {}
-        self.unfinished: set[Fingerprint] = set()
+        #: fingerprint -> the unfinished file's path
+        self.unfinished: dict[Fingerprint, str] = {}
         self._lengths: set[int] = set()
 
     def add(self, f: Finished) -> None:
         self.finished.setdefault(f.head, f)
         self._lengths.add(f.head[0])
 
-    def add_unfinished(self, head: Fingerprint) -> None:
-        self.unfinished.add(head)
+    def add_unfinished(self, head: Fingerprint, path: str) -> None:
+        self.unfinished.setdefault(head, path)
         self._lengths.add(head[0])
 
     def __bool__(self) -> bool:
@@ -93,6 +98,24 @@ class Originals:
                 return self.finished[key]
             waiting = waiting or key in self.unfinished
         return WAIT if waiting else None
+
+    def unfinished_of(self, data: bytes) -> str | None:
+        """The path of the unfinished file a gzip file decompressing to ``data`` first
+        starts like, if any: the copy may be read on from where that file was read to,
+        if it is gone (``TailSource``).  The longest fingerprint decides: a copy that
+        starts like a finished file over more bytes is that file's (the start of a file
+        the tail read little of -- a FAR, part of a MIR -- is the start of other lots of
+        that tester too).  A fingerprint shorter than ``HEAD_BYTES`` covers every byte the
+        tail read of its file, so a copy read on from it repeats exactly what was read."""
+        for n in sorted(self._lengths, reverse=True):
+            if len(data) < n:
+                continue
+            key = (n, zlib.crc32(data[:n]))
+            if key in self.finished:
+                return None
+            if key in self.unfinished:
+                return self.unfinished[key]
+        return None
 
 
 def read_gzip_heads(wanted: Iterable[tuple[str, int]]) -> dict[str, GzipHead]:

@@ -264,11 +264,17 @@ class _File:
     #: when the tail began to wait on it as a compressed copy it cannot tell yet (Trio
     #: time; ``TailSource._copy_check``)
     copy_wait: float | None = None
+    #: a compressed copy read on from where the file it is a copy of was read to: that
+    #: file's ``stream`` (``TailSource._read_on_in_copies``; None: its own)
+    named: Any = None
 
     @property
     def stream(self) -> Any:
         """What its records' origins name it by: its inode, and its generation where the
-        file system has one, so that a new file at a reused inode is another stream."""
+        file system has one, so that a new file at a reused inode is another stream (a
+        copy read on from where its original was read to: the original's)."""
+        if self.named is not None:
+            return self.named
         return self.inode if self.gen is None else [self.inode, self.gen]
 
     def checkpoint(self) -> dict[str, Any]:
@@ -278,6 +284,8 @@ class _File:
             entry["head"] = to_checkpoint(self.head)
         if self.gen is not None:
             entry["gen"] = self.gen
+        if self.named is not None:
+            entry["stream"] = self.named
         if self.base:
             entry["from"] = self.base
         if self.done:
@@ -285,6 +293,15 @@ class _File:
             if self.grew_logged:
                 entry["grew_logged"] = True
         return entry
+
+
+def _stream_of(value: Any) -> Any:
+    """A checkpoint entry's ``stream``: an inode, or an inode and its generation."""
+    if value is None:
+        return None
+    if isinstance(value, list) and len(value) == 2:
+        return [int(value[0]), int(value[1])]
+    return int(value)
 
 
 def checkpoint_key(path: str) -> str:
@@ -535,7 +552,8 @@ class TailSource:
             "read to their end; the records after them are read")
         self.copies = context.metrics.counter(
             "tail_compressed_copies_total", "gzip files taken as compressed copies of "
-            "finished files the tail read (gzip in place): not read (docs/tail.md)")
+            "files the tail read (gzip in place): not read again, or read on from where "
+            "the unfinished original was read to (docs/tail.md)")
         self.removed_read = context.metrics.counter(
             "tail_removed_files_read_total", "unfinished files removed (deleted, moved "
             "away, compressed) before the tail read their end: read on from the open file")
@@ -572,7 +590,7 @@ class TailSource:
                     gen=None if e.get("gen") is None else int(e["gen"]), gen_fixed=True,
                     end=_end_of(e, path.lower().endswith(".gz")),
                     base=int(e.get("from", 0)), grew_logged=bool(e.get("grew_logged")),
-                    warned=bool(e.get("grew_logged")))
+                    warned=bool(e.get("grew_logged")), named=_stream_of(e.get("stream")))
             self.watermark = int(checkpoint.get("finished_before", 0))
             self.gone = [(int(inode), int(changed))
                          for inode, changed in checkpoint.get("gone", [])]
@@ -940,6 +958,8 @@ class TailSource:
         heads = await trio.to_thread.run_sync(read_fingerprints, wanted) if wanted else {}
         asked = {path for path, _, _ in wanted}
         copies, gz_heads = await self._copy_heads(found)
+        if copies is not None:
+            await self._read_on_in_copies(found, copies, gz_heads, heads, gone)
         clock = min(self._scan_started, self._fs_clock())
         horizon = clock - int(self.config.fold_after * 1e9) - CLOCK_SLACK_NS
         if clock - CLOCK_SLACK_NS < self.watermark:
@@ -1173,7 +1193,7 @@ class TailSource:
             if f.done:
                 originals.add(Finished(f.path, f.head, f.offset, f.end))
             else:
-                originals.add_unfinished(f.head)
+                originals.add_unfinished(f.head, f.path)
         if self._registered is None:
             self._registered = self._registered_originals()
         for o in self._registered:
@@ -1181,6 +1201,57 @@ class TailSource:
         if not originals:
             return None, {}
         return originals, await trio.to_thread.run_sync(read_gzip_heads, new)
+
+    async def _read_on_in_copies(self, found: list[_FileInfo], originals: Originals,
+                                 gz_heads: dict[str, GzipHead],
+                                 heads: dict[str, tuple[Fingerprint, bool | None]],
+                                 gone: dict[int, _File]) -> None:
+        """Each new gzip file that starts like an unfinished plain file the tail knows,
+        gone from every watched path, which the tail cannot read to its end (it does not
+        hold it open: listed by the checkpoint at a restart; or read to where it was found
+        removed without its end, ``_read_removed``), is followed as that file: from where
+        it was read to (its ``offset``: the records before it are passed over, as at a
+        restart), its records still named by its stream, so that a gateway drops those it
+        already holds.  Before, the copy was read as a new file: what had been read of the
+        original went to the hub twice.  Before the files are gone through: the file at
+        the original's inode now is then a new file, whatever the order they are met in."""
+        at_inode = {info.inode: info for info in found}
+        paths = {info.path for info in found}
+        for info in found:
+            if info.path not in gz_heads or not self._may_be_copy(self.files.get(info.path)):
+                continue
+            entry = self.finished.get(info.inode) if self.finished is not None else None
+            if info.path not in self.files and (info.changed <= self.watermark or (
+                    entry is not None and entry.path == info.path)):
+                continue  # (finished before the checkpoint, or registered: a copy made
+                # earlier, the loop below says)
+            path = originals.unfinished_of(gz_heads[info.path].data)
+            old = self.files.get(path) if path is not None else None
+            if old is None or old.done or old.gz or old.path in paths:
+                continue
+            other = at_inode.get(old.inode)
+            if other is not None and other.path != info.path and (
+                    heads.get(other.path) is None or heads[other.path][1] is not False):
+                continue  # (renamed: it is there, under another name)
+            log.info("source %s: %s is a compressed copy of %s, removed before the tail "
+                     "read its end: read on in the copy from byte %d", self.name, info.path,
+                     old.path, old.offset)
+            self.copies.inc(source=self.name)
+            await self._release(old)  # (read to its end already, if it was open: see
+            # _read_removed; the copy is read again from the offset its records were put to)
+            if gone.get(old.inode) is old:
+                del gone[old.inode]
+            del self.files[old.path]
+            self._listed.pop(old.path, None)
+            old.named = old.stream
+            old.gen, old.gen_fixed = None, False  # (its own, taken when it is opened)
+            old.path, old.inode, old.gz, old.gz_point = info.path, info.inode, True, None
+            head = heads.get(info.path)
+            old.head = head[0] if head is not None else None
+            if head is not None:  # (compared with a file gone from its inode, if with any)
+                heads[info.path] = (head[0], None)
+            old.size, old.changed, old.copy_wait = info.size, info.changed, None
+            self.files[info.path] = self._listed[info.path] = old
 
     def _registered_originals(self) -> list[Finished]:
         """The finished plain files of the registry as the restart found it: those the
