@@ -456,3 +456,29 @@ async def test_a_copy_taken_as_finished_and_folded_is_not_read_on_as_a_lot_begun
         await source.poll_once(sink)
     assert lot_ids(sink.records) == {"L002": 1}
     await crash(source)
+
+
+async def test_the_copy_is_read_on_when_the_original_was_rotated_and_its_inode_reused(
+        tmp_path: Path) -> None:
+    """Found by the model test (seed 186 of its long run).  While the gateway is stopped,
+    behind on a lot: the tester rotates it (renamed, a new lot at its name), it is
+    compressed under its new name, and a third lot is created at its freed inode.  The
+    file at the old inode is not the lot (its first bytes differ): the copy is read on
+    from where the lot was read to, and the other two lots are read as new."""
+    from test_tail_inode import create_at_inode
+
+    directory, path, data, sink, source = await behind_on_lot1(tmp_path)
+    await crash(source)
+    inode = path.stat().st_ino
+    aside = directory / "lot1b.stdf"
+    path.rename(aside)
+    path.write_bytes(lot_bytes(2))
+    await trio.run_process(["gzip", str(aside)])
+    assert create_at_inode(directory / "lot3.stdf", lot_bytes(3), inode), "the inode back"
+    source = start(directory, tmp_path / "state", sink.checkpoint)
+    for _ in range(3):
+        await source.poll_once(sink)
+    assert of(sink.records, 1) == expected(data)
+    assert of(sink.records, 2) == expected(lot_bytes(2))
+    assert of(sink.records, 3) == expected(lot_bytes(3))
+    await crash(source)

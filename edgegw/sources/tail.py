@@ -1216,7 +1216,6 @@ class TailSource:
         original went to the hub twice.  Before the files are gone through: the file at
         the original's inode now is then a new file, whatever the order they are met in."""
         at_inode = {info.inode: info for info in found}
-        paths = {info.path for info in found}
         for info in found:
             if info.path not in gz_heads or not self._may_be_copy(self.files.get(info.path)):
                 continue
@@ -1227,12 +1226,12 @@ class TailSource:
                 # earlier, the loop below says)
             path = originals.unfinished_of(gz_heads[info.path].data)
             old = self.files.get(path) if path is not None else None
-            if old is None or old.done or old.gz or old.path in paths:
+            if old is None or old.done or old.gz:
                 continue
-            other = at_inode.get(old.inode)
-            if other is not None and other.path != info.path and (
-                    heads.get(other.path) is None or heads[other.path][1] is not False):
-                continue  # (renamed: it is there, under another name)
+            there = at_inode.get(old.inode)
+            if there is not None and there.path != info.path and (
+                    heads.get(there.path) is None or heads[there.path][1] is not False):
+                continue  # (still there, or renamed: the file at its inode starts like it)
             log.info("source %s: %s is a compressed copy of %s, removed before the tail "
                      "read its end: read on in the copy from byte %d", self.name, info.path,
                      old.path, old.offset)
