@@ -3,6 +3,13 @@
 The hub's ``ServerTls`` holds the context for new handshakes; ``reload()`` (on SIGHUP)
 builds a fresh one from the files and swaps it in only if that worked, so a half-written
 certificate never takes the port down, and live connections keep the session they have.
+
+Every context verifies certificates as Python 3.11 and 3.12 do, on every Python: 3.13
+added ``VERIFY_X509_STRICT`` to its defaults, which refuses a private CA made the way the
+Mosquitto and OpenSSL how-tos make one (``openssl req -x509``: no key usage extension; a
+leaf without an authority key identifier) -- a broker or hub certificate that worked on
+3.12 would fail every handshake after an upgrade.  The chain, its dates and the host name
+are checked as before (docs/security.md, "Certificates").
 """
 
 from __future__ import annotations
@@ -18,12 +25,19 @@ log = logging.getLogger("edgegw.tls")
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
+def _default_context(purpose: ssl.Purpose, cafile: str | None = None) -> ssl.SSLContext:
+    """Python's default context without ``VERIFY_X509_STRICT`` (the module docstring)."""
+    ctx = ssl.create_default_context(purpose, cafile=cafile)
+    ctx.verify_flags &= ~ssl.VERIFY_X509_STRICT
+    return ctx
+
+
 def server_context(cert_file: str, key_file: str, client_ca_file: str = "",
                    min_version: str = "1.2") -> ssl.SSLContext:
     """A server context; with ``client_ca_file``, client certificates are asked for and
     verified when presented (CERT_OPTIONAL: a dashboard needs none, a gateway endpoint
     that requires one checks it per request)."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx = _default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = _VERSIONS[min_version]
     ctx.load_cert_chain(cert_file, key_file)
     if client_ca_file:
@@ -64,7 +78,7 @@ def client_context(ca_file: str = "", cert_file: str = "", key_file: str = "",
     client certificate when ``cert_file`` is given, and -- with ``pin_sha256`` -- failing
     the handshake unless the server's certificate has that SHA-256 fingerprint (on top of
     the CA check)."""
-    ctx = ssl.create_default_context(cafile=ca_file or None)
+    ctx = _default_context(ssl.Purpose.SERVER_AUTH, ca_file or None)
     if cert_file:
         ctx.load_cert_chain(cert_file, key_file or None)
     if pin_sha256:

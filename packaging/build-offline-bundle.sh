@@ -14,6 +14,9 @@ name=edgegw-offline-$version
 out=$dist/$name
 rm -rf "$out" && mkdir -p "$out/wheels" "$out/docs"
 "$python" -m pip wheel -q -w "$out/wheels" . plugins/*/
+# the Python the wheels are for (cbor2's is compiled: one minor version, one platform):
+# install.sh compares its interpreter with it, instead of pip's "no matching distribution"
+"$python" -c 'import sys, sysconfig; print(sys.implementation.name, "%d.%d" % sys.version_info[:2], sysconfig.get_platform())' > "$out/python-version"
 cp -r conf "$out/"
 cp -r packaging/systemd packaging/windows "$out/"
 cp docs/operations.md "$out/docs/"
@@ -30,6 +33,17 @@ confdir=${CONFDIR:-/etc/edgegw}
 unitdir=${UNITDIR:-/etc/systemd/system}
 python=${PYTHON:-python3}
 
+# the wheels are for one Python and platform (python-version): another fails in pip with
+# "No matching distribution found for cbor2", which names neither
+built_for=$(cat "$here/python-version")
+target=$("$python" -c 'import sys, sysconfig; print(sys.implementation.name, "%d.%d" % sys.version_info[:2], sysconfig.get_platform())') || {
+  echo "install.sh: cannot run $python (PYTHON=)" >&2; exit 2; }
+if [ "$target" != "$built_for" ]; then
+  echo "install.sh: this bundle's wheels are for $built_for; $python is $target." \
+    "Run it with PYTHON= naming a Python $built_for, or build the bundle with this one" \
+    "(PYTHON=$python bash packaging/build-offline-bundle.sh, on a connected machine)" >&2
+  exit 2
+fi
 "$python" -m venv "$prefix/venv"
 # the units hide /home and /root (ProtectHome=yes): an interpreter there (pyenv, a user's
 # build) would fail every start with status 203/EXEC

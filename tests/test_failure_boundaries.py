@@ -305,9 +305,11 @@ async def test_a_live_request_whose_id_json_cannot_hold_is_answered(tmp_path: Pa
         assert '"hello"' in await client.recv()
         await client.send(cbor2.dumps({"type": "ping", "id": {(1, 2): 3}}))
         assert await client.recv() == '{"type":"pong","id":{"(1, 2)":3}}'
-        await client.send('{"type": "ping", "id": ' + "[" * 990 + "]" * 990 + "}")
+        deep = "[" * 990 + "]" * 990
+        await client.send('{"type": "ping", "id": ' + deep + "}")
         reply = await client.recv()
-        assert reply in ('{"type":"pong","id":null}',
+        # (Python 3.13's json reads and writes it: the id is echoed as any other)
+        assert reply in ('{"type":"pong","id":null}', '{"type":"pong","id":' + deep + "}",
                          '{"type":"error","id":null,"code":"bad_message",'
                          '"message":"not valid JSON/CBOR: maximum recursion depth exceeded'
                          ' while decoding a JSON array from a unicode string"}')

@@ -9,6 +9,7 @@ import itertools
 import json
 import logging
 import shutil
+import ssl
 import subprocess
 import sys
 import termios
@@ -919,9 +920,31 @@ def _ca_signed(directory: Path) -> dict[str, Path]:
     return p
 
 
+@pytest.fixture(params=["this python's defaults", "python 3.13's defaults"])
+def python_ssl_defaults(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python's default TLS context as it is here, and as 3.13's is on any Python: it added
+    VERIFY_X509_STRICT (and VERIFY_X509_PARTIAL_CHAIN) to the defaults, and a CA made as the
+    Mosquitto how-to makes one (``openssl req -x509``: no key usage extension) then failed
+    every handshake ("CA cert does not include key usage extension")."""
+    if request.param == "python 3.13's defaults":
+        real = ssl.create_default_context
+
+        def as_in_313(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+            ctx = real(*args, **kwargs)
+            ctx.verify_flags |= ssl.VERIFY_X509_STRICT | ssl.VERIFY_X509_PARTIAL_CHAIN
+            return ctx
+
+        monkeypatch.setattr(ssl, "create_default_context", as_in_313)
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl to make certificates")
+@pytest.mark.usefixtures("python_ssl_defaults")
 async def test_a_broker_requiring_client_certificates(
         start_broker: StartBroker, tmp_path: Path) -> None:
+    """A broker whose CA and certificates were made as the Mosquitto how-to makes them
+    (plain ``openssl req -x509`` and ``openssl x509 -req``): its clients must present a
+    certificate; the source with one reads every message, the one without is refused --
+    on every Python (``python_ssl_defaults``)."""
     p = _ca_signed(tmp_path)
     broker = start_broker(extra=f"cafile {p['ca.crt']}\ncertfile {p['broker.crt']}\n"
                                 f"keyfile {p['broker.key']}\nrequire_certificate true\n")

@@ -344,6 +344,7 @@ def test_the_offline_bundle_carries_units_windows_configs_wheels_and_installer(
         assert content("docs/operations.md") == (REPO / "docs" / "operations.md").read_bytes()
         assert members["install.sh"].mode & 0o111
         installer = content("install.sh").decode()
+        built_for = content("python-version")
     wheels = {n.removeprefix("wheels/").split("-")[0].lower() for n in members
               if n.startswith("wheels/") and n.endswith(".whl")}
     # the project, its example plugins, and every dependency: pip installs with --no-index
@@ -353,6 +354,39 @@ def test_the_offline_bundle_carries_units_windows_configs_wheels_and_installer(
     syntax = subprocess.run(["bash", "-n"], input=installer, capture_output=True, text=True,
                             check=False)
     assert syntax.returncode == 0, syntax.stderr
+    # the Python the wheels are for, which install.sh holds its interpreter to
+    assert built_for.decode().strip() == python_tag(sys.executable)
+
+
+def python_tag(python: str) -> str:
+    """What install.sh compares: implementation, minor version and platform of ``python``."""
+    return subprocess.run(
+        [python, "-c", "import sys, sysconfig; print(sys.implementation.name, "
+         "'%d.%d' % sys.version_info[:2], sysconfig.get_platform())"],
+        capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_install_sh_refuses_a_python_the_wheels_are_not_for_and_says_which(
+        bundle: Path, tmp_path: Path) -> None:
+    """The wheels are for one Python (cbor2's is compiled).  Run with another -- a bundle
+    built on 3.13 installed with a floor's 3.11 -- pip failed with "No matching distribution
+    found for cbor2", naming neither Python.  install.sh now says both, and what to do,
+    before it creates anything."""
+    with tarfile.open(bundle) as tar:
+        tar.extractall(tmp_path / "bundle", filter="tar")
+    top = next((tmp_path / "bundle").glob("edgegw-offline-*"))
+    (top / "python-version").write_text("cpython 3.99 linux-x86_64\n")  # as if built there
+    prefix = tmp_path / "opt"
+    run = subprocess.run(
+        [str(top / "install.sh")],
+        env={**os.environ, "PREFIX": str(prefix), "CONFDIR": str(tmp_path / "etc"),
+             "UNITDIR": str(tmp_path / "units"), "PYTHON": sys.executable},
+        capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stderr.startswith("install.sh: this bundle's wheels are for cpython 3.99 "
+                                 f"linux-x86_64; {sys.executable} is {python_tag(sys.executable)}.")
+    assert "PYTHON=" in run.stderr and "No matching distribution" not in run.stderr
+    assert not prefix.exists() and not (tmp_path / "etc").exists()
 
 
 @pytest.mark.parametrize("script", ["build-offline-bundle.sh", "check-units-under-systemd.sh",
@@ -384,6 +418,10 @@ def scratch_etc_missing() -> str | None:
             return f"{tool} is not installed"
     if not Path("/usr/bin/python3").exists():  # install.sh refuses one in a home directory
         return "no system Python at /usr/bin/python3 for the installed venv"
+    if python_tag("/usr/bin/python3") != python_tag(sys.executable):
+        # the bundle's wheels are this Python's (install.sh refuses another: tested above)
+        return (f"the bundle is built for this Python ({python_tag(sys.executable)}), "
+                f"/usr/bin/python3 is {python_tag('/usr/bin/python3')}")
     return None
 
 
@@ -451,6 +489,8 @@ def throwaway_systemd_missing() -> str | None:
         return "systemd is not installed"
     if not Path("/usr/bin/python3").exists():
         return "no system Python at /usr/bin/python3 for the installed venv"
+    if python_tag("/usr/bin/python3") != python_tag(sys.executable):
+        return "the bundle is built for this Python, /usr/bin/python3 is another"
     cgroup2 = [p for p in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
                if (p / "cgroup.procs").exists()]
     if not cgroup2 or not os.access(cgroup2[-1], os.W_OK):
