@@ -57,14 +57,17 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-echo "scripts/test.sh: installing edgegw, its plugins and test tools into .venv"
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# EDGEGW_VENV: another virtualenv, for the suite on another Python beside .venv's
+# (PYTHON=python3.13 EDGEGW_VENV=.venv-3.13 bash scripts/test.sh; README, "Longer runs")
+venv=${EDGEGW_VENV:-.venv}
+echo "scripts/test.sh: installing edgegw, its plugins and test tools into $venv"
+[ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
 # shellcheck disable=SC2046  # one -e argument per plugin directory: split on purpose
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" \
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]" \
   $(for p in plugins/*/; do [ -f "$p/pyproject.toml" ] && printf -- '-e %s ' "$p"; done)
-.venv/bin/ruff check .
+"$venv/bin/ruff" check .
 # The layer map (README, "Architecture"): the import-linter contracts in pyproject.toml.
-.venv/bin/lint-imports --no-cache
+"$venv/bin/lint-imports" --no-cache
 # Long measurements (-m slow: 60 s outages timed against a 2 s goal) and soaks are
 # documented commands outside the suite (README, "Longer runs"): on a busy CI machine a
 # timing figure is a measurement, not a pass/fail.
@@ -79,7 +82,7 @@ echo "scripts/test.sh: installing edgegw, its plugins and test tools into .venv"
 # in one CI run beside five others.  Removed when the run passes, kept when it fails.
 basetemp=$(mktemp -d "${TMPDIR:-/tmp}/edgegw-tests.XXXXXX")
 status=0
-.venv/bin/python -m pytest -q -m "not slow" -n "${EDGEGW_TEST_WORKERS:-2}" \
+"$venv/bin/python" -m pytest -q -m "not slow" -n "${EDGEGW_TEST_WORKERS:-2}" \
   --dist worksteal --basetemp "$basetemp" "$@" || status=$?
 if [ "$status" = 0 ]; then
   rm -rf "$basetemp"
