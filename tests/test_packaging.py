@@ -416,12 +416,18 @@ def scratch_etc_missing() -> str | None:
     for tool in ("unshare", "groupadd", "getent"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
-    if not Path("/usr/bin/python3").exists():  # install.sh refuses one in a home directory
+    return system_python_missing()
+
+
+def system_python_missing() -> str | None:
+    """Why /usr/bin/python3 cannot install this suite's bundle, or None.  install.sh
+    refuses a Python in a home directory (the suite's venv may be one), and one other than
+    the bundle's (built by this Python: tested above)."""
+    if not Path("/usr/bin/python3").exists():
         return "no system Python at /usr/bin/python3 for the installed venv"
-    if python_tag("/usr/bin/python3") != python_tag(sys.executable):
-        # the bundle's wheels are this Python's (install.sh refuses another: tested above)
-        return (f"the bundle is built for this Python ({python_tag(sys.executable)}), "
-                f"/usr/bin/python3 is {python_tag('/usr/bin/python3')}")
+    system, ours = python_tag("/usr/bin/python3"), python_tag(sys.executable)
+    if system != ours:
+        return f"the bundle is built for this Python ({ours}), /usr/bin/python3 is {system}"
     return None
 
 
@@ -487,10 +493,9 @@ def throwaway_systemd_missing() -> str | None:
             return f"{tool} is not installed"
     if not Path("/lib/systemd/systemd").exists():
         return "systemd is not installed"
-    if not Path("/usr/bin/python3").exists():
-        return "no system Python at /usr/bin/python3 for the installed venv"
-    if python_tag("/usr/bin/python3") != python_tag(sys.executable):
-        return "the bundle is built for this Python, /usr/bin/python3 is another"
+    reason = system_python_missing()
+    if reason:
+        return reason
     cgroup2 = [p for p in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
                if (p / "cgroup.procs").exists()]
     if not cgroup2 or not os.access(cgroup2[-1], os.W_OK):
