@@ -527,6 +527,23 @@ def bench_file(label: str, path: Path, runs: int, cli: bool, startup: dict[str, 
     return row
 
 
+def interpreter() -> str:
+    """The interpreter these figures belong to: its version, compiler and whether its
+    libpython is a shared library.  Both decoders' speed depends on the build as much as on
+    the version (docs/performance.md, "The decoder and the interpreter's build"): a shared
+    libpython on 3.12+ reaches its thread state through ``__tls_get_addr`` at every
+    allocation; a distribution's static, profile-optimised build does not."""
+    impl = f"{sys.implementation.name} {sys.version.split()[0]}"
+    compiler = sys.version.split("[")[-1].rstrip("]")
+    try:
+        with open("/proc/self/maps") as maps:
+            shared = sorted({line.split()[-1] for line in maps if "/libpython" in line})
+    except OSError:  # not Linux: the build is not looked at
+        return f"{impl} [{compiler}]"
+    build = f"libpython shared ({shared[0]})" if shared else "libpython linked in (static)"
+    return f"{impl} at {sys.executable}, {build}, [{compiler}]"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="*", type=Path)
@@ -554,6 +571,7 @@ def main() -> int:
         if not f.exists():
             print(f"no such file: {f}", file=sys.stderr)
             return 1
+    print(f"interpreter: {interpreter()}")
     with tempfile.TemporaryDirectory(prefix="stdf-bench-") as tmp:
         work = [(f.name, f) for f in files]
         if not args.no_shapes and not args.files:
