@@ -175,6 +175,12 @@ def fill_to_the_last_byte(directory: Path) -> Path:
     return filler
 
 
+def _sbin(tool: str) -> str:
+    """``tool``'s path, looked for in the system directories too: a user's PATH (not root's)
+    has no /usr/sbin, where mkfs.ext4, losetup and debugfs are."""
+    return shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin") or tool
+
+
 @contextlib.contextmanager
 def ext4_filesystem(path: Path, size_mb: int = 64, *, or_plain: bool = False
                     ) -> Iterator[Path]:
@@ -187,16 +193,20 @@ def ext4_filesystem(path: Path, size_mb: int = 64, *, or_plain: bool = False
     image = _image(path)
     with open(image, "wb") as f:
         f.truncate(size_mb << 20)
-    steps = [["mkfs.ext4", "-q", "-F", str(image)],
+    steps = [[_sbin("mkfs.ext4"), "-q", "-F", str(image)],
              ["mount", "-o", "loop", str(image), str(path)]]
     for cmd in steps:
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            why = done.stderr.strip() if done.returncode != 0 else None
+        except OSError as exc:  # the tool is not installed
+            why = str(exc)
+        if why is not None:
             image.unlink(missing_ok=True)
             if or_plain:
                 yield path
                 return
-            cannot(f"cannot make an ext4 file system on a loop device: {done.stderr.strip()}")
+            cannot(f"cannot make an ext4 file system on a loop device: {why}")
     try:
         yield path
     finally:
@@ -205,7 +215,7 @@ def ext4_filesystem(path: Path, size_mb: int = 64, *, or_plain: bool = False
         # a loop device of remount's own is not cleared by the umount: detached here (or,
         # still busy, as soon as it is free: LOOP_CLR_FD then sets autoclear)
         for device in _loop_devices(image):
-            subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
+            subprocess.run([_sbin("losetup"), "-d", device], check=False, capture_output=True)
         image.unlink(missing_ok=True)
 
 
@@ -233,14 +243,14 @@ def remount(path: Path) -> None:
     if not _unmount(path, image, wait_s=10):
         # The old file system lives on (see _unmount) and is shut down: it writes nothing
         # more, so a loop device of its own gives the image a new one, as a repair would.
-        source = [subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
+        source = [subprocess.run([_sbin("losetup"), "--find", "--show", str(image)], check=True,
                                  capture_output=True, text=True).stdout.strip()]
     subprocess.run(["mount", *source, str(path)], check=True, capture_output=True)
 
 
 def _loop_devices(image: Path) -> list[str]:
     """The loop devices ``image`` is attached to."""
-    listed = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True)
+    listed = subprocess.run([_sbin("losetup"), "-j", str(image)], capture_output=True, text=True)
     return [line.split(":", 1)[0] for line in listed.stdout.splitlines()]
 
 
@@ -267,13 +277,13 @@ def unreadable(path: Path, file: Path) -> None:
     its extent tree does: unmounted, its inode's first extent pointed past the disk
     (debugfs), mounted again; opening it then fails with EUCLEAN ("structure needs
     cleaning") from the kernel.  Skips where debugfs is missing, except under CI."""
-    if shutil.which("debugfs") is None:
+    if shutil.which(_sbin("debugfs")) is None:
         cannot("debugfs (e2fsprogs) is not installed")
     image = _image(path)
     inside = "/" + str(file.relative_to(path))
     assert _unmount(path, image), "the file system stayed after umount"
     # i_block[5]: the first extent's start block (after the 12-byte extent header)
-    subprocess.run(["debugfs", "-w", "-R", f"set_inode_field {inside} block[5] 0x7ffffff0",
+    subprocess.run([_sbin("debugfs"), "-w", "-R", f"set_inode_field {inside} block[5] 0x7ffffff0",
                     str(image)], check=True, capture_output=True)
     subprocess.run(["mount", "-o", "loop", str(image), str(path)], check=True,
                    capture_output=True)
