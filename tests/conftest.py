@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,13 @@ from disktools import tiny_fs  # noqa: E402, F401
 
 # ---- end cluster: PostgreSQL ---------------------------------------------------------------
 from walltools import wall  # noqa: E402, F401
+
+
+# ---- processes: none outlives the run -------------------------------------------------------
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop every edgegw process a test spawned and left running (each xdist worker its own):
+    the machine after a run holds nothing of it."""
+    from processes import stop_leftovers
+
+    for command in stop_leftovers():
+        print(f"conftest: stopped a process a test left running: {command}", file=sys.stderr)

@@ -86,8 +86,8 @@ def test_the_gateways_spool_disk_failing_stops_it_with_one_line_and_nothing_is_l
     gateway stops at once with one line and exit status 4, for its service manager to start
     it again; while the disk stays broken each start refuses with one line (status 3);
     once repaired, the start recovers the spool and every record arrives once."""
-    hub = Hub(tmp_path).start()
-    with ext4_filesystem(tmp_path / "gw") as fs:
+    with ext4_filesystem(tmp_path / "gw") as fs:  # first: where it cannot, nothing started
+        hub = Hub(tmp_path).start()
         gw = Gateway(tmp_path, hub.port, *source_settings(**SOURCE)).start()
         try:
             wait_for(lambda: hub.stats().get("records_applied", 0) > 2000, timeout=30)
