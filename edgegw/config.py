@@ -199,7 +199,7 @@ class _Builder:
                 return {}
             _, val_tp = get_args(tp)
             return {k: self.value(val_tp, v, f"{key}.{k}") for k, v in raw.items()}
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             return self.section(tp, raw, key)
         if tp is float:
             if (isinstance(raw, (int, float)) and not isinstance(raw, bool)

@@ -36,12 +36,13 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import Any
 
 ENV = "EDGEGW_FAILPOINTS"
 
 
-def _parse(spec: str) -> dict[str, list[object]]:
-    armed: dict[str, list[object]] = {}
+def _parse(spec: str) -> dict[str, list[Any]]:
+    armed: dict[str, list[Any]] = {}  # name -> [count, action]
     for item in filter(None, (s.strip() for s in spec.split(";"))):
         name, _, action = item.partition("=")
         count, _, what = action.rpartition(":")
@@ -71,7 +72,7 @@ def hit(name: str) -> None:
     entry = _armed.get(name)
     if entry is None:
         return
-    entry[0] = int(entry[0]) - 1  # type: ignore[call-overload]
+    entry[0] -= 1
     if entry[0] > 0:
         return
     seconds = _sleep_seconds(str(entry[1]))

@@ -61,11 +61,14 @@ class FormatError(ValueError):
 class ParsedRecord(Protocol):
     """One record a parser yields: its STDF ``name``, the stream ``offset`` of its first
     byte, and its ``fields`` under the STDF V4 names (``edgegw.stdf.stdf_fields`` builds
-    them)."""
+    them).  Read-only, so a named tuple is one."""
 
-    name: str
-    offset: int
-    fields: dict[str, Any]
+    @property
+    def name(self) -> str: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def fields(self) -> dict[str, Any]: ...
 
 
 class FormatParser(Protocol):

@@ -58,8 +58,8 @@ def loads(data: bytes | bytearray | str) -> Any:
     or database row could carry it (a user name so, taken into an alert, broke that alert's
     live topic for every CBOR dashboard)."""
     value = json.loads(data)
-    if (b"\\u" if isinstance(data, (bytes, bytearray)) else "\\u") in data \
-            and unicode_value(value) is not value:
+    escaped = b"\\u" in data if isinstance(data, (bytes, bytearray)) else "\\u" in data
+    if escaped and unicode_value(value) is not value:
         raise ValueError("a \\u escape leaves a lone surrogate: not Unicode text")
     return value
 

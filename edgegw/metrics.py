@@ -186,7 +186,7 @@ class Metrics:
         self._metrics: dict[str, Metric | Histogram] = {}
         self._collectors: list[Callable[[], None]] = []
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Exporter(self))  # type: ignore[arg-type]
+        self.registry.register(_Exporter(self))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)

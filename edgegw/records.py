@@ -23,7 +23,6 @@ from .unicodetext import unicode_text, unicode_value
 
 
 class LotStart(NamedTuple):
-    KIND = 1
     source: str
     ts: float
     lot_id: str
@@ -36,7 +35,6 @@ class LotStart(NamedTuple):
 
 
 class LotEnd(NamedTuple):
-    KIND = 2
     source: str
     ts: float
     lot_id: str
@@ -45,7 +43,6 @@ class LotEnd(NamedTuple):
 
 
 class WaferStart(NamedTuple):
-    KIND = 3
     source: str
     ts: float
     lot_id: str
@@ -55,7 +52,6 @@ class WaferStart(NamedTuple):
 
 
 class WaferEnd(NamedTuple):
-    KIND = 4
     source: str
     ts: float
     lot_id: str
@@ -71,7 +67,6 @@ class PartResult(NamedTuple):
     ``supersedes`` marks a retest that replaces an earlier result of the same
     part id or X/Y: yield counts only the final result."""
 
-    KIND = 5
     source: str
     ts: float
     lot_id: str
@@ -94,7 +89,6 @@ class ParametricResult(NamedTuple):
     """One parametric measurement (STDF PTR), limits/units resolved from the test's
     default state.  ``passed`` is None when the tester reports no pass/fail."""
 
-    KIND = 6
     source: str
     ts: float
     lot_id: str
@@ -115,7 +109,6 @@ class ParametricResult(NamedTuple):
 class FunctionalResult(NamedTuple):
     """One functional test result (STDF FTR)."""
 
-    KIND = 7
     source: str
     ts: float
     lot_id: str
@@ -132,7 +125,6 @@ class FunctionalResult(NamedTuple):
 class MultiPinResult(NamedTuple):
     """A multi-pin parametric result (STDF MPR): one value per pin."""
 
-    KIND = 8
     source: str
     ts: float
     lot_id: str
@@ -154,7 +146,6 @@ class BinSummary(NamedTuple):
     """A tester's own bin count (STDF HBR/SBR).  ``bin_kind`` is "H" or "S";
     ``head`` 255 means all sites."""
 
-    KIND = 9
     source: str
     ts: float
     lot_id: str
@@ -162,7 +153,7 @@ class BinSummary(NamedTuple):
     head: int
     site: int
     bin_num: int
-    count: int
+    count: int  # type: ignore[assignment]  # (tuple.count: shadowed)
     pass_fail: str
     name: str = ""
 
@@ -170,7 +161,6 @@ class BinSummary(NamedTuple):
 class PartCount(NamedTuple):
     """The tester's own part counts (STDF PCR); ``head`` 255 means all sites."""
 
-    KIND = 10
     source: str
     ts: float
     lot_id: str
@@ -186,7 +176,6 @@ class PartCount(NamedTuple):
 class SensorReading(NamedTuple):
     """One raw sensor value (forwarded unthrottled when a channel asks for it)."""
 
-    KIND = 11
     source: str
     ts: float
     channel: str
@@ -197,7 +186,6 @@ class SensorReading(NamedTuple):
 class SensorWindow(NamedTuple):
     """A throttled sensor window: the statistics of every reading in [t0, t1)."""
 
-    KIND = 12
     source: str
     ts: float
     channel: str
@@ -205,7 +193,7 @@ class SensorWindow(NamedTuple):
     min: float
     max: float
     mean: float
-    count: int
+    count: int  # type: ignore[assignment]  # (tuple.count: shadowed)
     t0: float
     t1: float
     unit: str = ""
@@ -214,7 +202,6 @@ class SensorWindow(NamedTuple):
 class GatewayEvent(NamedTuple):
     """Something the gateway itself reports: an overflow, a corrupt input, a restart."""
 
-    KIND = 13
     source: str
     ts: float
     level: str
@@ -226,7 +213,6 @@ class GatewayEvent(NamedTuple):
 class RawRecord(NamedTuple):
     """A tester record forwarded as decoded, so nothing in the file is lost to the hub."""
 
-    KIND = 14
     source: str
     ts: float
     format: str
@@ -251,27 +237,31 @@ Record = (
     | RawRecord
 )
 
-RECORD_TYPES: tuple[type[Any], ...] = (
-    LotStart,
-    LotEnd,
-    WaferStart,
-    WaferEnd,
-    PartResult,
-    ParametricResult,
-    FunctionalResult,
-    MultiPinResult,
-    BinSummary,
-    PartCount,
-    SensorReading,
-    SensorWindow,
-    GatewayEvent,
-    RawRecord,
-)
-
+#: record class -> kind number, the wire's first item (docs/protocol.md): never renumber.
+#: Each class also carries its number as ``KIND``, set here: a NamedTuple body holds only
+#: fields (a plain ``KIND = 1`` there is a field to a type checker).
+KIND_OF: dict[type[Any], int] = {
+    LotStart: 1,
+    LotEnd: 2,
+    WaferStart: 3,
+    WaferEnd: 4,
+    PartResult: 5,
+    ParametricResult: 6,
+    FunctionalResult: 7,
+    MultiPinResult: 8,
+    BinSummary: 9,
+    PartCount: 10,
+    SensorReading: 11,
+    SensorWindow: 12,
+    GatewayEvent: 13,
+    RawRecord: 14,
+}
+RECORD_TYPES: tuple[type[Any], ...] = tuple(KIND_OF)
 #: kind number -> record class
-BY_KIND: dict[int, type[Any]] = {cls.KIND: cls for cls in RECORD_TYPES}
-#: record class -> kind number
-KIND_OF: dict[type[Any], int] = {cls: cls.KIND for cls in RECORD_TYPES}
+BY_KIND: dict[int, type[Any]] = {kind: cls for cls, kind in KIND_OF.items()}
+for _cls, _kind in KIND_OF.items():
+    setattr(_cls, "KIND", _kind)  # noqa: B010 -- see KIND_OF
+del _cls, _kind
 
 
 class RecordError(ValueError):

@@ -11,7 +11,8 @@ def first_of(group: BaseExceptionGroup, *types: type[BaseException]) -> BaseExce
     """The first exception in ``group`` (searched depth-first) that is one of ``types``,
     trying the types in the order given."""
     for tp in types:
-        match = group.subgroup(lambda e, tp=tp: isinstance(e, tp))  # type: ignore[misc]
+        match: BaseException | None = group.subgroup(
+            lambda e, tp=tp: isinstance(e, tp))  # type: ignore[misc]
         while isinstance(match, BaseExceptionGroup):
             match = match.exceptions[0]
         if match is not None:

@@ -38,7 +38,7 @@ class Window(NamedTuple):
     min: float
     max: float
     mean: float
-    count: int
+    count: int  # type: ignore[assignment]  # (tuple.count: shadowed)
     t0: float
     t1: float
     last_ts: float  # the timestamp the caller gave with the last reading

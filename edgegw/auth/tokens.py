@@ -12,6 +12,7 @@ import dataclasses
 import fnmatch
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ ANONYMOUS_ADMIN = Principal("", "admin", via="none")
 class TokenVerifier:
     """Checks a JWT against the configured keys and maps its claims to a Principal."""
 
-    def __init__(self, config: AuthConfig, *, secret: str = "", public_keys: list[Any] = (),
+    def __init__(self, config: AuthConfig, *, secret: str = "", public_keys: Sequence[Any] = (),
                  jwks: jwt.PyJWKSet | None = None) -> None:
         self.config = config
         self.secret = secret
@@ -98,7 +99,7 @@ class TokenVerifier:
         alg = header.get("alg")
         if alg not in self.algorithms:
             raise AuthError(f"token algorithm {alg!r} is not accepted here")
-        options = {"require": ["exp"], "verify_aud": bool(cfg.audience),
+        options: Any = {"require": ["exp"], "verify_aud": bool(cfg.audience),
                    "verify_iss": bool(cfg.issuer)}
         last: Exception | None = None
         for key in self._keys_for(alg, header.get("kid")):

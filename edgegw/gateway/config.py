@@ -186,7 +186,7 @@ class GatewayConfig:
             cls = source_type(raw["type"])
             rest = {k: v for k, v in raw.items() if k not in ("name", "type")}
             try:
-                cfg = build(cls.Config, rest, origin, prefix=f"sources[{i}]")
+                cfg: Any = build(cls.Config, rest, origin, prefix=f"sources[{i}]")
             except ConfigError as exc:
                 errors.extend(exc.errors)
                 continue

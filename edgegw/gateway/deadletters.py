@@ -205,7 +205,7 @@ def dead_letter_key(epoch: str, seq: int, body: bytes | None) -> tuple[Any, ...]
     encoded differently on another connection (v1 rows, plain floats); a body that does
     not decode, by its bytes."""
     with suppress(Exception):  # keyed by its bytes, below
-        item = cbor2.loads(body) if body is not None else None
+        item: Any = cbor2.loads(body) if body is not None else None
         first_rid, _, rows = to_rows(item) if is_columnar(body or b"") else item
         if isinstance(first_rid, int) and isinstance(rows, list):
             return (epoch, seq, first_rid, len(rows))

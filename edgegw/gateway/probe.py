@@ -122,7 +122,7 @@ async def _get(stream: trio.abc.Stream, target: ProbeTarget) -> ProbeResult:
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(4096))
+            conn.receive_data(bytes(await stream.receive_some(4096)))
         elif isinstance(event, h11.Response):
             headers = dict(event.headers)
             if event.status_code == 200:

@@ -760,10 +760,10 @@ class Gateway:
                     if done >= b:
                         break
                     upto = min(b, marks[m][0]) if m < len(marks) else b
-                    for source, key in owners[done:upto]:
-                        if source in self._after_base:
-                            owed, counted = self._after_base[source]
-                            self._after_base[source] = (owed, count(counted, key, 1))
+                    for owner, key in owners[done:upto]:
+                        if owner in self._after_base:
+                            owed, counted = self._after_base[owner]
+                            self._after_base[owner] = (owed, count(counted, key, 1))
                     done = upto
                 after = {s: merge(owed, counted)
                          for s, (owed, counted) in self._after_base.items()}

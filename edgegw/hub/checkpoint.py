@@ -38,7 +38,7 @@ import time
 import zlib
 from collections import Counter, deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import cbor2
 import trio
@@ -65,8 +65,10 @@ from edgegw.hub.live.state import LiveState
 from edgegw.metrics import Metrics, report_internal_error
 
 if TYPE_CHECKING:
+    from edgegw.hub.alerts.engine import AlertEngine
     from edgegw.hub.alerts.service import AlertService
     from edgegw.hub.ingest import Ingest as Hub
+    from edgegw.hub.store import HubStore
 
 log = logging.getLogger("edgegw.hub.checkpoint")
 
@@ -294,7 +296,7 @@ def capture(state: LiveState, cache: WaferCache | None = None) -> dict[str, Any]
     }
     cache.keep_only({(lot.lot_id, w.wafer_id) for lot in state.lots.values()
                      for w in lot.wafers.values()})
-    engine = state.alerts
+    engine = cast("AlertEngine | None", state.alerts)  # the hub's observer: its engine
     if engine is not None:
         out["alert_runs"] = [[*k, v] for k, v in engine._runs.items()]
         out["alert_shares"] = [[*k, list(h)] for k, h in engine._shares.items()]
@@ -400,10 +402,10 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
         state.gateways[gw_id] = g
     for lot in state.lots.values():  # where each gateway's current stretch's values wait
         for gw_id in lot.pending_of:
-            g = state.gateways.get(gw_id)
-            if g is None:  # (its frames made it: a checkpoint always has it)
-                g = state.gateways[gw_id] = GatewayState(gw_id)
-            g.pending_lots.add(lot.lot_id)
+            known = state.gateways.get(gw_id)
+            if known is None:  # (its frames made it: a checkpoint always has it)
+                known = state.gateways[gw_id] = GatewayState(gw_id)
+            known.pending_lots.add(lot.lot_id)
     for gw_id, run, waiting in data.get("runs", ()):  # (an older checkpoint has none)
         g = state.gateways[gw_id]
         g.run = run_from(run, state.lots)
@@ -412,10 +414,10 @@ def restore(state: LiveState, data: dict[str, Any], cache: WaferCache | None = N
     state.not_applied_total = data["not_applied_total"]
     state.last_error = data["last_error"]
     state._now = data["now"]
-    engine = state.alerts
+    engine = cast("AlertEngine | None", state.alerts)  # the hub's observer: its engine
     if engine is not None:
         for *key, run in data.get("alert_runs", ()):
-            engine._runs[tuple(key)] = run  # type: ignore[index]
+            engine._runs[tuple(key)] = run
         maxlen = {r.name: r.recent_wafers for r in engine.config.rules}
         for name, part_type, history in data.get("alert_shares", ()):
             engine._shares[(name, part_type)] = deque(
@@ -496,6 +498,12 @@ class Checkpointer:
         hub.before_replay = self.load
         hub.on_fed = self._on_fed
 
+    @property
+    def store(self) -> HubStore:
+        """The single hub's store, which numbers frames (a cluster node has no checkpoint
+        file: its partitions' checkpoints are in PostgreSQL)."""
+        return cast("HubStore", self.hub.store)
+
     def _on_fed(self, records_fed: int) -> None:
         if records_fed - self._written_at_records >= self.max_records:
             self._wake.set()
@@ -504,9 +512,9 @@ class Checkpointer:
         """Restore the newest usable checkpoint into the state; returns its frame id (the
         hub replays the frames after it), 0 when there is none."""
         found = await trio.to_thread.run_sync(load_file_sync, self.directory)
-        store_id = self.hub.store.store_id
+        store_id = self.store.store_id
         for i, (name, position, data) in enumerate(found):
-            last = self.hub.store.last_frame_id
+            last = self.store.last_frame_id
             if data is not None and (position.get("store_id") != store_id
                                      or position.get("frame_id", 0) > last):
                 # frame ids of another store (its file replaced or deleted): replaying
@@ -552,7 +560,7 @@ class Checkpointer:
             if self._archives_held():  # (evicted before the cut, the store refused them)
                 return False
         blob = await trio.to_thread.run_sync(
-            encode, {"frame_id": position, "store_id": self.hub.store.store_id}, data)
+            encode, {"frame_id": position, "store_id": self.store.store_id}, data)
         await trio.to_thread.run_sync(write_file_sync, self.directory, blob)
         previous, self.position = self.position, position
         self.hub.prune_limit = previous  # the older of the two on disk

@@ -97,7 +97,7 @@ class _Pending:
 
 
 def _apply_held(lot: dict[str, Any] | None, wafers: dict[str, dict[str, Any]],
-                wafer_ids: set[str], held: list[tuple[str, str, str, dict[str, Any]]]
+                wafer_ids: set[Any], held: list[tuple[str, str, str, dict[str, Any]]]
                 ) -> _Pending:
     """(A worker thread: copies of a lot's archives, merges.)  The stored ones (shared
     with the store's cache: copied, the merges change what they are given) with ``held``

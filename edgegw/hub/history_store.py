@@ -369,7 +369,8 @@ class HistoryStore:
     async def alerts(self, *, unacknowledged: bool = False, priority: str | None = None,
                      before: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Alerts newest first, for the history API (older than memory holds)."""
-        where, params = ["1=1"], []
+        where: list[str] = ["1=1"]
+        params: list[Any] = []
         if unacknowledged:
             where.append("acknowledged = 0")
         if priority is not None:

@@ -422,8 +422,8 @@ class HubStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(SCHEMA)
-        cols = {row[1] for row in db.execute("PRAGMA table_info(frames)")}
-        if "codec" not in cols:  # a store from before compact bodies: its rows are raw
+        frame_cols = {row[1] for row in db.execute("PRAGMA table_info(frames)")}
+        if "codec" not in frame_cols:  # a store from before compact bodies: its rows are raw
             db.execute("ALTER TABLE frames ADD COLUMN codec INTEGER NOT NULL DEFAULT 0")
         if "rids" not in {row[1] for row in db.execute("PRAGMA table_info(applied)")}:
             # a store from before the record-id check: it starts with none applied (what

@@ -24,7 +24,7 @@ _PUBLISH = 3
 _MAX_HELD_PROPERTIES = 65536
 
 
-def oversize_length(payload: bytes) -> int | None:
+def oversize_length(payload: bytes | bytearray) -> int | None:
     """The payload length of a message the guard cut (in MQTT 5 with properties over
     64 KiB, payload and properties), or None for any other payload."""
     if payload[:len(OVERSIZE_MARK)] != OVERSIZE_MARK:

@@ -675,7 +675,7 @@ class MqttSource:
                 for h, (crc, ts) in entries)
         return self._retained_blob
 
-    async def _put(self, put: Callable[..., Awaitable[None]], reports: bool) -> None:
+    async def _put(self, put: Callable[..., Awaitable[object]], reports: bool) -> None:
         batch, self._pending = self._pending, []
         self._taken.set()
         retained = self._seal_taken()

@@ -48,7 +48,7 @@ def compile_template(template: str, topic_filter: str) -> Callable[[str], str]:
         elif name == "#":
             if not multi:
                 raise TemplateError(f"{{#}} needs a filter ending in '#', not {topic_filter!r}")
-            parts.append(lambda lv, topic, n=fixed: ".".join(lv[n:]))
+            parts.append(lambda lv, topic, n=fixed: ".".join(lv[n:]))  # type: ignore[misc]
         elif re.fullmatch(r"-?\d+", name):
             idx = int(name)
             if not multi and not -fixed <= idx < fixed:
@@ -58,7 +58,7 @@ def compile_template(template: str, topic_filter: str) -> Callable[[str], str]:
             if multi and idx < 0:
                 raise TemplateError(f"{{{idx}}}: counting from the end is ambiguous under '#'"
                                     " (use {#})")
-            parts.append(lambda lv, topic, i=idx: _level(lv, i, topic))
+            parts.append(lambda lv, topic, i=idx: _level(lv, i, topic))  # type: ignore[misc]
         else:
             raise TemplateError(
                 f"unknown placeholder {{{name}}} in channel template {template!r} "

@@ -101,7 +101,7 @@ async def publish_sensors(host: str, port: int, *, tester: str, rate: float, qos
         await client.subscribed.wait()  # connected
         start = trio.current_time()
         wall0 = time.time()
-        limit = math.inf
+        limit: float = math.inf
         if duration:
             limit = int(duration * rate)
         if count:
@@ -109,7 +109,7 @@ async def publish_sensors(host: str, port: int, *, tester: str, rate: float, qos
         n = 0  # messages per sensor so far; catches up after a late tick
         while n < limit:
             elapsed = trio.current_time() - start
-            target = min(limit, int(elapsed * rate) + 1)
+            target = int(min(limit, elapsed * rate + 1))
             for k in range(n, target):
                 ts = wall0 + k / rate
                 for topic, value in zip(topics, field.sample(ts), strict=True):

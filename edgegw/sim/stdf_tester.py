@@ -27,7 +27,7 @@ import argparse
 import sys
 import time
 import zlib
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -70,8 +70,8 @@ class _Summary:
         self.test_fail: Counter[int] = Counter()
         self.test_min: dict[int, float] = {}
         self.test_max: dict[int, float] = {}
-        self.test_sum: Counter[int] = Counter()
-        self.test_sqr: Counter[int] = Counter()
+        self.test_sum: defaultdict[int, float] = defaultdict(float)
+        self.test_sqr: defaultdict[int, float] = defaultdict(float)
 
     def add(self, part: Part) -> None:
         self.hard[part.site, part.hard_bin] += 1

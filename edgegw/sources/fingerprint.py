@@ -24,7 +24,7 @@ import struct
 import sys
 import zlib
 from collections.abc import Iterable
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .testerfile import open_shared, pread
 
@@ -71,11 +71,11 @@ def complete(known: Fingerprint | None, size: int) -> bool:
     return known is not None and known[0] >= min(size, HEAD_BYTES)
 
 
-def from_checkpoint(value: object) -> Fingerprint | None:
+def from_checkpoint(value: Any) -> Fingerprint | None:
     """A fingerprint as ``to_checkpoint`` wrote it (None: an entry without one)."""
     if value is None:
         return None
-    n, crc = value  # type: ignore[misc]
+    n, crc = value
     return int(n), int(crc)
 
 

@@ -189,7 +189,7 @@ class FinishedFiles:
         for inode in list(self._versioned):
             e = self.entries.get(inode)
             keep = None if e is None else _needed(e, durable_watermark)
-            if keep is None:  # (none relied on yet: every version may still be)
+            if e is None or keep is None:  # (none relied on yet: every version may still be)
                 if e is None or not e.older:
                     self._versioned.discard(inode)
                 continue

@@ -944,12 +944,12 @@ class TailSource:
         seen = {info.path: info.inode for info in found}
         gone: dict[int, _File] = {}  # known files not found: inode -> file
         replaced: list[_File] = []  # known files whose path holds another inode now
-        for p, f in self.files.items():
+        for p, known in self.files.items():
             inode = seen.get(p)
             if inode is None:
-                gone[f.inode] = f
-            elif inode != f.inode:
-                replaced.append(f)
+                gone[known.inode] = known
+            elif inode != known.inode:
+                replaced.append(known)
         if replaced:
             self._moved_aside(found, replaced)
         await self._read_removed(sink, found)
@@ -1048,7 +1048,7 @@ class TailSource:
             if f.done:
                 if info.size <= f.size or f.warned:
                     continue
-                verdict = await self._next_lot(f, info.size)
+                verdict: bool | str | None = await self._next_lot(f, info.size)
                 if verdict is False:
                     f.warned = f.grew_logged = logged = True
                     log.warning("source %s: %s grew after it was complete (%s)%s; not read "

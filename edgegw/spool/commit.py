@@ -287,10 +287,10 @@ class GroupCommit:
         # then open a new segment and delete the last, a loop that gains nothing
         if self._rollover_due or active.size >= max(self.config.segment_bytes,
                                                     2 * active.state_bytes):
-            exc = await self._try_rollover()
-            if exc is not None:
+            full = await self._try_rollover()
+            if full is not None:
                 # stay in the old segment; rollover is retried after the next commit
-                await self._on_disk_full(exc)
+                await self._on_disk_full(full)
         self._durable_changed.set()
         self._durable_changed = trio.Event()
         if deletable or write_ack:

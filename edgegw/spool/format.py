@@ -87,7 +87,7 @@ def encode(kind: Kind, seq: int, meta: bytes = b"", body: bytes = b"") -> bytes:
 
 
 def encode_frame(seq: int, body: bytes, n_records: int, checkpoints: dict[str, Any]) -> bytes:
-    meta = {"n": n_records}
+    meta: dict[str, Any] = {"n": n_records}
     if checkpoints:
         meta["c"] = checkpoints
     return encode(Kind.FRAME, seq, cbor2.dumps(meta), body)

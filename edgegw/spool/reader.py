@@ -47,7 +47,7 @@ class TailCache:
         ``start`` (read from disk instead)."""
         if start not in self._frames:
             return None
-        out = []
+        out: list[StoredFrame] = []
         s = start
         while len(out) < limit and s <= durable_seq:
             if skip(s):

@@ -212,15 +212,15 @@ class DiskSpool(GroupCommit):
                     raise
                 raise self._unreadable(exc) from exc
             self._adopt(rec)
-            exc = await self._try_rollover()
-            if exc is not None:
+            full = await self._try_rollover()
+            if full is not None:
                 # a full disk at start: start anyway (never a crash loop), in the old last
                 # segment if there is one; the new segment is opened once there is room,
                 # retried like a failed rollover (docs/spool.md, "Operations": "Starting
                 # (or restarting) on a full disk")
                 await trio.to_thread.run_sync(self._keep_last_active_sync)
                 self._take_half_made()
-                self._note_disk_full(exc)
+                self._note_disk_full(full)
             self._started = True
             task_status.started()
             try:

@@ -31,7 +31,7 @@ import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from .decoder import RESERVED_REC_TYPS, StdfDecoder, StdfError, StdfRecord
 from .spec import BY_NAME, Bits
@@ -117,7 +117,7 @@ _NOT_READ = ((b"PK\x03\x04", "a zip archive"), (b"\x28\xb5\x2f\xfd", "zstd-compr
              (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"))
 
 
-def open_stdf(path: Path) -> tuple[BinaryIO, str | None]:
+def open_stdf(path: Path) -> tuple[IO[bytes], str | None]:
     """Open a plain, gzip-, bzip2- or xz-compressed file (recognised by its magic bytes):
     the file and its compression's name (None for a plain file)."""
     with path.open("rb") as f:
@@ -135,15 +135,15 @@ def open_stdf(path: Path) -> tuple[BinaryIO, str | None]:
     if kind == "bzip2":
         import bz2
 
-        return bz2.open(path, "rb"), kind  # type: ignore[return-value]
+        return bz2.open(path, "rb"), kind
     if kind == "xz":
         import lzma
 
-        return lzma.open(path, "rb"), kind  # type: ignore[return-value]
+        return lzma.open(path, "rb"), kind
     return path.open("rb"), None
 
 
-def read_records(f: BinaryIO, decoder: StdfDecoder) -> Iterator[StdfRecord]:
+def read_records(f: Any, decoder: StdfDecoder) -> Iterator[StdfRecord]:
     """The records of the open file ``f`` (``open_stdf``) as ``decoder`` decodes them."""
     with f:
         # read1: one read of the file (compressed: one piece decompressed) per chunk --
@@ -411,7 +411,7 @@ def _key(k: Any) -> str:
     raise TypeError(f"keys must be str, int, float, bool or None, not {type(k).__name__}")
 
 
-_quote = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+_quote = json.encoder.encode_basestring_ascii
 _INF = float("inf")
 
 

@@ -123,7 +123,8 @@ class _Readers:
     def __init__(self, order: str) -> None:
         self.order = order
         self.u2 = struct.Struct(order + "H").unpack_from
-        self.scalar = {t: struct.Struct(order + c).unpack_from for t, c in STRUCT_CODES.items()}
+        self.scalar: dict[str, Callable[[bytes, int], tuple[Any, ...]]] = {
+            t: struct.Struct(order + c).unpack_from for t, c in STRUCT_CODES.items()}
 
     def sn(self, buf: bytes, p: int, end: int) -> tuple[str, int]:
         if p + 2 > end:
@@ -401,7 +402,8 @@ def _gdr_fast(order: str, table: Layouts | None = None) -> Callable[[bytes, str,
     careful, u2, steps, pairs = _gdr_parts(order)
     if table is None:
         state: list[Any] = [False, 0]
-        get: Callable[[int], Any] = {}.get
+        nothing: dict[int, Any] = {}
+        get: Callable[[int], Any] = nothing.get
         learn: Callable[[int, list], None] = lambda count, values: None  # noqa: E731
     else:
         # [learning, hits]: off for the rest of a file whose layouts do not repeat
@@ -850,7 +852,7 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
         if f.count is not None:
             # an empty array costs no bytes, so an array is present whenever its count is
             cnt = f"f{[x.name for x in fields].index(f.count)}"
-            size = f"f{[x.name for x in fields].index(f.size)}" if f.size else "0"
+            size_of = f"f{[x.name for x in fields].index(f.size)}" if f.size else "0"
             if f.type in _SIZES and f.type != "C1":
                 # one unpack of the whole array, by a Struct cached per element count
                 code = STRUCT_CODES[f.type]
@@ -876,7 +878,7 @@ def _body(spec: RecordSpec, readers: _Readers, ns: dict[str, Any], ind: str, ret
                           f"{ind}  f{i} = []"]
             else:
                 lines.append(f"{ind}f{i}, p = _r.array({f.type!r}, {cnt}, buf, p, end, "
-                             f"{size})")
+                             f"{size_of})")
         elif f.type == "Cn" and optimistic:
             run = _cn_run(fields, i)
             lines.append(f"{ind}if p >= end: {literal(first)}")
@@ -1275,7 +1277,7 @@ class StdfDecoder:
         #: this decoder's own tail memos and GDR layouts (one file's: see ``_memo``)
         self._learnt: dict[Any, tuple[Any, ...]] = {}
         #: iterators handed out since the last feed: a feed ends them
-        self._open: list[Generator[Any, None, None]] = []
+        self._open: list[Any] = []  # generators (their gi_frame is read)
         self.byte_order = byte_order
         #: the last FAR's CPU_TYPE (None: no FAR read yet)
         self.cpu_type = cpu_type
@@ -1445,7 +1447,7 @@ class StdfDecoder:
         finally:
             self._switching = False
 
-    def _keep(self, it: Generator[Any, None, None]) -> None:
+    def _keep(self, it: Any) -> None:
         # the unfinished ones only: a consumer that drops iterators without feeding
         # must not grow the list
         self._open = [g for g in self._open if g.gi_frame is not None]

@@ -95,7 +95,7 @@ def _offset(exc: StdfError, default: int) -> int:
 class StdfFormat:
     name = "stdf"
     description = "STDF V4 / V4-2007 binary (Standard Test Data Format)"
-    suffixes = (".stdf", ".std")
+    suffixes: tuple[str, ...] = (".stdf", ".std")
 
     def new_parser(self) -> StdfParser:
         return StdfParser()

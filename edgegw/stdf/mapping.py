@@ -280,8 +280,8 @@ class RecordMapper:
             return
         # a late MIR: what came before it is this lot's (the LotStart first, then it in
         # file order; with forward_raw the MIR's own RawRecord follows them)
-        out[:0] = [start, *(r._replace(lot_id=lot) if "lot_id" in r._fields else r
-                            for r in waiting)]
+        out[:0] = [start, *(r._replace(lot_id=lot)  # type: ignore[call-arg]
+                            if "lot_id" in r._fields else r for r in waiting)]
 
     def _mrr(self, f: dict[str, Any], now: float, out: list[Record]) -> None:
         self._lot_open, self._mrr_seen = False, True

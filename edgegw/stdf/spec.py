@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 class Bits(NamedTuple):
     """A ``D*n`` value: ``count`` bits stored in ``data`` (first bit in the LSB of byte 0)."""
 
-    count: int
+    count: int  # type: ignore[assignment]  # (tuple.count: shadowed)
     data: bytes
 
 
@@ -43,7 +43,7 @@ class Field(NamedTuple):
     name: str
     type: str
     #: for ``kxTYPE`` arrays: the name of the earlier field that holds the element count
-    count: str | None = None
+    count: str | None = None  # type: ignore[assignment]  # (tuple.count: shadowed)
     #: for ``Uf``/``Cf``: the name of the earlier field that holds the element size
     size: str | None = None
     #: the spec's missing/invalid value; None means "the type's default" (see DEFAULTS)

@@ -66,8 +66,9 @@ class TestState:
     PTR_PLANS = 4096
 
     def __init__(self) -> None:
-        self._by_test: dict[int, dict[str, Any]] = {}
-        self._by_site: dict[tuple[int, int, int], dict[str, Any]] = {}
+        # (keys as the records have them: None where a field is missing)
+        self._by_test: dict[int | None, dict[str, Any]] = {}
+        self._by_site: dict[tuple[Any, Any, Any], dict[str, Any]] = {}
         self._open: dict[tuple[int, int], OpenPart] = {}
         self.parts_started = 0
         #: results (PTR/MPR/FTR) with no open PIR on their head/site

@@ -118,13 +118,14 @@ class StdfWriter:
         elif typ == "Vn":
             self._gdr(out, value)
         elif typ == "Cf":
-            size = values[f.size]
+            size = values[f.size or ""]  # (the spec names the size field of every Cf, Uf)
             data = _text(value, what, size)
             out += data.ljust(size, b" ")
         elif typ == "Uf":
-            code = _UF_CODES.get(values[f.size])
+            size = values[f.size or ""]
+            code = _UF_CODES.get(size)
             if code is None:
-                raise ValueError(f"{what}: size {values[f.size]} is not 1, 2, 4 or 8")
+                raise ValueError(f"{what}: size {size} is not 1, 2, 4 or 8")
             out += struct.pack(self.byte_order + code, value)
         elif typ == "N1":
             out.append(value & 0x0F)

@@ -54,7 +54,7 @@ class HubHolds:
             if lot == lot_id and snap.get("test_txt") == name:
                 return snap
         raise KeyError(f"no test named {name!r} in lot {lot_id!r} "
-                       f"(tests: {sorted(s.get('test_txt') for s in self.tests.values())})")
+                       f"(tests: {sorted(str(s.get('test_txt')) for s in self.tests.values())})")
 
 
 async def run_tail(workdir: Path, format: str, data: bytes, *, file_name: str | None = None,

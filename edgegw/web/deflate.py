@@ -63,7 +63,7 @@ class InboundDeflate(PerMessageDeflate):
         self._inflated = 0
         self.finalize(RESPONSE)
 
-    def frame_inbound_payload_data(self, proto, data):  # type: ignore[no-untyped-def]
+    def frame_inbound_payload_data(self, proto, data):
         if not self._inbound_compressed or not self._inbound_is_compressible:
             return data
         assert self._decompressor is not None
@@ -77,7 +77,7 @@ class InboundDeflate(PerMessageDeflate):
             return CloseReason.MESSAGE_TOO_BIG
         return out
 
-    def frame_inbound_complete(self, proto, fin):  # type: ignore[no-untyped-def]
+    def frame_inbound_complete(self, proto, fin):
         if fin:
             self._inflated = 0
         return super().frame_inbound_complete(proto, fin)

@@ -403,7 +403,8 @@ class HttpServer:
 
     async def handle_stream(self, stream: trio.abc.Stream, admitted: _Conn | None = None) -> None:
         try:
-            sock = getattr(stream, "transport_stream", stream).socket  # under TLS too
+            raw: Any = getattr(stream, "transport_stream", stream)  # under TLS too
+            sock = raw.socket
             host, port = sock.getpeername()[:2]
             remote = f"{host}:{port}"
         except (OSError, AttributeError):  # AttributeError: not a socket (in-memory tests)
@@ -528,7 +529,7 @@ class HttpServer:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                data = await stream.receive_some(READ_SIZE)
+                data = bytes(await stream.receive_some(READ_SIZE))  # (bytes: no copy)
                 if data and not phase.started:
                     phase.started = True
                     if phase.name == "idle":  # a new request began: it has header_timeout

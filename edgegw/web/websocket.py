@@ -110,7 +110,7 @@ class WebSocket:
         self.max_message_size = max_message_size
         self.closed: ConnectionClosed | None = None
         self.send_gate = SendGate()
-        self._parts: list[bytes | str] = []
+        self._parts: list[bytes | bytearray | str] = []
         self._size = 0
         self.bytes_sent = 0
         self._torn = False  # a write was cut off mid-frame: no more frames can follow
@@ -147,7 +147,7 @@ class WebSocket:
         if self.deflater is not None:  # wsproto would compress every message, small ones too
             await self._write(self.deflater.prepare(data))
             return
-        await self._write(self.conn.send(Message(data=data)))  # type: ignore[abstract]
+        await self._write(self.conn.send(Message(data=data)))  # type: ignore[type-var]
 
     async def send_prepared(self, frame: bytes) -> None:
         """Write a frame from ``prepare_message`` unchanged (encode once, write many)."""
@@ -252,7 +252,8 @@ class WebSocket:
     async def _receive_some(self) -> bytes:
         self._receiving = True
         try:
-            return await self.stream.receive_some(READ_SIZE)
+            # (bytes() of bytes is the object itself: no copy)
+            return bytes(await self.stream.receive_some(READ_SIZE))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return b""
         finally:

@@ -63,6 +63,13 @@ class AlertRuleConfig:
     dedup_window_s: Annotated[float, Range(0, 2_592_000)] | None = None
     enabled: bool = True
 
+    @property
+    def limit(self) -> float:
+        """``threshold``, for the kinds that need one (``validate`` made sure it is set)."""
+        if self.threshold is None:
+            raise ValueError(f"alert rule {self.name!r} has no threshold")
+        return self.threshold
+
     def validate(self) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []
         if not self.name or "/" in self.name or "+" in self.name or "#" in self.name:

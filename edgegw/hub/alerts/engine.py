@@ -178,7 +178,7 @@ class AlertEngine:
         base = f"{lot.lot_id}|{wafer.wafer_id}"
         for rule in self._rules("wafer_yield", lot.lot_id):
             y = tally.yield_
-            if tally.dies >= rule.min_parts and y is not None and y < rule.threshold:
+            if tally.dies >= rule.min_parts and y is not None and y < rule.limit:
                 self._raise(rule, f"{rule.name}|{base}", ts, now,
                             f"wafer {wafer.wafer_id} of lot {lot.lot_id}: yield {y:.1%} "
                             f"below {rule.threshold:.1%} after {tally.dies} dies",
@@ -196,7 +196,7 @@ class AlertEngine:
             best = max(yields, key=yields.__getitem__)
             worst = min(yields, key=yields.__getitem__)
             gap = yields[best] - yields[worst]
-            if gap > rule.threshold:
+            if gap > rule.limit:
                 self._raise(rule, f"{rule.name}|{base}", ts, now,
                             f"wafer {wafer.wafer_id} of lot {lot.lot_id}: site {worst} yield "
                             f"{yields[worst]:.1%} is {gap:.1%} below site {best} "
@@ -233,7 +233,7 @@ class AlertEngine:
         tally = lot.tally
         for rule in self._rules("lot_yield", lot.lot_id):
             y = tally.yield_
-            if tally.dies >= rule.min_parts and y is not None and y < rule.threshold:
+            if tally.dies >= rule.min_parts and y is not None and y < rule.limit:
                 self._raise(rule, f"{rule.name}|{lot.lot_id}", ts, now,
                             f"lot {lot.lot_id}: yield {y:.1%} below {rule.threshold:.1%} "
                             f"after {tally.dies} dies",
@@ -246,7 +246,7 @@ class AlertEngine:
             if stats.count < rule.min_samples:
                 continue
             cpk = stats.cpk
-            if cpk is not None and cpk < rule.threshold:
+            if cpk is not None and cpk < rule.limit:
                 self._raise(rule, f"{rule.name}|{stats.lot_id}|{stats.test_num}", ts, now,
                             f"lot {stats.lot_id}: test {stats.test_num} {stats.test_txt} Cpk "
                             f"{cpk:.3g} below {rule.threshold:.3g} (mean {_fmt(stats.mean)}, "

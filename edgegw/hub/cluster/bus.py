@@ -62,6 +62,7 @@ import secrets
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -696,8 +697,8 @@ class ClusterBus:
         """Each shard's identity (one GET per shard), None where it holds none."""
         out: list[str | None] = []
         for shard in self.shards:
-            value = await self._call("shard_label", lambda c=self._client_of(shard.index):
-                                     c.get(self.key("shard")), shard.index)
+            value = await self._call("shard_label", partial(self._client_of(shard.index).get,
+                                                     self.key("shard")), shard.index)
             out.append(None if value is None else _text(value))
         return out
 
@@ -1080,14 +1081,13 @@ class ClusterBus:
         for shard in self.shards:
             client = self._client_of(shard.index)
             members = await self._call(
-                "topics", lambda client=client: client.smembers(self.key("topics")),
+                "topics", partial(client.smembers, self.key("topics")),
                 shard.index)
             topics = sorted(_text(m) for m in members)
             if not topics:
                 continue
             heads = await self._call(
-                "heads", lambda client=client, topics=topics: client.hmget(
-                    self.key("heads"), topics), shard.index)
+                "heads", partial(client.hmget, self.key("heads"), topics), shard.index)
             for t, h in zip(topics, heads, strict=True):
                 if self.shard_of_topic(t) == shard.index:  # (a mapping left behind: ignored)
                     out[t] = int(h or 0)
@@ -1274,7 +1274,7 @@ class ClusterBus:
         for shard, items in self._by_shard(names, self.shard_of_lease).items():
             client = self._client_of(shard)
             keys = [self.key("lease", name) for _, name in items]
-            raw = await self._call("lease", lambda client=client, keys=keys: client.mget(keys),
+            raw = await self._call("lease", partial(client.mget, keys),
                                    shard)
             for (_, name), value in zip(items, raw, strict=True):
                 if value is None:

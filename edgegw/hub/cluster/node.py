@@ -196,7 +196,7 @@ class ClusterHub:
         Dashboard().install(self.ingest.http)
         # /api from the mirror and PostgreSQL: the same answers on every node (api.py)
         self.alerts = AlertEngine(config.alerts, lambda topic, delta: None, metrics=metrics)
-        ClusterHistoryApi(MirrorLots(self.mirror.state), self.alerts,  # type: ignore[arg-type]
+        ClusterHistoryApi(MirrorLots(self.mirror.state), self.alerts,
                           store=self.store, read_views=self.mirror.read_views,
                           die_values=self.die_values.ask).install(self.ingest.http)
         # /api/stats: the single hub's shape, gateways and live_state cluster-wide (stats.py)

@@ -39,7 +39,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -215,7 +215,11 @@ class PartitionLog(Protocol):
     async def save_alerts(self, partition: int, token: int,
                           alerts: list[dict[str, Any]]) -> dict[str, bool]: ...
     async def known_gateways(self) -> list[str]: ...
-    async def gateway_totals(self, gateways: list[str]) -> dict[str, Any]: ...
+    async def gateway_totals(
+        self, gateways: list[str]
+    ) -> Mapping[str, tuple[int, int, int | None, float | None]]: ...
+    async def recent_records(self, gateways: list[str],
+                             since: float) -> dict[str, dict[int, int]]: ...
     async def save_partition_state(self, partition: int, token: int,
                                    data: dict[str, Any]) -> bool: ...
     async def save_archives(self, token: int, lots: list[tuple[str, dict[str, Any], int]],
@@ -496,10 +500,10 @@ class PartitionOwner:
             holders[p] = holder[0] if holder else None
         plan = self.planner.plan(trio.current_time(), nodes, holders, self.owned)
         for p in plan.release:
-            owned = self.owned.pop(p, None)
-            if owned is not None:
-                owned.scope.cancel()
-                await self.bus.release(lease_name(p), owned.token)
+            released = self.owned.pop(p, None)
+            if released is not None:
+                released.scope.cancel()
+                await self.bus.release(lease_name(p), released.token)
                 log.info("partition %d released (rebalance)", p)
         acquired: list[Owned] = []
         try:

@@ -92,7 +92,8 @@ def _schema_complete(conn: psycopg.Connection[Any]) -> bool:
     # and the columns added in a DO block (only when missing: see there)
     columns += re.findall(r"table_name = '(\w+)'\s+AND column_name = '(\w+)'", SCHEMA)
     for name in relations:
-        if conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0] is None:
+        row = conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()
+        if row is None or row[0] is None:
             return False
     for table, column in columns:
         if conn.execute("SELECT 1 FROM information_schema.columns WHERE table_schema = "
@@ -1479,7 +1480,7 @@ class ClusterStore:
     async def undelivered_webhooks(self) -> list[tuple[str, str, str, float]]:
         """The outbox rows without an outcome, oldest first."""
         def run(conn: psycopg.Connection[Any]) -> list[tuple[str, str, str, float]]:
-            return [tuple(r) for r in conn.execute(  # type: ignore[misc]
+            return [tuple(r) for r in conn.execute(
                 "SELECT url, event_key, payload, queued_at FROM edgegw_webhook_outbox"
                 " WHERE outcome IS NULL ORDER BY queued_at").fetchall()]
 
@@ -1699,7 +1700,7 @@ class ClusterStore:
     async def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """A read-only query (psycopg placeholders: ``%s``)."""
         def run(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
-            return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+            return conn.execute(sql, params).fetchall()
 
         return await self._call(run)
 

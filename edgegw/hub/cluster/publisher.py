@@ -210,7 +210,7 @@ class TopicPublisher:
                 for topic in self._known - alive - self._snap_dirty:
                     entries.append((topic, 1, "x", b"", None))
                     self._known.discard(topic)
-            held = [t for t in self._snap_dirty if t in self._pending]
+            owed = [t for t in self._snap_dirty if t in self._pending]
             for topic in self._snap_dirty:
                 if topic in self._pending:
                     continue  # it has deltas not published yet: its snapshot would be ahead
@@ -222,7 +222,7 @@ class TopicPublisher:
                     # In the pipeline after this batch's deltas of the topic, so the script
                     # writes it at exactly their head (the state has nothing newer).
                     entries.append((topic, 0, "d", b"", cbor2.dumps(data)))
-            self._snap_dirty = set(held)
+            self._snap_dirty = set(owed)
         if not entries:
             return 0
         if len(epochs) == 1:

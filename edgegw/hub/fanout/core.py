@@ -101,7 +101,7 @@ class RequestError(Exception):
         self.message = message
 
 
-AckHandler = Callable[[str, str], None]
+AckHandler = Callable[[str, str], object]  # its result is not used
 
 
 class LiveHub:
@@ -864,13 +864,13 @@ class LiveHub:
                     items.append(ready[1])
                     client.positions[topic] = channel.offset
                     continue
-                key = ("d", topic, position)
+                key: tuple[str, str, Any] = ("d", topic, position)
                 item = cache.get(key)
                 if item is None:
                     deltas = channel.deltas_after(position)
                     if deltas is not None:
                         try:
-                            data = deltas if channel.event_like else coalesce(deltas)
+                            data: Any = deltas if channel.event_like else coalesce(deltas)
                         except Exception:
                             self._topic_failed(topic, "delta")
                             item = cache[key] = _FAILED
@@ -1011,7 +1011,7 @@ class LiveHub:
             "ui_rate": self.config.ui_rate,
             "channels": len(self.channels),
             "clients": clients,
-            "queue_depth_max": max((c["queue_depth"] for c in clients), default=0),
+            "queue_depth_max": max((c.queue_depth for c in self.clients.values()), default=0),
         }
 
     def _collect(self) -> None:

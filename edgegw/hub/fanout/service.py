@@ -28,7 +28,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import trio
@@ -472,6 +472,7 @@ class LiveFanout:
                 if fd is not None:
                     session.in_batch = True
                     frame = core.take_frame(client)
+                    assert frame is not None  # (the queue has one)
                     batch.append((session, frame))
                     writes.append((fd, frame))
                     continue
@@ -480,7 +481,7 @@ class LiveFanout:
         spent = time.perf_counter() - started  # the tick's own wall time, writes apart
         if writes:
             self._batch_done = done
-            written: list[int | None] | None = None
+            written: Sequence[int | None] | None = None
             handed = time.perf_counter()
             try:
                 if to_process:  # the writer process, else the writer thread
@@ -504,7 +505,7 @@ class LiveFanout:
         return cpu
 
     def _batch_results(self, batch: list[tuple[_Session, bytes]],
-                       written: list[int | None] | None) -> None:
+                       written: Sequence[int | None] | None) -> None:
         """What the writer thread (or process) wrote: frames written, the rest to each
         client's sender.  None, for the batch or a frame: unknown (the batch failed, the
         writer process ended in it)."""

@@ -63,7 +63,7 @@ class _New(Exception):
     """A key not in a ``Keys`` yet: nothing was counted (``Keys.add_new`` decides)."""
 
 
-class Keys(Counter[int]):
+class Keys(Counter[Any]):
     """A ``Counter`` to which each gateway brings at most ``TALLY_KEYS`` keys (``made``:
     gateway -> keys it brought): a wafer and a lot are shared, and one gateway inventing
     site or bin numbers must leave another's new ones their keys.  Counting a key not
@@ -79,10 +79,10 @@ class Keys(Counter[int]):
         self.made: dict[str, int] = {}
         super().__init__(*counts)
 
-    def __missing__(self, key: int) -> int:
+    def __missing__(self, key: SiteId) -> int:
         raise _New
 
-    def add_new(self, key: int, sign: int, gateway: str) -> bool:
+    def add_new(self, key: SiteId, sign: int, gateway: str) -> bool:
         """``key``, not there, counted ``sign`` for ``gateway``'s die: False if not kept --
         ``gateway`` brought ``TALLY_KEYS`` keys already, or ``sign`` is -1 (the die's +1
         was not counted either: a key once there stays)."""
@@ -137,7 +137,7 @@ class Tally:
         self.soft_tested = Keys()
         self.site_dies = Keys()
         #: (its keys are among ``site_dies``')
-        self.site_good: Counter[int] = Counter()
+        self.site_good: Counter[SiteId] = Counter()
 
     def count_final(self, die: Die, sign: int) -> int:
         """``die`` in (+1) or out of (-1) the final counts; how many of its keys (site,
@@ -241,7 +241,7 @@ class Tally:
         }
 
 
-def _keyed(counter: Counter[int]) -> dict[str, int]:
+def _keyed(counter: Counter[Any]) -> dict[str, int]:
     # String keys: the same snapshot goes out as CBOR and as JSON, and a JSON client
     # would otherwise see "1" where a CBOR client sees 1.
     return {str(k): v for k, v in sorted(counter.items()) if v}

@@ -709,6 +709,7 @@ class LiveState:
         """
         lots = self.lots
         values = batch.values
+        assert values is not None  # (set by the batched apply)
         tests = batch.tests
         parametric, part = ParametricResult, PartResult
         num, bad_flags, isfinite = (float, int), BAD_VALUE_FLAGS, math.isfinite
@@ -720,7 +721,9 @@ class LiveState:
         # at any other record (a part result pops it)
         p_lot: Any = None
         p_head = p_site = -1
-        pending: list[Any] = []
+        # (Any: a stats found means its lot was, which a type checker cannot follow)
+        pending: Any = []
+        lot: Any
         for i, rec in enumerate(records):
             kind = type(rec)
             if kind is parametric or kind is tuple:
@@ -1535,13 +1538,13 @@ class LiveState:
         if self.alerts is not None:
             ts = batch.ts
             for wafer in batch.closed_wafers:
-                lot = self.lots.get(wafer.lot_id)
-                if lot is not None:
-                    self.alerts.wafer_closed(lot, wafer)
+                its_lot = self.lots.get(wafer.lot_id)
+                if its_lot is not None:
+                    self.alerts.wafer_closed(its_lot, wafer)
             for wafer in batch.wafers:
-                lot = self.lots.get(wafer.lot_id)
-                if lot is not None and not wafer.archived:
-                    self.alerts.evaluate_wafer(lot, wafer, ts, now)
+                its_lot = self.lots.get(wafer.lot_id)
+                if its_lot is not None and not wafer.archived:
+                    self.alerts.evaluate_wafer(its_lot, wafer, ts, now)
             for lot in batch.lots:
                 if lot.lot_id in self.lots:
                     self.alerts.evaluate_lot(lot, ts, now)
@@ -1564,9 +1567,10 @@ _chain = itertools.chain.from_iterable
 #: the types each field of a parametric result's may have for the inline apply: by index
 #: in the record (ts, lot id, head, site, test number and text, value, limits, units, test
 #: flags)
-_PLAIN_PARAMETRIC = {1: {float, int}, 2: {str}, 3: {int}, 4: {int}, 6: {int}, 7: {str},
-                     8: {float, type(None)}, 9: {float, int, type(None)},
-                     10: {float, int, type(None)}, 11: {str}, 13: {int}, 14: {int}}
+_PLAIN_PARAMETRIC: dict[int, set[type]] = {
+    1: {float, int}, 2: {str}, 3: {int}, 4: {int}, 6: {int}, 7: {str},
+    8: {float, type(None)}, 9: {float, int, type(None)},
+    10: {float, int, type(None)}, 11: {str}, 13: {int}, 14: {int}}
 #: those whose integers must fit 64 bits, checked a column at a time: ts, head, site and
 #: flags (a test number past them names no test the lot has: not inline, so checked per
 #: record; a limit past the float range is checked inline)
