@@ -45,3 +45,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
     for command in stop_leftovers():
         print(f"conftest: stopped a process a test left running: {command}", file=sys.stderr)
+
+
+# ---- skips keep their reason (skipreasons.py) -----------------------------------------------
+from skipreasons import pytest_pyfunc_call  # noqa: E402, F401
