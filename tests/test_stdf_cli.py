@@ -641,3 +641,35 @@ def test_dump_shows_the_records_of_unknown_type_stats_counts(tmp_path: Path) -> 
     alone = edgegw_stdf("dump", path, "--rec", "UNKNOWN")
     assert [json.loads(line) for line in alone.stdout.splitlines()] == [
         {k: v for k, v in o.items() if k != "_offset"} for o in unknown]
+
+
+def test_a_lot_without_its_mrr_is_read_with_a_warning_that_says_so(tmp_path: Path) -> None:
+    # a tester that stopped mid-lot, or a file copied while being written: cut at a
+    # record's end, the file reads clean, so only the missing MRR tells that the figures
+    # are part of a lot
+    raw, records = metis_records()
+    prrs = [r for r in records if r.name == "PRR"]
+    cut = next(r.offset for r in records if r.offset > prrs[len(prrs) // 2].offset)
+    path = tmp_path / "stopped.stdf"
+    path.write_bytes(raw[:cut])
+    proc = edgegw_stdf("stats", path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == _stats_of_full_decode(raw[:cut])
+    (line,) = proc.stderr.strip().splitlines()
+    mir = next(r.offset for r in records if r.name == "MIR")
+    assert f"warning: the lot of the MIR at byte {mir} has no MRR (the file ends at byte " \
+           f"{cut})" in line
+    # --partial: a file still being written, as the user says: no warning
+    partial = edgegw_stdf("stats", "--partial", path)
+    assert partial.returncode == 0 and partial.stderr == ""
+    assert partial.stdout == proc.stdout
+    # the whole file, and a file of no lot at all (a FAR alone), say nothing
+    path.write_bytes(raw)
+    assert edgegw_stdf("stats", path).stderr == ""
+    path.write_bytes(raw[:records[1].offset])
+    assert edgegw_stdf("dump", path).stderr == ""
+    # a second lot appended after the first one's MRR and cut: that lot's MIR is named
+    second = raw + raw[:cut]
+    path.write_bytes(second)
+    (line,) = edgegw_stdf("dump", path).stderr.strip().splitlines()
+    assert f"the lot of the MIR at byte {len(raw) + mir} has no MRR" in line

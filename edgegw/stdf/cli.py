@@ -206,6 +206,7 @@ def _records(args: argparse.Namespace, decoder: StdfDecoder, *,
     #: the MRR just read, while nothing but records of unknown type followed it: the file
     #: is whole, and what cannot be read after it (zero fill, a text trailer) loses nothing
     mrr_at: int | None = None
+    lot_at: int | None = None  # the MIR of a lot whose MRR has not come (yet)
     kind: str | None = None
     try:
         f, kind = open_stdf(args.file)
@@ -217,6 +218,8 @@ def _records(args: argparse.Namespace, decoder: StdfDecoder, *,
                     yield rec
                 continue
             mrr_at = rec.offset if rec.name == "MRR" else None
+            if rec.name == "MIR" or rec.name == "MRR":
+                lot_at = rec.offset if rec.name == "MIR" else None
             if rec.name == "FAR" and not args.any_version:
                 version = rec.fields.get("STDF_VER")
                 if version != 4:
@@ -268,6 +271,13 @@ def _records(args: argparse.Namespace, decoder: StdfDecoder, *,
                        f"{first_unknown}, where the damage probably starts")
         else:
             raise _Bad(f"truncated: {where} (--partial for a file still being written)")
+    elif lot_at is not None and not args.partial:
+        # whole records to the end, but the lot's end is not there: figures of part of a
+        # lot, which nothing else would say (a file cut at a record's end reads clean)
+        print(f"edgegw stdf: {args.file}: warning: the lot of the MIR at byte {lot_at} has "
+              f"no MRR (the file ends at byte {decoder.position}): still being written "
+              "(--partial), or the tester stopped before the lot's end; the figures are "
+              "those of the records there", file=sys.stderr)
 
 
 def _trailing(args: argparse.Namespace, mrr_at: int, what: str) -> None:
