@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import itertools
 import json
 import math
 import random
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from edgegw.cli import main
-from edgegw.stdf import Bits, StdfDecoder, StdfWriter
+from edgegw.stdf import Bits, StdfDecoder, StdfWriter, StreamsReader, TrailingBytes
 
 
 def write_lot(path: Path, order: str = "<") -> Path:
@@ -267,10 +268,15 @@ def test_a_bzip2_or_xz_file_is_read_as_its_plain_file(
     plain.write_bytes(raw)
     packed = tmp_path / f"metis.{kind}.stdf"
     packed.write_bytes(_compress(kind, raw))
+    # several streams (a tester compressing as it writes; pxz), xz with the stream padding
+    # its format allows: lzma.open dropped every stream after padding without a word
+    streams = tmp_path / f"metis.streams.{kind}.stdf"
+    streams.write_bytes(_streams(kind, raw, [1000, len(raw) // 2], padding=kind == "xz"))
     for action in ("stats", "dump"):
         want = run(capsys, "stdf", action, str(plain))
         assert want[0] == 0 and want[1]
         assert run(capsys, "stdf", action, str(packed)) == want
+        assert run(capsys, "stdf", action, str(streams)) == want
 
 
 @pytest.mark.parametrize("kind", ["bzip2", "xz"])
@@ -673,3 +679,80 @@ def test_a_lot_without_its_mrr_is_read_with_a_warning_that_says_so(tmp_path: Pat
     path.write_bytes(second)
     (line,) = edgegw_stdf("dump", path).stderr.strip().splitlines()
     assert f"the lot of the MIR at byte {len(raw) + mir} has no MRR" in line
+
+
+def _streams(kind: str, raw: bytes, cuts: list[int], padding: bool = False) -> bytes:
+    """``raw`` compressed as one stream per piece between ``cuts`` (xz: with the stream
+    padding the format allows between and after them)."""
+    pad = b"\0" * 8 if padding else b""
+    bounds = [0, *cuts, len(raw)]
+    return b"".join(_compress(kind, raw[a:b]) + pad for a, b in itertools.pairwise(bounds))
+
+
+@pytest.mark.parametrize("kind", ["bzip2", "xz"])
+def test_a_file_of_several_streams_reads_as_the_modules_read_it(tmp_path: Path,
+                                                                kind: str) -> None:
+    """... and with xz's stream padding (zero bytes, allowed between and after streams)
+    as the xz tool reads it: lzma.open stops at padding between streams, and after the
+    last one raises EOFError."""
+    import bz2
+    import lzma
+
+    opener = bz2.open if kind == "bzip2" else lzma.open
+    rnd = random.Random(kind)
+    raw = bytes(rnd.getrandbits(8) for _ in range(200_000))
+    for cuts in ([], [1], [70_000], sorted(rnd.sample(range(1, len(raw)), 5))):
+        for padding in ((False, True) if kind == "xz" else (False,)):
+            path = tmp_path / f"f.{kind}"
+            path.write_bytes(_streams(kind, raw, cuts, padding))
+            with StreamsReader(path, kind) as f:
+                pieces = []
+                while piece := f.read1(1 << 16):
+                    assert len(piece) <= 1 << 16
+                    pieces.append(piece)
+            assert b"".join(pieces) == raw
+            if not padding:
+                with opener(path, "rb") as g:
+                    assert g.read() == raw
+    if kind == "xz":
+        # where lzma.open loses data: the streams after padding between two (read as
+        # trailing bytes, dropped without a word; the xz tool reads them)
+        path.write_bytes(_streams(kind, raw, [1000], padding=True))
+        with lzma.open(path, "rb") as g:
+            assert g.read() == raw[:1000]
+
+
+@pytest.mark.parametrize("kind", ["bzip2", "xz"])
+def test_bytes_after_the_streams_are_told_where_the_modules_say_nothing(
+        tmp_path: Path, kind: str) -> None:
+    path = tmp_path / f"f.{kind}"
+    path.write_bytes(_compress(kind, b"stdf" * 1000) + b"END OF TRANSFER\n")
+    with StreamsReader(path, kind) as f:
+        assert f.read1(1 << 20) == b"stdf" * 1000
+        with pytest.raises(TrailingBytes, match=f"begin no {kind} stream: b'END OF TRANS"):
+            f.read1(1 << 20)
+    path.write_bytes(_compress(kind, b"stdf" * 1000)[:-10])  # cut short: as the modules
+    with StreamsReader(path, kind) as f, pytest.raises(EOFError):
+        while f.read1(1 << 20):
+            pass
+
+
+@pytest.mark.parametrize("kind", ["bzip2", "xz"])
+def test_junk_after_the_bzip2_or_xz_data_is_a_warning_after_the_mrr_and_an_error_before(
+        tmp_path: Path, kind: str) -> None:
+    # as for a gzip file (the two tests above): bz2.open and lzma.open stopped at the junk
+    # without a word, so half a lot read as a whole file
+    raw, records = metis_records()
+    path = tmp_path / "junk.stdf.x"
+    path.write_bytes(_streams(kind, raw, [len(raw) // 3]) + b"END OF TRANSFER\n")
+    proc = edgegw_stdf("stats", path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == _stats_of_full_decode(raw)
+    (line,) = proc.stderr.strip().splitlines()
+    assert "warning: after the MRR" in line and f"begin no {kind} stream" in line
+    no_mrr = raw[:records[-1].offset]
+    path.write_bytes(_compress(kind, no_mrr) + b"JUNK" * 4)
+    proc = edgegw_stdf("dump", path)
+    line = one_error_line(proc)
+    assert f"not {kind} data after {len(no_mrr)} bytes of STDF" in line
+    assert len(proc.stdout.splitlines()) == 917  # every record before the junk printed

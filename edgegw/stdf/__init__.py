@@ -42,6 +42,7 @@ _EXPORTS = {
     "result_passed": "state",
     "ALL_SITES": "stats", "StdfStats": "stats",
     "StdfWriter": "writer",
+    "StreamsReader": "compressed", "TrailingBytes": "compressed",
 }
 _SUBMODULES = ("decoder", "spec")
 
@@ -50,6 +51,8 @@ __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 if TYPE_CHECKING:
     from . import decoder as decoder
     from . import spec as spec
+    from .compressed import StreamsReader as StreamsReader
+    from .compressed import TrailingBytes as TrailingBytes
     from .decoder import StdfDecoder as StdfDecoder
     from .decoder import StdfError as StdfError
     from .decoder import StdfRecord as StdfRecord

@@ -31,7 +31,7 @@ import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from .decoder import RESERVED_REC_TYPS, StdfDecoder, StdfError, StdfRecord
 from .spec import BY_NAME, Bits
@@ -117,7 +117,7 @@ _NOT_READ = ((b"PK\x03\x04", "a zip archive"), (b"\x28\xb5\x2f\xfd", "zstd-compr
              (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"))
 
 
-def open_stdf(path: Path) -> tuple[IO[bytes], str | None]:
+def open_stdf(path: Path) -> tuple[Any, str | None]:
     """Open a plain, gzip-, bzip2- or xz-compressed file (recognised by its magic bytes):
     the file and its compression's name (None for a plain file)."""
     with path.open("rb") as f:
@@ -131,15 +131,11 @@ def open_stdf(path: Path) -> tuple[IO[bytes], str | None]:
     if kind == "gzip":
         import gzip
 
-        return gzip.open(path, "rb"), kind  # type: ignore[return-value]
-    if kind == "bzip2":
-        import bz2
+        return gzip.open(path, "rb"), kind
+    if kind is not None:  # bzip2 or xz: what follows the streams is told, as gzip's is
+        from .compressed import StreamsReader
 
-        return bz2.open(path, "rb"), kind
-    if kind == "xz":
-        import lzma
-
-        return lzma.open(path, "rb"), kind
+        return StreamsReader(path, kind), kind
     return path.open("rb"), None
 
 
@@ -252,6 +248,13 @@ def _records(args: argparse.Namespace, decoder: StdfDecoder, *,
             raise _Bad(f"not gzip data after {_fed(decoder)} bytes of STDF: {exc}") from None
         raise _Bad(str(exc) or type(exc).__name__) from None
     except Exception as exc:
+        from .compressed import TrailingBytes
+
+        if isinstance(exc, TrailingBytes):  # as a gzip file's BadGzipFile, above
+            if mrr_at is not None:
+                _trailing(args, mrr_at, str(exc))
+                return
+            raise _Bad(f"not {kind} data after {_fed(decoder)} bytes of STDF: {exc}") from None
         xz = sys.modules.get("lzma")  # imported only for an xz file (start-up)
         if xz is None or not isinstance(exc, xz.LZMAError):
             raise
