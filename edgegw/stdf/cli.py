@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .compressed import MAGIC, StreamsReader, TrailingBytes
 from .decoder import RESERVED_REC_TYPS, StdfDecoder, StdfError, StdfRecord
 from .spec import BY_NAME, Bits
 from .stats import StdfStats
@@ -111,7 +112,7 @@ _ADD = {"dump": _add_dump, "stats": _add_stats}
 
 
 #: compressed files read as a stream, by their magic bytes: (magic, name)
-COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
+COMPRESSED = ((b"\x1f\x8b", "gzip"), *((magic, kind) for kind, magic in MAGIC.items()))
 #: what is not read, named rather than called "not STDF" by its first bytes
 _NOT_READ = ((b"PK\x03\x04", "a zip archive"), (b"\x28\xb5\x2f\xfd", "zstd-compressed"),
              (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"))
@@ -133,8 +134,6 @@ def open_stdf(path: Path) -> tuple[Any, str | None]:
 
         return gzip.open(path, "rb"), kind
     if kind is not None:  # bzip2 or xz: what follows the streams is told, as gzip's is
-        from .compressed import StreamsReader
-
         return StreamsReader(path, kind), kind
     return path.open("rb"), None
 
@@ -214,8 +213,10 @@ def _records(args: argparse.Namespace, decoder: StdfDecoder, *,
                     yield rec
                 continue
             mrr_at = rec.offset if rec.name == "MRR" else None
-            if rec.name == "MIR" or rec.name == "MRR":
-                lot_at = rec.offset if rec.name == "MIR" else None
+            if rec.name == "MIR":
+                lot_at = rec.offset
+            elif rec.name == "MRR":
+                lot_at = None
             if rec.name == "FAR" and not args.any_version:
                 version = rec.fields.get("STDF_VER")
                 if version != 4:
@@ -235,26 +236,21 @@ def _records(args: argparse.Namespace, decoder: StdfDecoder, *,
     except OSError as exc:  # missing file, not gzip after all, ...
         if isinstance(exc, BrokenPipeError):
             raise
+        gz = sys.modules.get("gzip")  # imported only for a gzip file (start-up)
+        bad_gzip = gz is not None and isinstance(exc, gz.BadGzipFile)
+        if bad_gzip or isinstance(exc, TrailingBytes):
+            # bytes after the compressed data that begin no member or stream: after the
+            # MRR, the compressed file's text trailer (a warning, as one in a plain file)
+            if mrr_at is not None:
+                _trailing(args, mrr_at, f"bytes after the gzip data that are not gzip ({exc})"
+                          if bad_gzip else str(exc))
+                return
+            raise _Bad(f"not {kind} data after {_fed(decoder)} bytes of STDF: {exc}") from None
         if kind == "bzip2":  # bz2's one error for data it cannot decompress
             raise _Bad(f"corrupt bzip2 data after {_fed(decoder)} bytes of STDF: "
                        f"{exc}") from None
-        gz = sys.modules.get("gzip")  # imported only for a gzip file (start-up)
-        if gz is not None and isinstance(exc, gz.BadGzipFile):
-            # bytes after a gzip member that are not another member: after the MRR, the
-            # compressed file's text trailer (a warning, as one in a plain file)
-            if mrr_at is not None:
-                _trailing(args, mrr_at, f"bytes after the gzip data that are not gzip ({exc})")
-                return
-            raise _Bad(f"not gzip data after {_fed(decoder)} bytes of STDF: {exc}") from None
         raise _Bad(str(exc) or type(exc).__name__) from None
     except Exception as exc:
-        from .compressed import TrailingBytes
-
-        if isinstance(exc, TrailingBytes):  # as a gzip file's BadGzipFile, above
-            if mrr_at is not None:
-                _trailing(args, mrr_at, str(exc))
-                return
-            raise _Bad(f"not {kind} data after {_fed(decoder)} bytes of STDF: {exc}") from None
         xz = sys.modules.get("lzma")  # imported only for an xz file (start-up)
         if xz is None or not isinstance(exc, xz.LZMAError):
             raise

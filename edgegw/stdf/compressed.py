@@ -12,18 +12,18 @@ format, not trailing).
 
 from __future__ import annotations
 
-import bz2
-import lzma
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+#: the first bytes of a stream of each kind this reads
 MAGIC = {"bzip2": b"BZh", "xz": b"\xfd7zXZ\x00"}
 _RAW_READ = 1 << 16
 
 
-class TrailingBytes(Exception):
-    """Bytes after the last stream of a compressed file that begin no stream."""
+class TrailingBytes(OSError):
+    """Bytes after the last stream of a compressed file that begin no stream (an OSError,
+    as gzip's ``BadGzipFile`` for the same)."""
 
 
 class StreamsReader:
@@ -42,8 +42,13 @@ class StreamsReader:
         self._input = b""  # compressed bytes read but not yet given to the decompressor
 
     def _new(self) -> Any:
+        # the codec's module only once a file of its kind is read (``stdf stats`` start-up)
         if self.kind == "bzip2":
+            import bz2
+
             return bz2.BZ2Decompressor()
+        import lzma
+
         return lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
 
     def read1(self, size: int = -1) -> bytes:
