@@ -628,7 +628,28 @@ async def test_every_lot_of_a_file_holding_several_is_sent_and_shown_once(
     status, got, err = stats(capsys, path)
     assert (status, got["parts"], got["records"]["MRR"], got["hard_bins"]) == (
         0, 16, 3, {"1": 9, "2": 7})
+    # and so are the lots' own summaries, the PCR's counts as the HBRs' (the PCR was the
+    # last lot's alone: PART_CNT 4 beside 16 parts)
+    assert got["file_summary"]["hbr"]["all"] == {"1": 9, "2": 7}
+    assert got["file_summary"]["pcr"]["all"] == {
+        "PART_CNT": 16, "RTST_CNT": 0, "ABRT_CNT": 0, "GOOD_CNT": 9}
     assert ("warning: after the MRR" in err) == (trailer != "nothing")
+
+
+def test_a_pcr_count_one_lot_leaves_out_is_missing_in_the_file_summary() -> None:
+    # two lots' PCRs summed: a count either lot leaves out -- the spec's missing value, or
+    # a record that ends before it -- cannot be summed, so the file's is missing too
+    from edgegw.stdf import StdfStats
+
+    stats = StdfStats()
+    for lot, counts in (("A", {"PART_CNT": 10, "RTST_CNT": 1, "ABRT_CNT": 0,
+                               "GOOD_CNT": 4294967295, "FUNC_CNT": 6}),
+                        ("B", {"PART_CNT": 5, "RTST_CNT": 2, "ABRT_CNT": 1, "GOOD_CNT": 3})):
+        stats.add("MIR", {"LOT_ID": lot})
+        stats.add("PCR", {"HEAD_NUM": 255, "SITE_NUM": 0, **counts})
+    assert stats.as_dict()["file_summary"]["pcr"] == {"all": {
+        "PART_CNT": 15, "RTST_CNT": 3, "ABRT_CNT": 1, "GOOD_CNT": 4294967295,
+        "FUNC_CNT": 4294967295}}
 
 
 @pytest.mark.parametrize("read_size", [512, "first lot"])

@@ -15,6 +15,7 @@ from collections import Counter
 from typing import Any, ClassVar
 
 from .flags import part_passed
+from .spec import U4_MISSING
 
 ALL_SITES = 255
 
@@ -89,9 +90,17 @@ class StdfStats:
             bins = self.file_sbr.setdefault(key, {})
             bins[fields["SBIN_NUM"]] = bins.get(fields["SBIN_NUM"], 0) + fields["SBIN_CNT"]
         elif name == "PCR":
+            # summed as the HBR/SBR counts are (a file of several lots: each lot's PCR
+            # counts its own parts).  A count one of them leaves out (the spec's missing
+            # value, or the record ending before it) is unknown for the sum: missing
             key = _summary_key(fields)
-            self.file_pcr[key] = {k: v for k, v in fields.items()
-                                  if k not in ("HEAD_NUM", "SITE_NUM")}
+            new = {k: v for k, v in fields.items() if k not in ("HEAD_NUM", "SITE_NUM")}
+            had = self.file_pcr.get(key)
+            if had is not None:
+                new = {k: U4_MISSING if U4_MISSING in (a, b) else a + b
+                       for k in [*had, *(k for k in new if k not in had)]
+                       for a, b in [(had.get(k, U4_MISSING), new.get(k, U4_MISSING))]}
+            self.file_pcr[key] = new
 
     def _prr(self, f: dict[str, Any]) -> None:
         self.tested += 1
