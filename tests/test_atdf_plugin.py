@@ -199,6 +199,56 @@ def test_flag_letters_and_times_become_the_stdf_values() -> None:
     assert (prr.fields["TEST_T"], prr.fields["SOFT_BIN"]) == (40, 5)
 
 
+# The ATDF specification's own sample record of each type the plugin converts (its
+# "Sample:" lines; the MIR's second line a continuation), as a file.
+SPEC_SAMPLES = """\
+FAR:A|4|2|U
+ATR:0:03:00 3-SEP-1992|bin_filter 7,9-12
+MIR:A3002B|80386|80386HOT|akbar|J971|8:14:59 23-JUL-1992|8:23:02 23-JUL-1992|Sandy|P|1|2B|\
+HOT|N|3.1.2|IG900|2.4|||300|100||
+ 386_data.txt|ceramic|386|wk23||MPU2||||||386HOT|3S|||A42136S|JOAN_S
+SDR:2|4|5,6,7,8|Delta Flex|D511||B101|17
+WCR:D|R|D|5|.3|.25|1|23|19
+WIR:1|8:23:02 23-JUL-1992|2
+PIR:2|1
+PTR:23|2|1|997.3|F|AOH|Check 2nd layer|||A|-1.7|45.2| %9.4f|%7.2f|%7.2f|-1.75|45.25|3|3|4
+FTR:27|2|1|P||CHECKERBOARD|A1|5|16|2|3|6|3|0|10,2,8,12|0,1,1,4|4,5,6,7|0,0,0,0|8|DRV|\
+Check Driver||||2|2,3,4,6
+PRR:2|1|13|78|F|0|17|-2|7|||644|Device at edge of wafer|F13C20
+WRR:1|11:02:42 23-JUL-1992|492|W01|3|102|214|2|131|MOS-4|F54|S3-1|Glass buildup on \
+prober|Yield alarm on wafer W01
+TSR:2|2|600|Leakage|P|413|92|3||DC_TESTS|0.005|0.1|7.2|1280.3|4329.5
+MRR:12:17:12 23-JUL-1992|H|Handler problems|Yield Alarm
+"""
+
+
+def test_the_specifications_own_sample_records_are_read() -> None:
+    # the PRR's last field, PART_FIX (repair data, B*n in hexadecimal), made the spec's
+    # own PRR "PRR has 14 fields, ATDF defines 13": a file whose PRRs carry it was
+    # abandoned at its first part
+    records = check_chunkings(get_format("atdf"), SPEC_SAMPLES.encode())
+    by_name = {r.name: r.fields for r in records}
+    assert list(by_name) == ["FAR", "ATR", "MIR", "SDR", "WCR", "WIR", "PIR", "PTR", "FTR",
+                             "PRR", "WRR", "TSR", "MRR"]
+    prr = by_name["PRR"]
+    assert prr["PART_FIX"] == bytes([0xF1, 0x3C, 0x20])
+    assert (prr["PART_ID"], prr["NUM_TEST"], prr["HARD_BIN"], prr["SOFT_BIN"], prr["X_COORD"],
+            prr["Y_COORD"], prr["TEST_T"], prr["PART_TXT"], prr["PART_FLG"]) == (
+        "13", 78, 0, 17, -2, 7, 644, "Device at edge of wafer", 0x08)
+    assert (by_name["MIR"]["LOT_ID"], by_name["MIR"]["SUPR_NAM"]) == ("A3002B", "JOAN_S")
+    assert by_name["SDR"]["SITE_NUM"] == [5, 6, 7, 8]
+    assert (by_name["WRR"]["WAFER_ID"], by_name["WRR"]["GOOD_CNT"]) == ("W01", 2)
+    assert (by_name["FTR"]["REL_VADR"], by_name["FTR"]["PATG_NUM"]) == (16, 2)
+    assert (by_name["PTR"]["RESULT"], by_name["PTR"]["PARM_FLG"]) == (997.3, 0x04 | 0x08)
+    part = [r for r in map_all(records) if isinstance(r, PartResult)]
+    assert [(p.part_id, p.x, p.y, p.soft_bin) for p in part] == [("13", -2, 7, 17)]
+    # repair data that is not bytes in hexadecimal is a FormatError at its record
+    bad = SPEC_SAMPLES.replace("F13C20", "F13C2").encode()
+    with pytest.raises(FormatError, match=r"PRR.*hexadecimal") as err:
+        parse_atdf(bad)
+    assert err.value.offset == bad.index(b"PRR:")
+
+
 def test_corrupt_atdf_is_a_format_error_with_the_offset() -> None:
     parser = get_format("atdf").new_parser()
     parser.feed(b"FAR:A|4|2|U\nPIR:1|1\nPTR:1|1|1|abc|P\nPIR:1|1\n")

@@ -352,6 +352,8 @@ def _atdf_text(records: Iterable[Any]) -> bytes:
                 values.append("")
             elif kind == "ints":
                 values.append(",".join(map(str, f[name])))
+            elif kind == "hex":  # B*n (PRR's PART_FIX)
+                values.append(f[name].hex().upper())
             else:
                 values.append(str(f[name]).replace("|", "/").replace("\n", " ")
                               .replace("\r", " "))

@@ -19,7 +19,8 @@ last line without its newline is a record the tester was still writing: ``close(
 raises ``FormatError`` for it rather than yield a value cut short.
 
 Covered record types (the ones a live monitor needs): FAR, ATR, MIR, MRR, PCR, HBR, SBR,
-SDR, WIR, WRR, WCR, PIR, PRR, TSR, PTR, FTR (without its pin/index arrays), BPS, EPS, DTR;
+SDR, WIR, WRR, WCR, PIR, PRR (its PART_FIX, repair data in hexadecimal, as bytes), TSR,
+PTR, FTR (without its pin/index arrays), BPS, EPS, DTR;
 field orders and flag letters as in the ATDF specification (and Semi-ATE STDF's ATDF
 output).
 Other valid record names (PMR, PGR, PLR, RDR, MPR, GDR, ...) are skipped and counted in
@@ -51,7 +52,7 @@ class AtdfRecord(NamedTuple):
 
 # ATDF field order per record: (STDF field name, value type).  Names starting with "_" are
 # ATDF-only codes turned into STDF flag bits by the record's post-processing below.
-_I, _F, _S, _C, _T, _L = "int", "float", "str", "char", "time", "ints"
+_I, _F, _S, _C, _T, _L, _X = "int", "float", "str", "char", "time", "ints", "hex"
 _LAYOUT: dict[str, tuple[tuple[str, str], ...]] = {
     "FAR": (("_FILE_TYP", _S), ("STDF_VER", _I), ("_ATDF_VER", _I), ("_SCAL_FLG", _S)),
     "ATR": (("MOD_TIM", _T), ("CMD_LINE", _S)),
@@ -88,7 +89,7 @@ _LAYOUT: dict[str, tuple[tuple[str, str], ...]] = {
     "PRR": (("HEAD_NUM", _I), ("SITE_NUM", _I), ("PART_ID", _S), ("NUM_TEST", _I),
             ("_PASS_FAIL", _S), ("HARD_BIN", _I), ("SOFT_BIN", _I), ("X_COORD", _I),
             ("Y_COORD", _I), ("_RETEST", _S), ("_ABORT", _S), ("TEST_T", _I),
-            ("PART_TXT", _S)),
+            ("PART_TXT", _S), ("PART_FIX", _X)),
     "TSR": (("HEAD_NUM", _I), ("SITE_NUM", _I), ("TEST_NUM", _I), ("TEST_NAM", _S),
             ("TEST_TYP", _C), ("EXEC_CNT", _I), ("FAIL_CNT", _I), ("ALRM_CNT", _I),
             ("SEQ_NAME", _S), ("TEST_LBL", _S), ("TEST_TIM", _F), ("TEST_MIN", _F),
@@ -148,6 +149,11 @@ def _value(kind: str, text: str) -> Any:
         return float(text)
     if kind == _T:
         return parse_time(text)
+    if kind == _X:  # B*n written in hexadecimal, two digits a byte
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not bytes in hexadecimal (two digits a byte)") from None
     return [int(v) for v in text.split(",") if v.strip()]  # _L
 
 
