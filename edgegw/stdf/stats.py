@@ -93,14 +93,12 @@ class StdfStats:
             # summed as the HBR/SBR counts are (a file of several lots: each lot's PCR
             # counts its own parts).  A count one of them leaves out (the spec's missing
             # value, or the record ending before it) is unknown for the sum: missing
-            key = _summary_key(fields)
-            new = {k: v for k, v in fields.items() if k not in ("HEAD_NUM", "SITE_NUM")}
-            had = self.file_pcr.get(key)
-            if had is not None:
-                new = {k: U4_MISSING if U4_MISSING in (a, b) else a + b
-                       for k in [*had, *(k for k in new if k not in had)]
-                       for a, b in [(had.get(k, U4_MISSING), new.get(k, U4_MISSING))]}
-            self.file_pcr[key] = new
+            counts = {k: v for k, v in fields.items() if k not in ("HEAD_NUM", "SITE_NUM")}
+            had = self.file_pcr.setdefault(_summary_key(fields), counts)
+            if had is not counts:
+                for k in [*had, *(k for k in counts if k not in had)]:
+                    a, b = had.get(k, U4_MISSING), counts.get(k, U4_MISSING)
+                    had[k] = U4_MISSING if U4_MISSING in (a, b) else a + b
 
     def _prr(self, f: dict[str, Any]) -> None:
         self.tested += 1
