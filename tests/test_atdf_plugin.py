@@ -11,7 +11,14 @@ import trio
 
 from edgegw.formats import FormatError
 from edgegw.metrics import Metrics
-from edgegw.records import LotEnd, ParametricResult, PartResult
+from edgegw.records import (
+    BinSummary,
+    LotEnd,
+    MultiPinResult,
+    ParametricResult,
+    PartCount,
+    PartResult,
+)
 from edgegw.sources import SourceContext, TailConfig, TailSource, get_format
 from edgegw.stdf import RecordMapper, StdfDecoder, StdfWriter
 from edgegw.testing import check_chunkings, check_truncations, run_tail
@@ -22,7 +29,8 @@ if importlib.util.find_spec("edgegw_atdf") is None:
 
 # Two sites interleaved; the first PTR of test 100 carries its limits and units, the next
 # does not; the part on site 2 has no X/Y and no soft bin; a retest by coordinates; a
-# record continued on the next line.
+# record continued on the next line; a multi-pin test (MPR) whose first record gives its
+# limits, units and pin indexes and whose next inherits them.
 ATDF_TEXT = """\
 FAR:A|4|2|U
 MIR:LOT42|DEV-7|sort.prg|node1|J750|10:08:20 23-SEP-2024|10:08:25 23-SEP-2024|joe|P|1
@@ -32,6 +40,8 @@ PIR:1|2
 PTR:100|1|1|1.25|P||VDD_IDD|||mA|1.0|2.0
 PTR:100|1|2|2.5|F||
  VDD_IDD
+MPR:300|1|1|0,1|0.5,0.75|P||IDDQ_PINS|||uA|0.125|1|||||1,2
+MPR:300|1|2|0,f|0.25,1.5|F|H|IDDQ_PINS
 FTR:200|1|1|P||pat1
 PRR:1|1|P1|2|P|1|1|3|4|||120
 PRR:1|2|P2|1|F|5||||C
@@ -64,6 +74,15 @@ def stdf_equivalent() -> bytes:
                  "HLM_SCAL": 0, "LO_LIMIT": 1.0, "HI_LIMIT": 2.0, "UNITS": "mA"}),
         ("PTR", {"TEST_NUM": 100, "HEAD_NUM": 1, "SITE_NUM": 2, "TEST_FLG": 0x80,
                  "PARM_FLG": 0, "RESULT": 2.5, "TEST_TXT": "VDD_IDD"}),
+        ("MPR", {"TEST_NUM": 300, "HEAD_NUM": 1, "SITE_NUM": 1, "TEST_FLG": 0,
+                 "PARM_FLG": 0, "RTN_ICNT": 2, "RSLT_CNT": 2, "RTN_STAT": [0, 1],
+                 "RTN_RSLT": [0.5, 0.75], "TEST_TXT": "IDDQ_PINS", "ALARM_ID": "",
+                 "OPT_FLAG": 0x02 | 0x01 | 0x04 | 0x08, "RES_SCAL": 0, "LLM_SCAL": 0,
+                 "HLM_SCAL": 0, "LO_LIMIT": 0.125, "HI_LIMIT": 1.0, "START_IN": 0.0,
+                 "INCR_IN": 0.0, "RTN_INDX": [1, 2], "UNITS": "uA"}),
+        ("MPR", {"TEST_NUM": 300, "HEAD_NUM": 1, "SITE_NUM": 2, "TEST_FLG": 0x80,
+                 "PARM_FLG": 0x08, "RTN_ICNT": 2, "RSLT_CNT": 2, "RTN_STAT": [0, 15],
+                 "RTN_RSLT": [0.25, 1.5], "TEST_TXT": "IDDQ_PINS"}),
         ("FTR", {"TEST_NUM": 200, "HEAD_NUM": 1, "SITE_NUM": 1, "TEST_FLG": 0,
                  "OPT_FLAG": 0x3F}),
         ("PRR", {"HEAD_NUM": 1, "SITE_NUM": 1, "PART_FLG": 0, "NUM_TEST": 2, "HARD_BIN": 1,
@@ -115,6 +134,10 @@ def test_atdf_maps_to_the_same_edgegw_records_as_the_equivalent_stdf() -> None:
     assert (ptr1.part_id, ptr1.value, ptr1.passed) == ("P1", 1.25, True)
     assert (ptr2.part_id, ptr2.lo_limit, ptr2.hi_limit, ptr2.units, ptr2.passed) == (
         "P2", 1.0, 2.0, "mA", False)  # defaults from the first PTR of test 100
+    mpr1, mpr2 = [r for r in from_atdf if isinstance(r, MultiPinResult)]
+    assert (mpr1.part_id, mpr1.values, mpr1.passed) == ("P1", [0.5, 0.75], True)
+    assert (mpr2.part_id, mpr2.values, mpr2.lo_limit, mpr2.hi_limit, mpr2.units,
+            mpr2.passed, mpr2.parm_flag) == ("P2", [0.25, 1.5], 0.125, 1.0, "uA", False, 0x08)
     p1, p2 = [r for r in from_atdf if isinstance(r, PartResult)]
     assert (p1.x, p1.y, p1.test_time_ms, p1.passed, p1.supersedes) == (3, 4, 120, True, False)
     assert (p2.x, p2.y, p2.soft_bin, p2.passed, p2.supersedes) == (None, None, None, False, True)
@@ -212,12 +235,20 @@ WCR:D|R|D|5|.3|.25|1|23|19
 WIR:1|8:23:02 23-JUL-1992|2
 PIR:2|1
 PTR:23|2|1|997.3|F|AOH|Check 2nd layer|||A|-1.7|45.2| %9.4f|%7.2f|%7.2f|-1.75|45.25|3|3|4
+MPR:143|2|4||001.3,0009.6,001.5|F|D|||LH|mA|001.0|002.0| 4.5|.1|V|3,4,5|%6.1f|%6.1f|%6.1f|\
+0009.75|002.25
 FTR:27|2|1|P||CHECKERBOARD|A1|5|16|2|3|6|3|0|10,2,8,12|0,1,1,4|4,5,6,7|0,0,0,0|8|DRV|\
 Check Driver||||2|2,3,4,6
 PRR:2|1|13|78|F|0|17|-2|7|||644|Device at edge of wafer|F13C20
 WRR:1|11:02:42 23-JUL-1992|492|W01|3|102|214|2|131|MOS-4|F54|S3-1|Glass buildup on \
 prober|Yield alarm on wafer W01
 TSR:2|2|600|Leakage|P|413|92|3||DC_TESTS|0.005|0.1|7.2|1280.3|4329.5
+HBR:2|1|6|212|F|SHORT
+HBR:||1|1346|P|PASSED
+SBR:1|2|74|14|F|NOTIFY PRODUCT ENG
+SBR:||1|1346|P|PASSED
+PCR:2|1|497|5|11|212|481
+PCR:||3976|54|76|2311|3809
 MRR:12:17:12 23-JUL-1992|H|Handler problems|Yield Alarm
 """
 
@@ -228,8 +259,8 @@ def test_the_specifications_own_sample_records_are_read() -> None:
     # abandoned at its first part
     records = check_chunkings(get_format("atdf"), SPEC_SAMPLES.encode())
     by_name = {r.name: r.fields for r in records}
-    assert list(by_name) == ["FAR", "ATR", "MIR", "SDR", "WCR", "WIR", "PIR", "PTR", "FTR",
-                             "PRR", "WRR", "TSR", "MRR"]
+    assert list(by_name) == ["FAR", "ATR", "MIR", "SDR", "WCR", "WIR", "PIR", "PTR", "MPR",
+                             "FTR", "PRR", "WRR", "TSR", "HBR", "SBR", "PCR", "MRR"]
     prr = by_name["PRR"]
     assert prr["PART_FIX"] == bytes([0xF1, 0x3C, 0x20])
     assert (prr["PART_ID"], prr["NUM_TEST"], prr["HARD_BIN"], prr["SOFT_BIN"], prr["X_COORD"],
@@ -240,7 +271,28 @@ def test_the_specifications_own_sample_records_are_read() -> None:
     assert (by_name["WRR"]["WAFER_ID"], by_name["WRR"]["GOOD_CNT"]) == ("W01", 2)
     assert (by_name["FTR"]["REL_VADR"], by_name["FTR"]["PATG_NUM"]) == (16, 2)
     assert (by_name["PTR"]["RESULT"], by_name["PTR"]["PARM_FLG"]) == (997.3, 0x04 | 0x08)
-    part = [r for r in map_all(records) if isinstance(r, PartResult)]
+    # the multi-pin sample: pin indexes 3, 4, 5 and no returned states (so RTN_ICNT is the
+    # indexes' count and no state is invented), shmoo input 4.5 V by .1, pass/fail F,
+    # alarm D (drift), limit compare L and H
+    mpr = by_name["MPR"]
+    assert (mpr["TEST_NUM"], mpr["HEAD_NUM"], mpr["SITE_NUM"], mpr["RTN_RSLT"],
+            mpr["RTN_INDX"], mpr["RTN_STAT"], mpr["RTN_ICNT"], mpr["RSLT_CNT"]) == (
+        143, 2, 4, [1.3, 9.6, 1.5], [3, 4, 5], [], 3, 3)
+    assert (mpr["TEST_FLG"], mpr["PARM_FLG"], mpr["OPT_FLAG"]) == (0x80, 0x02 | 0x40 | 0x80,
+                                                                   0x01)
+    assert (mpr["UNITS"], mpr["LO_LIMIT"], mpr["HI_LIMIT"], mpr["START_IN"], mpr["INCR_IN"],
+            mpr["UNITS_IN"], mpr["C_HLMFMT"], mpr["LO_SPEC"], mpr["HI_SPEC"]) == (
+        "mA", 1.0, 2.0, 4.5, 0.1, "V", "%6.1f", 9.75, 2.25)
+    # the summaries "for all test sites" have an empty HEAD_NUM: STDF's 255, which the hub
+    # takes as the lot's own figures (they were head 0, a site's, and ignored)
+    mapped = map_all(records)
+    summaries = [(type(r).__name__, r.head, r.site) for r in mapped
+                 if isinstance(r, BinSummary | PartCount)]
+    assert summaries == [("BinSummary", 2, 1), ("BinSummary", 255, 255),
+                         ("BinSummary", 1, 2), ("BinSummary", 255, 255),
+                         ("PartCount", 2, 1), ("PartCount", 255, 255)]
+    assert (by_name["TSR"]["HEAD_NUM"], by_name["PCR"]["PART_CNT"]) == (2, 3976)
+    part = [r for r in mapped if isinstance(r, PartResult)]
     assert [(p.part_id, p.x, p.y, p.soft_bin) for p in part] == [("13", -2, 7, 17)]
     # repair data that is not bytes in hexadecimal is a FormatError at its record
     bad = SPEC_SAMPLES.replace("F13C20", "F13C2").encode()
@@ -339,3 +391,18 @@ async def test_a_restart_at_a_skipped_record_resumes_exactly(tmp_path: Path) -> 
         nursery.cancel_scope.cancel()
     assert second.files[str(path)].reason == "MRR"
     assert [r._replace(ts=0.0) for r in got] == map_all(parse_atdf(data))
+
+
+def test_an_mpr_that_does_not_add_up_is_a_format_error_at_its_record() -> None:
+    head = b"FAR:A|4|2|U\nPIR:1|1\n"
+    for line, why in ((b"MPR:5|1|1|0,1,1|1,2,3|P||t|||V|0|9||||1,2", "3 returned states but 2"),
+                      (b"MPR:5|1|1|0,G|1,2|P", "'G' is not one hexadecimal digit"),
+                      (b"MPR:5|1|1|0,10|1,2|P", "'10' is not one hexadecimal digit"),
+                      (b"MPR:5|1|1|0,1|1,x|P", "MPR")):
+        with pytest.raises(FormatError) as err:
+            parse_atdf(head + line + b"\n")
+        assert why in err.value.message and err.value.offset == len(head)
+    # later MPRs of a test give states without the indexes (default data): no error
+    (mpr,) = [r for r in parse_atdf(head + b"MPR:5|1|1|0,1|1,2|P\n") if r.name == "MPR"]
+    assert (mpr.fields["RTN_ICNT"], mpr.fields["RTN_STAT"], "OPT_FLAG" in mpr.fields) == (
+        2, [0, 1], False)

@@ -350,8 +350,10 @@ def _atdf_text(records: Iterable[Any]) -> bytes:
                 values.append("A")
             elif name.startswith("_") or name not in f:
                 values.append("")
-            elif kind == "ints":
+            elif kind in ("ints", "floats"):  # lists (an MPR's RTN_INDX and RTN_RSLT)
                 values.append(",".join(map(str, f[name])))
+            elif kind == "nibbles":  # an MPR's RTN_STAT: one hexadecimal digit each
+                values.append(",".join(f"{v:X}" for v in f[name]))
             elif kind == "hex":  # B*n (PRR's PART_FIX)
                 values.append(f[name].hex().upper())
             else:

@@ -20,10 +20,12 @@ raises ``FormatError`` for it rather than yield a value cut short.
 
 Covered record types (the ones a live monitor needs): FAR, ATR, MIR, MRR, PCR, HBR, SBR,
 SDR, WIR, WRR, WCR, PIR, PRR (its PART_FIX, repair data in hexadecimal, as bytes), TSR,
-PTR, FTR (without its pin/index arrays), BPS, EPS, DTR;
+PTR, MPR (its returned states, one hexadecimal digit each, results and pin indexes as
+comma-separated lists), FTR (without its pin/index arrays), BPS, EPS, DTR;
 field orders and flag letters as in the ATDF specification (and Semi-ATE STDF's ATDF
-output).
-Other valid record names (PMR, PGR, PLR, RDR, MPR, GDR, ...) are skipped and counted in
+output).  An empty HEAD_NUM in a PCR, HBR, SBR or TSR is 255: the spec writes the
+summary "for all test sites" as ``PCR:||3976|54|76|2311|3809``.
+Other valid record names (PMR, PGR, PLR, RDR, GDR, ...) are skipped and counted in
 ``skipped``.  Values are taken as written (the FAR scaling flag is not applied).
 
 Hostile input gets ``FormatError`` and nothing else: an integer outside its STDF type's
@@ -53,6 +55,7 @@ class AtdfRecord(NamedTuple):
 # ATDF field order per record: (STDF field name, value type).  Names starting with "_" are
 # ATDF-only codes turned into STDF flag bits by the record's post-processing below.
 _I, _F, _S, _C, _T, _L, _X = "int", "float", "str", "char", "time", "ints", "hex"
+_R, _N = "floats", "nibbles"  # comma-separated lists: numbers; hexadecimal digits
 _LAYOUT: dict[str, tuple[tuple[str, str], ...]] = {
     "FAR": (("_FILE_TYP", _S), ("STDF_VER", _I), ("_ATDF_VER", _I), ("_SCAL_FLG", _S)),
     "ATR": (("MOD_TIM", _T), ("CMD_LINE", _S)),
@@ -99,6 +102,13 @@ _LAYOUT: dict[str, tuple[tuple[str, str], ...]] = {
             ("_LIMIT_CMP", _S), ("UNITS", _S), ("LO_LIMIT", _F), ("HI_LIMIT", _F),
             ("C_RESFMT", _S), ("C_LLMFMT", _S), ("C_HLMFMT", _S), ("LO_SPEC", _F),
             ("HI_SPEC", _F), ("RES_SCAL", _I), ("LLM_SCAL", _I), ("HLM_SCAL", _I)),
+    "MPR": (("TEST_NUM", _I), ("HEAD_NUM", _I), ("SITE_NUM", _I), ("RTN_STAT", _N),
+            ("RTN_RSLT", _R), ("_PASS_FAIL", _S), ("_ALARMS", _S), ("TEST_TXT", _S),
+            ("ALARM_ID", _S), ("_LIMIT_CMP", _S), ("UNITS", _S), ("LO_LIMIT", _F),
+            ("HI_LIMIT", _F), ("START_IN", _F), ("INCR_IN", _F), ("UNITS_IN", _S),
+            ("RTN_INDX", _L), ("C_RESFMT", _S), ("C_LLMFMT", _S), ("C_HLMFMT", _S),
+            ("LO_SPEC", _F), ("HI_SPEC", _F), ("RES_SCAL", _I), ("LLM_SCAL", _I),
+            ("HLM_SCAL", _I)),
     "FTR": (("TEST_NUM", _I), ("HEAD_NUM", _I), ("SITE_NUM", _I), ("_PASS_FAIL", _S),
             ("_ALARMS", _S), ("VECT_NAM", _S), ("TIME_SET", _S), ("CYCL_CNT", _I),
             ("REL_VADR", _I), ("REPT_CNT", _I), ("NUM_FAIL", _I), ("XFAIL_AD", _I),
@@ -123,6 +133,11 @@ MAX_RECORD_BYTES = 1 << 20
 _MONTHS = {m.upper(): i for i, m in enumerate(calendar.month_abbr) if m}
 _TIME = re.compile(r"\s*(\d{1,2}):(\d{1,2}):(\d{1,2})\s+(\d{1,2})-([A-Za-z]{3})-(\d{4})\s*$")
 _NAME = re.compile(rb"[A-Z]{3}:")
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+#: records whose empty HEAD_NUM means 255, "all test sites" (the spec's samples
+#: ``HBR:||1|1346|P|PASSED``, ``PCR:||3976|54|76|2311|3809``); SITE_NUM, which STDF
+#: ignores then, empty too
+_SUMMARIES = frozenset({"PCR", "HBR", "SBR", "TSR"})
 
 
 def parse_time(text: str) -> int:
@@ -154,7 +169,15 @@ def _value(kind: str, text: str) -> Any:
             return bytes.fromhex(text)
         except ValueError:
             raise ValueError(f"{text!r} is not bytes in hexadecimal (two digits a byte)") from None
-    return [int(v) for v in text.split(",") if v.strip()]  # _L
+    items = [v.strip() for v in text.split(",")]
+    if kind == _R:
+        return [float(v) for v in items]
+    if kind == _N:  # returned states: one hexadecimal digit each (STDF N*1)
+        bad = [v for v in items if len(v) != 1 or v not in _HEX_DIGITS]
+        if bad:
+            raise ValueError(f"returned state {bad[0]!r} is not one hexadecimal digit")
+        return [int(v, 16) for v in items]
+    return [int(v) for v in items if v]  # _L
 
 
 def _flags(letters: str, table: dict[str, int]) -> int:
@@ -164,8 +187,9 @@ def _flags(letters: str, table: dict[str, int]) -> int:
     return bits
 
 
-def _test_flags(f: dict[str, Any], *, parametric: bool) -> None:
-    """Pass/fail and alarm letters -> TEST_FLG (and PARM_FLG for a PTR)."""
+def _test_flags(f: dict[str, Any], *, parametric: bool, one_result: bool = True) -> None:
+    """Pass/fail and alarm letters -> TEST_FLG (and PARM_FLG for a PTR or MPR); a PTR
+    (``one_result``) without its RESULT gets TEST_FLG bit 1, which an MPR reserves."""
     pf = f.pop("_PASS_FAIL", "").strip().upper()
     alarms = f.pop("_ALARMS", "")
     test_flg = _flags(alarms, _TEST_FLAG_LETTERS)
@@ -181,23 +205,47 @@ def _test_flags(f: dict[str, Any], *, parametric: bool) -> None:
         cmp_ = f.pop("_LIMIT_CMP", "").upper()
         parm |= (0x40 if "L" in cmp_ else 0) | (0x80 if "H" in cmp_ else 0)
         f["PARM_FLG"] = parm
-        if "RESULT" not in f:
+        if one_result and "RESULT" not in f:
             f["TEST_FLG"] |= 0x02  # no result: the result is not valid
 
 
-def _post_ptr(f: dict[str, Any]) -> None:
-    _test_flags(f, parametric=True)
-    static = ("UNITS", "LO_LIMIT", "HI_LIMIT", "LO_SPEC", "HI_SPEC", "RES_SCAL", "LLM_SCAL",
-              "HLM_SCAL", "C_RESFMT", "C_LLMFMT", "C_HLMFMT")
+_STATIC = ("UNITS", "LO_LIMIT", "HI_LIMIT", "LO_SPEC", "HI_SPEC", "RES_SCAL", "LLM_SCAL",
+           "HLM_SCAL", "C_RESFMT", "C_LLMFMT", "C_HLMFMT")
+_MPR_STATIC = (*_STATIC, "START_IN", "INCR_IN", "UNITS_IN", "RTN_INDX")
+
+
+def _opt_flag(f: dict[str, Any], static: tuple[str, ...], reserved: int) -> None:
+    """OPT_FLAG of a PTR/MPR that gives any of its test's default data (else the record
+    ends before OPT_FLAG, and every default applies).  An absent limit means "the test's
+    default", as when STDF flags it invalid (bits 4/5); a test whose first record gives no
+    limit has none."""
     if any(k in f for k in static):
-        # An absent limit means "the test's default", as when STDF flags it invalid
-        # (bits 4/5); a test whose first record gives no limit has none.
-        opt = 0x02
+        opt = reserved
         for name, bit in (("RES_SCAL", 0x01), ("LO_SPEC", 0x04), ("HI_SPEC", 0x08),
                           ("LO_LIMIT", 0x10), ("HI_LIMIT", 0x20)):
             if name not in f:
                 opt |= bit
         f["OPT_FLAG"] = opt
+
+
+def _post_ptr(f: dict[str, Any]) -> None:
+    _test_flags(f, parametric=True)
+    _opt_flag(f, _STATIC, 0x02)  # PTR: bit 1 reserved, must be 1
+
+
+def _post_mpr(f: dict[str, Any]) -> None:
+    _test_flags(f, parametric=True, one_result=False)
+    states = f.setdefault("RTN_STAT", [])
+    indexes = f.get("RTN_INDX")
+    if states and indexes and len(indexes) != len(states):
+        raise ValueError(f"{len(states)} returned states but {len(indexes)} pin indexes")
+    # RTN_ICNT counts both arrays; either may be absent (the indexes are default data a
+    # later MPR omits; the spec's own sample gives indexes and no states): the count is
+    # the one given, and states that were not written stay unknown, never invented
+    f["RTN_ICNT"] = len(states) or len(indexes or ())
+    f["RSLT_CNT"] = len(f.setdefault("RTN_RSLT", []))
+    # MPR: bit 1 set = START_IN and INCR_IN are not valid
+    _opt_flag(f, _MPR_STATIC, 0 if "START_IN" in f and "INCR_IN" in f else 0x02)
 
 
 def _post_ftr(f: dict[str, Any]) -> None:
@@ -244,7 +292,8 @@ def _post_far(f: dict[str, Any]) -> None:
         f.pop(name, None)
 
 
-_POST = {"PTR": _post_ptr, "FTR": _post_ftr, "PRR": _post_prr, "TSR": _post_tsr,
+_POST = {"PTR": _post_ptr, "MPR": _post_mpr, "FTR": _post_ftr, "PRR": _post_prr,
+         "TSR": _post_tsr,
          "SDR": _post_sdr, "FAR": _post_far}
 
 
@@ -359,6 +408,9 @@ class AtdfParser:
             for (field, kind), value in zip(layout, values, strict=False):
                 if value != "" and not (kind != _S and value.strip() == ""):
                     present[field] = _value(kind, value.strip() if kind != _S else value)
+            if name in _SUMMARIES and "HEAD_NUM" not in present:
+                present["HEAD_NUM"] = 255
+                present.setdefault("SITE_NUM", 255)
             post = _POST.get(name)
             if post is not None:
                 post(present)
