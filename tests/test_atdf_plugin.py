@@ -397,7 +397,8 @@ def test_an_mpr_that_does_not_add_up_is_a_format_error_at_its_record() -> None:
     head = b"FAR:A|4|2|U\nPIR:1|1\n"
     for line, why in ((b"MPR:5|1|1|0,1,1|1,2,3|P||t|||V|0|9||||1,2", "3 returned states but 2"),
                       (b"MPR:5|1|1|0,G|1,2|P", "'G' is not one hexadecimal digit"),
-                      (b"MPR:5|1|1|0,10|1,2|P", "'10' is not one hexadecimal digit"),
+                      (b"MPR:5|1|1|0,16|1,2|P", "'16' is not one hexadecimal digit"),
+                      (b"MPR:5|1|1|0,|1,2|P", "'' is not one hexadecimal digit"),
                       (b"MPR:5|1|1|0,1|1,x|P", "MPR")):
         with pytest.raises(FormatError) as err:
             parse_atdf(head + line + b"\n")
@@ -406,3 +407,7 @@ def test_an_mpr_that_does_not_add_up_is_a_format_error_at_its_record() -> None:
     (mpr,) = [r for r in parse_atdf(head + b"MPR:5|1|1|0,1|1,2|P\n") if r.name == "MPR"]
     assert (mpr.fields["RTN_ICNT"], mpr.fields["RTN_STAT"], "OPT_FLAG" in mpr.fields) == (
         2, [0, 1], False)
+    # Semi-ATE STDF's ATDF output: states 10-15 in decimal, "passed alternate" as "PA"
+    (mpr,) = [r for r in parse_atdf(head + b"MPR:5|1|1|10,F,15|1,2,3|PA\n") if r.name == "MPR"]
+    assert (mpr.fields["RTN_STAT"], mpr.fields["TEST_FLG"], mpr.fields["PARM_FLG"]) == (
+        [10, 15, 15], 0, 0x20)

@@ -134,6 +134,7 @@ _MONTHS = {m.upper(): i for i, m in enumerate(calendar.month_abbr) if m}
 _TIME = re.compile(r"\s*(\d{1,2}):(\d{1,2}):(\d{1,2})\s+(\d{1,2})-([A-Za-z]{3})-(\d{4})\s*$")
 _NAME = re.compile(rb"[A-Z]{3}:")
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+_DECIMAL_STATES = frozenset(str(n) for n in range(10, 16))
 #: records whose empty HEAD_NUM means 255, "all test sites" (the spec's samples
 #: ``HBR:||1|1346|P|PASSED``, ``PCR:||3976|54|76|2311|3809``); SITE_NUM, which STDF
 #: ignores then, empty too
@@ -173,11 +174,19 @@ def _value(kind: str, text: str) -> Any:
     if kind == _R:
         return [float(v) for v in items]
     if kind == _N:  # returned states: one hexadecimal digit each (STDF N*1)
-        bad = [v for v in items if len(v) != 1 or v not in _HEX_DIGITS]
-        if bad:
-            raise ValueError(f"returned state {bad[0]!r} is not one hexadecimal digit")
-        return [int(v, 16) for v in items]
+        return [_state(v) for v in items]
     return [int(v) for v in items if v]  # _L
+
+
+def _state(text: str) -> int:
+    """A returned state (0-15): one hexadecimal digit, as the spec writes it; or 10-15 in
+    decimal, as Semi-ATE STDF's ATDF output writes them (unambiguous: two digits are not
+    one hexadecimal digit)."""
+    if len(text) == 1 and text in _HEX_DIGITS:
+        return int(text, 16)
+    if text in _DECIMAL_STATES:
+        return int(text)
+    raise ValueError(f"returned state {text!r} is not one hexadecimal digit")
 
 
 def _flags(letters: str, table: dict[str, int]) -> int:
@@ -190,17 +199,19 @@ def _flags(letters: str, table: dict[str, int]) -> int:
 def _test_flags(f: dict[str, Any], *, parametric: bool, one_result: bool = True) -> None:
     """Pass/fail and alarm letters -> TEST_FLG (and PARM_FLG for a PTR or MPR); a PTR
     (``one_result``) without its RESULT gets TEST_FLG bit 1, which an MPR reserves."""
-    pf = f.pop("_PASS_FAIL", "").strip().upper()
+    # P, F or A (passed alternate limits) -- Semi-ATE STDF writes an MPR's as "PA"
+    pf = set(f.pop("_PASS_FAIL", "").upper())
     alarms = f.pop("_ALARMS", "")
     test_flg = _flags(alarms, _TEST_FLAG_LETTERS)
-    if pf == "F":
+    alternate = "A" in pf and "F" not in pf
+    if "F" in pf:
         test_flg |= 0x80
-    elif pf not in ("P", "A"):
+    elif "P" not in pf and not alternate:
         test_flg |= 0x40  # no pass/fail indication
     f["TEST_FLG"] = test_flg
     if parametric:
         parm = _flags(alarms, _PARM_FLAG_LETTERS)
-        if pf == "A":
+        if alternate:
             parm |= 0x20  # passed alternate limits
         cmp_ = f.pop("_LIMIT_CMP", "").upper()
         parm |= (0x40 if "L" in cmp_ else 0) | (0x80 if "H" in cmp_ else 0)
