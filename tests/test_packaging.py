@@ -389,7 +389,8 @@ def test_install_sh_refuses_a_python_the_wheels_are_not_for_and_says_which(
 
 
 @pytest.mark.parametrize("script", ["build-offline-bundle.sh", "check-units-under-systemd.sh",
-                                    "../scripts/test.sh", "../scripts/fault-soak.sh"])
+                                    "../scripts/test.sh", "../scripts/fault-soak.sh",
+                                    "../scripts/windows-check.sh"])
 def test_the_packaging_scripts_are_shellcheck_clean(script: str, tmp_path: Path) -> None:
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
