@@ -411,3 +411,6 @@ def test_an_mpr_that_does_not_add_up_is_a_format_error_at_its_record() -> None:
     (mpr,) = [r for r in parse_atdf(head + b"MPR:5|1|1|10,F,15|1,2,3|PA\n") if r.name == "MPR"]
     assert (mpr.fields["RTN_STAT"], mpr.fields["TEST_FLG"], mpr.fields["PARM_FLG"]) == (
         [10, 15, 15], 0, 0x20)
+    # a word that is no pass/fail code is no indication, not letters read one by one
+    (mpr,) = [r for r in parse_atdf(head + b"MPR:5|1|1|0|1|PASS\n") if r.name == "MPR"]
+    assert (mpr.fields["TEST_FLG"], mpr.fields["PARM_FLG"]) == (0x40, 0)

@@ -199,14 +199,14 @@ def _flags(letters: str, table: dict[str, int]) -> int:
 def _test_flags(f: dict[str, Any], *, parametric: bool, one_result: bool = True) -> None:
     """Pass/fail and alarm letters -> TEST_FLG (and PARM_FLG for a PTR or MPR); a PTR
     (``one_result``) without its RESULT gets TEST_FLG bit 1, which an MPR reserves."""
-    # P, F or A (passed alternate limits) -- Semi-ATE STDF writes an MPR's as "PA"
-    pf = set(f.pop("_PASS_FAIL", "").upper())
+    # P, F or A (passed alternate limits; Semi-ATE STDF writes an MPR's as "PA")
+    pf = f.pop("_PASS_FAIL", "").strip().upper()
     alarms = f.pop("_ALARMS", "")
     test_flg = _flags(alarms, _TEST_FLAG_LETTERS)
-    alternate = "A" in pf and "F" not in pf
-    if "F" in pf:
+    alternate = pf in ("A", "PA")
+    if pf == "F":
         test_flg |= 0x80
-    elif "P" not in pf and not alternate:
+    elif pf != "P" and not alternate:
         test_flg |= 0x40  # no pass/fail indication
     f["TEST_FLG"] = test_flg
     if parametric:
