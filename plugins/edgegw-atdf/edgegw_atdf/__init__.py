@@ -133,8 +133,11 @@ MAX_RECORD_BYTES = 1 << 20
 _MONTHS = {m.upper(): i for i, m in enumerate(calendar.month_abbr) if m}
 _TIME = re.compile(r"\s*(\d{1,2}):(\d{1,2}):(\d{1,2})\s+(\d{1,2})-([A-Za-z]{3})-(\d{4})\s*$")
 _NAME = re.compile(rb"[A-Z]{3}:")
-_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
-_DECIMAL_STATES = frozenset(str(n) for n in range(10, 16))
+#: a returned state's text -> its value (0-15): one hexadecimal digit, as the spec writes
+#: it; or 10-15 in decimal, as Semi-ATE STDF's ATDF output writes them (unambiguous: two
+#: digits are not one hexadecimal digit)
+_STATES = {**{f"{n:x}": n for n in range(16)}, **{f"{n:X}": n for n in range(16)},
+           **{str(n): n for n in range(10, 16)}}
 #: records whose empty HEAD_NUM means 255, "all test sites" (the spec's samples
 #: ``HBR:||1|1346|P|PASSED``, ``PCR:||3976|54|76|2311|3809``); SITE_NUM, which STDF
 #: ignores then, empty too
@@ -174,19 +177,11 @@ def _value(kind: str, text: str) -> Any:
     if kind == _R:
         return [float(v) for v in items]
     if kind == _N:  # returned states: one hexadecimal digit each (STDF N*1)
-        return [_state(v) for v in items]
+        bad = [v for v in items if v not in _STATES]
+        if bad:
+            raise ValueError(f"returned state {bad[0]!r} is not one hexadecimal digit")
+        return [_STATES[v] for v in items]
     return [int(v) for v in items if v]  # _L
-
-
-def _state(text: str) -> int:
-    """A returned state (0-15): one hexadecimal digit, as the spec writes it; or 10-15 in
-    decimal, as Semi-ATE STDF's ATDF output writes them (unambiguous: two digits are not
-    one hexadecimal digit)."""
-    if len(text) == 1 and text in _HEX_DIGITS:
-        return int(text, 16)
-    if text in _DECIMAL_STATES:
-        return int(text)
-    raise ValueError(f"returned state {text!r} is not one hexadecimal digit")
 
 
 def _flags(letters: str, table: dict[str, int]) -> int:
