@@ -11,7 +11,10 @@
 #     conf/gateway.toml and conf/hub.toml;
 #   - `edgegw stdf dump` and `stats` of every real file in ../shared/data/stdf (STDF_DIR=)
 #     print what they print on Linux, byte for byte (line ends aside): the decoder, VAX and
-#     IEEE floats, gzip, the mapping's inputs, on the other operating system.
+#     IEEE floats, gzip, the mapping's inputs, on the other operating system;
+#   - the compiled STDF record loop (packaging/build-windows-wheel.sh builds edgegw's
+#     Windows wheel with it) loads, and tests/test_stdf_accel.py passes on Windows CPython:
+#     it decodes exactly as the pure-Python decoder.
 # Not checked: anything that runs trio -- under wine its Windows backend stops at start
 # (WSAIoctl SIO_BASE_HANDLE is not implemented: WinError 10045), so the gateway and the hub
 # are not run here.  Wine 8 (Debian 12) also lacks bcryptprimitives.dll, which the Rust
@@ -39,19 +42,22 @@ winpath() { echo "Z:${1//\//\\}"; }
 # the embeddable Python reads its path from this file alone: add the install directory
 printf 'python311.zip\n.\n%s\nimport site\n' "$(winpath "$work/site")" > "$py/python311._pth"
 
-# edgegw, its plugins and its dependencies as Windows wheels
-"${pip[@]}" wheel --no-deps -w "$work/wheels" . plugins/edgegw-atdf plugins/edgegw-wat || exit 2
+# edgegw (its Windows wheel, with the compiled STDF record loop), its plugins, its
+# dependencies, and what runs the equality tests (pytest, hypothesis) as Windows wheels
+bash packaging/build-windows-wheel.sh "$work/wheels" | tail -1 || exit 2
+"${pip[@]}" wheel --no-deps -w "$work/wheels" plugins/edgegw-atdf plugins/edgegw-wat || exit 2
 mapfile -t deps < <(.venv/bin/python -c '
 import tomllib
 print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
 "${pip[@]}" download --platform win_amd64 --python-version 3.11 --implementation cp \
-  --only-binary=:all: -d "$work/wheels" "${deps[@]}" "cbor2<6" "cryptography<42" pip || exit 2
+  --only-binary=:all: -d "$work/wheels" "${deps[@]}" "cbor2<6" "cryptography<42" pip \
+  pytest pytest-trio hypothesis colorama || exit 2
 pipwhl=("$work"/wheels/pip-*.whl)
 
 win() { "$wine" "$py/python.exe" "$@" < /dev/null 2>&1 | tr -d '\r'; }  # wine wants a pipe
 win "$(winpath "${pipwhl[-1]}")/pip" install -q --no-index --find-links "$(winpath "$work/wheels")" \
   --target "$(winpath "$work/site")" edgegw edgegw-atdf edgegw-wat "cbor2<6" "cryptography<42" \
-  || exit 2
+  pytest pytest-trio hypothesis colorama || exit 2
 
 failed=0
 check() {  # check NAME STATUS DETAIL (STATUS saved first: a $(...) in NAME resets $?)
@@ -94,4 +100,22 @@ for f in "${files[@]}"; do
       "the outputs differ"
   done
 done
+
+# the compiled STDF record loop: in the Windows wheel, loaded, and decoding exactly as the
+# pure-Python decoder -- tests/test_stdf_accel.py run by Windows CPython (hypothesis over
+# the writer's output, every real file, the bench's shapes), from a copy of the tests
+# outside this tree, so that the installed edgegw, not this tree's, is the one imported
+out=$(win -c 'from edgegw.stdf import decoder
+print(decoder.accelerator_active(), decoder._accel.__file__)')
+[[ "$out" == True*_accel.pyd ]]
+status=$?
+check "the compiled STDF record loop loads on Windows CPython" $status "$out"
+rm -rf "$work/t" && mkdir -p "$work/t/tests" "$work/t/bench" || exit 2
+cp tests/test_stdf_accel.py tests/test_stdf_writer.py tests/shared_data.py "$work/t/tests/"
+cp bench/stdf_corpus.py "$work/t/bench/"
+shared=$(winpath "$(realpath "$stdf_dir")")
+out=$(cd "$work/t" && EDGEGW_SHARED_DATA=$shared win -m pytest -q -p no:cacheprovider tests/test_stdf_accel.py)
+echo "$out" | tail -1 | grep -Eq '^[0-9]+ passed in'
+status=$?
+check "tests/test_stdf_accel.py on Windows CPython: $(echo "$out" | tail -1)" $status "$out"
 exit $failed

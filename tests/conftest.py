@@ -30,6 +30,9 @@ from mqtt_broker import mqtt_broker, start_broker  # noqa: E402, F401
 # isort: split
 from cluster_pg import pg_dsn, pg_server  # noqa: E402, F401
 
+# ---- stdf: the compiled and the pure-Python record loop (tests/decoders.py) -----------------
+from decoders import each_decoder, python_decoder  # noqa: E402, F401
+
 # a real 2 MiB filesystem for disk-full tests
 from disktools import tiny_fs  # noqa: E402, F401
 

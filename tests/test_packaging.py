@@ -9,6 +9,7 @@ where this machine can boot a throwaway systemd, both units run as shipped.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import xml.etree.ElementTree as ET
+import zipfile
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -345,6 +347,12 @@ def test_the_offline_bundle_carries_units_windows_configs_wheels_and_installer(
         assert members["install.sh"].mode & 0o111
         installer = content("install.sh").decode()
         built_for = content("python-version")
+        # the compiled STDF record loop, built against the stable ABI: one edgegw wheel
+        # serves every CPython >= 3.11 of the platform
+        (project,) = [n for n in members if n.startswith("wheels/edgegw-0")]
+        assert "-cp311-abi3-" in project, project
+        with zipfile.ZipFile(io.BytesIO(content(project))) as wheel:
+            assert "edgegw/stdf/_accel.abi3.so" in wheel.namelist()
     wheels = {n.removeprefix("wheels/").split("-")[0].lower() for n in members
               if n.startswith("wheels/") and n.endswith(".whl")}
     # the project, its example plugins, and every dependency: pip installs with --no-index
@@ -388,9 +396,38 @@ def test_install_sh_refuses_a_python_the_wheels_are_not_for_and_says_which(
     assert not prefix.exists() and not (tmp_path / "etc").exists()
 
 
+def test_the_windows_wheel_carries_a_stable_abi_extension_linked_to_python3_dll(
+        tmp_path: Path) -> None:
+    """packaging/build-windows-wheel.sh on Linux: edgegw's win_amd64 wheel, its compiled
+    STDF record loop a .pyd that exports PyInit__accel and imports python3.dll (the stable
+    ABI's, any CPython >= 3.11), nothing of a version's python3XX.dll and no MinGW runtime
+    DLL.  scripts/windows-check.sh runs it on Windows CPython (under wine)."""
+    objdump = shutil.which("x86_64-w64-mingw32-objdump")
+    if objdump is None or shutil.which("x86_64-w64-mingw32-gcc") is None:
+        pytest.skip("MinGW-w64 is not installed (apt-get install gcc-mingw-w64-x86-64)")
+    src = source_tree(tmp_path / "src")
+    run = subprocess.run(["bash", "packaging/build-windows-wheel.sh", str(tmp_path / "out")],
+                         cwd=src, env={**os.environ, "PYTHON": sys.executable},
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    wheel = Path(run.stdout.strip().splitlines()[-1])
+    assert wheel.name == "edgegw-0.1.0-cp311-abi3-win_amd64.whl"
+    with zipfile.ZipFile(wheel) as whl:
+        names = whl.namelist()
+        assert "edgegw/stdf/_accel.pyd" in names
+        assert not [n for n in names if n.endswith(".so")]
+        assert "Tag: cp311-abi3-win_amd64" in whl.read("edgegw-0.1.0.dist-info/WHEEL").decode()
+        (tmp_path / "_accel.pyd").write_bytes(whl.read("edgegw/stdf/_accel.pyd"))
+    pe = subprocess.run([objdump, "-p", str(tmp_path / "_accel.pyd")], capture_output=True,
+                        text=True, check=True).stdout
+    dlls = set(re.findall(r"DLL Name: (\S+)", pe))
+    assert dlls == {"python3.dll", "KERNEL32.dll", "msvcrt.dll"}, dlls
+    assert "PyInit__accel" in pe
+
+
 @pytest.mark.parametrize("script", ["build-offline-bundle.sh", "check-units-under-systemd.sh",
                                     "../scripts/test.sh", "../scripts/fault-soak.sh",
-                                    "../scripts/windows-check.sh"])
+                                    "../scripts/windows-check.sh", "build-windows-wheel.sh"])
 def test_the_packaging_scripts_are_shellcheck_clean(script: str, tmp_path: Path) -> None:
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:

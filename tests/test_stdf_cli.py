@@ -472,6 +472,7 @@ def stats_process(path: Path, cache: Path | str, *code: str) -> subprocess.Compl
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["EDGEGW_CACHE_DIR"] = str(cache)
+    env["EDGEGW_STDF_ACCEL"] = "0"  # the decoder cache holds the pure-Python loop's code
     script = ("import sys\nfrom edgegw.cli import main\n"
               "status = main(['stdf', 'stats', sys.argv[1]])\n" + "\n".join(code) +
               "\nsys.exit(status)\n")

@@ -83,6 +83,7 @@ def gdr(codes: list[int]) -> bytes:
     return struct.pack("<HBB", len(body), GDR_TYP, GDR_SUB) + body
 
 
+@pytest.mark.usefixtures("python_decoder")  # the Python loop's own memo
 def test_a_file_whose_tails_never_repeat_turns_off_its_own_memo_not_the_other_files() -> None:
     """Interleaved: a file of PTRs whose tails repeat and GDRs of one layout, and a file
     of PTRs whose limits change every record and GDRs of random type codes.  The second
@@ -110,6 +111,7 @@ def test_a_file_whose_tails_never_repeat_turns_off_its_own_memo_not_the_other_fi
     assert [repr(got_a), repr(got_b)] == [alone(steady, True), alone(varying, True)]
 
 
+@pytest.mark.usefixtures("python_decoder")  # the Python loop's own memo
 def test_ptrs_cut_after_their_text_do_not_keep_the_memo_on_for_tails_that_never_repeat(
         ) -> None:
     """The catalyst shape's mix: full PTRs whose limits drift every record, between PTRs

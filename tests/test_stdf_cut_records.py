@@ -21,6 +21,10 @@ from edgegw.metrics import Metrics
 from edgegw.records import BinSummary, GatewayEvent, LotEnd, PartCount, PartResult
 from edgegw.stdf import BY_NAME, StdfDecoder, StdfWriter
 
+#: a specification of decoding: it holds for the compiled record loop and the pure-Python
+#: one alike (tests/decoders.py)
+pytestmark = pytest.mark.usefixtures("each_decoder")
+
 W = StdfWriter("<")
 
 #: every type the mapping reads, each field given (the writer fills the rest)

@@ -16,6 +16,10 @@ from hypothesis import strategies as st
 from edgegw.stdf import Bits, StdfDecoder, StdfError, StdfRecord, StdfRow, StdfWriter, row_fields
 from edgegw.stdf.decoder import COMPILE_AFTER, FIELD_NAMES, set_compile_after
 
+#: a specification of decoding: it holds for the compiled record loop and the pure-Python
+#: one alike (tests/decoders.py)
+pytestmark = pytest.mark.usefixtures("each_decoder")
+
 
 @contextmanager
 def compiled_at_once() -> Iterator[None]:
@@ -516,32 +520,6 @@ def test_types_is_the_complement_of_skip() -> None:
         StdfDecoder(skip={"PTR"}, types={"PRR"})
     with pytest.raises(ValueError, match="no STDF record type XYZ"):
         StdfDecoder(types={"XYZ"})
-
-
-def test_the_tail_memo_turns_itself_off_for_tails_that_do_not_repeat() -> None:
-    """Tails that never repeat: the memo stops being consulted (its misses cost speed)
-    for the rest of the file, and the records are the same all along."""
-    from edgegw.stdf.decoder import MEMO_SIZE, set_tail_memo, tail_memo_active
-
-    w = StdfWriter("<")
-    data = w.encode("FAR", {}) + b"".join(
-        w.encode("PTR", {"TEST_NUM": 1, "HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0,
-                         "PARM_FLG": 0, "RESULT": 0.5, "TEST_TXT": "t", "ALARM_ID": "",
-                         "OPT_FLAG": 0, "RES_SCAL": 0, "LLM_SCAL": 0, "HLM_SCAL": 0,
-                         "LO_LIMIT": float(i), "HI_LIMIT": 2.0, "UNITS": "V"})
-        for i in range(100))
-    try:
-        set_tail_memo(0)
-        plain = decode(data)
-        set_tail_memo(8)
-        dec = StdfDecoder()
-        dec.feed(data)
-        first = list(dec.records())
-        assert not tail_memo_active(dec)  # off after the misses
-        assert tail_memo_active(StdfDecoder())  # a new decoder (a new file): on
-        assert decode(data) == first == plain
-    finally:
-        set_tail_memo(MEMO_SIZE)
 
 
 @given(st.binary(max_size=80), st.data())

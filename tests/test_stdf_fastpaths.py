@@ -29,6 +29,9 @@ from edgegw.stdf.decoder import (
     set_tail_memo,
 )
 
+#: these tests check the pure-Python record loop's own fast paths (tests/decoders.py)
+pytestmark = pytest.mark.usefixtures("python_decoder")
+
 _INTS = {"U1": (0, 255), "U2": (0, 65535), "U4": (0, 2**32 - 1), "I1": (-128, 127),
          "I2": (-32768, 32767), "I4": (-(2**31), 2**31 - 1), "B1": (0, 255), "N1": (0, 15)}
 #: the types the compiled code reads in runs, one ``unpack_from`` per run
@@ -326,3 +329,34 @@ def test_ptrs_whose_limits_move_but_whose_units_on_repeat_decode_as_the_referenc
                 # 24 whole PTRs, 6 distinct tails from UNITS on (the base's is the
                 # OPT_FLAG and TEST_TXT variants' too): each tail's first one misses
                 assert dec._learnt[("PTR2", True)][2][1] == 24 - 6
+
+
+def test_the_tail_memo_turns_itself_off_for_tails_that_do_not_repeat() -> None:
+    """Tails that never repeat: the memo stops being consulted (its misses cost speed)
+    for the rest of the file, and the records are the same all along."""
+    from edgegw.stdf.decoder import MEMO_SIZE, set_tail_memo, tail_memo_active
+
+    def decode(data: bytes) -> list[Any]:
+        dec = StdfDecoder()
+        dec.feed(data)
+        return list(dec.records())
+
+    w = StdfWriter("<")
+    data = w.encode("FAR", {}) + b"".join(
+        w.encode("PTR", {"TEST_NUM": 1, "HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0,
+                         "PARM_FLG": 0, "RESULT": 0.5, "TEST_TXT": "t", "ALARM_ID": "",
+                         "OPT_FLAG": 0, "RES_SCAL": 0, "LLM_SCAL": 0, "HLM_SCAL": 0,
+                         "LO_LIMIT": float(i), "HI_LIMIT": 2.0, "UNITS": "V"})
+        for i in range(100))
+    try:
+        set_tail_memo(0)
+        plain = decode(data)
+        set_tail_memo(8)
+        dec = StdfDecoder()
+        dec.feed(data)
+        first = list(dec.records())
+        assert not tail_memo_active(dec)  # off after the misses
+        assert tail_memo_active(StdfDecoder())  # a new decoder (a new file): on
+        assert decode(data) == first == plain
+    finally:
+        set_tail_memo(MEMO_SIZE)

@@ -14,6 +14,10 @@ from shared_data import stdf_bytes
 from edgegw.stdf import ALL_SITES, BY_NAME, Bits, StdfDecoder, StdfStats
 from edgegw.stdf.decoder import FIELD_NAMES, MEMO_SIZE, set_tail_memo
 
+#: a specification of decoding: it holds for the compiled record loop and the pure-Python
+#: one alike (tests/decoders.py)
+pytestmark = pytest.mark.usefixtures("each_decoder")
+
 FILES = ("metis-d10-2site.std", "galaxy-a530-lot2.stdf.gz")
 
 

@@ -23,6 +23,9 @@ from shared_data import GALAXY, METIS, stdf_bytes
 from edgegw.stdf import BY_NAME, StdfDecoder, StdfError, StdfWriter
 from edgegw.stdf.decoder import MEMO_SIZE, decode_generic, decoder_table, set_tail_memo
 
+#: these tests check the pure-Python record loop's own fast paths (tests/decoders.py)
+pytestmark = pytest.mark.usefixtures("python_decoder")
+
 #: GDR type code -> bytes of its fixed-size value (13, N*1, takes a whole byte)
 FIXED = {1: 1, 2: 2, 3: 4, 4: 1, 5: 2, 6: 4, 7: 4, 8: 8, 13: 1}
 CODES = [0, *FIXED, 10, 11, 12]

@@ -20,6 +20,10 @@ from edgegw.stdf.decoder import MEMO_SIZE, decode_generic, decoder_table, set_ta
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from stdf_corpus import catalyst, ftr_heavy, gdr_heavy, gdr_layouts, mpr_heavy, ptr_varied
 
+#: a specification of decoding: it holds for the compiled record loop and the pure-Python
+#: one alike (tests/decoders.py)
+pytestmark = pytest.mark.usefixtures("each_decoder")
+
 #: small versions of the bench's shapes (same generators, fewer parts)
 SHAPES = {
     "ftr-heavy": lambda: ftr_heavy(parts=24),

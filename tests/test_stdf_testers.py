@@ -39,6 +39,10 @@ from edgegw.stdf import (
     result_passed,
 )
 
+#: a specification of decoding: it holds for the compiled record loop and the pure-Python
+#: one alike (tests/decoders.py)
+pytestmark = pytest.mark.usefixtures("each_decoder")
+
 Rec = tuple[str, dict[str, Any]]
 
 

@@ -34,6 +34,7 @@ live beside the loop that calls them on purpose.  The spec tables are in ``spec.
 
 from __future__ import annotations
 
+import os
 import struct
 from binascii import hexlify
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -44,6 +45,11 @@ from ..formats import FormatError
 from .codecache import compiled
 from .gdrlayout import Layouts
 from .spec import BY_NAME, BY_TYPE, GDR_TYPES, STRUCT_CODES, Bits, Field, RecordSpec
+
+try:  # the optional compiled record loop (setup.py); pure Python is the reference
+    from . import _accel
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _accel = None  # type: ignore[assignment]
 
 #: consecutive records of unknown type after which the input is declared garbage
 MAX_UNKNOWN_RUN = 8
@@ -1228,6 +1234,64 @@ def decoder_table(order: str, rows: bool = False) -> _Table:
     return table
 
 
+# -------------------------------------------------------------- the compiled record loop
+
+#: whether the compiled record loop (``_accel``, built from ``_accel.c`` where a C compiler
+#: was found at install) reads the records it can; EDGEGW_STDF_ACCEL=0 turns it off
+_ACCEL = _accel is not None and os.environ.get("EDGEGW_STDF_ACCEL", "1") != "0"
+#: its field type codes (``_accel.c``: the enum)
+_ACCEL_TYPES = {t: i for i, t in enumerate(
+    ("U1", "U2", "U4", "U8", "I1", "I2", "I4", "I8", "R4", "R8", "B1", "C1", "Cn", "Bn",
+     "Sn", "Dn", "Cf", "Uf", "N1", "Vn"), 1)}
+_ACCEL_TABLES: dict[str, Any] = {}
+_ACCEL_SKIPS: dict[tuple[str, frozenset[str]], tuple[int, ...]] = {}
+
+
+def set_accelerator(on: bool) -> bool:
+    """Use the compiled record loop (when it was built) or not; returns whether it is now
+    used.  For benchmarks and tests: the pure-Python decoder is the reference."""
+    global _ACCEL
+    _ACCEL = bool(on) and _accel is not None
+    return _ACCEL
+
+
+def accelerator_built() -> bool:
+    """Whether the compiled record loop was built (at install, where a C compiler was)."""
+    return _accel is not None
+
+
+def accelerator_active() -> bool:
+    """Whether decoders read through the compiled record loop (``_accel``)."""
+    return _ACCEL
+
+
+def _accel_table(order: str) -> Any:
+    """The compiled loop's record table of one byte order: the spec table as tuples."""
+    table = _ACCEL_TABLES.get(order)
+    if table is None:
+        entries = []
+        for (typ, sub), spec in BY_TYPE.items():
+            index = {f.name: i for i, f in enumerate(spec.fields)}
+            limit = _max_size(spec)
+            entries.append((
+                _type_key(order, typ, sub), spec.name,
+                65535 if limit is None else limit + LENGTH_SLACK,
+                spec.name == "FAR",  # every FAR to the Python loop (StdfDecoder._far)
+                tuple(f.name for f in spec.fields),
+                tuple((_ACCEL_TYPES[f.type], index[f.count] if f.count else -1,
+                       index[f.size] if f.size else -1) for f in spec.fields)))
+        table = _ACCEL_TABLES[order] = _accel.Table(order == ">", entries, Bits, StdfRecord)
+    return table
+
+
+def _accel_skip(order: str, skip: frozenset[str]) -> tuple[int, ...]:
+    keys = _ACCEL_SKIPS.get((order, skip))
+    if keys is None:
+        keys = _ACCEL_SKIPS[order, skip] = tuple(
+            _type_key(order, BY_NAME[name].typ, BY_NAME[name].sub) for name in skip)
+    return keys
+
+
 # ------------------------------------------------------------------------------ decoder
 
 class StdfDecoder:
@@ -1391,10 +1455,41 @@ class StdfDecoder:
         if txt is None:
             txt = self._txt = buf.decode("latin-1")
         self._switching = False
-        it = self._table(rows).scan_for(self._skip, self._short)(self, buf, txt, self._pos,
-                                                                 self._base)
+        if _ACCEL:
+            it = self._accelerated(buf, txt, rows)
+        else:
+            it = self._table(rows).scan_for(self._skip, self._short)(self, buf, txt, self._pos,
+                                                                     self._base)
         self._keep(it)
         return it
+
+    def _accelerated(self, buf: bytes, txt: str, rows: bool) -> Iterator[Any]:
+        """The records through the compiled loop, which stops at any record it does not
+        read (a FAR, an unknown type, an impossible REC_LEN, a GDR's unknown type code):
+        the Python loop reads that one -- and reports it, as without the compiled loop
+        -- and the compiled loop goes on after it."""
+        skip, short = self._skip, self._short
+        while True:
+            order = self.byte_order or "<"
+            if self.cpu_type == 0 and order == "<":  # VAX floating point: Python's
+                yield from self._table(rows).scan_for(skip, short)(self, buf, txt,
+                                                                   self._pos, self._base)
+                return
+            scan = _accel.Scan(_accel_table(order), self, buf, self._pos, self._base, rows,
+                               _accel_skip(order, skip), short)
+            yield from scan
+            if scan.done:
+                return
+            loop: Any = self._table(rows).scan_for(skip, short)(
+                self, buf, txt, self._pos, self._base)
+            try:
+                for record in loop:
+                    yield record
+                    break
+                else:
+                    return
+            finally:
+                loop.close()
 
     def _table(self, rows: bool) -> _Table:
         if self.cpu_type == 0 and self.byte_order == "<":  # (VAX is little-endian)
