@@ -37,6 +37,10 @@ typedef struct {
     int nfields;
     int stop;         /* the Python loop reads every record of this type (the FAR) */
     FieldDesc *fields;
+    /* by field count n: a dict of the first n field names (values None), which a
+     * record's dict is copied from -- a copy of a dict's keys is one block copy, where
+     * setting n new keys grows the table several times */
+    PyObject **templates;
 } RecDesc;
 
 typedef struct {
@@ -322,7 +326,19 @@ static PyObject *decode_fields(Ctx *c, RecDesc *rec, Py_ssize_t p, int rows) {
             values[k] = NULL;
         }
     } else {
-        out = PyDict_New();
+        PyObject *template = rec->templates[n];
+        if (template == NULL) {
+            template = PyDict_New();
+            if (template == NULL) goto done;
+            for (k = 0; k < n; k++) {
+                if (PyDict_SetItem(template, PyTuple_GetItem(rec->names, k), Py_None) < 0) {
+                    Py_DECREF(template);
+                    goto done;
+                }
+            }
+            rec->templates[n] = template;
+        }
+        out = PyDict_Copy(template);
         if (out == NULL) goto done;
         for (k = 0; k < n; k++) {
             if (PyDict_SetItem(out, PyTuple_GetItem(rec->names, k), values[k]) < 0) {
@@ -342,6 +358,11 @@ static void rec_free(RecDesc *rec) {
     if (rec == NULL) return;
     Py_XDECREF(rec->name);
     Py_XDECREF(rec->names);
+    if (rec->templates != NULL) {
+        int k;
+        for (k = 0; k <= rec->nfields; k++) Py_XDECREF(rec->templates[k]);
+        PyMem_Free(rec->templates);
+    }
     PyMem_Free(rec->fields);
     PyMem_Free(rec);
 }
@@ -404,7 +425,12 @@ static PyObject *table_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
         rec->stop = stop;
         rec->nfields = (int)nf;
         rec->fields = PyMem_Calloc(nf ? nf : 1, sizeof(FieldDesc));
-        if (rec->fields == NULL) { Py_DECREF(item); PyErr_NoMemory(); goto fail; }
+        rec->templates = PyMem_Calloc(nf + 1, sizeof(PyObject *));
+        if (rec->fields == NULL || rec->templates == NULL) {
+            Py_DECREF(item);
+            PyErr_NoMemory();
+            goto fail;
+        }
         for (j = 0; j < nf; j++) {
             FieldDesc *f = &rec->fields[j];
             if (!PyArg_ParseTuple(PyTuple_GetItem(fields, j), "iii", &f->type, &f->count,
