@@ -14,7 +14,9 @@ ones on bytes (flip, insert, delete, truncate) -- fed to ``StdfParser`` in rando
 sizes, every record mapped by ``RecordMapper``.  ``FormatError`` is the documented outcome
 for bad input; any other exception is a crash: the input is saved to the crash directory
 with its traceback, and counted.  So is a parser holding back more than one record's worth
-of bytes (memory must stay bounded whatever the input).
+of bytes (memory must stay bounded whatever the input), and -- where the compiled record
+loop is built (docs/stdf.md) -- an input the compiled and the pure-Python loop decode
+differently (records, values to the float bits, position, the error and its offset).
 
 The last line printed is a JSON summary: inputs, clean, format_errors, crashes, seconds,
 peak RSS.  Exit status 1 if anything crashed.
@@ -37,6 +39,7 @@ from typing import Any
 
 from edgegw.formats import FormatError
 from edgegw.stdf import RECORDS, StdfDecoder, StdfWriter
+from edgegw.stdf.decoder import accelerator_active, accelerator_built, set_accelerator
 from edgegw.stdf.format import StdfParser
 from edgegw.stdf.mapping import RecordMapper
 
@@ -192,6 +195,46 @@ def check(data: bytes, rnd: random.Random) -> bool:
     return True
 
 
+def canon(value: Any) -> Any:
+    """A decoded value compared exactly: its type, a float by its bits."""
+    if isinstance(value, float):
+        return struct.pack("<d", value)
+    if isinstance(value, tuple | list):
+        return (type(value).__name__, tuple(canon(v) for v in value))
+    if isinstance(value, dict):
+        return tuple((k, canon(v)) for k, v in value.items())
+    return (type(value).__name__, value)
+
+
+def outcome(data: bytes, cuts: list[int], compiled: bool, rows: bool) -> Any:
+    """What a consumer sees of ``data`` fed in pieces ending at ``cuts`` by one loop."""
+    was = accelerator_active()
+    set_accelerator(compiled)
+    dec = StdfDecoder(keep_unknown=True)
+    got: list[Any] = []
+    error = None
+    try:
+        start = 0
+        for end in cuts:
+            dec.feed(data[start:end])
+            start = end
+            got.extend(canon(r) for r in (dec.rows() if rows else dec.records()))
+    except FormatError as exc:
+        error = (str(exc), getattr(exc, "offset", None))
+    finally:
+        set_accelerator(was)
+    return got, error, dec.position, dec.unknown_count
+
+
+def differential(data: bytes, rnd: random.Random) -> None:
+    """The compiled record loop decodes ``data`` exactly as the pure-Python one."""
+    cuts = sorted({rnd.randint(1, max(1, len(data))) for _ in range(rnd.randint(0, 4))}
+                  | {len(data)})
+    rows = rnd.random() < 0.5
+    if outcome(data, cuts, True, rows) != outcome(data, cuts, False, rows):
+        raise AssertionError("the compiled and the pure-Python record loop differ")
+
+
 def run(count: int, seed: int = 1, crash_dir: Path | None = None, data_dir: Path = DATA,
         progress: bool = False) -> dict[str, Any]:
     rnd = random.Random(seed)
@@ -203,6 +246,8 @@ def run(count: int, seed: int = 1, crash_dir: Path | None = None, data_dir: Path
     for n in range(count):
         data = mutator.input()
         try:
+            if accelerator_built():
+                differential(data, rnd)
             if check(data, rnd):
                 clean += 1
             else:

@@ -226,7 +226,7 @@ static PyObject *read_one(Ctx *c, int type, Py_ssize_t *pp, long long size, long
     case T_VN:
         return read_vn(c, pp);
     case T_CF:
-        if (p + size > c->end) break;
+        if (size < 0 || p + size > c->end) break;
         *pp = p + (Py_ssize_t)size;
         return PyUnicode_DecodeLatin1((const char *)c->data + p, (Py_ssize_t)size, NULL);
     case T_UF: {
@@ -556,7 +556,10 @@ static int set_pos(Scan *s) {
 static int count(PyObject *dict, PyObject *name) {
     PyObject *old = PyDict_GetItemWithError(dict, name), *new;
     int rc;
-    if (old == NULL) return -1;  /* (select() made every skipped name's count) */
+    if (old == NULL) {  /* (select() makes every skipped name's count: not here) */
+        if (PyErr_Occurred()) return -1;
+        return PyDict_SetItem(dict, name, one);
+    }
     new = PyNumber_Add(old, one);
     if (new == NULL) return -1;
     rc = PyDict_SetItem(dict, name, new);
