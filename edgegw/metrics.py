@@ -13,6 +13,7 @@ survives is counted here, so health never stays green while data is being thrown
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import sys
 import time
@@ -159,7 +160,8 @@ class _Exporter:
     def collect(self) -> Iterator[Family]:
         m = self.metrics
         m.collect()
-        info = Family(f"{m.prefix}_build_info", "edgegw version and Python, always 1", "gauge")
+        info = Family(f"{m.prefix}_build_info",
+                      "edgegw version, Python and STDF record loop, always 1", "gauge")
         info.add_sample(f"{m.prefix}_build_info", BUILD_INFO, 1)
         yield info
         for metric in list(m._metrics.values()):
@@ -171,7 +173,22 @@ def _build_info() -> dict[str, str]:
         version = metadata.version("edgegw")
     except metadata.PackageNotFoundError:  # run from a source tree, not installed
         version = "unknown"
-    return {"version": version, "python": platform.python_version()}
+    return {"version": version, "python": platform.python_version(),
+            "stdf_loop": _stdf_loop()}
+
+
+def _stdf_loop() -> str:
+    """Which STDF record loop this process decodes with (docs/stdf.md): ``compiled`` where
+    the optional C loop was built and not turned off by EDGEGW_STDF_ACCEL=0, else
+    ``python``.  Found without importing the decoder (a service that reads no STDF)."""
+    from importlib.util import find_spec
+
+    if os.environ.get("EDGEGW_STDF_ACCEL", "1") == "0":
+        return "python"
+    try:
+        return "compiled" if find_spec("edgegw.stdf._accel") is not None else "python"
+    except ImportError:
+        return "python"
 
 
 BUILD_INFO = _build_info()

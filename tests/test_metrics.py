@@ -112,6 +112,8 @@ def test_process_platform_and_build_info_are_exported() -> None:
     page = parse(Metrics())
     (labels, value), = page["edgegw_build_info"].items()
     assert dict(labels)["version"] and dict(labels)["python"] and value == 1
+    # the test command builds the compiled STDF record loop (docs/stdf.md)
+    assert dict(labels)["stdf_loop"] == "compiled"
     assert page["process_resident_memory_bytes"][()] > 1e6
     assert page["process_open_fds"][()] >= 3
     assert page["process_max_fds"][()] >= page["process_open_fds"][()]
