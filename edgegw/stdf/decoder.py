@@ -1451,28 +1451,34 @@ class StdfDecoder:
                 return iter(())
             self.byte_order = order
         buf = self._buf
-        txt = self._txt
-        if txt is None:
-            txt = self._txt = buf.decode("latin-1")
         self._switching = False
         if _ACCEL:
-            it = self._accelerated(buf, txt, rows)
+            it = self._accelerated(buf, rows)
         else:
-            it = self._table(rows).scan_for(self._skip, self._short)(self, buf, txt, self._pos,
-                                                                     self._base)
+            it = self._table(rows).scan_for(self._skip, self._short)(self, buf, self._text(),
+                                                                     self._pos, self._base)
         self._keep(it)
         return it
 
-    def _accelerated(self, buf: bytes, txt: str, rows: bool) -> Iterator[Any]:
+    def _text(self) -> str:
+        """The buffer decoded latin-1 (the Python loop's C*n fields are slices of it),
+        made once per feed, when first needed."""
+        txt = self._txt
+        if txt is None:
+            txt = self._txt = self._buf.decode("latin-1")
+        return txt
+
+    def _accelerated(self, buf: bytes, rows: bool) -> Iterator[Any]:
         """The records through the compiled loop, which stops at any record it does not
         read (a FAR, an unknown type, an impossible REC_LEN, a GDR's unknown type code):
         the Python loop reads that one -- and reports it, as without the compiled loop
-        -- and the compiled loop goes on after it."""
+        -- and the compiled loop goes on after it.  (It needs no latin-1 text of the
+        buffer: made only if the Python loop is.)"""
         skip, short = self._skip, self._short
         while True:
             order = self.byte_order or "<"
             if self.cpu_type == 0 and order == "<":  # VAX floating point: Python's
-                yield from self._table(rows).scan_for(skip, short)(self, buf, txt,
+                yield from self._table(rows).scan_for(skip, short)(self, buf, self._text(),
                                                                    self._pos, self._base)
                 return
             scan = _accel.Scan(_accel_table(order), self, buf, self._pos, self._base, rows,
@@ -1481,7 +1487,7 @@ class StdfDecoder:
             if scan.done:
                 return
             loop: Any = self._table(rows).scan_for(skip, short)(
-                self, buf, txt, self._pos, self._base)
+                self, buf, self._text(), self._pos, self._base)
             try:
                 for record in loop:
                     yield record
