@@ -467,6 +467,7 @@ static PyType_Spec table_spec = {
 
 static int scan_traverse(PyObject *self, visitproc visit, void *arg) {
     Scan *s = (Scan *)self;
+    Py_VISIT(Py_TYPE(self));  /* (a heap type's instances hold it) */
     Py_VISIT(s->table);
     Py_VISIT(s->decoder);
     Py_VISIT(s->skipped);
