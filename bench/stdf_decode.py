@@ -25,6 +25,9 @@ command line -- it prints:
 * a memory check on the first file: a stream ten times the file's size, fed in 64 KiB
   chunks, must peak no higher than the file once.
 
+The record loop is the compiled one where it was built (docs/stdf.md), the pure-Python
+one with ``EDGEGW_STDF_ACCEL=0``; the first lines say which.
+
 ``--stats-ab DIR``: instead, ``edgegw stdf stats FILE`` as processes, this tree's and
 DIR's and pystdf's read + parse, each also on a file of a FAR and an MRR (its start-up,
 subtracted), all interleaved: the ratios to pystdf and this tree vs DIR.
@@ -572,6 +575,11 @@ def main() -> int:
             print(f"no such file: {f}", file=sys.stderr)
             return 1
     print(f"interpreter: {interpreter()}")
+    from edgegw.stdf.decoder import accelerator_active
+
+    # the `stats` processes inherit EDGEGW_STDF_ACCEL, so they use the same loop
+    print("STDF record loop: " + ("compiled (edgegw/stdf/_accel.c)" if accelerator_active()
+                                  else "pure Python (EDGEGW_STDF_ACCEL=0, or not built)"))
     with tempfile.TemporaryDirectory(prefix="stdf-bench-") as tmp:
         work = [(f.name, f) for f in files]
         if not args.no_shapes and not args.files:
