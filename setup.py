@@ -4,7 +4,8 @@ Everything else is in pyproject.toml.  The extension is optional twice over: a m
 without a C compiler installs edgegw without it (``optional=True``), and edgegw runs the
 pure-Python decoder wherever the module is missing (or EDGEGW_STDF_ACCEL=0).  It is
 built against the stable ABI (CPython >= 3.11), so one wheel per platform serves every
-supported Python (packaging/build-accel-wheels.sh builds Linux's and Windows').
+supported Python: pip builds this platform's (``pip install .``, ``pip wheel .``, the
+offline bundle); packaging/build-windows-wheel.sh cross-builds Windows' on Linux.
 """
 
 from setuptools import Extension, setup

@@ -7,6 +7,7 @@ unknown records, switching byte order at a second FAR, corrupted, fed in any chu
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 from collections.abc import Iterator
@@ -35,6 +36,10 @@ from stdf_corpus import (
 
 @pytest.fixture(autouse=True)
 def _restore() -> Iterator[None]:
+    if not accelerator_built():  # comparing the pure-Python loop with itself proves nothing
+        if os.environ.get("CI", "").lower() == "true":  # the test command builds it
+            pytest.fail("the compiled record loop (edgegw.stdf._accel) was not built")
+        pytest.skip("the compiled record loop was not built (no C compiler at install)")
     was = accelerator_active()
     yield
     set_accelerator(was)
@@ -45,7 +50,7 @@ def test_the_compiled_loop_is_built_and_on_by_default() -> None:
     EDGEGW_STDF_ACCEL=0; without it the pure-Python decoder is used (and cannot be
     turned "on")."""
     assert accelerator_built()
-    assert accelerator_active()
+    assert accelerator_active() == (os.environ.get("EDGEGW_STDF_ACCEL", "1") != "0")
     assert set_accelerator(False) is False and not accelerator_active()
     assert set_accelerator(True) is True
 
