@@ -240,11 +240,12 @@ class Idle:
         await trio.sleep_forever()
 
 
-def node_config(tmp: Path, name: str, dsn: str, redis_url: str, prefix: str) -> HubConfig:
+def node_config(tmp: Path, name: str, dsn: str, redis_url: str, prefix: str,
+                lease_ttl_s: float = 1.5) -> HubConfig:
     return build(HubConfig, {
         "hub": {"port": 0, "data_dir": str(tmp / name), "heartbeat_s": 1.0,
                 "cluster": {"node_id": name, "postgres_dsn": dsn, "redis_url": redis_url,
-                            "key_prefix": prefix, "partitions": 4, "lease_ttl_s": 1.5,
+                            "key_prefix": prefix, "partitions": 4, "lease_ttl_s": lease_ttl_s,
                             "stale_after_s": 2.0, "snapshot_interval_s": 0.2,
                             "checkpoint_interval_s": 2}},
         "gateways": {GW: {"token": TOKEN}},

@@ -60,7 +60,11 @@ async def other_node_commits(pg_dsn: str, redis_url: str, prefix: str, lot: str,
 async def test_a_commit_on_the_owners_node_wakes_it_once_another_nodes_through_redis(
         tmp_path: Path, pg_dsn: str, redis_server: RedisServer) -> None:  # noqa: F811
     prefix = fresh_prefix()
-    node = ClusterHub(node_config(tmp_path, "solo", pg_dsn, redis_server.url, prefix))
+    # A lease long enough that a starved machine does not take a partition away meanwhile:
+    # a partition acquired again is rebuilt from PostgreSQL, which reads the other node's
+    # commit without its wake-up (seen with three test workers beside two busy loops).
+    node = ClusterHub(node_config(tmp_path, "solo", pg_dsn, redis_server.url, prefix,
+                                  lease_ttl_s=15.0))
     node.owner.poll_s = 3600  # the owner reads when woken, never by polling here
     wakeups = node.metrics.counter("cluster_partition_wakeups_total")
     applied = node.metrics.counter("cluster_owner_records_total")
