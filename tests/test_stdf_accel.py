@@ -185,3 +185,35 @@ def test_an_unknown_gdr_type_code_is_the_same_error_at_the_same_offset() -> None
         got = assert_same(data, rows=True, skip=skip)
         assert got[1] is not None and "type code 9" in got[1][0]
         assert len(got[0]) == 2  # the FAR and the PIR before it
+
+
+#: one value of every GDR type code, as its bytes after the code (little-endian): the
+#: widths a skipped GDR is walked by (a Dn of 9 bits takes 2 bytes)
+GDR_VALUES = {0: b"", 1: b"\x05", 2: b"\x2c\x01", 3: b"\x70\x11\x01\x00", 4: b"\xfd",
+              5: b"\xd4\xfe", 6: b"\x90\xee\xfe\xff", 7: struct.pack("<f", 1.5),
+              8: struct.pack("<d", 2.5), 10: b"\x03abc", 11: b"\x02\x01\x02",
+              12: b"\x09\x00\xff\x01", 13: b"\x07"}
+
+
+def gdr(*values: tuple[int, bytes]) -> bytes:
+    """A GDR built by hand, little-endian: (type code, the value's bytes) per field."""
+    body = struct.pack("<H", len(values)) + b"".join(bytes([c]) + v for c, v in values)
+    return struct.pack("<HBB", len(body), 50, 10) + body
+
+
+@pytest.mark.parametrize("code", sorted(GDR_VALUES))
+def test_a_skipped_gdr_is_walked_over_every_type_code_as_the_python_loop_reads_it(
+        code: int) -> None:
+    """Skipped or not, a GDR with a value of each type code before an unknown code is
+    the same error at the same offset, and before a known one the same record (or the
+    same skip): the compiled loop's walk of a skipped GDR steps over each value as
+    reading it would."""
+    w = StdfWriter("<")
+    head = w.encode("FAR", {}) + w.encode("PIR", {"HEAD_NUM": 1, "SITE_NUM": 1})
+    for skip in ((), ("GDR",)):
+        bad = assert_same(head + gdr((code, GDR_VALUES[code]), (9, b"")), rows=True,
+                          skip=skip)
+        assert bad[1] is not None and "type code 9" in bad[1][0]
+        good = assert_same(head + gdr((code, GDR_VALUES[code]), (1, b"\x05")), rows=True,
+                           skip=skip)
+        assert good[1] is None and len(good[0]) == (2 if skip else 3)
