@@ -144,9 +144,12 @@ typedef struct {
 
 static PyObject *read_one(Ctx *c, int type, Py_ssize_t *pp, long long size, long long *raw);
 
+/* A GDR's type codes 0-12: the field type each value is read as (0: none; code 0 is a
+ * pad byte, 9 is unassigned; 13, N*1 in a whole byte, is read apart). */
+static const int VN_TYPES[] = {0, T_U1, T_U2, T_U4, T_I1, T_I2, T_I4, T_R4, T_R8, 0, T_CN,
+                               T_BN, T_DN};
+
 static PyObject *read_vn(Ctx *c, Py_ssize_t *pp) {
-    static const int types[] = {0, T_U1, T_U2, T_U4, T_I1, T_I2, T_I4, T_R4, T_R8, 0, T_CN,
-                                T_BN, T_DN};
     Py_ssize_t p = *pp, i, count;
     PyObject *out;
     if (p + 2 > c->end) { c->short_ = 1; return NULL; }
@@ -168,8 +171,8 @@ static PyObject *read_vn(Ctx *c, Py_ssize_t *pp) {
             if (p >= c->end) { c->short_ = 1; goto fail; }
             value = PyLong_FromLong(c->data[p]);
             p += 1;
-        } else if (code <= 12 && types[code] != 0) {
-            value = read_one(c, types[code], &p, 0, &raw);
+        } else if (code <= 12 && VN_TYPES[code] != 0) {
+            value = read_one(c, VN_TYPES[code], &p, 0, &raw);
         } else {
             c->bad = 1;  /* an unknown type code: Python reports it */
             goto fail;
@@ -200,22 +203,19 @@ static int check_vn(Ctx *c, Py_ssize_t p) {
         if (p >= c->end) return 0;
         code = c->data[p];
         p += 1;
-        switch (code) {
-        case 0: break;
-        case 1: case 4: case 13: p += 1; break;
-        case 2: case 5: p += 2; break;
-        case 3: case 6: case 7: p += 4; break;
-        case 8: p += 8; break;
-        case 10: case 11:
+        if (code == 0) continue;
+        if (code == 13) {  /* N*1 in a whole byte */
+            p += 1;
+        } else if (code > 12 || VN_TYPES[code] == 0) {
+            return 1;
+        } else if (VN_TYPES[code] == T_CN || VN_TYPES[code] == T_BN) {
             if (p >= c->end) return 0;
             p += 1 + c->data[p];
-            break;
-        case 12:
+        } else if (VN_TYPES[code] == T_DN) {
             if (p + 2 > c->end) return 0;
             p += 2 + (Py_ssize_t)((rd(c->data + p, 2, c->big) + 7) / 8);
-            break;
-        default:
-            return 1;
+        } else {
+            p += scalar_size(VN_TYPES[code]);
         }
         if (p > c->end) return 0;  /* the value runs past the record: cut, no error */
     }
