@@ -454,6 +454,8 @@ class Uplink:
         first, self._held = self._parts_on_connect(welcome.applied)
         await self._send_ahead(ws, conn, welcome, first)
         while True:
+            if welcome.lost:  # before any frame read below: none of them is under it
+                await self._declare_dropped(ws, conn)
             if self._held:
                 await self._release_held(ws, conn, welcome, sched)
             progressed = False
@@ -479,6 +481,22 @@ class Uplink:
                     break  # plan again: live frames that appeared meanwhile go first
             if not progressed:
                 await self._wait_for_work(sched)
+
+    async def _declare_dropped(self, ws: Any, conn: GatewayConnection) -> None:
+        """Frames the store dropped (``drop_oldest``) while connected that the hub lacks:
+        a LOST says they will never come (docs/protocol.md section 4), so the hub counts
+        them now and leaves no hole waiting for them until the next HELLO.  It names the
+        lowest seq still held or still to be sent: a damaged frame's stand-in the hub has
+        not acknowledged goes out as ever."""
+        first_held = self.store.first_unacked
+        for lo, hi in self.store.lost_ranges:
+            if lo < first_held:
+                gaps = conn.hub_has.missing(lo, min(hi, first_held - 1))
+                if gaps:
+                    first_held = gaps[0][0]
+        message = conn.lost(first_held, trio.current_time())
+        if message is not None:
+            await ws.send_message(message)
 
     async def _settle_parts(self) -> None:
         """Wait until a part whose ``append`` an earlier session left (cancelled when the

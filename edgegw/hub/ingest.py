@@ -64,6 +64,7 @@ from ..protocol import (
     CloseCode,
     Columns,
     Data,
+    Declared,
     Duplicate,
     FrameError,
     Hello,
@@ -760,11 +761,12 @@ class Ingest:
         gateway that died while a commit hung was shown connected until the commit
         returned (docs/reliability.md, "Backpressure is not silence")."""
         # each frame with its arrival time (hub_frame_apply_seconds)
-        send, receive = trio.open_memory_channel[tuple[Data, float]](
+        # (a LOST's ``Declared`` goes the same way: recorded after the frames before it)
+        send, receive = trio.open_memory_channel[tuple[Data | Declared, float]](
             self.config.hub.apply_queue_frames)
         arrivals: deque[float] = deque()  # of the frames not yet committed (``lag``)
 
-        async def queue_frame(item: tuple[Data, float]) -> None:
+        async def queue_frame(item: tuple[Data | Declared, float]) -> None:
             """Into the apply queue; while it is full (a slow commit, a full live-state
             queue) nothing is read, and what the gateway sends meanwhile -- frames, PINGs
             -- waits unread: that wait is not its silence (4005 would close a healthy
@@ -809,6 +811,8 @@ class Ingest:
                             arrival = trio.current_time()
                             arrivals.append(arrival)
                             await queue_frame((ev, arrival))
+                        elif isinstance(ev, Declared):
+                            await queue_frame((ev, trio.current_time()))
                         elif isinstance(ev, Duplicate):
                             self.store.count_duplicate(gw)
                             self.m_dups.inc()
@@ -860,18 +864,35 @@ class Ingest:
             del self._arrivals[id(arrivals)]
 
     async def _applier(self, ws: WebSocket, conn: HubConnection, gw: str, epoch: str,
-                       receive: trio.MemoryReceiveChannel[tuple[Data, float]],
+                       receive: trio.MemoryReceiveChannel[tuple[Data | Declared, float]],
                        generation: int = 0, arrivals: deque[float] | None = None) -> None:
         max_records = self.config.hub.max_records_per_frame
         columnar = (conn.version or 1) >= 2  # v1 connections send rows only
         typed = (conn.version or 1) >= 3  # typed float columns: v3 only
-        async for first in receive:
-            frames = [first]
+        after: Declared | None = None  # a LOST that came behind the frames being committed
+        while True:
+            if after is not None:
+                await self._record_lost(ws, conn, gw, epoch, after, generation)
+                after = None
+            try:
+                first = await receive.receive()
+            except trio.EndOfChannel:
+                return
+            head, received = first
+            if isinstance(head, Declared):
+                after = head
+                continue
+            frames = [(head, received)]
             while len(frames) < 256:  # group commit: whatever else is already waiting
                 try:
-                    frames.append(receive.receive_nowait())
+                    item = receive.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
+                head, received = item
+                if isinstance(head, Declared):
+                    after = head  # recorded once the frames before it are committed
+                    break
+                frames.append((head, received))
             good: list[tuple[FrameToApply, int, Decoded]] = []
             bad: list[tuple[FrameToApply, str]] = []
             for d, _ in frames:
@@ -945,6 +966,19 @@ class Ingest:
                 await ws.send_message(conn.rejected(f.seq, reason, now))
                 ack = conn.ack(now)
             await ws.send_message(ack)
+
+    async def _record_lost(self, ws: WebSocket, conn: HubConnection, gw: str, epoch: str,
+                           declared: Declared, generation: int) -> None:
+        """A LOST (docs/protocol.md section 4): every frame received before it is
+        committed, so the frames it declares lost are exactly the ones never received;
+        recorded (as a HELLO's are), then acknowledged."""
+        if declared.count:
+            log.warning("gateway %s: %d frame(s) below seq %d were dropped by the gateway "
+                        "while connected, before reaching the hub", gw, declared.count,
+                        declared.next_seq)
+            await self._until_written(gw, lambda: self.store.declare_lost(
+                gw, epoch, declared.next_seq - 1, declared.count, generation))
+        await ws.send_message(conn.lost_recorded(declared, trio.current_time()))
 
     def _records_seen(self, f: FrameToApply) -> int:
         """Count and log a frame some of whose record ids were applied already: the

@@ -12,7 +12,7 @@ from .columnar import (
     to_rows,
 )
 from .compression import ENCODINGS, compress_body, decompress_body
-from .connection import Duplicate, GatewayConnection, HubConnection, State
+from .connection import Declared, Duplicate, GatewayConnection, HubConnection, State
 from .intervals import IntervalSet
 from .messages import (
     PROTOCOL_VERSION,
@@ -22,6 +22,7 @@ from .messages import (
     Data,
     FrameError,
     Hello,
+    Lost,
     Ping,
     Pong,
     ProtocolError,
@@ -47,12 +48,14 @@ __all__ = [
     "ColumnarError",
     "Columns",
     "Data",
+    "Declared",
     "Duplicate",
     "FrameError",
     "GatewayConnection",
     "Hello",
     "HubConnection",
     "IntervalSet",
+    "Lost",
     "Ping",
     "Pong",
     "ProtocolError",

@@ -19,6 +19,7 @@ meanwhile, which hands out no second PING.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from typing import Any
@@ -31,6 +32,7 @@ from .messages import (
     CloseCode,
     Data,
     Hello,
+    Lost,
     Message,
     Ping,
     Pong,
@@ -223,6 +225,10 @@ class GatewayConnection(_Base):
         self._hello = Hello(gateway_id, token, epoch, next_seq, tuple(versions), heartbeat,
                             compression)
         self.welcome: Welcome | None = None
+        #: what the hub has (WELCOME's applied set, what is below HELLO's next_seq, the
+        #: ACKs since, what a LOST declared): kept only where the hub takes LOST
+        self.hub_has = IntervalSet()
+        self._lost_below = 0  # the last LOST's next_seq: no DATA below it may follow
         self.compression_level = compression_level
         self.compression_min_bytes = compression_min_bytes
         self.body_encoding: str | None = None  # agreed in WELCOME
@@ -243,11 +249,27 @@ class GatewayConnection(_Base):
             sent_at = time.time()
         if self.state is not State.OPEN:
             raise RuntimeError(f"cannot send data in state {self.state.value}")
+        if seq < self._lost_below:
+            raise RuntimeError(f"frame {seq} is below the LOST sent ({self._lost_below})")
         if self.body_encoding == ZLIB and len(body) >= self.compression_min_bytes:
             packed = compress_body(body, self.compression_level)
             if len(packed) < len(body):
                 return self._sent(encode(Data(seq, sent_at, packed, ZLIB)), now)
         return self._sent(encode(Data(seq, sent_at, body)), now)
+
+    def lost(self, first_held: int, now: float) -> bytes | None:
+        """A LOST to send (section 4) when frames below ``first_held`` -- the lowest
+        sequence number this gateway still holds or will still send -- include some the hub
+        has not acknowledged: its queue dropped them while connected.  None when there is
+        nothing new to declare, or the hub does not take LOST (a hub that lacks them then
+        learns it from the next HELLO).  After it, no DATA below ``first_held`` is sent."""
+        if self.state is not State.OPEN or self.welcome is None or not self.welcome.lost:
+            return None
+        if first_held <= 1 or not self.hub_has.missing(1, first_held - 1):
+            return None
+        self.hub_has.add_range(1, first_held - 1)
+        self._lost_below = first_held
+        return self._sent(encode(Lost(first_held)), now)
 
     def receive(self, data: bytes | str, now: float) -> tuple[list[Any], bytes | None]:
         """Returns (events, reply-to-send or None)."""
@@ -264,6 +286,10 @@ class GatewayConnection(_Base):
                                     f"not offered")
                 self.state = State.OPEN
                 self.welcome = msg
+                if msg.lost:
+                    self.hub_has = IntervalSet(msg.applied)
+                    if self._hello.next_seq > 1:  # the hub holds these as applied or lost
+                        self.hub_has.add_range(1, self._hello.next_seq - 1)
                 self.body_encoding = msg.compression
                 # the hub's heartbeat wins so both ends agree on the timeout
                 self.heartbeat.interval = msg.heartbeat
@@ -272,7 +298,14 @@ class GatewayConnection(_Base):
                 self.state = State.CLOSED
                 return [msg], None
             raise self.fail(f"expected WELCOME or REFUSE, got {type(msg).__name__.upper()}")
-        if isinstance(msg, (Ack, Reject)):
+        if isinstance(msg, Ack):
+            if self.welcome is not None and self.welcome.lost:
+                if msg.watermark:
+                    self.hub_has.add_range(1, msg.watermark)
+                for lo, hi in msg.ranges:
+                    self.hub_has.add_range(lo, hi)
+            return [msg], None
+        if isinstance(msg, Reject):
             return [msg], None
         raise self.fail(f"unexpected {type(msg).__name__.upper()} from hub")
 
@@ -304,6 +337,9 @@ class HubConnection(_Base):
         # Both are bounded by holes, never by frames: nothing is kept per frame received
         self._welcomed = IntervalSet()
         self.declared_lost = 0
+        #: WELCOME says the hub takes LOST (section 4); a hub without it would close 4004
+        self.takes_lost = True
+        self._lost_below = 0  # the highest LOST's next_seq: no DATA below it may follow
 
     def receive(self, data: bytes | str, now: float) -> tuple[list[Any], bytes | None]:
         msg, reply = self._decode(data, now)
@@ -321,6 +357,9 @@ class HubConnection(_Base):
             # Checked before the applied set: a frame received *on this connection* (applied
             # or not yet) and sent again is a gateway fault, not a duplicate left over from
             # an earlier connection.
+            if msg.seq < self._lost_below and msg.seq not in self._welcomed:
+                raise self.fail(f"frame {msg.seq} sent after a LOST said that frames below "
+                                f"{self._lost_below} are no longer held")
             if msg.seq in self._seen and msg.seq not in self._welcomed:
                 raise self.fail(f"frame {msg.seq} sent twice on one connection")
             if msg.seq in self.applied_set:
@@ -341,7 +380,20 @@ class HubConnection(_Base):
                     raise
                 msg = Data(msg.seq, msg.sent_at, body)
             return [msg], None
+        if isinstance(msg, Lost) and self.takes_lost:
+            return [self._declared(msg.next_seq)], None
         raise self.fail(f"unexpected {type(msg).__name__.upper()} from gateway")
+
+    def _declared(self, next_seq: int) -> Declared:
+        """LOST ``next_seq``: the frames below it neither applied nor received on this
+        connection will never come.  They count as seen at once (no hole waits for them);
+        the hub records them as lost, in order after the frames received before, and
+        then calls ``lost_recorded`` for the ACK."""
+        before = self._seen.count()
+        if next_seq > 1:
+            self._seen.add_range(1, next_seq - 1)
+        self._lost_below = max(self._lost_below, next_seq)
+        return Declared(next_seq, self._seen.count() - before)
 
     def accept(self, applied: IntervalSet, now: float) -> bytes:
         """Welcome the gateway; ``applied`` is what the hub already has for its epoch.
@@ -362,7 +414,8 @@ class HubConnection(_Base):
         assert common, "the hub refuses (4002) a HELLO without a version in common"
         self.version = max(common)
         welcome = Welcome(self.version, self.applied_set.ranges(), self.heartbeat.interval,
-                          self.max_message_bytes, self.max_records, self.body_encoding)
+                          self.max_message_bytes, self.max_records, self.body_encoding,
+                          self.takes_lost)
         return self._sent(encode(welcome), now)
 
     def refuse(self, code: int, reason: str, now: float) -> bytes:
@@ -378,9 +431,25 @@ class HubConnection(_Base):
         self.applied_set.add(seq)
         return self._sent(encode(Reject(seq, reason)), now)
 
+    def lost_recorded(self, declared: Declared, now: float) -> bytes:
+        """The frames a LOST declared are recorded (every frame received before it is
+        committed): they count as applied, and the ACK says so."""
+        if declared.next_seq > 1:
+            self.applied_set.add_range(1, declared.next_seq - 1)
+        return self.ack(now)
+
     def ack(self, now: float) -> bytes:
         s = self.applied_set
         return self._sent(encode(Ack(s.watermark(), s.above_watermark())), now)
+
+
+@dataclasses.dataclass(frozen=True)
+class Declared:
+    """A LOST from the gateway: ``count`` frames below ``next_seq`` (neither applied nor
+    received on this connection) will never come; the hub records them as lost."""
+
+    next_seq: int
+    count: int
 
 
 class Duplicate:

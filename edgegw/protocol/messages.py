@@ -39,6 +39,7 @@ ACK = 5
 REJECT = 6
 PING = 7
 PONG = 8
+LOST = 9
 
 
 class CloseCode:
@@ -90,6 +91,8 @@ class Welcome:
     max_frame_bytes: int
     max_records: int
     compression: str | None = None  # the body encoding the hub accepts, of those offered
+    #: the hub takes LOST (section 4): a gateway may declare frames it dropped meanwhile
+    lost: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +122,14 @@ class Reject:
 
 
 @dataclasses.dataclass(frozen=True)
+class Lost:
+    """The gateway no longer holds any frame below ``next_seq`` (its ``drop_oldest`` queue
+    dropped them while connected): frames below it the hub lacks will never come."""
+
+    next_seq: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Ping:
     t: float
 
@@ -128,7 +139,7 @@ class Pong:
     t: float
 
 
-Message = Hello | Welcome | Refuse | Data | Ack | Reject | Ping | Pong
+Message = Hello | Welcome | Refuse | Data | Ack | Reject | Ping | Pong | Lost
 
 
 # --- encoding ------------------------------------------------------------------------
@@ -159,7 +170,11 @@ def encode(msg: Message) -> bytes:
             "max_records": msg.max_records}
         if msg.compression is not None:
             welcome["compression"] = msg.compression
+        if msg.lost:
+            welcome["lost"] = True
         return cbor2.dumps([WELCOME, welcome])
+    if isinstance(msg, Lost):
+        return cbor2.dumps([LOST, msg.next_seq])
     if isinstance(msg, Refuse):
         return cbor2.dumps([REFUSE, msg.code, msg.reason[:MAX_REASON]])
     if isinstance(msg, Reject):
@@ -245,6 +260,8 @@ def decode(data: bytes | str) -> Message:
         return Ping(_num(item[1], "PING t"))
     if kind == PONG and n == 2:
         return Pong(_num(item[1], "PONG t"))
+    if kind == LOST and n == 2:
+        return Lost(_int(item[1], "LOST next_seq", 1))
     if kind == HELLO and n == 2 and isinstance(item[1], dict):
         m = item[1]
         versions = m.get("versions")
@@ -273,6 +290,7 @@ def decode(data: bytes | str) -> Message:
             max_records=_int(m.get("max_records"), "WELCOME max_records", 1),
             compression=(None if m.get("compression") is None
                          else _str(m["compression"], "WELCOME compression", 32)),
+            lost=m.get("lost") is True,  # any other value: the hub does not take LOST
         )
     if kind == REFUSE and n == 3:
         return Refuse(_int(item[1], "REFUSE code"), _str(item[2], "REFUSE reason", MAX_REASON))

@@ -1,0 +1,269 @@
+"""Frames a gateway's ``drop_oldest`` queue drops while it is connected (docs/protocol.md
+section 4, LOST): the hub hears of them at once, counts exactly the ones it never got, and
+keeps no hole waiting for them -- before LOST only the next HELLO told it, and until then
+each such run of frames was a hole (past ``max_holes`` the hub closed the link, 4004)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cbor2
+import pytest
+import trio
+from hubtools import gateway_config, hub_config, start_hub
+from peer_hub import ACK, DATA, PING, PONG, PeerHub, welcome
+from trio_websocket import open_websocket_url
+
+from edgegw.gateway import Gateway
+from edgegw.protocol import (
+    Ack,
+    CloseCode,
+    Data,
+    Declared,
+    GatewayConnection,
+    Hello,
+    HubConnection,
+    IntervalSet,
+    Lost,
+    ProtocolError,
+    Welcome,
+    decode,
+    encode,
+    encode_body,
+)
+from edgegw.records import SensorReading
+
+LOST = 9
+
+
+def readings(n: int, i: int) -> list[SensorReading]:
+    return [SensorReading("s", float(i), "c", float(j)) for j in range(n)]
+
+
+# --- the two ends, sans-IO ------------------------------------------------------------
+
+
+def open_hub(next_seq: int = 1, applied: list[tuple[int, int]] | None = None
+             ) -> HubConnection:
+    hub = HubConnection()
+    hub.receive(encode(Hello("gw", "t", "e", next_seq)), 0.0)
+    hub.accept(IntervalSet(applied or []), 0.0)
+    return hub
+
+
+def data(seq: int) -> bytes:
+    return encode(Data(seq, 0.0, encode_body(seq, [])))
+
+
+def test_lost_and_the_welcome_key_round_trip_and_a_bad_lost_is_malformed() -> None:
+    assert decode(encode(Lost(41))) == Lost(41)
+    assert cbor2.loads(encode(Lost(41))) == [LOST, 41]
+    w = Welcome(3, [], 5.0, 1 << 20, 1000, None, True)
+    assert cbor2.loads(encode(w))[1]["lost"] is True and decode(encode(w)).lost
+    assert "lost" not in cbor2.loads(encode(Welcome(3, [], 5.0, 1 << 20, 1000)))[1]
+    # any value but true: the hub does not take LOST (unknown keys are ignored anyway)
+    plain = cbor2.loads(encode(Welcome(3, [], 5.0, 1 << 20, 1000)))
+    plain[1]["lost"] = 1
+    assert decode(cbor2.dumps(plain)).lost is False
+    for bad in ([LOST, 0], [LOST, True], [LOST, 1.0], [LOST, 1, 2]):
+        with pytest.raises(ProtocolError) as err:
+            decode(cbor2.dumps(bad))
+        assert err.value.code == CloseCode.PROTOCOL_ERROR
+
+
+def test_the_hub_counts_as_lost_only_frames_neither_applied_nor_received() -> None:
+    hub = open_hub(next_seq=3, applied=[(1, 2), (5, 5)])  # 5 applied by an earlier session
+    for seq in (3, 7):
+        hub.receive(data(seq), 0.0)  # received, being applied
+    events, _ = hub.receive(encode(Lost(10)), 0.0)
+    assert events == [Declared(10, 4)]  # 4, 6, 8 and 9
+    ack = decode(hub.lost_recorded(events[0], 0.0))
+    assert ack == Ack(9, [])
+    # a LOST that declares nothing new counts nothing
+    assert hub.receive(encode(Lost(8)), 0.0)[0] == [Declared(8, 0)]
+
+
+def test_a_lost_fills_the_holes_a_hub_would_otherwise_close_the_link_for() -> None:
+    # 20 frames with a run missing after each: past max_holes (8) the link is closed
+    hub = open_hub()
+    with pytest.raises(ProtocolError, match="sequence gap"):
+        for seq in range(1, 40, 2):
+            hub.receive(data(seq), 0.0)
+    # the same frames with a LOST every fourth frame: the holes below it are filled
+    hub = open_hub()
+    for seq in range(1, 40, 2):
+        if seq % 8 == 1 and seq > 1:
+            hub.receive(encode(Lost(seq)), 0.0)
+        hub.receive(data(seq), 0.0)
+
+
+def test_a_frame_below_a_lost_is_a_protocol_error_and_a_hub_without_lost_refuses_it() -> None:
+    hub = open_hub(applied=[(2, 2)])
+    hub.receive(encode(Lost(5)), 0.0)
+    # applied before this connection: a duplicate, as ever
+    events, _ = hub.receive(data(2), 0.0)
+    assert [type(e).__name__ for e in events] == ["Duplicate"]
+    with pytest.raises(ProtocolError, match="frame 3 sent after a LOST") as err:
+        hub.receive(data(3), 0.0)
+    assert err.value.code == CloseCode.PROTOCOL_ERROR
+    old = HubConnection()
+    old.takes_lost = False
+    old.receive(encode(Hello("gw", "t", "e", 1)), 0.0)
+    assert decode(old.accept(IntervalSet(), 0.0)).lost is False
+    with pytest.raises(ProtocolError, match="unexpected LOST"):
+        old.receive(encode(Lost(2)), 0.0)
+
+
+def open_gateway(next_seq: int, lost: bool, applied: list[tuple[int, int]] | None = None
+                 ) -> GatewayConnection:
+    gw = GatewayConnection("gw", "t", "e", next_seq)
+    gw.hello(0.0)
+    gw.receive(encode(Welcome(3, applied or [], 5.0, 1 << 20, 1000, None, lost)), 0.0)
+    return gw
+
+
+def test_the_gateway_declares_only_frames_the_hub_has_not_acknowledged() -> None:
+    gw = open_gateway(next_seq=4, lost=True, applied=[(6, 6)])
+    assert gw.lost(4, 0.0) is None  # below the HELLO's next_seq: the hub knows already
+    gw.receive(encode(Ack(5, [])), 0.0)
+    assert gw.lost(7, 0.0) is None  # 1..6 all acknowledged or applied: nothing to declare
+    assert decode(gw.lost(9, 0.0) or b"") == Lost(9)  # 7 and 8 dropped unacknowledged
+    assert gw.lost(9, 0.0) is None  # told once
+    with pytest.raises(RuntimeError, match="below the LOST"):
+        gw.data(8, encode_body(8, []), 0.0)
+    gw.data(9, encode_body(9, []), 0.0)
+    # to a hub that does not take LOST nothing is sent: its next HELLO tells it
+    assert open_gateway(next_seq=1, lost=False).lost(9, 0.0) is None
+
+
+# --- a real gateway and a real hub ------------------------------------------------------
+
+
+async def test_frames_dropped_while_connected_are_declared_at_once_and_leave_no_hole(
+        tmp_path: Path) -> None:
+    """Twelve bursts, each far more than the 3-frame queue holds, each while the gateway is
+    connected and its uplink cannot run: each leaves a run of frames the hub never got.
+    The hub counts each run at once, on the same connection (one handshake), closes
+    nothing for the holes (12 runs, max_holes is 8), and in the end every frame is applied
+    or lost, exactly once."""
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path / "hub"))
+        cfg = gateway_config(tmp_path / "gw", port,
+                             queue={"max_frames": 3, "policy": "drop_oldest"},
+                             batch={"max_records": 10, "max_delay_ms": 1000},
+                             uplink={"window_frames": 2})
+        gw = Gateway(cfg)
+        await nursery.start(gw.run)
+        connects = gw.metrics.counter("uplink_connects_total")
+        with trio.fail_after(10):
+            while connects.total() < 1:
+                await trio.sleep(0.01)
+        i = 0
+        for _burst in range(12):
+            for _ in range(20):  # no checkpoint between them: the uplink sends nothing
+                await gw.sink.put(readings(10, i), source="s")
+                i += 1
+            lost_before = hub.stats()["gateways"]["ate-01"]["frames_lost"]
+            with trio.fail_after(10):  # told on this connection, not at a reconnect
+                while hub.stats()["gateways"]["ate-01"]["frames_lost"] == lost_before:
+                    await trio.sleep(0.01)
+        assert await gw.drain(10), "the hub did not acknowledge everything"
+        st = hub.stats()["gateways"]["ate-01"]
+        last = gw.store.next_seq - 1
+        assert st["frames_applied"] + st["frames_lost"] == last
+        assert st["frames_lost"] <= gw.store.stats()["dropped_frames"]
+        assert connects.total() == 1
+        assert hub.metrics.counter("hub_protocol_errors_total").total() == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_real_hub_acknowledges_a_lost_and_keeps_the_count_from_a_hand_built_client(
+        tmp_path: Path) -> None:
+    """docs/protocol.md, from CBOR built by hand: frames 1, 3, 5, ... 21 (10 holes would
+    pass max_holes 8), with a LOST 19 before the ninth hole would close the link: the ACK
+    after the LOST says every frame below it is done, and /api/stats counts the 9 never
+    sent as lost."""
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path))
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/gateway") as ws:
+            await ws.send_message(cbor2.dumps([1, {
+                "versions": [3], "gateway": "ate-01", "token": "s3cret", "epoch": "e",
+                "next_seq": 1, "heartbeat": 5.0}]))
+            w = cbor2.loads(await ws.get_message())
+            assert w[0] == 2 and w[1]["lost"] is True
+            acks: list[list[object]] = []
+
+            async def sent(message: list[object]) -> None:
+                await ws.send_message(cbor2.dumps(message))
+
+            for seq in range(1, 18, 2):
+                await sent([DATA, seq, 0.0, cbor2.dumps([seq, ["s"], []])])
+            await sent([LOST, 19])
+            for seq in (19, 21):
+                await sent([DATA, seq, 0.0, cbor2.dumps([seq, ["s"], []])])
+            with trio.fail_after(10):
+                while not acks or acks[-1][1] != 19 or acks[-1][2] != [[21, 21]]:
+                    message = cbor2.loads(await ws.get_message())
+                    if message[0] == PING:
+                        await sent([PONG, message[1]])
+                    elif message[0] == ACK:
+                        acks.append(message)
+            assert [18, []] in [a[1:] for a in acks]  # the LOST's own ACK
+        st = hub.stats()["gateways"]["ate-01"]
+        assert (st["frames_applied"], st["frames_lost"]) == (11, 9)
+        assert hub.metrics.counter("hub_protocol_errors_total").total() == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_gateway_sends_lost_only_to_a_hub_whose_welcome_takes_it(
+        tmp_path: Path) -> None:
+    """Against the independent peer hub (tests/peer_hub.py), which acknowledges nothing:
+    with a 2-frame window (one slot kept for live frames) and a 3-frame queue, the
+    gateway sends frame 1, then drops 1, 2 and 3 (or more) for the frames put after; a
+    WELCOME with ``lost: true`` gets LOSTs up to the first frame still held, and no DATA
+    below a LOST follows it; a WELCOME without it gets no LOST (that hub learns of them
+    from the next HELLO)."""
+    for takes_lost in (True, False):
+        peer = PeerHub()
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(peer.run)
+            cfg = gateway_config(tmp_path / f"gw-{takes_lost}", port,
+                                 queue={"max_frames": 3, "policy": "drop_oldest"},
+                                 batch={"max_records": 10, "max_delay_ms": 50},
+                                 uplink={"window_frames": 2, "heartbeat_s": 5.0})
+            gw = Gateway(cfg)
+            await nursery.start(gw.run)
+            session = await peer.sessions.receive()
+            await session.recv()  # HELLO (next_seq 1)
+            await session.send(welcome(**({"lost": True} if takes_lost else {})))
+            for i in range(2):
+                await gw.sink.put(readings(10, i), source="s")
+            assert (await session.recv_data())[1] == 1  # one in flight: the window is full
+            for i in range(2, 6):  # 6 frames into a queue of 3: 1, 2 and 3 dropped
+                await gw.sink.put(readings(10, i), source="s")
+            messages: list[list[object]] = []
+            losts: list[object] = []
+            # with LOST: until one names the first frame still held; without: for 1 s
+            with trio.fail_after(10) if takes_lost else trio.move_on_after(1.0):
+                while not (losts and losts[-1] == gw.store.first_unacked):
+                    message = await session.recv()
+                    if message[0] == PING:
+                        await session.send([PONG, message[1]])
+                    else:
+                        messages.append(message)
+                        if message[0] == LOST:
+                            losts.append(message[1])
+            if takes_lost:
+                # told as the drops came (one LOST, or several), rising, up to the first
+                # frame still held (the store_overflow event's own frame may push out more)
+                assert gw.store.first_unacked >= 4, messages
+                assert losts == sorted(set(losts)), messages
+                below = 0
+                for m in messages:
+                    if m[0] == LOST:
+                        below = m[1]
+                    assert m[0] != DATA or m[1] >= below, messages
+            else:
+                assert not losts, messages
+            await session.end()
+            nursery.cancel_scope.cancel()
