@@ -267,3 +267,46 @@ async def test_the_gateway_sends_lost_only_to_a_hub_whose_welcome_takes_it(
                 assert not losts, messages
             await session.end()
             nursery.cancel_scope.cancel()
+
+
+async def test_segments_the_spool_drops_while_connected_are_declared_too(
+        tmp_path: Path) -> None:
+    """The disk spool drops a whole segment at a time (docs/spool.md, Overflow): against
+    the peer hub, which acknowledges nothing, 400 frames of ~1 kB overflow its 128 kB cap
+    while connected; LOSTs follow the drops up to the first frame still held, and no
+    DATA below a LOST follows it."""
+    peer = PeerHub()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(peer.run)
+        cfg = gateway_config(tmp_path / "gw", port,
+                             spool={"dir": str(tmp_path / "spool"), "segment_bytes": 32768,
+                                    "max_bytes": 131072, "policy": "drop_oldest"},
+                             batch={"max_records": 100, "max_delay_ms": 50},
+                             uplink={"window_frames": 2, "heartbeat_s": 5.0})
+        gw = Gateway(cfg)
+        await nursery.start(gw.run)
+        session = await peer.sessions.receive()
+        await session.recv()  # HELLO
+        await session.send(welcome(lost=True))
+        for i in range(400):
+            await gw.sink.put(readings(100, i), source="s")
+        messages: list[list[object]] = []
+        losts: list[object] = []
+        with trio.fail_after(20):
+            while not (losts and losts[-1] == gw.store.first_unacked):
+                message = await session.recv()
+                if message[0] == PING:
+                    await session.send([PONG, message[1]])
+                elif message[0] in (DATA, LOST):
+                    messages.append(message[:2])
+                    if message[0] == LOST:
+                        losts.append(message[1])
+        assert gw.store.stats()["dropped_frames"] > 0
+        assert losts == sorted(set(losts)), messages
+        below = 0
+        for m in messages:
+            if m[0] == LOST:
+                below = m[1]
+            assert m[0] != DATA or m[1] >= below, messages
+        await session.end()
+        nursery.cancel_scope.cancel()
