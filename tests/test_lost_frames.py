@@ -6,12 +6,13 @@ each such run of frames was a hole (past ``max_holes`` the hub closed the link, 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
 import trio
 from hubtools import gateway_config, hub_config, start_hub
-from peer_hub import ACK, DATA, PING, PONG, PeerHub, welcome
+from peer_hub import ACK, DATA, PING, PONG, PeerHub, Session, welcome
 from trio_websocket import open_websocket_url
 
 from edgegw.gateway import Gateway
@@ -215,6 +216,32 @@ async def test_a_real_hub_acknowledges_a_lost_and_keeps_the_count_from_a_hand_bu
         nursery.cancel_scope.cancel()
 
 
+async def collect_until_lost_names_first_held(session: Session, gw: Gateway,
+                                              messages: list[list[Any]],
+                                              losts: list[int]) -> None:
+    """Into ``messages`` the gateway's DATA and LOST messages (PINGs answered), into
+    ``losts`` the LOSTs' ``next_seq``, until a LOST names the first frame its store still
+    holds -- for ever if none does (the caller bounds it; what came is in the lists)."""
+    while not (losts and losts[-1] == gw.store.first_unacked):
+        message = await session.recv()
+        if message[0] == PING:
+            await session.send([PONG, message[1]])
+        elif message[0] in (DATA, LOST):
+            messages.append(message[:2])
+            if message[0] == LOST:
+                losts.append(message[1])
+
+
+def assert_no_data_below_a_lost(messages: list[list[Any]], losts: list[int]) -> None:
+    """LOSTs rise, and no DATA below the last LOST before it follows one (section 4)."""
+    assert losts == sorted(set(losts)), messages
+    below = 0
+    for kind, seq in messages:
+        if kind == LOST:
+            below = seq
+        assert kind != DATA or seq >= below, messages
+
+
 async def test_the_gateway_sends_lost_only_to_a_hub_whose_welcome_takes_it(
         tmp_path: Path) -> None:
     """Against the independent peer hub (tests/peer_hub.py), which acknowledges nothing:
@@ -241,28 +268,16 @@ async def test_the_gateway_sends_lost_only_to_a_hub_whose_welcome_takes_it(
             assert (await session.recv_data())[1] == 1  # one in flight: the window is full
             for i in range(2, 6):  # 6 frames into a queue of 3: 1, 2 and 3 dropped
                 await gw.sink.put(readings(10, i), source="s")
-            messages: list[list[object]] = []
-            losts: list[object] = []
+            messages: list[list[Any]] = []
+            losts: list[int] = []
             # with LOST: until one names the first frame still held; without: for 1 s
             with trio.fail_after(10) if takes_lost else trio.move_on_after(1.0):
-                while not (losts and losts[-1] == gw.store.first_unacked):
-                    message = await session.recv()
-                    if message[0] == PING:
-                        await session.send([PONG, message[1]])
-                    else:
-                        messages.append(message)
-                        if message[0] == LOST:
-                            losts.append(message[1])
+                await collect_until_lost_names_first_held(session, gw, messages, losts)
             if takes_lost:
                 # told as the drops came (one LOST, or several), rising, up to the first
                 # frame still held (the store_overflow event's own frame may push out more)
                 assert gw.store.first_unacked >= 4, messages
-                assert losts == sorted(set(losts)), messages
-                below = 0
-                for m in messages:
-                    if m[0] == LOST:
-                        below = m[1]
-                    assert m[0] != DATA or m[1] >= below, messages
+                assert_no_data_below_a_lost(messages, losts)
             else:
                 assert not losts, messages
             await session.end()
@@ -290,23 +305,11 @@ async def test_segments_the_spool_drops_while_connected_are_declared_too(
         await session.send(welcome(lost=True))
         for i in range(400):
             await gw.sink.put(readings(100, i), source="s")
-        messages: list[list[object]] = []
-        losts: list[object] = []
+        messages: list[list[Any]] = []
+        losts: list[int] = []
         with trio.fail_after(20):
-            while not (losts and losts[-1] == gw.store.first_unacked):
-                message = await session.recv()
-                if message[0] == PING:
-                    await session.send([PONG, message[1]])
-                elif message[0] in (DATA, LOST):
-                    messages.append(message[:2])
-                    if message[0] == LOST:
-                        losts.append(message[1])
+            await collect_until_lost_names_first_held(session, gw, messages, losts)
         assert gw.store.stats()["dropped_frames"] > 0
-        assert losts == sorted(set(losts)), messages
-        below = 0
-        for m in messages:
-            if m[0] == LOST:
-                below = m[1]
-            assert m[0] != DATA or m[1] >= below, messages
+        assert_no_data_below_a_lost(messages, losts)
         await session.end()
         nursery.cancel_scope.cancel()

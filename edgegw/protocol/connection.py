@@ -204,7 +204,8 @@ class _Base:
 
 class GatewayConnection(_Base):
     """The gateway's end.  ``hello()`` first; ``receive`` yields Welcome, Ack, Reject,
-    Refuse; ``data(seq, body)`` frames a data frame.
+    Refuse; ``data(seq, body)`` frames a data frame; ``lost(first_held)`` a LOST when frames
+    the hub has not acknowledged were dropped (section 4).
 
     ``compression`` lists the body encodings to offer (docs/protocol.md section 5.1); when
     the hub accepts one, bodies of at least ``compression_min_bytes`` are sent compressed
@@ -314,9 +315,11 @@ class HubConnection(_Base):
     """The hub's end of one gateway connection.
 
     ``receive`` yields ``Hello`` (the hub then calls ``accept`` or ``refuse``), ``Data``
-    for frames not yet applied, and ``Duplicate`` for frames already applied (the hub
-    counts them; ``receive`` has already produced the ACK reply).  After applying a
-    frame the hub calls ``applied(seq)`` for the ACK, or ``rejected(seq, reason)``.
+    for frames not yet applied, ``Duplicate`` for frames already applied (the hub
+    counts them; ``receive`` has already produced the ACK reply), and ``Declared`` for a
+    LOST (the hub records the frames lost, then calls ``lost_recorded`` for the ACK).
+    After applying a frame the hub calls ``applied(seq)`` for the ACK, or
+    ``rejected(seq, reason)``.
     """
 
     def __init__(self, *, heartbeat: float = 5.0, max_message_bytes: int = 16 << 20,
