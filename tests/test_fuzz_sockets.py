@@ -35,7 +35,18 @@ from ports import free_port
 from processes import spawn, stop, wait_for
 from wsclient import NO_CLOSE_FRAME, WsClient
 
-from edgegw.protocol import Ack, Data, Hello, Ping, Pong, Refuse, Welcome, decode, encode
+from edgegw.protocol import (
+    Ack,
+    Data,
+    Hello,
+    Lost,
+    Ping,
+    Pong,
+    Refuse,
+    Welcome,
+    decode,
+    encode,
+)
 from edgegw.records import RECORD_TYPES
 
 EXAMPLES = int(os.environ.get("EDGEGW_FUZZ_EXAMPLES", "60"))
@@ -210,6 +221,9 @@ gateway_messages = st.one_of(
         lambda n: encode(Data(1, 1.0, bytes(n)))),
     st.sampled_from([encode(Ping(1.0)), encode(Pong(2.0)), encode(Ack(1, [])),
                      encode(Hello("fuzz", TOKEN, "e", 1))]),
+    # LOST (section 4) amid the frames: valid, and with any value
+    st.builds(lambda n: encode(Lost(n)), st.integers(1, 40)),
+    st.builds(lambda v: cbor2.dumps([9, v]), leaves),
     st.builds(Frame, st.integers(0, 15), st.binary(max_size=130), st.booleans()),
     st.binary(min_size=1, max_size=40).map(Raw),
 )

@@ -5,6 +5,7 @@ each such run of frames was a hole (past ``max_holes`` the hub closed the link, 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ import cbor2
 import pytest
 import trio
 from hubtools import gateway_config, hub_config, start_hub
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peer_hub import ACK, DATA, PING, PONG, PeerHub, Session, welcome
 from trio_websocket import open_websocket_url
 
@@ -135,6 +138,91 @@ def test_the_gateway_declares_only_frames_the_hub_has_not_acknowledged() -> None
     gw.data(9, encode_body(9, []), 0.0)
     # to a hub that does not take LOST nothing is sent: its next HELLO tells it
     assert open_gateway(next_seq=1, lost=False).lost(9, 0.0) is None
+
+
+
+@settings(max_examples=int(os.environ.get("EDGEGW_FUZZ_EXAMPLES", "300")), deadline=None,
+          derandomize=not os.environ.get("EDGEGW_FUZZ_RANDOM"), database=None)
+@given(ops=st.lists(st.sampled_from("aaassspl"), max_size=120), cap=st.integers(1, 6),
+       window=st.integers(1, 4))
+def test_the_two_ends_agree_on_every_frame_whatever_is_dropped_when(
+        ops: list[str], cap: int, window: int) -> None:
+    """The two sans-IO ends joined back to back, a drop_oldest queue of ``cap`` frames in
+    between, steps in any order: ``a`` a frame appended (the oldest dropped when full,
+    sent or not), ``s`` the lowest unsent frame sent (at most ``window`` unacknowledged),
+    ``p`` the hub applies what it received, in order, and ACKs, ``l`` the gateway's LOST
+    check (then the hub applies: nothing below the queue is left waiting).  No step is a
+    protocol error; at the end every frame is applied or lost, once, and the hub's lost
+    count is exactly the frames dropped before they were sent."""
+    gw = GatewayConnection("gw", "t", "e", 1)
+    hub = HubConnection()
+    hub.receive(gw.hello(0.0), 0.0)
+    gw.receive(hub.accept(IntervalSet(), 0.0), 0.0)
+    queue: dict[int, bool] = {}  # seq -> sent (insertion order is seq order)
+    next_seq, in_flight = 1, set[int]()
+    received: list[Data | Declared] = []
+    applied: set[int] = set()
+    lost = dropped_unsent = 0
+
+    def send(message: bytes) -> None:
+        for ev in hub.receive(message, 0.0)[0]:
+            assert isinstance(ev, (Data, Declared)), ev
+            received.append(ev)
+
+    def apply() -> None:
+        nonlocal lost
+        for ev in received:
+            if isinstance(ev, Declared):
+                lost += ev.count
+                ack = hub.lost_recorded(ev, 0.0)
+            else:
+                assert ev.seq not in applied
+                applied.add(ev.seq)
+                ack = hub.applied(ev.seq, 0.0)
+            got = gw.receive(ack, 0.0)[0][0]
+            assert isinstance(got, Ack)
+            done = set(range(1, got.watermark + 1)).union(
+                *(range(lo, hi + 1) for lo, hi in got.ranges))
+            for seq in done & set(queue):
+                del queue[seq]
+            in_flight.difference_update(done)
+        received.clear()
+
+    def declare() -> None:
+        message = gw.lost(min(queue, default=next_seq), 0.0)
+        if message is not None:
+            send(message)
+
+    for op in [*ops, "l", "p"]:
+        if op == "a":
+            if len(queue) >= cap:
+                seq = next(iter(queue))
+                dropped_unsent += not queue.pop(seq)
+                in_flight.discard(seq)  # its ACK may still come: nothing waits for it
+            queue[next_seq] = False
+            next_seq += 1
+        elif op == "s":
+            unsent = [q for q, sent in queue.items() if not sent]
+            if unsent and len(in_flight) < window:
+                queue[unsent[0]] = True
+                in_flight.add(unsent[0])
+                send(gw.data(unsent[0], encode_body(unsent[0], []), 0.0))
+        elif op == "p":
+            apply()
+        else:  # a LOST check, then the hub applies: no hole is left below the queue
+            declare()
+            apply()
+            assert hub.applied_set.watermark() >= min(queue, default=next_seq) - 1
+    while queue:  # the rest goes out
+        for seq in [q for q, sent in queue.items() if not sent]:
+            queue[seq] = True
+            send(gw.data(seq, encode_body(seq, []), 0.0))
+        apply()
+    declare()
+    apply()
+    assert lost == dropped_unsent
+    assert len(applied) + lost == next_seq - 1
+    assert decode(hub.ack(0.0)) == Ack(next_seq - 1, [])
 
 
 # --- a real gateway and a real hub ------------------------------------------------------
