@@ -18,7 +18,10 @@ from hypothesis import strategies as st
 from peer_hub import ACK, DATA, PING, PONG, PeerHub, Session, welcome
 from trio_websocket import open_websocket_url
 
+from edgegw.config import build
 from edgegw.gateway import Gateway
+from edgegw.hub import HubConfig, Ingest
+from edgegw.hub.cluster.pgstore import ClusterStore
 from edgegw.protocol import (
     Ack,
     CloseCode,
@@ -400,4 +403,49 @@ async def test_segments_the_spool_drops_while_connected_are_declared_too(
         assert gw.store.stats()["dropped_frames"] > 0
         assert_no_data_below_a_lost(messages, losts)
         await session.end()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_cluster_node_records_a_lost_in_postgresql_under_the_connections_fence(
+        tmp_path: Path, pg_dsn: str) -> None:
+    """A cluster node (docs/cluster.md) records what a LOST declares through its store's
+    fenced commit, as it does a HELLO's: four bursts while connected, then PostgreSQL's
+    counters hold every frame applied or lost, once, with no second handshake."""
+    cfg = build(HubConfig, {
+        "hub": {"port": 0, "data_dir": str(tmp_path / "hub"), "heartbeat_s": 1.0,
+                "cluster": {"node_id": "node-a", "postgres_dsn": "(given to the store)",
+                            "partitions": 4}},
+        "gateways": {"ate-01": {"token": "s3cret"}},
+    })
+    store = ClusterStore(pg_dsn, "node-a", partitions=4, connect_timeout_s=1)
+
+    async def counts() -> tuple[int, int]:
+        st = (await store.all_gateway_stats()).get("ate-01")
+        return (st.frames_applied, st.frames_lost) if st else (0, 0)
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(Ingest(cfg, store=store).run)
+        gw = Gateway(gateway_config(tmp_path / "gw", port,
+                                    queue={"max_frames": 3, "policy": "drop_oldest"},
+                                    batch={"max_records": 10, "max_delay_ms": 1000},
+                                    uplink={"window_frames": 2}))
+        await nursery.start(gw.run)
+        connects = gw.metrics.counter("uplink_connects_total")
+        with trio.fail_after(20):
+            while connects.total() < 1:
+                await trio.sleep(0.01)
+        for burst in range(4):
+            for i in range(20):  # no checkpoint between them: the uplink sends nothing
+                await gw.sink.put(readings(10, burst * 20 + i), source="s")
+            lost_before = (await counts())[1]
+            with trio.fail_after(20):
+                while (await counts())[1] == lost_before:
+                    await trio.sleep(0.05)
+        assert await gw.drain(20), "the node did not acknowledge everything"
+        with trio.fail_after(20):
+            while sum(await counts()) != gw.store.next_seq - 1:
+                await trio.sleep(0.05)
+        lost = (await counts())[1]
+        assert 0 < lost <= gw.store.stats()["dropped_frames"]
+        assert connects.total() == 1
         nursery.cancel_scope.cancel()
