@@ -16,7 +16,7 @@ from hubtools import gateway_config, hub_config, start_hub
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peer_hub import ACK, DATA, PING, PONG, PeerHub, Session, welcome
-from trio_websocket import open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 from edgegw.config import build
 from edgegw.gateway import Gateway
@@ -306,6 +306,37 @@ async def test_a_real_hub_acknowledges_a_lost_and_keeps_the_count_from_a_hand_bu
         assert hub.metrics.counter("hub_protocol_errors_total").total() == 0
         nursery.cancel_scope.cancel()
 
+
+
+async def test_a_real_hub_closes_a_frame_sent_below_a_lost_with_4004(tmp_path: Path) -> None:
+    """After ``LOST 5`` a DATA 3 (never sent before) is a gateway fault: the hub closes the
+    connection with 4004 naming it, counts it, and serves on; frames 1-4 are counted lost
+    once, by the LOST or by the next HELLO."""
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path))
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/gateway") as ws:
+            await ws.send_message(cbor2.dumps([1, {
+                "versions": [3], "gateway": "ate-01", "token": "s3cret", "epoch": "e",
+                "next_seq": 1, "heartbeat": 5.0}]))
+            assert cbor2.loads(await ws.get_message())[0] == 2
+            await ws.send_message(cbor2.dumps([LOST, 5]))
+            await ws.send_message(cbor2.dumps([DATA, 3, 0.0, cbor2.dumps([3, ["s"], []])]))
+            with trio.fail_after(10), pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await ws.get_message()
+        assert closed.value.reason.code == CloseCode.PROTOCOL_ERROR
+        assert closed.value.reason.reason == (
+            "frame 3 sent after a LOST said that frames below 5 are no longer held")
+        assert hub.metrics.counter("hub_protocol_errors_total").total() == 1
+        # the LOST may not have been recorded before the fault ended the connection: the
+        # gateway's next HELLO says the same (next_seq 5), and it is counted once
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/gateway") as ws:
+            await ws.send_message(cbor2.dumps([1, {
+                "versions": [3], "gateway": "ate-01", "token": "s3cret", "epoch": "e",
+                "next_seq": 5, "heartbeat": 5.0}]))
+            assert cbor2.loads(await ws.get_message())[1]["applied"] == [[1, 4]]
+        assert hub.stats()["gateways"]["ate-01"]["frames_lost"] == 4
+        nursery.cancel_scope.cancel()
 
 async def collect_until_lost_names_first_held(session: Session, gw: Gateway,
                                               messages: list[list[Any]],
