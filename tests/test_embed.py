@@ -44,7 +44,7 @@ def test_a_threaded_program_puts_results_and_the_hub_applies_every_one(tmp_path:
         "hub", "--config", str(REPO / "conf" / "hub.toml"), "--set", f"hub.port={port}",
         "--set", f"hub.data_dir={tmp_path / 'hub'}")
     try:
-        wait_for(lambda: get_json(f"http://127.0.0.1:{port}/healthz"))
+        wait_for(lambda: get_json(f"http://127.0.0.1:{port}/healthz"), timeout=60)
         gw = EmbeddedGateway({
             "gateway": {"id": "ate-01", "token": "change-me-ate-01",
                         "hub_url": f"ws://127.0.0.1:{port}/ws/gateway",
@@ -142,7 +142,7 @@ def test_a_program_that_ends_without_close_still_delivers_what_it_put(tmp_path: 
         raise RuntimeError("the handler lost contact")  # and no close()
     """)
     try:
-        wait_for(lambda: get_json(f"http://127.0.0.1:{port}/healthz"))
+        wait_for(lambda: get_json(f"http://127.0.0.1:{port}/healthz"), timeout=60)
         ended = subprocess.run([sys.executable, "-c", program], capture_output=True,
                                text=True, timeout=60)
         assert ended.returncode == 1
