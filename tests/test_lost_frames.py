@@ -269,6 +269,11 @@ async def test_frames_dropped_while_connected_are_declared_at_once_and_leave_no_
         nursery.cancel_scope.cancel()
 
 
+def hello_by_hand(next_seq: int = 1) -> bytes:
+    """HELLO as docs/protocol.md section 2 lays it out, built without edgegw."""
+    return cbor2.dumps([1, {"versions": [3], "gateway": "ate-01", "token": "s3cret",
+                            "epoch": "e", "next_seq": next_seq, "heartbeat": 5.0}])
+
 async def test_a_real_hub_acknowledges_a_lost_and_keeps_the_count_from_a_hand_built_client(
         tmp_path: Path) -> None:
     """docs/protocol.md, from CBOR built by hand: frames 1, 3, 5, ... 21 (10 holes would
@@ -278,9 +283,7 @@ async def test_a_real_hub_acknowledges_a_lost_and_keeps_the_count_from_a_hand_bu
     async with trio.open_nursery() as nursery:
         hub, port = await start_hub(nursery, hub_config(tmp_path))
         async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/gateway") as ws:
-            await ws.send_message(cbor2.dumps([1, {
-                "versions": [3], "gateway": "ate-01", "token": "s3cret", "epoch": "e",
-                "next_seq": 1, "heartbeat": 5.0}]))
+            await ws.send_message(hello_by_hand())
             w = cbor2.loads(await ws.get_message())
             assert w[0] == 2 and w[1]["lost"] is True
             acks: list[list[object]] = []
@@ -307,7 +310,6 @@ async def test_a_real_hub_acknowledges_a_lost_and_keeps_the_count_from_a_hand_bu
         nursery.cancel_scope.cancel()
 
 
-
 async def test_a_real_hub_closes_a_frame_sent_below_a_lost_with_4004(tmp_path: Path) -> None:
     """After ``LOST 5`` a DATA 3 (never sent before) is a gateway fault: the hub closes the
     connection with 4004 naming it, counts it, and serves on; frames 1-4 are counted lost
@@ -315,9 +317,7 @@ async def test_a_real_hub_closes_a_frame_sent_below_a_lost_with_4004(tmp_path: P
     async with trio.open_nursery() as nursery:
         hub, port = await start_hub(nursery, hub_config(tmp_path))
         async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/gateway") as ws:
-            await ws.send_message(cbor2.dumps([1, {
-                "versions": [3], "gateway": "ate-01", "token": "s3cret", "epoch": "e",
-                "next_seq": 1, "heartbeat": 5.0}]))
+            await ws.send_message(hello_by_hand())
             assert cbor2.loads(await ws.get_message())[0] == 2
             await ws.send_message(cbor2.dumps([LOST, 5]))
             await ws.send_message(cbor2.dumps([DATA, 3, 0.0, cbor2.dumps([3, ["s"], []])]))
@@ -331,9 +331,7 @@ async def test_a_real_hub_closes_a_frame_sent_below_a_lost_with_4004(tmp_path: P
         # the LOST may not have been recorded before the fault ended the connection: the
         # gateway's next HELLO says the same (next_seq 5), and it is counted once
         async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/gateway") as ws:
-            await ws.send_message(cbor2.dumps([1, {
-                "versions": [3], "gateway": "ate-01", "token": "s3cret", "epoch": "e",
-                "next_seq": 5, "heartbeat": 5.0}]))
+            await ws.send_message(hello_by_hand(next_seq=5))
             assert cbor2.loads(await ws.get_message())[1]["applied"] == [[1, 4]]
         assert hub.stats()["gateways"]["ate-01"]["frames_lost"] == 4
         nursery.cancel_scope.cancel()
