@@ -569,11 +569,8 @@ class Ingest:
         generation, applied = claim.generation, claim.applied
         session.generation = generation
         welcome = conn.accept(applied, trio.current_time())
-        if conn.declared_lost:
-            log.warning("gateway %s: %d frame(s) below seq %d were dropped by the gateway "
-                        "before reaching the hub", gw, conn.declared_lost, hello.next_seq)
-            await self._until_written(gw, lambda: self.store.declare_lost(
-                gw, hello.epoch, hello.next_seq - 1, conn.declared_lost, generation))
+        await self._declare_lost(gw, hello.epoch, hello.next_seq, conn.declared_lost,
+                                 generation, "")
         await ws.send_message(welcome)
         self.handshaking.discard(ws)
         log.info("gateway %s connected from %s (protocol v%s, epoch %s, next seq %d)", gw,
@@ -972,13 +969,20 @@ class Ingest:
         """A LOST (docs/protocol.md section 4): every frame received before it is
         committed, so the frames it declares lost are exactly the ones never received;
         recorded (as a HELLO's are), then acknowledged."""
-        if declared.count:
-            log.warning("gateway %s: %d frame(s) below seq %d were dropped by the gateway "
-                        "while connected, before reaching the hub", gw, declared.count,
-                        declared.next_seq)
-            await self._until_written(gw, lambda: self.store.declare_lost(
-                gw, epoch, declared.next_seq - 1, declared.count, generation))
+        await self._declare_lost(gw, epoch, declared.next_seq, declared.count, generation,
+                                 "while connected, ")
         await ws.send_message(conn.lost_recorded(declared, trio.current_time()))
+
+    async def _declare_lost(self, gw: str, epoch: str, next_seq: int, count: int,
+                            generation: int, when: str) -> None:
+        """Log and record the ``count`` frames below ``next_seq`` that the gateway says it
+        dropped (a HELLO's or a LOST's: the same record, docs/protocol.md section 4)."""
+        if not count:
+            return
+        log.warning("gateway %s: %d frame(s) below seq %d were dropped by the gateway "
+                    "%sbefore reaching the hub", gw, count, next_seq, when)
+        await self._until_written(gw, lambda: self.store.declare_lost(
+            gw, epoch, next_seq - 1, count, generation))
 
     def _records_seen(self, f: FrameToApply) -> int:
         """Count and log a frame some of whose record ids were applied already: the
