@@ -55,10 +55,18 @@ def get_json(url: str, timeout: float = 2.0) -> Any:
         return json.loads(r.read())
 
 
-def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.1) -> Any:
+def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.1,
+             proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> Any:
+    """Poll ``predicate`` until it is true.  With ``proc``: fail at once if that process
+    has exited (a hub that could not bind its port, say), with the tail of its ``log``,
+    rather than wait out the timeout and leave the cause unknown."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            raise AssertionError(f"process exited with code {proc.returncode} before the "
+                                 f"condition was met:\n{tail}")
         try:
             value = predicate()
             if value:

@@ -42,9 +42,10 @@ def test_a_threaded_program_puts_results_and_the_hub_applies_every_one(tmp_path:
     port = free_port()
     hub: subprocess.Popen[bytes] = spawn(
         "hub", "--config", str(REPO / "conf" / "hub.toml"), "--set", f"hub.port={port}",
-        "--set", f"hub.data_dir={tmp_path / 'hub'}")
+        "--set", f"hub.data_dir={tmp_path / 'hub'}", log=tmp_path / "hub.log")
     try:
-        wait_for(lambda: get_json(f"http://127.0.0.1:{port}/healthz"), timeout=60)
+        wait_for(lambda: get_json(f"http://127.0.0.1:{port}/healthz"), timeout=60, proc=hub,
+                 log=tmp_path / "hub.log")
         gw = EmbeddedGateway({
             "gateway": {"id": "ate-01", "token": "change-me-ate-01",
                         "hub_url": f"ws://127.0.0.1:{port}/ws/gateway",
@@ -125,7 +126,7 @@ def test_a_program_that_ends_without_close_still_delivers_what_it_put(tmp_path: 
     port = free_port()
     hub: subprocess.Popen[bytes] = spawn(
         "hub", "--config", str(REPO / "conf" / "hub.toml"), "--set", f"hub.port={port}",
-        "--set", f"hub.data_dir={tmp_path / 'hub'}")
+        "--set", f"hub.data_dir={tmp_path / 'hub'}", log=tmp_path / "hub.log")
     program = textwrap.dedent(f"""
         import time
         import edgegw
@@ -142,7 +143,8 @@ def test_a_program_that_ends_without_close_still_delivers_what_it_put(tmp_path: 
         raise RuntimeError("the handler lost contact")  # and no close()
     """)
     try:
-        wait_for(lambda: get_json(f"http://127.0.0.1:{port}/healthz"), timeout=60)
+        wait_for(lambda: get_json(f"http://127.0.0.1:{port}/healthz"), timeout=60, proc=hub,
+                 log=tmp_path / "hub.log")
         ended = subprocess.run([sys.executable, "-c", program], capture_output=True,
                                text=True, timeout=60)
         assert ended.returncode == 1

@@ -636,7 +636,7 @@ async def test_wrong_credentials_give_a_clear_error_and_retry_at_the_backoff_cap
 
 
 async def test_an_unreachable_broker_is_retried_without_blocking_the_gateway() -> None:
-    from mqtt_broker import free_port
+    from ports import free_port
 
     closed = BrokerAddress("127.0.0.1", free_port())
     source = make_source(closed, [{"topic": "x/#"}])

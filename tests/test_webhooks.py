@@ -8,7 +8,6 @@ import itertools
 import json
 import logging
 import math
-import socket
 import sqlite3
 import ssl
 import subprocess
@@ -20,6 +19,7 @@ import h11
 import pytest
 import trio
 import trustme
+from ports import free_port
 
 from edgegw.hub.alerts import (
     MAX_HELD_ROWS,
@@ -103,12 +103,6 @@ class TopOfRange:
 
     def uniform(self, a: float, b: float) -> float:
         return b
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def wait_for(cond: Callable[[], bool], limit_s: float = 10.0) -> None:
