@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import sectools
 import trio
-from test_webhooks import StoreFault, store_fault  # noqa: F401 (a fixture)
+from test_webhooks import StoreFault, short_lock_wait, store_fault  # noqa: F401 (fixtures)
 
 from edgegw.hub import history
 from edgegw.hub.alerts import (
@@ -232,7 +232,7 @@ async def test_an_ack_made_while_the_history_store_cannot_be_written_survives_a_
         status, body = await request(hub.port, "POST", f"/api/alerts/{alert_id}/ack",
                                      {"user": "dana"})
         assert status == 200 and body["alert"]["acked_by"] == "dana"
-        with trio.fail_after(15):  # (a locked store: the write fails after 5 s)
+        with trio.fail_after(15):  # (a locked store: the write fails after LOCK_WAIT_S)
             await hub.alerts.wait_persisted()
         errors = hub.alerts.metrics.counter("hub_history_store_errors_total")
         assert errors.total() == 1
@@ -245,7 +245,7 @@ async def test_an_ack_made_while_the_history_store_cannot_be_written_survives_a_
             problem
         assert "1 alert state(s), 0 lot/wafer archive(s) and 0 webhook outbox row(s)" in problem
         store_fault.unblock()
-        with trio.fail_after(30):  # tried again after 1 s, then 2, 4 ... (each up to 5 s)
+        with trio.fail_after(30):  # tried again after 1 s, then 2, 4 ... (each up to LOCK_WAIT_S)
             while pending.get():
                 await trio.sleep(0.05)
         assert hub.alerts.health_problem() is None
@@ -253,6 +253,7 @@ async def test_an_ack_made_while_the_history_store_cannot_be_written_survives_a_
     assert await _restarted(data_dir) == [(alert_id, True, "dana")]
 
 
+@pytest.mark.usefixtures("short_lock_wait")
 async def test_a_hub_names_its_history_store_on_healthz_while_writes_to_it_wait(
         tmp_path: Path) -> None:
     """The whole hub: while an alert state waits in memory because ``history.sqlite3``
@@ -263,7 +264,7 @@ async def test_a_hub_names_its_history_store_on_healthz_while_writes_to_it_wait(
         fault.block()
         try:
             sectools.feed_lot(app, "L1")
-            with trio.fail_after(15):  # (a locked store: the write fails after 5 s)
+            with trio.fail_after(15):  # (a locked store: the write fails after LOCK_WAIT_S)
                 while not app.alerts.health_problem():
                     await trio.sleep(0.05)
             health = (await sectools.http(app.ingest.port, "GET", "/healthz")).json()
@@ -273,7 +274,7 @@ async def test_a_hub_names_its_history_store_on_healthz_while_writes_to_it_wait(
                 "state(s)"), health
         finally:
             fault.unblock()
-        with trio.fail_after(30):  # tried again after 1 s, then 2, 4 ... (each up to 5 s)
+        with trio.fail_after(30):  # tried again after 1 s, then 2, 4 ... (each up to LOCK_WAIT_S)
             while (await sectools.http(app.ingest.port, "GET", "/healthz")).json()[
                     "status"] != "ok":
                 await trio.sleep(0.1)
@@ -298,7 +299,7 @@ async def test_each_failed_retry_of_a_held_alert_state_counts_as_a_history_store
             await hub.alerts.wait_persisted()
         errors = hub.alerts.metrics.counter("hub_history_store_errors_total")
         assert errors.total() == 1
-        with trio.fail_after(30):  # tried again after 1 s (the try up to 5 s), and fails
+        with trio.fail_after(30):  # tried again after 1 s (the try up to LOCK_WAIT_S), and fails
             while errors.total() < 2:
                 await trio.sleep(0.05)
         assert hub.alerts.metrics.gauge("hub_alerts_unwritten_pending").get() == 1
@@ -359,7 +360,7 @@ async def _evict_old_lot(hub: Hub) -> None:
     hub.state.on_records("gw", 1, lot_records("OLD", "OLD-1", 6, ts=100.0), now=1.0)
     hub.state.on_records("gw", 100, lot_records("NEW", "NEW-1", 4, ts=900.0), now=2.0)
     assert list(hub.state.lots) == ["NEW"]
-    with trio.fail_after(15):  # (a locked store: the write fails after 5 s)
+    with trio.fail_after(15):  # (a locked store: the write fails after LOCK_WAIT_S)
         await hub.alerts.wait_persisted()
 
 
@@ -397,7 +398,7 @@ async def test_an_archive_evicted_while_the_history_store_cannot_be_written_is_w
         errors = hub.alerts.metrics.counter("hub_history_store_errors_total")
         assert errors.total() >= 1
         store_fault.unblock()
-        with trio.fail_after(30):  # tried again after 1 s, then 2, 4 ... (each up to 5 s)
+        with trio.fail_after(30):  # tried again after 1 s, then 2, 4 ... (each up to LOCK_WAIT_S)
             while pending.get():
                 await trio.sleep(0.05)
         await _old_lot_is_served(hub.port)
@@ -410,6 +411,7 @@ async def test_an_archive_evicted_while_the_history_store_cannot_be_written_is_w
         hub.stop()
 
 
+@pytest.mark.usefixtures("short_lock_wait")
 async def test_an_archive_held_in_memory_is_written_at_a_clean_stop(tmp_path: Path) -> None:
     """The store takes writes again just as the hub is told to stop: the archive held is
     written then at the latest (the stop's last try), and a restarted hub serves it."""
@@ -478,6 +480,7 @@ def _lot_archive(lot_id: str, parts: int) -> dict[str, Any]:
     return {"lot": lot, "wafers": {}, "tests": {}}
 
 
+@pytest.mark.usefixtures("short_lock_wait")
 async def test_archives_held_in_memory_are_bounded_the_fullest_of_a_lot_kept(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """While the store takes no writes, a lot archived twice is held once, the fuller
@@ -740,6 +743,7 @@ async def test_a_lot_retested_after_it_left_memory_is_archived_as_both_passes_di
         hub.stop()
 
 
+@pytest.mark.usefixtures("short_lock_wait")
 @pytest.mark.parametrize(("max_wafers_per_lot", "again"), [(25, False), (1, False), (1, True)])
 async def test_a_retested_lot_s_held_archives_are_answered_as_the_store_will_merge_them(
         tmp_path: Path, max_wafers_per_lot: int, again: bool) -> None:
@@ -790,6 +794,7 @@ async def test_a_retested_lot_s_held_archives_are_answered_as_the_store_will_mer
         fault.unblock()
 
 
+@pytest.mark.usefixtures("short_lock_wait")
 @pytest.mark.parametrize("end", ["crash", "stop"])
 async def test_an_archive_held_when_the_hub_crashes_is_written_after_the_restart(
         tmp_path: Path, end: str) -> None:

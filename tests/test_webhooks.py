@@ -437,6 +437,7 @@ async def test_an_undelivered_event_older_than_max_age_is_not_sent_after_a_resta
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.usefixtures("short_lock_wait")
 async def test_an_event_sent_while_the_history_store_cannot_be_written_is_counted(
         tmp_path: Any) -> None:
     """``history.sqlite3`` cannot be written (here another process holds its write lock
@@ -456,7 +457,7 @@ async def test_an_event_sent_while_the_history_store_cannot_be_written_is_counte
 
         async def unwritable(service: AlertService, state: LiveState) -> None:
             state.on_records("ate-3", 1, _fails("L1"), now=20.0)
-            # sent all the same, once the write failed (SQLite's lock wait: 5 s)
+            # sent all the same, once the write failed (the lock wait: 1 s here)
             await wait_for(lambda: len(server.accepted) == 1, limit_s=60)
             await service.wait_persisted()
             counter = service.metrics.counter("hub_webhook_unrecorded_total")
@@ -475,9 +476,9 @@ async def test_an_event_sent_while_the_history_store_cannot_be_written_is_counte
 
 class StoreFault:
     """A running hub's ``history.sqlite3`` stops taking writes (``block``) and takes them
-    again (``unblock``), for real: ``locked``, another process holds its write lock
-    (SQLite gives up after its 5 s lock wait); ``disk_full``, the file system it is on (a
-    tmpfs mounted for the test: root only, skipped otherwise) has no byte left."""
+    again (``unblock``), for real: ``locked``, another process holds its write lock (the
+    hub gives up after its lock wait, ``LOCK_WAIT_S``); ``disk_full``, the file system it
+    is on (a tmpfs mounted for the test: root only, skipped otherwise) has no byte left."""
 
     def __init__(self, cause: str, directory: Path) -> None:
         self.cause = cause
@@ -508,8 +509,17 @@ class StoreFault:
             return db.execute("SELECT event_key, outcome FROM webhook_outbox").fetchall()
 
 
+@pytest.fixture
+def short_lock_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write to a locked ``history.sqlite3`` gives up after 1 s, not SQLite's 5 s
+    (``LOCK_WAIT_S``): what a test asserts of a failed write is the same, it waits less
+    for it.  Not for a test that times the wait itself (a hub's stop)."""
+    monkeypatch.setattr("edgegw.hub.history_store.LOCK_WAIT_S", 1.0)
+
+
 @pytest.fixture(params=["locked", "disk_full"])
-def store_fault(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFault]:
+def store_fault(request: pytest.FixtureRequest, tmp_path: Path,
+                short_lock_wait: None) -> Iterator[StoreFault]:
     if request.param == "locked":
         fault = StoreFault("locked", tmp_path)
         yield fault
@@ -625,6 +635,7 @@ async def test_outbox_rows_held_in_memory_are_bounded_finished_ones_forgotten_fi
     assert stored == {f"a{i}:raised" for i in range(1, MAX_HELD_ROWS + 2)} - {"a5:raised"}
 
 
+@pytest.mark.usefixtures("short_lock_wait")
 async def test_every_failed_write_of_the_outbox_rows_held_counts_as_a_history_store_error(
         tmp_path: Path) -> None:
     """The webhook outbox writes the rows it holds in memory again and again while
@@ -643,7 +654,7 @@ async def test_every_failed_write_of_the_outbox_rows_held_counts_as_a_history_st
             await nursery.start(service.outbox.run)  # the outbox alone: only its writes
             fault.block()
             service.outbox.hold([(url, "a1:raised", json.dumps(event("a1")), 1.0)])
-            # each try waits out SQLite's 5 s lock wait; tried again after 1 s, then 2 s
+            # each try waits out the lock wait (1 s here); tried again after 1 s, then 2 s
             await wait_for(lambda: errors.total() >= 2, limit_s=60)
             fault.unblock()
             await wait_for(lambda: service.outbox.held_unfinished() == [], limit_s=60)
