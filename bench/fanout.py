@@ -10,9 +10,10 @@ per 250 clients by default, at least 2): bare WebSocket clients on non-blocking 
 under one epoll loop each (a Trio task per client would cost more than the hub), so the
 clients' own reading is not what is measured.  This process only conducts and reports.
 ``--runs`` repeats the whole measurement with a fresh hub and prints the medians;
-``--compare`` alternates runs of the hub as it is at ``--before`` (a git revision, main by
-default: its ``edgegw`` exported with git archive and put first on the hub process's path)
-with the hub of this tree, and prints both side by side; the tester and the subscribers
+``--compare`` alternates runs (each side first in turn) of the hub as it is at
+``--before`` (a git revision, main by default: its ``edgegw`` exported with git archive
+and put first on the hub process's path) with the hub of this tree, and prints both side
+by side; the tester and the subscribers
 are this tree's in both.  Every client subscribes like
 the dashboard (lot/+, lot/+/wafer/+, test/+/+, gateway/+) with CBOR.  ``--feed direct`` leaves the
 gateway, uplink and store out: the hub process feeds the tester's records straight into its
@@ -689,7 +690,9 @@ def measure(args: argparse.Namespace, before_tree: Path | None) -> int:
     variants = ["before", "after"] if args.compare else ["after"]
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for run in range(args.runs):
-        for variant in variants:  # alternating: drifts of the machine's load hit both
+        # alternating, and in turn first (before, after, after, before ...): a machine
+        # whose load drifts up or down through the runs would otherwise favour one side
+        for variant in variants if run % 2 == 0 else variants[::-1]:
             print(f"\n=== run {run + 1}/{args.runs}, hub {variant} "
                   f"({args.before if variant == 'before' else 'this tree'})", flush=True)
             summary = one_run(args, before_tree if variant == "before" else None)

@@ -234,7 +234,7 @@ def measure(args: argparse.Namespace, before: Path | None) -> int:
     variants = ["before", "after"] if args.compare else ["after"]
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for run in range(args.runs):
-        for v in variants:
+        for v in variants if run % 2 == 0 else variants[::-1]:  # each side first in turn
             r = one_run(args, before if v == "before" else None)
             if r is None:
                 print(f"run {run + 1} ({v}) failed", file=sys.stderr)

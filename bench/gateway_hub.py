@@ -340,7 +340,10 @@ def main() -> None:
                                f'{HUBS[kind]}[gateways.bench]\ntoken = "bench"\n')
                 hubs[label] = (start_hub(kind, cfg, port, code), port)
             for run in range(args.runs):
-                for label, (hub, port) in hubs.items():  # alternating: load drifts hit all
+                # alternating, each side first in turn: a load drifting through the runs
+                # favours no side
+                order = list(hubs.items())
+                for label, (hub, port) in order if run % 2 == 0 else order[::-1]:
                     for v in args.protocol:
                         r = one_run(port, hub.pid, args.records, args.batch,
                                     Path(tmp) / f"gw-{label}-{run}-v{v}", protocol=v,
