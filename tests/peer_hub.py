@@ -28,7 +28,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-HELLO, WELCOME, REFUSE, DATA, ACK, REJECT, PING, PONG = range(1, 9)
+HELLO, WELCOME, REFUSE, DATA, ACK, REJECT, PING, PONG, LOST = range(1, 10)
 
 
 def records_in(body: bytes) -> tuple[int, int, str]:

@@ -15,7 +15,7 @@ import trio
 from hubtools import gateway_config, hub_config, start_hub
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from peer_hub import ACK, DATA, PING, PONG, PeerHub, Session, welcome
+from peer_hub import ACK, DATA, LOST, PING, PONG, PeerHub, Session, welcome
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from edgegw.config import build
@@ -39,8 +39,6 @@ from edgegw.protocol import (
     encode_body,
 )
 from edgegw.records import SensorReading
-
-LOST = 9
 
 
 def readings(n: int, i: int) -> list[SensorReading]:
@@ -338,11 +336,14 @@ async def test_a_real_hub_closes_a_frame_sent_below_a_lost_with_4004(tmp_path: P
 
 async def collect_until_lost_names_first_held(session: Session, gw: Gateway,
                                               messages: list[list[Any]],
-                                              losts: list[int]) -> None:
+                                              losts: list[int],
+                                              puts_done: trio.Event | None = None) -> None:
     """Into ``messages`` the gateway's DATA and LOST messages (PINGs answered), into
     ``losts`` the LOSTs' ``next_seq``, until a LOST names the first frame its store still
-    holds -- for ever if none does (the caller bounds it; what came is in the lists)."""
-    while not (losts and losts[-1] == gw.store.first_unacked):
+    holds (once ``puts_done`` is set, if given) -- for ever if none does (the caller
+    bounds it; what came is in the lists)."""
+    while not ((puts_done is None or puts_done.is_set())
+               and losts and losts[-1] == gw.store.first_unacked):
         message = await session.recv()
         if message[0] == PING:
             await session.send([PONG, message[1]])
@@ -409,7 +410,9 @@ async def test_segments_the_spool_drops_while_connected_are_declared_too(
     """The disk spool drops a whole segment at a time (docs/spool.md, Overflow): against
     the peer hub, which acknowledges nothing, 400 frames of ~1 kB overflow its 128 kB cap
     while connected; LOSTs follow the drops up to the first frame still held, and no
-    DATA below a LOST follows it."""
+    DATA below a LOST follows it.  The peer answers the gateway's PINGs while the frames
+    are put: 400 spool commits (an fsync each) took 10 s on a slow disk, and a peer that
+    read nothing meanwhile was a silent hub to the gateway (4005 after two heartbeats)."""
     peer = PeerHub()
     async with trio.open_nursery() as nursery:
         port = await nursery.start(peer.run)
@@ -423,12 +426,18 @@ async def test_segments_the_spool_drops_while_connected_are_declared_too(
         session = await peer.sessions.receive()
         await session.recv()  # HELLO
         await session.send(welcome(lost=True))
-        for i in range(400):
-            await gw.sink.put(readings(100, i), source="s")
+        puts_done = trio.Event()
+
+        async def put_all() -> None:
+            for i in range(400):
+                await gw.sink.put(readings(100, i), source="s")
+            puts_done.set()
+
+        nursery.start_soon(put_all)
         messages: list[list[Any]] = []
         losts: list[int] = []
-        with trio.fail_after(20):
-            await collect_until_lost_names_first_held(session, gw, messages, losts)
+        with trio.move_on_after(15):
+            await collect_until_lost_names_first_held(session, gw, messages, losts, puts_done)
         assert gw.store.stats()["dropped_frames"] > 0
         assert_no_data_below_a_lost(messages, losts)
         await session.end()

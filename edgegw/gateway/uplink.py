@@ -524,10 +524,18 @@ class Uplink:
         return sorted(frames + stand_ins[:limit], key=lambda f: f.seq)
 
     async def _wait_for_work(self, sched: SendScheduler) -> None:
-        """Until a new frame is durable or an ack frees window room."""
+        """Until a new frame is durable or an ack frees window room.  With room, a frame
+        the live lane can send (from ``live_next``); with the window full, a frame newer
+        than every one there -- it may have pushed the oldest out (a LOST to send), and
+        frames already waiting cannot go before an ack: waiting for one of them returned
+        at once, and the sender spun on a whole core for as long as the hub was slow to
+        acknowledge."""
+        after = sched.live_next - 1
+        if sched.room <= 0:
+            after = max(after, self.store.durable_seq)
         async with trio.open_nursery() as nursery:
             async def frame() -> None:
-                await self.store.wait_for_frame_after(sched.live_next - 1)
+                await self.store.wait_for_frame_after(after)
                 nursery.cancel_scope.cancel()
 
             async def ack() -> None:

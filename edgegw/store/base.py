@@ -15,7 +15,9 @@ Contract:
 - ``ack(seq)`` is cumulative: every frame <= seq is acknowledged and may be deleted.
   ``ack_set`` also accepts frames the hub applied out of order (selective acks).
 - ``frames_from(seq)`` returns the stored, unacknowledged frames with sequence >= seq, in
-  order; ``wait_for_frame_after(seq)`` wakes when a frame newer than ``seq`` exists.
+  order; ``wait_for_frame_after(seq)`` wakes when a frame newer than ``seq`` exists;
+  ``durable_seq`` is the newest frame that exists so (appended frames not yet durable are
+  not there yet).
 - ``checkpoints`` holds the source checkpoints that are durable with the frames so far.
 - ``read_frames`` is ``frames_from`` for the backlog: it may read from disk (in a worker
   thread, never blocking the Trio thread).  ``first_seq_since(age_s)`` is the first frame
@@ -66,6 +68,8 @@ class FrameStore(Protocol):
 
     @property
     def next_seq(self) -> int: ...
+    @property
+    def durable_seq(self) -> int: ...
     @property
     def started_seq(self) -> int:
         """``next_seq`` as the store started: no frame of this epoch from ``started_seq`` on

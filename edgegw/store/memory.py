@@ -41,6 +41,10 @@ class MemoryFrameStore:
         return self._next_seq
 
     @property
+    def durable_seq(self) -> int:
+        return self._next_seq - 1  # in memory: there as soon as appended
+
+    @property
     def started_seq(self) -> int:
         return 1  # a new epoch every start
 

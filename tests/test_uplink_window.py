@@ -1,0 +1,124 @@
+"""A gateway whose send window is full waits for the hub's ACK: it does not poll.
+
+Against the independent peer hub (tests/peer_hub.py), which acknowledges only when told,
+so the window stays full for as long as a test wants -- a hub slow to commit, seen from
+the gateway.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hubtools import gateway_config
+from peer_hub import ACK, DATA, LOST, PING, PONG, PeerHub, Session, welcome
+
+from edgegw.gateway import Gateway
+from edgegw.records import SensorReading
+
+STORES: dict[str, Any] = {
+    "memory": lambda tmp: {"queue": {"max_frames": 1000}},
+    "spool": lambda tmp: {"spool": {"dir": str(tmp / "spool")}},
+}
+
+
+def readings(i: int) -> list[SensorReading]:
+    return [SensorReading("s", float(i), "c", float(j)) for j in range(10)]
+
+
+async def sent(session: Session, n: int) -> list[int]:
+    """The seqs of the next ``n`` DATA frames (PINGs answered on the way)."""
+    return [(await session.recv_data())[1] for _ in range(n)]
+
+
+async def answer_pings(session: Session, seen: list[list[Any]]) -> None:
+    """Read on (PINGs answered), keeping what else comes in ``seen``."""
+    while True:
+        message = await session.recv()
+        if message[0] == PING:
+            await session.send([PONG, message[1]])
+        else:
+            seen.append(message[:2])
+
+
+@pytest.mark.parametrize("store", list(STORES))
+async def test_a_gateway_whose_window_is_full_waits_for_an_ack_without_spinning(
+        tmp_path: Path, store: str) -> None:
+    """The window (2 frames) is full and four more frames wait, durable.  For the 2 s the
+    hub takes to acknowledge, the gateway's thread is idle (under 0.3 s of CPU in all) and
+    sends nothing; the ACK of the two frames sent lets two more go at once.  Before, its
+    sender woke at once for the frames already waiting -- every time -- and took a whole
+    core for as long as the hub was slow (seen: puts 10x slower beside it)."""
+    peer = PeerHub()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(peer.run)
+        cfg = gateway_config(tmp_path / "gw", port, **STORES[store](tmp_path),
+                             batch={"max_records": 10, "max_delay_ms": 20},
+                             uplink={"window_frames": 2, "heartbeat_s": 30.0})
+        gw = Gateway(cfg)
+        await nursery.start(gw.run)
+        session = await peer.sessions.receive()
+        await session.recv()  # HELLO
+        await session.send(welcome(heartbeat=30.0))
+        for i in range(6):
+            await gw.sink.put(readings(i), source="s")
+        with trio.fail_after(20):
+            first = await sent(session, 2)  # the window's two (live frames go first)
+            await gw.store.wait_for_frame_after(5)  # the other four are durable
+        seen: list[list[Any]] = []
+        async with trio.open_nursery() as reader:
+            reader.start_soon(answer_pings, session, seen)
+            cpu = time.thread_time()
+            await trio.sleep(2.0)
+            used = time.thread_time() - cpu
+            reader.cancel_scope.cancel()
+        assert used < 0.3, f"the gateway's thread used {used:.2f} s of CPU in 2 s, waiting"
+        assert seen == []
+        await session.send([ACK, 0, [[seq, seq] for seq in first]])
+        with trio.fail_after(20):
+            assert set(await sent(session, 2)).isdisjoint(first)
+        await session.end()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_drop_while_the_window_is_full_is_still_declared_at_once(
+        tmp_path: Path) -> None:
+    """Waiting for an ACK with the window full, the gateway still wakes for each new
+    frame its queue takes: one that pushes the oldest out is told to the hub by a LOST
+    (docs/protocol.md section 4) then, not at the next ACK."""
+    peer = PeerHub()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(peer.run)
+        cfg = gateway_config(tmp_path / "gw", port,
+                             queue={"max_frames": 4, "policy": "drop_oldest"},
+                             batch={"max_records": 10, "max_delay_ms": 20},
+                             uplink={"window_frames": 2, "heartbeat_s": 30.0})
+        gw = Gateway(cfg)
+        await nursery.start(gw.run)
+        session = await peer.sessions.receive()
+        await session.recv()  # HELLO
+        await session.send(welcome(heartbeat=30.0, lost=True))
+        for i in range(4):
+            await gw.sink.put(readings(i), source="s")
+        with trio.fail_after(20):
+            await sent(session, 2)
+            await gw.store.wait_for_frame_after(3)
+        # two of 1-4 are sent and unacknowledged; 5, 6 and 7 push out 1, 2 and 3
+        for i in range(4, 7):
+            await gw.sink.put(readings(i), source="s")
+        with trio.fail_after(20):
+            while True:
+                message = await session.recv()
+                if message[0] == PING:
+                    await session.send([PONG, message[1]])
+                    continue
+                assert message[0] != DATA, message  # the window is still full
+                if message[0] == LOST and message[1] == gw.store.first_unacked:
+                    break
+        # (the store_overflow event's own frame may push out one more)
+        assert gw.store.first_unacked >= 4
+        await session.end()
+        nursery.cancel_scope.cancel()
