@@ -29,6 +29,23 @@ def readings(i: int) -> list[SensorReading]:
     return [SensorReading("s", float(i), "c", float(j)) for j in range(10)]
 
 
+async def connected(nursery: trio.Nursery, tmp_path: Path, lost: bool = False,
+                    **store: Any) -> tuple[Gateway, Session]:
+    """A gateway (frames of 10 readings, a window of 2) welcomed by the peer hub, which
+    acknowledges nothing until told (heartbeat 30 s: no PING in the way)."""
+    peer = PeerHub()
+    port = await nursery.start(peer.run)
+    cfg = gateway_config(tmp_path / "gw", port, **store,
+                         batch={"max_records": 10, "max_delay_ms": 20},
+                         uplink={"window_frames": 2, "heartbeat_s": 30.0})
+    gw = Gateway(cfg)
+    await nursery.start(gw.run)
+    session = await peer.sessions.receive()
+    await session.recv()  # HELLO
+    await session.send(welcome(heartbeat=30.0, **({"lost": True} if lost else {})))
+    return gw, session
+
+
 async def sent(session: Session, n: int) -> list[int]:
     """The seqs of the next ``n`` DATA frames (PINGs answered on the way)."""
     return [(await session.recv_data())[1] for _ in range(n)]
@@ -52,17 +69,8 @@ async def test_a_gateway_whose_window_is_full_waits_for_an_ack_without_spinning(
     sends nothing; the ACK of the two frames sent lets two more go at once.  Before, its
     sender woke at once for the frames already waiting -- every time -- and took a whole
     core for as long as the hub was slow (seen: puts 10x slower beside it)."""
-    peer = PeerHub()
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(peer.run)
-        cfg = gateway_config(tmp_path / "gw", port, **STORES[store](tmp_path),
-                             batch={"max_records": 10, "max_delay_ms": 20},
-                             uplink={"window_frames": 2, "heartbeat_s": 30.0})
-        gw = Gateway(cfg)
-        await nursery.start(gw.run)
-        session = await peer.sessions.receive()
-        await session.recv()  # HELLO
-        await session.send(welcome(heartbeat=30.0))
+        gw, session = await connected(nursery, tmp_path, **STORES[store](tmp_path))
         for i in range(6):
             await gw.sink.put(readings(i), source="s")
         with trio.fail_after(20):
@@ -89,18 +97,9 @@ async def test_a_drop_while_the_window_is_full_is_still_declared_at_once(
     """Waiting for an ACK with the window full, the gateway still wakes for each new
     frame its queue takes: one that pushes the oldest out is told to the hub by a LOST
     (docs/protocol.md section 4) then, not at the next ACK."""
-    peer = PeerHub()
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(peer.run)
-        cfg = gateway_config(tmp_path / "gw", port,
-                             queue={"max_frames": 4, "policy": "drop_oldest"},
-                             batch={"max_records": 10, "max_delay_ms": 20},
-                             uplink={"window_frames": 2, "heartbeat_s": 30.0})
-        gw = Gateway(cfg)
-        await nursery.start(gw.run)
-        session = await peer.sessions.receive()
-        await session.recv()  # HELLO
-        await session.send(welcome(heartbeat=30.0, lost=True))
+        gw, session = await connected(nursery, tmp_path, lost=True,
+                                      queue={"max_frames": 4, "policy": "drop_oldest"})
         for i in range(4):
             await gw.sink.put(readings(i), source="s")
         with trio.fail_after(20):
