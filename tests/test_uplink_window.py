@@ -121,3 +121,43 @@ async def test_a_drop_while_the_window_is_full_is_still_declared_at_once(
         assert gw.store.first_unacked >= 4
         await session.end()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_hub_that_acks_each_frame_at_once_gets_every_frame_however_the_acks_fall(
+        tmp_path: Path) -> None:
+    """The peer hub acknowledges each frame as it reads it, so ACKs keep coming while the
+    sender fills its window and waits: 3,000 frames put at once all arrive, none twice,
+    none left waiting for a frame that never comes.  (The sender takes the ACK event it
+    waits on as it decides the window is full: one taken when its waiting task started
+    could miss an ACK that came in between -- a window that stays full then, its frames
+    unsent until another frame is put.  This run does not force that interleaving; it
+    holds the whole exchange to its outcome.)"""
+    async with trio.open_nursery() as nursery:
+        gw, session = await connected(nursery, tmp_path, queue={"max_frames": 10_000})
+        got: set[int] = set()
+
+        async def ack_each() -> None:
+            while True:
+                message = await session.recv()
+                if message[0] == PING:
+                    await session.send([PONG, message[1]])
+                elif message[0] == DATA:
+                    assert message[1] not in got, message[1]
+                    got.add(message[1])
+                    runs: list[list[int]] = []  # what it has, as [lo, hi] runs
+                    for s in sorted(got):
+                        if runs and runs[-1][1] == s - 1:
+                            runs[-1][1] = s
+                        else:
+                            runs.append([s, s])
+                    watermark = runs[0][1] if runs[0][0] == 1 else 0
+                    await session.send([ACK, watermark, [r for r in runs if r[0] > 1]])
+
+        nursery.start_soon(ack_each)
+        for i in range(3000):
+            await gw.sink.put(readings(i), source="s")
+        with trio.fail_after(60):
+            while len(got) < 3000:
+                await trio.sleep(0.05)
+        assert got == set(range(1, 3001))
+        nursery.cancel_scope.cancel()

@@ -533,13 +533,17 @@ class Uplink:
         after = sched.live_next - 1
         if sched.room <= 0:
             after = max(after, self.store.durable_seq)
+        # taken now, with the scheduler's state read above (no checkpoint between): an ACK
+        # that comes before the task below starts sets this one, not a newer -- missed, a
+        # full window would wait for a frame that may never come, its frames unsent
+        acked = self._ack_changed
         async with trio.open_nursery() as nursery:
             async def frame() -> None:
                 await self.store.wait_for_frame_after(after)
                 nursery.cancel_scope.cancel()
 
             async def ack() -> None:
-                await self._ack_changed.wait()
+                await acked.wait()
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(frame)
