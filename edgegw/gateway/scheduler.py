@@ -130,7 +130,8 @@ class SendScheduler:
         self.ahead.update(seqs)
 
     def passed(self, lane: Lane, seqs: Iterable[int]) -> None:
-        """The lane moves past ``seqs`` without sending them (sent ahead, or held back)."""
+        """The lane moves past ``seqs`` without sending them (sent ahead, held back, or
+        the hub has them already)."""
         seqs = list(seqs)
         if not seqs:
             return

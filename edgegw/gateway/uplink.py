@@ -461,7 +461,15 @@ class Uplink:
             progressed = False
             for want in sched.wants():
                 if want.lane == "live":
+                    durable = self.store.durable_seq  # read with the frames: no checkpoint
                     frames = self.store.frames_from(want.start, want.limit)
+                    if not frames and durable >= want.start:
+                        # the hub has every durable frame from the cursor on (WELCOME's
+                        # applied set): the lane moves past them -- left behind them, it
+                        # would wait for "a frame after the cursor", there already, and
+                        # spin on a core until the next frame is made
+                        sched.passed("live", [durable])
+                        continue
                 else:
                     frames = await self.store.read_frames(want.start, want.limit)
                     frames = [f for f in frames if f.seq < (want.below or f.seq + 1)]
