@@ -7,6 +7,8 @@ the gateway.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,8 @@ from typing import Any
 import pytest
 import trio
 from hubtools import gateway_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from peer_hub import ACK, DATA, LOST, PING, PONG, PeerHub, Session, welcome
 
 from edgegw.gateway import Gateway
@@ -61,6 +65,24 @@ async def answer_pings(session: Session, seen: list[list[Any]]) -> None:
             await session.send([PONG, message[1]])
         else:
             seen.append(message[:2])
+
+
+def runs_of(seqs: set[int]) -> list[list[int]]:
+    """``seqs`` as sorted [lo, hi] runs."""
+    runs: list[list[int]] = []
+    for s in sorted(seqs):
+        if runs and runs[-1][1] == s - 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    return runs
+
+
+def ack_of(have: set[int]) -> list[Any]:
+    """The ACK of a hub that has ``have``: a watermark and the runs above it."""
+    runs = runs_of(have)
+    watermark = runs[0][1] if runs and runs[0][0] == 1 else 0
+    return [ACK, watermark, [r for r in runs if r[0] > 1]]
 
 
 async def cpu_while_waiting(session: Session, seconds: float = 2.0
@@ -154,14 +176,7 @@ async def test_a_hub_that_acks_each_frame_at_once_gets_every_frame_however_the_a
                 elif message[0] == DATA:
                     assert message[1] not in got, message[1]
                     got.add(message[1])
-                    runs: list[list[int]] = []  # what it has, as [lo, hi] runs
-                    for s in sorted(got):
-                        if runs and runs[-1][1] == s - 1:
-                            runs[-1][1] = s
-                        else:
-                            runs.append([s, s])
-                    watermark = runs[0][1] if runs[0][0] == 1 else 0
-                    await session.send([ACK, watermark, [r for r in runs if r[0] > 1]])
+                    await session.send(ack_of(got))
 
         nursery.start_soon(ack_each)
         for i in range(3000):
@@ -204,3 +219,54 @@ async def test_a_reconnected_gateway_whose_newest_frames_the_hub_has_waits_witho
             assert await sent(session, 1) == [4]
         await session.end()
         nursery.cancel_scope.cancel()
+
+
+@settings(max_examples=int(os.environ.get("EDGEGW_FUZZ_EXAMPLES", "10")), deadline=None,
+          derandomize=not os.environ.get("EDGEGW_FUZZ_RANDOM"), database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(store=st.sampled_from(list(STORES)), live=st.booleans(), n=st.integers(1, 8),
+       window=st.integers(2, 6), has=st.lists(st.booleans(), min_size=8, max_size=8))
+async def test_whatever_the_hub_says_it_has_the_gateway_sends_the_rest_once_then_idles(
+        monkeypatch: pytest.MonkeyPatch, store: str, live: bool, n: int, window: int,
+        has: list[bool]) -> None:
+    """``n`` frames are made; what the window lets out goes and the link breaks before any
+    ACK; the reconnect's WELCOME names any subset of what went as applied.  The gateway
+    then sends every other frame exactly once (the peer hub acks each as it comes), after
+    which its thread idles (under 0.25 s of CPU in 1 s) and a new frame still goes at once.
+    The frames count as live or as backlog on the reconnect (``LIVE_S``), in a memory queue
+    or a disk spool.  (``EDGEGW_FUZZ_EXAMPLES``/``EDGEGW_FUZZ_RANDOM`` for longer runs.)"""
+    monkeypatch.setattr("edgegw.gateway.uplink.LIVE_S", 600.0 if live else 0.0)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        async with trio.open_nursery() as nursery:
+            peer = PeerHub()
+            gw, session = await connected(nursery, Path(tmp), window=window, peer=peer,
+                                          **STORES[store](Path(tmp)))
+            for i in range(n):
+                await gw.sink.put(readings(i), source="s")
+            with trio.fail_after(20):
+                first = await sent(session, 1)
+            while True:  # what else the window lets out (backlog keeps a slot for live)
+                with trio.move_on_after(0.3) as quiet:
+                    first += await sent(session, 1)
+                if quiet.cancelled_caught:
+                    break
+            await session.close(1011)
+            applied = {seq for seq, kept in zip(sorted(first), has[:len(first)], strict=True)
+                       if kept}
+            got: list[int] = []
+            with trio.fail_after(20):
+                session = await peer.sessions.receive()
+                await session.recv()  # HELLO
+                await session.send(welcome(applied=runs_of(applied), heartbeat=30.0))
+                while len(got) < n - len(applied):
+                    got.append((await session.recv_data())[1])
+                    await session.send(ack_of(applied | set(got)))
+            assert sorted(got) == sorted(set(range(1, n + 1)) - applied), (first, got)
+            used, seen = await cpu_while_waiting(session, 1.0)
+            assert used < 0.25, f"the gateway's thread used {used:.2f} s of CPU in 1 s, idle"
+            assert [m for m in seen if m[0] == DATA] == []
+            await gw.sink.put(readings(n), source="s")
+            with trio.fail_after(20):
+                assert await sent(session, 1) == [n + 1]
+            await session.end()
+            nursery.cancel_scope.cancel()
