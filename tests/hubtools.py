@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from peer_hub import PeerHub, Session
 
 from edgegw.config import build
 from edgegw.gateway import Gateway, GatewayConfig
@@ -45,6 +46,19 @@ async def start_tester(nursery: trio.Nursery, tmp: Path, port: int, token: str =
     gateway = Gateway(cfg)
     await nursery.start(gateway.run)
     return gateway
+
+
+async def gateway_welcomed(nursery: trio.Nursery, tmp: Path, peer: PeerHub,
+                           answer: list[Any], **sections: Any) -> tuple[Gateway, Session]:
+    """A gateway (``sections``: its config tables) started against the independent peer
+    hub ``peer`` (started here), its first HELLO answered with ``answer`` (a WELCOME)."""
+    port = await nursery.start(peer.run)
+    gw = Gateway(gateway_config(tmp, port, **sections))
+    await nursery.start(gw.run)
+    session = await peer.sessions.receive()
+    await session.recv()  # HELLO
+    await session.send(answer)
+    return gw, session
 
 
 async def start_hub(nursery: trio.Nursery, cfg: HubConfig) -> tuple[Ingest, int]:

@@ -58,6 +58,26 @@ def welcome(applied: list[list[int]] | None = None, version: int = 3,
                       **extra}]
 
 
+def runs_of(seqs: set[int]) -> list[list[int]]:
+    """``seqs`` as sorted [lo, hi] runs (WELCOME's ``applied``, ACK's ranges)."""
+    runs: list[list[int]] = []
+    for seq in sorted(seqs):
+        if runs and runs[-1][1] == seq - 1:
+            runs[-1][1] = seq
+        else:
+            runs.append([seq, seq])
+    return runs
+
+
+def ack_of(received: set[int]) -> list[Any]:
+    """Section 6's ACK for exactly the frames ``received``: the watermark below the first
+    one missing, the rest as ranges (acking a frame's own seq would say every frame below
+    it is applied, and a gateway that sent out of order drops what the peer never got)."""
+    runs = runs_of(received)
+    watermark = runs[0][1] if runs and runs[0][0] == 1 else 0
+    return [ACK, watermark, [r for r in runs if r[0] > 1]]
+
+
 class Session:
     """One upgraded connection from the gateway."""
 

@@ -12,7 +12,7 @@ from typing import Any
 import cbor2
 import pytest
 import trio
-from hubtools import gateway_config, hub_config, start_hub
+from hubtools import gateway_config, gateway_welcomed, hub_config, start_hub
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peer_hub import ACK, DATA, LOST, PING, PONG, PeerHub, Session, welcome
@@ -372,18 +372,13 @@ async def test_the_gateway_sends_lost_only_to_a_hub_whose_welcome_takes_it(
     below a LOST follows it; a WELCOME without it gets no LOST (that hub learns of them
     from the next HELLO)."""
     for takes_lost in (True, False):
-        peer = PeerHub()
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(peer.run)
-            cfg = gateway_config(tmp_path / f"gw-{takes_lost}", port,
-                                 queue={"max_frames": 3, "policy": "drop_oldest"},
-                                 batch={"max_records": 10, "max_delay_ms": 50},
-                                 uplink={"window_frames": 2, "heartbeat_s": 5.0})
-            gw = Gateway(cfg)
-            await nursery.start(gw.run)
-            session = await peer.sessions.receive()
-            await session.recv()  # HELLO (next_seq 1)
-            await session.send(welcome(**({"lost": True} if takes_lost else {})))
+            gw, session = await gateway_welcomed(
+                nursery, tmp_path / f"gw-{takes_lost}", PeerHub(),
+                welcome(**({"lost": True} if takes_lost else {})),
+                queue={"max_frames": 3, "policy": "drop_oldest"},
+                batch={"max_records": 10, "max_delay_ms": 50},
+                uplink={"window_frames": 2, "heartbeat_s": 5.0})
             for i in range(2):
                 await gw.sink.put(readings(10, i), source="s")
             assert (await session.recv_data())[1] == 1  # one in flight: the window is full
@@ -413,19 +408,13 @@ async def test_segments_the_spool_drops_while_connected_are_declared_too(
     DATA below a LOST follows it.  The peer answers the gateway's PINGs while the frames
     are put: 400 spool commits (an fsync each) took 10 s on a slow disk, and a peer that
     read nothing meanwhile was a silent hub to the gateway (4005 after two heartbeats)."""
-    peer = PeerHub()
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(peer.run)
-        cfg = gateway_config(tmp_path / "gw", port,
-                             spool={"dir": str(tmp_path / "spool"), "segment_bytes": 32768,
-                                    "max_bytes": 131072, "policy": "drop_oldest"},
-                             batch={"max_records": 100, "max_delay_ms": 50},
-                             uplink={"window_frames": 2, "heartbeat_s": 5.0})
-        gw = Gateway(cfg)
-        await nursery.start(gw.run)
-        session = await peer.sessions.receive()
-        await session.recv()  # HELLO
-        await session.send(welcome(lost=True))
+        gw, session = await gateway_welcomed(
+            nursery, tmp_path / "gw", PeerHub(), welcome(lost=True),
+            spool={"dir": str(tmp_path / "spool"), "segment_bytes": 32768,
+                   "max_bytes": 131072, "policy": "drop_oldest"},
+            batch={"max_records": 100, "max_delay_ms": 50},
+            uplink={"window_frames": 2, "heartbeat_s": 5.0})
         puts_done = trio.Event()
 
         async def put_all() -> None:

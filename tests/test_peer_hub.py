@@ -30,6 +30,7 @@ from peer_hub import (
     REJECT,
     PeerHub,
     Session,
+    ack_of,
     records_in,
     tags_in,
     welcome,
@@ -77,22 +78,6 @@ async def until_closed(session: Session) -> tuple[int, str]:
                 await session.send([PONG, message[1]])
     except Closed as closed:
         return closed.code, closed.reason
-
-
-def ack_of(received: set[int]) -> list[Any]:
-    """Section 6's ACK for exactly the frames ``received``: the watermark below the first
-    one missing, the rest as ranges (acking a frame's own seq would say every frame below
-    it is applied, and a gateway that sent out of order drops what the peer never got)."""
-    watermark = 0
-    while watermark + 1 in received:
-        watermark += 1
-    ranges: list[list[int]] = []
-    for seq in sorted(s for s in received if s > watermark + 1):
-        if ranges and ranges[-1][1] == seq - 1:
-            ranges[-1][1] = seq
-        else:
-            ranges.append([seq, seq])
-    return [ACK, watermark, ranges]
 
 
 async def test_probe_then_hello_with_the_documented_fields(tmp_path: Path) -> None:

@@ -15,10 +15,22 @@ from typing import Any
 
 import pytest
 import trio
-from hubtools import gateway_config
+from hubtools import gateway_welcomed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from peer_hub import ACK, DATA, LOST, PING, PONG, PeerHub, Session, records_in, welcome
+from peer_hub import (
+    ACK,
+    DATA,
+    LOST,
+    PING,
+    PONG,
+    PeerHub,
+    Session,
+    ack_of,
+    records_in,
+    runs_of,
+    welcome,
+)
 
 from edgegw.gateway import Gateway
 from edgegw.records import SensorReading
@@ -38,19 +50,11 @@ async def connected(nursery: trio.Nursery, tmp_path: Path, lost: bool = False,
                     max_records: int = 50_000, **store: Any) -> tuple[Gateway, Session]:
     """A gateway (frames of 10 readings, a window of 2) welcomed by the peer hub, which
     acknowledges nothing until told (heartbeat 30 s: no PING in the way)."""
-    peer = peer or PeerHub()
-    port = await nursery.start(peer.run)
-    cfg = gateway_config(tmp_path / "gw", port, **store,
-                         batch={"max_records": 10, "max_delay_ms": 20},
-                         uplink={"window_frames": window, "heartbeat_s": 30.0,
-                                 "backoff_initial_s": 0.1})
-    gw = Gateway(cfg)
-    await nursery.start(gw.run)
-    session = await peer.sessions.receive()
-    await session.recv()  # HELLO
-    await session.send(welcome(heartbeat=30.0, max_records=max_records,
-                               **({"lost": True} if lost else {})))
-    return gw, session
+    answer = welcome(heartbeat=30.0, max_records=max_records,
+                     **({"lost": True} if lost else {}))
+    return await gateway_welcomed(nursery, tmp_path / "gw", peer or PeerHub(), answer,
+                                  **store, batch={"max_records": 10, "max_delay_ms": 20},
+                                  uplink={"window_frames": window, "heartbeat_s": 30.0})
 
 
 async def sent(session: Session, n: int) -> list[int]:
@@ -66,24 +70,6 @@ async def answer_pings(session: Session, seen: list[list[Any]]) -> None:
             await session.send([PONG, message[1]])
         else:
             seen.append(message[:2])
-
-
-def runs_of(seqs: set[int]) -> list[list[int]]:
-    """``seqs`` as sorted [lo, hi] runs."""
-    runs: list[list[int]] = []
-    for s in sorted(seqs):
-        if runs and runs[-1][1] == s - 1:
-            runs[-1][1] = s
-        else:
-            runs.append([s, s])
-    return runs
-
-
-def ack_of(have: set[int]) -> list[Any]:
-    """The ACK of a hub that has ``have``: a watermark and the runs above it."""
-    runs = runs_of(have)
-    watermark = runs[0][1] if runs and runs[0][0] == 1 else 0
-    return [ACK, watermark, [r for r in runs if r[0] > 1]]
 
 
 async def cpu_while_waiting(session: Session, seconds: float = 2.0
