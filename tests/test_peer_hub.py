@@ -166,6 +166,28 @@ async def test_a_rejected_frame_is_never_sent_again(tmp_path: Path) -> None:
         assert (await session.recv_data())[1] == 2
 
 
+@pytest.mark.parametrize("bogus", [[ACK, 1_000_000, []], [ACK, 1, [[3, 1_000_000]]],
+                                   [REJECT, 1_000_000, "no such frame"]],
+                         ids=["ack", "ack_range", "reject"])
+async def test_an_ack_or_reject_of_a_frame_not_made_yet_is_closed_4004_and_loses_nothing(
+        tmp_path: Path, bogus: list[Any]) -> None:
+    """Sections 6 and 8: a hub that acknowledges (or rejects) frame 1,000,000 of a gateway
+    that has made a few is broken, and believing it would drop every frame up to it unsent
+    as it is made.  The gateway closes with 4004 and applies none of it: its next HELLO
+    still names frame 1 as the first unacknowledged, and frame 1 is sent again."""
+    async with gateway_against_peer(tmp_path) as hub:
+        session, _ = await hello_of(hub)
+        await session.send(welcome())
+        assert (await session.recv_data())[1] == 1
+        await session.send(bogus)
+        code, reason = await until_closed(session)
+        assert code == 4004 and "frame 1000000, which this gateway has not sent" in reason
+        session, hello = await hello_of(hub)
+        assert hello["next_seq"] == 1
+        await session.send(welcome())
+        assert (await session.recv_data())[1] == 1
+
+
 @pytest.mark.parametrize("bad,code", [
     ({"version": 9}, 4002),           # section 4.3: a version the gateway did not offer
     ({"compression": "zlib"}, 4004),  # section 5.1: an encoding it did not offer

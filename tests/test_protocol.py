@@ -180,6 +180,35 @@ def test_a_rejected_frame_is_reported_and_counts_as_done() -> None:
     assert hub.applied_set.watermark() == 1
 
 
+@pytest.mark.parametrize("message", [Ack(4, []), Ack(1, [(3, 4)]), Reject(4, "bad")],
+                         ids=["watermark", "range", "reject"])
+def test_an_ack_or_reject_of_a_frame_never_sent_is_a_protocol_error_and_not_applied(
+        message: Ack | Reject) -> None:
+    """The hub may only acknowledge or reject what it can have: frames below HELLO's
+    next_seq (here 2), in WELCOME's applied set (2), or sent as DATA (3).  An ACK or a
+    REJECT of frame 4 -- not made yet -- would have the gateway drop it unsent when it
+    is: it closes the connection (4004) instead, the message unapplied."""
+    gw, _ = pair(next_seq=2, applied=IntervalSet([(1, 2)]))
+    gw.data(3, b"body", 1.0)
+    for fine in (Ack(2, [(3, 3)]), Reject(3, "bad")):
+        assert gw.receive(encode(fine), 1.0)[0] == [fine]
+    with pytest.raises(ProtocolError) as exc:
+        gw.receive(encode(message), 1.0)
+    assert exc.value.code == CloseCode.PROTOCOL_ERROR
+    assert "frame 4, which this gateway has not sent" in exc.value.reason
+    assert gw.state is State.CLOSED
+
+
+def test_frames_a_lost_declared_may_be_acknowledged() -> None:
+    """A LOST tells the hub of frames never sent (dropped): its ACK may cover them."""
+    gw, hub = pair(next_seq=1)
+    hub.receive(gw.data(1, b"body", 1.0), 1.0)
+    lost = gw.lost(5, 1.0)  # 2..4 dropped unsent; 5 is the first still held
+    assert lost is not None
+    hub.receive(lost, 1.0)
+    assert gw.receive(encode(Ack(4, [])), 1.0)[0] == [Ack(4, [])]
+
+
 def test_heartbeat_sends_pings_and_declares_a_silent_peer_dead_after_two_intervals() -> None:
     gw, hub = pair()  # heartbeat 5 s
     assert gw.next_deadline() == 5.0

@@ -230,6 +230,10 @@ class GatewayConnection(_Base):
         #: ACKs since, what a LOST declared): kept only where the hub takes LOST
         self.hub_has = IntervalSet()
         self._lost_below = 0  # the last LOST's next_seq: no DATA below it may follow
+        # the highest seq the hub may know of: below HELLO's next_seq, in WELCOME's applied
+        # set, sent as DATA, declared by a LOST.  An ACK or a REJECT past it names a frame
+        # the hub never had: applied, it would drop frames this gateway has not sent yet
+        self._told = next_seq - 1
         self.compression_level = compression_level
         self.compression_min_bytes = compression_min_bytes
         self.body_encoding: str | None = None  # agreed in WELCOME
@@ -252,6 +256,7 @@ class GatewayConnection(_Base):
             raise RuntimeError(f"cannot send data in state {self.state.value}")
         if seq < self._lost_below:
             raise RuntimeError(f"frame {seq} is below the LOST sent ({self._lost_below})")
+        self._told = max(self._told, seq)
         if self.body_encoding == ZLIB and len(body) >= self.compression_min_bytes:
             packed = compress_body(body, self.compression_level)
             if len(packed) < len(body):
@@ -270,6 +275,7 @@ class GatewayConnection(_Base):
             return None
         self.hub_has.add_range(1, first_held - 1)
         self._lost_below = first_held
+        self._told = max(self._told, first_held - 1)
         return self._sent(encode(Lost(first_held)), now)
 
     def receive(self, data: bytes | str, now: float) -> tuple[list[Any], bytes | None]:
@@ -287,6 +293,7 @@ class GatewayConnection(_Base):
                                     f"not offered")
                 self.state = State.OPEN
                 self.welcome = msg
+                self._told = max([self._told, *(hi for _, hi in msg.applied)])
                 if msg.lost:
                     self.hub_has = IntervalSet(msg.applied)
                     if self._hello.next_seq > 1:  # the hub holds these as applied or lost
@@ -300,6 +307,10 @@ class GatewayConnection(_Base):
                 return [msg], None
             raise self.fail(f"expected WELCOME or REFUSE, got {type(msg).__name__.upper()}")
         if isinstance(msg, Ack):
+            top = max([msg.watermark, *(hi for _, hi in msg.ranges)])
+            if top > self._told:
+                raise self.fail(f"ACK of frame {top}, which this gateway has not sent (the "
+                                f"highest the hub may know of is {self._told})")
             if self.welcome is not None and self.welcome.lost:
                 if msg.watermark:
                     self.hub_has.add_range(1, msg.watermark)
@@ -307,6 +318,9 @@ class GatewayConnection(_Base):
                     self.hub_has.add_range(lo, hi)
             return [msg], None
         if isinstance(msg, Reject):
+            if msg.seq > self._told:
+                raise self.fail(f"REJECT of frame {msg.seq}, which this gateway has not sent "
+                                f"(the highest the hub may know of is {self._told})")
             return [msg], None
         raise self.fail(f"unexpected {type(msg).__name__.upper()} from hub")
 
