@@ -191,6 +191,10 @@ async def test_an_ack_or_reject_of_a_frame_not_made_yet_is_closed_4004_and_loses
 @pytest.mark.parametrize("bad,code", [
     ({"version": 9}, 4002),           # section 4.3: a version the gateway did not offer
     ({"compression": "zlib"}, 4004),  # section 5.1: an encoding it did not offer
+    # section 2: a heartbeat outside 0.1-3600 s (0 had the gateway PING 3,500 times a
+    # second; hours, never find a silent hub)
+    ({"heartbeat": 0.0}, 4004), ({"heartbeat": -1.0}, 4004), ({"heartbeat": 0.01}, 4004),
+    ({"heartbeat": 1e12}, 4004),
 ])
 async def test_a_welcome_the_gateway_cannot_accept_is_closed(tmp_path: Path,
                                                              bad: dict[str, Any],

@@ -210,6 +210,19 @@ def _num(v: Any, what: str) -> float:
     return float(v)
 
 
+#: the heartbeats a WELCOME may name (section 7): one near 0 had the gateway PING in a
+#: tight loop (3,500 a second, a whole core); one of hours, never find a silent hub
+HEARTBEAT_RANGE = (0.1, 3600.0)
+
+
+def _heartbeat(v: Any, what: str) -> float:
+    seconds = _num(v, what)
+    lo, hi = HEARTBEAT_RANGE
+    if not lo <= seconds <= hi:
+        raise _bad(f"{what} must be between {lo:g} and {hi:g} seconds, got {seconds:g}")
+    return seconds
+
+
 def _str(v: Any, what: str, max_len: int = 256) -> str:
     if not isinstance(v, str) or len(v) > max_len:
         raise _bad(f"{what} must be a string of at most {max_len} characters")
@@ -285,7 +298,7 @@ def decode(data: bytes | str) -> Message:
         return Welcome(
             version=_int(m.get("version"), "WELCOME version", 1),
             applied=_ranges(m.get("applied"), "WELCOME applied"),
-            heartbeat=_num(m.get("heartbeat"), "WELCOME heartbeat"),
+            heartbeat=_heartbeat(m.get("heartbeat"), "WELCOME heartbeat"),
             max_frame_bytes=_int(m.get("max_frame_bytes"), "WELCOME max_frame_bytes", 1),
             max_records=_int(m.get("max_records"), "WELCOME max_records", 1),
             compression=(None if m.get("compression") is None
