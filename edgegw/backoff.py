@@ -15,6 +15,10 @@ from __future__ import annotations
 import random
 
 
+#: the longest server hint (Retry-After) honoured: the most ``hub.busy_retry_after_s`` says
+RETRY_AFTER_MAX_S = 3600.0
+
+
 class Backoff:
     """``next_delay()`` after each failure, ``reset()`` after a success."""
 
@@ -63,8 +67,9 @@ class Reconnect:
     - **The server was reached and the attempt failed there** (refused the handshake,
       closed the connection, did not answer in time): the server may be overloaded or
       misconfigured, so attempts back off exponentially with full jitter (``Backoff``).
-      A server's own hint (``retry_after``: it is shedding load) is honoured: never earlier,
-      plus up to as much again of jitter so a floor of clients does not return in step.
+      A server's own hint (``retry_after``: it is shedding load) is honoured: never earlier
+      (up to an hour), plus up to as much again of jitter so a floor of
+      clients does not return in step.
 
     A session only counts as a success once it has stayed up for ``stable_after``
     seconds: a server that accepts and at once closes the session (two clients sharing one
@@ -93,8 +98,10 @@ class Reconnect:
         return self.backoff.next_delay()
 
     def busy(self, retry_after: float) -> float:
-        """The server asked to come back after ``retry_after`` seconds."""
-        retry_after = max(0.0, retry_after)
+        """The server asked to come back after ``retry_after`` seconds -- honoured up to
+        ``RETRY_AFTER_MAX_S``: a hint of years (a misconfigured proxy's) would leave the
+        client silent that long after its server was back."""
+        retry_after = min(max(0.0, retry_after), RETRY_AFTER_MAX_S)
         self.backoff.attempt += 1
         return retry_after + self.rng.uniform(0, max(retry_after, self.probe_interval))
 

@@ -92,6 +92,16 @@ def test_a_busy_hubs_retry_after_is_never_cut_short() -> None:
     assert max(delays) - min(delays) > 4.0  # spread: a floor of gateways is not in step
 
 
+def test_a_retry_after_past_an_hour_is_honoured_for_an_hour() -> None:
+    """A Retry-After of a billion seconds (a proxy misconfigured) would leave the gateway
+    silent for 31 years after its hub was back: the wait is at most an hour (the most
+    ``hub.busy_retry_after_s`` may say), plus as much again of jitter."""
+    policy = Reconnect(Backoff(0.5, 30.0, rng=random.Random(5)), probe_interval=1.0)
+    delays = [policy.busy(1e9) for _ in range(500)]
+    assert min(delays) >= 3600.0 and max(delays) <= 7200.0
+    assert policy.busy(3600.0) >= 3600.0  # the longest a hub may ask: honoured in full
+
+
 def test_only_a_session_that_stayed_up_resets_the_backoff() -> None:
     policy = Reconnect(Backoff(0.5, 30.0, rng=random.Random(4)), probe_interval=1.0,
                        stable_after=10.0)
