@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 
-
 #: the longest server hint (Retry-After) honoured: the most ``hub.busy_retry_after_s`` says
 RETRY_AFTER_MAX_S = 3600.0
 
