@@ -67,8 +67,8 @@ class Reconnect:
       closed the connection, did not answer in time): the server may be overloaded or
       misconfigured, so attempts back off exponentially with full jitter (``Backoff``).
       A server's own hint (``retry_after``: it is shedding load) is honoured: never earlier
-      (up to an hour), plus up to as much again of jitter so a floor of
-      clients does not return in step.
+      (up to an hour), plus up to as much again of jitter so a floor of clients does not
+      return in step.
 
     A session only counts as a success once it has stayed up for ``stable_after``
     seconds: a server that accepts and at once closes the session (two clients sharing one
