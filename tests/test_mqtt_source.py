@@ -17,6 +17,7 @@ import time
 import tracemalloc
 import uuid
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -646,6 +647,36 @@ async def test_an_unreachable_broker_is_retried_without_blocking_the_gateway() -
         assert source.client is not None
         await wait_for(lambda: source.client.connect_failures >= 3, 10, "retries")
         assert "cannot connect" in source.client.last_error
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_broker_that_sends_junk_after_connack_is_named_so_and_retried() -> None:
+    """A broker (or something posing as one) that accepts the connection and then sends a
+    packet paho cannot parse: the error says the connection closed right after CONNACK,
+    and why -- not paho's "the client is not currently connected", which sent operators
+    looking at the subscriptions -- and the source retries without stopping."""
+    accepted: list[int] = []
+
+    async def junk_after_connack(stream: trio.SocketStream) -> None:
+        accepted.append(1)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.receive_some(4096)  # CONNECT
+            # CONNACK accepted, then a PUBLISH whose remaining length never ends
+            await stream.send_all(bytes([0x20, 2, 0, 0, 0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F]))
+            await trio.sleep(30)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, junk_after_connack, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        source = make_source(BrokerAddress("127.0.0.1", port), [{"topic": "x/#"}])
+        await nursery.start(source.run, Sink())
+        assert source.client is not None
+        await wait_for(lambda: source.client.connect_failures >= 2, 20, "two failed tries")
+        assert "closed right after CONNACK" in source.client.last_error, \
+            source.client.last_error
+        assert "not currently connected" not in source.client.last_error
+        assert len(accepted) >= 2
         nursery.cancel_scope.cancel()
 
 

@@ -563,6 +563,13 @@ class TrioMqttClient:
             self.subscribed.set()
             return
         rc, mid = self.paho.subscribe(subs)
+        if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            # the broker's next packet after CONNACK ended the connection (paho's "not
+            # currently connected" alone sent operators looking at the subscriptions)
+            reason = conn.disconnect_reason
+            detail = f" ({reason})" if reason and reason != "Unspecified error" else ""
+            raise ConnectError(f"the connection closed right after CONNACK{detail}, before "
+                               f"SUBSCRIBE")
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise ConnectError(f"cannot subscribe: {paho.error_string(rc)}")
         conn.subscribing[mid] = subs
