@@ -48,8 +48,9 @@ def readings(i: int) -> list[SensorReading]:
 async def connected(nursery: trio.Nursery, tmp_path: Path, lost: bool = False,
                     window: int = 2, peer: PeerHub | None = None,
                     max_records: int = 50_000, **store: Any) -> tuple[Gateway, Session]:
-    """A gateway (frames of 10 readings, a window of 2) welcomed by the peer hub, which
-    acknowledges nothing until told (heartbeat 30 s: no PING in the way)."""
+    """A gateway (frames of 10 readings, a window of ``window`` frames) welcomed by the
+    peer hub (``peer``, or a new one), which acknowledges nothing until told and takes up
+    to ``max_records`` records per frame (heartbeat 30 s: no PING in the way)."""
     answer = welcome(heartbeat=30.0, max_records=max_records,
                      **({"lost": True} if lost else {}))
     return await gateway_welcomed(nursery, tmp_path / "gw", peer or PeerHub(), answer,
