@@ -8,6 +8,7 @@ writable, ...), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import signal
@@ -309,6 +310,10 @@ def cmd_hub(args: argparse.Namespace) -> int:
 
         service = Hub(cfg)
         what = "edgegw hub"
+    if args.config is not None:
+        # SIGHUP reads the file again and takes its [gateways] table (edgegw/hub/reload.py)
+        service.ingest.config_source = functools.partial(load, HubConfig, args.config,
+                                                         args.overrides)
     try:
         return _serve(service, lambda port: f"{what} listening on {scheme}://{h.listen}:{port}/",
                       listen=("hub.listen/hub.port", h.listen, h.port))

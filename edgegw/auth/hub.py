@@ -13,9 +13,7 @@ import hmac
 import ipaddress
 import logging
 import math
-import signal
 import ssl
-import threading
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -64,6 +62,18 @@ def token_matches(auth: GatewayAuth, given: str) -> bool:
         digest = hashlib.sha256(given.encode()).hexdigest()
         return hmac.compare_digest(digest, auth.token_sha256.lower())
     return hmac.compare_digest(auth.token.encode(), given.encode())
+
+
+def token_digest(token: str) -> str:
+    """What a connection keeps of the token it was admitted with: its SHA-256 (hex), so a
+    config reload can tell whether the new table still admits it (``digest_matches``)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def digest_matches(auth: GatewayAuth, digest: str) -> bool:
+    """Whether a token whose ``token_digest`` is ``digest`` matches ``auth``."""
+    wanted = auth.token_sha256.lower() if auth.token_sha256 else token_digest(auth.token)
+    return hmac.compare_digest(digest, wanted)
 
 
 class HubSecurity:
@@ -131,22 +141,11 @@ class HubSecurity:
             out["warnings"] = list(self.warnings)
         return out
 
-    async def watch_reload(self, *,
-                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Reload the certificate on SIGHUP for as long as the hub runs.  Taken without TLS
-        too: SIGHUP's default action would end the process (``systemctl reload``).  Only
-        in the main thread, where signals are delivered (an embedded hub runs elsewhere)."""
-        if (not hasattr(signal, "SIGHUP")
-                or threading.current_thread() is not threading.main_thread()):
-            task_status.started()
-            return
-        with trio.open_signal_receiver(signal.SIGHUP) as signals:
-            task_status.started()
-            async for _ in signals:
-                if self.tls is None:
-                    log.warning("SIGHUP: nothing to reload (no [tls])")
-                else:
-                    await self.reload_tls()
+    def use_gateways(self, config: HubConfig) -> None:
+        """The running config after a reload took the file's ``[gateways]`` table
+        (edgegw/hub/reload.py): the start-up warnings about it are made again."""
+        self.config = config
+        self.warnings = self._warnings()
 
     async def reload_tls(self) -> bool:
         assert self.tls is not None

@@ -33,6 +33,10 @@ class GatewaySession:
         self.rtt_ms: float | None = None
         self.cancel_scope = trio.CancelScope()
         self.replaced = False
+        #: the SHA-256 of the token it was admitted with (a config reload checks it again)
+        self.token_digest = ""
+        #: why a config reload closes it (4001): its gateway removed, or its token changed
+        self.revoked: str | None = None
         #: the store's generation of this connection (a cluster's fence; 0 in one process)
         self.generation = 0
 

@@ -1,0 +1,175 @@
+"""SIGHUP reads the hub's config file again and takes its [gateways] table: a tester is
+added, a token rotated or revoked, without restarting the hub (docs/operations.md,
+"Reload").  A connection its new table no longer admits is closed with 4001 at once; every
+other connection stays; a file that cannot be read changes nothing."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hubtools import http_get
+from peer_gateway import REFUSE, WELCOME, PeerGateway, data, rows, sensor
+from ports import free_port
+from processes import spawn, stop, wait_for
+from wsclient import Closed
+
+from edgegw.config import load
+from edgegw.hub import Hub, HubConfig
+
+
+def write_config(path: Path, gateways: dict[str, str], heartbeat_s: float = 5.0,
+                 port: int = 0) -> None:
+    lines = ["[hub]", f"port = {port}", f'data_dir = "{path.parent / "hub-data"}"',
+             f"heartbeat_s = {heartbeat_s}"]
+    for gw, token in gateways.items():
+        lines += [f"[gateways.{gw}]", f'token = "{token}"']
+    path.write_text("\n".join(lines) + "\n")
+
+
+async def sighup_and_wait(app: Hub, outcome: str) -> None:
+    """SIGHUP to this process (the hub runs in its main thread), then until it is done."""
+    async def reloads() -> float:
+        _, stats = await http_get(app.ingest.port or 0, "/api/stats")
+        return float(stats["metrics"]["hub_config_reloads_total"].get(f"outcome={outcome}", 0))
+    before = await reloads()
+    os.kill(os.getpid(), signal.SIGHUP)
+    with trio.fail_after(10):
+        while await reloads() == before:
+            await trio.sleep(0.02)
+
+
+async def acked(gw: PeerGateway, seq: int) -> None:
+    await gw.send(data(seq, rows(seq, [sensor("chuck", 25.0 + seq)])))
+    with trio.fail_after(10):
+        await gw.until_acked(seq)
+
+
+async def closed_by_hub(gw: PeerGateway) -> Closed:
+    with trio.fail_after(10), pytest.raises(Closed) as info:
+        while True:
+            await gw.next()
+    return info.value
+
+
+async def test_a_reload_admits_a_new_gateway_and_closes_one_whose_token_changed(
+        tmp_path: Path, caplog: Any) -> None:
+    path = tmp_path / "hub.toml"
+    write_config(path, {"ate-01": "token-one", "ate-03": "token-three"})
+    app = Hub(load(HubConfig, path))
+    app.ingest.config_source = functools.partial(load, HubConfig, path, None)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(app.run)
+        newcomer = await PeerGateway.connect(port, "ate-02", "token-two")
+        assert newcomer.first[0] == REFUSE and "unknown gateway id" in newcomer.first[2]
+        one = await PeerGateway.connect(port, "ate-01", "token-one")
+        three = await PeerGateway.connect(port, "ate-03", "token-three")
+        await acked(one, 1)
+        await acked(three, 1)
+
+        # the tester ate-02 joins the floor, ate-01's token is rotated; [hub] changes too
+        write_config(path, {"ate-01": "token-one-rotated", "ate-02": "token-two",
+                            "ate-03": "token-three"}, heartbeat_s=7.0)
+        await sighup_and_wait(app, "ok")
+
+        closed = await closed_by_hub(one)
+        assert closed.code == 4001
+        assert "'ate-01' its token was changed (hub config reloaded)" in closed.reason
+        # ate-03's connection was not touched: its next frame is acknowledged
+        await acked(three, 2)
+        # the old token is refused from now on; the new one finds frame 1 applied
+        stale = await PeerGateway.connect(port, "ate-01", "token-one")
+        assert stale.first[0] == REFUSE and "wrong token" in stale.first[2]
+        rotated = await PeerGateway.connect(port, "ate-01", "token-one-rotated")
+        assert rotated.first[0] == WELCOME and rotated.welcome["applied"] == [[1, 1]]
+        await acked(rotated, 2)
+        joined = await PeerGateway.connect(port, "ate-02", "token-two")
+        assert joined.first[0] == WELCOME
+        await acked(joined, 1)
+
+        _, stats = await http_get(port, "/api/stats")
+        assert stats["metrics"]["hub_connections_revoked_total"] == 1
+        assert stats["gateways"]["ate-01"]["records_applied"] == 2
+        # [hub] was read, not applied: the running hub still has the heartbeat it began with
+        assert app.ingest.config.hub.heartbeat_s == 5.0
+        log = "\n".join(r.getMessage() for r in caplog.records)
+        assert "gateways reloaded: added ate-02; token changed ate-01" in log
+        assert "connections closed (4001): ate-01" in log
+        assert "[hub] changed in the config file: not applied until the hub restarts" in log
+        assert "token-one" not in log  # a token is never in a log line
+
+        # ate-03 removed from the table: its open connection is closed too
+        write_config(path, {"ate-01": "token-one-rotated", "ate-02": "token-two"})
+        await sighup_and_wait(app, "ok")
+        closed = await closed_by_hub(three)
+        assert closed.code == 4001 and "'ate-03' no longer configured" in closed.reason
+        await acked(joined, 2)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("damage", ["not TOML", "a bad value", "no file"])
+async def test_a_config_file_that_cannot_be_read_on_reload_changes_nothing(
+        tmp_path: Path, caplog: Any, damage: str) -> None:
+    path = tmp_path / "hub.toml"
+    write_config(path, {"ate-01": "token-one"})
+    app = Hub(load(HubConfig, path))
+    app.ingest.config_source = functools.partial(load, HubConfig, path, None)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(app.run)
+        one = await PeerGateway.connect(port, "ate-01", "token-one")
+        await acked(one, 1)
+        if damage == "not TOML":
+            path.write_text("[gateways.ate-01\ntoken = 'other'\n")
+        elif damage == "a bad value":  # valid TOML, no token
+            path.write_text(path.read_text().replace('token = "token-one"', 'token = ""'))
+        else:
+            path.unlink()
+        await sighup_and_wait(app, "failed")
+
+        # the running table stands: the connection goes on, the same token is admitted
+        await acked(one, 2)
+        again = await PeerGateway.connect(port, "ate-01", "token-one", epoch="epoch-2")
+        assert again.first[0] == WELCOME
+        expected = {"not TOML": "not valid TOML", "a bad value": "gateways.ate-01",
+                    "no file": "cannot read"}[damage]
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert any("not reloaded, the running one stays" in e and expected in e
+                   for e in errors), errors
+
+        # mended, the next SIGHUP takes it
+        write_config(path, {"ate-01": "token-one", "ate-02": "token-two"})
+        await sighup_and_wait(app, "ok")
+        joined = await PeerGateway.connect(port, "ate-02", "token-two")
+        assert joined.first[0] == WELCOME
+        nursery.cancel_scope.cancel()
+
+
+def test_systemctl_reload_of_the_hub_service_admits_a_gateway_added_to_its_file(
+        tmp_path: Path) -> None:
+    """The real command: ``edgegw hub --config FILE`` and SIGHUP (the unit's ExecReload)."""
+    port = free_port()
+    path = tmp_path / "hub.toml"
+    write_config(path, {"ate-01": "token-one"}, port=port)
+    log_path = tmp_path / "hub.log"
+    proc = spawn("hub", "--config", str(path), log=log_path)
+    try:
+        wait_for(lambda: "listening on" in log_path.read_text(), timeout=30)
+
+        async def hello(gateway: str, token: str) -> int:
+            gw = await PeerGateway.connect(port, gateway, token)
+            await gw.client.close()
+            return int(gw.first[0])
+
+        assert trio.run(hello, "ate-02", "token-two") == REFUSE
+        write_config(path, {"ate-01": "token-one", "ate-02": "token-two"}, port=port)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "gateways reloaded: added ate-02" in log_path.read_text(), timeout=20)
+        assert trio.run(hello, "ate-02", "token-two") == WELCOME
+        assert proc.poll() is None  # SIGHUP did not end it
+    finally:
+        stop(proc)
