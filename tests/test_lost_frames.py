@@ -15,6 +15,9 @@ import trio
 from hubtools import gateway_config, gateway_welcomed, hub_config, start_hub
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from peer_gateway import PeerGateway, sensor
+from peer_gateway import data as peer_data
+from peer_gateway import rows as peer_rows
 from peer_hub import ACK, DATA, LOST, PING, PONG, PeerHub, Session, welcome
 from trio_websocket import ConnectionClosed, open_websocket_url
 
@@ -430,6 +433,35 @@ async def test_segments_the_spool_drops_while_connected_are_declared_too(
         assert gw.store.stats()["dropped_frames"] > 0
         assert_no_data_below_a_lost(messages, losts)
         await session.end()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+async def test_frames_declared_lost_past_what_a_64_bit_counter_holds_saturate_it(
+        tmp_path: Path, request: pytest.FixtureRequest, store: str) -> None:
+    """A HELLO or a LOST may name any seq below 2^63 (docs/protocol.md section 2), so two
+    epochs of one gateway may declare more frames lost than the store's 64-bit counter
+    holds.  The count stops at 2^63 - 1; before, the third handshake's write failed
+    (SQLite: "Python int too large", PostgreSQL: "bigint out of range") and every
+    connection of that epoch ended with 1011, its frames never acknowledged."""
+    big = (1 << 63) - 1
+    cfg = hub_config(tmp_path)
+    ingest = (Ingest(cfg) if store == "sqlite" else Ingest(cfg, store=ClusterStore(
+        request.getfixturevalue("pg_dsn"), "node-a", partitions=4, connect_timeout_s=1)))
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(ingest.run)
+        for epoch in ("e1", "e2", "e3"):
+            gw = await PeerGateway.connect(port, "ate-01", "s3cret", epoch=epoch,
+                                           next_seq=big)
+            assert gw.first[0] == 2, gw.first  # WELCOME
+            await gw.send(peer_data(big, peer_rows(1, [sensor("chuck", 25.0)])))
+            with trio.fail_after(10):
+                await gw.until_acked(big)
+            await gw.client.close()
+        stats = (await ingest.store.all_gateway_stats() if store == "postgresql"
+                 else ingest.store.stats)["ate-01"]
+        assert (stats.frames_applied, stats.frames_lost) == (3, big)
+        assert ingest.metrics.counter("internal_errors_total").total() == 0
         nursery.cancel_scope.cancel()
 
 

@@ -245,6 +245,11 @@ STAT_FIELDS = ("frames_applied", "records_applied", "duplicates_dropped", "frame
 
 T = TypeVar("T")
 
+#: the most a per-gateway counter holds (SQLite INTEGER, PostgreSQL bigint): frames_lost
+#: saturates there -- a HELLO or LOST may name any seq below 2^63, so two epochs of one
+#: gateway could declare more than a 64-bit column takes, and the write would fail
+COUNTER_MAX = (1 << 63) - 1
+
 
 @dataclasses.dataclass
 class FrameToApply:
@@ -638,7 +643,8 @@ class HubStore:
         for (gw, epoch), (up_to, n) in lost.items():
             self.applied_set(gw, epoch).add_range(1, up_to)
             self.gateway_stats(gw).epoch = epoch
-            self.gateway_stats(gw).frames_lost += n
+            st = self.gateway_stats(gw)
+            st.frames_lost = min(COUNTER_MAX, st.frames_lost + n)
         try:
             ids = await trio.to_thread.run_sync(self._apply_sync, frames, lost, rejected,
                                                 dropped, limiter=self._limiter)

@@ -1171,7 +1171,10 @@ class ClusterStore:
                     "UPDATE edgegw_gateways SET frames_applied = frames_applied + %s,"
                     " records_applied = records_applied + %s,"
                     " duplicates_dropped = duplicates_dropped + %s,"
-                    " frames_rejected = frames_rejected + %s, frames_lost = frames_lost + %s,"
+                    " frames_rejected = frames_rejected + %s,"
+                    # saturating, as the single hub's (store.py, COUNTER_MAX)
+                    " frames_lost = LEAST(frames_lost::numeric + %s, 9223372036854775807)"
+                    "::bigint,"
                     " last_seq = GREATEST(last_seq, %s), epoch = COALESCE(%s, epoch),"
                     " last_seen = CASE WHEN %s THEN %s ELSE last_seen END,"
                     " last_rid = GREATEST(last_rid, %s)"
