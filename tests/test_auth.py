@@ -558,8 +558,16 @@ async def test_a_lot_scoped_viewer_never_sees_other_lots(tmp_path: Path) -> None
             assert reply.status == 404 and "LOT-B1" in reply.json()["error"], path
         assert (await http(port, "GET", "/api/lots/LOT-A1/wafers", ctx=ctx,
                            bearer=scoped)).status == 200
+        # ids holding "/" are one path segment each (%2F), for the guard as for the API
+        feed_lot(app, "LOT-A/2", rid=200)
+        feed_lot(app, "LOT-B/2", rid=250)
+        assert (await http(port, "GET", "/api/lots/LOT-A%2F2/wafers", ctx=ctx,
+                           bearer=scoped)).status == 200
+        for path in ("/api/lots/LOT-B%2F2/wafers", "/api/tests/LOT-B%2F2/300"):
+            reply = await http(port, "GET", path, ctx=ctx, bearer=scoped)
+            assert reply.status == 404 and "LOT-B/2" in reply.json()["error"], path
         alerts = (await http(port, "GET", "/api/alerts", ctx=ctx, bearer=scoped)).json()
-        assert {a["context"]["lot_id"] for a in alerts["alerts"]} == {"LOT-A1"}
+        assert {a["context"]["lot_id"] for a in alerts["alerts"]} == {"LOT-A1", "LOT-A/2"}
         ack_b = await http(port, "POST", f"/api/alerts/{b_alert}/ack", ctx=ctx, bearer=scoped,
                            body={})
         assert ack_b.status == 404

@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -549,6 +550,32 @@ async def test_evicted_lots_are_served_from_the_archive(tmp_path: Path) -> None:
         assert status == 200 and body["count"] == 6
         assert (await get(hub.port, "/api/lots/NONE/wafers"))[0] == 404
         assert (await get(hub.port, "/api/lots/OLD/bogus/route/x"))[0] == 404
+        hub.stop()
+
+
+async def test_ids_holding_a_slash_or_a_percent_are_addressed_percent_encoded(
+        tmp_path: Path) -> None:
+    """docs/api.md: ids in a path are URL-encoded, each segment decoded on its own -- so a
+    lot or wafer id holding "/" (``%2F``) is one id, not two segments.  Before, the path
+    was decoded whole and such a lot, live or archived, was a 404 "no such API route"
+    (the dashboard's wafer list and die values of it too)."""
+    async with trio.open_nursery() as nursery:
+        hub = Hub(tmp_path, max_lots=1)
+        await hub.start(nursery)
+        hub.state.on_records("gw", 1, lot_records("OLD/1", "OLD/1-W/1", 6, ts=100.0), now=1.0)
+        hub.state.on_records("gw", 100, lot_records("A/B 50%", "W/1", 4, ts=900.0), now=2.0)
+        await hub.settle()
+        assert list(hub.state.lots) == ["A/B 50%"]  # OLD/1 is archived
+        for lot, wafer, dies in (("A%2FB%2050%25", "W%2F1", 4), ("OLD%2F1", "OLD%2F1-W%2F1", 6)):
+            status, body = await get(hub.port, f"/api/lots/{lot}/wafers")
+            assert status == 200, body
+            assert [w["wafer_id"] for w in body["wafers"]] == [urllib.parse.unquote(wafer)]
+            status, body = await get(hub.port, f"/api/lots/{lot}/wafers/{wafer}")
+            assert status == 200 and len(body["dies"]) == dies, body
+            status, body = await get(hub.port, f"/api/tests/{lot}/300")
+            assert status == 200 and body["count"] == dies, body
+        # "/" itself still separates: an id is never found across segments
+        assert (await get(hub.port, "/api/lots/A/B%2050%25/wafers"))[0] == 404
         hub.stop()
 
 

@@ -49,8 +49,8 @@ SAFE_METHODS = frozenset({"GET", "HEAD"})
 PUBLIC = frozenset({("GET", "/healthz"), ("GET", "/login"), ("GET", "/login.js"),
                     ("POST", "/login"), ("POST", "/logout"), ("GET", "/ws/gateway")})
 ADMIN_PREFIXES = ("/api/stats", "/api/live/stats", "/api/gateways")
-# paths whose second level names a lot: /api/lots/<lot>/..., /api/tests/<lot>/...
-LOT_PREFIXES = ("/api/lots/", "/api/tests/")
+# paths whose third segment names a lot: /api/lots/<lot>/..., /api/tests/<lot>/...
+LOT_ROUTES = (["api", "lots"], ["api", "tests"])
 
 
 def required_role(method: str, path: str) -> str | None:
@@ -123,7 +123,7 @@ class Access:
             self.m_denied.inc(reason="role")
             return _json(403, f"{principal.role} may not {method} {request.path} "
                               f"(needs {'admin' if need == 'metrics' else need})")
-        lot = lot_of_path(request.path)
+        lot = lot_of_path(request.segments)
         if lot is not None and not principal.sees_lot(lot):
             self.m_denied.inc(reason="lot_scope")
             return _json(404, f"unknown lot {lot!r}")
@@ -224,10 +224,10 @@ class Access:
         return _json(401, reason, [("www-authenticate", 'Bearer realm="edgegw"')])
 
 
-def lot_of_path(path: str) -> str | None:
-    """The lot a history API path names (``/api/lots/<lot>/...``, ``/api/tests/<lot>/...``)."""
-    for prefix in LOT_PREFIXES:
-        if path.startswith(prefix):
-            lot = path[len(prefix):].split("/", 1)[0]
-            return lot or None
+def lot_of_path(segments: list[str]) -> str | None:
+    """The lot a history API path names (``/api/lots/<lot>/...``, ``/api/tests/<lot>/...``),
+    from its decoded segments (``Request.segments``: a lot id holding "/" is one segment),
+    as the history API reads it."""
+    if len(segments) >= 3 and segments[:2] in LOT_ROUTES:
+        return segments[2]
     return None

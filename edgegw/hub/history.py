@@ -43,6 +43,7 @@ from edgegw.hub.alerts import AlertEngine
 from edgegw.hub.archive_merge import apply_archive
 from edgegw.hub.history_store import WAFER_SUMMARY
 from edgegw.hub.topics import PRIORITIES
+from edgegw.web import path_segments
 
 if TYPE_CHECKING:
     from edgegw.hub.history_store import HistoryStore
@@ -454,6 +455,8 @@ class HistoryApi:
 
     async def dispatch(self, method: str, path: str, params: dict[str, str],
                        body: bytes = b"", principal: Any = None) -> Result:
+        """Answer ``method path`` (``path`` as it came, percent-encoded: each segment is
+        decoded on its own, so ``/api/lots/A%2FB/wafers`` is lot ``A/B``'s wafers)."""
         status, payload = await self._dispatch(method, path, params, body, principal)
         if principal is not None and principal.lots is not None and status == 200:
             _scope(payload, principal)
@@ -461,7 +464,7 @@ class HistoryApi:
 
     async def _dispatch(self, method: str, path: str, params: dict[str, str],
                         body: bytes, principal: Any) -> Result:
-        parts = [p for p in path.split("/") if p]
+        parts = path_segments(path)
         if parts[:1] != ["api"]:
             return _error(404, "not an API path")
         parts = parts[1:]
@@ -527,8 +530,8 @@ class HistoryApi:
     async def handle(self, request: Request) -> Response:
         from edgegw.web import json_response
 
-        status, payload = await self.dispatch(request.method, request.path, request.query,
-                                              request.body, request.principal)
+        status, payload = await self.dispatch(request.method, request.raw_path or request.path,
+                                              request.query, request.body, request.principal)
         return json_response(payload, status)
 
 

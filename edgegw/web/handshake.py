@@ -82,7 +82,7 @@ def to_request(event: h11.Request, remote: str) -> Request:
         val = value.decode("latin-1")
         headers[key] = f"{headers[key]}, {val}" if key in headers else val
     return Request(event.method.decode(), urllib.parse.unquote(path), query, headers,
-                   remote=remote)
+                   remote=remote, raw_path=path)
 
 
 def is_upgrade(event: h11.Request) -> bool:

@@ -30,13 +30,13 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import unquote
 
 from edgegw import jsonutil
 from edgegw.hub import topics as topic_names
 from edgegw.hub.alerts import AlertEngine
 from edgegw.hub.fanout.core import StateSource
 from edgegw.hub.history import HistoryApi, Result, _sees_alert, alert_query
+from edgegw.web import path_segments
 
 
 class _Tally:
@@ -181,7 +181,7 @@ class ClusterHistoryApi(HistoryApi):
 
     async def dispatch(self, method: str, path: str, params: dict[str, str],
                        body: bytes = b"", principal: Any = None) -> Result:
-        parts = [p for p in path.split("/") if p]
+        parts = path_segments(path)
         if method == "GET" and parts == ["api", "alerts"]:
             return await self._alerts(params, principal)
         if method == "POST" and len(parts) == 4 and parts[1] == "alerts" and parts[3] == "ack":
@@ -197,7 +197,7 @@ class ClusterHistoryApi(HistoryApi):
             return await self.die_values(parts[2], parts[4], parts[6])
         if method == "GET" and self.read_views is not None and len(parts) >= 2 \
                 and parts[1] in ("lots", "tests"):
-            lot = {parts[2], unquote(parts[2])} if len(parts) > 2 else None
+            lot = {parts[2]} if len(parts) > 2 else None
 
             def wanted(topic: str) -> bool:
                 names = topic_names.split(topic)
