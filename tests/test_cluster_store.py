@@ -613,6 +613,29 @@ async def test_archives_are_written_once_fenced_and_never_regress(
     assert await a.archive_counts() == (1, 2)
 
 
+async def test_archives_are_pruned_by_when_they_were_written_by_the_databases_clock(
+        stores: tuple[ClusterStore, ClusterStore], pg_dsn: str) -> None:
+    """``hub.retain_history_days`` in a cluster: a lot or wafer archive goes once it was last
+    written longer ago than the cut, by PostgreSQL's clock; one written again (a fuller
+    archive of the lot) is dated afresh; the record times in it (``updated``: the tester's
+    clock, 1970 here) do not count."""
+    a, _ = stores
+    old = {"lot": {"lot_id": "OLD", "parts": 5, "updated": 1.0}, "wafers": {}}
+    redone = {"lot": {"lot_id": "REDONE", "parts": 5, "updated": 2.0}, "wafers": {}}
+    fresh = {"lot": {"lot_id": "FRESH", "parts": 5, "updated": 3.0}, "wafers": {}}
+    await a.save_archives(3, [("OLD", old, 1), ("REDONE", redone, 2), ("FRESH", fresh, 3)],
+                          [("OLD", "OLD-W1", {"wafer_id": "OLD-W1", "parts": 5}, 4)])
+    execute(pg_dsn, "UPDATE edgegw_lots SET archived_at = archived_at - 3 * 86400"
+                    " WHERE lot_id <> 'FRESH'",
+            "UPDATE edgegw_wafers SET archived_at = archived_at - 3 * 86400")
+    fuller = {"lot": {"lot_id": "REDONE", "parts": 9, "updated": 2.5}, "wafers": {}}
+    assert await a.save_archives(3, [("REDONE", fuller, 5)], []) == 0
+    assert await a.prune_history(time.time() - 2 * 86400, batch=1) == 2  # OLD and its wafer
+    assert await a.lot_archive("OLD") is None and await a.wafer_archive("OLD", "OLD-W1") is None
+    assert await a.lot_archive("REDONE") == fuller and await a.lot_archive("FRESH") == fresh
+    assert await a.prune_history(time.time() - 2 * 86400) == 0
+
+
 async def test_the_webhook_outbox_keeps_one_row_per_webhook_and_event(
         stores: tuple[ClusterStore, ClusterStore]) -> None:
     """The alert feed's outbox (docs/cluster.md, "Webhooks across a takeover"): a row per

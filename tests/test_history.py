@@ -18,8 +18,11 @@ from typing import Any
 import pytest
 import sectools
 import trio
+from hubtools import http_get, hub_config
 from test_webhooks import StoreFault, short_lock_wait, store_fault  # noqa: F401 (fixtures)
 
+from edgegw.config import ConfigError
+from edgegw.hub import Hub as HubService
 from edgegw.hub import history
 from edgegw.hub.alerts import (
     MAX_HELD_ARCHIVES,
@@ -577,6 +580,84 @@ async def test_ids_holding_a_slash_or_a_percent_are_addressed_percent_encoded(
         # "/" itself still separates: an id is never found across segments
         assert (await get(hub.port, "/api/lots/A/B%2050%25/wafers"))[0] == 404
         hub.stop()
+
+
+def archive_of(lot: str, parts: int = 5, updated: float = 1.0) -> dict[str, Any]:
+    return {"lot": {"lot_id": lot, "parts": parts, "updated": updated}, "wafers": {},
+            "tests": {}}
+
+
+async def test_archives_are_pruned_by_when_they_were_written_not_by_their_record_times(
+        tmp_path: Path) -> None:
+    """``hub.retain_history_days``: an archive goes once it was last written before the cut;
+    one written again (a fuller archive) is dated afresh; the tester's clock in it
+    (``updated``, 1970 here) does not count; one read back before is not served after."""
+    store = HistoryStore(tmp_path / "history.sqlite3")
+    await store.open()
+    try:
+        await store.save([], [("OLD", archive_of("OLD")), ("REDONE", archive_of("REDONE")),
+                              ("FRESH", archive_of("FRESH"))],
+                         [("OLD", "OLD-W1", {"wafer_id": "OLD-W1", "parts": 5})])
+        assert await store.lot("OLD") is not None  # (now in the read cache)
+        with sqlite3.connect(tmp_path / "history.sqlite3") as db:
+            for table in ("lots", "wafers"):
+                db.execute(f"UPDATE {table} SET archived_at = archived_at - 3 * 86400"
+                           " WHERE lot_id <> 'FRESH'")
+        await store.save([], [("REDONE", archive_of("REDONE", parts=9))])
+        assert await store.prune(time.time() - 2 * 86400, batch=1) == 2  # OLD and its wafer
+        assert await store.lot("OLD") is None and await store.wafer("OLD", "OLD-W1") is None
+        assert (await store.lot("REDONE") or {})["lot"]["parts"] == 9
+        assert await store.lot("FRESH") is not None
+        assert await store.prune(time.time() - 2 * 86400) == 0
+    finally:
+        await store.close()
+
+
+async def test_a_history_store_from_before_dates_its_archives_by_its_first_start(
+        tmp_path: Path) -> None:
+    """Rows written before the ``archived_at`` column existed are kept a whole retention
+    period from the start that adds it, not deleted at the first prune."""
+    path = tmp_path / "history.sqlite3"
+    with sqlite3.connect(path) as db:  # the lots table as an older hub made it
+        db.execute("CREATE TABLE lots (lot_id TEXT PRIMARY KEY, updated REAL NOT NULL,"
+                   " summary TEXT NOT NULL, archive TEXT NOT NULL,"
+                   " parts INTEGER NOT NULL DEFAULT 0)")
+        db.execute("INSERT INTO lots VALUES ('L0', 1.0, ?, ?, 5)",
+                   (json.dumps(archive_of("L0")["lot"]), json.dumps(archive_of("L0"))))
+    opened = time.time()
+    store = HistoryStore(path)
+    await store.open()
+    try:
+        assert await store.prune(opened - 1) == 0
+        assert await store.lot("L0") is not None
+        assert await store.prune(time.time() + 1) == 1
+    finally:
+        await store.close()
+
+
+async def test_a_hub_with_retain_history_days_deletes_old_archives_on_its_own(
+        tmp_path: Path) -> None:
+    """The real hub's pruner deletes archives past ``hub.retain_history_days`` (here under a
+    second, frames under that): the history API no longer has the lot, the count says
+    so."""
+    app = HubService(hub_config(tmp_path, retain_history_days=1e-5, retain_frames_hours=2e-4,
+                             prune_interval_s=0.1))
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(app.run)
+        assert await app.alerts.store.save([], [("OLD", archive_of("OLD"))]) == 0  # written
+        with trio.fail_after(20):
+            while (await http_get(port, "/api/lots/OLD/wafers"))[0] != 404:
+                await trio.sleep(0.1)
+        _, stats = await http_get(port, "/api/stats")
+        assert stats["metrics"]["hub_archives_pruned_total"] >= 1
+        nursery.cancel_scope.cancel()
+
+
+def test_retain_history_days_must_cover_the_frames_it_was_made_from(tmp_path: Path) -> None:
+    assert hub_config(tmp_path, retain_history_days=7).hub.retain_history_days == 7
+    for frames in (0, 24 * 8):  # frames kept for good, or longer than the archives
+        with pytest.raises(ConfigError, match="retain_history_days: 7 days must cover"):
+            hub_config(tmp_path, retain_history_days=7, retain_frames_hours=frames)
 
 
 async def test_every_lot_of_a_long_run_is_listed_page_by_page(tmp_path: Path) -> None:

@@ -149,6 +149,9 @@ class HubSection:
     # many MB; 0: no byte limit (docs/storage.md)
     retain_frames_mb: Annotated[float, Range(0, 100_000_000)] = 0.0
     prune_interval_s: Annotated[float, Range(0.01, 86_400)] = 600.0
+    # archived lots and wafers (the history API's past lots) written more than this many
+    # days ago are deleted, by the same pruner; 0 keeps them for good (docs/storage.md)
+    retain_history_days: Annotated[float, Range(0, 36_500)] = 0.0
     # the live state is checkpointed this often (seconds; 0: never, a restart replays every
     # retained frame), and sooner once this many records came in since the last one: a
     # restart replays at most about that many records (docs/storage.md)
@@ -170,6 +173,17 @@ class HubSection:
             problems.append(("listen", why))
         if not self.data_dir:
             problems.append(("data_dir", "must not be empty"))
+        if self.retain_history_days and not (
+                self.retain_frames_hours
+                and self.retain_history_days * 24 >= self.retain_frames_hours):
+            # a replay of frames still kept would archive a lot again from what is left
+            # of them, after its full archive was deleted
+            frames = (f"{self.retain_frames_hours:g} h" if self.retain_frames_hours
+                      else "0: frames kept for good")
+            problems.append(("retain_history_days", (
+                f"{self.retain_history_days:g} days must cover hub.retain_frames_hours "
+                f"({frames}): archives are never deleted before the frames they were made "
+                "from")))
         return problems
 
 

@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS lots (
     updated REAL NOT NULL,
     summary TEXT NOT NULL,
     archive TEXT NOT NULL,
-    parts INTEGER NOT NULL DEFAULT 0
+    parts INTEGER NOT NULL DEFAULT 0,
+    archived_at REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS lots_updated ON lots (updated, lot_id);
 CREATE TABLE IF NOT EXISTS wafers (
@@ -78,6 +79,7 @@ CREATE TABLE IF NOT EXISTS wafers (
     summary TEXT NOT NULL,
     snapshot TEXT NOT NULL,
     parts INTEGER NOT NULL DEFAULT 0,
+    archived_at REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (lot_id, wafer_id)
 );
 """
@@ -133,17 +135,19 @@ class _SqliteRows:
                                               (lot_id,))}
 
     def put_lot(self, lot_id: str, archive: dict[str, Any]) -> None:
-        self.db.execute("INSERT OR REPLACE INTO lots (lot_id, updated, summary, archive, parts)"
-                        " VALUES (?, ?, ?, ?, ?)", lot_row(lot_id, archive))
+        self.db.execute("INSERT OR REPLACE INTO lots (lot_id, updated, summary, archive, parts,"
+                        " archived_at) VALUES (?, ?, ?, ?, ?, ?)",
+                        (*lot_row(lot_id, archive), time.time()))
 
     def put_wafer(self, lot_id: str, wafer_id: str, snap: dict[str, Any]) -> None:
         # (an upsert, not a replace: the row keeps its place in the order wafers left)
         self.db.execute(
-            "INSERT INTO wafers (lot_id, wafer_id, updated, summary, snapshot, parts)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (lot_id, wafer_id) DO UPDATE SET"
-            " updated = excluded.updated, summary = excluded.summary,"
-            " snapshot = excluded.snapshot, parts = excluded.parts",
-            wafer_row(lot_id, wafer_id, snap))
+            "INSERT INTO wafers (lot_id, wafer_id, updated, summary, snapshot, parts,"
+            " archived_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (lot_id, wafer_id) DO"
+            " UPDATE SET updated = excluded.updated, summary = excluded.summary,"
+            " snapshot = excluded.snapshot, parts = excluded.parts,"
+            " archived_at = excluded.archived_at",
+            (*wafer_row(lot_id, wafer_id, snap), time.time()))
 
 
 
@@ -219,6 +223,11 @@ class HistoryStore:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN parts INTEGER NOT NULL DEFAULT 0")
                 db.execute(f"UPDATE {table} SET parts ="
                            " COALESCE(json_extract(summary, '$.parts'), 0)")
+            # (``hub.retain_history_days`` dates a row by when it was written: the rows of a
+            # store from before are dated by this start, kept a whole period from now)
+            if "archived_at" not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN archived_at REAL NOT NULL DEFAULT 0")
+                db.execute(f"UPDATE {table} SET archived_at = ?", (time.time(),))
         # from here on the lock waits are ``_execute``'s, in short steps
         db.execute(f"PRAGMA busy_timeout = {round(LOCK_POLL_S * 1000)}")
         self._db = db
@@ -248,21 +257,24 @@ class HistoryStore:
                         continue
                     written += db.execute(
                         "INSERT INTO wafers (lot_id, wafer_id, updated, summary, snapshot,"
-                        " parts) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (lot_id, wafer_id)"
-                        " DO UPDATE SET updated = excluded.updated,"
-                        " summary = excluded.summary, snapshot = excluded.snapshot,"
-                        " parts = excluded.parts WHERE excluded.parts >= wafers.parts",
-                        wafer_row(lot_id, wafer_id, data)).rowcount
+                        " parts, archived_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                        " ON CONFLICT (lot_id, wafer_id) DO UPDATE SET"
+                        " updated = excluded.updated, summary = excluded.summary,"
+                        " snapshot = excluded.snapshot, parts = excluded.parts,"
+                        " archived_at = excluded.archived_at"
+                        " WHERE excluded.parts >= wafers.parts",
+                        (*wafer_row(lot_id, wafer_id, data), time.time())).rowcount
                 elif data["lot"].get("counts_from") is not None:
                     written += merge_lot_archive(rows, lot_id, data)
                 else:
                     written += db.execute(
-                        "INSERT INTO lots (lot_id, updated, summary, archive, parts)"
-                        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (lot_id) DO UPDATE SET"
-                        " updated = excluded.updated, summary = excluded.summary,"
-                        " archive = excluded.archive, parts = excluded.parts"
+                        "INSERT INTO lots (lot_id, updated, summary, archive, parts,"
+                        " archived_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (lot_id) DO"
+                        " UPDATE SET updated = excluded.updated, summary = excluded.summary,"
+                        " archive = excluded.archive, parts = excluded.parts,"
+                        " archived_at = excluded.archived_at"
                         " WHERE excluded.parts >= lots.parts",
-                        lot_row(lot_id, data)).rowcount
+                        (*lot_row(lot_id, data), time.time())).rowcount
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -298,6 +310,22 @@ class HistoryStore:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+
+    def _prune_sync(self, older_than: float, batch: int) -> int:
+        db = self._db
+        assert db is not None
+        self._execute(db, "BEGIN IMMEDIATE")
+        try:
+            n = sum(db.execute(
+                f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table}"
+                " WHERE archived_at < ? LIMIT ?)", (older_than, batch)).rowcount
+                for table in ("wafers", "lots"))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return n
 
     def _select(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         assert self._db is not None
@@ -384,6 +412,17 @@ class HistoryStore:
             f"SELECT data FROM alerts WHERE {' AND '.join(where)} "
             "ORDER BY raised_at DESC LIMIT ?", (*params, limit))
         return [json.loads(r[0]) for r in rows]
+
+    async def prune(self, older_than: float, batch: int = 1000) -> int:
+        """Delete the lot and wafer archives last written before ``older_than`` (Unix time,
+        ``hub.retain_history_days``); how many rows went.  Alerts stay (one small row
+        each).  A wafer archive goes by its own date, its lot live or not.  In short
+        transactions of ``batch`` rows a table: alert writes wait one batch at most."""
+        total = 0
+        while n := await self._run(self._prune_sync, older_than, batch):
+            total += n
+            self._cache.clear()  # no archive read back before is served after its delete
+        return total
 
     async def _cached(self, key: tuple[str, ...], sql: str,
                       params: tuple[Any, ...]) -> dict[str, Any] | None:

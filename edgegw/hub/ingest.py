@@ -48,6 +48,7 @@ import itertools
 import logging
 import operator
 import signal
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -181,6 +182,10 @@ class Ingest:
         self.on_fed: Callable[[int], None] | None = None
         #: the newest frame id the pruner may delete (what checkpoints cover); None: any
         self.prune_limit: int | None = None
+        #: deletes the lot and wafer archives written before a date (the history store's
+        #: ``prune``), run by the pruner for ``hub.retain_history_days``; None: nothing to
+        #: prune (a hub without an archive)
+        self.history_pruner: Callable[[float], Awaitable[int]] | None = None
         # Committed frames (and gateway events) for the consumers, in commit order:
         # (gateway, first_rid, records, frame id, committed at) or (gateway, connected, now)
         self._to_feed: deque[tuple[Any, ...]] = deque()
@@ -224,6 +229,9 @@ class Ingest:
         self.m_bad_http = m.counter("hub_bad_http_requests_total", "malformed HTTP requests")
         self.m_pruned = m.counter("hub_frames_pruned_total",
                                   "applied frames deleted after the retention period")
+        self.m_history_pruned = m.counter(
+            "hub_archives_pruned_total", "lot and wafer archives deleted after "
+            "hub.retain_history_days")
         self.m_connected = m.gauge("hub_gateways_connected", "gateways connected now")
         self.m_full = m.counter("hub_store_full_total",
                                 "commits that failed for a full disk (acknowledgements paused)")
@@ -440,9 +448,28 @@ class Ingest:
                     self.m_pruned.inc(n)
                     log.info("pruned %d frame(s) (older than %g h or over %g MB)", n,
                              h.retain_frames_hours, h.retain_frames_mb)
+            await self._prune_history()
             self._prune_now = trio.Event()
             with trio.move_on_after(h.prune_interval_s):
                 await self._prune_now.wait()
+
+    async def _prune_history(self) -> None:
+        """Delete the archives older than ``retain_history_days`` (by the date they were
+        written, the same held-back clock as the frames': retention.py)."""
+        days = self.config.hub.retain_history_days
+        cut = self.retention_clock.cut_off(days * 86400) if days else 0.0
+        if not cut or self.history_pruner is None:
+            return
+        try:
+            n = await self.history_pruner(cut)
+        except (OSError, sqlite3.Error, StoreUnavailable) as exc:  # locked, full: next time
+            log.warning("pruning old lot archives: %s", exc)
+        except Exception:  # a boundary: the next round tries again
+            report_internal_error(self.metrics, "hub_prune", log, "pruning old lot archives")
+        else:
+            if n:
+                self.m_history_pruned.inc(n)
+                log.info("pruned %d lot and wafer archive(s) written over %g days ago", n, days)
 
     # -- HTTP --
     def health(self) -> tuple[bool, dict[str, Any]]:

@@ -152,6 +152,7 @@ class ClusterHub:
                                   idle_in_transaction_timeout_s=cc.idle_in_transaction_timeout,
                                   lock_timeout_s=cc.lock_timeout, metrics=metrics)
         self.ingest = NodeIngest(config, metrics, store=self.store)
+        self.ingest.history_pruner = self.store.prune_history  # hub.retain_history_days
         self.bus = ClusterBus(list(cc.redis_urls) or cc.redis_url, cc.key_prefix,
                               self.node_id, partitions=cc.partitions,
                               stale_after_s=cc.stale_after_s, metrics=metrics,
