@@ -531,14 +531,22 @@ async def test_archives_held_in_memory_are_bounded_the_fullest_of_a_lot_kept(
     assert len(dropped) == 1 and "lot A:" in dropped[0], dropped
 
 
+async def archived_and_live(nursery: trio.Nursery, tmp: Path, old: tuple[str, str, int],
+                            new: tuple[str, str, int]) -> Hub:
+    """A hub (``max_lots`` 1) with lot ``new`` (lot, wafer, dies) live and ``old`` archived:
+    evicted from memory by ``new``."""
+    hub = Hub(tmp, max_lots=1)
+    await hub.start(nursery)
+    hub.state.on_records("gw", 1, lot_records(*old, ts=100.0), now=1.0)
+    hub.state.on_records("gw", 100, lot_records(*new, ts=900.0), now=2.0)
+    await hub.settle()
+    assert list(hub.state.lots) == [new[0]]
+    return hub
+
+
 async def test_evicted_lots_are_served_from_the_archive(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
-        hub = Hub(tmp_path, max_lots=1)
-        await hub.start(nursery)
-        hub.state.on_records("gw", 1, lot_records("OLD", "OLD-1", 6, ts=100.0), now=1.0)
-        hub.state.on_records("gw", 100, lot_records("NEW", "NEW-1", 4, ts=900.0), now=2.0)
-        await hub.settle()
-        assert list(hub.state.lots) == ["NEW"]
+        hub = await archived_and_live(nursery, tmp_path, ("OLD", "OLD-1", 6), ("NEW", "NEW-1", 4))
 
         status, body = await get(hub.port, "/api/lots")
         assert status == 200
@@ -563,12 +571,8 @@ async def test_ids_holding_a_slash_or_a_percent_are_addressed_percent_encoded(
     was decoded whole and such a lot, live or archived, was a 404 "no such API route"
     (the dashboard's wafer list and die values of it too)."""
     async with trio.open_nursery() as nursery:
-        hub = Hub(tmp_path, max_lots=1)
-        await hub.start(nursery)
-        hub.state.on_records("gw", 1, lot_records("OLD/1", "OLD/1-W/1", 6, ts=100.0), now=1.0)
-        hub.state.on_records("gw", 100, lot_records("A/B 50%", "W/1", 4, ts=900.0), now=2.0)
-        await hub.settle()
-        assert list(hub.state.lots) == ["A/B 50%"]  # OLD/1 is archived
+        hub = await archived_and_live(nursery, tmp_path, ("OLD/1", "OLD/1-W/1", 6),
+                                      ("A/B 50%", "W/1", 4))
         for lot, wafer, dies in (("A%2FB%2050%25", "W%2F1", 4), ("OLD%2F1", "OLD%2F1-W%2F1", 6)):
             status, body = await get(hub.port, f"/api/lots/{lot}/wafers")
             assert status == 200, body
