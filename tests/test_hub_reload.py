@@ -79,7 +79,7 @@ async def test_a_reload_admits_a_new_gateway_and_closes_one_whose_token_changed(
 
         closed = await closed_by_hub(one)
         assert closed.code == 4001
-        assert "'ate-01' its token was changed (hub config reloaded)" in closed.reason
+        assert "gateway 'ate-01': its token was changed (hub config reloaded)" in closed.reason
         # ate-03's connection was not touched: its next frame is acknowledged
         await acked(three, 2)
         # the old token is refused from now on; the new one finds frame 1 applied
@@ -107,7 +107,7 @@ async def test_a_reload_admits_a_new_gateway_and_closes_one_whose_token_changed(
         write_config(path, {"ate-01": "token-one-rotated", "ate-02": "token-two"})
         await sighup_and_wait(app, "ok")
         closed = await closed_by_hub(three)
-        assert closed.code == 4001 and "'ate-03' no longer configured" in closed.reason
+        assert closed.code == 4001 and "gateway 'ate-03': no longer configured" in closed.reason
         await acked(joined, 2)
         nursery.cancel_scope.cancel()
 

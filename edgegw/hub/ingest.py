@@ -364,7 +364,7 @@ class Ingest:
                 why = "its token was changed"
             else:
                 continue
-            session.revoked = f"gateway {session.gateway!r} {why} (hub config reloaded)"
+            session.revoked = f"gateway {session.gateway!r}: {why} (hub config reloaded)"
             session.cancel_scope.cancel()
             closed.append(session.gateway)
         if closed:
