@@ -218,14 +218,15 @@ class HistoryStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SCHEMA)
-        for table in ("lots", "wafers"):  # a store from before the "never regress" rule
-            if "parts" not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+        for table in ("lots", "wafers"):
+            columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            if "parts" not in columns:  # a store from before the "never regress" rule
                 db.execute(f"ALTER TABLE {table} ADD COLUMN parts INTEGER NOT NULL DEFAULT 0")
                 db.execute(f"UPDATE {table} SET parts ="
                            " COALESCE(json_extract(summary, '$.parts'), 0)")
             # (``hub.retain_history_days`` dates a row by when it was written: the rows of a
             # store from before are dated by this start, kept a whole period from now)
-            if "archived_at" not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+            if "archived_at" not in columns:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN archived_at REAL NOT NULL DEFAULT 0")
                 db.execute(f"UPDATE {table} SET archived_at = ?", (time.time(),))
         # from here on the lock waits are ``_execute``'s, in short steps

@@ -600,8 +600,7 @@ class Ingest:
                 await ws.send_message(conn.refuse(code, reason, trio.current_time()))
                 await ws.aclose(code, reason)
                 return
-            session = GatewaySession(gw, request.remote, hello.epoch)
-            session.token_digest = token_digest(hello.token)
+            session = GatewaySession(gw, request.remote, hello.epoch, token_digest(hello.token))
             old = self.connected.claim(session)  # newest wins: the old one is cancelled
             if old is not None:
                 self.m_replaced.inc()

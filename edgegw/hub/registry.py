@@ -25,7 +25,7 @@ import trio
 class GatewaySession:
     """One accepted gateway connection."""
 
-    def __init__(self, gateway: str, remote: str, epoch: str) -> None:
+    def __init__(self, gateway: str, remote: str, epoch: str, token_digest: str = "") -> None:
         self.gateway = gateway
         self.remote = remote
         self.epoch = epoch
@@ -34,7 +34,7 @@ class GatewaySession:
         self.cancel_scope = trio.CancelScope()
         self.replaced = False
         #: the SHA-256 of the token it was admitted with (a config reload checks it again)
-        self.token_digest = ""
+        self.token_digest = token_digest
         #: why a config reload closes it (4001): its gateway removed, or its token changed
         self.revoked: str | None = None
         #: the store's generation of this connection (a cluster's fence; 0 in one process)
