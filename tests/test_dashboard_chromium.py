@@ -994,3 +994,47 @@ async def test_a_wafer_archived_and_tested_again_comes_back_on_the_page_without_
         assert after["reconnects"] == before["reconnects"], after
         assert after["topic"] == w1 and after["dies"] == 3  # its first pass's dies and the new
         assert after["wafers"] == [w1] and "pass 2 · reopened" in after["title"]
+
+
+@needs_chromium
+async def test_a_wafer_of_a_lot_whose_id_holds_url_characters_is_coloured_by_a_test(
+        tmp_path: Path) -> None:
+    """Lot and wafer ids are the tester's free text: "?", "#", "&", "/", "%" and spaces all
+    occur.  The wafer map coloured by a test reads each die's value from the history API;
+    the page must address the lot and wafer as ids (percent-encoded), not paste the topic's
+    levels into the URL (a "?" there starts a query string and the request reads another
+    path)."""
+    from edgegw.stdf import StdfWriter
+
+    lot, wafer = "Q?7#A&B/1 50%", "W?1 #2"
+    w = StdfWriter("<")
+    recs: list[tuple[str, dict[str, Any]]] = [
+        ("FAR", {"CPU_TYPE": 2, "STDF_VER": 4}),
+        ("MIR", {"SETUP_T": T0, "START_T": T0, "STAT_NUM": 1, "LOT_ID": lot,
+                 "PART_TYP": "DEV", "NODE_NAM": "prober", "TSTR_TYP": "J750",
+                 "JOB_NAM": "sort"}),
+        ("WIR", {"HEAD_NUM": 1, "START_T": T0, "WAFER_ID": wafer})]
+    dies = [(0, 0), (1, 0), (0, 1)]
+    for x, y in dies:
+        recs += [("PIR", {"HEAD_NUM": 1, "SITE_NUM": 0}),
+                 ("PTR", {"TEST_NUM": 100, "HEAD_NUM": 1, "SITE_NUM": 0, "TEST_FLG": 0,
+                          "PARM_FLG": 0, "RESULT": 1.0 + x + 2 * y, "TEST_TXT": "VDD",
+                          "OPT_FLAG": 0x0E, "LO_LIMIT": 0.0, "HI_LIMIT": 10.0, "UNITS": "V"}),
+                 ("PRR", {"HEAD_NUM": 1, "SITE_NUM": 0, "PART_FLG": 0, "NUM_TEST": 1,
+                          "HARD_BIN": 1, "SOFT_BIN": 1, "X_COORD": x, "Y_COORD": y})]
+    recs.append(("WRR", {"HEAD_NUM": 1, "FINISH_T": T0 + 100, "PART_CNT": len(dies),
+                         "WAFER_ID": wafer}))
+    data = b"".join(w.encode(name, f) for name, f in recs)
+    async with page_of_a_tailed_file(tmp_path, "odd", data) as (browser, _port):
+        await wait_panels(browser, lambda p: p["wafer"] == len(dies) and p["tests"] == 1, 30,
+                          "the wafer's dies and its test")
+        with trio.fail_after(10):
+            while not await browser.eval(
+                    "[...document.getElementById('color-by').options]"
+                    ".some(o => o.value === '100')"):
+                await trio.sleep(0.1)
+        await browser.eval("(() => { const s = document.getElementById('color-by');"
+                           " s.value = '100'; s.dispatchEvent(new Event('change')); })()")
+        state = await wait_panels(browser, lambda p: p["valued"] == len(dies), 15,
+                                  "every die coloured by test 100's value")
+        assert state["mode"] == "test:100"

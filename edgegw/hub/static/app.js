@@ -452,9 +452,13 @@ function loadRules() {
 }
 
 function dieValuesFor(topic, testNum) {
-  const [, lot, , wafer] = topic.split("/");
+  // The ids, encoded afresh: a topic level escapes only "/", "+", "#" and "%", so an id's
+  // "?" or "&" pasted from it would end the URL's path.
+  const ids = waferIds(topic);
   const key = topic + "|" + testNum;
-  refresh(key, 2000, dieValues, `/api/lots/${lot}/wafers/${wafer}/tests/${testNum}`, (d) => ({
+  const path = `/api/lots/${encodeURIComponent(ids.lot_id)}/wafers/`
+    + `${encodeURIComponent(ids.wafer_id)}/tests/${testNum}`;
+  refresh(key, 2000, dieValues, path, (d) => ({
     dies: new Map((d ? d.dies : []).map(([x, y, v]) => [x + "," + y, v])),
     lo: d ? d.lo_limit : null, hi: d ? d.hi_limit : null, units: d ? d.units : "",
   }));
