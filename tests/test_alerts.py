@@ -3,6 +3,7 @@ records into LiveState, which drives the engine; time passed in."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any
 
@@ -364,3 +365,35 @@ def test_a_restored_unacknowledged_p0_still_escalates_after_a_restart() -> None:
     state2.tick(1121.0)
     (esc,) = bus2.of("escalated")
     assert esc["alert"]["id"] == persisted[0]["id"]
+
+
+def test_reconfigured_rules_start_afresh_and_the_alerts_raised_stay() -> None:
+    """A SIGHUP's new rules (docs/alerts.md, "Changing rules on a running hub"): a changed
+    rule forgets the run it was counting (its new count is not met by fails counted under
+    the old one), an untouched rule keeps its run, a removed rule raises nothing more, and
+    every alert already raised stays listed and escalates."""
+    run = AlertRuleConfig(name="site-run", kind="consecutive_fails", priority="P0", count=5)
+    other = AlertRuleConfig(name="other-run", kind="consecutive_fails", priority="P1",
+                            count=4)
+    stuck = AlertRuleConfig(name="stuck", kind="consecutive_fails", priority="P0", count=2)
+    state, engine, bus = make(run, other, stuck, escalate_after_s=60.0)
+    feed = Feeder(state)
+    feed([part(i, 5, site=1, ts=100.0 + i) for i in range(3)], now=1.0)
+    (raised,) = bus.of("raised")  # "stuck" at the 2nd fail; the others count on
+    assert raised["alert"]["rule"] == "stuck"
+
+    changes = engine.reconfigure(AlertsConfig(
+        rules=[dataclasses.replace(run, count=4), other], escalate_after_s=60.0))
+    assert (changes.added, changes.removed, changes.changed) == ([], ["stuck"], ["site-run"])
+    feed([part(10, 5, site=1, ts=110.0)], now=2.0)
+    # other-run: 4 in a row, counted across the reload; site-run (now 4) starts at 1
+    assert [e["alert"]["rule"] for e in bus.of("raised")] == ["stuck", "other-run"]
+    feed([part(11 + i, 5, site=1, ts=111.0 + i) for i in range(3)], now=3.0)
+    assert [e["alert"]["rule"] for e in bus.of("raised")] == ["stuck", "other-run", "site-run"]
+    # two fails on another site: "stuck" would have raised for it; it is gone
+    feed([part(20 + i, 5, site=2, ts=120.0 + i) for i in range(2)], now=4.0)
+    assert len(bus.of("raised")) == 3
+    # the removed rule's alert: still listed, and still escalated when unacknowledged
+    assert raised["alert"]["id"] in engine.alerts
+    engine.tick(1.0 + 61.0)
+    assert raised["alert"]["id"] in [e["alert"]["id"] for e in bus.of("escalated")]

@@ -24,12 +24,12 @@ from edgegw.hub import Hub, HubConfig
 
 
 def write_config(path: Path, gateways: dict[str, str], heartbeat_s: float = 5.0,
-                 port: int = 0) -> None:
+                 port: int = 0, alerts: str = "") -> None:
     lines = ["[hub]", f"port = {port}", f'data_dir = "{path.parent / "hub-data"}"',
              f"heartbeat_s = {heartbeat_s}"]
     for gw, token in gateways.items():
         lines += [f"[gateways.{gw}]", f'token = "{token}"']
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + alerts)
 
 
 async def sighup_and_wait(app: Hub, outcome: str) -> None:
@@ -173,3 +173,79 @@ def test_systemctl_reload_of_the_hub_service_admits_a_gateway_added_to_its_file(
         assert proc.poll() is None  # SIGHUP did not end it
     finally:
         stop(proc)
+
+
+HOT_AT_50 = """
+[[alerts.rules]]
+name = "chuck-hot"
+kind = "sensor_range"
+priority = "P1"
+channel = "chuck"
+high = 50.0
+"""
+
+
+async def test_a_reload_takes_new_alert_rules_and_keeps_the_alerts_raised(
+        tmp_path: Path, caplog: Any) -> None:
+    """A threshold tuned and a rule added on a running hub: the readings after the SIGHUP
+    are judged by the new rules, the alert raised before stays listed, and the webhook
+    list (its sender and outbox are built at start-up) waits for a restart."""
+    path = tmp_path / "hub.toml"
+    write_config(path, {"ate-01": "token-one"}, alerts=HOT_AT_50)
+    app = Hub(load(HubConfig, path))
+    app.ingest.config_source = functools.partial(load, HubConfig, path, None)
+    t0 = 1764130000.0
+
+    async def reading(gw: PeerGateway, seq: int, value: float) -> None:
+        # an hour of record time apart: no reading falls in another's de-duplication window
+        await gw.send(data(seq, rows(seq, [sensor("chuck", value, ts=t0 + 3600 * seq)])))
+        with trio.fail_after(10):
+            await gw.until_acked(seq)
+
+    async def alerts(port: int) -> list[tuple[str, float]]:
+        _, body = await http_get(port, "/api/alerts")
+        return sorted((a["rule"], a["value"]) for a in body["alerts"])
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(app.run)
+        gw = await PeerGateway.connect(port, "ate-01", "token-one")
+        await reading(gw, 1, 60.0)
+        with trio.fail_after(10):
+            while await alerts(port) != [("chuck-hot", 60.0)]:
+                await trio.sleep(0.02)
+
+        write_config(path, {"ate-01": "token-one"}, alerts=HOT_AT_50.replace(
+            "high = 50.0", "high = 100.0") + """
+[[alerts.rules]]
+name = "chuck-cold"
+kind = "sensor_range"
+priority = "P2"
+channel = "chuck"
+low = 10.0
+
+[[alerts.webhooks]]
+url = "http://127.0.0.1:9/hook"
+""")
+        await sighup_and_wait(app, "ok")
+        _, rules = await http_get(port, "/api/alerts/rules")
+        assert {r["name"]: r["priority"] for r in rules["rules"]} == {
+            "chuck-hot": "P1", "chuck-cold": "P2"}
+
+        await reading(gw, 2, 80.0)  # hot under the old rule, not under the new one
+        await reading(gw, 3, 5.0)   # cold: only the new rule sees it
+        with trio.fail_after(10):
+            while await alerts(port) != [("chuck-cold", 5.0), ("chuck-hot", 60.0)]:
+                await trio.sleep(0.02)
+        await reading(gw, 4, 150.0)  # the changed rule still raises above its new limit
+        with trio.fail_after(10):
+            while len(await alerts(port)) != 3:
+                await trio.sleep(0.02)
+        assert await alerts(port) == [
+            ("chuck-cold", 5.0), ("chuck-hot", 60.0), ("chuck-hot", 150.0)]
+        assert app.alerts.config.webhooks == []  # not applied: no sender was built for it
+
+        log = "\n".join(r.getMessage() for r in caplog.records)
+        assert "alert rules reloaded: added chuck-cold; changed chuck-hot" in log
+        assert ("[alerts.webhooks] changed in the config file: not applied until the hub "
+                "restarts") in log
+        nursery.cancel_scope.cancel()

@@ -90,7 +90,7 @@ from ..web import (
     install_status,
     json_response,
 )
-from .config import HubConfig
+from .config import AlertsConfig, HubConfig
 from .refusals import RefusalLog, RefusedIds
 from .registry import GatewayRegistry, GatewaySession
 from .reload import plan as reload_plan
@@ -186,6 +186,9 @@ class Ingest:
         #: ``prune``), run by the pruner for ``hub.retain_history_days``; None: nothing to
         #: prune (a hub without an archive)
         self.history_pruner: Callable[[float], Awaitable[int]] | None = None
+        #: hands a SIGHUP's ``[alerts]`` to the running alert engine -> a line for the log
+        #: (edgegw/hub/reload.py); None: this hub takes them at a restart only
+        self.alerts_reloader: Callable[[AlertsConfig], str] | None = None
         # Committed frames (and gateway events) for the consumers, in commit order:
         # (gateway, first_rid, records, frame id, committed at) or (gateway, connected, now)
         self._to_feed: deque[tuple[Any, ...]] = deque()
@@ -338,8 +341,9 @@ class Ingest:
     async def reload_config(self) -> bool:
         """Read the config file again and take its [gateways] table (edgegw/hub/reload.py):
         the next handshakes are checked against it, and a connection whose gateway it no
-        longer lists, or whose token it no longer matches, is closed with 4001.  Other
-        sections that changed are named in the log as waiting for a restart.  A file that
+        longer lists, or whose token it no longer matches, is closed with 4001.  Its
+        [alerts] rules go to ``alerts_reloader``, if set.  Other sections that changed are
+        named in the log as waiting for a restart.  A file that
         cannot be read or is not a valid config leaves the running one as it is (logged
         with its errors, counted).  False when nothing was taken."""
         if self.config_source is None:
@@ -351,9 +355,12 @@ class Ingest:
             log.error("SIGHUP: the config file was not reloaded, the running one stays: %s",
                       str(exc).replace("\n", "; "))
             return False
-        change = reload_plan(self.config, read)
+        change = reload_plan(self.config, read, alerts=self.alerts_reloader is not None)
         self.config = change.config
         self.security.use_gateways(change.config)
+        if change.alerts_changed and self.alerts_reloader is not None:
+            log.warning("SIGHUP: alert rules reloaded: %s",
+                        self.alerts_reloader(change.config.alerts))
         self.m_reloads.inc(outcome="ok")
         closed = []
         for session in list(self.connected.sessions.values()):
@@ -374,8 +381,9 @@ class Ingest:
                     else "")
         if change.restart_needed:
             log.warning("SIGHUP: [%s] changed in the config file: not applied until the hub "
-                        "restarts (only [gateways] is reloaded)",
-                        "], [".join(change.restart_needed))
+                        "restarts (a reload takes [gateways]%s)",
+                        "], [".join(change.restart_needed),
+                        " and the [alerts] rules" if self.alerts_reloader else "")
         self.security.log_warnings()
         return True
 

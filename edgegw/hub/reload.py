@@ -1,13 +1,17 @@
-"""What a SIGHUP takes from the hub's config file while the hub runs: the ``[gateways]`` table.
+"""What a SIGHUP takes from the hub's config file while the hub runs: the ``[gateways]``
+table and, where the hub can apply them, the ``[alerts]`` rules.
 
-A tester added to the floor, a gateway's token rotated, a leaked one revoked: none of these
-should restart the hub, which would make every gateway and dashboard reconnect and replay
-the frames after its last checkpoint.  The gateway table is read only when a HELLO is
-checked, so a new table takes effect at the next handshake; and a connection whose gateway
-is no longer listed, or whose token the new table no longer matches, is closed (4001) by
-the caller -- a revoked token stops at once, not at the gateway's next reconnect.  Every
-other section was read at start-up into long-lived things (the listening socket, the
-store, the live state's caps, the alert rules): a change there is reported as waiting for a
+A tester added to the floor, a gateway's token rotated, a leaked one revoked, a yield
+threshold tuned: none of these should restart the hub, which would make every gateway and
+dashboard reconnect and replay the frames after its last checkpoint.  The gateway table is
+read only when a HELLO is checked, so a new table takes effect at the next handshake; and a
+connection whose gateway is no longer listed, or whose token the new table no longer
+matches, is closed (4001) by the caller -- a revoked token stops at once, not at the
+gateway's next reconnect.  The alert rules (with ``dedup_window_s``, ``escalate_after_s``
+and ``keep``) are handed to the running alert engine when the hub says it can take them
+(``alerts=True``); ``alerts.webhooks`` is not (its sender and durable outbox are built at
+start-up).  Every other section was read at start-up into long-lived things (the listening
+socket, the store, the live state's caps): a change there is reported as waiting for a
 restart, not applied.  Pure: two configs in, a plan out (``Ingest.reload_config`` does it).
 """
 
@@ -20,15 +24,18 @@ from .config import HubConfig
 
 @dataclasses.dataclass(frozen=True)
 class ReloadPlan:
-    """``config``: the running config with the file's gateway table; the gateway ids
-    ``added``, ``removed`` and those whose token ``changed``; ``restart_needed``: the other
-    sections that differ in the file (not applied)."""
+    """``config``: the running config with what the file changes that is applied: its
+    gateway table (and its ``[alerts]`` but for the webhooks, when taken); the gateway ids
+    ``added``, ``removed`` and those whose token ``changed``; ``alerts_changed``: whether
+    the ``[alerts]`` taken differ from the running ones; ``restart_needed``: the sections
+    (or keys) that differ in the file and are not applied."""
 
     config: HubConfig
     added: list[str]
     removed: list[str]
     changed: list[str]
     restart_needed: list[str]
+    alerts_changed: bool = False
 
     @property
     def summary(self) -> str:
@@ -39,14 +46,34 @@ class ReloadPlan:
         return "; ".join(parts) if parts else "no gateway added, removed or changed"
 
 
-def plan(running: HubConfig, read: HubConfig) -> ReloadPlan:
-    """What reloading ``read`` (the file as it is now) over ``running`` does."""
+def plan(running: HubConfig, read: HubConfig, *, alerts: bool = False) -> ReloadPlan:
+    """What reloading ``read`` (the file as it is now) over ``running`` does; ``alerts``:
+    the running hub can take new ``[alerts]`` rules (``AlertService.reconfigure``)."""
     old, new = running.gateways, read.gateways
+    config = dataclasses.replace(running, gateways=dict(new))
+    restart_needed = [f.name for f in dataclasses.fields(HubConfig)
+                      if f.name not in ("gateways", "alerts")
+                      and getattr(running, f.name) != getattr(read, f.name)]
+    alerts_changed = False
+    if alerts:
+        taken = dataclasses.replace(read.alerts, webhooks=running.alerts.webhooks)
+        alerts_changed = taken != running.alerts
+        config = dataclasses.replace(config, alerts=taken)
+        if read.alerts.webhooks != running.alerts.webhooks:
+            restart_needed.append("alerts.webhooks")
+    elif read.alerts != running.alerts:
+        restart_needed.append("alerts")
     return ReloadPlan(
-        config=dataclasses.replace(running, gateways=dict(new)),
+        config=config,
         added=sorted(set(new) - set(old)),
         removed=sorted(set(old) - set(new)),
         changed=sorted(gw for gw in set(old) & set(new) if old[gw] != new[gw]),
-        restart_needed=[f.name for f in dataclasses.fields(HubConfig) if f.name != "gateways"
-                        and getattr(running, f.name) != getattr(read, f.name)],
+        restart_needed=sorted(restart_needed, key=_section_order),
+        alerts_changed=alerts_changed,
     )
+
+
+def _section_order(name: str) -> int:
+    """The order the sections have in ``HubConfig`` (the log names them so)."""
+    names = [f.name for f in dataclasses.fields(HubConfig)]
+    return names.index(name.split(".")[0])

@@ -10,7 +10,7 @@ acknowledged, escalated, persisted and delivered to webhooks.
 """
 
 from .config import RULE_KINDS, AlertRuleConfig, AlertsConfig, Priority, RuleKind, WebhookConfig
-from .engine import Alert, AlertEngine
+from .engine import Alert, AlertEngine, RuleChanges
 from .outbox import MAX_HELD_ROWS, WebhookOutbox
 from .service import MAX_HELD_ARCHIVE_BYTES, MAX_HELD_ARCHIVES, AlertService
 from .webhooks import (
@@ -27,6 +27,7 @@ from .webhooks import (
 __all__ = [
     "EVENT_ID_HEADER", "MAX_HELD_ARCHIVES", "MAX_HELD_ARCHIVE_BYTES", "MAX_HELD_ROWS",
     "RULE_KINDS", "SIGNATURE_HEADER", "Alert", "AlertEngine", "AlertRuleConfig",
-    "AlertService", "AlertsConfig", "Fenced", "Priority", "RuleKind", "WebhookConfig",
+    "AlertService", "AlertsConfig", "Fenced", "Priority", "RuleChanges", "RuleKind",
+    "WebhookConfig",
     "WebhookOutbox", "WebhookSender", "event_key", "post_json", "shown_url", "sign",
 ]

@@ -86,6 +86,22 @@ class Alert:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+@dataclasses.dataclass(frozen=True)
+class RuleChanges:
+    """The rule names a reconfiguration added, removed and changed."""
+
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+
+    @property
+    def summary(self) -> str:
+        parts = [f"{what} {', '.join(names)}" for what, names in (
+            ("added", self.added), ("removed", self.removed), ("changed", self.changed))
+            if names]
+        return "; ".join(parts) if parts else "no rule added, removed or changed"
+
+
 AlertEvent = dict[str, Any]
 Publish = Callable[[str, dict[str, Any]], None]
 
@@ -128,10 +144,7 @@ class AlertEngine:
         self._notified_at: dict[str, float] = {}
         self._publish = publish
         self._sink = sink
-        rules = [r for r in config.rules if r.enabled]
-        self._by_kind: dict[str, list[AlertRuleConfig]] = {k: [] for k in RULE_KINDS}
-        for rule in rules:
-            self._by_kind[rule.kind].append(rule)
+        self._by_kind: dict[str, list[AlertRuleConfig]] = self._index(config)
         self.alerts: OrderedDict[str, Alert] = OrderedDict()
         self._by_key: dict[str, Alert] = {}
         self._by_topic: dict[str, deque[Alert]] = {}
@@ -144,6 +157,33 @@ class AlertEngine:
         self._m_suppressed = metrics.counter(
             "hub_alerts_deduplicated_total", "alert conditions suppressed as duplicates"
         )
+
+    @staticmethod
+    def _index(config: AlertsConfig) -> dict[str, list[AlertRuleConfig]]:
+        by_kind: dict[str, list[AlertRuleConfig]] = {k: [] for k in RULE_KINDS}
+        for rule in config.rules:
+            if rule.enabled:
+                by_kind[rule.kind].append(rule)
+        return by_kind
+
+    def reconfigure(self, config: AlertsConfig) -> RuleChanges:
+        """Take the rules (and windows, ``keep``) of ``config`` from now on -- the hub's
+        SIGHUP.  A rule changed or removed forgets what it was counting (a run of fails, a
+        bin's recent shares): its new definition starts afresh rather than judging a run
+        counted under the old one.  The alerts already raised stay as they are (listed,
+        acknowledgeable, a P0 still escalated), whatever happened to their rule."""
+        old = {r.name: r for r in self.config.rules}
+        new = {r.name: r for r in config.rules}
+        changes = RuleChanges(
+            added=sorted(set(new) - set(old)), removed=sorted(set(old) - set(new)),
+            changed=sorted(n for n in set(old) & set(new) if old[n] != new[n]))
+        gone = set(changes.removed) | set(changes.changed)
+        self._runs = {k: v for k, v in self._runs.items() if k[0] not in gone}
+        self._shares = {k: v for k, v in self._shares.items() if k[0] not in gone}
+        self.config = config
+        self._by_kind = self._index(config)
+        self._trim()  # a smaller ``keep``: the oldest leave memory
+        return changes
 
     # ------------------------------------------------------------------ inputs
 
@@ -500,6 +540,10 @@ class AlertEngine:
         if recent is None:
             recent = self._by_topic[alert.topic] = deque(maxlen=_PER_TOPIC)
         recent.append(alert)
+        self._trim()
+
+    def _trim(self) -> None:
+        """The newest ``keep`` alerts stay in memory (all are in the store)."""
         while len(self.alerts) > self.config.keep:
             _, old = self.alerts.popitem(last=False)
             if self._by_key.get(old.key) is old:

@@ -27,6 +27,7 @@ its frames, or replay would raise them again)::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -43,7 +44,7 @@ from edgegw.jsonutil import dumps
 from edgegw.metrics import Metrics, report_internal_error
 
 from .config import AlertsConfig
-from .engine import AlertEngine
+from .engine import AlertEngine, RuleChanges
 from .outbox import RETRY_MAX_S, RETRY_S, WebhookOutbox, outbox_rows
 from .webhooks import WebhookSender, event_key, shown_url
 
@@ -249,6 +250,12 @@ class AlertService:
         target = self._queued
         while self._done < target:
             await self._progress.wait()
+
+    def reconfigure(self, config: AlertsConfig) -> RuleChanges:
+        """The rules and settings of ``config`` from now on (the hub's SIGHUP; its webhooks
+        are the ones the service began with: the sender and its outbox are not rebuilt)."""
+        self.config = dataclasses.replace(config, webhooks=self.config.webhooks)
+        return self.engine.reconfigure(self.config)
 
     async def run(self, state: LiveState | None = None, *, tick_s: float = 1.0,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import trio
 
-from edgegw.hub.alerts import AlertEngine
+from edgegw.hub.alerts import AlertEngine, AlertsConfig
 from edgegw.hub.config import HubConfig
 from edgegw.hub.dashboard import Dashboard
 from edgegw.hub.fanout import LiveFanout
@@ -153,6 +153,7 @@ class ClusterHub:
                                   lock_timeout_s=cc.lock_timeout, metrics=metrics)
         self.ingest = NodeIngest(config, metrics, store=self.store)
         self.ingest.history_pruner = self.store.prune_history  # hub.retain_history_days
+        self.ingest.alerts_reloader = self._reload_alerts
         self.bus = ClusterBus(list(cc.redis_urls) or cc.redis_url, cc.key_prefix,
                               self.node_id, partitions=cc.partitions,
                               stale_after_s=cc.stale_after_s, metrics=metrics,
@@ -211,6 +212,15 @@ class ClusterHub:
         self.ingest.http.add_route("GET", "/healthz", healthz)  # with the cluster's status
         self.ingest.stats_sections["cluster"] = self.status
         self.started_at = time.time()
+
+    def _reload_alerts(self, config: AlertsConfig) -> str:
+        """A SIGHUP's ``[alerts]`` (webhooks kept as they began): this node's partitions
+        judge by them from now on, and its ``/api/alerts/rules`` lists them.  Each node
+        reads its own file: the rules the cluster raises by are those of the node owning
+        a partition (docs/operations.md, "Reload": signal every node)."""
+        self.owner.reconfigure_alerts(config)
+        self.alert_feed.config = config
+        return self.alerts.reconfigure(config).summary
 
     @property
     def metrics(self) -> Metrics:

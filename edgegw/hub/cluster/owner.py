@@ -576,6 +576,16 @@ class PartitionOwner:
                 await trio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    def reconfigure_alerts(self, config: AlertsConfig) -> None:
+        """The rules of ``config`` (a SIGHUP) for the partitions held now and those taken
+        from now on (each partition's engine: ``AlertEngine.reconfigure``)."""
+        if self.alerts_config is None:
+            return  # this owner raises no alerts
+        self.alerts_config = config
+        for owned in self.owned.values():
+            if owned.engine is not None:
+                owned.engine.reconfigure(config)
+
     async def _alert_engine(self, p: int, publish: Callable[[str, dict[str, Any]], None]
                             ) -> tuple[AlertEngine | None, list[dict[str, Any]]]:
         """The partition's alert engine, holding the alerts already raised for it (by any
@@ -789,6 +799,9 @@ class PartitionOwner:
                 engine, events = await self._alert_engine(p, publish)
                 state = self.make_state(p, publish, engine, owned.archives)
         owned.state = state
+        if engine is not None and self.alerts_config is not None \
+                and engine.config is not self.alerts_config:
+            engine.reconfigure(self.alerts_config)  # a SIGHUP came while it was made
         owned.engine, owned.alert_events = engine, events
         publisher = self.make_publisher(OwnedTopics(state, p, self.n_partitions, gateways))
         publisher.fence(lease_name(p), owned.token)

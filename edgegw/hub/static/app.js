@@ -933,5 +933,6 @@ $("signout").addEventListener("click", async () => {
     headers: { "content-type": "application/json" }, body: "{}" });
   signIn();
 });
-checkSession().then((ok) => { if (ok) { connect(); loadRules(); } });
+// The rules again each minute: a hub reloads them on SIGHUP (docs/operations.md, "Reload").
+checkSession().then((ok) => { if (ok) { connect(); loadRules(); setInterval(loadRules, 60000); } });
 requestAnimationFrame(frame);
