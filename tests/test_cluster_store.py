@@ -636,6 +636,27 @@ async def test_archives_are_pruned_by_when_they_were_written_by_the_databases_cl
     assert await a.prune_history(time.time() - 2 * 86400) == 0
 
 
+async def test_alerts_are_pruned_by_their_last_write_once_the_feed_has_announced_them(
+        stores: tuple[ClusterStore, ClusterStore], pg_dsn: str) -> None:
+    """``hub.retain_history_days`` prunes alerts too, by PostgreSQL's clock at their last
+    write (an acknowledgement dates one afresh), never by their record times -- and never
+    one the alert feed has still to announce (its webhooks would miss it)."""
+    a, b = stores
+    def alert(i: str) -> dict[str, object]:
+        return {"id": i, "priority": "P1", "rule": "y", "raised_at": 1.0,
+                "acknowledged": False}
+    await a.save_alerts(1, 5, [alert("old"), alert("acked"), alert("unfed"), alert("fresh")])
+    fed = [(got["id"], "r", updated) for got, _, updated in await b.pending_alerts()
+           if got["id"] != "unfed"]
+    assert await b.mark_fed(fed) == {"old", "acked", "fresh"}
+    execute(pg_dsn, "UPDATE edgegw_alerts SET written_at = written_at - 3 * 86400"
+                    " WHERE id <> 'fresh'")
+    assert await b.ack_alert("acked", "ann", 120.0)  # written again now
+    assert await b.prune_alerts(time.time() - 2 * 86400, batch=1) == 1
+    assert sorted(x["id"] for x in await a.load_alerts()) == ["acked", "fresh", "unfed"]
+    assert await b.prune_alerts(time.time() - 2 * 86400) == 0
+
+
 async def test_the_webhook_outbox_keeps_one_row_per_webhook_and_event(
         stores: tuple[ClusterStore, ClusterStore]) -> None:
     """The alert feed's outbox (docs/cluster.md, "Webhooks across a takeover"): a row per

@@ -617,6 +617,52 @@ async def test_archives_are_pruned_by_when_they_were_written_not_by_their_record
         await store.close()
 
 
+def alert_of(alert_id: str, acknowledged: bool = False) -> dict[str, Any]:
+    return {"id": alert_id, "priority": "P1", "rule": "y", "raised_at": 1.0,
+            "acknowledged": acknowledged}
+
+
+async def test_alerts_are_pruned_by_their_last_write_not_by_their_record_times(
+        tmp_path: Path) -> None:
+    """``hub.retain_history_days`` deletes alerts last written before the cut; one written
+    again (acknowledged) is dated afresh; the record time it was raised at (1970 here) does
+    not count."""
+    store = HistoryStore(tmp_path / "history.sqlite3")
+    await store.open()
+    try:
+        await store.save([alert_of("old"), alert_of("acked"), alert_of("fresh")], [])
+        with sqlite3.connect(tmp_path / "history.sqlite3") as db:
+            db.execute("UPDATE alerts SET written_at = written_at - 3 * 86400"
+                       " WHERE id <> 'fresh'")
+        await store.save([alert_of("acked", acknowledged=True)], [])
+        assert await store.prune_alerts(time.time() - 2 * 86400, batch=1) == 1
+        assert sorted(a["id"] for a in await store.alerts()) == ["acked", "fresh"]
+        assert await store.prune_alerts(time.time() - 2 * 86400) == 0
+        assert await store.prune(time.time() - 2 * 86400) == 0  # archives: none
+    finally:
+        await store.close()
+
+
+async def test_a_history_store_from_before_dates_its_alerts_by_its_first_start(
+        tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite3"
+    with sqlite3.connect(path) as db:  # the alerts table as an older hub made it
+        db.execute("CREATE TABLE alerts (id TEXT PRIMARY KEY, priority TEXT NOT NULL,"
+                   " rule TEXT NOT NULL, raised_at REAL NOT NULL,"
+                   " acknowledged INTEGER NOT NULL, data TEXT NOT NULL)")
+        db.execute("INSERT INTO alerts VALUES ('a0', 'P1', 'y', 1.0, 0, ?)",
+                   (json.dumps(alert_of("a0")),))
+    opened = time.time()
+    store = HistoryStore(path)
+    await store.open()
+    try:
+        assert await store.prune_alerts(opened - 1) == 0
+        assert [a["id"] for a in await store.alerts()] == ["a0"]
+        assert await store.prune_alerts(time.time() + 1) == 1
+    finally:
+        await store.close()
+
+
 async def test_a_history_store_from_before_dates_its_archives_by_its_first_start(
         tmp_path: Path) -> None:
     """Rows written before the ``archived_at`` column existed are kept a whole retention
@@ -641,19 +687,22 @@ async def test_a_history_store_from_before_dates_its_archives_by_its_first_start
 
 async def test_a_hub_with_retain_history_days_deletes_old_archives_on_its_own(
         tmp_path: Path) -> None:
-    """The real hub's pruner deletes archives past ``hub.retain_history_days`` (here under a
-    second, frames under that): the history API no longer has the lot, the count says
-    so."""
+    """The real hub's pruner deletes archives and alerts past ``hub.retain_history_days``
+    (here under a second, frames under that): the history API no longer has the lot, the
+    store not the alert, the counts say so."""
     app = HubService(hub_config(tmp_path, retain_history_days=1e-5, retain_frames_hours=2e-4,
                              prune_interval_s=0.1))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(app.run)
-        assert await app.alerts.store.save([], [("OLD", archive_of("OLD"))]) == 0  # written
+        assert await app.alerts.store.save([alert_of("a0")],
+                                           [("OLD", archive_of("OLD"))]) == 0  # written
         with trio.fail_after(20):
-            while (await http_get(port, "/api/lots/OLD/wafers"))[0] != 404:
+            while (await http_get(port, "/api/lots/OLD/wafers"))[0] != 404 \
+                    or await app.alerts.store.alerts():
                 await trio.sleep(0.1)
         _, stats = await http_get(port, "/api/stats")
         assert stats["metrics"]["hub_archives_pruned_total"] >= 1
+        assert stats["metrics"]["hub_alerts_pruned_total"] >= 1
         nursery.cancel_scope.cancel()
 
 

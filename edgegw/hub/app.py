@@ -64,6 +64,7 @@ class Hub:
         self.ingest.stats_sections["checkpoint"] = self._checkpoint_stats
         self.ingest.health_problems.append(self.alerts.health_problem)
         self.ingest.history_pruner = self.alerts.store.prune  # hub.retain_history_days
+        self.ingest.alerts_pruner = self.alerts.store.prune_alerts
         self.ingest.alerts_reloader = lambda alerts: self.alerts.reconfigure(alerts).summary
 
     def _alert_lot(self, alert_id: str) -> str | None:

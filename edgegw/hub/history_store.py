@@ -3,7 +3,8 @@
 * **Alerts** with their acknowledgement and escalation state.  Acknowledgements come from
   users, not from records, so replaying the frame store cannot restore them; and alert
   de-duplication after a restart relies on the alerts raised before it
-  (``AlertEngine.restore``).  One row per alert, upserted on every event.
+  (``AlertEngine.restore``).  One row per alert, upserted on every event; deleted
+  ``hub.retain_history_days`` after its last write (``written_at``, the hub's clock).
 * **Archived lots**: the full figures (summary, wafer maps, test statistics) of a lot
   evicted from the live state's memory, so the history API still answers for it.  The
   archive is derived data, written with ``synchronous=NORMAL``.  **It never regresses**:
@@ -50,7 +51,8 @@ CREATE TABLE IF NOT EXISTS alerts (
     rule TEXT NOT NULL,
     raised_at REAL NOT NULL,
     acknowledged INTEGER NOT NULL,
-    data TEXT NOT NULL
+    data TEXT NOT NULL,
+    written_at REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS alerts_raised ON alerts (raised_at);
 -- the webhook outbox: one row per (webhook, alert event), written with the alert;
@@ -229,6 +231,10 @@ class HistoryStore:
             if "archived_at" not in columns:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN archived_at REAL NOT NULL DEFAULT 0")
                 db.execute(f"UPDATE {table} SET archived_at = ?", (time.time(),))
+        if "written_at" not in {row[1] for row in db.execute("PRAGMA table_info(alerts)")}:
+            db.execute("ALTER TABLE alerts ADD COLUMN written_at REAL NOT NULL DEFAULT 0")
+            db.execute("UPDATE alerts SET written_at = ?", (time.time(),))
+        db.execute("CREATE INDEX IF NOT EXISTS alerts_written ON alerts (written_at)")
         # from here on the lock waits are ``_execute``'s, in short steps
         db.execute(f"PRAGMA busy_timeout = {round(LOCK_POLL_S * 1000)}")
         self._db = db
@@ -244,11 +250,12 @@ class HistoryStore:
         self._execute(db, "BEGIN IMMEDIATE")
         try:
             queued = _queue_outbox(db, outbox)
+            now = time.time()
             db.executemany(
-                "INSERT OR REPLACE INTO alerts (id, priority, rule, raised_at, acknowledged, data)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO alerts (id, priority, rule, raised_at, acknowledged, data,"
+                " written_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(a["id"], a["priority"], a["rule"], a["raised_at"], int(a["acknowledged"]),
-                  dumps(a)) for a in alerts])
+                  dumps(a), now) for a in alerts])
             written = 0
             rows = _SqliteRows(db)
             for kind, lot_id, wafer_id, data in archive_order(lots, wafers):
@@ -312,15 +319,16 @@ class HistoryStore:
                 db.execute("ROLLBACK")
             raise
 
-    def _prune_sync(self, older_than: float, batch: int) -> int:
+    def _prune_sync(self, older_than: float, batch: int,
+                    tables: tuple[tuple[str, str], ...]) -> int:
         db = self._db
         assert db is not None
         self._execute(db, "BEGIN IMMEDIATE")
         try:
             n = sum(db.execute(
                 f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table}"
-                " WHERE archived_at < ? LIMIT ?)", (older_than, batch)).rowcount
-                for table in ("wafers", "lots"))
+                f" WHERE {dated} < ? LIMIT ?)", (older_than, batch)).rowcount
+                for table, dated in tables)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -416,13 +424,25 @@ class HistoryStore:
 
     async def prune(self, older_than: float, batch: int = 1000) -> int:
         """Delete the lot and wafer archives last written before ``older_than`` (Unix time,
-        ``hub.retain_history_days``); how many rows went.  Alerts stay (one small row
-        each).  A wafer archive goes by its own date, its lot live or not.  In short
-        transactions of ``batch`` rows a table: alert writes wait one batch at most."""
+        ``hub.retain_history_days``); how many rows went.  A wafer archive goes by its own
+        date, its lot live or not.  In short transactions of ``batch`` rows a table: alert
+        writes wait one batch at most."""
         total = 0
-        while n := await self._run(self._prune_sync, older_than, batch):
+        while n := await self._run(self._prune_sync, older_than, batch,
+                                   (("wafers", "archived_at"), ("lots", "archived_at"))):
             total += n
             self._cache.clear()  # no archive read back before is served after its delete
+        return total
+
+    async def prune_alerts(self, older_than: float, batch: int = 1000) -> int:
+        """Delete the alerts last written (raised, counted again, escalated, acknowledged)
+        before ``older_than`` (Unix time, the hub's clock: ``hub.retain_history_days``);
+        how many went.  An alert still in the engine's memory is written again whole by its
+        next change."""
+        total = 0
+        while n := await self._run(self._prune_sync, older_than, batch,
+                                   (("alerts", "written_at"),)):
+            total += n
         return total
 
     async def _cached(self, key: tuple[str, ...], sql: str,

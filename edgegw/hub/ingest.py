@@ -186,6 +186,8 @@ class Ingest:
         #: ``prune``), run by the pruner for ``hub.retain_history_days``; None: nothing to
         #: prune (a hub without an archive)
         self.history_pruner: Callable[[float], Awaitable[int]] | None = None
+        #: deletes the alerts last written before a date, with the archives
+        self.alerts_pruner: Callable[[float], Awaitable[int]] | None = None
         #: hands a SIGHUP's ``[alerts]`` to the running alert engine -> a line for the log
         #: (edgegw/hub/reload.py); None: this hub takes them at a restart only
         self.alerts_reloader: Callable[[AlertsConfig], str] | None = None
@@ -235,6 +237,8 @@ class Ingest:
         self.m_history_pruned = m.counter(
             "hub_archives_pruned_total", "lot and wafer archives deleted after "
             "hub.retain_history_days")
+        self.m_alerts_pruned = m.counter(
+            "hub_alerts_pruned_total", "alerts deleted after hub.retain_history_days")
         self.m_connected = m.gauge("hub_gateways_connected", "gateways connected now")
         self.m_full = m.counter("hub_store_full_total",
                                 "commits that failed for a full disk (acknowledgements paused)")
@@ -462,22 +466,27 @@ class Ingest:
                 await self._prune_now.wait()
 
     async def _prune_history(self) -> None:
-        """Delete the archives older than ``retain_history_days`` (by the date they were
-        written, the same held-back clock as the frames': retention.py)."""
+        """Delete the archives and alerts older than ``retain_history_days`` (by the date
+        they were written, the same held-back clock as the frames': retention.py)."""
         days = self.config.hub.retain_history_days
         cut = self.retention_clock.cut_off(days * 86400) if days else 0.0
-        if not cut or self.history_pruner is None:
+        if not cut:
             return
-        try:
-            n = await self.history_pruner(cut)
-        except (OSError, sqlite3.Error, StoreUnavailable) as exc:  # locked, full: next time
-            log.warning("pruning old lot archives: %s", exc)
-        except Exception:  # a boundary: the next round tries again
-            report_internal_error(self.metrics, "hub_prune", log, "pruning old lot archives")
-        else:
-            if n:
-                self.m_history_pruned.inc(n)
-                log.info("pruned %d lot and wafer archive(s) written over %g days ago", n, days)
+        for pruner, what, counter in (
+                (self.history_pruner, "lot and wafer archive(s)", self.m_history_pruned),
+                (self.alerts_pruner, "alert(s)", self.m_alerts_pruned)):
+            if pruner is None:
+                continue
+            try:
+                n = await pruner(cut)
+            except (OSError, sqlite3.Error, StoreUnavailable) as exc:  # locked, full: next time
+                log.warning("pruning old %s: %s", what, exc)
+            except Exception:  # a boundary: the next round tries again
+                report_internal_error(self.metrics, "hub_prune", log, f"pruning old {what}")
+            else:
+                if n:
+                    counter.inc(n)
+                    log.info("pruned %d %s written over %g days ago", n, what, days)
 
     # -- HTTP --
     def health(self) -> tuple[bool, dict[str, Any]]:

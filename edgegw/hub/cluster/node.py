@@ -153,6 +153,7 @@ class ClusterHub:
                                   lock_timeout_s=cc.lock_timeout, metrics=metrics)
         self.ingest = NodeIngest(config, metrics, store=self.store)
         self.ingest.history_pruner = self.store.prune_history  # hub.retain_history_days
+        self.ingest.alerts_pruner = self.store.prune_alerts
         self.ingest.alerts_reloader = self._reload_alerts
         self.bus = ClusterBus(list(cc.redis_urls) or cc.redis_url, cc.key_prefix,
                               self.node_id, partitions=cc.partitions,

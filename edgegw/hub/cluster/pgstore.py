@@ -211,6 +211,10 @@ CREATE INDEX IF NOT EXISTS edgegw_alerts_raised ON edgegw_alerts (raised_at);
 ALTER TABLE edgegw_alerts ADD COLUMN IF NOT EXISTS pending boolean NOT NULL DEFAULT true;
 ALTER TABLE edgegw_alerts ADD COLUMN IF NOT EXISTS fed text NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS edgegw_alerts_pending ON edgegw_alerts (id) WHERE pending;
+-- when an alert was last written, by the database's clock (hub.retain_history_days)
+ALTER TABLE edgegw_alerts ADD COLUMN IF NOT EXISTS written_at double precision NOT NULL
+    DEFAULT extract(epoch FROM now());
+CREATE INDEX IF NOT EXISTS edgegw_alerts_written ON edgegw_alerts (written_at);
 -- the alert feed's webhook outbox: one row per (webhook, event), written before the event
 -- is sent; ``outcome`` set once it is finished with (delivered, refused, ...).  A new holder
 -- of the feed sends again what has none (docs/cluster.md, "Webhooks across a takeover").
@@ -1385,10 +1389,12 @@ class ClusterStore:
                 for a in alerts:
                     row = conn.execute(
                         "INSERT INTO edgegw_alerts (id, partition, token, priority, rule,"
-                        " raised_at, acknowledged, data, updated) VALUES"
-                        " (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET"
+                        " raised_at, acknowledged, data, updated, written_at) VALUES"
+                        f" (%s, %s, %s, %s, %s, %s, %s, %s, %s, {_DB_NOW})"
+                        " ON CONFLICT (id) DO UPDATE SET"
                         " token = EXCLUDED.token, priority = EXCLUDED.priority,"
                         " data = EXCLUDED.data, updated = EXCLUDED.updated,"
+                        " written_at = EXCLUDED.written_at,"
                         " acknowledged = edgegw_alerts.acknowledged OR EXCLUDED.acknowledged,"
                         " pending = true"  # the alert feed (alertfeed.py) looks again
                         " WHERE edgegw_alerts.token <= EXCLUDED.token"
@@ -1408,7 +1414,8 @@ class ClusterStore:
             with conn.transaction():  # at READ COMMITTED, whatever the database's default
                 cur = conn.execute(
                     "UPDATE edgegw_alerts SET acknowledged = true, acked_by = %s,"
-                    " acked_at = %s, updated = %s, pending = true WHERE id = %s"
+                    f" acked_at = %s, updated = %s, pending = true, written_at = {_DB_NOW}"
+                    " WHERE id = %s"
                     " AND NOT acknowledged", (user, at, at, alert_id))
             return cur.rowcount == 1
 
@@ -1625,6 +1632,24 @@ class ClusterStore:
                     f"DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM {table}"
                     f" WHERE archived_at < {_DB_NOW} - %s LIMIT %s)", (age, batch)).rowcount
                     for table in ("edgegw_wafers", "edgegw_lots"))
+
+        total = 0
+        while n := await self._call(run):
+            total += n
+        return total
+
+    async def prune_alerts(self, older_than: float, batch: int = 1000) -> int:
+        """Delete the alerts last written before ``older_than`` (as ``prune_history``: an
+        age against the database's clock, which dates ``written_at``) -- but none the alert
+        feed has still to announce (``pending``); how many went."""
+        age = time.time() - older_than
+
+        def run(conn: psycopg.Connection[Any]) -> int:
+            with conn.transaction():
+                return conn.execute(
+                    "DELETE FROM edgegw_alerts WHERE ctid IN (SELECT ctid FROM edgegw_alerts"
+                    f" WHERE written_at < {_DB_NOW} - %s AND NOT pending LIMIT %s)",
+                    (age, batch)).rowcount
 
         total = 0
         while n := await self._call(run):
