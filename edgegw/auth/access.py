@@ -78,14 +78,19 @@ class Access:
 
     def __init__(self, config: AuthConfig | None, verifier: TokenVerifier | None, *,
                  metrics: Metrics | None = None) -> None:
+        m = metrics or Metrics()
+        self.m_denied = m.counter("hub_requests_denied_total",
+                                  "requests and upgrades refused by the access guard, by reason")
+        self.reconfigure(config, verifier)
+
+    def reconfigure(self, config: AuthConfig | None, verifier: TokenVerifier | None) -> None:
+        """Check every request from now on against ``config`` and ``verifier`` (at start,
+        and when a SIGHUP reloads ``[auth]``: HubSecurity.use_auth)."""
         self.config = config or AuthConfig(mode="none")
         self.verifier = verifier
         self.proxies = [ipaddress.ip_network(p, strict=False)
                         for p in self.config.trusted_proxies]
         self.origins = {o.lower().rstrip("/") for o in self.config.allowed_origins}
-        m = metrics or Metrics()
-        self.m_denied = m.counter("hub_requests_denied_total",
-                                  "requests and upgrades refused by the access guard, by reason")
         # host names besides IP addresses and dotless names a hub without sign-in answers to
         self.hosts = HostRule((urllib.parse.urlsplit(o).hostname or "" for o in self.origins),
                               key="auth.allowed_origins", refused=self.m_denied)

@@ -27,7 +27,7 @@ from .access import Access
 from .config import AuthConfig
 from .ratelimit import FailureLimiter
 from .signin import SignIn
-from .tokens import TokenVerifier
+from .tokens import AuthError, TokenVerifier
 
 if TYPE_CHECKING:
     from ..hub.config import GatewayAuth, HubConfig
@@ -146,6 +146,39 @@ class HubSecurity:
         (edgegw/hub/reload.py): the start-up warnings about it are made again."""
         self.config = config
         self.warnings = self._warnings()
+
+    @staticmethod
+    async def load_auth(auth: AuthConfig) -> TokenVerifier:
+        """The verifier of a reloaded ``[auth]`` (``mode = "jwt"``), its key files read in a
+        worker thread; ValueError naming the key that cannot be used."""
+        return await trio.to_thread.run_sync(TokenVerifier.from_config, auth)
+
+    def use_auth(self, auth: AuthConfig, verifier: TokenVerifier) -> None:
+        """Every request from now on is checked against ``auth`` and its keys (a SIGHUP);
+        the connections open already are checked again by ``still_signed_in``."""
+        self.auth = auth
+        self.access.reconfigure(auth, verifier)
+
+    def still_signed_in(self, request: Request) -> str | None:
+        """Why an open connection opened with ``request`` is no longer admitted as it was
+        after ``[auth]`` was reloaded (its token is refused by the new keys or claims
+        rules, or it maps to another user, role or lot scope) -- a short reason for its
+        close frame -- or None.  The details go to the log, never the token."""
+        before = request.principal
+        if before is None or before.via in ("none", "metrics_token"):
+            return None
+        try:
+            now = self.access.authenticate(request)
+        except AuthError as exc:
+            log.warning("SIGHUP: /ws/live connection of %r from %s: %s", before.user,
+                        request.remote, exc)
+            return "token no longer accepted (hub config reloaded)"
+        if (now.user, now.role, now.lots) != (before.user, before.role, before.lots):
+            log.warning("SIGHUP: /ws/live connection of %r from %s: signed in as %r, %s, "
+                        "lots %s now", before.user, request.remote, now.user, now.role,
+                        now.lots)
+            return "sign-in changed (hub config reloaded)"
+        return None
 
     async def reload_tls(self) -> bool:
         assert self.tls is not None

@@ -66,6 +66,8 @@ class Hub:
         self.ingest.history_pruner = self.alerts.store.prune  # hub.retain_history_days
         self.ingest.alerts_pruner = self.alerts.store.prune_alerts
         self.ingest.alerts_reloader = lambda alerts: self.alerts.reconfigure(alerts).summary
+        self.ingest.auth_rechecks.append(
+            lambda: self.fanout.recheck(self.ingest.security.still_signed_in))
 
     def _alert_lot(self, alert_id: str) -> str | None:
         """The lot an alert is about (None: not a lot's), for lot-scoped operators."""

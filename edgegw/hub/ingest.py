@@ -191,6 +191,9 @@ class Ingest:
         #: hands a SIGHUP's ``[alerts]`` to the running alert engine -> a line for the log
         #: (edgegw/hub/reload.py); None: this hub takes them at a restart only
         self.alerts_reloader: Callable[[AlertsConfig], str] | None = None
+        #: after a SIGHUP took new ``[auth]``: each checks its open connections again
+        #: (``HubSecurity.still_signed_in``) -> how many it closed
+        self.auth_rechecks: list[Callable[[], int]] = []
         # Committed frames (and gateway events) for the consumers, in commit order:
         # (gateway, first_rid, records, frame id, committed at) or (gateway, connected, now)
         self._to_feed: deque[tuple[Any, ...]] = deque()
@@ -346,10 +349,12 @@ class Ingest:
         """Read the config file again and take its [gateways] table (edgegw/hub/reload.py):
         the next handshakes are checked against it, and a connection whose gateway it no
         longer lists, or whose token it no longer matches, is closed with 4001.  Its
-        [alerts] rules go to ``alerts_reloader``, if set.  Other sections that changed are
-        named in the log as waiting for a restart.  A file that
-        cannot be read or is not a valid config leaves the running one as it is (logged
-        with its errors, counted).  False when nothing was taken."""
+        [auth] (sign-in on before and after) checks every request from now on, and the
+        open connections are checked again (``auth_rechecks``).  Its [alerts] rules go to
+        ``alerts_reloader``, if set.  Other sections that changed are named in the log as
+        waiting for a restart.  A file that cannot be read, is not a valid config or names
+        key files that cannot be used leaves the running one as it is (logged with its
+        errors, counted).  False when nothing was taken."""
         if self.config_source is None:
             return False
         try:
@@ -360,8 +365,23 @@ class Ingest:
                       str(exc).replace("\n", "; "))
             return False
         change = reload_plan(self.config, read, alerts=self.alerts_reloader is not None)
+        verifier = None
+        if change.auth_reload and change.config.auth is not None:
+            try:  # before anything is applied: a key file that fails changes nothing
+                verifier = await self.security.load_auth(change.config.auth)
+            except ValueError as exc:
+                self.m_reloads.inc(outcome="failed")
+                log.error("SIGHUP: the config file was not reloaded, the running one stays: "
+                          "%s", exc)
+                return False
         self.config = change.config
         self.security.use_gateways(change.config)
+        if verifier is not None and change.config.auth is not None:
+            self.security.use_auth(change.config.auth, verifier)
+            signed_out = sum(recheck() for recheck in self.auth_rechecks)
+            log.warning("SIGHUP: sign-in ([auth]) reloaded%s",
+                        f"; /ws/live connections closed (4401): {signed_out}" if signed_out
+                        else "")
         if change.alerts_changed and self.alerts_reloader is not None:
             log.warning("SIGHUP: alert rules reloaded: %s",
                         self.alerts_reloader(change.config.alerts))
@@ -385,7 +405,7 @@ class Ingest:
                     else "")
         if change.restart_needed:
             log.warning("SIGHUP: [%s] changed in the config file: not applied until the hub "
-                        "restarts (a reload takes [gateways]%s)",
+                        "restarts (a reload takes [gateways], [auth]%s)",
                         "], [".join(change.restart_needed),
                         " and the [alerts] rules" if self.alerts_reloader else "")
         self.security.log_warnings()

@@ -1,5 +1,6 @@
 """What a SIGHUP takes from the hub's config file while the hub runs: the ``[gateways]``
-table and, where the hub can apply them, the ``[alerts]`` rules.
+table, the ``[auth]`` sign-in settings and, where the hub can apply them, the ``[alerts]``
+rules.
 
 A tester added to the floor, a gateway's token rotated, a leaked one revoked, a yield
 threshold tuned: none of these should restart the hub, which would make every gateway and
@@ -7,12 +8,17 @@ dashboard reconnect and replay the frames after its last checkpoint.  The gatewa
 read only when a HELLO is checked, so a new table takes effect at the next handshake; and a
 connection whose gateway is no longer listed, or whose token the new table no longer
 matches, is closed (4001) by the caller -- a revoked token stops at once, not at the
-gateway's next reconnect.  The alert rules (with ``dedup_window_s``, ``escalate_after_s``
-and ``keep``) are handed to the running alert engine when the hub says it can take them
-(``alerts=True``); ``alerts.webhooks`` is not (its sender and durable outbox are built at
-start-up).  Every other section was read at start-up into long-lived things (the listening
-socket, the store, the live state's caps): a change there is reported as waiting for a
-restart, not applied.  Pure: two configs in, a plan out (``Ingest.reload_config`` does it).
+gateway's next reconnect.  ``[auth]`` (a signing key rotated or withdrawn, a role mapped
+anew) is taken while sign-in stays on (``mode = "jwt"`` before and after), its key files
+read again on every SIGHUP as the TLS files are: the caller loads them before anything is
+applied and checks the open dashboard connections again; turning sign-in on or off waits
+for a restart.  The alert rules (with
+``dedup_window_s``, ``escalate_after_s`` and ``keep``) are handed to the running alert
+engine when the hub says it can take them (``alerts=True``); ``alerts.webhooks`` is not
+(its sender and durable outbox are built at start-up).  Every other section was read at
+start-up into long-lived things (the listening socket, the store, the live state's caps):
+a change there is reported as waiting for a restart, not applied.  Pure: two configs in,
+a plan out (``Ingest.reload_config`` does it).
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ class ReloadPlan:
     """``config``: the running config with what the file changes that is applied: its
     gateway table (and its ``[alerts]`` but for the webhooks, when taken); the gateway ids
     ``added``, ``removed`` and those whose token ``changed``; ``alerts_changed``: whether
-    the ``[alerts]`` taken differ from the running ones; ``restart_needed``: the sections
-    (or keys) that differ in the file and are not applied."""
+    the ``[alerts]`` taken differ from the running ones; ``auth_reload``: the file's
+    ``[auth]`` is taken and its key files are to be read again (sign-in on before and
+    after: a key file may have changed under an unchanged section); ``restart_needed``:
+    the sections (or keys) that differ in the file and are not applied."""
 
     config: HubConfig
     added: list[str]
@@ -36,6 +44,7 @@ class ReloadPlan:
     changed: list[str]
     restart_needed: list[str]
     alerts_changed: bool = False
+    auth_reload: bool = False
 
     @property
     def summary(self) -> str:
@@ -52,8 +61,13 @@ def plan(running: HubConfig, read: HubConfig, *, alerts: bool = False) -> Reload
     old, new = running.gateways, read.gateways
     config = dataclasses.replace(running, gateways=dict(new))
     restart_needed = [f.name for f in dataclasses.fields(HubConfig)
-                      if f.name not in ("gateways", "alerts")
+                      if f.name not in ("gateways", "alerts", "auth")
                       and getattr(running, f.name) != getattr(read, f.name)]
+    auth_reload = _signs_in(running) and _signs_in(read)
+    if auth_reload:
+        config = dataclasses.replace(config, auth=read.auth)
+    elif read.auth != running.auth:  # sign-in turned on or off: at a restart
+        restart_needed.append("auth")
     alerts_changed = False
     if alerts:
         taken = dataclasses.replace(read.alerts, webhooks=running.alerts.webhooks)
@@ -70,7 +84,12 @@ def plan(running: HubConfig, read: HubConfig, *, alerts: bool = False) -> Reload
         changed=sorted(gw for gw in set(old) & set(new) if old[gw] != new[gw]),
         restart_needed=sorted(restart_needed, key=_section_order),
         alerts_changed=alerts_changed,
+        auth_reload=auth_reload,
     )
+
+
+def _signs_in(config: HubConfig) -> bool:
+    return config.auth is not None and config.auth.mode == "jwt"
 
 
 def _section_order(name: str) -> int:

@@ -178,6 +178,9 @@ class LiveHub:
                                             "clients closed or conflated for being too slow")
         self._m_expired = self.metrics.counter("live_token_expired_total",
                                                "clients closed (4401) when their token expired")
+        self._m_signed_out = self.metrics.counter(
+            "live_signed_out_total", "clients closed (4401) when a reload of [auth] no longer "
+            "admitted their token as it was")
         self._m_resync = self.metrics.counter("live_resyncs_total",
                                               "snapshots sent because deltas were not recoverable")
         self._m_resume_dropped = self.metrics.counter(
@@ -568,6 +571,15 @@ class LiveHub:
         client.close_reason = "token expired"
         client.queue.clear()
         self._m_expired.inc()
+
+    def close_signed_out(self, client: Client, reason: str) -> None:
+        """Its credential is no longer admitted as it was (the hub reloaded ``[auth]``):
+        nothing more is queued; the Trio layer closes with 4401 and ``reason``."""
+        client.closed = True
+        client.close_code = CLOSE_TOKEN_EXPIRED
+        client.close_reason = reason
+        client.queue.clear()
+        self._m_signed_out.inc()
 
     def close_slow(self, client: Client, reason: str = CLOSE_TOO_SLOW_REASON) -> None:
         client.closed = True

@@ -132,12 +132,13 @@ def new_epoch() -> str:
 
 
 class _Session:
-    __slots__ = ("aborted", "client", "held", "idle", "in_batch", "remainder", "scope",
-                 "send_scope", "wake", "ws")
+    __slots__ = ("aborted", "client", "held", "idle", "in_batch", "remainder", "request",
+                 "scope", "send_scope", "wake", "ws")
 
-    def __init__(self, client: Client, ws: WebSocket) -> None:
+    def __init__(self, client: Client, ws: WebSocket, request: Request) -> None:
         self.client = client
         self.ws = ws
+        self.request = request  # the upgrade: its credential, checked again on a reload
         self.wake = trio.Event()
         self.scope: trio.CancelScope | None = None  # the connection's tasks
         self.send_scope: trio.CancelScope | None = None  # the write in progress, if any
@@ -615,7 +616,7 @@ class LiveFanout:
         client = core.connect(encoding_for_subprotocol(ws.subprotocol), now=trio.current_time(),
                               peer=request.remote, scope=self._scope(principal),
                               deflate=ws.deflater is not None)
-        session = _Session(client, ws)
+        session = _Session(client, ws, request)
         self._sessions[client.id] = session
         try:
             async with trio.open_nursery() as nursery:
@@ -669,6 +670,23 @@ class LiveFanout:
             return None
         return LiveScope(principal, anonymous=principal.via == "none",
                          alert_lot=self.alert_lot)
+
+    def recheck(self, still_signed_in: Callable[[Request], str | None]) -> int:
+        """Close (4401) every connection whose upgrade ``still_signed_in`` no longer admits
+        as it did (the hub reloaded ``[auth]``: a key withdrawn, a role mapped anew) ->
+        how many.  A connection outlives no credential the hub has stopped accepting."""
+        closed = 0
+        for session in list(self._sessions.values()):
+            if session.client.closed:
+                continue
+            reason = still_signed_in(session.request)
+            if reason is None:
+                continue
+            self.core.close_signed_out(session.client, reason)
+            if session.scope is not None:
+                session.scope.cancel()
+            closed += 1
+        return closed
 
     async def _expire(self, session: _Session, expires_at: float) -> None:
         """Close the connection (4401) when its token expires: a connection never outlives
