@@ -81,6 +81,7 @@ class LiveHub:
         self.state: LiveState | None = None
         self.fanout: LiveFanout | None = None
         self.alerts: AlertEngine | None = None
+        self.ingest: Ingest | None = None
         self._scope: trio.CancelScope | None = None
         self.stopped = trio.Event()
 
@@ -99,7 +100,8 @@ class LiveHub:
         fanout.install(hub.http)
         Dashboard().install(hub.http)
         HistoryApi(state, alerts).install(hub.http)
-        self.state, self.fanout, self.alerts = state, fanout, alerts
+        hub.auth_rechecks.append(lambda: fanout.recheck(hub.security.still_signed_in))
+        self.state, self.fanout, self.alerts, self.ingest = state, fanout, alerts, hub
         self.stopped = trio.Event()
         with trio.CancelScope() as self._scope:
             async with trio.open_nursery() as nursery:
@@ -701,6 +703,56 @@ async def test_the_dashboard_signs_in_and_without_a_token_shows_only_the_sign_in
             await wait_state(browser, lambda s: s["map"], 15, "the dashboard")
             where = await browser.eval("location.host + location.pathname")
             assert where == f"127.0.0.1:{port}/"
+        nursery.cancel_scope.cancel()
+
+
+@needs_chromium
+async def test_a_page_whose_role_changes_on_a_reload_reconnects_and_one_whose_key_goes_signs_in(
+        tmp_path: Path) -> None:
+    """The hub reloads its [auth] (SIGHUP): a signed-in page whose token now maps to another
+    role is closed (4401 "sign-in changed") and reconnects on its own as that role; once the
+    secret it was signed with is withdrawn it is closed (4401 "token no longer accepted")
+    and shows the sign-in page."""
+    import jwt
+
+    first, second = "first-dashboard-secret-" + "a" * 16, "second-dashboard-secret-" + "b" * 16
+
+    def auth(secret: str, leads: str) -> dict[str, Any]:
+        return {"mode": "jwt", "hs256_secret": secret, "role_map": {"leads": leads}}
+
+    hub = LiveHub(tmp_path / "hub", auth=auth(first, "operator"))
+    lead = jwt.encode({"sub": "lee", "role": "leads", "exp": time.time() + 600}, first,
+                      algorithm="HS256")
+
+    async def reload(secret: str, leads: str) -> None:
+        assert hub.ingest is not None
+        hub.ingest.config_source = lambda: build(HubConfig, {
+            "hub": {"port": hub.port, "data_dir": str(hub.data_dir)},
+            "gateways": {"ate-01": {"token": TOKEN}}, "auth": auth(secret, leads)})
+        assert await hub.ingest.reload_config()
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(hub.run)
+        async with open_browser(tmp_path / "profile") as browser:
+            await browser.call("Page.navigate", url=f"http://127.0.0.1:{port}/login")
+            await wait_state(browser, lambda s: s["signin"], 15, "the sign-in page")
+            await browser.eval(f"document.getElementById('token').value = '{lead}';"
+                               "document.getElementById('submit').click()")
+            await wait_state(browser, lambda s: s["map"] and s["user"], 15, "signed in")
+            before = await wait_page(browser, lambda p: p["conn"] == "live", 15, "live")
+            role = "document.getElementById('user').title"
+            assert await browser.eval(role) == "signed in as lee (operator)"
+
+            await reload(first, "viewer")
+            page = await wait_page(browser, lambda p: p["conn"] == "live"
+                                   and p["reconnects"] > before["reconnects"], 20,
+                                   "the page connected again")
+            assert await browser.eval("location.pathname") == "/"
+            assert await browser.eval(role) == "signed in as lee (viewer)"
+
+            await reload(second, "viewer")
+            state = await wait_state(browser, lambda s: s["signin"], 20, "the sign-in page")
+            assert state["path"] == "/login" and page["reconnects"] >= 1
         nursery.cancel_scope.cancel()
 
 

@@ -66,9 +66,11 @@ function connect() {
   sock.onclose = async (ev) => {
     if (ws !== sock) return;
     ws = null;
-    if (ev.code === 4401) {  // the sign-in expired (docs/live-protocol.md): sign in again
-      signIn();
-      return;
+    if (ev.code === 4401) {  // the sign-in expired or was withdrawn: sign in again --
+      // unless the hub still takes the session as another role or lot scope (its [auth]
+      // reloaded: docs/live-protocol.md): then reconnect as that
+      if (!ev.reason.startsWith("sign-in changed")) { signIn(); return; }
+      if (!(await checkSession())) return;  // (it went to the sign-in page)
     }
     setConn("reconnecting", `disconnected (${ev.code}${ev.reason ? " " + ev.reason : ""})`);
     // A refused upgrade (401) looks like any failed connection here: ask the hub.
