@@ -145,6 +145,10 @@ def test_stats_matches_a_retest_within_its_own_lot_in_a_file_of_two_lots(
     assert status == 0 and stats["records"]["MIR"] == 2
     assert (stats["tested"], stats["retests"], stats["parts"], stats["good"]) == (6, 1, 5, 3)
     assert stats["hard_bins"] == {"1": 3, "5": 2}
+    # each lot's own figures, in the order the lots come
+    assert stats["lots"] == [
+        {"lot_id": "L1", "parts": 2, "good": 0, "hard_bins": {"5": 2}, "soft_bins": {"5": 2}},
+        {"lot_id": "L2", "parts": 3, "good": 3, "hard_bins": {"1": 3}, "soft_bins": {"1": 3}}]
 
 
 @pytest.mark.parametrize("content", [b"this is not an STDF file\n", b"", b"\x02\x00\x00"])

@@ -30,12 +30,12 @@ class _Part:
     """A part's final result.  A plain class: ``dataclasses`` would add its import (and
     ``inspect``'s) to every ``edgegw stdf stats``."""
 
-    __slots__ = ("good", "hard_bin", "head", "site", "soft_bin")
+    __slots__ = ("good", "hard_bin", "head", "lot", "site", "soft_bin")
 
-    def __init__(self, head: int, site: int, hard_bin: int, soft_bin: int | None,
+    def __init__(self, lot: str, head: int, site: int, hard_bin: int, soft_bin: int | None,
                  good: bool) -> None:
-        self.head, self.site, self.hard_bin, self.soft_bin, self.good = (
-            head, site, hard_bin, soft_bin, good)
+        self.lot, self.head, self.site, self.hard_bin, self.soft_bin, self.good = (
+            lot, head, site, hard_bin, soft_bin, good)
 
 
 class StdfStats:
@@ -104,7 +104,7 @@ class StdfStats:
         self.tested += 1
         flags = f.get("PART_FLG", 0)
         soft = f.get("SOFT_BIN", 65535)
-        part = _Part(f.get("HEAD_NUM", 1), f.get("SITE_NUM", 1), f.get("HARD_BIN", 0),
+        part = _Part(self._lot, f.get("HEAD_NUM", 1), f.get("SITE_NUM", 1), f.get("HARD_BIN", 0),
                      None if soft == 65535 else soft, part_passed(flags) is True)
         part_id = f.get("PART_ID", "")
         x, y = f.get("X_COORD", -32768), f.get("Y_COORD", -32768)
@@ -127,7 +127,9 @@ class StdfStats:
             self._by_xy[xy_key] = index
 
     def derived(self) -> dict[str, Any]:
-        """Figures from the PRRs: parts, good, hard/soft bin counts, in all and per site."""
+        """Figures from the PRRs: parts, good, hard/soft bin counts, in all, per site and
+        per lot (its MIR's LOT_ID, in the order the lots first appear: a file of several
+        lots, or a lot tested again and appended, which is the same lot)."""
         def summary(parts: list[_Part]) -> dict[str, Any]:
             hard = Counter(p.hard_bin for p in parts)
             soft = Counter(p.soft_bin for p in parts if p.soft_bin is not None)
@@ -143,6 +145,10 @@ class StdfStats:
         for p in self._parts:
             sites.setdefault((p.head, p.site), []).append(p)
         out["sites"] = {key: summary(parts) for key, parts in sorted(sites.items())}
+        lots: dict[str, list[_Part]] = {}
+        for p in self._parts:
+            lots.setdefault(p.lot, []).append(p)
+        out["lots"] = [{"lot_id": lot, **summary(parts)} for lot, parts in lots.items()]
         return out
 
     def as_dict(self) -> dict[str, Any]:
@@ -168,6 +174,7 @@ class StdfStats:
             "hard_bins": jbins(derived["hard_bins"]),
             "soft_bins": jbins(derived["soft_bins"]),
             "sites": {f"{h}/{s}": jsite(v) for (h, s), v in derived["sites"].items()},
+            "lots": [jsite(lot) for lot in derived["lots"]],
             "file_summary": {
                 "hbr": jsummary(self.file_hbr),
                 "sbr": jsummary(self.file_sbr),
