@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import trio
 from cluster_redis import RedisServer, fresh_prefix, redis_server  # noqa: F401
-from peer_gateway import PeerGateway, data, rows, sensor
+from peer_gateway import PeerGateway
 from test_cluster_parity import until
+from test_hub_reload import reading
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from edgegw.auth import mint
@@ -64,12 +65,6 @@ async def test_a_node_judges_readings_after_a_sighup_by_its_new_alert_rules(
     write_config(path, pg_dsn, redis_server.url, fresh_prefix(), high=50.0)
     hub = ClusterHub(load(HubConfig, path))
     hub.ingest.config_source = functools.partial(load, HubConfig, path, None)
-    t0 = 1764130000.0
-
-    async def reading(gw: PeerGateway, seq: int, value: float) -> None:
-        await gw.send(data(seq, rows(seq, [sensor("chuck", value, ts=t0 + 3600 * seq)])))
-        with trio.fail_after(20):
-            await gw.until_acked(seq)
 
     async def get(path: str, secret: str) -> tuple[int, Any]:
         port = hub.ingest.port or 0
@@ -92,7 +87,7 @@ async def test_a_node_judges_readings_after_a_sighup_by_its_new_alert_rules(
         nursery.start_soon(hub.run)
         await until(lambda: len(hub.owner.states()) == 2, 30, "both partitions owned")
         gw = await PeerGateway.connect(hub.ingest.port or 0, "ate-01", "token-one")
-        await reading(gw, 1, 60.0)
+        await reading(gw, 1, 60.0, within=20)
         with trio.fail_after(20):
             while await alerts() != [60.0]:
                 await trio.sleep(0.1)
@@ -102,8 +97,8 @@ async def test_a_node_judges_readings_after_a_sighup_by_its_new_alert_rules(
         os.kill(os.getpid(), signal.SIGHUP)
         await until(lambda: reloaded.get(outcome="ok") == 1, 10, "the reload")
 
-        await reading(gw, 2, 80.0)   # above the old limit, below the new one
-        await reading(gw, 3, 150.0)  # above both
+        await reading(gw, 2, 80.0, within=20)   # above the old limit, below the new one
+        await reading(gw, 3, 150.0, within=20)  # above both
         with trio.fail_after(20):
             while await alerts() != [60.0, 150.0]:
                 await trio.sleep(0.1)

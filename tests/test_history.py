@@ -643,44 +643,37 @@ async def test_alerts_are_pruned_by_their_last_write_not_by_their_record_times(
         await store.close()
 
 
-async def test_a_history_store_from_before_dates_its_alerts_by_its_first_start(
-        tmp_path: Path) -> None:
+@pytest.mark.parametrize("table", ["lots", "alerts"])
+async def test_a_history_store_from_before_dates_its_rows_by_its_first_start(
+        tmp_path: Path, table: str) -> None:
+    """Rows written before their date column existed (``archived_at``, ``written_at``) are
+    kept a whole retention period from the start that adds it, not deleted at the first
+    prune."""
     path = tmp_path / "history.sqlite3"
-    with sqlite3.connect(path) as db:  # the alerts table as an older hub made it
-        db.execute("CREATE TABLE alerts (id TEXT PRIMARY KEY, priority TEXT NOT NULL,"
-                   " rule TEXT NOT NULL, raised_at REAL NOT NULL,"
-                   " acknowledged INTEGER NOT NULL, data TEXT NOT NULL)")
-        db.execute("INSERT INTO alerts VALUES ('a0', 'P1', 'y', 1.0, 0, ?)",
-                   (json.dumps(alert_of("a0")),))
+    with sqlite3.connect(path) as db:  # the table as an older hub made it
+        if table == "lots":
+            db.execute("CREATE TABLE lots (lot_id TEXT PRIMARY KEY, updated REAL NOT NULL,"
+                       " summary TEXT NOT NULL, archive TEXT NOT NULL,"
+                       " parts INTEGER NOT NULL DEFAULT 0)")
+            db.execute("INSERT INTO lots VALUES ('L0', 1.0, ?, ?, 5)",
+                       (json.dumps(archive_of("L0")["lot"]), json.dumps(archive_of("L0"))))
+        else:
+            db.execute("CREATE TABLE alerts (id TEXT PRIMARY KEY, priority TEXT NOT NULL,"
+                       " rule TEXT NOT NULL, raised_at REAL NOT NULL,"
+                       " acknowledged INTEGER NOT NULL, data TEXT NOT NULL)")
+            db.execute("INSERT INTO alerts VALUES ('a0', 'P1', 'y', 1.0, 0, ?)",
+                       (json.dumps(alert_of("a0")),))
     opened = time.time()
     store = HistoryStore(path)
     await store.open()
+    prune = store.prune if table == "lots" else store.prune_alerts
     try:
-        assert await store.prune_alerts(opened - 1) == 0
-        assert [a["id"] for a in await store.alerts()] == ["a0"]
-        assert await store.prune_alerts(time.time() + 1) == 1
-    finally:
-        await store.close()
-
-
-async def test_a_history_store_from_before_dates_its_archives_by_its_first_start(
-        tmp_path: Path) -> None:
-    """Rows written before the ``archived_at`` column existed are kept a whole retention
-    period from the start that adds it, not deleted at the first prune."""
-    path = tmp_path / "history.sqlite3"
-    with sqlite3.connect(path) as db:  # the lots table as an older hub made it
-        db.execute("CREATE TABLE lots (lot_id TEXT PRIMARY KEY, updated REAL NOT NULL,"
-                   " summary TEXT NOT NULL, archive TEXT NOT NULL,"
-                   " parts INTEGER NOT NULL DEFAULT 0)")
-        db.execute("INSERT INTO lots VALUES ('L0', 1.0, ?, ?, 5)",
-                   (json.dumps(archive_of("L0")["lot"]), json.dumps(archive_of("L0"))))
-    opened = time.time()
-    store = HistoryStore(path)
-    await store.open()
-    try:
-        assert await store.prune(opened - 1) == 0
-        assert await store.lot("L0") is not None
-        assert await store.prune(time.time() + 1) == 1
+        assert await prune(opened - 1) == 0
+        if table == "lots":
+            assert await store.lot("L0") is not None
+        else:
+            assert [a["id"] for a in await store.alerts()] == ["a0"]
+        assert await prune(time.time() + 1) == 1
     finally:
         await store.close()
 

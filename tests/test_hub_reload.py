@@ -50,6 +50,18 @@ async def acked(gw: PeerGateway, seq: int) -> None:
         await gw.until_acked(seq)
 
 
+#: a sensor reading's record time, an hour apart per seq (``reading``)
+T0 = 1764130000.0
+
+
+async def reading(gw: PeerGateway, seq: int, value: float, within: float = 10) -> None:
+    """Frame ``seq``: the chuck's temperature ``value``, acknowledged.  Readings are an
+    hour of record time apart: none falls in another's alert de-duplication window."""
+    await gw.send(data(seq, rows(seq, [sensor("chuck", value, ts=T0 + 3600 * seq)])))
+    with trio.fail_after(within):
+        await gw.until_acked(seq)
+
+
 async def closed_by_hub(gw: PeerGateway) -> Closed:
     with trio.fail_after(10), pytest.raises(Closed) as info:
         while True:
@@ -194,13 +206,6 @@ async def test_a_reload_takes_new_alert_rules_and_keeps_the_alerts_raised(
     write_config(path, {"ate-01": "token-one"}, alerts=HOT_AT_50)
     app = Hub(load(HubConfig, path))
     app.ingest.config_source = functools.partial(load, HubConfig, path, None)
-    t0 = 1764130000.0
-
-    async def reading(gw: PeerGateway, seq: int, value: float) -> None:
-        # an hour of record time apart: no reading falls in another's de-duplication window
-        await gw.send(data(seq, rows(seq, [sensor("chuck", value, ts=t0 + 3600 * seq)])))
-        with trio.fail_after(10):
-            await gw.until_acked(seq)
 
     async def alerts(port: int) -> list[tuple[str, float]]:
         _, body = await http_get(port, "/api/alerts")
