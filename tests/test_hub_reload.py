@@ -340,3 +340,32 @@ async def test_a_reload_of_auth_takes_new_keys_and_roles_and_closes_live_connect
         assert "[auth] changed in the config file: not applied until the hub restarts" in log
         assert first not in log and second not in log and old_viewer not in log
         nursery.cancel_scope.cancel()
+
+
+async def test_a_reload_that_fails_on_a_bug_ends_that_reload_not_the_hub(
+        tmp_path: Path, caplog: Any) -> None:
+    """A failure boundary (docs/reliability.md, ``hub_reload``): an exception in a reload
+    is logged and counted; the hub, its connections and the next SIGHUP go on."""
+    path = tmp_path / "hub.toml"
+    write_config(path, {"ate-01": "token-one"}, alerts=HOT_AT_50)
+    app = Hub(load(HubConfig, path))
+    app.ingest.config_source = functools.partial(load, HubConfig, path, None)
+
+    def broken(alerts: Any) -> str:
+        raise RuntimeError("a bug in the alert reload")
+
+    reloader, app.ingest.alerts_reloader = app.ingest.alerts_reloader, broken
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(app.run)
+        gw = await PeerGateway.connect(port, "ate-01", "token-one")
+        await acked(gw, 1)
+        write_config(path, {"ate-01": "token-one"}, alerts=HOT_AT_50.replace("50.0", "70.0"))
+        await sighup_and_wait(app, "failed")
+        assert app.metrics.counter("internal_errors_total").get(where="hub_reload") == 1
+        await acked(gw, 2)  # the connection goes on
+
+        app.ingest.alerts_reloader = reloader  # mended: the next SIGHUP takes the rules
+        await sighup_and_wait(app, "ok")
+        assert any("alert rules reloaded: changed chuck-hot" in r.getMessage()
+                   for r in caplog.records)
+        nursery.cancel_scope.cancel()

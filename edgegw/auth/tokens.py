@@ -196,9 +196,13 @@ def _read(key: str, path: str) -> str:
 
 
 def _load_public_key(pem: bytes) -> Any:
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-    return load_pem_public_key(pem)
+    try:
+        return load_pem_public_key(pem)
+    except UnsupportedAlgorithm as exc:  # a key type this cryptography cannot load
+        raise ValueError(str(exc)) from None
 
 
 def _key_fits(key: Any, alg: str) -> bool:

@@ -340,10 +340,14 @@ class Ingest:
             async for _ in signals:
                 if self.security.tls is None and self.config_source is None:
                     log.warning("SIGHUP: nothing to reload (no [tls], no config file)")
-                if self.security.tls is not None:
-                    await self.security.reload_tls()
-                if self.config_source is not None:
-                    await self.reload_config()
+                try:  # a failure boundary: a reload's bug ends that reload, not the hub
+                    if self.security.tls is not None:
+                        await self.security.reload_tls()
+                    if self.config_source is not None:
+                        await self.reload_config()
+                except Exception:
+                    self.m_reloads.inc(outcome="failed")
+                    report_internal_error(self.metrics, "hub_reload", log, "SIGHUP reload")
 
     async def reload_config(self) -> bool:
         """Read the config file again and take its [gateways] table (edgegw/hub/reload.py):
@@ -374,6 +378,10 @@ class Ingest:
                 log.error("SIGHUP: the config file was not reloaded, the running one stays: "
                           "%s", exc)
                 return False
+        if change.alerts_changed and self.alerts_reloader is not None:
+            # first: should it fail (a bug), nothing is taken and the next SIGHUP tries all
+            log.warning("SIGHUP: alert rules reloaded: %s",
+                        self.alerts_reloader(change.config.alerts))
         self.config = change.config
         self.security.use_gateways(change.config)
         if verifier is not None and change.config.auth is not None:
@@ -382,9 +390,6 @@ class Ingest:
             log.warning("SIGHUP: sign-in ([auth]) reloaded%s",
                         f"; /ws/live connections closed (4401): {signed_out}" if signed_out
                         else "")
-        if change.alerts_changed and self.alerts_reloader is not None:
-            log.warning("SIGHUP: alert rules reloaded: %s",
-                        self.alerts_reloader(change.config.alerts))
         self.m_reloads.inc(outcome="ok")
         closed = []
         for session in list(self.connected.sessions.values()):
