@@ -566,20 +566,21 @@ class LiveHub:
 
     def close_expired(self, client: Client) -> None:
         """Its token expired: nothing more is queued; the Trio layer closes with 4401."""
-        client.closed = True
-        client.close_code = CLOSE_TOKEN_EXPIRED
-        client.close_reason = "token expired"
-        client.queue.clear()
+        self._close_signed_in(client, "token expired")
         self._m_expired.inc()
 
     def close_signed_out(self, client: Client, reason: str) -> None:
         """Its credential is no longer admitted as it was (the hub reloaded ``[auth]``):
         nothing more is queued; the Trio layer closes with 4401 and ``reason``."""
+        self._close_signed_in(client, reason)
+        self._m_signed_out.inc()
+
+    @staticmethod
+    def _close_signed_in(client: Client, reason: str) -> None:
         client.closed = True
         client.close_code = CLOSE_TOKEN_EXPIRED
         client.close_reason = reason
         client.queue.clear()
-        self._m_signed_out.inc()
 
     def close_slow(self, client: Client, reason: str = CLOSE_TOO_SLOW_REASON) -> None:
         client.closed = True
