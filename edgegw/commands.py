@@ -312,7 +312,7 @@ def cmd_hub(args: argparse.Namespace) -> int:
         what = "edgegw hub"
     if args.config is not None:
         # SIGHUP reads the file again and takes its [gateways] table (edgegw/hub/reload.py)
-        service.ingest.config_source = functools.partial(load, HubConfig, args.config,
+        service.ingest.reloader.config_source = functools.partial(load, HubConfig, args.config,
                                                          args.overrides)
     try:
         return _serve(service, lambda port: f"{what} listening on {scheme}://{h.listen}:{port}/",

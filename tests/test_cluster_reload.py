@@ -64,7 +64,7 @@ async def test_a_node_judges_readings_after_a_sighup_by_its_new_alert_rules(
     (tmp_path / "secret").write_text(first)
     write_config(path, pg_dsn, redis_server.url, fresh_prefix(), high=50.0)
     hub = ClusterHub(load(HubConfig, path))
-    hub.ingest.config_source = functools.partial(load, HubConfig, path, None)
+    hub.ingest.reloader.config_source = functools.partial(load, HubConfig, path, None)
 
     async def get(path: str, secret: str) -> tuple[int, Any]:
         port = hub.ingest.port or 0

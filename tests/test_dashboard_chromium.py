@@ -100,7 +100,7 @@ class LiveHub:
         fanout.install(hub.http)
         Dashboard().install(hub.http)
         HistoryApi(state, alerts).install(hub.http)
-        hub.auth_rechecks.append(lambda: fanout.recheck(hub.security.still_signed_in))
+        hub.reloader.auth_rechecks.append(lambda: fanout.recheck(hub.security.still_signed_in))
         self.state, self.fanout, self.alerts, self.ingest = state, fanout, alerts, hub
         self.stopped = trio.Event()
         with trio.CancelScope() as self._scope:
@@ -726,10 +726,10 @@ async def test_a_page_whose_role_changes_on_a_reload_reconnects_and_one_whose_ke
 
     async def reload(secret: str, leads: str) -> None:
         assert hub.ingest is not None
-        hub.ingest.config_source = lambda: build(HubConfig, {
+        hub.ingest.reloader.config_source = lambda: build(HubConfig, {
             "hub": {"port": hub.port, "data_dir": str(hub.data_dir)},
             "gateways": {"ate-01": {"token": TOKEN}}, "auth": auth(secret, leads)})
-        assert await hub.ingest.reload_config()
+        assert await hub.ingest.reloader.reload_config()
 
     async with trio.open_nursery() as nursery:
         port = await nursery.start(hub.run)

@@ -74,7 +74,7 @@ async def test_a_reload_admits_a_new_gateway_and_closes_one_whose_token_changed(
     path = tmp_path / "hub.toml"
     write_config(path, {"ate-01": "token-one", "ate-03": "token-three"})
     app = Hub(load(HubConfig, path))
-    app.ingest.config_source = functools.partial(load, HubConfig, path, None)
+    app.ingest.reloader.config_source = functools.partial(load, HubConfig, path, None)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(app.run)
         newcomer = await PeerGateway.connect(port, "ate-02", "token-two")
@@ -130,7 +130,7 @@ async def test_a_config_file_that_cannot_be_read_on_reload_changes_nothing(
     path = tmp_path / "hub.toml"
     write_config(path, {"ate-01": "token-one"})
     app = Hub(load(HubConfig, path))
-    app.ingest.config_source = functools.partial(load, HubConfig, path, None)
+    app.ingest.reloader.config_source = functools.partial(load, HubConfig, path, None)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(app.run)
         one = await PeerGateway.connect(port, "ate-01", "token-one")
@@ -205,7 +205,7 @@ async def test_a_reload_takes_new_alert_rules_and_keeps_the_alerts_raised(
     path = tmp_path / "hub.toml"
     write_config(path, {"ate-01": "token-one"}, alerts=HOT_AT_50)
     app = Hub(load(HubConfig, path))
-    app.ingest.config_source = functools.partial(load, HubConfig, path, None)
+    app.ingest.reloader.config_source = functools.partial(load, HubConfig, path, None)
 
     async def alerts(port: int) -> list[tuple[str, float]]:
         _, body = await http_get(port, "/api/alerts")
@@ -279,7 +279,7 @@ async def test_a_reload_of_auth_takes_new_keys_and_roles_and_closes_live_connect
 
     write("operator")
     app = Hub(load(HubConfig, path))
-    app.ingest.config_source = functools.partial(load, HubConfig, path, None)
+    app.ingest.reloader.config_source = functools.partial(load, HubConfig, path, None)
 
     async def status(bearer: str | None) -> int:
         port = app.ingest.port or 0
@@ -349,12 +349,12 @@ async def test_a_reload_that_fails_on_a_bug_ends_that_reload_not_the_hub(
     path = tmp_path / "hub.toml"
     write_config(path, {"ate-01": "token-one"}, alerts=HOT_AT_50)
     app = Hub(load(HubConfig, path))
-    app.ingest.config_source = functools.partial(load, HubConfig, path, None)
+    app.ingest.reloader.config_source = functools.partial(load, HubConfig, path, None)
 
     def broken(alerts: Any) -> str:
         raise RuntimeError("a bug in the alert reload")
 
-    reloader, app.ingest.alerts_reloader = app.ingest.alerts_reloader, broken
+    reloader, app.ingest.reloader.alerts_reloader = app.ingest.reloader.alerts_reloader, broken
     async with trio.open_nursery() as nursery:
         port = await nursery.start(app.run)
         gw = await PeerGateway.connect(port, "ate-01", "token-one")
@@ -364,7 +364,7 @@ async def test_a_reload_that_fails_on_a_bug_ends_that_reload_not_the_hub(
         assert app.metrics.counter("internal_errors_total").get(where="hub_reload") == 1
         await acked(gw, 2)  # the connection goes on
 
-        app.ingest.alerts_reloader = reloader  # mended: the next SIGHUP takes the rules
+        app.ingest.reloader.alerts_reloader = reloader  # mended: the next SIGHUP takes the rules
         await sighup_and_wait(app, "ok")
         assert any("alert rules reloaded: changed chuck-hot" in r.getMessage()
                    for r in caplog.records)

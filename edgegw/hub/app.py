@@ -65,8 +65,9 @@ class Hub:
         self.ingest.health_problems.append(self.alerts.health_problem)
         self.ingest.history_pruner = self.alerts.store.prune  # hub.retain_history_days
         self.ingest.alerts_pruner = self.alerts.store.prune_alerts
-        self.ingest.alerts_reloader = lambda alerts: self.alerts.reconfigure(alerts).summary
-        self.ingest.auth_rechecks.append(
+        reloader = self.ingest.reloader  # SIGHUP (edgegw/hub/sighup.py)
+        reloader.alerts_reloader = lambda alerts: self.alerts.reconfigure(alerts).summary
+        reloader.auth_rechecks.append(
             lambda: self.fanout.recheck(self.ingest.security.still_signed_in))
 
     def _alert_lot(self, alert_id: str) -> str | None:

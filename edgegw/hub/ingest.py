@@ -47,9 +47,7 @@ import functools
 import itertools
 import logging
 import operator
-import signal
 import sqlite3
-import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -59,7 +57,7 @@ from typing import Any, Protocol, TypeVar
 import trio
 
 from .. import failpoints
-from ..auth.hub import HubSecurity, digest_matches, token_digest, token_matches
+from ..auth.hub import HubSecurity, token_digest, token_matches
 from ..heartbeat import heartbeat
 from ..metrics import AGE_BUCKETS, Metrics, internal_errors, report_internal_error
 from ..protocol import (
@@ -90,11 +88,11 @@ from ..web import (
     install_status,
     json_response,
 )
-from .config import AlertsConfig, HubConfig
+from .config import HubConfig
 from .refusals import RefusalLog, RefusedIds
 from .registry import GatewayRegistry, GatewaySession
-from .reload import plan as reload_plan
 from .retention import RetentionClock
+from .sighup import HubReloader
 from .store import (
     FrameToApply,
     GatewayClaim,
@@ -188,12 +186,6 @@ class Ingest:
         self.history_pruner: Callable[[float], Awaitable[int]] | None = None
         #: deletes the alerts last written before a date, with the archives
         self.alerts_pruner: Callable[[float], Awaitable[int]] | None = None
-        #: hands a SIGHUP's ``[alerts]`` to the running alert engine -> a line for the log
-        #: (edgegw/hub/reload.py); None: this hub takes them at a restart only
-        self.alerts_reloader: Callable[[AlertsConfig], str] | None = None
-        #: after a SIGHUP took new ``[auth]``: each checks its open connections again
-        #: (``HubSecurity.still_signed_in``) -> how many it closed
-        self.auth_rechecks: list[Callable[[], int]] = []
         # Committed frames (and gateway events) for the consumers, in commit order:
         # (gateway, first_rid, records, frame id, committed at) or (gateway, connected, now)
         self._to_feed: deque[tuple[Any, ...]] = deque()
@@ -228,11 +220,6 @@ class Ingest:
             "gateways sharing an id, or a spool started afresh)")
         self.m_busy = m.counter("hub_busy_total", "probes and upgrades answered 503 (busy)")
         self.m_proto = m.counter("hub_protocol_errors_total", "connections closed for a fault")
-        self.m_reloads = m.counter("hub_config_reloads_total",
-                                   "config file reloads (SIGHUP: the [gateways] table), by outcome")
-        self.m_revoked = m.counter(
-            "hub_connections_revoked_total", "gateway connections closed (4001) because a "
-            "config reload removed their gateway or changed its token")
         self.m_rejected = m.counter("hub_frames_rejected_total", "invalid frames dead-lettered")
         self.m_bad_http = m.counter("hub_bad_http_requests_total", "malformed HTTP requests")
         self.m_pruned = m.counter("hub_frames_pruned_total",
@@ -283,10 +270,8 @@ class Ingest:
         self.stats_sections: dict[str, Callable[[], Any]] = {}
         #: more reasons for a "degraded" /healthz than the store's (the history store's)
         self.health_problems: list[Callable[[], str | None]] = []
-        #: reads the config file this hub was started from again (``edgegw hub --config``
-        #: sets it): SIGHUP applies its [gateways] table (``reload_config``); None, as in
-        #: an embedded hub: SIGHUP reloads the TLS certificate only
-        self.config_source: Callable[[], HubConfig] | None = None
+        #: SIGHUP: the TLS files and the config file read again (edgegw/hub/sighup.py)
+        self.reloader = HubReloader(self)
         install_status(self.http, health=self.health, stats=self.stats, metrics=self.metrics)
 
     def _collect(self) -> None:
@@ -308,7 +293,7 @@ class Ingest:
                 await self._replay(after)
             async with trio.open_nursery() as nursery:
                 self.security.log_warnings()
-                await nursery.start(self._watch_sighup)
+                await nursery.start(self.reloader.watch)
                 listeners = await nursery.start(self.http.serve, self.config.hub.listen,
                                                 self.config.hub.port)
                 self.port = listeners[0].socket.getsockname()[1]
@@ -323,98 +308,6 @@ class Ingest:
         finally:
             with trio.CancelScope(shield=True):
                 await self.store.close()
-
-    async def _watch_sighup(self, *,
-                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """SIGHUP (``systemctl reload``) for as long as the hub runs: the TLS certificate
-        and key read again, then the config file's [gateways] table (``reload_config``).
-        Taken even with nothing to reload: SIGHUP's default action would end the process.
-        Only in the main thread, where signals are delivered (an embedded hub runs
-        elsewhere)."""
-        if (not hasattr(signal, "SIGHUP")
-                or threading.current_thread() is not threading.main_thread()):
-            task_status.started()
-            return
-        with trio.open_signal_receiver(signal.SIGHUP) as signals:
-            task_status.started()
-            async for _ in signals:
-                if self.security.tls is None and self.config_source is None:
-                    log.warning("SIGHUP: nothing to reload (no [tls], no config file)")
-                try:  # a failure boundary: a reload's bug ends that reload, not the hub
-                    if self.security.tls is not None:
-                        await self.security.reload_tls()
-                    if self.config_source is not None:
-                        await self.reload_config()
-                except Exception:
-                    self.m_reloads.inc(outcome="failed")
-                    report_internal_error(self.metrics, "hub_reload", log, "SIGHUP reload")
-
-    async def reload_config(self) -> bool:
-        """Read the config file again and take its [gateways] table (edgegw/hub/reload.py):
-        the next handshakes are checked against it, and a connection whose gateway it no
-        longer lists, or whose token it no longer matches, is closed with 4001.  Its
-        [auth] (sign-in on before and after) checks every request from now on, and the
-        open connections are checked again (``auth_rechecks``).  Its [alerts] rules go to
-        ``alerts_reloader``, if set.  Other sections that changed are named in the log as
-        waiting for a restart.  A file that cannot be read, is not a valid config or names
-        key files that cannot be used leaves the running one as it is (logged with its
-        errors, counted).  False when nothing was taken."""
-        if self.config_source is None:
-            return False
-        try:
-            read = await trio.to_thread.run_sync(self.config_source)
-        except Exception as exc:  # a reload must never end the hub: ConfigError, or a bug
-            self.m_reloads.inc(outcome="failed")
-            log.error("SIGHUP: the config file was not reloaded, the running one stays: %s",
-                      str(exc).replace("\n", "; "))
-            return False
-        change = reload_plan(self.config, read, alerts=self.alerts_reloader is not None)
-        verifier = None
-        if change.auth_reload and change.config.auth is not None:
-            try:  # before anything is applied: a key file that fails changes nothing
-                verifier = await self.security.load_auth(change.config.auth)
-            except ValueError as exc:
-                self.m_reloads.inc(outcome="failed")
-                log.error("SIGHUP: the config file was not reloaded, the running one stays: "
-                          "%s", exc)
-                return False
-        if change.alerts_changed and self.alerts_reloader is not None:
-            # first: should it fail (a bug), nothing is taken and the next SIGHUP tries all
-            log.warning("SIGHUP: alert rules reloaded: %s",
-                        self.alerts_reloader(change.config.alerts))
-        self.config = change.config
-        self.security.use_gateways(change.config)
-        if verifier is not None and change.config.auth is not None:
-            self.security.use_auth(change.config.auth, verifier)
-            signed_out = sum(recheck() for recheck in self.auth_rechecks)
-            log.warning("SIGHUP: sign-in ([auth]) reloaded%s",
-                        f"; /ws/live connections closed (4401): {signed_out}" if signed_out
-                        else "")
-        self.m_reloads.inc(outcome="ok")
-        closed = []
-        for session in list(self.connected.sessions.values()):
-            auth = change.config.gateways.get(session.gateway)
-            if auth is None:
-                why = "no longer configured"
-            elif not digest_matches(auth, session.token_digest):
-                why = "its token was changed"
-            else:
-                continue
-            session.revoked = f"gateway {session.gateway!r}: {why} (hub config reloaded)"
-            session.cancel_scope.cancel()
-            closed.append(session.gateway)
-        if closed:
-            self.m_revoked.inc(len(closed))
-        log.warning("SIGHUP: gateways reloaded: %s%s", change.summary,
-                    f"; connections closed (4001): {', '.join(sorted(closed))}" if closed
-                    else "")
-        if change.restart_needed:
-            log.warning("SIGHUP: [%s] changed in the config file: not applied until the hub "
-                        "restarts (a reload takes [gateways], [auth]%s)",
-                        "], [".join(change.restart_needed),
-                        " and the [alerts] rules" if self.alerts_reloader else "")
-        self.security.log_warnings()
-        return True
 
     async def _refusal_summaries(self) -> None:
         """Log the refused-HELLO summaries that no later refusal carried (a gateway that

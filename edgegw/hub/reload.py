@@ -18,7 +18,7 @@ for a restart.  The alert rules (with ``dedup_window_s``, ``escalate_after_s`` a
 start-up).  Every other section was read at
 start-up into long-lived things (the listening socket, the store, the live state's caps):
 a change there is reported as waiting for a restart, not applied.  Pure: two configs in,
-a plan out (``Ingest.reload_config`` does it).
+a plan out (``sighup.HubReloader`` applies it).
 """
 
 from __future__ import annotations

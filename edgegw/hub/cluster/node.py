@@ -154,8 +154,8 @@ class ClusterHub:
         self.ingest = NodeIngest(config, metrics, store=self.store)
         self.ingest.history_pruner = self.store.prune_history  # hub.retain_history_days
         self.ingest.alerts_pruner = self.store.prune_alerts
-        self.ingest.alerts_reloader = self._reload_alerts
-        self.ingest.auth_rechecks.append(
+        self.ingest.reloader.alerts_reloader = self._reload_alerts
+        self.ingest.reloader.auth_rechecks.append(
             lambda: self.fanout.recheck(self.ingest.security.still_signed_in))
         self.bus = ClusterBus(list(cc.redis_urls) or cc.redis_url, cc.key_prefix,
                               self.node_id, partitions=cc.partitions,
