@@ -115,3 +115,22 @@ async def test_a_hub_without_gateways_says_so(tmp_path: Path, caplog: Any) -> No
     async with running(config(tmp_path, {})) as app:
         health = (await http(app.ingest.port, "GET", "/healthz")).json()
     assert "no [gateways] configured: every gateway will be refused" in health["warnings"]
+
+
+async def test_a_gateway_with_a_wrong_token_says_why_it_is_not_connected(
+        tmp_path: Path) -> None:
+    """A gateway the hub refuses keeps trying (at the slowest pace), and says so where an
+    operator looks: ``last_error`` names the refusal, and
+    ``edgegw_uplink_failures_total{reason="unauthorized"}`` counts it apart from lost links,
+    so an alert tells a token to fix from a network to check."""
+    cfg = config(tmp_path, {"ate-01": {"token": "right-token"}})
+    async with running(cfg) as app, trio.open_nursery() as nursery:
+        gw = await start_tester(nursery, tmp_path, app.ingest.port, token="wrong-token")
+        with trio.fail_after(30):
+            while not gw.stats()["metrics"].get("uplink_failures_total"):
+                await trio.sleep(0.02)
+        stats = gw.stats()
+        assert stats["metrics"]["uplink_failures_total"] == {"reason=unauthorized": 1}
+        assert not stats["connected"]
+        assert "wrong token for gateway 'ate-01'" in stats["last_error"]
+        nursery.cancel_scope.cancel()

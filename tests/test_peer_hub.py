@@ -49,18 +49,35 @@ async def gateway_against_peer(tmp: Path, spool: dict[str, Any] | None = None,
                                **uplink: Any) -> AsyncIterator[PeerHub]:
     """A peer hub and a gateway with a simulated tester (``spool``: the [spool] table, a
     disk spool; else frames wait in memory)."""
+    async with peer_and_gateway(tmp, spool, **uplink) as (hub, _):
+        yield hub
+
+
+@asynccontextmanager
+async def peer_and_gateway(tmp: Path, spool: dict[str, Any] | None = None,
+                           **uplink: Any) -> AsyncIterator[tuple[PeerHub, Gateway]]:
+    """``gateway_against_peer``, the gateway too."""
     hub = PeerHub()
     async with trio.open_nursery() as nursery:
         port = await nursery.start(hub.run)
         sections: dict[str, Any] = {} if spool is None else {"spool": spool}
         cfg = gateway_config(tmp, port, sources=[TESTER], batch={"max_records": 20},
                              uplink={"heartbeat_s": 5.0, **uplink}, **sections)
-        await nursery.start(Gateway(cfg).run)
+        gateway = Gateway(cfg)
+        await nursery.start(gateway.run)
         with trio.fail_after(15):
-            yield hub
+            yield hub, gateway
             for session in hub.open:
                 await session.end()
         nursery.cancel_scope.cancel()
+
+
+async def failures_counted(gateway: Gateway, reason: str) -> None:
+    """Until the gateway's ``edgegw_uplink_failures_total{reason}`` has counted one: what
+    an operator's alert tells a broken hub by from a lost link."""
+    while not gateway.stats()["metrics"].get("uplink_failures_total", {}).get(
+            f"reason={reason}"):
+        await trio.sleep(0.01)
 
 
 async def hello_of(hub: PeerHub) -> tuple[Session, dict[str, Any]]:
@@ -174,14 +191,16 @@ async def test_an_ack_or_reject_of_a_frame_not_made_yet_is_closed_4004_and_loses
     """Sections 6 and 8: a hub that acknowledges (or rejects) frame 1,000,000 of a gateway
     that has made a few is broken, and believing it would drop every frame up to it unsent
     as it is made.  The gateway closes with 4004 and applies none of it: its next HELLO
-    still names frame 1 as the first unacknowledged, and frame 1 is sent again."""
-    async with gateway_against_peer(tmp_path) as hub:
+    still names frame 1 as the first unacknowledged, and frame 1 is sent again.  The
+    failure is counted as the hub's (``reason="hub_protocol"``), not as a lost link."""
+    async with peer_and_gateway(tmp_path) as (hub, gateway):
         session, _ = await hello_of(hub)
         await session.send(welcome())
         assert (await session.recv_data())[1] == 1
         await session.send(bogus)
         code, reason = await until_closed(session)
         assert code == 4004 and "frame 1000000, which this gateway has not sent" in reason
+        await failures_counted(gateway, "hub_protocol")
         session, hello = await hello_of(hub)
         assert hello["next_seq"] == 1
         await session.send(welcome())
@@ -199,10 +218,11 @@ async def test_an_ack_or_reject_of_a_frame_not_made_yet_is_closed_4004_and_loses
 async def test_a_welcome_the_gateway_cannot_accept_is_closed(tmp_path: Path,
                                                              bad: dict[str, Any],
                                                              code: int) -> None:
-    async with gateway_against_peer(tmp_path) as hub:
+    async with peer_and_gateway(tmp_path) as (hub, gateway):
         session, _ = await hello_of(hub)
         await session.send(welcome(**bad))
         assert (await until_closed(session))[0] == code
+        await failures_counted(gateway, "hub_protocol")
 
 
 async def test_the_gateway_answers_ping_and_pings_when_idle(tmp_path: Path) -> None:
@@ -245,8 +265,8 @@ async def test_a_stopping_gateway_says_going_away(tmp_path: Path) -> None:
 
 async def test_a_silent_hub_is_closed_with_4005(tmp_path: Path) -> None:
     """Section 7: an end that has received nothing for 2 x heartbeat (WELCOME's) closes
-    with 4005 -- the gateway too."""
-    async with gateway_against_peer(tmp_path) as hub:
+    with 4005 -- the gateway too (``reason="heartbeat_timeout"``)."""
+    async with peer_and_gateway(tmp_path) as (hub, gateway):
         session, _ = await hello_of(hub)
         await session.send(welcome(heartbeat=0.2))
         try:
@@ -254,6 +274,7 @@ async def test_a_silent_hub_is_closed_with_4005(tmp_path: Path) -> None:
                 await session.recv()  # read, never answer: PINGs included
         except Closed as closed:
             assert closed.code == 4005, closed
+        await failures_counted(gateway, "heartbeat_timeout")
 
 
 @pytest.mark.parametrize("limits", [{"max_records": 7}, {"max_frame_bytes": 1200},

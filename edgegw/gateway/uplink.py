@@ -157,7 +157,9 @@ class Uplink:
         self.m_rollbacks = metrics.counter(
             "uplink_state_rollbacks_total", "starts whose first WELCOME showed frames applied "
             "that the spool never held: its state went back in time (docs/operations.md)")
-        self.m_failures = metrics.counter("uplink_failures_total", "connection failures")
+        self.m_failures = metrics.counter(
+            "uplink_failures_total", "hub connection attempts and sessions that failed, by "
+            "reason (docs/operations.md, Monitoring)")
         self.m_probes = metrics.counter("uplink_probes_total",
                                         "hub readiness probes, by outcome")
         self.m_handshake = metrics.gauge("uplink_handshake_seconds",
@@ -203,12 +205,12 @@ class Uplink:
         if probe.outcome == "tls_refused":
             # No WebSocket session with a hub whose certificate is not trusted (or pinned),
             # or that refuses ours: a configuration problem, retried at the slowest pace.
-            self.m_failures.inc()
+            self.m_failures.inc(reason="tls")
             self.last_error = f"hub TLS handshake refused: {probe.detail}"
             log.error("%s", self.last_error)
             return policy.config_problem()
         if probe.outcome in ("busy", "silent"):
-            self.m_failures.inc()
+            self.m_failures.inc(reason=probe.outcome)
             self.last_error = f"hub {probe.outcome}: {probe.detail}"
             log.warning("%s", self.last_error)
             if probe.retry_after is not None:
@@ -219,14 +221,14 @@ class Uplink:
         except Refused as exc:
             self.last_error = str(exc)
             log.error("%s", exc)
-            self.m_failures.inc()
+            self.m_failures.inc(reason=_failure_reason(exc))
             if exc.code in (CloseCode.UNAUTHORIZED, CloseCode.UNSUPPORTED_VERSION):
                 return policy.config_problem()  # keep trying, at the slowest pace
             return policy.failed()
         except ConnectionRejected as exc:
             self.last_error = f"hub rejected the WebSocket upgrade with HTTP {exc.status_code}"
             log.warning("%s", self.last_error)
-            self.m_failures.inc()
+            self.m_failures.inc(reason="upgrade_rejected")
             hint = retry_after_seconds(dict(exc.headers).get(b"retry-after"))
             if exc.status_code in (429, 503) and hint is not None:
                 return policy.busy(hint)
@@ -247,7 +249,7 @@ class Uplink:
                           self.gateway.id)
             else:
                 log.warning("hub link down: %s", self.last_error)
-            self.m_failures.inc()
+            self.m_failures.inc(reason=_failure_reason(exc))
             return policy.disconnected(trio.current_time(), link_lost=_link_lost(exc))
         finally:
             self.connected = False
@@ -864,6 +866,30 @@ async def _closing_on_protocol_error(ws: Any) -> AsyncIterator[None]:
         with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
             await ws.aclose(exc.code, reason)
         raise
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """``edgegw_uplink_failures_total``'s ``reason`` for a session that ended with ``exc``
+    (docs/operations.md lists them): what an operator must tell apart -- a hub that
+    refuses this gateway, one that breaks the protocol, a link that dies."""
+    if isinstance(exc, Refused):
+        return {CloseCode.UNAUTHORIZED: "unauthorized",
+                CloseCode.UNSUPPORTED_VERSION: "version"}.get(exc.code, "refused")
+    if isinstance(exc, ProtocolError):
+        if exc.code == CloseCode.HEARTBEAT_TIMEOUT:
+            return "heartbeat_timeout"
+        # the hub sent what the protocol forbids (a bad WELCOME or ACK): retried as any
+        # failure, and every retry will fail alike until the hub is mended
+        return "hub_protocol"
+    if isinstance(exc, ConnectionClosed):
+        if exc.reason is None or _link_lost(exc):
+            return "link_lost"
+        return "replaced" if exc.reason.code == CloseCode.REPLACED else "hub_closed"
+    if isinstance(exc, trio.TooSlowError):
+        return "timeout"
+    if isinstance(exc, HandshakeError):
+        return "handshake"
+    return "link_lost"
 
 
 def _link_lost(exc: BaseException) -> bool:
