@@ -18,7 +18,7 @@ import trio
 from wsclient import WsClient
 
 # section 2: message types
-HELLO, WELCOME, REFUSE, DATA, ACK, REJECT, PING, PONG = range(1, 9)
+HELLO, WELCOME, REFUSE, DATA, ACK, REJECT, PING, PONG, LOST, POSITIONS = range(1, 11)
 # section 5: record kinds used here
 LOT_START, PART_RESULT, PARAMETRIC, SENSOR_READING = 1, 5, 6, 11
 INT64_MAX = 2**63 - 1
@@ -76,6 +76,11 @@ def data(seq: int, body: bytes, encoding: str | None = None, sent_at: float = 1.
     if encoding is not None:
         message.append(encoding)
     return cbor2.dumps(message)
+
+
+def positions(seq: int, where: dict[str, Any]) -> bytes:
+    """Section 4.1: where the sources were as of frame ``seq``."""
+    return cbor2.dumps([POSITIONS, seq, where])
 
 
 def zlib_data(seq: int, body: bytes) -> bytes:

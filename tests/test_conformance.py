@@ -37,6 +37,7 @@ from edgegw.protocol import (
     Data,
     Hello,
     Ping,
+    Positions,
     Refuse,
     Reject,
     Welcome,
@@ -237,6 +238,16 @@ PROTOCOL_ERRORS: dict[str, tuple[list[bytes | str], bool, dict[str, Any], str]] 
     "sequence_gap": ([data(1), data(3)], False, {"max_holes": 0},
                      "sequence gap: frame 3 leaves 1 holes in [(1, 1), (3, 3)], limit is 0"),
     "same_seq_twice": ([data(1), data(1)], False, {}, "frame 1 sent twice on one connection"),
+    # section 4.1: positions of a frame the hub has not got, and malformed positions
+    "positions_of_a_frame_not_sent": (
+        [data(1), encode(Positions(2, {"tail": 1}))], False, {},
+        "POSITIONS of frame 2, which this hub has neither applied nor received on this "
+        "connection"),
+    "positions_not_a_map": ([data(1), cbor2.dumps([10, 1, [1, 2]])], False, {},
+                            "POSITIONS positions must be a map with text keys"),
+    "positions_too_large": (
+        [data(1), encode(Positions(1, {"tail": "x" * (512 * 1024)}))], False, {},
+        "POSITIONS positions takes 524299 bytes, over the 524288 allowed"),
 }
 
 

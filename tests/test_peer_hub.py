@@ -444,3 +444,66 @@ async def test_a_malformed_hub_message_is_closed_4004(tmp_path: Path,
         await session.recv_data()  # welcomed: the unknown key was ignored
         await session.send_raw(message)
         assert (await until_closed(session))[0] == 4004
+
+
+def first_kind(body: bytes) -> int | None:
+    """The record kind of a DATA body's first record (None: no records)."""
+    item = cbor2.loads(body)
+    if len(item) == 3:
+        return item[2][0][0] if item[2] else None
+    return item[2][0] if item[2] else None
+
+
+async def test_a_fresh_store_asks_for_positions_and_goes_on_from_those_handed_back(
+        tmp_path: Path) -> None:
+    """Section 4.1: a gateway whose store started afresh asks in its first HELLO; it
+    stores the positions handed back with a frame of no records, its tester goes on from
+    there (here: after its third batch, so its first record is no LotStart), and it tells
+    where its sources are only after the DATA of the frame they are as of."""
+    async with gateway_against_peer(tmp_path, positions_every_s=0.1) as hub:
+        session, hello = await hello_of(hub)
+        assert hello["resume"] is True
+        await session.send(welcome(positions=True, resume={"tester": 3, "__after__": {}}))
+        sent: set[int] = set()
+        told: list[list[Any]] = []
+        first: list[Any] = []
+        while not told or not first:
+            message = await session.recv()
+            if message[0] == PING:
+                await session.send([PONG, message[1]])
+            elif message[0] == DATA:
+                sent.add(message[1])
+                await session.send([ACK, message[1], []])  # (they come in order)
+                kind = first_kind(message[3])
+                if message[1] == 1:
+                    assert kind is None  # the positions taken back, stored alone
+                elif kind is not None and not first:
+                    first.append(kind)
+            elif message[0] == 10:
+                assert message[1] in sent  # after its DATA
+                told.append(message)
+        assert first[0] != 1  # LOT_START: the tester did not start over
+        assert told[0][2]["tester"] >= 3 and "__rid__" not in told[0][2]
+
+
+async def test_a_hub_that_keeps_no_positions_is_told_none(tmp_path: Path) -> None:
+    """Section 4.1: no POSITIONS to a hub whose WELCOME lacks "positions"; a fresh store
+    then starts its sources from their beginning (the first record: the LotStart)."""
+    async with gateway_against_peer(tmp_path, positions_every_s=0.1) as hub:
+        session, hello = await hello_of(hub)
+        assert hello["resume"] is True
+        await session.send(welcome())
+        kinds = []
+        deadline = trio.current_time() + 1.0  # several intervals of positions_every_s
+        while trio.current_time() < deadline:
+            with trio.move_on_at(deadline):
+                message = await session.recv()
+                assert message[0] in (DATA, PING), message
+                if message[0] == PING:
+                    await session.send([PONG, message[1]])
+                    continue
+                await session.send([ACK, message[1], []])
+                kind = first_kind(message[3])
+                if kind is not None:
+                    kinds.append(kind)
+        assert kinds[0] == 1

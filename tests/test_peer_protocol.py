@@ -39,6 +39,7 @@ from peer_gateway import (
     columns,
     data,
     http_request,
+    positions,
     rows,
     sensor,
     sensor_table,
@@ -374,6 +375,37 @@ async def test_two_connections_sending_the_same_frame_apply_it_once(tmp_path: Pa
         await new.send(data(1, rows(1, [sensor("t", 1.0)] * 3)))
         assert await new.until_acked(1) == [ACK, 1, []]
         assert (await gateway_stats(port))["records_applied"] == 3
+
+
+async def test_positions_are_kept_once_their_frames_are_applied_and_handed_back(
+        tmp_path: Path) -> None:
+    """Section 4.1: WELCOME offers POSITIONS; the hub keeps positions only when every
+    frame of their epoch up to theirs is applied, hands the last kept back to a HELLO that
+    asks (whichever epoch told them), and a newer epoch's replace an older one's."""
+    async with running_hub(tmp_path) as port:
+        peer = await PeerGateway.connect(port, GW, TOKEN)
+        assert peer.welcome["positions"] is True and "resume" not in peer.welcome
+        await peer.send(data(1, rows(1, [sensor("t", 1.0)])))
+        await peer.send(data(3, rows(3, [sensor("t", 3.0)])))  # frame 2 not sent: a hole
+        await peer.send(positions(3, {"tail": "at 3"}))  # not kept: frame 2 is missing
+        await peer.send(positions(1, {"tail": "at 1"}))
+        await peer.send(data(4, rows(4, [sensor("t", 4.0)])))  # (after them in order)
+        await peer.until_acked(1, 3, 4)
+        assert await peer.client.close() == (1000, "")
+
+        fresh = await PeerGateway.connect(port, GW, TOKEN, epoch="epoch-2", resume=True)
+        assert fresh.welcome["resume"] == {"tail": "at 1"} and fresh.welcome["applied"] == []
+        await fresh.send(data(1, rows(1, [])))
+        await fresh.send(positions(1, {"tail": "at 1, epoch 2"}))
+        await fresh.send(data(2, rows(1, [sensor("t", 5.0)])))
+        await fresh.until_acked(2)
+        assert await fresh.client.close() == (1000, "")
+
+        again = await PeerGateway.connect(port, GW, TOKEN, epoch="epoch-3", resume=True)
+        assert again.welcome["resume"] == {"tail": "at 1, epoch 2"}
+        assert await again.client.close() == (1000, "")
+        other = await PeerGateway.connect(port, "ate-02", TOKEN, resume=True)
+        assert other.welcome["resume"] == {}  # none kept for it: an empty map
 
 
 # ========== sections 3, 5 and 6: frames, acknowledgements, duplicates, order

@@ -257,3 +257,55 @@ def test_a_record_short_of_fields_is_named_in_the_terms_of_the_protocol_table() 
         "PartResult (kind 5) needs at least 10 fields after ts (lot_id, wafer_id, head, site, "
         "part_id, x, y, hard_bin, soft_bin, passed), got 5")
     assert from_wire([11, 0, 1.5, "ch", 2.0], ["tester"]).value == 2.0  # unit defaults
+
+
+# -- source positions (docs/protocol.md section 4.1) -----------------------------------------
+
+
+def test_a_gateway_starting_afresh_asks_and_the_hub_hands_back_what_it_keeps() -> None:
+    gw = GatewayConnection("ate-01", "secret", "epoch-b", 1, now=0.0, resume=True)
+    hub = HubConnection(now=0.0)
+    (hello,), _ = hub.receive(gw.hello(0.0), 0.0)
+    assert hello.resume
+    (welcome,), _ = gw.receive(hub.accept(IntervalSet(), 0.0, {"tail": {"files": {}}}), 0.0)
+    assert welcome.positions and welcome.resume == {"tail": {"files": {}}}
+    # a hub that keeps none answers an empty map: "nothing", not "I do not keep them"
+    gw = GatewayConnection("ate-01", "secret", "epoch-c", 1, now=0.0, resume=True)
+    hub = HubConnection(now=0.0)
+    hub.receive(gw.hello(0.0), 0.0)
+    (welcome,), _ = gw.receive(hub.accept(IntervalSet(), 0.0, None), 0.0)
+    assert welcome.resume == {}
+
+
+def test_a_gateway_that_does_not_ask_is_handed_nothing_back() -> None:
+    gw, _ = pair()
+    assert gw.welcome is not None and gw.welcome.positions and gw.welcome.resume is None
+    assert b"resume" not in gw.hello(0.0)
+
+
+def test_positions_of_a_frame_sent_reach_the_hub_and_an_unsent_one_is_a_fault() -> None:
+    gw, hub = pair()
+    hub.receive(gw.data(1, encode_body(1, []), 0.0), 0.0)
+    message = gw.positions(1, {"tail": 7}, 0.0)
+    assert message is not None
+    (told,), _ = hub.receive(message, 0.0)
+    assert (told.seq, told.positions) == (1, {"tail": 7})
+    with pytest.raises(RuntimeError):
+        gw.positions(2, {"tail": 8}, 0.0)  # the gateway's own rule: after DATA 2 only
+    with pytest.raises(ProtocolError, match="POSITIONS of frame 2, which this hub has neither"):
+        hub.receive(cbor2.dumps([10, 2, {"tail": 8}]), 0.0)
+
+
+def test_no_positions_go_to_a_hub_that_does_not_take_them() -> None:
+    _, hub = pair()
+    hub.takes_positions = False  # (as a hub that predates them: no "positions" key)
+    gw2 = GatewayConnection("ate-01", "secret", "epoch-a", 1, now=0.0, resume=True)
+    hub2 = HubConnection(now=0.0)
+    hub2.takes_positions = False
+    hub2.receive(gw2.hello(0.0), 0.0)
+    (welcome,), _ = gw2.receive(hub2.accept(IntervalSet(), 0.0, {"tail": 1}), 0.0)
+    assert not welcome.positions and welcome.resume is None
+    gw2.data(1, encode_body(1, []), 0.0)
+    assert gw2.positions(1, {"tail": 1}, 0.0) is None
+    with pytest.raises(ProtocolError, match="unexpected POSITIONS from gateway"):
+        hub.receive(cbor2.dumps([10, 1, {"tail": 1}]), 0.0)

@@ -1,8 +1,8 @@
 """The gateway: sources -> batcher -> frame store -> uplink.
 
 Public face (for embedders, plugins and tests): the names below.  The modules inside
-(``service``, ``uplink``, ``probe``, ``scheduler``, ``rollback``, ``config``) are internal:
-import from ``edgegw.gateway``.
+(``service``, ``uplink``, ``probe``, ``scheduler``, ``rollback``, ``positions``, ``config``)
+are internal: import from ``edgegw.gateway``.
 """
 
 from ..store import FrameStore, MemoryFrameStore, StoredFrame
@@ -13,6 +13,7 @@ from .deadletters import (
     read_dead_letter_keys,
     scan_dead_letters,
 )
+from .positions import PositionLog, Teller, positions_of, taken_back
 from .probe import ProbeResult, ProbeTarget, probe_once, retry_after_seconds
 from .rollback import REISSUE_KEY, Rollback, reissue, resume, rolled_back
 from .scheduler import SendScheduler, Want
@@ -30,9 +31,9 @@ from .uplink import Uplink
 __all__ = [
     "AFTER_KEY", "GC_YOUNG_THRESHOLD", "ORIGINS_KEY", "REISSUE_KEY", "RID_KEY",
     "DeadLetterScan", "FrameStore", "Gateway",
-    "GatewayConfig", "GatewaySink", "MemoryFrameStore", "ProbeResult", "ProbeTarget",
-    "Rollback", "SendScheduler", "StoredFrame", "Uplink", "Want", "build_gateway_config",
-    "load_gateway_config", "open_dead_letter_file", "probe_once", "read_dead_letter_keys",
-    "reissue", "resume", "retry_after_seconds", "rolled_back", "scan_dead_letters",
-    "tune_gc",
+    "GatewayConfig", "GatewaySink", "MemoryFrameStore", "PositionLog", "ProbeResult",
+    "ProbeTarget", "Rollback", "SendScheduler", "StoredFrame", "Teller", "Uplink", "Want",
+    "build_gateway_config", "load_gateway_config", "open_dead_letter_file",
+    "positions_of", "probe_once", "read_dead_letter_keys", "reissue", "resume",
+    "retry_after_seconds", "rolled_back", "scan_dead_letters", "taken_back", "tune_gc",
 ]

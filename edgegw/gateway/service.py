@@ -45,15 +45,15 @@ from ..web import HttpServer, install_status
 from ..web.hosts import HostRule
 from .config import RESERVED_NAME_PREFIX, GatewayConfig, SourceEntry
 from .deadletters import open_dead_letter_file, write_dead_letter
+from .positions import AFTER_KEY, PositionLog, taken_back
 from .rollback import Rollback
 from .uplink import DATA_ENVELOPE_BYTES, RID_KEY, Uplink
 
 log = logging.getLogger("edgegw.gateway")
 
-#: per replaying source, its records after its checkpoint that are already in frames
-#: (``Batch.spans``), kept among the checkpoints so a restart skips exactly those: their
-#: count, and under ``ORIGINS_KEY`` where they follow (``encode_after``)
-AFTER_KEY = "__after__"
+#: ``AFTER_KEY``: per replaying source, its records after its checkpoint that are already
+#: in frames (``Batch.spans``), kept among the checkpoints so a restart skips exactly
+#: those: their count, and under ``ORIGINS_KEY`` where they follow (``encode_after``)
 #: in ``AFTER_KEY``'s value: per source with origins, ``[[stream, start, n], ...]`` (beside
 #: the count, which a gateway that predates origins reads alone)
 ORIGINS_KEY = "__origins__"
@@ -269,6 +269,8 @@ class Gateway:
         self.sources: list[tuple[str, Source]] = list(extra_sources)
         self._entries: dict[str, SourceEntry] = {}  # config-built sources, to rebuild them
         self.uplink: Uplink | None = None
+        #: where the sources were as each frame was stored, for the hub (``_run``)
+        self.positions: PositionLog | None = None
         self.status_port: int | None = None
         m = self.metrics
         self.m_records_in = m.counter("gateway_records_in_total", "records put by sources")
@@ -338,6 +340,78 @@ class Gateway:
             log.info("source %s: skipping the %d replayed record(s) that frames already hold",
                      name, sum(n for _key, n in owed))
         return owed
+
+    async def _resume_then_start(self, held: list[int], nursery: trio.Nursery) -> None:
+        """Start the replaying sources of a store that started afresh once the hub has
+        answered the first HELLO (it asked for the positions the hub kept: this gateway's
+        state may have been lost), from the positions handed back; from their beginning
+        when the hub keeps none, keeps no positions at all, or does not answer within
+        ``uplink.resume_wait_s`` (docs/operations.md, "A gateway's state lost")."""
+        uplink = self.uplink
+        assert uplink is not None
+        wait_s = self.config.uplink.resume_wait_s
+        names = ", ".join(self.sources[i][0] for i in held)
+        log.info("source(s) %s wait up to %g s for the hub: this gateway's store is new, and "
+                 "the hub may hold where they were", names, wait_s)
+        with trio.move_on_after(wait_s):
+            await uplink.resumed.wait()
+        if not uplink.resumed.is_set():
+            uplink.asks_positions = False  # the sources go: a later answer comes too late
+            log.warning("source(s) %s start from their beginning: the hub did not answer "
+                        "within uplink.resume_wait_s = %g s (if this gateway's state was "
+                        "lost, what the hub has of their files is applied again)", names,
+                        wait_s)
+        positions = taken_back(uplink.handed_back if uplink.resumed.is_set() else None)
+        taken = False
+        if positions:
+            try:
+                taken = await self._take_back(positions, held)
+            except Exception:  # the store failing: the sources start from what it holds
+                report_internal_error(self.metrics, "positions", log,
+                                      "storing the source positions the hub handed back")
+                taken = True
+        for index in held:
+            name, source = self.sources[index]
+            if taken:  # made again from the positions taken back, as after a restart
+                entry = self._entries.get(name)
+                if entry is not None:
+                    source = self._make_source(entry)
+                    self.sources[index] = (name, source)
+                elif isinstance(getattr(source, "context", None), SourceContext):
+                    source.context.checkpoint = self.store.checkpoints.get(name)  # type: ignore[attr-defined]
+            await nursery.start(self._run_source, index, self._replay_skip(name, source))
+
+    async def _take_back(self, positions: dict[str, Any], held: list[int]) -> bool:
+        """Make the positions a hub handed back this store's own: stored, durably, with a
+        frame of no records (sent to the hub like any frame), before a held source starts.
+        The held sources' records after their positions that frames hold are counted from
+        then on (so a frame stored meanwhile says so too)."""
+        if AFTER_KEY in positions and not _after_readable(positions[AFTER_KEY]):
+            log.warning("the source positions the hub handed back name records after them "
+                        "in a form this gateway does not read: taken without them (those "
+                        "records may be sent again)")
+            positions = {k: v for k, v in positions.items() if k != AFTER_KEY}
+        checkpoints = {**positions, RID_KEY: self.next_rid}
+        async with self._lock:
+            for index in held:
+                name = self.sources[index][0]
+                owed = decode_after(positions.get(AFTER_KEY), name)
+                self.batcher.track(name, owed)
+                self._after_base[name] = (owed, [])
+            try:
+                await self._append(encode_body(self.next_rid, []), 0, checkpoints)
+            except ValueError as exc:  # larger than this store takes: they cannot be kept
+                log.error("the source positions the hub handed back cannot be stored (%s): "
+                          "the sources start from their beginning", exc)
+                for index in held:
+                    self.batcher.track(self.sources[index][0], [])
+                    self._after_base[self.sources[index][0]] = ([], [])
+                return False
+            self._checkpoint_sizes = None  # measured again with these at the next put
+        await self.store.flush()
+        log.warning("took back the source positions the hub kept (this gateway's store is "
+                    "new): %s", ", ".join(sorted(k for k in positions if k != AFTER_KEY)))
+        return True
 
     async def _run_source(self, index: int, skip: list[Span], *,
                           task_status: trio.TaskStatus[None]) -> None:
@@ -712,7 +786,9 @@ class Gateway:
         # cancelled before the store took the frame leaves a gap of ids: harmless, and its
         # records are read again with the ids the last durable checkpoint gives.
         self.next_rid = checkpoints[RID_KEY]
-        await self.store.append(body, n_records, checkpoints)
+        seq = await self.store.append(body, n_records, checkpoints)
+        if self.positions is not None:
+            self.positions.note(seq, checkpoints)
         failpoints.hit("gateway.frame_stored")
         self.m_frames.inc()
         self.m_records_stored.inc(n_records)
@@ -1023,6 +1099,13 @@ class Gateway:
         sources = self._build_sources()
         self.uplink = Uplink(self.config.gateway, self.config.uplink, self.store, self.metrics,
                              self.dead_letter_path)
+        afresh = False
+        if self.config.uplink.positions_every_s:
+            self.positions = self.uplink.positions = PositionLog(self.store.checkpoints)
+            # a store that holds no frame and no checkpoint: the hub may know where the
+            # sources were (this gateway's state lost: docs/operations.md)
+            afresh = self.store.next_seq == 1 and not self.store.checkpoints
+            self.uplink.asks_positions = afresh
         try:
             async with trio.open_nursery() as nursery:
                 self.uplink.on_state_rollback = functools.partial(self._rolled_back, nursery)
@@ -1030,8 +1113,14 @@ class Gateway:
                 nursery.start_soon(self._flusher)
                 if self.config.gateway.status_port:
                     self.status_port = await nursery.start(self._serve_status)
-                for index, (_name, _source, skip) in enumerate(sources):
-                    await nursery.start(self._run_source, index, skip)
+                held = []
+                for index, (_name, source, skip) in enumerate(sources):
+                    if afresh and getattr(source, "replays", False):
+                        held.append(index)  # started once the hub has answered
+                    else:
+                        await nursery.start(self._run_source, index, skip)
+                if held:
+                    nursery.start_soon(self._resume_then_start, held, nursery)
                 log.info("gateway %s running with %d source(s)", self.config.gateway.id,
                          len(self.sources))
                 if damage is not None:
@@ -1086,6 +1175,20 @@ def decode_after(value: Any, source: str) -> list[Span]:
         if int(n) > 0:
             out.append((key, int(n)))
     return out
+
+
+def _after_readable(value: Any) -> bool:
+    """Whether ``decode_after`` reads every source's spans in ``value`` (``AFTER_KEY``'s
+    value as a hub handed it back: not trusted to be what this gateway wrote)."""
+    if not isinstance(value, dict):
+        return False
+    try:
+        origins = value.get(ORIGINS_KEY) or {}
+        for name in [*(k for k in value if k != ORIGINS_KEY), *origins]:
+            decode_after(value, name)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return False
+    return True
 
 
 #: what encoding a frame body raises for a record it cannot carry (``Gateway._rewrite``)

@@ -51,6 +51,7 @@ from ..protocol import (
     Ack,
     CloseCode,
     GatewayConnection,
+    IntervalSet,
     ProtocolError,
     Refuse,
     Reject,
@@ -66,6 +67,7 @@ from ..taskgroups import reraise_meaningful
 from ..tls import client_context
 from .config import GatewaySection, UplinkSection
 from .deadletters import dead_letter_key, read_dead_letter_keys, write_dead_letter
+from .positions import PositionLog, Teller
 from .probe import ProbeResult, ProbeTarget, probe_until_reached, retry_after_seconds
 from .rollback import Rollback, reissue, resume
 from .scheduler import SendScheduler
@@ -87,6 +89,7 @@ DATA_ENVELOPE_BYTES = 64
 #: this wrote none); the split is complete when ``stored_to == end``
 SPLIT_KEY = "__split__"
 RID_KEY = "__rid__"  # the next record id, kept among the checkpoints (gateway service)
+_UNKNOWN_PART = (1 << 63) - 1  # a part being stored, its seq not known yet
 #: parts of one split whose seqs are kept (sent right after the frame); more are sent in
 #: sequence order, as any frame: order is then as good as before, nothing is lost
 MAX_PARTS = 64
@@ -129,6 +132,19 @@ class Uplink:
         self.reconnect = Reconnect(self.backoff, config.probe_interval_s)
         self._probe_target = ProbeTarget.from_url(gateway.hub_url, self._ssl_context())
         self.handshake_s: float | None = None  # TCP + WebSocket + HELLO/WELCOME, last time
+        #: where the sources were as each frame was stored (the gateway notes them): told
+        #: to a hub that keeps them (``gateway/positions.py``); None: none are told
+        self.positions: PositionLog | None = None
+        #: the store started afresh: HELLO asks for the positions the hub kept, until the
+        #: first WELCOME (``resumed``) hands them back (``handed_back``; None: the hub keeps
+        #: none) or the gateway stops waiting for them
+        self.asks_positions = False
+        self.resumed = trio.Event()
+        self.handed_back: dict[str, Any] | None = None
+        self._teller: Teller | None = None  # this connection's, when the hub keeps them
+        self._tell_seq = 0  # the newest frame sent on it with positions noted
+        #: parts stored for split frames this run: frame seq -> its parts' seqs
+        self._parts_stored: dict[int, list[int]] = {}
         self._split_warned = False  # a frame split for the hub logged on this connection
         #: this connection: parts held back until the frame they were cut from is sent
         #: (part seq -> that frame's seq)
@@ -195,6 +211,19 @@ class Uplink:
         self.m_probes.inc(outcome=result.outcome)
         if not result.reached:
             self.last_error = f"hub unreachable: {result.detail}"
+            self._stop_asking(self.last_error)
+
+    def _stop_asking(self, why: str) -> None:
+        """A store started afresh does not wait for a hub that is not there, or will not
+        answer (it refuses this gateway, breaks the protocol): its sources start from their
+        beginning now -- never a record left unread for want of a hub; at worst what the
+        hub has is sent again."""
+        if self.asks_positions:
+            self.asks_positions = False
+            self.resumed.set()
+            log.warning("%s: the sources of this new store start from their beginning, "
+                        "without asking the hub where they were (docs/operations.md, "
+                        "\"A gateway's state lost\")", why)
 
     async def _attempt(self) -> float:
         """Probe until the hub is reached, then (unless it is busy or silent) one session.
@@ -222,6 +251,7 @@ class Uplink:
             self.last_error = str(exc)
             log.error("%s", exc)
             self.m_failures.inc(reason=_failure_reason(exc))
+            self._stop_asking("the hub refused this gateway")
             if exc.code in (CloseCode.UNAUTHORIZED, CloseCode.UNSUPPORTED_VERSION):
                 return policy.config_problem()  # keep trying, at the slowest pace
             return policy.failed()
@@ -250,6 +280,8 @@ class Uplink:
             else:
                 log.warning("hub link down: %s", self.last_error)
             self.m_failures.inc(reason=_failure_reason(exc))
+            if _failure_reason(exc) == "hub_protocol":
+                self._stop_asking("the hub broke the protocol")
             return policy.disconnected(trio.current_time(), link_lost=_link_lost(exc))
         finally:
             self.connected = False
@@ -272,7 +304,9 @@ class Uplink:
                                      else (cfg.compression,),
                                      compression_level=cfg.compression_level,
                                      compression_min_bytes=cfg.compression_min_bytes,
-                                     versions=tuple(range(1, cfg.max_protocol_version + 1)))
+                                     versions=tuple(range(1, cfg.max_protocol_version + 1)),
+                                     resume=self.asks_positions)
+            asked = self.asks_positions
             await ws.send_message(conn.hello(now))
             with trio.fail_after(cfg.connect_timeout_s):
                 while conn.welcome is None:
@@ -294,6 +328,7 @@ class Uplink:
                     if self.on_state_rollback is not None:
                         self.on_state_rollback(rollback)
             await resume(self.store)
+            self._take_positions(welcome, asked, hello_next)
             self._apply_ack(welcome.applied)
             self.connected = True
             self.m_connects.inc()
@@ -318,11 +353,55 @@ class Uplink:
                     nursery.start_soon(_answerer, ws, to_answer)
                     nursery.start_soon(heartbeat, conn, ws.send_message)
                     nursery.start_soon(self._sender, ws, conn, welcome)
+                    if self._teller is not None:
+                        nursery.start_soon(self._teller_task, ws, conn)
             except BaseExceptionGroup as group:
                 reraise_meaningful(group, ProtocolError, ConnectionClosed, trio.TooSlowError,
                                    OSError, trio.BrokenResourceError)
             finally:
                 await _going_away(ws)
+
+    def _take_positions(self, welcome: Welcome, asked: bool, hello_next: int) -> None:
+        """What WELCOME says of source positions: those handed back to a store started
+        afresh, and whether this connection tells them (docs/protocol.md section 4)."""
+        if asked and self.asks_positions:
+            self.asks_positions = False
+            self.handed_back = welcome.resume
+            self.resumed.set()
+        elif asked and welcome.resume:
+            log.warning("the hub handed back source positions after the sources had started "
+                        "from their beginning (uplink.resume_wait_s passed): not taken")
+        self._teller, self._tell_seq = None, 0
+        if welcome.positions and self.positions is not None and self.config.positions_every_s:
+            had = IntervalSet(welcome.applied)
+            if hello_next > 1:
+                had.add_range(1, hello_next - 1)
+            self._teller = Teller(had)
+
+    async def _teller_task(self, ws: Any, conn: GatewayConnection) -> None:
+        """Every ``uplink.positions_every_s``: POSITIONS as of the newest frame sent, when
+        they moved and are true -- under a flood one message (and one write at the hub)
+        per interval, not per frame; once the sources stop, where they stopped."""
+        while True:
+            await trio.sleep(self.config.positions_every_s)
+            if self._tell_seq:
+                await self._tell_positions(ws, conn, self._tell_seq)
+
+    async def _tell_positions(self, ws: Any, conn: GatewayConnection, seq: int) -> None:
+        teller, noted = self._teller, self.positions
+        positions = None if noted is None else noted.at(seq)
+        if teller is None or positions is None:
+            return
+        first = self.store.first_unacked
+        self._parts_stored = {k: v for k, v in self._parts_stored.items()
+                              if max(v, default=0) >= first}
+        parts = [(_int(k), [p for p, _ in _parts(v)])
+                 for k, v in (self.store.checkpoints.get(SPLIT_KEY) or {}).items()]
+        parts += self._parts_stored.items()
+        if teller.may_tell(seq, positions, first_unacked=first, parts=parts):
+            message = conn.positions(seq, positions, trio.current_time())
+            if message is not None:
+                await ws.send_message(message)
 
     def _apply_ack(self, ranges: list[tuple[int, int]]) -> None:
         watermark = 0
@@ -515,6 +594,10 @@ class Uplink:
         seq, self._part_unsettled = self._part_unsettled, None
         if seq is not None and self.store.next_seq > seq:  # it was queued (or one after)
             await self.store.wait_for_frame_after(seq - 1)
+        # a part whose storing was cut off is durable now, named by the split's progress
+        # among the store's checkpoints, or was never stored: no longer a part of unknown seq
+        for stored in self._parts_stored.values():
+            stored[:] = [p for p in stored if p != _UNKNOWN_PART]
 
     def _with_stand_ins(self, frames: list[StoredFrame], lo: int, below_hi: int,
                         limit: int) -> list[StoredFrame]:
@@ -636,6 +719,10 @@ class Uplink:
         self.m_frames.inc()
         self.m_bytes.inc(len(data))
         self.m_body_bytes.inc(len(f.body))
+        if self._teller is not None:
+            self._teller.sent(f.seq)
+            if self.positions is not None and self.positions.at(f.seq) is not None:
+                self._tell_seq = max(self._tell_seq, f.seq)
         if ahead and self.scheduler is not None:
             self.scheduler.sent_ahead([f.seq])
         marker = (self.store.checkpoints.get(SPLIT_KEY) or {}).get(str(f.seq))
@@ -749,6 +836,10 @@ class Uplink:
             progress = {**self._splits(),
                         str(seq): [cut, b, end, [list(p) for p in known[:MAX_PARTS]]]}
             self._part_unsettled = self.store.next_seq
+            # until its seq is known, a part of ``seq`` counts as above every frame: no
+            # positions as of ``seq`` or later are told meanwhile (``_tell_positions``)
+            stored = self._parts_stored.setdefault(seq, [])
+            stored.append(_UNKNOWN_PART)
             try:
                 part = await self.store.append(body, b - a, {SPLIT_KEY: progress},
                                                over_cap=True)
@@ -760,6 +851,7 @@ class Uplink:
                 part = await self.store.append(_stand_in(body, seq, problem), 1,
                                                {SPLIT_KEY: progress}, over_cap=True)
             self._part_unsettled = None
+            stored[stored.index(_UNKNOWN_PART)] = part
             parts = sorted([*parts, (part, rid)], key=lambda p: p[1])
         return parts
 

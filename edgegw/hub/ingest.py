@@ -54,6 +54,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import cbor2
 import trio
 
 from .. import failpoints
@@ -71,6 +72,7 @@ from ..protocol import (
     Hello,
     HubConnection,
     IntervalSet,
+    Positions,
     ProtocolError,
     Rows,
     check_frame,
@@ -220,6 +222,12 @@ class Ingest:
             "gateways sharing an id, or a spool started afresh)")
         self.m_busy = m.counter("hub_busy_total", "probes and upgrades answered 503 (busy)")
         self.m_proto = m.counter("hub_protocol_errors_total", "connections closed for a fault")
+        self.m_positions = m.counter(
+            "hub_gateway_positions_total", "POSITIONS from gateways, by outcome: kept, older "
+            "(newer ones kept), not_applied (a frame up to it not applied: ignored)")
+        self.m_resumed = m.counter(
+            "hub_gateway_positions_handed_back_total", "gateways whose store started afresh "
+            "given back the source positions the hub kept for them")
         self.m_rejected = m.counter("hub_frames_rejected_total", "invalid frames dead-lettered")
         self.m_bad_http = m.counter("hub_bad_http_requests_total", "malformed HTTP requests")
         self.m_pruned = m.counter("hub_frames_pruned_total",
@@ -609,7 +617,8 @@ class Ingest:
         claim = await self._until_written(gw, lambda: self.store.claim(gw, hello.epoch))
         generation, applied = claim.generation, claim.applied
         session.generation = generation
-        welcome = conn.accept(applied, trio.current_time())
+        resume = await self._positions_for(gw, hello) if hello.resume else None
+        welcome = conn.accept(applied, trio.current_time(), resume)
         await self._declare_lost(gw, hello.epoch, hello.next_seq, conn.declared_lost,
                                  generation, "")
         await ws.send_message(welcome)
@@ -618,6 +627,44 @@ class Ingest:
                  session.remote, conn.version, hello.epoch, hello.next_seq)
         self._gateway_event(gw, True)
         return claim
+
+    async def _positions_for(self, gw: str, hello: Hello) -> dict[str, Any]:
+        """The source positions kept for a gateway whose store started afresh (its HELLO
+        asks: docs/protocol.md section 4, "Source positions"); empty when none are kept."""
+        kept = await self._until_written(gw, lambda: self.store.load_positions(gw))
+        if kept is None:
+            log.info("gateway %s: its store started afresh (epoch %s); no source positions "
+                     "kept for it", gw, hello.epoch)
+            return {}
+        try:
+            positions = cbor2.loads(kept.positions)
+            if not isinstance(positions, dict):
+                raise TypeError("not a map")
+        except Exception:  # written by this hub after checking them: a damaged row
+            report_internal_error(self.metrics, "gateway_positions", log,
+                                  "reading the source positions kept for gateway %s", gw)
+            return {}
+        self.m_resumed.inc()
+        log.warning("gateway %s: its store started afresh (epoch %s): handing back its source "
+                    "positions as of frame %d of epoch %s, so its sources go on from there "
+                    "instead of sending again what this hub has", gw, hello.epoch, kept.seq,
+                    kept.epoch)
+        return positions
+
+    async def _keep_positions(self, conn: HubConnection, gw: str, epoch: str,
+                              told: Positions) -> None:
+        """A POSITIONS, once every frame received before it is committed: kept when every
+        frame of the epoch up to its seq is applied (what makes them true: each record
+        the sources made up to there is in those frames), ignored otherwise."""
+        if conn.applied_set.watermark() < told.seq:
+            self.m_positions.inc(outcome="not_applied")
+            log.debug("gateway %s: positions of frame %d ignored: frames below it are not "
+                      "applied", gw, told.seq)
+            return
+        blob = cbor2.dumps(told.positions)
+        kept = await self._until_written(
+            gw, lambda: self.store.save_positions(gw, epoch, told.seq, blob))
+        self.m_positions.inc(outcome="kept" if kept else "older")
 
     def supersede(self, gateway: str, generation: int) -> bool:
         """A cluster node heard that ``gateway`` was claimed elsewhere with ``generation``:
@@ -800,11 +847,11 @@ class Ingest:
         returned (docs/reliability.md, "Backpressure is not silence")."""
         # each frame with its arrival time (hub_frame_apply_seconds)
         # (a LOST's ``Declared`` goes the same way: recorded after the frames before it)
-        send, receive = trio.open_memory_channel[tuple[Data | Declared, float]](
+        send, receive = trio.open_memory_channel[tuple[Data | Declared | Positions, float]](
             self.config.hub.apply_queue_frames)
         arrivals: deque[float] = deque()  # of the frames not yet committed (``lag``)
 
-        async def queue_frame(item: tuple[Data | Declared, float]) -> None:
+        async def queue_frame(item: tuple[Data | Declared | Positions, float]) -> None:
             """Into the apply queue; while it is full (a slow commit, a full live-state
             queue) nothing is read, and what the gateway sends meanwhile -- frames, PINGs
             -- waits unread: that wait is not its silence (4005 would close a healthy
@@ -849,7 +896,7 @@ class Ingest:
                             arrival = trio.current_time()
                             arrivals.append(arrival)
                             await queue_frame((ev, arrival))
-                        elif isinstance(ev, Declared):
+                        elif isinstance(ev, Declared | Positions):
                             await queue_frame((ev, trio.current_time()))
                         elif isinstance(ev, Duplicate):
                             self.store.count_duplicate(gw)
@@ -902,22 +949,26 @@ class Ingest:
             del self._arrivals[id(arrivals)]
 
     async def _applier(self, ws: WebSocket, conn: HubConnection, gw: str, epoch: str,
-                       receive: trio.MemoryReceiveChannel[tuple[Data | Declared, float]],
+                       receive: trio.MemoryReceiveChannel[
+                           tuple[Data | Declared | Positions, float]],
                        generation: int = 0, arrivals: deque[float] | None = None) -> None:
         max_records = self.config.hub.max_records_per_frame
         columnar = (conn.version or 1) >= 2  # v1 connections send rows only
         typed = (conn.version or 1) >= 3  # typed float columns: v3 only
-        after: Declared | None = None  # a LOST that came behind the frames being committed
+        # a LOST or a POSITIONS that came behind the frames being committed
+        after: Declared | Positions | None = None
         while True:
-            if after is not None:
+            if isinstance(after, Declared):
                 await self._record_lost(ws, conn, gw, epoch, after, generation)
-                after = None
+            elif isinstance(after, Positions):
+                await self._keep_positions(conn, gw, epoch, after)
+            after = None
             try:
                 first = await receive.receive()
             except trio.EndOfChannel:
                 return
             head, received = first
-            if isinstance(head, Declared):
+            if not isinstance(head, Data):
                 after = head
                 continue
             frames = [(head, received)]
@@ -927,8 +978,8 @@ class Ingest:
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
                 head, received = item
-                if isinstance(head, Declared):
-                    after = head  # recorded once the frames before it are committed
+                if not isinstance(head, Data):
+                    after = head  # once the frames before it are committed
                     break
                 frames.append((head, received))
             good: list[tuple[FrameToApply, int, Decoded]] = []

@@ -89,6 +89,13 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS positions (
+    gateway TEXT PRIMARY KEY,
+    epoch TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    positions BLOB NOT NULL,
+    updated REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS rejected (
     id INTEGER PRIMARY KEY,
     gateway TEXT NOT NULL,
@@ -366,6 +373,26 @@ class GatewayClaim(NamedTuple):
     rids: IntervalSet | None = None
 
 
+class StoredPositions(NamedTuple):
+    """The source positions a hub keeps for a gateway (docs/protocol.md section 4,
+    "Source positions"): the last ones it told of a frame when every frame of its epoch
+    up to that one was applied."""
+
+    epoch: str
+    seq: int
+    positions: bytes  # CBOR, as the gateway sent them
+    updated: float  # the hub's clock when they were written
+
+
+#: keeps a gateway's newest positions: those of a later frame of its epoch, or of another
+#: epoch (a gateway whose store started afresh tells its new epoch's from its first frame)
+SAVE_POSITIONS_SQLITE = (
+    "INSERT INTO positions (gateway, epoch, seq, positions, updated) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (gateway) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq,"
+    " positions = excluded.positions, updated = excluded.updated"
+    " WHERE positions.epoch != excluded.epoch OR positions.seq < excluded.seq")
+
+
 class IngestStore(Protocol):
     """What ``Ingest`` needs of a store: the single hub's ``HubStore`` (SQLite) and a
     cluster node's ``ClusterStore`` (PostgreSQL, edgegw/hub/cluster/pgstore.py)."""
@@ -385,6 +412,9 @@ class IngestStore(Protocol):
     async def declare_lost(self, gateway: str, epoch: str, up_to: int, count: int,
                            generation: int = 0) -> None: ...
     def count_duplicate(self, gateway: str) -> None: ...
+    async def save_positions(self, gateway: str, epoch: str, seq: int,
+                             positions: bytes) -> bool: ...
+    async def load_positions(self, gateway: str) -> StoredPositions | None: ...
     def health_problem(self) -> str | None: ...
     async def prune(self, older_than: float, max_bytes: int | None = None,
                     up_to_id: int | None = None, batch: int = 2000) -> int: ...
@@ -671,6 +701,37 @@ class HubStore:
         # counted in memory; persisted with the next commit (a lost count is harmless)
         self.gateway_stats(gateway).duplicates_dropped += 1
 
+    async def save_positions(self, gateway: str, epoch: str, seq: int,
+                             positions: bytes) -> bool:
+        """Keep a gateway's source positions as of frame ``seq`` (the caller has checked
+        that every frame of the epoch up to it is applied).  False when newer ones are
+        kept already (a later frame of the same epoch)."""
+        def run() -> bool:
+            db = self._db
+            assert db is not None
+            try:
+                cur = db.execute(SAVE_POSITIONS_SQLITE,
+                                 (gateway, epoch, seq, positions, time.time()))
+            except BaseException as exc:
+                known = _store_error(exc, self.path)
+                if known is not None:
+                    raise known from exc
+                raise
+            return cur.rowcount == 1
+
+        return await trio.to_thread.run_sync(run, limiter=self._limiter)
+
+    async def load_positions(self, gateway: str) -> StoredPositions | None:
+        """The source positions kept for ``gateway`` (None: none)."""
+        def run() -> StoredPositions | None:
+            assert self._db is not None
+            row = self._db.execute("SELECT epoch, seq, positions, updated FROM positions"
+                                   " WHERE gateway = ?", (gateway,)).fetchone()
+            return None if row is None else StoredPositions(row[0], row[1], bytes(row[2]),
+                                                            row[3])
+
+        return await trio.to_thread.run_sync(run, limiter=self._limiter)
+
     @property
     def busy(self) -> bool:
         """A database call is running in the store's worker thread."""
@@ -793,6 +854,6 @@ class HubStore:
 __all__ = [
     "CODEC_RAW", "CODEC_ZLIB", "MAX_RID_RANGES", "FrameToApply", "GatewayClaim",
     "GatewayStats", "GatewaySuperseded", "HubStore", "IngestStore", "LockTimeout",
-    "SessionEnded", "StoreDamaged", "StoreFull", "StoreUnavailable",
+    "SessionEnded", "StoreDamaged", "StoreFull", "StoreUnavailable", "StoredPositions",
     "pack_body", "records_not_applied", "screen_rids", "unpack_body",
 ]

@@ -15,6 +15,7 @@ from .compression import ENCODINGS, compress_body, decompress_body
 from .connection import Declared, Duplicate, GatewayConnection, HubConnection, State
 from .intervals import IntervalSet
 from .messages import (
+    MAX_POSITIONS_BYTES,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
     Ack,
@@ -25,6 +26,7 @@ from .messages import (
     Lost,
     Ping,
     Pong,
+    Positions,
     ProtocolError,
     Refuse,
     Reject,
@@ -40,6 +42,7 @@ from .messages import (
 
 __all__ = [
     "ENCODINGS",
+    "MAX_POSITIONS_BYTES",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
     "TAG_FLOAT64_LE",
@@ -58,6 +61,7 @@ __all__ = [
     "Lost",
     "Ping",
     "Pong",
+    "Positions",
     "ProtocolError",
     "Refuse",
     "Reject",

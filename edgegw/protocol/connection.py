@@ -36,6 +36,7 @@ from .messages import (
     Message,
     Ping,
     Pong,
+    Positions,
     ProtocolError,
     Refuse,
     Reject,
@@ -215,7 +216,8 @@ class GatewayConnection(_Base):
                  heartbeat: float = 5.0, max_message_bytes: int = 16 << 20,
                  now: float = 0.0, compression: tuple[str, ...] = (),
                  compression_level: int = 1, compression_min_bytes: int = 1024,
-                 versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> None:
+                 versions: tuple[int, ...] = SUPPORTED_VERSIONS, resume: bool = False
+                 ) -> None:
         super().__init__(heartbeat, max_message_bytes, now)
         unknown = [c for c in compression if c not in ENCODINGS]
         if unknown:
@@ -224,7 +226,7 @@ class GatewayConnection(_Base):
             raise ValueError(f"versions {list(versions)}: this implementation speaks "
                              f"{list(SUPPORTED_VERSIONS)}")
         self._hello = Hello(gateway_id, token, epoch, next_seq, tuple(versions), heartbeat,
-                            compression)
+                            compression, resume)
         self.welcome: Welcome | None = None
         #: what the hub has (WELCOME's applied set, what is below HELLO's next_seq, the
         #: ACKs since, what a LOST declared): kept only where the hub takes LOST
@@ -277,6 +279,15 @@ class GatewayConnection(_Base):
         self._lost_below = first_held
         self._told = max(self._told, first_held - 1)
         return self._sent(encode(Lost(first_held)), now)
+
+    def positions(self, seq: int, positions: dict[str, Any], now: float) -> bytes | None:
+        """A POSITIONS (section 4, "Source positions"): where the sources were as of frame
+        ``seq``, sent after DATA ``seq``; None when the hub does not take them."""
+        if self.state is not State.OPEN or self.welcome is None or not self.welcome.positions:
+            return None
+        if seq > self._told:
+            raise RuntimeError(f"positions of frame {seq}, which was not sent")
+        return self._sent(encode(Positions(seq, positions)), now)
 
     def receive(self, data: bytes | str, now: float) -> tuple[list[Any], bytes | None]:
         """Returns (events, reply-to-send or None)."""
@@ -331,7 +342,9 @@ class HubConnection(_Base):
     ``receive`` yields ``Hello`` (the hub then calls ``accept`` or ``refuse``), ``Data``
     for frames not yet applied, ``Duplicate`` for frames already applied (the hub
     counts them; ``receive`` has already produced the ACK reply), and ``Declared`` for a
-    LOST (the hub records the frames lost, then calls ``lost_recorded`` for the ACK).
+    LOST (the hub records the frames lost, then calls ``lost_recorded`` for the ACK), and
+    ``Positions`` for a POSITIONS (the hub keeps them once every frame up to its seq is
+    applied: docs/protocol.md section 4, "Source positions").
     After applying a frame the hub calls ``applied(seq)`` for the ACK, or
     ``rejected(seq, reason)``.
     """
@@ -356,6 +369,8 @@ class HubConnection(_Base):
         self.declared_lost = 0
         #: WELCOME says the hub takes LOST (section 4); a hub without it would close 4004
         self.takes_lost = True
+        #: WELCOME says the hub takes POSITIONS (section 4, "Source positions")
+        self.takes_positions = True
         self._lost_below = 0  # the highest LOST's next_seq: no DATA below it may follow
 
     def receive(self, data: bytes | str, now: float) -> tuple[list[Any], bytes | None]:
@@ -399,6 +414,11 @@ class HubConnection(_Base):
             return [msg], None
         if isinstance(msg, Lost) and self.takes_lost:
             return [self._declared(msg.next_seq)], None
+        if isinstance(msg, Positions) and self.takes_positions:
+            if msg.seq not in self._seen:
+                raise self.fail(f"POSITIONS of frame {msg.seq}, which this hub has neither "
+                                f"applied nor received on this connection")
+            return [msg], None
         raise self.fail(f"unexpected {type(msg).__name__.upper()} from gateway")
 
     def _declared(self, next_seq: int) -> Declared:
@@ -412,10 +432,13 @@ class HubConnection(_Base):
         self._lost_below = max(self._lost_below, next_seq)
         return Declared(next_seq, self._seen.count() - before)
 
-    def accept(self, applied: IntervalSet, now: float) -> bytes:
+    def accept(self, applied: IntervalSet, now: float,
+               resume: dict[str, Any] | None = None) -> bytes:
         """Welcome the gateway; ``applied`` is what the hub already has for its epoch.
         Frames below the gateway's ``next_seq`` that the hub lacks are ones the gateway
-        no longer holds: they are recorded as lost (``declared_lost``), not waited for."""
+        no longer holds: they are recorded as lost (``declared_lost``), not waited for.
+        ``resume``: the source positions the hub holds for the gateway, sent when its
+        HELLO asked for them (an empty map when it holds none)."""
         assert self.hello_msg is not None
         missing = IntervalSet(applied.ranges())
         missing.add_range(1, self.hello_msg.next_seq - 1)
@@ -430,9 +453,11 @@ class HubConnection(_Base):
         common = set(self.hello_msg.versions) & set(self.versions)
         assert common, "the hub refuses (4002) a HELLO without a version in common"
         self.version = max(common)
+        asked = self.hello_msg.resume and self.takes_positions
         welcome = Welcome(self.version, self.applied_set.ranges(), self.heartbeat.interval,
                           self.max_message_bytes, self.max_records, self.body_encoding,
-                          self.takes_lost)
+                          self.takes_lost, self.takes_positions,
+                          (resume or {}) if asked else None)
         return self._sent(encode(welcome), now)
 
     def refuse(self, code: int, reason: str, now: float) -> bytes:

@@ -40,6 +40,12 @@ REJECT = 6
 PING = 7
 PONG = 8
 LOST = 9
+POSITIONS = 10
+
+#: the largest source positions (section 4, "Source positions") a POSITIONS or a WELCOME
+#: carries, as CBOR: a gateway tells none larger, a hub keeps and hands back none larger,
+#: so a WELCOME holding them stays far below the 1 MiB a gateway takes in a message
+MAX_POSITIONS_BYTES = 512 * 1024
 
 
 class CloseCode:
@@ -81,6 +87,9 @@ class Hello:
     heartbeat: float = 5.0
     # body encodings the gateway can send (section 5.1); empty: none, the key is left out
     compression: tuple[str, ...] = ()
+    #: the gateway's frame store started afresh: it asks for the source positions the hub
+    #: holds for it (section 4, "Source positions"); False: the key is left out
+    resume: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +102,11 @@ class Welcome:
     compression: str | None = None  # the body encoding the hub accepts, of those offered
     #: the hub takes LOST (section 4): a gateway may declare frames it dropped meanwhile
     lost: bool = False
+    #: the hub takes POSITIONS (section 4, "Source positions")
+    positions: bool = False
+    #: the answer to a HELLO's ``resume``: the source positions the hub holds for this
+    #: gateway (empty: none); None: not asked, or the hub does not keep positions
+    resume: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +144,15 @@ class Lost:
 
 
 @dataclasses.dataclass(frozen=True)
+class Positions:
+    """Where the gateway's sources were as of frame ``seq``: every record they produced
+    up to these positions is in frames ``seq`` and below (section 4, "Source positions")."""
+
+    seq: int
+    positions: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
 class Ping:
     t: float
 
@@ -139,7 +162,7 @@ class Pong:
     t: float
 
 
-Message = Hello | Welcome | Refuse | Data | Ack | Reject | Ping | Pong | Lost
+Message = Hello | Welcome | Refuse | Data | Ack | Reject | Ping | Pong | Lost | Positions
 
 
 # --- encoding ------------------------------------------------------------------------
@@ -162,6 +185,8 @@ def encode(msg: Message) -> bytes:
             "epoch": msg.epoch, "next_seq": msg.next_seq, "heartbeat": msg.heartbeat}
         if msg.compression:  # left out when empty: exactly what a v1 peer always saw
             hello["compression"] = list(msg.compression)
+        if msg.resume:
+            hello["resume"] = True
         return cbor2.dumps([HELLO, hello])
     if isinstance(msg, Welcome):
         welcome: dict[str, Any] = {
@@ -172,9 +197,15 @@ def encode(msg: Message) -> bytes:
             welcome["compression"] = msg.compression
         if msg.lost:
             welcome["lost"] = True
+        if msg.positions:
+            welcome["positions"] = True
+        if msg.resume is not None:
+            welcome["resume"] = msg.resume
         return cbor2.dumps([WELCOME, welcome])
     if isinstance(msg, Lost):
         return cbor2.dumps([LOST, msg.next_seq])
+    if isinstance(msg, Positions):
+        return cbor2.dumps([POSITIONS, msg.seq, msg.positions])
     if isinstance(msg, Refuse):
         return cbor2.dumps([REFUSE, msg.code, msg.reason[:MAX_REASON]])
     if isinstance(msg, Reject):
@@ -249,6 +280,20 @@ def _ranges(v: Any, what: str, max_ranges: int = 1024) -> list[tuple[int, int]]:
     return out
 
 
+def _positions(v: Any, what: str) -> dict[str, Any]:
+    """Source positions (section 4): a map with text keys, at most ``MAX_POSITIONS_BYTES``
+    as CBOR; the values are the gateway's own (opaque to the hub)."""
+    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+        raise _bad(f"{what} must be a map with text keys")
+    try:
+        size = len(cbor2.dumps(v))
+    except Exception:  # a value cbor2 decoded but cannot write back (never seen)
+        raise _bad(f"{what} holds a value that does not encode") from None
+    if size > MAX_POSITIONS_BYTES:
+        raise _bad(f"{what} takes {size} bytes, over the {MAX_POSITIONS_BYTES} allowed")
+    return v
+
+
 def decode(data: bytes | str) -> Message:
     """Decode one WebSocket message; raises ProtocolError for anything malformed."""
     if isinstance(data, str):
@@ -275,6 +320,9 @@ def decode(data: bytes | str) -> Message:
         return Pong(_num(item[1], "PONG t"))
     if kind == LOST and n == 2:
         return Lost(_int(item[1], "LOST next_seq", 1))
+    if kind == POSITIONS and n == 3:
+        return Positions(_int(item[1], "POSITIONS seq", 1),
+                         _positions(item[2], "POSITIONS positions"))
     if kind == HELLO and n == 2 and isinstance(item[1], dict):
         m = item[1]
         versions = m.get("versions")
@@ -292,6 +340,7 @@ def decode(data: bytes | str) -> Message:
             versions=tuple(versions),
             heartbeat=_num(m.get("heartbeat", 5.0), "HELLO heartbeat"),
             compression=_names(m.get("compression", []), "HELLO compression"),
+            resume=m.get("resume") is True,  # any other value: it does not ask
         )
     if kind == WELCOME and n == 2 and isinstance(item[1], dict):
         m = item[1]
@@ -304,6 +353,9 @@ def decode(data: bytes | str) -> Message:
             compression=(None if m.get("compression") is None
                          else _str(m["compression"], "WELCOME compression", 32)),
             lost=m.get("lost") is True,  # any other value: the hub does not take LOST
+            positions=m.get("positions") is True,
+            resume=(None if m.get("resume") is None
+                    else _positions(m["resume"], "WELCOME resume")),
         )
     if kind == REFUSE and n == 3:
         return Refuse(_int(item[1], "REFUSE code"), _str(item[2], "REFUSE reason", MAX_REASON))

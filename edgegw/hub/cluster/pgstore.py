@@ -62,6 +62,7 @@ from ..store import (
     GatewaySuperseded,
     LockTimeout,
     SessionEnded,
+    StoredPositions,
     StoreUnavailable,
     records_not_applied,
     screen_rids,
@@ -275,12 +276,19 @@ CREATE TABLE IF NOT EXISTS edgegw_partition_fences (
     partition integer PRIMARY KEY,
     token bigint NOT NULL
 );
+CREATE TABLE IF NOT EXISTS edgegw_positions (
+    gateway_id text PRIMARY KEY,
+    epoch text NOT NULL,
+    seq bigint NOT NULL,
+    positions bytea NOT NULL,
+    updated double precision NOT NULL
+);
 """
 
 #: the tables, for sizing (``table_bytes``) and for tests that drop a cluster's database
 TABLES = ("meta", "gateways", "applied", "frames", "rejected", "partition_heads",
           "partition_log", "partition_checkpoints", "partition_state", "alerts", "lots",
-          "wafers", "partition_fences", "webhook_outbox")
+          "wafers", "partition_fences", "webhook_outbox", "positions")
 
 _ZLIB_LEVEL = 6  # as the SQLite store: ~10 B/record at ~600k records/s
 
@@ -1203,6 +1211,32 @@ class ClusterStore:
                            generation: int = 0) -> None:
         """Record that the gateway no longer holds frames below ``up_to`` that we lack."""
         await self.commit([], {gateway: generation}, lost={(gateway, epoch): (up_to, count)})
+
+    async def save_positions(self, gateway: str, epoch: str, seq: int,
+                             positions: bytes) -> bool:
+        """As ``HubStore.save_positions``: the newest kept, whichever node writes (no fence:
+        positions of a frame whose epoch is applied up to it stay true whoever tells)."""
+        def run(conn: psycopg.Connection[Any]) -> bool:
+            cur = conn.execute(
+                "INSERT INTO edgegw_positions (gateway_id, epoch, seq, positions, updated)"
+                " VALUES (%s, %s, %s, %s, extract(epoch from clock_timestamp()))"
+                " ON CONFLICT (gateway_id) DO UPDATE SET epoch = EXCLUDED.epoch,"
+                " seq = EXCLUDED.seq, positions = EXCLUDED.positions,"
+                " updated = EXCLUDED.updated WHERE edgegw_positions.epoch <> EXCLUDED.epoch"
+                " OR edgegw_positions.seq < EXCLUDED.seq",
+                (gateway, epoch, seq, positions))
+            return cur.rowcount == 1
+
+        return await self._call(run)
+
+    async def load_positions(self, gateway: str) -> StoredPositions | None:
+        def run(conn: psycopg.Connection[Any]) -> StoredPositions | None:
+            row = conn.execute("SELECT epoch, seq, positions, updated FROM edgegw_positions"
+                               " WHERE gateway_id = %s", (gateway,)).fetchone()
+            return None if row is None else StoredPositions(row[0], int(row[1]),
+                                                            bytes(row[2]), float(row[3]))
+
+        return await self._call(run)
 
     # -- partitions --
     async def partition_head(self, partition: int) -> int:
