@@ -8,6 +8,7 @@ every record once (docs/protocol.md section 4, "Source positions"; docs/operatio
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import cbor2
 import pytest
 import trio
 from hubtools import gateway_config, hub_config, start_hub
+from peer_hub import PeerHub
 from shared_data import METIS, stdf_bytes
 
 from edgegw.config import build
@@ -102,6 +104,56 @@ async def test_a_gateway_whose_state_is_lost_takes_its_positions_back(
         assert applied(hub) == 2 * one_lot  # not 3: lot1 was not sent again
         assert gateway.uplink is not None and gateway.uplink.handed_back
         assert hub.metrics.as_dict()["hub_gateway_positions_handed_back_total"] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_positions_outlive_a_hub_restart_and_a_gateway_without_a_spool(
+        tmp_path: Path) -> None:
+    """The hub keeps positions durably (a restart in between hands them back all the
+    same); and a gateway without a disk spool -- each of its starts a fresh store --
+    goes on from them at every restart instead of reading its files again."""
+    files = tmp_path / "stdf"
+    files.mkdir()
+    (files / "lot1.std").write_bytes(stdf_bytes(METIS))
+
+    def memory_gateway(port: int) -> Any:
+        cfg = tail_config(tmp_path, port, files)
+        return dataclasses.replace(cfg, spool=None)
+
+    async with trio.open_nursery() as outer:
+        async with trio.open_nursery() as nursery:
+            hub, port = await start_hub(nursery, hub_config(tmp_path / "hub"))
+            await run_gateway_until(memory_gateway(port), hub, {"lot1.std"})
+            one_lot = applied(hub)
+            nursery.cancel_scope.cancel()
+        hub, port = await start_hub(outer, hub_config(tmp_path / "hub"))  # restarted
+        assert applied(hub) == one_lot
+        (files / "lot2.std").write_bytes(stdf_bytes(METIS))
+        await run_gateway_until(memory_gateway(port), hub, {"lot1.std", "lot2.std"})
+        await run_gateway_until(memory_gateway(port), hub, {"lot1.std", "lot2.std"})
+        assert applied(hub) == 2 * one_lot
+        outer.cancel_scope.cancel()
+
+
+async def test_a_hub_that_does_not_answer_is_waited_for_only_so_long(
+        tmp_path: Path) -> None:
+    """A hub that takes the connection and never answers HELLO: the tail of a store that
+    started afresh waits ``uplink.resume_wait_s``, then reads from the beginning -- the
+    records wait in the spool for the hub, none is left unread."""
+    files = tmp_path / "stdf"
+    files.mkdir()
+    (files / "lot1.std").write_bytes(stdf_bytes(METIS))
+    hub = PeerHub()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(hub.run)
+        gateway = Gateway(tail_config(tmp_path, port, files, resume_wait_s=0.5))
+        await nursery.start(gateway.run)
+        session = await hub.sessions.receive()
+        assert (await session.recv())[1]["resume"] is True  # ... and no answer
+        with trio.fail_after(30):
+            while gateway.store.next_seq < 3:
+                await trio.sleep(0.05)
+        assert gateway.uplink is not None and not gateway.uplink.asks_positions
         nursery.cancel_scope.cancel()
 
 
