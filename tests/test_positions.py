@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from edgegw.gateway import AFTER_KEY, RID_KEY, PositionLog, Teller, positions_of, taken_back
-from edgegw.protocol import MAX_POSITIONS_BYTES, IntervalSet
+from edgegw.hub import PositionsKeeper
+from edgegw.protocol import MAX_POSITIONS_BYTES, IntervalSet, Positions
 
 
 def test_the_sources_positions_are_told_not_the_epochs_bookkeeping() -> None:
@@ -78,3 +79,19 @@ def test_positions_too_large_for_the_hub_are_not_told() -> None:
     t = teller((1, 9))
     assert not may(t, 10, {"tail": "x" * MAX_POSITIONS_BYTES})
     assert may(t, 11, {"tail": "x"})
+
+
+def test_the_hub_writes_the_newest_positions_told_at_most_every_interval() -> None:
+    """A gateway tells its positions several times a second; the hub writes the newest
+    told, the first at once, then at most once per interval (and the last when the
+    connection ends: whatever ``pending`` still holds)."""
+    keeper = PositionsKeeper(1.0)
+    assert keeper.pending is None and not keeper.due(0.0)
+    keeper.told(Positions(1, {"tail": 1}))
+    assert keeper.due(0.0)
+    assert keeper.take(0.0) == Positions(1, {"tail": 1})
+    keeper.told(Positions(2, {"tail": 2}))
+    keeper.told(Positions(3, {"tail": 3}))
+    assert not keeper.due(0.5) and keeper.due_at == 1.0
+    assert keeper.take(1.0) == Positions(3, {"tail": 3})  # one write for both
+    assert keeper.take(1.5) is None and not keeper.due(5.0)

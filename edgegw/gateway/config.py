@@ -87,7 +87,7 @@ class UplinkSection:
     # gateway, should its state_dir be lost, takes them back instead of sending its files
     # again; 0: neither told nor asked for.  A gateway whose store starts afresh waits up to
     # resume_wait_s for the hub's answer before its replaying sources (the STDF tail) start.
-    positions_every_s: Annotated[float, Range(0, 3600)] = 2.0
+    positions_every_s: Annotated[float, Range(0, 3600)] = 0.25
     resume_wait_s: Annotated[float, Range(0, 86400)] = 60.0
     # wss:// only: the CA that signed the hub's certificate (default: the system's), the
     # certificate's SHA-256 fingerprint to insist on (optional, on top of the CA check), and

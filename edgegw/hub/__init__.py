@@ -27,6 +27,7 @@ _EXPORTS = {
     "GcPacer": "edgegw.hub.gcpacing",
     "HistoryApi": "edgegw.hub.history",
     "RetentionClock": "edgegw.hub.retention",
+    "PositionsKeeper": "edgegw.hub.positions",
 }
 _SUBMODULES = ("alerts", "checkpoint", "cluster", "fanout", "history", "history_store", "live",
                "store", "topics")
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from .gcpacing import GcPacer as GcPacer
     from .history import HistoryApi as HistoryApi
     from .ingest import Ingest as Ingest
+    from .positions import PositionsKeeper as PositionsKeeper
     from .retention import RetentionClock as RetentionClock
     from .store import FrameToApply as FrameToApply
     from .store import HubStore as HubStore

@@ -91,6 +91,7 @@ from ..web import (
     json_response,
 )
 from .config import HubConfig
+from .positions import KEEP_POSITIONS_EVERY_S, LAST_POSITIONS_WRITE_S, PositionsKeeper
 from .refusals import RefusalLog, RefusedIds
 from .registry import GatewayRegistry, GatewaySession
 from .retention import RetentionClock
@@ -651,20 +652,41 @@ class Ingest:
                     kept.epoch)
         return positions
 
-    async def _keep_positions(self, conn: HubConnection, gw: str, epoch: str,
-                              told: Positions) -> None:
-        """A POSITIONS, once every frame received before it is committed: kept when every
-        frame of the epoch up to its seq is applied (what makes them true: each record
-        the sources made up to there is in those frames), ignored otherwise."""
+    def _told_positions(self, conn: HubConnection, gw: str, told: Positions,
+                        keeper: PositionsKeeper) -> None:
+        """A POSITIONS, once every frame received before it is committed: to be kept when
+        every frame of the epoch up to its seq is applied (what makes them true: each
+        record the sources made up to there is in those frames), ignored otherwise."""
         if conn.applied_set.watermark() < told.seq:
             self.m_positions.inc(outcome="not_applied")
             log.debug("gateway %s: positions of frame %d ignored: frames below it are not "
                       "applied", gw, told.seq)
             return
+        keeper.told(told)
+
+    async def _write_positions(self, gw: str, epoch: str, keeper: PositionsKeeper) -> None:
+        """Write the positions ``keeper`` holds (the newest told): one write for all told
+        since the last, so a gateway telling them often costs the store little."""
+        told = keeper.take(trio.current_time())
+        if told is None:
+            return
         blob = cbor2.dumps(told.positions)
         kept = await self._until_written(
             gw, lambda: self.store.save_positions(gw, epoch, told.seq, blob))
         self.m_positions.inc(outcome="kept" if kept else "older")
+
+    async def _last_positions(self, gw: str, epoch: str, keeper: PositionsKeeper) -> None:
+        """The connection ended (or was replaced): the positions still held are written
+        now -- a gateway that died is the one that may need them next (bounded: a store
+        that does not answer keeps the older ones)."""
+        if keeper.pending is None:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(LAST_POSITIONS_WRITE_S):
+            try:
+                await self._write_positions(gw, epoch, keeper)
+            except Exception:  # the store failing as the connection ends: older ones stay
+                report_internal_error(self.metrics, "gateway_positions", log,
+                                      "writing the last source positions of gateway %s", gw)
 
     def supersede(self, gateway: str, generation: int) -> bool:
         """A cluster node heard that ``gateway`` was claimed elsewhere with ``generation``:
@@ -952,6 +974,19 @@ class Ingest:
                        receive: trio.MemoryReceiveChannel[
                            tuple[Data | Declared | Positions, float]],
                        generation: int = 0, arrivals: deque[float] | None = None) -> None:
+        """Apply the connection's frames, LOSTs and POSITIONS in the order they came."""
+        keeper = PositionsKeeper(KEEP_POSITIONS_EVERY_S)
+        try:
+            await self._apply_frames(ws, conn, gw, epoch, receive, generation, arrivals,
+                                     keeper)
+        finally:
+            await self._last_positions(gw, epoch, keeper)
+
+    async def _apply_frames(self, ws: WebSocket, conn: HubConnection, gw: str, epoch: str,
+                            receive: trio.MemoryReceiveChannel[
+                                tuple[Data | Declared | Positions, float]],
+                            generation: int, arrivals: deque[float] | None,
+                            keeper: PositionsKeeper) -> None:
         max_records = self.config.hub.max_records_per_frame
         columnar = (conn.version or 1) >= 2  # v1 connections send rows only
         typed = (conn.version or 1) >= 3  # typed float columns: v3 only
@@ -961,12 +996,19 @@ class Ingest:
             if isinstance(after, Declared):
                 await self._record_lost(ws, conn, gw, epoch, after, generation)
             elif isinstance(after, Positions):
-                await self._keep_positions(conn, gw, epoch, after)
+                self._told_positions(conn, gw, after, keeper)
             after = None
+            if keeper.due(trio.current_time()):
+                await self._write_positions(gw, epoch, keeper)
+            first = None
             try:
-                first = await receive.receive()
+                # positions held are written when due even if nothing more comes
+                with trio.move_on_at(keeper.due_at):
+                    first = await receive.receive()
             except trio.EndOfChannel:
                 return
+            if first is None:
+                continue
             head, received = first
             if not isinstance(head, Data):
                 after = head
