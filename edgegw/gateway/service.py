@@ -373,13 +373,21 @@ class Gateway:
         for index in held:
             name, source = self.sources[index]
             if taken:  # made again from the positions taken back, as after a restart
-                entry = self._entries.get(name)
-                if entry is not None:
-                    source = self._make_source(entry)
-                    self.sources[index] = (name, source)
-                elif isinstance(getattr(source, "context", None), SourceContext):
-                    source.context.checkpoint = self.store.checkpoints.get(name)  # type: ignore[attr-defined]
+                source = self._source_from_store(index)
             await nursery.start(self._run_source, index, self._replay_skip(name, source))
+
+    def _source_from_store(self, index: int) -> Source:
+        """Source ``index`` as it starts from its checkpoint in the store: one built from
+        its config is built again; one given as an instance gets the checkpoint in its
+        ``SourceContext``."""
+        name, source = self.sources[index]
+        entry = self._entries.get(name)
+        if entry is not None:
+            source = self._make_source(entry)
+            self.sources[index] = (name, source)
+        elif isinstance(getattr(source, "context", None), SourceContext):
+            source.context.checkpoint = self.store.checkpoints.get(name)  # type: ignore[attr-defined]
+        return source
 
     async def _take_back(self, positions: dict[str, Any], held: list[int]) -> bool:
         """Make the positions a hub handed back this store's own: stored, durably, with a
@@ -461,12 +469,7 @@ class Gateway:
                                       "reporting the failure of source %s", name)
             await trio.sleep(delay)
             await self.flush()  # its batched records stored, with their checkpoint
-            entry = self._entries.get(name)
-            if entry is not None:
-                source = self._make_source(entry)
-                self.sources[index] = (name, source)
-            elif isinstance(getattr(source, "context", None), SourceContext):
-                source.context.checkpoint = self.store.checkpoints.get(name)  # type: ignore[attr-defined]
+            source = self._source_from_store(index)
             skip = self._replay_skip(name, source)
 
     async def _put(self, records: Sequence[Record], checkpoint: Any, source: str | None,
