@@ -3,7 +3,7 @@ workstation -- while the hub kept everything it sent.  Its tester files are stil
 Read from their start, they were applied by the hub a second time (a 22-part lot showed 44
 parts).  Now the gateway tells the hub where its sources are (POSITIONS), and a gateway
 whose store starts afresh asks for them back in its first HELLO and goes on from there:
-every record once (docs/protocol.md section 4, "Source positions"; docs/operations.md,
+every record once (docs/protocol.md section 4.1; docs/operations.md,
 "A gateway's state lost")."""
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ class UplinkSection:
     # typed arrays while the hub last agreed v3), sent as they are to a hub of that version
     # and converted for an older one; at 1 they are stored and sent as v1 rows.
     max_protocol_version: Annotated[int, Range(1, 3)] = 3
-    # Source positions (docs/protocol.md section 4, "Source positions"): told to a hub that
+    # Source positions (docs/protocol.md section 4.1): told to a hub that
     # keeps them at most every this many seconds (and when the sources stop), so that this
     # gateway, should its state_dir be lost, takes them back instead of sending its files
     # again; 0: neither told nor asked for.  A gateway whose store starts afresh waits up to

@@ -3,7 +3,7 @@
 A gateway whose frame store starts afresh (a wiped disk, a deleted ``state_dir``, a spool
 whose epoch could not be read) has lost where its sources were: read from their start,
 its tester files would be applied by the hub a second time.  So the gateway tells the hub
-where its sources are (POSITIONS, docs/protocol.md section 4, "Source positions") and a
+where its sources are (POSITIONS, docs/protocol.md section 4.1) and a
 gateway that starts afresh asks for them back in its first HELLO.
 
 What is told is the part of the store's checkpoints that says where the sources are --
@@ -98,6 +98,6 @@ class Teller:
         if any(frame <= seq < max(seqs, default=0) for frame, seqs in parts):
             return False  # records they pass are in a part above ``seq``
         if len(cbor2.dumps(positions)) > MAX_POSITIONS_BYTES:
-            return False  # too large for a message the hub keeps (protocol section 4)
+            return False  # too large for a message the hub keeps (protocol section 4.1)
         self._last = positions
         return True

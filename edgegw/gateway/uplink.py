@@ -363,7 +363,7 @@ class Uplink:
 
     def _take_positions(self, welcome: Welcome, asked: bool, hello_next: int) -> None:
         """What WELCOME says of source positions: those handed back to a store started
-        afresh, and whether this connection tells them (docs/protocol.md section 4)."""
+        afresh, and whether this connection tells them (docs/protocol.md section 4.1)."""
         if asked and self.asks_positions:
             self.asks_positions = False
             self.handed_back = welcome.resume

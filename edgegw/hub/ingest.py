@@ -631,7 +631,7 @@ class Ingest:
 
     async def _positions_for(self, gw: str, hello: Hello) -> dict[str, Any]:
         """The source positions kept for a gateway whose store started afresh (its HELLO
-        asks: docs/protocol.md section 4, "Source positions"); empty when none are kept."""
+        asks: docs/protocol.md section 4.1); empty when none are kept."""
         kept = await self._until_written(gw, lambda: self.store.load_positions(gw))
         if kept is None:
             log.info("gateway %s: its store started afresh (epoch %s); no source positions "

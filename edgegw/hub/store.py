@@ -374,9 +374,9 @@ class GatewayClaim(NamedTuple):
 
 
 class StoredPositions(NamedTuple):
-    """The source positions a hub keeps for a gateway (docs/protocol.md section 4,
-    "Source positions"): the last ones it told of a frame when every frame of its epoch
-    up to that one was applied."""
+    """The source positions a hub keeps for a gateway (docs/protocol.md section 4.1): the
+    last ones it was told as of a frame when every frame of its epoch up to that one was
+    applied."""
 
     epoch: str
     seq: int

@@ -281,7 +281,7 @@ class GatewayConnection(_Base):
         return self._sent(encode(Lost(first_held)), now)
 
     def positions(self, seq: int, positions: dict[str, Any], now: float) -> bytes | None:
-        """A POSITIONS (section 4, "Source positions"): where the sources were as of frame
+        """A POSITIONS (section 4.1): where the sources were as of frame
         ``seq``, sent after DATA ``seq``; None when the hub does not take them."""
         if self.state is not State.OPEN or self.welcome is None or not self.welcome.positions:
             return None
@@ -344,7 +344,7 @@ class HubConnection(_Base):
     counts them; ``receive`` has already produced the ACK reply), and ``Declared`` for a
     LOST (the hub records the frames lost, then calls ``lost_recorded`` for the ACK), and
     ``Positions`` for a POSITIONS (the hub keeps them once every frame up to its seq is
-    applied: docs/protocol.md section 4, "Source positions").
+    applied: docs/protocol.md section 4.1).
     After applying a frame the hub calls ``applied(seq)`` for the ACK, or
     ``rejected(seq, reason)``.
     """
@@ -369,7 +369,7 @@ class HubConnection(_Base):
         self.declared_lost = 0
         #: WELCOME says the hub takes LOST (section 4); a hub without it would close 4004
         self.takes_lost = True
-        #: WELCOME says the hub takes POSITIONS (section 4, "Source positions")
+        #: WELCOME says the hub takes POSITIONS (section 4.1)
         self.takes_positions = True
         self._lost_below = 0  # the highest LOST's next_seq: no DATA below it may follow
 

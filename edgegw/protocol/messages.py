@@ -42,7 +42,7 @@ PONG = 8
 LOST = 9
 POSITIONS = 10
 
-#: the largest source positions (section 4, "Source positions") a POSITIONS or a WELCOME
+#: the largest source positions (section 4.1) a POSITIONS or a WELCOME
 #: carries, as CBOR: a gateway tells none larger, a hub keeps and hands back none larger,
 #: so a WELCOME holding them stays far below the 1 MiB a gateway takes in a message
 MAX_POSITIONS_BYTES = 512 * 1024
@@ -88,7 +88,7 @@ class Hello:
     # body encodings the gateway can send (section 5.1); empty: none, the key is left out
     compression: tuple[str, ...] = ()
     #: the gateway's frame store started afresh: it asks for the source positions the hub
-    #: holds for it (section 4, "Source positions"); False: the key is left out
+    #: holds for it (section 4.1); False: the key is left out
     resume: bool = False
 
 
@@ -102,7 +102,7 @@ class Welcome:
     compression: str | None = None  # the body encoding the hub accepts, of those offered
     #: the hub takes LOST (section 4): a gateway may declare frames it dropped meanwhile
     lost: bool = False
-    #: the hub takes POSITIONS (section 4, "Source positions")
+    #: the hub takes POSITIONS (section 4.1)
     positions: bool = False
     #: the answer to a HELLO's ``resume``: the source positions the hub holds for this
     #: gateway (empty: none); None: not asked, or the hub does not keep positions
@@ -146,7 +146,7 @@ class Lost:
 @dataclasses.dataclass(frozen=True)
 class Positions:
     """Where the gateway's sources were as of frame ``seq``: every record they produced
-    up to these positions is in frames ``seq`` and below (section 4, "Source positions")."""
+    up to these positions is in frames ``seq`` and below (section 4.1)."""
 
     seq: int
     positions: dict[str, Any]
