@@ -224,8 +224,9 @@ class Ingest:
         self.m_busy = m.counter("hub_busy_total", "probes and upgrades answered 503 (busy)")
         self.m_proto = m.counter("hub_protocol_errors_total", "connections closed for a fault")
         self.m_positions = m.counter(
-            "hub_gateway_positions_total", "POSITIONS from gateways, by outcome: kept, older "
-            "(newer ones kept), not_applied (a frame up to it not applied: ignored)")
+            "hub_gateway_positions_total", "source positions from gateways, by outcome: "
+            "written (kept, older: newer ones kept; not_written: the store could not write, "
+            "tried again later), or not_applied (a frame up to theirs not applied: ignored)")
         self.m_resumed = m.counter(
             "hub_gateway_positions_handed_back_total", "gateways whose store started afresh "
             "given back the source positions the hub kept for them")
@@ -666,13 +667,21 @@ class Ingest:
 
     async def _write_positions(self, gw: str, epoch: str, keeper: PositionsKeeper) -> None:
         """Write the positions ``keeper`` holds (the newest told): one write for all told
-        since the last, so a gateway telling them often costs the store little."""
+        since the last, so a gateway telling them often costs the store little.  Tried
+        once: a store that cannot write now (a full disk, PostgreSQL away) keeps them
+        waiting for the next try, and the frames behind them are not held up -- their own
+        commit pauses on it as ever."""
         told = keeper.take(trio.current_time())
         if told is None:
             return
-        blob = cbor2.dumps(told.positions)
-        kept = await self._until_written(
-            gw, lambda: self.store.save_positions(gw, epoch, told.seq, blob))
+        try:
+            kept = await self.store.save_positions(gw, epoch, told.seq,
+                                                   cbor2.dumps(told.positions))
+        except (StoreFull, StoreUnavailable, LockTimeout, SessionEnded):
+            if keeper.pending is None:
+                keeper.told(told)
+            self.m_positions.inc(outcome="not_written")
+            return
         self.m_positions.inc(outcome="kept" if kept else "older")
 
     async def _last_positions(self, gw: str, epoch: str, keeper: PositionsKeeper) -> None:

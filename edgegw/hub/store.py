@@ -719,7 +719,14 @@ class HubStore:
                 raise
             return cur.rowcount == 1
 
-        return await trio.to_thread.run_sync(run, limiter=self._limiter)
+        try:
+            return await trio.to_thread.run_sync(run, limiter=self._limiter)
+        except StoreFull:
+            self.full = True  # as a commit says it (/healthz); the next commit tells
+            raise
+        except StoreDamaged as exc:
+            self.damaged = str(exc)
+            raise
 
     async def load_positions(self, gateway: str) -> StoredPositions | None:
         """The source positions kept for ``gateway`` (None: none)."""
