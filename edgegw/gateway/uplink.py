@@ -279,8 +279,9 @@ class Uplink:
                           self.gateway.id)
             else:
                 log.warning("hub link down: %s", self.last_error)
-            self.m_failures.inc(reason=_failure_reason(exc))
-            if _failure_reason(exc) == "hub_protocol":
+            reason = _failure_reason(exc)
+            self.m_failures.inc(reason=reason)
+            if reason == "hub_protocol":
                 self._stop_asking("the hub broke the protocol")
             return policy.disconnected(trio.current_time(), link_lost=_link_lost(exc))
         finally:

@@ -682,10 +682,7 @@ class HubStore:
             for key, saved in saved_sets.items():  # in place, as the record ids (commit)
                 self.applied_set(*key).assign(saved)
             self.stats.update(saved_stats)
-            if isinstance(exc, StoreFull):
-                self.full = True
-            elif isinstance(exc, StoreDamaged):
-                self.damaged = str(exc)
+            self._note_failure(exc)
             raise
         self.full = False
         self.damaged = None
@@ -721,12 +718,16 @@ class HubStore:
 
         try:
             return await trio.to_thread.run_sync(run, limiter=self._limiter)
-        except StoreFull:
-            self.full = True  # as a commit says it (/healthz); the next commit tells
+        except BaseException as exc:
+            self._note_failure(exc)  # as a commit says it (/healthz); the next commit tells
             raise
-        except StoreDamaged as exc:
+
+    def _note_failure(self, exc: BaseException) -> None:
+        """What a failed write tells ``health_problem``: a full disk, a damaged file."""
+        if isinstance(exc, StoreFull):
+            self.full = True
+        elif isinstance(exc, StoreDamaged):
             self.damaged = str(exc)
-            raise
 
     async def load_positions(self, gateway: str) -> StoredPositions | None:
         """The source positions kept for ``gateway`` (None: none)."""
