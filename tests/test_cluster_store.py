@@ -171,6 +171,30 @@ async def test_generation_fence_refuses_an_older_connections_commit(
     assert (st.frames_applied, st.frames_lost) == (len(committed) + 1, 0)
 
 
+async def test_a_superseded_connection_never_puts_an_older_epochs_positions_back(
+        stores: tuple[ClusterStore, ClusterStore]) -> None:
+    # Node a serves the gateway's old epoch; its state is lost, it comes back on node b
+    # with a new epoch.  A's connection, superseded but still ending, writes its last
+    # positions: they must not replace the new epoch's (a later fresh start would take
+    # the old ones back and send the new epoch's files again).  A later frame of the
+    # same epoch is a true fact whichever connection tells it.
+    a, b = stores
+    gen_a = (await a.claim("gw1", "old")).generation
+    assert await a.save_positions("gw1", "old", 40, b"A40", gen_a)
+    gen_b = (await b.claim("gw1", "new")).generation
+    assert await b.save_positions("gw1", "new", 3, b"B3", gen_b)
+    assert not await a.save_positions("gw1", "old", 41, b"A41", gen_a)
+    kept = await b.load_positions("gw1")
+    assert kept is not None and (kept.epoch, kept.seq, kept.positions) == ("new", 3, b"B3")
+    # the same epoch reconnects on a (gen_b superseded): b's last write still lands
+    gen_c = (await a.claim("gw1", "new")).generation
+    assert gen_c > gen_b
+    assert await b.save_positions("gw1", "new", 5, b"B5", gen_b)
+    assert not await b.save_positions("gw1", "new", 4, b"B4", gen_c)  # older: kept
+    kept = await a.load_positions("gw1")
+    assert kept is not None and (kept.epoch, kept.seq, kept.positions) == ("new", 5, b"B5")
+
+
 async def test_partition_sequence_is_commit_order_for_a_tailer(pg_dsn: str) -> None:
     # One partition, four nodes committing at once, a reader tailing pseq > last: it must
     # see every row exactly once and in order (a sequence number handed out before commit

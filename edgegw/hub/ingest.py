@@ -665,7 +665,8 @@ class Ingest:
             return
         keeper.told(told)
 
-    async def _write_positions(self, gw: str, epoch: str, keeper: PositionsKeeper) -> None:
+    async def _write_positions(self, gw: str, epoch: str, keeper: PositionsKeeper,
+                               generation: int) -> None:
         """Write the positions ``keeper`` holds (the newest told): one write for all told
         since the last, so a gateway telling them often costs the store little.  Tried
         once: a store that cannot write now (a full disk, PostgreSQL away) keeps them
@@ -676,7 +677,7 @@ class Ingest:
             return
         try:
             kept = await self.store.save_positions(gw, epoch, told.seq,
-                                                   cbor2.dumps(told.positions))
+                                                   cbor2.dumps(told.positions), generation)
         except (StoreFull, StoreUnavailable, LockTimeout, SessionEnded):
             if keeper.pending is None:
                 keeper.told(told)
@@ -684,7 +685,8 @@ class Ingest:
             return
         self.m_positions.inc(outcome="kept" if kept else "older")
 
-    async def _last_positions(self, gw: str, epoch: str, keeper: PositionsKeeper) -> None:
+    async def _last_positions(self, gw: str, epoch: str, keeper: PositionsKeeper,
+                              generation: int) -> None:
         """The connection ended (or was replaced): the positions still held are written
         now -- a gateway that died is the one that may need them next (bounded: a store
         that does not answer keeps the older ones)."""
@@ -692,7 +694,7 @@ class Ingest:
             return
         with trio.CancelScope(shield=True), trio.move_on_after(LAST_POSITIONS_WRITE_S):
             try:
-                await self._write_positions(gw, epoch, keeper)
+                await self._write_positions(gw, epoch, keeper, generation)
             except Exception:  # the store failing as the connection ends: older ones stay
                 report_internal_error(self.metrics, "gateway_positions", log,
                                       "writing the last source positions of gateway %s", gw)
@@ -989,7 +991,7 @@ class Ingest:
             await self._apply_frames(ws, conn, gw, epoch, receive, generation, arrivals,
                                      keeper)
         finally:
-            await self._last_positions(gw, epoch, keeper)
+            await self._last_positions(gw, epoch, keeper, generation)
 
     async def _apply_frames(self, ws: WebSocket, conn: HubConnection, gw: str, epoch: str,
                             receive: trio.MemoryReceiveChannel[
@@ -1008,7 +1010,7 @@ class Ingest:
                 self._told_positions(conn, gw, after, keeper)
             after = None
             if keeper.due(trio.current_time()):
-                await self._write_positions(gw, epoch, keeper)
+                await self._write_positions(gw, epoch, keeper, generation)
             first = None
             try:
                 # positions held are written when due even if nothing more comes

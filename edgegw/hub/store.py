@@ -413,7 +413,7 @@ class IngestStore(Protocol):
                            generation: int = 0) -> None: ...
     def count_duplicate(self, gateway: str) -> None: ...
     async def save_positions(self, gateway: str, epoch: str, seq: int,
-                             positions: bytes) -> bool: ...
+                             positions: bytes, generation: int = 0) -> bool: ...
     async def load_positions(self, gateway: str) -> StoredPositions | None: ...
     def health_problem(self) -> str | None: ...
     async def prune(self, older_than: float, max_bytes: int | None = None,
@@ -699,10 +699,12 @@ class HubStore:
         self.gateway_stats(gateway).duplicates_dropped += 1
 
     async def save_positions(self, gateway: str, epoch: str, seq: int,
-                             positions: bytes) -> bool:
+                             positions: bytes, generation: int = 0) -> bool:
         """Keep a gateway's source positions as of frame ``seq`` (the caller has checked
         that every frame of the epoch up to it is applied).  False when newer ones are
-        kept already (a later frame of the same epoch)."""
+        kept already (a later frame of the same epoch).  ``generation`` is unused: one
+        process, whose registry ends a replaced connection before its successor's
+        WELCOME."""
         def run() -> bool:
             db = self._db
             assert db is not None

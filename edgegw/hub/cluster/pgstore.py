@@ -1213,18 +1213,24 @@ class ClusterStore:
         await self.commit([], {gateway: generation}, lost={(gateway, epoch): (up_to, count)})
 
     async def save_positions(self, gateway: str, epoch: str, seq: int,
-                             positions: bytes) -> bool:
-        """As ``HubStore.save_positions``: the newest kept, whichever node writes (no fence:
-        positions of a frame whose epoch is applied up to it stay true whoever tells)."""
+                             positions: bytes, generation: int = 0) -> bool:
+        """As ``HubStore.save_positions``, whichever node writes.  A later frame of the
+        same epoch always replaces (true facts whoever tells); another epoch's only while
+        ``generation`` is still the gateway's (the connection fence, as a commit's): a
+        superseded connection of an older epoch, still writing on another node, never
+        puts its positions back over a newer epoch's."""
         def run(conn: psycopg.Connection[Any]) -> bool:
             cur = conn.execute(
                 "INSERT INTO edgegw_positions (gateway_id, epoch, seq, positions, updated)"
                 " VALUES (%s, %s, %s, %s, extract(epoch from clock_timestamp()))"
                 " ON CONFLICT (gateway_id) DO UPDATE SET epoch = EXCLUDED.epoch,"
                 " seq = EXCLUDED.seq, positions = EXCLUDED.positions,"
-                " updated = EXCLUDED.updated WHERE edgegw_positions.epoch <> EXCLUDED.epoch"
-                " OR edgegw_positions.seq < EXCLUDED.seq",
-                (gateway, epoch, seq, positions))
+                " updated = EXCLUDED.updated WHERE (edgegw_positions.epoch = EXCLUDED.epoch"
+                " AND edgegw_positions.seq < EXCLUDED.seq)"
+                " OR (edgegw_positions.epoch <> EXCLUDED.epoch AND EXISTS (SELECT 1 FROM"
+                " edgegw_gateways g WHERE g.gateway_id = EXCLUDED.gateway_id"
+                " AND g.generation = %s))",
+                (gateway, epoch, seq, positions, generation))
             return cur.rowcount == 1
 
         return await self._call(run)
