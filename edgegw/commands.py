@@ -322,10 +322,10 @@ def cmd_hub(args: argparse.Namespace) -> int:
             lock.release()
 
 
-def cmd_gateway(args: argparse.Namespace) -> int:
-    from .gateway.service import Gateway, tune_gc
-
-    cfg = load_gateway_config(args.config, args.overrides)
+def check_gateway_start(cfg: GatewayConfig) -> None:
+    """What ``edgegw gateway`` checks of a config before starting from it (at its start
+    and on SIGHUP): its directories, the status address, the uplink's TLS files; a
+    StartupError names the key at fault."""
     g = cfg.gateway
     prepare_dir("gateway.state_dir", g.state_dir)
     if cfg.spool is not None:
@@ -339,9 +339,21 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         for key in ("ca_file", "cert_file", "key_file"):
             if getattr(cfg.uplink, key):
                 readable(f"uplink.{key}", getattr(cfg.uplink, key))
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from .gateway import GatewayReloader, tune_gc
+
+    cfg = load_gateway_config(args.config, args.overrides)
+    check_gateway_start(cfg)
+    g = cfg.gateway
     listen = ("gateway.status_listen/status_port", g.status_listen, g.status_port)
     tune_gc()  # this process is the gateway's own
-    return _serve(Gateway(cfg), lambda _: f"edgegw gateway {g.id} running, hub {g.hub_url}",
+    # SIGHUP (systemctl reload) reads the file again and restarts the gateway from it in
+    # this process; a file that does not load leaves the running one (gateway/sighup.py)
+    service = GatewayReloader(cfg, functools.partial(load_gateway_config, args.config,
+                                                     args.overrides), check_gateway_start)
+    return _serve(service, lambda _: f"edgegw gateway {g.id} running, hub {g.hub_url}",
                   listen=listen if g.status_port else None)
 
 

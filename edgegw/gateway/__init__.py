@@ -1,7 +1,8 @@
 """The gateway: sources -> batcher -> frame store -> uplink.
 
 Public face (for embedders, plugins and tests): the names below.  The modules inside
-(``service``, ``uplink``, ``probe``, ``scheduler``, ``rollback``, ``positions``, ``config``)
+(``service``, ``uplink``, ``probe``, ``scheduler``, ``rollback``, ``positions``, ``sighup``,
+``config``)
 are internal: import from ``edgegw.gateway``.
 """
 
@@ -26,12 +27,13 @@ from .service import (
     GatewaySink,
     tune_gc,
 )
+from .sighup import GatewayReloader
 from .uplink import Uplink
 
 __all__ = [
     "AFTER_KEY", "GC_YOUNG_THRESHOLD", "ORIGINS_KEY", "REISSUE_KEY", "RID_KEY",
-    "DeadLetterScan", "FrameStore", "Gateway",
-    "GatewayConfig", "GatewaySink", "MemoryFrameStore", "PositionLog", "ProbeResult",
+    "DeadLetterScan", "FrameStore", "Gateway", "GatewayConfig", "GatewayReloader",
+    "GatewaySink", "MemoryFrameStore", "PositionLog", "ProbeResult",
     "ProbeTarget", "Rollback", "SendScheduler", "StoredFrame", "Teller", "Uplink", "Want",
     "build_gateway_config", "load_gateway_config", "open_dead_letter_file",
     "positions_of", "probe_once", "read_dead_letter_keys", "reissue", "resume",
