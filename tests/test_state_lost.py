@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,10 @@ def tail_config(tmp: Path, port: int, files: Path, **uplink: Any) -> Any:
                           batch={"max_records": 97, "max_delay_ms": 5},
                           spool={"dir": str(tmp / "gw" / "spool")},
                           uplink={"positions_every_s": 0.2, **uplink})
+
+
+def fresh_starts(gateway: Gateway) -> dict[str, float]:
+    return dict(gateway.metrics.as_dict().get("gateway_fresh_starts_total") or {})
 
 
 def applied(hub: Ingest) -> int:
@@ -93,7 +98,7 @@ async def test_a_gateway_whose_state_is_lost_takes_its_positions_back(
             hub, port = await start_node(nursery, tmp_path / "hub",
                                          request.getfixturevalue("pg_dsn"))
         cfg = tail_config(tmp_path, port, files)
-        await run_gateway_until(cfg, hub, {"lot1.std"})
+        first = await run_gateway_until(cfg, hub, {"lot1.std"})
         one_lot = applied(hub)
         assert one_lot > 600  # the lot's 22 parts with their results, and its summaries
 
@@ -104,6 +109,9 @@ async def test_a_gateway_whose_state_is_lost_takes_its_positions_back(
         assert applied(hub) == 2 * one_lot  # not 3: lot1 was not sent again
         assert gateway.uplink is not None and gateway.uplink.handed_back
         assert hub.metrics.as_dict()["hub_gateway_positions_handed_back_total"] == 1
+        # what each fresh start went on from, for the operator
+        assert fresh_starts(first) == {"outcome=none_kept": 1}
+        assert fresh_starts(gateway) == {"outcome=taken_back": 1}
         nursery.cancel_scope.cancel()
 
 
@@ -154,7 +162,27 @@ async def test_a_hub_that_does_not_answer_is_waited_for_only_so_long(
             while gateway.store.next_seq < 3:
                 await trio.sleep(0.05)
         assert gateway.uplink is not None and not gateway.uplink.asks_positions
+        assert fresh_starts(gateway) == {"outcome=no_answer": 1}
         nursery.cancel_scope.cancel()
+
+
+async def test_a_hub_that_cannot_be_reached_is_not_waited_for(tmp_path: Path) -> None:
+    """Nothing listens where the hub should be: a store that started afresh does not wait
+    ``uplink.resume_wait_s`` (60 s) for it -- its tail reads at once, into the spool."""
+    files = tmp_path / "stdf"
+    files.mkdir()
+    (files / "lot1.std").write_bytes(stdf_bytes(METIS))
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, never listening: connections refused
+        gateway = Gateway(tail_config(tmp_path, port, files, probe_interval_s=0.1))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            with trio.fail_after(30):
+                while gateway.store.next_seq < 3:
+                    await trio.sleep(0.05)
+            assert fresh_starts(gateway) == {"outcome=no_hub": 1}
+            nursery.cancel_scope.cancel()
 
 
 async def test_with_positions_off_the_lost_state_sends_the_files_again(

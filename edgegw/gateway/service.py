@@ -294,6 +294,12 @@ class Gateway:
             "gateway_records_rejected_total",
             "records refused, by source and reason (too_large: larger than a frame may be, "
             "kept in the dead-letter file; not_a_record: an object put that is not one)")
+        self.m_fresh_starts = m.counter(
+            "gateway_fresh_starts_total",
+            "starts of a store that began afresh (state lost, or the first start) holding "
+            "replaying sources, by what those sources started from: taken_back (positions "
+            "the hub kept), none_kept, not_offered (a hub that keeps none), no_hub "
+            "(unreachable, refusing), no_answer (uplink.resume_wait_s passed), not_stored")
         self.m_status_denied = m.counter(
             "gateway_status_requests_denied_total",
             "status port requests refused, by reason (host: a Host name not allowed)")
@@ -363,6 +369,14 @@ class Gateway:
                         wait_s)
         positions = taken_back(uplink.handed_back if uplink.resumed.is_set() else None)
         taken = False
+        if not uplink.resumed.is_set():
+            outcome = "no_answer"
+        elif uplink.gave_up_asking:
+            outcome = "no_hub"
+        elif uplink.handed_back is None:
+            outcome = "not_offered"
+        else:
+            outcome = "none_kept"
         if positions:
             try:
                 taken = await self._take_back(positions, held)
@@ -370,6 +384,10 @@ class Gateway:
                 report_internal_error(self.metrics, "positions", log,
                                       "storing the source positions the hub handed back")
                 taken = True
+                outcome = "not_stored"
+            else:
+                outcome = "taken_back" if taken else "not_stored"
+        self.m_fresh_starts.inc(outcome=outcome)
         for index in held:
             name, source = self.sources[index]
             if taken:  # made again from the positions taken back, as after a restart

@@ -140,6 +140,8 @@ class Uplink:
         #: none) or the gateway stops waiting for them
         self.asks_positions = False
         self.resumed = trio.Event()
+        #: ``resumed`` set without an answer: the hub unreachable, refusing, broken
+        self.gave_up_asking = False
         self.handed_back: dict[str, Any] | None = None
         self._teller: Teller | None = None  # this connection's, when the hub keeps them
         self._tell_seq = 0  # the newest frame sent on it with positions noted
@@ -220,6 +222,7 @@ class Uplink:
         hub has is sent again."""
         if self.asks_positions:
             self.asks_positions = False
+            self.gave_up_asking = True
             self.resumed.set()
             log.warning("%s: the sources of this new store start from their beginning, "
                         "without asking the hub where they were (docs/operations.md, "
