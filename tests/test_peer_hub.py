@@ -489,7 +489,7 @@ async def test_a_fresh_store_asks_for_positions_and_goes_on_from_those_handed_ba
 async def test_a_hub_that_keeps_no_positions_is_told_none(tmp_path: Path) -> None:
     """Section 4.1: no POSITIONS to a hub whose WELCOME lacks "positions"; a fresh store
     then starts its sources from their beginning (the first record: the LotStart)."""
-    async with gateway_against_peer(tmp_path, positions_every_s=0.1) as hub:
+    async with peer_and_gateway(tmp_path, positions_every_s=0.1) as (hub, gateway):
         session, hello = await hello_of(hub)
         assert hello["resume"] is True
         await session.send(welcome())
@@ -507,3 +507,5 @@ async def test_a_hub_that_keeps_no_positions_is_told_none(tmp_path: Path) -> Non
                 if kind is not None:
                     kinds.append(kind)
         assert kinds[0] == 1
+        assert gateway.metrics.as_dict()["gateway_fresh_starts_total"] == {
+            "outcome=not_offered": 1}
