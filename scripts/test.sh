@@ -5,7 +5,8 @@
 # port; a system broker is never touched) and the dashboard test needs Chromium (it drives
 # a real browser over its DevTools protocol); the packaging tests lint the shell scripts
 # (with shellcheck); the hub cluster tests start a private redis-server and put their nodes behind
-# HAProxy (tests/cluster_haproxy.py), and one puts PgBouncer before PostgreSQL.  When they are missing, this script says so and,
+# HAProxy (tests/cluster_haproxy.py), and one puts PgBouncer before PostgreSQL; a packaging test
+# cross-builds the Windows wheel with MinGW-w64.  When they are missing, this script says so and,
 # run as root on a Debian/Ubuntu machine, installs them with apt-get after saying what and
 # why; EDGEGW_NO_APT=1 skips that, and the tests that need them then skip.
 set -euo pipefail
@@ -32,6 +33,10 @@ fi
 if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
   need_pkgs+=(pgbouncer)
   why+=("  pgbouncer: a cluster test puts a transaction-mode pooler before PostgreSQL")
+fi
+if ! command -v x86_64-w64-mingw32-gcc >/dev/null 2>&1; then
+  need_pkgs+=(gcc-mingw-w64-x86-64)
+  why+=("  gcc-mingw-w64-x86-64: a packaging test builds the Windows wheel's compiled decoder")
 fi
 if ! command -v redis-server >/dev/null 2>&1; then
   need_pkgs+=(redis-server)
