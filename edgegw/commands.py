@@ -48,7 +48,9 @@ def add_commands(sub: Any) -> None:
         description="Run the hub: gateways connect to /ws/gateway; every record is applied "
                     "exactly once to the hub's SQLite store, then to the live state served "
                     "on the same port (dashboard at /, /ws/live, /api/..., /healthz, "
-                    "/metrics).  Ctrl-C or SIGTERM stops it cleanly.",
+                    "/metrics).  Ctrl-C or SIGTERM stops it cleanly; SIGHUP (systemctl "
+                    "reload) reads the TLS files and the config file's [gateways], [auth] "
+                    "and [alerts] again.",
         epilog="examples:\n"
                "  edgegw hub --config conf/hub.toml\n"
                "  edgegw hub --config conf/hub.toml --set hub.port=9000 "
@@ -66,7 +68,9 @@ def add_commands(sub: Any) -> None:
                     "sensor feeds, a simulated tester), batch the records into "
                     "sequence-numbered frames, keep them in memory or a crash-safe disk "
                     "spool, and send them to the hub until it acknowledges them.  Ctrl-C or "
-                    "SIGTERM stops it cleanly.",
+                    "SIGTERM stops it cleanly; SIGHUP (systemctl reload) restarts it from "
+                    "the config file read again, and a file that does not load changes "
+                    "nothing.",
         epilog="examples:\n"
                "  edgegw gateway --config conf/gateway.toml\n"
                "  edgegw gateway --config conf/gateway.toml --set batch.max_records=500 "
