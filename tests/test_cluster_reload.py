@@ -19,6 +19,7 @@ from cluster_redis import RedisServer, fresh_prefix, redis_server  # noqa: F401
 from peer_gateway import PeerGateway
 from test_cluster_parity import until
 from test_hub_reload import reading
+from test_webhooks import HookServer
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from edgegw.auth import mint
@@ -36,7 +37,8 @@ high = {high}
 """
 
 
-def write_config(path: Path, pg_dsn: str, redis_url: str, prefix: str, high: float) -> None:
+def write_config(path: Path, pg_dsn: str, redis_url: str, prefix: str, high: float,
+                 extra: str = "") -> None:
     secret = path.parent / "secret"
     path.write_text(f"""
 [hub]
@@ -53,7 +55,7 @@ token = "token-one"
 [auth]
 mode = "jwt"
 hs256_secret_file = "{secret}"
-""" + RULE.format(high=high))
+""" + RULE.format(high=high) + extra)
 
 
 async def test_a_node_judges_readings_after_a_sighup_by_its_new_alert_rules(
@@ -65,6 +67,7 @@ async def test_a_node_judges_readings_after_a_sighup_by_its_new_alert_rules(
     write_config(path, pg_dsn, redis_server.url, fresh_prefix(), high=50.0)
     hub = ClusterHub(load(HubConfig, path))
     hub.ingest.reloader.config_source = functools.partial(load, HubConfig, path, None)
+    hook = HookServer()
 
     async def get(path: str, secret: str) -> tuple[int, Any]:
         port = hub.ingest.port or 0
@@ -92,7 +95,10 @@ async def test_a_node_judges_readings_after_a_sighup_by_its_new_alert_rules(
             while await alerts() != [60.0]:
                 await trio.sleep(0.1)
 
-        write_config(path, pg_dsn, redis_server.url, hub.cluster.key_prefix, high=100.0)
+        # the limit raised and a webhook added: the alert feed this node holds sends to it
+        hook_url = await hook.serve(nursery)
+        write_config(path, pg_dsn, redis_server.url, hub.cluster.key_prefix, high=100.0,
+                     extra=f'[[alerts.webhooks]]\nurl = "{hook_url}"\n')
         reloaded = hub.metrics.counter("hub_config_reloads_total", "")
         os.kill(os.getpid(), signal.SIGHUP)
         await until(lambda: reloaded.get(outcome="ok") == 1, 10, "the reload")
@@ -102,8 +108,11 @@ async def test_a_node_judges_readings_after_a_sighup_by_its_new_alert_rules(
         with trio.fail_after(20):
             while await alerts() != [60.0, 150.0]:
                 await trio.sleep(0.1)
+        with trio.fail_after(20):
+            while 150.0 not in [r["json"]["alert"]["value"] for r in hook.accepted]:
+                await trio.sleep(0.1)
         log = "\n".join(r.getMessage() for r in caplog.records)
-        assert "alert rules reloaded: changed chuck-hot" in log
+        assert "alert rules reloaded: changed chuck-hot; webhooks: added http://" in log
 
         # the signing secret rotated: an open dashboard connection signed with the old one
         # is closed, requests with it refused, the new one admitted

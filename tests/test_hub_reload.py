@@ -18,6 +18,7 @@ from hubtools import http_get
 from peer_gateway import REFUSE, WELCOME, PeerGateway, data, rows, sensor
 from ports import free_port
 from processes import spawn, stop, wait_for
+from test_webhooks import HookServer
 from wsclient import Closed
 
 from edgegw.config import load
@@ -197,21 +198,27 @@ high = 50.0
 """
 
 
-async def test_a_reload_takes_new_alert_rules_and_keeps_the_alerts_raised(
+async def test_a_reload_takes_new_alert_rules_and_webhooks_and_keeps_the_alerts_raised(
         tmp_path: Path, caplog: Any) -> None:
-    """A threshold tuned and a rule added on a running hub: the readings after the SIGHUP
-    are judged by the new rules, the alert raised before stays listed, and the webhook
-    list (its sender and outbox are built at start-up) waits for a restart."""
+    """A threshold tuned, a rule and a webhook added on a running hub: the readings after
+    the SIGHUP are judged by the new rules and their alerts reach the new webhook, the
+    alert raised before stays listed; a webhook removed by the next SIGHUP gets nothing
+    more."""
     path = tmp_path / "hub.toml"
     write_config(path, {"ate-01": "token-one"}, alerts=HOT_AT_50)
     app = Hub(load(HubConfig, path))
     app.ingest.reloader.config_source = functools.partial(load, HubConfig, path, None)
+    hook = HookServer()
 
     async def alerts(port: int) -> list[tuple[str, float]]:
         _, body = await http_get(port, "/api/alerts")
         return sorted((a["rule"], a["value"]) for a in body["alerts"])
 
+    def hooked() -> list[tuple[str, str]]:
+        return [(r["json"]["alert"]["rule"], r["json"]["event"]) for r in hook.accepted]
+
     async with trio.open_nursery() as nursery:
+        url = await hook.serve(nursery)
         port = await nursery.start(app.run)
         gw = await PeerGateway.connect(port, "ate-01", "token-one")
         await reading(gw, 1, 60.0)
@@ -219,17 +226,17 @@ async def test_a_reload_takes_new_alert_rules_and_keeps_the_alerts_raised(
             while await alerts(port) != [("chuck-hot", 60.0)]:
                 await trio.sleep(0.02)
 
-        write_config(path, {"ate-01": "token-one"}, alerts=HOT_AT_50.replace(
-            "high = 50.0", "high = 100.0") + """
+        cold = HOT_AT_50.replace("high = 50.0", "high = 100.0") + """
 [[alerts.rules]]
 name = "chuck-cold"
 kind = "sensor_range"
 priority = "P2"
 channel = "chuck"
 low = 10.0
-
+"""
+        write_config(path, {"ate-01": "token-one"}, alerts=cold + f"""
 [[alerts.webhooks]]
-url = "http://127.0.0.1:9/hook"
+url = "{url}"
 """)
         await sighup_and_wait(app, "ok")
         _, rules = await http_get(port, "/api/alerts/rules")
@@ -241,18 +248,58 @@ url = "http://127.0.0.1:9/hook"
         with trio.fail_after(10):
             while await alerts(port) != [("chuck-cold", 5.0), ("chuck-hot", 60.0)]:
                 await trio.sleep(0.02)
+        with trio.fail_after(10):  # the webhook taken by the reload gets the new alert
+            while hooked() != [("chuck-cold", "raised")]:
+                await trio.sleep(0.02)
+
+        write_config(path, {"ate-01": "token-one"}, alerts=cold)  # the webhook removed
+        await sighup_and_wait(app, "ok")
         await reading(gw, 4, 150.0)  # the changed rule still raises above its new limit
         with trio.fail_after(10):
             while len(await alerts(port)) != 3:
                 await trio.sleep(0.02)
         assert await alerts(port) == [
             ("chuck-cold", 5.0), ("chuck-hot", 60.0), ("chuck-hot", 150.0)]
-        assert app.alerts.config.webhooks == []  # not applied: no sender was built for it
+        await app.alerts.wait_persisted()
+        await trio.sleep(0.5)  # a POST on its way would have arrived
+        assert hooked() == [("chuck-cold", "raised")]
+        assert app.alerts.config.webhooks == []
 
         log = "\n".join(r.getMessage() for r in caplog.records)
-        assert "alert rules reloaded: added chuck-cold; changed chuck-hot" in log
-        assert ("[alerts.webhooks] changed in the config file: not applied until the hub "
-                "restarts") in log
+        assert ("alert rules reloaded: added chuck-cold; changed chuck-hot; webhooks: added "
+                "http://127.0.0.1:") in log
+        assert "webhooks: removed http://127.0.0.1:" in log
+        assert "not applied until the hub restarts" not in log
+        nursery.cancel_scope.cancel()
+
+
+
+async def test_a_webhook_whose_ca_file_cannot_be_used_makes_the_reload_change_nothing(
+        tmp_path: Path, caplog: Any) -> None:
+    """The new file adds a rule and an https webhook whose ``ca_file`` is missing: the
+    reload is refused whole (counted, logged naming the file): the rules stay as they ran,
+    the webhook list too."""
+    path = tmp_path / "hub.toml"
+    write_config(path, {"ate-01": "token-one"}, alerts=HOT_AT_50)
+    app = Hub(load(HubConfig, path))
+    app.ingest.reloader.config_source = functools.partial(load, HubConfig, path, None)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(app.run)
+        missing = tmp_path / "no-such-ca.pem"
+        write_config(path, {"ate-01": "token-one"}, alerts=HOT_AT_50.replace(
+            "high = 50.0", "high = 100.0") + f"""
+[[alerts.webhooks]]
+url = "https://127.0.0.1:9/hook"
+ca_file = "{missing}"
+""")
+        await sighup_and_wait(app, "failed")
+        _, rules = await http_get(port, "/api/alerts/rules")
+        assert [r["name"] for r in rules["rules"]] == ["chuck-hot"]
+        assert app.alerts.config.rules[0].high == 50.0  # not the file's 100
+        assert app.alerts.config.webhooks == []
+        log = "\n".join(r.getMessage() for r in caplog.records)
+        assert "the config file was not reloaded, the running one stays: " \
+               "[alerts.webhooks]" in log and str(missing) in log
         nursery.cancel_scope.cancel()
 
 

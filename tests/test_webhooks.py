@@ -196,6 +196,57 @@ async def test_a_dead_webhook_does_not_hold_up_another_and_filters_apply() -> No
         nursery.cancel_scope.cancel()
 
 
+async def test_a_reload_adds_removes_and_changes_webhooks_while_they_deliver() -> None:
+    """``use`` (the hub's SIGHUP): a webhook removed while it retries sends nothing more --
+    what it had queued is finished ``unconfigured`` (its outbox rows are done with); one
+    added gets the events from then on; one changed keeps its queue and filters by its
+    new settings."""
+    down, kept, added = HookServer(fail_first=10**6), HookServer(), HookServer()
+    outcomes: list[tuple[str, str, str]] = []
+    async with trio.open_nursery() as nursery:
+        down_url, kept_url, added_url = [await h.serve(nursery) for h in (down, kept, added)]
+        sender = WebhookSender([
+            WebhookConfig(url=down_url, max_attempts=1000, backoff_initial_s=0.01,
+                          backoff_max_s=0.05),
+            WebhookConfig(url=kept_url, priorities=["P0"]),
+        ], on_outcome=lambda url, ev, outcome: outcomes.append(
+            (url, ev["alert"]["id"], outcome)))
+        await nursery.start(sender.run)
+        for i in range(3):
+            sender.submit(event(f"a{i}", "P1"))
+        await wait_for(lambda: len(down.requests) >= 3)  # retrying the first, the rest wait
+
+        line = sender.use([WebhookConfig(url=kept_url, priorities=["P0", "P1"]),
+                           WebhookConfig(url=added_url)])
+        assert line == (f"added {shown_url(added_url)}; removed {shown_url(down_url)}; "
+                        f"changed {shown_url(kept_url)}")
+        assert sorted(outcomes) == [(down_url, f"a{i}", "unconfigured") for i in range(3)]
+        tried = len(down.requests)
+        sender.submit(event("b1", "P1"))  # the changed filter takes P1 now
+        await wait_for(lambda: len(kept.accepted) == 1 and len(added.accepted) == 1)
+        assert [r["json"]["alert"]["id"] for r in kept.accepted + added.accepted] == [
+            "b1", "b1"]
+        await trio.sleep(0.2)
+        assert len(down.requests) == tried  # the removed one's loop is gone
+        assert sender.pending() == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_reload_naming_a_ca_file_that_cannot_be_used_changes_nothing(
+        tmp_path: Path) -> None:
+    good = HookServer()
+    async with trio.open_nursery() as nursery:
+        url = await good.serve(nursery)
+        sender = WebhookSender([WebhookConfig(url=url)])
+        await nursery.start(sender.run)
+        with pytest.raises(ValueError, match=r"no-such-ca\.pem"):
+            sender.use([WebhookConfig(url="https://127.0.0.1:9/h",
+                                      ca_file=str(tmp_path / "no-such-ca.pem"))])
+        sender.submit(event("c1"))
+        await wait_for(lambda: len(good.accepted) == 1)
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_full_queue_drops_the_oldest_and_counts_it() -> None:
     dead = f"http://127.0.0.1:{free_port()}/"
     sender = WebhookSender([WebhookConfig(url=dead)], max_queued=3)

@@ -66,7 +66,7 @@ class Hub:
         self.ingest.history_pruner = self.alerts.store.prune  # hub.retain_history_days
         self.ingest.alerts_pruner = self.alerts.store.prune_alerts
         reloader = self.ingest.reloader  # SIGHUP (edgegw/hub/sighup.py)
-        reloader.alerts_reloader = lambda alerts: self.alerts.reconfigure(alerts).summary
+        reloader.alerts_reloader = self.alerts.reconfigure
         reloader.auth_rechecks.append(
             lambda: self.fanout.recheck(self.ingest.security.still_signed_in))
 

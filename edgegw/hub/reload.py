@@ -13,9 +13,8 @@ anew) is taken while sign-in stays on (``mode = "jwt"`` before and after), its k
 read again on every SIGHUP as the TLS files are: the caller loads them before anything is
 applied and checks the open dashboard connections again; turning sign-in on or off waits
 for a restart.  The alert rules (with ``dedup_window_s``, ``escalate_after_s`` and
-``keep``) are handed to the running alert engine when the hub says it can take them
-(``alerts=True``); ``alerts.webhooks`` is not (its sender and durable outbox are built at
-start-up).  Every other section was read at
+``keep``) and the webhook list are handed to the running alert service when the hub
+says it can take them (``alerts=True``).  Every other section was read at
 start-up into long-lived things (the listening socket, the store, the live state's caps):
 a change there is reported as waiting for a restart, not applied.  Pure: two configs in,
 a plan out (``sighup.HubReloader`` applies it).
@@ -31,8 +30,8 @@ from .config import HubConfig
 @dataclasses.dataclass(frozen=True)
 class ReloadPlan:
     """``config``: the running config with what the file changes that is applied: its
-    gateway table, its ``[auth]`` when ``auth_reload``, its ``[alerts]`` but for the
-    webhooks when taken; the gateway ids
+    gateway table, its ``[auth]`` when ``auth_reload``, its ``[alerts]`` when taken; the
+    gateway ids
     ``added``, ``removed`` and those whose token ``changed``; ``alerts_changed``: whether
     the ``[alerts]`` taken differ from the running ones; ``auth_reload``: the file's
     ``[auth]`` is taken and its key files are to be read again (sign-in on before and
@@ -71,11 +70,8 @@ def plan(running: HubConfig, read: HubConfig, *, alerts: bool = False) -> Reload
         restart_needed.append("auth")
     alerts_changed = False
     if alerts:
-        taken = dataclasses.replace(read.alerts, webhooks=running.alerts.webhooks)
-        alerts_changed = taken != running.alerts
-        config = dataclasses.replace(config, alerts=taken)
-        if read.alerts.webhooks != running.alerts.webhooks:
-            restart_needed.append("alerts.webhooks")
+        alerts_changed = read.alerts != running.alerts
+        config = dataclasses.replace(config, alerts=read.alerts)
     elif read.alerts != running.alerts:
         restart_needed.append("alerts")
     return ReloadPlan(

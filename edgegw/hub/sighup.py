@@ -4,8 +4,8 @@ and applied while the hub runs -- the Trio shell around ``reload.py``'s pure pla
 What is taken (docs/operations.md, "Reload"): the ``[gateways]`` table (a connection the
 new table no longer admits is closed, 4001), ``[auth]`` and its key files while sign-in
 stays on (the open dashboard connections checked again: ``auth_rechecks``), the
-``[alerts]`` rules (``alerts_reloader``); every other change is logged as waiting for a
-restart.  A file that does not load, or names key files that cannot be used, changes
+``[alerts]`` rules and webhooks (``alerts_reloader``); every other change is logged as
+waiting for a restart.  A file that does not load, or names key files that cannot be used, changes
 nothing; each reload is a failure boundary (``hub_reload``): a bug ends that reload, not
 the hub.
 """
@@ -39,8 +39,9 @@ class HubReloader:
         #: reads the config file this hub was started from again (``edgegw hub --config``
         #: sets it); None, as in an embedded hub: SIGHUP reloads the TLS certificate only
         self.config_source: Callable[[], HubConfig] | None = None
-        #: hands a SIGHUP's ``[alerts]`` to the running alert engine -> a line for the log;
-        #: None: this hub takes them at a restart only
+        #: hands a SIGHUP's ``[alerts]`` (rules and webhooks) to the running alert service
+        #: -> a line for the log (raises OSError, ValueError before anything changes when
+        #: a webhook's CA file cannot be used); None: this hub takes them at a restart only
         self.alerts_reloader: Callable[[AlertsConfig], str] | None = None
         #: after a SIGHUP took new ``[auth]``: each checks its open connections again
         #: (``HubSecurity.still_signed_in``) -> how many it closed
@@ -82,11 +83,11 @@ class HubReloader:
         the next handshakes are checked against it, and a connection whose gateway it no
         longer lists, or whose token it no longer matches, is closed with 4001.  Its
         [auth] (sign-in on before and after) checks every request from now on, and the
-        open connections are checked again (``auth_rechecks``).  Its [alerts] rules go to
-        ``alerts_reloader``, if set.  Other sections that changed are named in the log as
-        waiting for a restart.  A file that cannot be read, is not a valid config or names
-        key files that cannot be used leaves the running one as it is (logged with its
-        errors, counted).  False when nothing was taken."""
+        open connections are checked again (``auth_rechecks``).  Its [alerts] rules and
+        webhooks go to ``alerts_reloader``, if set.  Other sections that changed are named
+        in the log as waiting for a restart.  A file that cannot be read, is not a valid
+        config or names key files (or a webhook CA file) that cannot be used leaves the
+        running one as it is (logged with its errors, counted).  False when nothing was taken."""
         if self.config_source is None:
             return False
         try:
@@ -108,9 +109,16 @@ class HubReloader:
                           "%s", exc)
                 return False
         if change.alerts_changed and self.alerts_reloader is not None:
-            # first: should it fail (a bug), nothing is taken and the next SIGHUP tries all
-            log.warning("SIGHUP: alert rules reloaded: %s",
-                        self.alerts_reloader(change.config.alerts))
+            # first: should it fail (a webhook's CA file that cannot be used; a bug),
+            # nothing is taken and the next SIGHUP tries all
+            try:
+                taken = self.alerts_reloader(change.config.alerts)
+            except (OSError, ValueError) as exc:
+                self.m_reloads.inc(outcome="failed")
+                log.error("SIGHUP: the config file was not reloaded, the running one stays: "
+                          "[alerts.webhooks]: %s", exc)
+                return False
+            log.warning("SIGHUP: alert rules reloaded: %s", taken)
         ingest.config = change.config
         self.ingest.security.use_gateways(change.config)
         if verifier is not None and change.config.auth is not None:
@@ -141,6 +149,6 @@ class HubReloader:
             log.warning("SIGHUP: [%s] changed in the config file: not applied until the hub "
                         "restarts (a reload takes [gateways], [auth]%s)",
                         "], [".join(change.restart_needed),
-                        " and the [alerts] rules" if self.alerts_reloader else "")
+                        " and [alerts]" if self.alerts_reloader else "")
         self.ingest.security.log_warnings()
         return True

@@ -22,6 +22,7 @@ from .webhooks import (
     post_json,
     shown_url,
     sign,
+    webhook_contexts,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "AlertService", "AlertsConfig", "Fenced", "Priority", "RuleChanges", "RuleKind",
     "WebhookConfig",
     "WebhookOutbox", "WebhookSender", "event_key", "post_json", "shown_url", "sign",
+    "webhook_contexts",
 ]

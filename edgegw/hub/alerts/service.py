@@ -27,7 +27,6 @@ its frames, or replay would raise them again)::
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -99,6 +98,11 @@ def _json_sizes(items: list[tuple[str, Any]]) -> list[int]:
     """The archives' sizes as the store writes them (a worker thread: a lot's can take
     milliseconds)."""
     return [len(dumps(payload[-1])) for _, payload in items]
+
+
+def _reloaded(rules: RuleChanges, webhooks: str | None) -> str:
+    """What a reload of ``[alerts]`` changed, for the log."""
+    return rules.summary + (f"; webhooks: {webhooks}" if webhooks is not None else "")
 
 
 class AlertService:
@@ -251,11 +255,14 @@ class AlertService:
         while self._done < target:
             await self._progress.wait()
 
-    def reconfigure(self, config: AlertsConfig) -> RuleChanges:
-        """The rules and settings of ``config`` from now on (the hub's SIGHUP; its webhooks
-        are the ones the service began with: the sender and its outbox are not rebuilt)."""
-        self.config = dataclasses.replace(config, webhooks=self.config.webhooks)
-        return self.engine.reconfigure(self.config)
+    def reconfigure(self, config: AlertsConfig) -> str:
+        """The rules, settings and webhooks of ``config`` from now on (the hub's SIGHUP):
+        a line for the log.  A webhook's CA file that cannot be used raises before
+        anything changes."""
+        webhooks = self.webhooks.use(config.webhooks) \
+            if config.webhooks != self.config.webhooks else None
+        self.config = config
+        return _reloaded(self.engine.reconfigure(config), webhooks)
 
     async def run(self, state: LiveState | None = None, *, tick_s: float = 1.0,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -87,7 +87,7 @@ def event_key(event: dict[str, Any]) -> str:
 
 
 #: what ``on_outcome`` is told: the event is finished with (never sent again)
-OUTCOMES = ("delivered", "refused", "attempts", "internal_error", "dropped")
+OUTCOMES = ("delivered", "refused", "attempts", "internal_error", "dropped", "unconfigured")
 
 Outcome = Callable[[str, dict[str, Any], str], None]
 
@@ -177,12 +177,27 @@ async def post_json(url: str, payload: Any, *, headers: dict[str, str] | None = 
         raise WebhookError(f"malformed HTTP response: {exc}") from None
 
 
+def webhook_contexts(configs: list[WebhookConfig]) -> dict[str, ssl.SSLContext]:
+    """A verifying client context per ``https://`` webhook, its CA file read now: a
+    ValueError naming the webhook and the file when one cannot be used."""
+    contexts = {}
+    for c in configs:
+        if c.url.startswith("https://"):
+            try:
+                contexts[c.url] = client_context(c.ca_file)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise ValueError(f"webhook {shown_url(c.url)}: ca_file {c.ca_file!r} cannot "
+                                 f"be used: {exc}") from exc
+    return contexts
+
+
 class _Queue:
     def __init__(self, config: WebhookConfig, max_queued: int) -> None:
         self.config = config
         self.items: deque[dict[str, Any]] = deque()
         self.max_queued = max_queued
         self.wakeup = trio.Event()
+        self.scope = trio.CancelScope()  # its delivery loop's: cancelled when it is removed
 
     def wants(self, event: dict[str, Any]) -> bool:
         return (event.get("event") in self.config.events
@@ -203,10 +218,12 @@ class WebhookSender:
         fenced off (``lease_lost``) or cut off by a stop is not finished."""
         self._fence = fence
         self._on_outcome = on_outcome
+        self._max_queued = max_queued
         self._queues = [_Queue(c, max_queued) for c in configs]
-        # one verifying context per https webhook, its CA file read once at start
-        self._contexts = {c.url: client_context(c.ca_file) for c in configs
-                          if c.url.startswith("https://")}
+        # one verifying context per https webhook, its CA file read once at start (and on
+        # a reload that changes it)
+        self._contexts = webhook_contexts(configs)
+        self._nursery: trio.Nursery | None = None  # where the delivery loops run
         self._rng = backoff_rng
         metrics = self._metrics = metrics or Metrics()
         self.m_delivered = metrics.counter("hub_webhook_delivered_total",
@@ -251,13 +268,55 @@ class WebhookSender:
     def pending(self) -> int:
         return sum(len(q.items) for q in self._queues)
 
+    def use(self, configs: list[WebhookConfig]) -> str:
+        """Deliver to ``configs`` from now on (the hub's SIGHUP): a webhook added gets the
+        events from now on; one removed gets nothing more -- its queued events are
+        finished as ``unconfigured`` (an event being sent may still arrive); one changed
+        (its filters, secret, headers, retries, CA file) keeps its queue and sends the
+        next attempt by its new settings.  Raises (ValueError, OSError) before anything
+        changes when a CA file cannot be used.  A line for the log."""
+        contexts = webhook_contexts(configs)
+        old = {q.config.url: q for q in self._queues}
+        new = {c.url: c for c in configs}
+        added = [url for url in new if url not in old]
+        removed = [url for url in old if url not in new]
+        changed = [url for url in new if url in old and old[url].config != new[url]]
+        self._contexts = contexts
+        queues = []
+        for config in configs:
+            q = old.get(config.url)
+            if q is None:
+                q = _Queue(config, self._max_queued)
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._deliver_loop, q)
+            q.config = config
+            queues.append(q)
+        self._queues = queues
+        for url in removed:
+            q = old[url]
+            q.scope.cancel()
+            while q.items:
+                self._finished(url, q.items.popleft(), "unconfigured")
+        parts = [f"{what} {', '.join(shown_url(u) for u in urls)}" for what, urls in (
+            ("added", added), ("removed", removed), ("changed", changed)) if urls]
+        return "; ".join(parts) if parts else "unchanged"
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            for q in self._queues:
-                nursery.start_soon(self._deliver_loop, q)
-            task_status.started()
+            self._nursery = nursery
+            try:
+                for q in self._queues:
+                    nursery.start_soon(self._deliver_loop, q)
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
 
     async def _deliver_loop(self, q: _Queue) -> None:
+        with q.scope:
+            await self._deliver_queue(q)
+
+    async def _deliver_queue(self, q: _Queue) -> None:
         while True:
             while not q.items:
                 await q.wakeup.wait()

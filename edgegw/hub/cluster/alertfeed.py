@@ -41,7 +41,7 @@ import trio
 from edgegw.hub import topics as topic_names
 from edgegw.hub.alerts import AlertsConfig
 from edgegw.hub.alerts.outbox import WebhookOutbox, outbox_rows
-from edgegw.hub.alerts.webhooks import WebhookSender, event_key
+from edgegw.hub.alerts.webhooks import WebhookSender, event_key, webhook_contexts
 from edgegw.hub.store import StoreUnavailable
 from edgegw.metrics import Metrics, report_internal_error
 
@@ -181,6 +181,7 @@ class AlertFeed:
         self.state_poll_s = state_poll_s
         self.metrics = metrics or Metrics()
         self.holding = False
+        self._webhooks: WebhookSender | None = None  # while holding the lease
         self.announced = 0
         self.m_events = self.metrics.counter(
             "cluster_alert_events_announced_total",
@@ -208,6 +209,7 @@ class AlertFeed:
                                           "the cluster's alert feed")
                 finally:
                     self.holding = False
+                    self._webhooks = None
                     with trio.CancelScope(shield=True), trio.move_on_after(2):
                         try:
                             await self.bus.release(LEASE, token)
@@ -245,6 +247,7 @@ class AlertFeed:
             outbox = WebhookOutbox(self.store, metrics=self.metrics, clock=self.bus.clock)
             webhooks = WebhookSender(self.config.webhooks, metrics=self.metrics,
                                      fence=lease_valid_until, on_outcome=outbox.record)
+            self._webhooks = webhooks  # a SIGHUP from now on changes its webhooks
             # what the previous holder did not finish is sent first (at least once)
             while True:
                 try:
@@ -273,6 +276,21 @@ class AlertFeed:
                 except StoreUnavailable:  # PostgreSQL away: the rows stay pending
                     log.debug("alert feed: PostgreSQL unavailable", exc_info=True)
                 await trio.sleep(self.poll_s)
+
+    def reconfigure(self, config: AlertsConfig) -> str | None:
+        """A SIGHUP's ``[alerts]``: the webhooks this node sends to while it holds the
+        lease (at once when it does) -- a line for the log, None when they are unchanged.
+        A CA file that cannot be used raises before anything changes."""
+        line = None
+        if config.webhooks != self.config.webhooks:
+            webhooks = self._webhooks
+            if webhooks is not None:
+                line = webhooks.use(config.webhooks)
+            else:
+                webhook_contexts(config.webhooks)  # usable when this node takes the lease
+                line = "taken (sent from when this node holds the alerts lease)"
+        self.config = config
+        return line
 
     async def _flush_at_end(self, outbox: WebhookOutbox) -> None:
         """The outcomes' writer; the ones left when the feed ends are written then (else

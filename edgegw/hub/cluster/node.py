@@ -217,13 +217,16 @@ class ClusterHub:
         self.started_at = time.time()
 
     def _reload_alerts(self, config: AlertsConfig) -> str:
-        """A SIGHUP's ``[alerts]`` (webhooks kept as they began): this node's partitions
-        judge by them from now on, and its ``/api/alerts/rules`` lists them.  Each node
-        reads its own file: the rules the cluster raises by are those of the node owning
-        a partition (docs/operations.md, "Reload": signal every node)."""
+        """A SIGHUP's ``[alerts]``: this node's partitions judge by its rules from now on,
+        its ``/api/alerts/rules`` lists them, and its webhooks are the ones the cluster's
+        alert feed sends to while this node holds it.  Each node reads its own file: the
+        rules the cluster raises by are those of the node owning a partition
+        (docs/operations.md, "Reload": signal every node).  A webhook's CA file that
+        cannot be used raises before anything changes."""
+        webhooks = self.alert_feed.reconfigure(config)
         self.owner.reconfigure_alerts(config)
-        self.alert_feed.config = config
-        return self.alerts.reconfigure(config).summary
+        summary = self.alerts.reconfigure(config).summary
+        return summary + (f"; webhooks: {webhooks}" if webhooks is not None else "")
 
     @property
     def metrics(self) -> Metrics:
