@@ -172,6 +172,17 @@ back() { local p; p=$(inside systemctl show -P MainPID edgegw-hub)
 until_true 60 back || fail "edgegw-hub was not restarted after SIGKILL"
 echo "ok: edgegw-hub restarted after a crash (Restart=always)"
 
+# systemctl reload (ExecReload: SIGHUP): the gateway restarts from its file inside the
+# same process -- the service stays active under the same main PID
+pid=$(inside systemctl show -P MainPID edgegw-gateway)
+inside systemctl reload edgegw-gateway || fail "systemctl reload edgegw-gateway failed"
+reloaded() { inside systemctl is-active -q edgegw-gateway \
+  && [ "$(inside systemctl show -P MainPID edgegw-gateway)" = "$pid" ] \
+  && inside journalctl -q -u edgegw-gateway --no-pager \
+    | grep -q "running with the config file read again"; }
+until_true 60 reloaded || fail "edgegw-gateway did not reload in place (main PID $pid)"
+echo "ok: edgegw-gateway reloads its config in place (systemctl reload, main PID $pid kept)"
+
 inside systemctl stop edgegw-gateway
 result=$(inside systemctl show -P Result edgegw-gateway)
 [ "$result" = success ] || fail "edgegw-gateway stop result: $result"
