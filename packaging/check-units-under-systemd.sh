@@ -178,8 +178,7 @@ pid=$(inside systemctl show -P MainPID edgegw-gateway)
 inside systemctl reload edgegw-gateway || fail "systemctl reload edgegw-gateway failed"
 reloaded() { inside systemctl is-active -q edgegw-gateway \
   && [ "$(inside systemctl show -P MainPID edgegw-gateway)" = "$pid" ] \
-  && inside journalctl -q -u edgegw-gateway --no-pager \
-    | grep -q "running with the config file read again"; }
+  && grep -q "running with the config file read again" "$work/io/edgegw-gateway.log"; }
 until_true 60 reloaded || fail "edgegw-gateway did not reload in place (main PID $pid)"
 echo "ok: edgegw-gateway reloads its config in place (systemctl reload, main PID $pid kept)"
 
