@@ -12,7 +12,7 @@ acknowledged, escalated, persisted and delivered to webhooks.
 from .config import RULE_KINDS, AlertRuleConfig, AlertsConfig, Priority, RuleKind, WebhookConfig
 from .engine import Alert, AlertEngine, RuleChanges
 from .outbox import MAX_HELD_ROWS, WebhookOutbox
-from .service import MAX_HELD_ARCHIVE_BYTES, MAX_HELD_ARCHIVES, AlertService
+from .service import MAX_HELD_ARCHIVE_BYTES, MAX_HELD_ARCHIVES, AlertService, reload_summary
 from .webhooks import (
     EVENT_ID_HEADER,
     SIGNATURE_HEADER,
@@ -30,6 +30,6 @@ __all__ = [
     "RULE_KINDS", "SIGNATURE_HEADER", "Alert", "AlertEngine", "AlertRuleConfig",
     "AlertService", "AlertsConfig", "Fenced", "Priority", "RuleChanges", "RuleKind",
     "WebhookConfig",
-    "WebhookOutbox", "WebhookSender", "event_key", "post_json", "shown_url", "sign",
-    "webhook_contexts",
+    "WebhookOutbox", "WebhookSender", "event_key", "post_json", "reload_summary", "shown_url",
+    "sign", "webhook_contexts",
 ]

@@ -100,8 +100,9 @@ def _json_sizes(items: list[tuple[str, Any]]) -> list[int]:
     return [len(dumps(payload[-1])) for _, payload in items]
 
 
-def _reloaded(rules: RuleChanges, webhooks: str | None) -> str:
-    """What a reload of ``[alerts]`` changed, for the log."""
+def reload_summary(rules: RuleChanges, webhooks: str | None) -> str:
+    """What a reload of ``[alerts]`` changed, for the log (``webhooks``: None when they
+    did not change)."""
     return rules.summary + (f"; webhooks: {webhooks}" if webhooks is not None else "")
 
 
@@ -262,7 +263,7 @@ class AlertService:
         webhooks = self.webhooks.use(config.webhooks) \
             if config.webhooks != self.config.webhooks else None
         self.config = config
-        return _reloaded(self.engine.reconfigure(config), webhooks)
+        return reload_summary(self.engine.reconfigure(config), webhooks)
 
     async def run(self, state: LiveState | None = None, *, tick_s: float = 1.0,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

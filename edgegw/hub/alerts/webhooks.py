@@ -273,8 +273,8 @@ class WebhookSender:
         events from now on; one removed gets nothing more -- its queued events are
         finished as ``unconfigured`` (an event being sent may still arrive); one changed
         (its filters, secret, headers, retries, CA file) keeps its queue and sends the
-        next attempt by its new settings.  Raises (ValueError, OSError) before anything
-        changes when a CA file cannot be used.  A line for the log."""
+        next attempt by its new settings.  Raises ValueError before anything changes
+        when a CA file cannot be used.  A line for the log."""
         contexts = webhook_contexts(configs)
         old = {q.config.url: q for q in self._queues}
         new = {c.url: c for c in configs}

@@ -30,7 +30,7 @@ from typing import Any
 
 import trio
 
-from edgegw.hub.alerts import AlertEngine, AlertsConfig
+from edgegw.hub.alerts import AlertEngine, AlertsConfig, reload_summary
 from edgegw.hub.config import HubConfig
 from edgegw.hub.dashboard import Dashboard
 from edgegw.hub.fanout import LiveFanout
@@ -225,8 +225,7 @@ class ClusterHub:
         cannot be used raises before anything changes."""
         webhooks = self.alert_feed.reconfigure(config)
         self.owner.reconfigure_alerts(config)
-        summary = self.alerts.reconfigure(config).summary
-        return summary + (f"; webhooks: {webhooks}" if webhooks is not None else "")
+        return reload_summary(self.alerts.reconfigure(config), webhooks)
 
     @property
     def metrics(self) -> Metrics:
