@@ -14,6 +14,7 @@ gateway.  Without SIGHUP handling at all, the signal's default action ended the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -62,15 +63,18 @@ class GatewayReloader:
 
     async def run(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        async with trio.open_nursery() as nursery:
-            running = await nursery.start(self._run_one, self.gateway)
-            self._count(running.gateway)
-            task_status.started(running.gateway)
-            # only the main thread gets signals (an embedding program's thread does not)
-            if (not hasattr(signal, "SIGHUP")
-                    or threading.current_thread() is not threading.main_thread()):
-                return
-            with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        # taken before the gateway starts: a SIGHUP from then on reloads, never ends the
+        # process; only the main thread gets signals (an embedding program's may not)
+        hup = (trio.open_signal_receiver(signal.SIGHUP) if hasattr(signal, "SIGHUP")
+               and threading.current_thread() is threading.main_thread()
+               else contextlib.nullcontext())
+        with hup as signals:
+            async with trio.open_nursery() as nursery:
+                running = await nursery.start(self._run_one, self.gateway)
+                self._count(running.gateway)
+                task_status.started(running.gateway)
+                if signals is None:
+                    return
                 async for _ in signals:
                     try:  # a failure boundary: a reload's bug ends that reload only
                         running = await self.reload(nursery, running)
