@@ -22,7 +22,7 @@ from test_webhooks import HookServer
 from wsclient import Closed
 
 from edgegw.config import load
-from edgegw.hub import Hub, HubConfig
+from edgegw.hub import Hub, HubConfig, Ingest
 
 
 def write_config(path: Path, gateways: dict[str, str], heartbeat_s: float = 5.0,
@@ -122,6 +122,48 @@ async def test_a_reload_admits_a_new_gateway_and_closes_one_whose_token_changed(
         closed = await closed_by_hub(three)
         assert closed.code == 4001 and "gateway 'ate-03': no longer configured" in closed.reason
         await acked(joined, 2)
+        nursery.cancel_scope.cancel()
+
+
+class _Nothing:
+    """A consumer: only so that the hub replays (its ``before_replay`` runs)."""
+
+    def on_records(self, gateway_id: str, first_rid: int, records: list[Any]) -> None:
+        pass
+
+    def on_gateway(self, gateway_id: str, connected: bool, now: float) -> None:
+        pass
+
+
+async def test_a_sighup_while_the_hub_starts_is_a_reload_once_it_runs(tmp_path: Path) -> None:
+    """SIGHUP's default action ends a process: one that comes while the hub opens its
+    store and replays (seconds to minutes on a big store) must wait for the hub, not end
+    it.  (Before, the handler came after the replay: this test's process died.)"""
+    path = tmp_path / "hub.toml"
+    write_config(path, {"ate-01": "token-one"})
+    ingest = Ingest(load(HubConfig, path))
+    ingest.reloader.config_source = functools.partial(load, HubConfig, path, None)
+    ingest.add_consumer(_Nothing())
+    replaying, hupped = trio.Event(), trio.Event()
+
+    async def before_replay() -> int:
+        replaying.set()
+        await hupped.wait()
+        return 0
+
+    ingest.before_replay = before_replay
+    write_config(path, {"ate-01": "token-one", "ate-02": "token-two"})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ingest.run)
+        await replaying.wait()
+        os.kill(os.getpid(), signal.SIGHUP)
+        await trio.sleep(0.2)  # delivered meanwhile: to the hub's receiver
+        hupped.set()
+        reloads = ingest.metrics.counter("hub_config_reloads_total")
+        with trio.fail_after(10):
+            while reloads.get(outcome="ok") != 1:
+                await trio.sleep(0.02)
+        assert sorted(ingest.config.gateways) == ["ate-01", "ate-02"]
         nursery.cancel_scope.cancel()
 
 

@@ -50,7 +50,7 @@ import operator
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -296,6 +296,13 @@ class Ingest:
 
     # -- lifecycle --
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        # SIGHUP taken from here on: one during the store's opening and the replay is a
+        # reload once the hub serves, never the end of the process
+        with self.reloader.receiver() as signals:
+            await self._run(signals, task_status)
+
+    async def _run(self, signals: AsyncIterator[int] | None,
+                   task_status: trio.TaskStatus[int]) -> None:
         await self.store.open()
         try:
             if self.consumers:
@@ -303,7 +310,7 @@ class Ingest:
                 await self._replay(after)
             async with trio.open_nursery() as nursery:
                 self.security.log_warnings()
-                await nursery.start(self.reloader.watch)
+                await nursery.start(self.reloader.watch, signals)
                 listeners = await nursery.start(self.http.serve, self.config.hub.listen,
                                                 self.config.hub.port)
                 self.port = listeners[0].socket.getsockname()[1]

@@ -12,10 +12,12 @@ the hub.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import trio
@@ -53,19 +55,25 @@ class HubReloader:
             "hub_connections_revoked_total", "gateway connections closed (4001) because a "
             "config reload removed their gateway or changed its token")
 
-    async def watch(self, *,
-                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """SIGHUP (``systemctl reload``) for as long as the hub runs: the TLS certificate
-        and key read again, then the config file (``reload_config``).
-        Taken even with nothing to reload: SIGHUP's default action would end the process.
-        Only in the main thread, where signals are delivered (an embedded hub runs
-        elsewhere)."""
+    @staticmethod
+    def receiver() -> AbstractContextManager[AsyncIterator[int] | None]:
+        """SIGHUP taken from now on (``watch`` reads it; until then it waits): entered as
+        the hub begins to start, so a SIGHUP during its start-up (the store opened, the
+        frames replayed) is a reload once it runs, never the end of the process (SIGHUP's
+        default action).  Only in the main thread, where signals are delivered (an
+        embedded hub runs elsewhere): None there."""
         if (not hasattr(signal, "SIGHUP")
                 or threading.current_thread() is not threading.main_thread()):
-            task_status.started()
-            return
-        with trio.open_signal_receiver(signal.SIGHUP) as signals:
-            task_status.started()
+            return contextlib.nullcontext()
+        return trio.open_signal_receiver(signal.SIGHUP)
+
+    async def watch(self, signals: AsyncIterator[int] | None, *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The SIGHUPs of ``signals`` (``receiver``), for as long as the hub runs: the TLS
+        certificate and key read again, then the config file (``reload_config``).  Taken
+        even with nothing to reload."""
+        task_status.started()
+        if signals is not None:
             async for _ in signals:
                 if self.ingest.security.tls is None and self.config_source is None:
                     log.warning("SIGHUP: nothing to reload (no [tls], no config file)")
@@ -87,7 +95,8 @@ class HubReloader:
         webhooks go to ``alerts_reloader``, if set.  Other sections that changed are named
         in the log as waiting for a restart.  A file that cannot be read, is not a valid
         config or names key files (or a webhook CA file) that cannot be used leaves the
-        running one as it is (logged with its errors, counted).  False when nothing was taken."""
+        running one as it is (logged with its errors, counted).  False when nothing was
+        taken."""
         if self.config_source is None:
             return False
         try:
