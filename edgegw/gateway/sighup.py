@@ -14,10 +14,7 @@ gateway.  Without SIGHUP handling at all, the signal's default action ended the 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
-import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +22,7 @@ from dataclasses import dataclass
 import trio
 
 from ..metrics import report_internal_error
+from ..sighup import sighup_receiver
 from ..startup import ServiceFailed, describe
 from .config import GatewayConfig
 from .service import Gateway
@@ -64,11 +62,8 @@ class GatewayReloader:
     async def run(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         # taken before the gateway starts: a SIGHUP from then on reloads, never ends the
-        # process; only the main thread gets signals (an embedding program's may not)
-        hup = (trio.open_signal_receiver(signal.SIGHUP) if hasattr(signal, "SIGHUP")
-               and threading.current_thread() is threading.main_thread()
-               else contextlib.nullcontext())
-        with hup as signals:
+        # process (None: not in the main thread, or no SIGHUP here)
+        with sighup_receiver() as signals:
             async with trio.open_nursery() as nursery:
                 running = await nursery.start(self._run_one, self.gateway)
                 self._count(running.gateway)

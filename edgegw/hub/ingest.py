@@ -79,6 +79,7 @@ from ..protocol import (
     decompress_body,
 )
 from ..records import Record
+from ..sighup import sighup_receiver
 from ..taskgroups import reraise_meaningful
 from ..web import (
     ConnectionClosed,
@@ -298,7 +299,7 @@ class Ingest:
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         # SIGHUP taken from here on: one during the store's opening and the replay is a
         # reload once the hub serves, never the end of the process
-        with self.reloader.receiver() as signals:
+        with sighup_receiver() as signals:
             await self._run(signals, task_status)
 
     async def _run(self, signals: AsyncIterator[int] | None,

@@ -12,12 +12,8 @@ the hub.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
-import threading
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import trio
@@ -55,23 +51,12 @@ class HubReloader:
             "hub_connections_revoked_total", "gateway connections closed (4001) because a "
             "config reload removed their gateway or changed its token")
 
-    @staticmethod
-    def receiver() -> AbstractContextManager[AsyncIterator[int] | None]:
-        """SIGHUP taken from now on (``watch`` reads it; until then it waits): entered as
-        the hub begins to start, so a SIGHUP during its start-up (the store opened, the
-        frames replayed) is a reload once it runs, never the end of the process (SIGHUP's
-        default action).  Only in the main thread, where signals are delivered (an
-        embedded hub runs elsewhere): None there."""
-        if (not hasattr(signal, "SIGHUP")
-                or threading.current_thread() is not threading.main_thread()):
-            return contextlib.nullcontext()
-        return trio.open_signal_receiver(signal.SIGHUP)
-
     async def watch(self, signals: AsyncIterator[int] | None, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The SIGHUPs of ``signals`` (``receiver``), for as long as the hub runs: the TLS
-        certificate and key read again, then the config file (``reload_config``).  Taken
-        even with nothing to reload."""
+        """The SIGHUPs of ``signals`` (``edgegw.sighup.sighup_receiver``, opened as the hub
+        begins to start), for as long as the hub runs: the TLS certificate and key read
+        again, then the config file (``reload_config``).  Taken even with nothing to
+        reload."""
         task_status.started()
         if signals is not None:
             async for _ in signals:
