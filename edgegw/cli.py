@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "edgegw.stdf.cli",
     "edgegw.plugins_cli",
     "edgegw.token_cli",
+    "edgegw.deadletters_cli",
 )
 
 #: command word -> the module of ``COMMAND_MODULES`` that adds it (tests/test_cli.py holds
@@ -40,6 +41,7 @@ COMMANDS = {
     "stdf": "edgegw.stdf.cli",
     "plugins": "edgegw.plugins_cli",
     "token": "edgegw.token_cli",
+    "dead-letters": "edgegw.deadletters_cli",
 }
 
 

@@ -150,6 +150,10 @@ def test_a_command_built_alone_has_the_help_page_of_the_whole_tree(prog: str) ->
     assert alone["edgegw"].format_usage() == PARSERS["edgegw"].format_usage()
 
 
+#: arguments every action of a command takes
+ACTION_ARGS = {"stdf": ["f.stdf", "--partial"], "dead-letters": ["state", "--json"]}
+
+
 @pytest.mark.parametrize("prog", [p for p in PARSERS if len(p.split()) == 3])
 def test_an_action_built_alone_has_the_help_page_and_parse_of_the_whole_tree(
         prog: str) -> None:
@@ -160,7 +164,7 @@ def test_an_action_built_alone_has_the_help_page_and_parse_of_the_whole_tree(
     assert alone[prog].format_help() == PARSERS[prog].format_help()
     assert alone[f"edgegw {command}"].format_usage() == \
         PARSERS[f"edgegw {command}"].format_usage()
-    args = [command, action, "f.stdf", "--partial", "-v"]
+    args = [command, action, *ACTION_ARGS[command], "-v"]
     assert vars(build_parser(command, action).parse_args(args)) == \
         vars(build_parser().parse_args(args))
 

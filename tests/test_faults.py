@@ -8,8 +8,11 @@ record what the tester produced with what the hub applied: zero lost, zero dupli
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -515,6 +518,13 @@ def test_a_frame_the_hub_rejects_goes_to_the_dead_letter_file_and_blocks_nothing
         assert len(raw) == 4 + n  # exactly one entry
         assert entry["seq"] == bad_seq and entry["body"] == b"\xff not cbor"
         assert "CBOR" in entry["reason"]
+        # and the operator's reader says so (tests/test_dead_letter_cli.py)
+        listed = subprocess.run([sys.executable, "-m", "edgegw", "dead-letters", "list",
+                                 str(gw.state), "--json"], capture_output=True, text=True,
+                                timeout=60)
+        (shown,) = [json.loads(line) for line in listed.stdout.splitlines()]
+        assert listed.returncode == 0 and shown["seq"] == bad_seq
+        assert "CBOR" in shown["reason"] and shown["body_bytes"] == len(entry["body"])
     finally:
         stop_all(hub, gw)
 
