@@ -1,4 +1,6 @@
-"""``edgegw dead-letters list``: what a gateway's dead-letter file holds, readable.
+"""``edgegw dead-letters list``: what a gateway's dead-letter file holds, readable;
+``edgegw dead-letters requeue``: its records stored again for the hub
+(``edgegw/gateway/requeue.py``).
 
 The dead-letter file (docs/spool.md, "The dead-letter file") keeps what the hub can never
 take: frames it rejected, frames or records over its limits, records refused before any
@@ -61,6 +63,29 @@ def add_commands(sub: Any) -> None:
     ls.add_argument("--json", action="store_true",
                     help="one JSON object per entry (with --records: its records in it)")
     ls.set_defaults(func=run_list)
+    rq = actions.add_parser(
+        "requeue", help="store the records again for the hub (gateway stopped)",
+        description="Once the cause is mended (a hub that rejected valid frames upgraded, "
+                    "its max_frame_bytes raised), store each entry's records as a new frame "
+                    "in the stopped gateway's spool, under new record ids: the gateway sends "
+                    "them at its next start, and the hub applies each record once.  Entries "
+                    "that cannot be stored (a body that does not decode, records over the "
+                    "frame limits) stay in the file, each with its reason; the original file "
+                    "is kept as dead-letter.requeued-<time>.cborseq.  An interrupted run "
+                    "goes on where it stopped at the next one, storing nothing twice.  The "
+                    "gateway must be stopped (exit status 3 while it runs); run it as the "
+                    "service's user, or as root (what it creates is given the state "
+                    "directory's owner).  docs/spool.md, \"The dead-letter file\".",
+        epilog="examples:\n"
+               "  edgegw dead-letters requeue --config /etc/edgegw/gateway.toml "
+               "--set gateway.state_dir=/var/lib/edgegw-gateway\n"
+               "  edgegw dead-letters requeue --config conf/gateway.toml")
+    rq.add_argument("--config", metavar="FILE", required=True,
+                    help="the gateway's config (its state directory and spool settings)")
+    rq.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key of --config, as the service's command line does "
+                         "(e.g. gateway.state_dir=/var/lib/edgegw-gateway)")
+    rq.set_defaults(func=run_requeue)
 
 
 def dead_letter_file(args: argparse.Namespace) -> Path:
@@ -186,5 +211,39 @@ def run_list(args: argparse.Namespace) -> int:
     return 1 if damaged else 0
 
 
+def run_requeue(args: argparse.Namespace) -> int:
+    import trio
+
+    from .gateway import load_gateway_config, requeue
+    from .startup import StartupError, leaves
+
+    cfg = load_gateway_config(args.config, args.set)
+    try:
+        report = trio.run(requeue, cfg)
+    except (OSError, BaseExceptionGroup) as exc:
+        # one line, exit status 3: the gateway runs (its spool's lock), a file it cannot
+        # open (run as the service's user)
+        for leaf in leaves(exc):
+            if isinstance(leaf, StartupError):
+                raise leaf from None
+            if isinstance(leaf, OSError):
+                raise StartupError(f"dead-letters requeue: {leaf}") from None
+        raise
+    if report.original is None and not report.kept:
+        print(f"{report.path}: no dead letters to requeue")
+        return 0
+    if report.resumed_at:
+        print(f"{report.path}: an interrupted requeue went on from byte {report.resumed_at}")
+    if report.seqs:
+        print(f"{report.path}: {report.entries} entries ({report.records} records) stored "
+              f"as frames {report.seqs[0]}..{report.seqs[-1]} of the spool: the gateway "
+              "sends them at its next start")
+    for offset, why in report.kept:
+        print(f"{report.path}: the entry at byte {offset} stays: {why}")
+    if report.original is not None:
+        print(f"{report.path}: the original is kept as {report.original}")
+    return 0
+
+
 __all__ = ["DEFAULT_STATE_DIR", "FILE_NAME", "add_commands", "dead_letter_file", "describe",
-           "line_of", "run_list"]
+           "line_of", "run_list", "run_requeue"]

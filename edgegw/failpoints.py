@@ -20,6 +20,7 @@ Points in the code:
 
 ==========================  ==========================================================
 ``gateway.frame_stored``    a frame is durable in the frame store (``append`` returned)
+``requeue.entry_stored``    ``edgegw dead-letters requeue`` stored one entry as a frame
 ``hub.mid_commit``          the hub's frame transaction is written, not yet committed
 ``hub.after_commit``        a commit is durable; its ACK has not been sent
 ``cluster.checkpoint``      a partition owner has captured its state and is about to

@@ -150,8 +150,9 @@ def test_a_command_built_alone_has_the_help_page_of_the_whole_tree(prog: str) ->
     assert alone["edgegw"].format_usage() == PARSERS["edgegw"].format_usage()
 
 
-#: arguments every action of a command takes
-ACTION_ARGS = {"stdf": ["f.stdf", "--partial"], "dead-letters": ["state", "--json"]}
+#: arguments each action takes (every action of ``stdf`` the same)
+ACTION_ARGS = {"stdf": ["f.stdf", "--partial"], "dead-letters list": ["state", "--json"],
+               "dead-letters requeue": ["--config", "gateway.toml", "--set", "a.b=1"]}
 
 
 @pytest.mark.parametrize("prog", [p for p in PARSERS if len(p.split()) == 3])
@@ -164,7 +165,8 @@ def test_an_action_built_alone_has_the_help_page_and_parse_of_the_whole_tree(
     assert alone[prog].format_help() == PARSERS[prog].format_help()
     assert alone[f"edgegw {command}"].format_usage() == \
         PARSERS[f"edgegw {command}"].format_usage()
-    args = [command, action, *ACTION_ARGS[command], "-v"]
+    given = ACTION_ARGS.get(command) or ACTION_ARGS[f"{command} {action}"]
+    args = [command, action, *given, "-v"]
     assert vars(build_parser(command, action).parse_args(args)) == \
         vars(build_parser().parse_args(args))
 

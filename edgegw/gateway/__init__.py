@@ -2,8 +2,7 @@
 
 Public face (for embedders, plugins and tests): the names below.  The modules inside
 (``service``, ``uplink``, ``probe``, ``scheduler``, ``rollback``, ``positions``, ``sighup``,
-``config``)
-are internal: import from ``edgegw.gateway``.
+``requeue``, ``config``) are internal: import from ``edgegw.gateway``.
 """
 
 from ..store import FrameStore, MemoryFrameStore, StoredFrame
@@ -16,6 +15,7 @@ from .deadletters import (
 )
 from .positions import PositionLog, Teller, positions_of, taken_back
 from .probe import ProbeResult, ProbeTarget, probe_once, retry_after_seconds
+from .requeue import REQUEUE_KEY, RequeueReport, requeue
 from .rollback import REISSUE_KEY, Rollback, reissue, resume, rolled_back
 from .scheduler import SendScheduler, Want
 from .service import (
@@ -31,11 +31,11 @@ from .sighup import GatewayReloader
 from .uplink import Uplink
 
 __all__ = [
-    "AFTER_KEY", "GC_YOUNG_THRESHOLD", "ORIGINS_KEY", "REISSUE_KEY", "RID_KEY",
+    "AFTER_KEY", "GC_YOUNG_THRESHOLD", "ORIGINS_KEY", "REISSUE_KEY", "REQUEUE_KEY", "RID_KEY",
     "DeadLetterScan", "FrameStore", "Gateway", "GatewayConfig", "GatewayReloader",
-    "GatewaySink", "MemoryFrameStore", "PositionLog", "ProbeResult",
-    "ProbeTarget", "Rollback", "SendScheduler", "StoredFrame", "Teller", "Uplink", "Want",
+    "GatewaySink", "MemoryFrameStore", "PositionLog", "ProbeResult", "ProbeTarget",
+    "RequeueReport", "Rollback", "SendScheduler", "StoredFrame", "Teller", "Uplink", "Want",
     "build_gateway_config", "load_gateway_config", "open_dead_letter_file",
-    "positions_of", "probe_once", "read_dead_letter_keys", "reissue", "resume",
+    "positions_of", "probe_once", "read_dead_letter_keys", "reissue", "requeue", "resume",
     "retry_after_seconds", "rolled_back", "scan_dead_letters", "taken_back", "tune_gc",
 ]
