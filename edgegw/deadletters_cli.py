@@ -24,8 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-#: where the packaged Linux unit keeps the gateway's state (packaging/systemd)
-DEFAULT_STATE_DIR = "/var/lib/edgegw-gateway"
+#: where the packaged service keeps the gateway's state (packaging/systemd, the WinSW
+#: service of packaging/windows)
+DEFAULT_STATE_DIR = (r"C:\edgegw\state\gateway" if sys.platform == "win32"
+                     else "/var/lib/edgegw-gateway")
 FILE_NAME = "dead-letter.cborseq"
 
 
@@ -52,7 +54,7 @@ def add_commands(sub: Any) -> None:
                "  edgegw dead-letters list --config /etc/edgegw/gateway.toml --json")
     ls.add_argument("path", nargs="?", metavar="PATH",
                     help="the dead-letter file, or the gateway's state directory holding it "
-                         f"(default: {DEFAULT_STATE_DIR}, where the packaged unit keeps it)")
+                         f"(default: {DEFAULT_STATE_DIR}, where the packaged service keeps it)")
     ls.add_argument("--config", metavar="FILE",
                     help="take the state directory from this gateway config instead")
     ls.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
