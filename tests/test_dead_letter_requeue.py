@@ -121,6 +121,8 @@ def test_requeued_records_reach_the_hub_once_and_what_cannot_go_stays(tmp_path: 
         assert again.returncode == 0 and "stored as frames" not in again.stdout
         assert "stays: its body does not decode" in again.stdout
         gw.start()
+        # what stays is what its gauge shows from the start
+        assert gw.stats()["metrics"]["gateway_dead_letter_bytes"] == len(left)
         wait_for(lambda: len(archived(hub)) >= len(records), timeout=30)
         wait_all_applied(hub, gw, 0)
         # under their old ids (applied) the hub would have dropped them: new ids, once each

@@ -516,6 +516,7 @@ def test_a_frame_the_hub_rejects_goes_to_the_dead_letter_file_and_blocks_nothing
         n = int.from_bytes(raw[:4], "big")
         entry = cbor2.loads(raw[4:4 + n])
         assert len(raw) == 4 + n  # exactly one entry
+        assert gw.stats()["metrics"]["gateway_dead_letter_bytes"] == len(raw)
         assert entry["seq"] == bad_seq and entry["body"] == b"\xff not cbor"
         assert "CBOR" in entry["reason"]
         # and the operator's reader says so (tests/test_dead_letter_cli.py)

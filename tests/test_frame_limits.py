@@ -132,6 +132,7 @@ async def test_a_batch_over_the_spool_frame_limit_is_split_a_giant_record_refuse
     assert entry["seq"] is None and "too large" in entry["reason"]
     _, src, wire = decode_body(entry["body"], 1 << 20)
     assert [from_wire(w, src).channel for w in wire] == ["put2-0"]
+    assert metrics["gateway_dead_letter_bytes"] == len(raw)
 
 
 async def test_a_crash_between_the_parts_of_a_split_batch_stores_each_record_once(

@@ -24,6 +24,7 @@ from typing import Any
 import cbor2
 import trio
 
+from ..metrics import Metric, Metrics
 from ..protocol import is_columnar, to_rows
 
 log = logging.getLogger("edgegw.gateway")
@@ -133,18 +134,27 @@ def _log_damage(path: str, scan: DeadLetterScan) -> None:
                   scan.junk_tail[0])
 
 
-async def write_dead_letter(path: trio.Path, entry: dict[str, Any]) -> None:
+def dead_letter_bytes(metrics: Metrics) -> Metric:
+    """The gauge of the dead-letter file's size (set at the gateway's start and after each
+    entry written): it only grows while the hub refuses, and nothing else shows that."""
+    return metrics.gauge("gateway_dead_letter_bytes",
+                         "size of the dead-letter file (<state_dir>/dead-letter.cborseq): "
+                         "what the hub refused, kept (edgegw dead-letters list)")
+
+
+async def write_dead_letter(path: trio.Path, entry: dict[str, Any]) -> int:
     """Append one entry to the dead-letter file: a 4-byte big-endian length, then the
     entry as CBOR (``seq``: the frame's, or None for a record refused before any frame
     held it -- with ``source`` and ``rid``, the gateway's next record id then; ``epoch``,
     ``reason``, ``at``, ``body``).  Durable when it returns (fsync): the frame that says
     the records are there (a stand-in, a checkpoint past them) is made durable after it
-    (docs/spool.md, "The dead-letter file")."""
+    (docs/spool.md, "The dead-letter file").  Returns the file's size after it."""
     data = cbor2.dumps(entry)
     async with await path.open("ab") as f:
         await f.write(len(data).to_bytes(4, "big") + data)
         await f.flush()
         await trio.to_thread.run_sync(os.fsync, f.fileno())
+        return int(await f.tell())
 
 
 def open_dead_letter_file(path: str, epoch: str, from_rid: int) -> Counter[tuple[Any, ...]]:
@@ -212,5 +222,6 @@ def dead_letter_key(epoch: str, seq: int, body: bytes | None) -> tuple[Any, ...]
     return (epoch, seq, body)
 
 
-__all__ = ["ENTRY_KEYS", "DeadLetterScan", "dead_letter_key", "open_dead_letter_file",
-           "read_dead_letter_keys", "scan_dead_letters", "write_dead_letter"]
+__all__ = ["ENTRY_KEYS", "DeadLetterScan", "dead_letter_bytes", "dead_letter_key",
+           "open_dead_letter_file", "read_dead_letter_keys", "scan_dead_letters",
+           "write_dead_letter"]

@@ -10,6 +10,7 @@ kept with the store's checkpoints so it survives a restart together with the fra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -44,7 +45,7 @@ from ..store import FrameStore, MemoryFrameStore
 from ..web import HttpServer, install_status
 from ..web.hosts import HostRule
 from .config import RESERVED_NAME_PREFIX, GatewayConfig, SourceEntry
-from .deadletters import open_dead_letter_file, write_dead_letter
+from .deadletters import dead_letter_bytes, open_dead_letter_file, write_dead_letter
 from .positions import AFTER_KEY, PositionLog, taken_back
 from .rollback import Rollback
 from .uplink import DATA_ENVELOPE_BYTES, RID_KEY, Uplink
@@ -290,6 +291,7 @@ class Gateway:
                                    "records dropped by the drop_oldest overflow policy")
         self.m_source_restarts = m.counter("gateway_source_restarts_total",
                                            "sources restarted after failing, by source")
+        self.m_dead_letter_bytes = dead_letter_bytes(m)
         self.m_refused = m.counter(
             "gateway_records_rejected_total",
             "records refused, by source and reason (too_large: larger than a frame may be, "
@@ -898,9 +900,9 @@ class Gateway:
                      "(replayed)", source)
             return
         try:
-            await write_dead_letter(self.dead_letter_path, {
+            self.m_dead_letter_bytes.set(await write_dead_letter(self.dead_letter_path, {
                 "seq": None, "epoch": self.store.epoch, "reason": reason, "at": time.time(),
-                "source": source, "rid": self.next_rid, "body": body})
+                "source": source, "rid": self.next_rid, "body": body}))
         except OSError:
             report_internal_error(self.metrics, "dead_letter", log,
                                   "writing a refused record to the dead-letter file")
@@ -1114,6 +1116,9 @@ class Gateway:
             self._refused_kept = await trio.to_thread.run_sync(
                 open_dead_letter_file, os.fspath(self.dead_letter_path), self.store.epoch,
                 self.next_rid)
+            with contextlib.suppress(FileNotFoundError):
+                self.m_dead_letter_bytes.set((await trio.to_thread.run_sync(
+                    os.stat, os.fspath(self.dead_letter_path))).st_size)
         except OSError:
             report_internal_error(self.metrics, "dead_letter", log,
                                   "opening the dead-letter file")

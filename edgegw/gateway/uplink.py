@@ -66,7 +66,12 @@ from ..store import FrameStore, StoredFrame
 from ..taskgroups import reraise_meaningful
 from ..tls import client_context
 from .config import GatewaySection, UplinkSection
-from .deadletters import dead_letter_key, read_dead_letter_keys, write_dead_letter
+from .deadletters import (
+    dead_letter_bytes,
+    dead_letter_key,
+    read_dead_letter_keys,
+    write_dead_letter,
+)
 from .positions import PositionLog, Teller
 from .probe import ProbeResult, ProbeTarget, probe_until_reached, retry_after_seconds
 from .rollback import Rollback, reissue, resume
@@ -186,6 +191,7 @@ class Uplink:
         self.m_bytes = metrics.counter("uplink_bytes_sent_total", "data frame bytes sent")
         self.m_body_bytes = metrics.counter(
             "uplink_body_bytes_total", "data frame bodies' bytes before compression")
+        self.m_dead_letter_bytes = dead_letter_bytes(metrics)
         self.m_rejected = metrics.counter("uplink_frames_rejected_total",
                                           "frames the hub refused as invalid (dead-lettered)")
         self.m_split = metrics.counter(
@@ -485,8 +491,8 @@ class Uplink:
         key = dead_letter_key(epoch, seq, body)
         if key in self._dead_letters:
             return False
-        await write_dead_letter(self.dead_letter_path, {
-            "seq": seq, "epoch": epoch, "reason": reason, "at": time.time(), "body": body})
+        self.m_dead_letter_bytes.set(await write_dead_letter(self.dead_letter_path, {
+            "seq": seq, "epoch": epoch, "reason": reason, "at": time.time(), "body": body}))
         self._dead_letters.add(key)
         return True
 
