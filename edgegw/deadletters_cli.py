@@ -28,7 +28,6 @@ from typing import Any
 #: service of packaging/windows)
 DEFAULT_STATE_DIR = (r"C:\edgegw\state\gateway" if sys.platform == "win32"
                      else "/var/lib/edgegw-gateway")
-FILE_NAME = "dead-letter.cborseq"
 
 
 def add_commands(sub: Any) -> None:
@@ -49,7 +48,7 @@ def add_commands(sub: Any) -> None:
                     "(a missing file holds no dead letters).",
         epilog="examples:\n"
                "  edgegw dead-letters list                      "
-               f"# {DEFAULT_STATE_DIR}/{FILE_NAME}\n"
+               f"# the file in {DEFAULT_STATE_DIR}\n"
                "  edgegw dead-letters list ./edgegw-gateway-data --records\n"
                "  edgegw dead-letters list --config /etc/edgegw/gateway.toml --json")
     ls.add_argument("path", nargs="?", metavar="PATH",
@@ -93,17 +92,17 @@ def add_commands(sub: Any) -> None:
 def dead_letter_file(args: argparse.Namespace) -> Path:
     """The file the command reads: PATH (a file, or a directory holding it), else
     ``--config``'s ``gateway.state_dir``, else the packaged unit's."""
+    from .gateway import DEAD_LETTER_FILE, load_gateway_config
+
     if args.path is not None and args.config is not None:
         from .config import ConfigError
 
         raise ConfigError(["dead-letters list: give PATH or --config, not both"])
     if args.config is not None:
-        from .gateway import load_gateway_config
-
         cfg = load_gateway_config(args.config, args.set)
-        return Path(cfg.gateway.state_dir) / FILE_NAME
+        return Path(cfg.gateway.state_dir) / DEAD_LETTER_FILE
     path = Path(args.path if args.path is not None else DEFAULT_STATE_DIR)
-    return path / FILE_NAME if path.is_dir() else path
+    return path / DEAD_LETTER_FILE if path.is_dir() else path
 
 
 def describe(offset: int, entry: dict[str, Any], *, with_records: bool = False
@@ -113,8 +112,7 @@ def describe(offset: int, entry: dict[str, Any], *, with_records: bool = False
     too), ``reason``, and of its body ``first_rid``, ``n``, ``kinds`` (count per record
     kind) and ``sources`` -- or ``body_error`` and ``body_bytes`` when the body does not
     decode (a frame the hub rejected for that); ``records`` with ``with_records``."""
-    from .protocol import FrameError, ProtocolError, decode_body
-    from .records import RecordError, from_wire
+    from .gateway import BODY_ERRORS, entry_records
 
     out: dict[str, Any] = {"offset": offset, "at": _when(entry.get("at")),
                            "epoch": entry.get("epoch"), "seq": entry.get("seq"),
@@ -123,11 +121,8 @@ def describe(offset: int, entry: dict[str, Any], *, with_records: bool = False
         out["source"], out["rid"] = entry.get("source"), entry.get("rid")
     body = entry.get("body")
     try:
-        if not isinstance(body, bytes):
-            raise FrameError(f"body is {type(body).__name__}, not bytes")
-        first_rid, sources, wire = decode_body(body, max_records=sys.maxsize)
-        records = [from_wire(w, sources) for w in wire]
-    except (FrameError, ProtocolError, RecordError, TypeError, ValueError) as exc:
+        first_rid, records = entry_records(entry)
+    except BODY_ERRORS as exc:
         out["body_error"] = str(exc)
         out["body_bytes"] = len(body) if isinstance(body, (bytes, str)) else None
         return out
@@ -247,5 +242,5 @@ def run_requeue(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["DEFAULT_STATE_DIR", "FILE_NAME", "add_commands", "dead_letter_file", "describe",
+__all__ = ["DEFAULT_STATE_DIR", "add_commands", "dead_letter_file", "describe",
            "line_of", "run_list", "run_requeue"]

@@ -8,7 +8,10 @@ Public face (for embedders, plugins and tests): the names below.  The modules in
 from ..store import FrameStore, MemoryFrameStore, StoredFrame
 from .config import GatewayConfig, build_gateway_config, load_gateway_config
 from .deadletters import (
+    BODY_ERRORS,
+    DEAD_LETTER_FILE,
     DeadLetterScan,
+    entry_records,
     open_dead_letter_file,
     read_dead_letter_keys,
     scan_dead_letters,
@@ -31,11 +34,12 @@ from .sighup import GatewayReloader
 from .uplink import Uplink
 
 __all__ = [
-    "AFTER_KEY", "GC_YOUNG_THRESHOLD", "ORIGINS_KEY", "REISSUE_KEY", "REQUEUE_KEY", "RID_KEY",
+    "AFTER_KEY", "BODY_ERRORS", "DEAD_LETTER_FILE", "GC_YOUNG_THRESHOLD", "ORIGINS_KEY",
+    "REISSUE_KEY", "REQUEUE_KEY", "RID_KEY",
     "DeadLetterScan", "FrameStore", "Gateway", "GatewayConfig", "GatewayReloader",
     "GatewaySink", "MemoryFrameStore", "PositionLog", "ProbeResult", "ProbeTarget",
     "RequeueReport", "Rollback", "SendScheduler", "StoredFrame", "Teller", "Uplink", "Want",
-    "build_gateway_config", "load_gateway_config", "open_dead_letter_file",
+    "build_gateway_config", "entry_records", "load_gateway_config", "open_dead_letter_file",
     "positions_of", "probe_once", "read_dead_letter_keys", "reissue", "requeue", "resume",
     "retry_after_seconds", "rolled_back", "scan_dead_letters", "taken_back", "tune_gc",
 ]

@@ -16,6 +16,7 @@ import io
 import logging
 import mmap
 import os
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import suppress
@@ -25,9 +26,13 @@ import cbor2
 import trio
 
 from ..metrics import Metric, Metrics
-from ..protocol import is_columnar, to_rows
+from ..protocol import FrameError, ProtocolError, decode_body, is_columnar, to_rows
+from ..records import Record, RecordError, from_wire
 
 log = logging.getLogger("edgegw.gateway")
+
+#: the file's name in ``gateway.state_dir``
+DEAD_LETTER_FILE = "dead-letter.cborseq"
 
 #: the keys of every entry the gateway writes; a re-synchronising reader takes an offset
 #: for an entry only where a map with all of them decodes
@@ -209,6 +214,20 @@ def read_dead_letter_keys(path: str, epoch: str, from_seq: int) -> set[tuple[Any
             and seq >= from_seq}
 
 
+#: what ``entry_records`` raises for a body that does not decode as records
+BODY_ERRORS = (FrameError, ProtocolError, RecordError, TypeError, ValueError)
+
+
+def entry_records(entry: dict[str, Any]) -> tuple[int, list[Record]]:
+    """An entry's body as (first record id, records), either layout; raises one of
+    ``BODY_ERRORS`` when it does not decode (a frame the hub rejected for that)."""
+    body = entry.get("body")
+    if not isinstance(body, bytes):
+        raise FrameError(f"body is {type(body).__name__}, not bytes")
+    first_rid, sources, wire = decode_body(body, max_records=sys.maxsize)
+    return first_rid, [from_wire(w, sources) for w in wire]
+
+
 def dead_letter_key(epoch: str, seq: int, body: bytes | None) -> tuple[Any, ...]:
     """What a dead-letter entry of the uplink stands for: frame ``seq`` of ``epoch`` and
     the records of ``body`` by record id (first, count), as the same records may be
@@ -222,6 +241,6 @@ def dead_letter_key(epoch: str, seq: int, body: bytes | None) -> tuple[Any, ...]
     return (epoch, seq, body)
 
 
-__all__ = ["ENTRY_KEYS", "DeadLetterScan", "dead_letter_bytes", "dead_letter_key",
-           "open_dead_letter_file", "read_dead_letter_keys", "scan_dead_letters",
-           "write_dead_letter"]
+__all__ = ["BODY_ERRORS", "DEAD_LETTER_FILE", "ENTRY_KEYS", "DeadLetterScan",
+           "dead_letter_bytes", "dead_letter_key", "entry_records", "open_dead_letter_file",
+           "read_dead_letter_keys", "scan_dead_letters", "write_dead_letter"]

@@ -34,24 +34,27 @@ import mmap
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from .. import failpoints
-from ..protocol import FrameError, ProtocolError, decode_body, encode_body
-from ..records import RecordError, from_wire
+from ..protocol import encode_body
 from ..spool import DiskSpool, SpoolConfig
 from ..startup import StartupError
 from .config import GatewayConfig
-from .deadletters import DeadLetterScan, scan_dead_letters
+from .deadletters import (
+    BODY_ERRORS,
+    DEAD_LETTER_FILE,
+    DeadLetterScan,
+    entry_records,
+    scan_dead_letters,
+)
 from .uplink import RID_KEY
 
 #: kept among the spool's checkpoints while a requeue is under way: ``[st_dev, st_ino,
 #: offset, first_rid]``, the dead-letter file's, the offset after the last entry stored and
 #: the spool's next record id when the requeue began; ``[]`` once the file is replaced
 REQUEUE_KEY = "__requeue__"
-FILE_NAME = "dead-letter.cborseq"
 
 
 @dataclasses.dataclass
@@ -72,20 +75,12 @@ class RequeueReport:
     original: str | None = None
 
 
-def _entry_records(entry: dict[str, Any]) -> list[Any]:
-    body = entry.get("body")
-    if not isinstance(body, bytes):
-        raise FrameError(f"body is {type(body).__name__}, not bytes")
-    _, sources, wire = decode_body(body, max_records=2**31)
-    return [from_wire(w, sources) for w in wire]
-
-
 async def requeue(config: GatewayConfig) -> RequeueReport:
     """Store the records of ``config``'s gateway's dead-letter file in its spool (see the
     module's note).  Raises StartupError when the gateway runs (its spool is locked) or
     has no disk spool."""
     state_dir = Path(config.gateway.state_dir)
-    path = state_dir / FILE_NAME
+    path = state_dir / DEAD_LETTER_FILE
     report = RequeueReport(str(path))
     if config.spool is None:
         raise StartupError("requeue needs the gateway's disk spool ([spool]); a gateway "
@@ -127,8 +122,8 @@ async def _store(config: GatewayConfig, spool_cfg: SpoolConfig, path: Path, data
             end = offset + 4 + int.from_bytes(data[offset:offset + 4], "big")
             why = None
             try:
-                records = _entry_records(entry)
-            except (FrameError, ProtocolError, RecordError, TypeError, ValueError) as exc:
+                _, records = entry_records(entry)
+            except BODY_ERRORS as exc:
                 why, records = f"its body does not decode: {exc}", []
             rid = entry.get("rid")
             if why is None and entry.get("seq") is None and isinstance(rid, int) \
@@ -225,4 +220,4 @@ def _same_owner(*dirs: Path) -> None:
                 os.lchown(p, owner.st_uid, owner.st_gid)
 
 
-__all__ = ["FILE_NAME", "REQUEUE_KEY", "RequeueReport", "requeue"]
+__all__ = ["REQUEUE_KEY", "RequeueReport", "requeue"]

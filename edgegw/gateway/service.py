@@ -45,7 +45,12 @@ from ..store import FrameStore, MemoryFrameStore
 from ..web import HttpServer, install_status
 from ..web.hosts import HostRule
 from .config import RESERVED_NAME_PREFIX, GatewayConfig, SourceEntry
-from .deadletters import dead_letter_bytes, open_dead_letter_file, write_dead_letter
+from .deadletters import (
+    DEAD_LETTER_FILE,
+    dead_letter_bytes,
+    open_dead_letter_file,
+    write_dead_letter,
+)
 from .positions import AFTER_KEY, PositionLog, taken_back
 from .rollback import Rollback
 from .uplink import DATA_ENVELOPE_BYTES, RID_KEY, Uplink
@@ -231,7 +236,7 @@ class Gateway:
         self._columnar = config.uplink.max_protocol_version >= 2
         self._typed = config.uplink.max_protocol_version >= 3
         self.sink = GatewaySink(self)
-        self.dead_letter_path = trio.Path(self.state_dir / "dead-letter.cborseq")
+        self.dead_letter_path = trio.Path(self.state_dir / DEAD_LETTER_FILE)
         # [source, origin, n] per run of puts of one source from one origin (puts without
         # one, or with the same), in the order the batcher holds their records: which
         # source each record of a batch came from, and where it follows, should the batch
