@@ -39,7 +39,7 @@ import trio
 
 from .. import failpoints
 from ..protocol import encode_body
-from ..spool import DiskSpool, SpoolConfig
+from ..spool import DiskSpool, SpoolConfig, fsync_dir
 from ..startup import StartupError
 from .config import GatewayConfig
 from .deadletters import (
@@ -196,11 +196,7 @@ def _replace(path: Path, kept: bytes) -> str:
         os.replace(tmp, path)
     else:
         os.unlink(path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
     return str(original)
 
 
