@@ -60,6 +60,13 @@ class HeldCommits(DiskSpool):
         await super()._commit()
 
 
+def dead_letter_entry(**fields: Any) -> bytes:
+    """One dead-letter file entry as docs/spool.md gives the format (a 4-byte big-endian
+    length, then a CBOR map), written independently of the gateway's writer."""
+    data = cbor2.dumps(fields)
+    return len(data).to_bytes(4, "big") + data
+
+
 class DeadLetterFile:
     """The real dead-letter file at ``path`` (give it as ``Gateway.dead_letter_path``
     before the gateway runs: it opens as a ``trio.Path`` does); ``written``, when set, runs

@@ -13,19 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cbor2
 import pytest
+from disktools import dead_letter_entry as entry
 
 from edgegw.protocol import encode_body, encode_columns
 from edgegw.records import ParametricResult, PartResult, SensorReading
 
 EPOCH = "5f1c0a2e9b3d4c11"
 AT = 1_796_000_000.5  # 2026-11-30T...Z
-
-
-def entry(**fields: object) -> bytes:
-    data = cbor2.dumps(fields)
-    return len(data).to_bytes(4, "big") + data
 
 
 def ptr(i: int) -> ParametricResult:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
+from disktools import dead_letter_entry as entry
 from faultkit import Gateway, Hub, hub_records, source_settings, stop_all, wait_all_applied
 from processes import wait_for
 
@@ -31,11 +32,6 @@ SERVICE_UID = 4242
 def part(i: int) -> PartResult:
     return PartResult("archive", 1_796_000_000.0 + i, "REQUEUED-LOT", "W1", 1, i % 4, str(i),
                       i, i, 1, 1, True)
-
-
-def entry(**fields: Any) -> bytes:
-    data = cbor2.dumps(fields)
-    return len(data).to_bytes(4, "big") + data
 
 
 def dead_letters(n_frames: int, undecodable_first: bool = False

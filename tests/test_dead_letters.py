@@ -16,7 +16,7 @@ from typing import Any
 import cbor2
 import pytest
 import trio
-from disktools import DeadLetterFile
+from disktools import DeadLetterFile, dead_letter_entry
 from hubtools import gateway_config, hub_config, start_hub
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -191,9 +191,8 @@ def test_opening_cuts_off_a_torn_or_zeroed_tail_and_leaves_damage_before_it(
     its bytes stop short or are zeros (a size that reached the disk, data that did
     not); damage followed by whole entries is no crash's and is left as it is."""
     def entry(i: int) -> bytes:
-        data = cbor2.dumps({"seq": None, "epoch": "e", "reason": "r", "at": 0.0,
-                            "source": "s", "rid": i, "body": bytes([i])})
-        return len(data).to_bytes(4, "big") + data
+        return dead_letter_entry(seq=None, epoch="e", reason="r", at=0.0, source="s", rid=i,
+                                 body=bytes([i]))
 
     path = tmp_path / "dead-letter.cborseq"
     whole = entry(1) + entry(2)
@@ -209,9 +208,8 @@ def test_opening_cuts_off_a_torn_or_zeroed_tail_and_leaves_damage_before_it(
 
 
 def entry_bytes(i: int, seq: int | None = None) -> bytes:
-    data = cbor2.dumps({"seq": seq, "epoch": "e", "reason": "r", "at": 0.0, "source": "s",
-                        "rid": i, "body": cbor2.dumps([i, ["s"], [[11, 0, 0.0, "c", 1.0]]])})
-    return len(data).to_bytes(4, "big") + data
+    return dead_letter_entry(seq=seq, epoch="e", reason="r", at=0.0, source="s", rid=i,
+                             body=cbor2.dumps([i, ["s"], [[11, 0, 0.0, "c", 1.0]]]))
 
 
 def flip(data: bytes, at: int) -> bytes:
