@@ -16,8 +16,6 @@ entry being written shows as a torn end).
 from __future__ import annotations
 
 import argparse
-import mmap
-import os
 import sys
 from collections import Counter
 from datetime import UTC, datetime
@@ -163,24 +161,17 @@ def line_of(d: dict[str, Any]) -> str:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from .gateway import scan_dead_letters
+    from .gateway import scan_dead_letter_file
     from .jsonutil import dumps
 
     path = dead_letter_file(args)
     out = sys.stdout
     try:
-        f = open(path, "rb")
+        with open(path, "rb") as f:
+            scan = scan_dead_letter_file(f)
     except FileNotFoundError:
         print(f"{path}: no such file: no dead letters", file=sys.stderr)
         return 0
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            print(f"{path}: empty: no dead letters", file=sys.stderr)
-            return 0
-        # mapped, not read: a file of many rejected frames is not held in memory at once
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            scan = scan_dead_letters(data)
     records = 0
     for offset, entry in scan.entries:
         d = describe(offset, entry, with_records=args.records)

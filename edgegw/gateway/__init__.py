@@ -14,6 +14,7 @@ from .deadletters import (
     entry_records,
     open_dead_letter_file,
     read_dead_letter_keys,
+    scan_dead_letter_file,
     scan_dead_letters,
 )
 from .positions import PositionLog, Teller, positions_of, taken_back
@@ -41,5 +42,6 @@ __all__ = [
     "RequeueReport", "Rollback", "SendScheduler", "StoredFrame", "Teller", "Uplink", "Want",
     "build_gateway_config", "entry_records", "load_gateway_config", "open_dead_letter_file",
     "positions_of", "probe_once", "read_dead_letter_keys", "reissue", "requeue", "resume",
-    "retry_after_seconds", "rolled_back", "scan_dead_letters", "taken_back", "tune_gc",
+    "retry_after_seconds", "rolled_back", "scan_dead_letter_file", "scan_dead_letters",
+    "taken_back", "tune_gc",
 ]

@@ -120,7 +120,9 @@ def _resync(data: Any, start: int, size: int) -> int | None:
     return None
 
 
-def _read_scan(f: Any) -> DeadLetterScan:
+def scan_dead_letter_file(f: Any) -> DeadLetterScan:
+    """``scan_dead_letters`` over an open dead-letter file (blocking: run in a worker
+    thread where a Trio loop runs)."""
     size = os.fstat(f.fileno()).st_size
     if size == 0:
         return DeadLetterScan([], [])
@@ -181,7 +183,7 @@ def open_dead_letter_file(path: str, epoch: str, from_rid: int) -> Counter[tuple
     except FileNotFoundError:
         return found
     with f:
-        scan = _read_scan(f)
+        scan = scan_dead_letter_file(f)
         _log_damage(path, scan)
         if scan.torn_at is not None:
             size = os.fstat(f.fileno()).st_size
@@ -205,7 +207,7 @@ def read_dead_letter_keys(path: str, epoch: str, from_seq: int) -> set[tuple[Any
     holds none; damage is skipped (the entries after it count), a torn end ignored."""
     try:
         with open(path, "rb") as f:
-            scan = _read_scan(f)
+            scan = scan_dead_letter_file(f)
     except FileNotFoundError:
         return set()
     _log_damage(path, scan)
@@ -243,4 +245,5 @@ def dead_letter_key(epoch: str, seq: int, body: bytes | None) -> tuple[Any, ...]
 
 __all__ = ["BODY_ERRORS", "DEAD_LETTER_FILE", "ENTRY_KEYS", "DeadLetterScan",
            "dead_letter_bytes", "dead_letter_key", "entry_records", "open_dead_letter_file",
-           "read_dead_letter_keys", "scan_dead_letters", "write_dead_letter"]
+           "read_dead_letter_keys", "scan_dead_letter_file", "scan_dead_letters",
+           "write_dead_letter"]
