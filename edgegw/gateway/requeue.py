@@ -38,8 +38,9 @@ from pathlib import Path
 import trio
 
 from .. import failpoints
+from ..dirsync import fsync_dir
 from ..protocol import encode_body
-from ..spool import DiskSpool, SpoolConfig, fsync_dir
+from ..spool import DiskSpool, SpoolConfig
 from ..startup import StartupError
 from .config import GatewayConfig
 from .deadletters import (

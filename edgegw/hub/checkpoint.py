@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, cast
 import cbor2
 import trio
 
+from edgegw.dirsync import fsync_dir
 from edgegw.hub.live.models import (
     Die,
     GatewayState,
@@ -440,11 +441,7 @@ def write_file_sync(directory: Path, blob: bytes) -> None:
     if current.exists():
         os.replace(current, directory / PREVIOUS)
     os.replace(tmp, current)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(directory)
 
 
 def load_file_sync(directory: Path) -> list[tuple[str, dict[str, Any], dict[str, Any] | None]]:

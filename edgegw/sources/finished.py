@@ -50,6 +50,7 @@ import logging
 import os
 from typing import Any, Literal
 
+from ..dirsync import fsync_dir
 from .fingerprint import Fingerprint
 
 log = logging.getLogger(__name__)
@@ -284,7 +285,7 @@ class FinishedFiles:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self.path)
-            _sync_directory(directory)
+            fsync_dir(directory)
             self._lines = len(lines)
         else:
             new = not os.path.exists(self.path)
@@ -293,7 +294,7 @@ class FinishedFiles:
                 handle.flush()
                 os.fsync(handle.fileno())
             if new:  # its name durable too
-                _sync_directory(directory)
+                fsync_dir(directory)
             self._lines += len(self._unwritten)
         self._unwritten.clear()
         self._rewrite = False
@@ -329,14 +330,3 @@ def _gz(path: str) -> bool:
 
 def _end(value: Any) -> int | None:
     return None if value is None else int(value)
-
-
-def _sync_directory(directory: str) -> None:
-    """Make a file's new name in ``directory`` durable (POSIX; Windows has no such call)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -8,8 +8,8 @@ from . import format
 from .commit import ACK_PERSIST_S, DropEvent
 from .config import SpoolConfig
 from .recovery import recover
-from .segments import fsync_dir, list_segments
+from .segments import list_segments
 from .spool import DiskSpool, SpoolFailed
 
 __all__ = ["ACK_PERSIST_S", "DiskSpool", "DropEvent", "SpoolConfig", "SpoolFailed", "format",
-           "fsync_dir", "list_segments", "recover"]
+           "list_segments", "recover"]

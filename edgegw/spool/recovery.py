@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..dirsync import fsync_dir
 from ..protocol.intervals import IntervalSet
 from .format import Damage, Kind, Scanner
 from .segments import (
@@ -21,7 +22,6 @@ from .segments import (
     Segment,
     Undeleted,
     disk_full,
-    fsync_dir,
     list_segments,
     write_epoch,
 )

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..dirsync import fsync_dir
 from .format import Scanner, encode_state
 
 SPARSE_STRIDE = 64
@@ -22,14 +23,6 @@ SEGMENT_SUFFIX = ".spool"
 
 def segment_path(directory: Path, index: int) -> Path:
     return directory / f"{SEGMENT_PREFIX}{index:010d}{SEGMENT_SUFFIX}"
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclasses.dataclass

@@ -71,6 +71,7 @@ from typing import Any
 
 import trio
 
+from ..dirsync import fsync_dir
 from ..metrics import Metrics
 from ..protocol.intervals import IntervalSet
 from ..startup import DirLock, ServiceFailed, StartupError
@@ -84,7 +85,6 @@ from .segments import (
     Segment,
     Undeleted,
     disk_full,
-    fsync_dir,
     open_segment_sync,
     segment_path,
 )
