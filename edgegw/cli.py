@@ -32,6 +32,9 @@ COMMAND_MODULES = (
 
 #: command word -> the module of ``COMMAND_MODULES`` that adds it (tests/test_cli.py holds
 #: the two to each other): ``main`` builds that module's parsers only
+#: the commands a SIGHUP reloads (edgegw/sighup.py)
+TAKES_SIGHUP = ("hub", "gateway")
+
 COMMANDS = {
     "hub": "edgegw.commands",
     "gateway": "edgegw.commands",
@@ -199,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     command = command_of(argv)
+    if command in TAKES_SIGHUP:  # their reload: a SIGHUP while they start is kept for it
+        from .sighup import hold_sighup
+
+        hold_sighup()
     after = list(argv).index(command) + 1 if command is not None else len(argv)
     parser = build_parser(command, argv[after] if after < len(argv) else None)
     args = parser.parse_args(argv)

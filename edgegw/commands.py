@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from . import sdnotify
+from . import failpoints, sdnotify
 from .config import ConfigError, apply_overrides, build, load, read_toml
 from .gateway.config import GatewayConfig, build_gateway_config, load_gateway_config
 from .hub.config import HubConfig
@@ -258,6 +258,7 @@ def _serve(service: Any, banner: Callable[[Any], str],
     """Run a service until SIGINT/SIGTERM, telling systemd once it is up.  Anything that
     stops it before it is ready is a StartupError (one line; ``listen`` names the
     listening socket's keys, host and port for bind errors)."""
+    failpoints.hit("service.starting")
     ready = False
     held = HeldLogs()
 

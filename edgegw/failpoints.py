@@ -19,6 +19,8 @@ empty dict.
 Points in the code:
 
 ==========================  ==========================================================
+``service.starting``        ``edgegw hub`` or ``edgegw gateway`` has read its config and
+                            is about to start the service
 ``gateway.frame_stored``    a frame is durable in the frame store (``append`` returned)
 ``requeue.entry_stored``    ``edgegw dead-letters requeue`` stored one entry as a frame
 ``hub.mid_commit``          the hub's frame transaction is written, not yet committed
