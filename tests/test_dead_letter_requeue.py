@@ -57,10 +57,12 @@ def dead_letters(n_frames: int, undecodable_first: bool = False
     return b"".join(parts), [tuple(r) for r in records]
 
 
-def requeue(gw: Gateway, failpoints: str = "") -> subprocess.CompletedProcess[str]:
+def requeue(gw: Gateway, failpoints: str = "", *settings: str
+            ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "edgegw", "dead-letters", "requeue", "--config", str(gw.config),
-         "--set", f"gateway.state_dir={gw.state}", "--set", f"spool.dir={gw.spool}"],
+         "--set", f"gateway.state_dir={gw.state}", "--set", f"spool.dir={gw.spool}",
+         *(a for kv in settings for a in ("--set", kv))],
         capture_output=True, text=True, timeout=60,
         env={**_env(), "EDGEGW_FAILPOINTS": failpoints})
 
@@ -150,5 +152,55 @@ def test_a_requeue_killed_between_entries_goes_on_and_stores_none_twice(
         wait_for(lambda: len(archived(hub)) >= len(records), timeout=30)
         wait_all_applied(hub, gw, 0)
         assert sorted(archived(hub)) == sorted(records)
+    finally:
+        stop_all(hub, gw)
+
+
+def test_a_requeue_killed_and_run_again_under_other_limits_decides_each_entry_as_before(
+        tmp_path: Path) -> None:
+    """The limit a run began with holds until it ends: an entry it kept for its size is
+    not taken for stored when the limit was raised meanwhile (it would be dropped from the
+    file, never sent), and a limit lowered below an entry still to store stops it, nothing
+    changed (the entries it stored would otherwise be kept too, and sent twice)."""
+    hub, gw, _ = run_lot(tmp_path)
+    try:
+        big = [part(100 + i) for i in range(60)]  # 2,595 bytes: over 2,048
+        mids = [[part(200 + 30 * k + i) for i in range(30)] for k in range(3)]  # 1,275 each
+        data = entry(seq=9, epoch="e", reason="over the hub's max_frame_bytes",
+                     at=1_796_000_000.0, body=encode_body(1, big))
+        for k, batch in enumerate(mids):
+            data += entry(seq=10 + k, epoch="e", reason="over the hub's max_frame_bytes",
+                          at=1_796_000_000.0, body=encode_body(1, batch))
+        dead = gw.state / "dead-letter.cborseq"
+        dead.write_bytes(data)
+        killed = requeue(gw, "requeue.entry_stored=2:kill", "uplink.max_frame_bytes=2048")
+        assert killed.returncode == -9  # the big entry kept, two stored
+
+        lowered = requeue(gw, "", "uplink.max_frame_bytes=1024")
+        assert lowered.returncode == 3, lowered.stdout + lowered.stderr
+        assert "decided with a frame limit of 2048 bytes; this config allows 1024" \
+            in lowered.stderr
+        assert dead.read_bytes() == data  # nothing changed
+
+        raised = requeue(gw)  # the default limit, 8 MiB: the big entry would fit now
+        assert raised.returncode == 0, raised.stderr
+        assert "an interrupted requeue went on from byte" in raised.stdout
+        left = dead.read_bytes()
+        assert cbor2.loads(left[4:])["body"] == encode_body(1, big)  # kept again
+
+        gw.start()
+        mid_records = sorted(tuple(r) for batch in mids for r in batch)
+        wait_for(lambda: len(archived(hub)) >= len(mid_records), timeout=30)
+        wait_all_applied(hub, gw, 0)
+        assert sorted(archived(hub)) == mid_records
+        gw.stop()
+
+        again = requeue(gw)  # a new run, under the raised limit: the big entry goes
+        assert again.returncode == 0, again.stderr
+        gw.start()
+        every = sorted([*mid_records, *(tuple(r) for r in big)])
+        wait_for(lambda: len(archived(hub)) >= len(every), timeout=30)
+        wait_all_applied(hub, gw, 0)
+        assert sorted(archived(hub)) == every
     finally:
         stop_all(hub, gw)

@@ -11,10 +11,11 @@ Exactly once, across a crash of the tool at any point:
   one (the ids it had may be applied already: an over-limit record's stand-in event went
   under its first id), so the hub applies every one;
 - each frame carries among its checkpoints the progress (``REQUEUE_KEY``: the file's
-  device and inode, the offset after the entry, the record id the run began at), durable
-  with the frame: an interrupted run goes on after the last entry stored, never storing
-  one twice, and makes the same decisions again for the entries before (one it kept is
-  kept again);
+  device and inode, the offset after the entry, the record id the run began at, the
+  largest body it stores), durable with the frame: an interrupted run goes on after the
+  last entry stored, never storing one twice, and makes the same decisions again for the
+  entries before (one it kept is kept again), under the limit it began with -- a config
+  that now allows less than an entry still to store stops it, nothing changed;
 - only then is the file replaced, atomically, by one holding the entries not stored
   (their reasons in the report), the original kept beside it as
   ``dead-letter.requeued-<UTC time>.cborseq``; a last frame with no records clears the
@@ -112,11 +113,15 @@ async def _store(config: GatewayConfig, spool_cfg: SpoolConfig, path: Path, data
         stored_rid = int(spool.checkpoints.get(RID_KEY, 1))
         progress = spool.checkpoints.get(REQUEUE_KEY)
         next_rid = stored_rid
-        if isinstance(progress, list) and len(progress) == 4 and progress[:2] == ident:
+        # the largest entry body stored, fixed for the whole run (see _room)
+        limit = allowed = _room(config, spool)
+        if isinstance(progress, list) and len(progress) in (4, 5) and progress[:2] == ident:
             # an interrupted run: its decisions are made again from where it began (the
-            # same entries, ids and limits give the same ones), storing nothing before
+            # same entries, ids and limit give the same ones), storing nothing before
             # the offset it reached -- an entry it kept is kept again, not dropped
             report.resumed_at, next_rid = int(progress[2]), int(progress[3])
+            if len(progress) == 5:  # (4: a run that did not record its limit)
+                limit = int(progress[4])
         base_rid = next_rid
         kept: list[tuple[int, bytes]] = []  # in file order
         for offset, entry in scan.entries:
@@ -133,11 +138,9 @@ async def _store(config: GatewayConfig, spool_cfg: SpoolConfig, path: Path, data
                        "was not durable): start the gateway once, then requeue")
             body = encode_body(next_rid, records)
             checkpoints = {RID_KEY: next_rid + len(records),
-                           REQUEUE_KEY: [*ident, end, base_rid]}
-            room = min(config.uplink.max_frame_bytes,
-                       spool.max_body_bytes(len(records), checkpoints))
-            if why is None and len(body) > room:
-                why = (f"{len(body)} bytes, more than a frame may hold ({room}: "
+                           REQUEUE_KEY: [*ident, end, base_rid, limit]}
+            if why is None and len(body) > limit:
+                why = (f"{len(body)} bytes, more than a frame may hold ({limit}: "
                        "uplink.max_frame_bytes, spool.max_bytes / 4)")
             if why is not None:
                 report.kept.append((offset, why))
@@ -148,6 +151,13 @@ async def _store(config: GatewayConfig, spool_cfg: SpoolConfig, path: Path, data
             if offset < report.resumed_at:
                 next_rid += len(records)  # stored by the interrupted run
                 continue
+            if len(body) > allowed:  # a limit lowered since the interrupted run began
+                raise StartupError(
+                    f"an interrupted requeue of {path} decided with a frame limit of {limit} "
+                    f"bytes; this config allows {allowed}, less than the next entry to "
+                    f"store (byte {offset}, {len(body)} bytes): run it with the "
+                    "uplink.max_frame_bytes and spool.max_bytes it began with (nothing "
+                    "more was stored)")
             # never below an id the spool has given (a config changed between the runs)
             if next_rid < stored_rid:
                 next_rid = stored_rid
@@ -173,6 +183,22 @@ async def _store(config: GatewayConfig, spool_cfg: SpoolConfig, path: Path, data
             _replace, path, b"".join(b for _, b in sorted(kept)))
         await spool.append(encode_body(next_rid, []), 0,
                            {RID_KEY: next_rid, REQUEUE_KEY: []}, over_cap=True)
+
+
+def _room(config: GatewayConfig, spool: DiskSpool) -> int:
+    """The largest body of an entry stored: ``uplink.max_frame_bytes``, and what a spool
+    frame may hold with the largest metadata a requeued frame can have.  One figure for the
+    run, kept in its progress: an interrupted run that goes on with a limit changed between
+    (or a frame's metadata a few bytes longer) decides each entry as before -- an entry it
+    stored is not kept too (and stored twice), one it kept is not taken for stored (and
+    lost)."""
+    widest = {RID_KEY: 2**64 - 1, REQUEUE_KEY: [2**64 - 1] * 5}
+    return min(config.uplink.max_frame_bytes,
+               spool.max_body_bytes(2**32, widest) - _SEQ_SLACK)
+
+
+#: the bytes a frame's seq may grow by past the spool's next one (CBOR: 9 at most)
+_SEQ_SLACK = 9
 
 
 def _replace(path: Path, kept: bytes) -> str:
