@@ -55,3 +55,9 @@ def test_the_hub_restart_bench_fills_and_restarts() -> None:
     assert filled and int(filled.group(1).replace(",", "")) >= 10_000, out[-2000:]
     row = re.search(r"^ +[\d,]+ \| +([0-9.]+) s +[\d,]+ \| +([0-9.]+) s", out, flags=re.M)
     assert row and float(row.group(1)) > 0 and float(row.group(2)) > 0, out[-2000:]
+
+
+def test_the_hub_epochs_bench_opens_and_claims() -> None:
+    out = run_bench("hub_epochs.py", "--epochs", "2000")
+    row = re.search(r"^this tree +([0-9.]+) +(\d+) +([0-9.]+)$", out, flags=re.M)
+    assert row and float(row.group(3)) > 0, out[-2000:]

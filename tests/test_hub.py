@@ -454,6 +454,9 @@ async def test_a_silent_gateway_is_dropped_after_two_heartbeats(
 
     hub = Ingest(cfg)
     await hub.store.open()
+    # its applied set read in now: the HELLO's claim would read it in a worker thread,
+    # through which the autojump clock jumps by any amount
+    await hub.store.claim("ate-01", "e")
     client_stream, server_stream = trio.testing.memory_stream_pair()
     client = WSConnection(ConnectionType.CLIENT)
     async with trio.open_nursery() as nursery:

@@ -38,7 +38,7 @@ import secrets
 import sqlite3
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
@@ -430,6 +430,12 @@ class HubStore:
         self._limiter = trio.CapacityLimiter(1)
         self._commit_lock = trio.Lock()  # check-and-apply of applied sets is one step
         self.stats: dict[str, GatewayStats] = {}
+        #: the applied sets of seqs read from the file, by (gateway, epoch): those of the
+        #: epochs claimed or committed since the start, only the claimed epoch of each
+        #: gateway kept (``_load``).  Not every row: a gateway that starts a new epoch at
+        #: each start (frames in memory, an embedded test program) leaves one per run, and
+        #: holding them all made memory and start-up grow for good (870 bytes and 7 us
+        #: each: 347 MB and 2.9 s at 400,000; bench/hub_epochs.py)
         self.applied: dict[tuple[str, str], IntervalSet] = {}
         #: beside each applied set of seqs, the record ids applied (``screen_rids``)
         self.rids: dict[tuple[str, str], IntervalSet] = {}
@@ -477,10 +483,8 @@ class HubStore:
         self.store_id = row[0]
         self.last_frame_id = db.execute("SELECT COALESCE(MAX(id), 0) FROM frames").fetchone()[0]
         self._db = db
-        for gw, epoch, ranges, rids in db.execute(
-                "SELECT gateway, epoch, ranges, rids FROM applied"):
-            self.applied[(gw, epoch)] = IntervalSet(json.loads(ranges))
-            self.rids[(gw, epoch)] = IntervalSet(json.loads(rids))
+        self.applied.clear()  # read again as claimed (``_load``)
+        self.rids.clear()
         cols = ", ".join(("gateway", "epoch", *STAT_FIELDS, "last_seen"))
         for row in db.execute(f"SELECT {cols} FROM gateway_stats"):
             self.stats[row[0]] = GatewayStats(*row)
@@ -556,6 +560,8 @@ class HubStore:
             await trio.to_thread.run_sync(db.close, limiter=self._limiter)
 
     def applied_set(self, gateway: str, epoch: str) -> IntervalSet:
+        """The applied set of a (gateway, epoch) read in by a claim or a commit (``_load``);
+        an empty one for a key not read in (nothing applied)."""
         return self.applied.setdefault((gateway, epoch), IntervalSet())
 
     def rid_set(self, gateway: str, epoch: str) -> IntervalSet:
@@ -569,9 +575,44 @@ class HubStore:
 
     async def claim(self, gateway_id: str, epoch: str) -> GatewayClaim:
         """A gateway's HELLO: one process, so no generation fence (the registry replaces
-        an older connection) and the applied set is the one in memory."""
-        return GatewayClaim(0, self.applied_set(gateway_id, epoch),
-                            self.rid_set(gateway_id, epoch))
+        an older connection); the applied set is the one in memory, read from the file if
+        it is not there, and the gateway's other epochs leave memory (a connection of one
+        still open commits them read again: ``commit`` reads in what it checks against)."""
+        key = (gateway_id, epoch)
+        async with self._commit_lock:  # never between a commit's check and its write
+            await self._load([key])
+            for other in [k for k in self.applied if k[0] == gateway_id and k != key]:
+                del self.applied[other]
+                self.rids.pop(other, None)
+            return GatewayClaim(0, self.applied[key], self.rids[key])
+
+    async def _load(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Read into memory the applied sets of ``keys`` not there (under the commit lock:
+        the file holds every commit's sets, written in its transaction)."""
+        missing = sorted({k for k in keys if k not in self.applied})
+        if missing:
+            found = await trio.to_thread.run_sync(self._load_sync, missing,
+                                                  limiter=self._limiter)
+            for key in missing:
+                ranges, rids = found.get(key, ("[]", "[]"))
+                self.applied[key] = IntervalSet(json.loads(ranges))
+                self.rids[key] = IntervalSet(json.loads(rids))
+
+    def _load_sync(self, keys: list[tuple[str, str]]
+                   ) -> dict[tuple[str, str], tuple[str, str]]:
+        db = self._db
+        if db is None:
+            raise StoreUnavailable(f"{self.path}: the store is closed")
+        try:
+            return {(gw, epoch): (ranges, rids) for key in keys
+                    for gw, epoch, ranges, rids in db.execute(
+                        "SELECT gateway, epoch, ranges, rids FROM applied"
+                        " WHERE gateway = ? AND epoch = ?", key)}
+        except BaseException as exc:
+            known = _store_error(exc, self.path)
+            if known is not None:
+                raise known from exc
+            raise
 
     def health_problem(self) -> str | None:
         """Why the store cannot write now (None: it can)."""
@@ -603,6 +644,8 @@ class HubStore:
         """
         lost = lost or {}
         async with self._commit_lock:
+            await self._load([*((f.gateway, f.epoch) for f in frames), *lost,
+                              *((f.gateway, f.epoch) for f, _ in rejected or [])])
             skipped: set[tuple[str, str, int]] = set()
             taken: set[tuple[str, str, int]] = set()
             dropped: list[FrameToApply] = []
