@@ -30,11 +30,11 @@ COMMAND_MODULES = (
     "edgegw.deadletters_cli",
 )
 
-#: command word -> the module of ``COMMAND_MODULES`` that adds it (tests/test_cli.py holds
-#: the two to each other): ``main`` builds that module's parsers only
 #: the commands a SIGHUP reloads (edgegw/sighup.py)
 TAKES_SIGHUP = ("hub", "gateway")
 
+#: command word -> the module of ``COMMAND_MODULES`` that adds it (tests/test_cli.py holds
+#: the two to each other): ``main`` builds that module's parsers only
 COMMANDS = {
     "hub": "edgegw.commands",
     "gateway": "edgegw.commands",
