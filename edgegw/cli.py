@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "edgegw.plugins_cli",
     "edgegw.token_cli",
     "edgegw.deadletters_cli",
+    "edgegw.status_cli",
 )
 
 #: the commands a SIGHUP reloads (edgegw/sighup.py)
@@ -45,6 +46,7 @@ COMMANDS = {
     "plugins": "edgegw.plugins_cli",
     "token": "edgegw.token_cli",
     "dead-letters": "edgegw.deadletters_cli",
+    "status": "edgegw.status_cli",
 }
 
 
