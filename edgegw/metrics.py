@@ -235,6 +235,26 @@ class Metrics:
             raise ValueError(f"metric {name!r} is a {metric.kind}, not a histogram")
         return metric
 
+    def carry_on(self, previous: Metrics) -> None:
+        """Counters and histograms go on from ``previous``'s counts (a service made again
+        inside the same process -- a gateway's SIGHUP reload -- counts since the process
+        started, as its ``/metrics`` page says by ``process_start_time_seconds``).
+        Gauges are not carried: they say how things are now, which the new one sets."""
+        for old in previous._metrics.values():
+            if isinstance(old, Histogram):
+                new_h = self.histogram(old.name, old.help, old.buckets)
+                if new_h.buckets != old.buckets:
+                    continue  # other bounds: the counts would not mean the same
+                for key, (counts, total) in old.series.items():
+                    mine = new_h.series.setdefault(key, ([0] * len(counts), [0.0]))
+                    for i, n in enumerate(counts):
+                        mine[0][i] += n
+                    mine[1][0] += total[0]
+            elif old.kind == "counter":
+                new_c = self.counter(old.name, old.help)
+                for key, value in old.values.items():
+                    new_c.values[key] = new_c.values.get(key, 0) + value
+
     def add_collector(self, fn: Callable[[], None]) -> None:
         """``fn`` refreshes gauges just before they are read."""
         self._collectors.append(fn)

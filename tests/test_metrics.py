@@ -147,3 +147,23 @@ def test_internal_errors_are_counted_by_where() -> None:
         report_internal_error(m, "test_boundary", logging.getLogger("t"), "doing %s", "x")
     assert internal_errors(m).get(where="test_boundary") == 1
     assert parse(m)["edgegw_internal_errors_total"] == {(("where", "test_boundary"),): 1}
+
+
+def test_a_registry_made_again_carries_on_the_counts_not_the_gauges() -> None:
+    """A gateway reloaded by SIGHUP is made again with a new registry: its counters and
+    histograms go on from the old one's (``carry_on``), its gauges are its own."""
+    old, new = Metrics(), Metrics()
+    old.counter("records_in_total", "records").inc(40, source="tester")
+    old.counter("records_in_total").inc(2, source="sensors")
+    old.counter("errors_total", "errors").inc(3)
+    old.gauge("connected", "1 while connected").set(1)
+    old.histogram("age_seconds", "ages", buckets=(0.1, 1.0)).observe_many([0.05, 0.5, 5.0])
+    new.counter("records_in_total", "records").inc(1, source="tester")  # counted already
+    new.histogram("age_seconds", "ages", buckets=(0.1, 1.0)).observe(0.5)
+    new.carry_on(old)
+    got = new.as_dict()
+    assert got["records_in_total"] == {"source=tester": 41, "source=sensors": 2}
+    assert got["errors_total"] == 3  # a counter the new one had not made yet
+    assert "connected" not in got
+    assert got["age_seconds"] == {"count": 4, "sum": 6.05}
+    assert 'edgegw_age_seconds_bucket{le="0.1"} 1.0' in new.render_prometheus()

@@ -99,14 +99,15 @@ class GatewayReloader:
                     config.gateway.id)
         running.scope.cancel()
         await running.done.wait()
+        stopped = running.gateway
         try:
-            running = await nursery.start(self._run_one, self.make(config))
+            running = await nursery.start(self._run_one, self._made(config, stopped))
         except Exception as exc:
             self.outcomes["failed"] += 1
             log.error("SIGHUP: the gateway did not start with the config file read again "
                       "(%s): started again with the one before", describe(exc))
             try:  # it ran from this config a moment ago
-                running = await nursery.start(self._run_one, self.make(self.config))
+                running = await nursery.start(self._run_one, self._made(self.config, stopped))
             except Exception as again:  # the process ends, as a failed start does
                 raise ServiceFailed(
                     "SIGHUP: the gateway started neither from the config file read again "
@@ -119,6 +120,13 @@ class GatewayReloader:
         self.gateway = running.gateway
         self._count(running.gateway)
         return running
+
+    def _made(self, config: GatewayConfig, stopped: Gateway) -> Gateway:
+        """A gateway made from ``config`` whose counters go on from the stopped one's: a
+        reload is a restart, but the process's counts are not lost to it."""
+        gateway = self.make(config)
+        gateway.metrics.carry_on(stopped.metrics)
+        return gateway
 
     async def _run_one(self, gateway: Gateway, *,
                        task_status: trio.TaskStatus[_Running] = trio.TASK_STATUS_IGNORED
@@ -134,8 +142,8 @@ class GatewayReloader:
             done.set()
 
     def _count(self, gateway: Gateway) -> None:
-        """The reload outcomes so far on ``gateway``'s metrics (each gateway has its own,
-        as after a restart; this count goes on across them)."""
+        """The reload outcomes so far on ``gateway``'s metrics (set: the reloader holds the
+        count)."""
         metric = gateway.metrics.counter(RELOADS_METRIC, RELOADS_HELP)
         for outcome in ("ok", "failed"):
             metric.set(self.outcomes[outcome], outcome=outcome)
