@@ -35,6 +35,7 @@ import errno
 import json
 import os
 import secrets
+import shutil
 import sqlite3
 import time
 import zlib
@@ -197,11 +198,12 @@ def _is_full(exc: BaseException, path: Path) -> bool:
 
 
 def _free_bytes(path: Path) -> int:
+    """Bytes free for this process beside ``path`` (``shutil.disk_usage``: statvfs's
+    f_bavail on POSIX, GetDiskFreeSpaceEx on Windows, which has no ``os.statvfs``)."""
     try:
-        st = os.statvfs(path.parent)
+        return shutil.disk_usage(path.parent).free
     except OSError:
         return 0
-    return st.f_bavail * st.f_frsize
 
 
 def _store_error(exc: BaseException, path: Path) -> OSError | None:
