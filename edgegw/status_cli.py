@@ -6,8 +6,10 @@ not the hub (which cannot say why a gateway does not come): this reads the gatew
 config (the packaged service's by default) for its status port, asks it ``/healthz`` and
 ``/api/stats`` and prints what matters, with the exit status a script or a monitoring
 check can use: 0 running, healthy and connected; 1 running but not connected to the hub
-or unhealthy (its frames wait in the spool: nothing lost); 2 the config does not load; 3
-not running (nothing answers on the status port) or no status port configured.
+or unhealthy (its frames wait in the spool: nothing lost), or frames or records refused
+since its start (in its dead-letter file: the hub will not have them unless someone acts);
+2 the config does not load; 3 not running (nothing answers on the status port) or no
+status port configured.
 
 ``summarize`` is the pure part (the two answers in, lines and a status out).
 """
@@ -36,7 +38,8 @@ def add_commands(sub: Any) -> None:
                     "(or the last error), what waits in its spool, the records its sources "
                     "put and the frames the hub rejected.  Exit status: 0 running, healthy "
                     "and connected; 1 running but not connected or unhealthy; 2 the config "
-                    "does not load; 3 not running, or no status port.",
+                    "does not load; 3 not running, or no status port.  Status 1 also when frames "
+                    "or records were refused since its start (its dead-letter file).",
         epilog="examples:\n"
                f"  edgegw status                                # {DEFAULT_CONFIG}\n"
                "  edgegw status --config conf/gateway.toml --set gateway.status_port=9100\n"
@@ -131,7 +134,9 @@ def summarize(health: dict[str, Any], stats: dict[str, Any]) -> tuple[list[str],
         lines.append(f"rejected: {rejected:,} frame(s) rejected by the hub, {refused:,} "
                      f"record(s) refused since the start; dead-letter file {_size(kept)} "
                      "(edgegw dead-letters list)")
-    return lines, OK if healthy and connected else DEGRADED
+    # frames or records the hub will never have unless someone acts (requeue once mended)
+    attention = rejected or refused
+    return lines, OK if healthy and connected and not attention else DEGRADED
 
 
 def _by_label(values: Any, label: str) -> list[tuple[str, int]]:

@@ -80,3 +80,10 @@ def test_a_gateway_without_a_spool_is_said_to_keep_its_frames_in_memory() -> Non
     assert lines[2].startswith("queue:    3 frame(s) waiting in memory")
     assert lines[3] == "records:  sensors 2; tester 40 put by sources since the start"
     assert lines[4].startswith("rejected: 1 frame(s) rejected by the hub")
+    # healthy and connected, but a frame the hub rejected waits for someone to act
+    _, code = summarize({"status": "ok"}, {"gateway": "ate-07", "connected": True, "store": {
+        "kind": "memory", "frames": 0}, "metrics": {"uplink_frames_rejected_total": 1}})
+    assert code == 1
+    _, code = summarize({"status": "ok"}, {"gateway": "ate-07", "connected": True, "store": {
+        "kind": "memory", "frames": 0}, "metrics": {"uplink_frames_rejected_total": 0}})
+    assert code == 0
