@@ -134,8 +134,12 @@ def summarize(health: dict[str, Any], stats: dict[str, Any]) -> tuple[list[str],
         lines.append(f"rejected: {rejected:,} frame(s) rejected by the hub, {refused:,} "
                      f"record(s) refused since the start; dead-letter file {_size(kept)} "
                      "(edgegw dead-letters list)")
+    held = _total(metrics.get("uplink_dead_letter_full")) > 0
+    if held:
+        lines.append("HELD:     the dead-letter file is over gateway.dead_letter_max_bytes: "
+                     "no frame is sent until it is smaller (docs/spool.md)")
     # frames or records the hub will never have unless someone acts (requeue once mended)
-    attention = rejected or refused
+    attention = rejected or refused or held
     return lines, OK if healthy and connected and not attention else DEGRADED
 
 

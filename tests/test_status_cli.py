@@ -87,3 +87,8 @@ def test_a_gateway_without_a_spool_is_said_to_keep_its_frames_in_memory() -> Non
     _, code = summarize({"status": "ok"}, {"gateway": "ate-07", "connected": True, "store": {
         "kind": "memory", "frames": 0}, "metrics": {"uplink_frames_rejected_total": 0}})
     assert code == 0
+    # held by a full dead-letter file (a file from an earlier run: nothing counted yet)
+    lines, code = summarize({"status": "ok"}, {"gateway": "ate-07", "connected": True,
+                                               "store": {"kind": "memory", "frames": 9},
+                                               "metrics": {"uplink_dead_letter_full": 1}})
+    assert code == 1 and lines[-1].startswith("HELD:     the dead-letter file is over")

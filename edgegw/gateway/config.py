@@ -27,6 +27,11 @@ class GatewaySection:
     # (localhost): it has no sign-in, so any other name may be a DNS-rebinding page's
     # (docs/security.md).  A monitoring system scraping it by a dotted name lists it here.
     status_allowed_hosts: list[str] = dataclasses.field(default_factory=list)
+    # the dead-letter file's bound: past it no more frames are sent (they wait in the spool,
+    # under its cap) until the file is smaller -- a hub that rejects every frame would
+    # otherwise fill the tester's disk with it (docs/spool.md, "The dead-letter file");
+    # 0: no bound
+    dead_letter_max_bytes: Annotated[int, Range(1 << 20, also=0)] = 1 << 30
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []

@@ -102,6 +102,8 @@ _WIDEST_RID = (1 << 64) - 1  # parts are sized with the widest record id CBOR en
 #: how long writing a dead-letter entry (and reading the file's entries, before the first
 #: one a run writes) may hold off a cancellation: the link going, or the gateway stopping
 DEAD_LETTER_TIMEOUT_S = 30.0
+#: how often a sender held by a full dead-letter file looks at its size again
+DEAD_LETTER_RECHECK_S = 2.0
 
 
 class Refused(Exception):
@@ -192,6 +194,12 @@ class Uplink:
         self.m_body_bytes = metrics.counter(
             "uplink_body_bytes_total", "data frame bodies' bytes before compression")
         self.m_dead_letter_bytes = dead_letter_bytes(metrics)
+        self.m_dead_letter_full = metrics.gauge(
+            "uplink_dead_letter_full",
+            "1 while no frame is sent because the dead-letter file is over "
+            "gateway.dead_letter_max_bytes (frames wait in the spool)")
+        #: the dead-letter file's size as last written or looked at (None: not yet)
+        self._dead_letter_size: int | None = None
         self.m_rejected = metrics.counter("uplink_frames_rejected_total",
                                           "frames the hub refused as invalid (dead-lettered)")
         self.m_split = metrics.counter(
@@ -491,10 +499,49 @@ class Uplink:
         key = dead_letter_key(epoch, seq, body)
         if key in self._dead_letters:
             return False
-        self.m_dead_letter_bytes.set(await write_dead_letter(self.dead_letter_path, {
-            "seq": seq, "epoch": epoch, "reason": reason, "at": time.time(), "body": body}))
+        self._dead_letter_size = await write_dead_letter(self.dead_letter_path, {
+            "seq": seq, "epoch": epoch, "reason": reason, "at": time.time(), "body": body})
+        self.m_dead_letter_bytes.set(self._dead_letter_size)
         self._dead_letters.add(key)
         return True
+
+    async def _dead_letter_room(self) -> None:
+        """While the dead-letter file is over ``gateway.dead_letter_max_bytes``: send no
+        more frames.  A REJECT must be kept at once (the hub counts the frame done), so the
+        bound is kept here, before sending: the frames wait in the spool, under its cap and
+        its policy, and the gateway turns unhealthy (nothing acknowledged) -- rather than a
+        hub that rejects every frame filling the tester's disk.  Sending goes on once the
+        file is smaller (moved away, or ``edgegw dead-letters requeue`` run)."""
+        limit = self.gateway.dead_letter_max_bytes
+        if not limit or self.dead_letter_path is None:
+            return
+        if self._dead_letter_size is None:
+            self._dead_letter_size = await self._dead_letter_file_size()
+        if self._dead_letter_size < limit:
+            return
+        self.m_dead_letter_full.set(1)
+        log.error("the dead-letter file %s holds %d bytes, over gateway.dead_letter_max_bytes "
+                  "(%d): no more frames are sent until it is smaller; they wait in the spool "
+                  "(edgegw dead-letters list says what the hub refused, and why)",
+                  self.dead_letter_path, self._dead_letter_size, limit)
+        try:
+            while self._dead_letter_size >= limit:
+                await trio.sleep(DEAD_LETTER_RECHECK_S)
+                self._dead_letter_size = await self._dead_letter_file_size()
+        finally:
+            self.m_dead_letter_full.set(0)
+        self._dead_letters = None  # the file's entries are read again: it is another one
+        self.m_dead_letter_bytes.set(self._dead_letter_size)
+        log.warning("the dead-letter file holds %d bytes now, under "
+                    "gateway.dead_letter_max_bytes: frames are sent again",
+                    self._dead_letter_size)
+
+    async def _dead_letter_file_size(self) -> int:
+        assert self.dead_letter_path is not None
+        try:
+            return (await self.dead_letter_path.stat()).st_size
+        except FileNotFoundError:
+            return 0
 
     def _first_rid(self, f: StoredFrame) -> int | None:
         """The first record id of stored frame ``f``: its body's; for a body that does not
@@ -549,6 +596,7 @@ class Uplink:
                 await self._declare_dropped(ws, conn)
             if self._held:
                 await self._release_held(ws, conn, welcome, sched)
+            await self._dead_letter_room()
             progressed = False
             for want in sched.wants():
                 if want.lane == "live":
