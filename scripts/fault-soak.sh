@@ -21,7 +21,7 @@ for run in $(seq "$runs"); do
   if EDGEGW_FAULT_REPORT=$report EDGEGW_FAULT_SEEDS=1,2,3 .venv/bin/python -m pytest -q -p no:cacheprovider \
       --basetemp "$basetemp" -m "not slow" tests/test_faults.py tests/test_exactly_once.py tests/test_mqtt_crash.py \
       tests/test_pause.py tests/test_cluster_pause.py tests/test_gateway_reload.py \
-      tests/test_dead_letter_requeue.py \
+      tests/test_dead_letter_requeue.py tests/test_dead_letter_bound.py \
       >/tmp/edgegw-fault-soak-run.log 2>&1
   then status=passed; else status=FAILED; failed=1; cp /tmp/edgegw-fault-soak-run.log "fault-soak-run-$run.log"; fi
   .venv/bin/python - "$report" "$run" "$status" "$(( $(date +%s) - start ))" <<'PY' || failed=1
