@@ -216,6 +216,10 @@ class Uplink:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        if self.dead_letter_path is not None:
+            # looked at once, before any link: the sender's check of the bound never waits
+            # (a checkpoint in its loop changes what it plans)
+            self._dead_letter_size = await self._dead_letter_file_size()
         delay = 0.0
         while True:
             if delay > 0:
@@ -513,11 +517,7 @@ class Uplink:
         hub that rejects every frame filling the tester's disk.  Sending goes on once the
         file is smaller (moved away, or ``edgegw dead-letters requeue`` run)."""
         limit = self.gateway.dead_letter_max_bytes
-        if not limit or self.dead_letter_path is None:
-            return
-        if self._dead_letter_size is None:
-            self._dead_letter_size = await self._dead_letter_file_size()
-        if self._dead_letter_size < limit:
+        if not limit or self._dead_letter_size is None or self._dead_letter_size < limit:
             return
         self.m_dead_letter_full.set(1)
         log.error("the dead-letter file %s holds %d bytes, over gateway.dead_letter_max_bytes "
@@ -539,9 +539,10 @@ class Uplink:
     async def _dead_letter_file_size(self) -> int:
         assert self.dead_letter_path is not None
         try:
-            return (await self.dead_letter_path.stat()).st_size
+            st = await trio.to_thread.run_sync(os.stat, os.fspath(self.dead_letter_path))
         except FileNotFoundError:
             return 0
+        return st.st_size
 
     def _first_rid(self, f: StoredFrame) -> int | None:
         """The first record id of stored frame ``f``: its body's; for a body that does not
