@@ -537,10 +537,16 @@ class Uplink:
                     self._dead_letter_size)
 
     async def _dead_letter_file_size(self) -> int:
+        """The file's size; 0 when there is none, or when it cannot be looked at (logged:
+        writing an entry fails then too, and ends the session, as before the bound)."""
         assert self.dead_letter_path is not None
         try:
             st = await trio.to_thread.run_sync(os.stat, os.fspath(self.dead_letter_path))
         except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            log.warning("cannot look at the dead-letter file's size (%s): taken as empty",
+                        exc)
             return 0
         return st.st_size
 
