@@ -20,7 +20,14 @@ from typing import Any
 import trio
 
 from . import failpoints, sdnotify
-from .config import ConfigError, apply_overrides, build, load, read_toml
+from .config import (
+    ConfigError,
+    add_override_option,
+    apply_overrides,
+    build,
+    load,
+    read_toml,
+)
 from .gateway.config import GatewayConfig, build_gateway_config, load_gateway_config
 from .hub.config import HubConfig
 from .startup import (
@@ -59,7 +66,7 @@ def add_commands(sub: Any) -> None:
                + EXIT_STATUS)
     p.add_argument("--config", metavar="FILE",
                    help="hub config TOML (docs/configuration.md; default: built-in defaults)")
-    _add_set(p, "hub.port=9000")
+    add_override_option(p, "hub.port=9000")
     p.set_defaults(func=cmd_hub)
 
     p = sub.add_parser(
@@ -77,7 +84,7 @@ def add_commands(sub: Any) -> None:
                "--set sources.0.sites=8\n\n" + EXIT_STATUS)
     p.add_argument("--config", metavar="FILE", required=True,
                    help="gateway config TOML (docs/configuration.md)")
-    _add_set(p, "batch.max_records=500")
+    add_override_option(p, "batch.max_records=500")
     p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser(
@@ -99,7 +106,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--kind", choices=KINDS, default=None,
                    help="check the file as this kind of config instead of the kind its "
                         "tables suggest")
-    _add_set(p, "batch.max_records=500 (gateway) or --set hub.port=9000 (hub)")
+    add_override_option(p, "batch.max_records=500 (gateway) or --set hub.port=9000 (hub)")
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser(
@@ -128,15 +135,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--source", choices=["stdf", "records"], default="stdf",
                    help="stdf: the tester writes STDF files the gateway tails (default); "
                         "records: the simulated source produces records directly")
-    _add_set(p, "live.ui_rate=5 (keys of a hub config go to the hub, the rest to the "
+    add_override_option(p, "live.ui_rate=5 (keys of a hub config go to the hub, the rest to the "
                 "gateway)")
     p.set_defaults(func=cmd_demo)
-
-
-def _add_set(p: argparse.ArgumentParser, example: str) -> None:
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override a config value, the value in TOML syntax (repeatable), "
-                        f"e.g. --set {example}")
 
 
 #: the kinds of file check-config knows

@@ -313,6 +313,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def add_override_option(parser: Any, example: str) -> None:
+    """The ``--set KEY=VALUE`` option of a command that reads a config file (repeatable,
+    into ``args.overrides``, for ``apply_overrides``)."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        dest="overrides",
+                        help="override a config value, the value in TOML syntax "
+                             f"(repeatable), e.g. --set {example}")
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``--set`` items to ``data``.  A list item is addressed by its index and must
     exist (``sources.0.sites``); a missing table on the way is created.  A path that cannot
@@ -452,6 +461,7 @@ def iter_keys(cls: type, prefix: str = "") -> Iterator[Key]:
 
 
 __all__ = [
-    "INT64", "ConfigError", "Key", "Range", "apply_overrides", "build", "host_problem",
+    "INT64", "ConfigError", "Key", "Range", "add_override_option", "apply_overrides", "build",
+    "host_problem",
     "iter_keys", "load", "parse_override", "read_toml", "toml_text", "ws_url_problem"
 ]

@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .config import add_override_option
+
 #: where the packaged service keeps the gateway's state (packaging/systemd, the WinSW
 #: service of packaging/windows)
 DEFAULT_STATE_DIR = (r"C:\edgegw\state\gateway" if sys.platform == "win32"
@@ -54,9 +56,7 @@ def add_commands(sub: Any) -> None:
                          f"(default: {DEFAULT_STATE_DIR}, where the packaged service keeps it)")
     ls.add_argument("--config", metavar="FILE",
                     help="take the state directory from this gateway config instead")
-    ls.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a key of --config, as the service's command line does "
-                         "(e.g. gateway.state_dir=/var/lib/edgegw-gateway)")
+    add_override_option(ls, "gateway.state_dir=/var/lib/edgegw-gateway")
     ls.add_argument("--records", action="store_true",
                     help="print each entry's records too, one JSON object per line")
     ls.add_argument("--json", action="store_true",
@@ -81,9 +81,7 @@ def add_commands(sub: Any) -> None:
                "  edgegw dead-letters requeue --config conf/gateway.toml")
     rq.add_argument("--config", metavar="FILE", required=True,
                     help="the gateway's config (its state directory and spool settings)")
-    rq.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a key of --config, as the service's command line does "
-                         "(e.g. gateway.state_dir=/var/lib/edgegw-gateway)")
+    add_override_option(rq, "gateway.state_dir=/var/lib/edgegw-gateway")
     rq.set_defaults(func=run_requeue)
 
 
@@ -97,7 +95,7 @@ def dead_letter_file(args: argparse.Namespace) -> Path:
 
         raise ConfigError(["dead-letters list: give PATH or --config, not both"])
     if args.config is not None:
-        cfg = load_gateway_config(args.config, args.set)
+        cfg = load_gateway_config(args.config, args.overrides)
         return Path(cfg.gateway.state_dir) / DEAD_LETTER_FILE
     path = Path(args.path if args.path is not None else DEFAULT_STATE_DIR)
     return path / DEAD_LETTER_FILE if path.is_dir() else path
@@ -205,7 +203,7 @@ def run_requeue(args: argparse.Namespace) -> int:
     from .gateway import load_gateway_config, requeue
     from .startup import StartupError, leaves
 
-    cfg = load_gateway_config(args.config, args.set)
+    cfg = load_gateway_config(args.config, args.overrides)
     try:
         report = trio.run(requeue, cfg)
     except (OSError, BaseExceptionGroup) as exc:

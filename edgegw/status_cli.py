@@ -23,6 +23,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from .config import add_override_option
+
 #: the packaged service's config (packaging/systemd, the WinSW service of packaging/windows)
 DEFAULT_CONFIG = (r"C:\edgegw\gateway.toml" if sys.platform == "win32"
                   else "/etc/edgegw/gateway.toml")
@@ -47,8 +49,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--config", metavar="FILE",
                    help=f"the gateway's config (default: {DEFAULT_CONFIG}, the packaged "
                         "service's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of --config, as the service's command line does")
+    add_override_option(p, "gateway.status_port=9100")
     p.add_argument("--url", metavar="URL",
                    help="the status port's address instead of the config's "
                         "(http://HOST:PORT)")
@@ -66,7 +67,7 @@ def status_url(args: argparse.Namespace) -> str | None:
         return str(args.url).rstrip("/")
     from .gateway import load_gateway_config
 
-    cfg = load_gateway_config(args.config or DEFAULT_CONFIG, args.set)
+    cfg = load_gateway_config(args.config or DEFAULT_CONFIG, args.overrides)
     g = cfg.gateway
     if not g.status_port:
         return None
