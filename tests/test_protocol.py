@@ -209,6 +209,26 @@ def test_frames_a_lost_declared_may_be_acknowledged() -> None:
     assert gw.receive(encode(Ack(4, [])), 1.0)[0] == [Ack(4, [])]
 
 
+def test_a_lost_is_pending_exactly_while_lost_would_send_one() -> None:
+    """``lost_pending`` says beforehand what ``lost`` would do (a sender about to wait for
+    work checks it, so a drop made while it was busy is told at once): pending while the
+    hub lacks frames below the first held, no longer once the LOST is made, and never
+    towards a hub that does not take LOST."""
+    gw, hub = pair(next_seq=1)
+    hub.receive(gw.data(1, b"body", 1.0), 1.0)
+    assert gw.lost_pending(2)  # frame 1 sent, not acknowledged: the hub lacks it
+    gw.receive(encode(Ack(1, [])), 1.0)
+    assert not gw.lost_pending(2)  # the hub has frame 1: nothing below 2 is missing
+    assert gw.lost_pending(5)  # 2..4 were dropped unsent
+    assert gw.lost(5, 1.0) is not None
+    assert not gw.lost_pending(5) and gw.lost(5, 1.0) is None
+    assert gw.lost_pending(7) and gw.lost(7, 1.0) is not None  # 5, 6 dropped since
+    old = GatewayConnection("ate-01", "t", "e", 1, now=0.0)
+    old.hello(0.0)
+    old.receive(encode(Welcome(1, [], 5.0, 1 << 20, 1000)), 0.0)  # no "lost" in it
+    assert not old.lost_pending(5) and old.lost(5, 1.0) is None
+
+
 def test_heartbeat_sends_pings_and_declares_a_silent_peer_dead_after_two_intervals() -> None:
     gw, hub = pair()  # heartbeat 5 s
     assert gw.next_deadline() == 5.0

@@ -633,7 +633,10 @@ class Uplink:
                 if frames:
                     progressed = True
                     break  # plan again: live frames that appeared meanwhile go first
-            if not progressed:
+            if not progressed and not conn.lost_pending(self._first_held(conn)):
+                # (a drop made during an await above -- held parts sent, a backlog read --
+                # moved durable_seq past the frame that pushed it out: the wait below would
+                # not wake for it, and its LOST would wait for the next ACK)
                 await self._wait_for_work(sched)
 
     async def _declare_dropped(self, ws: Any, conn: GatewayConnection) -> None:
@@ -642,15 +645,19 @@ class Uplink:
         them now and leaves no hole waiting for them until the next HELLO.  It names the
         lowest seq still held or still to be sent: a damaged frame's stand-in the hub has
         not acknowledged goes out as ever."""
+        message = conn.lost(self._first_held(conn), trio.current_time())
+        if message is not None:
+            await ws.send_message(message)
+
+    def _first_held(self, conn: GatewayConnection) -> int:
+        """The lowest seq this gateway still holds or will still send (a LOST's next_seq)."""
         first_held = self.store.first_unacked
         for lo, hi in self.store.lost_ranges:
             if lo < first_held:
                 gaps = conn.hub_has.missing(lo, min(hi, first_held - 1))
                 if gaps:
                     first_held = gaps[0][0]
-        message = conn.lost(first_held, trio.current_time())
-        if message is not None:
-            await ws.send_message(message)
+        return first_held
 
     async def _settle_parts(self) -> None:
         """Wait until a part whose ``append`` an earlier session left (cancelled when the

@@ -271,14 +271,19 @@ class GatewayConnection(_Base):
         has not acknowledged: its queue dropped them while connected.  None when there is
         nothing new to declare, or the hub does not take LOST (a hub that lacks them then
         learns it from the next HELLO).  After it, no DATA below ``first_held`` is sent."""
-        if self.state is not State.OPEN or self.welcome is None or not self.welcome.lost:
-            return None
-        if first_held <= 1 or not self.hub_has.missing(1, first_held - 1):
+        if not self.lost_pending(first_held):
             return None
         self.hub_has.add_range(1, first_held - 1)
         self._lost_below = first_held
         self._told = max(self._told, first_held - 1)
         return self._sent(encode(Lost(first_held)), now)
+
+    def lost_pending(self, first_held: int) -> bool:
+        """Whether ``lost(first_held)`` would send a LOST now: a sender about to wait checks
+        it, so a drop made while it was busy is told at once, not at the next ACK."""
+        if self.state is not State.OPEN or self.welcome is None or not self.welcome.lost:
+            return False
+        return first_held > 1 and bool(self.hub_has.missing(1, first_held - 1))
 
     def positions(self, seq: int, positions: dict[str, Any], now: float) -> bytes | None:
         """A POSITIONS (section 4.1): where the sources were as of frame
