@@ -21,8 +21,11 @@ from faultkit import (
     source_settings,
     stop_all,
 )
+from hubtools import gateway_welcomed
+from peer_hub import DATA, PeerHub, welcome
 from processes import wait_for
 
+from edgegw.records import SensorReading
 from edgegw.spool import DiskSpool, SpoolConfig
 
 # about 15 s of a slow simulated tester: it is still producing while the gateway holds
@@ -73,3 +76,35 @@ def test_past_its_bound_the_gateway_holds_its_frames_until_the_file_is_moved_awa
         assert gw.stats()["metrics"]["uplink_frames_rejected_total"] == 2
     finally:
         stop_all(hub, gw)
+
+
+async def test_a_refused_record_that_takes_the_file_over_its_bound_holds_the_frames_too(
+        tmp_path: Path) -> None:
+    """The bound counts every entry, the sources' refused records (a record too large for
+    any frame) as well as the frames the hub rejected: once a refused record takes the file
+    over it, the next frame waits in the queue, not on the hub."""
+    async with trio.open_nursery() as nursery:
+        gw, session = await gateway_welcomed(
+            nursery, tmp_path / "gw", PeerHub(), welcome(heartbeat=30.0),
+            gateway={"dead_letter_max_bytes": 1 << 20}, queue={"max_frames": 100},
+            uplink={"max_frame_bytes": 65536, "heartbeat_s": 30.0},
+            batch={"max_records": 10, "max_delay_ms": 20})
+        await gw.sink.put([SensorReading("s", 1.0, "c", 1.0)], source="s")
+        with trio.fail_after(20):
+            await session.recv_data()  # under the bound: sent
+            await gw.sink.put([SensorReading("s", 2.0, "c", 2.0, "x" * 1_100_000)],
+                              source="s")  # alone over any frame: refused, dead-lettered
+            dead = tmp_path / "gw" / "dead-letter.cborseq"
+            while not dead.exists() or dead.stat().st_size <= 1 << 20:
+                await trio.sleep(0.01)
+        await gw.sink.put([SensorReading("s", 3.0, "c", 3.0)], source="s")
+        with trio.fail_after(20):
+            await gw.store.wait_for_frame_after(2)  # the refusal's event, then the reading
+        with trio.move_on_after(1.5) as waited:
+            while True:  # nothing but PINGs while held
+                message = await session.recv()
+                assert message[0] != DATA, message
+        assert waited.cancelled_caught
+        assert gw.metrics.as_dict()["uplink_dead_letter_full"] == 1
+        await session.end()
+        nursery.cancel_scope.cancel()

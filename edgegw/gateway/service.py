@@ -905,9 +905,12 @@ class Gateway:
                      "(replayed)", source)
             return
         try:
-            self.m_dead_letter_bytes.set(await write_dead_letter(self.dead_letter_path, {
+            size = await write_dead_letter(self.dead_letter_path, {
                 "seq": None, "epoch": self.store.epoch, "reason": reason, "at": time.time(),
-                "source": source, "rid": self.next_rid, "body": body}))
+                "source": source, "rid": self.next_rid, "body": body})
+            self.m_dead_letter_bytes.set(size)
+            if self.uplink is not None:  # its bound counts this entry too
+                self.uplink.dead_letter_written(size)
         except OSError:
             report_internal_error(self.metrics, "dead_letter", log,
                                   "writing a refused record to the dead-letter file")

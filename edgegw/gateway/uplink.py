@@ -509,6 +509,12 @@ class Uplink:
         self._dead_letters.add(key)
         return True
 
+    def dead_letter_written(self, size: int) -> None:
+        """Someone else (the refused-record path) wrote the dead-letter file: it holds
+        ``size`` bytes now, and the bound counts them before the next frame is sent."""
+        if self._dead_letter_size is not None:
+            self._dead_letter_size = max(self._dead_letter_size, size)
+
     async def _dead_letter_room(self) -> None:
         """While the dead-letter file is over ``gateway.dead_letter_max_bytes``: send no
         more frames.  A REJECT must be kept at once (the hub counts the frame done), so the
