@@ -28,7 +28,8 @@ def test_the_example_configs_run_as_two_processes_and_records_arrive(tmp_path: P
     hub = start_hub(tmp_path, port)
     gw = spawn("gateway", "--config", str(REPO / "conf" / "gateway.toml"),
                "--set", f"gateway.hub_url=ws://127.0.0.1:{port}/ws/gateway",
-               "--set", f"gateway.state_dir={tmp_path / 'gw'}", log=tmp_path / "gw.log")
+               "--set", f"gateway.state_dir={tmp_path / 'gw'}",
+               "--set", f"gateway.status_port={free_port()}", log=tmp_path / "gw.log")
     try:
         wait_for(lambda: records_applied(port) > 0)
         first = records_applied(port)

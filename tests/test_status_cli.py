@@ -58,7 +58,7 @@ def test_status_says_connected_then_not_connected_then_not_running(tmp_path: Pat
 
 
 def test_without_a_status_port_or_a_loadable_config_it_says_so(tmp_path: Path) -> None:
-    off = status("--config", CONFIG)  # the example config: status_port = 0
+    off = status("--config", CONFIG, "--set", "gateway.status_port=0")
     assert off.returncode == 3
     assert "gateway.status_port is 0 (off)" in off.stderr
     broken = tmp_path / "gateway.toml"
