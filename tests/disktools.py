@@ -246,13 +246,21 @@ def shut_down(path: Path) -> None:
 def remount(path: Path) -> None:
     """Unmount and mount again (the journal is replayed): the operator's repair."""
     image = _image(path)
-    source = ["-o", "loop", str(image)]
     if not _unmount(path, image, wait_s=10):
-        # The old file system lives on (see _unmount) and is shut down: it writes nothing
-        # more, so a loop device of its own gives the image a new one, as a repair would.
-        source = [subprocess.run([_sbin("losetup"), "--find", "--show", str(image)], check=True,
-                                 capture_output=True, text=True).stdout.strip()]
-    subprocess.run(["mount", *source, str(path)], check=True, capture_output=True)
+        # The old file system lives on (see _unmount), shut down, on its loop device.  The
+        # repaired disk is a copy of the image as the old one left it, put in its place:
+        # whatever the old file system or its loop device might still write (a buffer
+        # written back, its superblock at the final lazy umount) goes to the replaced
+        # file, never under the new mount -- two kernel file systems on one image could
+        # undo each other's blocks.  Its loop device is detached as soon as it is free.
+        old = _loop_devices(image)
+        fresh = image.with_name(image.name + ".repaired")
+        shutil.copyfile(image, fresh)
+        os.replace(fresh, image)
+        for device in old:
+            subprocess.run([_sbin("losetup"), "-d", device], check=False, capture_output=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(path)], check=True,
+                   capture_output=True)
 
 
 def _loop_devices(image: Path) -> list[str]:
