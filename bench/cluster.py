@@ -67,7 +67,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from cluster_pg import PrivatePg  # noqa: E402  (the test helpers: a private server)
 from ports import free_port  # noqa: E402
 
 from edgegw.config import build  # noqa: E402
@@ -76,6 +75,7 @@ from edgegw.gateway.service import Gateway  # noqa: E402
 from edgegw.hub.cluster.partition import partition_of  # noqa: E402
 from edgegw.records import ParametricResult, PartResult  # noqa: E402
 from tests.cluster_haproxy import NodeSet  # noqa: E402
+from tests.cluster_pg import PrivatePg  # noqa: E402  (the test helpers: a private server)
 from tests.wsclient import WsClient  # noqa: E402
 
 PARTITIONS = 16
@@ -508,7 +508,9 @@ async def one_run(nodes: NodeSet, pg: PrivatePg, pg_cpu: PgCpu, redis_pid: int,
 
     def db_bytes() -> int:
         with psycopg.connect(dsn) as conn:
-            return int(conn.execute("SELECT pg_database_size('edgegw')").fetchone()[0])
+            row = conn.execute("SELECT pg_database_size('edgegw')").fetchone()
+            assert row is not None
+            return int(row[0])
 
     async def applied() -> int:
         return await trio.to_thread.run_sync(probe.applied)

@@ -123,7 +123,7 @@ async def publish_and_mirror(url: str, args: argparse.Namespace) -> dict[str, fl
         rid = 1
         state_cpu = publish_cpu = 0.0
         await publisher.flush()
-        info = await bus._client.info("cpu")  # type: ignore[union-attr]
+        info: dict[str, Any] = await bus._client.info("cpu")  # type: ignore[union-attr]
         redis_before = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
         entries_before = publisher.published
         started = time.perf_counter()
@@ -143,8 +143,8 @@ async def publish_and_mirror(url: str, args: argparse.Namespace) -> dict[str, fl
             publish_cpu += t2 - t1
             records += pending
         wall = time.perf_counter() - started
-        info = await bus._client.info("cpu")  # type: ignore[union-attr]
-        redis_after = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        info_after: dict[str, Any] = await bus._client.info("cpu")  # type: ignore[union-attr]
+        redis_after = float(info_after["used_cpu_user"]) + float(info_after["used_cpu_sys"])
         entries = publisher.published - entries_before
         out.update(records=records, deltas=deltas, entries=entries,
                    deltas_per_record=deltas / records, entries_per_record=entries / records,
@@ -191,7 +191,10 @@ def owner_main(args: argparse.Namespace) -> None:
             await nursery.start(bus.run)
             publisher = TopicPublisher(bus, intervals=intervals(args))
             # the wall time of the live state's publish travels as the delta's ts
-            state = LiveState(lambda t, d, ts=None: publisher.publish(t, d, time.time()))
+            def publish(topic: str, delta: Any, ts: float | None = None) -> None:
+                publisher.publish(topic, delta, time.time())
+
+            state = LiveState(publish)
             publisher.attach(state)
             await nursery.start(publisher.run)
             batches = sim_batches(args.tests_per_part)
@@ -272,7 +275,7 @@ async def clients_main(port: int, n: int, seconds: float) -> tuple[list[float], 
             await ws.send_message(cbor2.dumps({"type": "subscribe", "topics": TOPICS}))
             task_status.started()
             while True:
-                msg = cbor2.loads(await ws.get_message())
+                msg = cbor2.loads(await ws.get_message())  # type: ignore[arg-type]  # binary
                 now = time.time()
                 if msg.get("type") != "batch" or not measuring:
                     continue

@@ -150,7 +150,7 @@ def run_hub(args: argparse.Namespace) -> None:
 
     lags: list[float] = []
     tick_cpu: list[tuple[float, float]] = []  # (wall end, Trio thread CPU s) per tick that sent
-    created: list[tuple[str, int, int, float]] = []
+    created: list[tuple[str, int | None, int | None, float]] = []
     long_steps = LongSteps(args.long_step_ms / 1000)
     clock = StageClock()
 
@@ -188,7 +188,7 @@ def run_hub(args: argparse.Namespace) -> None:
 
     _raise_nofile()
     gc.callbacks.append(long_steps.on_gc)
-    trio.run(main, instruments=[long_steps])
+    trio.run(main, instruments=[long_steps])  # type: ignore[list-item]  # duck-typed hooks
     lags.sort()
     print("LAGS " + json.dumps({"n": len(lags), "p50": pct(lags, 50), "p99": pct(lags, 99)}),
           flush=True)
@@ -278,8 +278,8 @@ class StageClock:
             clock._last = None
             return applied(conn, seq, now)
 
-        HubConnection.receive = receive_  # type: ignore[method-assign]
-        HubConnection.applied = applied_  # type: ignore[method-assign]
+        HubConnection.receive = receive_  # type: ignore[method-assign, assignment]
+        HubConnection.applied = applied_  # type: ignore[method-assign, assignment]
         hub._queue_feed = queue_feed_
 
     def on_records(self, gateway_id: str, first_rid: int, records: list[Any]) -> None:
@@ -335,7 +335,7 @@ def run_tester(args: argparse.Namespace) -> None:
     from edgegw.sim.source import SimulatedConfig, SimulatedTesterSource
     from edgegw.sources import SourceContext
 
-    created: list[tuple[str, int, int, float]] = []
+    created: list[tuple[str, int | None, int | None, float]] = []
     sent: dict[int, float] = {}  # seq -> wall time its DATA message was made (first send)
 
     from edgegw.protocol import GatewayConnection
@@ -347,7 +347,7 @@ def run_tester(args: argparse.Namespace) -> None:
         sent.setdefault(seq, time.time())  # the uplink writes it right after
         return data(conn, seq, body, now, sent_at)
 
-    GatewayConnection.data = data_  # type: ignore[method-assign]
+    GatewayConnection.data = data_  # type: ignore[method-assign, assignment]
 
     class LoggedTester(SimulatedTesterSource):
         """The built-in simulated tester, logging when each part record was created."""
@@ -502,9 +502,10 @@ class Subscribers:
                             idx = -1  # counted only: keeps this process light
                         else:
                             payload = bytes(buf[at:at + n])
-                            idx = payloads.get(payload)
-                            if idx is None:
-                                idx = payloads[payload] = len(payloads)
+                            known = payloads.get(payload)
+                            if known is None:
+                                known = payloads[payload] = len(payloads)
+                            idx = known
                         received.append((client, now, idx))
                     del buf[:at + n]
             if stop_fd is not None and stop_fd in ready:
@@ -861,11 +862,11 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | N
         out = hub.communicate(timeout=30)[0] or ""
         lags = next((json.loads(line[5:]) for line in out.splitlines()
                      if line.startswith("LAGS ")), None)
-        steps = next((json.loads(line[6:]) for line in out.splitlines()
+        steps: list[Any] = next((json.loads(line[6:]) for line in out.splitlines()
                       if line.startswith("STEPS ")), [])
-        collections_ = next((json.loads(line[3:]) for line in out.splitlines()
+        collections_: list[Any] = next((json.loads(line[3:]) for line in out.splitlines()
                              if line.startswith("GC ")), [])
-        tick_cpu = next((json.loads(line[8:]) for line in out.splitlines()
+        tick_cpu: list[Any] = next((json.loads(line[8:]) for line in out.splitlines()
                          if line.startswith("TICKCPU ")), [])
         stages_file = tmp / "stages.json"
         stages = json.loads(stages_file.read_text()) if stages_file.exists() else {}
@@ -884,13 +885,13 @@ def one_run(args: argparse.Namespace, before: Path | None) -> dict[str, Any] | N
             sock.close()
         return summary
     finally:
-        for p in (tester, hub, *subs):
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+        for proc in (tester, hub, *subs):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
                 try:
-                    p.wait(timeout=10)
+                    proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
-                    p.kill()
+                    proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)  # the hub's store, the logs: ~10 MB a run
 
 

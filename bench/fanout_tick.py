@@ -220,7 +220,7 @@ def main() -> int:
         run_hub(args)
         return 0
     sys.path.insert(0, str(HERE))
-    from fanout import export_tree  # type: ignore[import-not-found]
+    from fanout import export_tree
 
     before = export_tree(args.before) if args.compare else None
     try:

@@ -75,7 +75,7 @@ def main() -> int:
         print(run_one(args.pings))
         return 0
     sys.path.insert(0, str(HERE))
-    from fanout import export_tree  # type: ignore[import-not-found]
+    from fanout import export_tree
 
     before = export_tree(args.before) if args.compare else None
     variants = ["before", "after"] if before is not None else ["after"]

@@ -46,6 +46,7 @@ async def fill(data_dir: str, n_records: int) -> None:
     from edgegw.hub.config import HubConfig
     from edgegw.hub.store import FrameToApply
     from edgegw.protocol import Rows, encode_body
+    from edgegw.records import Record
     from edgegw.sim.stdf_tester import stdf_chunks
     from edgegw.sim.tester import TesterProfile
     from edgegw.stdf import StdfDecoder
@@ -58,7 +59,8 @@ async def fill(data_dir: str, n_records: int) -> None:
         await nursery.start(app.run)
         hub = app.ingest
         profile = TesterProfile(wafers=5, wafer_diameter_dies=30)
-        dec, mapper, pending, rid, seq = StdfDecoder(), RecordMapper("tester"), [], 1, 1
+        dec, mapper, rid, seq = StdfDecoder(), RecordMapper("tester"), 1, 1
+        pending: list[Record] = []
         for chunk in stdf_chunks(profile, lots=10_000, parts_per_second=1e6):
             dec.feed(chunk.data)
             pending.extend(r for rec in dec.records() for r in mapper.map(rec, time.time()))
@@ -76,6 +78,7 @@ async def fill(data_dir: str, n_records: int) -> None:
             if rid > n_records:
                 break
         await trio.sleep(1)  # a checkpoint that was due is written
+        assert app.checkpointer is not None  # the bench's hub keeps checkpoints
         print(json.dumps({"records": rid - 1, "checkpoint_frame": app.checkpointer.position,
                           "last_frame": hub.fed_id}), flush=True)
         await trio.sleep_forever()  # killed here: no final checkpoint

@@ -195,7 +195,7 @@ def per_kind(records: list[Any], frame: int, alerts: bool, runs: int,
 def stages(runs: int, frame: int) -> None:
     """The hub's stages per record, CPU time, the tester mix (bench/hub_floor.py)."""
     import trio
-    from hub_floor import tester_mix  # type: ignore[import-not-found]
+    from hub_floor import tester_mix
 
     from edgegw.config import build
     from edgegw.hub.app import Hub
@@ -262,9 +262,9 @@ def stages(runs: int, frame: int) -> None:
     for name, c in cost.items():
         print(f"  {name:52s} {c:8.2f}  ({1e6 / c:>10,.0f} records/s alone)")
     decode = cost["decode v2 body to records"]
-    for batched in ("one at a time", "batched"):
-        live = cost[f"live apply + publish + alerts (hub), {batched}"]
-        print(f"  Trio thread (decode + live state), {batched}: {decode + live:.2f} µs/record = "
+    for mode in ("one at a time", "batched"):
+        live = cost[f"live apply + publish + alerts (hub), {mode}"]
+        print(f"  Trio thread (decode + live state), {mode}: {decode + live:.2f} µs/record = "
               f"{1e6 / (decode + live):,.0f} records/s")
     live = cost["live apply + publish + alerts (hub), batched"]
     hand_off = cost["hand-off of the bodies to another process (pipe)"]
@@ -295,7 +295,7 @@ def pipe_out(bodies: list[bytes]) -> None:
 def flood_records(parts: int = 64, repeats: int = 300) -> list[Any]:
     """``bench/gateway_hub.py``'s stream: 8 parametric results and a part result per part,
     the same 64 parts (dies) over and over -- every part after the first 64 a retest."""
-    from gateway_hub import make_part  # type: ignore[import-not-found]
+    from gateway_hub import make_part
 
     made = [make_part(i) for i in range(parts)]
     return [r for _ in range(repeats) for p in made for r in p]

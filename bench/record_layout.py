@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import cbor2
 
@@ -25,7 +27,7 @@ from edgegw.records import ParametricResult, PartResult
 N = 20_000
 
 
-def rate(fn, n: int = N) -> float:  # type: ignore[no-untyped-def]
+def rate(fn: Callable[[], object], n: int = N) -> float:
     """Records per CPU second (process time: a shared machine's waits do not count),
     median of 9."""
     times = []
@@ -34,6 +36,18 @@ def rate(fn, n: int = N) -> float:  # type: ignore[no-untyped-def]
         fn()
         times.append(time.process_time() - t)
     return n / statistics.median(times)
+
+
+def _encode_all(enc: Callable[[int, list[Any]], bytes], chunks: list[list[Any]]) -> object:
+    return [enc(1, c) for c in chunks]
+
+
+def _decode_all(bodies: list[bytes]) -> object:
+    return [decode_frame(b, N) for b in bodies]
+
+
+def _check_all(bodies: list[bytes]) -> object:
+    return [check_frame(b, N)[1].timestamps() for b in bodies]
 
 
 def main() -> None:
@@ -47,10 +61,10 @@ def main() -> None:
     print(f"{'layout':26s} {'bytes/rec':>9s} {'encode rec/s':>13s} {'decode rec/s':>13s}")
     for name, obj in layouts.items():
         data = cbor2.dumps(obj)
-        enc = rate(lambda obj=obj: cbor2.dumps(obj))
-        dec = rate(lambda data=data: cbor2.loads(data))
-        print(f"{name:26s} {len(data) / N:9.1f} {enc:13,.0f} {dec:13,.0f}")
-    mix: list = []
+        enc_rate = rate(functools.partial(cbor2.dumps, obj))
+        dec_rate = rate(functools.partial(cbor2.loads, data))
+        print(f"{name:26s} {len(data) / N:9.1f} {enc_rate:13,.0f} {dec_rate:13,.0f}")
+    mix: list[Any] = []
     for i in range(N // 9 + 1):
         mix += [ParametricResult("tester", 1.7e9 + i, "LOT1", 1, i % 8, str(i), 100 + t,
                                  f"TEST_{t}", 1.0 + t * 0.01 + i * 1e-6, 0.0, 2.0, "V", True)
@@ -61,16 +75,17 @@ def main() -> None:
     print(f"{'hub decode (body->records)':26s} {'bytes/rec':>9s} {'encode rec/s':>13s} "
           f"{'decode rec/s':>13s} {'/v1':>5s} {'check rec/s':>12s}")
     typed = functools.partial(encode_columns, typed=True)
-    for name, data in (("PRR", recs), ("mix", mix)):
+    for name, records in (("PRR", recs), ("mix", mix)):
         step = 8000 if name == "mix" else N  # the mix: in frames of 8,000
-        chunks = [data[i:i + step] for i in range(0, N, step)]
+        chunks = [records[i:i + step] for i in range(0, N, step)]
         out = {}
-        for layout, enc in (("v1 rows", encode_body), ("v2 columns", encode_columns),
-                            ("v3 typed", typed)):
+        encoders: list[tuple[str, Callable[[int, list[Any]], bytes]]] = [
+            ("v1 rows", encode_body), ("v2 columns", encode_columns), ("v3 typed", typed)]
+        for layout, enc in encoders:
             bodies = [enc(1, c) for c in chunks]
-            e = rate(lambda enc=enc, chunks=chunks: [enc(1, c) for c in chunks])
-            d = rate(lambda bodies=bodies: [decode_frame(b, N) for b in bodies])
-            c = rate(lambda bodies=bodies: [check_frame(b, N)[1].timestamps() for b in bodies])
+            e = rate(functools.partial(_encode_all, enc, chunks))
+            d = rate(functools.partial(_decode_all, bodies))
+            c = rate(functools.partial(_check_all, bodies))
             out[layout] = d
             ratio = f"{d / out['v1 rows']:5.2f}" if layout != "v1 rows" else ""
             print(f"{name + ': ' + layout:26.26s} {sum(map(len, bodies)) / N:9.1f} {e:13,.0f} "

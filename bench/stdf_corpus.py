@@ -117,7 +117,7 @@ class _Ptrs:
 
     def __init__(self, rnd: random.Random, count: int, first: int) -> None:
         self.rnd = rnd
-        self.tests = []
+        self.tests: list[dict[str, Any]] = []
         for i in range(count):
             block = rnd.choice(_BLOCKS)
             lo = _f32(rnd, -2.0, 0.5)
@@ -347,11 +347,11 @@ def catalyst(order: str = "<", parts: int = 300, seed: int = 21) -> bytes:
         for num, text, pattern in ftrs:
             fails = rnd.random() < 0.25
             npins = rnd.randrange(1, 33) if fails else 0
-            pins = sorted(rnd.sample(range(1, 257), npins))
+            fail_pins = sorted(rnd.sample(range(1, 257), npins))
             npgm = rnd.randrange(0, 6) if fails else 0
             nbits = 256 if fails else 0
             bits = bytearray(nbits // 8)
-            for p in pins:
+            for p in fail_pins:
                 bits[(p - 1) // 8] |= 1 << ((p - 1) % 8)
             yield "FTR", {
                 "TEST_NUM": num, "HEAD_NUM": head, "SITE_NUM": site,
@@ -362,8 +362,8 @@ def catalyst(order: str = "<", parts: int = 300, seed: int = 21) -> bytes:
                 "XFAIL_AD": rnd.randrange(-100, 100) if fails else 0,
                 "YFAIL_AD": rnd.randrange(-100, 100) if fails else 0,
                 "VECT_OFF": rnd.randrange(-50, 50) if fails else 0,
-                "RTN_ICNT": npins, "PGM_ICNT": npgm, "RTN_INDX": pins,
-                "RTN_STAT": [rnd.randrange(16) for _ in pins],
+                "RTN_ICNT": npins, "PGM_ICNT": npgm, "RTN_INDX": fail_pins,
+                "RTN_STAT": [rnd.randrange(16) for _ in fail_pins],
                 "PGM_INDX": [rnd.randrange(1, 64) for _ in range(npgm)],
                 "PGM_STAT": [rnd.randrange(16) for _ in range(npgm)],
                 "FAIL_PIN": Bits(nbits, bytes(bits)),

@@ -72,7 +72,7 @@ def child(files: int) -> dict[str, Any]:
         for i in range(files):
             (directory / "lots" / f"lot{i:05}.stdf").write_bytes(lot)
         keys = {f.name for f in dataclasses.fields(TailConfig)}
-        extra = {"fold_after": 0.0} if "fold_after" in keys else {}
+        extra: dict[str, Any] = {"fold_after": 0.0} if "fold_after" in keys else {}
         time.sleep(0.3)  # older than the watermark's slack (0.1 s) when the tail starts
         # a state directory (the registry of finished files, where the tail keeps one),
         # beside the lots: written as the lots finish, read at the start

@@ -73,7 +73,7 @@ echo "scripts/test.sh: installing edgegw, its plugins and test tools into $venv"
 "$venv/bin/ruff" check .
 # The layer map (README, "Architecture"): the import-linter contracts in pyproject.toml.
 "$venv/bin/lint-imports" --no-cache
-# The type hints ([tool.mypy] in pyproject.toml: the package and the plugins).
+# The type hints ([tool.mypy] in pyproject.toml: the package, the plugins and the benches).
 "$venv/bin/mypy"
 # Long measurements (-m slow: 60 s outages timed against a 2 s goal) and soaks are
 # documented commands outside the suite (README, "Longer runs"): on a busy CI machine a
