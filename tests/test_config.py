@@ -41,6 +41,8 @@ def test_the_example_configs_are_valid() -> None:
     load(HubConfig, REPO / "conf" / "hub.toml")
     cfg = load_gateway_config(str(REPO / "conf" / "gateway.toml"))
     assert cfg.gateway.id == "ate-01" and cfg.source_entries()[0].type == "simulated"
+    # as installed, `edgegw status` has a gateway to ask -- on this machine only
+    assert (cfg.gateway.status_port, cfg.gateway.status_listen) == (8766, "127.0.0.1")
 
 
 def test_an_unknown_key_is_named_with_what_is_allowed(tmp_path: Path) -> None:
