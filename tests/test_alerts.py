@@ -14,6 +14,7 @@ from edgegw.hub import topics
 from edgegw.hub.alerts import AlertEngine, AlertRuleConfig, AlertsConfig
 from edgegw.hub.live import LiveState
 from edgegw.records import (
+    GatewayEvent,
     ParametricResult,
     PartResult,
     SensorReading,
@@ -242,6 +243,66 @@ def test_gateway_known_only_from_replayed_records_counts_as_offline() -> None:
     assert [e["alert"]["context"]["gateway_id"] for e in bus.of("raised")] == ["ate-9"]
 
 
+def event(ts: float, code: str, level: str = "error", message: str = "m") -> GatewayEvent:
+    return GatewayEvent("gateway", ts, level, code, message, None)
+
+
+def test_what_a_gateway_reports_at_the_rules_level_or_above_is_an_alert() -> None:
+    """A source that failed, frames dropped at a full store, a state restored from a
+    copy: the gateway says so in a GatewayEvent, and a ``gateway_event`` rule turns those
+    of its level (and codes) into alerts -- one per gateway and code within the window."""
+    rule = AlertRuleConfig(name="gw-trouble", kind="gateway_event", priority="P1",
+                           gateway="ate-*", dedup_window_s=300)
+    state, _, bus = make(rule)
+    feed = Feeder(state, "ate-1")
+    feed([event(10.0, "source_started", "info"),
+          event(11.0, "queue_filling", "warning")], now=1.0)
+    assert bus.events == []  # below "error", the rule's level
+    feed([event(20.0, "source_failed", message="source tester: OSError: gone")], now=2.0)
+    (raised,) = bus.of("raised")
+    alert = raised["alert"]
+    assert alert["message"] == "gateway ate-1: error source_failed: source tester: OSError: gone"
+    assert alert["context"] == {"gateway_id": "ate-1", "code": "source_failed",
+                                "level": "error", "source": "gateway"}
+    assert (alert["raised_at"], alert["priority"]) == (20.0, "P1")  # the event's time
+    feed([event(80.0, "source_failed")], now=3.0)  # the same code within the window
+    assert len(bus.of("raised")) == 1
+    feed([event(90.0, "store_overflow")], now=4.0)  # another code: its own alert
+    assert [e["alert"]["context"]["code"] for e in bus.of("raised")] == [
+        "source_failed", "store_overflow"]
+    Feeder(state, "hub-side")([event(95.0, "source_failed")], now=5.0)  # not ate-*
+    assert len(bus.of("raised")) == 2
+
+
+def test_a_gateway_event_rule_with_codes_and_a_lower_level_alerts_those_codes_only() -> None:
+    rule = AlertRuleConfig(name="drops", kind="gateway_event", level="warning",
+                           codes=["store_*", "state_rollback"])
+    state, _, bus = make(rule)
+    feed = Feeder(state)
+    feed([event(1.0, "source_failed"), event(2.0, "store_overflow", "warning"),
+          event(3.0, "state_rollback"), event(4.0, "store_filling", "info")], now=1.0)
+    assert [e["alert"]["context"]["code"] for e in bus.of("raised")] == [
+        "store_overflow", "state_rollback"]
+
+
+def test_a_malformed_gateway_event_alerts_nothing_and_breaks_nothing() -> None:
+    """A gateway's event is its own input: a time that is no number (or not finite), a
+    code or level that is no text, raise no alert -- and the records beside it apply.
+    A level this hub does not know (a newer gateway's) counts as an error."""
+    rule = AlertRuleConfig(name="any", kind="gateway_event", level="error")
+    state, _, bus = make(rule)
+    feed = Feeder(state)
+    bad: list[Any] = [GatewayEvent("g", "soon", "error", "x", "m", None),  # type: ignore[arg-type]
+                      GatewayEvent("g", float("nan"), "error", "x", "m", None),
+                      GatewayEvent("g", 1.0, "error", 7, "m", None),  # type: ignore[arg-type]
+                      GatewayEvent("g", 1.0, None, "x", "m", None)]  # type: ignore[arg-type]
+    feed([*bad, part(0, 1)], now=1.0)
+    assert bus.events == []
+    assert state.snapshot(topics.wafer(LOT, "W1"))["parts"] == 1
+    feed([event(5.0, "disk_dying", "critical")], now=2.0)
+    assert [e["alert"]["context"]["code"] for e in bus.of("raised")] == ["disk_dying"]
+
+
 def test_acknowledgement_is_broadcast_once_and_stops_escalation() -> None:
     rules = [AlertRuleConfig(name="y0", kind="lot_yield", priority="P0", threshold=0.9,
                              min_parts=5),
@@ -325,14 +386,22 @@ kind = "sensor_range"
 channel = "handler/*/temp"
 high = 40.0
 
+[[rules]]
+name = "gateway-trouble"
+kind = "gateway_event"
+level = "warning"
+codes = ["source_*", "store_overflow"]
+
 [[webhooks]]
 url = "http://alerts.example:8080/hook"
 priorities = ["P0", "P1"]
 """)
     config = build(AlertsConfig, read_toml(path), str(path))
     assert config.dedup_window_s == 120.0
-    assert [r.name for r in config.rules] == ["wafer-yield", "handler-temp"]
+    assert [r.name for r in config.rules] == ["wafer-yield", "handler-temp", "gateway-trouble"]
     assert config.rules[0].threshold == 0.85 and config.rules[1].high == 40.0
+    assert (config.rules[2].level, config.rules[2].codes) == (
+        "warning", ["source_*", "store_overflow"])
     assert config.webhooks[0].priorities == ["P0", "P1"]
 
     with pytest.raises(ConfigError) as err:
@@ -340,10 +409,12 @@ priorities = ["P0", "P1"]
             {"name": "a", "kind": "wafer_yield"},
             {"name": "c", "kind": "nonsense"},
             {"name": "d", "kind": "sensor_range", "priority": "P7"},
+            {"name": "e", "kind": "gateway_event", "level": "fatal"},
         ]}, "hub.toml")
     text = str(err.value)
     assert "hub.toml: rules[0].threshold: required for kind 'wafer_yield'" in text
     assert "rules[1].kind" in text and "rules[2].priority" in text
+    assert "rules[3].level" in text and "'fatal'" in text
     with pytest.raises(ConfigError, match=r"rules\[0\]\.threshold: a yield, gap or share is "
                        "between 0 and 1"):
         build(AlertsConfig, {"rules": [{"name": "b", "kind": "lot_yield", "threshold": 85}]})

@@ -32,7 +32,7 @@ from faultkit import (
     stop_all,
     wait_all_applied,
 )
-from processes import wait_for
+from processes import get_json, wait_for
 
 from edgegw.spool import list_segments as _list_segments
 from edgegw.spool.format import Kind, Record, scan
@@ -392,6 +392,16 @@ def test_cap_reached_with_drop_oldest_drops_counts_and_reports(tmp_path: Path) -
         wait_for(lambda: (hub.stats()["frames_applied"] + hub.stats()["frames_lost"]
                           == gw.stats()["store"]["next_seq"] - 1), timeout=30)
         assert any(e[3] == "store_overflow" for e in events)
+        # and the floor hears of it: conf/hub.toml's gateway-trouble rule (kind
+        # gateway_event, docs/alerts.md) makes the event an alert
+
+        def overflow_alerts() -> list[dict[str, object]]:
+            return [a for a in get_json(f"{hub.url}/api/alerts")["alerts"]
+                    if a["rule"] == "gateway-trouble"
+                    and a["context"] == {"gateway_id": GATEWAY, "code": "store_overflow",
+                                         "level": "error", "source": "gateway"}]
+        wait_for(overflow_alerts, timeout=30)
+        assert overflow_alerts()[0]["priority"] == "P1"
     finally:
         stop_all(hub, gw)
 

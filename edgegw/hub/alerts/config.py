@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from edgegw.config import Range
 
 Priority = Literal["P0", "P1", "P2", "P3"]
+EventLevel = Literal["info", "warning", "error"]
 RuleKind = Literal[
     "wafer_yield",
     "lot_yield",
@@ -20,6 +21,7 @@ RuleKind = Literal[
     "test_cpk",
     "sensor_range",
     "gateway_offline",
+    "gateway_event",
 ]
 RULE_KINDS: tuple[str, ...] = RuleKind.__args__  # type: ignore[attr-defined]
 
@@ -57,6 +59,10 @@ class AlertRuleConfig:
     #: gateway_offline: gateway id pattern and the seconds offline before alerting.
     gateway: str = "*"
     offline_s: Annotated[float, Range(0, 2_592_000)] = 60.0
+    #: gateway_event: the lowest event level alerted, and the event codes (shell-style
+    #: patterns; empty: every code).  The gateway id pattern is ``gateway`` above.
+    level: EventLevel = "error"
+    codes: list[str] = dataclasses.field(default_factory=list)
     #: every record-driven rule: lot id pattern.
     lot: str = "*"
     #: overrides the section's de-duplication window for this rule.

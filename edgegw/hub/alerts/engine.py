@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from edgegw.hub import topics
 from edgegw.hub.live.models import site_names
 from edgegw.metrics import Metrics
-from edgegw.records import PartResult, SensorReading, SensorWindow
+from edgegw.records import GatewayEvent, PartResult, SensorReading, SensorWindow
 
 from .config import RULE_KINDS, AlertRuleConfig, AlertsConfig
 
@@ -107,6 +107,10 @@ Publish = Callable[[str, dict[str, Any]], None]
 
 #: alerts kept per alert topic for its snapshot
 _PER_TOPIC = 50
+#: a GatewayEvent's levels, in order; one not known (a newer gateway's) counts as an error
+_LEVELS = {"info": 0, "warning": 1, "error": 2}
+#: an event's message is cut to this many characters in its alert
+_EVENT_MESSAGE_CHARS = 500
 #: (rule, lot, head, site) fail runs remembered; bounded across months of lots
 _MAX_RUNS = 10_000
 
@@ -318,6 +322,31 @@ class AlertEngine:
                         f"{rec.unit}",
                         value, limit, {"channel": rec.channel, "unit": rec.unit,
                                        "source": rec.source})
+
+    def on_gateway_event(self, gateway_id: str, rec: GatewayEvent, now: float) -> None:
+        """A ``GatewayEvent`` record applied: what the gateway reports of itself (a source
+        failed, frames dropped at a full store, records refused, its state restored from
+        a copy).  Keyed by rule, gateway and code: the same code again within the window
+        is one alert (its ``occurrences`` grows).  Raised at the event's own time, like
+        every record-driven alert, so a replay raises nothing twice.  An event whose time
+        is no finite number, or whose level or code is no text, alerts nothing."""
+        rules = self._by_kind["gateway_event"]
+        if not rules or not isinstance(rec.code, str) or not isinstance(rec.level, str):
+            return
+        ts = rec.ts
+        if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
+            return
+        rank = _LEVELS.get(rec.level, _LEVELS["error"])
+        for rule in rules:
+            if rank < _LEVELS[rule.level] or not fnmatch.fnmatchcase(gateway_id, rule.gateway):
+                continue
+            if rule.codes and not any(fnmatch.fnmatchcase(rec.code, c) for c in rule.codes):
+                continue
+            text = str(rec.message)[:_EVENT_MESSAGE_CHARS]
+            self._raise(rule, f"{rule.name}|{gateway_id}|{rec.code}", float(ts), now,
+                        f"gateway {gateway_id}: {rec.level} {rec.code}: {text}", None, None,
+                        {"gateway_id": gateway_id, "code": rec.code, "level": rec.level,
+                         "source": str(rec.source)})
 
     def on_gateway(self, gateway_id: str, connected: bool, now: float, *,
                    began: float | None = None) -> None:

@@ -1448,6 +1448,8 @@ class LiveState:
         event = {"ts": rec.ts, "level": rec.level, "code": rec.code, "message": rec.message}
         gw.events.append(event)
         batch.gateway_events.append((gw, event))
+        if self.alerts is not None:
+            self.alerts.on_gateway_event(gateway_id, rec, self._now)
 
     _handlers: dict[type, Callable[..., None]] = {
         PartResult: _on_part,
