@@ -31,6 +31,7 @@ from tests.cluster_haproxy import HAProxy, NodeSet, haproxy_binary, node_toml
 from tests.cluster_live import LiveFollower
 from tests.ports import free_port
 from tests.processes import get_json, spawn, wait_for
+from tests.shared_data import METIS, stdf_path
 
 # ---------------------------------------------------------------- sans-IO
 
@@ -81,6 +82,11 @@ name = "gw-offline"
 kind = "gateway_offline"
 priority = "P1"
 offline_s = 2
+
+[[alerts.rules]]
+name = "gw-trouble"
+kind = "gateway_event"
+priority = "P2"
 
 [[alerts.webhooks]]
 url = "http://127.0.0.1:@HOOK@/hook"
@@ -339,8 +345,17 @@ async def test_alert_topics_webhooks_and_gateway_offline_once_cluster_wide(
                 gw_dir = tmp_path / "gw"
                 gw_dir.mkdir()
                 cfg = gw_dir / "gateway.toml"
+                # beside the tester, a directory holding a file no decoder takes (STDF V3):
+                # the gateway abandons it and says so in a source_corrupt GatewayEvent
+                inbox = gw_dir / "inbox"
+                inbox.mkdir()
+                v3 = bytearray(stdf_path(METIS).read_bytes())
+                v3[5] = 3  # the FAR's STDF_VER
+                (inbox / "old.stdf").write_bytes(bytes(v3))
                 cfg.write_text(GATEWAY_TOML.replace("@LB@", str(lb.port))
-                               .replace("@STATE@", str(gw_dir / "state")))
+                               .replace("@STATE@", str(gw_dir / "state"))
+                               + f'\n[[sources]]\nname = "old"\ntype = "stdf"\n'
+                                 f'paths = ["{inbox}"]\n')
                 gateway = spawn("gateway", "--config", str(cfg), log=gw_dir / "gateway.log")
                 try:
                     # 1. a record-driven alert: raised once, live on both nodes
@@ -364,10 +379,21 @@ async def test_alert_topics_webhooks_and_gateway_offline_once_cluster_wide(
                           f"{trio.current_time() - t_ack:.2f} s")
                     await _until(lambda: hook.count()[("acknowledged", alert_id)] >= 1, 20,
                                  "the ack's webhook")
+                    # 3. what the gateway reports of itself (kind gateway_event): raised by
+                    # the owner of its gw:<id> partition, once, live on both nodes
+                    def trouble(f: LiveFollower) -> list[dict[str, Any]]:
+                        return [a for a in _alerts_in(f.views).values()
+                                if a["rule"] == "gw-trouble"]
+                    await _until(lambda: all(trouble(f) for f in followers), 40,
+                                 "a gateway_event alert on both nodes")
+                    (corrupt,) = trouble(followers[1])
+                    assert corrupt["context"]["code"] == "source_corrupt"
+                    assert corrupt["context"]["gateway_id"] == "ate-1"
+                    assert "STDF_VER 3" in corrupt["message"]
                 finally:
                     gateway.terminate()
                     gateway.wait(15)
-                # 3. the gateway went away: gateway_offline, raised once cluster-wide
+                # 4. the gateway went away: gateway_offline, raised once cluster-wide
                 def offline_alerts(f: LiveFollower) -> list[dict[str, Any]]:
                     return [a for a in _alerts_in(f.views).values()
                             if a["rule"] == "gw-offline"]
@@ -378,7 +404,7 @@ async def test_alert_topics_webhooks_and_gateway_offline_once_cluster_wide(
                 offline_id = offline[0]["id"]
                 await _until(lambda: hook.count()[("raised", offline_id)] >= 1, 20,
                              "gateway_offline's webhook")
-                # 4. the node announcing alerts dies: the other takes the feed over,
+                # 5. the node announcing alerts dies: the other takes the feed over,
                 # announces nothing twice, and goes on (an ack there, seen live)
                 holder = (await trio.to_thread.run_sync(_feed_holders, nodes))[0]
                 await trio.to_thread.run_sync(nodes.kill, holder)
