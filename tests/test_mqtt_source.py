@@ -1262,3 +1262,53 @@ async def test_a_subscription_the_broker_refuses_is_not_counted_as_subscribed(
         assert metrics.gauge("mqtt_subscribed").get(source="sensors") == 0
         assert metrics.counter("mqtt_subscriptions_refused_total").get(source="sensors") == 2
         nursery.cancel_scope.cancel()
+
+
+async def test_a_broker_that_resets_every_connection_is_retried_never_raised() -> None:
+    """A broker that takes the TCP connection and resets it at once (a proxy in front of a
+    dead broker, a firewall): paho may close the socket in the first write, before the
+    connection's reader has looked at it.  Each attempt is a failure to connect, counted
+    and retried with backoff; none ends the client (its reader registered the closed
+    socket's descriptor, -1: a ValueError out of run(), seen once in a full suite run
+    against a broker refusing client certificates)."""
+    import socket
+    import struct
+
+    from edgegw.backoff import Backoff
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.setblocking(False)
+    host, port = listener.getsockname()
+
+    async def resetter() -> None:
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            with contextlib.suppress(BlockingIOError):
+                conn, _ = listener.accept()
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()  # an RST, not a FIN
+
+    client = TrioMqttClient(ConnectOptions(host=host, port=port, client_id="reset"),
+                            backoff=Backoff(0.001, 0.002), name="reset")
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(resetter)
+                await nursery.start(client.run)
+                while client.connect_failures < 40:
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+    finally:
+        listener.close()
+    assert not client.connected and client.internal_errors == 0
+    # the order that race makes, made here: a connection's reader whose first look comes
+    # after its socket was closed ends it quietly (it raised ValueError: descriptor -1)
+    assert client._conn is not None
+    conn = type(client._conn)()
+    conn.sock = socket.socket()
+    conn.sock.close()
+    with trio.fail_after(5):
+        await client._reader(conn)
+    assert conn.closed.is_set() and conn.settled.is_set()

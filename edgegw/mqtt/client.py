@@ -415,7 +415,15 @@ class TrioMqttClient:
         # everything available without parking in Trio once per message (paho reads
         # one packet per loop_read call).
         poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
+        # The writer (started beside this task) may have run first and found the broker
+        # gone: paho closed the socket, whose descriptor is then -1 (registering it raised
+        # a ValueError out of run(): seen against a broker refusing a client certificate).
+        fd = sock.fileno()
+        if conn.closed.is_set() or fd < 0:
+            conn.closed.set()
+            conn.settled.set()
+            return
+        poller.register(fd, select.POLLIN)
         client = self.paho
         loop_read = client.loop_read
         while True:
