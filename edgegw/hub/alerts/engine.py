@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from edgegw.hub import topics
+from edgegw.hub.live.checks import is_num
 from edgegw.hub.live.models import site_names
 from edgegw.metrics import Metrics
 from edgegw.records import GatewayEvent, PartResult, SensorReading, SensorWindow
@@ -334,7 +335,7 @@ class AlertEngine:
         if not rules or not isinstance(rec.code, str) or not isinstance(rec.level, str):
             return
         ts = rec.ts
-        if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
+        if not is_num(ts) or not math.isfinite(ts):
             return
         rank = _LEVELS.get(rec.level, _LEVELS["error"])
         for rule in rules:
