@@ -536,6 +536,17 @@ def test_a_frame_the_hub_rejects_goes_to_the_dead_letter_file_and_blocks_nothing
         (shown,) = [json.loads(line) for line in listed.stdout.splitlines()]
         assert listed.returncode == 0 and shown["seq"] == bad_seq
         assert "CBOR" in shown["reason"] and shown["body_bytes"] == len(entry["body"])
+        # and the floor hears of it: the gateway tells the hub in a frame_rejected event,
+        # which conf/hub.toml's gateway-trouble rule makes a P1 alert (docs/alerts.md)
+        def rejected_alerts() -> list[dict[str, object]]:
+            return [a for a in get_json(f"{hub.url}/api/alerts")["alerts"]
+                    if a["rule"] == "gateway-trouble"
+                    and a["context"] == {"gateway_id": GATEWAY, "code": "frame_rejected",
+                                         "level": "error", "source": "gateway"}]
+        wait_for(rejected_alerts, timeout=30)
+        assert f"rejected frame {bad_seq} as invalid" in str(rejected_alerts()[0]["message"])
+        (told,) = [e for e in hub_records(hub.dir)[1] if e[3] == "frame_rejected"]
+        assert told[2] == "error" and told[5]["seqs"] == [bad_seq] and told[5]["frames"] == 1
     finally:
         stop_all(hub, gw)
 

@@ -76,6 +76,13 @@ GC_YOUNG_THRESHOLD = 10_000
 #: spool, so they run then too): a source putting as fast as it can holds the thread for
 #: this many puts' work at most, tens of microseconds for a part's records (``Gateway._put``)
 PUT_YIELD_EVERY = 16
+#: frames the hub rejects are told to it as one ``frame_rejected`` event at most this
+#: often (the first at once, those rejected meanwhile summed in the next): a hub that
+#: rejected every frame would otherwise reject each event's frame too and beget the next
+#: event, a frame per round trip for as long as it ran
+REJECTED_EVENT_EVERY_S = 60.0
+#: the rejected frames' seqs an event names (it counts them all)
+REJECTED_EVENT_SEQS = 20
 
 
 def tune_gc() -> None:
@@ -246,6 +253,9 @@ class Gateway:
         # tracked source -> (owed, counted) spans of the last batch stored (``Batch``)
         self._after_base: dict[str, tuple[list[Span], list[Span]]] = {}
         self._refused_untold: dict[str, int] = {}  # refused records not yet told to the hub
+        # frames the hub rejected not yet told to it: [count, first seqs, last reason]
+        self._rejected_untold: tuple[int, list[int], str] = (0, [], "")
+        self._rejected_wake = trio.Event()
         #: refused records an earlier run kept in the dead-letter file past the last durable
         #: checkpoint, by (source, body): replayed, they are not written again
         self._refused_kept: Counter[tuple[Any, ...]] = Counter()
@@ -996,6 +1006,33 @@ class Gateway:
             f"never held; {rollback.reissued} frame(s) stored again under new seqs",
             rollback._asdict())
 
+    def _frame_rejected(self, seq: int, reason: str) -> None:
+        """The hub rejected frame ``seq`` (kept in the dead-letter file): told to the hub
+        by ``_tell_rejections``, so that an alert rule can page someone (the hub counts
+        it, but a cluster rejects on whichever node got the frame, not where the
+        gateway's alerts are raised)."""
+        n, seqs, _ = self._rejected_untold
+        if len(seqs) < REJECTED_EVENT_SEQS:
+            seqs.append(seq)
+        self._rejected_untold = (n + 1, seqs, reason)
+        self._rejected_wake.set()
+
+    async def _tell_rejections(self) -> None:
+        """One ``frame_rejected`` error event per ``REJECTED_EVENT_EVERY_S`` at most."""
+        while True:
+            await self._rejected_wake.wait()
+            self._rejected_wake = trio.Event()
+            (n, seqs, reason), self._rejected_untold = self._rejected_untold, (0, [], "")
+            which = f"frame {seqs[0]} as invalid:" if n == 1 else (
+                f"{n} frames ({', '.join(map(str, seqs))}{', ...' if n > len(seqs) else ''})"
+                f" as invalid, the last for:")
+            await self.emit_event(
+                "error", "frame_rejected",
+                f"the hub rejected {which} {reason} (kept in the gateway's dead-letter "
+                f"file: edgegw dead-letters list)",
+                {"frames": n, "seqs": seqs, "reason": reason})
+            await trio.sleep(REJECTED_EVENT_EVERY_S)
+
     async def emit_event(self, level: str, code: str, message: str,
                          detail: dict[str, Any] | None = None) -> None:
         """Report something about the gateway itself to the hub, as a record."""
@@ -1143,6 +1180,8 @@ class Gateway:
         try:
             async with trio.open_nursery() as nursery:
                 self.uplink.on_state_rollback = functools.partial(self._rolled_back, nursery)
+                self.uplink.on_frame_rejected = self._frame_rejected
+                nursery.start_soon(self._tell_rejections)
                 await nursery.start(self.uplink.run)
                 nursery.start_soon(self._flusher)
                 if self.config.gateway.status_port:

@@ -177,6 +177,10 @@ class Uplink:
         #: called if the first WELCOME shows the hub applied frames this store never held
         #: (``gateway/rollback.py``)
         self.on_state_rollback: Callable[[Rollback], None] | None = None
+        #: called with (seq, reason) when the hub rejected a frame and its entry was
+        #: written (not when the file held it already: a frame rejected again after a
+        #: restart is told once)
+        self.on_frame_rejected: Callable[[int, str], None] | None = None
         self._first_welcome = True
         self.m_connects = metrics.counter("uplink_connects_total", "successful hub handshakes")
         self.m_rollbacks = metrics.counter(
@@ -458,15 +462,18 @@ class Uplink:
                 if isinstance(ev, Ack):
                     self._apply_ack([(1, ev.watermark), *ev.ranges] if ev.watermark else ev.ranges)
                 elif isinstance(ev, Reject):
-                    await self._dead_letter(ev.seq, ev.reason)
+                    if (await self._dead_letter(ev.seq, ev.reason)
+                            and self.on_frame_rejected is not None):
+                        self.on_frame_rejected(ev.seq, ev.reason)
 
     async def _dead_letter(self, seq: int, reason: str, ack: bool = True,
-                           body: bytes | None = None) -> None:
+                           body: bytes | None = None) -> bool:
         """Keep ``body`` (frame ``seq``'s, or records cut from it) in the dead-letter file,
         once: not again when the file holds it already (the same records of the same
         frame), and never cut off by a cancellation (shielded, bounded), so that what
         follows the entry -- the stand-in part stored with the split's progress, the ack
-        -- is done in the same step; the caller's next checkpoint takes the cancellation."""
+        -- is done in the same step; the caller's next checkpoint takes the cancellation.
+        Whether the entry was written now (False: the file held it already)."""
         if body is None:
             frames = self.store.frames_from(seq, 1)
             body = self._as_sent(frames[0]) if frames and frames[0].seq == seq else None
@@ -488,6 +495,7 @@ class Uplink:
             self.store.ack_set([(seq, seq)])
             if self.scheduler is not None:
                 self.scheduler.acked(0, [(seq, seq)])
+        return written
 
     async def _write_dead_letter_once(self, seq: int, reason: str,
                                       body: bytes | None) -> bool:

@@ -1,0 +1,73 @@
+"""A frame the hub rejects (REJECT, docs/protocol.md section 5) is kept in the gateway's
+dead-letter file and told back to the hub as a ``frame_rejected`` error event, so that an
+alert rule pages someone (docs/alerts.md, kind ``gateway_event``): the hub counts the
+frame, but in a cluster the node that rejected it is not always the one raising the
+gateway's alerts.  At most one such event per ``REJECTED_EVENT_EVERY_S``, those rejected
+meanwhile counted in the next: a hub that rejects every frame rejects each event's frame
+too, which must not beget a new event per round trip.  Against the independent peer hub
+(tests/peer_hub.py); the real hub's alert is in tests/test_faults.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hubtools import gateway_welcomed
+from peer_hub import REJECT, PeerHub, welcome
+
+from edgegw.protocol import decode_body
+from edgegw.records import GatewayEvent, SensorReading, from_wire
+
+INTERVAL_S = 1.0
+WATCH_S = 4.0
+
+
+async def test_a_hub_rejecting_every_frame_hears_of_it_once_an_interval_not_once_a_frame(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("edgegw.gateway.service.REJECTED_EVENT_EVERY_S", INTERVAL_S)
+    rejected: list[int] = []  # in the order the REJECTs went
+    told: list[GatewayEvent] = []
+    async with trio.open_nursery() as nursery:
+        gw, session = await gateway_welcomed(
+            nursery, tmp_path / "gw", PeerHub(), welcome(heartbeat=30.0),
+            uplink={"heartbeat_s": 30.0}, batch={"max_records": 1, "max_delay_ms": 10})
+
+        async def tester() -> None:  # a reading every 50 ms: a frame each
+            for i in range(1000):
+                await gw.sink.put([SensorReading("s", float(i), "c", float(i))], source="s")
+                await trio.sleep(0.05)
+        nursery.start_soon(tester)
+        with trio.move_on_after(WATCH_S):
+            while True:
+                message = await session.recv_data()
+                seq, body = message[1], message[3]  # no encoding: off by default
+                _, sources, wire = decode_body(body, 1 << 20)
+                told += [r for r in (from_wire(w, sources) for w in wire)
+                         if isinstance(r, GatewayEvent) and r.code == "frame_rejected"]
+                await session.send([REJECT, seq, "refused by the test"])
+                rejected.append(seq)
+        await session.end()
+        nursery.cancel_scope.cancel()
+
+    # the first rejection at once, then about one event a second -- not one per frame
+    # (the frames carrying the events were rejected too: ~20 frames a second)
+    assert len(rejected) > 20
+    assert 2 <= len(told) <= WATCH_S / INTERVAL_S + 1, [e.detail for e in told]
+    first = told[0]
+    assert first.level == "error" and first.source == "gateway"
+    assert first.detail == {"frames": 1, "seqs": [rejected[0]], "reason": "refused by the test"}
+    assert first.message == (f"the hub rejected frame {rejected[0]} as invalid: refused by "
+                             f"the test (kept in the gateway's dead-letter file: edgegw "
+                             f"dead-letters list)")
+    # each later event counts the frames rejected since the one before, in order, naming
+    # the first 20 of them: every rejection told once
+    k = 0
+    for event in told:
+        detail: dict[str, Any] = event.detail or {}
+        n = detail["frames"]
+        assert n >= 1 and detail["seqs"] == rejected[k:k + n][:20], (k, detail)
+        k += n
+    assert k <= len(rejected)
+    assert gw.metrics.as_dict()["uplink_frames_rejected_total"] == len(rejected)
