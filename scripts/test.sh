@@ -78,9 +78,11 @@ echo "scripts/test.sh: installing edgegw, its plugins and test tools into $venv"
 # Long measurements (-m slow: 60 s outages timed against a 2 s goal) and soaks are
 # documented commands outside the suite (README, "Longer runs"): on a busy CI machine a
 # timing figure is a measurement, not a pass/fail.
-# Two workers (pytest-xdist; EDGEGW_TEST_WORKERS=0 runs in one process): the suite mostly
-# waits on servers, subprocesses and a browser, so two overlap well on two cores, and
-# worksteal hands the long fault and cluster tests to whichever worker is free.  Every
+# Three workers (pytest-xdist; EDGEGW_TEST_WORKERS=0 runs in one process): the suite mostly
+# waits on servers, subprocesses and a browser, so three overlap well even on two cores --
+# beside two CPU burners on a 2-core machine the suite took 682 s with three, 796-941 s
+# with two -- and worksteal hands the long fault and cluster tests to whichever worker is
+# free.  Every
 # test is isolated per worker (free ports, its own tmp_path, brokers, Redis and databases).
 # Its own base temporary directory: pytest's default (/tmp/pytest-of-$USER/pytest-N) keeps
 # only the last three runs' and removes older ones as each run starts, so a run beside
@@ -89,7 +91,7 @@ echo "scripts/test.sh: installing edgegw, its plugins and test tools into $venv"
 # in one CI run beside five others.  Removed when the run passes, kept when it fails.
 basetemp=$(mktemp -d "${TMPDIR:-/tmp}/edgegw-tests.XXXXXX")
 status=0
-"$venv/bin/python" -m pytest -q -m "not slow" -n "${EDGEGW_TEST_WORKERS:-2}" \
+"$venv/bin/python" -m pytest -q -m "not slow" -n "${EDGEGW_TEST_WORKERS:-3}" \
   --dist worksteal --basetemp "$basetemp" "$@" || status=$?
 if [ "$status" = 0 ]; then
   rm -rf "$basetemp"
