@@ -9,6 +9,7 @@ too, which must not beget a new event per round trip.  Against the independent p
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import trio
 from hubtools import gateway_welcomed
 from peer_hub import REJECT, PeerHub, welcome
 
+from edgegw.metrics import internal_errors
 from edgegw.protocol import decode_body
 from edgegw.records import GatewayEvent, SensorReading, from_wire
 
@@ -71,3 +73,52 @@ async def test_a_hub_rejecting_every_frame_hears_of_it_once_an_interval_not_once
         k += n
     assert k <= len(rejected)
     assert gw.metrics.as_dict()["uplink_frames_rejected_total"] == len(rejected)
+
+
+def rejections_told(body: bytes) -> list[GatewayEvent]:
+    _, sources, wire = decode_body(body, 1 << 20)
+    return [r for r in (from_wire(w, sources) for w in wire)
+            if isinstance(r, GatewayEvent) and r.code == "frame_rejected"]
+
+
+async def test_an_event_that_cannot_be_stored_ends_that_event_not_the_gateway(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The event is stored by a task of the gateway's own: a store failing under it is a
+    failure boundary (docs/reliability.md, ``gateway_event``) -- that event is not told,
+    the gateway goes on and tells the next rejection."""
+    monkeypatch.setattr("edgegw.gateway.service.REJECTED_EVENT_EVERY_S", 0.1)
+    async with trio.open_nursery() as nursery:
+        gw, session = await gateway_welcomed(
+            nursery, tmp_path / "gw", PeerHub(), welcome(heartbeat=30.0),
+            uplink={"heartbeat_s": 30.0}, batch={"max_records": 1, "max_delay_ms": 10})
+        stored = gw.emit_event
+        failed = 0
+
+        async def emit_event(level: str, code: str, message: str,
+                             detail: dict[str, Any] | None = None) -> None:
+            nonlocal failed
+            if code == "frame_rejected" and not failed:
+                failed += 1
+                raise OSError(errno.EIO, "Input/output error")
+            await stored(level, code, message, detail)
+        monkeypatch.setattr(gw, "emit_event", emit_event)
+
+        told: list[GatewayEvent] = []
+        with trio.fail_after(20):
+            await gw.sink.put([SensorReading("s", 1.0, "c", 1.0)], source="s")
+            first = (await session.recv_data())[1]
+            await session.send([REJECT, first, "refused by the test"])  # its event fails
+            while not failed:
+                await trio.sleep(0.01)
+            await trio.sleep(0.3)  # past the interval: the gateway still runs, and ...
+            await gw.sink.put([SensorReading("s", 2.0, "c", 2.0)], source="s")
+            second = (await session.recv_data())[1]
+            await session.send([REJECT, second, "refused again"])
+            while not told:  # ... the next rejection is told
+                message = await session.recv_data()
+                told = rejections_told(message[3])
+        await session.end()
+        nursery.cancel_scope.cancel()
+    assert [e.detail for e in told] == [
+        {"frames": 1, "seqs": [second], "reason": "refused again"}]
+    assert internal_errors(gw.metrics).get(where="gateway_event") == 1

@@ -1000,7 +1000,7 @@ class Gateway:
         """The uplink found the state gone back in time (gateway/rollback.py): the hub
         hears of it as an error event (not from the uplink's task: a put may wait)."""
         nursery.start_soon(
-            self.emit_event, "error", "state_rollback",
+            self._tell, "error", "state_rollback",
             f"the gateway's state went back in time: the hub had applied frames "
             f"{rollback.first}..{rollback.last} of epoch {rollback.epoch} that its spool "
             f"never held; {rollback.reissued} frame(s) stored again under new seqs",
@@ -1026,12 +1026,22 @@ class Gateway:
             which = f"frame {seqs[0]} as invalid:" if n == 1 else (
                 f"{n} frames ({', '.join(map(str, seqs))}{', ...' if n > len(seqs) else ''})"
                 f" as invalid, the last for:")
-            await self.emit_event(
+            await self._tell(
                 "error", "frame_rejected",
                 f"the hub rejected {which} {reason} (kept in the gateway's dead-letter "
                 f"file: edgegw dead-letters list)",
                 {"frames": n, "seqs": seqs, "reason": reason})
             await trio.sleep(REJECTED_EVENT_EVERY_S)
+
+    async def _tell(self, level: str, code: str, message: str,
+                    detail: dict[str, Any] | None = None) -> None:
+        """``emit_event`` from a task of the gateway's own: a failure boundary (the store
+        failing, say), so an event that cannot be stored never ends the gateway."""
+        try:
+            await self.emit_event(level, code, message, detail)
+        except Exception:
+            report_internal_error(self.metrics, "gateway_event", log,
+                                  "telling the hub of a %s event", code)
 
     async def emit_event(self, level: str, code: str, message: str,
                          detail: dict[str, Any] | None = None) -> None:
