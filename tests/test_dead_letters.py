@@ -10,13 +10,14 @@ restart, so every entry written after it reads, and its record is written again,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import cbor2
 import pytest
 import trio
-from disktools import DeadLetterFile, dead_letter_entry
+from disktools import DeadLetterFile, dead_letter_entry, fill_to_the_last_byte
 from hubtools import gateway_config, hub_config, start_hub
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -31,6 +32,7 @@ from edgegw.gateway import (
     scan_dead_letters,
 )
 from edgegw.hub.store import unpack_body
+from edgegw.metrics import internal_errors
 from edgegw.protocol import decode_body
 from edgegw.records import GatewayEvent, SensorReading, from_wire
 from edgegw.spool import DiskSpool, SpoolConfig
@@ -289,3 +291,45 @@ def test_any_damage_between_entries_is_skipped_and_every_entry_after_it_is_read(
         assert found[-(n - at):] == list(range(at, n))
     assert set(found) <= set(range(n))
     assert len(found) == len(set(found))
+
+
+async def test_a_refused_record_on_a_full_disk_waits_for_room_and_is_kept_once(
+        tiny_fs: Path, tmp_path: Path) -> None:
+    """The dead-letter file is the only copy the gateway keeps of a refused record: when its
+    disk is full the record waits (and what follows it, as the spool's appends wait) until
+    there is room, then is kept once -- before, it was counted as an internal error and lost.
+    A write the full disk cut short leaves no torn entry behind."""
+    state = tiny_fs / "gw"
+    cfg = gateway_config(state, free_port(), spool={"dir": str(tmp_path / "spool")},
+                         uplink={"max_frame_bytes": 65536},
+                         batch={"max_records": 10, "max_delay_ms": 20})
+    gateway = Gateway(cfg)
+    dead = DeadLetterFile(state / "dead-letter.cborseq")
+    giant = SensorReading("s", 1.0, "c", 1.0, "x" * 100_000)  # alone over any frame
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.run)
+        filler = fill_to_the_last_byte(tiny_fs)
+        # room for a part of the entry: the write takes some of it, then fails
+        room = (await trio.Path(filler).stat()).st_size - 40_000
+        await trio.to_thread.run_sync(os.truncate, filler, room)
+        with trio.fail_after(30):
+            await gateway.sink.put([giant], source="s")
+            await gateway.sink.put([SensorReading("s", 2.0, "c", 2.0)], source="s")
+            await trio.sleep(1.5)  # the flusher tries, finds the disk full, waits
+        assert dead.entries() == []  # no entry, torn or whole
+        stored = gateway.store.next_seq
+        filler.unlink()
+        with trio.fail_after(30):
+            while not dead.entries():
+                await trio.sleep(0.05)
+            await gateway.flush()
+            while gateway.store.next_seq == stored:  # the reading behind it is stored
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    (entry,) = dead.entries()
+    _, sources, wire = decode_body(entry["body"], 1 << 20)
+    assert [from_wire(w, sources) for w in wire] == [giant]
+    assert entry["seq"] is None and entry["source"] == "s"
+    assert internal_errors(gateway.metrics).get(where="dead_letter") == 0
+    size = (await dead.path.stat()).st_size
+    assert gateway.metrics.as_dict()["gateway_dead_letter_bytes"] == size

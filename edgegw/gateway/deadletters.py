@@ -155,12 +155,22 @@ async def write_dead_letter(path: trio.Path, entry: dict[str, Any]) -> int:
     held it -- with ``source`` and ``rid``, the gateway's next record id then; ``epoch``,
     ``reason``, ``at``, ``body``).  Durable when it returns (fsync): the frame that says
     the records are there (a stand-in, a checkpoint past them) is made durable after it
-    (docs/spool.md, "The dead-letter file").  Returns the file's size after it."""
+    (docs/spool.md, "The dead-letter file").  Returns the file's size after it.  A write
+    that fails (a full disk) is cut off again, so the next entry starts on an entry
+    boundary, not after a torn one."""
     data = cbor2.dumps(entry)
-    async with await path.open("ab") as f:
-        await f.write(len(data).to_bytes(4, "big") + data)
-        await f.flush()
-        await trio.to_thread.run_sync(os.fsync, f.fileno())
+    framed = memoryview(len(data).to_bytes(4, "big") + data)
+    # unbuffered: nothing of a failed write is left in a buffer to be written at close
+    async with await path.open("ab", buffering=0) as f:
+        start = int(await f.tell())
+        try:
+            while framed:  # a write may take part of it (a disk filling up)
+                framed = framed[await f.write(framed):]
+            await trio.to_thread.run_sync(os.fsync, f.fileno())
+        except BaseException:
+            with trio.CancelScope(shield=True), suppress(OSError):
+                await f.truncate(start)
+            raise
         return int(await f.tell())
 
 

@@ -39,7 +39,7 @@ from ..records import (
     unicode_text,
 )
 from ..sources import Source, SourceContext, source_type
-from ..spool import DiskSpool
+from ..spool import DiskSpool, disk_full
 from ..startup import check_data_dirs
 from ..store import FrameStore, MemoryFrameStore
 from ..web import HttpServer, install_status
@@ -83,6 +83,8 @@ PUT_YIELD_EVERY = 16
 REJECTED_EVENT_EVERY_S = 60.0
 #: the rejected frames' seqs an event names (it counts them all)
 REJECTED_EVENT_SEQS = 20
+#: a refused record that finds the dead-letter file's disk full is written again this often
+DISK_FULL_RETRY_S = 1.0
 
 
 def tune_gc() -> None:
@@ -914,16 +916,34 @@ class Gateway:
             log.info("source %s: the refused record is in the dead-letter file already "
                      "(replayed)", source)
             return
-        try:
-            size = await write_dead_letter(self.dead_letter_path, {
-                "seq": None, "epoch": self.store.epoch, "reason": reason, "at": time.time(),
-                "source": source, "rid": self.next_rid, "body": body})
-            self.m_dead_letter_bytes.set(size)
-            if self.uplink is not None:  # its bound counts this entry too
-                self.uplink.dead_letter_written(size)
-        except OSError:
-            report_internal_error(self.metrics, "dead_letter", log,
-                                  "writing a refused record to the dead-letter file")
+        entry = {"seq": None, "epoch": self.store.epoch, "reason": reason, "at": time.time(),
+                 "source": source, "rid": self.next_rid, "body": body}
+        full_since: float | None = None
+        while True:
+            try:
+                size = await write_dead_letter(self.dead_letter_path, entry)
+            except OSError as exc:
+                if not disk_full(exc):
+                    report_internal_error(self.metrics, "dead_letter", log,
+                                          "writing a refused record to the dead-letter file")
+                    return
+                # the file is its only copy the gateway keeps: the record waits for room,
+                # and the frames behind it with it, as the spool's own appends do
+                if full_since is None:
+                    full_since = trio.current_time()
+                    log.error("source %s: the disk of the dead-letter file %s is full: the "
+                              "refused record (and what follows it) waits until there is "
+                              "room", source, self.dead_letter_path)
+                await trio.sleep(DISK_FULL_RETRY_S)
+                continue
+            break
+        if full_since is not None:
+            log.warning("source %s: the refused record is kept in the dead-letter file "
+                        "after %.1f s of a full disk", source,
+                        trio.current_time() - full_since)
+        self.m_dead_letter_bytes.set(size)
+        if self.uplink is not None:  # its bound counts this entry too
+            self.uplink.dead_letter_written(size)
 
     def _refused_event(self) -> GatewayEvent | None:
         """The event that tells the hub about refused records not told yet."""

@@ -8,8 +8,8 @@ from . import format
 from .commit import ACK_PERSIST_S, DropEvent
 from .config import SpoolConfig
 from .recovery import recover
-from .segments import list_segments
+from .segments import disk_full, list_segments
 from .spool import DiskSpool, SpoolFailed
 
-__all__ = ["ACK_PERSIST_S", "DiskSpool", "DropEvent", "SpoolConfig", "SpoolFailed", "format",
-           "list_segments", "recover"]
+__all__ = ["ACK_PERSIST_S", "DiskSpool", "DropEvent", "SpoolConfig", "SpoolFailed",
+           "disk_full", "format", "list_segments", "recover"]
