@@ -317,6 +317,7 @@ async def test_a_refused_record_on_a_full_disk_waits_for_room_and_is_kept_once(
             await gateway.sink.put([SensorReading("s", 2.0, "c", 2.0)], source="s")
             await trio.sleep(1.5)  # the flusher tries, finds the disk full, waits
         assert dead.entries() == []  # no entry, torn or whole
+        assert gateway.healthy() == (False, "dead-letter file: disk full")
         stored = gateway.store.next_seq
         filler.unlink()
         with trio.fail_after(30):
@@ -325,6 +326,7 @@ async def test_a_refused_record_on_a_full_disk_waits_for_room_and_is_kept_once(
             await gateway.flush()
             while gateway.store.next_seq == stored:  # the reading behind it is stored
                 await trio.sleep(0.05)
+        assert gateway.healthy() == (True, "ok")
         nursery.cancel_scope.cancel()
     (entry,) = dead.entries()
     _, sources, wire = decode_body(entry["body"], 1 << 20)

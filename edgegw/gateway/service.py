@@ -255,6 +255,8 @@ class Gateway:
         # tracked source -> (owed, counted) spans of the last batch stored (``Batch``)
         self._after_base: dict[str, tuple[list[Span], list[Span]]] = {}
         self._refused_untold: dict[str, int] = {}  # refused records not yet told to the hub
+        # a refused record waits for room on the dead-letter file's disk (unhealthy)
+        self._dead_letter_disk_full = False
         # frames the hub rejected not yet told to it: [count, first seqs, last reason]
         self._rejected_untold: tuple[int, list[int], str] = (0, [], "")
         self._rejected_wake = trio.Event()
@@ -931,6 +933,7 @@ class Gateway:
                 # and the frames behind it with it, as the spool's own appends do
                 if full_since is None:
                     full_since = trio.current_time()
+                    self._dead_letter_disk_full = True
                     log.error("source %s: the disk of the dead-letter file %s is full: the "
                               "refused record (and what follows it) waits until there is "
                               "room", source, self.dead_letter_path)
@@ -938,6 +941,7 @@ class Gateway:
                 continue
             break
         if full_since is not None:
+            self._dead_letter_disk_full = False
             log.warning("source %s: the refused record is kept in the dead-letter file "
                         "after %.1f s of a full disk", source,
                         trio.current_time() - full_since)
@@ -1140,6 +1144,8 @@ class Gateway:
         problem = self.store.problem()
         if problem is not None:
             return False, problem
+        if self._dead_letter_disk_full:
+            return False, "dead-letter file: disk full"
         return True, "ok"
 
     async def _serve_status(self, *, task_status: trio.TaskStatus[int]) -> None:
