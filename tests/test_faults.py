@@ -362,6 +362,15 @@ def test_cap_reached_with_block_policy_stops_intake_and_loses_nothing(tmp_path: 
         stop_all(hub, gw)
 
 
+def trouble_alerts(hub: Hub, code: str) -> list[dict[str, object]]:
+    """The alerts of conf/hub.toml's gateway-trouble rule (kind gateway_event,
+    docs/alerts.md) for this gateway's events of ``code``."""
+    return [a for a in get_json(f"{hub.url}/api/alerts")["alerts"]
+            if a["rule"] == "gateway-trouble"
+            and a["context"] == {"gateway_id": GATEWAY, "code": code, "level": "error",
+                                 "source": "gateway"}]
+
+
 def test_cap_reached_with_drop_oldest_drops_counts_and_reports(tmp_path: Path) -> None:
     source = {**SOURCE, "max_parts": 6000}
     hub = Hub(tmp_path)
@@ -394,14 +403,8 @@ def test_cap_reached_with_drop_oldest_drops_counts_and_reports(tmp_path: Path) -
         assert any(e[3] == "store_overflow" for e in events)
         # and the floor hears of it: conf/hub.toml's gateway-trouble rule (kind
         # gateway_event, docs/alerts.md) makes the event an alert
-
-        def overflow_alerts() -> list[dict[str, object]]:
-            return [a for a in get_json(f"{hub.url}/api/alerts")["alerts"]
-                    if a["rule"] == "gateway-trouble"
-                    and a["context"] == {"gateway_id": GATEWAY, "code": "store_overflow",
-                                         "level": "error", "source": "gateway"}]
-        wait_for(overflow_alerts, timeout=30)
-        assert overflow_alerts()[0]["priority"] == "P1"
+        wait_for(lambda: trouble_alerts(hub, "store_overflow"), timeout=30)
+        assert trouble_alerts(hub, "store_overflow")[0]["priority"] == "P1"
     finally:
         stop_all(hub, gw)
 
@@ -538,13 +541,9 @@ def test_a_frame_the_hub_rejects_goes_to_the_dead_letter_file_and_blocks_nothing
         assert "CBOR" in shown["reason"] and shown["body_bytes"] == len(entry["body"])
         # and the floor hears of it: the gateway tells the hub in a frame_rejected event,
         # which conf/hub.toml's gateway-trouble rule makes a P1 alert (docs/alerts.md)
-        def rejected_alerts() -> list[dict[str, object]]:
-            return [a for a in get_json(f"{hub.url}/api/alerts")["alerts"]
-                    if a["rule"] == "gateway-trouble"
-                    and a["context"] == {"gateway_id": GATEWAY, "code": "frame_rejected",
-                                         "level": "error", "source": "gateway"}]
-        wait_for(rejected_alerts, timeout=30)
-        assert f"rejected frame {bad_seq} as invalid" in str(rejected_alerts()[0]["message"])
+        wait_for(lambda: trouble_alerts(hub, "frame_rejected"), timeout=30)
+        alert = trouble_alerts(hub, "frame_rejected")[0]
+        assert f"rejected frame {bad_seq} as invalid" in str(alert["message"])
         (told,) = [e for e in hub_records(hub.dir)[1] if e[3] == "frame_rejected"]
         assert told[2] == "error" and told[5]["seqs"] == [bad_seq] and told[5]["frames"] == 1
     finally:
