@@ -924,6 +924,7 @@ class Gateway:
         while True:
             try:
                 size = await write_dead_letter(self.dead_letter_path, entry)
+                break
             except OSError as exc:
                 if not disk_full(exc):
                     report_internal_error(self.metrics, "dead_letter", log,
@@ -938,8 +939,6 @@ class Gateway:
                               "refused record (and what follows it) waits until there is "
                               "room", source, self.dead_letter_path)
                 await trio.sleep(DISK_FULL_RETRY_S)
-                continue
-            break
         if full_since is not None:
             self._dead_letter_disk_full = False
             log.warning("source %s: the refused record is kept in the dead-letter file "
