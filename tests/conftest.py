@@ -34,7 +34,7 @@ from cluster_pg import pg_dsn, pg_server  # noqa: E402, F401
 from decoders import each_decoder, python_decoder  # noqa: E402, F401
 
 # a real 2 MiB filesystem for disk-full tests
-from disktools import tiny_fs  # noqa: E402, F401
+from disktools import inode_fs, tiny_fs  # noqa: E402, F401
 
 # ---- end cluster: PostgreSQL ---------------------------------------------------------------
 from walltools import wall  # noqa: E402, F401

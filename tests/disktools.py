@@ -169,6 +169,16 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
         yield mnt
 
 
+@pytest.fixture
+def inode_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A file system of the test's own, where a freed inode goes to the next file created
+    (ext4 on a loop device; where root cannot mount one, the disk's temporary directory):
+    no other process takes the inode there -- on the shared disk another worker's files
+    did, on a busy machine, for longer than a test waits (tests/test_tail_inode.py)."""
+    with ext4_filesystem(tmp_path_factory.mktemp("inodes") / "fs", or_plain=True) as fs:
+        yield fs
+
+
 def fill_to_the_last_byte(directory: Path) -> Path:
     """Write a filler file until the file system has no byte left; returns it."""
     filler = directory / "filler"

@@ -348,14 +348,14 @@ async def test_through_the_gateway_a_crash_after_any_frame_then_the_file_compres
 
 
 async def test_the_copy_is_read_on_when_a_new_file_met_first_has_the_original_inode(
-        tmp_path: Path) -> None:
+        inode_fs: Path) -> None:
     """Found by the model test (seed 119 of its long run).  Stopped behind on a lot, which
     is then compressed; the next lot is created at the plain file's freed inode, and the
     tail meets it before the copy.  The new lot is a new file, and the copy is still read
     on from where the original was read to: each lot once."""
     from test_tail_inode import create_at_inode, wait_past_change_time
 
-    directory, path, data, sink, source = await behind_on_lot1(tmp_path)
+    directory, path, data, sink, source = await behind_on_lot1(inode_fs)
     await crash(source)
     inode = path.stat().st_ino
     await trio.run_process(["gzip", str(path)])
@@ -363,7 +363,7 @@ async def test_the_copy_is_read_on_when_a_new_file_met_first_has_the_original_in
     nxt = directory / "lot2.stdf"
     assert create_at_inode(nxt, lot_bytes(2), inode), "the inode back"
     os.utime(nxt, (1e9, 1e9))  # (older: met first)
-    source = start(directory, tmp_path / "state", sink.checkpoint)
+    source = start(directory, inode_fs / "state", sink.checkpoint)
     for _ in range(3):
         await source.poll_once(sink)
     assert of(sink.records, 1) == expected(data)
@@ -372,13 +372,13 @@ async def test_the_copy_is_read_on_when_a_new_file_met_first_has_the_original_in
 
 
 async def test_the_copy_is_read_on_when_it_has_the_inode_of_another_file_gone(
-        tmp_path: Path) -> None:
+        inode_fs: Path) -> None:
     """Found by the model test (seed 107 of its long run).  The copy is made at the inode
     of another file the checkpoint lists, deleted while the gateway was stopped: compared
     with that file it is not it -- which says nothing of the copy read on."""
     from test_tail_inode import create_at_inode
 
-    directory, state = tmp_path / "watched", tmp_path / "state"
+    directory, state = inode_fs / "watched", inode_fs / "state"
     directory.mkdir()
     data = big_lot()
     path, other = directory / "lot1.stdf", directory / "lot2.stdf"
@@ -459,7 +459,7 @@ async def test_a_copy_taken_as_finished_and_folded_is_not_read_on_as_a_lot_begun
 
 
 async def test_the_copy_is_read_on_when_the_original_was_rotated_and_its_inode_reused(
-        tmp_path: Path) -> None:
+        inode_fs: Path) -> None:
     """Found by the model test (seed 186 of its long run).  While the gateway is stopped,
     behind on a lot: the tester rotates it (renamed, a new lot at its name), it is
     compressed under its new name, and a third lot is created at its freed inode.  The
@@ -467,7 +467,7 @@ async def test_the_copy_is_read_on_when_the_original_was_rotated_and_its_inode_r
     from where the lot was read to, and the other two lots are read as new."""
     from test_tail_inode import create_at_inode
 
-    directory, path, data, sink, source = await behind_on_lot1(tmp_path)
+    directory, path, data, sink, source = await behind_on_lot1(inode_fs)
     await crash(source)
     inode = path.stat().st_ino
     aside = directory / "lot1b.stdf"
@@ -475,7 +475,7 @@ async def test_the_copy_is_read_on_when_the_original_was_rotated_and_its_inode_r
     path.write_bytes(lot_bytes(2))
     await trio.run_process(["gzip", str(aside)])
     assert create_at_inode(directory / "lot3.stdf", lot_bytes(3), inode), "the inode back"
-    source = start(directory, tmp_path / "state", sink.checkpoint)
+    source = start(directory, inode_fs / "state", sink.checkpoint)
     for _ in range(3):
         await source.poll_once(sink)
     assert of(sink.records, 1) == expected(data)

@@ -17,12 +17,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from disktools import ext4_filesystem
 from test_stdf_tail import CollectingSink, expected, no_ts, tail
 
 from edgegw.sim import stdf_file_bytes
@@ -41,10 +39,9 @@ REUSE_WITHIN_S = 40.0
 
 
 @pytest.fixture
-def tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def tmp_path(inode_fs: Path) -> Path:
     """This module's own ext4, where it can be had (the module's note)."""
-    with ext4_filesystem(tmp_path_factory.mktemp("inodes") / "fs", or_plain=True) as fs:
-        yield fs
+    return inode_fs
 
 
 def test_the_lots_differ_only_in_their_content() -> None:
