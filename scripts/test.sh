@@ -80,10 +80,10 @@ echo "scripts/test.sh: installing edgegw, its plugins and test tools into $venv"
 # timing figure is a measurement, not a pass/fail.
 # Three workers (pytest-xdist; EDGEGW_TEST_WORKERS=0 runs in one process): the suite mostly
 # waits on servers, subprocesses and a browser, so three overlap well even on two cores --
-# beside two CPU burners on a 2-core machine the suite took 682 s with three, 796-941 s
+# beside two CPU burners on a 2-core machine the suite took 658-706 s with three, 796-941 s
 # with two -- and worksteal hands the long fault and cluster tests to whichever worker is
-# free.  Every
-# test is isolated per worker (free ports, its own tmp_path, brokers, Redis and databases).
+# free.  Every test is isolated per worker (free ports, its own tmp_path, brokers, Redis
+# and databases).
 # Its own base temporary directory: pytest's default (/tmp/pytest-of-$USER/pytest-N) keeps
 # only the last three runs' and removes older ones as each run starts, so a run beside
 # other pytest runs of the same user (another checkout's suite, a developer's test)

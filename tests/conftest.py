@@ -33,7 +33,7 @@ from cluster_pg import pg_dsn, pg_server  # noqa: E402, F401
 # ---- stdf: the compiled and the pure-Python record loop (tests/decoders.py) -----------------
 from decoders import each_decoder, python_decoder  # noqa: E402, F401
 
-# a real 2 MiB filesystem for disk-full tests
+# a real 2 MiB filesystem for disk-full tests; an ext4 of a test's own for inode reuse
 from disktools import inode_fs, tiny_fs  # noqa: E402, F401
 
 # ---- end cluster: PostgreSQL ---------------------------------------------------------------

@@ -544,6 +544,7 @@ def test_a_frame_the_hub_rejects_goes_to_the_dead_letter_file_and_blocks_nothing
         wait_for(lambda: trouble_alerts(hub, "frame_rejected"), timeout=30)
         alert = trouble_alerts(hub, "frame_rejected")[0]
         assert f"rejected frame {bad_seq} as invalid" in str(alert["message"])
+        assert alert["priority"] == "P1"
         (told,) = [e for e in hub_records(hub.dir)[1] if e[3] == "frame_rejected"]
         assert told[2] == "error" and told[5]["seqs"] == [bad_seq] and told[5]["frames"] == 1
     finally:
