@@ -122,3 +122,46 @@ async def test_an_event_that_cannot_be_stored_ends_that_event_not_the_gateway(
     assert [e.detail for e in told] == [
         {"frames": 1, "seqs": [second], "reason": "refused again"}]
     assert internal_errors(gw.metrics).get(where="gateway_event") == 1
+
+
+async def test_rejections_not_yet_told_when_the_gateway_stops_are_told_by_its_next_run(
+        tmp_path: Path) -> None:
+    """Rejections counted within the interval are stored with the final flush at a stop
+    (not dropped with the task that would have told them), so the next run sends them."""
+    sections: dict[str, Any] = {"uplink": {"heartbeat_s": 30.0}, "spool": {},
+                                "batch": {"max_records": 1, "max_delay_ms": 10}}
+    rejected: list[int] = []
+    told: dict[int, list[GatewayEvent]] = {}  # by the seq of the frame that told them
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            gw, session = await gateway_welcomed(nursery, tmp_path / "gw", PeerHub(),
+                                                 welcome(heartbeat=30.0), **sections)
+            for i in range(3):  # the first told at once, the next two within the interval
+                await gw.sink.put([SensorReading("s", float(i), "c", float(i))], source="s")
+                while True:
+                    _, seq, _, body, *_ = await session.recv_data()
+                    if not (events := rejections_told(body)):
+                        break  # the reading's frame, not an event's
+                    told[seq] = events
+                await session.send([REJECT, seq, f"refused {i}"])
+                rejected.append(seq)
+            while (gw.metrics.as_dict()["uplink_frames_rejected_total"] or 0) < 3:
+                await trio.sleep(0.01)
+            await session.end()
+            nursery.cancel_scope.cancel()  # the gateway stops
+        assert len(told) <= 1  # the first event, if its frame went before the stop
+
+        async with trio.open_nursery() as nursery:  # the next run, same state directory
+            gw, session = await gateway_welcomed(nursery, tmp_path / "gw", PeerHub(),
+                                                 welcome(heartbeat=30.0), **sections)
+            while sum(len(e) for e in told.values()) < 2:
+                _, seq, _, body, *_ = await session.recv_data()
+                if events := rejections_told(body):
+                    told[seq] = events
+            await session.end()
+            nursery.cancel_scope.cancel()
+    first, last = (e for _, events in sorted(told.items()) for e in events)
+    assert first.detail == {"frames": 1, "seqs": rejected[:1], "reason": "refused 0"}
+    assert last.detail == {"frames": 2, "seqs": rejected[1:], "reason": "refused 2"}
+    assert last.message.startswith(f"the hub rejected 2 frames ({rejected[1]}, "
+                                   f"{rejected[2]}) as invalid, the last for: refused 2")

@@ -85,6 +85,8 @@ REJECTED_EVENT_EVERY_S = 60.0
 REJECTED_EVENT_SEQS = 20
 #: a refused record that finds the dead-letter file's disk full is written again this often
 DISK_FULL_RETRY_S = 1.0
+#: what a stop waits at most for the last events and the batcher to be stored
+STOP_TELL_S = 5.0
 
 
 def tune_gc() -> None:
@@ -1045,16 +1047,25 @@ class Gateway:
         while True:
             await self._rejected_wake.wait()
             self._rejected_wake = trio.Event()
-            (n, seqs, reason), self._rejected_untold = self._rejected_untold, (0, [], "")
-            which = f"frame {seqs[0]} as invalid:" if n == 1 else (
-                f"{n} frames ({', '.join(map(str, seqs))}{', ...' if n > len(seqs) else ''})"
-                f" as invalid, the last for:")
-            await self._tell(
-                "error", "frame_rejected",
-                f"the hub rejected {which} {reason} (kept in the gateway's dead-letter "
-                f"file: edgegw dead-letters list)",
-                {"frames": n, "seqs": seqs, "reason": reason})
+            # shielded (bounded): a stop arriving while the event is stored must not lose
+            # the rejections it counts (taken out of ``_rejected_untold`` already)
+            with trio.CancelScope(shield=True), trio.move_on_after(STOP_TELL_S):
+                await self._tell_rejected()
             await trio.sleep(REJECTED_EVENT_EVERY_S)
+
+    async def _tell_rejected(self) -> None:
+        """Tell the hub of the rejections counted since the last telling, if any."""
+        (n, seqs, reason), self._rejected_untold = self._rejected_untold, (0, [], "")
+        if not n:
+            return
+        which = f"frame {seqs[0]} as invalid:" if n == 1 else (
+            f"{n} frames ({', '.join(map(str, seqs))}{', ...' if n > len(seqs) else ''})"
+            f" as invalid, the last for:")
+        await self._tell(
+            "error", "frame_rejected",
+            f"the hub rejected {which} {reason} (kept in the gateway's dead-letter "
+            f"file: edgegw dead-letters list)",
+            {"frames": n, "seqs": seqs, "reason": reason})
 
     async def _tell(self, level: str, code: str, message: str,
                     detail: dict[str, Any] | None = None) -> None:
@@ -1235,7 +1246,10 @@ class Gateway:
                     await self.emit_event("error", "spool_damage", *damage)
                 task_status.started(self)
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
+            with trio.CancelScope(shield=True), trio.move_on_after(STOP_TELL_S):
+                # rejections counted within the interval and not told yet: stored now,
+                # told by the frame that carries them (this run's or the next one's)
+                await self._tell_rejected()
                 await self.flush()
 
 
