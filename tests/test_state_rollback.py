@@ -13,7 +13,17 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from faultkit import Gateway, Hub, all_arrive_once, hub_records, source_settings, stop_all
+import pytest
+from faultkit import (
+    Gateway,
+    Hub,
+    all_arrive_once,
+    assert_exactly_once,
+    expected_records,
+    hub_records,
+    source_settings,
+    stop_all,
+)
 from processes import REPO, wait_for
 
 SOURCE = {"parts_per_second": 1500, "max_parts": 9000, "seed": 31, "wafers": 200}
@@ -65,5 +75,62 @@ def test_a_gateway_state_restored_from_an_older_copy_loses_and_repeats_nothing(
         _, events, _ = hub_records(hub.dir)
         (rollback,) = [e for e in events if e[3] == "state_rollback"]
         assert rollback[2] == "error" and rollback[5]["reissued"] >= 3, rollback
+    finally:
+        stop_all(hub, gw)
+
+
+def config_with_fast_sensors(tmp: Path) -> Path:
+    """The shipped gateway config, its simulated sensors sending a window every 50 ms."""
+    text = (REPO / "conf" / "gateway.toml").read_text()
+    path = tmp / "gateway-sensors.toml"
+    path.write_text(text.replace("window_s = 1.0", "window_s = 0.05"))
+    return path
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "known loss, not fixed yet (docs/operations.md, 'A gateway's state restored from a "
+    "copy'): the tester's records read again are numbered from the copy's record id "
+    "with fewer sensor readings between them than the run the hub has, so records the "
+    "hub never had get ids it applied, and its record-id check drops them"))
+def test_a_restored_state_keeps_every_tester_record_when_other_sources_interleave_otherwise(
+        tmp_path: Path) -> None:
+    """As above, with another (live, not replayed) source beside the tester's: the run
+    the hub has interleaved sensor windows with the tester's records, the run after the
+    restore has none (its sensors gone from the config: the surest way to interleave
+    otherwise; the shipped sensors do it too, in some runs, by timing)."""
+    hub = Hub(tmp_path).start()
+    gw = Gateway(tmp_path, hub.port, *source_settings(**SOURCE), "--set",
+                 "batch.max_records=137")
+    gw.config = config_with_fast_sensors(tmp_path)
+    gw.start()
+    snapshot = tmp_path / "snapshot"
+    try:
+        wait_for(lambda: hub.stats().get("records_applied", 0) > 1500, timeout=30)
+        gw.stop()
+        shutil.copytree(gw.state, snapshot)
+        gw.start()
+        applied = hub.stats()["records_applied"]
+        wait_for(lambda: hub.stats().get("records_applied", 0) > applied + 3000, timeout=30)
+        gw.kill()
+        hub.stop()
+        shutil.rmtree(gw.state)
+        shutil.copytree(snapshot, gw.state)
+        gw = Gateway(tmp_path, hub.port, *source_settings(**SOURCE))
+        gw.config = config_without_sensors(tmp_path)
+        gw.start()
+        hub.start()
+        # until the tester is done and the spool empty (a record the hub dropped never
+        # comes: waiting for them all would wait out the timeout)
+        expected = expected_records(**SOURCE)
+        last: list[int] = []
+
+        def settled() -> bool:
+            st = gw.stats()
+            n = hub.stats().get("records_applied", 0)
+            last.append(n)
+            return (st["store"]["frames"] == 0 and st["pending_in_batcher"] == 0
+                    and len(last) > 10 and last[-11] == n)
+        wait_for(settled, timeout=90, interval=0.2)
+        assert_exactly_once(hub.dir, expected)
     finally:
         stop_all(hub, gw)
