@@ -10,7 +10,9 @@ source reads again keep their record ids, which the hub's record-id check drops
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,20 +42,24 @@ def config_without_sensors(tmp: Path) -> Path:
     return path
 
 
-def test_a_gateway_state_restored_from_an_older_copy_loses_and_repeats_nothing(
-        tmp_path: Path) -> None:
-    config = config_without_sensors(tmp_path)
+@contextlib.contextmanager
+def restored_from_a_copy(tmp: Path, before: Path, after: Path
+                         ) -> Iterator[tuple[Hub, Gateway]]:
+    """A gateway (config ``before``) sends to a hub; it is stopped and its state copied
+    (what a snapshot of the stopped machine holds), runs on until the hub has 3,000 more
+    records, and is killed; with the hub away the copy is put back and the gateway started
+    on it (config ``after``).  Yields the hub (stopped) and that gateway (running, its
+    frames numbered from where the copy stood: seqs the hub has applied)."""
     # small frames first, large ones after the restore: a frame of a repeated seq then
     # holds many records the hub has not got (frames are cut where time and config say)
-    hub = Hub(tmp_path).start()
-    gw = Gateway(tmp_path, hub.port, *source_settings(**SOURCE), "--set",
-                 "batch.max_records=137")
-    gw.config = config
+    hub = Hub(tmp).start()
+    gw = Gateway(tmp, hub.port, *source_settings(**SOURCE), "--set", "batch.max_records=137")
+    gw.config = before
     gw.start()
-    snapshot = tmp_path / "snapshot"
+    snapshot = tmp / "snapshot"
     try:
         wait_for(lambda: hub.stats().get("records_applied", 0) > 1500, timeout=30)
-        gw.stop()  # a consistent copy: what a snapshot of the stopped machine holds
+        gw.stop()
         shutil.copytree(gw.state, snapshot)
         gw.start()
         applied = hub.stats()["records_applied"]
@@ -61,13 +67,21 @@ def test_a_gateway_state_restored_from_an_older_copy_loses_and_repeats_nothing(
         gw.kill()
         hub.stop()
         shutil.rmtree(gw.state)
-        shutil.copytree(snapshot, gw.state)  # the snapshot restored, while the hub is away
-        gw = Gateway(tmp_path, hub.port, *source_settings(**SOURCE))
-        gw.config = config
+        shutil.copytree(snapshot, gw.state)
+        gw = Gateway(tmp, hub.port, *source_settings(**SOURCE))
+        gw.config = after
         gw.start()
         first = gw.stats()["store"]["next_seq"]
-        # frames numbered from where the snapshot stood, seqs the hub has applied
         wait_for(lambda: gw.stats()["store"]["next_seq"] > first + 3, timeout=30)
+        yield hub, gw
+    finally:
+        stop_all(hub, gw)
+
+
+def test_a_gateway_state_restored_from_an_older_copy_loses_and_repeats_nothing(
+        tmp_path: Path) -> None:
+    config = config_without_sensors(tmp_path)
+    with restored_from_a_copy(tmp_path, config, config) as (hub, gw):
         hub.start()
         all_arrive_once(hub, gw, **SOURCE)
         # and it was not silent: the gateway counted it and told the hub
@@ -75,8 +89,6 @@ def test_a_gateway_state_restored_from_an_older_copy_loses_and_repeats_nothing(
         _, events, _ = hub_records(hub.dir)
         (rollback,) = [e for e in events if e[3] == "state_rollback"]
         assert rollback[2] == "error" and rollback[5]["reissued"] >= 3, rollback
-    finally:
-        stop_all(hub, gw)
 
 
 def config_with_fast_sensors(tmp: Path) -> Path:
@@ -98,26 +110,8 @@ def test_a_restored_state_keeps_every_tester_record_when_other_sources_interleav
     the hub has interleaved sensor windows with the tester's records, the run after the
     restore has none (its sensors gone from the config: the surest way to interleave
     otherwise; the shipped sensors do it too, in some runs, by timing)."""
-    hub = Hub(tmp_path).start()
-    gw = Gateway(tmp_path, hub.port, *source_settings(**SOURCE), "--set",
-                 "batch.max_records=137")
-    gw.config = config_with_fast_sensors(tmp_path)
-    gw.start()
-    snapshot = tmp_path / "snapshot"
-    try:
-        wait_for(lambda: hub.stats().get("records_applied", 0) > 1500, timeout=30)
-        gw.stop()
-        shutil.copytree(gw.state, snapshot)
-        gw.start()
-        applied = hub.stats()["records_applied"]
-        wait_for(lambda: hub.stats().get("records_applied", 0) > applied + 3000, timeout=30)
-        gw.kill()
-        hub.stop()
-        shutil.rmtree(gw.state)
-        shutil.copytree(snapshot, gw.state)
-        gw = Gateway(tmp_path, hub.port, *source_settings(**SOURCE))
-        gw.config = config_without_sensors(tmp_path)
-        gw.start()
+    with restored_from_a_copy(tmp_path, config_with_fast_sensors(tmp_path),
+                              config_without_sensors(tmp_path)) as (hub, gw):
         hub.start()
         # until the tester is done and the spool empty (a record the hub dropped never
         # comes: waiting for them all would wait out the timeout)
@@ -132,5 +126,3 @@ def test_a_restored_state_keeps_every_tester_record_when_other_sources_interleav
                     and len(last) > 10 and last[-11] == n)
         wait_for(settled, timeout=90, interval=0.2)
         assert_exactly_once(hub.dir, expected)
-    finally:
-        stop_all(hub, gw)
