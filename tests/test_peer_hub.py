@@ -509,3 +509,32 @@ async def test_a_hub_that_keeps_no_positions_is_told_none(tmp_path: Path) -> Non
         assert kinds[0] == 1
         assert gateway.metrics.as_dict()["gateway_fresh_starts_total"] == {
             "outcome=not_offered": 1}
+
+
+async def test_positions_are_told_as_soon_as_all_there_is_has_been_sent(
+        tmp_path: Path) -> None:
+    """Section 4.1: the reference gateway tells its positions once it has sent all there
+    is, as of the newest frame -- not at the next tick of ``uplink.positions_every_s``
+    (here a minute, longer than the test): a state lost meanwhile would have the records
+    of the frames sent since applied twice (docs/operations.md, "A gateway's state
+    lost").  The tick is for a flood, when the sender is never done."""
+    async with gateway_against_peer(tmp_path, positions_every_s=60.0) as hub:
+        session, _ = await hello_of(hub)
+        await session.send(welcome(positions=True, resume={}))
+        sent: list[int] = []
+        told: list[int] = []
+        while True:
+            with trio.move_on_after(1.0) as quiet:  # the tester's 60 parts take 0.15 s
+                message = await session.recv()
+            if quiet.cancelled_caught:
+                break
+            if message[0] == PING:
+                await session.send([PONG, message[1]])
+            elif message[0] == DATA:
+                sent.append(message[1])
+                await session.send([ACK, message[1], []])
+            elif message[0] == 10:
+                assert message[1] == sent[-1]  # as of the newest frame sent
+                told.append(message[1])
+    assert len(sent) >= 5 and told[-1] == sent[-1], (sent, told)
+    assert len(told) >= 2  # along the way too, not only at the end

@@ -87,11 +87,12 @@ class UplinkSection:
     # typed arrays while the hub last agreed v3), sent as they are to a hub of that version
     # and converted for an older one; at 1 they are stored and sent as v1 rows.
     max_protocol_version: Annotated[int, Range(1, 3)] = 3
-    # Source positions (docs/protocol.md section 4.1): told to a hub that
-    # keeps them at most every this many seconds (and when the sources stop), so that this
-    # gateway, should its state_dir be lost, takes them back instead of sending its files
-    # again; 0: neither told nor asked for.  A gateway whose store starts afresh waits up to
-    # resume_wait_s for the hub's answer before its replaying sources (the STDF tail) start.
+    # Source positions (docs/protocol.md section 4.1): told to a hub that keeps them each
+    # time the uplink has sent all there is, and every this many seconds while it never has
+    # (a flood), so that this gateway, should its state_dir be lost, takes them back instead
+    # of sending its files again; 0: neither told nor asked for.  A gateway whose store
+    # starts afresh waits up to resume_wait_s for the hub's answer before its replaying
+    # sources (the STDF tail) start.
     positions_every_s: Annotated[float, Range(0, 3600)] = 0.25
     resume_wait_s: Annotated[float, Range(0, 86400)] = 60.0
     # wss:// only: the CA that signed the hub's certificate (default: the system's), the

@@ -406,8 +406,9 @@ class Uplink:
 
     async def _teller_task(self, ws: Any, conn: GatewayConnection) -> None:
         """Every ``uplink.positions_every_s``: POSITIONS as of the newest frame sent, when
-        they moved and are true -- under a flood one message (and one write at the hub)
-        per interval, not per frame; once the sources stop, where they stopped."""
+        they moved and are true -- for a flood, when the sender is never done (it tells
+        them itself each time it has sent all there is): one message per interval, not
+        per frame."""
         while True:
             await trio.sleep(self.config.positions_every_s)
             if self._tell_seq:
@@ -647,6 +648,12 @@ class Uplink:
                 if frames:
                     progressed = True
                     break  # plan again: live frames that appeared meanwhile go first
+            if not progressed and self._tell_seq:
+                # all there is has been sent: positions as of the newest frame now, not at
+                # the teller's next tick -- a state lost meanwhile would have the frames
+                # sent since the last positions read again (docs/operations.md); under a
+                # flood the sender is never idle and the tick tells them
+                await self._tell_positions(ws, conn, self._tell_seq)
             if not progressed and not conn.lost_pending(self._first_held(conn)):
                 # (a drop made during an await above -- held parts sent, a backlog read --
                 # moved durable_seq past the frame that pushed it out: the wait below would
