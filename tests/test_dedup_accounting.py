@@ -13,6 +13,8 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
+import pytest
+import trio
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -82,3 +84,46 @@ async def test_every_record_sent_is_applied_once_or_its_loss_and_repeats_are_cou
         assert reused_count >= len(all_sent - set(stored))
         # nothing twice silently: every repeat is counted as applied twice
         assert sum(c - 1 for c in stored.values()) == twice
+
+
+async def test_the_counters_move_once_a_commit_stands_and_not_while_it_is_written(
+        tmp_path: Path) -> None:
+    """``/api/stats`` reads the store's counters while a commit is being written: they say
+    what the disk has -- not the records being written (a failing disk's commits are tried
+    again and again: a read then saw counts come and go) -- and a duplicate counted
+    meanwhile stays counted once the commit stands."""
+    seen: list[tuple[int, int]] = []
+
+    class Watched(HubStore):
+        """The real store; its next write fails (SQLite's disk I/O error) if ``fail``."""
+        fail = False
+
+        def _apply_sync(self, *args: object) -> list[int]:
+            # a reader's view, in the Trio thread, while the write runs in this one
+            st = trio.from_thread.run_sync(self.gateway_stats, GW)
+            seen.append((st.records_applied, st.frames_applied))
+            trio.from_thread.run_sync(self.count_duplicate, GW)
+            if self.fail:
+                raise sqlite3.OperationalError("disk I/O error")
+            return super()._apply_sync(*args)  # type: ignore[arg-type]
+
+    store = Watched(tmp_path / "hub.sqlite3")
+    await store.open()
+    try:
+        await store.claim(GW, EPOCH)
+        frame = FrameToApply(GW, EPOCH, 1, 1, 5, encode_body(1, records(1, 5)))
+        assert await store.commit([frame]) == set()
+        assert seen == [(0, 0)]
+        st = store.gateway_stats(GW)
+        assert (st.records_applied, st.frames_applied, st.duplicates_dropped) == (5, 1, 1)
+        store.fail = True
+        with pytest.raises(sqlite3.OperationalError):
+            await store.commit([FrameToApply(GW, EPOCH, 2, 6, 3, encode_body(6, records(6, 3)))])
+        assert seen[-1] == (5, 1)
+        st = store.gateway_stats(GW)
+        assert (st.records_applied, st.frames_applied, st.duplicates_dropped) == (5, 1, 2)
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "hub.sqlite3") as db:  # what was written: the first
+        assert db.execute("SELECT records_applied, frames_applied, duplicates_dropped"
+                          " FROM gateway_stats").fetchall() == [(5, 1, 0)]

@@ -493,8 +493,10 @@ class HubStore:
 
     def _apply_sync(self, frames: list[FrameToApply], lost: dict[tuple[str, str], tuple[int, int]],
                     rejected: list[tuple[FrameToApply, str]],
-                    dropped: list[FrameToApply] | None = None) -> list[int]:
-        """Returns the frames' ids (frames.id), in order."""
+                    dropped: list[FrameToApply],
+                    stats: Mapping[str, GatewayStats]) -> list[int]:
+        """Returns the frames' ids (frames.id), in order.  ``stats``: the gateways'
+        counters as the commit makes them."""
         db = self._db
         assert db is not None
         now = time.time()
@@ -522,14 +524,14 @@ class HubStore:
                            (f.gateway, f.epoch, f.seq, reason, now, f.body))
                 touched.add((f.gateway, f.epoch))
             touched.update(lost)
-            touched.update((f.gateway, f.epoch) for f in dropped or [])
+            touched.update((f.gateway, f.epoch) for f in dropped)
             for key in touched:
                 rids = self.rids.get(key)
                 db.execute("INSERT OR REPLACE INTO applied (gateway, epoch, ranges, updated,"
                            " rids) VALUES (?, ?, ?, ?, ?)",
                            (key[0], key[1], json.dumps(self.applied[key].ranges()), now,
                             json.dumps(rids.ranges() if rids is not None else [])))
-                st = self.stats[key[0]]
+                st = stats[key[0]]
                 db.execute(
                     "INSERT OR REPLACE INTO gateway_stats (gateway, epoch, frames_applied,"
                     " records_applied, duplicates_dropped, frames_rejected, frames_lost,"
@@ -636,9 +638,9 @@ class HubStore:
         Commits run one at a time (``_commit_lock``), and the in-memory applied sets only
         change inside one, so "is it applied?" is checked against exactly what is on disk:
         two connections of one gateway sending the same frame (a takeover, a race) apply
-        it once, whatever the timing.  The in-memory sets and counters are updated before
-        the write (they are what gets written); if it fails they are restored, so memory
-        never claims more than the disk has.
+        it once, whatever the timing.  The in-memory sets are updated before the write
+        (they are what gets written) and restored if it fails; the counters move once it
+        has stood: memory never claims more than the disk has.
 
         A new seq is then checked by its record ids (``screen_rids``): one whose records
         are all applied is skipped too (``records_seen == n_records``), its seq made
@@ -689,46 +691,29 @@ class HubStore:
                             dropped: list[FrameToApply]) -> None:
         if not frames and not lost and not rejected and not dropped:
             return
-        saved_sets = {}
-        saved_stats = {}
         keys = {(f.gateway, f.epoch) for f in frames} | set(lost) | {
             (f.gateway, f.epoch) for f, _ in rejected} | {(f.gateway, f.epoch) for f in dropped}
-        for key in keys:
-            saved_sets[key] = IntervalSet(self.applied_set(*key).ranges())
-            saved_stats[key[0]] = dataclasses.replace(self.gateway_stats(key[0]))
-        now = time.time()
-        for f in frames:
+        saved_sets = {key: IntervalSet(self.applied_set(*key).ranges()) for key in keys}
+        for f in [*frames, *(f for f, _ in rejected), *dropped]:
             self.applied_set(f.gateway, f.epoch).add(f.seq)
-            st = self.gateway_stats(f.gateway)
-            st.epoch = f.epoch
-            st.frames_applied += 1
-            st.records_applied += f.n_records
-            st.last_seq = max(st.last_seq, f.seq)
-            st.last_seen = now
-        for f, _ in rejected:
-            self.applied_set(f.gateway, f.epoch).add(f.seq)
-            st = self.gateway_stats(f.gateway)
-            st.frames_rejected += 1
-            st.last_seq = max(st.last_seq, f.seq)
-        for f in dropped:  # its records are applied: its seq is done with, nothing stored
-            self.applied_set(f.gateway, f.epoch).add(f.seq)
-            st = self.gateway_stats(f.gateway)
-            st.duplicates_dropped += 1
-            st.last_seq = max(st.last_seq, f.seq)
-        for (gw, epoch), (up_to, n) in lost.items():
+        for (gw, epoch), (up_to, _) in lost.items():
             self.applied_set(gw, epoch).add_range(1, up_to)
-            self.gateway_stats(gw).epoch = epoch
-            st = self.gateway_stats(gw)
-            st.frames_lost = min(COUNTER_MAX, st.frames_lost + n)
+        # The counters written are copies: the live ones (``/api/stats``) move once the
+        # write stands -- moved before it, a read while a failing disk's commits were
+        # retried saw records counted that the disk never had, and then saw them go.
+        counted = {gw: dataclasses.replace(self.gateway_stats(gw)) for gw, _ in keys}
+        now = time.time()
+        _count(counted.__getitem__, frames, lost, rejected, dropped, now)
         try:
             ids = await trio.to_thread.run_sync(self._apply_sync, frames, lost, rejected,
-                                                dropped, limiter=self._limiter)
+                                                dropped, counted, limiter=self._limiter)
         except BaseException as exc:
             for key, saved in saved_sets.items():  # in place, as the record ids (commit)
                 self.applied_set(*key).assign(saved)
-            self.stats.update(saved_stats)
             self._note_failure(exc)
             raise
+        # on the live counters (a duplicate counted meanwhile stays counted)
+        _count(self.gateway_stats, frames, lost, rejected, dropped, now)
         self.full = False
         self.damaged = None
         for f, frame_id in zip(frames, ids, strict=True):
@@ -904,6 +889,32 @@ class HubStore:
             return self._db.execute(sql, params).fetchall()
 
         return await trio.to_thread.run_sync(run, limiter=self._limiter)
+
+
+def _count(stats: Callable[[str], GatewayStats], frames: list[FrameToApply],
+           lost: dict[tuple[str, str], tuple[int, int]],
+           rejected: list[tuple[FrameToApply, str]], dropped: list[FrameToApply],
+           now: float) -> None:
+    """Move the gateways' counters (``stats(gateway)``) as one commit does."""
+    for f in frames:
+        st = stats(f.gateway)
+        st.epoch = f.epoch
+        st.frames_applied += 1
+        st.records_applied += f.n_records
+        st.last_seq = max(st.last_seq, f.seq)
+        st.last_seen = now
+    for f, _ in rejected:
+        st = stats(f.gateway)
+        st.frames_rejected += 1
+        st.last_seq = max(st.last_seq, f.seq)
+    for f in dropped:  # its records are applied: its seq is done with, nothing stored
+        st = stats(f.gateway)
+        st.duplicates_dropped += 1
+        st.last_seq = max(st.last_seq, f.seq)
+    for (gw, epoch), (_, n) in lost.items():
+        st = stats(gw)
+        st.epoch = epoch
+        st.frames_lost = min(COUNTER_MAX, st.frames_lost + n)
 
 
 __all__ = [
