@@ -1,6 +1,7 @@
 """A disk that fails under a running service: every write, fsync, create and delete gets
 EIO from the kernel (a real ext4 on a loop device, shut down with ``EXT4_IOC_SHUTDOWN``
-mid-stream, as a disk that vanished or a dying SSD).  What is already on the disk stays
+mid-stream, as a disk that vanished or a dying SSD -- between two writes: see
+``disktools.shut_down`` for why not inside one).  What is already on the disk stays
 the truth; the operator repairs (here: unmount, mount again, the journal replayed) and
 restarts; every tester record then arrives exactly once (docs/operations.md, "A failing
 disk")."""
