@@ -630,7 +630,7 @@ class Ingest:
         resume = await self._positions_for(gw, hello) if hello.resume else None
         welcome = conn.accept(applied, trio.current_time(), resume)
         await self._declare_lost(gw, hello.epoch, hello.next_seq, conn.declared_lost,
-                                 generation, "")
+                                 generation, at_hello=True)
         await ws.send_message(welcome)
         self.handshaking.discard(ws)
         log.info("gateway %s connected from %s (protocol v%s, epoch %s, next seq %d)", gw,
@@ -1122,18 +1122,28 @@ class Ingest:
         """A LOST (docs/protocol.md section 4): every frame received before it is
         committed, so the frames it declares lost are exactly the ones never received;
         recorded (as a HELLO's are), then acknowledged."""
-        await self._declare_lost(gw, epoch, declared.next_seq, declared.count, generation,
-                                 "while connected, ")
+        await self._declare_lost(gw, epoch, declared.next_seq, declared.count, generation)
         await ws.send_message(conn.lost_recorded(declared, trio.current_time()))
 
     async def _declare_lost(self, gw: str, epoch: str, next_seq: int, count: int,
-                            generation: int, when: str) -> None:
-        """Log and record the ``count`` frames below ``next_seq`` that the gateway says it
-        dropped (a HELLO's or a LOST's: the same record, docs/protocol.md section 4)."""
+                            generation: int, *, at_hello: bool = False) -> None:
+        """Log and record the ``count`` frames below ``next_seq`` that the gateway no longer
+        holds and the store lacks (a HELLO's or a LOST's: the same record,
+        docs/protocol.md section 4)."""
         if not count:
             return
-        log.warning("gateway %s: %d frame(s) below seq %d were dropped by the gateway "
-                    "%sbefore reaching the hub", gw, count, next_seq, when)
+        if at_hello:
+            # A LOST names frames this connection never received; a HELLO cannot tell
+            # frames the gateway dropped from frames this hub acknowledged and lost since
+            log.warning("gateway %s: %d frame(s) below seq %d are neither in the hub's store "
+                        "nor held by the gateway: dropped by the gateway before reaching the "
+                        "hub, or acknowledged and since lost by the hub (its data directory "
+                        "restored from an older copy, or its disk lost what it had written): "
+                        "counted in frames_lost", gw, count, next_seq)
+        else:
+            log.warning("gateway %s: %d frame(s) below seq %d were dropped by the gateway "
+                        "while connected, before reaching the hub: counted in frames_lost",
+                        gw, count, next_seq)
         await self._until_written(gw, lambda: self.store.declare_lost(
             gw, epoch, next_seq - 1, count, generation))
 
