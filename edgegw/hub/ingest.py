@@ -1132,18 +1132,16 @@ class Ingest:
         docs/protocol.md section 4)."""
         if not count:
             return
-        if at_hello:
-            # A LOST names frames this connection never received; a HELLO cannot tell
-            # frames the gateway dropped from frames this hub acknowledged and lost since
-            log.warning("gateway %s: %d frame(s) below seq %d are neither in the hub's store "
-                        "nor held by the gateway: dropped by the gateway before reaching the "
-                        "hub, or acknowledged and since lost by the hub (its data directory "
-                        "restored from an older copy, or its disk lost what it had written): "
-                        "counted in frames_lost", gw, count, next_seq)
-        else:
-            log.warning("gateway %s: %d frame(s) below seq %d were dropped by the gateway "
-                        "while connected, before reaching the hub: counted in frames_lost",
-                        gw, count, next_seq)
+        # Neither a HELLO nor a LOST tells frames the gateway dropped from frames this hub
+        # acknowledged and lost since.  A LOST too may name acknowledged ones: a HELLO's
+        # next_seq is the gateway's lowest unacknowledged frame, and frames acknowledged
+        # above it (out of order: its backlog and live lanes) come after, in a LOST
+        log.warning("gateway %s: %d frame(s) below seq %d%s are neither in the hub's store nor "
+                    "held by the gateway: dropped by the gateway before reaching the hub, or "
+                    "acknowledged and since lost by the hub (its data directory restored from "
+                    "an older copy, or its disk lost what it had written): counted in "
+                    "frames_lost", gw, count, next_seq,
+                    "" if at_hello else " (told by a LOST while connected)")
         await self._until_written(gw, lambda: self.store.declare_lost(
             gw, epoch, next_seq - 1, count, generation))
 
