@@ -678,6 +678,46 @@ async def test_a_history_store_from_before_dates_its_rows_by_its_first_start(
         await store.close()
 
 
+#: rows as a hub from before the date columns writes them -- its own statements, naming
+#: only its columns -- into a file this hub made (the hub downgraded, then upgraded again)
+OLDER_HUB_WRITES = {
+    "alerts": ("INSERT OR REPLACE INTO alerts (id, priority, rule, raised_at, acknowledged,"
+               " data) VALUES ('a0', 'P1', 'y', 1.0, 0, ?)", json.dumps(alert_of("a0"))),
+    "lots": ("INSERT INTO lots (lot_id, updated, summary, archive, parts)"
+             " VALUES ('L0', 1.0, '{}', ?, 5)", json.dumps(archive_of("L0"))),
+    "wafers": ("INSERT INTO wafers (lot_id, wafer_id, updated, summary, snapshot, parts)"
+               " VALUES ('L0', 'W1', 1.0, '{}', ?, 5)", json.dumps({"wafer_id": "W1"})),
+}
+
+
+@pytest.mark.parametrize("table", list(OLDER_HUB_WRITES))
+async def test_rows_an_older_hub_wrote_after_a_downgrade_are_kept_a_whole_period(
+        tmp_path: Path, table: str) -> None:
+    """An older hub names its columns and leaves the date at its default (0); this hub's
+    next start dates such rows by itself, as it dates rows from before the column -- they
+    are not deleted at the first prune as written in 1970."""
+    path = tmp_path / "history.sqlite3"
+    store = HistoryStore(path)
+    await store.open()  # the tables as this hub makes them
+    await store.close()
+    sql, value = OLDER_HUB_WRITES[table]
+    with sqlite3.connect(path) as db:
+        db.execute(sql, (value,))
+    opened = time.time()
+    store = HistoryStore(path)
+    await store.open()
+    prune = store.prune_alerts if table == "alerts" else store.prune
+    try:
+        assert await prune(opened - 1) == 0
+        with sqlite3.connect(path) as db:
+            column = "written_at" if table == "alerts" else "archived_at"
+            (dated,), = db.execute(f"SELECT {column} FROM {table}").fetchall()
+        assert opened <= dated <= time.time()
+        assert await prune(time.time() + 1) == 1
+    finally:
+        await store.close()
+
+
 async def test_a_hub_with_retain_history_days_deletes_old_archives_on_its_own(
         tmp_path: Path) -> None:
     """The real hub's pruner deletes archives and alerts past ``hub.retain_history_days``

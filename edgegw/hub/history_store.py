@@ -235,6 +235,14 @@ class HistoryStore:
             db.execute("ALTER TABLE alerts ADD COLUMN written_at REAL NOT NULL DEFAULT 0")
             db.execute("UPDATE alerts SET written_at = ?", (time.time(),))
         db.execute("CREATE INDEX IF NOT EXISTS alerts_written ON alerts (written_at)")
+        # An older hub run on this file (a downgrade, then this one again) names its columns
+        # and leaves the date ones at their default, 0: such rows would go at the first
+        # prune.  Dated by this start instead, as rows from before the column are.  (This
+        # hub never writes 0: it dates every write by the clock.)
+        now = time.time()
+        db.execute("UPDATE alerts SET written_at = ? WHERE written_at = 0", (now,))
+        for table in ("lots", "wafers"):
+            db.execute(f"UPDATE {table} SET archived_at = ? WHERE archived_at = 0", (now,))
         # from here on the lock waits are ``_execute``'s, in short steps
         db.execute(f"PRAGMA busy_timeout = {round(LOCK_POLL_S * 1000)}")
         self._db = db
