@@ -744,7 +744,7 @@ async def test_a_file_written_while_stopped_after_the_clock_was_set_back_is_read
 
 @pytest.mark.parametrize("where", ["a new name", "the inode of a finished lot deleted"])
 async def test_after_the_clock_was_set_back_only_the_lot_written_while_stopped_is_read(
-        tmp_path: Path, wall: SteppedWall, where: str) -> None:
+        tmp_path: Path, inode_fs: Path, wall: SteppedWall, where: str) -> None:
     """L001 written before the clock ran an hour ahead, L002 while it did; both read and
     finished then, registered.  The gateway stops, NTP sets the clock back, L003 is written
     -- under a new name, or at the inode of L002, deleted (a new file the registry's entry
@@ -757,7 +757,9 @@ async def test_after_the_clock_was_set_back_only_the_lot_written_while_stopped_i
     from test_tail_registry import Sink, crash, lot_ids
 
     fold = 5.0
-    directory, state = tmp_path / "watched", tmp_path / "state"
+    # (the lots on a file system of the test's own: on the shared disk another process's
+    # file took L002's freed inode, on a busy machine, for longer than the test waits)
+    directory, state = inode_fs / "watched", tmp_path / "state"
     directory.mkdir()
     before = directory / "before.stdf"
     before.write_bytes(lot(1))  # the true time

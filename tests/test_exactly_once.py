@@ -592,7 +592,7 @@ async def test_a_file_truncated_replaced_or_rotated_before_the_restart_is_read_w
 
 @pytest.mark.parametrize("name", ["b.std", "a.std"])
 async def test_a_new_file_at_the_inode_of_the_one_read_before_the_restart_is_read_whole(
-        tmp_path: Path, name: str) -> None:
+        tmp_path: Path, inode_fs: Path, name: str) -> None:
     """(d) The file being read is deleted before the restart and a new file (another lot,
     larger) gets its inode, under another name or under its own: it is read whole -- not
     taken for the old file renamed or grown and followed from its offset -- and the tail
@@ -605,7 +605,7 @@ async def test_a_new_file_at_the_inode_of_the_one_read_before_the_restart_is_rea
     new = stdf_file_bytes(TesterProfile(lot_id="NEW", sites=2, wafer_diameter_dies=20,
                                         tests_per_part=8, seed=3))
     assert len(new) > len(data)
-    files = tmp_path / "stdf"
+    files = inode_fs / "stdf"  # (where no other process takes the freed inode: disktools)
     files.mkdir()
     write_at(files / "a.std", data, 1_000_000)
     image, _checkpoints = (await split_put_images(tmp_path / "first", files,
