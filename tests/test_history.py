@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -663,16 +664,27 @@ async def test_a_history_store_from_before_dates_its_rows_by_its_first_start(
                        " acknowledged INTEGER NOT NULL, data TEXT NOT NULL)")
             db.execute("INSERT INTO alerts VALUES ('a0', 'P1', 'y', 1.0, 0, ?)",
                        (json.dumps(alert_of("a0")),))
-    opened = time.time()
-    store = HistoryStore(path)
-    await store.open()
-    prune = store.prune if table == "lots" else store.prune_alerts
-    try:
-        assert await prune(opened - 1) == 0
+
+    async def served(store: HistoryStore) -> None:
         if table == "lots":
             assert await store.lot("L0") is not None
         else:
             assert [a["id"] for a in await store.alerts()] == ["a0"]
+    await assert_dated_by_this_start(path, table, served)
+
+
+async def assert_dated_by_this_start(path: Path, table: str,
+                                     kept: Callable[[HistoryStore], Awaitable[None]]) -> None:
+    """The store at ``path`` opened now: its one row of ``table`` outlives a prune of what
+    was written before this start (``kept`` checks it then), and goes with a prune past
+    now."""
+    opened = time.time()
+    store = HistoryStore(path)
+    await store.open()
+    prune = store.prune_alerts if table == "alerts" else store.prune
+    try:
+        assert await prune(opened - 1) == 0
+        await kept(store)
         assert await prune(time.time() + 1) == 1
     finally:
         await store.close()
@@ -704,18 +716,13 @@ async def test_rows_an_older_hub_wrote_after_a_downgrade_are_kept_a_whole_period
     with sqlite3.connect(path) as db:
         db.execute(sql, (value,))
     opened = time.time()
-    store = HistoryStore(path)
-    await store.open()
-    prune = store.prune_alerts if table == "alerts" else store.prune
-    try:
-        assert await prune(opened - 1) == 0
+
+    async def dated_by_the_start(store: HistoryStore) -> None:
         with sqlite3.connect(path) as db:
             column = "written_at" if table == "alerts" else "archived_at"
             (dated,), = db.execute(f"SELECT {column} FROM {table}").fetchall()
         assert opened <= dated <= time.time()
-        assert await prune(time.time() + 1) == 1
-    finally:
-        await store.close()
+    await assert_dated_by_this_start(path, table, dated_by_the_start)
 
 
 async def test_a_hub_with_retain_history_days_deletes_old_archives_on_its_own(
