@@ -705,9 +705,11 @@ OLDER_HUB_WRITES = {
 @pytest.mark.parametrize("table", list(OLDER_HUB_WRITES))
 async def test_rows_an_older_hub_wrote_after_a_downgrade_are_kept_a_whole_period(
         tmp_path: Path, table: str) -> None:
-    """An older hub names its columns and leaves the date at its default (0); this hub's
-    next start dates such rows by itself, as it dates rows from before the column -- they
-    are not deleted at the first prune as written in 1970."""
+    """An older hub names its columns and leaves the date at its default (0); when this
+    hub runs again its first prune dates such rows by its clock, as rows from before the
+    column are dated by the start adding it -- not deleted as written in 1970.  (At the
+    prune, not the open: a store another process holds locked must still open,
+    tests/test_webhooks.py.)"""
     path = tmp_path / "history.sqlite3"
     store = HistoryStore(path)
     await store.open()  # the tables as this hub makes them

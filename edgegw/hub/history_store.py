@@ -173,6 +173,8 @@ class HistoryStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._db: sqlite3.Connection | None = None
+        # rows an older hub may have written with no date (0) are still to be dated
+        self._undated = True
         self._limiter = trio.CapacityLimiter(1)
         self._cache: OrderedDict[tuple[str, ...], dict[str, Any]] = OrderedDict()
         # set by ``stopping`` (Trio thread), read by the worker thread's lock waits
@@ -235,14 +237,7 @@ class HistoryStore:
             db.execute("ALTER TABLE alerts ADD COLUMN written_at REAL NOT NULL DEFAULT 0")
             db.execute("UPDATE alerts SET written_at = ?", (time.time(),))
         db.execute("CREATE INDEX IF NOT EXISTS alerts_written ON alerts (written_at)")
-        # An older hub run on this file (a downgrade, then this one again) names its columns
-        # and leaves the date ones at their default, 0: such rows would go at the first
-        # prune.  Dated by this start instead, as rows from before the column are.  (This
-        # hub never writes 0: it dates every write by the clock.)
-        now = time.time()
-        db.execute("UPDATE alerts SET written_at = ? WHERE written_at = 0", (now,))
-        for table in ("lots", "wafers"):
-            db.execute(f"UPDATE {table} SET archived_at = ? WHERE archived_at = 0", (now,))
+        self._undated = True  # (rows an older hub may have written since: _prune_sync)
         # from here on the lock waits are ``_execute``'s, in short steps
         db.execute(f"PRAGMA busy_timeout = {round(LOCK_POLL_S * 1000)}")
         self._db = db
@@ -333,6 +328,17 @@ class HistoryStore:
         assert db is not None
         self._execute(db, "BEGIN IMMEDIATE")
         try:
+            if self._undated:
+                # An older hub run on this file (a downgrade, then this one again) names its
+                # columns and leaves the dates at their default, 0: such rows would go now,
+                # as if written in 1970.  The first prune of this run dates them by its
+                # clock, as rows from before the columns are dated by the start adding
+                # them (here, not at the open: that must not wait for the write lock).
+                # This hub never writes 0: it dates every write by the clock.
+                now = time.time()
+                for table, dated in (("alerts", "written_at"), ("lots", "archived_at"),
+                                     ("wafers", "archived_at")):
+                    db.execute(f"UPDATE {table} SET {dated} = ? WHERE {dated} = 0", (now,))
             n = sum(db.execute(
                 f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table}"
                 f" WHERE {dated} < ? LIMIT ?)", (older_than, batch)).rowcount
@@ -342,6 +348,7 @@ class HistoryStore:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        self._undated = False
         return n
 
     def _select(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
