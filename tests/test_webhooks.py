@@ -221,6 +221,9 @@ async def test_a_reload_adds_removes_and_changes_webhooks_while_they_deliver() -
         assert line == (f"added {shown_url(added_url)}; removed {shown_url(down_url)}; "
                         f"changed {shown_url(kept_url)}")
         assert sorted(outcomes) == [(down_url, f"a{i}", "unconfigured") for i in range(3)]
+        # a try already on the wire when it was removed still reaches the server (counted
+        # after the removal, once, in a suite run): the count is taken once it has landed
+        await trio.sleep(0.2)
         tried = len(down.requests)
         sender.submit(event("b1", "P1"))  # the changed filter takes P1 now
         await wait_for(lambda: len(kept.accepted) == 1 and len(added.accepted) == 1)
