@@ -17,7 +17,13 @@ End to end, real sockets and a real spool, inside a Trio test::
     holds = await run_tail(tmp_path, "myfmt", SAMPLE)
     holds.lots["LOT42"]["die_count"], holds.test("LOT42", "idds")["max"]
 
-docs/plugins.md ("Testing a format") describes each check and the rule behind it.
+A replaying source type (docs/plugins.md, "Writing a source type"), inside a Trio test::
+
+    await check_replays(MySource, MySource.Config(...))  # JSON checkpoints; resumed from
+                                                         # any, the records that followed
+
+docs/plugins.md ("Testing a format", "Writing a source type") describes each check and
+the rule behind it.
 """
 
 from .parsing import (
@@ -28,15 +34,20 @@ from .parsing import (
     cut_points,
     parse,
 )
+from .sources import FOREIGN_CHECKPOINT, Put, check_replays, without_ts
 from .tail import HubHolds, run_tail
 
 __all__ = [
     "EXHAUSTIVE_BYTES",
+    "FOREIGN_CHECKPOINT",
     "HubHolds",
+    "Put",
     "check_chunkings",
+    "check_replays",
     "check_truncations",
     "chunkings",
     "cut_points",
     "parse",
     "run_tail",
+    "without_ts",
 ]
