@@ -21,7 +21,7 @@ from edgegw.records import (
 )
 from edgegw.sources import SourceContext, TailConfig, TailSource, get_format
 from edgegw.stdf import RecordMapper, StdfDecoder, StdfWriter
-from edgegw.testing import check_chunkings, check_truncations, run_tail
+from edgegw.testing import check_chunkings, check_replays, check_truncations, run_tail
 
 if importlib.util.find_spec("edgegw_atdf") is None:
     pytest.fail("the ATDF example plugin is not installed: pip install -e plugins/edgegw-atdf",
@@ -414,3 +414,22 @@ def test_an_mpr_that_does_not_add_up_is_a_format_error_at_its_record() -> None:
     # a word that is no pass/fail code is no indication, not letters read one by one
     (mpr,) = [r for r in parse_atdf(head + b"MPR:5|1|1|0|1|PASS\n") if r.name == "MPR"]
     assert (mpr.fields["TEST_FLG"], mpr.fields["PARM_FLG"]) == (0x40, 0)
+
+
+async def test_the_tail_resumes_an_atdf_file_exactly_from_any_checkpoint(tmp_path: Path
+                                                                           ) -> None:
+    """A format's ``position`` is where the tail resumes: the kit's source check
+    (``check_replays``) on the tail reading ATDF, resumed from checkpoints inside the file
+    -- inside continuation lines too -- gives exactly the records that followed each."""
+    head, rest = ATDF_TEXT.split("PIR:1|1\n", 1)
+    parts, tail = rest.split("WRR:", 1)
+    touchdown = "PIR:1|1\n" + parts
+    body = "".join(touchdown.replace("|P1|", f"|P{2 * n + 1}|").replace("|P2|", f"|P{2 * n + 2}|")
+                   for n in range(60))
+    (tmp_path / "lot42.atd").write_text(head + body + "WRR:" + tail)
+    config = TailConfig(paths=[str(tmp_path)], format="atdf", poll_interval=0.01,
+                        read_size=512)
+    first = await check_replays(TailSource, config, restarts=8, idle_s=3.0)
+    put = [r for p in first for r in p.records]
+    assert len(first) > 20 and isinstance(put[-1], LotEnd)
+    assert sum(isinstance(r, PartResult) for r in put) == 120
