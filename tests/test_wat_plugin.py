@@ -12,11 +12,13 @@ import trio
 
 from edgegw.config import ConfigError, build
 from edgegw.formats import FormatError
-from edgegw.sources import TailConfig, get_format, new_parser
+from edgegw.records import LotEnd, PartResult
+from edgegw.sources import TailConfig, TailSource, get_format, new_parser
 from edgegw.stdf import test_number
 from edgegw.testing import (
     EXHAUSTIVE_BYTES,
     check_chunkings,
+    check_replays,
     check_truncations,
     cut_points,
     parse,
@@ -169,3 +171,24 @@ def test_a_file_beyond_the_exhaustive_size_is_cut_around_every_line() -> None:
     assert all(any(s < c < e for c in cuts)
                for s, e in zip(starts, [*starts[1:], len(data)], strict=True))
     assert check_truncations(WAT, data) == len(cuts)
+
+
+async def test_the_tail_resumes_a_wat_file_exactly_from_any_checkpoint(tmp_path: Path
+                                                                         ) -> None:
+    """Resumed inside a WAT file, past the header a site row needs (given again in the
+    middle of a wafer here), the tail gives exactly the records that followed: the kit's
+    source check (``check_replays``) on the tail reading WAT."""
+    lines = ["WATCSV,1,LOT42,DEV-7,ET-3,wat.prg,2024-09-23 10:08:20,6"]
+    for wafer in range(6):
+        lines += [f"WAFER,LOT42-W{wafer:02d},9", "SITE,X,Y,vth_n[V],idds[A],rs_poly[ohm/sq]"]
+        for site in range(1, 10):
+            if site == 6:
+                lines.append("SITE,X,Y,idds[A],vth_n[V],rs_poly[ohm/sq]")
+            lines.append(f"{site},{site},{wafer},0.45{site},6{site}5.6e-12,12.{site}")
+    (tmp_path / "lot.wat.csv").write_text("\n".join(lines) + "\n")
+    config = TailConfig(paths=[str(tmp_path)], format="wat", poll_interval=0.01,
+                        read_size=512)
+    first = await check_replays(TailSource, config, restarts=10, idle_s=3.0)
+    put = [r for p in first for r in p.records]
+    assert len(first) >= 4 and isinstance(put[-1], LotEnd)
+    assert sum(isinstance(r, PartResult) for r in put) == 54
