@@ -6,6 +6,7 @@ each such run of frames was a hole (past ``max_holes`` the hub closed the link, 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from edgegw.gateway import Gateway
 from edgegw.hub import HubConfig, Ingest
 from edgegw.hub.cluster.pgstore import ClusterStore
 from edgegw.protocol import (
+    MAX_DROPPED_RANGES,
     Ack,
     CloseCode,
     Data,
@@ -145,6 +147,70 @@ def test_the_gateway_declares_only_frames_the_hub_has_not_acknowledged() -> None
 
 
 
+# --- which frames the gateway dropped, which the hub lost --------------------------------
+
+
+def test_hello_and_lost_name_the_frames_the_gateway_dropped_and_a_bad_list_is_malformed(
+        ) -> None:
+    hello = Hello("gw", "t", "e", 10, dropped=((4, 5),))
+    assert cbor2.loads(encode(hello))[1]["dropped"] == [[4, 5]]
+    assert decode(encode(hello)) == hello
+    # a gateway from before it: no key, and the hub knows it does not say
+    assert "dropped" not in cbor2.loads(encode(Hello("gw", "t", "e", 10)))[1]
+    assert decode(encode(Hello("gw", "t", "e", 10))).dropped is None
+    assert decode(encode(Hello("gw", "t", "e", 10, dropped=()))).dropped == ()
+    assert cbor2.loads(encode(Lost(9, ((2, 3),)))) == [LOST, 9, [[2, 3]]]
+    assert decode(encode(Lost(9, ((2, 3),)))) == Lost(9, ((2, 3),))
+    assert cbor2.loads(encode(Lost(9))) == [LOST, 9]  # what a hub before it takes
+    w = Welcome(3, [], 5.0, 1 << 20, 1000, None, True, dropped=True)
+    assert cbor2.loads(encode(w))[1]["dropped"] is True and decode(encode(w)).dropped
+    assert "dropped" not in cbor2.loads(encode(Welcome(3, [], 5.0, 1 << 20, 1000)))[1]
+    hello_item = cbor2.loads(encode(hello))
+    for bad in ([[1]], [[3, 2]], [[0, 1]], 7, [[1, True]], [[i, i] for i in range(1, 66)]):
+        hello_item[1]["dropped"] = bad
+        for message in (hello_item, [LOST, 9, bad]):
+            with pytest.raises(ProtocolError, match="dropped") as err:
+                decode(cbor2.dumps(message))
+            assert err.value.code == CloseCode.PROTOCOL_ERROR
+
+
+def test_the_hub_tells_frames_the_gateway_dropped_from_frames_it_acknowledged_and_lost(
+        ) -> None:
+    # the hub has 1..3 and 6..8; the gateway holds nothing below 10 and dropped 4 and 8
+    # (8 was sent before it was dropped: the hub applied it)
+    hub = HubConnection()
+    hub.receive(encode(Hello("gw", "t", "e", 10, dropped=((4, 4), (8, 8)))), 0.0)
+    hub.accept(IntervalSet([(1, 3), (6, 8)]), 0.0)
+    # 4, 5 and 9 are lost: 4 dropped by the gateway, 5 and 9 acknowledged and lost since
+    assert (hub.declared_lost, hub.declared_dropped) == (3, 1)
+    # a LOST the same way, counting only the frames it declares
+    hub.receive(data(12), 0.0)
+    events, _ = hub.receive(encode(Lost(14, ((10, 11), (13, 13)))), 0.0)
+    assert events == [Declared(14, 3, 3)]
+    events, _ = hub.receive(encode(Lost(16, ((15, 15),))), 0.0)
+    assert events == [Declared(16, 2, 1)]
+    # a gateway that does not say: the hub does not know which
+    old = open_hub(next_seq=10, applied=[(1, 3)])
+    assert (old.declared_lost, old.declared_dropped) == (6, None)
+    assert old.receive(encode(Lost(12)), 0.0)[0] == [Declared(12, 2, None)]
+
+
+def test_the_gateway_names_its_drops_below_what_it_declares_to_a_hub_that_takes_them(
+        ) -> None:
+    gw = GatewayConnection("gw", "t", "e", 10, dropped=[(2, 3), (8, 12)])
+    assert decode(gw.hello(0.0)).dropped == ((2, 3), (8, 9))
+    # a store that kept more runs than a message holds: the oldest are merged
+    many = GatewayConnection("gw", "t", "e", 1000, dropped=[(i, i) for i in range(1, 200, 2)])
+    told = decode(many.hello(0.0)).dropped
+    assert told is not None and len(told) == MAX_DROPPED_RANGES
+    assert told[0] == (1, 73) and told[1:] == tuple((i, i) for i in range(75, 200, 2))
+    gw.receive(encode(Welcome(3, [], 5.0, 1 << 20, 1000, None, True, dropped=True)), 0.0)
+    assert decode(gw.lost(14, 0.0, [(8, 12), (20, 21)]) or b"") == Lost(14, ((8, 12),))
+    # a hub that takes LOST but not its dropped ranges gets the LOST it knows
+    old = open_gateway(next_seq=1, lost=True)
+    assert decode(old.lost(5, 0.0, [(1, 4)]) or b"") == Lost(5)
+
+
 @settings(max_examples=int(os.environ.get("EDGEGW_FUZZ_EXAMPLES", "300")), deadline=None,
           derandomize=not os.environ.get("EDGEGW_FUZZ_RANDOM"), database=None)
 @given(ops=st.lists(st.sampled_from("aaassspl"), max_size=120), cap=st.integers(1, 6),
@@ -157,7 +223,8 @@ def test_the_two_ends_agree_on_every_frame_whatever_is_dropped_when(
     ``p`` the hub applies what it received, in order, and ACKs, ``l`` the gateway's LOST
     check (then the hub applies: nothing below the queue is left waiting).  No step is a
     protocol error; at the end every frame is applied or lost, once, and the hub's lost
-    count is exactly the frames dropped before they were sent."""
+    count is exactly the frames dropped before they were sent -- each one named by the
+    gateway's dropped ranges, so none is taken for a frame the hub lost."""
     gw = GatewayConnection("gw", "t", "e", 1)
     hub = HubConnection()
     hub.receive(gw.hello(0.0), 0.0)
@@ -167,6 +234,7 @@ def test_the_two_ends_agree_on_every_frame_whatever_is_dropped_when(
     received: list[Data | Declared] = []
     applied: set[int] = set()
     lost = dropped_unsent = 0
+    dropped = IntervalSet()  # every frame dropped unacknowledged, sent or not
 
     def send(message: bytes) -> None:
         for ev in hub.receive(message, 0.0)[0]:
@@ -177,6 +245,7 @@ def test_the_two_ends_agree_on_every_frame_whatever_is_dropped_when(
         nonlocal lost
         for ev in received:
             if isinstance(ev, Declared):
+                assert ev.dropped == ev.count, ev
                 lost += ev.count
                 ack = hub.lost_recorded(ev, 0.0)
             else:
@@ -193,7 +262,7 @@ def test_the_two_ends_agree_on_every_frame_whatever_is_dropped_when(
         received.clear()
 
     def declare() -> None:
-        message = gw.lost(min(queue, default=next_seq), 0.0)
+        message = gw.lost(min(queue, default=next_seq), 0.0, dropped.ranges())
         if message is not None:
             send(message)
 
@@ -202,6 +271,8 @@ def test_the_two_ends_agree_on_every_frame_whatever_is_dropped_when(
             if len(queue) >= cap:
                 seq = next(iter(queue))
                 dropped_unsent += not queue.pop(seq)
+                dropped.add(seq)
+                dropped.cap(MAX_DROPPED_RANGES)
                 in_flight.discard(seq)  # its ACK may still come: nothing waits for it
             queue[next_seq] = False
             next_seq += 1
@@ -233,12 +304,13 @@ def test_the_two_ends_agree_on_every_frame_whatever_is_dropped_when(
 
 
 async def test_frames_dropped_while_connected_are_declared_at_once_and_leave_no_hole(
-        tmp_path: Path) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Twelve bursts, each far more than the 3-frame queue holds, each while the gateway is
     connected and its uplink cannot run: each leaves a run of frames the hub never got.
     The hub counts each run at once, on the same connection (one handshake), closes
     nothing for the holes (12 runs, max_holes is 8), and in the end every frame is applied
-    or lost, exactly once."""
+    or lost, exactly once -- each lost one named as dropped by the gateway, none taken for
+    a frame the hub acknowledged and lost."""
     async with trio.open_nursery() as nursery:
         hub, port = await start_hub(nursery, hub_config(tmp_path / "hub"))
         cfg = gateway_config(tmp_path / "gw", port,
@@ -268,6 +340,12 @@ async def test_frames_dropped_while_connected_are_declared_at_once_and_leave_no_
         assert st["frames_lost"] <= gw.store.stats()["dropped_frames"]
         assert connects.total() == 1
         assert hub.metrics.counter("hub_protocol_errors_total").total() == 0
+        told = [int(m.group(1)) for r in caplog.records if (m := re.match(
+            r"gateway ate-01: (\d+) frame\(s\) below seq \d+ \(told by a LOST while "
+            r"connected\) were dropped by the gateway", r.getMessage()))]
+        assert len(told) >= 12 and sum(told) == st["frames_lost"], caplog.text[-2000:]
+        assert hub.metrics.counter("hub_acknowledged_frames_lost_total").total() == 0
+        assert "acknowledged are no longer" not in caplog.text
         nursery.cancel_scope.cancel()
 
 

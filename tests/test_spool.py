@@ -292,6 +292,35 @@ async def test_cap_with_drop_oldest_drops_counts_and_reports(tmp_path: Path) -> 
         assert all_frames(spool) == got  # dropped frames stay dropped after a restart
 
 
+async def test_the_frames_drop_oldest_dropped_unacknowledged_are_named_across_restarts(
+        tmp_path: Path) -> None:
+    """``dropped_ranges`` (told to the hub, which can then tell the frames this gateway
+    dropped from frames it acknowledged and lost: docs/protocol.md section 4) names every
+    frame dropped before it was acknowledged, not the ones acknowledged out of order
+    before their segment went, and is kept with the acks across restarts."""
+    conf = cfg(tmp_path, segment_bytes=8 << 10, max_bytes=32 << 10, policy="drop_oldest")
+    async with DiskSpool.open(conf) as spool:
+        await fill(spool, 20, size=500)
+        spool.ack_set([(5, 7)])  # acknowledged out of order (the live lane)
+        with trio.fail_after(10):
+            await fill(spool, 280, size=500)
+        kept = all_frames(spool)
+        dropped = spool.dropped_ranges
+        named = {s for lo, hi in dropped for s in range(lo, hi + 1)}
+        assert named == set(range(1, kept[0])) - {5, 6, 7}
+        assert len(named) == spool.stats()["dropped_frames"]
+    async with DiskSpool.open(conf) as spool:
+        assert spool.dropped_ranges == dropped
+        spool.ack(spool.durable_seq)  # all acknowledged: nothing more to drop
+        await fill(spool, 200, size=500)  # past the cap again: later runs join
+        later = spool.dropped_ranges
+        assert later[: len(dropped)] == dropped and len(later) > len(dropped)
+        assert later[-1][0] > kept[-1]
+        await spool.flush()
+    async with DiskSpool.open(conf) as spool:  # the STATE record of a newer segment too
+        assert spool.dropped_ranges == later
+
+
 async def test_first_seq_since_names_the_frames_of_the_last_seconds(tmp_path: Path) -> None:
     async with DiskSpool.open(cfg(tmp_path)) as spool:
         await fill(spool, 10)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import trio
 
+from edgegw.protocol import MAX_DROPPED_RANGES
 from edgegw.spool import DiskSpool, SpoolConfig
 from edgegw.store import FrameStore, MemoryFrameStore
 
@@ -18,7 +19,8 @@ def protocol_members() -> set[str]:
 
 
 def test_the_protocol_names_what_the_uplink_and_the_gateway_use() -> None:
-    assert {"read_frames", "first_seq_since", "lost_ranges", "problem", "damage", "run",
+    assert {"read_frames", "first_seq_since", "lost_ranges", "dropped_ranges", "problem",
+            "damage", "run",
             "flush", "append", "ack", "ack_set", "frames_from",
             "max_body_bytes"} <= protocol_members()
 
@@ -43,6 +45,22 @@ async def test_the_memory_store_counts_every_frame_as_backlog_and_runs_nothing()
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)  # returns: no background work
         await store.flush()
+
+
+async def test_the_memory_store_names_the_frames_it_dropped_unacknowledged_in_64_runs(
+        ) -> None:
+    """Each drop_oldest drop is a frame never acknowledged (acknowledged ones are gone
+    from the queue); a hundred runs of them, told to the hub in a HELLO or a LOST, keep
+    the newest runs apart and merge the oldest (a message holds 64)."""
+    store = MemoryFrameStore(2, "drop_oldest")
+    for _ in range(100):  # two frames held, a third drops the first; then all acked
+        for i in range(3):
+            await store.append(b"x%d" % i, 1, {})
+        store.ack(store.next_seq - 1)
+    runs = store.dropped_ranges
+    assert len(runs) == MAX_DROPPED_RANGES
+    assert runs[0] == (1, 3 * 36 + 1) and runs[1:] == [(3 * i + 1, 3 * i + 1)
+                                                       for i in range(37, 100)]
 
 
 async def test_a_spool_its_owner_runs_already_is_not_run_twice(tmp_path: Path) -> None:

@@ -331,7 +331,8 @@ class Uplink:
                                      compression_level=cfg.compression_level,
                                      compression_min_bytes=cfg.compression_min_bytes,
                                      versions=tuple(range(1, cfg.max_protocol_version + 1)),
-                                     resume=self.asks_positions)
+                                     resume=self.asks_positions,
+                                     dropped=self._dropped_ranges())
             asked = self.asks_positions
             await ws.send_message(conn.hello(now))
             with trio.fail_after(cfg.connect_timeout_s):
@@ -666,9 +667,17 @@ class Uplink:
         them now and leaves no hole waiting for them until the next HELLO.  It names the
         lowest seq still held or still to be sent: a damaged frame's stand-in the hub has
         not acknowledged goes out as ever."""
-        message = conn.lost(self._first_held(conn), trio.current_time())
+        message = conn.lost(self._first_held(conn), trio.current_time(),
+                            self._dropped_ranges())
         if message is not None:
             await ws.send_message(message)
+
+    def _dropped_ranges(self) -> list[tuple[int, int]] | None:
+        """The seqs the store dropped unacknowledged (None: a store that does not say,
+        an embedder's own): with them the hub tells frames this gateway dropped from
+        frames it acknowledged and has lost since (docs/protocol.md section 4)."""
+        ranges = getattr(self.store, "dropped_ranges", None)
+        return None if ranges is None else list(ranges)
 
     def _first_held(self, conn: GatewayConnection) -> int:
         """The lowest seq this gateway still holds or will still send (a LOST's next_seq)."""

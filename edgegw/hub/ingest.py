@@ -215,6 +215,10 @@ class Ingest:
         self.m_seq_reused = m.counter(
             "hub_seq_reused_records_dropped_total", "records of a frame whose seq was "
             "applied already with other records, dropped with it (a gateway reused the seq)")
+        self.m_acked_lost = m.counter(
+            "hub_acknowledged_frames_lost_total", "frames this hub acknowledged that its "
+            "store no longer holds, by gateway: told by a gateway that names the frames it "
+            "dropped (its HELLO or LOST), the others it lacks below its next_seq")
         self.m_refused = m.counter("hub_refused_total", "gateway connections refused")
         self.m_replaced = m.counter("hub_connections_replaced_total",
                                     "gateway connections closed for a newer one (4008)")
@@ -630,7 +634,7 @@ class Ingest:
         resume = await self._positions_for(gw, hello) if hello.resume else None
         welcome = conn.accept(applied, trio.current_time(), resume)
         await self._declare_lost(gw, hello.epoch, hello.next_seq, conn.declared_lost,
-                                 generation, at_hello=True)
+                                 conn.declared_dropped, generation, at_hello=True)
         await ws.send_message(welcome)
         self.handshaking.discard(ws)
         log.info("gateway %s connected from %s (protocol v%s, epoch %s, next seq %d)", gw,
@@ -1122,26 +1126,42 @@ class Ingest:
         """A LOST (docs/protocol.md section 4): every frame received before it is
         committed, so the frames it declares lost are exactly the ones never received;
         recorded (as a HELLO's are), then acknowledged."""
-        await self._declare_lost(gw, epoch, declared.next_seq, declared.count, generation)
+        await self._declare_lost(gw, epoch, declared.next_seq, declared.count,
+                                 declared.dropped, generation)
         await ws.send_message(conn.lost_recorded(declared, trio.current_time()))
 
     async def _declare_lost(self, gw: str, epoch: str, next_seq: int, count: int,
-                            generation: int, *, at_hello: bool = False) -> None:
+                            dropped: int | None, generation: int, *,
+                            at_hello: bool = False) -> None:
         """Log and record the ``count`` frames below ``next_seq`` that the gateway no longer
         holds and the store lacks (a HELLO's or a LOST's: the same record,
-        docs/protocol.md section 4)."""
+        docs/protocol.md section 4); ``dropped`` of them the gateway says it dropped
+        unacknowledged -- the rest this hub acknowledged and has lost since -- or None
+        when it does not say (a gateway from before ``dropped``)."""
         if not count:
             return
-        # Neither a HELLO nor a LOST tells frames the gateway dropped from frames this hub
-        # acknowledged and lost since.  A LOST too may name acknowledged ones: a HELLO's
-        # next_seq is the gateway's lowest unacknowledged frame, and frames acknowledged
-        # above it (out of order: its backlog and live lanes) come after, in a LOST
-        log.warning("gateway %s: %d frame(s) below seq %d%s are neither in the hub's store nor "
-                    "held by the gateway: dropped by the gateway before reaching the hub, or "
-                    "acknowledged and since lost by the hub (its data directory restored from "
-                    "an older copy, or its disk lost what it had written): counted in "
-                    "frames_lost", gw, count, next_seq,
-                    "" if at_hello else " (told by a LOST while connected)")
+        how = "" if at_hello else " (told by a LOST while connected)"
+        if dropped is None:
+            # a LOST too may name acknowledged ones: a HELLO's next_seq is the gateway's
+            # lowest unacknowledged frame, and frames acknowledged above it (out of order:
+            # its backlog and live lanes) come after, in a LOST
+            log.warning("gateway %s: %d frame(s) below seq %d%s are neither in the hub's "
+                        "store nor held by the gateway: dropped by the gateway before "
+                        "reaching the hub, or acknowledged and since lost by the hub (its "
+                        "data directory restored from an older copy, or its disk lost what "
+                        "it had written): counted in frames_lost", gw, count, next_seq, how)
+        else:
+            if dropped:
+                log.warning("gateway %s: %d frame(s) below seq %d%s were dropped by the "
+                            "gateway before the hub had them (its queue full under "
+                            "drop_oldest): counted in frames_lost", gw, dropped, next_seq, how)
+            if count > dropped:
+                self.m_acked_lost.inc(count - dropped, gateway=gw)
+                log.error("gateway %s: %d frame(s) below seq %d%s that this hub acknowledged "
+                          "are no longer in its store (its data directory restored from an "
+                          "older copy, or its disk lost what it had written): their records "
+                          "are lost; counted in frames_lost", gw, count - dropped, next_seq,
+                          how)
         await self._until_written(gw, lambda: self.store.declare_lost(
             gw, epoch, next_seq - 1, count, generation))
 

@@ -15,6 +15,7 @@ from .compression import ENCODINGS, compress_body, decompress_body
 from .connection import Declared, Duplicate, GatewayConnection, HubConnection, State
 from .intervals import IntervalSet
 from .messages import (
+    MAX_DROPPED_RANGES,
     MAX_POSITIONS_BYTES,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
@@ -42,6 +43,7 @@ from .messages import (
 
 __all__ = [
     "ENCODINGS",
+    "MAX_DROPPED_RANGES",
     "MAX_POSITIONS_BYTES",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",

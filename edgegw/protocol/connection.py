@@ -22,11 +22,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from .compression import ENCODINGS, ZLIB, compress_body, decompress_body
 from .intervals import IntervalSet
 from .messages import (
+    MAX_DROPPED_RANGES,
     SUPPORTED_VERSIONS,
     Ack,
     CloseCode,
@@ -216,8 +218,8 @@ class GatewayConnection(_Base):
                  heartbeat: float = 5.0, max_message_bytes: int = 16 << 20,
                  now: float = 0.0, compression: tuple[str, ...] = (),
                  compression_level: int = 1, compression_min_bytes: int = 1024,
-                 versions: tuple[int, ...] = SUPPORTED_VERSIONS, resume: bool = False
-                 ) -> None:
+                 versions: tuple[int, ...] = SUPPORTED_VERSIONS, resume: bool = False,
+                 dropped: Iterable[tuple[int, int]] | None = None) -> None:
         super().__init__(heartbeat, max_message_bytes, now)
         unknown = [c for c in compression if c not in ENCODINGS]
         if unknown:
@@ -226,7 +228,8 @@ class GatewayConnection(_Base):
             raise ValueError(f"versions {list(versions)}: this implementation speaks "
                              f"{list(SUPPORTED_VERSIONS)}")
         self._hello = Hello(gateway_id, token, epoch, next_seq, tuple(versions), heartbeat,
-                            compression, resume)
+                            compression, resume,
+                            None if dropped is None else _below(dropped, next_seq))
         self.welcome: Welcome | None = None
         #: what the hub has (WELCOME's applied set, what is below HELLO's next_seq, the
         #: ACKs since, what a LOST declared): kept only where the hub takes LOST
@@ -265,18 +268,24 @@ class GatewayConnection(_Base):
                 return self._sent(encode(Data(seq, sent_at, packed, ZLIB)), now)
         return self._sent(encode(Data(seq, sent_at, body)), now)
 
-    def lost(self, first_held: int, now: float) -> bytes | None:
+    def lost(self, first_held: int, now: float,
+             dropped: Iterable[tuple[int, int]] | None = None) -> bytes | None:
         """A LOST to send (section 4) when frames below ``first_held`` -- the lowest
         sequence number this gateway still holds or will still send -- include some the hub
         has not acknowledged: its queue dropped them while connected.  None when there is
         nothing new to declare, or the hub does not take LOST (a hub that lacks them then
-        learns it from the next HELLO).  After it, no DATA below ``first_held`` is sent."""
+        learns it from the next HELLO).  After it, no DATA below ``first_held`` is sent.
+        ``dropped``: the seqs this gateway dropped unacknowledged, told to a hub that
+        takes them (the rest of what the hub lacks below ``first_held`` it acknowledged)."""
         if not self.lost_pending(first_held):
             return None
         self.hub_has.add_range(1, first_held - 1)
         self._lost_below = first_held
         self._told = max(self._told, first_held - 1)
-        return self._sent(encode(Lost(first_held)), now)
+        assert self.welcome is not None
+        told = (_below(dropped, first_held) if dropped is not None and self.welcome.dropped
+                else None)
+        return self._sent(encode(Lost(first_held, told)), now)
 
     def lost_pending(self, first_held: int) -> bool:
         """Whether ``lost(first_held)`` would send a LOST now: a sender about to wait checks
@@ -372,8 +381,14 @@ class HubConnection(_Base):
         # Both are bounded by holes, never by frames: nothing is kept per frame received
         self._welcomed = IntervalSet()
         self.declared_lost = 0
+        #: of ``declared_lost``, the frames the HELLO's ``dropped`` names (the gateway
+        #: dropped them unacknowledged; the rest this hub acknowledged and has lost since);
+        #: None: the HELLO does not say
+        self.declared_dropped: int | None = None
         #: WELCOME says the hub takes LOST (section 4); a hub without it would close 4004
         self.takes_lost = True
+        #: ... and a LOST's ``dropped`` ranges
+        self.takes_dropped = True
         #: WELCOME says the hub takes POSITIONS (section 4.1)
         self.takes_positions = True
         self._lost_below = 0  # the highest LOST's next_seq: no DATA below it may follow
@@ -418,7 +433,7 @@ class HubConnection(_Base):
                 msg = Data(msg.seq, msg.sent_at, body)
             return [msg], None
         if isinstance(msg, Lost) and self.takes_lost:
-            return [self._declared(msg.next_seq)], None
+            return [self._declared(msg.next_seq, msg.dropped)], None
         if isinstance(msg, Positions) and self.takes_positions:
             if msg.seq not in self._seen:
                 raise self.fail(f"POSITIONS of frame {msg.seq}, which this hub has neither "
@@ -426,16 +441,18 @@ class HubConnection(_Base):
             return [msg], None
         raise self.fail(f"unexpected {type(msg).__name__.upper()} from gateway")
 
-    def _declared(self, next_seq: int) -> Declared:
+    def _declared(self, next_seq: int,
+                  dropped: tuple[tuple[int, int], ...] | None = None) -> Declared:
         """LOST ``next_seq``: the frames below it neither applied nor received on this
         connection will never come.  They count as seen at once (no hole waits for them);
         the hub records them as lost, in order after the frames received before, and
         then calls ``lost_recorded`` for the ACK."""
-        before = self._seen.count()
+        gone = self._seen.missing(1, next_seq - 1) if next_seq > 1 else []
         if next_seq > 1:
             self._seen.add_range(1, next_seq - 1)
         self._lost_below = max(self._lost_below, next_seq)
-        return Declared(next_seq, self._seen.count() - before)
+        return Declared(next_seq, sum(hi - lo + 1 for lo, hi in gone),
+                        None if dropped is None else _overlap(gone, dropped))
 
     def accept(self, applied: IntervalSet, now: float,
                resume: dict[str, Any] | None = None) -> bytes:
@@ -445,9 +462,13 @@ class HubConnection(_Base):
         ``resume``: the source positions the hub holds for the gateway, sent when its
         HELLO asked for them (an empty map when it holds none)."""
         assert self.hello_msg is not None
+        below = self.hello_msg.next_seq - 1
+        gone = applied.missing(1, below) if below >= 1 else []
         missing = IntervalSet(applied.ranges())
-        missing.add_range(1, self.hello_msg.next_seq - 1)
+        missing.add_range(1, below)
         self.declared_lost = missing.count() - applied.count()
+        dropped = self.hello_msg.dropped
+        self.declared_dropped = None if dropped is None else _overlap(gone, dropped)
         self.applied_set = missing
         self._seen = IntervalSet(missing.ranges())
         self._welcomed = IntervalSet(missing.ranges())
@@ -462,7 +483,8 @@ class HubConnection(_Base):
         welcome = Welcome(self.version, self.applied_set.ranges(), self.heartbeat.interval,
                           self.max_message_bytes, self.max_records, self.body_encoding,
                           self.takes_lost, self.takes_positions,
-                          (resume or {}) if asked else None)
+                          (resume or {}) if asked else None,
+                          self.takes_lost and self.takes_dropped)
         return self._sent(encode(welcome), now)
 
     def refuse(self, code: int, reason: str, now: float) -> bytes:
@@ -497,6 +519,25 @@ class Declared:
 
     next_seq: int
     count: int
+    #: of ``count``, the frames the LOST's ``dropped`` names (the rest this hub
+    #: acknowledged and has lost since); None: the LOST does not say
+    dropped: int | None = None
+
+
+def _below(ranges: Iterable[tuple[int, int]], next_seq: int) -> tuple[tuple[int, int], ...]:
+    """``ranges`` cut to the seqs below ``next_seq``, at most ``MAX_DROPPED_RANGES`` of
+    them (the lowest merged, as the stores keep them): what a HELLO or a LOST tells."""
+    named = IntervalSet(ranges)
+    named.discard_from(next_seq)
+    named.cap(MAX_DROPPED_RANGES)
+    return tuple(named.ranges())
+
+
+def _overlap(gone: list[tuple[int, int]], dropped: Iterable[tuple[int, int]]) -> int:
+    """How many of the seqs in ``gone`` (sorted disjoint ranges) ``dropped`` names."""
+    named = IntervalSet(dropped)
+    return sum(hi - lo + 1 - sum(b - a + 1 for a, b in named.missing(lo, hi))
+               for lo, hi in gone)
 
 
 class Duplicate:

@@ -86,6 +86,20 @@ class IntervalSet:
         if self._lo and self._lo[0] <= n:
             self._lo[0] = n + 1
 
+    def discard_from(self, n: int) -> None:
+        """Remove every number from ``n`` on."""
+        i = bisect.bisect_left(self._lo, n)  # ranges wholly at or above n
+        del self._lo[i:], self._hi[i:]
+        if self._hi and self._hi[-1] >= n:
+            self._hi[-1] = n - 1
+
+    def cap(self, max_ranges: int) -> None:
+        """At most ``max_ranges`` ranges: the lowest two merged (with the gap between
+        them) until it holds no more -- a bounded record that blurs only its oldest part."""
+        extra = len(self._lo) - max(1, max_ranges)
+        if extra > 0:
+            del self._lo[1:extra + 1], self._hi[:extra]
+
     def ranges(self) -> list[tuple[int, int]]:
         return list(zip(self._lo, self._hi, strict=True))
 

@@ -47,6 +47,10 @@ POSITIONS = 10
 #: so a WELCOME holding them stays far below the 1 MiB a gateway takes in a message
 MAX_POSITIONS_BYTES = 512 * 1024
 
+#: the most ranges a HELLO's or a LOST's ``dropped`` names (section 4): the gateway keeps
+#: its most recent runs of dropped frames, merging the oldest two past it
+MAX_DROPPED_RANGES = 64
+
 
 class CloseCode:
     """WebSocket close codes used by the protocol (4000-4999 are application codes)."""
@@ -90,6 +94,9 @@ class Hello:
     #: the gateway's frame store started afresh: it asks for the source positions the hub
     #: holds for it (section 4.1); False: the key is left out
     resume: bool = False
+    #: the seqs below ``next_seq`` the gateway dropped before they were acknowledged
+    #: (section 4); None: it does not say (the key is left out: a gateway from before it)
+    dropped: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +114,8 @@ class Welcome:
     #: the answer to a HELLO's ``resume``: the source positions the hub holds for this
     #: gateway (empty: none); None: not asked, or the hub does not keep positions
     resume: dict[str, Any] | None = None
+    #: the hub takes a LOST's ``dropped`` ranges (section 4)
+    dropped: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,9 +147,12 @@ class Reject:
 @dataclasses.dataclass(frozen=True)
 class Lost:
     """The gateway no longer holds any frame below ``next_seq`` (its ``drop_oldest`` queue
-    dropped them while connected): frames below it the hub lacks will never come."""
+    dropped them while connected): frames below it the hub lacks will never come.
+    ``dropped``: which of the seqs below it the gateway dropped unacknowledged (sent only
+    to a hub whose WELCOME takes it; None: not said)."""
 
     next_seq: int
+    dropped: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +199,8 @@ def encode(msg: Message) -> bytes:
             hello["compression"] = list(msg.compression)
         if msg.resume:
             hello["resume"] = True
+        if msg.dropped is not None:
+            hello["dropped"] = [list(r) for r in msg.dropped]
         return cbor2.dumps([HELLO, hello])
     if isinstance(msg, Welcome):
         welcome: dict[str, Any] = {
@@ -201,8 +215,12 @@ def encode(msg: Message) -> bytes:
             welcome["positions"] = True
         if msg.resume is not None:
             welcome["resume"] = msg.resume
+        if msg.dropped:
+            welcome["dropped"] = True
         return cbor2.dumps([WELCOME, welcome])
     if isinstance(msg, Lost):
+        if msg.dropped is not None:
+            return cbor2.dumps([LOST, msg.next_seq, [list(r) for r in msg.dropped]])
         return cbor2.dumps([LOST, msg.next_seq])
     if isinstance(msg, Positions):
         return cbor2.dumps([POSITIONS, msg.seq, msg.positions])
@@ -280,6 +298,12 @@ def _ranges(v: Any, what: str, max_ranges: int = 1024) -> list[tuple[int, int]]:
     return out
 
 
+def _dropped(v: Any, what: str) -> tuple[tuple[int, int], ...]:
+    """A HELLO's or a LOST's ``dropped`` (section 4): at most ``MAX_DROPPED_RANGES``
+    ranges of seqs, in any order (the hub only counts which seqs they hold)."""
+    return tuple(_ranges(v, what, MAX_DROPPED_RANGES))
+
+
 def _positions(v: Any, what: str) -> dict[str, Any]:
     """Source positions (section 4): a map with text keys, at most ``MAX_POSITIONS_BYTES``
     as CBOR; the values are the gateway's own (opaque to the hub)."""
@@ -318,8 +342,9 @@ def decode(data: bytes | str) -> Message:
         return Ping(_num(item[1], "PING t"))
     if kind == PONG and n == 2:
         return Pong(_num(item[1], "PONG t"))
-    if kind == LOST and n == 2:
-        return Lost(_int(item[1], "LOST next_seq", 1))
+    if kind == LOST and n in (2, 3):
+        return Lost(_int(item[1], "LOST next_seq", 1),
+                    _dropped(item[2], "LOST dropped") if n == 3 else None)
     if kind == POSITIONS and n == 3:
         return Positions(_int(item[1], "POSITIONS seq", 1),
                          _positions(item[2], "POSITIONS positions"))
@@ -341,6 +366,8 @@ def decode(data: bytes | str) -> Message:
             heartbeat=_num(m.get("heartbeat", 5.0), "HELLO heartbeat"),
             compression=_names(m.get("compression", []), "HELLO compression"),
             resume=m.get("resume") is True,  # any other value: it does not ask
+            dropped=(None if "dropped" not in m
+                     else _dropped(m["dropped"], "HELLO dropped")),
         )
     if kind == WELCOME and n == 2 and isinstance(item[1], dict):
         m = item[1]
@@ -356,6 +383,7 @@ def decode(data: bytes | str) -> Message:
             positions=m.get("positions") is True,
             resume=(None if m.get("resume") is None
                     else _positions(m["resume"], "WELCOME resume")),
+            dropped=m.get("dropped") is True,
         )
     if kind == REFUSE and n == 3:
         return Refuse(_int(item[1], "REFUSE code"), _str(item[2], "REFUSE reason", MAX_REASON))

@@ -22,6 +22,7 @@ import trio
 
 from ..metrics import Metrics
 from ..protocol.intervals import IntervalSet
+from ..protocol.messages import MAX_DROPPED_RANGES
 from ..store import StoredFrame
 from .config import SpoolConfig
 from .format import Kind, Record, Scanner, encode_ack, encode_commit
@@ -85,6 +86,8 @@ class GroupCommit:
     _acked: int
     _ranges: IntervalSet
     _dropped_through: int
+    #: the seqs dropped before they were acknowledged (``dropped_ranges``)
+    _dropped: IntervalSet
     _persisted_floor: int
     _checkpoints: dict[str, Any]
     _ack_dirty: bool
@@ -231,7 +234,7 @@ class GroupCommit:
         write_ack = self._ack_dirty
         ack_gen = self._ack_gen
         if write_ack:
-            parts.append(encode_ack(self._acked, self._ranges.ranges(), self._dropped_through))
+            parts.append(self._ack_record())
         data = b"".join(parts)
         active = self._segments[-1]
         offsets = []
@@ -337,8 +340,13 @@ class GroupCommit:
         floor = self.floor
         frames, records = await trio.to_thread.run_sync(self._count_unacked, victim, floor)
         self._dropped_through = max(self._dropped_through, victim.last_seq)
+        # told to the hub (HELLO, LOST): what it lacks of these the gateway dropped; what
+        # it lacks besides, it acknowledged and has lost since (docs/protocol.md section 4)
+        for lo, hi in self._ranges.missing(floor + 1, victim.last_seq):
+            self._dropped.add_range(lo, hi)
+        self._dropped.cap(MAX_DROPPED_RANGES)
         new_floor = self.floor
-        data = encode_ack(self._acked, self._ranges.ranges(), self._dropped_through)
+        data = self._ack_record()
         active = self._segments[-1]
         try:
             _, undeleted = await trio.to_thread.run_sync(write_sync, self.directory, active,
@@ -375,6 +383,10 @@ class GroupCommit:
             if self.on_drop is not None:
                 self.on_drop(event)
         self._signal_room()
+
+    def _ack_record(self) -> bytes:
+        return encode_ack(self._acked, self._ranges.ranges(), self._dropped_through,
+                          self._dropped.ranges())
 
     def _signal_room(self) -> None:
         self._room.set()

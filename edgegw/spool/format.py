@@ -101,9 +101,14 @@ def encode_state(state: dict[str, Any]) -> bytes:
     return encode(Kind.STATE, 0, cbor2.dumps(state))
 
 
-def encode_ack(watermark: int, ranges: list[tuple[int, int]], dropped_through: int) -> bytes:
-    return encode(Kind.ACK, watermark,
-                  cbor2.dumps({"r": [list(r) for r in ranges], "d": dropped_through}))
+def encode_ack(watermark: int, ranges: list[tuple[int, int]], dropped_through: int,
+               dropped: list[tuple[int, int]] | None = None) -> bytes:
+    """``dropped``: the seqs dropped before they were acknowledged (``"u"``, left out when
+    none: the record an older spool wrote)."""
+    meta: dict[str, Any] = {"r": [list(r) for r in ranges], "d": dropped_through}
+    if dropped:
+        meta["u"] = [list(r) for r in dropped]
+    return encode(Kind.ACK, watermark, cbor2.dumps(meta))
 
 
 def frame_size(body_len: int, meta_len: int) -> int:

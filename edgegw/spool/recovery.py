@@ -16,6 +16,7 @@ from typing import Any
 
 from ..dirsync import fsync_dir
 from ..protocol.intervals import IntervalSet
+from ..protocol.messages import MAX_DROPPED_RANGES
 from .format import Damage, Kind, Scanner
 from .segments import (
     READ_CHUNK,
@@ -42,6 +43,8 @@ class Recovered:
     dropped_through: int
     checkpoints: dict[str, Any]
     lost: Ranges
+    #: seqs dropped before they were acknowledged (the ACK and STATE records' ``"u"``)
+    dropped: Ranges = dataclasses.field(default_factory=list)
     damaged_regions: int = 0
     damaged_bytes: int = 0
     torn_bytes: int = 0
@@ -67,6 +70,16 @@ def _write_epoch_if_room(directory: Path, epoch: str) -> None:
                   directory, exc)
 
 
+def _dropped_ranges(into: IntervalSet, meta: dict[str, Any]) -> None:
+    """Add an ACK or STATE record's dropped ranges (``"u"``) to ``into``: each record holds
+    them all, so a union of what every record says is what the last one said (a record
+    that does not parse adds nothing: it is a count told to the hub, never a frame)."""
+    for r in meta.get("u", ()):
+        if (isinstance(r, list) and len(r) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in r)):
+            into.add_range(r[0], r[1])
+
+
 def recover(directory: Path) -> Recovered:
     """Scan the spool directory and rebuild its state; truncates a torn tail (I1, I6-I8)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -78,6 +91,7 @@ def recover(directory: Path) -> Recovered:
 
     segments: list[Segment] = []
     acked = dropped = 0
+    undelivered = IntervalSet()
     ranges: Ranges = []
     checkpoints: dict[str, Any] = {}
     max_seq = 0
@@ -138,12 +152,14 @@ def recover(directory: Path) -> Recovered:
                         acked = max(acked, ev.seq)
                         ranges = [tuple(r) for r in meta.get("r", ()) if r[1] > acked]
                         dropped = max(dropped, int(meta.get("d", 0)))
+                        _dropped_ranges(undelivered, meta)
                     elif ev.kind is Kind.STATE and isinstance(meta, dict):
                         state_epoch = meta.get("epoch") or state_epoch
                         max_seq = max(max_seq, int(meta.get("next_seq", 1)) - 1)
                         acked = max(acked, int(meta.get("acked", 0)))
                         ranges = [tuple(r) for r in meta.get("ranges", ()) if r[1] > acked]
                         dropped = max(dropped, int(meta.get("dropped", 0)))
+                        _dropped_ranges(undelivered, meta)
                         checkpoints.update(meta.get("cp") or {})
                 if not chunk:
                     break
@@ -182,6 +198,7 @@ def recover(directory: Path) -> Recovered:
             segments.clear()
             present.clear()
             max_seq = acked = dropped = 0
+            undelivered = IntervalSet()
             ranges = []
             checkpoints = {}
         _write_epoch_if_room(directory, fresh_epoch)
@@ -224,6 +241,8 @@ def recover(directory: Path) -> Recovered:
     rec.acked = acked
     rec.ranges = ranges
     rec.dropped_through = dropped
+    undelivered.cap(MAX_DROPPED_RANGES)
+    rec.dropped = undelivered.ranges()
     rec.checkpoints = checkpoints
     rec.lost = lost
     return rec

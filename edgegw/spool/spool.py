@@ -78,7 +78,7 @@ from ..startup import DirLock, ServiceFailed, StartupError
 from ..store import StoredFrame
 from .commit import ACK_PERSIST_S, DropEvent, GroupCommit, _Pending
 from .config import SpoolConfig
-from .format import MAX_RECORD, encode_ack, encode_commit, encode_frame, encode_state
+from .format import MAX_RECORD, encode_commit, encode_frame, encode_state
 from .reader import TailCache, read_sync
 from .recovery import Recovered, recover
 from .segments import (
@@ -151,6 +151,7 @@ class DiskSpool(GroupCommit):
         self._acked = 0
         self._ranges = IntervalSet()  # selective acks above the watermark
         self._dropped_through = 0
+        self._dropped = IntervalSet()  # seqs dropped before they were acknowledged
         self._persisted_floor = 0
         self._lost = IntervalSet()  # seqs found damaged or missing at recovery
         self._checkpoints: dict[str, Any] = {}
@@ -285,6 +286,7 @@ class DiskSpool(GroupCommit):
         self._acked = rec.acked
         self._ranges = IntervalSet(rec.ranges)
         self._dropped_through = rec.dropped_through
+        self._dropped = IntervalSet(rec.dropped)
         self._persisted_floor = max(rec.acked, rec.dropped_through)
         self._lost = IntervalSet(rec.lost)
         self._checkpoints = dict(rec.checkpoints)
@@ -307,6 +309,7 @@ class DiskSpool(GroupCommit):
         return {"epoch": self.epoch, "next_seq": self._durable_seq + 1, "acked": self._acked,
                 "ranges": [list(r) for r in self._ranges.ranges()],
                 "dropped": self._dropped_through,
+                "u": [list(r) for r in self._dropped.ranges()],
                 "cp": dict(self._checkpoints)}
 
     def _keep_last_active_sync(self) -> None:
@@ -379,6 +382,12 @@ class DiskSpool(GroupCommit):
     def lost_ranges(self) -> Ranges:
         """Seqs found damaged or missing at recovery (never returned by ``frames_from``)."""
         return self._lost.ranges()
+
+    @property
+    def dropped_ranges(self) -> Ranges:
+        """Seqs dropped (``drop_oldest``) before they were acknowledged: the most recent
+        ``MAX_DROPPED_RANGES`` runs, kept with the acks across restarts."""
+        return self._dropped.ranges()
 
     @property
     def total_bytes(self) -> int:
@@ -461,7 +470,7 @@ class DiskSpool(GroupCommit):
         state = self._state_snapshot()
         state["cp"] = merged
         return (len(encode_state(state)) + len(encode_commit(self._next_seq))
-                + len(encode_ack(self._acked, self._ranges.ranges(), self._dropped_through))
+                + len(self._ack_record())
                 + _OVERHEAD_SLACK)
 
     def _over_cap(self, size: int) -> bool:

@@ -24,6 +24,8 @@ Contract:
   made at most ``age_s`` ago, which the uplink sends as live when a link comes up (a store
   that does not keep frame times answers ``next_seq``: everything before is backlog).
   ``lost_ranges`` are frames found damaged at recovery: the uplink sends stand-ins.
+  ``dropped_ranges`` are frames dropped (``drop_oldest``) before they were acknowledged:
+  the uplink tells them to the hub (a store without it says nothing of them).
 - ``max_body_bytes(n_records, checkpoints)`` is the largest body ``append`` takes with
   those checkpoints (None: no limit of its own); ``append`` refuses a larger one with
   ``ValueError``, so the gateway splits a batch before it gets there.
@@ -89,6 +91,12 @@ class FrameStore(Protocol):
     def ack_set(self, seqs: list[tuple[int, int]]) -> None: ...
     @property
     def lost_ranges(self) -> Ranges: ...
+    @property
+    def dropped_ranges(self) -> Ranges:
+        """Seqs dropped (``drop_oldest``) before they were acknowledged, at most the last
+        ``MAX_DROPPED_RANGES`` runs: told to the hub, which can then tell them from frames
+        it acknowledged and lost since (docs/protocol.md section 4)."""
+        ...
     def frames_from(self, seq: int, limit: int) -> list[StoredFrame]: ...
     async def read_frames(self, seq: int, limit: int) -> list[StoredFrame]: ...
     def first_seq_since(self, age_s: float) -> int: ...

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 import trio
 
+from ..protocol.intervals import IntervalSet
+from ..protocol.messages import MAX_DROPPED_RANGES
 from .base import Ranges, StoredFrame
 
 
@@ -30,6 +32,7 @@ class MemoryFrameStore:
         self._room = trio.Event()
         self.dropped_frames = 0
         self.dropped_records = 0
+        self._dropped = IntervalSet()  # seqs dropped before they were acknowledged
         #: unhealthy when frames wait and nothing was acknowledged this long (the disk
         #: spool's rule: the stall clock starts when work appears, restarts at each ack)
         self.stall_timeout_s = stall_timeout_s
@@ -66,6 +69,8 @@ class MemoryFrameStore:
                 _, old = self._frames.popitem(last=False)
                 self.dropped_frames += 1
                 self.dropped_records += old.n_records
+                self._dropped.add(old.seq)
+                self._dropped.cap(MAX_DROPPED_RANGES)
                 break
             self._room = trio.Event()
             await self._room.wait()
@@ -99,6 +104,10 @@ class MemoryFrameStore:
     @property
     def lost_ranges(self) -> Ranges:
         return []  # nothing survives a restart, so nothing is found damaged
+
+    @property
+    def dropped_ranges(self) -> Ranges:
+        return self._dropped.ranges()
 
     def frames_from(self, seq: int, limit: int) -> list[StoredFrame]:
         out = []
