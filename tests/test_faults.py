@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -400,6 +401,13 @@ def test_cap_reached_with_drop_oldest_drops_counts_and_reports(tmp_path: Path) -
         assert hub.stats()["frames_lost"] >= 1
         wait_for(lambda: (hub.stats()["frames_applied"] + hub.stats()["frames_lost"]
                           == gw.stats()["store"]["next_seq"] - 1), timeout=30)
+        # ... every lost frame named by the gateway as one it dropped (its HELLO, its
+        # LOSTs): none taken for a frame the hub acknowledged and lost
+        told = re.findall(r"gateway ate-01: (\d+) frame\(s\) below seq \d+(?: \(told by a "
+                          r"LOST while connected\))? were dropped by the gateway",
+                          (tmp_path / "hub.log").read_text())
+        assert sum(map(int, told)) == hub.stats()["frames_lost"], told
+        assert hub.metric("edgegw_hub_acknowledged_frames_lost_total") == 0
         assert any(e[3] == "store_overflow" for e in events)
         # and the floor hears of it: conf/hub.toml's gateway-trouble rule (kind
         # gateway_event, docs/alerts.md) makes the event an alert
