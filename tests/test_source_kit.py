@@ -1,8 +1,8 @@
 """The plugin kit's check for replaying source types (``edgegw.testing.check_replays``,
 docs/plugins.md "Writing a source type"): the gateway's own replaying sources pass it, and
 each rule a source type can break -- a checkpoint that is not JSON, a resume that skips or
-repeats a record, a checkpoint it never wrote taken for its own -- fails it with the put
-and the record named."""
+repeats a record, a checkpoint it never wrote taken for its own, an instance that reads its
+checkpoint when built -- fails it with the put and the record named."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 import trio
 from shared_data import GALAXY, METIS, stdf_path
 
+from edgegw.metrics import Metrics
 from edgegw.records import PartResult, Record
 from edgegw.sim import SimulatedConfig, SimulatedTesterSource
 from edgegw.sources import SourceContext, TailConfig, TailSource
@@ -139,6 +140,48 @@ async def test_a_resume_whose_first_put_comes_from_elsewhere_fails() -> None:
                        r"\(after record 1\): its first put's origin is \('counter', 2, 2\), "
                        r"where the put that followed it came from \('counter', 1, 2\)"):
         await check_replays(Counting, CountConfig(origin_on_resume=1))
+
+
+class ReadsItsCheckpointWhenBuilt(Counting):
+    """Reads its checkpoint in ``__init__``: right for a source the gateway builds anew
+    from its config at each start, wrong for one an embedding program hands it as an
+    instance, which it runs again as it is (the checkpoint set in its context)."""
+
+    def __init__(self, name: str, config: CountConfig, context: SourceContext) -> None:
+        super().__init__(name, config, context)
+        self.at = super().resume_at()
+
+    def resume_at(self) -> int:
+        return self.at
+
+
+def instance(source_type: type, config: Any = None) -> Any:
+    return source_type("source", config or CountConfig(), SourceContext("embedded", Metrics()))
+
+
+async def test_an_instance_is_run_again_with_each_checkpoint_in_its_context() -> None:
+    first = await check_replays(instance(Counting))
+    assert [p.records[0].part_id for p in first] == [str(n) for n in range(30)]
+    # the gateway's own replaying sources, given as instances, pass too
+    config = SimulatedConfig(parts_per_second=1_000_000, wafers=2, wafer_diameter_dies=6,
+                             max_parts=200, seed=7)
+    await check_replays(instance(SimulatedTesterSource, config), same=without_times)
+
+
+async def test_an_instance_that_reads_its_checkpoint_when_built_fails() -> None:
+    await check_replays(ReadsItsCheckpointWhenBuilt, CountConfig())  # as a type: built anew
+    with pytest.raises(AssertionError, match=(
+            r"^ReadsItsCheckpointWhenBuilt \(an instance\), resumed from the checkpoint of "
+            r"put 0 \(after record 1\): record 0 after it differs: got PartResult\(.*"
+            r"part_id='0'")):
+        await check_replays(instance(ReadsItsCheckpointWhenBuilt))
+
+
+async def test_an_instance_without_a_source_context_is_not_checked() -> None:
+    source = instance(Counting)
+    source.context = {"checkpoint": None}
+    with pytest.raises(AssertionError, match=r"^Counting \(an instance\) has no SourceContext"):
+        await check_replays(source)
 
 
 async def test_a_source_type_that_does_not_replay_is_not_checked() -> None:

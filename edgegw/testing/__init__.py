@@ -21,6 +21,8 @@ A replaying source type (docs/plugins.md, "Writing a source type"), inside a Tri
 
     await check_replays(MySource, MySource.Config(...))  # JSON checkpoints; resumed from
                                                          # any, the records that followed
+    await check_replays(my_source)  # an instance, run again at each start as the gateway
+                                    # runs one an embedding program hands it
 
 docs/plugins.md ("Testing a format", "Writing a source type") describes each check and
 the rule behind it.

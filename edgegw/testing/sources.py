@@ -82,17 +82,26 @@ class _Recorder:
 class _Runs:
     """How each run of the source type is made and bounded."""
 
-    source_type: type
+    source: Any  # a source type, or an instance run again at each start
     config: Any
     name: str
     timeout_s: float
     state_dir: str | None
 
-    async def run(self, checkpoint: Any, enough: int, idle_s: float | None,
-                  what: str) -> list[Put]:
+    def start(self, checkpoint: Any) -> Any:
+        """The source as the gateway starts it from ``checkpoint``: a source type built
+        anew from its config; an instance run again as it is, the checkpoint set in its
+        ``SourceContext`` (docs/reliability.md, "source")."""
+        if not isinstance(self.source, type):
+            self.source.context.checkpoint = checkpoint
+            return self.source
         context = SourceContext("edgegw-testing", Metrics(), checkpoint=checkpoint,
                                 state_dir=self.state_dir)
-        source = self.source_type(self.name, self.config, context)
+        return self.source(self.name, self.config, context)
+
+    async def run(self, checkpoint: Any, enough: int, idle_s: float | None,
+                  what: str) -> list[Put]:
+        source = self.start(checkpoint)
         failed: list[Exception] = []
 
         async def until_done(scope: trio.CancelScope, sink: _Recorder) -> None:
@@ -148,11 +157,15 @@ def _same_origin(got: Any, want: tuple[Any, Any, Any], what: str) -> None:
                              f"that followed it came from {want!r} (stream and start)")
 
 
-async def check_replays(source_type: type, config: Any, *, name: str = "source",
+async def check_replays(source_type: Any, config: Any = None, *, name: str = "source",
                         records: int = 5000, restarts: int = 5, idle_s: float = 2.0,
                         timeout_s: float = 60.0, same: Callable[[Record], Any] = without_ts,
                         state_dir: str | None = None) -> list[Put]:
     """Check a replaying source type (``replays = True``); returns the first run's puts.
+    ``source_type`` may also be a source *instance* (one an embedding program hands the
+    gateway): it is run again at each start, as the gateway runs it, with the checkpoint
+    set in its ``context`` (a ``SourceContext``) -- so it must read it in ``run``, not
+    in ``__init__``; ``config``, ``name`` and ``state_dir`` are then not used.
 
     The first run, from no checkpoint, lasts until the source has put ``records`` records,
     returns, or puts nothing for ``idle_s`` (its input read to the end).  Each checkpoint
@@ -162,12 +175,17 @@ async def check_replays(source_type: type, config: Any, *, name: str = "source",
     records as followed that put (as followed no checkpoint), compared by ``same``
     (default: ``without_ts``), within ``timeout_s`` each.  ``config`` is the source type's
     own ``Config``; ``state_dir`` is handed to every instance."""
+    kind = (source_type.__name__ if isinstance(source_type, type)
+            else f"{type(source_type).__name__} (an instance)")
     if getattr(source_type, "replays", False) is not True:
-        raise AssertionError(f"{source_type.__name__} does not say replays = True: resumed "
+        raise AssertionError(f"{kind} does not say replays = True: resumed "
                              "from a checkpoint it need not put the same records, and there "
                              "is nothing to check")
+    if not (isinstance(source_type, type)
+            or isinstance(getattr(source_type, "context", None), SourceContext)):
+        raise AssertionError(f"{kind} has no SourceContext as its context: the gateway "
+                             "hands an instance its checkpoint there")
     runs = _Runs(source_type, config, name, timeout_s, state_dir)
-    kind = source_type.__name__
     first = await runs.run(None, records, idle_s, f"{kind}, from no checkpoint")
     if not first:
         raise AssertionError(f"{kind} put nothing in {timeout_s:g} s: "
