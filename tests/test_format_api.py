@@ -25,7 +25,13 @@ from edgegw.metrics import Metrics
 from edgegw.records import LotStart, ParametricResult, PartResult, WaferStart
 from edgegw.sources import SourceContext, TailConfig, TailSource
 from edgegw.stdf import RecordMapper, StdfDecoder, StdfWriter, stdf_fields, test_number
-from edgegw.testing import check_chunkings, check_truncations
+from edgegw.testing import (
+    EXHAUSTIVE_BYTES,
+    check_chunkings,
+    check_truncations,
+    sampled_chunkings,
+    sampled_cut_points,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,6 +186,31 @@ def test_the_kit_says_when_a_parser_raises_anything_but_format_error() -> None:
 def test_the_kit_catches_records_that_depend_on_the_chunking() -> None:
     with pytest.raises(AssertionError, match="gives other records than feeding all at once"):
         check_chunkings(LineFormat("value from pieces"), LINES)
+
+
+BIG = LINES * 200  # 8,800 bytes: past EXHAUSTIVE_BYTES, what the sampled checks are for
+
+
+def test_the_sampled_checks_pass_a_correct_parser_and_catch_the_same_bugs() -> None:
+    """``sampled_chunkings`` and ``sampled_cut_points`` (what ``edgegw plugins check`` runs
+    on a tester file of megabytes) keep the checks' power on a bug, not their cost."""
+    chunkings = sampled_chunkings(len(BIG))
+    assert len(chunkings) == 7 and all(sum(c) >= len(BIG) for c in chunkings)
+    assert {c[0] for c in chunkings[:3]} == {7, 61, 4093}
+    records = check_chunkings(LineFormat(), BIG, pieces=chunkings)
+    offsets = [r.offset for r in records]
+    cuts = sampled_cut_points(BIG, offsets, records=10)
+    assert check_truncations(LineFormat(), BIG, cuts=cuts) == len(cuts)
+    assert set(range(EXHAUSTIVE_BYTES)) <= set(cuts) and max(cuts) == len(BIG) - 1
+    assert len(cuts) <= EXHAUSTIVE_BYTES + 4 * 11
+    assert sampled_cut_points(BIG, offsets, records=10) == cuts  # reproducible by seed
+    assert sampled_cut_points(BIG, offsets, records=10, seed=1) != cuts
+    with pytest.raises(AssertionError, match="is not the offset of the next record"):
+        check_chunkings(LineFormat("position"), BIG, pieces=chunkings)
+    with pytest.raises(AssertionError, match="gives other records than feeding all at once"):
+        check_chunkings(LineFormat("value from pieces"), BIG, pieces=chunkings)
+    with pytest.raises(AssertionError, match=r"close\(\) must raise FormatError"):
+        check_truncations(LineFormat("release cut line"), BIG, cuts=cuts)
 
 
 # -- parametric-only data at the hub --------------------------------------------------------

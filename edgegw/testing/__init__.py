@@ -35,6 +35,8 @@ from .parsing import (
     chunkings,
     cut_points,
     parse,
+    sampled_chunkings,
+    sampled_cut_points,
 )
 from .sources import FOREIGN_CHECKPOINT, Put, check_replays, without_ts
 from .tail import HubHolds, run_tail
@@ -51,5 +53,7 @@ __all__ = [
     "cut_points",
     "parse",
     "run_tail",
+    "sampled_chunkings",
+    "sampled_cut_points",
     "without_ts",
 ]
