@@ -8,6 +8,7 @@ import shutil
 import tracemalloc
 from pathlib import Path
 
+import cbor2
 import pytest
 import trio
 from disktools import fill_to_the_last_byte
@@ -15,7 +16,7 @@ from disktools import fill_to_the_last_byte
 from edgegw.metrics import Metrics
 from edgegw.spool import ACK_PERSIST_S, DiskSpool, DropEvent, SpoolConfig, recover
 from edgegw.spool import list_segments as _list_segments
-from edgegw.spool.format import Kind, Record, scan
+from edgegw.spool.format import Kind, Record, encode, scan
 from edgegw.store import FrameStore
 
 
@@ -319,6 +320,28 @@ async def test_the_frames_drop_oldest_dropped_unacknowledged_are_named_across_re
         await spool.flush()
     async with DiskSpool.open(conf) as spool:  # the STATE record of a newer segment too
         assert spool.dropped_ranges == later
+
+
+def append_to(path: Path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+async def test_dropped_ranges_that_do_not_read_are_left_out_never_a_failed_start(
+        tmp_path: Path) -> None:
+    """An ACK record's dropped ranges are only told to the hub: what does not read as
+    ranges of seqs (a range past 2^63 - 1 would make every HELLO malformed) is left
+    out; the spool starts with the rest."""
+    conf = cfg(tmp_path)
+    async with DiskSpool.open(conf) as spool:
+        await fill(spool, 5)
+    for junk, kept in ((7, []), ([[0, 5], [3, 2**70], "x", [[1]], [9, 8], [True, 2], [2, 4]],
+                                 [(2, 4)])):
+        append_to(segment_files(tmp_path)[-1],
+                  encode(Kind.ACK, 0, cbor2.dumps({"r": [], "d": 0, "u": junk})))
+        async with DiskSpool.open(conf) as spool:
+            assert spool.dropped_ranges == kept
+            assert all_frames(spool) == [1, 2, 3, 4, 5]
 
 
 async def test_first_seq_since_names_the_frames_of_the_last_seconds(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..dirsync import fsync_dir
 from ..protocol.intervals import IntervalSet
-from ..protocol.messages import MAX_DROPPED_RANGES
+from ..protocol.messages import MAX_DROPPED_RANGES, MAX_INT
 from .format import Damage, Kind, Scanner
 from .segments import (
     READ_CHUNK,
@@ -74,9 +74,11 @@ def _dropped_ranges(into: IntervalSet, meta: dict[str, Any]) -> None:
     """Add an ACK or STATE record's dropped ranges (``"u"``) to ``into``: each record holds
     them all, so a union of what every record says is what the last one said (a record
     that does not parse adds nothing: it is a count told to the hub, never a frame)."""
-    for r in meta.get("u", ()):
+    ranges = meta.get("u")
+    for r in ranges if isinstance(ranges, list) else ():
         if (isinstance(r, list) and len(r) == 2
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in r)):
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in r)
+                and 1 <= r[0] <= r[1] <= MAX_INT):  # (a HELLO holding more is malformed)
             into.add_range(r[0], r[1])
 
 
