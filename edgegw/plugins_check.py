@@ -24,6 +24,7 @@ from typing import Any
 
 import trio
 
+from .config import ConfigError
 from .formats import FormatError, TesterFormat
 
 #: records cut short (at four points each) past the file's first 4096 bytes
@@ -58,8 +59,9 @@ def _reason(exc: BaseException) -> str:
 def check_file(fmt_name: str, path: Path, options: dict[str, Any] | None = None, *,
                seed: int = 0, resumes: int = 5) -> list[Check]:
     """The checks, in order; one that fails stops those that build on it (a file that does
-    not parse whole has no records to compare pieces with)."""
-    from .sources import get_format
+    not parse whole has no records to compare pieces with).  ``UnknownFormat``,
+    ``ConfigError`` (an option the format refuses) and ``OSError`` before any check."""
+    from .sources import build_options, get_format
     from .testing import (
         check_chunkings,
         check_truncations,
@@ -69,6 +71,12 @@ def check_file(fmt_name: str, path: Path, options: dict[str, Any] | None = None,
     )
 
     fmt = get_format(fmt_name)
+    # an option the format refuses: ConfigError, no check can run
+    if getattr(fmt, "Options", None) is not None:
+        build_options(fmt, options, "--option", "")
+    elif options:
+        raise ConfigError([f"--option: the {fmt_name} format takes no options (got "
+                           f"{', '.join(sorted(options))})"])
     raw = path.read_bytes()
     data = gzip.decompress(raw) if path.name.endswith(".gz") else raw
     records: list[Any] = []

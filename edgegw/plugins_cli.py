@@ -42,7 +42,7 @@ def add_commands(sub: Any) -> None:
                     "that followed each.  Sampled: a file of megabytes takes seconds.  Exit "
                     "status 0 when every check passes, 1 when one fails.",
         epilog="examples:\n  edgegw plugins check stdf /data/lot42.stdf.gz\n"
-               "  edgegw plugins check atdf lot42.atd --option encoding=latin-1",
+               "  edgegw plugins check wat w07.wat.csv --option timezone=+01:00",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("format", help="an installed tester format (edgegw plugins lists them)")
     c.add_argument("file", type=Path, help="a tester file (gzip-compressed when it ends .gz)")

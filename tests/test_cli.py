@@ -152,7 +152,8 @@ def test_a_command_built_alone_has_the_help_page_of_the_whole_tree(prog: str) ->
 
 #: arguments each action takes (every action of ``stdf`` the same)
 ACTION_ARGS = {"stdf": ["f.stdf", "--partial"], "dead-letters list": ["state", "--json"],
-               "dead-letters requeue": ["--config", "gateway.toml", "--set", "a.b=1"]}
+               "dead-letters requeue": ["--config", "gateway.toml", "--set", "a.b=1"],
+               "plugins check": ["stdf", "f.stdf", "--option", "a=1", "--json"]}
 
 
 @pytest.mark.parametrize("prog", [p for p in PARSERS if len(p.split()) == 3])

@@ -78,8 +78,17 @@ def test_the_atdf_plugin_passes_on_its_own_format(tmp_path: Path,
     (["nosuch", "x.std"], "unknown tester format 'nosuch' (installed formats: "),
     (["stdf", "/nonexistent/x.std"], "No such file or directory"),
     (["stdf", "x.std", "--option", "noequals"], "expected dotted.key=value"),
+    (["stdf", "x.std", "--option", "a=1"], "the stdf format takes no options (got a)"),
 ])
 def test_a_bad_command_line_is_exit_status_2_with_the_reason(
         args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plugins", "check", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_format_option_is_checked_as_the_tail_checks_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    wat = tmp_path / "w07.wat.csv"
+    wat.write_text("anything\n")
+    assert main(["plugins", "check", "wat", str(wat), "--option", "timezone=Mars"]) == 2
+    assert "timezone" in capsys.readouterr().err
