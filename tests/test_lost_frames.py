@@ -390,6 +390,54 @@ async def test_a_real_hub_acknowledges_a_lost_and_keeps_the_count_from_a_hand_bu
         nursery.cancel_scope.cancel()
 
 
+async def test_a_real_hub_tells_named_drops_from_its_own_losses_for_a_hand_built_client(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """docs/protocol.md section 4, from CBOR built by hand: a HELLO whose ``next_seq`` is 10
+    names 1-2 and 5-6 as dropped, to a hub that has none of 1-9 (its store lost them):
+    4 dropped by the gateway, 5 acknowledged and lost by the hub.  Its WELCOME takes
+    LOST's ``dropped``: a three-item LOST 14 naming 13, after frames 10 and 12, declares
+    13 dropped and 11 lost by the hub."""
+    async with trio.open_nursery() as nursery:
+        hub, port = await start_hub(nursery, hub_config(tmp_path))
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/gateway") as ws:
+            hello = cbor2.loads(hello_by_hand(next_seq=10))
+            hello[1]["dropped"] = [[5, 6], [1, 2]]  # any order
+            await ws.send_message(cbor2.dumps(hello))
+            w = cbor2.loads(await ws.get_message())
+            assert w[0] == 2 and w[1]["lost"] is True and w[1]["dropped"] is True
+            assert w[1]["applied"] == [[1, 9]]
+            for seq in (10, 12):
+                await ws.send_message(cbor2.dumps([DATA, seq, 0.0, cbor2.dumps([seq, ["s"], []])]))
+            await ws.send_message(cbor2.dumps([LOST, 14, [[13, 13]]]))
+            with trio.fail_after(10):
+                while True:
+                    message = cbor2.loads(await ws.get_message())
+                    if message[0] == PING:
+                        await ws.send_message(cbor2.dumps([PONG, message[1]]))
+                    elif message[0] == ACK and message[1] == 13:
+                        break
+        st = hub.stats()["gateways"]["ate-01"]
+        assert (st["frames_applied"], st["frames_lost"]) == (2, 11)
+        assert hub.metrics.counter("hub_acknowledged_frames_lost_total").total() == 6
+        assert hub.metrics.counter("hub_protocol_errors_total").total() == 0
+        said = [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("gateway ate-01: ")]
+        assert said == [
+            "gateway ate-01: 4 frame(s) below seq 10 were dropped by the gateway before the "
+            "hub had them (its queue full under drop_oldest): counted in frames_lost",
+            "gateway ate-01: 5 frame(s) below seq 10 that this hub acknowledged are no longer "
+            "in its store (its data directory restored from an older copy, or its disk lost "
+            "what it had written): their records are lost; counted in frames_lost",
+            "gateway ate-01: 1 frame(s) below seq 14 (told by a LOST while connected) were "
+            "dropped by the gateway before the hub had them (its queue full under "
+            "drop_oldest): counted in frames_lost",
+            "gateway ate-01: 1 frame(s) below seq 14 (told by a LOST while connected) that this "
+            "hub acknowledged are no longer in its store (its data directory restored from an "
+            "older copy, or its disk lost what it had written): their records are lost; "
+            "counted in frames_lost"], said
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_real_hub_closes_a_frame_sent_below_a_lost_with_4004(tmp_path: Path) -> None:
     """After ``LOST 5`` a DATA 3 (never sent before) is a gateway fault: the hub closes the
     connection with 4004 naming it, counts it, and serves on; frames 1-4 are counted lost
