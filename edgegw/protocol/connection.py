@@ -466,7 +466,7 @@ class HubConnection(_Base):
         gone = applied.missing(1, below) if below >= 1 else []
         missing = IntervalSet(applied.ranges())
         missing.add_range(1, below)
-        self.declared_lost = missing.count() - applied.count()
+        self.declared_lost = sum(hi - lo + 1 for lo, hi in gone)
         dropped = self.hello_msg.dropped
         self.declared_dropped = None if dropped is None else _overlap(gone, dropped)
         self.applied_set = missing

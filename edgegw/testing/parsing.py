@@ -77,30 +77,27 @@ def chunkings(size: int, *, seed: int = 0, random_count: int = 20) -> list[list[
     """The chunkings ``check_chunkings`` tries for ``size`` bytes: fixed piece sizes 1, 2, 3,
     7, 64 and 4096; a cut in two at every byte (when ``size`` is at most
     ``EXHAUSTIVE_BYTES``); and ``random_count`` random ones (reproducible by ``seed``)."""
-    out: list[list[int]] = [[n] * (size // n + 1) for n in (1, 2, 3, 7, 64, 4096) if n < size]
-    if size <= EXHAUSTIVE_BYTES:
-        out.extend([k] for k in range(1, size))
-    rng = random.Random(seed)
-    for _ in range(random_count):
-        pieces, left = [], size
-        while left > 0:
-            n = rng.randint(1, max(1, min(left, rng.choice((3, 50, 1000)))))
-            pieces.append(n)
-            left -= n
-        out.append(pieces)
-    return out
+    splits = [[k] for k in range(1, size)] if size <= EXHAUSTIVE_BYTES else []
+    return _chunkings(size, (1, 2, 3, 7, 64, 4096), splits, (3, 50, 1000), seed, random_count)
 
 
 def sampled_chunkings(size: int, *, seed: int = 0, random_count: int = 4) -> list[list[int]]:
     """Chunkings for data too large for ``chunkings`` (its 1-byte pieces feed a 4 MB file in
     4 million calls): pieces of 7, 61, 4093 and 65536 bytes, and ``random_count`` random
     chunkings of pieces up to 1000 bytes (reproducible by ``seed``)."""
-    out: list[list[int]] = [[n] * (size // n + 1) for n in (7, 61, 4093, 65536) if n < size]
+    return _chunkings(size, (7, 61, 4093, 65536), [], (1000,), seed, random_count)
+
+
+def _chunkings(size: int, fixed: tuple[int, ...], more: list[list[int]],
+               largest: tuple[int, ...], seed: int, random_count: int) -> list[list[int]]:
+    """Pieces of each ``fixed`` size, then ``more``, then ``random_count`` random chunkings
+    whose every piece is at most one of ``largest`` (picked at random per piece)."""
+    out = [[n] * (size // n + 1) for n in fixed if n < size] + more
     rng = random.Random(seed)
     for _ in range(random_count):
         pieces, left = [], size
         while left > 0:
-            n = rng.randint(1, min(left, 1000))
+            n = rng.randint(1, max(1, min(left, rng.choice(largest))))
             pieces.append(n)
             left -= n
         out.append(pieces)
